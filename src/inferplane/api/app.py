@@ -1,0 +1,261 @@
+"""The HTTP surface: OpenAI routes, operational routes, and the one error handler.
+
+Every error leaves through `error_middleware` in OpenAI's shape; nothing else renders errors and
+no stack trace reaches a client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+import orjson
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from inferplane.api.pipeline import Attempt, Gateway, parse_usage
+from inferplane.api.validation import parse_json, validate
+from inferplane.dispatch.upstream import Dispatcher, StreamStats
+from inferplane.errors import (
+    GatewayError,
+    InvalidRequestError,
+    NotFoundError,
+    PayloadTooLargeError,
+    PermissionDeniedError,
+    UpstreamError,
+)
+from inferplane.types import ApiKind
+
+log = logging.getLogger("inferplane.api")
+
+GATEWAY_KEY: web.AppKey[Gateway] = web.AppKey("gateway", Gateway)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def error_response(exc: GatewayError) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(exc.to_body()),
+        status=exc.status,
+        content_type="application/json",
+        headers=exc.headers,
+    )
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The one translation point from exceptions to OpenAI-shaped error responses."""
+    try:
+        return await handler(request)
+    except GatewayError as exc:
+        return error_response(exc)
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.app[GATEWAY_KEY].config.gateway.max_body_bytes
+        return error_response(
+            PayloadTooLargeError(f"request body exceeds the limit of {limit} bytes")
+        )
+    except web.HTTPNotFound:
+        return error_response(NotFoundError(f"no route {request.method} {request.path}"))
+    except web.HTTPMethodNotAllowed:
+        bad = InvalidRequestError(f"method {request.method} not allowed on {request.path}")
+        bad.status = 405
+        return error_response(bad)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        e = GatewayError(exc.reason or "HTTP error")
+        e.status = exc.status
+        return error_response(e)
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("internal error on %s %s", request.method, request.path)
+        return error_response(GatewayError("internal error; see the gateway log"))
+
+
+def _decision_headers(attempt: Attempt) -> dict[str, str]:
+    d = attempt.decision
+    assert d.picked is not None
+    return {
+        "x-inferplane-endpoint": d.picked.name,
+        "x-inferplane-substrate": d.picked.endpoint.substrate.name,
+        "x-inferplane-decision-id": d.decision_id,
+    }
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes:
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLargeError(
+            f"request body of {request.content_length} bytes exceeds the limit of {limit} bytes"
+        )
+    return await request.read()
+
+
+def make_api_handler(api: ApiKind) -> Handler:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        gw = request.app[GATEWAY_KEY]
+        started = time.perf_counter()
+        tenant = gw.authenticate(request.headers.get("Authorization"))
+        raw = await _read_body(request, gw.config.gateway.max_body_bytes)
+        body = parse_json(raw)
+        validate(api, body)
+        profile = gw.classify(api, body, request.headers, tenant)
+        attempt = await gw.open(api, profile, raw)
+        resp = attempt.response
+        headers = _decision_headers(attempt)
+        endpoint = attempt.decision.picked.endpoint  # type: ignore[union-attr]
+        is_sse = resp.status == 200 and "text/event-stream" in resp.headers.get("Content-Type", "")
+        if not is_sse:
+            stats = StreamStats(started)
+            try:
+                data = await Dispatcher.read_all(endpoint, resp)
+            except UpstreamError as exc:
+                gw.account(
+                    attempt, status=502, started=started, stats=None, usage=None, error=exc.message
+                )
+                raise
+            except BaseException:
+                gw.account(
+                    attempt, status=499, started=started, stats=None, usage=None, error="cancelled"
+                )
+                raise
+            stats.first_byte = time.perf_counter()
+            gw.account(
+                attempt,
+                status=resp.status,
+                started=started,
+                stats=stats,
+                usage=parse_usage(data, sse=False) if resp.status == 200 else None,
+            )
+            headers.update(Dispatcher.passthrough_headers(resp))
+            return web.Response(body=data, status=resp.status, headers=headers)
+
+        headers.update(Dispatcher.passthrough_headers(resp))
+        out = web.StreamResponse(status=200, headers=headers)
+        stats = StreamStats(started)
+        status, error = 200, None
+        try:
+            await out.prepare(request)
+            try:
+                async for chunk in Dispatcher.relay(endpoint, resp, stats):
+                    await out.write(chunk)
+            except UpstreamError as exc:
+                status, error = 502, exc.message
+                gw.metrics.stream_errors.labels(endpoint.name).inc()
+                payload = orjson.dumps(exc.to_body())
+                await out.write(b"data: " + payload + b"\n\n")
+            await out.write_eof()
+        except (ConnectionResetError, asyncio.CancelledError):
+            status, error = 499, "client disconnected"
+            gw.metrics.client_disconnects.inc()
+            raise
+        finally:
+            gw.account(
+                attempt,
+                status=status,
+                started=started,
+                stats=stats,
+                usage=parse_usage(stats.usage_line, sse=True),
+                error=error,
+            )
+        return out
+
+    return handler
+
+
+async def models(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY_KEY]
+    gw.authenticate(request.headers.get("Authorization"))
+    data = [
+        {
+            "id": name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "inferplane",
+            "variants": sorted({m.variant for m in served}),
+            "max_context": max(m.max_context for m in served),
+        }
+        for name, served in sorted(gw.fleet.models.items())
+    ]
+    return web.json_response({"object": "list", "data": data}, dumps=_dumps)
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def ready(request: web.Request) -> web.Response:
+    """Ready when at least one endpoint is healthy."""
+    gw = request.app[GATEWAY_KEY]
+    snap = gw.live.snapshot()
+    usable = [v.name for v in snap.endpoints if v.state.usable]
+    body = {
+        "ready": bool(usable),
+        "usable_endpoints": len(usable),
+        "endpoints": len(snap.endpoints),
+    }
+    return web.json_response(body, status=200 if usable else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY_KEY]
+    snap = gw.live.snapshot()
+    for v in snap.endpoints:
+        gw.metrics.inflight.labels(v.name).set(v.state.inflight)
+        gw.metrics.endpoint_healthy.labels(v.name).set(1 if v.state.healthy else 0)
+        gw.metrics.endpoint_stale.labels(v.name).set(1 if v.state.stale else 0)
+    return web.Response(
+        body=generate_latest(gw.metrics.registry),
+        headers={"Content-Type": CONTENT_TYPE_LATEST},
+    )
+
+
+async def get_decision(request: web.Request) -> web.Response:
+    """A decision record, to the tenant that made the request and to nobody else."""
+    gw = request.app[GATEWAY_KEY]
+    tenant = gw.authenticate(request.headers.get("Authorization"))
+    rec = gw.ledger.get(request.match_info["decision_id"])
+    if rec is None:
+        raise NotFoundError("no such decision", param="decision_id")
+    if rec.get("tenant") != tenant.name:
+        raise PermissionDeniedError("this decision belongs to another tenant")
+    return web.json_response(rec, dumps=_dumps)
+
+
+def _dumps(obj: object) -> str:
+    return orjson.dumps(obj).decode()
+
+
+def build_app(gateway: Gateway) -> web.Application:
+    app = web.Application(
+        middlewares=[error_middleware], client_max_size=gateway.config.gateway.max_body_bytes
+    )
+    app[GATEWAY_KEY] = gateway
+    app.router.add_post("/v1/chat/completions", make_api_handler("chat"))
+    app.router.add_post("/v1/completions", make_api_handler("completions"))
+    app.router.add_post("/v1/embeddings", make_api_handler("embeddings"))
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/v1/decisions/{decision_id}", get_decision)
+    app.router.add_get("/health", health)
+    app.router.add_get("/ready", ready)
+    app.router.add_get("/metrics", metrics)
+
+    async def on_startup(app: web.Application) -> None:
+        await gateway.start()
+
+    async def on_cleanup(app: web.Application) -> None:
+        await gateway.stop()
+
+    app.on_startup.append(on_startup)
+    app.on_cleanup.append(on_cleanup)
+    return app
+
+
+async def serve(gateway: Gateway, host: str, port: int) -> web.AppRunner:
+    """Start the gateway on host:port; returns the runner (call ``runner.cleanup()`` to stop)."""
+    runner = web.AppRunner(build_app(gateway), handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, reuse_address=True)
+    await site.start()
+    return runner

@@ -1,0 +1,308 @@
+"""The request pipeline: classify → admit → place → dispatch → account.
+
+`Gateway` owns the long-lived parts (fleet state, scrapers, policies, upstream pool, ledger,
+metrics) and runs one request through the stages. HTTP specifics stay in `api.app`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import orjson
+
+from inferplane.config.schema import FleetConfig, TenantSpec
+from inferplane.dispatch.upstream import Dispatcher, StreamStats, UpstreamAttemptFailed
+from inferplane.errors import (
+    AuthenticationError,
+    ModelNotFoundError,
+    NoEligibleEndpointError,
+    UpstreamError,
+)
+from inferplane.fleet.live import LiveFleet, Reservation
+from inferplane.fleet.model import Fleet
+from inferplane.fleet.pricing import request_cost_usd
+from inferplane.fleet.scraper import HttpMetricsSource, MetricsSource, Scraper
+from inferplane.ledger.memory import MemoryLedger
+from inferplane.ledger.record import Ledger, Outcome
+from inferplane.placement.build import build_policies
+from inferplane.placement.classify import Classifier
+from inferplane.placement.framework import Decision, Policy, place
+from inferplane.placement.profile import RequestProfile
+from inferplane.telemetry.metrics import GatewayMetrics
+from inferplane.types import ApiKind, JSONObject
+
+log = logging.getLogger("inferplane.gateway")
+
+API_PATHS: dict[ApiKind, str] = {
+    "chat": "/v1/chat/completions",
+    "completions": "/v1/completions",
+    "embeddings": "/v1/embeddings",
+}
+
+
+def hash_key(key: str) -> str:
+    """The stored form of an API key: ``sha256:<hex>``."""
+    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+
+
+@dataclass(slots=True)
+class Attempt:
+    """A placed request whose upstream has answered with a status line."""
+
+    decision: Decision
+    response: aiohttp.ClientResponse
+    reservation: Reservation
+    failed: list[str] = field(default_factory=list)
+
+    @property
+    def endpoint_name(self) -> str:
+        assert self.decision.picked is not None
+        return self.decision.picked.name
+
+
+class Gateway:
+    """One gateway process's state and its request pipeline."""
+
+    def __init__(
+        self,
+        config: FleetConfig,
+        file: str = "<config>",
+        *,
+        metrics_source: MetricsSource | None = None,
+        ledger: Ledger | None = None,
+    ) -> None:
+        self.config = config
+        self.fleet = Fleet.from_config(config)
+        g = config.gateway
+        self.live = LiveFleet(self.fleet, stale_after_s=g.stale_after_s)
+        self.policies: dict[str, Policy] = build_policies(config, file)
+        self.class_policy: dict[str, Policy] = {
+            c.name: self.policies[c.profile or g.default_profile] for c in config.classes
+        }
+        self.classifier = Classifier(config)
+        self.tenants: dict[str, TenantSpec] = {h: t for t in config.tenants for h in t.api_keys}
+        self.metrics = GatewayMetrics()
+        self.dispatcher = Dispatcher(
+            connect_timeout_s=g.connect_timeout_s, total_timeout_s=g.upstream_timeout_s
+        )
+        self.ledger: Ledger = ledger or MemoryLedger()
+        self._metrics_source = metrics_source
+        self.scraper: Scraper | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------
+    async def start(self) -> None:
+        session = await self.dispatcher.start()
+        source = self._metrics_source or HttpMetricsSource(session)
+        g = self.config.gateway
+        self.scraper = Scraper(
+            self.live, source, interval_s=g.scrape_interval_s, health_interval_s=g.health_interval_s
+        )
+        await self.scraper.prime()
+        self.scraper.start()
+        await self.ledger.start()
+
+    async def stop(self) -> None:
+        if self.scraper is not None:
+            await self.scraper.stop()
+        await self.ledger.close()
+        await self.dispatcher.close()
+
+    # -- stages ---------------------------------------------------------------------------
+    def authenticate(self, authorization: str | None) -> TenantSpec:
+        if not authorization:
+            raise AuthenticationError(
+                "missing API key: send 'Authorization: Bearer <key>'", code="missing_api_key"
+            )
+        scheme, _, key = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            raise AuthenticationError("the Authorization header must be 'Bearer <key>'")
+        tenant = self.tenants.get(hash_key(key.strip()))
+        if tenant is None:
+            raise AuthenticationError("invalid API key")  # the key itself is never logged
+        return tenant
+
+    def classify(
+        self, api: ApiKind, body: JSONObject, headers: Mapping[str, str], tenant: TenantSpec
+    ) -> RequestProfile:
+        model = body["model"]
+        if model not in self.fleet.models:
+            raise ModelNotFoundError(
+                f"the model {model!r} does not exist; available: "
+                f"{', '.join(sorted(self.fleet.models))}",
+                param="model",
+            )
+        profile, _ = self.classifier.classify(
+            request_id=os.urandom(8).hex(), api=api, body=body, headers=headers, tenant=tenant
+        )
+        return profile
+
+    def decide(self, profile: RequestProfile) -> Decision:
+        """Place the request; raise 503 naming the filters when nothing is eligible."""
+        policy = self.class_policy[profile.workload_class]
+        snap = self.live.snapshot()
+        decision = place(
+            profile,
+            snap,
+            policy,
+            decision_id=profile.request_id if profile.attempt == 0 else os.urandom(8).hex(),
+            timer=time.perf_counter,
+        )
+        for key, seconds in decision.timings_s.items():
+            stage, _, plugin = key.partition(":")
+            self.metrics.placement.labels(stage, plugin).observe(seconds)
+        if decision.spillover is not None:
+            s = decision.spillover
+            self.metrics.spillovers.labels(
+                profile.workload_class, s.from_region or "", s.to_region
+            ).inc()
+        if decision.picked is None:
+            for name, n in decision.removed_by.items():
+                self.metrics.no_endpoint.labels(name).inc(n)
+            self.ledger.record(decision, Outcome(status=503, endpoint=None), time.time())
+            raise NoEligibleEndpointError(len(snap.endpoints), decision.removed_by)
+        return decision
+
+    async def open(self, api: ApiKind, profile: RequestProfile, body: bytes) -> Attempt:
+        """Place and open the upstream, re-placing after a failure before the first byte."""
+        failed: list[str] = []
+        path = API_PATHS[api]
+        while True:
+            decision = self.decide(profile)
+            view = decision.picked
+            assert view is not None
+            reservation = self.live.reserve(
+                view.name, profile.prompt_tokens + profile.max_output_tokens
+            )
+            try:
+                resp = await self.dispatcher.open(view.endpoint, path, body)
+            except UpstreamAttemptFailed as exc:
+                reservation.release()
+                self.live.observe_outcome(view.name, False)
+                self.metrics.upstream_failures.labels(view.name, exc.reason).inc()
+                failed.append(view.name)
+                self.ledger.record(
+                    decision,
+                    Outcome(
+                        status=502,
+                        endpoint=view.name,
+                        error=exc.message,
+                        attempts=len(failed),
+                        failed_endpoints=tuple(failed),
+                    ),
+                    time.time(),
+                )
+                if len(failed) > self.config.gateway.max_replacements:
+                    raise UpstreamError(
+                        f"{exc.message.split(': ', 1)[-1]}"
+                        + (f" (also failed: {', '.join(failed[:-1])})" if len(failed) > 1 else ""),
+                        upstream=view.name,
+                    ) from None
+                self.metrics.replacements.inc()
+                profile = profile.with_(
+                    excluded=profile.excluded | {view.name}, attempt=profile.attempt + 1
+                )
+                continue
+            except BaseException:
+                reservation.release()
+                raise
+            return Attempt(decision, resp, reservation, failed)
+
+    def account(
+        self,
+        attempt: Attempt,
+        *,
+        status: int,
+        started: float,
+        stats: StreamStats | None,
+        usage: Mapping[str, Any] | None,
+        error: str | None = None,
+    ) -> None:
+        """Release capacity, feed observations back, write the ledger record."""
+        attempt.reservation.release()
+        d = attempt.decision
+        name = attempt.endpoint_name
+        now = time.perf_counter()
+        ok = status < 500 and error is None
+        self.live.observe_outcome(name, ok)
+        ttft = itl = None
+        if stats is not None and stats.first_byte is not None:
+            ttft = stats.first_byte - started
+            self.live.observe_ttft(name, ttft)
+            self.metrics.ttft.labels(name).observe(ttft)
+            for g in stats.gaps:
+                self.live.observe_itl(name, g)
+            if stats.gaps:
+                itl = sum(stats.gaps) / len(stats.gaps)
+        prompt = completion = cached = None
+        if usage:
+            prompt = _int(usage.get("prompt_tokens"))
+            completion = _int(usage.get("completion_tokens"))
+            details = usage.get("prompt_tokens_details")
+            if isinstance(details, dict):
+                cached = _int(details.get("cached_tokens"))
+        e2e = now - started
+        ep = d.picked.endpoint if d.picked is not None else None
+        cost = None
+        if ep is not None:
+            cost = request_cost_usd(
+                ep.cost,
+                prompt_tokens=prompt if prompt is not None else d.profile.prompt_tokens,
+                completion_tokens=completion or 0,
+                cached_tokens=cached or 0,
+                seconds=e2e,
+                max_concurrency=ep.max_concurrency,
+            )
+        self.metrics.requests.labels(d.profile.api, name, str(status)).inc()
+        self.ledger.record(
+            d,
+            Outcome(
+                status=status,
+                endpoint=name,
+                ttft_s=ttft,
+                itl_s=itl,
+                e2e_s=e2e,
+                prompt_tokens=prompt,
+                completion_tokens=completion,
+                cached_tokens=cached,
+                cost_usd=cost,
+                attempts=len(attempt.failed) + 1,
+                failed_endpoints=tuple(attempt.failed),
+                error=error,
+            ),
+            time.time(),
+        )
+
+
+def _int(v: Any) -> int | None:
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+def parse_usage(payload: bytes | None, *, sse: bool) -> dict[str, Any] | None:
+    """The ``usage`` object of a JSON answer, or of the SSE chunk that carries it."""
+    if not payload:
+        return None
+    candidates: list[bytes]
+    if sse:
+        candidates = [
+            line[5:].strip()
+            for line in payload.split(b"\n")
+            if line.startswith(b"data:") and b'"usage"' in line
+        ]
+    else:
+        candidates = [payload]
+    for c in reversed(candidates):
+        try:
+            obj = orjson.loads(c)
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(obj, dict) and isinstance(obj.get("usage"), dict):
+            usage: dict[str, Any] = obj["usage"]
+            return usage
+    return None

@@ -1,0 +1,211 @@
+"""Load and check a fleet file. Every problem names the file, the path inside it and what is wrong.
+
+Checks run in three passes, all at start-up: YAML syntax (with line and column), the schema
+(pydantic, unknown keys forbidden), then cross-references (unique names, classes and profiles that
+exist, known hardware and model profiles). Built-in classes, plugins and profiles from
+``inferplane/data/defaults.yaml`` are merged under the file's own: an entry of the same name in the
+file replaces the built-in one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from inferplane.config.schema import FleetConfig
+from inferplane.errors import ConfigError
+
+_MERGED_SECTIONS = ("classes", "plugins", "profiles")
+
+
+def format_loc(loc: Sequence[int | str]) -> str:
+    """``("substrates", 0, "endpoints", 1, "url")`` → ``substrates[0].endpoints[1].url``."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+@cache
+def builtin_defaults() -> dict[str, Any]:
+    """The built-in classes, plugins and profiles shipped with the package."""
+    text = resources.files("inferplane").joinpath("data/defaults.yaml").read_text("utf-8")
+    data = yaml.safe_load(text)
+    assert isinstance(data, dict)
+    return data
+
+
+def _merge_defaults(raw: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(raw)
+    defaults = builtin_defaults()
+    for section in _MERGED_SECTIONS:
+        own = raw.get(section)
+        if own is not None and not isinstance(own, list):
+            continue  # the schema reports the wrong type with its path
+        own_list: list[Any] = list(own or [])
+        names = {(e.get("name") or e.get("type")) for e in own_list if isinstance(e, dict)}
+        extra = [
+            e for e in defaults.get(section, []) if (e.get("name") or e.get("type")) not in names
+        ]
+        merged[section] = own_list + extra
+    return merged
+
+
+def parse_config(text: str, file: str = "<config>", *, with_defaults: bool = True) -> FleetConfig:
+    """Parse YAML text into a checked `FleetConfig`, or raise `ConfigError`."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(file, [(where, f"invalid YAML: {exc.problem}")]) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(file, [("", f"invalid YAML: {exc}")]) from None
+    if not isinstance(raw, dict):
+        raise ConfigError(file, [("", "the top level must be a mapping")])
+    if with_defaults:
+        raw = _merge_defaults(raw)
+    try:
+        config = FleetConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = [(format_loc(e["loc"]), e["msg"]) for e in exc.errors()]
+        raise ConfigError(file, problems) from None
+    problems = list(check_references(config))
+    if problems:
+        raise ConfigError(file, problems)
+    return config
+
+
+def load_config(path: str | Path) -> FleetConfig:
+    """Read and check a fleet file."""
+    p = Path(path)
+    try:
+        text = p.read_text("utf-8")
+    except OSError as exc:
+        raise ConfigError(str(p), [("", f"cannot read: {exc.strerror or exc}")]) from None
+    except UnicodeDecodeError:
+        raise ConfigError(str(p), [("", "not UTF-8 text")]) from None
+    return parse_config(text, str(p))
+
+
+def _duplicates(section: str, names: Iterable[tuple[str, str]]) -> Iterable[tuple[str, str]]:
+    seen: dict[str, str] = {}
+    for path, name in names:
+        if name in seen:
+            yield path, f"duplicate {section} name {name!r} (first at {seen[name]})"
+        else:
+            seen[name] = path
+
+
+def check_references(c: FleetConfig) -> Iterable[tuple[str, str]]:
+    """Cross-field checks the schema cannot express. Yields (path, problem)."""
+    from inferplane.physics import HARDWARE, MODELS  # physics sits beside config, below fleet
+
+    yield from _duplicates("region", ((f"regions[{i}]", r.name) for i, r in enumerate(c.regions)))
+    yield from _duplicates(
+        "substrate", ((f"substrates[{i}]", s.name) for i, s in enumerate(c.substrates))
+    )
+    yield from _duplicates(
+        "endpoint",
+        (
+            (f"substrates[{i}].endpoints[{j}]", e.name)
+            for i, s in enumerate(c.substrates)
+            for j, e in enumerate(s.endpoints)
+        ),
+    )
+    yield from _duplicates(
+        "endpoint url",
+        (
+            (f"substrates[{i}].endpoints[{j}].url", e.url)
+            for i, s in enumerate(c.substrates)
+            for j, e in enumerate(s.endpoints)
+        ),
+    )
+    yield from _duplicates("tenant", ((f"tenants[{i}]", t.name) for i, t in enumerate(c.tenants)))
+    yield from _duplicates("class", ((f"classes[{i}]", k.name) for i, k in enumerate(c.classes)))
+    yield from _duplicates(
+        "plugin", ((f"plugins[{i}]", p.instance_name) for i, p in enumerate(c.plugins))
+    )
+    yield from _duplicates(
+        "profile", ((f"profiles[{i}]", p.name) for i, p in enumerate(c.profiles))
+    )
+    keys = [
+        (f"tenants[{i}].api_keys[{j}]", k)
+        for i, t in enumerate(c.tenants)
+        for j, k in enumerate(t.api_keys)
+    ]
+    for path, _ in _duplicates("api key", keys):
+        yield path, "the same API key hash belongs to two tenants"
+
+    regions = {r.name for r in c.regions}
+    classes = {k.name for k in c.classes}
+    profiles = {p.name for p in c.profiles}
+    plugins = {p.instance_name for p in c.plugins}
+    tenants = {t.name for t in c.tenants}
+    models = {m.name for s in c.substrates for e in s.endpoints for m in e.models}
+
+    for i, r in enumerate(c.regions):
+        for other in r.rtt_ms:
+            if other not in regions:
+                yield f"regions[{i}].rtt_ms.{other}", f"unknown region {other!r}"
+    for i, s in enumerate(c.substrates):
+        if regions and s.region not in regions:
+            yield (
+                f"substrates[{i}].region",
+                f"unknown region {s.region!r}; known: {sorted(regions)}",
+            )
+        if s.hardware.lower() not in HARDWARE:
+            yield (
+                f"substrates[{i}].hardware",
+                f"unknown hardware profile {s.hardware!r}; known: {sorted(HARDWARE)}",
+            )
+        for j, e in enumerate(s.endpoints):
+            for k, m in enumerate(e.models):
+                if m.physics_profile.lower() not in MODELS:
+                    field = "profile" if m.profile else "name"
+                    yield (
+                        f"substrates[{i}].endpoints[{j}].models[{k}].{field}",
+                        f"unknown model profile {m.physics_profile!r}; known: {sorted(MODELS)} "
+                        "(set `profile:` to one of them)",
+                    )
+    if c.gateway.default_profile not in profiles:
+        yield "gateway.default_profile", f"unknown profile {c.gateway.default_profile!r}"
+    for i, t in enumerate(c.tenants):
+        if t.default_class not in classes:
+            yield f"tenants[{i}].default_class", f"unknown class {t.default_class!r}"
+        if t.region is not None and regions and t.region not in regions:
+            yield f"tenants[{i}].region", f"unknown region {t.region!r}"
+    for i, wc in enumerate(c.classes):
+        if wc.profile is not None and wc.profile not in profiles:
+            yield (
+                f"classes[{i}].profile",
+                f"unknown profile {wc.profile!r}; known: {sorted(profiles)}",
+            )
+    for i, rule in enumerate(c.class_rules):
+        if rule.workload_class not in classes:
+            yield f"class_rules[{i}].class", f"unknown class {rule.workload_class!r}"
+    for i, p in enumerate(c.profiles):
+        for j, ref in enumerate(p.plugins):
+            if ref.ref not in plugins:
+                yield (
+                    f"profiles[{i}].plugins[{j}].ref",
+                    f"unknown plugin {ref.ref!r}; defined: {sorted(plugins)}",
+                )
+    for i, mx in enumerate(c.mix):
+        if mx.tenant not in tenants:
+            yield f"mix[{i}].tenant", f"unknown tenant {mx.tenant!r}"
+        if mx.workload_class not in classes:
+            yield f"mix[{i}].class", f"unknown class {mx.workload_class!r}"
+        if mx.region is not None and regions and mx.region not in regions:
+            yield f"mix[{i}].region", f"unknown region {mx.region!r}"
+        if mx.model is not None and mx.model not in models:
+            yield f"mix[{i}].model", f"no endpoint serves model {mx.model!r}"

@@ -1,0 +1,232 @@
+"""The fleet configuration schema (pydantic v2).
+
+One YAML file describes the gateway, the regions, the substrates and their endpoints, tenants,
+workload classes, placement plugins and profiles, and (for the simulator) a traffic mix. Every
+model forbids unknown keys, so a typo is a start-up error naming its path.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from inferplane.types import ApiKind, CapacityClass, EngineType, SubstrateKind
+
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$"
+_KEY_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+Priority = Literal["critical", "standard", "sheddable", "batch"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GatewaySpec(Strict):
+    """How the gateway process listens, scrapes and forwards."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    max_body_bytes: int = Field(4 * 1024 * 1024, gt=0, description="larger bodies get 413")
+    scrape_interval_s: float = Field(0.1, gt=0, description="engine /metrics scrape period")
+    stale_after_s: float = Field(2.0, gt=0, description="metrics older than this are not trusted")
+    health_interval_s: float = Field(1.0, gt=0, description="/health probe period")
+    connect_timeout_s: float = Field(2.0, gt=0)
+    upstream_timeout_s: float = Field(600.0, gt=0, description="whole-request upstream limit")
+    max_replacements: int = Field(1, ge=0, description="re-placements after a pre-byte failure")
+    default_profile: str = "default"
+    ledger_path: str | None = Field(
+        None, description="SQLite file for decision records; none keeps them in memory only"
+    )
+    seed: int = 0
+    token_estimate: Literal["chars", "words"] = Field(
+        "chars", description="prompt size estimate: ~4 chars a token, or one word a token"
+    )
+    prefix_block_chars: int = Field(256, gt=0, description="block size of prompt block hashes")
+
+
+class RegionSpec(Strict):
+    """A region: network distance to other regions and the price of egress out of it."""
+
+    name: str = Field(pattern=_NAME)
+    rtt_ms: dict[str, float] = Field(default_factory=dict, description="RTT to other regions")
+    egress_usd_per_gb: float = Field(0.0, ge=0)
+
+
+class CostModel(Strict):
+    """Per-token prices (USD per million tokens), or an hourly rate amortised over throughput."""
+
+    input_per_mtok: float | None = Field(None, ge=0)
+    output_per_mtok: float | None = Field(None, ge=0)
+    cached_input_per_mtok: float | None = Field(None, ge=0)
+    hourly_usd: float | None = Field(None, ge=0, description="per endpoint, reserved or burst")
+
+    @model_validator(mode="after")
+    def _one_form(self) -> CostModel:
+        per_token = self.input_per_mtok is not None or self.output_per_mtok is not None
+        if per_token and self.hourly_usd is not None:
+            raise ValueError("give either per-token prices or hourly_usd, not both")
+        if not per_token and self.hourly_usd is None:
+            raise ValueError(
+                "give per-token prices (input_per_mtok, output_per_mtok) or hourly_usd"
+            )
+        return self
+
+
+class ServedModel(Strict):
+    """A model an endpoint serves, as clients name it."""
+
+    name: str = Field(pattern=_NAME)
+    profile: str | None = Field(None, description="physics model profile; defaults to name")
+    variant: str = "default"
+    precision: Literal["fp32", "bf16", "fp16", "fp8", "int8", "int4"] = "bf16"
+    max_context: int = Field(gt=0)
+    kind: Literal["generate", "embed"] = "generate"
+
+    @property
+    def physics_profile(self) -> str:
+        return self.profile or self.name
+
+
+class EmulationSpec(Strict):
+    """Engine settings used by the emulator and simulator (ignored for real engines)."""
+
+    max_num_seqs: int = Field(256, gt=0)
+    max_num_batched_tokens: int = Field(8192, gt=0)
+    block_size: int = Field(16, gt=0)
+    num_gpu_blocks: int | None = Field(None, gt=0, description="default: derived from memory")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    kv_events_port: int | None = Field(None, ge=1, le=65535, description="publish ZMQ KV events")
+
+
+class EndpointSpec(Strict):
+    """One serving instance of a substrate."""
+
+    name: str = Field(pattern=_NAME)
+    url: str = Field(pattern=r"^https?://[^/\s]+(:\d+)?/?$")
+    engine: EngineType = "vllm"
+    models: list[ServedModel] = Field(min_length=1)
+    max_concurrency: int = Field(64, gt=0, description="the endpoint's concurrency envelope")
+    tp: int = Field(1, gt=0, description="tensor-parallel degree (devices per endpoint)")
+    kv_events: str | None = Field(None, description="ZMQ address of the engine's KV events")
+    api_key: str | None = Field(None, description="bearer key the upstream expects")
+    emulation: EmulationSpec = EmulationSpec()
+
+    @field_validator("url")
+    @classmethod
+    def _strip(cls, v: str) -> str:
+        return v.rstrip("/")
+
+
+class SubstrateSpec(Strict):
+    """A pool of one kind of hardware in one place."""
+
+    name: str = Field(pattern=_NAME)
+    kind: SubstrateKind
+    hardware: str = Field(description="physics hardware profile name")
+    region: str
+    zone: str = ""
+    jurisdiction: str
+    failure_domain: str = ""
+    capacity_class: CapacityClass = "reserved"
+    cost: CostModel
+    power_watts: float | None = Field(None, gt=0, description="power envelope of the pool")
+    endpoints: list[EndpointSpec] = Field(min_length=1)
+
+
+class TenantSpec(Strict):
+    """A tenant: its API keys (SHA-256 hashes only), policy and default class."""
+
+    name: str = Field(pattern=_NAME)
+    api_keys: list[str] = Field(
+        min_length=1, description="'sha256:<hex>' of each key (inferplane hash-key KEY)"
+    )
+    allowed_jurisdictions: list[str] | None = Field(None, description="none means any")
+    default_class: str = "interactive"
+    region: str | None = Field(None, description="default client region")
+
+    @field_validator("api_keys")
+    @classmethod
+    def _hashes_only(cls, keys: list[str]) -> list[str]:
+        for i, key in enumerate(keys):
+            if not _KEY_HASH.match(key):
+                raise ValueError(
+                    f"api_keys[{i}] must be 'sha256:' + 64 lowercase hex digits "
+                    "(store hashes, never keys; see `inferplane hash-key`)"
+                )
+        return keys
+
+
+class WorkloadClass(Strict):
+    """A workload class: latency SLOs, the placement profile it uses, its priority."""
+
+    name: str = Field(pattern=_NAME)
+    ttft_slo_ms: float | None = Field(None, gt=0)
+    itl_slo_ms: float | None = Field(None, gt=0)
+    profile: str | None = Field(None, description="placement profile; default gateway's")
+    priority: Priority = "standard"
+    allow_burst: bool = True
+    allowed_kinds: list[SubstrateKind] | None = Field(None, description="none means any kind")
+    default_max_tokens: int = Field(1024, gt=0)
+    energy_aware: bool = False
+
+
+class ClassRule(Strict):
+    """Assigns a class when no header names one: the first matching rule wins."""
+
+    workload_class: str = Field(alias="class")
+    min_prompt_tokens: int | None = Field(None, ge=0)
+    api: ApiKind | None = None
+    agent_step: bool | None = Field(None, description="request has x-inferplane-agent-step")
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class PluginSpec(Strict):
+    """A placement plugin instance: its registered type, instance name and parameters."""
+
+    type: str
+    name: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def instance_name(self) -> str:
+        return self.name or self.type
+
+
+class PluginRef(Strict):
+    ref: str
+    weight: float | None = Field(None, ge=0)
+
+
+class ProfileSpec(Strict):
+    name: str = Field(pattern=_NAME)
+    plugins: list[PluginRef] = Field(min_length=1)
+
+
+class MixEntry(Strict):
+    """A share of replayed traffic: which tenant, class and client region it belongs to."""
+
+    tenant: str
+    workload_class: str = Field(alias="class")
+    region: str | None = None
+    fraction: float = Field(gt=0)
+    model: str | None = None
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class FleetConfig(Strict):
+    """The whole file."""
+
+    gateway: GatewaySpec = GatewaySpec()
+    regions: list[RegionSpec] = Field(default_factory=list)
+    substrates: list[SubstrateSpec] = Field(min_length=1)
+    tenants: list[TenantSpec] = Field(default_factory=list)
+    classes: list[WorkloadClass] = Field(default_factory=list)
+    class_rules: list[ClassRule] = Field(default_factory=list)
+    plugins: list[PluginSpec] = Field(default_factory=list)
+    profiles: list[ProfileSpec] = Field(default_factory=list)
+    mix: list[MixEntry] = Field(default_factory=list)

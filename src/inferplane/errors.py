@@ -1,0 +1,136 @@
+"""The one error hierarchy of inferplane.
+
+Every layer raises these; only ``api/`` renders them, always in OpenAI's shape
+``{"error": {"message", "type", "param", "code"}}``::
+
+    GatewayError                      500 internal_error
+    ├── InvalidRequestError           400 invalid_request_error   (bad JSON, field or header)
+    ├── AuthenticationError           401 authentication_error    (missing or unknown API key)
+    ├── PermissionDeniedError         403 permission_error        (another tenant's decision, ...)
+    ├── NotFoundError                 404 not_found_error
+    │   └── ModelNotFoundError        404 model_not_found
+    ├── PayloadTooLargeError          413 payload_too_large
+    ├── RateLimitError                429 rate_limit_exceeded     (carries Retry-After)
+    │   └── BudgetExceededError       429 budget_exceeded
+    ├── UpstreamError                 502 upstream_error          (names the upstream)
+    └── NoEligibleEndpointError       503 no_eligible_endpoint    (names filters and counts)
+
+Configuration errors are not gateway errors: ``ConfigError`` names the file, the path inside it
+and the problem, and the CLI prints it without a stack trace.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+
+class GatewayError(Exception):
+    """Base of every error the gateway answers with. Carries its HTTP status and OpenAI type."""
+
+    status: int = 500
+    error_type: str = "internal_error"
+    code: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        self.headers: dict[str, str] = dict(headers or {})
+
+    def to_body(self) -> dict[str, dict[str, str | None]]:
+        """The OpenAI error body."""
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.error_type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+class InvalidRequestError(GatewayError):
+    status = 400
+    error_type = "invalid_request_error"
+
+
+class AuthenticationError(GatewayError):
+    status = 401
+    error_type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class PermissionDeniedError(GatewayError):
+    status = 403
+    error_type = "permission_error"
+
+
+class NotFoundError(GatewayError):
+    status = 404
+    error_type = "not_found_error"
+
+
+class ModelNotFoundError(NotFoundError):
+    error_type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class PayloadTooLargeError(GatewayError):
+    status = 413
+    error_type = "invalid_request_error"
+    code = "payload_too_large"
+
+
+class RateLimitError(GatewayError):
+    status = 429
+    error_type = "rate_limit_exceeded"
+
+
+class BudgetExceededError(RateLimitError):
+    error_type = "budget_exceeded"
+
+
+class UpstreamError(GatewayError):
+    """The chosen upstream failed. ``upstream`` names the endpoint."""
+
+    status = 502
+    error_type = "upstream_error"
+
+    def __init__(self, message: str, *, upstream: str, **kwargs: object) -> None:
+        super().__init__(f"upstream {upstream!r}: {message}", **kwargs)  # type: ignore[arg-type]
+        self.upstream = upstream
+
+
+class NoEligibleEndpointError(GatewayError):
+    """Filters left no candidate. ``removed`` maps filter name to endpoints it removed."""
+
+    status = 503
+    error_type = "no_eligible_endpoint"
+
+    def __init__(self, total: int, removed: Mapping[str, int], detail: str = "") -> None:
+        parts = ", ".join(f"{n} {name}" for name, n in removed.items() if n)
+        message = f"0/{total} endpoints eligible: {parts or 'none configured'}"
+        if detail:
+            message = f"{message} ({detail})"
+        super().__init__(message, code="no_eligible_endpoint")
+        self.total = total
+        self.removed = dict(removed)
+
+
+class ConfigError(Exception):
+    """A configuration file is invalid. The message names file, path inside it and problem."""
+
+    def __init__(self, file: str, problems: list[tuple[str, str]]) -> None:
+        self.file = file
+        self.problems = problems
+        lines = [f"{file}: {path}: {msg}" if path else f"{file}: {msg}" for path, msg in problems]
+        super().__init__("\n".join(lines))

@@ -1,0 +1,211 @@
+"""The mutable side of fleet state: what scrapers and the gateway's own traffic report.
+
+`LiveFleet` owns one `EndpointLive` per endpoint and hands out immutable `FleetSnapshot` objects.
+A snapshot is rebuilt only when something changed (a version counter) or when staleness may have
+changed (every ``refresh_s``), so the request path usually gets a cached object.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from inferplane.fleet.engine_metrics import EngineMetrics
+from inferplane.fleet.model import Fleet
+from inferplane.fleet.state import EndpointState, EndpointView, FleetSnapshot, PrefixIndexView
+
+Clock = Callable[[], float]
+
+
+class LatencyWindow:
+    """The last ``size`` samples; percentiles by sorting on demand (cached until a new sample)."""
+
+    __slots__ = ("_cache", "_samples")
+
+    def __init__(self, size: int = 256) -> None:
+        self._samples: deque[float] = deque(maxlen=size)
+        self._cache: list[float] | None = None
+
+    def add(self, value: float) -> None:
+        self._samples.append(value)
+        self._cache = None
+
+    def __len__(self) -> int:
+        return len(self._samples)
+
+    def percentile(self, q: float) -> float | None:
+        """Nearest-rank percentile, q in [0, 100]; None without samples."""
+        if not self._samples:
+            return None
+        if self._cache is None:
+            self._cache = sorted(self._samples)
+        s = self._cache
+        k = min(len(s) - 1, max(0, round(q / 100.0 * (len(s) - 1))))
+        return s[k]
+
+
+@dataclass(slots=True)
+class Reservation:
+    """In-flight capacity taken at pick; `release` is idempotent (exactly-once)."""
+
+    fleet: LiveFleet
+    endpoint: str
+    tokens: int
+    released: bool = False
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.fleet._release(self.endpoint, self.tokens)
+
+
+class EndpointLive:
+    """Mutable live record for one endpoint."""
+
+    __slots__ = (
+        "ejected",
+        "ejected_reason",
+        "healthy",
+        "inflight",
+        "inflight_tokens",
+        "itl",
+        "metrics",
+        "metrics_at",
+        "outcomes",
+        "requests_total",
+        "ttft",
+    )
+
+    def __init__(self) -> None:
+        self.metrics: EngineMetrics | None = None
+        self.metrics_at: float | None = None
+        self.healthy = True
+        self.ejected = False
+        self.ejected_reason = ""
+        self.inflight = 0
+        self.inflight_tokens = 0
+        self.ttft = LatencyWindow()
+        self.itl = LatencyWindow(1024)
+        self.outcomes: deque[bool] = deque(maxlen=100)
+        self.requests_total = 0
+
+
+class LiveFleet:
+    """Live state of every endpoint, and the snapshot factory placement reads from."""
+
+    def __init__(
+        self,
+        fleet: Fleet,
+        *,
+        stale_after_s: float = 2.0,
+        clock: Clock = time.monotonic,
+        refresh_s: float = 0.05,
+        prefix_index: PrefixIndexView | None = None,
+    ) -> None:
+        self.fleet = fleet
+        self.stale_after_s = stale_after_s
+        self.clock = clock
+        self.refresh_s = refresh_s
+        self.prefix_index = prefix_index
+        self.live: dict[str, EndpointLive] = {e.name: EndpointLive() for e in fleet.endpoints}
+        self._version = 0
+        self._snapshot: FleetSnapshot | None = None
+        self._snapshot_at = 0.0
+
+    # -- writers ---------------------------------------------------------------------------
+    def _touch(self) -> None:
+        self._version += 1
+
+    def update_metrics(self, endpoint: str, metrics: EngineMetrics) -> None:
+        rec = self.live[endpoint]
+        rec.metrics = metrics
+        rec.metrics_at = self.clock()
+        self._touch()
+
+    def set_health(self, endpoint: str, healthy: bool) -> None:
+        rec = self.live[endpoint]
+        if rec.healthy != healthy:
+            rec.healthy = healthy
+            self._touch()
+
+    def set_ejected(self, endpoint: str, ejected: bool, reason: str = "") -> None:
+        rec = self.live[endpoint]
+        if rec.ejected != ejected or rec.ejected_reason != reason:
+            rec.ejected, rec.ejected_reason = ejected, reason
+            self._touch()
+
+    def reserve(self, endpoint: str, tokens: int) -> Reservation:
+        rec = self.live[endpoint]
+        rec.inflight += 1
+        rec.inflight_tokens += tokens
+        rec.requests_total += 1
+        self._touch()
+        return Reservation(self, endpoint, tokens)
+
+    def _release(self, endpoint: str, tokens: int) -> None:
+        rec = self.live[endpoint]
+        rec.inflight -= 1
+        rec.inflight_tokens -= tokens
+        self._touch()
+
+    def observe_ttft(self, endpoint: str, seconds: float) -> None:
+        self.live[endpoint].ttft.add(seconds)
+
+    def observe_itl(self, endpoint: str, seconds: float) -> None:
+        self.live[endpoint].itl.add(seconds)
+
+    def observe_outcome(self, endpoint: str, ok: bool) -> None:
+        self.live[endpoint].outcomes.append(ok)
+
+    # -- readers ---------------------------------------------------------------------------
+    def state_of(self, endpoint: str, now: float) -> EndpointState:
+        rec = self.live[endpoint]
+        m = rec.metrics
+        age = None if rec.metrics_at is None else now - rec.metrics_at
+        stale = age is None or age > self.stale_after_s
+        errors = sum(1 for ok in rec.outcomes if not ok)
+        return EndpointState(
+            healthy=rec.healthy,
+            ejected=rec.ejected,
+            ejected_reason=rec.ejected_reason,
+            stale=stale,
+            metrics_age_s=age,
+            running=m.running if m else None,
+            waiting=m.waiting if m else None,
+            kv_usage=m.kv_usage if m else None,
+            prefix_queries_total=m.prefix_queries_total if m else None,
+            prefix_hits_total=m.prefix_hits_total if m else None,
+            block_size=m.block_size if m else None,
+            num_gpu_blocks=m.num_gpu_blocks if m else None,
+            inflight=rec.inflight,
+            inflight_tokens=rec.inflight_tokens,
+            ttft_p50_s=rec.ttft.percentile(50),
+            ttft_p99_s=rec.ttft.percentile(99),
+            itl_p50_s=rec.itl.percentile(50),
+            itl_p99_s=rec.itl.percentile(99),
+            error_rate=errors / len(rec.outcomes) if rec.outcomes else 0.0,
+            requests_total=rec.requests_total,
+        )
+
+    def snapshot(self) -> FleetSnapshot:
+        """The current immutable snapshot (cached while nothing changed)."""
+        now = self.clock()
+        snap = self._snapshot
+        if (
+            snap is not None
+            and snap.version == self._version
+            and now - self._snapshot_at < self.refresh_s
+        ):
+            return snap
+        views = tuple(EndpointView(e, self.state_of(e.name, now)) for e in self.fleet.endpoints)
+        snap = FleetSnapshot(
+            fleet=self.fleet,
+            endpoints=views,
+            now=now,
+            version=self._version,
+            prefix_index=self.prefix_index,
+        )
+        self._snapshot, self._snapshot_at = snap, now
+        return snap

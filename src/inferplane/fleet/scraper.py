@@ -1,0 +1,142 @@
+"""Scrape each endpoint's ``/metrics`` and probe ``/health``, feeding `LiveFleet`.
+
+The I/O sits behind `MetricsSource`, one small interface: `HttpMetricsSource` talks HTTP with a
+shared aiohttp session; tests use `StaticMetricsSource` (in-memory, like httpx's MockTransport).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Protocol
+
+import aiohttp
+
+from inferplane.fleet.engine_metrics import parse_metrics
+from inferplane.fleet.live import LiveFleet
+from inferplane.fleet.model import Endpoint
+
+log = logging.getLogger("inferplane.scraper")
+
+
+class MetricsSource(Protocol):
+    async def metrics(self, endpoint: Endpoint) -> str | None:
+        """The endpoint's Prometheus text, or None when it could not be read."""
+
+    async def healthy(self, endpoint: Endpoint) -> bool:
+        """Whether ``/health`` answered 2xx."""
+
+
+class HttpMetricsSource:
+    """Reads ``/metrics`` and ``/health`` over HTTP."""
+
+    def __init__(self, session: aiohttp.ClientSession, timeout_s: float = 1.0) -> None:
+        self.session = session
+        self.timeout = aiohttp.ClientTimeout(total=timeout_s)
+
+    async def metrics(self, endpoint: Endpoint) -> str | None:
+        try:
+            async with self.session.get(f"{endpoint.url}/metrics", timeout=self.timeout) as r:
+                if r.status != 200:
+                    return None
+                return await r.text()
+        except (TimeoutError, aiohttp.ClientError, UnicodeDecodeError):
+            return None
+
+    async def healthy(self, endpoint: Endpoint) -> bool:
+        try:
+            async with self.session.get(f"{endpoint.url}/health", timeout=self.timeout) as r:
+                await r.read()
+                return 200 <= r.status < 300
+        except (TimeoutError, aiohttp.ClientError):
+            return False
+
+
+class StaticMetricsSource:
+    """In-memory source for tests: set ``texts[name]`` / ``health[name]``."""
+
+    def __init__(self) -> None:
+        self.texts: dict[str, str | None] = {}
+        self.health: dict[str, bool] = {}
+
+    async def metrics(self, endpoint: Endpoint) -> str | None:
+        return self.texts.get(endpoint.name)
+
+    async def healthy(self, endpoint: Endpoint) -> bool:
+        return self.health.get(endpoint.name, True)
+
+
+class Scraper:
+    """Runs one scrape loop and one health loop per endpoint until `stop`.
+
+    A health verdict flips to unhealthy after ``failures_to_down`` consecutive failed probes and
+    back after one success. Metrics that stop arriving simply age into staleness.
+    """
+
+    def __init__(
+        self,
+        live: LiveFleet,
+        source: MetricsSource,
+        *,
+        interval_s: float = 0.1,
+        health_interval_s: float = 1.0,
+        failures_to_down: int = 2,
+    ) -> None:
+        self.live = live
+        self.source = source
+        self.interval_s = interval_s
+        self.health_interval_s = health_interval_s
+        self.failures_to_down = failures_to_down
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def scrape_once(self, endpoint: Endpoint) -> bool:
+        text = await self.source.metrics(endpoint)
+        if text is None:
+            return False
+        self.live.update_metrics(endpoint.name, parse_metrics(endpoint.spec.engine, text))
+        return True
+
+    async def probe_once(self, endpoint: Endpoint, failures: int) -> int:
+        ok = await self.source.healthy(endpoint)
+        failures = 0 if ok else failures + 1
+        if ok:
+            self.live.set_health(endpoint.name, True)
+        elif failures >= self.failures_to_down:
+            self.live.set_health(endpoint.name, False)
+        return failures
+
+    async def _scrape_loop(self, endpoint: Endpoint) -> None:
+        while True:
+            try:
+                await self.scrape_once(endpoint)
+            except Exception:  # a parser bug must not kill the loop
+                log.exception("scrape of %s failed", endpoint.name)
+            await asyncio.sleep(self.interval_s)
+
+    async def _health_loop(self, endpoint: Endpoint) -> None:
+        failures = 0
+        while True:
+            failures = await self.probe_once(endpoint, failures)
+            await asyncio.sleep(self.health_interval_s)
+
+    async def prime(self) -> None:
+        """One scrape and probe of every endpoint, concurrently (start-up)."""
+        eps = self.live.fleet.endpoints
+        await asyncio.gather(*(self.scrape_once(e) for e in eps))
+        results = await asyncio.gather(*(self.source.healthy(e) for e in eps))
+        for e, ok in zip(eps, results, strict=True):
+            self.live.set_health(e.name, ok)
+
+    def start(self) -> None:
+        for e in self.live.fleet.endpoints:
+            self._tasks.append(asyncio.create_task(self._scrape_loop(e)))
+            self._tasks.append(asyncio.create_task(self._health_loop(e)))
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        self._tasks.clear()

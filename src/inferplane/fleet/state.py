@@ -1,0 +1,87 @@
+"""Live endpoint state and the immutable `FleetSnapshot` that placement reads."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Protocol
+
+from inferplane.fleet.model import Endpoint, Fleet
+from inferplane.types import BlockHash
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointState:
+    """What is known about one endpoint at one instant.
+
+    Engine signals (scraped from ``/metrics``) are ``None`` when never scraped; ``stale`` is true
+    when the last good scrape is older than the configured limit, and placement must not trust
+    engine signals then. Gateway signals (in-flight, observed latencies) are always current.
+    """
+
+    healthy: bool = True
+    ejected: bool = False
+    ejected_reason: str = ""
+    stale: bool = True
+    metrics_age_s: float | None = None
+    running: float | None = None
+    waiting: float | None = None
+    kv_usage: float | None = None
+    prefix_queries_total: float | None = None
+    prefix_hits_total: float | None = None
+    block_size: int | None = None
+    num_gpu_blocks: int | None = None
+    inflight: int = 0
+    inflight_tokens: int = 0
+    ttft_p50_s: float | None = None
+    ttft_p99_s: float | None = None
+    itl_p50_s: float | None = None
+    itl_p99_s: float | None = None
+    error_rate: float = 0.0
+    requests_total: int = 0
+
+    @property
+    def queue_depth(self) -> float:
+        """Waiting requests per the engine, or 0 when unknown or stale."""
+        return 0.0 if self.stale or self.waiting is None else self.waiting
+
+    @property
+    def usable(self) -> bool:
+        """Healthy and not ejected."""
+        return self.healthy and not self.ejected
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointView:
+    """An endpoint with its state at snapshot time."""
+
+    endpoint: Endpoint
+    state: EndpointState
+
+    @property
+    def name(self) -> str:
+        return self.endpoint.spec.name
+
+
+class PrefixIndexView(Protocol):
+    """Read side of a prefix-cache index: how many leading blocks an endpoint holds."""
+
+    def match_length(self, endpoint: str, hashes: Sequence[BlockHash]) -> int: ...
+
+
+@dataclass(frozen=True)
+class FleetSnapshot:
+    """An immutable view of the fleet for one placement. ``now`` is the snapshot's clock
+    (monotonic seconds in the gateway, virtual seconds in the simulator): placement never reads a
+    clock of its own."""
+
+    fleet: Fleet
+    endpoints: tuple[EndpointView, ...]
+    now: float = 0.0
+    version: int = 0
+    prefix_index: PrefixIndexView | None = None
+
+    @cached_property
+    def by_name(self) -> dict[str, EndpointView]:
+        return {v.name: v for v in self.endpoints}

@@ -1,0 +1,231 @@
+"""classify: turn an API request (already JSON-checked) into a `RequestProfile`.
+
+Reads the body's model, prompt and ``max_tokens`` and these headers, each validated and named in
+its 400 error when invalid:
+
+====================================  ==========================================================
+``x-inferplane-class``                workload class (must exist)
+``x-inferplane-slo-ttft-ms``          TTFT SLO override, positive number
+``x-inferplane-slo-itl-ms``           ITL SLO override, positive number
+``x-inferplane-jurisdictions``        comma list; narrows the tenant's allowed set, never widens
+``x-inferplane-precision``            comma list of tolerated precisions
+``x-inferplane-client-region``        client region (must be a configured region)
+``x-inferplane-data-region``          region of a data store the request uses (RAG index)
+``x-inferplane-agent-step``           agent loop step, non-negative integer
+``x-session-id``                      session affinity key
+====================================  ==========================================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from inferplane.config.schema import ClassRule, FleetConfig, TenantSpec, WorkloadClass
+from inferplane.errors import InvalidRequestError
+from inferplane.placement.hashing import prompt_block_hashes
+from inferplane.placement.profile import RequestProfile
+from inferplane.types import ApiKind
+
+PRECISIONS = frozenset({"fp32", "bf16", "fp16", "fp8", "int8", "int4"})
+
+
+@dataclass(frozen=True, slots=True)
+class Prompt:
+    """What classify extracted from the body."""
+
+    text: str
+    tokens: int
+    max_output_tokens: int | None
+
+
+def estimate_tokens(text: str, mode: str) -> int:
+    """``words``: one whitespace-separated word is one token (the emulator's rule);
+    ``chars``: about four characters a token (a common estimate for BPE tokenizers)."""
+    if mode == "words":
+        return len(text.split())
+    return (len(text) + 3) // 4
+
+
+def extract_prompt(api: ApiKind, body: Mapping[str, Any], mode: str) -> Prompt:
+    """Prompt text and size of a chat, completions or embeddings body (types already checked)."""
+    max_out: Any = body.get("max_completion_tokens", body.get("max_tokens"))
+    if api == "chat":
+        parts: list[str] = []
+        for m in body["messages"]:
+            content = m.get("content")
+            if isinstance(content, str):
+                parts.append(content)
+            elif isinstance(content, list):
+                parts.extend(str(p.get("text", "")) for p in content if isinstance(p, dict))
+        text = "\n".join(parts)
+        return Prompt(text, estimate_tokens(text, mode), max_out)
+    key = "prompt" if api == "completions" else "input"
+    value = body[key]
+    if isinstance(value, str):
+        return Prompt(value, estimate_tokens(value, mode), max_out)
+    if value and all(isinstance(v, int) for v in value):  # token ids
+        return Prompt(" ".join(map(str, value)), len(value), max_out)
+    if value and all(isinstance(v, list) for v in value):  # batches of token ids
+        return Prompt(" ".join(map(str, value[0])), sum(len(v) for v in value), max_out)
+    texts = [str(v) for v in value]
+    return Prompt(texts[0] if texts else "", sum(estimate_tokens(t, mode) for t in texts), max_out)
+
+
+def _positive_ms(headers: Mapping[str, str], name: str) -> float | None:
+    raw = headers.get(name)
+    if raw is None:
+        return None
+    try:
+        v = float(raw)
+    except ValueError:
+        v = -1.0
+    if not v > 0 or v == float("inf"):
+        raise InvalidRequestError(
+            f"header {name} must be a positive number of milliseconds, got {raw!r}", param=name
+        )
+    return v / 1000.0
+
+
+def _csv(headers: Mapping[str, str], name: str) -> list[str] | None:
+    raw = headers.get(name)
+    if raw is None:
+        return None
+    items = [x.strip() for x in raw.split(",") if x.strip()]
+    if not items:
+        raise InvalidRequestError(f"header {name} is empty", param=name)
+    return items
+
+
+class Classifier:
+    """Builds profiles for one config (classes and rules indexed once)."""
+
+    def __init__(self, config: FleetConfig) -> None:
+        self.config = config
+        self.classes: dict[str, WorkloadClass] = {c.name: c for c in config.classes}
+        self.rules: list[ClassRule] = list(config.class_rules)
+        self.regions = {r.name for r in config.regions}
+        self.mode = config.gateway.token_estimate
+        self.block_chars = config.gateway.prefix_block_chars
+
+    def workload_class(
+        self, api: ApiKind, tenant: TenantSpec, headers: Mapping[str, str], prompt_tokens: int
+    ) -> WorkloadClass:
+        name = headers.get("x-inferplane-class")
+        if name is not None:
+            cls = self.classes.get(name)
+            if cls is None:
+                raise InvalidRequestError(
+                    f"header x-inferplane-class: unknown class {name!r}; "
+                    f"known: {', '.join(sorted(self.classes))}",
+                    param="x-inferplane-class",
+                )
+            return cls
+        agent = "x-inferplane-agent-step" in headers
+        for rule in self.rules:
+            if rule.api is not None and rule.api != api:
+                continue
+            if rule.min_prompt_tokens is not None and prompt_tokens < rule.min_prompt_tokens:
+                continue
+            if rule.agent_step is not None and rule.agent_step != agent:
+                continue
+            return self.classes[rule.workload_class]
+        if api == "embeddings" and "embeddings" in self.classes:
+            return self.classes["embeddings"]
+        return self.classes[tenant.default_class]
+
+    def classify(
+        self,
+        *,
+        request_id: str,
+        api: ApiKind,
+        body: Mapping[str, Any],
+        headers: Mapping[str, str],
+        tenant: TenantSpec,
+    ) -> tuple[RequestProfile, Prompt]:
+        """The request's profile. Raises `InvalidRequestError` for a bad header."""
+        prompt = extract_prompt(api, body, self.mode)
+        cls = self.workload_class(api, tenant, headers, prompt.tokens)
+        ttft = _positive_ms(headers, "x-inferplane-slo-ttft-ms")
+        itl = _positive_ms(headers, "x-inferplane-slo-itl-ms")
+
+        allowed = (
+            frozenset(tenant.allowed_jurisdictions)
+            if tenant.allowed_jurisdictions is not None
+            else None
+        )
+        asked = _csv(headers, "x-inferplane-jurisdictions")
+        if asked is not None:
+            if allowed is not None:
+                outside = [j for j in asked if j not in allowed]
+                if outside:
+                    raise InvalidRequestError(
+                        f"header x-inferplane-jurisdictions: tenant {tenant.name!r} may not use "
+                        f"{', '.join(outside)} (allowed: {', '.join(sorted(allowed))})",
+                        param="x-inferplane-jurisdictions",
+                    )
+            allowed = frozenset(asked)
+
+        precisions = _csv(headers, "x-inferplane-precision")
+        if precisions is not None:
+            bad = [p for p in precisions if p not in PRECISIONS]
+            if bad:
+                raise InvalidRequestError(
+                    f"header x-inferplane-precision: unknown precision {', '.join(bad)}; "
+                    f"known: {', '.join(sorted(PRECISIONS))}",
+                    param="x-inferplane-precision",
+                )
+
+        client_region = headers.get("x-inferplane-client-region", tenant.region)
+        data_region = headers.get("x-inferplane-data-region")
+        for hname, region in (
+            ("x-inferplane-client-region", client_region),
+            ("x-inferplane-data-region", data_region),
+        ):
+            if region is not None and self.regions and region not in self.regions:
+                raise InvalidRequestError(
+                    f"header {hname}: unknown region {region!r}; "
+                    f"known: {', '.join(sorted(self.regions))}",
+                    param=hname,
+                )
+        step = headers.get("x-inferplane-agent-step")
+        if step is not None and not (step.isascii() and step.isdigit()):
+            raise InvalidRequestError(
+                f"header x-inferplane-agent-step must be a non-negative integer, got {step!r}",
+                param="x-inferplane-agent-step",
+            )
+
+        max_out = prompt.max_output_tokens
+        if api == "embeddings":
+            max_out = 0
+        elif max_out is None:
+            max_out = cls.default_max_tokens
+        model = str(body["model"])
+        profile = RequestProfile(
+            request_id=request_id,
+            tenant=tenant.name,
+            model=model,
+            api=api,
+            workload_class=cls.name,
+            priority=cls.priority,
+            prompt_tokens=prompt.tokens,
+            max_output_tokens=int(max_out),
+            block_hashes=prompt_block_hashes(model, prompt.text, self.block_chars),
+            session_id=headers.get("x-session-id"),
+            ttft_slo_s=ttft if ttft is not None else _ms(cls.ttft_slo_ms),
+            itl_slo_s=itl if itl is not None else _ms(cls.itl_slo_ms),
+            allowed_jurisdictions=allowed,
+            precisions=frozenset(precisions) if precisions else None,
+            allowed_kinds=frozenset(cls.allowed_kinds) if cls.allowed_kinds else None,
+            allow_burst=cls.allow_burst,
+            energy_aware=cls.energy_aware,
+            client_region=client_region,
+            data_region=data_region,
+            stream=bool(body.get("stream", False)),
+        )
+        return profile, prompt
+
+
+def _ms(v: float | None) -> float | None:
+    return None if v is None else v / 1000.0

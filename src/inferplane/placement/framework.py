@@ -1,0 +1,290 @@
+"""The placement framework: a fixed pipeline of small plugins, pure and synchronous.
+
+``place(profile, snapshot, policy) -> Decision`` runs filters (each returns reasons), then
+weighted scorers (each returns values in [0, 1]; the framework clamps, weights and sums), then
+exactly one picker, which breaks ties with the policy's seedable random source. No I/O, no clock:
+the runner times plugins only through an injected ``timer`` and the decision's time comes from the
+snapshot.
+
+A plugin is one small class registered under a *type* (``@register("least-request")``), built
+with an instance *name* and validated *parameters*; a class may implement several roles.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+from pydantic import BaseModel, ConfigDict
+
+from inferplane.fleet.state import EndpointView, FleetSnapshot
+from inferplane.placement.profile import RequestProfile
+
+Timer = Callable[[], float]
+
+
+@dataclass(slots=True)
+class CycleState:
+    """Per-placement scratch space shared by the plugins of one cycle (like Kubernetes'
+    CycleState), and the evidence they leave: ``annotations[endpoint][key] = value`` (predicted
+    TTFT, cost, matched blocks …) is copied into the decision."""
+
+    profile: RequestProfile
+    snapshot: FleetSnapshot
+    rng: random.Random
+    data: dict[str, Any] = field(default_factory=dict)
+    annotations: dict[str, dict[str, float]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    spillover: Spillover | None = None
+
+    def annotate(self, endpoint: str, key: str, value: float) -> None:
+        self.annotations.setdefault(endpoint, {})[key] = value
+
+
+@dataclass(frozen=True, slots=True)
+class FilterResult:
+    """Kept candidates, and for each removed endpoint the reason."""
+
+    kept: list[EndpointView]
+    rejected: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Scored:
+    """A candidate after scoring: its weighted total and each scorer's clamped value."""
+
+    view: EndpointView
+    total: float
+    scores: dict[str, float]
+
+
+@runtime_checkable
+class Filter(Protocol):
+    name: str
+
+    def filter(self, cycle: CycleState, candidates: list[EndpointView]) -> FilterResult: ...
+
+
+@runtime_checkable
+class Scorer(Protocol):
+    name: str
+
+    def score(self, cycle: CycleState, candidates: list[EndpointView]) -> Sequence[float]: ...
+
+
+@runtime_checkable
+class Picker(Protocol):
+    name: str
+
+    def pick(self, cycle: CycleState, scored: list[Scored]) -> Scored: ...
+
+
+class NoParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Plugin:
+    """Base class for plugins: a name and validated parameters. Subclasses set ``Params``."""
+
+    Params: ClassVar[type[BaseModel]] = NoParams
+    type_name: ClassVar[str] = ""
+
+    def __init__(self, name: str, params: BaseModel) -> None:
+        self.name = name
+        self.params = params
+
+
+PluginFactory = type[Plugin]
+REGISTRY: dict[str, PluginFactory] = {}
+
+
+def register(type_name: str) -> Callable[[PluginFactory], PluginFactory]:
+    """Class decorator: make a plugin class available under ``type_name`` in config."""
+
+    def deco(cls: PluginFactory) -> PluginFactory:
+        if type_name in REGISTRY and REGISTRY[type_name] is not cls:
+            raise ValueError(f"plugin type {type_name!r} registered twice")
+        cls.type_name = type_name
+        REGISTRY[type_name] = cls
+        return cls
+
+    return deco
+
+
+@dataclass(frozen=True, slots=True)
+class Spillover:
+    """The request left its preferred set. Deltas compare the pick with the best preferred one."""
+
+    reason: str
+    preferred: str | None
+    chosen: str
+    from_region: str | None
+    to_region: str
+    delta_ttft_s: float | None = None
+    delta_cost_usd: float | None = None
+    egress_usd: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CandidateRecord:
+    endpoint: str
+    substrate: str
+    rejected_by: str | None = None
+    reason: str | None = None
+    scores: dict[str, float] = field(default_factory=dict)
+    total: float | None = None
+    annotations: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """Predicted service envelope of the pick."""
+
+    ttft_s: float | None = None
+    itl_s: float | None = None
+    cost_usd: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The evidence of one placement."""
+
+    decision_id: str
+    policy: str
+    profile: RequestProfile
+    candidates: tuple[CandidateRecord, ...]
+    picked: EndpointView | None
+    removed_by: dict[str, int]
+    predicted: Envelope = Envelope()
+    spillover: Spillover | None = None
+    notes: tuple[str, ...] = ()
+    timings_s: dict[str, float] = field(default_factory=dict)
+    snapshot_version: int = 0
+    at: float = 0.0
+
+    @property
+    def endpoint(self) -> str | None:
+        return self.picked.name if self.picked is not None else None
+
+
+class MaxScorePicker(Plugin):
+    """Highest total wins; ties broken uniformly at random (seeded)."""
+
+    def pick(self, cycle: CycleState, scored: list[Scored]) -> Scored:
+        best = max(s.total for s in scored)
+        top = [s for s in scored if s.total >= best - 1e-12]
+        return top[0] if len(top) == 1 else cycle.rng.choice(top)
+
+
+@dataclass
+class Policy:
+    """A built placement profile: its filters, weighted scorers and one picker."""
+
+    name: str
+    filters: list[Filter]
+    scorers: list[tuple[Scorer, float]]
+    picker: Picker
+    seed: int = 0
+    rng: random.Random = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.rng = random.Random(self.seed)
+
+
+def place(
+    profile: RequestProfile,
+    snapshot: FleetSnapshot,
+    policy: Policy,
+    *,
+    decision_id: str = "",
+    timer: Timer | None = None,
+    rng: random.Random | None = None,
+) -> Decision:
+    """Run one placement cycle. Never raises for an empty result: the decision has
+    ``picked=None`` and ``removed_by`` says which filter removed how many endpoints."""
+    cycle = CycleState(profile=profile, snapshot=snapshot, rng=rng or policy.rng)
+    timings: dict[str, float] = {}
+    records: dict[str, CandidateRecord] = {}
+    removed: dict[str, int] = {}
+    candidates = list(snapshot.endpoints)
+    if profile.excluded:
+        kept = [c for c in candidates if c.name not in profile.excluded]
+        for c in candidates:
+            if c.name in profile.excluded:
+                records[c.name] = _rejected(c, "failover", "failed an earlier attempt")
+        if len(kept) != len(candidates):
+            removed["failover"] = len(candidates) - len(kept)
+        candidates = kept
+
+    for f in policy.filters:
+        if not candidates:
+            break
+        t0 = timer() if timer else 0.0
+        result = f.filter(cycle, candidates)
+        if timer:
+            timings[f"filter:{f.name}"] = timer() - t0
+        if result.rejected:
+            removed[f.name] = removed.get(f.name, 0) + len(result.rejected)
+            for c in candidates:
+                reason = result.rejected.get(c.name)
+                if reason is not None:
+                    records[c.name] = _rejected(c, f.name, reason)
+        candidates = result.kept
+
+    picked: Scored | None = None
+    scored: list[Scored] = []
+    if candidates:
+        per: list[dict[str, float]] = [{} for _ in candidates]
+        totals = [0.0] * len(candidates)
+        for s, weight in policy.scorers:
+            t0 = timer() if timer else 0.0
+            values = s.score(cycle, candidates)
+            if timer:
+                timings[f"score:{s.name}"] = timer() - t0
+            for i, v in enumerate(values):
+                v = 0.0 if v != v else min(1.0, max(0.0, v))  # NaN → 0, clamp to [0, 1]
+                per[i][s.name] = v
+                totals[i] += weight * v
+        scored = [Scored(c, totals[i], per[i]) for i, c in enumerate(candidates)]
+        t0 = timer() if timer else 0.0
+        picked = policy.picker.pick(cycle, scored)
+        if timer:
+            timings[f"pick:{policy.picker.name}"] = timer() - t0
+        for sc in scored:
+            records[sc.view.name] = CandidateRecord(
+                endpoint=sc.view.name,
+                substrate=sc.view.endpoint.substrate.name,
+                scores=sc.scores,
+                total=sc.total,
+                annotations=cycle.annotations.get(sc.view.name, {}),
+            )
+
+    ordered = tuple(
+        records.get(v.name) or _rejected(v, "?", "not evaluated") for v in snapshot.endpoints
+    )
+    predicted = Envelope()
+    if picked is not None:
+        a = cycle.annotations.get(picked.view.name, {})
+        predicted = Envelope(a.get("ttft_s"), a.get("itl_s"), a.get("cost_usd"))
+    return Decision(
+        decision_id=decision_id,
+        policy=policy.name,
+        profile=profile,
+        candidates=ordered,
+        picked=picked.view if picked is not None else None,
+        removed_by=removed,
+        predicted=predicted,
+        spillover=cycle.spillover,
+        notes=tuple(cycle.notes),
+        timings_s=timings,
+        snapshot_version=snapshot.version,
+        at=snapshot.now,
+    )
+
+
+def _rejected(v: EndpointView, by: str, reason: str) -> CandidateRecord:
+    return CandidateRecord(
+        endpoint=v.name, substrate=v.endpoint.substrate.name, rejected_by=by, reason=reason
+    )

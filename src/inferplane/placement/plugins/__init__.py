@@ -1,0 +1,5 @@
+"""Built-in placement plugins. Importing this package registers every type."""
+
+from inferplane.placement.plugins import basic
+
+__all__ = ["basic"]

@@ -1,0 +1,40 @@
+"""`RequestProfile`: everything placement knows about one request (the output of classify)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from inferplane.types import ApiKind, BlockHash
+
+
+@dataclass(frozen=True, slots=True)
+class RequestProfile:
+    """The request as placement sees it. Built by classify; never mutated (use `with_`)."""
+
+    request_id: str
+    tenant: str
+    model: str
+    api: ApiKind = "chat"
+    workload_class: str = "interactive"
+    priority: str = "standard"
+    variant: str | None = None
+    prompt_tokens: int = 0
+    max_output_tokens: int = 0
+    block_hashes: tuple[BlockHash, ...] = ()
+    session_id: str | None = None
+    ttft_slo_s: float | None = None
+    itl_slo_s: float | None = None
+    allowed_jurisdictions: frozenset[str] | None = None
+    precisions: frozenset[str] | None = None
+    allowed_kinds: frozenset[str] | None = None
+    allow_burst: bool = True
+    energy_aware: bool = False
+    client_region: str | None = None
+    data_region: str | None = None
+    stream: bool = False
+    excluded: frozenset[str] = field(default_factory=frozenset)
+    attempt: int = 0
+
+    def with_(self, **changes: object) -> RequestProfile:
+        """A copy with some fields changed (e.g. an endpoint excluded after a failure)."""
+        return replace(self, **changes)  # type: ignore[arg-type]

@@ -1,0 +1,104 @@
+"""The gateway's own Prometheus metrics, in one registry per gateway (no global state).
+
+Label sets are bounded: endpoint and substrate names come from config, ``code`` from a fixed set of
+HTTP statuses, plugin names from config.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
+_PLUGIN_BUCKETS = (1e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3)
+
+
+class GatewayMetrics:
+    """Every metric the gateway exports."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "inferplane_requests",
+            "Requests answered, by API, endpoint and HTTP status",
+            ["api", "endpoint", "code"],
+            registry=r,
+        )
+        self.upstream_failures = Counter(
+            "inferplane_upstream_failures",
+            "Upstream attempts that failed before the first byte",
+            ["endpoint", "reason"],
+            registry=r,
+        )
+        self.stream_errors = Counter(
+            "inferplane_stream_errors",
+            "Streams cut by an upstream failure after the first byte",
+            ["endpoint"],
+            registry=r,
+        )
+        self.replacements = Counter(
+            "inferplane_replacements", "Requests re-placed after a failed attempt", registry=r
+        )
+        self.client_disconnects = Counter(
+            "inferplane_client_disconnects",
+            "Requests whose client went away (upstream cancelled)",
+            registry=r,
+        )
+        self.no_endpoint = Counter(
+            "inferplane_no_eligible_endpoint",
+            "Requests rejected because filters left no endpoint, by filter",
+            ["filter"],
+            registry=r,
+        )
+        self.spillovers = Counter(
+            "inferplane_spillovers",
+            "Requests placed outside their preferred set",
+            ["workload_class", "from_region", "to_region"],
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "inferplane_ttft_seconds",
+            "Time to first token seen by the gateway",
+            ["endpoint"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.placement = Histogram(
+            "inferplane_placement_plugin_seconds",
+            "Time spent in each placement plugin, by stage and plugin",
+            ["stage", "plugin"],
+            buckets=_PLUGIN_BUCKETS,
+            registry=r,
+        )
+        self.inflight = Gauge(
+            "inferplane_endpoint_inflight",
+            "Requests in flight per endpoint (gateway view)",
+            ["endpoint"],
+            registry=r,
+        )
+        self.endpoint_healthy = Gauge(
+            "inferplane_endpoint_healthy",
+            "1 when the endpoint passes /health",
+            ["endpoint"],
+            registry=r,
+        )
+        self.endpoint_stale = Gauge(
+            "inferplane_endpoint_metrics_stale",
+            "1 when the endpoint's engine metrics are stale",
+            ["endpoint"],
+            registry=r,
+        )
