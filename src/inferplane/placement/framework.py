@@ -81,6 +81,16 @@ class Picker(Protocol):
     def pick(self, cycle: CycleState, scored: list[Scored]) -> Scored: ...
 
 
+@runtime_checkable
+class PickObserver(Protocol):
+    """Optional: told of every pick (e.g. a prefix index learning what each endpoint holds, as
+    the Gateway API Inference Extension's PreRequest plugins do). Synchronous, no I/O."""
+
+    name: str
+
+    def on_picked(self, cycle: CycleState, picked: EndpointView) -> None: ...
+
+
 class NoParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -187,10 +197,17 @@ class Policy:
     scorers: list[tuple[Scorer, float]]
     picker: Picker
     seed: int = 0
+    observers: list[PickObserver] = field(default_factory=list)
     rng: random.Random = field(init=False)
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
+        if not self.observers:
+            seen: set[int] = set()
+            for p in [*self.filters, *(s for s, _ in self.scorers), self.picker]:
+                if isinstance(p, PickObserver) and id(p) not in seen:
+                    seen.add(id(p))
+                    self.observers.append(p)
 
 
 def place(
@@ -252,6 +269,8 @@ def place(
         picked = policy.picker.pick(cycle, scored)
         if timer:
             timings[f"pick:{policy.picker.name}"] = timer() - t0
+        for obs in policy.observers:
+            obs.on_picked(cycle, picked.view)
         for sc in scored:
             records[sc.view.name] = CandidateRecord(
                 endpoint=sc.view.name,
