@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 from dataclasses import dataclass
@@ -42,7 +43,7 @@ class LinearCost:
             + self.per_ctx * dc
 
 
-def _engine(events: list[KVEvent] | None = None, **cfg: int | bool) -> Engine:
+def _engine(events: list[KVEvent] | None = None, /, **cfg: int | bool) -> Engine:
     config = EngineConfig(**{"num_gpu_blocks": 1000, **cfg})  # type: ignore[arg-type]
     return Engine(config, LinearCost(), events.append if events is not None else None)
 
@@ -249,7 +250,7 @@ def test_engine_emits_block_events_that_survive_the_wire() -> None:
     chain = [h for e in stored for h in e.block_hashes]
     assert stored[0].parent_block_hash is None
     assert stored[0].token_ids[:32] == prompt[:32]
-    for prev, nxt in zip(stored, stored[1:], strict=False):
+    for prev, nxt in itertools.pairwise(stored):
         assert nxt.parent_block_hash == prev.block_hashes[-1]
     assert len(chain) == (40 + 9) // 16
     _run_alone(engine, _req("b", list(range(500, 628)), max_tokens=1), 1.0)  # evicts a's blocks

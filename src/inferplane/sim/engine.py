@@ -1,0 +1,490 @@
+"""An emulated vLLM (v1) engine: the scheduler, its KV cache and its timing, clock-agnostic.
+
+One :class:`Engine` serves both the real-time HTTP emulator (call :meth:`Engine.step`, sleep
+``duration_s`` scaled, repeat) and the offline simulator on a virtual clock (call
+:meth:`Engine.step_many`, which fast-forwards steady decode). The engine never reads a
+clock: the caller passes ``now`` and advances it by the returned ``duration_s``; tokens
+produced by a step carry the timestamp ``now + duration_s``.
+
+One step schedules one iteration the way ``vllm/v1/core/sched/scheduler.py`` does:
+
+1. Running requests first, in order: a decoding request takes 1 token, a partially
+   prefilled one the rest of its prompt (capped by ``long_prefill_token_threshold`` and the
+   remaining token budget). If its KV blocks cannot be allocated, the last request of the
+   running list (the latest scheduled: lowest priority under FCFS) is preempted by
+   recomputation — blocks freed, progress reset, put at the front of the waiting queue —
+   until the allocation fits or the request has preempted itself.
+2. Then, only if nobody was preempted this step, waiting requests in FCFS order while token
+   budget, ``max_num_seqs`` and free blocks allow. A request scheduled with no progress is
+   looked up in the prefix cache first: it starts with its longest cached prefix of whole
+   blocks, never its last token (a full hit recomputes the last block). With chunked
+   prefill a prompt is split across steps by the budget; without it a prompt that does not
+   fit the remaining budget waits.
+
+Full blocks enter the prefix cache when they are allocated for computation (as vLLM does),
+so a request scheduled later in the same step already hits them. A request emits a token in
+the step that computes its last uncomputed token: its first token when the prefill
+completes, then one per decode step. Output token ids are deterministic
+(:func:`output_token_id`), so a follow-up turn that re-sends prompt + answer hits the cache.
+Requests generate exactly ``max_tokens`` tokens (no EOS).
+
+Step time is ``cost_model.step_time_s(prefill_tokens, prefill_context_tokens, decode_seqs,
+decode_context_tokens)``: prefill tokens computed this step, the tokens already in KV for
+those prefilling sequences, the number of decoding sequences and the sum of their context
+lengths including the token being computed.
+
+Metrics: gauges and counters are attributes named after the vLLM series they feed; the
+prefix-cache counters count, in tokens, the lookup of each request when it is first
+scheduled (vLLM counts re-lookups after preemption apart, and also counts lookups whose
+allocation then fails; neither is counted here). Latency observations (``queue``, ``ttft``,
+``itl``, ``e2e``) are drained with :meth:`Engine.drain_samples`, grouped by equal value.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from inferplane.sim.engine_request import (
+    EngineRequest,
+    LatencySample,
+    RequestStatus,
+    StepOutput,
+    output_token_id,
+    output_word,
+)
+from inferplane.sim.kv_cache import BlockPool, hash_block_tokens
+from inferplane.sim.kv_events import KVEvent
+
+__all__ = [
+    "Engine",
+    "EngineConfig",
+    "EngineRequest",
+    "LatencySample",
+    "RequestStatus",
+    "StepCostModel",
+    "StepOutput",
+    "output_token_id",
+    "output_word",
+]
+
+
+class StepCostModel(Protocol):
+    """Duration of one engine iteration (``inferplane.physics.Roofline`` implements it)."""
+
+    def step_time_s(
+        self,
+        prefill_tokens: int,
+        prefill_context_tokens: int,
+        decode_seqs: int,
+        decode_context_tokens: int,
+    ) -> float: ...
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    """vLLM's scheduler and cache settings (same names and defaults as its CLI flags)."""
+
+    num_gpu_blocks: int
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    long_prefill_token_threshold: int = 0  # 0 = off
+
+    def __post_init__(self) -> None:
+        if min(self.num_gpu_blocks, self.max_num_seqs, self.max_num_batched_tokens) <= 0:
+            raise ValueError("num_gpu_blocks, max_num_seqs, max_num_batched_tokens must be > 0")
+        if self.block_size <= 0 or self.long_prefill_token_threshold < 0:
+            raise ValueError("block_size must be > 0 and long_prefill_token_threshold >= 0")
+
+
+class Engine:
+    """A vLLM v1 scheduler over a :class:`BlockPool`, timed by a :class:`StepCostModel`."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        cost_model: StepCostModel,
+        on_kv_event: Callable[[KVEvent], None] | None = None,
+        record_samples: bool = True,
+    ) -> None:
+        self.config = config
+        self.cost_model = cost_model
+        self.pool = BlockPool(
+            config.num_gpu_blocks, config.block_size, config.enable_prefix_caching, on_kv_event
+        )
+        self.record_samples = record_samples
+        self._waiting: deque[EngineRequest] = deque()
+        self._running: list[EngineRequest] = []
+        self._requests: dict[str, EngineRequest] = {}
+        self._samples: list[LatencySample] = []
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+        self.num_preemptions_total = 0
+        self.num_finished_total = 0
+
+    # -- gauges and counters (vLLM metric sources) -------------------------------------------
+    @property
+    def num_running(self) -> int:
+        """``vllm:num_requests_running``."""
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        """``vllm:num_requests_waiting`` (preempted requests included)."""
+        return len(self._waiting)
+
+    @property
+    def kv_usage(self) -> float:
+        """``vllm:kv_cache_usage_perc`` (0–1)."""
+        return self.pool.usage
+
+    @property
+    def prefix_queries_total(self) -> int:
+        """``vllm:prefix_cache_queries`` (tokens)."""
+        return self.pool.prefix_queries_tokens
+
+    @property
+    def prefix_hits_total(self) -> int:
+        """``vllm:prefix_cache_hits`` (tokens)."""
+        return self.pool.prefix_hits_tokens
+
+    def drain_samples(self) -> list[LatencySample]:
+        """Latency observations since the last drain (empty if ``record_samples`` is off)."""
+        out, self._samples = self._samples, []
+        return out
+
+    def _sample(self, kind: str, seconds: float, count: int = 1) -> None:
+        if self.record_samples:
+            self._samples.append(LatencySample(kind, seconds, count))
+
+    # -- requests -----------------------------------------------------------------------------
+    def add_request(self, req: EngineRequest, now: float) -> None:
+        """Queue ``req`` (FCFS). Raises ``ValueError`` for a request that could never run."""
+        cfg = self.config
+        if req.request_id in self._requests:
+            raise ValueError(f"duplicate request id {req.request_id!r}")
+        if req.prompt_len < 1 or req.max_tokens < 1:
+            raise ValueError("a request needs at least one prompt token and max_tokens >= 1")
+        peak = req.prompt_len + req.max_tokens - 1  # tokens in KV when the last one is sampled
+        if math.ceil(peak / cfg.block_size) > cfg.num_gpu_blocks:
+            raise ValueError(f"request needs {peak} tokens of KV, more than the engine holds")
+        if not cfg.enable_chunked_prefill and peak > cfg.max_num_batched_tokens:
+            raise ValueError("without chunked prefill a request must fit max_num_batched_tokens")
+        hashes = req.prompt_block_hashes
+        if hashes is not None and len(hashes) != req.prompt_len // cfg.block_size:
+            raise ValueError("prompt_block_hashes must name every full block of the prompt")
+        del now  # arrival_time is the request's own; kept for interface symmetry
+        self._requests[req.request_id] = req
+        self._waiting.append(req)
+
+    def get_request(self, request_id: str) -> EngineRequest | None:
+        """An unfinished request by id."""
+        return self._requests.get(request_id)
+
+    def abort(self, request_id: str) -> bool:
+        """Drop an unfinished request and free its blocks; False if unknown or finished."""
+        req = self._requests.pop(request_id, None)
+        if req is None:
+            return False
+        if req.status is RequestStatus.RUNNING:
+            self._running.remove(req)
+        else:
+            self._waiting.remove(req)
+        self._release(req, RequestStatus.ABORTED)
+        return True
+
+    def has_unfinished(self) -> bool:
+        """Whether any request is waiting or running."""
+        return bool(self._running or self._waiting)
+
+    def reset_prefix_cache(self) -> bool:
+        """Clear the prefix cache (refused while blocks are in use, as in vLLM)."""
+        return self.pool.reset_prefix_cache()
+
+    # -- KV bookkeeping -----------------------------------------------------------------------
+    def _ensure_hashes(self, req: EngineRequest, num_blocks: int) -> list[int]:
+        hashes, given = req.hashes, req.prompt_block_hashes
+        if given is not None and len(hashes) < min(num_blocks, len(given)):
+            hashes.extend(given[len(hashes) : num_blocks])
+        bs = self.config.block_size
+        while len(hashes) < num_blocks:
+            i = len(hashes)
+            parent = hashes[-1] if hashes else None
+            hashes.append(hash_block_tokens(parent, req.token_ids(i * bs, (i + 1) * bs)))
+        return hashes
+
+    def _new_blocks(self, req: EngineRequest, computed: int, n: int, hits: Sequence[int]) -> int:
+        """Blocks ``req`` must take from the free queue to compute ``n`` more tokens, or -1."""
+        new = max(-(-(computed + n) // self.config.block_size) - len(req.block_ids) - len(hits), 0)
+        pool = self.pool
+        return -1 if new + (pool.num_evictable(hits) if hits else 0) > pool.num_free_blocks else new
+
+    def _allocate(
+        self, req: EngineRequest, computed: int, n: int, hits: Sequence[int] = ()
+    ) -> bool:
+        """Give ``req`` blocks for ``computed + n`` tokens after prefix ``hits``; False if short."""
+        pool, total = self.pool, computed + n
+        new = self._new_blocks(req, computed, n, hits)
+        if new < 0:
+            return False
+        if hits:
+            pool.touch(hits)
+            req.block_ids.extend(hits)
+            req.num_cached_blocks = len(hits)
+        if new > 0:
+            req.block_ids.extend(pool.allocate(new))
+        self._cache_full_blocks(req, min(total, req.num_tokens))
+        return True
+
+    def _cache_full_blocks(self, req: EngineRequest, upto_tokens: int) -> None:
+        bs = self.config.block_size
+        nfull, start = upto_tokens // bs, req.num_cached_blocks
+        if nfull <= start or not self.config.enable_prefix_caching:
+            return
+        hashes = self._ensure_hashes(req, nfull)
+        tokens = None
+        if self.pool.on_event is not None:
+
+            def tokens() -> list[int]:
+                return req.token_ids(start * bs, nfull * bs)
+
+        self.pool.cache_blocks(
+            req.block_ids[start:nfull],
+            hashes[start:nfull],
+            hashes[start - 1] if start else None,
+            tokens,
+        )
+        req.num_cached_blocks = nfull
+
+    def _release(self, req: EngineRequest, status: RequestStatus) -> None:
+        self.pool.free(reversed(req.block_ids))
+        req.block_ids = []
+        req.num_cached_blocks = 0
+        req.status = status
+        if status is not RequestStatus.PREEMPTED:
+            req.hashes = []  # the chain is only needed to schedule; free it for long replays
+
+    def _preempt(self, req: EngineRequest, out: StepOutput) -> None:
+        self._release(req, RequestStatus.PREEMPTED)
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.num_preemptions_total += 1
+        self._waiting.appendleft(req)
+        out.preempted.append(req.request_id)
+
+    # -- scheduling ---------------------------------------------------------------------------
+    def _cap(self, n: int, budget: int) -> int:
+        thr = self.config.long_prefill_token_threshold
+        if thr and n > thr:
+            n = thr
+        return min(n, budget)
+
+    def _plan_prefill(
+        self, req: EngineRequest, budget: int
+    ) -> tuple[int, int, list[int]] | None:
+        """(cached tokens, tokens to compute, hit blocks) for a waiting request, or None."""
+        cfg, hits = self.config, []
+        if cfg.enable_prefix_caching:  # waiting requests have no progress
+            max_hit_blocks = (req.num_tokens - 1) // cfg.block_size
+            hits = self.pool.lookup(self._ensure_hashes(req, max_hit_blocks)[:max_hit_blocks])
+        computed = len(hits) * cfg.block_size
+        n = req.num_tokens - computed
+        if not cfg.enable_chunked_prefill and n > budget:
+            return None
+        return computed, self._cap(n, budget), hits
+
+    def _waiting_blocked(self, budget: int) -> bool:
+        """Whether the head of the waiting queue cannot be scheduled with ``budget`` left."""
+        if not self._waiting or budget <= 0 or len(self._running) >= self.config.max_num_seqs:
+            return True
+        req = self._waiting[0]
+        plan = self._plan_prefill(req, budget)
+        return plan is None or self._new_blocks(req, *plan) < 0
+
+    def _schedule(self, now: float, out: StepOutput) -> list[tuple[EngineRequest, int]]:
+        cfg, pool = self.config, self.pool
+        budget = cfg.max_num_batched_tokens
+        sched: list[tuple[EngineRequest, int]] = []
+        running = self._running
+        i = 0
+        while i < len(running) and budget > 0:
+            req = running[i]
+            n = self._cap(req.num_tokens - req.num_computed_tokens, budget)
+            while not self._allocate(req, req.num_computed_tokens, n):
+                victim = running.pop()
+                self._preempt(victim, out)
+                if victim is req:
+                    break
+            else:
+                sched.append((req, n))
+                budget -= n
+                i += 1
+        if out.preempted:
+            return sched
+        waiting = self._waiting
+        while waiting and budget > 0 and len(running) < cfg.max_num_seqs:
+            req = waiting[0]
+            plan = self._plan_prefill(req, budget)
+            if plan is None or not self._allocate(req, *plan):
+                break
+            computed, n, _ = plan
+            waiting.popleft()
+            # vLLM counts the lookups of preempted requests apart; these are first lookups.
+            if cfg.enable_prefix_caching and req.status is RequestStatus.WAITING:
+                pool.record_prefix_query(req.num_tokens, computed)
+            if req.num_cached_tokens < 0:
+                req.num_cached_tokens = computed
+            if req.first_scheduled_time is None:
+                req.first_scheduled_time = now
+                self._sample("queue", now - req.arrival_time)
+            req.num_computed_tokens = computed
+            req.status = RequestStatus.RUNNING
+            running.append(req)
+            sched.append((req, n))
+            budget -= n
+        return sched
+
+    def step(self, now: float) -> StepOutput:
+        """Schedule and execute one iteration starting at ``now``.
+
+        Returns ``duration_s == 0`` and no tokens when there is nothing to run.
+        """
+        out = StepOutput(start_s=now, duration_s=0.0)
+        sched = self._schedule(now, out)
+        if not sched:
+            out.step_durations.append(0.0)
+            return out
+        pf_tok = pf_ctx = dec_n = dec_ctx = 0
+        for req, n in sched:
+            c = req.num_computed_tokens
+            if n == 1 and req.num_output_tokens and c == req.num_tokens - 1:
+                dec_n += 1
+                dec_ctx += c + 1
+            else:
+                pf_tok += n
+                pf_ctx += c
+        dur = self.cost_model.step_time_s(pf_tok, pf_ctx, dec_n, dec_ctx)
+        out.duration_s, out.prefill_tokens, out.decode_seqs = dur, pf_tok, dec_n
+        out.step_durations.append(dur)
+        t = now + dur
+        itl: dict[float, int] = {}
+        for req, n in sched:
+            req.num_computed_tokens += n
+            if req.num_computed_tokens < req.num_tokens:
+                continue  # a prefill chunk that does not finish the prompt
+            if req.first_token_time is None:
+                req.first_token_time = t
+                self.prompt_tokens_total += req.prompt_len
+                self._sample("ttft", t - req.arrival_time)
+            elif req.last_token_time is not None:
+                gap = t - req.last_token_time
+                itl[gap] = itl.get(gap, 0) + 1
+            req.last_token_time = t
+            req.num_output_tokens += 1
+            out.new_tokens[req.request_id] = 1
+            if req.num_output_tokens >= req.max_tokens:
+                self._finish(req, t, out)
+        self.generation_tokens_total += len(out.new_tokens)
+        for gap, count in itl.items():
+            self._sample("itl", gap, count)
+        if out.finished:
+            self._running = [r for r in self._running if r.status is RequestStatus.RUNNING]
+        return out
+
+    def _finish(self, req: EngineRequest, t: float, out: StepOutput) -> None:
+        req.finish_time = t
+        self._release(req, RequestStatus.FINISHED)
+        del self._requests[req.request_id]
+        self.num_finished_total += 1
+        out.finished.append(req.request_id)
+        self._sample("e2e", t - req.arrival_time)
+
+    # -- fast-forward -------------------------------------------------------------------------
+    def step_many(
+        self, now: float, until: float = math.inf, max_steps: int = 1 << 30
+    ) -> StepOutput:
+        """Run one step, or several pure-decode steps at once when that changes nothing.
+
+        When every running request is decoding and the head of the waiting queue (if any)
+        cannot be scheduled — ``max_num_seqs`` reached, or too few free blocks, which decode
+        only makes fewer — the next ``k`` steps are computed at once: the same durations,
+        tokens, blocks and samples as ``k`` calls of :meth:`step`, grouped into one
+        :class:`StepOutput` (``num_steps = k``, per-step ``step_durations``). The run stops
+        after the step in which the first request finishes, before a step that would run out
+        of free blocks, before a step that would start at or after ``until`` (the first step
+        always runs) and at ``max_steps``. Otherwise it is :meth:`step`.
+
+        Assumes the blocks decode fills never extend a waiting prompt's cached prefix (that
+        would need another request's generated tokens to equal the prompt's next block).
+        """
+        out = self._decode_run(now, until, max_steps)
+        return out if out is not None else self.step(now)
+
+    def _decode_blocks_needed(self, k: int) -> int:
+        bs = self.config.block_size
+        return sum(
+            max(0, -(-(r.num_computed_tokens + k) // bs) - len(r.block_ids)) for r in self._running
+        )
+
+    def _decode_run(self, now: float, until: float, max_steps: int) -> StepOutput | None:
+        running, pool = self._running, self.pool
+        budget = self.config.max_num_batched_tokens - len(running)
+        if not running or budget < 0 or not self._waiting_blocked(budget):
+            return None
+        k, ctx0 = max_steps, 0
+        for r in running:
+            if r.num_output_tokens == 0 or r.num_computed_tokens != r.num_tokens - 1:
+                return None  # somebody is (re)prefilling
+            k = min(k, r.max_tokens - r.num_output_tokens)
+            ctx0 += r.num_computed_tokens + 1
+        if self._decode_blocks_needed(k) > pool.num_free_blocks:
+            lo, hi = 0, k  # need(lo) fits, need(hi) does not
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                if self._decode_blocks_needed(mid) <= pool.num_free_blocks:
+                    lo = mid
+                else:
+                    hi = mid
+            k = lo
+        n, t, durs = len(running), now, []
+        for j in range(k):
+            if j and t >= until:
+                break
+            d = self.cost_model.step_time_s(0, 0, n, ctx0 + n * j)
+            durs.append(d)
+            t += d
+        k = len(durs)
+        if k < 2:
+            return None  # a plain step does the same (and handles preemption)
+        out = StepOutput(now, t - now, num_steps=k, step_durations=durs, decode_seqs=n)
+        t1, first_gaps = now + durs[0], dict[float, int]()
+        bs = self.config.block_size
+        for r in running:
+            if r.last_token_time is not None:
+                gap = t1 - r.last_token_time
+                first_gaps[gap] = first_gaps.get(gap, 0) + 1
+            c = r.num_computed_tokens + k
+            add = -(-c // bs) - len(r.block_ids)
+            if add > 0:
+                r.block_ids.extend(pool.allocate(add))
+            r.num_computed_tokens = c
+            r.num_output_tokens += k
+            self._cache_full_blocks(r, c)
+            r.last_token_time = t
+            out.new_tokens[r.request_id] = k
+            if r.num_output_tokens >= r.max_tokens:
+                self._finish(r, t, out)
+        self.generation_tokens_total += n * k
+        for gap, count in first_gaps.items():
+            self._sample("itl", gap, count)
+        for d in durs[1:]:
+            self._sample("itl", d, n)
+        if out.finished:
+            self._running = [r for r in running if r.status is RequestStatus.RUNNING]
+        return out
