@@ -173,8 +173,17 @@ class Gateway:
         """Place and open the upstream, re-placing after a failure before the first byte."""
         failed: list[str] = []
         path = API_PATHS[api]
+        last_error = ""
         while True:
-            decision = self.decide(profile)
+            try:
+                decision = self.decide(profile)
+            except NoEligibleEndpointError:
+                if not failed:
+                    raise
+                raise UpstreamError(
+                    f"{last_error}; no other eligible endpoint to re-place on",
+                    upstream=failed[-1],
+                ) from None
             view = decision.picked
             assert view is not None
             reservation = self.live.reserve(
@@ -198,6 +207,7 @@ class Gateway:
                     ),
                     time.time(),
                 )
+                last_error = exc.message.split(": ", 1)[-1]
                 if len(failed) > self.config.gateway.max_replacements:
                     raise UpstreamError(
                         f"{exc.message.split(': ', 1)[-1]}"

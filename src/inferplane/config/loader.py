@@ -101,7 +101,7 @@ def _duplicates(section: str, names: Iterable[tuple[str, str]]) -> Iterable[tupl
     seen: dict[str, str] = {}
     for path, name in names:
         if name in seen:
-            yield path, f"duplicate {section} name {name!r} (first at {seen[name]})"
+            yield path, f"duplicate {section}: {name!r} (first at {seen[name]})"
         else:
             seen[name] = path
 

@@ -1,0 +1,127 @@
+"""A small purpose-built OpenAI-compatible upstream for gateway tests, with fault injection.
+
+Run as a process: ``python -m tests.support.fake_upstream --port N [--port M …] --mode MODE``. Modes:
+``ok`` (answers, streams 5 chunks), ``fail500`` (HTTP 500 before any byte), ``cut`` (streams two
+chunks then drops the connection), ``slow`` (each chunk 200 ms apart, for disconnect tests).
+It counts requests and cancellations and reports them on ``GET /stats``; ``/metrics`` serves a
+fixed vLLM-style exposition with ``waiting`` read from ``--waiting``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+
+from aiohttp import web
+
+STATS = {"requests": 0, "cancelled": 0, "completed": 0}
+
+
+def _chunk(obj: dict[str, object]) -> bytes:
+    return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    mode: str = request.app["mode"]
+    STATS["requests"] += 1
+    body = await request.json()
+    if mode == "fail500":
+        return web.json_response({"error": {"message": "boom", "type": "server_error"}}, status=500)
+    chat = request.path.endswith("chat/completions")
+    name = request.app["name"]
+    usage = {"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12,
+             "prompt_tokens_details": {"cached_tokens": 0}}
+    if request.path.endswith("embeddings"):
+        return web.json_response({"object": "list", "model": body["model"], "usage": usage,
+                                  "data": [{"object": "embedding", "index": 0,
+                                            "embedding": [0.1, 0.2]}]})
+    words = [f"{name}-w{i}" for i in range(5)]
+    if not body.get("stream"):
+        text = " ".join(words)
+        choice = ({"index": 0, "message": {"role": "assistant", "content": text},
+                   "finish_reason": "length"} if chat else
+                  {"index": 0, "text": text, "finish_reason": "length"})
+        return web.json_response({"id": "x", "object": "chat.completion" if chat else
+                                  "text_completion", "created": int(time.time()),
+                                  "model": body["model"], "choices": [choice], "usage": usage})
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await resp.prepare(request)
+    try:
+        for i, w in enumerate(words):
+            if mode == "cut" and i == 2:
+                assert request.transport is not None
+                request.transport.close()
+                return resp
+            delta = {"delta": {"content": w + " "}} if chat else {"text": w + " "}
+            await resp.write(_chunk({"id": "x", "object": "chat.completion.chunk" if chat else
+                                     "text_completion", "model": body["model"],
+                                     "choices": [{"index": 0, **delta, "finish_reason": None}]}))
+            await asyncio.sleep(0.2 if mode == "slow" else 0.001)
+        if (body.get("stream_options") or {}).get("include_usage"):
+            await resp.write(_chunk({"id": "x", "object": "chat.completion.chunk",
+                                     "model": body["model"], "choices": [], "usage": usage}))
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        STATS["completed"] += 1
+    except (asyncio.CancelledError, ConnectionResetError):
+        STATS["cancelled"] += 1
+        raise
+    return resp
+
+
+async def metrics(request: web.Request) -> web.Response:
+    w = request.app["waiting"]
+    text = (
+        "# TYPE vllm:num_requests_running gauge\n"
+        f'vllm:num_requests_running{{engine="0",model_name="m"}} 1.0\n'
+        "# TYPE vllm:num_requests_waiting gauge\n"
+        f'vllm:num_requests_waiting{{engine="0",model_name="m"}} {w}\n'
+        "# TYPE vllm:kv_cache_usage_perc gauge\n"
+        'vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.25\n'
+        "# TYPE vllm:cache_config_info gauge\n"
+        'vllm:cache_config_info{block_size="16",engine="0",num_gpu_blocks="1000"} 1.0\n'
+    )
+    return web.Response(text=text, content_type="text/plain")
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.Response(text="")
+
+
+async def stats(request: web.Request) -> web.Response:
+    return web.json_response(STATS)
+
+
+def build(name: str, mode: str, waiting: float) -> web.Application:
+    app = web.Application()
+    app["mode"], app["name"], app["waiting"] = mode, name, waiting
+    for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
+        app.router.add_post(path, completions)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/health", health)
+    app.router.add_get("/stats", stats)
+    return app
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--port", type=int, action="append", required=True)
+    ap.add_argument("--mode", default="ok")
+    ap.add_argument("--name", default="up")
+    ap.add_argument("--waiting", type=float, default=0.0)
+    a = ap.parse_args()
+    asyncio.run(_serve(build(a.name, a.mode, a.waiting), a.port))
+
+
+async def _serve(app: web.Application, ports: list[int]) -> None:
+    runner = web.AppRunner(app, handler_cancellation=True)
+    await runner.setup()
+    for port in ports:
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+    await asyncio.Event().wait()
+
+
+if __name__ == "__main__":
+    main()

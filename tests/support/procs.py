@@ -1,0 +1,63 @@
+"""Start real processes on loopback for integration tests, and always stop them."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ)
+    e["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT), e.get("PYTHONPATH", "")])
+    e.setdefault("HF_HUB_OFFLINE", "1")
+    return e
+
+
+class Proc:
+    """A child process that is killed (with its group) on `stop`."""
+
+    def __init__(self, args: Sequence[str], log: Path) -> None:
+        self.log = log
+        self._fh = log.open("wb")
+        self.p = subprocess.Popen(
+            [sys.executable, *args], stdout=self._fh, stderr=subprocess.STDOUT, env=env(),
+            cwd=ROOT, start_new_session=True,
+        )
+
+    def wait_http(self, url: str, timeout: float = 20.0, status: int = 200) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.p.poll() is not None:
+                raise RuntimeError(f"process exited {self.p.returncode}: {self.log.read_text()}")
+            try:
+                if httpx.get(url, timeout=0.5).status_code == status:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise TimeoutError(f"{url} not ready; log: {self.log.read_text()}")
+
+    def stop(self) -> None:
+        if self.p.poll() is None:
+            self.p.terminate()
+            try:
+                self.p.wait(5)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+                self.p.wait(5)
+        self._fh.close()
