@@ -1,0 +1,431 @@
+"""The emulator: every endpoint of a fleet file as an emulated vLLM server, in one process.
+
+``inferplane emulate --config FLEET.yaml`` (or :func:`start_emulator` in-process) starts one
+aiohttp server per endpoint on the loopback port of the endpoint's ``url``, each backed by one
+:class:`~inferplane.sim.engine.Engine`:
+
+- the cost model is the physics roofline of the endpoint's first generate model (else its
+  first model) on the substrate's hardware, ``tp`` devices;
+- KV capacity is ``emulation.num_gpu_blocks``, else ``roofline.kv_blocks(block_size,
+  gpu_memory_utilization)`` capped at :data:`MAX_DERIVED_BLOCKS` (an elastic provider API
+  would otherwise get a billion blocks);
+- a driver task runs the engine in real time: ``out = engine.step(now)``, sleep
+  ``out.duration_s / time_scale``, then hand the step's tokens to the waiting HTTP handlers
+  (one asyncio queue per request); idle, it waits on an event. Engine time is real elapsed
+  time × ``time_scale``, so every latency shrinks by the time scale;
+- ``provider-api`` substrates add the hardware's ``network_rtt_s`` before a request reaches
+  the engine, and answer 429 with ``Retry-After`` past ``rate_limit_rpm`` requests in a
+  sliding one-minute window (both in engine time, so scaled);
+- with ``emulation.kv_events_port`` the engine's KV events are published as vLLM does: ZMQ
+  PUB on ``tcp://127.0.0.1:PORT``, multipart ``[topic, 8-byte big-endian seq, msgpack]``.
+
+The HTTP routes live in :mod:`inferplane.sim.emulator_app`, the ``/metrics`` page in
+:mod:`inferplane.sim.emulator_metrics`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+import uuid
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+import zmq
+from aiohttp import web
+
+from inferplane.config.schema import FleetConfig, ServedModel
+from inferplane.fleet.model import Endpoint, Fleet
+from inferplane.sim.emulator_metrics import EngineMetricsPage
+from inferplane.sim.engine import Engine, EngineConfig, EngineRequest
+from inferplane.sim.kv_events import KVEvent, encode_event_batch, seq_frame
+
+log = logging.getLogger("inferplane.emulator")
+
+MAX_DERIVED_BLOCKS = 1 << 17
+"""Upper bound on KV blocks derived from memory (2M tokens at block size 16)."""
+
+FINISHED = -1
+"""Queue item telling a handler its request is over (finished, aborted or shut down)."""
+
+
+class EmulatorError(Exception):
+    """The emulator cannot start: a port in use, an endpoint without a usable model, …"""
+
+
+class EmulatedRequestError(Exception):
+    """A request the emulated server rejects, rendered in vLLM's error shape."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param = status, message, param
+        self.headers = dict(headers or {})
+
+    @property
+    def error_type(self) -> str:
+        return {
+            400: "BadRequestError",
+            404: "NotFoundError",
+            429: "RateLimitError",
+            503: "ServiceUnavailableError",
+        }.get(self.status, "InternalServerError")
+
+    def to_body(self) -> dict[str, object]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.error_type,
+                "param": self.param,
+                "code": self.status,
+            }
+        }
+
+
+@dataclass(eq=False)
+class Submission:
+    """One request inside the engine, as its HTTP handler follows it."""
+
+    request: EngineRequest
+    queue: asyncio.Queue[int] = field(default_factory=asyncio.Queue)
+
+
+def _pick_model(ep: Endpoint) -> ServedModel:
+    for m in ep.spec.models:
+        if m.kind == "generate" and ep.roofline(m.name) is not None:
+            return m
+    for m in ep.spec.models:
+        if ep.roofline(m.name) is not None:
+            return m
+    raise EmulatorError(
+        f"endpoint {ep.name!r}: none of its models fits {ep.substrate.hardware} x{ep.spec.tp}"
+    )
+
+
+class EmulatedEndpoint:
+    """One endpoint: its engine, the real-time driver, rate limit, RTT and KV publisher."""
+
+    def __init__(
+        self, endpoint: Endpoint, time_scale: float = 1.0, rate_limit_rpm: int | None = None
+    ) -> None:
+        if not time_scale > 0:
+            raise ValueError("time_scale must be > 0")
+        self.endpoint = endpoint
+        self.time_scale = time_scale
+        self.model = _pick_model(endpoint)
+        roofline = endpoint.roofline(self.model.name)
+        assert roofline is not None
+        self.roofline = roofline
+        emu = endpoint.spec.emulation
+        blocks = emu.num_gpu_blocks
+        if blocks is None:
+            blocks = min(
+                roofline.kv_blocks(emu.block_size, emu.gpu_memory_utilization), MAX_DERIVED_BLOCKS
+            )
+            if blocks <= 0:
+                raise EmulatorError(f"endpoint {endpoint.name!r}: no memory left for KV cache")
+        self.engine = Engine(
+            EngineConfig(
+                num_gpu_blocks=blocks,
+                max_num_seqs=emu.max_num_seqs,
+                max_num_batched_tokens=emu.max_num_batched_tokens,
+                block_size=emu.block_size,
+            ),
+            roofline,
+            self._on_kv_event if emu.kv_events_port is not None else None,
+        )
+        self.metrics = EngineMetricsPage(self.engine, self.model.name, emu.gpu_memory_utilization)
+        hw = roofline.hardware
+        self.is_provider = endpoint.substrate.kind == "provider-api"
+        self.network_rtt_s = hw.network_rtt_s if self.is_provider else 0.0
+        self.rate_limit_rpm = (
+            rate_limit_rpm
+            if rate_limit_rpm is not None
+            else (hw.rate_limit_rpm if self.is_provider else None)
+        )
+        self.max_model_len = max(m.max_context for m in endpoint.spec.models)
+        self._t0 = time.monotonic()
+        self._subs: dict[str, Submission] = {}
+        self._wake = asyncio.Event()
+        self._driver: asyncio.Task[None] | None = None
+        self._arrivals: deque[float] = deque()
+        self._kv_pending: list[KVEvent] = []
+        self._kv_seq = 0
+        self._zmq_ctx: zmq.Context[zmq.Socket[bytes]] | None = None
+        self._pub: zmq.Socket[bytes] | None = None
+        self.runner: web.AppRunner | None = None
+
+    @property
+    def name(self) -> str:
+        return self.endpoint.name
+
+    def now(self) -> float:
+        """Engine time: real seconds since start × time scale."""
+        return (time.monotonic() - self._t0) * self.time_scale
+
+    def served(self, model: str | None) -> ServedModel:
+        """The served model a request names (the first one when it names none), or 404."""
+        if model is None:
+            return self.endpoint.spec.models[0]
+        for m in self.endpoint.spec.models:
+            if m.name == model:
+                return m
+        raise EmulatedRequestError(404, f"The model `{model}` does not exist.", param="model")
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        """Bind the KV-event publisher (if any) and start the driver task."""
+        port = self.endpoint.spec.emulation.kv_events_port
+        if port is not None:
+            self._zmq_ctx = zmq.Context()
+            sock = self._zmq_ctx.socket(zmq.PUB)
+            sock.setsockopt(zmq.LINGER, 0)
+            try:
+                sock.bind(f"tcp://127.0.0.1:{port}")
+            except zmq.ZMQError as exc:
+                sock.close()
+                raise EmulatorError(
+                    f"endpoint {self.name!r}: cannot publish KV events on 127.0.0.1:{port}: {exc}"
+                ) from None
+            self._pub = sock
+        self._driver = asyncio.get_running_loop().create_task(self._drive(), name=self.name)
+
+    async def stop(self) -> None:
+        """Stop the driver, release every waiting handler, close the publisher."""
+        if self._driver is not None:
+            self._driver.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._driver
+            self._driver = None
+        for sub in self._subs.values():
+            sub.queue.put_nowait(FINISHED)
+        self._subs.clear()
+        if self._pub is not None:
+            self._pub.close(0)
+            self._pub = None
+        if self._zmq_ctx is not None:
+            self._zmq_ctx.term()
+            self._zmq_ctx = None
+
+    # -- requests --------------------------------------------------------------------------
+    def admit(self) -> None:
+        """Apply the provider rate limit (sliding window of 60 engine seconds): 429 past it."""
+        rpm = self.rate_limit_rpm
+        if rpm is None:
+            return
+        now, arrivals = self.now(), self._arrivals
+        while arrivals and arrivals[0] <= now - 60.0:
+            arrivals.popleft()
+        if len(arrivals) >= rpm:
+            wait_s = (arrivals[0] + 60.0 - now) / self.time_scale
+            raise EmulatedRequestError(
+                429,
+                f"Rate limit reached: {rpm} requests per minute.",
+                headers={
+                    "Retry-After": str(max(1, math.ceil(wait_s))),
+                    "retry-after-ms": str(max(1, math.ceil(wait_s * 1000))),
+                },
+            )
+        arrivals.append(now)
+
+    async def network_delay(self) -> None:
+        """The provider API's network round trip, before the request reaches the engine."""
+        if self.network_rtt_s > 0:
+            await asyncio.sleep(self.network_rtt_s / self.time_scale)
+
+    def submit(self, request_id: str, prompt: Sequence[int], max_tokens: int) -> Submission:
+        """Queue a request in the engine; 400 if it can never run."""
+        if not prompt:
+            raise EmulatedRequestError(400, "The prompt must not be empty.", param="prompt")
+        req = EngineRequest(request_id, prompt, max_tokens, arrival_time=self.now())
+        try:
+            self.engine.add_request(req, req.arrival_time)
+        except ValueError as exc:
+            raise EmulatedRequestError(400, str(exc)) from None
+        sub = Submission(req)
+        self._subs[request_id] = sub
+        self._wake.set()
+        return sub
+
+    def abort(self, request_id: str) -> None:
+        """Forget a request (client gone): free its KV blocks if it is still in the engine."""
+        self._subs.pop(request_id, None)
+        if self.engine.abort(request_id):
+            log.debug("%s: aborted %s", self.name, request_id)
+            self._flush_kv_events()
+
+    def tokens_in_flight(self) -> int:
+        """Prompt plus generated tokens of every unfinished request (running or waiting)."""
+        return sum(sub.request.num_tokens for sub in self._subs.values())
+
+    def reset_prefix_cache(self) -> bool:
+        done = self.engine.reset_prefix_cache()
+        self._flush_kv_events()
+        return done
+
+    # -- the driver ------------------------------------------------------------------------
+    async def _drive(self) -> None:
+        engine, subs = self.engine, self._subs
+        while True:
+            if not engine.has_unfinished():
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            start = self.now()
+            out = engine.step(start)
+            if out.duration_s > 0:
+                # Sleep until the step's end, less the time spent scheduling it.
+                delay = (start + out.duration_s - self.now()) / self.time_scale
+                await asyncio.sleep(max(delay, 0.0))
+            elif not out.new_tokens:
+                await asyncio.sleep(0.001)  # nothing schedulable (cannot happen; never spin)
+            for rid, n in out.new_tokens.items():
+                sub = subs.get(rid)
+                if sub is not None:
+                    sub.queue.put_nowait(n)
+            for rid in out.finished:
+                sub = subs.pop(rid, None)
+                if sub is not None:
+                    sub.queue.put_nowait(FINISHED)
+            self.metrics.observe(engine.drain_samples())
+            self._flush_kv_events()
+
+    # -- KV events -------------------------------------------------------------------------
+    def _on_kv_event(self, event: KVEvent) -> None:
+        self._kv_pending.append(event)
+
+    def _flush_kv_events(self) -> None:
+        if not self._kv_pending:
+            return
+        events, self._kv_pending = self._kv_pending, []
+        if self._pub is None:
+            return
+        payload = encode_event_batch(time.time(), events, dp_rank=0)
+        with contextlib.suppress(zmq.Again):  # a PUB socket drops at its high-water mark
+            self._pub.send_multipart([b"", seq_frame(self._kv_seq), payload], flags=zmq.NOBLOCK)
+        self._kv_seq += 1
+
+
+def _port_of(ep: Endpoint) -> int:
+    parts = urlsplit(ep.url)
+    if parts.port is not None:
+        return parts.port
+    return 443 if parts.scheme == "https" else 80
+
+
+@dataclass
+class EmulatorHandle:
+    """Running emulated endpoints: ``urls`` by endpoint name; ``await stop()`` ends them."""
+
+    endpoints: dict[str, EmulatedEndpoint]
+    urls: dict[str, str]
+
+    async def stop(self) -> None:
+        """Stop every server and engine (idempotent)."""
+        eps, self.endpoints = list(self.endpoints.values()), {}
+        for e in eps:
+            if e.runner is not None:
+                await e.runner.cleanup()
+                e.runner = None
+            await e.stop()
+
+
+def new_request_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+async def start_emulator(
+    config: FleetConfig,
+    *,
+    time_scale: float = 1.0,
+    host: str = "127.0.0.1",
+    port_override: Mapping[str, int] | None = None,
+    only: Sequence[str] | None = None,
+    rate_limit_override: Mapping[str, int] | None = None,
+) -> EmulatorHandle:
+    """Start the emulated endpoints of ``config`` in the running event loop.
+
+    ``port_override`` maps endpoint names to ports (0 picks a free one); ``only`` restricts
+    to some endpoints; ``rate_limit_override`` replaces a provider's requests per minute.
+    Raises :class:`EmulatorError` (with everything already started stopped again) when an
+    endpoint cannot start, e.g. its port is in use.
+    """
+    from inferplane.sim.emulator_ops import build_app
+
+    fleet = Fleet.from_config(config)
+    chosen = list(fleet.endpoints)
+    if only:
+        unknown = sorted(set(only) - set(fleet.by_name))
+        if unknown:
+            raise EmulatorError(f"unknown endpoint(s) {unknown}; known: {sorted(fleet.by_name)}")
+        chosen = [e for e in chosen if e.name in set(only)]
+    overrides, rpm = dict(port_override or {}), dict(rate_limit_override or {})
+    handle = EmulatorHandle({}, {})
+    try:
+        for ep in chosen:
+            emu = EmulatedEndpoint(ep, time_scale, rpm.get(ep.name))
+            port = overrides.get(ep.name, _port_of(ep))
+            emu.start()
+            handle.endpoints[ep.name] = emu
+            runner = web.AppRunner(build_app(emu), handler_cancellation=True, access_log=None)
+            await runner.setup()
+            emu.runner = runner
+            site = web.TCPSite(runner, host, port, reuse_address=True)
+            try:
+                await site.start()
+            except OSError as exc:
+                raise EmulatorError(
+                    f"endpoint {ep.name!r}: cannot listen on {host}:{port}: {exc.strerror or exc}"
+                ) from None
+            bound = int(runner.addresses[-1][1]) if runner.addresses else port  # port 0
+            handle.urls[ep.name] = f"http://{host}:{bound}"
+            log.info(
+                "%s: %s on http://%s:%d (%d KV blocks)",
+                ep.name,
+                emu.model.name,
+                host,
+                bound,
+                emu.engine.config.num_gpu_blocks,
+            )
+    except BaseException:
+        await handle.stop()
+        raise
+    return handle
+
+
+async def serve_emulator(
+    config: FleetConfig,
+    *,
+    time_scale: float = 1.0,
+    only: Sequence[str] | None = None,
+    stop: asyncio.Future[None] | asyncio.Event | None = None,
+) -> None:
+    """Run the emulator until ``stop`` is set (the CLI passes a signal-driven event)."""
+    handle = await start_emulator(config, time_scale=time_scale, only=only)
+    try:
+        for name, url in handle.urls.items():
+            emu = handle.endpoints[name]
+            print(
+                f"{name:<24} {url:<28} {emu.model.name} on {emu.roofline.hardware.name}"
+                f" x{emu.roofline.tp}",
+                flush=True,
+            )
+        if isinstance(stop, asyncio.Event):
+            await stop.wait()
+        elif stop is not None:
+            await stop
+        else:
+            await asyncio.Event().wait()
+    finally:
+        await handle.stop()
