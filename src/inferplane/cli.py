@@ -135,6 +135,125 @@ def hash_key_cmd(key: str) -> None:
     typer.echo(hash_key(key))
 
 
+@app.command()
+def explain(
+    decision_id: Annotated[str, typer.Argument(help="the decision id (x-inferplane-decision)")],
+    ledger: Annotated[
+        Path | None, typer.Option("--ledger", "-l", help="SQLite ledger file")
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", "-c", help="fleet YAML file; reads its gateway.ledger_path"),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the raw JSON record")] = False,
+) -> None:
+    """Explain one placement decision from the SQLite ledger: the request, the pick, predicted
+    vs measured, spillover, retries, every candidate and why it lost, plugin timings."""
+    import orjson
+
+    from inferplane.ledger.sqlite import LedgerFileError, read_decision
+
+    if (ledger is None) == (config is None):
+        fail("give the ledger file with --ledger PATH or a fleet file with --config (one of them)")
+    if ledger is None:
+        assert config is not None
+        ledger_path = load_checked(config).gateway.ledger_path
+        if not ledger_path:
+            fail(f"{config}: gateway.ledger_path is not set (records were kept in memory only)")
+        ledger = Path(ledger_path)
+    try:
+        rec = read_decision(ledger, decision_id)
+    except (FileNotFoundError, LedgerFileError) as exc:
+        fail(str(exc))
+    if rec is None:
+        typer.echo(f"no decision {decision_id!r} in {ledger}", err=True)
+        raise typer.Exit(1)
+    if as_json:
+        sys.stdout.write(orjson.dumps(rec, option=orjson.OPT_INDENT_2).decode() + "\n")
+        return
+    from inferplane.ledger.explain import print_decision
+
+    print_decision(rec)
+
+
+@app.command()
+def emulate(
+    config: ConfigOpt,
+    time_scale: Annotated[
+        float, typer.Option(help="engine seconds per real second (>1 runs faster)")
+    ] = 1.0,
+    only: Annotated[
+        list[str] | None, typer.Option(help="emulate only this endpoint (repeatable)")
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="logging level")] = "warning",
+) -> None:
+    """Serve every endpoint of CONFIG as an emulated vLLM engine, in one process."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
+    if not time_scale > 0:
+        fail("--time-scale must be > 0")
+    cfg = load_checked(config)
+    names = {e.name for s in cfg.substrates for e in s.endpoints}
+    unknown = sorted(set(only or ()) - names)
+    if unknown:
+        fail(f"unknown endpoint(s) {unknown}; known: {sorted(names)}")
+    from inferplane.sim.emulator import EmulatorError, serve_emulator
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await serve_emulator(cfg, time_scale=time_scale, only=only, stop=stop)
+        except EmulatorError as exc:
+            fail(str(exc), 1)
+
+    loop = run_until_signal()
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
+
+
+@app.command()
+def demo(
+    duration: Annotated[float, typer.Option(help="seconds of traffic")] = 30.0,
+    rate: Annotated[float, typer.Option(help="mean requests per second (open loop)")] = 6.0,
+    seed: Annotated[int, typer.Option(help="workload seed")] = 1,
+    time_scale: Annotated[float, typer.Option(help="emulated engine speed-up")] = 1.0,
+    fleet: Annotated[
+        Path | None, typer.Option(help="fleet file (default: the embedded hetero fleet)")
+    ] = None,
+) -> None:
+    """Run the emulated hetero fleet, the gateway and a mixed workload; print a report."""
+    logging.basicConfig(level="WARNING")
+    from inferplane.demo import embedded_fleet, run_demo
+
+    if fleet is not None:
+        try:
+            text, label = fleet.read_text("utf-8"), str(fleet)
+        except OSError as exc:
+            fail(f"cannot read {fleet}: {exc.strerror or exc}")
+    else:
+        text, label = embedded_fleet("hetero")
+    loop = run_until_signal()
+    task = loop.create_task(run_demo(duration, rate, seed, time_scale, text, label))
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, task.cancel)
+    try:
+        code = loop.run_until_complete(task)
+    except asyncio.CancelledError:
+        typer.echo("interrupted; everything stopped", err=True)
+        code = 130
+    except ConfigError as exc:
+        fail(f"invalid configuration\n{exc}")
+    except RuntimeError as exc:
+        fail(str(exc), 1)
+    finally:
+        loop.close()
+    raise typer.Exit(code)
+
+
 def main() -> None:
     app()
 
