@@ -1,8 +1,9 @@
 """A small purpose-built OpenAI-compatible upstream for gateway tests, with fault injection.
 
-Run as a process: ``python -m tests.support.fake_upstream --port N [--port M …] --mode MODE``. Modes:
-``ok`` (answers, streams 5 chunks), ``fail500`` (HTTP 500 before any byte), ``cut`` (streams two
-chunks then drops the connection), ``slow`` (each chunk 200 ms apart, for disconnect tests).
+Run as a process: ``python -m tests.support.fake_upstream --port N [--port M ...] --mode M``.
+Modes: ``ok`` (answers, streams 5 chunks 1 ms apart), ``fast`` (the same with no pauses: for
+overhead benchmarks), ``fail500`` (HTTP 500 before any byte), ``cut`` (streams two chunks then
+drops the connection), ``slow`` (chunks 200 ms apart, for disconnect tests).
 It counts requests and cancellations and reports them on ``GET /stats``; ``/metrics`` serves a
 fixed vLLM-style exposition with ``waiting`` read from ``--waiting``.
 """
@@ -58,7 +59,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
             await resp.write(_chunk({"id": "x", "object": "chat.completion.chunk" if chat else
                                      "text_completion", "model": body["model"],
                                      "choices": [{"index": 0, **delta, "finish_reason": None}]}))
-            await asyncio.sleep(0.2 if mode == "slow" else 0.001)
+            if mode != "fast":
+                await asyncio.sleep(0.2 if mode == "slow" else 0.001)
         if (body.get("stream_options") or {}).get("include_usage"):
             await resp.write(_chunk({"id": "x", "object": "chat.completion.chunk",
                                      "model": body["model"], "choices": [], "usage": usage}))

@@ -1,0 +1,44 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: install demo test lint typecheck test-slow fidelity bench-overhead bench-placement clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## The main job: the emulated heterogeneous fleet, the gateway and a mixed workload for ~30 s.
+demo: $(STAMP)
+	$(BIN)/inferplane demo
+
+## The test command (CI runs this): lint, strict typing, then the default test suite.
+test: $(STAMP)
+	$(BIN)/ruff check src tests bench
+	$(BIN)/mypy
+	$(BIN)/pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests bench
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+## Long-running suites (not in the default run).
+test-slow: $(STAMP)
+	$(BIN)/pytest -q -m slow
+
+bench-overhead: $(STAMP)
+	$(BIN)/python bench/overhead.py
+
+bench-placement: $(STAMP)
+	$(BIN)/python bench/placement.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build dist src/*.egg-info
