@@ -260,6 +260,11 @@ def place(
             values = s.score(cycle, candidates)
             if timer:
                 timings[f"score:{s.name}"] = timer() - t0
+            if len(values) != len(candidates):  # a plugin bug: never score silently by position
+                raise ValueError(
+                    f"scorer {s.name!r} returned {len(values)} values "
+                    f"for {len(candidates)} candidates"
+                )
             for i, v in enumerate(values):
                 v = 0.0 if v != v else min(1.0, max(0.0, v))  # NaN → 0, clamp to [0, 1]
                 per[i][s.name] = v

@@ -1,5 +1,13 @@
 """Built-in placement plugins. Importing this package registers every type."""
 
-from inferplane.placement.plugins import basic
+from inferplane.placement.plugins import (
+    affinity,
+    baselines,
+    basic,
+    constraints,
+    economics,
+    latency,
+    slo_first,
+)
 
-__all__ = ["basic"]
+__all__ = ["affinity", "baselines", "basic", "constraints", "economics", "latency", "slo_first"]

@@ -1,0 +1,199 @@
+"""The latency predictor: predicted TTFT and ITL of this request on each endpoint, from the
+physics roofline and the endpoint's live load, corrected online by observed latencies."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from inferplane.fleet.model import Endpoint
+from inferplane.fleet.state import EndpointView
+from inferplane.physics import Roofline
+from inferplane.placement.framework import CycleState, Plugin, register
+from inferplane.placement.plugins.affinity import PrefixMatcher, PrefixMode
+
+#: Prompt chunk at which the per-token prefill cost of queued work is measured.
+_REF_PREFILL_TOKENS = 2048
+
+
+@dataclass(frozen=True, slots=True)
+class _Consts:
+    """Per (endpoint, model) constants, computed once per plugin instance."""
+
+    roofline: Roofline | None
+    prefill_s_per_token: float
+    network_rtt_s: float
+    embedding: bool
+
+
+class LatencyParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mode: PrefixMode = Field("auto", description="prefix index used for cached tokens")
+    capacity_blocks: int = Field(31250, gt=0, description="approximate prefix index per endpoint")
+    block_tokens: int = Field(64, gt=0, description="tokens per prompt hash block")
+    correction_min: float = Field(0.5, gt=0, description="lower clamp of observed/predicted")
+    correction_max: float = Field(4.0, gt=0, description="upper clamp of observed/predicted")
+    ewma_alpha: float = Field(0.1, gt=0, le=1, description="weight of a new pick's prediction")
+    reference_ttft_s: float = Field(1.0, gt=0, description="TTFT scale when no SLO is set")
+    unknown_ttft_s: float = Field(2.0, gt=0, description="TTFT when no roofline or history")
+    unknown_itl_s: float = Field(0.05, gt=0, description="ITL when no roofline or history")
+
+
+@register("predicted-latency")
+class PredictedLatency(Plugin):
+    """Scorer: headroom of the predicted TTFT (and ITL) against the request's SLO.
+
+    Prediction, per endpoint (roofline ``r`` of the served model on the endpoint's hardware):
+
+    * ``cached = min(prompt, prefix_match × block_tokens)``, ``uncached = max(1, prompt -
+      cached)`` (prefix match from `PrefixMatcher`: precise KV-event index where it covers the
+      endpoint, else an approximate index learned from picks);
+    * running batch ``B = max(engine running, min(gateway in-flight, max_concurrency))``, each
+      holding ``ctx = in-flight tokens ÷ in-flight`` (prompt + max output of this request when
+      idle);
+    * queue ahead ``Q = max(engine waiting, in-flight - max_concurrency)`` requests of ``ctx``
+      tokens: ``queue_s = Q × ctx × prefill_s_per_token`` (per-token cost of a 2048-token
+      prefill on this hardware);
+    * ``prefill_s = r.step_time_s(uncached, cached, B, B × ctx)`` (one mixed step);
+    * ``TTFT = (queue_s + prefill_s + net) × k_ttft + fleet.rtt_s(client_region, region)``
+      with ``net = hardware.network_rtt_s`` for provider APIs (0 otherwise);
+    * ``ITL = r.step_time_s(0, 0, B + 1, (B + 1) × ctx) × k_itl`` (0 for embeddings).
+
+    Online correction: ``k = clamp(observed p50 ÷ EWMA of the predictions of past picks on that
+    endpoint, correction_min, correction_max)`` (1 until both exist); the EWMA is updated in
+    ``on_picked``. Unknown hardware/model: observed p50, else ``unknown_ttft_s`` /
+    ``unknown_itl_s``.
+
+    Score: ``x = max(TTFT ÷ ttft_slo, ITL ÷ itl_slo)`` over the SLOs set (``TTFT ÷
+    reference_ttft_s`` when none); ``score = 1 ÷ (1 + x)`` (0.5 exactly at the SLO). Annotates
+    ``ttft_s``, ``itl_s``, ``queue_s``, ``uncached_tokens``, ``meets_slo`` (1/0) for every
+    candidate; the slo-first picker relies on them.
+
+    Signals: engine running/waiting (when fresh), gateway in-flight and in-flight tokens,
+    observed TTFT/ITL p50, the prefix index, region RTTs. Parameters: see `LatencyParams`.
+    """
+
+    Params = LatencyParams
+
+    def __init__(self, name: str, params: BaseModel) -> None:
+        super().__init__(name, params)
+        assert isinstance(params, LatencyParams)
+        self.p = params
+        self.matcher = PrefixMatcher(params.mode, params.capacity_blocks, params.block_tokens)
+        self._consts: dict[str, dict[Endpoint, _Consts]] = {}  # model → endpoint → constants
+        self._kmin, self._kmax = params.correction_min, params.correction_max
+        self._block_tokens = params.block_tokens
+        self._unknown_ttft, self._unknown_itl = params.unknown_ttft_s, params.unknown_itl_s
+        self._ref_ttft = params.reference_ttft_s
+        self._ewma: dict[str, tuple[float, float]] = {}  # endpoint → (ttft, itl) predictions
+        self._key = f"predicted-latency:{name}"
+
+    def _constants(self, ep: Endpoint, model: str) -> _Consts:
+        by_ep = self._consts.get(model)
+        if by_ep is None:
+            by_ep = self._consts[model] = {}
+        r = ep.roofline(model)
+        per_tok = r.prefill_time_s(_REF_PREFILL_TOKENS) / _REF_PREFILL_TOKENS if r else 0.0
+        rtt = r.hardware.network_rtt_s if r and ep.substrate.kind == "provider-api" else 0.0
+        c = by_ep[ep] = _Consts(r, per_tok, rtt, bool(r and r.model.embedding))
+        return c
+
+    def score(self, cycle: CycleState, candidates: list[EndpointView]) -> Sequence[float]:
+        prof = cycle.profile
+        fleet = cycle.snapshot.fleet
+        annotations = cycle.annotations
+        prompt = prof.prompt_tokens
+        idle_ctx = float(prompt + prof.max_output_tokens)
+        ttft_slo, itl_slo = prof.ttft_slo_s, prof.itl_slo_s
+        client = prof.client_region
+        kmin, kmax = self._kmin, self._kmax
+        block_tokens = self._block_tokens
+        by_ep = self._consts.get(prof.model) or {}
+        ewma = self._ewma
+        matched = self.matcher.matches(cycle, candidates)
+        rtts: dict[str, float] = {}
+        raw: dict[str, tuple[float, float]] = {}
+        out: list[float] = []
+        for c, m in zip(candidates, matched, strict=True):
+            ep, s = c.endpoint, c.state
+            name = ep.spec.name
+            k = by_ep.get(ep) or self._constants(ep, prof.model)
+            cached = min(prompt, m * block_tokens)
+            uncached = max(1, prompt - cached) if prompt > 0 else 0
+            region = ep.substrate.region
+            region_rtt = rtts.get(region)
+            if region_rtt is None:
+                region_rtt = rtts[region] = fleet.rtt_s(client, region)
+            r = k.roofline
+            queue_s = 0.0
+            if r is None:
+                ttft = (s.ttft_p50_s or self._unknown_ttft) + region_rtt
+                itl = s.itl_p50_s or self._unknown_itl
+                raw_t, raw_i = ttft, itl
+            else:
+                conc = ep.spec.max_concurrency
+                inflight = s.inflight
+                batch = inflight if inflight < conc else conc
+                waiting = float(inflight - conc)
+                if not s.stale:
+                    if s.running is not None and s.running > batch:
+                        batch = int(s.running)
+                    if s.waiting is not None and s.waiting > waiting:
+                        waiting = s.waiting
+                ctx = s.inflight_tokens / inflight if inflight > 0 else idle_ctx
+                if waiting > 0:
+                    queue_s = waiting * ctx * k.prefill_s_per_token
+                kv = int(batch * ctx)
+                # What the gateway observes: engine time + the gateway↔endpoint network.
+                raw_t = queue_s + r.step_time_s(uncached, cached, batch, kv) + k.network_rtt_s
+                raw_i = 0.0 if k.embedding else r.step_time_s(0, 0, batch + 1, kv + int(ctx))
+                ttft, itl = raw_t, raw_i
+                prev = ewma.get(name)
+                if prev is not None:
+                    obs = s.ttft_p50_s
+                    if obs is not None and prev[0] > 0:
+                        f = obs / prev[0]
+                        ttft *= kmin if f < kmin else (kmax if f > kmax else f)
+                    obs = s.itl_p50_s
+                    if obs is not None and prev[1] > 0:
+                        f = obs / prev[1]
+                        itl *= kmin if f < kmin else (kmax if f > kmax else f)
+                ttft += region_rtt
+            raw[name] = (raw_t, raw_i)
+            check_itl = itl_slo is not None and not k.embedding
+            if ttft_slo is None and not check_itl:
+                meets = True
+                x = ttft / self._ref_ttft
+            else:
+                x = 0.0 if ttft_slo is None else ttft / ttft_slo
+                if check_itl:
+                    y = itl / itl_slo  # type: ignore[operator]
+                    if y > x:
+                        x = y
+                meets = x <= 1.0
+            ann = annotations.get(name)
+            if ann is None:
+                ann = annotations[name] = {}
+            ann["ttft_s"] = ttft
+            ann["itl_s"] = itl
+            ann["queue_s"] = queue_s
+            ann["uncached_tokens"] = float(uncached)
+            ann["meets_slo"] = 1.0 if meets else 0.0
+            out.append(1.0 / (1.0 + x))
+        cycle.data[self._key] = raw
+        return out
+
+    def on_picked(self, cycle: CycleState, picked: EndpointView) -> None:
+        self.matcher.learn(cycle, picked)
+        raw = cycle.data.get(self._key)
+        if not raw or picked.name not in raw:
+            return
+        t, i = raw[picked.name]
+        prev = self._ewma.get(picked.name)
+        a = self.p.ewma_alpha
+        self._ewma[picked.name] = (
+            (t, i) if prev is None else (prev[0] + a * (t - prev[0]), prev[1] + a * (i - prev[1]))
+        )
