@@ -9,6 +9,13 @@ from dataclasses import dataclass
 
 import pytest
 
+from inferplane.fleet.kv_events import (
+    BlockRemoved,
+    BlockStored,
+    KVEvent,
+    decode_event_batch,
+    encode_event_batch,
+)
 from inferplane.sim.engine import (
     Engine,
     EngineConfig,
@@ -17,13 +24,6 @@ from inferplane.sim.engine import (
     StepOutput,
     output_token_id,
     output_word,
-)
-from inferplane.sim.kv_events import (
-    BlockRemoved,
-    BlockStored,
-    KVEvent,
-    decode_event_batch,
-    encode_event_batch,
 )
 from inferplane.sim.tokens import token_ids
 

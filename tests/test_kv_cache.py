@@ -9,8 +9,7 @@ import sys
 import msgpack
 import pytest
 
-from inferplane.sim.kv_cache import BlockPool, block_hashes, hash_block_tokens
-from inferplane.sim.kv_events import (
+from inferplane.fleet.kv_events import (
     AllBlocksCleared,
     BlockRemoved,
     BlockStored,
@@ -19,6 +18,8 @@ from inferplane.sim.kv_events import (
     encode_event_batch,
     seq_frame,
 )
+from inferplane.sim.kv_cache import BlockPool
+from inferplane.tokenization import block_hashes, hash_block_tokens
 
 
 def _pool(num_blocks: int = 8) -> tuple[BlockPool, list[KVEvent]]:
@@ -39,7 +40,7 @@ def test_block_hashes_cover_full_blocks_only_and_chain() -> None:
 
 
 def test_hashes_are_equal_across_processes_with_different_hash_seeds() -> None:
-    code = "from inferplane.sim.kv_cache import block_hashes; print(block_hashes(range(64), 16))"
+    code = "from inferplane.tokenization import block_hashes; print(block_hashes(range(64), 16))"
     outs = {
         subprocess.run(
             [sys.executable, "-c", code],

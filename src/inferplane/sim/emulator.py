@@ -40,10 +40,10 @@ import zmq
 from aiohttp import web
 
 from inferplane.config.schema import FleetConfig, ServedModel
+from inferplane.fleet.kv_events import KVEvent, encode_event_batch, seq_frame
 from inferplane.fleet.model import Endpoint, Fleet
 from inferplane.sim.emulator_metrics import EngineMetricsPage
 from inferplane.sim.engine import Engine, EngineConfig, EngineRequest
-from inferplane.sim.kv_events import KVEvent, encode_event_batch, seq_frame
 
 log = logging.getLogger("inferplane.emulator")
 

@@ -48,6 +48,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from inferplane.fleet.kv_events import KVEvent
 from inferplane.sim.engine_request import (
     EngineRequest,
     LatencySample,
@@ -56,8 +57,8 @@ from inferplane.sim.engine_request import (
     output_token_id,
     output_word,
 )
-from inferplane.sim.kv_cache import BlockPool, hash_block_tokens
-from inferplane.sim.kv_events import KVEvent
+from inferplane.sim.kv_cache import BlockPool
+from inferplane.tokenization import hash_block_tokens
 
 __all__ = [
     "Engine",

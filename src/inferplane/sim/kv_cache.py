@@ -35,27 +35,9 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 
-from inferplane.sim.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+from inferplane.fleet.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 
-ROOT_HASH_SEED = 0x1F2E3D4C5B6A7988
-"""The parent of the first block of every sequence."""
-
-_MASK64 = (1 << 64) - 1
 _NO_HASH = -1
-
-
-def hash_block_tokens(parent: int | None, tokens: Sequence[int]) -> int:
-    """The unsigned 64-bit hash of one full block, chained to ``parent`` (None = root)."""
-    return hash((ROOT_HASH_SEED if parent is None else parent, tuple(tokens))) & _MASK64
-
-
-def block_hashes(token_ids: Sequence[int], block_size: int, parent: int | None = None) -> list[int]:
-    """Chained hashes of the full blocks of ``token_ids`` (a trailing partial block is skipped)."""
-    out: list[int] = []
-    for start in range(0, len(token_ids) - block_size + 1, block_size):
-        parent = hash_block_tokens(parent, token_ids[start : start + block_size])
-        out.append(parent)
-    return out
 
 
 class BlockPool:

@@ -22,7 +22,8 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from functools import lru_cache
-from itertools import repeat
+
+from inferplane.tokenization import VOCABULARY, token_ids, word_id
 
 __all__ = [
     "TRACE_BLOCK_TOKENS",
@@ -38,28 +39,6 @@ __all__ = [
 
 TRACE_BLOCK_TOKENS = 512
 """Tokens per block id in the Mooncake trace."""
-
-# 256 distinct short, common words: one byte of the BLAKE2b stream picks one word.
-_WORDS = """
-    the of and to in is it that was for on are as with his they at be this from have or by one
-    had not but what all were when we there can an your which their said if do will each about
-    how up out them then she many some so these would other into has more her two like him see
-    time could no make than first been its who now people my made over did down only way find
-    use may water long little very after words called just where most know get through back
-    much before go good new write our used me man too any day same right look think also around
-    another came come work three word must because does part even place well such here take why
-    things help put years different away again off went old number great tell men say small
-    every found still between name should home big give air line set own under read last never
-    us left end along while might next sound below saw something thought both few those always
-    looked show large often together asked house world going want school important until form
-    food keep children feet land side without boy once animals life enough took sometimes four
-    head above kind began almost live page got earth need far hand high year mother light
-    parts country father let night following picture being study second eyes soon times story
-    boys since white days ever paper hard near sentence better best across during
-"""
-VOCABULARY: tuple[str, ...] = tuple(_WORDS.split())
-if len(VOCABULARY) != 256 or len(set(VOCABULARY)) != 256:  # pragma: no cover - import-time guard
-    raise RuntimeError(f"VOCABULARY must hold 256 distinct words, has {len(set(VOCABULARY))}")
 
 _DIGEST_BYTES = 64  # BLAKE2b's largest digest: 64 words per hash call
 
@@ -170,25 +149,3 @@ def unique_prompt(key: int, input_length: int, block_tokens: int = TRACE_BLOCK_T
     total = scaled_length(input_length, block_tokens)
     n_blocks = -(-total // block_tokens)
     return _assemble(f"u{key}", range(n_blocks), total, block_tokens, key)
-
-
-@lru_cache(maxsize=1 << 16)
-def word_id(word: str) -> int:
-    """Return the stable token id of ``word``: 31 bits of its BLAKE2b digest."""
-    digest = hashlib.blake2b(word.encode(), digest_size=4).digest()
-    return int.from_bytes(digest, "little") & 0x7FFFFFFF
-
-
-_VOCAB_IDS: dict[str, int] = {w: word_id(w) for w in VOCABULARY}
-if len(set(_VOCAB_IDS.values())) != len(VOCABULARY):  # pragma: no cover - import-time guard
-    raise RuntimeError("two VOCABULARY words share a token id")
-
-
-def token_ids(text: str) -> list[int]:
-    """Map each word of ``text`` to its stable token id (see :func:`word_id`)."""
-    words = text.split()
-    # C-speed lookup for vocabulary words; -1 (never a real id) marks the others.
-    out = list(map(_VOCAB_IDS.get, words, repeat(-1)))
-    if -1 in out:
-        return [word_id(w) if i == -1 else i for w, i in zip(words, out, strict=True)]
-    return out
