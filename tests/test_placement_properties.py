@@ -10,9 +10,9 @@ from hypothesis import strategies as st
 
 from inferplane.config.loader import builtin_defaults
 from inferplane.fleet.model import Fleet
+from inferplane.fleet.prefix_index import PrefixIndex
 from inferplane.fleet.state import EndpointState, FleetSnapshot
 from inferplane.placement.framework import Decision, place
-from inferplane.placement.prefix_index import PrefixIndex
 from inferplane.placement.profile import RequestProfile
 from tests.placement_helpers import config, policies, snapshot, sub
 

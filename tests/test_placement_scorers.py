@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 
 from inferplane.fleet.model import Fleet
+from inferplane.fleet.prefix_index import PrefixIndex
 from inferplane.placement.framework import Scored
-from inferplane.placement.prefix_index import PrefixIndex
 from tests.placement_helpers import (
     cycle,
     fleet,

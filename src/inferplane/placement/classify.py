@@ -26,6 +26,7 @@ from inferplane.config.schema import ClassRule, FleetConfig, TenantSpec, Workloa
 from inferplane.errors import InvalidRequestError
 from inferplane.placement.hashing import prompt_block_hashes
 from inferplane.placement.profile import RequestProfile
+from inferplane.tokenization import block_hashes, engine_block_hashes
 from inferplane.types import ApiKind
 
 PRECISIONS = frozenset({"fp32", "bf16", "fp16", "fp8", "int8", "int4"})
@@ -38,6 +39,7 @@ class Prompt:
     text: str
     tokens: int
     max_output_tokens: int | None
+    ids: list[int] | None = None
 
 
 def estimate_tokens(text: str, mode: str) -> int:
@@ -66,7 +68,7 @@ def extract_prompt(api: ApiKind, body: Mapping[str, Any], mode: str) -> Prompt:
     if isinstance(value, str):
         return Prompt(value, estimate_tokens(value, mode), max_out)
     if value and all(isinstance(v, int) for v in value):  # token ids
-        return Prompt(" ".join(map(str, value)), len(value), max_out)
+        return Prompt(" ".join(map(str, value)), len(value), max_out, list(value))
     if value and all(isinstance(v, list) for v in value):  # batches of token ids
         return Prompt(" ".join(map(str, value[0])), sum(len(v) for v in value), max_out)
     texts = [str(v) for v in value]
@@ -108,6 +110,15 @@ class Classifier:
         self.regions = {r.name for r in config.regions}
         self.mode = config.gateway.token_estimate
         self.block_chars = config.gateway.prefix_block_chars
+        self.engine_block_size = config.gateway.engine_block_size or next(
+            (
+                e.emulation.block_size
+                for s in config.substrates
+                for e in s.endpoints
+                if e.kv_events is not None
+            ),
+            None,
+        )
 
     def workload_class(
         self, api: ApiKind, tenant: TenantSpec, headers: Mapping[str, str], prompt_tokens: int
@@ -212,6 +223,7 @@ class Classifier:
             prompt_tokens=prompt.tokens,
             max_output_tokens=int(max_out),
             block_hashes=prompt_block_hashes(model, prompt.text, self.block_chars),
+            engine_block_hashes=self._engine_hashes(prompt),
             session_id=headers.get("x-session-id"),
             ttft_slo_s=ttft if ttft is not None else _ms(cls.ttft_slo_ms),
             itl_slo_s=itl if itl is not None else _ms(cls.itl_slo_ms),
@@ -225,6 +237,15 @@ class Classifier:
             stream=bool(body.get("stream", False)),
         )
         return profile, prompt
+
+    def _engine_hashes(self, prompt: Prompt) -> tuple[int, ...]:
+        """Engine token-block hashes (one word a token; token-id prompts as given)."""
+        bs = self.engine_block_size
+        if not bs:
+            return ()
+        if prompt.ids is not None:
+            return tuple(block_hashes(prompt.ids, bs))
+        return tuple(engine_block_hashes(prompt.text, bs))
 
 
 def _ms(v: float | None) -> float | None:

@@ -21,6 +21,7 @@ class RequestProfile:
     prompt_tokens: int = 0
     max_output_tokens: int = 0
     block_hashes: tuple[BlockHash, ...] = ()
+    engine_block_hashes: tuple[BlockHash, ...] = ()
     session_id: str | None = None
     ttft_slo_s: float | None = None
     itl_slo_s: float | None = None

@@ -9,9 +9,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from inferplane.fleet.prefix_index import PrefixIndex
 from inferplane.fleet.state import EndpointView
 from inferplane.placement.framework import CycleState, Plugin, register
-from inferplane.placement.prefix_index import PrefixIndex
 
 PrefixMode = Literal["auto", "precise", "approximate"]
 
@@ -19,7 +19,8 @@ PrefixMode = Literal["auto", "precise", "approximate"]
 class PrefixMatcher:
     """How many leading prompt blocks each candidate holds.
 
-    ``auto``: the snapshot's precise index (KV events) for endpoints it covers, else this
+    ``auto``: the snapshot's precise index (KV events) for endpoints it covers — matched on the
+    request's engine block hashes when classify computed them, scaled to prompt blocks — else this
     matcher's own approximate LRU index; ``precise``: the snapshot's index only (0 when absent);
     ``approximate``: the own index only. The own index learns from picks (``learn``); each
     endpoint's capacity is ``num_gpu_blocks × block_size ÷ block_tokens`` hash blocks when the
@@ -40,10 +41,15 @@ class PrefixMatcher:
         precise = cycle.snapshot.prefix_index if self.mode != "approximate" else None
         own = self.index if self.mode != "precise" else None
         covers = getattr(precise, "covers", None)
+        engine = cycle.profile.engine_block_hashes
         out: list[int] = []
         for c in candidates:
             if precise is not None and (covers is None or covers(c.name)):
-                out.append(precise.match_length(c.name, hashes))
+                if engine:  # KV events speak engine token blocks: scale to prompt blocks
+                    n = precise.match_length(c.name, engine)
+                    out.append(len(hashes) if n == len(engine) else n * len(hashes) // len(engine))
+                else:
+                    out.append(precise.match_length(c.name, hashes))
             elif own is not None:
                 out.append(own.match_length(c.name, hashes))
             else:
