@@ -14,17 +14,22 @@ class MemoryLedger:
 
     def __init__(self, capacity: int = 10_000) -> None:
         self.capacity = capacity
-        self._records: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._records: OrderedDict[str, tuple[Decision, Outcome, float]] = OrderedDict()
 
     def record(self, decision: Decision, outcome: Outcome, at_unix: float) -> None:
-        rec = decision_to_dict(decision, outcome)
-        rec["at_unix"] = at_unix
-        self._records[decision.decision_id] = rec
-        while len(self._records) > self.capacity:
+        """O(1): keeps the objects; they are turned into JSON only when read."""
+        self._records[decision.decision_id] = (decision, outcome, at_unix)
+        if len(self._records) > self.capacity:
             self._records.popitem(last=False)
 
     def get(self, decision_id: str) -> dict[str, Any] | None:
-        return self._records.get(decision_id)
+        entry = self._records.get(decision_id)
+        if entry is None:
+            return None
+        decision, outcome, at_unix = entry
+        rec = decision_to_dict(decision, outcome)
+        rec["at_unix"] = at_unix
+        return rec
 
     async def start(self) -> None:
         return None
