@@ -76,7 +76,10 @@ def serve(
     from inferplane.api.app import serve as serve_app
     from inferplane.api.pipeline import Gateway
 
-    gateway = Gateway(cfg, str(config))
+    try:
+        gateway = Gateway(cfg, str(config))
+    except ConfigError as exc:
+        fail(f"invalid configuration\n{exc}")
     h = host or cfg.gateway.host
     p = port if port is not None else cfg.gateway.port
 
@@ -252,6 +255,44 @@ def demo(
     finally:
         loop.close()
     raise typer.Exit(code)
+
+
+@app.command()
+def simulate(
+    fleet: Annotated[Path, typer.Option("--fleet", help="fleet YAML file")],
+    trace: Annotated[Path, typer.Option("--trace", help="trace file (Mooncake JSONL, Azure CSV)")],
+    profile: Annotated[str, typer.Option("--profile", help="placement profile to replay with")],
+    out: Annotated[Path, typer.Option("--json", help="write the JSON report here")],
+    format: Annotated[
+        str | None, typer.Option("--format", help="mooncake | azure (default: by extension)")
+    ] = None,
+    rate_scale: Annotated[float, typer.Option(help="replay N times faster")] = 1.0,
+    seed: Annotated[int, typer.Option(help="seed of the mix and the pickers")] = 0,
+    mix: Annotated[Path | None, typer.Option(help="YAML with a `mix:` list")] = None,
+    duration: Annotated[
+        float | None, typer.Option(help="replay the first S seconds of trace time")
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="replay at most N requests")] = None,
+) -> None:
+    """Replay a trace through the real placement code against emulated engines (virtual clock)."""
+    from inferplane.sim.report import print_report, write_json_atomic
+    from inferplane.sim.simulator import SimulationError, run_simulation
+    from inferplane.sim.traces import TraceError
+
+    try:
+        report = run_simulation(
+            fleet, trace, profile, format=format, rate_scale=rate_scale, seed=seed, mix=mix,
+            duration_s=duration, limit=limit,
+        )
+    except ConfigError as exc:
+        fail(f"invalid configuration\n{exc}")
+    except (TraceError, SimulationError) as exc:
+        fail(str(exc))
+    try:
+        write_json_atomic(out, report)
+    except OSError as exc:
+        fail(f"cannot write {out}: {exc.strerror or exc}")
+    print_report(report)
 
 
 def main() -> None:

@@ -28,6 +28,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     mode: str = request.app["mode"]
     STATS["requests"] += 1
     body = await request.json()
+    STATS["last_max_tokens"] = body.get("max_tokens", body.get("max_completion_tokens", -1))
     if mode == "fail500":
         return web.json_response({"error": {"message": "boom", "type": "server_error"}}, status=500)
     chat = request.path.endswith("chat/completions")

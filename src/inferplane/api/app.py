@@ -15,6 +15,8 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from inferplane.admission.controller import Ticket
+from inferplane.admission.queue import BANDS
 from inferplane.api.pipeline import Attempt, Gateway, parse_usage
 from inferplane.api.validation import parse_json, validate
 from inferplane.dispatch.upstream import Dispatcher, StreamStats
@@ -96,72 +98,91 @@ def make_api_handler(api: ApiKind) -> Handler:
     async def handler(request: web.Request) -> web.StreamResponse:
         gw = request.app[GATEWAY_KEY]
         started = time.perf_counter()
-        tenant = gw.authenticate(request.headers.get("Authorization"))
+        tenant, key_hash = gw.authenticate_key(request.headers.get("Authorization"))
         raw = await _read_body(request, gw.config.gateway.max_body_bytes)
         body = parse_json(raw)
         validate(api, body)
         profile = gw.classify(api, body, request.headers, tenant)
-        attempt = await gw.open(api, profile, raw)
-        resp = attempt.response
-        headers = _decision_headers(attempt)
-        endpoint = attempt.decision.picked.endpoint  # type: ignore[union-attr]
-        is_sse = resp.status == 200 and "text/event-stream" in resp.headers.get("Content-Type", "")
-        if not is_sse:
-            stats = StreamStats(started)
-            try:
-                data = await Dispatcher.read_all(endpoint, resp)
-            except UpstreamError as exc:
-                gw.account(
-                    attempt, status=502, started=started, stats=None, usage=None, error=exc.message
-                )
-                raise
-            except BaseException:
-                gw.account(
-                    attempt, status=499, started=started, stats=None, usage=None, error="cancelled"
-                )
-                raise
-            stats.first_byte = time.perf_counter()
-            gw.account(
-                attempt,
-                status=resp.status,
-                started=started,
-                stats=stats,
-                usage=parse_usage(data, sse=False) if resp.status == 200 else None,
-            )
-            headers.update(Dispatcher.passthrough_headers(resp))
-            return web.Response(body=data, status=resp.status, headers=headers)
-
-        headers.update(Dispatcher.passthrough_headers(resp))
-        out = web.StreamResponse(status=200, headers=headers)
-        stats = StreamStats(started)
-        status, error = 200, None
+        ticket = await gw.admission.admit(
+            api, body, raw, request.headers, tenant, key_hash, profile
+        )
         try:
-            await out.prepare(request)
-            try:
-                async for chunk in Dispatcher.relay(endpoint, resp, stats):
-                    await out.write(chunk)
-            except UpstreamError as exc:
-                status, error = 502, exc.message
-                gw.metrics.stream_errors.labels(endpoint.name).inc()
-                payload = orjson.dumps(exc.to_body())
-                await out.write(b"data: " + payload + b"\n\n")
-            await out.write_eof()
-        except (ConnectionResetError, asyncio.CancelledError):
-            status, error = 499, "client disconnected"
-            gw.metrics.client_disconnects.inc()
-            raise
+            return await forward(request, gw, api, ticket, ticket.body or raw, started)
         finally:
-            gw.account(
-                attempt,
-                status=status,
-                started=started,
-                stats=stats,
-                usage=parse_usage(stats.usage_line, sse=True),
-                error=error,
-            )
-        return out
+            gw.admission.finish_soon(ticket)
 
     return handler
+
+
+async def forward(
+    request: web.Request,
+    gw: Gateway,
+    api: ApiKind,
+    ticket: Ticket,
+    raw: bytes,
+    started: float,
+) -> web.StreamResponse:
+    """Place, dispatch and relay one admitted request; `account` runs on every path."""
+    attempt = await gw.open(api, ticket.profile, raw, ticket)
+    resp = attempt.response
+    headers = _decision_headers(attempt)
+    headers.update(ticket.headers)
+    endpoint = attempt.decision.picked.endpoint  # type: ignore[union-attr]
+    is_sse = resp.status == 200 and "text/event-stream" in resp.headers.get("Content-Type", "")
+    if not is_sse:
+        stats = StreamStats(started)
+        try:
+            data = await Dispatcher.read_all(endpoint, resp)
+        except UpstreamError as exc:
+            gw.account(
+                attempt, status=502, started=started, stats=None, usage=None, error=exc.message
+            )
+            raise
+        except BaseException:
+            gw.account(
+                attempt, status=499, started=started, stats=None, usage=None, error="cancelled"
+            )
+            raise
+        stats.first_byte = time.perf_counter()
+        gw.account(
+            attempt,
+            status=resp.status,
+            started=started,
+            stats=stats,
+            usage=parse_usage(data, sse=False) if resp.status == 200 else None,
+        )
+        headers.update(Dispatcher.passthrough_headers(resp))
+        return web.Response(body=data, status=resp.status, headers=headers)
+
+    headers.update(Dispatcher.passthrough_headers(resp))
+    out = web.StreamResponse(status=200, headers=headers)
+    stats = StreamStats(started)
+    status, error = 200, None
+    try:
+        await out.prepare(request)
+        try:
+            async for chunk in Dispatcher.relay(endpoint, resp, stats):
+                await out.write(chunk)
+        except UpstreamError as exc:
+            status, error = 502, exc.message
+            gw.metrics.stream_errors.labels(endpoint.name).inc()
+            payload = orjson.dumps(exc.to_body())
+            await out.write(b"data: " + payload + b"\n\n")
+        await out.write_eof()
+    except (ConnectionResetError, asyncio.CancelledError):
+        status, error = 499, "client disconnected"
+        gw.metrics.client_disconnects.inc()
+        raise
+    finally:
+        gw.account(
+            attempt,
+            status=status,
+            started=started,
+            stats=stats,
+            usage=parse_usage(stats.usage_line, sse=True),
+            error=error,
+        )
+    return out
 
 
 async def models(request: web.Request) -> web.Response:
@@ -205,10 +226,44 @@ async def metrics(request: web.Request) -> web.Response:
         gw.metrics.inflight.labels(v.name).set(v.state.inflight)
         gw.metrics.endpoint_healthy.labels(v.name).set(1 if v.state.healthy else 0)
         gw.metrics.endpoint_stale.labels(v.name).set(1 if v.state.stale else 0)
+    for band in BANDS:
+        gw.metrics.queue_depth.labels(band).set(gw.admission.queue.depth(band))
     return web.Response(
         body=generate_latest(gw.metrics.registry),
         headers={"Content-Type": CONTENT_TYPE_LATEST},
     )
+
+
+USAGE_GROUPS = ("day", "workflow", "model", "class", "key")
+
+
+async def usage(request: web.Request) -> web.Response:
+    """``GET /v1/usage?group_by=workflow,model``: the caller's tenant's own cost and tokens."""
+    gw = request.app[GATEWAY_KEY]
+    tenant = gw.authenticate(request.headers.get("Authorization"))
+    raw = request.query.get("group_by", "day")
+    group_by = [g.strip() for g in raw.split(",") if g.strip()]
+    bad = [g for g in group_by if g not in USAGE_GROUPS]
+    if bad or not group_by or len(set(group_by)) != len(group_by):
+        raise InvalidRequestError(
+            f"group_by must be a comma list of distinct {', '.join(USAGE_GROUPS)}; got {raw!r}",
+            param="group_by",
+        )
+    rows = await gw.admission.usage(tenant.name, group_by)
+    total = {
+        "requests": sum(r["requests"] for r in rows),
+        "prompt_tokens": sum(r["prompt_tokens"] for r in rows),
+        "completion_tokens": sum(r["completion_tokens"] for r in rows),
+        "cost_usd": round(sum(r["cost_usd"] for r in rows), 9),
+    }
+    body = {
+        "object": "list",
+        "tenant": tenant.name,
+        "group_by": group_by,
+        "data": rows,
+        "total": total,
+    }
+    return web.json_response(body, dumps=_dumps)
 
 
 async def get_decision(request: web.Request) -> web.Response:
@@ -237,6 +292,7 @@ def build_app(gateway: Gateway) -> web.Application:
     app.router.add_post("/v1/embeddings", make_api_handler("embeddings"))
     app.router.add_get("/v1/models", models)
     app.router.add_get("/v1/decisions/{decision_id}", get_decision)
+    app.router.add_get("/v1/usage", usage)
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
     app.router.add_get("/metrics", metrics)

@@ -17,6 +17,8 @@ from typing import Any
 import aiohttp
 import orjson
 
+from inferplane.admission.controller import Admission, Ticket
+from inferplane.admission.state import AdmissionStore
 from inferplane.config.schema import FleetConfig, TenantSpec
 from inferplane.dispatch.upstream import Dispatcher, StreamStats, UpstreamAttemptFailed
 from inferplane.errors import (
@@ -25,12 +27,15 @@ from inferplane.errors import (
     NoEligibleEndpointError,
     UpstreamError,
 )
+from inferplane.fleet.kv_subscriber import KVEventSubscriber
 from inferplane.fleet.live import LiveFleet, Reservation
 from inferplane.fleet.model import Fleet
+from inferplane.fleet.prefix_index import PrefixIndex
 from inferplane.fleet.pricing import request_cost_usd
 from inferplane.fleet.scraper import HttpMetricsSource, MetricsSource, Scraper
 from inferplane.ledger.memory import MemoryLedger
 from inferplane.ledger.record import Ledger, Outcome
+from inferplane.ledger.sqlite import SqliteLedger
 from inferplane.placement.build import build_policies
 from inferplane.placement.classify import Classifier
 from inferplane.placement.framework import Decision, Policy, place
@@ -60,6 +65,7 @@ class Attempt:
     response: aiohttp.ClientResponse
     reservation: Reservation
     failed: list[str] = field(default_factory=list)
+    ticket: Ticket | None = None
 
     @property
     def endpoint_name(self) -> str:
@@ -77,11 +83,20 @@ class Gateway:
         *,
         metrics_source: MetricsSource | None = None,
         ledger: Ledger | None = None,
+        admission_store: AdmissionStore | None = None,
     ) -> None:
         self.config = config
         self.fleet = Fleet.from_config(config)
         g = config.gateway
-        self.live = LiveFleet(self.fleet, stale_after_s=g.stale_after_s)
+        # A precise prefix index exists only where engines publish KV events.
+        self.prefix_index: PrefixIndex | None = None
+        self.kv_events: KVEventSubscriber | None = None
+        if any(e.spec.kv_events for e in self.fleet.endpoints):
+            self.prefix_index = PrefixIndex(0)
+            self.kv_events = KVEventSubscriber(self.prefix_index, list(self.fleet.endpoints))
+        self.live = LiveFleet(
+            self.fleet, stale_after_s=g.stale_after_s, prefix_index=self.prefix_index
+        )
         self.policies: dict[str, Policy] = build_policies(config, file)
         self.class_policy: dict[str, Policy] = {
             c.name: self.policies[c.profile or g.default_profile] for c in config.classes
@@ -92,9 +107,12 @@ class Gateway:
         self.dispatcher = Dispatcher(
             connect_timeout_s=g.connect_timeout_s, total_timeout_s=g.upstream_timeout_s
         )
-        self.ledger: Ledger = ledger or MemoryLedger()
+        self.ledger: Ledger = ledger or (
+            SqliteLedger(g.ledger_path, source=file) if g.ledger_path else MemoryLedger()
+        )
         self._metrics_source = metrics_source
         self.scraper: Scraper | None = None
+        self.admission = Admission(config, self.live, self.metrics, store=admission_store)
 
     # -- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -106,16 +124,26 @@ class Gateway:
         )
         await self.scraper.prime()
         self.scraper.start()
+        if self.kv_events is not None:
+            self.kv_events.start()
         await self.ledger.start()
+        await self.admission.start()
 
     async def stop(self) -> None:
         if self.scraper is not None:
             await self.scraper.stop()
+        if self.kv_events is not None:
+            await self.kv_events.stop()
         await self.ledger.close()
+        await self.admission.close()
         await self.dispatcher.close()
 
     # -- stages ---------------------------------------------------------------------------
     def authenticate(self, authorization: str | None) -> TenantSpec:
+        return self.authenticate_key(authorization)[0]
+
+    def authenticate_key(self, authorization: str | None) -> tuple[TenantSpec, str]:
+        """The tenant and the key's hash (budgets and rate limits per key use the hash)."""
         if not authorization:
             raise AuthenticationError(
                 "missing API key: send 'Authorization: Bearer <key>'", code="missing_api_key"
@@ -123,10 +151,11 @@ class Gateway:
         scheme, _, key = authorization.partition(" ")
         if scheme.lower() != "bearer" or not key.strip():
             raise AuthenticationError("the Authorization header must be 'Bearer <key>'")
-        tenant = self.tenants.get(hash_key(key.strip()))
+        key_hash = hash_key(key.strip())
+        tenant = self.tenants.get(key_hash)
         if tenant is None:
             raise AuthenticationError("invalid API key")  # the key itself is never logged
-        return tenant
+        return tenant, key_hash
 
     def classify(
         self, api: ApiKind, body: JSONObject, headers: Mapping[str, str], tenant: TenantSpec
@@ -156,7 +185,7 @@ class Gateway:
         )
         for key, seconds in decision.timings_s.items():
             stage, _, plugin = key.partition(":")
-            self.metrics.placement.labels(stage, plugin).observe(seconds)
+            self.metrics.child(self.metrics.placement, stage, plugin).observe(seconds)
         if decision.spillover is not None:
             s = decision.spillover
             self.metrics.spillovers.labels(
@@ -169,9 +198,13 @@ class Gateway:
             raise NoEligibleEndpointError(len(snap.endpoints), decision.removed_by)
         return decision
 
-    async def open(self, api: ApiKind, profile: RequestProfile, body: bytes) -> Attempt:
-        """Place and open the upstream, re-placing after a failure before the first byte."""
+    async def open(
+        self, api: ApiKind, profile: RequestProfile, body: bytes, ticket: Ticket | None = None
+    ) -> Attempt:
+        """Place and open the upstream, re-placing after a failure before the first byte.
+        Re-placements draw on the retry budget (`admission.retry.RetryBudget`)."""
         failed: list[str] = []
+        self.admission.retry_budget.record_request()
         path = API_PATHS[api]
         last_error = ""
         while True:
@@ -189,6 +222,8 @@ class Gateway:
             reservation = self.live.reserve(
                 view.name, profile.prompt_tokens + profile.max_output_tokens
             )
+            if ticket is not None:
+                self.admission.placed(ticket)
             try:
                 resp = await self.dispatcher.open(view.endpoint, path, body)
             except UpstreamAttemptFailed as exc:
@@ -208,9 +243,14 @@ class Gateway:
                     time.time(),
                 )
                 last_error = exc.message.split(": ", 1)[-1]
-                if len(failed) > self.config.gateway.max_replacements:
+                over = len(failed) > self.config.gateway.max_replacements
+                if not over and not self.admission.retry_budget.try_acquire():
+                    self.metrics.replacement_budget_exhausted.inc()
+                    last_error += " (re-placement refused: the gateway's retry budget is spent)"
+                    over = True
+                if over:
                     raise UpstreamError(
-                        f"{exc.message.split(': ', 1)[-1]}"
+                        f"{last_error}"
                         + (f" (also failed: {', '.join(failed[:-1])})" if len(failed) > 1 else ""),
                         upstream=view.name,
                     ) from None
@@ -222,7 +262,7 @@ class Gateway:
             except BaseException:
                 reservation.release()
                 raise
-            return Attempt(decision, resp, reservation, failed)
+            return Attempt(decision, resp, reservation, failed, ticket)
 
     def account(
         self,
@@ -236,6 +276,7 @@ class Gateway:
     ) -> None:
         """Release capacity, feed observations back, write the ledger record."""
         attempt.reservation.release()
+        self.admission.queue.pump()  # a slot is free: the best waiter may go
         d = attempt.decision
         name = attempt.endpoint_name
         now = time.perf_counter()
@@ -245,7 +286,7 @@ class Gateway:
         if stats is not None and stats.first_byte is not None:
             ttft = stats.first_byte - started
             self.live.observe_ttft(name, ttft)
-            self.metrics.ttft.labels(name).observe(ttft)
+            self.metrics.child(self.metrics.ttft, name).observe(ttft)
             for g in stats.gaps:
                 self.live.observe_itl(name, g)
             if stats.gaps:
@@ -269,7 +310,13 @@ class Gateway:
                 seconds=e2e,
                 max_concurrency=ep.max_concurrency,
             )
-        self.metrics.requests.labels(d.profile.api, name, str(status)).inc()
+        if attempt.ticket is not None:
+            attempt.ticket.observe(
+                cost or 0.0,
+                prompt if prompt is not None else d.profile.prompt_tokens,
+                completion or 0,
+            )
+        self.metrics.child(self.metrics.requests, d.profile.api, name, str(status)).inc()
         self.ledger.record(
             d,
             Outcome(

@@ -45,6 +45,13 @@ class GatewaySpec(Strict):
         "chars", description="prompt size estimate: ~4 chars a token, or one word a token"
     )
     prefix_block_chars: int = Field(256, gt=0, description="block size of prompt block hashes")
+    engine_block_size: int | None = Field(
+        None,
+        gt=0,
+        description="compute engine token-block hashes of each prompt (one word a token) so the "
+        "precise prefix index fed by KV events can match it; default: the block size of the "
+        "first endpoint with `kv_events` set, else off",
+    )
 
 
 class RegionSpec(Strict):
@@ -136,6 +143,51 @@ class SubstrateSpec(Strict):
     endpoints: list[EndpointSpec] = Field(min_length=1)
 
 
+BudgetScope = Literal["tenant", "key", "workflow"]
+BudgetWindow = Literal["minute", "day", "month"]
+
+
+class BudgetSpec(Strict):
+    """A spending limit over a calendar window (UTC), enforced before generation.
+
+    ``scope: key`` applies the limit to each of the tenant's API keys separately; ``scope:
+    workflow`` to each value of the ``x-inferplane-workflow`` header (requests without one are not
+    counted against workflow budgets)."""
+
+    scope: BudgetScope = "tenant"
+    window: BudgetWindow
+    usd: float | None = Field(None, gt=0, description="dollars per window")
+    tokens: int | None = Field(None, gt=0, description="prompt + completion tokens per window")
+
+    @model_validator(mode="after")
+    def _some_limit(self) -> BudgetSpec:
+        if self.usd is None and self.tokens is None:
+            raise ValueError("a budget needs usd, tokens or both")
+        return self
+
+
+class RateLimitSpec(Strict):
+    """Token-bucket rate limits, per tenant or per API key (each key separately)."""
+
+    scope: Literal["tenant", "key"] = "tenant"
+    requests_per_min: int | None = Field(None, gt=0)
+    tokens_per_min: int | None = Field(
+        None, gt=0, description="prompt estimate + max_tokens, charged at admission"
+    )
+
+
+class LoopLimits(Strict):
+    """Agent loop limits: the step header's value, and requests per workflow in a window."""
+
+    max_agent_step: int | None = Field(
+        None, ge=0, description="x-inferplane-agent-step above this is rejected"
+    )
+    max_workflow_requests: int | None = Field(
+        None, gt=0, description="requests per x-inferplane-workflow within workflow_window_s"
+    )
+    workflow_window_s: float = Field(3600.0, gt=0)
+
+
 class TenantSpec(Strict):
     """A tenant: its API keys (SHA-256 hashes only), policy and default class."""
 
@@ -146,6 +198,13 @@ class TenantSpec(Strict):
     allowed_jurisdictions: list[str] | None = Field(None, description="none means any")
     default_class: str = "interactive"
     region: str | None = Field(None, description="default client region")
+    budgets: list[BudgetSpec] = Field(default_factory=list)
+    rate_limits: list[RateLimitSpec] = Field(default_factory=list)
+    max_tokens_ceiling: int | None = Field(None, gt=0, description="per-request output cap")
+    max_tokens_policy: Literal["clamp", "reject"] = Field(
+        "clamp", description="max_tokens above a ceiling: clamp it, or answer 400"
+    )
+    loop: LoopLimits = LoopLimits()
 
     @field_validator("api_keys")
     @classmethod
@@ -171,6 +230,10 @@ class WorkloadClass(Strict):
     allowed_kinds: list[SubstrateKind] | None = Field(None, description="none means any kind")
     default_max_tokens: int = Field(1024, gt=0)
     energy_aware: bool = False
+    max_tokens_ceiling: int | None = Field(None, gt=0, description="per-request output cap")
+    queue_deadline_ms: float | None = Field(
+        None, gt=0, description="longest wait in the admission queue; default admission.queue's"
+    )
 
 
 class ClassRule(Strict):
@@ -218,6 +281,48 @@ class MixEntry(Strict):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
+class RetryPolicy(Strict):
+    """Client-retry recognition and the gateway's own re-placement budget (Finagle-style)."""
+
+    window_s: float = Field(60.0, gt=0, description="same body from the same key = a retry")
+    budget_ratio: float = Field(0.1, ge=0, le=1, description="re-placements per recent request")
+    budget_min_per_s: float = Field(1.0, ge=0, description="re-placements always allowed")
+    budget_window_s: float = Field(10.0, gt=0)
+    degraded_error_rate: float = Field(
+        0.5, gt=0, le=1, description="degraded when every candidate's error rate is at least this"
+    )
+    shed_retry_after_s: float = Field(1.0, gt=0, description="base of the jittered Retry-After")
+
+
+class QueueSpec(Strict):
+    """Priority queues used while the allowed endpoints are saturated."""
+
+    enabled: bool = True
+    default_deadline_ms: float = Field(10000.0, gt=0)
+    max_waiting: int = Field(1024, gt=0, description="beyond this, shed the lowest band")
+    tick_s: float = Field(0.05, gt=0, description="re-check period while requests wait")
+
+
+class AdmissionSpec(Strict):
+    """The admission stage: shared state, leases and policies that are not per tenant."""
+
+    enabled: bool = True
+    store: Literal["memory", "redis"] = "memory"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_prefix: str = "inferplane:"
+    lease_margin_s: float = Field(
+        30.0, ge=0, description="lease TTL = upstream_timeout_s + queue deadline + this"
+    )
+    hourly_prefill_s_per_token: float = Field(
+        0.0005, ge=0, description="hourly substrates: estimated prefill seconds per token"
+    )
+    hourly_decode_s_per_token: float = Field(
+        0.05, ge=0, description="hourly substrates: estimated decode seconds per output token"
+    )
+    retry: RetryPolicy = RetryPolicy()
+    queue: QueueSpec = QueueSpec()
+
+
 class FleetConfig(Strict):
     """The whole file."""
 
@@ -230,3 +335,4 @@ class FleetConfig(Strict):
     plugins: list[PluginSpec] = Field(default_factory=list)
     profiles: list[ProfileSpec] = Field(default_factory=list)
     mix: list[MixEntry] = Field(default_factory=list)
+    admission: AdmissionSpec = AdmissionSpec()

@@ -6,6 +6,8 @@ HTTP statuses, plugin names from config.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _LATENCY_BUCKETS = (
@@ -31,6 +33,7 @@ class GatewayMetrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         r = self.registry
         self.requests = Counter(
             "inferplane_requests",
@@ -102,3 +105,78 @@ class GatewayMetrics:
             ["endpoint"],
             registry=r,
         )
+        self._admission_metrics(r)
+
+    def _admission_metrics(self, r: CollectorRegistry) -> None:
+        """Admission and cost attribution. ``tenant`` and ``workload_class`` come from config;
+        workflows are never a label (see ``GET /v1/usage``); ``reason`` is a fixed set of codes."""
+        self.admitted_requests = Counter(
+            "inferplane_admission_requests",
+            "Requests that reached the retry check of admission, by tenant and class",
+            ["tenant", "workload_class"],
+            registry=r,
+        )
+        self.admission_rejected = Counter(
+            "inferplane_admission_rejected",
+            "Requests refused by admission, by tenant and reason code",
+            ["tenant", "reason"],
+            registry=r,
+        )
+        self.client_retries = Counter(
+            "inferplane_client_retries",
+            "Requests recognised as client retries (Idempotency-Key or same body and key); "
+            "retry rate = this / inferplane_admission_requests",
+            ["tenant", "workload_class"],
+            registry=r,
+        )
+        self.max_tokens_clamped = Counter(
+            "inferplane_max_tokens_clamped",
+            "Requests whose max_tokens was clamped to a ceiling",
+            ["tenant", "workload_class"],
+            registry=r,
+        )
+        self.tool_fanout = Histogram(
+            "inferplane_agent_tool_fanout",
+            "Tools offered and tool results carried per agent step",
+            ["workload_class", "kind"],
+            buckets=(0, 1, 2, 4, 8, 16, 32, 64),
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "inferplane_admission_queue_wait_seconds",
+            "Time waited in the admission queue for a free slot, by priority band",
+            ["band"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "inferplane_admission_queue_depth",
+            "Requests waiting in the admission queue, by priority band",
+            ["band"],
+            registry=r,
+        )
+        self.replacement_budget_exhausted = Counter(
+            "inferplane_replacement_budget_exhausted",
+            "Re-placements refused because the retry budget was spent",
+            registry=r,
+        )
+        self.tenant_tokens = Counter(
+            "inferplane_tenant_tokens",
+            "Tokens served, by tenant, class and kind (prompt or completion)",
+            ["tenant", "workload_class", "kind"],
+            registry=r,
+        )
+        self.tenant_cost = Counter(
+            "inferplane_tenant_cost_usd",
+            "Actual cost attributed, by tenant and class",
+            ["tenant", "workload_class"],
+            registry=r,
+        )
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, cached: the request path avoids prometheus' label lookup."""
+        key = (id(metric), labels)
+        c = self._children.get(key)
+        if c is None:
+            c = self._children[key] = metric.labels(*labels)
+        return c

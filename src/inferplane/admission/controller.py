@@ -1,0 +1,363 @@
+"""The admission stage: between classify and place, nothing is generated before it says yes.
+
+`Admission.admit` runs, in order (cheapest and most local first; each step can refuse):
+
+1. headers: ``x-inferplane-workflow``, ``Idempotency-Key`` (400 naming the header when bad);
+2. token ceiling: ``max_tokens`` clamped (header ``x-inferplane-max-tokens-clamped: old->new``)
+   or 400, by tenant policy; a body without ``max_tokens`` gets the class default, so the
+   forwarded body always bounds generation (the body is re-serialized only then);
+3. agent loop depth: the step header against ``loop.max_agent_step``, requests per workflow
+   against ``loop.max_workflow_requests`` (400 ``agent_loop_depth_exceeded``); tool fan-out is
+   exported;
+4. client-retry recognition; under degradation (the request's pool saturated, or every endpoint
+   of it at or over ``retry.degraded_error_rate``) retries are shed first (429, jittered
+   Retry-After);
+5. rate limits (token buckets, 429 + Retry-After);
+6. budgets: the worst case reserved atomically on every applicable counter (429
+   ``budget_exceeded`` with the window's reset);
+7. priority queue while the pool is saturated (`admission.queue`).
+
+The returned `Ticket` must be passed to `Admission.finish` exactly once (idempotent): it settles
+the budget with the actual cost that `account` observed, gives back an unused queue slot,
+corrects the tenant's fair-share counter and attributes the cost (usage store + metrics).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, cast
+
+import orjson
+
+from inferplane.admission import limits
+from inferplane.admission.budget import BudgetLease, Budgets, WorstCase
+from inferplane.admission.queue import FairQueue, Grant, PoolKey
+from inferplane.admission.retry import RetryBudget, retry_key
+from inferplane.admission.state import AdmissionStore, MemoryStore
+from inferplane.config.schema import FleetConfig, TenantSpec, WorkloadClass
+from inferplane.errors import GatewayError, InvalidRequestError, RateLimitError
+from inferplane.fleet.live import LiveFleet
+from inferplane.placement.profile import RequestProfile
+from inferplane.telemetry.metrics import GatewayMetrics
+from inferplane.types import ApiKind
+
+log = logging.getLogger("inferplane.admission")
+
+_Pool = tuple[str, frozenset[str] | None, frozenset[str] | None]
+
+
+@dataclass(slots=True)
+class Ticket:
+    """One admitted request: what admission changed and what it holds until `finish`."""
+
+    tenant: str
+    key_hash: str
+    workflow: str | None
+    workload_class: str
+    profile: RequestProfile
+    body: bytes | None = None  # the re-serialized body, when admission changed it
+    headers: dict[str, str] = field(default_factory=dict)
+    lease: BudgetLease | None = None
+    grant: Grant | None = None
+    usd: float | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    done: bool = False
+
+    def observe(self, usd: float, prompt_tokens: int, completion_tokens: int) -> None:
+        """The actual cost and tokens, from `account`."""
+        self.usd = usd
+        self.prompt_tokens = prompt_tokens
+        self.completion_tokens = completion_tokens
+
+
+def make_store(config: FleetConfig) -> AdmissionStore:
+    spec = config.admission
+    if spec.store == "redis":
+        from inferplane.admission.redis_state import RedisStore
+
+        return RedisStore(spec.redis_url, spec.redis_prefix)
+    return MemoryStore()
+
+
+class Admission:
+    """The admission stage of one gateway process."""
+
+    def __init__(
+        self,
+        config: FleetConfig,
+        live: LiveFleet,
+        metrics: GatewayMetrics,
+        *,
+        store: AdmissionStore | None = None,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
+        spec = config.admission
+        self.spec = spec
+        self.enabled = spec.enabled
+        self.live = live
+        self.metrics = metrics
+        self.clock = clock
+        self.rng = rng or random.Random(config.gateway.seed)
+        self.store: AdmissionStore = store or make_store(config)
+        self.classes: dict[str, WorkloadClass] = {c.name: c for c in config.classes}
+        longest_wait = max(
+            [spec.queue.default_deadline_ms]
+            + [c.queue_deadline_ms for c in config.classes if c.queue_deadline_ms is not None]
+        )
+        timeout = config.gateway.upstream_timeout_s
+        self.lease_ttl_s = timeout + longest_wait / 1000.0 + spec.lease_margin_s
+        self.budgets = Budgets(self.store, self.lease_ttl_s)
+        self.worst = WorstCase(live.fleet, spec, timeout)
+        self.queue = FairQueue(self.free_slots, max_waiting=spec.queue.max_waiting, clock=monotonic)
+        self.retry_budget = RetryBudget(spec.retry, monotonic)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # -- pools ----------------------------------------------------------------------------
+    @staticmethod
+    def pool_of(p: RequestProfile) -> PoolKey:
+        return (p.model, p.allowed_jurisdictions, p.allowed_kinds)
+
+    def _pool_views(self, pool: PoolKey) -> list[tuple[int, int, float]]:
+        model, jur, kinds = cast(_Pool, pool)
+        out: list[tuple[int, int, float]] = []
+        for v in self.live.snapshot().endpoints:
+            e = v.endpoint
+            if model not in e.models or not v.state.usable:
+                continue
+            if jur is not None and e.jurisdiction not in jur:
+                continue
+            if kinds is not None and e.substrate.kind not in kinds:
+                continue
+            out.append((e.max_concurrency, v.state.inflight, v.state.error_rate))
+        return out
+
+    def free_slots(self, pool: PoolKey) -> int:
+        """Free concurrency slots of the pool; unbounded when it has no usable endpoint (then
+        placement answers 503 naming its filters)."""
+        views = self._pool_views(pool)
+        if not views:
+            return 1 << 30
+        return sum(max(0, cap - inflight) for cap, inflight, _ in views)
+
+    def degraded(self, pool: PoolKey) -> str | None:
+        views = self._pool_views(pool)
+        if not views:
+            return None
+        if self.queue.room(pool) <= 0:
+            return "saturated"
+        err = min(e for _, _, e in views)  # every candidate failing: a retry cannot help
+        if err >= self.spec.retry.degraded_error_rate:
+            return f"every endpoint's error rate at least {err:.0%}"
+        return None
+
+    # -- the stage ------------------------------------------------------------------------
+    async def admit(
+        self,
+        api: ApiKind,
+        body: dict[str, Any],
+        raw: bytes,
+        headers: Mapping[str, str],
+        tenant: TenantSpec,
+        key_hash: str,
+        profile: RequestProfile,
+    ) -> Ticket:
+        cls = self.classes[profile.workload_class]
+        workflow = limits.workflow_header(headers)
+        idem = limits.idempotency_header(headers)
+        ticket = Ticket(tenant.name, key_hash, workflow, cls.name, profile)
+        if not self.enabled:
+            return ticket
+        m = self.metrics
+        try:
+            await self._checks(api, body, raw, headers, tenant, key_hash, cls, idem, ticket)
+        except BaseException as exc:
+            if isinstance(exc, GatewayError):
+                m.child(m.admission_rejected, tenant.name, exc.code or exc.error_type).inc()
+            if ticket.lease is not None:
+                await self.budgets.settle(ticket.lease, 0.0, 0)
+            raise
+        return ticket
+
+    async def _checks(
+        self,
+        api: ApiKind,
+        body: dict[str, Any],
+        raw: bytes,
+        headers: Mapping[str, str],
+        tenant: TenantSpec,
+        key_hash: str,
+        cls: WorkloadClass,
+        idem: str | None,
+        t: Ticket,
+    ) -> None:
+        m = self.metrics
+        now = self.clock()
+        # 2. token ceiling
+        ceiling = limits.apply_ceiling(api, body, t.profile.max_output_tokens, cls, tenant)
+        if ceiling.rewrite:
+            t.body = orjson.dumps(body)
+            if ceiling.max_tokens != t.profile.max_output_tokens:
+                t.profile = t.profile.with_(max_output_tokens=ceiling.max_tokens)
+        if ceiling.clamped is not None:
+            t.headers["x-inferplane-max-tokens-clamped"] = ceiling.clamped
+            m.child(m.max_tokens_clamped, tenant.name, cls.name).inc()
+        # 3. agent loop depth and fan-out
+        step = limits.agent_step(headers)
+        loop = tenant.loop
+        if step is not None and loop.max_agent_step is not None and step > loop.max_agent_step:
+            raise InvalidRequestError(
+                f"agent loop too deep: x-inferplane-agent-step is {step}, tenant "
+                f"{tenant.name!r} allows at most {loop.max_agent_step} steps",
+                param="x-inferplane-agent-step",
+                code="agent_loop_depth_exceeded",
+            )
+        if t.workflow is not None and loop.max_workflow_requests is not None:
+            n = await self.store.incr(
+                f"loop:{tenant.name}:{t.workflow}", loop.workflow_window_s, now
+            )
+            if n > loop.max_workflow_requests:
+                raise InvalidRequestError(
+                    f"agent loop too deep: workflow {t.workflow!r} made {n} requests within "
+                    f"{loop.workflow_window_s:g} s, above the limit of "
+                    f"{loop.max_workflow_requests}",
+                    param="x-inferplane-workflow",
+                    code="agent_loop_depth_exceeded",
+                )
+        offered, results = limits.tool_fanout(api, body)
+        if offered or results or step is not None:
+            m.child(m.tool_fanout, cls.name, "tools").observe(offered)
+            m.child(m.tool_fanout, cls.name, "results").observe(results)
+        # 4. client retries, shed first under degradation
+        pool = self.pool_of(t.profile)
+        m.child(m.admitted_requests, tenant.name, cls.name).inc()
+        is_retry = await self.store.mark_seen(
+            retry_key(tenant.name, t.key_hash, idem, raw), self.spec.retry.window_s, now
+        )
+        if is_retry:
+            m.child(m.client_retries, tenant.name, cls.name).inc()
+            why = self.degraded(pool)
+            if why is not None:
+                delay = self.spec.retry.shed_retry_after_s * (1.0 + self.rng.random())
+                raise RateLimitError(
+                    f"retry shed: the fleet serving {t.profile.model!r} is degraded ({why}); "
+                    f"retries are shed first, retry after {delay:.1f} s",
+                    code="retry_shed",
+                    headers={
+                        "Retry-After": str(math.ceil(delay)),
+                        "retry-after-ms": str(int(delay * 1000)),
+                    },
+                )
+        # 5. rate limits
+        tokens = t.profile.prompt_tokens + t.profile.max_output_tokens
+        buckets = limits.buckets(tenant, t.key_hash, tokens)
+        if buckets:
+            wait = await self.store.take(buckets, now)
+            if wait > 0:
+                raise RateLimitError(
+                    f"rate limit: tenant {tenant.name!r} is over its requests or tokens per "
+                    f"minute; retry after {wait:.2f} s",
+                    code="rate_limit_exceeded",
+                    headers={"Retry-After": str(max(1, math.ceil(wait)))},
+                )
+        # 6. budgets
+        if tenant.budgets:
+            usd = self.worst.usd(t.profile)
+            t.lease = await self.budgets.reserve(
+                tenant, t.key_hash, t.workflow, usd, tokens, os.urandom(8).hex(), now
+            )
+        # 7. priority and fairness
+        if self.spec.queue.enabled:
+            deadline_ms = cls.queue_deadline_ms or self.spec.queue.default_deadline_ms
+            t.grant = await self.queue.acquire(
+                tenant.name, cls.priority, pool, tokens, deadline_ms / 1000.0
+            )
+            if t.grant.waited_s > 0:
+                m.child(m.queue_wait, cls.priority).observe(t.grant.waited_s)
+
+    def placed(self, t: Ticket) -> None:
+        """The request is about to reserve endpoint capacity: its queue slot is used."""
+        if t.grant is not None:
+            t.grant.started()
+
+    async def finish(self, t: Ticket) -> None:
+        """Settle, give back, attribute. Idempotent; safe on every path (error, cancel)."""
+        if t.done:
+            return
+        t.done = True
+        if t.grant is not None:
+            t.grant.started()
+        observed = t.usd is not None
+        usd = t.usd or 0.0
+        tokens = t.prompt_tokens + t.completion_tokens
+        if t.grant is not None and observed:
+            self.queue.charge(t.tenant, tokens - t.grant.tokens)
+        self.queue.pump()
+        if not self.enabled:
+            return
+        if t.lease is not None:
+            await self.budgets.settle(t.lease, usd, tokens if observed else 0)
+        if observed:
+            m = self.metrics
+            m.child(m.tenant_cost, t.tenant, t.workload_class).inc(usd)
+            m.child(m.tenant_tokens, t.tenant, t.workload_class, "prompt").inc(t.prompt_tokens)
+            m.child(m.tenant_tokens, t.tenant, t.workload_class, "completion").inc(
+                t.completion_tokens
+            )
+            day = datetime.fromtimestamp(self.clock(), UTC).strftime("%Y-%m-%d")
+            group = (day, t.workflow or "", t.profile.model, t.workload_class, t.key_hash[7:23])
+            await self.store.add_usage(t.tenant, group, usd, t.prompt_tokens, t.completion_tokens)
+
+    def finish_soon(self, t: Ticket) -> None:
+        """`finish` off the response path: store round trips run in a background task (a task
+        lost to a crash leaves a lease that expires on its own)."""
+        task = asyncio.create_task(self.finish(t))
+        self._tasks.add(task)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("admission settle failed: %s", task.exception())
+
+    async def usage(self, tenant: str, group_by: list[str]) -> list[dict[str, Any]]:
+        """The tenant's usage summed over ``group_by`` (day, workflow, model, class, key)."""
+        index = {"day": 0, "workflow": 1, "model": 2, "class": 3, "key": 4}
+        sums: dict[tuple[str, ...], list[float]] = {}
+        for row in await self.store.usage(tenant):
+            g = tuple(row.group[index[k]] for k in group_by)
+            s = sums.setdefault(g, [0.0, 0, 0, 0])
+            s[0] += row.usd
+            s[1] += row.prompt_tokens
+            s[2] += row.completion_tokens
+            s[3] += row.requests
+        return [
+            {
+                **dict(zip(group_by, g, strict=True)),
+                "requests": int(s[3]),
+                "prompt_tokens": int(s[1]),
+                "completion_tokens": int(s[2]),
+                "cost_usd": round(s[0], 9),
+            }
+            for g, s in sorted(sums.items())
+        ]
+
+    async def start(self) -> None:
+        ping = getattr(self.store, "ping", None)
+        if ping is not None:
+            await ping()
+
+    async def close(self) -> None:
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.store.close()

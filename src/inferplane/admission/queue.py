@@ -1,0 +1,230 @@
+"""Priority and fairness while the fleet is saturated.
+
+A request goes straight through while its **pool** (the usable endpoints that serve its model in
+its allowed jurisdictions and kinds) has a free slot: ``Σ max(0, max_concurrency − in_flight)``
+minus the requests already granted but not yet placed. Otherwise it waits:
+
+- **strict priority** across bands: critical, then standard, then sheddable, then batch;
+- **fair share** inside a band: the tenant with the smallest *virtual token counter* goes first
+  (VTC, Sheng et al. 2024): each grant adds the request's tokens (prompt + max_tokens, corrected
+  to the actual tokens at completion) to its tenant's counter; a tenant that starts waiting is
+  lifted to the smallest counter among the band's waiting tenants, so idle time banks no credit;
+- FIFO inside a tenant (ties between tenants go to the older head);
+- a per-class **deadline**: past it the request gets 503 ``queue_timeout``;
+- when ``max_waiting`` requests wait, the newest request of the most sheddable band below the
+  newcomer's (sheddable, then batch, then standard) is shed with 429 ``load_shed``; if there is
+  none, the newcomer is.
+
+Grants happen in `pump`, called when capacity frees (a request finishes) and every ``tick_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+
+from inferplane.errors import GatewayError, RateLimitError
+
+BANDS = ("critical", "standard", "sheddable", "batch")
+SHED_ORDER = ("sheddable", "batch", "standard", "critical")
+
+PoolKey = Hashable
+
+
+class QueueTimeoutError(GatewayError):
+    """Waited past the class's queue deadline for a free slot."""
+
+    status = 503
+    error_type = "queue_timeout"
+    code = "queue_timeout"
+
+
+@dataclass(eq=False, slots=True)
+class Grant:
+    """A slot granted to one request: `started` once it is placed (or given up)."""
+
+    queue: FairQueue | None
+    pool: PoolKey
+    tenant: str
+    tokens: int
+    waited_s: float = 0.0
+    pending: bool = True
+
+    def started(self) -> None:
+        if self.pending:
+            self.pending = False
+            if self.queue is not None:
+                self.queue._pending[self.pool] -= 1
+
+
+@dataclass(eq=False, slots=True)
+class _Waiter:
+    tenant: str
+    band: str
+    pool: PoolKey
+    tokens: int
+    seq: int
+    enq_at: float
+    future: asyncio.Future[Grant] = field(repr=False)
+
+
+class FairQueue:
+    """Per-band queues with strict priority across bands and VTC fair share inside a band."""
+
+    def __init__(
+        self,
+        free_slots: Callable[[PoolKey], int],
+        *,
+        max_waiting: int = 1024,
+        clock: Callable[[], float] = time.monotonic,
+        on_shed: Callable[[str, str], None] | None = None,
+    ) -> None:
+        self.free_slots = free_slots
+        self.max_waiting = max_waiting
+        self.clock = clock
+        self.on_shed = on_shed
+        self.vtc: dict[str, float] = {}
+        self._bands: dict[str, dict[str, deque[_Waiter]]] = {b: {} for b in BANDS}
+        self._pending: dict[PoolKey, int] = {}
+        self._waiting_pool: dict[PoolKey, int] = {}
+        self._seq = itertools.count()
+        self.waiting = 0
+
+    # -- capacity -------------------------------------------------------------------------
+    def room(self, pool: PoolKey) -> int:
+        return self.free_slots(pool) - self._pending.get(pool, 0)
+
+    def depth(self, band: str) -> int:
+        return sum(len(q) for q in self._bands[band].values())
+
+    def _grant(self, tenant: str, pool: PoolKey, tokens: int, waited: float) -> Grant:
+        self._pending[pool] = self._pending.get(pool, 0) + 1
+        self.vtc[tenant] = self.vtc.get(tenant, 0.0) + tokens
+        return Grant(self, pool, tenant, tokens, waited)
+
+    def charge(self, tenant: str, delta_tokens: float) -> None:
+        """Correct a tenant's counter once the actual tokens are known."""
+        self.vtc[tenant] = max(0.0, self.vtc.get(tenant, 0.0) + delta_tokens)
+
+    # -- waiting --------------------------------------------------------------------------
+    async def acquire(
+        self, tenant: str, band: str, pool: PoolKey, tokens: int, deadline_s: float
+    ) -> Grant:
+        """A slot now, or after waiting; raises 503 past the deadline, 429 when shed."""
+        if self._waiting_pool.get(pool, 0) == 0 and self.room(pool) > 0:
+            return self._grant(tenant, pool, tokens, 0.0)
+        if self.waiting >= self.max_waiting:
+            self._shed_for(band)
+        loop = asyncio.get_running_loop()
+        tenants = self._bands[band]
+        if tenant not in tenants or not tenants[tenant]:
+            active = [self.vtc.get(t, 0.0) for t, q in tenants.items() if q]
+            if active:
+                self.vtc[tenant] = max(self.vtc.get(tenant, 0.0), min(active))
+        w = _Waiter(tenant, band, pool, tokens, next(self._seq), self.clock(), loop.create_future())
+        tenants.setdefault(tenant, deque()).append(w)
+        self.waiting += 1
+        self._waiting_pool[pool] = self._waiting_pool.get(pool, 0) + 1
+        self.pump()
+        try:
+            return await asyncio.wait_for(asyncio.shield(w.future), deadline_s)
+        except TimeoutError:
+            if w.future.done() and not w.future.cancelled() and w.future.exception() is None:
+                return w.future.result()
+            self._remove(w)
+            raise QueueTimeoutError(
+                f"no capacity for model pool within the {band} queue deadline of "
+                f"{deadline_s * 1000:.0f} ms (fleet saturated)",
+                headers={"Retry-After": str(max(1, math.ceil(deadline_s)))},
+            ) from None
+        except asyncio.CancelledError:
+            if w.future.done() and not w.future.cancelled() and w.future.exception() is None:
+                g = w.future.result()
+                g.started()
+                self.charge(tenant, -g.tokens)
+            else:
+                self._remove(w)
+            raise
+
+    def _remove(self, w: _Waiter) -> None:
+        q = self._bands[w.band].get(w.tenant)
+        if q is not None and w in q:
+            q.remove(w)
+            self.waiting -= 1
+            self._waiting_pool[w.pool] -= 1
+        if not w.future.done():
+            w.future.cancel()
+
+    def _shed_for(self, band: str) -> None:
+        for victim_band in SHED_ORDER:
+            if victim_band == band:
+                break
+            newest: _Waiter | None = None
+            for q in self._bands[victim_band].values():
+                if q and (newest is None or q[-1].seq > newest.seq):
+                    newest = q[-1]
+            if newest is not None:
+                self._remove_shed(newest)
+                return
+        if self.on_shed is not None:
+            self.on_shed(band, "queue_full")
+        raise RateLimitError(
+            f"load shed: {self.waiting} requests already wait for capacity and none ranks below "
+            f"the {band!r} band",
+            code="load_shed",
+            headers={"Retry-After": "1"},
+        )
+
+    def _remove_shed(self, w: _Waiter) -> None:
+        q = self._bands[w.band][w.tenant]
+        q.remove(w)
+        self.waiting -= 1
+        self._waiting_pool[w.pool] -= 1
+        if self.on_shed is not None:
+            self.on_shed(w.band, "queue_full")
+        w.future.set_exception(
+            RateLimitError(
+                f"load shed: the {w.band!r} band was shed to admit higher-priority work",
+                code="load_shed",
+                headers={"Retry-After": "1"},
+            )
+        )
+
+    def pump(self) -> int:
+        """Grant every waiter that has room, best first; the number granted."""
+        granted = 0
+        while self.waiting:
+            w = self._best()
+            if w is None:
+                break
+            q = self._bands[w.band][w.tenant]
+            q.remove(w)
+            self.waiting -= 1
+            self._waiting_pool[w.pool] -= 1
+            g = self._grant(w.tenant, w.pool, w.tokens, self.clock() - w.enq_at)
+            if not w.future.done():
+                w.future.set_result(g)
+                granted += 1
+            else:  # cancelled meanwhile: give the slot back
+                g.started()
+                self.charge(w.tenant, -w.tokens)
+        return granted
+
+    def _best(self) -> _Waiter | None:
+        rooms: dict[PoolKey, bool] = {}
+        for band in BANDS:
+            tenants = self._bands[band]
+            busy = [t for t, q in tenants.items() if q]
+            for t in sorted(busy, key=lambda t: (self.vtc.get(t, 0.0), tenants[t][0].seq)):
+                for w in tenants[t]:
+                    ok = rooms.get(w.pool)
+                    if ok is None:
+                        ok = rooms[w.pool] = self.room(w.pool) > 0
+                    if ok:
+                        return w
+        return None

@@ -1,0 +1,253 @@
+"""`RedisStore`: the admission store shared by several gateway replicas.
+
+Reserve, settle and bucket-take are each one Lua script, so they are atomic in Redis whatever
+the interleaving of replicas. Layout under the configured prefix ``P``:
+
+- ``P c:<counter>`` hash ``su st ru rt`` (spent / reserved nano-USD and tokens, integers so
+  that sums are exact) and ``lu:<lease>``
+  ``lt:<lease>`` per live lease; ``P z:<counter>`` sorted set of lease ids by expiry. Expired
+  leases are purged (their reservation given back) by the next script that touches the counter.
+- ``P b:<bucket>`` hash ``l t`` (level, time of level).
+- ``P m:<key>`` markers (``SET NX PX``), ``P i:<key>`` counters, ``P u:<tenant>`` usage hash.
+
+Keys of one call are not hash-tagged together: this targets one Redis (or a primary), not Redis
+Cluster.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, cast
+
+import redis.asyncio as aioredis
+
+from inferplane.admission.state import (
+    SEP,
+    BucketDemand,
+    CounterDemand,
+    CounterState,
+    UsageRow,
+)
+
+NANO = 1e9
+
+_PURGE = """
+local function purge(h, z, now)
+  local dead = redis.call('ZRANGEBYSCORE', z, '-inf', now)
+  for _, id in ipairs(dead) do
+    local u = tonumber(redis.call('HGET', h, 'lu:' .. id) or '0')
+    local t = tonumber(redis.call('HGET', h, 'lt:' .. id) or '0')
+    redis.call('HINCRBY', h, 'ru', 0 - u)
+    redis.call('HINCRBY', h, 'rt', 0 - t)
+    redis.call('HDEL', h, 'lu:' .. id, 'lt:' .. id)
+  end
+  if #dead > 0 then redis.call('ZREMRANGEBYSCORE', z, '-inf', now) end
+end
+"""
+
+RESERVE = (
+    _PURGE
+    + """
+local now, exp, lid = tonumber(ARGV[1]), ARGV[2], ARGV[3]
+local n = #KEYS / 2
+for i = 1, n do
+  local h, z = KEYS[2 * i - 1], KEYS[2 * i]
+  purge(h, z, now)
+  local b = 3 + (i - 1) * 5
+  local lu, lt = tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2])
+  local du, dt = tonumber(ARGV[b + 3]), tonumber(ARGV[b + 4])
+  local v = redis.call('HMGET', h, 'su', 'st', 'ru', 'rt')
+  local su, st = tonumber(v[1] or '0'), tonumber(v[2] or '0')
+  local ru, rt = tonumber(v[3] or '0'), tonumber(v[4] or '0')
+  if lu >= 0 and su + ru + du > lu then return i - 1 end
+  if lt >= 0 and st + rt + dt > lt then return i - 1 end
+end
+for i = 1, n do
+  local h, z = KEYS[2 * i - 1], KEYS[2 * i]
+  local b = 3 + (i - 1) * 5
+  local du, dt, ttl = ARGV[b + 3], ARGV[b + 4], ARGV[b + 5]
+  redis.call('HINCRBY', h, 'ru', du)
+  redis.call('HINCRBY', h, 'rt', dt)
+  redis.call('HSET', h, 'lu:' .. lid, du, 'lt:' .. lid, dt)
+  redis.call('ZADD', z, exp, lid)
+  redis.call('PEXPIRE', h, ttl)
+  redis.call('PEXPIRE', z, ttl)
+end
+return -1
+"""
+)
+
+SETTLE = """
+local lid, usd, tok = ARGV[1], ARGV[2], ARGV[3]
+for i = 1, #KEYS / 2 do
+  local h, z = KEYS[2 * i - 1], KEYS[2 * i]
+  if redis.call('ZREM', z, lid) == 1 then
+    local u = tonumber(redis.call('HGET', h, 'lu:' .. lid) or '0')
+    local t = tonumber(redis.call('HGET', h, 'lt:' .. lid) or '0')
+    redis.call('HINCRBY', h, 'ru', 0 - u)
+    redis.call('HINCRBY', h, 'rt', 0 - t)
+    redis.call('HDEL', h, 'lu:' .. lid, 'lt:' .. lid)
+  end
+  redis.call('HINCRBY', h, 'su', usd)
+  redis.call('HINCRBY', h, 'st', tok)
+  redis.call('PEXPIRE', h, ARGV[3 + i])
+end
+return 0
+"""
+
+COUNTER = (
+    _PURGE
+    + """
+purge(KEYS[1], KEYS[2], tonumber(ARGV[1]))
+return redis.call('HMGET', KEYS[1], 'su', 'st', 'ru', 'rt')
+"""
+)
+
+TAKE = """
+local now = tonumber(ARGV[1])
+local wait = 0
+local levels = {}
+for i = 1, #KEYS do
+  local b = 1 + (i - 1) * 3
+  local cap, rate, cost = tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3])
+  local v = redis.call('HMGET', KEYS[i], 'l', 't')
+  local level, at = cap, now
+  if v[1] then level, at = tonumber(v[1]), tonumber(v[2]) end
+  local dt = now - at
+  if dt < 0 then dt = 0 end
+  level = math.min(cap, level + dt * rate)
+  levels[i] = level
+  if level < cost then
+    local w = 60
+    if rate > 0 then w = (cost - level) / rate end
+    if w > wait then wait = w end
+  end
+end
+if wait > 0 then return tostring(wait) end
+for i = 1, #KEYS do
+  local b = 1 + (i - 1) * 3
+  local cap, rate, cost = tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3])
+  redis.call('HSET', KEYS[i], 'l', tostring(levels[i] - cost), 't', tostring(now))
+  local ttl = 60000
+  if rate > 0 then ttl = math.ceil(cap / rate * 1000) + 1000 end
+  redis.call('PEXPIRE', KEYS[i], ttl)
+end
+return '0'
+"""
+
+
+def _limit(v: float | int | None, scale: float = 1.0) -> str:
+    return "-1" if v is None else str(round(v * scale))
+
+
+def _nano(usd: float) -> str:
+    return str(round(usd * NANO))
+
+
+def _ms(seconds: float) -> str:
+    return str(max(1, int(seconds * 1000)))
+
+
+class RedisStore:
+    """`AdmissionStore` on Redis (``redis.asyncio``), atomic through Lua scripts."""
+
+    def __init__(self, url: str, prefix: str = "inferplane:") -> None:
+        self.r: aioredis.Redis = aioredis.Redis.from_url(url, decode_responses=True)
+        self.p = prefix
+        self._reserve = self.r.register_script(RESERVE)
+        self._settle = self.r.register_script(SETTLE)
+        self._counter = self.r.register_script(COUNTER)
+        self._take = self.r.register_script(TAKE)
+
+    def _keys(self, counters: Sequence[CounterDemand]) -> list[str]:
+        return [k for d in counters for k in (f"{self.p}c:{d.key}", f"{self.p}z:{d.key}")]
+
+    async def ping(self) -> bool:
+        return bool(await self.r.ping())
+
+    async def reserve(
+        self, counters: Sequence[CounterDemand], lease_id: str, expires_at: float, now: float
+    ) -> int:
+        if not counters:
+            return -1
+        args: list[str] = [repr(now), repr(expires_at), lease_id]
+        for d in counters:
+            args += [
+                _limit(d.limit_usd, NANO),
+                _limit(d.limit_tokens),
+                _nano(d.usd),
+                str(d.tokens),
+                _ms(d.ttl_s),
+            ]
+        return int(await self._reserve(keys=self._keys(counters), args=args))
+
+    async def settle(
+        self,
+        counters: Sequence[CounterDemand],
+        lease_id: str,
+        usd: float,
+        tokens: int,
+        now: float,
+    ) -> None:
+        if not counters:
+            return
+        args = [lease_id, _nano(usd), str(tokens)] + [_ms(d.ttl_s) for d in counters]
+        await self._settle(keys=self._keys(counters), args=args)
+
+    async def counter(self, key: str, now: float) -> CounterState:
+        v: list[Any] = await self._counter(
+            keys=[f"{self.p}c:{key}", f"{self.p}z:{key}"], args=[repr(now)]
+        )
+        su, st, ru, rt = (x or "0" for x in v)
+        return CounterState(int(su) / NANO, int(st), int(ru) / NANO, int(rt))
+
+    async def take(self, buckets: Sequence[BucketDemand], now: float) -> float:
+        if not buckets:
+            return 0.0
+        args = [repr(now)]
+        for b in buckets:
+            args += [repr(b.capacity), repr(b.rate_per_s), repr(b.cost)]
+        return float(await self._take(keys=[f"{self.p}b:{b.key}" for b in buckets], args=args))
+
+    async def mark_seen(self, key: str, ttl_s: float, now: float) -> bool:
+        fresh = await self.r.set(f"{self.p}m:{key}", "1", nx=True, px=int(_ms(ttl_s)))
+        return not fresh
+
+    async def incr(self, key: str, ttl_s: float, now: float) -> int:
+        k = f"{self.p}i:{key}"
+        n = int(await self.r.incr(k))
+        if n == 1:
+            await self.r.pexpire(k, int(_ms(ttl_s)))
+        return n
+
+    async def add_usage(
+        self, tenant: str, group: Sequence[str], usd: float, prompt: int, completion: int
+    ) -> None:
+        k = f"{self.p}u:{tenant}"
+        g = SEP.join(group)
+        async with self.r.pipeline(transaction=True) as pipe:
+            pipe.hincrbyfloat(k, g + "\x1eusd", usd)
+            pipe.hincrby(k, g + "\x1ep", prompt)
+            pipe.hincrby(k, g + "\x1ec", completion)
+            pipe.hincrby(k, g + "\x1en", 1)
+            await pipe.execute()
+
+    async def usage(self, tenant: str) -> list[UsageRow]:
+        raw = cast(dict[str, str], await self.r.hgetall(f"{self.p}u:{tenant}"))
+        rows: dict[str, dict[str, str]] = {}
+        for field, value in raw.items():
+            g, _, what = field.rpartition("\x1e")
+            rows.setdefault(g, {})[what] = value
+        return [
+            UsageRow(
+                tuple(g.split(SEP)),
+                float(v.get("usd", 0)),
+                int(v.get("p", 0)),
+                int(v.get("c", 0)),
+                int(v.get("n", 0)),
+            )
+            for g, v in rows.items()
+        ]
+
+    async def close(self) -> None:
+        await self.r.aclose()

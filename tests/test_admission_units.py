@@ -1,0 +1,326 @@
+"""Unit tests of each admission mechanism: table-driven, with injected clocks."""
+
+from __future__ import annotations
+
+import asyncio
+import calendar
+from datetime import datetime
+from typing import Any
+
+import pytest
+
+from inferplane.admission import limits
+from inferplane.admission.budget import Budgets, WorstCase, window_bounds
+from inferplane.admission.queue import FairQueue, Grant, QueueTimeoutError
+from inferplane.admission.retry import RetryBudget, retry_key
+from inferplane.admission.state import BucketDemand, CounterDemand, MemoryStore
+from inferplane.config.loader import parse_config
+from inferplane.config.schema import (
+    AdmissionSpec,
+    BudgetSpec,
+    RetryPolicy,
+    TenantSpec,
+    WorkloadClass,
+)
+from inferplane.errors import BudgetExceededError, InvalidRequestError, RateLimitError
+from inferplane.fleet.model import Fleet
+from inferplane.placement.profile import RequestProfile
+
+H = "sha256:" + "ab" * 32
+
+
+def ts(s: str) -> float:
+    return float(calendar.timegm(datetime.fromisoformat(s).timetuple()))
+
+
+def tenant(**kw: Any) -> TenantSpec:
+    return TenantSpec(name="t", api_keys=[H], **kw)
+
+
+# -- windows --------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("window", "now", "start", "end"),
+    [
+        ("minute", "2025-03-04T10:11:12", "2025-03-04T10:11:00", "2025-03-04T10:12:00"),
+        ("day", "2025-03-04T10:11:12", "2025-03-04T00:00:00", "2025-03-05T00:00:00"),
+        ("month", "2025-03-04T10:11:12", "2025-03-01T00:00:00", "2025-04-01T00:00:00"),
+        ("month", "2025-12-31T23:59:59", "2025-12-01T00:00:00", "2026-01-01T00:00:00"),
+    ],
+)
+def test_window_bounds(window: Any, now: str, start: str, end: str) -> None:
+    assert window_bounds(window, ts(now)) == (ts(start), ts(end))
+
+
+# -- budget counters with leases ------------------------------------------------------------
+def demand(usd: float, tokens: int = 0, limit_usd: float | None = 1.0,
+           limit_tokens: int | None = None, key: str = "c") -> CounterDemand:
+    return CounterDemand(key, limit_usd, limit_tokens, usd, tokens, 3600.0)
+
+
+@pytest.mark.parametrize(
+    ("steps", "expected"),
+    [
+        # (op, arg, now) ; reserve returns -1 ok / index
+        ([("reserve", 0.6, 0), ("reserve", 0.5, 1)], [-1, 0]),
+        ([("reserve", 0.6, 0), ("settle", 0.1, 1), ("reserve", 0.5, 2)], [-1, None, -1]),
+        # the first lease expires at 100 (ttl 100): its reservation stops counting
+        ([("reserve", 0.6, 0), ("reserve", 0.5, 99), ("reserve", 0.5, 100)], [-1, 0, -1]),
+        ([("reserve", 1.0, 0)], [-1]),
+        ([("reserve", 1.01, 0)], [0]),
+    ],
+)
+async def test_counter_reserve_settle_expire(steps: list[tuple[str, float, float]],
+                                             expected: list[int | None]) -> None:
+    s = MemoryStore()
+    got: list[int | None] = []
+    for i, (op, arg, now) in enumerate(steps):
+        if op == "reserve":
+            got.append(await s.reserve([demand(arg)], f"l{i}", now + 100, now))
+        else:
+            await s.settle([demand(0)], "l0", arg, 0, now)
+            got.append(None)
+    assert got == expected
+
+
+async def test_reserve_is_all_or_nothing_across_counters() -> None:
+    s = MemoryStore()
+    a = demand(0.5, key="a")
+    b = demand(0.5, limit_usd=0.4, key="b")
+    assert await s.reserve([a, b], "l", 100, 0) == 1
+    assert (await s.counter("a", 0)).reserved_usd == 0.0  # nothing taken from "a" either
+
+
+async def test_settle_after_expiry_counts_spend_once() -> None:
+    s = MemoryStore()
+    await s.reserve([demand(0.5, 10, limit_tokens=100)], "l", 10, 0)
+    await s.settle([demand(0.5)], "l", 0.2, 7, 20)  # lease expired at 10
+    st = await s.counter("c", 20)
+    assert (st.spent_usd, st.spent_tokens, st.reserved_usd, st.reserved_tokens) == (0.2, 7, 0, 0)
+
+
+async def test_budget_error_names_window_reset_and_retry_after() -> None:
+    b = Budgets(MemoryStore(), lease_ttl_s=60)
+    t = tenant(budgets=[BudgetSpec(scope="tenant", window="day", usd=1.0)])
+    now = ts("2025-03-04T23:00:00")
+    await b.reserve(t, H, None, 0.9, 10, "a", now)
+    with pytest.raises(BudgetExceededError) as e:
+        await b.reserve(t, H, None, 0.2, 10, "b", now)
+    assert e.value.status == 429 and e.value.code == "budget_exceeded"
+    assert e.value.headers["Retry-After"] == "3600"
+    assert "2025-03-05T00:00:00Z" in e.value.message and "day" in e.value.message
+
+
+async def test_workflow_and_key_budgets_are_separate_counters() -> None:
+    b = Budgets(MemoryStore(), lease_ttl_s=60)
+    t = tenant(budgets=[BudgetSpec(scope="workflow", window="minute", tokens=100),
+                        BudgetSpec(scope="key", window="minute", tokens=150)])
+    await b.reserve(t, H, "wf-1", 0.0, 100, "a", 0)
+    with pytest.raises(BudgetExceededError, match="workflow 'wf-1'"):
+        await b.reserve(t, H, "wf-1", 0.0, 1, "b", 0)
+    await b.reserve(t, H, "wf-2", 0.0, 50, "c", 0)
+    with pytest.raises(BudgetExceededError, match="this API key"):
+        await b.reserve(t, H, "wf-3", 0.0, 1, "d", 0)
+    await b.reserve(t, H, None, 0.0, 0, "e", 0)  # no workflow: workflow budgets do not apply
+
+
+# -- worst case -----------------------------------------------------------------------------
+FLEET = """
+substrates:
+  - {name: api, kind: provider-api, hardware: h100, region: r1, jurisdiction: us,
+     cost: {input_per_mtok: 3.0, output_per_mtok: 15.0},
+     endpoints: [{name: a, url: "http://127.0.0.1:1",
+                  models: [{name: m, profile: llama-3.1-8b, max_context: 8192}]}]}
+  - {name: gpu, kind: gpu, hardware: h100, region: r1, jurisdiction: eu,
+     cost: {hourly_usd: 3.6},
+     endpoints: [{name: b, url: "http://127.0.0.1:2", max_concurrency: 10,
+                  models: [{name: m, profile: llama-3.1-8b, max_context: 8192}]}]}
+"""
+
+
+@pytest.mark.parametrize(
+    ("jur", "prompt", "max_out", "usd"),
+    [
+        (None, 1000, 1000, (1000 * 3 + 1000 * 15) / 1e6),  # the per-token API is dearer
+        (frozenset({"us"}), 1000, 100, (1000 * 3 + 100 * 15) / 1e6),
+        # hourly: 3.6 $/h / 3600 × (1000 × 0.5 ms + 100 × 50 ms) / 10 slots
+        (frozenset({"eu"}), 1000, 100, 3.6 / 3600 * (0.5 + 5.0) / 10),
+    ],
+)
+def test_worst_case_usd(jur: frozenset[str] | None, prompt: int, max_out: int,
+                        usd: float) -> None:
+    cfg = parse_config(FLEET)
+    wc = WorstCase(Fleet.from_config(cfg), AdmissionSpec(), 600.0)
+    p = RequestProfile("r", "t", "m", prompt_tokens=prompt, max_output_tokens=max_out,
+                       allowed_jurisdictions=jur)
+    assert wc.usd(p) == pytest.approx(usd)
+
+
+# -- token buckets --------------------------------------------------------------------------
+async def test_bucket_all_or_nothing_and_refill() -> None:
+    s = MemoryStore()
+    rpm = BucketDemand("r", 2, 2 / 60, 1)
+    tpm = BucketDemand("t", 100, 100 / 60, 60)
+    assert await s.take([rpm, tpm], 0) == 0
+    wait = await s.take([rpm, tpm], 0)  # tokens: 40 left, needs 60 → 20 / (100/60) = 12 s
+    assert wait == pytest.approx(12.0)
+    assert await s.take([rpm], 0) == 0  # the rpm bucket was not charged by the failed take
+    assert await s.take([rpm], 0) == pytest.approx(30.0)
+    assert await s.take([rpm], 30) == 0
+
+
+def test_buckets_reject_request_larger_than_tpm() -> None:
+    from inferplane.config.schema import RateLimitSpec
+
+    t = tenant(rate_limits=[RateLimitSpec(tokens_per_min=100)])
+    with pytest.raises(InvalidRequestError, match="tokens per minute"):
+        limits.buckets(t, H, 101)
+    assert len(limits.buckets(t, H, 100)) == 1
+
+
+# -- ceilings -------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("body", "cls_cap", "ten_cap", "policy", "expected", "clamped", "field"),
+    [
+        ({"max_tokens": 500}, 100, None, "clamp", 100, "500->100", "max_tokens"),
+        ({"max_tokens": 500}, 1000, 200, "clamp", 200, "500->200", "max_tokens"),
+        ({"max_tokens": 50}, 100, None, "clamp", 50, None, None),  # untouched, no rewrite
+        ({}, None, None, "clamp", 1024, None, "max_tokens"),  # class default injected
+        ({}, 100, None, "clamp", 100, None, "max_tokens"),  # default above ceiling
+        ({"max_completion_tokens": 900}, 300, None, "clamp", 300, "900->300",
+         "max_completion_tokens"),
+        ({"max_tokens": 500}, 100, None, "reject", "error", None, None),
+    ],
+)
+def test_ceiling(body: dict[str, Any], cls_cap: int | None, ten_cap: int | None, policy: Any,
+                 expected: Any, clamped: str | None, field: str | None) -> None:
+    cls = WorkloadClass(name="c", max_tokens_ceiling=cls_cap)
+    t = tenant(max_tokens_ceiling=ten_cap, max_tokens_policy=policy)
+    b = dict(body)
+    if expected == "error":
+        with pytest.raises(InvalidRequestError) as e:
+            limits.apply_ceiling("chat", b, 1024, cls, t)
+        assert e.value.param == "max_tokens" and e.value.status == 400
+        return
+    c = limits.apply_ceiling("chat", b, 1024, cls, t)
+    assert (c.max_tokens, c.clamped, c.rewrite) == (expected, clamped, field is not None)
+    if field is not None:
+        assert b[field] == expected
+
+
+# -- headers --------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("header", "value", "fn"),
+    [
+        ("x-inferplane-workflow", "", limits.workflow_header),
+        ("x-inferplane-workflow", "a b", limits.workflow_header),
+        ("x-inferplane-workflow", "x" * 129, limits.workflow_header),
+        ("Idempotency-Key", "has space", limits.idempotency_header),
+        ("x-inferplane-agent-step", "-1", limits.agent_step),
+        ("x-inferplane-agent-step", "1.5", limits.agent_step),
+    ],
+)
+def test_bad_admission_headers_name_the_header(header: str, value: str, fn: Any) -> None:
+    with pytest.raises(InvalidRequestError) as e:
+        fn({header: value})
+    assert e.value.param == header and header in e.value.message
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ({"messages": [{"role": "user"}]}, (0, 0)),
+        ({"tools": [{}, {}, {}], "messages": [{"role": "user"}]}, (3, 0)),
+        ({"tools": [{}], "messages": [{"role": "tool"}, {"role": "assistant"}, {"role": "tool"},
+                                      {"role": "tool"}]}, (1, 2)),
+    ],
+)
+def test_tool_fanout(body: dict[str, Any], expected: tuple[int, int]) -> None:
+    assert limits.tool_fanout("chat", body) == expected
+
+
+# -- retries --------------------------------------------------------------------------------
+def test_retry_key_prefers_idempotency_key() -> None:
+    assert retry_key("t", H, "k1", b"a") == retry_key("t", H, "k1", b"b")
+    assert retry_key("t", H, None, b"a") != retry_key("t", H, None, b"b")
+    assert retry_key("t", H, None, b"a") == retry_key("t", H, None, b"a")
+
+
+def test_retry_budget_ratio_and_minimum() -> None:
+    now = [0.0]
+    rb = RetryBudget(RetryPolicy(budget_ratio=0.1, budget_min_per_s=0.2, budget_window_s=10),
+                     clock=lambda: now[0])
+    for _ in range(100):
+        rb.record_request()
+    # allowance = 0.2 × 10 + 0.1 × 100 = 12
+    assert [rb.try_acquire() for _ in range(13)].count(True) == 12
+    now[0] = 10.5  # the window slid past everything
+    assert rb.allowance() == pytest.approx(2.0)
+    assert rb.try_acquire() and rb.try_acquire() and not rb.try_acquire()
+
+
+# -- priority and fairness ------------------------------------------------------------------
+class Slots:
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __call__(self, pool: object) -> int:
+        return self.n
+
+
+async def test_queue_strict_priority_then_fair_share() -> None:
+    slots = Slots(0)
+    q = FairQueue(slots, clock=lambda: 0.0)
+    order: list[str] = []
+
+    async def req(tenant: str, band: str, tag: str) -> None:
+        g = await q.acquire(tenant, band, "p", 10, 5.0)
+        order.append(tag)
+        g.started()
+
+    arrivals = [("heavy", "sheddable", "h-shed")] + [
+        ("heavy", "standard", f"h{i}") for i in range(1, 5)] + [
+        ("light", "standard", "l1"), ("light", "standard", "l2"), ("light", "critical", "l-crit")]
+    tasks = []
+    for a in arrivals:
+        tasks.append(asyncio.create_task(req(*a)))
+        await asyncio.sleep(0)
+    for i in range(len(arrivals)):
+        slots.n = 1
+        q.pump()
+        slots.n = 0
+        for _ in range(50):  # let the granted waiter run
+            if len(order) > i:
+                break
+            await asyncio.sleep(0)
+    await asyncio.gather(*tasks)
+    # critical first (its 10 tokens count for "light"); standard alternates by virtual tokens
+    # served (ties to the older head) instead of FIFO h1..h4 then l1, l2; sheddable last.
+    assert order == ["l-crit", "h1", "h2", "l1", "h3", "l2", "h4", "h-shed"]
+
+
+async def test_queue_deadline_and_shedding() -> None:
+    q = FairQueue(Slots(0), max_waiting=1, clock=lambda: 0.0)
+    with pytest.raises(QueueTimeoutError) as e:
+        await q.acquire("a", "standard", "p", 1, 0.0)
+    assert e.value.status == 503 and "Retry-After" in e.value.headers
+    low = asyncio.create_task(q.acquire("a", "sheddable", "p", 1, 5.0))
+    await asyncio.sleep(0)
+    high = asyncio.create_task(q.acquire("b", "standard", "p", 1, 5.0))
+    await asyncio.sleep(0)
+    with pytest.raises(RateLimitError, match="shed"):
+        await low  # the sheddable waiter made room for the standard one
+    with pytest.raises(RateLimitError, match="none ranks below"):
+        await q.acquire("c", "standard", "p", 1, 5.0)  # nothing below it to shed
+    high.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await high
+    assert q.waiting == 0
+
+
+async def test_queue_pending_grants_count_against_room() -> None:
+    q = FairQueue(Slots(1), clock=lambda: 0.0)
+    g = await q.acquire("a", "standard", "p", 1, 1.0)
+    assert isinstance(g, Grant) and q.room("p") == 0
+    g.started()
+    g.started()  # idempotent
+    assert q.room("p") == 1
