@@ -44,6 +44,40 @@ def builtin_defaults() -> dict[str, Any]:
     return data
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key repeated in one mapping is an error (PyYAML keeps
+    the last one silently, hiding a typo or a pasted duplicate)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *base` may be overridden by explicit keys
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+            except TypeError:
+                continue  # unhashable: the constructor reports it
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping",
+                    node.start_mark,
+                    f"duplicate key {key!r}",
+                    key_node.start_mark,
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _entry_name(entry: Any) -> str | None:
+    """The name an entry is merged by (``name``, else ``type``); None when it has no string name
+    (the schema then reports what is wrong with it)."""
+    if not isinstance(entry, dict):
+        return None
+    name = entry.get("name") or entry.get("type")
+    return name if isinstance(name, str) else None
+
+
 def _merge_defaults(raw: dict[str, Any]) -> dict[str, Any]:
     merged = dict(raw)
     defaults = builtin_defaults()
@@ -52,10 +86,8 @@ def _merge_defaults(raw: dict[str, Any]) -> dict[str, Any]:
         if own is not None and not isinstance(own, list):
             continue  # the schema reports the wrong type with its path
         own_list: list[Any] = list(own or [])
-        names = {(e.get("name") or e.get("type")) for e in own_list if isinstance(e, dict)}
-        extra = [
-            e for e in defaults.get(section, []) if (e.get("name") or e.get("type")) not in names
-        ]
+        names = {_entry_name(e) for e in own_list}
+        extra = [e for e in defaults.get(section, []) if _entry_name(e) not in names]
         merged[section] = own_list + extra
     return merged
 
@@ -63,7 +95,7 @@ def _merge_defaults(raw: dict[str, Any]) -> dict[str, Any]:
 def parse_config(text: str, file: str = "<config>", *, with_defaults: bool = True) -> FleetConfig:
     """Parse YAML text into a checked `FleetConfig`, or raise `ConfigError`."""
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -1,0 +1,126 @@
+"""Shared builders for unit tests: a small fleet in YAML, configs, snapshots and profiles.
+
+Everything is built in code from a YAML string through the real loader (`parse_config`) and
+`Fleet.from_config`, so tests exercise the same path as the gateway.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from functools import cache
+from typing import Any
+
+from inferplane.config.loader import parse_config
+from inferplane.config.schema import FleetConfig
+from inferplane.fleet.model import Fleet
+from inferplane.fleet.state import EndpointState, EndpointView, FleetSnapshot
+from inferplane.placement.profile import RequestProfile
+
+
+def key_hash(key: str) -> str:
+    """The stored form of an API key (same as `inferplane hash-key`)."""
+    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+
+
+# The smallest file the loader accepts: one substrate with one endpoint.
+MINIMAL_YAML = """\
+substrates:
+  - name: s
+    kind: gpu
+    hardware: h100
+    region: eu-west
+    jurisdiction: eu
+    cost: {hourly_usd: 3.0}
+    endpoints:
+      - name: e
+        url: http://127.0.0.1:9001
+        models: [{name: llama-3.1-8b, max_context: 8192}]
+"""
+
+# A small two-region fleet: three 8B endpoints (two in the EU, one in the US) and one 32B
+# endpoint with a larger context window, plus two tenants.
+SMALL_FLEET_YAML = f"""\
+gateway:
+  seed: 7
+regions:
+  - {{name: eu-west, rtt_ms: {{us-east: 80}}}}
+  - {{name: us-east}}
+substrates:
+  - name: eu-h100
+    kind: gpu
+    hardware: h100
+    region: eu-west
+    jurisdiction: eu
+    cost: {{hourly_usd: 3.0}}
+    endpoints:
+      - name: eu-0
+        url: http://127.0.0.1:9001
+        models: [{{name: llama-3.1-8b, max_context: 8192}}]
+      - name: eu-1
+        url: http://127.0.0.1:9002
+        models: [{{name: llama-3.1-8b, max_context: 8192, variant: instruct}}]
+  - name: us-h200
+    kind: gpu
+    hardware: h200
+    region: us-east
+    jurisdiction: us
+    capacity_class: burst
+    cost: {{input_per_mtok: 0.1, output_per_mtok: 0.3}}
+    endpoints:
+      - name: us-0
+        url: http://127.0.0.1:9003
+        models:
+          - {{name: llama-3.1-8b, max_context: 32768}}
+          - {{name: qwen3-32b, max_context: 32768}}
+tenants:
+  - name: acme
+    api_keys: ["{key_hash("sk-acme")}"]
+    allowed_jurisdictions: [eu, us]
+    region: eu-west
+  - name: globex
+    api_keys: ["{key_hash("sk-globex")}"]
+    default_class: batch
+"""
+
+
+def config(text: str = SMALL_FLEET_YAML, file: str = "fleet.yaml") -> FleetConfig:
+    """A checked config from YAML text (built-in classes, plugins and profiles merged)."""
+    return parse_config(text, file)
+
+
+@cache
+def fleet(text: str = SMALL_FLEET_YAML) -> Fleet:
+    """The static fleet of a YAML file (cached: a `Fleet` is immutable and shared)."""
+    return Fleet.from_config(config(text))
+
+
+def state(**fields: Any) -> EndpointState:
+    """An endpoint state with fresh metrics unless told otherwise."""
+    fields.setdefault("stale", False)
+    return EndpointState(**fields)
+
+
+def snapshot(
+    the_fleet: Fleet | None = None,
+    states: Mapping[str, EndpointState] | None = None,
+    *,
+    now: float = 100.0,
+    version: int = 1,
+) -> FleetSnapshot:
+    """A snapshot of ``the_fleet`` (default: the small fleet); endpoints not named in
+    ``states`` get a healthy, idle, fresh state."""
+    f = the_fleet if the_fleet is not None else fleet()
+    states = states or {}
+    views = tuple(EndpointView(e, states.get(e.name, state())) for e in f.endpoints)
+    return FleetSnapshot(fleet=f, endpoints=views, now=now, version=version)
+
+
+def profile(**fields: Any) -> RequestProfile:
+    """A request profile for llama-3.1-8b from tenant acme unless told otherwise."""
+    fields.setdefault("request_id", "req-1")
+    fields.setdefault("tenant", "acme")
+    fields.setdefault("model", "llama-3.1-8b")
+    fields.setdefault("prompt_tokens", 100)
+    fields.setdefault("max_output_tokens", 100)
+    return RequestProfile(**fields)

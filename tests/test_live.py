@@ -1,0 +1,379 @@
+"""Live fleet state (fleet/live.py) on an injected clock, and the scraper (fleet/scraper.py) fed
+by the in-memory `StaticMetricsSource`."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from inferplane.fleet.engine_metrics import EngineMetrics, parse_vllm
+from inferplane.fleet.live import LatencyWindow, LiveFleet
+from inferplane.fleet.model import Endpoint
+from inferplane.fleet.scraper import Scraper, StaticMetricsSource
+from tests.builders import fleet
+
+VLLM = (Path(__file__).parent / "fixtures" / "metrics" / "vllm.txt").read_text()
+
+
+class Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self, t: float = 1000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, dt: float) -> None:
+        self.t += dt
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def live(clock: Clock) -> LiveFleet:
+    return LiveFleet(fleet(), stale_after_s=2.0, clock=clock, refresh_s=0.05)
+
+
+def endpoint(live: LiveFleet, name: str) -> Endpoint:
+    return live.fleet.by_name[name]
+
+
+# -- staleness ---------------------------------------------------------------------------------
+
+
+def test_never_scraped_is_stale_without_engine_signals(live: LiveFleet) -> None:
+    s = live.snapshot().by_name["eu-0"].state
+    assert s.stale and s.metrics_age_s is None
+    assert s.running is None and s.waiting is None and s.kv_usage is None
+    assert s.queue_depth == 0.0 and s.healthy and s.usable
+
+
+@pytest.mark.parametrize(
+    ("age", "stale"), [(0.0, False), (1.9, False), (2.0, False), (2.01, True), (60.0, True)]
+)
+def test_stale_after_limit(live: LiveFleet, clock: Clock, age: float, stale: bool) -> None:
+    live.update_metrics("eu-0", EngineMetrics(running=2.0, waiting=5.0))
+    clock.advance(age)
+    s = live.state_of("eu-0", clock())
+    assert s.stale is stale
+    assert s.metrics_age_s == pytest.approx(age)
+    assert s.waiting == 5.0  # the value is kept; `stale` says not to trust it
+    assert s.queue_depth == (0.0 if stale else 5.0)
+
+
+def test_snapshot_turns_stale_as_time_passes(live: LiveFleet, clock: Clock) -> None:
+    live.update_metrics("eu-0", EngineMetrics(waiting=1.0))
+    assert not live.snapshot().by_name["eu-0"].state.stale
+    clock.advance(2.5)  # nothing written, but the refresh period has passed
+    assert live.snapshot().by_name["eu-0"].state.stale
+    live.update_metrics("eu-0", EngineMetrics(waiting=1.0))  # a fresh scrape
+    assert not live.snapshot().by_name["eu-0"].state.stale
+
+
+# -- health ------------------------------------------------------------------------------------
+
+
+async def test_health_flips_after_consecutive_failures_and_back_after_one_success(
+    live: LiveFleet,
+) -> None:
+    source = StaticMetricsSource()
+    scraper = Scraper(live, source, failures_to_down=3)
+    ep = endpoint(live, "eu-1")
+    verdicts: list[bool] = []
+    failures = 0
+    for ok in [False, False, True, False, False, False, False, True, True]:
+        source.health["eu-1"] = ok
+        failures = await scraper.probe_once(ep, failures)
+        verdicts.append(live.snapshot().by_name["eu-1"].state.healthy)
+    assert verdicts == [True, True, True, True, True, False, False, True, True]
+    assert live.snapshot().by_name["eu-0"].state.healthy  # others untouched
+
+
+async def test_one_failure_enough_when_configured(live: LiveFleet) -> None:
+    source = StaticMetricsSource()
+    source.health["us-0"] = False
+    scraper = Scraper(live, source, failures_to_down=1)
+    assert await scraper.probe_once(endpoint(live, "us-0"), 0) == 1
+    assert not live.snapshot().by_name["us-0"].state.usable
+
+
+def test_set_health_and_ejection(live: LiveFleet) -> None:
+    live.set_health("eu-0", False)
+    live.set_ejected("eu-1", True, "p99 TTFT 4x the fleet")
+    by = live.snapshot().by_name
+    assert not by["eu-0"].state.healthy
+    assert by["eu-1"].state.ejected and by["eu-1"].state.ejected_reason == "p99 TTFT 4x the fleet"
+    assert not by["eu-1"].state.usable
+    live.set_ejected("eu-1", False)
+    assert live.snapshot().by_name["eu-1"].state.usable
+
+
+# -- reservations and in-flight ------------------------------------------------------------------
+
+
+def test_reservation_released_exactly_once(live: LiveFleet) -> None:
+    r = live.reserve("eu-0", 300)
+    s = live.snapshot().by_name["eu-0"].state
+    assert (s.inflight, s.inflight_tokens, s.requests_total) == (1, 300, 1)
+    r.release()
+    r.release()  # idempotent: a second release (e.g. `finally` after an error path) is a no-op
+    s = live.snapshot().by_name["eu-0"].state
+    assert (s.inflight, s.inflight_tokens, s.requests_total) == (0, 0, 1)
+    assert r.released
+
+
+def test_inflight_counters(live: LiveFleet) -> None:
+    rs = [live.reserve("eu-0", 100), live.reserve("eu-0", 50), live.reserve("us-0", 10)]
+    by = live.snapshot().by_name
+    assert (by["eu-0"].state.inflight, by["eu-0"].state.inflight_tokens) == (2, 150)
+    assert (by["us-0"].state.inflight, by["eu-1"].state.inflight) == (1, 0)
+    rs[1].release()
+    by = live.snapshot().by_name
+    assert (by["eu-0"].state.inflight, by["eu-0"].state.inflight_tokens) == (1, 100)
+    for r in rs:
+        r.release()
+    by = live.snapshot().by_name
+    assert all(v.state.inflight == 0 and v.state.inflight_tokens == 0 for v in by.values())
+    assert by["eu-0"].state.requests_total == 2 and by["us-0"].state.requests_total == 1
+
+
+def test_release_in_finally_even_on_error(live: LiveFleet) -> None:
+    with pytest.raises(RuntimeError):
+        r = live.reserve("eu-1", 7)
+        try:
+            raise RuntimeError("upstream failed")
+        finally:
+            r.release()
+    r.release()
+    assert live.snapshot().by_name["eu-1"].state.inflight == 0
+
+
+# -- latency windows -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("samples", "q", "expected"),
+    [
+        ([], 50, None),
+        ([0.3], 50, 0.3),
+        ([0.3], 99, 0.3),
+        ([3.0, 1.0, 2.0], 0, 1.0),
+        ([3.0, 1.0, 2.0], 50, 2.0),
+        ([3.0, 1.0, 2.0], 100, 3.0),
+        ([float(i) for i in range(1, 101)], 50, 51.0),  # nearest rank of 0.5 * 99 = 49.5 → 50
+        ([float(i) for i in range(1, 101)], 99, 99.0),
+        ([1.0] * 99 + [50.0], 99, 1.0),
+        ([1.0] * 98 + [50.0, 60.0], 99, 50.0),
+    ],
+)
+def test_latency_percentiles(samples: list[float], q: float, expected: float | None) -> None:
+    w = LatencyWindow()
+    for x in samples:
+        w.add(x)
+    assert w.percentile(q) == expected
+    assert len(w) == len(samples)
+
+
+def test_latency_window_keeps_the_last_samples_and_recomputes() -> None:
+    w = LatencyWindow(size=3)
+    for x in (10.0, 20.0, 30.0):
+        w.add(x)
+    assert w.percentile(0) == 10.0
+    w.add(1.0)  # evicts 10.0; the sorted cache is dropped
+    assert len(w) == 3
+    assert (w.percentile(0), w.percentile(50), w.percentile(100)) == (1.0, 20.0, 30.0)
+
+
+def test_observed_latencies_reach_the_state(live: LiveFleet) -> None:
+    for ms in (100, 110, 120, 130, 900):
+        live.observe_ttft("eu-0", ms / 1000)
+    for ms in (10, 20, 30):
+        live.observe_itl("eu-0", ms / 1000)
+    s = live.state_of("eu-0", 0.0)
+    assert (s.ttft_p50_s, s.ttft_p99_s) == (0.12, 0.9)
+    assert (s.itl_p50_s, s.itl_p99_s) == (0.02, 0.03)
+    t = live.state_of("eu-1", 0.0)
+    assert t.ttft_p50_s is None and t.itl_p99_s is None
+
+
+# -- error rate ----------------------------------------------------------------------------------
+
+
+def test_error_rate(live: LiveFleet) -> None:
+    assert live.state_of("eu-0", 0.0).error_rate == 0.0
+    for ok in (True, False, True, True):
+        live.observe_outcome("eu-0", ok)
+    assert live.state_of("eu-0", 0.0).error_rate == 0.25
+    for _ in range(100):  # a window of the last 100 outcomes
+        live.observe_outcome("eu-0", True)
+    assert live.state_of("eu-0", 0.0).error_rate == 0.0
+    for _ in range(10):
+        live.observe_outcome("eu-0", False)
+    assert live.state_of("eu-0", 0.0).error_rate == pytest.approx(0.1)
+
+
+# -- snapshots -----------------------------------------------------------------------------------
+
+
+def test_snapshot_cached_while_nothing_changed(live: LiveFleet, clock: Clock) -> None:
+    a = live.snapshot()
+    clock.advance(0.01)
+    assert live.snapshot() is a
+    live.set_health("eu-0", True)  # no change: still cached
+    live.set_ejected("eu-0", False)
+    assert live.snapshot() is a
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda lv: lv.update_metrics("eu-0", EngineMetrics(running=1.0)),
+        lambda lv: lv.set_health("eu-1", False),
+        lambda lv: lv.set_ejected("us-0", True, "slow"),
+        lambda lv: lv.reserve("eu-0", 1),
+    ],
+    ids=["metrics", "health", "ejected", "reserve"],
+)
+def test_snapshot_rebuilt_after_a_change(live: LiveFleet, clock: Clock, change: object) -> None:
+    a = live.snapshot()
+    change(live)  # type: ignore[operator]
+    b = live.snapshot()
+    assert b is not a and b.version > a.version
+    assert live.snapshot() is b
+
+
+def test_snapshot_rebuilt_after_release(live: LiveFleet) -> None:
+    r = live.reserve("eu-0", 1)
+    a = live.snapshot()
+    r.release()
+    b = live.snapshot()
+    assert b is not a and b.by_name["eu-0"].state.inflight == 0
+    r.release()
+    assert live.snapshot() is b  # the second release changes nothing
+
+
+def test_snapshot_refreshed_after_refresh_period(live: LiveFleet, clock: Clock) -> None:
+    a = live.snapshot()
+    clock.advance(0.06)
+    b = live.snapshot()
+    assert b is not a and b.version == a.version and b.now == pytest.approx(a.now + 0.06)
+
+
+def test_observations_show_by_the_next_refresh(live: LiveFleet, clock: Clock) -> None:
+    a = live.snapshot()
+    live.observe_ttft("eu-0", 0.5)
+    live.observe_outcome("eu-0", False)
+    # Observations do not bump the version: the hot path keeps its cached snapshot ...
+    assert live.snapshot() is a
+    clock.advance(0.06)
+    s = live.snapshot().by_name["eu-0"].state  # ... until the refresh period passes
+    assert s.ttft_p50_s == 0.5 and s.error_rate == 1.0
+
+
+def test_snapshot_contents(clock: Clock) -> None:
+    index = object()
+    live = LiveFleet(fleet(), clock=clock, prefix_index=index)  # type: ignore[arg-type]
+    snap = live.snapshot()
+    assert snap.now == clock.t and snap.version == 0
+    assert snap.prefix_index is index and snap.fleet is live.fleet
+    assert [v.name for v in snap.endpoints] == ["eu-0", "eu-1", "us-0"]
+    assert [v.endpoint for v in snap.endpoints] == list(live.fleet.endpoints)
+
+
+# -- scraper -------------------------------------------------------------------------------------
+
+
+async def test_scraper_parses_the_vllm_fixture_into_the_snapshot(
+    live: LiveFleet, clock: Clock
+) -> None:
+    source = StaticMetricsSource()
+    source.texts["eu-0"] = VLLM
+    scraper = Scraper(live, source)
+    assert await scraper.scrape_once(endpoint(live, "eu-0")) is True
+    s = live.snapshot().by_name["eu-0"].state
+    assert not s.stale and s.metrics_age_s == 0.0
+    assert (s.running, s.waiting, s.queue_depth) == (25.0, 3.0, 3.0)
+    assert s.kv_usage == pytest.approx((0.6125 + 0.4375) / 2)
+    assert (s.block_size, s.num_gpu_blocks) == (16, 2 * 27_153)
+    assert s.prefix_queries_total == 1_843_712 + 1_769_984
+    assert s.prefix_hits_total == 1_021_440 + 987_136
+    expected = parse_vllm(VLLM)
+    assert (s.running, s.kv_usage) == (expected.running, expected.kv_usage)
+
+
+async def test_scrape_failure_keeps_the_last_metrics_to_age(live: LiveFleet, clock: Clock) -> None:
+    source = StaticMetricsSource()
+    source.texts["eu-0"] = VLLM
+    scraper = Scraper(live, source)
+    ep = endpoint(live, "eu-0")
+    await scraper.scrape_once(ep)
+    source.texts["eu-0"] = None  # the endpoint stops answering /metrics
+    clock.advance(1.0)
+    assert await scraper.scrape_once(ep) is False
+    s = live.snapshot().by_name["eu-0"].state
+    assert not s.stale and s.metrics_age_s == pytest.approx(1.0) and s.running == 25.0
+    clock.advance(1.5)
+    assert live.snapshot().by_name["eu-0"].state.stale
+
+
+async def test_prime_scrapes_and_probes_every_endpoint(live: LiveFleet) -> None:
+    source = StaticMetricsSource()
+    source.texts = {"eu-0": VLLM, "us-0": VLLM}
+    source.health = {"eu-1": False}
+    await Scraper(live, source).prime()
+    by = live.snapshot().by_name
+    assert not by["eu-0"].state.stale and not by["us-0"].state.stale and by["eu-1"].state.stale
+    assert by["eu-0"].state.healthy and not by["eu-1"].state.healthy
+
+
+async def test_loops_start_and_stop(live: LiveFleet) -> None:
+    source = StaticMetricsSource()
+    source.texts["eu-1"] = VLLM
+    source.health["us-0"] = False
+    scraper = Scraper(live, source, interval_s=0.001, health_interval_s=0.001, failures_to_down=2)
+    scraper.start()
+    try:
+        for _ in range(200):
+            by = live.snapshot().by_name
+            if by["eu-1"].state.running == 25.0 and not by["us-0"].state.healthy:
+                break
+            await asyncio.sleep(0.001)
+    finally:
+        await scraper.stop()
+    by = live.snapshot().by_name
+    assert by["eu-1"].state.running == 25.0
+    assert not by["us-0"].state.healthy
+    assert scraper._tasks == []
+
+
+async def test_a_failing_scrape_does_not_kill_the_loop(
+    live: LiveFleet, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Flaky(StaticMetricsSource):
+        calls = 0
+
+        async def metrics(self, ep: Endpoint) -> str | None:
+            if ep.name != "eu-0":
+                return None
+            Flaky.calls += 1
+            if Flaky.calls == 1:
+                raise RuntimeError("parser bug")
+            return VLLM
+
+    scraper = Scraper(live, Flaky(), interval_s=0.001)
+    scraper.start()
+    try:
+        for _ in range(200):
+            if live.snapshot().by_name["eu-0"].state.running == 25.0:
+                break
+            await asyncio.sleep(0.001)
+    finally:
+        await scraper.stop()
+    assert live.snapshot().by_name["eu-0"].state.running == 25.0
+    assert "scrape of eu-0 failed" in caplog.text
