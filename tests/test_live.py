@@ -206,16 +206,18 @@ def test_observed_latencies_reach_the_state(live: LiveFleet) -> None:
 
 
 def test_error_rate(live: LiveFleet) -> None:
+    """Error rate over the last 100 outcomes, recomputed at most every ``refresh_s``."""
     assert live.state_of("eu-0", 0.0).error_rate == 0.0
     for ok in (True, False, True, True):
         live.observe_outcome("eu-0", ok)
-    assert live.state_of("eu-0", 0.0).error_rate == 0.25
+    assert live.state_of("eu-0", 0.0).error_rate == 0.0  # not yet refreshed
+    assert live.state_of("eu-0", 1.0).error_rate == 0.25
     for _ in range(100):  # a window of the last 100 outcomes
         live.observe_outcome("eu-0", True)
-    assert live.state_of("eu-0", 0.0).error_rate == 0.0
+    assert live.state_of("eu-0", 2.0).error_rate == 0.0
     for _ in range(10):
         live.observe_outcome("eu-0", False)
-    assert live.state_of("eu-0", 0.0).error_rate == pytest.approx(0.1)
+    assert live.state_of("eu-0", 3.0).error_rate == pytest.approx(0.1)
 
 
 # -- snapshots -----------------------------------------------------------------------------------

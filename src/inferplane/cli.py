@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -43,11 +44,14 @@ def load_checked(path: Path):  # type: ignore[no-untyped-def]
 
 
 def run_until_signal(main: asyncio.Future[None] | None = None) -> asyncio.AbstractEventLoop:
+    loop: asyncio.AbstractEventLoop
     try:
+        if os.environ.get("INFERPLANE_EVENT_LOOP", "uvloop") != "uvloop":
+            raise ImportError
         import uvloop
 
-        loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
-    except ImportError:  # pragma: no cover
+        loop = uvloop.new_event_loop()
+    except ImportError:
         loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     return loop

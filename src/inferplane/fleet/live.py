@@ -65,6 +65,7 @@ class EndpointLive:
     """Mutable live record for one endpoint."""
 
     __slots__ = (
+        "dirty",
         "ejected",
         "ejected_reason",
         "healthy",
@@ -75,6 +76,8 @@ class EndpointLive:
         "metrics_at",
         "outcomes",
         "requests_total",
+        "stats",
+        "stats_at",
         "ttft",
     )
 
@@ -90,6 +93,28 @@ class EndpointLive:
         self.itl = LatencyWindow(1024)
         self.outcomes: deque[bool] = deque(maxlen=100)
         self.requests_total = 0
+        self.dirty = True
+        self.stats: tuple[float | None, float | None, float | None, float | None, float] = (
+            None,
+            None,
+            None,
+            None,
+            0.0,
+        )
+        self.stats_at = float("-inf")
+
+    def refresh_stats(self, now: float) -> None:
+        """Recompute the latency percentiles and error rate (sorting: done at most every
+        ``refresh_s``, not on every snapshot)."""
+        errors = sum(1 for ok in self.outcomes if not ok)
+        self.stats = (
+            self.ttft.percentile(50),
+            self.ttft.percentile(99),
+            self.itl.percentile(50),
+            self.itl.percentile(99),
+            errors / len(self.outcomes) if self.outcomes else 0.0,
+        )
+        self.stats_at = now
 
 
 class LiveFleet:
@@ -115,40 +140,41 @@ class LiveFleet:
         self._snapshot_at = 0.0
 
     # -- writers ---------------------------------------------------------------------------
-    def _touch(self) -> None:
+    def _touch(self, rec: EndpointLive) -> None:
+        rec.dirty = True
         self._version += 1
 
     def update_metrics(self, endpoint: str, metrics: EngineMetrics) -> None:
         rec = self.live[endpoint]
         rec.metrics = metrics
         rec.metrics_at = self.clock()
-        self._touch()
+        self._touch(rec)
 
     def set_health(self, endpoint: str, healthy: bool) -> None:
         rec = self.live[endpoint]
         if rec.healthy != healthy:
             rec.healthy = healthy
-            self._touch()
+            self._touch(rec)
 
     def set_ejected(self, endpoint: str, ejected: bool, reason: str = "") -> None:
         rec = self.live[endpoint]
         if rec.ejected != ejected or rec.ejected_reason != reason:
             rec.ejected, rec.ejected_reason = ejected, reason
-            self._touch()
+            self._touch(rec)
 
     def reserve(self, endpoint: str, tokens: int) -> Reservation:
         rec = self.live[endpoint]
         rec.inflight += 1
         rec.inflight_tokens += tokens
         rec.requests_total += 1
-        self._touch()
+        self._touch(rec)
         return Reservation(self, endpoint, tokens)
 
     def _release(self, endpoint: str, tokens: int) -> None:
         rec = self.live[endpoint]
         rec.inflight -= 1
         rec.inflight_tokens -= tokens
-        self._touch()
+        self._touch(rec)
 
     def observe_ttft(self, endpoint: str, seconds: float) -> None:
         self.live[endpoint].ttft.add(seconds)
@@ -161,16 +187,19 @@ class LiveFleet:
 
     # -- readers ---------------------------------------------------------------------------
     def state_of(self, endpoint: str, now: float) -> EndpointState:
+        """The endpoint's state at ``now`` (latency percentiles at most ``refresh_s`` old)."""
         rec = self.live[endpoint]
+        if now - rec.stats_at >= self.refresh_s:
+            rec.refresh_stats(now)
+        ttft50, ttft99, itl50, itl99, error_rate = rec.stats
         m = rec.metrics
         age = None if rec.metrics_at is None else now - rec.metrics_at
-        stale = age is None or age > self.stale_after_s
-        errors = sum(1 for ok in rec.outcomes if not ok)
+        rec.dirty = False
         return EndpointState(
             healthy=rec.healthy,
             ejected=rec.ejected,
             ejected_reason=rec.ejected_reason,
-            stale=stale,
+            stale=age is None or age > self.stale_after_s,
             metrics_age_s=age,
             running=m.running if m else None,
             waiting=m.waiting if m else None,
@@ -181,25 +210,35 @@ class LiveFleet:
             num_gpu_blocks=m.num_gpu_blocks if m else None,
             inflight=rec.inflight,
             inflight_tokens=rec.inflight_tokens,
-            ttft_p50_s=rec.ttft.percentile(50),
-            ttft_p99_s=rec.ttft.percentile(99),
-            itl_p50_s=rec.itl.percentile(50),
-            itl_p99_s=rec.itl.percentile(99),
-            error_rate=errors / len(rec.outcomes) if rec.outcomes else 0.0,
+            ttft_p50_s=ttft50,
+            ttft_p99_s=ttft99,
+            itl_p50_s=itl50,
+            itl_p99_s=itl99,
+            error_rate=error_rate,
             requests_total=rec.requests_total,
         )
 
     def snapshot(self) -> FleetSnapshot:
-        """The current immutable snapshot (cached while nothing changed)."""
+        """The current immutable snapshot.
+
+        Cached while nothing changed. After a change only the endpoints that changed get a new
+        state (a reservation touches one endpoint); every ``refresh_s`` all are rebuilt, which
+        re-evaluates staleness and the latency percentiles.
+        """
         now = self.clock()
         snap = self._snapshot
-        if (
-            snap is not None
-            and snap.version == self._version
-            and now - self._snapshot_at < self.refresh_s
-        ):
+        full = snap is None or now - self._snapshot_at >= self.refresh_s
+        if snap is not None and not full and snap.version == self._version:
             return snap
-        views = tuple(EndpointView(e, self.state_of(e.name, now)) for e in self.fleet.endpoints)
+        if snap is None or full:
+            views = tuple(EndpointView(e, self.state_of(e.name, now)) for e in self.fleet.endpoints)
+            self._snapshot_at = now
+        else:
+            live = self.live
+            views = tuple(
+                EndpointView(v.endpoint, self.state_of(v.name, now)) if live[v.name].dirty else v
+                for v in snap.endpoints
+            )
         snap = FleetSnapshot(
             fleet=self.fleet,
             endpoints=views,
@@ -207,5 +246,5 @@ class LiveFleet:
             version=self._version,
             prefix_index=self.prefix_index,
         )
-        self._snapshot, self._snapshot_at = snap, now
+        self._snapshot = snap
         return snap

@@ -26,10 +26,10 @@ class Endpoint:
     spec: EndpointSpec
     substrate: SubstrateSpec
     index: int
+    name: str = field(init=False)
 
-    @property
-    def name(self) -> str:
-        return self.spec.name
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "name", self.spec.name)
 
     @property
     def url(self) -> str:

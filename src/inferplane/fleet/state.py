@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Protocol
 
@@ -58,10 +58,10 @@ class EndpointView:
 
     endpoint: Endpoint
     state: EndpointState
+    name: str = field(init=False)  # stored, not a property: placement reads it a lot
 
-    @property
-    def name(self) -> str:
-        return self.endpoint.spec.name
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "name", self.endpoint.name)
 
 
 class PrefixIndexView(Protocol):

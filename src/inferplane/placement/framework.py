@@ -265,9 +265,13 @@ def place(
                     f"scorer {s.name!r} returned {len(values)} values "
                     f"for {len(candidates)} candidates"
                 )
+            name = s.name
             for i, v in enumerate(values):
-                v = 0.0 if v != v else min(1.0, max(0.0, v))  # NaN → 0, clamp to [0, 1]
-                per[i][s.name] = v
+                if not v > 0.0:  # also NaN
+                    v = 0.0
+                elif v > 1.0:
+                    v = 1.0
+                per[i][name] = v
                 totals[i] += weight * v
         scored = [Scored(c, totals[i], per[i]) for i, c in enumerate(candidates)]
         t0 = timer() if timer else 0.0

@@ -20,8 +20,6 @@ def prompt_block_hashes(
     prev = blake2b(model.encode(), digest_size=8).digest()
     out: list[int] = []
     for i in range(n):
-        h = blake2b(prev, digest_size=8)
-        h.update(data[i * block_chars : (i + 1) * block_chars])
-        prev = h.digest()
+        prev = blake2b(prev + data[i * block_chars : (i + 1) * block_chars], digest_size=8).digest()
         out.append(int.from_bytes(prev, "little"))
     return tuple(out)
