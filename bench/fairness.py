@@ -8,12 +8,14 @@ Tenant B ("victim") sends an open-loop Poisson stream at ``--rate`` req/s; tenan
 runs ``--flood`` closed-loop clients. Three runs, B measured each time:
 
 1. B alone;
-2. A floods, admission queue on (strict priority + VTC fair share inside the band);
+2. A floods, admission queue on (strict priority; fair shares of the pool's slots with a
+   reserve for tenants below their share; VTC inside a band);
 3. A floods, admission queue off (requests go straight to the upstream's FIFO queue).
 
 Target: P99 TTFT of B under flood within 20 % of B alone. Prints a markdown table.
 
     python bench/fairness.py [--seconds 15] [--slots 8] [--flood 64] [--rate 10]
+                             [--reserve-fraction F] [--no-fair-share]
 """
 
 from __future__ import annotations
@@ -70,11 +72,11 @@ def upstream_app(slots: int, ttft: float, itl: float) -> web.Application:
     return app
 
 
-def config(port: int, up: int, slots: int, queue: bool) -> str:
+def config(port: int, up: int, slots: int, queue: bool, fair: str = "") -> str:
     return f"""
 gateway: {{port: {port}, scrape_interval_s: 0.5, upstream_timeout_s: 60}}
 admission: {{queue: {{enabled: {str(queue).lower()}, default_deadline_ms: 30000,
-             max_waiting: 100000}}}}
+             max_waiting: 100000{fair}}}}}
 substrates:
   - {{name: pool, kind: gpu, hardware: h100, region: r1, jurisdiction: eu, cost: {{hourly_usd: 2}},
      endpoints: [{{name: up, url: "http://127.0.0.1:{up}", max_concurrency: {slots},
@@ -135,6 +137,10 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=10)
     ap.add_argument("--ttft", type=float, default=50, help="upstream TTFT, ms")
     ap.add_argument("--itl", type=float, default=5, help="upstream inter-token gap, ms")
+    ap.add_argument("--reserve-fraction", type=float,
+                    help="admission.queue.reserve_fraction (default: the gateway's)")
+    ap.add_argument("--no-fair-share", action="store_true",
+                    help="admission.queue.fair_share: false (VTC order only, as before issue 5 §6)")
     a = ap.parse_args()
     if a.serve_upstream:
         web.run_app(upstream_app(a.slots, a.ttft / 1e3, a.itl / 1e3), host="127.0.0.1",
@@ -150,7 +156,9 @@ def main() -> None:
         for name, queue, flood in [("B alone", True, 0), ("B + flood, queue on", True, a.flood),
                                    ("B + flood, queue off", False, a.flood)]:
             port = free_port()
-            (tmp / "gw.yaml").write_text(config(port, up, a.slots, queue))
+            fair = "" if a.reserve_fraction is None else f", reserve_fraction: {a.reserve_fraction}"
+            fair += ", fair_share: false" if a.no_fair_share else ""
+            (tmp / "gw.yaml").write_text(config(port, up, a.slots, queue, fair))
             g = Proc(["-m", "inferplane.cli", "serve", "--config", str(tmp / "gw.yaml"),
                       "--log-level", "warning"], tmp / f"gw-{port}.log")
             procs.append(g)
@@ -164,7 +172,9 @@ def main() -> None:
     alone = pct(results["B alone"], 99)
     print(f"\nfairness — {platform.node()}, Python {platform.python_version()}, {date.today()}; "
           f"upstream {a.slots} slots, TTFT {a.ttft:g} ms, ITL {a.itl:g} ms; victim "
-          f"{a.rate:g} req/s Poisson, flood {a.flood} closed-loop clients, {a.seconds:g} s\n")
+          f"{a.rate:g} req/s Poisson, flood {a.flood} closed-loop clients, {a.seconds:g} s; "
+          f"fair share {'off' if a.no_fair_share else 'on'}, reserve fraction "
+          f"{'default' if a.reserve_fraction is None else a.reserve_fraction}\n")
     print("| scenario | victim requests | P50 TTFT ms | P99 TTFT ms | P99 vs alone |")
     print("|---|---:|---:|---:|---:|")
     for name, xs in results.items():

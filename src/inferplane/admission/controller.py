@@ -15,7 +15,8 @@
 5. rate limits (token buckets, 429 + Retry-After);
 6. budgets: the worst case reserved atomically on every applicable counter (429
    ``budget_exceeded`` with the window's reset);
-7. priority queue while the pool is saturated (`admission.queue`).
+7. priority queue while the pool is saturated, with per-tenant fair shares of the pool's slots
+   (`admission.queue`).
 
 The returned `Ticket` must be passed to `Admission.finish` exactly once (idempotent): it settles
 the budget with the actual cost that `account` observed, gives back an unused queue slot,
@@ -119,7 +120,15 @@ class Admission:
         self.lease_ttl_s = timeout + longest_wait / 1000.0 + spec.lease_margin_s
         self.budgets = Budgets(self.store, self.lease_ttl_s)
         self.worst = WorstCase(live.fleet, spec, timeout)
-        self.queue = FairQueue(self.free_slots, max_waiting=spec.queue.max_waiting, clock=monotonic)
+        q = spec.queue
+        self.queue = FairQueue(
+            self.free_slots,
+            capacity=self.capacity if q.fair_share else None,
+            reserve_fraction=q.reserve_fraction,
+            active_window_s=q.active_window_s,
+            max_waiting=q.max_waiting,
+            clock=monotonic,
+        )
         self.retry_budget = RetryBudget(spec.retry, monotonic)
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -149,6 +158,16 @@ class Admission:
         if not views:
             return 1 << 30
         return sum(max(0, cap - inflight) for cap, inflight, _ in views)
+
+    def capacity(self, pool: PoolKey) -> int:
+        """The pool's concurrency envelope: Σ max_concurrency of its usable endpoints."""
+        return sum(cap for cap, _, _ in self._pool_views(pool))
+
+    def utilisation(self, pool: PoolKey) -> float:
+        """Gateway in-flight ÷ capacity over the pool's usable endpoints (1.0 when it has none)."""
+        views = self._pool_views(pool)
+        cap = sum(c for c, _, _ in views)
+        return sum(i for _, i, _ in views) / cap if cap else 1.0
 
     def degraded(self, pool: PoolKey) -> str | None:
         views = self._pool_views(pool)
@@ -296,7 +315,7 @@ class Admission:
             return
         t.done = True
         if t.grant is not None:
-            t.grant.started()
+            t.grant.release()
         observed = t.usd is not None
         usd = t.usd or 0.0
         tokens = t.prompt_tokens + t.completion_tokens

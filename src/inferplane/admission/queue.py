@@ -10,6 +10,16 @@ minus the requests already granted but not yet placed. Otherwise it waits:
   to the actual tokens at completion) to its tenant's counter; a tenant that starts waiting is
   lifted to the smallest counter among the band's waiting tenants, so idle time banks no credit;
 - FIFO inside a tenant (ties between tenants go to the older head);
+- **fair share of the pool's slots** (work-conserving, with a small reserve): a tenant's *fair
+  share* is ``capacity ÷ active tenants`` (active: holding a slot, waiting, or seen within
+  ``active_window_s``). Inside a band, tenants below their share go before tenants at or above it
+  (then VTC). While more than one tenant is active, the last ``reserve`` free slots
+  (``ceil(reserve_fraction × capacity)``) go only to tenants below their share, so a light
+  tenant finds a slot at once instead of waiting for one of a flooding tenant's in-flight
+  requests to end. A lone tenant may use every slot; a reserved slot that nobody below their
+  share wants stays idle at most until the other tenants have been quiet for
+  ``active_window_s``. A band whose waiter is held back by the reserve also holds back the lower
+  bands on that pool (strict priority is never traded for fairness);
 - a per-class **deadline**: past it the request gets 503 ``queue_timeout``;
 - when ``max_waiting`` requests wait, the newest request of the most sheddable band below the
   newcomer's (sheddable, then batch, then standard) is shed with 429 ``load_shed``; if there is
@@ -54,12 +64,21 @@ class Grant:
     tokens: int
     waited_s: float = 0.0
     pending: bool = True
+    held: bool = True
 
     def started(self) -> None:
         if self.pending:
             self.pending = False
             if self.queue is not None:
                 self.queue._pending[self.pool] -= 1
+
+    def release(self) -> None:
+        """The request is over: its tenant no longer holds the slot (idempotent)."""
+        self.started()
+        if self.held:
+            self.held = False
+            if self.queue is not None:
+                self.queue._release(self.pool, self.tenant)
 
 
 @dataclass(eq=False, slots=True)
@@ -80,11 +99,17 @@ class FairQueue:
         self,
         free_slots: Callable[[PoolKey], int],
         *,
+        capacity: Callable[[PoolKey], int] | None = None,
+        reserve_fraction: float = 0.0,
+        active_window_s: float = 5.0,
         max_waiting: int = 1024,
         clock: Callable[[], float] = time.monotonic,
         on_shed: Callable[[str, str], None] | None = None,
     ) -> None:
         self.free_slots = free_slots
+        self.capacity = capacity  # None: no fair-share caps (VTC order only)
+        self.reserve_fraction = reserve_fraction
+        self.active_window_s = active_window_s
         self.max_waiting = max_waiting
         self.clock = clock
         self.on_shed = on_shed
@@ -92,6 +117,9 @@ class FairQueue:
         self._bands: dict[str, dict[str, deque[_Waiter]]] = {b: {} for b in BANDS}
         self._pending: dict[PoolKey, int] = {}
         self._waiting_pool: dict[PoolKey, int] = {}
+        self._held: dict[PoolKey, dict[str, int]] = {}  # granted and not yet released
+        self._waiting_tenant: dict[PoolKey, dict[str, int]] = {}
+        self._seen: dict[PoolKey, dict[str, float]] = {}  # last arrival per tenant
         self._seq = itertools.count()
         self.waiting = 0
 
@@ -102,10 +130,54 @@ class FairQueue:
     def depth(self, band: str) -> int:
         return sum(len(q) for q in self._bands[band].values())
 
+    def held(self, pool: PoolKey, tenant: str) -> int:
+        """Slots of the pool the tenant holds (granted, not yet released)."""
+        return self._held.get(pool, {}).get(tenant, 0)
+
     def _grant(self, tenant: str, pool: PoolKey, tokens: int, waited: float) -> Grant:
         self._pending[pool] = self._pending.get(pool, 0) + 1
+        held = self._held.setdefault(pool, {})
+        held[tenant] = held.get(tenant, 0) + 1
         self.vtc[tenant] = self.vtc.get(tenant, 0.0) + tokens
         return Grant(self, pool, tenant, tokens, waited)
+
+    def _release(self, pool: PoolKey, tenant: str) -> None:
+        held = self._held.get(pool)
+        if held is not None and tenant in held:
+            held[tenant] -= 1
+            if held[tenant] <= 0:
+                del held[tenant]
+
+    # -- fair share -----------------------------------------------------------------------
+    def _active(self, pool: PoolKey, now: float) -> set[str]:
+        """Tenants holding a slot of the pool, waiting for one, or seen lately."""
+        seen = self._seen.get(pool, {})
+        for t in [t for t, at in seen.items() if now - at > self.active_window_s]:
+            del seen[t]
+        return set(seen) | set(self._held.get(pool, {})) | set(self._waiting_tenant.get(pool, {}))
+
+    def share(self, pool: PoolKey) -> tuple[float, int] | None:
+        """The pool's fair share per tenant and its reserve, or None when no caps apply (one
+        active tenant, or no capacity known)."""
+        if self.capacity is None:
+            return None
+        n = len(self._active(pool, self.clock()))
+        cap = self.capacity(pool)
+        if n <= 1 or cap <= 0:
+            return None
+        return cap / n, math.ceil(self.reserve_fraction * cap)
+
+    def _eligible(self, tenant: str, pool: PoolKey, room: int, share: tuple[float, int] | None
+                  ) -> bool:
+        if room <= 0:
+            return False
+        if share is None:
+            return True
+        fair, reserve = share
+        return room > reserve or self.held(pool, tenant) < fair
+
+    def _below_share(self, tenant: str, pool: PoolKey, share: tuple[float, int] | None) -> bool:
+        return share is None or self.held(pool, tenant) < share[0]
 
     def charge(self, tenant: str, delta_tokens: float) -> None:
         """Correct a tenant's counter once the actual tokens are known."""
@@ -116,8 +188,11 @@ class FairQueue:
         self, tenant: str, band: str, pool: PoolKey, tokens: int, deadline_s: float
     ) -> Grant:
         """A slot now, or after waiting; raises 503 past the deadline, 429 when shed."""
-        if self._waiting_pool.get(pool, 0) == 0 and self.room(pool) > 0:
-            return self._grant(tenant, pool, tokens, 0.0)
+        self._seen.setdefault(pool, {})[tenant] = self.clock()
+        if self._waiting_pool.get(pool, 0) == 0:
+            room = self.room(pool)
+            if room > 0 and self._eligible(tenant, pool, room, self.share(pool)):
+                return self._grant(tenant, pool, tokens, 0.0)
         if self.waiting >= self.max_waiting:
             self._shed_for(band)
         loop = asyncio.get_running_loop()
@@ -128,8 +203,7 @@ class FairQueue:
                 self.vtc[tenant] = max(self.vtc.get(tenant, 0.0), min(active))
         w = _Waiter(tenant, band, pool, tokens, next(self._seq), self.clock(), loop.create_future())
         tenants.setdefault(tenant, deque()).append(w)
-        self.waiting += 1
-        self._waiting_pool[pool] = self._waiting_pool.get(pool, 0) + 1
+        self._count_waiting(w, +1)
         self.pump()
         try:
             return await asyncio.wait_for(asyncio.shield(w.future), deadline_s)
@@ -145,18 +219,25 @@ class FairQueue:
         except asyncio.CancelledError:
             if w.future.done() and not w.future.cancelled() and w.future.exception() is None:
                 g = w.future.result()
-                g.started()
+                g.release()
                 self.charge(tenant, -g.tokens)
             else:
                 self._remove(w)
             raise
 
+    def _count_waiting(self, w: _Waiter, d: int) -> None:
+        self.waiting += d
+        self._waiting_pool[w.pool] = self._waiting_pool.get(w.pool, 0) + d
+        per = self._waiting_tenant.setdefault(w.pool, {})
+        per[w.tenant] = per.get(w.tenant, 0) + d
+        if per[w.tenant] <= 0:
+            del per[w.tenant]
+
     def _remove(self, w: _Waiter) -> None:
         q = self._bands[w.band].get(w.tenant)
         if q is not None and w in q:
             q.remove(w)
-            self.waiting -= 1
-            self._waiting_pool[w.pool] -= 1
+            self._count_waiting(w, -1)
         if not w.future.done():
             w.future.cancel()
 
@@ -183,8 +264,7 @@ class FairQueue:
     def _remove_shed(self, w: _Waiter) -> None:
         q = self._bands[w.band][w.tenant]
         q.remove(w)
-        self.waiting -= 1
-        self._waiting_pool[w.pool] -= 1
+        self._count_waiting(w, -1)
         if self.on_shed is not None:
             self.on_shed(w.band, "queue_full")
         w.future.set_exception(
@@ -204,27 +284,50 @@ class FairQueue:
                 break
             q = self._bands[w.band][w.tenant]
             q.remove(w)
-            self.waiting -= 1
-            self._waiting_pool[w.pool] -= 1
+            self._count_waiting(w, -1)
             g = self._grant(w.tenant, w.pool, w.tokens, self.clock() - w.enq_at)
             if not w.future.done():
                 w.future.set_result(g)
                 granted += 1
             else:  # cancelled meanwhile: give the slot back
-                g.started()
+                g.release()
                 self.charge(w.tenant, -w.tokens)
         return granted
 
     def _best(self) -> _Waiter | None:
-        rooms: dict[PoolKey, bool] = {}
+        """The next waiter to grant: the first band with an eligible waiter; inside it, tenants
+        below their fair share first, then by virtual tokens, then the older head."""
+        pools: dict[PoolKey, tuple[int, tuple[float, int] | None]] = {}
+        held_back: set[PoolKey] = set()  # a higher band waits on it: lower bands may not jump
+
+        def pool_state(pool: PoolKey) -> tuple[int, tuple[float, int] | None]:
+            st = pools.get(pool)
+            if st is None:
+                room = self.room(pool)
+                st = pools[pool] = (room, self.share(pool) if room > 0 else None)
+            return st
+
         for band in BANDS:
             tenants = self._bands[band]
             busy = [t for t, q in tenants.items() if q]
-            for t in sorted(busy, key=lambda t: (self.vtc.get(t, 0.0), tenants[t][0].seq)):
+            if not busy:
+                continue
+
+            def rank(t: str, tenants: dict[str, deque[_Waiter]] = tenants
+                     ) -> tuple[bool, float, int]:
+                head = tenants[t][0]
+                _, share = pool_state(head.pool)
+                below = self._below_share(t, head.pool, share)
+                return (not below, self.vtc.get(t, 0.0), head.seq)
+
+            waited_on: set[PoolKey] = set()
+            for t in sorted(busy, key=rank):
                 for w in tenants[t]:
-                    ok = rooms.get(w.pool)
-                    if ok is None:
-                        ok = rooms[w.pool] = self.room(w.pool) > 0
-                    if ok:
+                    waited_on.add(w.pool)
+                    if w.pool in held_back:
+                        continue
+                    room, share = pool_state(w.pool)
+                    if self._eligible(t, w.pool, room, share):
                         return w
+            held_back |= waited_on
         return None

@@ -19,6 +19,7 @@ from inferplane.admission.controller import Ticket
 from inferplane.admission.queue import BANDS
 from inferplane.api.pipeline import Attempt, Gateway, parse_usage
 from inferplane.api.validation import parse_json, validate
+from inferplane.batch import routes as batch_routes
 from inferplane.dispatch.upstream import Dispatcher, StreamStats
 from inferplane.errors import (
     GatewayError,
@@ -161,7 +162,10 @@ async def forward(
     try:
         await out.prepare(request)
         try:
+            reservation = attempt.reservation
             async for chunk in Dispatcher.relay(endpoint, resp, stats):
+                if not reservation.prefilled:
+                    reservation.first_token()  # its prefill no longer queues ahead of others
                 await out.write(chunk)
         except UpstreamError as exc:
             status, error = 502, exc.message
@@ -305,6 +309,7 @@ def build_app(gateway: Gateway) -> web.Application:
 
     app.on_startup.append(on_startup)
     app.on_cleanup.append(on_cleanup)
+    batch_routes.setup(app, gateway)  # /v1/files, /v1/batches and the batch worker
     return app
 
 

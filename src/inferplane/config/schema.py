@@ -301,6 +301,23 @@ class QueueSpec(Strict):
     default_deadline_ms: float = Field(10000.0, gt=0)
     max_waiting: int = Field(1024, gt=0, description="beyond this, shed the lowest band")
     tick_s: float = Field(0.05, gt=0, description="re-check period while requests wait")
+    fair_share: bool = Field(
+        True,
+        description="cap tenants at their fair share of a pool's slots (capacity / active "
+        "tenants) while others wait; tenants below their share go first inside a band",
+    )
+    reserve_fraction: float = Field(
+        0.25,
+        ge=0,
+        lt=1,
+        description="while several tenants are active, this fraction of a pool's slots "
+        "(rounded up) is kept for tenants below their fair share",
+    )
+    active_window_s: float = Field(
+        2.0,
+        gt=0,
+        description="a tenant counts as active on a pool for this long after its last request",
+    )
 
 
 class AdmissionSpec(Strict):
@@ -323,6 +340,38 @@ class AdmissionSpec(Strict):
     queue: QueueSpec = QueueSpec()
 
 
+class BatchSpec(Strict):
+    """The batch lane (OpenAI Batch API): uploaded JSONL files run on spare capacity only."""
+
+    enabled: bool = Field(True, description="serve /v1/files and /v1/batches and run batches")
+    path: str | None = Field(
+        None,
+        description="SQLite file for files, batches and line progress; default: "
+        "'<gateway.ledger_path>.batches.sqlite' when a ledger file is set, else in memory",
+    )
+    workload_class: str = Field(
+        "batch", description="class of every batch line (its placement profile and priority)"
+    )
+    max_utilisation: float = Field(
+        0.6,
+        gt=0,
+        le=1,
+        description="dispatch a line only while the pool's gateway in-flight / max_concurrency, "
+        "counting the line, stays at or below this (or the pool is idle)",
+    )
+    max_concurrency: int = Field(8, gt=0, description="batch lines in flight at once, all batches")
+    max_file_bytes: int = Field(
+        100 * 1024 * 1024, gt=0, description="larger uploads get 413"
+    )
+    max_lines: int = Field(50000, gt=0, description="requests per input file")
+    poll_interval_s: float = Field(
+        0.05, gt=0, description="re-check period while lines wait for spare capacity"
+    )
+    retry_after_s: float = Field(
+        1.0, gt=0, description="wait before retrying a line refused for capacity (429/503)"
+    )
+
+
 class FleetConfig(Strict):
     """The whole file."""
 
@@ -336,3 +385,6 @@ class FleetConfig(Strict):
     profiles: list[ProfileSpec] = Field(default_factory=list)
     mix: list[MixEntry] = Field(default_factory=list)
     admission: AdmissionSpec = AdmissionSpec()
+    batch: BatchSpec = Field(
+        BatchSpec(), description="the batch lane: /v1/files, /v1/batches and their worker"
+    )

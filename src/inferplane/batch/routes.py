@@ -1,0 +1,255 @@
+"""The batch lane's HTTP surface, compatible with OpenAI's Files and Batch APIs.
+
+=================================  =============================================================
+``POST /v1/files``                 multipart upload (``purpose=batch``, ``file``: JSONL); every
+                                   line checked, a bad one is a 400 naming its line number
+``GET /v1/files/{id}``             the file object
+``GET /v1/files/{id}/content``     the file's bytes (input, output or error file)
+``POST /v1/batches``               ``{input_file_id, endpoint, completion_window: "24h",
+                                   metadata}`` → a batch (``validating``)
+``GET /v1/batches``                the caller's batches, newest first (``limit``, ``after``)
+``GET /v1/batches/{id}``           one batch
+``POST /v1/batches/{id}/cancel``   → ``cancelling``, then ``cancelled``
+=================================  =============================================================
+
+A tenant sees only its own files and batches: another tenant's id is a 404, as is an unknown
+one. Errors are raised as `GatewayError` and rendered by the app's one error middleware.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiohttp import BodyPartReader, web
+
+from inferplane.api.pipeline import Gateway
+from inferplane.api.validation import parse_json
+from inferplane.batch.jsonl import ENDPOINTS, parse_input
+from inferplane.batch.store import ACTIVE, BatchStore, public
+from inferplane.batch.worker import BatchWorker, new_id
+from inferplane.errors import ConfigError, InvalidRequestError, NotFoundError, PayloadTooLargeError
+
+WINDOW_S = {"24h": 24 * 3600}
+
+
+class BatchService:
+    """The store, the worker and the routes of one gateway's batch lane."""
+
+    def __init__(self, gw: Gateway) -> None:
+        spec = gw.config.batch
+        if spec.workload_class not in gw.classifier.classes:
+            known = ", ".join(sorted(gw.classifier.classes))
+            msg = f"unknown class {spec.workload_class!r}; known: {known}"
+            raise ConfigError("<config>", [("batch.workload_class", msg)])
+        self.gw = gw
+        self.spec = spec
+        path = spec.path
+        if path is None and gw.config.gateway.ledger_path:
+            path = gw.config.gateway.ledger_path + ".batches.sqlite"
+        self.store = BatchStore(Path(path) if path else None)
+        self.worker = BatchWorker(gw, self.store, spec)
+
+    async def start(self) -> None:
+        await self.store.start()
+        self.worker.start()
+
+    async def stop(self) -> None:
+        await self.worker.stop()
+        await self.store.close()
+
+    def _tenant(self, request: web.Request) -> tuple[str, str]:
+        tenant, key_hash = self.gw.authenticate_key(request.headers.get("Authorization"))
+        return tenant.name, key_hash
+
+    # -- files ----------------------------------------------------------------------------
+    async def upload(self, request: web.Request) -> web.Response:
+        tenant, _ = self._tenant(request)
+        if not request.content_type.startswith("multipart/"):
+            raise InvalidRequestError(
+                "upload a file as multipart/form-data with fields 'purpose' and 'file'"
+            )
+        reader = await request.multipart()
+        purpose: str | None = None
+        content: bytes | None = None
+        filename = "upload.jsonl"
+        limit = self.spec.max_file_bytes
+        while (part := await reader.next()) is not None:
+            if not isinstance(part, BodyPartReader):
+                continue
+            if part.name == "purpose":
+                purpose = (await part.text()).strip()
+            elif part.name == "file":
+                filename = part.filename or filename
+                chunks: list[bytes] = []
+                size = 0
+                while chunk := await part.read_chunk(1 << 16):
+                    size += len(chunk)
+                    if size > limit:
+                        raise PayloadTooLargeError(
+                            f"file exceeds the limit of {limit} bytes (batch.max_file_bytes)"
+                        )
+                    chunks.append(chunk)
+                content = b"".join(chunks)
+        if purpose != "batch":
+            raise InvalidRequestError(
+                f"'purpose' must be \"batch\", got {purpose!r}", param="purpose"
+            )
+        if content is None:
+            raise InvalidRequestError("'file' is required", param="file")
+        parse_input(content, self.spec.max_lines)
+        obj = await self.store.add_file(
+            new_id("file-"), tenant, purpose, filename, content, int(time.time())
+        )
+        return _json(obj)
+
+    async def get_file(self, request: web.Request) -> web.Response:
+        tenant, _ = self._tenant(request)
+        obj = await self.store.get_file(request.match_info["file_id"], tenant)
+        if obj is None:
+            raise NotFoundError("no such file", param="file_id")
+        return _json(obj)
+
+    async def file_content(self, request: web.Request) -> web.Response:
+        tenant, _ = self._tenant(request)
+        data = await self.store.file_content(request.match_info["file_id"], tenant)
+        if data is None:
+            raise NotFoundError("no such file", param="file_id")
+        return web.Response(body=data, content_type="application/jsonl")
+
+    # -- batches --------------------------------------------------------------------------
+    async def create(self, request: web.Request) -> web.Response:
+        tenant, key_hash = self._tenant(request)
+        body = parse_json(await request.read())
+        fid = body.get("input_file_id")
+        if not isinstance(fid, str) or not fid:
+            raise InvalidRequestError("'input_file_id' must be a file id", param="input_file_id")
+        endpoint = body.get("endpoint")
+        if endpoint not in ENDPOINTS:
+            raise InvalidRequestError(
+                f"'endpoint' must be one of {', '.join(ENDPOINTS)}, got {endpoint!r}",
+                param="endpoint",
+            )
+        window = body.get("completion_window")
+        if window not in WINDOW_S:
+            raise InvalidRequestError(
+                f"'completion_window' must be \"24h\", got {window!r}", param="completion_window"
+            )
+        metadata = _metadata(body.get("metadata"))
+        f = await self.store.get_file(fid, tenant)
+        if f is None:
+            raise NotFoundError(f"no such file {fid!r}", param="input_file_id")
+        if f["purpose"] != "batch":
+            raise InvalidRequestError(
+                f"file {fid!r} has purpose {f['purpose']!r}, not 'batch'", param="input_file_id"
+            )
+        now = int(time.time())
+        b = {
+            "id": new_id("batch_"),
+            "endpoint": endpoint,
+            "input_file_id": fid,
+            "completion_window": window,
+            "status": "validating",
+            "metadata": metadata,
+            "created_at": now,
+            "expires_at": now + WINDOW_S[str(window)],
+        }
+        await self.store.add_batch(b, key_hash, tenant)
+        self.worker.wake()
+        return _json(await self._batch(b["id"], tenant))
+
+    async def get(self, request: web.Request) -> web.Response:
+        tenant, _ = self._tenant(request)
+        return _json(await self._batch(request.match_info["batch_id"], tenant))
+
+    async def list(self, request: web.Request) -> web.Response:
+        tenant, _ = self._tenant(request)
+        raw = request.query.get("limit", "20")
+        if not raw.isdigit() or not 1 <= int(raw) <= 100:
+            raise InvalidRequestError("'limit' must be an integer from 1 to 100", param="limit")
+        data, more = await self.store.list_batches(tenant, int(raw), request.query.get("after"))
+        rows = [public(b) for b in data]
+        return _json({
+            "object": "list",
+            "data": rows,
+            "first_id": rows[0]["id"] if rows else None,
+            "last_id": rows[-1]["id"] if rows else None,
+            "has_more": more,
+        })
+
+    async def cancel(self, request: web.Request) -> web.Response:
+        tenant, _ = self._tenant(request)
+        bid = request.match_info["batch_id"]
+        b = await self._batch(bid, tenant)
+        if b["status"] not in ("cancelling", "cancelled"):
+            moved = await self.store.set_status(
+                bid, "cancelling", int(time.time()), only_from=("validating", "in_progress")
+            )
+            if not moved:
+                raise InvalidRequestError(
+                    f"batch {bid!r} is {b['status']!r} and can no longer be cancelled",
+                    param="batch_id",
+                )
+            self.worker.wake()
+        return _json(await self._batch(bid, tenant))
+
+    async def _batch(self, bid: str, tenant: str) -> dict[str, Any]:
+        b = await self.store.get_batch(bid, tenant)
+        if b is None:
+            raise NotFoundError("no such batch", param="batch_id")
+        return public(b)
+
+
+def _metadata(v: Any) -> dict[str, str] | None:
+    if v is None:
+        return None
+    ok = (
+        isinstance(v, dict)
+        and len(v) <= 16
+        and all(isinstance(k, str) and len(k) <= 64 for k in v)
+        and all(isinstance(x, str) and len(x) <= 512 for x in v.values())
+    )
+    if not ok:
+        raise InvalidRequestError(
+            "'metadata' must be an object of at most 16 string keys (≤ 64 chars) with string "
+            "values (≤ 512 chars)",
+            param="metadata",
+        )
+    return dict(v)
+
+
+def _json(obj: Any) -> web.Response:
+    return web.Response(body=orjson.dumps(obj), content_type="application/json")
+
+
+BATCH_KEY: web.AppKey[BatchService] = web.AppKey("batch", BatchService)
+
+
+def setup(app: web.Application, gw: Gateway) -> BatchService | None:
+    """Add the batch routes to ``app`` and run the worker with it (when ``batch.enabled``)."""
+    if not gw.config.batch.enabled:
+        return None
+    svc = BatchService(gw)
+    app[BATCH_KEY] = svc
+    app.router.add_post("/v1/files", svc.upload)
+    app.router.add_get("/v1/files/{file_id}", svc.get_file)
+    app.router.add_get("/v1/files/{file_id}/content", svc.file_content)
+    app.router.add_post("/v1/batches", svc.create)
+    app.router.add_get("/v1/batches", svc.list)
+    app.router.add_get("/v1/batches/{batch_id}", svc.get)
+    app.router.add_post("/v1/batches/{batch_id}/cancel", svc.cancel)
+
+    async def start(app: web.Application) -> None:
+        await svc.start()
+
+    async def stop(app: web.Application) -> None:
+        await svc.stop()
+
+    app.on_startup.append(start)
+    app.on_cleanup.insert(0, stop)
+    return svc
+
+
+__all__ = ["ACTIVE", "BATCH_KEY", "BatchService", "setup"]

@@ -1,0 +1,238 @@
+"""The batch worker: drives every active batch, and runs lines on spare capacity only.
+
+Each round (on a wake-up, or every ``batch.poll_interval_s``):
+
+- ``validating`` → the input file is re-read and checked against the batch's ``endpoint``; the
+  lines are stored and the batch moves to ``in_progress`` in one transaction (or to ``failed``
+  with ``errors``);
+- ``in_progress`` → lines not yet done are fed, oldest batch first, up to
+  ``batch.max_concurrency`` in flight over all batches. A line is dispatched only while
+  **(a)** no interactive request waits in the admission queue (any band above ``batch``) and
+  **(b)** its pool's utilisation — gateway in-flight (plus lines about to be placed) ÷ Σ
+  ``max_concurrency`` of the usable endpoints that serve its model — is below
+  ``batch.max_utilisation``. Otherwise the worker waits for the next round: batch work never
+  displaces interactive work; placement of a line uses the batch class's placement profile;
+- all lines done → output and error files are written and the batch is ``completed``;
+- ``cancelling`` (or past ``expires_at``) → nothing new is fed; once its lines in flight have
+  ended, the files are written from the lines done and the batch is ``cancelled`` (``expired``,
+  whose never-run lines go to the error file with code ``batch_expired``).
+
+A line's result and its ``done`` mark are written together (`BatchStore.finish_line`); a line
+in flight when the gateway stops is simply not done and runs again on the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+from inferplane.admission.queue import BANDS, PoolKey
+from inferplane.api.pipeline import Gateway
+from inferplane.batch import runner
+from inferplane.batch.jsonl import parse_input
+from inferplane.batch.store import BatchStore, Line
+from inferplane.config.schema import BatchSpec, TenantSpec
+from inferplane.errors import GatewayError
+
+log = logging.getLogger("inferplane.batch")
+
+INTERACTIVE_BANDS = tuple(b for b in BANDS if b != "batch")
+
+
+def new_id(prefix: str) -> str:
+    return prefix + os.urandom(12).hex()
+
+
+class BatchWorker:
+    """One per gateway process; `start` resumes every batch the store still holds as active."""
+
+    def __init__(self, gw: Gateway, store: BatchStore, spec: BatchSpec,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.gw = gw
+        self.store = store
+        self.spec = spec
+        self.clock = clock
+        self.tenants: dict[str, TenantSpec] = {t.name: t for t in gw.config.tenants}
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._lines: dict[asyncio.Task[None], Line] = {}
+        self._inflight: dict[str, set[int]] = {}  # batch id → line numbers in flight
+        self._launching: dict[PoolKey, int] = {}  # passed the gate, not yet placed
+        self._not_before: dict[tuple[str, int], float] = {}  # lines refused for capacity
+        self.gated = 0  # rounds in which a line waited for spare capacity (tests, metrics)
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="inferplane-batch-worker")
+
+    async def stop(self) -> None:
+        tasks = [*self._lines, *([self._task] if self._task else [])]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.round()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("batch worker round failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.spec.poll_interval_s)
+            self._wake.clear()
+
+    # -- one round ------------------------------------------------------------------------
+    async def round(self) -> None:
+        now = int(self.clock())
+        for b in await self.store.active_batches():
+            bid, status = b["id"], b["status"]
+            if status == "validating":
+                await self._validate(b, now)
+            elif status == "in_progress" and now >= b["expires_at"]:
+                await self._settle(bid, "expired", now)
+            elif status in ("cancelling", "finalizing"):
+                await self._settle(bid, "cancelled" if status == "cancelling" else "completed",
+                                   now)
+            elif status == "in_progress":
+                waiting = await self._feed(b)
+                if not waiting and not self._inflight.get(bid) and not (
+                    await self.store.pending_lines(bid, set(), 1)
+                ):
+                    await self.store.set_status(bid, "finalizing", now, only_from=("in_progress",))
+                    await self._settle(bid, "completed", now)
+
+    async def _validate(self, b: dict[str, Any], now: int) -> None:
+        content = await self.store.file_content(b["input_file_id"], b["_tenant"])
+        errors: list[dict[str, Any]] = []
+        lines = []
+        if content is None:
+            errors.append({"code": "file_not_found", "message": "the input file is gone",
+                           "param": "input_file_id", "line": None})
+        else:
+            try:
+                lines = parse_input(content, 1 << 62)
+            except GatewayError as exc:
+                errors.append({"code": "invalid_file", "message": exc.message,
+                               "param": "input_file_id", "line": None})
+            for ln in lines:
+                if ln.url != b["endpoint"]:
+                    errors.append({
+                        "code": "mismatched_endpoint",
+                        "message": f"line {ln.line_no}: url {ln.url!r} differs from the "
+                        f"batch's endpoint {b['endpoint']!r}",
+                        "param": "url", "line": ln.line_no,
+                    })
+        if errors:
+            await self.store.fail_batch(b["id"], errors[:100], now)
+            return
+        await self.store.start_batch(
+            b["id"], [(ln.line_no, ln.custom_id, ln.url, ln.body) for ln in lines], now
+        )
+
+    async def _settle(self, bid: str, status: str, now: int) -> None:
+        """Finish a batch once none of its lines is in flight."""
+        if self._inflight.get(bid):
+            return
+        leftover = None
+        if status == "expired":
+            def leftover(n: int, cid: str) -> bytes:
+                return runner.result_line(
+                    cid, error=("batch_expired", "the batch expired before this request ran")
+                )
+        await self.store.finalize(bid, status, now, (new_id("file-"), new_id("file-")),
+                                  leftover)
+
+    async def _feed(self, b: dict[str, Any]) -> bool:
+        """Start lines of one batch while capacity allows; True when some line waits."""
+        bid = b["id"]
+        room = self.spec.max_concurrency - len(self._lines)
+        if room <= 0:
+            return True
+        inflight = self._inflight.setdefault(bid, set())
+        lines = await self.store.pending_lines(bid, inflight, room)
+        tenant = self.tenants.get(b["_tenant"])
+        now = time.monotonic()
+        for line in lines:
+            if self._not_before.get((bid, line.line_no), 0.0) > now:
+                continue
+            if tenant is None:
+                await self._record(line, False, runner.result_line(
+                    line.custom_id, error=("tenant_not_found",
+                                           f"tenant {b['_tenant']!r} is no longer configured")))
+                continue
+            try:
+                prepared = runner.prepare(self.gw, tenant, self.spec.workload_class, line.url,
+                                          line.body)
+            except GatewayError as exc:
+                await self._record(line, False, runner.result_line(
+                    line.custom_id, error=(exc.code or exc.error_type, exc.message)))
+                continue
+            if not self.spare(prepared.pool):
+                self.gated += 1
+                return True
+            self._launching[prepared.pool] = self._launching.get(prepared.pool, 0) + 1
+            inflight.add(line.line_no)
+            task = asyncio.create_task(self._line(b, tenant, line, prepared))
+            self._lines[task] = line
+            task.add_done_callback(self._line_done)
+        return bool(lines)
+
+    def spare(self, pool: PoolKey) -> bool:
+        """Spare capacity for one more batch line on ``pool``: no interactive request queued,
+        and the pool's utilisation with the line at most ``batch.max_utilisation`` (or the pool
+        idle, so that a small pool still makes progress)."""
+        q = self.gw.admission.queue
+        if any(q.depth(band) for band in INTERACTIVE_BANDS):
+            return False
+        adm = self.gw.admission
+        cap = adm.capacity(pool)
+        if cap <= 0:
+            return True  # no usable endpoint: placement answers (and the line fails) at once
+        busy = adm.utilisation(pool) * cap + self._launching.get(pool, 0)
+        return (busy + 1) / cap <= self.spec.max_utilisation or busy == 0
+
+    async def _line(self, b: dict[str, Any], tenant: TenantSpec, line: Line,
+                    p: runner.Prepared) -> None:
+        launching = True
+
+        def admitted() -> None:  # from here on the line counts in the pool's in-flight
+            nonlocal launching
+            if launching:
+                launching = False
+                self._launching[p.pool] -= 1
+
+        try:
+            try:
+                ok, result = await runner.execute(
+                    self.gw, tenant, b["_key_hash"], self.spec.workload_class, line.url,
+                    line.custom_id, p, self.spec.retry_after_s, admitted)
+            except runner.Retry as r:
+                self._not_before[(line.batch_id, line.line_no)] = time.monotonic() + r.after_s
+                return
+            self._not_before.pop((line.batch_id, line.line_no), None)
+            await self._record(line, ok, result)  # before the line stops counting in flight
+        finally:
+            admitted()
+            self._inflight.get(line.batch_id, set()).discard(line.line_no)
+            self.wake()
+
+    async def _record(self, line: Line, ok: bool, result: bytes) -> None:
+        if not await self.store.finish_line(line.batch_id, line.line_no, ok, result):
+            log.warning("batch %s line %d was already done; result dropped",
+                        line.batch_id, line.line_no)
+
+    def _line_done(self, task: asyncio.Task[None]) -> None:
+        self._lines.pop(task, None)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("batch line failed: %s", task.exception())
+

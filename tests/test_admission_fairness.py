@@ -1,0 +1,122 @@
+"""Fair shares of a pool's slots (`FairQueue` with capacity): the reserve for tenants below their
+share, work conservation for a lone tenant, and strict priority across bands kept."""
+
+from __future__ import annotations
+
+import asyncio
+
+from inferplane.admission.queue import FairQueue, Grant
+
+
+class Pool:
+    """A fake fleet pool: ``cap`` slots, a slot taken when a grant is placed, freed on release."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.placed = 0
+
+    def free(self, pool: object) -> int:
+        return self.cap - self.placed
+
+    def capacity(self, pool: object) -> int:
+        return self.cap
+
+    def start(self, g: Grant) -> Grant:
+        g.started()
+        self.placed += 1
+        return g
+
+    def end(self, q: FairQueue, g: Grant) -> None:
+        self.placed -= 1
+        g.release()
+        q.pump()
+
+
+def make(cap: int, reserve: float = 0.125, now: list[float] | None = None
+         ) -> tuple[FairQueue, Pool]:
+    clock = now if now is not None else [0.0]
+    pool = Pool(cap)
+    q = FairQueue(pool.free, capacity=pool.capacity, reserve_fraction=reserve,
+                  active_window_s=2.0, clock=lambda: clock[0])
+    return q, pool
+
+
+async def test_light_tenant_takes_the_reserved_slot_while_the_flood_waits() -> None:
+    now = [0.0]
+    q, pool = make(8, now=now)
+    flood = [pool.start(await q.acquire("a", "standard", "p", 10, 5.0)) for _ in range(7)]
+    light = pool.start(await q.acquire("b", "standard", "p", 10, 5.0))  # 8th slot, no wait
+    assert light.waited_s == 0.0 and q.held("p", "b") == 1
+    pool.end(q, light)
+    # b is still active (seen 0 s ago): a, holding 7 ≥ its share 4, may not take the last slot
+    waiting = asyncio.create_task(q.acquire("a", "standard", "p", 10, 5.0))
+    await asyncio.sleep(0)
+    assert not waiting.done() and q.waiting == 1
+    light = pool.start(await q.acquire("b", "standard", "p", 10, 5.0))  # jumps ahead of a
+    pool.end(q, light)
+    pool.end(q, flood.pop())  # a slot above the reserve frees: a's waiter goes
+    g = pool.start(await asyncio.wait_for(waiting, 1.0))
+    assert q.held("p", "a") == 7 and g.tenant == "a"
+
+
+async def test_a_lone_tenant_uses_every_slot_once_others_are_quiet() -> None:
+    now = [0.0]
+    q, pool = make(4, now=now)  # reserve: ceil(0.125 × 4) = 1 slot
+    b = pool.start(await q.acquire("b", "standard", "p", 1, 5.0))
+    grants = [pool.start(await q.acquire("a", "standard", "p", 1, 5.0)) for _ in range(2)]
+    pool.end(q, b)
+    # a holds 2 = its share (4 slots ÷ 2 active): it may take a free slot above the reserve …
+    grants.append(pool.start(await q.acquire("a", "standard", "p", 1, 0.5)))
+    # … but not the reserved last one while b counts as active
+    waiting = asyncio.create_task(q.acquire("a", "standard", "p", 1, 5.0))
+    await asyncio.sleep(0)
+    assert not waiting.done() and q.room("p") == 1
+    now[0] = 3.0  # b has been quiet past the active window: a is alone, nothing reserved
+    q.pump()
+    grants.append(pool.start(await asyncio.wait_for(waiting, 1.0)))
+    assert q.held("p", "a") == 4 and q.room("p") == 0
+
+
+async def test_below_share_tenants_go_first_inside_a_band() -> None:
+    q, pool = make(4, reserve=0.0)
+    a = [pool.start(await q.acquire("a", "standard", "p", 1, 5.0)) for _ in range(4)]
+    order: list[str] = []
+
+    async def req(t: str) -> None:
+        order.append((await q.acquire(t, "standard", "p", 1, 5.0)).tenant)
+
+    tasks = [asyncio.create_task(req(t)) for t in ("a", "a", "b")]
+    await asyncio.sleep(0)
+    q.vtc["b"] = 1e9  # even with a larger counter, b (0 held < share 2) goes before a (4 held)
+    pool.end(q, a.pop())
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert order == ["b"]
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def test_reserve_never_lets_a_lower_band_jump_a_higher_one() -> None:
+    q, pool = make(4, reserve=0.25)
+    a = [pool.start(await q.acquire("a", "critical", "p", 1, 5.0)) for _ in range(3)]
+    b = pool.start(await q.acquire("b", "batch", "p", 1, 5.0))
+    pool.end(q, b)  # one free slot, the reserved one
+    crit = asyncio.create_task(q.acquire("a", "critical", "p", 1, 5.0))
+    await asyncio.sleep(0)
+    low = asyncio.create_task(q.acquire("b", "batch", "p", 1, 5.0))
+    await asyncio.sleep(0)
+    assert not crit.done() and not low.done()  # a over share; b's batch may not jump a's band
+    pool.end(q, a.pop())
+    assert (await asyncio.wait_for(crit, 1.0)).tenant == "a"
+    low.cancel()
+    await asyncio.gather(low, return_exceptions=True)
+    assert q.waiting == 0
+
+
+async def test_release_is_idempotent_and_cancelled_grants_give_back() -> None:
+    q, _ = make(2)
+    g = await q.acquire("a", "standard", "p", 1, 5.0)
+    g.release()
+    g.release()
+    assert q.held("p", "a") == 0 and q.room("p") == 2

@@ -1,0 +1,313 @@
+"""The batch lane end to end, in-process (`serve`) on loopback: upload validation, a batch that
+completes (output and error files), tenant isolation, cancel, restart survival on the same
+SQLite file (every line exactly once) and spare-capacity gating."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from aiohttp import web
+
+from inferplane.api.app import serve
+from inferplane.api.pipeline import Gateway, hash_key
+from inferplane.batch.routes import BATCH_KEY, BatchService
+from inferplane.config.loader import parse_config
+from tests.support.procs import free_port
+
+KEYS = {"a": "sk-batch-a", "b": "sk-batch-b"}
+
+
+@dataclass
+class Upstream:
+    """An OpenAI-style upstream that answers after ``delay`` s and counts each prompt."""
+
+    delay: float = 0.0
+    seen: Counter[str] = field(default_factory=Counter)
+    port: int = 0
+
+    def app(self) -> web.Application:
+        async def chat(request: web.Request) -> web.Response:
+            body = await request.json()
+            prompt = body["messages"][-1]["content"]
+            self.seen[prompt] += 1
+            await asyncio.sleep(self.delay)
+            return web.json_response({
+                "id": "x", "object": "chat.completion", "model": body["model"],
+                "choices": [{"index": 0, "finish_reason": "stop",
+                             "message": {"role": "assistant", "content": f"re: {prompt}"}}],
+                "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
+            })
+
+        async def ok(request: web.Request) -> web.Response:
+            return web.Response(text="")
+
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", chat)
+        app.router.add_get("/health", ok)
+        app.router.add_get("/metrics", ok)
+        return app
+
+
+def config(up: int, extra: str = "") -> str:
+    return f"""
+gateway: {{scrape_interval_s: 0.05, seed: 1{extra}}}
+batch: {{poll_interval_s: 0.01, max_concurrency: 2, max_file_bytes: 20000}}
+substrates:
+  - {{name: pool, kind: gpu, hardware: h100, region: r1, jurisdiction: eu,
+     cost: {{input_per_mtok: 1.0, output_per_mtok: 2.0}},
+     endpoints: [{{name: up, url: "http://127.0.0.1:{up}", max_concurrency: 10,
+                  models: [{{name: m, profile: llama-3.1-8b, max_context: 4096}}]}}]}}
+tenants:
+  - {{name: a, api_keys: ["{hash_key(KEYS['a'])}"]}}
+  - {{name: b, api_keys: ["{hash_key(KEYS['b'])}"]}}
+"""
+
+
+@dataclass
+class Env:
+    up: Upstream
+    base: str
+    gw: Gateway
+    runner: web.AppRunner
+    http: aiohttp.ClientSession
+
+    @property
+    def svc(self) -> BatchService:
+        return self.runner.app[BATCH_KEY]
+
+    async def call(self, method: str, path: str, tenant: str = "a", **kw: Any
+                   ) -> tuple[int, Any]:
+        headers = {"Authorization": f"Bearer {KEYS[tenant]}"}
+        async with self.http.request(method, self.base + path, headers=headers, **kw) as r:
+            data = await r.read()
+            return r.status, orjson.loads(data) if r.content_type == "application/json" else data
+
+    async def upload(self, content: bytes, tenant: str = "a", purpose: str = "batch"
+                     ) -> tuple[int, Any]:
+        form = aiohttp.FormData()
+        form.add_field("purpose", purpose)
+        form.add_field("file", content, filename="in.jsonl",
+                       content_type="application/jsonl")
+        return await self.call("POST", "/v1/files", tenant, data=form)
+
+    async def create(self, content: bytes, tenant: str = "a") -> dict[str, Any]:
+        st, f = await self.upload(content, tenant)
+        assert st == 200, f
+        st, b = await self.call("POST", "/v1/batches", tenant, json={
+            "input_file_id": f["id"], "endpoint": "/v1/chat/completions",
+            "completion_window": "24h", "metadata": {"job": "t"}})
+        assert st == 200, b
+        return dict(b)
+
+    async def wait(self, bid: str, *statuses: str, timeout: float = 20.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            st, b = await self.call("GET", f"/v1/batches/{bid}")
+            assert st == 200, b
+            if b["status"] in statuses:
+                return dict(b)
+            assert time.monotonic() < deadline, b
+            await asyncio.sleep(0.02)
+
+
+async def start(up: Upstream, extra: str = "") -> tuple[Gateway, web.AppRunner, str]:
+    port = free_port()
+    gw = Gateway(parse_config(config(up.port, extra)))
+    runner = await serve(gw, "127.0.0.1", port)
+    return gw, runner, f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture
+async def env() -> AsyncIterator[Env]:
+    up = Upstream()
+    up_runner = web.AppRunner(up.app())
+    await up_runner.setup()
+    up.port = free_port()
+    await web.TCPSite(up_runner, "127.0.0.1", up.port).start()
+    gw, runner, base = await start(up)
+    async with aiohttp.ClientSession() as http:
+        e = Env(up, base, gw, runner, http)
+        try:
+            yield e
+        finally:
+            await e.runner.cleanup()
+            await up_runner.cleanup()
+
+
+def line(cid: str, model: str = "m", **over: Any) -> bytes:
+    obj: dict[str, Any] = {"custom_id": cid, "method": "POST", "url": "/v1/chat/completions",
+                           "body": {"model": model, "max_tokens": 5,
+                                    "messages": [{"role": "user", "content": cid}]}}
+    obj.update(over)
+    return orjson.dumps(obj)
+
+
+def jsonl(*lines: bytes) -> bytes:
+    return b"\n".join(lines) + b"\n"
+
+
+@pytest.mark.parametrize(("bad", "where"), [
+    (b"{not json", "line 2: malformed JSON"),
+    (b"[1, 2]", "line 2: must be a JSON object"),
+    (line("r1"), "line 2: duplicate custom_id 'r1'"),
+    (line("r2", method="GET"), "line 2: 'method' must be \"POST\""),
+    (line("r2", url="/v1/images"), "line 2: 'url' must be one of"),
+    (line("r2", body=[1]), "line 2: 'body' must be a JSON object"),
+    (line("r2", body={"model": "m"}), "line 2: body: 'messages' is required"),
+    (line("r2", body={"model": "m", "stream": True, "messages": [{"role": "user"}]}),
+     "line 2: body: 'stream' is not supported"),
+])
+async def test_upload_rejects_a_bad_line_naming_its_number(env: Env, bad: bytes, where: str
+                                                           ) -> None:
+    st, err = await env.upload(jsonl(line("r1"), bad, line("r3")))
+    assert st == 400 and where in err["error"]["message"], err
+    assert err["error"]["param"] == "file"
+
+
+async def test_upload_purpose_and_size_limit(env: Env) -> None:
+    st, err = await env.upload(jsonl(line("r1")), purpose="fine-tune")
+    assert st == 400 and err["error"]["param"] == "purpose"
+    st, err = await env.upload(jsonl(*(line(f"r{i}") for i in range(300))))
+    assert st == 413 and "batch.max_file_bytes" in err["error"]["message"]
+    st, f = await env.upload(jsonl(line("r1")))
+    assert st == 200 and f["object"] == "file" and f["purpose"] == "batch"
+    st, got = await env.call("GET", f"/v1/files/{f['id']}")
+    assert st == 200 and got == f
+    st, content = await env.call("GET", f"/v1/files/{f['id']}/content")
+    assert st == 200 and content == jsonl(line("r1"))
+
+
+async def test_a_batch_completes_with_output_and_error_files(env: Env) -> None:
+    b = await env.create(jsonl(line("r1"), line("r2"), line("r3", model="nope"), line("r4")))
+    assert b["status"] == "validating" and b["metadata"] == {"job": "t"}
+    done = await env.wait(b["id"], "completed")
+    assert done["request_counts"] == {"total": 4, "completed": 3, "failed": 1}
+    for k in ("in_progress_at", "finalizing_at", "completed_at", "output_file_id",
+              "error_file_id"):
+        assert done[k], k
+    _, out = await env.call("GET", f"/v1/files/{done['output_file_id']}/content")
+    rows = [orjson.loads(x) for x in out.splitlines()]
+    assert [r["custom_id"] for r in rows] == ["r1", "r2", "r4"]
+    r = rows[0]
+    assert r["error"] is None and r["id"].startswith("batch_req_")
+    assert r["response"]["status_code"] == 200 and r["response"]["request_id"]
+    assert r["response"]["body"]["choices"][0]["message"]["content"] == "re: r1"
+    # the line went through the pipeline: its decision is in the ledger, for its tenant
+    st, rec = await env.call("GET", f"/v1/decisions/{r['response']['request_id']}")
+    assert st == 200 and rec["tenant"] == "a"
+    _, err = await env.call("GET", f"/v1/files/{done['error_file_id']}/content")
+    (e,) = [orjson.loads(x) for x in err.splitlines()]
+    assert e["custom_id"] == "r3" and e["response"] is None
+    assert e["error"]["code"] == "model_not_found"
+    assert sorted(env.up.seen) == ["r1", "r2", "r4"]
+
+
+async def test_batch_endpoint_must_match_every_line(env: Env) -> None:
+    st, f = await env.upload(jsonl(line("r1"), line("r2")))
+    st, b = await env.call("POST", "/v1/batches", json={
+        "input_file_id": f["id"], "endpoint": "/v1/embeddings", "completion_window": "24h"})
+    assert st == 200
+    failed = await env.wait(b["id"], "failed")
+    assert failed["errors"]["data"][0]["code"] == "mismatched_endpoint"
+    st, err = await env.call("POST", "/v1/batches", json={
+        "input_file_id": f["id"], "endpoint": "/v1/chat/completions",
+        "completion_window": "1h"})
+    assert st == 400 and err["error"]["param"] == "completion_window"
+
+
+async def test_other_tenants_get_404(env: Env) -> None:
+    b = await env.create(jsonl(line("r1")))
+    await env.wait(b["id"], "completed")
+    for method, path in [("GET", f"/v1/files/{b['input_file_id']}"),
+                         ("GET", f"/v1/files/{b['input_file_id']}/content"),
+                         ("GET", f"/v1/batches/{b['id']}"),
+                         ("POST", f"/v1/batches/{b['id']}/cancel")]:
+        st, err = await env.call(method, path, tenant="b")
+        assert st == 404 and err["error"]["type"] == "not_found_error", (path, err)
+    st, err = await env.call("POST", "/v1/batches", tenant="b", json={
+        "input_file_id": b["input_file_id"], "endpoint": "/v1/chat/completions",
+        "completion_window": "24h"})
+    assert st == 404
+    _, mine = await env.call("GET", "/v1/batches")
+    _, theirs = await env.call("GET", "/v1/batches", tenant="b")
+    assert [x["id"] for x in mine["data"]] == [b["id"]] and theirs["data"] == []
+
+
+async def test_cancel_stops_feeding_and_keeps_what_ran(env: Env) -> None:
+    env.up.delay = 0.2
+    b = await env.create(jsonl(*(line(f"r{i}") for i in range(10))))
+    await env.wait(b["id"], "in_progress")
+    st, c = await env.call("POST", f"/v1/batches/{b['id']}/cancel")
+    assert st == 200 and c["status"] in ("cancelling", "cancelled") and c["cancelling_at"]
+    done = await env.wait(b["id"], "cancelled")
+    counts = done["request_counts"]
+    assert counts["total"] == 10 and counts["completed"] < 10 and counts["failed"] == 0
+    assert sum(env.up.seen.values()) < 10
+    st, again = await env.call("POST", f"/v1/batches/{b['id']}/cancel")
+    assert st == 200 and again["status"] == "cancelled"  # a no-op, as in OpenAI
+
+
+async def test_a_batch_survives_a_restart_with_every_line_once(env: Env, tmp_path: Path
+                                                               ) -> None:
+    await env.runner.cleanup()
+    extra = f", ledger_path: {str(tmp_path / 'ledger.sqlite')!r}"
+    env.gw, env.runner, env.base = await start(env.up, extra)
+    env.up.delay = 0.05
+    n = 12
+    b = await env.create(jsonl(*(line(f"r{i}") for i in range(n))))
+    deadline = time.monotonic() + 20
+    while (cut := await env.wait(b["id"], "in_progress"))["request_counts"]["completed"] < 2:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+    await env.runner.cleanup()  # mid-batch: lines in flight are cancelled, not done
+    assert cut["request_counts"]["completed"] < n
+    assert (tmp_path / "ledger.sqlite.batches.sqlite").exists()
+    env.gw, env.runner, env.base = await start(env.up, extra)
+    done = await env.wait(b["id"], "completed")
+    assert done["request_counts"] == {"total": n, "completed": n, "failed": 0}
+    _, out = await env.call("GET", f"/v1/files/{done['output_file_id']}/content")
+    ids = [orjson.loads(x)["custom_id"] for x in out.splitlines()]
+    assert sorted(ids) == sorted(f"r{i}" for i in range(n))  # each line exactly once
+    assert set(env.up.seen) == {f"r{i}" for i in range(n)}
+
+
+async def test_lines_wait_for_spare_capacity(env: Env) -> None:
+    busy = [env.gw.live.reserve("up", 10) for _ in range(7)]  # 7 / 10 ≥ 0.6
+    b = await env.create(jsonl(line("r1"), line("r2")))
+    await env.wait(b["id"], "in_progress")
+    gated = env.svc.worker.gated
+    await asyncio.sleep(0.2)
+    assert env.svc.worker.gated > gated and not env.up.seen  # waiting, nothing sent
+    for r in busy[:3]:  # 4 / 10 in flight: one line may go (5 / 10 < 0.6), then the next
+        r.release()
+    done = await env.wait(b["id"], "completed")
+    assert done["request_counts"]["completed"] == 2
+    for r in busy[3:]:
+        r.release()
+
+
+async def test_queued_interactive_requests_hold_batch_lines_back(env: Env) -> None:
+    adm = env.gw.admission
+    profile = env.gw.classify("chat", {"model": "m", "messages": [{"role": "user",
+                                                                   "content": "x"}]},
+                              {}, env.gw.config.tenants[0])
+    pool = adm.pool_of(profile)
+    busy = [env.gw.live.reserve("up", 1) for _ in range(10)]
+    waiter = asyncio.create_task(adm.queue.acquire("b", "standard", pool, 1, 5.0))
+    await asyncio.sleep(0.01)
+    for r in busy:
+        r.release()  # the pool is idle, but an interactive request still waits
+    assert adm.utilisation(pool) == 0.0
+    assert not env.svc.worker.spare(pool)
+    waiter.cancel()
+    await asyncio.gather(waiter, return_exceptions=True)
+    assert env.svc.worker.spare(pool)
