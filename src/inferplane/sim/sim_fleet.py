@@ -1,0 +1,380 @@
+"""The simulator's fleet and traffic: one emulated engine per endpoint, trace prompts as token
+ids, and the traffic mix (``mix:`` entries resolved to tenants, classes, regions and models).
+
+A trace request is known only by its length and (Mooncake) its 512-token block ids. Two things
+are built from the ids, each a hash chain so that two requests share a leading run of hashes
+exactly when they share a leading run of block ids:
+
+* **engine tokens and block hashes** — trace block ``b`` is the token run
+  ``b * 512 + i`` (``i < 512``; the last block is cut to ``input_length``), so no two blocks
+  share a token. The engine is handed these tokens lazily (:class:`TracePromptTokens`) together
+  with the chained hashes of its full KV blocks (:func:`engine_block_hashes`), which saves
+  hashing ~12k tokens a request; prefix sharing in its KV cache is the trace's, exactly.
+* **placement block hashes** — what ``prompt_block_hashes(model, text, prefix_block_chars)``
+  would give for the prompt text a replay sends (``sim.tokens.prompt_from_blocks``: one word a
+  token, :data:`CHARS_PER_TOKEN` characters a word on average), reproduced without building the
+  text: hash ``k`` covers characters ``[0, (k + 1) * block_chars)``, i.e. tokens up to
+  ``(k + 1) * block_chars / CHARS_PER_TOKEN``, so it is chained over every trace block those
+  tokens touch (:func:`placement_block_hashes`). Same count and same sharing structure as the
+  text hashes (up to where a word boundary falls), at a fraction of the cost.
+
+Requests without prefix information (Azure) get fresh ids of their own
+(:data:`SYNTHETIC_ID_BASE` upwards), which share nothing; so do the blocks of a prompt longer
+than its ids cover.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from hashlib import blake2b
+from pathlib import Path
+from typing import TYPE_CHECKING, overload
+
+import yaml
+from pydantic import ValidationError
+
+from inferplane.config.loader import format_loc
+from inferplane.config.schema import FleetConfig, MixEntry, TenantSpec, WorkloadClass
+from inferplane.errors import ConfigError
+from inferplane.fleet.engine_metrics import EngineMetrics
+from inferplane.fleet.model import Endpoint
+from inferplane.physics import Roofline
+from inferplane.sim.engine import Engine, EngineConfig, StepOutput
+from inferplane.sim.tokens import TRACE_BLOCK_TOKENS, VOCABULARY
+from inferplane.types import ApiKind
+
+if TYPE_CHECKING:
+    from inferplane.sim.report import RequestRecord
+
+_MASK64 = (1 << 64) - 1
+SYNTHETIC_ID_BASE = 1 << 40
+"""Block ids from here up are made up by the simulator (padding, Azure prompts)."""
+
+CHARS_PER_TOKEN = sum(len(w) + 1 for w in VOCABULARY) / len(VOCABULARY)
+"""Mean characters per token (a word and its space) of the replayed prompt text."""
+
+MAX_ELASTIC_BLOCKS = 1 << 20
+"""Cap on KV blocks of an elastic (provider-api) engine, whose nominal pool is unbounded."""
+
+
+def seed_of(text: str) -> int:
+    """A stable 64-bit seed for a string (Python's ``hash(str)`` is randomised per process)."""
+    return int.from_bytes(blake2b(text.encode(), digest_size=8).digest(), "little")
+
+
+def _chain(seed: int, ids: Sequence[int], upto: int) -> list[int]:
+    """``c_j = H(c_{j-1}, ids[j])`` for ``j < upto``, ``c_{-1} = seed``."""
+    out: list[int] = []
+    prev = seed
+    for j in range(upto):
+        prev = hash((prev, ids[j]))
+        out.append(prev)
+    return out
+
+
+_TRACE_BLOCK_OF: dict[int, list[int]] = {}  # block_size -> trace block of each KV block
+
+
+def _trace_block_of(block_size: int, n: int) -> list[int]:
+    """``[((m + 1) * block_size - 1) // 512 for m < n]``, grown and cached per block size."""
+    table = _TRACE_BLOCK_OF.setdefault(block_size, [])
+    if len(table) < n:
+        tb = TRACE_BLOCK_TOKENS
+        table.extend(((m + 1) * block_size - 1) // tb for m in range(len(table), 2 * n))
+    return table
+
+
+def engine_block_hashes(ids: Sequence[int], prompt_len: int, block_size: int) -> list[int]:
+    """Chained hashes of the prompt's full KV blocks: block ``m`` is named by the chain of every
+    trace block its tokens touch, and ``m``."""
+    n = prompt_len // block_size
+    if n == 0:
+        return []
+    jof = _trace_block_of(block_size, n)
+    chain = _chain(0x5EED, ids, jof[n - 1] + 1)
+    return [hash((chain[j], m)) & _MASK64 for m, j in zip(range(n), jof, strict=False)]
+
+
+@lru_cache(maxsize=8)
+def _hash_block_ends(block_chars: int, max_blocks: int) -> tuple[int, ...]:
+    """Last token (0-based) that placement hash block ``k`` covers in a long enough prompt."""
+    per = block_chars / CHARS_PER_TOKEN
+    return tuple(math.ceil((k + 1) * per) - 1 for k in range(max_blocks))
+
+
+def placement_block_hashes(
+    model_seed: int,
+    ids: Sequence[int],
+    prompt_tokens: int,
+    block_chars: int = 256,
+    max_blocks: int = 512,
+) -> tuple[int, ...]:
+    """The stand-in for ``prompt_block_hashes`` of the replayed text (module docstring)."""
+    text_chars = prompt_tokens * CHARS_PER_TOKEN - 1
+    n = min(int(text_chars // block_chars), max_blocks)
+    if n <= 0:
+        return ()
+    ends = _hash_block_ends(block_chars, max_blocks)
+    last = prompt_tokens - 1
+    tb = TRACE_BLOCK_TOKENS
+    chain = _chain(model_seed, ids, min(ends[n - 1], last) // tb + 1)
+    return tuple(
+        hash((chain[(e if e < last else last) // tb], k)) & _MASK64
+        for k, e in zip(range(n), ends, strict=False)
+    )
+
+
+class TracePromptTokens(Sequence[int]):
+    """The prompt's token ids, computed on demand: block ``ids[j]`` is ``ids[j] * 512 + i``."""
+
+    __slots__ = ("_ids", "_len")
+
+    def __init__(self, ids: Sequence[int], length: int) -> None:
+        self._ids = ids
+        self._len = length
+
+    def __len__(self) -> int:
+        return self._len
+
+    def _at(self, i: int) -> int:
+        b, r = divmod(i, TRACE_BLOCK_TOKENS)
+        return self._ids[b] * TRACE_BLOCK_TOKENS + r
+
+    @overload
+    def __getitem__(self, index: int) -> int: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[int]: ...
+    def __getitem__(self, index: int | slice) -> int | list[int]:
+        if isinstance(index, slice):
+            return [self._at(i) for i in range(*index.indices(self._len))]
+        if index < 0:
+            index += self._len
+        if not 0 <= index < self._len:
+            raise IndexError(index)
+        return self._at(index)
+
+    def __iter__(self) -> Iterator[int]:
+        return (self._at(i) for i in range(self._len))
+
+
+def padded_ids(hash_ids: Sequence[int], prompt_tokens: int, next_id: int) -> tuple[list[int], int]:
+    """Block ids covering ``prompt_tokens`` tokens: the trace's, then fresh synthetic ids.
+
+    Returns the ids and the next unused synthetic id.
+    """
+    need = max(1, -(-prompt_tokens // TRACE_BLOCK_TOKENS))
+    ids = list(hash_ids[:need])
+    while len(ids) < need:
+        ids.append(next_id)
+        next_id += 1
+    return ids, next_id
+
+
+def engine_config_for(endpoint: Endpoint, roofline: Roofline) -> EngineConfig:
+    """The endpoint's ``emulation`` block as an `EngineConfig`; KV blocks from the roofline
+    (``kv_blocks(block_size, gpu_memory_utilization)``) unless set, capped on elastic hardware
+    at what ``max_num_seqs`` sequences of the longest context need."""
+    em = endpoint.spec.emulation
+    blocks = em.num_gpu_blocks
+    if blocks is None:
+        blocks = roofline.kv_blocks(em.block_size, em.gpu_memory_utilization)
+        if roofline.hardware.elastic:
+            ctx = max(m.max_context for m in endpoint.spec.models)
+            blocks = min(blocks, -(-em.max_num_seqs * ctx // em.block_size), MAX_ELASTIC_BLOCKS)
+    return EngineConfig(
+        num_gpu_blocks=max(1, blocks),
+        max_num_seqs=em.max_num_seqs,
+        max_num_batched_tokens=em.max_num_batched_tokens,
+        block_size=em.block_size,
+    )
+
+
+@dataclass(slots=True)
+class Published:
+    """Engine gauges and counters as of the last step boundary (what ``/metrics`` shows)."""
+
+    running: int = 0
+    waiting: int = 0
+    kv_usage: float = 0.0
+    prefix_queries_total: int = 0
+    prefix_hits_total: int = 0
+    preemptions_total: int = 0
+    prompt_tokens_total: int = 0
+    generation_tokens_total: int = 0
+
+
+class SimEndpoint:
+    """One endpoint of the simulated fleet: its engine, its in-flight step, its network delay.
+
+    ``engine`` is None when no served model has a physics model that fits the hardware; the
+    simulator then turns away whatever is placed there.
+    """
+
+    __slots__ = (
+        "busy",
+        "endpoint",
+        "engine",
+        "index",
+        "network_rtt_s",
+        "pending",
+        "prefilling",
+        "published",
+        "step_out",
+    )
+
+    def __init__(self, endpoint: Endpoint, index: int) -> None:
+        self.endpoint = endpoint
+        self.index = index
+        self.engine: Engine | None = None
+        self.network_rtt_s = 0.0
+        roof = next(
+            (r for m in endpoint.spec.models if (r := endpoint.roofline(m.name)) is not None),
+            None,
+        )
+        if roof is not None:
+            self.engine = Engine(engine_config_for(endpoint, roof), roof)
+            self.network_rtt_s = roof.hardware.network_rtt_s
+        self.busy = False
+        self.step_out: StepOutput | None = None
+        self.pending: list[float] = []  # heap: times of dispatches on their way here
+        self.prefilling: list[RequestRecord] = []  # dispatched, first token not yet produced
+        self.published = Published()
+
+    @property
+    def name(self) -> str:
+        return self.endpoint.name
+
+    def publish(self) -> None:
+        """Record the engine's gauges now (called at step boundaries)."""
+        e = self.engine
+        if e is None:
+            return
+        p = self.published
+        p.running, p.waiting, p.kv_usage = e.num_running, e.num_waiting, e.kv_usage
+        p.prefix_queries_total, p.prefix_hits_total = e.prefix_queries_total, e.prefix_hits_total
+        p.preemptions_total = e.num_preemptions_total
+        p.prompt_tokens_total = e.prompt_tokens_total
+        p.generation_tokens_total = e.generation_tokens_total
+
+    def metrics(self) -> EngineMetrics | None:
+        """What a scrape of ``/metrics`` returns: the last published gauges."""
+        e = self.engine
+        if e is None:
+            return None
+        p = self.published
+        return EngineMetrics(
+            running=p.running,
+            waiting=p.waiting,
+            kv_usage=p.kv_usage,
+            prefix_queries_total=p.prefix_queries_total,
+            prefix_hits_total=p.prefix_hits_total,
+            block_size=e.config.block_size,
+            num_gpu_blocks=e.config.num_gpu_blocks,
+            preemptions_total=p.preemptions_total,
+            prompt_tokens_total=p.prompt_tokens_total,
+            generation_tokens_total=p.generation_tokens_total,
+        )
+
+
+# -- the traffic mix -------------------------------------------------------------------------
+class SimulationError(ValueError):
+    """A simulation that cannot start (unknown profile, empty mix…); a user error."""
+
+
+@dataclass(frozen=True, slots=True)
+class TrafficShare:
+    """One resolved ``mix:`` entry: who sends this share of the trace, and for which model."""
+
+    tenant: str
+    workload_class: WorkloadClass
+    region: str | None
+    fraction: float
+    model: str
+    allowed_jurisdictions: frozenset[str] | None
+    api: ApiKind = "chat"  # "embeddings" for a model served as ``kind: embed``
+
+
+def load_mix(path: str | Path) -> list[MixEntry]:
+    """Read a YAML file with a ``mix:`` list (the fleet file's form); `ConfigError` if bad."""
+    p = Path(path)
+    try:
+        raw = yaml.safe_load(p.read_text("utf-8"))
+    except OSError as exc:
+        raise ConfigError(str(p), [("", f"cannot read: {exc.strerror or exc}")]) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(str(p), [("", f"invalid YAML: {exc}")]) from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("mix"), list):
+        raise ConfigError(str(p), [("mix", "expected a mapping with a `mix:` list")])
+    entries: list[MixEntry] = []
+    problems: list[tuple[str, str]] = []
+    for i, item in enumerate(raw["mix"]):
+        try:
+            entries.append(MixEntry.model_validate(item))
+        except ValidationError as exc:
+            problems += [(f"mix[{i}].{format_loc(e['loc'])}", e["msg"]) for e in exc.errors()]
+    if problems:
+        raise ConfigError(str(p), problems)
+    return entries
+
+
+def _default_model(config: FleetConfig) -> str:
+    for sub in config.substrates:
+        for ep in sub.endpoints:
+            for m in ep.models:
+                if m.kind == "generate":
+                    return m.name
+    raise SimulationError("the fleet serves no generative model to replay a trace against")
+
+
+def resolve_mix(
+    config: FleetConfig, entries: Sequence[MixEntry] | None = None, file: str = "<mix>"
+) -> list[TrafficShare]:
+    """Resolve ``entries`` (else the fleet's ``mix:``, else one share: the first tenant, or an
+    unrestricted ``default`` tenant, with its default class) against the config."""
+    tenants: dict[str, TenantSpec] = {t.name: t for t in config.tenants}
+    classes = {c.name: c for c in config.classes}
+    regions = {r.name for r in config.regions}
+    served = {m.name: m.kind for s in config.substrates for e in s.endpoints for m in e.models}
+    if entries is None:
+        entries, file = config.mix, "<fleet mix>"
+    if not entries:
+        t = config.tenants[0] if config.tenants else None
+        cls_name = t.default_class if t else "interactive"
+        if cls_name not in classes:
+            raise SimulationError(f"no traffic mix given and no class {cls_name!r} configured")
+        entries = [
+            MixEntry(tenant=t.name if t else "default", workload_class=cls_name, fraction=1.0)
+        ]
+    problems: list[tuple[str, str]] = []
+    out: list[TrafficShare] = []
+    for i, e in enumerate(entries):
+        t = tenants.get(e.tenant)
+        if t is None and (config.tenants or e.tenant != "default"):
+            problems.append((f"mix[{i}].tenant", f"unknown tenant {e.tenant!r}"))
+        if e.workload_class not in classes:
+            problems.append((f"mix[{i}].class", f"unknown class {e.workload_class!r}"))
+        if e.region is not None and regions and e.region not in regions:
+            problems.append((f"mix[{i}].region", f"unknown region {e.region!r}"))
+        if e.model is not None and e.model not in served:
+            problems.append((f"mix[{i}].model", f"no endpoint serves model {e.model!r}"))
+        if problems:
+            continue
+        allowed = t.allowed_jurisdictions if t is not None else None
+        model = e.model or _default_model(config)
+        out.append(
+            TrafficShare(
+                tenant=e.tenant,
+                workload_class=classes[e.workload_class],
+                region=e.region if e.region is not None else (t.region if t else None),
+                fraction=e.fraction,
+                model=model,
+                allowed_jurisdictions=frozenset(allowed) if allowed is not None else None,
+                api="embeddings" if served[model] == "embed" else "chat",
+            )
+        )
+    if problems:
+        raise ConfigError(file, problems)
+    return out
