@@ -144,16 +144,29 @@ def test_predicted_latency_uses_cached_prefix_precise_then_approximate() -> None
 
 @pytest.mark.parametrize(("observed_ratio", "factor"), [(2.0, 2.0), (10.0, 4.0), (0.1, 0.5)])
 def test_predicted_latency_online_correction(observed_ratio: float, factor: float) -> None:
+    """TTFT × the endpoint's median observed ÷ predicted ratio, clamped to [0.5, 4]."""
     p = plugin("predicted-latency")
     snap = snapshot(FLEET)
     cyc = cycle(profile(), snap)
     p.score(cyc, views(snap, "eu-h100-0"))
     base = cyc.annotations["eu-h100-0"]["ttft_s"]
-    p.on_picked(cyc, snap.by_name["eu-h100-0"])
-    snap2 = snapshot(FLEET, {"eu-h100-0": state(ttft_p50_s=base * observed_ratio)})
+    assert cyc.annotations["eu-h100-0"]["ttft_raw_s"] == pytest.approx(base)
+    snap2 = snapshot(FLEET, {"eu-h100-0": state(ttft_ratio_p50=observed_ratio)})
     cyc2 = cycle(profile(), snap2)
     p.score(cyc2, views(snap2, "eu-h100-0"))
     assert cyc2.annotations["eu-h100-0"]["ttft_s"] == pytest.approx(base * factor)
+    assert cyc2.annotations["eu-h100-0"]["ttft_raw_s"] == pytest.approx(base)
+
+
+def test_live_fleet_feeds_the_ttft_ratio() -> None:
+    from inferplane.fleet.live import LiveFleet
+
+    t = [0.0]
+    live = LiveFleet(snapshot(FLEET).fleet, clock=lambda: t[0])
+    for actual in (0.2, 0.3, 0.4):
+        live.observe_ttft("eu-h100-0", actual, predicted=0.1)
+    t[0] = 1.0
+    assert live.snapshot().by_name["eu-h100-0"].state.ttft_ratio_p50 == pytest.approx(3.0)
 
 
 @pytest.mark.parametrize(

@@ -219,8 +219,11 @@ class Gateway:
                 ) from None
             view = decision.picked
             assert view is not None
+            uncached = decision.candidate(view.name).annotations.get("uncached_tokens")
             reservation = self.live.reserve(
-                view.name, profile.prompt_tokens + profile.max_output_tokens
+                view.name,
+                profile.prompt_tokens + profile.max_output_tokens,
+                prefill_tokens=profile.prompt_tokens if uncached is None else int(uncached),
             )
             if ticket is not None:
                 self.admission.placed(ticket)
@@ -285,7 +288,8 @@ class Gateway:
         ttft = itl = None
         if stats is not None and stats.first_byte is not None:
             ttft = stats.first_byte - started
-            self.live.observe_ttft(name, ttft)
+            predicted = d.candidate(name).annotations.get("ttft_raw_s")
+            self.live.observe_ttft(name, ttft, predicted)
             self.metrics.child(self.metrics.ttft, name).observe(ttft)
             for g in stats.gaps:
                 self.live.observe_itl(name, g)

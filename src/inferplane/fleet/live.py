@@ -48,15 +48,29 @@ class LatencyWindow:
 
 @dataclass(slots=True)
 class Reservation:
-    """In-flight capacity taken at pick; `release` is idempotent (exactly-once)."""
+    """In-flight capacity taken at pick; `release` is idempotent (exactly-once).
+
+    ``prefill_tokens`` (the uncached prompt tokens placement expected) count as the endpoint's
+    pending prefill work until `first_token` — or `release`, whichever comes first — so the
+    latency predictor sees the prefill queue ahead of a new request.
+    """
 
     fleet: LiveFleet
     endpoint: str
     tokens: int
+    prefill_tokens: int = 0
     released: bool = False
+    prefilled: bool = False
+
+    def first_token(self) -> None:
+        """The first token arrived: this request's prefill is no longer ahead of anyone."""
+        if not self.prefilled:
+            self.prefilled = True
+            self.fleet._prefilled(self.endpoint, self.prefill_tokens)
 
     def release(self) -> None:
         if not self.released:
+            self.first_token()
             self.released = True
             self.fleet._release(self.endpoint, self.tokens)
 
@@ -75,10 +89,13 @@ class EndpointLive:
         "metrics",
         "metrics_at",
         "outcomes",
+        "pending_prefill",
+        "pending_prefill_tokens",
         "requests_total",
         "stats",
         "stats_at",
         "ttft",
+        "ttft_ratio",
     )
 
     def __init__(self) -> None:
@@ -89,18 +106,17 @@ class EndpointLive:
         self.ejected_reason = ""
         self.inflight = 0
         self.inflight_tokens = 0
+        self.pending_prefill = 0
+        self.pending_prefill_tokens = 0
         self.ttft = LatencyWindow()
+        self.ttft_ratio = LatencyWindow(128)  # observed ÷ predicted TTFT, per request
         self.itl = LatencyWindow(1024)
         self.outcomes: deque[bool] = deque(maxlen=100)
         self.requests_total = 0
         self.dirty = True
-        self.stats: tuple[float | None, float | None, float | None, float | None, float] = (
-            None,
-            None,
-            None,
-            None,
-            0.0,
-        )
+        self.stats: tuple[
+            float | None, float | None, float | None, float | None, float, float | None
+        ] = (None, None, None, None, 0.0, None)
         self.stats_at = float("-inf")
 
     def refresh_stats(self, now: float) -> None:
@@ -113,6 +129,7 @@ class EndpointLive:
             self.itl.percentile(50),
             self.itl.percentile(99),
             errors / len(self.outcomes) if self.outcomes else 0.0,
+            self.ttft_ratio.percentile(50),
         )
         self.stats_at = now
 
@@ -162,13 +179,23 @@ class LiveFleet:
             rec.ejected, rec.ejected_reason = ejected, reason
             self._touch(rec)
 
-    def reserve(self, endpoint: str, tokens: int) -> Reservation:
+    def reserve(self, endpoint: str, tokens: int, prefill_tokens: int = 0) -> Reservation:
+        """Take one in-flight slot of ``tokens`` (prompt + max output), ``prefill_tokens`` of
+        which are pending prefill until the first token."""
         rec = self.live[endpoint]
         rec.inflight += 1
         rec.inflight_tokens += tokens
+        rec.pending_prefill += 1
+        rec.pending_prefill_tokens += prefill_tokens
         rec.requests_total += 1
         self._touch(rec)
-        return Reservation(self, endpoint, tokens)
+        return Reservation(self, endpoint, tokens, prefill_tokens)
+
+    def _prefilled(self, endpoint: str, prefill_tokens: int) -> None:
+        rec = self.live[endpoint]
+        rec.pending_prefill -= 1
+        rec.pending_prefill_tokens -= prefill_tokens
+        self._touch(rec)
 
     def _release(self, endpoint: str, tokens: int) -> None:
         rec = self.live[endpoint]
@@ -176,8 +203,12 @@ class LiveFleet:
         rec.inflight_tokens -= tokens
         self._touch(rec)
 
-    def observe_ttft(self, endpoint: str, seconds: float) -> None:
-        self.live[endpoint].ttft.add(seconds)
+    def observe_ttft(self, endpoint: str, seconds: float, predicted: float | None = None) -> None:
+        """An observed TTFT, and (when placement predicted one) the ratio to its prediction."""
+        rec = self.live[endpoint]
+        rec.ttft.add(seconds)
+        if predicted is not None and predicted > 0:
+            rec.ttft_ratio.add(seconds / predicted)
 
     def observe_itl(self, endpoint: str, seconds: float) -> None:
         self.live[endpoint].itl.add(seconds)
@@ -191,7 +222,7 @@ class LiveFleet:
         rec = self.live[endpoint]
         if now - rec.stats_at >= self.refresh_s:
             rec.refresh_stats(now)
-        ttft50, ttft99, itl50, itl99, error_rate = rec.stats
+        ttft50, ttft99, itl50, itl99, error_rate, ratio50 = rec.stats
         m = rec.metrics
         age = None if rec.metrics_at is None else now - rec.metrics_at
         rec.dirty = False
@@ -210,11 +241,14 @@ class LiveFleet:
             num_gpu_blocks=m.num_gpu_blocks if m else None,
             inflight=rec.inflight,
             inflight_tokens=rec.inflight_tokens,
+            pending_prefill=rec.pending_prefill,
+            pending_prefill_tokens=rec.pending_prefill_tokens,
             ttft_p50_s=ttft50,
             ttft_p99_s=ttft99,
             itl_p50_s=itl50,
             itl_p99_s=itl99,
             error_rate=error_rate,
+            ttft_ratio_p50=ratio50,
             requests_total=rec.requests_total,
         )
 

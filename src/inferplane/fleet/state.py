@@ -17,7 +17,10 @@ class EndpointState:
 
     Engine signals (scraped from ``/metrics``) are ``None`` when never scraped; ``stale`` is true
     when the last good scrape is older than the configured limit, and placement must not trust
-    engine signals then. Gateway signals (in-flight, observed latencies) are always current.
+    engine signals then. Gateway signals (in-flight, observed latencies) are always current;
+    ``pending_prefill`` / ``pending_prefill_tokens`` are the in-flight requests that have not
+    yet received a first token and their uncached prompt tokens: the prefill queue the gateway
+    itself put on the endpoint.
     """
 
     healthy: bool = True
@@ -34,11 +37,14 @@ class EndpointState:
     num_gpu_blocks: int | None = None
     inflight: int = 0
     inflight_tokens: int = 0
+    pending_prefill: int = 0
+    pending_prefill_tokens: int = 0
     ttft_p50_s: float | None = None
     ttft_p99_s: float | None = None
     itl_p50_s: float | None = None
     itl_p99_s: float | None = None
     error_rate: float = 0.0
+    ttft_ratio_p50: float | None = None  # median of observed ÷ predicted TTFT, recent requests
     requests_total: int = 0
 
     @property

@@ -178,6 +178,13 @@ class Decision:
     def endpoint(self) -> str | None:
         return self.picked.name if self.picked is not None else None
 
+    def candidate(self, endpoint: str) -> CandidateRecord:
+        """The record of one endpoint (every endpoint of the snapshot has one)."""
+        for c in self.candidates:
+            if c.endpoint == endpoint:
+                return c
+        raise KeyError(endpoint)
+
 
 class MaxScorePicker(Plugin):
     """Highest total wins; ties broken uniformly at random (seeded)."""

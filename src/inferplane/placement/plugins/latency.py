@@ -51,20 +51,25 @@ class PredictedLatency(Plugin):
     * ``cached = min(prompt, prefix_match × block_tokens)``, ``uncached = max(1, prompt -
       cached)`` (prefix match from `PrefixMatcher`: precise KV-event index where it covers the
       endpoint, else an approximate index learned from picks);
-    * running batch ``B = max(engine running, min(gateway in-flight, max_concurrency))``, each
-      holding ``ctx = in-flight tokens ÷ in-flight`` (prompt + max output of this request when
-      idle);
-    * queue ahead ``Q = max(engine waiting, in-flight - max_concurrency)`` requests of ``ctx``
-      tokens: ``queue_s = Q × ctx × prefill_s_per_token`` (per-token cost of a 2048-token
-      prefill on this hardware);
+    * running batch ``B = max(engine running, min(decoding, max_concurrency))`` where
+      ``decoding`` = gateway in-flight requests past their first token, each holding ``ctx =
+      in-flight tokens ÷ in-flight`` (prompt + max output of this request when idle);
+    * prefill queue ahead: the engine prefills FCFS through its per-step token budget, so every
+      uncached prompt token the gateway sent that has not yet produced a first token is ahead
+      (``pending_prefill_tokens``), plus ``(engine waiting - gateway pending) × ctx`` when the
+      engine reports more waiting requests than the gateway sent (other clients);
+      ``queue_s = queue_tokens × prefill_s_per_token`` (per-token cost of a 2048-token prefill on
+      this hardware);
     * ``prefill_s = r.step_time_s(uncached, cached, B, B × ctx)`` (one mixed step);
     * ``TTFT = (queue_s + prefill_s + net) × k_ttft + fleet.rtt_s(client_region, region)``
       with ``net = hardware.network_rtt_s`` for provider APIs (0 otherwise);
     * ``ITL = r.step_time_s(0, 0, B + 1, (B + 1) × ctx) × k_itl`` (0 for embeddings).
 
-    Online correction: ``k = clamp(observed p50 ÷ EWMA of the predictions of past picks on that
-    endpoint, correction_min, correction_max)`` (1 until both exist); the EWMA is updated in
-    ``on_picked``. Unknown hardware/model: observed p50, else ``unknown_ttft_s`` /
+    Online correction: TTFT × ``k_ttft = clamp(median over the endpoint's recent requests of
+    observed ÷ predicted TTFT, correction_min, correction_max)`` — the gateway (and simulator)
+    feed each request's actual TTFT back against its uncorrected prediction (``ttft_raw_s``);
+    ITL × ``k_itl = clamp(observed ITL p50 ÷ EWMA of past picks' predictions)``, the EWMA
+    updated in ``on_picked``. Both are 1 until data exists. Unknown hardware/model: observed p50, else ``unknown_ttft_s`` /
     ``unknown_itl_s``.
 
     Score: ``x = max(TTFT ÷ ttft_slo, ITL ÷ itl_slo)`` over the SLOs set (``TTFT ÷
@@ -72,7 +77,8 @@ class PredictedLatency(Plugin):
     ``ttft_s``, ``itl_s``, ``queue_s``, ``uncached_tokens``, ``meets_slo`` (1/0) for every
     candidate; the slo-first picker relies on them.
 
-    Signals: engine running/waiting (when fresh), gateway in-flight and in-flight tokens,
+    Signals: engine running/waiting (when fresh), gateway in-flight, in-flight tokens and pending
+    prefill tokens,
     observed TTFT/ITL p50, the prefix index, region RTTs. Parameters: see `LatencyParams`.
     """
 
@@ -136,27 +142,29 @@ class PredictedLatency(Plugin):
             else:
                 conc = ep.spec.max_concurrency
                 inflight = s.inflight
-                batch = inflight if inflight < conc else conc
-                waiting = float(inflight - conc)
+                decoding = inflight - s.pending_prefill
+                batch = decoding if decoding < conc else conc
+                ctx = s.inflight_tokens / inflight if inflight > 0 else idle_ctx
+                # Prefill is FCFS through the engine's per-step token budget: everything the
+                # gateway sent that has not produced its first token is ahead of this request.
+                queue_tokens = float(s.pending_prefill_tokens)
                 if not s.stale:
                     if s.running is not None and s.running > batch:
                         batch = int(s.running)
-                    if s.waiting is not None and s.waiting > waiting:
-                        waiting = s.waiting
-                ctx = s.inflight_tokens / inflight if inflight > 0 else idle_ctx
-                if waiting > 0:
-                    queue_s = waiting * ctx * k.prefill_s_per_token
+                    if s.waiting is not None and s.waiting > s.pending_prefill:
+                        queue_tokens += (s.waiting - s.pending_prefill) * ctx  # other clients
+                if queue_tokens > 0:
+                    queue_s = queue_tokens * k.prefill_s_per_token
                 kv = int(batch * ctx)
                 # What the gateway observes: engine time + the gateway↔endpoint network.
                 raw_t = queue_s + r.step_time_s(uncached, cached, batch, kv) + k.network_rtt_s
                 raw_i = 0.0 if k.embedding else r.step_time_s(0, 0, batch + 1, kv + int(ctx))
                 ttft, itl = raw_t, raw_i
+                f = s.ttft_ratio_p50
+                if f is not None:
+                    ttft *= kmin if f < kmin else (kmax if f > kmax else f)
                 prev = ewma.get(name)
                 if prev is not None:
-                    obs = s.ttft_p50_s
-                    if obs is not None and prev[0] > 0:
-                        f = obs / prev[0]
-                        ttft *= kmin if f < kmin else (kmax if f > kmax else f)
                     obs = s.itl_p50_s
                     if obs is not None and prev[1] > 0:
                         f = obs / prev[1]
@@ -178,6 +186,7 @@ class PredictedLatency(Plugin):
             if ann is None:
                 ann = annotations[name] = {}
             ann["ttft_s"] = ttft
+            ann["ttft_raw_s"] = raw_t  # uncorrected: the gateway feeds back actual ÷ this
             ann["itl_s"] = itl
             ann["queue_s"] = queue_s
             ann["uncached_tokens"] = float(uncached)
