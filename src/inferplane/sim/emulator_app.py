@@ -211,12 +211,9 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
                 "logprobs": None,
                 "finish_reason": "length",
                 "stop_reason": None,
-                "message": {
-                    "role": "assistant",
-                    "content": text,
-                    "reasoning_content": None,
-                    "tool_calls": [],
-                },
+                # As vLLM 0.32 sends it (tests/fidelity): "reasoning", not the older
+                # "reasoning_content", and no empty "tool_calls".
+                "message": {"role": "assistant", "content": text, "reasoning": None},
             }
         else:
             choice = {
