@@ -29,6 +29,7 @@ from inferplane.errors import (
     PermissionDeniedError,
     UpstreamError,
 )
+from inferplane.fleet.health import VERDICTS, endpoint_summary
 from inferplane.types import ApiKind
 
 log = logging.getLogger("inferplane.api")
@@ -230,12 +231,37 @@ async def metrics(request: web.Request) -> web.Response:
         gw.metrics.inflight.labels(v.name).set(v.state.inflight)
         gw.metrics.endpoint_healthy.labels(v.name).set(1 if v.state.healthy else 0)
         gw.metrics.endpoint_stale.labels(v.name).set(1 if v.state.stale else 0)
+        gw.metrics.endpoint_ejected.labels(v.name).set(1 if v.state.ejected else 0)
+    m = gw.metrics
+    for name, p in gw.pool_health().items():
+        m.pool_queue_trend.labels(name).set(p.queue_trend)
+        m.pool_kv_pressure.labels(name, "mean").set(p.kv_mean or 0.0)
+        m.pool_kv_pressure.labels(name, "max").set(p.kv_max or 0.0)
+        m.pool_ttft_divergence.labels(name).set(p.ttft_divergence or 0.0)
+        m.pool_inflight_ratio.labels(name).set(p.inflight_ratio or 0.0)
+        for verdict in VERDICTS:
+            m.pool_verdict.labels(name, verdict).set(1 if p.verdict == verdict else 0)
     for band in BANDS:
         gw.metrics.queue_depth.labels(band).set(gw.admission.queue.depth(band))
     return web.Response(
         body=generate_latest(gw.metrics.registry),
         headers={"Content-Type": CONTENT_TYPE_LATEST},
     )
+
+
+async def fleet_health(request: web.Request) -> web.Response:
+    """``GET /v1/fleet/health``: every endpoint's health (up, ejected and why, stale, load,
+    latency, errors) and every pool's concurrency health (`fleet.health`)."""
+    gw = request.app[GATEWAY_KEY]
+    gw.authenticate(request.headers.get("Authorization"))
+    snap = gw.live.snapshot()
+    records = gw.outliers.records
+    body = {
+        "object": "fleet.health",
+        "endpoints": [endpoint_summary(v, records.get(v.name), snap.now) for v in snap.endpoints],
+        "pools": [p.to_json() for p in gw.pool_health().values()],
+    }
+    return web.json_response(body, dumps=_dumps)
 
 
 USAGE_GROUPS = ("day", "workflow", "model", "class", "key")
@@ -297,6 +323,7 @@ def build_app(gateway: Gateway) -> web.Application:
     app.router.add_get("/v1/models", models)
     app.router.add_get("/v1/decisions/{decision_id}", get_decision)
     app.router.add_get("/v1/usage", usage)
+    app.router.add_get("/v1/fleet/health", fleet_health)
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
     app.router.add_get("/metrics", metrics)

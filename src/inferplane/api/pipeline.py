@@ -6,6 +6,8 @@ metrics) and runs one request through the stages. HTTP specifics stay in `api.ap
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import logging
 import os
@@ -27,6 +29,7 @@ from inferplane.errors import (
     NoEligibleEndpointError,
     UpstreamError,
 )
+from inferplane.fleet.health import OutlierDetector, PoolHealth, pool_health
 from inferplane.fleet.kv_subscriber import KVEventSubscriber
 from inferplane.fleet.live import LiveFleet, Reservation
 from inferplane.fleet.model import Fleet
@@ -113,6 +116,8 @@ class Gateway:
         self._metrics_source = metrics_source
         self.scraper: Scraper | None = None
         self.admission = Admission(config, self.live, self.metrics, store=admission_store)
+        self.outliers = OutlierDetector(self.fleet, config.health.outlier)
+        self._health_task: asyncio.Task[None] | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -124,12 +129,19 @@ class Gateway:
         )
         await self.scraper.prime()
         self.scraper.start()
+        if self.config.health.outlier.enabled:
+            self._health_task = asyncio.create_task(self._health_loop())
         if self.kv_events is not None:
             self.kv_events.start()
         await self.ledger.start()
         await self.admission.start()
 
     async def stop(self) -> None:
+        if self._health_task is not None:
+            self._health_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._health_task
+            self._health_task = None
         if self.scraper is not None:
             await self.scraper.stop()
         if self.kv_events is not None:
@@ -137,6 +149,28 @@ class Gateway:
         await self.ledger.close()
         await self.admission.close()
         await self.dispatcher.close()
+
+    # -- health ---------------------------------------------------------------------------
+    def sweep_outliers(self) -> None:
+        """One outlier-ejection sweep (`fleet.health.OutlierDetector`), counted and logged."""
+        for a in self.outliers.run(self.live):
+            if a.eject:
+                self.metrics.endpoint_ejections.labels(a.endpoint, a.kind or "").inc()
+                log.warning("ejected %s: %s", a.endpoint, a.reason)
+            else:
+                log.info("%s back in service on probation", a.endpoint)
+
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.health.outlier.interval_s)
+            try:
+                self.sweep_outliers()
+            except Exception:  # a bug here must not stop ejections ending
+                log.exception("outlier sweep failed")
+
+    def pool_health(self) -> dict[str, PoolHealth]:
+        """Every pool's concurrency health now (`fleet.health.pool_health`)."""
+        return pool_health(self.live, self.config.health.pools, self.live.clock())
 
     # -- stages ---------------------------------------------------------------------------
     def authenticate(self, authorization: str | None) -> TenantSpec:

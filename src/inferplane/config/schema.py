@@ -372,6 +372,92 @@ class BatchSpec(Strict):
     )
 
 
+class OutlierSpec(Strict):
+    """Outlier ejection (Envoy-style): an endpoint that errs or is slow against its peers (same
+    hardware, tensor-parallel degree and served models), or whose metrics went stale while its
+    /health still answers, is ejected for ``base_ejection_s`` × its ejection count."""
+
+    enabled: bool = Field(True, description="run the outlier detector in the gateway")
+    interval_s: float = Field(1.0, gt=0, description="period of the ejection sweep")
+    min_requests: int = Field(
+        10, gt=0, description="outcomes (or TTFT samples) an endpoint needs before it is judged"
+    )
+    min_error_rate: float = Field(
+        0.5, gt=0, le=1, description="an error rate below this is never an outlier"
+    )
+    error_rate_margin: float = Field(
+        0.2, ge=0, le=1, description="eject when error rate >= max(min_error_rate, peers' "
+        "median + this)"
+    )
+    ttft_factor: float = Field(
+        3.0, gt=1, description="eject when TTFT p50 >= this × the peers' median TTFT p50"
+    )
+    min_ttft_s: float = Field(
+        0.05, ge=0, description="a TTFT p50 below this is never an outlier (noise floor)"
+    )
+    stale_eject_s: float = Field(
+        10.0, gt=0, description="eject a healthy endpoint whose last good scrape is this old"
+    )
+    max_ejection_percent: float = Field(
+        50.0, ge=0, le=100, description="at most floor(group size × this / 100) endpoints of a "
+        "peer group are ejected at once"
+    )
+    base_ejection_s: float = Field(
+        30.0, gt=0, description="ejection lasts this × the endpoint's ejection count"
+    )
+    max_ejection_s: float = Field(300.0, gt=0, description="longest single ejection")
+    decay_s: float = Field(
+        60.0, gt=0, description="an endpoint back in service and past probation loses one "
+        "ejection from its count every this many seconds"
+    )
+
+
+class PoolHealthSpec(Strict):
+    """Per-pool concurrency health: queue-depth trend, KV pressure, P99/P50 TTFT divergence and
+    in-flight ÷ concurrency envelope, each with a `pressure` and a `past-envelope` threshold."""
+
+    window_s: float = Field(20.0, gt=0, description="scrape history the trend and KV read")
+    min_ttft_samples: int = Field(
+        20, gt=0, description="TTFT samples a pool needs before its P99/P50 divergence counts"
+    )
+    trend_pressure: float = Field(
+        0.1, gt=0, description="waiting-queue growth (requests/s, pool sum) that is pressure"
+    )
+    trend_past: float = Field(
+        0.5, gt=0, description="waiting-queue growth (requests/s) that is past the envelope"
+    )
+    kv_pressure: float = Field(0.8, gt=0, le=1, description="mean KV usage that is pressure")
+    kv_past: float = Field(0.95, gt=0, le=1, description="max KV usage past the envelope")
+    divergence_pressure: float = Field(
+        3.0, gt=1, description="TTFT p99 / p50 across the pool that is pressure"
+    )
+    divergence_past: float = Field(
+        6.0, gt=1, description="TTFT p99 / p50 across the pool that is past the envelope"
+    )
+    inflight_pressure: float = Field(
+        0.8, gt=0, description="in-flight ÷ concurrency envelope that is pressure"
+    )
+    inflight_past: float = Field(
+        1.0, gt=0, description="in-flight ÷ concurrency envelope that is past the envelope"
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> PoolHealthSpec:
+        for name in ("trend", "kv", "divergence", "inflight"):
+            if getattr(self, f"{name}_pressure") > getattr(self, f"{name}_past"):
+                raise ValueError(f"{name}_pressure must not exceed {name}_past")
+        return self
+
+
+class HealthSpec(Strict):
+    """Health beyond up/down: outlier ejection and per-pool concurrency health."""
+
+    outlier: OutlierSpec = Field(OutlierSpec(), description="Envoy-style outlier ejection")
+    pools: PoolHealthSpec = Field(
+        PoolHealthSpec(), description="per-substrate concurrency health thresholds"
+    )
+
+
 class FleetConfig(Strict):
     """The whole file."""
 
@@ -387,4 +473,7 @@ class FleetConfig(Strict):
     admission: AdmissionSpec = AdmissionSpec()
     batch: BatchSpec = Field(
         BatchSpec(), description="the batch lane: /v1/files, /v1/batches and their worker"
+    )
+    health: HealthSpec = Field(
+        HealthSpec(), description="outlier ejection and per-pool concurrency health"
     )

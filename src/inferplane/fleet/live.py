@@ -18,6 +18,8 @@ from inferplane.fleet.state import EndpointState, EndpointView, FleetSnapshot, P
 
 Clock = Callable[[], float]
 
+SCRAPE_HISTORY = 512  # scrapes kept per endpoint: 51 s at the default 0.1 s scrape interval
+
 
 class LatencyWindow:
     """The last ``size`` samples; percentiles by sorting on demand (cached until a new sample)."""
@@ -34,6 +36,14 @@ class LatencyWindow:
 
     def __len__(self) -> int:
         return len(self._samples)
+
+    def values(self) -> list[float]:
+        """The samples held, oldest first (a copy)."""
+        return list(self._samples)
+
+    def clear(self) -> None:
+        self._samples.clear()
+        self._cache = None
 
     def percentile(self, q: float) -> float | None:
         """Nearest-rank percentile, q in [0, 100]; None without samples."""
@@ -92,6 +102,7 @@ class EndpointLive:
         "pending_prefill",
         "pending_prefill_tokens",
         "requests_total",
+        "scrapes",
         "stats",
         "stats_at",
         "ttft",
@@ -113,6 +124,10 @@ class EndpointLive:
         self.itl = LatencyWindow(1024)
         self.outcomes: deque[bool] = deque(maxlen=100)
         self.requests_total = 0
+        # (time, waiting, kv_usage) of recent scrapes: the trend history `fleet.health` reads
+        self.scrapes: deque[tuple[float, float | None, float | None]] = deque(
+            maxlen=SCRAPE_HISTORY
+        )
         self.dirty = True
         self.stats: tuple[
             float | None, float | None, float | None, float | None, float, float | None
@@ -164,7 +179,8 @@ class LiveFleet:
     def update_metrics(self, endpoint: str, metrics: EngineMetrics) -> None:
         rec = self.live[endpoint]
         rec.metrics = metrics
-        rec.metrics_at = self.clock()
+        rec.metrics_at = now = self.clock()
+        rec.scrapes.append((now, metrics.waiting, metrics.kv_usage))
         self._touch(rec)
 
     def set_health(self, endpoint: str, healthy: bool) -> None:
@@ -178,6 +194,15 @@ class LiveFleet:
         if rec.ejected != ejected or rec.ejected_reason != reason:
             rec.ejected, rec.ejected_reason = ejected, reason
             self._touch(rec)
+
+    def reset_observations(self, endpoint: str) -> None:
+        """Forget the endpoint's observed outcomes and TTFTs (an ejected endpoint returning on
+        probation is judged only on what it does after its return)."""
+        rec = self.live[endpoint]
+        rec.outcomes.clear()
+        rec.ttft.clear()
+        rec.stats_at = float("-inf")
+        self._touch(rec)
 
     def reserve(self, endpoint: str, tokens: int, prefill_tokens: int = 0) -> Reservation:
         """Take one in-flight slot of ``tokens`` (prompt + max output), ``prefill_tokens`` of

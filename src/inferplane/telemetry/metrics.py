@@ -106,6 +106,53 @@ class GatewayMetrics:
             registry=r,
         )
         self._admission_metrics(r)
+        self._health_metrics(r)
+
+    def _health_metrics(self, r: CollectorRegistry) -> None:
+        """Outlier ejection and per-pool concurrency health (`fleet.health`). ``reason_kind``
+        is one of stale, error_rate, ttft; ``verdict`` one of ok, pressure, past-envelope."""
+        self.endpoint_ejections = Counter(
+            "inferplane_endpoint_ejections",
+            "Outlier ejections, by endpoint and reason kind",
+            ["endpoint", "reason_kind"],
+            registry=r,
+        )
+        self.endpoint_ejected = Gauge(
+            "inferplane_endpoint_ejected",
+            "1 while the endpoint is ejected as an outlier",
+            ["endpoint"],
+            registry=r,
+        )
+        self.pool_queue_trend = Gauge(
+            "inferplane_pool_queue_trend",
+            "Least-squares slope of the pool's engine waiting queue (requests/s) over the window",
+            ["substrate"],
+            registry=r,
+        )
+        self.pool_kv_pressure = Gauge(
+            "inferplane_pool_kv_pressure",
+            "KV-cache usage over the window, by pool and stat (mean or max)",
+            ["substrate", "stat"],
+            registry=r,
+        )
+        self.pool_ttft_divergence = Gauge(
+            "inferplane_pool_ttft_divergence",
+            "Observed TTFT p99 / p50 across the pool's endpoints",
+            ["substrate"],
+            registry=r,
+        )
+        self.pool_inflight_ratio = Gauge(
+            "inferplane_pool_inflight_ratio",
+            "Gateway in-flight requests / concurrency envelope of the pool's usable endpoints",
+            ["substrate"],
+            registry=r,
+        )
+        self.pool_verdict = Gauge(
+            "inferplane_pool_verdict",
+            "1 for the pool's current concurrency-health verdict, 0 for the others",
+            ["substrate", "verdict"],
+            registry=r,
+        )
 
     def _admission_metrics(self, r: CollectorRegistry) -> None:
         """Admission and cost attribution. ``tenant`` and ``workload_class`` come from config;

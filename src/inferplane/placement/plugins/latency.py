@@ -69,8 +69,8 @@ class PredictedLatency(Plugin):
     observed ÷ predicted TTFT, correction_min, correction_max)`` — the gateway (and simulator)
     feed each request's actual TTFT back against its uncorrected prediction (``ttft_raw_s``);
     ITL × ``k_itl = clamp(observed ITL p50 ÷ EWMA of past picks' predictions)``, the EWMA
-    updated in ``on_picked``. Both are 1 until data exists. Unknown hardware/model: observed p50, else ``unknown_ttft_s`` /
-    ``unknown_itl_s``.
+    updated in ``on_picked``. Both are 1 until data exists. Unknown hardware/model: observed
+    p50, else ``unknown_ttft_s`` / ``unknown_itl_s``.
 
     Score: ``x = max(TTFT ÷ ttft_slo, ITL ÷ itl_slo)`` over the SLOs set (``TTFT ÷
     reference_ttft_s`` when none); ``score = 1 ÷ (1 + x)`` (0.5 exactly at the SLO). Annotates

@@ -1,0 +1,446 @@
+"""Health beyond up/down: outlier ejection and per-pool concurrency health.
+
+Two pieces of pure logic over `LiveFleet` data, each given ``now`` by its caller (the gateway
+passes its monotonic clock, tests a fake one):
+
+**Outlier ejection** (`OutlierDetector`), after Envoy's outlier detection
+(https://www.envoyproxy.io/docs/envoy/latest/intro/arch_overview/upstream/outlier and the
+``config.cluster.v3.OutlierDetection`` reference): a periodic sweep ejects an endpoint that is
+unlike its *peers* — endpoints of the same hardware profile and tensor-parallel degree serving
+the same models (`peer_key`), so an H100 is never judged against a provider API. An endpoint is
+an outlier when, with ``n`` = ``min_requests``:
+
+- **metrics stale**: its ``/health`` answers but its last good scrape is ``>= stale_eject_s`` old
+  (never-scraped endpoints, e.g. provider APIs without ``/metrics``, are exempt);
+- **error rate**: it has ``>= n`` recent outcomes, at least one peer has ``>= n`` too, and
+  ``error_rate >= max(min_error_rate, median(peer error rates) + error_rate_margin)``
+  (Envoy's failure-percentage ejection, made relative so a fleet-wide fault ejects nobody);
+- **TTFT**: it has ``>= n`` TTFT samples, at least one peer has ``>= n`` too, and
+  ``p50 >= max(min_ttft_s, ttft_factor × median(peer p50s))`` (a lone endpoint has no peers and
+  is never a TTFT outlier).
+
+Peers are the other members of the group that pass ``/health`` and are not ejected. At most
+``floor(group size × max_ejection_percent / 100)`` members of a group are ejected at once
+(stricter than Envoy, which always allows one: the gateway has no panic mode), worst first.
+An ejection lasts ``min(base_ejection_s × ejections, max_ejection_s)``, where ``ejections``
+counts this endpoint's ejections including this one. When it ends the endpoint is **half-open**:
+back in service on probation, its outcome and TTFT windows cleared, so the next sweeps judge only
+what it does after its return; an outlier again is ejected again, for longer. Once it has served
+``n`` requests (or, ejected for stale metrics, is scraped again) without being an outlier it is
+off probation, and its ejection count then drops by one every ``decay_s``.
+
+**Pool concurrency health** (`pool_health`): per substrate, from the scrape history
+``LiveFleet`` keeps (``(time, waiting, kv_usage)`` per scrape) and the gateway's own
+observations: queue-depth trend, KV pressure, P99/P50 TTFT divergence and in-flight ÷ envelope,
+with a verdict (``ok`` | ``pressure`` | ``past-envelope``) and its reasons. Utilisation is not an
+input: a pool whose queue grows and whose P99 TTFT pulls away from its P50 is past its envelope
+whatever its GPUs report.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from statistics import median
+from typing import Literal
+
+from inferplane.config.schema import OutlierSpec, PoolHealthSpec
+from inferplane.fleet.live import LiveFleet
+from inferplane.fleet.model import Endpoint, Fleet
+from inferplane.fleet.state import EndpointView
+from inferplane.types import JSONObject
+
+ReasonKind = Literal["stale", "error_rate", "ttft"]
+PoolVerdict = Literal["ok", "pressure", "past-envelope"]
+VERDICTS: tuple[PoolVerdict, ...] = ("ok", "pressure", "past-envelope")
+PeerKey = tuple[str, int, tuple[tuple[str, str, str], ...]]
+
+_KIND_RANK: dict[ReasonKind, int] = {"stale": 2, "error_rate": 1, "ttft": 0}
+
+
+def peer_key(endpoint: Endpoint) -> PeerKey:
+    """Like compares with like: hardware profile, tensor-parallel degree, and the served models
+    as (name, variant, precision)."""
+    models = tuple(sorted((m.name, m.variant, m.precision) for m in endpoint.spec.models))
+    return (endpoint.substrate.hardware.lower(), endpoint.spec.tp, models)
+
+
+def peer_groups(fleet: Fleet) -> dict[PeerKey, tuple[str, ...]]:
+    """Endpoint names by `peer_key`, in fleet order."""
+    out: dict[PeerKey, list[str]] = {}
+    for e in fleet.endpoints:
+        out.setdefault(peer_key(e), []).append(e.name)
+    return {k: tuple(v) for k, v in out.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class Observed:
+    """What one sweep reads of one endpoint."""
+
+    healthy: bool = True
+    outcomes: int = 0
+    error_rate: float = 0.0
+    ttft_samples: int = 0
+    ttft_p50_s: float | None = None
+    metrics_age_s: float | None = None  # None: never scraped
+
+
+def observe(live: LiveFleet, now: float) -> dict[str, Observed]:
+    """Read every endpoint's outcome window, TTFT window, health and metrics age."""
+    out: dict[str, Observed] = {}
+    for name, rec in live.live.items():
+        n = len(rec.outcomes)
+        out[name] = Observed(
+            healthy=rec.healthy,
+            outcomes=n,
+            error_rate=sum(1 for ok in rec.outcomes if not ok) / n if n else 0.0,
+            ttft_samples=len(rec.ttft),
+            ttft_p50_s=rec.ttft.percentile(50),
+            metrics_age_s=None if rec.metrics_at is None else now - rec.metrics_at,
+        )
+    return out
+
+
+@dataclass(slots=True)
+class EjectionRecord:
+    """The detector's memory of one endpoint."""
+
+    ejections: int = 0
+    ejected_until: float | None = None  # set while the detector holds it ejected
+    kind: ReasonKind | None = None
+    reason: str = ""
+    probation: bool = False
+    last_decay: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Action:
+    """One change a sweep makes: eject (with kind, reason and end time) or return to service."""
+
+    endpoint: str
+    eject: bool
+    kind: ReasonKind | None = None
+    reason: str = ""
+    until: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Outlier:
+    name: str
+    kind: ReasonKind
+    reason: str
+    severity: float  # how far past its threshold, for worst-first ordering
+
+
+def _s(x: float) -> str:
+    return f"{x:.3g} s"
+
+
+class OutlierDetector:
+    """Envoy-style outlier ejection over peer groups; see the module docstring for formulas.
+
+    `sweep` is the pure state machine (observations and ``now`` in, actions out); `run` reads
+    a `LiveFleet`, sweeps and applies the actions to it.
+    """
+
+    def __init__(self, fleet: Fleet, spec: OutlierSpec) -> None:
+        self.spec = spec
+        self.groups = peer_groups(fleet)
+        self.records: dict[str, EjectionRecord] = {
+            e.name: EjectionRecord() for e in fleet.endpoints
+        }
+
+    def ejection_s(self, ejections: int) -> float:
+        """``min(base_ejection_s × ejections, max_ejection_s)``."""
+        return min(self.spec.base_ejection_s * ejections, self.spec.max_ejection_s)
+
+    def _judge(self, name: str, peers: Sequence[Observed], o: Observed) -> _Outlier | None:
+        sp = self.spec
+        n = sp.min_requests
+        if o.metrics_age_s is not None and o.metrics_age_s >= sp.stale_eject_s:
+            return _Outlier(
+                name, "stale", f"metrics stale {o.metrics_age_s:.1f} s", o.metrics_age_s
+            )
+        if o.outcomes >= n:
+            rates = [p.error_rate for p in peers if p.outcomes >= n]
+            if rates:
+                med = median(rates)
+                limit = max(sp.min_error_rate, med + sp.error_rate_margin)
+                if o.error_rate >= limit:
+                    return _Outlier(
+                        name,
+                        "error_rate",
+                        f"error rate {o.error_rate:.2f} vs peers {med:.2f}",
+                        o.error_rate / limit,
+                    )
+        if o.ttft_samples >= n and o.ttft_p50_s is not None:
+            p50s = [p.ttft_p50_s for p in peers if p.ttft_samples >= n and p.ttft_p50_s is not None]
+            if p50s:
+                med = median(p50s)
+                limit = max(sp.min_ttft_s, sp.ttft_factor * med)
+                if o.ttft_p50_s >= limit and limit > 0:
+                    return _Outlier(
+                        name,
+                        "ttft",
+                        f"TTFT p50 {_s(o.ttft_p50_s)} vs peers {_s(med)}",
+                        o.ttft_p50_s / limit,
+                    )
+        return None
+
+    def sweep(self, observed: Mapping[str, Observed], now: float) -> list[Action]:
+        """One ejection sweep at ``now``: return expired ejections to service (half-open),
+        eject new outliers within each group's cap, end probations, decay ejection counts."""
+        sp = self.spec
+        actions: list[Action] = []
+        returned: set[str] = set()
+        for name, rec in self.records.items():
+            if rec.ejected_until is not None and now >= rec.ejected_until:
+                rec.ejected_until, rec.probation, rec.last_decay = None, True, now
+                actions.append(Action(name, eject=False, kind=rec.kind))
+                returned.add(name)
+        for members in self.groups.values():
+            in_service = [
+                m for m in members if self.records[m].ejected_until is None and observed[m].healthy
+            ]
+            found: list[_Outlier] = []
+            # an endpoint returned this sweep had its windows cleared: judged from the next one
+            judged = [m for m in in_service if m not in returned]
+            for m in judged:
+                peers = [observed[p] for p in judged if p != m]
+                outlier = self._judge(m, peers, observed[m])
+                rec = self.records[m]
+                if outlier is not None:
+                    found.append(outlier)
+                elif rec.probation and (
+                    observed[m].outcomes >= sp.min_requests
+                    or observed[m].ttft_samples >= sp.min_requests
+                    or (rec.kind == "stale" and observed[m].metrics_age_s is not None)
+                ):
+                    rec.probation, rec.last_decay = False, now
+                elif not rec.probation and rec.ejections > 0 and now - rec.last_decay >= sp.decay_s:
+                    rec.ejections -= 1
+                    rec.last_decay = now
+            cap = math.floor(len(members) * sp.max_ejection_percent / 100.0 + 1e-9)
+            held = sum(1 for m in members if self.records[m].ejected_until is not None)
+            found.sort(key=lambda o: (_KIND_RANK[o.kind], o.severity), reverse=True)
+            for o in found:
+                if held >= cap:
+                    break
+                rec = self.records[o.name]
+                rec.ejections += 1
+                rec.ejected_until = now + self.ejection_s(rec.ejections)
+                rec.kind, rec.reason, rec.probation = o.kind, o.reason, False
+                actions.append(Action(o.name, True, o.kind, o.reason, rec.ejected_until))
+                held += 1
+        return actions
+
+    def run(self, live: LiveFleet) -> list[Action]:
+        """Observe ``live`` at its clock's now, sweep, and apply: an ejection sets the endpoint's
+        ``ejected`` flag and reason; a return clears it and the endpoint's observation windows."""
+        now = live.clock()
+        actions = self.sweep(observe(live, now), now)
+        for a in actions:
+            if a.eject:
+                live.set_ejected(a.endpoint, True, a.reason)
+            else:
+                live.set_ejected(a.endpoint, False)
+                live.reset_observations(a.endpoint)
+        return actions
+
+
+# -- pool concurrency health -------------------------------------------------------------------
+
+
+def slope(points: Sequence[tuple[float, float]]) -> float | None:
+    """Least-squares slope ``Σ(t - t̄)(y - ȳ) / Σ(t - t̄)²`` of (t, y) points; None with fewer
+    than 3 points or no spread in t."""
+    if len(points) < 3:
+        return None
+    tm = sum(t for t, _ in points) / len(points)
+    ym = sum(y for _, y in points) / len(points)
+    den = sum((t - tm) ** 2 for t, _ in points)
+    if den <= 0:
+        return None
+    return sum((t - tm) * (y - ym) for t, y in points) / den
+
+
+def _percentile(sorted_values: Sequence[float], q: float) -> float:
+    """Nearest rank, the same rule as `LatencyWindow.percentile`."""
+    k = min(len(sorted_values) - 1, max(0, round(q / 100.0 * (len(sorted_values) - 1))))
+    return sorted_values[k]
+
+
+@dataclass(frozen=True, slots=True)
+class PoolHealth:
+    """Concurrency health of one substrate (pool) at one instant.
+
+    ``queue_trend``: Σ over endpoints of the least-squares slope of engine ``waiting`` over the
+    last ``window_s`` of scrapes (requests/s; positive = the queue grows). ``kv_mean`` /
+    ``kv_max``: mean and max of every ``kv_usage`` sample in the window. ``ttft_divergence``:
+    p99 / p50 of the pool's observed TTFTs, all endpoints' windows merged (None below
+    ``min_ttft_samples``). ``inflight_ratio``: gateway in-flight ÷ Σ ``max_concurrency`` of the
+    pool's usable endpoints.
+    """
+
+    substrate: str
+    endpoints: int
+    usable: int
+    queue_trend: float
+    waiting: float
+    kv_mean: float | None
+    kv_max: float | None
+    ttft_p50_s: float | None
+    ttft_p99_s: float | None
+    ttft_divergence: float | None
+    inflight: int
+    envelope: int
+    inflight_ratio: float | None
+    verdict: PoolVerdict
+    reasons: tuple[str, ...]
+
+    def to_json(self) -> JSONObject:
+        return {
+            "substrate": self.substrate,
+            "verdict": self.verdict,
+            "reasons": list(self.reasons),
+            "endpoints": self.endpoints,
+            "usable_endpoints": self.usable,
+            "queue_trend_per_s": self.queue_trend,
+            "waiting": self.waiting,
+            "kv_mean": self.kv_mean,
+            "kv_max": self.kv_max,
+            "ttft_p50_s": self.ttft_p50_s,
+            "ttft_p99_s": self.ttft_p99_s,
+            "ttft_divergence": self.ttft_divergence,
+            "inflight": self.inflight,
+            "concurrency_envelope": self.envelope,
+            "inflight_ratio": self.inflight_ratio,
+        }
+
+
+def _verdict(
+    spec: PoolHealthSpec,
+    trend: float,
+    kv_mean: float | None,
+    kv_max: float | None,
+    div: float | None,
+    inflight: int,
+    envelope: int,
+) -> tuple[PoolVerdict, tuple[str, ...]]:
+    """``past-envelope`` if the queue trend, TTFT divergence or in-flight ratio is at or past
+    its ``*_past`` threshold, the KV max at or past ``kv_past``, or no endpoint is usable; else
+    ``pressure`` if one of them is at or past its ``*_pressure`` threshold (KV: the mean at or
+    past ``kv_pressure``); else ``ok``. The reasons name every signal over a threshold."""
+    past: list[str] = []
+    pressure: list[str] = []
+    w = spec.window_s
+
+    def check(value: float | None, soft: float, hard: float, text: str) -> None:
+        if value is None:
+            return
+        if value >= hard:
+            past.append(text)
+        elif value >= soft:
+            pressure.append(text)
+
+    check(
+        trend, spec.trend_pressure, spec.trend_past, f"queue growing {trend:.2f} req/s over {w:g} s"
+    )
+    if kv_max is not None and kv_max >= spec.kv_past:
+        past.append(f"KV usage max {kv_max:.2f}")
+    if kv_mean is not None and kv_mean >= spec.kv_pressure:
+        pressure.append(f"KV usage mean {kv_mean:.2f}")
+    check(div, spec.divergence_pressure, spec.divergence_past, f"TTFT p99/p50 {div or 0.0:.1f}")
+    if envelope <= 0:
+        past.append("no usable endpoint")
+    else:
+        check(
+            inflight / envelope,
+            spec.inflight_pressure,
+            spec.inflight_past,
+            f"in-flight {inflight}/{envelope} of the concurrency envelope",
+        )
+    if past:
+        return "past-envelope", tuple(past + pressure)
+    return ("pressure" if pressure else "ok"), tuple(pressure)
+
+
+def pool_health(live: LiveFleet, spec: PoolHealthSpec, now: float) -> dict[str, PoolHealth]:
+    """Every substrate's `PoolHealth` at ``now``, in fleet order."""
+    pools: dict[str, list[Endpoint]] = {}
+    for e in live.fleet.endpoints:
+        pools.setdefault(e.substrate.name, []).append(e)
+    out: dict[str, PoolHealth] = {}
+    since = now - spec.window_s
+    for sub, eps in pools.items():
+        trend = waiting = 0.0
+        kvs: list[float] = []
+        ttfts: list[float] = []
+        inflight = envelope = usable = 0
+        for e in eps:
+            rec = live.live[e.name]
+            window = [s for s in rec.scrapes if s[0] >= since]
+            b = slope([(t, w) for t, w, _ in window if w is not None])
+            trend += b or 0.0
+            if window and window[-1][1] is not None and now - window[-1][0] <= live.stale_after_s:
+                waiting += window[-1][1]
+            kvs.extend(kv for _, _, kv in window if kv is not None)
+            ttfts.extend(rec.ttft.values())
+            inflight += rec.inflight
+            if rec.healthy and not rec.ejected:
+                usable += 1
+                envelope += e.max_concurrency
+        kv_mean = sum(kvs) / len(kvs) if kvs else None
+        kv_max = max(kvs) if kvs else None
+        p50 = p99 = div = None
+        if len(ttfts) >= spec.min_ttft_samples:
+            ttfts.sort()
+            p50, p99 = _percentile(ttfts, 50), _percentile(ttfts, 99)
+            div = p99 / p50 if p50 > 0 else None
+        verdict, reasons = _verdict(spec, trend, kv_mean, kv_max, div, inflight, envelope)
+        out[sub] = PoolHealth(
+            substrate=sub,
+            endpoints=len(eps),
+            usable=usable,
+            queue_trend=trend,
+            waiting=waiting,
+            kv_mean=kv_mean,
+            kv_max=kv_max,
+            ttft_p50_s=p50,
+            ttft_p99_s=p99,
+            ttft_divergence=div,
+            inflight=inflight,
+            envelope=envelope,
+            inflight_ratio=inflight / envelope if envelope else None,
+            verdict=verdict,
+            reasons=reasons,
+        )
+    return out
+
+
+def endpoint_summary(view: EndpointView, record: EjectionRecord | None, now: float) -> JSONObject:
+    """One endpoint's health as ``GET /v1/fleet/health`` shows it."""
+    s = view.state
+    until = None if record is None else record.ejected_until
+    return {
+        "endpoint": view.name,
+        "substrate": view.endpoint.substrate.name,
+        "healthy": s.healthy,
+        "ejected": s.ejected,
+        "ejected_reason": s.ejected_reason or None,
+        "ejected_for_s": None if until is None else max(0.0, until - now),
+        "ejections": 0 if record is None else record.ejections,
+        "probation": False if record is None else record.probation,
+        "stale": s.stale,
+        "metrics_age_s": s.metrics_age_s,
+        "inflight": s.inflight,
+        "max_concurrency": view.endpoint.max_concurrency,
+        "running": s.running,
+        "waiting": s.waiting,
+        "kv_usage": s.kv_usage,
+        "ttft_p50_s": s.ttft_p50_s,
+        "ttft_p99_s": s.ttft_p99_s,
+        "error_rate": s.error_rate,
+        "requests_total": s.requests_total,
+    }

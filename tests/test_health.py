@@ -1,0 +1,428 @@
+"""Health beyond up/down (fleet/health.py): outlier ejection against peers with half-open
+return, per-pool concurrency health, and ``GET /v1/fleet/health`` on an in-process gateway.
+
+Everything runs on an injected clock; nothing waits on wall time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from inferplane.api.app import serve
+from inferplane.api.pipeline import Gateway
+from inferplane.config.loader import parse_config
+from inferplane.config.schema import OutlierSpec, PoolHealthSpec
+from inferplane.fleet.engine_metrics import EngineMetrics
+from inferplane.fleet.health import (
+    Observed,
+    OutlierDetector,
+    observe,
+    peer_groups,
+    pool_health,
+    slope,
+)
+from inferplane.fleet.live import LiveFleet
+from inferplane.fleet.model import Fleet
+from inferplane.fleet.scraper import StaticMetricsSource
+from inferplane.placement.build import build_policies
+from inferplane.placement.framework import place
+from tests.builders import key_hash, profile
+from tests.support.procs import free_port
+
+VLLM = (Path(__file__).parent / "fixtures" / "metrics" / "vllm.txt").read_text()
+KEY = "sk-health"
+
+
+def _sub(name: str, hardware: str, port: int, *eps: str, conc: int = 8) -> str:
+    lines = [
+        f"  - name: {name}",
+        "    kind: gpu",
+        f"    hardware: {hardware}",
+        "    region: r1",
+        "    jurisdiction: eu",
+        "    cost: {hourly_usd: 3.0}",
+        "    endpoints:",
+    ]
+    for i, e in enumerate(eps):
+        lines += [
+            f"      - name: {e}",
+            f"        url: http://127.0.0.1:{port + i}",
+            f"        max_concurrency: {conc}",
+            "        models: [{name: m, profile: llama-3.1-8b, max_context: 8192}]",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+# Four H100 peers, two H200 peers (same model: not peers of the H100s), one lone A100.
+FLEET_YAML = (
+    "gateway: {seed: 1}\n"
+    f'tenants: [{{name: t, api_keys: ["{key_hash(KEY)}"]}}]\n'
+    "substrates:\n"
+    + _sub("pool-a", "h100", 9100, "a0", "a1", "a2", "a3")
+    + _sub("pool-b", "h200", 9110, "b0", "b1")
+    + _sub("solo", "a100", 9120, "s0")
+)
+
+
+class Clock:
+    def __init__(self, t: float = 1000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@dataclass
+class Env:
+    clock: Clock
+    live: LiveFleet
+    det: OutlierDetector
+
+
+def env(**outlier: Any) -> Env:
+    cfg = parse_config(FLEET_YAML, "fleet.yaml")
+    clock = Clock()
+    live = LiveFleet(Fleet.from_config(cfg), stale_after_s=2.0, clock=clock)
+    return Env(clock, live, OutlierDetector(live.fleet, OutlierSpec(**outlier)))
+
+
+def feed(live: LiveFleet, name: str, ok: int = 0, err: int = 0, ttft: float | None = None,
+         n_ttft: int = 0) -> None:
+    for _ in range(ok):
+        live.observe_outcome(name, True)
+    for _ in range(err):
+        live.observe_outcome(name, False)
+    for _ in range(n_ttft):
+        assert ttft is not None
+        live.observe_ttft(name, ttft)
+
+
+def healthy_peers(live: LiveFleet, *names: str) -> None:
+    for n in names:
+        feed(live, n, ok=10, ttft=0.4, n_ttft=10)
+
+
+# -- outlier ejection --------------------------------------------------------------------------
+
+
+def test_peer_groups_compare_like_with_like() -> None:
+    groups = sorted(peer_groups(env().live.fleet).values())
+    assert groups == [("a0", "a1", "a2", "a3"), ("b0", "b1"), ("s0",)]
+
+
+# case: (per-endpoint feed, expected {endpoint: reason})
+CASES: dict[str, tuple[dict[str, dict[str, Any]], dict[str, str]]] = {
+    "error-rate outlier": (
+        {"a0": {"ok": 2, "err": 8}}, {"a0": "error rate 0.80 vs peers 0.00"}),
+    "error rate under min_error_rate": ({"a0": {"ok": 6, "err": 4}}, {}),
+    "too few outcomes to judge": ({"a0": {"err": 9}}, {}),
+    "fleet-wide errors eject nobody": (
+        {n: {"ok": 2, "err": 8} for n in ("a0", "a1", "a2", "a3")}, {}),
+    "TTFT outlier": (
+        {"a0": {"ttft": 3.1, "n_ttft": 10}}, {"a0": "TTFT p50 3.1 s vs peers 0.4 s"}),
+    "TTFT under k x peers": ({"a0": {"ttft": 1.1, "n_ttft": 10}}, {}),
+    "other hardware is not a peer": (
+        {"b0": {"ttft": 3.0, "n_ttft": 10}, "b1": {"ttft": 3.0, "n_ttft": 10}}, {}),
+    "lone endpoint never a TTFT outlier": ({"s0": {"ttft": 30.0, "n_ttft": 50}}, {}),
+    "lone endpoint never an error outlier": ({"s0": {"err": 50}}, {}),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_outlier_cases(case: str) -> None:
+    feeds, expected = CASES[case]
+    e = env()
+    healthy_peers(e.live, *(n for n in ("a0", "a1", "a2", "a3", "b0", "b1") if n not in feeds))
+    for name, kw in feeds.items():
+        feed(e.live, name, **kw)
+    actions = e.det.run(e.live)
+    assert {a.endpoint: a.reason for a in actions if a.eject} == expected
+    snap = e.live.snapshot()
+    for name, reason in expected.items():
+        st = snap.by_name[name].state
+        assert st.ejected and st.ejected_reason == reason
+    assert sum(v.state.ejected for v in snap.endpoints) == len(expected)
+
+
+@pytest.mark.parametrize(("percent", "ejected"), [(0, set()), (25, {"a0"}), (50, {"a0", "a1"})])
+def test_max_ejection_percent_caps_a_group_worst_first(percent: float, ejected: set[str]) -> None:
+    e = env(max_ejection_percent=percent)
+    healthy_peers(e.live, "a2", "a3")
+    feed(e.live, "a0", err=10)
+    feed(e.live, "a1", ok=1, err=9)
+    e.det.run(e.live)
+    e.clock.t += 1
+    e.det.run(e.live)  # a second sweep does not exceed the cap either
+    assert {v.name for v in e.live.snapshot().endpoints if v.state.ejected} == ejected
+
+
+def test_ejection_grows_with_each_ejection_then_caps() -> None:
+    e = env(base_ejection_s=30, max_ejection_s=75)
+    healthy_peers(e.live, "a1", "a2", "a3")
+    durations = []
+    for _ in range(4):
+        feed(e.live, "a0", err=10)
+        (a,) = [a for a in e.det.run(e.live) if a.eject]
+        assert a.until is not None
+        durations.append(a.until - e.clock.t)
+        e.clock.t += 29.0
+        assert not e.det.run(e.live)  # still ejected one second before its end
+        e.clock.t = a.until
+        (back,) = e.det.run(e.live)  # half-open: back on probation, windows cleared
+        assert not back.eject and not e.live.snapshot().by_name["a0"].state.ejected
+        assert len(e.live.live["a0"].outcomes) == 0 and e.det.records["a0"].probation
+    assert durations == [30.0, 60.0, 75.0, 75.0]
+
+
+def test_half_open_recovery_ends_probation_and_decays_the_count() -> None:
+    e = env(base_ejection_s=10, decay_s=60)
+    healthy_peers(e.live, "a1", "a2", "a3")
+    feed(e.live, "a0", err=10)
+    e.det.run(e.live)
+    e.clock.t += 10
+    e.det.run(e.live)  # returned on probation
+    rec = e.det.records["a0"]
+    assert rec.probation and rec.ejections == 1
+    feed(e.live, "a0", ok=5)
+    e.clock.t += 1
+    assert not e.det.run(e.live) and rec.probation  # not enough outcomes yet
+    feed(e.live, "a0", ok=5)
+    e.clock.t += 1
+    assert not e.det.run(e.live)
+    assert not rec.probation and rec.ejections == 1
+    e.clock.t += 59
+    e.det.run(e.live)
+    assert rec.ejections == 1
+    e.clock.t += 1
+    e.det.run(e.live)
+    assert rec.ejections == 0
+    # a relapse after decay is a first ejection again: base duration
+    feed(e.live, "a0", err=10)
+    (a,) = e.det.run(e.live)
+    assert a.eject and a.until == e.clock.t + 10
+
+
+def test_relapse_on_probation_is_ejected_again_for_longer() -> None:
+    e = env(base_ejection_s=10)
+    healthy_peers(e.live, "a1", "a2", "a3")
+    feed(e.live, "a0", err=10)
+    e.det.run(e.live)
+    e.clock.t += 10
+    e.det.run(e.live)
+    feed(e.live, "a0", ok=1, err=9)
+    (a,) = e.det.run(e.live)
+    assert a.eject and a.until == e.clock.t + 20 and e.det.records["a0"].ejections == 2
+
+
+def test_stale_metrics_eject_a_healthy_endpoint_only() -> None:
+    e = env(stale_eject_s=5.0)
+    m = EngineMetrics(waiting=0.0, kv_usage=0.1)
+    for n in ("a0", "a1", "a2", "a3", "b0", "b1"):
+        e.live.update_metrics(n, m)
+    e.live.set_health("b0", False)  # /health fails too: the health filter already says so
+    e.clock.t += 6.0
+    for n in ("a1", "a2", "a3", "b1"):
+        e.live.update_metrics(n, m)
+    actions = e.det.run(e.live)
+    assert [(a.endpoint, a.kind, a.reason) for a in actions] == [
+        ("a0", "stale", "metrics stale 6.0 s")
+    ]  # s0 was never scraped (no /metrics at all): not judged on staleness
+    # returned after the ejection, still stale: ejected again at once
+    e.clock.t += 30.0
+    for n in ("a1", "a2", "a3", "b1"):
+        e.live.update_metrics(n, m)
+    assert [a.eject for a in e.det.run(e.live)] == [False]
+    e.clock.t += 1.0
+    assert [(a.endpoint, a.eject) for a in e.det.run(e.live)] == [("a0", True)]
+
+
+def test_health_filter_removes_the_ejected_endpoint_with_its_reason() -> None:
+    e = env()
+    healthy_peers(e.live, "a1", "a2", "a3")
+    feed(e.live, "a0", ok=2, err=8)
+    e.det.run(e.live)
+    cfg = parse_config(FLEET_YAML, "fleet.yaml")
+    policy = build_policies(cfg, "<test>")["default"]
+    d = place(profile(model="m", tenant="t"), e.live.snapshot(), policy)
+    rec = d.candidate("a0")
+    assert rec.rejected_by == "health"
+    assert rec.reason == "ejected: error rate 0.80 vs peers 0.00"
+    assert d.picked is not None and d.picked.name != "a0"
+
+
+def test_observe_reads_the_live_windows() -> None:
+    e = env()
+    feed(e.live, "a0", ok=3, err=1, ttft=0.2, n_ttft=4)
+    o = observe(e.live, e.clock.t)["a0"]
+    assert o == Observed(healthy=True, outcomes=4, error_rate=0.25, ttft_samples=4,
+                         ttft_p50_s=0.2, metrics_age_s=None)
+
+
+# -- pool concurrency health -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("points", "expected"),
+    [
+        ([(0.0, 3.0), (1.0, 3.0), (2.0, 3.0)], 0.0),
+        ([(0.0, 0.0), (1.0, 2.0), (2.0, 4.0), (3.0, 6.0)], 2.0),
+        ([(0.0, 1.0), (1.0, 0.0), (2.0, 3.0), (3.0, 2.0)], 0.6),  # least squares: 3 / 5
+        ([(0.0, 1.0), (1.0, 5.0)], None),
+        ([(1.0, 1.0), (1.0, 2.0), (1.0, 3.0)], None),
+    ],
+)
+def test_slope(points: list[tuple[float, float]], expected: float | None) -> None:
+    got = slope(points)
+    assert got == (None if expected is None else pytest.approx(expected))
+
+
+def scrape_series(e: Env, name: str, waiting: list[float], kv: list[float], dt: float = 1.0,
+                  ) -> None:
+    for w, k in zip(waiting, kv, strict=True):
+        e.live.update_metrics(name, EngineMetrics(waiting=w, kv_usage=k))
+        e.clock.t += dt
+    e.clock.t -= dt  # now = the last scrape
+
+
+SPEC = PoolHealthSpec(window_s=20.0, min_ttft_samples=20)
+
+
+def test_concurrency_illusion_queue_grows_while_in_flight_is_low() -> None:
+    e = env()
+    # a0's queue grows 1 req/s over 10 scrapes; a1 flat; far below the envelope (1 of 32)
+    scrape_series(e, "a0", [float(i) for i in range(10)], [0.3] * 10)
+    e.clock.t -= 9.0
+    scrape_series(e, "a1", [2.0] * 10, [0.5] * 10)
+    e.live.reserve("a0", 100)
+    p = pool_health(e.live, SPEC, e.clock.t)["pool-a"]
+    assert p.queue_trend == pytest.approx(1.0)
+    assert p.waiting == 11.0
+    assert p.kv_mean == pytest.approx(0.4) and p.kv_max == 0.5
+    assert p.inflight == 1 and p.envelope == 32 and p.inflight_ratio == pytest.approx(1 / 32)
+    assert p.verdict == "past-envelope"
+    assert p.reasons == ("queue growing 1.00 req/s over 20 s",)
+
+
+def test_old_scrapes_fall_out_of_the_window() -> None:
+    e = env()
+    scrape_series(e, "a0", [float(i) for i in range(10)], [0.99] * 10)
+    e.clock.t += 100.0
+    scrape_series(e, "a0", [5.0] * 5, [0.2] * 5)
+    p = pool_health(e.live, SPEC, e.clock.t)["pool-a"]
+    assert p.queue_trend == 0.0 and p.kv_max == 0.2 and p.verdict == "ok" and p.reasons == ()
+
+
+@pytest.mark.parametrize(
+    ("kv", "ttft_tail", "inflight", "verdict", "reasons"),
+    [
+        ([0.2] * 5, 0.1, 0, "ok", ()),
+        ([0.85] * 5, 0.1, 0, "pressure", ("KV usage mean 0.85",)),
+        ([0.5, 0.5, 0.5, 0.5, 0.96], 0.1, 0, "past-envelope", ("KV usage max 0.96",)),
+        ([0.2] * 5, 0.4, 0, "pressure", ("TTFT p99/p50 4.0",)),
+        ([0.2] * 5, 0.7, 0, "past-envelope", ("TTFT p99/p50 7.0",)),
+        ([0.2] * 5, 0.1, 26, "pressure", ("in-flight 26/32 of the concurrency envelope",)),
+        ([0.2] * 5, 0.1, 33, "past-envelope", ("in-flight 33/32 of the concurrency envelope",)),
+    ],
+)
+def test_pool_verdicts(kv: list[float], ttft_tail: float, inflight: int, verdict: str,
+                       reasons: tuple[str, ...]) -> None:
+    e = env()
+    scrape_series(e, "a0", [1.0] * 5, kv)
+    # 95 fast requests and 5 slow ones: p50 0.1 s, p99 = the slow ones
+    feed(e.live, "a1", ttft=0.1, n_ttft=95)
+    feed(e.live, "a2", ttft=ttft_tail, n_ttft=5)
+    for _ in range(inflight):
+        e.live.reserve("a3", 10)
+    p = pool_health(e.live, SPEC, e.clock.t)["pool-a"]
+    assert p.ttft_divergence == pytest.approx(ttft_tail / 0.1)
+    assert (p.verdict, p.reasons) == (verdict, reasons)
+
+
+def test_ejected_endpoints_leave_the_envelope_and_too_few_ttfts_are_unknown() -> None:
+    e = env()
+    feed(e.live, "a0", ttft=0.1, n_ttft=5)
+    for n in ("a0", "a1", "a2", "a3"):
+        e.live.set_ejected(n, n != "a3", "test")
+    for _ in range(8):
+        e.live.reserve("a3", 10)
+    p = pool_health(e.live, SPEC, e.clock.t)["pool-a"]
+    assert p.usable == 1 and p.envelope == 8 and p.ttft_divergence is None
+    assert p.verdict == "past-envelope"
+    e.live.set_ejected("a3", True, "test")
+    q = pool_health(e.live, SPEC, e.clock.t)["pool-a"]
+    assert q.inflight_ratio is None and q.reasons == ("no usable endpoint",)
+
+
+# -- GET /v1/fleet/health on an in-process gateway ---------------------------------------------
+
+
+@dataclass
+class Gw:
+    gw: Gateway
+    base: str
+    http: aiohttp.ClientSession
+
+
+@pytest.fixture
+async def gw() -> AsyncIterator[Gw]:
+    cfg = parse_config(FLEET_YAML.replace("gateway: {seed: 1}", (
+        "gateway: {seed: 1}\nhealth: {outlier: {interval_s: 3600}}")), "fleet.yaml")
+    source = StaticMetricsSource()
+    for name in ("a0", "a1", "a2", "a3", "b0", "b1"):
+        source.texts[name] = VLLM
+    source.health["b1"] = False
+    gateway = Gateway(cfg, metrics_source=source)
+    port = free_port()
+    runner: web.AppRunner = await serve(gateway, "127.0.0.1", port)
+    try:
+        async with aiohttp.ClientSession() as http:
+            yield Gw(gateway, f"http://127.0.0.1:{port}", http)
+    finally:
+        await runner.cleanup()
+
+
+async def test_fleet_health_route(gw: Gw) -> None:
+    async with gw.http.get(f"{gw.base}/v1/fleet/health") as r:
+        assert r.status == 401
+        assert (await r.json())["error"]["code"] == "missing_api_key"
+    live = gw.gw.live
+    healthy_peers(live, "a1", "a2", "a3")
+    feed(live, "a0", ok=2, err=8)
+    gw.gw.sweep_outliers()
+    auth = {"Authorization": f"Bearer {KEY}"}
+    async with gw.http.get(f"{gw.base}/v1/fleet/health", headers=auth) as r:
+        assert r.status == 200
+        body = await r.json()
+    eps = {e["endpoint"]: e for e in body["endpoints"]}
+    assert list(eps) == ["a0", "a1", "a2", "a3", "b0", "b1", "s0"]
+    a0 = eps["a0"]
+    assert a0["ejected"] is True and a0["ejected_reason"] == "error rate 0.80 vs peers 0.00"
+    assert a0["ejections"] == 1 and 0 < a0["ejected_for_s"] <= 30.0
+    assert a0["error_rate"] == pytest.approx(0.8) and a0["healthy"] is True
+    assert eps["a1"]["ttft_p50_s"] == pytest.approx(0.4) and eps["a1"]["ejected"] is False
+    assert eps["a1"]["stale"] is False and eps["a1"]["waiting"] is not None
+    assert eps["b1"]["healthy"] is False
+    assert eps["s0"]["stale"] is True and eps["s0"]["kv_usage"] is None
+    pools = {p["substrate"]: p for p in body["pools"]}
+    assert set(pools) == {"pool-a", "pool-b", "solo"}
+    assert pools["pool-a"]["usable_endpoints"] == 3
+    assert pools["pool-a"]["concurrency_envelope"] == 24
+    assert pools["pool-a"]["verdict"] in {"ok", "pressure", "past-envelope"}
+    async with gw.http.get(f"{gw.base}/metrics") as r:
+        text = await r.text()
+    assert 'inferplane_endpoint_ejections_total{endpoint="a0",reason_kind="error_rate"} 1.0' in text
+    assert 'inferplane_endpoint_ejected{endpoint="a0"} 1.0' in text
+    assert 'inferplane_endpoint_ejected{endpoint="a1"} 0.0' in text
+    for name in ("queue_trend", "ttft_divergence", "inflight_ratio"):
+        assert f'inferplane_pool_{name}{{substrate="pool-a"}}' in text
+    assert 'inferplane_pool_kv_pressure{stat="max",substrate="pool-a"}' in text
+    verdicts = [line for line in text.splitlines()
+                if line.startswith('inferplane_pool_verdict{substrate="solo"')]
+    assert len(verdicts) == 3 and sum(float(v.rsplit(" ", 1)[1]) for v in verdicts) == 1.0
