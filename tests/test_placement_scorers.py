@@ -393,3 +393,20 @@ def test_dynamo_kv_temperature_samples() -> None:
     p = plugin("dynamo-kv", temperature=1.0)
     got = {p.pick(cycle(profile(), snap, seed=s), _scored(snap)).view.name for s in range(30)}
     assert len(got) > 1
+
+
+@pytest.mark.parametrize(
+    ("mode", "expect"),
+    [("fastest", "a-1"), ("score", "a-0")],  # a-1 predicted faster; a-0 has the higher total
+)
+def test_slo_first_when_none_meets(mode: str, expect: str) -> None:
+    fl = fleet(sub("a", n=2))
+    snap = snapshot(fl)
+    cyc = cycle(profile(), snap)
+    for name, ttft in (("a-0", 5.0), ("a-1", 3.0)):
+        cyc.annotate(name, "meets_slo", 0.0)
+        cyc.annotate(name, "ttft_s", ttft)
+    scored = [Scored(snap.by_name["a-0"], 0.9, {}), Scored(snap.by_name["a-1"], 0.2, {})]
+    p = plugin("slo-first", when_none_meets=mode)
+    assert p.pick(cyc, scored).view.name == expect
+    assert "no candidate predicted to meet the SLO" in cyc.notes[0]

@@ -3,6 +3,8 @@ the cheapest, with affinity and load breaking ties; and never spill silently."""
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from inferplane.fleet.state import EndpointView
@@ -21,6 +23,11 @@ class SloFirstParams(BaseModel):
     )
     cost_epsilon_usd: float = Field(1e-7, ge=0, description="absolute cost tie tolerance")
     include_egress: bool = Field(True, description="rank by cost_usd + egress_usd")
+    when_none_meets: Literal["fastest", "score"] = Field(
+        "fastest",
+        description="no candidate predicted to meet the SLO: the fastest predicted TTFT, or the "
+        "highest total score (affinity and load keep more of the prompt cached under overload)",
+    )
 
 
 def _reserved(v: EndpointView) -> bool:
@@ -67,6 +74,9 @@ class SloFirst(Plugin):
             costs = [self._cost(ann.get(s.view.name, empty)) for s in pool]
             limit = min(costs) * (1.0 + self.p.cost_tolerance) + self.p.cost_epsilon_usd
             tied = [s for s, c in zip(pool, costs, strict=True) if c <= limit]
+        elif self.p.when_none_meets == "score":
+            tied = scored
+            cycle.notes.append("no candidate predicted to meet the SLO; picked the best score")
         else:
             ttfts = [ann.get(s.view.name, empty).get("ttft_s", _INF) for s in scored]
             fastest = min(ttfts)
