@@ -1,0 +1,126 @@
+"""Aggregating client records, and the fleet's prefix-cache hit rate from ``/metrics`` pages.
+
+* percentiles interpolate linearly between order statistics (numpy's default);
+* ITL percentiles pool every inter-token gap of every successful request (as vLLM's
+  ``benchmark_serving`` does), so long answers weigh more;
+* SLO attainment is the fraction of *all* requests that completed with TTFT within the TTFT SLO
+  and a mean ITL within the ITL SLO -- the definition of ``inferplane simulate`` -- with both
+  SLOs divided by the emulator's time scale (engine time runs faster than real time);
+* throughput is output tokens of successful requests over the replay's wall time;
+* the hit rate is ``Δ vllm:prefix_cache_hits_total / Δ vllm:prefix_cache_queries_total``
+  summed over the endpoints, between a scrape before and one after the replay.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import statistics
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from bench.peers.client import Record
+
+HITS = "vllm:prefix_cache_hits_total"
+QUERIES = "vllm:prefix_cache_queries_total"
+_SAMPLE = re.compile(r"^([A-Za-z_:][A-Za-z0-9_:]*)(\{[^}]*\})?\s+(\S+)")
+
+
+def pct(xs: Sequence[float], q: float) -> float | None:
+    """The ``q``-th percentile (0-100) of ``xs``, linear interpolation; None when empty."""
+    if not xs:
+        return None
+    s = sorted(xs)
+    k = (len(s) - 1) * q / 100.0
+    lo, hi = math.floor(k), math.ceil(k)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def prom_sum(text: str, name: str) -> float:
+    """The sum over all label sets of metric ``name`` in a Prometheus text page (0 if absent)."""
+    total = 0.0
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        m = _SAMPLE.match(line)
+        if m and m.group(1) == name:
+            try:
+                total += float(m.group(3))
+            except ValueError:
+                continue
+    return total
+
+
+@dataclass(frozen=True)
+class CacheCounters:
+    hits: float
+    queries: float
+
+    @classmethod
+    def from_pages(cls, pages: Iterable[str]) -> CacheCounters:
+        hits = queries = 0.0
+        for p in pages:
+            hits += prom_sum(p, HITS)
+            queries += prom_sum(p, QUERIES)
+        return cls(hits, queries)
+
+
+def hit_rate(before: CacheCounters, after: CacheCounters) -> float | None:
+    """Prefix-cache hit rate between two scrapes (None when nothing was queried)."""
+    dq = after.queries - before.queries
+    if dq <= 0:
+        return None
+    return (after.hits - before.hits) / dq
+
+
+@dataclass(frozen=True)
+class Slo:
+    """Latency SLOs in *real* seconds (the class's SLO divided by the time scale)."""
+
+    ttft_s: float
+    itl_s: float
+
+    @classmethod
+    def scaled(cls, ttft_ms: float, itl_ms: float, time_scale: float) -> Slo:
+        return cls(ttft_ms / 1000.0 / time_scale, itl_ms / 1000.0 / time_scale)
+
+
+def meets(r: Record, slo: Slo) -> bool:
+    if not r.ok or r.ttft_s is None or r.ttft_s > slo.ttft_s:
+        return False
+    return not r.itl_s or statistics.fmean(r.itl_s) <= slo.itl_s
+
+
+def summarize(records: Sequence[Record], wall_s: float, slo: Slo) -> dict[str, Any]:
+    """The per-router numbers of the results table (latencies in milliseconds, real time)."""
+    ok = [r for r in records if r.ok]
+    ttft = [r.ttft_s for r in ok if r.ttft_s is not None]
+    e2e = [r.e2e_s for r in ok if r.e2e_s is not None]
+    itl = [g for r in ok for g in r.itl_s]
+    out_tokens = sum(r.output_tokens for r in ok)
+    errors: dict[str, int] = {}
+    for r in records:
+        if not r.ok:
+            key = (r.error or "error").split(":")[0][:60]
+            errors[key] = errors.get(key, 0) + 1
+
+    def ms(v: float | None) -> float | None:
+        return None if v is None else v * 1000.0
+
+    return {
+        "requests": len(records),
+        "ok": len(ok),
+        "errors": len(records) - len(ok),
+        "error_kinds": errors,
+        "ttft_ms": {f"p{q}": ms(pct(ttft, q)) for q in (50, 90, 99)},
+        "itl_ms": {f"p{q}": ms(pct(itl, q)) for q in (50, 99)},
+        "e2e_ms": {f"p{q}": ms(pct(e2e, q)) for q in (50, 99)},
+        "output_tokens": out_tokens,
+        "throughput_tok_s": out_tokens / wall_s if wall_s > 0 else 0.0,
+        "slo_attainment": sum(1 for r in records if meets(r, slo)) / len(records)
+        if records
+        else None,
+        "wall_s": wall_s,
+    }
+

@@ -1,0 +1,249 @@
+"""Child processes of the peer benchmark: started in their own process group, always stopped.
+
+Every process the harness starts is a :class:`Proc`: its own session (so its whole tree is one
+process group), stdout and stderr in a log file, and a module-level registry so that
+:func:`stop_all` (called from ``finally``, ``atexit`` and the SIGINT/SIGTERM handler) ends every
+one of them by process group, never by name.
+
+Resource use of a router is read from ``/proc``: :func:`tree_pids` walks the children of a PID,
+:class:`TreeSampler` adds up user+system CPU time and RSS over the tree and keeps the peak.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+PEER_ENV: dict[str, str] = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_ENDPOINT": "http://127.0.0.1:9",
+    "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+    "TRANSFORMERS_OFFLINE": "1",
+    "NO_PROXY": "127.0.0.1,localhost",
+    "no_proxy": "127.0.0.1,localhost",
+}
+"""Set for every process the harness starts: nothing may reach beyond loopback."""
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_RUNNING: list[Proc] = []
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports (all held open at once while they are picked)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of a peer process: ours, loopback-only settings, then ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+    env.update(PEER_ENV)
+    env.update(extra or {})
+    return env
+
+
+class Proc:
+    """A child process in its own process group, logging to ``log``; ``stop()`` ends the group."""
+
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        log: Path,
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> None:
+        self.name = name
+        self.argv = list(argv)
+        self.log = log
+        log.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = log.open("wb")
+        self.popen = subprocess.Popen(
+            self.argv,
+            stdout=self._fh,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=child_env(env),
+            cwd=cwd,
+            start_new_session=True,
+        )
+        self.pid = self.popen.pid
+        _RUNNING.append(self)
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def log_tail(self, n: int = 2000) -> str:
+        with contextlib.suppress(OSError):
+            return self.log.read_bytes()[-n:].decode("utf-8", "replace")
+        return ""
+
+    def wait_http(self, url: str, timeout_s: float = 60.0, ok: Sequence[int] = (200,)) -> None:
+        """Poll ``url`` until it answers one of ``ok``; raise with the log tail otherwise."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise RuntimeError(
+                    f"{self.name} exited with {self.popen.returncode}:\n{self.log_tail()}"
+                )
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url, timeout=1.0).status_code in ok:
+                    return
+            time.sleep(0.2)
+        raise TimeoutError(f"{self.name}: {url} not ready in {timeout_s:.0f}s:\n{self.log_tail()}")
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        """SIGTERM the process group, SIGKILL it after ``grace_s``; idempotent."""
+        if self.popen.poll() is None:
+            _signal_group(self.pid, signal.SIGTERM)
+            try:
+                self.popen.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                _signal_group(self.pid, signal.SIGKILL)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.popen.wait(grace_s)
+        # Leftovers of the group (a child that outlived its parent) go too.
+        _signal_group(self.pid, signal.SIGKILL)
+        if not self._fh.closed:
+            self._fh.close()
+        if self in _RUNNING:
+            _RUNNING.remove(self)
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def stop_all() -> None:
+    """Stop every process this harness started and has not stopped yet (newest first)."""
+    for p in reversed(list(_RUNNING)):
+        p.stop()
+
+
+def running() -> list[Proc]:
+    return list(_RUNNING)
+
+
+# -- /proc accounting ----------------------------------------------------------------------
+
+
+def _children_map() -> dict[int, list[int]]:
+    kids: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+        kids.setdefault(ppid, []).append(int(entry))
+    return kids
+
+
+def tree_pids(root: int) -> list[int]:
+    """``root`` and all its descendants that exist right now."""
+    kids, out, todo = _children_map(), [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(kids.get(pid, []))
+    return out
+
+
+@dataclass(frozen=True)
+class Usage:
+    """CPU seconds (user + system) and resident memory of a set of processes."""
+
+    cpu_s: float
+    rss_bytes: int
+
+
+def parse_stat(stat: str) -> tuple[float, float]:
+    """(utime + stime seconds, rss pages) from the text of ``/proc/PID/stat``."""
+    fields = stat[stat.rindex(")") + 2 :].split()
+    # fields[0] is field 3 (state): utime = field 14, stime = 15, rss = 24
+    return (int(fields[11]) + int(fields[12])) / _CLK_TCK, float(fields[21])
+
+
+def usage(pids: Sequence[int]) -> Usage:
+    cpu, rss = 0.0, 0
+    for pid in pids:
+        try:
+            c, pages = parse_stat(Path(f"/proc/{pid}/stat").read_text())
+        except (OSError, ValueError, IndexError):
+            continue
+        cpu += c
+        rss += int(pages) * _PAGE
+    return Usage(cpu, rss)
+
+
+class TreeSampler:
+    """Samples a process tree every ``interval_s`` in a thread: CPU time and peak RSS.
+
+    CPU time of a child that exits between samples is lost; routers here are long-lived, so the
+    tree is stable while it is measured. ``cpu_s`` is the delta since :meth:`start`.
+    """
+
+    def __init__(self, root: int, interval_s: float = 0.5) -> None:
+        self.root, self.interval_s = root, interval_s
+        self.peak_rss = 0
+        self._cpu0 = 0.0
+        self._last: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        rss = 0
+        for pid in tree_pids(self.root):
+            try:
+                cpu, pages = parse_stat(Path(f"/proc/{pid}/stat").read_text())
+            except (OSError, ValueError, IndexError):
+                continue
+            self._last[pid] = cpu
+            rss += int(pages) * _PAGE
+        self.peak_rss = max(self.peak_rss, rss)
+
+    def start(self) -> TreeSampler:
+        self._sample()
+        self._cpu0 = sum(self._last.values())
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._sample()
+
+    def stop(self) -> tuple[float, int]:
+        """Stop sampling; return (CPU seconds since start, peak RSS bytes)."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(5)
+        self._sample()
+        return max(0.0, sum(self._last.values()) - self._cpu0), self.peak_rss

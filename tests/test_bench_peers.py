@@ -1,0 +1,288 @@
+"""Fast tests of bench/peers' own logic: no peer is installed, no router started."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from bench.peers import metrics, procs, report
+from bench.peers.client import Record, StreamTimer, chunk_text
+from bench.peers.peers import envoy_config, inferplane_fleet, litellm_config, setups
+from bench.peers.run import fleet_copy, write_docs
+from bench.peers.workload import SliceSpec, body, encode_bodies, offered_load, plan
+from inferplane.sim.tokens import token_ids
+from inferplane.sim.traces import TraceRequest
+
+TRACE = [
+    TraceRequest(0.0, 1000, 10, (1, 2)),
+    TraceRequest(1.0, 600, 5, (1, 3)),
+    TraceRequest(2.0, 40000, 5, tuple(range(80))),  # longer than the context window
+    TraceRequest(4.0, 512, 700, (7,)),
+    TraceRequest(9.0, 100, 1, (8,)),  # outside the window
+]
+
+
+# -- trace → requests ----------------------------------------------------------------------
+
+
+def test_plan_scales_time_filters_too_long_and_keeps_order() -> None:
+    planned, skipped = plan(TRACE, SliceSpec(0.0, 8.0, rate_scale=2.0, time_scale=0.5))
+    assert skipped == 1
+    assert [p.input_tokens for p in planned] == [1000, 600, 512]
+    # trace seconds / rate_scale = engine seconds; / time_scale = real seconds
+    assert [p.arrival_s for p in planned] == [0.0, 1.0, 4.0]
+    assert [p.index for p in planned] == [0, 1, 2]
+
+
+def test_plan_caps_output() -> None:
+    planned, _ = plan(TRACE, SliceSpec(0.0, 8.0, max_output=64))
+    assert [p.output_tokens for p in planned] == [10, 5, 64]
+
+
+def test_bodies_share_prefix_and_carry_the_same_tokens_in_every_form() -> None:
+    planned, _ = plan(TRACE, SliceSpec(0.0, 8.0))
+    chat = body(planned[0], "chat-text", "m")
+    text = body(planned[0], "completion-text", "m")
+    ids = body(planned[0], "completion-ids", "m")
+    assert chat["messages"][0]["content"] == text["prompt"]
+    assert token_ids(text["prompt"]) == ids["prompt"]
+    assert len(ids["prompt"]) == 1000
+    for b in (chat, text, ids):
+        assert b["stream"] is True and b["stream_options"] == {"include_usage": True}
+        assert b["max_tokens"] == 10
+    # requests 0 and 1 share block 1: the first 512 tokens are identical
+    other = body(planned[1], "completion-ids", "m")["prompt"]
+    assert other[:512] == ids["prompt"][:512] and other[512:600] != ids["prompt"][512:600]
+    assert orjson.loads(encode_bodies(planned, "completion-ids", "m")[0]) == ids
+
+
+def test_offered_load() -> None:
+    planned, _ = plan(TRACE, SliceSpec(0.0, 8.0))
+    load = offered_load(planned)
+    assert load["requests"] == 3 and load["span_s"] == 4.0
+    assert load["out_tok_per_s"] == pytest.approx(715 / 4)
+    assert offered_load([])["requests"] == 0
+
+
+# -- stream timing and aggregation -----------------------------------------------------------
+
+
+def _sse(obj: object) -> bytes:
+    return b"data: " + orjson.dumps(obj) + b"\n"
+
+
+def test_stream_timer_ttft_itl_and_usage() -> None:
+    rec = Record(0)
+    t = StreamTimer(rec, 10.0)
+    t.line(_sse({"choices": [{"delta": {"role": "assistant"}}]}), 10.05)  # no text yet
+    t.line(b"\n", 10.06)
+    t.line(_sse({"choices": [{"delta": {"content": "a"}}]}), 10.1)
+    t.line(_sse({"choices": [{"text": " b"}]}), 10.15)
+    t.line(_sse({"choices": [{"text": " c"}]}), 10.35)
+    t.line(_sse({"choices": [], "usage": {"completion_tokens": 3,
+                                          "prompt_tokens_details": {"cached_tokens": 7}}}), 10.4)
+    t.line(b"data: [DONE]", 10.41)
+    t.finish(10.5)
+    assert rec.ok and t.done
+    assert rec.ttft_s == pytest.approx(0.1)
+    assert rec.itl_s == pytest.approx([0.05, 0.2])
+    assert rec.e2e_s == pytest.approx(0.5)
+    assert (rec.output_tokens, rec.cached_tokens) == (3, 7)
+
+
+def test_stream_timer_errors() -> None:
+    rec = Record(1)
+    t = StreamTimer(rec, 0.0)
+    t.line(_sse({"error": {"message": "boom"}}), 0.1)
+    t.finish(0.2)
+    assert not rec.ok and "boom" in (rec.error or "")
+    empty = Record(2)
+    StreamTimer(empty, 0.0).finish(1.0)
+    assert empty.error == "stream ended without any generated text"
+    assert chunk_text({"choices": "x"}) == "" and chunk_text({}) == ""
+
+
+def _rec(i: int, ttft: float | None, gaps: list[float], n: int, error: str | None = None
+         ) -> Record:
+    return Record(i, ttft_s=ttft, e2e_s=(ttft or 0) + sum(gaps), itl_s=gaps, output_tokens=n,
+                  error=error)
+
+
+def test_summarize_percentiles_slo_and_errors() -> None:
+    recs = [
+        _rec(0, 0.1, [0.01, 0.01], 3),
+        _rec(1, 0.3, [0.02, 0.2], 3),  # mean ITL 0.11 > 0.1: misses the SLO
+        _rec(2, 2.0, [0.01], 2),  # TTFT misses
+        _rec(3, None, [], 0, error="HTTP 503: busy"),
+    ]
+    s = metrics.summarize(recs, wall_s=2.0, slo=metrics.Slo.scaled(1000, 100, 1.0))
+    assert (s["requests"], s["ok"], s["errors"]) == (4, 3, 1)
+    assert s["error_kinds"] == {"HTTP 503": 1}
+    assert s["ttft_ms"]["p50"] == pytest.approx(300.0)
+    assert s["ttft_ms"]["p99"] == pytest.approx(300 + 0.98 * 1700)
+    assert s["itl_ms"]["p50"] == pytest.approx(10.0)
+    assert s["throughput_tok_s"] == pytest.approx(4.0)
+    assert s["slo_attainment"] == pytest.approx(0.25)
+    # the same SLO at time scale 2 is half as long in real time
+    assert metrics.Slo.scaled(1000, 100, 2.0) == metrics.Slo(0.5, 0.05)
+
+
+def test_pct_interpolates() -> None:
+    assert metrics.pct([], 50) is None
+    assert metrics.pct([5.0], 99) == 5.0
+    assert metrics.pct([1.0, 2.0, 3.0, 4.0], 50) == pytest.approx(2.5)
+    assert metrics.pct([3.0, 1.0, 2.0], 100) == 3.0
+
+
+# -- hit rate from two /metrics pages ------------------------------------------------------------
+
+PAGE = """# HELP vllm:prefix_cache_queries Prefix cache queries.
+# TYPE vllm:prefix_cache_queries counter
+vllm:prefix_cache_queries_total{{model_name="m",engine="0"}} {q}
+# HELP vllm:prefix_cache_hits Prefix cache hits.
+# TYPE vllm:prefix_cache_hits counter
+vllm:prefix_cache_hits_total{{model_name="m",engine="0"}} {h}
+vllm:prefix_cache_hits_created{{model_name="m"}} 1.7e9
+vllm:num_requests_running{{model_name="m"}} 0.0
+"""
+
+
+def test_hit_rate_delta_summed_over_endpoints() -> None:
+    before = metrics.CacheCounters.from_pages([PAGE.format(q=100.0, h=10.0),
+                                               PAGE.format(q=0.0, h=0.0)])
+    after = metrics.CacheCounters.from_pages([PAGE.format(q=1100.0, h=410.0),
+                                              PAGE.format(q=1000.0, h=100.0)])
+    assert before == metrics.CacheCounters(10.0, 100.0)
+    assert metrics.hit_rate(before, after) == pytest.approx(500 / 2000)
+    assert metrics.hit_rate(after, after) is None
+    assert metrics.prom_sum("garbage\nvllm:x{a=\"b\"} nan-ish\n", "vllm:x") == 0.0
+
+
+# -- configs of the peers ------------------------------------------------------------------------
+
+
+def test_configs_point_at_the_fleet() -> None:
+    urls = ["http://127.0.0.1:9001", "http://127.0.0.1:9002"]
+    env = envoy_config(urls, 7000)
+    cluster = env["static_resources"]["clusters"][0]
+    assert cluster["lb_policy"] == "LEAST_REQUEST"
+    ports = [e["endpoint"]["address"]["socket_address"]["port_value"]
+             for e in cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]]
+    assert ports == [9001, 9002]
+    ll = litellm_config(urls, "llama", "least-busy")
+    assert [m["litellm_params"]["api_base"] for m in ll["model_list"]] == [u + "/v1" for u in urls]
+    assert ll["router_settings"]["routing_strategy"] == "least-busy"
+    fleet: dict[str, Any] = {
+        "gateway": {"port": 8080}, "substrates": [{"endpoints": [{"url": "a"}, {"url": "b"}]}]
+    }
+    rr = inferplane_fleet(fleet, urls, 7001, "round-robin")
+    assert rr["gateway"]["port"] == 7001 and rr["classes"][-1]["profile"] == "round-robin"
+    assert [e["url"] for e in rr["substrates"][0]["endpoints"]] == urls
+    assert "classes" not in inferplane_fleet(fleet, urls, 7001, None)
+    assert fleet["substrates"][0]["endpoints"][0]["url"] == "a"  # the original is untouched
+    moved = fleet_copy(fleet, [1, 2])
+    assert [e["url"] for e in moved["substrates"][0]["endpoints"]] == [
+        "http://127.0.0.1:1", "http://127.0.0.1:2"]
+
+
+def test_every_router_gets_the_form_its_policy_reads() -> None:
+    forms = {s.name: s.form for s in setups()}
+    assert len(forms) == 10
+    assert all(f == "completion-ids" for n, f in forms.items() if n.startswith("vllm-router"))
+    assert all(f == "completion-text" for n, f in forms.items() if n.startswith("sglang"))
+
+
+# -- process cleanup -----------------------------------------------------------------------------
+
+
+def test_stop_ends_the_whole_process_group(tmp_path: Path) -> None:
+    script = ("import subprocess, sys, time\n"
+              "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+              "time.sleep(60)\n")
+    p = procs.Proc("tree", [sys.executable, "-c", script], tmp_path / "tree.log")
+    deadline = time.monotonic() + 10
+    while len(procs.tree_pids(p.pid)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    pids = procs.tree_pids(p.pid)
+    assert len(pids) == 2
+    assert p in procs.running()
+    procs.stop_all()
+    assert p not in procs.running() and not p.alive()
+    time.sleep(0.2)
+    for pid in pids:
+        assert not Path(f"/proc/{pid}").exists() or "Z" in _state(pid)
+
+
+def _state(pid: int) -> str:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return "Z"
+    return stat[stat.rindex(")") + 2]
+
+
+def test_tree_sampler_counts_cpu_and_rss(tmp_path: Path) -> None:
+    p = procs.Proc("busy", [sys.executable, "-c", "x = bytearray(20 << 20)\nwhile True: pass"],
+                   tmp_path / "busy.log")
+    try:
+        sampler = procs.TreeSampler(p.pid, interval_s=0.05).start()
+        time.sleep(0.6)
+        cpu, rss = sampler.stop()
+    finally:
+        p.stop()
+    assert cpu > 0.05
+    assert rss > 20 << 20
+
+
+def test_parse_stat_handles_spaces_in_the_name() -> None:
+    fields = ["S"] + ["0"] * 10 + ["150", "50"] + ["0"] * 8 + ["1000"]
+    cpu, rss = procs.parse_stat("123 (a b) c) " + " ".join(fields))
+    assert rss == 1000.0 and cpu == pytest.approx(200 / procs._CLK_TCK)
+
+
+# -- docs -----------------------------------------------------------------------------------------
+
+
+def test_write_docs_appends_then_replaces_in_place(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import bench.peers.run as run
+
+    doc = tmp_path / "benchmarks.md"
+    monkeypatch.setattr(run, "DOCS", doc)
+    write_docs("first ![x](results.png)", tmp_path / "out", None)
+    text = doc.read_text()
+    assert text.startswith("# Benchmarks\n") and "## Peers: live trace replay" in text
+    assert "](out/results.png)" in text
+    doc.write_text(text + "\n## Someone else\n\ntheirs\n")
+    write_docs("second", tmp_path / "out", "Discussion.")
+    text = doc.read_text()
+    assert "first" not in text and "second" in text and "Discussion." in text
+    assert text.index("second") < text.index("## Someone else") and text.count("## Peers") == 1
+
+
+def test_reuse_artefact_detection() -> None:
+    def o(mode: str, first: float) -> dict[str, object]:
+        return {"mode": mode, "stream": True, "router_first_p50_ms": first}
+
+    rs = [{"name": "a", "overhead": [o("seq", 47.0), o("seq-fresh", 3.0)]},
+          {"name": "b", "overhead": [o("seq", 3.0), o("seq-fresh", 3.5)]}]
+    notes = report.reuse_artefacts(rs)
+    assert len(notes) == 1 and notes[0].startswith("a:")
+
+
+def test_fleet_of_size_clones_the_first_endpoint_for_external_urls() -> None:
+    from bench.peers.run import endpoint_urls, fleet_of_size
+
+    cfg: dict[str, Any] = {"substrates": [
+        {"name": "a", "endpoints": [{"name": "e0", "url": "u0"}, {"name": "e1", "url": "u1"}]},
+        {"name": "b", "endpoints": [{"name": "f0", "url": "v0"}]}]}
+    assert fleet_of_size(cfg, 3) is cfg
+    three = fleet_of_size(cfg, 4)
+    assert [e["name"] for e in three["substrates"][0]["endpoints"]] == [
+        "e0-0", "e0-1", "e0-2", "e0-3"]
+    assert len(three["substrates"]) == 1 and len(endpoint_urls(three)) == 4
