@@ -132,12 +132,17 @@ def test_models_lists_the_fleet(stack: dict[str, object]) -> None:
 
 
 def test_failover_replaces_once_before_first_byte(stack: dict[str, object]) -> None:
-    seen = set()
+    seen, attempts = set(), set()
     for _ in range(8):
         r = post(stack, "/v1/chat/completions", {**CHAT, "model": "m-flaky"})
         assert r.status_code == 200, r.text
         seen.add(r.headers["x-inferplane-endpoint"])
+        rec = httpx.get(f"{stack['base']}/v1/decisions/{r.headers['x-inferplane-decision-id']}",
+                        headers={"Authorization": f"Bearer {KEY_A}"}).json()
+        out = rec["outcome"]  # the failed attempt is recorded under the same decision id
+        attempts.add((out["attempts"], tuple(out["failed_endpoints"])))
     assert seen == {"ok-c"}
+    assert (2, ("bad-1",)) in attempts and attempts <= {(1, ()), (2, ("bad-1",))}
     metrics = httpx.get(f"{stack['base']}/metrics").text
     assert 'inferplane_upstream_failures_total{endpoint="bad-1",reason="http_500"}' in metrics
     assert "inferplane_replacements_total" in metrics

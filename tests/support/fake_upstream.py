@@ -18,6 +18,8 @@ import time
 from aiohttp import web
 
 STATS = {"requests": 0, "cancelled": 0, "completed": 0}
+MODE, NAME = web.AppKey("mode", str), web.AppKey("name", str)
+WAITING = web.AppKey("waiting", float)
 
 
 def _chunk(obj: dict[str, object]) -> bytes:
@@ -25,14 +27,14 @@ def _chunk(obj: dict[str, object]) -> bytes:
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
-    mode: str = request.app["mode"]
+    mode: str = request.app[MODE]
     STATS["requests"] += 1
     body = await request.json()
     STATS["last_max_tokens"] = body.get("max_tokens", body.get("max_completion_tokens", -1))
     if mode == "fail500":
         return web.json_response({"error": {"message": "boom", "type": "server_error"}}, status=500)
     chat = request.path.endswith("chat/completions")
-    name = request.app["name"]
+    name = request.app[NAME]
     usage = {"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12,
              "prompt_tokens_details": {"cached_tokens": 0}}
     if request.path.endswith("embeddings"):
@@ -75,7 +77,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    w = request.app["waiting"]
+    w = request.app[WAITING]
     text = (
         "# TYPE vllm:num_requests_running gauge\n"
         f'vllm:num_requests_running{{engine="0",model_name="m"}} 1.0\n'
@@ -99,7 +101,7 @@ async def stats(request: web.Request) -> web.Response:
 
 def build(name: str, mode: str, waiting: float) -> web.Application:
     app = web.Application()
-    app["mode"], app["name"], app["waiting"] = mode, name, waiting
+    app[MODE], app[NAME], app[WAITING] = mode, name, waiting
     for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
         app.router.add_post(path, completions)
     app.router.add_get("/metrics", metrics)

@@ -92,11 +92,11 @@ class WorstCase:
                 seconds = min(
                     self.timeout,
                     p.prompt_tokens * s.hourly_prefill_s_per_token
-                    + p.max_output_tokens * s.hourly_decode_s_per_token,
+                    + p.max_total_output_tokens * s.hourly_decode_s_per_token,
                 )
                 usd = hourly / 3600.0 * seconds / max(1, conc)
             else:
-                usd = (p.prompt_tokens * inp + p.max_output_tokens * out) / 1e6
+                usd = (p.prompt_tokens * inp + p.max_total_output_tokens * out) / 1e6
             worst = max(worst, usd)
         return worst
 

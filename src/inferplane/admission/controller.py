@@ -278,7 +278,7 @@ class Admission:
                     },
                 )
         # 5. rate limits
-        tokens = t.profile.prompt_tokens + t.profile.max_output_tokens
+        tokens = t.profile.prompt_tokens + t.profile.max_total_output_tokens
         buckets = limits.buckets(tenant, t.key_hash, tokens)
         if buckets:
             wait = await self.store.take(buckets, now)

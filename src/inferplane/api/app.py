@@ -7,6 +7,7 @@ no stack trace reaches a client.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -20,7 +21,7 @@ from inferplane.admission.queue import BANDS
 from inferplane.api.pipeline import Attempt, Gateway, parse_usage
 from inferplane.api.validation import parse_json, validate
 from inferplane.batch import routes as batch_routes
-from inferplane.dispatch.upstream import Dispatcher, StreamStats
+from inferplane.dispatch.upstream import Dispatcher, SSEUsageFilter, StreamStats
 from inferplane.errors import (
     GatewayError,
     InvalidRequestError,
@@ -108,8 +109,16 @@ def make_api_handler(api: ApiKind) -> Handler:
         ticket = await gw.admission.admit(
             api, body, raw, request.headers, tenant, key_hash, profile
         )
+        fwd, strip_usage = ticket.body or raw, False
+        if body.get("stream") is True and not (body.get("stream_options") or {}).get(
+            "include_usage"
+        ):
+            # Ask the engine for usage so the request is accounted and billed; the client did
+            # not ask for it, so its usage chunk is removed from the relayed stream.
+            body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+            fwd, strip_usage = orjson.dumps(body), True
         try:
-            return await forward(request, gw, api, ticket, ticket.body or raw, started)
+            return await forward(request, gw, api, ticket, fwd, started, strip_usage)
         finally:
             gw.admission.finish_soon(ticket)
 
@@ -123,6 +132,7 @@ async def forward(
     ticket: Ticket,
     raw: bytes,
     started: float,
+    strip_usage: bool = False,
 ) -> web.StreamResponse:
     """Place, dispatch and relay one admitted request; `account` runs on every path."""
     attempt = await gw.open(api, ticket.profile, raw, ticket)
@@ -132,27 +142,7 @@ async def forward(
     endpoint = attempt.decision.picked.endpoint  # type: ignore[union-attr]
     is_sse = resp.status == 200 and "text/event-stream" in resp.headers.get("Content-Type", "")
     if not is_sse:
-        stats = StreamStats(started)
-        try:
-            data = await Dispatcher.read_all(endpoint, resp)
-        except UpstreamError as exc:
-            gw.account(
-                attempt, status=502, started=started, stats=None, usage=None, error=exc.message
-            )
-            raise
-        except BaseException:
-            gw.account(
-                attempt, status=499, started=started, stats=None, usage=None, error="cancelled"
-            )
-            raise
-        stats.first_byte = time.perf_counter()
-        gw.account(
-            attempt,
-            status=resp.status,
-            started=started,
-            stats=stats,
-            usage=parse_usage(data, sse=False) if resp.status == 200 else None,
-        )
+        data = await gw.complete(attempt, started)
         headers.update(Dispatcher.passthrough_headers(resp))
         return web.Response(body=data, status=resp.status, headers=headers)
 
@@ -164,10 +154,18 @@ async def forward(
         await out.prepare(request)
         try:
             reservation = attempt.reservation
-            async for chunk in Dispatcher.relay(endpoint, resp, stats):
-                if not reservation.prefilled:
-                    reservation.first_token()  # its prefill no longer queues ahead of others
-                await out.write(chunk)
+            events = SSEUsageFilter() if strip_usage else None
+            async with contextlib.aclosing(Dispatcher.relay(endpoint, resp, stats)) as chunks:
+                async for chunk in chunks:
+                    if not reservation.prefilled:
+                        reservation.first_token()  # its prefill no longer queues ahead
+                    if events is not None:
+                        chunk = events.feed(chunk)
+                        if not chunk:
+                            continue
+                    await out.write(chunk)
+            if events is not None and (rest := events.flush()):
+                await out.write(rest)
         except UpstreamError as exc:
             status, error = 502, exc.message
             gw.metrics.stream_errors.labels(endpoint.name).inc()

@@ -214,7 +214,7 @@ class Gateway:
             profile,
             snap,
             policy,
-            decision_id=profile.request_id if profile.attempt == 0 else os.urandom(8).hex(),
+            decision_id=profile.request_id,  # every attempt of one request under one id
             timer=time.perf_counter,
         )
         for key, seconds in decision.timings_s.items():
@@ -256,7 +256,7 @@ class Gateway:
             uncached = decision.candidate(view.name).annotations.get("uncached_tokens")
             reservation = self.live.reserve(
                 view.name,
-                profile.prompt_tokens + profile.max_output_tokens,
+                profile.prompt_tokens + profile.max_total_output_tokens,
                 prefill_tokens=profile.prompt_tokens if uncached is None else int(uncached),
             )
             if ticket is not None:
@@ -300,6 +300,41 @@ class Gateway:
                 reservation.release()
                 raise
             return Attempt(decision, resp, reservation, failed, ticket)
+
+    async def complete(self, attempt: Attempt, started: float) -> bytes:
+        """Read a non-streamed answer whole and account it (the one non-streaming path).
+
+        A non-streamed answer has no observable first token: its TTFT is not recorded (only
+        E2E), so it cannot skew the latency correction or outlier ejection, and its prefill
+        stops counting as pending on the endpoint when its predicted TTFT has passed.
+        """
+        resp = attempt.response
+        d = attempt.decision
+        assert d.picked is not None
+        ttft = d.candidate(d.picked.name).annotations.get("ttft_s")
+        timer = asyncio.get_running_loop().call_later(
+            ttft if ttft is not None and ttft > 0 else 0.0, attempt.reservation.first_token
+        )
+        try:
+            data = await Dispatcher.read_all(d.picked.endpoint, resp)
+        except UpstreamError as exc:
+            self.account(attempt, status=502, started=started, stats=None, usage=None,
+                         error=exc.message)
+            raise
+        except BaseException:
+            self.account(attempt, status=499, started=started, stats=None, usage=None,
+                         error="cancelled")
+            raise
+        finally:
+            timer.cancel()
+        self.account(
+            attempt,
+            status=resp.status,
+            started=started,
+            stats=None,
+            usage=parse_usage(data, sse=False) if resp.status == 200 else None,
+        )
+        return data
 
     def account(
         self,

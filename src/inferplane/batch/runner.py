@@ -16,11 +16,10 @@ import orjson
 
 from inferplane.admission.controller import Ticket
 from inferplane.admission.queue import PoolKey, QueueTimeoutError
-from inferplane.api.pipeline import Gateway, parse_usage
+from inferplane.api.pipeline import Gateway
 from inferplane.batch.jsonl import ENDPOINTS
 from inferplane.config.schema import TenantSpec
-from inferplane.dispatch.upstream import Dispatcher, StreamStats
-from inferplane.errors import GatewayError, RateLimitError, UpstreamError
+from inferplane.errors import GatewayError, RateLimitError
 from inferplane.placement.profile import RequestProfile
 
 RETRYABLE_CODES = frozenset({"rate_limit_exceeded", "load_shed", "retry_shed", "queue_timeout"})
@@ -104,21 +103,7 @@ async def _dispatch(gw: Gateway, api: Any, ticket: Ticket, raw: bytes, custom_id
     started = time.perf_counter()
     attempt = await gw.open(api, ticket.profile, raw, ticket)
     resp = attempt.response
-    endpoint = attempt.decision.picked.endpoint  # type: ignore[union-attr]
-    stats = StreamStats(started)
-    try:
-        data = await Dispatcher.read_all(endpoint, resp)
-    except UpstreamError as exc:
-        gw.account(attempt, status=502, started=started, stats=None, usage=None,
-                   error=exc.message)
-        raise
-    except BaseException:
-        gw.account(attempt, status=499, started=started, stats=None, usage=None,
-                   error="cancelled")
-        raise
-    stats.first_byte = time.perf_counter()
-    gw.account(attempt, status=resp.status, started=started, stats=stats,
-               usage=parse_usage(data, sse=False) if resp.status == 200 else None)
+    data = await gw.complete(attempt, started)
     try:
         body: Any = orjson.loads(data)
     except orjson.JSONDecodeError:

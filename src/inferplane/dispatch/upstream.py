@@ -8,8 +8,9 @@ re-placing the request elsewhere. After the first byte a failure can only end th
 from __future__ import annotations
 
 import contextlib
+import re
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, Iterator
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -80,6 +81,43 @@ class StreamStats:
     events: int = 0
     gaps: list[float] = field(default_factory=list)
     usage_line: bytes | None = None
+
+
+_USAGE_ONLY = re.compile(rb'"choices"\s*:\s*\[\s*\]')
+
+
+class SSEUsageFilter:
+    """Removes usage-only SSE events (``"choices": []`` with ``"usage"``) from a relayed stream,
+    for clients that did not ask for ``stream_options.include_usage`` when the gateway did.
+
+    Complete events pass straight through; only a trailing partial event is held back until its
+    end (``\n\n``) arrives, so nothing is buffered beyond one event.
+    """
+
+    __slots__ = ("_carry",)
+
+    def __init__(self) -> None:
+        self._carry = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        data = self._carry + chunk
+        cut = data.rfind(b"\n\n")
+        if cut < 0:
+            self._carry = data
+            return b""
+        complete, self._carry = data[: cut + 2], data[cut + 2 :]
+        if b'"usage"' not in complete:
+            return complete
+        kept = [
+            ev
+            for ev in complete.split(b"\n\n")
+            if ev and not (b'"usage"' in ev and _USAGE_ONLY.search(ev))
+        ]
+        return b"".join(ev + b"\n\n" for ev in kept)
+
+    def flush(self) -> bytes:
+        rest, self._carry = self._carry, b""
+        return rest
 
 
 class Dispatcher:
@@ -158,7 +196,7 @@ class Dispatcher:
     @staticmethod
     async def relay(
         endpoint: Endpoint, resp: aiohttp.ClientResponse, stats: StreamStats
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes, None]:
         """Yield upstream chunks as they arrive, recording timings and the usage line.
 
         Raises `UpstreamError` if the upstream fails mid-stream.

@@ -42,6 +42,7 @@ def decision_to_dict(decision: Decision, outcome: Outcome | None = None) -> dict
             "priority": p.priority,
             "prompt_tokens": p.prompt_tokens,
             "max_output_tokens": p.max_output_tokens,
+            "sequences": p.sequences,
             "prefix_blocks": len(p.block_hashes),
             "session_id": p.session_id,
             "ttft_slo_s": p.ttft_slo_s,

@@ -40,6 +40,7 @@ class Prompt:
     tokens: int
     max_output_tokens: int | None
     ids: list[int] | None = None
+    count: int = 1  # prompts in the request (completions and embeddings accept a list)
 
 
 def estimate_tokens(text: str, mode: str) -> int:
@@ -70,9 +71,17 @@ def extract_prompt(api: ApiKind, body: Mapping[str, Any], mode: str) -> Prompt:
     if value and all(isinstance(v, int) for v in value):  # token ids
         return Prompt(" ".join(map(str, value)), len(value), max_out, list(value))
     if value and all(isinstance(v, list) for v in value):  # batches of token ids
-        return Prompt(" ".join(map(str, value[0])), sum(len(v) for v in value), max_out)
+        return Prompt(
+            " ".join(map(str, value[0])), sum(len(v) for v in value), max_out, None, len(value)
+        )
     texts = [str(v) for v in value]
-    return Prompt(texts[0] if texts else "", sum(estimate_tokens(t, mode) for t in texts), max_out)
+    return Prompt(
+        texts[0] if texts else "",
+        sum(estimate_tokens(t, mode) for t in texts),
+        max_out,
+        None,
+        max(1, len(texts)),
+    )
 
 
 def _positive_ms(headers: Mapping[str, str], name: str) -> float | None:
@@ -222,6 +231,7 @@ class Classifier:
             priority=cls.priority,
             prompt_tokens=prompt.tokens,
             max_output_tokens=int(max_out),
+            sequences=prompt.count * _n(body),
             block_hashes=prompt_block_hashes(model, prompt.text, self.block_chars),
             engine_block_hashes=self._engine_hashes(prompt),
             session_id=headers.get("x-session-id"),
@@ -246,6 +256,12 @@ class Classifier:
         if prompt.ids is not None:
             return tuple(block_hashes(prompt.ids, bs))
         return tuple(engine_block_hashes(prompt.text, bs))
+
+
+def _n(body: Mapping[str, Any]) -> int:
+    """Choices per prompt (``n``; validated as a positive integer)."""
+    n = body.get("n")
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1
 
 
 def _ms(v: float | None) -> float | None:

@@ -19,7 +19,8 @@ class RequestProfile:
     priority: str = "standard"
     variant: str | None = None
     prompt_tokens: int = 0
-    max_output_tokens: int = 0
+    max_output_tokens: int = 0  # per generated sequence
+    sequences: int = 1  # sequences generated: n × prompts (completions with a list of prompts)
     block_hashes: tuple[BlockHash, ...] = ()
     engine_block_hashes: tuple[BlockHash, ...] = ()
     session_id: str | None = None
@@ -35,6 +36,11 @@ class RequestProfile:
     stream: bool = False
     excluded: frozenset[str] = field(default_factory=frozenset)
     attempt: int = 0
+
+    @property
+    def max_total_output_tokens(self) -> int:
+        """Worst-case tokens generated for the whole request (budgets, rate limits, capacity)."""
+        return self.max_output_tokens * self.sequences
 
     def with_(self, **changes: object) -> RequestProfile:
         """A copy with some fields changed (e.g. an endpoint excluded after a failure)."""
