@@ -324,3 +324,51 @@ async def test_queue_pending_grants_count_against_room() -> None:
     g.started()
     g.started()  # idempotent
     assert q.room("p") == 1
+
+
+# -- the admission stage: the queue tick and the lease TTL --------------------------------------
+def _gateway(extra: str = "") -> Any:
+    from inferplane.api.pipeline import Gateway
+    from tests.builders import MINIMAL_YAML
+
+    return Gateway(parse_config(MINIMAL_YAML + extra, "fleet.yaml"))
+
+
+async def test_queue_tick_grants_a_waiter_when_slots_free_up_on_their_own() -> None:
+    """Capacity can free without a request of this gateway finishing (a scrape, an endpoint
+    back in service): the `queue.tick_s` ticker grants the waiter anyway."""
+    adm = _gateway("admission: {queue: {tick_s: 0.01}}\n").admission
+    slots = Slots(0)
+    adm.queue.free_slots = slots
+    await adm.start()
+    try:
+        pool = ("llama-3.1-8b", None, None)
+        waiter = asyncio.create_task(adm.queue.acquire("a", "standard", pool, 1, 5.0))
+        await asyncio.sleep(0.05)
+        assert not waiter.done() and adm.queue.waiting == 1
+        slots.n = 1  # nobody calls pump or finish
+        grant = await asyncio.wait_for(waiter, 1.0)
+        assert isinstance(grant, Grant) and adm.queue.waiting == 0
+        ticker = adm._ticker
+        assert ticker is not None and not ticker.done()
+    finally:
+        await adm.close()
+    assert adm._ticker is None and ticker.done()
+
+
+async def test_no_ticker_without_the_queue() -> None:
+    adm = _gateway("admission: {queue: {enabled: false}}\n").admission
+    await adm.start()
+    assert adm._ticker is None
+    await adm.close()
+
+
+@pytest.mark.parametrize("replacements", [0, 1, 3])
+def test_lease_ttl_covers_every_replacement(replacements: int) -> None:
+    adm = _gateway(
+        f"gateway: {{upstream_timeout_s: 100, max_replacements: {replacements}}}\n"
+        "admission: {lease_margin_s: 5, queue: {default_deadline_ms: 2000}}\n"
+    ).admission
+    longest = max([2.0] + [(c.queue_deadline_ms or 0) / 1000 for c in adm.classes.values()])
+    assert adm.lease_ttl_s == pytest.approx(100 * (1 + replacements) + longest + 5)
+    assert adm.budgets.lease_ttl_s == adm.lease_ttl_s

@@ -389,6 +389,25 @@ CASES: list[tuple[str, Callable[[Data], None], str, str]] = [
     ("mix-class", put("mix.1.class", "silver"), "mix[1].class", "unknown class 'silver'"),
     ("mix-region", put("mix.0.region", "mars"), "mix[0].region", "unknown region 'mars'"),
     ("mix-model", put("mix.1.model", "gpt-9"), "mix[1].model", "no endpoint serves model 'gpt-9'"),
+    (
+        "batch-class",
+        put("batch", {"workload_class": "bulk"}),
+        "batch.workload_class",
+        "unknown class 'bulk'",
+    ),
+    # addresses
+    (
+        "redis-url",
+        put("admission", {"store": "redis", "redis_url": "127.0.0.1:6379"}),
+        "admission.redis_url",
+        "should match pattern",
+    ),
+    (
+        "kv-events-address",
+        put("substrates.0.endpoints.0.kv_events", "127.0.0.1:5557"),
+        "substrates[0].endpoints[0].kv_events",
+        "should match pattern",
+    ),
 ]
 
 
@@ -557,7 +576,7 @@ def test_own_entry_replaces_the_builtin_of_the_same_name() -> None:
 def test_without_defaults_nothing_is_merged() -> None:
     text = MINIMAL_YAML + (
         "gateway: {default_profile: p}\nplugins: [{type: random}]\n"
-        "profiles: [{name: p, plugins: [{ref: random}]}]\n"
+        "profiles: [{name: p, plugins: [{ref: random}]}]\nbatch: {enabled: false}\n"
     )
     config = parse_config(text, with_defaults=False)
     assert config.classes == [] and [p.type for p in config.plugins] == ["random"]
@@ -830,6 +849,96 @@ def test_cli_check_good_file(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     profiles = len(builtin_defaults()["profiles"]) + 1  # the built-in ones and "fast"
     assert f"ok (2 substrates, 3 endpoints, 2 tenants, {profiles} profiles)" in result.output
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_cli_serve_unreachable_redis_exits_without_traceback(tmp_path: Path) -> None:
+    """`admission.store: redis` with nothing listening: a one-line error naming the URL and
+    the file, exit 1 (the start-up ping fails; nothing keeps running)."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "redis.yaml"
+    path.write_text(
+        MINIMAL_YAML + "admission: {store: redis, redis_url: 'redis://127.0.0.1:9/0'}\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "inferplane.cli", "serve", "-c", str(path),
+         "--port", str(_free_port()), "--log-level", "error"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode != 0, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert "error: cannot reach the admission store" in proc.stderr
+    assert "redis://127.0.0.1:9/0" in proc.stderr and str(path) in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("raised", "expected", "code"),
+    [
+        (
+            ConfigError("<config>", [("batch.workload_class", "unknown class 'x'")]),
+            "{path}: batch.workload_class: unknown class 'x'",
+            2,
+        ),
+        (RuntimeError("boom at start"), "cannot start the gateway ({path}): RuntimeError: boom", 1),
+    ],
+    ids=["config", "other"],
+)
+def test_cli_serve_startup_failure_is_a_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, raised: Exception, expected: str, code: int
+) -> None:
+    import inferplane.api.app as api_app
+
+    def broken(gateway: object) -> None:
+        raise raised
+
+    monkeypatch.setattr(api_app, "build_app", broken)
+    path = tmp_path / "ok.yaml"
+    path.write_text(dump(base()))
+    result = CliRunner().invoke(
+        app, ["serve", "-c", str(path), "--port", str(_free_port()), "--log-level", "error"]
+    )
+    assert result.exit_code == code, result.output
+    assert "Traceback" not in result.output
+    assert expected.format(path=path) in result.output
+
+
+def test_cli_serve_failing_startup_hook_stops_what_started(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An exception in an on_startup hook (after the gateway started) is a message, and the
+    runner's clean-up hooks still stop the gateway."""
+    from inferplane.api.pipeline import Gateway
+
+    stopped: list[bool] = []
+    real_stop = Gateway.stop
+
+    async def failing_start(self: Gateway) -> None:
+        raise OSError(13, "Permission denied", "/nope/ledger.sqlite")
+
+    async def stop(self: Gateway) -> None:
+        stopped.append(True)
+        await real_stop(self)
+
+    monkeypatch.setattr(Gateway, "start", failing_start)
+    monkeypatch.setattr(Gateway, "stop", stop)
+    path = tmp_path / "ok.yaml"
+    path.write_text(dump(base()))
+    result = CliRunner().invoke(
+        app, ["serve", "-c", str(path), "--port", str(_free_port()), "--log-level", "error"]
+    )
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    assert f"cannot start the gateway ({path}): PermissionError" in result.output
+    assert stopped == [True]
 
 
 # -- generated docs: the JSON Schema and the configuration reference -----------------------------

@@ -209,6 +209,35 @@ def test_half_open_recovery_ends_probation_and_decays_the_count() -> None:
     assert a.eject and a.until == e.clock.t + 10
 
 
+def test_return_on_probation_forgets_the_ttft_correction() -> None:
+    """The TTFT ÷ prediction ratio that made the endpoint look ×4 slow is forgotten with its
+    other observations when it comes back: placement must not keep penalising it."""
+    e = env(base_ejection_s=10)
+    healthy_peers(e.live, "a1", "a2", "a3")
+    for _ in range(10):
+        e.live.observe_ttft("a0", 4.0, predicted=1.0)
+    feed(e.live, "a0", err=10)
+    e.clock.t += 1
+    view = {v.name: v for v in e.live.snapshot().endpoints}["a0"]
+    assert view.state.ttft_ratio_p50 == pytest.approx(4.0)
+    (a,) = e.det.run(e.live)
+    assert a.eject
+    e.clock.t += 10
+    e.det.run(e.live)  # returned on probation
+    assert e.det.records["a0"].probation
+    e.clock.t += 1
+    view = {v.name: v for v in e.live.snapshot().endpoints}["a0"]
+    assert view.state.ttft_ratio_p50 is None
+    assert view.state.ttft_p50_s is None
+
+
+def test_reset_observations_clears_the_ttft_ratio_window() -> None:
+    e = env()
+    e.live.observe_ttft("a0", 2.0, predicted=0.5)
+    e.live.reset_observations("a0")
+    assert len(e.live.live["a0"].ttft_ratio) == 0
+
+
 def test_relapse_on_probation_is_ejected_again_for_longer() -> None:
     e = env(base_ejection_s=10)
     healthy_peers(e.live, "a1", "a2", "a3")

@@ -447,3 +447,35 @@ def test_explain_cli(tmp_path: Path, decision: Decision) -> None:
     assert missing.exit_code == 2 and "no such ledger file" in missing.output
     neither = runner.invoke(app, ["explain", "d-1"])
     assert neither.exit_code == 2
+
+
+async def test_decision_route_reads_the_ledger_off_the_event_loop() -> None:
+    """`GET /v1/decisions/{id}` may wait on the SQLite writer's lock: it must not block the
+    loop, so the read runs in a worker thread."""
+    import threading
+
+    from aiohttp import web
+    from aiohttp.test_utils import make_mocked_request
+
+    from inferplane.api.app import GATEWAY_KEY, get_decision
+    from inferplane.api.pipeline import Gateway
+    from tests.builders import MINIMAL_YAML, key_hash
+
+    gw = Gateway(parse_config(
+        MINIMAL_YAML + f'tenants:\n  - {{name: t, api_keys: ["{key_hash("k")}"]}}\n'))
+    readers: list[int] = []
+
+    def get(decision_id: str) -> dict[str, Any]:
+        readers.append(threading.get_ident())
+        return {"decision_id": decision_id, "tenant": "t"}
+
+    gw.ledger.get = get  # type: ignore[method-assign]
+    application = web.Application()
+    application[GATEWAY_KEY] = gw
+    request = make_mocked_request(
+        "GET", "/v1/decisions/d-1", headers={"Authorization": "Bearer k"},
+        match_info={"decision_id": "d-1"}, app=application,
+    )
+    response = await get_decision(request)
+    assert response.status == 200
+    assert readers and readers[0] != threading.get_ident()

@@ -68,10 +68,12 @@ async def test_non_streamed_answers_feed_no_ttft_and_release_pending_prefill() -
 async def test_stream_without_include_usage_is_still_accounted() -> None:
     gw, runner, up, url = await _stack()
     try:
-        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {KEY}"}) as s:
-            async with s.post(url, json={**CHAT, "stream": True}) as r:
-                text = (await r.read()).decode()
-                did = r.headers["x-inferplane-decision-id"]
+        async with (
+            aiohttp.ClientSession(headers={"Authorization": f"Bearer {KEY}"}) as s,
+            s.post(url, json={**CHAT, "stream": True}) as r,
+        ):
+            text = (await r.read()).decode()
+            did = r.headers["x-inferplane-decision-id"]
         assert '"usage"' not in text  # the client did not ask for the usage chunk
         assert text.rstrip().endswith("data: [DONE]") and text.count("data:") == 6
         outcome = gw.ledger.get(did)["outcome"]  # type: ignore[index]

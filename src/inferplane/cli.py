@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import signal
 import sys
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 
 from inferplane.errors import ConfigError
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from inferplane.api.pipeline import Gateway
 
 app = typer.Typer(
     add_completion=False,
@@ -65,6 +71,48 @@ async def _wait_for_signal() -> None:
     await stop.wait()
 
 
+class _ListenError(Exception):
+    """The gateway started but could not bind its address."""
+
+
+def _in_file(exc: ConfigError, path: Path) -> ConfigError:
+    """The same problems, naming the fleet file (errors raised past loading say '<config>')."""
+    return exc if exc.file == str(path) else ConfigError(str(path), exc.problems)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+async def _start_gateway(gateway: Gateway, host: str, port: int) -> web.AppRunner:
+    """Build the app, run its start-up hooks and listen; on any failure, stop whatever had
+    started (the runner's clean-up hooks stop the batch worker and the gateway) and re-raise."""
+    from aiohttp import web
+
+    from inferplane.api.app import build_app
+
+    application = build_app(gateway)
+    runner = web.AppRunner(application, handler_cancellation=True, access_log=None)
+    try:
+        await runner.setup()
+    except BaseException:
+        # aiohttp skips on_cleanup when start-up failed: run each hook here, whatever the others do
+        for hook in list(application.on_cleanup):
+            with contextlib.suppress(Exception):
+                await hook(application)
+        raise
+    try:
+        await web.TCPSite(runner, host, port, reuse_address=True).start()
+    except BaseException as exc:
+        with contextlib.suppress(Exception):
+            await runner.cleanup()
+        if isinstance(exc, OSError):
+            raise _ListenError(exc.strerror or str(exc)) from exc
+        raise
+    return runner
+
+
 @app.command()
 def serve(
     config: ConfigOpt = Path("examples/quickstart.yaml"),
@@ -77,21 +125,29 @@ def serve(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     cfg = load_checked(config)
-    from inferplane.api.app import serve as serve_app
     from inferplane.api.pipeline import Gateway
 
     try:
         gateway = Gateway(cfg, str(config))
     except ConfigError as exc:
-        fail(f"invalid configuration\n{exc}")
+        fail(f"invalid configuration\n{_in_file(exc, config)}")
+    except Exception as exc:  # a start-up problem is a message, never a traceback
+        fail(f"cannot start the gateway ({config}): {_describe(exc)}", 1)
     h = host or cfg.gateway.host
     p = port if port is not None else cfg.gateway.port
 
     async def main() -> None:
         try:
-            runner = await serve_app(gateway, h, p)
-        except OSError as exc:
-            fail(f"cannot listen on {h}:{p}: {exc.strerror or exc}")
+            runner = await _start_gateway(gateway, h, p)
+        except ConfigError as exc:
+            fail(f"invalid configuration\n{_in_file(exc, config)}")
+        except _ListenError as exc:
+            fail(f"cannot listen on {h}:{p}: {exc}")
+        except Exception as exc:  # e.g. Redis unreachable, ledger file unwritable
+            if type(exc).__module__.split(".")[0] == "redis":
+                where = f"admission.redis_url {cfg.admission.redis_url!r} in {config}"
+                fail(f"cannot reach the admission store ({where}): {_describe(exc)}", 1)
+            fail(f"cannot start the gateway ({config}): {_describe(exc)}", 1)
         typer.echo(
             f"inferplane gateway listening on http://{h}:{p} "
             f"({len(gateway.fleet.endpoints)} endpoints)",

@@ -247,12 +247,12 @@ def _start_emulator(config: FleetConfig, tmp: Path, time_scale: float) -> subpro
     path = tmp / "fleet.yaml"
     path.write_text(yaml.safe_dump(config.model_dump(mode="json", by_alias=True,
                                                      exclude_none=True)))
-    log = (tmp / "emulator.log").open("wb")
-    return subprocess.Popen(
-        [sys.executable, "-m", "inferplane.cli", "emulate", "--config", str(path),
-         "--time-scale", str(time_scale)],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
+    with (tmp / "emulator.log").open("wb") as log:  # the child keeps its own copy
+        return subprocess.Popen(
+            [sys.executable, "-m", "inferplane.cli", "emulate", "--config", str(path),
+             "--time-scale", str(time_scale)],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
@@ -294,9 +294,9 @@ async def run_demo(duration: float, rate: float, seed: int, time_scale: float,
     console.print(f"[bold]inferplane demo[/]: {label}, "
                   f"{sum(len(s.endpoints) for s in config.substrates)} emulated endpoints, "
                   f"{duration:.0f} s at ~{rate:g} req/s (logs in {tmp})")
+    gateway = Gateway(config, label)  # builds the policies: a ConfigError starts nothing
     emu = _start_emulator(config, tmp, time_scale)
     runner = None
-    gateway = Gateway(config, label)
     try:
         urls = [e.url for s in config.substrates for e in s.endpoints]
         await _wait_ready(urls, emu, tmp / "emulator.log")
@@ -309,6 +309,8 @@ async def run_demo(duration: float, rate: float, seed: int, time_scale: float,
         report(w, gateway)
         return 0 if w.stats.violations == 0 else 1
     finally:
-        if runner is not None:
-            await runner.cleanup()
-        _stop(emu)
+        try:
+            if runner is not None:
+                await runner.cleanup()
+        finally:  # even when the clean-up is cancelled (a second Ctrl-C) or fails
+            _stop(emu)

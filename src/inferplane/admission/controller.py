@@ -26,6 +26,7 @@ corrects the tenant's fair-share counter and attributes the cost (usage store + 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import os
@@ -117,7 +118,10 @@ class Admission:
             + [c.queue_deadline_ms for c in config.classes if c.queue_deadline_ms is not None]
         )
         timeout = config.gateway.upstream_timeout_s
-        self.lease_ttl_s = timeout + longest_wait / 1000.0 + spec.lease_margin_s
+        # a request re-placed after a pre-byte failure may wait on up to 1 + max_replacements
+        # upstreams in turn: its lease must outlive all of them
+        attempts = 1 + config.gateway.max_replacements
+        self.lease_ttl_s = timeout * attempts + longest_wait / 1000.0 + spec.lease_margin_s
         self.budgets = Budgets(self.store, self.lease_ttl_s)
         self.worst = WorstCase(live.fleet, spec, timeout)
         q = spec.queue
@@ -131,6 +135,7 @@ class Admission:
         )
         self.retry_budget = RetryBudget(spec.retry, monotonic)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._ticker: asyncio.Task[None] | None = None
 
     # -- pools ----------------------------------------------------------------------------
     @staticmethod
@@ -375,8 +380,27 @@ class Admission:
         ping = getattr(self.store, "ping", None)
         if ping is not None:
             await ping()
+        if self.enabled and self.spec.queue.enabled and self._ticker is None:
+            self._ticker = asyncio.create_task(self._tick(self.spec.queue.tick_s))
+
+    async def _tick(self, period_s: float) -> None:
+        """Re-check the queue every ``queue.tick_s`` while anything waits: capacity also frees
+        without a request of this gateway finishing (an endpoint back in service, a fresher
+        scrape, another process's requests ending). Idle, each tick is one integer test."""
+        while True:
+            await asyncio.sleep(period_s)
+            if self.queue.waiting:
+                try:
+                    self.queue.pump()
+                except Exception:  # a bug here must not stop later grants
+                    log.exception("admission queue tick failed")
 
     async def close(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
+            self._ticker = None
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.store.close()

@@ -298,7 +298,8 @@ async def get_decision(request: web.Request) -> web.Response:
     """A decision record, to the tenant that made the request and to nobody else."""
     gw = request.app[GATEWAY_KEY]
     tenant = gw.authenticate(request.headers.get("Authorization"))
-    rec = gw.ledger.get(request.match_info["decision_id"])
+    # a SQLite read (and the ledger's lock) off the event loop
+    rec = await asyncio.to_thread(gw.ledger.get, request.match_info["decision_id"])
     if rec is None:
         raise NotFoundError("no such decision", param="decision_id")
     if rec.get("tenant") != tenant.name:

@@ -12,7 +12,7 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -137,18 +137,38 @@ class Gateway:
         await self.admission.start()
 
     async def stop(self) -> None:
+        """Stop everything `start` started. Every step runs even when an earlier one fails (a
+        failure is logged), so the ledger is always flushed and closed; a cancellation of the
+        stop itself is re-raised once every step ran."""
+        steps: list[tuple[str, Callable[[], Awaitable[None]]]] = [
+            ("outlier sweeps", self._stop_health),
+        ]
+        if self.scraper is not None:
+            steps.append(("scraper", self.scraper.stop))
+        if self.kv_events is not None:
+            steps.append(("KV-event subscriber", self.kv_events.stop))
+        steps += [
+            ("ledger", self.ledger.close),
+            ("admission", self.admission.close),
+            ("dispatcher", self.dispatcher.close),
+        ]
+        interrupted: BaseException | None = None
+        for what, step in steps:
+            try:
+                await step()
+            except Exception:
+                log.exception("stopping the %s failed", what)
+            except BaseException as exc:  # cancelled: finish stopping, then re-raise
+                interrupted = interrupted or exc
+        if interrupted is not None:
+            raise interrupted
+
+    async def _stop_health(self) -> None:
         if self._health_task is not None:
             self._health_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._health_task
             self._health_task = None
-        if self.scraper is not None:
-            await self.scraper.stop()
-        if self.kv_events is not None:
-            await self.kv_events.stop()
-        await self.ledger.close()
-        await self.admission.close()
-        await self.dispatcher.close()
 
     # -- health ---------------------------------------------------------------------------
     def sweep_outliers(self) -> None:

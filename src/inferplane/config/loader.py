@@ -222,6 +222,11 @@ def check_references(c: FleetConfig) -> Iterable[tuple[str, str]]:
                 f"classes[{i}].profile",
                 f"unknown profile {wc.profile!r}; known: {sorted(profiles)}",
             )
+    if c.batch.enabled and c.batch.workload_class not in classes:
+        yield (
+            "batch.workload_class",
+            f"unknown class {c.batch.workload_class!r}; known: {sorted(classes)}",
+        )
     for i, rule in enumerate(c.class_rules):
         if rule.workload_class not in classes:
             yield f"class_rules[{i}].class", f"unknown class {rule.workload_class!r}"

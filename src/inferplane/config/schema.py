@@ -117,7 +117,11 @@ class EndpointSpec(Strict):
     models: list[ServedModel] = Field(min_length=1)
     max_concurrency: int = Field(64, gt=0, description="the endpoint's concurrency envelope")
     tp: int = Field(1, gt=0, description="tensor-parallel degree (devices per endpoint)")
-    kv_events: str | None = Field(None, description="ZMQ address of the engine's KV events")
+    kv_events: str | None = Field(
+        None,
+        pattern=r"^(tcp|ipc|inproc)://\S+$",
+        description="ZMQ address of the engine's KV events (tcp://, ipc:// or inproc://)",
+    )
     api_key: str | None = Field(None, description="bearer key the upstream expects")
     emulation: EmulationSpec = EmulationSpec()
 
@@ -325,10 +329,17 @@ class AdmissionSpec(Strict):
 
     enabled: bool = True
     store: Literal["memory", "redis"] = "memory"
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        pattern=r"^(rediss?|unix)://\S+$",
+        description="redis://, rediss:// or unix:// URL of the shared store",
+    )
     redis_prefix: str = "inferplane:"
     lease_margin_s: float = Field(
-        30.0, ge=0, description="lease TTL = upstream_timeout_s + queue deadline + this"
+        30.0,
+        ge=0,
+        description="lease TTL = upstream_timeout_s × (1 + gateway.max_replacements) + the "
+        "longest queue deadline + this",
     )
     hourly_prefill_s_per_token: float = Field(
         0.0005, ge=0, description="hourly substrates: estimated prefill seconds per token"

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 
 import zmq
 import zmq.asyncio
@@ -29,6 +30,9 @@ log = logging.getLogger("inferplane.kv_events")
 class KVEventSubscriber:
     """Feeds ``index`` from every endpoint with a ``kv_events`` address, until `stop`."""
 
+    RETRY_S = 1.0  # back-off before reconnecting after a failure
+    LOG_EVERY_S = 60.0  # at most one failure log per endpoint this often
+
     def __init__(self, index: PrefixIndex, endpoints: list[Endpoint]) -> None:
         self.index = index
         self.endpoints = [e for e in endpoints if e.spec.kv_events]
@@ -36,6 +40,8 @@ class KVEventSubscriber:
         self._tasks: list[asyncio.Task[None]] = []
         self.events_applied = 0
         self.gaps = 0
+        self.failures = 0  # receive loops that failed and reconnected
+        self._logged_at: dict[str, float] = {}  # endpoint -> when its last failure was logged
 
     def start(self) -> None:
         for e in self.endpoints:
@@ -45,7 +51,7 @@ class KVEventSubscriber:
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
         self._tasks.clear()
 
@@ -59,7 +65,7 @@ class KVEventSubscriber:
             self.index.all_cleared(endpoint)
         try:
             _, events, _ = decode_event_batch(frames[-1])
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, LookupError) as exc:  # LookupError: KeyError, IndexError
             log.warning("%s: undecodable KV event batch: %s", endpoint, exc)
             return seq
         for ev in events:
@@ -71,13 +77,36 @@ class KVEventSubscriber:
         return seq
 
     async def _run(self, endpoint: Endpoint) -> None:
+        """Subscribe until cancelled. Any failure (a bad address, a socket error, a bug in
+        decoding) clears the endpoint's entries — what it holds is unknown from then on — and
+        reconnects after `RETRY_S`, logged at most once per endpoint per `LOG_EVERY_S`."""
+        while True:
+            try:
+                await self._subscribe(endpoint)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.failures += 1
+                self.index.all_cleared(endpoint.name)
+                now = time.monotonic()
+                last_log = self._logged_at.get(endpoint.name)
+                if last_log is None or now - last_log >= self.LOG_EVERY_S:
+                    self._logged_at[endpoint.name] = now
+                    log.warning(
+                        "%s: KV events from %s failed (%s: %s); reconnecting every %g s",
+                        endpoint.name, endpoint.spec.kv_events, type(exc).__name__, exc,
+                        self.RETRY_S,
+                    )
+            await asyncio.sleep(self.RETRY_S)
+
+    async def _subscribe(self, endpoint: Endpoint) -> None:
         sock = self.ctx.socket(zmq.SUB)
-        sock.setsockopt(zmq.SUBSCRIBE, b"")
-        sock.setsockopt(zmq.LINGER, 0)
-        assert endpoint.spec.kv_events is not None
-        sock.connect(endpoint.spec.kv_events)
-        last: int | None = None
         try:
+            sock.setsockopt(zmq.SUBSCRIBE, b"")
+            sock.setsockopt(zmq.LINGER, 0)
+            assert endpoint.spec.kv_events is not None
+            sock.connect(endpoint.spec.kv_events)
+            last: int | None = None
             while True:
                 frames = await sock.recv_multipart()
                 last = self.handle(endpoint.name, frames, last)

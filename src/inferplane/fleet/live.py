@@ -196,11 +196,13 @@ class LiveFleet:
             self._touch(rec)
 
     def reset_observations(self, endpoint: str) -> None:
-        """Forget the endpoint's observed outcomes and TTFTs (an ejected endpoint returning on
-        probation is judged only on what it does after its return)."""
+        """Forget the endpoint's observed outcomes, TTFTs and TTFT ÷ prediction ratios (an
+        ejected endpoint returning on probation is judged only on what it does after its return,
+        and its predictions are not inflated by the slowness that got it ejected)."""
         rec = self.live[endpoint]
         rec.outcomes.clear()
         rec.ttft.clear()
+        rec.ttft_ratio.clear()
         rec.stats_at = float("-inf")
         self._touch(rec)
 
