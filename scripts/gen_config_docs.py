@@ -79,7 +79,9 @@ MEANINGS: dict[str, str] = {
     "SubstrateSpec.region": "region it runs in (a `regions` name when regions are listed)",
     "SubstrateSpec.zone": "availability zone, informational",
     "SubstrateSpec.jurisdiction": "legal jurisdiction of the data it processes (e.g. `eu`)",
-    "SubstrateSpec.failure_domain": "failure domain (rack, zone) for spreading",
+    "SubstrateSpec.failure_domain": (
+        "failure domain (rack, zone); recorded for operators, not yet used by placement"
+    ),
     "SubstrateSpec.capacity_class": "reserved capacity is used before burst",
     "SubstrateSpec.cost": "what it costs",
     "SubstrateSpec.endpoints": "its serving instances",

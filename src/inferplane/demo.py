@@ -38,6 +38,7 @@ from inferplane.api.app import serve
 from inferplane.api.pipeline import Gateway, hash_key
 from inferplane.config.loader import parse_config
 from inferplane.config.schema import FleetConfig, MixEntry
+from inferplane.fleet.live import nearest_rank
 
 console = Console(stderr=True)
 STREAM: dict[str, Any] = {"stream": True, "stream_options": {"include_usage": True}}
@@ -211,10 +212,7 @@ class Workload:
 
 
 def _pct(xs: list[float], q: float) -> float | None:
-    if not xs:
-        return None
-    s = sorted(xs)
-    return s[min(len(s) - 1, round(q / 100 * (len(s) - 1)))]
+    return nearest_rank(sorted(xs), q) if xs else None
 
 
 def report(w: Workload, gateway: Gateway) -> None:

@@ -46,7 +46,7 @@ from statistics import median
 from typing import Literal
 
 from inferplane.config.schema import OutlierSpec, PoolHealthSpec
-from inferplane.fleet.live import LiveFleet
+from inferplane.fleet.live import LiveFleet, nearest_rank
 from inferplane.fleet.model import Endpoint, Fleet
 from inferplane.fleet.state import EndpointView
 from inferplane.types import JSONObject
@@ -265,12 +265,6 @@ def slope(points: Sequence[tuple[float, float]]) -> float | None:
     return sum((t - tm) * (y - ym) for t, y in points) / den
 
 
-def _percentile(sorted_values: Sequence[float], q: float) -> float:
-    """Nearest rank, the same rule as `LatencyWindow.percentile`."""
-    k = min(len(sorted_values) - 1, max(0, round(q / 100.0 * (len(sorted_values) - 1))))
-    return sorted_values[k]
-
-
 @dataclass(frozen=True, slots=True)
 class PoolHealth:
     """Concurrency health of one substrate (pool) at one instant.
@@ -396,7 +390,7 @@ def pool_health(live: LiveFleet, spec: PoolHealthSpec, now: float) -> dict[str, 
         p50 = p99 = div = None
         if len(ttfts) >= spec.min_ttft_samples:
             ttfts.sort()
-            p50, p99 = _percentile(ttfts, 50), _percentile(ttfts, 99)
+            p50, p99 = nearest_rank(ttfts, 50), nearest_rank(ttfts, 99)
             div = p99 / p50 if p50 > 0 else None
         verdict, reasons = _verdict(spec, trend, kv_mean, kv_max, div, inflight, envelope)
         out[sub] = PoolHealth(

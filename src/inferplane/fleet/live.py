@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from inferplane.fleet.engine_metrics import EngineMetrics
@@ -19,6 +19,13 @@ from inferplane.fleet.state import EndpointState, EndpointView, FleetSnapshot, P
 Clock = Callable[[], float]
 
 SCRAPE_HISTORY = 512  # scrapes kept per endpoint: 51 s at the default 0.1 s scrape interval
+
+
+def nearest_rank(sorted_values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile of already sorted values, q in [0, 100] (the gateway's rule for
+    every percentile it reports; the simulator's report interpolates instead)."""
+    k = min(len(sorted_values) - 1, max(0, round(q / 100.0 * (len(sorted_values) - 1))))
+    return sorted_values[k]
 
 
 class LatencyWindow:
@@ -51,9 +58,7 @@ class LatencyWindow:
             return None
         if self._cache is None:
             self._cache = sorted(self._samples)
-        s = self._cache
-        k = min(len(s) - 1, max(0, round(q / 100.0 * (len(s) - 1))))
-        return s[k]
+        return nearest_rank(self._cache, q)
 
 
 @dataclass(slots=True)
