@@ -55,7 +55,16 @@ for _p in (str(ROOT / "src"), str(ROOT)):
 from bench.peers import client, metrics, overhead, report, venvs  # noqa: E402
 from bench.peers.peers import Context, Setup, setups  # noqa: E402
 from bench.peers.procs import Proc, TreeSampler, free_port, free_ports, stop_all  # noqa: E402
-from bench.peers.workload import PATHS, Form, SliceSpec, encode_bodies, offered_load, plan  # noqa: E402
+from bench.peers.workload import (  # noqa: E402
+    PATHS,
+    Form,
+    SliceSpec,
+    encode_bodies,
+    offered_load,
+    plan,
+    tiny_llama_ids,
+)
+from inferplane.sim.tokens import token_ids  # noqa: E402
 from inferplane.sim.traces import load_trace  # noqa: E402
 
 DEFAULT_FLEET = ROOT / "src/inferplane/data/fleets/h100x8.yaml"
@@ -150,12 +159,22 @@ def start_router(setup: Setup, ctx: Context) -> tuple[Proc, str]:
     return proc, base
 
 
-def warm_up(base: str, setup: Setup, model: str, n: int = 8) -> None:
-    """A few tiny requests so the router has its connections (and lazy state) before timing."""
+def warm_up(base: str, setup: Setup, model: str, n: int = 8, tiny_ids: bool = False) -> None:
+    """A few tiny requests so the router has its connections (and lazy state) before timing.
+    ``tiny_ids``: token-id prompts in the real tiny-llama tokenizer's ids (ids 4-259)."""
     hdrs = {"Content-Type": "application/json", **dict(setup.headers)}
     for i in range(n):
         body = overhead.small_body(setup.form, model, False, 1000 + i)
-        r = httpx.post(base + PATHS[setup.form], content=body, headers=hdrs, timeout=60)
+        if tiny_ids and setup.form == "completion-ids":
+            b = json.loads(body)
+            b["prompt"] = [4 + (7 * i + k) % 256 for k in range(20)]
+            body = json.dumps(b).encode()
+        deadline = time.monotonic() + 30
+        while True:  # a router may answer /health before its workers are registered (503)
+            r = httpx.post(base + PATHS[setup.form], content=body, headers=hdrs, timeout=60)
+            if r.status_code != 503 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
         if r.status_code != 200:
             raise RuntimeError(f"warm-up request: HTTP {r.status_code}: {r.text[:300]}")
 
@@ -179,7 +198,7 @@ def run_setup(setup: Setup, a: argparse.Namespace, ctx: Context, fast: Context,
     res["drain_s"] = drain_and_reset(ctx.fleet_urls, a.drain_limit)
     proc, base = start_router(setup, ctx)
     try:
-        warm_up(base, setup, ctx.model)
+        warm_up(base, setup, ctx.model, tiny_ids=a.token_ids == "tiny-llama")
         drain_and_reset(ctx.fleet_urls, a.drain_limit)
         before = metrics.CacheCounters.from_pages(scrape(ctx.fleet_urls))
         sampler = TreeSampler(proc.pid).start()
@@ -238,6 +257,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--duration", type=float, help="window length (trace seconds)")
     ap.add_argument("--max-output", type=int, help="cap each request's output tokens")
     ap.add_argument("--block-tokens", type=int, default=512, help="words per trace block")
+    ap.add_argument("--token-ids", choices=("emulator", "tiny-llama"), default="emulator",
+                    help="ids of completion-ids prompts: the emulator's, or the real tiny-llama "
+                    "tokenizer's (for --fleet of real vLLM engines serving it)")
     ap.add_argument("--venvs", type=Path, default=ROOT / ".bench-venvs")
     ap.add_argument("--install-limit", type=float, default=900.0, help="seconds per peer")
     ap.add_argument("--budget", type=float, help="seconds for the whole run (default 1500/600)")
@@ -285,7 +307,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         f"{skipped} left out (longer than the context window)")
     bodies: dict[Form, list[bytes]] = {}
     for form in dict.fromkeys(s.form for s in chosen):
-        bodies[form] = encode_bodies(planned, form, model, a.block_tokens)
+        bodies[form] = encode_bodies(planned, form, model, a.block_tokens,
+                                     tiny_llama_ids if a.token_ids == "tiny-llama" else token_ids)
 
     if a.fleet:
         urls = [u.strip().rstrip("/") for u in a.fleet.split(",") if u.strip()]

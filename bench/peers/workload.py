@@ -22,14 +22,16 @@ byte-identical requests and the client spends no time building them during the r
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import orjson
 
-from inferplane.sim.tokens import TRACE_BLOCK_TOKENS, prompt_from_blocks, token_ids
+from inferplane.sim.tokens import TRACE_BLOCK_TOKENS, VOCABULARY, prompt_from_blocks, token_ids
 from inferplane.sim.traces import TraceRequest, slice_trace
+
+_TINY_IDS = {w: 4 + i for i, w in enumerate(VOCABULARY)}
 
 Form = Literal["chat-text", "completion-text", "completion-ids"]
 FORMS: tuple[Form, ...] = ("chat-text", "completion-text", "completion-ids")
@@ -90,9 +92,11 @@ def prompt_text(p: Planned, block_tokens: int = TRACE_BLOCK_TOKENS) -> str:
 
 
 def body(
-    p: Planned, form: Form, model: str, block_tokens: int = TRACE_BLOCK_TOKENS
+    p: Planned, form: Form, model: str, block_tokens: int = TRACE_BLOCK_TOKENS,
+    ids: Callable[[str], list[int]] = token_ids,
 ) -> dict[str, Any]:
-    """The JSON body of ``p`` in ``form``."""
+    """The JSON body of ``p`` in ``form``; ``ids`` tokenizes ``completion-ids`` prompts (the
+    emulator's ids by default; :func:`tiny_llama_ids` for the real tiny-llama engines)."""
     text = prompt_text(p, block_tokens)
     out: dict[str, Any] = {
         "model": model,
@@ -106,17 +110,24 @@ def body(
     elif form == "completion-text":
         out["prompt"] = text
     elif form == "completion-ids":
-        out["prompt"] = token_ids(text)
+        out["prompt"] = ids(text)
     else:  # pragma: no cover - Literal guards the callers
         raise ValueError(f"unknown prompt form {form!r}")
     return out
 
 
 def encode_bodies(
-    planned: Sequence[Planned], form: Form, model: str, block_tokens: int = TRACE_BLOCK_TOKENS
+    planned: Sequence[Planned], form: Form, model: str, block_tokens: int = TRACE_BLOCK_TOKENS,
+    ids: Callable[[str], list[int]] = token_ids,
 ) -> list[bytes]:
     """Every request's body in ``form``, JSON-encoded once."""
-    return [orjson.dumps(body(p, form, model, block_tokens)) for p in planned]
+    return [orjson.dumps(body(p, form, model, block_tokens, ids)) for p in planned]
+
+
+def tiny_llama_ids(text: str) -> list[int]:
+    """Token ids of the real ``tiny-llama`` tokenizer (``scripts/fidelity/build_tiny_model.py``:
+    ids 0-3 specials, then the 256 vocabulary words in order) for vocabulary-word text."""
+    return [_TINY_IDS[w] for w in text.split()]
 
 
 def offered_load(planned: Sequence[Planned]) -> dict[str, float]:

@@ -1,0 +1,380 @@
+"""bench/peers/real_engines.py: the peers' router comparison in front of three real vLLM engines.
+
+    python bench/peers/real_engines.py [--runs 3] [--duration 60] [--rate-scale 1]
+                                       [--max-output 16] [--blocks 1024] [--only NAME ...]
+                                       [--out docs/benchmarks/peers-real]
+
+1. builds the fidelity tier's tiny Llama if absent (``scripts/fidelity/build_tiny_model.py``
+   into ``.fidelity-venv/tiny-llama``);
+2. starts three vLLM CPU engines from ``.fidelity-venv`` the way ``tests/fidelity/conftest.py``
+   starts one (loopback, offline, ``VLLM_SERVER_DEV_MODE=1`` for ``/reset_prefix_cache``,
+   ``VLLM_CPU_KVCACHE_SPACE=1 OMP_NUM_THREADS=1``), with prefix caching, block size 32,
+   ``--num-gpu-blocks-override`` ``--blocks``, ``--max-num-seqs 16`` and ZMQ KV events on an
+   ``ipc://`` socket (vLLM binds ipc endpoints; inferplane's fleet file names it);
+3. writes a fleet file naming the three engines (engine ``vllm``, model ``tiny-llama``,
+   hardware ``cpu``, ``gateway.token_estimate: words``);
+4. runs ``bench/peers/run.py --fleet URL1,URL2,URL3 --block-tokens 32`` once per setup and
+   repetition (alternating the setup order between repetitions; run.py drains the engines and
+   resets their prefix caches before each replay);
+5. writes ``results.json`` and ``results.md`` (medians over the repetitions, with min–max) to
+   ``--out``. Every engine is stopped by process group at the end, also on failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[2]
+VENV = Path(os.environ.get("FIDELITY_VENV", ROOT / ".fidelity-venv"))
+VPY = VENV / "bin" / "python"
+MODEL_DIR = VENV / "tiny-llama"
+MODEL = "tiny-llama"
+BLOCK = 32
+MAX_MODEL_LEN = 2304  # Mooncake prompts up to 32k tokens become <= 2048 words at 32 per block
+SETUPS = ["inferplane default", "inferplane round-robin", "vllm-router cache_aware",
+          "sglang-router cache_aware"]
+PROCS: list[subprocess.Popen[bytes]] = []
+
+
+def log(msg: str) -> None:
+    print(f"[{dt.datetime.now():%H:%M:%S}] {msg}", flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def vllm_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "PYTHON"))}
+    env.update(VLLM_CPU_KVCACHE_SPACE="1", OMP_NUM_THREADS="1", VLLM_HOST_IP="127.0.0.1",
+               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_ENDPOINT="http://127.0.0.1:9",
+               VLLM_SERVER_DEV_MODE="1", VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1",
+               VLLM_ALLOW_LONG_MAX_MODEL_LEN="1",
+               PATH=f"{VENV / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}")
+    return env
+
+
+def vllm_command(port: int, kv: str, blocks: int, seqs: int) -> list[str]:
+    kv_cfg = {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": kv, "topic": ""}
+    return [str(VPY), "-m", "vllm.entrypoints.openai.api_server", "--model", str(MODEL_DIR),
+            "--served-model-name", MODEL, "--enforce-eager", "--dtype", "float32",
+            "--block-size", str(BLOCK), "--enable-prefix-caching", "--max-num-seqs", str(seqs),
+            "--num-gpu-blocks-override", str(blocks), "--max-model-len", str(MAX_MODEL_LEN),
+            "--max-num-batched-tokens", str(MAX_MODEL_LEN), "--enable-prompt-tokens-details",
+            "--kv-events-config", json.dumps(kv_cfg), "--host", "127.0.0.1", "--port", str(port)]
+
+
+def start_engines(n: int, blocks: int, seqs: int, work: Path,
+                  timeout_s: float = 400) -> list[tuple[str, str]]:
+    """Start ``n`` engines together; returns ``(url, kv endpoint)`` each once all are healthy."""
+    if not (MODEL_DIR / ".built").exists():
+        log("building the tiny model …")
+        subprocess.run([str(VPY), str(ROOT / "scripts/fidelity/build_tiny_model.py"),
+                        str(MODEL_DIR)], check=True, timeout=300, cwd=ROOT)
+    out: list[tuple[str, str]] = []
+    for i in range(n):
+        port, kv = free_port(), f"ipc://{work}/kv{i}.sock"
+        cmd = vllm_command(port, kv, blocks, seqs)
+        (work / f"vllm{i}.cmd").write_text(" ".join(cmd) + "\n")
+        with (work / f"vllm{i}.log").open("wb") as fh:
+            PROCS.append(subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT,
+                                          env=vllm_env(), cwd=work, start_new_session=True))
+        out.append((f"http://127.0.0.1:{port}", kv))
+    deadline = time.monotonic() + timeout_s
+    for i, (url, _) in enumerate(out):
+        while True:
+            if PROCS[i].poll() is not None:
+                tail = (work / f"vllm{i}.log").read_text(errors="replace").splitlines()[-30:]
+                raise RuntimeError(f"vLLM {i} exited with {PROCS[i].returncode}:\n"
+                                   + "\n".join(tail))
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"vLLM {i} not healthy after {timeout_s:.0f}s")
+            time.sleep(0.5)
+        httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": [5, 6, 7],
+                   "max_tokens": 2, "ignore_eos": True}, timeout=300).raise_for_status()
+        log(f"engine {i} ready at {url}")
+    return out
+
+
+def stop_engines() -> None:
+    for p in PROCS:
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGTERM)
+    for p in PROCS:
+        try:
+            p.wait(30)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait(10)
+
+
+def fleet_yaml(engines: list[tuple[str, str]], blocks: int, seqs: int,
+               kv_events: bool) -> str:
+    eps = []
+    for i, (url, kv) in enumerate(engines):
+        eps.append(
+            f"      - name: vllm-{i}\n        url: {url}\n        engine: vllm\n"
+            f"        models: [{{name: {MODEL}, max_context: {MAX_MODEL_LEN}, precision: fp32}}]\n"
+            f"        max_concurrency: 64\n"
+            + (f"        kv_events: {kv}\n" if kv_events else "")
+            + f"        emulation: {{block_size: {BLOCK}, max_num_seqs: {seqs}, "
+            f"num_gpu_blocks: {blocks}, max_num_batched_tokens: {MAX_MODEL_LEN}}}\n")
+    return (
+        "gateway:\n  host: 127.0.0.1\n  port: 8080\n  scrape_interval_s: 0.1\n"
+        "  token_estimate: words\n"
+        "regions:\n  - name: local\n    egress_usd_per_gb: 0.0\n"
+        "substrates:\n  - name: real-vllm-cpu\n    kind: cpu\n    hardware: cpu\n"
+        "    region: local\n    jurisdiction: eu\n    cost: {hourly_usd: 1}\n    endpoints:\n"
+        + "".join(eps)
+        # the bench's inferplane setups send the h100x8 demo tenant's key (sk-h100x8-demo)
+        + "tenants:\n  - name: demo\n    api_keys: [\"sha256:25a9d574674bdebdf12a89a37a82c8d5"
+        "2317f4289b4c13fc7e7bf5b207c824c6\"]\n    default_class: interactive\n"
+        "    region: local\n"
+        "mix:\n  - {tenant: demo, class: interactive, region: local, fraction: 1.0}\n"
+    )
+
+
+def versions() -> dict[str, Any]:
+    r = subprocess.run([str(VPY), "-c", "import importlib.metadata as m; print(m.version("
+                        "'vllm-cpu'), m.version('torch'))"], capture_output=True, text=True)
+    v = r.stdout.split()
+    return {"vllm-cpu": v[0] if v else None, "torch": v[1] if len(v) > 1 else None}
+
+
+def run_one(name: str, rep: int, urls: list[str], fleet: Path, a: argparse.Namespace,
+            work: Path) -> dict[str, Any]:
+    out = work / f"rep{rep}-{name.replace(' ', '_')}"
+    cmd = [sys.executable, str(ROOT / "bench/peers/run.py"), "--fleet", ",".join(urls),
+           "--fleet-config", str(fleet), "--only", name, "--block-tokens", str(BLOCK),
+           "--token-ids", "tiny-llama",
+           "--rate-scale", str(a.rate_scale), "--duration", str(a.duration), "--start",
+           str(a.start), "--max-output", str(a.max_output), "--out", str(out), "--no-docs",
+           "--budget", "900"]
+    log(f"rep {rep}: {name}")
+    t0 = time.monotonic()
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=a.setup_limit)
+    (work / f"rep{rep}-{name.replace(' ', '_')}.log").write_text(p.stdout + p.stderr)
+    doc = json.loads((out / "results.json").read_text())
+    res = doc["results"][0]
+    res["rep"], res["wall_s"] = rep, time.monotonic() - t0
+    res["slice"], res["command"] = doc["slice"], doc["command"]
+    res["versions"] = doc["versions"]
+    sm = res.get("summary") or {}
+    log(f"   hit {res.get('hit_rate')}, TTFT p50/p90 "
+        f"{sm.get('ttft_ms', {}).get('p50')}/{sm.get('ttft_ms', {}).get('p90')} ms, errors "
+        f"{sm.get('errors')}/{sm.get('requests')} ({res.get('status')}, {res['wall_s']:.0f}s)")
+    return res
+
+
+def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for name in SETUPS:
+        got = [r for r in results if r["name"] == name and r.get("status") == "ok"]
+        if not got:
+            continue
+
+        def stat(vals: list[float]) -> dict[str, float]:
+            return {"median": statistics.median(vals), "min": min(vals), "max": max(vals)}
+
+        rows.append({
+            "name": name, "runs": len(got),
+            "hit_rate": stat([r["hit_rate"] for r in got]),
+            "ttft_p50_ms": stat([r["summary"]["ttft_ms"]["p50"] for r in got]),
+            "ttft_p90_ms": stat([r["summary"]["ttft_ms"]["p90"] for r in got]),
+            "ttft_p99_ms": stat([r["summary"]["ttft_ms"]["p99"] for r in got]),
+            "errors": [r["summary"]["errors"] for r in got],
+            "requests": got[0]["summary"]["requests"],
+        })
+    return rows
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    def fmt(s: dict[str, float], pct: bool = False) -> str:
+        f = (lambda x: f"{100 * x:.1f}%") if pct else (lambda x: f"{x:.0f}")
+        return f"{f(s['median'])} ({f(s['min'])}–{f(s['max'])})" if s["min"] != s["max"] \
+            else f(s["median"])
+
+    lines = ["| router | runs | prefix hit rate | TTFT p50 ms | TTFT p90 ms | TTFT p99 ms | "
+             "errors per run |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['name']} | {r['runs']} | {fmt(r['hit_rate'], True)} | "
+                     f"{fmt(r['ttft_p50_ms'])} | {fmt(r['ttft_p90_ms'])} | "
+                     f"{fmt(r['ttft_p99_ms'])} | "
+                     f"{', '.join(str(e) for e in r['errors'])} of {r['requests']} |")
+    return "\n".join(lines)
+
+
+def render(doc: dict[str, Any], out: Path) -> str:
+    """results.md from a results.json document."""
+    sl = next((r["slice"] for r in doc["results"] if r.get("slice")), {})
+    eng = doc["engines"]
+    m = doc["machine"]
+    done = sorted({r["rep"] for r in doc["results"] if r.get("status") == "ok"})
+    lines = [
+        "# Peers on real vLLM engines", "",
+        f"Command: `{doc['command']}` — {doc['date']}", "",
+        f"Machine: `{' '.join(str(v) for v in m['uname'].values())}`, {m['cores']} cores, "
+        f"Python {m['python']}; load average at start "
+        f"{tuple(round(x, 1) for x in m['loadavg_start'])}, at end "
+        f"{tuple(round(x, 1) for x in m.get('loadavg_end', m['loadavg_start']))} (shared).", "",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in {
+            **{k: v for r in doc["results"] for k, v in (r.get("versions") or {}).items()},
+            **eng["versions"]}.items()), "",
+        f"Engines: 3 × vLLM CPU (`{MODEL}`, block size {eng['block_size']}, "
+        f"{eng['blocks']} KV blocks = {eng['blocks'] * eng['block_size']} tokens each, "
+        f"max_num_seqs {eng['max_num_seqs']}, max_model_len {eng['max_model_len']}, prefix "
+        f"caching on; KV events given to inferplane: {eng['kv_events_to_inferplane']}).", "",
+        f"Slice: {sl.get('requests')} requests of the Mooncake conversation trace (trace seconds "
+        f"{sl.get('start_s', 0):.0f}–{sl.get('start_s', 0) + sl.get('duration_s', 0):.0f}, "
+        f"rate ×{sl.get('rate_scale')}, {sl.get('left_out')} too long left out), one 512-token "
+        f"trace block = 32 words, output capped at {sl.get('max_output')}; open-loop over "
+        f"{sl.get('span_s', 0):.0f} s: {sl.get('req_per_s', 0):.1f} req/s. Repetitions done: "
+        f"{len(done)} (order alternates). Medians, (min–max) over the repetitions.", "",
+        table(doc.get("summary") or aggregate(doc["results"])), "",
+    ]
+    bad = [r for r in doc["results"] if r.get("status") != "ok"]
+    if bad:
+        lines += ["Not measured:", "", *(f"- rep {r.get('rep')} {r['name']}: {r.get('status')}"
+                                         f" {str(r.get('reason', ''))[:300]}" for r in bad), ""]
+    lines += ["Per run:", "", "| rep | router | hit rate | TTFT p50 | TTFT p90 | errors |",
+              "|---|---|---|---|---|---|"]
+    for r in doc["results"]:
+        if r.get("status") == "ok":
+            t = r["summary"]["ttft_ms"]
+            lines.append(f"| {r['rep']} | {r['name']} | {100 * r['hit_rate']:.1f}% | "
+                         f"{t['p50']:.0f} | {t['p90']:.0f} | {r['summary']['errors']} |")
+    text = "\n".join(lines) + "\n"
+    (out / "results.md").write_text(text)
+    return text
+
+
+def merge(paths: list[Path]) -> dict[str, Any]:
+    """Several results.json documents as one (repetitions renumbered in order)."""
+    docs = [json.loads(p.read_text()) for p in paths]
+    doc = docs[0]
+    rep0 = 0
+    for d in docs[1:]:
+        rep0 = max((r["rep"] for r in doc["results"]), default=-1) + 1
+        for r in d["results"]:
+            r["rep"] = r["rep"] + rep0
+        doc["results"] += d["results"]
+        doc["command"] += " ; then " + d["command"]
+        doc["machine"]["loadavg_end"] = d["machine"].get("loadavg_end")
+    doc["summary"] = aggregate(doc["results"])
+    return doc
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--only", nargs="*", help="setups (exact names) to run")
+    ap.add_argument("--start", type=float, default=0.0)
+    ap.add_argument("--duration", type=float, default=60.0, help="trace seconds per replay")
+    ap.add_argument("--rate-scale", type=float, default=1.0)
+    ap.add_argument("--max-output", type=int, default=16)
+    ap.add_argument("--blocks", type=int, default=1024, help="KV blocks per engine")
+    ap.add_argument("--max-num-seqs", type=int, default=16)
+    ap.add_argument("--no-kv-events", action="store_true",
+                    help="do not give inferplane the engines' KV events")
+    ap.add_argument("--setup-limit", type=float, default=600.0, help="seconds per replay")
+    ap.add_argument("--budget", type=float, default=3600.0, help="seconds for all replays")
+    ap.add_argument("--urls", help="reuse running engines (URL[@KV],...) instead of starting them")
+    ap.add_argument("--engines-only", action="store_true",
+                    help="start the engines, print their URLs and wait (Ctrl-C stops them)")
+    ap.add_argument("--out", type=Path, default=ROOT / "docs/benchmarks/peers-real")
+    ap.add_argument("--render-only", nargs="*", type=Path, metavar="RESULTS_JSON",
+                    help="only (re)write --out's results.md from these results.json files")
+    a = ap.parse_args(argv)
+    if a.render_only is not None:
+        doc = merge(a.render_only or [a.out / "results.json"])
+        a.out.mkdir(parents=True, exist_ok=True)
+        (a.out / "results.json").write_text(json.dumps(doc, indent=2, default=str))
+        print(render(doc, a.out))
+        return 0
+    names = a.only or SETUPS
+    work = Path(tempfile.mkdtemp(prefix="ip-real-"))
+    log(f"work directory {work}")
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    t_start = time.monotonic()
+    try:
+        if a.urls:
+            engines = [(u.partition("@")[0], u.partition("@")[2]) for u in a.urls.split(",")]
+            kv_events = all(kv for _, kv in engines) and not a.no_kv_events
+        else:
+            engines = start_engines(3, a.blocks, a.max_num_seqs, work)
+            kv_events = not a.no_kv_events
+        urls = [u for u, _ in engines]
+        if a.engines_only:
+            print("ENGINES " + ",".join(f"{u}@{kv}" for u, kv in engines), flush=True)
+            while True:
+                time.sleep(3600)
+        fleet = work / "fleet.yaml"
+        fleet.write_text(fleet_yaml(engines, a.blocks, a.max_num_seqs, kv_events))
+        doc: dict[str, Any] = {
+            "date": dt.date.today().isoformat(),
+            "command": "python bench/peers/real_engines.py " + " ".join(sys.argv[1:]),
+            "machine": {"uname": platform.uname()._asdict(), "cores": os.cpu_count(),
+                        "python": platform.python_version(), "loadavg_start": os.getloadavg()},
+            "engines": {"urls": urls, "versions": versions(), "blocks": a.blocks,
+                        "block_size": BLOCK, "max_num_seqs": a.max_num_seqs,
+                        "max_model_len": MAX_MODEL_LEN, "kv_events_to_inferplane": kv_events,
+                        "command": (work / "vllm0.cmd").read_text().strip()
+                        if (work / "vllm0.cmd").exists() else None},
+            "fleet_yaml": fleet.read_text(), "runs": a.runs, "results": [],
+        }
+        a.out.mkdir(parents=True, exist_ok=True)
+        for rep in range(a.runs):
+            order = names if rep % 2 == 0 else list(reversed(names))
+            for name in order:
+                if time.monotonic() - t_start > a.budget:
+                    log(f"budget spent: skipping rep {rep} {name}")
+                    doc["results"].append({"name": name, "rep": rep, "status": "skipped"})
+                    continue
+                try:
+                    r = run_one(name, rep, urls, fleet, a, work)
+                except Exception as exc:  # one setup failing must not end the run
+                    r = {"name": name, "rep": rep, "status": "failed",
+                         "reason": f"{type(exc).__name__}: {exc}"[:1000]}
+                    log(f"   FAILED: {r['reason']}")
+                doc["results"].append(r)
+                doc["summary"] = aggregate(doc["results"])
+                (a.out / "results.json").write_text(json.dumps(doc, indent=2, default=str))
+        doc["machine"]["loadavg_end"] = os.getloadavg()
+        doc["wall_s"] = time.monotonic() - t_start
+        doc["summary"] = aggregate(doc["results"])
+        (a.out / "results.json").write_text(json.dumps(doc, indent=2, default=str))
+        print(render(doc, a.out))
+    except KeyboardInterrupt:
+        log("interrupted: stopping the engines")
+        return 130
+    finally:
+        stop_engines()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
