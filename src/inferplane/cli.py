@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -17,9 +16,8 @@ import typer
 from inferplane.errors import ConfigError
 
 if TYPE_CHECKING:
-    from aiohttp import web
 
-    from inferplane.api.pipeline import Gateway
+    pass
 
 app = typer.Typer(
     add_completion=False,
@@ -71,9 +69,6 @@ async def _wait_for_signal() -> None:
     await stop.wait()
 
 
-class _ListenError(Exception):
-    """The gateway started but could not bind its address."""
-
 
 def _in_file(exc: ConfigError, path: Path) -> ConfigError:
     """The same problems, naming the fleet file (errors raised past loading say '<config>')."""
@@ -83,34 +78,6 @@ def _in_file(exc: ConfigError, path: Path) -> ConfigError:
 def _describe(exc: BaseException) -> str:
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-async def _start_gateway(gateway: Gateway, host: str, port: int) -> web.AppRunner:
-    """Build the app, run its start-up hooks and listen; on any failure, stop whatever had
-    started (the runner's clean-up hooks stop the batch worker and the gateway) and re-raise."""
-    from aiohttp import web
-
-    from inferplane.api.app import build_app
-
-    application = build_app(gateway)
-    runner = web.AppRunner(application, handler_cancellation=True, access_log=None)
-    try:
-        await runner.setup()
-    except BaseException:
-        # aiohttp skips on_cleanup when start-up failed: run each hook here, whatever the others do
-        for hook in list(application.on_cleanup):
-            with contextlib.suppress(Exception):
-                await hook(application)
-        raise
-    try:
-        await web.TCPSite(runner, host, port, reuse_address=True).start()
-    except BaseException as exc:
-        with contextlib.suppress(Exception):
-            await runner.cleanup()
-        if isinstance(exc, OSError):
-            raise _ListenError(exc.strerror or str(exc)) from exc
-        raise
-    return runner
 
 
 @app.command()
@@ -125,6 +92,8 @@ def serve(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     cfg = load_checked(config)
+    from inferplane.api.app import ListenError
+    from inferplane.api.app import serve as serve_app
     from inferplane.api.pipeline import Gateway
 
     try:
@@ -138,10 +107,10 @@ def serve(
 
     async def main() -> None:
         try:
-            runner = await _start_gateway(gateway, h, p)
+            runner = await serve_app(gateway, h, p)
         except ConfigError as exc:
             fail(f"invalid configuration\n{_in_file(exc, config)}")
-        except _ListenError as exc:
+        except ListenError as exc:
             fail(f"cannot listen on {h}:{p}: {exc}")
         except Exception as exc:  # e.g. Redis unreachable, ledger file unwritable
             if type(exc).__module__.split(".")[0] == "redis":

@@ -339,10 +339,31 @@ def build_app(gateway: Gateway) -> web.Application:
     return app
 
 
+class ListenError(Exception):
+    """The gateway started but could not bind its address."""
+
+
 async def serve(gateway: Gateway, host: str, port: int) -> web.AppRunner:
-    """Start the gateway on host:port; returns the runner (call ``runner.cleanup()`` to stop)."""
-    runner = web.AppRunner(build_app(gateway), handler_cancellation=True, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_address=True)
-    await site.start()
+    """Build the app, run its start-up hooks and listen on host:port; returns the runner (call
+    ``runner.cleanup()`` to stop). On any failure whatever had started is stopped (the clean-up
+    hooks stop the batch worker and the gateway) and the error re-raised; a failed bind as
+    `ListenError`."""
+    application = build_app(gateway)
+    runner = web.AppRunner(application, handler_cancellation=True, access_log=None)
+    try:
+        await runner.setup()
+    except BaseException:
+        # aiohttp skips on_cleanup when start-up failed: run each hook here, whatever the others do
+        for hook in list(application.on_cleanup):
+            with contextlib.suppress(Exception):
+                await hook(application)
+        raise
+    try:
+        await web.TCPSite(runner, host, port, reuse_address=True).start()
+    except BaseException as exc:
+        with contextlib.suppress(Exception):
+            await runner.cleanup()
+        if isinstance(exc, OSError):
+            raise ListenError(exc.strerror or str(exc)) from exc
+        raise
     return runner
