@@ -1,5 +1,8 @@
 """The engines' token space, shared by the emulator, the simulator and the gateway.
 
+A real model's tokenizer (`load_tokenizer`, the ``tokenizer`` of a served model in the fleet
+file) replaces the word rule in the gateway when it is configured.
+
 The project's deterministic tokenization: one whitespace-separated word is one token, and a word's
 token id is 31 bits of its BLAKE2b digest (stable across processes). Full KV blocks of token ids
 are identified by a hash chain, as vLLM's prefix cache does. The emulated engine uses these to
@@ -13,6 +16,11 @@ import hashlib
 from collections.abc import Sequence
 from functools import lru_cache
 from itertools import repeat
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 # 256 distinct short, common words: one byte of the BLAKE2b stream picks one word.
 _WORDS = """
@@ -81,3 +89,28 @@ def block_hashes(token_ids: Sequence[int], block_size: int, parent: int | None =
 def engine_block_hashes(text: str, block_size: int) -> list[int]:
     """The engine block hashes of a prompt text under the deterministic tokenization."""
     return block_hashes(token_ids(text), block_size)
+
+
+@lru_cache(maxsize=32)
+def load_tokenizer(path: str) -> Tokenizer:
+    """A Hugging Face ``tokenizer.json`` (``path`` is the file, or a folder holding one), loaded
+    once per path. Raises ``ValueError`` with a readable reason."""
+    from tokenizers import Tokenizer
+
+    p = Path(path).expanduser()
+    if p.is_dir():
+        p = p / "tokenizer.json"
+    if not p.is_file():
+        raise ValueError(f"no tokenizer file at {str(p)!r}")
+    try:
+        return Tokenizer.from_file(str(p))
+    except Exception as exc:  # the Rust side raises a plain Exception for bad files
+        raise ValueError(f"cannot load tokenizer {str(p)!r}: {exc}") from None
+
+
+def encode(tokenizer: Tokenizer, text: str) -> list[int]:
+    """Token ids of a text prompt as an OpenAI-compatible engine computes them for
+    ``/v1/completions`` (special tokens added as the tokenizer's post-processor says, as vLLM's
+    ``add_special_tokens=True`` does)."""
+    ids: list[int] = tokenizer.encode(text, add_special_tokens=True).ids
+    return ids

@@ -92,8 +92,30 @@ def _merge_defaults(raw: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def parse_config(text: str, file: str = "<config>", *, with_defaults: bool = True) -> FleetConfig:
-    """Parse YAML text into a checked `FleetConfig`, or raise `ConfigError`."""
+def _resolve_paths(raw: dict[str, Any], base_dir: Path) -> None:
+    """Make each model's relative ``tokenizer`` path relative to ``base_dir`` (the fleet file's
+    folder), in place; anything of the wrong shape is left for the schema to report."""
+    subs = raw.get("substrates")
+    for s in subs if isinstance(subs, list) else []:
+        eps = s.get("endpoints") if isinstance(s, dict) else None
+        for e in eps if isinstance(eps, list) else []:
+            models = e.get("models") if isinstance(e, dict) else None
+            for m in models if isinstance(models, list) else []:
+                tok = m.get("tokenizer") if isinstance(m, dict) else None
+                if isinstance(tok, str) and tok and not Path(tok).expanduser().is_absolute():
+                    m["tokenizer"] = str(base_dir / tok)
+
+
+def parse_config(
+    text: str,
+    file: str = "<config>",
+    *,
+    with_defaults: bool = True,
+    base_dir: str | Path | None = None,
+) -> FleetConfig:
+    """Parse YAML text into a checked `FleetConfig`, or raise `ConfigError`. Relative file paths
+    in it (a model's ``tokenizer``) are taken relative to ``base_dir`` (default: the current
+    directory)."""
     try:
         raw = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader
     except yaml.MarkedYAMLError as exc:
@@ -106,6 +128,8 @@ def parse_config(text: str, file: str = "<config>", *, with_defaults: bool = Tru
         raise ConfigError(file, [("", "the top level must be a mapping")])
     if with_defaults:
         raw = _merge_defaults(raw)
+    if base_dir is not None:
+        _resolve_paths(raw, Path(base_dir))
     try:
         config = FleetConfig.model_validate(raw)
     except ValidationError as exc:
@@ -126,7 +150,7 @@ def load_config(path: str | Path) -> FleetConfig:
         raise ConfigError(str(p), [("", f"cannot read: {exc.strerror or exc}")]) from None
     except UnicodeDecodeError:
         raise ConfigError(str(p), [("", "not UTF-8 text")]) from None
-    return parse_config(text, str(p))
+    return parse_config(text, str(p), base_dir=p.parent)
 
 
 def _duplicates(section: str, names: Iterable[tuple[str, str]]) -> Iterable[tuple[str, str]]:
@@ -141,6 +165,7 @@ def _duplicates(section: str, names: Iterable[tuple[str, str]]) -> Iterable[tupl
 def check_references(c: FleetConfig) -> Iterable[tuple[str, str]]:
     """Cross-field checks the schema cannot express. Yields (path, problem)."""
     from inferplane.physics import HARDWARE, MODELS  # physics sits beside config, below fleet
+    from inferplane.tokenization import load_tokenizer
 
     yield from _duplicates("region", ((f"regions[{i}]", r.name) for i, r in enumerate(c.regions)))
     yield from _duplicates(
@@ -184,6 +209,7 @@ def check_references(c: FleetConfig) -> Iterable[tuple[str, str]]:
     plugins = {p.instance_name for p in c.plugins}
     tenants = {t.name for t in c.tenants}
     models = {m.name for s in c.substrates for e in s.endpoints for m in e.models}
+    tokenizers: dict[str, tuple[str, str]] = {}  # model -> (tokenizer, where first named)
 
     for i, r in enumerate(c.regions):
         for other in r.rtt_ms:
@@ -202,6 +228,18 @@ def check_references(c: FleetConfig) -> Iterable[tuple[str, str]]:
             )
         for j, e in enumerate(s.endpoints):
             for k, m in enumerate(e.models):
+                if m.tokenizer is not None:
+                    where = f"substrates[{i}].endpoints[{j}].models[{k}].tokenizer"
+                    try:
+                        load_tokenizer(m.tokenizer)
+                    except ValueError as exc:
+                        yield where, str(exc)
+                    first = tokenizers.setdefault(m.name, (m.tokenizer, where))
+                    if first[0] != m.tokenizer:
+                        yield where, (
+                            f"model {m.name!r} already has tokenizer {first[0]!r} (at {first[1]}); "
+                            "one model name has one tokenizer"
+                        )
                 if m.physics_profile.lower() not in MODELS:
                     field = "profile" if m.profile else "name"
                     yield (

@@ -48,9 +48,9 @@ class GatewaySpec(Strict):
     engine_block_size: int | None = Field(
         None,
         gt=0,
-        description="compute engine token-block hashes of each prompt (one word a token) so the "
-        "precise prefix index fed by KV events can match it; default: the block size of the "
-        "first endpoint with `kv_events` set, else off",
+        description="compute engine token-block hashes of each prompt (with the model's "
+        "`tokenizer`, else one word a token) so the precise prefix index fed by KV events can "
+        "match it; default: the block size of the first endpoint with `kv_events` set, else off",
     )
 
 
@@ -91,6 +91,14 @@ class ServedModel(Strict):
     precision: Literal["fp32", "bf16", "fp16", "fp8", "int8", "int4"] = "bf16"
     max_context: int = Field(gt=0)
     kind: Literal["generate", "embed"] = "generate"
+    tokenizer: str | None = Field(
+        None,
+        description="the model's `tokenizer.json` (or a directory holding one; relative to the "
+        "fleet file). With it the gateway counts prompt tokens exactly and hashes a text "
+        "completion prompt's token blocks the way the engine caches them, so the KV-event prefix "
+        "index matches real engines; without it one word counts as one token (the emulator's "
+        "rule). Chat prompts are not rendered through the chat template and use the learned index",
+    )
 
     @property
     def physics_profile(self) -> str:

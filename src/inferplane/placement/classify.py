@@ -19,15 +19,18 @@ its 400 error when invalid:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 from inferplane.config.schema import ClassRule, FleetConfig, TenantSpec, WorkloadClass
 from inferplane.errors import InvalidRequestError
 from inferplane.placement.hashing import prompt_block_hashes
 from inferplane.placement.profile import RequestProfile
-from inferplane.tokenization import block_hashes, engine_block_hashes
+from inferplane.tokenization import block_hashes, encode, engine_block_hashes, load_tokenizer
 from inferplane.types import ApiKind
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 PRECISIONS = frozenset({"fp32", "bf16", "fp16", "fp8", "int8", "int4"})
 
@@ -41,6 +44,7 @@ class Prompt:
     max_output_tokens: int | None
     ids: list[int] | None = None
     count: int = 1  # prompts in the request (completions and embeddings accept a list)
+    template: bool = False  # a chat prompt: the engine renders it through a chat template
 
 
 def estimate_tokens(text: str, mode: str) -> int:
@@ -63,7 +67,7 @@ def extract_prompt(api: ApiKind, body: Mapping[str, Any], mode: str) -> Prompt:
             elif isinstance(content, list):
                 parts.extend(str(p.get("text", "")) for p in content if isinstance(p, dict))
         text = "\n".join(parts)
-        return Prompt(text, estimate_tokens(text, mode), max_out)
+        return Prompt(text, estimate_tokens(text, mode), max_out, template=True)
     key = "prompt" if api == "completions" else "input"
     value = body[key]
     if isinstance(value, str):
@@ -72,7 +76,11 @@ def extract_prompt(api: ApiKind, body: Mapping[str, Any], mode: str) -> Prompt:
         return Prompt(" ".join(map(str, value)), len(value), max_out, list(value))
     if value and all(isinstance(v, list) for v in value):  # batches of token ids
         return Prompt(
-            " ".join(map(str, value[0])), sum(len(v) for v in value), max_out, None, len(value)
+            " ".join(map(str, value[0])),
+            sum(len(v) for v in value),
+            max_out,
+            list(value[0]),
+            len(value),
         )
     texts = [str(v) for v in value]
     return Prompt(
@@ -119,6 +127,14 @@ class Classifier:
         self.regions = {r.name for r in config.regions}
         self.mode = config.gateway.token_estimate
         self.block_chars = config.gateway.prefix_block_chars
+        # A served model's tokenizer: exact prompt token counts, and engine block hashes of
+        # text completion prompts that match a real engine's KV events.
+        self.tokenizers: dict[str, Tokenizer] = {}
+        for sub in config.substrates:
+            for ep in sub.endpoints:
+                for m in ep.models:
+                    if m.tokenizer is not None and m.name not in self.tokenizers:
+                        self.tokenizers[m.name] = load_tokenizer(m.tokenizer)
         self.engine_block_size = config.gateway.engine_block_size or next(
             (
                 e.emulation.block_size
@@ -166,6 +182,10 @@ class Classifier:
     ) -> tuple[RequestProfile, Prompt]:
         """The request's profile. Raises `InvalidRequestError` for a bad header."""
         prompt = extract_prompt(api, body, self.mode)
+        model = str(body["model"])
+        tok = self.tokenizers.get(model) if self.tokenizers else None
+        if tok is not None:
+            prompt = self._tokenize(tok, prompt)
         cls = self.workload_class(api, tenant, headers, prompt.tokens)
         ttft = _positive_ms(headers, "x-inferplane-slo-ttft-ms")
         itl = _positive_ms(headers, "x-inferplane-slo-itl-ms")
@@ -221,7 +241,6 @@ class Classifier:
             max_out = 0
         elif max_out is None:
             max_out = cls.default_max_tokens
-        model = str(body["model"])
         profile = RequestProfile(
             request_id=request_id,
             tenant=tenant.name,
@@ -233,7 +252,7 @@ class Classifier:
             max_output_tokens=int(max_out),
             sequences=prompt.count * _n(body),
             block_hashes=prompt_block_hashes(model, prompt.text, self.block_chars),
-            engine_block_hashes=self._engine_hashes(prompt),
+            engine_block_hashes=self._engine_hashes(prompt, tok is not None),
             session_id=headers.get("x-session-id"),
             ttft_slo_s=ttft if ttft is not None else _ms(cls.ttft_slo_ms),
             itl_slo_s=itl if itl is not None else _ms(cls.itl_slo_ms),
@@ -248,13 +267,32 @@ class Classifier:
         )
         return profile, prompt
 
-    def _engine_hashes(self, prompt: Prompt) -> tuple[int, ...]:
-        """Engine token-block hashes (one word a token; token-id prompts as given)."""
+    @staticmethod
+    def _tokenize(tok: Tokenizer, prompt: Prompt) -> Prompt:
+        """Exact token count (and, for one text prompt, its ids) with the model's tokenizer.
+        Token-id prompts are already exact; a batch counts every prompt and keeps the ids of
+        the first, whose blocks placement matches."""
+        if prompt.ids is not None:
+            return prompt
+        ids = encode(tok, prompt.text)
+        if prompt.template:  # the chat template adds tokens we do not render: count, no ids
+            return replace(prompt, tokens=len(ids))
+        if prompt.count > 1:  # a batch of texts: hash the first; the count stays an estimate
+            return replace(prompt, ids=ids)
+        return replace(prompt, tokens=len(ids), ids=ids)
+
+    def _engine_hashes(self, prompt: Prompt, tokenized: bool) -> tuple[int, ...]:
+        """Engine token-block hashes: of the prompt's token ids (a token-id prompt, or a text
+        prompt through the model's tokenizer), else of its words (the emulator's one word a
+        token). A chat prompt with a real tokenizer has none: the engine's chat template decides
+        its tokens, so placement uses the learned prefix index for it."""
         bs = self.engine_block_size
         if not bs:
             return ()
         if prompt.ids is not None:
             return tuple(block_hashes(prompt.ids, bs))
+        if tokenized:
+            return ()
         return tuple(engine_block_hashes(prompt.text, bs))
 
 

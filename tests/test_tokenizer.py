@@ -1,0 +1,145 @@
+"""A served model's ``tokenizer``: exact prompt token counts and engine block hashes of text
+completion prompts (what the KV-event index matches on a real engine), resolved relative to the
+fleet file, and checked at load time with the file and field named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+from inferplane.config.loader import load_config
+from inferplane.errors import ConfigError
+from inferplane.placement.classify import Classifier
+from inferplane.placement.profile import RequestProfile
+from inferplane.sim.tokens import VOCABULARY
+from inferplane.tokenization import block_hashes, engine_block_hashes
+from inferplane.types import ApiKind
+from tests.builders import key_hash
+
+SPECIALS = ["<unk>", "<s>", "</s>"]
+
+
+def write_tokenizer(folder: Path, bos: bool) -> Path:
+    """A word-level tokenizer: ids 0-2 specials, then the emulator's words; with ``bos`` its
+    post-processor puts ``<s>`` first, as Llama tokenizers do."""
+    vocab = {w: i for i, w in enumerate([*SPECIALS, *VOCABULARY])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", special_tokens=[("<s>", 1)]
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    return folder
+
+
+def _tok(t: str | None) -> str:
+    return "" if t is None else f", tokenizer: {t}"
+
+
+def fleet_file(tmp_path: Path, tokenizers: list[str | None], name: str = "fleet.yaml") -> Path:
+    eps = "".join(
+        f"""
+      - name: e{i}
+        url: http://127.0.0.1:{9000 + i}
+        kv_events: tcp://127.0.0.1:{9100 + i}
+        models: [{{name: llama-3.1-8b, max_context: 32768{_tok(t)}}}]
+        emulation: {{block_size: 4}}"""
+        for i, t in enumerate(tokenizers)
+    )
+    p = tmp_path / name
+    p.write_text(f"""
+gateway: {{token_estimate: chars}}
+substrates:
+  - name: pool
+    kind: gpu
+    hardware: h100
+    region: r1
+    jurisdiction: eu
+    cost: {{hourly_usd: 3.0}}
+    endpoints:{eps}
+tenants:
+  - {{name: t, api_keys: ["{key_hash('sk-t')}"]}}
+""")
+    return p
+
+
+def classify(
+    c: Classifier, body: dict[str, object], api: ApiKind = "completions"
+) -> RequestProfile:
+    tenant = c.config.tenants[0]
+    profile, _ = c.classify(request_id="r", api=api, body=body, headers={}, tenant=tenant)
+    return profile
+
+
+TEXT = " ".join(VOCABULARY[:10])  # 10 words: 11 tokens with <s>
+
+
+def test_text_completion_is_tokenized_and_hashed_like_the_engine(tmp_path: Path) -> None:
+    write_tokenizer(tmp_path / "conf" / "tok", bos=True)
+    cfg = load_config(fleet_file(tmp_path / "conf", ["tok", "tok"]))
+    tok = cfg.substrates[0].endpoints[0].models[0].tokenizer
+    assert tok == str(tmp_path / "conf" / "tok")  # relative to the fleet file, not the cwd
+    c = Classifier(cfg)
+    p = classify(c, {"model": "llama-3.1-8b", "prompt": TEXT})
+    ids = [1, *(3 + i for i in range(10))]
+    assert p.prompt_tokens == 11
+    assert p.engine_block_hashes == tuple(block_hashes(ids, 4))
+    # the word rule would have hashed other tokens (and counted by characters)
+    assert p.engine_block_hashes != tuple(engine_block_hashes(TEXT, 4))
+
+
+def test_token_id_prompts_are_hashed_as_given(tmp_path: Path) -> None:
+    write_tokenizer(tmp_path / "tok", bos=False)
+    c = Classifier(load_config(fleet_file(tmp_path, ["tok"])))
+    p = classify(c, {"model": "llama-3.1-8b", "prompt": [5, 6, 7, 8, 9, 10, 11, 12, 13]})
+    assert p.prompt_tokens == 9
+    assert p.engine_block_hashes == tuple(block_hashes([5, 6, 7, 8, 9, 10, 11, 12], 4))
+    batch = classify(c, {"model": "llama-3.1-8b", "prompt": [[5, 6, 7, 8], [1, 2]]})
+    assert batch.prompt_tokens == 6
+    assert batch.engine_block_hashes == tuple(block_hashes([5, 6, 7, 8], 4))
+
+
+def test_chat_is_counted_but_not_hashed(tmp_path: Path) -> None:
+    """The engine renders chat through its template: the gateway cannot know those tokens, so it
+    leaves the engine hashes empty (placement uses the learned index) but counts exactly."""
+    write_tokenizer(tmp_path / "tok", bos=True)
+    c = Classifier(load_config(fleet_file(tmp_path, ["tok"])))
+    body = {"model": "llama-3.1-8b", "messages": [{"role": "user", "content": TEXT}]}
+    p = classify(c, body, api="chat")
+    assert p.prompt_tokens == 11 and p.engine_block_hashes == ()
+
+
+def test_without_a_tokenizer_the_word_rule_stays(tmp_path: Path) -> None:
+    c = Classifier(load_config(fleet_file(tmp_path, [None])))
+    p = classify(c, {"model": "llama-3.1-8b", "prompt": TEXT})
+    assert p.engine_block_hashes == tuple(engine_block_hashes(TEXT, 4))
+
+
+def test_a_missing_tokenizer_names_the_file_and_field(tmp_path: Path) -> None:
+    path = fleet_file(tmp_path, ["nowhere"])
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    msg = str(info.value)
+    assert msg.startswith(f"{path}: substrates[0].endpoints[0].models[0].tokenizer: ")
+    assert "no tokenizer file at" in msg and str(tmp_path / "nowhere") in msg
+
+
+def test_a_broken_tokenizer_file_is_a_config_error(tmp_path: Path) -> None:
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ConfigError) as info:
+        load_config(fleet_file(tmp_path, ["bad.json"]))
+    assert "models[0].tokenizer: cannot load tokenizer" in str(info.value)
+
+
+def test_one_model_name_has_one_tokenizer(tmp_path: Path) -> None:
+    write_tokenizer(tmp_path / "a", bos=False)
+    write_tokenizer(tmp_path / "b", bos=True)
+    with pytest.raises(ConfigError) as info:
+        load_config(fleet_file(tmp_path, ["a", "b"]))
+    assert "endpoints[1].models[0].tokenizer: model 'llama-3.1-8b' already has tokenizer" in str(
+        info.value
+    )
