@@ -7,16 +7,24 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+from collections.abc import Iterable
 
 import msgpack
 import pytest
 import zmq
 import zmq.asyncio
 
-from inferplane.fleet.kv_events import BlockStored, encode_event_batch, seq_frame
+from inferplane.fleet.kv_events import (
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    encode_event_batch,
+    seq_frame,
+)
 from inferplane.fleet.kv_subscriber import KVEventSubscriber
 from inferplane.fleet.model import Endpoint
 from inferplane.fleet.prefix_index import PrefixIndex
+from inferplane.tokenization import block_hashes
 from tests.builders import MINIMAL_YAML, fleet
 from tests.support.procs import free_port
 
@@ -101,11 +109,11 @@ async def test_reconnects_after_a_failure_while_handling() -> None:
     class Flaky(PrefixIndex):
         fail = True
 
-        def apply(self, endpoint: str, event: object) -> None:
+        def block_stored(self, endpoint: str, hashes: Iterable[int]) -> None:
             if self.fail:
                 self.fail = False
                 raise RuntimeError("index bug")
-            super().apply(endpoint, event)
+            super().block_stored(endpoint, hashes)
 
     index = Flaky()
     ep = endpoint(f"tcp://127.0.0.1:{port}")
@@ -183,3 +191,70 @@ async def test_gateway_stop_cancelled_midway_still_closes_the_ledger() -> None:
     with pytest.raises(asyncio.CancelledError):
         await gw.stop()
     assert closed == ["ledger"]
+
+
+# -- engine hashes become content keys --------------------------------------------------------
+
+
+def vllm_like(
+    parent: int | None, n_blocks: int, tokens: list[int], bs: int, salt: int
+) -> BlockStored:
+    """A BlockStored whose block hashes are opaque to the gateway (as vLLM's sha256 with a
+    random seed are): arbitrary 64-bit numbers, unrelated to the tokens."""
+    hashes = [(salt * 1_000_003 + i * 7919) & ((1 << 64) - 1) for i in range(n_blocks)]
+    return BlockStored(hashes, parent, tokens[: n_blocks * bs], bs)
+
+
+def test_engine_hashes_map_to_the_content_keys_classify_computes() -> None:
+    bs = 4
+    tokens = list(range(10, 30))  # 5 blocks
+    index = PrefixIndex()
+    sub = KVEventSubscriber(index, [])
+    first = vllm_like(None, 2, tokens, bs, salt=1)
+    # the next request extends the prefix: its event chains to the last stored block
+    rest = BlockStored(
+        [0xAAAA, 0xBBBB, 0xCCCC], first.block_hashes[-1], tokens[2 * bs : 5 * bs], bs
+    )
+    sub.apply("e", first)
+    sub.apply("e", rest)
+    expected = block_hashes(tokens, bs)
+    assert index.match_length("e", expected) == 5
+    assert index.match_length("e", block_hashes([99, *tokens[1:]], bs)) == 0  # first block differs
+    # evicting the engine's third block breaks the chain there
+    sub.apply("e", BlockRemoved([0xAAAA]))
+    assert index.match_length("e", expected) == 2
+    sub.apply("e", AllBlocksCleared())
+    assert index.size("e") == 0 and len(sub.keys["e"]) == 0
+
+
+def test_a_block_whose_parent_was_never_seen_is_skipped_and_counted() -> None:
+    index = PrefixIndex()
+    sub = KVEventSubscriber(index, [])
+    sub.apply("e", BlockStored([5, 6], 12345, list(range(8)), 4))
+    assert index.size("e") == 0 and sub.unkeyed == 2 and sub.events_applied == 1
+
+
+def test_same_tokens_under_two_engine_hashes_stay_held_until_both_go() -> None:
+    index = PrefixIndex()
+    sub = KVEventSubscriber(index, [])
+    tokens = list(range(8))
+    sub.apply("e", BlockStored([1, 2], None, tokens, 4))
+    sub.apply("e", BlockStored([3, 4], None, tokens, 4))  # e.g. another LoRA or cache salt
+    keys = block_hashes(tokens, 4)
+    assert index.size("e") == 2
+    sub.apply("e", BlockRemoved([1, 2]))
+    assert index.match_length("e", keys) == 2
+    sub.apply("e", BlockRemoved([3, 4]))
+    assert index.match_length("e", keys) == 0
+
+
+def test_a_sequence_gap_forgets_the_mapping_too() -> None:
+    index = PrefixIndex()
+    sub = KVEventSubscriber(index, [])
+    first = BlockStored([1], None, [1, 2, 3, 4], 4)
+    sub.handle("e", [b"", seq_frame(0), encode_event_batch(1.0, [first], 0)], None)
+    assert index.size("e") == 1
+    # seq 2 after 0: the engine's state in between is unknown; its child cannot be keyed
+    child = BlockStored([2], 1, [5, 6, 7, 8], 4)
+    sub.handle("e", [b"", seq_frame(2), encode_event_batch(1.0, [child], 0)], 0)
+    assert index.size("e") == 0 and sub.unkeyed == 1 and sub.gaps == 1

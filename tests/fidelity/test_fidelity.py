@@ -31,11 +31,14 @@ from inferplane.fleet.kv_events import (
     decode_event_batch,
     encode_event_batch,
 )
-from inferplane.tokenization import VOCABULARY
+from inferplane.fleet.kv_subscriber import KVEventSubscriber
+from inferplane.fleet.prefix_index import PrefixIndex
+from inferplane.tokenization import VOCABULARY, block_hashes, encode, load_tokenizer
 from tests.fidelity.conftest import (
     BLOCK_SIZE,
     MAX_NUM_SEQS,
     MODEL,
+    MODEL_DIR,
     NUM_GPU_BLOCKS,
     REPORT,
     EngineUnderTest,
@@ -536,6 +539,46 @@ def _shape(engine: EngineUnderTest, kind: str, stream: bool) -> dict[str, Any]:
         "content_chunks": sum(1 for c in content if c["choices"][0].get(text_key)),
         "first_chunk_keys": sorted(key_paths(objs[0])),
     }
+
+
+def test_kv_events_are_keyed_by_the_prompt_tokens(engines: Engines) -> None:
+    """The gateway's KV-event index, fed by each engine's real events, holds a prompt's blocks
+    under the keys classify computes for that prompt: from its token ids as sent, and (real
+    engine) from a text prompt run through the model's tokenizer.json. vLLM's own block hashes
+    (sha256 with a per-process seed) are never recomputed by the gateway."""
+    tok = load_tokenizer(str(MODEL_DIR))
+    for engine in engines:
+        wait_idle(engine)
+        mark = engine.kv.mark()
+        engine.reset_prefix_cache()
+        ids = prompt_ids(3 * BLOCK_SIZE + 5, 777)
+        engine.post("/v1/completions", completion(ids, 1))
+        texts: list[list[int]] = []
+        if engine.name == "vllm":  # the emulator tokenizes text its own way (one word one id)
+            words = " ".join(VOCABULARY[i - FIRST_WORD_ID] for i in prompt_ids(2 * BLOCK_SIZE, 9))
+            text_ids = encode(tok, words)
+            assert len(text_ids) == 2 * BLOCK_SIZE
+            texts.append(text_ids)
+            body = completion([], 1)
+            body["prompt"] = words
+            engine.post("/v1/completions", body)
+        want = 3 + 2 * len(texts)
+
+        def enough(ev: list[Any], want: int = want) -> bool:
+            return sum(len(e.block_hashes) for e in ev if isinstance(e, BlockStored)) >= want
+
+        msgs = _collect(engine, mark, enough)
+        index = PrefixIndex()
+        sub = KVEventSubscriber(index, [])
+        for m in msgs:
+            for ev in decode_event_batch(m[2])[1]:
+                sub.apply(engine.name, ev)
+        assert sub.unkeyed == 0
+        assert index.match_length(engine.name, block_hashes(ids, BLOCK_SIZE)) == 3, engine.name
+        for text_ids in texts:
+            assert index.match_length(engine.name, block_hashes(text_ids, BLOCK_SIZE)) == 2
+        other = prompt_ids(2 * BLOCK_SIZE, 31337)
+        assert index.match_length(engine.name, block_hashes(other, BLOCK_SIZE)) == 0
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])

@@ -8,6 +8,14 @@ event is applied to the index under that endpoint's name, so placement sees exac
 each engine holds. A gap in sequence numbers (dropped messages, engine restart) clears that
 endpoint's entries: stale "held" blocks would attract traffic to a cold cache, while a missing
 block only costs one affinity miss until the engine reports it again.
+
+**Content keys, not engine hashes.** The index is keyed by the gateway's own chain hash of each
+block's *token ids* (`inferplane.tokenization.hash_block_tokens`), which classify computes for a
+prompt too. An engine's own block hash cannot be recomputed outside it: vLLM's depends on its
+hash algorithm (``sha256_cbor`` …), a per-process random seed unless ``PYTHONHASHSEED`` is set,
+and extra keys (LoRA, multimodal, cache salt). But every ``BlockStored`` carries the blocks'
+token ids and the parent's engine hash, so `BlockKeys` maps each engine hash to a content key as
+it is stored and back when it is removed. For the emulated engine the two are the same numbers.
 """
 
 from __future__ import annotations
@@ -20,11 +28,87 @@ import time
 import zmq
 import zmq.asyncio
 
-from inferplane.fleet.kv_events import decode_event_batch
+from inferplane.fleet.kv_events import (
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    KVEvent,
+    decode_event_batch,
+)
 from inferplane.fleet.model import Endpoint
 from inferplane.fleet.prefix_index import PrefixIndex
+from inferplane.tokenization import hash_block_tokens
 
 log = logging.getLogger("inferplane.kv_events")
+
+
+class BlockKeys:
+    """One engine's block hashes mapped to content keys (see the module docstring).
+
+    ``stored`` returns the content keys that became held (a key already held under another
+    engine hash, e.g. the same tokens with a different LoRA or cache salt, is counted, not
+    repeated); ``removed`` returns the keys no engine hash holds any more. A ``BlockStored``
+    whose parent was never seen (the subscriber joined late, or after a gap) cannot be keyed
+    and is skipped: those blocks only cost affinity misses.
+    """
+
+    __slots__ = ("_keys", "_refs", "unkeyed")
+
+    def __init__(self) -> None:
+        self._keys: dict[int, int] = {}  # engine hash -> content key
+        self._refs: dict[int, int] = {}  # content key -> engine hashes holding it
+        self.unkeyed = 0  # stored blocks skipped: their parent was never seen
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def stored(self, ev: BlockStored) -> list[int]:
+        parent: int | None = None
+        if ev.parent_block_hash is not None:
+            parent = self._keys.get(ev.parent_block_hash)
+            if parent is None:
+                self.unkeyed += len(ev.block_hashes)
+                return []
+        bs, toks = ev.block_size, ev.token_ids
+        if bs <= 0:
+            return []
+        out: list[int] = []
+        for i, h in enumerate(ev.block_hashes):
+            block = toks[i * bs : (i + 1) * bs]
+            if len(block) != bs:
+                break
+            parent = hash_block_tokens(parent, block)
+            old = self._keys.get(h)
+            if old == parent:
+                continue  # stored again (vLLM re-announces nothing, but be idempotent)
+            if old is not None:
+                self._unref(old)
+            self._keys[h] = parent
+            n = self._refs.get(parent, 0)
+            self._refs[parent] = n + 1
+            if n == 0:
+                out.append(parent)
+        return out
+
+    def removed(self, hashes: list[int]) -> list[int]:
+        out: list[int] = []
+        for h in hashes:
+            key = self._keys.pop(h, None)
+            if key is not None and self._unref(key):
+                out.append(key)
+        return out
+
+    def _unref(self, key: int) -> bool:
+        n = self._refs.get(key, 0) - 1
+        if n > 0:
+            self._refs[key] = n
+            return False
+        self._refs.pop(key, None)
+        return True
+
+    def clear(self) -> None:
+        self._keys.clear()
+        self._refs.clear()
 
 
 class KVEventSubscriber:
@@ -42,6 +126,7 @@ class KVEventSubscriber:
         self.gaps = 0
         self.failures = 0  # receive loops that failed and reconnected
         self._logged_at: dict[str, float] = {}  # endpoint -> when its last failure was logged
+        self.keys: dict[str, BlockKeys] = {}  # per endpoint: engine hash -> content key
 
     def start(self) -> None:
         for e in self.endpoints:
@@ -62,19 +147,42 @@ class KVEventSubscriber:
         seq = int.from_bytes(frames[-2], "big")
         if last_seq is not None and seq != last_seq + 1:
             self.gaps += 1
-            self.index.all_cleared(endpoint)
+            self.clear(endpoint)
         try:
             _, events, _ = decode_event_batch(frames[-1])
         except (ValueError, TypeError, LookupError) as exc:  # LookupError: KeyError, IndexError
             log.warning("%s: undecodable KV event batch: %s", endpoint, exc)
             return seq
         for ev in events:
-            try:
-                self.index.apply(endpoint, ev)
-                self.events_applied += 1
-            except ValueError:
-                continue
+            self.apply(endpoint, ev)
         return seq
+
+    def apply(self, endpoint: str, ev: KVEvent) -> None:
+        """Apply one decoded event to the index, translated to content keys."""
+        keys = self.keys.get(endpoint)
+        if keys is None:
+            keys = self.keys[endpoint] = BlockKeys()
+        if isinstance(ev, BlockStored):
+            self.index.block_stored(endpoint, keys.stored(ev))
+        elif isinstance(ev, BlockRemoved):
+            self.index.block_removed(endpoint, keys.removed(ev.block_hashes))
+        elif isinstance(ev, AllBlocksCleared):
+            self.clear(endpoint)
+        else:  # pragma: no cover - decode_event_batch returns only these
+            return
+        self.events_applied += 1
+
+    @property
+    def unkeyed(self) -> int:
+        """Stored blocks skipped on every endpoint because their parent was never seen."""
+        return sum(k.unkeyed for k in self.keys.values())
+
+    def clear(self, endpoint: str) -> None:
+        """Forget what ``endpoint`` holds (a gap, a reset, or a broken stream)."""
+        keys = self.keys.get(endpoint)
+        if keys is not None:
+            keys.clear()
+        self.index.all_cleared(endpoint)
 
     async def _run(self, endpoint: Endpoint) -> None:
         """Subscribe until cancelled. Any failure (a bad address, a socket error, a bug in
@@ -87,7 +195,7 @@ class KVEventSubscriber:
                 raise
             except Exception as exc:
                 self.failures += 1
-                self.index.all_cleared(endpoint.name)
+                self.clear(endpoint.name)
                 now = time.monotonic()
                 last_log = self._logged_at.get(endpoint.name)
                 if last_log is None or now - last_log >= self.LOG_EVERY_S:

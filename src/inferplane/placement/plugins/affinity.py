@@ -19,8 +19,9 @@ PrefixMode = Literal["auto", "precise", "approximate"]
 class PrefixMatcher:
     """How many leading prompt blocks each candidate holds.
 
-    ``auto``: the snapshot's precise index (KV events) for endpoints it covers — matched on the
-    request's engine block hashes when classify computed them, scaled to prompt blocks — else this
+    ``auto``: the snapshot's precise index (KV events) for endpoints it covers, matched on the
+    request's engine block hashes and scaled to prompt blocks, when classify computed them (not
+    for a chat prompt on a real tokenizer, nor without ``engine_block_size``) — else this
     matcher's own approximate LRU index; ``precise``: the snapshot's index only (0 when absent);
     ``approximate``: the own index only. The own index learns from picks (``learn``); each
     endpoint's capacity is ``num_gpu_blocks × block_size ÷ block_tokens`` hash blocks when the
@@ -44,12 +45,10 @@ class PrefixMatcher:
         engine = cycle.profile.engine_block_hashes
         out: list[int] = []
         for c in candidates:
-            if precise is not None and (covers is None or covers(c.name)):
-                if engine:  # KV events speak engine token blocks: scale to prompt blocks
-                    n = precise.match_length(c.name, engine)
-                    out.append(len(hashes) if n == len(engine) else n * len(hashes) // len(engine))
-                else:
-                    out.append(precise.match_length(c.name, hashes))
+            if precise is not None and engine and (covers is None or covers(c.name)):
+                # KV events speak engine token blocks: scale to prompt blocks
+                n = precise.match_length(c.name, engine)
+                out.append(len(hashes) if n == len(engine) else n * len(hashes) // len(engine))
             elif own is not None:
                 out.append(own.match_length(c.name, hashes))
             else:
