@@ -94,14 +94,14 @@ def env(**outlier: Any) -> Env:
 
 
 def feed(live: LiveFleet, name: str, ok: int = 0, err: int = 0, ttft: float | None = None,
-         n_ttft: int = 0) -> None:
+         n_ttft: int = 0, predicted: float | None = None) -> None:
     for _ in range(ok):
         live.observe_outcome(name, True)
     for _ in range(err):
         live.observe_outcome(name, False)
     for _ in range(n_ttft):
         assert ttft is not None
-        live.observe_ttft(name, ttft)
+        live.observe_ttft(name, ttft, predicted)
 
 
 def healthy_peers(live: LiveFleet, *names: str) -> None:
@@ -128,6 +128,7 @@ CASES: dict[str, tuple[dict[str, dict[str, Any]], dict[str, str]]] = {
     "TTFT outlier": (
         {"a0": {"ttft": 3.1, "n_ttft": 10}}, {"a0": "TTFT p50 3.1 s vs peers 0.4 s"}),
     "TTFT under k x peers": ({"a0": {"ttft": 1.1, "n_ttft": 10}}, {}),
+    "TTFT under the noise floor": ({"a0": {"ttft": 0.04, "n_ttft": 10}}, {}),
     "other hardware is not a peer": (
         {"b0": {"ttft": 3.0, "n_ttft": 10}, "b1": {"ttft": 3.0, "n_ttft": 10}}, {}),
     "lone endpoint never a TTFT outlier": ({"s0": {"ttft": 30.0, "n_ttft": 50}}, {}),
@@ -149,6 +150,41 @@ def test_outlier_cases(case: str) -> None:
         st = snap.by_name[name].state
         assert st.ejected and st.ejected_reason == reason
     assert sum(v.state.ejected for v in snap.endpoints) == len(expected)
+
+
+@pytest.mark.parametrize(
+    ("a0_ttft", "a0_predicted", "reason"),
+    [
+        # 8x the peers' TTFT, but for work predicted 8x longer (long prompts, a deep queue):
+        # as fast as its peers for what it was given, so not an outlier.
+        (3.2, 3.2, None),
+        # the same TTFT for work predicted as the peers': 8x slower than predicted.
+        (3.2, 0.4, "TTFT 8× its prediction vs peers 1× (p50 3.2 s)"),
+        # slower than predicted, but under ttft_factor × the peers' ratio.
+        (1.0, 0.4, None),
+    ],
+)
+def test_ttft_outliers_are_judged_against_their_predictions(
+    a0_ttft: float, a0_predicted: float, reason: str | None
+) -> None:
+    e = env()
+    for n in ("a1", "a2", "a3", "b0", "b1"):
+        feed(e.live, n, ok=10, ttft=0.4, n_ttft=10, predicted=0.4)
+    feed(e.live, "a0", ok=10, ttft=a0_ttft, n_ttft=10, predicted=a0_predicted)
+    actions = e.det.run(e.live)
+    assert {a.endpoint: a.reason for a in actions if a.eject} == (
+        {} if reason is None else {"a0": reason}
+    )
+
+
+def test_raw_ttft_decides_when_peers_have_no_predictions() -> None:
+    e = env()
+    healthy_peers(e.live, "a1", "a2", "a3", "b0", "b1")  # TTFTs without predictions
+    feed(e.live, "a0", ok=10, ttft=3.1, n_ttft=10, predicted=3.1)
+    actions = e.det.run(e.live)
+    assert {a.endpoint: a.reason for a in actions if a.eject} == {
+        "a0": "TTFT p50 3.1 s vs peers 0.4 s"
+    }
 
 
 @pytest.mark.parametrize(("percent", "ejected"), [(0, set()), (25, {"a0"}), (50, {"a0", "a1"})])

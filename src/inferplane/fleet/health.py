@@ -15,9 +15,13 @@ an outlier when, with ``n`` = ``min_requests``:
 - **error rate**: it has ``>= n`` recent outcomes, at least one peer has ``>= n`` too, and
   ``error_rate >= max(min_error_rate, median(peer error rates) + error_rate_margin)``
   (Envoy's failure-percentage ejection, made relative so a fleet-wide fault ejects nobody);
-- **TTFT**: it has ``>= n`` TTFT samples, at least one peer has ``>= n`` too, and
-  ``p50 >= max(min_ttft_s, ttft_factor × median(peer p50s))`` (a lone endpoint has no peers and
-  is never a TTFT outlier).
+- **TTFT**: it has ``>= n`` TTFT samples, at least one peer has ``>= n`` too, its TTFT p50 is at
+  least ``min_ttft_s``, and it is ``ttft_factor`` × slower than the peers' median. Slower is
+  measured on the median of *observed ÷ predicted* TTFT (placement's uncorrected prediction for
+  that request, so a longer prompt or a deeper queue does not count against an endpoint) where
+  it and a peer have ``>= n`` such ratios, else on raw TTFT p50s. A busy endpoint that holds the
+  long conversations' prefixes sees longer TTFTs for the work it was given, and ejecting it
+  would scatter those conversations (a lone endpoint has no peers and is never a TTFT outlier).
 
 Peers are the other members of the group that pass ``/health`` and are not ejected. At most
 ``floor(group size × max_ejection_percent / 100)`` members of a group are ejected at once
@@ -83,6 +87,8 @@ class Observed:
     error_rate: float = 0.0
     ttft_samples: int = 0
     ttft_p50_s: float | None = None
+    ratio_samples: int = 0  # observed ÷ predicted TTFT samples
+    ratio_p50: float | None = None
     metrics_age_s: float | None = None  # None: never scraped
 
 
@@ -97,6 +103,8 @@ def observe(live: LiveFleet, now: float) -> dict[str, Observed]:
             error_rate=sum(1 for ok in rec.outcomes if not ok) / n if n else 0.0,
             ttft_samples=len(rec.ttft),
             ttft_p50_s=rec.ttft.percentile(50),
+            ratio_samples=len(rec.ttft_ratio),
+            ratio_p50=rec.ttft_ratio.percentile(50),
             metrics_age_s=None if rec.metrics_at is None else now - rec.metrics_at,
         )
     return out
@@ -174,7 +182,23 @@ class OutlierDetector:
                         f"error rate {o.error_rate:.2f} vs peers {med:.2f}",
                         o.error_rate / limit,
                     )
-        if o.ttft_samples >= n and o.ttft_p50_s is not None:
+        if o.ttft_samples >= n and o.ttft_p50_s is not None and o.ttft_p50_s >= sp.min_ttft_s:
+            if o.ratio_samples >= n and o.ratio_p50 is not None:
+                ratios = [
+                    p.ratio_p50 for p in peers if p.ratio_samples >= n and p.ratio_p50 is not None
+                ]
+                if ratios:
+                    med = median(ratios)
+                    limit = sp.ttft_factor * med
+                    if o.ratio_p50 >= limit and limit > 0:
+                        return _Outlier(
+                            name,
+                            "ttft",
+                            f"TTFT {o.ratio_p50:.3g}× its prediction vs peers {med:.3g}× "
+                            f"(p50 {_s(o.ttft_p50_s)})",
+                            o.ratio_p50 / limit,
+                        )
+                    return None
             p50s = [p.ttft_p50_s for p in peers if p.ttft_samples >= n and p.ttft_p50_s is not None]
             if p50s:
                 med = median(p50s)
