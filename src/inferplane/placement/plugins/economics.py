@@ -106,8 +106,11 @@ class Cost(Plugin):
     Cost: per-token prices ``(uncached × input + cached × cached_input + out × output) ÷ 1e6``
     with ``out = output_fraction × max_output_tokens``; hourly substrates amortise
     ``hourly_usd ÷ 3600 × duration ÷ max_concurrency`` with ``duration = TTFT + out × ITL``
-    (from predicted-latency's annotations when present, else a roofline estimate at the current
-    batch ``max(in-flight, engine running) + 1``) — see `inferplane.fleet.pricing`. The score
+    — the time the physics model predicts: predicted-latency's *uncorrected*
+    ``ttft_raw_s − queue_s`` plus the region RTT, and ``itl_raw_s``, when present (the queue ahead and an endpoint's
+    momentary slowness are not work this request buys, and identical endpoints at one price must
+    cost the same), else a roofline estimate at the current batch
+    ``max(in-flight, engine running) + 1`` — see `inferplane.fleet.pricing`. The score
     ranks ``cost × burst_factor`` for burst capacity (reserved preferred), min–max normalised.
     Annotates ``cost_usd`` (unweighted).
     Parameters: ``output_fraction``, ``burst_factor``, ``default_duration_s``.
@@ -141,6 +144,7 @@ class Cost(Plugin):
 
     def score(self, cycle: CycleState, candidates: list[EndpointView]) -> Sequence[float]:
         prof = cycle.profile
+        fleet = cycle.snapshot.fleet
         out_tok = self.p.output_fraction * prof.max_output_tokens
         prompt = prof.prompt_tokens
         ranked: list[float] = []
@@ -151,7 +155,14 @@ class Cost(Plugin):
             if pr.hourly is None:
                 usd = uncached * pr.input + (prompt - uncached) * pr.cached + out_tok * pr.output
             else:
-                ttft, itl = ann.get("ttft_s"), ann.get("itl_s")
+                # The physics model's hardware time, not the corrected latency: the queue ahead
+                # and an endpoint's momentary slowness are not work this request buys, and two
+                # identical endpoints at one price must cost the same.
+                ttft, itl = ann.get("ttft_raw_s"), ann.get("itl_raw_s")
+                if ttft is not None:
+                    ttft = max(0.0, ttft - ann.get("queue_s", 0.0)) + fleet.rtt_s(
+                        prof.client_region, c.endpoint.substrate.region
+                    )
                 if ttft is None or itl is None:
                     ttft, itl = self._estimate(pr.roofline, c, prompt, out_tok)
                 duration = ttft + out_tok * itl

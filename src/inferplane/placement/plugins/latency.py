@@ -74,8 +74,8 @@ class PredictedLatency(Plugin):
 
     Score: ``x = max(TTFT ÷ ttft_slo, ITL ÷ itl_slo)`` over the SLOs set (``TTFT ÷
     reference_ttft_s`` when none); ``score = 1 ÷ (1 + x)`` (0.5 exactly at the SLO). Annotates
-    ``ttft_s``, ``itl_s``, ``queue_s``, ``uncached_tokens``, ``meets_slo`` (1/0) for every
-    candidate; the slo-first picker relies on them.
+    ``ttft_s``, ``itl_s``, their uncorrected ``ttft_raw_s`` and ``itl_raw_s``, ``queue_s``,
+    ``uncached_tokens``, ``meets_slo`` (1/0) for every candidate; the slo-first picker relies on them.
 
     Signals: engine running/waiting (when fresh), gateway in-flight, in-flight tokens and pending
     prefill tokens,
@@ -188,6 +188,7 @@ class PredictedLatency(Plugin):
             ann["ttft_s"] = ttft
             ann["ttft_raw_s"] = raw_t  # uncorrected: the gateway feeds back actual ÷ this
             ann["itl_s"] = itl
+            ann["itl_raw_s"] = raw_i  # uncorrected, as ttft_raw_s (the cost scorer's input)
             ann["queue_s"] = queue_s
             ann["uncached_tokens"] = float(uncached)
             ann["meets_slo"] = 1.0 if meets else 0.0
