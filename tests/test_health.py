@@ -90,7 +90,8 @@ def env(**outlier: Any) -> Env:
     cfg = parse_config(FLEET_YAML, "fleet.yaml")
     clock = Clock()
     live = LiveFleet(Fleet.from_config(cfg), stale_after_s=2.0, clock=clock)
-    return Env(clock, live, OutlierDetector(live.fleet, OutlierSpec(**outlier)))
+    spec = OutlierSpec(**{"ttft_factor": 3.0, **outlier})  # TTFT ejection is opt-in
+    return Env(clock, live, OutlierDetector(live.fleet, spec))
 
 
 def feed(live: LiveFleet, name: str, ok: int = 0, err: int = 0, ttft: float | None = None,
@@ -175,6 +176,14 @@ def test_ttft_outliers_are_judged_against_their_predictions(
     assert {a.endpoint: a.reason for a in actions if a.eject} == (
         {} if reason is None else {"a0": reason}
     )
+
+
+def test_by_default_slowness_never_ejects() -> None:
+    e = env(ttft_factor=None)
+    assert OutlierSpec().ttft_factor is None
+    healthy_peers(e.live, "a1", "a2", "a3", "b0", "b1")
+    feed(e.live, "a0", ok=10, ttft=30.0, n_ttft=10)
+    assert [a for a in e.det.run(e.live) if a.eject] == []
 
 
 def test_raw_ttft_decides_when_peers_have_no_predictions() -> None:

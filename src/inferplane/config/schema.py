@@ -408,8 +408,12 @@ class OutlierSpec(Strict):
         0.2, ge=0, le=1, description="eject when error rate >= max(min_error_rate, peers' "
         "median + this)"
     )
-    ttft_factor: float = Field(
-        3.0, gt=1, description="eject when TTFT p50 >= this × the peers' median TTFT p50"
+    ttft_factor: float | None = Field(
+        None,
+        gt=1,
+        description="eject when TTFT (÷ its prediction) p50 >= this × the peers' median; unset: "
+        "slowness never ejects, the latency predictor already sends less to a slow endpoint "
+        "(3 is a common choice)",
     )
     min_ttft_s: float = Field(
         0.05, ge=0, description="a TTFT p50 below this is never an outlier (noise floor)"

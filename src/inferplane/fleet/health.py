@@ -15,7 +15,7 @@ an outlier when, with ``n`` = ``min_requests``:
 - **error rate**: it has ``>= n`` recent outcomes, at least one peer has ``>= n`` too, and
   ``error_rate >= max(min_error_rate, median(peer error rates) + error_rate_margin)``
   (Envoy's failure-percentage ejection, made relative so a fleet-wide fault ejects nobody);
-- **TTFT**: it has ``>= n`` TTFT samples, at least one peer has ``>= n`` too, its TTFT p50 is at
+- **TTFT** (only when ``ttft_factor`` is set; off by default): it has ``>= n`` TTFT samples, at least one peer has ``>= n`` too, its TTFT p50 is at
   least ``min_ttft_s``, and it is ``ttft_factor`` × slower than the peers' median. Slower is
   measured on the median of *observed ÷ predicted* TTFT (placement's uncorrected prediction for
   that request, so a longer prompt or a deeper queue does not count against an endpoint) where
@@ -182,7 +182,12 @@ class OutlierDetector:
                         f"error rate {o.error_rate:.2f} vs peers {med:.2f}",
                         o.error_rate / limit,
                     )
-        if o.ttft_samples >= n and o.ttft_p50_s is not None and o.ttft_p50_s >= sp.min_ttft_s:
+        if (
+            sp.ttft_factor is not None
+            and o.ttft_samples >= n
+            and o.ttft_p50_s is not None
+            and o.ttft_p50_s >= sp.min_ttft_s
+        ):
             if o.ratio_samples >= n and o.ratio_p50 is not None:
                 ratios = [
                     p.ratio_p50 for p in peers if p.ratio_samples >= n and p.ratio_p50 is not None
