@@ -410,3 +410,28 @@ def test_slo_first_when_none_meets(mode: str, expect: str) -> None:
     p = plugin("slo-first", when_none_meets=mode)
     assert p.pick(cyc, scored).view.name == expect
     assert "no candidate predicted to meet the SLO" in cyc.notes[0]
+
+
+def test_blocks_sent_moments_ago_count_until_their_kv_events_arrive() -> None:
+    """With KV events, a request that shares a prefix with one sent to an endpoint within
+    ``pending_s`` (blocks being computed there, not yet announced) matches that endpoint; later
+    only the precise index counts."""
+    fl = fleet(sub("a", n=2))
+    idx = PrefixIndex()
+    for name in ("a-0", "a-1"):
+        idx.all_cleared(name)  # covered by KV events, holding nothing yet
+    scorer = plugin("prefix-affinity", pending_s=5.0)
+    first = profile(block_hashes=tuple(range(1, 9)))
+    snap0 = snapshot(fl, now=100.0, prefix_index=idx)
+    c0 = cycle(first, snap0)
+    assert list(scorer.score(c0, views(snap0))) == [0.0, 0.0]
+    scorer.on_picked(c0, snap0.by_name["a-1"])
+    # a follow-up shares the first 6 blocks
+    follow = profile(block_hashes=(*range(1, 7), 70, 80))
+    snap1 = snapshot(fl, now=103.0, prefix_index=idx)
+    assert list(scorer.score(cycle(follow, snap1), views(snap1))) == [0.0, 0.75]
+    snap2 = snapshot(fl, now=106.0, prefix_index=idx)  # past pending_s, and no event came
+    assert list(scorer.score(cycle(follow, snap2), views(snap2))) == [0.0, 0.0]
+    off = plugin("prefix-affinity", pending_s=0.0)
+    off.on_picked(c0, snap0.by_name["a-1"])
+    assert list(off.score(cycle(follow, snap1), views(snap1))) == [0.0, 0.0]

@@ -3,7 +3,7 @@ other plugins (latency prediction, baselines) share."""
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 from typing import Literal
 
@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from inferplane.fleet.prefix_index import PrefixIndex
 from inferplane.fleet.state import EndpointView
 from inferplane.placement.framework import CycleState, Plugin, register
+from inferplane.types import BlockHash
 
 PrefixMode = Literal["auto", "precise", "approximate"]
 
@@ -23,32 +24,69 @@ class PrefixMatcher:
     request's engine block hashes and scaled to prompt blocks, when classify computed them (not
     for a chat prompt on a real tokenizer, nor without ``engine_block_size``) — else this
     matcher's own approximate LRU index; ``precise``: the snapshot's index only (0 when absent);
-    ``approximate``: the own index only. The own index learns from picks (``learn``); each
+    ``approximate``: the own index only. Where the precise index is used, a block that a
+    request sent to the endpoint within the last ``pending_s`` seconds shares also counts
+    (it is being computed there, and its KV event has not arrived yet). The own index learns
+    from picks (``learn``); each
     endpoint's capacity is ``num_gpu_blocks × block_size ÷ block_tokens`` hash blocks when the
     engine reports its KV size, else ``capacity_blocks``.
     """
 
-    __slots__ = ("block_tokens", "index", "mode")
+    __slots__ = ("block_tokens", "index", "mode", "pending_s", "recent")
 
-    def __init__(self, mode: PrefixMode, capacity_blocks: int, block_tokens: int) -> None:
+    def __init__(
+        self, mode: PrefixMode, capacity_blocks: int, block_tokens: int, pending_s: float = 10.0
+    ) -> None:
         self.mode = mode
         self.block_tokens = block_tokens
         self.index = PrefixIndex(capacity_blocks)
+        self.pending_s = pending_s
+        # endpoint -> (when, engine block hashes) of recent picks, newest last
+        self.recent: dict[str, deque[tuple[float, tuple[BlockHash, ...]]]] = {}
 
-    def matches(self, cycle: CycleState, candidates: Sequence[EndpointView]) -> list[int]:
+    def _pending(self, endpoint: str, engine: tuple[BlockHash, ...], now: float) -> int:
+        """Leading ``engine`` blocks that a request sent to ``endpoint`` in the last
+        ``pending_s`` seconds shares: blocks being computed there that no KV event has announced
+        yet (requests that share a system prompt or a conversation arrive close together)."""
+        q = self.recent.get(endpoint)
+        if not q:
+            return 0
+        horizon = now - self.pending_s
+        while q and q[0][0] < horizon:
+            q.popleft()
+        first = engine[0]
+        best = 0
+        for _, hs in q:
+            if hs[0] != first:
+                continue
+            n = 1
+            for a, b in zip(hs[1:], engine[1:], strict=False):
+                if a != b:
+                    break
+                n += 1
+            if n > best:
+                best = n
+        return best
+
+    def matches(self, cycle: CycleState, candidates: Sequence[EndpointView]) -> list[float]:
+        """Matched leading prompt blocks per candidate (engine-block matches are scaled to
+        prompt blocks without rounding, so a short shared prefix still counts)."""
         hashes = cycle.profile.block_hashes
         if not hashes:
-            return [0] * len(candidates)
+            return [0.0] * len(candidates)
         precise = cycle.snapshot.prefix_index if self.mode != "approximate" else None
         own = self.index if self.mode != "precise" else None
         covers = getattr(precise, "covers", None)
         engine = cycle.profile.engine_block_hashes
-        out: list[int] = []
+        now = cycle.snapshot.now
+        out: list[float] = []
         for c in candidates:
             if precise is not None and engine and (covers is None or covers(c.name)):
                 # KV events speak engine token blocks: scale to prompt blocks
                 n = precise.match_length(c.name, engine)
-                out.append(len(hashes) if n == len(engine) else n * len(hashes) // len(engine))
+                if n < len(engine) and self.pending_s > 0:
+                    n = max(n, self._pending(c.name, engine, now))
+                out.append(len(hashes) if n == len(engine) else n * len(hashes) / len(engine))
             elif own is not None:
                 out.append(own.match_length(c.name, hashes))
             else:
@@ -56,6 +94,12 @@ class PrefixMatcher:
         return out
 
     def learn(self, cycle: CycleState, picked: EndpointView) -> None:
+        engine = cycle.profile.engine_block_hashes
+        if engine and self.mode != "approximate" and self.pending_s > 0:
+            q = self.recent.get(picked.name)
+            if q is None:
+                q = self.recent[picked.name] = deque(maxlen=256)
+            q.append((cycle.snapshot.now, engine))
         hashes = cycle.profile.block_hashes
         if not hashes or self.mode == "precise":
             return
@@ -77,6 +121,10 @@ class PrefixParams(BaseModel):
     block_tokens: int = Field(
         64, gt=0, description="tokens per prompt hash block (prefix_block_chars ÷ ~4 chars)"
     )
+    pending_s: float = Field(
+        10.0, ge=0, description="with KV events: blocks of requests sent this recently count as "
+        "held until their events arrive (0: events only)"
+    )
 
 
 @register("prefix-affinity")
@@ -97,7 +145,9 @@ class PrefixAffinity(Plugin):
     def __init__(self, name: str, params: BaseModel) -> None:
         super().__init__(name, params)
         assert isinstance(params, PrefixParams)
-        self.matcher = PrefixMatcher(params.mode, params.capacity_blocks, params.block_tokens)
+        self.matcher = PrefixMatcher(
+            params.mode, params.capacity_blocks, params.block_tokens, params.pending_s
+        )
 
     def score(self, cycle: CycleState, candidates: list[EndpointView]) -> Sequence[float]:
         total = len(cycle.profile.block_hashes)

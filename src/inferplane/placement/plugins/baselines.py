@@ -108,7 +108,9 @@ class PrefixCacheAffinityFilter(Plugin):
         super().__init__(name, params)
         assert isinstance(params, AffinityFilterParams)
         self.p = params
-        self.matcher = PrefixMatcher(params.mode, params.capacity_blocks, params.block_tokens)
+        self.matcher = PrefixMatcher(  # as the original: KV events only
+            params.mode, params.capacity_blocks, params.block_tokens, pending_s=0.0
+        )
 
     def filter(self, cycle: CycleState, candidates: list[EndpointView]) -> FilterResult:
         total = len(cycle.profile.block_hashes)
@@ -170,7 +172,9 @@ class SglangCacheAware(Plugin):
         super().__init__(name, params)
         assert isinstance(params, SglangParams)
         self.p = params
-        self.matcher = PrefixMatcher(params.mode, params.capacity_blocks, params.block_tokens)
+        self.matcher = PrefixMatcher(  # as the original: KV events only
+            params.mode, params.capacity_blocks, params.block_tokens, pending_s=0.0
+        )
 
     def pick(self, cycle: CycleState, scored: list[Scored]) -> Scored:
         loads = [s.view.state.inflight for s in scored]
@@ -220,7 +224,9 @@ class DynamoKv(Plugin):
         super().__init__(name, params)
         assert isinstance(params, DynamoParams)
         self.p = params
-        self.matcher = PrefixMatcher(params.mode, params.capacity_blocks, params.block_tokens)
+        self.matcher = PrefixMatcher(  # as the original: KV events only
+            params.mode, params.capacity_blocks, params.block_tokens, pending_s=0.0
+        )
 
     def pick(self, cycle: CycleState, scored: list[Scored]) -> Scored:
         bt = self.p.block_tokens

@@ -34,6 +34,10 @@ class LatencyParams(BaseModel):
     mode: PrefixMode = Field("auto", description="prefix index used for cached tokens")
     capacity_blocks: int = Field(31250, gt=0, description="approximate prefix index per endpoint")
     block_tokens: int = Field(64, gt=0, description="tokens per prompt hash block")
+    pending_s: float = Field(
+        10.0, ge=0, description="with KV events: blocks of requests sent this recently count as "
+        "cached until their events arrive (0: events only)"
+    )
     correction_min: float = Field(0.5, gt=0, description="lower clamp of observed/predicted")
     correction_max: float = Field(4.0, gt=0, description="upper clamp of observed/predicted")
     ewma_alpha: float = Field(0.1, gt=0, le=1, description="weight of a new pick's prediction")
@@ -48,7 +52,7 @@ class PredictedLatency(Plugin):
 
     Prediction, per endpoint (roofline ``r`` of the served model on the endpoint's hardware):
 
-    * ``cached = min(prompt, prefix_match × block_tokens)``, ``uncached = max(1, prompt -
+    * ``cached = min(prompt, prompt × prefix_match ÷ prompt blocks)``, ``uncached = max(1, prompt -
       cached)`` (prefix match from `PrefixMatcher`: precise KV-event index where it covers the
       endpoint, else an approximate index learned from picks);
     * running batch ``B = max(engine running, min(decoding, max_concurrency))`` where
@@ -75,7 +79,8 @@ class PredictedLatency(Plugin):
     Score: ``x = max(TTFT ÷ ttft_slo, ITL ÷ itl_slo)`` over the SLOs set (``TTFT ÷
     reference_ttft_s`` when none); ``score = 1 ÷ (1 + x)`` (0.5 exactly at the SLO). Annotates
     ``ttft_s``, ``itl_s``, their uncorrected ``ttft_raw_s`` and ``itl_raw_s``, ``queue_s``,
-    ``uncached_tokens``, ``meets_slo`` (1/0) for every candidate; the slo-first picker relies on them.
+    ``uncached_tokens``, ``meets_slo`` (1/0) for every candidate; the slo-first picker relies on
+    them.
 
     Signals: engine running/waiting (when fresh), gateway in-flight, in-flight tokens and pending
     prefill tokens,
@@ -88,7 +93,9 @@ class PredictedLatency(Plugin):
         super().__init__(name, params)
         assert isinstance(params, LatencyParams)
         self.p = params
-        self.matcher = PrefixMatcher(params.mode, params.capacity_blocks, params.block_tokens)
+        self.matcher = PrefixMatcher(
+            params.mode, params.capacity_blocks, params.block_tokens, params.pending_s
+        )
         self._consts: dict[str, dict[Endpoint, _Consts]] = {}  # model → endpoint → constants
         self._kmin, self._kmax = params.correction_min, params.correction_max
         self._block_tokens = params.block_tokens
@@ -116,10 +123,10 @@ class PredictedLatency(Plugin):
         ttft_slo, itl_slo = prof.ttft_slo_s, prof.itl_slo_s
         client = prof.client_region
         kmin, kmax = self._kmin, self._kmax
-        block_tokens = self._block_tokens
         by_ep = self._consts.get(prof.model) or {}
         ewma = self._ewma
         matched = self.matcher.matches(cycle, candidates)
+        nblocks = len(prof.block_hashes)
         rtts: dict[str, float] = {}
         raw: dict[str, tuple[float, float]] = {}
         out: list[float] = []
@@ -127,7 +134,7 @@ class PredictedLatency(Plugin):
             ep, s = c.endpoint, c.state
             name = ep.spec.name
             k = by_ep.get(ep) or self._constants(ep, prof.model)
-            cached = min(prompt, m * block_tokens)
+            cached = min(prompt, int(prompt * m / nblocks)) if nblocks else 0
             uncached = max(1, prompt - cached) if prompt > 0 else 0
             region = ep.substrate.region
             region_rtt = rtts.get(region)
