@@ -11,8 +11,8 @@
    ``VLLM_CPU_KVCACHE_SPACE=1 OMP_NUM_THREADS=1``), with prefix caching, block size 32,
    ``--num-gpu-blocks-override`` ``--blocks``, ``--max-num-seqs 16`` and ZMQ KV events on an
    ``ipc://`` socket (vLLM binds ipc endpoints; inferplane's fleet file names it);
-3. writes a fleet file naming the three engines (engine ``vllm``, model ``tiny-llama``,
-   hardware ``cpu``, ``gateway.token_estimate: words``);
+3. writes a fleet file naming the three engines (engine ``vllm``, model ``tiny-llama`` with its
+   ``tokenizer`` unless ``--no-tokenizer``, hardware ``cpu``, ``gateway.token_estimate: words``);
 4. runs ``bench/peers/run.py --fleet URL1,URL2,URL3 --block-tokens 32`` once per setup and
    repetition (alternating the setup order between repetitions; run.py drains the engines and
    resets their prefix caches before each replay);
@@ -132,12 +132,14 @@ def stop_engines() -> None:
 
 
 def fleet_yaml(engines: list[tuple[str, str]], blocks: int, seqs: int,
-               kv_events: bool) -> str:
+               kv_events: bool, tokenizer: bool = True) -> str:
     eps = []
+    tok = f", tokenizer: {MODEL_DIR}" if tokenizer else ""
     for i, (url, kv) in enumerate(engines):
         eps.append(
             f"      - name: vllm-{i}\n        url: {url}\n        engine: vllm\n"
-            f"        models: [{{name: {MODEL}, max_context: {MAX_MODEL_LEN}, precision: fp32}}]\n"
+            f"        models: [{{name: {MODEL}, max_context: {MAX_MODEL_LEN}, precision: fp32"
+            f"{tok}}}]\n"
             f"        max_concurrency: 64\n"
             + (f"        kv_events: {kv}\n" if kv_events else "")
             + f"        emulation: {{block_size: {BLOCK}, max_num_seqs: {seqs}, "
@@ -246,7 +248,9 @@ def render(doc: dict[str, Any], out: Path) -> str:
         f"Engines: 3 × vLLM CPU (`{MODEL}`, block size {eng['block_size']}, "
         f"{eng['blocks']} KV blocks = {eng['blocks'] * eng['block_size']} tokens each, "
         f"max_num_seqs {eng['max_num_seqs']}, max_model_len {eng['max_model_len']}, prefix "
-        f"caching on; KV events given to inferplane: {eng['kv_events_to_inferplane']}).", "",
+        f"caching on; KV events given to inferplane: {eng['kv_events_to_inferplane']}; the "
+        f"model's tokenizer given to inferplane: {eng.get('tokenizer_to_inferplane', False)}).",
+        "",
         f"Slice: {sl.get('requests')} requests of the Mooncake conversation trace (trace seconds "
         f"{sl.get('start_s', 0):.0f}–{sl.get('start_s', 0) + sl.get('duration_s', 0):.0f}, "
         f"rate ×{sl.get('rate_scale')}, {sl.get('left_out')} too long left out), one 512-token "
@@ -300,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-num-seqs", type=int, default=16)
     ap.add_argument("--no-kv-events", action="store_true",
                     help="do not give inferplane the engines' KV events")
+    ap.add_argument("--no-tokenizer", action="store_true",
+                    help="do not give inferplane the model's tokenizer (word estimate instead)")
     ap.add_argument("--setup-limit", type=float, default=600.0, help="seconds per replay")
     ap.add_argument("--budget", type=float, default=3600.0, help="seconds for all replays")
     ap.add_argument("--urls", help="reuse running engines (URL[@KV],...) instead of starting them")
@@ -333,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
             while True:
                 time.sleep(3600)
         fleet = work / "fleet.yaml"
-        fleet.write_text(fleet_yaml(engines, a.blocks, a.max_num_seqs, kv_events))
+        fleet.write_text(fleet_yaml(engines, a.blocks, a.max_num_seqs, kv_events,
+                                    tokenizer=not a.no_tokenizer))
         doc: dict[str, Any] = {
             "date": dt.date.today().isoformat(),
             "command": "python bench/peers/real_engines.py " + " ".join(sys.argv[1:]),
@@ -342,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
             "engines": {"urls": urls, "versions": versions(), "blocks": a.blocks,
                         "block_size": BLOCK, "max_num_seqs": a.max_num_seqs,
                         "max_model_len": MAX_MODEL_LEN, "kv_events_to_inferplane": kv_events,
+                        "tokenizer_to_inferplane": not a.no_tokenizer,
                         "command": (work / "vllm0.cmd").read_text().strip()
                         if (work / "vllm0.cmd").exists() else None},
             "fleet_yaml": fleet.read_text(), "runs": a.runs, "results": [],
