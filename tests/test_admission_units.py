@@ -372,3 +372,28 @@ def test_lease_ttl_covers_every_replacement(replacements: int) -> None:
     longest = max([2.0] + [(c.queue_deadline_ms or 0) / 1000 for c in adm.classes.values()])
     assert adm.lease_ttl_s == pytest.approx(100 * (1 + replacements) + longest + 5)
     assert adm.budgets.lease_ttl_s == adm.lease_ttl_s
+
+
+def test_pool_view_is_computed_once_per_snapshot() -> None:
+    adm = _gateway().admission
+    pool = ("llama-3.1-8b", None, None)
+    cap = adm.capacity(pool)
+    assert cap > 1 and adm.free_slots(pool) == cap and adm.utilisation(pool) == 0.0
+    stats = adm._pool_stats(pool)
+    assert adm._pool_stats(pool) is stats  # the same snapshot: no second scan
+    r = adm.live.reserve("e", 10)  # a new snapshot: scanned again
+    assert adm.free_slots(pool) == cap - 1 and adm.utilisation(pool) == pytest.approx(1 / cap)
+    r.release()
+    assert adm.free_slots(pool) == cap
+    assert adm.free_slots(("no-such-model", None, None)) == 1 << 30  # no usable endpoint
+    assert adm.degraded(("no-such-model", None, None)) is None
+
+
+@pytest.mark.parametrize(
+    "at", ["2025-03-04T23:59:59", "2025-03-05T00:00:00", "2025-03-04T00:00:00",
+           "2024-02-29T12:00:00", "2025-03-04T12:00:00"],
+)
+def test_usage_day_is_the_utc_date(at: str) -> None:
+    adm = _gateway().admission
+    assert adm._utc_day(ts("2025-03-04T12:00:00")) == "2025-03-04"  # a cached day first
+    assert adm._utc_day(ts(at)) == at[:10]

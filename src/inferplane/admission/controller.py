@@ -47,6 +47,7 @@ from inferplane.admission.state import AdmissionStore, MemoryStore
 from inferplane.config.schema import FleetConfig, TenantSpec, WorkloadClass
 from inferplane.errors import GatewayError, InvalidRequestError, RateLimitError
 from inferplane.fleet.live import LiveFleet
+from inferplane.fleet.state import FleetSnapshot
 from inferplane.placement.profile import RequestProfile
 from inferplane.telemetry.metrics import GatewayMetrics
 from inferplane.types import ApiKind
@@ -134,6 +135,9 @@ class Admission:
             clock=monotonic,
         )
         self.retry_budget = RetryBudget(spec.retry, monotonic)
+        self._stats_snapshot: FleetSnapshot | None = None
+        self._stats: dict[PoolKey, tuple[int, int, int, int, float]] = {}
+        self._day: tuple[float, float, str] = (0.0, 0.0, "")
         self._tasks: set[asyncio.Task[None]] = set()
         self._ticker: asyncio.Task[None] | None = None
 
@@ -142,45 +146,57 @@ class Admission:
     def pool_of(p: RequestProfile) -> PoolKey:
         return (p.model, p.allowed_jurisdictions, p.allowed_kinds)
 
-    def _pool_views(self, pool: PoolKey) -> list[tuple[int, int, float]]:
-        model, jur, kinds = cast(_Pool, pool)
-        out: list[tuple[int, int, float]] = []
-        for v in self.live.snapshot().endpoints:
-            e = v.endpoint
-            if model not in e.models or not v.state.usable:
-                continue
-            if jur is not None and e.jurisdiction not in jur:
-                continue
-            if kinds is not None and e.substrate.kind not in kinds:
-                continue
-            out.append((e.max_concurrency, v.state.inflight, v.state.error_rate))
-        return out
+    def _pool_stats(self, pool: PoolKey) -> tuple[int, int, int, int, float]:
+        """(usable endpoints, Σ max_concurrency, Σ free slots, Σ in-flight, lowest error rate)
+        over the pool's usable endpoints, computed once per fleet snapshot: one request asks
+        several times (retry check, queue room, fair share) and so does every queue pump."""
+        snap = self.live.snapshot()
+        if snap is not self._stats_snapshot:
+            self._stats_snapshot = snap
+            self._stats.clear()
+        stats = self._stats.get(pool)
+        if stats is None:
+            model, jur, kinds = cast(_Pool, pool)
+            n = cap = free = inflight = 0
+            err = math.inf
+            for v in snap.endpoints:
+                e, st = v.endpoint, v.state
+                if model not in e.models or not st.usable:
+                    continue
+                if jur is not None and e.jurisdiction not in jur:
+                    continue
+                if kinds is not None and e.substrate.kind not in kinds:
+                    continue
+                n += 1
+                cap += e.max_concurrency
+                free += max(0, e.max_concurrency - st.inflight)
+                inflight += st.inflight
+                err = min(err, st.error_rate)
+            stats = self._stats[pool] = (n, cap, free, inflight, err)
+        return stats
 
     def free_slots(self, pool: PoolKey) -> int:
         """Free concurrency slots of the pool; unbounded when it has no usable endpoint (then
         placement answers 503 naming its filters)."""
-        views = self._pool_views(pool)
-        if not views:
-            return 1 << 30
-        return sum(max(0, cap - inflight) for cap, inflight, _ in views)
+        n, _, free, _, _ = self._pool_stats(pool)
+        return free if n else 1 << 30
 
     def capacity(self, pool: PoolKey) -> int:
         """The pool's concurrency envelope: Σ max_concurrency of its usable endpoints."""
-        return sum(cap for cap, _, _ in self._pool_views(pool))
+        return self._pool_stats(pool)[1]
 
     def utilisation(self, pool: PoolKey) -> float:
         """Gateway in-flight ÷ capacity over the pool's usable endpoints (1.0 when it has none)."""
-        views = self._pool_views(pool)
-        cap = sum(c for c, _, _ in views)
-        return sum(i for _, i, _ in views) / cap if cap else 1.0
+        _, cap, _, inflight, _ = self._pool_stats(pool)
+        return inflight / cap if cap else 1.0
 
     def degraded(self, pool: PoolKey) -> str | None:
-        views = self._pool_views(pool)
-        if not views:
+        n, _, _, _, err = self._pool_stats(pool)
+        if not n:
             return None
         if self.queue.room(pool) <= 0:
             return "saturated"
-        err = min(e for _, _, e in views)  # every candidate failing: a retry cannot help
+        # every candidate failing: a retry cannot help
         if err >= self.spec.retry.degraded_error_rate:
             return f"every endpoint's error rate at least {err:.0%}"
         return None
@@ -338,9 +354,17 @@ class Admission:
             m.child(m.tenant_tokens, t.tenant, t.workload_class, "completion").inc(
                 t.completion_tokens
             )
-            day = datetime.fromtimestamp(self.clock(), UTC).strftime("%Y-%m-%d")
+            day = self._utc_day(self.clock())
             group = (day, t.workflow or "", t.profile.model, t.workload_class, t.key_hash[7:23])
             await self.store.add_usage(t.tenant, group, usd, t.prompt_tokens, t.completion_tokens)
+
+    def _utc_day(self, now: float) -> str:
+        """``YYYY-MM-DD`` of a Unix time in UTC (formatted once per day, not per request)."""
+        if not self._day[0] <= now < self._day[1]:
+            d = datetime.fromtimestamp(now, UTC)
+            start = datetime(d.year, d.month, d.day, tzinfo=UTC).timestamp()
+            self._day = (start, start + 86400.0, d.strftime("%Y-%m-%d"))
+        return self._day[2]
 
     def finish_soon(self, t: Ticket) -> None:
         """`finish` off the response path: store round trips run in a background task (a task
