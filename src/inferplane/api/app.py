@@ -142,9 +142,17 @@ async def forward(
     endpoint = attempt.decision.picked.endpoint  # type: ignore[union-attr]
     is_sse = resp.status == 200 and "text/event-stream" in resp.headers.get("Content-Type", "")
     if not is_sse:
-        data = await gw.complete(attempt, started)
+        data, ended = await gw.read_answer(attempt, started)
         headers.update(Dispatcher.passthrough_headers(resp))
-        return web.Response(body=data, status=resp.status, headers=headers)
+        answer = web.Response(body=data, status=resp.status, headers=headers)
+        try:  # the answer goes out first; its accounting does not delay it
+            await answer.prepare(request)
+            await answer.write_eof()
+        except ConnectionError:
+            pass  # the client is gone: aiohttp notes it when it finishes the response
+        finally:
+            gw.account_answer(attempt, data, started=started, ended=ended)
+        return answer
 
     headers.update(Dispatcher.passthrough_headers(resp))
     out = web.StreamResponse(status=200, headers=headers)

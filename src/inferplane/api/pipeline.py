@@ -237,9 +237,7 @@ class Gateway:
             decision_id=profile.request_id,  # every attempt of one request under one id
             timer=time.perf_counter,
         )
-        for key, seconds in decision.timings_s.items():
-            stage, _, plugin = key.partition(":")
-            self.metrics.child(self.metrics.placement, stage, plugin).observe(seconds)
+        self.metrics.observe_placement(decision.timings_s)
         if decision.spillover is not None:
             s = decision.spillover
             self.metrics.spillovers.labels(
@@ -322,11 +320,20 @@ class Gateway:
             return Attempt(decision, resp, reservation, failed, ticket)
 
     async def complete(self, attempt: Attempt, started: float) -> bytes:
-        """Read a non-streamed answer whole and account it (the one non-streaming path).
+        """Read a non-streamed answer whole and account it (`read_answer`, then
+        `account_answer`)."""
+        data, ended = await self.read_answer(attempt, started)
+        self.account_answer(attempt, data, started=started, ended=ended)
+        return data
+
+    async def read_answer(self, attempt: Attempt, started: float) -> tuple[bytes, float]:
+        """Read a non-streamed answer whole; return it and when it was in (the E2E end).
 
         A non-streamed answer has no observable first token: its TTFT is not recorded (only
         E2E), so it cannot skew the latency correction or outlier ejection, and its prefill
-        stops counting as pending on the endpoint when its predicted TTFT has passed.
+        stops counting as pending on the endpoint when its predicted TTFT has passed. A failed
+        read is accounted here and re-raised; otherwise the caller calls `account_answer` (the
+        HTTP surface does so once the answer is on its way to the client).
         """
         resp = attempt.response
         d = attempt.decision
@@ -347,14 +354,21 @@ class Gateway:
             raise
         finally:
             timer.cancel()
+        return data, time.perf_counter()
+
+    def account_answer(
+        self, attempt: Attempt, data: bytes, *, started: float, ended: float
+    ) -> None:
+        """Account a non-streamed answer read by `read_answer`."""
+        status = attempt.response.status
         self.account(
             attempt,
-            status=resp.status,
+            status=status,
             started=started,
             stats=None,
-            usage=parse_usage(data, sse=False) if resp.status == 200 else None,
+            usage=parse_usage(data, sse=False) if status == 200 else None,
+            ended=ended,
         )
-        return data
 
     def account(
         self,
@@ -365,13 +379,15 @@ class Gateway:
         stats: StreamStats | None,
         usage: Mapping[str, Any] | None,
         error: str | None = None,
+        ended: float | None = None,
     ) -> None:
-        """Release capacity, feed observations back, write the ledger record."""
+        """Release capacity, feed observations back, write the ledger record. ``ended`` is when
+        the request's answer was complete (its E2E end), now when not given."""
         attempt.reservation.release()
         self.admission.queue.pump()  # a slot is free: the best waiter may go
         d = attempt.decision
         name = attempt.endpoint_name
-        now = time.perf_counter()
+        now = time.perf_counter() if ended is None else ended
         ok = status < 500 and error is None
         self.live.observe_outcome(name, ok)
         ttft = itl = None

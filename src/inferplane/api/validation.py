@@ -20,7 +20,7 @@ def _is_int(v: Any) -> bool:
 
 
 def _is_number(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool)
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def parse_json(body: bytes) -> JSONObject:
@@ -68,7 +68,7 @@ def validate(api: ApiKind, body: JSONObject) -> None:
             if not isinstance(m.get("role"), str):
                 raise _bad(f"messages[{i}].role", "a string", m.get("role"))
             c = m.get("content")
-            if c is not None and not isinstance(c, str | list):
+            if c is not None and not isinstance(c, (str, list)):
                 raise _bad(f"messages[{i}].content", "a string or an array of parts", c)
     elif api == "completions":
         if "prompt" not in body:

@@ -100,7 +100,7 @@ class SSEUsageFilter:
         self._carry = b""
 
     def feed(self, chunk: bytes) -> bytes:
-        data = self._carry + chunk
+        data = self._carry + chunk if self._carry else chunk
         cut = data.rfind(b"\n\n")
         if cut < 0:
             self._carry = data
@@ -206,14 +206,14 @@ class Dispatcher:
             with _translate(endpoint):
                 async for chunk in resp.content.iter_any():
                     now = time.perf_counter()
-                    n = chunk.count(b"data:")
+                    events = n = chunk.count(b"data:")
                     if stats.first_byte is None:
                         stats.first_byte = now
                         n -= 1
                     elif stats.last_byte is not None and n > 0:
                         stats.gaps.append((now - stats.last_byte) / n)
                     stats.last_byte = now
-                    stats.events += chunk.count(b"data:")
+                    stats.events += events
                     if b'"usage"' in chunk:
                         stats.usage_line = chunk
                     yield chunk
