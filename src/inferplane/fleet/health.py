@@ -15,13 +15,14 @@ an outlier when, with ``n`` = ``min_requests``:
 - **error rate**: it has ``>= n`` recent outcomes, at least one peer has ``>= n`` too, and
   ``error_rate >= max(min_error_rate, median(peer error rates) + error_rate_margin)``
   (Envoy's failure-percentage ejection, made relative so a fleet-wide fault ejects nobody);
-- **TTFT** (only when ``ttft_factor`` is set; off by default): it has ``>= n`` TTFT samples, at least one peer has ``>= n`` too, its TTFT p50 is at
-  least ``min_ttft_s``, and it is ``ttft_factor`` × slower than the peers' median. Slower is
-  measured on the median of *observed ÷ predicted* TTFT (placement's uncorrected prediction for
-  that request, so a longer prompt or a deeper queue does not count against an endpoint) where
-  it and a peer have ``>= n`` such ratios, else on raw TTFT p50s. A busy endpoint that holds the
-  long conversations' prefixes sees longer TTFTs for the work it was given, and ejecting it
-  would scatter those conversations (a lone endpoint has no peers and is never a TTFT outlier).
+- **TTFT** (only when ``ttft_factor`` is set; off by default): it has ``>= n`` TTFT samples, at
+  least one peer has ``>= n`` too, its TTFT p50 is at least ``min_ttft_s``, and it is
+  ``ttft_factor`` × slower than the peers' median. Slower is measured on the median of *observed ÷
+  predicted* TTFT (placement's uncorrected prediction for that request, so a longer prompt or a
+  deeper queue does not count against an endpoint) where it and a peer have ``>= n`` such ratios,
+  else on raw TTFT p50s. A busy endpoint that holds the long conversations' prefixes sees longer
+  TTFTs for the work it was given, and ejecting it would scatter those conversations (a lone
+  endpoint has no peers and is never a TTFT outlier).
 
 Peers are the other members of the group that pass ``/health`` and are not ejected. At most
 ``floor(group size × max_ejection_percent / 100)`` members of a group are ejected at once

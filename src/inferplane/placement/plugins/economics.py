@@ -107,9 +107,9 @@ class Cost(Plugin):
     with ``out = output_fraction × max_output_tokens``; hourly substrates amortise
     ``hourly_usd ÷ 3600 × duration ÷ max_concurrency`` with ``duration = TTFT + out × ITL``
     — the time the physics model predicts: predicted-latency's *uncorrected*
-    ``ttft_raw_s − queue_s`` plus the region RTT, and ``itl_raw_s``, when present (the queue ahead and an endpoint's
-    momentary slowness are not work this request buys, and identical endpoints at one price must
-    cost the same), else a roofline estimate at the current batch
+    ``ttft_raw_s − queue_s`` plus the region RTT, and ``itl_raw_s``, when present (the queue
+    ahead and an endpoint's momentary slowness are not work this request buys, and identical
+    endpoints at one price must cost the same), else a roofline estimate at the current batch
     ``max(in-flight, engine running) + 1`` — see `inferplane.fleet.pricing`. The score
     ranks ``cost × burst_factor`` for burst capacity (reserved preferred), min–max normalised.
     Annotates ``cost_usd`` (unweighted).
