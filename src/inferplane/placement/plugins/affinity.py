@@ -17,6 +17,23 @@ from inferplane.types import BlockHash
 PrefixMode = Literal["auto", "precise", "approximate"]
 
 
+def _common_prefix(a: tuple[BlockHash, ...], b: tuple[BlockHash, ...]) -> int:
+    """Length of the common leading run of two non-empty hash tuples whose first elements are
+    equal (at least 1). Compares slices (in C) with a binary search instead of element by
+    element in Python: a shared prefix of n blocks costs O(log n) slice comparisons."""
+    m = len(a) if len(a) < len(b) else len(b)
+    if a[:m] == b[:m]:
+        return m
+    lo, hi = 1, m - 1  # a[0] == b[0]; a[:m] != b[:m]
+    while lo < hi:
+        mid = (lo + hi + 1) >> 1
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
 class PrefixMatcher:
     """How many leading prompt blocks each candidate holds.
 
@@ -55,17 +72,16 @@ class PrefixMatcher:
         while q and q[0][0] < horizon:
             q.popleft()
         first = engine[0]
+        limit = len(engine)
         best = 0
         for _, hs in q:
             if hs[0] != first:
                 continue
-            n = 1
-            for a, b in zip(hs[1:], engine[1:], strict=False):
-                if a != b:
-                    break
-                n += 1
+            n = _common_prefix(hs, engine)
             if n > best:
                 best = n
+                if best >= limit:  # nothing can match more than the whole prompt
+                    break
         return best
 
     def matches(self, cycle: CycleState, candidates: Sequence[EndpointView]) -> list[float]:
@@ -76,17 +92,24 @@ class PrefixMatcher:
             return [0.0] * len(candidates)
         precise = cycle.snapshot.prefix_index if self.mode != "approximate" else None
         own = self.index if self.mode != "precise" else None
-        covers = getattr(precise, "covers", None)
         engine = cycle.profile.engine_block_hashes
+        if precise is None or not engine:
+            if own is None:
+                return [0] * len(candidates)
+            match = own.match_length
+            return [match(c.name, hashes) for c in candidates]
+        covers = getattr(precise, "covers", None)
         now = cycle.snapshot.now
+        nhashes, nengine = len(hashes), len(engine)
+        pending = self.pending_s > 0
         out: list[float] = []
         for c in candidates:
-            if precise is not None and engine and (covers is None or covers(c.name)):
+            if covers is None or covers(c.name):
                 # KV events speak engine token blocks: scale to prompt blocks
                 n = precise.match_length(c.name, engine)
-                if n < len(engine) and self.pending_s > 0:
+                if n < nengine and pending:
                     n = max(n, self._pending(c.name, engine, now))
-                out.append(len(hashes) if n == len(engine) else n * len(hashes) / len(engine))
+                out.append(nhashes if n == nengine else n * nhashes / nengine)
             elif own is not None:
                 out.append(own.match_length(c.name, hashes))
             else:
@@ -154,8 +177,13 @@ class PrefixAffinity(Plugin):
         if total == 0:
             return [0.0] * len(candidates)
         matched = self.matcher.matches(cycle, candidates)
+        annotations = cycle.annotations
         for c, m in zip(candidates, matched, strict=True):
-            cycle.annotate(c.name, "prefix_match", float(m))
+            ann = annotations.get(c.name)
+            if ann is None:
+                annotations[c.name] = {"prefix_match": float(m)}
+            else:
+                ann["prefix_match"] = float(m)
         return [m / total for m in matched]
 
     def on_picked(self, cycle: CycleState, picked: EndpointView) -> None:

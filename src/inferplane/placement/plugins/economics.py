@@ -62,17 +62,27 @@ class Load(Plugin):
 
     def score(self, cycle: CycleState, candidates: list[EndpointView]) -> Sequence[float]:
         model = cycle.profile.model
+        wq, wt, wk, norm = self.wq, self.wt, self.wk, self.norm
         out: list[float] = []
         for c in candidates:
             s = c.state
-            conc = min(1.0, (s.inflight + s.queue_depth) / c.endpoint.spec.max_concurrency)
-            if s.num_gpu_blocks and s.block_size:
-                cap = float(s.num_gpu_blocks * s.block_size)
+            stale = s.stale
+            waiting = s.waiting
+            # s.queue_depth, inlined
+            x = (s.inflight + (0.0 if stale or waiting is None else waiting)) / (
+                c.endpoint.spec.max_concurrency
+            )
+            conc = x if x < 1.0 else 1.0  # min(1.0, x)
+            blocks, block_size = s.num_gpu_blocks, s.block_size
+            if blocks and block_size:
+                cap = float(blocks * block_size)
             else:
                 cap = self._capacity(c.endpoint, model)
-            tok = min(1.0, s.inflight_tokens / cap)
-            kv = s.kv_usage if not s.stale and s.kv_usage is not None else 0.0
-            out.append(1.0 - (self.wq * conc + self.wt * tok + self.wk * kv) / self.norm)
+            x = s.inflight_tokens / cap
+            tok = x if x < 1.0 else 1.0
+            kv_usage = s.kv_usage
+            kv = kv_usage if not stale and kv_usage is not None else 0.0
+            out.append(1.0 - (wq * conc + wt * tok + wk * kv) / norm)
         return out
 
 
@@ -85,6 +95,7 @@ class _Price:
     burst: bool
     concurrency: int
     roofline: Roofline | None
+    region: str
 
 
 class CostParams(BaseModel):
@@ -122,10 +133,13 @@ class Cost(Plugin):
         super().__init__(name, params)
         assert isinstance(params, CostParams)
         self.p = params
-        self._prices: dict[tuple[Endpoint, str], _Price] = {}
+        self._prices: dict[str, dict[Endpoint, _Price]] = {}  # model → endpoint → price
 
     def _price(self, ep: Endpoint, model: str) -> _Price:
-        pr = self._prices.get((ep, model))
+        by_ep = self._prices.get(model)
+        if by_ep is None:
+            by_ep = self._prices[model] = {}
+        pr = by_ep.get(ep)
         if pr is None:
             c = ep.substrate.cost
             inp = c.input_per_mtok or 0.0
@@ -138,20 +152,32 @@ class Cost(Plugin):
                 burst=ep.substrate.capacity_class == "burst",
                 concurrency=max(1, ep.spec.max_concurrency),
                 roofline=ep.roofline(model),
+                region=ep.substrate.region,
             )
-            self._prices[(ep, model)] = pr
+            by_ep[ep] = pr
         return pr
 
     def score(self, cycle: CycleState, candidates: list[EndpointView]) -> Sequence[float]:
         prof = cycle.profile
         fleet = cycle.snapshot.fleet
+        annotations = cycle.annotations
         out_tok = self.p.output_fraction * prof.max_output_tokens
+        burst_factor = self.p.burst_factor
         prompt = prof.prompt_tokens
+        fprompt = float(prompt)
+        model = prof.model
+        client = prof.client_region
+        prices = self._prices.get(model) or {}
+        rtts: dict[str, float] = {}
         ranked: list[float] = []
         for c in candidates:
-            pr = self._price(c.endpoint, prof.model)
-            ann = cycle.annotations.setdefault(c.name, {})
-            uncached = min(float(prompt), ann.get("uncached_tokens", float(prompt)))
+            ep = c.endpoint
+            pr = prices.get(ep) or self._price(ep, model)
+            ann = annotations.get(c.name)
+            if ann is None:
+                ann = annotations[c.name] = {}
+            u = ann.get("uncached_tokens", fprompt)
+            uncached = u if u < fprompt else fprompt  # min(float(prompt), u)
             if pr.hourly is None:
                 usd = uncached * pr.input + (prompt - uncached) * pr.cached + out_tok * pr.output
             else:
@@ -160,15 +186,18 @@ class Cost(Plugin):
                 # identical endpoints at one price must cost the same.
                 ttft, itl = ann.get("ttft_raw_s"), ann.get("itl_raw_s")
                 if ttft is not None:
-                    ttft = max(0.0, ttft - ann.get("queue_s", 0.0)) + fleet.rtt_s(
-                        prof.client_region, c.endpoint.substrate.region
-                    )
+                    region = pr.region
+                    rtt = rtts.get(region)
+                    if rtt is None:
+                        rtt = rtts[region] = fleet.rtt_s(client, region)
+                    x = ttft - ann.get("queue_s", 0.0)
+                    ttft = (x if x > 0.0 else 0.0) + rtt  # max(0.0, x) + rtt
                 if ttft is None or itl is None:
                     ttft, itl = self._estimate(pr.roofline, c, prompt, out_tok)
                 duration = ttft + out_tok * itl
                 usd = pr.hourly / 3600.0 * duration / pr.concurrency
             ann["cost_usd"] = usd
-            ranked.append(usd * self.p.burst_factor if pr.burst else usd)
+            ranked.append(usd * burst_factor if pr.burst else usd)
         return _minmax_low_is_best(ranked)
 
     def _estimate(
@@ -229,32 +258,42 @@ class Locality(Plugin):
             spec = regions.get(region) if region is not None else None
             return spec.egress_usd_per_gb if spec is not None else 0.0
 
-        rtts: list[float] = []
+        # Everything but the egress normalisation depends only on the endpoint's region:
+        # computed once per region, in the same order of operations as per candidate.
+        annotations = cycle.annotations
+        per_region: dict[str, tuple[float, float]] = {}
+        cand_regions: list[str] = []
         egress: list[float] = []
         for c in candidates:
             region = c.endpoint.substrate.region
-            rtt = fleet.rtt_s(client, region)
-            e = 0.0
-            if client is not None and client != region:
-                e += in_gb * rate(client) + out_gb * rate(region)
-            if data is not None and data != region:
-                e += in_gb * rate(data)
-            rtts.append(rtt)
+            got = per_region.get(region)
+            if got is None:
+                rtt = fleet.rtt_s(client, region)
+                e = 0.0
+                if client is not None and client != region:
+                    e += in_gb * rate(client) + out_gb * rate(region)
+                if data is not None and data != region:
+                    e += in_gb * rate(data)
+                got = per_region[region] = (rtt, e)
+            rtt, e = got
+            cand_regions.append(region)
             egress.append(e)
-            ann = cycle.annotations.setdefault(c.name, {})
-            ann["rtt_s"] = rtt
-            ann["egress_usd"] = e
+            ann = annotations.get(c.name)
+            if ann is None:
+                annotations[c.name] = {"rtt_s": rtt, "egress_usd": e}
+            else:
+                ann["rtt_s"] = rtt
+                ann["egress_usd"] = e
         emax = max(egress)
-        out: list[float] = []
-        for c, rtt, e in zip(candidates, rtts, egress, strict=True):
+        scores: dict[str, float] = {}
+        for region, (rtt, e) in per_region.items():
             r_term = 1.0 - min(1.0, rtt / p.rtt_reference_s)
             e_term = 1.0 - e / emax if emax > 0 else 1.0
-            d_term = 1.0 if data is None or data == c.endpoint.substrate.region else 0.0
-            out.append(
-                (p.rtt_weight * r_term + p.egress_weight * e_term + p.data_weight * d_term)
-                / self.norm
-            )
-        return out
+            d_term = 1.0 if data is None or data == region else 0.0
+            scores[region] = (
+                p.rtt_weight * r_term + p.egress_weight * e_term + p.data_weight * d_term
+            ) / self.norm
+        return [scores[region] for region in cand_regions]
 
 
 class EnergyParams(BaseModel):

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pydantic import BaseModel, ConfigDict, Field
 
 from inferplane.fleet.model import Endpoint
-from inferplane.fleet.state import EndpointView
+from inferplane.fleet.state import EndpointState, EndpointView
 from inferplane.physics import Roofline
 from inferplane.placement.framework import CycleState, Plugin, register
 from inferplane.placement.plugins.affinity import PrefixMatcher, PrefixMode
@@ -26,6 +26,9 @@ class _Consts:
     prefill_s_per_token: float
     network_rtt_s: float
     embedding: bool
+    name: str
+    region: str
+    max_concurrency: int
 
 
 class LatencyParams(BaseModel):
@@ -97,6 +100,11 @@ class PredictedLatency(Plugin):
             params.mode, params.capacity_blocks, params.block_tokens, params.pending_s
         )
         self._consts: dict[str, dict[Endpoint, _Consts]] = {}  # model → endpoint → constants
+        # model → endpoint → (state, idle ctx, batch, KV tokens, queue_s, raw ITL): what an
+        # endpoint's state alone determines, reused while the snapshot keeps that state object
+        # (the live fleet rebuilds only the states that changed)
+        self._load: dict[str, dict[Endpoint, tuple[EndpointState, float, int, int, float, float]]]
+        self._load = {}
         self._kmin, self._kmax = params.correction_min, params.correction_max
         self._block_tokens = params.block_tokens
         self._unknown_ttft, self._unknown_itl = params.unknown_ttft_s, params.unknown_itl_s
@@ -111,7 +119,15 @@ class PredictedLatency(Plugin):
         r = ep.roofline(model)
         per_tok = r.prefill_time_s(_REF_PREFILL_TOKENS) / _REF_PREFILL_TOKENS if r else 0.0
         rtt = r.hardware.network_rtt_s if r and ep.substrate.kind == "provider-api" else 0.0
-        c = by_ep[ep] = _Consts(r, per_tok, rtt, bool(r and r.model.embedding))
+        c = by_ep[ep] = _Consts(
+            r,
+            per_tok,
+            rtt,
+            bool(r and r.model.embedding),
+            ep.spec.name,
+            ep.substrate.region,
+            ep.spec.max_concurrency,
+        )
         return c
 
     def score(self, cycle: CycleState, candidates: list[EndpointView]) -> Sequence[float]:
@@ -123,49 +139,63 @@ class PredictedLatency(Plugin):
         ttft_slo, itl_slo = prof.ttft_slo_s, prof.itl_slo_s
         client = prof.client_region
         kmin, kmax = self._kmin, self._kmax
-        by_ep = self._consts.get(prof.model) or {}
+        model = prof.model
+        by_ep = self._consts.get(model) or {}
+        loads = self._load.get(model)
+        if loads is None:
+            loads = self._load[model] = {}
         ewma = self._ewma
+        unknown_ttft, unknown_itl, ref_ttft = self._unknown_ttft, self._unknown_itl, self._ref_ttft
         matched = self.matcher.matches(cycle, candidates)
         nblocks = len(prof.block_hashes)
         rtts: dict[str, float] = {}
         raw: dict[str, tuple[float, float]] = {}
         out: list[float] = []
+        append = out.append
         for c, m in zip(candidates, matched, strict=True):
             ep, s = c.endpoint, c.state
-            name = ep.spec.name
-            k = by_ep.get(ep) or self._constants(ep, prof.model)
+            k = by_ep.get(ep) or self._constants(ep, model)
+            name = k.name
             cached = min(prompt, int(prompt * m / nblocks)) if nblocks else 0
             uncached = max(1, prompt - cached) if prompt > 0 else 0
-            region = ep.substrate.region
+            region = k.region
             region_rtt = rtts.get(region)
             if region_rtt is None:
                 region_rtt = rtts[region] = fleet.rtt_s(client, region)
             r = k.roofline
             queue_s = 0.0
             if r is None:
-                ttft = (s.ttft_p50_s or self._unknown_ttft) + region_rtt
-                itl = s.itl_p50_s or self._unknown_itl
+                ttft = (s.ttft_p50_s or unknown_ttft) + region_rtt
+                itl = s.itl_p50_s or unknown_itl
                 raw_t, raw_i = ttft, itl
             else:
-                conc = ep.spec.max_concurrency
-                inflight = s.inflight
-                decoding = inflight - s.pending_prefill
-                batch = decoding if decoding < conc else conc
-                ctx = s.inflight_tokens / inflight if inflight > 0 else idle_ctx
-                # Prefill is FCFS through the engine's per-step token budget: everything the
-                # gateway sent that has not produced its first token is ahead of this request.
-                queue_tokens = float(s.pending_prefill_tokens)
-                if not s.stale:
-                    if s.running is not None and s.running > batch:
-                        batch = int(s.running)
-                    if s.waiting is not None and s.waiting > s.pending_prefill:
-                        queue_tokens += (s.waiting - s.pending_prefill) * ctx  # other clients
-                if queue_tokens > 0:
-                    queue_s = queue_tokens * k.prefill_s_per_token
-                kv = int(batch * ctx)
+                hit = loads.get(ep)
+                if hit is not None and hit[0] is s and (s.inflight > 0 or hit[1] == idle_ctx):
+                    batch, kv, queue_s, raw_i = hit[2], hit[3], hit[4], hit[5]
+                else:
+                    conc = k.max_concurrency
+                    inflight = s.inflight
+                    pending = s.pending_prefill
+                    decoding = inflight - pending
+                    batch = decoding if decoding < conc else conc
+                    ctx = s.inflight_tokens / inflight if inflight > 0 else idle_ctx
+                    # Prefill is FCFS through the engine's per-step token budget: everything the
+                    # gateway sent that has not produced its first token is ahead of this request.
+                    queue_tokens = float(s.pending_prefill_tokens)
+                    if not s.stale:
+                        running = s.running
+                        if running is not None and running > batch:
+                            batch = int(running)
+                        waiting = s.waiting
+                        if waiting is not None and waiting > pending:
+                            queue_tokens += (waiting - pending) * ctx  # other clients
+                    if queue_tokens > 0:
+                        queue_s = queue_tokens * k.prefill_s_per_token
+                    kv = int(batch * ctx)
+                    raw_i = 0.0 if k.embedding else r.step_time_s(0, 0, batch + 1, kv + int(ctx))
+                    loads[ep] = (s, idle_ctx, batch, kv, queue_s, raw_i)
                 # What the gateway observes: engine time + the gateway↔endpoint network.
                 raw_t = queue_s + r.step_time_s(uncached, cached, batch, kv) + k.network_rtt_s
-                raw_i = 0.0 if k.embedding else r.step_time_s(0, 0, batch + 1, kv + int(ctx))
                 ttft, itl = raw_t, raw_i
                 f = s.ttft_ratio_p50
                 if f is not None:
@@ -181,7 +211,7 @@ class PredictedLatency(Plugin):
             check_itl = itl_slo is not None and not k.embedding
             if ttft_slo is None and not check_itl:
                 meets = True
-                x = ttft / self._ref_ttft
+                x = ttft / ref_ttft
             else:
                 x = 0.0 if ttft_slo is None else ttft / ttft_slo
                 if check_itl:
@@ -189,17 +219,21 @@ class PredictedLatency(Plugin):
                     if y > x:
                         x = y
                 meets = x <= 1.0
+            values = {
+                "ttft_s": ttft,
+                "ttft_raw_s": raw_t,  # uncorrected: the gateway feeds back actual ÷ this
+                "itl_s": itl,
+                "itl_raw_s": raw_i,  # uncorrected, as ttft_raw_s (the cost scorer's input)
+                "queue_s": queue_s,
+                "uncached_tokens": float(uncached),
+                "meets_slo": 1.0 if meets else 0.0,
+            }
             ann = annotations.get(name)
             if ann is None:
-                ann = annotations[name] = {}
-            ann["ttft_s"] = ttft
-            ann["ttft_raw_s"] = raw_t  # uncorrected: the gateway feeds back actual ÷ this
-            ann["itl_s"] = itl
-            ann["itl_raw_s"] = raw_i  # uncorrected, as ttft_raw_s (the cost scorer's input)
-            ann["queue_s"] = queue_s
-            ann["uncached_tokens"] = float(uncached)
-            ann["meets_slo"] = 1.0 if meets else 0.0
-            out.append(1.0 / (1.0 + x))
+                annotations[name] = values
+            else:
+                ann.update(values)  # same keys, same order as setting them one by one
+            append(1.0 / (1.0 + x))
         cycle.data[self._key] = raw
         return out
 

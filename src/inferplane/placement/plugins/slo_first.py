@@ -65,24 +65,31 @@ class SloFirst(Plugin):
     def pick(self, cycle: CycleState, scored: list[Scored]) -> Scored:
         ann = cycle.annotations
         empty: dict[str, float] = {}
-        meets = [s for s in scored if ann.get(s.view.name, empty).get("meets_slo", 1.0) >= 0.5]
+        p = self.p
+        anns = [ann.get(s.view.name, empty) for s in scored]
+        meets = [
+            (s, a) for s, a in zip(scored, anns, strict=True) if a.get("meets_slo", 1.0) >= 0.5
+        ]
         if meets:
             pool = meets
-            if self.p.prefer_reserved:
-                reserved = [s for s in meets if _reserved(s.view)]
+            if p.prefer_reserved:
+                reserved = [sa for sa in meets if _reserved(sa[0].view)]
                 pool = reserved or meets
-            costs = [self._cost(ann.get(s.view.name, empty)) for s in pool]
-            limit = min(costs) * (1.0 + self.p.cost_tolerance) + self.p.cost_epsilon_usd
-            tied = [s for s, c in zip(pool, costs, strict=True) if c <= limit]
-        elif self.p.when_none_meets == "score":
+            if p.include_egress:
+                costs = [a.get("cost_usd", 0.0) + a.get("egress_usd", 0.0) for _, a in pool]
+            else:
+                costs = [a.get("cost_usd", 0.0) for _, a in pool]
+            limit = min(costs) * (1.0 + p.cost_tolerance) + p.cost_epsilon_usd
+            tied = [s for (s, _), c in zip(pool, costs, strict=True) if c <= limit]
+        elif p.when_none_meets == "score":
             tied = scored
             cycle.notes.append("no candidate predicted to meet the SLO; picked the best score")
         else:
-            ttfts = [ann.get(s.view.name, empty).get("ttft_s", _INF) for s in scored]
+            ttfts = [a.get("ttft_s", _INF) for a in anns]
             fastest = min(ttfts)
             tied = [s for s, t in zip(scored, ttfts, strict=True) if t <= fastest]
             cycle.notes.append("no candidate predicted to meet the SLO; picked the fastest")
-        best = max(s.total for s in tied)
+        best = max([s.total for s in tied])
         top = [s for s in tied if s.total >= best - 1e-12]
         choice = top[0] if len(top) == 1 else cycle.rng.choice(top)
         self._spillover(cycle, scored, choice)
@@ -93,15 +100,20 @@ class SloFirst(Plugin):
         return c + a.get("egress_usd", 0.0) if self.p.include_egress else c
 
     def _spillover(self, cycle: CycleState, scored: list[Scored], choice: Scored) -> None:
+        region = cycle.profile.client_region
+        sub = choice.view.endpoint.substrate
+        if region is not None and sub.capacity_class == "reserved" and sub.region == region:
+            return  # the pick is in the preferred pool (the common case): no spillover
         ann = cycle.annotations
         empty: dict[str, float] = {}
         saturated: list[EndpointView] = cycle.data.get(SATURATED_KEY, [])
-        region = cycle.profile.client_region
         if region is None:
             reserved = [s for s in scored if _reserved(s.view)]
             if reserved:
                 cheapest = min(reserved, key=lambda s: self._cost(ann.get(s.view.name, empty)))
                 region = cheapest.view.endpoint.substrate.region
+                if sub.capacity_class == "reserved" and sub.region == region:
+                    return  # the pick is in the preferred pool
             else:
                 sat = [v for v in saturated if _reserved(v)]
                 if not sat:

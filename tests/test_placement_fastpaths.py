@@ -1,0 +1,110 @@
+"""The placement hot path's shortcuts give exactly what the plain code gives.
+
+``place`` builds its `Scored`, `CandidateRecord` and `Decision` objects through slot setters,
+the prefix matcher finds common prefixes by a binary search over slices, and the slo-first
+picker returns early when the pick is in the preferred pool. Each is checked here against the
+straightforward version it replaces (``bench/placement_speed.py --dump`` checks whole decision
+sequences before and after a change).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from inferplane.placement import framework
+from inferplane.placement.framework import CandidateRecord, Decision, Envelope, Scored, Spillover
+from inferplane.placement.plugins.affinity import PrefixMatcher, _common_prefix
+from tests.placement_helpers import cycle, fleet, plugin, profile, snapshot, state, sub
+
+
+def _naive_common_prefix(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+hashes = st.lists(st.integers(0, 3), min_size=1, max_size=40).map(tuple)
+
+
+@settings(max_examples=300, deadline=None)
+@given(a=hashes, b=hashes)
+def test_common_prefix_matches_the_element_by_element_loop(
+    a: tuple[int, ...], b: tuple[int, ...]
+) -> None:
+    b = (a[0], *b[1:])  # the caller guarantees equal first blocks
+    assert _common_prefix(a, b) == _naive_common_prefix(a, b)
+
+
+@settings(max_examples=100, deadline=None)
+@given(recent=st.lists(hashes, max_size=12), engine=hashes)
+def test_pending_is_the_longest_shared_run_of_recent_picks(
+    recent: list[tuple[int, ...]], engine: tuple[int, ...]
+) -> None:
+    m = PrefixMatcher("auto", 100, 64, pending_s=10.0)
+    m.recent["e"] = deque((5.0, hs) for hs in recent)
+    expect = max(
+        (_naive_common_prefix(hs, engine) for hs in recent if hs[0] == engine[0]), default=0
+    )
+    assert m._pending("e", engine, now=6.0) == expect
+
+
+def test_slot_factories_build_what_the_constructors_build() -> None:
+    fl = fleet(sub("a", n=1))
+    snap = snapshot(fl)
+    view = snap.endpoints[0]
+    scores = {"load": 0.5}
+    ann = {"ttft_s": 0.1}
+    assert repr(framework._scored(view, 1.5, scores)) == repr(Scored(view, 1.5, scores))
+    assert framework._scored(view, 1.5, scores) == Scored(view, 1.5, scores)
+    made = framework._record("a-0", "a", scores, 2.0, ann)
+    plain = CandidateRecord(
+        endpoint="a-0", substrate="a", scores=scores, total=2.0, annotations=ann
+    )
+    assert made == plain and repr(made) == repr(plain)
+    rej = framework._rejected(view, "health", "failing /health")
+    assert rej == CandidateRecord(
+        endpoint="a-0", substrate="a", rejected_by="health", reason="failing /health"
+    )
+    prof = profile()
+    spill = Spillover("r", "a-0", "a-0", "eu-west", "us-east")
+    args = ("d1", "default", prof, (plain,), view, {"health": 1}, Envelope(0.1), spill, ("n",),
+            {"t": 1.0}, 7, 3.5)
+    fast = framework._decision(*args)
+    slow = Decision(*args)  # type: ignore[arg-type]
+    assert fast == slow and repr(fast) == repr(slow)
+
+
+def test_spillover_early_return_leaves_no_trace_when_the_pick_is_preferred() -> None:
+    fl = fleet(sub("eu", n=2), sub("us", region="us-east", jurisdiction="us", capacity="burst"))
+    snap = snapshot(fl)
+    picker = plugin("slo-first")
+    scored = [Scored(v, 0.0, {}) for v in snap.endpoints]
+    for region in ("eu-west", None):
+        c = cycle(profile(client_region=region), snap)
+        choice = picker.pick(c, scored)
+        assert choice.view.endpoint.substrate.region == "eu-west"
+        assert c.spillover is None and c.notes == []
+
+
+def test_latency_reuses_load_terms_only_for_the_same_state_and_idle_context() -> None:
+    """predicted-latency caches what an endpoint's state determines; an idle endpoint's terms
+    also depend on the request (prompt + max output), so a different request recomputes."""
+    fl = fleet(sub("a", n=2))
+    busy = state(inflight=3, inflight_tokens=9000, pending_prefill=1, pending_prefill_tokens=500)
+    snap = snapshot(fl, {"a-0": busy})  # a-1 idle
+    warm = plugin("predicted-latency")
+    requests = [profile(prompt_tokens=p, max_output_tokens=o) for p, o in
+                [(1000, 200), (4000, 50), (1000, 200), (30, 3000)]]
+    for prof in requests:
+        fresh = plugin("predicted-latency")
+        c_warm, c_fresh = cycle(prof, snap), cycle(prof, snap)
+        assert warm.score(c_warm, list(snap.endpoints)) == fresh.score(
+            c_fresh, list(snap.endpoints)
+        )
+        assert c_warm.annotations == c_fresh.annotations
