@@ -229,8 +229,48 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def plot(rows: list[dict[str, Any]], path: Path, title: str) -> bool:
+    """Medians with min–max bars: TTFT p50/p90/p99 per router, and the fleet's prefix hit rate."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    if not rows:
+        return False
+    x = list(range(len(rows)))
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8.0, 7.0), sharex=True,
+                                   gridspec_kw={"height_ratios": [3, 2]})
+
+    def bars(ax: Any, key: str, xs: list[float], w: float, scale: float, **kw: Any) -> None:
+        med = [scale * r[key]["median"] for r in rows]
+        lo = [m - scale * r[key]["min"] for m, r in zip(med, rows, strict=True)]
+        hi = [scale * r[key]["max"] - m for m, r in zip(med, rows, strict=True)]
+        ax.bar(xs, med, w, yerr=[lo, hi], capsize=3, **kw)
+
+    w = 0.27
+    for i, (q, color) in enumerate((("p50", "#4c72b0"), ("p90", "#dd8452"), ("p99", "#c44e52"))):
+        bars(ax1, f"ttft_{q}_ms", [xi + (i - 1) * w for xi in x], w, 1.0, label=f"TTFT {q}",
+             color=color)
+    ax1.set_ylabel("TTFT (ms)")
+    ax1.legend()
+    ax1.set_title(title, fontsize=9)
+    ax1.grid(axis="y", alpha=0.3)
+    bars(ax2, "hit_rate", [float(xi) for xi in x], 0.6, 100.0, color="#55a868")
+    ax2.set_ylabel("prefix hit %")
+    ax2.set_xticks(x)
+    ax2.set_xticklabels([r["name"] for r in rows], rotation=20, ha="right", fontsize=8)
+    ax2.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def render(doc: dict[str, Any], out: Path) -> str:
-    """results.md from a results.json document."""
+    """results.md (and results.png) from a results.json document."""
     sl = next((r["slice"] for r in doc["results"] if r.get("slice")), {})
     eng = doc["engines"]
     m = doc["machine"]
@@ -259,6 +299,10 @@ def render(doc: dict[str, Any], out: Path) -> str:
         f"{len(done)} (order alternates). Medians, (min–max) over the repetitions.", "",
         table(doc.get("summary") or aggregate(doc["results"])), "",
     ]
+    rows = doc.get("summary") or aggregate(doc["results"])
+    if plot(rows, out / "results.png", f"3 × vLLM CPU, {len(done)} repetitions: medians, "
+            "bars min–max"):
+        lines += ["![TTFT and prefix hit rate per router](results.png)", ""]
     bad = [r for r in doc["results"] if r.get("status") != "ok"]
     if bad:
         lines += ["Not measured:", "", *(f"- rep {r.get('rep')} {r['name']}: {r.get('status')}"
