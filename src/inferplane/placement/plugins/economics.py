@@ -117,10 +117,10 @@ class Cost(Plugin):
     Cost: per-token prices ``(uncached × input + cached × cached_input + out × output) ÷ 1e6``
     with ``out = output_fraction × max_output_tokens``; hourly substrates amortise
     ``hourly_usd ÷ 3600 × duration ÷ max_concurrency`` with ``duration = TTFT + out × ITL``
-    — the time the physics model predicts: predicted-latency's *uncorrected*
-    ``ttft_raw_s − queue_s`` plus the region RTT, and ``itl_raw_s``, when present (the queue
-    ahead and an endpoint's momentary slowness are not work this request buys, and identical
-    endpoints at one price must cost the same), else a roofline estimate at the current batch
+    — the time the physics model predicts: predicted-latency's *uncorrected* ``ttft_raw_s``
+    (the gateway's own queue model included) plus the region RTT, and ``itl_raw_s``, when
+    present (an endpoint's momentary measured slowness would make identical endpoints at one
+    price cost differently), else a roofline estimate at the current batch
     ``max(in-flight, engine running) + 1`` — see `inferplane.fleet.pricing`. The score
     ranks ``cost × burst_factor`` for burst capacity (reserved preferred), min–max normalised.
     Annotates ``cost_usd`` (unweighted).
@@ -181,17 +181,16 @@ class Cost(Plugin):
             if pr.hourly is None:
                 usd = uncached * pr.input + (prompt - uncached) * pr.cached + out_tok * pr.output
             else:
-                # The physics model's hardware time, not the corrected latency: the queue ahead
-                # and an endpoint's momentary slowness are not work this request buys, and two
-                # identical endpoints at one price must cost the same.
+                # The physics model's time, not the corrected latency: the observed ITL of two
+                # identical endpoints at one price differs by tens of percent from moment to
+                # moment, which made their costs differ and outvote prefix affinity.
                 ttft, itl = ann.get("ttft_raw_s"), ann.get("itl_raw_s")
                 if ttft is not None:
                     region = pr.region
                     rtt = rtts.get(region)
                     if rtt is None:
                         rtt = rtts[region] = fleet.rtt_s(client, region)
-                    x = ttft - ann.get("queue_s", 0.0)
-                    ttft = (x if x > 0.0 else 0.0) + rtt  # max(0.0, x) + rtt
+                    ttft = ttft + rtt
                 if ttft is None or itl is None:
                     ttft, itl = self._estimate(pr.roofline, c, prompt, out_tok)
                 duration = ttft + out_tok * itl
