@@ -1,8 +1,8 @@
 """The placement hot path's shortcuts give exactly what the plain code gives.
 
-``place`` builds its `Scored`, `CandidateRecord` and `Decision` objects through slot setters,
-the prefix matcher finds common prefixes by a binary search over slices, and the slo-first
-picker returns early when the pick is in the preferred pool. Each is checked here against the
+The prefix matcher finds common prefixes by a binary search over slices, the slo-first picker
+returns early when the pick is in the preferred pool, and predicted-latency reuses the load
+terms of an unchanged endpoint state. Each is checked here against the
 straightforward version it replaces (``bench/placement_speed.py --dump`` checks whole decision
 sequences before and after a change).
 """
@@ -14,8 +14,7 @@ from collections import deque
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from inferplane.placement import framework
-from inferplane.placement.framework import CandidateRecord, Decision, Envelope, Scored, Spillover
+from inferplane.placement.framework import Scored
 from inferplane.placement.plugins.affinity import PrefixMatcher, _common_prefix
 from tests.placement_helpers import cycle, fleet, plugin, profile, snapshot, state, sub
 
@@ -52,32 +51,6 @@ def test_pending_is_the_longest_shared_run_of_recent_picks(
         (_naive_common_prefix(hs, engine) for hs in recent if hs[0] == engine[0]), default=0
     )
     assert m._pending("e", engine, now=6.0) == expect
-
-
-def test_slot_factories_build_what_the_constructors_build() -> None:
-    fl = fleet(sub("a", n=1))
-    snap = snapshot(fl)
-    view = snap.endpoints[0]
-    scores = {"load": 0.5}
-    ann = {"ttft_s": 0.1}
-    assert repr(framework._scored(view, 1.5, scores)) == repr(Scored(view, 1.5, scores))
-    assert framework._scored(view, 1.5, scores) == Scored(view, 1.5, scores)
-    made = framework._record("a-0", "a", scores, 2.0, ann)
-    plain = CandidateRecord(
-        endpoint="a-0", substrate="a", scores=scores, total=2.0, annotations=ann
-    )
-    assert made == plain and repr(made) == repr(plain)
-    rej = framework._rejected(view, "health", "failing /health")
-    assert rej == CandidateRecord(
-        endpoint="a-0", substrate="a", rejected_by="health", reason="failing /health"
-    )
-    prof = profile()
-    spill = Spillover("r", "a-0", "a-0", "eu-west", "us-east")
-    args = ("d1", "default", prof, (plain,), view, {"health": 1}, Envelope(0.1), spill, ("n",),
-            {"t": 1.0}, 7, 3.5)
-    fast = framework._decision(*args)
-    slow = Decision(*args)  # type: ignore[arg-type]
-    assert fast == slow and repr(fast) == repr(slow)
 
 
 def test_spillover_early_return_leaves_no_trace_when_the_pick_is_preferred() -> None:

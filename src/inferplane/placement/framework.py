@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict
@@ -39,8 +39,15 @@ class CycleState:
     notes: list[str] = field(default_factory=list)
     spillover: Spillover | None = None
 
+    def annotations_of(self, endpoint: str) -> dict[str, float]:
+        """The endpoint's annotations, created empty on first use."""
+        ann = self.annotations.get(endpoint)
+        if ann is None:
+            ann = self.annotations[endpoint] = {}
+        return ann
+
     def annotate(self, endpoint: str, key: str, value: float) -> None:
-        self.annotations.setdefault(endpoint, {})[key] = value
+        self.annotations_of(endpoint)[key] = value
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,14 +254,10 @@ def place(
     for f in policy.filters:
         if not candidates:
             break
+        t0 = timer() if timer else 0.0
+        result = f.filter(cycle, candidates)
         if timer:
-            t0 = timer()
-            result = f.filter(cycle, candidates)
-            timings[_FILTER_KEYS.get(f.name) or _key(_FILTER_KEYS, "filter:", f.name)] = (
-                timer() - t0
-            )
-        else:
-            result = f.filter(cycle, candidates)
+            timings[f"filter:{f.name}"] = timer() - t0
         rejected = result.rejected
         if rejected:
             fname = f.name
@@ -272,14 +275,10 @@ def place(
         per: list[dict[str, float]] = [{} for _ in candidates]
         totals = [0.0] * n
         for s, weight in policy.scorers:
+            t0 = timer() if timer else 0.0
+            values = s.score(cycle, candidates)
             if timer:
-                t0 = timer()
-                values = s.score(cycle, candidates)
-                timings[_SCORE_KEYS.get(s.name) or _key(_SCORE_KEYS, "score:", s.name)] = (
-                    timer() - t0
-                )
-            else:
-                values = s.score(cycle, candidates)
+                timings[f"score:{s.name}"] = timer() - t0
             if len(values) != n:  # a plugin bug: never score silently by position
                 raise ValueError(
                     f"scorer {s.name!r} returned {len(values)} values for {n} candidates"
@@ -292,146 +291,50 @@ def place(
                     v = 1.0
                 per[i][name] = v
                 totals[i] += weight * v
-        scored = [_scored(c, t, d) for c, t, d in zip(candidates, totals, per, strict=True)]
+        scored = [Scored(c, t, d) for c, t, d in zip(candidates, totals, per, strict=True)]
         picker = policy.picker
+        t0 = timer() if timer else 0.0
+        picked = picker.pick(cycle, scored)
         if timer:
-            t0 = timer()
-            picked = picker.pick(cycle, scored)
-            timings[_PICK_KEYS.get(picker.name) or _key(_PICK_KEYS, "pick:", picker.name)] = (
-                timer() - t0
-            )
-        else:
-            picked = picker.pick(cycle, scored)
+            timings[f"pick:{picker.name}"] = timer() - t0
         picked_view = picked.view
         for obs in policy.observers:
             obs.on_picked(cycle, picked_view)
         for sc in scored:
             view = sc.view
             name = view.name
-            a = annotations.get(name)
-            records[name] = _record(
-                name, view.endpoint.substrate.name, sc.scores, sc.total, {} if a is None else a
+            records[name] = CandidateRecord(
+                endpoint=name,
+                substrate=view.endpoint.substrate.name,
+                scores=sc.scores,
+                total=sc.total,
+                annotations=annotations.get(name, {}),
             )
 
     ordered = tuple(
         [records.get(v.name) or _rejected(v, "?", "not evaluated") for v in endpoints]
     )
-    predicted = _NO_ENVELOPE
+    predicted = Envelope()
     if picked is not None:
         a = annotations.get(picked.view.name) or {}
         predicted = Envelope(a.get("ttft_s"), a.get("itl_s"), a.get("cost_usd"))
-    return _decision(
-        decision_id,
-        policy.name,
-        profile,
-        ordered,
-        picked.view if picked is not None else None,
-        removed,
-        predicted,
-        cycle.spillover,
-        tuple(cycle.notes),
-        timings,
-        snapshot.version,
-        snapshot.now,
+    return Decision(
+        decision_id=decision_id,
+        policy=policy.name,
+        profile=profile,
+        candidates=ordered,
+        picked=picked.view if picked is not None else None,
+        removed_by=removed,
+        predicted=predicted,
+        spillover=cycle.spillover,
+        notes=tuple(cycle.notes),
+        timings_s=timings,
+        snapshot_version=snapshot.version,
+        at=snapshot.now,
     )
 
 
-# -- hot-path helpers ---------------------------------------------------------------------------
-# ``place`` builds one `Scored` and one `CandidateRecord` per endpoint, and a `Decision`, per
-# decision. Their dataclass ``__init__`` sets each field through ``object.__setattr__`` (they are
-# frozen); these factories set the very same slots through the slot descriptors (about twice as
-# fast) and give identical objects. Every field is set: checked at import below.
-
-
-_Setter = Callable[[object, object], None]
-
-
-def _slot_setters(cls: type, names: tuple[str, ...]) -> tuple[_Setter, ...]:
-    if tuple(f.name for f in fields(cls)) != names:  # a field was added, removed or reordered
-        raise AssertionError(f"update the {cls.__name__} factory in placement/framework.py")
-    return tuple(vars(cls)[n].__set__ for n in names)
-
-
-_new = object.__new__
-_set_view, _set_total, _set_scores = _slot_setters(Scored, ("view", "total", "scores"))
-(
-    _set_endpoint,
-    _set_substrate,
-    _set_rejected_by,
-    _set_reason,
-    _set_rscores,
-    _set_rtotal,
-    _set_annotations,
-) = _slot_setters(
-    CandidateRecord,
-    ("endpoint", "substrate", "rejected_by", "reason", "scores", "total", "annotations"),
-)
-_DECISION_SETTERS = _slot_setters(
-    Decision,
-    (
-        "decision_id",
-        "policy",
-        "profile",
-        "candidates",
-        "picked",
-        "removed_by",
-        "predicted",
-        "spillover",
-        "notes",
-        "timings_s",
-        "snapshot_version",
-        "at",
-    ),
-)
-_NO_ENVELOPE = Envelope()
-# plugin name → timing key ("filter:NAME", …): built once per name, not per decision
-_FILTER_KEYS: dict[str, str] = {}
-_SCORE_KEYS: dict[str, str] = {}
-_PICK_KEYS: dict[str, str] = {}
-
-
-def _key(keys: dict[str, str], role: str, name: str) -> str:
-    key = keys[name] = role + name
-    return key
-
-
-def _decision(*values: object) -> Decision:
-    """``Decision(*values)``, every field given, in field order."""
-    d: Decision = _new(Decision)
-    for setter, value in zip(_DECISION_SETTERS, values, strict=True):
-        setter(d, value)
-    return d
-
-
-def _scored(view: EndpointView, total: float, scores: dict[str, float]) -> Scored:
-    """``Scored(view, total, scores)``."""
-    s: Scored = _new(Scored)
-    _set_view(s, view)
-    _set_total(s, total)
-    _set_scores(s, scores)
-    return s
-
-
-def _record(
-    endpoint: str,
-    substrate: str,
-    scores: dict[str, float],
-    total: float | None,
-    annotations: dict[str, float],
-    rejected_by: str | None = None,
-    reason: str | None = None,
-) -> CandidateRecord:
-    """``CandidateRecord(endpoint, substrate, rejected_by, reason, scores, total, annotations)``."""
-    r: CandidateRecord = _new(CandidateRecord)
-    _set_endpoint(r, endpoint)
-    _set_substrate(r, substrate)
-    _set_rejected_by(r, rejected_by)
-    _set_reason(r, reason)
-    _set_rscores(r, scores)
-    _set_rtotal(r, total)
-    _set_annotations(r, annotations)
-    return r
-
-
 def _rejected(v: EndpointView, by: str, reason: str) -> CandidateRecord:
-    return _record(v.name, v.endpoint.substrate.name, {}, None, {}, by, reason)
+    return CandidateRecord(
+        endpoint=v.name, substrate=v.endpoint.substrate.name, rejected_by=by, reason=reason
+    )

@@ -95,7 +95,7 @@ class PrefixMatcher:
         engine = cycle.profile.engine_block_hashes
         if precise is None or not engine:
             if own is None:
-                return [0] * len(candidates)
+                return [0.0] * len(candidates)
             match = own.match_length
             return [match(c.name, hashes) for c in candidates]
         covers = getattr(precise, "covers", None)
@@ -177,13 +177,8 @@ class PrefixAffinity(Plugin):
         if total == 0:
             return [0.0] * len(candidates)
         matched = self.matcher.matches(cycle, candidates)
-        annotations = cycle.annotations
         for c, m in zip(candidates, matched, strict=True):
-            ann = annotations.get(c.name)
-            if ann is None:
-                annotations[c.name] = {"prefix_match": float(m)}
-            else:
-                ann["prefix_match"] = float(m)
+            cycle.annotations_of(c.name)["prefix_match"] = float(m)
         return [m / total for m in matched]
 
     def on_picked(self, cycle: CycleState, picked: EndpointView) -> None:

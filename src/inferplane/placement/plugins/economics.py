@@ -66,12 +66,7 @@ class Load(Plugin):
         out: list[float] = []
         for c in candidates:
             s = c.state
-            stale = s.stale
-            waiting = s.waiting
-            # s.queue_depth, inlined
-            x = (s.inflight + (0.0 if stale or waiting is None else waiting)) / (
-                c.endpoint.spec.max_concurrency
-            )
+            x = (s.inflight + s.queue_depth) / c.endpoint.spec.max_concurrency
             conc = x if x < 1.0 else 1.0  # min(1.0, x)
             blocks, block_size = s.num_gpu_blocks, s.block_size
             if blocks and block_size:
@@ -81,7 +76,7 @@ class Load(Plugin):
             x = s.inflight_tokens / cap
             tok = x if x < 1.0 else 1.0
             kv_usage = s.kv_usage
-            kv = kv_usage if not stale and kv_usage is not None else 0.0
+            kv = kv_usage if not s.stale and kv_usage is not None else 0.0
             out.append(1.0 - (wq * conc + wt * tok + wk * kv) / norm)
         return out
 
@@ -160,7 +155,6 @@ class Cost(Plugin):
     def score(self, cycle: CycleState, candidates: list[EndpointView]) -> Sequence[float]:
         prof = cycle.profile
         fleet = cycle.snapshot.fleet
-        annotations = cycle.annotations
         out_tok = self.p.output_fraction * prof.max_output_tokens
         burst_factor = self.p.burst_factor
         prompt = prof.prompt_tokens
@@ -173,9 +167,7 @@ class Cost(Plugin):
         for c in candidates:
             ep = c.endpoint
             pr = prices.get(ep) or self._price(ep, model)
-            ann = annotations.get(c.name)
-            if ann is None:
-                ann = annotations[c.name] = {}
+            ann = cycle.annotations_of(c.name)
             u = ann.get("uncached_tokens", fprompt)
             uncached = u if u < fprompt else fprompt  # min(float(prompt), u)
             if pr.hourly is None:
@@ -259,7 +251,6 @@ class Locality(Plugin):
 
         # Everything but the egress normalisation depends only on the endpoint's region:
         # computed once per region, in the same order of operations as per candidate.
-        annotations = cycle.annotations
         per_region: dict[str, tuple[float, float]] = {}
         cand_regions: list[str] = []
         egress: list[float] = []
@@ -277,12 +268,9 @@ class Locality(Plugin):
             rtt, e = got
             cand_regions.append(region)
             egress.append(e)
-            ann = annotations.get(c.name)
-            if ann is None:
-                annotations[c.name] = {"rtt_s": rtt, "egress_usd": e}
-            else:
-                ann["rtt_s"] = rtt
-                ann["egress_usd"] = e
+            ann = cycle.annotations_of(c.name)
+            ann["rtt_s"] = rtt
+            ann["egress_usd"] = e
         emax = max(egress)
         scores: dict[str, float] = {}
         for region, (rtt, e) in per_region.items():

@@ -106,7 +106,6 @@ class PredictedLatency(Plugin):
         self._load: dict[str, dict[Endpoint, tuple[EndpointState, float, int, int, float, float]]]
         self._load = {}
         self._kmin, self._kmax = params.correction_min, params.correction_max
-        self._block_tokens = params.block_tokens
         self._unknown_ttft, self._unknown_itl = params.unknown_ttft_s, params.unknown_itl_s
         self._ref_ttft = params.reference_ttft_s
         self._ewma: dict[str, tuple[float, float]] = {}  # endpoint → (ttft, itl) predictions
@@ -133,7 +132,6 @@ class PredictedLatency(Plugin):
     def score(self, cycle: CycleState, candidates: list[EndpointView]) -> Sequence[float]:
         prof = cycle.profile
         fleet = cycle.snapshot.fleet
-        annotations = cycle.annotations
         prompt = prof.prompt_tokens
         idle_ctx = float(prompt + prof.max_output_tokens)
         ttft_slo, itl_slo = prof.ttft_slo_s, prof.itl_slo_s
@@ -219,20 +217,14 @@ class PredictedLatency(Plugin):
                     if y > x:
                         x = y
                 meets = x <= 1.0
-            values = {
-                "ttft_s": ttft,
-                "ttft_raw_s": raw_t,  # uncorrected: the gateway feeds back actual ÷ this
-                "itl_s": itl,
-                "itl_raw_s": raw_i,  # uncorrected, as ttft_raw_s (the cost scorer's input)
-                "queue_s": queue_s,
-                "uncached_tokens": float(uncached),
-                "meets_slo": 1.0 if meets else 0.0,
-            }
-            ann = annotations.get(name)
-            if ann is None:
-                annotations[name] = values
-            else:
-                ann.update(values)  # same keys, same order as setting them one by one
+            ann = cycle.annotations_of(name)
+            ann["ttft_s"] = ttft
+            ann["ttft_raw_s"] = raw_t  # uncorrected: the gateway feeds back actual ÷ this
+            ann["itl_s"] = itl
+            ann["itl_raw_s"] = raw_i  # uncorrected, as ttft_raw_s (the cost scorer's input)
+            ann["queue_s"] = queue_s
+            ann["uncached_tokens"] = float(uncached)
+            ann["meets_slo"] = 1.0 if meets else 0.0
             append(1.0 / (1.0 + x))
         cycle.data[self._key] = raw
         return out

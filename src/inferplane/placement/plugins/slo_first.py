@@ -75,10 +75,7 @@ class SloFirst(Plugin):
             if p.prefer_reserved:
                 reserved = [sa for sa in meets if _reserved(sa[0].view)]
                 pool = reserved or meets
-            if p.include_egress:
-                costs = [a.get("cost_usd", 0.0) + a.get("egress_usd", 0.0) for _, a in pool]
-            else:
-                costs = [a.get("cost_usd", 0.0) for _, a in pool]
+            costs = [self._cost(a) for _, a in pool]
             limit = min(costs) * (1.0 + p.cost_tolerance) + p.cost_epsilon_usd
             tied = [s for (s, _), c in zip(pool, costs, strict=True) if c <= limit]
         elif p.when_none_meets == "score":
@@ -101,8 +98,9 @@ class SloFirst(Plugin):
 
     def _spillover(self, cycle: CycleState, scored: list[Scored], choice: Scored) -> None:
         region = cycle.profile.client_region
-        sub = choice.view.endpoint.substrate
-        if region is not None and sub.capacity_class == "reserved" and sub.region == region:
+        chosen_region = choice.view.endpoint.substrate.region
+        in_pool = _reserved(choice.view)
+        if in_pool and chosen_region == region:
             return  # the pick is in the preferred pool (the common case): no spillover
         ann = cycle.annotations
         empty: dict[str, float] = {}
@@ -112,7 +110,7 @@ class SloFirst(Plugin):
             if reserved:
                 cheapest = min(reserved, key=lambda s: self._cost(ann.get(s.view.name, empty)))
                 region = cheapest.view.endpoint.substrate.region
-                if sub.capacity_class == "reserved" and sub.region == region:
+                if in_pool and chosen_region == region:
                     return  # the pick is in the preferred pool
             else:
                 sat = [v for v in saturated if _reserved(v)]
