@@ -2,30 +2,13 @@
 
 Label sets are bounded: endpoint and substrate names come from config, ``code`` from a fixed set of
 HTTP statuses, plugin names from config.
-
-The metrics every request updates (about twenty increments and observations per request) are
-`FastCounter` and `FastHistogram`: plain floats behind a custom collector, exported exactly as
-prometheus_client's ``Counter`` and ``Histogram`` export them (``_total``/``_created``,
-``_bucket``/``_count``/``_sum``/``_created``), without prometheus_client's per-update lock and
-checks. They are updated and collected on the event loop's thread only. Gauges, and counters
-that move only on failures, stay prometheus_client's own.
 """
 
 from __future__ import annotations
 
-import math
-import time
-from bisect import bisect_left
-from collections.abc import Callable, Sequence
-from typing import Any, cast
+from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
-from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
-from prometheus_client.registry import Collector
-from prometheus_client.samples import Sample
-from prometheus_client.utils import floatToGoString
-
-_go_float = cast(Callable[[float], str], floatToGoString)  # how prometheus_client writes ``le``
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _LATENCY_BUCKETS = (
     0.005,
@@ -45,144 +28,14 @@ _LATENCY_BUCKETS = (
 _PLUGIN_BUCKETS = (1e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3)
 
 
-class CounterChild:
-    """One labelled series of a `FastCounter`."""
-
-    __slots__ = ("created", "value")
-
-    def __init__(self) -> None:
-        self.value = 0.0
-        self.created = time.time()
-
-    def inc(self, amount: float = 1.0) -> None:
-        if amount < 0:
-            raise ValueError("Counters can only be incremented by non-negative amounts.")
-        self.value += amount
-
-
-class HistogramChild:
-    """One labelled series of a `FastHistogram`: per-bucket counts (not cumulative) and a sum."""
-
-    __slots__ = ("bounds", "counts", "created", "sum")
-
-    def __init__(self, bounds: tuple[float, ...]) -> None:
-        self.bounds = bounds  # ascending, +Inf last
-        self.counts = [0.0] * len(bounds)
-        self.sum = 0.0
-        self.created = time.time()
-
-    def observe(self, amount: float) -> None:
-        self.sum += amount
-        if amount == amount:  # NaN falls in no bucket, as with prometheus_client
-            self.counts[bisect_left(self.bounds, amount)] += 1.0
-
-
-class _FastMetric(Collector):
-    """A labelled metric family registered as a custom collector; children are created on
-    first use of a label set and kept (label sets are bounded, see the module docstring)."""
-
-    def __init__(
-        self, name: str, documentation: str, labelnames: Sequence[str], registry: CollectorRegistry
-    ) -> None:
-        self.name = name
-        self.documentation = documentation
-        self.labelnames = tuple(labelnames)
-        self._children: dict[tuple[str, ...], Any] = {}
-        registry.register(self)
-
-    def _new_child(self) -> Any:
-        raise NotImplementedError
-
-    def labels(self, *values: str) -> Any:
-        child = self._children.get(values)
-        if child is None:
-            if len(values) != len(self.labelnames):
-                raise ValueError(f"{self.name}: expected labels {self.labelnames}, got {values}")
-            child = self._children[values] = self._new_child()
-        return child
-
-    def _family(self) -> Metric:
-        raise NotImplementedError
-
-    def describe(self) -> list[Metric]:
-        return [self._family()]
-
-    def collect(self) -> list[Metric]:
-        raise NotImplementedError
-
-
-class FastCounter(_FastMetric):
-    """A labelled counter, exported as prometheus_client's ``Counter`` is."""
-
-    def _new_child(self) -> CounterChild:
-        return CounterChild()
-
-    def labels(self, *values: str) -> CounterChild:
-        child: CounterChild = super().labels(*values)
-        return child
-
-    def _family(self) -> CounterMetricFamily:
-        return CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
-
-    def collect(self) -> list[Metric]:
-        family = self._family()
-        for values, c in list(self._children.items()):
-            family.add_metric(values, c.value, created=c.created)
-        return [family]
-
-
-class FastHistogram(_FastMetric):
-    """A labelled histogram, exported as prometheus_client's ``Histogram`` is."""
-
-    def __init__(
-        self,
-        name: str,
-        documentation: str,
-        labelnames: Sequence[str],
-        registry: CollectorRegistry,
-        buckets: Sequence[float],
-    ) -> None:
-        bounds = tuple(float(b) for b in buckets)
-        if not bounds or bounds[-1] != math.inf:
-            bounds += (math.inf,)
-        if list(bounds) != sorted(bounds) or bounds[0] < 0:
-            raise ValueError(f"{name}: buckets must be ascending and non-negative")
-        self.bounds = bounds
-        self._le = [_go_float(b) for b in bounds]
-        super().__init__(name, documentation, labelnames, registry)
-
-    def _new_child(self) -> HistogramChild:
-        return HistogramChild(self.bounds)
-
-    def labels(self, *values: str) -> HistogramChild:
-        child: HistogramChild = super().labels(*values)
-        return child
-
-    def _family(self) -> HistogramMetricFamily:
-        return HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
-
-    def collect(self) -> list[Metric]:
-        family = self._family()
-        for values, c in list(self._children.items()):
-            acc, buckets = 0.0, []
-            for le, n in zip(self._le, c.counts, strict=True):
-                acc += n
-                buckets.append((le, acc))
-            family.add_metric(values, buckets, c.sum)
-            labels = dict(zip(self.labelnames, values, strict=True))
-            family.samples.append(Sample(self.name + "_created", labels, c.created))
-        return [family]
-
-
 class GatewayMetrics:
     """Every metric the gateway exports."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
-        self._plugin_children: dict[str, HistogramChild] = {}
         r = self.registry
-        self.requests = FastCounter(
+        self.requests = Counter(
             "inferplane_requests",
             "Requests answered, by API, endpoint and HTTP status",
             ["api", "endpoint", "code"],
@@ -220,14 +73,14 @@ class GatewayMetrics:
             ["workload_class", "from_region", "to_region"],
             registry=r,
         )
-        self.ttft = FastHistogram(
+        self.ttft = Histogram(
             "inferplane_ttft_seconds",
             "Time to first token seen by the gateway",
             ["endpoint"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
-        self.placement = FastHistogram(
+        self.placement = Histogram(
             "inferplane_placement_plugin_seconds",
             "Time spent in each placement plugin, by stage and plugin",
             ["stage", "plugin"],
@@ -304,39 +157,39 @@ class GatewayMetrics:
     def _admission_metrics(self, r: CollectorRegistry) -> None:
         """Admission and cost attribution. ``tenant`` and ``workload_class`` come from config;
         workflows are never a label (see ``GET /v1/usage``); ``reason`` is a fixed set of codes."""
-        self.admitted_requests = FastCounter(
+        self.admitted_requests = Counter(
             "inferplane_admission_requests",
             "Requests that reached the retry check of admission, by tenant and class",
             ["tenant", "workload_class"],
             registry=r,
         )
-        self.admission_rejected = FastCounter(
+        self.admission_rejected = Counter(
             "inferplane_admission_rejected",
             "Requests refused by admission, by tenant and reason code",
             ["tenant", "reason"],
             registry=r,
         )
-        self.client_retries = FastCounter(
+        self.client_retries = Counter(
             "inferplane_client_retries",
             "Requests recognised as client retries (Idempotency-Key or same body and key); "
             "retry rate = this / inferplane_admission_requests",
             ["tenant", "workload_class"],
             registry=r,
         )
-        self.max_tokens_clamped = FastCounter(
+        self.max_tokens_clamped = Counter(
             "inferplane_max_tokens_clamped",
             "Requests whose max_tokens was clamped to a ceiling",
             ["tenant", "workload_class"],
             registry=r,
         )
-        self.tool_fanout = FastHistogram(
+        self.tool_fanout = Histogram(
             "inferplane_agent_tool_fanout",
             "Tools offered and tool results carried per agent step",
             ["workload_class", "kind"],
             buckets=(0, 1, 2, 4, 8, 16, 32, 64),
             registry=r,
         )
-        self.queue_wait = FastHistogram(
+        self.queue_wait = Histogram(
             "inferplane_admission_queue_wait_seconds",
             "Time waited in the admission queue for a free slot, by priority band",
             ["band"],
@@ -354,13 +207,13 @@ class GatewayMetrics:
             "Re-placements refused because the retry budget was spent",
             registry=r,
         )
-        self.tenant_tokens = FastCounter(
+        self.tenant_tokens = Counter(
             "inferplane_tenant_tokens",
             "Tokens served, by tenant, class and kind (prompt or completion)",
             ["tenant", "workload_class", "kind"],
             registry=r,
         )
-        self.tenant_cost = FastCounter(
+        self.tenant_cost = Counter(
             "inferplane_tenant_cost_usd",
             "Actual cost attributed, by tenant and class",
             ["tenant", "workload_class"],
@@ -370,13 +223,9 @@ class GatewayMetrics:
     def observe_placement(self, timings_s: dict[str, float]) -> None:
         """A decision's plugin timings (``"stage:plugin": seconds``) into
         ``inferplane_placement_plugin_seconds``."""
-        children = self._plugin_children
         for key, seconds in timings_s.items():
-            c = children.get(key)
-            if c is None:
-                stage, _, plugin = key.partition(":")
-                c = children[key] = self.placement.labels(stage, plugin)
-            c.observe(seconds)
+            stage, _, plugin = key.partition(":")
+            self.child(self.placement, stage, plugin).observe(seconds)
 
     def child(self, metric: Any, *labels: str) -> Any:
         """``metric.labels(*labels)``, cached: the request path avoids prometheus' label lookup."""
