@@ -19,9 +19,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from inferplane.admission.controller import Ticket
 from inferplane.admission.queue import BANDS
 from inferplane.api.pipeline import Attempt, Gateway, parse_usage
-from inferplane.api.validation import parse_json, validate
 from inferplane.batch import routes as batch_routes
-from inferplane.dispatch.upstream import Dispatcher, SSEUsageFilter, StreamStats
+from inferplane.core.validation import parse_json, validate
+from inferplane.dispatch.answer import StreamStats
+from inferplane.dispatch.upstream import Dispatcher, SSEUsageFilter
 from inferplane.errors import (
     GatewayError,
     InvalidRequestError,
@@ -343,7 +344,8 @@ def build_app(gateway: Gateway) -> web.Application:
 
     app.on_startup.append(on_startup)
     app.on_cleanup.append(on_cleanup)
-    batch_routes.setup(app, gateway)  # /v1/files, /v1/batches and the batch worker
+    # /v1/files, /v1/batches and the batch worker
+    batch_routes.setup(app, gateway, gateway.dispatcher)
     return app
 
 

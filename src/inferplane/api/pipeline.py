@@ -1,83 +1,34 @@
-"""The request pipeline: classify → admit → place → dispatch → account.
+"""The aiohttp gateway's adapter over the core: `Gateway` is a `core.Core` whose transport is
+the pooled upstream client (`dispatch.upstream.Dispatcher`).
 
-`Gateway` owns the long-lived parts (fleet state, scrapers, policies, upstream pool, ledger,
-metrics) and runs one request through the stages. HTTP specifics stay in `api.app`.
+Everything transport-neutral (authenticate, classify, admit, place, reserve, account) is in
+`inferplane.core`; this module adds only the upstream call and reading its answer.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import hashlib
-import logging
-import os
-import time
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any
-
 import aiohttp
-import orjson
 
-from inferplane.admission.controller import Admission, Ticket
+from inferplane.admission.controller import Ticket
 from inferplane.admission.state import AdmissionStore
-from inferplane.config.schema import FleetConfig, TenantSpec
-from inferplane.dispatch.upstream import Dispatcher, StreamStats, UpstreamAttemptFailed
-from inferplane.errors import (
-    AuthenticationError,
-    ModelNotFoundError,
-    NoEligibleEndpointError,
-    UpstreamError,
-)
-from inferplane.fleet.health import OutlierDetector, PoolHealth, pool_health
-from inferplane.fleet.kv_subscriber import KVEventSubscriber
-from inferplane.fleet.live import LiveFleet, Reservation
-from inferplane.fleet.model import Fleet
-from inferplane.fleet.prefix_index import PrefixIndex
-from inferplane.fleet.pricing import request_cost_usd
-from inferplane.fleet.scraper import HttpMetricsSource, MetricsSource, Scraper
-from inferplane.ledger.memory import MemoryLedger
-from inferplane.ledger.record import Ledger, Outcome
-from inferplane.ledger.sqlite import SqliteLedger
-from inferplane.placement.build import build_policies
-from inferplane.placement.classify import Classifier
-from inferplane.placement.framework import Decision, Policy, place
+from inferplane.config.schema import FleetConfig
+from inferplane.core.plane import API_PATHS, Core, hash_key
+from inferplane.core.plane import Attempt as CoreAttempt
+from inferplane.dispatch.answer import parse_usage
+from inferplane.dispatch.upstream import Dispatcher
+from inferplane.fleet.scraper import HttpMetricsSource, MetricsSource
+from inferplane.ledger.record import Ledger
 from inferplane.placement.profile import RequestProfile
-from inferplane.telemetry.metrics import GatewayMetrics
-from inferplane.types import ApiKind, JSONObject
+from inferplane.types import ApiKind
 
-log = logging.getLogger("inferplane.gateway")
+__all__ = ["API_PATHS", "Attempt", "Gateway", "hash_key", "parse_usage"]
 
-API_PATHS: dict[ApiKind, str] = {
-    "chat": "/v1/chat/completions",
-    "completions": "/v1/completions",
-    "embeddings": "/v1/embeddings",
-}
+Attempt = CoreAttempt[aiohttp.ClientResponse]
+"""A placed request whose upstream has answered with a status line."""
 
 
-def hash_key(key: str) -> str:
-    """The stored form of an API key: ``sha256:<hex>``."""
-    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
-
-
-@dataclass(slots=True)
-class Attempt:
-    """A placed request whose upstream has answered with a status line."""
-
-    decision: Decision
-    response: aiohttp.ClientResponse
-    reservation: Reservation
-    failed: list[str] = field(default_factory=list)
-    ticket: Ticket | None = None
-
-    @property
-    def endpoint_name(self) -> str:
-        assert self.decision.picked is not None
-        return self.decision.picked.name
-
-
-class Gateway:
-    """One gateway process's state and its request pipeline."""
+class Gateway(Core):
+    """The core driven over HTTP: the upstream is called through the shared aiohttp pool."""
 
     def __init__(
         self,
@@ -88,236 +39,33 @@ class Gateway:
         ledger: Ledger | None = None,
         admission_store: AdmissionStore | None = None,
     ) -> None:
-        self.config = config
-        self.fleet = Fleet.from_config(config)
-        g = config.gateway
-        # A precise prefix index exists only where engines publish KV events.
-        self.prefix_index: PrefixIndex | None = None
-        self.kv_events: KVEventSubscriber | None = None
-        if any(e.spec.kv_events for e in self.fleet.endpoints):
-            self.prefix_index = PrefixIndex(0)
-            self.kv_events = KVEventSubscriber(self.prefix_index, list(self.fleet.endpoints))
-        self.live = LiveFleet(
-            self.fleet, stale_after_s=g.stale_after_s, prefix_index=self.prefix_index
+        super().__init__(
+            config,
+            file,
+            metrics_source=metrics_source,
+            ledger=ledger,
+            admission_store=admission_store,
         )
-        self.policies: dict[str, Policy] = build_policies(config, file)
-        self.class_policy: dict[str, Policy] = {
-            c.name: self.policies[c.profile or g.default_profile] for c in config.classes
-        }
-        self.classifier = Classifier(config)
-        self.tenants: dict[str, TenantSpec] = {h: t for t in config.tenants for h in t.api_keys}
-        self.metrics = GatewayMetrics()
+        g = config.gateway
         self.dispatcher = Dispatcher(
             connect_timeout_s=g.connect_timeout_s, total_timeout_s=g.upstream_timeout_s
         )
-        self.ledger: Ledger = ledger or (
-            SqliteLedger(g.ledger_path, source=file) if g.ledger_path else MemoryLedger()
-        )
-        self._metrics_source = metrics_source
-        self.scraper: Scraper | None = None
-        self.admission = Admission(config, self.live, self.metrics, store=admission_store)
-        self.outliers = OutlierDetector(self.fleet, config.health.outlier)
-        self._health_task: asyncio.Task[None] | None = None
 
-    # -- lifecycle ------------------------------------------------------------------------
-    async def start(self) -> None:
-        session = await self.dispatcher.start()
-        source = self._metrics_source or HttpMetricsSource(session)
-        g = self.config.gateway
-        self.scraper = Scraper(
-            self.live, source, interval_s=g.scrape_interval_s, health_interval_s=g.health_interval_s
-        )
-        await self.scraper.prime()
-        self.scraper.start()
-        if self.config.health.outlier.enabled:
-            self._health_task = asyncio.create_task(self._health_loop())
-        if self.kv_events is not None:
-            self.kv_events.start()
-        await self.ledger.start()
-        await self.admission.start()
+    async def _start_transport(self) -> MetricsSource:
+        return HttpMetricsSource(await self.dispatcher.start())
 
-    async def stop(self) -> None:
-        """Stop everything `start` started. Every step runs even when an earlier one fails (a
-        failure is logged), so the ledger is always flushed and closed; a cancellation of the
-        stop itself is re-raised once every step ran."""
-        steps: list[tuple[str, Callable[[], Awaitable[None]]]] = [
-            ("outlier sweeps", self._stop_health),
-        ]
-        if self.scraper is not None:
-            steps.append(("scraper", self.scraper.stop))
-        if self.kv_events is not None:
-            steps.append(("KV-event subscriber", self.kv_events.stop))
-        steps += [
-            ("ledger", self.ledger.close),
-            ("admission", self.admission.close),
-            ("dispatcher", self.dispatcher.close),
-        ]
-        interrupted: BaseException | None = None
-        for what, step in steps:
-            try:
-                await step()
-            except Exception:
-                log.exception("stopping the %s failed", what)
-            except BaseException as exc:  # cancelled: finish stopping, then re-raise
-                interrupted = interrupted or exc
-        if interrupted is not None:
-            raise interrupted
-
-    async def _stop_health(self) -> None:
-        if self._health_task is not None:
-            self._health_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._health_task
-            self._health_task = None
-
-    # -- health ---------------------------------------------------------------------------
-    def sweep_outliers(self) -> None:
-        """One outlier-ejection sweep (`fleet.health.OutlierDetector`), counted and logged."""
-        for a in self.outliers.run(self.live):
-            if a.eject:
-                self.metrics.endpoint_ejections.labels(a.endpoint, a.kind or "").inc()
-                log.warning("ejected %s: %s", a.endpoint, a.reason)
-            else:
-                log.info("%s back in service on probation", a.endpoint)
-
-    async def _health_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.health.outlier.interval_s)
-            try:
-                self.sweep_outliers()
-            except Exception:  # a bug here must not stop ejections ending
-                log.exception("outlier sweep failed")
-
-    def pool_health(self) -> dict[str, PoolHealth]:
-        """Every pool's concurrency health now (`fleet.health.pool_health`)."""
-        return pool_health(self.live, self.config.health.pools, self.live.clock())
-
-    # -- stages ---------------------------------------------------------------------------
-    def authenticate(self, authorization: str | None) -> TenantSpec:
-        return self.authenticate_key(authorization)[0]
-
-    def authenticate_key(self, authorization: str | None) -> tuple[TenantSpec, str]:
-        """The tenant and the key's hash (budgets and rate limits per key use the hash)."""
-        if not authorization:
-            raise AuthenticationError(
-                "missing API key: send 'Authorization: Bearer <key>'", code="missing_api_key"
-            )
-        scheme, _, key = authorization.partition(" ")
-        if scheme.lower() != "bearer" or not key.strip():
-            raise AuthenticationError("the Authorization header must be 'Bearer <key>'")
-        key_hash = hash_key(key.strip())
-        tenant = self.tenants.get(key_hash)
-        if tenant is None:
-            raise AuthenticationError("invalid API key")  # the key itself is never logged
-        return tenant, key_hash
-
-    def classify(
-        self, api: ApiKind, body: JSONObject, headers: Mapping[str, str], tenant: TenantSpec
-    ) -> RequestProfile:
-        model = body["model"]
-        if model not in self.fleet.models:
-            raise ModelNotFoundError(
-                f"the model {model!r} does not exist; available: "
-                f"{', '.join(sorted(self.fleet.models))}",
-                param="model",
-            )
-        profile, _ = self.classifier.classify(
-            request_id=os.urandom(8).hex(), api=api, body=body, headers=headers, tenant=tenant
-        )
-        return profile
-
-    def decide(self, profile: RequestProfile) -> Decision:
-        """Place the request; raise 503 naming the filters when nothing is eligible."""
-        policy = self.class_policy[profile.workload_class]
-        snap = self.live.snapshot()
-        decision = place(
-            profile,
-            snap,
-            policy,
-            decision_id=profile.request_id,  # every attempt of one request under one id
-            timer=time.perf_counter,
-        )
-        self.metrics.observe_placement(decision.timings_s)
-        if decision.spillover is not None:
-            s = decision.spillover
-            self.metrics.spillovers.labels(
-                profile.workload_class, s.from_region or "", s.to_region
-            ).inc()
-        if decision.picked is None:
-            for name, n in decision.removed_by.items():
-                self.metrics.no_endpoint.labels(name).inc(n)
-            self.ledger.record(decision, Outcome(status=503, endpoint=None), time.time())
-            raise NoEligibleEndpointError(len(snap.endpoints), decision.removed_by)
-        return decision
+    async def _stop_transport(self) -> None:
+        await self.dispatcher.close()
 
     async def open(
         self, api: ApiKind, profile: RequestProfile, body: bytes, ticket: Ticket | None = None
     ) -> Attempt:
-        """Place and open the upstream, re-placing after a failure before the first byte.
-        Re-placements draw on the retry budget (`admission.retry.RetryBudget`)."""
-        failed: list[str] = []
-        self.admission.retry_budget.record_request()
+        """Place and open the upstream, re-placing after a failure before the first byte
+        (`Core.open_with`)."""
         path = API_PATHS[api]
-        last_error = ""
-        while True:
-            try:
-                decision = self.decide(profile)
-            except NoEligibleEndpointError:
-                if not failed:
-                    raise
-                raise UpstreamError(
-                    f"{last_error}; no other eligible endpoint to re-place on",
-                    upstream=failed[-1],
-                ) from None
-            view = decision.picked
-            assert view is not None
-            uncached = decision.candidate(view.name).annotations.get("uncached_tokens")
-            reservation = self.live.reserve(
-                view.name,
-                profile.prompt_tokens + profile.max_total_output_tokens,
-                prefill_tokens=profile.prompt_tokens if uncached is None else int(uncached),
-            )
-            if ticket is not None:
-                self.admission.placed(ticket)
-            try:
-                resp = await self.dispatcher.open(view.endpoint, path, body)
-            except UpstreamAttemptFailed as exc:
-                reservation.release()
-                self.live.observe_outcome(view.name, False)
-                self.metrics.upstream_failures.labels(view.name, exc.reason).inc()
-                failed.append(view.name)
-                self.ledger.record(
-                    decision,
-                    Outcome(
-                        status=502,
-                        endpoint=view.name,
-                        error=exc.message,
-                        attempts=len(failed),
-                        failed_endpoints=tuple(failed),
-                    ),
-                    time.time(),
-                )
-                last_error = exc.message.split(": ", 1)[-1]
-                over = len(failed) > self.config.gateway.max_replacements
-                if not over and not self.admission.retry_budget.try_acquire():
-                    self.metrics.replacement_budget_exhausted.inc()
-                    last_error += " (re-placement refused: the gateway's retry budget is spent)"
-                    over = True
-                if over:
-                    raise UpstreamError(
-                        f"{last_error}"
-                        + (f" (also failed: {', '.join(failed[:-1])})" if len(failed) > 1 else ""),
-                        upstream=view.name,
-                    ) from None
-                self.metrics.replacements.inc()
-                profile = profile.with_(
-                    excluded=profile.excluded | {view.name}, attempt=profile.attempt + 1
-                )
-                continue
-            except BaseException:
-                reservation.release()
-                raise
-            return Attempt(decision, resp, reservation, failed, ticket)
+        return await self.open_with(
+            profile, lambda endpoint: self.dispatcher.open(endpoint, path, body), ticket
+        )
 
     async def complete(self, attempt: Attempt, started: float) -> bytes:
         """Read a non-streamed answer whole and account it (`read_answer`, then
@@ -327,148 +75,14 @@ class Gateway:
         return data
 
     async def read_answer(self, attempt: Attempt, started: float) -> tuple[bytes, float]:
-        """Read a non-streamed answer whole; return it and when it was in (the E2E end).
-
-        A non-streamed answer has no observable first token: its TTFT is not recorded (only
-        E2E), so it cannot skew the latency correction or outlier ejection, and its prefill
-        stops counting as pending on the endpoint when its predicted TTFT has passed. A failed
-        read is accounted here and re-raised; otherwise the caller calls `account_answer` (the
-        HTTP surface does so once the answer is on its way to the client).
-        """
-        resp = attempt.response
-        d = attempt.decision
-        assert d.picked is not None
-        ttft = d.candidate(d.picked.name).annotations.get("ttft_s")
-        timer = asyncio.get_running_loop().call_later(
-            ttft if ttft is not None and ttft > 0 else 0.0, attempt.reservation.first_token
-        )
-        try:
-            data = await Dispatcher.read_all(d.picked.endpoint, resp)
-        except UpstreamError as exc:
-            self.account(attempt, status=502, started=started, stats=None, usage=None,
-                         error=exc.message)
-            raise
-        except BaseException:
-            self.account(attempt, status=499, started=started, stats=None, usage=None,
-                         error="cancelled")
-            raise
-        finally:
-            timer.cancel()
-        return data, time.perf_counter()
+        """Read a non-streamed answer whole (`Core.read_with`); return it and its E2E end."""
+        endpoint, resp = attempt.endpoint, attempt.response
+        return await self.read_with(attempt, started, lambda: Dispatcher.read_all(endpoint, resp))
 
     def account_answer(
         self, attempt: Attempt, data: bytes, *, started: float, ended: float
     ) -> None:
         """Account a non-streamed answer read by `read_answer`."""
-        status = attempt.response.status
-        self.account(
-            attempt,
-            status=status,
-            started=started,
-            stats=None,
-            usage=parse_usage(data, sse=False) if status == 200 else None,
-            ended=ended,
+        self.account_body(
+            attempt, data, status=attempt.response.status, started=started, ended=ended
         )
-
-    def account(
-        self,
-        attempt: Attempt,
-        *,
-        status: int,
-        started: float,
-        stats: StreamStats | None,
-        usage: Mapping[str, Any] | None,
-        error: str | None = None,
-        ended: float | None = None,
-    ) -> None:
-        """Release capacity, feed observations back, write the ledger record. ``ended`` is when
-        the request's answer was complete (its E2E end), now when not given."""
-        attempt.reservation.release()
-        self.admission.queue.pump()  # a slot is free: the best waiter may go
-        d = attempt.decision
-        name = attempt.endpoint_name
-        now = time.perf_counter() if ended is None else ended
-        ok = status < 500 and error is None
-        self.live.observe_outcome(name, ok)
-        ttft = itl = None
-        if stats is not None and stats.first_byte is not None:
-            ttft = stats.first_byte - started
-            predicted = d.candidate(name).annotations.get("ttft_raw_s")
-            self.live.observe_ttft(name, ttft, predicted)
-            self.metrics.child(self.metrics.ttft, name).observe(ttft)
-            for g in stats.gaps:
-                self.live.observe_itl(name, g)
-            if stats.gaps:
-                itl = sum(stats.gaps) / len(stats.gaps)
-        prompt = completion = cached = None
-        if usage:
-            prompt = _int(usage.get("prompt_tokens"))
-            completion = _int(usage.get("completion_tokens"))
-            details = usage.get("prompt_tokens_details")
-            if isinstance(details, dict):
-                cached = _int(details.get("cached_tokens"))
-        e2e = now - started
-        ep = d.picked.endpoint if d.picked is not None else None
-        cost = None
-        if ep is not None:
-            cost = request_cost_usd(
-                ep.cost,
-                prompt_tokens=prompt if prompt is not None else d.profile.prompt_tokens,
-                completion_tokens=completion or 0,
-                cached_tokens=cached or 0,
-                seconds=e2e,
-                max_concurrency=ep.max_concurrency,
-            )
-        if attempt.ticket is not None:
-            attempt.ticket.observe(
-                cost or 0.0,
-                prompt if prompt is not None else d.profile.prompt_tokens,
-                completion or 0,
-            )
-        self.metrics.child(self.metrics.requests, d.profile.api, name, str(status)).inc()
-        self.ledger.record(
-            d,
-            Outcome(
-                status=status,
-                endpoint=name,
-                ttft_s=ttft,
-                itl_s=itl,
-                e2e_s=e2e,
-                prompt_tokens=prompt,
-                completion_tokens=completion,
-                cached_tokens=cached,
-                cost_usd=cost,
-                attempts=len(attempt.failed) + 1,
-                failed_endpoints=tuple(attempt.failed),
-                error=error,
-            ),
-            time.time(),
-        )
-
-
-def _int(v: Any) -> int | None:
-    return v if isinstance(v, int) and not isinstance(v, bool) else None
-
-
-def parse_usage(payload: bytes | None, *, sse: bool) -> dict[str, Any] | None:
-    """The ``usage`` object of a JSON answer, or of the SSE chunk that carries it."""
-    if not payload:
-        return None
-    candidates: list[bytes]
-    if sse:
-        candidates = [
-            line[5:].strip()
-            for line in payload.split(b"\n")
-            if line.startswith(b"data:") and b'"usage"' in line
-        ]
-    else:
-        candidates = [payload]
-    for c in reversed(candidates):
-        try:
-            obj = orjson.loads(c)
-        except orjson.JSONDecodeError:
-            continue
-        if isinstance(obj, dict) and isinstance(obj.get("usage"), dict):
-            usage: dict[str, Any] = obj["usage"]
-            return usage
-    return None

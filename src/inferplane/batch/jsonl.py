@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from inferplane.api.validation import validate
+from inferplane.core.validation import validate
 from inferplane.errors import InvalidRequestError
 from inferplane.types import ApiKind
 

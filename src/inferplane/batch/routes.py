@@ -25,11 +25,12 @@ from typing import Any
 import orjson
 from aiohttp import BodyPartReader, web
 
-from inferplane.api.pipeline import Gateway
-from inferplane.api.validation import parse_json
 from inferplane.batch.jsonl import ENDPOINTS, parse_input
 from inferplane.batch.store import ACTIVE, BatchStore, public
 from inferplane.batch.worker import BatchWorker, new_id
+from inferplane.core.plane import Core
+from inferplane.core.validation import parse_json
+from inferplane.dispatch.upstream import Dispatcher
 from inferplane.errors import ConfigError, InvalidRequestError, NotFoundError, PayloadTooLargeError
 
 WINDOW_S = {"24h": 24 * 3600}
@@ -38,7 +39,7 @@ WINDOW_S = {"24h": 24 * 3600}
 class BatchService:
     """The store, the worker and the routes of one gateway's batch lane."""
 
-    def __init__(self, gw: Gateway) -> None:
+    def __init__(self, gw: Core, dispatcher: Dispatcher) -> None:
         spec = gw.config.batch
         if spec.workload_class not in gw.classifier.classes:
             known = ", ".join(sorted(gw.classifier.classes))
@@ -50,7 +51,7 @@ class BatchService:
         if path is None and gw.config.gateway.ledger_path:
             path = gw.config.gateway.ledger_path + ".batches.sqlite"
         self.store = BatchStore(Path(path) if path else None)
-        self.worker = BatchWorker(gw, self.store, spec)
+        self.worker = BatchWorker(gw, dispatcher, self.store, spec)
 
     async def start(self) -> None:
         await self.store.start()
@@ -227,11 +228,11 @@ def _json(obj: Any) -> web.Response:
 BATCH_KEY: web.AppKey[BatchService] = web.AppKey("batch", BatchService)
 
 
-def setup(app: web.Application, gw: Gateway) -> BatchService | None:
+def setup(app: web.Application, gw: Core, dispatcher: Dispatcher) -> BatchService | None:
     """Add the batch routes to ``app`` and run the worker with it (when ``batch.enabled``)."""
     if not gw.config.batch.enabled:
         return None
-    svc = BatchService(gw)
+    svc = BatchService(gw, dispatcher)
     app[BATCH_KEY] = svc
     app.router.add_post("/v1/files", svc.upload)
     app.router.add_get("/v1/files/{file_id}", svc.get_file)

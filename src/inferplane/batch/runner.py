@@ -16,9 +16,10 @@ import orjson
 
 from inferplane.admission.controller import Ticket
 from inferplane.admission.queue import PoolKey, QueueTimeoutError
-from inferplane.api.pipeline import Gateway
 from inferplane.batch.jsonl import ENDPOINTS
 from inferplane.config.schema import TenantSpec
+from inferplane.core.plane import API_PATHS, Core
+from inferplane.dispatch.upstream import Dispatcher
 from inferplane.errors import GatewayError, RateLimitError
 from inferplane.placement.profile import RequestProfile
 
@@ -45,7 +46,7 @@ class Prepared:
     pool: PoolKey
 
 
-def prepare(gw: Gateway, tenant: TenantSpec, cls: str, url: str, raw: bytes) -> Prepared:
+def prepare(gw: Core, tenant: TenantSpec, cls: str, url: str, raw: bytes) -> Prepared:
     body = orjson.loads(raw)
     profile = gw.classify(ENDPOINTS[url], body, headers(cls), tenant)
     return Prepared(profile, body, raw, gw.admission.pool_of(profile))
@@ -71,8 +72,8 @@ def result_line(custom_id: str, *, status: int = 200, request_id: str = "",
     })
 
 
-async def execute(gw: Gateway, tenant: TenantSpec, key_hash: str, cls: str, url: str,
-                  custom_id: str, p: Prepared, retry_after_s: float,
+async def execute(gw: Core, dispatcher: Dispatcher, tenant: TenantSpec, key_hash: str, cls: str,
+                  url: str, custom_id: str, p: Prepared, retry_after_s: float,
                   on_admitted: Callable[[], None]) -> tuple[bool, bytes]:
     """Run one prepared line; ``(ok, result line)``, or raises `Retry`. ``on_admitted`` runs
     right before placement, which reserves the endpoint synchronously (so from then on the
@@ -91,19 +92,25 @@ async def execute(gw: Gateway, tenant: TenantSpec, key_hash: str, cls: str, url:
         return False, result_line(custom_id, error=(exc.code or exc.error_type, exc.message))
     try:
         on_admitted()
-        return await _dispatch(gw, api, ticket, ticket.body or p.raw, custom_id)
+        return await _dispatch(gw, dispatcher, api, ticket, ticket.body or p.raw, custom_id)
     except GatewayError as exc:
         return False, result_line(custom_id, error=(exc.code or exc.error_type, exc.message))
     finally:
         await gw.admission.finish(ticket)
 
 
-async def _dispatch(gw: Gateway, api: Any, ticket: Ticket, raw: bytes, custom_id: str
-                    ) -> tuple[bool, bytes]:
+async def _dispatch(gw: Core, dispatcher: Dispatcher, api: Any, ticket: Ticket, raw: bytes,
+                    custom_id: str) -> tuple[bool, bytes]:
     started = time.perf_counter()
-    attempt = await gw.open(api, ticket.profile, raw, ticket)
+    path = API_PATHS[api]
+    attempt = await gw.open_with(
+        ticket.profile, lambda endpoint: dispatcher.open(endpoint, path, raw), ticket
+    )
     resp = attempt.response
-    data = await gw.complete(attempt, started)
+    data, ended = await gw.read_with(
+        attempt, started, lambda: Dispatcher.read_all(attempt.endpoint, resp)
+    )
+    gw.account_body(attempt, data, status=resp.status, started=started, ended=ended)
     try:
         body: Any = orjson.loads(data)
     except orjson.JSONDecodeError:

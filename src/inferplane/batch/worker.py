@@ -32,11 +32,12 @@ from collections.abc import Callable
 from typing import Any
 
 from inferplane.admission.queue import BANDS, PoolKey
-from inferplane.api.pipeline import Gateway
 from inferplane.batch import runner
 from inferplane.batch.jsonl import parse_input
 from inferplane.batch.store import BatchStore, Line
 from inferplane.config.schema import BatchSpec, TenantSpec
+from inferplane.core.plane import Core
+from inferplane.dispatch.upstream import Dispatcher
 from inferplane.errors import GatewayError
 
 log = logging.getLogger("inferplane.batch")
@@ -51,9 +52,10 @@ def new_id(prefix: str) -> str:
 class BatchWorker:
     """One per gateway process; `start` resumes every batch the store still holds as active."""
 
-    def __init__(self, gw: Gateway, store: BatchStore, spec: BatchSpec,
+    def __init__(self, gw: Core, dispatcher: Dispatcher, store: BatchStore, spec: BatchSpec,
                  clock: Callable[[], float] = time.time) -> None:
         self.gw = gw
+        self.dispatcher = dispatcher  # the batch lane calls the engines itself
         self.store = store
         self.spec = spec
         self.clock = clock
@@ -214,8 +216,8 @@ class BatchWorker:
         try:
             try:
                 ok, result = await runner.execute(
-                    self.gw, tenant, b["_key_hash"], self.spec.workload_class, line.url,
-                    line.custom_id, p, self.spec.retry_after_s, admitted)
+                    self.gw, self.dispatcher, tenant, b["_key_hash"], self.spec.workload_class,
+                    line.url, line.custom_id, p, self.spec.retry_after_s, admitted)
             except runner.Retry as r:
                 self._not_before[(line.batch_id, line.line_no)] = time.monotonic() + r.after_s
                 return

@@ -11,11 +11,10 @@ import contextlib
 import re
 import time
 from collections.abc import AsyncGenerator, Iterator
-from dataclasses import dataclass, field
 
 import aiohttp
 
-from inferplane.errors import UpstreamError
+from inferplane.dispatch.answer import StreamStats, UpstreamAttemptFailed
 from inferplane.fleet.model import Endpoint
 
 RETRIABLE_STATUS = frozenset({429, 500, 502, 503, 504})
@@ -30,24 +29,6 @@ _HOP_HEADERS = frozenset(
         "server",
     }
 )
-
-
-class UpstreamAttemptFailed(UpstreamError):
-    """The upstream failed before sending a byte of the answer: the request may be re-placed."""
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        upstream: str,
-        reason: str,
-        status: int | None = None,
-        body: bytes = b"",
-    ) -> None:
-        super().__init__(message, upstream=upstream)
-        self.reason = reason
-        self.upstream_status = status
-        self.body = body
 
 
 @contextlib.contextmanager
@@ -69,18 +50,6 @@ def _translate(endpoint: Endpoint) -> Iterator[None]:
         raise UpstreamAttemptFailed(
             f"connection failed ({type(exc).__name__})", upstream=endpoint.name, reason="connection"
         ) from None
-
-
-@dataclass(slots=True)
-class StreamStats:
-    """What the relay observed: first-byte time, inter-chunk gaps, usage if the upstream sent it."""
-
-    started: float
-    first_byte: float | None = None
-    last_byte: float | None = None
-    events: int = 0
-    gaps: list[float] = field(default_factory=list)
-    usage_line: bytes | None = None
 
 
 _USAGE_ONLY = re.compile(rb'"choices"\s*:\s*\[\s*\]')
@@ -205,17 +174,7 @@ class Dispatcher:
         try:
             with _translate(endpoint):
                 async for chunk in resp.content.iter_any():
-                    now = time.perf_counter()
-                    events = n = chunk.count(b"data:")
-                    if stats.first_byte is None:
-                        stats.first_byte = now
-                        n -= 1
-                    elif stats.last_byte is not None and n > 0:
-                        stats.gaps.append((now - stats.last_byte) / n)
-                    stats.last_byte = now
-                    stats.events += events
-                    if b'"usage"' in chunk:
-                        stats.usage_line = chunk
+                    stats.observe(chunk, time.perf_counter())
                     yield chunk
                 done = True
         finally:
