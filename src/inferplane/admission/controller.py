@@ -88,7 +88,23 @@ def make_store(config: FleetConfig) -> AdmissionStore:
         from inferplane.admission.redis_state import RedisStore
 
         return RedisStore(spec.redis_url, spec.redis_prefix)
+    path = local_store_path(config)
+    if path is not None:
+        from inferplane.admission.sqlite_state import SqliteStore
+
+        return SqliteStore(path)
     return MemoryStore()
+
+
+def local_store_path(config: FleetConfig) -> str | None:
+    """The SQLite file of the local admission store, or None (in memory)."""
+    spec = config.admission
+    if spec.store != "local":
+        return None
+    if spec.path:
+        return spec.path
+    ledger = config.gateway.ledger_path
+    return f"{ledger}.admission.sqlite" if ledger else None
 
 
 class Admission:

@@ -336,7 +336,17 @@ class AdmissionSpec(Strict):
     """The admission stage: shared state, leases and policies that are not per tenant."""
 
     enabled: bool = True
-    store: Literal["memory", "redis"] = "memory"
+    store: Literal["local", "memory", "redis"] = Field(
+        "local",
+        description="where budgets, usage, rate limits and retry markers live: 'local' (budgets "
+        "and usage in a SQLite file that survives restarts and kill -9: `admission.path`), "
+        "'memory' (one process, lost on restart) or 'redis' (shared by replicas and workers)",
+    )
+    path: str | None = Field(
+        None,
+        description="SQLite file of the local store; default: "
+        "'<gateway.ledger_path>.admission.sqlite' when a ledger file is set, else in memory",
+    )
     redis_url: str = Field(
         "redis://127.0.0.1:6379/0",
         pattern=r"^(rediss?|unix)://\S+$",
