@@ -36,7 +36,7 @@ BASELINES = [p for p in PROFILES if p != "default"]
 
 
 def run(job: tuple[str, str, float, float, int]) -> dict[str, Any]:
-    from inferplane.sim.simulator import run_simulation
+    from inferplane.twin.simulator.simulator import run_simulation
 
     fleet, profile, rate, duration, seed = job
     r = run_simulation(fleet, str(TRACE), profile, format="mooncake", rate_scale=rate, seed=seed,

@@ -47,7 +47,7 @@ from inferplane.placement.build import build_policies
 from inferplane.placement.framework import Decision, Policy, place
 from inferplane.placement.hashing import prompt_block_hashes
 from inferplane.placement.profile import RequestProfile
-from inferplane.sim.sim_fleet import TrafficShare, resolve_mix
+from inferplane.twin.simulator.mix import TrafficShare, resolve_mix
 
 ROOT = Path(__file__).resolve().parent.parent
 FLEETS = ROOT / "src" / "inferplane" / "data" / "fleets"

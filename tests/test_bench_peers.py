@@ -15,8 +15,8 @@ from bench.peers.client import Record, StreamTimer, chunk_text
 from bench.peers.peers import envoy_config, inferplane_fleet, litellm_config, setups
 from bench.peers.run import fleet_copy, write_docs
 from bench.peers.workload import SliceSpec, body, encode_bodies, offered_load, plan
-from inferplane.sim.tokens import token_ids
-from inferplane.sim.traces import TraceRequest
+from inferplane.twin.traces.loader import TraceRequest
+from inferplane.twin.traces.tokens import token_ids
 
 TRACE = [
     TraceRequest(0.0, 1000, 10, (1, 2)),

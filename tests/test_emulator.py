@@ -17,8 +17,8 @@ from inferplane.config.loader import parse_config
 from inferplane.config.schema import FleetConfig
 from inferplane.fleet.engine_metrics import EngineMetrics, parse_vllm
 from inferplane.fleet.kv_events import BlockStored, decode_event_batch
-from inferplane.sim.emulator import EmulatorError, EmulatorHandle, start_emulator
-from inferplane.sim.tokens import token_ids
+from inferplane.twin.emulator.server import EmulatorError, EmulatorHandle, start_emulator
+from inferplane.twin.traces.tokens import token_ids
 
 MODEL = "llama-3.1-8b"
 

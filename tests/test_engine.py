@@ -16,7 +16,7 @@ from inferplane.fleet.kv_events import (
     decode_event_batch,
     encode_event_batch,
 )
-from inferplane.sim.engine import (
+from inferplane.twin.engine.model import (
     Engine,
     EngineConfig,
     EngineRequest,
@@ -25,7 +25,7 @@ from inferplane.sim.engine import (
     output_token_id,
     output_word,
 )
-from inferplane.sim.tokens import token_ids
+from inferplane.twin.traces.tokens import token_ids
 
 
 @dataclass

@@ -18,8 +18,8 @@ from inferplane.fleet.kv_events import (
     encode_event_batch,
     seq_frame,
 )
-from inferplane.sim.kv_cache import BlockPool
 from inferplane.tokenization import block_hashes, hash_block_tokens
+from inferplane.twin.engine.kv_cache import BlockPool
 
 
 def _pool(num_blocks: int = 8) -> tuple[BlockPool, list[KVEvent]]:

@@ -10,8 +10,8 @@ import aiohttp
 from inferplane.api.app import serve
 from inferplane.api.pipeline import Gateway, hash_key
 from inferplane.config.loader import parse_config
-from inferplane.sim.emulator import start_emulator
-from inferplane.sim.tokens import block_text
+from inferplane.twin.emulator.server import start_emulator
+from inferplane.twin.traces.tokens import block_text
 from tests.support.procs import free_port
 
 KEY = "sk-precise"

@@ -21,15 +21,15 @@ from inferplane.cli import app
 from inferplane.config.loader import parse_config
 from inferplane.fleet.state import EndpointView
 from inferplane.placement.framework import REGISTRY, CycleState, FilterResult, Plugin, register
-from inferplane.sim.report import sovereignty_violations, weighted_percentile
-from inferplane.sim.sim_fleet import (
+from inferplane.twin.simulator.fleet import (
     TracePromptTokens,
     engine_block_hashes,
     padded_ids,
     placement_block_hashes,
 )
-from inferplane.sim.simulator import SimulationError, run_simulation, simulate
-from inferplane.sim.traces import TraceRequest
+from inferplane.twin.simulator.report import sovereignty_violations, weighted_percentile
+from inferplane.twin.simulator.simulator import SimulationError, run_simulation, simulate
+from inferplane.twin.traces.loader import TraceRequest
 
 REAL_TRACE = Path(__file__).resolve().parents[2] / "shared/traces/mooncake_conversation.jsonl"
 KEY = "sha256:" + "ab" * 32

@@ -13,8 +13,8 @@ from inferplane.config.loader import load_config
 from inferplane.errors import ConfigError
 from inferplane.placement.classify import Classifier
 from inferplane.placement.profile import RequestProfile
-from inferplane.sim.tokens import VOCABULARY
 from inferplane.tokenization import block_hashes, engine_block_hashes
+from inferplane.twin.traces.tokens import VOCABULARY
 from inferplane.types import ApiKind
 from tests.builders import key_hash
 

@@ -10,7 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from inferplane.sim.tokens import (
+from inferplane.twin.traces.loader import (
+    TraceError,
+    TraceRequest,
+    load_azure,
+    load_mooncake,
+    load_trace,
+    slice_trace,
+)
+from inferplane.twin.traces.tokens import (
     VOCABULARY,
     block_text,
     count_tokens,
@@ -19,14 +27,6 @@ from inferplane.sim.tokens import (
     token_ids,
     unique_prompt,
     word_id,
-)
-from inferplane.sim.traces import (
-    TraceError,
-    TraceRequest,
-    load_azure,
-    load_mooncake,
-    load_trace,
-    slice_trace,
 )
 
 TRACES = Path(__file__).resolve().parents[2] / "shared" / "traces"
@@ -81,7 +81,7 @@ def test_real_mooncake_prompts_share_prefixes() -> None:
 
 def test_block_text_is_deterministic_across_processes() -> None:
     code = (
-        "from inferplane.sim.tokens import block_text, token_ids;"
+        "from inferplane.twin.traces.tokens import block_text, token_ids;"
         "print(block_text(17, 64)); print(token_ids('hello the world'))"
     )
     outs = {

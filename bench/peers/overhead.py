@@ -28,7 +28,7 @@ import orjson
 
 from bench.peers.metrics import pct
 from bench.peers.workload import PATHS, Form
-from inferplane.sim.tokens import token_ids
+from inferplane.twin.traces.tokens import token_ids
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ import yaml
 from bench.peers.procs import Proc
 from bench.peers.venvs import Installed
 from bench.peers.workload import Form
-from inferplane.sim.tokens import VOCABULARY
+from inferplane.twin.traces.tokens import VOCABULARY
 
 ROOT = Path(__file__).resolve().parents[2]
 INFERPLANE_KEY = "sk-h100x8-demo"

@@ -64,8 +64,8 @@ from bench.peers.workload import (  # noqa: E402
     plan,
     tiny_llama_ids,
 )
-from inferplane.sim.tokens import token_ids  # noqa: E402
-from inferplane.sim.traces import load_trace  # noqa: E402
+from inferplane.twin.traces.loader import load_trace  # noqa: E402
+from inferplane.twin.traces.tokens import token_ids  # noqa: E402
 
 DEFAULT_FLEET = ROOT / "src/inferplane/data/fleets/h100x8.yaml"
 DEFAULT_TRACE = Path("/work/shared/traces/mooncake_conversation.jsonl")

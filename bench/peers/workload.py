@@ -7,9 +7,9 @@ emulator's ``time_scale`` divides once more (engine time runs ``time_scale`` × 
 time). Requests that cannot fit the model's context window (``input + output > max_context``)
 are left out, as a router could only answer them with an error.
 
-The prompt is :func:`~inferplane.sim.tokens.prompt_from_blocks` text (one word = one token of
-the emulated engine, shared block ids share a text prefix). It is sent in one of three forms
-(:data:`FORMS`), chosen per router so its cache-aware policy can read it:
+The prompt is :func:`~inferplane.twin.traces.tokens.prompt_from_blocks` text (one word = one
+token of the emulated engine, shared block ids share a text prefix). It is sent in one of three
+forms (:data:`FORMS`), chosen per router so its cache-aware policy can read it:
 
 * ``chat-text`` -- ``POST /v1/chat/completions``, one user message with the text;
 * ``completion-text`` -- ``POST /v1/completions``, ``prompt`` = the text;
@@ -28,8 +28,13 @@ from typing import Any, Literal
 
 import orjson
 
-from inferplane.sim.tokens import TRACE_BLOCK_TOKENS, VOCABULARY, prompt_from_blocks, token_ids
-from inferplane.sim.traces import TraceRequest, slice_trace
+from inferplane.twin.traces.loader import TraceRequest, slice_trace
+from inferplane.twin.traces.tokens import (
+    TRACE_BLOCK_TOKENS,
+    VOCABULARY,
+    prompt_from_blocks,
+    token_ids,
+)
 
 _TINY_IDS = {w: 4 + i for i, w in enumerate(VOCABULARY)}
 

@@ -228,7 +228,7 @@ def emulate(
     unknown = sorted(set(only or ()) - names)
     if unknown:
         fail(f"unknown endpoint(s) {unknown}; known: {sorted(names)}")
-    from inferplane.sim.emulator import EmulatorError, serve_emulator
+    from inferplane.twin.emulator.server import EmulatorError, serve_emulator
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -304,9 +304,9 @@ def simulate(
     limit: Annotated[int | None, typer.Option(help="replay at most N requests")] = None,
 ) -> None:
     """Replay a trace through the real placement code against emulated engines (virtual clock)."""
-    from inferplane.sim.report import print_report, write_json_atomic
-    from inferplane.sim.simulator import SimulationError, run_simulation
-    from inferplane.sim.traces import TraceError
+    from inferplane.twin.simulator.report import print_report, write_json_atomic
+    from inferplane.twin.simulator.simulator import SimulationError, run_simulation
+    from inferplane.twin.traces.loader import TraceError
 
     try:
         report = run_simulation(

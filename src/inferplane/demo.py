@@ -94,7 +94,7 @@ class Stats:
 
 
 def _words(rng: random.Random, n: int, seed: str) -> str:
-    from inferplane.sim.tokens import block_text
+    from inferplane.twin.traces.tokens import block_text
 
     base = zlib.crc32(seed.encode()) % 100_000
     return " ".join(block_text(base + i, 64) for i in range(max(1, n // 64)))

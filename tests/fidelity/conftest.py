@@ -32,7 +32,7 @@ import pytest
 import zmq
 
 from inferplane.config.loader import parse_config
-from inferplane.sim.emulator import EmulatorHandle, start_emulator
+from inferplane.twin.emulator.server import EmulatorHandle, start_emulator
 
 ROOT = Path(__file__).resolve().parents[2]
 VENV = Path(os.environ.get("FIDELITY_VENV", ROOT / ".fidelity-venv"))

@@ -49,7 +49,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from inferplane.fleet.kv_events import KVEvent
-from inferplane.sim.engine_request import (
+from inferplane.tokenization import hash_block_tokens
+from inferplane.twin.engine.kv_cache import BlockPool
+from inferplane.twin.engine.request import (
     EngineRequest,
     LatencySample,
     RequestStatus,
@@ -57,8 +59,6 @@ from inferplane.sim.engine_request import (
     output_token_id,
     output_word,
 )
-from inferplane.sim.kv_cache import BlockPool
-from inferplane.tokenization import hash_block_tokens
 
 __all__ = [
     "Engine",

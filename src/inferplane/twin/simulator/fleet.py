@@ -1,5 +1,5 @@
-"""The simulator's fleet and traffic: one emulated engine per endpoint, trace prompts as token
-ids, and the traffic mix (``mix:`` entries resolved to tenants, classes, regions and models).
+"""The simulator's fleet: one emulated engine per endpoint, and trace prompts as token ids (the
+traffic mix is :mod:`inferplane.twin.simulator.mix`).
 
 A trace request is known only by its length and (Mooncake) its 512-token block ids. Two things
 are built from the ids, each a hash chain so that two requests share a leading run of hashes
@@ -11,8 +11,9 @@ exactly when they share a leading run of block ids:
   with the chained hashes of its full KV blocks (:func:`engine_block_hashes`), which saves
   hashing ~12k tokens a request; prefix sharing in its KV cache is the trace's, exactly.
 * **placement block hashes** — what ``prompt_block_hashes(model, text, prefix_block_chars)``
-  would give for the prompt text a replay sends (``sim.tokens.prompt_from_blocks``: one word a
-  token, :data:`CHARS_PER_TOKEN` characters a word on average), reproduced without building the
+  would give for the prompt text a replay sends
+  (:func:`~inferplane.twin.traces.tokens.prompt_from_blocks`: one word a token,
+  :data:`CHARS_PER_TOKEN` characters a word on average), reproduced without building the
   text: hash ``k`` covers characters ``[0, (k + 1) * block_chars)``, i.e. tokens up to
   ``(k + 1) * block_chars / CHARS_PER_TOKEN``, so it is chained over every trace block those
   tokens touch (:func:`placement_block_hashes`). Same count and same sharing structure as the
@@ -30,24 +31,14 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from hashlib import blake2b
-from pathlib import Path
-from typing import TYPE_CHECKING, overload
+from typing import overload
 
-import yaml
-from pydantic import ValidationError
-
-from inferplane.config.loader import format_loc
-from inferplane.config.schema import FleetConfig, MixEntry, TenantSpec, WorkloadClass
-from inferplane.errors import ConfigError
 from inferplane.fleet.engine_metrics import EngineMetrics
 from inferplane.fleet.model import Endpoint
 from inferplane.physics import Roofline
-from inferplane.sim.engine import Engine, EngineConfig, StepOutput
-from inferplane.sim.tokens import TRACE_BLOCK_TOKENS, VOCABULARY
-from inferplane.types import ApiKind
-
-if TYPE_CHECKING:
-    from inferplane.sim.report import RequestRecord
+from inferplane.twin.engine.model import Engine, EngineConfig, StepOutput
+from inferplane.twin.simulator.records import RequestRecord
+from inferplane.twin.traces.tokens import TRACE_BLOCK_TOKENS, VOCABULARY
 
 _MASK64 = (1 << 64) - 1
 SYNTHETIC_ID_BASE = 1 << 40
@@ -277,104 +268,3 @@ class SimEndpoint:
             prompt_tokens_total=p.prompt_tokens_total,
             generation_tokens_total=p.generation_tokens_total,
         )
-
-
-# -- the traffic mix -------------------------------------------------------------------------
-class SimulationError(ValueError):
-    """A simulation that cannot start (unknown profile, empty mix…); a user error."""
-
-
-@dataclass(frozen=True, slots=True)
-class TrafficShare:
-    """One resolved ``mix:`` entry: who sends this share of the trace, and for which model."""
-
-    tenant: str
-    workload_class: WorkloadClass
-    region: str | None
-    fraction: float
-    model: str
-    allowed_jurisdictions: frozenset[str] | None
-    api: ApiKind = "chat"  # "embeddings" for a model served as ``kind: embed``
-
-
-def load_mix(path: str | Path) -> list[MixEntry]:
-    """Read a YAML file with a ``mix:`` list (the fleet file's form); `ConfigError` if bad."""
-    p = Path(path)
-    try:
-        raw = yaml.safe_load(p.read_text("utf-8"))
-    except OSError as exc:
-        raise ConfigError(str(p), [("", f"cannot read: {exc.strerror or exc}")]) from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(str(p), [("", f"invalid YAML: {exc}")]) from None
-    if not isinstance(raw, dict) or not isinstance(raw.get("mix"), list):
-        raise ConfigError(str(p), [("mix", "expected a mapping with a `mix:` list")])
-    entries: list[MixEntry] = []
-    problems: list[tuple[str, str]] = []
-    for i, item in enumerate(raw["mix"]):
-        try:
-            entries.append(MixEntry.model_validate(item))
-        except ValidationError as exc:
-            problems += [(f"mix[{i}].{format_loc(e['loc'])}", e["msg"]) for e in exc.errors()]
-    if problems:
-        raise ConfigError(str(p), problems)
-    return entries
-
-
-def _default_model(config: FleetConfig) -> str:
-    for sub in config.substrates:
-        for ep in sub.endpoints:
-            for m in ep.models:
-                if m.kind == "generate":
-                    return m.name
-    raise SimulationError("the fleet serves no generative model to replay a trace against")
-
-
-def resolve_mix(
-    config: FleetConfig, entries: Sequence[MixEntry] | None = None, file: str = "<mix>"
-) -> list[TrafficShare]:
-    """Resolve ``entries`` (else the fleet's ``mix:``, else one share: the first tenant, or an
-    unrestricted ``default`` tenant, with its default class) against the config."""
-    tenants: dict[str, TenantSpec] = {t.name: t for t in config.tenants}
-    classes = {c.name: c for c in config.classes}
-    regions = {r.name for r in config.regions}
-    served = {m.name: m.kind for s in config.substrates for e in s.endpoints for m in e.models}
-    if entries is None:
-        entries, file = config.mix, "<fleet mix>"
-    if not entries:
-        t = config.tenants[0] if config.tenants else None
-        cls_name = t.default_class if t else "interactive"
-        if cls_name not in classes:
-            raise SimulationError(f"no traffic mix given and no class {cls_name!r} configured")
-        entries = [
-            MixEntry(tenant=t.name if t else "default", workload_class=cls_name, fraction=1.0)
-        ]
-    problems: list[tuple[str, str]] = []
-    out: list[TrafficShare] = []
-    for i, e in enumerate(entries):
-        t = tenants.get(e.tenant)
-        if t is None and (config.tenants or e.tenant != "default"):
-            problems.append((f"mix[{i}].tenant", f"unknown tenant {e.tenant!r}"))
-        if e.workload_class not in classes:
-            problems.append((f"mix[{i}].class", f"unknown class {e.workload_class!r}"))
-        if e.region is not None and regions and e.region not in regions:
-            problems.append((f"mix[{i}].region", f"unknown region {e.region!r}"))
-        if e.model is not None and e.model not in served:
-            problems.append((f"mix[{i}].model", f"no endpoint serves model {e.model!r}"))
-        if problems:
-            continue
-        allowed = t.allowed_jurisdictions if t is not None else None
-        model = e.model or _default_model(config)
-        out.append(
-            TrafficShare(
-                tenant=e.tenant,
-                workload_class=classes[e.workload_class],
-                region=e.region if e.region is not None else (t.region if t else None),
-                fraction=e.fraction,
-                model=model,
-                allowed_jurisdictions=frozenset(allowed) if allowed is not None else None,
-                api="embeddings" if served[model] == "embed" else "chat",
-            )
-        )
-    if problems:
-        raise ConfigError(file, problems)
-    return out

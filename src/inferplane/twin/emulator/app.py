@@ -3,9 +3,9 @@
 ``POST /v1/chat/completions`` and ``/v1/completions`` (stream or not; ``stream_options.
 include_usage`` adds a final chunk with ``usage`` and empty ``choices``) and
 ``/v1/embeddings``, plus the request parsing the operational routes
-(:mod:`inferplane.sim.emulator_ops`) share.
+(:mod:`inferplane.twin.emulator.ops`) share.
 
-Tokenization is :func:`inferplane.sim.tokens.token_ids` (one whitespace word = one token). A
+Tokenization is :func:`inferplane.tokenization.token_ids` (one whitespace word = one token). A
 chat prompt is the message contents joined by newlines (no chat template), so a follow-up
 turn that re-sends the answer extends the first turn's token sequence and hits the prefix
 cache. A completions ``prompt`` may be text or token ids (one prompt per request).
@@ -31,15 +31,15 @@ import orjson
 from aiohttp import web
 
 from inferplane.config.schema import ServedModel
-from inferplane.sim.emulator import (
+from inferplane.tokenization import token_ids
+from inferplane.twin.emulator.endpoint import (
     FINISHED,
     EmulatedEndpoint,
     EmulatedRequestError,
     Submission,
     new_request_id,
 )
-from inferplane.sim.engine import output_word
-from inferplane.sim.tokens import token_ids
+from inferplane.twin.engine.model import output_word
 
 DEFAULT_CHAT_MAX_TOKENS = 256
 DEFAULT_COMPLETION_MAX_TOKENS = 16

@@ -26,7 +26,7 @@ from bisect import bisect_left
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from inferplane.sim.engine import Engine, LatencySample
+from inferplane.twin.engine.model import Engine, LatencySample
 
 # fmt: off
 TTFT_BUCKETS: tuple[float, ...] = (

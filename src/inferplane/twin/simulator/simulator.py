@@ -49,22 +49,20 @@ from inferplane.fleet.pricing import request_cost_usd
 from inferplane.placement.build import build_policies
 from inferplane.placement.framework import Policy, place
 from inferplane.placement.profile import RequestProfile
-from inferplane.sim.engine import EngineRequest
-from inferplane.sim.report import RequestRecord, build_report
-from inferplane.sim.sim_fleet import (
+from inferplane.twin.engine.model import EngineRequest
+from inferplane.twin.simulator.fleet import (
     SYNTHETIC_ID_BASE,
     SimEndpoint,
-    SimulationError,
     TracePromptTokens,
-    TrafficShare,
     engine_block_hashes,
-    load_mix,
     padded_ids,
     placement_block_hashes,
-    resolve_mix,
     seed_of,
 )
-from inferplane.sim.traces import TraceRequest, load_trace, slice_trace
+from inferplane.twin.simulator.mix import SimulationError, TrafficShare, load_mix, resolve_mix
+from inferplane.twin.simulator.records import RequestRecord
+from inferplane.twin.simulator.report import build_report
+from inferplane.twin.traces.loader import TraceRequest, load_trace, slice_trace
 
 __all__ = [
     "RequestRecord",
@@ -411,7 +409,7 @@ def run_simulation(
     duration_s: float | None = None,
     limit: int | None = None,
 ) -> dict[str, Any]:
-    """Load the fleet, trace and mix files, simulate, and return the report (`sim.report`).
+    """Load the fleet, trace and mix files, simulate, and return the report (`report`).
 
     Raises `ConfigError` (fleet or mix file), `TraceError` and `SimulationError`.
     """
@@ -431,7 +429,10 @@ def run_simulation(
         config, reqs, profile, seed=seed, mix=entries, file=str(fleet), mix_file=str(mix)
     )
     return build_report(
-        sim,
+        sim.records,
+        config=sim.config,
+        end_s=sim.totals.end_s,
+        itl_gaps=sim.totals.itl_gaps,
         profile=profile,
         fleet=str(fleet),
         trace=str(trace),

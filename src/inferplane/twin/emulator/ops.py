@@ -16,8 +16,8 @@ from typing import Any
 from aiohttp import web
 
 from inferplane.config.schema import ServedModel
-from inferplane.sim.emulator import EmulatedEndpoint, EmulatedRequestError, new_request_id
-from inferplane.sim.emulator_app import (
+from inferplane.tokenization import VOCABULARY, word_id
+from inferplane.twin.emulator.app import (
     EMU,
     VLLM_VERSION,
     body_of,
@@ -29,7 +29,7 @@ from inferplane.sim.emulator_app import (
     json_response,
     request_ids,
 )
-from inferplane.sim.tokens import VOCABULARY, word_id
+from inferplane.twin.emulator.endpoint import EmulatedEndpoint, EmulatedRequestError, new_request_id
 
 _ID_WORDS = {word_id(w): w for w in VOCABULARY}
 _SEEN_WORDS: dict[int, str] = {}  # words /tokenize has seen, so /detokenize can invert them

@@ -1,6 +1,6 @@
 """A request inside the emulated engine, its deterministic output, and what a step returns.
 
-Split from :mod:`inferplane.sim.engine` (which re-exports every name here); see that module
+Split from :mod:`inferplane.twin.engine.model` (which re-exports every name here); see that module
 for the scheduling behaviour.
 """
 
@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import NamedTuple
 
-from inferplane.sim.tokens import VOCABULARY, word_id
+from inferplane.tokenization import VOCABULARY, word_id
 
 _OUTPUT_WORDS: tuple[str, ...] = VOCABULARY
 _OUTPUT_IDS: tuple[int, ...] = tuple(word_id(w) for w in VOCABULARY)
@@ -35,8 +35,8 @@ def _output_index(seed: int, index: int) -> int:
 def output_token_id(seed: int, index: int) -> int:
     """The id of output token ``index`` of the request with ``seed`` (its ``seed`` field).
 
-    Output tokens are words of :data:`inferplane.sim.tokens.VOCABULARY` with their
-    :func:`~inferplane.sim.tokens.word_id`, so the text :func:`output_word` gives
+    Output tokens are words of :data:`inferplane.tokenization.VOCABULARY` with their
+    :func:`~inferplane.tokenization.word_id`, so the text :func:`output_word` gives
     re-tokenizes to the same ids and a follow-up turn hits the cache.
     """
     return _OUTPUT_IDS[_output_index(seed, index)]

@@ -1,4 +1,4 @@
-"""The simulator's report: per-request records, the JSON contract, the sovereignty check and a
+"""The simulator's report: the JSON contract, the sovereignty check and a
 human table.
 
 JSON keys (times in seconds; percentiles ``null`` when there is no sample):
@@ -32,22 +32,16 @@ import os
 import tempfile
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from inferplane.config.schema import FleetConfig
-from inferplane.fleet.live import Reservation
-from inferplane.sim.engine import EngineRequest
-from inferplane.sim.sim_fleet import TrafficShare
+from inferplane.twin.simulator.records import RequestRecord
 
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from inferplane.sim.simulator import Simulator
-
 __all__ = [
-    "RequestRecord",
     "build_report",
     "percentile",
     "print_report",
@@ -55,53 +49,6 @@ __all__ = [
     "weighted_percentile",
     "write_json_atomic",
 ]
-
-
-@dataclass(slots=True)
-class RequestRecord:
-    """One replayed request and what happened to it (times in virtual seconds)."""
-
-    index: int
-    request_id: str
-    arrival_s: float
-    prompt_tokens: int
-    output_tokens: int
-    share: TrafficShare
-    ids: list[int]
-    endpoint: str | None = None
-    substrate: str | None = None
-    jurisdiction: str | None = None
-    rejected_by: tuple[str, ...] = ()
-    spillover: bool = False
-    delay_s: float = 0.0  # one-way network delay to the endpoint
-    engine_request: EngineRequest | None = None
-    reservation: Reservation | None = None
-    completed: bool = False
-    predicted_ttft_s: float | None = None  # placement's uncorrected prediction for the pick
-    ttft_s: float | None = None
-    itl_s: float | None = None  # mean gap between this request's tokens
-    e2e_s: float | None = None
-    completion_tokens: int = 0
-    cached_tokens: int = 0
-    preemptions: int = 0
-    cost_usd: float = 0.0
-
-    @property
-    def rejected(self) -> bool:
-        return bool(self.rejected_by)
-
-    def meets_slo(self) -> bool:
-        """Completed within its class's TTFT and (mean) ITL SLOs; rejected requests miss."""
-        if not self.completed or self.ttft_s is None:
-            return False
-        cls = self.share.workload_class
-        if cls.ttft_slo_ms is not None and self.ttft_s > cls.ttft_slo_ms / 1000.0:
-            return False
-        return not (
-            cls.itl_slo_ms is not None
-            and self.itl_s is not None
-            and self.itl_s > cls.itl_slo_ms / 1000.0
-        )
 
 
 def percentile(sorted_values: Sequence[float], q: float) -> float | None:
@@ -157,8 +104,11 @@ def _slo_fraction(records: Sequence[RequestRecord]) -> float | None:
 
 
 def build_report(
-    sim: Simulator,
+    records: Sequence[RequestRecord],
     *,
+    config: FleetConfig,
+    end_s: float,
+    itl_gaps: Mapping[float, int],
     profile: str,
     fleet: str,
     trace: str,
@@ -167,7 +117,7 @@ def build_report(
     wall_s: float,
 ) -> dict[str, Any]:
     """The JSON report of a finished simulation (see the module docstring for the keys)."""
-    recs = sim.records
+    recs = records
     done = [r for r in recs if r.completed]
     rejected = [r for r in recs if r.rejected]
     rejected_by: Counter[str] = Counter()
@@ -177,10 +127,10 @@ def build_report(
     cached = sum(r.cached_tokens for r in done)
     output = sum(r.completion_tokens for r in done)
     start = recs[0].arrival_s if recs else 0.0
-    span = max(0.0, sim.totals.end_s - start)
+    span = max(0.0, end_s - start)
     per_endpoint = Counter(r.endpoint for r in recs if r.endpoint is not None)
     per_substrate = Counter(r.substrate for r in recs if r.substrate is not None)
-    gaps = sim.totals.itl_gaps
+    gaps = itl_gaps
     itl: dict[str, float | None] = {f"p{q}": weighted_percentile(gaps, q) for q in (50, 90, 99)}
     n_gaps = sum(gaps.values())
     itl["mean"] = sum(g * n for g, n in gaps.items()) / n_gaps if n_gaps else None
@@ -222,7 +172,7 @@ def build_report(
         "spillovers": sum(1 for r in recs if r.spillover),
         "preemptions": sum(r.preemptions for r in done),
         "sovereignty_violations": sovereignty_violations(
-            sim.config, ((r.share.tenant, r.endpoint) for r in done if r.endpoint is not None)
+            config, ((r.share.tenant, r.endpoint) for r in done if r.endpoint is not None)
         ),
         "per_class": per_class,
         "wall_s": wall_s,

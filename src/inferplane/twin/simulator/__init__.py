@@ -1,0 +1,1 @@
+"""The simulator: trace replay through the gateway's code on a virtual clock."""

@@ -1,0 +1,1 @@
+"""Trace loading (Mooncake, Azure) and the prompt text built from trace block ids."""
