@@ -110,7 +110,12 @@ class Core:
         metrics_source: MetricsSource | None = None,
         ledger: Ledger | None = None,
         admission_store: AdmissionStore | None = None,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
+        # ``clock`` (wall seconds: budget windows, usage days) and ``monotonic`` (fleet state,
+        # queue waits, retry budget) are injectable so that the simulator runs this core on its
+        # virtual clock
         self.config = config
         self.fleet = Fleet.from_config(config)
         g = config.gateway
@@ -121,7 +126,10 @@ class Core:
             self.prefix_index = PrefixIndex(0)
             self.kv_events = KVEventSubscriber(self.prefix_index, list(self.fleet.endpoints))
         self.live = LiveFleet(
-            self.fleet, stale_after_s=g.stale_after_s, prefix_index=self.prefix_index
+            self.fleet,
+            stale_after_s=g.stale_after_s,
+            clock=monotonic,
+            prefix_index=self.prefix_index,
         )
         self.policies: dict[str, Policy] = build_policies(config, file)
         self.class_policy: dict[str, Policy] = {
@@ -135,7 +143,14 @@ class Core:
         )
         self._metrics_source = metrics_source
         self.scraper: Scraper | None = None
-        self.admission = Admission(config, self.live, self.metrics, store=admission_store)
+        self.admission = Admission(
+            config,
+            self.live,
+            self.metrics,
+            store=admission_store,
+            clock=clock,
+            monotonic=monotonic,
+        )
         self.outliers = OutlierDetector(self.fleet, config.health.outlier)
         self._health_task: asyncio.Task[None] | None = None
 
