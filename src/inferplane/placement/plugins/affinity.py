@@ -96,9 +96,15 @@ class PrefixMatcher:
         if precise is None or not engine:
             if own is None:
                 return [0.0] * len(candidates)
-            match = own.match_length
-            return [match(c.name, hashes) for c in candidates]
+            held = own.match_lengths(hashes)  # one walk of the chain for every endpoint
+            if not held:
+                return [0.0] * len(candidates)
+            get = held.get
+            return [get(c.name, 0) for c in candidates]
         covers = getattr(precise, "covers", None)
+        lengths = getattr(precise, "match_lengths", None)
+        precise_held = lengths(engine) if lengths is not None else None
+        own_held = own.match_lengths(hashes) if own is not None else None
         now = cycle.snapshot.now
         nhashes, nengine = len(hashes), len(engine)
         pending = self.pending_s > 0
@@ -106,12 +112,15 @@ class PrefixMatcher:
         for c in candidates:
             if covers is None or covers(c.name):
                 # KV events speak engine token blocks: scale to prompt blocks
-                n = precise.match_length(c.name, engine)
+                if precise_held is not None:
+                    n = precise_held.get(c.name, 0)
+                else:
+                    n = precise.match_length(c.name, engine)
                 if n < nengine and pending:
                     n = max(n, self._pending(c.name, engine, now))
                 out.append(nhashes if n == nengine else n * nhashes / nengine)
-            elif own is not None:
-                out.append(own.match_length(c.name, hashes))
+            elif own_held is not None:
+                out.append(own_held.get(c.name, 0))
             else:
                 out.append(0)
         return out
