@@ -125,6 +125,27 @@ class PrefixMatcher:
                 out.append(0)
         return out
 
+    def propose(self, cycle: CycleState, limit: int) -> list[str]:
+        """The endpoints holding the longest runs of the prompt, best first: at most
+        ``max(1, limit // 4)``, from both indexes as `matches` would read them (one walk of
+        the chain each). What candidate sampling must keep in a large fleet."""
+        prof = cycle.profile
+        held: dict[str, float] = {}
+        if self.mode != "precise" and prof.block_hashes:
+            held.update(self.index.match_lengths(prof.block_hashes))
+        precise = cycle.snapshot.prefix_index if self.mode != "approximate" else None
+        engine = prof.engine_block_hashes
+        lengths = getattr(precise, "match_lengths", None)
+        if lengths is not None and engine and prof.block_hashes:
+            scale = len(prof.block_hashes) / len(engine)
+            for name, n in lengths(engine).items():
+                m = n * scale
+                if m > held.get(name, 0.0):
+                    held[name] = m
+        if not held:
+            return []
+        return sorted(held, key=held.__getitem__, reverse=True)[: max(1, limit // 4)]
+
     def learn(self, cycle: CycleState, picked: EndpointView) -> None:
         engine = cycle.profile.engine_block_hashes
         if engine and self.mode != "approximate" and self.pending_s > 0:
@@ -190,6 +211,9 @@ class PrefixAffinity(Plugin):
             cycle.annotations_of(c.name)["prefix_match"] = float(m)
         return [m / total for m in matched]
 
+    def propose(self, cycle: CycleState, limit: int) -> list[str]:
+        return self.matcher.propose(cycle, limit)
+
     def on_picked(self, cycle: CycleState, picked: EndpointView) -> None:
         self.matcher.learn(cycle, picked)
 
@@ -236,6 +260,11 @@ class SessionAffinity(Plugin):
         if last is None:
             return [0.0] * len(candidates)
         return [1.0 if c.name == last else 0.0 for c in candidates]
+
+    def propose(self, cycle: CycleState, limit: int) -> list[str]:
+        sid = cycle.profile.session_id
+        last = self._last.get(sid) if sid is not None else None
+        return [] if last is None else [last]
 
     def on_picked(self, cycle: CycleState, picked: EndpointView) -> None:
         sid = cycle.profile.session_id
