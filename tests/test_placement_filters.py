@@ -188,3 +188,25 @@ def test_prefix_cache_affinity_filter(
     assert [v.name for v in res.kept] == kept
     for reason in res.rejected.values():
         assert "prefix score" in reason
+
+
+@pytest.mark.parametrize(
+    ("st", "removed", "reason"),
+    [
+        ({}, False, ""),  # no declared limit
+        ({"requests_left": 1, "tokens_left": 10_000}, False, ""),
+        ({"requests_left": 0}, True, "requests/min used"),
+        ({"requests_left": 5, "tokens_left": 99}, True, "tokens/min left, needs 150"),
+        ({"tokens_left": 150}, False, ""),
+    ],
+)
+def test_rate_limit(st: dict[str, Any], removed: bool, reason: str) -> None:
+    got, rejected, data = run_filter(
+        "rate-limit", {"prompt_tokens": 100, "max_output_tokens": 50}, {"us-api-0": state(**st)}
+    )
+    assert ("us-api-0" not in got) is removed
+    if removed:
+        assert rejected["us-api-0"].startswith("rate limit: ") and reason in rejected["us-api-0"]
+        assert [v.name for v in data[SATURATED_KEY]] == ["us-api-0"]
+    else:
+        assert not rejected

@@ -185,7 +185,10 @@ class Admission:
                     continue
                 n += 1
                 cap += e.max_concurrency
-                free += max(0, e.max_concurrency - st.inflight)
+                room = e.max_concurrency - st.inflight
+                if st.requests_left is not None:  # a declared rate limit is capacity too
+                    room = min(room, st.requests_left)
+                free += max(0, room)
                 inflight += st.inflight
                 err = min(err, st.error_rate)
             stats = self._stats[pool] = (n, cap, free, inflight, err)

@@ -87,6 +87,8 @@ def _decision_headers(attempt: Attempt) -> dict[str, str]:
         "x-inferplane-endpoint": d.picked.name,
         "x-inferplane-substrate": d.picked.endpoint.substrate.name,
         "x-inferplane-decision-id": d.decision_id,
+        # the model that answers, by the upstream's own name (a provider's model id)
+        "x-inferplane-model": d.picked.endpoint.upstream_model(d.profile.model),
     }
 
 

@@ -15,6 +15,7 @@ from inferplane.config.schema import FleetConfig
 from inferplane.core.plane import API_PATHS, Core, hash_key
 from inferplane.core.plane import Attempt as CoreAttempt
 from inferplane.dispatch.answer import parse_usage
+from inferplane.dispatch.credentials import load_credentials
 from inferplane.dispatch.upstream import Dispatcher
 from inferplane.fleet.scraper import HttpMetricsSource, MetricsSource
 from inferplane.ledger.record import Ledger
@@ -48,11 +49,14 @@ class Gateway(Core):
         )
         g = config.gateway
         self.dispatcher = Dispatcher(
-            connect_timeout_s=g.connect_timeout_s, total_timeout_s=g.upstream_timeout_s
+            connect_timeout_s=g.connect_timeout_s,
+            total_timeout_s=g.upstream_timeout_s,
+            credentials=load_credentials(config, file),  # ConfigError naming what is missing
         )
 
     async def _start_transport(self) -> MetricsSource:
-        return HttpMetricsSource(await self.dispatcher.start())
+        session = await self.dispatcher.start()
+        return HttpMetricsSource(session, auth=self.dispatcher.auth_headers)
 
     async def _stop_transport(self) -> None:
         await self.dispatcher.close()
@@ -63,8 +67,11 @@ class Gateway(Core):
         """Place and open the upstream, re-placing after a failure before the first byte
         (`Core.open_with`)."""
         path = API_PATHS[api]
+        max_tokens = profile.max_output_tokens
         return await self.open_with(
-            profile, lambda endpoint: self.dispatcher.open(endpoint, path, body), ticket
+            profile,
+            lambda endpoint: self.dispatcher.open(endpoint, path, body, max_tokens=max_tokens),
+            ticket,
         )
 
     async def complete(self, attempt: Attempt, started: float) -> bytes:

@@ -103,8 +103,11 @@ async def _dispatch(gw: Core, dispatcher: Dispatcher, api: Any, ticket: Ticket, 
                     custom_id: str) -> tuple[bool, bytes]:
     started = time.perf_counter()
     path = API_PATHS[api]
+    max_tokens = ticket.profile.max_output_tokens
     attempt = await gw.open_with(
-        ticket.profile, lambda endpoint: dispatcher.open(endpoint, path, raw), ticket
+        ticket.profile,
+        lambda endpoint: dispatcher.open(endpoint, path, raw, max_tokens=max_tokens),
+        ticket,
     )
     resp = attempt.response
     data, ended = await gw.read_with(

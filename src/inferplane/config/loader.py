@@ -93,12 +93,20 @@ def _merge_defaults(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def _resolve_paths(raw: dict[str, Any], base_dir: Path) -> None:
-    """Make each model's relative ``tokenizer`` path relative to ``base_dir`` (the fleet file's
-    folder), in place; anything of the wrong shape is left for the schema to report."""
+    """Make each model's relative ``tokenizer`` path and each endpoint's relative
+    ``api_key_file`` relative to ``base_dir`` (the fleet file's folder), in place; anything of
+    the wrong shape is left for the schema to report."""
     subs = raw.get("substrates")
     for s in subs if isinstance(subs, list) else []:
         eps = s.get("endpoints") if isinstance(s, dict) else None
         for e in eps if isinstance(eps, list) else []:
+            key_file = e.get("api_key_file") if isinstance(e, dict) else None
+            if (
+                isinstance(key_file, str)
+                and key_file
+                and not Path(key_file).expanduser().is_absolute()
+            ):
+                e["api_key_file"] = str(base_dir / key_file)
             models = e.get("models") if isinstance(e, dict) else None
             for m in models if isinstance(models, list) else []:
                 tok = m.get("tokenizer") if isinstance(m, dict) else None
@@ -227,7 +235,18 @@ def check_references(c: FleetConfig) -> Iterable[tuple[str, str]]:
                 f"unknown hardware profile {s.hardware!r}; known: {sorted(HARDWARE)}",
             )
         for j, e in enumerate(s.endpoints):
+            if e.dialect == "anthropic" and e.kv_events is not None:
+                yield (
+                        f"substrates[{i}].endpoints[{j}].kv_events",
+                        "an anthropic-dialect endpoint publishes no KV events",
+                    )
             for k, m in enumerate(e.models):
+                if e.dialect == "anthropic" and m.kind != "generate":
+                    yield (
+                        f"substrates[{i}].endpoints[{j}].models[{k}].kind",
+                        f"model {m.name!r} is an {m.kind} model, but the anthropic dialect "
+                        "(Messages API) serves chat only",
+                    )
                 if m.tokenizer is not None:
                     where = f"substrates[{i}].endpoints[{j}].models[{k}].tokenizer"
                     try:

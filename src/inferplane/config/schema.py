@@ -86,6 +86,12 @@ class ServedModel(Strict):
     """A model an endpoint serves, as clients name it."""
 
     name: str = Field(pattern=_NAME)
+    upstream_name: str | None = Field(
+        None,
+        min_length=1,
+        description="the model's name at the upstream (a hosted provider's model id); the "
+        "request body sent upstream carries it instead of `name`. Default: `name`",
+    )
     profile: str | None = Field(None, description="physics model profile; defaults to name")
     variant: str = "default"
     precision: Literal["fp32", "bf16", "fp16", "fp8", "int8", "int4"] = "bf16"
@@ -104,6 +110,11 @@ class ServedModel(Strict):
     def physics_profile(self) -> str:
         return self.profile or self.name
 
+    @property
+    def upstream(self) -> str:
+        """The name the upstream knows this model by."""
+        return self.upstream_name or self.name
+
 
 class EmulationSpec(Strict):
     """Engine settings used by the emulator and simulator (ignored for real engines)."""
@@ -116,12 +127,39 @@ class EmulationSpec(Strict):
     kv_events_port: int | None = Field(None, ge=1, le=65535, description="publish ZMQ KV events")
 
 
+Dialect = Literal["openai", "anthropic"]
+HealthCheck = Literal["health", "models", "passive"]
+
+
+class EndpointLimits(Strict):
+    """Rate limits the upstream declares (a hosted provider's quota). Placement and admission
+    treat the remaining requests and tokens in the last minute as capacity; a 429 answer ejects
+    the endpoint for its ``Retry-After`` (``retry_after_s`` when it sends none)."""
+
+    requests_per_min: int | None = Field(None, gt=0, description="requests per rolling minute")
+    tokens_per_min: int | None = Field(
+        None, gt=0, description="prompt + max output tokens per rolling minute"
+    )
+    retry_after_s: float = Field(
+        5.0, gt=0, description="ejection after a 429 that carries no Retry-After header"
+    )
+
+
 class EndpointSpec(Strict):
     """One serving instance of a substrate."""
 
     name: str = Field(pattern=_NAME)
-    url: str = Field(pattern=r"^https?://[^/\s]+(:\d+)?/?$")
+    url: str = Field(
+        pattern=r"^https?://[^/\s?#]+(/[^\s?#]*)?$",
+        description="the API base, with or without a base path (`https://host/openai/v1`); a "
+        "base path ending in `/v1` is not repeated in front of the API's own path",
+    )
     engine: EngineType = "vllm"
+    dialect: Dialect = Field(
+        "openai",
+        description="the API the upstream speaks: `openai` (chat/completions/embeddings) or "
+        "`anthropic` (the Messages API; chat completions are translated to and from it)",
+    )
     models: list[ServedModel] = Field(min_length=1)
     max_concurrency: int = Field(64, gt=0, description="the endpoint's concurrency envelope")
     tp: int = Field(1, gt=0, description="tensor-parallel degree (devices per endpoint)")
@@ -130,13 +168,64 @@ class EndpointSpec(Strict):
         pattern=r"^(tcp|ipc|inproc)://\S+$",
         description="ZMQ address of the engine's KV events (tcp://, ipc:// or inproc://)",
     )
-    api_key: str | None = Field(None, description="bearer key the upstream expects")
+    health_check: HealthCheck | None = Field(
+        None,
+        description="`health` probes GET /health, `models` probes GET /v1/models (with the "
+        "endpoint's credentials), `passive` probes nothing: errors, timeouts and 429s eject "
+        "it. Default: `passive` for provider-api substrates, else `health`",
+    )
+    scrape_metrics: bool | None = Field(
+        None,
+        description="scrape the engine's Prometheus /metrics; default: no for provider-api "
+        "substrates, yes otherwise",
+    )
+    api_key_env: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="environment variable holding the upstream's API key (read at start-up)",
+    )
+    api_key_file: str | None = Field(
+        None,
+        min_length=1,
+        description="file holding the upstream's API key (relative to the fleet file; read at "
+        "start-up, surrounding whitespace removed)",
+    )
+    api_key: str | None = Field(
+        None,
+        description="the upstream's API key inline: refused unless `allow_inline_key` is set "
+        "(prefer `api_key_env` or `api_key_file`)",
+    )
+    allow_inline_key: bool = Field(False, description="accept an inline `api_key`")
+    limits: EndpointLimits = Field(
+        EndpointLimits(), description="the upstream's declared rate limits"
+    )
     emulation: EmulationSpec = EmulationSpec()
 
     @field_validator("url")
     @classmethod
     def _strip(cls, v: str) -> str:
         return v.rstrip("/")
+
+    @model_validator(mode="after")
+    def _one_key(self) -> EndpointSpec:
+        given = [
+            k for k in ("api_key_env", "api_key_file", "api_key") if getattr(self, k) is not None
+        ]
+        if len(given) > 1:
+            raise ValueError(f"give one source of the upstream key, not {' and '.join(given)}")
+        if self.api_key is not None and not self.allow_inline_key:
+            raise ValueError(
+                "an inline api_key is refused (it would sit in plain text in the fleet file): "
+                "use api_key_env or api_key_file, or set allow_inline_key: true"
+            )
+        return self
+
+    @property
+    def base_path(self) -> str:
+        """The URL's path (``/openai/v1``), or ``""``."""
+        rest = self.url.split("://", 1)[1]
+        cut = rest.find("/")
+        return "" if cut < 0 else rest[cut:]
 
 
 class SubstrateSpec(Strict):
@@ -279,14 +368,6 @@ class PluginRef(Strict):
 class ProfileSpec(Strict):
     name: str = Field(pattern=_NAME)
     plugins: list[PluginRef] = Field(min_length=1)
-    max_candidates: int = Field(
-        64,
-        ge=0,
-        description="a fleet with more endpoints than this is sampled before filtering: the "
-        "prefix holders and the session's endpoint, plus an equal random share of every pool "
-        "serving the model (the whole fleet when none of those passes the filters); 0: every "
-        "endpoint is always evaluated",
-    )
 
 
 class MixEntry(Strict):
@@ -447,6 +528,12 @@ class OutlierSpec(Strict):
         30.0, gt=0, description="ejection lasts this × the endpoint's ejection count"
     )
     max_ejection_s: float = Field(300.0, gt=0, description="longest single ejection")
+    passive_failures: int = Field(
+        2,
+        gt=0,
+        description="endpoints with passive health (no probe): consecutive failures before the "
+        "first byte (connect, timeout, 5xx) that eject one for base_ejection_s × its count",
+    )
     decay_s: float = Field(
         60.0, gt=0, description="an endpoint back in service and past probation loses one "
         "ejection from its count every this many seconds"

@@ -20,7 +20,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Generic, TypeVar
 
 from inferplane.admission.controller import Admission, Ticket
@@ -29,6 +29,7 @@ from inferplane.config.schema import FleetConfig, TenantSpec
 from inferplane.dispatch.answer import StreamStats, UpstreamAttemptFailed, parse_usage
 from inferplane.errors import (
     AuthenticationError,
+    InvalidRequestError,
     ModelNotFoundError,
     NoEligibleEndpointError,
     UpstreamError,
@@ -37,6 +38,7 @@ from inferplane.fleet.health import OutlierDetector, PoolHealth, pool_health
 from inferplane.fleet.kv_subscriber import KVEventSubscriber
 from inferplane.fleet.live import LiveFleet, Reservation
 from inferplane.fleet.model import Endpoint, Fleet
+from inferplane.fleet.passive import PassiveHealth
 from inferplane.fleet.prefix_index import PrefixIndex
 from inferplane.fleet.pricing import request_cost_usd
 from inferplane.fleet.scraper import MetricsSource, Scraper
@@ -45,7 +47,7 @@ from inferplane.ledger.record import Ledger, Outcome
 from inferplane.ledger.sqlite import SqliteLedger
 from inferplane.placement.build import build_policies
 from inferplane.placement.classify import Classifier
-from inferplane.placement.framework import Decision, Policy, place
+from inferplane.placement.framework import Decision, Policy, Spillover, place
 from inferplane.placement.profile import RequestProfile
 from inferplane.telemetry.metrics import GatewayMetrics
 from inferplane.types import ApiKind, JSONObject
@@ -152,6 +154,7 @@ class Core:
             monotonic=monotonic,
         )
         self.outliers = OutlierDetector(self.fleet, config.health.outlier)
+        self.passive = PassiveHealth(self.live, self.outliers, config.health.outlier)
         self._health_task: asyncio.Task[None] | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -265,6 +268,12 @@ class Core:
                 f"{', '.join(sorted(self.fleet.models))}",
                 param="model",
             )
+        if api not in self.fleet.apis[model]:
+            raise InvalidRequestError(
+                f"the model {model!r} is served only through the Anthropic Messages dialect, "
+                f"which carries chat completions, not {api}",
+                param="model",
+            )
         profile, _ = self.classifier.classify(
             request_id=os.urandom(8).hex(), api=api, body=body, headers=headers, tenant=tenant
         )
@@ -324,6 +333,7 @@ class Core:
         failed: list[str] = []
         self.admission.retry_budget.record_request()
         last_error = ""
+        rate_limited: Endpoint | None = None  # the endpoint that answered 429 last attempt
         while True:
             try:
                 placement = self.reserve(profile, ticket, failed)
@@ -334,6 +344,8 @@ class Core:
                     f"{last_error}; no other eligible endpoint to re-place on",
                     upstream=failed[-1],
                 ) from None
+            if rate_limited is not None:
+                self._rate_limited_spillover(placement, rate_limited)
             decision, reservation = placement.decision, placement.reservation
             view = decision.picked
             assert view is not None
@@ -343,6 +355,16 @@ class Core:
                 reservation.release()
                 self.live.observe_outcome(view.name, False)
                 self.metrics.upstream_failures.labels(view.name, exc.reason).inc()
+                ejected = self.passive.failed(
+                    view.endpoint,
+                    reason=exc.reason,
+                    status=exc.upstream_status,
+                    retry_after_s=exc.retry_after_s,
+                )
+                if ejected is not None:
+                    self.metrics.endpoint_ejections.labels(view.name, ejected.kind or "").inc()
+                    log.warning("ejected %s: %s", view.name, ejected.reason)
+                rate_limited = view.endpoint if exc.upstream_status == 429 else None
                 failed.append(view.name)
                 self.ledger.record(
                     decision,
@@ -376,6 +398,27 @@ class Core:
                 reservation.release()
                 raise
             return Attempt(decision, reservation, failed, ticket, response=resp)
+
+    def _rate_limited_spillover(self, placement: Placement, limited: Endpoint) -> None:
+        """The request moves on because ``limited`` answered 429: a spillover, reason
+        ``rate_limited``, from it to the new pick (recorded in the decision and counted)."""
+        d = placement.decision
+        assert d.picked is not None
+        chosen = d.picked.endpoint
+        if d.spillover is None:
+            self.metrics.spillovers.labels(
+                d.profile.workload_class, limited.region, chosen.region
+            ).inc()
+        placement.decision = replace(
+            d,
+            spillover=Spillover(
+                reason="rate_limited",
+                preferred=limited.name,
+                chosen=chosen.name,
+                from_region=limited.region,
+                to_region=chosen.region,
+            ),
+        )
 
     async def read_with(
         self, placement: Placement, started: float, read: Callable[[], Awaitable[bytes]]
@@ -442,6 +485,8 @@ class Core:
         now = time.perf_counter() if ended is None else ended
         ok = status < 500 and error is None
         self.live.observe_outcome(name, ok)
+        if ok:
+            self.passive.succeeded(name)
         ttft = itl = None
         if stats is not None and stats.first_byte is not None:
             ttft = stats.first_byte - started

@@ -26,11 +26,13 @@ class UpstreamAttemptFailed(UpstreamError):
         reason: str,
         status: int | None = None,
         body: bytes = b"",
+        retry_after_s: float | None = None,
     ) -> None:
         super().__init__(message, upstream=upstream)
         self.reason = reason
         self.upstream_status = status
         self.body = body
+        self.retry_after_s = retry_after_s  # the upstream's Retry-After, when it sent one
 
 
 @dataclass(slots=True)

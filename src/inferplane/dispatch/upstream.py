@@ -3,21 +3,37 @@
 Upstream client exceptions are translated to `UpstreamError` at one boundary (`_translate`);
 ``UpstreamAttemptFailed`` marks a failure *before the first byte*, which the pipeline may answer by
 re-placing the request elsewhere. After the first byte a failure can only end the stream.
+
+Per endpoint, the dispatcher joins the API path to the endpoint's URL (`Endpoint.api_url`: a base
+path such as ``/openai/v1`` is kept, its ``/v1`` not repeated), sends the endpoint's key in its
+dialect's header (from `dispatch.credentials`, never from the fleet model), renames the model to
+its upstream name, and for an ``anthropic`` endpoint translates the request, the answer, the
+stream and the errors (`dispatch.anthropic`). An answer the gateway cannot read (not JSON, an
+error in an unknown shape, a stream that is not SSE of the dialect) is a 502 naming the endpoint.
 """
 
 from __future__ import annotations
 
 import contextlib
+import email.utils
+import math
 import re
 import time
-from collections.abc import AsyncGenerator, Iterator
+from collections.abc import AsyncGenerator, Iterator, Mapping
 
 import aiohttp
+import orjson
 
+from inferplane.dispatch import anthropic
 from inferplane.dispatch.answer import StreamStats, UpstreamAttemptFailed
+from inferplane.dispatch.credentials import auth_headers
+from inferplane.errors import UpstreamError
 from inferplane.fleet.model import Endpoint
 
-RETRIABLE_STATUS = frozenset({429, 500, 502, 503, 504})
+# 529: Anthropic's "overloaded"
+RETRIABLE_STATUS = frozenset({429, 500, 502, 503, 504, 529})
+#: the upstream refused the gateway's own credentials: not the client's fault, try elsewhere
+CREDENTIAL_STATUS = frozenset({401, 403})
 _HOP_HEADERS = frozenset(
     {
         "content-length",
@@ -29,6 +45,24 @@ _HOP_HEADERS = frozenset(
         "server",
     }
 )
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds from a ``Retry-After`` header (delta-seconds or an HTTP date), or None."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        seconds = when.timestamp() - (time.time() if now is None else now)
+    if not math.isfinite(seconds):
+        return None
+    return max(0.0, seconds)
 
 
 @contextlib.contextmanager
@@ -98,7 +132,10 @@ class Dispatcher:
         connect_timeout_s: float = 2.0,
         total_timeout_s: float = 600.0,
         limit_per_host: int = 0,
+        credentials: Mapping[str, str] | None = None,
     ) -> None:
+        self._credentials = dict(credentials or {})
+        self._headers: dict[str, dict[str, str]] = {}
         self._connector_args = dict(
             limit=0,
             limit_per_host=limit_per_host,
@@ -123,29 +160,77 @@ class Dispatcher:
             await self.session.close()
             self.session = None
 
-    async def open(self, endpoint: Endpoint, path: str, body: bytes) -> aiohttp.ClientResponse:
+    def auth_headers(self, endpoint: Endpoint) -> dict[str, str]:
+        """The headers that carry the endpoint's key in its dialect (empty without a key)."""
+        return auth_headers(endpoint.dialect, self._credentials.get(endpoint.name))
+
+    def _request_headers(self, endpoint: Endpoint) -> dict[str, str]:
+        headers = self._headers.get(endpoint.name)
+        if headers is None:
+            headers = {"Content-Type": "application/json", **self.auth_headers(endpoint)}
+            self._headers[endpoint.name] = headers
+        return headers
+
+    @staticmethod
+    def upstream_request(
+        endpoint: Endpoint, path: str, body: bytes, max_tokens: int = 4096
+    ) -> tuple[str, bytes]:
+        """The URL and body sent to ``endpoint`` for an OpenAI API path and body: the model
+        renamed to its upstream name, and for an ``anthropic`` endpoint the chat request as a
+        Messages request (``max_tokens`` when the body names none). Raises
+        `InvalidRequestError` for what the dialect cannot carry."""
+        if endpoint.dialect == "anthropic":
+            obj = orjson.loads(body)
+            req = anthropic.to_messages_request(
+                obj, model=endpoint.upstream_model(obj["model"]), default_max_tokens=max_tokens
+            )
+            return endpoint.api_url("/v1/messages"), orjson.dumps(req)
+        if endpoint.renames_models:
+            obj = orjson.loads(body)
+            upstream = endpoint.upstream_model(obj["model"])
+            if upstream != obj["model"]:
+                obj["model"] = upstream
+                body = orjson.dumps(obj)
+        return endpoint.api_url(path), body
+
+    async def open(
+        self, endpoint: Endpoint, path: str, body: bytes, *, max_tokens: int = 4096
+    ) -> aiohttp.ClientResponse:
         """Send the request; return the response once its status line is in.
 
-        Raises `UpstreamAttemptFailed` if it fails before that or answers a retriable status
-        (429/5xx). Other statuses (a 400 from the engine) are returned for the caller to relay.
+        Raises `UpstreamAttemptFailed` if it fails before that, answers a retriable status
+        (429/5xx, with the ``Retry-After`` it gave) or refuses the gateway's credentials
+        (401/403). Other statuses (a 400 from the engine) are returned for the caller to relay.
         """
         assert self.session is not None, "Dispatcher.start() not called"
-        headers = {"Content-Type": "application/json"}
-        if endpoint.spec.api_key:
-            headers["Authorization"] = f"Bearer {endpoint.spec.api_key}"
+        url, data = self.upstream_request(endpoint, path, body, max_tokens)
+        headers = self._request_headers(endpoint)
         with _translate(endpoint):
-            resp = await self.session.post(f"{endpoint.url}{path}", data=body, headers=headers)
-            if resp.status in RETRIABLE_STATUS:
+            resp = await self.session.post(url, data=data, headers=headers)
+            if resp.status in RETRIABLE_STATUS or resp.status in CREDENTIAL_STATUS:
                 try:
-                    data = await resp.read()
+                    answer = await resp.read()
                 finally:
                     resp.release()
+                if resp.status in CREDENTIAL_STATUS:
+                    raise UpstreamAttemptFailed(
+                        f"refused the gateway's credentials for it (HTTP {resp.status})",
+                        upstream=endpoint.name,
+                        reason="credentials",
+                        status=resp.status,
+                        body=answer[:2000],
+                    )
+                retry_after = None
+                if resp.status in (429, 503, 529):
+                    retry_after = parse_retry_after(resp.headers.get("Retry-After"))
                 raise UpstreamAttemptFailed(
-                    f"answered HTTP {resp.status}",
+                    f"answered HTTP {resp.status}"
+                    + (f" (Retry-After {retry_after:g} s)" if retry_after is not None else ""),
                     upstream=endpoint.name,
                     reason=f"http_{resp.status}",
                     status=resp.status,
-                    body=data[:2000],
+                    body=answer[:2000],
+                    retry_after_s=retry_after,
                 )
         return resp
 
@@ -155,30 +240,127 @@ class Dispatcher:
 
     @staticmethod
     async def read_all(endpoint: Endpoint, resp: aiohttp.ClientResponse) -> bytes:
-        """The whole (non-streaming) body; a failure here is after the first byte."""
+        """The whole (non-streaming) body in the OpenAI dialect; a failure here is after the
+        first byte. Raises `UpstreamError` naming the endpoint when the answer cannot be read:
+        not JSON (a 2xx), an error in an unknown shape (4xx), or not the endpoint's dialect."""
         try:
             with _translate(endpoint):
-                return await resp.read()
+                data = await resp.read()
         finally:
             resp.release()
+        ok = 200 <= resp.status < 300
+        if endpoint.dialect == "anthropic":
+            try:
+                obj = (
+                    anthropic.to_chat_completion(data) if ok else anthropic.to_openai_error(data)
+                )
+            except anthropic.MessagesFormatError as exc:
+                raise UpstreamError(
+                    f"{exc} (HTTP {resp.status}): {_excerpt(data)}", upstream=endpoint.name
+                ) from None
+            return orjson.dumps(obj)
+        if ok:
+            if not data.lstrip()[:1] == b"{":
+                raise UpstreamError(
+                    f"answered HTTP {resp.status} with a body that is not JSON: {_excerpt(data)}",
+                    upstream=endpoint.name,
+                )
+        else:
+            error = openai_error_body(data, resp.status)
+            if error is None:
+                raise UpstreamError(
+                    f"answered HTTP {resp.status} with an error in an unknown format: "
+                    f"{_excerpt(data)}",
+                    upstream=endpoint.name,
+                )
+            return error
+        return data
 
     @staticmethod
     async def relay(
         endpoint: Endpoint, resp: aiohttp.ClientResponse, stats: StreamStats
     ) -> AsyncGenerator[bytes, None]:
-        """Yield upstream chunks as they arrive, recording timings and the usage line.
+        """Yield upstream chunks as they arrive (translated to OpenAI SSE for an ``anthropic``
+        endpoint), recording timings and the usage line.
 
-        Raises `UpstreamError` if the upstream fails mid-stream.
+        Raises `UpstreamError` if the upstream fails mid-stream, sends an error event or sends
+        something that is not its dialect's SSE.
         """
         done = False
+        translator = (
+            anthropic.StreamTranslator(include_usage=True)
+            if endpoint.dialect == "anthropic"
+            else None
+        )
         try:
-            with _translate(endpoint):
-                async for chunk in resp.content.iter_any():
+            with _translate(endpoint), _stream_errors(endpoint):
+                async for raw in resp.content.iter_any():
+                    if translator is not None:
+                        chunk = translator.feed(raw)
+                        if not chunk:
+                            continue
+                    else:
+                        chunk = raw
                     stats.observe(chunk, time.perf_counter())
                     yield chunk
+                if translator is not None:
+                    translator.close()
                 done = True
         finally:
             if done:
                 resp.release()  # fully read: the connection goes back to the pool
             else:
                 resp.close()  # cut short (client gone, error): drop it so the engine aborts
+
+
+@contextlib.contextmanager
+def _stream_errors(endpoint: Endpoint) -> Iterator[None]:
+    """Map a dialect stream's error event or malformed event to `UpstreamError`."""
+    try:
+        yield
+    except anthropic.MessagesStreamError as exc:
+        raise UpstreamError(f"stream error: {exc}", upstream=endpoint.name) from None
+    except anthropic.MessagesFormatError as exc:
+        raise UpstreamError(str(exc), upstream=endpoint.name) from None
+
+
+def _excerpt(data: bytes, limit: int = 120) -> str:
+    text = data[:limit].decode("utf-8", "replace").strip()
+    return repr(text + ("…" if len(data) > limit else ""))
+
+
+def openai_error_body(data: bytes, status: int) -> bytes | None:
+    """An OpenAI-compatible server's error body in OpenAI's shape ``{"error": {"message",
+    "type", "param", "code"}}``: returned as is when it has that shape, rebuilt from the forms
+    such servers also send (vLLM's flat ``{"object": "error", "message", ...}``, ``{"error":
+    "text"}``, FastAPI's ``{"detail": ...}``), or None when it is in none of them."""
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(obj, dict):
+        return None
+    err = obj.get("error")
+    if isinstance(err, dict) and isinstance(err.get("message"), str):
+        return data
+    if isinstance(err, str):
+        message, kind, code = err, None, None
+    elif obj.get("object") == "error" and isinstance(obj.get("message"), str):
+        message, kind, code = obj["message"], obj.get("type"), obj.get("code")
+    elif "detail" in obj:
+        detail = obj["detail"]
+        message, kind, code = (detail if isinstance(detail, str) else orjson.dumps(detail).decode(),
+                               None, None)
+    else:
+        return None
+    fallback = "invalid_request_error" if 400 <= status < 500 else "upstream_error"
+    return orjson.dumps(
+        {
+            "error": {
+                "message": message,
+                "type": kind if isinstance(kind, str) else fallback,
+                "param": obj.get("param") if isinstance(obj.get("param"), str) else None,
+                "code": code if isinstance(code, str) else None,
+            }
+        }
+    )

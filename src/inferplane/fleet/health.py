@@ -56,12 +56,14 @@ from inferplane.fleet.model import Endpoint, Fleet
 from inferplane.fleet.state import EndpointView
 from inferplane.types import JSONObject
 
-ReasonKind = Literal["stale", "error_rate", "ttft"]
+ReasonKind = Literal["stale", "error_rate", "ttft", "rate_limited", "passive"]
 PoolVerdict = Literal["ok", "pressure", "past-envelope"]
 VERDICTS: tuple[PoolVerdict, ...] = ("ok", "pressure", "past-envelope")
 PeerKey = tuple[str, int, tuple[tuple[str, str, str], ...]]
 
-_KIND_RANK: dict[ReasonKind, int] = {"stale": 2, "error_rate": 1, "ttft": 0}
+_KIND_RANK: dict[ReasonKind, int] = {
+    "rate_limited": 4, "passive": 3, "stale": 2, "error_rate": 1, "ttft": 0
+}
 
 
 def peer_key(endpoint: Endpoint) -> PeerKey:
@@ -264,6 +266,28 @@ class OutlierDetector:
                 actions.append(Action(o.name, True, o.kind, o.reason, rec.ejected_until))
                 held += 1
         return actions
+
+    def eject_now(
+        self,
+        name: str,
+        now: float,
+        kind: ReasonKind,
+        reason: str,
+        seconds: float | None = None,
+    ) -> Action:
+        """Eject one endpoint at once, outside a sweep and past the group cap (the upstream
+        itself said so: a 429, or a passive endpoint failing), for ``seconds`` (an upstream's
+        Retry-After; the ejection count is not raised) or else ``ejection_s`` of its raised
+        count. An ejection already running longer is kept. The sweep returns it half-open."""
+        rec = self.records[name]
+        if seconds is None:
+            rec.ejections += 1
+            seconds = self.ejection_s(rec.ejections)
+        until = now + seconds
+        if rec.ejected_until is None or until > rec.ejected_until:
+            rec.ejected_until = until
+            rec.kind, rec.reason, rec.probation = kind, reason, False
+        return Action(name, True, rec.kind, rec.reason, rec.ejected_until)
 
     def run(self, live: LiveFleet) -> list[Action]:
         """Observe ``live`` at its clock's now, sweep, and apply: an ejection sets the endpoint's

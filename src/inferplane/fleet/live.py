@@ -19,6 +19,43 @@ from inferplane.fleet.state import EndpointState, EndpointView, FleetSnapshot, P
 Clock = Callable[[], float]
 
 SCRAPE_HISTORY = 512  # scrapes kept per endpoint: 51 s at the default 0.1 s scrape interval
+RATE_WINDOW_S = 60.0  # declared rate limits are per rolling minute
+
+
+class RateWindow:
+    """Requests and tokens sent to one endpoint in the last `RATE_WINDOW_S` seconds, against
+    its declared limits (None: no limit of that kind)."""
+
+    __slots__ = ("_sent", "requests_per_min", "tokens", "tokens_per_min")
+
+    def __init__(self, requests_per_min: int | None, tokens_per_min: int | None) -> None:
+        self.requests_per_min = requests_per_min
+        self.tokens_per_min = tokens_per_min
+        self._sent: deque[tuple[float, int]] = deque()
+        self.tokens = 0
+
+    def add(self, now: float, tokens: int) -> None:
+        self._sent.append((now, tokens))
+        self.tokens += tokens
+
+    def _expire(self, now: float) -> None:
+        sent = self._sent
+        while sent and sent[0][0] <= now - RATE_WINDOW_S:
+            self.tokens -= sent.popleft()[1]
+
+    def left(self, now: float) -> tuple[int | None, int | None]:
+        """(requests left, tokens left) in the window at ``now``; None where unlimited."""
+        self._expire(now)
+        rpm, tpm = self.requests_per_min, self.tokens_per_min
+        return (
+            None if rpm is None else max(0, rpm - len(self._sent)),
+            None if tpm is None else max(0, tpm - self.tokens),
+        )
+
+    def next_room_s(self, now: float) -> float:
+        """Seconds until the oldest request in the window leaves it (0 when empty)."""
+        self._expire(now)
+        return 0.0 if not self._sent else self._sent[0][0] + RATE_WINDOW_S - now
 
 
 def nearest_rank(sorted_values: Sequence[float], q: float) -> float:
@@ -106,6 +143,7 @@ class EndpointLive:
         "outcomes",
         "pending_prefill",
         "pending_prefill_tokens",
+        "rate",
         "requests_total",
         "scrapes",
         "stats",
@@ -114,7 +152,8 @@ class EndpointLive:
         "ttft_ratio",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, rate: RateWindow | None = None) -> None:
+        self.rate = rate  # declared rate limits, when the endpoint has any
         self.metrics: EngineMetrics | None = None
         self.metrics_at: float | None = None
         self.healthy = True
@@ -171,7 +210,13 @@ class LiveFleet:
         self.clock = clock
         self.refresh_s = refresh_s
         self.prefix_index = prefix_index
-        self.live: dict[str, EndpointLive] = {e.name: EndpointLive() for e in fleet.endpoints}
+        self.live: dict[str, EndpointLive] = {}
+        for e in fleet.endpoints:
+            lim = e.spec.limits
+            rate = None
+            if lim.requests_per_min is not None or lim.tokens_per_min is not None:
+                rate = RateWindow(lim.requests_per_min, lim.tokens_per_min)
+            self.live[e.name] = EndpointLive(rate)
         self._version = 0
         self._snapshot: FleetSnapshot | None = None
         self._snapshot_at = 0.0
@@ -220,6 +265,8 @@ class LiveFleet:
         rec.pending_prefill += 1
         rec.pending_prefill_tokens += prefill_tokens
         rec.requests_total += 1
+        if rec.rate is not None:
+            rec.rate.add(self.clock(), tokens)
         self._touch(rec)
         return Reservation(self, endpoint, tokens, prefill_tokens)
 
@@ -257,6 +304,9 @@ class LiveFleet:
         ttft50, ttft99, itl50, itl99, error_rate, ratio50 = rec.stats
         m = rec.metrics
         age = None if rec.metrics_at is None else now - rec.metrics_at
+        requests_left = tokens_left = None
+        if rec.rate is not None:
+            requests_left, tokens_left = rec.rate.left(now)
         rec.dirty = False
         return EndpointState(
             healthy=rec.healthy,
@@ -282,6 +332,8 @@ class LiveFleet:
             error_rate=error_rate,
             ttft_ratio_p50=ratio50,
             requests_total=rec.requests_total,
+            requests_left=requests_left,
+            tokens_left=tokens_left,
         )
 
     def snapshot(self) -> FleetSnapshot:

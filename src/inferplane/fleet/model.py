@@ -36,6 +36,58 @@ class Endpoint:
         return self.spec.url
 
     @property
+    def dialect(self) -> str:
+        """The API the upstream speaks (``openai`` or ``anthropic``)."""
+        return self.spec.dialect
+
+    @cached_property
+    def health_check(self) -> str:
+        """``health`` (GET /health), ``models`` (GET /v1/models) or ``passive`` (no probe)."""
+        if self.spec.health_check is not None:
+            return self.spec.health_check
+        return "passive" if self.substrate.kind == "provider-api" else "health"
+
+    @cached_property
+    def scrape_metrics(self) -> bool:
+        """Whether the engine's Prometheus ``/metrics`` is scraped."""
+        if self.spec.scrape_metrics is not None:
+            return self.spec.scrape_metrics
+        return self.substrate.kind != "provider-api"
+
+    def api_url(self, path: str) -> str:
+        """The upstream URL of an API path such as ``/v1/chat/completions``: the endpoint URL
+        with the path appended, except that a base path ending in ``/v1`` (as hosted APIs'
+        base URLs do: ``https://host/openai/v1``) is not followed by a second ``/v1``."""
+        url = self._urls.get(path)
+        if url is None:
+            base = self.spec.url
+            if self.spec.base_path.endswith("/v1") and path.startswith("/v1/"):
+                path_part = path[3:]
+            else:
+                path_part = path
+            url = self._urls[path] = base + path_part
+        return url
+
+    @cached_property
+    def _urls(self) -> dict[str, str]:
+        return {}
+
+    def upstream_model(self, model: str) -> str:
+        """The upstream's name for a served model (its ``upstream_name``, else the same)."""
+        m = self.models.get(model)
+        return model if m is None else m.upstream
+
+    @cached_property
+    def renames_models(self) -> bool:
+        """Whether any served model has another name upstream (the body must be rewritten)."""
+        return any(m.upstream != m.name for m in self.spec.models)
+
+    def serves_api(self, api: str) -> bool:
+        """Whether the endpoint's dialect carries this API (``chat``, ``completions``,
+        ``embeddings``): the Anthropic Messages API carries chat only."""
+        return self.spec.dialect == "openai" or api == "chat"
+
+    @property
     def max_concurrency(self) -> int:
         return self.spec.max_concurrency
 
@@ -102,6 +154,19 @@ class Fleet:
             for m in e.spec.models:
                 out.setdefault(m.name, []).append(m)
         return out
+
+    @cached_property
+    def apis(self) -> dict[str, frozenset[str]]:
+        """Every model name with the APIs (``chat``, ``completions``, ``embeddings``) through
+        which some endpoint serves it: an endpoint's dialect bounds its APIs."""
+        out: dict[str, set[str]] = {}
+        for e in self.endpoints:
+            for m in e.spec.models:
+                apis = out.setdefault(m.name, set())
+                for api in ("chat", "completions", "embeddings"):
+                    if e.serves_api(api):
+                        apis.add(api)
+        return {k: frozenset(v) for k, v in out.items()}
 
     def rtt_s(self, src: str | None, dst: str) -> float:
         """Network RTT between two regions (0 within a region or when unknown)."""

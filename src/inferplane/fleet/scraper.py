@@ -1,4 +1,10 @@
-"""Scrape each endpoint's ``/metrics`` and probe ``/health``, feeding `LiveFleet`.
+"""Scrape each endpoint's ``/metrics`` and probe its health, feeding `LiveFleet`.
+
+Each endpoint's health strategy (`Endpoint.health_check`) picks the probe: ``GET /health``,
+``GET /v1/models`` (with the endpoint's credentials: a hosted API answers 404 on ``/health``), or
+none (``passive``: the endpoint stays healthy and only the gateway's own outcomes eject it).
+Endpoints that do not expose engine metrics (`Endpoint.scrape_metrics` false, the default for
+provider APIs) are not scraped.
 
 The I/O sits behind `MetricsSource`, one small interface: `HttpMetricsSource` talks HTTP with a
 shared aiohttp session; tests use `StaticMetricsSource` (in-memory, like httpx's MockTransport).
@@ -9,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 import aiohttp
@@ -25,15 +32,25 @@ class MetricsSource(Protocol):
         """The endpoint's Prometheus text, or None when it could not be read."""
 
     async def healthy(self, endpoint: Endpoint) -> bool:
-        """Whether ``/health`` answered 2xx."""
+        """Whether the endpoint's health probe answered 2xx."""
+
+
+AuthHeaders = Callable[[Endpoint], Mapping[str, str]]
 
 
 class HttpMetricsSource:
-    """Reads ``/metrics`` and ``/health`` over HTTP."""
+    """Reads ``/metrics`` and probes health over HTTP. ``auth`` gives the headers that carry an
+    endpoint's credentials (used by the ``models`` probe)."""
 
-    def __init__(self, session: aiohttp.ClientSession, timeout_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        timeout_s: float = 1.0,
+        auth: AuthHeaders | None = None,
+    ) -> None:
         self.session = session
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self.auth = auth
 
     async def metrics(self, endpoint: Endpoint) -> str | None:
         try:
@@ -45,8 +62,15 @@ class HttpMetricsSource:
             return None
 
     async def healthy(self, endpoint: Endpoint) -> bool:
+        if endpoint.health_check == "passive":
+            return True
+        if endpoint.health_check == "models":
+            url = endpoint.api_url("/v1/models")
+            headers = dict(self.auth(endpoint)) if self.auth is not None else {}
+        else:
+            url, headers = f"{endpoint.url}/health", {}
         try:
-            async with self.session.get(f"{endpoint.url}/health", timeout=self.timeout) as r:
+            async with self.session.get(url, headers=headers, timeout=self.timeout) as r:
                 await r.read()
                 return 200 <= r.status < 300
         except (TimeoutError, aiohttp.ClientError):
@@ -91,6 +115,8 @@ class Scraper:
         self._tasks: list[asyncio.Task[None]] = []
 
     async def scrape_once(self, endpoint: Endpoint) -> bool:
+        if not endpoint.scrape_metrics:
+            return False
         text = await self.source.metrics(endpoint)
         if text is None:
             return False
@@ -124,14 +150,17 @@ class Scraper:
         """One scrape and probe of every endpoint, concurrently (start-up)."""
         eps = self.live.fleet.endpoints
         await asyncio.gather(*(self.scrape_once(e) for e in eps))
-        results = await asyncio.gather(*(self.source.healthy(e) for e in eps))
-        for e, ok in zip(eps, results, strict=True):
+        probed = [e for e in eps if e.health_check != "passive"]
+        results = await asyncio.gather(*(self.source.healthy(e) for e in probed))
+        for e, ok in zip(probed, results, strict=True):
             self.live.set_health(e.name, ok)
 
     def start(self) -> None:
         for e in self.live.fleet.endpoints:
-            self._tasks.append(asyncio.create_task(self._scrape_loop(e)))
-            self._tasks.append(asyncio.create_task(self._health_loop(e)))
+            if e.scrape_metrics:
+                self._tasks.append(asyncio.create_task(self._scrape_loop(e)))
+            if e.health_check != "passive":
+                self._tasks.append(asyncio.create_task(self._health_loop(e)))
 
     async def stop(self) -> None:
         for t in self._tasks:

@@ -46,6 +46,9 @@ class EndpointState:
     error_rate: float = 0.0
     ttft_ratio_p50: float | None = None  # median of observed ÷ predicted TTFT, recent requests
     requests_total: int = 0
+    # room left under the endpoint's declared rate limits in the rolling minute (None: no limit)
+    requests_left: int | None = None
+    tokens_left: int | None = None
 
     @property
     def queue_depth(self) -> float:

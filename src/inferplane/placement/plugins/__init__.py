@@ -7,7 +7,9 @@ from inferplane.placement.plugins import (
     constraints,
     economics,
     latency,
+    rate_limit,
     slo_first,
 )
 
-__all__ = ["affinity", "baselines", "basic", "constraints", "economics", "latency", "slo_first"]
+__all__ = ["affinity", "baselines", "basic", "constraints", "economics", "latency", "rate_limit",
+           "slo_first"]

@@ -18,9 +18,10 @@ from inferplane.placement.framework import (
 
 @register("model-served")
 class ModelServed(Plugin):
-    """Filter: keep endpoints that serve the requested model (and variant, when one is asked).
+    """Filter: keep endpoints that serve the requested model (and variant, when one is asked)
+    through the request's API (an ``anthropic``-dialect endpoint carries chat only).
 
-    Signals: the endpoint's static model list. Parameters: none.
+    Signals: the endpoint's static model list and dialect. Parameters: none.
     """
 
     def filter(self, cycle: CycleState, candidates: list[EndpointView]) -> FilterResult:
@@ -33,6 +34,8 @@ class ModelServed(Plugin):
                 rejected[c.name] = f"does not serve model {p.model!r}"
             elif p.variant is not None and m.variant != p.variant:
                 rejected[c.name] = f"serves variant {m.variant!r}, not {p.variant!r}"
+            elif p.api != "chat" and c.endpoint.spec.dialect != "openai":
+                rejected[c.name] = f"{c.endpoint.spec.dialect} dialect has no {p.api} API"
             else:
                 kept.append(c)
         return FilterResult(kept, rejected)

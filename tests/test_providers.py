@@ -1,0 +1,354 @@
+"""Provider substrates, in process over loopback: base paths, passive health, credentials,
+model aliasing, prices, declared rate limits, 429 + Retry-After, unreadable answers, and keys
+that never leave the dispatcher."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from inferplane.api.app import serve
+from inferplane.api.pipeline import Gateway, hash_key
+from inferplane.config.loader import parse_config
+from inferplane.config.schema import FleetConfig
+from inferplane.dispatch.credentials import load_credentials
+from inferplane.dispatch.upstream import parse_retry_after
+from inferplane.errors import ConfigError
+from inferplane.fleet.model import Fleet
+from tests.support.fake_provider import SEEN, build_provider
+from tests.support.procs import free_port
+
+KEY = "sk-tenant"
+UPSTREAM_KEY = "sk-upstream-secret-1234"
+CHAT = {"model": "big", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 8}
+
+
+def fleet_yaml(gw_port: int, endpoints: str, extra: str = "") -> str:
+    return f"""
+gateway: {{port: {gw_port}, seed: 1}}
+regions: [{{name: us-east}}]
+substrates:
+  - name: prov
+    kind: provider-api
+    hardware: provider-api
+    region: us-east
+    jurisdiction: us
+    capacity_class: burst
+    cost: {{input_per_mtok: 1.0, output_per_mtok: 2.0, cached_input_per_mtok: 0.5}}
+    endpoints:{endpoints}
+tenants:
+  - {{name: t, api_keys: ["{hash_key(KEY)}"]}}
+{extra}"""
+
+
+def endpoint(name: str, port: int, *, base: str = "/openai/v1", extra: str = "") -> str:
+    return f"""
+      - name: {name}
+        url: http://127.0.0.1:{port}{base}
+        engine: openai-compatible
+        api_key_env: TEST_PROVIDER_KEY
+        models: [{{name: big, upstream_name: vendor/big-70b, profile: llama-3.1-70b,
+                   max_context: 32768}}]{extra}"""
+
+
+@pytest.fixture(autouse=True)
+def _key_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setenv("TEST_PROVIDER_KEY", UPSTREAM_KEY)
+    yield
+
+
+@asynccontextmanager
+async def providers(**apps: web.Application) -> AsyncIterator[dict[str, int]]:
+    runners, ports = [], {}
+    try:
+        for name, app in apps.items():
+            runner = web.AppRunner(app)
+            await runner.setup()
+            ports[name] = free_port()
+            await web.TCPSite(runner, "127.0.0.1", ports[name]).start()
+            runners.append(runner)
+        yield ports
+    finally:
+        for r in runners:
+            await r.cleanup()
+
+
+@asynccontextmanager
+async def gateway(config: FleetConfig) -> AsyncIterator[tuple[Gateway, str]]:
+    gw = Gateway(config)
+    runner = await serve(gw, "127.0.0.1", config.gateway.port)
+    try:
+        yield gw, f"http://127.0.0.1:{config.gateway.port}"
+    finally:
+        await runner.cleanup()
+
+
+def session() -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(headers={"Authorization": f"Bearer {KEY}"})
+
+
+# -- configuration ------------------------------------------------------------------------------
+
+
+def test_check_accepts_a_base_path_and_joins_paths_once() -> None:
+    config = parse_config(fleet_yaml(1, endpoint("a", 9, base="/openai/v1")
+                                     + endpoint("b", 10, base="/proxy")))
+    a, b = Fleet.from_config(config).endpoints
+    assert a.url == "http://127.0.0.1:9/openai/v1"
+    assert a.api_url("/v1/chat/completions") == "http://127.0.0.1:9/openai/v1/chat/completions"
+    assert a.api_url("/v1/models") == "http://127.0.0.1:9/openai/v1/models"
+    assert b.api_url("/v1/chat/completions") == "http://127.0.0.1:10/proxy/v1/chat/completions"
+    assert a.health_check == "passive" and not a.scrape_metrics  # provider defaults
+
+
+def test_inline_keys_are_refused_unless_allowed() -> None:
+    inline = endpoint("a", 9).replace("api_key_env: TEST_PROVIDER_KEY", "api_key: sk-inline")
+    with pytest.raises(ConfigError) as exc:
+        parse_config(fleet_yaml(1, inline))
+    assert "substrates[0].endpoints[0]" in str(exc.value)
+    assert "inline api_key is refused" in str(exc.value)
+    allowed = inline.replace(
+        "api_key: sk-inline", "api_key: sk-inline\n        allow_inline_key: true"
+    )
+    assert load_credentials(parse_config(fleet_yaml(1, allowed))) == {"a": "sk-inline"}
+
+
+def test_two_key_sources_are_refused() -> None:
+    both = endpoint("a", 9).replace(
+        "api_key_env: TEST_PROVIDER_KEY", "api_key_env: X\n        api_key_file: k.txt"
+    )
+    with pytest.raises(ConfigError, match="one source of the upstream key"):
+        parse_config(fleet_yaml(1, both))
+
+
+def test_missing_variable_is_a_start_up_error_naming_endpoint_and_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("TEST_PROVIDER_KEY")
+    config = parse_config(fleet_yaml(1, endpoint("prov-a", 9)), "fleet.yaml")
+    with pytest.raises(ConfigError) as exc:
+        Gateway(config, "fleet.yaml")
+    text = str(exc.value)
+    assert "fleet.yaml: substrates[0].endpoints[0].api_key_env" in text
+    assert "'prov-a'" in text and "TEST_PROVIDER_KEY" in text and "is not set" in text
+
+
+def test_key_file_relative_to_the_fleet_file_and_missing_file(tmp_path: Path) -> None:
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets" / "up.key").write_text(f"  {UPSTREAM_KEY}\n")
+    ep = endpoint("a", 9).replace("api_key_env: TEST_PROVIDER_KEY", "api_key_file: secrets/up.key")
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text(fleet_yaml(1, ep))
+    from inferplane.config.loader import load_config
+
+    assert load_credentials(load_config(fleet)) == {"a": UPSTREAM_KEY}
+    (tmp_path / "secrets" / "up.key").unlink()
+    with pytest.raises(ConfigError) as exc:
+        load_credentials(load_config(fleet), str(fleet))
+    assert "endpoint 'a'" in str(exc.value) and "up.key" in str(exc.value)
+    assert "api_key_file" in str(exc.value)
+
+
+def test_dialect_mismatch_is_found_at_start_up() -> None:
+    ep = endpoint("a", 9).replace(
+        "engine: openai-compatible", "engine: openai-compatible\n        dialect: anthropic"
+    ).replace("max_context: 32768}]", "max_context: 512, kind: embed}]")
+    with pytest.raises(ConfigError) as exc:
+        parse_config(fleet_yaml(1, ep))
+    assert "substrates[0].endpoints[0].models[0].kind" in str(exc.value)
+    assert "anthropic dialect" in str(exc.value)
+
+
+def test_retry_after_forms() -> None:
+    assert parse_retry_after("7") == 7.0
+    assert parse_retry_after("0.5") == 0.5
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412470.0) == 10.0
+    assert parse_retry_after("soon") is None and parse_retry_after(None) is None
+    assert parse_retry_after("-3") == 0.0
+
+
+# -- requests ------------------------------------------------------------------------------------
+
+
+async def test_hosted_provider_with_base_path_passive_health_alias_and_price() -> None:
+    app = build_provider(base="/openai/v1", key=UPSTREAM_KEY)
+    async with providers(p=app) as ports:
+        config = parse_config(fleet_yaml(free_port(), endpoint("p", ports["p"])))
+        async with gateway(config) as (gw, base), session() as s:
+            async with s.get(f"{base}/ready") as r:  # the provider answers 404 on /health
+                assert r.status == 200, await r.text()
+            async with s.post(f"{base}/v1/chat/completions", json=CHAT) as r:
+                body = await r.json()
+                assert r.status == 200, body
+                assert r.headers["x-inferplane-model"] == "vendor/big-70b"
+                did = r.headers["x-inferplane-decision-id"]
+            assert body["model"] == "vendor/big-70b"  # which model answered
+            seen = app[SEEN][-1]
+            assert seen["path"] == "/openai/v1/chat/completions"
+            assert seen["body"]["model"] == "vendor/big-70b"
+            assert seen["headers"]["Authorization"] == f"Bearer {UPSTREAM_KEY}"
+            out = gw.ledger.get(did)["outcome"]  # type: ignore[index]
+            # 6 uncached × $1 + 4 cached × $0.5 + 3 output × $2 per million tokens
+            assert out["cost_usd"] == pytest.approx((6 * 1.0 + 4 * 0.5 + 3 * 2.0) / 1e6)
+            assert out["cached_tokens"] == 4
+
+
+async def test_models_health_check_uses_the_key() -> None:
+    good = build_provider(key=UPSTREAM_KEY)
+    wrong = build_provider(key="sk-something-else")
+    async with providers(good=good, wrong=wrong) as ports:
+        probe = "\n        health_check: models"
+        config = parse_config(fleet_yaml(free_port(), endpoint("good", ports["good"], extra=probe)
+                                         + endpoint("wrong", ports["wrong"], extra=probe)))
+        async with gateway(config) as (gw, _):
+            snap = gw.live.snapshot()
+            assert snap.by_name["good"].state.healthy
+            assert not snap.by_name["wrong"].state.healthy
+
+
+async def test_429_with_retry_after_ejects_and_the_move_is_a_rate_limited_spillover() -> None:
+    limited = build_provider(key=UPSTREAM_KEY, mode="429", retry_after="30")
+    ok = build_provider(key=UPSTREAM_KEY, name="ok")
+    async with providers(limited=limited, ok=ok) as ports:
+        # `limited` is listed first and cheaper: the policy prefers it
+        config = parse_config(fleet_yaml(free_port(), endpoint("limited", ports["limited"])
+                                         + endpoint("ok", ports["ok"])))
+        async with gateway(config) as (gw, base), session() as s:
+            gw.live.live["ok"].inflight = 30  # make `limited` the first pick
+            async with s.post(f"{base}/v1/chat/completions", json=CHAT) as r:
+                assert r.status == 200, await r.text()
+                assert r.headers["x-inferplane-endpoint"] == "ok"
+                did = r.headers["x-inferplane-decision-id"]
+            gw.live.live["ok"].inflight = 0
+            rec = gw.ledger.get(did)
+            assert rec is not None and rec["outcome"]["status"] == 200
+            assert rec["spillover"]["reason"] == "rate_limited"
+            assert rec["spillover"]["preferred"] == "limited"
+            assert rec["spillover"]["chosen"] == "ok"
+            state = gw.live.snapshot().by_name["limited"].state
+            assert state.ejected and "429" in state.ejected_reason
+            until = gw.outliers.records["limited"].ejected_until
+            assert until is not None and 29 < until - gw.live.clock() <= 30
+            async with s.get(f"{base}/metrics") as r:
+                text = await r.text()
+            sample = 'ejections_total{endpoint="limited",reason_kind="rate_limited"} 1.0'
+            assert f"inferplane_endpoint_{sample}" in text
+            # while ejected, nothing is sent to it
+            n = len(limited[SEEN])
+            async with s.post(f"{base}/v1/chat/completions", json=CHAT) as r:
+                assert r.headers["x-inferplane-endpoint"] == "ok"
+            assert len(limited[SEEN]) == n
+
+
+async def test_passive_endpoint_failing_is_ejected_and_returns_half_open() -> None:
+    bad = build_provider(key=UPSTREAM_KEY, mode="500")
+    async with providers(bad=bad) as ports:
+        config = parse_config(fleet_yaml(free_port(), endpoint("bad", ports["bad"]),
+                                         extra="health: {outlier: {base_ejection_s: 5}}"))
+        async with gateway(config) as (gw, base), session() as s:
+            for _ in range(2):  # passive_failures: 2
+                async with s.post(f"{base}/v1/chat/completions", json=CHAT) as r:
+                    assert r.status == 502
+                    err = (await r.json())["error"]
+                    assert "'bad'" in err["message"]
+            state = gw.live.snapshot().by_name["bad"].state
+            assert state.ejected and "2 consecutive failures" in state.ejected_reason
+            async with s.get(f"{base}/ready") as r:
+                assert r.status == 503
+            # the ejection ends: the sweep returns it on probation (half-open)
+            now = gw.live.clock()
+            actions = gw.outliers.sweep({"bad": _observed()}, now + 5.1)
+            assert [(a.endpoint, a.eject) for a in actions] == [("bad", False)]
+            assert gw.outliers.records["bad"].probation
+
+
+def _observed() -> Any:
+    from inferplane.fleet.health import Observed
+
+    return Observed()
+
+
+async def test_declared_rate_limits_are_capacity() -> None:
+    a = build_provider(key=UPSTREAM_KEY, name="a")
+    b = build_provider(key=UPSTREAM_KEY, name="b")
+    async with providers(a=a, b=b) as ports:
+        limit = "\n        limits: {requests_per_min: 2}"
+        config = parse_config(fleet_yaml(free_port(), endpoint("a", ports["a"], extra=limit)
+                                         + endpoint("b", ports["b"], extra=limit),
+                                         extra="admission: {queue: {default_deadline_ms: 200}}"))
+        async with gateway(config) as (gw, base), session() as s:
+            picks = []
+            for i in range(4):
+                ask = {**CHAT, "messages": [{"role": "user", "content": f"question {i}"}]}
+                async with s.post(f"{base}/v1/chat/completions", json=ask) as r:
+                    assert r.status == 200
+                    picks.append(r.headers["x-inferplane-endpoint"])
+            assert sorted(picks) == ["a", "a", "b", "b"]
+            # no room left in the minute: admission holds the request (no slot), then sheds it
+            fresh = {**CHAT, "messages": [{"role": "user", "content": "a new question"}]}
+            async with s.post(f"{base}/v1/chat/completions", json=fresh) as r:
+                err = (await r.json())["error"]
+                assert r.status == 503 and err["code"] == "queue_timeout", err
+            assert len(a[SEEN]) == 2 and len(b[SEEN]) == 2  # nothing was sent to a certain 429
+            assert gw.live.snapshot().by_name["a"].state.requests_left == 0
+            assert gw.admission.free_slots(("big", None, None)) == 0
+
+
+@pytest.mark.parametrize(
+    ("mode", "text"),
+    [("garbage", "not JSON"), ("odd_error", "error in an unknown format")],
+)
+async def test_unreadable_answers_are_502_naming_the_endpoint(mode: str, text: str) -> None:
+    app = build_provider(key=UPSTREAM_KEY, mode=mode)
+    async with providers(p=app) as ports:
+        config = parse_config(fleet_yaml(free_port(), endpoint("weird", ports["p"])))
+        async with gateway(config) as (_, base), session() as s:
+            async with s.post(f"{base}/v1/chat/completions", json=CHAT) as r:
+                body = await r.json()
+            assert r.status == 502
+            assert set(body["error"]) == {"message", "type", "param", "code"}
+            assert "upstream 'weird'" in body["error"]["message"]
+            assert text in body["error"]["message"]
+
+
+async def test_upstream_key_never_reaches_logs_records_or_metrics(
+    caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    ok = build_provider(key=UPSTREAM_KEY)
+    limited = build_provider(key=UPSTREAM_KEY, mode="429")
+    refused = build_provider(key="sk-other")
+    async with providers(ok=ok, limited=limited, refused=refused) as ports:
+        yaml_text = fleet_yaml(free_port(), endpoint("ok", ports["ok"])
+                               + endpoint("limited", ports["limited"])
+                               + endpoint("refused", ports["refused"]))
+        yaml_text = yaml_text.replace("gateway: {", f"gateway: {{ledger_path: "
+                                      f"{tmp_path / 'ledger.sqlite'}, ", 1)
+        config = parse_config(yaml_text)
+        async with gateway(config) as (gw, base), session() as s:
+            dids = []
+            for i in range(6):
+                async with s.post(f"{base}/v1/chat/completions",
+                                  json={**CHAT, "stream": i % 2 == 1}) as r:
+                    await r.read()
+                    dids.append(r.headers.get("x-inferplane-decision-id"))
+            async with s.get(f"{base}/metrics") as r:
+                metrics = await r.text()
+            async with s.get(f"{base}/v1/fleet/health") as r:
+                health = await r.text()
+            records = [json.dumps(gw.ledger.get(d)) for d in dids if d]
+        assert records and any("refused" in r or "limited" in r for r in records)
+        ledger_bytes = (tmp_path / "ledger.sqlite").read_bytes()
+    for where, text in [("log", caplog.text), ("metrics", metrics), ("health", health),
+                        ("records", "\n".join(records))]:
+        assert UPSTREAM_KEY not in text, where
+        assert "sk-other" not in text, where
+    assert UPSTREAM_KEY.encode() not in ledger_bytes
