@@ -31,13 +31,16 @@ from __future__ import annotations
 import argparse
 import platform
 import random
+import re
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from inferplane.config.loader import load_config
+import yaml
+
+from inferplane.config.loader import load_config, parse_config
 from inferplane.config.schema import FleetConfig
 from inferplane.fleet.engine_metrics import EngineMetrics
 from inferplane.fleet.live import LiveFleet, Reservation
@@ -69,13 +72,34 @@ class _Clock:
         return self.t
 
 
+def scaled_config(n: int) -> FleetConfig:
+    """``h100xN``: the h100x8 fleet grown to ``n`` identical endpoints in one region, in pools
+    (substrates) of at most 64 — the homogeneous worst case for a per-endpoint scan."""
+    raw = yaml.safe_load((FLEETS / "h100x8.yaml").read_text("utf-8"))
+    sub = raw["substrates"][0]
+    proto = sub["endpoints"][0]
+    subs = []
+    for k in range((n + 63) // 64):
+        eps = []
+        for i in range(k * 64, min(n, (k + 1) * 64)):
+            eps.append({**proto, "name": f"h100-{i}", "url": f"http://127.0.0.1:{20000 + i}"})
+        subs.append({**sub, "name": f"us-east-h100-{k}", "failure_domain": f"us-east-1a/rack-{k}",
+                     "endpoints": eps})
+    raw["substrates"] = subs
+    return parse_config(yaml.safe_dump(raw), f"h100x{n}")
+
+
 class Scenario:
     """A fleet file's policies, a live fleet with load on it, and the mix's request profiles."""
 
     def __init__(self, fleet_name: str, seed: int = 0) -> None:
         path = FLEETS / f"{fleet_name}.yaml"
         self.name = fleet_name
-        self.config: FleetConfig = load_config(path)
+        scaled = re.fullmatch(r"h100x(\d+)", fleet_name)
+        if scaled and not path.exists():
+            self.config: FleetConfig = scaled_config(int(scaled.group(1)))
+        else:
+            self.config = load_config(path)
         self.fleet = Fleet.from_config(self.config)
         self.policies: dict[str, Policy] = build_policies(self.config, str(path))
         self.rng = random.Random(seed)
@@ -198,7 +222,7 @@ def bench(
 ) -> None:
     print(f"# place() CPU µs/decision, best of {repeats} × {n} decisions; python "
           f"{platform.python_version()}, {platform.machine()}; timer={'on' if timer else 'off'}")
-    print(f"{'fleet':8} {'profile':14} {'endpoints':>9} {'µs/decision':>12} {'median':>8}")
+    print(f"{'fleet':10} {'profile':14} {'endpoints':>9} {'µs/decision':>12} {'median':>8}")
     for fleet_name in fleets:
         sc = Scenario(fleet_name)
         sc.load()
@@ -217,7 +241,7 @@ def bench(
                     place(prof, snap, pol, decision_id=prof.request_id, timer=timer)
                 runs.append((time.process_time() - t0) / n * 1e6)
             runs.sort()
-            print(f"{fleet_name:8} {pname:14} {len(snap.endpoints):9d} {runs[0]:12.1f} "
+            print(f"{fleet_name:10} {pname:14} {len(snap.endpoints):9d} {runs[0]:12.1f} "
                   f"{runs[len(runs) // 2]:8.1f}")
 
 

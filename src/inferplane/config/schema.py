@@ -368,6 +368,14 @@ class PluginRef(Strict):
 class ProfileSpec(Strict):
     name: str = Field(pattern=_NAME)
     plugins: list[PluginRef] = Field(min_length=1)
+    max_candidates: int = Field(
+        64,
+        ge=0,
+        description="a fleet with more endpoints than this is sampled before filtering: the "
+        "prefix holders and the session's endpoint, plus an equal random share of every pool "
+        "serving the model (the whole fleet when none of those passes the filters); 0: every "
+        "endpoint is always evaluated",
+    )
 
 
 class MixEntry(Strict):

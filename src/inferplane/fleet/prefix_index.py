@@ -1,4 +1,4 @@
-"""A bounded prefix-cache index: which block hashes each endpoint holds, LRU-evicted.
+"""A bounded prefix-cache index: which endpoints hold which block hashes, inverted.
 
 Two uses, one structure:
 
@@ -13,45 +13,128 @@ Two uses, one structure:
   the snapshot's `PrefixIndexView`. ``covers(endpoint)`` says whether events have been seen for
   an endpoint; placement falls back to its approximate index for endpoints not covered.
 
-``match_length(endpoint, hashes)`` is the number of *leading* hashes the endpoint holds: a hash
-chain means block ``i`` is only reusable when blocks ``0..i-1`` are. Every call is O(blocks) over
-a dict (``OrderedDict``), and reading never changes recency, so placement stays a pure read.
+Layout (the shape of llm-d's KV-cache indexer: block key → the pods holding it): one dict maps
+each block hash to a **bitmask of endpoint slots** (each endpoint owns one bit), so a block held
+by many endpoints is one entry, and ``match_lengths(hashes)`` answers "who holds how much of
+this prefix" for every endpoint in **one walk** of the prompt's chain: AND the masks block by
+block; an endpoint's match length is the block at which its bit drops out. Per-endpoint
+bookkeeping is only what eviction needs: a block count, and for a *bounded* endpoint (capacity
+> 0: the learned index) an LRU order of its blocks. An unbounded endpoint (the KV-event mirror,
+whose engine reports its own evictions) keeps no per-block state of its own: clearing it retires
+its slot (the bit is masked off at once, and swept out of the map when enough slots are retired).
+
+``match_length(endpoint, hashes)`` is the number of *leading* hashes one endpoint holds: a hash
+chain means block ``i`` is only reusable when blocks ``0..i-1`` are. Reading never changes
+recency, so placement stays a pure read.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 from inferplane.types import BlockHash
 
 
+def _decode(v: int) -> int:
+    """A map value as a bitmask: a single holder is stored as ``~slot`` (a small int, where
+    ``1 << slot`` would be a 1,000-bit one at fleet scale), several as their bitmask."""
+    return (1 << ~v) if v < 0 else v
+
+
+def _encode(mask: int) -> int:
+    """A non-empty bitmask as a map value (see `_decode`)."""
+    return ~(mask.bit_length() - 1) if mask & (mask - 1) == 0 else mask
+
+
+def _bits(mask: int) -> Iterator[int]:
+    """Indexes of the set bits of ``mask``, lowest first."""
+    while mask:
+        low = mask & -mask
+        yield low.bit_length() - 1
+        mask ^= low
+
+
 class PrefixIndex:
-    """Per-endpoint LRU sets of block hashes.
+    """Inverted index block hash → endpoints (bitmask), with per-endpoint LRU bounds.
 
     ``capacity_blocks`` bounds each endpoint's set (0 = unbounded, for a precise index whose
     engine reports its own evictions); ``set_capacity`` overrides it for one endpoint.
     """
 
-    __slots__ = ("_blocks", "_capacity", "_covered", "capacity_blocks")
+    __slots__ = (
+        "_capacity",
+        "_covered",
+        "_dead",
+        "_free",
+        "_holders",
+        "_live",
+        "_names",
+        "_next_slot",
+        "_recency",
+        "_sizes",
+        "_slot",
+        "capacity_blocks",
+        "sweep_at",
+    )
 
-    def __init__(self, capacity_blocks: int = 0) -> None:
+    def __init__(self, capacity_blocks: int = 0, *, sweep_at: int = 16) -> None:
         if capacity_blocks < 0:
             raise ValueError("capacity_blocks must be >= 0")
         self.capacity_blocks = capacity_blocks
-        self._blocks: dict[str, OrderedDict[BlockHash, None]] = {}
+        # retired slots (cleared unbounded endpoints) are swept out of the map at this many,
+        # or at a quarter of the live ones if more
+        self.sweep_at = sweep_at
+        self._holders: dict[BlockHash, int] = {}  # block → endpoint slots (`_encode`)
+        self._slot: dict[str, int] = {}  # endpoint → its slot (bit index)
+        self._names: dict[int, str] = {}  # live slot → endpoint
+        self._live = 0  # mask of live slots
+        self._dead = 0  # mask of retired slots still present in _holders
+        self._free: list[int] = []  # slots reusable (swept)
+        self._next_slot = 0
+        self._sizes: dict[str, int] = {}  # endpoint → blocks held
+        self._recency: dict[str, OrderedDict[BlockHash, None]] = {}  # bounded endpoints only
         self._capacity: dict[str, int] = {}
         self._covered: set[str] = set()
 
     # -- read side (PrefixIndexView) ------------------------------------------------------
+    def match_lengths(self, hashes: Sequence[BlockHash]) -> dict[str, int]:
+        """Every endpoint holding at least the first block → how many leading ``hashes`` it
+        holds, in one walk of the chain (endpoints holding none are absent)."""
+        if not hashes:
+            return {}
+        holders = self._holders
+        cur = _decode(holders.get(hashes[0], 0)) & self._live
+        if not cur:
+            return {}
+        names = self._names
+        out: dict[str, int] = {}
+        get = holders.get
+        n = len(hashes)
+        for i in range(1, n):
+            v = get(hashes[i], 0)
+            nxt = cur & ((1 << ~v) if v < 0 else v)
+            if nxt != cur:
+                for b in _bits(cur & ~nxt):
+                    out[names[b]] = i
+                if not nxt:
+                    return out
+                cur = nxt
+        for b in _bits(cur):
+            out[names[b]] = n
+        return out
+
     def match_length(self, endpoint: str, hashes: Sequence[BlockHash]) -> int:
         """How many leading ``hashes`` the endpoint holds."""
-        held = self._blocks.get(endpoint)
-        if not held:
+        slot = self._slot.get(endpoint)
+        if slot is None:
             return 0
+        bit = 1 << slot
+        get = self._holders.get
         n = 0
         for h in hashes:
-            if h not in held:
+            v = get(h, 0)
+            if (~v != slot) if v < 0 else not v & bit:
                 break
             n += 1
         return n
@@ -62,45 +145,108 @@ class PrefixIndex:
 
     def size(self, endpoint: str) -> int:
         """Blocks held for an endpoint."""
-        held = self._blocks.get(endpoint)
-        return len(held) if held else 0
+        return self._sizes.get(endpoint, 0)
 
     def endpoints(self) -> list[str]:
-        return sorted(self._blocks)
+        """Endpoints with blocks recorded (since their last clear)."""
+        return sorted(self._slot)
+
+    def distinct_blocks(self) -> int:
+        """Entries of the inverted map (block hashes held by at least one endpoint)."""
+        return len(self._holders)
 
     # -- write side -----------------------------------------------------------------------
+    def _cap(self, endpoint: str) -> int:
+        return self._capacity.get(endpoint, self.capacity_blocks)
+
+    def _slot_of(self, endpoint: str) -> int:
+        slot = self._slot.get(endpoint)
+        if slot is None:
+            if self._free:
+                slot = self._free.pop()
+            else:
+                slot = self._next_slot
+                self._next_slot += 1
+            self._slot[endpoint] = slot
+            self._names[slot] = endpoint
+            self._live |= 1 << slot
+            self._sizes.setdefault(endpoint, 0)
+        return slot
+
     def set_capacity(self, endpoint: str, blocks: int) -> None:
         """Bound one endpoint's set (evicting at once if it is over)."""
         if blocks < 0:
             raise ValueError("blocks must be >= 0")
-        if self._capacity.get(endpoint) == blocks:
+        if self._capacity.get(endpoint, -1) == blocks:
             return
         self._capacity[endpoint] = blocks
-        held = self._blocks.get(endpoint)
-        if held is not None:
-            self._evict(endpoint, held)
+        slot = self._slot.get(endpoint)
+        if slot is None:
+            return
+        if blocks <= 0:
+            self._recency.pop(endpoint, None)
+            return
+        held = self._recency.get(endpoint)
+        if held is None:  # unbounded until now: its blocks in no particular order
+            bit = 1 << slot
+            held = self._recency[endpoint] = OrderedDict(
+                (h, None) for h, m in self._holders.items() if _decode(m) & bit
+            )
+        self._evict(endpoint, slot, held)
 
     def record(self, endpoint: str, hashes: Iterable[BlockHash]) -> None:
         """The endpoint now holds ``hashes`` (most recently used); evict beyond capacity."""
-        held = self._blocks.get(endpoint)
-        if held is None:
-            held = self._blocks[endpoint] = OrderedDict()
         self._covered.add(endpoint)
+        slot = self._slot_of(endpoint)
+        bit = 1 << slot
+        holders = self._holders
+        get = holders.get
+        added = 0
+        if self._cap(endpoint) <= 0:
+            for h in hashes:
+                v = get(h)
+                if v is None:
+                    holders[h] = ~slot
+                    added += 1
+                    continue
+                m = _decode(v)
+                if not m & bit:
+                    holders[h] = m | bit
+                    added += 1
+            self._sizes[endpoint] += added
+            return
+        held = self._recency.get(endpoint)
+        if held is None:
+            held = self._recency[endpoint] = OrderedDict()
         move = held.move_to_end
         for h in hashes:
             if h in held:
                 move(h)
             else:
                 held[h] = None
-        self._evict(endpoint, held)
+                v = get(h)
+                holders[h] = ~slot if v is None else _decode(v) | bit
+                added += 1
+        self._sizes[endpoint] += added
+        self._evict(endpoint, slot, held)
 
-    def _evict(self, endpoint: str, held: OrderedDict[BlockHash, None]) -> None:
-        cap = self._capacity.get(endpoint, self.capacity_blocks)
-        if cap <= 0:
+    def _evict(self, endpoint: str, slot: int, held: OrderedDict[BlockHash, None]) -> None:
+        cap = self._cap(endpoint)
+        if cap <= 0 or len(held) <= cap:
             return
+        keep = ~(1 << slot)
+        holders = self._holders
         pop = held.popitem
+        n = 0
         while len(held) > cap:
-            pop(last=False)
+            h, _ = pop(last=False)
+            m = _decode(holders[h]) & keep
+            if m:
+                holders[h] = _encode(m)
+            else:
+                del holders[h]
+            n += 1
+        self._sizes[endpoint] -= n
 
     # KV events (vLLM's names) ------------------------------------------------------------
     def block_stored(self, endpoint: str, hashes: Iterable[BlockHash]) -> None:
@@ -110,21 +256,79 @@ class PrefixIndex:
     def block_removed(self, endpoint: str, hashes: Iterable[BlockHash]) -> None:
         """``BlockRemoved``: the engine evicted these blocks."""
         self._covered.add(endpoint)
-        held = self._blocks.get(endpoint)
-        if held is None:
+        slot = self._slot.get(endpoint)
+        if slot is None:
             return
+        bit = 1 << slot
+        keep = ~bit
+        holders = self._holders
+        held = self._recency.get(endpoint)
+        n = 0
         for h in hashes:
-            held.pop(h, None)
+            m = _decode(holders.get(h, 0))
+            if m & bit:
+                m &= keep
+                if m:
+                    holders[h] = _encode(m)
+                else:
+                    del holders[h]
+                n += 1
+                if held is not None:
+                    held.pop(h, None)
+        self._sizes[endpoint] -= n
 
     def all_cleared(self, endpoint: str) -> None:
         """``AllBlocksCleared``: the engine reset its prefix cache."""
         self._covered.add(endpoint)
-        self._blocks.pop(endpoint, None)
+        self._drop(endpoint)
 
     def forget(self, endpoint: str) -> None:
         """Drop an endpoint entirely (it left the fleet, or its event stream broke)."""
         self._covered.discard(endpoint)
-        self._blocks.pop(endpoint, None)
+        self._drop(endpoint)
+
+    def _drop(self, endpoint: str) -> None:
+        slot = self._slot.pop(endpoint, None)
+        self._sizes.pop(endpoint, None)
+        if slot is None:
+            return
+        bit = 1 << slot
+        del self._names[slot]
+        self._live &= ~bit
+        held = self._recency.pop(endpoint, None)
+        if held is not None:  # bounded: its blocks are listed, clear them now
+            keep = ~bit
+            holders = self._holders
+            for h in held:
+                m = _decode(holders[h]) & keep
+                if m:
+                    holders[h] = _encode(m)
+                else:
+                    del holders[h]
+            self._free.append(slot)
+            return
+        self._dead |= bit  # unbounded: retire the slot, sweep later
+        dead = self._dead.bit_count()
+        if dead >= max(self.sweep_at, self._live.bit_count() // 4):
+            self.sweep()
+
+    def sweep(self) -> None:
+        """Remove retired slots' bits from the map (one pass over it) and free the slots."""
+        dead = self._dead
+        if not dead:
+            return
+        keep = ~dead
+        holders = self._holders
+        for h, v in list(holders.items()):
+            m = _decode(v)
+            if m & dead:
+                m &= keep
+                if m:
+                    holders[h] = _encode(m)
+                else:
+                    del holders[h]
+        self._free.extend(_bits(dead))
+        self._dead = 0
 
     def apply(self, endpoint: str, event: object) -> None:
         """Apply one decoded vLLM KV event (``BlockStored``, ``BlockRemoved`` or

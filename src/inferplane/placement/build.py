@@ -92,7 +92,12 @@ def build_policies(
         if picker is None:
             picker = MaxScorePicker("max-score", NoParams())
         policies[prof.name] = Policy(
-            name=prof.name, filters=filters, scorers=scorers, picker=picker, seed=base_seed + i
+            name=prof.name,
+            filters=filters,
+            scorers=scorers,
+            picker=picker,
+            seed=base_seed + i,
+            max_candidates=prof.max_candidates,
         )
     if problems:
         raise ConfigError(file, problems)

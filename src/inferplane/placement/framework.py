@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict
 
+from inferplane.fleet.model import Fleet
 from inferplane.fleet.state import EndpointView, FleetSnapshot
 from inferplane.placement.profile import RequestProfile
 
@@ -86,6 +87,17 @@ class Picker(Protocol):
     name: str
 
     def pick(self, cycle: CycleState, scored: list[Scored]) -> Scored: ...
+
+
+@runtime_checkable
+class Proposer(Protocol):
+    """Optional: names endpoints that must be among the sampled candidates of a large fleet
+    (a prefix index proposes the endpoints holding the most of the prompt; session affinity the
+    session's endpoint). Called only when the policy samples. Synchronous, no I/O."""
+
+    name: str
+
+    def propose(self, cycle: CycleState, limit: int) -> list[str]: ...
 
 
 @runtime_checkable
@@ -212,16 +224,42 @@ class Policy:
     picker: Picker
     seed: int = 0
     observers: list[PickObserver] = field(default_factory=list)
+    max_candidates: int = 0
     rng: random.Random = field(init=False)
+    proposers: list[Proposer] = field(init=False, default_factory=list)
+    _pools: dict[str, list[list[int]]] = field(init=False, default_factory=dict, repr=False)
+    _pools_of: Fleet | None = field(init=False, default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
+        seen: set[int] = set()
+        for p in [*self.filters, *(s for s, _ in self.scorers), self.picker]:
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            if isinstance(p, Proposer):
+                self.proposers.append(p)
         if not self.observers:
-            seen: set[int] = set()
+            seen.clear()
             for p in [*self.filters, *(s for s, _ in self.scorers), self.picker]:
                 if isinstance(p, PickObserver) and id(p) not in seen:
                     seen.add(id(p))
                     self.observers.append(p)
+
+    def pools(self, fleet: Fleet, model: str) -> list[list[int]]:
+        """Fleet positions of the endpoints serving ``model``, grouped by substrate (pool);
+        computed once per fleet and model."""
+        if self._pools_of is not fleet:
+            self._pools_of = fleet
+            self._pools = {}
+        got = self._pools.get(model)
+        if got is None:
+            by_pool: dict[str, list[int]] = {}
+            for i, e in enumerate(fleet.endpoints):
+                if model in e.models:
+                    by_pool.setdefault(e.substrate.name, []).append(i)
+            got = self._pools[model] = list(by_pool.values())
+        return got
 
 
 def place(
@@ -235,11 +273,69 @@ def place(
 ) -> Decision:
     """Run one placement cycle. Never raises for an empty result: the decision has
     ``picked=None`` and ``removed_by`` says which filter removed how many endpoints."""
+    endpoints = snapshot.endpoints
+    limit = policy.max_candidates
+    if limit and len(endpoints) > limit:
+        cycle = CycleState(profile=profile, snapshot=snapshot, rng=rng or policy.rng)
+        sample = _sample(cycle, policy, limit)
+        if sample is not None:
+            d = _place(cycle, policy, sample, decision_id, timer)
+            if d.picked is not None:
+                return d
+            # nothing in the sample survived the filters: judge the whole fleet, so that a
+            # feasible endpoint is never missed and "0/N eligible" counts every endpoint
     cycle = CycleState(profile=profile, snapshot=snapshot, rng=rng or policy.rng)
+    return _place(cycle, policy, None, decision_id, timer)
+
+
+def _sample(cycle: CycleState, policy: Policy, limit: int) -> list[EndpointView] | None:
+    """Pool-first candidate sampling for a fleet larger than ``limit``: the endpoints the
+    proposers name (prefix holders, the session's endpoint), then a seeded random draw from
+    every pool (substrate) serving the model, an equal share each, so that every pool — the
+    reserved and the cheap ones included — is represented (Kubernetes' scheduler scores a
+    sample of feasible nodes for the same reason). Candidates keep the fleet's order. None when
+    the snapshot does not follow the fleet's order (a hand-built snapshot): evaluate all."""
+    snapshot = cycle.snapshot
+    endpoints = snapshot.endpoints
+    fleet = snapshot.fleet
+    if len(endpoints) != len(fleet.endpoints):
+        return None
+    chosen: set[int] = set()
+    by_name = fleet.by_name
+    for p in policy.proposers:
+        for name in p.propose(cycle, limit):
+            e = by_name.get(name)
+            if e is not None:
+                chosen.add(e.index)
+    pools = policy.pools(fleet, cycle.profile.model)
+    if pools:
+        share = -(-max(limit - len(chosen), len(pools)) // len(pools))  # ceil
+        rng = cycle.rng
+        for pool in pools:
+            chosen.update(pool if len(pool) <= share else rng.sample(pool, share))
+    picked = sorted(chosen)
+    views = [endpoints[i] for i in picked]
+    for v in views:
+        if v.endpoint is not fleet.endpoints[v.endpoint.index]:
+            return None
+    if not views:
+        return None
+    cycle.notes.append(f"sampled {len(views)} of {len(endpoints)} endpoints")
+    return views
+
+
+def _place(
+    cycle: CycleState,
+    policy: Policy,
+    sample: list[EndpointView] | None,
+    decision_id: str,
+    timer: Timer | None,
+) -> Decision:
+    profile, snapshot = cycle.profile, cycle.snapshot
     timings: dict[str, float] = {}
     records: dict[str, CandidateRecord] = {}
     removed: dict[str, int] = {}
-    endpoints = snapshot.endpoints
+    endpoints = snapshot.endpoints if sample is None else sample
     candidates = list(endpoints)
     excluded = profile.excluded
     if excluded:

@@ -96,9 +96,15 @@ class PrefixMatcher:
         if precise is None or not engine:
             if own is None:
                 return [0.0] * len(candidates)
-            match = own.match_length
-            return [match(c.name, hashes) for c in candidates]
+            held = own.match_lengths(hashes)  # one walk of the chain for every endpoint
+            if not held:
+                return [0.0] * len(candidates)
+            get = held.get
+            return [get(c.name, 0) for c in candidates]
         covers = getattr(precise, "covers", None)
+        lengths = getattr(precise, "match_lengths", None)
+        precise_held = lengths(engine) if lengths is not None else None
+        own_held = own.match_lengths(hashes) if own is not None else None
         now = cycle.snapshot.now
         nhashes, nengine = len(hashes), len(engine)
         pending = self.pending_s > 0
@@ -106,15 +112,39 @@ class PrefixMatcher:
         for c in candidates:
             if covers is None or covers(c.name):
                 # KV events speak engine token blocks: scale to prompt blocks
-                n = precise.match_length(c.name, engine)
+                if precise_held is not None:
+                    n = precise_held.get(c.name, 0)
+                else:
+                    n = precise.match_length(c.name, engine)
                 if n < nengine and pending:
                     n = max(n, self._pending(c.name, engine, now))
                 out.append(nhashes if n == nengine else n * nhashes / nengine)
-            elif own is not None:
-                out.append(own.match_length(c.name, hashes))
+            elif own_held is not None:
+                out.append(own_held.get(c.name, 0))
             else:
                 out.append(0)
         return out
+
+    def propose(self, cycle: CycleState, limit: int) -> list[str]:
+        """The endpoints holding the longest runs of the prompt, best first: at most
+        ``max(1, limit // 4)``, from both indexes as `matches` would read them (one walk of
+        the chain each). What candidate sampling must keep in a large fleet."""
+        prof = cycle.profile
+        held: dict[str, float] = {}
+        if self.mode != "precise" and prof.block_hashes:
+            held.update(self.index.match_lengths(prof.block_hashes))
+        precise = cycle.snapshot.prefix_index if self.mode != "approximate" else None
+        engine = prof.engine_block_hashes
+        lengths = getattr(precise, "match_lengths", None)
+        if lengths is not None and engine and prof.block_hashes:
+            scale = len(prof.block_hashes) / len(engine)
+            for name, n in lengths(engine).items():
+                m = n * scale
+                if m > held.get(name, 0.0):
+                    held[name] = m
+        if not held:
+            return []
+        return sorted(held, key=held.__getitem__, reverse=True)[: max(1, limit // 4)]
 
     def learn(self, cycle: CycleState, picked: EndpointView) -> None:
         engine = cycle.profile.engine_block_hashes
@@ -181,6 +211,9 @@ class PrefixAffinity(Plugin):
             cycle.annotations_of(c.name)["prefix_match"] = float(m)
         return [m / total for m in matched]
 
+    def propose(self, cycle: CycleState, limit: int) -> list[str]:
+        return self.matcher.propose(cycle, limit)
+
     def on_picked(self, cycle: CycleState, picked: EndpointView) -> None:
         self.matcher.learn(cycle, picked)
 
@@ -227,6 +260,11 @@ class SessionAffinity(Plugin):
         if last is None:
             return [0.0] * len(candidates)
         return [1.0 if c.name == last else 0.0 for c in candidates]
+
+    def propose(self, cycle: CycleState, limit: int) -> list[str]:
+        sid = cycle.profile.session_id
+        last = self._last.get(sid) if sid is not None else None
+        return [] if last is None else [last]
 
     def on_picked(self, cycle: CycleState, picked: EndpointView) -> None:
         sid = cycle.profile.session_id

@@ -138,6 +138,9 @@ class PrefixCacheAffinityFilter(Plugin):
         }
         return FilterResult(sticky, rejected)
 
+    def propose(self, cycle: CycleState, limit: int) -> list[str]:
+        return self.matcher.propose(cycle, limit)
+
     def on_picked(self, cycle: CycleState, picked: EndpointView) -> None:
         self.matcher.learn(cycle, picked)
 
@@ -193,6 +196,9 @@ class SglangCacheAware(Plugin):
         small = min(sizes)
         keys = [float(x) if z == small else math.inf for x, z in zip(loads, sizes, strict=True)]
         return _argmin(cycle, scored, keys)
+
+    def propose(self, cycle: CycleState, limit: int) -> list[str]:
+        return self.matcher.propose(cycle, limit)
 
     def on_picked(self, cycle: CycleState, picked: EndpointView) -> None:
         self.matcher.learn(cycle, picked)
@@ -253,6 +259,9 @@ class DynamoKv(Plugin):
             if u <= 0:
                 return s
         return scored[-1]
+
+    def propose(self, cycle: CycleState, limit: int) -> list[str]:
+        return self.matcher.propose(cycle, limit)
 
     def on_picked(self, cycle: CycleState, picked: EndpointView) -> None:
         self.matcher.learn(cycle, picked)
