@@ -13,7 +13,8 @@ Every layer raises these; only ``api/`` renders them, always in OpenAI's shape
     ├── RateLimitError                429 rate_limit_exceeded     (carries Retry-After)
     │   └── BudgetExceededError       429 budget_exceeded
     ├── UpstreamError                 502 upstream_error          (names the upstream)
-    └── NoEligibleEndpointError       503 no_eligible_endpoint    (names filters and counts)
+    ├── NoEligibleEndpointError       503 no_eligible_endpoint    (names filters and counts)
+    └── StoreUnavailableError         503 service_unavailable     (shared store down; Retry-After)
 
 Configuration errors are not gateway errors: ``ConfigError`` names the file, the path inside it
 and the problem, and the CLI prints it without a stack trace.
@@ -124,6 +125,15 @@ class NoEligibleEndpointError(GatewayError):
         super().__init__(message, code="no_eligible_endpoint")
         self.total = total
         self.removed = dict(removed)
+
+
+class StoreUnavailableError(GatewayError):
+    """A shared store (Redis) cannot be reached and the answer needs it (a budget to check, a
+    usage report); carries Retry-After. The outage policy is in docs/shared-state.md."""
+
+    status = 503
+    error_type = "service_unavailable"
+    code = "store_unavailable"
 
 
 class ConfigError(Exception):

@@ -85,9 +85,11 @@ class Ticket:
 def make_store(config: FleetConfig) -> AdmissionStore:
     spec = config.admission
     if spec.store == "redis":
+        from inferplane.admission.outage import OutageStore
         from inferplane.admission.redis_state import RedisStore
 
-        return RedisStore(spec.redis_url, spec.redis_prefix)
+        remote = RedisStore(spec.redis_url, spec.redis_prefix, spec.redis_timeout_s)
+        return OutageStore(remote, retry_after_s=spec.outage_retry_after_s)
     path = local_store_path(config)
     if path is not None:
         from inferplane.admission.sqlite_state import SqliteStore

@@ -20,6 +20,8 @@ from collections.abc import Sequence
 from typing import Any, cast
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from inferplane.admission.state import (
     SEP,
@@ -151,8 +153,16 @@ def _ms(seconds: float) -> str:
 class RedisStore:
     """`AdmissionStore` on Redis (``redis.asyncio``), atomic through Lua scripts."""
 
-    def __init__(self, url: str, prefix: str = "inferplane:") -> None:
-        self.r: aioredis.Redis = aioredis.Redis.from_url(url, decode_responses=True)
+    def __init__(self, url: str, prefix: str = "inferplane:", timeout_s: float = 0.5) -> None:
+        # a dead Redis must cost one short timeout, not a stalled request: no retries with
+        # backoff inside the client (`admission.outage` decides what a failure means)
+        self.r: aioredis.Redis = aioredis.Redis.from_url(
+            url,
+            decode_responses=True,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry=Retry(NoBackoff(), 0),
+        )
         self.p = prefix
         self._reserve = self.r.register_script(RESERVE)
         self._settle = self.r.register_script(SETTLE)

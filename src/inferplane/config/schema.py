@@ -450,6 +450,15 @@ class AdmissionSpec(Strict):
         description="redis://, rediss:// or unix:// URL of the shared store",
     )
     redis_prefix: str = "inferplane:"
+    redis_timeout_s: float = Field(
+        0.5, gt=0, description="a Redis call slower than this counts as Redis being unreachable"
+    )
+    outage_retry_after_s: float = Field(
+        2.0,
+        gt=0,
+        description="while Redis is unreachable: Retry-After of the 503s (budgets cannot be "
+        "checked) and how long the local fallback is used before Redis is tried again",
+    )
     lease_margin_s: float = Field(
         30.0,
         ge=0,

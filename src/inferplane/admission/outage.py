@@ -1,0 +1,255 @@
+"""`OutageStore`: the shared admission store with a documented policy for when Redis is down.
+
+It wraps `RedisStore` and never lets a Redis failure become a 500. While Redis cannot be
+reached (an error, or a timeout of ``admission.redis_timeout_s``), each operation degrades on
+its own terms:
+
+======================  ============================================================================
+operation               while Redis is unreachable
+======================  ============================================================================
+retry markers, loop     local, in this process (a retry that lands on another replica is not
+counters                recognised; loop limits count per replica)
+rate limits (`take`)    local token buckets in this process: a tenant's limit holds per replica
+budgets (`reserve`)     **fail closed**: 503 ``store_unavailable`` with Retry-After: a budget that
+                        cannot be checked admits nothing (tenants without budgets are unaffected)
+settle, usage           **journaled** in this process and replayed, in order, once Redis answers
+                        again: spend settled during the outage is not lost (a lease reserved before
+                        the outage keeps holding its worst case until its settle is replayed; a
+                        reserve that timed out may still run in Redis, so its lease is given back
+                        by a journaled zero settle)
+usage / counter reads   503 ``store_unavailable`` with Retry-After
+======================  ============================================================================
+
+After a failure Redis is not asked again for ``retry_after_s`` (every call takes the local path
+at once instead of waiting for a timeout); a background task then probes it, replays the journal
+and the store is back in service. The journal is in memory: a replica killed during an outage
+loses what it had not replayed (its leases then expire in Redis).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
+
+from redis.exceptions import RedisError
+
+from inferplane.admission.redis_state import RedisStore
+from inferplane.admission.state import (
+    BucketDemand,
+    CounterDemand,
+    CounterState,
+    MemoryStore,
+    UsageRow,
+)
+from inferplane.errors import StoreUnavailableError
+
+T = TypeVar("T")
+log = logging.getLogger("inferplane.admission")
+
+_FAILURES = (RedisError, OSError, asyncio.TimeoutError)
+Replay = Callable[[], Awaitable[None]]
+
+
+class OutageStore:
+    """`AdmissionStore` on Redis that degrades (see the module docstring) instead of failing."""
+
+    def __init__(
+        self,
+        remote: RedisStore,
+        *,
+        retry_after_s: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.remote = remote
+        self.local = MemoryStore()
+        self.retry_after_s = retry_after_s
+        self.clock = clock
+        self.down_since: float | None = None
+        self._retry_at = 0.0
+        self.journal: deque[Replay] = deque()
+        self._reconciler: asyncio.Task[None] | None = None
+        self.outages = 0
+        self.replayed = 0
+
+    # -- state ----------------------------------------------------------------------------
+    @property
+    def up(self) -> bool:
+        return self.down_since is None
+
+    def _unavailable(self, what: str) -> StoreUnavailableError:
+        wait = max(1, math.ceil(self.retry_after_s))
+        return StoreUnavailableError(
+            f"the shared admission store (Redis) is unreachable, so {what} cannot be checked "
+            f"now; retry after {wait} s",
+            headers={"Retry-After": str(wait)},
+        )
+
+    def _failed(self, exc: BaseException) -> None:
+        now = self.clock()
+        self._retry_at = now + self.retry_after_s
+        if self.down_since is None:
+            self.down_since = now
+            self.outages += 1
+            log.error(
+                "admission store (Redis) unreachable (%s: %s): budgets fail closed with 503, "
+                "rate limits and retry markers are local, settles are journaled",
+                type(exc).__name__, exc,
+            )
+        self._ensure_reconciler()
+
+    async def _try(self, call: Callable[[], Awaitable[T]]) -> tuple[bool, T | None]:
+        """(True, result) from Redis, or (False, None) when it is (or just went) down."""
+        if self.down_since is not None and self.clock() < self._retry_at:
+            return False, None
+        if self.journal:  # settles must reach Redis in order: the reconciler replays first
+            return False, None
+        try:
+            result = await call()
+        except _FAILURES as exc:
+            self._failed(exc)
+            return False, None
+        if self.down_since is not None:
+            self._back()
+        return True, result
+
+    def _back(self) -> None:
+        assert self.down_since is not None
+        log.warning(
+            "admission store (Redis) reachable again after %.1f s; %d journaled updates replayed",
+            self.clock() - self.down_since, self.replayed,
+        )
+        self.down_since = None
+
+    # -- reconciliation -------------------------------------------------------------------
+    def _ensure_reconciler(self) -> None:
+        if self._reconciler is None or self._reconciler.done():
+            with contextlib.suppress(RuntimeError):  # no running loop: the next call starts it
+                self._reconciler = asyncio.get_running_loop().create_task(self._reconcile())
+
+    async def _reconcile(self) -> None:
+        """Probe Redis every ``retry_after_s``; once it answers, replay the journal in order."""
+        while self.down_since is not None or self.journal:
+            await asyncio.sleep(max(0.0, self._retry_at - self.clock()))
+            try:
+                await self.remote.ping()
+                while self.journal:
+                    await self.journal[0]()
+                    self.journal.popleft()
+                    self.replayed += 1
+            except _FAILURES as exc:
+                self._failed(exc)
+                continue
+            if self.down_since is not None:
+                self._back()
+
+    # -- AdmissionStore -------------------------------------------------------------------
+    async def reserve(
+        self, counters: Sequence[CounterDemand], lease_id: str, expires_at: float, now: float
+    ) -> int:
+        if not counters:
+            return -1
+        sent = False
+
+        def call() -> Awaitable[int]:
+            nonlocal sent
+            sent = True
+            return self.remote.reserve(counters, lease_id, expires_at, now)
+
+        ok, failed = await self._try(call)
+        if not ok:
+            if sent:  # it may still run in Redis (a timeout): give its lease back on replay
+                self.journal.append(lambda: self.remote.settle(counters, lease_id, 0.0, 0, now))
+            raise self._unavailable("this tenant's budget")
+        assert failed is not None
+        return failed
+
+    async def settle(
+        self,
+        counters: Sequence[CounterDemand],
+        lease_id: str,
+        usd: float,
+        tokens: int,
+        now: float,
+    ) -> None:
+        if not counters:
+            return
+
+        def call() -> Awaitable[None]:
+            return self.remote.settle(counters, lease_id, usd, tokens, now)
+
+        ok, _ = await self._try(call)
+        if not ok:
+            self.journal.append(call)
+            self._ensure_reconciler()
+
+    async def counter(self, key: str, now: float) -> CounterState:
+        ok, st = await self._try(lambda: self.remote.counter(key, now))
+        if not ok or st is None:
+            raise self._unavailable("the budget counter")
+        return st
+
+    async def take(self, buckets: Sequence[BucketDemand], now: float) -> float:
+        if not buckets:
+            return 0.0
+        ok, wait = await self._try(lambda: self.remote.take(buckets, now))
+        if not ok or wait is None:
+            return await self.local.take(buckets, now)
+        return wait
+
+    async def mark_seen(self, key: str, ttl_s: float, now: float) -> bool:
+        ok, seen = await self._try(lambda: self.remote.mark_seen(key, ttl_s, now))
+        if not ok or seen is None:
+            return await self.local.mark_seen(key, ttl_s, now)
+        return seen
+
+    async def incr(self, key: str, ttl_s: float, now: float) -> int:
+        ok, n = await self._try(lambda: self.remote.incr(key, ttl_s, now))
+        if not ok or n is None:
+            return await self.local.incr(key, ttl_s, now)
+        return n
+
+    async def add_usage(
+        self, tenant: str, group: Sequence[str], usd: float, prompt: int, completion: int
+    ) -> None:
+        def call() -> Awaitable[None]:
+            return self.remote.add_usage(tenant, group, usd, prompt, completion)
+
+        ok, _ = await self._try(call)
+        if not ok:
+            self.journal.append(call)
+            self._ensure_reconciler()
+
+    async def usage(self, tenant: str) -> list[UsageRow]:
+        ok, rows = await self._try(lambda: self.remote.usage(tenant))
+        if not ok or rows is None:
+            raise self._unavailable("usage")
+        return rows
+
+    async def ping(self) -> bool:
+        """At start-up Redis must answer (a wrong URL is a start-up error, not an outage)."""
+        return await self.remote.ping()
+
+    async def close(self) -> None:
+        if self._reconciler is not None:
+            self._reconciler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reconciler
+        if self.journal:  # one last try, so a clean stop after an outage loses nothing
+            with contextlib.suppress(*_FAILURES):
+                await self.remote.ping()
+                while self.journal:
+                    await self.journal[0]()
+                    self.journal.popleft()
+                    self.replayed += 1
+        if self.journal:
+            log.error(
+                "closing with %d admission updates not replayed to Redis (it is still down)",
+                len(self.journal),
+            )
+        await self.remote.close()

@@ -1,0 +1,183 @@
+"""Redis unreachable (issue 12 item 9): never a 500. Budgets fail closed with 503 + Retry-After,
+everything else goes on locally, settles and usage are journaled and replayed, so no spend is
+lost. Each test starts (and pauses or kills) its own redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from inferplane.admission.outage import OutageStore
+from inferplane.admission.redis_state import RedisStore
+from inferplane.admission.state import BucketDemand, CounterDemand
+from inferplane.core.plane import hash_key
+from inferplane.errors import StoreUnavailableError
+from tests.support.procs import Proc, free_port
+from tests.support.redis_server import RedisServer
+
+NOW = 1_700_000_000.0
+GROUP = ("2023-11-14", "", "m", "interactive", "k")
+
+
+async def _until(cond: object, timeout: float = 8.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.05)
+
+
+@pytest.mark.parametrize("how", ["pause", "kill"])
+async def test_outage_store_degrades_then_replays(tmp_path: Path, how: str) -> None:
+    srv = RedisServer(tmp_path)
+    store = OutageStore(RedisStore(srv.url, "t:", timeout_s=0.3), retry_after_s=0.3)
+    try:
+        d = CounterDemand("c", 1.0, None, 0.2, 0, 3600.0)
+        assert await store.reserve([d], "a", NOW + 600, NOW) == -1
+        if how == "pause":
+            srv.pause()
+        else:
+            srv.p.kill()
+            srv.p.wait(5)
+        with pytest.raises(StoreUnavailableError) as err:
+            await store.reserve([d], "b", NOW + 600, NOW)
+        assert err.value.status == 503 and err.value.headers == {"Retry-After": "1"}
+        assert not store.up
+        await store.settle([d], "a", 0.15, 5, NOW)  # journaled, not lost
+        await store.add_usage("t", GROUP, 0.15, 3, 2)
+        assert len(store.journal) == 3  # with the give-back of the timed-out reserve "b"
+        # local fallbacks: retry markers, loop counters, rate limits
+        assert not await store.mark_seen("k", 10, NOW) and await store.mark_seen("k", 10, NOW)
+        assert await store.incr("i", 10, NOW) == 1
+        bucket = BucketDemand("b", 1, 1 / 60, 1)
+        assert await store.take([bucket], NOW) == 0 and await store.take([bucket], NOW) > 0
+        with pytest.raises(StoreUnavailableError):
+            await store.usage("t")
+        if how == "kill":
+            return  # its data is gone with it; the replay is checked on the paused server
+        srv.resume()
+        await _until(lambda: store.up and not store.journal)
+        st = await store.counter("c", NOW)
+        assert (st.spent_usd, st.spent_tokens, st.reserved_usd) == (0.15, 5, 0.0)
+        rows = await store.usage("t")
+        assert [(r.group, r.usd, r.requests) for r in rows] == [(GROUP, 0.15, 1)]
+        assert await store.reserve([d], "c", NOW + 600, NOW) == -1  # in service again
+    finally:
+        await store.close()
+        srv.stop()
+
+
+KEYS = {"budget": "sk-budget", "plain": "sk-plain"}
+ACTUAL = 0.012  # 7 prompt + 5 completion tokens at 1000 $/Mtok
+
+
+def _config(gw_port: int, up_port: int, redis_url: str) -> str:
+    return f"""
+gateway: {{port: {gw_port}, scrape_interval_s: 0.05, seed: 3}}
+admission: {{store: redis, redis_url: '{redis_url}', redis_prefix: 'o:', redis_timeout_s: 0.3,
+             outage_retry_after_s: 0.5}}
+substrates:
+  - name: api
+    kind: provider-api
+    hardware: h100
+    region: r1
+    jurisdiction: eu
+    cost: {{input_per_mtok: 1000.0, output_per_mtok: 1000.0}}
+    endpoints:
+      - name: up
+        url: http://127.0.0.1:{up_port}
+        max_concurrency: 256
+        models: [{{name: m, profile: llama-3.1-8b, max_context: 4096}}]
+tenants:
+  - {{name: budget, api_keys: ["{hash_key(KEYS['budget'])}"],
+      budgets: [{{scope: tenant, window: day, usd: 1.0}}]}}
+  - {{name: plain, api_keys: ["{hash_key(KEYS['plain'])}"]}}
+"""
+
+
+@pytest.fixture
+def slow_upstream(tmp_path: Path) -> Iterator[int]:
+    port = free_port()
+    p = Proc(["-m", "tests.support.fake_upstream", "--port", str(port), "--mode", "slow"],
+             tmp_path / "up.log")
+    try:
+        p.wait_http(f"http://127.0.0.1:{port}/health")
+        yield port
+    finally:
+        p.stop()
+
+
+def test_gateway_through_a_redis_outage(tmp_path: Path, slow_upstream: int) -> None:
+    srv = RedisServer(tmp_path)
+    port = free_port()
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text(_config(port, slow_upstream, srv.url))
+    gw = Proc(["-m", "inferplane.cli", "serve", "--config", str(cfg)], tmp_path / "gw.log")
+    base = f"http://127.0.0.1:{port}"
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hello there"}],
+            "max_tokens": 10}
+
+    async def run() -> None:
+        async with httpx.AsyncClient(base_url=base, timeout=20) as c:
+            def post(tenant: str, stream: bool = False, i: int = 0) -> object:
+                return c.post("/v1/chat/completions", json={**chat, "stream": stream, "n": 1},
+                              headers={"Authorization": f"Bearer {KEYS[tenant]}",
+                                       "Idempotency-Key": f"{tenant}-{stream}-{i}"})
+
+            assert (await post("budget", i=-1)).status_code == 200  # type: ignore[attr-defined]
+            # two budget streams (1 s each) are in flight when Redis stops answering
+            streams = [asyncio.ensure_future(post("budget", True, i)) for i in range(2)]
+            await asyncio.sleep(0.3)
+            srv.pause()
+            during = await asyncio.gather(
+                *(post(t, i=i) for i in range(4) for t in ("plain", "budget"))
+            )
+            for r in during:
+                assert r.status_code in (200, 503), r.text  # type: ignore[attr-defined]
+                body = r.json()  # type: ignore[attr-defined]
+                if r.status_code == 503:  # type: ignore[attr-defined]
+                    assert body["error"]["code"] == "store_unavailable"
+                    assert set(body["error"]) == {"message", "type", "param", "code"}
+                    assert r.headers["Retry-After"] == "1"  # type: ignore[attr-defined]
+            plain = [r.status_code for r in during[0::2]]  # type: ignore[attr-defined]
+            budget = [r.status_code for r in during[1::2]]  # type: ignore[attr-defined]
+            assert plain == [200] * 4 and budget == [503] * 4
+            for s in await asyncio.gather(*streams):
+                assert s.status_code == 200 and b"[DONE]" in s.content  # type: ignore[attr-defined]
+            usage = await c.get("/v1/usage", headers={"Authorization": f"Bearer {KEYS['plain']}"})
+            assert usage.status_code == 503 and usage.json()["error"]["code"] == "store_unavailable"
+            srv.resume()
+            deadline = time.monotonic() + 10
+            while True:  # budgets are back once the journal is replayed
+                r = await post("budget", i=99)
+                if r.status_code == 200:  # type: ignore[attr-defined]
+                    break
+                assert r.status_code == 503 and time.monotonic() < deadline  # type: ignore[attr-defined]
+                await asyncio.sleep(0.2)
+            await asyncio.sleep(0.3)  # the last settle runs after its answer
+            u = await c.get("/v1/usage", headers={"Authorization": f"Bearer {KEYS['budget']}"})
+            assert u.status_code == 200
+            # 1 before, 2 streams settled during the outage, 1 after: nothing lost
+            assert u.json()["total"]["requests"] == 4
+            assert u.json()["total"]["cost_usd"] == pytest.approx(4 * ACTUAL)
+            p = await c.get("/v1/usage", headers={"Authorization": f"Bearer {KEYS['plain']}"})
+            assert p.json()["total"]["requests"] == 4
+
+    try:
+        gw.wait_http(f"{base}/ready")
+        asyncio.run(run())
+        r = srv.client()
+        keys = list(r.scan_iter(match="o:c:budget:budget:*"))
+        assert len(keys) == 1
+        su, ru = r.hmget(keys[0], ["su", "ru"])
+        assert int(su) / 1e9 == pytest.approx(4 * ACTUAL) and int(ru or 0) == 0
+    finally:
+        gw.stop()
+        srv.stop()
+    log = gw.log.read_text()
+    assert "Traceback" not in log and "internal error" not in log
+    assert "admission store (Redis) unreachable" in log and "reachable again" in log
