@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import yaml
@@ -64,6 +65,13 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
+#: upstream keys of the embedded fleet's emulated provider APIs (its endpoints' api_key_env)
+DEMO_PROVIDER_KEYS = {
+    "INFERPLANE_DEMO_OPENAI_KEY": "sk-demo-openai",
+    "INFERPLANE_DEMO_ANTHROPIC_KEY": "sk-demo-anthropic",
+}
+
+
 def prepare(config: FleetConfig) -> tuple[FleetConfig, dict[str, str]]:
     """Move every endpoint to a free port and give every tenant a demo key."""
     raw = config.model_dump(mode="json", by_alias=True, exclude_none=True)
@@ -71,7 +79,8 @@ def prepare(config: FleetConfig) -> tuple[FleetConfig, dict[str, str]]:
     ports = iter(_free_ports(n + 1))
     for s in raw["substrates"]:
         for e in s["endpoints"]:
-            e["url"] = f"http://127.0.0.1:{next(ports)}"
+            base_path = urlsplit(e["url"]).path  # a hosted API's base path stays
+            e["url"] = f"http://127.0.0.1:{next(ports)}{base_path}"
             e.get("emulation", {}).pop("kv_events_port", None)
     raw["gateway"]["port"] = next(ports)
     keys = {}
@@ -274,7 +283,8 @@ async def _wait_ready(urls: list[str], proc: subprocess.Popen[bytes], log: Path)
                 raise RuntimeError(f"the emulator exited ({proc.returncode}):\n{log.read_text()}")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"emulated endpoints not ready: {pending}")
-            url = pending[0]
+            parts = urlsplit(pending[0])
+            url = f"{parts.scheme}://{parts.netloc}"  # /health is at the root, not the base path
             try:
                 async with s.get(url + "/health", timeout=aiohttp.ClientTimeout(total=1)) as r:
                     if r.status == 200:
@@ -287,6 +297,8 @@ async def _wait_ready(urls: list[str], proc: subprocess.Popen[bytes], log: Path)
 
 async def run_demo(duration: float, rate: float, seed: int, time_scale: float,
                    fleet_text: str, label: str) -> int:
+    for var, key in DEMO_PROVIDER_KEYS.items():  # the emulated providers' keys (the child
+        os.environ.setdefault(var, key)          # emulator inherits them)
     config, keys = prepare(parse_config(fleet_text, label))
     tmp = Path(tempfile.mkdtemp(prefix="inferplane-demo-"))
     console.print(f"[bold]inferplane demo[/]: {label}, "

@@ -125,6 +125,19 @@ class EmulationSpec(Strict):
     num_gpu_blocks: int | None = Field(None, gt=0, description="default: derived from memory")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     kv_events_port: int | None = Field(None, ge=1, le=65535, description="publish ZMQ KV events")
+    rate_limit_rpm: int | None = Field(
+        None,
+        gt=0,
+        description="requests per minute the emulated upstream accepts before answering 429 "
+        "with Retry-After; default: the endpoint's limits.requests_per_min, else (provider-api "
+        "substrates) the hardware profile's",
+    )
+    network_rtt_ms: float | None = Field(
+        None,
+        ge=0,
+        description="network round trip added before each request; default: the hardware "
+        "profile's for provider-api substrates, else none",
+    )
 
 
 Dialect = Literal["openai", "anthropic"]

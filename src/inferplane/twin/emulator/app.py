@@ -63,6 +63,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except EmulatedRequestError as exc:
+        if request.app[EMU].endpoint.dialect == "anthropic":
+            return json_response(exc.to_anthropic_body(), exc.status, exc.headers)
         return json_response(exc.to_body(), exc.status, exc.headers)
 
 
@@ -190,7 +192,7 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
     sub = emu.submit(rid, prompt, max_tokens)
     try:
         if stream:
-            return await _stream(request, sub, served.name, chat, include_usage)
+            return await _stream(request, sub, served.upstream, chat, include_usage)
         produced = 0
         while (n := await sub.queue.get()) != FINISHED:
             produced += n
@@ -203,7 +205,7 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
             "id": rid,
             "object": obj,
             "created": int(time.time()),
-            "model": served.name,
+            "model": served.upstream,
         }
         if chat:
             choice: dict[str, Any] = {

@@ -13,9 +13,14 @@ endpoint's ``url``, each backed by one :class:`EmulatedEndpoint`:
   ``out.duration_s / time_scale``, then hand the step's tokens to the waiting HTTP handlers
   (one asyncio queue per request); idle, it waits on an event. Engine time is real elapsed
   time × ``time_scale``, so every latency shrinks by the time scale;
-- ``provider-api`` substrates add the hardware's ``network_rtt_s`` before a request reaches
-  the engine, and answer 429 with ``Retry-After`` past ``rate_limit_rpm`` requests in a
-  sliding one-minute window (both in engine time, so scaled);
+- ``provider-api`` substrates add a network round trip before a request reaches the engine
+  (``emulation.network_rtt_ms``, else the hardware's ``network_rtt_s``), and every endpoint with
+  a quota (``emulation.rate_limit_rpm``, else its declared ``limits.requests_per_min``, else a
+  provider hardware profile's) answers 429 with ``Retry-After`` past it in a sliding one-minute
+  window (both in engine time, so scaled);
+- an endpoint with an upstream key (``api_key_env``/``api_key_file``) checks it on the API
+  routes (401 without it), serves them under the URL's base path, and an ``anthropic``-dialect
+  endpoint serves the Messages API (:mod:`inferplane.twin.emulator.messages`);
 - with ``emulation.kv_events_port`` the engine's KV events are published as vLLM does: ZMQ
   PUB on ``tcp://127.0.0.1:PORT``, multipart ``[topic, 8-byte big-endian seq, msgpack]``.
 
@@ -77,10 +82,24 @@ class EmulatedRequestError(Exception):
     def error_type(self) -> str:
         return {
             400: "BadRequestError",
+            401: "AuthenticationError",
             404: "NotFoundError",
             429: "RateLimitError",
             503: "ServiceUnavailableError",
         }.get(self.status, "InternalServerError")
+
+    def to_anthropic_body(self) -> dict[str, object]:
+        """The error in the Anthropic Messages API's shape."""
+        kind = {
+            400: "invalid_request_error",
+            401: "authentication_error",
+            403: "permission_error",
+            404: "not_found_error",
+            413: "request_too_large",
+            429: "rate_limit_error",
+            529: "overloaded_error",
+        }.get(self.status, "api_error")
+        return {"type": "error", "error": {"type": kind, "message": self.message}}
 
     def to_body(self) -> dict[str, object]:
         return {
@@ -117,7 +136,11 @@ class EmulatedEndpoint:
     """One endpoint: its engine, the real-time driver, rate limit, RTT and KV publisher."""
 
     def __init__(
-        self, endpoint: Endpoint, time_scale: float = 1.0, rate_limit_rpm: int | None = None
+        self,
+        endpoint: Endpoint,
+        time_scale: float = 1.0,
+        rate_limit_rpm: int | None = None,
+        api_key: str | None = None,
     ) -> None:
         if not time_scale > 0:
             raise ValueError("time_scale must be > 0")
@@ -148,12 +171,26 @@ class EmulatedEndpoint:
         self.metrics = EngineMetricsPage(self.engine, self.model.name, emu.gpu_memory_utilization)
         hw = roofline.hardware
         self.is_provider = endpoint.substrate.kind == "provider-api"
-        self.network_rtt_s = hw.network_rtt_s if self.is_provider else 0.0
-        self.rate_limit_rpm = (
-            rate_limit_rpm
-            if rate_limit_rpm is not None
-            else (hw.rate_limit_rpm if self.is_provider else None)
+        self.api_key = api_key  # checked on the API routes when set
+        self.network_rtt_s = (
+            emu.network_rtt_ms / 1000.0
+            if emu.network_rtt_ms is not None
+            else (hw.network_rtt_s if self.is_provider else 0.0)
         )
+        quota = next(
+            (
+                q
+                for q in (
+                    rate_limit_rpm,
+                    emu.rate_limit_rpm,
+                    endpoint.spec.limits.requests_per_min,
+                    hw.rate_limit_rpm if self.is_provider else None,
+                )
+                if q is not None
+            ),
+            None,
+        )
+        self.rate_limit_rpm = quota
         self.max_model_len = max(m.max_context for m in endpoint.spec.models)
         self._t0 = time.monotonic()
         self._subs: dict[str, Submission] = {}
@@ -179,7 +216,7 @@ class EmulatedEndpoint:
         if model is None:
             return self.endpoint.spec.models[0]
         for m in self.endpoint.spec.models:
-            if m.name == model:
+            if model in (m.upstream, m.name):  # a provider knows its models by upstream name
                 return m
         raise EmulatedRequestError(404, f"The model `{model}` does not exist.", param="model")
 

@@ -1,6 +1,7 @@
 """Operational routes of an emulated endpoint, and the application that wires every route.
 
-``GET /v1/models``, ``/health``, ``/metrics``, ``/version``; ``POST /tokenize``,
+``GET /v1/models`` (under the URL's base path, like the generation routes), ``/health``,
+``/metrics``, ``/version``; ``POST /tokenize``,
 ``/detokenize``, ``/v1/completions/render`` and ``/v1/chat/completions/render`` (the token ids
 the request would use, in the shape of vLLM's render server: ``token_ids`` plus the model and
 sampling parameters; completions render answers a list, one entry per prompt),
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import time
 from typing import Any
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -30,6 +32,7 @@ from inferplane.twin.emulator.app import (
     request_ids,
 )
 from inferplane.twin.emulator.endpoint import EmulatedEndpoint, EmulatedRequestError, new_request_id
+from inferplane.twin.emulator.messages import key_middleware, messages
 
 _ID_WORDS = {word_id(w): w for w in VOCABULARY}
 _SEEN_WORDS: dict[int, str] = {}  # words /tokenize has seen, so /detokenize can invert them
@@ -40,11 +43,11 @@ async def models(request: web.Request) -> web.StreamResponse:
     created = int(time.time())
     data: list[dict[str, Any]] = [
         {
-            "id": m.name,
+            "id": m.upstream,
             "object": "model",
             "created": created,
             "owned_by": "vllm",
-            "root": m.name,
+            "root": m.upstream,
             "parent": None,
             "max_model_len": m.max_context,
             "permission": [],
@@ -181,13 +184,23 @@ async def get_load(request: web.Request) -> web.StreamResponse:
 
 def build_app(emu: EmulatedEndpoint) -> web.Application:
     """The aiohttp application of one emulated endpoint."""
-    app = web.Application(middlewares=[error_middleware], client_max_size=64 * 1024 * 1024)
+    app = web.Application(
+        middlewares=[error_middleware, key_middleware], client_max_size=64 * 1024 * 1024
+    )
     app[EMU] = emu
     r = app.router
-    r.add_post("/v1/chat/completions", chat_completions)
-    r.add_post("/v1/completions", completions)
-    r.add_post("/v1/embeddings", embeddings)
-    r.add_get("/v1/models", models)
+    ep = emu.endpoint
+
+    def api(path: str) -> str:  # the API under the endpoint URL's base path, if any
+        return urlsplit(ep.api_url(path)).path
+
+    if ep.dialect == "anthropic":
+        r.add_post(api("/v1/messages"), messages)
+    else:
+        r.add_post(api("/v1/chat/completions"), chat_completions)
+        r.add_post(api("/v1/completions"), completions)
+        r.add_post(api("/v1/embeddings"), embeddings)
+    r.add_get(api("/v1/models"), models)
     r.add_get("/health", health)
     r.add_get("/metrics", metrics)
     r.add_get("/version", version)

@@ -18,6 +18,8 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from inferplane.config.schema import FleetConfig
+from inferplane.dispatch.credentials import load_credentials
+from inferplane.errors import ConfigError
 from inferplane.fleet.model import Endpoint, Fleet
 from inferplane.twin.emulator.endpoint import EmulatedEndpoint, EmulatorError
 from inferplane.twin.emulator.ops import build_app
@@ -75,10 +77,14 @@ async def start_emulator(
             raise EmulatorError(f"unknown endpoint(s) {unknown}; known: {sorted(fleet.by_name)}")
         chosen = [e for e in chosen if e.name in set(only)]
     overrides, rpm = dict(port_override or {}), dict(rate_limit_override or {})
+    try:  # an emulated provider expects the key the gateway will send it
+        keys = load_credentials(config, "the fleet file")
+    except ConfigError as exc:
+        raise EmulatorError(str(exc)) from None
     handle = EmulatorHandle({}, {})
     try:
         for ep in chosen:
-            emu = EmulatedEndpoint(ep, time_scale, rpm.get(ep.name))
+            emu = EmulatedEndpoint(ep, time_scale, rpm.get(ep.name), keys.get(ep.name))
             port = overrides.get(ep.name, _port_of(ep))
             emu.start()
             handle.endpoints[ep.name] = emu
