@@ -9,6 +9,7 @@ Every layer raises these; only ``api/`` renders them, always in OpenAI's shape
     ├── PermissionDeniedError         403 permission_error        (another tenant's decision, ...)
     ├── NotFoundError                 404 not_found_error
     │   └── ModelNotFoundError        404 model_not_found
+    ├── RequestTimeoutError           408 request_timeout         (the body came too slowly)
     ├── PayloadTooLargeError          413 payload_too_large
     ├── RateLimitError                429 rate_limit_exceeded     (carries Retry-After)
     │   └── BudgetExceededError       429 budget_exceeded
@@ -83,6 +84,12 @@ class NotFoundError(GatewayError):
 class ModelNotFoundError(NotFoundError):
     error_type = "invalid_request_error"
     code = "model_not_found"
+
+
+class RequestTimeoutError(GatewayError):
+    status = 408
+    error_type = "invalid_request_error"
+    code = "request_timeout"
 
 
 class PayloadTooLargeError(GatewayError):

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 
 import orjson
 from aiohttp import web
@@ -19,6 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from inferplane.admission.controller import Ticket
 from inferplane.admission.queue import BANDS
 from inferplane.api.pipeline import Attempt, Gateway, parse_usage
+from inferplane.api.server import ConnectionLimits, GatewayRunner, request_started
 from inferplane.batch import routes as batch_routes
 from inferplane.core.validation import parse_json, validate
 from inferplane.dispatch.answer import StreamStats
@@ -32,6 +33,7 @@ from inferplane.errors import (
     UpstreamError,
 )
 from inferplane.fleet.health import VERDICTS, endpoint_summary
+from inferplane.httpio import read_body
 from inferplane.types import ApiKind
 
 log = logging.getLogger("inferplane.api")
@@ -41,18 +43,42 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def error_response(exc: GatewayError) -> web.Response:
-    return web.Response(
-        body=orjson.dumps(exc.to_body()),
-        status=exc.status,
-        content_type="application/json",
-        headers=exc.headers,
+    body = exc.to_body()
+    try:
+        data = orjson.dumps(body)
+    except TypeError:  # a message quoting undecodable bytes (surrogates): escape them
+        err = {k: _printable(v) for k, v in body["error"].items()}
+        data = orjson.dumps({"error": err})
+    resp = web.Response(
+        body=data, status=exc.status, content_type="application/json", headers=exc.headers
     )
+    return resp
+
+
+def _printable(v: str | None) -> str | None:
+    return None if v is None else v.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def check_headers(headers: Mapping[str, str]) -> None:
+    """Every header value must be UTF-8 (aiohttp hands undecodable bytes on as surrogates, which
+    nothing downstream can encode). The value is never quoted: it may be a key."""
+    for name, value in headers.items():
+        if not value.isascii():
+            try:
+                value.encode()
+            except UnicodeEncodeError:
+                raise InvalidRequestError(
+                    f"header {name} is not valid UTF-8", param=name.lower(),
+                    code="invalid_header",
+                ) from None
 
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """The one translation point from exceptions to OpenAI-shaped error responses."""
+    request_started(request)
     try:
+        check_headers(request.headers)
         return await handler(request)
     except GatewayError as exc:
         return error_response(exc)
@@ -73,8 +99,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         e = GatewayError(exc.reason or "HTTP error")
         e.status = exc.status
         return error_response(e)
-    except asyncio.CancelledError:
-        raise
+    except (asyncio.CancelledError, ConnectionError):
+        raise  # the client went away: aiohttp closes quietly
     except Exception:
         log.exception("internal error on %s %s", request.method, request.path)
         return error_response(GatewayError("internal error; see the gateway log"))
@@ -92,12 +118,12 @@ def _decision_headers(attempt: Attempt) -> dict[str, str]:
     }
 
 
-async def _read_body(request: web.Request, limit: int) -> bytes:
+async def _read_body(request: web.Request, limit: int, timeout_s: float) -> bytes:
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLargeError(
             f"request body of {request.content_length} bytes exceeds the limit of {limit} bytes"
         )
-    return await request.read()
+    return await read_body(request, timeout_s)
 
 
 def make_api_handler(api: ApiKind) -> Handler:
@@ -105,7 +131,8 @@ def make_api_handler(api: ApiKind) -> Handler:
         gw = request.app[GATEWAY_KEY]
         started = time.perf_counter()
         tenant, key_hash = gw.authenticate_key(request.headers.get("Authorization"))
-        raw = await _read_body(request, gw.config.gateway.max_body_bytes)
+        g = gw.config.gateway
+        raw = await _read_body(request, g.max_body_bytes, g.body_timeout_s)
         body = parse_json(raw)
         validate(api, body)
         profile = gw.classify(api, body, request.headers, tenant)
@@ -361,7 +388,13 @@ async def serve(gateway: Gateway, host: str, port: int) -> web.AppRunner:
     hooks stop the batch worker and the gateway) and the error re-raised; a failed bind as
     `ListenError`."""
     application = build_app(gateway)
-    runner = web.AppRunner(application, handler_cancellation=True, access_log=None)
+    g = gateway.config.gateway
+    limits = ConnectionLimits(
+        header_timeout_s=g.header_timeout_s,
+        idle_timeout_s=g.idle_timeout_s,
+        max_connections_per_client=g.max_connections_per_client,
+    )
+    runner = GatewayRunner(application, limits=limits)
     try:
         await runner.setup()
     except BaseException:

@@ -8,6 +8,7 @@ and does not ask to stream. The first bad line is a 400 naming its number and th
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,9 +39,26 @@ def _bad(line_no: int, message: str) -> InvalidRequestError:
 
 def parse_input(content: bytes, max_lines: int) -> list[InputLine]:
     """Every request of a batch input file, or a 400 naming the first bad line."""
-    out: list[InputLine] = []
+    out = list(iter_input(content.split(b"\n"), max_lines))
+    if not out:
+        raise InvalidRequestError("the file has no requests", param="file", code="invalid_file")
+    return out
+
+
+def check_input(lines: Iterable[bytes], max_lines: int) -> int:
+    """Check a file line by line without keeping it (an upload streamed to disk); returns the
+    number of requests, or raises the 400 naming the first bad line."""
+    n = sum(1 for _ in iter_input(lines, max_lines))
+    if not n:
+        raise InvalidRequestError("the file has no requests", param="file", code="invalid_file")
+    return n
+
+
+def iter_input(lines: Iterable[bytes], max_lines: int) -> Iterator[InputLine]:
+    """The requests of a file's lines, checked one by one."""
     seen: set[str] = set()
-    for i, raw in enumerate(content.split(b"\n"), start=1):
+    count = 0
+    for i, raw in enumerate(lines, start=1):
         if not raw.strip():
             continue
         try:
@@ -72,9 +90,7 @@ def parse_input(content: bytes, max_lines: int) -> list[InputLine]:
         extra = set(obj) - {"custom_id", "method", "url", "body"}
         if extra:
             raise _bad(i, f"unknown field(s) {', '.join(sorted(extra))}")
-        out.append(InputLine(i, cid, url, orjson.dumps(body)))
-        if len(out) > max_lines:
+        count += 1
+        if count > max_lines:
             raise _bad(i, f"more than {max_lines} requests in one file")
-    if not out:
-        raise InvalidRequestError("the file has no requests", param="file", code="invalid_file")
-    return out
+        yield InputLine(i, cid, url, orjson.dumps(body))

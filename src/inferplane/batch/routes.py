@@ -18,20 +18,29 @@ one. Errors are raised as `GatewayError` and rendered by the app's one error mid
 
 from __future__ import annotations
 
+import asyncio
+import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import orjson
 from aiohttp import BodyPartReader, web
 
-from inferplane.batch.jsonl import ENDPOINTS, parse_input
+from inferplane.batch.jsonl import ENDPOINTS, check_input
 from inferplane.batch.store import ACTIVE, BatchStore, public
 from inferplane.batch.worker import BatchWorker, new_id
 from inferplane.core.plane import Core
 from inferplane.core.validation import parse_json
 from inferplane.dispatch.upstream import Dispatcher
-from inferplane.errors import ConfigError, InvalidRequestError, NotFoundError, PayloadTooLargeError
+from inferplane.errors import (
+    ConfigError,
+    GatewayError,
+    InvalidRequestError,
+    NotFoundError,
+    PayloadTooLargeError,
+)
+from inferplane.httpio import idle, read_body
 
 WINDOW_S = {"24h": 24 * 3600}
 
@@ -67,44 +76,68 @@ class BatchService:
 
     # -- files ----------------------------------------------------------------------------
     async def upload(self, request: web.Request) -> web.Response:
+        """Stream the ``file`` part to a temporary file on disk (never whole in memory) within
+        ``batch.max_file_bytes``, check it line by line, then copy it into the store. Malformed
+        multipart is a 400; a pause of more than ``gateway.body_timeout_s`` between chunks a
+        408."""
         tenant, _ = self._tenant(request)
         if not request.content_type.startswith("multipart/"):
             raise InvalidRequestError(
                 "upload a file as multipart/form-data with fields 'purpose' and 'file'"
             )
+        with tempfile.TemporaryFile(prefix="inferplane-upload-") as spool:
+            try:
+                purpose, filename, size = await self._receive(request, spool)
+            except (GatewayError, ConnectionError):
+                raise
+            except Exception as exc:  # whatever aiohttp's multipart reader makes of the bytes
+                raise InvalidRequestError(
+                    f"malformed multipart upload: {type(exc).__name__}: {exc}"
+                ) from None
+            if purpose != "batch":
+                raise InvalidRequestError(
+                    f"'purpose' must be \"batch\", got {purpose!r}", param="purpose"
+                )
+            if size is None:
+                raise InvalidRequestError("'file' is required", param="file")
+            spool.seek(0)
+            await asyncio.to_thread(check_input, spool, self.spec.max_lines)
+            obj = await self.store.add_file_from(
+                new_id("file-"), tenant, purpose, filename, spool, size, int(time.time())
+            )
+        return _json(obj)
+
+    async def _receive(
+        self, request: web.Request, spool: BinaryIO
+    ) -> tuple[str | None, str, int | None]:
+        """(purpose, filename, size of the file part written to ``spool``)."""
         reader = await request.multipart()
         purpose: str | None = None
-        content: bytes | None = None
+        size: int | None = None
         filename = "upload.jsonl"
         limit = self.spec.max_file_bytes
-        while (part := await reader.next()) is not None:
+        pause = self.gw.config.gateway.body_timeout_s
+        while (part := await idle(reader.next(), pause)) is not None:
             if not isinstance(part, BodyPartReader):
-                continue
+                raise InvalidRequestError("nested multipart parts are not accepted")
             if part.name == "purpose":
-                purpose = (await part.text()).strip()
+                raw = await idle(part.read(), pause)
+                if len(raw) > 64:
+                    raise InvalidRequestError("'purpose' is too long", param="purpose")
+                purpose = raw.decode("utf-8", "replace").strip()
             elif part.name == "file":
                 filename = part.filename or filename
-                chunks: list[bytes] = []
                 size = 0
-                while chunk := await part.read_chunk(1 << 16):
+                while chunk := await idle(part.read_chunk(1 << 16), pause):
                     size += len(chunk)
                     if size > limit:
                         raise PayloadTooLargeError(
                             f"file exceeds the limit of {limit} bytes (batch.max_file_bytes)"
                         )
-                    chunks.append(chunk)
-                content = b"".join(chunks)
-        if purpose != "batch":
-            raise InvalidRequestError(
-                f"'purpose' must be \"batch\", got {purpose!r}", param="purpose"
-            )
-        if content is None:
-            raise InvalidRequestError("'file' is required", param="file")
-        parse_input(content, self.spec.max_lines)
-        obj = await self.store.add_file(
-            new_id("file-"), tenant, purpose, filename, content, int(time.time())
-        )
-        return _json(obj)
+                    spool.write(chunk)
+            else:
+                await idle(part.release(), pause)
+        return purpose, filename, size
 
     async def get_file(self, request: web.Request) -> web.Response:
         tenant, _ = self._tenant(request)
@@ -123,7 +156,7 @@ class BatchService:
     # -- batches --------------------------------------------------------------------------
     async def create(self, request: web.Request) -> web.Response:
         tenant, key_hash = self._tenant(request)
-        body = parse_json(await request.read())
+        body = parse_json(await read_body(request, self.gw.config.gateway.body_timeout_s))
         fid = body.get("input_file_id")
         if not isinstance(fid, str) or not fid:
             raise InvalidRequestError("'input_file_id' must be a file id", param="input_file_id")

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import orjson
 
@@ -159,6 +159,27 @@ class BatchStore:
 
         await self._run(op)
         return file_object(fid, purpose, filename, len(content), now)
+
+    async def add_file_from(
+        self, fid: str, tenant: str, purpose: str, filename: str, src: BinaryIO, size: int,
+        now: int,
+    ) -> dict[str, Any]:
+        """`add_file` from an open file, copied into the row in chunks (never whole in memory)."""
+
+        def op(c: sqlite3.Connection) -> None:
+            with _tx(c):
+                c.execute(
+                    "INSERT INTO batch_files VALUES (?, ?, ?, ?, ?, ?, zeroblob(?))",
+                    (fid, tenant, purpose, filename, size, now, size),
+                )
+                rowid = c.execute("SELECT rowid FROM batch_files WHERE id = ?", (fid,)).fetchone()
+                src.seek(0)
+                with c.blobopen("batch_files", "content", rowid[0]) as blob:
+                    while chunk := src.read(1 << 16):
+                        blob.write(chunk)
+
+        await self._run(op)
+        return file_object(fid, purpose, filename, size, now)
 
     async def get_file(self, fid: str, tenant: str) -> dict[str, Any] | None:
         def op(c: sqlite3.Connection) -> Any:

@@ -30,6 +30,19 @@ class GatewaySpec(Strict):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     max_body_bytes: int = Field(4 * 1024 * 1024, gt=0, description="larger bodies get 413")
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="a request head must arrive whole this soon after its first byte"
+    )
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="a request body must arrive whole this soon (else 408); uploads: "
+        "the longest pause between two chunks"
+    )
+    idle_timeout_s: float = Field(
+        75.0, gt=0, description="close a client connection idle this long between requests"
+    )
+    max_connections_per_client: int = Field(
+        512, gt=0, description="open connections per client address; more get 429 and close"
+    )
     scrape_interval_s: float = Field(0.1, gt=0, description="engine /metrics scrape period")
     stale_after_s: float = Field(2.0, gt=0, description="metrics older than this are not trusted")
     health_interval_s: float = Field(1.0, gt=0, description="/health probe period")

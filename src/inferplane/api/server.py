@@ -1,0 +1,202 @@
+"""The HTTP/1.1 server under the app: aiohttp's protocol with the OpenAI error shape and limits on
+slow and greedy clients.
+
+aiohttp answers what its parser rejects (an over-long line or header, NUL bytes, bad framing, a
+duplicate Host, Content-Length with Transfer-Encoding, garbage) itself, from
+`RequestHandler.handle_error`, in plain text; `GatewayProtocol` answers those, and any exception
+that escapes the app, in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``.
+
+Slow clients (`ConnectionLimits`): a request head must arrive whole within ``header_timeout_s`` of
+its first byte; a connection idle between requests (or silent from the start) for
+``idle_timeout_s`` is closed; a client address past ``max_connections_per_client`` open
+connections gets a 429 and is closed. The body deadline (``body_timeout_s``) is the app's: it
+reads bodies (`api.app`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
+
+log = logging.getLogger("inferplane.api")
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionLimits:
+    header_timeout_s: float = 10.0
+    idle_timeout_s: float = 75.0
+    max_connections_per_client: int = 512
+
+
+def error_body(status: int, message: str, error_type: str, code: str | None = None) -> bytes:
+    return orjson.dumps(
+        {"error": {"message": message, "type": error_type, "param": None, "code": code}}
+    )
+
+
+def _parser_message(status: int, message: str | None) -> str:
+    if status >= 500:
+        return "internal error; see the gateway log"
+    text = (message or "").strip() or "malformed HTTP request"
+    # aiohttp's messages can quote the offending bytes: keep them printable and short
+    text = text.encode("ascii", "backslashreplace").decode("ascii")
+    return f"malformed HTTP request: {text[:300]}"
+
+
+class GatewayProtocol(RequestHandler):
+    """One client connection. See the module docstring."""
+
+    __slots__ = ("_busy", "_header_timer", "_limits", "_peer")
+
+    def __init__(self, manager: GatewayServer, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._limits = manager.limits
+        self._header_timer: asyncio.TimerHandle | None = None
+        self._busy = False
+        self._peer: str | None = None
+
+    # -- per-client connection limit ------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        peer = transport.get_extra_info("peername")
+        self._peer = str(peer[0]) if isinstance(peer, tuple) and peer else None
+        manager = self._manager
+        if self._peer is None or not isinstance(manager, GatewayServer):
+            return
+        manager.per_client[self._peer] += 1
+        if manager.per_client[self._peer] > self._limits.max_connections_per_client:
+            msg = (
+                f"too many open connections from this client (limit "
+                f"{self._limits.max_connections_per_client}); reuse connections"
+            )
+            body = error_body(429, msg, "rate_limit_exceeded", "too_many_connections")
+            head = (
+                "HTTP/1.1 429 Too Many Requests\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
+            )
+            assert isinstance(transport, asyncio.WriteTransport)
+            transport.write(head.encode() + body)
+            self.force_close()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        manager = self._manager
+        if self._peer is not None and isinstance(manager, GatewayServer):
+            left = manager.per_client[self._peer] - 1
+            if left > 0:
+                manager.per_client[self._peer] = left
+            else:
+                manager.per_client.pop(self._peer, None)
+            self._peer = None
+        self._disarm()
+        super().connection_lost(exc)
+
+    # -- header timeout -------------------------------------------------------------------
+    def data_received(self, data: bytes) -> None:
+        if not self._busy and self._header_timer is None and data:
+            self._header_timer = self._loop.call_later(
+                self._limits.header_timeout_s, self._header_timeout
+            )
+        super().data_received(data)
+
+    def request_started(self) -> None:
+        """The app calls this when a request's head has arrived (`api.app`)."""
+        self._busy = True
+        self._disarm()
+
+    async def finish_response(
+        self, request: BaseRequest, resp: web.StreamResponse, start_time: float | None
+    ) -> tuple[web.StreamResponse, bool]:
+        try:
+            out = await super().finish_response(request, resp, start_time)
+        finally:
+            self._busy = False
+        if resp.status == 408:  # the body came too slowly: no lingering read of the rest
+            self.force_close()
+        return out
+
+    def _disarm(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _header_timeout(self) -> None:
+        self._header_timer = None
+        if not self._busy:
+            log.info("closing a connection from %s: no whole request head within %.0f s",
+                     self._peer, self._limits.header_timeout_s)
+            self.force_close()
+
+    # -- errors from the parser and anything that escaped the app -------------------------
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if isinstance(exc, ConnectionError):  # the client went away mid-answer: nothing to say
+            raise ConnectionError("the client disconnected") from exc
+        if status >= 500:
+            log.error("error handling a request from %s: %s", request.remote,
+                      type(exc).__name__ if exc is not None else "unknown")
+        else:
+            log.info("malformed request from %s: %s", request.remote,
+                     _parser_message(status, message))
+        if request.writer.output_size > 0:
+            raise ConnectionError("the answer has started; no error can follow it")
+        error_type = "internal_error" if status >= 500 else "invalid_request_error"
+        resp = web.Response(
+            status=status,
+            body=error_body(status, _parser_message(status, message), error_type),
+            content_type="application/json",
+        )
+        resp.force_close()
+        return resp
+
+
+class GatewayServer(web.Server):
+    """aiohttp's connection manager, making `GatewayProtocol` connections."""
+
+    def __init__(self, *args: Any, limits: ConnectionLimits, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.limits = limits
+        self.per_client: Counter[str] = Counter()
+
+    def __call__(self) -> RequestHandler:
+        return GatewayProtocol(self, loop=self._loop, **self._kwargs)
+
+
+class GatewayRunner(web.AppRunner):
+    """`web.AppRunner` whose server speaks `GatewayProtocol`."""
+
+    def __init__(self, app: web.Application, *, limits: ConnectionLimits) -> None:
+        super().__init__(app, handler_cancellation=True, access_log=None)
+        self.limits = limits
+
+    async def _make_server(self) -> web.Server:
+        base = await super()._make_server()  # runs the app's start-up hooks
+        return GatewayServer(
+            base.request_handler,
+            request_factory=base.request_factory,
+            handler_cancellation=True,
+            loop=asyncio.get_running_loop(),
+            limits=self.limits,
+            access_log=None,
+            keepalive_timeout=self.limits.idle_timeout_s,
+        )
+
+
+def request_started(request: web.Request) -> None:
+    """Tell the connection its request head is in (stops its header timer)."""
+    proto = request.protocol
+    if isinstance(proto, GatewayProtocol):
+        proto.request_started()
+

@@ -1,0 +1,148 @@
+"""Slow and greedy clients (issue 12 item 10), on a real listener over raw sockets: slow-loris
+heads and bodies are cut off, silent connections closed, and one address cannot hold more than its
+share of connections. Timeouts here are a fraction of a second, so the test stays quick."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+import pytest
+from aiohttp import web
+
+from inferplane.api.app import serve
+from inferplane.api.pipeline import Gateway, hash_key
+from inferplane.config.loader import parse_config
+from tests.support.procs import free_port
+
+KEY = "sk-slow"
+
+
+async def _ok(request: web.Request) -> web.Response:
+    return web.json_response({"id": "x", "object": "chat.completion", "model": "m", "choices": [
+        {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "hi"}}],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
+
+
+async def _empty(request: web.Request) -> web.Response:
+    return web.Response(text="")
+
+
+@pytest.fixture
+async def port() -> AsyncIterator[int]:
+    up = web.Application()
+    up.router.add_post("/v1/chat/completions", _ok)
+    up.router.add_get("/health", _ok)
+    up.router.add_get("/metrics", _empty)
+    up_runner = web.AppRunner(up)
+    await up_runner.setup()
+    up_port = free_port()
+    await web.TCPSite(up_runner, "127.0.0.1", up_port).start()
+    cfg = f"""
+gateway: {{scrape_interval_s: 0.05, header_timeout_s: 0.5, body_timeout_s: 0.5,
+          idle_timeout_s: 1.0, max_connections_per_client: 4}}
+substrates:
+  - {{name: pool, kind: gpu, hardware: h100, region: r1, jurisdiction: eu,
+     cost: {{hourly_usd: 1.0}},
+     endpoints: [{{name: up, url: "http://127.0.0.1:{up_port}",
+                  models: [{{name: m, profile: llama-3.1-8b, max_context: 4096}}]}}]}}
+tenants:
+  - {{name: a, api_keys: ["{hash_key(KEY)}"]}}
+"""
+    gw_port = free_port()
+    runner = await serve(Gateway(parse_config(cfg)), "127.0.0.1", gw_port)
+    try:
+        yield gw_port
+    finally:
+        await runner.cleanup()
+        await up_runner.cleanup()
+
+
+async def _closed_within(reader: asyncio.StreamReader, seconds: float) -> bytes:
+    """Everything the server sent before closing; fails if it is still open after ``seconds``."""
+    async with asyncio.timeout(seconds):
+        return await reader.read()
+
+
+async def _drip(writer: asyncio.StreamWriter, data: bytes, every_s: float) -> None:
+    try:
+        for b in data:
+            writer.write(bytes([b]))
+            await writer.drain()
+            await asyncio.sleep(every_s)
+    except ConnectionError:
+        pass  # the server closed: what the test wants
+
+
+async def test_slow_loris_heads_are_closed(port: int) -> None:
+    head = f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+    conns = [await asyncio.open_connection("127.0.0.1", port) for _ in range(4)]
+    drips = [asyncio.create_task(_drip(w, head.encode() * 20, 0.1)) for _, w in conns]
+    try:
+        for r, _ in conns:
+            await _closed_within(r, 5.0)  # header_timeout_s is 0.5 s; the drip would take 30 s
+    finally:
+        for t in drips:
+            t.cancel()
+        for _, w in conns:
+            w.close()
+
+
+async def test_slow_body_is_408_and_closed(port: int) -> None:
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "x" * 200}]})
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    w.write(head.encode())
+    drip = asyncio.create_task(_drip(w, body.encode(), 0.1))
+    try:
+        answer = await _closed_within(r, 5.0)
+    finally:
+        drip.cancel()
+        w.close()
+    status_line, _, rest = answer.partition(b"\r\n")
+    assert b" 408 " in status_line, answer
+    err = json.loads(rest.partition(b"\r\n\r\n")[2])["error"]
+    assert err["code"] == "request_timeout"
+
+
+async def test_slow_upload_is_408(port: int) -> None:
+    part = (b"--B\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n"
+            b"--B\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a\"\r\n\r\n")
+    head = (f"POST /v1/files HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+            f"Content-Type: multipart/form-data; boundary=B\r\nContent-Length: 100000\r\n\r\n")
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    w.write(head.encode() + part)  # then nothing more: a stalled upload
+    try:
+        answer = await _closed_within(r, 5.0)
+    finally:
+        w.close()
+    assert b" 408 " in answer.partition(b"\r\n")[0], answer
+
+
+async def test_silent_connection_is_closed(port: int) -> None:
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        assert await _closed_within(r, 5.0) == b""  # idle_timeout_s is 1 s
+    finally:
+        w.close()
+
+
+async def test_connections_per_client_are_limited(port: int) -> None:
+    held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(4)]
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    answer = await _closed_within(r, 5.0)
+    w.close()
+    assert b" 429 " in answer.partition(b"\r\n")[0], answer
+    err = json.loads(answer.partition(b"\r\n\r\n")[2])["error"]
+    assert err["code"] == "too_many_connections"
+    _, w0 = held.pop()
+    w0.close()
+    await asyncio.sleep(0.1)
+    r, w = await asyncio.open_connection("127.0.0.1", port)  # a slot is free again
+    w.write(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert b" 200 " in (await _closed_within(r, 5.0)).partition(b"\r\n")[0]
+    w.close()
+    for _, hw in held:
+        hw.close()
