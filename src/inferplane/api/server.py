@@ -28,6 +28,8 @@ from aiohttp.web_request import BaseRequest
 
 log = logging.getLogger("inferplane.api")
 
+LINGER_S = 1.0
+
 
 @dataclass(frozen=True, slots=True)
 class ConnectionLimits:
@@ -115,12 +117,9 @@ class GatewayProtocol(RequestHandler):
         self, request: BaseRequest, resp: web.StreamResponse, start_time: float | None
     ) -> tuple[web.StreamResponse, bool]:
         try:
-            out = await super().finish_response(request, resp, start_time)
+            return await super().finish_response(request, resp, start_time)
         finally:
             self._busy = False
-        if resp.status == 408:  # the body came too slowly: no lingering read of the rest
-            self.force_close()
-        return out
 
     def _disarm(self) -> None:
         if self._header_timer is not None:
@@ -191,6 +190,9 @@ class GatewayRunner(web.AppRunner):
             limits=self.limits,
             access_log=None,
             keepalive_timeout=self.limits.idle_timeout_s,
+            # after an answer that left the body unread (408, 413), read and drop what is still
+            # coming for this long before closing, so the client sees the answer, not a reset
+            lingering_time=LINGER_S,
         )
 
 
