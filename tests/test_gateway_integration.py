@@ -260,7 +260,11 @@ def test_decision_visible_only_to_its_tenant(stack: dict[str, object]) -> None:
     assert rec["outcome"]["status"] == 200
     other = httpx.get(f"{stack['base']}/v1/decisions/{did}",
                       headers={"Authorization": f"Bearer {KEY_B}"})
-    assert_openai_error(other, 403)
+    unknown = httpx.get(f"{stack['base']}/v1/decisions/no-such-id",
+                        headers={"Authorization": f"Bearer {KEY_B}"})
+    # another tenant's id answers exactly like an unknown one: no existence oracle
+    assert_openai_error(other, 404)
+    assert other.json() == unknown.json()
 
 
 def test_operational_routes(stack: dict[str, object]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sqlite3
 import subprocess
@@ -24,13 +25,13 @@ from inferplane.errors import ConfigError
 from inferplane.fleet.live import LiveFleet
 from inferplane.fleet.model import Fleet
 from inferplane.ledger.explain import print_decision
-from inferplane.ledger.record import Outcome, decision_to_dict
+from inferplane.ledger.record import RECORD_SCHEMA, Outcome, decision_to_dict, encode_entry
 from inferplane.ledger.sqlite import (
+    _INSERT,
     SCHEMA_VERSION,
     LedgerFileError,
     Row,
     SqliteLedger,
-    encode_record,
     read_decision,
 )
 from inferplane.placement.build import build_policies
@@ -174,7 +175,7 @@ async def test_many_records_are_written_in_few_transactions(
     tmp_path: Path, decision: Decision
 ) -> None:
     path = tmp_path / "l.db"
-    ledger = SqliteLedger(path, batch_size=100, flush_interval_s=60)
+    ledger = SqliteLedger(path, batch_size=100, flush_interval_s=60, group_commit=False)
     commits: list[str] = []
     ledger._conn.set_trace_callback(lambda sql: commits.append(sql) if sql == "COMMIT" else None)
     await ledger.start()
@@ -207,11 +208,7 @@ class FailingLedger(SqliteLedger):
 
     def _insert_rows(self, conn: sqlite3.Connection, rows: Sequence[Row]) -> None:
         if self.failing:
-            conn.executemany(
-                "INSERT INTO decisions (decision_id, at_unix, tenant, endpoint, workload_class, "
-                "status, ttft_s, cost_usd, record) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                rows[: len(rows) // 2],
-            )
+            conn.executemany(_INSERT, rows[: len(rows) // 2])
             raise sqlite3.OperationalError("attempt to write a readonly database")
         super()._insert_rows(conn, rows)
 
@@ -254,7 +251,7 @@ def test_a_writer_killed_mid_batch_leaves_a_readable_file(tmp_path: Path) -> Non
         from inferplane.config.loader import parse_config
         from inferplane.fleet.live import LiveFleet
         from inferplane.fleet.model import Fleet
-        from inferplane.ledger.sqlite import SqliteLedger
+        from inferplane.ledger.sqlite import SqliteLedger, _INSERT
         from inferplane.placement.build import build_policies
         from inferplane.placement.framework import place
         from inferplane.placement.profile import RequestProfile
@@ -266,10 +263,7 @@ def test_a_writer_killed_mid_batch_leaves_a_readable_file(tmp_path: Path) -> Non
         class Dies(SqliteLedger):
             def _insert_rows(self, conn, rows):
                 if rows[0][0] == "b-0":
-                    conn.executemany(
-                        "INSERT INTO decisions (decision_id, at_unix, tenant, endpoint, "
-                        "workload_class, status, ttft_s, cost_usd, record) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows[:5])
+                    conn.executemany(_INSERT, rows[:5])
                     os._exit(9)
                 super()._insert_rows(conn, rows)
 
@@ -301,11 +295,15 @@ def test_the_encoded_row_is_decision_to_dict_plus_at_unix(decision: Decision) ->
         (spilled, _ok(spilled)),
         (nothing, Outcome(status=503, endpoint=None)),
     ]:
-        row = encode_record(d, o, 12.5)
-        expected = {**decision_to_dict(d, o), "at_unix": 12.5}
-        assert orjson.loads(row[8]) == orjson.loads(orjson.dumps(expected))
-        assert row[:8] == (d.decision_id, 12.5, "acme", o.endpoint, "interactive", o.status,
-                           o.ttft_s, o.cost_usd)
+        e = encode_entry(d, o, 12.5)
+        expected = {**decision_to_dict(d, o), "at_unix": 12.5, "schema": RECORD_SCHEMA}
+        assert orjson.loads(e.text) == orjson.loads(orjson.dumps(expected))
+        assert (e.decision_id, e.at_unix, e.tenant, e.endpoint, e.workload_class, e.status,
+                e.ttft_s, e.cost_usd) == (d.decision_id, 12.5, "acme", o.endpoint,
+                                          "interactive", o.status, o.ttft_s, o.cost_usd)
+        # canon/1: the stored text is sorted-key compact JSON, and its hash is the receipt
+        assert e.text.encode() == orjson.dumps(orjson.loads(e.text), option=orjson.OPT_SORT_KEYS)
+        assert e.receipt == hashlib.sha256(e.text.encode()).hexdigest()
 
 
 def test_a_record_that_cannot_be_serialised_is_dropped_not_retried_forever(
@@ -347,7 +345,8 @@ def test_a_newer_schema_or_a_foreign_file_is_refused(tmp_path: Path) -> None:
     SqliteLedger(path).close_sync()
     with sqlite3.connect(path) as conn:
         conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION + 1,))
-    with pytest.raises(ConfigError, match="schema version 2 is a newer version"):
+    newer = f"schema version {SCHEMA_VERSION + 1} is a newer version"
+    with pytest.raises(ConfigError, match=newer):
         SqliteLedger(path)
     with pytest.raises(LedgerFileError, match="newer"):
         read_decision(path, "x")
@@ -449,33 +448,54 @@ def test_explain_cli(tmp_path: Path, decision: Decision) -> None:
     assert neither.exit_code == 2
 
 
-async def test_decision_route_reads_the_ledger_off_the_event_loop() -> None:
+async def test_lookup_reads_the_ledger_off_the_event_loop(
+    tmp_path: Path, decision: Decision
+) -> None:
     """`GET /v1/decisions/{id}` may wait on the SQLite writer's lock: it must not block the
-    loop, so the read runs in a worker thread."""
+    loop, so `lookup` reads in a worker thread."""
     import threading
 
+    ledger = SqliteLedger(tmp_path / "l.db")
+    readers: list[int] = []
+    get = ledger.get
+
+    def spy(decision_id: str) -> dict[str, Any] | None:
+        readers.append(threading.get_ident())
+        return get(decision_id)
+
+    ledger.get = spy  # type: ignore[method-assign]
+    ledger.record(decision, _ok(decision), 1.0)
+    rec = await ledger.lookup("d-1")
+    assert rec is not None and rec["decision_id"] == "d-1"
+    assert readers and readers[0] != threading.get_ident()
+    ledger.close_sync()
+
+
+async def test_another_tenants_decision_and_an_unknown_one_get_the_same_404(
+    decision: Decision,
+) -> None:
+    """No existence oracle (issue 12 item 7): 404 with the same body either way."""
     from aiohttp import web
     from aiohttp.test_utils import make_mocked_request
 
-    from inferplane.api.app import GATEWAY_KEY, get_decision
+    from inferplane.api.app import GATEWAY_KEY, error_middleware, get_decision
     from inferplane.api.pipeline import Gateway
-    from tests.builders import MINIMAL_YAML, key_hash
+    from tests.builders import key_hash
 
-    gw = Gateway(parse_config(
-        MINIMAL_YAML + f'tenants:\n  - {{name: t, api_keys: ["{key_hash("k")}"]}}\n'))
-    readers: list[int] = []
-
-    def get(decision_id: str) -> dict[str, Any]:
-        readers.append(threading.get_ident())
-        return {"decision_id": decision_id, "tenant": "t"}
-
-    gw.ledger.get = get  # type: ignore[method-assign]
+    cfg = parse_config(FLEET.replace(
+        "tenants:\n", f'tenants:\n  - {{name: other, api_keys: ["{key_hash("k2")}"]}}\n'))
+    gw = Gateway(cfg)
+    gw.ledger.record(decision, _ok(decision), 1.0)  # tenant acme's
     application = web.Application()
     application[GATEWAY_KEY] = gw
-    request = make_mocked_request(
-        "GET", "/v1/decisions/d-1", headers={"Authorization": "Bearer k"},
-        match_info={"decision_id": "d-1"}, app=application,
-    )
-    response = await get_decision(request)
-    assert response.status == 200
-    assert readers and readers[0] != threading.get_ident()
+
+    async def call(decision_id: str) -> web.StreamResponse:
+        request = make_mocked_request(
+            "GET", f"/v1/decisions/{decision_id}", headers={"Authorization": "Bearer k2"},
+            match_info={"decision_id": decision_id}, app=application,
+        )
+        return await error_middleware(request, get_decision)
+
+    theirs, unknown = await call("d-1"), await call("nope")
+    assert theirs.status == unknown.status == 404
+    assert theirs.body == unknown.body  # type: ignore[attr-defined]

@@ -1,4 +1,5 @@
-"""The `inferplane` command: serve, demo, emulate, simulate, explain, check, schema, hash-key."""
+"""The `inferplane` command: serve, demo, emulate, simulate, explain, verify, export, check,
+schema, hash-key, ledger-keygen."""
 
 from __future__ import annotations
 
@@ -206,6 +207,118 @@ def explain(
     from inferplane.ledger.explain import print_decision
 
     print_decision(rec)
+
+
+def _ledger_source(ledger: Path | None, config: Path | None):  # type: ignore[no-untyped-def]
+    """The ledger named by --ledger FILE or by the fleet file's configuration."""
+    from inferplane.ledger.tools import Source, SourceError, source_from_config
+
+    if (ledger is None) == (config is None):
+        fail("give the ledger file with --ledger PATH or a fleet file with --config (one of them)")
+    if ledger is not None:
+        return Source(sqlite_path=str(ledger))
+    assert config is not None
+    try:
+        return source_from_config(load_checked(config), str(config))
+    except (SourceError, ConfigError) as exc:
+        fail(str(exc))
+
+
+LedgerOpt = Annotated[Path | None, typer.Option("--ledger", "-l", help="SQLite ledger file")]
+LedgerConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="fleet YAML file: its configured ledger (SQLite or "
+                 "PostgreSQL) and signing key"),
+]
+
+
+@app.command()
+def verify(
+    ledger: LedgerOpt = None,
+    config: LedgerConfigOpt = None,
+    public_key: Annotated[
+        Path | None,
+        typer.Option("--public-key", "-k", help="Ed25519 public key (PEM) the checkpoints must "
+                     "be signed with; default: the configured signing key's"),
+    ] = None,
+) -> None:
+    """Check the ledger's hash chains and signed checkpoints. Exit 0 when intact; 1 naming the
+    first bad record when any record was edited, deleted, inserted or reordered; 2 when the
+    ledger cannot be read."""
+    from inferplane.ledger.tools import SourceError, describe, read_public_key
+    from inferplane.ledger.tools import verify as run_verify
+
+    source = _ledger_source(ledger, config)
+    try:
+        key = read_public_key(public_key) if public_key is not None else None
+        rep = run_verify(source, key)
+    except SourceError as exc:
+        fail(str(exc))
+    for line in describe(rep, source):
+        typer.echo(line, err=not rep.ok)
+    raise typer.Exit(0 if rep.ok else 1)
+
+
+@app.command()
+def export(
+    ledger: LedgerOpt = None,
+    config: LedgerConfigOpt = None,
+    since: Annotated[str | None, typer.Option(help="from (unix seconds or ISO 8601)")] = None,
+    until: Annotated[str | None, typer.Option(help="before (unix seconds or ISO 8601)")] = None,
+    tenant: Annotated[str | None, typer.Option(help="one tenant's records only")] = None,
+    fmt: Annotated[str, typer.Option("--format", "-f", help="ndjson, csv or parquet")] = "ndjson",
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="file to write (default: stdout)")
+    ] = None,
+) -> None:
+    """Export decision records with their receipts and chain fields (docs/evidence.md)."""
+    from inferplane.ledger.query import WRITERS, BadQuery, Query, parse_time
+    from inferplane.ledger.tools import SourceError
+    from inferplane.ledger.tools import export as run_export
+
+    if fmt not in WRITERS:
+        fail(f"--format must be one of {', '.join(WRITERS)}; got {fmt!r}")
+    if fmt == "parquet" and output is None:
+        fail("--format parquet needs --output FILE")
+    source = _ledger_source(ledger, config)
+    try:
+        q = Query(
+            tenant=tenant,
+            since=parse_time(since, "--since") if since else None,
+            until=parse_time(until, "--until") if until else None,
+        )
+    except BadQuery as exc:
+        fail(str(exc))
+    try:
+        if output is None:
+            n = run_export(source, q, fmt, sys.stdout.buffer)
+        else:
+            with output.open("wb") as fh:
+                n = run_export(source, q, fmt, fh)
+    except SourceError as exc:
+        fail(str(exc))
+    except OSError as exc:
+        fail(f"{output}: {exc.strerror or exc}")
+    typer.echo(f"exported {n} records", err=True)
+
+
+@app.command("ledger-keygen")
+def ledger_keygen(
+    out: Annotated[Path, typer.Option("--out", "-o", help="private key file to create (0600)")],
+) -> None:
+    """Create an Ed25519 checkpoint signing key; print its public key (give it to verifiers)."""
+    from inferplane.ledger.chain import generate_private_pem, load_private, public_pem
+
+    if out.exists():
+        fail(f"{out} exists; not overwriting a key")
+    pem = generate_private_pem()
+    try:
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as exc:
+        fail(f"{out}: {exc.strerror or exc}")
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(pem)
+    typer.echo(public_pem(load_private(pem, str(out)).public_key()).decode(), nl=False)
 
 
 @app.command()

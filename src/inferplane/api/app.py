@@ -29,7 +29,6 @@ from inferplane.errors import (
     InvalidRequestError,
     NotFoundError,
     PayloadTooLargeError,
-    PermissionDeniedError,
     UpstreamError,
 )
 from inferplane.fleet.health import VERDICTS, endpoint_summary
@@ -333,15 +332,13 @@ async def usage(request: web.Request) -> web.Response:
 
 
 async def get_decision(request: web.Request) -> web.Response:
-    """A decision record, to the tenant that made the request and to nobody else."""
+    """A decision record, to the tenant that made the request and to nobody else: another
+    tenant's id and an unknown id get the same 404, so ids cannot be probed."""
     gw = request.app[GATEWAY_KEY]
     tenant = gw.authenticate(request.headers.get("Authorization"))
-    # a SQLite read (and the ledger's lock) off the event loop
-    rec = await asyncio.to_thread(gw.ledger.get, request.match_info["decision_id"])
-    if rec is None:
+    rec = await gw.ledger.lookup(request.match_info["decision_id"])
+    if rec is None or rec.get("tenant") != tenant.name:
         raise NotFoundError("no such decision", param="decision_id")
-    if rec.get("tenant") != tenant.name:
-        raise PermissionDeniedError("this decision belongs to another tenant")
     return web.json_response(rec, dumps=_dumps)
 
 

@@ -501,6 +501,59 @@ class AdmissionSpec(Strict):
     queue: QueueSpec = QueueSpec()
 
 
+class LedgerSpec(Strict):
+    """Where decision records go and how they are made tamper-evident (docs/evidence.md).
+
+    SQLite (``gateway.ledger_path``) is the embedded default; a PostgreSQL DSN sends records to a
+    database that replicas share."""
+
+    postgres_dsn: str | None = Field(
+        None, description="PostgreSQL conninfo or URL: records go there instead of "
+        "gateway.ledger_path (shared by replicas, queryable)"
+    )
+    postgres_dsn_env: str | None = Field(
+        None, description="environment variable holding the DSN (keeps a password out of the file)"
+    )
+    postgres_schema: str = Field(
+        "public", pattern=r"^[a-z_][a-z0-9_]*$", description="PostgreSQL schema of the tables"
+    )
+    table_prefix: str = Field(
+        "inferplane_", pattern=r"^[a-z_][a-z0-9_]*$", description="PostgreSQL table name prefix"
+    )
+    shard: str = Field(
+        "main", pattern=_NAME, description="this writer's hash chain; writers sharing a shard "
+        "chain one after another, writers with distinct shards in parallel"
+    )
+    signing_key_file: str | None = Field(
+        None, description="Ed25519 private key (PKCS#8 PEM, or the 32-byte seed in hex/base64) "
+        "that signs checkpoints; `inferplane ledger-keygen` makes one"
+    )
+    signing_key_env: str | None = Field(
+        None, description="environment variable holding that key instead of a file"
+    )
+    checkpoint_every: int = Field(1000, gt=0, description="sign the chain head every N records")
+    checkpoint_interval_s: float = Field(
+        60.0, gt=0, description="and at least this often while records arrive"
+    )
+    durable: bool = Field(
+        True, description="answer only once the request's record is committed (group commit), "
+        "so a killed gateway never loses the record of an answered request"
+    )
+    commit_timeout_s: float = Field(
+        2.0, gt=0, description="longest an answer waits for its record's commit (then it is "
+        "sent anyway and the wait counted in inferplane_ledger_commit_timeouts_total)"
+    )
+    batch_size: int = Field(256, gt=0, description="most records one transaction commits")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> LedgerSpec:
+        if self.postgres_dsn and self.postgres_dsn_env:
+            raise ValueError("set postgres_dsn or postgres_dsn_env, not both")
+        if self.signing_key_file and self.signing_key_env:
+            raise ValueError("set signing_key_file or signing_key_env, not both")
+        return self
+
+
 class BatchSpec(Strict):
     """The batch lane (OpenAI Batch API): uploaded JSONL files run on spare capacity only."""
 
@@ -647,4 +700,7 @@ class FleetConfig(Strict):
     )
     health: HealthSpec = Field(
         HealthSpec(), description="outlier ejection and per-pool concurrency health"
+    )
+    ledger: LedgerSpec = Field(
+        LedgerSpec(), description="decision records: backend, hash chain, signed checkpoints"
     )

@@ -42,9 +42,8 @@ from inferplane.fleet.passive import PassiveHealth
 from inferplane.fleet.prefix_index import PrefixIndex
 from inferplane.fleet.pricing import request_cost_usd
 from inferplane.fleet.scraper import MetricsSource, Scraper
-from inferplane.ledger.memory import MemoryLedger
-from inferplane.ledger.record import Ledger, Outcome
-from inferplane.ledger.sqlite import SqliteLedger
+from inferplane.ledger.build import build_ledger
+from inferplane.ledger.record import Ledger, Outcome, Receipt
 from inferplane.placement.build import build_policies
 from inferplane.placement.classify import Classifier
 from inferplane.placement.framework import Decision, Policy, Spillover, place
@@ -140,9 +139,7 @@ class Core:
         self.classifier = Classifier(config)
         self.tenants: dict[str, TenantSpec] = {h: t for t in config.tenants for h in t.api_keys}
         self.metrics = GatewayMetrics()
-        self.ledger: Ledger = ledger or (
-            SqliteLedger(g.ledger_path, source=file) if g.ledger_path else MemoryLedger()
-        )
+        self.ledger: Ledger = ledger or build_ledger(config, file)
         self._metrics_source = metrics_source
         self.scraper: Scraper | None = None
         self.admission = Admission(
@@ -475,9 +472,10 @@ class Core:
         usage: Mapping[str, Any] | None,
         error: str | None = None,
         ended: float | None = None,
-    ) -> None:
-        """Release capacity, feed observations back, write the ledger record. ``ended`` is when
-        the request's answer was complete (its E2E end), now when not given."""
+    ) -> Receipt:
+        """Release capacity, feed observations back, write the ledger record and return its
+        receipt. ``ended`` is when the request's answer was complete (its E2E end), now when
+        not given."""
         attempt.reservation.release()
         self.admission.queue.pump()  # a slot is free: the best waiter may go
         d = attempt.decision
@@ -523,7 +521,7 @@ class Core:
                 completion or 0,
             )
         self.metrics.child(self.metrics.requests, d.profile.api, name, str(status)).inc()
-        self.ledger.record(
+        return self.ledger.record(
             d,
             Outcome(
                 status=status,

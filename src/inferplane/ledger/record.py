@@ -1,11 +1,28 @@
-"""Decision records: a placement decision together with its measured outcome."""
+"""Decision records: a placement decision together with its measured outcome.
+
+`encode_entry` turns ``(decision, outcome, at_unix)`` into an `Entry`: the record's canonical
+bytes (canon/1, see `inferplane.ledger.chain`), its receipt and the columns the ledgers index.
+Every ledger's ``record()`` returns a `Receipt`: the record's hash at once, and ``durable()`` to
+wait until the record is committed.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import asyncio
+import contextlib
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Protocol
 
+import orjson
+
+from inferplane.ledger.chain import receipt_of
+from inferplane.ledger.query import Page, Query
 from inferplane.placement.framework import Decision
+
+RECORD_SCHEMA = "inferplane.decision/2"
+"""The ``schema`` field of every record this code writes (docs/evidence.md)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +41,9 @@ class Outcome:
     attempts: int = 1
     failed_endpoints: tuple[str, ...] = ()
     error: str | None = None
+    usage_source: str | None = None
+    """Where the token counts come from: ``upstream`` (the engine's usage), ``counted`` (streamed
+    chunks counted by the gateway because no usage arrived), or None (nothing was generated)."""
 
 
 def decision_to_dict(decision: Decision, outcome: Outcome | None = None) -> dict[str, Any]:
@@ -82,12 +102,104 @@ def decision_to_dict(decision: Decision, outcome: Outcome | None = None) -> dict
     return out
 
 
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One encoded record: the indexed columns, the canonical text and its receipt."""
+
+    decision_id: str
+    at_unix: float
+    tenant: str
+    endpoint: str | None
+    workload_class: str
+    model: str
+    substrate: str | None
+    status: int
+    ttft_s: float | None
+    cost_usd: float | None
+    text: str
+    receipt: str
+
+
+def _plain(obj: Any) -> Any:
+    """orjson's ``default`` for dataclasses, so their keys are sorted like a dict's."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+    raise TypeError(f"Type is not JSON serializable: {type(obj).__name__}")
+
+
+_OPTS = orjson.OPT_SORT_KEYS | orjson.OPT_PASSTHROUGH_DATACLASS
+
+
+def encode_entry(decision: Decision, outcome: Outcome, at_unix: float) -> Entry:
+    """Encode one record (``decision_to_dict(decision, outcome)`` plus ``at_unix`` and
+    ``schema``) in canon/1 form. Raises TypeError/ValueError for a value JSON cannot hold.
+
+    The candidates and the outcome go to orjson as dataclasses (``dataclasses.asdict`` deep
+    copies, the bulk of the cost); ``_plain`` gives it their fields so that keys sort.
+    """
+    rec = decision_to_dict(replace(decision, candidates=()))
+    rec["candidates"] = decision.candidates
+    rec["outcome"] = outcome
+    rec["at_unix"] = at_unix
+    rec["schema"] = RECORD_SCHEMA
+    raw = orjson.dumps(rec, default=_plain, option=_OPTS)
+    picked = decision.picked
+    return Entry(
+        decision_id=decision.decision_id,
+        at_unix=at_unix,
+        tenant=decision.profile.tenant,
+        endpoint=outcome.endpoint,
+        workload_class=decision.profile.workload_class,
+        model=decision.profile.model,
+        substrate=picked.endpoint.substrate.name if picked is not None else None,
+        status=outcome.status,
+        ttft_s=outcome.ttft_s,
+        cost_usd=outcome.cost_usd,
+        text=raw.decode(),
+        receipt=receipt_of(raw),
+    )
+
+
+class Receipt:
+    """What ``Ledger.record`` returns: the record's hash (``hash``, the ``x-inferplane-receipt``
+    header) and ``durable()``, which waits until the record is committed (or its write failed
+    or timed out: then it returns False and the caller answers anyway)."""
+
+    __slots__ = ("_future", "committed", "hash")
+
+    def __init__(self, hash_: str, future: asyncio.Future[bool] | None = None) -> None:
+        self.hash = hash_
+        self._future = future
+        self.committed: bool | None = True if future is None else None
+
+    async def durable(self, timeout_s: float | None = None) -> bool:
+        if self._future is None:
+            return bool(self.committed)
+        with contextlib.suppress(TimeoutError):
+            return await asyncio.wait_for(asyncio.shield(self._future), timeout_s)
+        return False
+
+
+def resolve(futures: Sequence[asyncio.Future[bool]], ok: bool) -> None:
+    """Settle the commit futures of a batch (call on their loop)."""
+    for f in futures:
+        if not f.done():
+            f.set_result(ok)
+
+
 class Ledger(Protocol):
-    """Where decision records go. Writes must never block the request path."""
+    """Where decision records go. ``record`` never blocks the request path: it encodes the
+    record and hands it to a writer; ``await receipt.durable()`` waits for its commit."""
 
-    def record(self, decision: Decision, outcome: Outcome, at_unix: float) -> None: ...
+    def record(self, decision: Decision, outcome: Outcome, at_unix: float) -> Receipt: ...
 
-    def get(self, decision_id: str) -> dict[str, Any] | None: ...
+    async def lookup(self, decision_id: str) -> dict[str, Any] | None:
+        """The last record of a decision id (earlier ones under ``"attempts"``), or None."""
+        ...
+
+    async def query(self, q: Query) -> Page:
+        """One page of a tenant's records (``GET /v1/decisions``)."""
+        ...
 
     async def start(self) -> None: ...
 

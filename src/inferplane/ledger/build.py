@@ -1,0 +1,58 @@
+"""The ledger a fleet file configures: PostgreSQL, SQLite or memory, with its signer."""
+
+from __future__ import annotations
+
+import os
+
+from inferplane.config.schema import FleetConfig
+from inferplane.errors import ConfigError
+from inferplane.ledger.chain import KeyError_, Signer, signer_from
+from inferplane.ledger.memory import MemoryLedger
+from inferplane.ledger.record import Ledger
+from inferplane.ledger.sqlite import SqliteLedger
+
+
+def configured_signer(config: FleetConfig, file: str) -> Signer | None:
+    spec = config.ledger
+    try:
+        return signer_from(spec.signing_key_file, spec.signing_key_env, file)
+    except KeyError_ as exc:
+        field = "ledger.signing_key_file" if spec.signing_key_file else "ledger.signing_key_env"
+        raise ConfigError(file, [(field, str(exc).removeprefix(f"{file}: "))]) from None
+
+
+def configured_dsn(config: FleetConfig, file: str) -> str | None:
+    spec = config.ledger
+    if spec.postgres_dsn_env:
+        dsn = os.environ.get(spec.postgres_dsn_env)
+        if not dsn:
+            raise ConfigError(
+                file, [("ledger.postgres_dsn_env", f"${spec.postgres_dsn_env} is not set")]
+            )
+        return dsn
+    return spec.postgres_dsn
+
+
+def build_ledger(config: FleetConfig, file: str) -> Ledger:
+    """The configured ledger (not started). Raises `ConfigError` naming the field at fault."""
+    spec = config.ledger
+    signer = configured_signer(config, file)
+    dsn = configured_dsn(config, file)
+    if dsn:
+        from inferplane.ledger.postgres import PostgresLedger
+
+        return PostgresLedger(
+            dsn, schema=spec.postgres_schema, prefix=spec.table_prefix, shard=spec.shard,
+            signer=signer, checkpoint_every=spec.checkpoint_every,
+            checkpoint_interval_s=spec.checkpoint_interval_s, batch_size=spec.batch_size,
+            source=file,
+        )
+    path = config.gateway.ledger_path
+    if path:
+        return SqliteLedger(
+            path, source=file, shard=spec.shard, signer=signer,
+            checkpoint_every=spec.checkpoint_every,
+            checkpoint_interval_s=spec.checkpoint_interval_s, batch_size=spec.batch_size,
+            max_pending=max(100_000, spec.batch_size),
+        )
+    return MemoryLedger()

@@ -1,0 +1,451 @@
+"""A PostgreSQL decision ledger: shared by replicas, queryable, hash-chained like SQLite's.
+
+``record()`` encodes the record (its receipt is known at once) and queues it; a writer task on
+the gateway's event loop commits whatever is pending (psycopg 3, async) in one transaction per
+batch of at most ``batch_size`` records: it locks its shard's head row (``SELECT … FOR UPDATE``,
+so replicas sharing a shard chain one after another and never fork it), chains the batch, writes
+it with ``COPY``, moves the head and adds the checkpoints the batch crossed. While it commits the
+next records gather (group commit); ``await receipt.durable()`` returns once the record's
+transaction committed.
+
+Tables live in ``postgres_schema`` with names prefixed by ``table_prefix``:
+``<prefix>schema_version``, ``<prefix>decisions``, ``<prefix>heads``, ``<prefix>checkpoints``.
+Migrations run at start under an advisory lock, each in its own transaction, so several replicas
+may start at once. A database that is unreachable at start is a start-up error; one that goes
+away later only delays records (they stay pending, the writer retries, nothing is lost until
+``max_pending``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import psycopg
+
+from inferplane.errors import ConfigError
+from inferplane.ledger.chain import GENESIS, Checkpoint, Signer
+from inferplane.ledger.query import ExportRow, Page, Query, page_of
+from inferplane.ledger.record import Outcome, Receipt
+from inferplane.ledger.sqlite import merge_records
+from inferplane.ledger.writer import Linked, PendingBuffer, link, settle
+from inferplane.placement.framework import Decision
+
+log = logging.getLogger("inferplane.ledger")
+
+SCHEMA_VERSION = 1
+_IDENT = re.compile(r"^[a-z_][a-z0-9_]*$")
+
+_EXPORT_COLS = (
+    "id, shard, chain_seq, decision_id, at_unix, tenant, workload_class, model, substrate, "
+    "endpoint, status, cost_usd, receipt, prev_hash, chain_hash, record"
+)
+_COPY_COLS = (
+    "decision_id, at_unix, tenant, endpoint, workload_class, model, substrate, status, ttft_s, "
+    "cost_usd, shard, chain_seq, receipt, prev_hash, chain_hash, record"
+)
+
+
+class Tables:
+    """Quoted, qualified table names of one ledger (schema and prefix are checked identifiers)."""
+
+    def __init__(self, schema: str, prefix: str) -> None:
+        for what, v in (("postgres_schema", schema), ("table_prefix", prefix)):
+            if not _IDENT.match(v):
+                raise ValueError(f"{what} {v!r} must match {_IDENT.pattern}")
+        self.schema = schema
+        q = f'"{schema}".'
+        self.version = f'{q}"{prefix}schema_version"'
+        self.decisions = f'{q}"{prefix}decisions"'
+        self.heads = f'{q}"{prefix}heads"'
+        self.checkpoints = f'{q}"{prefix}checkpoints"'
+        self.lock_key = f"inferplane-ledger:{schema}.{prefix}"
+        self.prefix = prefix
+
+    def migrations(self) -> list[list[str]]:
+        """Migration ``i`` takes the schema from version ``i`` to ``i + 1``."""
+        p = self.prefix
+        return [[
+            f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"',
+            f"""CREATE TABLE {self.decisions} (
+                id             BIGSERIAL PRIMARY KEY,
+                decision_id    TEXT NOT NULL,
+                at_unix        DOUBLE PRECISION NOT NULL,
+                tenant         TEXT NOT NULL,
+                endpoint       TEXT,
+                workload_class TEXT,
+                model          TEXT,
+                substrate      TEXT,
+                status         INTEGER,
+                ttft_s         DOUBLE PRECISION,
+                cost_usd       DOUBLE PRECISION,
+                shard          TEXT NOT NULL,
+                chain_seq      BIGINT NOT NULL,
+                receipt        TEXT NOT NULL,
+                prev_hash      TEXT NOT NULL,
+                chain_hash     TEXT NOT NULL,
+                record         TEXT NOT NULL,
+                UNIQUE (shard, chain_seq))""",
+            f'CREATE INDEX "{p}decisions_by_id" ON {self.decisions} (decision_id)',
+            f'CREATE INDEX "{p}decisions_by_tenant" ON {self.decisions} (tenant, id)',
+            f'CREATE INDEX "{p}decisions_by_time" ON {self.decisions} (at_unix)',
+            f"""CREATE TABLE {self.heads} (
+                shard TEXT PRIMARY KEY, seq BIGINT NOT NULL, chain_hash TEXT NOT NULL)""",
+            f"""CREATE TABLE {self.checkpoints} (
+                id BIGSERIAL PRIMARY KEY, shard TEXT NOT NULL, seq BIGINT NOT NULL,
+                chain_hash TEXT NOT NULL, at_unix DOUBLE PRECISION NOT NULL,
+                key_id TEXT NOT NULL, signature TEXT NOT NULL)""",
+        ]]
+
+
+def _config_error(source: str, msg: str) -> ConfigError:
+    return ConfigError(source, [("ledger.postgres_dsn", msg)])
+
+
+class PostgresLedger:
+    """Decision records in PostgreSQL (see the module docstring)."""
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        schema: str = "public",
+        prefix: str = "inferplane_",
+        shard: str = "main",
+        signer: Signer | None = None,
+        checkpoint_every: int = 1000,
+        checkpoint_interval_s: float = 60.0,
+        batch_size: int = 256,
+        max_pending: int = 100_000,
+        retry_interval_s: float = 1.0,
+        flush_interval_s: float = 0.2,
+        source: str = "<config>",
+    ) -> None:
+        self.dsn = dsn
+        try:
+            self.t = Tables(schema, prefix)
+        except ValueError as exc:
+            raise _config_error(source, str(exc)) from None
+        self.shard = shard
+        self.signer = signer
+        self.checkpoint_every = checkpoint_every
+        self.checkpoint_interval_s = checkpoint_interval_s
+        self.batch_size = batch_size
+        self.retry_interval_s = retry_interval_s
+        self.flush_interval_s = flush_interval_s
+        self.source = source
+        self.batches_written = 0
+        self.records_written = 0
+        self.checkpoints_written = 0
+        self.write_errors = 0
+        self._buf = PendingBuffer(max_pending, f"postgres:{schema}.{prefix}")
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._writer: psycopg.AsyncConnection[Any] | None = None
+        self._reader: psycopg.AsyncConnection[Any] | None = None
+        self._read_lock: asyncio.Lock | None = None
+        self._stopping = False
+        self._unsigned = False
+        self._last_checkpoint = time.monotonic()
+        self._last_warning = float("-inf")
+
+    @property
+    def dropped(self) -> int:
+        return self._buf.dropped
+
+    @property
+    def pending(self) -> int:
+        return len(self._buf)
+
+    # -- the request path -----------------------------------------------------------------
+    def record(self, decision: Decision, outcome: Outcome, at_unix: float) -> Receipt:
+        receipt, _ = self._buf.record(decision, outcome, at_unix)
+        if self._wake is not None:
+            self._wake.set()
+        return receipt
+
+    # -- lifecycle ------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Connect, migrate, start the writer. A DSN that does not connect is a `ConfigError`."""
+        if self._task is not None:
+            return
+        try:
+            self._writer = await psycopg.AsyncConnection.connect(self.dsn, connect_timeout=5)
+            self._reader = await psycopg.AsyncConnection.connect(
+                self.dsn, autocommit=True, connect_timeout=5
+            )
+            await migrate(self._writer, self.t)
+        except psycopg.Error as exc:
+            await self._close_connections()
+            raise _config_error(self.source, f"cannot use the database: {_short(exc)}") from None
+        self._wake = asyncio.Event()
+        self._read_lock = asyncio.Lock()
+        self._task = asyncio.create_task(self._run(), name="ledger-writer:postgres")
+
+    async def close(self) -> None:
+        """Write what is pending (checkpointing the end), stop the writer, disconnect."""
+        if self._task is None:
+            return
+        self._stopping = True
+        assert self._wake is not None
+        self._wake.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self._task = None
+        ok = await self.flush(sign_last=True)
+        if ok and self._unsigned and self.signer is not None:
+            await self._write([], sign_last=True)
+        lost = 0 if ok else self._buf.clear()
+        if lost:
+            log.error("ledger postgres: closing with %d unwritten records (dropped)", lost)
+        await self._close_connections()
+
+    async def _close_connections(self) -> None:
+        for conn in (self._writer, self._reader):
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await conn.close()
+        self._writer = self._reader = None
+
+    async def flush(self, sign_last: bool = False) -> bool:
+        while len(self._buf):
+            last = len(self._buf) <= self.batch_size
+            batch = self._buf.take(self.batch_size)
+            if not await self._write(batch, sign_last and last):
+                return False
+        return True
+
+    async def _run(self) -> None:
+        assert self._wake is not None
+        while not self._stopping:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.flush_interval_s)
+            self._wake.clear()
+            if self._stopping:
+                break
+            due = time.monotonic() - self._last_checkpoint >= self.checkpoint_interval_s
+            ok = await self.flush(sign_last=due)
+            if ok and due and self._unsigned and self.signer is not None:
+                ok = await self._write([], sign_last=True)
+            if not ok:
+                await asyncio.sleep(self.retry_interval_s)
+
+    async def _write(self, batch: list[Any], sign_last: bool) -> bool:
+        try:
+            if self._writer is None or self._writer.closed:
+                self._writer = await psycopg.AsyncConnection.connect(self.dsn, connect_timeout=5)
+            cps, head = await self._commit(self._writer, batch, sign_last)
+        except (psycopg.Error, OSError) as exc:
+            self._buf.requeue(batch)
+            self._write_failed(exc)
+            with contextlib.suppress(Exception):
+                if self._writer is not None and self._writer.broken:
+                    await self._writer.close()
+            return False
+        except BaseException:
+            self._buf.requeue(batch)
+            raise
+        settle(batch, True)
+        if batch:
+            self.batches_written += 1
+            self.records_written += len(batch)
+        self.checkpoints_written += len(cps)
+        if cps and cps[-1].seq == head[0]:
+            self._unsigned = False
+            self._last_checkpoint = time.monotonic()
+        elif batch:
+            self._unsigned = True
+        return True
+
+    async def _commit(
+        self, conn: psycopg.AsyncConnection[Any], batch: list[Any], sign_last: bool
+    ) -> tuple[list[Checkpoint], tuple[int, str]]:
+        t = self.t
+        async with conn.transaction(), conn.cursor() as cur:
+            await cur.execute(
+                f"INSERT INTO {t.heads} (shard, seq, chain_hash) VALUES (%s, 0, %s) "
+                "ON CONFLICT (shard) DO NOTHING", (self.shard, GENESIS))
+            await cur.execute(
+                f"SELECT seq, chain_hash FROM {t.heads} WHERE shard = %s FOR UPDATE",
+                (self.shard,))
+            row = await cur.fetchone()
+            assert row is not None
+            linked, cps, head = link(
+                [p.entry for p in batch], self.shard, (int(row[0]), str(row[1])), self.signer,
+                self.checkpoint_every, sign_last, time.time(),
+            )
+            if linked:
+                async with cur.copy(f"COPY {t.decisions} ({_COPY_COLS}) FROM STDIN") as copy:
+                    for x in linked:
+                        await copy.write_row(_row(x))
+                await cur.execute(
+                    f"UPDATE {t.heads} SET seq = %s, chain_hash = %s WHERE shard = %s",
+                    (head[0], head[1], self.shard))
+            if cps:
+                await cur.executemany(
+                    f"INSERT INTO {t.checkpoints} (shard, seq, chain_hash, at_unix, key_id, "
+                    "signature) VALUES (%s, %s, %s, %s, %s, %s)",
+                    [(c.shard, c.seq, c.chain_hash, c.at_unix, c.key_id, c.signature)
+                     for c in cps])
+        return cps, head
+
+    def _write_failed(self, exc: BaseException) -> None:
+        self.write_errors += 1
+        now = time.monotonic()
+        if now - self._last_warning >= 60.0:
+            self._last_warning = now
+            log.warning("ledger postgres: write failed (%s); %d records pending, %d dropped so "
+                        "far; retrying every %.1fs", _short(exc), len(self._buf), self.dropped,
+                        self.retry_interval_s)
+
+    # -- reads ----------------------------------------------------------------------------
+    async def _fetch(self, sql: str, args: Sequence[Any]) -> list[tuple[Any, ...]]:
+        assert self._read_lock is not None
+        async with self._read_lock:
+            if self._reader is None or self._reader.closed:
+                self._reader = await psycopg.AsyncConnection.connect(
+                    self.dsn, autocommit=True, connect_timeout=5)
+            async with self._reader.cursor() as cur:
+                await cur.execute(sql, args)
+                return list(await cur.fetchall())
+
+    async def lookup(self, decision_id: str) -> dict[str, Any] | None:
+        """The last record of ``decision_id`` (earlier ones under ``"attempts"``): committed
+        ones from the database, then any still pending here."""
+        rows = await self._fetch(
+            f"SELECT record FROM {self.t.decisions} WHERE decision_id = %s ORDER BY id",
+            (decision_id,))
+        texts = [r[0] for r in rows]
+        with self._buf.lock:
+            texts += [p.entry.text for p in self._buf.items if p.entry.decision_id == decision_id]
+        return merge_records(texts)
+
+    async def query(self, q: Query) -> Page:
+        sql, args = select_sql(self.t, q, limit=q.limit + 1)
+        rows = await self._fetch(sql, args)
+        return page_of([_export_row(r) for r in rows], q.limit)
+
+
+def _row(x: Linked) -> tuple[Any, ...]:
+    e = x.entry
+    return (e.decision_id, e.at_unix, e.tenant, e.endpoint, e.workload_class, e.model,
+            e.substrate, e.status, e.ttft_s, e.cost_usd, x.shard, x.seq, e.receipt, x.prev_hash,
+            x.chain_hash, e.text)
+
+
+def _short(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+async def migrate(conn: psycopg.AsyncConnection[Any], t: Tables) -> int:
+    """Bring the tables to `SCHEMA_VERSION` (under an advisory lock); return the version."""
+    async with conn.transaction(), conn.cursor() as cur:
+        await cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (t.lock_key,))
+        await cur.execute("SELECT to_regclass(%s)", (t.version,))
+        row = await cur.fetchone()
+        version = 0
+        if row is not None and row[0] is not None:
+            await cur.execute(f"SELECT version FROM {t.version}")
+            got = await cur.fetchone()
+            version = int(got[0]) if got else 0
+        if version > SCHEMA_VERSION:
+            raise psycopg.errors.FeatureNotSupported(
+                f"ledger tables are at schema version {version}; this inferplane reads "
+                f"{SCHEMA_VERSION}")
+        steps = t.migrations()
+        for i in range(version, SCHEMA_VERSION):
+            for stmt in steps[i]:
+                await cur.execute(stmt)
+        if version == 0:
+            await cur.execute(f"CREATE TABLE IF NOT EXISTS {t.version} (version INT NOT NULL)")
+            await cur.execute(f"INSERT INTO {t.version} VALUES (%s)", (SCHEMA_VERSION,))
+        elif version < SCHEMA_VERSION:
+            await cur.execute(f"UPDATE {t.version} SET version = %s", (SCHEMA_VERSION,))
+    return SCHEMA_VERSION
+
+
+# -- readers (verify, export, the list route) ---------------------------------------------------
+def select_sql(t: Tables, q: Query | None, limit: int | None = None) -> tuple[str, list[Any]]:
+    where: list[str] = []
+    args: list[Any] = []
+    if q is not None:
+        for col, val in (("tenant", q.tenant), ("workload_class", q.workload_class),
+                         ("model", q.model), ("substrate", q.substrate)):
+            if val is not None:
+                where.append(f"{col} = %s")
+                args.append(val)
+        if q.since is not None:
+            where.append("at_unix >= %s")
+            args.append(q.since)
+        if q.until is not None:
+            where.append("at_unix < %s")
+            args.append(q.until)
+        if q.after:
+            where.append("id > %s")
+            args.append(q.after)
+    sql = f"SELECT {_EXPORT_COLS} FROM {t.decisions}"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    sql += " ORDER BY id"
+    if limit is not None:
+        sql += f" LIMIT {int(limit)}"
+    return sql, args
+
+
+def _export_row(r: Sequence[Any]) -> ExportRow:
+    return ExportRow(
+        row_id=r[0], shard=r[1], seq=r[2], decision_id=r[3], at_unix=r[4], tenant=r[5],
+        workload_class=r[6], model=r[7], substrate=r[8], endpoint=r[9], status=r[10],
+        cost_usd=r[11], receipt=r[12], prev_hash=r[13], chain_hash=r[14], text=r[15],
+    )
+
+
+def connect_sync(dsn: str) -> psycopg.Connection[Any]:
+    """A reader's connection: one read-only, repeatable-read transaction sees one consistent
+    ledger however long an export or a verify takes."""
+    conn = psycopg.connect(dsn, autocommit=False, connect_timeout=5)
+    conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+    conn.read_only = True
+    return conn
+
+
+def check_tables(conn: psycopg.Connection[Any], t: Tables) -> None:
+    """Raise `LookupError` when the ledger tables are missing or of another version."""
+    row = conn.execute("SELECT to_regclass(%s)", (t.version,)).fetchone()
+    if row is None or row[0] is None:
+        raise LookupError(f"no ledger tables {t.decisions} in this database")
+    got = conn.execute(f"SELECT version FROM {t.version}").fetchone()
+    if got is None or int(got[0]) != SCHEMA_VERSION:
+        raise LookupError(f"ledger schema version {got and got[0]}; this inferplane reads "
+                          f"{SCHEMA_VERSION}")
+
+
+def iter_rows(
+    conn: psycopg.Connection[Any], t: Tables, q: Query | None = None, *, itersize: int = 20_000,
+    order: str = "id",
+) -> Iterator[ExportRow]:
+    """Records streamed through a server-side cursor (inside the caller's transaction)."""
+    sql, args = select_sql(t, q)
+    if order != "id":
+        sql = sql.replace(" ORDER BY id", f" ORDER BY {order}")
+    with conn.cursor(name="inferplane_export") as cur:
+        cur.itersize = itersize
+        cur.execute(sql, args)
+        for r in cur:
+            yield _export_row(r)
+
+
+def read_checkpoints(conn: psycopg.Connection[Any], t: Tables) -> list[Checkpoint]:
+    return [Checkpoint(s, int(q), h, float(a), k, g) for s, q, h, a, k, g in conn.execute(
+        f"SELECT shard, seq, chain_hash, at_unix, key_id, signature FROM {t.checkpoints} "
+        "ORDER BY id")]
+
+
+def read_heads(conn: psycopg.Connection[Any], t: Tables) -> dict[str, tuple[int, str]]:
+    return {s: (int(q), h) for s, q, h in conn.execute(
+        f"SELECT shard, seq, chain_hash FROM {t.heads}")}

@@ -1,0 +1,237 @@
+"""Listing and exporting records: the query, its opaque cursor, and the export formats.
+
+A `Query` selects one tenant's records (or every tenant's, for ``inferplane export``) by time
+(``since <= at_unix < until``), workload class, model and substrate, in storage order (the
+ledger's row id); a page ends with an opaque cursor naming the last row returned. Exports stream
+`ExportRow`s into NDJSON, CSV or Parquet (schema ``inferplane.export/1``, docs/evidence.md).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import csv
+import io
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import IO, Any
+
+import orjson
+
+EXPORT_SCHEMA = "inferplane.export/1"
+MAX_LIMIT = 1000
+DEFAULT_LIMIT = 100
+
+
+class BadQuery(ValueError):
+    """A query parameter that cannot be used (the message names it: ``param``)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    tenant: str | None
+    since: float | None = None
+    until: float | None = None
+    workload_class: str | None = None
+    model: str | None = None
+    substrate: str | None = None
+    limit: int = DEFAULT_LIMIT
+    after: int = 0
+    """Return rows whose row id is greater than this (decoded from the cursor)."""
+
+
+@dataclass(slots=True)
+class Page:
+    items: list[dict[str, Any]] = field(default_factory=list)
+    next_cursor: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ExportRow:
+    """One stored record with its position in the chain."""
+
+    row_id: int
+    shard: str
+    seq: int
+    decision_id: str
+    at_unix: float
+    tenant: str
+    workload_class: str | None
+    model: str | None
+    substrate: str | None
+    endpoint: str | None
+    status: int | None
+    cost_usd: float | None
+    receipt: str
+    prev_hash: str
+    chain_hash: str
+    text: str
+
+
+def encode_cursor(row_id: int) -> str:
+    return base64.urlsafe_b64encode(f"c1:{row_id}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> int:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        tag, _, num = raw.partition(":")
+        if tag != "c1" or not num.isdigit():
+            raise ValueError
+        return int(num)
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise BadQuery("cursor", "cursor is not one this gateway returned") from None
+
+
+def parse_time(value: str, param: str) -> float:
+    """Unix seconds, or an ISO 8601 date/time (UTC when no offset is given)."""
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise BadQuery(
+            param, f"{param} must be unix seconds or an ISO 8601 time; got {value!r}"
+        ) from None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return dt.timestamp()
+
+
+def parse_query(tenant: str, params: dict[str, str]) -> Query:
+    """A `Query` from ``GET /v1/decisions`` parameters; `BadQuery` for a bad one."""
+    known = {"since", "until", "class", "model", "substrate", "limit", "cursor"}
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise BadQuery(unknown[0], f"unknown parameter {unknown[0]!r}; known: "
+                       f"{', '.join(sorted(known))}")
+    limit = DEFAULT_LIMIT
+    if "limit" in params:
+        raw = params["limit"]
+        if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
+            raise BadQuery("limit", f"limit must be an integer from 1 to {MAX_LIMIT}; got {raw!r}")
+        limit = int(raw)
+    since = parse_time(params["since"], "since") if "since" in params else None
+    until = parse_time(params["until"], "until") if "until" in params else None
+    return Query(
+        tenant=tenant,
+        since=since,
+        until=until,
+        workload_class=params.get("class") or None,
+        model=params.get("model") or None,
+        substrate=params.get("substrate") or None,
+        limit=limit,
+        after=decode_cursor(params["cursor"]) if params.get("cursor") else 0,
+    )
+
+
+def page_of(rows: list[ExportRow], limit: int) -> Page:
+    """The API page of ``rows`` (at most ``limit + 1`` were fetched, to know if more exist)."""
+    more = len(rows) > limit
+    rows = rows[:limit]
+    items = [
+        {"receipt": r.receipt, "record": orjson.loads(r.text)} for r in rows
+    ]
+    return Page(items, encode_cursor(rows[-1].row_id) if more and rows else None)
+
+
+# -- export formats ---------------------------------------------------------------------------
+COLUMNS = (
+    "shard", "seq", "decision_id", "at_unix", "tenant", "workload_class", "model", "substrate",
+    "endpoint", "status", "cost_usd", "receipt", "prev_hash", "chain_hash",
+)
+
+
+def ndjson_line(r: ExportRow) -> bytes:
+    """One NDJSON line: the chain fields, then ``record`` spliced in verbatim (its canonical
+    bytes, so sha256 of them is the receipt)."""
+    head = orjson.dumps({
+        "schema": EXPORT_SCHEMA, "shard": r.shard, "seq": r.seq, "receipt": r.receipt,
+        "prev_hash": r.prev_hash, "chain_hash": r.chain_hash,
+    })
+    return head[:-1] + b',"record":' + r.text.encode() + b"}\n"
+
+
+def write_ndjson(rows: Iterable[ExportRow], out: IO[bytes]) -> int:
+    n = 0
+    buf: list[bytes] = []
+    for r in rows:
+        buf.append(ndjson_line(r))
+        n += 1
+        if len(buf) >= 4096:
+            out.write(b"".join(buf))
+            buf.clear()
+    out.write(b"".join(buf))
+    return n
+
+
+def write_csv(rows: Iterable[ExportRow], out: IO[bytes]) -> int:
+    """CSV with a header; ``record`` is the last column, the canonical text."""
+    text = io.TextIOWrapper(out, encoding="utf-8", newline="", write_through=False)
+    w = csv.writer(text)
+    w.writerow([*COLUMNS, "record"])
+    n = 0
+    for r in rows:
+        w.writerow([
+            r.shard, r.seq, r.decision_id, repr(r.at_unix), r.tenant, r.workload_class or "",
+            r.model or "", r.substrate or "", r.endpoint or "",
+            "" if r.status is None else r.status, "" if r.cost_usd is None else repr(r.cost_usd),
+            r.receipt, r.prev_hash, r.chain_hash, r.text,
+        ])
+        n += 1
+    text.flush()
+    text.detach()
+    return n
+
+
+def write_parquet(rows: Iterable[ExportRow], out: IO[bytes], batch: int = 50_000) -> int:
+    """Parquet (zstd), written in row groups of ``batch`` rows; ``record`` is a string column."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([
+        ("shard", pa.string()), ("seq", pa.int64()), ("decision_id", pa.string()),
+        ("at_unix", pa.float64()), ("tenant", pa.string()), ("workload_class", pa.string()),
+        ("model", pa.string()), ("substrate", pa.string()), ("endpoint", pa.string()),
+        ("status", pa.int32()), ("cost_usd", pa.float64()), ("receipt", pa.string()),
+        ("prev_hash", pa.string()), ("chain_hash", pa.string()), ("record", pa.string()),
+    ], metadata={b"schema": EXPORT_SCHEMA.encode()})
+    names = [*COLUMNS, "record"]
+    n = 0
+    with pq.ParquetWriter(out, schema, compression="zstd") as writer:
+        for chunk in _chunks(rows, batch):
+            cols: list[list[Any]] = [[] for _ in names]
+            for r in chunk:
+                for i, v in enumerate((
+                    r.shard, r.seq, r.decision_id, r.at_unix, r.tenant, r.workload_class,
+                    r.model, r.substrate, r.endpoint, r.status, r.cost_usd, r.receipt,
+                    r.prev_hash, r.chain_hash, r.text,
+                )):
+                    cols[i].append(v)
+            writer.write_table(pa.Table.from_arrays(
+                [pa.array(c, type=schema.field(i).type) for i, c in enumerate(cols)],
+                schema=schema,
+            ))
+            n += len(chunk)
+    return n
+
+
+def _chunks(rows: Iterable[ExportRow], size: int) -> Iterator[list[ExportRow]]:
+    chunk: list[ExportRow] = []
+    for r in rows:
+        chunk.append(r)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+WRITERS = {"ndjson": write_ndjson, "csv": write_csv, "parquet": write_parquet}

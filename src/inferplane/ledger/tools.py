@@ -1,0 +1,155 @@
+"""What ``inferplane verify``, ``export`` and ``ledger-keygen`` do, apart from argument parsing.
+
+A `Source` is the ledger a command reads: a SQLite file (``--ledger FILE``, or the fleet file's
+``gateway.ledger_path``) or the fleet file's PostgreSQL ledger. Readers never write.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from inferplane.config.schema import FleetConfig
+from inferplane.ledger.chain import load_public
+from inferplane.ledger.query import WRITERS, ExportRow, Query
+from inferplane.ledger.verify import Report, verify_rows, verify_sqlite
+
+
+class SourceError(Exception):
+    """The ledger cannot be read (the message says why and where)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    sqlite_path: str | None = None
+    dsn: str | None = None
+    schema: str = "public"
+    prefix: str = "inferplane_"
+    public_key: Ed25519PublicKey | None = None
+
+    @property
+    def name(self) -> str:
+        return self.sqlite_path or f"postgres {self.schema}.{self.prefix}decisions"
+
+
+def source_from_config(config: FleetConfig, file: str) -> Source:
+    """The ledger a fleet file configures, with the public half of its signing key."""
+    from inferplane.ledger.build import configured_dsn, configured_signer
+
+    signer = configured_signer(config, file)
+    public = signer.public if signer is not None else None
+    dsn = configured_dsn(config, file)
+    if dsn:
+        return Source(dsn=dsn, schema=config.ledger.postgres_schema,
+                      prefix=config.ledger.table_prefix, public_key=public)
+    if config.gateway.ledger_path:
+        return Source(sqlite_path=config.gateway.ledger_path, public_key=public)
+    raise SourceError(f"{file}: no ledger configured (set gateway.ledger_path or "
+                      "ledger.postgres_dsn); records were kept in memory only")
+
+
+def read_public_key(path: Path) -> Ed25519PublicKey:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise SourceError(f"{path}: {exc.strerror or exc}") from None
+    from inferplane.ledger.chain import KeyError_
+
+    try:
+        return load_public(data, str(path))
+    except KeyError_ as exc:
+        raise SourceError(str(exc)) from None
+
+
+def verify(source: Source, public_key: Ed25519PublicKey | None) -> Report:
+    key = public_key or source.public_key
+    if source.sqlite_path is not None:
+        from inferplane.ledger.sqlite import LedgerFileError
+
+        try:
+            return verify_sqlite(source.sqlite_path, key)
+        except (FileNotFoundError, LedgerFileError) as exc:
+            raise SourceError(str(exc)) from None
+    import psycopg
+
+    from inferplane.ledger import postgres as pg
+
+    assert source.dsn is not None
+    t = pg.Tables(source.schema, source.prefix)
+    try:
+        with pg.connect_sync(source.dsn) as conn:
+            pg.check_tables(conn, t)
+            return verify_rows(
+                pg.iter_rows(conn, t, order="shard, chain_seq, id"),
+                pg.read_checkpoints(conn, t), pg.read_heads(conn, t), key,
+            )
+    except (psycopg.Error, LookupError) as exc:
+        raise SourceError(f"{source.name}: {str(exc).strip().splitlines()[0]}") from None
+
+
+def describe(rep: Report, source: Source) -> list[str]:
+    """The lines ``inferplane verify`` prints."""
+    lines: list[str] = []
+    if not rep.ok:
+        lines.append(f"TAMPERED: {source.name}: {rep.problem}")
+        if rep.bad_decision:
+            lines.append(f"first bad record: shard {rep.bad_shard} seq {rep.bad_seq} "
+                         f"decision {rep.bad_decision}")
+        return lines
+    shards = ", ".join(f"{s} (#1..#{n})" for s, n in sorted(rep.shards.items())) or "none"
+    lines.append(f"ok: {source.name}: {rep.records} records intact in {len(rep.shards)} "
+                 f"chain(s): {shards}")
+    lines.append(f"checkpoints: {rep.checkpoints_checked} of {rep.checkpoints} signatures "
+                 "verified")
+    tail = {s: n for s, n in rep.unsigned_tail.items() if n}
+    if tail and rep.checkpoints_checked:
+        lines.append("records after the last verified checkpoint (not yet signed): "
+                     + ", ".join(f"{s}: {n}" for s, n in sorted(tail.items())))
+    lines += [f"warning: {w}" for w in rep.warnings]
+    return lines
+
+
+@contextlib.contextmanager
+def export_rows(source: Source, q: Query | None) -> Iterator[Iterator[ExportRow]]:
+    """The selected records in storage order, streamed."""
+    if source.sqlite_path is not None:
+        from inferplane.ledger import sqlite
+
+        try:
+            conn = sqlite.open_readonly(source.sqlite_path)
+        except (FileNotFoundError, sqlite.LedgerFileError) as exc:
+            raise SourceError(str(exc)) from None
+        try:
+            yield sqlite.iter_rows(conn, q)
+        finally:
+            conn.close()
+        return
+    import psycopg
+
+    from inferplane.ledger import postgres as pg
+
+    assert source.dsn is not None
+    t = pg.Tables(source.schema, source.prefix)
+    try:
+        conn_pg = pg.connect_sync(source.dsn)
+    except psycopg.Error as exc:
+        raise SourceError(f"{source.name}: {str(exc).strip().splitlines()[0]}") from None
+    try:
+        try:
+            pg.check_tables(conn_pg, t)
+        except LookupError as exc:
+            raise SourceError(f"{source.name}: {exc}") from None
+        yield pg.iter_rows(conn_pg, t, q)
+    finally:
+        conn_pg.close()
+
+
+def export(source: Source, q: Query | None, fmt: str, out: IO[bytes]) -> int:
+    """Write the selected records to ``out`` in ``fmt``; return how many."""
+    with export_rows(source, q) as rows:
+        return WRITERS[fmt](rows, out)

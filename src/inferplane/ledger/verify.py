@@ -1,0 +1,173 @@
+"""``inferplane verify``: check a ledger's hash chains and signed checkpoints.
+
+`verify_rows` reads the stored records shard by shard in chain order (any backend hands them in
+as `ExportRow`s) and stops at the first record that is not what the chain says it must be:
+
+- its content does not hash to its receipt (edited);
+- its ``seq`` is not the next one, or its ``prev_hash`` is not the previous record's chain hash
+  (a record before it was deleted, or one was inserted or moved);
+- its chain hash does not follow from the above (chain fields edited);
+- its storage position runs against the chain order (rows reordered).
+
+Then every checkpoint's signature is checked with the pinned public key and compared with the
+chain head it names (a re-written chain, or records deleted after a signed head), and each
+shard's recorded head with its last record (records deleted from the tail).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from inferplane.ledger.chain import GENESIS, Checkpoint, chain_hash, check_signature, key_id
+from inferplane.ledger.query import ExportRow
+
+
+@dataclass(slots=True)
+class Report:
+    ok: bool = True
+    problem: str | None = None
+    bad_shard: str | None = None
+    bad_seq: int | None = None
+    bad_decision: str | None = None
+    records: int = 0
+    shards: dict[str, int] = field(default_factory=dict)
+    """Each shard's last seq."""
+    checkpoints: int = 0
+    checkpoints_checked: int = 0
+    unsigned_tail: dict[str, int] = field(default_factory=dict)
+    """Per shard, the records after its last valid checkpoint."""
+    warnings: list[str] = field(default_factory=list)
+
+    def fail(self, shard: str, seq: int | None, decision: str | None, problem: str) -> Report:
+        self.ok = False
+        self.bad_shard, self.bad_seq, self.bad_decision = shard, seq, decision
+        self.problem = problem
+        return self
+
+
+def verify_rows(
+    rows: Iterable[ExportRow],
+    checkpoints: Iterable[Checkpoint],
+    heads: dict[str, tuple[int, str]],
+    public_key: Ed25519PublicKey | None,
+) -> Report:
+    """Verify ``rows`` (ordered by shard, then seq) against ``checkpoints`` and the recorded
+    shard ``heads`` (shard → (seq, chain_hash)). The report names the first bad record."""
+    rep = Report()
+    cps: dict[tuple[str, int], list[Checkpoint]] = {}
+    for cp in checkpoints:
+        cps.setdefault((cp.shard, cp.seq), []).append(cp)
+        rep.checkpoints += 1
+    if rep.checkpoints and public_key is None:
+        rep.warnings.append(
+            f"{rep.checkpoints} signed checkpoints not checked: no public key given "
+            "(--public-key FILE, or --config with the signing key)"
+        )
+    pinned = key_id(public_key) if public_key is not None else None
+    shard: str | None = None
+    prev = GENESIS
+    expect = 1
+    last_row_id = -1
+    last_signed = 0
+
+    last_hash: dict[str, str] = {}
+
+    def close_shard() -> None:
+        if shard is not None:
+            rep.shards[shard] = expect - 1
+            rep.unsigned_tail[shard] = expect - 1 - last_signed
+            last_hash[shard] = prev
+
+    for r in rows:
+        if r.shard != shard:
+            close_shard()
+            if r.shard in rep.shards:
+                return rep.fail(r.shard, r.seq, r.decision_id,
+                                "rows of this shard are out of order")
+            shard, prev, expect, last_row_id, last_signed = r.shard, GENESIS, 1, -1, 0
+        rep.records += 1
+        where = f"record {r.shard}#{r.seq} (decision {r.decision_id})"
+        if hashlib.sha256(r.text.encode()).hexdigest() != r.receipt:
+            return rep.fail(r.shard, r.seq, r.decision_id,
+                            f"{where}: its content does not match its receipt (edited)")
+        if r.seq > expect:
+            gap = f"#{expect}" if r.seq == expect + 1 else f"#{expect}..#{r.seq - 1}"
+            return rep.fail(r.shard, r.seq, r.decision_id,
+                            f"{where}: the record(s) before it ({gap}) are missing (deleted)")
+        if r.seq < expect:
+            return rep.fail(r.shard, r.seq, r.decision_id,
+                            f"{where}: seq {r.seq} again after #{expect - 1} (inserted or "
+                            "duplicated)")
+        if r.prev_hash != prev:
+            return rep.fail(r.shard, r.seq, r.decision_id,
+                            f"{where}: its previous hash is not the chain hash of record "
+                            f"#{r.seq - 1} (a record was deleted, inserted or reordered)")
+        if chain_hash(r.shard, r.seq, r.prev_hash, r.receipt) != r.chain_hash:
+            return rep.fail(r.shard, r.seq, r.decision_id,
+                            f"{where}: its chain hash does not follow from its content (edited)")
+        if r.row_id <= last_row_id:
+            return rep.fail(r.shard, r.seq, r.decision_id,
+                            f"{where}: stored before the record it follows (reordered)")
+        for cp in cps.pop((r.shard, r.seq), ()):
+            bad = _check_checkpoint(cp, r.chain_hash, public_key, pinned, rep)
+            if bad:
+                return rep.fail(r.shard, r.seq, r.decision_id, f"{where}: {bad}")
+            if public_key is not None:
+                last_signed = r.seq
+        prev, expect, last_row_id = r.chain_hash, expect + 1, r.row_id
+    close_shard()
+    for (s, seq), cp_list in sorted(cps.items()):
+        cp = cp_list[0]
+        if public_key is not None and not check_signature(public_key, cp):
+            continue  # a forged checkpoint for a record that does not exist proves nothing
+        last = rep.shards.get(s, 0)
+        return rep.fail(s, last + 1, None,
+                        f"shard {s}: a checkpoint signs record #{seq} but the chain ends at "
+                        f"#{last} (records #{last + 1}..#{seq} were deleted)")
+    for s in sorted(set(rep.shards) - set(heads)):
+        return rep.fail(s, None, None, f"shard {s}: has records but no recorded head "
+                        "(the heads table was edited)")
+    for s, (seq, head) in sorted(heads.items()):
+        last = rep.shards.get(s, 0)
+        if seq < last:
+            return rep.fail(s, seq + 1, None,
+                            f"shard {s}: records after its recorded head #{seq} (inserted)")
+        if seq > last:
+            return rep.fail(s, last + 1, None,
+                            f"shard {s}: its head is #{seq} but the chain ends at #{last} "
+                            f"(records #{last + 1}..#{seq} were deleted)")
+        if seq == last and last > 0 and head != last_hash[s]:
+            return rep.fail(s, last, None,
+                            f"shard {s}: its recorded head does not match record #{last}")
+    return rep
+
+
+def _check_checkpoint(
+    cp: Checkpoint, head: str, public_key: Ed25519PublicKey | None, pinned: str | None, rep: Report
+) -> str | None:
+    if cp.chain_hash != head:
+        return "a checkpoint signed here names another chain hash (the chain was re-written)"
+    if public_key is None:
+        return None
+    if cp.key_id != pinned:
+        return f"its checkpoint is signed by key {cp.key_id}, not the pinned key {pinned}"
+    if not check_signature(public_key, cp):
+        return "its checkpoint signature is not valid (forged or edited)"
+    rep.checkpoints_checked += 1
+    return None
+
+
+def verify_sqlite(path: str, public_key: Ed25519PublicKey | None) -> Report:
+    """Verify a SQLite ledger file (read-only). Raises like `sqlite.open_readonly`."""
+    from inferplane.ledger import sqlite
+
+    conn = sqlite.open_readonly(path)
+    try:
+        return verify_rows(sqlite.iter_chain(conn), sqlite.read_checkpoints(conn),
+                           sqlite.read_heads(conn), public_key)
+    finally:
+        conn.close()

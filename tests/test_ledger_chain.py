@@ -1,0 +1,320 @@
+"""The tamper-evident ledger: canonical records, the hash chain, signed checkpoints, verify.
+
+The property test tampers with a real SQLite ledger the way someone with write access to the file
+would (sqlite3 UPDATE / DELETE / INSERT, with or without recomputing the hashes after the change)
+and checks that `inferplane verify` catches every single-record edit, deletion, insertion and
+reordering, naming the first bad record.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import shutil
+import sqlite3
+import uuid
+from dataclasses import replace
+from pathlib import Path
+
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from inferplane.cli import app
+from inferplane.ledger.chain import (
+    GENESIS,
+    Signer,
+    chain_hash,
+    generate_private_pem,
+    load_private,
+    public_pem,
+)
+from inferplane.ledger.sqlite import SqliteLedger
+from inferplane.ledger.verify import Report, verify_sqlite
+from inferplane.placement.framework import Decision
+from tests.test_ledger import _ok, _with_id
+from tests.test_ledger import decision as decision  # the fixture
+
+N = 12
+EVERY = 4
+
+
+def _signer() -> Signer:
+    return Signer(load_private(generate_private_pem(), "test"))
+
+
+SIGNER = _signer()
+
+
+def _write(path: Path, d: Decision, n: int = N, signer: Signer | None = SIGNER) -> None:
+    led = SqliteLedger(path, batch_size=5, signer=signer, checkpoint_every=EVERY)
+    for i in range(n):
+        led.record(_with_id(d, f"d-{i}"), _ok(d, completion_tokens=100 + i), 1000.0 + i)
+        if i % 5 == 4:
+            assert led.flush()
+    led.close_sync()
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory, decision: Decision) -> Path:
+    path = tmp_path_factory.mktemp("chain") / "base.db"
+    _write(path, decision)
+    return path
+
+
+def _copy(base: Path, tmp: Path, name: str) -> Path:
+    """A fresh copy under a new name (hypothesis reuses ``tmp`` across examples, and a
+    left-over ``-wal`` file beside an old name would be read with the new copy)."""
+    dst = tmp / f"{uuid.uuid4().hex}-{name}"
+    shutil.copyfile(base, dst)
+    return dst
+
+
+def _rows(conn: sqlite3.Connection) -> list[tuple[int, int, str, str, str, str]]:
+    return list(conn.execute(
+        "SELECT seq, chain_seq, record, receipt, prev_hash, chain_hash FROM decisions "
+        "ORDER BY chain_seq"))
+
+
+def _rechain_from(conn: sqlite3.Connection, start: int) -> None:
+    """What a forger without the key does: recompute receipts and the chain from ``start`` (a
+    chain_seq) on, and move the head, so that every hash link holds again."""
+    rows = _rows(conn)
+    prev = GENESIS
+    for pos, (row_id, _, text, _, _, _) in enumerate(rows, 1):
+        receipt = hashlib.sha256(text.encode()).hexdigest()
+        h = chain_hash("main", pos, prev, receipt)
+        if pos >= start:
+            conn.execute("UPDATE decisions SET chain_seq = -?, receipt = ?, prev_hash = ?, "
+                         "chain_hash = ? WHERE seq = ?", (pos, receipt, prev, h, row_id))
+        prev = h
+    conn.execute("UPDATE decisions SET chain_seq = -chain_seq WHERE chain_seq < 0")
+    conn.execute("UPDATE heads SET seq = ?, chain_hash = ?", (len(rows), prev))
+
+
+def test_an_intact_ledger_verifies_with_its_checkpoints(base: Path) -> None:
+    rep = verify_sqlite(str(base), SIGNER.public)
+    assert rep.ok, rep.problem
+    assert rep.records == N and rep.shards == {"main": N}
+    # multiples of 4, plus the end at close (12 is a multiple): 3 checkpoints, all checked
+    assert rep.checkpoints == rep.checkpoints_checked == 3
+    assert rep.unsigned_tail == {"main": 0}
+
+
+def test_another_key_or_no_key(base: Path) -> None:
+    wrong = verify_sqlite(str(base), _signer().public)
+    assert not wrong.ok and "not the pinned key" in (wrong.problem or "")
+    unpinned = verify_sqlite(str(base), None)
+    assert unpinned.ok and unpinned.checkpoints_checked == 0
+    assert any("not checked" in w for w in unpinned.warnings)
+
+
+def test_the_receipt_is_the_hash_of_the_stored_canonical_record(base: Path) -> None:
+    with sqlite3.connect(base) as conn:
+        for _, _, text, receipt, _, _ in _rows(conn):
+            assert hashlib.sha256(text.encode()).hexdigest() == receipt
+            # canon/1: re-serialising the parsed record with sorted keys gives the same bytes
+            assert orjson.dumps(orjson.loads(text), option=orjson.OPT_SORT_KEYS) == text.encode()
+
+
+Mutation = tuple[str, int, int, bool]
+
+
+@st.composite
+def mutations(draw: st.DrawFn) -> Mutation:
+    kind = draw(st.sampled_from(["edit", "delete", "insert", "reorder"]))
+    i = draw(st.integers(1, N))
+    j = draw(st.integers(1, N).filter(lambda x: x != i))
+    rehash = draw(st.booleans())  # also recompute every hash after the change (no key)
+    return kind, i, j, rehash
+
+
+def _tamper(path: Path, m: Mutation) -> int:
+    """Apply one mutation; return the chain position of the first record it touched."""
+    kind, i, j, rehash = m
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+        rows = _rows(conn)
+        row_id, _, text, _, _, _ = rows[i - 1]
+        if kind == "edit":
+            rec = orjson.loads(text)
+            rec["outcome"]["completion_tokens"] = 0  # e.g. bill nothing
+            conn.execute("UPDATE decisions SET record = ? WHERE seq = ?",
+                         (orjson.dumps(rec, option=orjson.OPT_SORT_KEYS).decode(), row_id))
+            first = i
+        elif kind == "delete":
+            conn.execute("DELETE FROM decisions WHERE seq = ?", (row_id,))
+            first = i
+        elif kind == "insert":  # a forged record before position i
+            rec = orjson.loads(text)
+            rec["decision_id"] = "forged"
+            conn.execute("DROP INDEX decisions_by_chain")
+            conn.execute(
+                "INSERT INTO decisions (decision_id, at_unix, tenant, record, shard, chain_seq, "
+                "receipt, prev_hash, chain_hash) SELECT 'forged', at_unix, tenant, ?, shard, "
+                "chain_seq, receipt, prev_hash, chain_hash FROM decisions WHERE seq = ?",
+                (orjson.dumps(rec, option=orjson.OPT_SORT_KEYS).decode(), row_id))
+            new_id = conn.execute("SELECT max(seq) FROM decisions").fetchone()[0]
+            # move it into storage position i: shift the later rows' storage ids up by one
+            conn.execute("UPDATE decisions SET seq = seq + 1000 WHERE seq >= ? AND seq < ?",
+                         (row_id, new_id))
+            conn.execute("UPDATE decisions SET seq = ? WHERE seq = ?", (row_id, new_id))
+            conn.execute("UPDATE decisions SET chain_seq = chain_seq + 1 WHERE seq >= 1000")
+            first = i
+        else:  # reorder: records i and j swap places (content moves, positions stay)
+            other = rows[j - 1]
+            conn.execute("UPDATE decisions SET record = ?, decision_id = 'x' WHERE seq = ?",
+                         (other[2], row_id))
+            conn.execute("UPDATE decisions SET record = ? WHERE seq = ?", (text, other[0]))
+            first = min(i, j)
+        if rehash:
+            _rechain_from(conn, first)
+    return first
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(m=mutations())
+def test_verify_catches_every_single_record_edit_deletion_insertion_and_reordering(
+    base: Path, tmp_path: Path, m: Mutation
+) -> None:
+    path = _copy(base, tmp_path, "t.db")
+    first = _tamper(path, m)
+    rep: Report = verify_sqlite(str(path), SIGNER.public)
+    assert not rep.ok, m
+    assert rep.bad_seq is not None and rep.problem
+    kind, _, _, rehash = m
+    if not rehash and kind == "delete":  # the chain breaks at the record after the gap
+        assert rep.bad_seq == min(first + 1, N), (m, rep.problem)
+    elif not rehash:  # the hash links break at the tampered record itself
+        assert rep.bad_seq == first, (m, rep.problem)
+    else:  # links re-forged: the next signed checkpoint (or the head) no longer matches
+        assert first <= rep.bad_seq <= N + 1, (m, rep.problem)
+    assert f"#{rep.bad_seq}" in rep.problem or str(rep.bad_seq) in rep.problem
+
+
+def test_rewriting_the_whole_chain_is_caught_by_the_signatures(
+    base: Path, tmp_path: Path
+) -> None:
+    path = _copy(base, tmp_path, "t.db")
+    with sqlite3.connect(path) as conn:
+        forged = _signer()  # the forger signs fresh checkpoints with a key of their own
+        conn.execute("UPDATE decisions SET record = replace(record, '\"status\":200', "
+                     "'\"status\":201') WHERE chain_seq = 2")
+        _rechain_from(conn, 1)
+        conn.execute("DELETE FROM checkpoints")
+        for seq, h in conn.execute("SELECT chain_seq, chain_hash FROM decisions").fetchall():
+            if seq % EVERY == 0:
+                cp = forged.sign("main", seq, h, 1.0)
+                conn.execute(
+                    "INSERT INTO checkpoints (shard, seq, chain_hash, at_unix, key_id, "
+                    "signature) VALUES (?, ?, ?, ?, ?, ?)",
+                    (cp.shard, cp.seq, cp.chain_hash, cp.at_unix, cp.key_id, cp.signature))
+    rep = verify_sqlite(str(path), SIGNER.public)
+    assert not rep.ok and rep.bad_seq == EVERY and "not the pinned key" in (rep.problem or "")
+
+
+def test_a_forged_signature_under_the_right_key_id_is_caught(base: Path, tmp_path: Path) -> None:
+    path = _copy(base, tmp_path, "t.db")
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE checkpoints SET signature = ? WHERE seq = 8",
+                     ("A" * 86 + "==",))
+    rep = verify_sqlite(str(path), SIGNER.public)
+    assert not rep.ok and rep.bad_seq == 8 and "signature is not valid" in (rep.problem or "")
+
+
+def test_deleting_the_tail_is_caught_by_the_head_and_the_last_checkpoint(
+    base: Path, tmp_path: Path
+) -> None:
+    path = _copy(base, tmp_path, "t.db")
+    with sqlite3.connect(path) as conn:
+        conn.execute("DELETE FROM decisions WHERE chain_seq > 10")
+    rep = verify_sqlite(str(path), SIGNER.public)
+    assert not rep.ok and "#11..#12 were deleted" in (rep.problem or "")
+
+
+def test_writers_sharing_a_file_share_one_chain(tmp_path: Path, decision: Decision) -> None:
+    path = tmp_path / "l.db"
+    a = SqliteLedger(path, signer=SIGNER, checkpoint_every=EVERY)
+    b = SqliteLedger(path, signer=SIGNER, checkpoint_every=EVERY)
+    for i in range(6):
+        (a if i % 2 else b).record(_with_id(decision, f"d-{i}"), _ok(decision), float(i))
+        assert a.flush() and b.flush()
+    a.close_sync()
+    b.close_sync()
+    rep = verify_sqlite(str(path), SIGNER.public)
+    assert rep.ok and rep.shards == {"main": 6}, rep.problem
+
+
+def test_a_version_1_file_is_migrated_and_chained(tmp_path: Path, decision: Decision) -> None:
+    path = tmp_path / "v1.db"
+    with sqlite3.connect(path) as conn:
+        conn.executescript("""
+            CREATE TABLE schema_version (version INTEGER NOT NULL);
+            INSERT INTO schema_version VALUES (1);
+            CREATE TABLE decisions (seq INTEGER PRIMARY KEY AUTOINCREMENT, decision_id TEXT NOT
+              NULL, at_unix REAL NOT NULL, tenant TEXT NOT NULL, endpoint TEXT, workload_class
+              TEXT, status INTEGER, ttft_s REAL, cost_usd REAL, record TEXT NOT NULL);
+        """)
+        for i in range(3):
+            rec = {"decision_id": f"old-{i}", "tenant": "acme", "request": {"model": "m"},
+                   "picked": {"substrate": "s"}, "outcome": {"status": 200}}
+            conn.execute("INSERT INTO decisions (decision_id, at_unix, tenant, record) "
+                         "VALUES (?, ?, 'acme', ?)", (f"old-{i}", float(i), orjson.dumps(
+                             rec).decode()))
+    led = SqliteLedger(path, signer=SIGNER)
+    led.record(decision, _ok(decision), 9.0)
+    led.close_sync()
+    rep = verify_sqlite(str(path), SIGNER.public)
+    assert rep.ok and rep.records == 4, rep.problem
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT model, substrate FROM decisions WHERE seq = 1").fetchone() \
+            == ("m", "s")
+
+
+def test_verify_cli(base: Path, tmp_path: Path, decision: Decision) -> None:
+    runner = CliRunner()
+    pub = tmp_path / "pub.pem"
+    pub.write_bytes(public_pem(SIGNER.public))
+    ok = runner.invoke(app, ["verify", "--ledger", str(base), "--public-key", str(pub)])
+    assert ok.exit_code == 0, ok.output
+    assert f"{N} records intact" in ok.output and "3 of 3 signatures verified" in ok.output
+
+    bad = _copy(base, tmp_path, "bad.db")
+    with sqlite3.connect(bad) as conn:
+        conn.execute("UPDATE decisions SET record = replace(record, '\"status\":200', "
+                     "'\"status\":500') WHERE chain_seq = 5")
+    out = runner.invoke(app, ["verify", "--ledger", str(bad), "--public-key", str(pub)])
+    assert out.exit_code == 1
+    assert "TAMPERED" in out.output and "record main#5 (decision d-4)" in out.output
+    assert "edited" in out.output
+
+    key = tmp_path / "key.pem"
+    made = runner.invoke(app, ["ledger-keygen", "--out", str(key)])
+    assert made.exit_code == 0 and "BEGIN PUBLIC KEY" in made.output
+    assert (key.stat().st_mode & 0o777) == 0o600
+    again = runner.invoke(app, ["ledger-keygen", "--out", str(key)])
+    assert again.exit_code == 2
+    # --config: the configured ledger and the public half of the configured signing key
+    path = tmp_path / "cfg.db"
+    signer = Signer(load_private(key.read_bytes(), "k"))
+    _write(path, decision, n=5, signer=signer)
+    from tests.test_ledger import FLEET
+
+    cfg = tmp_path / "fleet.yaml"
+    cfg.write_text(FLEET + f"gateway: {{ledger_path: {path}}}\n"
+                   f"ledger: {{signing_key_file: {key}}}\n")
+    via = runner.invoke(app, ["verify", "--config", str(cfg)])
+    assert via.exit_code == 0, via.output
+    assert "5 records intact" in via.output and "2 of 2 signatures verified" in via.output
+    missing = runner.invoke(app, ["verify", "--ledger", str(tmp_path / "nope.db")])
+    assert missing.exit_code == 2 and "no such ledger file" in missing.output
+
+
+def test_records_stay_distinct_per_decision(decision: Decision) -> None:
+    from inferplane.ledger.record import encode_entry
+
+    a = encode_entry(decision, _ok(decision), 1.0)
+    b = encode_entry(replace(decision, decision_id="other"), _ok(decision), 1.0)
+    assert a.receipt != b.receipt and len(a.receipt) == 64

@@ -1,0 +1,173 @@
+"""The PostgreSQL ledger against the local PostgreSQL (127.0.0.1:5432, database ``test``).
+
+Each test works in a schema of its own and drops it. Skipped, saying why, when no PostgreSQL
+answers there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import orjson
+import psycopg
+import pytest
+from typer.testing import CliRunner
+
+from inferplane.cli import app
+from inferplane.ledger.postgres import PostgresLedger, Tables
+from inferplane.ledger.query import Query, decode_cursor
+from inferplane.ledger.tools import Source, export, verify
+from inferplane.placement.framework import Decision
+from tests.test_ledger import FLEET, _ok, _with_id
+from tests.test_ledger import decision as decision  # the fixture
+from tests.test_ledger_chain import SIGNER
+
+DSN = os.environ.get("INFERPLANE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def _pg_available() -> str | None:
+    try:
+        with psycopg.connect(DSN, connect_timeout=2) as conn:
+            conn.execute("SELECT 1")
+    except psycopg.Error as exc:
+        return f"no PostgreSQL at {DSN}: {str(exc).strip().splitlines()[0]}"
+    return None
+
+
+_WHY = _pg_available()
+pytestmark = pytest.mark.skipif(_WHY is not None, reason=_WHY or "")
+
+
+@pytest.fixture
+def schema() -> Iterator[str]:
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    yield name
+    with psycopg.connect(DSN, autocommit=True) as conn:
+        conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+
+
+@pytest.fixture
+async def ledger(schema: str) -> AsyncIterator[PostgresLedger]:
+    led = PostgresLedger(DSN, schema=schema, signer=SIGNER, checkpoint_every=4, batch_size=8)
+    await led.start()
+    yield led
+    await led.close()
+
+
+async def test_records_commit_chain_and_verify(
+    ledger: PostgresLedger, schema: str, decision: Decision
+) -> None:
+    receipts = [ledger.record(_with_id(decision, f"d-{i}"), _ok(decision), 1000.0 + i)
+                for i in range(20)]
+    assert all(await asyncio.gather(*(r.durable(5.0) for r in receipts)))
+    rec = await ledger.lookup("d-3")
+    assert rec is not None and rec["decision_id"] == "d-3" and rec["attempts"] == []
+    await ledger.close()
+    rep = verify(Source(dsn=DSN, schema=schema), SIGNER.public)
+    assert rep.ok, rep.problem
+    assert rep.records == 20 and rep.checkpoints_checked == 5  # 4, 8, 12, 16, 20
+    with psycopg.connect(DSN) as conn:
+        got = conn.execute(
+            f'SELECT receipt FROM "{schema}".inferplane_decisions ORDER BY chain_seq').fetchall()
+    assert [g[0] for g in got] == [r.hash for r in receipts]
+
+
+async def test_tampering_is_caught(
+    ledger: PostgresLedger, schema: str, decision: Decision
+) -> None:
+    for i in range(10):
+        ledger.record(_with_id(decision, f"d-{i}"), _ok(decision), float(i))
+    await ledger.close()
+    with psycopg.connect(DSN, autocommit=True) as conn:
+        conn.execute(f'UPDATE "{schema}".inferplane_decisions SET record = '
+                     "replace(record, '\"status\":200', '\"status\":201') WHERE chain_seq = 7")
+    rep = verify(Source(dsn=DSN, schema=schema), SIGNER.public)
+    assert not rep.ok and rep.bad_seq == 7 and "edited" in (rep.problem or "")
+    with psycopg.connect(DSN, autocommit=True) as conn:
+        conn.execute(f'DELETE FROM "{schema}".inferplane_decisions WHERE chain_seq = 3')
+    rep = verify(Source(dsn=DSN, schema=schema), SIGNER.public)
+    assert not rep.ok and rep.bad_seq == 4 and "deleted" in (rep.problem or "")
+
+
+async def test_two_writers_on_one_shard_never_fork_the_chain(
+    schema: str, decision: Decision
+) -> None:
+    """Two replicas writing concurrently: their commits take turns on the shard's head."""
+    a = PostgresLedger(DSN, schema=schema, signer=SIGNER, batch_size=4)
+    b = PostgresLedger(DSN, schema=schema, signer=SIGNER, batch_size=4)
+    await a.start()
+    await b.start()
+    rs = []
+    for i in range(40):
+        rs.append((a if i % 2 else b).record(_with_id(decision, f"d-{i}"), _ok(decision), i))
+        if i % 7 == 0:
+            await asyncio.sleep(0)
+    assert all(await asyncio.gather(*(r.durable(10.0) for r in rs)))
+    await a.close()
+    await b.close()
+    rep = verify(Source(dsn=DSN, schema=schema), SIGNER.public)
+    assert rep.ok and rep.shards == {"main": 40}, rep.problem
+
+
+async def test_query_pages_are_tenant_scoped_and_filtered(
+    ledger: PostgresLedger, decision: Decision
+) -> None:
+    for i in range(7):
+        ledger.record(_with_id(decision, f"d-{i}"), _ok(decision), 100.0 + i)
+    assert await ledger.flush()
+    page = await ledger.query(Query(tenant="acme", since=101.0, until=106.0, limit=2))
+    ids = [it["record"]["decision_id"] for it in page.items]
+    assert ids == ["d-1", "d-2"] and page.next_cursor
+    seen = ids
+    while page.next_cursor:
+        page = await ledger.query(Query(tenant="acme", since=101.0, until=106.0, limit=2,
+                                        after=decode_cursor(page.next_cursor)))
+        seen += [it["record"]["decision_id"] for it in page.items]
+    assert seen == ["d-1", "d-2", "d-3", "d-4", "d-5"]
+    assert (await ledger.query(Query(tenant="someone-else"))).items == []
+    assert (await ledger.query(Query(tenant="acme", model="nope"))).items == []
+    sub = decision.picked.endpoint.substrate.name  # type: ignore[union-attr]
+    assert len((await ledger.query(Query(tenant="acme", substrate=sub))).items) == 7
+
+
+async def test_export_and_cli(ledger: PostgresLedger, schema: str, decision: Decision,
+                              tmp_path: Path) -> None:
+    for i in range(5):
+        ledger.record(_with_id(decision, f"d-{i}"), _ok(decision), 100.0 + i)
+    await ledger.close()
+    out = io.BytesIO()
+    n = export(Source(dsn=DSN, schema=schema), Query(tenant=None, since=101.0), "ndjson", out)
+    lines = out.getvalue().splitlines()
+    assert n == 4 and len(lines) == 4
+    first = orjson.loads(lines[0])
+    assert first["record"]["decision_id"] == "d-1" and first["seq"] == 2
+    cfg = tmp_path / "fleet.yaml"
+    cfg.write_text(FLEET + f"ledger: {{postgres_dsn: '{DSN}', postgres_schema: {schema}}}\n")
+    runner = CliRunner()
+    res = runner.invoke(app, ["verify", "--config", str(cfg)])
+    assert res.exit_code == 0 and "5 records intact" in res.output, res.output
+    pq = tmp_path / "x.parquet"
+    res = runner.invoke(app, ["export", "--config", str(cfg), "-f", "parquet", "-o", str(pq)])
+    assert res.exit_code == 0, res.output
+    import pyarrow.parquet as papq
+
+    table = papq.read_table(pq)
+    assert table.num_rows == 5 and table.column("decision_id").to_pylist()[0] == "d-0"
+
+
+async def test_an_unreachable_database_is_a_config_error(schema: str) -> None:
+    from inferplane.errors import ConfigError
+
+    led = PostgresLedger("postgresql://postgres@127.0.0.1:1/test", schema=schema)
+    with pytest.raises(ConfigError, match="ledger.postgres_dsn: cannot use the database"):
+        await led.start()
+
+
+def test_bad_identifiers_are_refused() -> None:
+    with pytest.raises(ValueError):
+        Tables('x"; DROP TABLE y; --', "p_")
