@@ -164,7 +164,7 @@ async def test_an_unreachable_database_is_a_config_error(schema: str) -> None:
     from inferplane.errors import ConfigError
 
     led = PostgresLedger("postgresql://postgres@127.0.0.1:1/test", schema=schema)
-    with pytest.raises(ConfigError, match="ledger.postgres_dsn: cannot use the database"):
+    with pytest.raises(ConfigError, match=r"ledger\.postgres_dsn: cannot use the database"):
         await led.start()
 
 
