@@ -352,3 +352,29 @@ async def test_upstream_key_never_reaches_logs_records_or_metrics(
         assert UPSTREAM_KEY not in text, where
         assert "sk-other" not in text, where
     assert UPSTREAM_KEY.encode() not in ledger_bytes
+
+
+def test_cli_check_refuses_inline_keys_and_serve_names_the_missing_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from inferplane.cli import app
+
+    inline = tmp_path / "inline.yaml"
+    inline.write_text(fleet_yaml(1, endpoint("a", 9).replace(
+        "api_key_env: TEST_PROVIDER_KEY", "api_key: sk-inline-secret")))
+    result = CliRunner().invoke(app, ["check", "--config", str(inline)])
+    assert result.exit_code == 2
+    assert f"{inline}: substrates[0].endpoints[0]" in result.output
+    assert "allow_inline_key" in result.output and "sk-inline-secret" not in result.output
+
+    monkeypatch.delenv("TEST_PROVIDER_KEY")
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text(fleet_yaml(free_port(), endpoint("prov-a", 9)))
+    assert CliRunner().invoke(app, ["check", "--config", str(fleet)]).exit_code == 0
+    result = CliRunner().invoke(app, ["serve", "--config", str(fleet)])
+    assert result.exit_code == 2
+    assert "invalid configuration" in result.output
+    assert (f"{fleet}: substrates[0].endpoints[0].api_key_env: endpoint 'prov-a': the "
+            "environment variable TEST_PROVIDER_KEY (api_key_env) is not set") in result.output

@@ -442,3 +442,23 @@ def test_request_larger_than_the_engine_kv_is_turned_away() -> None:
     assert sim.records[0].completed
     assert sim.records[1].rejected_by == ("engine: does not fit",)
     assert sim.live.live["eu-0"].inflight == 0  # its reservation was released
+
+
+def test_declared_provider_rate_limit_is_capacity_on_the_virtual_clock() -> None:
+    limited = fleet_yaml(1, provider=True).replace(
+        "url: 'http://127.0.0.1:9200', ",
+        "url: 'http://127.0.0.1:9200/v1', limits: {requests_per_min: 5}, "
+        "emulation: {network_rtt_ms: 50}, ",
+    )
+    extra = (
+        "profiles:\n  - {name: rr-limited, plugins: "
+        "[{ref: model-served}, {ref: rate-limit}, {ref: round-robin}]}\n"
+    )
+    config = parse_config(limited + extra)
+    trace = [TraceRequest(i * 0.5, 300, 5) for i in range(20)]  # 20 requests in 10 s
+    sim = simulate(config, trace, "rr-limited")
+    served = [r.endpoint for r in sim.records]
+    assert served.count("api-0") == 5 and served.count("eu-0") == 15
+    api = [r for r in sim.records if r.endpoint == "api-0"]
+    # virtual time: the 50 ms RTT of the emulation setting, not the profile's 200 ms
+    assert all(r.completed and r.ttft_s is not None and 0.05 <= r.ttft_s < 0.2 for r in api)

@@ -227,7 +227,10 @@ class SimEndpoint:
         )
         if roof is not None:
             self.engine = Engine(engine_config_for(endpoint, roof), roof)
-            self.network_rtt_s = roof.hardware.network_rtt_s
+            rtt_ms = endpoint.spec.emulation.network_rtt_ms  # as the emulator does
+            self.network_rtt_s = rtt_ms / 1000.0 if rtt_ms is not None else (
+                roof.hardware.network_rtt_s
+            )
         self.busy = False
         self.step_out: StepOutput | None = None
         self.pending: list[float] = []  # heap: times of dispatches on their way here
