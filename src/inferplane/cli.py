@@ -1,5 +1,5 @@
-"""The `inferplane` command: serve, demo, emulate, simulate, explain, verify, export, check,
-schema, hash-key, ledger-keygen."""
+"""The `inferplane` command: serve, epp, envoy-config, demo, emulate, simulate, explain, verify,
+export, check, schema, hash-key, ledger-keygen."""
 
 from __future__ import annotations
 
@@ -133,6 +133,74 @@ def serve(
         loop.run_until_complete(main())
     finally:
         loop.close()
+
+
+@app.command()
+def epp(
+    config: ConfigOpt = Path("examples/quickstart.yaml"),
+    host: Annotated[str | None, typer.Option(help="override epp.host")] = None,
+    port: Annotated[int | None, typer.Option(help="override epp.port")] = None,
+    log_level: Annotated[str, typer.Option(help="logging level")] = "info",
+) -> None:
+    """Run the endpoint picker (Envoy ext_proc gRPC) for the fleet described by CONFIG."""
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    cfg = load_checked(config)
+    from inferplane.epp.server import Picker
+    from inferplane.epp.server import serve as serve_epp
+
+    try:
+        picker = Picker(cfg, str(config))
+    except ConfigError as exc:
+        fail(f"invalid configuration\n{_in_file(exc, config)}")
+    except Exception as exc:
+        fail(f"cannot start the picker ({config}): {_describe(exc)}", 1)
+    h = host or cfg.epp.host
+    p = port if port is not None else cfg.epp.port
+
+    async def main() -> None:
+        try:
+            server, bound = await serve_epp(picker, h, p)
+        except OSError as exc:
+            fail(str(exc))
+        except Exception as exc:
+            fail(f"cannot start the picker ({config}): {_describe(exc)}", 1)
+        typer.echo(
+            f"inferplane endpoint picker (ext_proc gRPC) listening on {h}:{bound} "
+            f"({len(picker.fleet.endpoints)} endpoints)",
+            err=True,
+        )
+        try:
+            await _wait_for_signal()
+        finally:
+            await server.stop(1.0)
+            await picker.stop()
+
+    loop = run_until_signal()
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
+
+
+@app.command("envoy-config")
+def envoy_config(
+    config: ConfigOpt,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="write to a file")] = None,
+    epp_port: Annotated[int | None, typer.Option(help="override epp.port")] = None,
+    envoy_port: Annotated[int | None, typer.Option(help="override epp.envoy_port")] = None,
+    admin_port: Annotated[int | None, typer.Option(help="override epp.envoy_admin_port")] = None,
+) -> None:
+    """Write an Envoy bootstrap (listener, ext_proc filters, clusters) for `inferplane epp`."""
+    cfg = load_checked(config)
+    from inferplane.epp.envoy_config import render
+
+    text = render(cfg, epp_port=epp_port, envoy_port=envoy_port, admin_port=admin_port)
+    if out is None:
+        sys.stdout.write(text)
+    else:
+        out.write_text(text)
 
 
 @app.command()

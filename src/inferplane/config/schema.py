@@ -682,6 +682,39 @@ class HealthSpec(Strict):
     )
 
 
+class EppSpec(Strict):
+    """The endpoint picker over Envoy's external processing API (`inferplane epp`) and the
+    Envoy bootstrap written for it (`inferplane envoy-config`)."""
+
+    host: str = Field("127.0.0.1", description="address the picker's gRPC server binds")
+    port: int = Field(9002, ge=0, le=65535, description="the picker's gRPC port")
+    envoy_host: str = Field("127.0.0.1", description="address Envoy's listener binds")
+    envoy_port: int = Field(8081, ge=0, le=65535, description="Envoy's client-facing port")
+    envoy_admin_port: int = Field(9901, ge=0, le=65535, description="Envoy's admin port")
+    fail_open: bool = Field(
+        False,
+        description="when the picker is unreachable or fails, Envoy forwards the request to an "
+        "engine of its own choosing (round robin over the plain engine endpoints) instead of "
+        "answering 503",
+    )
+    message_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="how long Envoy waits for the picker's answer to one message; it covers "
+        "admission queueing, so keep it above the classes' queue deadlines",
+    )
+    request_usage: bool = Field(
+        True,
+        description="ask engines for stream usage (stream_options.include_usage) so streamed "
+        "requests are accounted with actual tokens; the client then receives the usage chunk",
+    )
+    observe_responses: bool = Field(
+        True,
+        description="a second ext_proc filter in observability mode streams the response to "
+        "the picker (TTFT, ITL, usage) without holding the data path",
+    )
+
+
 class FleetConfig(Strict):
     """The whole file."""
 
@@ -703,4 +736,7 @@ class FleetConfig(Strict):
     )
     ledger: LedgerSpec = Field(
         LedgerSpec(), description="decision records: backend, hash chain, signed checkpoints"
+    )
+    epp: EppSpec = Field(
+        EppSpec(), description="the Envoy endpoint picker (`inferplane epp`, `envoy-config`)"
     )

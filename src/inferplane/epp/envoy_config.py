@@ -1,0 +1,287 @@
+"""`inferplane envoy-config`: an Envoy bootstrap for running Envoy in front of `inferplane epp`.
+
+What it builds (all from the fleet file, `epp:` and `gateway:` sections):
+
+* a listener on ``epp.envoy_host:epp.envoy_port`` whose HTTP connection manager first strips
+  the routing headers a client might forge (``x-gateway-destination-endpoint``,
+  ``x-inferplane-cluster``, ``x-inferplane-decision-id``), then runs
+* the **picker** ext_proc filter (request headers and buffered request body; response headers
+  only without the observer; ``message_timeout`` = ``epp.message_timeout_s``; a picker failure
+  lets the request continue without a destination, which the routes below answer)
+  and, with ``epp.observe_responses``, the **observer** ext_proc filter in observability mode
+  (response headers and streamed body, never waited on), then the router;
+* routes: a request that carries ``x-inferplane-cluster`` goes to that cluster (the picker always
+  sets it); without it (the picker failed open) it goes to ``inferplane_fail_open``, a
+  round-robin cluster over the plain engine endpoints, or, fail-closed, gets a 503 in the
+  OpenAI error shape;
+* clusters: ``inferplane_epp`` (HTTP/2 to the picker), ``inferplane_original_dst`` (an
+  ORIGINAL_DST cluster that connects to the ``x-gateway-destination-endpoint`` header's
+  ``ip:port``), and one ``inferplane_ep_<name>`` cluster per endpoint that is not a plain-HTTP IP
+  address (a hostname resolved by DNS; TLS with SNI for ``https``);
+* ``local_reply_config``: Envoy's own failures (upstream unreachable, reset, timeouts) in the
+  OpenAI error shape; the picker's ImmediateResponses pass through unchanged;
+* route ``response_headers_to_add``: the served endpoint (``x-gateway-destination-endpoint-served``
+  from the upstream address) and the picker's decision headers, copied from the request.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+from inferplane.config.schema import FleetConfig
+from inferplane.epp import protocol as P
+from inferplane.fleet.model import Fleet
+
+EXT_PROC = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
+HCM = (
+    "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
+    "HttpConnectionManager"
+)
+HTTP_OPTIONS = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
+EARLY_MUTATION = (
+    "type.googleapis.com/envoy.extensions.http.early_header_mutation.header_mutation.v3."
+    "HeaderMutation"
+)
+ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+
+
+
+def _secs(s: float) -> str:
+    return f"{s:.3f}s"
+
+
+def _address(host: str, port: int) -> dict[str, Any]:
+    return {"socket_address": {"address": host, "port_value": port}}
+
+
+def _load_assignment(name: str, hosts: list[tuple[str, int]]) -> dict[str, Any]:
+    return {
+        "cluster_name": name,
+        "endpoints": [
+            {"lb_endpoints": [{"endpoint": {"address": _address(h, p)}} for h, p in hosts]}
+        ],
+    }
+
+
+def _openai_error(message: str, etype: str, code: str) -> dict[str, Any]:
+    return {"error": {"message": message, "type": etype, "param": None, "code": code}}
+
+
+def bootstrap(config: FleetConfig, *, epp_port: int | None = None,
+              envoy_port: int | None = None, admin_port: int | None = None) -> dict[str, Any]:
+    """The bootstrap as a dict (`render` gives the YAML). The ports default to ``epp:``."""
+    e, g = config.epp, config.gateway
+    fleet = Fleet.from_config(config)
+    epp_port = e.port if epp_port is None else epp_port
+    envoy_port = e.envoy_port if envoy_port is None else envoy_port
+    admin_port = e.envoy_admin_port if admin_port is None else admin_port
+    picker: dict[str, Any] = {
+        "name": "inferplane.picker",
+        "typed_config": {
+            "@type": EXT_PROC,
+            "grpc_service": {"envoy_grpc": {"cluster_name": "inferplane_epp"}},
+            # a picker failure never answers by itself: the request goes on without a
+            # destination and the routes decide (fail open: an engine; fail closed: a 503)
+            "failure_mode_allow": True,
+            "message_timeout": _secs(e.message_timeout_s),
+            "processing_mode": {
+                "request_header_mode": "SEND",
+                "request_body_mode": "BUFFERED",
+                "request_trailer_mode": "SKIP",
+                # with the observer, the picker never holds the response
+                "response_header_mode": "SKIP" if e.observe_responses else "SEND",
+                "response_body_mode": "NONE",
+                "response_trailer_mode": "SKIP",
+            },
+            "metadata_options": {
+                "forwarding_namespaces": {"untyped": [P.SUBSET_NAMESPACE, P.DESTINATION_NAMESPACE]},
+            },
+        },
+    }
+    filters: list[dict[str, Any]] = [picker]
+    if e.observe_responses:
+        filters.append({
+            "name": "inferplane.observer",
+            "typed_config": {
+                "@type": EXT_PROC,
+                "grpc_service": {"envoy_grpc": {"cluster_name": "inferplane_epp"}},
+                "observability_mode": True,
+                "failure_mode_allow": True,
+                "processing_mode": {
+                    "request_header_mode": "SEND",
+                    "request_body_mode": "NONE",
+                    "request_trailer_mode": "SKIP",
+                    "response_header_mode": "SEND",
+                    "response_body_mode": "STREAMED",
+                    "response_trailer_mode": "SKIP",
+                },
+                "response_attributes": ["upstream.address"],
+                "metadata_options": {
+                    "forwarding_namespaces": {"untyped": [P.DESTINATION_NAMESPACE]},
+                },
+            },
+        })
+    filters.append({"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER}})
+
+    timeout = _secs(g.upstream_timeout_s)
+    plain: list[tuple[str, int]] = []
+    named: list[dict[str, Any]] = []
+    for ep in fleet.endpoints:
+        addr = P.destination(ep)
+        parts = urlsplit(ep.url)
+        if addr is not None:
+            plain.append((parts.hostname or "", parts.port or 80))
+            continue
+        tls = parts.scheme == "https"
+        port = parts.port or (443 if tls else 80)
+        cluster: dict[str, Any] = {
+            "name": P.endpoint_cluster(ep.name),
+            "type": "LOGICAL_DNS",
+            "dns_lookup_family": "V4_PREFERRED",
+            "connect_timeout": _secs(g.connect_timeout_s),
+            "load_assignment": _load_assignment(
+                P.endpoint_cluster(ep.name), [(parts.hostname or "", port)]
+            ),
+        }
+        if tls:
+            cluster["transport_socket"] = {
+                "name": "envoy.transport_sockets.tls",
+                "typed_config": {"@type": TLS, "sni": parts.hostname},
+            }
+        named.append(cluster)
+
+    fallback_action: dict[str, Any]
+    if e.fail_open and plain:
+        fallback_action = {"route": {"cluster": P.FALLBACK_CLUSTER, "timeout": timeout}}
+    else:
+        body = _openai_error(
+            "the endpoint picker gave no destination", "service_unavailable", "picker_unavailable"
+        )
+        fallback_action = {
+            "direct_response": {"status": 503, "body": {"inline_string": _json(body)}},
+            "response_headers_to_add": [{
+                "header": {"key": "content-type", "value": "application/json"},
+                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+            }],
+        }
+    routes = [
+        {
+            "match": {
+                "prefix": "/",
+                "headers": [{"name": P.CLUSTER_HEADER, "present_match": True}],
+            },
+            "route": {"cluster_header": P.CLUSTER_HEADER, "timeout": timeout},
+            "response_headers_to_add": [
+                {"header": {"key": P.SERVED_KEY, "value": "%UPSTREAM_REMOTE_ADDRESS%"},
+                 "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"},
+                *(
+                    {"header": {"key": h, "value": f"%REQ({h})%"},
+                     "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+                    for h in P.ECHOED
+                ),
+            ],
+        },
+        {"match": {"prefix": "/"}, **fallback_action},
+    ]
+    hcm: dict[str, Any] = {
+        "@type": HCM,
+        "stat_prefix": "inferplane",
+        "codec_type": "AUTO",
+        "early_header_mutation_extensions": [{
+            "name": "envoy.http.early_header_mutation.header_mutation",
+            "typed_config": {
+                "@type": EARLY_MUTATION,
+                "mutations": [
+                    {"remove": h}
+                    for h in (P.DESTINATION_KEY, P.CLUSTER_HEADER, *P.ECHOED)
+                ],
+            },
+        }],
+        "route_config": {
+            "name": "inferplane",
+            "virtual_hosts": [{"name": "inferplane", "domains": ["*"], "routes": routes}],
+        },
+        "http_filters": filters,
+        "local_reply_config": _local_replies(),
+    }
+    clusters: list[dict[str, Any]] = [
+        {
+            "name": "inferplane_epp",
+            "type": "STATIC",
+            "connect_timeout": "1s",
+            "typed_extension_protocol_options": {
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                    "@type": HTTP_OPTIONS,
+                    "explicit_http_config": {"http2_protocol_options": {}},
+                }
+            },
+            "load_assignment": _load_assignment("inferplane_epp", [(e.host, epp_port)]),
+        },
+        {
+            "name": P.ORIGINAL_DST_CLUSTER,
+            "type": "ORIGINAL_DST",
+            "lb_policy": "CLUSTER_PROVIDED",
+            "connect_timeout": _secs(g.connect_timeout_s),
+            "original_dst_lb_config": {
+                "use_http_header": True,
+                "http_header_name": P.DESTINATION_KEY,
+            },
+        },
+        *named,
+    ]
+    if e.fail_open and plain:
+        clusters.append({
+            "name": P.FALLBACK_CLUSTER,
+            "type": "STATIC",
+            "lb_policy": "ROUND_ROBIN",
+            "connect_timeout": _secs(g.connect_timeout_s),
+            "load_assignment": _load_assignment(P.FALLBACK_CLUSTER, plain),
+        })
+    buffer = g.max_body_bytes + 64 * 1024
+    return {
+        "admin": {"address": _address("127.0.0.1", admin_port)},
+        "static_resources": {
+            "listeners": [{
+                "name": "inferplane",
+                "address": _address(e.envoy_host, envoy_port),
+                "per_connection_buffer_limit_bytes": buffer,
+                "filter_chains": [{"filters": [{
+                    "name": "envoy.filters.network.http_connection_manager",
+                    "typed_config": hcm,
+                }]}],
+            }],
+            "clusters": clusters,
+        },
+    }
+
+
+def _local_replies() -> dict[str, Any]:
+    """Envoy's own failures (upstream unreachable, reset, timed out: any response flag) in the
+    OpenAI error shape; every other local reply (the picker's ImmediateResponses, the fail-closed
+    route's answer) is already OpenAI-shaped and passes unchanged."""
+    return {
+        "mappers": [{
+            "filter": {"response_flag_filter": {}},
+            "body_format_override": {
+                "json_format": _openai_error(
+                    "the proxy answered %RESPONSE_CODE% itself: %RESPONSE_CODE_DETAILS%",
+                    "upstream_error", "proxy_error",
+                ),
+            },
+        }],
+    }
+
+
+def _json(obj: Any) -> str:
+    import json
+
+    return json.dumps(obj, separators=(",", ":"))
+
+
+def render(config: FleetConfig, **ports: int | None) -> str:
+    """The bootstrap as YAML."""
+    return yaml.safe_dump(bootstrap(config, **ports), sort_keys=False)

@@ -1,0 +1,528 @@
+"""`inferplane epp`: the endpoint-picker role over Envoy's external processing API.
+
+Envoy streams each HTTP request to the picker (gRPC ``envoy.service.ext_proc.v3``, grpcio's
+asyncio server). The picker drives the transport-neutral core exactly as the HTTP gateway does:
+authenticate → validate → classify → admit → place and reserve; it then answers with the
+destination (`epp.protocol`) and lets Envoy carry the bytes. A refusal (401, 400, 404, 429, 503
+no eligible endpoint, …) is an ImmediateResponse with the OpenAI error body.
+
+Two filters talk to the picker (see `epp.envoy_config`):
+
+* the **picker filter** (request headers, buffered request body, response headers) holds the
+  request until the pick, and at the response's first byte adds the served endpoint and the
+  decision id to the client's response headers;
+* the **observer filter** runs in Envoy's observability mode: it streams the response headers
+  and body to the picker without waiting for answers, so TTFT, ITL and usage are measured
+  without holding the data path. Its stream names the request by the decision id header the
+  picker set.
+
+One `Flight` per picked request lives between the pick and its accounting. It is accounted
+exactly once: at the observed end of the response, when the observer's stream ends early (the
+client or the upstream went away), after a grace period when no observer ever attached (the
+observer filter is off, or Envoy answered itself), or by the sweeper past the upstream timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import grpc
+import orjson
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ext_proc.v3 import (
+    external_processor_pb2 as pb,
+)
+from envoy.service.ext_proc.v3 import (
+    external_processor_pb2_grpc as pb_grpc,
+)
+from envoy.type.v3 import http_status_pb2
+from google.protobuf import struct_pb2
+from multidict import CIMultiDict
+
+from inferplane.admission.controller import Ticket
+from inferplane.admission.state import AdmissionStore
+from inferplane.config.schema import FleetConfig
+from inferplane.core.plane import API_PATHS, Core, Placement
+from inferplane.core.validation import parse_json, validate
+from inferplane.dispatch.answer import StreamStats, parse_usage
+from inferplane.epp import protocol as P
+from inferplane.errors import (
+    GatewayError,
+    InvalidRequestError,
+    NoEligibleEndpointError,
+    NotFoundError,
+    PayloadTooLargeError,
+)
+from inferplane.fleet.scraper import HttpMetricsSource, MetricsSource
+from inferplane.ledger.record import Ledger
+from inferplane.types import ApiKind
+
+log = logging.getLogger("inferplane.epp")
+
+API_BY_PATH: dict[str, ApiKind] = {path: api for api, path in API_PATHS.items()}
+OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+MAX_OBSERVED_BODY = 4 * 1024 * 1024  # a non-streamed answer is kept this far to read its usage
+ORPHAN_GRACE_S = 1.0  # how long a pick waits for its observer after the picker stream ended
+
+
+@dataclass(slots=True, eq=False)
+class Flight:
+    """One picked request, from the pick to its accounting."""
+
+    placement: Placement
+    ticket: Ticket
+    started: float
+    stats: StreamStats
+    status: int | None = None
+    sse: bool = False
+    body: bytearray = field(default_factory=bytearray)
+    observed: bool = False
+    done: bool = False
+    served: str | None = None
+
+
+class Picker(Core):
+    """The core driven by Envoy: it picks, Envoy sends."""
+
+    def __init__(
+        self,
+        config: FleetConfig,
+        file: str = "<config>",
+        *,
+        metrics_source: MetricsSource | None = None,
+        ledger: Ledger | None = None,
+        admission_store: AdmissionStore | None = None,
+    ) -> None:
+        super().__init__(
+            config, file, metrics_source=metrics_source, ledger=ledger,
+            admission_store=admission_store,
+        )
+        self.flights: dict[str, Flight] = {}
+        self.addresses: dict[str, str | None] = {
+            e.name: P.destination(e) for e in self.fleet.endpoints
+        }
+        self._session: aiohttp.ClientSession | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+
+    async def _start_transport(self) -> MetricsSource:
+        self._session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(sock_connect=self.config.gateway.connect_timeout_s)
+        )
+        self._sweeper = asyncio.create_task(self._sweep_loop())
+        return HttpMetricsSource(self._session)
+
+    async def _stop_transport(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        for f in list(self.flights.values()):
+            self.finish(f, status=f.status or 499, error="the picker stopped")
+        if self._session is not None:
+            await self._session.close()
+
+    # -- accounting -------------------------------------------------------------------------
+    def finish(self, f: Flight, *, status: int, error: str | None = None) -> None:
+        """Account the flight once (`Core.account`) and settle its admission ticket."""
+        if f.done:
+            return
+        f.done = True
+        self.flights.pop(f.placement.decision.decision_id, None)
+        usage = None
+        if error is None and status == 200:
+            usage = parse_usage(
+                f.stats.usage_line if f.sse else bytes(f.body), sse=f.sse
+            )
+        try:
+            self.account(
+                f.placement, status=status, started=f.started, stats=f.stats if f.sse else None,
+                usage=usage, error=error,
+            )
+        finally:
+            self.admission.finish_soon(f.ticket)
+
+    def orphan_check(self, f: Flight) -> None:
+        """The picker stream ended: without an observer the flight ends here."""
+        if f.done or f.observed:
+            return
+        if f.status is not None:
+            self.finish(f, status=f.status)
+        else:
+            self.finish(f, status=502, error="no response observed from the upstream")
+
+    async def _sweep_loop(self) -> None:
+        limit = self.config.gateway.upstream_timeout_s + self.config.epp.message_timeout_s
+        while True:
+            await asyncio.sleep(min(5.0, limit))
+            now = time.perf_counter()
+            for f in list(self.flights.values()):
+                if now - f.started > limit:
+                    self.finish(f, status=504, error="the response's end was never observed")
+
+
+def _headers(h: Any) -> CIMultiDict[str]:
+    out: CIMultiDict[str] = CIMultiDict()
+    for hv in h.headers.headers:
+        out.add(hv.key, hv.raw_value.decode("utf-8", "replace") if hv.raw_value else hv.value)
+    return out
+
+
+def _set(key: str, value: str) -> Any:
+    return base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key=key, raw_value=value.encode()), append_action=OVERWRITE
+    )
+
+
+def _metadata(req: Any, namespace: str, key: str) -> Any:
+    """A value of the request's filter metadata, as Python (None when absent)."""
+    md = req.metadata_context.filter_metadata
+    if namespace not in md:
+        return None
+    fields = md[namespace].fields
+    if key not in fields:
+        return None
+    v = fields[key]
+    kind = v.WhichOneof("kind")
+    if kind == "string_value":
+        return v.string_value
+    if kind == "list_value":
+        values = v.list_value.values
+        return [x.string_value for x in values if x.WhichOneof("kind") == "string_value"]
+    return None
+
+
+def _served(req: Any) -> str | None:
+    """The endpoint that served the response: the data plane's ``envoy.lb`` /
+    ``x-gateway-destination-endpoint-served`` metadata (the protocol's way), else the
+    ``upstream.address`` attribute Envoy sends when asked (the bootstrap asks)."""
+    served = _metadata(req, P.DESTINATION_NAMESPACE, P.SERVED_KEY)
+    if isinstance(served, str) and served:
+        return served
+    attrs = req.attributes
+    for ns in attrs:
+        fields = attrs[ns].fields
+        if "upstream.address" in fields:
+            value: str = fields["upstream.address"].string_value
+            return value or None
+    return None
+
+
+def immediate(exc: GatewayError) -> Any:
+    """An ImmediateResponse with the error's status and OpenAI body."""
+    headers = [_set("content-type", "application/json")]
+    headers += [_set(k.lower(), v) for k, v in exc.headers.items()]
+    return _answer(exc.status, headers, orjson.dumps(exc.to_body()), exc.code or exc.error_type)
+
+
+def _answer(status: int, headers: list[Any], body: bytes, details: str) -> Any:
+    return pb.ProcessingResponse(
+        immediate_response=pb.ImmediateResponse(
+            status=http_status_pb2.HttpStatus(code=status),
+            headers=pb.HeaderMutation(set_headers=headers),
+            body=body,
+            details=details,
+        ),
+    )
+
+
+class Exchange:
+    """One ext_proc stream: the picker filter's or the observer's view of one HTTP request."""
+
+    __slots__ = ("body", "flight", "headers", "observer", "picker", "started", "subset")
+
+    def __init__(self, picker: Picker) -> None:
+        self.picker = picker
+        self.headers: CIMultiDict[str] | None = None
+        self.body = bytearray()
+        self.flight: Flight | None = None
+        self.started = 0.0
+        self.subset: list[str] | None = None
+        self.observer = False
+
+    async def handle(self, req: Any) -> Any:
+        kind = req.WhichOneof("request")
+        if req.observability_mode:
+            self.observer = True
+            self.observe(kind, req)
+            return None
+        if kind == "request_headers":
+            return self.request_headers(req)
+        if kind == "request_body":
+            return await self.request_body(req)
+        if kind == "response_headers":
+            return self.response_headers(req)
+        if kind == "response_body":
+            return pb.ProcessingResponse(response_body=pb.BodyResponse())
+        if kind == "request_trailers":
+            return pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
+        if kind == "response_trailers":
+            return pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
+        return None
+
+    # -- the picker filter ------------------------------------------------------------------
+    def request_headers(self, req: Any) -> Any:
+        if self.headers is not None:  # a second request on one stream: a broken data plane
+            return immediate(InvalidRequestError("ext_proc: request headers sent twice"))
+        self.started = time.perf_counter()
+        self.headers = _headers(req.request_headers)
+        hint = _metadata(req, P.SUBSET_NAMESPACE, P.SUBSET_KEY)
+        if hint is not None:
+            entries = hint.split(",") if isinstance(hint, str) else hint
+            self.subset = [e.strip() for x in entries for e in x.split(",") if e.strip()]
+        if req.request_headers.end_of_stream:  # no body: not an inference request
+            return self._bodiless()
+        return pb.ProcessingResponse(request_headers=pb.HeadersResponse())
+
+    def _bodiless(self) -> Any:
+        assert self.headers is not None
+        path = self.headers.get(":path", "").split("?", 1)[0]
+        method = self.headers.get(":method", "")
+        try:
+            if path == "/v1/models" and method == "GET":
+                return self._models()
+            if path in API_BY_PATH:
+                raise InvalidRequestError("request body is empty; expected a JSON object")
+            raise NotFoundError(f"no route {method} {path}")
+        except GatewayError as exc:
+            return immediate(exc)
+
+    def _models(self) -> Any:
+        assert self.headers is not None
+        p = self.picker
+        p.authenticate(self.headers.get("authorization"))
+        data = [
+            {"id": name, "object": "model", "created": 0, "owned_by": "inferplane"}
+            for name in sorted(p.fleet.models)
+        ]
+        headers = [_set("content-type", "application/json")]
+        return _answer(200, headers, orjson.dumps({"object": "list", "data": data}), "models")
+
+    async def request_body(self, req: Any) -> Any:
+        self.body += req.request_body.body
+        limit = self.picker.config.gateway.max_body_bytes
+        if len(self.body) > limit:
+            too_large = PayloadTooLargeError(f"request body exceeds the limit of {limit} bytes")
+            return immediate(too_large)
+        if not req.request_body.end_of_stream:
+            return pb.ProcessingResponse(request_body=pb.BodyResponse())
+        try:
+            return await self.pick()
+        except GatewayError as exc:
+            return immediate(exc)
+
+    async def pick(self) -> Any:
+        p, headers = self.picker, self.headers
+        if headers is None or self.flight is not None:
+            raise InvalidRequestError("ext_proc: a request body without its headers")
+        path = headers.get(":path", "").split("?", 1)[0]
+        method = headers.get(":method", "")
+        api = API_BY_PATH.get(path)
+        if api is None:
+            raise NotFoundError(f"no route {method} {path}")
+        if method != "POST":
+            bad = InvalidRequestError(f"method {method} not allowed on {path}")
+            bad.status = 405
+            raise bad
+        tenant, key_hash = p.authenticate_key(headers.get("authorization"))
+        raw = bytes(self.body)
+        body = parse_json(raw)
+        changed = False
+        rewrite = headers.get(P.MODEL_REWRITE_HEADER)
+        if rewrite:
+            body["model"], changed = rewrite, True
+        validate(api, body)
+        cls_headers = self._class_headers(headers)
+        profile = p.classify(api, body, cls_headers, tenant)
+        if self.subset is not None:
+            allowed = {
+                name for name, addr in p.addresses.items()
+                if addr is not None and any(P.matches(h, addr) for h in self.subset)
+            }
+            if not allowed:
+                raise NoEligibleEndpointError(0, {"subset_hint": len(p.addresses)})
+            profile = profile.with_(excluded=profile.excluded | (set(p.addresses) - allowed))
+        if p.config.epp.request_usage and body.get("stream") is True:
+            opts = body.get("stream_options")
+            if not (isinstance(opts, dict) and opts.get("include_usage")):
+                body["stream_options"] = {**(opts if isinstance(opts, dict) else {}),
+                                          "include_usage": True}
+                changed = True
+        ticket = await p.admission.admit(api, body, raw, cls_headers, tenant, key_hash, profile)
+        try:
+            placement = p.reserve(ticket.profile, ticket)
+        except BaseException:
+            p.admission.finish_soon(ticket)
+            raise
+        fwd = ticket.body if ticket.body is not None else (orjson.dumps(body) if changed else None)
+        decision_id = placement.decision.decision_id
+        f = Flight(placement, ticket, self.started, StreamStats(self.started))
+        p.flights[decision_id] = f
+        self.flight = f
+        return self._route(f, fwd)
+
+    def _class_headers(self, headers: CIMultiDict[str]) -> Mapping[str, str]:
+        """The protocol's objective and fairness id in inferplane's terms: an objective that
+        names a workload class selects it (an unknown one is ignored, as the extension ignores
+        an objective it has no object for); the fairness id, when the client sent no
+        ``x-inferplane-workflow``, becomes the workflow (usage, budgets and the ledger)."""
+        objective = headers.get(P.OBJECTIVE_HEADER)
+        fairness = headers.get(P.FAIRNESS_HEADER)
+        if not objective and not fairness:
+            return headers
+        out = headers.copy()
+        if (objective and "x-inferplane-class" not in out
+                and objective in self.picker.classifier.classes):
+            out["x-inferplane-class"] = objective
+        if fairness and "x-inferplane-workflow" not in out:
+            out["x-inferplane-workflow"] = fairness
+        return out
+
+    def _route(self, f: Flight, fwd: bytes | None) -> Any:
+        p = self.picker
+        endpoint = f.placement.endpoint
+        addr = p.addresses[endpoint.name]
+        dest = addr or endpoint.url.split("://", 1)[1]
+        cluster = P.ORIGINAL_DST_CLUSTER if addr else P.endpoint_cluster(endpoint.name)
+        sets = [
+            _set(P.DESTINATION_KEY, dest),
+            _set(P.CLUSTER_HEADER, cluster),
+            _set(P.DECISION_HEADER, f.placement.decision.decision_id),
+            # Envoy echoes these to the client's response (route response_headers_to_add), so
+            # the picker need not hold the response to add them
+            _set(P.ENDPOINT_HEADER, endpoint.name),
+            _set(P.SUBSTRATE_HEADER, endpoint.substrate.name),
+        ]
+        sets += [_set(k.lower(), v) for k, v in f.ticket.headers.items()]
+        removes = []
+        if endpoint.spec.api_key:
+            sets.append(_set("authorization", f"Bearer {endpoint.spec.api_key}"))
+        else:
+            removes.append("authorization")  # the client's key never reaches an engine
+        common = pb.CommonResponse(clear_route_cache=True)
+        if fwd is not None:
+            sets.append(_set("content-length", str(len(fwd))))
+            common.body_mutation.body = fwd
+        common.header_mutation.set_headers.extend(sets)
+        common.header_mutation.remove_headers.extend(removes)
+        md = struct_pb2.Struct()
+        lb = md.fields[P.DESTINATION_NAMESPACE].struct_value
+        lb.fields[P.DESTINATION_KEY].string_value = dest
+        return pb.ProcessingResponse(
+            request_body=pb.BodyResponse(response=common), dynamic_metadata=md
+        )
+
+    def response_headers(self, req: Any) -> Any:
+        """Only without the observer filter: the status is all the picker learns of the
+        answer, and the flight is accounted here."""
+        f = self.flight
+        if f is not None and not f.done:
+            h = _headers(req.response_headers)
+            with contextlib.suppress(ValueError):
+                f.status = int(h.get(":status", "0")) or None
+            f.served = _served(req) or f.served
+            self.picker.finish(f, status=f.status or 502)
+        return pb.ProcessingResponse(response_headers=pb.HeadersResponse())
+
+    # -- the observer filter ----------------------------------------------------------------
+    def observe(self, kind: str | None, req: Any) -> None:
+        now = time.perf_counter()
+        if kind == "request_headers":
+            decision_id = _headers(req.request_headers).get(P.DECISION_HEADER)
+            f = self.picker.flights.get(decision_id) if decision_id else None
+            if f is not None:
+                f.observed = True
+                self.flight = f
+            return
+        f = self.flight
+        if f is None or f.done:
+            return
+        if kind == "response_headers":
+            h = _headers(req.response_headers)
+            with contextlib.suppress(ValueError):
+                f.status = int(h.get(":status", "0")) or None
+            f.sse = "text/event-stream" in h.get("content-type", "")
+            f.served = _served(req)
+            picked = self.picker.addresses.get(f.placement.endpoint_name)
+            if f.served and picked and f.served != picked:
+                log.warning("decision %s: picked %s (%s), served by %s",
+                            f.placement.decision.decision_id, f.placement.endpoint_name,
+                            picked, f.served)
+            if req.response_headers.end_of_stream:
+                self.picker.finish(f, status=f.status or 502)
+        elif kind == "response_body":
+            chunk = req.response_body.body
+            if chunk:
+                if not f.placement.reservation.prefilled:
+                    f.placement.reservation.first_token()
+                if f.sse:
+                    f.stats.observe(chunk, now)
+                elif len(f.body) < MAX_OBSERVED_BODY:
+                    f.body += chunk
+            if req.response_body.end_of_stream:
+                self.picker.finish(f, status=f.status or 502)
+        elif kind == "response_trailers":
+            self.picker.finish(f, status=f.status or 502)
+
+    def closed(self) -> None:
+        """The stream ended (normally, or Envoy, the client or the upstream went away)."""
+        f = self.flight
+        if f is None or f.done:
+            return
+        if self.observer:
+            self.picker.finish(f, status=499 if f.status in (None, 200) else f.status,
+                               error="the response ended before its end was observed")
+        else:
+            asyncio.get_running_loop().call_later(ORPHAN_GRACE_S, self.picker.orphan_check, f)
+
+
+class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
+    """The gRPC service: one `Exchange` per stream."""
+
+    def __init__(self, picker: Picker) -> None:
+        self.picker = picker
+
+    async def Process(
+        self, requests: AsyncIterator[Any], context: Any
+    ) -> AsyncIterator[Any]:
+        ex = Exchange(self.picker)
+        try:
+            async for req in requests:
+                try:
+                    resp = await ex.handle(req)
+                except Exception:  # a bug answers in the OpenAI shape, never a broken stream
+                    log.exception("ext_proc message failed")
+                    if ex.flight is None and req.WhichOneof("request") in (
+                        "request_headers", "request_body"
+                    ) and not req.observability_mode:
+                        resp = immediate(GatewayError("internal error; see the picker log"))
+                    else:
+                        resp = None
+                if resp is not None:
+                    yield resp
+        finally:
+            ex.closed()
+
+
+async def serve(picker: Picker, host: str, port: int) -> tuple[Any, int]:
+    """Start the picker and its gRPC server on host:port; returns the server and the bound
+    port (call ``await server.stop(grace)`` and ``await picker.stop()`` to stop)."""
+    await picker.start()
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    pb_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(picker), server)
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError as exc:
+        await picker.stop()
+        raise OSError(f"cannot listen on {host}:{port}: {exc}") from exc
+    if bound == 0:
+        await picker.stop()
+        raise OSError(f"cannot listen on {host}:{port}")
+    await server.start()
+    return server, bound

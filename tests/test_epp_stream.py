@@ -1,0 +1,181 @@
+"""The picker's ext_proc streams driven directly over gRPC (no Envoy): malformed streams,
+streams that end early, both subset-hint encodings. Each ends with nothing held: no flight left
+and no reservation."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import orjson
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+
+from inferplane.api.pipeline import hash_key
+from inferplane.config.loader import parse_config
+from inferplane.epp import protocol as P
+from inferplane.epp import server as epp_server
+from inferplane.epp.server import Picker, serve
+from inferplane.fleet.scraper import StaticMetricsSource
+from tests.support.procs import free_port
+
+KEY = "sk-stream"
+CONFIG = f"""
+substrates:
+  - name: pool
+    kind: gpu
+    hardware: h100
+    region: r1
+    jurisdiction: eu
+    cost: {{input_per_mtok: 1.0, output_per_mtok: 2.0}}
+    endpoints:
+      - {{name: a, url: "http://10.0.0.1:8000", models: [{{name: m, profile: llama-3.1-8b,
+          max_context: 8192}}]}}
+      - {{name: b, url: "http://10.0.0.2:8000", models: [{{name: m, profile: llama-3.1-8b,
+          max_context: 8192}}]}}
+      - {{name: c, url: "https://api.example.com", models: [{{name: m,
+          profile: llama-3.1-8b, max_context: 8192}}]}}
+tenants:
+  - {{name: t, api_keys: ["{hash_key(KEY)}"]}}
+"""
+BODY = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}],
+                     "max_tokens": 4})
+
+
+def headers(extra: dict[str, str] | None = None, *, end: bool = False) -> Any:
+    h = {":method": "POST", ":path": "/v1/chat/completions", "authorization": f"Bearer {KEY}",
+         **(extra or {})}
+    return pb.ProcessingRequest(request_headers=pb.HttpHeaders(
+        headers=base_pb2.HeaderMap(headers=[
+            base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in h.items()
+        ]),
+        end_of_stream=end,
+    ))
+
+
+def body(data: bytes = BODY) -> Any:
+    return pb.ProcessingRequest(request_body=pb.HttpBody(body=data, end_of_stream=True))
+
+
+@contextlib.asynccontextmanager
+async def picker() -> AsyncIterator[tuple[Picker, Any]]:
+    p = Picker(parse_config(CONFIG), metrics_source=StaticMetricsSource())
+    port = free_port()
+    server, _ = await serve(p, "127.0.0.1", port)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        yield p, pb_grpc.ExternalProcessorStub(channel)
+    finally:
+        await channel.close()
+        await server.stop(0)
+        await p.stop()
+
+
+async def settled(p: Picker, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not p.flights and all(r.inflight == 0 for r in p.live.live.values()):
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"flights left: {list(p.flights)}")
+
+
+async def exchange(stub: Any, *messages: Any) -> list[Any]:
+    """Send the messages on one stream, half-close it, collect every answer."""
+    call = stub.Process()
+    for m in messages:
+        await call.write(m)
+    await call.done_writing()
+    return [r async for r in call]
+
+
+def error_of(resp: Any) -> tuple[int, dict[str, Any]]:
+    ir = resp.immediate_response
+    return ir.status.code, orjson.loads(ir.body)["error"]
+
+
+async def test_a_body_without_headers_is_a_400_not_a_broken_stream() -> None:
+    async with picker() as (p, stub):
+        answers = await exchange(stub, body())
+        status, err = error_of(answers[0])
+        assert status == 400 and "without its headers" in err["message"]
+        answers = await exchange(stub, headers(), headers())
+        status, err = error_of(answers[1])
+        assert status == 400 and "twice" in err["message"]
+        await settled(p)
+
+
+async def test_a_pick_whose_stream_ends_without_an_observer_is_accounted() -> None:
+    async with picker() as (p, stub):
+        monkey = epp_server.ORPHAN_GRACE_S
+        epp_server.ORPHAN_GRACE_S = 0.05
+        try:
+            answers = await exchange(stub, headers(), body())
+        finally:
+            epp_server.ORPHAN_GRACE_S = monkey
+        common = answers[1].request_body.response
+        sets = {h.header.key: h.header.raw_value.decode()
+                for h in common.header_mutation.set_headers}
+        did = sets[P.DECISION_HEADER]
+        assert sets[P.DESTINATION_KEY] in {"10.0.0.1:8000", "10.0.0.2:8000", "api.example.com"}
+        lb = answers[1].dynamic_metadata.fields[P.DESTINATION_NAMESPACE].struct_value
+        assert lb.fields[P.DESTINATION_KEY].string_value == sets[P.DESTINATION_KEY]
+        assert "authorization" in common.header_mutation.remove_headers
+        await settled(p)
+        rec = p.ledger.get(did)
+        assert rec is not None and rec["outcome"]["status"] == 502
+
+
+async def test_an_observer_stream_that_breaks_accounts_a_499() -> None:
+    async with picker() as (p, stub):
+        answers = await exchange(stub, headers(), body())
+        sets = {h.header.key: h.header.raw_value.decode()
+                for h in answers[1].request_body.response.header_mutation.set_headers}
+        did = sets[P.DECISION_HEADER]
+        call = stub.Process()
+        obs = headers({P.DECISION_HEADER: did})
+        obs.observability_mode = True
+        await call.write(obs)
+        resp = pb.ProcessingRequest(observability_mode=True, response_headers=pb.HttpHeaders(
+            headers=base_pb2.HeaderMap(headers=[
+                base_pb2.HeaderValue(key=":status", raw_value=b"200"),
+                base_pb2.HeaderValue(key="content-type", raw_value=b"text/event-stream"),
+            ])))
+        await call.write(resp)
+        chunk = pb.ProcessingRequest(observability_mode=True, response_body=pb.HttpBody(
+            body=b'data: {"choices":[{"delta":{"content":"x"}}]}\n\n'))
+        await call.write(chunk)
+        await asyncio.sleep(0.1)
+        call.cancel()  # Envoy, the client or the upstream went away mid-answer
+        await settled(p)
+        rec = p.ledger.get(did)
+        assert rec is not None and rec["outcome"]["status"] == 499
+        assert rec["outcome"]["ttft_s"] is not None
+
+
+async def test_subset_hint_as_a_list_restricts_and_a_hostname_endpoint_gets_its_cluster() -> None:
+    async with picker() as (p, stub):
+        for _ in range(3):
+            req = headers()
+            hint = req.metadata_context.filter_metadata[P.SUBSET_NAMESPACE]
+            hint.fields[P.SUBSET_KEY].list_value.values.add().string_value = "10.0.0.2:8000"
+            answers = await exchange(stub, req, body())
+            sets = {h.header.key: h.header.raw_value.decode()
+                    for h in answers[1].request_body.response.header_mutation.set_headers}
+            assert sets[P.DESTINATION_KEY] == "10.0.0.2:8000"
+            assert sets[P.CLUSTER_HEADER] == P.ORIGINAL_DST_CLUSTER
+        p.live.set_health("a", False)  # only c is left
+        p.live.set_health("b", False)
+        answers = await exchange(stub, headers(), body())
+        sets = {h.header.key: h.header.raw_value.decode()
+                for h in answers[1].request_body.response.header_mutation.set_headers}
+        assert sets[P.CLUSTER_HEADER] == P.endpoint_cluster("c")
+        assert sets[P.DESTINATION_KEY] == "api.example.com"
+        for f in list(p.flights.values()):
+            p.finish(f, status=200)
+        await settled(p)
