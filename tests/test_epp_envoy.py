@@ -335,14 +335,15 @@ def test_envoy_config_writes_a_bootstrap_envoy_validates(tmp_path: Path) -> None
     text = fleet_yaml([free_port()], free_port(), free_port(), free_port(), fail_open=True)
     text = text.replace("    endpoints:\n", (
         "    endpoints:\n"
-        '      - {name: hosted, url: "https://api.example.com", api_key: sk-provider,\n'
+        '      - {name: hosted, url: "https://api.example.com/v1", api_key_env: EPP_KEY,\n'
         "         models: [{name: m, profile: llama-3.1-8b, max_context: 8192}]}\n"
     ), 1)
     fleet.write_text(text)
     out = tmp_path / "envoy.yaml"
     bindir = Path(sys.executable).parent
     done = subprocess.run([str(bindir / "inferplane"), "envoy-config", "--config", str(fleet),
-                           "-o", str(out)], capture_output=True, text=True, env=env())
+                           "-o", str(out)], capture_output=True, text=True,
+                          env={**env(), "EPP_KEY": "sk-provider"})
     assert done.returncode == 0, done.stderr
     boot = yaml.safe_load(out.read_text())
     clusters = {c["name"]: c for c in boot["static_resources"]["clusters"]}

@@ -12,6 +12,7 @@ from typing import Any
 
 import grpc
 import orjson
+import pytest
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
@@ -38,8 +39,11 @@ substrates:
           max_context: 8192}}]}}
       - {{name: b, url: "http://10.0.0.2:8000", models: [{{name: m, profile: llama-3.1-8b,
           max_context: 8192}}]}}
-      - {{name: c, url: "https://api.example.com", models: [{{name: m,
-          profile: llama-3.1-8b, max_context: 8192}}]}}
+      - {{name: c, url: "https://api.example.com/openai/v1", api_key_env: EPP_TEST_KEY,
+          models: [{{name: m, upstream_name: m-hosted, profile: llama-3.1-8b,
+          max_context: 8192}}]}}
+      - {{name: d, url: "https://api.anthropic.example", dialect: anthropic,
+          models: [{{name: m, profile: llama-3.1-8b, max_context: 8192}}]}}
 tenants:
   - {{name: t, api_keys: ["{hash_key(KEY)}"]}}
 """
@@ -64,7 +68,9 @@ def body(data: bytes = BODY) -> Any:
 
 @contextlib.asynccontextmanager
 async def picker() -> AsyncIterator[tuple[Picker, Any]]:
-    p = Picker(parse_config(CONFIG), metrics_source=StaticMetricsSource())
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EPP_TEST_KEY", "sk-hosted")
+        p = Picker(parse_config(CONFIG), metrics_source=StaticMetricsSource())
     port = free_port()
     server, _ = await serve(p, "127.0.0.1", port)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
@@ -158,7 +164,7 @@ async def test_an_observer_stream_that_breaks_accounts_a_499() -> None:
         assert rec["outcome"]["ttft_s"] is not None
 
 
-async def test_subset_hint_as_a_list_restricts_and_a_hostname_endpoint_gets_its_cluster() -> None:
+async def test_subset_hint_as_a_list_and_provider_endpoints() -> None:
     async with picker() as (p, stub):
         for _ in range(3):
             req = headers()
@@ -169,13 +175,25 @@ async def test_subset_hint_as_a_list_restricts_and_a_hostname_endpoint_gets_its_
                     for h in answers[1].request_body.response.header_mutation.set_headers}
             assert sets[P.DESTINATION_KEY] == "10.0.0.2:8000"
             assert sets[P.CLUSTER_HEADER] == P.ORIGINAL_DST_CLUSTER
-        p.live.set_health("a", False)  # only c is left
+        # only c (a hosted OpenAI-dialect API) and d (Anthropic: Envoy cannot translate) are
+        # left: c is reached by name, with its base path, its key and its model id
+        p.live.set_health("a", False)
         p.live.set_health("b", False)
+        for _ in range(3):
+            answers = await exchange(stub, headers(), body())
+            common = answers[1].request_body.response
+            sets = {h.header.key: h.header.raw_value.decode()
+                    for h in common.header_mutation.set_headers}
+            assert sets[P.CLUSTER_HEADER] == P.endpoint_cluster("c")
+            assert sets[P.DESTINATION_KEY] == "api.example.com"
+            assert sets[":authority"] == "api.example.com"
+            assert sets[":path"] == "/openai/v1/chat/completions"
+            assert sets["authorization"] == "Bearer sk-hosted"
+            assert orjson.loads(common.body_mutation.body)["model"] == "m-hosted"
+        p.live.set_health("c", False)
         answers = await exchange(stub, headers(), body())
-        sets = {h.header.key: h.header.raw_value.decode()
-                for h in answers[1].request_body.response.header_mutation.set_headers}
-        assert sets[P.CLUSTER_HEADER] == P.endpoint_cluster("c")
-        assert sets[P.DESTINATION_KEY] == "api.example.com"
+        status, err = error_of(answers[1])
+        assert status == 503 and err["code"] == "no_eligible_endpoint"
         for f in list(p.flights.values()):
             p.finish(f, status=200)
         await settled(p)

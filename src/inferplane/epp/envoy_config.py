@@ -100,6 +100,9 @@ def bootstrap(config: FleetConfig, *, epp_port: int | None = None,
             "metadata_options": {
                 "forwarding_namespaces": {"untyped": [P.SUBSET_NAMESPACE, P.DESTINATION_NAMESPACE]},
             },
+            # the picker rewrites :path (an endpoint's base path) and :authority (an endpoint
+            # reached by name)
+            "mutation_rules": {"allow_all_routing": True},
         },
     }
     filters: list[dict[str, Any]] = [picker]
@@ -131,6 +134,8 @@ def bootstrap(config: FleetConfig, *, epp_port: int | None = None,
     plain: list[tuple[str, int]] = []
     named: list[dict[str, Any]] = []
     for ep in fleet.endpoints:
+        if ep.dialect != "openai":  # needs translation: the picker never places on it
+            continue
         addr = P.destination(ep)
         parts = urlsplit(ep.url)
         if addr is not None:

@@ -52,6 +52,7 @@ from inferplane.config.schema import FleetConfig
 from inferplane.core.plane import API_PATHS, Core, Placement
 from inferplane.core.validation import parse_json, validate
 from inferplane.dispatch.answer import StreamStats, parse_usage
+from inferplane.dispatch.credentials import auth_headers, load_credentials
 from inferplane.epp import protocol as P
 from inferplane.errors import (
     GatewayError,
@@ -108,6 +109,12 @@ class Picker(Core):
         self.addresses: dict[str, str | None] = {
             e.name: P.destination(e) for e in self.fleet.endpoints
         }
+        # a ConfigError naming what is missing, at start-up
+        self.credentials = load_credentials(config, file)
+        # Envoy relays bytes: an endpoint whose dialect needs translation is not placed on
+        self.unrelayable = frozenset(
+            e.name for e in self.fleet.endpoints if e.dialect != "openai"
+        )
         self._session: aiohttp.ClientSession | None = None
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -340,6 +347,8 @@ class Exchange:
         validate(api, body)
         cls_headers = self._class_headers(headers)
         profile = p.classify(api, body, cls_headers, tenant)
+        if p.unrelayable:
+            profile = profile.with_(excluded=profile.excluded | p.unrelayable)
         if self.subset is not None:
             allowed = {
                 name for name, addr in p.addresses.items()
@@ -361,11 +370,18 @@ class Exchange:
             p.admission.finish_soon(ticket)
             raise
         fwd = ticket.body if ticket.body is not None else (orjson.dumps(body) if changed else None)
+        endpoint = placement.endpoint
+        if endpoint.renames_models:
+            upstream = endpoint.upstream_model(body["model"])
+            if upstream != body["model"]:
+                obj = orjson.loads(fwd if fwd is not None else raw)
+                obj["model"] = upstream
+                fwd = orjson.dumps(obj)
         decision_id = placement.decision.decision_id
         f = Flight(placement, ticket, self.started, StreamStats(self.started))
         p.flights[decision_id] = f
         self.flight = f
-        return self._route(f, fwd)
+        return self._route(f, fwd, path)
 
     def _class_headers(self, headers: CIMultiDict[str]) -> Mapping[str, str]:
         """The protocol's objective and fairness id in inferplane's terms: an objective that
@@ -384,11 +400,13 @@ class Exchange:
             out["x-inferplane-workflow"] = fairness
         return out
 
-    def _route(self, f: Flight, fwd: bytes | None) -> Any:
+    def _route(self, f: Flight, fwd: bytes | None, path: str) -> Any:
         p = self.picker
         endpoint = f.placement.endpoint
         addr = p.addresses[endpoint.name]
-        dest = addr or endpoint.url.split("://", 1)[1]
+        authority, _, upstream_path = endpoint.api_url(path).split("://", 1)[1].partition("/")
+        upstream_path = "/" + upstream_path
+        dest = addr or authority
         cluster = P.ORIGINAL_DST_CLUSTER if addr else P.endpoint_cluster(endpoint.name)
         sets = [
             _set(P.DESTINATION_KEY, dest),
@@ -400,10 +418,14 @@ class Exchange:
             _set(P.SUBSTRATE_HEADER, endpoint.substrate.name),
         ]
         sets += [_set(k.lower(), v) for k, v in f.ticket.headers.items()]
+        if upstream_path != path:  # the endpoint's base path
+            sets.append(_set(":path", upstream_path))
+        if addr is None:  # reached by name: the Host it expects
+            sets.append(_set(":authority", authority))
         removes = []
-        if endpoint.spec.api_key:
-            sets.append(_set("authorization", f"Bearer {endpoint.spec.api_key}"))
-        else:
+        creds = auth_headers(endpoint.dialect, p.credentials.get(endpoint.name))
+        sets += [_set(k.lower(), v) for k, v in creds.items()]
+        if "Authorization" not in creds:
             removes.append("authorization")  # the client's key never reaches an engine
         common = pb.CommonResponse(clear_route_cache=True)
         if fwd is not None:
