@@ -260,7 +260,7 @@ class Dispatcher:
                 ) from None
             return orjson.dumps(obj)
         if ok:
-            if not data.lstrip()[:1] == b"{":
+            if data[:64].lstrip()[:1] != b"{":  # no copy of a large body
                 raise UpstreamError(
                     f"answered HTTP {resp.status} with a body that is not JSON: {_excerpt(data)}",
                     upstream=endpoint.name,
