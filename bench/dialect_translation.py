@@ -25,7 +25,7 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from inferplane.dispatch import anthropic  # noqa: E402
+from inferplane.dispatch import anthropic
 
 REQUEST = {
     "model": "claude", "max_tokens": 512, "stream": True, "temperature": 0.7,
