@@ -316,6 +316,9 @@ async def test_envoy_killed_mid_stream_releases_and_a_new_envoy_serves(tmp_path:
         assert len(begun) == 3
         ids = list(s.picker.flights)
         assert len(ids) == 3
+        while not all(f.observed for f in s.picker.flights.values()):  # the observer is on
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
         s.envoy.kill()
         assert set(await asyncio.gather(*tasks)) <= {-1, 200}
         await settled(s.picker)

@@ -88,6 +88,8 @@ def bootstrap(config: FleetConfig, *, epp_port: int | None = None,
             # destination and the routes decide (fail open: an engine; fail closed: a 503)
             "failure_mode_allow": True,
             "message_timeout": _secs(e.message_timeout_s),
+            # headers and body in one go: one wake-up of the picker instead of two
+            "send_body_without_waiting_for_header_response": True,
             "processing_mode": {
                 "request_header_mode": "SEND",
                 "request_body_mode": "BUFFERED",
@@ -114,8 +116,9 @@ def bootstrap(config: FleetConfig, *, epp_port: int | None = None,
                 "grpc_service": {"envoy_grpc": {"cluster_name": "inferplane_epp"}},
                 "observability_mode": True,
                 "failure_mode_allow": True,
+                # the decision id reaches it on the response (route response_headers_to_add)
                 "processing_mode": {
-                    "request_header_mode": "SEND",
+                    "request_header_mode": "SKIP",
                     "request_body_mode": "NONE",
                     "request_trailer_mode": "SKIP",
                     "response_header_mode": "SEND",

@@ -462,6 +462,14 @@ class Exchange:
                 f.observed = True
                 self.flight = f
             return
+        if kind == "response_headers" and self.flight is None:
+            # the bootstrap's observer skips the request headers: Envoy copies the decision id
+            # onto the response (route response_headers_to_add) before the observer sees it
+            h = _headers(req.response_headers)
+            decision_id = h.get(P.DECISION_HEADER)
+            self.flight = self.picker.flights.get(decision_id) if decision_id else None
+            if self.flight is not None:
+                self.flight.observed = True
         f = self.flight
         if f is None or f.done:
             return
