@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test lint typecheck test-slow fidelity bench-overhead bench-placement clean
+.PHONY: install demo test lint typecheck test-slow fidelity bench-overhead bench-placement bench-envoy clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,10 @@ bench-overhead: $(STAMP)
 
 bench-placement: $(STAMP)
 	$(BIN)/python bench/placement.py
+
+## Envoy + `inferplane epp` vs vllm-router round_robin vs the gateway (docs/benchmarks.md).
+bench-envoy: $(STAMP)
+	$(BIN)/python bench/envoy_epp.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build dist src/*.egg-info
