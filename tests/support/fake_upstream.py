@@ -42,6 +42,10 @@ async def completions(request: web.Request) -> web.StreamResponse:
                                   "data": [{"object": "embedding", "index": 0,
                                             "embedding": [0.1, 0.2]}]})
     words = [f"{name}-w{i}" for i in range(5)]
+    if mode == "slowjson":  # like slow, and a non-streamed answer takes 1 s (clients give up)
+        mode = "slow"
+        if not body.get("stream"):
+            await asyncio.sleep(1.0)
     if not body.get("stream"):
         text = " ".join(words)
         choice = ({"index": 0, "message": {"role": "assistant", "content": text},

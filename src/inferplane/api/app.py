@@ -33,11 +33,15 @@ from inferplane.errors import (
 )
 from inferplane.fleet.health import VERDICTS, endpoint_summary
 from inferplane.httpio import read_body
+from inferplane.ledger.query import BadQuery, parse_query
 from inferplane.types import ApiKind
 
 log = logging.getLogger("inferplane.api")
 
 GATEWAY_KEY: web.AppKey[Gateway] = web.AppKey("gateway", Gateway)
+RECEIPT_HEADER = "x-inferplane-receipt"
+"""The response header (an SSE comment at the end of a stream) holding the record's hash."""
+SSE_DONE = b"data: [DONE]\n\n"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -172,21 +176,24 @@ async def forward(
     is_sse = resp.status == 200 and "text/event-stream" in resp.headers.get("Content-Type", "")
     if not is_sse:
         data, ended = await gw.read_answer(attempt, started)
+        # the record first: the answer carries its receipt and leaves once it is committed
+        receipt = gw.account_answer(attempt, data, started=started, ended=ended)
+        await gw.committed(receipt)
         headers.update(Dispatcher.passthrough_headers(resp))
+        if receipt.hash:
+            headers[RECEIPT_HEADER] = receipt.hash
         answer = web.Response(body=data, status=resp.status, headers=headers)
-        try:  # the answer goes out first; its accounting does not delay it
+        with contextlib.suppress(ConnectionError):  # aiohttp notes a client that is gone
             await answer.prepare(request)
             await answer.write_eof()
-        except ConnectionError:
-            pass  # the client is gone: aiohttp notes it when it finishes the response
-        finally:
-            gw.account_answer(attempt, data, started=started, ended=ended)
         return answer
 
     headers.update(Dispatcher.passthrough_headers(resp))
     out = web.StreamResponse(status=200, headers=headers)
     stats = StreamStats(started)
     status, error = 200, None
+    accounted = False
+    done = b""  # the final ``data: [DONE]``, held back until the record is committed
     try:
         await out.prepare(request)
         try:
@@ -200,7 +207,10 @@ async def forward(
                         chunk = events.feed(chunk)
                         if not chunk:
                             continue
-                    await out.write(chunk)
+                    if chunk.endswith(SSE_DONE):
+                        chunk, done = chunk[: -len(SSE_DONE)], SSE_DONE
+                    if chunk:
+                        await out.write(chunk)
             if events is not None and (rest := events.flush()):
                 await out.write(rest)
         except UpstreamError as exc:
@@ -208,20 +218,32 @@ async def forward(
             gw.metrics.stream_errors.labels(endpoint.name).inc()
             payload = orjson.dumps(exc.to_body())
             await out.write(b"data: " + payload + b"\n\n")
+        # Headers left long ago: the receipt ends the stream as an SSE comment (which SSE
+        # clients ignore), after the record is committed and before [DONE].
+        accounted = True
+        receipt = gw.account(attempt, status=status, started=started, stats=stats,
+                             usage=parse_usage(stats.usage_line, sse=True), error=error)
+        await gw.committed(receipt)
+        if receipt.hash:
+            await out.write(b": " + RECEIPT_HEADER.encode() + b" " + receipt.hash.encode()
+                            + b"\n\n")
+        if done:
+            await out.write(done)
         await out.write_eof()
     except (ConnectionResetError, asyncio.CancelledError):
         status, error = 499, "client disconnected"
         gw.metrics.client_disconnects.inc()
         raise
     finally:
-        gw.account(
-            attempt,
-            status=status,
-            started=started,
-            stats=stats,
-            usage=parse_usage(stats.usage_line, sse=True),
-            error=error,
-        )
+        if not accounted:
+            gw.account(
+                attempt,
+                status=status,
+                started=started,
+                stats=stats,
+                usage=parse_usage(stats.usage_line, sse=True),
+                error=error,
+            )
     return out
 
 
@@ -342,6 +364,25 @@ async def get_decision(request: web.Request) -> web.Response:
     return web.json_response(rec, dumps=_dumps)
 
 
+async def list_decisions(request: web.Request) -> web.Response:
+    """``GET /v1/decisions?since=&until=&class=&model=&substrate=&limit=&cursor=``: the caller's
+    tenant's records, oldest first, each with its receipt; ``next_cursor`` (opaque) continues."""
+    gw = request.app[GATEWAY_KEY]
+    tenant = gw.authenticate(request.headers.get("Authorization"))
+    try:
+        q = parse_query(tenant.name, dict(request.query))
+    except BadQuery as exc:
+        raise InvalidRequestError(str(exc), param=exc.param) from None
+    page = await gw.ledger.query(q)
+    body = {
+        "object": "list",
+        "data": page.items,
+        "has_more": page.next_cursor is not None,
+        "next_cursor": page.next_cursor,
+    }
+    return web.json_response(body, dumps=_dumps)
+
+
 def _dumps(obj: object) -> str:
     return orjson.dumps(obj).decode()
 
@@ -355,6 +396,7 @@ def build_app(gateway: Gateway) -> web.Application:
     app.router.add_post("/v1/completions", make_api_handler("completions"))
     app.router.add_post("/v1/embeddings", make_api_handler("embeddings"))
     app.router.add_get("/v1/models", models)
+    app.router.add_get("/v1/decisions", list_decisions)
     app.router.add_get("/v1/decisions/{decision_id}", get_decision)
     app.router.add_get("/v1/usage", usage)
     app.router.add_get("/v1/fleet/health", fleet_health)

@@ -18,7 +18,7 @@ from inferplane.dispatch.answer import parse_usage
 from inferplane.dispatch.credentials import load_credentials
 from inferplane.dispatch.upstream import Dispatcher
 from inferplane.fleet.scraper import HttpMetricsSource, MetricsSource
-from inferplane.ledger.record import Ledger
+from inferplane.ledger.record import Ledger, Receipt
 from inferplane.placement.profile import RequestProfile
 from inferplane.types import ApiKind
 
@@ -88,8 +88,8 @@ class Gateway(Core):
 
     def account_answer(
         self, attempt: Attempt, data: bytes, *, started: float, ended: float
-    ) -> None:
-        """Account a non-streamed answer read by `read_answer`."""
-        self.account_body(
+    ) -> Receipt:
+        """Account a non-streamed answer read by `read_answer`; return its record's receipt."""
+        return self.account_body(
             attempt, data, status=attempt.response.status, started=started, ended=ended
         )

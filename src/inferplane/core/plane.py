@@ -391,8 +391,23 @@ class Core:
                     excluded=profile.excluded | {view.name}, attempt=profile.attempt + 1
                 )
                 continue
-            except BaseException:
+            except BaseException as exc:
                 reservation.release()
+                # the client went away (or the gateway failed) before the upstream answered:
+                # the request still gets its record (issue 12 item 11)
+                gone = isinstance(exc, asyncio.CancelledError)
+                self.ledger.record(
+                    decision,
+                    Outcome(
+                        status=499 if gone else 500,
+                        endpoint=view.name,
+                        error="client disconnected before the upstream answered" if gone
+                        else f"gateway error: {type(exc).__name__}",
+                        attempts=len(failed) + 1,
+                        failed_endpoints=tuple(failed),
+                    ),
+                    time.time(),
+                )
                 raise
             return Attempt(decision, reservation, failed, ticket, response=resp)
 
@@ -451,9 +466,9 @@ class Core:
 
     def account_body(
         self, placement: Placement, data: bytes, *, status: int, started: float, ended: float
-    ) -> None:
+    ) -> Receipt:
         """Account a non-streamed answer (read by `read_with`) from its status and body."""
-        self.account(
+        return self.account(
             placement,
             status=status,
             started=started,
@@ -496,12 +511,18 @@ class Core:
             if stats.gaps:
                 itl = sum(stats.gaps) / len(stats.gaps)
         prompt = completion = cached = None
+        source: str | None = None
         if usage:
             prompt = _int(usage.get("prompt_tokens"))
             completion = _int(usage.get("completion_tokens"))
             details = usage.get("prompt_tokens_details")
             if isinstance(details, dict):
                 cached = _int(details.get("cached_tokens"))
+            source = "upstream"
+        if completion is None and stats is not None and stats.tokens:
+            # no usage arrived (the client left mid-stream, or the engine sent none): bill the
+            # tokens generated and relayed, counted from the stream
+            completion, source = stats.tokens, "counted"
         e2e = now - started
         ep = d.picked.endpoint if d.picked is not None else None
         cost = None
@@ -536,9 +557,22 @@ class Core:
                 attempts=len(attempt.failed) + 1,
                 failed_endpoints=tuple(attempt.failed),
                 error=error,
+                usage_source=source,
             ),
             time.time(),
         )
+
+    async def committed(self, receipt: Receipt) -> bool:
+        """Wait (``ledger.durable``) until ``receipt``'s record is committed, at most
+        ``ledger.commit_timeout_s``; False (and counted) when the wait ran out or the write
+        failed. Front ends call it before an answer completes."""
+        spec = self.config.ledger
+        if not spec.durable or receipt.committed:
+            return True
+        ok = await receipt.durable(spec.commit_timeout_s)
+        if not ok:
+            self.metrics.ledger_commit_timeouts.inc()
+        return ok
 
 
 def _int(v: Any) -> int | None:

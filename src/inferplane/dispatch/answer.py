@@ -7,6 +7,7 @@ front end (the aiohttp gateway, the Envoy ext_proc picker, the batch lane) share
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +36,9 @@ class UpstreamAttemptFailed(UpstreamError):
         self.retry_after_s = retry_after_s  # the upstream's Retry-After, when it sent one
 
 
+_TEXT_EVENT = re.compile(rb'"(?:content|text)"\s*:\s*"(?!")')
+
+
 @dataclass(slots=True)
 class StreamStats:
     """What the relay observed: first-byte time, inter-chunk gaps, usage if the upstream sent it."""
@@ -45,6 +49,10 @@ class StreamStats:
     events: int = 0
     gaps: list[float] = field(default_factory=list)
     usage_line: bytes | None = None
+    tokens: int = 0
+    """Events that carried generated text (a non-empty ``content`` or ``text``): the completion
+    tokens billed when the stream ends without a usage chunk (one token an event, as vLLM, SGLang
+    and the emulator stream)."""
 
     def observe(self, chunk: bytes, now: float) -> None:
         """One chunk of an SSE answer arrived at ``now`` (perf_counter seconds)."""
@@ -56,6 +64,7 @@ class StreamStats:
             self.gaps.append((now - self.last_byte) / n)
         self.last_byte = now
         self.events += events
+        self.tokens += len(_TEXT_EVENT.findall(chunk))
         if b'"usage"' in chunk:
             self.usage_line = chunk
 

@@ -61,6 +61,11 @@ class GatewayMetrics:
             "Requests whose client went away (upstream cancelled)",
             registry=r,
         )
+        self.ledger_commit_timeouts = Counter(
+            "inferplane_ledger_commit_timeouts",
+            "Answers sent before their ledger record committed (ledger.commit_timeout_s passed)",
+            registry=r,
+        )
         self.no_endpoint = Counter(
             "inferplane_no_eligible_endpoint",
             "Requests rejected because filters left no endpoint, by filter",
