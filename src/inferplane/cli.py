@@ -505,6 +505,70 @@ def simulate(
     print_report(report)
 
 
+def _int_list(text: str, what: str) -> list[int]:
+    try:
+        out = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        fail(f"{what}: expected comma-separated integers, got {text!r}")
+    if not out or min(out) <= 0:
+        fail(f"{what}: expected positive integers, got {text!r}")
+    return out
+
+
+@app.command()
+def calibrate(
+    endpoint: Annotated[str, typer.Option("--endpoint", help="engine base URL (OpenAI API)")],
+    model: Annotated[str, typer.Option("--model", help="model name the engine serves")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="profile file to write (YAML)")],
+    model_profile: Annotated[
+        str | None, typer.Option(help="physics model profile (default: --model)")
+    ] = None,
+    base: Annotated[str, typer.Option(help="table hardware profile to start from")] = "cpu",
+    name: Annotated[
+        str | None, typer.Option(help="name of the calibrated profile (default: BASE-calibrated)")
+    ] = None,
+    tp: Annotated[int, typer.Option(help="tensor-parallel degree of the engine")] = 1,
+    precision: Annotated[str, typer.Option(help="weight precision the engine runs")] = "bf16",
+    prompt_tokens: Annotated[
+        str, typer.Option(help="prefill sweep: prompt lengths in tokens")
+    ] = "16,64,128,256,512,768",
+    batches: Annotated[str, typer.Option(help="decode sweep: concurrent streams")] = "1,2,4",
+    decode_tokens: Annotated[int, typer.Option(help="tokens per decode stream")] = 64,
+    repeats: Annotated[int, typer.Option(help="tries per point (the median is kept)")] = 5,
+    api_key_env: Annotated[
+        str | None, typer.Option(help="environment variable holding the engine's API key")
+    ] = None,
+) -> None:
+    """Probe a live engine and fit a hardware profile to it (see docs/physics.md)."""
+    from inferplane.physics.probe import ProbeError, calibrate_endpoint
+
+    key = None
+    if api_key_env is not None:
+        key = os.environ.get(api_key_env)
+        if not key:
+            fail(f"--api-key-env: the environment variable {api_key_env} is not set")
+    try:
+        text, summary = asyncio.run(
+            calibrate_endpoint(
+                endpoint, model, model_profile=model_profile or model, base=base,
+                name=name or f"{base}-calibrated", tp=tp, precision=precision,
+                prompt_tokens=_int_list(prompt_tokens, "--prompt-tokens"),
+                batches=_int_list(batches, "--batches"), decode_tokens=decode_tokens,
+                repeats=repeats, api_key=key,
+            )
+        )
+    except (ProbeError, ValueError, LookupError) as exc:
+        fail(str(exc))
+    except OSError as exc:  # aiohttp's connection errors are OSErrors
+        fail(f"cannot reach {endpoint}: {exc}")
+    try:
+        out.write_text(text)
+    except OSError as exc:
+        fail(f"cannot write {out}: {exc.strerror or exc}")
+    typer.echo(summary)
+    typer.echo(f"wrote {out}")
+
+
 def main() -> None:
     app()
 

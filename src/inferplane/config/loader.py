@@ -92,26 +92,29 @@ def _merge_defaults(raw: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def _relative_to(base_dir: Path, path: object) -> object:
+    if isinstance(path, str) and path and not Path(path).expanduser().is_absolute():
+        return str(base_dir / path)
+    return path
+
+
 def _resolve_paths(raw: dict[str, Any], base_dir: Path) -> None:
-    """Make each model's relative ``tokenizer`` path and each endpoint's relative
-    ``api_key_file`` relative to ``base_dir`` (the fleet file's folder), in place; anything of
-    the wrong shape is left for the schema to report."""
+    """Make relative file paths (a model's ``tokenizer``, an endpoint's ``api_key_file``,
+    ``hardware_profiles``) relative to ``base_dir`` (the fleet file's folder), in place; anything
+    of the wrong shape is left for the schema to report."""
+    profiles = raw.get("hardware_profiles")
+    if isinstance(profiles, list):
+        raw["hardware_profiles"] = [_relative_to(base_dir, p) for p in profiles]
     subs = raw.get("substrates")
     for s in subs if isinstance(subs, list) else []:
         eps = s.get("endpoints") if isinstance(s, dict) else None
         for e in eps if isinstance(eps, list) else []:
-            key_file = e.get("api_key_file") if isinstance(e, dict) else None
-            if (
-                isinstance(key_file, str)
-                and key_file
-                and not Path(key_file).expanduser().is_absolute()
-            ):
-                e["api_key_file"] = str(base_dir / key_file)
+            if isinstance(e, dict) and "api_key_file" in e:
+                e["api_key_file"] = _relative_to(base_dir, e["api_key_file"])
             models = e.get("models") if isinstance(e, dict) else None
             for m in models if isinstance(models, list) else []:
-                tok = m.get("tokenizer") if isinstance(m, dict) else None
-                if isinstance(tok, str) and tok and not Path(tok).expanduser().is_absolute():
-                    m["tokenizer"] = str(base_dir / tok)
+                if isinstance(m, dict) and "tokenizer" in m:
+                    m["tokenizer"] = _relative_to(base_dir, m["tokenizer"])
 
 
 def parse_config(
@@ -173,6 +176,7 @@ def _duplicates(section: str, names: Iterable[tuple[str, str]]) -> Iterable[tupl
 def check_references(c: FleetConfig) -> Iterable[tuple[str, str]]:
     """Cross-field checks the schema cannot express. Yields (path, problem)."""
     from inferplane.physics import HARDWARE, MODELS  # physics sits beside config, below fleet
+    from inferplane.physics.calibration import load_hardware_profile
     from inferplane.tokenization import load_tokenizer
 
     yield from _duplicates("region", ((f"regions[{i}]", r.name) for i, r in enumerate(c.regions)))
@@ -223,16 +227,29 @@ def check_references(c: FleetConfig) -> Iterable[tuple[str, str]]:
         for other in r.rtt_ms:
             if other not in regions:
                 yield f"regions[{i}].rtt_ms.{other}", f"unknown region {other!r}"
+    calibrated: dict[str, str] = {}  # profile name -> where it was loaded
+    for i, path in enumerate(c.hardware_profiles):
+        try:
+            hw = load_hardware_profile(path)
+        except ValueError as exc:
+            yield f"hardware_profiles[{i}]", str(exc)
+            continue
+        if hw.name in calibrated:
+            yield f"hardware_profiles[{i}]", (
+                f"profile {hw.name!r} is already loaded from {calibrated[hw.name]}"
+            )
+        calibrated.setdefault(hw.name, path)
+    known_hardware = sorted({*HARDWARE, *calibrated})
     for i, s in enumerate(c.substrates):
         if regions and s.region not in regions:
             yield (
                 f"substrates[{i}].region",
                 f"unknown region {s.region!r}; known: {sorted(regions)}",
             )
-        if s.hardware.lower() not in HARDWARE:
+        if s.hardware.lower() not in HARDWARE and s.hardware not in calibrated:
             yield (
                 f"substrates[{i}].hardware",
-                f"unknown hardware profile {s.hardware!r}; known: {sorted(HARDWARE)}",
+                f"unknown hardware profile {s.hardware!r}; known: {known_hardware}",
             )
         for j, e in enumerate(s.endpoints):
             if e.dialect == "anthropic" and e.kv_events is not None:

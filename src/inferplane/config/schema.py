@@ -720,6 +720,11 @@ class FleetConfig(Strict):
     """The whole file."""
 
     gateway: GatewaySpec = GatewaySpec()
+    hardware_profiles: list[str] = Field(
+        default_factory=list,
+        description="calibrated hardware profile files (`inferplane calibrate`; relative to the "
+        "fleet file); substrates name a profile by its `hardware.name`",
+    )
     regions: list[RegionSpec] = Field(default_factory=list)
     substrates: list[SubstrateSpec] = Field(min_length=1)
     tenants: list[TenantSpec] = Field(default_factory=list)

@@ -16,7 +16,7 @@ from inferplane.config.schema import (
 )
 
 if TYPE_CHECKING:
-    from inferplane.physics import Roofline
+    from inferplane.physics import HardwareProfile, Roofline
 
 
 @dataclass(frozen=True, eq=False)
@@ -26,6 +26,7 @@ class Endpoint:
     spec: EndpointSpec
     substrate: SubstrateSpec
     index: int
+    hardware: HardwareProfile | None = None  # resolved by `Fleet.from_config` (calibrated too)
     name: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -115,7 +116,7 @@ class Endpoint:
     def _rooflines(self) -> dict[str, Roofline]:
         from inferplane.physics import Roofline, get_hardware, get_model
 
-        hw = get_hardware(self.substrate.hardware.lower())
+        hw = self.hardware or get_hardware(self.substrate.hardware.lower())
         out: dict[str, Roofline] = {}
         for m in self.spec.models:
             try:
@@ -136,10 +137,17 @@ class Fleet:
 
     @classmethod
     def from_config(cls, config: FleetConfig) -> Fleet:
+        from inferplane.physics import get_hardware
+        from inferplane.physics.calibration import load_hardware_profile
+
+        calibrated = {
+            hw.name: hw for hw in (load_hardware_profile(p) for p in config.hardware_profiles)
+        }
         eps: list[Endpoint] = []
         for sub in config.substrates:
+            hw = calibrated.get(sub.hardware) or get_hardware(sub.hardware.lower())
             for spec in sub.endpoints:
-                eps.append(Endpoint(spec=spec, substrate=sub, index=len(eps)))
+                eps.append(Endpoint(spec=spec, substrate=sub, index=len(eps), hardware=hw))
         return cls(endpoints=tuple(eps), regions={r.name: r for r in config.regions})
 
     @cached_property

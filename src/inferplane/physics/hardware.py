@@ -38,6 +38,12 @@ class HardwareProfile:
     ``interconnect_bandwidth`` is per-direction bytes/s used by a tensor-parallel ring
     all-reduce, and ``allreduce_latency_s`` the fixed cost of one all-reduce (launch and
     synchronisation), which dominates at decode-sized messages.
+
+    Two overheads are zero in the vendor table and come from calibration against a live engine
+    (``physics.calibration``): ``request_overhead_s``, paid once per request before its first
+    token (HTTP, tokenisation, scheduling, detokenisation), and ``seq_overhead_s``, paid per
+    sequence that produces a token in a step (sampling and output processing), which dominates
+    decode on CPU engines and small models.
     """
 
     name: str
@@ -56,6 +62,8 @@ class HardwareProfile:
     layer_latency_s: float = 0.0
     network_rtt_s: float = 0.0
     rate_limit_rpm: int | None = None
+    request_overhead_s: float = 0.0
+    seq_overhead_s: float = 0.0
 
     def __post_init__(self) -> None:
         positive = {
@@ -81,6 +89,8 @@ class HardwareProfile:
             self.network_rtt_s,
             self.allreduce_latency_s,
             self.layer_latency_s,
+            self.request_overhead_s,
+            self.seq_overhead_s,
         )
         if min(latencies) < 0:
             raise ValueError(f"hardware {self.name!r}: latencies must be >= 0")

@@ -12,7 +12,11 @@ Its time is
     comm     = 2 * layers * (allreduce_latency + 2 (tp-1)/tp * T * hidden * 2 / link_bw)
                (tp > 1 only: two all-reduces per layer)
     fixed    = step_overhead + layers * layer_latency      (layer_latency: SRAM systems only)
-    step     = max(compute, memory) + comm + fixed
+    seqs     = seq_overhead * (D + [P > 0])                  (calibrated; 0 in the table)
+    step     = max(compute, memory) + comm + fixed + seqs
+
+A request's time to first token adds ``hardware.request_overhead_s`` once (calibrated; 0 in
+the table): callers add it, as they add ``network_rtt_s``.
 
 Weights are read once per step whatever the batch, which is why decode is memory bound at
 small batch and why a mixed step (chunked prefill + decodes) costs little more than either.
@@ -55,6 +59,7 @@ class Roofline:
         "_kv_bytes_per_token_per_device",
         "_linear_flops_per_token",
         "_reserve_per_device",
+        "_seq_overhead_s",
         "_weight_bytes_per_device",
         "hardware",
         "kv_bytes_per_token",
@@ -111,6 +116,7 @@ class Roofline:
         self._fixed_s = (
             hardware.step_overhead_s + model.layers * hardware.layer_latency_s + comm_fixed_s
         )
+        self._seq_overhead_s = hardware.seq_overhead_s
         self._reserve_per_device = ACTIVATION_RESERVE_FRACTION * hardware.mem_capacity
 
         if not hardware.elastic:
@@ -142,7 +148,7 @@ class Roofline:
         """Seconds for one mixed iteration: ``P = prefill_tokens`` uncached prompt tokens
         whose sequence already has ``C = prefill_context_tokens`` cached, plus
         ``D = decode_seqs`` decode tokens over ``K = decode_context_tokens`` cached tokens
-        in all. ``max(compute, memory) + comm + fixed`` with T = P + D and attention
+        in all. ``max(compute, memory) + comm + fixed + seqs`` with T = P + D and attention
         pairs A = P (C + P/2) + K (see the module docstring); 0.0 for an empty step.
 
         With several prefill chunks in one step pass their summed tokens and summed cached
@@ -162,7 +168,10 @@ class Roofline:
             self._weight_bytes_per_device + kv_tokens * self._kv_bytes_per_token_per_device
         ) * self._inv_bandwidth
         bound = compute if compute > memory else memory
-        return bound + tokens * self._comm_per_token_s + self._fixed_s
+        step = bound + tokens * self._comm_per_token_s + self._fixed_s
+        if self._seq_overhead_s:
+            step += self._seq_overhead_s * (decode_seqs + (prefill_tokens > 0))
+        return step
 
     def prefill_time_s(self, new_tokens: int, context_tokens: int = 0) -> float:
         """Seconds to prefill ``new_tokens`` uncached tokens in one pass when

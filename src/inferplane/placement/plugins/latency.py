@@ -24,7 +24,7 @@ class _Consts:
 
     roofline: Roofline | None
     prefill_s_per_token: float
-    network_rtt_s: float
+    fixed_s: float  # the hardware's calibrated per-request overhead + provider network RTT
     embedding: bool
     name: str
     region: str
@@ -68,8 +68,9 @@ class PredictedLatency(Plugin):
       ``queue_s = queue_tokens × prefill_s_per_token`` (per-token cost of a 2048-token prefill on
       this hardware);
     * ``prefill_s = r.step_time_s(uncached, cached, B, B × ctx)`` (one mixed step);
-    * ``TTFT = (queue_s + prefill_s + net) × k_ttft + fleet.rtt_s(client_region, region)``
-      with ``net = hardware.network_rtt_s`` for provider APIs (0 otherwise);
+    * ``TTFT = (queue_s + prefill_s + fixed) × k_ttft + fleet.rtt_s(client_region, region)``
+      with ``fixed = hardware.request_overhead_s`` (calibrated profiles; 0 in the table) plus
+      ``hardware.network_rtt_s`` for provider APIs;
     * ``ITL = r.step_time_s(0, 0, B + 1, (B + 1) × ctx) × k_itl`` (0 for embeddings).
 
     Online correction: TTFT × ``k_ttft = clamp(median over the endpoint's recent requests of
@@ -118,6 +119,8 @@ class PredictedLatency(Plugin):
         r = ep.roofline(model)
         per_tok = r.prefill_time_s(_REF_PREFILL_TOKENS) / _REF_PREFILL_TOKENS if r else 0.0
         rtt = r.hardware.network_rtt_s if r and ep.substrate.kind == "provider-api" else 0.0
+        if r is not None:
+            rtt += r.hardware.request_overhead_s
         c = by_ep[ep] = _Consts(
             r,
             per_tok,
@@ -193,7 +196,7 @@ class PredictedLatency(Plugin):
                     raw_i = 0.0 if k.embedding else r.step_time_s(0, 0, batch + 1, kv + int(ctx))
                     loads[ep] = (s, idle_ctx, batch, kv, queue_s, raw_i)
                 # What the gateway observes: engine time + the gateway↔endpoint network.
-                raw_t = queue_s + r.step_time_s(uncached, cached, batch, kv) + k.network_rtt_s
+                raw_t = queue_s + r.step_time_s(uncached, cached, batch, kv) + k.fixed_s
                 ttft, itl = raw_t, raw_i
                 f = s.ttft_ratio_p50
                 if f is not None:

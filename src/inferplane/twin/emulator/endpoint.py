@@ -9,11 +9,14 @@ endpoint's ``url``, each backed by one :class:`EmulatedEndpoint`:
 - KV capacity is ``emulation.num_gpu_blocks``, else ``roofline.kv_blocks(block_size,
   gpu_memory_utilization)`` capped at :data:`MAX_DERIVED_BLOCKS` (an elastic provider API
   would otherwise get a billion blocks);
-- a driver task runs the engine in real time: ``out = engine.step(now)``, sleep
-  ``out.duration_s / time_scale``, then hand the step's tokens to the waiting HTTP handlers
-  (one asyncio queue per request); idle, it waits on an event. Engine time is real elapsed
-  time × ``time_scale``, so every latency shrinks by the time scale;
-- ``provider-api`` substrates add a network round trip before a request reaches the engine
+- a driver task runs the engine in real time: ``out = engine.step(start)``, sleep until
+  ``start + out.duration_s`` (scaled), then hand the step's tokens to the waiting HTTP handlers
+  (one asyncio queue per request); the next step starts where this one ended (within
+  :data:`MAX_LAG_S`), so the event loop's own work does not stretch every step; idle, it waits
+  on an event. Engine time is real elapsed time × ``time_scale``, so every latency shrinks by
+  the time scale;
+- a calibrated profile's ``request_overhead_s`` delays every request before it reaches the
+  engine; ``provider-api`` substrates add a network round trip too
   (``emulation.network_rtt_ms``, else the hardware's ``network_rtt_s``), and every endpoint with
   a quota (``emulation.rate_limit_rpm``, else its declared ``limits.requests_per_min``, else a
   provider hardware profile's) answers 429 with ``Retry-After`` past it in a sliding one-minute
@@ -54,6 +57,9 @@ log = logging.getLogger("inferplane.emulator")
 
 MAX_DERIVED_BLOCKS = 1 << 17
 """Upper bound on KV blocks derived from memory (2M tokens at block size 16)."""
+MAX_LAG_S = 0.02
+"""Engine seconds the driver may run behind its own step timeline and still catch up (steps
+start where the previous one ended); further behind, the next step starts now."""
 
 FINISHED = -1
 """Queue item telling a handler its request is over (finished, aborted or shut down)."""
@@ -177,6 +183,7 @@ class EmulatedEndpoint:
             if emu.network_rtt_ms is not None
             else (hw.network_rtt_s if self.is_provider else 0.0)
         )
+        self.request_overhead_s = hw.request_overhead_s  # calibrated profiles only (else 0)
         quota = next(
             (
                 q
@@ -277,9 +284,11 @@ class EmulatedEndpoint:
         arrivals.append(now)
 
     async def network_delay(self) -> None:
-        """The provider API's network round trip, before the request reaches the engine."""
-        if self.network_rtt_s > 0:
-            await asyncio.sleep(self.network_rtt_s / self.time_scale)
+        """The provider API's network round trip and the hardware's calibrated per-request
+        overhead (``request_overhead_s``), before the request reaches the engine."""
+        delay = self.network_rtt_s + self.request_overhead_s
+        if delay > 0:
+            await asyncio.sleep(delay / self.time_scale)
 
     def submit(self, request_id: str, prompt: Sequence[int], max_tokens: int) -> Submission:
         """Queue a request in the engine; 400 if it can never run."""
@@ -314,17 +323,23 @@ class EmulatedEndpoint:
     # -- the driver ------------------------------------------------------------------------
     async def _drive(self) -> None:
         engine, subs = self.engine, self._subs
+        step_end: float | None = None  # engine time at which the previous step ended
         while True:
             if not engine.has_unfinished():
                 self._wake.clear()
                 await self._wake.wait()
+                step_end = None
                 continue
-            start = self.now()
+            now = self.now()
+            # Steps follow each other on the engine's own timeline: the time this event loop
+            # spent handing out the previous step's tokens (HTTP handlers, other endpoints) is
+            # not added to every step, unless the loop has fallen too far behind to catch up.
+            start = now if step_end is None or now - step_end > MAX_LAG_S else step_end
             out = engine.step(start)
+            step_end = start + out.duration_s
             if out.duration_s > 0:
-                # Sleep until the step's end, less the time spent scheduling it.
-                delay = (start + out.duration_s - self.now()) / self.time_scale
-                await asyncio.sleep(max(delay, 0.0))
+                # Sleep until the step's end, less the time already spent since it started.
+                await asyncio.sleep(max((step_end - self.now()) / self.time_scale, 0.0))
             elif not out.new_tokens:
                 await asyncio.sleep(0.001)  # nothing schedulable (cannot happen; never spin)
             for rid, n in out.new_tokens.items():

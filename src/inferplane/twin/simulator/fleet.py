@@ -213,6 +213,7 @@ class SimEndpoint:
         "pending",
         "prefilling",
         "published",
+        "request_overhead_s",
         "step_out",
     )
 
@@ -221,6 +222,7 @@ class SimEndpoint:
         self.index = index
         self.engine: Engine | None = None
         self.network_rtt_s = 0.0
+        self.request_overhead_s = 0.0  # calibrated profiles: time before the engine sees it
         roof = next(
             (r for m in endpoint.spec.models if (r := endpoint.roofline(m.name)) is not None),
             None,
@@ -231,6 +233,7 @@ class SimEndpoint:
             self.network_rtt_s = rtt_ms / 1000.0 if rtt_ms is not None else (
                 roof.hardware.network_rtt_s
             )
+            self.request_overhead_s = roof.hardware.request_overhead_s
         self.busy = False
         self.step_out: StepOutput | None = None
         self.pending: list[float] = []  # heap: times of dispatches on their way here

@@ -233,8 +233,9 @@ class Simulator:
         )
         se = self.by_name[ep.name]
         rec.delay_s = (se.network_rtt_s + self.fleet.rtt_s(rec.share.region, ep.region)) / 2.0
-        if rec.delay_s > 0:
-            t = self.now + rec.delay_s
+        forward_s = rec.delay_s + se.request_overhead_s  # + the engine's calibrated front end
+        if forward_s > 0:
+            t = self.now + forward_s
             heapq.heappush(se.pending, t)
             self._push(t, _DISPATCH, rec.index)
         else:

@@ -1,0 +1,261 @@
+"""bench/calibration.py: calibrate against a real vLLM, then check the profile's predictions and
+the emulator running it against the same engine — beside the table's ``cpu`` profile.
+
+    python bench/calibration.py [--endpoint URL] [--rounds 3] [--requests 12] [--repeats 5]
+                                [--out out/calibration]
+
+Without ``--endpoint`` it starts the fidelity tier's real vLLM (``.fidelity-venv``, the tiny
+Llama, the engine settings of ``tests/fidelity/conftest.py``) and stops it at the end.
+
+1. ``inferplane calibrate``'s probe and fit (``physics.probe.calibrate_endpoint``), base ``cpu``;
+2. TTFT on prompt lengths the probe never sent (:data:`HELD_OUT`, median of 7 cold requests)
+   against each profile's prediction;
+3. the fidelity workload (``physics.probe.run_workload``: concurrency 1, 2 and 4, fresh prompts of
+   32-768 tokens, 32 output tokens) on the real engine and on ``inferplane emulate`` running each
+   profile in its own process, alternating engines round by round; per round P50/P90 of TTFT and
+   time per output token, then the median over rounds;
+4. a table, and ``results.json`` in ``--out``.
+
+Targets (issue 13): calibrated TTFT prediction median absolute error ≤ 20 %; emulator P50/P90
+within 15 % of the real engine. A real engine whose HTTP front end sends >10 % of its streams in
+one burst (starved of CPU) is reported as such: its latencies then measure the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
+
+from inferplane.physics import Roofline, get_hardware, get_model  # noqa: E402
+from inferplane.physics.calibration import load_hardware_profile, predict_ttft_s  # noqa: E402
+from inferplane.physics.probe import (  # noqa: E402
+    Prober,
+    WorkloadResult,
+    calibrate_endpoint,
+    run_workload,
+)
+from tests.fidelity import conftest as fid  # noqa: E402
+from tests.support.procs import Proc, free_port  # noqa: E402
+
+SWEEP = (16, 64, 128, 256, 512, 768)
+HELD_OUT = (96, 320, 640)
+PROFILE_NAME = "cpu-fidelity"
+
+
+def _pct(xs: list[float], q: int) -> float:
+    return statistics.quantiles(xs, n=100, method="inclusive")[q - 1]
+
+
+async def warm_up(url: str) -> bool:
+    async with aiohttp.ClientSession() as session:
+        return await Prober(url, fid.MODEL).warm_up(session)
+
+
+async def held_out_ttft(url: str, tokens: int, repeats: int = 7) -> tuple[int, float]:
+    prober = Prober(url, fid.MODEL)
+    async with aiohttp.ClientSession() as session:
+        await prober.learn_words_per_token(session)
+        cold = [(await prober.prefill_once(session, tokens))[0] for _ in range(repeats)]
+    return (int(statistics.median(s.prompt_tokens for s in cold)),
+            statistics.median(s.ttft_s for s in cold))
+
+
+def emulator_fleet(hardware: str, port: int, profile: Path | None) -> str:
+    profiles = f"hardware_profiles: [{profile}]\n" if profile is not None else ""
+    return profiles + f"""substrates:
+  - name: calibrated-cpu
+    kind: cpu
+    hardware: {hardware}
+    region: local
+    jurisdiction: eu
+    cost: {{hourly_usd: 1}}
+    endpoints:
+      - name: emu-0
+        url: http://127.0.0.1:{port}
+        models: [{{name: {fid.MODEL}, max_context: {fid.MAX_MODEL_LEN}, precision: fp32}}]
+        emulation:
+          block_size: {fid.BLOCK_SIZE}
+          max_num_seqs: {fid.MAX_NUM_SEQS}
+          num_gpu_blocks: {fid.NUM_GPU_BLOCKS}
+          max_num_batched_tokens: {fid.MAX_BATCHED_TOKENS}
+"""
+
+
+@contextlib.contextmanager
+def emulator(hardware: str, profile: Path | None, work: Path) -> Iterator[str]:
+    """``inferplane emulate`` for one endpoint on ``hardware``, in its own process."""
+    port = free_port()
+    fleet = work / f"fleet-{hardware}.yaml"
+    fleet.write_text(emulator_fleet(hardware, port, profile))
+    proc = Proc(["-m", "inferplane.cli", "emulate", "--config", str(fleet)],
+                work / f"emulator-{hardware}.log")
+    try:
+        url = f"http://127.0.0.1:{port}"
+        proc.wait_http(f"{url}/health")
+        yield url
+    finally:
+        proc.stop()
+
+
+def workload_stats(results: list[WorkloadResult]) -> dict[str, float]:
+    return {
+        f"{metric}_p{q}": statistics.median(_pct(getattr(r, f"{metric}_s"), q) for r in results)
+        for metric in ("ttft", "tpot")
+        for q in (50, 90)
+    }
+
+
+def compare(
+    real_url: str,
+    work: Path,
+    *,
+    rounds: int = 3,
+    requests: int = 12,
+    repeats: int = 5,
+    profiles: tuple[str, ...] = ("table", "calibrated"),
+) -> dict[str, Any]:
+    """Steps 1-3 of the module docstring against the engine at ``real_url``."""
+    out: dict[str, Any] = {"real_smooth_after_warm_up": asyncio.run(warm_up(real_url))}
+    text, summary = asyncio.run(calibrate_endpoint(
+        real_url, fid.MODEL, model_profile=fid.MODEL, base="cpu", name=PROFILE_NAME,
+        precision="fp32", prompt_tokens=SWEEP, batches=(1, 2, 4), repeats=repeats,
+    ))
+    profile = work / "profile.yaml"
+    profile.write_text(text)
+    out["fit"] = summary.splitlines()[-1]
+    hardware = {"table": (get_hardware("cpu"), None, "cpu"),
+                "calibrated": (load_hardware_profile(profile), profile, PROFILE_NAME)}
+
+    measured = [asyncio.run(held_out_ttft(real_url, n)) for n in HELD_OUT]
+    out["held_out_ttft_ms"] = {tokens: round(t * 1e3, 3) for tokens, t in measured}
+    out["prediction_error"] = {}
+    for name in profiles:
+        roof = Roofline(hardware[name][0], get_model(fid.MODEL), precision="fp32")
+        errors = [abs(predict_ttft_s(roof, tokens) - t) / t for tokens, t in measured]
+        out["prediction_error"][name] = {"median": statistics.median(errors),
+                                         "each": [round(e, 3) for e in errors]}
+
+    out["workload"], out["gaps"] = {}, {}
+    real_runs: list[WorkloadResult] = []
+    with contextlib.ExitStack() as stack:
+        urls = {name: stack.enter_context(emulator(hardware[name][2], hardware[name][1], work))
+                for name in profiles}
+        for url in urls.values():
+            asyncio.run(warm_up(url))
+        emu_runs: dict[str, list[WorkloadResult]] = {name: [] for name in profiles}
+        for _ in range(rounds):
+            real_runs.append(asyncio.run(run_workload(real_url, fid.MODEL,
+                                                      requests_per_level=requests)))
+            for name, url in urls.items():
+                emu_runs[name].append(asyncio.run(run_workload(url, fid.MODEL,
+                                                               requests_per_level=requests)))
+            time.sleep(0.2)
+    real = workload_stats(real_runs)
+    out["workload"]["real"] = real
+    for name in profiles:
+        s = out["workload"][f"emulator ({name})"] = workload_stats(emu_runs[name])
+        out["gaps"][name] = {k: (s[k] - v) / v for k, v in real.items()}  # signed
+    sent = sum(len(r.ttft_s) for r in real_runs)
+    out["real_bursts"] = sum(r.bursts for r in real_runs)
+    out["real_streams"] = sent
+    out["real_starved"] = out["real_bursts"] * 10 > sent
+    return out
+
+
+def table(res: dict[str, Any]) -> str:
+    lines = ["| | " + " | ".join(("TTFT P50", "TTFT P90", "TPOT P50", "TPOT P90")) + " |",
+             "|---|---|---|---|---|"]
+    for name, s in res["workload"].items():
+        cells = []
+        for k in ("ttft_p50", "ttft_p90", "tpot_p50", "tpot_p90"):
+            cell = f"{s[k] * 1e3:.2f} ms"
+            profile = name[len("emulator ("):-1] if name.startswith("emulator") else None
+            if profile is not None:
+                cell += f" ({res['gaps'][profile][k]:+.0%})"
+            cells.append(cell)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    pe = res["prediction_error"]
+    lines.append("")
+    lines.append("TTFT prediction on held-out prompts (median abs error): " + ", ".join(
+        f"{k} {v['median']:.1%} {v['each']}" for k, v in pe.items()))
+    lines.append(f"fit: {res['fit']}")
+    lines.append(f"real engine: {res['real_bursts']} of {res['real_streams']} streams in one burst"
+                 + (" (starved: latencies measure the machine)" if res["real_starved"] else ""))
+    return "\n".join(lines)
+
+
+def start_real_engine(work: Path) -> tuple[subprocess.Popen[bytes], str]:
+    if not fid.VENV_PYTHON.exists():
+        raise SystemExit(f"no fidelity venv at {fid.VENV}: run scripts/fidelity/setup.sh")
+    subprocess.run([str(fid.VENV_PYTHON), str(ROOT / "scripts/fidelity/build_tiny_model.py"),
+                    str(fid.MODEL_DIR)], check=True, timeout=300, cwd=ROOT)
+    port, kv_port = free_port(), free_port()
+    with (work / "vllm.log").open("wb") as log:
+        proc = subprocess.Popen(fid.vllm_command(fid.MODEL_DIR, port, kv_port), stdout=log,
+                                stderr=subprocess.STDOUT, env=fid.vllm_env(), cwd=work,
+                                start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + fid.VLLM_START_TIMEOUT_S
+    while True:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"vLLM did not start; see {work / 'vllm.log'}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return proc, url
+        time.sleep(0.5)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--endpoint", help="a running real engine (default: start the fidelity one)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--requests", type=int, default=12, help="requests per concurrency level")
+    ap.add_argument("--repeats", type=int, default=5, help="probe repeats per point")
+    ap.add_argument("--out", type=Path, default=ROOT / "out" / "calibration")
+    a = ap.parse_args(argv)
+    a.out.mkdir(parents=True, exist_ok=True)
+    proc = None
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        try:
+            if a.endpoint is None:
+                proc, url = start_real_engine(work)
+            else:
+                url = a.endpoint
+            load_before = os.getloadavg()[0]
+            res = compare(url, work, rounds=a.rounds, requests=a.requests, repeats=a.repeats)
+        finally:
+            if proc is not None and proc.poll() is None:
+                os.killpg(proc.pid, 15)
+                proc.wait(30)
+    res["machine"] = {"python": platform.python_version(), "cpus": os.cpu_count(),
+                      "load_1m_before": round(load_before, 2),
+                      "load_1m_after": round(os.getloadavg()[0], 2)}
+    res["date"] = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    (a.out / "results.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
+    print(table(res))
+    print(f"machine: {res['machine']}; {res['date']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

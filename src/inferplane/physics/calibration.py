@@ -1,0 +1,369 @@
+"""Calibrated hardware profiles: fit the roofline's factors to measurements of a live engine.
+
+The vendor table (``physics.hardware``) covers known devices with factors fitted to published
+vLLM numbers. Anything else — new inference silicon, an LPDDR-heavy card, a CPU path, or a known
+device behind an engine that behaves differently — gets its profile by measuring an engine
+(``inferplane calibrate``, ``physics.probe``) and fitting five factors of the roofline
+(``physics.roofline``) to what it measured:
+
+* ``1 / compute_efficiency`` and ``1 / bandwidth_efficiency`` (how far below peak the engine runs
+  compute-bound and memory-bound work),
+* ``step_overhead_s`` (every step), ``seq_overhead_s`` (every sequence that produces a token in a
+  step) and ``request_overhead_s`` (once per request, before its first token).
+
+With the regime of every measurement fixed (compute- or memory-bound under the current factors),
+each measured time is *linear* in those five unknowns:
+
+    ttft(P, C) = request + step + seq + comm + [compute] F / peak × (1/ce)
+                                               + [memory]  B / bw × (1/be)
+    itl(D, K)  =           step + D seq + comm + [compute] F / peak × (1/ce)
+                                               + [memory]  B / bw × (1/be)
+
+(``F``: FLOPs, ``B``: bytes of the step, exactly as ``Roofline.step_time_s`` counts them). The fit
+solves that system by least squares on *relative* errors (each row divided by its measurement), with
+a weak prior pulling ``1/ce`` and ``1/be`` towards the table's values (so a direction the probe
+cannot see — a tiny model's weight reads, say — stays where the table put it), drops any overhead
+that comes out negative, re-derives the regimes and repeats until they no longer change. An
+efficiency that comes out above 1 means the table's peak is too low for this machine: the peak is
+raised to what was achieved and the efficiency set to 1.
+
+A profile file (YAML, ``kind: inferplane/hardware-profile``) holds the fitted hardware profile and
+the evidence: every probe point with its measured and fitted time and the fit's error. Fleet files
+name such files under ``hardware_profiles`` and their substrates use the profile's ``name``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from inferplane.physics.hardware import HARDWARE, HardwareProfile
+from inferplane.physics.models import ModelProfile
+from inferplane.physics.roofline import Roofline
+
+PROFILE_KIND: Final = "inferplane/hardware-profile"
+PROFILE_VERSION: Final = 1
+#: Weight of the prior that keeps unobservable efficiencies at the table's value, relative to one
+#: measurement's squared relative error (a 100x departure costs as much as one point off by 10 %).
+PRIOR_WEIGHT: Final = 1e-6
+_MAX_ROUNDS: Final = 20
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillPoint:
+    """One measured time to first token: ``prompt_tokens`` in all, ``cached_tokens`` of them
+    served from the prefix cache (median over repeats)."""
+
+    prompt_tokens: int
+    cached_tokens: int
+    ttft_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class DecodePoint:
+    """One measured inter-token latency with ``batch`` sequences decoding together, each holding
+    ``context_tokens`` KV tokens (median over the steady part of the streams)."""
+
+    batch: int
+    context_tokens: int
+    itl_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class Calibration:
+    """A fitted profile and how well it reproduces the probe."""
+
+    hardware: HardwareProfile
+    prefill: tuple[tuple[PrefillPoint, float], ...]  # (measured, fitted)
+    decode: tuple[tuple[DecodePoint, float], ...]
+
+    @property
+    def errors(self) -> list[float]:
+        """Relative error of the fit at every probe point."""
+        out = [abs(f - p.ttft_s) / p.ttft_s for p, f in self.prefill]
+        out += [abs(f - p.itl_s) / p.itl_s for p, f in self.decode]
+        return out
+
+    @property
+    def median_error(self) -> float:
+        return statistics.median(self.errors) if self.errors else 0.0
+
+    @property
+    def max_error(self) -> float:
+        return max(self.errors, default=0.0)
+
+
+def predict_ttft_s(r: Roofline, prompt_tokens: int, cached_tokens: int = 0) -> float:
+    """Time to first token of a lone request: request overhead + one prefill step."""
+    new = max(1, prompt_tokens - cached_tokens)
+    return r.hardware.request_overhead_s + r.step_time_s(new, prompt_tokens - new, 0, 0)
+
+
+def predict_itl_s(r: Roofline, batch: int, context_tokens: int) -> float:
+    """Inter-token latency with ``batch`` sequences of ``context_tokens`` each decoding."""
+    return r.step_time_s(0, 0, batch, batch * context_tokens)
+
+
+def fit(
+    base: HardwareProfile,
+    model: ModelProfile,
+    prefill: Sequence[PrefillPoint],
+    decode: Sequence[DecodePoint],
+    *,
+    name: str,
+    tp: int = 1,
+    precision: str = "bf16",
+    source: str = "calibrated",
+) -> Calibration:
+    """Fit ``base``'s factors to the measurements (see the module docstring)."""
+    if len(prefill) < 2 or not decode:
+        raise ValueError("a fit needs at least two prefill points and one decode point")
+    if any(p.ttft_s <= 0 for p in prefill) or any(d.itl_s <= 0 for d in decode):
+        raise ValueError("measured times must be > 0")
+    hw = dataclasses.replace(
+        base, name=name, source=source, request_overhead_s=base.request_overhead_s
+    )
+    prior = (1.0 / base.compute_efficiency, 1.0 / base.bandwidth_efficiency)
+    previous: list[bool] | None = None
+    held: dict[int, float] = {}  # unknowns held fixed: overheads at 0, efficiencies at the table
+    for _ in range(_MAX_ROUNDS):
+        r = Roofline(hw, model, tp, precision)
+        rows, regimes = _rows(r, prefill, decode)
+        x = _solve(rows, prior, held)
+        wrong = {i: (prior[i] if i < 2 else 0.0) for i in range(5) if x[i] <= 0 and i not in held}
+        if wrong:  # a negative time or efficiency: noise, not physics; hold it and solve again
+            held |= wrong
+            continue
+        hw = _apply(hw, x)
+        if regimes == previous:
+            break
+        previous = regimes
+    r = Roofline(hw, model, tp, precision)
+    return Calibration(
+        hardware=hw,
+        prefill=tuple((p, predict_ttft_s(r, p.prompt_tokens, p.cached_tokens)) for p in prefill),
+        decode=tuple((d, predict_itl_s(r, d.batch, d.context_tokens)) for d in decode),
+    )
+
+
+# -- the linear system -----------------------------------------------------------------------
+# Unknowns: x = [1/ce, 1/be, step_overhead_s, seq_overhead_s, request_overhead_s].
+
+
+def _step_terms(
+    r: Roofline, p: int, c: int, d: int, k: int
+) -> tuple[float, float, bool, float, int]:
+    """(FLOPs / achievable-at-efficiency-1, bytes / bandwidth-at-efficiency-1, compute-bound
+    now?, known seconds (comm + layer latency), sequences producing a token)."""
+    hw = r.hardware
+    tokens = p + d
+    pairs = p * (c + 0.5 * p) + k
+    m = r.model
+    flops = 2.0 * m.active_params * tokens + 4.0 * m.layers * m.attention_width * pairs
+    flops_s = flops / (r.tp * hw.peak_flops_for(r.precision))
+    kv_per_dev = r.kv_bytes_per_token / min(r.tp, m.num_kv_heads)
+    bytes_s = (r.weight_bytes / r.tp + (c + k + tokens) * kv_per_dev) / hw.mem_bandwidth
+    compute_bound = flops_s / hw.compute_efficiency > bytes_s / hw.bandwidth_efficiency
+    step_total = r.step_time_s(p, c, d, k)
+    bound = max(flops_s / hw.compute_efficiency, bytes_s / hw.bandwidth_efficiency)
+    seqs = d + (p > 0)
+    known = step_total - bound - hw.step_overhead_s - hw.seq_overhead_s * seqs
+    return flops_s, bytes_s, compute_bound, known, seqs
+
+
+def _rows(
+    r: Roofline, prefill: Sequence[PrefillPoint], decode: Sequence[DecodePoint]
+) -> tuple[list[tuple[list[float], float]], list[bool]]:
+    rows: list[tuple[list[float], float]] = []
+    regimes: list[bool] = []
+    for pp in prefill:
+        new = max(1, pp.prompt_tokens - pp.cached_tokens)
+        f, b, cb, known, seqs = _step_terms(r, new, pp.prompt_tokens - new, 0, 0)
+        regimes.append(cb)
+        coef = [f if cb else 0.0, 0.0 if cb else b, 1.0, float(seqs), 1.0]
+        rows.append(([c / pp.ttft_s for c in coef], (pp.ttft_s - known) / pp.ttft_s))
+    for dp in decode:
+        f, b, cb, known, seqs = _step_terms(r, 0, 0, dp.batch, dp.batch * dp.context_tokens)
+        regimes.append(cb)
+        coef = [f if cb else 0.0, 0.0 if cb else b, 1.0, float(seqs), 0.0]
+        rows.append(([c / dp.itl_s for c in coef], (dp.itl_s - known) / dp.itl_s))
+    return rows, regimes
+
+
+def _solve(
+    rows: list[tuple[list[float], float]], prior: tuple[float, float], held: dict[int, float]
+) -> list[float]:
+    """Least squares with the efficiency prior; unknowns in ``held`` keep their given value,
+    and so does an unknown that no row mentions (an overhead without the points to see it is 0,
+    an efficiency stays at the table's)."""
+    n = 5
+    ata = [[0.0] * n for _ in range(n)]
+    atb = [0.0] * n
+    for coef, y in rows:
+        for i in range(n):
+            atb[i] += coef[i] * y
+            for j in range(n):
+                ata[i][j] += coef[i] * coef[j]
+    held = dict(held)
+    for i in range(n):
+        if i not in held and ata[i][i] == 0.0:
+            held[i] = prior[i] if i < 2 else 0.0
+    for i, target in enumerate(prior):
+        w = PRIOR_WEIGHT / (target * target)  # relative: a factor of 10 costs the same anywhere
+        ata[i][i] += w
+        atb[i] += w * target
+    free = [i for i in range(n) if i not in held]
+    # move the held unknowns' known contribution to the right-hand side
+    rhs = [atb[i] - sum(ata[i][j] * v for j, v in held.items()) for i in free]
+    sub = [[ata[i][j] for j in free] for i in free]
+    sol = _gauss(sub, rhs)
+    x = [held.get(i, 0.0) for i in range(n)]
+    for k, i in enumerate(free):
+        x[i] = sol[k]
+    return x
+
+
+def _gauss(a: list[list[float]], b: list[float]) -> list[float]:
+    """Solve ``a x = b`` (small, symmetric positive definite) by Gaussian elimination with
+    partial pivoting; a singular direction is solved as 0."""
+    n = len(b)
+    m = [[*row, b[i]] for i, row in enumerate(a)]
+    for col in range(n):
+        piv = max(range(col, n), key=lambda r: abs(m[r][col]))
+        m[col], m[piv] = m[piv], m[col]
+        if abs(m[col][col]) < 1e-300:
+            continue
+        for r in range(n):
+            if r != col and m[r][col] != 0.0:
+                f = m[r][col] / m[col][col]
+                for c in range(col, n + 1):
+                    m[r][c] -= f * m[col][c]
+    return [m[i][n] / m[i][i] if abs(m[i][i]) >= 1e-300 else 0.0 for i in range(n)]
+
+
+def _apply(hw: HardwareProfile, x: list[float]) -> HardwareProfile:
+    inv_ce, inv_be, step, seq, req = x
+    peak, fp8, bw = hw.peak_flops, hw.fp8_peak_flops, hw.mem_bandwidth
+    if inv_ce < 1.0:  # faster than the table's peak: the peak was wrong for this machine
+        peak, fp8 = peak / inv_ce, (fp8 / inv_ce if fp8 is not None else None)
+        inv_ce = 1.0
+    if inv_be < 1.0:
+        bw, inv_be = bw / inv_be, 1.0
+    return dataclasses.replace(
+        hw,
+        peak_flops=peak,
+        fp8_peak_flops=fp8,
+        mem_bandwidth=bw,
+        compute_efficiency=1.0 / inv_ce,
+        bandwidth_efficiency=1.0 / inv_be,
+        step_overhead_s=max(step, 0.0),
+        seq_overhead_s=max(seq, 0.0),
+        request_overhead_s=max(req, 0.0),
+    )
+
+
+# -- profile files ---------------------------------------------------------------------------
+
+
+class _HardwareFields(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
+    kind: Literal["gpu", "low-latency", "giant-context", "provider-api", "cpu"]
+    base: str | None = None
+    peak_flops: float = Field(gt=0)
+    fp8_peak_flops: float | None = Field(None, gt=0)
+    mem_bandwidth: float = Field(gt=0)
+    mem_capacity: float = Field(gt=0)
+    power_watts: float = Field(gt=0)
+    interconnect_bandwidth: float = Field(gt=0)
+    compute_efficiency: float = Field(gt=0, le=1)
+    bandwidth_efficiency: float = Field(gt=0, le=1)
+    step_overhead_s: float = Field(ge=0)
+    seq_overhead_s: float = Field(0.0, ge=0)
+    request_overhead_s: float = Field(0.0, ge=0)
+    allreduce_latency_s: float = Field(0.0, ge=0)
+    layer_latency_s: float = Field(0.0, ge=0)
+    network_rtt_s: float = Field(0.0, ge=0)
+    rate_limit_rpm: int | None = Field(None, gt=0)
+    source: str = "calibrated"
+
+
+class _ProfileFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["inferplane/hardware-profile"]
+    version: Literal[1]
+    hardware: _HardwareFields
+    calibration: dict[str, Any] = Field(default_factory=dict)
+
+
+def load_hardware_profile(path: str | Path) -> HardwareProfile:
+    """Read a profile file; raise ``ValueError`` naming the file and the field on any problem."""
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text("utf-8"))
+    except OSError as exc:
+        raise ValueError(f"{p}: cannot read: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{p}: not valid YAML: {exc}") from None
+    try:
+        f = _ProfileFile.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(x) for x in first["loc"]) or "(top level)"
+        raise ValueError(f"{p}: {loc}: {first['msg']}") from None
+    h = f.hardware
+    if h.name in HARDWARE:
+        raise ValueError(
+            f"{p}: hardware.name: {h.name!r} is a built-in profile; give the calibrated one "
+            "its own name"
+        )
+    fields = h.model_dump(exclude={"base"})
+    return HardwareProfile(**fields)
+
+
+def dump_profile(cal: Calibration, base: str, meta: dict[str, Any]) -> str:
+    """The YAML text of a profile file for ``cal`` fitted from the table's ``base`` profile, with
+    ``meta`` (endpoint, model, date…) and every probe point under ``calibration``."""
+    hw = dataclasses.asdict(cal.hardware)
+    hardware = {"name": hw.pop("name"), "kind": hw.pop("kind"), "base": base, **hw}
+    doc = {
+        "kind": PROFILE_KIND,
+        "version": PROFILE_VERSION,
+        "hardware": hardware,
+        "calibration": {
+            **meta,
+            "fit": {
+                "median_abs_error": round(cal.median_error, 4),
+                "max_abs_error": round(cal.max_error, 4),
+            },
+            "prefill": [
+                {
+                    "prompt_tokens": p.prompt_tokens,
+                    "cached_tokens": p.cached_tokens,
+                    "ttft_s": round(p.ttft_s, 6),
+                    "fitted_s": round(f, 6),
+                }
+                for p, f in cal.prefill
+            ],
+            "decode": [
+                {
+                    "batch": d.batch,
+                    "context_tokens": d.context_tokens,
+                    "itl_s": round(d.itl_s, 6),
+                    "fitted_s": round(f, 6),
+                }
+                for d, f in cal.decode
+            ],
+        },
+    }
+    header = "# A calibrated hardware profile, written by `inferplane calibrate`.\n"
+    return header + yaml.safe_dump(doc, sort_keys=False)

@@ -1,0 +1,362 @@
+"""Measure a live engine for calibration (``inferplane calibrate``): the one module of
+``physics`` that does I/O.
+
+Three sweeps over the OpenAI completions API, each point the median of ``repeats`` tries:
+
+* **prefill**: a lone streamed request of ``max_tokens=1`` per prompt length; TTFT is the time
+  from sending the request to the first chunk that carries a token. Every prompt starts with a
+  fresh random word, so nothing of it is in the prefix cache. The prompt's token count is the
+  engine's own (``usage.prompt_tokens``), so no tokenizer is needed here.
+* **cached**: the same prompt sent twice; the second TTFT with ``cached_tokens`` as the engine
+  reports them (``usage.prompt_tokens_details``; points without the field are left out).
+* **decode**: ``B`` streams started together, each a short prompt and ``decode_tokens`` output
+  tokens (``ignore_eos``); ITL is a stream's time to its last token, less the TTFT of a lone
+  one-token request of the same size, over the tokens after the first — the median over the
+  ``B`` streams. Not the gaps between chunks: a loaded engine front end may hold a stream back
+  and send it in one burst, which only the time to the last token survives.
+
+The engine's own TTFT includes its HTTP and tokenisation time, which is what the gateway
+observes too: the fit puts it in ``request_overhead_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import orjson
+
+from inferplane.physics.calibration import DecodePoint, PrefillPoint, dump_profile, fit
+from inferplane.physics.hardware import get_hardware
+from inferplane.physics.models import get_model
+
+#: Below this many seconds per token between a stream's first and last token, the tokens came
+#: in one burst (no engine decodes a token in 20 us; a starved HTTP front end sends them at once).
+BURST_S_PER_TOKEN = 20e-6
+#: Consecutive smooth streams that end the warm-up, and the most it may take.
+WARM_UP_STREAMS = 5
+WARM_UP_MAX_S = 90.0
+
+_WORDS = ("alpha", "bravo", "delta", "echo", "kilo", "lima", "mike", "oscar", "papa", "tango")
+
+
+class ProbeError(RuntimeError):
+    """The engine did not answer as an OpenAI-compatible completions server should."""
+
+
+@dataclass
+class ProbeResult:
+    prefill: list[PrefillPoint] = field(default_factory=list)
+    cached: list[PrefillPoint] = field(default_factory=list)
+    decode: list[DecodePoint] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class _Stream:
+    ttft_s: float
+    decode_s: float  # from the first token's chunk to the last one's
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int | None
+
+    @property
+    def burst(self) -> bool:
+        """All tokens after the first arrived at once: the engine's front end held the stream
+        back (a starved CPU), so its timing says nothing about the engine."""
+        return self.completion_tokens > 2 and self.decode_s < BURST_S_PER_TOKEN * (
+            self.completion_tokens - 1
+        )
+
+    def tpot_s(self, lone_ttft_s: float) -> float | None:
+        """Time per output token after the first: (time to the last token − ``lone_ttft_s``,
+        the TTFT of a lone one-token request of the same size) over the tokens after the first.
+        Not the gaps between chunks: a loaded engine front end can hold a whole stream back and
+        send it at once, which only the time to the last token survives."""
+        n = self.completion_tokens - 1
+        span = self.ttft_s + self.decode_s - lone_ttft_s
+        return span / n if n > 0 and span > 0 else None
+
+
+def prompt_of(words: int, nonce: str) -> str:
+    """A prompt of ``words`` words that no other prompt shares a first block with."""
+    body = " ".join(_WORDS[(i * 7 + len(nonce)) % len(_WORDS)] for i in range(max(0, words - 1)))
+    return f"{nonce} {body}".strip()
+
+
+class Prober:
+    """One engine, one model; see the module docstring."""
+
+    def __init__(
+        self,
+        url: str,
+        model: str,
+        *,
+        api_key: str | None = None,
+        timeout_s: float = 120.0,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self.model = model
+        self.headers = {"Content-Type": "application/json"}
+        if api_key:
+            self.headers["Authorization"] = f"Bearer {api_key}"
+        self.timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._words_per_token = 1.0
+
+    async def stream(
+        self, session: aiohttp.ClientSession, prompt: str, max_tokens: int
+    ) -> _Stream:
+        body: dict[str, Any] = {
+            "model": self.model,
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": 0.0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if max_tokens > 1:
+            body["ignore_eos"] = True
+            body["min_tokens"] = max_tokens
+        started = time.perf_counter()
+        first: float | None = None
+        last = 0.0
+        usage: dict[str, Any] | None = None
+        async with session.post(
+            f"{self.url}/v1/completions", data=orjson.dumps(body), headers=self.headers
+        ) as resp:
+            if resp.status != 200:
+                text = (await resp.read())[:300].decode("utf-8", "replace")
+                raise ProbeError(f"{self.url}/v1/completions answered {resp.status}: {text}")
+            async for raw in resp.content:
+                line = raw.strip()
+                if not line.startswith(b"data:") or line == b"data: [DONE]":
+                    continue
+                now = time.perf_counter()
+                try:
+                    chunk = orjson.loads(line[5:])
+                except orjson.JSONDecodeError:
+                    raise ProbeError(f"not JSON in the stream: {line[:120]!r}") from None
+                if isinstance(chunk.get("usage"), dict):
+                    usage = chunk["usage"]
+                choices = chunk.get("choices") or []
+                if choices and choices[0].get("text"):
+                    if first is None:
+                        first = now
+                    last = now
+        if first is None or usage is None:
+            raise ProbeError(
+                "the stream carried no token or no usage (the engine must honour "
+                "stream_options.include_usage)"
+            )
+        details = usage.get("prompt_tokens_details")
+        cached = details.get("cached_tokens") if isinstance(details, dict) else None
+        return _Stream(
+            ttft_s=first - started,
+            decode_s=last - first,
+            prompt_tokens=int(usage["prompt_tokens"]),
+            completion_tokens=int(usage.get("completion_tokens") or 0),
+            cached_tokens=int(cached) if isinstance(cached, int) else None,
+        )
+
+    def words_for(self, tokens: int) -> int:
+        return max(1, round(tokens / self._words_per_token))
+
+    async def warm_up(self, session: aiohttp.ClientSession) -> bool:
+        """Stream short requests until `WARM_UP_STREAMS` in a row arrive token by token (a fresh
+        engine compiles and allocates; a starved one sends streams in bursts), at most
+        `WARM_UP_MAX_S`. True when the engine streams smoothly."""
+        deadline = time.monotonic() + WARM_UP_MAX_S
+        smooth = 0
+        while smooth < WARM_UP_STREAMS:
+            if time.monotonic() > deadline:
+                return False
+            s = await self.stream(session, prompt_of(24, _nonce()), 24)
+            smooth = 0 if s.burst else smooth + 1
+        return True
+
+    async def learn_words_per_token(self, session: aiohttp.ClientSession) -> None:
+        s = await self.stream(session, prompt_of(200, _nonce()), 1)
+        self._words_per_token = s.prompt_tokens / 200
+
+    async def prefill_once(
+        self, session: aiohttp.ClientSession, tokens: int
+    ) -> tuple[_Stream, _Stream]:
+        """A fresh prompt of about ``tokens`` tokens, sent cold and then again (warm)."""
+        prompt = prompt_of(self.words_for(tokens), _nonce())
+        cold = await self.stream(session, prompt, 1)
+        return cold, await self.stream(session, prompt, 1)
+
+    async def decode_once(
+        self, session: aiohttp.ClientSession, batch: int, decode_tokens: int, prompt_tokens: int
+    ) -> tuple[float, int]:
+        """One batch of ``batch`` streams: (median ITL over its streams, prompt tokens)."""
+        words = self.words_for(prompt_tokens)
+        lone = await self.stream(session, prompt_of(words, _nonce()), 1)
+        streams = await asyncio.gather(
+            *(self.stream(session, prompt_of(words, _nonce()), decode_tokens)
+              for _ in range(batch))
+        )
+        tpots = [t for t in (s.tpot_s(lone.ttft_s) for s in streams) if t is not None]
+        if not tpots:
+            raise ProbeError(f"no stream of batch {batch} produced more than one token")
+        return statistics.median(tpots), int(statistics.median(s.prompt_tokens for s in streams))
+
+    async def run(
+        self,
+        prompt_tokens: Sequence[int],
+        batches: Sequence[int],
+        *,
+        decode_tokens: int = 64,
+        decode_prompt_tokens: int = 32,
+        repeats: int = 5,
+    ) -> ProbeResult:
+        """Every point ``repeats`` times, the sweeps interleaved (each round visits every point
+        once), so that a burst of load elsewhere on the machine spreads over the points instead
+        of bending one of them; each point is the median of its rounds."""
+        cold: dict[int, list[_Stream]] = {n: [] for n in prompt_tokens}
+        warm: dict[int, list[_Stream]] = {n: [] for n in prompt_tokens}
+        itl: dict[int, list[float]] = {b: [] for b in batches}
+        context: dict[int, int] = {}
+        async with aiohttp.ClientSession(timeout=self.timeout) as session:
+            await self.learn_words_per_token(session)
+            if not await self.warm_up(session):
+                raise ProbeError(
+                    f"{self.url} kept sending its streams in bursts for {WARM_UP_MAX_S:.0f} s "
+                    "(all tokens at once): its front end is starved of CPU, so its timing "
+                    "cannot be measured; calibrate on a quieter machine"
+                )
+            for _ in range(repeats):
+                for n in prompt_tokens:
+                    c, w = await self.prefill_once(session, n)
+                    cold[n].append(c)
+                    warm[n].append(w)
+                for b in batches:
+                    t, ctx = await self.decode_once(session, b, decode_tokens,
+                                                    decode_prompt_tokens)
+                    itl[b].append(t)
+                    context[b] = ctx
+        out = ProbeResult()
+        for n in prompt_tokens:
+            tokens = int(statistics.median(s.prompt_tokens for s in cold[n]))
+            out.prefill.append(
+                PrefillPoint(tokens, 0, statistics.median(s.ttft_s for s in cold[n]))
+            )
+            hits = [s for s in warm[n] if s.cached_tokens]
+            if len(hits) * 2 > len(warm[n]):  # the engine reports cached tokens and had them
+                out.cached.append(PrefillPoint(
+                    tokens,
+                    int(statistics.median(s.cached_tokens or 0 for s in hits)),
+                    statistics.median(s.ttft_s for s in hits),
+                ))
+        for b in batches:
+            out.decode.append(
+                DecodePoint(b, context[b] + decode_tokens // 2, statistics.median(itl[b]))
+            )
+        return out
+
+
+def _nonce() -> str:
+    return "n" + os.urandom(6).hex()
+
+
+async def calibrate_endpoint(
+    url: str,
+    model: str,
+    *,
+    model_profile: str,
+    base: str,
+    name: str,
+    tp: int = 1,
+    precision: str = "bf16",
+    prompt_tokens: Sequence[int] = (16, 64, 128, 256, 512, 768),
+    batches: Sequence[int] = (1, 2, 4),
+    decode_tokens: int = 64,
+    repeats: int = 5,
+    api_key: str | None = None,
+) -> tuple[str, str]:
+    """Probe ``url``, fit ``base`` to it; return the profile file's text and a summary table."""
+    hw, mp = get_hardware(base), get_model(model_profile)
+    result = await Prober(url, model, api_key=api_key).run(
+        prompt_tokens, batches, decode_tokens=decode_tokens, repeats=repeats
+    )
+    cal = fit(
+        hw, mp, result.prefill + result.cached, result.decode, name=name, tp=tp,
+        precision=precision, source=f"calibrated against {url} ({model}) from {base}",
+    )
+    meta = {
+        "endpoint": url,
+        "model": model,
+        "model_profile": model_profile,
+        "tp": tp,
+        "precision": precision,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "repeats": repeats,
+    }
+    lines = [f"{'point':<28}{'measured ms':>13}{'fitted ms':>11}{'error':>8}"]
+    for p, f in cal.prefill:
+        label = f"prefill {p.prompt_tokens} tok" + (f" ({p.cached_tokens} cached)"
+                                                     if p.cached_tokens else "")
+        lines.append(f"{label:<28}{p.ttft_s * 1e3:>13.2f}{f * 1e3:>11.2f}"
+                     f"{abs(f - p.ttft_s) / p.ttft_s:>8.1%}")
+    for d, f in cal.decode:
+        label = f"decode batch {d.batch}"
+        lines.append(f"{label:<28}{d.itl_s * 1e3:>13.2f}{f * 1e3:>11.2f}"
+                     f"{abs(f - d.itl_s) / d.itl_s:>8.1%}")
+    h = cal.hardware
+    lines.append(
+        f"fit: median error {cal.median_error:.1%}, max {cal.max_error:.1%}; "
+        f"compute_efficiency {h.compute_efficiency:.3g}, bandwidth_efficiency "
+        f"{h.bandwidth_efficiency:.3g}, step {h.step_overhead_s * 1e3:.3f} ms, per sequence "
+        f"{h.seq_overhead_s * 1e3:.3f} ms, per request {h.request_overhead_s * 1e3:.3f} ms"
+    )
+    return dump_profile(cal, base, meta), "\n".join(lines)
+
+
+@dataclass
+class WorkloadResult:
+    """Per-request TTFT and time per output token (after the first) of `run_workload`."""
+
+    ttft_s: list[float] = field(default_factory=list)
+    tpot_s: list[float] = field(default_factory=list)
+    bursts: int = 0  # streams whose tokens all came at once (see `_Stream.burst`)
+
+
+async def run_workload(
+    url: str,
+    model: str,
+    *,
+    prompt_tokens: Sequence[int] = (32, 128, 384, 768),
+    output_tokens: int = 32,
+    concurrency: Sequence[int] = (1, 2, 4),
+    requests_per_level: int = 8,
+    api_key: str | None = None,
+) -> WorkloadResult:
+    """The fidelity workload: at each concurrency level, closed-loop workers send
+    ``requests_per_level`` fresh (uncached) prompts cycling through ``prompt_tokens``, each
+    streamed with ``output_tokens`` output tokens; every request's TTFT and time per output
+    token ((time to the last token − TTFT) over the tokens after the first) are kept."""
+    prober = Prober(url, model, api_key=api_key)
+    out = WorkloadResult()
+    async with aiohttp.ClientSession(timeout=prober.timeout) as session:
+        await prober.learn_words_per_token(session)
+        for c in concurrency:
+            todo = [prompt_tokens[i % len(prompt_tokens)] for i in range(requests_per_level)]
+
+            async def worker(todo: list[int] = todo) -> None:
+                while todo:
+                    n = todo.pop()
+                    s = await prober.stream(
+                        session, prompt_of(prober.words_for(n), _nonce()), output_tokens
+                    )
+                    out.ttft_s.append(s.ttft_s)
+                    out.bursts += s.burst
+                    if s.completion_tokens > 1 and s.decode_s > 0:
+                        out.tpot_s.append(s.decode_s / (s.completion_tokens - 1))
+
+            await asyncio.gather(*(worker() for _ in range(c)))
+    return out
