@@ -29,7 +29,8 @@ def config(gw_port: int, up_port: int, admission: str = "") -> str:
         return f'  - {{name: {name}, api_keys: ["{hash_key(KEYS[name])}"]{extra}}}\n'
 
     return f"""
-gateway: {{port: {gw_port}, scrape_interval_s: 0.05, seed: 3}}
+gateway: {{port: {gw_port}, scrape_interval_s: 0.05, seed: 3,
+          metrics: {{public: true, tenant_labels: true}}}}
 {admission}
 substrates:
   - name: api

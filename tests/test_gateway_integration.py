@@ -15,6 +15,7 @@ from inferplane.api.pipeline import hash_key
 from tests.support.procs import Proc, free_port
 
 KEY_A, KEY_B = "sk-test-a", "sk-test-b"
+ADMIN = "sk-test-admin"
 
 
 def _ep(name: str, port: int, model: str, ctx: int = 4096) -> str:
@@ -39,7 +40,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object
                       "--name", names[0]], tmp / f"{mode}.log")
             procs.append(p)
             p.wait_http(f"http://127.0.0.1:{ups[names[0]]}/health")
-        gw_port = free_port()
+        gw_port, metrics_port = free_port(), free_port()
         endpoints = "".join([
             _ep("ok-a", ups["ok-a"], "m-ok"), _ep("ok-b", ups["ok-b"], "m-ok"),
             _ep("bad-1", ups["bad-1"], "m-flaky"), _ep("ok-c", ups["ok-c"], "m-flaky"),
@@ -48,7 +49,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object
             _ep("small", ups["small"], "m-small", ctx=64),
         ])
         cfg = f"""
-gateway: {{port: {gw_port}, max_body_bytes: 20000, scrape_interval_s: 0.05, seed: 3}}
+gateway: {{port: {gw_port}, max_body_bytes: 20000, scrape_interval_s: 0.05, seed: 3,
+          metrics: {{api_keys: ["{hash_key(ADMIN)}"], port: {metrics_port}}}}}
 substrates:
   - name: pool
     kind: gpu
@@ -67,10 +69,29 @@ tenants:
         procs.append(gw)
         base = f"http://127.0.0.1:{gw_port}"
         gw.wait_http(f"{base}/ready")
-        yield {"base": base, "ups": ups, "log": tmp / "gw.log"}
+        yield {"base": base, "ups": ups, "log": tmp / "gw.log",
+               "metrics": f"http://127.0.0.1:{metrics_port}/metrics"}
     finally:
         for p in procs:
             p.stop()
+
+
+def scrape(stack: dict[str, object]) -> str:
+    r = httpx.get(f"{stack['base']}/metrics", headers={"Authorization": f"Bearer {ADMIN}"})
+    assert r.status_code == 200, r.text
+    return r.text
+
+
+def test_metrics_need_an_admin_key_and_hide_tenants(stack: dict[str, object]) -> None:
+    """/metrics is for operators (issue 12 item 5): no key 401, a tenant's key 403, an admin
+    key or the scraper's own listener 200; no tenant names in it by default."""
+    post(stack, "/v1/chat/completions", CHAT)
+    url = f"{stack['base']}/metrics"
+    assert_openai_error(httpx.get(url), 401)
+    assert_openai_error(httpx.get(url, headers={"Authorization": f"Bearer {KEY_A}"}), 403)
+    for text in (scrape(stack), httpx.get(str(stack["metrics"])).text):
+        assert "inferplane_tenant_tokens_total" in text
+        assert 'tenant="ta"' not in text and 'tenant="all"' in text
 
 
 def client(stack: dict[str, object], key: str = KEY_A) -> openai.OpenAI:
@@ -143,7 +164,7 @@ def test_failover_replaces_once_before_first_byte(stack: dict[str, object]) -> N
         attempts.add((out["attempts"], tuple(out["failed_endpoints"])))
     assert seen == {"ok-c"}
     assert (2, ("bad-1",)) in attempts and attempts <= {(1, ()), (2, ("bad-1",))}
-    metrics = httpx.get(f"{stack['base']}/metrics").text
+    metrics = scrape(stack)
     assert 'inferplane_upstream_failures_total{endpoint="bad-1",reason="http_500"}' in metrics
     assert "inferplane_replacements_total" in metrics
 
@@ -159,8 +180,7 @@ def test_mid_stream_failure_ends_with_error_event(stack: dict[str, object]) -> N
     events = [line for line in r.text.splitlines() if line.startswith("data:")]
     assert len(events) == 3  # two relayed chunks, then the error event
     assert json.loads(events[-1][5:])["error"]["type"] == "upstream_error"
-    assert 'inferplane_stream_errors_total{endpoint="cut"} 1.0' in httpx.get(
-        f"{stack['base']}/metrics").text
+    assert 'inferplane_stream_errors_total{endpoint="cut"} 1.0' in scrape(stack)
 
 
 def test_client_disconnect_cancels_upstream(stack: dict[str, object]) -> None:
@@ -226,9 +246,29 @@ def test_oversize_body_is_413(stack: dict[str, object]) -> None:
 
 
 def test_no_eligible_endpoint_is_503_naming_filter(stack: dict[str, object]) -> None:
-    r = post(stack, "/v1/chat/completions", {**CHAT, "model": "m-small", "max_tokens": 100})
+    r = post(stack, "/v1/chat/completions", CHAT, headers={"x-inferplane-jurisdictions": "us"})
     msg = assert_openai_error(r, 503)
-    assert "0/" in msg and "1 context-window" in msg
+    assert "0/" in msg and "jurisdiction" in msg
+
+
+def test_impossible_requests_are_400_naming_the_limit(stack: dict[str, object]) -> None:
+    """Beyond every context of the model (m-small: 64 tokens) is the client's error, not
+    capacity (issue 12 item 3)."""
+    r = post(stack, "/v1/chat/completions", {**CHAT, "model": "m-small", "max_tokens": 100})
+    msg = assert_openai_error(r, 400, param="max_tokens")
+    assert "64 tokens" in msg and r.json()["error"]["code"] == "context_length_exceeded"
+    long = {"model": "m-small", "messages": [{"role": "user", "content": "word " * 400}]}
+    msg = assert_openai_error(post(stack, "/v1/chat/completions", long), 400, param="messages")
+    assert "64 tokens" in msg
+    # no max_tokens: the class default is capped to what the context leaves; it is served
+    r = post(stack, "/v1/chat/completions", {**CHAT, "model": "m-small"})
+    assert r.status_code == 200, r.text
+
+
+def test_n_has_an_upper_bound(stack: dict[str, object]) -> None:
+    msg = assert_openai_error(post(stack, "/v1/chat/completions", {**CHAT, "n": 10000}), 400,
+                              param="n")
+    assert "128" in msg
 
 
 @pytest.mark.parametrize(
@@ -271,7 +311,7 @@ def test_operational_routes(stack: dict[str, object]) -> None:
     base = stack["base"]
     assert httpx.get(f"{base}/health").json() == {"status": "ok"}
     assert httpx.get(f"{base}/ready").json()["ready"] is True
-    m = httpx.get(f"{base}/metrics").text
+    m = scrape(stack)
     assert "inferplane_requests_total" in m and "inferplane_placement_plugin_seconds" in m
     assert_openai_error(httpx.get(f"{base}/v1/nothing"), 404)
 

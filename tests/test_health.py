@@ -62,7 +62,7 @@ def _sub(name: str, hardware: str, port: int, *eps: str, conc: int = 8) -> str:
 
 # Four H100 peers, two H200 peers (same model: not peers of the H100s), one lone A100.
 FLEET_YAML = (
-    "gateway: {seed: 1}\n"
+    "gateway: {seed: 1, metrics: {public: true}}\n"
     f'tenants: [{{name: t, api_keys: ["{key_hash(KEY)}"]}}]\n'
     "substrates:\n"
     + _sub("pool-a", "h100", 9100, "a0", "a1", "a2", "a3")
@@ -446,8 +446,9 @@ class Gw:
 
 @pytest.fixture
 async def gw() -> AsyncIterator[Gw]:
-    cfg = parse_config(FLEET_YAML.replace("gateway: {seed: 1}", (
-        "gateway: {seed: 1}\nhealth: {outlier: {interval_s: 3600}}")), "fleet.yaml")
+    head = "gateway: {seed: 1, metrics: {public: true}}"
+    cfg = parse_config(FLEET_YAML.replace(head, (
+        f"{head}\nhealth: {{outlier: {{interval_s: 3600}}}}")), "fleet.yaml")
     source = StaticMetricsSource()
     for name in ("a0", "a1", "a2", "a3", "b0", "b1"):
         source.texts[name] = VLLM

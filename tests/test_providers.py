@@ -33,7 +33,7 @@ CHAT = {"model": "big", "messages": [{"role": "user", "content": "hello there"}]
 
 def fleet_yaml(gw_port: int, endpoints: str, extra: str = "") -> str:
     return f"""
-gateway: {{port: {gw_port}, seed: 1}}
+gateway: {{port: {gw_port}, seed: 1, metrics: {{public: true}}}}
 regions: [{{name: us-east}}]
 substrates:
   - name: prov

@@ -244,7 +244,8 @@ class Admission:
             await self._checks(api, body, raw, headers, tenant, key_hash, cls, idem, ticket)
         except BaseException as exc:
             if isinstance(exc, GatewayError):
-                m.child(m.admission_rejected, tenant.name, exc.code or exc.error_type).inc()
+                reason = exc.code or exc.error_type
+                m.child(m.admission_rejected, m.tenant(tenant.name), reason).inc()
             if ticket.lease is not None:
                 await self.budgets.settle(ticket.lease, 0.0, 0)
             raise
@@ -272,7 +273,7 @@ class Admission:
                 t.profile = t.profile.with_(max_output_tokens=ceiling.max_tokens)
         if ceiling.clamped is not None:
             t.headers["x-inferplane-max-tokens-clamped"] = ceiling.clamped
-            m.child(m.max_tokens_clamped, tenant.name, cls.name).inc()
+            m.child(m.max_tokens_clamped, m.tenant(tenant.name), cls.name).inc()
         # 3. agent loop depth and fan-out
         step = limits.agent_step(headers)
         loop = tenant.loop
@@ -301,12 +302,12 @@ class Admission:
             m.child(m.tool_fanout, cls.name, "results").observe(results)
         # 4. client retries, shed first under degradation
         pool = self.pool_of(t.profile)
-        m.child(m.admitted_requests, tenant.name, cls.name).inc()
+        m.child(m.admitted_requests, m.tenant(tenant.name), cls.name).inc()
         is_retry = await self.store.mark_seen(
             retry_key(tenant.name, t.key_hash, idem, raw), self.spec.retry.window_s, now
         )
         if is_retry:
-            m.child(m.client_retries, tenant.name, cls.name).inc()
+            m.child(m.client_retries, m.tenant(tenant.name), cls.name).inc()
             why = self.degraded(pool)
             if why is not None:
                 delay = self.spec.retry.shed_retry_after_s * (1.0 + self.rng.random())
@@ -370,9 +371,10 @@ class Admission:
             await self.budgets.settle(t.lease, usd, tokens if observed else 0)
         if observed:
             m = self.metrics
-            m.child(m.tenant_cost, t.tenant, t.workload_class).inc(usd)
-            m.child(m.tenant_tokens, t.tenant, t.workload_class, "prompt").inc(t.prompt_tokens)
-            m.child(m.tenant_tokens, t.tenant, t.workload_class, "completion").inc(
+            who = m.tenant(t.tenant)
+            m.child(m.tenant_cost, who, t.workload_class).inc(usd)
+            m.child(m.tenant_tokens, who, t.workload_class, "prompt").inc(t.prompt_tokens)
+            m.child(m.tenant_tokens, who, t.workload_class, "completion").inc(
                 t.completion_tokens
             )
             day = self._utc_day(self.clock())

@@ -21,14 +21,17 @@ from inferplane.admission.queue import BANDS
 from inferplane.api.pipeline import Attempt, Gateway, parse_usage
 from inferplane.api.server import ConnectionLimits, GatewayRunner, request_started
 from inferplane.batch import routes as batch_routes
+from inferplane.core.plane import hash_key
 from inferplane.core.validation import parse_json, validate
 from inferplane.dispatch.answer import StreamStats
 from inferplane.dispatch.upstream import Dispatcher, SSEUsageFilter
 from inferplane.errors import (
+    AuthenticationError,
     GatewayError,
     InvalidRequestError,
     NotFoundError,
     PayloadTooLargeError,
+    PermissionDeniedError,
     UpstreamError,
 )
 from inferplane.fleet.health import VERDICTS, endpoint_summary
@@ -281,7 +284,34 @@ async def ready(request: web.Request) -> web.Response:
     return web.json_response(body, status=200 if usable else 503)
 
 
+METRICS_OPEN: web.AppKey[bool] = web.AppKey("metrics_open", bool)
+
+
+def check_metrics_access(request: web.Request) -> None:
+    """``/metrics`` is for operators: on the API listener it needs one of
+    ``gateway.metrics.api_keys`` unless ``gateway.metrics.public``; the ``gateway.metrics.port``
+    listener serves it with no key."""
+    gw = request.app[GATEWAY_KEY]
+    spec = gw.config.gateway.metrics
+    if spec.public or request.app.get(METRICS_OPEN, False):
+        return
+    if not spec.api_keys:
+        raise PermissionDeniedError(
+            "/metrics is not served on this listener: set gateway.metrics.port (a listener for "
+            "the scraper), gateway.metrics.api_keys (admin keys) or gateway.metrics.public"
+        )
+    scheme, _, key = (request.headers.get("Authorization") or "").partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        raise AuthenticationError(
+            "/metrics needs an admin key: send 'Authorization: Bearer <key>'",
+            code="missing_api_key",
+        )
+    if hash_key(key.strip()) not in spec.api_keys:
+        raise PermissionDeniedError("this key may not read /metrics (gateway.metrics.api_keys)")
+
+
 async def metrics(request: web.Request) -> web.Response:
+    check_metrics_access(request)
     gw = request.app[GATEWAY_KEY]
     snap = gw.live.snapshot()
     for v in snap.endpoints:
@@ -434,6 +464,9 @@ async def serve(gateway: Gateway, host: str, port: int) -> web.AppRunner:
         max_connections_per_client=g.max_connections_per_client,
     )
     runner = GatewayRunner(application, limits=limits)
+    metrics_runner = None
+    if g.metrics.port is not None:
+        metrics_runner = _metrics_listener(application, gateway)
     try:
         await runner.setup()
     except BaseException:
@@ -444,10 +477,30 @@ async def serve(gateway: Gateway, host: str, port: int) -> web.AppRunner:
         raise
     try:
         await web.TCPSite(runner, host, port, reuse_address=True).start()
+        if metrics_runner is not None:
+            await metrics_runner.setup()
+            site = web.TCPSite(metrics_runner, g.metrics.host, g.metrics.port, reuse_address=True)
+            await site.start()
     except BaseException as exc:
         with contextlib.suppress(Exception):
             await runner.cleanup()
         if isinstance(exc, OSError):
             raise ListenError(exc.strerror or str(exc)) from exc
         raise
+    return runner
+
+
+
+def _metrics_listener(main: web.Application, gateway: Gateway) -> web.AppRunner:
+    """``/metrics`` alone, with no key, for its own listener; cleaned up with the main app."""
+    app = web.Application(middlewares=[error_middleware])
+    app[GATEWAY_KEY] = gateway
+    app[METRICS_OPEN] = True
+    app.router.add_get("/metrics", metrics)
+    runner = web.AppRunner(app, access_log=None)
+
+    async def stop(_: web.Application) -> None:
+        await runner.cleanup()
+
+    main.on_cleanup.insert(0, stop)
     return runner

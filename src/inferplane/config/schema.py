@@ -24,12 +24,49 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class MetricsSpec(Strict):
+    """Who may read the gateway's own ``/metrics`` (it shows every endpoint's load and, with
+    ``tenant_labels``, every tenant's tokens and spend)."""
+
+    api_keys: list[str] = Field(
+        default_factory=list,
+        description="'sha256:<hex>' of admin keys that may read /metrics on the API listener",
+    )
+    port: int | None = Field(
+        None, ge=0, le=65535,
+        description="also serve /metrics, with no key, on this port of `host` (a listener for "
+        "the Prometheus scraper only)",
+    )
+    host: str = Field("127.0.0.1", description="address of the `port` listener")
+    public: bool = Field(
+        False, description="serve /metrics on the API listener to anyone, with no key"
+    )
+    tenant_labels: bool = Field(
+        False, description="label admission and spend metrics by tenant (else one value, 'all')"
+    )
+
+    @field_validator("api_keys")
+    @classmethod
+    def _hashes_only(cls, keys: list[str]) -> list[str]:
+        for i, key in enumerate(keys):
+            if not _KEY_HASH.match(key):
+                raise ValueError(
+                    f"api_keys[{i}] must be 'sha256:' + 64 lowercase hex digits "
+                    "(store hashes, never keys; see `inferplane hash-key`)"
+                )
+        return keys
+
+
 class GatewaySpec(Strict):
     """How the gateway process listens, scrapes and forwards."""
 
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     max_body_bytes: int = Field(4 * 1024 * 1024, gt=0, description="larger bodies get 413")
+    metrics: MetricsSpec = Field(
+        MetricsSpec(), description="who may read /metrics, and whether tenants are labels"
+    )
+    max_n: int = Field(128, gt=0, description="most choices one request may ask for (`n`)")
     header_timeout_s: float = Field(
         10.0, gt=0, description="a request head must arrive whole this soon after its first byte"
     )

@@ -138,7 +138,7 @@ class Core:
         }
         self.classifier = Classifier(config)
         self.tenants: dict[str, TenantSpec] = {h: t for t in config.tenants for h in t.api_keys}
-        self.metrics = GatewayMetrics()
+        self.metrics = GatewayMetrics(tenant_labels=g.metrics.tenant_labels)
         self.ledger: Ledger = ledger or build_ledger(config, file)
         self._metrics_source = metrics_source
         self.scraper: Scraper | None = None
@@ -271,10 +271,40 @@ class Core:
                 f"which carries chat completions, not {api}",
                 param="model",
             )
+        n = body.get("n")
+        limit = self.config.gateway.max_n
+        if isinstance(n, int) and n > limit:
+            raise InvalidRequestError(
+                f"'n' must be at most {limit} (gateway.max_n), got {n}", param="n"
+            )
         profile, _ = self.classifier.classify(
             request_id=os.urandom(8).hex(), api=api, body=body, headers=headers, tenant=tenant
         )
         return profile
+
+    def _check_possible(self, profile: RequestProfile) -> None:
+        """A request that no endpoint of the fleet could ever serve is the client's error (400
+        naming the limit), not a capacity problem (503)."""
+        largest = self.classifier.largest_context.get(profile.model)
+        if largest is None:
+            return
+        out = profile.max_output_tokens if profile.api != "embeddings" else 0
+        if profile.prompt_tokens > largest:
+            raise InvalidRequestError(
+                f"the prompt is {profile.prompt_tokens} tokens; the largest context of model "
+                f"{profile.model!r} in this fleet is {largest} tokens",
+                param="input" if profile.api == "embeddings" else (
+                    "messages" if profile.api == "chat" else "prompt"),
+                code="context_length_exceeded",
+            )
+        if profile.prompt_tokens + out > largest:
+            raise InvalidRequestError(
+                f"max_tokens {out} plus the prompt's {profile.prompt_tokens} tokens exceed the "
+                f"largest context of model {profile.model!r} in this fleet ({largest} tokens); "
+                f"ask for at most {largest - profile.prompt_tokens}",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
 
     def decide(self, profile: RequestProfile) -> Decision:
         """Place the request; raise 503 naming the filters when nothing is eligible."""
@@ -294,6 +324,7 @@ class Core:
                 profile.workload_class, s.from_region or "", s.to_region
             ).inc()
         if decision.picked is None:
+            self._check_possible(profile)
             for name, n in decision.removed_by.items():
                 self.metrics.no_endpoint.labels(name).inc(n)
             self.ledger.record(decision, Outcome(status=503, endpoint=None), time.time())

@@ -127,6 +127,12 @@ class Classifier:
         self.regions = {r.name for r in config.regions}
         self.mode = config.gateway.token_estimate
         self.block_chars = config.gateway.prefix_block_chars
+        self.largest_context: dict[str, int] = {}
+        for sub in config.substrates:
+            for ep in sub.endpoints:
+                for m in ep.models:
+                    ctx = self.largest_context.get(m.name, 0)
+                    self.largest_context[m.name] = max(ctx, m.max_context)
         # A served model's tokenizer: exact prompt token counts, and engine block hashes of
         # text completion prompts that match a real engine's KV events.
         self.tokenizers: dict[str, Tokenizer] = {}
@@ -240,7 +246,10 @@ class Classifier:
         if api == "embeddings":
             max_out = 0
         elif max_out is None:
-            max_out = cls.default_max_tokens
+            # a default never makes a request impossible: cap it at what the largest context
+            # leaves after the prompt (an engine's own default does the same)
+            room = self.largest_context.get(model, 0) - prompt.tokens
+            max_out = min(cls.default_max_tokens, room) if room > 0 else cls.default_max_tokens
         profile = RequestProfile(
             request_id=request_id,
             tenant=tenant.name,

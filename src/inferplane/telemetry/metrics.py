@@ -1,6 +1,7 @@
 """The gateway's own Prometheus metrics, in one registry per gateway (no global state).
 
-Label sets are bounded: endpoint and substrate names come from config, ``code`` from a fixed set of
+Label sets are bounded: endpoint and substrate names come from config, tenant names only when
+``gateway.metrics.tenant_labels`` is on (else one value, ``all``), ``code`` from a fixed set of
 HTTP statuses, plugin names from config.
 """
 
@@ -31,7 +32,8 @@ _PLUGIN_BUCKETS = (1e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-
 class GatewayMetrics:
     """Every metric the gateway exports."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, tenant_labels: bool = False) -> None:
+        self.tenant_labels = tenant_labels
         self.registry = CollectorRegistry()
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         r = self.registry
@@ -224,6 +226,12 @@ class GatewayMetrics:
             ["tenant", "workload_class"],
             registry=r,
         )
+
+    def tenant(self, name: str) -> str:
+        """The ``tenant`` label value: the tenant's name only with ``gateway.metrics.tenant_labels``
+        (whoever reads /metrics would otherwise see every tenant's tokens and spend), else
+        ``"all"``."""
+        return name if self.tenant_labels else "all"
 
     def observe_placement(self, timings_s: dict[str, float]) -> None:
         """A decision's plugin timings (``"stage:plugin": seconds``) into
