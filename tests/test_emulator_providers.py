@@ -176,3 +176,36 @@ async def test_gateway_in_front_of_emulated_providers() -> None:
                 assert state.ejected and state.ejected_reason.startswith("rate limited: HTTP 429")
         finally:
             await runner.cleanup()
+
+
+async def test_tool_calls_through_the_gateway_to_an_emulated_messages_api() -> None:
+    import openai
+
+    oa, an, gw_port = free_port(), free_port(), free_port()
+    config = fleet(oa, an, gw_port)
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {
+        "type": "object", "properties": {"text": {"type": "string"}}}}}]
+    async with emulated(config):
+        gw = Gateway(config)
+        runner = await serve(gw, "127.0.0.1", gw_port)
+        try:
+            gw.live.live["oa"].inflight = 60  # `an`, the Messages endpoint, is the pick
+            async with openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{gw_port}/v1",
+                                          api_key=KEY, max_retries=0) as client:
+                ask = {"model": "m", "max_tokens": 4, "tools": tools, "tool_choice": "required",
+                       "messages": [{"role": "user", "content": "find it"}]}
+                out = await client.chat.completions.create(**ask)  # type: ignore[call-overload]
+                choice = out.choices[0]
+                assert choice.finish_reason == "tool_calls"
+                call = choice.message.tool_calls[0]
+                assert call.function.name == "lookup"
+                assert len(json.loads(call.function.arguments)["text"].split()) == 4
+                stream = await client.chat.completions.create(**ask, stream=True)  # type: ignore[call-overload]
+                chunks = [c async for c in stream]
+            calls = [tc for c in chunks if c.choices for tc in c.choices[0].delta.tool_calls or []]
+            assert calls[0].function.name == "lookup" and calls[0].id.startswith("toolu_")
+            args = "".join(tc.function.arguments or "" for tc in calls)
+            assert len(json.loads(args)["text"].split()) == 4
+            assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+        finally:
+            await runner.cleanup()

@@ -190,6 +190,8 @@ class Admission:
                 room = e.max_concurrency - st.inflight
                 if st.requests_left is not None:  # a declared rate limit is capacity too
                     room = min(room, st.requests_left)
+                if st.tokens_left is not None and st.tokens_left <= 0:
+                    room = 0
                 free += max(0, room)
                 inflight += st.inflight
                 err = min(err, st.error_rate)

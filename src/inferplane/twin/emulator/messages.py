@@ -12,7 +12,10 @@ answered as Anthropic does: a ``message`` object (one ``text`` block, ``stop_rea
 ``cache_read_input_tokens`` = the prefix-cache hits and ``input_tokens`` = the rest), or with
 ``stream: true`` the event sequence ``message_start``, ``content_block_start``, ``ping``,
 ``content_block_delta`` per step, ``content_block_stop``, ``message_delta``, ``message_stop``.
-Errors use Anthropic's shape ``{"type": "error", "error": {"type", "message"}}``.
+When ``tool_choice`` requires a tool (``any``, or ``tool`` naming one of ``tools``), the
+generated words become that tool's call instead of text: one ``tool_use`` block whose ``input``
+is ``{"text": "<the words>"}`` (streamed as ``input_json_delta`` pieces), ``stop_reason``
+``tool_use``. Errors use Anthropic's shape ``{"type": "error", "error": {"type", "message"}}``.
 """
 
 from __future__ import annotations
@@ -116,6 +119,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
             400, f"prompt is too long: {len(prompt)} tokens + {max_tokens} > "
             f"{served.max_context} maximum"
         )
+    tool = _forced_tool(body)
     emu.admit()
     await emu.network_delay()
     rid = new_request_id("msg")
@@ -123,17 +127,21 @@ async def messages(request: web.Request) -> web.StreamResponse:
     head = {"id": rid, "type": "message", "role": "assistant", "model": served.upstream}
     try:
         if body.get("stream"):
-            return await _stream(request, sub, head)
+            return await _stream(request, sub, head, tool)
         produced = 0
         while (n := await sub.queue.get()) != FINISHED:
             produced += n
         if produced < max_tokens:
             raise EmulatedRequestError(529, "Overloaded")
         text = "".join(_piece(sub.request.seed, i) for i in range(produced))
+        block: dict[str, Any] = {"type": "text", "text": text}
+        if tool is not None:
+            block = {"type": "tool_use", "id": "toolu_" + rid, "name": tool,
+                     "input": {"text": text}}
         answer = {
             **head,
-            "content": [{"type": "text", "text": text}],
-            "stop_reason": "max_tokens",
+            "content": [block],
+            "stop_reason": "max_tokens" if tool is None else "tool_use",
             "stop_sequence": None,
             "usage": _usage(sub, produced),
         }
@@ -142,8 +150,24 @@ async def messages(request: web.Request) -> web.StreamResponse:
         emu.abort(rid)
 
 
+def _forced_tool(body: dict[str, Any]) -> str | None:
+    """The tool a request's ``tool_choice`` forces (``any``: the first tool), else None."""
+    tools = body.get("tools")
+    choice = body.get("tool_choice")
+    if not isinstance(tools, list) or not tools or not isinstance(choice, dict):
+        return None
+    names = [t.get("name") for t in tools if isinstance(t, dict)]
+    if choice.get("type") == "any" and isinstance(names[0], str):
+        return names[0]
+    if choice.get("type") == "tool":
+        if choice.get("name") not in names:
+            raise EmulatedRequestError(400, "tool_choice: the named tool is not in tools")
+        return str(choice["name"])
+    return None
+
+
 async def _stream(
-    request: web.Request, sub: Submission, head: dict[str, Any]
+    request: web.Request, sub: Submission, head: dict[str, Any], tool: str | None
 ) -> web.StreamResponse:
     resp = web.StreamResponse(
         headers={"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
@@ -157,12 +181,23 @@ async def _stream(
             start = {**head, "content": [], "stop_reason": None, "stop_sequence": None,
                      "usage": _usage(sub, 0)}
             out += _event("message_start", {"message": start})
-            out += _event("content_block_start",
-                          {"index": 0, "content_block": {"type": "text", "text": ""}})
+            first: dict[str, Any] = {"type": "text", "text": ""}
+            if tool is not None:
+                first = {"type": "tool_use", "id": "toolu_" + str(head["id"]), "name": tool,
+                         "input": {}}
+            out += _event("content_block_start", {"index": 0, "content_block": first})
             out += _event("ping", {})
-        for i in range(produced, produced + n):
+        pieces = "".join(_piece(seed, i) for i in range(produced, produced + n))
+        if tool is None:
             out += _event("content_block_delta",
-                          {"index": 0, "delta": {"type": "text_delta", "text": _piece(seed, i)}})
+                          {"index": 0, "delta": {"type": "text_delta", "text": pieces}})
+        else:  # the JSON {"text": "..."} in pieces: the opening with the first words
+            part = orjson.dumps(pieces).decode()[1:-1]
+            if produced == 0:
+                part = '{"text": "' + part
+            out += _event("content_block_delta",
+                          {"index": 0, "delta": {"type": "input_json_delta",
+                                                 "partial_json": part}})
         produced += n
         await resp.write(bytes(out))
     if produced < sub.request.max_tokens:
@@ -170,8 +205,13 @@ async def _stream(
                                                     "message": "Overloaded"}}))
         await resp.write_eof()
         return resp
-    tail = _event("content_block_stop", {"index": 0})
-    tail += _event("message_delta", {"delta": {"stop_reason": "max_tokens", "stop_sequence": None},
+    tail = b""
+    if tool is not None:
+        tail += _event("content_block_delta", {"index": 0, "delta": {
+            "type": "input_json_delta", "partial_json": '"}'}})
+    tail += _event("content_block_stop", {"index": 0})
+    reason = "max_tokens" if tool is None else "tool_use"
+    tail += _event("message_delta", {"delta": {"stop_reason": reason, "stop_sequence": None},
                                      "usage": {"output_tokens": produced}})
     tail += _event("message_stop", {})
     await resp.write(tail)
