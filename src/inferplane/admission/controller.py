@@ -41,7 +41,7 @@ import orjson
 
 from inferplane.admission import limits
 from inferplane.admission.budget import BudgetLease, Budgets, WorstCase
-from inferplane.admission.queue import FairQueue, Grant, PoolKey
+from inferplane.admission.queue import BANDS, FairQueue, Grant, PoolKey
 from inferplane.admission.retry import RetryBudget, retry_key
 from inferplane.admission.state import AdmissionStore, MemoryStore
 from inferplane.config.schema import FleetConfig, TenantSpec, WorkloadClass
@@ -212,6 +212,20 @@ class Admission:
         """Gateway in-flight ÷ capacity over the pool's usable endpoints (1.0 when it has none)."""
         _, cap, _, inflight, _ = self._pool_stats(pool)
         return inflight / cap if cap else 1.0
+
+    def batch_spare(self, pool: PoolKey, launching: int, max_utilisation: float) -> bool:
+        """Spare capacity for one more batch-lane request on ``pool``: no request of a band above
+        ``batch`` waits in the queue, and the pool's utilisation with it (and the ``launching``
+        ones not yet counted in flight) at most ``max_utilisation`` (or the pool idle, so that a
+        small pool still makes progress). The batch worker and the simulator's batch lane ask."""
+        q = self.queue
+        if any(q.depth(band) for band in BANDS if band != "batch"):
+            return False
+        cap = self.capacity(pool)
+        if cap <= 0:
+            return True  # no usable endpoint: placement answers (and the line fails) at once
+        busy = self.utilisation(pool) * cap + launching
+        return (busy + 1) / cap <= max_utilisation or busy == 0
 
     def degraded(self, pool: PoolKey) -> str | None:
         n, _, _, _, err = self._pool_stats(pool)

@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from inferplane.admission.queue import BANDS, PoolKey
+from inferplane.admission.queue import PoolKey
 from inferplane.batch import runner
 from inferplane.batch.jsonl import parse_input
 from inferplane.batch.store import BatchStore, Line
@@ -41,8 +41,6 @@ from inferplane.dispatch.upstream import Dispatcher
 from inferplane.errors import GatewayError
 
 log = logging.getLogger("inferplane.batch")
-
-INTERACTIVE_BANDS = tuple(b for b in BANDS if b != "batch")
 
 
 def new_id(prefix: str) -> str:
@@ -192,16 +190,10 @@ class BatchWorker:
     def spare(self, pool: PoolKey) -> bool:
         """Spare capacity for one more batch line on ``pool``: no interactive request queued,
         and the pool's utilisation with the line at most ``batch.max_utilisation`` (or the pool
-        idle, so that a small pool still makes progress)."""
-        q = self.gw.admission.queue
-        if any(q.depth(band) for band in INTERACTIVE_BANDS):
-            return False
-        adm = self.gw.admission
-        cap = adm.capacity(pool)
-        if cap <= 0:
-            return True  # no usable endpoint: placement answers (and the line fails) at once
-        busy = adm.utilisation(pool) * cap + self._launching.get(pool, 0)
-        return (busy + 1) / cap <= self.spec.max_utilisation or busy == 0
+        idle, so that a small pool still makes progress): `Admission.batch_spare`."""
+        return self.gw.admission.batch_spare(
+            pool, self._launching.get(pool, 0), self.spec.max_utilisation
+        )
 
     async def _line(self, b: dict[str, Any], tenant: TenantSpec, line: Line,
                     p: runner.Prepared) -> None:
