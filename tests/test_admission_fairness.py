@@ -120,3 +120,34 @@ async def test_release_is_idempotent_and_cancelled_grants_give_back() -> None:
     g.release()
     g.release()
     assert q.held("p", "a") == 0 and q.room("p") == 2
+
+
+async def test_a_full_queue_sheds_the_flooding_tenants_newest_waiter_not_a_newcomer() -> None:
+    from inferplane.errors import RateLimitError
+
+    pool = Pool(2)
+    q = FairQueue(pool.free, capacity=pool.capacity, reserve_fraction=0.0, active_window_s=2.0,
+                  max_waiting=4, clock=lambda: 0.0)
+    held = [pool.start(await q.acquire("a", "standard", "p", 10, 5.0)) for _ in range(2)]
+    flood = [asyncio.create_task(q.acquire("a", "standard", "p", 10, 5.0)) for _ in range(4)]
+    await asyncio.sleep(0)
+    assert q.waiting == 4
+    light = asyncio.create_task(q.acquire("b", "standard", "p", 10, 5.0))
+    await asyncio.sleep(0)
+    assert not light.done() and q.waiting == 4  # b waits; a's newest waiter was shed
+    await asyncio.wait([flood[-1]], timeout=1.0)
+    exc = flood[-1].exception()
+    assert isinstance(exc, RateLimitError) and "most waiting requests" in exc.message
+    assert not any(f.done() for f in flood[:-1])
+    pool.end(q, held.pop())
+    g = pool.start(await asyncio.wait_for(light, 1.0))  # b (below its share) goes first
+    assert g.tenant == "b"
+    # a newcomer of the flooding tenant itself is refused when the queue is full
+    extra = asyncio.create_task(q.acquire("a", "standard", "p", 10, 5.0))
+    await asyncio.sleep(0)
+    with_new = asyncio.create_task(q.acquire("a", "standard", "p", 10, 5.0))
+    await asyncio.wait([with_new], timeout=1.0)
+    assert isinstance(with_new.exception(), RateLimitError)
+    for t in [*flood[:-1], extra]:
+        t.cancel()
+    await asyncio.gather(*flood[:-1], extra, return_exceptions=True)

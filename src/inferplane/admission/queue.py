@@ -23,7 +23,9 @@ minus the requests already granted but not yet placed. Otherwise it waits:
 - a per-class **deadline**: past it the request gets 503 ``queue_timeout``;
 - when ``max_waiting`` requests wait, the newest request of the most sheddable band below the
   newcomer's (sheddable, then batch, then standard) is shed with 429 ``load_shed``; if there is
-  none, the newcomer is.
+  none, the newest waiter of the newcomer's band from the tenant with the most waiters there
+  (when that is another tenant, with at least two more waiters than the newcomer's), so that a
+  tenant flooding the queue cannot crowd out another tenant's requests; else the newcomer is.
 
 Grants happen in `pump`, called when capacity frees (a request finishes) and every ``tick_s``.
 """
@@ -194,7 +196,7 @@ class FairQueue:
             if room > 0 and self._eligible(tenant, pool, room, self.share(pool)):
                 return self._grant(tenant, pool, tokens, 0.0)
         if self.waiting >= self.max_waiting:
-            self._shed_for(band)
+            self._shed_for(band, tenant)
         loop = asyncio.get_running_loop()
         tenants = self._bands[band]
         if tenant not in tenants or not tenants[tenant]:
@@ -241,7 +243,7 @@ class FairQueue:
         if not w.future.done():
             w.future.cancel()
 
-    def _shed_for(self, band: str) -> None:
+    def _shed_for(self, band: str, tenant: str) -> None:
         for victim_band in SHED_ORDER:
             if victim_band == band:
                 break
@@ -252,6 +254,19 @@ class FairQueue:
             if newest is not None:
                 self._remove_shed(newest)
                 return
+        # Same band: a tenant flooding the queue loses its newest waiter before another tenant's
+        # newcomer is refused (the newcomer's tenant must wait on fewer requests than it).
+        mine = len(self._bands[band].get(tenant, ()))
+        heaviest = max(
+            ((len(q), t) for t, q in self._bands[band].items() if q and t != tenant), default=None
+        )
+        if heaviest is not None and heaviest[0] > mine + 1:
+            self._remove_shed(
+                self._bands[band][heaviest[1]][-1],
+                f"load shed: the queue is full and tenant {heaviest[1]!r} has the most waiting "
+                f"requests in the {band!r} band",
+            )
+            return
         if self.on_shed is not None:
             self.on_shed(band, "queue_full")
         raise RateLimitError(
@@ -261,7 +276,7 @@ class FairQueue:
             headers={"Retry-After": "1"},
         )
 
-    def _remove_shed(self, w: _Waiter) -> None:
+    def _remove_shed(self, w: _Waiter, message: str | None = None) -> None:
         q = self._bands[w.band][w.tenant]
         q.remove(w)
         self._count_waiting(w, -1)
@@ -269,7 +284,7 @@ class FairQueue:
             self.on_shed(w.band, "queue_full")
         w.future.set_exception(
             RateLimitError(
-                f"load shed: the {w.band!r} band was shed to admit higher-priority work",
+                message or f"load shed: the {w.band!r} band was shed to admit higher-priority work",
                 code="load_shed",
                 headers={"Retry-After": "1"},
             )
