@@ -160,7 +160,9 @@ def test_rejections_name_the_filter(tmp_path: Path) -> None:
     fleet = fleet_yaml(2).replace("max_context: 131072", "max_context: 2048")
     r = run(tmp_path, "round-robin", fleet)
     assert r["rejected"] > 0 and r["completed"] + r["rejected"] == r["requests"]
-    assert r["rejected_by"] == {"context-window": r["rejected"]}
+    # the gateway's answer to a prompt larger than every context: 400, not a placement 503
+    assert r["rejected_by"] == {"context_length_exceeded": r["rejected"]}
+    assert r["errors"] == {"context_length_exceeded": r["rejected"]}
     assert r["slo_attainment"] <= r["completed"] / r["requests"]
 
 
@@ -429,8 +431,8 @@ def test_embedding_share_runs_one_step_and_bills_no_output() -> None:
     done = [r for r in sim.records if r.completed]
     assert [r.endpoint for r in done] == ["l4-0"] * 4  # 600+ tokens do not fit 512
     assert all(r.completion_tokens == 0 and r.itl_s is None for r in done)
-    rejected = [set(r.rejected_by) for r in sim.records if not r.completed]
-    assert rejected == [{"model-served", "context-window"}] * 2
+    rejected = [(r.status, r.rejected_by) for r in sim.records if not r.completed]
+    assert rejected == [(400, ("context_length_exceeded",))] * 2
 
 
 def test_request_larger_than_the_engine_kv_is_turned_away() -> None:

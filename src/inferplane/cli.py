@@ -483,8 +483,18 @@ def simulate(
         float | None, typer.Option(help="replay the first S seconds of trace time")
     ] = None,
     limit: Annotated[int | None, typer.Option(help="replay at most N requests")] = None,
+    admission: Annotated[
+        bool | None,
+        typer.Option(
+            "--admission/--no-admission",
+            help="run the admission stage and batch lane (default: the fleet's admission.enabled)",
+        ),
+    ] = None,
+    faults: Annotated[
+        Path | None, typer.Option(help="YAML/JSON schedule of endpoint down/up/hung/429 events")
+    ] = None,
 ) -> None:
-    """Replay a trace through the real placement code against emulated engines (virtual clock)."""
+    """Replay a trace through the gateway's pipeline against emulated engines (virtual clock)."""
     from inferplane.twin.simulator.report import print_report, write_json_atomic
     from inferplane.twin.simulator.simulator import SimulationError, run_simulation
     from inferplane.twin.traces.loader import TraceError
@@ -492,7 +502,7 @@ def simulate(
     try:
         report = run_simulation(
             fleet, trace, profile, format=format, rate_scale=rate_scale, seed=seed, mix=mix,
-            duration_s=duration, limit=limit,
+            duration_s=duration, limit=limit, admission=admission, faults=faults,
         )
     except ConfigError as exc:
         fail(f"invalid configuration\n{exc}")

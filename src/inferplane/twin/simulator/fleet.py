@@ -26,7 +26,9 @@ than its ids cover.
 
 from __future__ import annotations
 
+import asyncio
 import math
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -205,15 +207,22 @@ class SimEndpoint:
     """
 
     __slots__ = (
+        "arrivals",
         "busy",
         "endpoint",
         "engine",
+        "fault",
         "index",
+        "inflight",
         "network_rtt_s",
         "pending",
         "prefilling",
         "published",
+        "rate_limit_rpm",
         "request_overhead_s",
+        "retry_after_s",
+        "roofline",
+        "step_handle",
         "step_out",
     )
 
@@ -223,22 +232,66 @@ class SimEndpoint:
         self.engine: Engine | None = None
         self.network_rtt_s = 0.0
         self.request_overhead_s = 0.0  # calibrated profiles: time before the engine sees it
-        roof = next(
+        self.rate_limit_rpm: int | None = None
+        self.roofline = roof = next(
             (r for m in endpoint.spec.models if (r := endpoint.roofline(m.name)) is not None),
             None,
         )
         if roof is not None:
             self.engine = Engine(engine_config_for(endpoint, roof), roof)
-            rtt_ms = endpoint.spec.emulation.network_rtt_ms  # as the emulator does
-            self.network_rtt_s = rtt_ms / 1000.0 if rtt_ms is not None else (
-                roof.hardware.network_rtt_s
+            emu, hw = endpoint.spec.emulation, roof.hardware
+            rtt_ms = emu.network_rtt_ms  # as the emulator does
+            self.network_rtt_s = rtt_ms / 1000.0 if rtt_ms is not None else hw.network_rtt_s
+            provider = endpoint.substrate.kind == "provider-api"
+            self.rate_limit_rpm = next(  # the emulator's quota, in the same order
+                (
+                    q
+                    for q in (
+                        emu.rate_limit_rpm,
+                        endpoint.spec.limits.requests_per_min,
+                        hw.rate_limit_rpm if provider else None,
+                    )
+                    if q is not None
+                ),
+                None,
             )
             self.request_overhead_s = roof.hardware.request_overhead_s
         self.busy = False
         self.step_out: StepOutput | None = None
+        self.step_handle: asyncio.TimerHandle | None = None  # the in-flight step's completion
         self.pending: list[float] = []  # heap: times of dispatches on their way here
         self.prefilling: list[RequestRecord] = []  # dispatched, first token not yet produced
+        self.inflight: dict[int, RequestRecord] = {}  # dispatched here and not finished
+        self.arrivals: deque[float] = deque()  # accepted requests in the last minute (rpm)
+        self.fault: str | None = None  # "down", "hung" or "429" while a fault lasts
+        self.retry_after_s = 1.0  # the Retry-After of a scheduled 429 fault
         self.published = Published()
+
+    def restart(self) -> None:
+        """A fresh engine (empty KV cache, nothing running): after a crash or a hang."""
+        if self.step_handle is not None:
+            self.step_handle.cancel()
+            self.step_handle = None
+        if self.roofline is not None:
+            self.engine = Engine(engine_config_for(self.endpoint, self.roofline), self.roofline)
+        self.busy, self.step_out = False, None
+        self.pending.clear()
+        self.prefilling.clear()
+        self.inflight.clear()
+
+    def over_rate_limit(self, now: float) -> float | None:
+        """A provider's requests-per-minute limit: None when the request is accepted (and
+        counted), else the seconds until a slot frees (its Retry-After)."""
+        rpm = self.rate_limit_rpm
+        if rpm is None:
+            return None
+        arrivals = self.arrivals
+        while arrivals and arrivals[0] <= now - 60.0:
+            arrivals.popleft()
+        if len(arrivals) >= rpm:
+            return arrivals[0] + 60.0 - now
+        arrivals.append(now)
+        return None
 
     @property
     def name(self) -> str:

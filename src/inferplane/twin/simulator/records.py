@@ -39,10 +39,21 @@ class RequestRecord:
     cached_tokens: int = 0
     preemptions: int = 0
     cost_usd: float = 0.0
+    status: int | None = None  # what the client got: 200, or the gateway's error status
+    error_code: str | None = None  # the OpenAI error code of a refusal or failure
+    deferred: bool = False  # waited in the batch lane for spare capacity
+    queued_s: float = 0.0  # waited in the admission queue
+    attempts: int = 0  # endpoints tried (re-placements after failures before the first byte)
+    failed: bool = False  # admitted and placed, then failed (upstream error, mid-stream loss)
 
     @property
     def rejected(self) -> bool:
         return bool(self.rejected_by)
+
+    @property
+    def shed(self) -> bool:
+        """Refused with 429 by admission (load shedding, retry shedding, rate limits, budgets)."""
+        return self.status == 429
 
     def meets_slo(self) -> bool:
         """Completed within its class's TTFT and (mean) ITL SLOs; rejected requests miss."""

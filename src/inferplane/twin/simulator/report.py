@@ -3,8 +3,12 @@ human table.
 
 JSON keys (times in seconds; percentiles ``null`` when there is no sample):
 
-- ``requests``, ``completed``, ``rejected``, ``unfinished``; ``rejected_by`` {filter or
-  ``engine: …``: rejected requests it removed endpoints for}
+- ``requests``, ``completed``, ``rejected`` (refused by admission, or no eligible endpoint),
+  ``failed`` (placed, then lost to an upstream failure), ``unfinished``; ``rejected_by``
+  {filter, ``admission: <code>`` or ``engine: …``: rejected requests}; ``errors`` {OpenAI
+  error code: requests}; ``shed`` (answered 429 by admission: load or retry shedding, rate
+  limits, budgets); ``deferred`` (batch requests that waited in the batch lane)
+- ``goodput_rps``: requests meeting their class's SLO (below) per second of ``sim_duration_s``
 - ``ttft_s`` {p50, p90, p99, mean} and ``e2e_s`` {p50, p90, p99, mean} over completed requests,
   as the client sees them (network delay included)
 - ``itl_s`` {p50, p90, p99, mean}: over every inter-token gap (token-weighted, as vLLM's
@@ -20,8 +24,11 @@ JSON keys (times in seconds; percentiles ``null`` when there is no sample):
 - ``per_substrate`` / ``per_endpoint`` {name: requests placed}; ``spillovers``; ``preemptions``
 - ``sovereignty_violations``: completed requests served outside their tenant's allowed
   jurisdictions, recomputed from the config, independently of placement
-- ``per_class`` {class: {requests, completed, rejected, ttft_s {p50, p99}, slo_attainment}}
-- the run: ``profile``, ``fleet``, ``trace``, ``rate_scale``, ``seed``, ``wall_s``
+- ``per_class`` {class: {requests, completed, rejected, shed, deferred, failed, ttft_s {p50,
+  p90, p99}, slo_attainment, goodput_rps}}; ``per_tenant`` {tenant: {requests, completed, shed,
+  ttft_s {p50, p90, p99}}}
+- the run: ``profile``, ``fleet``, ``trace``, ``rate_scale``, ``seed``, ``admission`` (the
+  admission stage ran), ``faults`` (scheduled fault events), ``wall_s``
 """
 
 from __future__ import annotations
@@ -115,11 +122,15 @@ def build_report(
     rate_scale: float,
     seed: int,
     wall_s: float,
+    admission: bool = False,
+    faults: int = 0,
 ) -> dict[str, Any]:
     """The JSON report of a finished simulation (see the module docstring for the keys)."""
     recs = records
     done = [r for r in recs if r.completed]
     rejected = [r for r in recs if r.rejected]
+    failed = [r for r in recs if r.failed]
+    errors = Counter(r.error_code for r in recs if r.error_code is not None)
     rejected_by: Counter[str] = Counter()
     for r in rejected:
         rejected_by.update(r.rejected_by)
@@ -138,12 +149,27 @@ def build_report(
     for name in sorted({r.share.workload_class.name for r in recs}):
         mine = [r for r in recs if r.share.workload_class.name == name]
         ttfts = sorted(r.ttft_s for r in mine if r.ttft_s is not None)
+        good = sum(1 for r in mine if r.meets_slo())
         per_class[name] = {
             "requests": len(mine),
             "completed": sum(1 for r in mine if r.completed),
             "rejected": sum(1 for r in mine if r.rejected),
-            "ttft_s": {"p50": percentile(ttfts, 50), "p99": percentile(ttfts, 99)},
+            "shed": sum(1 for r in mine if r.shed),
+            "deferred": sum(1 for r in mine if r.deferred),
+            "failed": sum(1 for r in mine if r.failed),
+            "ttft_s": {q: percentile(ttfts, n) for q, n in (("p50", 50), ("p90", 90), ("p99", 99))},
             "slo_attainment": _slo_fraction(mine),
+            "goodput_rps": good / span if span > 0 else None,
+        }
+    per_tenant: dict[str, Any] = {}
+    for name in sorted({r.share.tenant for r in recs}):
+        mine = [r for r in recs if r.share.tenant == name]
+        ttfts = sorted(r.ttft_s for r in mine if r.ttft_s is not None)
+        per_tenant[name] = {
+            "requests": len(mine),
+            "completed": sum(1 for r in mine if r.completed),
+            "shed": sum(1 for r in mine if r.shed),
+            "ttft_s": {q: percentile(ttfts, n) for q, n in (("p50", 50), ("p90", 90), ("p99", 99))},
         }
     return {
         "profile": profile,
@@ -154,8 +180,13 @@ def build_report(
         "requests": len(recs),
         "completed": len(done),
         "rejected": len(rejected),
-        "unfinished": len(recs) - len(done) - len(rejected),
+        "failed": len(failed),
+        "unfinished": len(recs) - len(done) - len(rejected) - len(failed),
         "rejected_by": dict(sorted(rejected_by.items())),
+        "shed": sum(1 for r in recs if r.shed),
+        "deferred": sum(1 for r in recs if r.deferred),
+        "errors": dict(sorted(errors.items())),
+        "goodput_rps": sum(1 for r in recs if r.meets_slo()) / span if span > 0 else None,
         "ttft_s": _dist(r.ttft_s for r in done if r.ttft_s is not None),
         "itl_s": itl,
         "e2e_s": _dist(r.e2e_s for r in done if r.e2e_s is not None),
@@ -175,6 +206,9 @@ def build_report(
             config, ((r.share.tenant, r.endpoint) for r in done if r.endpoint is not None)
         ),
         "per_class": per_class,
+        "per_tenant": per_tenant,
+        "admission": admission,
+        "faults": faults,
         "wall_s": wall_s,
     }
 
@@ -209,9 +243,11 @@ def print_report(report: Mapping[str, Any], console: Console | None = None) -> N
     slo, hit = report["slo_attainment"], report["prefix_hit_rate"]
     rows = [
         (
-            "requests / completed / rejected",
-            f"{report['requests']} / {report['completed']} / {report['rejected']}",
+            "requests / completed / rejected / failed",
+            f"{report['requests']} / {report['completed']} / {report['rejected']}"
+            f" / {report.get('failed', 0)}",
         ),
+        ("shed (429) / deferred", f"{report.get('shed', 0)} / {report.get('deferred', 0)}"),
         (
             "TTFT p50 / p90 / p99 (ms)",
             " / ".join(_ms(report["ttft_s"][k]) for k in ("p50", "p90", "p99")),
@@ -248,3 +284,21 @@ def print_report(report: Mapping[str, Any], console: Console | None = None) -> N
         console.print(
             "rejected by: " + ", ".join(f"{k} ({n})" for k, n in report["rejected_by"].items())
         )
+    if report.get("per_class"):
+        cls = Table(title="per class")
+        for col in ("class", "requests", "goodput/s", "TTFT p50 / p90 / p99 (ms)", "shed",
+                    "deferred", "failed"):
+            cls.add_column(col, justify="left" if col == "class" else "right")
+        for name, c in report["per_class"].items():
+            t = c["ttft_s"]
+            good = c.get("goodput_rps")
+            cls.add_row(
+                name,
+                str(c["requests"]),
+                f"{good:.2f}" if good is not None else "-",
+                " / ".join(_ms(t.get(k)) for k in ("p50", "p90", "p99")),
+                str(c.get("shed", 0)),
+                str(c.get("deferred", 0)),
+                str(c.get("failed", 0)),
+            )
+        console.print(cls)

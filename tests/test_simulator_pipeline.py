@@ -1,0 +1,276 @@
+"""The simulator runs the gateway's pipeline: admission (priority bands, shedding, fair share),
+the batch lane, scheduled endpoint failures and re-placement, on a virtual clock.
+
+Small fleets of H100 endpoints and synthetic traces (no prefix sharing), so every test replays
+in well under a second of CPU; results are deterministic (virtual time, seeded).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from inferplane.cli import app
+from inferplane.config.loader import parse_config
+from inferplane.config.schema import FleetConfig
+from inferplane.errors import ConfigError
+from inferplane.twin.simulator.faults import load_faults, validate_faults
+from inferplane.twin.simulator.records import RequestRecord
+from inferplane.twin.simulator.report import percentile
+from inferplane.twin.simulator.simulator import Simulator, simulate
+from inferplane.twin.simulator.vloop import VirtualLoopStuck, VirtualTimeLoop
+from inferplane.twin.traces.loader import TraceRequest
+
+KEY = "sha256:" + "ab" * 32
+KEY2 = "sha256:" + "cd" * 32
+
+
+def fleet(
+    n: int = 2,
+    *,
+    max_concurrency: int = 4,
+    max_waiting: int = 6,
+    gateway: str = "",
+    mix: str = "",
+    tenants: str = f"  - {{name: demo, api_keys: ['{KEY}'], region: eu-west}}\n",
+) -> FleetConfig:
+    eps = "".join(
+        f"      - {{name: h-{i}, url: 'http://127.0.0.1:{9300 + i}', max_concurrency: "
+        f"{max_concurrency}, models: [{{name: llama-3.1-8b, max_context: 32768}}]}}\n"
+        for i in range(n)
+    )
+    text = (
+        f"gateway: {{scrape_interval_s: 0.1{gateway}}}\n"
+        "regions: [{name: eu-west}]\n"
+        f"admission: {{store: memory, queue: {{max_waiting: {max_waiting}}}}}\n"
+        "classes:\n"
+        "  - {name: best-effort, ttft_slo_ms: 2000, priority: sheddable}\n"
+        "substrates:\n"
+        "  - name: eu-h100\n    kind: gpu\n    hardware: h100\n    region: eu-west\n"
+        "    jurisdiction: eu\n    cost: {hourly_usd: 3.5}\n    endpoints:\n" + eps
+        + "tenants:\n" + tenants + mix
+    )
+    return parse_config(text, "fleet.yaml")
+
+
+def trace(n: int, every_s: float, *, prompt: int = 3000, out: int = 200, t0: float = 0.0,
+          ) -> list[TraceRequest]:
+    return [TraceRequest(t0 + i * every_s, prompt, out) for i in range(n)]
+
+
+def run(config: FleetConfig, reqs: list[TraceRequest], *, profile: str = "least-request",
+        **kw: Any) -> Simulator:
+    return simulate(config, reqs, profile, seed=1, **kw)
+
+
+def of(sim: Simulator, cls: str) -> list[RequestRecord]:
+    return [r for r in sim.records if r.share.workload_class.name == cls]
+
+
+def p(values: list[float], q: float) -> float:
+    out = percentile(sorted(values), q)
+    assert out is not None
+    return out
+
+
+MIX3 = (
+    "mix:\n"
+    "  - {tenant: demo, class: interactive, fraction: 0.4}\n"
+    "  - {tenant: demo, class: best-effort, fraction: 0.3}\n"
+    "  - {tenant: demo, class: batch, fraction: 0.3}\n"
+)
+
+
+# -- the virtual loop ---------------------------------------------------------------------------
+def test_virtual_loop_jumps_to_timers_and_reports_a_stuck_simulation() -> None:
+    loop = VirtualTimeLoop()
+    seen: list[float] = []
+
+    async def main() -> float:
+        await asyncio.sleep(3600.0)
+        seen.append(loop.time())
+        await asyncio.wait_for(asyncio.sleep(10.0), 20.0)
+        return loop.time()
+
+    assert loop.run(main()) == 3610.0 and seen == [3600.0]
+    stuck = VirtualTimeLoop()
+
+    async def forever() -> None:
+        await stuck.create_future()
+
+    with pytest.raises(VirtualLoopStuck):
+        stuck.run(forever())
+
+
+# -- admission past the knee ----------------------------------------------------------------------
+def test_past_the_knee_batch_is_deferred_and_sheddable_traffic_gets_429s() -> None:
+    config = fleet(mix=MIX3, max_concurrency=32, max_waiting=32)
+    reqs = trace(300, 0.05, prompt=4000, out=150)  # ~1.5x what two H100s serve
+    on = run(config, reqs)
+    off = run(config, reqs, admission=False)
+    assert on.admission.enabled and not off.admission.enabled
+    shed = [r for r in on.records if r.shed]
+    assert shed and all(r.status == 429 and r.error_code == "load_shed" for r in shed)
+    assert {r.share.workload_class.name for r in shed} <= {"best-effort", "batch"}
+    batch = of(on, "batch")
+    assert any(r.deferred for r in batch)
+    assert all(r.completed for r in batch if r.deferred and not r.shed)
+    # the baselines neither shed nor defer
+    assert not any(r.shed or r.deferred for r in off.records)
+    assert all(r.completed for r in off.records)
+    # interactive keeps its latency: far lower than without admission, and no interactive 429
+    ttft_on = [r.ttft_s for r in of(on, "interactive") if r.ttft_s is not None]
+    ttft_off = [r.ttft_s for r in of(off, "interactive") if r.ttft_s is not None]
+    assert not any(r.shed for r in of(on, "interactive"))
+    assert p(ttft_on, 90) < 0.5 * p(ttft_off, 90)
+    assert max(r.queued_s for r in on.records) > 0  # the fleet was saturated: requests queued
+
+
+def test_report_has_per_class_goodput_percentiles_and_counts(tmp_path: Path) -> None:
+    from inferplane.twin.simulator.report import build_report
+
+    sim = run(fleet(mix=MIX3, max_concurrency=32, max_waiting=32),
+              trace(300, 0.05, prompt=4000, out=150))
+    r = build_report(sim.records, config=sim.config, end_s=sim.totals.end_s,
+                     itl_gaps=sim.totals.itl_gaps, profile="least-request", fleet="f",
+                     trace="t", rate_scale=1.0, seed=1, wall_s=0.1, admission=True)
+    assert r["completed"] + r["rejected"] + r["failed"] + r["unfinished"] == r["requests"]
+    assert r["unfinished"] == 0 and r["shed"] > 0 and r["deferred"] > 0
+    pc = r["per_class"]
+    for name in ("interactive", "best-effort", "batch"):
+        c = pc[name]
+        assert set(c) >= {"goodput_rps", "shed", "deferred", "failed", "ttft_s"}
+        assert set(c["ttft_s"]) == {"p50", "p90", "p99"}
+    good = sum(1 for x in of(sim, "interactive") if x.meets_slo())
+    assert pc["interactive"]["goodput_rps"] == pytest.approx(good / r["sim_duration_s"])
+    assert pc["best-effort"]["shed"] == sum(1 for x in of(sim, "best-effort") if x.shed)
+    assert r["errors"].get("load_shed") == r["shed"]
+
+
+def test_same_seed_same_pipeline_run() -> None:
+    config = fleet(mix=MIX3)
+    a = run(config, trace(120, 0.05))
+    b = run(config, trace(120, 0.05))
+    assert [(r.endpoint, r.ttft_s, r.status) for r in a.records] == [
+        (r.endpoint, r.ttft_s, r.status) for r in b.records
+    ]
+
+
+# -- faults and re-placement -----------------------------------------------------------------
+def test_an_endpoint_down_is_replaced_around_and_comes_back() -> None:
+    config = fleet(n=3, max_concurrency=16)
+    faults = validate_faults(
+        [{"at": 2.0, "endpoint": "h-1", "event": "down"},
+         {"at": 8.0, "endpoint": "h-1", "event": "up"}],
+        ["h-0", "h-1", "h-2"],
+    )
+    sim = run(config, trace(150, 0.1, prompt=1000, out=50), profile="round-robin",
+              faults=faults)
+    recs = sim.records
+    lost = [r for r in recs if r.failed]
+    assert lost and all(r.status == 502 and r.endpoint == "h-1" for r in lost)
+    retried = [r for r in recs if r.attempts == 2 and r.completed]
+    assert retried and all(r.endpoint != "h-1" for r in retried)
+    during = [r for r in recs if 3.2 <= r.arrival_s < 8.0 and r.completed]
+    assert during and all(r.endpoint != "h-1" for r in during)  # marked unhealthy by a probe
+    after = [r for r in recs if r.arrival_s >= 9.5 and r.endpoint == "h-1" and r.completed]
+    assert after  # back in service
+    assert sum(r.completed for r in recs) + len(lost) == len(recs)
+
+
+def test_a_hung_endpoint_costs_the_first_byte_timeout_then_the_request_moves() -> None:
+    config = fleet(n=2, max_concurrency=16, gateway=", upstream_timeout_s: 3")
+    faults = validate_faults([{"at": 1.0, "endpoint": "h-0", "event": "hung", "for_s": 5}],
+                             ["h-0", "h-1"])
+    sim = run(config, trace(40, 0.25, prompt=1000, out=20), profile="round-robin", faults=faults)
+    moved = [r for r in sim.records if r.attempts == 2 and r.completed]
+    assert moved and all(r.endpoint == "h-1" for r in moved)
+    assert all(r.ttft_s is not None and r.ttft_s >= 3.0 for r in moved)
+    assert all(r.completed or r.failed for r in sim.records)
+
+
+def test_provider_429s_are_replaced_and_fail_when_nowhere_is_left() -> None:
+    config = fleet(n=2, max_concurrency=16)
+    faults = validate_faults([{"at": 0, "endpoint": "h-0", "event": 429}], ["h-0", "h-1"])
+    sim = run(config, trace(20, 0.3, prompt=500, out=20), profile="round-robin", faults=faults)
+    assert all(r.completed and r.endpoint == "h-1" for r in sim.records)
+    assert any(r.attempts == 2 for r in sim.records)
+    both = validate_faults([{"at": 0, "endpoint": e, "event": "429"} for e in ("h-0", "h-1")],
+                           ["h-0", "h-1"])
+    sim = run(config, trace(5, 0.3, prompt=500, out=20), profile="round-robin", faults=both)
+    first = sim.records[0]
+    assert first.failed and first.status == 502 and first.attempts == 2
+    # a 429 also ejects its endpoint for the Retry-After (at most half the pool at once):
+    # later requests fail the same way or find nothing eligible
+    assert all((r.failed and r.status == 502) or (r.status == 503 and r.rejected_by == ("health",))
+               for r in sim.records)
+    assert not any(r.completed for r in sim.records)
+
+
+def test_fault_files_are_checked_before_anything_runs(tmp_path: Path) -> None:
+    good = tmp_path / "f.yaml"
+    good.write_text("faults:\n  - {at: 5, endpoint: h-0, event: down, for_s: 3}\n")
+    evs = load_faults(good, ["h-0"])
+    assert [(e.at, e.event) for e in evs] == [(5.0, "down"), (8.0, "up")]
+    js = tmp_path / "f.json"
+    js.write_text('[{"at": 1, "endpoint": "h-0", "event": "429", "retry_after_s": 2}]')
+    assert load_faults(js, ["h-0"])[0].retry_after_s == 2.0
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "- {at: -1, endpoint: h-0, event: down}\n"
+        "- {at: 1, endpoint: nope, event: down}\n"
+        "- {at: 1, endpoint: h-0, event: melt}\n"
+        "- {at: 1, endpoint: h-0, event: up, for_s: 2}\n"
+    )
+    with pytest.raises(ConfigError) as exc:
+        load_faults(bad, ["h-0"])
+    msg = str(exc.value)
+    assert str(bad) in msg
+    for where in ("faults[0].at", "faults[1].endpoint", "faults[2].event", "faults[3].for_s"):
+        assert where in msg
+    (tmp_path / "x.yaml").write_text("faults: {at: 1}\n")
+    with pytest.raises(ConfigError, match="expected a list"):
+        load_faults(tmp_path / "x.yaml", ["h-0"])
+
+
+def test_cli_runs_faults_and_admission_switch(tmp_path: Path) -> None:
+    fleet_file = tmp_path / "fleet.yaml"
+    fleet_file.write_text(
+        "gateway: {scrape_interval_s: 0.1}\nregions: [{name: eu-west}]\n"
+        "admission: {store: memory}\n"
+        "substrates:\n  - name: eu\n    kind: gpu\n    hardware: h100\n    region: eu-west\n"
+        "    jurisdiction: eu\n    cost: {hourly_usd: 3.5}\n    endpoints:\n"
+        "      - {name: h-0, url: 'http://127.0.0.1:9400', models: [{name: llama-3.1-8b,"
+        " max_context: 32768}]}\n"
+        "      - {name: h-1, url: 'http://127.0.0.1:9401', models: [{name: llama-3.1-8b,"
+        " max_context: 32768}]}\n"
+    )
+    tr = tmp_path / "t.jsonl"
+    tr.write_text("".join(
+        f'{{"timestamp": {i * 200}, "input_length": 800, "output_length": 30, "hash_ids": []}}\n'
+        for i in range(30)
+    ))
+    faults = tmp_path / "faults.yaml"
+    faults.write_text("- {at: 1, endpoint: h-0, event: down}\n")
+    out = tmp_path / "r.json"
+    res = CliRunner().invoke(app, [
+        "simulate", "--fleet", str(fleet_file), "--trace", str(tr), "--profile", "round-robin",
+        "--json", str(out), "--faults", str(faults), "--no-admission",
+    ])
+    assert res.exit_code == 0, res.output
+    import json
+
+    r = json.loads(out.read_text())
+    assert r["faults"] == 1 and r["admission"] is False
+    assert r["completed"] + r["failed"] == 30 and "per class" in res.output
+    faults.write_text("- {at: 1, endpoint: h-9, event: down}\n")
+    res = CliRunner().invoke(app, [
+        "simulate", "--fleet", str(fleet_file), "--trace", str(tr), "--profile", "round-robin",
+        "--json", str(out), "--faults", str(faults),
+    ])
+    assert res.exit_code != 0 and "faults[0].endpoint" in res.output
+    assert "Traceback" not in res.output
