@@ -378,3 +378,22 @@ def test_cli_check_refuses_inline_keys_and_serve_names_the_missing_variable(
     assert "invalid configuration" in result.output
     assert (f"{fleet}: substrates[0].endpoints[0].api_key_env: endpoint 'prov-a': the "
             "environment variable TEST_PROVIDER_KEY (api_key_env) is not set") in result.output
+
+
+def test_cli_check_notes_dialect_limits_and_unset_keys(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from inferplane.cli import app
+
+    monkeypatch.delenv("TEST_PROVIDER_KEY")
+    ep = endpoint("claude-0", 9).replace(
+        "engine: openai-compatible", "engine: openai-compatible\n        dialect: anthropic")
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text(fleet_yaml(1, ep))
+    result = CliRunner().invoke(app, ["check", "--config", str(fleet)])
+    assert result.exit_code == 0, result.output
+    assert "note: model 'big' is served only through the anthropic dialect" in result.output
+    assert ("note: substrates[0].endpoints[0].api_key_env: endpoint 'claude-0': the "
+            "environment variable TEST_PROVIDER_KEY (api_key_env) is not set") in result.output

@@ -212,6 +212,17 @@ def check(config: ConfigOpt) -> None:
         f"{config}: ok ({len(cfg.substrates)} substrates, {n} endpoints, "
         f"{len(cfg.tenants)} tenants, {len(cfg.profiles)} profiles)"
     )
+    from inferplane.dispatch.credentials import credential_problems
+    from inferplane.fleet.model import Fleet
+
+    for model, apis in sorted(Fleet.from_config(cfg).apis.items()):
+        if apis == {"chat"}:
+            typer.echo(
+                f"note: model {model!r} is served only through the anthropic dialect: "
+                "/v1/completions and /v1/embeddings will answer 400 for it"
+            )
+    for path, problem in credential_problems(cfg):  # serve would stop on these
+        typer.echo(f"note: {path}: {problem} in this environment; `serve` needs it")
 
 
 @app.command()
