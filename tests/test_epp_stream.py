@@ -82,6 +82,15 @@ async def picker() -> AsyncIterator[tuple[Picker, Any]]:
         await p.stop()
 
 
+def down(p: Picker, *names: str) -> None:
+    """Endpoints fail their probes from now on (and are marked down at once)."""
+    source = p._metrics_source
+    assert isinstance(source, StaticMetricsSource)
+    for name in names:
+        source.health[name] = False
+        p.live.set_health(name, False)
+
+
 async def settled(p: Picker, timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -177,8 +186,7 @@ async def test_subset_hint_as_a_list_and_provider_endpoints() -> None:
             assert sets[P.CLUSTER_HEADER] == P.ORIGINAL_DST_CLUSTER
         # only c (a hosted OpenAI-dialect API) and d (Anthropic: Envoy cannot translate) are
         # left: c is reached by name, with its base path, its key and its model id
-        p.live.set_health("a", False)
-        p.live.set_health("b", False)
+        down(p, "a", "b")
         for _ in range(3):
             answers = await exchange(stub, headers(), body())
             common = answers[1].request_body.response
@@ -190,10 +198,39 @@ async def test_subset_hint_as_a_list_and_provider_endpoints() -> None:
             assert sets[":path"] == "/openai/v1/chat/completions"
             assert sets["authorization"] == "Bearer sk-hosted"
             assert orjson.loads(common.body_mutation.body)["model"] == "m-hosted"
-        p.live.set_health("c", False)
+        down(p, "c")
         answers = await exchange(stub, headers(), body())
         status, err = error_of(answers[1])
         assert status == 503 and err["code"] == "no_eligible_endpoint"
         for f in list(p.flights.values()):
             p.finish(f, status=200)
         await settled(p)
+
+
+async def test_grpc_health_services_follow_the_fleet(monkeypatch: pytest.MonkeyPatch) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    monkeypatch.setenv("EPP_TEST_KEY", "sk-hosted")
+    pk = Picker(parse_config(CONFIG), metrics_source=StaticMetricsSource())
+    port = free_port()
+    server, _ = await serve(pk, "127.0.0.1", port)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            serving = health_pb2.HealthCheckResponse.SERVING
+            for name in ("liveness", "readiness", "envoy.service.ext_proc.v3.ExternalProcessor"):
+                r = await stub.Check(health_pb2.HealthCheckRequest(service=name))
+                assert r.status == serving, name
+            down(pk, "a", "b", "c", "d")
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                r = await stub.Check(health_pb2.HealthCheckRequest(service="readiness"))
+                if r.status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                    break
+                await asyncio.sleep(0.05)
+            assert r.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            r = await stub.Check(health_pb2.HealthCheckRequest(service="liveness"))
+            assert r.status == serving
+    finally:
+        await server.stop(0)
+        await pk.stop()

@@ -28,7 +28,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +44,7 @@ from envoy.service.ext_proc.v3 import (
 )
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from multidict import CIMultiDict
 
 from inferplane.admission.controller import Ticket
@@ -117,6 +118,11 @@ class Picker(Core):
         )
         self._session: aiohttp.ClientSession | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def background(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` until the picker stops."""
+        self._tasks.append(asyncio.create_task(work))
 
     async def _start_transport(self) -> MetricsSource:
         self._session = aiohttp.ClientSession(
@@ -126,10 +132,10 @@ class Picker(Core):
         return HttpMetricsSource(self._session)
 
     async def _stop_transport(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
+        for task in [*self._tasks, *([self._sweeper] if self._sweeper else [])]:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+                await task
         for f in list(self.flights.values()):
             self.finish(f, status=f.status or 499, error="the picker stopped")
         if self._session is not None:
@@ -540,12 +546,35 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
             ex.closed()
 
 
+EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
+READY_SERVICES = ("readiness", EXT_PROC_SERVICE)
+
+
+async def _report_health(picker: Picker, servicer: Any) -> None:
+    """The gRPC health services the endpoint-picker protocol asks for: ``liveness`` serves
+    while the process answers; ``readiness`` and the ext_proc service serve while at least one
+    endpoint is usable (as the gateway's ``/ready``)."""
+    serving, not_serving = (health_pb2.HealthCheckResponse.SERVING,
+                            health_pb2.HealthCheckResponse.NOT_SERVING)
+    await servicer.set("", serving)
+    await servicer.set("liveness", serving)
+    while True:
+        ready = any(v.state.usable for v in picker.live.snapshot().endpoints)
+        for name in READY_SERVICES:
+            await servicer.set(name, serving if ready else not_serving)
+        await asyncio.sleep(picker.config.gateway.health_interval_s)
+
+
 async def serve(picker: Picker, host: str, port: int) -> tuple[Any, int]:
-    """Start the picker and its gRPC server on host:port; returns the server and the bound
-    port (call ``await server.stop(grace)`` and ``await picker.stop()`` to stop)."""
+    """Start the picker and its gRPC server (ext_proc and the gRPC health service) on
+    host:port; returns the server and the bound port (call ``await server.stop(grace)`` and
+    ``await picker.stop()`` to stop)."""
     await picker.start()
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     pb_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(picker), server)
+    servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    picker.background(_report_health(picker, servicer))
     try:
         bound = server.add_insecure_port(f"{host}:{port}")
     except RuntimeError as exc:
