@@ -46,7 +46,9 @@ from inferplane.epp.envoy_config import render  # noqa: E402
 from tests.support.envoy import envoy_binary  # noqa: E402
 from tests.support.procs import Proc, free_port  # noqa: E402
 
-PATHS = ("direct", "vllm-router", "envoy+epp", "gateway")
+PATHS = ("direct", "vllm-router", "envoy+epp", "envoy+epp-noobs", "gateway")
+"""``envoy+epp-noobs``: the same with ``epp.observe_responses: false`` (no observer stream; the
+picker filter takes the response headers and accounts status and E2E only)."""
 
 
 class Exe(Proc):
@@ -122,10 +124,12 @@ async def measure(args: argparse.Namespace, urls: dict[str, str],
                 lat, wall = await conc(session, urls[k], args.requests, 32, stream)
                 cpu = {p: (cpu_seconds(pid) - cpu0[p]) / len(lat) * 1e3 for p, pid in pids.items()}
                 got[k] = (lat, wall, cpu.get(k, float("nan")))
-                if k == "envoy+epp":
-                    got[k] = (lat, wall, cpu["epp"] + cpu["envoy"])
-                    print(f"c32 stream={stream}: CPU ms/request picker {cpu['epp']:.3f}, "
-                          f"envoy {cpu['envoy']:.3f}", file=sys.stderr)
+                for suffix in ("", "-noobs"):
+                    if k == f"envoy+epp{suffix}":
+                        picker, envoy = cpu[f"epp{suffix}"], cpu[f"envoy{suffix}"]
+                        got[k] = (lat, wall, picker + envoy)
+                        print(f"c32 stream={stream} {k}: CPU ms/request picker {picker:.3f}, "
+                              f"envoy {envoy:.3f}", file=sys.stderr)
             d = got["direct"][0]
             for k in PATHS[1:]:
                 lat, wall, cpu_ms = got[k]
@@ -151,11 +155,11 @@ def main() -> None:
     if not router.ok or router.bin_dir is None:
         sys.exit(f"vllm-router could not be installed: {router.reason}")
     tmp = Path(tempfile.mkdtemp(prefix="ip-envoy-epp-"))
-    up, gw, vr, epp, envoy, admin = (free_port() for _ in range(6))
-    cfg = tmp / "fleet.yaml"
-    cfg.write_text(f"""
+    up, gw, vr = (free_port() for _ in range(3))
+    ports = {s: (free_port(), free_port(), free_port()) for s in ("", "-noobs")}
+    fleet = f"""
 gateway: {{port: {gw}, scrape_interval_s: 0.1}}
-epp: {{port: {epp}, envoy_port: {envoy}, envoy_admin_port: {admin}}}
+epp: {{port: EPP, envoy_port: ENVOY, envoy_admin_port: ADMIN, observe_responses: OBSERVE}}
 substrates:
   - name: pool
     kind: gpu
@@ -170,8 +174,14 @@ tenants:
   - {{name: bench, api_keys: ["{hash_key(KEY)}"], default_class: bench}}
 classes:
   - {{name: bench, profile: {args.profile}}}
-""")
-    (tmp / "envoy.yaml").write_text(render(load_config(cfg)))
+"""
+    for suffix, (epp, envoy, admin) in ports.items():
+        (tmp / f"fleet{suffix}.yaml").write_text(
+            fleet.replace("EPP", str(epp)).replace("ENVOY", str(envoy))
+            .replace("ADMIN", str(admin)).replace("OBSERVE", "false" if suffix else "true"))
+        (tmp / f"envoy{suffix}.yaml").write_text(
+            render(load_config(tmp / f"fleet{suffix}.yaml")))
+    cfg = tmp / "fleet.yaml"
     load0 = os.getloadavg()
     procs: dict[str, Proc] = {}
     try:
@@ -183,15 +193,20 @@ classes:
              "--log-level", "warning"], tmp / "vllm-router.log")
         procs["gateway"] = Proc(["-m", "inferplane.cli", "serve", "--config", str(cfg),
                                  "--log-level", "warning"], tmp / "gw.log")
-        prof = ["-m", "cProfile", "-o", str(args.cprofile)] if args.cprofile else []
-        procs["epp"] = Proc([*prof, "-m", "inferplane.cli", "epp", "--config", str(cfg),
-                             "--log-level", "warning"], tmp / "epp.log")
-        procs["envoy"] = Exe([envoy_binary(), "-c", str(tmp / "envoy.yaml"),
-                              "--disable-hot-restart", "-l", "warning"], tmp / "envoy.log")
+        for suffix in ports:
+            prof = ["-m", "cProfile", "-o", str(args.cprofile)] if args.cprofile and not suffix \
+                else []
+            procs[f"epp{suffix}"] = Proc(
+                [*prof, "-m", "inferplane.cli", "epp", "--config", str(tmp / f"fleet{suffix}.yaml"),
+                 "--log-level", "warning"], tmp / f"epp{suffix}.log")
+            procs[f"envoy{suffix}"] = Exe(
+                [envoy_binary(), "-c", str(tmp / f"envoy{suffix}.yaml"), "--disable-hot-restart",
+                 "-l", "warning"], tmp / f"envoy{suffix}.log")
         urls = {
             "direct": f"http://127.0.0.1:{up}/v1/chat/completions",
             "vllm-router": f"http://127.0.0.1:{vr}/v1/chat/completions",
-            "envoy+epp": f"http://127.0.0.1:{envoy}/v1/chat/completions",
+            "envoy+epp": f"http://127.0.0.1:{ports[''][1]}/v1/chat/completions",
+            "envoy+epp-noobs": f"http://127.0.0.1:{ports['-noobs'][1]}/v1/chat/completions",
             "gateway": f"http://127.0.0.1:{gw}/v1/chat/completions",
         }
         pids = {k: p.p.pid for k, p in procs.items()}
@@ -218,15 +233,16 @@ classes:
     print()
     print("targets (Envoy + epp against vllm-router round_robin):")
     by = {(r["mode"], r["stream"], r["path"]): r for r in rows}
-    for stream in (False, True):
-        s, v = by[("seq", stream, "envoy+epp")], by[("seq", stream, "vllm-router")]
-        c, cv = by[("c32", stream, "envoy+epp")], by[("c32", stream, "vllm-router")]
-        print(f"- stream={stream}: sequential added p50 {s['added_p50_ms']:.3f} vs "
-              f"{v['added_p50_ms']:.3f} ms = {s['added_p50_ms'] / v['added_p50_ms']:.2f}x "
-              f"(target <= 1.5x); c32 throughput {c['rps']:.0f} vs {cv['rps']:.0f} req/s = "
-              f"{c['rps'] / cv['rps']:.2f}x (target >= 0.7x); c32 added p99 "
-              f"{c['added_p99_ms']:.2f} vs {cv['added_p99_ms']:.2f} ms = "
-              f"{c['added_p99_ms'] / cv['added_p99_ms']:.2f}x (target <= 2x)")
+    for k in ("envoy+epp", "envoy+epp-noobs"):
+        for stream in (False, True):
+            s, v = by[("seq", stream, k)], by[("seq", stream, "vllm-router")]
+            c, cv = by[("c32", stream, k)], by[("c32", stream, "vllm-router")]
+            print(f"- {k} stream={stream}: sequential added p50 {s['added_p50_ms']:.3f} vs "
+                  f"{v['added_p50_ms']:.3f} ms = {s['added_p50_ms'] / v['added_p50_ms']:.2f}x "
+                  f"(target <= 1.5x); c32 throughput {c['rps']:.0f} vs {cv['rps']:.0f} req/s = "
+                  f"{c['rps'] / cv['rps']:.2f}x (target >= 0.7x); c32 added p99 "
+                  f"{c['added_p99_ms']:.2f} vs {cv['added_p99_ms']:.2f} ms = "
+                  f"{c['added_p99_ms'] / cv['added_p99_ms']:.2f}x (target <= 2x)")
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "load": [load0, load1], "git": git},
                                         indent=2))
