@@ -67,7 +67,7 @@ class SloFirst(Plugin):
     reserved candidate) that policy allows (model, context, jurisdiction, precision, kind),
     counting those a filter removed for a departure reason: failing ``/health`` (``outage``),
     ejected (``errors``, ``timeout``, ``rate_limited``), failed an earlier attempt
-    (``failover``), reserved capacity exhausted, saturated. When that pool had endpoints, none
+    (``failover``), reserved capacity exhausted, declared rate limit used up, saturated. When that pool had endpoints, none
     of them both survived and met the SLO (``slo``), and the pick is outside it,
     ``cycle.spillover`` records the most serious reason (`SPILLOVER_REASONS`) and every count,
     the regions, the predicted TTFT and cost deltas against the pool's fastest candidate (cost
@@ -236,6 +236,7 @@ def _departure(filter_name: str, why: str) -> str | None:
         "failover": "failover",
         "saturation": "saturation",
         "reserved-capacity": "reserved_exhausted",
+        "rate-limit": "rate_limited",  # its declared requests/tokens per minute are used up
     }.get(filter_name)
 
 
