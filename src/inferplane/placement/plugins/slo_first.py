@@ -67,8 +67,9 @@ class SloFirst(Plugin):
     reserved candidate) that policy allows (model, context, jurisdiction, precision, kind),
     counting those a filter removed for a departure reason: failing ``/health`` (``outage``),
     ejected (``errors``, ``timeout``, ``rate_limited``), failed an earlier attempt
-    (``failover``), reserved capacity exhausted, declared rate limit used up, saturated. When that pool had endpoints, none
-    of them both survived and met the SLO (``slo``), and the pick is outside it,
+    (``failover``), reserved capacity exhausted, declared rate limit used up, saturated. When
+    that pool had endpoints, none of them both survived and met the SLO (``slo``), and the pick
+    is outside it,
     ``cycle.spillover`` records the most serious reason (`SPILLOVER_REASONS`) and every count,
     the regions, the predicted TTFT and cost deltas against the pool's fastest candidate (cost
     at list price when none survived), the RTT delta from the client and the pick's egress. The
