@@ -409,3 +409,83 @@ tenants:
         await runner.cleanup()
         for u in ups:
             await u.cleanup()
+
+
+# -- kinds do their job by default (issue 10 item 4) ------------------------------------------
+
+
+def _kinds_fleet() -> Any:
+    return config(
+        sub("eu-gpu", n=2, cost={"hourly_usd": 2.8}),
+        sub("us-gpu", region="us-east", jurisdiction="us", cost={"hourly_usd": 2.5}),
+        sub("us-lpu", kind="low-latency", hardware="groq-lpu", region="us-east",
+            jurisdiction="us", capacity="burst",
+            cost={"input_per_mtok": 0.05, "output_per_mtok": 0.08},
+            models=[{"name": "llama-3.1-8b", "max_context": 8192}]),
+        sub("us-wse", kind="giant-context", hardware="cerebras-wse3", region="us-east",
+            jurisdiction="us", capacity="burst",
+            cost={"input_per_mtok": 0.10, "output_per_mtok": 0.10},
+            models=[{"name": "llama-3.1-8b", "max_context": 131072}]),
+        sub("us-api", kind="provider-api", hardware="provider-api", region="us-east",
+            jurisdiction="us", capacity="burst",
+            cost={"input_per_mtok": 0.18, "output_per_mtok": 0.18},
+            models=[{"name": "llama-3.1-8b", "max_context": 131072, "precision": "fp8"}]),
+        sub("de-sov", kind="sovereign-onprem", jurisdiction="eu-sovereign"),
+    )
+
+
+def _classified(cfg: Any, body: dict[str, Any], headers: Mapping[str, str],
+                **tenant: Any) -> Any:
+    from inferplane.config.schema import TenantSpec
+    from inferplane.placement.classify import Classifier
+
+    t = TenantSpec(name="t", api_keys=[hash_key("k")], region="eu-west", **tenant)
+    prof, _ = Classifier(cfg).classify(request_id="r", api="chat", body=body, headers=headers,
+                                       tenant=t)
+    return prof
+
+
+def test_a_prompt_beyond_the_gpu_pools_goes_to_giant_context_without_a_class_header() -> None:
+    cfg = _kinds_fleet()
+    words = " ".join(["tok"] * 40_000)
+    body = {"model": "llama-3.1-8b", "messages": [{"role": "user", "content": words}],
+            "max_tokens": 64}
+    prof = _classified(cfg.model_copy(update={"gateway": cfg.gateway.model_copy(
+        update={"token_estimate": "words"})}), body, {})
+    assert prof.workload_class == "long-context" and prof.prompt_tokens == 40_000
+    assert prof.preferred_kinds == frozenset({"giant-context"})
+    d = place(prof, snapshot(Fleet.from_config(cfg)), policies(cfg)["default"])
+    assert d.endpoint == "us-wse-0"  # not the provider API that also has the context
+    assert d.candidate("eu-gpu-0").rejected_by == "context-window"
+    assert d.spillover is None  # nothing preferred could hold it: not a departure
+    short = {**body, "messages": [{"role": "user", "content": "hello there"}]}
+    assert _classified(cfg, short, {}).workload_class == "interactive"
+
+
+def test_agent_steps_prefer_low_latency_silicon_where_it_meets_the_slo() -> None:
+    cfg = _kinds_fleet()
+    body = {"model": "llama-3.1-8b", "messages": [{"role": "user", "content": "next step"}],
+            "max_tokens": 64}
+    prof = _classified(cfg, body, {"x-inferplane-agent-step": "3",
+                                   "x-inferplane-class": "agent-step"})
+    assert prof.preferred_kinds == frozenset({"low-latency"})
+    fl = Fleet.from_config(cfg)
+    d = place(prof, snapshot(fl), policies(cfg)["default"])
+    assert d.endpoint == "us-lpu-0" and any("prefers low-latency" in n for n in d.notes)
+    assert d.spillover is None  # a preferred endpoint met the SLO: the move is policy
+    # the low-latency endpoint far past its SLO: the reserved GPU serves the step
+    busy = {"us-lpu-0": state(waiting=5000.0, running=64.0, inflight=64, inflight_tokens=10**6)}
+    d = place(prof, snapshot(fl, busy), policies(cfg)["default"])
+    assert d.endpoint != "us-lpu-0"
+
+
+def test_the_sovereign_tenant_stays_on_sovereign_onprem() -> None:
+    cfg = _kinds_fleet()
+    body = {"model": "llama-3.1-8b", "messages": [{"role": "user", "content": "hello"}]}
+    prof = _classified(cfg, body, {"x-inferplane-class": "sovereign"},
+                       allowed_jurisdictions=["eu-sovereign"])
+    fl = Fleet.from_config(cfg)
+    d = place(prof, snapshot(fl), policies(cfg)["default"])
+    assert d.endpoint == "de-sov-0"
+    d = place(prof, snapshot(fl, {"de-sov-0": state(healthy=False)}), policies(cfg)["default"])
+    assert d.picked is None  # down: a 503, never another jurisdiction
