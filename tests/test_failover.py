@@ -264,7 +264,8 @@ def _pool(ports: Mapping[str, int], gateway: str = "", outlier: str = "") -> str
     requests whatever the prefix and latency scorers would prefer."""
     eps = ", ".join(_ep(n, p) for n, p in ports.items())
     return f"""
-gateway: {{port: GW_PORT, scrape_interval_s: 0.05, default_profile: round-robin{
+gateway: {{port: GW_PORT, scrape_interval_s: 0.05, default_profile: round-robin,
+          metrics: {{public: true}}{
     ", " + gateway if gateway else ""}}}
 health: {{outlier: {{{outlier}}}}}
 admission: {{retry: {{budget_min_per_s: 1000}}}}
@@ -372,7 +373,7 @@ async def test_outage_spillover_is_announced_and_counted(session: aiohttp.Client
     ports, ups = await _upstreams({"us-0": "ok"})
     dead1, dead2 = free_port(), free_port()
     yaml = f"""
-gateway: {{port: GW_PORT, scrape_interval_s: 0.05}}
+gateway: {{port: GW_PORT, scrape_interval_s: 0.05, metrics: {{public: true}}}}
 regions:
   - {{name: eu-west, rtt_ms: {{us-east: 80}}}}
   - {{name: us-east}}
