@@ -38,13 +38,28 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "src"))
 
-from bench.overhead import KEY, cpu_seconds, one, pct  # noqa: E402
+from bench.overhead import BODY, KEY, cpu_seconds, pct  # noqa: E402
 from bench.peers.venvs import ensure  # noqa: E402
 from inferplane.api.pipeline import hash_key  # noqa: E402
 from inferplane.config.loader import load_config  # noqa: E402
 from inferplane.epp.envoy_config import render  # noqa: E402
 from tests.support.envoy import envoy_binary  # noqa: E402
 from tests.support.procs import Proc, free_port  # noqa: E402
+
+_seq = iter(range(10**9))
+
+
+async def one(session: aiohttp.ClientSession, url: str, stream: bool) -> float:
+    """One request; each body is distinct (identical ones would be recognised as client retries
+    by admission and shed first when the pool is busy)."""
+    body = {**BODY, "stream": stream, "user": f"bench-{next(_seq)}"}
+    t0 = time.perf_counter()
+    async with session.post(url, json=body, headers={"Authorization": f"Bearer {KEY}"}) as r:
+        if r.status != 200:
+            raise RuntimeError(f"{url}: HTTP {r.status}: {await r.text()}")
+        await r.read()
+    return time.perf_counter() - t0
+
 
 PATHS = ("direct", "vllm-router", "envoy+epp", "envoy+epp-noobs", "gateway")
 """``envoy+epp-noobs``: the same with ``epp.observe_responses: false`` (no observer stream; the
@@ -168,7 +183,7 @@ substrates:
     jurisdiction: eu
     cost: {{hourly_usd: 3.0}}
     endpoints:
-      - {{name: up0, url: "http://127.0.0.1:{up}",
+      - {{name: up0, url: "http://127.0.0.1:{up}", max_concurrency: 4096,
           models: [{{name: m, profile: llama-3.1-8b, max_context: 8192}}]}}
 tenants:
   - {{name: bench, api_keys: ["{hash_key(KEY)}"], default_class: bench}}

@@ -116,6 +116,10 @@ def bootstrap(config: FleetConfig, *, epp_port: int | None = None,
                 "grpc_service": {"envoy_grpc": {"cluster_name": "inferplane_epp"}},
                 "observability_mode": True,
                 "failure_mode_allow": True,
+                # Envoy keeps an observer stream open this long after the response ended (5 s
+                # by default): at a few hundred requests a second that is thousands of open
+                # streams, past the cluster's circuit breakers
+                "deferred_close_timeout": "0.2s",
                 # the decision id reaches it on the response (route response_headers_to_add)
                 "processing_mode": {
                     "request_header_mode": "SKIP",
@@ -221,6 +225,12 @@ def bootstrap(config: FleetConfig, *, epp_port: int | None = None,
             "name": "inferplane_epp",
             "type": "STATIC",
             "connect_timeout": "1s",
+            # every request holds one or two streams to the picker: the default breakers
+            # (1,024 requests) would refuse picks under load, which fails closed as a 503
+            "circuit_breakers": {"thresholds": [{
+                "max_requests": 1_000_000, "max_pending_requests": 1_000_000,
+                "max_connections": 1_000_000,
+            }]},
             "typed_extension_protocol_options": {
                 "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
                     "@type": HTTP_OPTIONS,
