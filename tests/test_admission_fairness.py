@@ -151,3 +151,31 @@ async def test_a_full_queue_sheds_the_flooding_tenants_newest_waiter_not_a_newco
     for t in [*flood[:-1], extra]:
         t.cancel()
     await asyncio.gather(*flood[:-1], extra, return_exceptions=True)
+
+
+async def test_headroom_sheds_sheddable_and_holds_batch_while_standard_still_goes() -> None:
+    from inferplane.errors import RateLimitError
+
+    pool = Pool(10)
+    q = FairQueue(pool.free, capacity=None, envelope=pool.capacity, shed_above=0.8,
+                  clock=lambda: 0.0)
+    held = [pool.start(await q.acquire("a", "standard", "p", 10, 5.0)) for _ in range(7)]
+    low = pool.start(await q.acquire("a", "sheddable", "p", 10, 5.0))  # 8/10: still allowed
+    try:
+        await q.acquire("a", "sheddable", "p", 10, 5.0)  # 9/10 would pass 0.8
+        raise AssertionError("not shed")
+    except RateLimitError as exc:
+        assert exc.code == "load_shed" and exc.headers["Retry-After"] == "1"
+    batch = asyncio.create_task(q.acquire("a", "batch", "p", 10, 5.0))
+    await asyncio.sleep(0)
+    assert not batch.done()  # batch waits instead
+    top = [pool.start(await q.acquire("a", "standard", "p", 10, 5.0)) for _ in range(2)]
+    assert pool.placed == 10  # the headroom went to the standard band
+    for g in top:
+        pool.end(q, g)
+    assert not batch.done()
+    pool.end(q, low)  # 7 in flight: the batch request fits under 0.8 again
+    g = pool.start(await asyncio.wait_for(batch, 1.0))
+    assert g.tenant == "a" and pool.placed == 8
+    for h in [*held, g]:
+        pool.end(q, h)

@@ -151,6 +151,8 @@ class Admission:
             active_window_s=q.active_window_s,
             max_waiting=q.max_waiting,
             clock=monotonic,
+            envelope=self.capacity,
+            shed_above=q.shed_above_utilisation,
         )
         self.retry_budget = RetryBudget(spec.retry, monotonic)
         self._stats_snapshot: FleetSnapshot | None = None

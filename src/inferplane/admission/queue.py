@@ -21,6 +21,10 @@ minus the requests already granted but not yet placed. Otherwise it waits:
   ``active_window_s``. A band whose waiter is held back by the reserve also holds back the lower
   bands on that pool (strict priority is never traded for fairness);
 - a per-class **deadline**: past it the request gets 503 ``queue_timeout``;
+- **headroom for the bands above** (``shed_above``, off by default): while the pool's in-flight
+  plus pending grants ÷ its slots would pass ``shed_above``, a sheddable request is refused at
+  once with 429 ``load_shed`` (waiting ones too), and a batch request waits — so past the knee
+  the last slots go to critical and standard traffic;
 - when ``max_waiting`` requests wait, the newest request of the most sheddable band below the
   newcomer's (sheddable, then batch, then standard) is shed with 429 ``load_shed``; if there is
   none, the newest waiter of the newcomer's band from the tenant with the most waiters there
@@ -43,6 +47,7 @@ from dataclasses import dataclass, field
 from inferplane.errors import GatewayError, RateLimitError
 
 BANDS = ("critical", "standard", "sheddable", "batch")
+_LOW_BANDS = frozenset({"sheddable", "batch"})
 SHED_ORDER = ("sheddable", "batch", "standard", "critical")
 
 PoolKey = Hashable
@@ -107,9 +112,13 @@ class FairQueue:
         max_waiting: int = 1024,
         clock: Callable[[], float] = time.monotonic,
         on_shed: Callable[[str, str], None] | None = None,
+        envelope: Callable[[PoolKey], int] | None = None,
+        shed_above: float | None = None,
     ) -> None:
         self.free_slots = free_slots
         self.capacity = capacity  # None: no fair-share caps (VTC order only)
+        self.envelope = envelope  # the pool's slots (Σ max_concurrency), for ``shed_above``
+        self.shed_above = shed_above
         self.reserve_fraction = reserve_fraction
         self.active_window_s = active_window_s
         self.max_waiting = max_waiting
@@ -131,6 +140,26 @@ class FairQueue:
 
     def depth(self, band: str) -> int:
         return sum(len(q) for q in self._bands[band].values())
+
+    def over_headroom(self, band: str, pool: PoolKey, room: int) -> bool:
+        """A request of a low band (sheddable, batch) may not take a slot of ``pool`` now: the
+        pool's utilisation with it would pass ``shed_above`` (the rest is kept for the bands
+        above)."""
+        if self.shed_above is None or self.envelope is None or band not in _LOW_BANDS:
+            return False
+        cap = self.envelope(pool)
+        return cap > 0 and cap - room + 1 > self.shed_above * cap
+
+    def _shed_low(self, band: str, pool: PoolKey) -> RateLimitError:
+        if self.on_shed is not None:
+            self.on_shed(band, "headroom")
+        return RateLimitError(
+            f"load shed: the fleet serving this request is over "
+            f"{self.shed_above:.0%} of its concurrency; {band} traffic is refused first so that "
+            "interactive traffic keeps its latency (admission.queue.shed_above_utilisation)",
+            code="load_shed",
+            headers={"Retry-After": "1"},
+        )
 
     def held(self, pool: PoolKey, tenant: str) -> int:
         """Slots of the pool the tenant holds (granted, not yet released)."""
@@ -191,9 +220,12 @@ class FairQueue:
     ) -> Grant:
         """A slot now, or after waiting; raises 503 past the deadline, 429 when shed."""
         self._seen.setdefault(pool, {})[tenant] = self.clock()
+        if band == "sheddable" and self.over_headroom(band, pool, self.room(pool)):
+            raise self._shed_low(band, pool)
         if self._waiting_pool.get(pool, 0) == 0:
             room = self.room(pool)
-            if room > 0 and self._eligible(tenant, pool, room, self.share(pool)):
+            if (room > 0 and self._eligible(tenant, pool, room, self.share(pool))
+                    and not self.over_headroom(band, pool, room)):
                 return self._grant(tenant, pool, tokens, 0.0)
         if self.waiting >= self.max_waiting:
             self._shed_for(band, tenant)
@@ -293,6 +325,14 @@ class FairQueue:
     def pump(self) -> int:
         """Grant every waiter that has room, best first; the number granted."""
         granted = 0
+        if self.shed_above is not None and self.depth("sheddable"):
+            for sq in list(self._bands["sheddable"].values()):
+                for sw in list(sq):
+                    if self.over_headroom("sheddable", sw.pool, self.room(sw.pool)):
+                        sq.remove(sw)
+                        self._count_waiting(sw, -1)
+                        if not sw.future.done():
+                            sw.future.set_exception(self._shed_low("sheddable", sw.pool))
         while self.waiting:
             w = self._best()
             if w is None:
@@ -342,7 +382,9 @@ class FairQueue:
                     if w.pool in held_back:
                         continue
                     room, share = pool_state(w.pool)
-                    if self._eligible(t, w.pool, room, share):
+                    if self._eligible(t, w.pool, room, share) and not self.over_headroom(
+                        w.band, w.pool, room
+                    ):
                         return w
             held_back |= waited_on
         return None

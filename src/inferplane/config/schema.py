@@ -538,6 +538,15 @@ class QueueSpec(Strict):
         gt=0,
         description="a tenant counts as active on a pool for this long after its last request",
     )
+    shed_above_utilisation: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="headroom for the critical and standard bands: while a pool's in-flight "
+        "requests (with the one asking) would pass this fraction of its slots (Σ "
+        "max_concurrency), sheddable requests are refused with 429 load_shed and batch requests "
+        "wait; unset: off",
+    )
 
 
 class AdmissionSpec(Strict):
