@@ -153,6 +153,7 @@ class Admission:
             clock=monotonic,
             envelope=self.capacity,
             shed_above=q.shed_above_utilisation,
+            keep_unused_shares=q.keep_unused_shares,
         )
         self.retry_budget = RetryBudget(spec.retry, monotonic)
         self._stats_snapshot: FleetSnapshot | None = None

@@ -25,6 +25,10 @@ minus the requests already granted but not yet placed. Otherwise it waits:
   plus pending grants ÷ its slots would pass ``shed_above``, a sheddable request is refused at
   once with 429 ``load_shed`` (waiting ones too), and a batch request waits — so past the knee
   the last slots go to critical and standard traffic;
+- **strict shares** (``keep_unused_shares``, off by default): the reserve is at least the slots
+  the other active tenants hold below their fair share, so while they are active a tenant above
+  its share never takes the slots they are entitled to (less work-conserving: those slots may
+  stay idle for up to ``active_window_s``);
 - when ``max_waiting`` requests wait, the newest request of the most sheddable band below the
   newcomer's (sheddable, then batch, then standard) is shed with 429 ``load_shed``; if there is
   none, the newest waiter of the newcomer's band from the tenant with the most waiters there
@@ -114,11 +118,13 @@ class FairQueue:
         on_shed: Callable[[str, str], None] | None = None,
         envelope: Callable[[PoolKey], int] | None = None,
         shed_above: float | None = None,
+        keep_unused_shares: bool = False,
     ) -> None:
         self.free_slots = free_slots
         self.capacity = capacity  # None: no fair-share caps (VTC order only)
         self.envelope = envelope  # the pool's slots (Σ max_concurrency), for ``shed_above``
         self.shed_above = shed_above
+        self.keep_unused_shares = keep_unused_shares
         self.reserve_fraction = reserve_fraction
         self.active_window_s = active_window_s
         self.max_waiting = max_waiting
@@ -205,7 +211,21 @@ class FairQueue:
         if share is None:
             return True
         fair, reserve = share
-        return room > reserve or self.held(pool, tenant) < fair
+        held = self.held(pool, tenant)
+        if held < fair:
+            return True
+        if self.keep_unused_shares:
+            reserve = max(reserve, self._unused_shares(pool, tenant, fair))
+        return room > reserve
+
+    def _unused_shares(self, pool: PoolKey, tenant: str, fair: float) -> int:
+        """Slots the other active tenants hold below their fair share: kept free for them."""
+        held = self._held.get(pool, {})
+        return sum(
+            max(0, math.ceil(fair) - held.get(t, 0))
+            for t in self._active(pool, self.clock())
+            if t != tenant
+        )
 
     def _below_share(self, tenant: str, pool: PoolKey, share: tuple[float, int] | None) -> bool:
         return share is None or self.held(pool, tenant) < share[0]

@@ -547,6 +547,12 @@ class QueueSpec(Strict):
         "max_concurrency), sheddable requests are refused with 429 load_shed and batch requests "
         "wait; unset: off",
     )
+    keep_unused_shares: bool = Field(
+        False,
+        description="strict fair shares: keep free the slots other active tenants hold below "
+        "their fair share (at least the reserve), so a flooding tenant never takes them while "
+        "those tenants are active; off: only the reserve is kept (more work-conserving)",
+    )
 
 
 class AdmissionSpec(Strict):
