@@ -590,6 +590,76 @@ def calibrate(
     typer.echo(f"wrote {out}")
 
 
+@app.command()
+def economics(
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="fleet YAML file: pools, prices, bands "
+                                  "and its configured ledger")
+    ] = None,
+    ledger: LedgerOpt = None,
+    since: Annotated[str | None, typer.Option(help="from (unix seconds or ISO 8601; default: "
+                                              "economics.window_days ago)")] = None,
+    until: Annotated[str | None, typer.Option(help="before (default: now)")] = None,
+    as_json: Annotated[Path | None, typer.Option("--json", help="write the report as JSON")] = None,
+    prometheus: Annotated[
+        bool, typer.Option("--prometheus", help="print the gauges in Prometheus text format")
+    ] = False,
+    report: Annotated[
+        Path | None, typer.Option(help="what-if: an `inferplane simulate` report (before)")
+    ] = None,
+    against: Annotated[
+        Path | None, typer.Option(help="what-if: the report of the changed fleet (after)")
+    ] = None,
+) -> None:
+    """Placement economics from the ledger, or a what-if between two simulations
+    (docs/economics.md)."""
+    if report is not None or against is not None:
+        from inferplane.economics.whatif import compare
+
+        if report is None or against is None:
+            fail("a what-if needs both --report BEFORE.json and --against AFTER.json")
+        docs = []
+        for path in (report, against):
+            try:
+                docs.append(json.loads(path.read_text("utf-8")))
+            except (OSError, ValueError) as exc:
+                fail(f"{path}: {getattr(exc, 'strerror', None) or exc}")
+            if not isinstance(docs[-1], dict) or "requests" not in docs[-1]:
+                fail(f"{path}: not an `inferplane simulate` report")
+        typer.echo("\n".join(compare(docs[0], docs[1])))
+        return
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from inferplane.economics.render import EconomicsCollector, from_ledger, lines
+    from inferplane.ledger.query import BadQuery, parse_time
+    from inferplane.ledger.tools import Source, SourceError, source_from_config
+
+    if config is None:
+        fail("give the fleet file with --config (its pools, prices and ledger)")
+    fleet_config = load_checked(config)
+    try:
+        source = (Source(sqlite_path=str(ledger)) if ledger is not None
+                  else source_from_config(fleet_config, str(config)))
+        start = parse_time(since, "--since") if since else None
+        end = parse_time(until, "--until") if until else None
+        rep = from_ledger(fleet_config, source, since=start, until=end)
+    except (SourceError, BadQuery, ValueError) as exc:
+        fail(str(exc))
+    if as_json is not None:
+        try:
+            as_json.write_text(json.dumps(rep.to_json(), indent=2) + "\n")
+        except OSError as exc:
+            fail(f"{as_json}: {exc.strerror or exc}")
+    if prometheus:
+        registry = CollectorRegistry()
+        collector = EconomicsCollector()
+        collector.report = rep
+        registry.register(collector)
+        typer.echo(generate_latest(registry).decode(), nl=False)
+        return
+    typer.echo("\n".join(lines(rep)))
+
+
 def main() -> None:
     app()
 

@@ -57,23 +57,6 @@ class MetricsSpec(Strict):
         return keys
 
 
-class FirstByteTimeoutSpec(Strict):
-    """The first-byte timeout of one attempt, derived from placement's prediction.
-
-    ``timeout = min(upstream_timeout_s, max(floor_s, factor × predicted))`` where ``predicted`` is
-    the pick's predicted TTFT — plus ``max_tokens ×`` its predicted ITL for a non-streamed request,
-    whose first byte comes with the whole answer. Without a prediction, ``unpredicted_s``. A
-    timed-out attempt is re-placed (it sent the client nothing) and counts towards the
-    endpoint's ``health.outlier.consecutive_timeouts``."""
-
-    enabled: bool = Field(True, description="apply the first-byte timeout")
-    factor: float = Field(5.0, ge=1, description="multiple of the predicted time allowed")
-    floor_s: float = Field(5.0, gt=0, description="never less than this")
-    unpredicted_s: float = Field(
-        60.0, gt=0, description="the timeout when placement predicted no latency for the pick"
-    )
-
-
 class GatewaySpec(Strict):
     """How the gateway process listens, scrapes and forwards."""
 
@@ -102,18 +85,7 @@ class GatewaySpec(Strict):
     health_interval_s: float = Field(1.0, gt=0, description="/health probe period")
     connect_timeout_s: float = Field(2.0, gt=0)
     upstream_timeout_s: float = Field(600.0, gt=0, description="whole-request upstream limit")
-    max_replacements: int = Field(
-        3,
-        ge=0,
-        description="most re-placements of one request after failures before its first byte; "
-        "re-placement also stops when no eligible endpoint remains or the retry budget "
-        "(admission.retry) is spent",
-    )
-    first_byte_timeout: FirstByteTimeoutSpec = Field(
-        FirstByteTimeoutSpec(),
-        description="give up on an endpoint that has not sent its first byte in time, re-place "
-        "the request and count a timeout against the endpoint",
-    )
+    max_replacements: int = Field(1, ge=0, description="re-placements after a pre-byte failure")
     default_profile: str = "default"
     ledger_path: str | None = Field(
         None, description="SQLite file for decision records; none keeps them in memory only"
@@ -330,24 +302,9 @@ class SubstrateSpec(Strict):
     jurisdiction: str
     failure_domain: str = ""
     capacity_class: CapacityClass = "reserved"
-    committed_concurrency: int | None = Field(
-        None,
-        gt=0,
-        description="reserved capacity's size: requests in flight at once that the reservation "
-        "covers, across the substrate's endpoints (default: the sum of their max_concurrency). "
-        "At that size the substrate is 'reserved exhausted': new requests spill to burst or "
-        "provider capacity, recorded, and wait on the reservation only when nothing else is "
-        "allowed",
-    )
     cost: CostModel
     power_watts: float | None = Field(None, gt=0, description="power envelope of the pool")
     endpoints: list[EndpointSpec] = Field(min_length=1)
-
-    @model_validator(mode="after")
-    def _committed_is_reserved(self) -> SubstrateSpec:
-        if self.committed_concurrency is not None and self.capacity_class != "reserved":
-            raise ValueError("committed_concurrency applies to reserved capacity only")
-        return self
 
 
 BudgetScope = Literal["tenant", "key", "workflow"]
@@ -435,11 +392,6 @@ class WorkloadClass(Strict):
     priority: Priority = "standard"
     allow_burst: bool = True
     allowed_kinds: list[SubstrateKind] | None = Field(None, description="none means any kind")
-    preferred_kinds: list[SubstrateKind] | None = Field(
-        None,
-        description="substrate kinds this class prefers wherever they meet its SLO (the "
-        "slo-first picker), e.g. giant-context for long-context, low-latency for agent steps",
-    )
     default_max_tokens: int = Field(1024, gt=0)
     energy_aware: bool = False
     max_tokens_ceiling: int | None = Field(None, gt=0, description="per-request output cap")
@@ -714,20 +666,6 @@ class OutlierSpec(Strict):
     min_ttft_s: float = Field(
         0.05, ge=0, description="a TTFT p50 below this is never an outlier (noise floor)"
     )
-    consecutive_5xx: int | None = Field(
-        5,
-        gt=0,
-        description="eject at once after this many consecutive failures (5xx, connection "
-        "errors, timeouts, broken streams) without waiting for the sweep, like Envoy's "
-        "consecutive_5xx; one failure suffices while the endpoint is on probation after an "
-        "ejection (half-open); null: off",
-    )
-    consecutive_timeouts: int | None = Field(
-        2,
-        gt=0,
-        description="eject at once after this many consecutive first-byte timeouts (a hung "
-        "engine); null: off",
-    )
     stale_eject_s: float = Field(
         10.0, gt=0, description="eject a healthy endpoint whose last good scrape is this old"
     )
@@ -797,6 +735,44 @@ class HealthSpec(Strict):
     )
 
 
+class EconomicsSpec(Strict):
+    """Placement economics: utilisation bands, break-even sizing and reassessment triggers
+    (`inferplane economics`, the gateway's `inferplane_economics_*` gauges; docs/economics.md)."""
+
+    band_low: float = Field(
+        0.40, ge=0, le=1,
+        description="a pool busy below this share of its concurrency envelope is under-used",
+    )
+    band_high: float = Field(
+        0.70, gt=0, le=1, description="above this share a pool has no headroom left"
+    )
+    target_utilisation: float = Field(
+        0.60, gt=0, le=1, description="utilisation that owned capacity is sized for in the "
+        "repatriation break-even",
+    )
+    out_of_band_days: int = Field(
+        7, ge=1, description="consecutive days outside the band that trigger a reassessment"
+    )
+    divergence_days: int = Field(
+        7, ge=2, description="days over which the P99/P50 TTFT divergence trend is fitted"
+    )
+    window_days: float = Field(
+        30.0, gt=0, description="history the gateway's economics gauges read from the ledger"
+    )
+    refresh_s: float = Field(
+        0.0, ge=0, description="how often the gateway recomputes its `inferplane_economics_*` "
+        "gauges from the ledger (0: never, the default: each refresh parses the whole window in "
+        "the gateway process; `inferplane economics --prometheus` serves a textfile collector "
+        "instead). Needs a ledger file or PostgreSQL",
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> EconomicsSpec:
+        if self.band_low >= self.band_high:
+            raise ValueError("band_low must be below band_high")
+        return self
+
+
 class EppSpec(Strict):
     """The endpoint picker over Envoy's external processing API (`inferplane epp`) and the
     Envoy bootstrap written for it (`inferplane envoy-config`)."""
@@ -859,4 +835,7 @@ class FleetConfig(Strict):
     )
     epp: EppSpec = Field(
         EppSpec(), description="the Envoy endpoint picker (`inferplane epp`, `envoy-config`)"
+    )
+    economics: EconomicsSpec = Field(
+        EconomicsSpec(), description="utilisation bands, break-even and reassessment triggers"
     )

@@ -76,9 +76,8 @@ class GatewayMetrics:
         )
         self.spillovers = Counter(
             "inferplane_spillovers",
-            "Placements outside their preferred set, by reason (placement.framework."
-            "SPILLOVER_REASONS)",
-            ["workload_class", "from_region", "to_region", "reason"],
+            "Requests placed outside their preferred set",
+            ["workload_class", "from_region", "to_region"],
             registry=r,
         )
         self.ttft = Histogram(
