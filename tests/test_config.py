@@ -492,7 +492,7 @@ def test_several_schema_problems_listed_one_per_line() -> None:
         f"{FILE}: gateway.port: Input should be a valid integer, unable to parse string as an "
         "integer",
         f"{FILE}: substrates[0].kind: Input should be 'gpu', 'low-latency', 'giant-context', "
-        "'provider-api' or 'cpu'",
+        "'provider-api', 'sovereign-onprem' or 'cpu'",
     ]
 
 

@@ -170,7 +170,7 @@ async def test_gateway_in_front_of_emulated_providers() -> None:
                 assert picks == [("oa", "vendor/m-70b"), ("an", "claude-m"), ("an", "claude-m")]
                 assert records[0] is not None and records[0]["spillover"] is None
                 assert records[1] is not None and records[1]["outcome"]["status"] == 200
-                assert records[1]["spillover"]["reason"] == "rate_limited"
+                assert records[1]["spillover"]["kind"] == "rate_limited"
                 assert list(records[1]["outcome"]["failed_endpoints"]) == ["oa"]
                 state = gw.live.snapshot().by_name["oa"].state
                 assert state.ejected and state.ejected_reason.startswith("rate limited: HTTP 429")

@@ -230,7 +230,7 @@ async def test_429_with_retry_after_ejects_and_the_move_is_a_rate_limited_spillo
             gw.live.live["ok"].inflight = 0
             rec = gw.ledger.get(did)
             assert rec is not None and rec["outcome"]["status"] == 200
-            assert rec["spillover"]["reason"] == "rate_limited"
+            assert rec["spillover"]["kind"] == "rate_limited"  # the reason vocabulary
             assert rec["spillover"]["preferred"] == "limited"
             assert rec["spillover"]["chosen"] == "ok"
             state = gw.live.snapshot().by_name["limited"].state

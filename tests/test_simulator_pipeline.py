@@ -223,6 +223,11 @@ def test_strict_shares_keep_the_victims_slots_free() -> None:
 # -- faults and re-placement -----------------------------------------------------------------
 def test_an_endpoint_down_is_replaced_around_and_comes_back() -> None:
     config = fleet(n=3, max_concurrency=16)
+    # its lost streams eject it (consecutive failures); the ejection ends before the trace does
+    outlier = config.health.outlier.model_copy(update={"base_ejection_s": 3.0})
+    config = config.model_copy(
+        update={"health": config.health.model_copy(update={"outlier": outlier})}
+    )
     faults = validate_faults(
         [{"at": 2.0, "endpoint": "h-1", "event": "down"},
          {"at": 8.0, "endpoint": "h-1", "event": "up"}],

@@ -10,7 +10,9 @@ SubstrateName: TypeAlias = str
 TenantName: TypeAlias = str
 BlockHash: TypeAlias = int
 
-SubstrateKind: TypeAlias = Literal["gpu", "low-latency", "giant-context", "provider-api", "cpu"]
+SubstrateKind: TypeAlias = Literal[
+    "gpu", "low-latency", "giant-context", "provider-api", "sovereign-onprem", "cpu"
+]
 EngineType: TypeAlias = Literal["vllm", "sglang", "openai-compatible"]
 CapacityClass: TypeAlias = Literal["reserved", "burst"]
 ApiKind: TypeAlias = Literal["chat", "completions", "embeddings"]

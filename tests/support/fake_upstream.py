@@ -3,7 +3,8 @@
 Run as a process: ``python -m tests.support.fake_upstream --port N [--port M ...] --mode M``.
 Modes: ``ok`` (answers, streams 5 chunks 1 ms apart), ``fast`` (the same with no pauses: for
 overhead benchmarks), ``fail500`` (HTTP 500 before any byte), ``cut`` (streams two chunks then
-drops the connection), ``slow`` (chunks 200 ms apart, for disconnect tests).
+drops the connection), ``slow`` (chunks 200 ms apart, for disconnect tests), ``hang`` (reads the
+request and never answers while ``/health`` stays green: a hung engine).
 It counts requests and cancellations and reports them on ``GET /stats``; ``/metrics`` serves a
 fixed vLLM-style exposition with ``waiting`` read from ``--waiting``.
 """
@@ -33,6 +34,12 @@ async def completions(request: web.Request) -> web.StreamResponse:
     STATS["last_max_tokens"] = body.get("max_tokens", body.get("max_completion_tokens", -1))
     if mode == "fail500":
         return web.json_response({"error": {"message": "boom", "type": "server_error"}}, status=500)
+    if mode == "hang":
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            STATS["cancelled"] += 1
+            raise
     chat = request.path.endswith("chat/completions")
     name = request.app[NAME]
     usage = {"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12,

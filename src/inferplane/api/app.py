@@ -115,13 +115,16 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 def _decision_headers(attempt: Attempt) -> dict[str, str]:
     d = attempt.decision
     assert d.picked is not None
-    return {
+    headers = {
         "x-inferplane-endpoint": d.picked.name,
         "x-inferplane-substrate": d.picked.endpoint.substrate.name,
         "x-inferplane-decision-id": d.decision_id,
         # the model that answers, by the upstream's own name (a provider's model id)
         "x-inferplane-model": d.picked.endpoint.upstream_model(d.profile.model),
     }
+    if d.spillover is not None:  # never silent: the client is told it left its preferred set
+        headers["x-inferplane-spillover"] = d.spillover.header_value()
+    return headers
 
 
 async def _read_body(request: web.Request, limit: int, timeout_s: float) -> bytes:
@@ -172,7 +175,7 @@ async def forward(
 ) -> web.StreamResponse:
     """Place, dispatch and relay one admitted request; `account` runs on every path."""
     attempt = await gw.open(api, ticket.profile, raw, ticket)
-    resp = attempt.response
+    resp = attempt.response.response
     headers = _decision_headers(attempt)
     headers.update(ticket.headers)
     endpoint = attempt.decision.picked.endpoint  # type: ignore[union-attr]
@@ -202,7 +205,8 @@ async def forward(
         try:
             reservation = attempt.reservation
             events = SSEUsageFilter() if strip_usage else None
-            async with contextlib.aclosing(Dispatcher.relay(endpoint, resp, stats)) as chunks:
+            relay = Dispatcher.relay(endpoint, resp, stats, attempt.response.first)
+            async with contextlib.aclosing(relay) as chunks:
                 async for chunk in chunks:
                     if not reservation.prefilled:
                         reservation.first_token()  # its prefill no longer queues ahead

@@ -7,7 +7,7 @@ Everything transport-neutral (authenticate, classify, admit, place, reserve, acc
 
 from __future__ import annotations
 
-import aiohttp
+import time
 
 from inferplane.admission.controller import Ticket
 from inferplane.admission.state import AdmissionStore
@@ -16,7 +16,8 @@ from inferplane.core.plane import API_PATHS, Core, hash_key
 from inferplane.core.plane import Attempt as CoreAttempt
 from inferplane.dispatch.answer import parse_usage
 from inferplane.dispatch.credentials import load_credentials
-from inferplane.dispatch.upstream import Dispatcher
+from inferplane.dispatch.upstream import Dispatcher, Opened
+from inferplane.fleet.model import Endpoint
 from inferplane.fleet.scraper import HttpMetricsSource, MetricsSource
 from inferplane.ledger.record import Ledger, Receipt
 from inferplane.placement.profile import RequestProfile
@@ -24,8 +25,8 @@ from inferplane.types import ApiKind
 
 __all__ = ["API_PATHS", "Attempt", "Gateway", "hash_key", "parse_usage"]
 
-Attempt = CoreAttempt[aiohttp.ClientResponse]
-"""A placed request whose upstream has answered with a status line."""
+Attempt = CoreAttempt[Opened]
+"""A placed request whose upstream has answered (a stream: its first chunk is in)."""
 
 
 class Gateway(Core):
@@ -68,11 +69,23 @@ class Gateway(Core):
         (`Core.open_with`)."""
         path = API_PATHS[api]
         max_tokens = profile.max_output_tokens
-        return await self.open_with(
-            profile,
-            lambda endpoint: self.dispatcher.open(endpoint, path, body, max_tokens=max_tokens),
-            ticket,
-        )
+
+        async def send(endpoint: Endpoint, first_byte_s: float | None) -> Opened:
+            t0 = time.monotonic()
+            resp = await self.dispatcher.open(
+                endpoint, path, body, max_tokens=max_tokens, first_byte_s=first_byte_s
+            )
+            first = None
+            if resp.status == 200 and "text/event-stream" in resp.headers.get("Content-Type", ""):
+                # a stream's status line comes before its first token: wait for that too, so a
+                # hung engine is re-placed before the client has seen a byte
+                left = None if first_byte_s is None else first_byte_s - (time.monotonic() - t0)
+                first = await Dispatcher.first_chunk(
+                    endpoint, resp, None if left is None else max(left, 0.0)
+                )
+            return Opened(resp, first)
+
+        return await self.open_with(profile, send, ticket)
 
     async def complete(self, attempt: Attempt, started: float) -> bytes:
         """Read a non-streamed answer whole and account it (`read_answer`, then
@@ -83,7 +96,7 @@ class Gateway(Core):
 
     async def read_answer(self, attempt: Attempt, started: float) -> tuple[bytes, float]:
         """Read a non-streamed answer whole (`Core.read_with`); return it and its E2E end."""
-        endpoint, resp = attempt.endpoint, attempt.response
+        endpoint, resp = attempt.endpoint, attempt.response.response
         return await self.read_with(attempt, started, lambda: Dispatcher.read_all(endpoint, resp))
 
     def account_answer(
@@ -91,5 +104,6 @@ class Gateway(Core):
     ) -> Receipt:
         """Account a non-streamed answer read by `read_answer`; return its record's receipt."""
         return self.account_body(
-            attempt, data, status=attempt.response.status, started=started, ended=ended
+            attempt, data, status=attempt.response.response.status, started=started,
+            ended=ended
         )

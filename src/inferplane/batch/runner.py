@@ -106,7 +106,9 @@ async def _dispatch(gw: Core, dispatcher: Dispatcher, api: Any, ticket: Ticket, 
     max_tokens = ticket.profile.max_output_tokens
     attempt = await gw.open_with(
         ticket.profile,
-        lambda endpoint: dispatcher.open(endpoint, path, raw, max_tokens=max_tokens),
+        lambda endpoint, first_byte_s: dispatcher.open(
+            endpoint, path, raw, max_tokens=max_tokens, first_byte_s=first_byte_s
+        ),
         ticket,
     )
     resp = attempt.response

@@ -57,6 +57,23 @@ class MetricsSpec(Strict):
         return keys
 
 
+class FirstByteTimeoutSpec(Strict):
+    """The first-byte timeout of one attempt, derived from placement's prediction.
+
+    ``timeout = min(upstream_timeout_s, max(floor_s, factor × predicted))`` where ``predicted`` is
+    the pick's predicted TTFT — plus ``max_tokens ×`` its predicted ITL for a non-streamed request,
+    whose first byte comes with the whole answer. Without a prediction, ``unpredicted_s``. A
+    timed-out attempt is re-placed (it sent the client nothing) and counts towards the
+    endpoint's ``health.outlier.consecutive_timeouts``."""
+
+    enabled: bool = Field(True, description="apply the first-byte timeout")
+    factor: float = Field(5.0, ge=1, description="multiple of the predicted time allowed")
+    floor_s: float = Field(5.0, gt=0, description="never less than this")
+    unpredicted_s: float = Field(
+        60.0, gt=0, description="the timeout when placement predicted no latency for the pick"
+    )
+
+
 class GatewaySpec(Strict):
     """How the gateway process listens, scrapes and forwards."""
 
@@ -85,7 +102,18 @@ class GatewaySpec(Strict):
     health_interval_s: float = Field(1.0, gt=0, description="/health probe period")
     connect_timeout_s: float = Field(2.0, gt=0)
     upstream_timeout_s: float = Field(600.0, gt=0, description="whole-request upstream limit")
-    max_replacements: int = Field(1, ge=0, description="re-placements after a pre-byte failure")
+    max_replacements: int = Field(
+        3,
+        ge=0,
+        description="most re-placements of one request after failures before its first byte; "
+        "re-placement also stops when no eligible endpoint remains or the retry budget "
+        "(admission.retry) is spent",
+    )
+    first_byte_timeout: FirstByteTimeoutSpec = Field(
+        FirstByteTimeoutSpec(),
+        description="give up on an endpoint that has not sent its first byte in time, re-place "
+        "the request and count a timeout against the endpoint",
+    )
     default_profile: str = "default"
     ledger_path: str | None = Field(
         None, description="SQLite file for decision records; none keeps them in memory only"
@@ -302,9 +330,24 @@ class SubstrateSpec(Strict):
     jurisdiction: str
     failure_domain: str = ""
     capacity_class: CapacityClass = "reserved"
+    committed_concurrency: int | None = Field(
+        None,
+        gt=0,
+        description="reserved capacity's size: requests in flight at once that the reservation "
+        "covers, across the substrate's endpoints (default: the sum of their max_concurrency). "
+        "At that size the substrate is 'reserved exhausted': new requests spill to burst or "
+        "provider capacity, recorded, and wait on the reservation only when nothing else is "
+        "allowed",
+    )
     cost: CostModel
     power_watts: float | None = Field(None, gt=0, description="power envelope of the pool")
     endpoints: list[EndpointSpec] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _committed_is_reserved(self) -> SubstrateSpec:
+        if self.committed_concurrency is not None and self.capacity_class != "reserved":
+            raise ValueError("committed_concurrency applies to reserved capacity only")
+        return self
 
 
 BudgetScope = Literal["tenant", "key", "workflow"]
@@ -392,6 +435,11 @@ class WorkloadClass(Strict):
     priority: Priority = "standard"
     allow_burst: bool = True
     allowed_kinds: list[SubstrateKind] | None = Field(None, description="none means any kind")
+    preferred_kinds: list[SubstrateKind] | None = Field(
+        None,
+        description="substrate kinds this class prefers wherever they meet its SLO (the "
+        "slo-first picker), e.g. giant-context for long-context, low-latency for agent steps",
+    )
     default_max_tokens: int = Field(1024, gt=0)
     energy_aware: bool = False
     max_tokens_ceiling: int | None = Field(None, gt=0, description="per-request output cap")
@@ -665,6 +713,20 @@ class OutlierSpec(Strict):
     )
     min_ttft_s: float = Field(
         0.05, ge=0, description="a TTFT p50 below this is never an outlier (noise floor)"
+    )
+    consecutive_5xx: int | None = Field(
+        5,
+        gt=0,
+        description="eject at once after this many consecutive failures (5xx, connection "
+        "errors, timeouts, broken streams) without waiting for the sweep, like Envoy's "
+        "consecutive_5xx; one failure suffices while the endpoint is on probation after an "
+        "ejection (half-open); null: off",
+    )
+    consecutive_timeouts: int | None = Field(
+        2,
+        gt=0,
+        description="eject at once after this many consecutive first-byte timeouts (a hung "
+        "engine); null: off",
     )
     stale_eject_s: float = Field(
         10.0, gt=0, description="eject a healthy endpoint whose last good scrape is this old"

@@ -327,7 +327,7 @@ class Core:
         if decision.spillover is not None:
             s = decision.spillover
             self.metrics.spillovers.labels(
-                profile.workload_class, s.from_region or "", s.to_region
+                profile.workload_class, s.from_region or "", s.to_region, s.kind
             ).inc()
         if decision.picked is None:
             self._check_possible(profile)
@@ -355,15 +355,57 @@ class Core:
             self.admission.placed(ticket)
         return Placement(decision, reservation, [] if failed is None else failed, ticket)
 
+    def first_byte_timeout(self, decision: Decision) -> float | None:
+        """The pick's first-byte timeout (`config.schema.FirstByteTimeoutSpec`): ``factor ×``
+        the predicted TTFT (plus the predicted decode of a non-streamed answer, whose first byte
+        comes with its last), at least ``floor_s``, at most ``upstream_timeout_s``; None when
+        disabled."""
+        spec = self.config.gateway.first_byte_timeout
+        if not spec.enabled or decision.picked is None:
+            return None
+        a = decision.candidate(decision.picked.name).annotations
+        ttft = a.get("ttft_s")
+        if ttft is None:
+            t = spec.unpredicted_s
+        else:
+            p = decision.profile
+            if not p.stream:
+                ttft += p.max_output_tokens * a.get("itl_s", 0.0)
+            t = max(spec.floor_s, spec.factor * ttft)
+        return min(t, self.config.gateway.upstream_timeout_s)
+
+    def attempt_failed(self, endpoint: str, reason: str, status: int | None = None) -> None:
+        """An attempt on ``endpoint`` failed before its first byte (``reason`` and upstream
+        ``status`` as in `UpstreamAttemptFailed`): count it, and eject the endpoint at once when
+        its consecutive failures reach the threshold (`fleet.health.OutlierDetector.
+        note_failure`). A 429 is the upstream's rate limit, not a fault: it enters the
+        error-rate window only (`fleet.passive` ejects for its Retry-After)."""
+        self.metrics.upstream_failures.labels(endpoint, reason).inc()
+        throttled = status == 429
+        self.live.observe_outcome(
+            endpoint, False, timeout=reason == "first_byte_timeout", consecutive=not throttled
+        )
+        if not throttled:
+            self._eject_if_failing(endpoint)
+
+    def _eject_if_failing(self, endpoint: str) -> None:
+        a = self.outliers.note_failure(self.live, endpoint)
+        if a is not None:
+            self.metrics.endpoint_ejections.labels(a.endpoint, a.kind or "").inc()
+            log.warning("ejected %s: %s", a.endpoint, a.reason)
+
     async def open_with(
         self,
         profile: RequestProfile,
-        send: Callable[[Endpoint], Awaitable[R]],
+        send: Callable[[Endpoint, float | None], Awaitable[R]],
         ticket: Ticket | None = None,
     ) -> Attempt[R]:
-        """Place, reserve and ``send`` to the pick, re-placing after a failure before the first
-        byte (``send`` raises `UpstreamAttemptFailed`). Re-placements draw on the retry budget
-        (`admission.retry.RetryBudget`)."""
+        """Place, reserve and ``send`` to the pick with its first-byte timeout
+        (`first_byte_timeout`), re-placing after a failure before the first byte (``send``
+        raises `UpstreamAttemptFailed`) while eligible endpoints remain, at most
+        ``gateway.max_replacements`` times, each drawing on the retry budget
+        (`admission.retry.RetryBudget`); a re-placement avoids the failed endpoints and, where
+        it can, their failure domains and zones (the ``failure-domain`` filter)."""
         failed: list[str] = []
         self.admission.retry_budget.record_request()
         last_error = ""
@@ -384,11 +426,10 @@ class Core:
             view = decision.picked
             assert view is not None
             try:
-                resp = await send(view.endpoint)
+                resp = await send(view.endpoint, self.first_byte_timeout(decision))
             except UpstreamAttemptFailed as exc:
                 reservation.release()
-                self.live.observe_outcome(view.name, False)
-                self.metrics.upstream_failures.labels(view.name, exc.reason).inc()
+                self.attempt_failed(view.name, exc.reason, exc.upstream_status)
                 ejected = self.passive.failed(
                     view.endpoint,
                     reason=exc.reason,
@@ -425,7 +466,9 @@ class Core:
                     ) from None
                 self.metrics.replacements.inc()
                 profile = profile.with_(
-                    excluded=profile.excluded | {view.name}, attempt=profile.attempt + 1
+                    excluded=profile.excluded | {view.name},
+                    attempt=profile.attempt + 1,
+                    avoid_domains=profile.avoid_domains | _domains(view.endpoint),
                 )
                 continue
             except BaseException as exc:
@@ -456,16 +499,20 @@ class Core:
         chosen = d.picked.endpoint
         if d.spillover is None:
             self.metrics.spillovers.labels(
-                d.profile.workload_class, limited.region, chosen.region
+                d.profile.workload_class, limited.region, chosen.region, "rate_limited"
             ).inc()
         placement.decision = replace(
             d,
             spillover=Spillover(
-                reason="rate_limited",
+                reason=f"{limited.name} answered HTTP 429 (rate limited)",
                 preferred=limited.name,
                 chosen=chosen.name,
                 from_region=limited.region,
                 to_region=chosen.region,
+                kind="rate_limited",
+                delta_rtt_s=self.fleet.rtt_s(d.profile.client_region or limited.region,
+                                             chosen.region)
+                - self.fleet.rtt_s(d.profile.client_region or limited.region, limited.region),
             ),
         )
 
@@ -534,9 +581,12 @@ class Core:
         name = attempt.endpoint_name
         now = time.perf_counter() if ended is None else ended
         ok = status < 500 and error is None
-        self.live.observe_outcome(name, ok)
+        # a client that went away says nothing about the endpoint: not a consecutive failure
+        self.live.observe_outcome(name, ok, consecutive=status != 499)
         if ok:
             self.passive.succeeded(name)
+        elif status != 499:
+            self._eject_if_failing(name)
         ttft = itl = None
         if stats is not None and stats.first_byte is not None:
             ttft = stats.first_byte - started
@@ -610,6 +660,17 @@ class Core:
         if not ok:
             self.metrics.ledger_commit_timeouts.inc()
         return ok
+
+
+def _domains(endpoint: Endpoint) -> frozenset[str]:
+    """The failure domain and zone of an endpoint, as ``profile.avoid_domains`` holds them."""
+    sub = endpoint.substrate
+    out = set()
+    if sub.failure_domain:
+        out.add("fd:" + sub.failure_domain)
+    if sub.zone:
+        out.add("zone:" + sub.zone)
+    return frozenset(out)
 
 
 def _int(v: Any) -> int | None:

@@ -14,12 +14,14 @@ error in an unknown shape, a stream that is not SSE of the dialect) is a 502 nam
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import email.utils
 import math
 import re
 import time
 from collections.abc import AsyncGenerator, Iterator, Mapping
+from dataclasses import dataclass
 
 import aiohttp
 import orjson
@@ -86,6 +88,29 @@ def _translate(endpoint: Endpoint) -> Iterator[None]:
         ) from None
 
 
+@contextlib.asynccontextmanager
+async def _first_byte_deadline(
+    endpoint: Endpoint, seconds: float | None
+) -> AsyncGenerator[None, None]:
+    """Raise `UpstreamAttemptFailed` (reason ``first_byte_timeout``) when the block takes longer
+    than ``seconds`` (None: no limit beyond the session's)."""
+    if seconds is None:
+        yield
+        return
+    deadline = asyncio.timeout(seconds)
+    try:
+        async with deadline:
+            yield
+    except TimeoutError:
+        if not deadline.expired():
+            raise  # another timeout (the session's): `_translate` names it
+        raise UpstreamAttemptFailed(
+            f"sent no first byte within {seconds:.3g} s (first-byte timeout)",
+            upstream=endpoint.name,
+            reason="first_byte_timeout",
+        ) from None
+
+
 _USAGE_ONLY = re.compile(rb'"choices"\s*:\s*\[\s*\]')
 
 
@@ -121,6 +146,15 @@ class SSEUsageFilter:
     def flush(self) -> bytes:
         rest, self._carry = self._carry, b""
         return rest
+
+
+@dataclass(frozen=True, slots=True)
+class Opened:
+    """An upstream answer whose status line is in; for a stream, also its first chunk and when
+    it arrived (`Dispatcher.first_chunk`), which `Dispatcher.relay` sends first."""
+
+    response: aiohttp.ClientResponse
+    first: tuple[bytes, float] | None = None
 
 
 class Dispatcher:
@@ -194,19 +228,28 @@ class Dispatcher:
         return endpoint.api_url(path), body
 
     async def open(
-        self, endpoint: Endpoint, path: str, body: bytes, *, max_tokens: int = 4096
+        self,
+        endpoint: Endpoint,
+        path: str,
+        body: bytes,
+        *,
+        max_tokens: int = 4096,
+        first_byte_s: float | None = None,
     ) -> aiohttp.ClientResponse:
         """Send the request; return the response once its status line is in.
 
         Raises `UpstreamAttemptFailed` if it fails before that, answers a retriable status
         (429/5xx, with the ``Retry-After`` it gave) or refuses the gateway's credentials
-        (401/403). Other statuses (a 400 from the engine) are returned for the caller to relay.
+        (401/403); with reason ``first_byte_timeout`` when the status line took longer than
+        ``first_byte_s``. Other statuses (a 400 from the engine) are returned for the caller to
+        relay.
         """
         assert self.session is not None, "Dispatcher.start() not called"
         url, data = self.upstream_request(endpoint, path, body, max_tokens)
         headers = self._request_headers(endpoint)
         with _translate(endpoint):
-            resp = await self.session.post(url, data=data, headers=headers)
+            async with _first_byte_deadline(endpoint, first_byte_s):
+                resp = await self.session.post(url, data=data, headers=headers)
             if resp.status in RETRIABLE_STATUS or resp.status in CREDENTIAL_STATUS:
                 try:
                     answer = await resp.read()
@@ -233,6 +276,22 @@ class Dispatcher:
                     retry_after_s=retry_after,
                 )
         return resp
+
+    @staticmethod
+    async def first_chunk(
+        endpoint: Endpoint, resp: aiohttp.ClientResponse, first_byte_s: float | None
+    ) -> tuple[bytes, float]:
+        """Wait for a stream's first chunk (with the first-byte deadline) and return it with
+        its arrival time, for `relay` to send first. Raises `UpstreamAttemptFailed` (the client
+        has received nothing yet) and closes the response on any failure."""
+        try:
+            with _translate(endpoint):
+                async with _first_byte_deadline(endpoint, first_byte_s):
+                    chunk = await resp.content.readany()
+        except BaseException:
+            resp.close()
+            raise
+        return chunk, time.perf_counter()
 
     @staticmethod
     def passthrough_headers(resp: aiohttp.ClientResponse) -> dict[str, str]:
@@ -278,10 +337,14 @@ class Dispatcher:
 
     @staticmethod
     async def relay(
-        endpoint: Endpoint, resp: aiohttp.ClientResponse, stats: StreamStats
+        endpoint: Endpoint,
+        resp: aiohttp.ClientResponse,
+        stats: StreamStats,
+        first: tuple[bytes, float] | None = None,
     ) -> AsyncGenerator[bytes, None]:
         """Yield upstream chunks as they arrive (translated to OpenAI SSE for an ``anthropic``
-        endpoint), recording timings and the usage line.
+        endpoint), recording timings and the usage line; ``first`` is a chunk `first_chunk`
+        already read, with its arrival time.
 
         Raises `UpstreamError` if the upstream fails mid-stream, sends an error event or sends
         something that is not its dialect's SSE.
@@ -294,14 +357,22 @@ class Dispatcher:
         )
         try:
             with _translate(endpoint), _stream_errors(endpoint):
-                async for raw in resp.content.iter_any():
+                pending = first if first is not None and first[0] else None
+                while True:
+                    if pending is not None:
+                        (raw, now), pending = pending, None
+                    else:
+                        raw = await resp.content.readany()  # what iter_any() does
+                        if not raw:
+                            break
+                        now = time.perf_counter()
                     if translator is not None:
                         chunk = translator.feed(raw)
                         if not chunk:
                             continue
                     else:
                         chunk = raw
-                    stats.observe(chunk, time.perf_counter())
+                    stats.observe(chunk, now)
                     yield chunk
                 if translator is not None:
                     translator.close()

@@ -24,6 +24,15 @@ an outlier when, with ``n`` = ``min_requests``:
   TTFTs for the work it was given, and ejecting it would scatter those conversations (a lone
   endpoint has no peers and is never a TTFT outlier).
 
+**Consecutive failures** (`OutlierDetector.note_failure`, on the request path, not the sweep):
+like Envoy's ``consecutive_5xx``, an endpoint whose last ``consecutive_5xx`` attempts all failed
+(5xx, connection error, timeout, broken stream) or whose last ``consecutive_timeouts`` attempts
+all hit the first-byte timeout (a hung engine) is ejected at once; while on probation after an
+ejection (half-open) a single failure ejects it again, for longer. Its cap counts the endpoints
+that could take its traffic (those serving one of its models), not its hardware peers: at most
+``floor(alternatives × max_ejection_percent / 100)`` of them are ejected at once, so a lone
+endpoint, or a fault across every alternative, ejects nobody.
+
 Peers are the other members of the group that pass ``/health`` and are not ejected. At most
 ``floor(group size × max_ejection_percent / 100)`` members of a group are ejected at once
 (stricter than Envoy, which always allows one: the gateway has no panic mode), worst first.
@@ -56,13 +65,27 @@ from inferplane.fleet.model import Endpoint, Fleet
 from inferplane.fleet.state import EndpointView
 from inferplane.types import JSONObject
 
-ReasonKind = Literal["stale", "error_rate", "ttft", "rate_limited", "passive"]
+ReasonKind = Literal[
+    "stale",
+    "error_rate",
+    "ttft",
+    "rate_limited",
+    "passive",
+    "consecutive_5xx",
+    "first_byte_timeout",
+]
 PoolVerdict = Literal["ok", "pressure", "past-envelope"]
 VERDICTS: tuple[PoolVerdict, ...] = ("ok", "pressure", "past-envelope")
 PeerKey = tuple[str, int, tuple[tuple[str, str, str], ...]]
 
 _KIND_RANK: dict[ReasonKind, int] = {
-    "rate_limited": 4, "passive": 3, "stale": 2, "error_rate": 1, "ttft": 0
+    "rate_limited": 4,
+    "passive": 3,
+    "stale": 2,
+    "error_rate": 1,
+    "consecutive_5xx": 1,
+    "first_byte_timeout": 1,
+    "ttft": 0,
 }
 
 
@@ -79,6 +102,20 @@ def peer_groups(fleet: Fleet) -> dict[PeerKey, tuple[str, ...]]:
     for e in fleet.endpoints:
         out.setdefault(peer_key(e), []).append(e.name)
     return {k: tuple(v) for k, v in out.items()}
+
+
+def alternative_groups(fleet: Fleet) -> dict[str, tuple[str, ...]]:
+    """For each endpoint, every endpoint (itself included) serving one of its models: those
+    that can take its traffic when it is ejected."""
+    by_model: dict[str, list[str]] = {}
+    for e in fleet.endpoints:
+        for m in e.spec.models:
+            by_model.setdefault(m.name, []).append(e.name)
+    out: dict[str, tuple[str, ...]] = {}
+    for e in fleet.endpoints:
+        names = {n for m in e.spec.models for n in by_model[m.name]}
+        out[e.name] = tuple(x.name for x in fleet.endpoints if x.name in names)
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +195,7 @@ class OutlierDetector:
     def __init__(self, fleet: Fleet, spec: OutlierSpec) -> None:
         self.spec = spec
         self.groups = peer_groups(fleet)
+        self.alternatives = alternative_groups(fleet)
         self.records: dict[str, EjectionRecord] = {
             e.name: EjectionRecord() for e in fleet.endpoints
         }
@@ -288,6 +326,41 @@ class OutlierDetector:
             rec.ejected_until = until
             rec.kind, rec.reason, rec.probation = kind, reason, False
         return Action(name, True, rec.kind, rec.reason, rec.ejected_until)
+
+    def note_failure(self, live: LiveFleet, name: str) -> Action | None:
+        """After a failed attempt on ``name``: eject it at once when its consecutive failures
+        (or first-byte timeouts) reach their threshold — one while on probation — within the
+        cap over its alternatives (module docstring). Applies the ejection to ``live``."""
+        sp = self.spec
+        rec = self.records.get(name)
+        if not sp.enabled or rec is None or rec.ejected_until is not None:
+            return None
+        lrec = live.live[name]
+        kind: ReasonKind | None = None
+        reason = ""
+        t, f = lrec.consecutive_timeouts, lrec.consecutive_failures
+        if sp.consecutive_timeouts is not None and t > 0 and (
+            t >= sp.consecutive_timeouts or rec.probation
+        ):
+            kind, reason = "first_byte_timeout", f"{t} consecutive first-byte timeouts"
+        elif (
+            sp.consecutive_5xx is not None and f > 0 and (f >= sp.consecutive_5xx or rec.probation)
+        ):
+            kind, reason = "consecutive_5xx", f"{f} consecutive failures"
+        if kind is None:
+            return None
+        if rec.probation:
+            reason += " (on probation)"
+        alts = self.alternatives[name]
+        cap = math.floor(len(alts) * sp.max_ejection_percent / 100.0 + 1e-9)
+        if sum(1 for m in alts if self.records[m].ejected_until is not None) >= cap:
+            return None
+        now = live.clock()
+        rec.ejections += 1
+        rec.ejected_until = now + self.ejection_s(rec.ejections)
+        rec.kind, rec.reason, rec.probation = kind, reason, False
+        live.set_ejected(name, True, reason)
+        return Action(name, True, kind, reason, rec.ejected_until)
 
     def run(self, live: LiveFleet) -> list[Action]:
         """Observe ``live`` at its clock's now, sweep, and apply: an ejection sets the endpoint's

@@ -131,6 +131,8 @@ class EndpointLive:
     """Mutable live record for one endpoint."""
 
     __slots__ = (
+        "consecutive_failures",
+        "consecutive_timeouts",
         "dirty",
         "ejected",
         "ejected_reason",
@@ -167,6 +169,8 @@ class EndpointLive:
         self.ttft_ratio = LatencyWindow(128)  # observed ÷ predicted TTFT, per request
         self.itl = LatencyWindow(1024)
         self.outcomes: deque[bool] = deque(maxlen=100)
+        self.consecutive_failures = 0  # failures since the last success (any kind)
+        self.consecutive_timeouts = 0  # first-byte timeouts since the last success
         self.requests_total = 0
         # (time, waiting, kv_usage) of recent scrapes: the trend history `fleet.health` reads
         self.scrapes: deque[tuple[float, float | None, float | None]] = deque(
@@ -251,6 +255,7 @@ class LiveFleet:
         and its predictions are not inflated by the slowness that got it ejected)."""
         rec = self.live[endpoint]
         rec.outcomes.clear()
+        rec.consecutive_failures = rec.consecutive_timeouts = 0
         rec.ttft.clear()
         rec.ttft_ratio.clear()
         rec.stats_at = float("-inf")
@@ -292,8 +297,22 @@ class LiveFleet:
     def observe_itl(self, endpoint: str, seconds: float) -> None:
         self.live[endpoint].itl.add(seconds)
 
-    def observe_outcome(self, endpoint: str, ok: bool) -> None:
-        self.live[endpoint].outcomes.append(ok)
+    def observe_outcome(
+        self, endpoint: str, ok: bool, *, timeout: bool = False, consecutive: bool = True
+    ) -> None:
+        """One attempt's outcome: into the error-rate window, and (unless ``consecutive`` is
+        false: a 429, a client gone) the consecutive-failure counters — a success resets both;
+        ``timeout`` marks a first-byte timeout."""
+        rec = self.live[endpoint]
+        rec.outcomes.append(ok)
+        if not consecutive:
+            return
+        if ok:
+            rec.consecutive_failures = rec.consecutive_timeouts = 0
+        else:
+            rec.consecutive_failures += 1
+            if timeout:
+                rec.consecutive_timeouts += 1
 
     # -- readers ---------------------------------------------------------------------------
     def state_of(self, endpoint: str, now: float) -> EndpointState:

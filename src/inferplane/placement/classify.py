@@ -141,6 +141,15 @@ class Classifier:
                 for m in ep.models:
                     if m.tokenizer is not None and m.name not in self.tokenizers:
                         self.tokenizers[m.name] = load_tokenizer(m.tokenizer)
+        # The largest context of the GPU pools (every kind but giant-context and provider-api)
+        # per model: a prompt beyond it is long-context whatever the rules say.
+        self.pool_context: dict[str, int] = {}
+        for sub in config.substrates:
+            if sub.kind in ("giant-context", "provider-api"):
+                continue
+            for ep in sub.endpoints:
+                for m in ep.models:
+                    self.pool_context[m.name] = max(self.pool_context.get(m.name, 0), m.max_context)
         self.engine_block_size = config.gateway.engine_block_size or next(
             (
                 e.emulation.block_size
@@ -152,8 +161,17 @@ class Classifier:
         )
 
     def workload_class(
-        self, api: ApiKind, tenant: TenantSpec, headers: Mapping[str, str], prompt_tokens: int
+        self,
+        api: ApiKind,
+        tenant: TenantSpec,
+        headers: Mapping[str, str],
+        prompt_tokens: int,
+        model: str | None = None,
+        min_tokens: int | None = None,
     ) -> WorkloadClass:
+        """The header's class; else ``long-context`` (when defined) for a request of
+        ``min_tokens`` (prompt + explicit max_tokens) beyond every GPU pool's context for its
+        model; else the first matching rule; else the tenant's default."""
         name = headers.get("x-inferplane-class")
         if name is not None:
             cls = self.classes.get(name)
@@ -164,6 +182,11 @@ class Classifier:
                     param="x-inferplane-class",
                 )
             return cls
+        if api != "embeddings" and model is not None and "long-context" in self.classes:
+            ctx = self.pool_context.get(model)
+            need = prompt_tokens if min_tokens is None else min_tokens
+            if ctx is not None and need > ctx:
+                return self.classes["long-context"]
         agent = "x-inferplane-agent-step" in headers
         for rule in self.rules:
             if rule.api is not None and rule.api != api:
@@ -192,7 +215,15 @@ class Classifier:
         tok = self.tokenizers.get(model) if self.tokenizers else None
         if tok is not None:
             prompt = self._tokenize(tok, prompt)
-        cls = self.workload_class(api, tenant, headers, prompt.tokens)
+        explicit = prompt.max_output_tokens
+        cls = self.workload_class(
+            api,
+            tenant,
+            headers,
+            prompt.tokens,
+            model,
+            prompt.tokens + (int(explicit) if isinstance(explicit, int) else 0),
+        )
         ttft = _positive_ms(headers, "x-inferplane-slo-ttft-ms")
         itl = _positive_ms(headers, "x-inferplane-slo-itl-ms")
 
@@ -268,6 +299,7 @@ class Classifier:
             allowed_jurisdictions=allowed,
             precisions=frozenset(precisions) if precisions else None,
             allowed_kinds=frozenset(cls.allowed_kinds) if cls.allowed_kinds else None,
+            preferred_kinds=frozenset(cls.preferred_kinds) if cls.preferred_kinds else None,
             allow_burst=cls.allow_burst,
             energy_aware=cls.energy_aware,
             client_region=client_region,

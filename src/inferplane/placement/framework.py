@@ -39,6 +39,9 @@ class CycleState:
     annotations: dict[str, dict[str, float]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     spillover: Spillover | None = None
+    #: endpoint → (view, filter name, reason) for every endpoint removed before scoring, including
+    #: ``"failover"`` for those excluded after a failed attempt (the picker's spillover evidence)
+    removed: dict[str, tuple[EndpointView, str, str]] = field(default_factory=dict)
 
     def annotations_of(self, endpoint: str) -> dict[str, float]:
         """The endpoint's annotations, created empty on first use."""
@@ -142,9 +145,28 @@ def register(type_name: str) -> Callable[[PluginFactory], PluginFactory]:
     return deco
 
 
+#: Why a request left its preferred set: the one vocabulary of spillover reasons used by the
+#: decision record, the ``inferplane_spillovers_total{reason}`` metric and the
+#: ``x-inferplane-spillover`` header, most serious first.
+SPILLOVER_REASONS: tuple[str, ...] = (
+    "outage",  # the preferred endpoints fail /health
+    "errors",  # ejected for errors (error rate, consecutive 5xx, stale metrics)
+    "timeout",  # ejected for first-byte timeouts, or slow against peers
+    "rate_limited",  # ejected after 429s (a provider's Retry-After)
+    "failover",  # failed an earlier attempt of this request
+    "reserved_exhausted",  # the reserved substrate's committed concurrency is in use
+    "saturation",  # past the concurrency envelope (low priorities)
+    "slo",  # predicted over the latency SLO
+)
+
+
 @dataclass(frozen=True, slots=True)
 class Spillover:
-    """The request left its preferred set. Deltas compare the pick with the best preferred one."""
+    """The request left its preferred set. ``kind`` is one of `SPILLOVER_REASONS` (the most
+    serious cause among the preferred endpoints); ``reason`` says it in words with counts.
+    Deltas compare the pick with the best preferred endpoint: predicted TTFT and cost where the
+    preferred one was scored, else cost at list price over the pick's predicted duration and
+    the network RTT from the client (``delta_rtt_s``)."""
 
     reason: str
     preferred: str | None
@@ -154,6 +176,27 @@ class Spillover:
     delta_ttft_s: float | None = None
     delta_cost_usd: float | None = None
     egress_usd: float | None = None
+    kind: str = "slo"
+    delta_rtt_s: float | None = None
+
+    def header_value(self) -> str:
+        """The ``x-inferplane-spillover`` header: ``reason=…; from=…; to=…; preferred=…;
+        chosen=…`` and the deltas that are known (``delta_ttft_ms``, ``delta_rtt_ms``,
+        ``delta_cost_usd``). Names and regions match the config's name pattern (no ``;``)."""
+        parts = [
+            f"reason={self.kind}",
+            f"from={self.from_region or '-'}",
+            f"to={self.to_region}",
+            f"preferred={self.preferred or '-'}",
+            f"chosen={self.chosen}",
+        ]
+        if self.delta_ttft_s is not None:
+            parts.append(f"delta_ttft_ms={self.delta_ttft_s * 1e3:.1f}")
+        if self.delta_rtt_s is not None:
+            parts.append(f"delta_rtt_ms={self.delta_rtt_s * 1e3:.1f}")
+        if self.delta_cost_usd is not None:
+            parts.append(f"delta_cost_usd={self.delta_cost_usd:.3g}")
+        return "; ".join(parts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -343,6 +386,7 @@ def _place(
         for c in candidates:
             if c.name in excluded:
                 records[c.name] = _rejected(c, "failover", "failed an earlier attempt")
+                cycle.removed[c.name] = (c, "failover", "failed an earlier attempt")
         if len(kept) != len(candidates):
             removed["failover"] = len(candidates) - len(kept)
         candidates = kept
@@ -358,10 +402,12 @@ def _place(
         if rejected:
             fname = f.name
             removed[fname] = removed.get(fname, 0) + len(rejected)
+            gone = cycle.removed
             for c in candidates:
                 reason = rejected.get(c.name)
                 if reason is not None:
                     records[c.name] = _rejected(c, fname, reason)
+                    gone[c.name] = (c, fname, reason)
         candidates = result.kept
 
     picked: Scored | None = None

@@ -35,6 +35,9 @@ class RequestProfile:
     data_region: str | None = None
     stream: bool = False
     excluded: frozenset[str] = field(default_factory=frozenset)
+    # failure domains / zones of failed attempts ("fd:<name>", "zone:<name>"): avoided if possible
+    avoid_domains: frozenset[str] = field(default_factory=frozenset)
+    preferred_kinds: frozenset[str] | None = None  # substrate kinds the class prefers (SLO met)
     attempt: int = 0
 
     @property

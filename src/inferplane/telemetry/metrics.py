@@ -76,8 +76,9 @@ class GatewayMetrics:
         )
         self.spillovers = Counter(
             "inferplane_spillovers",
-            "Requests placed outside their preferred set",
-            ["workload_class", "from_region", "to_region"],
+            "Placements outside their preferred set, by reason (placement.framework."
+            "SPILLOVER_REASONS)",
+            ["workload_class", "from_region", "to_region", "reason"],
             registry=r,
         )
         self.ttft = Histogram(

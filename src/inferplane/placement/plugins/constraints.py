@@ -1,4 +1,5 @@
-"""Constraint filters: jurisdiction, precision, capacity class and saturation.
+"""Constraint filters: jurisdiction, precision, capacity class, saturation, reserved capacity
+and failure domain.
 
 Each removes the endpoints that break one constraint and gives a reason for each. Jurisdiction,
 precision and capacity class are policy (the request may never run elsewhere); saturation is a
@@ -9,6 +10,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from inferplane.config.schema import SubstrateSpec
+from inferplane.fleet.model import Endpoint, Fleet
 from inferplane.fleet.state import EndpointView
 from inferplane.placement.framework import CycleState, FilterResult, Plugin, register
 
@@ -153,4 +156,109 @@ class Saturation(Plugin):
                 saturated.append(c)
         if saturated:
             cycle.data.setdefault(SATURATED_KEY, []).extend(saturated)
+        return FilterResult(kept, rejected)
+
+
+def committed_capacity(fleet: Fleet) -> dict[str, tuple[int, frozenset[str]]]:
+    """Reserved substrate → (committed concurrency, its endpoint names). The size defaults to
+    the sum of the endpoints' ``max_concurrency``."""
+    subs: dict[str, SubstrateSpec] = {}
+    eps: dict[str, list[str]] = {}
+    size: dict[str, int] = {}
+    for e in fleet.endpoints:
+        sub = e.substrate
+        if sub.capacity_class != "reserved":
+            continue
+        subs[sub.name] = sub
+        eps.setdefault(sub.name, []).append(e.name)
+        size[sub.name] = size.get(sub.name, 0) + e.spec.max_concurrency
+    return {n: (subs[n].committed_concurrency or size[n], frozenset(eps[n])) for n in eps}
+
+
+@register("reserved-capacity")
+class ReservedCapacity(Plugin):
+    """Filter (soft): reserved capacity has a size; past it, go to burst or provider capacity.
+
+    A reserved substrate is *exhausted* when the gateway's in-flight requests on its endpoints
+    reach its ``committed_concurrency`` (default: the sum of its endpoints'
+    ``max_concurrency``). Its endpoints are removed with the reason ``reserved capacity
+    exhausted`` — the slo-first picker records the move as a ``reserved_exhausted`` spillover —
+    unless nothing else would remain: then they stay (the request waits on its reservation
+    rather than failing) and a note says so. Signals: gateway in-flight per endpoint; the
+    substrate's static capacity class and size. Parameters: none.
+    """
+
+    def __init__(self, name: str, params: BaseModel) -> None:
+        super().__init__(name, params)
+        self._fleet: Fleet | None = None
+        self._committed: dict[str, tuple[int, frozenset[str]]] = {}
+
+    def filter(self, cycle: CycleState, candidates: list[EndpointView]) -> FilterResult:
+        snap = cycle.snapshot
+        if snap.fleet is not self._fleet:
+            self._fleet, self._committed = snap.fleet, committed_capacity(snap.fleet)
+        committed = self._committed
+        if not committed:
+            return FilterResult(candidates)
+        subs = {c.endpoint.substrate.name for c in candidates} & committed.keys()
+        if not subs:
+            return FilterResult(candidates)
+        by = snap.by_name
+        full: dict[str, str] = {}
+        for name in subs:
+            size, eps = committed[name]
+            used = sum(by[e].state.inflight for e in eps if e in by)
+            if used >= size:
+                full[name] = f"reserved capacity exhausted: {used}/{size} in flight"
+        if not full:
+            return FilterResult(candidates)
+        kept = [c for c in candidates if c.endpoint.substrate.name not in full]
+        if not kept:
+            cycle.notes.append(
+                "reserved capacity exhausted and no other capacity allowed: kept on reserved"
+            )
+            return FilterResult(candidates)
+        rejected = {
+            c.name: full[c.endpoint.substrate.name]
+            for c in candidates
+            if c.endpoint.substrate.name in full
+        }
+        return FilterResult(kept, rejected)
+
+
+def failure_domain(endpoint: Endpoint) -> str | None:
+    """An endpoint's failure domain: its substrate's ``failure_domain``, else its zone, else
+    None (unknown: no preference)."""
+    sub = endpoint.substrate
+    return sub.failure_domain or sub.zone or None
+
+
+@register("failure-domain")
+class FailureDomain(Plugin):
+    """Filter (soft): after a failed attempt, prefer another failure domain, then another zone.
+
+    On a re-placement, ``profile.avoid_domains`` holds the failed endpoints' failure domains and
+    zones (``fd:<failure_domain>``, ``zone:<zone>``). Candidates sharing a failed failure domain
+    are removed when candidates elsewhere remain; then those sharing a failed zone, when
+    candidates in other zones remain. It never empties the set: a correlated failure is likely,
+    not certain. Signals: the substrate's static ``failure_domain`` and ``zone``. Parameters:
+    none.
+    """
+
+    def filter(self, cycle: CycleState, candidates: list[EndpointView]) -> FilterResult:
+        avoid = cycle.profile.avoid_domains
+        if not avoid:
+            return FilterResult(candidates)
+        rejected: dict[str, str] = {}
+        kept = candidates
+        for prefix, attr in (("fd:", "failure_domain"), ("zone:", "zone")):
+            bad = [c for c in kept if getattr(c.endpoint.substrate, attr)
+                   and prefix + getattr(c.endpoint.substrate, attr) in avoid]
+            if bad and len(bad) < len(kept):
+                for c in bad:
+                    what = attr.replace("_", " ")
+                    rejected[c.name] = (
+                        f"same {what} {getattr(c.endpoint.substrate, attr)!r} as a failed attempt"
+                    )
+                kept = [c for c in kept if c.name not in rejected]
         return FilterResult(kept, rejected)

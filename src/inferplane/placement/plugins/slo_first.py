@@ -7,9 +7,17 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from inferplane.fleet.pricing import request_cost_usd
 from inferplane.fleet.state import EndpointView
-from inferplane.placement.framework import CycleState, Plugin, Scored, Spillover, register
-from inferplane.placement.plugins.constraints import SATURATED_KEY
+from inferplane.placement.framework import (
+    SPILLOVER_REASONS,
+    CycleState,
+    Plugin,
+    Scored,
+    Spillover,
+    register,
+)
+from inferplane.placement.profile import RequestProfile
 
 _INF = float("inf")
 
@@ -23,6 +31,12 @@ class SloFirstParams(BaseModel):
     )
     cost_epsilon_usd: float = Field(1e-7, ge=0, description="absolute cost tie tolerance")
     include_egress: bool = Field(True, description="rank by cost_usd + egress_usd")
+    preferred_kind_max_cost_ratio: float | None = Field(
+        None,
+        gt=0,
+        description="a class's preferred substrate kinds win among SLO-meeters only when their "
+        "cost is at most this × the cheapest SLO-meeter's; null: whatever their cost",
+    )
     when_none_meets: Literal["fastest", "score"] = Field(
         "fastest",
         description="no candidate predicted to meet the SLO: the fastest predicted TTFT, or the "
@@ -39,20 +53,29 @@ class SloFirst(Plugin):
     """Picker: SLO first, then reserved before burst, then cheapest; ties by total score.
 
     Among candidates annotated ``meets_slo == 1`` (by predicted-latency; unannotated ones count
-    as meeting it): keep the reserved ones if any (``prefer_reserved``); keep those whose
+    as meeting it): keep those of the class's preferred substrate kinds if any
+    (``profile.preferred_kinds``: giant-context for long context, low-latency silicon for agent
+    steps; within ``preferred_kind_max_cost_ratio`` of the cheapest when set), else the reserved
+    ones if any (``prefer_reserved``); keep those whose
     ``cost_usd (+ egress_usd)`` is within ``(1 + cost_tolerance) × cheapest + cost_epsilon_usd``;
     among those take the highest weighted total of the profile's scorers (prefix and session
     affinity, load …), ties at random (seeded). If none meets the SLO: the lowest predicted
     ``ttft_s``, ties by total, and a note.
 
-    Spillover: the preferred pool is the reserved endpoints in ``profile.client_region`` (when
-    unset, the region of the cheapest reserved candidate), counting those the saturation filter
-    removed. When that pool had endpoints, none of them both survived and met the SLO, and the
-    pick is outside it, ``cycle.spillover`` records the reason, the regions, the predicted TTFT
-    and cost deltas against the pool's fastest candidate, and the pick's egress. The picker only
-    sees filtered candidates, so it can never leave the jurisdiction filter's set.
+    Spillover — every departure from the preferred set is recorded: the preferred pool is the
+    reserved endpoints in ``profile.client_region`` (when unset, the region of the cheapest
+    reserved candidate) that policy allows (model, context, jurisdiction, precision, kind),
+    counting those a filter removed for a departure reason: failing ``/health`` (``outage``),
+    ejected (``errors``, ``timeout``, ``rate_limited``), failed an earlier attempt
+    (``failover``), reserved capacity exhausted, declared rate limit used up, saturated. When
+    that pool had endpoints, none of them both survived and met the SLO (``slo``), and the pick
+    is outside it,
+    ``cycle.spillover`` records the most serious reason (`SPILLOVER_REASONS`) and every count,
+    the regions, the predicted TTFT and cost deltas against the pool's fastest candidate (cost
+    at list price when none survived), the RTT delta from the client and the pick's egress. The
+    picker only sees filtered candidates, so it can never leave the jurisdiction filter's set.
     Parameters: ``prefer_reserved``, ``cost_tolerance``, ``cost_epsilon_usd``,
-    ``include_egress``.
+    ``include_egress``, ``preferred_kind_max_cost_ratio``.
     """
 
     Params = SloFirstParams
@@ -72,7 +95,23 @@ class SloFirst(Plugin):
         ]
         if meets:
             pool = meets
-            if p.prefer_reserved:
+            kinds = cycle.profile.preferred_kinds
+            preferred = (
+                [sa for sa in meets if sa[0].view.endpoint.substrate.kind in kinds]
+                if kinds
+                else []
+            )
+            if preferred and p.preferred_kind_max_cost_ratio is not None:
+                cheapest = min(self._cost(a) for _, a in meets)
+                cap = cheapest * p.preferred_kind_max_cost_ratio + p.cost_epsilon_usd
+                preferred = [sa for sa in preferred if self._cost(sa[1]) <= cap]
+            if preferred:
+                pool = preferred
+                cycle.notes.append(
+                    f"class prefers {', '.join(sorted(kinds or ()))}: "
+                    f"{len(preferred)} of them meet the SLO"
+                )
+            elif p.prefer_reserved:
                 reserved = [sa for sa in meets if _reserved(sa[0].view)]
                 pool = reserved or meets
             costs = [self._cost(a) for _, a in pool]
@@ -104,7 +143,14 @@ class SloFirst(Plugin):
             return  # the pick is in the preferred pool (the common case): no spillover
         ann = cycle.annotations
         empty: dict[str, float] = {}
-        saturated: list[EndpointView] = cycle.data.get(SATURATED_KEY, [])
+        prof = cycle.profile
+        # preferred endpoints the filters took away for a reason that is a departure (not
+        # policy): down, ejected, failed this request, exhausted, saturated
+        gone = [
+            (v, kind)
+            for v, by, why in cycle.removed.values()
+            if _reserved(v) and (kind := _departure(by, why)) is not None and _allowed(prof, v)
+        ]
         if region is None:
             reserved = [s for s in scored if _reserved(s.view)]
             if reserved:
@@ -112,27 +158,28 @@ class SloFirst(Plugin):
                 region = cheapest.view.endpoint.substrate.region
                 if in_pool and chosen_region == region:
                     return  # the pick is in the preferred pool
+            elif gone:
+                region = gone[0][0].endpoint.substrate.region
             else:
-                sat = [v for v in saturated if _reserved(v)]
-                if not sat:
-                    return
-                region = sat[0].endpoint.substrate.region
+                return
         pref = [
             s for s in scored if _reserved(s.view) and s.view.endpoint.substrate.region == region
         ]
-        pref_sat = [v for v in saturated if _reserved(v) and v.endpoint.substrate.region == region]
-        if not pref and not pref_sat:
+        pref_gone = [(v, k) for v, k in gone if v.endpoint.substrate.region == region]
+        if not pref and not pref_gone:
             return
         if any(s is choice for s in pref):
             return
         slow = [s for s in pref if ann.get(s.view.name, empty).get("meets_slo", 1.0) < 0.5]
         if len(slow) < len(pref):
             return  # a preferred endpoint met the SLO: the pick went elsewhere by policy
-        parts = []
-        if pref_sat:
-            parts.append(f"{len(pref_sat)} saturated")
+        counts: dict[str, int] = {}
+        for _, k in pref_gone:
+            counts[k] = counts.get(k, 0) + 1
         if slow:
-            parts.append(f"{len(slow)} predicted over the SLO")
+            counts["slo"] = len(slow)
+        kinds = sorted(counts, key=SPILLOVER_REASONS.index)
+        parts = [f"{counts[k]} {_WORDS[k]}" for k in kinds]
         a_pick = ann.get(choice.view.name, empty)
         best: Scored | None = None
         if pref:
@@ -144,13 +191,86 @@ class SloFirst(Plugin):
                 d_ttft = a_pick["ttft_s"] - a_best["ttft_s"]
             if "cost_usd" in a_pick and "cost_usd" in a_best:
                 d_cost = self._cost(a_pick) - self._cost(a_best)
+        elif "cost_usd" in a_pick:
+            d_cost = self._cost(a_pick) - _list_cost(prof, pref_gone[0][0], a_pick)
+        fleet = cycle.snapshot.fleet
         cycle.spillover = Spillover(
             reason=f"preferred reserved pool in {region}: " + ", ".join(parts),
-            preferred=best.view.name if best is not None else pref_sat[0].name,
+            preferred=best.view.name if best is not None else pref_gone[0][0].name,
             chosen=choice.view.name,
             from_region=region,
-            to_region=choice.view.endpoint.substrate.region,
+            to_region=chosen_region,
             delta_ttft_s=d_ttft,
             delta_cost_usd=d_cost,
             egress_usd=a_pick.get("egress_usd"),
+            kind=kinds[0],
+            delta_rtt_s=fleet.rtt_s(prof.client_region or region, chosen_region)
+            - fleet.rtt_s(prof.client_region or region, region),
         )
+
+
+_WORDS = {
+    "outage": "failing /health",
+    "errors": "ejected for errors",
+    "timeout": "ejected for timeouts",
+    "rate_limited": "rate-limited (429)",
+    "failover": "failed an earlier attempt",
+    "reserved_exhausted": "reserved capacity exhausted",
+    "saturation": "saturated",
+    "slo": "predicted over the SLO",
+}
+
+
+def _departure(filter_name: str, why: str) -> str | None:
+    """The spillover reason of an endpoint a filter removed, or None when the removal is policy
+    (model, context, jurisdiction, precision, kind…), not a departure."""
+    if filter_name == "health":
+        if why.startswith("failing /health"):
+            return "outage"
+        low = why.lower()
+        if "429" in low or "rate limit" in low or "rate-limit" in low:
+            return "rate_limited"
+        if "timeout" in low or "ttft" in low:
+            return "timeout"
+        return "errors"
+    return {
+        "failover": "failover",
+        "saturation": "saturation",
+        "reserved-capacity": "reserved_exhausted",
+        "rate-limit": "rate_limited",  # its declared requests/tokens per minute are used up
+    }.get(filter_name)
+
+
+def _allowed(prof: RequestProfile, v: EndpointView) -> bool:
+    """Would policy allow this endpoint for the request (model, context, jurisdiction, precision,
+    kind, burst)? Filters that ran before the policy filters may have removed it first."""
+    sub = v.endpoint.substrate
+    m = v.endpoint.models.get(prof.model)
+    if m is None or (prof.variant is not None and m.variant != prof.variant):
+        return False
+    need = prof.prompt_tokens + (prof.max_output_tokens if prof.api != "embeddings" else 0)
+    if need > m.max_context:
+        return False
+    allowed = prof.allowed_jurisdictions
+    if allowed is not None and sub.jurisdiction not in allowed:
+        return False
+    if prof.precisions is not None and m.precision not in prof.precisions:
+        return False
+    if prof.allowed_kinds is not None and sub.kind not in prof.allowed_kinds:
+        return False
+    return prof.allow_burst or sub.capacity_class != "burst"
+
+
+def _list_cost(prof: RequestProfile, v: EndpointView, a_pick: dict[str, float]) -> float:
+    """The request's cost on ``v`` at list price, over the pick's predicted duration (for an
+    unavailable preferred endpoint, which was never scored)."""
+    out = prof.max_output_tokens * 0.5
+    ttft = a_pick.get("ttft_raw_s", a_pick.get("ttft_s", 0.0))
+    seconds = ttft + out * a_pick.get("itl_raw_s", a_pick.get("itl_s", 0.0))
+    return request_cost_usd(
+        v.endpoint.cost,
+        prompt_tokens=prof.prompt_tokens,
+        completion_tokens=int(out),
+        seconds=seconds,
+        max_concurrency=v.endpoint.max_concurrency,
+    )

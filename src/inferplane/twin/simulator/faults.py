@@ -13,8 +13,9 @@ virtual time (seconds after the first arrival of the replayed slice, after rate 
   there fail mid-stream (502); health probes fail, so the scraper marks it unhealthy at its next
   probe; its engine restarts empty on ``up``;
 - ``hung``: the endpoint accepts requests and never answers: an attempt fails when the gateway's
-  first-byte timeout (``gateway.first_byte_timeout_s`` when the schema has it, else
-  ``gateway.upstream_timeout_s``) runs out, then is re-placed; health probes time out too;
+  first-byte timeout (``gateway.first_byte_timeout``, derived from the predicted TTFT; when
+  disabled, ``gateway.upstream_timeout_s``) runs out, then is re-placed, and consecutive
+  timeouts eject it; health probes time out too;
 - ``429``: every new request is answered ``429`` with ``Retry-After`` (a provider's rate limit),
   which the gateway treats as a failure before the first byte (re-placed);
 - ``up``: ends whatever fault the endpoint had.

@@ -159,9 +159,10 @@ class Simulator:
         self.live = self.core.live
         self.fleet = self.core.fleet
         self.lane_on = self.admission.enabled and config.batch.enabled
-        self.first_byte_timeout_s = float(
-            getattr(g, "first_byte_timeout_s", None) or g.upstream_timeout_s
-        )
+        # the per-attempt first-byte timeout comes from Core.open_with (derived from the
+        # prediction); this is what a request already in flight on a hung endpoint waits
+        fb = g.first_byte_timeout
+        self.first_byte_timeout_s = float(fb.floor_s if fb.enabled else g.upstream_timeout_s)
         self.faults = list(faults)
         self.scrape_interval_s = g.scrape_interval_s
         self.block_chars = g.prefix_block_chars
@@ -385,7 +386,9 @@ class Simulator:
         if profile.max_output_tokens and profile.max_output_tokens < rec.output_tokens:
             rec.output_tokens = profile.max_output_tokens  # clamped by a token ceiling
         try:
-            attempt = await core.open_with(profile, lambda ep: self._send(rec, ep), ticket)
+            attempt = await core.open_with(
+                profile, lambda ep, first_byte_s: self._send(rec, ep, first_byte_s), ticket
+            )
         except NoEligibleEndpointError as exc:
             rec.status, rec.error_code = exc.status, exc.code
             rec.rejected_by = tuple(n for n, k in exc.removed.items() if k) or ("no-endpoints",)
@@ -428,8 +431,11 @@ class Simulator:
             del self._done[rec.index]
         self._account(rec, attempt)
 
-    async def _send(self, rec: RequestRecord, ep: Endpoint) -> SimEndpoint:
-        """One attempt on ``ep``: what the dispatcher would see of it before the first byte."""
+    async def _send(
+        self, rec: RequestRecord, ep: Endpoint, first_byte_s: float | None = None
+    ) -> SimEndpoint:
+        """One attempt on ``ep``: what the dispatcher would see of it before the first byte
+        (a hung endpoint: the attempt's first-byte timeout, else the upstream timeout)."""
         rec.attempts += 1
         se = self.by_name[ep.name]
         name = ep.name
@@ -438,15 +444,22 @@ class Simulator:
                 "cannot connect (Connection refused)", upstream=name, reason="connect"
             )
         if se.fault == "hung":
-            t = self.now + self.first_byte_timeout_s
+            hang = self.config.gateway.upstream_timeout_s if first_byte_s is None else first_byte_s
+            t = self.now + hang
             heapq.heappush(self._hung_until, t)
             try:
-                await asyncio.sleep(self.first_byte_timeout_s)
+                await asyncio.sleep(hang)
             finally:
                 self._hung_until.remove(t)
                 heapq.heapify(self._hung_until)
-            raise UpstreamAttemptFailed("timed out before answering", upstream=name,
-                                        reason="timeout")
+            if first_byte_s is None:
+                raise UpstreamAttemptFailed("timed out before answering", upstream=name,
+                                            reason="timeout")
+            raise UpstreamAttemptFailed(
+                f"sent no first byte within {hang:.3g} s (first-byte timeout)",
+                upstream=name,
+                reason="first_byte_timeout",
+            )
         wait = se.over_rate_limit(self.now) if se.fault != "429" else se.retry_after_s
         if wait is not None:
             raise UpstreamAttemptFailed(
