@@ -388,7 +388,10 @@ def test_classify_hashes_the_prompt_with_the_configured_block_size() -> None:
     text = "shared system prompt. " * 40
     p = classify(chat(text + "tail one"))
     q = classify(chat(text + "tail two, different"))
-    assert p.block_hashes == prompt_block_hashes("llama-3.1-8b", text + "tail one", 256)
+    assert p.cache_salt  # a tenant's prefixes are salted with its cache scope's salt
+    assert p.block_hashes == prompt_block_hashes(
+        "llama-3.1-8b", text + "tail one", 256, salt=p.cache_salt
+    )
     assert p.block_hashes[:3] == q.block_hashes[:3] and len(p.block_hashes) == 3
     small = Classifier(config(SMALL_FLEET_YAML.replace("seed: 7", "prefix_block_chars: 64")))
     assert len(classify(chat(text), classifier=small).block_hashes) == len(text) // 64

@@ -77,6 +77,14 @@ def hash_block_tokens(parent: int | None, tokens: Sequence[int]) -> int:
     return hash((ROOT_HASH_SEED if parent is None else parent, tuple(tokens))) & _MASK64
 
 
+def salt_root(cache_salt: str | None) -> int | None:
+    """The parent of a salted sequence's first block (None, the root, without a salt): two
+    salts never share a block hash, as in vLLM, which mixes ``cache_salt`` into the first block."""
+    if not cache_salt:
+        return None
+    return int.from_bytes(hashlib.blake2b(cache_salt.encode(), digest_size=8).digest(), "little")
+
+
 def block_hashes(token_ids: Sequence[int], block_size: int, parent: int | None = None) -> list[int]:
     """Chained hashes of the full blocks of ``token_ids`` (a trailing partial block is skipped)."""
     out: list[int] = []

@@ -73,7 +73,8 @@ class Gateway(Core):
         async def send(endpoint: Endpoint, first_byte_s: float | None) -> Opened:
             t0 = time.monotonic()
             resp = await self.dispatcher.open(
-                endpoint, path, body, max_tokens=max_tokens, first_byte_s=first_byte_s
+                endpoint, path, body, max_tokens=max_tokens, first_byte_s=first_byte_s,
+                cache_salt=profile.cache_salt,
             )
             first = None
             if resp.status == 200 and "text/event-stream" in resp.headers.get("Content-Type", ""):

@@ -107,7 +107,8 @@ async def _dispatch(gw: Core, dispatcher: Dispatcher, api: Any, ticket: Ticket, 
     attempt = await gw.open_with(
         ticket.profile,
         lambda endpoint, first_byte_s: dispatcher.open(
-            endpoint, path, raw, max_tokens=max_tokens, first_byte_s=first_byte_s
+            endpoint, path, raw, max_tokens=max_tokens, first_byte_s=first_byte_s,
+            cache_salt=ticket.profile.cache_salt,
         ),
         ticket,
     )

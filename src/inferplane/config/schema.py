@@ -412,6 +412,12 @@ class TenantSpec(Strict):
         "clamp", description="max_tokens above a ceiling: clamp it, or answer 400"
     )
     loop: LoopLimits = LoopLimits()
+    cache_group: str | None = Field(
+        None,
+        pattern=_NAME,
+        description="share prefix caches with the tenants naming the same group (they can then "
+        "infer each other's prompts from cached_tokens); default: a cache of its own",
+    )
 
     @field_validator("api_keys")
     @classmethod

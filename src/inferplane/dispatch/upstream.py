@@ -67,6 +67,25 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     return max(0.0, seconds)
 
 
+EMBEDDINGS_PATH = "/v1/embeddings"
+SALTED_ENGINES = frozenset({"vllm", "sglang"})
+"""Engines whose OpenAI-compatible server accepts a per-request ``cache_salt`` (vLLM; SGLang
+since sgl-project/sglang#10317) and isolates its prefix cache by it."""
+
+
+def with_cache_salt(body: bytes, salt: str) -> bytes:
+    """``body`` (a JSON object) with ``"cache_salt": salt``, replacing the client's own (the
+    salt already folds it in). Without one it is spliced in before the closing brace: no
+    re-serialisation on the request path."""
+    if b'"cache_salt"' not in body:
+        end = body.rstrip()
+        if end.endswith(b"}") and end[:-1].rstrip()[-1:] != b"{":
+            return end[:-1] + b',"cache_salt":"' + salt.encode() + b'"}'
+    obj = orjson.loads(body)
+    obj["cache_salt"] = salt
+    return orjson.dumps(obj)
+
+
 @contextlib.contextmanager
 def _translate(endpoint: Endpoint) -> Iterator[None]:
     """Map aiohttp/asyncio exceptions to the gateway's error tree."""
@@ -207,11 +226,16 @@ class Dispatcher:
 
     @staticmethod
     def upstream_request(
-        endpoint: Endpoint, path: str, body: bytes, max_tokens: int = 4096
+        endpoint: Endpoint,
+        path: str,
+        body: bytes,
+        max_tokens: int = 4096,
+        cache_salt: str | None = None,
     ) -> tuple[str, bytes]:
         """The URL and body sent to ``endpoint`` for an OpenAI API path and body: the model
-        renamed to its upstream name, and for an ``anthropic`` endpoint the chat request as a
-        Messages request (``max_tokens`` when the body names none). Raises
+        renamed to its upstream name, the request's ``cache_salt`` for an engine that isolates
+        its prefix cache with one (`placement.isolation`), and for an ``anthropic`` endpoint the
+        chat request as a Messages request (``max_tokens`` when the body names none). Raises
         `InvalidRequestError` for what the dialect cannot carry."""
         if endpoint.dialect == "anthropic":
             obj = orjson.loads(body)
@@ -225,6 +249,8 @@ class Dispatcher:
             if upstream != obj["model"]:
                 obj["model"] = upstream
                 body = orjson.dumps(obj)
+        if cache_salt and endpoint.spec.engine in SALTED_ENGINES and path != EMBEDDINGS_PATH:
+            body = with_cache_salt(body, cache_salt)
         return endpoint.api_url(path), body
 
     async def open(
@@ -235,6 +261,7 @@ class Dispatcher:
         *,
         max_tokens: int = 4096,
         first_byte_s: float | None = None,
+        cache_salt: str | None = None,
     ) -> aiohttp.ClientResponse:
         """Send the request; return the response once its status line is in.
 
@@ -245,7 +272,7 @@ class Dispatcher:
         relay.
         """
         assert self.session is not None, "Dispatcher.start() not called"
-        url, data = self.upstream_request(endpoint, path, body, max_tokens)
+        url, data = self.upstream_request(endpoint, path, body, max_tokens, cache_salt)
         headers = self._request_headers(endpoint)
         with _translate(endpoint):
             async with _first_byte_deadline(endpoint, first_byte_s):

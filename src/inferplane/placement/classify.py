@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from inferplane.config.schema import ClassRule, FleetConfig, TenantSpec, WorkloadClass
 from inferplane.errors import InvalidRequestError
 from inferplane.placement.hashing import prompt_block_hashes
+from inferplane.placement.isolation import cache_salt, cache_scope
 from inferplane.placement.profile import RequestProfile
 from inferplane.tokenization import block_hashes, encode, engine_block_hashes, load_tokenizer
 from inferplane.types import ApiKind
@@ -273,6 +274,7 @@ class Classifier:
                 param="x-inferplane-agent-step",
             )
 
+        salt = cache_salt(cache_scope(tenant.name, tenant.cache_group), body.get("cache_salt"))
         max_out = prompt.max_output_tokens
         if api == "embeddings":
             max_out = 0
@@ -291,8 +293,9 @@ class Classifier:
             prompt_tokens=prompt.tokens,
             max_output_tokens=int(max_out),
             sequences=prompt.count * _n(body),
-            block_hashes=prompt_block_hashes(model, prompt.text, self.block_chars),
+            block_hashes=prompt_block_hashes(model, prompt.text, self.block_chars, salt=salt),
             engine_block_hashes=self._engine_hashes(prompt, tok is not None),
+            cache_salt=salt,
             session_id=headers.get("x-session-id"),
             ttft_slo_s=ttft if ttft is not None else _ms(cls.ttft_slo_ms),
             itl_slo_s=itl if itl is not None else _ms(cls.itl_slo_ms),

@@ -34,6 +34,7 @@ class RequestProfile:
     client_region: str | None = None
     data_region: str | None = None
     stream: bool = False
+    cache_salt: str | None = None  # the prefix-cache scope's salt (`placement.isolation`)
     excluded: frozenset[str] = field(default_factory=frozenset)
     # failure domains / zones of failed attempts ("fd:<name>", "zone:<name>"): avoided if possible
     avoid_domains: frozenset[str] = field(default_factory=frozenset)

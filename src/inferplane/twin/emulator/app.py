@@ -178,6 +178,16 @@ def _piece(seed: int, i: int) -> str:
     return word if i == 0 else " " + word
 
 
+def _cache_salt(body: dict[str, Any]) -> str | None:
+    """vLLM's ``cache_salt``: absent, or a non-empty string (else 400, as vLLM answers)."""
+    salt = body.get("cache_salt")
+    if salt is None:
+        return None
+    if not isinstance(salt, str) or not salt:
+        raise EmulatedRequestError(400, "cache_salt must be a non-empty string", param="cache_salt")
+    return salt
+
+
 async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
     emu, body = request.app[EMU], await body_of(request)
     served = generate_model(emu, body)
@@ -189,7 +199,7 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
     emu.admit()
     await emu.network_delay()
     rid = new_request_id("chatcmpl" if chat else "cmpl")
-    sub = emu.submit(rid, prompt, max_tokens)
+    sub = emu.submit(rid, prompt, max_tokens, _cache_salt(body))
     try:
         if stream:
             return await _stream(request, sub, served.upstream, chat, include_usage)

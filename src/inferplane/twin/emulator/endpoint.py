@@ -290,11 +290,20 @@ class EmulatedEndpoint:
         if delay > 0:
             await asyncio.sleep(delay / self.time_scale)
 
-    def submit(self, request_id: str, prompt: Sequence[int], max_tokens: int) -> Submission:
-        """Queue a request in the engine; 400 if it can never run."""
+    def submit(
+        self,
+        request_id: str,
+        prompt: Sequence[int],
+        max_tokens: int,
+        cache_salt: str | None = None,
+    ) -> Submission:
+        """Queue a request in the engine; 400 if it can never run. ``cache_salt`` isolates its
+        prefix cache as vLLM's does."""
         if not prompt:
             raise EmulatedRequestError(400, "The prompt must not be empty.", param="prompt")
-        req = EngineRequest(request_id, prompt, max_tokens, arrival_time=self.now())
+        req = EngineRequest(
+            request_id, prompt, max_tokens, arrival_time=self.now(), cache_salt=cache_salt
+        )
         try:
             self.engine.add_request(req, req.arrival_time)
         except ValueError as exc:

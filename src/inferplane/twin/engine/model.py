@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from inferplane.fleet.kv_events import KVEvent
-from inferplane.tokenization import hash_block_tokens
+from inferplane.tokenization import hash_block_tokens, salt_root
 from inferplane.twin.engine.kv_cache import BlockPool
 from inferplane.twin.engine.request import (
     EngineRequest,
@@ -216,7 +216,7 @@ class Engine:
         bs = self.config.block_size
         while len(hashes) < num_blocks:
             i = len(hashes)
-            parent = hashes[-1] if hashes else None
+            parent = hashes[-1] if hashes else salt_root(req.cache_salt)
             hashes.append(hash_block_tokens(parent, req.token_ids(i * bs, (i + 1) * bs)))
         return hashes
 

@@ -56,7 +56,8 @@ class EngineRequest:
     full blocks and replace hashing the tokens (a trace replay knows prefixes only by hash);
     the tokens are then read only for KV events and the block that straddles prompt and
     output. ``num_cached_tokens`` is -1 until first scheduled, then the prompt tokens served
-    from the prefix cache.
+    from the prefix cache. ``cache_salt`` (vLLM's per-request field) seeds the hash chain: two
+    salts never share a cached block (`tokenization.salt_root`); given hashes are unsalted.
     """
 
     request_id: str
@@ -64,6 +65,7 @@ class EngineRequest:
     max_tokens: int
     arrival_time: float = 0.0
     prompt_block_hashes: Sequence[int] | None = None
+    cache_salt: str | None = None
     status: RequestStatus = RequestStatus.WAITING
     num_computed_tokens: int = 0
     num_cached_tokens: int = -1
