@@ -145,6 +145,8 @@ def make_api_handler(api: ApiKind) -> Handler:
         body = parse_json(raw)
         validate(api, body)
         profile = gw.classify(api, body, request.headers, tenant)
+        if profile.model_alias is not None:  # a tier was chosen: forward its model's name
+            raw = orjson.dumps(body)
         ticket = await gw.admission.admit(
             api, body, raw, request.headers, tenant, key_hash, profile
         )
@@ -267,6 +269,15 @@ async def models(request: web.Request) -> web.Response:
             "max_context": max(m.max_context for m in served),
         }
         for name, served in sorted(gw.fleet.models.items())
+    ] + [
+        {
+            "id": a.name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "inferplane",
+            "tiers": [t.model for t in a.tiers],  # an alias: the gateway picks the tier
+        }
+        for a in gw.config.model_aliases
     ]
     return web.json_response({"object": "list", "data": data}, dumps=_dumps)
 

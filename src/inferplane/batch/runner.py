@@ -49,6 +49,8 @@ class Prepared:
 def prepare(gw: Core, tenant: TenantSpec, cls: str, url: str, raw: bytes) -> Prepared:
     body = orjson.loads(raw)
     profile = gw.classify(ENDPOINTS[url], body, headers(cls), tenant)
+    if profile.model_alias is not None:  # a tier was chosen: forward its model's name
+        raw = orjson.dumps(body)
     return Prepared(profile, body, raw, gw.admission.pool_of(profile))
 
 

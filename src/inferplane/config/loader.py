@@ -223,6 +223,25 @@ def check_references(c: FleetConfig) -> Iterable[tuple[str, str]]:
     models = {m.name for s in c.substrates for e in s.endpoints for m in e.models}
     tokenizers: dict[str, tuple[str, str]] = {}  # model -> (tokenizer, where first named)
 
+    yield from _duplicates(
+        "model alias", ((f"model_aliases[{i}]", a.name) for i, a in enumerate(c.model_aliases))
+    )
+    for i, alias in enumerate(c.model_aliases):
+        if alias.name in models:
+            yield f"model_aliases[{i}].name", f"{alias.name!r} is a served model's name"
+        for j, tier in enumerate(alias.tiers):
+            if tier.model not in models:
+                yield f"model_aliases[{i}].tiers[{j}].model", f"no endpoint serves {tier.model!r}"
+        for j, tier_rule in enumerate(alias.rules):
+            for k, cls_name in enumerate(tier_rule.classes or []):
+                if cls_name not in classes:
+                    yield (f"model_aliases[{i}].rules[{j}].classes[{k}]",
+                           f"unknown class {cls_name!r}")
+            for k, t_name in enumerate(tier_rule.tenants or []):
+                if t_name not in tenants:
+                    yield (f"model_aliases[{i}].rules[{j}].tenants[{k}]",
+                           f"unknown tenant {t_name!r}")
+
     for i, r in enumerate(c.regions):
         for other in r.rtt_ms:
             if other not in regions:

@@ -874,6 +874,49 @@ class EppSpec(Strict):
     )
 
 
+class ModelTier(Strict):
+    """One model serving an alias: a served model name, its quality, the prompts it takes."""
+
+    model: str = Field(description="a model the fleet serves")
+    quality: float = Field(ge=0, description="higher is better (e.g. 1 for an 8B, 2 for a 70B)")
+    max_prompt_tokens: int | None = Field(
+        None, gt=0, description="this tier takes prompts up to this size only"
+    )
+
+
+class TierRule(Strict):
+    """The tier policy for some classes and tenants (the first matching rule applies)."""
+
+    classes: list[str] | None = Field(None, description="workload classes; none means any")
+    tenants: list[str] | None = Field(None, description="tenants; none means any")
+    min_quality: float | None = Field(
+        None, ge=0, description="the quality floor: only tiers at least this good"
+    )
+    max_ttft_slo_ms: float | None = Field(
+        None,
+        gt=0,
+        description="applies only to requests whose TTFT SLO is at most this (tight-SLO traffic "
+        "such as agent steps)",
+    )
+    prefer: Literal["cheapest", "best"] = Field(
+        "cheapest",
+        description="among the tiers that qualify: the first listed (tiers are listed cheapest "
+        "first), or the highest quality",
+    )
+
+
+class ModelAlias(Strict):
+    """A model name clients use, served by several models or variants (tiers): per request the
+    gateway picks the tier by the first matching rule (quality floor, prompt length, SLO, cost
+    order) and says which model answered (``x-inferplane-model`` and the answer's ``model``)."""
+
+    name: str = Field(pattern=_NAME, description="the model name clients send")
+    tiers: list[ModelTier] = Field(min_length=1, description="cheapest first")
+    rules: list[TierRule] = Field(
+        default_factory=list, description="per class/tenant policy; none: the cheapest that fits"
+    )
+
+
 class FleetConfig(Strict):
     """The whole file."""
 
@@ -891,6 +934,9 @@ class FleetConfig(Strict):
     plugins: list[PluginSpec] = Field(default_factory=list)
     profiles: list[ProfileSpec] = Field(default_factory=list)
     mix: list[MixEntry] = Field(default_factory=list)
+    model_aliases: list[ModelAlias] = Field(
+        default_factory=list, description="tiered model routing: one name, several models"
+    )
     admission: AdmissionSpec = AdmissionSpec()
     batch: BatchSpec = Field(
         BatchSpec(), description="the batch lane: /v1/files, /v1/batches and their worker"

@@ -25,7 +25,7 @@ from typing import Any, Generic, TypeVar
 
 from inferplane.admission.controller import Admission, Ticket
 from inferplane.admission.state import AdmissionStore
-from inferplane.config.schema import FleetConfig, TenantSpec
+from inferplane.config.schema import FleetConfig, ModelAlias, TenantSpec
 from inferplane.dispatch.answer import StreamStats, UpstreamAttemptFailed, parse_usage
 from inferplane.economics.render import refresher_for
 from inferplane.errors import (
@@ -49,6 +49,7 @@ from inferplane.placement.build import build_policies
 from inferplane.placement.classify import Classifier
 from inferplane.placement.framework import Decision, Policy, Spillover, place
 from inferplane.placement.profile import RequestProfile
+from inferplane.placement.tiers import choose_tier
 from inferplane.telemetry.metrics import GatewayMetrics
 from inferplane.types import ApiKind, JSONObject
 
@@ -138,6 +139,7 @@ class Core:
             c.name: self.policies[c.profile or g.default_profile] for c in config.classes
         }
         self.classifier = Classifier(config)
+        self.aliases: dict[str, ModelAlias] = {a.name: a for a in config.model_aliases}
         self.tenants: dict[str, TenantSpec] = {h: t for t in config.tenants for h in t.api_keys}
         self.metrics = GatewayMetrics(tenant_labels=g.metrics.tenant_labels)
         self.ledger: Ledger = ledger or build_ledger(config, file)
@@ -264,11 +266,27 @@ class Core:
     def classify(
         self, api: ApiKind, body: JSONObject, headers: Mapping[str, str], tenant: TenantSpec
     ) -> RequestProfile:
+        """The request's profile. For a model alias (tiered model routing) the tier is chosen
+        here (`placement.tiers.choose_tier`) and ``body["model"]`` is rewritten to it: the
+        front end forwards the rewritten body; the profile names the alias and why."""
         model = body["model"]
+        alias = self.aliases.get(model)
+        if alias is not None:
+            first, _ = self.classifier.classify(
+                request_id="", api=api, body=body, headers=headers, tenant=tenant
+            )
+            choice = choose_tier(
+                alias,
+                workload_class=first.workload_class,
+                tenant=tenant.name,
+                prompt_tokens=first.prompt_tokens,
+                ttft_slo_s=first.ttft_slo_s,
+            )
+            body["model"] = model = choice.model
         if model not in self.fleet.models:
             raise ModelNotFoundError(
                 f"the model {model!r} does not exist; available: "
-                f"{', '.join(sorted(self.fleet.models))}",
+                f"{', '.join(sorted([*self.fleet.models, *self.aliases]))}",
                 param="model",
             )
         if api not in self.fleet.apis[model]:
@@ -286,6 +304,8 @@ class Core:
         profile, _ = self.classifier.classify(
             request_id=os.urandom(8).hex(), api=api, body=body, headers=headers, tenant=tenant
         )
+        if alias is not None:
+            profile = profile.with_(model_alias=alias.name, tier_reason=choice.reason)
         return profile
 
     def _check_possible(self, profile: RequestProfile) -> None:

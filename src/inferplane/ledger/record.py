@@ -57,6 +57,8 @@ def decision_to_dict(decision: Decision, outcome: Outcome | None = None) -> dict
         "request": {
             "request_id": p.request_id,
             "model": p.model,
+            "model_alias": p.model_alias,
+            "tier_reason": p.tier_reason,
             "api": p.api,
             "workload_class": p.workload_class,
             "priority": p.priority,

@@ -39,6 +39,8 @@ class RequestProfile:
     # failure domains / zones of failed attempts ("fd:<name>", "zone:<name>"): avoided if possible
     avoid_domains: frozenset[str] = field(default_factory=frozenset)
     preferred_kinds: frozenset[str] | None = None  # substrate kinds the class prefers (SLO met)
+    model_alias: str | None = None  # the alias the client named (tiered routing); model: its tier
+    tier_reason: str | None = None  # why that tier
     attempt: int = 0
 
     @property
