@@ -80,9 +80,9 @@ class Stack:
         await self.server.stop(0)
 
 
-async def _engine(name: str, mode: str) -> tuple[web.AppRunner, int]:
+async def _engine(name: str, mode: str, waiting: float = 0.0) -> tuple[web.AppRunner, int]:
     port = free_port()
-    runner = web.AppRunner(build(name, mode, 0.0), handler_cancellation=True)
+    runner = web.AppRunner(build(name, mode, waiting), handler_cancellation=True)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port).start()
     return runner, port
@@ -90,9 +90,10 @@ async def _engine(name: str, mode: str) -> tuple[web.AppRunner, int]:
 
 @contextlib.asynccontextmanager
 async def stack(tmp_path: Path, *, modes: tuple[str, ...] = ("ok", "ok"), fail_open: bool = False,
-                dead: bool = False,
+                dead: bool = False, waiting: tuple[float, ...] = (),
                 edit: Callable[[dict[str, Any]], None] | None = None) -> AsyncIterator[Stack]:
-    engines = [await _engine(f"n{i + 1}", m) for i, m in enumerate(modes)]
+    engines = [await _engine(f"n{i + 1}", m, waiting[i] if i < len(waiting) else 0.0)
+               for i, m in enumerate(modes)]
     ports = [p for _, p in engines]
     epp_port, envoy_port, admin = free_port(), free_port(), free_port()
     config = parse_config(fleet_yaml(ports, epp_port, envoy_port, admin, fail_open=fail_open,
@@ -175,6 +176,28 @@ async def test_envoy_places_relays_and_accounts(tmp_path: Path) -> None:
         # the models list is the picker's own answer
         r = await c.get("/v1/models", headers=auth())
         assert r.status_code == 200 and r.json()["data"][0]["id"] == "m"
+
+
+async def test_the_picker_places_by_engine_load(tmp_path: Path) -> None:
+    """e1 reports a deep queue on its /metrics: the default profile sends everything to e2."""
+    async with (
+        stack(tmp_path, waiting=(40.0, 0.0)) as s,
+        httpx.AsyncClient(base_url=s.url, timeout=10) as c,
+    ):
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:  # both engines scraped
+            states = {v.name: v.state for v in s.picker.live.snapshot().endpoints}
+            if (states["e1"].waiting or 0) >= 40 and not states["e2"].stale:
+                break
+            await asyncio.sleep(0.05)
+        picked = set()
+        for _ in range(6):
+            r = await c.post("/v1/chat/completions", json=CHAT, headers=auth())
+            assert r.status_code == 200, r.text
+            picked.add(r.headers[P.ENDPOINT_HEADER])
+            assert r.headers[P.SERVED_KEY] == f"127.0.0.1:{s.ports[1]}"
+        assert picked == {"e2"}
+        await settled(s.picker)
 
 
 async def test_refusals_are_immediate_responses_in_openai_shape(tmp_path: Path) -> None:
