@@ -234,3 +234,26 @@ async def test_grpc_health_services_follow_the_fleet(monkeypatch: pytest.MonkeyP
     finally:
         await server.stop(0)
         await pk.stop()
+
+
+async def test_an_observed_429_ejects_the_endpoint_for_its_retry_after() -> None:
+    async with picker() as (p, stub):
+        answers = await exchange(stub, headers(), body())
+        sets = {h.header.key: h.header.raw_value.decode()
+                for h in answers[1].request_body.response.header_mutation.set_headers}
+        did, name = sets[P.DECISION_HEADER], sets[P.ENDPOINT_HEADER]
+        await exchange(stub, pb.ProcessingRequest(
+            observability_mode=True, response_headers=pb.HttpHeaders(
+                headers=base_pb2.HeaderMap(headers=[
+                    base_pb2.HeaderValue(key=":status", raw_value=b"429"),
+                    base_pb2.HeaderValue(key="content-type", raw_value=b"application/json"),
+                    base_pb2.HeaderValue(key="retry-after", raw_value=b"30"),
+                    base_pb2.HeaderValue(key=P.DECISION_HEADER, raw_value=did.encode()),
+                ]),
+                end_of_stream=True,
+            )))
+        await settled(p)
+        rec = p.ledger.get(did)
+        assert rec is not None and rec["outcome"]["status"] == 429
+        state = {v.name: v.state for v in p.live.snapshot().endpoints}[name]
+        assert state.ejected  # out for the Retry-After, as the gateway would do

@@ -88,6 +88,7 @@ class Flight:
     observed: bool = False
     done: bool = False
     served: str | None = None
+    retry_after_s: float | None = None
 
 
 class Picker(Core):
@@ -158,6 +159,18 @@ class Picker(Core):
                 f.placement, status=status, started=f.started, stats=f.stats if f.sse else None,
                 usage=usage, error=error,
             )
+            if status == 429 or 500 <= status < 600:
+                # what the gateway learns from a failed attempt: a 429's Retry-After ejects a
+                # provider endpoint for that long, repeated failures eject one without probes
+                ejected = self.passive.failed(
+                    f.placement.endpoint, reason=f"http_{status}", status=status,
+                    retry_after_s=f.retry_after_s,
+                )
+                if ejected is not None:
+                    self.metrics.endpoint_ejections.labels(
+                        f.placement.endpoint_name, ejected.kind or ""
+                    ).inc()
+                    log.warning("ejected %s: %s", f.placement.endpoint_name, ejected.reason)
         finally:
             self.admission.finish_soon(f.ticket)
 
@@ -209,6 +222,14 @@ def _metadata(req: Any, namespace: str, key: str) -> Any:
         values = v.list_value.values
         return [x.string_value for x in values if x.WhichOneof("kind") == "string_value"]
     return None
+
+
+def _seconds(value: str | None) -> float | None:
+    """A ``Retry-After`` in seconds (the HTTP-date form is not used by engines or providers)."""
+    try:
+        return max(0.0, float(value)) if value else None
+    except ValueError:
+        return None
 
 
 def _served(req: Any) -> str | None:
@@ -455,6 +476,7 @@ class Exchange:
             with contextlib.suppress(ValueError):
                 f.status = int(h.get(":status", "0")) or None
             f.served = _served(req) or f.served
+            f.retry_after_s = _seconds(h.get("retry-after"))
             self.picker.finish(f, status=f.status or 502)
         return pb.ProcessingResponse(response_headers=pb.HeadersResponse())
 
@@ -484,6 +506,7 @@ class Exchange:
             with contextlib.suppress(ValueError):
                 f.status = int(h.get(":status", "0")) or None
             f.sse = "text/event-stream" in h.get("content-type", "")
+            f.retry_after_s = _seconds(h.get("retry-after"))
             f.served = _served(req)
             picked = self.picker.addresses.get(f.placement.endpoint_name)
             if f.served and picked and f.served != picked:
