@@ -1,8 +1,13 @@
 """How much CPU does one placement decision cost? An in-process microbenchmark of ``place()``.
 
-    .venv/bin/python bench/placement_speed.py [--fleet h100x8 hetero] [--profile default ...]
-                                              [-n 2000] [--repeats 7] [--no-timer]
+    .venv/bin/python bench/placement_speed.py [--fleet h100x8 hetero h100x1000 ...]
+                                              [--profile default ...] [-n 2000] [--repeats 7]
+                                              [--no-timer] [--whole]
     .venv/bin/python bench/placement_speed.py --dump FILE   # behaviour fingerprint, no timing
+
+``h100xN`` (N not 8) is h100x8 grown to N identical endpoints in pools of 64 (`scaled_config`).
+Profiles with ``max_candidates`` sample fleets larger than that; ``--whole`` adds rows (``/all``)
+for the same policies evaluating every endpoint, in the same run.
 
 Builds the gateway's policies from a shipped fleet file (``src/inferplane/data/fleets/``, via
 ``load_config`` + ``build_policies``), a `LiveFleet` with fresh engine metrics, in-flight
@@ -218,7 +223,8 @@ class Scenario:
 
 
 def bench(
-    fleets: list[str], profiles: list[str], n: int, repeats: int, timer: Callable[[], float] | None
+    fleets: list[str], profiles: list[str], n: int, repeats: int, timer: Callable[[], float] | None,
+    whole: bool = False,
 ) -> None:
     print(f"# place() CPU µs/decision, best of {repeats} × {n} decisions; python "
           f"{platform.python_version()}, {platform.machine()}; timer={'on' if timer else 'off'}")
@@ -228,8 +234,12 @@ def bench(
         sc.load()
         snap = sc.live.snapshot()
         reqs = [sc.profile(s) for s in sc.shares for _ in range(4)]
-        for pname in profiles:
-            pol = sc.policies[pname]
+        variants = [(p, sc.policies[p], sc.policies[p].max_candidates) for p in profiles]
+        if whole:  # the same policies evaluating every endpoint (no sampling), side by side
+            variants += [(f"{p}/all", pol, 0) for p, pol, limit in variants
+                         if limit and len(snap.endpoints) > limit]
+        for pname, pol, limit in variants:
+            pol.max_candidates = limit
             for prof in reqs:  # warm-up: the prefix indexes learn these prompts, EWMA fills
                 place(prof, snap, pol, decision_id=prof.request_id, timer=timer)
             m = len(reqs)
@@ -325,13 +335,15 @@ def main() -> None:
     ap.add_argument("-n", type=int, default=2000, help="decisions per timed run")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--no-timer", action="store_true", help="no per-plugin timings (simulator)")
+    ap.add_argument("--whole", action="store_true",
+                    help="also time each sampled profile evaluating every endpoint (/all)")
     ap.add_argument("--dump", metavar="FILE", help="write the behaviour fingerprint instead")
     ap.add_argument("--steps", type=int, default=600, help="--dump: requests per fleet")
     a = ap.parse_args()
     if a.dump:
         dump(a.dump, a.steps)
         return
-    bench(a.fleet, a.profile, a.n, a.repeats, None if a.no_timer else time.perf_counter)
+    bench(a.fleet, a.profile, a.n, a.repeats, None if a.no_timer else time.perf_counter, a.whole)
 
 
 if __name__ == "__main__":

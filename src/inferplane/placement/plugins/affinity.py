@@ -125,6 +125,28 @@ class PrefixMatcher:
                 out.append(0)
         return out
 
+    def room(self, cycle: CycleState, candidates: Sequence[EndpointView]) -> list[float]:
+        """Relative cache room per candidate: ``1 - held ÷ the most any candidate holds``
+        (blocks in the precise index where it covers the endpoint, else in the own index; all 1
+        when nothing is held anywhere). Where the cache-aware routers put a prefix nobody
+        holds (SGLang's and vLLM's router: the smallest tree)."""
+        precise = cycle.snapshot.prefix_index if self.mode != "approximate" else None
+        covers = getattr(precise, "covers", None)
+        psize = getattr(precise, "size", None)
+        own = self.index
+        sizes: list[int] = []
+        for c in candidates:
+            if psize is not None and (covers is None or covers(c.name)):
+                sizes.append(psize(c.name))
+            elif self.mode != "precise":
+                sizes.append(own.size(c.name))
+            else:
+                sizes.append(0)
+        most = max(sizes) if sizes else 0
+        if most <= 0:
+            return [1.0] * len(candidates)
+        return [1.0 - z / most for z in sizes]
+
     def propose(self, cycle: CycleState, limit: int) -> list[str]:
         """The endpoints holding the longest runs of the prompt, best first: at most
         ``max(1, limit // 4)``, from both indexes as `matches` would read them (one walk of
@@ -178,6 +200,17 @@ class PrefixParams(BaseModel):
         10.0, ge=0, description="with KV events: blocks of requests sent this recently count as "
         "held until their events arrive (0: events only)"
     )
+    room_weight: float = Field(
+        0.0, ge=0, le=1, description="new prefixes go where the cache holds least: the part of "
+        "the prompt no endpoint holds scores this × the endpoint's relative room (0: off)"
+    )
+    room_by: Literal["size", "writes"] = Field(
+        "writes", description="room = 1 - blocks held ÷ the most held (size), or 1 - blocks "
+        "recently written ÷ the most written (writes: the slowest-churning cache)"
+    )
+    room_halflife_s: float = Field(
+        60.0, gt=0, description="writes: half-life of the recently-written block count"
+    )
 
 
 @register("prefix-affinity")
@@ -201,6 +234,10 @@ class PrefixAffinity(Plugin):
         self.matcher = PrefixMatcher(
             params.mode, params.capacity_blocks, params.block_tokens, params.pending_s
         )
+        self.room_weight = params.room_weight
+        self.room_by = params.room_by
+        self.halflife = params.room_halflife_s
+        self.written: dict[str, tuple[float, float]] = {}  # endpoint → (decayed blocks, when)
 
     def score(self, cycle: CycleState, candidates: list[EndpointView]) -> Sequence[float]:
         total = len(cycle.profile.block_hashes)
@@ -209,13 +246,44 @@ class PrefixAffinity(Plugin):
         matched = self.matcher.matches(cycle, candidates)
         for c, m in zip(candidates, matched, strict=True):
             cycle.annotations_of(c.name)["prefix_match"] = float(m)
-        return [m / total for m in matched]
+        out = [m / total for m in matched]
+        w = self.room_weight
+        if w > 0:
+            new = 1.0 - max(out)  # the share of the prompt no candidate holds
+            if new > 0:
+                if self.room_by == "writes":
+                    room = self._room_writes(cycle, candidates)
+                else:
+                    room = self.matcher.room(cycle, candidates)
+                for i, r in enumerate(room):
+                    out[i] += w * new * r
+        return out
 
     def propose(self, cycle: CycleState, limit: int) -> list[str]:
         return self.matcher.propose(cycle, limit)
 
+    def _written(self, endpoint: str, now: float) -> float:
+        w = self.written.get(endpoint)
+        if w is None:
+            return 0.0
+        return w[0] * float(0.5 ** ((now - w[1]) / self.halflife))
+
+    def _room_writes(self, cycle: CycleState, candidates: list[EndpointView]) -> list[float]:
+        now = cycle.snapshot.now
+        vals = [self._written(c.name, now) for c in candidates]
+        most = max(vals)
+        if most <= 0:
+            return [1.0] * len(candidates)
+        return [1.0 - v / most for v in vals]
+
     def on_picked(self, cycle: CycleState, picked: EndpointView) -> None:
         self.matcher.learn(cycle, picked)
+        if self.room_weight > 0:
+            total = len(cycle.profile.block_hashes)
+            ann = cycle.annotations.get(picked.name)
+            held = ann.get("prefix_match", 0.0) if ann else 0.0
+            now = cycle.snapshot.now
+            self.written[picked.name] = (self._written(picked.name, now) + total - held, now)
 
 
 class ApproxPrefixParams(PrefixParams):

@@ -38,9 +38,10 @@ class SloFirstParams(BaseModel):
         "cost is at most this × the cheapest SLO-meeter's; null: whatever their cost",
     )
     when_none_meets: Literal["fastest", "score"] = Field(
-        "fastest",
-        description="no candidate predicted to meet the SLO: the fastest predicted TTFT, or the "
-        "highest total score (affinity and load keep more of the prompt cached under overload)",
+        "score",
+        description="no candidate predicted to meet the SLO: the highest total score (affinity "
+        "and load keep more of the prompt cached under overload; measured better in the "
+        "simulator, docs/benchmarks.md), or the fastest predicted TTFT",
     )
 
 
@@ -59,8 +60,9 @@ class SloFirst(Plugin):
     ones if any (``prefer_reserved``); keep those whose
     ``cost_usd (+ egress_usd)`` is within ``(1 + cost_tolerance) × cheapest + cost_epsilon_usd``;
     among those take the highest weighted total of the profile's scorers (prefix and session
-    affinity, load …), ties at random (seeded). If none meets the SLO: the lowest predicted
-    ``ttft_s``, ties by total, and a note.
+    affinity, load …), ties at random (seeded). If none meets the SLO: the highest total
+    (``when_none_meets: score``, the default) or the lowest predicted ``ttft_s``, ties by
+    total (``fastest``), and a note.
 
     Spillover — every departure from the preferred set is recorded: the preferred pool is the
     reserved endpoints in ``profile.client_region`` (when unset, the region of the cheapest
