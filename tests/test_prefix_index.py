@@ -107,6 +107,9 @@ def test_inverted_index_agrees_with_per_endpoint_lru(
             idx.forget(e)
             ref.forget(e)
         elif op == "capacity":
+            if capacity == 0:
+                continue  # an unbounded endpoint keeps no LRU order: bounding it later evicts
+                # in no particular order (the KV-event mirror is never bounded)
             idx.set_capacity(e, arg[0])
             ref.set_capacity(e, arg[0])
         else:
@@ -152,3 +155,26 @@ def test_a_cleared_endpoint_gets_a_fresh_slot_and_holds_nothing_old() -> None:
     assert idx.size("a") == 0 and idx.match_length("a", [1]) == 0
     idx.sweep()
     assert idx.distinct_blocks() == 2
+
+
+def test_longest_reads_out_only_the_longest_runs() -> None:
+    idx = PrefixIndex()
+    for i in range(50):
+        idx.block_stored(f"e{i}", [1, 2])  # a prefix everyone shares
+    idx.block_stored("deep", [1, 2, 3, 4, 5])
+    idx.block_stored("mid", [1, 2, 3])
+    assert idx.longest([1, 2, 3, 4, 5, 6], 2) == [("deep", 5), ("mid", 3)]
+    top = idx.longest([1, 2, 3, 4], 3)
+    assert top[:2] == [("deep", 4), ("mid", 3)] and top[2][1] == 2
+    assert idx.longest([1], 100) == [(n, 1) for n, _ in sorted(
+        idx.match_lengths([1]).items(), key=lambda kv: idx.mask_of([kv[0]]))]
+    assert idx.longest([9], 3) == [] and idx.longest([1, 2], 0) == []
+
+
+def test_match_lengths_among_some_endpoints() -> None:
+    idx = PrefixIndex()
+    idx.block_stored("a", [1, 2, 3])
+    idx.block_stored("b", [1, 2])
+    idx.block_stored("c", [1])
+    assert idx.match_lengths([1, 2, 3], idx.mask_of(["b", "c", "unknown"])) == {"b": 2, "c": 1}
+    assert idx.match_lengths([1, 2, 3], idx.mask_of([])) == {}

@@ -98,13 +98,29 @@ class PrefixIndex:
         self._covered: set[str] = set()
 
     # -- read side (PrefixIndexView) ------------------------------------------------------
-    def match_lengths(self, hashes: Sequence[BlockHash]) -> dict[str, int]:
+    def mask_of(self, endpoints: Iterable[str]) -> int:
+        """The slot mask of ``endpoints`` (those without blocks are left out)."""
+        slots = self._slot
+        mask = 0
+        for e in endpoints:
+            slot = slots.get(e)
+            if slot is not None:
+                mask |= 1 << slot
+        return mask
+
+    def match_lengths(
+        self, hashes: Sequence[BlockHash], among: int | None = None
+    ) -> dict[str, int]:
         """Every endpoint holding at least the first block → how many leading ``hashes`` it
-        holds, in one walk of the chain (endpoints holding none are absent)."""
+        holds, in one walk of the chain (endpoints holding none are absent). ``among`` (a
+        `mask_of`) restricts the answer to those endpoints: the walk then costs the prompt's
+        length and the endpoints asked about, however many others hold the prefix."""
         if not hashes:
             return {}
         holders = self._holders
         cur = _decode(holders.get(hashes[0], 0)) & self._live
+        if among is not None:
+            cur &= among
         if not cur:
             return {}
         names = self._names
@@ -122,6 +138,38 @@ class PrefixIndex:
                 cur = nxt
         for b in _bits(cur):
             out[names[b]] = n
+        return out
+
+    def longest(self, hashes: Sequence[BlockHash], limit: int) -> list[tuple[str, int]]:
+        """At most ``limit`` endpoints holding the longest leading runs of ``hashes``, longest
+        first, with their lengths: one walk of the chain, then only as many endpoints as asked
+        for are read out (a prefix every endpoint shares costs no per-endpoint work)."""
+        if not hashes or limit <= 0:
+            return []
+        holders = self._holders
+        cur = _decode(holders.get(hashes[0], 0)) & self._live
+        if not cur:
+            return []
+        get = holders.get
+        drops: list[tuple[int, int]] = []  # (length, endpoints whose run ends there)
+        n = len(hashes)
+        for i in range(1, n):
+            v = get(hashes[i], 0)
+            nxt = cur & ((1 << ~v) if v < 0 else v)
+            if nxt != cur:
+                drops.append((i, cur & ~nxt))
+                if not nxt:
+                    break
+                cur = nxt
+        else:
+            drops.append((n, cur))
+        names = self._names
+        out: list[tuple[str, int]] = []
+        for length, mask in reversed(drops):
+            for b in _bits(mask):
+                out.append((names[b], length))
+                if len(out) >= limit:
+                    return out
         return out
 
     def match_length(self, endpoint: str, hashes: Sequence[BlockHash]) -> int:
@@ -151,6 +199,10 @@ class PrefixIndex:
         """Endpoints with blocks recorded (since their last clear)."""
         return sorted(self._slot)
 
+    def endpoint_count(self) -> int:
+        """Endpoints with blocks recorded (since their last clear)."""
+        return len(self._slot)
+
     def distinct_blocks(self) -> int:
         """Entries of the inverted map (block hashes held by at least one endpoint)."""
         return len(self._holders)
@@ -174,7 +226,8 @@ class PrefixIndex:
         return slot
 
     def set_capacity(self, endpoint: str, blocks: int) -> None:
-        """Bound one endpoint's set (evicting at once if it is over)."""
+        """Bound one endpoint's set (evicting at once if it is over). An endpoint that was
+        unbounded keeps no LRU order: bounding it evicts its blocks in no particular order."""
         if blocks < 0:
             raise ValueError("blocks must be >= 0")
         if self._capacity.get(endpoint, -1) == blocks:

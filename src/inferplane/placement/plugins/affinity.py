@@ -34,6 +34,23 @@ def _common_prefix(a: tuple[BlockHash, ...], b: tuple[BlockHash, ...]) -> int:
     return lo
 
 
+def _lengths(index: object, hashes: tuple[BlockHash, ...],
+             candidates: Sequence[EndpointView]) -> dict[str, int] | None:
+    """``index.match_lengths`` for the candidates (None when the index has no such method).
+    When the candidates are a small part of the endpoints the index knows (a sampled large
+    fleet), the walk is restricted to them."""
+    lengths = getattr(index, "match_lengths", None)
+    if lengths is None:
+        return None
+    count = getattr(index, "endpoint_count", None)
+    mask_of = getattr(index, "mask_of", None)
+    if count is not None and mask_of is not None and 4 * len(candidates) < count():
+        held: dict[str, int] = lengths(hashes, mask_of([c.name for c in candidates]))
+        return held
+    got: dict[str, int] = lengths(hashes)
+    return got
+
+
 class PrefixMatcher:
     """How many leading prompt blocks each candidate holds.
 
@@ -96,15 +113,14 @@ class PrefixMatcher:
         if precise is None or not engine:
             if own is None:
                 return [0.0] * len(candidates)
-            held = own.match_lengths(hashes)  # one walk of the chain for every endpoint
+            held = _lengths(own, hashes, candidates)  # one walk of the chain for all
             if not held:
                 return [0.0] * len(candidates)
             get = held.get
             return [get(c.name, 0) for c in candidates]
         covers = getattr(precise, "covers", None)
-        lengths = getattr(precise, "match_lengths", None)
-        precise_held = lengths(engine) if lengths is not None else None
-        own_held = own.match_lengths(hashes) if own is not None else None
+        precise_held = _lengths(precise, engine, candidates)
+        own_held = _lengths(own, hashes, candidates) if own is not None else None
         now = cycle.snapshot.now
         nhashes, nengine = len(hashes), len(engine)
         pending = self.pending_s > 0
@@ -152,21 +168,22 @@ class PrefixMatcher:
         ``max(1, limit // 4)``, from both indexes as `matches` would read them (one walk of
         the chain each). What candidate sampling must keep in a large fleet."""
         prof = cycle.profile
+        want = max(1, limit // 4)
         held: dict[str, float] = {}
         if self.mode != "precise" and prof.block_hashes:
-            held.update(self.index.match_lengths(prof.block_hashes))
+            held.update(self.index.longest(prof.block_hashes, want))
         precise = cycle.snapshot.prefix_index if self.mode != "approximate" else None
         engine = prof.engine_block_hashes
-        lengths = getattr(precise, "match_lengths", None)
-        if lengths is not None and engine and prof.block_hashes:
+        longest = getattr(precise, "longest", None)
+        if longest is not None and engine and prof.block_hashes:
             scale = len(prof.block_hashes) / len(engine)
-            for name, n in lengths(engine).items():
+            for name, n in longest(engine, want):
                 m = n * scale
                 if m > held.get(name, 0.0):
                     held[name] = m
         if not held:
             return []
-        return sorted(held, key=held.__getitem__, reverse=True)[: max(1, limit // 4)]
+        return sorted(held, key=held.__getitem__, reverse=True)[:want]
 
     def learn(self, cycle: CycleState, picked: EndpointView) -> None:
         engine = cycle.profile.engine_block_hashes
