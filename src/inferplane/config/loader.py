@@ -309,7 +309,18 @@ def check_references(c: FleetConfig) -> Iterable[tuple[str, str]]:
             yield f"tenants[{i}].default_class", f"unknown class {t.default_class!r}"
         if t.region is not None and regions and t.region not in regions:
             yield f"tenants[{i}].region", f"unknown region {t.region!r}"
+    yield from _duplicates(
+        "data source", ((f"data_sources[{i}]", d.name) for i, d in enumerate(c.data_sources))
+    )
+    for i, ds in enumerate(c.data_sources):
+        if regions and ds.region not in regions:
+            yield (f"data_sources[{i}].region",
+                   f"unknown region {ds.region!r}; known: {sorted(regions)}")
+    sources = {d.name for d in c.data_sources}
     for i, wc in enumerate(c.classes):
+        if wc.data_source is not None and wc.data_source not in sources:
+            yield (f"classes[{i}].data_source",
+                   f"unknown data source {wc.data_source!r}; known: {sorted(sources)}")
         if wc.profile is not None and wc.profile not in profiles:
             yield (
                 f"classes[{i}].profile",

@@ -431,6 +431,21 @@ class TenantSpec(Strict):
         return keys
 
 
+class DataSourceSpec(Strict):
+    """A data store requests use (a vector index, a dataset): where it lives and whether its
+    data may leave its jurisdiction. A request names it with `x-inferplane-data-source` or
+    through its class's `data_source`."""
+
+    name: str = Field(pattern=_NAME, description="what requests and classes call it")
+    region: str = Field(description="where the data lives: placement prefers endpoints here")
+    jurisdiction: str = Field(description="the jurisdiction the data is held under")
+    residency: bool = Field(
+        False,
+        description="the data may not leave its jurisdiction: requests using it run only on "
+        "endpoints of that jurisdiction (a hard filter), otherwise co-location is a preference",
+    )
+
+
 class WorkloadClass(Strict):
     """A workload class: latency SLOs, the placement profile it uses, its priority."""
 
@@ -448,6 +463,9 @@ class WorkloadClass(Strict):
     )
     default_max_tokens: int = Field(1024, gt=0)
     energy_aware: bool = False
+    data_source: str | None = Field(
+        None, description="the data source (`data_sources`) this class's requests use"
+    )
     max_tokens_ceiling: int | None = Field(None, gt=0, description="per-request output cap")
     queue_deadline_ms: float | None = Field(
         None, gt=0, description="longest wait in the admission queue; default admission.queue's"
@@ -927,6 +945,11 @@ class FleetConfig(Strict):
         "fleet file); substrates name a profile by its `hardware.name`",
     )
     regions: list[RegionSpec] = Field(default_factory=list)
+    data_sources: list[DataSourceSpec] = Field(
+        default_factory=list,
+        description="data stores requests use (by header or class): co-location preference, or "
+        "a hard residency filter",
+    )
     substrates: list[SubstrateSpec] = Field(min_length=1)
     tenants: list[TenantSpec] = Field(default_factory=list)
     classes: list[WorkloadClass] = Field(default_factory=list)

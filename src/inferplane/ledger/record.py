@@ -73,6 +73,8 @@ def decision_to_dict(decision: Decision, outcome: Outcome | None = None) -> dict
             if p.allowed_jurisdictions is not None
             else None,
             "client_region": p.client_region,
+            "data_region": p.data_region,
+            "data_source": p.data_source,
             "stream": p.stream,
         },
         "picked": None

@@ -11,6 +11,9 @@ its 400 error when invalid:
 ``x-inferplane-precision``            comma list of tolerated precisions
 ``x-inferplane-client-region``        client region (must be a configured region)
 ``x-inferplane-data-region``          region of a data store the request uses (RAG index)
+``x-inferplane-data-source``          a configured data source (``data_sources``): its region
+                                      is the data region; with ``residency`` the request runs
+                                      only in the source's jurisdiction
 ``x-inferplane-agent-step``           agent loop step, non-negative integer
 ``x-session-id``                      session affinity key
 ====================================  ==========================================================
@@ -22,7 +25,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from inferplane.config.schema import ClassRule, FleetConfig, TenantSpec, WorkloadClass
+from inferplane.config.schema import (
+    ClassRule,
+    DataSourceSpec,
+    FleetConfig,
+    TenantSpec,
+    WorkloadClass,
+)
 from inferplane.errors import InvalidRequestError
 from inferplane.placement.hashing import prompt_block_hashes
 from inferplane.placement.isolation import cache_salt, cache_scope
@@ -126,6 +135,7 @@ class Classifier:
         self.classes: dict[str, WorkloadClass] = {c.name: c for c in config.classes}
         self.rules: list[ClassRule] = list(config.class_rules)
         self.regions = {r.name for r in config.regions}
+        self.data_sources: dict[str, DataSourceSpec] = {d.name: d for d in config.data_sources}
         self.mode = config.gateway.token_estimate
         self.block_chars = config.gateway.prefix_block_chars
         self.largest_context: dict[str, int] = {}
@@ -267,6 +277,24 @@ class Classifier:
                     f"known: {', '.join(sorted(self.regions))}",
                     param=hname,
                 )
+        source = self._data_source(headers, cls)
+        if source is not None:
+            if data_region is not None and data_region != source.region:
+                raise InvalidRequestError(
+                    f"header x-inferplane-data-region: {data_region!r}, but data source "
+                    f"{source.name!r} lives in {source.region!r}; send one of them",
+                    param="x-inferplane-data-region",
+                )
+            data_region = source.region
+            if source.residency:
+                if allowed is not None and source.jurisdiction not in allowed:
+                    raise InvalidRequestError(
+                        f"data source {source.name!r} keeps its data in jurisdiction "
+                        f"{source.jurisdiction!r}, which this request may not use (allowed: "
+                        f"{', '.join(sorted(allowed))})",
+                        param="x-inferplane-data-source",
+                    )
+                allowed = frozenset({source.jurisdiction})
         step = headers.get("x-inferplane-agent-step")
         if step is not None and not (step.isascii() and step.isdigit()):
             raise InvalidRequestError(
@@ -307,9 +335,26 @@ class Classifier:
             energy_aware=cls.energy_aware,
             client_region=client_region,
             data_region=data_region,
+            data_source=source.name if source is not None else None,
             stream=bool(body.get("stream", False)),
         )
         return profile, prompt
+
+    def _data_source(
+        self, headers: Mapping[str, str], cls: WorkloadClass
+    ) -> DataSourceSpec | None:
+        """The data store the request uses: the header's, else its class's."""
+        name = headers.get("x-inferplane-data-source")
+        if name is None:
+            return self.data_sources.get(cls.data_source) if cls.data_source else None
+        source = self.data_sources.get(name)
+        if source is None:
+            known = ", ".join(sorted(self.data_sources)) or "none configured"
+            raise InvalidRequestError(
+                f"header x-inferplane-data-source: unknown data source {name!r}; known: {known}",
+                param="x-inferplane-data-source",
+            )
+        return source
 
     @staticmethod
     def _tokenize(tok: Tokenizer, prompt: Prompt) -> Prompt:

@@ -33,6 +33,7 @@ class RequestProfile:
     energy_aware: bool = False
     client_region: str | None = None
     data_region: str | None = None
+    data_source: str | None = None  # the named data store the request uses (`data_sources`)
     stream: bool = False
     cache_salt: str | None = None  # the prefix-cache scope's salt (`placement.isolation`)
     excluded: frozenset[str] = field(default_factory=frozenset)
