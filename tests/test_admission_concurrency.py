@@ -71,7 +71,9 @@ async def redis_stores() -> AsyncIterator[list[AdmissionStore]]:
     from inferplane.admission.redis_state import RedisStore
 
     prefix = f"inferplane-test-{os.getpid()}-{random.randrange(1 << 30)}:"
-    stores = [RedisStore(REDIS_URL, prefix), RedisStore(REDIS_URL, prefix)]
+    # a generous call timeout: this test is about the overspend bound, not about outages, and
+    # 100 clients on a loaded 2-core machine can wait longer than the 0.5 s default
+    stores = [RedisStore(REDIS_URL, prefix, 5.0), RedisStore(REDIS_URL, prefix, 5.0)]
     yield list(stores)
     keys = [k async for k in stores[0].r.scan_iter(match=prefix + "*")]
     if keys:
