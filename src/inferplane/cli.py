@@ -239,6 +239,24 @@ def schema(
         out.write_text(text)
 
 
+@app.command()
+def openapi(
+    config: ConfigOpt = Path("examples/quickstart.yaml"),
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="write to a file")] = None,
+) -> None:
+    """Print the OpenAPI description of the gateway CONFIG describes (also GET /openapi.json)."""
+    cfg = load_checked(config)
+    from inferplane.api.app import build_app, route_table
+    from inferplane.api.openapi import build_spec
+    from inferplane.api.pipeline import Gateway
+
+    text = json.dumps(build_spec(route_table(build_app(Gateway(cfg, str(config))))), indent=2)
+    if out is None:
+        sys.stdout.write(text + "\n")
+    else:
+        out.write_text(text + "\n")
+
+
 @app.command("hash-key")
 def hash_key_cmd(key: str) -> None:
     """Print the stored form (sha256:…) of an API key, for a tenant's api_keys."""

@@ -18,6 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from inferplane.admission.controller import Ticket
 from inferplane.admission.queue import BANDS
+from inferplane.api.openapi import build_spec
 from inferplane.api.pipeline import Attempt, Gateway, parse_usage
 from inferplane.api.server import ConnectionLimits, GatewayRunner, request_started
 from inferplane.batch import routes as batch_routes
@@ -448,6 +449,7 @@ def build_app(gateway: Gateway) -> web.Application:
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/openapi.json", openapi_json)
 
     async def on_startup(app: web.Application) -> None:
         await gateway.start()
@@ -459,7 +461,21 @@ def build_app(gateway: Gateway) -> web.Application:
     app.on_cleanup.append(on_cleanup)
     # /v1/files, /v1/batches and the batch worker
     batch_routes.setup(app, gateway, gateway.dispatcher)
+    app[OPENAPI_KEY] = orjson.dumps(build_spec(route_table(app)))
     return app
+
+
+OPENAPI_KEY: web.AppKey[bytes] = web.AppKey("openapi", bytes)
+
+
+def route_table(app: web.Application) -> list[tuple[str, str]]:
+    """(method, path template) of every route of ``app``."""
+    return [(r.method, r.resource.canonical) for r in app.router.routes() if r.resource]
+
+
+async def openapi_json(request: web.Request) -> web.Response:
+    """``GET /openapi.json``: the OpenAPI description of this gateway (`api.openapi`)."""
+    return web.Response(body=request.app[OPENAPI_KEY], content_type="application/json")
 
 
 class ListenError(Exception):

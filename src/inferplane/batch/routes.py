@@ -161,13 +161,13 @@ class BatchService:
         if not isinstance(fid, str) or not fid:
             raise InvalidRequestError("'input_file_id' must be a file id", param="input_file_id")
         endpoint = body.get("endpoint")
-        if endpoint not in ENDPOINTS:
+        if not isinstance(endpoint, str) or endpoint not in ENDPOINTS:
             raise InvalidRequestError(
                 f"'endpoint' must be one of {', '.join(ENDPOINTS)}, got {endpoint!r}",
                 param="endpoint",
             )
         window = body.get("completion_window")
-        if window not in WINDOW_S:
+        if not isinstance(window, str) or window not in WINDOW_S:
             raise InvalidRequestError(
                 f"'completion_window' must be \"24h\", got {window!r}", param="completion_window"
             )
@@ -192,7 +192,7 @@ class BatchService:
         }
         await self.store.add_batch(b, key_hash, tenant)
         self.worker.wake()
-        return _json(await self._batch(b["id"], tenant))
+        return _json(await self._batch(str(b["id"]), tenant))
 
     async def get(self, request: web.Request) -> web.Response:
         tenant, _ = self._tenant(request)
