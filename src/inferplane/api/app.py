@@ -38,7 +38,8 @@ from inferplane.errors import (
 from inferplane.fleet.health import VERDICTS, endpoint_summary
 from inferplane.httpio import read_body
 from inferplane.ledger.query import BadQuery, parse_query
-from inferplane.types import ApiKind
+from inferplane.telemetry.tracing import RequestTrace
+from inferplane.types import ApiKind, JSONObject
 
 log = logging.getLogger("inferplane.api")
 
@@ -139,6 +140,20 @@ async def _read_body(request: web.Request, limit: int, timeout_s: float) -> byte
 def make_api_handler(api: ApiKind) -> Handler:
     async def handler(request: web.Request) -> web.StreamResponse:
         gw = request.app[GATEWAY_KEY]
+        trace = gw.telemetry.request(api, request.headers)  # continues a traceparent
+        token = trace.activate()
+        try:
+            return await handle(request, gw, trace)
+        except GatewayError as exc:
+            trace.failed(exc.status, exc.code or exc.error_type)
+            raise
+        finally:
+            trace.end()
+            trace.deactivate(token)
+
+    async def handle(
+        request: web.Request, gw: Gateway, trace: RequestTrace
+    ) -> web.StreamResponse:
         started = time.perf_counter()
         tenant, key_hash = gw.authenticate_key(request.headers.get("Authorization"))
         g = gw.config.gateway
@@ -148,9 +163,11 @@ def make_api_handler(api: ApiKind) -> Handler:
         profile = gw.classify(api, body, request.headers, tenant)
         if profile.model_alias is not None:  # a tier was chosen: forward its model's name
             raw = orjson.dumps(body)
-        ticket = await gw.admission.admit(
-            api, body, raw, request.headers, tenant, key_hash, profile
-        )
+        trace.classified(profile, _max_tokens(body))
+        with trace.stage("admit"):
+            ticket = await gw.admission.admit(
+                api, body, raw, request.headers, tenant, key_hash, profile
+            )
         fwd, strip_usage = ticket.body or raw, False
         if body.get("stream") is True and not (body.get("stream_options") or {}).get(
             "include_usage"
@@ -165,6 +182,15 @@ def make_api_handler(api: ApiKind) -> Handler:
             gw.admission.finish_soon(ticket)
 
     return handler
+
+
+def _max_tokens(body: JSONObject) -> int | None:
+    """The request's own output limit (``gen_ai.request.max_tokens``), if it set one."""
+    for key in ("max_completion_tokens", "max_tokens"):
+        v = body.get(key)
+        if isinstance(v, int) and not isinstance(v, bool):
+            return v
+    return None
 
 
 async def forward(

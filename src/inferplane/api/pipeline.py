@@ -21,6 +21,7 @@ from inferplane.fleet.model import Endpoint
 from inferplane.fleet.scraper import HttpMetricsSource, MetricsSource
 from inferplane.ledger.record import Ledger, Receipt
 from inferplane.placement.profile import RequestProfile
+from inferplane.telemetry.tracing import current_trace
 from inferplane.types import ApiKind
 
 __all__ = ["API_PATHS", "Attempt", "Gateway", "hash_key", "parse_usage"]
@@ -69,12 +70,13 @@ class Gateway(Core):
         (`Core.open_with`)."""
         path = API_PATHS[api]
         max_tokens = profile.max_output_tokens
+        trace = current_trace()
 
         async def send(endpoint: Endpoint, first_byte_s: float | None) -> Opened:
             t0 = time.monotonic()
             resp = await self.dispatcher.open(
                 endpoint, path, body, max_tokens=max_tokens, first_byte_s=first_byte_s,
-                cache_salt=profile.cache_salt,
+                cache_salt=profile.cache_salt, headers=trace.upstream_headers(),
             )
             first = None
             if resp.status == 200 and "text/event-stream" in resp.headers.get("Content-Type", ""):

@@ -935,6 +935,49 @@ class ModelAlias(Strict):
     )
 
 
+class TelemetrySpec(Strict):
+    """OpenTelemetry: a trace per request (admit, place, upstream spans with the GenAI semantic
+    convention attributes) and GenAI metrics, exported over OTLP. Off by default; when off the
+    SDK is not even imported."""
+
+    enabled: bool = Field(False, description="export traces and metrics over OTLP")
+    service_name: str = Field("inferplane", min_length=1, description="the `service.name` resource")
+    endpoint: str = Field(
+        "http://127.0.0.1:4318",
+        description="the collector: for http/protobuf its base URL (`/v1/traces` and "
+        "`/v1/metrics` are appended), for grpc its host:port URL",
+    )
+    protocol: Literal["http/protobuf", "grpc"] = Field(
+        "http/protobuf",
+        description="OTLP transport; grpc needs opentelemetry-exporter-otlp-proto-grpc installed",
+    )
+    headers_env: str | None = Field(
+        "OTEL_EXPORTER_OTLP_HEADERS",
+        description="environment variable holding the exporter's headers as `k=v,k2=v2` "
+        "(URL-encoded values; an API key for a hosted collector); never written in the file",
+    )
+    timeout_s: float = Field(10.0, gt=0, description="one export's timeout")
+    sample_ratio: float = Field(
+        1.0,
+        ge=0,
+        le=1,
+        description="share of new traces sampled; a request that arrives with a sampled "
+        "`traceparent` follows its caller's decision",
+    )
+    export_interval_s: float = Field(
+        15.0, gt=0, description="how often metrics are exported (and spans batched at most)"
+    )
+    traces: bool = Field(True, description="export spans")
+    metrics: bool = Field(True, description="export the GenAI metrics")
+    tenant_attribute: bool = Field(
+        False, description="add `inferplane.tenant` to spans (tenant names reach the collector)"
+    )
+    resource_attributes: dict[str, str] = Field(
+        default_factory=dict,
+        description="extra resource attributes (`deployment.environment.name`, …)",
+    )
+
+
 class FleetConfig(Strict):
     """The whole file."""
 
@@ -975,4 +1018,7 @@ class FleetConfig(Strict):
     )
     economics: EconomicsSpec = Field(
         EconomicsSpec(), description="utilisation bands, break-even and reassessment triggers"
+    )
+    telemetry: TelemetrySpec = Field(
+        TelemetrySpec(), description="OpenTelemetry traces and GenAI metrics over OTLP"
     )

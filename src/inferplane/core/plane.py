@@ -51,6 +51,7 @@ from inferplane.placement.framework import Decision, Policy, Spillover, place
 from inferplane.placement.profile import RequestProfile
 from inferplane.placement.tiers import choose_tier
 from inferplane.telemetry.metrics import GatewayMetrics
+from inferplane.telemetry.tracing import NOOP, RequestTrace, build_telemetry, current_trace
 from inferplane.types import ApiKind, JSONObject
 
 R = TypeVar("R")
@@ -78,6 +79,7 @@ class Placement:
     reservation: Reservation
     failed: list[str] = field(default_factory=list)
     ticket: Ticket | None = None
+    trace: RequestTrace = NOOP  # the request's spans (`telemetry.tracing`)
 
     @property
     def endpoint_name(self) -> str:
@@ -142,6 +144,7 @@ class Core:
         self.aliases: dict[str, ModelAlias] = {a.name: a for a in config.model_aliases}
         self.tenants: dict[str, TenantSpec] = {h: t for t in config.tenants for h in t.api_keys}
         self.metrics = GatewayMetrics(tenant_labels=g.metrics.tenant_labels)
+        self.telemetry = build_telemetry(config)  # OpenTelemetry, when the fleet file says so
         self.ledger: Ledger = ledger or build_ledger(config, file)
         self._metrics_source = metrics_source
         self.scraper: Scraper | None = None
@@ -203,6 +206,7 @@ class Core:
             ("ledger", self.ledger.close),
             ("admission", self.admission.close),
             ("transport", self._stop_transport),
+            ("telemetry", self._stop_telemetry),
         ]
         interrupted: BaseException | None = None
         for what, step in steps:
@@ -214,6 +218,10 @@ class Core:
                 interrupted = interrupted or exc
         if interrupted is not None:
             raise interrupted
+
+    async def _stop_telemetry(self) -> None:
+        if self.telemetry.enabled:  # the last spans and metrics flushed, off the event loop
+            await asyncio.to_thread(self.telemetry.shutdown)
 
     async def _stop_health(self) -> None:
         if self._health_task is not None:
@@ -362,7 +370,10 @@ class Core:
     ) -> Placement:
         """Place the request and reserve the picked endpoint (`decide`, then
         `LiveFleet.reserve`); the admission ticket, if any, is marked placed."""
-        decision = self.decide(profile)
+        trace = current_trace()
+        with trace.stage("place"):
+            decision = self.decide(profile)
+            trace.placed(decision)
         view = decision.picked
         assert view is not None
         uncached = decision.candidate(view.name).annotations.get("uncached_tokens")
@@ -373,7 +384,7 @@ class Core:
         )
         if ticket is not None:
             self.admission.placed(ticket)
-        return Placement(decision, reservation, [] if failed is None else failed, ticket)
+        return Placement(decision, reservation, [] if failed is None else failed, ticket, trace)
 
     def first_byte_timeout(self, decision: Decision) -> float | None:
         """The pick's first-byte timeout (`config.schema.FirstByteTimeoutSpec`): ``factor ×``
@@ -445,10 +456,13 @@ class Core:
             decision, reservation = placement.decision, placement.reservation
             view = decision.picked
             assert view is not None
+            trace = placement.trace
+            trace.upstream_started(view.endpoint, profile.model)
             try:
                 resp = await send(view.endpoint, self.first_byte_timeout(decision))
             except UpstreamAttemptFailed as exc:
                 reservation.release()
+                trace.upstream_failed(exc.reason, exc.upstream_status)
                 self.attempt_failed(view.name, exc.reason, exc.upstream_status)
                 ejected = self.passive.failed(
                     view.endpoint,
@@ -493,6 +507,7 @@ class Core:
                 continue
             except BaseException as exc:
                 reservation.release()
+                trace.upstream_failed(type(exc).__name__)
                 # the client went away (or the gateway failed) before the upstream answered:
                 # the request still gets its record (issue 12 item 11)
                 gone = isinstance(exc, asyncio.CancelledError)
@@ -509,7 +524,7 @@ class Core:
                     time.time(),
                 )
                 raise
-            return Attempt(decision, reservation, failed, ticket, response=resp)
+            return Attempt(decision, reservation, failed, ticket, trace, response=resp)
 
     def _rate_limited_spillover(self, placement: Placement, limited: Endpoint) -> None:
         """The request moves on because ``limited`` answered 429: a spillover, reason
@@ -649,6 +664,10 @@ class Core:
                 completion or 0,
             )
         self.metrics.child(self.metrics.requests, d.profile.api, name, str(status)).inc()
+        attempt.trace.finished(
+            status=status, error=error, prompt_tokens=prompt, completion_tokens=completion,
+            ttft_s=ttft, tpot_s=itl,
+        )
         return self.ledger.record(
             d,
             Outcome(

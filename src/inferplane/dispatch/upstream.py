@@ -262,6 +262,7 @@ class Dispatcher:
         max_tokens: int = 4096,
         first_byte_s: float | None = None,
         cache_salt: str | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> aiohttp.ClientResponse:
         """Send the request; return the response once its status line is in.
 
@@ -273,10 +274,12 @@ class Dispatcher:
         """
         assert self.session is not None, "Dispatcher.start() not called"
         url, data = self.upstream_request(endpoint, path, body, max_tokens, cache_salt)
-        headers = self._request_headers(endpoint)
+        sent = self._request_headers(endpoint)
+        if headers:  # per request (the trace context): added to the endpoint's own
+            sent = {**sent, **headers}
         with _translate(endpoint):
             async with _first_byte_deadline(endpoint, first_byte_s):
-                resp = await self.session.post(url, data=data, headers=headers)
+                resp = await self.session.post(url, data=data, headers=sent)
             if resp.status in RETRIABLE_STATUS or resp.status in CREDENTIAL_STATUS:
                 try:
                     answer = await resp.read()

@@ -64,6 +64,7 @@ from inferplane.errors import (
 )
 from inferplane.fleet.scraper import HttpMetricsSource, MetricsSource
 from inferplane.ledger.record import Ledger
+from inferplane.telemetry.tracing import RequestTrace
 from inferplane.types import ApiKind
 
 log = logging.getLogger("inferplane.epp")
@@ -172,6 +173,7 @@ class Picker(Core):
                     ).inc()
                     log.warning("ejected %s: %s", f.placement.endpoint_name, ejected.reason)
         finally:
+            f.placement.trace.end()
             self.admission.finish_soon(f.ticket)
 
     def orphan_check(self, f: Flight) -> None:
@@ -364,6 +366,25 @@ class Exchange:
             bad = InvalidRequestError(f"method {method} not allowed on {path}")
             bad.status = 405
             raise bad
+        # the request's trace (continuing a traceparent); it ends when the flight is accounted
+        trace = p.telemetry.request(api, headers)
+        token = trace.activate()
+        try:
+            return await self._pick(api, path, headers, trace)
+        except GatewayError as exc:
+            trace.failed(exc.status, exc.code or exc.error_type)
+            trace.end()
+            raise
+        except BaseException:
+            trace.end()
+            raise
+        finally:
+            trace.deactivate(token)
+
+    async def _pick(
+        self, api: ApiKind, path: str, headers: CIMultiDict[str], trace: RequestTrace
+    ) -> Any:
+        p = self.picker
         tenant, key_hash = p.authenticate_key(headers.get("authorization"))
         raw = bytes(self.body)
         body = parse_json(raw)
@@ -374,6 +395,8 @@ class Exchange:
         validate(api, body)
         cls_headers = self._class_headers(headers)
         profile = p.classify(api, body, cls_headers, tenant)
+        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+        trace.classified(profile, max_tokens if isinstance(max_tokens, int) else None)
         if p.unrelayable:
             profile = profile.with_(excluded=profile.excluded | p.unrelayable)
         if self.subset is not None:
@@ -390,9 +413,14 @@ class Exchange:
                 body["stream_options"] = {**(opts if isinstance(opts, dict) else {}),
                                           "include_usage": True}
                 changed = True
-        ticket = await p.admission.admit(api, body, raw, cls_headers, tenant, key_hash, profile)
+        with trace.stage("admit"):
+            ticket = await p.admission.admit(
+                api, body, raw, cls_headers, tenant, key_hash, profile
+            )
         try:
             placement = p.reserve(ticket.profile, ticket)
+            # the upstream call is Envoy's: its span runs from the pick to the observed end
+            trace.upstream_started(placement.endpoint, ticket.profile.model)
         except BaseException:
             p.admission.finish_soon(ticket)
             raise
@@ -445,6 +473,8 @@ class Exchange:
             _set(P.SUBSTRATE_HEADER, endpoint.substrate.name),
         ]
         sets += [_set(k.lower(), v) for k, v in f.ticket.headers.items()]
+        # the trace continues upstream: Envoy forwards the picker's traceparent
+        sets += [_set(k, v) for k, v in f.placement.trace.upstream_headers().items()]
         if upstream_path != path:  # the endpoint's base path
             sets.append(_set(":path", upstream_path))
         if addr is None:  # reached by name: the Host it expects

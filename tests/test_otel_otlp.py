@@ -1,0 +1,111 @@
+"""OpenTelemetry end to end: a real gateway process exports over OTLP/HTTP (protobuf) to a
+receiver on loopback, with headers from an environment variable."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from inferplane.api.pipeline import hash_key
+from tests.support.otlp_receiver import OtlpReceiver, attributes
+from tests.support.procs import Proc, free_port
+
+KEY = "sk-otlp"
+TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
+
+
+@pytest.fixture
+def receiver() -> Iterator[OtlpReceiver]:
+    r = OtlpReceiver().start()
+    try:
+        yield r
+    finally:
+        r.stop()
+
+
+def _wait(check: object, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():  # type: ignore[operator]
+            return
+        time.sleep(0.1)
+    raise AssertionError("the collector never received it")
+
+
+def test_a_gateway_process_exports_traces_and_metrics_over_otlp(
+    receiver: OtlpReceiver, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TEST_OTLP_HEADERS", "x-collector-key=s%20ecret")
+    up_port, gw_port = free_port(), free_port()
+    procs = [Proc(["-m", "tests.support.fake_upstream", "--port", str(up_port), "--mode", "ok",
+                   "--name", "up"], tmp_path / "up.log")]
+    try:
+        procs[0].wait_http(f"http://127.0.0.1:{up_port}/health")
+        cfg = tmp_path / "fleet.yaml"
+        cfg.write_text(f"""
+gateway: {{port: {gw_port}}}
+telemetry:
+  enabled: true
+  service_name: gw-under-test
+  endpoint: {receiver.endpoint}
+  headers_env: TEST_OTLP_HEADERS
+  export_interval_s: 0.5
+  resource_attributes: {{deployment.environment.name: test}}
+substrates:
+  - name: pool
+    kind: gpu
+    hardware: h100
+    region: r1
+    jurisdiction: eu
+    cost: {{hourly_usd: 3.0}}
+    endpoints:
+      - {{name: e1, url: "http://127.0.0.1:{up_port}",
+          models: [{{name: m, profile: llama-3.1-8b, max_context: 4096}}]}}
+tenants:
+  - {{name: t, api_keys: ["{hash_key(KEY)}"]}}
+""")
+        gw = Proc(["-m", "inferplane.cli", "serve", "--config", str(cfg)], tmp_path / "gw.log")
+        procs.append(gw)
+        base = f"http://127.0.0.1:{gw_port}"
+        gw.wait_http(f"{base}/ready")
+        h = {"Authorization": f"Bearer {KEY}",
+             "traceparent": f"00-{TRACE_ID}-b7ad6b7169203331-01"}
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+        r = httpx.post(f"{base}/v1/chat/completions", json=body, headers=h, timeout=10)
+        assert r.status_code == 200
+        did = r.headers["x-inferplane-decision-id"]
+        r = httpx.post(f"{base}/v1/chat/completions", json={**body, "model": "nope"},
+                       headers=h, timeout=10)
+        assert r.status_code == 404
+
+        def traced() -> bool:
+            return sum(s.trace_id.hex() == TRACE_ID for _, s in receiver.spans()) >= 5
+
+        _wait(traced)
+        _wait(lambda: {"gen_ai.client.token.usage", "gen_ai.server.time_to_first_token",
+                       "gen_ai.server.request.duration"} <= set(receiver.metric_names()))
+    finally:
+        for p in procs:
+            p.stop()
+    spans = [(res, s) for res, s in receiver.spans() if s.trace_id.hex() == TRACE_ID]
+    res = spans[0][0]
+    assert res["service.name"] == "gw-under-test"
+    assert res["deployment.environment.name"] == "test"
+    assert all(hd.get("x-collector-key") == "s ecret" for hd in receiver.headers)
+    servers = {attributes(s.attributes).get("http.response.status_code"): s
+               for _, s in spans if s.kind == s.SPAN_KIND_SERVER}
+    ok = attributes(servers[200].attributes)
+    assert ok["inferplane.decision_id"] == did and ok["gen_ai.usage.output_tokens"] == 5
+    assert ok["gen_ai.request.model"] == "m" and ok["gen_ai.operation.name"] == "chat"
+    assert servers[200].parent_span_id.hex() == "b7ad6b7169203331"
+    assert attributes(servers[404].attributes)["error.type"] == "model_not_found"
+    children = {s.name for _, s in spans if s.parent_span_id == servers[200].span_id}
+    assert children == {"admit", "place", "chat m"}
+    usage = receiver.metric_names()["gen_ai.client.token.usage"]
+    types = {attributes(p.attributes)["gen_ai.token.type"]: p.sum
+             for p in usage.histogram.data_points}
+    assert types["input"] > 0 and types["output"] == 5
