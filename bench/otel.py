@@ -1,0 +1,171 @@
+"""bench/otel: the gateway's CPU per request with OpenTelemetry on against off, in one run.
+
+Starts a fast fake upstream, an OTLP/HTTP receiver (tests.support.otlp_receiver, decoding every
+export) and two gateway processes on loopback that differ only in ``telemetry.enabled``: off, and
+on with every trace sampled (``sample_ratio: 1``) and exported with the GenAI metrics. Rounds
+alternate between them (the order flips each round), each round sending the same requests (half
+streamed) at the same concurrency; the gateway process's CPU time (user + system, ``/proc``)
+over the round, background work included (scrapes, the span batcher and metric exports), is
+divided by the requests sent. Prints per-round and total CPU ms/request and the on/off ratio,
+with the load average, since the machine is shared.
+
+    python bench/otel.py [--rounds 6] [--requests 400] [--concurrency 8] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "src"))
+
+from bench.overhead import BODY, KEY, cpu_seconds  # noqa: E402
+from inferplane.api.pipeline import hash_key  # noqa: E402
+from tests.support.otlp_receiver import OtlpReceiver  # noqa: E402
+from tests.support.procs import Proc, free_port  # noqa: E402
+
+
+def fleet(port: int, up_port: int, telemetry: str) -> str:
+    return f"""
+gateway: {{port: {port}, scrape_interval_s: 0.1}}
+telemetry: {telemetry}
+substrates:
+  - name: pool
+    kind: gpu
+    hardware: h100
+    region: r1
+    jurisdiction: eu
+    cost: {{hourly_usd: 3.0}}
+    endpoints:
+      - {{name: up0, url: "http://127.0.0.1:{up_port}",
+          models: [{{name: m, profile: llama-3.1-8b, max_context: 8192}}]}}
+tenants:
+  - {{name: bench, api_keys: ["{hash_key(KEY)}"], default_class: bench}}
+classes:
+  - {{name: bench, profile: round-robin}}
+"""
+
+
+async def burst(session: aiohttp.ClientSession, url: str, n: int, conc: int) -> None:
+    sent = 0
+
+    async def worker() -> None:
+        nonlocal sent
+        while sent < n:
+            i = sent
+            sent += 1
+            body = dict(BODY, stream=i % 2 == 0)
+            headers = {"Authorization": f"Bearer {KEY}"}
+            async with session.post(url, json=body, headers=headers) as r:
+                if r.status != 200:
+                    raise RuntimeError(f"{url}: HTTP {r.status}: {await r.text()}")
+                await r.read()
+
+    await asyncio.gather(*(worker() for _ in range(conc)))
+
+
+async def run(args: argparse.Namespace, urls: dict[str, str],
+              pids: dict[str, int]) -> list[dict[str, float | str | int]]:
+    rows: list[dict[str, float | str | int]] = []
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
+        for name in urls:  # warm-up: connections, first-request paths
+            await burst(s, urls[name], 50, args.concurrency)
+        for rnd in range(args.rounds):
+            order = list(urls) if rnd % 2 == 0 else list(reversed(urls))
+            for name in order:
+                cpu0, t0 = cpu_seconds(pids[name]), time.perf_counter()
+                await burst(s, urls[name], args.requests, args.concurrency)
+                await asyncio.sleep(0.2)  # let the round's tail (accounting, batching) settle
+                cpu = cpu_seconds(pids[name]) - cpu0
+                rows.append({"round": rnd, "variant": name, "n": args.requests,
+                             "cpu_ms_per_request": cpu / args.requests * 1e3,
+                             "wall_s": time.perf_counter() - t0,
+                             "load1": os.getloadavg()[0]})
+                print(f"round {rnd} {name}: {rows[-1]['cpu_ms_per_request']:.3f} CPU ms/request "
+                      f"(load {rows[-1]['load1']:.1f})", file=sys.stderr)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--requests", type=int, default=400, help="requests per round and variant")
+    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="ip-otel-"))
+    receiver = OtlpReceiver().start()
+    up_port = free_port()
+    ports = {"off": free_port(), "on": free_port()}
+    telemetry = {
+        "off": "{enabled: false}",
+        "on": f"{{enabled: true, endpoint: '{receiver.endpoint}', sample_ratio: 1.0, "
+              "export_interval_s: 5}",
+    }
+    procs = [Proc(["-m", "tests.support.fake_upstream", "--port", str(up_port), "--mode", "fast"],
+                  tmp / "up.log")]
+    load_before = os.getloadavg()
+    try:
+        procs[0].wait_http(f"http://127.0.0.1:{up_port}/health")
+        gws = {}
+        for name, port in ports.items():
+            cfg = tmp / f"{name}.yaml"
+            cfg.write_text(fleet(port, up_port, telemetry[name]))
+            gws[name] = Proc(["-m", "inferplane.cli", "serve", "--config", str(cfg),
+                              "--log-level", "warning"], tmp / f"gw-{name}.log")
+            procs.append(gws[name])
+        for name, port in ports.items():
+            gws[name].wait_http(f"http://127.0.0.1:{port}/ready")
+        urls = {n: f"http://127.0.0.1:{p}/v1/chat/completions" for n, p in ports.items()}
+        rows = asyncio.run(run(args, urls, {n: g.p.pid for n, g in gws.items()}))
+        time.sleep(6)  # one more export interval: the receiver has the on gateway's data
+    finally:
+        for p in reversed(procs):
+            p.stop()
+        receiver.stop()
+    load_after = os.getloadavg()
+    spans = len(receiver.spans())
+    total = {v: sum(float(r["cpu_ms_per_request"]) for r in rows if r["variant"] == v)
+             for v in ("off", "on")}
+    ratios = [float(on["cpu_ms_per_request"]) / float(off["cpu_ms_per_request"])
+              for off, on in zip(
+                  [r for r in rows if r["variant"] == "off"],
+                  [r for r in rows if r["variant"] == "on"], strict=True)]
+    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                         cwd=ROOT).stdout.strip()
+    print(f"# bench/otel — {datetime.now(UTC):%Y-%m-%d %H:%M} UTC — git {git} — "
+          f"{platform.node()} ({os.cpu_count()} CPUs), Python {platform.python_version()} — "
+          f"{args.rounds} rounds × {args.requests} requests × 2 variants, concurrency "
+          f"{args.concurrency}, half streamed — load average {load_before[0]:.1f} before, "
+          f"{load_after[0]:.1f} after")
+    print("| round | off CPU ms/request | on CPU ms/request | on/off |")
+    print("|---|---|---|---|")
+    for i, ratio in enumerate(ratios):
+        off = [r for r in rows if r["variant"] == "off"][i]["cpu_ms_per_request"]
+        on = [r for r in rows if r["variant"] == "on"][i]["cpu_ms_per_request"]
+        print(f"| {i} | {off:.3f} | {on:.3f} | {ratio:.3f} |")
+    print(f"| **all** | {total['off'] / args.rounds:.3f} | {total['on'] / args.rounds:.3f} | "
+          f"**{total['on'] / total['off']:.3f}** (median round {statistics.median(ratios):.3f}) |")
+    print(f"spans received by the OTLP receiver: {spans}")
+    if args.json:
+        args.json.write_text(json.dumps({"rows": rows, "ratio": total["on"] / total["off"],
+                                         "median_ratio": statistics.median(ratios),
+                                         "spans": spans}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
