@@ -285,12 +285,15 @@ class OtelTrace(RequestTrace):
             span.end()
 
     def classified(self, profile: RequestProfile, max_tokens: int | None) -> None:
-        self.metric_attrs["gen_ai.request.model"] = profile.model
+        model = profile.model_alias or profile.model  # what the client asked for
+        self.metric_attrs["gen_ai.request.model"] = model
         if not self.recording:
             return
         span = self.span
-        span.update_name(f"{self.op} {profile.model}")
-        span.set_attribute("gen_ai.request.model", profile.model)
+        span.update_name(f"{self.op} {model}")
+        span.set_attribute("gen_ai.request.model", model)
+        if profile.model_alias is not None:
+            span.set_attribute("inferplane.model_tier", profile.model)
         span.set_attribute("inferplane.workload_class", profile.workload_class)
         if max_tokens is not None:
             span.set_attribute("gen_ai.request.max_tokens", max_tokens)
