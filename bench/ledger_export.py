@@ -58,14 +58,14 @@ substrates:
     endpoints:
       - {name: eu-h100-0, url: "http://127.0.0.1:9001", models: [{name: llama-3.1-8b, max_context: 32768, variant: instruct, precision: fp8}]}
       - {name: eu-h100-1, url: "http://127.0.0.1:9002", models: [{name: llama-3.1-8b, max_context: 32768}]}
-  - name: us-l40
+  - name: us-l4
     kind: gpu
-    hardware: l40s
+    hardware: l4
     region: us-east
     jurisdiction: us
     cost: {hourly_usd: 1.2}
     endpoints:
-      - {name: us-l40-0, url: "http://127.0.0.1:9003", models: [{name: llama-3.1-8b, max_context: 16384}]}
+      - {name: us-l4-0, url: "http://127.0.0.1:9003", models: [{name: llama-3.1-8b, max_context: 16384}]}
 tenants:
   - name: acme
     api_keys: ["sha256:5c0900028d88a97d85eeeea8f2b20fe468d3403bbfa203dca2bef8f87f07cbf4"]
@@ -136,14 +136,40 @@ def fill(t: Tables, n: int, signer: Signer) -> float:
     return time.perf_counter() - t0
 
 
+def _proc_cpu(pid: int) -> float:
+    """utime + stime of a process on this machine, in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_split(t: Tables, fmt: str, out: Path) -> tuple[str, float, int]:
+    """Export in this process; print wall, client CPU and PostgreSQL-backend CPU seconds."""
+    from inferplane.ledger import postgres as pg
+
+    with pg.connect_sync(DSN) as conn, out.open("wb") as fh:
+        backend = conn.info.backend_pid
+        c0, b0, w0 = time.process_time(), _proc_cpu(backend), time.perf_counter()
+        pg.COPY_WRITERS[fmt](conn, t, None, fh)
+        client, server = time.process_time() - c0, _proc_cpu(backend) - b0
+        wall = time.perf_counter() - w0
+    size = out.stat().st_size
+    out.unlink()
+    print(f"in-process {fmt}: wall {wall:.1f} s, client CPU {client:.1f} s, PostgreSQL backend "
+          f"CPU {server:.1f} s", flush=True)
+    return (f"in-process {fmt}", wall, size)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--records", type=int, default=1_000_000)
     ap.add_argument("--formats", default="ndjson,csv,parquet")
     ap.add_argument("--verify", action="store_true", help="also time inferplane verify")
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--schema", help="re-use the records a --keep run left in this schema")
+    ap.add_argument("--cpu", action="store_true", help="also export in-process and report the "
+                    "CPU seconds of the client and of its PostgreSQL backend (load-independent)")
     a = ap.parse_args()
-    schema = f"bench_{uuid.uuid4().hex[:10]}"
+    schema = a.schema or f"bench_{uuid.uuid4().hex[:10]}"
     t = Tables(schema, "inferplane_")
     key_pem = generate_private_pem()
     signer = Signer(load_private(key_pem, "bench"))
@@ -160,16 +186,23 @@ def main() -> None:
         await led.start()
         await led.close()
 
-    asyncio.run(create())
-    with psycopg.connect(DSN, autocommit=True) as conn:
-        conn.execute(f"INSERT INTO {t.heads} VALUES ('main', 0, %s)", ("0" * 64,))
     results: list[tuple[str, float, int]] = []
     try:
-        fill_s = fill(t, a.records, signer)
-        with psycopg.connect(DSN) as conn:
-            size = conn.execute(f"SELECT pg_total_relation_size('{t.decisions}')").fetchone()
-        print(f"setup: {a.records:,} records written in {fill_s:.1f} s "
-              f"(table + indexes {size[0] / 2**20:,.0f} MiB)" if size else "")
+        if a.schema:
+            with psycopg.connect(DSN) as conn:
+                got = conn.execute(f"SELECT count(*) FROM {t.decisions}").fetchone()
+            a.records = int(got[0]) if got else 0
+            a.verify = False  # the key that signed them is gone
+        else:
+            asyncio.run(create())
+            with psycopg.connect(DSN, autocommit=True) as conn:
+                conn.execute(f"INSERT INTO {t.heads} VALUES ('main', 0, %s)", ("0" * 64,))
+            fill_s = fill(t, a.records, signer)
+            with psycopg.connect(DSN) as conn:
+                size = conn.execute(
+                    f"SELECT pg_total_relation_size('{t.decisions}')").fetchone()
+            print(f"setup: {a.records:,} records written in {fill_s:.1f} s "
+                  f"(table + indexes {size[0] / 2**20:,.0f} MiB)" if size else "")
         exe = str(Path(sys.executable).parent / "inferplane")
         for fmt in a.formats.split(","):
             out = tmp / f"export.{fmt}"
@@ -181,6 +214,9 @@ def main() -> None:
                 raise SystemExit(f"export {fmt} failed: {proc.stderr}")
             results.append((f"export {fmt}", dt, out.stat().st_size))
             out.unlink()
+        if a.cpu:
+            for fmt in a.formats.split(","):
+                results.append(cpu_split(t, fmt, tmp / f"cpu.{fmt}"))
         if a.verify:
             t0 = time.perf_counter()
             proc = subprocess.run([exe, "verify", "--config", str(cfg)], capture_output=True,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import sqlite3
@@ -159,7 +160,7 @@ async def test_the_last_record_of_an_id_wins_and_earlier_ones_are_attempts(
 async def test_pending_records_are_visible_before_any_flush(
     tmp_path: Path, decision: Decision
 ) -> None:
-    ledger = SqliteLedger(tmp_path / "l.db", flush_interval_s=60)
+    ledger = SqliteLedger(tmp_path / "l.db", flush_interval_s=60, group_commit=False)
     await ledger.start()
     ledger.record(decision, _ok(decision), 5.0)
     assert ledger.pending == 1
@@ -191,13 +192,30 @@ async def test_the_writer_thread_flushes_on_its_interval(
     tmp_path: Path, decision: Decision
 ) -> None:
     path = tmp_path / "l.db"
-    ledger = SqliteLedger(path, flush_interval_s=0.02)
+    ledger = SqliteLedger(path, flush_interval_s=0.02, group_commit=False)
     await ledger.start()
     ledger.record(decision, _ok(decision), 1.0)
     deadline = time.monotonic() + 5
     while not _rows(path) and time.monotonic() < deadline:
         time.sleep(0.01)
     assert _rows(path) == [("d-1", 200)]
+    await ledger.close()
+
+
+async def test_group_commit_settles_receipts_once_their_rows_are_on_disk(
+    tmp_path: Path, decision: Decision
+) -> None:
+    path = tmp_path / "l.db"
+    ledger = SqliteLedger(path)  # group commit (the default)
+    commits: list[str] = []
+    ledger._conn.set_trace_callback(lambda sql: commits.append(sql) if sql == "COMMIT" else None)
+    await ledger.start()
+    receipts = [ledger.record(_with_id(decision, f"d-{i}"), _ok(decision), float(i))
+                for i in range(200)]
+    assert all(r.committed is None for r in receipts)  # nothing committed yet
+    assert all(await asyncio.gather(*(r.durable(5.0) for r in receipts)))
+    assert len(_rows(path)) == 200  # durable() returned: every row is readable by others
+    assert 1 <= len(commits) < 200  # recorded together, committed in groups
     await ledger.close()
 
 

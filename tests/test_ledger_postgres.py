@@ -151,6 +151,10 @@ async def test_export_and_cli(ledger: PostgresLedger, schema: str, decision: Dec
     runner = CliRunner()
     res = runner.invoke(app, ["verify", "--config", str(cfg)])
     assert res.exit_code == 0 and "5 records intact" in res.output, res.output
+    res = runner.invoke(app, ["explain", "d-2", "--config", str(cfg), "--json"])
+    assert res.exit_code == 0 and orjson.loads(res.output)["decision_id"] == "d-2"
+    res = runner.invoke(app, ["explain", "nope", "--config", str(cfg)])
+    assert res.exit_code == 1 and "no decision 'nope'" in res.output
     pq = tmp_path / "x.parquet"
     res = runner.invoke(app, ["export", "--config", str(cfg), "-f", "parquet", "-o", str(pq)])
     assert res.exit_code == 0, res.output
@@ -171,3 +175,109 @@ async def test_an_unreachable_database_is_a_config_error(schema: str) -> None:
 def test_bad_identifiers_are_refused() -> None:
     with pytest.raises(ValueError):
         Tables('x"; DROP TABLE y; --', "p_")
+
+
+async def test_copy_exports_match_the_row_by_row_writers(
+    ledger: PostgresLedger, schema: str, decision: Decision
+) -> None:
+    """PostgreSQL builds NDJSON/CSV itself (COPY): the bytes must be what the row-by-row
+    writers make, quoting included (a tenant with a quote, a backslash and non-ASCII)."""
+    import csv
+    from dataclasses import replace
+
+    import pyarrow.parquet as papq
+
+    from inferplane.ledger import postgres as pg
+    from inferplane.ledger.query import WRITERS
+
+    odd = replace(decision, profile=replace(decision.profile, tenant='o\'b\\r"ï%sen\tx'))
+    for i in range(6):
+        d = odd if i % 2 else decision
+        ledger.record(_with_id(d, f"d-{i}"), _ok(d), 100.0 + i)
+    await ledger.close()
+    t = Tables(schema, "inferplane_")
+    for q in (None, Query(tenant='o\'b\\r"ï%sen\tx', since=101.0, model=decision.profile.model)):
+        with pg.connect_sync(DSN) as conn:
+            rows = list(pg.iter_rows(conn, t, q))
+        assert rows
+        for fmt in ("ndjson", "csv"):
+            slow, fast = io.BytesIO(), io.BytesIO()
+            assert WRITERS[fmt](rows, slow) == len(rows)
+            with pg.connect_sync(DSN) as conn:
+                assert pg.COPY_WRITERS[fmt](conn, t, q, fast) == len(rows)
+            if fmt == "ndjson":
+                assert fast.getvalue() == slow.getvalue()
+            else:
+                a = list(csv.reader(io.StringIO(slow.getvalue().decode())))
+                b = list(csv.reader(io.StringIO(fast.getvalue().decode())))
+                assert a[0] == b[0]
+                for x, y in zip(a[1:], b[1:], strict=True):
+                    assert x[:3] + x[4:] == y[:3] + y[4:]
+                    assert float(x[3]) == float(y[3])
+        out = io.BytesIO()
+        with pg.connect_sync(DSN) as conn:
+            assert pg.COPY_WRITERS["parquet"](conn, t, q, out) == len(rows)
+        table = papq.read_table(io.BytesIO(out.getvalue()))
+        assert table.column("record").to_pylist() == [r.text for r in rows]
+        assert table.column("tenant").to_pylist() == [r.tenant for r in rows]
+        assert table.column("status").to_pylist() == [r.status for r in rows]
+
+
+def test_two_gateway_replicas_share_one_ledger(schema: str, tmp_path: Path) -> None:
+    """Issue 14: a decision made on one replica is readable on the other, and the two extend
+    one verified chain."""
+    import httpx
+
+    from inferplane.api.pipeline import hash_key
+    from tests.support.procs import Proc, free_port
+
+    up_port = free_port()
+    procs = [Proc(["-m", "tests.support.fake_upstream", "--port", str(up_port), "--mode", "fast"],
+                  tmp_path / "up.log")]
+    try:
+        procs[0].wait_http(f"http://127.0.0.1:{up_port}/health")
+        bases = []
+        for i in range(2):
+            port = free_port()
+            cfg = tmp_path / f"fleet-{i}.yaml"
+            cfg.write_text(f"""
+gateway: {{port: {port}, scrape_interval_s: 0.05}}
+ledger: {{postgres_dsn: '{DSN}', postgres_schema: {schema}}}
+admission: {{store: memory}}
+substrates:
+  - name: pool
+    kind: gpu
+    hardware: h100
+    region: r1
+    jurisdiction: eu
+    cost: {{hourly_usd: 3.0}}
+    endpoints:
+      - name: up
+        url: http://127.0.0.1:{up_port}
+        engine: vllm
+        models: [{{name: m, profile: llama-3.1-8b, max_context: 4096}}]
+tenants:
+  - {{name: t, api_keys: ["{hash_key('k')}"]}}
+""")
+            gw = Proc(["-m", "inferplane.cli", "serve", "--config", str(cfg)],
+                      tmp_path / f"gw-{i}.log")
+            procs.append(gw)
+            bases.append(f"http://127.0.0.1:{port}")
+            gw.wait_http(f"{bases[-1]}/ready")
+        h = {"Authorization": "Bearer k"}
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+        made = []
+        for i in range(6):
+            r = httpx.post(f"{bases[i % 2]}/v1/chat/completions", json=body, headers=h)
+            assert r.status_code == 200
+            made.append((r.headers["x-inferplane-decision-id"], r.headers["x-inferplane-receipt"]))
+        for i, (did, _) in enumerate(made):  # asked on the replica that did not place it
+            rec = httpx.get(f"{bases[(i + 1) % 2]}/v1/decisions/{did}", headers=h)
+            assert rec.status_code == 200 and rec.json()["decision_id"] == did
+        page = httpx.get(f"{bases[0]}/v1/decisions", headers=h).json()
+        assert [(it["record"]["decision_id"], it["receipt"]) for it in page["data"]] == made
+    finally:
+        for p in procs:
+            p.stop()
+    rep = verify(Source(dsn=DSN, schema=schema), None)
+    assert rep.ok and rep.shards == {"main": 6}, rep.problem

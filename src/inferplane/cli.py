@@ -273,30 +273,24 @@ def explain(
     ] = None,
     config: Annotated[
         Path | None,
-        typer.Option("--config", "-c", help="fleet YAML file; reads its gateway.ledger_path"),
+        typer.Option("--config", "-c", help="fleet YAML file; reads its configured ledger "
+                     "(gateway.ledger_path, or ledger.postgres_dsn)"),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the raw JSON record")] = False,
 ) -> None:
-    """Explain one placement decision from the SQLite ledger: the request, the pick, predicted
+    """Explain one placement decision from the ledger: the request, the pick, predicted
     vs measured, spillover, retries, every candidate and why it lost, plugin timings."""
     import orjson
 
-    from inferplane.ledger.sqlite import LedgerFileError, read_decision
+    from inferplane.ledger.tools import SourceError, read_one
 
-    if (ledger is None) == (config is None):
-        fail("give the ledger file with --ledger PATH or a fleet file with --config (one of them)")
-    if ledger is None:
-        assert config is not None
-        ledger_path = load_checked(config).gateway.ledger_path
-        if not ledger_path:
-            fail(f"{config}: gateway.ledger_path is not set (records were kept in memory only)")
-        ledger = Path(ledger_path)
+    source = _ledger_source(ledger, config)
     try:
-        rec = read_decision(ledger, decision_id)
-    except (FileNotFoundError, LedgerFileError) as exc:
+        rec = read_one(source, decision_id)
+    except SourceError as exc:
         fail(str(exc))
     if rec is None:
-        typer.echo(f"no decision {decision_id!r} in {ledger}", err=True)
+        typer.echo(f"no decision {decision_id!r} in {source.name}", err=True)
         raise typer.Exit(1)
     if as_json:
         sys.stdout.write(orjson.dumps(rec, option=orjson.OPT_INDENT_2).decode() + "\n")

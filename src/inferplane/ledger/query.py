@@ -196,13 +196,7 @@ def write_parquet(rows: Iterable[ExportRow], out: IO[bytes], batch: int = 50_000
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    schema = pa.schema([
-        ("shard", pa.string()), ("seq", pa.int64()), ("decision_id", pa.string()),
-        ("at_unix", pa.float64()), ("tenant", pa.string()), ("workload_class", pa.string()),
-        ("model", pa.string()), ("substrate", pa.string()), ("endpoint", pa.string()),
-        ("status", pa.int32()), ("cost_usd", pa.float64()), ("receipt", pa.string()),
-        ("prev_hash", pa.string()), ("chain_hash", pa.string()), ("record", pa.string()),
-    ], metadata={b"schema": EXPORT_SCHEMA.encode()})
+    schema = parquet_schema()
     names = [*COLUMNS, "record"]
     n = 0
     with pq.ParquetWriter(out, schema, compression="zstd") as writer:
@@ -221,6 +215,19 @@ def write_parquet(rows: Iterable[ExportRow], out: IO[bytes], batch: int = 50_000
             ))
             n += len(chunk)
     return n
+
+
+def parquet_schema() -> Any:
+    """The Arrow schema of a Parquet export (``inferplane.export/1``)."""
+    import pyarrow as pa
+
+    return pa.schema([
+        ("shard", pa.string()), ("seq", pa.int64()), ("decision_id", pa.string()),
+        ("at_unix", pa.float64()), ("tenant", pa.string()), ("workload_class", pa.string()),
+        ("model", pa.string()), ("substrate", pa.string()), ("endpoint", pa.string()),
+        ("status", pa.int32()), ("cost_usd", pa.float64()), ("receipt", pa.string()),
+        ("prev_hash", pa.string()), ("chain_hash", pa.string()), ("record", pa.string()),
+    ], metadata={b"schema": EXPORT_SCHEMA.encode()})
 
 
 def _chunks(rows: Iterable[ExportRow], size: int) -> Iterator[list[ExportRow]]:

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
 import orjson
@@ -48,9 +48,22 @@ class Outcome:
 
 def decision_to_dict(decision: Decision, outcome: Outcome | None = None) -> dict[str, Any]:
     """A JSON-ready form of a decision and its outcome (the ledger's record)."""
+    out = _record(decision)
+    out["candidates"] = [asdict(c) for c in decision.candidates]
+    out["predicted"] = asdict(decision.predicted)
+    out["spillover"] = asdict(decision.spillover) if decision.spillover else None
+    if outcome is not None:
+        out["outcome"] = asdict(outcome)
+    return out
+
+
+def _record(decision: Decision) -> dict[str, Any]:
+    """The record with ``candidates``, ``predicted`` and ``spillover`` left as dataclasses
+    (orjson writes those itself, several times faster than ``asdict`` copies them)."""
     p = decision.profile
     picked = decision.picked
-    out: dict[str, Any] = {
+    served = picked.endpoint.models.get(p.model) if picked is not None else None
+    return {
         "decision_id": decision.decision_id,
         "policy": decision.policy,
         "tenant": p.tenant,
@@ -86,24 +99,17 @@ def decision_to_dict(decision: Decision, outcome: Outcome | None = None) -> dict
             "region": picked.endpoint.region,
             "jurisdiction": picked.endpoint.jurisdiction,
             "capacity_class": picked.endpoint.substrate.capacity_class,
-            "model_variant": picked.endpoint.models[p.model].variant
-            if p.model in picked.endpoint.models
-            else None,
-            "precision": picked.endpoint.models[p.model].precision
-            if p.model in picked.endpoint.models
-            else None,
+            "model_variant": served.variant if served is not None else None,
+            "precision": served.precision if served is not None else None,
         },
         "removed_by": decision.removed_by,
-        "candidates": [asdict(c) for c in decision.candidates],
-        "predicted": asdict(decision.predicted),
-        "spillover": asdict(decision.spillover) if decision.spillover else None,
+        "candidates": decision.candidates,
+        "predicted": decision.predicted,
+        "spillover": decision.spillover,
         "notes": list(decision.notes),
         "timings_s": decision.timings_s,
         "snapshot_version": decision.snapshot_version,
     }
-    if outcome is not None:
-        out["outcome"] = asdict(outcome)
-    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,11 +130,17 @@ class Entry:
     receipt: str
 
 
+_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
 def _plain(obj: Any) -> Any:
     """orjson's ``default`` for dataclasses, so their keys are sorted like a dict's."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
-    raise TypeError(f"Type is not JSON serializable: {type(obj).__name__}")
+    names = _FIELDS.get(type(obj))
+    if names is None:
+        if not dataclasses.is_dataclass(obj) or isinstance(obj, type):
+            raise TypeError(f"Type is not JSON serializable: {type(obj).__name__}")
+        names = _FIELDS[type(obj)] = tuple(f.name for f in dataclasses.fields(obj))
+    return {n: getattr(obj, n) for n in names}
 
 
 _OPTS = orjson.OPT_SORT_KEYS | orjson.OPT_PASSTHROUGH_DATACLASS
@@ -141,8 +153,7 @@ def encode_entry(decision: Decision, outcome: Outcome, at_unix: float) -> Entry:
     The candidates and the outcome go to orjson as dataclasses (``dataclasses.asdict`` deep
     copies, the bulk of the cost); ``_plain`` gives it their fields so that keys sort.
     """
-    rec = decision_to_dict(replace(decision, candidates=()))
-    rec["candidates"] = decision.candidates
+    rec = _record(decision)
     rec["outcome"] = outcome
     rec["at_unix"] = at_unix
     rec["schema"] = RECORD_SCHEMA

@@ -10,7 +10,7 @@ import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -150,6 +150,47 @@ def export_rows(source: Source, q: Query | None) -> Iterator[Iterator[ExportRow]
 
 
 def export(source: Source, q: Query | None, fmt: str, out: IO[bytes]) -> int:
-    """Write the selected records to ``out`` in ``fmt``; return how many."""
-    with export_rows(source, q) as rows:
-        return WRITERS[fmt](rows, out)
+    """Write the selected records to ``out`` in ``fmt``; return how many. PostgreSQL builds
+    the lines itself and streams them with COPY (`postgres.COPY_WRITERS`)."""
+    if source.sqlite_path is not None:
+        with export_rows(source, q) as rows:
+            return WRITERS[fmt](rows, out)
+    import psycopg
+
+    from inferplane.ledger import postgres as pg
+
+    assert source.dsn is not None
+    t = pg.Tables(source.schema, source.prefix)
+    try:
+        with pg.connect_sync(source.dsn) as conn:
+            pg.check_tables(conn, t)
+            return pg.COPY_WRITERS[fmt](conn, t, q, out)
+    except (psycopg.Error, LookupError) as exc:
+        raise SourceError(f"{source.name}: {str(exc).strip().splitlines()[0]}") from None
+
+
+def read_one(source: Source, decision_id: str) -> dict[str, Any] | None:
+    """One decision (its last record, earlier ones under ``attempts``), for ``explain``."""
+    if source.sqlite_path is not None:
+        from inferplane.ledger.sqlite import LedgerFileError, read_decision
+
+        try:
+            return read_decision(source.sqlite_path, decision_id)
+        except (FileNotFoundError, LedgerFileError) as exc:
+            raise SourceError(str(exc)) from None
+    import psycopg
+
+    from inferplane.ledger import postgres as pg
+    from inferplane.ledger.sqlite import merge_records
+
+    assert source.dsn is not None
+    t = pg.Tables(source.schema, source.prefix)
+    try:
+        with pg.connect_sync(source.dsn) as conn:
+            pg.check_tables(conn, t)
+            rows = conn.execute(
+                f"SELECT record FROM {t.decisions} WHERE decision_id = %s ORDER BY id",
+                (decision_id,)).fetchall()
+    except (psycopg.Error, LookupError) as exc:
+        raise SourceError(f"{source.name}: {str(exc).strip().splitlines()[0]}") from None
+    return merge_records(r[0] for r in rows)
