@@ -63,6 +63,36 @@ def test_demo_smoke_runs_reports_and_leaves_no_emulator() -> None:
     logs = re.search(r"logs in (\S+?)\)", out)
     assert pid is not None and logs is not None, out
     assert not _alive(int(pid.group(1)))
-    fleet = str(Path(logs.group(1)) / "fleet.yaml")
-    left = subprocess.run(["pgrep", "-f", fleet], capture_output=True, text=True)
-    assert left.stdout.strip() == "", f"emulator still running: {left.stdout}"
+    zone = re.search(r"eu-h100-8b emulator pid (\d+)", out)
+    assert zone is not None and not _alive(int(zone.group(1)))
+    for name in ("fleet.yaml", "fleet-emulator-zone.yaml"):
+        fleet = str(Path(logs.group(1)) / name)
+        assert Path(fleet).exists()
+        left = subprocess.run(["pgrep", "-f", fleet], capture_output=True, text=True)
+        assert left.stdout.strip() == "", f"emulator still running: {left.stdout}"
+    for phase in ("steady", "surge", "long context", "agent steps", "provider 429s",
+                  "regional outage"):
+        assert re.search(rf"phase \d: {phase} ", out), phase
+
+
+@pytest.mark.slow
+def test_the_demo_tells_the_story() -> None:
+    """`make demo` as shipped (30 s of traffic): every substrate kind serves, spillovers of at
+    least three reasons are recorded, no request leaves its tenant's jurisdictions, and the
+    report has its tables and one decision record."""
+    env = {**os.environ, "COLUMNS": "400"}
+    proc = subprocess.run([sys.executable, "-m", "inferplane.cli", "demo"],
+                          capture_output=True, text=True, timeout=240, env=env)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    kinds = re.search(r"substrate kinds serving: (.*) \((\d+) of (\d+)\)", out)
+    assert kinds is not None and kinds.group(2) == kinds.group(3), out
+    assert set(kinds.group(1).split(", ")) == {
+        "gpu", "sovereign-onprem", "low-latency", "giant-context", "provider-api"}
+    reasons = re.search(r"spillover reasons: (.*)", out)
+    assert reasons is not None
+    seen = {part.split()[0] for part in reasons.group(1).split(", ")}
+    assert len(seen) >= 3 and {"reserved_exhausted", "outage"} <= seen, reasons.group(1)
+    assert "sovereignty violations: 0" in out
+    assert "Requests and spend per substrate kind" in out and "USD per 1M tokens" in out
+    assert "One decision record, in full" in out and '"spillover": {' in out
