@@ -341,10 +341,10 @@ async def test_a_hung_engine_is_timed_out_replaced_and_ejected(
     session: aiohttp.ClientSession, stream: bool
 ) -> None:
     """Issue 12 item 12: an engine that accepts and never answers. The first-byte timeout
-    (floor 0.3 s here) re-places the request, and two timeouts in a row eject the engine."""
+    (floor 0.5 s here) re-places the request, and two timeouts in a row eject the engine."""
     ports, ups = await _upstreams({"hung": "hang", "ok-1": "ok", "ok-2": "ok"})
     gw, runner, base = await _gateway(_pool(
-        ports, gateway="first_byte_timeout: {floor_s: 0.3, factor: 2, unpredicted_s: 0.3}",
+        ports, gateway="first_byte_timeout: {floor_s: 0.5, factor: 2, unpredicted_s: 0.5}",
         outlier="interval_s: 60"))
     try:
         for _ in range(12):
