@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test lint typecheck test-slow fidelity bench-overhead bench-placement bench-envoy clean
+.PHONY: install demo test lint typecheck test-slow chaos fidelity bench-overhead bench-placement bench-envoy clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ typecheck: $(STAMP)
 ## Long-running suites (not in the default run).
 test-slow: $(STAMP)
 	$(BIN)/pytest -q -m slow
+
+## The chaos suite: engines, the gateway and Redis killed under bounded load (docs/reliability.md).
+chaos: $(STAMP)
+	$(BIN)/pytest -q -m chaos tests/chaos
 
 ## The fidelity tier: the emulator against a real vLLM (CPU build in .fidelity-venv, installed
 ## on first use, ~3-6 min); see tests/fidelity/README.md.
