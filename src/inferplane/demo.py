@@ -470,7 +470,7 @@ async def _wait_ready(urls: list[str], proc: subprocess.Popen[bytes], log: Path)
 #: (name, share of the duration, rate multiplier, what it shows)
 PHASES: tuple[tuple[str, float, float, str], ...] = (
     ("steady", 0.22, 1.0, "the fleet's mix: chat, agent steps, long context, embeddings, batch"),
-    ("surge", 0.18, 3.0, "EU chat past the reservations' committed concurrency"),
+    ("surge", 0.18, 4.0, "EU chat past the reservations' committed concurrency"),
     ("long context", 0.12, 0.4, "prompts beyond every GPU pool's context, no class header"),
     ("agent steps", 0.12, 1.0, "agent loop steps"),
     ("provider 429s", 0.14, 1.0, "a hosted-only class; the provider's quota is below its "
