@@ -35,6 +35,7 @@ from inferplane.errors import (
     NoEligibleEndpointError,
     UpstreamError,
 )
+from inferplane.fleet.energy import endpoint_power_w, request_energy_j
 from inferplane.fleet.health import OutlierDetector, PoolHealth, pool_health
 from inferplane.fleet.kv_subscriber import KVEventSubscriber
 from inferplane.fleet.live import LiveFleet, Reservation
@@ -610,10 +611,11 @@ class Core:
         """Release capacity, feed observations back, write the ledger record and return its
         receipt. ``ended`` is when the request's answer was complete (its E2E end), now when
         not given."""
-        attempt.reservation.release()
-        self.admission.queue.pump()  # a slot is free: the best waiter may go
         d = attempt.decision
         name = attempt.endpoint_name
+        live_w, inflight = self.live.power_now(name)  # before this request's slot is freed
+        attempt.reservation.release()
+        self.admission.queue.pump()  # a slot is free: the best waiter may go
         now = time.perf_counter() if ended is None else ended
         ok = status < 500 and error is None
         # a client that went away says nothing about the endpoint: not a consecutive failure
@@ -657,6 +659,9 @@ class Core:
                 seconds=e2e,
                 max_concurrency=ep.max_concurrency,
             )
+        energy = power = None
+        if ep is not None and (drawn := endpoint_power_w(ep, live_w)) is not None:
+            energy, power = request_energy_j(drawn[0], e2e, inflight), drawn[1]
         if attempt.ticket is not None:
             attempt.ticket.observe(
                 cost or 0.0,
@@ -684,6 +689,8 @@ class Core:
                 failed_endpoints=tuple(attempt.failed),
                 error=error,
                 usage_source=source,
+                energy_j=energy,
+                power_source=power,
             ),
             time.time(),
         )

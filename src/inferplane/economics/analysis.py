@@ -17,6 +17,9 @@ states every formula with a worked example. In short, over a window of ``H`` hou
   ``target_utilisation`` (``N = ⌈T ÷ (r × max_concurrency × 3600 × target)⌉`` endpoints, ``r``
   the tokens per busy request-second measured on the cheapest owned pool serving the model);
   ``S ÷ C > 1`` means owned capacity would pay off;
+* **energy** by substrate kind and class: the records' joules (``fleet.energy``: live power
+  where the engine page reports it, else the configured envelope or the hardware's rating) per
+  token of the requests that have them;
 * **reassessment triggers**: a pool outside its band for ``out_of_band_days`` consecutive days,
   provider spend past break-even, and a P99/P50 TTFT divergence whose least-squares slope over
   the last ``divergence_days`` days is positive.
@@ -49,6 +52,7 @@ class Served:
     busy_s: float
     ttft_s: float | None
     spillover: str | None
+    energy_j: float | None
 
     @classmethod
     def from_record(cls, at_unix: float, record: Mapping[str, Any]) -> Served | None:
@@ -75,6 +79,8 @@ class Served:
             busy_s=float(e2e) if isinstance(e2e, int | float) else 0.0,
             ttft_s=outcome.get("ttft_s") if isinstance(outcome.get("ttft_s"), float) else None,
             spillover=str(spill.get("reason") or "spillover") if isinstance(spill, dict) else None,
+            energy_j=float(outcome["energy_j"])
+            if isinstance(outcome.get("energy_j"), int | float) else None,
         )
 
 
@@ -84,6 +90,8 @@ class _Acc:
     tokens: int = 0
     cost_usd: float = 0.0
     busy_s: float = 0.0
+    energy_j: float = 0.0
+    energy_tokens: int = 0  # tokens of the requests whose energy is known
     ttfts: list[float] = field(default_factory=list)
 
     def add(self, s: Served) -> None:
@@ -91,6 +99,9 @@ class _Acc:
         self.tokens += s.tokens
         self.cost_usd += s.cost_usd
         self.busy_s += s.busy_s
+        if s.energy_j is not None:
+            self.energy_j += s.energy_j
+            self.energy_tokens += s.tokens
         if s.ttft_s is not None:
             self.ttfts.append(s.ttft_s)
 
@@ -306,6 +317,8 @@ def analyse(
             "usd_per_mtok": acc.cost_usd / acc.tokens * 1e6 if acc.tokens else None,
             "owned_usd": owned,
             "owned_usd_per_mtok": owned / acc.tokens * 1e6 if owned and acc.tokens else None,
+            "energy_j": acc.energy_j if acc.energy_tokens else None,
+            "joules_per_token": acc.energy_j / acc.energy_tokens if acc.energy_tokens else None,
         }
 
     by_kind = {k: unit(kinds.get(k, _Acc()), owned_by_kind.get(k))

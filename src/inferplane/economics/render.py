@@ -58,8 +58,10 @@ def lines(r: EconomicsReport) -> list[str]:
     out += ["", "cost per 1M tokens by substrate kind (attributed; owned = every hour of every "
             "hourly endpoint):"]
     for kind, u in r.by_kind.items():
+        jpt = u["joules_per_token"]
         out.append(f"  {kind:<16} attributed {_money(u['usd_per_mtok']):>10}   owned "
-                   f"{_money(u['owned_usd_per_mtok']):>10}   tokens {int(u['tokens'] or 0):,}")
+                   f"{_money(u['owned_usd_per_mtok']):>10}   tokens {int(u['tokens'] or 0):,}"
+                   f"   {'-' if jpt is None else f'{jpt:.2f}'} J/token")
     out += ["", "cost per 1M tokens by workload class (attributed):"]
     for cls, u in r.by_class.items():
         out.append(f"  {cls:<16} {_money(u['usd_per_mtok']):>10}   requests "
@@ -116,6 +118,10 @@ class EconomicsCollector(Collector):
         slope = GaugeMetricFamily(
             "inferplane_economics_ttft_divergence_slope",
             "Least-squares slope per day of each pool's daily P99/P50 TTFT", labels=["pool"])
+        energy = GaugeMetricFamily(
+            "inferplane_economics_joules_per_token",
+            "Energy per token by substrate kind (live power, else envelope or rating)",
+            labels=["kind"])
         trig = GaugeMetricFamily(
             "inferplane_economics_trigger", "1 for each reassessment trigger that fires",
             labels=["kind", "subject"])
@@ -128,12 +134,14 @@ class EconomicsCollector(Collector):
             for basis, key in (("attributed", "usd_per_mtok"), ("owned", "owned_usd_per_mtok")):
                 if u[key] is not None:
                     unit.add_metric([kind, basis], float(u[key] or 0.0))
+            if u["joules_per_token"] is not None:
+                energy.add_metric([kind], float(u["joules_per_token"] or 0.0))
         for b in r.break_even:
             if b.ratio is not None:
                 ratio.add_metric([b.model], b.ratio)
         for t in r.triggers:
             trig.add_metric([t.kind, t.subject], 1.0)
-        yield from (util, days, unit, ratio, slope, trig)
+        yield from (util, days, unit, energy, ratio, slope, trig)
 
 
 class EconomicsRefresher:

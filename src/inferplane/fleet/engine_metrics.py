@@ -20,6 +20,8 @@ What it reads (field: vLLM name, older vLLM name | SGLang name), all with the en
 - ``prompt_tokens_total``, ``generation_tokens_total``: same names on both
 - ``ttft_*``: the ``time_to_first_token_seconds`` histogram on both
 - ``itl_*``: ``inter_token_latency_seconds``, ``time_per_output_token_seconds`` histograms on both
+- ``power_watts``: ``DCGM_FI_DEV_POWER_USAGE`` (the DCGM exporter's name, no engine prefix),
+  summed over the devices, where a sidecar or node agent merges it into the page
 
 (*) only when SGLang reports ``cached_tokens_total``, so hits/queries is its token hit ratio.
 
@@ -79,6 +81,7 @@ class EngineMetrics:
     itl_sum_s: float | None = None
     itl_count: float | None = None
     prefix_hit_rate: float | None = None
+    power_watts: float | None = None
 
     @property
     def kv_capacity_tokens(self) -> int | None:
@@ -288,6 +291,7 @@ _V_NAMES = (
     "vllm:inter_token_latency_seconds_count",
     "vllm:time_per_output_token_seconds_sum",
     "vllm:time_per_output_token_seconds_count",
+    "DCGM_FI_DEV_POWER_USAGE",
 )
 _V = {name: i for i, name in enumerate(_V_NAMES)}
 _V_INFO = "vllm:cache_config_info"
@@ -339,6 +343,7 @@ def parse_vllm(text: str) -> EngineMetrics:
         itl_count=itl[1],
         itl_mean_s=itl[2],
         prefix_hit_rate=_mean(scan, v["vllm:gpu_prefix_cache_hit_rate"]),
+        power_watts=_total(scan, v["DCGM_FI_DEV_POWER_USAGE"]),
     )
 
 
@@ -362,6 +367,7 @@ _S_NAMES = (
     "sglang:inter_token_latency_seconds_count",
     "sglang:time_per_output_token_seconds_sum",
     "sglang:time_per_output_token_seconds_count",
+    "DCGM_FI_DEV_POWER_USAGE",
 )
 _S = {name: i for i, name in enumerate(_S_NAMES)}
 
@@ -411,6 +417,7 @@ def parse_sglang(text: str) -> EngineMetrics:
         itl_count=itl[1],
         itl_mean_s=itl[2],
         prefix_hit_rate=_mean(scan, s["sglang:cache_hit_rate"]),
+        power_watts=_total(scan, s["DCGM_FI_DEV_POWER_USAGE"]),
     )
 
 

@@ -315,6 +315,14 @@ class LiveFleet:
                 rec.consecutive_timeouts += 1
 
     # -- readers ---------------------------------------------------------------------------
+    def power_now(self, endpoint: str) -> tuple[float | None, int]:
+        """The endpoint's live power draw (None when unknown or stale) and its requests in
+        flight: what `fleet.energy` needs when a request ends."""
+        rec = self.live[endpoint]
+        m = rec.metrics
+        fresh = rec.metrics_at is not None and self.clock() - rec.metrics_at <= self.stale_after_s
+        return (m.power_watts if m is not None and fresh else None), rec.inflight
+
     def state_of(self, endpoint: str, now: float) -> EndpointState:
         """The endpoint's state at ``now`` (latency percentiles at most ``refresh_s`` old)."""
         rec = self.live[endpoint]
@@ -340,6 +348,7 @@ class LiveFleet:
             prefix_hits_total=m.prefix_hits_total if m else None,
             block_size=m.block_size if m else None,
             num_gpu_blocks=m.num_gpu_blocks if m else None,
+            power_watts=m.power_watts if m else None,
             inflight=rec.inflight,
             inflight_tokens=rec.inflight_tokens,
             pending_prefill=rec.pending_prefill,

@@ -35,6 +35,7 @@ class EndpointState:
     prefix_hits_total: float | None = None
     block_size: int | None = None
     num_gpu_blocks: int | None = None
+    power_watts: float | None = None  # live draw, where the engine page reports it
     inflight: int = 0
     inflight_tokens: int = 0
     pending_prefill: int = 0

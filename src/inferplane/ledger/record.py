@@ -44,6 +44,10 @@ class Outcome:
     usage_source: str | None = None
     """Where the token counts come from: ``upstream`` (the engine's usage), ``counted`` (streamed
     chunks counted by the gateway because no usage arrived), or None (nothing was generated)."""
+    energy_j: float | None = None
+    """Joules the request drew on its endpoint (`fleet.energy`); None where unknown (providers)."""
+    power_source: str | None = None
+    """Where the power figure came from: ``live``, ``envelope`` or ``tdp``."""
 
 
 def decision_to_dict(decision: Decision, outcome: Outcome | None = None) -> dict[str, Any]:

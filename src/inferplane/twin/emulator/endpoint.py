@@ -57,6 +57,8 @@ log = logging.getLogger("inferplane.emulator")
 
 MAX_DERIVED_BLOCKS = 1 << 17
 """Upper bound on KV blocks derived from memory (2M tokens at block size 16)."""
+IDLE_POWER_FRACTION = 0.25
+"""Share of its rated power an idle accelerator still draws (the emulator's power model)."""
 MAX_LAG_S = 0.02
 """Engine seconds the driver may run behind its own step timeline and still catch up (steps
 start where the previous one ended); further behind, the next step starts now."""
@@ -175,6 +177,13 @@ class EmulatedEndpoint:
             self._on_kv_event if emu.kv_events_port is not None else None,
         )
         self.metrics = EngineMetricsPage(self.engine, self.model.name, emu.gpu_memory_utilization)
+        self._device_watts = (
+            roofline.hardware.power_watts if not roofline.hardware.elastic else None
+        )
+        self._devices = endpoint.spec.tp
+        self._busy: deque[tuple[float, float]] = deque()  # (step end, duration), last second
+        if self._device_watts is not None:
+            self.metrics.device_power = self.device_power
         hw = roofline.hardware
         self.is_provider = endpoint.substrate.kind == "provider-api"
         self.api_key = api_key  # checked on the API routes when set
@@ -347,6 +356,8 @@ class EmulatedEndpoint:
             out = engine.step(start)
             step_end = start + out.duration_s
             if out.duration_s > 0:
+                self._busy.append((step_end, out.duration_s))
+            if out.duration_s > 0:
                 # Sleep until the step's end, less the time already spent since it started.
                 await asyncio.sleep(max((step_end - self.now()) / self.time_scale, 0.0))
             elif not out.new_tokens:
@@ -361,6 +372,16 @@ class EmulatedEndpoint:
                     sub.queue.put_nowait(FINISHED)
             self.metrics.observe(engine.drain_samples())
             self._flush_kv_events()
+
+    def device_power(self) -> list[float]:
+        """Modelled draw of each device: ``TDP × (IDLE_POWER_FRACTION + (1 − IDLE_POWER_FRACTION)
+        × busy)``, ``busy`` the share of the last engine second spent in steps."""
+        now, busy = self.now(), self._busy
+        while busy and busy[0][0] < now - 1.0:
+            busy.popleft()
+        share = min(1.0, sum(d for _, d in busy))
+        watts = self._device_watts or 0.0
+        return [watts * (IDLE_POWER_FRACTION + (1 - IDLE_POWER_FRACTION) * share)] * self._devices
 
     # -- KV events -------------------------------------------------------------------------
     def _on_kv_event(self, event: KVEvent) -> None:

@@ -23,7 +23,7 @@ Histogram observations are engine (virtual) seconds, as the engine reports them.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from inferplane.twin.engine.model import Engine, LatencySample
@@ -116,6 +116,8 @@ class EngineMetricsPage:
             ),
         }
         self.success_total = 0
+        # () -> watts of each device, modelled by the endpoint from how busy its engine is
+        self.device_power: Callable[[], list[float]] | None = None
 
     def observe(self, samples: Iterable[LatencySample]) -> None:
         """Fold the engine's drained latency samples into the histograms."""
@@ -202,5 +204,11 @@ class EngineMetricsPage:
         )
         for h in self.histograms.values():
             h.render(lab, out)
+        if self.device_power is not None:
+            # the DCGM exporter's gauge, as a node agent merging it into the page would show it
+            out.append("# HELP DCGM_FI_DEV_POWER_USAGE Power draw (in W).")
+            out.append("# TYPE DCGM_FI_DEV_POWER_USAGE gauge")
+            for i, watts in enumerate(self.device_power()):
+                out.append(f'DCGM_FI_DEV_POWER_USAGE{{gpu="{i}"}} {watts!r}')
         out.append("")
         return "\n".join(out)
