@@ -53,7 +53,7 @@ def test_power_live_else_envelope_else_rating() -> None:
     assert endpoint_power_w(b, 0.0) == (700.0, "tdp")
     assert endpoint_power_w(p, None) is None and endpoint_power_w(p, 300.0) == (300.0, "live")
     a2, b2, _ = _fleet("power_watts: 1000").endpoints
-    assert endpoint_power_w(a2, None) == (500.0, "envelope")  # the pool's envelope, split
+    assert endpoint_power_w(a2, None) == endpoint_power_w(b2, None) == (500.0, "envelope")
     assert request_energy_j(700.0, 2.0, 4) == pytest.approx(350.0)
     assert request_energy_j(700.0, 2.0, 0) == pytest.approx(1400.0)
 
