@@ -163,7 +163,7 @@ def md(res: dict[tuple[str, float], dict[str, Any]], rates: list[float], fair: d
     lines = [f"Machine: {meta['machine']}; git {meta['git']}; {meta['date']}; trace slice "
              f"{meta['duration']:g} s of {TRACE.name}; seed {meta['seed']}.", ""]
     lines += ["| rate | run | interactive P50 / P90 / P99 TTFT s | interactive goodput/s | "
-              "agent goodput/s | best-effort goodput/s (shed) | batch done/s (deferred) | "
+              "agent goodput/s | best-effort goodput/s (shed) | batch done/s offered (deferred) | "
               "sov. viol. | sim s / wall s | sim s / CPU s |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for rate in rates:
@@ -173,7 +173,7 @@ def md(res: dict[tuple[str, float], dict[str, Any]], rates: list[float], fair: d
                 continue
             pc = r["per_class"]
             it = pc["interactive"]["ttft_s"]
-            span = r["sim_duration_s"] or 1.0
+            span = r["offered_s"] or 1.0
             be, ba = pc.get("best-effort", {}), pc.get("batch", {})
             name = "inferplane (admission)" if p == PRODUCT else p
             fmt = lambda v: "—" if v is None else f"{v:.2f}"  # noqa: E731

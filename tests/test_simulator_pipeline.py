@@ -147,7 +147,8 @@ def test_report_has_per_class_goodput_percentiles_and_counts(tmp_path: Path) -> 
         assert set(c) >= {"goodput_rps", "shed", "deferred", "failed", "ttft_s"}
         assert set(c["ttft_s"]) == {"p50", "p90", "p99"}
     good = sum(1 for x in of(sim, "interactive") if x.meets_slo())
-    assert pc["interactive"]["goodput_rps"] == pytest.approx(good / r["sim_duration_s"])
+    assert pc["interactive"]["goodput_rps"] == pytest.approx(good / r["offered_s"])
+    assert r["offered_s"] == pytest.approx(sim.records[-1].arrival_s - sim.records[0].arrival_s)
     assert pc["best-effort"]["shed"] == sum(1 for x in of(sim, "best-effort") if x.shed)
     assert r["errors"].get("load_shed") == r["shed"]
 

@@ -8,7 +8,9 @@ JSON keys (times in seconds; percentiles ``null`` when there is no sample):
   {filter, ``admission: <code>`` or ``engine: …``: rejected requests}; ``errors`` {OpenAI
   error code: requests}; ``shed`` (answered 429 by admission: load or retry shedding, rate
   limits, budgets); ``deferred`` (batch requests that waited in the batch lane)
-- ``goodput_rps``: requests meeting their class's SLO (below) per second of ``sim_duration_s``
+- ``goodput_rps``: requests meeting their class's SLO (below) per second of ``offered_s`` (first
+  to last arrival: the same window for every policy on one slice, however long deferred work
+  drains after it)
 - ``ttft_s`` {p50, p90, p99, mean} and ``e2e_s`` {p50, p90, p99, mean} over completed requests,
   as the client sees them (network delay included)
 - ``itl_s`` {p50, p90, p99, mean}: over every inter-token gap (token-weighted, as vLLM's
@@ -139,6 +141,9 @@ def build_report(
     output = sum(r.completion_tokens for r in done)
     start = recs[0].arrival_s if recs else 0.0
     span = max(0.0, end_s - start)
+    # goodput is per second of offered traffic (first to last arrival): the same window for
+    # every policy replaying the same slice, however long its deferred work drains afterwards
+    offered = recs[-1].arrival_s - start if recs else 0.0
     per_endpoint = Counter(r.endpoint for r in recs if r.endpoint is not None)
     per_substrate = Counter(r.substrate for r in recs if r.substrate is not None)
     gaps = itl_gaps
@@ -159,7 +164,7 @@ def build_report(
             "failed": sum(1 for r in mine if r.failed),
             "ttft_s": {q: percentile(ttfts, n) for q, n in (("p50", 50), ("p90", 90), ("p99", 99))},
             "slo_attainment": _slo_fraction(mine),
-            "goodput_rps": good / span if span > 0 else None,
+            "goodput_rps": good / offered if offered > 0 else None,
         }
     per_tenant: dict[str, Any] = {}
     for name in sorted({r.share.tenant for r in recs}):
@@ -186,7 +191,8 @@ def build_report(
         "shed": sum(1 for r in recs if r.shed),
         "deferred": sum(1 for r in recs if r.deferred),
         "errors": dict(sorted(errors.items())),
-        "goodput_rps": sum(1 for r in recs if r.meets_slo()) / span if span > 0 else None,
+        "goodput_rps": sum(1 for r in recs if r.meets_slo()) / offered if offered > 0 else None,
+        "offered_s": offered,
         "ttft_s": _dist(r.ttft_s for r in done if r.ttft_s is not None),
         "itl_s": itl,
         "e2e_s": _dist(r.e2e_s for r in done if r.e2e_s is not None),
