@@ -281,3 +281,26 @@ tenants:
             p.stop()
     rep = verify(Source(dsn=DSN, schema=schema), None)
     assert rep.ok and rep.shards == {"main": 6}, rep.problem
+
+
+async def test_a_lost_database_session_delays_records_and_loses_none(
+    schema: str, decision: Decision
+) -> None:
+    """The writer's PostgreSQL session is terminated under it (as a failover or a restart of
+    the database would): the batch in flight fails, the writer reconnects and retries, every
+    record is committed once and the chain stays whole."""
+    led = PostgresLedger(DSN, schema=schema, signer=SIGNER, retry_interval_s=0.05)
+    await led.start()
+    first = [led.record(_with_id(decision, f"a-{i}"), _ok(decision), float(i)) for i in range(10)]
+    assert all(await asyncio.gather(*(r.durable(5.0) for r in first)))
+    assert led._writer is not None
+    pid = led._writer.info.backend_pid
+    with psycopg.connect(DSN, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    later = [led.record(_with_id(decision, f"b-{i}"), _ok(decision), 10.0 + i)
+             for i in range(10)]
+    assert all(await asyncio.gather(*(r.durable(10.0) for r in later)))
+    assert led.write_errors >= 1 and led.dropped == 0
+    await led.close()
+    rep = verify(Source(dsn=DSN, schema=schema), SIGNER.public)
+    assert rep.ok and rep.records == 20, rep.problem
