@@ -517,3 +517,24 @@ async def test_another_tenants_decision_and_an_unknown_one_get_the_same_404(
     theirs, unknown = await call("d-1"), await call("nope")
     assert theirs.status == unknown.status == 404
     assert theirs.body == unknown.body  # type: ignore[attr-defined]
+
+
+async def test_the_memory_ledger_lists_like_the_others(decision: Decision) -> None:
+    from inferplane.ledger.memory import MemoryLedger
+    from inferplane.ledger.query import Query, decode_cursor
+
+    led = MemoryLedger()
+    receipts = [led.record(_with_id(decision, f"d-{i}"), _ok(decision), float(i))
+                for i in range(7)]
+    assert all(r.committed for r in receipts)
+    page = await led.query(Query(tenant="acme", since=1.0, until=6.0, limit=2))
+    got = [it["record"]["decision_id"] for it in page.items]
+    while page.next_cursor:
+        page = await led.query(Query(tenant="acme", since=1.0, until=6.0, limit=2,
+                                     after=decode_cursor(page.next_cursor)))
+        got += [it["record"]["decision_id"] for it in page.items]
+    assert got == ["d-1", "d-2", "d-3", "d-4", "d-5"]
+    assert (await led.query(Query(tenant="other"))).items == []
+    first = (await led.query(Query(tenant="acme", limit=1))).items[0]
+    assert first["receipt"] == receipts[0].hash
+    assert (await led.lookup("d-3")) is not None
