@@ -196,6 +196,9 @@ async def test_calibrate_an_emulated_engine_end_to_end(tmp_path: Path) -> None:
             handle.urls["lab-0"], "tiny-llama", model_profile="tiny-llama", base="cpu",
             name="cpu-emulated", prompt_tokens=(16, 128, 512), batches=(1, 2), repeats=1,
             decode_tokens=8,
+            # what is checked here is the shape of the result, not timing: a client starved by
+            # a loaded machine may read a stream in one burst, and that must not fail it
+            warm_up_max_s=2.0, require_smooth=False,
         )
     finally:
         await handle.stop()

@@ -166,11 +166,13 @@ class Prober:
     def words_for(self, tokens: int) -> int:
         return max(1, round(tokens / self._words_per_token))
 
-    async def warm_up(self, session: aiohttp.ClientSession) -> bool:
+    async def warm_up(
+        self, session: aiohttp.ClientSession, max_s: float = WARM_UP_MAX_S
+    ) -> bool:
         """Stream short requests until `WARM_UP_STREAMS` in a row arrive token by token (a fresh
         engine compiles and allocates; a starved one sends streams in bursts), at most
-        `WARM_UP_MAX_S`. True when the engine streams smoothly."""
-        deadline = time.monotonic() + WARM_UP_MAX_S
+        ``max_s``. True when the engine streams smoothly."""
+        deadline = time.monotonic() + max_s
         smooth = 0
         while smooth < WARM_UP_STREAMS:
             if time.monotonic() > deadline:
@@ -214,6 +216,8 @@ class Prober:
         decode_tokens: int = 64,
         decode_prompt_tokens: int = 32,
         repeats: int = 5,
+        warm_up_max_s: float = WARM_UP_MAX_S,
+        require_smooth: bool = True,
     ) -> ProbeResult:
         """Every point ``repeats`` times, the sweeps interleaved (each round visits every point
         once), so that a burst of load elsewhere on the machine spreads over the points instead
@@ -224,9 +228,9 @@ class Prober:
         context: dict[int, int] = {}
         async with aiohttp.ClientSession(timeout=self.timeout) as session:
             await self.learn_words_per_token(session)
-            if not await self.warm_up(session):
+            if not await self.warm_up(session, warm_up_max_s) and require_smooth:
                 raise ProbeError(
-                    f"{self.url} kept sending its streams in bursts for {WARM_UP_MAX_S:.0f} s "
+                    f"{self.url} kept sending its streams in bursts for {warm_up_max_s:.0f} s "
                     "(all tokens at once): its front end is starved of CPU, so its timing "
                     "cannot be measured; calibrate on a quieter machine"
                 )
@@ -278,11 +282,16 @@ async def calibrate_endpoint(
     decode_tokens: int = 64,
     repeats: int = 5,
     api_key: str | None = None,
+    warm_up_max_s: float = WARM_UP_MAX_S,
+    require_smooth: bool = True,
 ) -> tuple[str, str]:
-    """Probe ``url``, fit ``base`` to it; return the profile file's text and a summary table."""
+    """Probe ``url``, fit ``base`` to it; return the profile file's text and a summary table.
+    ``require_smooth=False`` calibrates even an engine whose streams still arrive in bursts
+    after ``warm_up_max_s`` (tests on a loaded machine; its times then include the load)."""
     hw, mp = get_hardware(base), get_model(model_profile)
     result = await Prober(url, model, api_key=api_key).run(
-        prompt_tokens, batches, decode_tokens=decode_tokens, repeats=repeats
+        prompt_tokens, batches, decode_tokens=decode_tokens, repeats=repeats,
+        warm_up_max_s=warm_up_max_s, require_smooth=require_smooth,
     )
     cal = fit(
         hw, mp, result.prefill + result.cached, result.decode, name=name, tp=tp,
