@@ -18,6 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from inferplane.admission.controller import Ticket
 from inferplane.admission.queue import BANDS
+from inferplane.api import console
 from inferplane.api.openapi import build_spec
 from inferplane.api.pipeline import Attempt, Gateway, parse_usage
 from inferplane.api.server import ConnectionLimits, GatewayRunner, request_started
@@ -488,6 +489,7 @@ def build_app(gateway: Gateway) -> web.Application:
     # /v1/files, /v1/batches and the batch worker
     batch_routes.setup(app, gateway, gateway.dispatcher)
     app[OPENAPI_KEY] = orjson.dumps(build_spec(route_table(app)))
+    console.setup(app, gateway)  # /console: the web console, for admin keys
     return app
 
 
@@ -495,8 +497,9 @@ OPENAPI_KEY: web.AppKey[bytes] = web.AppKey("openapi", bytes)
 
 
 def route_table(app: web.Application) -> list[tuple[str, str]]:
-    """(method, path template) of every route of ``app``."""
-    return [(r.method, r.resource.canonical) for r in app.router.routes() if r.resource]
+    """(method, path template) of every API route of ``app`` (not the console's HTML pages)."""
+    return [(r.method, r.resource.canonical) for r in app.router.routes()
+            if r.resource and not r.resource.canonical.startswith(console.PREFIX)]
 
 
 async def openapi_json(request: web.Request) -> web.Response:

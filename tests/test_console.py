@@ -1,0 +1,234 @@
+"""The web console over HTTP, against a real gateway process with a SQLite ledger: the admin key
+(401/403 in OpenAI's shape, the login cookie's flags, no open redirect), each page with the
+gateway's live data, the decision explorer and the receipt check (a tampered record fails), and
+a gateway with no admin keys serving no console. The same pages in Chromium:
+tests/browser/test_console_browser.py."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from inferplane.api.app import build_app
+from inferplane.api.pipeline import Gateway, hash_key
+from inferplane.config.loader import load_config
+from tests.support.procs import Proc, free_port
+
+ADMIN, TENANT = "sk-console-admin", "sk-console-tenant"
+
+
+def _stack(tmp: Path, admin_keys: list[str]) -> tuple[list[Proc], str]:
+    procs: list[Proc] = []
+    up = free_port()
+    p = Proc(["-m", "tests.support.fake_upstream", "--port", str(up), "--mode", "ok",
+              "--name", "ok"], tmp / "up.log")
+    procs.append(p)
+    p.wait_http(f"http://127.0.0.1:{up}/health")
+    gw_port = free_port()
+    cfg = tmp / "fleet.yaml"
+    cfg.write_text(_config(gw_port, up, tmp, admin_keys))
+    gw = Proc(["-m", "inferplane.cli", "serve", "--config", str(cfg)], tmp / "gw.log")
+    procs.append(gw)
+    base = f"http://127.0.0.1:{gw_port}"
+    try:
+        gw.wait_http(f"{base}/ready")
+    except BaseException:
+        for q in procs:
+            q.stop()
+        raise
+    return procs, base
+
+
+def _config(gw_port: int, up: int, tmp: Path, admin_keys: list[str]) -> str:
+    return f"""
+gateway:
+  port: {gw_port}
+  scrape_interval_s: 0.05
+  ledger_path: {tmp / "ledger.db"}
+  metrics: {{api_keys: {orjson.dumps(admin_keys).decode()}}}
+substrates:
+  - name: pool-a
+    kind: gpu
+    hardware: h100
+    region: r1
+    jurisdiction: eu
+    cost: {{input_per_mtok: 1.0, output_per_mtok: 2.0}}
+    endpoints:
+      - name: ep-ok
+        url: http://127.0.0.1:{up}
+        engine: vllm
+        models: [{{name: m-ok, profile: llama-3.1-8b, max_context: 4096}}]
+tenants:
+  - {{name: acme, api_keys: ["{hash_key(TENANT)}"]}}
+"""
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    procs, base = _stack(tmp_path_factory.mktemp("console"), [hash_key(ADMIN)])
+    try:
+        ids = []
+        for i in range(3):
+            r = httpx.post(f"{base}/v1/chat/completions", headers=_h(TENANT), json={
+                "model": "m-ok", "messages": [{"role": "user", "content": f"hello {i}"}]})
+            assert r.status_code == 200, r.text
+            ids.append((r.headers["x-inferplane-decision-id"], r.headers["x-inferplane-receipt"]))
+        yield {"base": base, "decisions": ids}
+    finally:
+        for p in procs:
+            p.stop()
+
+
+def _h(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def _admin() -> dict[str, str]:
+    return _h(ADMIN)
+
+
+@pytest.mark.parametrize("path", ["/console/fleet", "/console/fleet/panel", "/console/spend",
+                                  "/console/decisions", "/console/receipt",
+                                  "/console/economics", "/console/decisions/x"])
+def test_every_page_needs_an_admin_key(stack: dict[str, Any], path: str) -> None:
+    url = stack["base"] + path
+    r = httpx.get(url)
+    assert r.status_code == 401
+    err = r.json()["error"]
+    assert err["code"] == "missing_api_key" and "admin key" in err["message"]
+    r = httpx.get(url, headers=_h(TENANT))  # a tenant's key is no admin key
+    assert r.status_code == 403 and r.json()["error"]["type"]
+    assert TENANT not in r.text
+    r = httpx.get(url, cookies={"inferplane_console": "sk-wrong"},
+                  headers={"HX-Request": "true"})
+    assert r.status_code == 403
+
+
+def test_a_browser_without_a_key_is_sent_to_the_login_form(stack: dict[str, Any]) -> None:
+    r = httpx.get(f"{stack['base']}/console/spend", headers={"Accept": "text/html"})
+    assert r.status_code == 303
+    assert r.headers["location"] == "/console/login?next=%2Fconsole%2Fspend"
+    form = httpx.get(f"{stack['base']}{r.headers['location']}")
+    assert form.status_code == 200 and 'name="key"' in form.text
+    assert 'value="/console/spend"' in form.text
+
+
+def test_login_sets_a_strict_httponly_cookie_and_refuses_other_keys(
+    stack: dict[str, Any]
+) -> None:
+    base = stack["base"]
+    bad = httpx.post(f"{base}/console/login", data={"key": TENANT, "next": "/console/spend"})
+    assert bad.status_code == 403 and "not an admin key" in bad.text
+    assert "set-cookie" not in bad.headers
+    ok = httpx.post(f"{base}/console/login", data={"key": ADMIN, "next": "/console/spend"})
+    assert ok.status_code == 303 and ok.headers["location"] == "/console/spend"
+    cookie = ok.headers["set-cookie"]
+    for flag in ("HttpOnly", "SameSite=Strict", "Path=/console", "Max-Age="):
+        assert flag in cookie
+    # elsewhere than the console: never an open redirect
+    for nxt in ("https://evil.example/", "//evil.example/console/", "/v1/models"):
+        r = httpx.post(f"{base}/console/login", data={"key": ADMIN, "next": nxt})
+        assert r.headers["location"] == "/console/fleet"
+    with httpx.Client(base_url=base, cookies={"inferplane_console": ADMIN}) as c:
+        page = c.get("/console/spend")
+        assert page.status_code == 200 and "acme" in page.text
+        out = c.post("/console/logout")
+        assert out.status_code == 303 and 'inferplane_console=""' in out.headers["set-cookie"]
+
+
+def test_pages_carry_a_content_security_policy(stack: dict[str, Any]) -> None:
+    r = httpx.get(f"{stack['base']}/console/fleet", headers=_admin())
+    assert "script-src 'self'" in r.headers["content-security-policy"]
+    assert r.headers["x-frame-options"] == "DENY" and r.headers["cache-control"] == "no-store"
+    js = httpx.get(f"{stack['base']}/console/static/htmx.min.js")  # assets need no key
+    assert js.status_code == 200 and js.headers["content-type"].startswith("text/javascript")
+    assert b"htmx" in js.content[:200]
+    assert httpx.get(f"{stack['base']}/console/static/../app.py").status_code == 404
+
+
+def test_fleet_page_shows_each_endpoint_and_pool(stack: dict[str, Any]) -> None:
+    r = httpx.get(f"{stack['base']}/console/fleet", headers=_admin())
+    assert r.status_code == 200
+    assert "ep-ok" in r.text and "pool-a" in r.text and "healthy" in r.text
+    assert 'hx-trigger="every 3s"' in r.text
+    panel = httpx.get(f"{stack['base']}/console/fleet/panel", headers=_admin())
+    assert panel.status_code == 200 and "<html" not in panel.text and "ep-ok" in panel.text
+    assert "1 of 1 endpoints usable" in panel.text
+
+
+def test_spend_page_sums_the_tenants_usage(stack: dict[str, Any]) -> None:
+    usage = httpx.get(f"{stack['base']}/v1/usage?group_by=model", headers=_h(TENANT)).json()
+    r = httpx.get(f"{stack['base']}/console/spend", headers=_admin())
+    assert r.status_code == 200
+    assert "m-ok" in r.text and "acme" in r.text
+    assert f">{usage['total']['requests']}<" in r.text.replace(" ", "")
+
+
+def test_decisions_lists_recent_records_and_finds_one(stack: dict[str, Any]) -> None:
+    base = stack["base"]
+    did, receipt = stack["decisions"][-1]
+    r = httpx.get(f"{base}/console/decisions", headers=_admin())
+    assert r.status_code == 200
+    assert all(d in r.text for d, _ in stack["decisions"])
+    assert r.text.index(stack["decisions"][-1][0]) < r.text.index(stack["decisions"][0][0])
+    found = httpx.get(f"{base}/console/decisions?id={did}", headers=_admin())
+    assert found.status_code == 303 and found.headers["location"] == f"/console/decisions/{did}"
+    page = httpx.get(f"{base}{found.headers['location']}", headers=_admin())
+    assert page.status_code == 200
+    assert receipt in page.text and "ep-ok" in page.text and "Candidates" in page.text
+    filtered = httpx.get(f"{base}/console/decisions?model=nope", headers={
+        **_admin(), "HX-Request": "true"})
+    assert filtered.status_code == 200 and "no decisions in this window" in filtered.text
+    assert "<html" not in filtered.text
+    missing = httpx.get(f"{base}/console/decisions/no-such-id", headers=_admin())
+    assert missing.status_code == 404 and "no record" in missing.text
+
+
+def test_receipt_check_passes_the_record_and_fails_an_edit(stack: dict[str, Any]) -> None:
+    base = stack["base"]
+    did, receipt = stack["decisions"][0]
+    item = httpx.get(f"{base}/v1/decisions", headers=_h(TENANT)).json()["data"][0]
+    assert item["record"]["decision_id"] == did
+    text = orjson.dumps(item["record"]).decode()
+    ok = httpx.post(f"{base}/console/receipt", headers=_admin(),
+                    data={"record": text, "receipt": receipt})
+    assert ok.status_code == 200 and "Receipt holds" in ok.text
+    assert "the ledger holds this very record" in ok.text
+    # the list item as it stands (its own receipt inside)
+    ok2 = httpx.post(f"{base}/console/receipt", headers={**_admin(), "HX-Request": "true"},
+                     data={"record": orjson.dumps(item).decode()})
+    assert "Receipt holds" in ok2.text and "<html" not in ok2.text
+    edited = dict(item["record"], tenant="someone-else")
+    bad = httpx.post(f"{base}/console/receipt", headers=_admin(),
+                     data={"record": orjson.dumps(edited).decode(), "receipt": receipt})
+    assert bad.status_code == 200 and "Check failed" in bad.text
+    assert "not to the receipt given" in bad.text and "differs" in bad.text
+    junk = httpx.post(f"{base}/console/receipt", headers=_admin(),
+                      data={"record": "{not json", "receipt": "zz"})
+    assert junk.status_code == 200 and "not JSON" in junk.text
+
+
+def test_economics_page_reads_the_ledger(stack: dict[str, Any]) -> None:
+    r = httpx.get(f"{stack['base']}/console/economics", headers=_admin())
+    assert r.status_code == 200
+    assert "pool-a" in r.text and "served requests" in r.text
+
+
+async def test_no_admin_keys_no_console(tmp_path: Path) -> None:
+    """In process (one gateway process per module is enough): with no admin keys the console
+    answers 403 to every key and its log-in sets no cookie."""
+    cfg = tmp_path / "fleet.yaml"
+    cfg.write_text(_config(free_port(), free_port(), tmp_path, []))
+    gateway = Gateway(load_config(cfg), str(cfg))
+    async with TestClient(TestServer(build_app(gateway))) as client:
+        r = await client.get("/console/fleet", headers=_h(TENANT))
+        assert r.status == 403
+        assert "gateway.metrics.api_keys" in (await r.json())["error"]["message"]
+        login = await client.post("/console/login", data={"key": ADMIN})
+        assert login.status == 403 and "Set-Cookie" not in login.headers
