@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test lint typecheck test-slow chaos fidelity bench-overhead bench-placement bench-envoy clean
+.PHONY: install demo test lint typecheck test-slow chaos test-browser console-screenshots fidelity bench-overhead bench-placement bench-envoy clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,15 @@ test-slow: $(STAMP)
 ## The chaos suite: engines, the gateway and Redis killed under bounded load (docs/reliability.md).
 chaos: $(STAMP)
 	$(BIN)/pytest -q -m chaos tests/chaos
+
+## The web console in headless Chromium (Debian's /usr/bin/chromium driven by Playwright;
+## `apt-get install chromium` where absent; never a browser download).
+test-browser: $(STAMP)
+	$(BIN)/pytest -q -m browser tests/browser
+
+## Re-take the console screenshots in docs/console/ (the browser tests, writing their PNGs there).
+console-screenshots: $(STAMP)
+	INFERPLANE_CONSOLE_SCREENSHOTS=docs/console $(BIN)/pytest -q -m browser tests/browser
 
 ## The fidelity tier: the emulator against a real vLLM (CPU build in .fidelity-venv, installed
 ## on first use, ~3-6 min); see tests/fidelity/README.md.

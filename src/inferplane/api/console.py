@@ -149,7 +149,10 @@ def fmt_secs(v: Any) -> str:
 def fmt_num(v: Any, digits: int = 2) -> str:
     if isinstance(v, bool) or not isinstance(v, int | float):
         return DASH if v is None else str(v)
-    return f"{v:,}" if isinstance(v, int) else f"{v:,.{digits}f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    text = f"{v:,.{digits}f}"
+    return text[1:] if text.startswith("-") and not text.strip("-0.,") else text  # never -0.00
 
 
 def fmt_pct(v: Any) -> str:
