@@ -166,9 +166,14 @@ def make_api_handler(api: ApiKind) -> Handler:
             raw = orjson.dumps(body)
         trace.classified(profile, _max_tokens(body))
         with trace.stage("admit"):
-            ticket = await gw.admission.admit(
-                api, body, raw, request.headers, tenant, key_hash, profile
-            )
+            try:
+                ticket = await gw.admission.admit(
+                    api, body, raw, request.headers, tenant, key_hash, profile
+                )
+            except asyncio.CancelledError:  # the client left while the request was queued
+                gw.record_unplaced(profile, status=499,
+                                   error="client disconnected while queued for admission")
+                raise
         fwd, strip_usage = ticket.body or raw, False
         if body.get("stream") is True and not (body.get("stream_options") or {}).get(
             "include_usage"

@@ -695,6 +695,20 @@ class Core:
             time.time(),
         )
 
+    def record_unplaced(self, profile: RequestProfile, *, status: int, error: str) -> Receipt:
+        """The record of a request that ended before it was placed (its client left while it
+        waited for admission): no candidates, no pick, the status and the reason."""
+        decision = Decision(
+            decision_id=profile.request_id,
+            policy=self.class_policy[profile.workload_class].name,
+            profile=profile,
+            candidates=(),
+            picked=None,
+            removed_by={},
+        )
+        return self.ledger.record(decision, Outcome(status=status, endpoint=None, error=error),
+                                  time.time())
+
     async def committed(self, receipt: Receipt) -> bool:
         """Wait (``ledger.durable``) until ``receipt``'s record is committed, at most
         ``ledger.commit_timeout_s``; False (and counted) when the wait ran out or the write
