@@ -69,7 +69,7 @@ def _record(substrate: str, *, tokens: int = 1000, cost: float = 0.0, e2e: float
     return {
         "request": {"model": "llama-3.1-8b", "workload_class": cls, "prompt_tokens": tokens},
         "picked": {"substrate": substrate},
-        "spillover": {"reason": spill} if spill else None,
+        "spillover": {"kind": spill, "reason": f"why: {spill}"} if spill else None,
         "outcome": {"status": status, "prompt_tokens": tokens - 100, "completion_tokens": 100,
                     "cost_usd": cost, "e2e_s": e2e, "ttft_s": ttft},
     }

@@ -78,7 +78,9 @@ class Served:
             cost_usd=float(outcome.get("cost_usd") or 0.0),
             busy_s=float(e2e) if isinstance(e2e, int | float) else 0.0,
             ttft_s=outcome.get("ttft_s") if isinstance(outcome.get("ttft_s"), float) else None,
-            spillover=str(spill.get("reason") or "spillover") if isinstance(spill, dict) else None,
+            # the vocabulary word (`kind`); records before it had only `reason`
+            spillover=str(spill.get("kind") or spill.get("reason") or "spillover")
+            if isinstance(spill, dict) else None,
             energy_j=float(outcome["energy_j"])
             if isinstance(outcome.get("energy_j"), int | float) else None,
         )

@@ -44,14 +44,15 @@ def _money(x: float | None, unit: str = "") -> str:
 
 def lines(r: EconomicsReport) -> list[str]:
     """A plain-text report (what `inferplane economics` prints)."""
-    out = [f"window: {r.hours:.1f} h, {r.requests} served requests", "",
-           f"{'pool':<22}{'kind':<15}{'class':<10}{'util':>7}{'band':>8}{'days out':>9}"
+    span = f"{r.hours:.1f} h" if r.hours >= 1 else f"{r.hours * 60:.1f} min"
+    out = [f"window: {span}, {r.requests} served requests", "",
+           f"{'pool':<22}{'kind':<18}{'class':<10}{'util':>7}{'band':>8}{'days out':>9}"
            f"{'tokens':>12}{'USD':>11}{'USD/1M tok':>12}{'P99/P50':>9}"]
     for p in r.pools:
         usd = p.owned_usd if p.owned_usd is not None else p.attributed_usd
         div = list(p.divergence.values())[-1] if p.divergence else None
         out.append(
-            f"{p.name:<22}{p.kind:<15}{p.capacity_class:<10}{p.utilisation:>7.1%}{p.band:>8}"
+            f"{p.name:<22}{p.kind:<18}{p.capacity_class:<10}{p.utilisation:>7.1%}{p.band:>8}"
             f"{p.days_out_of_band:>9}{p.tokens:>12,}{_money(usd):>11}"
             f"{_money(p.usd_per_mtok):>12}{'-' if div is None else f'{div:.1f}x':>9}"
         )
