@@ -16,6 +16,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from inferplane.api.app import build_app
+from inferplane.api.console import GATEWAY, HISTORY, spark_points
 from inferplane.api.pipeline import Gateway, hash_key
 from inferplane.config.loader import load_config
 from tests.support.procs import Proc, free_port
@@ -232,3 +233,33 @@ async def test_no_admin_keys_no_console(tmp_path: Path) -> None:
         assert "gateway.metrics.api_keys" in (await r.json())["error"]["message"]
         login = await client.post("/console/login", data={"key": ADMIN})
         assert login.status == 403 and "Set-Cookie" not in login.headers
+
+
+def test_spark_points_scale_a_series_into_the_box() -> None:
+    assert spark_points([]) == "" and spark_points([3.0]) == ""
+    assert spark_points([None, None]) == ""
+    assert spark_points([0.0, 1.0], w=64, h=22) == "0.0,21.0 64.0,1.0"
+    # a missing sample is skipped, the x positions keep their places
+    assert spark_points([2.0, None, 4.0], w=10, h=12) == "0.0,6.0 10.0,1.0"
+    # a flat series lies on the floor
+    assert spark_points([0.0, 0.0, 0.0], w=10, h=12) == "0.0,11.0 5.0,11.0 10.0,11.0"
+
+
+async def test_fleet_panel_draws_each_pools_history(tmp_path: Path) -> None:
+    """The sampler's history becomes one sparkline per series of each pool."""
+    cfg = tmp_path / "fleet.yaml"
+    cfg.write_text(_config(free_port(), free_port(), tmp_path, [hash_key(ADMIN)]))
+    app = build_app(Gateway(load_config(cfg), str(cfg)))
+    async with TestClient(TestServer(app)) as client:
+        empty = await (await client.get("/console/fleet/panel", headers=_admin())).text()
+        assert "<polyline" not in empty and empty.count('class="spark ') == 3
+        history = app[HISTORY]
+        gw = app[GATEWAY]
+        for _ in range(3):
+            history.sample([p.to_json() for p in gw.pool_health().values()])
+        r = await client.get("/console/fleet/panel", headers=_admin())
+        text = await r.text()
+        # no engine answers here: the queue is known (0), KV pressure and P99/P50 are not
+        assert r.status == 200 and text.count("<polyline") == 1
+        assert 'class="spark s-waiting"' in text
+        assert len(history.samples["pool-a"]) >= 4  # the sampler's own (on start-up) and ours

@@ -192,9 +192,11 @@ def test_fleet_page_shows_live_health_and_refreshes(page: Any) -> None:
         assert name in text
     assert "healthy" in text
     assert page.locator("#pools tbody tr").count() == 2
-    stamp = page.text_content("#fleet-stamp")
-    assert stamp.startswith("3 of 3 endpoints usable")
+    assert page.text_content("#fleet-stamp").startswith("3 of 3 endpoints usable")
+    # the pools' history: sparklines drawn from the sampler (every 5 s), swapped in by htmx
+    page.wait_for_selector("#pools svg.spark.s-kv_mean polyline", timeout=15000)
     # htmx swaps the panel in again (its time stamp moves on)
+    stamp = page.text_content("#fleet-stamp")
     page.wait_for_function(
         "s => document.querySelector('#fleet-stamp').textContent !== s", arg=stamp, timeout=10000
     )

@@ -12,7 +12,10 @@ console holds no session state and any worker of a multi-process gateway serves 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from importlib import resources
 from typing import Any
@@ -46,6 +49,11 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-store",
 }
+HISTORY_INTERVAL_S = 5.0
+HISTORY_POINTS = 120
+"""The fleet page's sparklines: one sample of every pool every 5 s, the last 10 minutes."""
+SPARK_W, SPARK_H = 64, 22
+log = logging.getLogger("inferplane.console")
 GATEWAY: web.AppKey[Gateway] = web.AppKey("console_gateway", Gateway)
 TEMPLATES: web.AppKey[jinja2.Environment] = web.AppKey("console_templates", jinja2.Environment)
 STATIC: web.AppKey[dict[str, bytes]] = web.AppKey("console_static", dict)
@@ -183,17 +191,80 @@ def fmt_json(v: Any) -> str:
     return orjson.dumps(v, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS).decode()
 
 
+# -- pool history (sparklines) --------------------------------------------------------------
+SERIES = ("waiting", "kv_mean", "ttft_divergence", "inflight_ratio")
+
+
+class PoolHistory:
+    """The last `HISTORY_POINTS` samples of each pool's queue, KV pressure, TTFT divergence and
+    in-flight ratio, taken every `HISTORY_INTERVAL_S` while the gateway runs (this process's
+    view; each worker of a multi-process gateway keeps its own)."""
+
+    def __init__(self, points: int = HISTORY_POINTS) -> None:
+        self.points = points
+        self.samples: dict[str, deque[dict[str, float | None]]] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def sample(self, pools: list[dict[str, Any]]) -> None:
+        for p in pools:
+            ring = self.samples.setdefault(p["substrate"], deque(maxlen=self.points))
+            ring.append({k: p[k] for k in SERIES})
+
+    def sparklines(self, pool: str) -> dict[str, str]:
+        """SVG polyline points per series (empty below two samples)."""
+        ring = self.samples.get(pool) or deque()
+        return {k: spark_points([s[k] for s in ring]) for k in SERIES}
+
+    async def _loop(self, gw: Gateway) -> None:
+        while True:
+            try:
+                self.sample([p.to_json() for p in gw.pool_health().values()])
+            except Exception:  # a sample missed is no reason to stop sampling
+                log.exception("console: pool sample failed")
+            await asyncio.sleep(HISTORY_INTERVAL_S)
+
+    def start(self, gw: Gateway) -> None:
+        self._task = asyncio.create_task(self._loop(gw))
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+
+def spark_points(values: list[float | None], w: int = SPARK_W, h: int = SPARK_H) -> str:
+    """``x,y`` pairs of a polyline of ``values`` across ``w`` × ``h`` (y grows downwards; a
+    missing value is skipped; a flat series is drawn at the bottom)."""
+    known = [(i, v) for i, v in enumerate(values) if isinstance(v, int | float)]
+    if len(values) < 2 or not known:
+        return ""
+    lo, hi = min(0.0, *(v for _, v in known)), max(v for _, v in known)
+    span = hi - lo or 1.0
+    step = w / (len(values) - 1)
+    return " ".join(
+        f"{i * step:.1f},{h - 1 - (v - lo) / span * (h - 2):.1f}" for i, v in known
+    )
+
+
+HISTORY: web.AppKey[PoolHistory] = web.AppKey("console_history", PoolHistory)
+
+
 # -- data ------------------------------------------------------------------------------------
-def fleet_view(gw: Gateway) -> dict[str, Any]:
-    """What ``GET /v1/fleet/health`` shows: every endpoint and every pool."""
+def fleet_view(gw: Gateway, history: PoolHistory) -> dict[str, Any]:
+    """What ``GET /v1/fleet/health`` shows: every endpoint and every pool, each pool with the
+    sparklines of its recent history."""
     snap = gw.live.snapshot()
     records = gw.outliers.records
     endpoints = [endpoint_summary(v, records.get(v.name), snap.now) for v in snap.endpoints]
-    pools = [p.to_json() for p in gw.pool_health().values()]
+    pools = [{**p.to_json(), "spark": history.sparklines(name)}
+             for name, p in gw.pool_health().items()]
     return {
         "endpoints": endpoints,
         "pools": pools,
         "usable": sum(1 for e in endpoints if e["healthy"] and not e["ejected"]),
+        "history_min": HISTORY_POINTS * HISTORY_INTERVAL_S / 60,
         "at": time.time(),
     }
 
@@ -435,12 +506,14 @@ async def index(request: web.Request) -> web.Response:
 
 @admin
 async def fleet_page(request: web.Request) -> web.Response:
-    return render(request, "fleet.html", page="fleet", **fleet_view(request.app[GATEWAY]))
+    view = fleet_view(request.app[GATEWAY], request.app[HISTORY])
+    return render(request, "fleet.html", page="fleet", **view)
 
 
 @admin
 async def fleet_panel(request: web.Request) -> web.Response:
-    return render(request, "fleet_panel.html", **fleet_view(request.app[GATEWAY]))
+    view = fleet_view(request.app[GATEWAY], request.app[HISTORY])
+    return render(request, "fleet_panel.html", **view)
 
 
 @admin
@@ -508,6 +581,17 @@ def setup(app: web.Application, gateway: Gateway) -> None:
     app[GATEWAY] = gateway
     app[TEMPLATES] = _environment()
     app[STATIC] = _load_static()
+    history = app[HISTORY] = PoolHistory()
+
+    async def start(_: web.Application) -> None:
+        if admin_hashes(gateway):  # no console, no sampling
+            history.start(gateway)
+
+    async def stop(_: web.Application) -> None:
+        await history.stop()
+
+    app.on_startup.append(start)
+    app.on_cleanup.insert(0, stop)
     r = app.router
     r.add_get(PREFIX, index)
     r.add_get(PREFIX + "/", index)
