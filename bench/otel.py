@@ -1,15 +1,16 @@
 """bench/otel: the gateway's CPU per request with OpenTelemetry on against off, in one run.
 
 Starts a fast fake upstream, an OTLP/HTTP receiver (tests.support.otlp_receiver, decoding every
-export) and two gateway processes on loopback that differ only in ``telemetry.enabled``: off, and
-on with every trace sampled (``sample_ratio: 1``) and exported with the GenAI metrics. Rounds
-alternate between them (the order flips each round), each round sending the same requests (half
+export) and one gateway process per variant on loopback, differing only in ``telemetry``: off,
+and on at each ``--ratios`` sampling ratio (spans exported, GenAI metrics every 5 s). Rounds go
+through the variants (the order rotates each round), each sending the same requests (half
 streamed) at the same concurrency; the gateway process's CPU time (user + system, ``/proc``)
 over the round, background work included (scrapes, the span batcher and metric exports), is
-divided by the requests sent. Prints per-round and total CPU ms/request and the on/off ratio,
-with the load average, since the machine is shared.
+divided by the requests sent. Prints per-round CPU ms/request and each variant's total against
+off, with the load average, since the machine is shared.
 
-    python bench/otel.py [--rounds 6] [--requests 400] [--concurrency 8] [--json out.json]
+    python bench/otel.py [--rounds 6] [--requests 600] [--concurrency 8] [--ratios 1,0.05]
+                         [--json out.json]
 """
 
 from __future__ import annotations
@@ -85,7 +86,8 @@ async def run(args: argparse.Namespace, urls: dict[str, str],
         for name in urls:  # warm-up: connections, first-request paths
             await burst(s, urls[name], 50, args.concurrency)
         for rnd in range(args.rounds):
-            order = list(urls) if rnd % 2 == 0 else list(reversed(urls))
+            names = list(urls)
+            order = names[rnd % len(names):] + names[:rnd % len(names)]
             for name in order:
                 cpu0, t0 = cpu_seconds(pids[name]), time.perf_counter()
                 await burst(s, urls[name], args.requests, args.concurrency)
@@ -103,19 +105,20 @@ async def run(args: argparse.Namespace, urls: dict[str, str],
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--rounds", type=int, default=6)
-    ap.add_argument("--requests", type=int, default=400, help="requests per round and variant")
+    ap.add_argument("--requests", type=int, default=600, help="requests per round and variant")
+    ap.add_argument("--ratios", default="1,0.05", help="sampling ratios of the on variants")
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="ip-otel-"))
     receiver = OtlpReceiver().start()
     up_port = free_port()
-    ports = {"off": free_port(), "on": free_port()}
-    telemetry = {
-        "off": "{enabled: false}",
-        "on": f"{{enabled: true, endpoint: '{receiver.endpoint}', sample_ratio: 1.0, "
-              "export_interval_s: 5}",
-    }
+    telemetry = {"off": "{enabled: false}"}
+    for r in args.ratios.split(","):
+        telemetry[f"on@{float(r):g}"] = (
+            f"{{enabled: true, endpoint: '{receiver.endpoint}', sample_ratio: {float(r)}, "
+            "export_interval_s: 5}")
+    ports = {name: free_port() for name in telemetry}
     procs = [Proc(["-m", "tests.support.fake_upstream", "--port", str(up_port), "--mode", "fast"],
                   tmp / "up.log")]
     load_before = os.getloadavg()
@@ -139,32 +142,33 @@ def main() -> None:
         receiver.stop()
     load_after = os.getloadavg()
     spans = len(receiver.spans())
-    total = {v: sum(float(r["cpu_ms_per_request"]) for r in rows if r["variant"] == v)
-             for v in ("off", "on")}
-    ratios = [float(on["cpu_ms_per_request"]) / float(off["cpu_ms_per_request"])
-              for off, on in zip(
-                  [r for r in rows if r["variant"] == "off"],
-                  [r for r in rows if r["variant"] == "on"], strict=True)]
+    variants = list(telemetry)
+    per = {v: [float(r["cpu_ms_per_request"]) for r in rows if r["variant"] == v]
+           for v in variants}
     git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                          cwd=ROOT).stdout.strip()
     print(f"# bench/otel — {datetime.now(UTC):%Y-%m-%d %H:%M} UTC — git {git} — "
           f"{platform.node()} ({os.cpu_count()} CPUs), Python {platform.python_version()} — "
-          f"{args.rounds} rounds × {args.requests} requests × 2 variants, concurrency "
-          f"{args.concurrency}, half streamed — load average {load_before[0]:.1f} before, "
-          f"{load_after[0]:.1f} after")
-    print("| round | off CPU ms/request | on CPU ms/request | on/off |")
-    print("|---|---|---|---|")
-    for i, ratio in enumerate(ratios):
-        off = [r for r in rows if r["variant"] == "off"][i]["cpu_ms_per_request"]
-        on = [r for r in rows if r["variant"] == "on"][i]["cpu_ms_per_request"]
-        print(f"| {i} | {off:.3f} | {on:.3f} | {ratio:.3f} |")
-    print(f"| **all** | {total['off'] / args.rounds:.3f} | {total['on'] / args.rounds:.3f} | "
-          f"**{total['on'] / total['off']:.3f}** (median round {statistics.median(ratios):.3f}) |")
+          f"{args.rounds} rounds × {args.requests} requests × {len(variants)} variants, "
+          f"concurrency {args.concurrency}, half streamed — load average {load_before[0]:.1f} "
+          f"before, {load_after[0]:.1f} after")
+    print("| round | " + " | ".join(f"{v} CPU ms/request" for v in variants) + " |")
+    print("|---" * (len(variants) + 1) + "|")
+    for i in range(args.rounds):
+        print(f"| {i} | " + " | ".join(f"{per[v][i]:.3f}" for v in variants) + " |")
+    print("| **mean** | " + " | ".join(f"{statistics.fmean(per[v]):.3f}" for v in variants)
+          + " |")
+    off = sum(per["off"])
+    result = {}
+    for v in variants[1:]:
+        ratios = [a / b for a, b in zip(per[v], per["off"], strict=True)]
+        result[v] = {"ratio": sum(per[v]) / off, "median_round_ratio": statistics.median(ratios)}
+        print(f"{v}: CPU per request {sum(per[v]) / off:.3f}x off "
+              f"(median round {statistics.median(ratios):.3f}x)")
     print(f"spans received by the OTLP receiver: {spans}")
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "ratio": total["on"] / total["off"],
-                                         "median_ratio": statistics.median(ratios),
-                                         "spans": spans}, indent=2))
+        args.json.write_text(json.dumps({"rows": rows, "result": result, "spans": spans},
+                                        indent=2))
 
 
 if __name__ == "__main__":

@@ -202,7 +202,8 @@ async def test_a_stream_records_its_first_token_and_usage(stack: Stack) -> None:
     m = stack.metrics()
     (ttft,) = m["gen_ai.server.time_to_first_token"]
     assert ttft.count == 1 and ttft.sum > 0
-    assert m["gen_ai.server.time_per_output_token"][0].count == 1
+    assert "gen_ai.server.time_per_output_token" not in m  # on the spans only
+    assert a["inferplane.tpot_s"] >= 0
 
 
 async def test_a_4xx_is_a_server_span_with_its_error_type_and_no_placement(

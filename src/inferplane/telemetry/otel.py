@@ -56,7 +56,6 @@ DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 
                     40.96, 81.92)
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
                 5.0, 7.5, 10.0)
-TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
 TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304,
                  16777216, 67108864)
 
@@ -196,12 +195,6 @@ class OtelTelemetry(Telemetry):
             description="Time to generate the first token, for successful streamed responses",
             explicit_bucket_boundaries_advisory=TTFT_BUCKETS,
         )
-        self.tpot = meter.create_histogram(
-            "gen_ai.server.time_per_output_token", unit="s",
-            description="Time per output token after the first, for successful streamed "
-            "responses",
-            explicit_bucket_boundaries_advisory=TPOT_BUCKETS,
-        )
         self.tokens = meter.create_histogram(
             "gen_ai.client.token.usage", unit="{token}",
             description="Input and output tokens used per request",
@@ -252,7 +245,7 @@ class OtelTrace(RequestTrace):
         self.tel = tel
         self.op = OPERATION.get(api, api)
         self.started = time.perf_counter()
-        parent = tel.propagator.extract(headers)
+        parent = tel.propagator.extract(headers) if "traceparent" in headers else None
         attrs: dict[str, Any] = {"gen_ai.operation.name": self.op}
         if server_address:
             attrs["server.address"] = server_address
@@ -273,6 +266,9 @@ class OtelTrace(RequestTrace):
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
+        if not self.recording:  # an unsampled trace: its children would not be either
+            yield
+            return
         span = self.tel.tracer.start_span(name, context=self.ctx, kind=SpanKind.INTERNAL)
         outer, self.stage_span = self.stage_span, span
         try:
@@ -323,7 +319,6 @@ class OtelTrace(RequestTrace):
         self.attempt += 1
         upstream_model = endpoint.upstream_model(model)
         self.metric_attrs["gen_ai.response.model"] = upstream_model
-        self.metric_attrs["inferplane.pool"] = endpoint.substrate.name
         if not self.recording:
             return
         address, port = _address(endpoint.url)
@@ -378,8 +373,6 @@ class OtelTrace(RequestTrace):
         ok = error_type is None
         if ok and ttft_s is not None:
             self.tel.ttft.record(ttft_s, attrs)
-        if ok and tpot_s is not None:
-            self.tel.tpot.record(tpot_s, attrs)
         if prompt_tokens is not None:
             self.tel.tokens.record(prompt_tokens, {**attrs, "gen_ai.token.type": "input"})
         if completion_tokens is not None:
@@ -395,6 +388,8 @@ class OtelTrace(RequestTrace):
             usage["gen_ai.usage.output_tokens"] = completion_tokens
         if ttft_s is not None:
             usage["inferplane.ttft_s"] = ttft_s
+        if tpot_s is not None:
+            usage["inferplane.tpot_s"] = tpot_s
         for span in (self.upstream, self.span):
             if span is not None:
                 span.set_attributes(usage)
