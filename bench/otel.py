@@ -40,9 +40,9 @@ from tests.support.otlp_receiver import OtlpReceiver  # noqa: E402
 from tests.support.procs import Proc, free_port  # noqa: E402
 
 
-def fleet(port: int, up_port: int, telemetry: str) -> str:
+def fleet(port: int, up_port: int, telemetry: str, scrape_interval_s: float = 1.0) -> str:
     return f"""
-gateway: {{port: {port}, scrape_interval_s: 0.1}}
+gateway: {{port: {port}, scrape_interval_s: {scrape_interval_s}}}
 telemetry: {telemetry}
 substrates:
   - name: pool
@@ -108,6 +108,11 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=600, help="requests per round and variant")
     ap.add_argument("--ratios", default="1,0.05", help="sampling ratios of the on variants")
     ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=FIELDS",
+                    help="another variant: telemetry fields as YAML flow mapping items, e.g. "
+                    "'metrics-only=sample_ratio: 0' (enabled, the receiver's endpoint added)")
+    ap.add_argument("--scrape-interval", type=float, default=1.0,
+                    help="gateway.scrape_interval_s (background CPU counted in every round)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="ip-otel-"))
@@ -118,6 +123,10 @@ def main() -> None:
         telemetry[f"on@{float(r):g}"] = (
             f"{{enabled: true, endpoint: '{receiver.endpoint}', sample_ratio: {float(r)}, "
             "export_interval_s: 5}")
+    for extra in args.variant:
+        name, _, fields = extra.partition("=")
+        telemetry[name] = (f"{{enabled: true, endpoint: '{receiver.endpoint}', "
+                           f"export_interval_s: 5, {fields}}}")
     ports = {name: free_port() for name in telemetry}
     procs = [Proc(["-m", "tests.support.fake_upstream", "--port", str(up_port), "--mode", "fast"],
                   tmp / "up.log")]
@@ -127,7 +136,7 @@ def main() -> None:
         gws = {}
         for name, port in ports.items():
             cfg = tmp / f"{name}.yaml"
-            cfg.write_text(fleet(port, up_port, telemetry[name]))
+            cfg.write_text(fleet(port, up_port, telemetry[name], args.scrape_interval))
             gws[name] = Proc(["-m", "inferplane.cli", "serve", "--config", str(cfg),
                               "--log-level", "warning"], tmp / f"gw-{name}.log")
             procs.append(gws[name])

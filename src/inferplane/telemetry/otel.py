@@ -230,8 +230,8 @@ class OtelTrace(RequestTrace):
     ``place`` (INTERNAL) and one ``{operation} {upstream model}`` (CLIENT) per attempt."""
 
     __slots__ = (
-        "attempt", "ctx", "ended", "error_type", "metric_attrs", "op", "recording", "span",
-        "stage_span", "started", "tel", "upstream", "upstream_ctx",
+        "attempt", "continued", "ctx", "ended", "error_type", "metric_attrs", "op", "recording",
+        "span", "stage_span", "started", "tel", "upstream", "upstream_ctx",
     )
 
     def __init__(
@@ -245,7 +245,8 @@ class OtelTrace(RequestTrace):
         self.tel = tel
         self.op = OPERATION.get(api, api)
         self.started = time.perf_counter()
-        parent = tel.propagator.extract(headers) if "traceparent" in headers else None
+        self.continued = "traceparent" in headers
+        parent = tel.propagator.extract(headers) if self.continued else None
         attrs: dict[str, Any] = {"gen_ai.operation.name": self.op}
         if server_address:
             attrs["server.address"] = server_address
@@ -342,8 +343,10 @@ class OtelTrace(RequestTrace):
         self.span.set_attribute("inferplane.attempts", self.attempt)
 
     def upstream_headers(self) -> Mapping[str, str]:
+        if not self.recording and not self.continued:
+            return {}  # a trace of our own that is not sampled: nothing downstream to join
         carrier: dict[str, str] = {}
-        # an unsampled request still passes its trace id on (sampled flag off)
+        # a caller's unsampled trace still passes on (sampled flag off)
         self.tel.propagator.inject(carrier, context=self.upstream_ctx or self.ctx)
         return carrier
 
