@@ -110,7 +110,8 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=FIELDS",
                     help="another variant: telemetry fields as YAML flow mapping items, e.g. "
-                    "'metrics-only=sample_ratio: 0' (enabled, the receiver's endpoint added)")
+                    "'metrics-only=sample_ratio: 0' (enabled, the receiver's endpoint added), or "
+                    "'off2=enabled: false' (a second gateway with it off: the bench's own noise)")
     ap.add_argument("--scrape-interval", type=float, default=1.0,
                     help="gateway.scrape_interval_s (background CPU counted in every round)")
     ap.add_argument("--json", type=Path)
@@ -125,7 +126,8 @@ def main() -> None:
             "export_interval_s: 5}")
     for extra in args.variant:
         name, _, fields = extra.partition("=")
-        telemetry[name] = (f"{{enabled: true, endpoint: '{receiver.endpoint}', "
+        telemetry[name] = (f"{{{fields}}}" if "enabled" in fields else
+                           f"{{enabled: true, endpoint: '{receiver.endpoint}', "
                            f"export_interval_s: 5, {fields}}}")
     ports = {name: free_port() for name in telemetry}
     procs = [Proc(["-m", "tests.support.fake_upstream", "--port", str(up_port), "--mode", "fast"],
