@@ -207,6 +207,18 @@ def test_malformed_uploads_are_400(gw: dict[str, object], name: str, data: bytes
     assert_openai(status, headers, body, status)
 
 
+@pytest.mark.parametrize("ctype,body", [
+    (b"application/x-www-form-urlencoded", b"\xff\xfe=\xff"),
+    (b"multipart/form-data; boundary=X", b"garbage"),
+    (b"application/x-www-form-urlencoded; charset=nonesuch", b"key=a"),
+])
+def test_malformed_console_login_forms_are_400(gw: dict[str, object], ctype: bytes,
+                                               body: bytes) -> None:
+    req = (b"POST /console/login HTTP/1.1\r\nHost: x\r\nContent-Type: " + ctype +
+           f"\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+    assert_openai(*raw_request(int(str(gw["port"])), req), 400)
+
+
 def test_gateway_still_serves_and_logged_no_traceback(gw: dict[str, object]) -> None:
     r = httpx.post(f"{gw['base']}/v1/chat/completions", content=CHAT,
                    headers={"Authorization": f"Bearer {KEY}"}, timeout=10)

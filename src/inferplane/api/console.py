@@ -28,7 +28,12 @@ from prometheus_client.registry import CollectorRegistry
 
 from inferplane.api.pipeline import Gateway
 from inferplane.core.plane import hash_key
-from inferplane.errors import AuthenticationError, GatewayError, PermissionDeniedError
+from inferplane.errors import (
+    AuthenticationError,
+    GatewayError,
+    InvalidRequestError,
+    PermissionDeniedError,
+)
 from inferplane.fleet.health import endpoint_summary
 from inferplane.ledger.chain import canonical, receipt_of
 from inferplane.ledger.query import BadQuery, Query, decode_cursor, parse_time
@@ -467,7 +472,10 @@ async def login_form(request: web.Request) -> web.Response:
 
 async def login(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
-    form = await request.post()
+    try:
+        form = await request.post()
+    except (ValueError, LookupError) as exc:  # undecodable or malformed form bytes
+        raise InvalidRequestError(f"malformed form: {type(exc).__name__}") from None
     key = str(form.get("key") or "").strip()
     nxt = _safe_next(str(form.get("next") or ""))
     hashes = admin_hashes(gw)
