@@ -6,6 +6,7 @@ tests/browser/test_console_browser.py."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -187,6 +188,8 @@ def test_decisions_lists_recent_records_and_finds_one(stack: dict[str, Any]) -> 
         **_admin(), "HX-Request": "true"})
     assert filtered.status_code == 200 and "no decisions in this window" in filtered.text
     assert "<html" not in filtered.text
+    bad = httpx.get(f"{base}/console/decisions?since=yesterday-ish", headers=_admin())
+    assert bad.status_code == 200 and "since must be unix seconds or an ISO 8601 time" in bad.text
     missing = httpx.get(f"{base}/console/decisions/no-such-id", headers=_admin())
     assert missing.status_code == 404 and "no record" in missing.text
 
@@ -263,3 +266,24 @@ async def test_fleet_panel_draws_each_pools_history(tmp_path: Path) -> None:
         assert r.status == 200 and text.count("<polyline") == 1
         assert 'class="spark s-waiting"' in text
         assert len(history.samples["pool-a"]) >= 4  # the sampler's own (on start-up) and ours
+
+
+async def test_economics_page_shows_the_refreshers_report(tmp_path: Path) -> None:
+    """With ``economics.refresh_s`` the page shows the gateway's latest report (no ledger read
+    per view); ``?fresh=1`` computes one now."""
+    cfg = tmp_path / "fleet.yaml"
+    cfg.write_text(_config(free_port(), free_port(), tmp_path, [hash_key(ADMIN)])
+                   + "economics: {refresh_s: 0.1}\n")
+    app = build_app(Gateway(load_config(cfg), str(cfg)))
+    async with TestClient(TestServer(app)) as client:
+        collector = app[GATEWAY].economics.collector  # type: ignore[union-attr]
+        for _ in range(100):
+            if collector.report is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert collector.report is not None
+        r = await client.get("/console/economics", headers=_admin())
+        text = await r.text()
+        assert r.status == 200 and "by the gateway's refresher" in text and "pool-a" in text
+        fresh = await (await client.get("/console/economics?fresh=1", headers=_admin())).text()
+        assert "pool-a" in fresh and "refresher" not in fresh

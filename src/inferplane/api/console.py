@@ -28,6 +28,7 @@ from prometheus_client.registry import CollectorRegistry
 
 from inferplane.api.pipeline import Gateway
 from inferplane.core.plane import hash_key
+from inferplane.economics.analysis import EconomicsReport
 from inferplane.errors import (
     AuthenticationError,
     GatewayError,
@@ -254,6 +255,7 @@ def spark_points(values: list[float | None], w: int = SPARK_W, h: int = SPARK_H)
 
 
 HISTORY: web.AppKey[PoolHistory] = web.AppKey("console_history", PoolHistory)
+ECONOMICS_LOCK: web.AppKey[asyncio.Lock] = web.AppKey("console_economics_lock", asyncio.Lock)
 
 
 # -- data ------------------------------------------------------------------------------------
@@ -440,7 +442,11 @@ def economics_source(gw: Gateway) -> tuple[Any, str | None]:
 def economics_view(gw: Gateway, source: Any) -> dict[str, Any]:
     from inferplane.economics.render import from_ledger
 
-    report = from_ledger(gw.config, source).to_json()
+    return report_json(from_ledger(gw.config, source))
+
+
+def report_json(r: EconomicsReport) -> dict[str, Any]:
+    report = r.to_json()
     for p in report["pools"]:
         days = list(p["divergence"].values())
         p["divergence_latest"] = days[-1] if days else None
@@ -568,15 +574,24 @@ async def receipt_page(request: web.Request) -> web.Response:
 
 @admin
 async def economics_page(request: web.Request) -> web.Response:
+    """The gateway's latest report where its refresher keeps one (``economics.refresh_s``),
+    else (or with ``?fresh=1``) one computed now, one at a time, off the event loop."""
     gw = request.app[GATEWAY]
+    cached = gw.economics.collector if gw.economics is not None else None
+    if cached is not None and cached.report is not None and not request.query.get("fresh"):
+        return render(request, "economics.html", page="economics", why=None,
+                      report=report_json(cached.report), computed_at=cached.computed_at,
+                      refreshed=True)
     source, why = economics_source(gw)
     report = None
     if source is not None:
         try:  # the report reads the whole window from the ledger: off the event loop
-            report = await asyncio.to_thread(economics_view, gw, source)
+            async with request.app[ECONOMICS_LOCK]:
+                report = await asyncio.to_thread(economics_view, gw, source)
         except Exception as exc:  # an unreadable ledger is a message on the page
             why = f"cannot read the ledger: {exc}"
-    return render(request, "economics.html", page="economics", report=report, why=why)
+    return render(request, "economics.html", page="economics", report=report, why=why,
+                  computed_at=time.time(), refreshed=False)
 
 
 def _load_static() -> dict[str, bytes]:
@@ -590,6 +605,7 @@ def setup(app: web.Application, gateway: Gateway) -> None:
     app[TEMPLATES] = _environment()
     app[STATIC] = _load_static()
     history = app[HISTORY] = PoolHistory()
+    app[ECONOMICS_LOCK] = asyncio.Lock()
 
     async def start(_: web.Application) -> None:
         if admin_hashes(gateway):  # no console, no sampling
