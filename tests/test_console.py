@@ -287,3 +287,15 @@ async def test_economics_page_shows_the_refreshers_report(tmp_path: Path) -> Non
         assert r.status == 200 and "by the gateway's refresher" in text and "pool-a" in text
         fresh = await (await client.get("/console/economics?fresh=1", headers=_admin())).text()
         assert "pool-a" in fresh and "refresher" not in fresh
+
+
+async def test_a_malformed_receipt_form_is_a_400(tmp_path: Path) -> None:
+    cfg = tmp_path / "fleet.yaml"
+    cfg.write_text(_config(free_port(), free_port(), tmp_path, [hash_key(ADMIN)]))
+    async with TestClient(TestServer(build_app(Gateway(load_config(cfg), str(cfg))))) as client:
+        for ctype, body in [("application/x-www-form-urlencoded", b"\xff\xfe=\xff"),
+                            ("multipart/form-data; boundary=X", b"garbage")]:
+            r = await client.post("/console/receipt", data=body,
+                                  headers={**_admin(), "Content-Type": ctype})
+            assert r.status == 400
+            assert (await r.json())["error"]["message"].startswith("malformed form")

@@ -476,12 +476,17 @@ async def login_form(request: web.Request) -> web.Response:
     return render(request, "login.html", next=_safe_next(request.query.get("next")), error=None)
 
 
+async def read_form(request: web.Request) -> Mapping[str, Any]:
+    """The posted form; 400 (OpenAI shape) for undecodable or malformed form bytes."""
+    try:
+        return await request.post()
+    except (ValueError, LookupError) as exc:
+        raise InvalidRequestError(f"malformed form: {type(exc).__name__}") from None
+
+
 async def login(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
-    try:
-        form = await request.post()
-    except (ValueError, LookupError) as exc:  # undecodable or malformed form bytes
-        raise InvalidRequestError(f"malformed form: {type(exc).__name__}") from None
+    form = await read_form(request)
     key = str(form.get("key") or "").strip()
     nxt = _safe_next(str(form.get("next") or ""))
     hashes = admin_hashes(gw)
@@ -563,7 +568,7 @@ async def receipt_page(request: web.Request) -> web.Response:
     result = None
     text = receipt = ""
     if request.method == "POST":
-        form = await request.post()
+        form = await read_form(request)
         text, receipt = str(form.get("record") or ""), str(form.get("receipt") or "")
         result = await check_receipt(gw, text, receipt)
         if "HX-Request" in request.headers:
