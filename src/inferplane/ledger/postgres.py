@@ -31,7 +31,15 @@ import psycopg
 
 from inferplane.errors import ConfigError
 from inferplane.ledger.chain import GENESIS, Checkpoint, Signer
-from inferplane.ledger.query import EXPORT_SCHEMA, ExportRow, Page, Query, page_of, parquet_schema
+from inferplane.ledger.query import (
+    EXPORT_SCHEMA,
+    ExportRow,
+    Page,
+    Query,
+    page_of,
+    parquet_schema,
+    where_clause,
+)
 from inferplane.ledger.record import Outcome, Receipt
 from inferplane.ledger.sqlite import merge_records
 from inferplane.ledger.writer import Linked, PendingBuffer, link, settle
@@ -376,26 +384,8 @@ async def migrate(conn: psycopg.AsyncConnection[Any], t: Tables) -> int:
 
 # -- readers (verify, export, the list route) ---------------------------------------------------
 def select_sql(t: Tables, q: Query | None, limit: int | None = None) -> tuple[str, list[Any]]:
-    where: list[str] = []
-    args: list[Any] = []
-    if q is not None:
-        for col, val in (("tenant", q.tenant), ("workload_class", q.workload_class),
-                         ("model", q.model), ("substrate", q.substrate)):
-            if val is not None:
-                where.append(f"{col} = %s")
-                args.append(val)
-        if q.since is not None:
-            where.append("at_unix >= %s")
-            args.append(q.since)
-        if q.until is not None:
-            where.append("at_unix < %s")
-            args.append(q.until)
-        if q.after:
-            where.append("id > %s")
-            args.append(q.after)
-    sql = f"SELECT {_EXPORT_COLS} FROM {t.decisions}"
-    if where:
-        sql += " WHERE " + " AND ".join(where)
+    where, args = where_clause(q, "%s", "id")
+    sql = f"SELECT {_EXPORT_COLS} FROM {t.decisions}{where}"
     sql += " ORDER BY id"
     if limit is not None:
         sql += f" LIMIT {int(limit)}"

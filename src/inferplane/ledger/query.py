@@ -45,6 +45,32 @@ class Query:
     """Return rows whose row id is greater than this (decoded from the cursor)."""
 
 
+def where_clause(q: Query | None, mark: str, row_id: str) -> tuple[str, list[Any]]:
+    """The SQL filter selecting ``q``'s records (``""`` when none) and its arguments.
+
+    ``mark`` is the driver's placeholder (``?`` for sqlite3, ``%s`` for psycopg); ``row_id`` is
+    the column the cursor counts (`Query.after`).
+    """
+    where: list[str] = []
+    args: list[Any] = []
+    if q is not None:
+        for col, val in (("tenant", q.tenant), ("workload_class", q.workload_class),
+                         ("model", q.model), ("substrate", q.substrate)):
+            if val is not None:
+                where.append(f"{col} = {mark}")
+                args.append(val)
+        if q.since is not None:
+            where.append(f"at_unix >= {mark}")
+            args.append(q.since)
+        if q.until is not None:
+            where.append(f"at_unix < {mark}")
+            args.append(q.until)
+        if q.after:
+            where.append(f"{row_id} > {mark}")
+            args.append(q.after)
+    return (" WHERE " + " AND ".join(where) if where else ""), args
+
+
 @dataclass(slots=True)
 class Page:
     items: list[dict[str, Any]] = field(default_factory=list)

@@ -42,7 +42,7 @@ import orjson
 
 from inferplane.errors import ConfigError
 from inferplane.ledger.chain import GENESIS, Checkpoint, Signer, chain_hash
-from inferplane.ledger.query import ExportRow, Page, Query, page_of
+from inferplane.ledger.query import ExportRow, Page, Query, page_of, where_clause
 from inferplane.ledger.record import Outcome, Receipt
 from inferplane.ledger.writer import Linked, Pending, PendingBuffer, link, settle
 from inferplane.placement.framework import Decision
@@ -420,26 +420,8 @@ def iter_rows(
     conn: sqlite3.Connection, q: Query | None = None, *, limit: int | None = None
 ) -> Iterator[ExportRow]:
     """Records in storage order, filtered by ``q`` (every record when None)."""
-    where: list[str] = []
-    args: list[Any] = []
-    if q is not None:
-        for col, val in (("tenant", q.tenant), ("workload_class", q.workload_class),
-                         ("model", q.model), ("substrate", q.substrate)):
-            if val is not None:
-                where.append(f"{col} = ?")
-                args.append(val)
-        if q.since is not None:
-            where.append("at_unix >= ?")
-            args.append(q.since)
-        if q.until is not None:
-            where.append("at_unix < ?")
-            args.append(q.until)
-        if q.after:
-            where.append("seq > ?")
-            args.append(q.after)
-    sql = f"SELECT {_EXPORT_COLS} FROM decisions"
-    if where:
-        sql += " WHERE " + " AND ".join(where)
+    where, args = where_clause(q, "?", "seq")
+    sql = f"SELECT {_EXPORT_COLS} FROM decisions{where}"
     sql += " ORDER BY seq"
     if limit is not None:
         sql += f" LIMIT {int(limit)}"
