@@ -29,7 +29,11 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-TRACE = ROOT.parent / "shared" / "traces" / "mooncake_conversation.jsonl"
+# /work/shared/traces from the main checkout (/work/main) or a worktree (/work/wt/NAME)
+TRACE = next((p / "shared" / "traces" / "mooncake_conversation.jsonl"
+              for p in (ROOT.parent, ROOT.parent.parent)
+              if (p / "shared" / "traces" / "mooncake_conversation.jsonl").exists()),
+             ROOT.parent / "shared" / "traces" / "mooncake_conversation.jsonl")
 PROFILES = ["default", "round-robin", "least-request", "gie-default", "llmd-token-aware",
             "sglang-cache-aware", "dynamo-kv"]
 BASELINES = [p for p in PROFILES if p != "default"]
