@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from inferplane.config.schema import SubstrateSpec
 from inferplane.fleet.model import Endpoint, Fleet
-from inferplane.fleet.state import EndpointView
+from inferplane.fleet.state import EndpointView, FleetSnapshot
 from inferplane.placement.framework import CycleState, FilterResult, Plugin, register
 
 #: ``cycle.data`` key under which the saturation filter lists what it removed (the slo-first
@@ -192,22 +192,44 @@ class ReservedCapacity(Plugin):
         super().__init__(name, params)
         self._fleet: Fleet | None = None
         self._committed: dict[str, tuple[int, frozenset[str]]] = {}
+        self._positions: dict[str, list[int]] = {}  # substrate → its endpoints' fleet positions
+        self._snap: object = None  # the snapshot `_used` was summed on
+        self._used: dict[str, int] = {}
+
+    def _in_flight(self, snap: FleetSnapshot, name: str) -> int:
+        """Gateway in-flight requests on a substrate's endpoints, summed once per snapshot (a
+        large fleet's decision would otherwise read every endpoint of every candidate pool)."""
+        if snap is not self._snap:
+            self._snap, self._used = snap, {}
+        used = self._used.get(name)
+        if used is None:
+            views = snap.endpoints
+            if len(views) == len(snap.fleet.endpoints):  # in fleet order (the live fleet's)
+                used = sum(views[i].state.inflight for i in self._positions[name])
+            else:  # a hand-built snapshot
+                by = snap.by_name
+                used = sum(by[e].state.inflight for e in self._committed[name][1] if e in by)
+            self._used[name] = used
+        return used
 
     def filter(self, cycle: CycleState, candidates: list[EndpointView]) -> FilterResult:
         snap = cycle.snapshot
         if snap.fleet is not self._fleet:
             self._fleet, self._committed = snap.fleet, committed_capacity(snap.fleet)
+            self._positions = {}
+            for i, e in enumerate(snap.fleet.endpoints):
+                if e.substrate.name in self._committed:
+                    self._positions.setdefault(e.substrate.name, []).append(i)
         committed = self._committed
         if not committed:
             return FilterResult(candidates)
         subs = {c.endpoint.substrate.name for c in candidates} & committed.keys()
         if not subs:
             return FilterResult(candidates)
-        by = snap.by_name
         full: dict[str, str] = {}
         for name in subs:
-            size, eps = committed[name]
-            used = sum(by[e].state.inflight for e in eps if e in by)
+            size = committed[name][0]
+            used = self._in_flight(snap, name)
             if used >= size:
                 full[name] = f"reserved capacity exhausted: {used}/{size} in flight"
         if not full:
