@@ -10,7 +10,7 @@ import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -18,6 +18,11 @@ from inferplane.config.schema import FleetConfig
 from inferplane.ledger.chain import load_public
 from inferplane.ledger.query import WRITERS, ExportRow, Query
 from inferplane.ledger.verify import Report, verify_rows, verify_sqlite
+
+if TYPE_CHECKING:
+    import psycopg
+
+    from inferplane.ledger.postgres import Tables
 
 
 class SourceError(Exception):
@@ -66,15 +71,10 @@ def read_public_key(path: Path) -> Ed25519PublicKey:
         raise SourceError(str(exc)) from None
 
 
-def verify(source: Source, public_key: Ed25519PublicKey | None) -> Report:
-    key = public_key or source.public_key
-    if source.sqlite_path is not None:
-        from inferplane.ledger.sqlite import LedgerFileError
-
-        try:
-            return verify_sqlite(source.sqlite_path, key)
-        except (FileNotFoundError, LedgerFileError) as exc:
-            raise SourceError(str(exc)) from None
+@contextlib.contextmanager
+def _postgres(source: Source) -> Iterator[tuple[psycopg.Connection[Any], Tables]]:
+    """A reader's connection to the source's PostgreSQL ledger, its tables checked; a
+    connection, table or query error (in the ``with`` block too) is a `SourceError`."""
     import psycopg
 
     from inferplane.ledger import postgres as pg
@@ -84,12 +84,27 @@ def verify(source: Source, public_key: Ed25519PublicKey | None) -> Report:
     try:
         with pg.connect_sync(source.dsn) as conn:
             pg.check_tables(conn, t)
-            return verify_rows(
-                pg.iter_rows(conn, t, order="shard, chain_seq, id"),
-                pg.read_checkpoints(conn, t), pg.read_heads(conn, t), key,
-            )
+            yield conn, t
     except (psycopg.Error, LookupError) as exc:
         raise SourceError(f"{source.name}: {str(exc).strip().splitlines()[0]}") from None
+
+
+def verify(source: Source, public_key: Ed25519PublicKey | None) -> Report:
+    key = public_key or source.public_key
+    if source.sqlite_path is not None:
+        from inferplane.ledger.sqlite import LedgerFileError
+
+        try:
+            return verify_sqlite(source.sqlite_path, key)
+        except (FileNotFoundError, LedgerFileError) as exc:
+            raise SourceError(str(exc)) from None
+    from inferplane.ledger import postgres as pg
+
+    with _postgres(source) as (conn, t):
+        return verify_rows(
+            pg.iter_rows(conn, t, order="shard, chain_seq, id"),
+            pg.read_checkpoints(conn, t), pg.read_heads(conn, t), key,
+        )
 
 
 def describe(rep: Report, source: Source) -> list[str]:
@@ -155,18 +170,10 @@ def export(source: Source, q: Query | None, fmt: str, out: IO[bytes]) -> int:
     if source.sqlite_path is not None:
         with export_rows(source, q) as rows:
             return WRITERS[fmt](rows, out)
-    import psycopg
-
     from inferplane.ledger import postgres as pg
 
-    assert source.dsn is not None
-    t = pg.Tables(source.schema, source.prefix)
-    try:
-        with pg.connect_sync(source.dsn) as conn:
-            pg.check_tables(conn, t)
-            return pg.COPY_WRITERS[fmt](conn, t, q, out)
-    except (psycopg.Error, LookupError) as exc:
-        raise SourceError(f"{source.name}: {str(exc).strip().splitlines()[0]}") from None
+    with _postgres(source) as (conn, t):
+        return pg.COPY_WRITERS[fmt](conn, t, q, out)
 
 
 def read_one(source: Source, decision_id: str) -> dict[str, Any] | None:
@@ -178,19 +185,10 @@ def read_one(source: Source, decision_id: str) -> dict[str, Any] | None:
             return read_decision(source.sqlite_path, decision_id)
         except (FileNotFoundError, LedgerFileError) as exc:
             raise SourceError(str(exc)) from None
-    import psycopg
-
-    from inferplane.ledger import postgres as pg
     from inferplane.ledger.sqlite import merge_records
 
-    assert source.dsn is not None
-    t = pg.Tables(source.schema, source.prefix)
-    try:
-        with pg.connect_sync(source.dsn) as conn:
-            pg.check_tables(conn, t)
-            rows = conn.execute(
-                f"SELECT record FROM {t.decisions} WHERE decision_id = %s ORDER BY id",
-                (decision_id,)).fetchall()
-    except (psycopg.Error, LookupError) as exc:
-        raise SourceError(f"{source.name}: {str(exc).strip().splitlines()[0]}") from None
+    with _postgres(source) as (conn, t):
+        rows = conn.execute(
+            f"SELECT record FROM {t.decisions} WHERE decision_id = %s ORDER BY id",
+            (decision_id,)).fetchall()
     return merge_records(r[0] for r in rows)
