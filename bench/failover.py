@@ -13,10 +13,14 @@ endpoint produced before its ejection (attempts the gateway sent it), seconds fr
 request to the ejection, client errors (any non-200 or client timeout), and client P99 latency.
 
 Variants run side by side in one run: ``baseline`` switches the new failure semantics off (no
-consecutive-failure ejection, no first-byte timeout, one re-placement: the behaviour before issue
-10 item 5); ``default`` is the shipped configuration.
+consecutive-failure ejection, no first-byte timeout, one re-placement, no error-rate term in
+predicted-latency: the behaviour before issue 10 item 5); ``default`` is the shipped
+configuration; ``baseline+errsig`` is the baseline with the error-rate placement signal
+(predicted-latency's expected retry cost) and ``default-errsig0`` the shipped configuration
+without it (``error_weight: 0``), to measure that signal alone. Also reported: every attempt the
+faulty endpoint got in the whole run (half-open returns included).
 
-    python bench/failover.py [--seconds 12] [--clients 8] [--rate 40] [--variants baseline,default]
+    python bench/failover.py [--seconds 12] [--clients 8] [--rate 40] [--variants a,b,...]
 """
 
 from __future__ import annotations
@@ -47,18 +51,22 @@ KEY = "sk-failover"
 BODY = {"model": "m", "messages": [{"role": "user", "content": "hello " * 20}], "max_tokens": 5,
         "stream": True}
 
-VARIANTS: dict[str, tuple[str, str]] = {
-    # (gateway keys, health.outlier keys)
-    "baseline": (
-        "max_replacements: 1, first_byte_timeout: {enabled: false}",
-        "consecutive_5xx: null, consecutive_timeouts: null",
-    ),
-    "default": ("", ""),
+_OLD = (
+    "max_replacements: 1, first_byte_timeout: {enabled: false}",
+    "consecutive_5xx: null, consecutive_timeouts: null",
+)
+_NO_ERRSIG = "plugins:\n  - {type: predicted-latency, parameters: {error_weight: 0}}\n"
+VARIANTS: dict[str, tuple[str, str, str]] = {
+    # (gateway keys, health.outlier keys, extra top-level YAML)
+    "baseline": (*_OLD, _NO_ERRSIG),
+    "baseline+errsig": (*_OLD, ""),  # the old semantics plus the error-rate placement signal
+    "default-errsig0": ("", "", _NO_ERRSIG),  # the shipped semantics without that signal
+    "default": ("", "", ""),
 }
 
 
 def config(port: int, ups: dict[str, int], variant: str) -> str:
-    gw, outlier = VARIANTS[variant]
+    gw, outlier, extra = VARIANTS[variant]
     eps = "".join(
         f"""
       - {{name: {name}, url: "http://127.0.0.1:{p}",
@@ -79,13 +87,14 @@ substrates:
     endpoints:{eps}
 tenants:
   - {{name: t, api_keys: ["{hash_key(KEY)}"]}}
-"""
+{extra}"""
 
 
 @dataclass
 class Result:
     outcomes_before_ejection: int | None = None
     seconds_to_eject: float | None = None
+    faulty_attempts: int = 0  # attempts the faulty endpoint got in the whole run
     requests: int = 0
     errors: int = 0
     latencies: list[float] = field(default_factory=list)
@@ -147,6 +156,7 @@ async def scenario(
             await asyncio.gather(*(client(s) for _ in range(clients)))
     finally:
         watcher.cancel()
+        res.faulty_attempts = gw.live.live["bad"].requests_total
         await runner.cleanup()
         for r in runners:
             await r.cleanup()
@@ -159,22 +169,23 @@ async def main() -> None:
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--rate", type=float, default=40.0, help="requests/s offered (all clients)")
     ap.add_argument("--requests", type=int, default=3000, help="cap per scenario")
-    ap.add_argument("--variants", default="baseline,default")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
     a = ap.parse_args()
     variants = [v for v in a.variants.split(",") if v]
     print(f"bench/failover.py, {date.today()}, {platform.machine()}, Python "
           f"{platform.python_version()}, {a.clients} clients, ~{a.rate:g} req/s, "
           f"{a.seconds:g} s per scenario\n")
     print("| faulty endpoint | variant | outcomes before ejection | seconds to eject | "
-          "requests | client errors | client P99 s |")
-    print("|---|---|---|---|---|---|---|")
+          "faulty attempts, whole run | requests | client errors | client P99 s |")
+    print("|---|---|---|---|---|---|---|---|")
     for fault in ("fail500", "hang"):
         for v in variants:
             r = await scenario(fault, v, a.seconds, a.clients, a.requests, a.rate)
             out = "not ejected" if r.outcomes_before_ejection is None else str(
                 r.outcomes_before_ejection)
             sec = "-" if r.seconds_to_eject is None else f"{r.seconds_to_eject:.2f}"
-            print(f"| {fault} | {v} | {out} | {sec} | {r.requests} | {r.errors} | "
+            print(f"| {fault} | {v} | {out} | {sec} | {r.faulty_attempts} | {r.requests} | "
+                  f"{r.errors} | "
                   f"{r.p99():.2f} |", flush=True)
 
 

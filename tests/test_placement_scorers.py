@@ -190,6 +190,59 @@ def test_predicted_latency_client_region_rtt() -> None:
     assert far["us-h100-0"]["ttft_s"] - near["us-h100-0"]["ttft_s"] == pytest.approx(0.08)
 
 
+@pytest.mark.parametrize(
+    ("error_rate", "params", "factor"),
+    [
+        (0.0, {}, 1.0),  # error-free: exactly the prediction without the term
+        (0.2, {}, 1.25),  # 1 ÷ (1 - e)
+        (0.5, {}, 2.0),
+        (0.5, {"error_weight": 0.5}, 1.5),  # 1 + w × e ÷ (1 - e)
+        (0.5, {"error_weight": 0.0}, 1.0),  # off
+        (1.0, {}, 21.0),  # e clamped to max_error_rate 0.95: 1 + 1 ÷ 0.05
+        (1.0, {"max_error_rate": 0.5}, 3.0),
+    ],
+)
+def test_predicted_latency_expected_retry_cost(
+    error_rate: float, params: dict[str, Any], factor: float
+) -> None:
+    """The scored TTFT × the expected retry cost of the endpoint's error rate, the score ÷ it;
+    the peer and the annotated single-attempt predictions are untouched."""
+    names = ("eu-h100-0", "eu-h100-1")
+    ttft_only = {"itl_slo_s": None}  # the score follows TTFT (ITL is not inflated)
+    base_vals, base = scores(
+        "predicted-latency", ttft_only, states={"eu-h100-0": state()}, names=names, **params
+    )
+    vals, ann = scores(
+        "predicted-latency",
+        ttft_only,
+        states={"eu-h100-0": state(error_rate=error_rate)},
+        names=names,
+        **params,
+    )
+    # one attempt's TTFT (the first-byte timeout's base) is unchanged; the score is not
+    assert ann["eu-h100-0"]["ttft_s"] == base["eu-h100-0"]["ttft_s"]
+    assert ann["eu-h100-0"]["ttft_raw_s"] == base["eu-h100-0"]["ttft_raw_s"]
+    assert ann["eu-h100-0"].get("retry_factor", 1.0) == pytest.approx(factor)
+    x0 = 1.0 / base_vals["eu-h100-0"] - 1.0  # TTFT ÷ SLO without the term
+    assert vals["eu-h100-0"] == pytest.approx(1.0 / ((1.0 + x0 * factor) * factor))
+    assert ann["eu-h100-1"] == base["eu-h100-1"]
+    if factor == 1.0:
+        assert vals == base_vals and ann == base  # byte-identical decisions at e = 0
+    else:
+        assert vals["eu-h100-0"] < base_vals["eu-h100-0"]
+
+
+def test_predicted_latency_retry_cost_can_miss_the_slo() -> None:
+    """A failing endpoint stops meeting a TTFT SLO its prediction alone would meet."""
+    _, ok = scores("predicted-latency", states={"eu-h100-0": state()}, names=("eu-h100-0",))
+    slo = {"ttft_slo_s": ok["eu-h100-0"]["ttft_s"] * 1.5}
+    _, met = scores("predicted-latency", slo, {"eu-h100-0": state()}, names=("eu-h100-0",))
+    _, ann = scores(
+        "predicted-latency", slo, {"eu-h100-0": state(error_rate=0.5)}, names=("eu-h100-0",)
+    )
+    assert met["eu-h100-0"]["meets_slo"] == 1.0 and ann["eu-h100-0"]["meets_slo"] == 0.0
+
+
 # -- affinity -----------------------------------------------------------------------------------
 
 

@@ -47,6 +47,13 @@ class LatencyParams(BaseModel):
     reference_ttft_s: float = Field(1.0, gt=0, description="TTFT scale when no SLO is set")
     unknown_ttft_s: float = Field(2.0, gt=0, description="TTFT when no roofline or history")
     unknown_itl_s: float = Field(0.05, gt=0, description="ITL when no roofline or history")
+    error_weight: float = Field(
+        1.0, ge=0, description="weight of the expected retry cost of the endpoint's recent "
+        "error rate e: TTFT × (1 + error_weight × e ÷ (1 - e)); 0: off"
+    )
+    max_error_rate: float = Field(
+        0.95, gt=0, lt=1, description="e is clamped to this in the retry cost (bounds the factor)"
+    )
 
 
 @register("predicted-latency")
@@ -73,6 +80,20 @@ class PredictedLatency(Plugin):
       ``hardware.network_rtt_s`` for provider APIs;
     * ``ITL = r.step_time_s(0, 0, B + 1, (B + 1) × ctx) × k_itl`` (0 for embeddings).
 
+    Expected retry cost: with ``e`` the endpoint's recent error rate (share of failed outcomes
+    among its last 100, `EndpointState.error_rate`), an attempt there succeeds with probability
+    ``1 - e``, so a request expects ``1 ÷ (1 - e)`` attempts before its first token: the TTFT
+    above (region RTT included) is multiplied by ``retry = 1 + error_weight × e ÷ (1 -
+    min(e, max_error_rate))`` (``1 ÷ (1 - e)`` at the default weight 1; exactly 1 at ``e = 0``,
+    so error-free endpoints are scored as before) wherever it is scored or checked against the
+    SLO, and the score is divided by ``retry`` (headroom per expected attempt: ``(1 - e) ÷ (1 +
+    x)`` at weight 1) — a failing endpoint answers fast and sits idle, so it looks fast, cheap
+    and unloaded; when TTFT is far below the SLO the inflated TTFT alone barely moves the
+    score. An endpoint that starts failing loses picks (and may stop meeting the SLO) before
+    the outlier detector ejects it. The annotated ``ttft_s`` stays one attempt's prediction (the
+    first-byte timeout is derived from it; an inflated one would wait longer on a hung engine),
+    ``ttft_raw_s`` the uncorrected physics; ``retry_factor`` is annotated when above 1.
+
     Online correction: TTFT × ``k_ttft = clamp(median over the endpoint's recent requests of
     observed ÷ predicted TTFT, correction_min, correction_max)`` — the gateway (and simulator)
     feed each request's actual TTFT back against its uncorrected prediction (``ttft_raw_s``);
@@ -80,8 +101,9 @@ class PredictedLatency(Plugin):
     updated in ``on_picked``. Both are 1 until data exists. Unknown hardware/model: observed
     p50, else ``unknown_ttft_s`` / ``unknown_itl_s``.
 
-    Score: ``x = max(TTFT ÷ ttft_slo, ITL ÷ itl_slo)`` over the SLOs set (``TTFT ÷
-    reference_ttft_s`` when none); ``score = 1 ÷ (1 + x)`` (0.5 exactly at the SLO). Annotates
+    Score: ``x = max(TTFT × retry ÷ ttft_slo, ITL ÷ itl_slo)`` over the SLOs set (``TTFT ×
+    retry ÷ reference_ttft_s`` when none); ``score = 1 ÷ ((1 + x) × retry)`` (0.5 exactly at the
+    SLO when ``e = 0``). Annotates
     ``ttft_s``, ``itl_s``, their uncorrected ``ttft_raw_s`` and ``itl_raw_s``, ``queue_s``,
     ``uncached_tokens``, ``meets_slo`` (1/0) for every candidate; the slo-first picker relies on
     them.
@@ -109,6 +131,7 @@ class PredictedLatency(Plugin):
         self._kmin, self._kmax = params.correction_min, params.correction_max
         self._unknown_ttft, self._unknown_itl = params.unknown_ttft_s, params.unknown_itl_s
         self._ref_ttft = params.reference_ttft_s
+        self._err_w, self._err_max = params.error_weight, params.max_error_rate
         self._ewma: dict[str, tuple[float, float]] = {}  # endpoint → (ttft, itl) predictions
         self._key = f"predicted-latency:{name}"
 
@@ -147,6 +170,7 @@ class PredictedLatency(Plugin):
             loads = self._load[model] = {}
         ewma = self._ewma
         unknown_ttft, unknown_itl, ref_ttft = self._unknown_ttft, self._unknown_itl, self._ref_ttft
+        err_w, err_max = self._err_w, self._err_max
         matched = self.matcher.matches(cycle, candidates)
         nblocks = len(prof.block_hashes)
         rtts: dict[str, float] = {}
@@ -209,12 +233,20 @@ class PredictedLatency(Plugin):
                         itl *= kmin if f < kmin else (kmax if f > kmax else f)
                 ttft += region_rtt
             raw[name] = (raw_t, raw_i)
+            # Expected attempts 1 ÷ (1 - e) (see the docstring): scored and checked against the
+            # SLO, while ttft_s stays one attempt's prediction (the first-byte timeout's base).
+            e = s.error_rate
+            retry = 1.0
+            expected_ttft = ttft
+            if e > 0.0 and err_w > 0.0:
+                retry = 1.0 + err_w * e / (1.0 - (e if e < err_max else err_max))
+                expected_ttft = ttft * retry
             check_itl = itl_slo is not None and not k.embedding
             if ttft_slo is None and not check_itl:
                 meets = True
-                x = ttft / ref_ttft
+                x = expected_ttft / ref_ttft
             else:
-                x = 0.0 if ttft_slo is None else ttft / ttft_slo
+                x = 0.0 if ttft_slo is None else expected_ttft / ttft_slo
                 if check_itl:
                     y = itl / itl_slo  # type: ignore[operator]
                     if y > x:
@@ -228,7 +260,11 @@ class PredictedLatency(Plugin):
             ann["queue_s"] = queue_s
             ann["uncached_tokens"] = float(uncached)
             ann["meets_slo"] = 1.0 if meets else 0.0
-            append(1.0 / (1.0 + x))
+            if retry > 1.0:
+                ann["retry_factor"] = retry
+                append(1.0 / ((1.0 + x) * retry))  # headroom per expected attempt
+            else:
+                append(1.0 / (1.0 + x))
         cycle.data[self._key] = raw
         return out
 
