@@ -9,8 +9,9 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, NoReturn, TypeVar
 
 import typer
 
@@ -81,6 +82,26 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+def _log_to_stderr(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+_T = TypeVar("_T")
+
+
+def _build(make: Callable[[], _T], config: Path, what: str) -> _T:
+    """``make()``, or exit with a message: a ConfigError names the fleet file, any other
+    start-up problem is one line, never a traceback."""
+    try:
+        return make()
+    except ConfigError as exc:
+        fail(f"invalid configuration\n{_in_file(exc, config)}")
+    except Exception as exc:  # a start-up problem is a message, never a traceback
+        fail(f"cannot start the {what} ({config}): {_describe(exc)}", 1)
+
+
 @app.command()
 def serve(
     config: ConfigOpt = Path("examples/quickstart.yaml"),
@@ -89,20 +110,13 @@ def serve(
     log_level: Annotated[str, typer.Option(help="logging level")] = "info",
 ) -> None:
     """Run the gateway in front of the fleet described by CONFIG."""
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    _log_to_stderr(log_level)
     cfg = load_checked(config)
     from inferplane.api.app import ListenError
     from inferplane.api.app import serve as serve_app
     from inferplane.api.pipeline import Gateway
 
-    try:
-        gateway = Gateway(cfg, str(config))
-    except ConfigError as exc:
-        fail(f"invalid configuration\n{_in_file(exc, config)}")
-    except Exception as exc:  # a start-up problem is a message, never a traceback
-        fail(f"cannot start the gateway ({config}): {_describe(exc)}", 1)
+    gateway = _build(lambda: Gateway(cfg, str(config)), config, "gateway")
     h = host or cfg.gateway.host
     p = port if port is not None else cfg.gateway.port
 
@@ -143,19 +157,12 @@ def epp(
     log_level: Annotated[str, typer.Option(help="logging level")] = "info",
 ) -> None:
     """Run the endpoint picker (Envoy ext_proc gRPC) for the fleet described by CONFIG."""
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    _log_to_stderr(log_level)
     cfg = load_checked(config)
     from inferplane.epp.server import Picker
     from inferplane.epp.server import serve as serve_epp
 
-    try:
-        picker = Picker(cfg, str(config))
-    except ConfigError as exc:
-        fail(f"invalid configuration\n{_in_file(exc, config)}")
-    except Exception as exc:
-        fail(f"cannot start the picker ({config}): {_describe(exc)}", 1)
+    picker = _build(lambda: Picker(cfg, str(config)), config, "picker")
     h = host or cfg.epp.host
     p = port if port is not None else cfg.epp.port
 
