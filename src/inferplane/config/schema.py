@@ -30,7 +30,8 @@ class MetricsSpec(Strict):
 
     api_keys: list[str] = Field(
         default_factory=list,
-        description="'sha256:<hex>' of admin keys that may read /metrics on the API listener",
+        description="'sha256:<hex>' of admin keys: they may read /metrics on the API listener "
+        "and use the web console (/console, docs/console.md)",
     )
     port: int | None = Field(
         None, ge=0, le=65535,
