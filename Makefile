@@ -10,6 +10,11 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
+	# xds-protos (Envoy's ext_proc stubs) ships an old copy of opentelemetry-proto's modules in
+	# the same folder; whichever package pip installs last wins, and the old copy breaks the OTLP
+	# exporter (no InstrumentationScope). Put opentelemetry-proto's own files back on top.
+	$(BIN)/pip install --quiet --force-reinstall --no-deps \
+	  "opentelemetry-proto==$$($(BIN)/python -c 'import importlib.metadata as m; print(m.version("opentelemetry-proto"))')"
 	touch $(STAMP)
 
 install: $(STAMP)
