@@ -33,10 +33,11 @@ def test_calibrated_profile_predicts_and_emulates_the_real_engine(
     REPORT["calibration_workload_gaps"] = {k: round(v, 3) for k, v in gaps.items()}
     REPORT["calibration_real_bursts"] = f"{res['real_bursts']} of {res['real_streams']} streams"
 
-    assert res["prediction_error"]["calibrated"]["median"] <= 0.20, res
     if res["real_starved"]:
         # The real engine's HTTP front end sent >10 % of its streams in one burst (starved of
         # CPU by other work on the machine): its latencies measure the machine, not the
-        # engine, so the emulator's gaps are reported above, not asserted.
+        # engine, so the prediction errors and the emulator's gaps are reported above, not
+        # asserted (bench/calibration.py says the same).
         return
+    assert res["prediction_error"]["calibrated"]["median"] <= 0.20, res
     assert max(abs(g) for g in gaps.values()) <= 0.15, res
