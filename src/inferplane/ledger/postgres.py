@@ -42,7 +42,7 @@ from inferplane.ledger.query import (
 )
 from inferplane.ledger.record import Outcome, Receipt
 from inferplane.ledger.sqlite import merge_records
-from inferplane.ledger.writer import Linked, PendingBuffer, link, settle
+from inferplane.ledger.writer import CommitAccounting, Linked, PendingBuffer, link
 from inferplane.placement.framework import Decision
 
 log = logging.getLogger("inferplane.ledger")
@@ -120,7 +120,7 @@ def _config_error(source: str, msg: str) -> ConfigError:
     return ConfigError(source, [("ledger.postgres_dsn", msg)])
 
 
-class PostgresLedger:
+class PostgresLedger(CommitAccounting):
     """Decision records in PostgreSQL (see the module docstring)."""
 
     def __init__(
@@ -263,16 +263,7 @@ class PostgresLedger:
         except BaseException:
             self._buf.requeue(batch)
             raise
-        settle(batch, True)
-        if batch:
-            self.batches_written += 1
-            self.records_written += len(batch)
-        self.checkpoints_written += len(cps)
-        if cps and cps[-1].seq == head[0]:
-            self._unsigned = False
-            self._last_checkpoint = time.monotonic()
-        elif batch:
-            self._unsigned = True
+        self._committed(batch, cps, head[0])
         return True
 
     async def _commit(

@@ -44,7 +44,7 @@ from inferplane.errors import ConfigError
 from inferplane.ledger.chain import GENESIS, Checkpoint, Signer, chain_hash
 from inferplane.ledger.query import ExportRow, Page, Query, page_of, where_clause
 from inferplane.ledger.record import Outcome, Receipt
-from inferplane.ledger.writer import Linked, Pending, PendingBuffer, link, settle
+from inferplane.ledger.writer import CommitAccounting, Linked, Pending, PendingBuffer, link
 from inferplane.placement.framework import Decision
 
 log = logging.getLogger("inferplane.ledger")
@@ -119,7 +119,7 @@ class LedgerFileError(Exception):
     """The file is not a ledger this version can read (not SQLite, or a newer schema)."""
 
 
-class SqliteLedger:
+class SqliteLedger(CommitAccounting):
     """Decision records in one SQLite file (see the module docstring).
 
     ``path`` must name a file in an existing, writable directory; otherwise the constructor raises
@@ -301,16 +301,7 @@ class SqliteLedger:
                 raise
             self._write_failed(exc)
             return False
-        settle(batch, True)
-        if batch:
-            self.batches_written += 1
-            self.records_written += len(batch)
-        self.checkpoints_written += len(cps)
-        if cps and cps[-1].seq == new_head[0]:
-            self._unsigned = False
-            self._last_checkpoint = time.monotonic()
-        elif batch:
-            self._unsigned = True
+        self._committed(batch, cps, new_head[0])
         return True
 
     def _insert_rows(self, conn: sqlite3.Connection, rows: Sequence[Row]) -> None:

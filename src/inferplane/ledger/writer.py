@@ -1,5 +1,5 @@
-"""What every ledger writer shares: the pending buffer with its commit futures, and chaining a
-batch onto a shard's head (with the checkpoints it crosses)."""
+"""What every ledger writer shares: the pending buffer with its commit futures, chaining a
+batch onto a shard's head (with the checkpoints it crosses), and accounting a committed batch."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -141,6 +142,32 @@ def settle(batch: Sequence[Pending], ok: bool) -> None:
                 resolve(futs, ok)
             else:
                 loop.call_soon_threadsafe(resolve, futs, ok)
+
+
+class CommitAccounting:
+    """The counters and signing state of a durable ledger (SQLite, PostgreSQL), kept the same
+    way by both after each committed batch."""
+
+    batches_written: int
+    records_written: int
+    checkpoints_written: int
+    _unsigned: bool
+    _last_checkpoint: float
+
+    def _committed(self, batch: Sequence[Pending], cps: Sequence[Checkpoint],
+                   head_seq: int) -> None:
+        """``batch`` (and ``cps``) are committed with the shard's head at ``head_seq``: settle
+        the waiters, count them, and note whether the head is covered by a checkpoint."""
+        settle(batch, True)
+        if batch:
+            self.batches_written += 1
+            self.records_written += len(batch)
+        self.checkpoints_written += len(cps)
+        if cps and cps[-1].seq == head_seq:
+            self._unsigned = False
+            self._last_checkpoint = time.monotonic()
+        elif batch:
+            self._unsigned = True
 
 
 def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:
