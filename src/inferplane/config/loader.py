@@ -152,16 +152,20 @@ def parse_config(
     return config
 
 
-def load_config(path: str | Path) -> FleetConfig:
-    """Read and check a fleet file."""
-    p = Path(path)
+def read_text(p: Path) -> str:
+    """A configuration file's text; `ConfigError` naming ``p`` if unreadable or not UTF-8."""
     try:
-        text = p.read_text("utf-8")
+        return p.read_text("utf-8")
     except OSError as exc:
         raise ConfigError(str(p), [("", f"cannot read: {exc.strerror or exc}")]) from None
     except UnicodeDecodeError:
         raise ConfigError(str(p), [("", "not UTF-8 text")]) from None
-    return parse_config(text, str(p), base_dir=p.parent)
+
+
+def load_config(path: str | Path) -> FleetConfig:
+    """Read and check a fleet file."""
+    p = Path(path)
+    return parse_config(read_text(p), str(p), base_dir=p.parent)
 
 
 def _duplicates(section: str, names: Iterable[tuple[str, str]]) -> Iterable[tuple[str, str]]:

@@ -34,7 +34,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from inferplane.config.loader import format_loc
+from inferplane.config.loader import format_loc, read_text
 from inferplane.errors import ConfigError
 
 __all__ = ["FaultEvent", "load_faults", "validate_faults"]
@@ -69,13 +69,7 @@ def _parse(text: str, path: Path) -> object:
 def load_faults(path: str | Path, endpoints: Sequence[str]) -> list[FaultEvent]:
     """Read and check a fault schedule against the fleet's ``endpoints``; sorted by time."""
     p = Path(path)
-    try:
-        text = p.read_text("utf-8")
-    except OSError as exc:
-        raise ConfigError(str(p), [("", f"cannot read: {exc.strerror or exc}")]) from None
-    except UnicodeDecodeError:
-        raise ConfigError(str(p), [("", "not UTF-8 text")]) from None
-    raw = _parse(text, p)
+    raw = _parse(read_text(p), p)
     if isinstance(raw, dict) and set(raw) == {"faults"}:
         raw = raw["faults"]
     if not isinstance(raw, list):
