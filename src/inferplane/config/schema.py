@@ -601,6 +601,20 @@ class AdmissionSpec(Strict):
         description="redis://, rediss:// or unix:// URL of the shared store",
     )
     redis_prefix: str = "inferplane:"
+    shared_slots: bool = Field(
+        True,
+        description="with store: redis, every process takes a per-endpoint in-flight slot in "
+        "Redis before sending, so max_concurrency holds across replicas and workers",
+    )
+    slot_lease_s: float = Field(
+        10.0,
+        gt=0,
+        description="lease of a shared in-flight slot, renewed every third of it: a replica "
+        "killed with -9 stops holding capacity within this",
+    )
+    slot_sync_s: float = Field(
+        0.05, gt=0, description="period of reading the other replicas' in-flight counts"
+    )
     redis_timeout_s: float = Field(
         0.5, gt=0, description="a Redis call slower than this counts as Redis being unreachable"
     )

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -24,6 +25,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Generic, TypeVar
 
 from inferplane.admission.controller import Admission, Ticket
+from inferplane.admission.queue import QueueTimeoutError
+from inferplane.admission.slots import SharedSlots
 from inferplane.admission.state import AdmissionStore
 from inferplane.config.schema import FleetConfig, ModelAlias, TenantSpec
 from inferplane.dispatch.answer import StreamStats, UpstreamAttemptFailed, parse_usage
@@ -158,6 +161,19 @@ class Core:
             monotonic=monotonic,
         )
         self.outliers = OutlierDetector(self.fleet, config.health.outlier)
+        self.slots: SharedSlots | None = None
+        spec = config.admission
+        if spec.store == "redis" and spec.shared_slots:
+            self.slots = SharedSlots(
+                spec.redis_url,
+                spec.redis_prefix,
+                limits={e.name: e.max_concurrency for e in self.fleet.endpoints},
+                on_remote=self.live.set_remote_inflight,
+                lease_s=spec.slot_lease_s,
+                sync_s=spec.slot_sync_s,
+                timeout_s=spec.redis_timeout_s,
+                retry_after_s=spec.outage_retry_after_s,
+            )
         self.passive = PassiveHealth(self.live, self.outliers, config.health.outlier)
         self._health_task: asyncio.Task[None] | None = None
         self.economics = refresher_for(config, file, self.metrics.registry)
@@ -189,6 +205,8 @@ class Core:
         await self.admission.start()
         if self.economics is not None:
             self.economics.start()
+        if self.slots is not None:
+            await self.slots.start()
 
     async def stop(self) -> None:
         """Stop everything `start` started. Every step runs even when an earlier one fails (a
@@ -203,6 +221,8 @@ class Core:
             steps.append(("scraper", self.scraper.stop))
         if self.kv_events is not None:
             steps.append(("KV-event subscriber", self.kv_events.stop))
+        if self.slots is not None:
+            steps.append(("shared slots", self.slots.close))
         steps += [
             ("ledger", self.ledger.close),
             ("admission", self.admission.close),
@@ -341,8 +361,9 @@ class Core:
                 code="context_length_exceeded",
             )
 
-    def decide(self, profile: RequestProfile) -> Decision:
-        """Place the request; raise 503 naming the filters when nothing is eligible."""
+    def decide(self, profile: RequestProfile, *, record: bool = True) -> Decision:
+        """Place the request; raise 503 naming the filters when nothing is eligible (and record
+        that in the ledger unless ``record`` is false: a retry that will wait and re-place)."""
         policy = self.class_policy[profile.workload_class]
         snap = self.live.snapshot()
         decision = place(
@@ -362,18 +383,25 @@ class Core:
             self._check_possible(profile)
             for name, n in decision.removed_by.items():
                 self.metrics.no_endpoint.labels(name).inc(n)
-            self.ledger.record(decision, Outcome(status=503, endpoint=None), time.time())
+            if record:
+                self.ledger.record(decision, Outcome(status=503, endpoint=None), time.time())
             raise NoEligibleEndpointError(len(snap.endpoints), decision.removed_by)
         return decision
 
     def reserve(
-        self, profile: RequestProfile, ticket: Ticket | None = None, failed: list[str] | None = None
+        self,
+        profile: RequestProfile,
+        ticket: Ticket | None = None,
+        failed: list[str] | None = None,
+        *,
+        record: bool = True,
     ) -> Placement:
         """Place the request and reserve the picked endpoint (`decide`, then
-        `LiveFleet.reserve`); the admission ticket, if any, is marked placed."""
+        `LiveFleet.reserve`); the admission ticket, if any, is marked placed. With shared slots
+        (several replicas), call `hold` instead."""
         trace = current_trace()
         with trace.stage("place"):
-            decision = self.decide(profile)
+            decision = self.decide(profile, record=record)
             trace.placed(decision)
         view = decision.picked
         assert view is not None
@@ -426,6 +454,58 @@ class Core:
             self.metrics.endpoint_ejections.labels(a.endpoint, a.kind or "").inc()
             log.warning("ejected %s: %s", a.endpoint, a.reason)
 
+    async def hold(
+        self,
+        profile: RequestProfile,
+        ticket: Ticket | None = None,
+        failed: list[str] | None = None,
+    ) -> Placement:
+        """`reserve`, and with shared slots (`admission.slots`) also take the pick's slot
+        across replicas: a pick at ``max_concurrency`` fleet-wide is excluded (filter
+        ``capacity``) and the request re-placed; when every eligible endpoint is full it waits
+        for a slot, at most its class's queue deadline (then 503 ``queue_timeout``)."""
+        placement = self.reserve(profile, ticket, failed)
+        slots = self.slots
+        if slots is None:
+            return placement
+        full: set[str] = set()
+        deadline: float | None = None
+        while True:
+            name = placement.endpoint_name
+            try:
+                sid = await slots.acquire(name)
+            except BaseException:  # cancelled: the local reservation must not leak
+                placement.reservation.release()
+                raise
+            if sid is not None:
+                placement.reservation.on_release = functools.partial(slots.release, name, sid)
+                return placement
+            placement.reservation.release()
+            full.add(name)
+            try:
+                placement = self.reserve(
+                    profile.with_(full=frozenset(full)), ticket, failed, record=False
+                )
+                continue
+            except NoEligibleEndpointError:
+                pass
+            now = self.live.clock()
+            if deadline is None:
+                cls = self.admission.classes.get(profile.workload_class)
+                wait_ms = (cls.queue_deadline_ms if cls else None) or (
+                    self.config.admission.queue.default_deadline_ms
+                )
+                deadline = now + wait_ms / 1000.0
+            if now >= deadline:
+                raise QueueTimeoutError(
+                    f"every endpoint that can serve {profile.model!r} stayed at its "
+                    f"max_concurrency across the gateway replicas until the queue deadline",
+                    headers={"Retry-After": "1"},
+                )
+            await slots.wait_free(min(0.1, deadline - now))
+            full.clear()
+            placement = self.reserve(profile, ticket, failed)
+
     async def open_with(
         self,
         profile: RequestProfile,
@@ -444,7 +524,7 @@ class Core:
         rate_limited: Endpoint | None = None  # the endpoint that answered 429 last attempt
         while True:
             try:
-                placement = self.reserve(profile, ticket, failed)
+                placement = await self.hold(profile, ticket, failed)
             except NoEligibleEndpointError:
                 if not failed:
                     raise

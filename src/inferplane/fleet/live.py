@@ -112,6 +112,7 @@ class Reservation:
     tokens: int
     prefill_tokens: int = 0
     released: bool = False
+    on_release: Callable[[], None] | None = None  # e.g. give back a shared in-flight slot
     prefilled: bool = False
 
     def first_token(self) -> None:
@@ -124,6 +125,8 @@ class Reservation:
         if not self.released:
             self.first_token()
             self.released = True
+            if self.on_release is not None:
+                self.on_release()
             self.fleet._release(self.endpoint, self.tokens)
 
 
@@ -146,6 +149,7 @@ class EndpointLive:
         "pending_prefill",
         "pending_prefill_tokens",
         "rate",
+        "remote_inflight",
         "requests_total",
         "scrapes",
         "stats",
@@ -163,6 +167,7 @@ class EndpointLive:
         self.ejected_reason = ""
         self.inflight = 0
         self.inflight_tokens = 0
+        self.remote_inflight = 0  # other replicas' in-flight requests (shared slots)
         self.pending_prefill = 0
         self.pending_prefill_tokens = 0
         self.ttft = LatencyWindow()
@@ -287,6 +292,14 @@ class LiveFleet:
         rec.inflight_tokens -= tokens
         self._touch(rec)
 
+    def set_remote_inflight(self, endpoint: str, n: int) -> None:
+        """Other gateway processes' in-flight requests on the endpoint (from the shared slots);
+        snapshots report ``inflight`` as this process's plus theirs."""
+        rec = self.live.get(endpoint)
+        if rec is not None and rec.remote_inflight != n:
+            rec.remote_inflight = n
+            self._touch(rec)
+
     def observe_ttft(self, endpoint: str, seconds: float, predicted: float | None = None) -> None:
         """An observed TTFT, and (when placement predicted one) the ratio to its prediction."""
         rec = self.live[endpoint]
@@ -349,7 +362,7 @@ class LiveFleet:
             block_size=m.block_size if m else None,
             num_gpu_blocks=m.num_gpu_blocks if m else None,
             power_watts=m.power_watts if m else None,
-            inflight=rec.inflight,
+            inflight=rec.inflight + rec.remote_inflight,
             inflight_tokens=rec.inflight_tokens,
             pending_prefill=rec.pending_prefill,
             pending_prefill_tokens=rec.pending_prefill_tokens,

@@ -390,6 +390,17 @@ def _place(
         if len(kept) != len(candidates):
             removed["failover"] = len(candidates) - len(kept)
         candidates = kept
+    full = profile.full
+    if full:
+        kept = [c for c in candidates if c.name not in full]
+        for c in candidates:
+            if c.name in full:
+                records[c.name] = _rejected(
+                    c, "capacity", "max_concurrency reached across replicas (shared slots)"
+                )
+        if len(kept) != len(candidates):
+            removed["capacity"] = len(candidates) - len(kept)
+        candidates = kept
 
     for f in policy.filters:
         if not candidates:

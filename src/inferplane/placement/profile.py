@@ -42,6 +42,7 @@ class RequestProfile:
     preferred_kinds: frozenset[str] | None = None  # substrate kinds the class prefers (SLO met)
     model_alias: str | None = None  # the alias the client named (tiered routing); model: its tier
     tier_reason: str | None = None  # why that tier
+    full: frozenset[str] = field(default_factory=frozenset)  # no free shared slot just now
     attempt: int = 0
 
     @property
