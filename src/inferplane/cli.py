@@ -18,8 +18,7 @@ import typer
 from inferplane.errors import ConfigError
 
 if TYPE_CHECKING:
-
-    pass
+    from inferplane.config.schema import FleetConfig
 
 app = typer.Typer(
     add_completion=False,
@@ -108,10 +107,46 @@ def serve(
     host: Annotated[str | None, typer.Option(help="override gateway.host")] = None,
     port: Annotated[int | None, typer.Option(help="override gateway.port")] = None,
     log_level: Annotated[str, typer.Option(help="logging level")] = "info",
+    workers: Annotated[
+        int,
+        typer.Option(
+            help="gateway processes on the port (SO_REUSEPORT); more than 1 needs "
+            "admission.store: redis (docs/shared-state.md)"
+        ),
+    ] = 1,
 ) -> None:
     """Run the gateway in front of the fleet described by CONFIG."""
     _log_to_stderr(log_level)
     cfg = load_checked(config)
+    if workers < 1:
+        fail("--workers must be at least 1")
+    if workers > 1:
+        if cfg.admission.store != "redis":
+            fail(
+                f"--workers {workers} needs admission.store: redis in {config}: the workers "
+                f"share budgets, rate limits and per-endpoint in-flight slots through Redis as "
+                f"replicas do; the {cfg.admission.store!r} store belongs to one process"
+            )
+        if (port if port is not None else cfg.gateway.port) == 0:
+            fail("--workers needs a fixed port (port 0 would give each worker its own)")
+        from inferplane.api.workers import supervise
+
+        def run_worker(index: int) -> int:
+            try:
+                _serve_one(cfg, config, host, port, reuse_port=True)
+            except typer.Exit as exc:
+                return exc.exit_code
+            return 0
+
+        typer.echo(f"inferplane: starting {workers} gateway workers", err=True)
+        raise typer.Exit(supervise(workers, run_worker))
+    _serve_one(cfg, config, host, port, reuse_port=False)
+
+
+def _serve_one(
+    cfg: FleetConfig, config: Path, host: str | None, port: int | None, *, reuse_port: bool
+) -> None:
+    """One gateway process: build, listen, serve until SIGTERM / SIGINT."""
     from inferplane.api.app import ListenError
     from inferplane.api.app import serve as serve_app
     from inferplane.api.pipeline import Gateway
@@ -122,7 +157,7 @@ def serve(
 
     async def main() -> None:
         try:
-            runner = await serve_app(gateway, h, p)
+            runner = await serve_app(gateway, h, p, reuse_port=reuse_port)
         except ConfigError as exc:
             fail(f"invalid configuration\n{_in_file(exc, config)}")
         except ListenError as exc:

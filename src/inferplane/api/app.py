@@ -516,7 +516,9 @@ class ListenError(Exception):
     """The gateway started but could not bind its address."""
 
 
-async def serve(gateway: Gateway, host: str, port: int) -> web.AppRunner:
+async def serve(
+    gateway: Gateway, host: str, port: int, *, reuse_port: bool = False
+) -> web.AppRunner:
     """Build the app, run its start-up hooks and listen on host:port; returns the runner (call
     ``runner.cleanup()`` to stop). On any failure whatever had started is stopped (the clean-up
     hooks stop the batch worker and the gateway) and the error re-raised; a failed bind as
@@ -541,10 +543,18 @@ async def serve(gateway: Gateway, host: str, port: int) -> web.AppRunner:
                 await hook(application)
         raise
     try:
-        await web.TCPSite(runner, host, port, reuse_address=True).start()
+        await web.TCPSite(
+            runner, host, port, reuse_address=True, reuse_port=reuse_port or None
+        ).start()
         if metrics_runner is not None:
             await metrics_runner.setup()
-            site = web.TCPSite(metrics_runner, g.metrics.host, g.metrics.port, reuse_address=True)
+            site = web.TCPSite(
+                metrics_runner,
+                g.metrics.host,
+                g.metrics.port,
+                reuse_address=True,
+                reuse_port=reuse_port or None,
+            )
             await site.start()
     except BaseException as exc:
         with contextlib.suppress(Exception):

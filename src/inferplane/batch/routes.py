@@ -31,6 +31,7 @@ from inferplane.batch.jsonl import ENDPOINTS, check_input
 from inferplane.batch.store import ACTIVE, BatchStore, public
 from inferplane.batch.worker import BatchWorker, new_id
 from inferplane.core.plane import Core
+from inferplane.core.process import worker_index
 from inferplane.core.validation import parse_json
 from inferplane.dispatch.upstream import Dispatcher
 from inferplane.errors import (
@@ -64,7 +65,8 @@ class BatchService:
 
     async def start(self) -> None:
         await self.store.start()
-        self.worker.start()
+        if worker_index() in (None, 0):  # under `serve --workers N` only worker 0 runs batches
+            self.worker.start()
 
     async def stop(self) -> None:
         await self.worker.stop()

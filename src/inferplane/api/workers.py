@@ -1,0 +1,97 @@
+"""`inferplane serve --workers N`: N gateway processes on one port (SO_REUSEPORT).
+
+The parent forks N workers after the fleet file is checked; each builds its own gateway and
+listens on the same address with ``SO_REUSEPORT``, so the kernel spreads connections over them.
+They share state as replicas do, through the Redis admission store (budgets, rate limits,
+retry markers, usage) and its per-endpoint in-flight slots (`admission.slots`): ``--workers`` > 1
+therefore needs ``admission.store: redis``. The SQLite ledger file is shared (its writer chains
+records inside each transaction, so several processes can append to one chain); the batch lane
+runs in worker 0 only (the other workers serve the Files and Batches API from the same store).
+
+The parent only supervises: SIGTERM / SIGINT are passed on to every worker; a worker
+that dies is restarted (after a second), unless it died in its first seconds — a start-up
+failure (port taken, Redis unreachable) — which stops them all with its exit status.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+
+from inferplane.core.process import WORKER_ENV
+
+log = logging.getLogger("inferplane.workers")
+
+STARTUP_S = 5.0
+"""A worker that exits within this many seconds of its start failed to start."""
+
+
+def _status(code: int) -> int:
+    if os.WIFEXITED(code):
+        return os.WEXITSTATUS(code)
+    return 128 + os.WTERMSIG(code) if os.WIFSIGNALED(code) else 1
+
+
+def supervise(n: int, run_worker: Callable[[int], int]) -> int:
+    """Fork ``n`` workers running ``run_worker(index)`` (its return value is the worker's exit
+    status) and supervise them until a signal stops them; returns the exit status."""
+    children: dict[int, tuple[int, float]] = {}  # pid -> (index, started)
+    stopping = False
+
+    def spawn(i: int) -> None:
+        pid = os.fork()
+        if pid == 0:  # the worker
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, signal.SIG_DFL)
+            os.environ[WORKER_ENV] = str(i)
+            code = 1
+            try:
+                code = run_worker(i)
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else 1
+            except BaseException:
+                log.exception("worker %d failed", i)
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        children[pid] = (i, time.monotonic())
+
+    def forward(sig: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in list(children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, forward)
+    for i in range(n):
+        spawn(i)
+    status = 0
+    while children:
+        try:
+            pid, code = os.wait()
+        except ChildProcessError:
+            break
+        if pid not in children:
+            continue
+        i, started = children.pop(pid)
+        exit_status = _status(code)
+        if stopping:
+            status = max(status, exit_status if exit_status not in (0, 128 + 15, 128 + 2) else 0)
+            continue
+        if time.monotonic() - started < STARTUP_S:
+            log.error("worker %d exited with status %d while starting; stopping", i, exit_status)
+            forward(signal.SIGTERM, None)
+            status = exit_status or 1
+            continue
+        log.error("worker %d exited with status %d; restarting it", i, exit_status)
+        time.sleep(1.0)
+        spawn(i)
+    return status

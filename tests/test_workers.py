@@ -1,0 +1,62 @@
+"""`inferplane serve --workers N` (issue 14 item 3): N processes on one port sharing Redis; a
+clear start-up error without a shared store; a killed worker is restarted; SIGTERM stops all."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.support.procs import ROOT, Proc, env, free_port
+from tests.support.redis_server import RedisServer
+from tests.test_redis_outage import KEYS, _config, slow_upstream
+
+__all__ = ["slow_upstream"]
+
+
+def test_workers_need_a_shared_store(tmp_path: Path) -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "inferplane.cli", "serve", "--config",
+         str(ROOT / "examples/quickstart.yaml"), "--workers", "2"],
+        capture_output=True, text=True, env=env(), cwd=ROOT, timeout=60,
+    )
+    assert r.returncode == 2
+    assert "--workers 2 needs admission.store: redis" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_two_workers_share_the_port_and_stop_together(
+    tmp_path: Path, slow_upstream: int
+) -> None:
+    srv = RedisServer(tmp_path)
+    port = free_port()
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text(_config(port, slow_upstream, srv.url))
+    gw = Proc(["-m", "inferplane.cli", "serve", "--config", str(cfg), "--workers", "2"],
+              tmp_path / "gw.log")
+    try:
+        base = f"http://127.0.0.1:{port}"
+        gw.wait_http(f"{base}/ready")
+        deadline = time.monotonic() + 20
+        while gw.log.read_text().count("listening on") < 2:
+            assert time.monotonic() < deadline, gw.log.read_text()
+            time.sleep(0.1)
+        kids = subprocess.run(["pgrep", "-P", str(gw.p.pid)], capture_output=True, text=True)
+        assert len(kids.stdout.split()) == 2
+        chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
+        for i in range(8):
+            r = httpx.post(f"{base}/v1/chat/completions", json=chat, timeout=10,
+                           headers={"Authorization": f"Bearer {KEYS['plain']}",
+                                    "Idempotency-Key": str(i)})
+            assert r.status_code == 200, r.text
+        gw.p.send_signal(signal.SIGTERM)
+        assert gw.p.wait(20) == 0
+        assert subprocess.run(["pgrep", "-P", str(gw.p.pid)], capture_output=True).stdout == b""
+    finally:
+        gw.stop()
+        srv.stop()
+    assert "Traceback" not in gw.log.read_text()
