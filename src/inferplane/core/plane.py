@@ -22,11 +22,10 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from inferplane.admission.controller import Admission, Ticket
 from inferplane.admission.queue import QueueTimeoutError
-from inferplane.admission.slots import SharedSlots
 from inferplane.admission.state import AdmissionStore
 from inferplane.config.schema import FleetConfig, ModelAlias, TenantSpec
 from inferplane.dispatch.answer import StreamStats, UpstreamAttemptFailed, parse_usage
@@ -57,6 +56,9 @@ from inferplane.placement.tiers import choose_tier
 from inferplane.telemetry.metrics import GatewayMetrics
 from inferplane.telemetry.tracing import NOOP, RequestTrace, build_telemetry, current_trace
 from inferplane.types import ApiKind, JSONObject
+
+if TYPE_CHECKING:
+    from inferplane.admission.slots import SharedSlots
 
 R = TypeVar("R")
 
@@ -164,6 +166,9 @@ class Core:
         self.slots: SharedSlots | None = None
         spec = config.admission
         if spec.store == "redis" and spec.shared_slots:
+            # imported here: redis (and the OpenTelemetry SDK it loads) only when configured
+            from inferplane.admission.slots import SharedSlots
+
             self.slots = SharedSlots(
                 spec.redis_url,
                 spec.redis_prefix,
