@@ -139,7 +139,11 @@ def test_metric_names(engines: Engines) -> None:
     real_text, emu_text = real.metrics(), emu.metrics()
     _, real_samples = metric_names(real_text)
     _, emu_samples = metric_names(emu_text)
-    parsed = set(engine_metrics._V_NAMES) | {engine_metrics._V_INFO}
+    # The emulator also plays the DCGM exporter a node agent merges into an engine's page
+    # (live power, fleet/energy.py); vLLM itself never exports it, so it is not compared here.
+    node_agent = {"DCGM_FI_DEV_POWER_USAGE"}
+    parsed = (set(engine_metrics._V_NAMES) | {engine_metrics._V_INFO}) - node_agent
+    emu_samples -= node_agent
     # Every name the gateway parses that the emulator exports is exported by the real engine.
     emu_parsed = parsed & emu_samples
     assert emu_parsed, "the emulator exports none of the names parse_vllm reads"
@@ -149,6 +153,7 @@ def test_metric_names(engines: Engines) -> None:
     real_m, emu_m = parse_vllm(real_text), parse_vllm(emu_text)
     found = {f.name for f in fields(EngineMetrics) if getattr(real_m, f.name) is not None}
     emu_found = {f.name for f in fields(EngineMetrics) if getattr(emu_m, f.name) is not None}
+    emu_found.discard("power_watts")  # the node agent's, above
     assert emu_found == found, (
         f"parse_vllm fields only on the emulator: {sorted(emu_found - found)}, "
         f"only on vLLM: {sorted(found - emu_found)}"
@@ -296,9 +301,10 @@ def test_kv_usage_and_preemption(engines: Engines) -> None:
             # preemption counter above proves the cache ran out; the missed peak is reported.
             out[engine.name]["peak_not_caught_by_scrapes"] = True
         else:
+            # From 0 when idle (asserted above) to the peak under load: usage rises with load.
+            # (The old check that the run's first quarter averaged below the peak failed when a
+            # scrape, a good part of a second, first landed after KV had already filled.)
             assert caught, f"{engine.name}: KV usage peaked at {max(usage)}"
-            # Rising with load: the first quarter of the run is below the peak on average.
-            assert sum(usage[: len(usage) // 4]) / max(len(usage) // 4, 1) < max(usage)
         assert after.kv_usage == 0.0
     REPORT["kv_usage_preemption"] = out
 
