@@ -71,6 +71,41 @@ async def test_outage_store_degrades_then_replays(tmp_path: Path, how: str) -> N
         srv.stop()
 
 
+async def test_settle_sent_during_a_pause_counts_once(tmp_path: Path) -> None:
+    """A settle and a usage update sent while Redis is paused time out and are journaled;
+    Redis also runs the buffered commands when it resumes. Each is applied once (its settle id
+    is remembered), however often it arrives (issue 12 item 9)."""
+    srv = RedisServer(tmp_path)
+    store = OutageStore(RedisStore(srv.url, "t:", timeout_s=0.3), retry_after_s=0.3)
+    try:
+        d = CounterDemand("c", 1.0, None, 0.2, 0, 3600.0)
+        assert await store.reserve([d], "a", NOW + 600, NOW) == -1
+        srv.pause()
+        await store.settle([d], "a", 0.15, 5, NOW)  # sent, timed out: journaled
+        assert not store.up and len(store.journal) == 1
+        await store.add_usage("t", GROUP, 0.15, 3, 2, "a")  # journaled (Redis is down)
+        srv.resume()
+        await _until(lambda: store.up and not store.journal)
+        remote = store.remote
+        assert isinstance(remote, RedisStore)
+        # a repeat of either (another replay, a second delivery) changes nothing
+        await remote.settle([d], "a", 0.15, 5, NOW)
+        await remote.add_usage("t", GROUP, 0.15, 3, 2, "a")
+        st = await store.counter("c", NOW)
+        assert (st.spent_usd, st.spent_tokens, st.reserved_usd) == (0.15, 5, 0.0)
+        rows = await store.usage("t")
+        assert [(r.group, r.usd, r.prompt_tokens, r.requests) for r in rows] == [
+            (GROUP, 0.15, 3, 1)
+        ]
+        await remote.add_usage("t", GROUP, 0.15, 3, 2, "b")  # another settle id: counted
+        assert [r.requests for r in await store.usage("t")] == [2]
+        ttl = await remote.r.pttl("t:a:u:a")
+        assert 86_000_000 < ttl <= 86_400_000  # remembered longer than the journal lives
+    finally:
+        await store.close()
+        srv.stop()
+
+
 KEYS = {"budget": "sk-budget", "plain": "sk-plain"}
 ACTUAL = 0.012  # 7 prompt + 5 completion tokens at 1000 $/Mtok
 

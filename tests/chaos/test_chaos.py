@@ -246,12 +246,10 @@ def test_gateway_killed_and_restarted(stack: Stack) -> None:
     again = asyncio.run(load(stack.base, 4, tenant="budget", stream=False))
     assert all(r.completed for r in again)
     total = usage(stack.base, "budget")
+    # the settle and usage are written before the answer completes (issue 12 item 8); a
+    # request settled but cut by the kill before its last bytes may count too
     lost = len(answered) + len(again) - total["requests"]
-    if lost > 0:  # measured: see docs/reliability.md (chaos probe 2)
-        pytest.xfail(
-            f"{lost} of {len(answered)} answered requests lost their spend to kill -9: the "
-            "admission settle runs after the answer is sent (issue 12 item 8)"
-        )
+    assert lost <= 0, f"{lost} of {len(answered)} answered requests lost their spend to kill -9"
     assert total["completion_tokens"] >= sum(r.completion_tokens for r in answered + again)
 
 
@@ -292,12 +290,9 @@ def test_redis_killed_under_load(tmp_path: Path) -> None:
               f"store_unavailable, usage shows {seen} requests for {served} served")
         assert "Traceback" not in s.gateway.log.read_text()
         assert seen is not None and seen >= served, (seen, served)  # nothing lost
-        if seen > served:  # measured: see docs/reliability.md (chaos probe 3)
-            pytest.xfail(
-                f"{seen - served} of {served} requests billed twice: a settle that timed out "
-                "while Redis was paused is journaled and replayed, and Redis also ran it when it "
-                "resumed (issue 12 item 9)"
-            )
+        # nothing counted twice: a settle journaled while Redis was paused and replayed, which
+        # Redis also ran on resuming, is applied once under its settle id (issue 12 item 9)
+        assert seen == served, (seen, served)
         billed = usage(s.base, "plain")
         assert billed["completion_tokens"] == sum(r.completion_tokens for r in plain)
     finally:

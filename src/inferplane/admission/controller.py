@@ -74,6 +74,10 @@ class Ticket:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     done: bool = False
+    # the settle's id: its budget lease and its usage update are applied once under it, even
+    # when an outage journal replays them (`admission.outage`)
+    settle_id: str = field(default_factory=lambda: os.urandom(8).hex())
+    settling: asyncio.Task[None] | None = None  # `Admission.finish_soon`'s task
 
     def observe(self, usd: float, prompt_tokens: int, completion_tokens: int) -> None:
         """The actual cost and tokens, from `account`."""
@@ -355,7 +359,7 @@ class Admission:
         if tenant.budgets:
             usd = self.worst.usd(t.profile)
             t.lease = await self.budgets.reserve(
-                tenant, t.key_hash, t.workflow, usd, tokens, os.urandom(8).hex(), now
+                tenant, t.key_hash, t.workflow, usd, tokens, t.settle_id, now
             )
         # 7. priority and fairness
         if self.spec.queue.enabled:
@@ -398,7 +402,9 @@ class Admission:
             )
             day = self._utc_day(self.clock())
             group = (day, t.workflow or "", t.profile.model, t.workload_class, t.key_hash[7:23])
-            await self.store.add_usage(t.tenant, group, usd, t.prompt_tokens, t.completion_tokens)
+            await self.store.add_usage(
+                t.tenant, group, usd, t.prompt_tokens, t.completion_tokens, t.settle_id
+            )
 
     def _utc_day(self, now: float) -> str:
         """``YYYY-MM-DD`` of a Unix time in UTC (formatted once per day, not per request)."""
@@ -408,12 +414,27 @@ class Admission:
             self._day = (start, start + 86400.0, d.strftime("%Y-%m-%d"))
         return self._day[2]
 
-    def finish_soon(self, t: Ticket) -> None:
-        """`finish` off the response path: store round trips run in a background task (a task
-        lost to a crash leaves a lease that expires on its own)."""
-        task = asyncio.create_task(self.finish(t))
-        self._tasks.add(task)
-        task.add_done_callback(self._finished)
+    def finish_soon(self, t: Ticket) -> asyncio.Task[None]:
+        """`finish` in a background task, started once per ticket (later calls return the
+        same task). Front ends start it before the answer's last bytes and wait for it
+        (`settled`), so a killed gateway has not lost the spend of an answered request."""
+        if t.settling is None:
+            t.settling = asyncio.create_task(self.finish(t))
+            self._tasks.add(t.settling)
+            t.settling.add_done_callback(self._finished)
+        return t.settling
+
+    async def settled(self, t: Ticket, timeout_s: float) -> bool:
+        """Start the ticket's settle and wait until it is written to the admission store, at
+        most ``timeout_s``; False (and counted in inferplane_admission_settle_timeouts_total)
+        when the wait ran out or the settle failed (the settle itself goes on)."""
+        task = self.finish_soon(t)
+        if not task.done():
+            await asyncio.wait((task,), timeout=timeout_s)  # neither raises nor cancels it
+        if task.done() and not task.cancelled() and task.exception() is None:
+            return True
+        self.metrics.admission_settle_timeouts.inc()
+        return False
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)

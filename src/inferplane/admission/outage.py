@@ -215,10 +215,16 @@ class OutageStore:
         return n
 
     async def add_usage(
-        self, tenant: str, group: Sequence[str], usd: float, prompt: int, completion: int
+        self,
+        tenant: str,
+        group: Sequence[str],
+        usd: float,
+        prompt: int,
+        completion: int,
+        settle_id: str | None = None,
     ) -> None:
         def call() -> Awaitable[None]:
-            return self.remote.add_usage(tenant, group, usd, prompt, completion)
+            return self.remote.add_usage(tenant, group, usd, prompt, completion, settle_id)
 
         ok, _ = await self._try(call)
         if not ok:

@@ -32,6 +32,10 @@ from inferplane.admission.state import (
 )
 
 NANO = 1e9
+# How long Redis remembers a settle's id (``a:s:<lease>``, ``a:u:<ticket>``): longer than any
+# settle waits in the outage journal (`admission.outage`), which replays within seconds of
+# Redis answering again and is lost anyway if this process stops first.
+APPLIED_TTL_S = 86400.0
 
 _PURGE = """
 local function purge(h, z, now)
@@ -79,9 +83,14 @@ return -1
 """
 )
 
+# KEYS: the counters' (hash, lease zset) pairs, then the settle's applied-id key. A settle
+# whose id was already applied does nothing: a settle journaled during an outage (it timed
+# out) and replayed may also have run in Redis when Redis resumed, and must count once.
 SETTLE = """
 local lid, usd, tok = ARGV[1], ARGV[2], ARGV[3]
-for i = 1, #KEYS / 2 do
+local n = #KEYS - 1
+if not redis.call('SET', KEYS[n + 1], '1', 'NX', 'PX', ARGV[4 + n / 2]) then return 1 end
+for i = 1, n / 2 do
   local h, z = KEYS[2 * i - 1], KEYS[2 * i]
   if redis.call('ZREM', z, lid) == 1 then
     local u = tonumber(redis.call('HGET', h, 'lu:' .. lid) or '0')
@@ -94,6 +103,17 @@ for i = 1, #KEYS / 2 do
   redis.call('HINCRBY', h, 'st', tok)
   redis.call('PEXPIRE', h, ARGV[3 + i])
 end
+return 0
+"""
+
+# KEYS: the tenant's usage hash, the applied-id key (ARGV[6] the id's lifetime, ms)
+ADD_USAGE = """
+if not redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[6]) then return 1 end
+local g = ARGV[1]
+redis.call('HINCRBYFLOAT', KEYS[1], g .. '\\30usd', ARGV[2])
+redis.call('HINCRBY', KEYS[1], g .. '\\30p', ARGV[3])
+redis.call('HINCRBY', KEYS[1], g .. '\\30c', ARGV[4])
+redis.call('HINCRBY', KEYS[1], g .. '\\30n', ARGV[5])
 return 0
 """
 
@@ -168,6 +188,7 @@ class RedisStore:
         self._settle = self.r.register_script(SETTLE)
         self._counter = self.r.register_script(COUNTER)
         self._take = self.r.register_script(TAKE)
+        self._add_usage = self.r.register_script(ADD_USAGE)
 
     def _keys(self, counters: Sequence[CounterDemand]) -> list[str]:
         return [k for d in counters for k in (f"{self.p}c:{d.key}", f"{self.p}z:{d.key}")]
@@ -202,7 +223,9 @@ class RedisStore:
         if not counters:
             return
         args = [lease_id, _nano(usd), str(tokens)] + [_ms(d.ttl_s) for d in counters]
-        await self._settle(keys=self._keys(counters), args=args)
+        args.append(_ms(APPLIED_TTL_S))
+        keys = [*self._keys(counters), f"{self.p}a:s:{lease_id}"]
+        await self._settle(keys=keys, args=args)
 
     async def counter(self, key: str, now: float) -> CounterState:
         v: list[Any] = await self._counter(
@@ -231,10 +254,22 @@ class RedisStore:
         return n
 
     async def add_usage(
-        self, tenant: str, group: Sequence[str], usd: float, prompt: int, completion: int
+        self,
+        tenant: str,
+        group: Sequence[str],
+        usd: float,
+        prompt: int,
+        completion: int,
+        settle_id: str | None = None,
     ) -> None:
         k = f"{self.p}u:{tenant}"
         g = SEP.join(group)
+        if settle_id is not None:  # applied once, however often it is sent (a replay)
+            await self._add_usage(
+                keys=[k, f"{self.p}a:u:{settle_id}"],
+                args=[g, repr(usd), str(prompt), str(completion), "1", _ms(APPLIED_TTL_S)],
+            )
+            return
         async with self.r.pipeline(transaction=True) as pipe:
             pipe.hincrbyfloat(k, g + "\x1eusd", usd)
             pipe.hincrby(k, g + "\x1ep", prompt)

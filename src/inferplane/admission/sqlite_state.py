@@ -221,8 +221,16 @@ class SqliteStore(MemoryStore):
 
     # -- usage ----------------------------------------------------------------------------
     async def add_usage(
-        self, tenant: str, group: Sequence[str], usd: float, prompt: int, completion: int
+        self,
+        tenant: str,
+        group: Sequence[str],
+        usd: float,
+        prompt: int,
+        completion: int,
+        settle_id: str | None = None,
     ) -> None:
+        # local and in-process: each update commits once, in its own transaction; no
+        # journal replays it, so there are no repeats to see
         def op(c: sqlite3.Connection) -> None:
             c.execute(
                 "INSERT INTO usage VALUES (?, ?, ?, ?, ?, 1) ON CONFLICT (tenant, grp) DO UPDATE "

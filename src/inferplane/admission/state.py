@@ -92,8 +92,17 @@ class AdmissionStore(Protocol):
         """Add one to a counter that lives ``ttl_s`` from its first increment; the new value."""
 
     async def add_usage(
-        self, tenant: str, group: Sequence[str], usd: float, prompt: int, completion: int
-    ) -> None: ...
+        self,
+        tenant: str,
+        group: Sequence[str],
+        usd: float,
+        prompt: int,
+        completion: int,
+        settle_id: str | None = None,
+    ) -> None:
+        """Add one request's spend to the tenant's usage. A store that can see the same
+        update twice (Redis: a journaled update replayed after an outage) applies a
+        ``settle_id`` once; ``settle`` does the same with its ``lease_id``."""
 
     async def usage(self, tenant: str) -> list[UsageRow]: ...
 
@@ -221,8 +230,15 @@ class MemoryStore:
         return n + 1
 
     async def add_usage(
-        self, tenant: str, group: Sequence[str], usd: float, prompt: int, completion: int
+        self,
+        tenant: str,
+        group: Sequence[str],
+        usd: float,
+        prompt: int,
+        completion: int,
+        settle_id: str | None = None,
     ) -> None:
+        # one process, each update applied once as it is made: no repeats to see
         row = self._usage.setdefault(tenant, {}).setdefault(tuple(group), [0.0, 0, 0, 0])
         row[0] += usd
         row[1] += prompt

@@ -219,7 +219,7 @@ async def forward(
         data, ended = await gw.read_answer(attempt, started)
         # the record first: the answer carries its receipt and leaves once it is committed
         receipt = gw.account_answer(attempt, data, started=started, ended=ended)
-        await gw.committed(receipt)
+        await gw.committed(receipt, attempt.ticket)
         headers.update(Dispatcher.passthrough_headers(resp))
         if receipt.hash:
             headers[RECEIPT_HEADER] = receipt.hash
@@ -265,7 +265,7 @@ async def forward(
         accounted = True
         receipt = gw.account(attempt, status=status, started=started, stats=stats,
                              usage=parse_usage(stats.usage_line, sse=True), error=error)
-        await gw.committed(receipt)
+        await gw.committed(receipt, attempt.ticket)
         if receipt.hash:
             await out.write(b": " + RECEIPT_HEADER.encode() + b" " + receipt.hash.encode()
                             + b"\n\n")

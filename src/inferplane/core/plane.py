@@ -794,16 +794,21 @@ class Core:
         return self.ledger.record(decision, Outcome(status=status, endpoint=None, error=error),
                                   time.time())
 
-    async def committed(self, receipt: Receipt) -> bool:
-        """Wait (``ledger.durable``) until ``receipt``'s record is committed, at most
-        ``ledger.commit_timeout_s``; False (and counted) when the wait ran out or the write
+    async def committed(self, receipt: Receipt, ticket: Ticket | None = None) -> bool:
+        """Wait (``ledger.durable``) until ``receipt``'s record is committed, and until the
+        admission ``ticket``'s settle and usage are written, each at most
+        ``ledger.commit_timeout_s``; False (and counted) when a wait ran out or a write
         failed. Front ends call it before an answer completes."""
         spec = self.config.ledger
-        if not spec.durable or receipt.committed:
-            return True
-        ok = await receipt.durable(spec.commit_timeout_s)
-        if not ok:
-            self.metrics.ledger_commit_timeouts.inc()
+        if ticket is not None:  # started first: its store write runs while the ledger commits
+            self.admission.finish_soon(ticket)
+        ok = True
+        if spec.durable and not receipt.committed:
+            ok = await receipt.durable(spec.commit_timeout_s)
+            if not ok:
+                self.metrics.ledger_commit_timeouts.inc()
+        if ticket is not None:
+            ok = await self.admission.settled(ticket, spec.commit_timeout_s) and ok
         return ok
 
 

@@ -68,6 +68,12 @@ class GatewayMetrics:
             "Answers sent before their ledger record committed (ledger.commit_timeout_s passed)",
             registry=r,
         )
+        self.admission_settle_timeouts = Counter(
+            "inferplane_admission_settle_timeouts",
+            "Answers sent before their admission settle and usage were written "
+            "(ledger.commit_timeout_s passed, or the settle failed)",
+            registry=r,
+        )
         self.no_endpoint = Counter(
             "inferplane_no_eligible_endpoint",
             "Requests rejected because filters left no endpoint, by filter",
