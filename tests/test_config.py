@@ -536,9 +536,10 @@ def test_unreadable_file(tmp_path: Path, make: Callable[[Path], Path], problem: 
 def test_non_utf8_file(tmp_path: Path) -> None:
     path = tmp_path / "latin1.yaml"
     path.write_bytes(MINIMAL_YAML.replace("name: s", "name: caf\xe9").encode("latin-1"))
+    line = MINIMAL_YAML[: MINIMAL_YAML.index("name: s")].count("\n") + 1
     with pytest.raises(ConfigError) as info:
         load_config(path)
-    assert str(info.value) == f"{path}: not UTF-8 text"
+    assert str(info.value) == f"{path}: line {line}: not UTF-8 text"
     assert info.value.__suppress_context__
 
 

@@ -415,6 +415,14 @@ def test_cli_bad_fleet_and_bad_mix(tmp_path: Path) -> None:
                "--mix", str(mix), "--json", str(out))  # fmt: skip
     assert res.exit_code == 2 and "mix[0].tenant" in res.output and "nobody" in res.output
     assert not out.exists()
+    # a mix file that is not UTF-8: its file and the line of the bad byte, no traceback
+    latin = tmp_path / "latin1.yaml"
+    latin.write_bytes("mix:\n  - {tenant: caf\xe9, class: interactive, fraction: 1}\n"
+                      .encode("latin-1"))
+    res = _cli(tmp_path, "--fleet", str(good), "--trace", str(trace), "--profile", "round-robin",
+               "--mix", str(latin), "--json", str(out))  # fmt: skip
+    assert res.exit_code == 2 and f"{latin}: line 2: not UTF-8 text" in res.output
+    assert "Traceback" not in res.output and not out.exists()
 
 
 def test_embedding_share_runs_one_step_and_bills_no_output() -> None:

@@ -153,13 +153,17 @@ def parse_config(
 
 
 def read_text(p: Path) -> str:
-    """A configuration file's text; `ConfigError` naming ``p`` if unreadable or not UTF-8."""
+    """A configuration file's text; `ConfigError` naming ``p`` if unreadable, or ``p`` and the
+    line of the first bad byte if not UTF-8."""
     try:
-        return p.read_text("utf-8")
+        data = p.read_bytes()
     except OSError as exc:
         raise ConfigError(str(p), [("", f"cannot read: {exc.strerror or exc}")]) from None
-    except UnicodeDecodeError:
-        raise ConfigError(str(p), [("", "not UTF-8 text")]) from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(str(p), [(f"line {line}", "not UTF-8 text")]) from None
 
 
 def load_config(path: str | Path) -> FleetConfig:

@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from inferplane.config.loader import format_loc
+from inferplane.config.loader import format_loc, read_text
 from inferplane.config.schema import FleetConfig, MixEntry, TenantSpec, WorkloadClass
 from inferplane.errors import ConfigError
 from inferplane.types import ApiKind
@@ -42,10 +42,9 @@ class TrafficShare:
 def load_mix(path: str | Path) -> list[MixEntry]:
     """Read a YAML file with a ``mix:`` list (the fleet file's form); `ConfigError` if bad."""
     p = Path(path)
+    text = read_text(p)  # ConfigError naming the file (and line) if unreadable or not UTF-8
     try:
-        raw = yaml.safe_load(p.read_text("utf-8"))
-    except OSError as exc:
-        raise ConfigError(str(p), [("", f"cannot read: {exc.strerror or exc}")]) from None
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(str(p), [("", f"invalid YAML: {exc}")]) from None
     if not isinstance(raw, dict) or not isinstance(raw.get("mix"), list):
