@@ -91,13 +91,17 @@ async def _engine(name: str, mode: str, waiting: float = 0.0) -> tuple[web.AppRu
 @contextlib.asynccontextmanager
 async def stack(tmp_path: Path, *, modes: tuple[str, ...] = ("ok", "ok"), fail_open: bool = False,
                 dead: bool = False, waiting: tuple[float, ...] = (),
-                edit: Callable[[dict[str, Any]], None] | None = None) -> AsyncIterator[Stack]:
+                edit: Callable[[dict[str, Any]], None] | None = None,
+                fleet: Callable[[list[int], int, int, int], str] | None = None,
+                ) -> AsyncIterator[Stack]:
     engines = [await _engine(f"n{i + 1}", m, waiting[i] if i < len(waiting) else 0.0)
                for i, m in enumerate(modes)]
     ports = [p for _, p in engines]
     epp_port, envoy_port, admin = free_port(), free_port(), free_port()
-    config = parse_config(fleet_yaml(ports, epp_port, envoy_port, admin, fail_open=fail_open,
-                                     dead_port=free_port() if dead else None))
+    config = parse_config(
+        fleet(ports, epp_port, envoy_port, admin) if fleet is not None
+        else fleet_yaml(ports, epp_port, envoy_port, admin, fail_open=fail_open,
+                        dead_port=free_port() if dead else None))
     picker = Picker(config)
     server, _ = await serve(picker, "127.0.0.1", epp_port)
     boot = bootstrap(config)
@@ -176,6 +180,67 @@ async def test_envoy_places_relays_and_accounts(tmp_path: Path) -> None:
         # the models list is the picker's own answer
         r = await c.get("/v1/models", headers=auth())
         assert r.status_code == 200 and r.json()["data"][0]["id"] == "m"
+
+
+def _spill_fleet(ports: list[int], epp_port: int, envoy_port: int, admin: int) -> str:
+    dead = free_port()
+    return f"""
+gateway: {{health_interval_s: 0.1}}
+epp: {{port: {epp_port}, envoy_port: {envoy_port}, envoy_admin_port: {admin}}}
+regions:
+  - {{name: eu-west, rtt_ms: {{us-east: 80}}}}
+  - {{name: us-east}}
+substrates:
+  - name: eu-res
+    kind: gpu
+    hardware: h100
+    region: eu-west
+    jurisdiction: eu
+    cost: {{hourly_usd: 3.0}}
+    endpoints:
+      - {{name: eu-0, url: "http://127.0.0.1:{dead}",
+         models: [{{name: m, profile: llama-3.1-8b, max_context: 8192}}]}}
+  - name: us-burst
+    kind: gpu
+    hardware: h100
+    region: us-east
+    jurisdiction: us
+    capacity_class: burst
+    cost: {{hourly_usd: 4.5}}
+    endpoints:
+      - {{name: us-0, url: "http://127.0.0.1:{ports[0]}",
+         models: [{{name: m, profile: llama-3.1-8b, max_context: 8192}}]}}
+tenants:
+  - {{name: t, api_keys: ["{hash_key(KEY)}"], region: eu-west, allowed_jurisdictions: [eu, us]}}
+"""
+
+
+async def test_a_spillover_and_the_answering_model_reach_the_client(tmp_path: Path) -> None:
+    """As on the gateway, leaving the preferred set is never silent behind Envoy: the picker's
+    ``x-inferplane-spillover`` and ``x-inferplane-model`` reach the client's response; a client
+    cannot forge them (Envoy strips them from the request before the picker runs)."""
+    async with stack(tmp_path, modes=("ok",), fleet=_spill_fleet) as s, \
+            httpx.AsyncClient(base_url=s.url, timeout=10) as c:
+        deadline = time.monotonic() + 5
+        while s.picker.live.live["eu-0"].healthy and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert not s.picker.live.live["eu-0"].healthy
+        r = await c.post("/v1/chat/completions", json=CHAT,
+                         headers=auth(**{P.SPILLOVER_HEADER: "forged", P.MODEL_HEADER: "x"}))
+        assert r.status_code == 200, r.text
+        assert r.headers[P.ENDPOINT_HEADER] == "us-0"
+        assert r.headers[P.MODEL_HEADER] == "m"
+        assert r.headers[P.SPILLOVER_HEADER].startswith(
+            "reason=outage; from=eu-west; to=us-east; preferred=eu-"), r.headers
+        await settled(s.picker)
+        rec = s.picker.ledger.get(r.headers[P.DECISION_HEADER])
+        assert rec is not None and rec["spillover"]["kind"] == "outage"
+    async with stack(tmp_path, modes=("ok",)) as s, \
+            httpx.AsyncClient(base_url=s.url, timeout=10) as c:
+        r = await c.post("/v1/chat/completions", json=CHAT,
+                         headers=auth(**{P.SPILLOVER_HEADER: "forged"}))
+        assert r.status_code == 200, r.text
+        assert P.SPILLOVER_HEADER not in r.headers  # no spillover: no header, forged or not
 
 
 async def test_the_picker_places_by_engine_load(tmp_path: Path) -> None:

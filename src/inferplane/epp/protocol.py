@@ -33,7 +33,10 @@ CLUSTER_HEADER = "x-inferplane-cluster"
 DECISION_HEADER = "x-inferplane-decision-id"
 ENDPOINT_HEADER = "x-inferplane-endpoint"
 SUBSTRATE_HEADER = "x-inferplane-substrate"
-ECHOED = (DECISION_HEADER, ENDPOINT_HEADER, SUBSTRATE_HEADER, "x-inferplane-max-tokens-clamped")
+MODEL_HEADER = "x-inferplane-model"
+SPILLOVER_HEADER = "x-inferplane-spillover"
+ECHOED = (DECISION_HEADER, ENDPOINT_HEADER, SUBSTRATE_HEADER, MODEL_HEADER, SPILLOVER_HEADER,
+          "x-inferplane-max-tokens-clamped")
 """Request headers the picker sets that Envoy copies onto the client's response."""
 ORIGINAL_DST_CLUSTER = "inferplane_original_dst"
 FALLBACK_CLUSTER = "inferplane_fail_open"

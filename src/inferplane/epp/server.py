@@ -471,7 +471,11 @@ class Exchange:
             # the picker need not hold the response to add them
             _set(P.ENDPOINT_HEADER, endpoint.name),
             _set(P.SUBSTRATE_HEADER, endpoint.substrate.name),
+            _set(P.MODEL_HEADER, endpoint.upstream_model(f.placement.decision.profile.model)),
         ]
+        spillover = f.placement.decision.spillover
+        if spillover is not None:  # never silent, as on the gateway: the client is told
+            sets.append(_set(P.SPILLOVER_HEADER, spillover.header_value()))
         sets += [_set(k.lower(), v) for k, v in f.ticket.headers.items()]
         # the trace continues upstream: Envoy forwards the picker's traceparent
         sets += [_set(k, v) for k, v in f.placement.trace.upstream_headers().items()]
