@@ -16,7 +16,7 @@ from inferplane.api.pipeline import hash_key
 from inferplane.dispatch.upstream import with_cache_salt
 from inferplane.placement.classify import Classifier
 from inferplane.placement.isolation import cache_salt, cache_scope
-from inferplane.tokenization import VOCABULARY
+from inferplane.tokenization import VOCABULARY, block_hashes, salt_root, token_ids
 from tests.support.procs import Proc, free_port
 
 KEYS = {"a": "sk-iso-a", "b": "sk-iso-b", "c": "sk-iso-c", "d": "sk-iso-d"}
@@ -133,5 +133,14 @@ def test_gateway_prefix_hashes_are_per_scope() -> None:
     assert not set(a.block_hashes) & set(b.block_hashes)  # the learned index is per scope
     assert c.block_hashes == d.block_hashes
     assert a.cache_salt != b.cache_salt and c.cache_salt == d.cache_salt
-    # KV events carry no salt: engine block hashes are content keys, equal across scopes
-    assert a.engine_block_hashes == b.engine_block_hashes
+    # the KV-event mirror's keys start at the scope's salt root, as the engine's chain does
+    assert not set(a.engine_block_hashes) & set(b.engine_block_hashes)
+    assert c.engine_block_hashes == d.engine_block_hashes
+    ids = token_ids(body["prompt"])
+    assert a.engine_block_hashes == tuple(block_hashes(ids, 16, salt_root(a.cache_salt)))
+    # one session id in two scopes is two sessions; one group shares its sessions
+    sess = {"x-session-id": "s-1"}
+    pa, pb, pc, pd = (clf.classify(request_id="r", api="completions", body=body, headers=sess,
+                                   tenant=tenants[t])[0] for t in "abcd")
+    assert pa.session_key != pb.session_key and pc.session_key == pd.session_key
+    assert pa.session_key is not None and "s-1" not in pa.session_key

@@ -13,7 +13,7 @@ from inferplane.config.loader import load_config
 from inferplane.errors import ConfigError
 from inferplane.placement.classify import Classifier
 from inferplane.placement.profile import RequestProfile
-from inferplane.tokenization import block_hashes, engine_block_hashes
+from inferplane.tokenization import block_hashes, engine_block_hashes, salt_root
 from inferplane.twin.traces.tokens import VOCABULARY
 from inferplane.types import ApiKind
 from tests.builders import key_hash
@@ -87,9 +87,9 @@ def test_text_completion_is_tokenized_and_hashed_like_the_engine(tmp_path: Path)
     p = classify(c, {"model": "llama-3.1-8b", "prompt": TEXT})
     ids = [1, *(3 + i for i in range(10))]
     assert p.prompt_tokens == 11
-    assert p.engine_block_hashes == tuple(block_hashes(ids, 4))
+    assert p.engine_block_hashes == tuple(block_hashes(ids, 4, salt_root(p.cache_salt)))
     # the word rule would have hashed other tokens (and counted by characters)
-    assert p.engine_block_hashes != tuple(engine_block_hashes(TEXT, 4))
+    assert p.engine_block_hashes != tuple(engine_block_hashes(TEXT, 4, salt_root(p.cache_salt)))
 
 
 def test_token_id_prompts_are_hashed_as_given(tmp_path: Path) -> None:
@@ -97,10 +97,11 @@ def test_token_id_prompts_are_hashed_as_given(tmp_path: Path) -> None:
     c = Classifier(load_config(fleet_file(tmp_path, ["tok"])))
     p = classify(c, {"model": "llama-3.1-8b", "prompt": [5, 6, 7, 8, 9, 10, 11, 12, 13]})
     assert p.prompt_tokens == 9
-    assert p.engine_block_hashes == tuple(block_hashes([5, 6, 7, 8, 9, 10, 11, 12], 4))
+    root = salt_root(p.cache_salt)  # the tenant's cache scope seeds the chain
+    assert p.engine_block_hashes == tuple(block_hashes([5, 6, 7, 8, 9, 10, 11, 12], 4, root))
     batch = classify(c, {"model": "llama-3.1-8b", "prompt": [[5, 6, 7, 8], [1, 2]]})
     assert batch.prompt_tokens == 6
-    assert batch.engine_block_hashes == tuple(block_hashes([5, 6, 7, 8], 4))
+    assert batch.engine_block_hashes == tuple(block_hashes([5, 6, 7, 8], 4, root))
 
 
 def test_chat_is_counted_but_not_hashed(tmp_path: Path) -> None:
@@ -116,7 +117,7 @@ def test_chat_is_counted_but_not_hashed(tmp_path: Path) -> None:
 def test_without_a_tokenizer_the_word_rule_stays(tmp_path: Path) -> None:
     c = Classifier(load_config(fleet_file(tmp_path, [None])))
     p = classify(c, {"model": "llama-3.1-8b", "prompt": TEXT})
-    assert p.engine_block_hashes == tuple(engine_block_hashes(TEXT, 4))
+    assert p.engine_block_hashes == tuple(engine_block_hashes(TEXT, 4, salt_root(p.cache_salt)))
 
 
 def test_a_missing_tokenizer_names_the_file_and_field(tmp_path: Path) -> None:

@@ -77,6 +77,7 @@ def hash_block_tokens(parent: int | None, tokens: Sequence[int]) -> int:
     return hash((ROOT_HASH_SEED if parent is None else parent, tuple(tokens))) & _MASK64
 
 
+@lru_cache(maxsize=4096)
 def salt_root(cache_salt: str | None) -> int | None:
     """The parent of a salted sequence's first block (None, the root, without a salt): two
     salts never share a block hash, as in vLLM, which mixes ``cache_salt`` into the first block."""
@@ -94,9 +95,10 @@ def block_hashes(token_ids: Sequence[int], block_size: int, parent: int | None =
     return out
 
 
-def engine_block_hashes(text: str, block_size: int) -> list[int]:
-    """The engine block hashes of a prompt text under the deterministic tokenization."""
-    return block_hashes(token_ids(text), block_size)
+def engine_block_hashes(text: str, block_size: int, parent: int | None = None) -> list[int]:
+    """The engine block hashes of a prompt text under the deterministic tokenization (chained
+    to ``parent``: a `salt_root` for a salted request)."""
+    return block_hashes(token_ids(text), block_size, parent)
 
 
 @lru_cache(maxsize=32)

@@ -416,8 +416,9 @@ class TenantSpec(Strict):
     cache_group: str | None = Field(
         None,
         pattern=_NAME,
-        description="share prefix caches with the tenants naming the same group (they can then "
-        "infer each other's prompts from cached_tokens); default: a cache of its own",
+        description="share prefix caches, the gateway's prefix indexes and session affinity "
+        "with the tenants naming the same group (they can then infer each other's prompts from "
+        "cached_tokens and placement); default: all of its own",
     )
 
     @field_validator("api_keys")
@@ -614,6 +615,17 @@ class AdmissionSpec(Strict):
     )
     slot_sync_s: float = Field(
         0.05, gt=0, description="period of reading the other replicas' in-flight counts"
+    )
+    shared_placement: bool = Field(
+        True,
+        description="with store: redis, replicas share their placement state: session affinity "
+        "(a key per session with session_ttl_s, read when a replica does not know the session) "
+        "and every pick, published so that each replica's learned prefix index and sessions "
+        "learn the others' (docs/shared-state.md); off: each process places from its own picks",
+    )
+    session_ttl_s: float = Field(
+        1800.0, gt=0, description="shared session affinity: a session's endpoint is kept this "
+        "long after its last request"
     )
     redis_timeout_s: float = Field(
         0.5, gt=0, description="a Redis call slower than this counts as Redis being unreachable"

@@ -45,12 +45,15 @@ from inferplane.fleet.model import Endpoint, Fleet
 from inferplane.fleet.passive import PassiveHealth
 from inferplane.fleet.prefix_index import PrefixIndex
 from inferplane.fleet.pricing import request_cost_usd
+from inferplane.fleet.salts import SaltBook
 from inferplane.fleet.scraper import MetricsSource, Scraper
 from inferplane.ledger.build import build_ledger
 from inferplane.ledger.record import Ledger, Outcome, Receipt
 from inferplane.placement.build import build_policies
 from inferplane.placement.classify import Classifier
-from inferplane.placement.framework import Decision, Policy, Spillover, place
+from inferplane.placement.framework import CycleState, Decision, Policy, Spillover, place
+from inferplane.placement.isolation import cache_salt, cache_scope
+from inferplane.placement.plugins.affinity import SessionAffinity
 from inferplane.placement.profile import RequestProfile
 from inferplane.placement.tiers import choose_tier
 from inferplane.telemetry.metrics import GatewayMetrics
@@ -58,6 +61,7 @@ from inferplane.telemetry.tracing import NOOP, RequestTrace, build_telemetry, cu
 from inferplane.types import ApiKind, JSONObject
 
 if TYPE_CHECKING:
+    from inferplane.admission.shared_placement import SharedPick, SharedPlacement
     from inferplane.admission.slots import SharedSlots
 
 R = TypeVar("R")
@@ -133,9 +137,16 @@ class Core:
         # A precise prefix index exists only where engines publish KV events.
         self.prefix_index: PrefixIndex | None = None
         self.kv_events: KVEventSubscriber | None = None
+        self.salts: SaltBook | None = None  # the KV-event mirror's cache scopes
         if any(e.spec.kv_events for e in self.fleet.endpoints):
             self.prefix_index = PrefixIndex(0)
-            self.kv_events = KVEventSubscriber(self.prefix_index, list(self.fleet.endpoints))
+            self.salts = SaltBook(
+                (cache_salt(cache_scope(t.name, t.cache_group)) for t in config.tenants),
+                clock=monotonic,
+            )
+            self.kv_events = KVEventSubscriber(
+                self.prefix_index, list(self.fleet.endpoints), self.salts
+            )
         self.live = LiveFleet(
             self.fleet,
             stale_after_s=g.stale_after_s,
@@ -179,6 +190,19 @@ class Core:
                 timeout_s=spec.redis_timeout_s,
                 retry_after_s=spec.outage_retry_after_s,
             )
+        self.shared: SharedPlacement | None = None
+        if spec.store == "redis" and spec.shared_placement:
+            from inferplane.admission.shared_placement import SharedPlacement
+
+            self.shared = SharedPlacement(
+                spec.redis_url,
+                spec.redis_prefix,
+                on_pick=self.learn_shared,
+                session_ttl_s=spec.session_ttl_s,
+                timeout_s=spec.redis_timeout_s,
+                retry_after_s=spec.outage_retry_after_s,
+                clock=monotonic,
+            )
         self.passive = PassiveHealth(self.live, self.outliers, config.health.outlier)
         self._health_task: asyncio.Task[None] | None = None
         self.economics = refresher_for(config, file, self.metrics.registry)
@@ -212,6 +236,8 @@ class Core:
             self.economics.start()
         if self.slots is not None:
             await self.slots.start()
+        if self.shared is not None:
+            await self.shared.start()
 
     async def stop(self) -> None:
         """Stop everything `start` started. Every step runs even when an earlier one fails (a
@@ -228,6 +254,8 @@ class Core:
             steps.append(("KV-event subscriber", self.kv_events.stop))
         if self.slots is not None:
             steps.append(("shared slots", self.slots.close))
+        if self.shared is not None:
+            steps.append(("shared placement state", self.shared.close))
         steps += [
             ("ledger", self.ledger.close),
             ("admission", self.admission.close),
@@ -410,6 +438,10 @@ class Core:
             trace.placed(decision)
         view = decision.picked
         assert view is not None
+        if self.salts is not None and profile.engine_block_hashes:
+            self.salts.note(view.name, profile.cache_salt, profile.engine_block_hashes[0])
+        if self.shared is not None:
+            self.shared.picked(view.name, profile)
         uncached = decision.candidate(view.name).annotations.get("uncached_tokens")
         reservation = self.live.reserve(
             view.name,
@@ -419,6 +451,52 @@ class Core:
         if ticket is not None:
             self.admission.placed(ticket)
         return Placement(decision, reservation, [] if failed is None else failed, ticket, trace)
+
+    def _session_plugins(self, workload_class: str) -> list[SessionAffinity]:
+        policy = self.class_policy.get(workload_class)
+        if policy is None:
+            return []
+        return [o for o in policy.observers if isinstance(o, SessionAffinity)]
+
+    async def recall_session(self, profile: RequestProfile) -> None:
+        """With shared placement state: a session this process does not know is looked up in
+        Redis (one GET) and its endpoint given to the class's session-affinity plugins, so a
+        session placed by another replica continues where it ran. No-op otherwise."""
+        key = profile.session_key
+        if self.shared is None or key is None:
+            return
+        plugins = self._session_plugins(profile.workload_class)
+        if not plugins or all(p.knows(key) for p in plugins):
+            return
+        endpoint = await self.shared.session(key)
+        if endpoint is not None and endpoint in self.live.live:
+            for p in plugins:
+                if not p.knows(key):
+                    p.remember(key, endpoint)
+
+    def learn_shared(self, pick: SharedPick) -> None:
+        """Another replica's pick: the class's placement plugins learn it as their own
+        (``learn_shared``: session and prefix affinity), and the KV-event mirror notes its
+        cache scope. Picks for an endpoint or class this process does not have are skipped."""
+        policy = self.class_policy.get(pick.workload_class)
+        if policy is None or pick.endpoint not in self.live.live:
+            return
+        if self.salts is not None and pick.engine_block_hashes:
+            self.salts.note(pick.endpoint, pick.cache_salt, pick.engine_block_hashes[0])
+        snap = self.live.snapshot()
+        view = next((v for v in snap.endpoints if v.name == pick.endpoint), None)
+        if view is None:
+            return
+        profile = RequestProfile(
+            request_id="", tenant="", model=pick.model, workload_class=pick.workload_class,
+            block_hashes=pick.block_hashes, engine_block_hashes=pick.engine_block_hashes,
+            cache_salt=pick.cache_salt, session_key=pick.session_key,
+        )
+        cycle = CycleState(profile, snap, policy.rng)
+        for o in policy.observers:
+            learn = getattr(o, "learn_shared", None)
+            if learn is not None:
+                learn(cycle, view)
 
     def first_byte_timeout(self, decision: Decision) -> float | None:
         """The pick's first-byte timeout (`config.schema.FirstByteTimeoutSpec`): ``factor ×``
@@ -524,6 +602,7 @@ class Core:
         (`admission.retry.RetryBudget`); a re-placement avoids the failed endpoints and, where
         it can, their failure domains and zones (the ``failure-domain`` filter)."""
         failed: list[str] = []
+        await self.recall_session(profile)
         self.admission.retry_budget.record_request()
         last_error = ""
         rate_limited: Endpoint | None = None  # the endpoint that answered 429 last attempt

@@ -418,6 +418,7 @@ class Exchange:
                 api, body, raw, cls_headers, tenant, key_hash, profile
             )
         try:
+            await p.recall_session(ticket.profile)
             placement = p.reserve(ticket.profile, ticket)
             # the upstream call is Envoy's: its span runs from the pick to the observed end
             trace.upstream_started(placement.endpoint, ticket.profile.model)

@@ -16,14 +16,21 @@ hash algorithm (``sha256_cbor`` …), a per-process random seed unless ``PYTHONH
 and extra keys (LoRA, multimodal, cache salt). But every ``BlockStored`` carries the blocks'
 token ids and the parent's engine hash, so `BlockKeys` maps each engine hash to a content key as
 it is stored and back when it is removed. For the emulated engine the two are the same numbers.
+
+**Per cache scope.** With a `SaltBook` (the gateway always passes one) a chain starts at its
+cache salt's root, as the engine's own chain does: the first block of a ``BlockStored`` is keyed
+in the scope the book resolves for it (`inferplane.fleet.salts`), so a tenant's lookup matches
+only its own scope's blocks (issue 12 item 6). Without a book chains start at the unsalted root.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
+from collections.abc import Callable, Sequence
 
 import zmq
 import zmq.asyncio
@@ -37,7 +44,11 @@ from inferplane.fleet.kv_events import (
 )
 from inferplane.fleet.model import Endpoint
 from inferplane.fleet.prefix_index import PrefixIndex
+from inferplane.fleet.salts import SaltBook
 from inferplane.tokenization import hash_block_tokens
+
+Resolver = Callable[[int, Sequence[int]], "int | None"]
+"""(engine hash, token ids) of a first block → its key, or None (`SaltBook.resolve`)."""
 
 log = logging.getLogger("inferplane.kv_events")
 
@@ -52,12 +63,13 @@ class BlockKeys:
     and is skipped: those blocks only cost affinity misses.
     """
 
-    __slots__ = ("_keys", "_refs", "unkeyed")
+    __slots__ = ("_keys", "_refs", "resolve", "unkeyed")
 
-    def __init__(self) -> None:
+    def __init__(self, resolve: Resolver | None = None) -> None:
         self._keys: dict[int, int] = {}  # engine hash -> content key
         self._refs: dict[int, int] = {}  # content key -> engine hashes holding it
-        self.unkeyed = 0  # stored blocks skipped: their parent was never seen
+        self.unkeyed = 0  # stored blocks skipped: their parent (or first block's scope) unknown
+        self.resolve = resolve  # a first block's key (its cache scope); None: unsalted
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -73,11 +85,20 @@ class BlockKeys:
         if bs <= 0:
             return []
         out: list[int] = []
+        resolve = self.resolve if ev.parent_block_hash is None else None
         for i, h in enumerate(ev.block_hashes):
             block = toks[i * bs : (i + 1) * bs]
             if len(block) != bs:
                 break
-            parent = hash_block_tokens(parent, block)
+            if resolve is not None:  # the first block: keyed in its cache scope
+                key = resolve(h, block)
+                resolve = None
+                if key is None:
+                    self.unkeyed += len(ev.block_hashes)
+                    return out
+                parent = key
+            else:
+                parent = hash_block_tokens(parent, block)
             old = self._keys.get(h)
             if old == parent:
                 continue  # stored again (vLLM re-announces nothing, but be idempotent)
@@ -117,8 +138,11 @@ class KVEventSubscriber:
     RETRY_S = 1.0  # back-off before reconnecting after a failure
     LOG_EVERY_S = 60.0  # at most one failure log per endpoint this often
 
-    def __init__(self, index: PrefixIndex, endpoints: list[Endpoint]) -> None:
+    def __init__(
+        self, index: PrefixIndex, endpoints: list[Endpoint], salts: SaltBook | None = None
+    ) -> None:
         self.index = index
+        self.salts = salts  # keys blocks per cache scope (module docstring)
         self.endpoints = [e for e in endpoints if e.spec.kv_events]
         self.ctx = zmq.asyncio.Context.instance()
         self._tasks: list[asyncio.Task[None]] = []
@@ -161,7 +185,10 @@ class KVEventSubscriber:
         """Apply one decoded event to the index, translated to content keys."""
         keys = self.keys.get(endpoint)
         if keys is None:
-            keys = self.keys[endpoint] = BlockKeys()
+            salts = self.salts
+            keys = self.keys[endpoint] = BlockKeys(
+                None if salts is None else functools.partial(salts.resolve, endpoint)
+            )
         if isinstance(ev, BlockStored):
             self.index.block_stored(endpoint, keys.stored(ev))
         elif isinstance(ev, BlockRemoved):

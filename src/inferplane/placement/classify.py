@@ -34,9 +34,15 @@ from inferplane.config.schema import (
 )
 from inferplane.errors import InvalidRequestError
 from inferplane.placement.hashing import prompt_block_hashes
-from inferplane.placement.isolation import cache_salt, cache_scope
+from inferplane.placement.isolation import cache_salt, cache_scope, session_key
 from inferplane.placement.profile import RequestProfile
-from inferplane.tokenization import block_hashes, encode, engine_block_hashes, load_tokenizer
+from inferplane.tokenization import (
+    block_hashes,
+    encode,
+    engine_block_hashes,
+    load_tokenizer,
+    salt_root,
+)
 from inferplane.types import ApiKind
 
 if TYPE_CHECKING:
@@ -303,6 +309,7 @@ class Classifier:
             )
 
         salt = cache_salt(cache_scope(tenant.name, tenant.cache_group), body.get("cache_salt"))
+        sid = headers.get("x-session-id")
         max_out = prompt.max_output_tokens
         if api == "embeddings":
             max_out = 0
@@ -322,9 +329,12 @@ class Classifier:
             max_output_tokens=int(max_out),
             sequences=prompt.count * _n(body),
             block_hashes=prompt_block_hashes(model, prompt.text, self.block_chars, salt=salt),
-            engine_block_hashes=self._engine_hashes(prompt, tok is not None),
+            engine_block_hashes=self._engine_hashes(
+                prompt, tok is not None, None if api == "embeddings" else salt
+            ),
             cache_salt=salt,
-            session_id=headers.get("x-session-id"),
+            session_id=sid,
+            session_key=session_key(salt, sid) if sid is not None else None,
             ttft_slo_s=ttft if ttft is not None else _ms(cls.ttft_slo_ms),
             itl_slo_s=itl if itl is not None else _ms(cls.itl_slo_ms),
             allowed_jurisdictions=allowed,
@@ -370,19 +380,25 @@ class Classifier:
             return replace(prompt, ids=ids)
         return replace(prompt, tokens=len(ids), ids=ids)
 
-    def _engine_hashes(self, prompt: Prompt, tokenized: bool) -> tuple[int, ...]:
+    def _engine_hashes(
+        self, prompt: Prompt, tokenized: bool, salt: str | None
+    ) -> tuple[int, ...]:
         """Engine token-block hashes: of the prompt's token ids (a token-id prompt, or a text
         prompt through the model's tokenizer), else of its words (the emulator's one word a
         token). A chat prompt with a real tokenizer has none: the engine's chat template decides
-        its tokens, so placement uses the learned prefix index for it."""
+        its tokens, so placement uses the learned prefix index for it. The chain starts at the
+        cache salt's root (`tokenization.salt_root`), as the engine's own chain does and as the
+        KV-event mirror keys a scope's blocks (`fleet.salts`): a request matches only blocks of
+        its own cache scope. Embeddings carry no salt (the engines take none there)."""
         bs = self.engine_block_size
         if not bs:
             return ()
+        root = salt_root(salt)
         if prompt.ids is not None:
-            return tuple(block_hashes(prompt.ids, bs))
+            return tuple(block_hashes(prompt.ids, bs, root))
         if tokenized:
             return ()
-        return tuple(engine_block_hashes(prompt.text, bs))
+        return tuple(engine_block_hashes(prompt.text, bs, root))
 
 
 def _n(body: Mapping[str, Any]) -> int:

@@ -12,14 +12,15 @@ request gets a *cache salt* derived from its tenant's cache scope:
 
 The salt is forwarded as ``cache_salt`` to engines that accept it (vLLM, SGLang:
 `dispatch.upstream.SALTED_ENGINES`), which mix it into their block hashes; the emulated engine
-does the same (`twin.engine`). It also seeds the gateway's own prompt block hashes, so the learned
-prefix index and the affinity it drives are per scope.
+does the same (`twin.engine`). The gateway's own placement state is per scope too, so that B
+cannot infer A's prompts from where (or how fast) its own requests are placed either:
 
-Not per scope: the precise index fed by KV events. An engine's ``BlockStored`` event does not
-carry the salt (a first block has no parent), so the subscriber keys blocks by content and a
-request's engine block hashes stay unsalted to match them: a tenant's request may be placed where
-another scope's blocks are (predicted as a hit, served as a miss). It reveals no cached_tokens;
-it does move placement (``x-inferplane-endpoint``).
+- the prompt block hashes that feed the learned prefix index are seeded with the salt;
+- the engine block hashes matched against the KV-event mirror start at the salt's root, as the
+  engine's chain does, and the mirror keys each engine's blocks in the scope that stored them
+  (`fleet.salts`);
+- session affinity is keyed by (salt, session id) (`session_key`): the same ``x-session-id``
+  in two scopes is two sessions.
 """
 
 from __future__ import annotations
@@ -37,3 +38,9 @@ def cache_salt(scope: str, client_salt: Any = None) -> str:
     """The salt sent to engines for a request of ``scope`` (32 hex digits, never empty)."""
     extra = client_salt if isinstance(client_salt, str) else ""
     return blake2b(f"{scope}\0{extra}".encode(), digest_size=16).hexdigest()
+
+
+def session_key(salt: str | None, session_id: str) -> str:
+    """The key of a session in the gateway's affinity state (local and shared): the session id
+    within its cache scope, hashed (32 hex digits) so that no raw id reaches a shared store."""
+    return blake2b(f"{salt or ''}\0{session_id}".encode(), digest_size=16).hexdigest()

@@ -24,6 +24,7 @@ class RequestProfile:
     block_hashes: tuple[BlockHash, ...] = ()
     engine_block_hashes: tuple[BlockHash, ...] = ()
     session_id: str | None = None
+    session_key: str | None = None  # the session within its cache scope (`isolation.session_key`)
     ttft_slo_s: float | None = None
     itl_slo_s: float | None = None
     allowed_jurisdictions: frozenset[str] | None = None

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from inferplane.fleet.prefix_index import PrefixIndex
 from inferplane.fleet.state import EndpointView
 from inferplane.placement.framework import CycleState, Plugin, register
+from inferplane.placement.profile import RequestProfile
 from inferplane.types import BlockHash
 
 PrefixMode = Literal["auto", "precise", "approximate"]
@@ -302,6 +303,8 @@ class PrefixAffinity(Plugin):
             now = cycle.snapshot.now
             self.written[picked.name] = (self._written(picked.name, now) + total - held, now)
 
+    learn_shared = on_picked  # another replica's pick (`admission.shared_placement`)
+
 
 class ApproxPrefixParams(PrefixParams):
     mode: PrefixMode = "approximate"
@@ -322,12 +325,22 @@ class SessionParams(BaseModel):
     max_sessions: int = Field(100_000, gt=0, description="sessions remembered (LRU)")
 
 
+def _session(profile: RequestProfile) -> str | None:
+    """The session's key: within its cache scope when classify computed one, else the raw id."""
+    key = profile.session_key
+    return key if key is not None else profile.session_id
+
+
 @register("session-affinity")
 class SessionAffinity(Plugin):
-    """Scorer: 1 for the endpoint that last served ``profile.session_id``, else 0.
+    """Scorer: 1 for the endpoint that last served the request's session, else 0.
 
-    State: a bounded LRU map session → endpoint learned via ``on_picked`` (per instance; a
-    multi-replica gateway would keep it in Redis). Requests without a session score 0 everywhere.
+    The session is ``profile.session_key``: the ``x-session-id`` within the request's cache
+    scope (`placement.isolation.session_key`), so one tenant's session id never steers another
+    tenant's requests (a profile built without one uses ``session_id`` as is). State: a bounded
+    LRU map session → endpoint learned via ``on_picked``; with several replicas the core also
+    feeds it the other replicas' picks and Redis' answer for a session it does not know
+    (`remember`; `admission.shared_placement`). Requests without a session score 0 everywhere.
     Parameters: ``max_sessions``.
     """
 
@@ -340,22 +353,31 @@ class SessionAffinity(Plugin):
         self._last: OrderedDict[str, str] = OrderedDict()
 
     def score(self, cycle: CycleState, candidates: list[EndpointView]) -> Sequence[float]:
-        sid = cycle.profile.session_id
+        sid = _session(cycle.profile)
         last = self._last.get(sid) if sid is not None else None
         if last is None:
             return [0.0] * len(candidates)
         return [1.0 if c.name == last else 0.0 for c in candidates]
 
     def propose(self, cycle: CycleState, limit: int) -> list[str]:
-        sid = cycle.profile.session_id
+        sid = _session(cycle.profile)
         last = self._last.get(sid) if sid is not None else None
         return [] if last is None else [last]
 
-    def on_picked(self, cycle: CycleState, picked: EndpointView) -> None:
-        sid = cycle.profile.session_id
-        if sid is None:
-            return
-        self._last[sid] = picked.name
-        self._last.move_to_end(sid)
+    def knows(self, key: str) -> bool:
+        """Whether the session's endpoint is known here."""
+        return key in self._last
+
+    def remember(self, key: str, endpoint: str) -> None:
+        """The session ``key`` was last served by ``endpoint`` (another replica's pick)."""
+        self._last[key] = endpoint
+        self._last.move_to_end(key)
         while len(self._last) > self.max_sessions:
             self._last.popitem(last=False)
+
+    def on_picked(self, cycle: CycleState, picked: EndpointView) -> None:
+        sid = _session(cycle.profile)
+        if sid is not None:
+            self.remember(sid, picked.name)
+
+    learn_shared = on_picked
