@@ -1,15 +1,20 @@
 """bench/soak.py: the gateway under steady load for a long time (issue 12's soak target: 30 min
 at 20 req/s, RSS growth < 10 %, 0 errors).
 
-    python bench/soak.py [--seconds 1800] [--rate 20] [--warmup 60] [--out out/soak.json]
+    [nice -n -5] python bench/soak.py [--seconds 1800] [--rate 20] [--warmup 60]
+                                      [--out out/soak.json]
 
 Starts a fast fake upstream (two endpoints) and a gateway process with a file ledger (so the
 durable ledger, the local admission store and the batch store are all in play), then sends
 ``--rate`` requests a second, open loop, for ``--seconds``: half streamed, half not, each with a
 fresh prompt and a session id from a small pool. Every 10 s it samples the gateway's VmRSS from
-/proc. RSS growth is measured from the end of ``--warmup`` (allocators and caches fill first) to
-the end; every answer that is not a 200 counts as an error. Bounded: loopback only, at most
-``seconds × rate`` requests, every process stopped at the end.
+/proc, the host's 1-minute load average and the gateway's event-loop lag (from its /metrics).
+RSS growth is measured from the end of ``--warmup`` (allocators and caches fill first) to
+the end; every answer that is not a 200 counts as an error, tallied by status and OpenAI error
+code. At the end it reads the gateway's ejection and upstream-failure counters and keeps its log
+(``<out>.gw.log``). Run under ``nice -n -5`` (root) the upstream and the gateway inherit the
+priority: a dedicated gateway host on a machine other jobs load. Bounded: loopback only, at
+most ``seconds × rate`` requests, every process stopped at the end.
 """
 
 from __future__ import annotations
@@ -18,6 +23,9 @@ import argparse
 import asyncio
 import json
 import os
+import re
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -58,10 +66,28 @@ def wait_http(url: str, proc: subprocess.Popen[bytes], what: str) -> None:
     raise SystemExit(f"{what} not ready at {url}")
 
 
+LAG = re.compile(r"^inferplane_event_loop_lag_(seconds_total|max_seconds) (\S+)$", re.M)
+COUNTERS = re.compile(
+    r"^(inferplane_endpoint_ejections_total|inferplane_upstream_failures_total)\{(.*)\} (\S+)$",
+    re.M,
+)
+
+
+async def read_metrics(session: aiohttp.ClientSession, base: str) -> str:
+    try:
+        async with session.get(f"{base}/metrics") as r:
+            return await r.text()
+    except (TimeoutError, aiohttp.ClientError):
+        return ""
+
+
 async def drive(base: str, seconds: float, rate: float, pid: int, warmup: float
                 ) -> dict[str, Any]:
     statuses: dict[str, int] = {}
+    codes: dict[str, int] = {}
     samples: list[tuple[float, float]] = []
+    loads: list[tuple[float, float]] = []
+    lags: list[tuple[float, float, float]] = []  # (t, lost total, worst in the last 60 s)
     headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
     pending: set[asyncio.Task[None]] = set()
     t0 = time.monotonic()
@@ -73,20 +99,37 @@ async def drive(base: str, seconds: float, rate: float, pid: int, warmup: float
         try:
             async with session.post(f"{base}/v1/chat/completions", json=body,
                                     headers={**headers, "x-session-id": f"s{i % 50}"}) as r:
-                await r.read()
+                data = await r.read()
                 key = str(r.status)
+                if r.status != 200:
+                    try:
+                        err = json.loads(data)["error"]
+                        code = f"{r.status} {err.get('code') or err.get('type')}"
+                    except (ValueError, KeyError, TypeError):
+                        code = f"{r.status} (not JSON)"
+                    codes[code] = codes.get(code, 0) + 1
+                    print(f"[{time.monotonic() - t0:7.1f} s] {code}: {data[:300]!r}",
+                          file=sys.stderr)
         except (TimeoutError, aiohttp.ClientError) as exc:
             key = type(exc).__name__
         statuses[key] = statuses.get(key, 0) + 1
 
-    async def sampler() -> None:
+    async def sample(session: aiohttp.ClientSession) -> None:
+        t = time.monotonic() - t0
+        samples.append((t, rss_mb(pid)))
+        loads.append((t, os.getloadavg()[0]))
+        found = dict(LAG.findall(await read_metrics(session, base)))
+        if found:
+            lags.append((t, float(found["seconds_total"]), float(found["max_seconds"])))
+
+    async def sampler(session: aiohttp.ClientSession) -> None:
         while True:
-            samples.append((time.monotonic() - t0, rss_mb(pid)))
+            await sample(session)
             await asyncio.sleep(10)
 
     timeout = aiohttp.ClientTimeout(total=60)
     async with aiohttp.ClientSession(timeout=timeout) as session:
-        sample_task = asyncio.create_task(sampler())
+        sample_task = asyncio.create_task(sampler(session))
         i = 0
         while (elapsed := time.monotonic() - t0) < seconds:
             due = int(elapsed * rate)
@@ -98,14 +141,22 @@ async def drive(base: str, seconds: float, rate: float, pid: int, warmup: float
             await asyncio.sleep(0.01)
         await asyncio.gather(*pending)
         sample_task.cancel()
-        samples.append((time.monotonic() - t0, rss_mb(pid)))
+        await sample(session)
+        text = await read_metrics(session, base)
     after_warmup = next((mb for t, mb in samples if t >= warmup), samples[0][1])
     end = samples[-1][1]
     errors = sum(n for k, n in statuses.items() if k != "200")
-    return {"requests": i, "statuses": statuses, "errors": errors,
+    counters = {f"{name}{{{labels}}}": float(v) for name, labels, v in COUNTERS.findall(text)}
+    la = [x for _, x in loads]
+    return {"requests": i, "statuses": statuses, "error_codes": codes, "errors": errors,
             "rss_mb_after_warmup": after_warmup, "rss_mb_end": end,
             "rss_growth": (end - after_warmup) / after_warmup,
-            "rss_mb_max": max(mb for _, mb in samples), "samples": samples}
+            "rss_mb_max": max(mb for _, mb in samples), "samples": samples,
+            "load_1m_during": {"min": min(la), "median": statistics.median(la), "max": max(la)},
+            "load_samples": loads,
+            "loop_lag_lost_s": lags[-1][1] if lags else None,
+            "loop_lag_worst_s": max((x for _, _, x in lags), default=None),
+            "lag_samples": lags, "counters": counters}
 
 
 def main() -> int:
@@ -115,6 +166,9 @@ def main() -> int:
     ap.add_argument("--warmup", type=float, default=60.0)
     ap.add_argument("--out", type=Path, default=ROOT / "out" / "soak.json")
     a = ap.parse_args()
+    load_before = os.getloadavg()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                            capture_output=True, text=True).stdout.strip()
     tmp = Path(tempfile.mkdtemp(prefix="soak-"))
     ups = [free_port(), free_port()]
     port = free_port()
@@ -124,7 +178,8 @@ def main() -> int:
          models: [{{name: m, profile: llama-3.1-8b, max_context: 4096}}]}}"""
         for i, p in enumerate(ups))
     (tmp / "fleet.yaml").write_text(f"""
-gateway: {{port: {port}, ledger_path: {tmp / 'ledger.sqlite'}, scrape_interval_s: 0.5}}
+gateway: {{port: {port}, ledger_path: {tmp / 'ledger.sqlite'}, scrape_interval_s: 0.5,
+          metrics: {{public: true}}}}
 substrates:
   - name: pool
     kind: gpu
@@ -153,13 +208,20 @@ tenants:
             if p is not None and p.poll() is None:
                 p.terminate()
                 p.wait(15)
-    res.update(seconds=a.seconds, rate=a.rate, warmup_s=a.warmup,
+    res.update(seconds=a.seconds, rate=a.rate, warmup_s=a.warmup, commit=commit,
                date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-               load_1m_end=os.getloadavg()[0])
+               niceness=os.nice(0), load_before=load_before, load_after=os.getloadavg())
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(res, indent=2) + "\n")
-    print(f"{res['requests']} requests in {a.seconds:.0f} s at {a.rate}/s: "
-          f"statuses {res['statuses']}, errors {res['errors']}")
+    shutil.copy(tmp / "gw.log", a.out.with_suffix(".gw.log"))
+    print(f"{res['requests']} requests in {a.seconds:.0f} s at {a.rate}/s (git {commit}, "
+          f"nice {res['niceness']}): statuses {res['statuses']}, errors {res['errors']} "
+          f"{res['error_codes']}")
+    ld = res["load_1m_during"]
+    print(f"load average: before {load_before[0]:.2f}, during {ld['min']:.2f}-{ld['max']:.2f} "
+          f"(median {ld['median']:.2f}), after {res['load_after'][0]:.2f}")
+    print(f"gateway event-loop lag: {res['loop_lag_lost_s']} s lost in all, worst tick "
+          f"{res['loop_lag_worst_s']} s; counters {res['counters']}")
     print(f"gateway RSS: {res['rss_mb_after_warmup']:.1f} MB after {a.warmup:.0f} s warm-up, "
           f"{res['rss_mb_end']:.1f} MB at the end ({res['rss_growth']:+.1%}), "
           f"max {res['rss_mb_max']:.1f} MB")

@@ -8,6 +8,7 @@ in front of real fake upstreams on loopback (`tests.support.fake_upstream`).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -360,6 +361,38 @@ async def test_a_hung_engine_is_timed_out_replaced_and_ejected(
         async with session.get(f"{base}/metrics") as r:
             text = await r.text()
         assert 'endpoint="hung",reason="first_byte_timeout"' in text
+    finally:
+        await runner.cleanup()
+        for u in ups:
+            await u.cleanup()
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_the_gateways_own_stall_is_not_a_first_byte_timeout(
+    session: aiohttp.ClientSession, stream: bool
+) -> None:
+    """Issue 12 item 1: a first-byte timeout counts the gateway's running time. Here the event
+    loop the gateway runs on is blocked for 0.6 s (the upstream shares it, `stall` mode) — as
+    when a loaded host deschedules the gateway — against a 0.3 s first-byte timeout: the time
+    lost is the gateway's own lag, so the first attempt is answered and nobody is blamed (the
+    code before timed both endpoints out, re-placed twice and ejected one)."""
+    ports, ups = await _upstreams({"s-1": "stall", "s-2": "stall"})
+    gw, runner, base = await _gateway(_pool(
+        ports, gateway="first_byte_timeout: {floor_s: 0.3, factor: 1, unpredicted_s: 0.3}",
+        outlier="interval_s: 60, consecutive_timeouts: 1"))
+    try:
+        await asyncio.sleep(0.3)  # the loop-lag ticker has ticked
+        async with session.post(f"{base}/v1/chat/completions",
+                                json={**CHAT, "stream": stream}) as r:
+            assert r.status == 200, await r.text()
+            rid = r.headers["x-inferplane-decision-id"]
+            await r.read()
+        async with session.get(f"{base}/v1/decisions/{rid}") as r:
+            assert (await r.json())["outcome"]["attempts"] == 1
+        for name in ports:
+            rec = gw.live.live[name]
+            assert not rec.ejected and rec.consecutive_timeouts == 0
+        assert gw.lag.lost_s >= 0.5  # the stall was measured
     finally:
         await runner.cleanup()
         for u in ups:

@@ -317,6 +317,41 @@ def test_stale_metrics_eject_a_healthy_endpoint_only() -> None:
     assert [(a.endpoint, a.eject) for a in e.det.run(e.live)] == [("a0", True)]
 
 
+def test_stale_metrics_alone_eject_nobody_by_default() -> None:
+    """Issue 12 item 1: staleness lowers the confidence in an endpoint's engine signals
+    (placement ignores them) but does not eject it: the 30-minute soak lost 449 requests when a
+    loaded gateway host let its scrapes go stale and ejected healthy endpoints."""
+    e = env()
+    m = EngineMetrics(waiting=0.0, kv_usage=0.1)
+    for n in ("a0", "a1", "a2", "a3"):
+        e.live.update_metrics(n, m)
+    e.clock.t += 60.0
+    for n in ("a1", "a2", "a3"):
+        e.live.update_metrics(n, m)
+    assert e.det.run(e.live) == []
+    snap = e.live.snapshot()
+    a0 = snap.by_name["a0"].state
+    assert a0.stale and a0.usable and a0.queue_depth == 0.0  # placeable, engine signals unused
+    cfg = parse_config(FLEET_YAML, "fleet.yaml")
+    d = place(profile(model="m", tenant="t"), snap, build_policies(cfg, "<test>")["default"])
+    assert d.candidate("a0").rejected_by is None
+
+
+def test_stale_everywhere_ejects_nobody_even_when_opted_in() -> None:
+    """With ``stale_eject_s`` set, an endpoint is ejected for staleness only while another
+    endpoint of its model is fresher: every endpoint stale at once is the gateway's own fault
+    (its host or network), never a reason to eject a whole model."""
+    e = env(stale_eject_s=5.0, max_ejection_percent=100.0)
+    m = EngineMetrics(waiting=0.0, kv_usage=0.1)
+    for n in ("a0", "a1", "a2", "a3", "b0", "b1"):
+        e.live.update_metrics(n, m)
+    e.clock.t += 12.0
+    assert e.det.run(e.live) == []
+    e.live.update_metrics("a1", m)  # one fresh again: the others that serve m are outliers
+    ejected = sorted(a.endpoint for a in e.det.run(e.live) if a.eject)
+    assert ejected == ["a0", "a2", "a3", "b0", "b1"]
+
+
 def test_health_filter_removes_the_ejected_endpoint_with_its_reason() -> None:
     e = env()
     healthy_peers(e.live, "a1", "a2", "a3")

@@ -4,7 +4,9 @@ Run as a process: ``python -m tests.support.fake_upstream --port N [--port M ...
 Modes: ``ok`` (answers, streams 5 chunks 1 ms apart), ``fast`` (the same with no pauses: for
 overhead benchmarks), ``fail500`` (HTTP 500 before any byte), ``cut`` (streams two chunks then
 drops the connection), ``slow`` (chunks 200 ms apart, for disconnect tests), ``hang`` (reads the
-request and never answers while ``/health`` stays green: a hung engine).
+request and never answers while ``/health`` stays green: a hung engine), ``stall`` (in-process
+only: blocks the whole event loop for `STALL_S` before answering, as if the host descheduled the
+gateway sharing that loop, then answers like ``ok``).
 It counts requests and cancellations and reports them on ``GET /stats``; ``/metrics`` serves a
 fixed vLLM-style exposition with ``waiting`` read from ``--waiting``.
 """
@@ -19,6 +21,7 @@ import time
 from aiohttp import web
 
 STATS = {"requests": 0, "cancelled": 0, "completed": 0}
+STALL_S = 0.6
 MODE, NAME = web.AppKey("mode", str), web.AppKey("name", str)
 WAITING = web.AppKey("waiting", float)
 
@@ -34,6 +37,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
     STATS["last_max_tokens"] = body.get("max_tokens", body.get("max_completion_tokens", -1))
     if mode == "fail500":
         return web.json_response({"error": {"message": "boom", "type": "server_error"}}, status=500)
+    if mode == "stall":
+        time.sleep(STALL_S)  # blocking on purpose: nothing in this process runs meanwhile
     if mode == "hang":
         try:
             await asyncio.Event().wait()

@@ -368,6 +368,9 @@ async def metrics(request: web.Request) -> web.Response:
         gw.metrics.endpoint_stale.labels(v.name).set(1 if v.state.stale else 0)
         gw.metrics.endpoint_ejected.labels(v.name).set(1 if v.state.ejected else 0)
     m = gw.metrics
+    now = asyncio.get_running_loop().time()
+    m.loop_lost.set(gw.lag.lost_at(now))
+    m.loop_lag_max.set(gw.lag.recent_max_s(now))
     for name, p in gw.pool_health().items():
         m.pool_queue_trend.labels(name).set(p.queue_trend)
         m.pool_kv_pressure.labels(name, "mean").set(p.kv_mean or 0.0)

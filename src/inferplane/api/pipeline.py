@@ -7,8 +7,6 @@ Everything transport-neutral (authenticate, classify, admit, place, reserve, acc
 
 from __future__ import annotations
 
-import time
-
 from inferplane.admission.controller import Ticket
 from inferplane.admission.state import AdmissionStore
 from inferplane.config.schema import FleetConfig
@@ -54,11 +52,12 @@ class Gateway(Core):
             connect_timeout_s=g.connect_timeout_s,
             total_timeout_s=g.upstream_timeout_s,
             credentials=load_credentials(config, file),  # ConfigError naming what is missing
+            lag=self.lag,
         )
 
     async def _start_transport(self) -> MetricsSource:
         session = await self.dispatcher.start()
-        return HttpMetricsSource(session, auth=self.dispatcher.auth_headers)
+        return HttpMetricsSource(session, auth=self.dispatcher.auth_headers, lag=self.lag)
 
     async def _stop_transport(self) -> None:
         await self.dispatcher.close()
@@ -73,7 +72,7 @@ class Gateway(Core):
         trace = current_trace()
 
         async def send(endpoint: Endpoint, first_byte_s: float | None) -> Opened:
-            t0 = time.monotonic()
+            mark = self.lag.mark()
             resp = await self.dispatcher.open(
                 endpoint, path, body, max_tokens=max_tokens, first_byte_s=first_byte_s,
                 cache_salt=profile.cache_salt, headers=trace.upstream_headers(),
@@ -82,9 +81,10 @@ class Gateway(Core):
             if resp.status == 200 and "text/event-stream" in resp.headers.get("Content-Type", ""):
                 # a stream's status line comes before its first token: wait for that too, so a
                 # hung engine is re-placed before the client has seen a byte
-                left = None if first_byte_s is None else first_byte_s - (time.monotonic() - t0)
+                # (the gateway's running time: its own loop lag is not the engine's delay)
+                left = None if first_byte_s is None else first_byte_s - self.lag.ran_s(mark)
                 first = await Dispatcher.first_chunk(
-                    endpoint, resp, None if left is None else max(left, 0.0)
+                    endpoint, resp, None if left is None else max(left, 0.0), self.lag
                 )
             return Opened(resp, first)
 

@@ -740,8 +740,9 @@ class BatchSpec(Strict):
 
 class OutlierSpec(Strict):
     """Outlier ejection (Envoy-style): an endpoint that errs or is slow against its peers (same
-    hardware, tensor-parallel degree and served models), or whose metrics went stale while its
-    /health still answers, is ejected for ``base_ejection_s`` × its ejection count."""
+    hardware, tensor-parallel degree and served models), or (opt-in, ``stale_eject_s``) whose
+    metrics went stale while its /health still answers and its alternatives' did not, is
+    ejected for ``base_ejection_s`` × its ejection count."""
 
     enabled: bool = Field(True, description="run the outlier detector in the gateway")
     interval_s: float = Field(1.0, gt=0, description="period of the ejection sweep")
@@ -779,8 +780,13 @@ class OutlierSpec(Strict):
         description="eject at once after this many consecutive first-byte timeouts (a hung "
         "engine); null: off",
     )
-    stale_eject_s: float = Field(
-        10.0, gt=0, description="eject a healthy endpoint whose last good scrape is this old"
+    stale_eject_s: float | None = Field(
+        None,
+        gt=0,
+        description="eject a healthy endpoint whose last good scrape is this old, and only "
+        "while another endpoint of one of its models has fresher metrics; null (the default): "
+        "stale metrics never eject, placement stops trusting them and falls back to the "
+        "gateway's own in-flight counts and outcomes",
     )
     max_ejection_percent: float = Field(
         50.0, ge=0, le=100, description="at most floor(group size × this / 100) endpoints of a "

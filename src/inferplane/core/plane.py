@@ -49,6 +49,7 @@ from inferplane.fleet.salts import SaltBook
 from inferplane.fleet.scraper import MetricsSource, Scraper
 from inferplane.ledger.build import build_ledger
 from inferplane.ledger.record import Ledger, Outcome, Receipt
+from inferplane.looplag import LoopLag
 from inferplane.placement.build import build_policies
 from inferplane.placement.classify import Classifier
 from inferplane.placement.framework import CycleState, Decision, Policy, Spillover, place
@@ -204,6 +205,9 @@ class Core:
                 clock=monotonic,
             )
         self.passive = PassiveHealth(self.live, self.outliers, config.health.outlier)
+        # the event loop's own lag (a loaded host descheduling the gateway): deadlines on the
+        # request path and health probes count running time only (`inferplane.looplag`)
+        self.lag = LoopLag()
         self._health_task: asyncio.Task[None] | None = None
         self.economics = refresher_for(config, file, self.metrics.registry)
 
@@ -216,6 +220,7 @@ class Core:
         """Close what `_start_transport` opened."""
 
     async def start(self) -> None:
+        self.lag.start()
         source = await self._start_transport()
         source = self._metrics_source or source
         if source is None:
@@ -245,6 +250,7 @@ class Core:
         stop itself is re-raised once every step ran."""
         steps: list[tuple[str, Callable[[], Awaitable[None]]]] = [
             ("outlier sweeps", self._stop_health),
+            ("loop-lag ticker", self.lag.stop),
         ]
         if self.economics is not None:
             steps.append(("economics gauges", self.economics.stop))

@@ -31,6 +31,7 @@ from inferplane.dispatch.answer import StreamStats, UpstreamAttemptFailed
 from inferplane.dispatch.credentials import auth_headers
 from inferplane.errors import UpstreamError
 from inferplane.fleet.model import Endpoint
+from inferplane.looplag import LoopLag
 
 # 529: Anthropic's "overloaded"
 RETRIABLE_STATUS = frozenset({429, 500, 502, 503, 504, 529})
@@ -109,16 +110,19 @@ def _translate(endpoint: Endpoint) -> Iterator[None]:
 
 @contextlib.asynccontextmanager
 async def _first_byte_deadline(
-    endpoint: Endpoint, seconds: float | None
+    endpoint: Endpoint, seconds: float | None, lag: LoopLag | None = None
 ) -> AsyncGenerator[None, None]:
     """Raise `UpstreamAttemptFailed` (reason ``first_byte_timeout``) when the block takes longer
-    than ``seconds`` (None: no limit beyond the session's)."""
+    than ``seconds`` (None: no limit beyond the session's) of the gateway's *running* time: with
+    ``lag``, time the gateway's own event loop lost (the process descheduled on a loaded host)
+    does not count against the endpoint (`inferplane.looplag`)."""
     if seconds is None:
         yield
         return
-    deadline = asyncio.timeout(seconds)
     try:
-        async with deadline:
+        async with (
+            asyncio.timeout(seconds) if lag is None else lag.deadline(seconds)
+        ) as deadline:
             yield
     except TimeoutError:
         if not deadline.expired():
@@ -186,8 +190,10 @@ class Dispatcher:
         total_timeout_s: float = 600.0,
         limit_per_host: int = 0,
         credentials: Mapping[str, str] | None = None,
+        lag: LoopLag | None = None,
     ) -> None:
         self._credentials = dict(credentials or {})
+        self.lag = lag  # first-byte deadlines count the gateway's running time only
         self._headers: dict[str, dict[str, str]] = {}
         self._connector_args = dict(
             limit=0,
@@ -278,7 +284,7 @@ class Dispatcher:
         if headers:  # per request (the trace context): added to the endpoint's own
             sent = {**sent, **headers}
         with _translate(endpoint):
-            async with _first_byte_deadline(endpoint, first_byte_s):
+            async with _first_byte_deadline(endpoint, first_byte_s, self.lag):
                 resp = await self.session.post(url, data=data, headers=sent)
             if resp.status in RETRIABLE_STATUS or resp.status in CREDENTIAL_STATUS:
                 try:
@@ -309,14 +315,17 @@ class Dispatcher:
 
     @staticmethod
     async def first_chunk(
-        endpoint: Endpoint, resp: aiohttp.ClientResponse, first_byte_s: float | None
+        endpoint: Endpoint,
+        resp: aiohttp.ClientResponse,
+        first_byte_s: float | None,
+        lag: LoopLag | None = None,
     ) -> tuple[bytes, float]:
         """Wait for a stream's first chunk (with the first-byte deadline) and return it with
         its arrival time, for `relay` to send first. Raises `UpstreamAttemptFailed` (the client
         has received nothing yet) and closes the response on any failure."""
         try:
             with _translate(endpoint):
-                async with _first_byte_deadline(endpoint, first_byte_s):
+                async with _first_byte_deadline(endpoint, first_byte_s, lag):
                     chunk = await resp.content.readany()
         except BaseException:
             resp.close()

@@ -131,7 +131,7 @@ class Picker(Core):
             timeout=aiohttp.ClientTimeout(sock_connect=self.config.gateway.connect_timeout_s)
         )
         self._sweeper = asyncio.create_task(self._sweep_loop())
-        return HttpMetricsSource(self._session)
+        return HttpMetricsSource(self._session, lag=self.lag)
 
     async def _stop_transport(self) -> None:
         for task in [*self._tasks, *([self._sweeper] if self._sweeper else [])]:

@@ -10,8 +10,15 @@ unlike its *peers* — endpoints of the same hardware profile and tensor-paralle
 the same models (`peer_key`), so an H100 is never judged against a provider API. An endpoint is
 an outlier when, with ``n`` = ``min_requests``:
 
-- **metrics stale**: its ``/health`` answers but its last good scrape is ``>= stale_eject_s`` old
-  (never-scraped endpoints, e.g. provider APIs without ``/metrics``, are exempt);
+- **metrics stale** (only when ``stale_eject_s`` is set; off by default): its ``/health``
+  answers but its last good scrape is ``>= stale_eject_s`` old, *and* another endpoint serving
+  one of its models is in service with metrics younger than that (never-scraped endpoints, e.g.
+  provider APIs without ``/metrics``, are exempt). When every endpoint of a model is stale the
+  fault is the gateway's own (a loaded host, its network), and nobody is ejected. By default
+  staleness only lowers the confidence placement puts in the engine's signals: a stale
+  endpoint's queue and KV figures are ignored and the gateway's own in-flight counts, outcomes
+  and TTFTs decide (`fleet.state.EndpointState.stale`); a wedged engine is ejected by the
+  failures and first-byte timeouts it causes;
 - **error rate**: it has ``>= n`` recent outcomes, at least one peer has ``>= n`` too, and
   ``error_rate >= max(min_error_rate, median(peer error rates) + error_rate_margin)``
   (Envoy's failure-percentage ejection, made relative so a fleet-wide fault ejects nobody);
@@ -199,15 +206,26 @@ class OutlierDetector:
         self.records: dict[str, EjectionRecord] = {
             e.name: EjectionRecord() for e in fleet.endpoints
         }
+        self._fresh: frozenset[str] = frozenset()  # in service with fresh metrics (a sweep's)
 
     def ejection_s(self, ejections: int) -> float:
         """``min(base_ejection_s × ejections, max_ejection_s)``."""
         return min(self.spec.base_ejection_s * ejections, self.spec.max_ejection_s)
 
+    def _fresher_alternative(self, name: str) -> bool:
+        """Whether another endpoint serving one of ``name``'s models is in service with metrics
+        younger than ``stale_eject_s`` (set by `sweep` for the sweep's observations)."""
+        return any(m != name and m in self._fresh for m in self.alternatives[name])
+
     def _judge(self, name: str, peers: Sequence[Observed], o: Observed) -> _Outlier | None:
         sp = self.spec
         n = sp.min_requests
-        if o.metrics_age_s is not None and o.metrics_age_s >= sp.stale_eject_s:
+        if (
+            sp.stale_eject_s is not None
+            and o.metrics_age_s is not None
+            and o.metrics_age_s >= sp.stale_eject_s
+            and self._fresher_alternative(name)
+        ):
             return _Outlier(
                 name, "stale", f"metrics stale {o.metrics_age_s:.1f} s", o.metrics_age_s
             )
@@ -264,6 +282,17 @@ class OutlierDetector:
         sp = self.spec
         actions: list[Action] = []
         returned: set[str] = set()
+        limit = sp.stale_eject_s
+        self._fresh = frozenset(
+            name
+            for name, o in observed.items()
+            if limit is not None
+            and o.healthy
+            and o.metrics_age_s is not None
+            and o.metrics_age_s < limit
+            and (rec := self.records.get(name)) is not None
+            and rec.ejected_until is None
+        )
         for name, rec in self.records.items():
             if rec.ejected_until is not None and now >= rec.ejected_until:
                 rec.ejected_until, rec.probation, rec.last_decay = None, True, now

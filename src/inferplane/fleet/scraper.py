@@ -23,6 +23,7 @@ import aiohttp
 from inferplane.fleet.engine_metrics import parse_metrics
 from inferplane.fleet.live import LiveFleet
 from inferplane.fleet.model import Endpoint
+from inferplane.looplag import LoopLag
 
 log = logging.getLogger("inferplane.scraper")
 
@@ -40,21 +41,36 @@ AuthHeaders = Callable[[Endpoint], Mapping[str, str]]
 
 class HttpMetricsSource:
     """Reads ``/metrics`` and probes health over HTTP. ``auth`` gives the headers that carry an
-    endpoint's credentials (used by the ``models`` probe)."""
+    endpoint's credentials (used by the ``models`` probe).
+
+    Each call is bounded by ``timeout_s`` of the gateway's running time when ``lag`` is given
+    (`inferplane.looplag`: a probe is not failed because the gateway itself was descheduled),
+    and by ``backstop × timeout_s`` of wall time in any case."""
 
     def __init__(
         self,
         session: aiohttp.ClientSession,
         timeout_s: float = 1.0,
         auth: AuthHeaders | None = None,
+        lag: LoopLag | None = None,
+        backstop: float = 10.0,
     ) -> None:
         self.session = session
-        self.timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self.timeout_s = timeout_s
+        self.lag = lag
+        self.timeout = aiohttp.ClientTimeout(total=timeout_s * (backstop if lag else 1.0))
         self.auth = auth
+
+    def _deadline(self) -> contextlib.AbstractAsyncContextManager[object]:
+        if self.lag is None:
+            return contextlib.nullcontext()
+        return self.lag.deadline(self.timeout_s)
 
     async def metrics(self, endpoint: Endpoint) -> str | None:
         try:
-            async with self.session.get(f"{endpoint.url}/metrics", timeout=self.timeout) as r:
+            async with self._deadline(), self.session.get(
+                f"{endpoint.url}/metrics", timeout=self.timeout
+            ) as r:
                 if r.status != 200:
                     return None
                 return await r.text()
@@ -70,7 +86,10 @@ class HttpMetricsSource:
         else:
             url, headers = f"{endpoint.url}/health", {}
         try:
-            async with self.session.get(url, headers=headers, timeout=self.timeout) as r:
+            async with (
+                self._deadline(),
+                self.session.get(url, headers=headers, timeout=self.timeout) as r,
+            ):
                 await r.read()
                 return 200 <= r.status < 300
         except (TimeoutError, aiohttp.ClientError):

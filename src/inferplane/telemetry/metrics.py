@@ -119,6 +119,17 @@ class GatewayMetrics:
             ["endpoint"],
             registry=r,
         )
+        self.loop_lost = Gauge(
+            "inferplane_event_loop_lag_seconds_total",
+            "Seconds the gateway's event loop ran late since start (the process descheduled or "
+            "its loop held up); deadlines do not count them (inferplane.looplag)",
+            registry=r,
+        )
+        self.loop_lag_max = Gauge(
+            "inferplane_event_loop_lag_max_seconds",
+            "The worst event-loop lateness in the last 60 s",
+            registry=r,
+        )
         self._admission_metrics(r)
         self._health_metrics(r)
 

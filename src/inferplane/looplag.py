@@ -1,0 +1,125 @@
+"""Event-loop lag: how long this process could not run its own callbacks, and deadlines that
+do not count it.
+
+A gateway on a loaded host is descheduled, or its loop is held up, for a while now and then.
+A timeout that fires because the gateway itself was not running blames the other side for the
+gateway's own lag: a first-byte timeout ejects a healthy engine, a health probe marks it down.
+
+`LoopLag` runs one ticker task that sleeps ``interval_s`` at a time and adds how late each tick
+woke up to ``lost_s``, the seconds this loop ran late since it started; `lost_at` also counts the
+lateness of a tick that is due but has not run yet, so a callback that runs in the same loop
+iteration as a late tick already sees the stall.
+
+`LoopLag.deadline` is `asyncio.timeout` measured in *running time*: when ``seconds`` of wall time
+have passed it subtracts the lag lost since it was entered and re-arms itself for what is left;
+it expires only once ``seconds`` of wall time minus lag have passed (and at the latest at
+``max_s`` of wall time). Without a running ticker it is exactly ``asyncio.timeout(seconds)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+from collections import deque
+from collections.abc import AsyncIterator
+
+RECENT_S = 60.0  # `recent_max_s` looks this far back
+
+
+class LoopLag:
+    """The event loop's lag, measured by a ticker task (`start` / `stop`)."""
+
+    def __init__(self, interval_s: float = 0.1) -> None:
+        self.interval_s = interval_s
+        self.lost_s = 0.0  # Σ lateness of the ticks so far
+        self.ticks = 0
+        self.last_s = 0.0  # lateness of the last tick
+        self._due: float | None = None  # when the pending tick should run (None: not running)
+        self._recent: deque[tuple[float, float]] = deque()  # (time, lateness) over RECENT_S
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def start(self) -> None:
+        if not self.running:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        self._due = None
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            self._due = due = loop.time() + self.interval_s
+            await asyncio.sleep(self.interval_s)
+            now = loop.time()
+            self.tick(now - due, now)
+
+    def tick(self, late_s: float, now: float) -> None:
+        """Account one tick that ran ``late_s`` after it was due (the ticker calls it)."""
+        late = max(0.0, late_s)
+        self.lost_s += late
+        self.last_s = late
+        self.ticks += 1
+        recent = self._recent
+        if late > 0.001:
+            recent.append((now, late))
+        while recent and recent[0][0] < now - RECENT_S:
+            recent.popleft()
+
+    def lost_at(self, now: float) -> float:
+        """Seconds lost to lag up to ``now`` (the loop's clock), the pending tick included."""
+        due = self._due
+        return self.lost_s + (now - due if due is not None and now > due else 0.0)
+
+    def mark(self) -> tuple[float, float]:
+        """(loop time, lost so far) now: the start of a span `ran_s` measures."""
+        now = asyncio.get_running_loop().time()
+        return now, self.lost_at(now)
+
+    def ran_s(self, mark: tuple[float, float]) -> float:
+        """Running time since ``mark`` (wall time less the lag lost in between)."""
+        now = asyncio.get_running_loop().time()
+        return (now - mark[0]) - (self.lost_at(now) - mark[1])
+
+    def recent_max_s(self, now: float) -> float:
+        """The worst tick lateness in the last `RECENT_S` seconds."""
+        return max((late for t, late in self._recent if t >= now - RECENT_S), default=0.0)
+
+    @contextlib.asynccontextmanager
+    async def deadline(
+        self, seconds: float, max_s: float | None = None
+    ) -> AsyncIterator[asyncio.Timeout]:
+        """`asyncio.timeout` that counts only running time (module docstring). ``max_s``: the
+        most wall time it may take, lag or not (default: no bound beyond the lag itself)."""
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        lost0 = self.lost_at(start)
+        cap = start + (math.inf if max_s is None else max(max_s, seconds))
+        handle: asyncio.TimerHandle | None = None
+        async with asyncio.timeout(None) as cm:
+
+            def check() -> None:
+                nonlocal handle
+                now = loop.time()
+                left = seconds - ((now - start) - (self.lost_at(now) - lost0))
+                if left <= 0 or now >= cap:
+                    handle = None
+                    cm.reschedule(now)  # expire: the block is cancelled → TimeoutError
+                else:
+                    handle = loop.call_at(min(now + left, cap), check)
+
+            handle = loop.call_at(start + seconds, check)
+            try:
+                yield cm
+            finally:
+                if handle is not None:
+                    handle.cancel()

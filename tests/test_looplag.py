@@ -1,0 +1,70 @@
+"""Event-loop lag (`inferplane.looplag`): deadlines in the gateway's running time.
+
+A stall is the event loop held by a blocking call (``time.sleep``), which is what a process
+descheduled on a loaded host looks like from inside. The tests compare orders of events (a stall
+longer than the deadline, an answer after it), never a measured duration against a threshold.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from inferplane.looplag import LoopLag
+
+
+async def _stall_then_answer(stall_s: float) -> str:
+    time.sleep(stall_s)  # the loop cannot run: the process is descheduled
+    await asyncio.sleep(0.01)  # the answer arrives just after the stall
+    return "answer"
+
+
+async def test_a_stall_longer_than_the_deadline_is_not_counted() -> None:
+    lag = LoopLag(interval_s=0.02)
+    lag.start()
+    try:
+        await asyncio.sleep(0.05)
+        with pytest.raises(TimeoutError):  # what a plain timeout does with the same stall
+            async with asyncio.timeout(0.2):
+                await _stall_then_answer(0.4)
+        async with lag.deadline(0.2):
+            assert await _stall_then_answer(0.4) == "answer"
+        assert lag.lost_s >= 0.3  # the stalls were measured
+    finally:
+        await lag.stop()
+
+
+async def test_the_deadline_still_fires_when_the_loop_runs() -> None:
+    lag = LoopLag(interval_s=0.02)
+    lag.start()
+    try:
+        never = asyncio.Event()
+        with pytest.raises(TimeoutError):
+            async with lag.deadline(0.1) as cm:
+                await never.wait()
+        assert cm.expired()
+        with pytest.raises(TimeoutError):  # max_s bounds it whatever the lag
+            async with lag.deadline(0.1, max_s=0.15):
+                await _stall_then_answer(0.3)
+    finally:
+        await lag.stop()
+
+
+async def test_without_a_ticker_it_is_a_plain_timeout() -> None:
+    lag = LoopLag()
+    with pytest.raises(TimeoutError):
+        async with lag.deadline(0.1):
+            await _stall_then_answer(0.2)
+    assert lag.lost_s == 0.0
+
+
+def test_lost_time_counts_a_pending_late_tick() -> None:
+    lag = LoopLag(interval_s=0.1)
+    lag.tick(0.5, now=10.0)
+    assert lag.lost_s == 0.5 and lag.recent_max_s(10.0) == 0.5
+    lag._due = 11.0  # a tick due at 11 has not run at 11.3: 0.3 s more are already lost
+    assert lag.lost_at(11.3) == pytest.approx(0.8)
+    assert lag.lost_at(10.9) == pytest.approx(0.5)
+    assert lag.recent_max_s(100.0) == 0.0  # older than the recent window
