@@ -351,7 +351,7 @@ async def test_loops_start_and_stop(live: LiveFleet) -> None:
     by = live.snapshot().by_name
     assert by["eu-1"].state.running == 25.0
     assert not by["us-0"].state.healthy
-    assert scraper._tasks == []
+    assert not scraper._tasks
 
 
 async def test_a_failing_scrape_does_not_kill_the_loop(

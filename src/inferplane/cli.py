@@ -19,6 +19,7 @@ from inferplane.errors import ConfigError
 
 if TYPE_CHECKING:
     from inferplane.config.schema import FleetConfig
+    from inferplane.core.plane import Core
 
 app = typer.Typer(
     add_completion=False,
@@ -28,6 +29,14 @@ app = typer.Typer(
 )
 
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="fleet YAML file")]
+WatchOpt = Annotated[
+    bool,
+    typer.Option(
+        "--watch-config",
+        help="also reload the fleet file when it changes (polled every second); SIGHUP always "
+        "reloads it (docs/configuration.md#reloading-the-fleet-file)",
+    ),
+]
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -62,12 +71,36 @@ def run_until_signal(main: asyncio.Future[None] | None = None) -> asyncio.Abstra
     return loop
 
 
-async def _wait_for_signal() -> None:
+async def _wait_for_signal(
+    core: Core | None = None, config: Path | None = None, watch: bool = False
+) -> None:
+    """Run until SIGINT / SIGTERM. With a ``core``, SIGHUP reloads its fleet file ``config``
+    (`Core.reload_file`), and so does a change of the file with ``watch``; a file that changed
+    while the process was starting is reloaded at once."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    watcher: asyncio.Task[None] | None = None
+    reloads: set[asyncio.Task[object]] = set()
+    if core is not None and config is not None:
+        from inferplane.core.reload import file_sha256, watch_file
+
+        def hup() -> None:
+            task: asyncio.Task[object] = loop.create_task(core.reload_file(config))
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        loop.add_signal_handler(signal.SIGHUP, hup)
+        if file_sha256(config) != core.config_sha256:
+            hup()
+        if watch:
+            watcher = loop.create_task(watch_file(core, config))
+    try:
+        await stop.wait()
+    finally:
+        for task in [*reloads, *([watcher] if watcher is not None else [])]:
+            task.cancel()
 
 
 
@@ -114,9 +147,12 @@ def serve(
             "admission.store: redis (docs/shared-state.md)"
         ),
     ] = 1,
+    watch_config: WatchOpt = False,
 ) -> None:
-    """Run the gateway in front of the fleet described by CONFIG."""
+    """Run the gateway in front of the fleet described by CONFIG (SIGHUP reloads it)."""
     _log_to_stderr(log_level)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until it can reload (`_wait_for_signal`)
+    sha = _sha256(config)
     cfg = load_checked(config)
     if workers < 1:
         fail("--workers must be at least 1")
@@ -133,18 +169,31 @@ def serve(
 
         def run_worker(index: int) -> int:
             try:
-                _serve_one(cfg, config, host, port, reuse_port=True)
+                _serve_one(cfg, sha, config, host, port, reuse_port=True, watch=watch_config)
             except typer.Exit as exc:
                 return exc.exit_code
             return 0
 
         typer.echo(f"inferplane: starting {workers} gateway workers", err=True)
         raise typer.Exit(supervise(workers, run_worker))
-    _serve_one(cfg, config, host, port, reuse_port=False)
+    _serve_one(cfg, sha, config, host, port, reuse_port=False, watch=watch_config)
+
+
+def _sha256(config: Path) -> str | None:
+    from inferplane.core.reload import file_sha256
+
+    return file_sha256(config)
 
 
 def _serve_one(
-    cfg: FleetConfig, config: Path, host: str | None, port: int | None, *, reuse_port: bool
+    cfg: FleetConfig,
+    sha: str | None,
+    config: Path,
+    host: str | None,
+    port: int | None,
+    *,
+    reuse_port: bool,
+    watch: bool,
 ) -> None:
     """One gateway process: build, listen, serve until SIGTERM / SIGINT."""
     from inferplane.api.app import ListenError
@@ -152,6 +201,7 @@ def _serve_one(
     from inferplane.api.pipeline import Gateway
 
     gateway = _build(lambda: Gateway(cfg, str(config)), config, "gateway")
+    gateway.set_config_sha256(sha)
     h = host or cfg.gateway.host
     p = port if port is not None else cfg.gateway.port
 
@@ -173,7 +223,7 @@ def _serve_one(
             err=True,
         )
         try:
-            await _wait_for_signal()
+            await _wait_for_signal(gateway, config, watch)
         finally:
             await runner.cleanup()
 
@@ -190,14 +240,19 @@ def epp(
     host: Annotated[str | None, typer.Option(help="override epp.host")] = None,
     port: Annotated[int | None, typer.Option(help="override epp.port")] = None,
     log_level: Annotated[str, typer.Option(help="logging level")] = "info",
+    watch_config: WatchOpt = False,
 ) -> None:
-    """Run the endpoint picker (Envoy ext_proc gRPC) for the fleet described by CONFIG."""
+    """Run the endpoint picker (Envoy ext_proc gRPC) for the fleet described by CONFIG (SIGHUP
+    reloads it)."""
     _log_to_stderr(log_level)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the picker can reload
+    sha = _sha256(config)
     cfg = load_checked(config)
     from inferplane.epp.server import Picker
     from inferplane.epp.server import serve as serve_epp
 
     picker = _build(lambda: Picker(cfg, str(config)), config, "picker")
+    picker.set_config_sha256(sha)
     h = host or cfg.epp.host
     p = port if port is not None else cfg.epp.port
 
@@ -214,7 +269,7 @@ def epp(
             err=True,
         )
         try:
-            await _wait_for_signal()
+            await _wait_for_signal(picker, config, watch_config)
         finally:
             await server.stop(1.0)
             await picker.stop()

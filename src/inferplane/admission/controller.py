@@ -166,6 +166,10 @@ class Admission:
         self._tasks: set[asyncio.Task[None]] = set()
         self._ticker: asyncio.Task[None] | None = None
 
+    def fleet_changed(self) -> None:
+        """The live fleet was reloaded: worst-case prices are recomputed over its endpoints."""
+        self.worst = WorstCase(self.live.fleet, self.spec, self.worst.timeout)
+
     # -- pools ----------------------------------------------------------------------------
     @staticmethod
     def pool_of(p: RequestProfile) -> PoolKey:

@@ -7,6 +7,8 @@ Everything transport-neutral (authenticate, classify, admit, place, reserve, acc
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from inferplane.admission.controller import Ticket
 from inferplane.admission.state import AdmissionStore
 from inferplane.config.schema import FleetConfig
@@ -54,6 +56,10 @@ class Gateway(Core):
             credentials=load_credentials(config, file),  # ConfigError naming what is missing
             lag=self.lag,
         )
+
+    def _prepare_transport(self, config: FleetConfig, file: str) -> Callable[[], None]:
+        credentials = load_credentials(config, file)  # ConfigError naming what is missing
+        return lambda: self.dispatcher.set_credentials(credentials)
 
     async def _start_transport(self) -> MetricsSource:
         session = await self.dispatcher.start()

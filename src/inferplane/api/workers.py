@@ -8,7 +8,9 @@ therefore needs ``admission.store: redis``. The SQLite ledger file is shared (it
 records inside each transaction, so several processes can append to one chain); the batch lane
 runs in worker 0 only (the other workers serve the Files and Batches API from the same store).
 
-The parent only supervises: SIGTERM / SIGINT are passed on to every worker; a worker
+The parent only supervises: SIGTERM / SIGINT are passed on to every worker, and so is SIGHUP
+(each worker reloads the fleet file itself, `Core.reload_file`; a worker started or restarted
+after the file changed reloads it as soon as it serves); a worker
 that dies is restarted (after a second), unless it died in its first seconds — a start-up
 failure (port taken, Redis unreachable) — which stops them all with its exit status.
 """
@@ -48,6 +50,8 @@ def supervise(n: int, run_worker: Callable[[int], int]) -> int:
         if pid == 0:  # the worker
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, signal.SIG_DFL)
+            # until the worker's own handler reloads (it then reloads a file that changed)
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
             os.environ[WORKER_ENV] = str(i)
             code = 1
             try:
@@ -69,8 +73,14 @@ def supervise(n: int, run_worker: Callable[[int], int]) -> int:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
 
+    def reload(sig: int, _frame: object) -> None:
+        for pid in list(children):  # each worker validates and applies the file itself
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, forward)
+    signal.signal(signal.SIGHUP, reload)
     for i in range(n):
         spawn(i)
     status = 0

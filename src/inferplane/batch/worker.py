@@ -57,7 +57,6 @@ class BatchWorker:
         self.store = store
         self.spec = spec
         self.clock = clock
-        self.tenants: dict[str, TenantSpec] = {t.name: t for t in gw.config.tenants}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._lines: dict[asyncio.Task[None], Line] = {}
@@ -160,7 +159,8 @@ class BatchWorker:
             return True
         inflight = self._inflight.setdefault(bid, set())
         lines = await self.store.pending_lines(bid, inflight, room)
-        tenant = self.tenants.get(b["_tenant"])
+        # read at each round: a fleet reload may change the tenants
+        tenant = next((t for t in self.gw.config.tenants if t.name == b["_tenant"]), None)
         now = time.monotonic()
         for line in lines:
             if self._not_before.get((bid, line.line_no), 0.0) > now:

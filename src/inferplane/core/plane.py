@@ -22,16 +22,20 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from inferplane.admission.controller import Admission, Ticket
 from inferplane.admission.queue import QueueTimeoutError
 from inferplane.admission.state import AdmissionStore
+from inferplane.config.loader import parse_config, read_text
 from inferplane.config.schema import FleetConfig, ModelAlias, TenantSpec
+from inferplane.core.reload import policies_changed, restart_needed
 from inferplane.dispatch.answer import StreamStats, UpstreamAttemptFailed, parse_usage
 from inferplane.economics.render import refresher_for
 from inferplane.errors import (
     AuthenticationError,
+    ConfigError,
     InvalidRequestError,
     ModelNotFoundError,
     NoEligibleEndpointError,
@@ -210,6 +214,9 @@ class Core:
         self.lag = LoopLag()
         self._health_task: asyncio.Task[None] | None = None
         self.economics = refresher_for(config, file, self.metrics.registry)
+        self.config_sha256: str | None = None  # the fleet file's, when the caller knows it
+        self._reload_lock = asyncio.Lock()
+        self.metrics.config_last_reload_time.set(time.time())
 
     # -- lifecycle ------------------------------------------------------------------------
     async def _start_transport(self) -> MetricsSource | None:
@@ -289,6 +296,122 @@ class Core:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._health_task
             self._health_task = None
+
+    # -- reload ---------------------------------------------------------------------------
+    def set_config_sha256(self, sha256: str | None) -> None:
+        """Record the running fleet file's SHA-256 (``inferplane_config_info``)."""
+        if sha256 == self.config_sha256:
+            return
+        if self.config_sha256 is not None:
+            with contextlib.suppress(KeyError):
+                self.metrics.config_hash.remove(self.config_sha256)
+        self.config_sha256 = sha256
+        if sha256 is not None:
+            self.metrics.config_hash.labels(sha256).set(1)
+
+    def _prepare_transport(self, config: FleetConfig, file: str) -> Callable[[], None]:
+        """Check what the front end's transport needs of a reloaded ``config`` (credentials,
+        addresses) and return the function that applies it; raise `ConfigError`."""
+        return lambda: None
+
+    async def reload_file(self, path: str | Path) -> Reloaded | None:
+        """Read, validate and apply the fleet file at ``path`` (`reload`). A file that is
+        invalid, or changes what needs a restart, is logged (file and field) and counted
+        (``inferplane_config_reloads_total{result="error"}``); the running configuration is
+        kept. Returns what changed, or None when refused."""
+        p = Path(path)
+        try:
+            text = await asyncio.to_thread(read_text, p)
+            sha = hashlib.sha256(text.encode()).hexdigest()
+            config = await asyncio.to_thread(parse_config, text, str(p), base_dir=p.parent)
+            return await self.reload(config, str(p), sha256=sha)
+        except ConfigError as exc:
+            self.metrics.config_reloads.labels("error").inc()
+            self.metrics.config_last_reload_ok.set(0)
+            log.error("fleet reload refused; the running configuration is unchanged:\n%s", exc)
+            return None
+
+    async def reload(
+        self, config: FleetConfig, file: str, *, sha256: str | None = None
+    ) -> Reloaded:
+        """Swap in a reloaded, already parsed fleet file; raise `ConfigError` (nothing changed)
+        when it cannot be applied. What may change and what needs a restart:
+        `inferplane.core.reload`.
+
+        Everything that can fail is built first (fleet, policies, classifier, the front end's
+        credentials); new endpoints are then scraped and probed once; the swap itself runs in
+        one step of the event loop, so a request is placed either on the old fleet or on the
+        new one. Requests in flight keep their endpoint and account to it."""
+        async with self._reload_lock:
+            t0 = time.perf_counter()
+            try:
+                problems = restart_needed(self.config, config)
+                if problems:
+                    raise ConfigError(file, problems)
+                fleet = Fleet.from_config(config)
+                rebuild = policies_changed(self.config, config)
+                policies = build_policies(config, file) if rebuild else self.policies
+                classifier = Classifier(config)
+                apply_transport = self._prepare_transport(config, file)
+            except ConfigError as exc:
+                raise exc if exc.file == file else ConfigError(file, exc.problems) from None
+            except Exception as exc:  # e.g. a calibrated profile that does not load
+                raise ConfigError(file, [("", f"cannot apply: {type(exc).__name__}: {exc}")]) \
+                    from None
+            old = self.fleet.by_name
+            joining = [e for e in fleet.endpoints if e.name not in old or old[e.name].url != e.url]
+            observed = await self.scraper.observe(joining) if self.scraper is not None else []
+            # -- the swap: no await from here on ---------------------------------------------
+            kept_specs = {
+                n for n, e in old.items()
+                if n in fleet.by_name and fleet.by_name[n].same_definition(e)
+            }
+            self.config = config
+            self.fleet = fleet
+            fresh, removed = self.live.reconfigure(fleet)
+            self.outliers.reconfigure(fleet, fresh)
+            if self.scraper is not None:
+                self.scraper.reconfigure(fresh)
+                self.scraper.apply(observed)
+            self.policies = policies
+            self.class_policy = {
+                c.name: policies[c.profile or config.gateway.default_profile]
+                for c in config.classes
+            }
+            self.classifier = classifier
+            self.aliases = {a.name: a for a in config.model_aliases}
+            self.tenants = {h: t for t in config.tenants for h in t.api_keys}
+            if self.salts is not None:  # the KV-event mirror's cache scopes: every tenant's
+                self.salts.set_scopes(
+                    cache_salt(cache_scope(t.name, t.cache_group)) for t in config.tenants
+                )
+            self.admission.fleet_changed()
+            if self.slots is not None:
+                self.slots.set_limits({e.name: e.max_concurrency for e in fleet.endpoints})
+            if self.economics is not None:
+                self.economics.config = config
+            apply_transport()
+            self.admission.queue.pump()  # new capacity: waiters may go
+            self.metrics.config_reloads.labels("ok").inc()
+            self.metrics.config_last_reload_ok.set(1)
+            self.metrics.config_last_reload_time.set(time.time())
+            self.set_config_sha256(sha256)
+            added = tuple(n for n in fleet.by_name if n not in old)
+            out = Reloaded(
+                added=added,
+                removed=tuple(removed),
+                changed=tuple(n for n in fleet.by_name if n in old and n not in kept_specs),
+                policies_rebuilt=rebuild,
+                seconds=time.perf_counter() - t0,
+            )
+            log.info(
+                "fleet reloaded from %s: %d endpoints; added %s; removed %s (draining); "
+                "changed %s; placement policies %s (%.0f ms)",
+                file, len(fleet.endpoints), list(out.added) or "none",
+                list(out.removed) or "none", list(out.changed) or "none",
+                "rebuilt" if rebuild else "kept", out.seconds * 1000,
+            )
+            return out
 
     # -- health ---------------------------------------------------------------------------
     def sweep_outliers(self) -> None:
@@ -895,6 +1018,17 @@ class Core:
         if ticket is not None:
             ok = await self.admission.settled(ticket, spec.commit_timeout_s) and ok
         return ok
+
+
+@dataclass(frozen=True, slots=True)
+class Reloaded:
+    """What a fleet reload changed (`Core.reload`)."""
+
+    added: tuple[str, ...]
+    removed: tuple[str, ...]
+    changed: tuple[str, ...]
+    policies_rebuilt: bool
+    seconds: float
 
 
 def _domains(endpoint: Endpoint) -> frozenset[str]:

@@ -219,6 +219,11 @@ class Dispatcher:
             await self.session.close()
             self.session = None
 
+    def set_credentials(self, credentials: Mapping[str, str]) -> None:
+        """The endpoints' keys after a fleet reload (cached request headers are rebuilt)."""
+        self._credentials = dict(credentials)
+        self._headers = {}
+
     def auth_headers(self, endpoint: Endpoint) -> dict[str, str]:
         """The headers that carry the endpoint's key in its dialect (empty without a key)."""
         return auth_headers(endpoint.dialect, self._credentials.get(endpoint.name))

@@ -28,7 +28,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Coroutine, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +62,7 @@ from inferplane.errors import (
     NotFoundError,
     PayloadTooLargeError,
 )
+from inferplane.fleet.model import Fleet
 from inferplane.fleet.scraper import HttpMetricsSource, MetricsSource
 from inferplane.ledger.record import Ledger
 from inferplane.telemetry.tracing import RequestTrace
@@ -121,6 +122,18 @@ class Picker(Core):
         self._session: aiohttp.ClientSession | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
+
+    def _prepare_transport(self, config: FleetConfig, file: str) -> Callable[[], None]:
+        credentials = load_credentials(config, file)  # ConfigError naming what is missing
+        fleet = Fleet.from_config(config)
+        addresses = {e.name: P.destination(e) for e in fleet.endpoints}
+        unrelayable = frozenset(e.name for e in fleet.endpoints if e.dialect != "openai")
+
+        def apply() -> None:
+            self.addresses, self.credentials = addresses, credentials
+            self.unrelayable = unrelayable
+
+        return apply
 
     def background(self, work: Coroutine[Any, Any, None]) -> None:
         """Run ``work`` until the picker stops."""

@@ -208,6 +208,19 @@ class OutlierDetector:
         }
         self._fresh: frozenset[str] = frozenset()  # in service with fresh metrics (a sweep's)
 
+    def reconfigure(self, fleet: Fleet, fresh: Sequence[str] = ()) -> None:
+        """A reloaded fleet: peer groups and alternatives are recomputed; an endpoint kept
+        keeps its ejection memory, a new one (or one in ``fresh``: its URL changed) starts
+        clean, a removed one is forgotten."""
+        self.groups = peer_groups(fleet)
+        self.alternatives = alternative_groups(fleet)
+        renewed = set(fresh)
+        self.records = {
+            e.name: EjectionRecord() if e.name in renewed else
+            self.records.get(e.name) or EjectionRecord()
+            for e in fleet.endpoints
+        }
+
     def ejection_s(self, ejections: int) -> float:
         """``min(base_ejection_s × ejections, max_ejection_s)``."""
         return min(self.spec.base_ejection_s * ejections, self.spec.max_ejection_s)
@@ -346,7 +359,9 @@ class OutlierDetector:
         itself said so: a 429, or a passive endpoint failing), for ``seconds`` (an upstream's
         Retry-After; the ejection count is not raised) or else ``ejection_s`` of its raised
         count. An ejection already running longer is kept. The sweep returns it half-open."""
-        rec = self.records[name]
+        rec = self.records.get(name)
+        if rec is None:  # removed by a reload while its request was in flight
+            return Action(name, True, kind, reason, now)
         if seconds is None:
             rec.ejections += 1
             seconds = self.ejection_s(rec.ejections)
@@ -364,7 +379,9 @@ class OutlierDetector:
         rec = self.records.get(name)
         if not sp.enabled or rec is None or rec.ejected_until is not None:
             return None
-        lrec = live.live[name]
+        lrec = live.live.get(name)
+        if lrec is None:
+            return None
         kind: ReasonKind | None = None
         reason = ""
         t, f = lrec.consecutive_timeouts, lrec.consecutive_failures
@@ -380,7 +397,7 @@ class OutlierDetector:
             return None
         if rec.probation:
             reason += " (on probation)"
-        alts = self.alternatives[name]
+        alts = self.alternatives.get(name, (name,))
         cap = math.floor(len(alts) * sp.max_ejection_percent / 100.0 + 1e-9)
         if sum(1 for m in alts if self.records[m].ejected_until is not None) >= cap:
             return None

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from inferplane.fleet.engine_metrics import EngineMetrics
-from inferplane.fleet.model import Fleet
+from inferplane.fleet.model import Endpoint, Fleet
 from inferplane.fleet.state import EndpointState, EndpointView, FleetSnapshot, PrefixIndexView
 
 Clock = Callable[[], float]
@@ -114,12 +114,15 @@ class Reservation:
     released: bool = False
     on_release: Callable[[], None] | None = None  # e.g. give back a shared in-flight slot
     prefilled: bool = False
+    # the endpoint's live record when reserved: a fleet reload that replaces the endpoint (or
+    # removes it) does not move this request's counts onto another record
+    record: EndpointLive | None = None
 
     def first_token(self) -> None:
         """The first token arrived: this request's prefill is no longer ahead of anyone."""
         if not self.prefilled:
             self.prefilled = True
-            self.fleet._prefilled(self.endpoint, self.prefill_tokens)
+            self.fleet._prefilled(self.endpoint, self.prefill_tokens, self.record)
 
     def release(self) -> None:
         if not self.released:
@@ -127,7 +130,7 @@ class Reservation:
             self.released = True
             if self.on_release is not None:
                 self.on_release()
-            self.fleet._release(self.endpoint, self.tokens)
+            self.fleet._release(self.endpoint, self.tokens, self.record)
 
 
 class EndpointLive:
@@ -202,6 +205,14 @@ class EndpointLive:
         self.stats_at = now
 
 
+def _record(endpoint: Endpoint) -> EndpointLive:
+    lim = endpoint.spec.limits
+    rate = None
+    if lim.requests_per_min is not None or lim.tokens_per_min is not None:
+        rate = RateWindow(lim.requests_per_min, lim.tokens_per_min)
+    return EndpointLive(rate)
+
+
 class LiveFleet:
     """Live state of every endpoint, and the snapshot factory placement reads from."""
 
@@ -219,37 +230,69 @@ class LiveFleet:
         self.clock = clock
         self.refresh_s = refresh_s
         self.prefix_index = prefix_index
-        self.live: dict[str, EndpointLive] = {}
-        for e in fleet.endpoints:
-            lim = e.spec.limits
-            rate = None
-            if lim.requests_per_min is not None or lim.tokens_per_min is not None:
-                rate = RateWindow(lim.requests_per_min, lim.tokens_per_min)
-            self.live[e.name] = EndpointLive(rate)
+        self.live: dict[str, EndpointLive] = {e.name: _record(e) for e in fleet.endpoints}
         self._version = 0
         self._snapshot: FleetSnapshot | None = None
         self._snapshot_at = 0.0
 
+    def reconfigure(self, fleet: Fleet) -> tuple[list[str], list[str]]:
+        """Swap in a reloaded fleet; return the names of (fresh, removed) endpoints.
+
+        An endpoint of the same name and URL keeps its live record (in-flight counts, health,
+        ejection, latency windows and corrections, scrapes); its declared rate limits follow the
+        new definition. A new endpoint, or one whose URL changed, starts from a fresh record.
+        A removed endpoint leaves the snapshot (nothing new is placed on it); its record stays
+        readable until its requests in flight have drained, so they account as usual."""
+        old = {e.name: e for e in self.fleet.endpoints}
+        live: dict[str, EndpointLive] = {}
+        fresh: list[str] = []
+        for e in fleet.endpoints:
+            prev = old.get(e.name)
+            rec = self.live.get(e.name)
+            if prev is not None and rec is not None and prev.url == e.url:
+                if prev.spec.limits != e.spec.limits:
+                    rec.rate = _record(e).rate
+                live[e.name] = rec
+            else:
+                live[e.name] = _record(e)
+                fresh.append(e.name)
+            live[e.name].dirty = True
+        removed = [n for n in old if n not in live]
+        for name, rec in self.live.items():  # draining: kept until their in-flight ends
+            if name not in live and rec.inflight > 0:
+                live[name] = rec
+        self.fleet = fleet
+        self.live = live
+        self._version += 1
+        self._snapshot = None
+        return fresh, removed
+
     # -- writers ---------------------------------------------------------------------------
+    def _record_of(self, endpoint: str) -> EndpointLive:
+        """The endpoint's record; a throwaway one for an endpoint a reload removed whose
+        requests have all drained (a late observation of it goes nowhere)."""
+        rec = self.live.get(endpoint)
+        return rec if rec is not None else EndpointLive()
+
     def _touch(self, rec: EndpointLive) -> None:
         rec.dirty = True
         self._version += 1
 
     def update_metrics(self, endpoint: str, metrics: EngineMetrics) -> None:
-        rec = self.live[endpoint]
+        rec = self._record_of(endpoint)
         rec.metrics = metrics
         rec.metrics_at = now = self.clock()
         rec.scrapes.append((now, metrics.waiting, metrics.kv_usage))
         self._touch(rec)
 
     def set_health(self, endpoint: str, healthy: bool) -> None:
-        rec = self.live[endpoint]
+        rec = self._record_of(endpoint)
         if rec.healthy != healthy:
             rec.healthy = healthy
             self._touch(rec)
 
     def set_ejected(self, endpoint: str, ejected: bool, reason: str = "") -> None:
-        rec = self.live[endpoint]
+        rec = self._record_of(endpoint)
         if rec.ejected != ejected or rec.ejected_reason != reason:
             rec.ejected, rec.ejected_reason = ejected, reason
             self._touch(rec)
@@ -258,7 +301,7 @@ class LiveFleet:
         """Forget the endpoint's observed outcomes, TTFTs and TTFT ÷ prediction ratios (an
         ejected endpoint returning on probation is judged only on what it does after its return,
         and its predictions are not inflated by the slowness that got it ejected)."""
-        rec = self.live[endpoint]
+        rec = self._record_of(endpoint)
         rec.outcomes.clear()
         rec.consecutive_failures = rec.consecutive_timeouts = 0
         rec.ttft.clear()
@@ -278,16 +321,18 @@ class LiveFleet:
         if rec.rate is not None:
             rec.rate.add(self.clock(), tokens)
         self._touch(rec)
-        return Reservation(self, endpoint, tokens, prefill_tokens)
+        return Reservation(self, endpoint, tokens, prefill_tokens, record=rec)
 
-    def _prefilled(self, endpoint: str, prefill_tokens: int) -> None:
-        rec = self.live[endpoint]
+    def _prefilled(
+        self, endpoint: str, prefill_tokens: int, rec: EndpointLive | None = None
+    ) -> None:
+        rec = rec or self.live[endpoint]
         rec.pending_prefill -= 1
         rec.pending_prefill_tokens -= prefill_tokens
         self._touch(rec)
 
-    def _release(self, endpoint: str, tokens: int) -> None:
-        rec = self.live[endpoint]
+    def _release(self, endpoint: str, tokens: int, rec: EndpointLive | None = None) -> None:
+        rec = rec or self.live[endpoint]
         rec.inflight -= 1
         rec.inflight_tokens -= tokens
         self._touch(rec)
@@ -302,13 +347,13 @@ class LiveFleet:
 
     def observe_ttft(self, endpoint: str, seconds: float, predicted: float | None = None) -> None:
         """An observed TTFT, and (when placement predicted one) the ratio to its prediction."""
-        rec = self.live[endpoint]
+        rec = self._record_of(endpoint)
         rec.ttft.add(seconds)
         if predicted is not None and predicted > 0:
             rec.ttft_ratio.add(seconds / predicted)
 
     def observe_itl(self, endpoint: str, seconds: float) -> None:
-        self.live[endpoint].itl.add(seconds)
+        self._record_of(endpoint).itl.add(seconds)
 
     def observe_outcome(
         self, endpoint: str, ok: bool, *, timeout: bool = False, consecutive: bool = True
@@ -316,7 +361,7 @@ class LiveFleet:
         """One attempt's outcome: into the error-rate window, and (unless ``consecutive`` is
         false: a 429, a client gone) the consecutive-failure counters — a success resets both;
         ``timeout`` marks a first-byte timeout."""
-        rec = self.live[endpoint]
+        rec = self._record_of(endpoint)
         rec.outcomes.append(ok)
         if not consecutive:
             return
@@ -331,7 +376,7 @@ class LiveFleet:
     def power_now(self, endpoint: str) -> tuple[float | None, int]:
         """The endpoint's live power draw (None when unknown or stale) and its requests in
         flight: what `fleet.energy` needs when a request ends."""
-        rec = self.live[endpoint]
+        rec = self._record_of(endpoint)
         m = rec.metrics
         fresh = rec.metrics_at is not None and self.clock() - rec.metrics_at <= self.stale_after_s
         return (m.power_watts if m is not None and fresh else None), rec.inflight

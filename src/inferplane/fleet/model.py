@@ -36,6 +36,16 @@ class Endpoint:
     def url(self) -> str:
         return self.spec.url
 
+    def same_definition(self, other: Endpoint) -> bool:
+        """Whether ``other`` (from a reloaded fleet file) defines this endpoint identically:
+        the same endpoint entry under the same substrate settings (its siblings aside)."""
+        if self.spec != other.spec or self.hardware != other.hardware:
+            return False
+        if self.substrate is other.substrate:
+            return True
+        skip = {"endpoints"}
+        return self.substrate.model_dump(exclude=skip) == other.substrate.model_dump(exclude=skip)
+
     @property
     def dialect(self) -> str:
         """The API the upstream speaks (``openai`` or ``anthropic``)."""

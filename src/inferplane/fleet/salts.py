@@ -50,16 +50,21 @@ class SaltBook:
         per_endpoint: int = 4096,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        roots = {salt_root(s) for s in scope_salts}
-        roots.discard(None)
-        known = sorted(r for r in roots if r is not None)
-        self.known: tuple[int, ...] = tuple(known) if len(known) <= MAX_KNOWN else ()
+        self.known: tuple[int, ...] = ()
+        self.set_scopes(scope_salts)
         self.horizon_s = horizon_s
         self.per_endpoint = per_endpoint
         self.clock = clock
         self._roots: dict[str, OrderedDict[int, float]] = {}  # endpoint → root → noted at
         self._firsts: dict[str, OrderedDict[int, float]] = {}  # endpoint → first key → noted at
         self.unresolved = 0  # first blocks left unkeyed (no scope, or more than one)
+
+    def set_scopes(self, scope_salts: Iterable[str]) -> None:
+        """The cache scopes' salts (every tenant's; again after a fleet reload)."""
+        roots = {salt_root(s) for s in scope_salts}
+        roots.discard(None)
+        known = sorted(r for r in roots if r is not None)
+        self.known = tuple(known) if len(known) <= MAX_KNOWN else ()
 
     def note(self, endpoint: str, salt: str | None, first_key: int | None) -> None:
         """A request of the scope salted ``salt`` whose first engine block key (salted, as

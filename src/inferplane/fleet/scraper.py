@@ -15,7 +15,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import aiohttp
@@ -131,7 +132,7 @@ class Scraper:
         self.interval_s = interval_s
         self.health_interval_s = health_interval_s
         self.failures_to_down = failures_to_down
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: dict[str, tuple[Endpoint, list[asyncio.Task[None]]]] = {}
 
     async def scrape_once(self, endpoint: Endpoint) -> bool:
         if not endpoint.scrape_metrics:
@@ -174,17 +175,72 @@ class Scraper:
         for e, ok in zip(probed, results, strict=True):
             self.live.set_health(e.name, ok)
 
+    async def observe(self, endpoints: Sequence[Endpoint]) -> list[Observation]:
+        """One scrape and probe of each endpoint, concurrently, without writing anything:
+        a reload observes its new endpoints before they join the fleet (`apply`)."""
+
+        async def one(e: Endpoint) -> Observation:
+            text = await self.source.metrics(e) if e.scrape_metrics else None
+            ok = await self.source.healthy(e) if e.health_check != "passive" else None
+            return Observation(e, text, ok)
+
+        return list(await asyncio.gather(*(one(e) for e in endpoints)))
+
+    def apply(self, observations: Sequence[Observation]) -> None:
+        """Write what `observe` read into the live fleet (as `prime` does at start-up)."""
+        for o in observations:
+            if o.text is not None:
+                try:
+                    metrics = parse_metrics(o.endpoint.spec.engine, o.text)
+                except Exception:  # a parser bug must not fail the reload
+                    log.exception("scrape of %s failed", o.endpoint.name)
+                else:
+                    self.live.update_metrics(o.endpoint.name, metrics)
+            if o.healthy is not None:
+                self.live.set_health(o.endpoint.name, o.healthy)
+
+    def _watch(self, e: Endpoint) -> None:
+        tasks = []
+        if e.scrape_metrics:
+            tasks.append(asyncio.create_task(self._scrape_loop(e)))
+        if e.health_check != "passive":
+            tasks.append(asyncio.create_task(self._health_loop(e)))
+        self._tasks[e.name] = (e, tasks)
+
     def start(self) -> None:
         for e in self.live.fleet.endpoints:
-            if e.scrape_metrics:
-                self._tasks.append(asyncio.create_task(self._scrape_loop(e)))
-            if e.health_check != "passive":
-                self._tasks.append(asyncio.create_task(self._health_loop(e)))
+            self._watch(e)
+
+    def reconfigure(self, fresh: Sequence[str] = ()) -> None:
+        """Follow the live fleet after a reload: loops of removed endpoints, and of endpoints
+        whose definition changed (or are ``fresh``), are cancelled; new ones start."""
+        by_name = self.live.fleet.by_name
+        renewed = set(fresh)
+        for name, (old, tasks) in list(self._tasks.items()):
+            new = by_name.get(name)
+            if new is None or name in renewed or not new.same_definition(old):
+                for t in tasks:
+                    t.cancel()
+                del self._tasks[name]
+        for e in self.live.fleet.endpoints:
+            if e.name not in self._tasks:
+                self._watch(e)
 
     async def stop(self) -> None:
-        for t in self._tasks:
+        tasks = [t for _, ts in self._tasks.values() for t in ts]
+        for t in tasks:
             t.cancel()
-        for t in self._tasks:
+        for t in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
         self._tasks.clear()
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """What one scrape and probe of an endpoint read (`Scraper.observe`): the metrics text
+    (None: not scraped or unreadable) and the probe's verdict (None: passive, no probe)."""
+
+    endpoint: Endpoint
+    text: str | None
+    healthy: bool | None

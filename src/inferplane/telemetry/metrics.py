@@ -245,6 +245,30 @@ class GatewayMetrics:
             registry=r,
         )
 
+        self.config_reloads = Counter(
+            "inferplane_config_reloads",
+            "Fleet file reloads (SIGHUP or a change of the file), by result (ok or error)",
+            ["result"],
+            registry=r,
+        )
+        self.config_last_reload_ok = Gauge(
+            "inferplane_config_last_reload_successful",
+            "Whether the last fleet file reload was applied (1) or refused (0)",
+            registry=r,
+        )
+        self.config_last_reload_ok.set(1)
+        self.config_last_reload_time = Gauge(
+            "inferplane_config_last_reload_success_timestamp_seconds",
+            "When the running fleet file was loaded (start-up or the last applied reload)",
+            registry=r,
+        )
+        self.config_hash = Gauge(
+            "inferplane_config_info",
+            "The running fleet file: its SHA-256 (value 1)",
+            ["sha256"],
+            registry=r,
+        )
+
     def tenant(self, name: str) -> str:
         """The ``tenant`` label value: the tenant's name only with ``gateway.metrics.tenant_labels``
         (whoever reads /metrics would otherwise see every tenant's tokens and spend), else

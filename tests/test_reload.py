@@ -1,0 +1,238 @@
+"""Reloading the fleet file without a restart (issue 14 item 7).
+
+Real processes (`bench/reload.py`'s scenario): `inferplane serve` with emulated engines e0, e1,
+e2 and a fleet file naming e0 and e1 is streamed at while the file is replaced by one naming
+e1 and e2 and the gateway gets SIGHUP: no request fails, e2 gets traffic, e0 gets nothing new
+and its requests in flight finish; then an invalid file is refused (file + field in the log and
+the reload metrics) while the fleet keeps serving. The same with ``--workers 2``: every worker
+reloads. In-process: what a reload keeps, what it refuses, and that a refusal changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import pytest
+
+from bench.reload import run_scenario
+from inferplane.config.loader import parse_config
+from inferplane.core.plane import Core
+from inferplane.core.reload import restart_needed
+from inferplane.errors import AuthenticationError
+from inferplane.fleet.engine_metrics import EngineMetrics
+from inferplane.fleet.live import LiveFleet
+from inferplane.fleet.model import Fleet
+from inferplane.fleet.scraper import StaticMetricsSource
+from tests.builders import SMALL_FLEET_YAML, key_hash
+
+# -- real processes ---------------------------------------------------------------------------
+
+
+def _check(res: object) -> None:
+    from bench.reload import Result
+
+    assert isinstance(res, Result)
+    assert res.errors == [], res
+    assert res.failed == 0 and res.requests > 20, res
+    assert res.served.get("e2", 0) > 0, res  # the added endpoint serves
+    assert res.removed_after_apply == 0, res  # the removed one takes nothing new ...
+    assert res.served.get("e1", 0) > 0, res
+    # ... and the bad file changed nothing: both endpoints still serve after it was refused
+    assert res.after_bad.get("e1", 0) > 0 and res.after_bad.get("e2", 0) > 0, res
+    assert "e0" not in res.after_bad, res
+    assert "fleet.yaml: substrates[0].endpoints[1].max_concurrency:" in res.refusal, res.refusal
+    assert res.metrics['inferplane_config_reloads_total{result="ok"}'] == 1.0, res.metrics
+    assert res.metrics['inferplane_config_reloads_total{result="error"}'] == 1.0, res.metrics
+    assert res.metrics["inferplane_config_last_reload_successful"] == 0.0, res.metrics
+
+
+def test_sighup_under_load_adds_and_removes_endpoints(tmp_path: Path) -> None:
+    res = asyncio.run(run_scenario(tmp_path, clients=8, duration_s=4.0, reload_at_s=1.5))
+    _check(res)
+    assert res.drained > 0, res  # requests on e0 in flight at the swap finished there (200)
+
+
+def test_every_worker_reloads(tmp_path: Path) -> None:
+    # each request is a new connection, so the kernel spreads them over both workers: a worker
+    # that had not reloaded would still send to e0, or refuse nothing
+    res = asyncio.run(run_scenario(tmp_path, clients=6, duration_s=4.0, reload_at_s=1.5,
+                                   workers=2))
+    _check(res)
+    assert res.refusal.count("max_concurrency") == 2, res.refusal  # refused by each worker
+
+
+# -- in process -------------------------------------------------------------------------------
+
+EXTRA = """\
+      - name: eu-2
+        url: http://127.0.0.1:9004
+        models: [{name: llama-3.1-8b, max_context: 8192}]
+"""
+
+
+def _with_eu2(text: str = SMALL_FLEET_YAML) -> str:
+    anchor = "  - name: us-h200\n"
+    return text.replace(anchor, EXTRA + anchor)
+
+
+def _without_eu0(text: str = SMALL_FLEET_YAML) -> str:
+    return text.replace(
+        "      - name: eu-0\n        url: http://127.0.0.1:9001\n"
+        "        models: [{name: llama-3.1-8b, max_context: 8192}]\n", "")
+
+
+def test_restart_sections_are_refused_with_their_fields() -> None:
+    old = parse_config(SMALL_FLEET_YAML, "f.yaml")
+    new = parse_config(SMALL_FLEET_YAML.replace("  seed: 7\n", "  seed: 7\n  port: 9999\n")
+                       + "admission: {store: memory}\n", "f.yaml")
+    got = dict(restart_needed(old, new))
+    assert set(got) == {"gateway.port", "admission.store"}, got
+    assert "needs a restart" in got["gateway.port"]
+    # endpoints, tenants, plugins: reloadable
+    assert restart_needed(old, parse_config(_with_eu2(), "f.yaml")) == []
+    kv = SMALL_FLEET_YAML.replace(
+        "        url: http://127.0.0.1:9002\n",
+        "        url: http://127.0.0.1:9002\n        kv_events: tcp://127.0.0.1:5557\n")
+    got = dict(restart_needed(old, parse_config(kv, "f.yaml")))
+    assert list(got) == ["substrates[0].endpoints[1].kv_events"], got
+
+
+def test_live_state_survives_and_removed_endpoints_drain() -> None:
+    cfg = parse_config(SMALL_FLEET_YAML)
+    live = LiveFleet(Fleet.from_config(cfg), clock=lambda: 100.0)
+    r0 = live.reserve("eu-0", 100)
+    r1 = live.reserve("eu-1", 100)
+    live.observe_ttft("eu-1", 0.2, 0.1)
+    live.set_health("us-0", False)
+    moved = _without_eu0(_with_eu2()).replace("127.0.0.1:9003", "127.0.0.1:9999")
+    fresh, removed = live.reconfigure(Fleet.from_config(parse_config(moved)))
+    assert removed == ["eu-0"] and sorted(fresh) == ["eu-2", "us-0"]  # us-0's URL changed
+    snap = live.snapshot()
+    assert [v.name for v in snap.endpoints] == ["eu-1", "eu-2", "us-0"]
+    by = snap.by_name
+    assert by["eu-1"].state.inflight == 1 and by["eu-1"].state.ttft_ratio_p50 == 2.0
+    assert by["us-0"].state.healthy  # a new server: a fresh record
+    r0.release()  # a request on the removed endpoint finishes and accounts as usual
+    live.observe_outcome("eu-0", True)
+    r1.release()
+    assert live.snapshot().by_name["eu-1"].state.inflight == 0
+    live.reconfigure(Fleet.from_config(parse_config(SMALL_FLEET_YAML)))
+    assert live.snapshot().by_name["eu-0"].state.inflight == 0
+
+
+def _core(text: str = SMALL_FLEET_YAML) -> tuple[Core, StaticMetricsSource]:
+    source = StaticMetricsSource()
+    return Core(parse_config(text, "f.yaml"), "f.yaml", metrics_source=source), source
+
+
+def test_reload_applies_endpoints_tenants_and_keeps_policies() -> None:
+    async def main() -> None:
+        core, source = _core()
+        await core.start()
+        try:
+            policies = core.policies
+            core.live.update_metrics("eu-1", EngineMetrics(running=3.0))
+            with pytest.raises(AuthenticationError):
+                core.authenticate("Bearer sk-new")
+            source.health["eu-2"] = False  # probed before it joins: not placed until healthy
+            text = _with_eu2().replace(
+                "tenants:\n",
+                f"tenants:\n  - name: newco\n    api_keys: [\"{key_hash('sk-new')}\"]\n")
+            out = await core.reload(parse_config(text, "f.yaml"), "f.yaml", sha256="abc")
+            assert out.added == ("eu-2",) and out.removed == () and not out.policies_rebuilt
+            assert core.policies is policies  # what they learned is kept
+            assert core.authenticate("Bearer sk-new").name == "newco"
+            by = core.live.snapshot().by_name
+            assert by["eu-1"].state.running == 3.0  # unchanged endpoints keep their state
+            assert not by["eu-2"].state.healthy
+            assert core.config_sha256 == "abc"
+            assert core.metrics.config_reloads.labels("ok")._value.get() == 1
+        finally:
+            await core.stop()
+
+    asyncio.run(main())
+
+
+def test_a_refused_reload_changes_nothing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def main() -> None:
+        core, _ = _core()
+        await core.start()
+        try:
+            before = (core.config, core.fleet, core.policies, dict(core.tenants))
+            f = tmp_path / "fleet.yaml"
+            f.write_text(_with_eu2().replace("  seed: 7\n", "  seed: 7\n  port: 9999\n"))
+            with caplog.at_level(logging.ERROR, "inferplane.core"):
+                assert await core.reload_file(f) is None
+            assert f"{f}: gateway.port: changed, and this needs a restart" in caplog.text
+            f.write_text(_with_eu2().replace(
+                "name: eu-2", "name: eu-2\n        bogus: 1"))
+            with caplog.at_level(logging.ERROR, "inferplane.core"):
+                assert await core.reload_file(f) is None
+            assert f"{f}: substrates[0].endpoints[2].bogus: Extra inputs" in caplog.text
+            assert (core.config, core.fleet, core.policies, core.tenants) == before
+            assert [v.name for v in core.live.snapshot().endpoints] == ["eu-0", "eu-1", "us-0"]
+            assert core.metrics.config_reloads.labels("error")._value.get() == 2
+            assert core.metrics.config_last_reload_ok._value.get() == 0
+            f.write_text(_with_eu2())
+            assert await core.reload_file(f) is not None
+            assert core.metrics.config_last_reload_ok._value.get() == 1
+        finally:
+            await core.stop()
+
+    asyncio.run(main())
+
+
+def test_the_picker_reloads_its_destinations() -> None:
+    from inferplane.epp.server import Picker
+
+    async def main() -> None:
+        p = Picker(parse_config(SMALL_FLEET_YAML, "f.yaml"), "f.yaml",
+                   metrics_source=StaticMetricsSource())
+        await p.start()
+        try:
+            await p.reload(parse_config(_without_eu0(_with_eu2()), "f.yaml"), "f.yaml")
+            assert set(p.addresses) == {"eu-1", "eu-2", "us-0"}
+            assert p.addresses["eu-2"] == "127.0.0.1:9004"
+        finally:
+            await p.stop()
+
+    asyncio.run(main())
+
+
+def test_epp_process_reloads_on_sighup(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    from tests.support.procs import Proc, free_port
+
+    f = tmp_path / "fleet.yaml"
+    epp = f"  seed: 7\nepp: {{port: {free_port()}}}\n"
+    f.write_text(SMALL_FLEET_YAML.replace("  seed: 7\n", epp))
+    proc = Proc(["-m", "inferplane.cli", "epp", "--config", str(f)], tmp_path / "epp.log")
+    try:
+        def wait_for(needle: str) -> str:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                text = proc.log.read_text()
+                if needle in text:
+                    return text
+                assert proc.p.poll() is None, text
+                time.sleep(0.05)
+            raise AssertionError(proc.log.read_text())
+
+        wait_for("listening on")
+        f.write_text(_with_eu2(f.read_text()))
+        proc.p.send_signal(signal.SIGHUP)
+        assert "added ['eu-2']" in wait_for("fleet reloaded from")
+        f.write_text(f.read_text().replace("eu-2", "eu-1"))  # a duplicate endpoint name
+        proc.p.send_signal(signal.SIGHUP)
+        text = wait_for("fleet reload refused")
+        assert proc.p.poll() is None
+        assert f"{f}: substrates[0].endpoints[2]" in text, text
+    finally:
+        proc.stop()
+    assert "Traceback" not in proc.log.read_text()
