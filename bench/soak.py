@@ -46,11 +46,13 @@ from tests.support.procs import free_port  # noqa: E402
 KEY = "sk-bench-soak"
 
 
-def rss_mb(pid: int) -> float:
+def rss_mb(pid: int, field: str = "VmRSS") -> float:
+    """VmRSS (all resident pages), or RssAnon (the heap and other anonymous memory: what a
+    leak grows; file-backed pages come and go with the host's page cache)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
+    raise RuntimeError(f"no {field}")
 
 
 def wait_http(url: str, proc: subprocess.Popen[bytes], what: str) -> None:
@@ -86,6 +88,7 @@ async def drive(base: str, seconds: float, rate: float, pid: int, warmup: float
     statuses: dict[str, int] = {}
     codes: dict[str, int] = {}
     samples: list[tuple[float, float]] = []
+    anon: list[tuple[float, float]] = []
     loads: list[tuple[float, float]] = []
     lags: list[tuple[float, float, float]] = []  # (t, lost total, worst in the last 60 s)
     headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
@@ -117,6 +120,7 @@ async def drive(base: str, seconds: float, rate: float, pid: int, warmup: float
     async def sample(session: aiohttp.ClientSession) -> None:
         t = time.monotonic() - t0
         samples.append((t, rss_mb(pid)))
+        anon.append((t, rss_mb(pid, "RssAnon")))
         loads.append((t, os.getloadavg()[0]))
         found = dict(LAG.findall(await read_metrics(session, base)))
         if found:
@@ -145,6 +149,7 @@ async def drive(base: str, seconds: float, rate: float, pid: int, warmup: float
         text = await read_metrics(session, base)
     after_warmup = next((mb for t, mb in samples if t >= warmup), samples[0][1])
     end = samples[-1][1]
+    anon_warm = next((mb for t, mb in anon if t >= warmup), anon[0][1])
     errors = sum(n for k, n in statuses.items() if k != "200")
     counters = {f"{name}{{{labels}}}": float(v) for name, labels, v in COUNTERS.findall(text)}
     la = [x for _, x in loads]
@@ -152,6 +157,9 @@ async def drive(base: str, seconds: float, rate: float, pid: int, warmup: float
             "rss_mb_after_warmup": after_warmup, "rss_mb_end": end,
             "rss_growth": (end - after_warmup) / after_warmup,
             "rss_mb_max": max(mb for _, mb in samples), "samples": samples,
+            "anon_mb_after_warmup": anon_warm, "anon_mb_end": anon[-1][1],
+            "anon_growth": (anon[-1][1] - anon_warm) / anon_warm,
+            "anon_mb_max": max(mb for _, mb in anon), "anon_samples": anon,
             "load_1m_during": {"min": min(la), "median": statistics.median(la), "max": max(la)},
             "load_samples": loads,
             "loop_lag_lost_s": lags[-1][1] if lags else None,
@@ -224,7 +232,9 @@ tenants:
           f"{res['loop_lag_worst_s']} s; counters {res['counters']}")
     print(f"gateway RSS: {res['rss_mb_after_warmup']:.1f} MB after {a.warmup:.0f} s warm-up, "
           f"{res['rss_mb_end']:.1f} MB at the end ({res['rss_growth']:+.1%}), "
-          f"max {res['rss_mb_max']:.1f} MB")
+          f"max {res['rss_mb_max']:.1f} MB; anonymous (RssAnon) {res['anon_mb_after_warmup']:.1f}"
+          f" → {res['anon_mb_end']:.1f} MB ({res['anon_growth']:+.1%}), "
+          f"max {res['anon_mb_max']:.1f} MB")
     return 0
 
 

@@ -114,6 +114,46 @@ def test_consecutive_ejection_can_be_switched_off() -> None:
         assert _fail(live, det, "pool-0", timeout=True) is None
 
 
+def test_an_endpoint_starved_by_its_error_rate_is_tried_again_and_then_ejected() -> None:
+    """Issue 12 item 3. Two peers; pool-1 fails every other attempt. The error-rate term steers
+    traffic away from it after its first failure. With a window that moved only with traffic its
+    rate stayed at 1.0: it got 1 attempt in 10 minutes, was never ejected (too few outcomes) and
+    never recovered, while pool-0 carried everything past its max_concurrency. With the
+    time-decayed rate it is tried again as its failures age, and its failures, counted in the
+    sweep's window, eject it."""
+    cfg = config(sub("pool", n=2, max_concurrency=8,
+                     cost={"input_per_mtok": 1.0, "output_per_mtok": 2.0}))
+    fl = Fleet.from_config(cfg)
+    clock = Clock()
+    live = LiveFleet(fl, clock=clock)
+    det = OutlierDetector(fl, OutlierSpec())
+    policy = policies(cfg)["default"]
+    held: list[tuple[float, Any]] = []
+    picks = {"pool-0": 0, "pool-1": 0}
+    ejected: list[str] = []
+    start = clock.t
+    for step in range(2400):  # 4 requests/s for 600 s, each holding its endpoint 3 s
+        clock.t = start + step * 0.25
+        for item in [h for h in held if h[0] <= clock.t]:
+            held.remove(item)
+            item[1].release()
+            live.observe_outcome(item[1].endpoint, True)
+        if step % 4 == 0:
+            ejected += [a.reason for a in det.run(live) if a.eject]
+        d = place(profile(request_id=f"r{step}"), live.snapshot(), policy)
+        assert d.picked is not None
+        name = d.picked.name
+        picks[name] += 1
+        res = live.reserve(name, 100)
+        if name == "pool-1" and picks[name] % 2:
+            res.release()
+            live.observe_outcome(name, False)
+        else:
+            held.append((clock.t + 3.0, res))
+    assert picks["pool-1"] >= 10  # tried again (1 attempt before the change)
+    assert any(r.startswith("error rate") for r in ejected)  # and ejected by the sweep
+
+
 # -- spillover: every departure has a reason --------------------------------------------------
 
 CFG = hetero()

@@ -210,9 +210,9 @@ def test_max_ejection_percent_caps_a_group_worst_first(percent: float, ejected: 
 
 def test_ejection_grows_with_each_ejection_then_caps() -> None:
     e = env(base_ejection_s=30, max_ejection_s=75)
-    healthy_peers(e.live, "a1", "a2", "a3")
     durations = []
     for _ in range(4):
+        healthy_peers(e.live, "a1", "a2", "a3")  # recent outcomes (within error_window_s)
         feed(e.live, "a0", err=10)
         (a,) = [a for a in e.det.run(e.live) if a.eject]
         assert a.until is not None
@@ -350,6 +350,19 @@ def test_stale_everywhere_ejects_nobody_even_when_opted_in() -> None:
     e.live.update_metrics("a1", m)  # one fresh again: the others that serve m are outliers
     ejected = sorted(a.endpoint for a in e.det.run(e.live) if a.eject)
     assert ejected == ["a0", "a2", "a3", "b0", "b1"]
+
+
+def test_old_failures_do_not_eject_a_recovered_endpoint() -> None:
+    """The error-rate ejection judges the last ``error_window_s`` (120 s) only: ten failures
+    five minutes ago and ten successes now are not an error rate of 0.5."""
+    e = env()
+    feed(e.live, "a0", err=10)
+    e.clock.t += 300.0
+    healthy_peers(e.live, "a1", "a2", "a3")
+    feed(e.live, "a0", ok=10)
+    assert e.det.run(e.live) == []
+    feed(e.live, "a0", err=10)  # failing again now: ejected
+    assert [(a.endpoint, a.kind) for a in e.det.run(e.live)] == [("a0", "error_rate")]
 
 
 def test_health_filter_removes_the_ejected_endpoint_with_its_reason() -> None:

@@ -205,19 +205,40 @@ def test_observed_latencies_reach_the_state(live: LiveFleet) -> None:
 # -- error rate ----------------------------------------------------------------------------------
 
 
-def test_error_rate(live: LiveFleet) -> None:
-    """Error rate over the last 100 outcomes, recomputed at most every ``refresh_s``."""
-    assert live.state_of("eu-0", 0.0).error_rate == 0.0
+def test_error_rate(live: LiveFleet, clock: Clock) -> None:
+    """Placement's error rate: failures ÷ attempts, each weighted by its age (half-life
+    ``error_half_life_s``, 10 s), recomputed at most every ``refresh_s``."""
+    now = clock.t
+    assert live.state_of("eu-0", now).error_rate == 0.0
     for ok in (True, False, True, True):
         live.observe_outcome("eu-0", ok)
-    assert live.state_of("eu-0", 0.0).error_rate == 0.0  # not yet refreshed
-    assert live.state_of("eu-0", 1.0).error_rate == 0.25
-    for _ in range(100):  # a window of the last 100 outcomes
+    assert live.state_of("eu-0", now).error_rate == 0.0  # not yet refreshed
+    assert live.state_of("eu-0", now + 0.1).error_rate == pytest.approx(0.25)
+    for _ in range(96):
         live.observe_outcome("eu-0", True)
-    assert live.state_of("eu-0", 2.0).error_rate == 0.0
+    assert live.state_of("eu-0", now + 0.2).error_rate == pytest.approx(0.01)
     for _ in range(10):
         live.observe_outcome("eu-0", False)
-    assert live.state_of("eu-0", 3.0).error_rate == pytest.approx(0.1)
+    assert live.state_of("eu-0", now + 0.3).error_rate == pytest.approx(11 / 110)
+    # the sweep's window holds the last 100 attempts, with their times
+    assert len(live.live["eu-0"].outcomes) == 100
+
+
+def test_an_error_rate_with_no_new_outcomes_decays(live: LiveFleet, clock: Clock) -> None:
+    """Issue 12 item 3: an endpoint steered away by its own errors gets no new outcomes; its
+    error rate must still fall (the window that moved only with traffic kept it at 1.0 for
+    good, starving the endpoint while it was never ejected either)."""
+    for _ in range(5):
+        live.observe_outcome("eu-0", False)
+    t0 = clock.t
+    assert live.state_of("eu-0", t0 + 0.1).error_rate == pytest.approx(1.0)
+    # while the evidence weighs more than one attempt it stays the share of failures ...
+    assert live.state_of("eu-0", t0 + 20.0).error_rate == pytest.approx(1.0)  # 5 → 1.25
+    # ... then falls by half every half-life
+    assert live.state_of("eu-0", t0 + 40.0).error_rate == pytest.approx(5 / 16)
+    assert live.state_of("eu-0", t0 + 100.0).error_rate < 0.01
+    live.reset_observations("eu-0")
+    assert live.state_of("eu-0", t0 + 101.0).error_rate == 0.0
 
 
 # -- snapshots -----------------------------------------------------------------------------------
@@ -275,7 +296,7 @@ def test_observations_show_by_the_next_refresh(live: LiveFleet, clock: Clock) ->
     assert live.snapshot() is a
     clock.advance(0.06)
     s = live.snapshot().by_name["eu-0"].state  # ... until the refresh period passes
-    assert s.ttft_p50_s == 0.5 and s.error_rate == 1.0
+    assert s.ttft_p50_s == 0.5 and s.error_rate == pytest.approx(0.5 ** (0.06 / 10))
 
 
 def test_snapshot_contents(clock: Clock) -> None:

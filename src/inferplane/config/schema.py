@@ -749,6 +749,19 @@ class OutlierSpec(Strict):
     min_requests: int = Field(
         10, gt=0, description="outcomes (or TTFT samples) an endpoint needs before it is judged"
     )
+    error_window_s: float = Field(
+        120.0,
+        gt=0,
+        description="the error-rate ejection judges an endpoint's attempts of this long ago at "
+        "most (its last 100): old failures do not eject an endpoint that has recovered",
+    )
+    error_half_life_s: float = Field(
+        10.0,
+        gt=0,
+        description="half-life of the error rate placement reads (predicted-latency's "
+        "expected-attempts term): failures weigh 0.5^(age / this), so an endpoint steered away "
+        "by its errors is tried again once they have aged",
+    )
     min_error_rate: float = Field(
         0.5, gt=0, le=1, description="an error rate below this is never an outlier"
     )

@@ -155,6 +155,7 @@ class Core:
         self.live = LiveFleet(
             self.fleet,
             stale_after_s=g.stale_after_s,
+            error_half_life_s=config.health.outlier.error_half_life_s,
             clock=monotonic,
             prefix_index=self.prefix_index,
         )

@@ -19,7 +19,8 @@ an outlier when, with ``n`` = ``min_requests``:
   endpoint's queue and KV figures are ignored and the gateway's own in-flight counts, outcomes
   and TTFTs decide (`fleet.state.EndpointState.stale`); a wedged engine is ejected by the
   failures and first-byte timeouts it causes;
-- **error rate**: it has ``>= n`` recent outcomes, at least one peer has ``>= n`` too, and
+- **error rate**: it has ``>= n`` outcomes in the last ``error_window_s`` (of its last 100),
+  at least one peer has ``>= n`` too, and
   ``error_rate >= max(min_error_rate, median(peer error rates) + error_rate_margin)``
   (Envoy's failure-percentage ejection, made relative so a fleet-wide fault ejects nobody);
 - **TTFT** (only when ``ttft_factor`` is set; off by default): it has ``>= n`` TTFT samples, at
@@ -139,15 +140,21 @@ class Observed:
     metrics_age_s: float | None = None  # None: never scraped
 
 
-def observe(live: LiveFleet, now: float) -> dict[str, Observed]:
-    """Read every endpoint's outcome window, TTFT window, health and metrics age."""
+def observe(live: LiveFleet, now: float, window_s: float = math.inf) -> dict[str, Observed]:
+    """Read every endpoint's outcome window (its last 100 attempts, those older than
+    ``window_s`` left out), TTFT window, health and metrics age."""
     out: dict[str, Observed] = {}
+    since = now - window_s
     for name, rec in live.live.items():
-        n = len(rec.outcomes)
+        n = errors = 0
+        for t, ok in rec.outcomes:
+            if t >= since:
+                n += 1
+                errors += not ok
         out[name] = Observed(
             healthy=rec.healthy,
             outcomes=n,
-            error_rate=sum(1 for ok in rec.outcomes if not ok) / n if n else 0.0,
+            error_rate=errors / n if n else 0.0,
             ttft_samples=len(rec.ttft),
             ttft_p50_s=rec.ttft.percentile(50),
             ratio_samples=len(rec.ttft_ratio),
@@ -412,7 +419,7 @@ class OutlierDetector:
         """Observe ``live`` at its clock's now, sweep, and apply: an ejection sets the endpoint's
         ``ejected`` flag and reason; a return clears it and the endpoint's observation windows."""
         now = live.clock()
-        actions = self.sweep(observe(live, now), now)
+        actions = self.sweep(observe(live, now, self.spec.error_window_s), now)
         for a in actions:
             if a.eject:
                 live.set_ejected(a.endpoint, True, a.reason)

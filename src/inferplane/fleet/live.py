@@ -7,6 +7,7 @@ changed (every ``refresh_s``), so the request path usually gets a cached object.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -139,6 +140,9 @@ class EndpointLive:
     __slots__ = (
         "consecutive_failures",
         "consecutive_timeouts",
+        "decayed_at",
+        "decayed_errors",
+        "decayed_outcomes",
         "dirty",
         "ejected",
         "ejected_reason",
@@ -176,7 +180,13 @@ class EndpointLive:
         self.ttft = LatencyWindow()
         self.ttft_ratio = LatencyWindow(128)  # observed ÷ predicted TTFT, per request
         self.itl = LatencyWindow(1024)
-        self.outcomes: deque[bool] = deque(maxlen=100)
+        # (time, ok) of the last 100 attempts: the outlier sweep's window (`fleet.health`)
+        self.outcomes: deque[tuple[float, bool]] = deque(maxlen=100)
+        # exponentially time-decayed failures and attempts (half-life ``error_half_life_s``),
+        # as of ``decayed_at``: placement's error rate (`error_rate_at`)
+        self.decayed_errors = 0.0
+        self.decayed_outcomes = 0.0
+        self.decayed_at = 0.0
         self.consecutive_failures = 0  # failures since the last success (any kind)
         self.consecutive_timeouts = 0  # first-byte timeouts since the last success
         self.requests_total = 0
@@ -190,16 +200,34 @@ class EndpointLive:
         ] = (None, None, None, None, 0.0, None)
         self.stats_at = float("-inf")
 
-    def refresh_stats(self, now: float) -> None:
+    def add_outcome(self, now: float, ok: bool, half_life_s: float) -> None:
+        """One attempt's outcome at ``now``: into the sweep's window and the decayed sums."""
+        self.outcomes.append((now, ok))
+        d = math.pow(0.5, max(0.0, now - self.decayed_at) / half_life_s)
+        self.decayed_errors = self.decayed_errors * d + (0.0 if ok else 1.0)
+        self.decayed_outcomes = self.decayed_outcomes * d + 1.0
+        self.decayed_at = now
+
+    def error_rate_at(self, now: float, half_life_s: float) -> float:
+        """Placement's error rate: failures ÷ attempts, each weighted ``0.5^(age ÷ half-life)``,
+        over at least one attempt's weight — ``F / max(T, 1)`` of the decayed sums. While the
+        evidence is recent it is the share of failures; once it has aged below one attempt's
+        worth it falls towards 0, so an endpoint that the term steered away from (and so gets
+        no new outcomes) is tried again instead of being starved for good."""
+        if self.decayed_errors <= 0.0:
+            return 0.0
+        d = math.pow(0.5, max(0.0, now - self.decayed_at) / half_life_s)
+        return self.decayed_errors * d / max(self.decayed_outcomes * d, 1.0)
+
+    def refresh_stats(self, now: float, half_life_s: float) -> None:
         """Recompute the latency percentiles and error rate (sorting: done at most every
         ``refresh_s``, not on every snapshot)."""
-        errors = sum(1 for ok in self.outcomes if not ok)
         self.stats = (
             self.ttft.percentile(50),
             self.ttft.percentile(99),
             self.itl.percentile(50),
             self.itl.percentile(99),
-            errors / len(self.outcomes) if self.outcomes else 0.0,
+            self.error_rate_at(now, half_life_s),
             self.ttft_ratio.percentile(50),
         )
         self.stats_at = now
@@ -224,9 +252,11 @@ class LiveFleet:
         clock: Clock = time.monotonic,
         refresh_s: float = 0.05,
         prefix_index: PrefixIndexView | None = None,
+        error_half_life_s: float = 10.0,
     ) -> None:
         self.fleet = fleet
         self.stale_after_s = stale_after_s
+        self.error_half_life_s = error_half_life_s
         self.clock = clock
         self.refresh_s = refresh_s
         self.prefix_index = prefix_index
@@ -303,6 +333,7 @@ class LiveFleet:
         and its predictions are not inflated by the slowness that got it ejected)."""
         rec = self._record_of(endpoint)
         rec.outcomes.clear()
+        rec.decayed_errors = rec.decayed_outcomes = 0.0
         rec.consecutive_failures = rec.consecutive_timeouts = 0
         rec.ttft.clear()
         rec.ttft_ratio.clear()
@@ -362,7 +393,7 @@ class LiveFleet:
         false: a 429, a client gone) the consecutive-failure counters — a success resets both;
         ``timeout`` marks a first-byte timeout."""
         rec = self._record_of(endpoint)
-        rec.outcomes.append(ok)
+        rec.add_outcome(self.clock(), ok, self.error_half_life_s)
         if not consecutive:
             return
         if ok:
@@ -385,7 +416,7 @@ class LiveFleet:
         """The endpoint's state at ``now`` (latency percentiles at most ``refresh_s`` old)."""
         rec = self.live[endpoint]
         if now - rec.stats_at >= self.refresh_s:
-            rec.refresh_stats(now)
+            rec.refresh_stats(now, self.error_half_life_s)
         ttft50, ttft99, itl50, itl99, error_rate, ratio50 = rec.stats
         m = rec.metrics
         age = None if rec.metrics_at is None else now - rec.metrics_at
