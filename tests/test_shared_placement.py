@@ -178,3 +178,46 @@ async def test_redis_stopped_means_local_state_never_a_500(tmp_path: Path) -> No
         await plane.close()
         await emu.stop()
         srv.stop()
+
+
+def test_rendezvous_places_new_prefixes_identically_without_shared_state() -> None:
+    """``rendezvous_weight``: two plugin instances (two replicas) that share nothing give a new
+    session's prompt the same winner; the winner depends on the session, and a candidate's
+    leaving moves only the sessions it won."""
+    import random
+
+    from inferplane.fleet.live import LiveFleet
+    from inferplane.fleet.model import Fleet
+    from inferplane.placement.framework import CycleState
+    from inferplane.placement.plugins.affinity import PrefixParams
+    from inferplane.placement.profile import RequestProfile
+
+    ports = list(range(1, 9))
+    cfg = parse_config(fleet_yaml(ports, 9, "redis://127.0.0.1:1/0"))
+    snap = LiveFleet(Fleet.from_config(cfg)).snapshot()
+    views = list(snap.endpoints)
+    params = PrefixParams(mode="approximate", rendezvous_weight=1.0)
+    r1, r2 = PrefixAffinity("p", params), PrefixAffinity("p", params)
+    rng = random.Random(0)
+
+    def winner(plugin: PrefixAffinity, sid: str, cands: list) -> str:  # type: ignore[type-arg]
+        prof = RequestProfile(request_id="r", tenant="t", model="llama-3.1-8b",
+                              block_hashes=(11, 12, 13), session_key=sid)
+        scores = list(plugin.score(CycleState(prof, snap, rng), cands))
+        assert sorted(scores)[-2] == 0.0 and max(scores) == 1.0  # one winner, nothing held
+        return str(cands[scores.index(1.0)].name)
+
+    wins = {sid: winner(r1, sid, views) for sid in (f"s{i}" for i in range(40))}
+    assert all(winner(r2, sid, views) == w for sid, w in wins.items())
+    assert len(set(wins.values())) >= 4  # spread over the endpoints
+    gone = views[0].name
+    rest = [v for v in views if v.name != gone]
+    for sid, w in wins.items():
+        if w != gone:
+            assert winner(r2, sid, rest) == w  # only the leaving endpoint's sessions move
+    # once a candidate holds the prompt, the held share wins over the rendezvous bonus
+    prof = RequestProfile(request_id="r", tenant="t", model="llama-3.1-8b",
+                          block_hashes=(11, 12, 13), session_key="s0")
+    other = next(v for v in views if v.name != wins["s0"])
+    r1.on_picked(CycleState(prof, snap, rng), other)
+    assert winner(r1, "s0", views) == other.name

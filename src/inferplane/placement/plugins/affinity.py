@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 from collections.abc import Sequence
+from functools import lru_cache
+from hashlib import blake2b
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -204,6 +206,40 @@ class PrefixMatcher:
         self.index.record(picked.name, hashes)
 
 
+_MASK64 = (1 << 64) - 1
+
+
+@lru_cache(maxsize=65536)
+def _name_hash(name: str) -> int:
+    return int.from_bytes(blake2b(name.encode(), digest_size=8).digest(), "little")
+
+
+def _mix(x: int) -> int:
+    """splitmix64's finaliser: a stable 64-bit mix (Python's own ``hash`` of a string differs
+    between processes)."""
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 & _MASK64
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EB & _MASK64
+    return x ^ (x >> 31)
+
+
+def _rendezvous(profile: RequestProfile, candidates: Sequence[EndpointView]) -> int:
+    """The index of the candidate that wins rendezvous (highest random weight) hashing of the
+    request's session (else its first prompt block) over the candidates' names: the same
+    winner in every replica for the same candidates, and when one candidate leaves only its
+    keys move."""
+    sk = profile.session_key
+    if sk is not None:
+        key = _name_hash(sk)
+    else:
+        key = profile.block_hashes[0] if profile.block_hashes else 0
+    best, best_w = 0, -1
+    for i, c in enumerate(candidates):
+        w = _mix(key ^ _name_hash(c.name))
+        if w > best_w:
+            best, best_w = i, w
+    return best
+
+
 class PrefixParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -229,6 +265,12 @@ class PrefixParams(BaseModel):
     room_halflife_s: float = Field(
         60.0, gt=0, description="writes: half-life of the recently-written block count"
     )
+    rendezvous_weight: float = Field(
+        0.0, ge=0, le=1, description="new prefixes are placed identically by every replica "
+        "without shared state: the part of the prompt no candidate holds scores this for the "
+        "candidate that wins rendezvous hashing of the session (else the first block) over the "
+        "candidates' names (0: off)"
+    )
 
 
 @register("prefix-affinity")
@@ -241,7 +283,10 @@ class PrefixAffinity(Plugin):
     ``on_picked``), as the Gateway API Inference Extension's prefix-cache scorer
     (``pkg/epp/scheduling/framework/plugins/multi/prefix``) and llm-d's precise prefix-cache
     scorer do. Annotates ``prefix_match`` (blocks). Parameters: ``mode``,
-    ``capacity_blocks``, ``block_tokens``.
+    ``capacity_blocks``, ``block_tokens``, ``pending_s``, ``room_weight`` (new prefixes where
+    the cache holds least) and ``rendezvous_weight`` (new prefixes where rendezvous hashing of
+    the session, else the first block, over the candidates puts them: every replica agrees
+    without shared state; `admission.shared_placement` shares the learned index instead).
     """
 
     Params = PrefixParams
@@ -255,6 +300,7 @@ class PrefixAffinity(Plugin):
         self.room_weight = params.room_weight
         self.room_by = params.room_by
         self.halflife = params.room_halflife_s
+        self.rendezvous_weight = params.rendezvous_weight
         self.written: dict[str, tuple[float, float]] = {}  # endpoint → (decayed blocks, when)
 
     def score(self, cycle: CycleState, candidates: list[EndpointView]) -> Sequence[float]:
@@ -275,6 +321,11 @@ class PrefixAffinity(Plugin):
                     room = self.matcher.room(cycle, candidates)
                 for i, r in enumerate(room):
                     out[i] += w * new * r
+        rw = self.rendezvous_weight
+        if rw > 0 and candidates:
+            new = 1.0 - max(out)
+            if new > 0:
+                out[_rendezvous(cycle.profile, candidates)] += rw * new
         return out
 
     def propose(self, cycle: CycleState, limit: int) -> list[str]:
