@@ -15,6 +15,7 @@ conversation usually land on different replicas.
 Modes, fresh processes each (Redis, engines with empty caches, gateways), alternated over
 ``--repeats`` so that both see the same machine:
 
+- ``one``: a single replica takes every request (the reference: one process sees every pick);
 - ``off``: ``shared_placement: false`` (each replica learns only its own picks);
 - ``on``: ``shared_placement: true``;
 - ``rendezvous``: ``shared_placement: false`` and ``prefix-affinity``'s ``rendezvous_weight: 1``
@@ -107,6 +108,8 @@ class Run:
     ttft_p90_ms: float = 0.0
     wall_s: float = 0.0
     redis_calls: dict[str, int] = field(default_factory=dict)
+    # per replica: endpoint → its latency correction (median observed ÷ predicted TTFT)
+    corrections: dict[str, dict[str, float]] = field(default_factory=dict)
     ttfts: list[float] = field(default_factory=list)
 
     @property
@@ -195,6 +198,14 @@ async def drive(run: Run, urls: list[str], ports: list[int], a: argparse.Namespa
         await asyncio.gather(*(session(s, k) for k in range(a.sessions)))
         run.wall_s = time.perf_counter() - t0
         q1, h1 = await _engine_counters(s, ports)
+        for name, url in zip("AB", dict.fromkeys(urls), strict=False):
+            base = url.removesuffix("/v1/completions")
+            async with s.get(f"{base}/v1/fleet/health",
+                             headers={"Authorization": f"Bearer {KEY}"}) as r:
+                health = await r.json()
+            run.corrections[name] = {e["endpoint"]: e["ttft_correction"]
+                                     for e in health["endpoints"]
+                                     if e.get("ttft_correction") is not None}
     run.engine_queries, run.engine_hits = q1 - q0, h1 - h0
     xs = sorted(run.ttfts)
     if xs:
@@ -219,7 +230,7 @@ def one_run(tmp: Path, mode: str, repeat: int, a: argparse.Namespace) -> Run:
         for p in ports:
             emu.wait_http(f"http://127.0.0.1:{p}/health")
         urls = []
-        for name in ("A", "B"):
+        for name in ("A",) if mode == "one" else ("A", "B"):
             port = free_port()
             gw = Proc(["-m", "inferplane.cli", "serve", "--config", str(cfg), "--port", str(port)],
                       d / f"gw-{name}.log")
@@ -278,6 +289,15 @@ def main() -> None:
                   + ", ".join(f"{k} {v / n:.2f}" for k, v in sorted(run.redis_calls.items())),
                   flush=True)
     after = _uptime()
+    gaps = []
+    for r in runs:
+        a_, b_ = r.corrections.get("A", {}), r.corrections.get("B", {})
+        for e in sorted(set(a_) & set(b_)):
+            gaps.append(abs(a_[e] - b_[e]) / ((a_[e] + b_[e]) / 2))
+            print(f"{r.mode} #{r.repeat} {e}: latency correction A {a_[e]:.3f} B {b_[e]:.3f}")
+    if gaps:
+        print(f"latency corrections, A vs B per endpoint: median gap {statistics.median(gaps):.1%}"
+              f", largest {max(gaps):.1%} ({len(gaps)} pairs)")
     print(f"\nload before: {before}\nload after:  {after}\n")
     print("| shared placement | runs | requests | errors | prefix hit (usage) | prefix hit "
           "(engines) | TTFT p50 ms | TTFT p90 ms | Redis GET / SET / PUBLISH per request |")

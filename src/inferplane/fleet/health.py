@@ -615,6 +615,7 @@ def endpoint_summary(view: EndpointView, record: EjectionRecord | None, now: flo
         "kv_usage": s.kv_usage,
         "ttft_p50_s": s.ttft_p50_s,
         "ttft_p99_s": s.ttft_p99_s,
+        "ttft_correction": s.ttft_ratio_p50,
         "error_rate": s.error_rate,
         "requests_total": s.requests_total,
     }
