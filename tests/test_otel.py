@@ -8,6 +8,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
@@ -15,7 +16,9 @@ import pytest
 from aiohttp import web
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+    ExportMetricsServiceRequest,
+)
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
@@ -27,6 +30,7 @@ from inferplane.epp import protocol as P
 from inferplane.telemetry.otel import OtelTelemetry, parse_headers
 from inferplane.telemetry.tracing import DISABLED
 from tests.support.fake_upstream import build
+from tests.support.otlp_receiver import attributes
 from tests.support.procs import free_port
 from tests.test_epp_stream import body as epp_body
 from tests.test_epp_stream import exchange, settled
@@ -55,10 +59,27 @@ def _upstream(name: str, mode: str) -> web.Application:
     return app
 
 
+def metric_points(tel: OtelTelemetry) -> dict[str, list[Any]]:
+    data = tel.metrics_request()
+    out: dict[str, list[Any]] = {}
+    if data is None:
+        return out
+    req = ExportMetricsServiceRequest.FromString(data)
+    for rm in req.resource_metrics:
+        for sm in rm.scope_metrics:
+            for m in sm.metrics:
+                assert m.histogram.aggregation_temporality == 2  # cumulative
+                out.setdefault(m.name, []).extend(
+                    SimpleNamespace(attributes=attributes(p.attributes), sum=p.sum,
+                                    count=p.count, buckets=list(p.bucket_counts),
+                                    bounds=list(p.explicit_bounds))
+                    for p in m.histogram.data_points)
+    return out
+
+
 class Stack:
     def __init__(self) -> None:
         self.spans = InMemorySpanExporter()
-        self.reader = InMemoryMetricReader()
         self.runners: list[web.AppRunner] = []
         self.apps: dict[str, web.Application] = {}
         self.gw: Gateway
@@ -96,9 +117,7 @@ tenants:
 """)
         self.gw = Gateway(config)
         self.gw.telemetry.shutdown()  # the OTLP one the file asked for: replaced by in-memory
-        self.gw.telemetry = OtelTelemetry(
-            config, span_exporter=self.spans, metric_reader=self.reader
-        )
+        self.gw.telemetry = self.tel = OtelTelemetry(config, span_exporter=self.spans)
         self.runners.append(await serve(self.gw, "127.0.0.1", gw_port))
         self.url = f"http://127.0.0.1:{gw_port}/v1/chat/completions"
 
@@ -124,14 +143,9 @@ tenants:
         return out
 
     def metrics(self) -> dict[str, list[Any]]:
-        data = self.reader.get_metrics_data()
-        out: dict[str, list[Any]] = {}
-        assert data is not None
-        for rm in data.resource_metrics:
-            for sm in rm.scope_metrics:
-                for m in sm.metrics:
-                    out.setdefault(m.name, []).extend(m.data.data_points)
-        return out
+        """The GenAI histograms' points, decoded from the OTLP request the exporter would
+        send."""
+        return metric_points(self.tel)
 
     async def stop(self) -> None:
         for r in reversed(self.runners):
@@ -259,9 +273,9 @@ async def test_an_upstream_that_fails_every_attempt_is_a_502_error_span(stack: S
 
 
 async def test_the_picker_traces_what_it_sees_and_hands_envoy_the_traceparent() -> None:
-    spans, reader = InMemorySpanExporter(), InMemoryMetricReader()
+    spans = InMemorySpanExporter()
     async with epp_picker() as (p, stub):
-        p.telemetry = OtelTelemetry(p.config, span_exporter=spans, metric_reader=reader)
+        p.telemetry = OtelTelemetry(p.config, span_exporter=spans)
         response = pb.ProcessingRequest(response_headers=pb.HttpHeaders(
             headers=base_pb2.HeaderMap(headers=[
                 base_pb2.HeaderValue(key=":status", raw_value=b"200")]),

@@ -247,6 +247,13 @@ class EndpointSpec(Strict):
         "base path ending in `/v1` is not repeated in front of the API's own path",
     )
     engine: EngineType = "vllm"
+    provider: str | None = Field(
+        None,
+        min_length=1,
+        description="`gen_ai.provider.name` on its spans and GenAI metrics (`openai`, "
+        "`azure.ai.openai`, …); default: `anthropic` for that dialect, the known value of a "
+        "provider-api host (else `openai`), the engine for self-hosted endpoints",
+    )
     dialect: Dialect = Field(
         "openai",
         description="the API the upstream speaks: `openai` (chat/completions/embeddings) or "
@@ -995,7 +1002,8 @@ class TelemetrySpec(Strict):
     )
     protocol: Literal["http/protobuf", "grpc"] = Field(
         "http/protobuf",
-        description="OTLP transport; grpc needs opentelemetry-exporter-otlp-proto-grpc installed",
+        description="OTLP transport: `http/protobuf` (endpoint: the base URL, port 4318) or "
+        "`grpc` (endpoint: `http://host:port`, 4317; `https://` for TLS)",
     )
     headers_env: str | None = Field(
         "OTEL_EXPORTER_OTLP_HEADERS",

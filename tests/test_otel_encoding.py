@@ -1,0 +1,218 @@
+"""The hand-written OTLP encoding (`telemetry.otlp`) against the OpenTelemetry SDK's own: the same
+spans, encoded by both, parse as equal ``ExportTraceServiceRequest`` messages; metrics parse as
+the OTLP histograms they should be; W3C ``traceparent`` parsing follows the SDK propagator."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+    ExportMetricsServiceRequest,
+)
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from inferplane.config.loader import parse_config
+from inferplane.telemetry.otel import OtelTelemetry, _parse_traceparent, to_readable
+from inferplane.telemetry.otlp import Attrs, Histogram, SpanData, varint
+from tests.support.otlp_receiver import attributes
+
+CONFIG = parse_config(f"""
+telemetry: {{enabled: true, service_name: enc,
+             resource_attributes: {{deployment.environment.name: t}}}}
+substrates:
+  - {{name: p, kind: gpu, hardware: h100, region: r, jurisdiction: eu, cost: {{hourly_usd: 1}},
+     endpoints: [{{name: e, url: "http://127.0.0.1:9", models: [{{name: m, profile: llama-3.1-8b,
+     max_context: 4096}}]}}]}}
+tenants: [{{name: t, api_keys: ["sha256:{"0" * 64}"]}}]
+""")
+
+
+@pytest.fixture(scope="module")
+def tel() -> OtelTelemetry:
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    return OtelTelemetry(CONFIG, span_exporter=InMemorySpanExporter())
+
+
+def both(tel: OtelTelemetry, spans: list[SpanData]) -> tuple[ExportTraceServiceRequest, ...]:
+    ours = ExportTraceServiceRequest.FromString(tel.encoder.request(spans))
+    sdk = encode_spans([to_readable(s, tel) for s in spans])
+    return ours, ExportTraceServiceRequest.FromString(sdk.SerializeToString())
+
+
+values = st.one_of(
+    st.text(max_size=40), st.booleans(), st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    st.floats(allow_nan=False), st.integers(min_value=0, max_value=2**40),
+)
+keys = st.text(min_size=1, max_size=30)
+span_data = st.builds(
+    SpanData,
+    trace_id=st.integers(min_value=1, max_value=2**128 - 1),
+    span_id=st.integers(min_value=1, max_value=2**64 - 1),
+    parent_id=st.one_of(st.just(0), st.integers(min_value=1, max_value=2**64 - 1)),
+    parent_remote=st.booleans(),
+    trace_state=st.sampled_from(["", "congo=t61rcWkgMzE", "a=1,b=2"]),
+    name=st.text(max_size=60),
+    kind=st.sampled_from([1, 2, 3]),
+    start_ns=st.integers(min_value=0, max_value=2**63),
+    end_ns=st.integers(min_value=0, max_value=2**63),
+    fixed=st.lists(st.dictionaries(keys, values, max_size=5).map(
+        lambda d: Attrs(tuple(d.items()))), max_size=2).map(tuple),
+    attributes=st.dictionaries(keys, values, max_size=8).map(lambda d: tuple(d.items())),
+    error=st.booleans(),
+    message=st.one_of(st.none(), st.text(max_size=50)),
+).filter(lambda s: not (s.parent_remote and not s.parent_id))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(span_data, min_size=1, max_size=6))
+def test_any_batch_encodes_as_the_sdk_would(tel: OtelTelemetry, spans: list[SpanData]) -> None:
+    # attribute keys unique across a span's fixed groups and its own (as the trace builds them)
+    clean = []
+    for s in spans:
+        seen: set[str] = set()
+        fixed = []
+        for a in s.fixed:
+            fixed.append(Attrs(tuple((k, v) for k, v in a.pairs if k not in seen)))
+            seen |= {k for k, _ in a.pairs}
+        attrs = tuple((k, v) for k, v in s.attributes if k not in seen)
+        clean.append(s._replace(fixed=tuple(fixed), attributes=attrs,
+                                message=s.message if s.error else None))
+    ours, sdk = both(tel, clean)
+    assert ours == sdk
+
+
+def test_a_real_request_trace_encodes_as_the_sdk_would(tel: OtelTelemetry) -> None:
+    from inferplane.api.pipeline import Gateway
+
+    gw = Gateway(CONFIG)
+    try:
+        tenant = gw.config.tenants[0]
+        profile = gw.classify("chat", {"model": "m", "messages": [
+            {"role": "user", "content": "hi"}]}, {}, tenant)
+        decision = gw.decide(profile)
+        assert decision.picked is not None
+        headers = {"host": "gw:8080", "traceparent":
+                   "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+                   "tracestate": "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7"}
+        t = tel.request("chat", headers)
+        t.classified(profile, 16)
+        with t.stage("admit"):
+            pass
+        with t.stage("place"):
+            t.placed(decision)
+        t.upstream_started(decision.picked.endpoint, "m")
+        t.upstream_failed("http_503", 503)
+        t.upstream_started(decision.picked.endpoint, "m")
+        out = dict(t.upstream_headers())
+        t.finished(status=200, error=None, prompt_tokens=7, completion_tokens=5, ttft_s=0.01,
+                   tpot_s=0.002)
+        t.end()
+    finally:
+        gw.telemetry.shutdown()
+    spans = t.spans()  # type: ignore[attr-defined]
+    ours, sdk = both(tel, spans)
+    assert ours == sdk
+    decoded = ours.resource_spans[0].scope_spans[0].spans
+    assert [s.name for s in decoded] == ["admit", "place", "chat m", "chat m", "chat m"]
+    server = decoded[-1]
+    a = attributes(server.attributes)
+    assert a["gen_ai.provider.name"] == "vllm" and a["inferplane.attempts"] == 2
+    assert server.parent_span_id.hex() == "b7ad6b7169203331"
+    assert server.trace_state == "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7"
+    assert out["tracestate"] == "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7"
+    attempt = decoded[3].span_id.hex()
+    assert out["traceparent"] == f"00-0af7651916cd43dd8448eb211c80319c-{attempt}-01"
+    failed = attributes(decoded[2].attributes)
+    assert failed["error.type"] == "http_503" and failed["http.response.status_code"] == 503
+    assert decoded[2].status.code == 2 and decoded[3].status.code == 0
+    res = attributes(ours.resource_spans[0].resource.attributes)
+    assert res["service.name"] == "enc" and res["deployment.environment.name"] == "t"
+
+
+def test_metrics_are_cumulative_explicit_bucket_histograms(tel: OtelTelemetry) -> None:
+    h = Histogram("x", "s", "d", (0.1, 1.0))
+    for v in (0.05, 0.1, 0.5, 2.0):
+        h.record(v, (("k", "a"),))
+    h.record(1.0, (("k", "b"),))
+    tel.histograms = (h,)
+    data = tel.metrics_request()
+    assert data is not None
+    req = ExportMetricsServiceRequest.FromString(data)
+    (metric,) = req.resource_metrics[0].scope_metrics[0].metrics
+    assert metric.name == "x" and metric.unit == "s"
+    assert metric.histogram.aggregation_temporality == 2
+    points = {attributes(p.attributes)["k"]: p for p in metric.histogram.data_points}
+    a = points["a"]
+    # bucket i holds (bounds[i-1], bounds[i]]: 0.1 falls in the first
+    assert list(a.bucket_counts) == [2, 1, 1] and a.count == 4 and a.sum == pytest.approx(2.65)
+    assert a.min == 0.05 and a.max == 2.0 and list(a.explicit_bounds) == [0.1, 1.0]
+    assert list(points["b"].bucket_counts) == [0, 1, 0]
+
+
+@pytest.mark.parametrize("value", [
+    "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+    "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00",
+    " 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01 ",
+    "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+    "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+    "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+    "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+    "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+    "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+    "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+    "garbage",
+])
+def test_traceparent_is_parsed_as_the_sdk_propagator_does(value: str) -> None:
+    from opentelemetry.trace import get_current_span
+
+    ctx = TraceContextTextMapPropagator().extract({"traceparent": value})
+    sc = get_current_span(ctx).get_span_context()
+    expected = (sc.trace_id, sc.span_id, int(sc.trace_flags)) if sc.is_valid else None
+    assert _parse_traceparent(value) == expected
+
+
+def test_varints() -> None:
+    for n in (0, 1, 127, 128, 300, 16383, 16384, 2**35, 2**64 - 1):
+        data, shift, got = varint(n), 0, 0
+        for b in data:
+            got |= (b & 0x7F) << shift
+            shift += 7
+        assert got == n and all(b & 0x80 for b in data[:-1]) and not data[-1] & 0x80
+
+
+def test_provider_names_follow_the_genai_conventions() -> None:
+    from inferplane.fleet.model import Fleet
+    from inferplane.telemetry.otel import provider_name
+
+    config = parse_config("""
+substrates:
+  - name: own
+    kind: gpu
+    hardware: h100
+    region: r
+    jurisdiction: eu
+    cost: {hourly_usd: 1}
+    endpoints:
+      - {name: v, url: "http://127.0.0.1:9", models: M}
+      - {name: s, engine: sglang, url: "http://127.0.0.1:8", models: M}
+  - name: hosted
+    kind: provider-api
+    hardware: provider-api
+    region: r
+    jurisdiction: eu
+    cost: {input_per_mtok: 1, output_per_mtok: 1}
+    endpoints:
+      - {name: oa, url: "https://api.openai.com/v1", models: M}
+      - {name: az, url: "https://x.openai.azure.com/openai/v1", models: M}
+      - {name: an, url: "https://api.anthropic.com", dialect: anthropic, models: M}
+      - {name: other, url: "https://llm.example.com/v1", models: M}
+      - {name: named, provider: aws.bedrock, url: "https://b.example.com", models: M}
+""".replace("M}", "[{name: m, profile: llama-3.1-8b, max_context: 4096}]}"))
+    fleet = Fleet.from_config(config)
+    names = {e.name: provider_name(e) for e in fleet.endpoints}
+    assert names == {"v": "vllm", "s": "sglang", "oa": "openai", "az": "azure.ai.openai",
+                     "an": "anthropic", "other": "openai", "named": "aws.bedrock"}
