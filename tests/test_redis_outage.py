@@ -5,13 +5,17 @@ lost. Each test starts (and pauses or kills) its own redis-server."""
 from __future__ import annotations
 
 import asyncio
+import signal
+import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
 
+from inferplane.admission.journal import OutageJournal
 from inferplane.admission.outage import OutageStore
 from inferplane.admission.redis_state import RedisStore
 from inferplane.admission.state import BucketDemand, CounterDemand
@@ -104,6 +108,73 @@ async def test_settle_sent_during_a_pause_counts_once(tmp_path: Path) -> None:
     finally:
         await store.close()
         srv.stop()
+
+
+def _rows(path: Path) -> int:
+    with sqlite3.connect(path) as c:
+        return int(c.execute("SELECT count(*) FROM journal").fetchone()[0])
+
+
+async def test_the_journal_outlives_the_process_and_replays_once(tmp_path: Path) -> None:
+    """Issue 12 item 2, in one process: settles journaled while Redis is down are committed
+    to the journal file before they return; a store that dies without replaying them (its
+    successor opens the same file) starts degraded with Redis still down, replays them once
+    Redis is back, and a replay of the same entries again (a process killed between applying
+    and deleting them) counts nothing twice."""
+    srv = RedisServer(tmp_path, persist=True)
+    path = tmp_path / "journal.sqlite"
+    d = CounterDemand("c", 1.0, None, 0.2, 0, 3600.0)
+
+    def store() -> OutageStore:
+        return OutageStore(RedisStore(srv.url, "t:", timeout_s=0.3), retry_after_s=0.3,
+                           journal=OutageJournal(path))
+
+    first, second, third = store(), store(), store()
+    try:
+        assert await first.ping()
+        assert await first.reserve([d], "a", NOW + 600, NOW) == -1
+        srv.stop()
+        await first.settle([d], "a", 0.15, 5, NOW)
+        await first.add_usage("t", GROUP, 0.15, 3, 2, "a")
+        await first.add_usage("t", GROUP, 0.05, 1, 1)  # no settle id: the journal gives one
+        assert _rows(path) == 3  # committed when the calls returned
+        entries = await OutageJournal(path).load()
+        assert first._reconciler is not None
+        first._reconciler.cancel()  # the process dies: nothing more of it runs
+        assert await second.ping()  # Redis still down: starts degraded from its journal
+        assert not second.up and len(second.journal) == 3
+        srv.start()
+        await _until(lambda: second.up and not second.journal)
+        assert _rows(path) == 0
+        st = await second.counter("c", NOW)
+        assert (st.spent_usd, st.spent_tokens, st.reserved_usd) == (0.15, 5, 0.0)
+        assert sum(r.requests for r in await second.usage("t")) == 2
+        # the same entries replayed again (killed between applying and deleting them)
+        journal = OutageJournal(path)
+        for _, kind, payload in entries:
+            await journal.append(kind, payload)
+        await journal.close()
+        assert await third.ping()
+        await _until(lambda: not third.journal)
+        st = await third.counter("c", NOW)
+        assert (st.spent_usd, st.spent_tokens) == (0.15, 5)
+        rows = await third.usage("t")
+        assert sum(r.requests for r in rows) == 2
+        assert sum(r.usd for r in rows) == pytest.approx(0.20)
+    finally:
+        for s in (second, third):
+            await s.close()
+        srv.stop()
+
+
+async def test_redis_down_at_start_without_a_journal_is_a_start_up_error(tmp_path: Path) -> None:
+    store = OutageStore(RedisStore(f"redis://127.0.0.1:{free_port()}/0", "t:", timeout_s=0.3),
+                        journal=OutageJournal(tmp_path / "j.sqlite"))
+    try:
+        with pytest.raises(RedisConnectionError):
+            await store.ping()
+    finally:
+        await store.close()
 
 
 KEYS = {"budget": "sk-budget", "plain": "sk-plain"}
@@ -216,3 +287,76 @@ def test_gateway_through_a_redis_outage(tmp_path: Path, slow_upstream: int) -> N
     log = gw.log.read_text()
     assert "Traceback" not in log and "internal error" not in log
     assert "admission store (Redis) unreachable" in log and "reachable again" in log
+
+
+def test_spend_journaled_in_an_outage_survives_kill_9(tmp_path: Path, slow_upstream: int) -> None:
+    """Issue 12 item 2, end to end: Redis stops while two budgeted streams are in flight; their
+    settles, and the usage of an unbudgeted tenant's requests, are journaled. The gateway is
+    killed with -9 and restarted while Redis is still down (it starts from its journal), then
+    Redis comes back: the spend is reconciled exactly once."""
+    srv = RedisServer(tmp_path, persist=True)
+    port = free_port()
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text(_config(port, slow_upstream, srv.url).replace(
+        "seed: 3}", f"seed: 3, ledger_path: '{tmp_path / 'ledger.sqlite'}'}}"))
+    journal = tmp_path / "ledger.sqlite.admission-journal.sqlite"
+    base = f"http://127.0.0.1:{port}"
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hello there"}],
+            "max_tokens": 10}
+
+    def post(c: httpx.AsyncClient, tenant: str, stream: bool = False) -> object:
+        return c.post("/v1/chat/completions", json={**chat, "stream": stream},
+                      headers={"Authorization": f"Bearer {KEYS[tenant]}"})
+
+    async def before_the_kill() -> None:
+        async with httpx.AsyncClient(base_url=base, timeout=20) as c:
+            assert (await post(c, "budget")).status_code == 200  # type: ignore[attr-defined]
+            streams = [asyncio.ensure_future(post(c, "budget", True)) for _ in range(2)]
+            await asyncio.sleep(0.3)
+            srv.stop()
+            for s in await asyncio.gather(*streams):
+                assert s.status_code == 200 and b"[DONE]" in s.content  # type: ignore[attr-defined]
+            for _ in range(3):
+                assert (await post(c, "plain")).status_code == 200  # type: ignore[attr-defined]
+
+    async def after_the_restart() -> None:
+        async with httpx.AsyncClient(base_url=base, timeout=20) as c:
+            r = await post(c, "budget")  # Redis still down: budgets fail closed
+            assert r.status_code == 503  # type: ignore[attr-defined]
+            srv.start()
+            deadline = time.monotonic() + 15
+            while _rows(journal) > 0:
+                assert time.monotonic() < deadline, "journal not replayed"
+                await asyncio.sleep(0.1)
+            hb = {"Authorization": f"Bearer {KEYS['budget']}"}
+            while (u := await c.get("/v1/usage", headers=hb)).status_code != 200:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.1)
+            assert u.json()["total"]["requests"] == 3  # 1 before, 2 settled in the outage
+            assert u.json()["total"]["cost_usd"] == pytest.approx(3 * ACTUAL)
+            p = await c.get("/v1/usage", headers={"Authorization": f"Bearer {KEYS['plain']}"})
+            assert p.json()["total"]["requests"] == 3
+
+    gw = Proc(["-m", "inferplane.cli", "serve", "--config", str(cfg)], tmp_path / "gw.log")
+    gw2 = None
+    try:
+        gw.wait_http(f"{base}/ready")
+        asyncio.run(before_the_kill())
+        assert _rows(journal) == 7  # 2 budget settles + 5 usage updates (2 budget, 3 plain)
+        gw.p.send_signal(signal.SIGKILL)
+        gw.p.wait(5)
+        gw2 = Proc(["-m", "inferplane.cli", "serve", "--config", str(cfg)], tmp_path / "gw2.log")
+        gw2.wait_http(f"{base}/ready")
+        asyncio.run(after_the_restart())
+        r = srv.client()
+        (key,) = list(r.scan_iter(match="o:c:budget:budget:*"))
+        su, ru = r.hmget(key, ["su", "ru"])
+        assert int(su) / 1e9 == pytest.approx(3 * ACTUAL) and int(ru or 0) == 0
+    finally:
+        gw.stop()
+        if gw2 is not None:
+            gw2.stop()
+        srv.stop()
+    log = gw2.log.read_text()
+    assert "Traceback" not in log
+    assert "starting degraded" in log and "reachable again" in log

@@ -16,17 +16,28 @@ from tests.support.procs import free_port
 
 
 class RedisServer:
-    def __init__(self, tmp: Path) -> None:
+    """``persist``: an append-only file fsynced on every write, so that `start` after `stop`
+    (a Redis restarted on the same port and directory) has its data back."""
+
+    def __init__(self, tmp: Path, *, persist: bool = False) -> None:
         exe = shutil.which("redis-server")
         if exe is None:
             pytest.skip("redis-server is not installed")
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
-        self._log = (tmp / f"redis-{self.port}.log").open("wb")
+        self._args = [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                      "--dir", str(tmp)]
+        self._args += (["--appendonly", "yes", "--appendfsync", "always"] if persist
+                       else ["--appendonly", "no"])
+        self._log = (tmp / f"redis-{self.port}.log").open("ab")
+        self.start()
+
+    def start(self) -> None:
+        """Start (again, after `stop`: same port, same directory)."""
+        if self._log.closed:
+            self._log = open(self._log.name, "ab")  # noqa: SIM115 - closed in `stop`
         self.p = subprocess.Popen(
-            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(tmp)],
-            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+            self._args, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         self.wait_up()
 

@@ -89,17 +89,30 @@ class Ticket:
 def make_store(config: FleetConfig) -> AdmissionStore:
     spec = config.admission
     if spec.store == "redis":
+        from inferplane.admission.journal import OutageJournal
         from inferplane.admission.outage import OutageStore
         from inferplane.admission.redis_state import RedisStore
 
         remote = RedisStore(spec.redis_url, spec.redis_prefix, spec.redis_timeout_s)
-        return OutageStore(remote, retry_after_s=spec.outage_retry_after_s)
+        return OutageStore(
+            remote,
+            retry_after_s=spec.outage_retry_after_s,
+            journal=OutageJournal(journal_path(config)),
+        )
     path = local_store_path(config)
     if path is not None:
         from inferplane.admission.sqlite_state import SqliteStore
 
         return SqliteStore(path)
     return MemoryStore()
+
+
+def journal_path(config: FleetConfig) -> str | None:
+    """The SQLite file of the Redis outage journal, or None (in memory)."""
+    if config.admission.journal_path:
+        return config.admission.journal_path
+    ledger = config.gateway.ledger_path
+    return f"{ledger}.admission-journal.sqlite" if ledger else None
 
 
 def local_store_path(config: FleetConfig) -> str | None:

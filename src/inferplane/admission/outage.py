@@ -22,23 +22,37 @@ usage / counter reads   503 ``store_unavailable`` with Retry-After
 
 After a failure Redis is not asked again for ``retry_after_s`` (every call takes the local path
 at once instead of waiting for a timeout); a background task then probes it, replays the journal
-and the store is back in service. The journal is in memory: a replica killed during an outage
-loses what it had not replayed (its leases then expire in Redis).
+and the store is back in service.
+
+The journal is durable when it has a file (`admission.journal.OutageJournal`,
+``admission.journal_path``, by default next to the ledger): a settle returns only once its
+entry is committed there, and an entry is deleted only after Redis applied it. A gateway killed
+during an outage finds the entries at its next start and replays them when Redis answers; it
+starts even while Redis is still down when its journal holds entries (the journal shows Redis
+is its store, and that it was in an outage), and otherwise refuses to start, as a wrong URL
+must. Each entry is applied once however often it is replayed: Redis remembers each settle id
+(usage updates journaled without one are given one). Without a file the journal is in memory,
+and a replica killed during an outage loses what it had not replayed (its leases then expire
+in Redis).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
+import os
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TypeVar
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from redis.exceptions import RedisError
 
+from inferplane.admission.journal import OutageJournal, Payload
 from inferplane.admission.redis_state import RedisStore
 from inferplane.admission.state import (
     BucketDemand,
@@ -53,7 +67,23 @@ T = TypeVar("T")
 log = logging.getLogger("inferplane.admission")
 
 _FAILURES = (RedisError, OSError, asyncio.TimeoutError)
-Replay = Callable[[], Awaitable[None]]
+
+
+@dataclass(slots=True, eq=False)
+class Entry:
+    """One journaled update: ``kind`` (settle | usage), its arguments, and the task that commits
+    it to the journal file (its sequence number)."""
+
+    kind: str
+    payload: Payload
+    written: asyncio.Future[int]
+
+
+def _settle_payload(
+    counters: Sequence[CounterDemand], lease_id: str, usd: float, tokens: int, now: float
+) -> Payload:
+    return {"counters": [dataclasses.asdict(d) for d in counters], "lease": lease_id,
+            "usd": usd, "tokens": tokens, "now": now}
 
 
 class OutageStore:
@@ -65,6 +95,7 @@ class OutageStore:
         *,
         retry_after_s: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
+        journal: OutageJournal | None = None,
     ) -> None:
         self.remote = remote
         self.local = MemoryStore()
@@ -72,7 +103,8 @@ class OutageStore:
         self.clock = clock
         self.down_since: float | None = None
         self._retry_at = 0.0
-        self.journal: deque[Replay] = deque()
+        self.store = journal or OutageJournal()  # where the journal survives a restart
+        self.journal: deque[Entry] = deque()
         self._reconciler: asyncio.Task[None] | None = None
         self.outages = 0
         self.replayed = 0
@@ -132,16 +164,49 @@ class OutageStore:
             with contextlib.suppress(RuntimeError):  # no running loop: the next call starts it
                 self._reconciler = asyncio.get_running_loop().create_task(self._reconcile())
 
+    async def _journal(self, kind: str, payload: Payload) -> None:
+        """Queue an update for Redis (in order) and return once it is committed to the journal
+        file (a file that cannot be written is logged: the update is still replayed from
+        memory)."""
+        written = asyncio.ensure_future(self.store.append(kind, payload))
+        self.journal.append(Entry(kind, payload, written))
+        self._ensure_reconciler()
+        try:
+            await asyncio.shield(written)
+        except Exception as exc:
+            log.error("admission outage journal %s not written (%s: %s): the update is kept in "
+                      "memory only", self.store.path, type(exc).__name__, exc)
+
+    async def _apply(self, e: Entry) -> None:
+        p = e.payload
+        if e.kind == "settle":
+            counters = [CounterDemand(**d) for d in p["counters"]]
+            await self.remote.settle(counters, p["lease"], p["usd"], p["tokens"], p["now"])
+        else:
+            await self.remote.add_usage(p["tenant"], tuple(p["group"]), p["usd"], p["prompt"],
+                                        p["completion"], p["settle_id"])
+
+    async def _replay(self) -> None:
+        """Apply the journal in Redis, in order; each entry leaves the file once applied."""
+        while self.journal:
+            e = self.journal[0]
+            seq: int | None = None
+            with contextlib.suppress(Exception):  # not in the file (logged): memory only
+                seq = await asyncio.shield(e.written)
+            await self._apply(e)
+            self.journal.popleft()
+            self.replayed += 1
+            if seq is not None:
+                with contextlib.suppress(Exception):  # applied once however often it replays
+                    await self.store.remove(seq)
+
     async def _reconcile(self) -> None:
         """Probe Redis every ``retry_after_s``; once it answers, replay the journal in order."""
         while self.down_since is not None or self.journal:
             await asyncio.sleep(max(0.0, self._retry_at - self.clock()))
             try:
                 await self.remote.ping()
-                while self.journal:
-                    await self.journal[0]()
-                    self.journal.popleft()
-                    self.replayed += 1
+                await self._replay()
             except _FAILURES as exc:
                 self._failed(exc)
                 continue
@@ -164,7 +229,7 @@ class OutageStore:
         ok, failed = await self._try(call)
         if not ok:
             if sent:  # it may still run in Redis (a timeout): give its lease back on replay
-                self.journal.append(lambda: self.remote.settle(counters, lease_id, 0.0, 0, now))
+                await self._journal("settle", _settle_payload(counters, lease_id, 0.0, 0, now))
             raise self._unavailable("this tenant's budget")
         assert failed is not None
         return failed
@@ -184,9 +249,8 @@ class OutageStore:
             return self.remote.settle(counters, lease_id, usd, tokens, now)
 
         ok, _ = await self._try(call)
-        if not ok:
-            self.journal.append(call)
-            self._ensure_reconciler()
+        if not ok:  # returns once the entry is committed to the journal file
+            await self._journal("settle", _settle_payload(counters, lease_id, usd, tokens, now))
 
     async def counter(self, key: str, now: float) -> CounterState:
         ok, st = await self._try(lambda: self.remote.counter(key, now))
@@ -227,9 +291,12 @@ class OutageStore:
             return self.remote.add_usage(tenant, group, usd, prompt, completion, settle_id)
 
         ok, _ = await self._try(call)
-        if not ok:
-            self.journal.append(call)
-            self._ensure_reconciler()
+        if not ok:  # an id of its own if it had none, so that a replay applies it once
+            payload: dict[str, Any] = {
+                "tenant": tenant, "group": list(group), "usd": usd, "prompt": prompt,
+                "completion": completion, "settle_id": settle_id or os.urandom(8).hex(),
+            }
+            await self._journal("usage", payload)
 
     async def usage(self, tenant: str) -> list[UsageRow]:
         ok, rows = await self._try(lambda: self.remote.usage(tenant))
@@ -238,8 +305,32 @@ class OutageStore:
         return rows
 
     async def ping(self) -> bool:
-        """At start-up Redis must answer (a wrong URL is a start-up error, not an outage)."""
-        return await self.remote.ping()
+        """At start-up: load what an earlier process journaled and did not replay, then ask
+        Redis. Redis must answer (a wrong URL is a start-up error, not an outage) unless the
+        journal holds entries: then this is an outage the gateway was killed in, and it starts
+        degraded and replays them once Redis answers."""
+        loop = asyncio.get_running_loop()
+        for seq, kind, payload in await self.store.load():
+            written: asyncio.Future[int] = loop.create_future()
+            written.set_result(seq)
+            self.journal.append(Entry(kind, payload, written))
+        try:
+            ok = await self.remote.ping()
+        except _FAILURES as exc:
+            if not self.journal:
+                raise
+            log.error(
+                "admission store (Redis) unreachable at start-up with %d journaled updates in "
+                "%s: starting degraded, they are replayed once Redis answers",
+                len(self.journal), self.store.path,
+            )
+            self._failed(exc)
+            return True
+        if self.journal:
+            log.warning("replaying %d admission updates journaled by an earlier process",
+                        len(self.journal))
+            self._ensure_reconciler()
+        return bool(ok)
 
     async def close(self) -> None:
         if self._reconciler is not None:
@@ -249,13 +340,20 @@ class OutageStore:
         if self.journal:  # one last try, so a clean stop after an outage loses nothing
             with contextlib.suppress(*_FAILURES):
                 await self.remote.ping()
-                while self.journal:
-                    await self.journal[0]()
-                    self.journal.popleft()
-                    self.replayed += 1
+                await self._replay()
         if self.journal:
-            log.error(
-                "closing with %d admission updates not replayed to Redis (it is still down)",
-                len(self.journal),
-            )
+            if self.store.durable:
+                log.error(
+                    "closing with %d admission updates not replayed to Redis (it is still "
+                    "down); they stay journaled in %s for the next start",
+                    len(self.journal), self.store.path,
+                )
+                await asyncio.gather(*(e.written for e in self.journal), return_exceptions=True)
+            else:
+                log.error(
+                    "closing with %d admission updates not replayed to Redis (it is still "
+                    "down); the journal is in memory, they are lost",
+                    len(self.journal),
+                )
+        await self.store.close()
         await self.remote.close()

@@ -32,9 +32,10 @@ from inferplane.admission.state import (
 )
 
 NANO = 1e9
-# How long Redis remembers a settle's id (``a:s:<lease>``, ``a:u:<ticket>``): longer than any
-# settle waits in the outage journal (`admission.outage`), which replays within seconds of
-# Redis answering again and is lost anyway if this process stops first.
+# How long Redis remembers a settle's id (``a:s:<lease>``, ``a:u:<ticket>``): longer than a
+# settle normally waits in the outage journal (`admission.outage`), which replays within seconds
+# of Redis answering again, or at the next start of a gateway killed during the outage (a
+# journal replayed more than a day later could count an entry twice).
 APPLIED_TTL_S = 86400.0
 
 _PURGE = """

@@ -233,8 +233,15 @@ class SharedPlacement:
             await asyncio.sleep(self.retry_after_s)
 
     # -- lifecycle ------------------------------------------------------------------------
-    async def start(self) -> None:
-        await self.r.ping()
+    async def start(self, degraded: bool = False) -> None:
+        """Redis must answer, unless ``degraded`` (the admission store started in an outage it
+        was killed in): then the sharing starts as during any outage."""
+        try:
+            await self.r.ping()
+        except _FAILURES as exc:
+            if not degraded:
+                raise
+            self._failed(exc)
         self._listen = asyncio.get_running_loop().create_task(self._run())
 
     async def close(self) -> None:

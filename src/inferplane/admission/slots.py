@@ -295,9 +295,17 @@ class SharedSlots:
                 continue
             self._up()
 
-    async def start(self) -> None:
-        await self.r.ping()
-        await self.sync()
+    async def start(self, degraded: bool = False) -> None:
+        """Read the counts and start the background loop. Redis must answer, unless
+        ``degraded`` (the admission store started in an outage it was killed in): then the
+        slots start from this process's view, as during any outage."""
+        try:
+            await self.r.ping()
+            await self.sync()
+        except _FAILURES as exc:
+            if not degraded:
+                raise
+            self._failed(exc)
         self._loop = asyncio.get_running_loop().create_task(self._run())
 
     async def close(self) -> None:

@@ -609,6 +609,13 @@ class AdmissionSpec(Strict):
         description="redis://, rediss:// or unix:// URL of the shared store",
     )
     redis_prefix: str = "inferplane:"
+    journal_path: str | None = Field(
+        None,
+        description="store: redis — SQLite file of the outage journal (settles and usage "
+        "updates waiting for Redis, replayed after a restart); default: "
+        "'<gateway.ledger_path>.admission-journal.sqlite' when a ledger file is set, else in "
+        "memory (lost on restart)",
+    )
     shared_slots: bool = Field(
         True,
         description="with store: redis, every process takes a per-endpoint in-flight slot in "

@@ -247,10 +247,13 @@ class Core:
         await self.admission.start()
         if self.economics is not None:
             self.economics.start()
+        # an admission store that started degraded (Redis down, a journal to replay): the
+        # other Redis users start as during an outage too
+        degraded = getattr(self.admission.store, "up", True) is False
         if self.slots is not None:
-            await self.slots.start()
+            await self.slots.start(degraded=degraded)
         if self.shared is not None:
-            await self.shared.start()
+            await self.shared.start(degraded=degraded)
 
     async def stop(self) -> None:
         """Stop everything `start` started. Every step runs even when an earlier one fails (a
