@@ -5,8 +5,9 @@ listens on the same address with ``SO_REUSEPORT``, so the kernel spreads connect
 They share state as replicas do, through the Redis admission store (budgets, rate limits,
 retry markers, usage) and its per-endpoint in-flight slots (`admission.slots`): ``--workers`` > 1
 therefore needs ``admission.store: redis``. The SQLite ledger file is shared (its writer chains
-records inside each transaction, so several processes can append to one chain); the batch lane
-runs in worker 0 only (the other workers serve the Files and Batches API from the same store).
+records inside each transaction, so several processes can append to one chain); so is the batch
+store's SQLite file, and every worker runs batch lines, each line claimed by one worker under a
+lease (`batch.store`).
 
 The parent only supervises: SIGTERM / SIGINT are passed on to every worker, and so is SIGHUP
 (each worker reloads the fleet file itself, `Core.reload_file`; a worker started or restarted

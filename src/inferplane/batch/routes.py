@@ -19,6 +19,7 @@ one. Errors are raised as `GatewayError` and rendered by the app's one error mid
 from __future__ import annotations
 
 import asyncio
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -28,8 +29,10 @@ import orjson
 from aiohttp import BodyPartReader, web
 
 from inferplane.batch.jsonl import ENDPOINTS, check_input
+from inferplane.batch.sqlite_store import SqliteBatchStore
 from inferplane.batch.store import ACTIVE, BatchStore, public
 from inferplane.batch.worker import BatchWorker, new_id
+from inferplane.config.schema import FleetConfig
 from inferplane.core.plane import Core
 from inferplane.core.process import worker_index
 from inferplane.core.validation import parse_json
@@ -46,6 +49,30 @@ from inferplane.httpio import idle, read_body
 WINDOW_S = {"24h": 24 * 3600}
 
 
+def make_store(config: FleetConfig, file: str = "<config>") -> BatchStore:
+    """The configured batch store: PostgreSQL (``batch.postgres_dsn`` or ``_env``), else the
+    SQLite file (``batch.path``, default ``<gateway.ledger_path>.batches.sqlite``), else
+    memory."""
+    spec = config.batch
+    dsn = spec.postgres_dsn
+    if spec.postgres_dsn_env:
+        dsn = os.environ.get(spec.postgres_dsn_env)
+        if not dsn:
+            raise ConfigError(
+                file, [("batch.postgres_dsn_env", f"${spec.postgres_dsn_env} is not set")]
+            )
+    if dsn:
+        from inferplane.batch.postgres_store import PostgresBatchStore
+
+        return PostgresBatchStore(
+            dsn, schema=spec.postgres_schema, prefix=spec.table_prefix, source=file
+        )
+    path = spec.path
+    if path is None and config.gateway.ledger_path:
+        path = config.gateway.ledger_path + ".batches.sqlite"
+    return SqliteBatchStore(Path(path) if path else None)
+
+
 class BatchService:
     """The store, the worker and the routes of one gateway's batch lane."""
 
@@ -57,15 +84,14 @@ class BatchService:
             raise ConfigError("<config>", [("batch.workload_class", msg)])
         self.gw = gw
         self.spec = spec
-        path = spec.path
-        if path is None and gw.config.gateway.ledger_path:
-            path = gw.config.gateway.ledger_path + ".batches.sqlite"
-        self.store = BatchStore(Path(path) if path else None)
+        self.store = make_store(gw.config)
         self.worker = BatchWorker(gw, dispatcher, self.store, spec)
 
     async def start(self) -> None:
         await self.store.start()
-        if worker_index() in (None, 0):  # under `serve --workers N` only worker 0 runs batches
+        # every process sharing the store runs batches (lines are claimed, `batch.store`); a
+        # store in memory belongs to one process: under `serve --workers N`, worker 0's
+        if self.store.shared or worker_index() in (None, 0):
             self.worker.start()
 
     async def stop(self) -> None:

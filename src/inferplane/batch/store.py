@@ -1,86 +1,45 @@
-"""Batch-lane state in SQLite: uploaded files, batches and per-line progress.
+"""Batch-lane state: uploaded files, batches and per-line progress, behind one interface.
 
-One connection, used by one thread (a single-worker executor), so every operation is serialised
-and never blocks the event loop on disk. The tables::
+`SqliteBatchStore` (`batch.sqlite_store`, the embedded default: one file, or memory) and
+`PostgresBatchStore` (`batch.postgres_store`, ``batch.postgres_dsn``: shared by replicas) keep
+the same three kinds of rows — files, batches, lines — and give the same guarantees:
 
-    batch_files  (id, tenant, purpose, filename, bytes, created_at, content)
-    batches      (id, tenant, key_hash, endpoint, input_file_id, status, timestamps, metadata,
-                  errors, output_file_id, error_file_id, total)
-    batch_lines  (batch_id, line_no, custom_id, url, body, done, ok, result)
+**Lines are claimed with leases, so two processes never run the same line.** A process claims
+lines it is about to run (`claim_lines`): each claimed line gets the process's ``owner`` id and
+a lease expiry; a line is claimable while it is not done and unowned, or its lease has expired.
+The claim is one atomic statement (PostgreSQL: ``UPDATE … WHERE (batch_id, line_no) IN (SELECT
+… FOR UPDATE SKIP LOCKED) RETURNING …``; SQLite: inside ``BEGIN IMMEDIATE``, which every process
+sharing the file serialises on). While a line runs its owner renews the lease (`renew`, every
+``batch.lease_s / 3``); a line that is not run after all is given back (`release`). A process
+killed with -9 stops renewing: its lines become claimable once their leases expire, and another
+process takes them over.
 
-**A line is done exactly once**: `finish_line` writes the line's result and sets ``done`` in one
-``UPDATE … WHERE done = 0`` (one transaction); a second attempt (a line re-run after a restart
-whose first run had answered but not yet been recorded) changes nothing and returns False.
-Finishing a batch writes its output and error files and its final status in one transaction, so
-a restart either sees the finished batch or re-runs the finish.
+**A line's result is written once.** `finish_line` writes the result and marks the line done in
+one statement that also requires the line still to be claimed by the caller (``owner``) and its
+batch still to be active: a process whose lease expired and whose line was taken over drops
+its result (the line's upstream may then have run twice — at-least-once execution — but its
+result is recorded exactly once). Finishing a batch writes its output and error files from the
+done lines and its final status in one transaction (serialised with `finish_line` on the batch
+row), so the output file holds every done line exactly once, and a restart either sees the
+finished batch or re-runs the finish. A cancelled or expired batch is finished only once no
+line of it holds a live claim (`live_claims`), so no result arrives after its files are written.
 """
 
 from __future__ import annotations
 
-import asyncio
-import sqlite3
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+import os
+import socket
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, BinaryIO, TypeVar
+from typing import Any, BinaryIO
 
 import orjson
-
-T = TypeVar("T")
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS batch_files (
-    id         TEXT PRIMARY KEY,
-    tenant     TEXT NOT NULL,
-    purpose    TEXT NOT NULL,
-    filename   TEXT NOT NULL,
-    bytes      INTEGER NOT NULL,
-    created_at INTEGER NOT NULL,
-    content    BLOB NOT NULL
-);
-CREATE TABLE IF NOT EXISTS batches (
-    id                TEXT PRIMARY KEY,
-    tenant            TEXT NOT NULL,
-    key_hash          TEXT NOT NULL,
-    endpoint          TEXT NOT NULL,
-    input_file_id     TEXT NOT NULL,
-    completion_window TEXT NOT NULL,
-    status            TEXT NOT NULL,
-    metadata          TEXT,
-    errors            TEXT,
-    output_file_id    TEXT,
-    error_file_id     TEXT,
-    total             INTEGER NOT NULL DEFAULT 0,
-    created_at        INTEGER NOT NULL,
-    expires_at        INTEGER NOT NULL,
-    in_progress_at    INTEGER,
-    finalizing_at     INTEGER,
-    completed_at      INTEGER,
-    failed_at         INTEGER,
-    expired_at        INTEGER,
-    cancelling_at     INTEGER,
-    cancelled_at      INTEGER
-);
-CREATE INDEX IF NOT EXISTS batches_by_tenant ON batches (tenant, created_at);
-CREATE TABLE IF NOT EXISTS batch_lines (
-    batch_id  TEXT NOT NULL,
-    line_no   INTEGER NOT NULL,
-    custom_id TEXT NOT NULL,
-    url       TEXT NOT NULL,
-    body      BLOB NOT NULL,
-    done      INTEGER NOT NULL DEFAULT 0,
-    ok        INTEGER,
-    result    BLOB,
-    PRIMARY KEY (batch_id, line_no)
-);
-CREATE INDEX IF NOT EXISTS batch_lines_pending ON batch_lines (batch_id, line_no) WHERE done = 0;
-"""
 
 ACTIVE = ("validating", "in_progress", "finalizing", "cancelling")
 """Statuses the worker still has to drive; every other status is final."""
 
-_TIMESTAMPS = {
+TIMESTAMPS = {
     "in_progress": "in_progress_at",
     "finalizing": "finalizing_at",
     "completed": "completed_at",
@@ -109,228 +68,145 @@ class Counts:
     failed: int
 
 
-class BatchStore:
-    """Files, batches and lines in one SQLite file (or in memory); async methods run on one
-    dedicated thread."""
+def new_owner() -> str:
+    """A claim owner id for this process: host, pid and a random part (a restarted process,
+    or a reused pid, is a new owner)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{os.urandom(4).hex()}"
 
-    def __init__(self, path: str | Path | None) -> None:
-        self.path = str(path) if path is not None else ":memory:"
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inferplane-batch-db")
-        self._conn: sqlite3.Connection | None = None
 
-    # -- plumbing -------------------------------------------------------------------------
-    def _open(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        if self.path != ":memory:":
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-        conn.executescript(_SCHEMA)
-        return conn
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # runs, as another user
+        return True
+    return True
 
-    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        def call() -> T:
-            if self._conn is None:
-                self._conn = self._open()
-            return fn(self._conn)
 
-        return await asyncio.get_running_loop().run_in_executor(self._pool, call)
+class BatchStore(ABC):
+    """Files, batches and lines (see the module docstring). ``owner`` is this process's claim
+    id."""
 
-    async def start(self) -> None:
-        await self._run(lambda c: None)
+    owner: str
+    shared: bool
+    """Whether other processes can reach the same rows (a file or a database, not memory)."""
 
-    async def close(self) -> None:
-        def shut(c: sqlite3.Connection) -> None:
-            c.close()
-            self._conn = None
+    @abstractmethod
+    async def start(self) -> None: ...
 
-        if self._conn is not None:
-            await self._run(shut)
-        self._pool.shutdown(wait=True)
+    @abstractmethod
+    async def close(self) -> None: ...
 
-    # -- files ----------------------------------------------------------------------------
+    # -- files
+    @abstractmethod
     async def add_file(
         self, fid: str, tenant: str, purpose: str, filename: str, content: bytes, now: int
-    ) -> dict[str, Any]:
-        def op(c: sqlite3.Connection) -> None:
-            c.execute(
-                "INSERT INTO batch_files VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (fid, tenant, purpose, filename, len(content), now, content),
-            )
+    ) -> dict[str, Any]: ...
 
-        await self._run(op)
-        return file_object(fid, purpose, filename, len(content), now)
-
+    @abstractmethod
     async def add_file_from(
         self, fid: str, tenant: str, purpose: str, filename: str, src: BinaryIO, size: int,
         now: int,
     ) -> dict[str, Any]:
-        """`add_file` from an open file, copied into the row in chunks (never whole in memory)."""
+        """`add_file` from an open file, copied in chunks (never whole in memory)."""
 
-        def op(c: sqlite3.Connection) -> None:
-            with _tx(c):
-                c.execute(
-                    "INSERT INTO batch_files VALUES (?, ?, ?, ?, ?, ?, zeroblob(?))",
-                    (fid, tenant, purpose, filename, size, now, size),
-                )
-                rowid = c.execute("SELECT rowid FROM batch_files WHERE id = ?", (fid,)).fetchone()
-                src.seek(0)
-                with c.blobopen("batch_files", "content", rowid[0]) as blob:
-                    while chunk := src.read(1 << 16):
-                        blob.write(chunk)
+    @abstractmethod
+    async def get_file(self, fid: str, tenant: str) -> dict[str, Any] | None: ...
 
-        await self._run(op)
-        return file_object(fid, purpose, filename, size, now)
+    @abstractmethod
+    async def file_content(self, fid: str, tenant: str) -> bytes | None: ...
 
-    async def get_file(self, fid: str, tenant: str) -> dict[str, Any] | None:
-        def op(c: sqlite3.Connection) -> Any:
-            return c.execute(
-                "SELECT id, purpose, filename, bytes, created_at FROM batch_files "
-                "WHERE id = ? AND tenant = ?",
-                (fid, tenant),
-            ).fetchone()
+    # -- batches
+    @abstractmethod
+    async def add_batch(self, b: dict[str, Any], key_hash: str, tenant: str) -> None: ...
 
-        row = await self._run(op)
-        return None if row is None else file_object(*row)
-
-    async def file_content(self, fid: str, tenant: str) -> bytes | None:
-        def op(c: sqlite3.Connection) -> Any:
-            return c.execute(
-                "SELECT content FROM batch_files WHERE id = ? AND tenant = ?", (fid, tenant)
-            ).fetchone()
-
-        row = await self._run(op)
-        return None if row is None else bytes(row[0])
-
-    # -- batches --------------------------------------------------------------------------
-    async def add_batch(self, b: dict[str, Any], key_hash: str, tenant: str) -> None:
-        def op(c: sqlite3.Connection) -> None:
-            c.execute(
-                "INSERT INTO batches (id, tenant, key_hash, endpoint, input_file_id, "
-                "completion_window, status, metadata, created_at, expires_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    b["id"], tenant, key_hash, b["endpoint"], b["input_file_id"],
-                    b["completion_window"], b["status"], _json(b["metadata"]),
-                    b["created_at"], b["expires_at"],
-                ),
-            )
-
-        await self._run(op)
-
+    @abstractmethod
     async def get_batch(self, bid: str, tenant: str | None = None) -> dict[str, Any] | None:
         """The batch in OpenAI's shape (plus ``_tenant`` and ``_key_hash``), or None."""
 
-        def op(c: sqlite3.Connection) -> dict[str, Any] | None:
-            q = "SELECT * FROM batches WHERE id = ?" + (" AND tenant = ?" if tenant else "")
-            cur = c.execute(q, (bid, tenant) if tenant else (bid,))
-            row = cur.fetchone()
-            return None if row is None else _batch(c, cur.description, row)
-
-        return await self._run(op)
-
-    async def list_batches(self, tenant: str, limit: int, after: str | None
-                           ) -> tuple[list[dict[str, Any]], bool]:
+    @abstractmethod
+    async def list_batches(
+        self, tenant: str, limit: int, after: str | None
+    ) -> tuple[list[dict[str, Any]], bool]:
         """The tenant's batches, newest first, after the batch ``after``; and whether more."""
 
-        def op(c: sqlite3.Connection) -> tuple[list[dict[str, Any]], bool]:
-            args: list[Any] = [tenant]
-            q = "SELECT * FROM batches WHERE tenant = ?"
-            if after is not None:
-                q += " AND rowid < (SELECT rowid FROM batches WHERE id = ? AND tenant = ?)"
-                args += [after, tenant]
-            cur = c.execute(q + " ORDER BY rowid DESC LIMIT ?", (*args, limit + 1))
-            rows = cur.fetchall()
-            out = [_batch(c, cur.description, r) for r in rows[:limit]]
-            return out, len(rows) > limit
-
-        return await self._run(op)
-
+    @abstractmethod
     async def active_batches(self) -> list[dict[str, Any]]:
-        """Batches the worker still drives, oldest first."""
+        """Batches the worker still drives, oldest first (request counts not read: zeros)."""
 
-        def op(c: sqlite3.Connection) -> list[dict[str, Any]]:
-            marks = ", ".join("?" for _ in ACTIVE)
-            cur = c.execute(
-                f"SELECT * FROM batches WHERE status IN ({marks}) ORDER BY rowid", ACTIVE
-            )
-            return [_batch(c, cur.description, r, counts=False) for r in cur.fetchall()]
-
-        return await self._run(op)
-
-    async def set_status(self, bid: str, status: str, now: int, *, only_from: Sequence[str] = ()
-                         ) -> bool:
+    @abstractmethod
+    async def set_status(
+        self, bid: str, status: str, now: int, *, only_from: Sequence[str] = ()
+    ) -> bool:
         """Move a batch to ``status`` (stamping its timestamp); with ``only_from``, only from one
         of those statuses. True when it moved."""
 
-        def op(c: sqlite3.Connection) -> bool:
-            col = _TIMESTAMPS.get(status)
-            sets = "status = ?" + (f", {col} = ?" if col else "")
-            args: list[Any] = [status] + ([now] if col else []) + [bid]
-            q = f"UPDATE batches SET {sets} WHERE id = ?"
-            if only_from:
-                q += f" AND status IN ({', '.join('?' for _ in only_from)})"
-                args += list(only_from)
-            return c.execute(q, args).rowcount == 1
+    @abstractmethod
+    async def start_batch(
+        self, bid: str, lines: list[tuple[int, str, str, bytes]], now: int
+    ) -> None:
+        """validating → in_progress with its lines, in one transaction (a re-run, or another
+        process doing the same, changes nothing once the batch is no longer validating)."""
 
-        return await self._run(op)
+    @abstractmethod
+    async def fail_batch(self, bid: str, errors: list[dict[str, Any]], now: int) -> None: ...
 
-    async def start_batch(self, bid: str, lines: list[tuple[int, str, str, bytes]], now: int
-                          ) -> None:
-        """validating → in_progress with its lines, in one transaction (a re-run after a crash
-        replaces nothing: the lines are inserted only while the batch is still validating)."""
+    # -- lines
+    @abstractmethod
+    async def claim_lines(self, bid: str, limit: int, lease_s: float) -> list[Line]:
+        """Claim up to ``limit`` claimable lines of the batch, lowest line numbers first, for
+        ``lease_s`` seconds."""
 
-        def op(c: sqlite3.Connection) -> None:
-            with _tx(c):
-                st = c.execute("SELECT status FROM batches WHERE id = ?", (bid,)).fetchone()
-                if st is None or st[0] != "validating":
-                    return
-                c.executemany(
-                    "INSERT OR IGNORE INTO batch_lines (batch_id, line_no, custom_id, url, body) "
-                    "VALUES (?, ?, ?, ?, ?)",
-                    [(bid, n, cid, url, body) for n, cid, url, body in lines],
-                )
-                c.execute(
-                    "UPDATE batches SET status = 'in_progress', in_progress_at = ?, total = ? "
-                    "WHERE id = ?",
-                    (now, len(lines), bid),
-                )
+    @abstractmethod
+    async def renew(self, lease_s: float) -> int:
+        """Extend the lease of every line this process still holds; how many."""
 
-        await self._run(op)
+    @abstractmethod
+    async def release(self, lines: Sequence[Line] = ()) -> None:
+        """Give back claims of lines not run (every line this process holds when empty)."""
 
-    async def fail_batch(self, bid: str, errors: list[dict[str, Any]], now: int) -> None:
-        def op(c: sqlite3.Connection) -> None:
-            c.execute(
-                "UPDATE batches SET status = 'failed', failed_at = ?, errors = ? WHERE id = ?",
-                (now, _json({"object": "list", "data": errors}), bid),
-            )
+    @abstractmethod
+    async def owners(self) -> list[str]:
+        """Owners holding claims on lines not done (their leases live or expired)."""
 
-        await self._run(op)
+    @abstractmethod
+    async def release_owner(self, owner: str) -> int:
+        """Give back every claim of ``owner`` on lines not done (a process known to be dead);
+        how many."""
 
-    # -- lines ----------------------------------------------------------------------------
-    async def pending_lines(self, bid: str, skip: set[int], limit: int) -> list[Line]:
-        def op(c: sqlite3.Connection) -> list[Line]:
-            rows = c.execute(
-                "SELECT line_no, custom_id, url, body FROM batch_lines "
-                "WHERE batch_id = ? AND done = 0 ORDER BY line_no LIMIT ?",
-                (bid, limit + len(skip)),
-            ).fetchall()
-            return [Line(bid, n, cid, url, bytes(b)) for n, cid, url, b in rows if n not in skip]
+    async def release_dead(self) -> list[str]:
+        """Give back the claims of processes of this host that are gone — a predecessor killed
+        with -9 and restarted (same host: its pid no longer runs, or it is this process's own
+        pid under another owner id, as a restarted container's first process) — so their lines
+        run again at once instead of after their leases. Owners on other hosts, or whose pid
+        runs, keep their claims until their leases expire. Returns the owners released."""
+        host = socket.gethostname()
+        gone = []
+        for owner in await self.owners():
+            o_host, _, rest = owner.rpartition(":")[0].rpartition(":")
+            pid = rest
+            if owner == self.owner or o_host != host or not pid.isdigit():
+                continue
+            if int(pid) == os.getpid() or not _alive(int(pid)):
+                await self.release_owner(owner)
+                gone.append(owner)
+        return gone
 
-        return (await self._run(op))[:limit]
+    @abstractmethod
+    async def open_lines(self, bid: str) -> int:
+        """Lines of the batch not done yet (claimed or not)."""
 
+    @abstractmethod
+    async def live_claims(self, bid: str) -> int:
+        """Lines of the batch not done and claimed under a lease that has not expired."""
+
+    @abstractmethod
     async def finish_line(self, bid: str, line_no: int, ok: bool, result: bytes) -> bool:
-        """Record a line's result and mark it done, once (see the module docstring)."""
+        """Record a line's result and mark it done, once, while this process's claim holds and
+        the batch is active; False (nothing written) otherwise."""
 
-        def op(c: sqlite3.Connection) -> bool:
-            cur = c.execute(
-                "UPDATE batch_lines SET done = 1, ok = ?, result = ? "
-                "WHERE batch_id = ? AND line_no = ? AND done = 0",
-                (1 if ok else 0, result, bid, line_no),
-            )
-            return cur.rowcount == 1
-
-        return await self._run(op)
-
+    @abstractmethod
     async def finalize(
         self,
         bid: str,
@@ -343,63 +219,8 @@ class BatchStore:
         custom_id)`` error lines for lines never done, when given) and set the final status, in
         one transaction. A file with no lines is not created (its id stays null)."""
 
-        def op(c: sqlite3.Connection) -> None:
-            with _tx(c):
-                row = c.execute(
-                    "SELECT tenant, status FROM batches WHERE id = ?", (bid,)
-                ).fetchone()
-                if row is None or row[1] not in ACTIVE:
-                    return
-                tenant = row[0]
-                out: list[bytes] = []
-                err: list[bytes] = []
-                for n, cid, done, ok, result in c.execute(
-                    "SELECT line_no, custom_id, done, ok, result FROM batch_lines "
-                    "WHERE batch_id = ? ORDER BY line_no",
-                    (bid,),
-                ):
-                    if done:
-                        (out if ok else err).append(bytes(result))
-                    elif leftover is not None:
-                        err.append(leftover(n, cid))
-                ids: list[str | None] = []
-                for fid, lines, name in (
-                    (file_ids[0], out, f"{bid}_output.jsonl"),
-                    (file_ids[1], err, f"{bid}_error.jsonl"),
-                ):
-                    if not lines:
-                        ids.append(None)
-                        continue
-                    content = b"\n".join(lines) + b"\n"
-                    c.execute(
-                        "INSERT INTO batch_files VALUES (?, ?, 'batch_output', ?, ?, ?, ?)",
-                        (fid, tenant, name, len(content), now, content),
-                    )
-                    ids.append(fid)
-                col = _TIMESTAMPS[status]
-                c.execute(
-                    f"UPDATE batches SET status = ?, {col} = ?, output_file_id = ?, "
-                    "error_file_id = ? WHERE id = ?",
-                    (status, now, ids[0], ids[1], bid),
-                )
 
-        await self._run(op)
-
-
-class _tx:
-    """BEGIN IMMEDIATE … COMMIT (ROLLBACK on error) on an autocommit connection."""
-
-    def __init__(self, c: sqlite3.Connection) -> None:
-        self.c = c
-
-    def __enter__(self) -> None:
-        self.c.execute("BEGIN IMMEDIATE")
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        self.c.execute("ROLLBACK" if exc_type is not None else "COMMIT")
-
-
-def _json(v: Any) -> str | None:
+def dumps(v: Any) -> str | None:
     return None if v is None else orjson.dumps(v).decode()
 
 
@@ -416,21 +237,8 @@ def file_object(fid: str, purpose: str, filename: str, size: int, created: int) 
     }
 
 
-def _counts(c: sqlite3.Connection, bid: str, total: int) -> Counts:
-    done_ok, done_bad = c.execute(
-        "SELECT COALESCE(SUM(done AND ok), 0), COALESCE(SUM(done AND NOT ok), 0) "
-        "FROM batch_lines WHERE batch_id = ?",
-        (bid,),
-    ).fetchone()
-    return Counts(total, int(done_ok), int(done_bad))
-
-
-def _batch(c: sqlite3.Connection, description: Any, row: Sequence[Any], *, counts: bool = True
-           ) -> dict[str, Any]:
-    """A batch row in OpenAI's shape; ``counts=False`` skips counting its lines (the worker's
-    rounds do not read them) and reports zeros."""
-    r = {d[0]: v for d, v in zip(description, row, strict=True)}
-    n = _counts(c, r["id"], r["total"]) if counts else Counts(r["total"], 0, 0)
+def batch_object(r: Mapping[str, Any], n: Counts) -> dict[str, Any]:
+    """A batch row (column name → value) in OpenAI's shape, with its request counts."""
     return {
         "id": r["id"],
         "object": "batch",

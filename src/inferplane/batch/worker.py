@@ -17,8 +17,14 @@ Each round (on a wake-up, or every ``batch.poll_interval_s``):
   ended, the files are written from the lines done and the batch is ``cancelled`` (``expired``,
   whose never-run lines go to the error file with code ``batch_expired``).
 
-A line's result and its ``done`` mark are written together (`BatchStore.finish_line`); a line
-in flight when the gateway stops is simply not done and runs again on the next start.
+Several processes may drive the same batches (replicas sharing PostgreSQL, the workers of
+`serve --workers N` sharing one SQLite file): a line is run only by the process that claimed it
+(`BatchStore.claim_lines`, with a lease of ``batch.lease_s`` renewed every third of it while the
+line runs), and its result and ``done`` mark are written together, once, while the claim holds
+(`BatchStore.finish_line`). A line claimed but not started (no spare capacity, refused for
+capacity) is given back at once; the lines a process holds when it stops are given back; those
+of a process killed with -9 are taken over by another once their leases expire. A cancelled or
+expired batch is finished once no line of it holds a live claim.
 """
 
 from __future__ import annotations
@@ -63,22 +69,50 @@ class BatchWorker:
         self._inflight: dict[str, set[int]] = {}  # batch id → line numbers in flight
         self._launching: dict[PoolKey, int] = {}  # passed the gate, not yet placed
         self._not_before: dict[tuple[str, int], float] = {}  # lines refused for capacity
+        self._renewer: asyncio.Task[None] | None = None
         self.gated = 0  # rounds in which a line waited for spare capacity (tests, metrics)
+        self.dropped = 0  # results not written: the line was taken over (its lease expired)
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="inferplane-batch-worker")
+        self._renewer = asyncio.create_task(self._renew(), name="inferplane-batch-leases")
 
     async def stop(self) -> None:
-        tasks = [*self._lines, *([self._task] if self._task else [])]
+        """Stop feeding and running lines, and give back every claim this process holds (the
+        other processes take them over at once)."""
+        started = self._task is not None
+        tasks = [*self._lines, *(t for t in (self._task, self._renewer) if t is not None)]
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if started:
+            try:
+                await self.store.release()
+            except Exception as exc:  # the leases then expire on their own
+                log.warning("could not give back this process's batch line claims: %s", exc)
+
+    async def _renew(self) -> None:
+        """Renew the leases of the lines in flight every ``batch.lease_s / 3``."""
+        while True:
+            await asyncio.sleep(self.spec.lease_s / 3.0)
+            if not self._lines:
+                continue
+            try:
+                await self.store.renew(self.spec.lease_s)
+            except Exception as exc:  # retried next period; past the lease others take over
+                log.warning("renewing batch line leases failed: %s", exc)
 
     def wake(self) -> None:
         self._wake.set()
 
     async def _run(self) -> None:
+        try:
+            for owner in await self.store.release_dead():
+                log.info("batch lines claimed by %s (a process of this host that is gone) "
+                         "given back", owner)
+        except Exception as exc:  # their leases expire on their own
+            log.warning("could not check for dead batch line owners: %s", exc)
         while True:
             try:
                 await self.round()
@@ -105,7 +139,7 @@ class BatchWorker:
             elif status == "in_progress":
                 waiting = await self._feed(b)
                 if not waiting and not self._inflight.get(bid) and not (
-                    await self.store.pending_lines(bid, set(), 1)
+                    await self.store.open_lines(bid)
                 ):
                     await self.store.set_status(bid, "finalizing", now, only_from=("in_progress",))
                     await self._settle(bid, "completed", now)
@@ -139,8 +173,8 @@ class BatchWorker:
         )
 
     async def _settle(self, bid: str, status: str, now: int) -> None:
-        """Finish a batch once none of its lines is in flight."""
-        if self._inflight.get(bid):
+        """Finish a batch once none of its lines is in flight here or claimed elsewhere."""
+        if self._inflight.get(bid) or await self.store.live_claims(bid):
             return
         leftover = None
         if status == "expired":
@@ -158,13 +192,27 @@ class BatchWorker:
         if room <= 0:
             return True
         inflight = self._inflight.setdefault(bid, set())
-        lines = await self.store.pending_lines(bid, inflight, room)
+        claimed = await self.store.claim_lines(bid, room, self.spec.lease_s)
+        unused = [ln for ln in claimed if ln.line_no not in inflight]
+        try:
+            return await self._start_lines(b, unused, inflight)
+        finally:
+            if unused:  # claimed, not started: given back for any process to take
+                await self.store.release(unused)
+
+    async def _start_lines(self, b: dict[str, Any], lines: list[Line], inflight: set[int]
+                           ) -> bool:
+        """Start the claimed ``lines`` while capacity allows, removing each started (or
+        recorded) one from ``lines``; True when some line waits."""
+        bid = b["id"]
         # read at each round: a fleet reload may change the tenants
         tenant = next((t for t in self.gw.config.tenants if t.name == b["_tenant"]), None)
         now = time.monotonic()
-        for line in lines:
+        waiting = bool(lines)
+        for line in list(lines):
             if self._not_before.get((bid, line.line_no), 0.0) > now:
                 continue
+            lines.remove(line)
             if tenant is None:
                 await self._record(line, False, runner.result_line(
                     line.custom_id, error=("tenant_not_found",
@@ -179,13 +227,14 @@ class BatchWorker:
                 continue
             if not self.spare(prepared.pool):
                 self.gated += 1
+                lines.append(line)
                 return True
             self._launching[prepared.pool] = self._launching.get(prepared.pool, 0) + 1
             inflight.add(line.line_no)
             task = asyncio.create_task(self._line(b, tenant, line, prepared))
             self._lines[task] = line
             task.add_done_callback(self._line_done)
-        return bool(lines)
+        return waiting
 
     def spare(self, pool: PoolKey) -> bool:
         """Spare capacity for one more batch line on ``pool``: no interactive request queued,
@@ -212,6 +261,7 @@ class BatchWorker:
                     line.url, line.custom_id, p, self.spec.retry_after_s, admitted)
             except runner.Retry as r:
                 self._not_before[(line.batch_id, line.line_no)] = time.monotonic() + r.after_s
+                await self.store.release([line])  # any process may run it when there is room
                 return
             self._not_before.pop((line.batch_id, line.line_no), None)
             await self._record(line, ok, result)  # before the line stops counting in flight
@@ -222,7 +272,9 @@ class BatchWorker:
 
     async def _record(self, line: Line, ok: bool, result: bytes) -> None:
         if not await self.store.finish_line(line.batch_id, line.line_no, ok, result):
-            log.warning("batch %s line %d was already done; result dropped",
+            self.dropped += 1
+            log.warning("batch %s line %d is no longer claimed by this process (its lease "
+                        "expired and another took it over, or the batch ended); result dropped",
                         line.batch_id, line.line_no)
 
     def _line_done(self, task: asyncio.Task[None]) -> None:

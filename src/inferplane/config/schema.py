@@ -739,7 +739,9 @@ class BatchSpec(Strict):
         description="dispatch a line only while the pool's gateway in-flight / max_concurrency, "
         "counting the line, stays at or below this (or the pool is idle)",
     )
-    max_concurrency: int = Field(8, gt=0, description="batch lines in flight at once, all batches")
+    max_concurrency: int = Field(
+        8, gt=0, description="batch lines in flight at once, all batches, in each gateway process"
+    )
     max_file_bytes: int = Field(
         100 * 1024 * 1024, gt=0, description="larger uploads get 413"
     )
@@ -750,6 +752,29 @@ class BatchSpec(Strict):
     retry_after_s: float = Field(
         1.0, gt=0, description="wait before retrying a line refused for capacity (429/503)"
     )
+    lease_s: float = Field(
+        30.0,
+        gt=0,
+        description="a claimed line's lease, renewed every lease_s/3 while it runs: a process "
+        "killed mid-batch loses its lines to the others after this (docs/shared-state.md)",
+    )
+    postgres_dsn: str | None = Field(
+        None,
+        description="PostgreSQL conninfo or URL: files, batches and line claims go there "
+        "(shared by replicas) instead of the SQLite file",
+    )
+    postgres_dsn_env: str | None = Field(
+        None, description="environment variable holding the PostgreSQL DSN (instead of "
+        "postgres_dsn)"
+    )
+    postgres_schema: str = Field("public", description="schema of the batch tables")
+    table_prefix: str = Field("inferplane_batch_", description="prefix of the batch tables")
+
+    @model_validator(mode="after")
+    def _one_dsn(self) -> BatchSpec:
+        if self.postgres_dsn and self.postgres_dsn_env:
+            raise ValueError("set postgres_dsn or postgres_dsn_env, not both")
+        return self
 
 
 class OutlierSpec(Strict):
