@@ -45,8 +45,10 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
 
-from inferplane.physics import Roofline, get_hardware, get_model  # noqa: E402
-from inferplane.physics.calibration import load_hardware_profile, predict_ttft_s  # noqa: E402
+from inferplane.config.loader import parse_config  # noqa: E402
+from inferplane.fleet.model import Fleet  # noqa: E402
+from inferplane.physics import get_hardware  # noqa: E402
+from inferplane.physics.calibration import load_hardware_profile  # noqa: E402
 from inferplane.physics.probe import (  # noqa: E402
     Prober,
     WorkloadResult,
@@ -54,10 +56,12 @@ from inferplane.physics.probe import (  # noqa: E402
     run_workload,
 )
 from tests.fidelity import conftest as fid  # noqa: E402
+from tests.placement_helpers import cycle, plugin, profile, snapshot, state  # noqa: E402
 from tests.support.procs import Proc, free_port  # noqa: E402
 
 SWEEP = (16, 64, 128, 256, 512, 768)
 HELD_OUT = (96, 320, 640)
+HELD_OUT_BURST = (3, 320)  # a burst size and prompt length the probe never sent
 PROFILE_NAME = "cpu-fidelity"
 
 
@@ -77,6 +81,28 @@ async def held_out_ttft(url: str, tokens: int, repeats: int = 7) -> tuple[int, f
         cold = [(await prober.prefill_once(session, tokens))[0] for _ in range(repeats)]
     return (int(statistics.median(s.prompt_tokens for s in cold)),
             statistics.median(s.ttft_s for s in cold))
+
+
+async def held_out_burst(url: str, size: int, tokens: int, repeats: int = 7) -> list[float]:
+    """TTFT of each rank of a burst of ``size`` fresh one-token requests (median over
+    ``repeats``)."""
+    prober = Prober(url, fid.MODEL)
+    async with aiohttp.ClientSession() as session:
+        await prober.learn_words_per_token(session)
+        runs = [await prober.burst_once(session, size, tokens) for _ in range(repeats)]
+    return [statistics.median(r[i] for r in runs) for i in range(size)]
+
+
+def predicted_ttft_s(fleet_text: str, tokens: int, ahead: int = 0) -> float:
+    """The placement predictor's uncorrected TTFT (``predicted-latency``'s ``ttft_raw_s``) for a
+    fresh prompt of ``tokens`` tokens on the fleet's one endpoint, with ``ahead`` requests of
+    the same size sent before it that have not produced their first token yet (a burst)."""
+    fleet = Fleet.from_config(parse_config(fleet_text))
+    st = state(inflight=ahead, pending_prefill=ahead, pending_prefill_tokens=ahead * tokens)
+    snap = snapshot(fleet, {fleet.endpoints[0].name: st})
+    c = cycle(profile(model=fid.MODEL, prompt_tokens=tokens, max_output_tokens=1), snap)
+    list(plugin("predicted-latency").score(c, list(snap.endpoints)))
+    return float(c.annotations[fleet.endpoints[0].name]["ttft_raw_s"])
 
 
 def emulator_fleet(hardware: str, port: int, profile: Path | None) -> str:
@@ -142,17 +168,27 @@ def compare(
     profile = work / "profile.yaml"
     profile.write_text(text)
     out["fit"] = summary.splitlines()[-1]
+    out["profile"] = text
     hardware = {"table": (get_hardware("cpu"), None, "cpu"),
                 "calibrated": (load_hardware_profile(profile), profile, PROFILE_NAME)}
 
     measured = [asyncio.run(held_out_ttft(real_url, n)) for n in HELD_OUT]
+    size, burst_tokens = HELD_OUT_BURST
+    burst = asyncio.run(held_out_burst(real_url, size, burst_tokens))
     out["held_out_ttft_ms"] = {tokens: round(t * 1e3, 3) for tokens, t in measured}
+    out["held_out_burst_ms"] = [round(t * 1e3, 3) for t in burst]
     out["prediction_error"] = {}
     for name in profiles:
-        roof = Roofline(hardware[name][0], get_model(fid.MODEL), precision="fp32")
-        errors = [abs(predict_ttft_s(roof, tokens) - t) / t for tokens, t in measured]
-        out["prediction_error"][name] = {"median": statistics.median(errors),
-                                         "each": [round(e, 3) for e in errors]}
+        fleet_text = emulator_fleet(hardware[name][2], 9, hardware[name][1])
+        predicted = [predicted_ttft_s(fleet_text, tokens) for tokens, _ in measured]
+        predicted += [predicted_ttft_s(fleet_text, burst_tokens, k) for k in range(size)]
+        truth = [t for _, t in measured] + burst
+        errors = [abs(p - t) / t for p, t in zip(predicted, truth, strict=True)]
+        out["prediction_error"][name] = {
+            "median": statistics.median(errors),
+            "each": [round(e, 3) for e in errors],
+            "predicted_ms": [round(p * 1e3, 3) for p in predicted],
+        }
 
     out["workload"], out["gaps"] = {}, {}
     real_runs: list[WorkloadResult] = []
@@ -162,18 +198,23 @@ def compare(
         for url in urls.values():
             asyncio.run(warm_up(url))
         emu_runs: dict[str, list[WorkloadResult]] = {name: [] for name in profiles}
-        for _ in range(rounds):
-            real_runs.append(asyncio.run(run_workload(real_url, fid.MODEL,
-                                                      requests_per_level=requests)))
-            for name, url in urls.items():
-                emu_runs[name].append(asyncio.run(run_workload(url, fid.MODEL,
-                                                               requests_per_level=requests)))
-            time.sleep(0.2)
+        order = [("real", real_url), *urls.items()]
+        out["load_per_round"] = []
+        for r in range(rounds):  # alternate who goes first, so that neither always does
+            for name, url in (order if r % 2 == 0 else order[::-1]):
+                res = asyncio.run(run_workload(url, fid.MODEL, requests_per_level=requests))
+                (real_runs if name == "real" else emu_runs[name]).append(res)
+                time.sleep(0.2)
+            out["load_per_round"].append(round(os.getloadavg()[0], 2))
     real = workload_stats(real_runs)
     out["workload"]["real"] = real
     for name in profiles:
         s = out["workload"][f"emulator ({name})"] = workload_stats(emu_runs[name])
         out["gaps"][name] = {k: (s[k] - v) / v for k, v in real.items()}  # signed
+    out["per_round"] = {
+        "real": [workload_stats([r]) for r in real_runs],
+        **{name: [workload_stats([r]) for r in runs] for name, runs in emu_runs.items()},
+    }
     sent = sum(len(r.ttft_s) for r in real_runs)
     out["real_bursts"] = sum(r.bursts for r in real_runs)
     out["real_streams"] = sent
@@ -195,8 +236,11 @@ def table(res: dict[str, Any]) -> str:
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     pe = res["prediction_error"]
     lines.append("")
-    lines.append("TTFT prediction on held-out prompts (median abs error): " + ", ".join(
-        f"{k} {v['median']:.1%} {v['each']}" for k, v in pe.items()))
+    lines.append("TTFT prediction on held-out prompts "
+                 f"({', '.join(map(str, HELD_OUT))} tokens alone, then each rank of a burst of "
+                 f"{HELD_OUT_BURST[0]} x {HELD_OUT_BURST[1]}), median abs error: " + ", ".join(
+                     f"{k} {v['median']:.1%} {v['each']}" for k, v in pe.items()))
+    lines.append(f"measured ms: alone {res['held_out_ttft_ms']}, burst {res['held_out_burst_ms']}")
     lines.append(f"fit: {res['fit']}")
     lines.append(f"real engine: {res['real_bursts']} of {res['real_streams']} streams in one burst"
                  + (" (starved: latencies measure the machine)" if res["real_starved"] else ""))

@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from pathlib import Path
 
+import aiohttp
 import pytest
 from typer.testing import CliRunner
 
@@ -15,17 +17,25 @@ from inferplane.errors import ConfigError
 from inferplane.fleet.model import Fleet
 from inferplane.physics import HardwareProfile, Roofline, get_hardware, get_model
 from inferplane.physics.calibration import (
+    BurstPoint,
     Calibration,
     DecodePoint,
+    LoadedPoint,
     PrefillPoint,
     dump_profile,
     fit,
+    fit_frontend,
+    frontend_wait_s,
     load_hardware_profile,
     predict_itl_s,
+    predict_loaded_ttft_s,
     predict_ttft_s,
 )
-from inferplane.physics.probe import calibrate_endpoint
+from inferplane.physics.probe import Prober, calibrate_endpoint
 from inferplane.twin.emulator.server import start_emulator
+from inferplane.twin.engine.frontend import FrontEnd
+from inferplane.twin.simulator.simulator import simulate
+from inferplane.twin.traces.loader import TraceRequest
 from tests.placement_helpers import cycle, plugin, profile, snapshot, state
 
 PROMPTS = (16, 64, 256, 512, 1024, 2000)
@@ -240,3 +250,170 @@ def test_calibrate_command_rejects_bad_sweeps(tmp_path: Path) -> None:
         "--out", str(tmp_path / "p.yaml"), "--batches", "1,x",
     ])
     assert result.exit_code == 2 and "--batches" in result.output
+
+
+# -- the engine's front end: a serialised intake and token stream ----------------------------
+
+
+def test_front_end_takes_requests_in_one_at_a_time() -> None:
+    fe = FrontEnd(request_s=0.002, token_s=0.0005)
+    assert [fe.intake(0.0) for _ in range(3)] == pytest.approx([0.002, 0.004, 0.006])
+    assert fe.intake(0.010) == pytest.approx(0.012)  # idle again: no wait
+    assert fe.emit(0.012, 4) == pytest.approx(0.014)  # 4 streams' chunks of 0.5 ms
+    assert fe.intake(0.013) == pytest.approx(0.016)  # waits for the chunks ahead of it
+    assert fe.backlog_s(0.015) == pytest.approx(0.001)
+    assert fe.emit(0.015, 4) == pytest.approx(0.018)  # queued behind the intake
+    assert fe.emit(0.0155, 4) == pytest.approx(0.018)  # not started yet: these join them
+    assert fe.emit(0.0165, 4) == pytest.approx(0.020)  # being sent: queued after them
+    assert fe.emit(0.017, 4) == pytest.approx(0.020)  # ... and these join the queued ones
+
+
+def test_front_end_announced_chunks_come_before_later_intakes() -> None:
+    fe = FrontEnd(request_s=0.001, token_s=0.001)
+    fe.announce(0.010, 2)
+    fe.announce(0.020, 2)
+    assert fe.intake(0.0105) == pytest.approx(0.013)  # behind the chunks sent from 0.010
+    assert fe.intake(0.030) == pytest.approx(0.031)  # the 0.020 chunks were done by 0.022
+    idle = FrontEnd()
+    assert not idle.enabled and idle.intake(1.0) == 1.0 and idle.emit(1.0, 9) == 1.0
+
+
+def _burst(size: int, first: float, spacing: float) -> BurstPoint:
+    return BurstPoint(size, 64, tuple(first + i * spacing for i in range(size)))
+
+
+def test_fit_frontend_splits_the_per_request_time() -> None:
+    base, _, pre, dec = _synthetic("cpu", "tiny-llama", 256)  # request_overhead_s 4 ms
+    m = get_model("tiny-llama")
+    cal = fit(base, m, pre, dec, name="cpu-fe")
+    r0 = Roofline(cal.hardware, m)
+    out = fit_frontend(cal, m, [_burst(4, 0.01, 0.003), _burst(8, 0.01, 0.0031)])
+    h = out.hardware
+    assert h.frontend_request_s == pytest.approx(0.00305)
+    assert h.request_overhead_s + h.frontend_request_s == pytest.approx(
+        cal.hardware.request_overhead_s
+    )
+    # a lone request's prediction does not move; a burst's ranks are one intake apart
+    assert predict_ttft_s(Roofline(h, m), 300) == pytest.approx(predict_ttft_s(r0, 300))
+    fitted = out.bursts[0][1]
+    assert fitted[3] - fitted[0] == pytest.approx(3 * h.frontend_request_s)
+    # at most the whole per-request time; none without bursts of two or more
+    wide = fit_frontend(cal, m, [_burst(4, 0.01, 0.05)]).hardware
+    assert wide.frontend_request_s == pytest.approx(cal.hardware.request_overhead_s)
+    assert wide.request_overhead_s == 0.0
+    assert fit_frontend(cal, m, [_burst(1, 0.01, 0.0)]) is cal
+
+
+def test_profile_file_keeps_the_front_end(tmp_path: Path) -> None:
+    base, _, pre, dec = _synthetic("cpu", "tiny-llama", 256)
+    m = get_model("tiny-llama")
+    cal = fit_frontend(fit(base, m, pre, dec, name="cpu-fe"), m, [_burst(4, 0.01, 0.003)])
+    path = tmp_path / "fe.yaml"
+    path.write_text(dump_profile(cal, "cpu", {"model": "m"}))
+    assert load_hardware_profile(path).frontend_request_s == pytest.approx(0.003)
+    assert "bursts:" in path.read_text()
+
+
+def _frontend_fleet(tmp: Path, request_s: float, token_s: float = 0.0) -> Path:
+    base, _, pre, dec = _synthetic("cpu", "tiny-llama", 256)
+    cal = fit(base, get_model("tiny-llama"), pre, dec, name="cpu-lab")
+    cal = dataclasses.replace(cal, hardware=dataclasses.replace(
+        cal.hardware, frontend_request_s=request_s, frontend_token_s=token_s))
+    (tmp / "profile.yaml").write_text(dump_profile(cal, "cpu", {"model": "m"}))
+    fleet_file = tmp / "fleet.yaml"
+    fleet_file.write_text(FLEET.format(profile="profile.yaml", hardware="cpu-lab", port=9).replace(
+        "max_context: 1024}]", "max_context: 1024}]\n        emulation: {num_gpu_blocks: 256}"))
+    return fleet_file
+
+
+def test_simulator_queues_a_burst_at_the_front_end(tmp_path: Path) -> None:
+    trace = [TraceRequest(0.0, 64, 4) for _ in range(4)]
+    ttfts = {}
+    for request_s in (0.0, 0.01):
+        config = load_config(_frontend_fleet(tmp_path, request_s))
+        sim = simulate(config, trace, "round-robin")
+        ttfts[request_s] = sorted(r.ttft_s for r in sim.records if r.ttft_s is not None)
+        assert len(ttfts[request_s]) == 4
+    # without a front end the engine prefills the burst together; with one, 10 ms apart
+    assert ttfts[0.0][-1] - ttfts[0.0][0] < 0.005
+    overhead = load_hardware_profile(tmp_path / "profile.yaml").request_overhead_s
+    for k, t in enumerate(ttfts[0.01]):  # the k-th reaches the engine after k + 1 intakes
+        assert t >= (k + 1) * 0.01 + overhead
+    assert ttfts[0.01][-1] - ttfts[0.01][0] >= 0.03 - 0.004  # less at most one engine step
+
+
+def test_simulator_front_end_streams_tokens_before_the_next_intake(tmp_path: Path) -> None:
+    """A long stream keeps the front end busy: a request arriving during it is taken in
+    later than on an idle front end."""
+    trace = [TraceRequest(0.0, 64, 200), TraceRequest(0.05, 64, 2)]
+    late = {}
+    for token_s in (0.0, 0.002):
+        config = load_config(_frontend_fleet(tmp_path, 0.001, token_s))
+        sim = simulate(config, trace, "round-robin")
+        late[token_s] = sim.records[1].ttft_s
+    assert late[0.002] is not None and late[0.0] is not None
+    assert late[0.002] > late[0.0]
+
+
+def test_predictor_counts_the_front_end_queue(tmp_path: Path) -> None:
+    config = load_config(_frontend_fleet(tmp_path, 0.01))
+    fleet = Fleet.from_config(config)
+    prof = profile(model="tiny-llama", prompt_tokens=64, max_output_tokens=4)
+    raw = {}
+    for pending in (0, 3):
+        snap = snapshot(fleet, {"lab-0": state(inflight=pending, pending_prefill=pending,
+                                               pending_prefill_tokens=64 * pending)})
+        c = cycle(prof, snap)
+        list(plugin("predicted-latency").score(c, list(snap.endpoints)))
+        raw[pending] = c.annotations["lab-0"]["ttft_raw_s"]
+    assert raw[3] - raw[0] == pytest.approx(0.03, rel=0.05)  # three intakes ahead
+
+
+async def test_emulator_takes_a_burst_in_one_intake_apart(tmp_path: Path) -> None:
+    """Four requests arriving together reach the engine four intakes after the first arrived
+    (a lower bound in engine time: a loaded machine can only stretch it); a parallel
+    per-request overhead would let them all through after one. Tokens wait for the front end
+    too: a stream of 20 tokens at 5 ms each takes at least 100 ms."""
+    config = load_config(_frontend_fleet(tmp_path, 0.02, 0.005))
+    handle = await start_emulator(config, time_scale=1.0, port_override={"lab-0": 0})
+    emu = handle.endpoints["lab-0"]
+    try:
+        t0 = emu.now()
+        await asyncio.gather(*(emu.network_delay() for _ in range(4)))
+        assert emu.now() - t0 >= 4 * 0.02 + emu.request_overhead_s
+        prober = Prober(handle.urls["lab-0"], "tiny-llama")
+        async with aiohttp.ClientSession() as session:
+            s = await prober.stream(session, "alpha bravo", 20)
+    finally:
+        await handle.stop()
+    assert s.completion_tokens == 20 and s.ttft_s + s.decode_s >= 20 * 0.005
+
+
+def test_fit_frontend_finds_the_chunk_time_from_loaded_points() -> None:
+    base, _, pre, dec = _synthetic("cpu", "tiny-llama", 256)
+    m = get_model("tiny-llama")
+    cal = fit(base, m, pre, dec, name="cpu-fe")
+    total = cal.hardware.request_overhead_s
+    truth = dataclasses.replace(cal.hardware, frontend_request_s=0.001, frontend_token_s=0.0008,
+                                request_overhead_s=total - 0.0018)
+    loaded = [LoadedPoint(b, 96, 64, predict_loaded_ttft_s(Roofline(truth, m), b, 96, 64))
+              for b in (2, 4)]
+    out = fit_frontend(cal, m, [_burst(4, 0.01, 0.001)], loaded)
+    h = out.hardware
+    assert h.frontend_request_s == pytest.approx(0.001)
+    assert h.frontend_token_s == pytest.approx(0.0008, rel=0.02)
+    assert max(abs(f - p.ttft_s) / p.ttft_s for p, f in out.loaded) < 0.01
+    # the lone request still costs what the sequential points measured
+    lone = predict_ttft_s(Roofline(h, m), 300)
+    assert lone == pytest.approx(predict_ttft_s(Roofline(cal.hardware, m), 300))
+    # a front end that streams for free: loaded TTFT is the engine's alone
+    free = dataclasses.replace(truth, frontend_token_s=0.0, request_overhead_s=total - 0.001)
+    loaded = [LoadedPoint(4, 96, 64, predict_loaded_ttft_s(Roofline(free, m), 4, 96, 64))]
+    assert fit_frontend(cal, m, [_burst(4, 0.01, 0.001)], loaded).hardware.frontend_token_s == 0
+
+
+def test_frontend_wait_grows_to_one_round_of_chunks() -> None:
+    assert frontend_wait_s(4, 0.0, 0.002) == 0.0
+    assert frontend_wait_s(2, 0.0005, 0.002) == pytest.approx(0.001 * 0.5 / 2)  # rho 0.5
+    assert frontend_wait_s(4, 0.0005, 0.002) == pytest.approx(0.002 / 2)  # rho 1
+    assert frontend_wait_s(40, 0.0005, 0.002) == pytest.approx(0.02 * (1 + 0.9) / 2)

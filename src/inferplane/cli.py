@@ -663,6 +663,9 @@ def calibrate(
         str, typer.Option(help="prefill sweep: prompt lengths in tokens")
     ] = "16,64,128,256,512,768",
     batches: Annotated[str, typer.Option(help="decode sweep: concurrent streams")] = "1,2,4",
+    bursts: Annotated[
+        str, typer.Option(help="front-end sweep: one-token requests sent at once")
+    ] = "4",
     decode_tokens: Annotated[int, typer.Option(help="tokens per decode stream")] = 64,
     repeats: Annotated[int, typer.Option(help="tries per point (the median is kept)")] = 5,
     api_key_env: Annotated[
@@ -683,7 +686,8 @@ def calibrate(
                 endpoint, model, model_profile=model_profile or model, base=base,
                 name=name or f"{base}-calibrated", tp=tp, precision=precision,
                 prompt_tokens=_int_list(prompt_tokens, "--prompt-tokens"),
-                batches=_int_list(batches, "--batches"), decode_tokens=decode_tokens,
+                batches=_int_list(batches, "--batches"),
+                bursts=_int_list(bursts, "--bursts"), decode_tokens=decode_tokens,
                 repeats=repeats, api_key=key,
             )
         )

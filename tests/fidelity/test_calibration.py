@@ -2,19 +2,27 @@
 profile's predictions and the emulator running it, both against the same engine
 (`bench/calibration.py` does the measuring; the bench also runs the table's profile beside it).
 
-The issue's targets — predicted TTFT within 20 % (median absolute error) on prompt lengths the
-probe did not send, the emulator within 15 % on TTFT and time-per-output-token P50 and P90 — are
-benchmark targets, measured and recorded by `bench/calibration.py` (docs/benchmarks.md). On
-this 2-core machine the real engine's own front end competes for CPU with the client and the
-emulator, so run-to-run spread is larger than those margins; this test guards what holds in
-every run: the prediction within 35 % and the emulator's P50s within 50 % of the real engine.
-A run whose real engine was starved (>10 % of its streams sent in one burst) measures the
-machine, not the engine: its numbers are reported, not asserted. What was measured goes to
-``out/fidelity/report.json``.
+Targets (issue 13), asserted here on medians over alternating repeats:
+
+* the placement predictor's TTFT on what the probe never sent — lone prompts of 96, 320 and
+  640 tokens and every rank of a burst of 3 — within :data:`PREDICTION_TARGET` (median
+  absolute error);
+* the emulator running the calibrated profile within :data:`EMULATOR_TARGET` of the real
+  engine on TTFT and time-per-output-token P50 and P90 of the fidelity workload (concurrency
+  1, 2, 4; fresh prompts of 32-768 tokens; 32 output tokens), each the median over
+  :data:`ROUNDS` rounds that alternate which engine goes first.
+
+Timing fidelity needs CPU for the real engine's three processes, the emulator and the client:
+on a machine whose 1-minute load average is above :data:`MAX_LOAD` (other work) the test waits
+up to :data:`CALM_WAIT_S` for it to fall, and skips — saying how loaded it was — when it does not
+or when the load rose above the limit during the measurement. What was measured goes to
+``out/fidelity/report.json`` either way.
 """
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -24,25 +32,47 @@ from tests.fidelity.conftest import REPORT, EngineUnderTest
 
 pytestmark = pytest.mark.fidelity
 
+PREDICTION_TARGET = 0.20
+EMULATOR_TARGET = 0.15
+ROUNDS = 3
+MAX_LOAD = float(os.environ.get("FIDELITY_MAX_LOAD", str(2 * (os.cpu_count() or 1))))
+CALM_WAIT_S = float(os.environ.get("FIDELITY_CALM_WAIT_S", "120"))
+
+
+def _wait_for_calm() -> float:
+    deadline = time.monotonic() + CALM_WAIT_S
+    while (load := os.getloadavg()[0]) > MAX_LOAD:
+        if time.monotonic() > deadline:
+            pytest.skip(
+                f"load average {load:.1f} > {MAX_LOAD:.1f} (FIDELITY_MAX_LOAD) for "
+                f"{CALM_WAIT_S:.0f} s: too busy to compare latencies"
+            )
+        time.sleep(10)
+    return load
+
 
 def test_calibrated_profile_predicts_and_emulates_the_real_engine(
     real_engine: EngineUnderTest, tmp_path: Path
 ) -> None:
-    res = compare(real_engine.url, tmp_path, rounds=3, requests=12, profiles=("calibrated",))
+    load_before = _wait_for_calm()
+    res = compare(real_engine.url, tmp_path, rounds=ROUNDS, requests=12, profiles=("calibrated",))
+    loads = [load_before, *res["load_per_round"]]
+    REPORT["calibration_load"] = loads
     REPORT["calibration_fit"] = res["fit"]
     REPORT["calibration_prediction_error"] = res["prediction_error"]["calibrated"]
+    REPORT["calibration_held_out_ms"] = {"alone": res["held_out_ttft_ms"],
+                                         "burst": res["held_out_burst_ms"]}
     gaps = res["gaps"]["calibrated"]
     REPORT["calibration_workload_ms"] = {
         name: {k: round(v * 1e3, 3) for k, v in s.items()} for name, s in res["workload"].items()
     }
     REPORT["calibration_workload_gaps"] = {k: round(v, 3) for k, v in gaps.items()}
     REPORT["calibration_real_bursts"] = f"{res['real_bursts']} of {res['real_streams']} streams"
+    if max(loads) > MAX_LOAD:
+        pytest.skip(f"load average rose to {max(loads):.1f} > {MAX_LOAD:.1f} during the run "
+                    f"(per round: {loads}); measured: {REPORT['calibration_workload_gaps']}")
 
-    if res["real_starved"]:
-        # The real engine's HTTP front end sent >10 % of its streams in one burst (starved of
-        # CPU by other work on the machine): its latencies measure the machine, not the
-        # engine, so the prediction errors and the emulator's gaps are reported above, not
-        # asserted (bench/calibration.py says the same).
-        return
-    assert res["prediction_error"]["calibrated"]["median"] <= 0.35, res
-    assert abs(gaps["ttft_p50"]) <= 0.5 and abs(gaps["tpot_p50"]) <= 0.5, res
+    error = res["prediction_error"]["calibrated"]["median"]
+    assert error <= PREDICTION_TARGET, res["prediction_error"]["calibrated"]
+    off = {k: v for k, v in gaps.items() if abs(v) > EMULATOR_TARGET}
+    assert not off, (off, res["workload"])

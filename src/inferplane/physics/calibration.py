@@ -54,6 +54,7 @@ PROFILE_VERSION: Final = 1
 #: measurement's squared relative error (a 100x departure costs as much as one point off by 10 %).
 PRIOR_WEIGHT: Final = 1e-6
 _MAX_ROUNDS: Final = 20
+_TOKEN_GRID: Final = 400  # steps of the search for frontend_token_s
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,12 +78,40 @@ class DecodePoint:
 
 
 @dataclass(frozen=True, slots=True)
+class BurstPoint:
+    """``size`` one-token requests of ``prompt_tokens`` tokens sent at once: their TTFTs in
+    order of arrival (each rank the median over repeats)."""
+
+    size: int
+    prompt_tokens: int
+    ttft_s: tuple[float, ...]
+
+    @property
+    def spacing_s(self) -> float:
+        """Mean time between consecutive first tokens: (last − first) ÷ (size − 1)."""
+        return (self.ttft_s[-1] - self.ttft_s[0]) / (self.size - 1) if self.size > 1 else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedPoint:
+    """TTFT of a one-token request of ``prompt_tokens`` tokens sent while ``batch`` streams
+    decode, each holding about ``context_tokens`` KV tokens (median over repeats)."""
+
+    batch: int
+    context_tokens: int
+    prompt_tokens: int
+    ttft_s: float
+
+
+@dataclass(frozen=True, slots=True)
 class Calibration:
     """A fitted profile and how well it reproduces the probe."""
 
     hardware: HardwareProfile
     prefill: tuple[tuple[PrefillPoint, float], ...]  # (measured, fitted)
     decode: tuple[tuple[DecodePoint, float], ...]
+    bursts: tuple[tuple[BurstPoint, tuple[float, ...]], ...] = ()
+    loaded: tuple[tuple[LoadedPoint, float], ...] = ()
 
     @property
     def errors(self) -> list[float]:
@@ -101,9 +130,43 @@ class Calibration:
 
 
 def predict_ttft_s(r: Roofline, prompt_tokens: int, cached_tokens: int = 0) -> float:
-    """Time to first token of a lone request: request overhead + one prefill step."""
+    """Time to first token of a lone request: request overhead + the front end's intake + one
+    prefill step + the front end sending its first chunk."""
     new = max(1, prompt_tokens - cached_tokens)
-    return r.hardware.request_overhead_s + r.step_time_s(new, prompt_tokens - new, 0, 0)
+    hw = r.hardware
+    fixed = hw.request_overhead_s + hw.frontend_request_s + hw.frontend_token_s
+    return fixed + r.step_time_s(new, prompt_tokens - new, 0, 0)
+
+
+def frontend_wait_s(batch: int, token_s: float, itl_s: float) -> float:
+    """Expected wait of a request arriving at a random moment behind the chunks of ``batch``
+    decoding streams: every step (``itl_s``) gives the front end ``w = batch × token_s`` of
+    work. Below saturation (``rho = w ÷ itl_s < 1``) it finds that work under way with
+    probability ``rho`` and waits half of it; above, the front end is always busy and chunks
+    coalesce (``twin.engine.frontend``), so the wait tends to one whole ``w``:
+    ``w × (min(rho, 1) + max(0, 1 − 1/rho)) ÷ 2``."""
+    w = batch * token_s
+    if w <= 0.0 or itl_s <= 0.0:
+        return 0.0
+    rho = w / itl_s
+    return w * (min(rho, 1.0) + max(0.0, 1.0 - 1.0 / rho)) / 2.0
+
+
+def predict_loaded_ttft_s(
+    r: Roofline, batch: int, context_tokens: int, prompt_tokens: int
+) -> float:
+    """Time to first token of a request sent at a random moment while ``batch`` streams of
+    ``context_tokens`` each decode: per-request overhead and intake, the wait behind the
+    streams' chunks (:func:`frontend_wait_s`), half a decode step until the engine takes it, one
+    step that prefills it beside the decodes, and its chunk sent with theirs."""
+    hw = r.hardware
+    itl = predict_itl_s(r, batch, context_tokens)
+    t = hw.frontend_token_s
+    return (
+        hw.request_overhead_s + hw.frontend_request_s + frontend_wait_s(batch, t, itl)
+        + itl / 2.0 + r.step_time_s(prompt_tokens, 0, batch, batch * context_tokens)
+        + (batch + 1) * t
+    )
 
 
 def predict_itl_s(r: Roofline, batch: int, context_tokens: int) -> float:
@@ -150,6 +213,70 @@ def fit(
         hardware=hw,
         prefill=tuple((p, predict_ttft_s(r, p.prompt_tokens, p.cached_tokens)) for p in prefill),
         decode=tuple((d, predict_itl_s(r, d.batch, d.context_tokens)) for d in decode),
+    )
+
+
+def fit_frontend(
+    cal: Calibration,
+    model: ModelProfile,
+    bursts: Sequence[BurstPoint],
+    loaded: Sequence[LoadedPoint] = (),
+    *,
+    tp: int = 1,
+    precision: str = "bf16",
+) -> Calibration:
+    """Split the fitted per-request time ``R`` into the front end's serialised work and the
+    rest, so that lone-request predictions do not change (``R = request_overhead_s +
+    frontend_request_s + frontend_token_s``):
+
+    * ``frontend_request_s``: a burst of ``N`` requests reaches the engine one intake apart, so
+      its first tokens come that far apart (:attr:`BurstPoint.spacing_s`; the one-step prefills
+      of the short prompts used are shorter than the spacing where it matters): the median
+      spacing over the bursts, at most ``R``;
+    * ``frontend_token_s``: a request sent while streams decode waits behind their chunks; the
+      value in ``[0, R − frontend_request_s]`` whose :func:`predict_loaded_ttft_s` fits the
+      loaded points best (least squares on relative errors, over a fine grid: the prediction
+      rises with it), 0 without loaded points.
+
+    Without bursts of two or more requests and without loaded points the profile is returned
+    as it is.
+    """
+    usable = [b for b in bursts if b.size > 1]
+    if not usable and not loaded:
+        return cal
+    hw = cal.hardware
+    total = hw.request_overhead_s + hw.frontend_request_s + hw.frontend_token_s
+    intake = 0.0
+    if usable:
+        intake = min(max(statistics.median(b.spacing_s for b in usable), 0.0), total)
+
+    def with_token(t: float) -> HardwareProfile:
+        return dataclasses.replace(hw, frontend_request_s=intake, frontend_token_s=t,
+                                   request_overhead_s=max(total - intake - t, 0.0))
+
+    def loss(t: float) -> float:
+        r = Roofline(with_token(t), model, tp, precision)
+        return sum(
+            ((predict_loaded_ttft_s(r, p.batch, p.context_tokens, p.prompt_tokens) - p.ttft_s)
+             / p.ttft_s) ** 2
+            for p in loaded
+        )
+
+    token = 0.0
+    if loaded:
+        room = total - intake
+        token = min((room * i / _TOKEN_GRID for i in range(_TOKEN_GRID + 1)), key=loss)
+    hw = with_token(token)
+    r = Roofline(hw, model, tp, precision)
+    fitted_bursts = []
+    for b in bursts:
+        first = predict_ttft_s(r, b.prompt_tokens)
+        fitted_bursts.append((b, tuple(first + i * intake for i in range(b.size))))
+    fitted_loaded = tuple(
+        (p, predict_loaded_ttft_s(r, p.batch, p.context_tokens, p.prompt_tokens)) for p in loaded
+    )
+    return dataclasses.replace(
+        cal, hardware=hw, bursts=tuple(fitted_bursts), loaded=fitted_loaded
     )
 
 
@@ -289,6 +416,8 @@ class _HardwareFields(BaseModel):
     step_overhead_s: float = Field(ge=0)
     seq_overhead_s: float = Field(0.0, ge=0)
     request_overhead_s: float = Field(0.0, ge=0)
+    frontend_request_s: float = Field(0.0, ge=0)
+    frontend_token_s: float = Field(0.0, ge=0)
     allreduce_latency_s: float = Field(0.0, ge=0)
     layer_latency_s: float = Field(0.0, ge=0)
     network_rtt_s: float = Field(0.0, ge=0)
@@ -362,6 +491,25 @@ def dump_profile(cal: Calibration, base: str, meta: dict[str, Any]) -> str:
                     "fitted_s": round(f, 6),
                 }
                 for d, f in cal.decode
+            ],
+            "bursts": [
+                {
+                    "size": b.size,
+                    "prompt_tokens": b.prompt_tokens,
+                    "ttft_s": [round(t, 6) for t in b.ttft_s],
+                    "fitted_s": [round(t, 6) for t in f],
+                }
+                for b, f in cal.bursts
+            ],
+            "loaded": [
+                {
+                    "batch": p.batch,
+                    "context_tokens": p.context_tokens,
+                    "prompt_tokens": p.prompt_tokens,
+                    "ttft_s": round(p.ttft_s, 6),
+                    "fitted_s": round(f, 6),
+                }
+                for p, f in cal.loaded
             ],
         },
     }

@@ -44,6 +44,16 @@ class HardwareProfile:
     token (HTTP, tokenisation, scheduling, detokenisation), and ``seq_overhead_s``, paid per
     sequence that produces a token in a step (sampling and output processing), which dominates
     decode on CPU engines and small models.
+
+    Two more describe the engine's *front end* — vLLM's API server, one process that takes
+    requests in (HTTP, validation, tokenisation, hand-off to the scheduler) and streams their
+    tokens out — as a single server whose work is done one item at a time:
+    ``frontend_request_s`` of it per request on the way in and ``frontend_token_s`` per token on
+    the way out. A request waits for the work queued ahead of it, so a burst of requests reaches
+    the engine one ``frontend_request_s`` apart and a busy stream delays the next request's
+    intake. Zero in the table (a GPU server's front end is rarely the bottleneck); calibration
+    measures them from bursts of simultaneous requests (``physics.calibration.fit_frontend``).
+    ``request_overhead_s`` is the rest of the per-request time, paid in parallel.
     """
 
     name: str
@@ -64,6 +74,8 @@ class HardwareProfile:
     rate_limit_rpm: int | None = None
     request_overhead_s: float = 0.0
     seq_overhead_s: float = 0.0
+    frontend_request_s: float = 0.0
+    frontend_token_s: float = 0.0
 
     def __post_init__(self) -> None:
         positive = {
@@ -91,6 +103,8 @@ class HardwareProfile:
             self.layer_latency_s,
             self.request_overhead_s,
             self.seq_overhead_s,
+            self.frontend_request_s,
+            self.frontend_token_s,
         )
         if min(latencies) < 0:
             raise ValueError(f"hardware {self.name!r}: latencies must be >= 0")

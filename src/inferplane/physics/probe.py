@@ -15,8 +15,17 @@ Three sweeps over the OpenAI completions API, each point the median of ``repeats
   ``B`` streams. Not the gaps between chunks: a loaded engine front end may hold a stream back
   and send it in one burst, which only the time to the last token survives.
 
+* **bursts**: ``N`` fresh one-token requests sent at once; their TTFTs, sorted, each rank the
+  median over the rounds. An engine whose front end takes requests in one at a time answers
+  them one intake apart; one that takes them in parallel answers them together.
+* **loaded**: while ``max(batches) // 2`` streams decode (``loaded_decode_tokens`` each; half,
+  so that the engine has a free sequence slot for the probe request), up to three
+  one-token requests one after the other; the TTFTs of those answered before any stream ended,
+  median over all rounds. A front end busy sending the streams' chunks makes them wait.
+
 The engine's own TTFT includes its HTTP and tokenisation time, which is what the gateway
-observes too: the fit puts it in ``request_overhead_s``.
+observes too: the fit puts it in ``request_overhead_s``, and the share of it that the bursts
+show to be serialised in ``frontend_request_s`` (``calibration.fit_frontend``).
 """
 
 from __future__ import annotations
@@ -32,7 +41,15 @@ from typing import Any
 import aiohttp
 import orjson
 
-from inferplane.physics.calibration import DecodePoint, PrefillPoint, dump_profile, fit
+from inferplane.physics.calibration import (
+    BurstPoint,
+    DecodePoint,
+    LoadedPoint,
+    PrefillPoint,
+    dump_profile,
+    fit,
+    fit_frontend,
+)
 from inferplane.physics.hardware import get_hardware
 from inferplane.physics.models import get_model
 
@@ -55,6 +72,8 @@ class ProbeResult:
     prefill: list[PrefillPoint] = field(default_factory=list)
     cached: list[PrefillPoint] = field(default_factory=list)
     decode: list[DecodePoint] = field(default_factory=list)
+    bursts: list[BurstPoint] = field(default_factory=list)
+    loaded: list[LoadedPoint] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +128,11 @@ class Prober:
         self._words_per_token = 1.0
 
     async def stream(
-        self, session: aiohttp.ClientSession, prompt: str, max_tokens: int
+        self,
+        session: aiohttp.ClientSession,
+        prompt: str,
+        max_tokens: int,
+        on_first: asyncio.Event | None = None,
     ) -> _Stream:
         body: dict[str, Any] = {
             "model": self.model,
@@ -147,6 +170,8 @@ class Prober:
                 if choices and choices[0].get("text"):
                     if first is None:
                         first = now
+                        if on_first is not None:
+                            on_first.set()
                     last = now
         if first is None or usage is None:
             raise ProbeError(
@@ -204,15 +229,73 @@ class Prober:
               for _ in range(batch))
         )
         tpots = [t for t in (s.tpot_s(lone.ttft_s) for s in streams) if t is not None]
+        if not tpots:  # the lone request was slower than whole streams (a noisy moment):
+            # fall back to the time between a stream's first and last chunks
+            tpots = [s.decode_s / (s.completion_tokens - 1) for s in streams
+                     if s.completion_tokens > 1 and s.decode_s > 0]
         if not tpots:
             raise ProbeError(f"no stream of batch {batch} produced more than one token")
         return statistics.median(tpots), int(statistics.median(s.prompt_tokens for s in streams))
+
+    async def burst_once(
+        self, session: aiohttp.ClientSession, size: int, tokens: int
+    ) -> list[float]:
+        """``size`` fresh one-token requests of about ``tokens`` tokens sent together: their
+        TTFTs, sorted."""
+        words = self.words_for(tokens)
+        streams = await asyncio.gather(
+            *(self.stream(session, prompt_of(words, _nonce()), 1) for _ in range(size))
+        )
+        return sorted(s.ttft_s for s in streams)
+
+    async def loaded_once(
+        self,
+        session: aiohttp.ClientSession,
+        batch: int,
+        decode_tokens: int,
+        prompt_tokens: int,
+        probe_tokens: int,
+        probes: int = 3,
+    ) -> tuple[list[float], int]:
+        """``batch`` streams of ``decode_tokens`` tokens; once all of them decode, ``probes``
+        one-token requests of about ``probe_tokens`` tokens one after the other. Returns the
+        TTFTs of the probes that got their first token while every stream was still decoding,
+        and the streams' prompt tokens."""
+        words = self.words_for(prompt_tokens)
+        started = [asyncio.Event() for _ in range(batch)]
+
+        async def decoding(ev: asyncio.Event) -> tuple[float, _Stream]:
+            t0 = time.perf_counter()
+            st = await self.stream(session, prompt_of(words, _nonce()), decode_tokens, ev)
+            return t0 + st.ttft_s + st.decode_s, st  # when its last token came
+
+        tasks = [asyncio.ensure_future(decoding(ev)) for ev in started]
+        firsts: list[tuple[float, float]] = []  # (ttft, when the first token came)
+        try:
+            await asyncio.wait_for(asyncio.gather(*(ev.wait() for ev in started)),
+                                   self.timeout.total)
+            for _ in range(probes):
+                if any(t.done() for t in tasks):
+                    break
+                t0 = time.perf_counter()
+                s = await self.stream(session, prompt_of(self.words_for(probe_tokens),
+                                                         _nonce()), 1)
+                firsts.append((s.ttft_s, t0 + s.ttft_s))
+        finally:
+            done = await asyncio.gather(*tasks)
+        ended = min(end for end, _ in done)
+        # a probe answered after a stream had ended saw a smaller batch: leave it out
+        return ([ttft for ttft, at in firsts if at < ended],
+                int(statistics.median(st.prompt_tokens for _, st in done)))
 
     async def run(
         self,
         prompt_tokens: Sequence[int],
         batches: Sequence[int],
         *,
+        bursts: Sequence[int] = (),
+        burst_prompt_tokens: int = 64,
+        loaded_decode_tokens: int = 128,
         decode_tokens: int = 64,
         decode_prompt_tokens: int = 32,
         repeats: int = 5,
@@ -225,6 +308,11 @@ class Prober:
         cold: dict[int, list[_Stream]] = {n: [] for n in prompt_tokens}
         warm: dict[int, list[_Stream]] = {n: [] for n in prompt_tokens}
         itl: dict[int, list[float]] = {b: [] for b in batches}
+        burst: dict[int, list[list[float]]] = {n: [] for n in bursts}
+        loaded: list[float] = []
+        # half the largest decode batch: the probe request must find a free sequence slot
+        loaded_batch = max(batches, default=0) // 2 if bursts else 0
+        loaded_ctx = 0
         context: dict[int, int] = {}
         async with aiohttp.ClientSession(timeout=self.timeout) as session:
             await self.learn_words_per_token(session)
@@ -244,6 +332,14 @@ class Prober:
                                                     decode_prompt_tokens)
                     itl[b].append(t)
                     context[b] = ctx
+                for n in bursts:
+                    burst[n].append(await self.burst_once(session, n, burst_prompt_tokens))
+                if loaded_batch:
+                    got, loaded_ctx = await self.loaded_once(
+                        session, loaded_batch, loaded_decode_tokens, decode_prompt_tokens,
+                        burst_prompt_tokens,
+                    )
+                    loaded += got
         out = ProbeResult()
         for n in prompt_tokens:
             tokens = int(statistics.median(s.prompt_tokens for s in cold[n]))
@@ -261,6 +357,15 @@ class Prober:
             out.decode.append(
                 DecodePoint(b, context[b] + decode_tokens // 2, statistics.median(itl[b]))
             )
+        for n, runs in burst.items():
+            out.bursts.append(BurstPoint(n, burst_prompt_tokens, tuple(
+                statistics.median(r[i] for r in runs) for i in range(n)
+            )))
+        if loaded:
+            out.loaded.append(LoadedPoint(
+                loaded_batch, loaded_ctx + loaded_decode_tokens // 2, burst_prompt_tokens,
+                statistics.median(loaded),
+            ))
         return out
 
 
@@ -279,6 +384,7 @@ async def calibrate_endpoint(
     precision: str = "bf16",
     prompt_tokens: Sequence[int] = (16, 64, 128, 256, 512, 768),
     batches: Sequence[int] = (1, 2, 4),
+    bursts: Sequence[int] = (4,),
     decode_tokens: int = 64,
     repeats: int = 5,
     api_key: str | None = None,
@@ -290,13 +396,14 @@ async def calibrate_endpoint(
     after ``warm_up_max_s`` (tests on a loaded machine; its times then include the load)."""
     hw, mp = get_hardware(base), get_model(model_profile)
     result = await Prober(url, model, api_key=api_key).run(
-        prompt_tokens, batches, decode_tokens=decode_tokens, repeats=repeats,
+        prompt_tokens, batches, bursts=bursts, decode_tokens=decode_tokens, repeats=repeats,
         warm_up_max_s=warm_up_max_s, require_smooth=require_smooth,
     )
     cal = fit(
         hw, mp, result.prefill + result.cached, result.decode, name=name, tp=tp,
         precision=precision, source=f"calibrated against {url} ({model}) from {base}",
     )
+    cal = fit_frontend(cal, mp, result.bursts, result.loaded, tp=tp, precision=precision)
     meta = {
         "endpoint": url,
         "model": model,
@@ -316,12 +423,22 @@ async def calibrate_endpoint(
         label = f"decode batch {d.batch}"
         lines.append(f"{label:<28}{d.itl_s * 1e3:>13.2f}{f * 1e3:>11.2f}"
                      f"{abs(f - d.itl_s) / d.itl_s:>8.1%}")
+    for b, ranks in cal.bursts:
+        label = f"burst of {b.size} (spacing)"
+        spacing = (ranks[-1] - ranks[0]) / (b.size - 1) if b.size > 1 else 0.0
+        lines.append(f"{label:<28}{b.spacing_s * 1e3:>13.2f}{spacing * 1e3:>11.2f}")
+    for lp, f in cal.loaded:
+        label = f"{lp.prompt_tokens} tok beside {lp.batch} decoding"
+        lines.append(f"{label:<28}{lp.ttft_s * 1e3:>13.2f}{f * 1e3:>11.2f}"
+                     f"{abs(f - lp.ttft_s) / lp.ttft_s:>8.1%}")
     h = cal.hardware
     lines.append(
         f"fit: median error {cal.median_error:.1%}, max {cal.max_error:.1%}; "
         f"compute_efficiency {h.compute_efficiency:.3g}, bandwidth_efficiency "
         f"{h.bandwidth_efficiency:.3g}, step {h.step_overhead_s * 1e3:.3f} ms, per sequence "
-        f"{h.seq_overhead_s * 1e3:.3f} ms, per request {h.request_overhead_s * 1e3:.3f} ms"
+        f"{h.seq_overhead_s * 1e3:.3f} ms, per request {h.request_overhead_s * 1e3:.3f} ms, "
+        f"front-end intake {h.frontend_request_s * 1e3:.3f} ms, per token "
+        f"{h.frontend_token_s * 1e3:.3f} ms"
     )
     return dump_profile(cal, base, meta), "\n".join(lines)
 

@@ -11,11 +11,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from inferplane.fleet.model import Endpoint
 from inferplane.fleet.state import EndpointState, EndpointView
 from inferplane.physics import Roofline
+from inferplane.physics.calibration import frontend_wait_s
 from inferplane.placement.framework import CycleState, Plugin, register
 from inferplane.placement.plugins.affinity import PrefixMatcher, PrefixMode
 
 #: Prompt chunk at which the per-token prefill cost of queued work is measured.
 _REF_PREFILL_TOKENS = 2048
+#: Upper bound of the engine front end's busy share from streaming (keeps 1/(1-rho) finite).
+_MAX_FRONTEND_BUSY = 0.9
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +28,8 @@ class _Consts:
     roofline: Roofline | None
     prefill_s_per_token: float
     fixed_s: float  # the hardware's calibrated per-request overhead + provider network RTT
+    frontend_request_s: float  # calibrated: the engine front end's intake per request
+    frontend_token_s: float  # calibrated: the engine front end's work per streamed token
     embedding: bool
     name: str
     region: str
@@ -75,8 +80,17 @@ class PredictedLatency(Plugin):
       ``queue_s = queue_tokens × prefill_s_per_token`` (per-token cost of a 2048-token prefill on
       this hardware);
     * ``prefill_s = r.step_time_s(uncached, cached, B, B × ctx)`` (one mixed step);
+    * the engine's front end (calibrated profiles; 0 in the table): it takes requests in one at
+      a time, ``frontend_request_s`` each, between streaming ``frontend_token_s`` per token of
+      the running batch (busy share ``rho = min(0.9, B × frontend_token_s ÷ ITL)``); the
+      ``pending`` requests ahead wait ``pending × frontend_request_s ÷ (1 - rho)``, and
+      ``queue_s`` is the longer of that and the engine's queue (two stages in series), plus,
+      with ``B > 0`` decoding, the wait behind their chunks
+      (``physics.calibration.frontend_wait_s``) and ``B × frontend_token_s`` for its first
+      chunk going out with theirs;
     * ``TTFT = (queue_s + prefill_s + fixed) × k_ttft + fleet.rtt_s(client_region, region)``
-      with ``fixed = hardware.request_overhead_s`` (calibrated profiles; 0 in the table) plus
+      with ``fixed = hardware.request_overhead_s + hardware.frontend_request_s +
+      hardware.frontend_token_s`` (calibrated profiles; 0 in the table) plus
       ``hardware.network_rtt_s`` for provider APIs;
     * ``ITL = r.step_time_s(0, 0, B + 1, (B + 1) × ctx) × k_itl`` (0 for embeddings).
 
@@ -142,12 +156,17 @@ class PredictedLatency(Plugin):
         r = ep.roofline(model)
         per_tok = r.prefill_time_s(_REF_PREFILL_TOKENS) / _REF_PREFILL_TOKENS if r else 0.0
         rtt = r.hardware.network_rtt_s if r and ep.substrate.kind == "provider-api" else 0.0
+        fe_req = fe_tok = 0.0
         if r is not None:
-            rtt += r.hardware.request_overhead_s
+            hw = r.hardware
+            rtt += hw.request_overhead_s + hw.frontend_request_s + hw.frontend_token_s
+            fe_req, fe_tok = hw.frontend_request_s, hw.frontend_token_s
         c = by_ep[ep] = _Consts(
             r,
             per_tok,
             rtt,
+            fe_req,
+            fe_tok,
             bool(r and r.model.embedding),
             ep.spec.name,
             ep.substrate.region,
@@ -218,6 +237,20 @@ class PredictedLatency(Plugin):
                         queue_s = queue_tokens * k.prefill_s_per_token
                     kv = int(batch * ctx)
                     raw_i = 0.0 if k.embedding else r.step_time_s(0, 0, batch + 1, kv + int(ctx))
+                    fe_tok = k.frontend_token_s
+                    if fe_tok > 0 and batch > 0:
+                        # behind the running streams' chunks, and its own sent with theirs
+                        queue_s += frontend_wait_s(batch, fe_tok, raw_i) + batch * fe_tok
+                    if pending > 0 and k.frontend_request_s > 0:
+                        # The front end takes requests in one at a time, between the chunks it
+                        # streams (busy share rho): the intakes ahead, stretched by 1/(1-rho).
+                        # In series with the engine's queue, whichever is longer decides.
+                        rho = 0.0
+                        if fe_tok > 0 and raw_i > 0:
+                            rho = min(_MAX_FRONTEND_BUSY, batch * fe_tok / raw_i)
+                        fe = pending * k.frontend_request_s / (1.0 - rho)
+                        if fe > queue_s:
+                            queue_s = fe
                     loads[ep] = (s, idle_ctx, batch, kv, queue_s, raw_i)
                 # What the gateway observes: engine time + the gateway↔endpoint network.
                 raw_t = queue_s + r.step_time_s(uncached, cached, batch, kv) + k.fixed_s

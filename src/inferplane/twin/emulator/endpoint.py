@@ -15,12 +15,16 @@ endpoint's ``url``, each backed by one :class:`EmulatedEndpoint`:
   :data:`MAX_LAG_S`), so the event loop's own work does not stretch every step; idle, it waits
   on an event. Engine time is real elapsed time × ``time_scale``, so every latency shrinks by
   the time scale;
-- a calibrated profile's ``request_overhead_s`` delays every request before it reaches the
-  engine; ``provider-api`` substrates add a network round trip too
-  (``emulation.network_rtt_ms``, else the hardware's ``network_rtt_s``), and every endpoint with
-  a quota (``emulation.rate_limit_rpm``, else its declared ``limits.requests_per_min``, else a
-  provider hardware profile's) answers 429 with ``Retry-After`` past it in a sliding one-minute
-  window (both in engine time, so scaled);
+- a calibrated profile's front end (:class:`~inferplane.twin.engine.frontend.FrontEnd`):
+  every request queues for ``frontend_request_s`` of the front end's time (one at a time, first
+  come first served) and then waits ``request_overhead_s`` before it reaches the engine; every
+  step's tokens queue for ``frontend_token_s`` per stream before their handlers get them,
+  joining the previous step's if those are still queued (the engine does not wait for them: it
+  is another process in vLLM); ``provider-api`` substrates add a
+  network round trip too (``emulation.network_rtt_ms``, else the hardware's ``network_rtt_s``),
+  and every endpoint with a quota (``emulation.rate_limit_rpm``, else its declared
+  ``limits.requests_per_min``, else a provider hardware profile's) answers 429 with
+  ``Retry-After`` past it in a sliding one-minute window (both in engine time, so scaled);
 - an endpoint with an upstream key (``api_key_env``/``api_key_file``) checks it on the API
   routes (401 without it), serves them under the URL's base path, and an ``anthropic``-dialect
   endpoint serves the Messages API (:mod:`inferplane.twin.emulator.messages`);
@@ -51,6 +55,7 @@ from inferplane.config.schema import ServedModel
 from inferplane.fleet.kv_events import KVEvent, encode_event_batch, seq_frame
 from inferplane.fleet.model import Endpoint
 from inferplane.twin.emulator.metrics import EngineMetricsPage
+from inferplane.twin.engine.frontend import FrontEnd
 from inferplane.twin.engine.model import Engine, EngineConfig, EngineRequest
 
 log = logging.getLogger("inferplane.emulator")
@@ -193,6 +198,12 @@ class EmulatedEndpoint:
             else (hw.network_rtt_s if self.is_provider else 0.0)
         )
         self.request_overhead_s = hw.request_overhead_s  # calibrated profiles only (else 0)
+        self.frontend = FrontEnd(hw.frontend_request_s, hw.frontend_token_s)
+        # (deliver at engine time, tokens per request, finished requests): steps whose tokens
+        # wait for the front end; the delivery task hands them out in order
+        self._outbox: deque[tuple[float, list[tuple[Submission, int]]]] = deque()
+        self._outbox_ready = asyncio.Event()
+        self._deliverer: asyncio.Task[None] | None = None
         quota = next(
             (
                 q
@@ -252,15 +263,20 @@ class EmulatedEndpoint:
                     f"endpoint {self.name!r}: cannot publish KV events on 127.0.0.1:{port}: {exc}"
                 ) from None
             self._pub = sock
-        self._driver = asyncio.get_running_loop().create_task(self._drive(), name=self.name)
+        loop = asyncio.get_running_loop()
+        self._driver = loop.create_task(self._drive(), name=self.name)
+        if self.frontend.token_s > 0:
+            self._deliverer = loop.create_task(self._deliver(), name=f"{self.name}-frontend")
 
     async def stop(self) -> None:
         """Stop the driver, release every waiting handler, close the publisher."""
-        if self._driver is not None:
-            self._driver.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._driver
-            self._driver = None
+        for task in (self._driver, self._deliverer):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._driver = self._deliverer = None
+        self._outbox.clear()
         for sub in self._subs.values():
             sub.queue.put_nowait(FINISHED)
         self._subs.clear()
@@ -293,9 +309,13 @@ class EmulatedEndpoint:
         arrivals.append(now)
 
     async def network_delay(self) -> None:
-        """The provider API's network round trip and the hardware's calibrated per-request
-        overhead (``request_overhead_s``), before the request reaches the engine."""
+        """Before the request reaches the engine: the provider API's network round trip, the
+        front end's queue and intake (``frontend_request_s``, one request at a time) and the
+        hardware's calibrated per-request overhead (``request_overhead_s``)."""
         delay = self.network_rtt_s + self.request_overhead_s
+        if self.frontend.enabled:
+            now = self.now()
+            delay += self.frontend.intake(now + self.network_rtt_s) - now - self.network_rtt_s
         if delay > 0:
             await asyncio.sleep(delay / self.time_scale)
 
@@ -362,16 +382,33 @@ class EmulatedEndpoint:
                 await asyncio.sleep(max((step_end - self.now()) / self.time_scale, 0.0))
             elif not out.new_tokens:
                 await asyncio.sleep(0.001)  # nothing schedulable (cannot happen; never spin)
-            for rid, n in out.new_tokens.items():
-                sub = subs.get(rid)
-                if sub is not None:
+            items = [(sub, n) for rid, n in out.new_tokens.items() if (sub := subs.get(rid))]
+            items += [(sub, FINISHED) for rid in out.finished if (sub := subs.pop(rid, None))]
+            if self._deliverer is None:
+                for sub, n in items:
                     sub.queue.put_nowait(n)
-            for rid in out.finished:
-                sub = subs.pop(rid, None)
-                if sub is not None:
-                    sub.queue.put_nowait(FINISHED)
+            elif items:  # the front end sends them when the work queued ahead of them is done
+                at = self.frontend.emit(step_end, len(out.new_tokens))
+                self._outbox.append((at, items))  # same time as the chunks it joins, if any
+                self._outbox_ready.set()
             self.metrics.observe(engine.drain_samples())
             self._flush_kv_events()
+
+    async def _deliver(self) -> None:
+        """Hand each step's tokens to their handlers when the front end has sent them."""
+        outbox = self._outbox
+        while True:
+            if not outbox:
+                self._outbox_ready.clear()
+                await self._outbox_ready.wait()
+                continue
+            at, items = outbox[0]
+            wait_s = (at - self.now()) / self.time_scale
+            if wait_s > 0:
+                await asyncio.sleep(wait_s)
+            outbox.popleft()
+            for sub, n in items:
+                sub.queue.put_nowait(n)
 
     def device_power(self) -> list[float]:
         """Modelled draw of each device: ``TDP × (IDLE_POWER_FRACTION + (1 − IDLE_POWER_FRACTION)

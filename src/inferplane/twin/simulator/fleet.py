@@ -38,6 +38,7 @@ from typing import overload
 from inferplane.fleet.engine_metrics import EngineMetrics
 from inferplane.fleet.model import Endpoint
 from inferplane.physics import Roofline
+from inferplane.twin.engine.frontend import FrontEnd
 from inferplane.twin.engine.model import Engine, EngineConfig, StepOutput
 from inferplane.twin.simulator.records import RequestRecord
 from inferplane.twin.traces.tokens import TRACE_BLOCK_TOKENS, VOCABULARY
@@ -212,6 +213,7 @@ class SimEndpoint:
         "endpoint",
         "engine",
         "fault",
+        "frontend",
         "index",
         "inflight",
         "network_rtt_s",
@@ -232,6 +234,7 @@ class SimEndpoint:
         self.engine: Engine | None = None
         self.network_rtt_s = 0.0
         self.request_overhead_s = 0.0  # calibrated profiles: time before the engine sees it
+        self.frontend = FrontEnd()  # calibrated profiles: the engine's serialised front end
         self.rate_limit_rpm: int | None = None
         self.roofline = roof = next(
             (r for m in endpoint.spec.models if (r := endpoint.roofline(m.name)) is not None),
@@ -256,6 +259,7 @@ class SimEndpoint:
                 None,
             )
             self.request_overhead_s = roof.hardware.request_overhead_s
+            self.frontend = FrontEnd(hw.frontend_request_s, hw.frontend_token_s)
         self.busy = False
         self.step_out: StepOutput | None = None
         self.step_handle: asyncio.TimerHandle | None = None  # the in-flight step's completion
@@ -275,6 +279,7 @@ class SimEndpoint:
         if self.roofline is not None:
             self.engine = Engine(engine_config_for(self.endpoint, self.roofline), self.roofline)
         self.busy, self.step_out = False, None
+        self.frontend.reset()
         self.pending.clear()
         self.prefilling.clear()
         self.inflight.clear()

@@ -474,7 +474,11 @@ class Simulator:
         rec.delay_s = (se.network_rtt_s + self.fleet.rtt_s(rec.share.region, ep.region)) / 2.0
         self._done[rec.index] = self.loop.create_future()
         se.inflight[rec.index] = rec
-        forward_s = rec.delay_s + se.request_overhead_s  # + the engine's calibrated front end
+        # + the engine's calibrated front end: its queue and intake, then the parallel overhead
+        forward_s = rec.delay_s + se.request_overhead_s
+        if se.frontend.request_s > 0:
+            arrive = self.now + rec.delay_s
+            forward_s += se.frontend.intake(arrive) - arrive
         if forward_s > 0:
             t = self.now + forward_s
             heapq.heappush(se.pending, t)
@@ -665,6 +669,15 @@ class Simulator:
             return
         se.busy, se.step_out = True, out
         se.step_handle = self.loop.call_at(out.end_s, self._step_done, se)
+        fe = se.frontend
+        if fe.token_s > 0:  # each step's tokens occupy the front end when produced
+            if out.num_steps > 1:  # a run of decode steps, decode_seqs tokens each
+                t = out.start_s
+                for d in out.step_durations:
+                    t += d
+                    fe.announce(t, out.decode_seqs)
+            else:
+                fe.announce(out.end_s, len(out.new_tokens))
 
     def _step_done(self, se: SimEndpoint) -> None:
         se.step_handle = None

@@ -1,0 +1,95 @@
+"""An engine's front end as one server: requests in and tokens out, one piece of work at a time.
+
+vLLM's API server is one Python process: it parses and tokenises every request before the
+scheduler sees it, and turns what the engine produces into stream chunks. When it is the
+bottleneck (a CPU engine, a tiny model, a starved machine) work queues in front of it: a burst of
+requests reaches the engine one intake apart, and a request that arrives while other streams are
+busy waits for their chunks to be sent first. :class:`FrontEnd` keeps that queue on whatever
+clock its caller uses (the emulator's engine time, the simulator's virtual time), first come,
+first served: ``frontend_request_s`` of work per request taken in, ``frontend_token_s`` per
+stream chunk sent (:class:`~inferplane.physics.hardware.HardwareProfile`).
+
+Chunks coalesce as vLLM's do: tokens a step produces while the previous step's chunks are still
+waiting to be sent join them (vLLM merges a request's pending outputs into one), so a front end
+that falls behind sends fewer, larger chunks instead of an ever longer queue — the "whole stream
+in one burst" of a starved engine.
+
+It never reads a clock and never sleeps: each call returns the time at which that piece of work
+is done, and the caller waits until then.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+
+class FrontEnd:
+    """A first-come-first-served single server; ``free_at`` is when its queued work ends.
+
+    Calls must come in time order. A caller that knows when future tokens will be produced (the
+    simulator, which computes a run of steps at once) may :meth:`announce` them ahead: they are
+    queued at their own times, before any later intake.
+    """
+
+    __slots__ = ("_emit_end", "_emit_start", "_later", "free_at", "request_s", "token_s")
+
+    def __init__(self, request_s: float = 0.0, token_s: float = 0.0) -> None:
+        if request_s < 0 or token_s < 0:
+            raise ValueError("front-end service times must be >= 0")
+        self.request_s = request_s
+        self.token_s = token_s
+        self.free_at = 0.0
+        self._emit_start = self._emit_end = -1.0  # the last emission queued
+        self._later: deque[tuple[float, int]] = deque()  # announced (time, streams)
+
+    @property
+    def enabled(self) -> bool:
+        return self.request_s > 0 or self.token_s > 0
+
+    def reset(self) -> None:
+        """Idle, nothing queued (a restarted engine)."""
+        self.free_at = 0.0
+        self._emit_start = self._emit_end = -1.0
+        self._later.clear()
+
+    def _catch_up(self, now: float) -> None:
+        later = self._later
+        while later and later[0][0] <= now:
+            at, streams = later.popleft()
+            self._emit(at, streams)
+
+    def _emit(self, at: float, streams: int) -> float:
+        if at < self._emit_start and self.free_at == self._emit_end:
+            return self._emit_end  # its chunks are still queued, last in line: join them
+        start = at if at > self.free_at else self.free_at
+        self._emit_start, self._emit_end = start, start + streams * self.token_s
+        self.free_at = self._emit_end
+        return self.free_at
+
+    def intake(self, now: float) -> float:
+        """A request arrives at ``now``: when it has been taken in and reaches the engine."""
+        self._catch_up(now)
+        if self.request_s <= 0:
+            return now
+        start = now if now > self.free_at else self.free_at
+        self.free_at = start + self.request_s
+        return self.free_at
+
+    def emit(self, now: float, streams: int) -> float:
+        """The engine produced tokens for ``streams`` requests at ``now``: when they have been
+        sent (with chunks already queued, if they join them)."""
+        self._catch_up(now)
+        if self.token_s <= 0 or streams <= 0:
+            return now
+        return self._emit(now, streams)
+
+    def announce(self, at: float, streams: int) -> None:
+        """Tokens for ``streams`` requests will be produced at ``at`` (not before any earlier
+        call's time): :meth:`emit` them then."""
+        if self.token_s > 0 and streams > 0:
+            self._later.append((at, streams))
+
+    def backlog_s(self, now: float) -> float:
+        """Work queued ahead of anything that arrives at ``now``."""
+        self._catch_up(now)
+        return self.free_at - now if self.free_at > now else 0.0
