@@ -18,6 +18,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from inferplane.api.app import build_app
 from inferplane.api.console import GATEWAY, HISTORY, spark_points
+from inferplane.api.console_auth import LoginThrottle, Sessions, matching_hash
 from inferplane.api.pipeline import Gateway, hash_key
 from inferplane.config.loader import load_config
 from tests.support.procs import Proc, free_port
@@ -109,7 +110,10 @@ def test_every_page_needs_an_admin_key(stack: dict[str, Any], path: str) -> None
     assert TENANT not in r.text
     r = httpx.get(url, cookies={"inferplane_console": "sk-wrong"},
                   headers={"HX-Request": "true"})
-    assert r.status_code == 403
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_session"
+    r = httpx.get(url, cookies={"inferplane_console": ADMIN},  # the key is no session
+                  headers={"HX-Request": "true"})
+    assert r.status_code == 401
 
 
 def test_a_browser_without_a_key_is_sent_to_the_login_form(stack: dict[str, Any]) -> None:
@@ -137,11 +141,85 @@ def test_login_sets_a_strict_httponly_cookie_and_refuses_other_keys(
     for nxt in ("https://evil.example/", "//evil.example/console/", "/v1/models"):
         r = httpx.post(f"{base}/console/login", data={"key": ADMIN, "next": nxt})
         assert r.headers["location"] == "/console/fleet"
-    with httpx.Client(base_url=base, cookies={"inferplane_console": ADMIN}) as c:
+    assert "Secure" not in cookie  # plain HTTP here
+    token = ok.cookies["inferplane_console"]
+    assert token and ADMIN not in token and token != ADMIN
+    assert hash_key(ADMIN).split(":")[1] not in token  # nor the key's hash
+    again = httpx.post(f"{base}/console/login", data={"key": ADMIN})
+    assert again.cookies["inferplane_console"] != token  # a fresh session each time
+    with httpx.Client(base_url=base, cookies={"inferplane_console": token}) as c:
         page = c.get("/console/spend")
         assert page.status_code == 200 and "acme" in page.text
         out = c.post("/console/logout")
         assert out.status_code == 303 and 'inferplane_console=""' in out.headers["set-cookie"]
+    # the logged-out session is dead even if the browser kept the cookie
+    r = httpx.get(f"{base}/console/spend", cookies={"inferplane_console": token},
+                  headers={"HX-Request": "true"})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_session"
+    r = httpx.get(f"{base}/console/spend", cookies={"inferplane_console": token},
+                  headers={"Accept": "text/html"})
+    assert r.status_code == 303 and r.headers["location"].startswith("/console/login")
+    # a tampered token (a later expiry) is refused
+    other = again.cookies["inferplane_console"]
+    sid, exp, mac = other.split(".")
+    forged = f"{sid}.{int(exp) + 3600}.{mac}"
+    r = httpx.get(f"{base}/console/spend", cookies={"inferplane_console": forged},
+                  headers={"HX-Request": "true"})
+    assert r.status_code == 401
+    r = httpx.get(f"{base}/console/spend", cookies={"inferplane_console": other},
+                  headers={"HX-Request": "true"})
+    assert r.status_code == 200
+
+
+def test_the_cookie_is_secure_behind_tls(stack: dict[str, Any]) -> None:
+    ok = httpx.post(f"{stack['base']}/console/login", data={"key": ADMIN},
+                    headers={"X-Forwarded-Proto": "https"})
+    assert ok.status_code == 303 and "Secure" in ok.headers["set-cookie"]
+
+
+def _from(address: str) -> httpx.Client:
+    """A client whose connections come from another loopback address (its own throttle)."""
+    return httpx.Client(transport=httpx.HTTPTransport(local_address=address))
+
+
+def test_failed_logins_are_throttled_per_address(stack: dict[str, Any]) -> None:
+    url = f"{stack['base']}/console/login"
+    with _from("127.0.0.2") as c, _from("127.0.0.3") as other:
+        for _ in range(5):
+            assert c.post(url, data={"key": "sk-guess"}).status_code == 403
+        r = c.post(url, data={"key": "sk-guess"})
+        assert r.status_code == 429 and 1 <= int(r.headers["retry-after"]) <= 60
+        assert "Too many failed log-ins" in r.text
+        r = c.post(url, data={"key": ADMIN})  # even the right key waits
+        assert r.status_code == 429 and "set-cookie" not in r.headers
+        ok = other.post(url, data={"key": ADMIN})  # another address is not held back
+        assert ok.status_code == 303 and ok.cookies["inferplane_console"]
+
+
+def test_sessions_expire_are_revoked_and_end_with_their_key() -> None:
+    s = Sessions(b"k" * 32, ttl_s=60)
+    hashes = {hash_key(ADMIN), hash_key("sk-other-admin")}
+    token = s.issue(hash_key(ADMIN), now=1000.0)
+    assert s.check(token, hashes, now=1059.0)
+    assert not s.check(token, hashes, now=1061.0)  # expired
+    assert not s.check(token, {hash_key("sk-other-admin")}, now=1001.0)  # its key removed
+    assert not Sessions(b"j" * 32, 60).check(token, hashes, now=1001.0)  # another secret
+    s.revoke(token, now=1002.0)
+    assert not s.check(token, hashes, now=1003.0)
+    for bad in ("", "a.b", "a.b.c", "x.1.y.z", token + "x"):
+        assert not s.check(bad, hashes, now=1001.0)
+    assert matching_hash(hash_key(ADMIN), hashes) == hash_key(ADMIN)
+    assert matching_hash(hash_key(TENANT), hashes) is None
+
+
+def test_the_throttle_window_slides() -> None:
+    t = LoginThrottle(max_failures=3, window_s=60)
+    for i in range(3):
+        assert t.retry_after("a", now=100.0 + i) is None
+        t.failed("a", now=100.0 + i)
+    assert t.retry_after("a", now=103.0) == 57
+    assert t.retry_after("b", now=103.0) is None
+    assert t.retry_after("a", now=160.5) is None  # the first failure left the window
 
 
 def test_pages_carry_a_content_security_policy(stack: dict[str, Any]) -> None:

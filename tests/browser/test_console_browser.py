@@ -176,6 +176,7 @@ def test_the_console_needs_an_admin_key(browser: Any, stack: dict[str, Any]) -> 
     p.wait_for_url("**/console/spend")  # back where it was going
     (cookie,) = p.context.cookies()
     assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and cookie["path"] == "/console"
+    assert ADMIN not in cookie["value"]  # a session token, never the key
     assert p.evaluate("document.cookie") == ""  # scripts cannot read it
     p.click("form.logout button")
     p.wait_for_url("**/console/login")

@@ -3,10 +3,10 @@ served under ``/console`` by the gateway behind an admin key (docs/console.md).
 
 Pages are rendered on the server with Jinja2 (``data/console/templates``) and refreshed with htmx
 (vendored in ``data/console/static``; nothing is loaded from elsewhere at run time). The admin keys
-are the ones that may read ``/metrics`` (``gateway.metrics.api_keys``): a request carries one as
-``Authorization: Bearer <key>`` or as the ``inferplane_console`` cookie that the login form sets
-(HttpOnly, SameSite=Strict, path ``/console``). Every request checks the key's hash again, so the
-console holds no session state and any worker of a multi-process gateway serves it.
+are the ones that may read ``/metrics`` (``gateway.metrics.api_keys``): a script sends one as
+``Authorization: Bearer <key>``; a browser logs in with one and gets the ``inferplane_console``
+cookie (HttpOnly, SameSite=Strict, path ``/console``, Secure over TLS) holding a signed session
+token, never the key (`api.console_auth`). Failed log-ins are throttled per client address.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import orjson
 from aiohttp import web
 from prometheus_client.registry import CollectorRegistry
 
+from inferplane.api.console_auth import LoginThrottle, Sessions, console_secret, matching_hash
 from inferplane.api.pipeline import Gateway
 from inferplane.core.plane import hash_key
 from inferplane.economics.analysis import EconomicsReport
@@ -63,6 +64,8 @@ log = logging.getLogger("inferplane.console")
 GATEWAY: web.AppKey[Gateway] = web.AppKey("console_gateway", Gateway)
 TEMPLATES: web.AppKey[jinja2.Environment] = web.AppKey("console_templates", jinja2.Environment)
 STATIC: web.AppKey[dict[str, bytes]] = web.AppKey("console_static", dict)
+SESSIONS: web.AppKey[Sessions] = web.AppKey("console_sessions", Sessions)
+THROTTLE: web.AppKey[LoginThrottle] = web.AppKey("console_throttle", LoginThrottle)
 
 
 # -- access ----------------------------------------------------------------------------------
@@ -74,12 +77,16 @@ def admin_hashes(gw: Gateway) -> frozenset[str]:
     return frozenset(gw.config.gateway.metrics.api_keys)
 
 
-def presented_key(request: web.Request) -> str | None:
+def bearer_key(request: web.Request) -> str | None:
     scheme, _, key = (request.headers.get("Authorization") or "").partition(" ")
     if scheme.lower() == "bearer" and key.strip():
         return key.strip()
-    cookie = request.cookies.get(COOKIE, "").strip()
-    return cookie or None
+    return None
+
+
+def admin_hash(key: str, hashes: frozenset[str]) -> str | None:
+    """The admin key hash ``key`` matches (constant-time comparison), or None."""
+    return matching_hash(hash_key(key), hashes)
 
 
 def wants_page(request: web.Request) -> bool:
@@ -92,27 +99,35 @@ def wants_page(request: web.Request) -> bool:
 
 
 def check_admin(request: web.Request) -> None:
-    """The request carries an admin key, or it gets 401 (none) / 403 (not an admin key) in the
-    OpenAI error shape; a browser navigating with no key is sent to the login form instead."""
+    """The request carries an admin key (Bearer) or a valid session cookie, or it gets 401 (none,
+    or a session expired or logged out) / 403 (not an admin key) in the OpenAI error shape; a
+    browser navigating without either is sent to the login form instead."""
     gw = request.app[GATEWAY]
     hashes = admin_hashes(gw)
     if not hashes:
         raise PermissionDeniedError(
             "the console is not served: set gateway.metrics.api_keys (the admin keys' hashes)"
         )
-    key = presented_key(request)
-    if key is None:
-        if wants_page(request):
-            raise NeedsLogin
+    key = bearer_key(request)
+    if key is not None:
+        if admin_hash(key, hashes) is None:
+            raise PermissionDeniedError(
+                "this key may not use the console (gateway.metrics.api_keys)")
+        return
+    token = request.cookies.get(COOKIE, "").strip()
+    if token and request.app[SESSIONS].check(token, hashes):
+        return
+    if wants_page(request):
+        raise NeedsLogin  # no session, or an expired or logged-out one: log in again
+    if token:
         raise AuthenticationError(
-            "the console needs an admin key: send 'Authorization: Bearer <key>' or log in at "
-            f"{PREFIX}/login",
-            code="missing_api_key",
-        )
-    if hash_key(key) not in hashes:
-        if wants_page(request) and "Authorization" not in request.headers:
-            raise NeedsLogin  # a stale cookie: log in again
-        raise PermissionDeniedError("this key may not use the console (gateway.metrics.api_keys)")
+            f"the console session is not valid (expired or logged out): log in at "
+            f"{PREFIX}/login", code="invalid_session")
+    raise AuthenticationError(
+        "the console needs an admin key: send 'Authorization: Bearer <key>' or log in at "
+        f"{PREFIX}/login",
+        code="missing_api_key",
+    )
 
 
 def _login_redirect(request: web.Request) -> web.Response:
@@ -484,8 +499,21 @@ async def read_form(request: web.Request) -> Mapping[str, Any]:
         raise InvalidRequestError(f"malformed form: {type(exc).__name__}") from None
 
 
+def _secure(request: web.Request) -> bool:
+    """Served over TLS (here, or at a proxy that says so)."""
+    return request.secure or request.headers.get("X-Forwarded-Proto", "").lower() == "https"
+
+
 async def login(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
+    throttle = request.app[THROTTLE]
+    address = request.remote or "?"
+    wait = throttle.retry_after(address)
+    if wait is not None:
+        resp = render(request, "login.html", status=429, next=f"{PREFIX}/fleet",
+                      error=f"Too many failed log-ins: try again in {wait} s.")
+        resp.headers["Retry-After"] = str(wait)
+        return resp
     form = await read_form(request)
     key = str(form.get("key") or "").strip()
     nxt = _safe_next(str(form.get("next") or ""))
@@ -493,16 +521,22 @@ async def login(request: web.Request) -> web.Response:
     if not hashes:
         return render(request, "login.html", status=403, next=nxt,
                       error="The console is off: no admin keys (gateway.metrics.api_keys).")
-    if not key or hash_key(key) not in hashes:
+    matched = admin_hash(key, hashes) if key else None
+    if matched is None:
+        throttle.failed(address)
         return render(request, "login.html", status=403, next=nxt,
                       error="That is not an admin key.")
     resp = web.Response(status=303, headers={"Location": nxt, **SECURITY_HEADERS})
-    resp.set_cookie(COOKIE, key, path=PREFIX, max_age=COOKIE_MAX_AGE_S, httponly=True,
-                    samesite="Strict", secure=request.secure)
+    resp.set_cookie(COOKIE, request.app[SESSIONS].issue(matched), path=PREFIX,
+                    max_age=COOKIE_MAX_AGE_S, httponly=True, samesite="Strict",
+                    secure=_secure(request))
     return resp
 
 
 async def logout(request: web.Request) -> web.Response:
+    token = request.cookies.get(COOKIE, "").strip()
+    if token:
+        request.app[SESSIONS].revoke(token)
     resp = web.Response(status=303, headers={"Location": f"{PREFIX}/login", **SECURITY_HEADERS})
     resp.del_cookie(COOKIE, path=PREFIX)
     return resp
@@ -609,6 +643,8 @@ def setup(app: web.Application, gateway: Gateway) -> None:
     app[GATEWAY] = gateway
     app[TEMPLATES] = _environment()
     app[STATIC] = _load_static()
+    app[SESSIONS] = Sessions(console_secret(), COOKIE_MAX_AGE_S)
+    app[THROTTLE] = LoginThrottle()
     history = app[HISTORY] = PoolHistory()
     app[ECONOMICS_LOCK] = asyncio.Lock()
 

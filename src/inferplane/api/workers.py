@@ -26,6 +26,7 @@ import sys
 import time
 from collections.abc import Callable
 
+from inferplane.api.console_auth import ensure_shared_secret
 from inferplane.core.process import WORKER_ENV
 
 log = logging.getLogger("inferplane.workers")
@@ -45,6 +46,7 @@ def supervise(n: int, run_worker: Callable[[int], int]) -> int:
     status) and supervise them until a signal stops them; returns the exit status."""
     children: dict[int, tuple[int, float]] = {}  # pid -> (index, started)
     stopping = False
+    ensure_shared_secret()  # a console session opened on one worker is valid on the others
 
     def spawn(i: int) -> None:
         pid = os.fork()
