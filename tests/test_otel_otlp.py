@@ -1,5 +1,5 @@
-"""OpenTelemetry end to end: a real gateway process exports over OTLP/HTTP (protobuf) to a
-receiver on loopback, with headers from an environment variable."""
+"""OpenTelemetry end to end: a real gateway process exports over OTLP/HTTP (protobuf) and over
+OTLP/gRPC to a receiver on loopback, with headers from an environment variable."""
 
 from __future__ import annotations
 
@@ -11,16 +11,16 @@ import httpx
 import pytest
 
 from inferplane.api.pipeline import hash_key
-from tests.support.otlp_receiver import OtlpReceiver, attributes
+from tests.support.otlp_receiver import GrpcOtlpReceiver, OtlpReceiver, attributes
 from tests.support.procs import Proc, free_port
 
 KEY = "sk-otlp"
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
 
 
-@pytest.fixture
-def receiver() -> Iterator[OtlpReceiver]:
-    r = OtlpReceiver().start()
+@pytest.fixture(params=["http/protobuf", "grpc"])
+def receiver(request: pytest.FixtureRequest) -> Iterator[OtlpReceiver | GrpcOtlpReceiver]:
+    r = (OtlpReceiver() if request.param == "http/protobuf" else GrpcOtlpReceiver()).start()
     try:
         yield r
     finally:
@@ -37,7 +37,7 @@ def _wait(check: object, timeout: float = 20.0) -> None:
 
 
 def test_a_gateway_process_exports_traces_and_metrics_over_otlp(
-    receiver: OtlpReceiver, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    receiver: OtlpReceiver | GrpcOtlpReceiver, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("TEST_OTLP_HEADERS", "x-collector-key=s%20ecret")
     up_port, gw_port = free_port(), free_port()
@@ -52,6 +52,7 @@ telemetry:
   enabled: true
   service_name: gw-under-test
   endpoint: {receiver.endpoint}
+  protocol: {receiver.protocol}
   headers_env: TEST_OTLP_HEADERS
   export_interval_s: 0.5
   resource_attributes: {{deployment.environment.name: test}}

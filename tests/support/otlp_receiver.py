@@ -1,35 +1,76 @@
-"""A small OTLP/HTTP receiver for tests: ``POST /v1/traces`` and ``POST /v1/metrics`` with
-protobuf bodies (optionally gzip), decoded with opentelemetry-proto and kept in memory. It runs
-its own event loop in a thread, so a synchronous test can drive a real gateway process against
-it."""
+"""Small OTLP receivers for tests, decoding with opentelemetry-proto and keeping what they get in
+memory: `OtlpReceiver` (OTLP/HTTP: ``POST /v1/traces`` and ``POST /v1/metrics`` with protobuf
+bodies, optionally gzip; its own event loop in a thread) and `GrpcOtlpReceiver` (OTLP/gRPC: the
+collector's ``TraceService`` and ``MetricsService`` on a grpcio server). A synchronous test can
+drive a real gateway process against either."""
 
 from __future__ import annotations
 
 import asyncio
 import gzip
 import threading
+from concurrent import futures
 from typing import Any
 
+import grpc
 from aiohttp import web
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceRequest,
     ExportMetricsServiceResponse,
 )
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2_grpc import (
+    MetricsServiceServicer,
+    add_MetricsServiceServicer_to_server,
+)
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
+)
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2_grpc import (
+    TraceServiceServicer,
+    add_TraceServiceServicer_to_server,
 )
 
 from tests.support.procs import free_port
 
 
-class OtlpReceiver:
+class _Received:
+    """What a receiver got: decoded export requests and each request's headers (metadata)."""
+
     def __init__(self) -> None:
-        self.port = free_port()
         self.traces: list[Any] = []
         self.metrics: list[Any] = []
         self.headers: list[dict[str, str]] = []
         self._lock = threading.Lock()
+
+    def spans(self) -> list[tuple[dict[str, Any], Any]]:
+        """Every received span with its resource attributes."""
+        out = []
+        with self._lock:
+            for req in self.traces:
+                for rs in req.resource_spans:
+                    res = attributes(rs.resource.attributes)
+                    for ss in rs.scope_spans:
+                        out.extend((res, s) for s in ss.spans)
+        return out
+
+    def metric_names(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        with self._lock:
+            for req in self.metrics:
+                for rm in req.resource_metrics:
+                    for sm in rm.scope_metrics:
+                        for m in sm.metrics:
+                            out[m.name] = m
+        return out
+
+
+class OtlpReceiver(_Received):
+    protocol = "http/protobuf"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.port = free_port()
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -80,26 +121,45 @@ class OtlpReceiver:
         self._thread.join(10)
         self._loop.close()
 
-    def spans(self) -> list[tuple[dict[str, Any], Any]]:
-        """Every received span with its resource attributes."""
-        out = []
-        with self._lock:
-            for req in self.traces:
-                for rs in req.resource_spans:
-                    res = attributes(rs.resource.attributes)
-                    for ss in rs.scope_spans:
-                        out.extend((res, s) for s in ss.spans)
-        return out
+class GrpcOtlpReceiver(_Received):
+    """OTLP/gRPC on 127.0.0.1 (a free port), plaintext."""
 
-    def metric_names(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
+    protocol = "grpc"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        received = self
+
+        class Traces(TraceServiceServicer):  # type: ignore[misc]
+            def Export(self, request: Any, context: Any) -> Any:
+                received._keep(received.traces, request, context)
+                return ExportTraceServiceResponse()
+
+        class Metrics(MetricsServiceServicer):  # type: ignore[misc]
+            def Export(self, request: Any, context: Any) -> Any:
+                received._keep(received.metrics, request, context)
+                return ExportMetricsServiceResponse()
+
+        add_TraceServiceServicer_to_server(Traces(), self._server)
+        add_MetricsServiceServicer_to_server(Metrics(), self._server)
+        self.port = self._server.add_insecure_port("127.0.0.1:0")
+
+    def _keep(self, into: list[Any], request: Any, context: Any) -> None:
         with self._lock:
-            for req in self.metrics:
-                for rm in req.resource_metrics:
-                    for sm in rm.scope_metrics:
-                        for m in sm.metrics:
-                            out[m.name] = m
-        return out
+            into.append(request)
+            self.headers.append({k.lower(): v for k, v in context.invocation_metadata()})
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> GrpcOtlpReceiver:
+        self._server.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.stop(grace=None).wait(10)
 
 
 def attributes(kvs: Any) -> dict[str, Any]:
