@@ -179,3 +179,62 @@ async def test_headroom_sheds_sheddable_and_holds_batch_while_standard_still_goe
     assert g.tenant == "a" and pool.placed == 8
     for h in [*held, g]:
         pool.end(q, h)
+
+
+class GatedPool:
+    """A fake pool under a dispatch gate: ``n`` endpoints of ``slots`` slots each, one prompt
+    prefilling at a time per endpoint (`Admission` computes the same from the fleet)."""
+
+    def __init__(self, n: int, slots: int) -> None:
+        self.n, self.slots = n, slots
+        self.busy = 0  # endpoints with a prompt prefilling
+        self.placed = 0
+
+    def free(self, pool: object) -> int:  # one start per endpoint not prefilling
+        return min(self.n - self.busy, self.n * self.slots - self.placed)
+
+    def slot_free(self, pool: object) -> int:
+        return self.n * self.slots - self.placed
+
+    def capacity(self, pool: object) -> int:
+        return self.n * self.slots
+
+    def room_capacity(self, pool: object) -> int:
+        return self.n
+
+    def start(self, g: Grant) -> Grant:
+        g.started()
+        self.placed += 1
+        self.busy += 1
+        return g
+
+    def first_token(self, q: FairQueue, g: Grant) -> None:
+        self.busy -= 1
+        g.prefilled()
+        q.pump()
+
+
+async def test_under_the_dispatch_gate_a_tenant_filling_the_prefill_queues_is_above_its_share(
+) -> None:
+    pool = GatedPool(4, 4)  # 16 slots, 4 starts at once; reserve ceil(0.25 × 4) = 1 start
+    q = FairQueue(pool.free, capacity=pool.capacity, room_capacity=pool.room_capacity,
+                  slot_room=pool.slot_free, reserve_fraction=0.25, active_window_s=2.0,
+                  clock=lambda: 0.0)
+    b = pool.start(await q.acquire("b", "standard", "p", 10, 5.0))
+    pool.first_token(q, b)
+    a = [pool.start(await q.acquire("a", "standard", "p", 10, 5.0)) for _ in range(3)]
+    # a holds 3 slots (share 8) but 3 prompts prefilling (share 4 ÷ 2 = 2): the last free
+    # start is the reserve, kept for b
+    waiting = asyncio.create_task(q.acquire("a", "standard", "p", 10, 5.0))
+    await asyncio.sleep(0)
+    assert not waiting.done() and q.room("p") == 1
+    light = pool.start(await q.acquire("b", "standard", "p", 10, 0.5))  # no wait
+    assert light.waited_s == 0.0 and q.room("p") == 0
+    pool.first_token(q, light)  # a start frees, but a still has 3 prefilling: reserved
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    pool.first_token(q, a[0])  # a has 2 prefilling, 2 starts free: above the reserve
+    g = pool.start(await asyncio.wait_for(waiting, 1.0))
+    assert g.tenant == "a" and q.held("p", "a") == 4
+    g.release()
+    assert not g.prefilling  # release ends the prefill count too (idempotent)

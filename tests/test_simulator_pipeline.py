@@ -207,12 +207,60 @@ def test_a_tenant_flooding_at_10x_cannot_crowd_out_another_tenant() -> None:
     assert max(r.queued_s for r in flooded) < 0.5
     unprotected = _fair(10, admission=False)
     assert _p99(unprotected) > 100 * _p99(calm)  # without admission the flood takes the fleet
-    # With admission (strict shares) the victim's P99 TTFT stays within 3x of calm. The issue's
-    # target is +20 %, not met: the flooder's fair share of slots still batches its prefills
-    # with the victim's in the engines (docs/simulator.md). Measured: 0.071 s calm, 0.155 s
-    # flooded (0.61 s with the reserve alone), 21.7 s flooded without admission.
+    # Without the dispatch gate (this test) and the victim at its whole share of slots, the
+    # victim's P99 TTFT stays within 3x of calm: 0.071 s calm, 0.155 s flooded (0.61 s with the
+    # reserve alone), 21.7 s flooded without admission. The +20 % target is met with the gate
+    # and the victim within its share (the test above).
     assert _p99(flooded) < 3 * _p99(calm)
     assert _p99(flooded) < 0.02 * _p99(unprotected)
+
+
+def _flood(flood_rps: float, *, gate: float | None, strict: bool = False) -> list[RequestRecord]:
+    """Two tenants on two H100s (6 slots each, about 10 req/s of this workload): the victim
+    sends a 2,000-token request every 0.4 s (half its fair share), the flooder ``flood_rps``
+    (50: ten times its share). ``gate``: ``admission.queue.max_prefill_queue_s``."""
+    from inferplane.config.schema import MixEntry
+
+    tenants = (
+        f"  - {{name: victim, api_keys: ['{KEY}'], region: eu-west}}\n"
+        f"  - {{name: flooder, api_keys: ['{KEY2}'], region: eu-west}}\n"
+    )
+    config = fleet(n=2, max_concurrency=6, max_waiting=64, tenants=tenants)
+    q = config.admission.queue.model_copy(
+        update={"max_prefill_queue_s": gate, "keep_unused_shares": strict}
+    )
+    config = config.model_copy(
+        update={"admission": config.admission.model_copy(update={"queue": q})}
+    )
+    victim, flooder = resolve_mix(config, [
+        MixEntry.model_validate({"tenant": t, "class": "interactive", "fraction": 0.5})
+        for t in ("victim", "flooder")
+    ])
+    arrivals = [(i * 0.4, victim) for i in range(25)]
+    if flood_rps:
+        every = 1.0 / flood_rps
+        arrivals += [(k * every + every / 3, flooder) for k in range(int(10 * flood_rps))]
+    arrivals.sort(key=lambda a: a[0])
+    sim = run(config, [TraceRequest(t, 2000, 100) for t, _ in arrivals], profile="default",
+              assign=[s for _, s in arrivals])
+    return [r for r in sim.records if r.share.tenant == "victim"]
+
+
+@pytest.mark.parametrize("strict", [False, True], ids=["reserve", "strict"])
+def test_a_flood_at_10x_its_share_moves_the_other_tenants_p99_by_at_most_20_percent(
+    strict: bool,
+) -> None:
+    """Issue 13's fairness target, deterministic: with the dispatch gate the flood waits in the
+    gateway's fair queue, not in the engines' FIFO ahead of the victim's prompts."""
+    alone = _p99(_flood(0, gate=0.0, strict=strict))
+    flooded = _flood(50, gate=0.0, strict=strict)
+    assert all(r.completed and r.queued_s == 0.0 for r in flooded)
+    assert _p99(flooded) <= 1.2 * alone
+    # without the gate (the queue before it) the same flood moves it far more: measured +94 %
+    # with the reserve alone, +34 % with strict shares (the victim's prefill queued behind or
+    # batched with the flooder's inside the engine)
+    before = _p99(_flood(50, gate=None, strict=strict))
+    assert before > 1.2 * _p99(_flood(0, gate=None, strict=strict))
 
 
 def test_strict_shares_keep_the_victims_slots_free() -> None:

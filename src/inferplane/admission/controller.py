@@ -47,6 +47,7 @@ from inferplane.admission.state import AdmissionStore, MemoryStore
 from inferplane.config.schema import FleetConfig, TenantSpec, WorkloadClass
 from inferplane.errors import GatewayError, InvalidRequestError, RateLimitError
 from inferplane.fleet.live import LiveFleet
+from inferplane.fleet.model import Endpoint
 from inferplane.fleet.state import FleetSnapshot
 from inferplane.placement.profile import RequestProfile
 from inferplane.telemetry.metrics import GatewayMetrics
@@ -55,6 +56,21 @@ from inferplane.types import ApiKind
 log = logging.getLogger("inferplane.admission")
 
 _Pool = tuple[str, frozenset[str] | None, frozenset[str] | None]
+_REF_PREFILL_TOKENS = 2048  # prompt chunk at which the per-token prefill cost is taken
+
+
+@dataclass(frozen=True, slots=True)
+class _PoolStats:
+    """One pool's endpoints as of one fleet snapshot (see `Admission._pool_stats`)."""
+
+    usable: int  # usable endpoints
+    capacity: int  # Σ max_concurrency
+    free: int  # Σ requests each can take now (slots; with the dispatch gate at most 1 each)
+    slot_free: int  # Σ free slots, whatever the gate says
+    inflight: int
+    lowest_error_rate: float
+    room_capacity: int  # the most ``free`` can be: Σ max_concurrency, gated endpoints count 1
+    gated: frozenset[str]  # endpoints whose prefill queue is past the gate now
 
 
 @dataclass(slots=True)
@@ -164,6 +180,8 @@ class Admission:
         self.queue = FairQueue(
             self.free_slots,
             capacity=self.capacity if q.fair_share else None,
+            room_capacity=self.room_capacity if q.max_prefill_queue_s is not None else None,
+            slot_room=self.slot_free if q.max_prefill_queue_s is not None else None,
             reserve_fraction=q.reserve_fraction,
             active_window_s=q.active_window_s,
             max_waiting=q.max_waiting,
@@ -174,7 +192,11 @@ class Admission:
         )
         self.retry_budget = RetryBudget(spec.retry, monotonic)
         self._stats_snapshot: FleetSnapshot | None = None
-        self._stats: dict[PoolKey, tuple[int, int, int, int, float]] = {}
+        self._stats: dict[PoolKey, _PoolStats] = {}
+        self.gate_s = q.max_prefill_queue_s
+        self._prefill_s_per_token: dict[tuple[str, str], float | None] = {}
+        if self.gate_s is not None:
+            live.on_prefilled = self._prefilled
         self._day: tuple[float, float, str] = (0.0, 0.0, "")
         self._tasks: set[asyncio.Task[None]] = set()
         self._ticker: asyncio.Task[None] | None = None
@@ -188,54 +210,109 @@ class Admission:
     def pool_of(p: RequestProfile) -> PoolKey:
         return (p.model, p.allowed_jurisdictions, p.allowed_kinds)
 
-    def _pool_stats(self, pool: PoolKey) -> tuple[int, int, int, int, float]:
-        """(usable endpoints, Σ max_concurrency, Σ free slots, Σ in-flight, lowest error rate)
-        over the pool's usable endpoints, computed once per fleet snapshot: one request asks
-        several times (retry check, queue room, fair share) and so does every queue pump."""
+    def _pool_stats(self, pool: PoolKey) -> _PoolStats:
+        """The pool's usable endpoints summed (`_PoolStats`), computed once per fleet snapshot:
+        one request asks several times (retry check, queue room, fair share) and so does every
+        queue pump."""
         snap = self.live.snapshot()
         if snap is not self._stats_snapshot:
             self._stats_snapshot = snap
             self._stats.clear()
         stats = self._stats.get(pool)
         if stats is None:
-            model, jur, kinds = cast(_Pool, pool)
-            n = cap = free = inflight = 0
-            err = math.inf
-            for v in snap.endpoints:
-                e, st = v.endpoint, v.state
-                if model not in e.models or not st.usable:
-                    continue
-                if jur is not None and e.jurisdiction not in jur:
-                    continue
-                if kinds is not None and e.substrate.kind not in kinds:
-                    continue
-                n += 1
-                cap += e.max_concurrency
-                room = e.max_concurrency - st.inflight
-                if st.requests_left is not None:  # a declared rate limit is capacity too
-                    room = min(room, st.requests_left)
-                if st.tokens_left is not None and st.tokens_left <= 0:
-                    room = 0
-                free += max(0, room)
-                inflight += st.inflight
-                err = min(err, st.error_rate)
-            stats = self._stats[pool] = (n, cap, free, inflight, err)
+            stats = self._stats[pool] = self._compute_stats(snap, cast(_Pool, pool))
         return stats
 
+    def _compute_stats(self, snap: FleetSnapshot, pool: _Pool) -> _PoolStats:
+        model, jur, kinds = pool
+        gate = self.gate_s
+        n = cap = free = slot_free = inflight = room_cap = 0
+        err = math.inf
+        gated: list[str] = []
+        for v in snap.endpoints:
+            e, st = v.endpoint, v.state
+            if model not in e.models or not st.usable:
+                continue
+            if jur is not None and e.jurisdiction not in jur:
+                continue
+            if kinds is not None and e.substrate.kind not in kinds:
+                continue
+            n += 1
+            cap += e.max_concurrency
+            room = e.max_concurrency - st.inflight
+            if st.requests_left is not None:  # a declared rate limit is capacity too
+                room = min(room, st.requests_left)
+            if st.tokens_left is not None and st.tokens_left <= 0:
+                room = 0
+            room = max(0, room)
+            slot_free += room
+            per_tok = None if gate is None else self._per_token(e, model)
+            if per_tok is None or gate is None:
+                room_cap += e.max_concurrency
+            else:
+                room_cap += 1
+                if st.pending_prefill > 0 and st.pending_prefill_tokens * per_tok >= gate:
+                    gated.append(e.name)
+                    room = 0
+                else:  # one grant at a time: its placement updates the pending prefill
+                    room = min(room, 1)
+            free += room
+            inflight += st.inflight
+            err = min(err, st.error_rate)
+        return _PoolStats(n, cap, free, slot_free, inflight, err, room_cap, frozenset(gated))
+
+    def _per_token(self, e: Endpoint, model: str) -> float | None:
+        """Prefill seconds per uncached prompt token of ``model`` on ``e`` (the roofline's cost
+        of a 2,048-token prefill ÷ 2,048), or None without a physics model (never gated)."""
+        key = (e.name, model)
+        if key not in self._prefill_s_per_token:
+            r = e.roofline(model)
+            self._prefill_s_per_token[key] = (
+                None if r is None else r.prefill_time_s(_REF_PREFILL_TOKENS) / _REF_PREFILL_TOKENS
+            )
+        return self._prefill_s_per_token[key]
+
     def free_slots(self, pool: PoolKey) -> int:
-        """Free concurrency slots of the pool; unbounded when it has no usable endpoint (then
-        placement answers 503 naming its filters)."""
-        n, _, free, _, _ = self._pool_stats(pool)
-        return free if n else 1 << 30
+        """Requests the pool can take now: free concurrency slots, and with the dispatch gate
+        (``queue.max_prefill_queue_s``) at most one per endpoint whose prefill queue is under
+        it; unbounded when the pool has no usable endpoint (then placement answers 503 naming
+        its filters)."""
+        st = self._pool_stats(pool)
+        return st.free if st.usable else 1 << 30
+
+    def slot_free(self, pool: PoolKey) -> int:
+        """Free concurrency slots of the pool, whatever the dispatch gate says."""
+        st = self._pool_stats(pool)
+        return st.slot_free if st.usable else 1 << 30
 
     def capacity(self, pool: PoolKey) -> int:
         """The pool's concurrency envelope: Σ max_concurrency of its usable endpoints."""
-        return self._pool_stats(pool)[1]
+        return self._pool_stats(pool).capacity
+
+    def room_capacity(self, pool: PoolKey) -> int:
+        """The most requests the pool can take at one instant (`free_slots` at its largest):
+        the envelope, with each endpoint under the dispatch gate counting one."""
+        return self._pool_stats(pool).room_capacity
+
+    def gated(self, p: RequestProfile) -> frozenset[str]:
+        """Endpoints of the request's pool that the dispatch gate keeps from new requests now
+        (empty when the gate is off, or when it would leave the pool no endpoint: then a grant
+        raced a change and placement chooses among all)."""
+        if self.gate_s is None or not self.enabled:
+            return frozenset()
+        st = self._pool_stats(self.pool_of(p))
+        return st.gated if len(st.gated) < st.usable else frozenset()
+
+    def _prefilled(self, endpoint: str) -> None:
+        """A first token arrived: that endpoint's prefill queue shrank, a waiter may go."""
+        del endpoint
+        if self.queue.waiting:
+            self.queue.pump()
 
     def utilisation(self, pool: PoolKey) -> float:
         """Gateway in-flight ÷ capacity over the pool's usable endpoints (1.0 when it has none)."""
-        _, cap, _, inflight, _ = self._pool_stats(pool)
-        return inflight / cap if cap else 1.0
+        st = self._pool_stats(pool)
+        return st.inflight / st.capacity if st.capacity else 1.0
 
     def batch_spare(self, pool: PoolKey, launching: int, max_utilisation: float) -> bool:
         """Spare capacity for one more batch-lane request on ``pool``: no request of a band above
@@ -252,10 +329,11 @@ class Admission:
         return (busy + 1) / cap <= max_utilisation or busy == 0
 
     def degraded(self, pool: PoolKey) -> str | None:
-        n, _, _, _, err = self._pool_stats(pool)
-        if not n:
+        st = self._pool_stats(pool)
+        if not st.usable:
             return None
-        if self.queue.room(pool) <= 0:
+        err = st.lowest_error_rate
+        if self.queue.slot_room(pool) <= 0:
             return "saturated"
         # every candidate failing: a retry cannot help
         if err >= self.spec.retry.degraded_error_rate:

@@ -35,7 +35,15 @@ minus the requests already granted but not yet placed. Otherwise it waits:
   (when that is another tenant, with at least two more waiters than the newcomer's), so that a
   tenant flooding the queue cannot crowd out another tenant's requests; else the newcomer is.
 
-Grants happen in `pump`, called when capacity frees (a request finishes) and every ``tick_s``.
+- a **dispatch gate** (``max_prefill_queue_s``, off by default; `Admission` computes it): an
+  endpoint counts as free only while the prefill the gateway sent it and has not seen a first
+  token for is under the gate, and then for one request at a time; the excess waits here, in fair
+  order, instead of in the engine's FIFO behind a flooding tenant's prompts. The reserve is then a
+  fraction of the most requests the pool can take at once (``room_capacity``), and the headroom
+  test still counts slots (``slot_room``).
+
+Grants happen in `pump`, called when capacity frees (a request finishes, a first token arrives
+under the gate) and every ``tick_s``.
 """
 
 from __future__ import annotations
@@ -47,6 +55,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from inferplane.errors import GatewayError, RateLimitError
 
@@ -55,6 +64,21 @@ _LOW_BANDS = frozenset({"sheddable", "batch"})
 SHED_ORDER = ("sheddable", "batch", "standard", "critical")
 
 PoolKey = Hashable
+
+
+class Share(NamedTuple):
+    """A pool's fair shares per active tenant and the reserves kept for tenants below them.
+
+    ``slots``: Σ max_concurrency ÷ active tenants; ``reserve``: the free slots a tenant at or
+    above it may not take. Under a dispatch gate also ``starts``: the requests the pool can
+    start at once (`FairQueue.room_capacity`) ÷ active tenants, compared with the tenant's
+    requests still prefilling, and ``starts_reserve``, the free starts a tenant at or above it
+    may not take (without a gate: infinite and 0, never binding)."""
+
+    slots: float
+    reserve: int
+    starts: float = math.inf
+    starts_reserve: int = 0
 
 
 class QueueTimeoutError(GatewayError):
@@ -76,6 +100,7 @@ class Grant:
     waited_s: float = 0.0
     pending: bool = True
     held: bool = True
+    prefilling: bool = False  # counted in the queue's prefills (under a dispatch gate)
 
     def started(self) -> None:
         if self.pending:
@@ -83,9 +108,17 @@ class Grant:
             if self.queue is not None:
                 self.queue._pending[self.pool] -= 1
 
+    def prefilled(self) -> None:
+        """The request's first token arrived (or it ended): its prefill is over (idempotent)."""
+        if self.prefilling:
+            self.prefilling = False
+            if self.queue is not None:
+                self.queue._count_prefill(self.pool, self.tenant, -1)
+
     def release(self) -> None:
         """The request is over: its tenant no longer holds the slot (idempotent)."""
         self.started()
+        self.prefilled()
         if self.held:
             self.held = False
             if self.queue is not None:
@@ -111,6 +144,8 @@ class FairQueue:
         free_slots: Callable[[PoolKey], int],
         *,
         capacity: Callable[[PoolKey], int] | None = None,
+        room_capacity: Callable[[PoolKey], int] | None = None,
+        slot_room: Callable[[PoolKey], int] | None = None,
         reserve_fraction: float = 0.0,
         active_window_s: float = 5.0,
         max_waiting: int = 1024,
@@ -122,6 +157,10 @@ class FairQueue:
     ) -> None:
         self.free_slots = free_slots
         self.capacity = capacity  # None: no fair-share caps (VTC order only)
+        # the most ``free_slots`` can be (the reserve is a fraction of it); default: capacity
+        self.room_capacity = room_capacity
+        # free slots whatever a dispatch gate says (the headroom test); default: free_slots
+        self._slot_free = slot_room
         self.envelope = envelope  # the pool's slots (Σ max_concurrency), for ``shed_above``
         self.shed_above = shed_above
         self.keep_unused_shares = keep_unused_shares
@@ -135,6 +174,8 @@ class FairQueue:
         self._pending: dict[PoolKey, int] = {}
         self._waiting_pool: dict[PoolKey, int] = {}
         self._held: dict[PoolKey, dict[str, int]] = {}  # granted and not yet released
+        # granted and no first token yet, per tenant (kept only under a dispatch gate)
+        self._prefills: dict[PoolKey, dict[str, int]] = {}
         self._waiting_tenant: dict[PoolKey, dict[str, int]] = {}
         self._seen: dict[PoolKey, dict[str, float]] = {}  # last arrival per tenant
         self._seq = itertools.count()
@@ -143,6 +184,12 @@ class FairQueue:
     # -- capacity -------------------------------------------------------------------------
     def room(self, pool: PoolKey) -> int:
         return self.free_slots(pool) - self._pending.get(pool, 0)
+
+    def slot_room(self, pool: PoolKey) -> int:
+        """Free slots less pending grants, whatever a dispatch gate says."""
+        if self._slot_free is None:
+            return self.room(pool)
+        return self._slot_free(pool) - self._pending.get(pool, 0)
 
     def depth(self, band: str) -> int:
         return sum(len(q) for q in self._bands[band].values())
@@ -154,6 +201,8 @@ class FairQueue:
         if self.shed_above is None or self.envelope is None or band not in _LOW_BANDS:
             return False
         cap = self.envelope(pool)
+        if self._slot_free is not None:
+            room = self.slot_room(pool)
         return cap > 0 and cap - room + 1 > self.shed_above * cap
 
     def _shed_low(self, band: str, pool: PoolKey) -> RateLimitError:
@@ -176,7 +225,18 @@ class FairQueue:
         held = self._held.setdefault(pool, {})
         held[tenant] = held.get(tenant, 0) + 1
         self.vtc[tenant] = self.vtc.get(tenant, 0.0) + tokens
-        return Grant(self, pool, tenant, tokens, waited)
+        gated = self.room_capacity is not None
+        if gated:
+            self._count_prefill(pool, tenant, +1)
+        return Grant(self, pool, tenant, tokens, waited, prefilling=gated)
+
+    def _count_prefill(self, pool: PoolKey, tenant: str, d: int) -> None:
+        per = self._prefills.setdefault(pool, {})
+        n = per.get(tenant, 0) + d
+        if n > 0:
+            per[tenant] = n
+        else:
+            per.pop(tenant, None)
 
     def _release(self, pool: PoolKey, tenant: str) -> None:
         held = self._held.get(pool)
@@ -193,30 +253,34 @@ class FairQueue:
             del seen[t]
         return set(seen) | set(self._held.get(pool, {})) | set(self._waiting_tenant.get(pool, {}))
 
-    def share(self, pool: PoolKey) -> tuple[float, int] | None:
-        """The pool's fair share per tenant and its reserve, or None when no caps apply (one
-        active tenant, or no capacity known)."""
+    def share(self, pool: PoolKey) -> Share | None:
+        """The pool's fair shares per tenant and reserves (`Share`), or None when no caps apply
+        (one active tenant, or no capacity known)."""
         if self.capacity is None:
             return None
         n = len(self._active(pool, self.clock()))
         cap = self.capacity(pool)
         if n <= 1 or cap <= 0:
             return None
-        return cap / n, math.ceil(self.reserve_fraction * cap)
+        slots = Share(cap / n, math.ceil(self.reserve_fraction * cap))
+        if self.room_capacity is None:
+            return slots
+        most = self.room_capacity(pool)
+        starts_reserve = math.ceil(self.reserve_fraction * most)
+        return slots._replace(starts=most / n, starts_reserve=starts_reserve)
 
-    def _eligible(self, tenant: str, pool: PoolKey, room: int, share: tuple[float, int] | None
-                  ) -> bool:
+    def _eligible(self, tenant: str, pool: PoolKey, room: int, share: Share | None) -> bool:
         if room <= 0:
             return False
         if share is None:
             return True
-        fair, reserve = share
-        held = self.held(pool, tenant)
-        if held < fair:
-            return True
-        if self.keep_unused_shares:
-            reserve = max(reserve, self._unused_shares(pool, tenant, fair))
-        return room > reserve
+        if self.held(pool, tenant) >= share.slots:
+            reserve = share.reserve
+            if self.keep_unused_shares:
+                reserve = max(reserve, self._unused_shares(pool, tenant, share.slots))
+            if (room if self._slot_free is None else self.slot_room(pool)) <= reserve:
+                return False
+        return self._prefilling(pool, tenant) < share.starts or room > share.starts_reserve
 
     def _unused_shares(self, pool: PoolKey, tenant: str, fair: float) -> int:
         """Slots the other active tenants hold below their fair share: kept free for them."""
@@ -227,8 +291,17 @@ class FairQueue:
             if t != tenant
         )
 
-    def _below_share(self, tenant: str, pool: PoolKey, share: tuple[float, int] | None) -> bool:
-        return share is None or self.held(pool, tenant) < share[0]
+    def _prefilling(self, pool: PoolKey, tenant: str) -> int:
+        return self._prefills.get(pool, {}).get(tenant, 0)
+
+    def _below_share(self, tenant: str, pool: PoolKey, share: Share | None) -> bool:
+        """Below its fair share of slots and (under a dispatch gate) of the prefills in flight:
+        a tenant whose requests fill every endpoint's prefill queue is not below its share, even
+        while it holds fewer slots than its share."""
+        if share is None:
+            return True
+        held, prefilling = self.held(pool, tenant), self._prefilling(pool, tenant)
+        return held < share.slots and prefilling < share.starts
 
     def charge(self, tenant: str, delta_tokens: float) -> None:
         """Correct a tenant's counter once the actual tokens are known."""
@@ -372,10 +445,10 @@ class FairQueue:
     def _best(self) -> _Waiter | None:
         """The next waiter to grant: the first band with an eligible waiter; inside it, tenants
         below their fair share first, then by virtual tokens, then the older head."""
-        pools: dict[PoolKey, tuple[int, tuple[float, int] | None]] = {}
+        pools: dict[PoolKey, tuple[int, Share | None]] = {}
         held_back: set[PoolKey] = set()  # a higher band waits on it: lower bands may not jump
 
-        def pool_state(pool: PoolKey) -> tuple[int, tuple[float, int] | None]:
+        def pool_state(pool: PoolKey) -> tuple[int, Share | None]:
             st = pools.get(pool)
             if st is None:
                 room = self.room(pool)

@@ -586,6 +586,16 @@ class QueueSpec(Strict):
         "their fair share (at least the reserve), so a flooding tenant never takes them while "
         "those tenants are active; off: only the reserve is kept (more work-conserving)",
     )
+    max_prefill_queue_s: float | None = Field(
+        None,
+        ge=0,
+        description="dispatch gate: an endpoint takes a new request only while the prefill the "
+        "gateway has sent it and not yet seen a first token for would take its engine at most "
+        "this long (pending uncached prompt tokens x the roofline's prefill time per token; 0: "
+        "one prefill at a time); the excess waits in this fair queue instead of the engine's "
+        "FIFO, so another tenant's request is never queued behind a flood inside an engine. "
+        "Placement skips gated endpoints; unset: off",
+    )
 
 
 class AdmissionSpec(Strict):

@@ -566,6 +566,9 @@ class Core:
         `LiveFleet.reserve`); the admission ticket, if any, is marked placed. With shared slots
         (several replicas), call `hold` instead."""
         trace = current_trace()
+        gated = self.admission.gated(profile)
+        if gated:
+            profile = profile.with_(gated=gated)
         with trace.stage("place"):
             decision = self.decide(profile, record=record)
             trace.placed(decision)
@@ -583,6 +586,8 @@ class Core:
         )
         if ticket is not None:
             self.admission.placed(ticket)
+            if ticket.grant is not None and ticket.grant.prefilling:
+                reservation.on_first_token = ticket.grant.prefilled
         return Placement(decision, reservation, [] if failed is None else failed, ticket, trace)
 
     def _session_plugins(self, workload_class: str) -> list[SessionAffinity]:

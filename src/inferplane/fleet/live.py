@@ -118,11 +118,14 @@ class Reservation:
     # the endpoint's live record when reserved: a fleet reload that replaces the endpoint (or
     # removes it) does not move this request's counts onto another record
     record: EndpointLive | None = None
+    on_first_token: Callable[[], None] | None = None  # e.g. admission's prefill count
 
     def first_token(self) -> None:
         """The first token arrived: this request's prefill is no longer ahead of anyone."""
         if not self.prefilled:
             self.prefilled = True
+            if self.on_first_token is not None:
+                self.on_first_token()
             self.fleet._prefilled(self.endpoint, self.prefill_tokens, self.record)
 
     def release(self) -> None:
@@ -264,6 +267,9 @@ class LiveFleet:
         self._version = 0
         self._snapshot: FleetSnapshot | None = None
         self._snapshot_at = 0.0
+        # told the endpoint's name when a request's first token arrives (its prefill is done):
+        # admission's dispatch gate re-checks its queue
+        self.on_prefilled: Callable[[str], None] | None = None
 
     def reconfigure(self, fleet: Fleet) -> tuple[list[str], list[str]]:
         """Swap in a reloaded fleet; return the names of (fresh, removed) endpoints.
@@ -361,6 +367,8 @@ class LiveFleet:
         rec.pending_prefill -= 1
         rec.pending_prefill_tokens -= prefill_tokens
         self._touch(rec)
+        if self.on_prefilled is not None:
+            self.on_prefilled(endpoint)
 
     def _release(self, endpoint: str, tokens: int, rec: EndpointLive | None = None) -> None:
         rec = rec or self.live[endpoint]

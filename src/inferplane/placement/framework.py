@@ -401,6 +401,17 @@ def _place(
         if len(kept) != len(candidates):
             removed["capacity"] = len(candidates) - len(kept)
         candidates = kept
+    gated = profile.gated
+    if gated:
+        kept = [c for c in candidates if c.name not in gated]
+        for c in candidates:
+            if c.name in gated:
+                records[c.name] = _rejected(
+                    c, "capacity", "prefill queue past admission.queue.max_prefill_queue_s"
+                )
+        if len(kept) != len(candidates):
+            removed["capacity"] = removed.get("capacity", 0) + len(candidates) - len(kept)
+        candidates = kept
 
     for f in policy.filters:
         if not candidates:

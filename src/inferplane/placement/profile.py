@@ -44,6 +44,7 @@ class RequestProfile:
     model_alias: str | None = None  # the alias the client named (tiered routing); model: its tier
     tier_reason: str | None = None  # why that tier
     full: frozenset[str] = field(default_factory=frozenset)  # no free shared slot just now
+    gated: frozenset[str] = field(default_factory=frozenset)  # prefill queue full just now
     attempt: int = 0
 
     @property
