@@ -313,10 +313,24 @@ class Engine:
         budget = cfg.max_num_batched_tokens
         sched: list[tuple[EngineRequest, int]] = []
         running = self._running
+        bs, caching = cfg.block_size, cfg.enable_prefix_caching
         i = 0
         while i < len(running) and budget > 0:
             req = running[i]
-            n = self._cap(req.num_tokens - req.num_computed_tokens, budget)
+            c = req.num_computed_tokens
+            left = req.prompt_len + req.num_output_tokens - c
+            if (
+                left == 1
+                and c < len(req.block_ids) * bs
+                and (not caching or (c + 1) // bs <= req.num_cached_blocks)
+            ):
+                # one token inside its own blocks, filling none: `_allocate` would take no
+                # block and cache none (the hot path of a decode step)
+                sched.append((req, 1))
+                budget -= 1
+                i += 1
+                continue
+            n = self._cap(left, budget)
             while not self._allocate(req, req.num_computed_tokens, n):
                 victim = running.pop()
                 self._preempt(victim, out)
@@ -364,7 +378,7 @@ class Engine:
         pf_tok = pf_ctx = dec_n = dec_ctx = 0
         for req, n in sched:
             c = req.num_computed_tokens
-            if n == 1 and req.num_output_tokens and c == req.num_tokens - 1:
+            if n == 1 and req.num_output_tokens and c == req.prompt_len + req.num_output_tokens - 1:
                 dec_n += 1
                 dec_ctx += c + 1
             else:
@@ -377,7 +391,7 @@ class Engine:
         itl: dict[float, int] = {}
         for req, n in sched:
             req.num_computed_tokens += n
-            if req.num_computed_tokens < req.num_tokens:
+            if req.num_computed_tokens < req.prompt_len + req.num_output_tokens:
                 continue  # a prefill chunk that does not finish the prompt
             if req.first_token_time is None:
                 req.first_token_time = t
@@ -440,10 +454,16 @@ class Engine:
             return None
         k, ctx0 = max_steps, 0
         for r in running:
-            if r.num_output_tokens == 0 or r.num_computed_tokens != r.num_tokens - 1:
+            out_n = r.num_output_tokens
+            if out_n == 0 or r.num_computed_tokens != r.prompt_len + out_n - 1:
                 return None  # somebody is (re)prefilling
-            k = min(k, r.max_tokens - r.num_output_tokens)
+            if r.max_tokens - out_n < k:
+                k = r.max_tokens - out_n
             ctx0 += r.num_computed_tokens + 1
+        n = len(running)
+        d0 = self.cost_model.step_time_s(0, 0, n, ctx0)
+        if k < 2 or now + d0 >= until:
+            return None  # one step only: a plain step does the same
         if self._decode_blocks_needed(k) > pool.num_free_blocks:
             lo, hi = 0, k  # need(lo) fits, need(hi) does not
             while hi - lo > 1:
@@ -453,11 +473,12 @@ class Engine:
                 else:
                     hi = mid
             k = lo
-        n, t, durs = len(running), now, []
-        for j in range(k):
-            if j and t >= until:
+        t, durs = now + d0, [d0]
+        cost = self.cost_model.step_time_s
+        for j in range(1, k):
+            if t >= until:
                 break
-            d = self.cost_model.step_time_s(0, 0, n, ctx0 + n * j)
+            d = cost(0, 0, n, ctx0 + n * j)
             durs.append(d)
             t += d
         k = len(durs)
