@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -16,13 +17,16 @@ import pytest
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from prometheus_client import generate_latest
 
+from inferplane.admission.sqlite_state import SqliteStore
 from inferplane.api.pipeline import hash_key
 from inferplane.config.loader import parse_config
 from inferplane.epp import protocol as P
 from inferplane.epp import server as epp_server
 from inferplane.epp.server import Picker, serve
 from inferplane.fleet.scraper import StaticMetricsSource
+from inferplane.ledger.build import build_ledger
 from tests.support.procs import free_port
 
 KEY = "sk-stream"
@@ -67,10 +71,10 @@ def body(data: bytes = BODY) -> Any:
 
 
 @contextlib.asynccontextmanager
-async def picker() -> AsyncIterator[tuple[Picker, Any]]:
+async def picker(config: str = CONFIG) -> AsyncIterator[tuple[Picker, Any]]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("EPP_TEST_KEY", "sk-hosted")
-        p = Picker(parse_config(CONFIG), metrics_source=StaticMetricsSource())
+        p = Picker(parse_config(config), metrics_source=StaticMetricsSource())
     port = free_port()
     server, _ = await serve(p, "127.0.0.1", port)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
@@ -171,6 +175,78 @@ async def test_an_observer_stream_that_breaks_accounts_a_499() -> None:
         rec = p.ledger.get(did)
         assert rec is not None and rec["outcome"]["status"] == 499
         assert rec["outcome"]["ttft_s"] is not None
+
+
+async def _pick_and_observe_silently(stub: Any) -> tuple[str, Any]:
+    """A pick, then an observer that attaches (its request headers name the decision) and
+    never reports again: the observer stream stays open and silent."""
+    answers = await exchange(stub, headers(), body())
+    sets = {h.header.key: h.header.raw_value.decode()
+            for h in answers[1].request_body.response.header_mutation.set_headers}
+    did = sets[P.DECISION_HEADER]
+    call = stub.Process()
+    obs = headers({P.DECISION_HEADER: did})
+    obs.observability_mode = True
+    await call.write(obs)
+    return did, call
+
+
+async def test_a_pick_whose_observer_never_reports_is_reaped_recorded_and_settled() -> None:
+    """Issue 12 item 4: an observer that attached and then never reported (its stream open
+    and silent, an Envoy that hangs) does not keep the pick forever: past ``upstream_timeout_s
+    + epp.message_timeout_s`` (Envoy's route timeout ends any answer by then) the reaper
+    accounts it as a 504 naming why, releases its endpoint and settles its ticket."""
+    cfg = "gateway: {upstream_timeout_s: 0.3}\nepp: {message_timeout_s: 0.1}\n" + CONFIG
+    async with picker(cfg) as (p, stub):
+        did, call = await _pick_and_observe_silently(stub)
+        f = p.flights[did]
+        deadline = time.monotonic() + 5
+        while not f.observed:  # the observer's headers reached the picker
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        await settled(p)
+        rec = p.ledger.get(did)
+        assert rec is not None and rec["outcome"]["status"] == 504
+        assert "never observed" in rec["outcome"]["error"]
+        assert f.ticket.settling is not None
+        await f.ticket.settling
+        (row,) = await p.admission.usage("t", ["model"])
+        assert row["requests"] == 1
+        text = generate_latest(p.metrics.registry).decode()
+        assert 'inferplane_epp_flights_reaped_total{reason="unobserved"} 1.0' in text
+        call.cancel()
+
+
+async def test_picks_in_the_air_when_the_picker_stops_are_recorded_and_settled(
+    tmp_path: Path,
+) -> None:
+    """Issue 12 item 4: the picker stopping with picks whose end it has not seen accounts them
+    (499, "the picker stopped") before its ledger and admission store close. The code before
+    accounted them after both had closed: no record, no settle."""
+    ledger = tmp_path / "ledger.sqlite"
+    cfg = f"gateway: {{ledger_path: '{ledger}'}}\n" + CONFIG
+    monkey = epp_server.ORPHAN_GRACE_S
+    epp_server.ORPHAN_GRACE_S = 60.0  # its picker stream has ended; no observer yet
+    try:
+        async with picker(cfg) as (p, stub):
+            answers = await exchange(stub, headers(), body())
+            sets = {h.header.key: h.header.raw_value.decode()
+                    for h in answers[1].request_body.response.header_mutation.set_headers}
+            did = sets[P.DECISION_HEADER]
+            assert did in p.flights
+    finally:
+        epp_server.ORPHAN_GRACE_S = monkey
+    config = parse_config(cfg)
+    store = SqliteStore(f"{ledger}.admission.sqlite")
+    reader = build_ledger(config, "<test>")
+    try:
+        rec = reader.get(did)
+        assert rec is not None and rec["outcome"]["status"] == 499
+        assert rec["outcome"]["error"] == "the picker stopped"
+        assert [r.requests for r in await store.usage("t")] == [1]
+    finally:
+        await reader.close()
+        await store.close()
 
 
 async def test_subset_hint_as_a_list_and_provider_endpoints() -> None:

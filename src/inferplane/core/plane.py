@@ -227,6 +227,10 @@ class Core:
     async def _stop_transport(self) -> None:
         """Close what `_start_transport` opened."""
 
+    async def _drain(self) -> None:
+        """First step of `stop`: end what the front end still holds of requests in flight, so
+        their records and settles reach the ledger and the admission store before those close."""
+
     async def start(self) -> None:
         self.lag.start()
         source = await self._start_transport()
@@ -260,6 +264,7 @@ class Core:
         failure is logged), so the ledger is always flushed and closed; a cancellation of the
         stop itself is re-raised once every step ran."""
         steps: list[tuple[str, Callable[[], Awaitable[None]]]] = [
+            ("requests in flight", self._drain),
             ("outlier sweeps", self._stop_health),
             ("loop-lag ticker", self.lag.stop),
         ]

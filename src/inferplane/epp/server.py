@@ -146,13 +146,22 @@ class Picker(Core):
         self._sweeper = asyncio.create_task(self._sweep_loop())
         return HttpMetricsSource(self._session, lag=self.lag)
 
+    async def _drain(self) -> None:
+        """The picker stops: every flight still in the air is accounted now, while the ledger
+        and the admission store are open (`Core.stop` closes them next)."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
+        for f in list(self.flights.values()):
+            self.reap(f, "picker_stopped", status=f.status or 499, error="the picker stopped")
+
     async def _stop_transport(self) -> None:
-        for task in [*self._tasks, *([self._sweeper] if self._sweeper else [])]:
+        for task in self._tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        for f in list(self.flights.values()):
-            self.finish(f, status=f.status or 499, error="the picker stopped")
         if self._session is not None:
             await self._session.close()
 
@@ -198,14 +207,31 @@ class Picker(Core):
         else:
             self.finish(f, status=502, error="no response observed from the upstream")
 
+    def reap(self, f: Flight, reason: str, *, status: int, error: str) -> None:
+        """End a flight nobody will report on (`finish`), counted in
+        ``inferplane_epp_flights_reaped_total{reason}`` and logged: its decision record names
+        ``error`` and its admission ticket is settled."""
+        if f.done:
+            return
+        self.metrics.epp_reaped.labels(reason).inc()
+        log.warning("decision %s reaped (%s): %s", f.placement.decision.decision_id, reason,
+                    error)
+        self.finish(f, status=status, error=error)
+
     async def _sweep_loop(self) -> None:
+        """The reaper: a flight whose end was not observed within ``upstream_timeout_s +
+        epp.message_timeout_s`` of its pick (Envoy's route timeout ends any answer by then) is
+        accounted as a 504: its observer never reported, or its report was lost (an observer
+        stream that stays open and silent, an Envoy that hangs)."""
         limit = self.config.gateway.upstream_timeout_s + self.config.epp.message_timeout_s
         while True:
-            await asyncio.sleep(min(5.0, limit))
+            await asyncio.sleep(min(5.0, limit / 4))
             now = time.perf_counter()
             for f in list(self.flights.values()):
                 if now - f.started > limit:
-                    self.finish(f, status=504, error="the response's end was never observed")
+                    self.reap(f, "unobserved", status=504, error=(
+                        f"the response's end was never observed within {limit:g} s of the "
+                        "pick (gateway.upstream_timeout_s + epp.message_timeout_s)"))
 
 
 def _headers(h: Any) -> CIMultiDict[str]:

@@ -119,6 +119,13 @@ class GatewayMetrics:
             ["endpoint"],
             registry=r,
         )
+        self.epp_reaped = Counter(
+            "inferplane_epp_flights_reaped",
+            "Envoy picker: picks accounted without an observed end, by reason (unobserved: "
+            "past the reaper's timeout; picker_stopped: in the air when the picker stopped)",
+            ["reason"],
+            registry=r,
+        )
         self.loop_lost = Gauge(
             "inferplane_event_loop_lag_seconds_total",
             "Seconds the gateway's event loop ran late since start (the process descheduled or "
