@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 from pathlib import Path
 
 import aiohttp
@@ -27,13 +28,14 @@ from inferplane.physics.calibration import (
     fit_frontend,
     frontend_wait_s,
     load_hardware_profile,
+    predict_burst_s,
     predict_itl_s,
     predict_loaded_ttft_s,
     predict_ttft_s,
 )
+from inferplane.physics.frontend import FrontEnd
 from inferplane.physics.probe import Prober, calibrate_endpoint
 from inferplane.twin.emulator.server import start_emulator
-from inferplane.twin.engine.frontend import FrontEnd
 from inferplane.twin.simulator.simulator import simulate
 from inferplane.twin.traces.loader import TraceRequest
 from tests.placement_helpers import cycle, plugin, profile, snapshot, state
@@ -282,26 +284,44 @@ def _burst(size: int, first: float, spacing: float) -> BurstPoint:
     return BurstPoint(size, 64, tuple(first + i * spacing for i in range(size)))
 
 
-def test_fit_frontend_splits_the_per_request_time() -> None:
+def _truth_with_frontend(s: float, t: float) -> tuple[Calibration, HardwareProfile]:
     base, _, pre, dec = _synthetic("cpu", "tiny-llama", 256)  # request_overhead_s 4 ms
+    cal = fit(base, get_model("tiny-llama"), pre, dec, name="cpu-fe")
+    total = cal.hardware.request_overhead_s
+    truth = dataclasses.replace(cal.hardware, frontend_request_s=s, frontend_token_s=t,
+                                request_overhead_s=max(total - s - t, 0.0))
+    return cal, truth
+
+
+def test_fit_frontend_recovers_intake_and_chunk_times() -> None:
     m = get_model("tiny-llama")
-    cal = fit(base, m, pre, dec, name="cpu-fe")
-    r0 = Roofline(cal.hardware, m)
-    out = fit_frontend(cal, m, [_burst(4, 0.01, 0.003), _burst(8, 0.01, 0.0031)])
+    cal, truth = _truth_with_frontend(0.0015, 0.0008)
+    r = Roofline(truth, m)
+    bursts = [BurstPoint(n, 64, tuple(predict_burst_s(r, n, 64))) for n in (4, 8)]
+    loaded = [LoadedPoint(2, 96, 64, predict_loaded_ttft_s(r, 2, 96, 64))]
+    out = fit_frontend(cal, m, bursts, loaded)
     h = out.hardware
-    assert h.frontend_request_s == pytest.approx(0.00305)
-    assert h.request_overhead_s + h.frontend_request_s == pytest.approx(
-        cal.hardware.request_overhead_s
-    )
-    # a lone request's prediction does not move; a burst's ranks are one intake apart
+    step = cal.hardware.request_overhead_s / 60  # the grid
+    assert h.frontend_request_s == pytest.approx(0.0015, abs=step)
+    assert h.frontend_token_s == pytest.approx(0.0008, abs=step)
+    assert max(abs(f - p.ttft_s) / p.ttft_s for p, f in out.loaded) < 0.02
+    # a lone request still costs what the sequential points measured
+    r0 = Roofline(cal.hardware, m)
     assert predict_ttft_s(Roofline(h, m), 300) == pytest.approx(predict_ttft_s(r0, 300))
-    fitted = out.bursts[0][1]
-    assert fitted[3] - fitted[0] == pytest.approx(3 * h.frontend_request_s)
-    # at most the whole per-request time; none without bursts of two or more
-    wide = fit_frontend(cal, m, [_burst(4, 0.01, 0.05)]).hardware
-    assert wide.frontend_request_s == pytest.approx(cal.hardware.request_overhead_s)
-    assert wide.request_overhead_s == 0.0
     assert fit_frontend(cal, m, [_burst(1, 0.01, 0.0)]) is cal
+
+
+def test_a_burst_answers_late_and_close_together() -> None:
+    """The first chunks queue behind the intakes still waiting: with chunks that cost
+    something, the first answer of a burst of 4 comes after all 4 intakes."""
+    m = get_model("tiny-llama")
+    _, truth = _truth_with_frontend(0.002, 0.0005)
+    ranks = predict_burst_s(Roofline(truth, m), 4, 64)
+    assert ranks == sorted(ranks) and ranks[0] > 4 * 0.002
+    assert ranks[-1] - ranks[0] < 3 * 0.002
+    _, intake_only = _truth_with_frontend(0.005, 0.0)  # intakes longer than a 3 ms step
+    ranks = predict_burst_s(Roofline(intake_only, m), 4, 64)
+    assert [b - a for a, b in itertools.pairwise(ranks)] == pytest.approx([0.005] * 3)
 
 
 def test_profile_file_keeps_the_front_end(tmp_path: Path) -> None:
@@ -310,7 +330,7 @@ def test_profile_file_keeps_the_front_end(tmp_path: Path) -> None:
     cal = fit_frontend(fit(base, m, pre, dec, name="cpu-fe"), m, [_burst(4, 0.01, 0.003)])
     path = tmp_path / "fe.yaml"
     path.write_text(dump_profile(cal, "cpu", {"model": "m"}))
-    assert load_hardware_profile(path).frontend_request_s == pytest.approx(0.003)
+    assert load_hardware_profile(path).frontend_request_s == cal.hardware.frontend_request_s > 0
     assert "bursts:" in path.read_text()
 
 
@@ -387,29 +407,6 @@ async def test_emulator_takes_a_burst_in_one_intake_apart(tmp_path: Path) -> Non
     finally:
         await handle.stop()
     assert s.completion_tokens == 20 and s.ttft_s + s.decode_s >= 20 * 0.005
-
-
-def test_fit_frontend_finds_the_chunk_time_from_loaded_points() -> None:
-    base, _, pre, dec = _synthetic("cpu", "tiny-llama", 256)
-    m = get_model("tiny-llama")
-    cal = fit(base, m, pre, dec, name="cpu-fe")
-    total = cal.hardware.request_overhead_s
-    truth = dataclasses.replace(cal.hardware, frontend_request_s=0.001, frontend_token_s=0.0008,
-                                request_overhead_s=total - 0.0018)
-    loaded = [LoadedPoint(b, 96, 64, predict_loaded_ttft_s(Roofline(truth, m), b, 96, 64))
-              for b in (2, 4)]
-    out = fit_frontend(cal, m, [_burst(4, 0.01, 0.001)], loaded)
-    h = out.hardware
-    assert h.frontend_request_s == pytest.approx(0.001)
-    assert h.frontend_token_s == pytest.approx(0.0008, rel=0.02)
-    assert max(abs(f - p.ttft_s) / p.ttft_s for p, f in out.loaded) < 0.01
-    # the lone request still costs what the sequential points measured
-    lone = predict_ttft_s(Roofline(h, m), 300)
-    assert lone == pytest.approx(predict_ttft_s(Roofline(cal.hardware, m), 300))
-    # a front end that streams for free: loaded TTFT is the engine's alone
-    free = dataclasses.replace(truth, frontend_token_s=0.0, request_overhead_s=total - 0.001)
-    loaded = [LoadedPoint(4, 96, 64, predict_loaded_ttft_s(Roofline(free, m), 4, 96, 64))]
-    assert fit_frontend(cal, m, [_burst(4, 0.01, 0.001)], loaded).hardware.frontend_token_s == 0
 
 
 def test_frontend_wait_grows_to_one_round_of_chunks() -> None:

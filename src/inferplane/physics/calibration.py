@@ -44,6 +44,7 @@ from typing import Any, Final, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from inferplane.physics.frontend import FrontEnd
 from inferplane.physics.hardware import HARDWARE, HardwareProfile
 from inferplane.physics.models import ModelProfile
 from inferplane.physics.roofline import Roofline
@@ -54,7 +55,7 @@ PROFILE_VERSION: Final = 1
 #: measurement's squared relative error (a 100x departure costs as much as one point off by 10 %).
 PRIOR_WEIGHT: Final = 1e-6
 _MAX_ROUNDS: Final = 20
-_TOKEN_GRID: Final = 400  # steps of the search for frontend_token_s
+_FRONTEND_GRID: Final = 60  # steps of the search for the front end's two factors, per axis
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,13 +144,36 @@ def frontend_wait_s(batch: int, token_s: float, itl_s: float) -> float:
     decoding streams: every step (``itl_s``) gives the front end ``w = batch × token_s`` of
     work. Below saturation (``rho = w ÷ itl_s < 1``) it finds that work under way with
     probability ``rho`` and waits half of it; above, the front end is always busy and chunks
-    coalesce (``twin.engine.frontend``), so the wait tends to one whole ``w``:
+    coalesce (``physics.frontend``), so the wait tends to one whole ``w``:
     ``w × (min(rho, 1) + max(0, 1 − 1/rho)) ÷ 2``."""
     w = batch * token_s
     if w <= 0.0 or itl_s <= 0.0:
         return 0.0
     rho = w / itl_s
     return w * (min(rho, 1.0) + max(0.0, 1.0 - 1.0 / rho)) / 2.0
+
+
+def predict_burst_s(r: Roofline, size: int, prompt_tokens: int) -> list[float]:
+    """TTFT of each of ``size`` one-token requests of ``prompt_tokens`` tokens sent at once, in
+    order: they queue at the front end (:class:`~inferplane.physics.frontend.FrontEnd`) for their
+    intakes, wait ``request_overhead_s``, are prefilled by the engine (one step for all that
+    have arrived when it is free), and their first chunks queue at the front end again, behind
+    the intakes still waiting there."""
+    hw = r.hardware
+    fe = FrontEnd(hw.frontend_request_s, hw.frontend_token_s)
+    arrive = sorted(fe.intake(0.0) + hw.request_overhead_s for _ in range(size))
+    out: list[float] = []
+    free, i = 0.0, 0
+    while i < size:
+        start = max(free, arrive[i])
+        j = i
+        while j < size and arrive[j] <= start:
+            j += 1
+        free = start + r.step_time_s((j - i) * prompt_tokens, 0, 0, 0)
+        done = fe.emit(free, j - i)
+        out += [done] * (j - i)
+        i = j
+    return out
 
 
 def predict_loaded_ttft_s(
@@ -227,56 +251,50 @@ def fit_frontend(
 ) -> Calibration:
     """Split the fitted per-request time ``R`` into the front end's serialised work and the
     rest, so that lone-request predictions do not change (``R = request_overhead_s +
-    frontend_request_s + frontend_token_s``):
+    frontend_request_s + frontend_token_s``): the pair (``frontend_request_s``,
+    ``frontend_token_s``) on a grid over ``s + t <= R`` whose predictions —
+    :func:`predict_burst_s` for every rank of every burst, :func:`predict_loaded_ttft_s` for
+    the loaded points — fit the measurements best (least squares on relative errors).
 
-    * ``frontend_request_s``: a burst of ``N`` requests reaches the engine one intake apart, so
-      its first tokens come that far apart (:attr:`BurstPoint.spacing_s`; the one-step prefills
-      of the short prompts used are shorter than the spacing where it matters): the median
-      spacing over the bursts, at most ``R``;
-    * ``frontend_token_s``: a request sent while streams decode waits behind their chunks; the
-      value in ``[0, R − frontend_request_s]`` whose :func:`predict_loaded_ttft_s` fits the
-      loaded points best (least squares on relative errors, over a fine grid: the prediction
-      rises with it), 0 without loaded points.
-
-    Without bursts of two or more requests and without loaded points the profile is returned
-    as it is.
+    A burst shows both: its requests are taken in one ``s`` apart, and their first chunks wait
+    behind the intakes still queued, so the first answer comes late and the rest close behind
+    it. A request beside decoding streams shows ``t``. Without bursts of two or more requests
+    and without loaded points the profile is returned as it is.
     """
     usable = [b for b in bursts if b.size > 1]
     if not usable and not loaded:
         return cal
     hw = cal.hardware
     total = hw.request_overhead_s + hw.frontend_request_s + hw.frontend_token_s
-    intake = 0.0
-    if usable:
-        intake = min(max(statistics.median(b.spacing_s for b in usable), 0.0), total)
 
-    def with_token(t: float) -> HardwareProfile:
-        return dataclasses.replace(hw, frontend_request_s=intake, frontend_token_s=t,
-                                   request_overhead_s=max(total - intake - t, 0.0))
+    def split(s: float, t: float) -> HardwareProfile:
+        return dataclasses.replace(hw, frontend_request_s=s, frontend_token_s=t,
+                                   request_overhead_s=max(total - s - t, 0.0))
 
-    def loss(t: float) -> float:
-        r = Roofline(with_token(t), model, tp, precision)
-        return sum(
-            ((predict_loaded_ttft_s(r, p.batch, p.context_tokens, p.prompt_tokens) - p.ttft_s)
-             / p.ttft_s) ** 2
-            for p in loaded
-        )
+    def loss(r: Roofline) -> float:
+        err = 0.0
+        for b in usable:
+            for want, got in zip(b.ttft_s, predict_burst_s(r, b.size, b.prompt_tokens),
+                                 strict=True):
+                err += ((got - want) / want) ** 2
+        for p in loaded:
+            got = predict_loaded_ttft_s(r, p.batch, p.context_tokens, p.prompt_tokens)
+            err += ((got - p.ttft_s) / p.ttft_s) ** 2
+        return err
 
-    token = 0.0
-    if loaded:
-        room = total - intake
-        token = min((room * i / _TOKEN_GRID for i in range(_TOKEN_GRID + 1)), key=loss)
-    hw = with_token(token)
+    n = _FRONTEND_GRID
+    grid = [(total * i / n, total * j / n) for i in range(n + 1) for j in range(n + 1 - i)]
+    best = min(grid, key=lambda st: loss(Roofline(split(*st), model, tp, precision)))
+    hw = split(*best)
     r = Roofline(hw, model, tp, precision)
-    fitted_bursts = []
-    for b in bursts:
-        first = predict_ttft_s(r, b.prompt_tokens)
-        fitted_bursts.append((b, tuple(first + i * intake for i in range(b.size))))
-    fitted_loaded = tuple(
-        (p, predict_loaded_ttft_s(r, p.batch, p.context_tokens, p.prompt_tokens)) for p in loaded
-    )
     return dataclasses.replace(
-        cal, hardware=hw, bursts=tuple(fitted_bursts), loaded=fitted_loaded
+        cal,
+        hardware=hw,
+        bursts=tuple((b, tuple(predict_burst_s(r, b.size, b.prompt_tokens))) for b in bursts),
+        loaded=tuple(
+            (p, predict_loaded_ttft_s(r, p.batch, p.context_tokens, p.prompt_tokens))
+            for p in loaded
+        ),
     )
 
 

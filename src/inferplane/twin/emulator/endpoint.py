@@ -15,7 +15,7 @@ endpoint's ``url``, each backed by one :class:`EmulatedEndpoint`:
   :data:`MAX_LAG_S`), so the event loop's own work does not stretch every step; idle, it waits
   on an event. Engine time is real elapsed time × ``time_scale``, so every latency shrinks by
   the time scale;
-- a calibrated profile's front end (:class:`~inferplane.twin.engine.frontend.FrontEnd`):
+- a calibrated profile's front end (:class:`~inferplane.physics.frontend.FrontEnd`):
   every request queues for ``frontend_request_s`` of the front end's time (one at a time, first
   come first served) and then waits ``request_overhead_s`` before it reaches the engine; every
   step's tokens queue for ``frontend_token_s`` per stream before their handlers get them,
@@ -54,8 +54,8 @@ from aiohttp import web
 from inferplane.config.schema import ServedModel
 from inferplane.fleet.kv_events import KVEvent, encode_event_batch, seq_frame
 from inferplane.fleet.model import Endpoint
+from inferplane.physics.frontend import FrontEnd
 from inferplane.twin.emulator.metrics import EngineMetricsPage
-from inferplane.twin.engine.frontend import FrontEnd
 from inferplane.twin.engine.model import Engine, EngineConfig, EngineRequest
 
 log = logging.getLogger("inferplane.emulator")

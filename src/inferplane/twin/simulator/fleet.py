@@ -38,7 +38,7 @@ from typing import overload
 from inferplane.fleet.engine_metrics import EngineMetrics
 from inferplane.fleet.model import Endpoint
 from inferplane.physics import Roofline
-from inferplane.twin.engine.frontend import FrontEnd
+from inferplane.physics.frontend import FrontEnd
 from inferplane.twin.engine.model import Engine, EngineConfig, StepOutput
 from inferplane.twin.simulator.records import RequestRecord
 from inferplane.twin.traces.tokens import TRACE_BLOCK_TOKENS, VOCABULARY
