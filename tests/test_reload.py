@@ -20,7 +20,7 @@ from bench.reload import run_scenario
 from inferplane.config.loader import parse_config
 from inferplane.core.plane import Core
 from inferplane.core.reload import restart_needed
-from inferplane.errors import AuthenticationError
+from inferplane.errors import AuthenticationError, ConfigError
 from inferplane.fleet.engine_metrics import EngineMetrics
 from inferplane.fleet.live import LiveFleet
 from inferplane.fleet.model import Fleet
@@ -199,6 +199,52 @@ def test_the_picker_reloads_its_destinations() -> None:
             assert p.addresses["eu-2"] == "127.0.0.1:9004"
         finally:
             await p.stop()
+
+    asyncio.run(main())
+
+
+def test_the_picker_refuses_an_endpoint_envoy_has_no_cluster_for() -> None:
+    from inferplane.epp.server import Picker
+
+    async def main() -> None:
+        p = Picker(parse_config(SMALL_FLEET_YAML, "f.yaml"), "f.yaml",
+                   metrics_source=StaticMetricsSource())
+        await p.start()
+        try:
+            hosted = _with_eu2().replace("http://127.0.0.1:9004", "https://api.example.com")
+            with pytest.raises(ConfigError) as err:
+                await p.reload(parse_config(hosted, "f.yaml"), "f.yaml")
+            assert err.value.problems[0][0] == "substrates[0].endpoints[2].url"
+            assert "inferplane envoy-config" in err.value.problems[0][1]
+            assert "eu-2" not in p.addresses and "eu-2" not in p.fleet.by_name
+        finally:
+            await p.stop()
+
+    asyncio.run(main())
+
+
+def test_watch_config_reloads_a_changed_file(tmp_path: Path) -> None:
+    from inferplane.core.reload import file_sha256, watch_file
+
+    async def main() -> None:
+        f = tmp_path / "fleet.yaml"
+        f.write_text(SMALL_FLEET_YAML)
+        core, _ = _core()
+        core.set_config_sha256(file_sha256(f))
+        await core.start()
+        watcher = asyncio.create_task(watch_file(core, f, interval_s=0.02))
+        try:
+            await asyncio.sleep(0.1)  # the watcher has seen the file as it was
+            f.write_text(_with_eu2())
+            for _ in range(3000):  # polled: applied once the file stayed the same one poll
+                if "eu-2" in core.fleet.by_name:
+                    break
+                await asyncio.sleep(0.01)
+            assert "eu-2" in core.fleet.by_name
+            assert core.config_sha256 == file_sha256(f)
+        finally:
+            watcher.cancel()
+            await core.stop()
 
     asyncio.run(main())
 

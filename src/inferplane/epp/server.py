@@ -56,13 +56,14 @@ from inferplane.dispatch.answer import StreamStats, parse_usage
 from inferplane.dispatch.credentials import auth_headers, load_credentials
 from inferplane.epp import protocol as P
 from inferplane.errors import (
+    ConfigError,
     GatewayError,
     InvalidRequestError,
     NoEligibleEndpointError,
     NotFoundError,
     PayloadTooLargeError,
 )
-from inferplane.fleet.model import Fleet
+from inferplane.fleet.model import Endpoint, Fleet
 from inferplane.fleet.scraper import HttpMetricsSource, MetricsSource
 from inferplane.ledger.record import Ledger
 from inferplane.telemetry.tracing import RequestTrace
@@ -124,7 +125,25 @@ class Picker(Core):
         self._tasks: list[asyncio.Task[None]] = []
 
     def _prepare_transport(self, config: FleetConfig, file: str) -> Callable[[], None]:
+        """Envoy reaches a plain ``http://IP:port`` endpoint through its original-destination
+        cluster, so such endpoints come and go with a reload; an endpoint that needs a cluster of
+        its own in the Envoy bootstrap (a host name, TLS) cannot be added (or moved) by a reload
+        of the picker alone: refused, naming it."""
         credentials = load_credentials(config, file)  # ConfigError naming what is missing
+        problems = []
+        for i, sub in enumerate(config.substrates):
+            for j, spec in enumerate(sub.endpoints):
+                old = self.fleet.by_name.get(spec.name)
+                if spec.dialect != "openai" or (old is not None and old.url == spec.url):
+                    continue
+                if P.destination(Endpoint(spec=spec, substrate=sub, index=0)) is None:
+                    problems.append((f"substrates[{i}].endpoints[{j}].url", (
+                        f"endpoint {spec.name!r} is not plain http://IP:port, so Envoy needs a "
+                        "cluster of its own for it: regenerate the Envoy bootstrap "
+                        "(inferplane envoy-config) and restart Envoy and the picker; the reload "
+                        "was refused and the running configuration is unchanged")))
+        if problems:
+            raise ConfigError(file, problems)
         fleet = Fleet.from_config(config)
         addresses = {e.name: P.destination(e) for e in fleet.endpoints}
         unrelayable = frozenset(e.name for e in fleet.endpoints if e.dialect != "openai")
