@@ -282,3 +282,46 @@ def test_epp_process_reloads_on_sighup(tmp_path: Path) -> None:
     finally:
         proc.stop()
     assert "Traceback" not in proc.log.read_text()
+
+
+def test_a_restarted_worker_serves_the_reloaded_file(tmp_path: Path) -> None:
+    """A worker restarted after a reload (its parent still holds the file it started with)
+    reloads the current file as soon as it serves."""
+    import signal
+    import subprocess
+    import time
+
+    from bench.reload import fleet_yaml
+    from tests.support.procs import Proc, free_port
+    from tests.support.redis_server import RedisServer
+
+    srv = RedisServer(tmp_path)
+    ports = {n: free_port() for n in ("e0", "e1", "e2")}
+    f = tmp_path / "fleet.yaml"
+    f.write_text(fleet_yaml({n: ports[n] for n in ("e0", "e1")}, srv.url))
+    gw_port = free_port()
+    gw = Proc(["-m", "inferplane.cli", "serve", "--config", str(f), "--port", str(gw_port),
+               "--workers", "2"], tmp_path / "gw.log")
+
+    def count(needle: str, n: int) -> None:
+        deadline = time.monotonic() + 60
+        while gw.log.read_text().count(needle) < n:
+            assert time.monotonic() < deadline and gw.p.poll() is None, gw.log.read_text()
+            time.sleep(0.05)
+
+    try:
+        count("listening on", 2)
+        time.sleep(5.5)  # past the supervisor's start-up window: a dead worker is restarted
+        f.write_text(fleet_yaml({n: ports[n] for n in ("e1", "e2")}, srv.url))
+        gw.p.send_signal(signal.SIGHUP)
+        count("added ['e2']", 2)
+        kids = subprocess.run(["pgrep", "-P", str(gw.p.pid)], capture_output=True, text=True)
+        worker = int(kids.stdout.split()[0])
+        subprocess.run(["kill", "-9", str(worker)], check=True)
+        count("restarting it", 1)
+        count("added ['e2']", 3)  # the new worker, built from the parent's old file, caught up
+        assert gw.p.poll() is None
+    finally:
+        gw.stop()
+        srv.stop()
+    assert "Traceback" not in gw.log.read_text()
