@@ -2,12 +2,14 @@
 
     .venv/bin/python bench/placement_speed.py [--fleet h100x8 hetero h100x1000 ...]
                                               [--profile default ...] [-n 2000] [--repeats 7]
-                                              [--no-timer] [--whole]
+                                              [--no-timer] [--whole] [--reference]
     .venv/bin/python bench/placement_speed.py --dump FILE   # behaviour fingerprint, no timing
 
 ``h100xN`` (N not 8) is h100x8 grown to N identical endpoints in pools of 64 (`scaled_config`).
 Profiles with ``max_candidates`` sample fleets larger than that; ``--whole`` adds rows (``/all``)
-for the same policies evaluating every endpoint, in the same run.
+for the same policies evaluating every endpoint, in the same run. ``--reference`` adds rows
+(``/ref``) for the profiles scored in one fused pass (`inferplane.placement.fused`: ``default``)
+scored one scorer at a time instead, the same decisions by the reference path.
 
 Builds the gateway's policies from a shipped fleet file (``src/inferplane/data/fleets/``, via
 ``load_config`` + ``build_policies``), a `LiveFleet` with fresh engine metrics, in-flight
@@ -224,7 +226,7 @@ class Scenario:
 
 def bench(
     fleets: list[str], profiles: list[str], n: int, repeats: int, timer: Callable[[], float] | None,
-    whole: bool = False,
+    whole: bool = False, reference: bool = False,
 ) -> None:
     print(f"# place() CPU µs/decision, best of {repeats} × {n} decisions; python "
           f"{platform.python_version()}, {platform.machine()}; timer={'on' if timer else 'off'}")
@@ -234,12 +236,17 @@ def bench(
         sc.load()
         snap = sc.live.snapshot()
         reqs = [sc.profile(s) for s in sc.shares for _ in range(4)]
-        variants = [(p, sc.policies[p], sc.policies[p].max_candidates) for p in profiles]
+        variants = [(p, sc.policies[p], sc.policies[p].max_candidates, sc.policies[p].fused)
+                    for p in profiles]
         if whole:  # the same policies evaluating every endpoint (no sampling), side by side
-            variants += [(f"{p}/all", pol, 0) for p, pol, limit in variants
+            variants += [(f"{p}/all", pol, 0, fused) for p, pol, limit, fused in variants
                          if limit and len(snap.endpoints) > limit]
-        for pname, pol, limit in variants:
+        if reference:  # the same policies scored one scorer at a time (no fused pass)
+            variants += [(f"{p}/ref", pol, limit, None) for p, pol, limit, fused in variants
+                         if fused is not None]
+        for pname, pol, limit, fused in variants:
             pol.max_candidates = limit
+            pol.fused = fused
             for prof in reqs:  # warm-up: the prefix indexes learn these prompts, EWMA fills
                 place(prof, snap, pol, decision_id=prof.request_id, timer=timer)
             m = len(reqs)
@@ -337,13 +344,17 @@ def main() -> None:
     ap.add_argument("--no-timer", action="store_true", help="no per-plugin timings (simulator)")
     ap.add_argument("--whole", action="store_true",
                     help="also time each sampled profile evaluating every endpoint (/all)")
+    ap.add_argument("--reference", action="store_true",
+                    help="also time each fused profile on the reference path, one scorer at a "
+                    "time (/ref)")
     ap.add_argument("--dump", metavar="FILE", help="write the behaviour fingerprint instead")
     ap.add_argument("--steps", type=int, default=600, help="--dump: requests per fleet")
     a = ap.parse_args()
     if a.dump:
         dump(a.dump, a.steps)
         return
-    bench(a.fleet, a.profile, a.n, a.repeats, None if a.no_timer else time.perf_counter, a.whole)
+    bench(a.fleet, a.profile, a.n, a.repeats, None if a.no_timer else time.perf_counter, a.whole,
+          a.reference)
 
 
 if __name__ == "__main__":

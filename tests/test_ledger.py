@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import os
 import sqlite3
@@ -26,7 +27,13 @@ from inferplane.errors import ConfigError
 from inferplane.fleet.live import LiveFleet
 from inferplane.fleet.model import Fleet
 from inferplane.ledger.explain import print_decision
-from inferplane.ledger.record import RECORD_SCHEMA, Outcome, decision_to_dict, encode_entry
+from inferplane.ledger.record import (
+    RECORD_SCHEMA,
+    Outcome,
+    _plain,
+    decision_to_dict,
+    encode_entry,
+)
 from inferplane.ledger.sqlite import (
     _INSERT,
     SCHEMA_VERSION,
@@ -36,7 +43,7 @@ from inferplane.ledger.sqlite import (
     read_decision,
 )
 from inferplane.placement.build import build_policies
-from inferplane.placement.framework import Decision, Spillover, place
+from inferplane.placement.framework import CandidateRecord, Decision, Spillover, place
 from inferplane.placement.profile import RequestProfile
 
 FLEET = """
@@ -538,3 +545,9 @@ async def test_the_memory_ledger_lists_like_the_others(decision: Decision) -> No
     first = (await led.query(Query(tenant="acme", limit=1))).items[0]
     assert first["receipt"] == receipts[0].hash
     assert (await led.lookup("d-3")) is not None
+
+
+def test_a_candidate_record_is_written_with_every_field() -> None:
+    """`_plain` spells out `CandidateRecord`'s fields (the hot path): none may be missing."""
+    c = CandidateRecord("e", "s", "f", "why", {"x": 1.0}, 0.5, {"y": 2.0})
+    assert _plain(c) == dataclasses.asdict(c)

