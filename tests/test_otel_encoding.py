@@ -15,8 +15,9 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from inferplane.config.loader import parse_config
-from inferplane.telemetry.otel import OtelTelemetry, _parse_traceparent, to_readable
+from inferplane.telemetry.otel import OtelTelemetry, _parse_traceparent
 from inferplane.telemetry.otlp import Attrs, Histogram, SpanData, varint
+from inferplane.telemetry.records import to_readable
 from tests.support.otlp_receiver import attributes
 
 CONFIG = parse_config(f"""

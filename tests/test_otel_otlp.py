@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -110,3 +111,55 @@ tenants:
     types = {attributes(p.attributes)["gen_ai.token.type"]: p.sum
              for p in usage.histogram.data_points}
     assert types["input"] > 0 and types["output"] == 5
+
+
+def _telemetry(receiver: OtlpReceiver, exporter: str) -> Any:
+    from inferplane.config.loader import parse_config
+    from inferplane.telemetry.otel import OtelTelemetry
+
+    config = parse_config(f"""
+telemetry: {{enabled: true, endpoint: "{receiver.endpoint}", exporter: {exporter},
+             export_interval_s: 60}}
+substrates:
+  - {{name: p, kind: gpu, hardware: h100, region: r, jurisdiction: eu, cost: {{hourly_usd: 1}},
+     endpoints: [{{name: e, url: "http://127.0.0.1:9", models: [{{name: m,
+     profile: llama-3.1-8b, max_context: 4096}}]}}]}}
+""")
+    return OtelTelemetry(config)
+
+
+def _requests(tel: Any, n: int, trace_id: str) -> None:
+    for i in range(n):
+        t = tel.request("chat", {"traceparent": f"00-{trace_id}-{i + 1:016x}-01"})
+        t.failed(404, "model_not_found")
+        t.end()
+
+
+def test_the_exporter_process_flushes_when_the_gateway_stops(receiver: Any) -> None:
+    if receiver.protocol != "http/protobuf":
+        pytest.skip("the transport is covered above")
+    tel = _telemetry(receiver, "process")
+    _requests(tel, 3, TRACE_ID)
+    tel.batcher.flush(metrics=False)  # handed to the child process
+    child = tel.batcher.child.proc
+    assert child is not None and child.poll() is None
+    tel.shutdown()  # closes its stdin: it sends what it holds, then exits
+    assert child.returncode == 0
+    assert sum(s.trace_id.hex() == TRACE_ID for _, s in receiver.spans()) == 3
+    assert "gen_ai.server.request.duration" in receiver.metric_names()
+
+
+def test_a_dead_exporter_process_falls_back_to_the_gateways_thread(receiver: Any) -> None:
+    if receiver.protocol != "http/protobuf":
+        pytest.skip("the transport is covered above")
+    tel = _telemetry(receiver, "process")
+    _requests(tel, 1, TRACE_ID)
+    tel.batcher.flush(metrics=False)
+    child = tel.batcher.child.proc
+    child.kill()
+    child.wait()
+    other = "1" * 32
+    _requests(tel, 2, other)
+    tel.shutdown()  # the hand-over fails: the gateway exports these itself
+    assert tel.batcher.child is None
+    assert sum(s.trace_id.hex() == other for _, s in receiver.spans()) == 2

@@ -1063,6 +1063,12 @@ class TelemetrySpec(Strict):
     export_interval_s: float = Field(
         15.0, gt=0, description="how often metrics are exported (and spans batched at most)"
     )
+    exporter: Literal["process", "thread"] = Field(
+        "process",
+        description="where spans are built, encoded to OTLP and sent, and the GenAI metrics "
+        "aggregated: a child process of the gateway (`python -m inferplane.telemetry.exporter`, "
+        "off the gateway's CPU) or a thread of the gateway",
+    )
     traces: bool = Field(True, description="export spans")
     metrics: bool = Field(True, description="export the GenAI metrics")
     tenant_attribute: bool = Field(

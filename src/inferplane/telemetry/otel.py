@@ -9,9 +9,12 @@ Imported only when ``telemetry.enabled`` (`tracing.build_telemetry`).
 
 How it stays cheap (docs/observability.md, "Cost"): the request path creates no span objects. An
 `OtelTrace` notes timestamps (``time.time_ns``) and the few values the spans carry as the request
-goes; when it ends it is appended to a queue. A background thread (`Batcher`) turns the queued
-requests into spans (`SpanData`), encodes them in batches straight to OTLP protobuf
-(`telemetry.otlp`), aggregates the GenAI histograms, and sends both over OTLP/HTTP or OTLP/gRPC.
+goes; when it ends, its record (a flat tuple, `telemetry.records`) is queued. A background
+thread (`telemetry.export.Batcher`) hands the records, pickled, to the exporter process
+(``telemetry.exporter: process``, the default), which turns them into spans (`SpanData`),
+encodes them in batches straight to OTLP protobuf (`telemetry.otlp`), aggregates the GenAI
+histograms and sends both over OTLP/HTTP or OTLP/gRPC; with ``exporter: thread`` the thread
+does that itself.
 Sampling follows the SDK's ``ParentBased(TraceIdRatioBased(sample_ratio))`` exactly; W3C
 ``traceparent``/``tracestate`` are read from the caller and written to the upstream.
 
@@ -23,43 +26,45 @@ at once (`OtelTelemetry.metrics_request` reads them); nothing is sent anywhere.
 from __future__ import annotations
 
 import logging
-import os
 import random
 import re
-import threading
 import time
-from collections import deque
 from collections.abc import Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
-from inferplane.telemetry.otlp import (
-    NO_ATTRS,
-    SPAN_KIND,
-    Attrs,
-    GrpcSender,
-    Histogram,
-    HttpSender,
-    SpanData,
-    SpanEncoder,
-    encode_metrics,
-    send_with_retry,
+from inferplane.telemetry.export import Batcher, ExporterProcess, sender_for
+from inferplane.telemetry.otlp import Attrs, Histogram, SpanData, SpanEncoder, encode_metrics
+from inferplane.telemetry.records import (
+    R_COMPLETION,
+    R_END,
+    R_ERROR_TYPE,
+    R_PROMPT,
+    R_PROVIDER,
+    R_RESPONSE_MODEL,
+    R_SAMPLED,
+    R_SERVER,
+    R_START,
+    R_TTFT,
+    SCOPE,
+    Pairs,
+    Record,
+    spans_of,
+    to_readable,
 )
 from inferplane.telemetry.tracing import RequestTrace, Telemetry
 
 if TYPE_CHECKING:
-    from opentelemetry.sdk.trace import ReadableSpan
     from opentelemetry.sdk.trace.export import SpanExporter
 
-    from inferplane.config.schema import FleetConfig, TelemetrySpec
+    from inferplane.config.schema import FleetConfig
     from inferplane.fleet.model import Endpoint
     from inferplane.placement.framework import Decision
     from inferplane.placement.profile import RequestProfile
 
 log = logging.getLogger("inferplane.telemetry")
 
-SCOPE = "inferplane"
 OPERATION = {"chat": "chat", "completions": "text_completion", "embeddings": "embeddings"}
 """``gen_ai.operation.name`` per API."""
 
@@ -93,10 +98,6 @@ _PROVIDER_HOSTS = (
 
 _bits = random.getrandbits  # the SDK's id source too (reseeded in a forked child)
 
-QUEUE_MAX = 16384
-"""Finished requests waiting for the batcher; past it, requests are not traced (counted)."""
-BATCH = 512
-"""Requests per encoded batch; a full one wakes the batcher early."""
 
 
 def parse_headers(raw: str) -> dict[str, str]:
@@ -150,17 +151,6 @@ def provider_name(endpoint: Endpoint) -> str:
     return spec.engine
 
 
-def _exporter_headers(spec: TelemetrySpec) -> dict[str, str]:
-    return parse_headers(os.environ.get(spec.headers_env, "")) if spec.headers_env else {}
-
-
-def _sender(spec: TelemetrySpec) -> HttpSender | GrpcSender:
-    headers = _exporter_headers(spec)
-    if spec.protocol == "grpc":
-        return GrpcSender(spec.endpoint, headers, spec.timeout_s)
-    return HttpSender(spec.endpoint, headers, spec.timeout_s)
-
-
 class _EndpointInfo:
     """What an endpoint's spans and metric points carry, worked out once."""
 
@@ -180,21 +170,22 @@ class _EndpointInfo:
             fixed.append(("server.address", address))
         if port:
             fixed.append(("server.port", port))
-        self.attempts: dict[tuple[str, str], Attrs] = {}  # (operation, model): attempt spans'
-        self.decisions: dict[str, Attrs] = {}  # policy: the server span's placement attributes
+        # (operation, model): attempt spans'; policy: the server span's placement attributes
+        self.attempts: dict[tuple[str, str], Pairs] = {}
+        self.decisions: dict[str, Pairs] = {}
         self._attempt = tuple(fixed)
 
-    def attempt(self, op: str, model: str) -> Attrs:
+    def attempt(self, op: str, model: str) -> Pairs:
         a = self.attempts.get((op, model))
         if a is None:
-            a = self.attempts[(op, model)] = Attrs(
-                (("gen_ai.operation.name", op), ("gen_ai.request.model", model), *self._attempt))
+            a = self.attempts[(op, model)] = (
+                ("gen_ai.operation.name", op), ("gen_ai.request.model", model), *self._attempt)
         return a
 
-    def decision(self, policy: str) -> Attrs:
+    def decision(self, policy: str) -> Pairs:
         a = self.decisions.get(policy)
         if a is None:
-            a = self.decisions[policy] = Attrs((("inferplane.policy", policy), *self.fixed))
+            a = self.decisions[policy] = (("inferplane.policy", policy), *self.fixed)
         return a
 
 
@@ -204,7 +195,8 @@ class OtelTelemetry(Telemetry):
 
     enabled = True
 
-    def __init__(self, config: FleetConfig, *, span_exporter: SpanExporter | None = None) -> None:
+    def __init__(self, config: FleetConfig, *, span_exporter: SpanExporter | None = None,
+                 exporter: str | None = None) -> None:
         from opentelemetry.sdk.resources import Resource  # OTEL_RESOURCE_ATTRIBUTES merged in
 
         spec = self.spec = config.telemetry
@@ -229,10 +221,14 @@ class OtelTelemetry(Telemetry):
         self.histograms = (self.duration, self.ttft, self.tokens) if spec.metrics else ()
         self._endpoints: dict[str, _EndpointInfo] = {}
         self._servers: dict[tuple[Any, ...], Attrs] = {}
+        self._attrs: dict[Pairs, Attrs] = {}
         self.span_exporter = span_exporter
         self.batcher: Batcher | None = None
         if span_exporter is None:
-            self.batcher = Batcher(self, _sender(spec), spec)
+            if (exporter or spec.exporter) == "process":
+                self.batcher = Batcher(self, None, spec, child=ExporterProcess(config))
+            else:
+                self.batcher = Batcher(self, sender_for(spec), spec)
 
     def endpoint_info(self, endpoint: Endpoint) -> _EndpointInfo:
         info = self._endpoints.get(endpoint.name)
@@ -240,23 +236,33 @@ class OtelTelemetry(Telemetry):
             info = self._endpoints[endpoint.name] = _EndpointInfo(endpoint)
         return info
 
-    def server_attrs(self, t: OtelTrace) -> Attrs:
-        """The server span's attributes that repeat from request to request (cached)."""
-        key = (t.op, t.server_address, t.server_port, t.model, t.model_tier, t.class_, t.tenant)
+    def attrs(self, pairs: Pairs) -> Attrs:
+        """``pairs`` encoded (cached by value)."""
+        a = self._attrs.get(pairs)
+        if a is None:
+            if len(self._attrs) >= 4096:
+                self._attrs.clear()
+            a = self._attrs[pairs] = Attrs(pairs)
+        return a
+
+    def server_attrs(self, key: tuple[Any, ...]) -> Attrs:
+        """The server span's attributes that repeat from request to request (cached): ``key``
+        is (operation, server address, port, model, model tier, class, tenant)."""
         a = self._servers.get(key)
         if a is None:
-            pairs: list[tuple[str, Any]] = [("gen_ai.operation.name", t.op)]
-            if t.server_address:
-                pairs.append(("server.address", t.server_address))
-            if t.server_port:
-                pairs.append(("server.port", t.server_port))
-            if t.model is not None:
-                pairs.append(("gen_ai.request.model", t.model))
-                if t.model_tier is not None:
-                    pairs.append(("inferplane.model_tier", t.model_tier))
-                pairs.append(("inferplane.workload_class", t.class_))
-                if t.tenant is not None:
-                    pairs.append(("inferplane.tenant", t.tenant))
+            op, address, port, model, tier, class_, tenant = key
+            pairs: list[tuple[str, Any]] = [("gen_ai.operation.name", op)]
+            if address:
+                pairs.append(("server.address", address))
+            if port:
+                pairs.append(("server.port", port))
+            if model is not None:
+                pairs.append(("gen_ai.request.model", model))
+                if tier is not None:
+                    pairs.append(("inferplane.model_tier", tier))
+                pairs.append(("inferplane.workload_class", class_))
+                if tenant is not None:
+                    pairs.append(("inferplane.tenant", tenant))
             if len(self._servers) >= 4096:
                 self._servers.clear()
             a = self._servers[key] = Attrs(pairs)
@@ -276,37 +282,38 @@ class OtelTelemetry(Telemetry):
             )
         return OtelTrace(self, api, headers, server_address, server_port)
 
-    def ended(self, trace: OtelTrace) -> None:
-        """A request ended: queue it for the batcher, or process it now (an SDK exporter)."""
+    def ended(self, record: Record) -> None:
+        """A request ended: queue its record for the batcher, or process it now (an SDK
+        exporter)."""
         if self.batcher is not None:
-            self.batcher.add(trace)
+            self.batcher.add(record)
             return
-        self.record_metrics(trace)
-        if trace.sampled and self.trace_spans and self.span_exporter is not None:
-            self.span_exporter.export([to_readable(s, self) for s in trace.spans()])
+        self.record_metrics(record)
+        if record[R_SAMPLED] and self.trace_spans and self.span_exporter is not None:
+            self.span_exporter.export([to_readable(s, self) for s in spans_of(self, record)])
 
-    def record_metrics(self, t: OtelTrace) -> None:
+    def record_metrics(self, r: Record) -> None:
         if not self.histograms:
             return
-        base: list[tuple[str, Any]] = [("gen_ai.operation.name", t.op)]
-        if t.provider is not None:
-            base.append(("gen_ai.provider.name", t.provider))
-        if t.model is not None:
-            base.append(("gen_ai.request.model", t.model))
-        if t.response_model is not None:
-            base.append(("gen_ai.response.model", t.response_model))
+        base: list[tuple[str, Any]] = [("gen_ai.operation.name", r[R_SERVER][0])]
+        if r[R_PROVIDER] is not None:
+            base.append(("gen_ai.provider.name", r[R_PROVIDER]))
+        if r[R_SERVER][3] is not None:
+            base.append(("gen_ai.request.model", r[R_SERVER][3]))
+        if r[R_RESPONSE_MODEL] is not None:
+            base.append(("gen_ai.response.model", r[R_RESPONSE_MODEL]))
         key = tuple(base)
-        if t.error_type is not None:
-            self.duration.record((t.end_ns - t.start_ns) / 1e9,
-                                 (*key, ("error.type", t.error_type)))
+        seconds = (r[R_END] - r[R_START]) / 1e9
+        if r[R_ERROR_TYPE] is not None:
+            self.duration.record(seconds, (*key, ("error.type", r[R_ERROR_TYPE])))
         else:
-            self.duration.record((t.end_ns - t.start_ns) / 1e9, key)
-            if t.ttft_s is not None:
-                self.ttft.record(t.ttft_s, key)
-        if t.prompt_tokens is not None:
-            self.tokens.record(t.prompt_tokens, (*key, ("gen_ai.token.type", "input")))
-        if t.completion_tokens is not None:
-            self.tokens.record(t.completion_tokens, (*key, ("gen_ai.token.type", "output")))
+            self.duration.record(seconds, key)
+            if r[R_TTFT] is not None:
+                self.ttft.record(r[R_TTFT], key)
+        if r[R_PROMPT] is not None:
+            self.tokens.record(r[R_PROMPT], (*key, ("gen_ai.token.type", "input")))
+        if r[R_COMPLETION] is not None:
+            self.tokens.record(r[R_COMPLETION], (*key, ("gen_ai.token.type", "output")))
 
     def metrics_request(self) -> bytes | None:
         """The GenAI histograms so far as an ``ExportMetricsServiceRequest`` (None: empty)."""
@@ -320,110 +327,16 @@ class OtelTelemetry(Telemetry):
             self.span_exporter.shutdown()
 
 
-class Batcher:
-    """The background thread: every ``min(5 s, export_interval_s)`` (or when `BATCH` requests
-    are waiting) it encodes the finished requests' spans and sends them; every
-    ``export_interval_s`` it sends the GenAI histograms. Started by the first request (so a
-    process that forks after building the gateway gets its own thread)."""
-
-    def __init__(self, tel: OtelTelemetry, sender: HttpSender | GrpcSender,
-                 spec: TelemetrySpec) -> None:
-        self.tel = tel
-        self.sender = sender
-        self.delay_s = min(5.0, spec.export_interval_s)
-        self.metrics_interval_s = spec.export_interval_s
-        self.timeout_s = spec.timeout_s
-        self.queue: deque[OtelTrace] = deque()
-        self.dropped = 0
-        self._wake = threading.Event()
-        self._stop = False
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()  # one drain at a time (the thread, or the shutdown)
-        self._next_metrics = time.monotonic() + self.metrics_interval_s
-        os.register_at_fork(after_in_child=self._forked)
-
-    def _forked(self) -> None:
-        self.queue.clear()
-        self._thread = None
-        self._lock = threading.Lock()
-        self._wake = threading.Event()
-
-    def add(self, trace: OtelTrace) -> None:
-        q = self.queue
-        if len(q) >= QUEUE_MAX:
-            self.dropped += 1
-            return
-        q.append(trace)
-        if self._thread is None:
-            self._start()
-        elif len(q) >= BATCH:
-            self._wake.set()
-
-    def _start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="inferplane-otlp", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop:
-            self._wake.wait(self.delay_s)
-            self._wake.clear()
-            if self._stop:
-                return
-            try:
-                self.flush(metrics=time.monotonic() >= self._next_metrics)
-            except Exception:  # an export bug must not stop the exports
-                log.exception("OTLP batcher failed")
-
-    def flush(self, *, metrics: bool) -> None:
-        with self._lock:
-            tel, q = self.tel, self.queue
-            spans: list[SpanData] = []
-            requests = 0
-            while q:
-                t = q.popleft()
-                tel.record_metrics(t)
-                if t.sampled and tel.trace_spans:
-                    spans.extend(t.spans())
-                    requests += 1
-                    if requests >= BATCH:
-                        send_with_retry(self.sender, "traces", tel.encoder.request(spans),
-                                        self.timeout_s)
-                        spans, requests = [], 0
-            if spans:
-                send_with_retry(self.sender, "traces", tel.encoder.request(spans),
-                                self.timeout_s)
-            if metrics:
-                self._next_metrics = time.monotonic() + self.metrics_interval_s
-                body = tel.metrics_request()
-                if body is not None:
-                    send_with_retry(self.sender, "metrics", body, self.timeout_s)
-
-    def shutdown(self) -> None:
-        self._stop = True
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(self.timeout_s + 5)
-        try:
-            self.flush(metrics=True)
-        finally:
-            self.sender.close()
-        if self.dropped:
-            log.warning("OTLP: %d requests were not traced (the export queue was full)",
-                        self.dropped)
-
-
 class _Stage:
     """An ``admit`` or ``place`` stage of a trace: its span's times, error and attributes."""
 
-    __slots__ = ("attrs", "end_ns", "error_type", "name", "span_id", "start_ns", "trace")
+    __slots__ = ("attrs", "name", "start_ns", "trace")
 
     def __init__(self, trace: OtelTrace, name: str) -> None:
         self.trace = trace
         self.name = name
-        self.attrs: tuple[tuple[str, Any], ...] = ()
-        self.error_type: str | None = None
-        self.start_ns = self.end_ns = 0
-        self.span_id = 0
+        self.attrs: Pairs = ()
+        self.start_ns = 0
 
     def __enter__(self) -> None:
         self.start_ns = time.time_ns()
@@ -431,21 +344,19 @@ class _Stage:
 
     def __exit__(self, et: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        self.end_ns = time.time_ns()
         t = self.trace
         t.open_stage = None
-        t.stages.append(self)
-        if exc is not None:
-            self.error_type = _error_type(exc)
+        t.stages.append((self.name, self.start_ns, time.time_ns(),
+                         None if exc is None else _error_type(exc), self.attrs))
 
 
 class _Attempt:
     """One upstream attempt (a CLIENT span)."""
 
-    __slots__ = ("end_ns", "error_type", "fixed", "model", "number", "span_id", "start_ns",
-                 "status", "usage")
+    __slots__ = ("end_ns", "error_type", "finished", "fixed", "model", "number", "span_id",
+                 "start_ns", "status")
 
-    def __init__(self, span_id: int, fixed: Attrs, model: str, number: int) -> None:
+    def __init__(self, span_id: int, fixed: Pairs, model: str, number: int) -> None:
         self.span_id = span_id
         self.fixed = fixed
         self.model = model
@@ -454,7 +365,7 @@ class _Attempt:
         self.end_ns = 0
         self.error_type: str | None = None
         self.status: int | None = None
-        self.usage: tuple[tuple[str, Any], ...] = ()
+        self.finished = False
 
 
 class _NoStage:
@@ -519,12 +430,12 @@ class OtelTrace(RequestTrace):
         self.class_: str | None = None
         self.tenant: str | None = None
         self.max_tokens: int | None = None
-        self.decision = NO_ATTRS
+        self.decision: Pairs = ()
         self.decision_id: str | None = None
         self.spill: str | None = None
         self.provider: str | None = None
         self.response_model: str | None = None
-        self.stages: list[_Stage] = []
+        self.stages: list[tuple[Any, ...]] = []
         self.open_stage: _Stage | None = None
         self.attempts: list[_Attempt] = []
         self.attempt: _Attempt | None = None
@@ -566,7 +477,7 @@ class OtelTrace(RequestTrace):
             info = self.tel.endpoint_info(decision.picked.endpoint)
             self.decision = info.decision(decision.policy)
         else:
-            self.decision = Attrs((("inferplane.policy", decision.policy),))
+            self.decision = (("inferplane.policy", decision.policy),)
         self.decision_id = decision.decision_id
         self.spill = decision.spillover.reason if decision.spillover is not None else None
         stage = self.open_stage
@@ -625,7 +536,7 @@ class OtelTrace(RequestTrace):
         if a is not None:
             a.end_ns = time.time_ns()
             a.status = status
-            a.usage = self._usage()
+            a.finished = True
             a.error_type = self.error_type
 
     def failed(self, status: int, error_type: str) -> None:
@@ -640,73 +551,26 @@ class OtelTrace(RequestTrace):
         a = self.attempt
         if a is not None:  # never accounted (a bug, or a stop): still ends
             self.upstream_failed(self.error_type or "not_accounted")
-        self.tel.ended(self)
+        self.tel.ended(self.record())
 
-    # -- in the batcher's thread -------------------------------------------------------------
-    def _usage(self) -> tuple[tuple[str, Any], ...]:
-        usage: list[tuple[str, Any]] = []
-        if self.status is not None:
-            usage.append(("http.response.status_code", self.status))
-        if self.response_model is not None:
-            usage.append(("gen_ai.response.model", self.response_model))
-        if self.prompt_tokens is not None:
-            usage.append(("gen_ai.usage.input_tokens", self.prompt_tokens))
-        if self.completion_tokens is not None:
-            usage.append(("gen_ai.usage.output_tokens", self.completion_tokens))
-        if self.ttft_s is not None:
-            usage.append(("inferplane.ttft_s", self.ttft_s))
-        if self.tpot_s is not None:
-            usage.append(("inferplane.tpot_s", self.tpot_s))
-        return tuple(usage)
+    def record(self) -> Record:
+        """The request as one flat tuple of plain values (see `R_SAMPLED` …): cheap to keep,
+        to pickle for the exporter process, and all `spans_of` needs."""
+        return (
+            self.sampled, self.trace_id, self.span_id, self.parent_id, self.remote,
+            self.trace_state, self.start_ns, self.end_ns,
+            (self.op, self.server_address, self.server_port, self.model, self.model_tier,
+             self.class_, self.tenant),
+            self.max_tokens, self.decision, self.decision_id, self.spill, self.status,
+            self.error, self.error_type, self.prompt_tokens, self.completion_tokens, self.ttft_s,
+            self.tpot_s, self.response_model, self.provider, tuple(self.stages),
+            tuple((a.span_id, a.fixed, a.model, a.number, a.start_ns, a.end_ns, a.error_type,
+                   a.status, a.finished) for a in self.attempts),
+        )
 
     def spans(self) -> list[SpanData]:
-        """The request's spans, children first, the server span last."""
-        tid, sid, op, state = self.trace_id, self.span_id, self.op, self.trace_state
-        out: list[SpanData] = []
-        for st in self.stages:
-            st.span_id = _bits(64) or 1
-            attrs: tuple[tuple[str, Any], ...] = st.attrs
-            if st.error_type is not None:
-                attrs = (*attrs, ("error.type", st.error_type))
-            out.append(SpanData(tid, st.span_id, sid, False, state, st.name,
-                                SPAN_KIND["internal"], st.start_ns, st.end_ns, (), attrs,
-                                st.error_type is not None, None))
-        for a in self.attempts:
-            attrs = (("inferplane.attempt", a.number), *a.usage)
-            err = a.error_type
-            if err is not None:
-                if a.status is not None and not a.usage:
-                    attrs = (*attrs, ("http.response.status_code", a.status))
-                attrs = (*attrs, ("error.type", err))
-            out.append(SpanData(tid, a.span_id, sid, False, state, f"{op} {a.model}",
-                                SPAN_KIND["client"], a.start_ns, a.end_ns or self.end_ns,
-                                (a.fixed,), attrs, err is not None,
-                                self.error if a.usage else None))
-        server: list[tuple[str, Any]] = []
-        name = op
-        if self.model is not None:
-            name = f"{op} {self.model}"
-            if self.max_tokens is not None:
-                server.append(("gen_ai.request.max_tokens", self.max_tokens))
-        if self.decision_id is not None:
-            server.append(("inferplane.decision_id", self.decision_id))
-        if self.spill is not None:
-            server.append(("inferplane.spillover.reason", self.spill))
-        if self.attempts:
-            server.append(("inferplane.attempts", len(self.attempts)))
-        if self.attempts and self.attempts[-1].usage:
-            server += self.attempts[-1].usage
-        elif self.status is not None:
-            server.append(("http.response.status_code", self.status))
-        error = False
-        if self.error_type is not None:
-            server.append(("error.type", self.error_type))
-            error = self.status is not None and self.status >= 500
-        out.append(SpanData(tid, sid, self.parent_id, self.remote, state, name,
-                            SPAN_KIND["server"], self.start_ns, self.end_ns,
-                            (self.tel.server_attrs(self), self.decision), server, error,
-                            self.error if error else None))
-        return out
+        """The request's spans so far (`spans_of` its record)."""
+        return spans_of(self.tel, self.record())
 
 
 def _parse_traceparent(value: str) -> tuple[int, int, int] | None:
@@ -722,34 +586,6 @@ def _parse_traceparent(value: str) -> tuple[int, int, int] | None:
     if not trace_id or not span_id:
         return None
     return trace_id, span_id, int(flags, 16)
-
-
-def to_readable(s: SpanData, tel: OtelTelemetry) -> ReadableSpan:
-    """An SDK ``ReadableSpan`` of the same span (for SDK span exporters)."""
-    from opentelemetry.sdk.trace import ReadableSpan
-    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-    from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
-    from opentelemetry.trace.span import TraceState
-
-    state = TraceState([tuple(kv.split("=", 1)) for kv in s.trace_state.split(",")]  # type: ignore[misc]
-                       ) if s.trace_state else None
-    flags = TraceFlags(TraceFlags.SAMPLED)
-    parent = (SpanContext(s.trace_id, s.parent_id, is_remote=s.parent_remote, trace_flags=flags,
-                          trace_state=state) if s.parent_id else None)
-    kind = {1: SpanKind.INTERNAL, 2: SpanKind.SERVER, 3: SpanKind.CLIENT}[s.kind]
-    return ReadableSpan(
-        name=s.name,
-        context=SpanContext(s.trace_id, s.span_id, is_remote=False, trace_flags=flags,
-                            trace_state=state),
-        parent=parent,
-        resource=tel.resource,
-        attributes={**{k: v for a in s.fixed for k, v in a.pairs}, **dict(s.attributes)},
-        kind=kind,
-        status=Status(StatusCode.ERROR, s.message) if s.error else Status(StatusCode.UNSET),
-        start_time=s.start_ns,
-        end_time=s.end_ns,
-        instrumentation_scope=InstrumentationScope(SCOPE),
-    )
 
 
 def _error_type(exc: BaseException) -> str:

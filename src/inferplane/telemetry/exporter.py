@@ -1,0 +1,26 @@
+"""``python -m inferplane.telemetry.exporter``: the OTLP exporter process a gateway starts with
+``telemetry.exporter: process`` (`telemetry.otel.ExporterProcess`). It reads the fleet config
+and then pickled batches of finished requests from stdin (each length-prefixed), builds their
+spans, encodes and sends them and the GenAI metrics, and flushes and exits when stdin closes.
+Its stdin is the gateway's own pipe: it runs nothing it did not get from its parent."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+
+from inferplane.telemetry.export import run_exporter
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # the gateway's Ctrl-C or a stop sent to its whole group: it closes our stdin when it has
+    # handed over its last requests, and we flush them then
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    run_exporter(sys.stdin.buffer)
+
+
+if __name__ == "__main__":
+    main()

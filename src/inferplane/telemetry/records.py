@@ -1,0 +1,128 @@
+"""A finished request as one flat tuple of plain values (`Record`; fields `R_SAMPLED` …), and
+the spans built from it (`spans_of`), in the gateway's batcher thread or in the exporter process.
+A record is cheap to keep and to pickle; the attribute groups in it (`Pairs`) are shared tuples,
+so a pickled batch carries each once."""
+
+from __future__ import annotations
+
+import random
+from typing import TYPE_CHECKING, Any
+
+from inferplane.telemetry.otlp import SPAN_KIND, SpanData
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import ReadableSpan
+
+    from inferplane.telemetry.otel import OtelTelemetry
+
+_bits = random.getrandbits
+
+Pairs = tuple[tuple[str, Any], ...]
+"""Attributes as (name, value) pairs; the same tuple object for the same group, so a pickled
+batch carries each group once and `OtelTelemetry.attrs` encodes it once."""
+
+SCOPE = "inferplane"
+"""The instrumentation scope of every span."""
+
+
+Record = tuple[Any, ...]
+(R_SAMPLED, R_TRACE, R_SPAN, R_PARENT, R_REMOTE, R_STATE, R_START, R_END, R_SERVER, R_MAX_TOKENS,
+ R_DECISION, R_DECISION_ID, R_SPILL, R_STATUS, R_ERROR, R_ERROR_TYPE, R_PROMPT, R_COMPLETION,
+ R_TTFT, R_TPOT, R_RESPONSE_MODEL, R_PROVIDER, R_STAGES, R_ATTEMPTS) = range(24)
+
+
+def _usage(r: Record) -> Pairs:
+    usage: list[tuple[str, Any]] = []
+    if r[R_STATUS] is not None:
+        usage.append(("http.response.status_code", r[R_STATUS]))
+    if r[R_RESPONSE_MODEL] is not None:
+        usage.append(("gen_ai.response.model", r[R_RESPONSE_MODEL]))
+    if r[R_PROMPT] is not None:
+        usage.append(("gen_ai.usage.input_tokens", r[R_PROMPT]))
+    if r[R_COMPLETION] is not None:
+        usage.append(("gen_ai.usage.output_tokens", r[R_COMPLETION]))
+    if r[R_TTFT] is not None:
+        usage.append(("inferplane.ttft_s", r[R_TTFT]))
+    if r[R_TPOT] is not None:
+        usage.append(("inferplane.tpot_s", r[R_TPOT]))
+    return tuple(usage)
+
+
+def spans_of(tel: OtelTelemetry, r: Record) -> list[SpanData]:
+    """A request's spans from its record: admit and place, the attempts, the server span
+    last."""
+    tid, sid, state, end = r[R_TRACE], r[R_SPAN], r[R_STATE], r[R_END]
+    op = r[R_SERVER][0]
+    out: list[SpanData] = []
+    for name, start_ns, end_ns, error_type, attrs in r[R_STAGES]:
+        if error_type is not None:
+            attrs = (*attrs, ("error.type", error_type))
+        out.append(SpanData(tid, _bits(64) or 1, sid, False, state, name, SPAN_KIND["internal"],
+                            start_ns, end_ns, (), attrs, error_type is not None, None))
+    usage: Pairs = ()
+    for span_id, fixed, model, number, start_ns, end_ns, err, status, finished in r[R_ATTEMPTS]:
+        attrs = (("inferplane.attempt", number),)
+        if finished:
+            usage = _usage(r)
+            attrs += usage
+        if err is not None:
+            if status is not None and not finished:
+                attrs += (("http.response.status_code", status),)
+            attrs += (("error.type", err),)
+        out.append(SpanData(tid, span_id, sid, False, state, f"{op} {model}",
+                            SPAN_KIND["client"], start_ns, end_ns or end, (tel.attrs(fixed),),
+                            attrs, err is not None, r[R_ERROR] if finished else None))
+    server: list[tuple[str, Any]] = []
+    model = r[R_SERVER][3]
+    name = op if model is None else f"{op} {model}"
+    if model is not None and r[R_MAX_TOKENS] is not None:
+        server.append(("gen_ai.request.max_tokens", r[R_MAX_TOKENS]))
+    if r[R_DECISION_ID] is not None:
+        server.append(("inferplane.decision_id", r[R_DECISION_ID]))
+    if r[R_SPILL] is not None:
+        server.append(("inferplane.spillover.reason", r[R_SPILL]))
+    attempts = r[R_ATTEMPTS]
+    if attempts:
+        server.append(("inferplane.attempts", len(attempts)))
+    if attempts and attempts[-1][8]:  # the last attempt was accounted: its usage
+        server += usage
+    elif r[R_STATUS] is not None:
+        server.append(("http.response.status_code", r[R_STATUS]))
+    error = False
+    if r[R_ERROR_TYPE] is not None:
+        server.append(("error.type", r[R_ERROR_TYPE]))
+        error = r[R_STATUS] is not None and r[R_STATUS] >= 500
+    out.append(SpanData(tid, sid, r[R_PARENT], r[R_REMOTE], state, name, SPAN_KIND["server"],
+                        r[R_START], end, (tel.server_attrs(r[R_SERVER]), tel.attrs(r[R_DECISION])),
+                        server, error, r[R_ERROR] if error else None))
+    return out
+
+
+def to_readable(s: SpanData, tel: OtelTelemetry) -> ReadableSpan:
+    """An SDK ``ReadableSpan`` of the same span (for SDK span exporters)."""
+    from opentelemetry.sdk.trace import ReadableSpan
+    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+    from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
+    from opentelemetry.trace.span import TraceState
+
+    state = TraceState([tuple(kv.split("=", 1)) for kv in s.trace_state.split(",")]  # type: ignore[misc]
+                       ) if s.trace_state else None
+    flags = TraceFlags(TraceFlags.SAMPLED)
+    parent = (SpanContext(s.trace_id, s.parent_id, is_remote=s.parent_remote, trace_flags=flags,
+                          trace_state=state) if s.parent_id else None)
+    kind = {1: SpanKind.INTERNAL, 2: SpanKind.SERVER, 3: SpanKind.CLIENT}[s.kind]
+    return ReadableSpan(
+        name=s.name,
+        context=SpanContext(s.trace_id, s.span_id, is_remote=False, trace_flags=flags,
+                            trace_state=state),
+        parent=parent,
+        resource=tel.resource,
+        attributes={**{k: v for a in s.fixed for k, v in a.pairs}, **dict(s.attributes)},
+        kind=kind,
+        status=Status(StatusCode.ERROR, s.message) if s.error else Status(StatusCode.UNSET),
+        start_time=s.start_ns,
+        end_time=s.end_ns,
+        instrumentation_scope=InstrumentationScope(SCOPE),
+    )
+
+
