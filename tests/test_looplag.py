@@ -10,9 +10,15 @@ from __future__ import annotations
 import asyncio
 import time
 
+import aiohttp
 import pytest
+from aiohttp import web
 
+from inferplane.config.loader import parse_config
+from inferplane.fleet.model import Fleet
+from inferplane.fleet.scraper import HttpMetricsSource
 from inferplane.looplag import LoopLag
+from tests.support.procs import free_port
 
 
 async def _stall_then_answer(stall_s: float) -> str:
@@ -68,3 +74,37 @@ def test_lost_time_counts_a_pending_late_tick() -> None:
     assert lag.lost_at(11.3) == pytest.approx(0.8)
     assert lag.lost_at(10.9) == pytest.approx(0.5)
     assert lag.recent_max_s(100.0) == 0.0  # older than the recent window
+
+
+async def test_a_health_probe_is_not_failed_by_the_gateways_own_stall() -> None:
+    """The 1 s probe and scrape timeouts count running time too: an endpoint whose /health
+    answers at once is not marked down because the gateway's loop was held past the timeout
+    (here the stall is in the same loop, as a descheduled host would hold it)."""
+    async def health(request: web.Request) -> web.Response:
+        time.sleep(0.5)  # blocking on purpose: the whole loop stalls
+        return web.Response(text="")
+
+    app = web.Application()
+    app.router.add_get("/health", health)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    cfg = parse_config(f"""
+substrates:
+  - {{name: pool, kind: gpu, hardware: h100, region: r1, jurisdiction: eu,
+     cost: {{hourly_usd: 1.0}},
+     endpoints: [{{name: e, url: "http://127.0.0.1:{port}",
+                  models: [{{name: m, profile: llama-3.1-8b, max_context: 4096}}]}}]}}
+""")
+    (endpoint,) = Fleet.from_config(cfg).endpoints
+    lag = LoopLag(interval_s=0.02)
+    lag.start()
+    try:
+        async with aiohttp.ClientSession() as s:
+            await asyncio.sleep(0.05)
+            assert not await HttpMetricsSource(s, timeout_s=0.25).healthy(endpoint)
+            assert await HttpMetricsSource(s, timeout_s=0.25, lag=lag).healthy(endpoint)
+    finally:
+        await lag.stop()
+        await runner.cleanup()
