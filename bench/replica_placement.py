@@ -110,6 +110,7 @@ class Run:
     redis_calls: dict[str, int] = field(default_factory=dict)
     # per replica: endpoint → its latency correction (median observed ÷ predicted TTFT)
     corrections: dict[str, dict[str, float]] = field(default_factory=dict)
+    moves: int = 0  # turns placed on another endpoint than the conversation's previous turn
     ttfts: list[float] = field(default_factory=list)
 
     @property
@@ -126,8 +127,9 @@ def words(rng: random.Random, n: int) -> str:
 
 
 async def _stream(s: aiohttp.ClientSession, url: str, prompt: str, sid: str,
-                  max_tokens: int) -> tuple[float, str, int, int]:
-    """(TTFT s, answer text, prompt tokens, cached tokens) of one streamed completion."""
+                  max_tokens: int) -> tuple[float, str, int, int, str]:
+    """(TTFT s, answer text, prompt tokens, cached tokens, endpoint) of one streamed
+    completion."""
     body = {"model": "llama-3.1-8b", "prompt": prompt, "max_tokens": max_tokens, "stream": True,
             "stream_options": {"include_usage": True}}
     headers = {"Authorization": f"Bearer {KEY}", "x-session-id": sid}
@@ -138,6 +140,7 @@ async def _stream(s: aiohttp.ClientSession, url: str, prompt: str, sid: str,
     async with s.post(url, json=body, headers=headers) as r:
         if r.status != 200:
             raise RuntimeError(f"{r.status}: {(await r.text())[:200]}")
+        endpoint = r.headers.get("x-inferplane-endpoint", "")
         async for line in r.content:
             if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
                 continue
@@ -153,7 +156,7 @@ async def _stream(s: aiohttp.ClientSession, url: str, prompt: str, sid: str,
     assert isinstance(details, dict)
     return (ttft if ttft is not None else time.perf_counter() - t0, "".join(text),
             int(usage.get("prompt_tokens", 0)),  # type: ignore[call-overload]
-            int(details.get("cached_tokens", 0)))
+            int(details.get("cached_tokens", 0)), endpoint)
 
 
 async def _engine_counters(s: aiohttp.ClientSession, ports: list[int]) -> tuple[float, float]:
@@ -176,17 +179,20 @@ async def drive(run: Run, urls: list[str], ports: list[int], a: argparse.Namespa
     async def session(s: aiohttp.ClientSession, k: int) -> None:
         rng = random.Random(k)
         history = systems[k % len(systems)]
+        last: str | None = None
         for _ in range(a.turns):
             prompt = f"{history} {words(rng, a.turn_words)}"
             url = urls[next(rr) % len(urls)]
             run.requests += 1
             try:
-                ttft, answer, pt, ct = await _stream(s, url, prompt, f"s{k}", a.max_tokens)
+                ttft, answer, pt, ct, ep = await _stream(s, url, prompt, f"s{k}", a.max_tokens)
             except Exception as exc:  # counted, the conversation goes on
                 run.errors += 1
                 print(f"  error: {exc}", file=sys.stderr)
                 continue
             run.ttfts.append(ttft)
+            run.moves += last is not None and ep != last
+            last = ep
             run.prompt_tokens += pt
             run.cached_tokens += ct
             history = f"{prompt} {answer.strip()}"
@@ -245,8 +251,8 @@ def one_run(tmp: Path, mode: str, repeat: int, a: argparse.Namespace) -> Run:
         run.redis_calls = {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items()
                            if isinstance(v, dict)}
     finally:
-        for p in reversed(procs):
-            p.stop()
+        for proc in reversed(procs):
+            proc.stop()
         srv.stop()
     return run
 
@@ -285,23 +291,25 @@ def main() -> None:
             print(f"{mode} #{r}: {run.requests} requests, {run.errors} errors, hit "
                   f"{run.hit_rate:.3f} (engines {run.engine_hit_rate:.3f}), TTFT p50 "
                   f"{run.ttft_p50_ms:.0f} ms p90 {run.ttft_p90_ms:.0f} ms, "
-                  f"{run.wall_s:.1f} s; redis/request: "
+                  f"{run.wall_s:.1f} s, {run.moves} moves; redis/request: "
                   + ", ".join(f"{k} {v / n:.2f}" for k, v in sorted(run.redis_calls.items())),
                   flush=True)
     after = _uptime()
     gaps = []
-    for r in runs:
-        a_, b_ = r.corrections.get("A", {}), r.corrections.get("B", {})
+    for done in runs:
+        a_, b_ = done.corrections.get("A", {}), done.corrections.get("B", {})
         for e in sorted(set(a_) & set(b_)):
             gaps.append(abs(a_[e] - b_[e]) / ((a_[e] + b_[e]) / 2))
-            print(f"{r.mode} #{r.repeat} {e}: latency correction A {a_[e]:.3f} B {b_[e]:.3f}")
+            print(f"{done.mode} #{done.repeat} {e}: latency correction A {a_[e]:.3f} "
+                  f"B {b_[e]:.3f}")
     if gaps:
         print(f"latency corrections, A vs B per endpoint: median gap {statistics.median(gaps):.1%}"
               f", largest {max(gaps):.1%} ({len(gaps)} pairs)")
     print(f"\nload before: {before}\nload after:  {after}\n")
     print("| shared placement | runs | requests | errors | prefix hit (usage) | prefix hit "
-          "(engines) | TTFT p50 ms | TTFT p90 ms | Redis GET / SET / PUBLISH per request |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "(engines) | turns moved | TTFT p50 ms | TTFT p90 ms | Redis GET / SET / PUBLISH "
+          "per request |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for mode in a.modes.split(","):
         rs = [r for r in runs if r.mode == mode]
         n = sum(r.requests for r in rs) or 1
@@ -314,6 +322,7 @@ def main() -> None:
               f"{sum(r.errors for r in rs)} | {med([r.hit_rate for r in rs]):.3f} "
               f"({', '.join(f'{r.hit_rate:.3f}' for r in rs)}) | "
               f"{med([r.engine_hit_rate for r in rs]):.3f} | "
+              f"{sum(r.moves for r in rs) / max(1, n - a.sessions * len(rs)):.1%} | "
               f"{med([r.ttft_p50_ms for r in rs]):.0f} | {med([r.ttft_p90_ms for r in rs]):.0f} "
               f"({', '.join(f'{r.ttft_p90_ms:.0f}' for r in rs)}) | "
               f"{calls['get']:.2f} / {calls['set']:.2f} / {calls['publish']:.2f} |")

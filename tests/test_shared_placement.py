@@ -136,6 +136,11 @@ async def test_sessions_and_prefixes_follow_across_replicas(tmp_path: Path) -> N
                 assert not _sessions(g2).knows(session_key(cache_salt(cache_scope("u", None)), sid))
             prefix = _prefix(g2).matcher.index
             assert sum(prefix.size(e) for e in ("e0", "e1", "e2")) > 0
+            # ... and so did its latency prediction's own index (what it counts as cached)
+            latency = next(o for o in g2.class_policy["interactive"].observers
+                           if type(o).__name__ == "PredictedLatency")
+            held = latency.matcher.index  # type: ignore[attr-defined]
+            assert sum(held.size(e) for e in ("e0", "e1", "e2")) > 0
             # each session's next turn through replica 2 continues where replica 1 put it
             for sid, t in texts.items():
                 assert await _chat(s, plane.urls[1], sid, t) == placed[sid], sid

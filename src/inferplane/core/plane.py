@@ -619,8 +619,9 @@ class Core:
 
     def learn_shared(self, pick: SharedPick) -> None:
         """Another replica's pick: the class's placement plugins learn it as their own
-        (``learn_shared``: session and prefix affinity), and the KV-event mirror notes its
-        cache scope. Picks for an endpoint or class this process does not have are skipped."""
+        (``learn_shared``: session and prefix affinity, and the latency prediction's prefix
+        index), and the KV-event mirror notes its cache scope. Picks for an endpoint or class
+        this process does not have are skipped."""
         policy = self.class_policy.get(pick.workload_class)
         if policy is None or pick.endpoint not in self.live.live:
             return

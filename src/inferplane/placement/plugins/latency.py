@@ -317,6 +317,11 @@ class PredictedLatency(Plugin):
         cycle.data[self._key] = raw
         return out
 
+    def learn_shared(self, cycle: CycleState, picked: EndpointView) -> None:
+        """Another replica's pick (`admission.shared_placement`): its prompt blocks are cached
+        there now, so this replica predicts the same uncached prefill for them."""
+        self.matcher.learn(cycle, picked)
+
     def on_picked(self, cycle: CycleState, picked: EndpointView) -> None:
         self.matcher.learn(cycle, picked)
         raw = cycle.data.get(self._key)
