@@ -162,8 +162,11 @@ class SharedPlacement:
 
     # -- picks ----------------------------------------------------------------------------
     def picked(self, endpoint: str, profile: RequestProfile) -> None:
-        """Share a pick (write-behind: sent with the other picks of this loop iteration)."""
-        if not self.available:
+        """Share a pick (write-behind: sent with the other picks of this loop iteration). A pick
+        with nothing to learn from (no session, a prompt shorter than one block) is not sent."""
+        if not self.available or not (
+            profile.session_key or profile.block_hashes or profile.engine_block_hashes
+        ):
             return
         self._picks.append(SharedPick(
             endpoint, profile.workload_class, profile.model, profile.cache_salt,
