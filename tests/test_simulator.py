@@ -472,3 +472,31 @@ def test_declared_provider_rate_limit_is_capacity_on_the_virtual_clock() -> None
     api = [r for r in sim.records if r.endpoint == "api-0"]
     # virtual time: the 50 ms RTT of the emulation setting, not the profile's 200 ms
     assert all(r.completed and r.ttft_s is not None and 0.05 <= r.ttft_s < 0.2 for r in api)
+
+
+def test_derived_kv_blocks_are_capped_as_in_the_emulator() -> None:
+    """A tiny model on the ``cpu`` profile derives millions of KV blocks from host memory; the
+    engine model allocates them up front (a simulation once took ~23 GB and was killed). The
+    simulator caps them at the emulator's bound; a set ``num_gpu_blocks`` is kept."""
+    from inferplane.fleet.model import Fleet
+    from inferplane.twin.engine.model import MAX_DERIVED_BLOCKS
+    from inferplane.twin.simulator.fleet import engine_config_for
+
+    text = (
+        "substrates:\n"
+        "  - name: host\n    kind: gpu\n    hardware: cpu\n    region: r\n    jurisdiction: eu\n"
+        "    cost: {hourly_usd: 1}\n    endpoints:\n"
+        "      - {name: c0, url: 'http://127.0.0.1:9300',"
+        " models: [{name: t, profile: tiny-llama, max_context: 2048}]}\n"
+        "      - {name: c1, url: 'http://127.0.0.1:9301', emulation: {num_gpu_blocks: 1024},"
+        " models: [{name: t, profile: tiny-llama, max_context: 2048}]}\n"
+    )
+    fleet = Fleet.from_config(parse_config(text))
+    derived = {}
+    for ep in fleet.endpoints:
+        roofline = ep.roofline("t")
+        assert roofline is not None
+        derived[ep.name] = (roofline.kv_blocks(16, 0.9), engine_config_for(ep, roofline))
+    assert derived["c0"][0] > MAX_DERIVED_BLOCKS  # what the cap is for
+    assert derived["c0"][1].num_gpu_blocks == MAX_DERIVED_BLOCKS
+    assert derived["c1"][1].num_gpu_blocks == 1024

@@ -56,12 +56,15 @@ from inferplane.fleet.kv_events import KVEvent, encode_event_batch, seq_frame
 from inferplane.fleet.model import Endpoint
 from inferplane.physics.frontend import FrontEnd
 from inferplane.twin.emulator.metrics import EngineMetricsPage
-from inferplane.twin.engine.model import Engine, EngineConfig, EngineRequest
+from inferplane.twin.engine.model import (
+    MAX_DERIVED_BLOCKS,
+    Engine,
+    EngineConfig,
+    EngineRequest,
+)
 
 log = logging.getLogger("inferplane.emulator")
 
-MAX_DERIVED_BLOCKS = 1 << 17
-"""Upper bound on KV blocks derived from memory (2M tokens at block size 16)."""
 IDLE_POWER_FRACTION = 0.25
 """Share of its rated power an idle accelerator still draws (the emulator's power model)."""
 MAX_LAG_S = 0.02

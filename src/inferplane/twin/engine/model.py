@@ -85,6 +85,12 @@ class StepCostModel(Protocol):
     ) -> float: ...
 
 
+MAX_DERIVED_BLOCKS = 1 << 17
+"""Upper bound on KV blocks derived from memory (2M tokens at block size 16): a small model on
+a large host (the ``cpu`` profile) would otherwise derive millions of blocks, which the engine
+model allocates up front. The emulator and the simulator cap at the same bound."""
+
+
 @dataclass(slots=True)
 class EngineConfig:
     """vLLM's scheduler and cache settings (same names and defaults as its CLI flags)."""

@@ -39,7 +39,12 @@ from inferplane.fleet.engine_metrics import EngineMetrics
 from inferplane.fleet.model import Endpoint
 from inferplane.physics import Roofline
 from inferplane.physics.frontend import FrontEnd
-from inferplane.twin.engine.model import Engine, EngineConfig, StepOutput
+from inferplane.twin.engine.model import (
+    MAX_DERIVED_BLOCKS,
+    Engine,
+    EngineConfig,
+    StepOutput,
+)
 from inferplane.twin.simulator.records import RequestRecord
 from inferplane.twin.traces.tokens import TRACE_BLOCK_TOKENS, VOCABULARY
 
@@ -170,7 +175,8 @@ def padded_ids(hash_ids: Sequence[int], prompt_tokens: int, next_id: int) -> tup
 def engine_config_for(endpoint: Endpoint, roofline: Roofline) -> EngineConfig:
     """The endpoint's ``emulation`` block as an `EngineConfig`; KV blocks from the roofline
     (``kv_blocks(block_size, gpu_memory_utilization)``) unless set, capped on elastic hardware
-    at what ``max_num_seqs`` sequences of the longest context need."""
+    at what ``max_num_seqs`` sequences of the longest context need, else at
+    `MAX_DERIVED_BLOCKS` as in the emulator."""
     em = endpoint.spec.emulation
     blocks = em.num_gpu_blocks
     if blocks is None:
@@ -178,6 +184,8 @@ def engine_config_for(endpoint: Endpoint, roofline: Roofline) -> EngineConfig:
         if roofline.hardware.elastic:
             ctx = max(m.max_context for m in endpoint.spec.models)
             blocks = min(blocks, -(-em.max_num_seqs * ctx // em.block_size), MAX_ELASTIC_BLOCKS)
+        else:
+            blocks = min(blocks, MAX_DERIVED_BLOCKS)
     return EngineConfig(
         num_gpu_blocks=max(1, blocks),
         max_num_seqs=em.max_num_seqs,
