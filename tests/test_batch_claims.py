@@ -232,9 +232,10 @@ def _submit(base: str) -> str:
 
 def _run(tmp: Path, gateways: Callable[[dict[str, int]], list[tuple[Proc, str]]],
          claims: Callable[[], list[tuple[int, str | None, int]]],
-         victim_of: Callable[[dict[int, int]], int | None]) -> None:
+         victim_of: Callable[[dict[int, int]], int | None], settle_s: float = 0.0) -> None:
     """Emulated engines, the gateways, one batch; kill -9 the victim mid-run; check the end.
-    ``claims()`` reads (line_no, owner, done) of every line from the store."""
+    ``claims()`` reads (line_no, owner, done) of every line from the store. The batch is
+    submitted ``settle_s`` after the gateways started at the earliest."""
     engines = {f"e{i}": free_port() for i in range(2)}
     (tmp / "engines.yaml").write_text(_fleet(engines, "path: unused.sqlite"))
     procs: list[Proc] = []
@@ -244,10 +245,12 @@ def _run(tmp: Path, gateways: Callable[[dict[str, int]], list[tuple[Proc, str]]]
         procs.append(emu)
         for p in engines.values():
             emu.wait_http(f"http://127.0.0.1:{p}/health")
+        started = time.monotonic()
         gws = gateways(engines)
         procs += [p for p, _ in gws]
         for p, base in gws:
             p.wait_http(f"{base}/ready")
+        time.sleep(max(0.0, started + settle_s - time.monotonic()))
         bid = _submit(gws[0][1])
         deadline = time.monotonic() + 60
         victim = None
@@ -357,8 +360,12 @@ def test_two_workers_sharing_sqlite_survive_a_kill_9(tmp_path: Path) -> None:
         both = [pid for pid in workers if live.get(pid)]
         return both[0] if len(both) == 2 else None  # a worker dies while both run lines
 
+    from inferplane.api.workers import STARTUP_S
+
     try:
-        _run(tmp_path, gateways, claims, victim_of)
+        # a worker that dies in its first STARTUP_S is a failed start: the supervisor then
+        # stops them all; past it, the dead worker is restarted (as in production)
+        _run(tmp_path, gateways, claims, victim_of, settle_s=STARTUP_S + 1.0)
     finally:
         srv.stop()
 
