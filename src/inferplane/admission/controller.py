@@ -202,8 +202,11 @@ class Admission:
         self._ticker: asyncio.Task[None] | None = None
 
     def fleet_changed(self) -> None:
-        """The live fleet was reloaded: worst-case prices are recomputed over its endpoints."""
+        """The live fleet was reloaded: worst-case prices are recomputed over its endpoints, and
+        the dispatch gate's prefill costs (an endpoint reloaded under its name may have new
+        hardware or models)."""
         self.worst = WorstCase(self.live.fleet, self.spec, self.worst.timeout)
+        self._prefill_s_per_token.clear()
 
     # -- pools ----------------------------------------------------------------------------
     @staticmethod

@@ -594,7 +594,10 @@ class QueueSpec(Strict):
         "this long (pending uncached prompt tokens x the roofline's prefill time per token; 0: "
         "one prefill at a time); the excess waits in this fair queue instead of the engine's "
         "FIFO, so another tenant's request is never queued behind a flood inside an engine. "
-        "Placement skips gated endpoints; unset: off",
+        "A request whose first token the gateway does not see (not streamed, a batch line, the "
+        "Envoy picker without its observer) counts until its predicted TTFT has passed. "
+        "Placement skips gated endpoints. Per gateway process: N replicas or workers each "
+        "admit up to the bound (0: up to N prompts per endpoint); unset: off",
     )
 
 

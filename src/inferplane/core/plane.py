@@ -51,6 +51,7 @@ from inferplane.fleet.prefix_index import PrefixIndex
 from inferplane.fleet.pricing import request_cost_usd
 from inferplane.fleet.salts import SaltBook
 from inferplane.fleet.scraper import MetricsSource, Scraper
+from inferplane.fleet.state import EndpointView
 from inferplane.ledger.build import build_ledger
 from inferplane.ledger.record import Ledger, Outcome, Receipt
 from inferplane.looplag import LoopLag
@@ -121,6 +122,10 @@ class Core:
     A front end subclasses it to supply its transport: `_start_transport` returns the source of
     engine metrics (unless one was passed in) and `_stop_transport` closes what it opened.
     """
+
+    # whether this process sees a streamed answer's chunks (and so its first token); the Envoy
+    # picker without its observer filter does not
+    sees_chunks = True
 
     def __init__(
         self,
@@ -593,7 +598,31 @@ class Core:
             self.admission.placed(ticket)
             if ticket.grant is not None and ticket.grant.prefilling:
                 reservation.on_first_token = ticket.grant.prefilled
+        if not profile.stream or not self.sees_chunks:
+            ttft = self._predicted_ttft_s(decision, view, profile, reservation.prefill_tokens)
+            if ttft is not None:
+                reservation.prefill_within(ttft)
         return Placement(decision, reservation, [] if failed is None else failed, ticket, trace)
+
+    @staticmethod
+    def _predicted_ttft_s(
+        decision: Decision, view: EndpointView, profile: RequestProfile, prefill_tokens: int
+    ) -> float | None:
+        """When a request whose first token this process cannot see (a non-streamed answer
+        arrives whole, at its end) stops counting as pending prefill on its endpoint: the
+        predicted-latency plugin's TTFT (corrected by the endpoint's observed ÷ predicted ratio,
+        the prefill queue ahead included); without it, the roofline's prefill of the queue ahead
+        and its own uncached tokens, scaled by that ratio; else the endpoint's observed TTFT
+        median; None (at its release) when there is none of these."""
+        ttft = decision.candidate(view.name).annotations.get("ttft_s")
+        if ttft is not None:
+            return float(ttft)
+        st = view.state
+        r = view.endpoint.roofline(profile.model)
+        if r is None:
+            return st.ttft_p50_s
+        tokens = st.pending_prefill_tokens + prefill_tokens
+        return r.prefill_time_s(max(1, tokens)) * (st.ttft_ratio_p50 or 1.0)
 
     def _session_plugins(self, workload_class: str) -> list[SessionAffinity]:
         policy = self.class_policy.get(workload_class)
@@ -867,17 +896,11 @@ class Core:
         E2E end).
 
         A non-streamed answer has no observable first token: its TTFT is not recorded (only
-        E2E), so it cannot skew the latency correction or outlier ejection, and its prefill
-        stops counting as pending on the endpoint when its predicted TTFT has passed. A failed
-        read (`UpstreamError`) is accounted here and re-raised; otherwise the caller calls
+        E2E), so it cannot skew the latency correction or outlier ejection; its prefill stopped
+        counting as pending on the endpoint once its predicted TTFT had passed since `reserve`.
+        A failed read (`UpstreamError`) is accounted here and re-raised; otherwise the caller calls
         `account_body` (the HTTP surface does so once the answer is on its way to the client).
         """
-        d = placement.decision
-        assert d.picked is not None
-        ttft = d.candidate(d.picked.name).annotations.get("ttft_s")
-        timer = asyncio.get_running_loop().call_later(
-            ttft if ttft is not None and ttft > 0 else 0.0, placement.reservation.first_token
-        )
         try:
             data = await read()
         except UpstreamError as exc:
@@ -888,8 +911,6 @@ class Core:
             self.account(placement, status=499, started=started, stats=None, usage=None,
                          error="cancelled")
             raise
-        finally:
-            timer.cancel()
         return data, time.perf_counter()
 
     def account_body(

@@ -111,6 +111,9 @@ class Picker(Core):
             admission_store=admission_store,
         )
         self.flights: dict[str, Flight] = {}
+        # without the observer filter no answer's chunks reach the picker: every request's
+        # prefill ends at its predicted TTFT (`Core.reserve`)
+        self.sees_chunks = config.epp.observe_responses
         self.addresses: dict[str, str | None] = {
             e.name: P.destination(e) for e in self.fleet.endpoints
         }

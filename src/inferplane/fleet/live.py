@@ -7,6 +7,7 @@ changed (every ``refresh_s``), so the request path usually gets a cached object.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections import deque
@@ -105,7 +106,9 @@ class Reservation:
 
     ``prefill_tokens`` (the uncached prompt tokens placement expected) count as the endpoint's
     pending prefill work until `first_token` — or `release`, whichever comes first — so the
-    latency predictor sees the prefill queue ahead of a new request.
+    latency predictor sees the prefill queue ahead of a new request. A request whose first token
+    nobody here sees (a non-streamed answer arrives whole, at its end) calls `prefill_within`
+    with its predicted TTFT instead.
     """
 
     fleet: LiveFleet
@@ -119,6 +122,16 @@ class Reservation:
     # removes it) does not move this request's counts onto another record
     record: EndpointLive | None = None
     on_first_token: Callable[[], None] | None = None  # e.g. admission's prefill count
+    timer: asyncio.TimerHandle | None = None  # `prefill_within`'s
+
+    def prefill_within(self, delay_s: float) -> None:
+        """End this request's prefill ``delay_s`` from now (its predicted TTFT), or at its first
+        token or release if sooner; without a running event loop, only at those."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self.timer = loop.call_later(max(0.0, delay_s), self.first_token)
 
     def first_token(self) -> None:
         """The first token arrived: this request's prefill is no longer ahead of anyone."""
@@ -130,6 +143,8 @@ class Reservation:
 
     def release(self) -> None:
         if not self.released:
+            if self.timer is not None:
+                self.timer.cancel()
             self.first_token()
             self.released = True
             if self.on_release is not None:
