@@ -284,17 +284,24 @@ def test_epp_process_reloads_on_sighup(tmp_path: Path) -> None:
     assert "Traceback" not in proc.log.read_text()
 
 
-def test_a_restarted_worker_serves_the_reloaded_file(tmp_path: Path) -> None:
-    """A worker restarted after a reload (its parent still holds the file it started with)
-    reloads the current file as soon as it serves."""
+def test_a_restarted_worker_serves_what_the_others_applied(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker restarted after a reload and then a refused reload starts from the file the
+    others applied (the parent keeps it), not from the parent's start-up file: it refuses the
+    invalid current file as they did and serves the same fleet (e1, e2)."""
     import signal
     import subprocess
     import time
 
-    from bench.reload import fleet_yaml
+    import httpx
+
+    from bench.reload import KEY, fleet_yaml
     from tests.support.procs import Proc, free_port
     from tests.support.redis_server import RedisServer
 
+    # a worker killed at once is restarted (not taken for a start-up failure)
+    monkeypatch.setenv("INFERPLANE_WORKER_STARTUP_S", "0")
     srv = RedisServer(tmp_path)
     ports = {n: free_port() for n in ("e0", "e1", "e2")}
     f = tmp_path / "fleet.yaml"
@@ -309,17 +316,35 @@ def test_a_restarted_worker_serves_the_reloaded_file(tmp_path: Path) -> None:
             assert time.monotonic() < deadline and gw.p.poll() is None, gw.log.read_text()
             time.sleep(0.05)
 
+    def fleets() -> set[tuple[str, ...]]:
+        """The endpoints served, as each of 40 new connections (spread over both workers by
+        the kernel) sees them."""
+        seen = set()
+        for _ in range(40):
+            with httpx.Client(timeout=10) as c:  # a new connection each time
+                r = c.get(f"http://127.0.0.1:{gw_port}/v1/fleet/health",
+                          headers={"Authorization": f"Bearer {KEY}"})
+            assert r.status_code == 200, r.text
+            seen.add(tuple(sorted(e["endpoint"] for e in r.json()["endpoints"])))
+        return seen
+
     try:
         count("listening on", 2)
-        time.sleep(5.5)  # past the supervisor's start-up window: a dead worker is restarted
         f.write_text(fleet_yaml({n: ports[n] for n in ("e1", "e2")}, srv.url))
         gw.p.send_signal(signal.SIGHUP)
         count("added ['e2']", 2)
+        f.write_text(fleet_yaml({n: ports[n] for n in ("e0", "e2")}, srv.url, bad=True))
+        gw.p.send_signal(signal.SIGHUP)
+        count("fleet reload refused", 2)
+        assert fleets() == {("e1", "e2")}
         kids = subprocess.run(["pgrep", "-P", str(gw.p.pid)], capture_output=True, text=True)
         worker = int(kids.stdout.split()[0])
         subprocess.run(["kill", "-9", str(worker)], check=True)
         count("restarting it", 1)
-        count("added ['e2']", 3)  # the new worker, built from the parent's old file, caught up
+        count("listening on", 3)
+        count("fleet reload refused", 3)  # the new worker refused the invalid file too ...
+        assert fleets() == {("e1", "e2")}  # ... and serves what the other one does
+        assert gw.log.read_text().count("added ['e2']") == 2  # it started from e1 + e2
         assert gw.p.poll() is None
     finally:
         gw.stop()

@@ -4,6 +4,7 @@ export, check, schema, hash-key, ledger-keygen."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import os
@@ -167,16 +168,64 @@ def serve(
             fail("--workers needs a fixed port (port 0 would give each worker its own)")
         from inferplane.api.workers import supervise
 
+        applied = _Applied(cfg, sha, config)
+
         def run_worker(index: int) -> int:
-            try:
-                _serve_one(cfg, sha, config, host, port, reuse_port=True, watch=watch_config)
+            try:  # from the configuration the other workers run (a restart after reloads)
+                _serve_one(
+                    applied.cfg, applied.sha, config, host, port, reuse_port=True,
+                    watch=watch_config,
+                )
             except typer.Exit as exc:
                 return exc.exit_code
             return 0
 
         typer.echo(f"inferplane: starting {workers} gateway workers", err=True)
-        raise typer.Exit(supervise(workers, run_worker))
+        raise typer.Exit(
+            supervise(workers, run_worker, applied.check, 1.0 if watch_config else None)
+        )
     _serve_one(cfg, sha, config, host, port, reuse_port=False, watch=watch_config)
+
+
+class _Applied:
+    """The fleet configuration the workers of ``serve --workers`` run, kept by their parent:
+    `check` validates the file as a worker's reload does (`Core.reload`: parsed, no section
+    needing a restart changed, fleet, placement policies, classifier and upstream credentials
+    built) and keeps it when it passes, so that a worker restarted later starts from what the
+    others applied rather than from the start-up file (or a file they all refused)."""
+
+    def __init__(self, cfg: FleetConfig, sha: str | None, path: Path) -> None:
+        self.cfg, self.sha, self.path = cfg, sha, path
+        self._checked = sha
+
+    def check(self) -> None:
+        from inferplane.config.loader import parse_config, read_text
+        from inferplane.core.reload import restart_needed
+        from inferplane.dispatch.credentials import load_credentials
+        from inferplane.fleet.model import Fleet
+        from inferplane.placement.build import build_policies
+        from inferplane.placement.classify import Classifier
+
+        try:
+            text = read_text(self.path)
+        except (OSError, ConfigError):
+            return
+        sha = hashlib.sha256(text.encode()).hexdigest()
+        if sha == self._checked:
+            return
+        self._checked = sha
+        file = str(self.path)
+        try:
+            cfg = parse_config(text, file, base_dir=self.path.parent)
+            if restart_needed(self.cfg, cfg):
+                return
+            Fleet.from_config(cfg)
+            build_policies(cfg, file)
+            Classifier(cfg)
+            load_credentials(cfg, file)
+        except Exception:  # refused: the workers log why
+            return
+        self.cfg, self.sha = cfg, sha
 
 
 def _sha256(config: Path) -> str | None:

@@ -9,11 +9,14 @@ records inside each transaction, so several processes can append to one chain); 
 store's SQLite file, and every worker runs batch lines, each line claimed by one worker under a
 lease (`batch.store`).
 
-The parent only supervises: SIGTERM / SIGINT are passed on to every worker, and so is SIGHUP
-(each worker reloads the fleet file itself, `Core.reload_file`; a worker started or restarted
-after the file changed reloads it as soon as it serves); a worker
-that dies is restarted (after a second), unless it died in its first seconds — a start-up
-failure (port taken, Redis unreachable) — which stops them all with its exit status.
+The parent supervises: SIGTERM / SIGINT are passed on to every worker, and so is SIGHUP (each
+worker reloads the fleet file itself, `Core.reload_file`). The parent also validates the file on
+SIGHUP (and, with ``--watch-config``, when it changes) as a worker's reload does, and keeps the
+last configuration that passed — the one the workers run — so that a worker restarted later
+starts from it, not from the parent's start-up file (it then reloads the current file when that
+differs, and refuses it as the others did when it is invalid). A worker that dies is restarted
+(after a second), unless it died in its first seconds (`startup_s`) — a start-up failure (port
+taken, Redis unreachable) — which stops them all with its exit status.
 """
 
 from __future__ import annotations
@@ -32,7 +35,24 @@ from inferplane.core.process import WORKER_ENV
 log = logging.getLogger("inferplane.workers")
 
 STARTUP_S = 5.0
-"""A worker that exits within this many seconds of its start failed to start."""
+"""A worker that exits within this many seconds of its start failed to start (unless
+``INFERPLANE_WORKER_STARTUP_S`` says otherwise, `startup_s`)."""
+
+STARTUP_ENV = "INFERPLANE_WORKER_STARTUP_S"
+
+
+def startup_s() -> float:
+    """The start-up window: ``INFERPLANE_WORKER_STARTUP_S`` (seconds) or `STARTUP_S`."""
+    raw = os.environ.get(STARTUP_ENV)
+    if raw is None:
+        return STARTUP_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise SystemExit(f"inferplane: {STARTUP_ENV}={raw!r} is not a number of seconds >= 0")
+    return value
 
 
 def _status(code: int) -> int:
@@ -41,11 +61,21 @@ def _status(code: int) -> int:
     return 128 + os.WTERMSIG(code) if os.WIFSIGNALED(code) else 1
 
 
-def supervise(n: int, run_worker: Callable[[int], int]) -> int:
+def supervise(
+    n: int,
+    run_worker: Callable[[int], int],
+    check_config: Callable[[], None] | None = None,
+    watch_s: float | None = None,
+) -> int:
     """Fork ``n`` workers running ``run_worker(index)`` (its return value is the worker's exit
-    status) and supervise them until a signal stops them; returns the exit status."""
+    status) and supervise them until a signal stops them; returns the exit status.
+    ``check_config()`` runs in the parent on SIGHUP before the workers get it, and every
+    ``watch_s`` seconds when given (it validates the fleet file and keeps what passed, which
+    ``run_worker`` of a later restart starts from)."""
     children: dict[int, tuple[int, float]] = {}  # pid -> (index, started)
     stopping = False
+    checking = False
+    window = startup_s()
     ensure_shared_secret()  # a console session opened on one worker is valid on the others
 
     def spawn(i: int) -> None:
@@ -53,6 +83,7 @@ def supervise(n: int, run_worker: Callable[[int], int]) -> int:
         if pid == 0:  # the worker
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, signal.SIG_DFL)
+            signal.signal(signal.SIGALRM, signal.SIG_IGN)  # the parent's watch (not inherited)
             # until the worker's own handler reloads (it then reloads a file that changed)
             signal.signal(signal.SIGHUP, signal.SIG_IGN)
             os.environ[WORKER_ENV] = str(i)
@@ -76,7 +107,20 @@ def supervise(n: int, run_worker: Callable[[int], int]) -> int:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
 
+    def check() -> None:
+        nonlocal checking
+        if check_config is None or checking:
+            return
+        checking = True
+        try:
+            check_config()
+        except Exception:  # the workers' own reload reports the problem
+            log.exception("checking the fleet file failed")
+        finally:
+            checking = False
+
     def reload(sig: int, _frame: object) -> None:
+        check()  # what a worker restarted from now on starts from
         for pid in list(children):  # each worker validates and applies the file itself
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
@@ -84,6 +128,9 @@ def supervise(n: int, run_worker: Callable[[int], int]) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, forward)
     signal.signal(signal.SIGHUP, reload)
+    if watch_s is not None and check_config is not None:
+        signal.signal(signal.SIGALRM, lambda _s, _f: check())
+        signal.setitimer(signal.ITIMER_REAL, watch_s, watch_s)
     for i in range(n):
         spawn(i)
     status = 0
@@ -99,7 +146,7 @@ def supervise(n: int, run_worker: Callable[[int], int]) -> int:
         if stopping:
             status = max(status, exit_status if exit_status not in (0, 128 + 15, 128 + 2) else 0)
             continue
-        if time.monotonic() - started < STARTUP_S:
+        if time.monotonic() - started < window:
             log.error("worker %d exited with status %d while starting; stopping", i, exit_status)
             forward(signal.SIGTERM, None)
             status = exit_status or 1
@@ -107,4 +154,6 @@ def supervise(n: int, run_worker: Callable[[int], int]) -> int:
         log.error("worker %d exited with status %d; restarting it", i, exit_status)
         time.sleep(1.0)
         spawn(i)
+    if watch_s is not None and check_config is not None:
+        signal.setitimer(signal.ITIMER_REAL, 0)
     return status
