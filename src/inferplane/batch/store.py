@@ -27,6 +27,7 @@ line of it holds a live claim (`live_claims`), so no result arrives after its fi
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 from abc import ABC, abstractmethod
@@ -68,10 +69,24 @@ class Counts:
     failed: int
 
 
+def pid_scope() -> str:
+    """Where this process's pid means something: a digest of the kernel's boot id and this
+    process's PID namespace ("" when either cannot be read: no pid can then be trusted). Two
+    containers on one host — even with the same hostname (``hostNetwork``, a fixed compose
+    ``hostname:``) — have different PID namespaces; a reboot changes the boot id."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as fh:
+            boot = fh.read().strip()
+        ns = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+    return hashlib.sha256(f"{boot}/{ns}".encode()).hexdigest()[:12]
+
+
 def new_owner() -> str:
-    """A claim owner id for this process: host, pid and a random part (a restarted process,
-    or a reused pid, is a new owner)."""
-    return f"{socket.gethostname()}:{os.getpid()}:{os.urandom(4).hex()}"
+    """A claim owner id for this process: host, pid scope (`pid_scope`), pid and a random part
+    (a restarted process, or a reused pid, is a new owner)."""
+    return f"{socket.gethostname()}:{pid_scope()}:{os.getpid()}:{os.urandom(4).hex()}"
 
 
 def _alive(pid: int) -> bool:
@@ -176,17 +191,21 @@ class BatchStore(ABC):
         how many."""
 
     async def release_dead(self) -> list[str]:
-        """Give back the claims of processes of this host that are gone — a predecessor killed
-        with -9 and restarted (same host: its pid no longer runs, or it is this process's own
-        pid under another owner id, as a restarted container's first process) — so their lines
-        run again at once instead of after their leases. Owners on other hosts, or whose pid
-        runs, keep their claims until their leases expire. Returns the owners released."""
-        host = socket.gethostname()
+        """Give back the claims of predecessors that are provably gone — a process of this
+        host killed with -9 and restarted: same host, same boot and PID namespace (`pid_scope`,
+        in the owner id), and its pid no longer runs or is this process's own pid under another
+        owner id — so their lines run again at once instead of after their leases. Every other
+        owner keeps its claims until their leases expire: other hosts, another PID namespace
+        under the same hostname (another replica, whose pid means nothing here; a container
+        restarted into a new namespace), an owner id without a scope, a pid that runs."""
+        host, scope = socket.gethostname(), pid_scope()
         gone = []
         for owner in await self.owners():
-            o_host, _, rest = owner.rpartition(":")[0].rpartition(":")
-            pid = rest
-            if owner == self.owner or o_host != host or not pid.isdigit():
+            parts = owner.split(":")
+            if owner == self.owner or not scope or len(parts) != 4:
+                continue
+            o_host, o_scope, pid, _ = parts
+            if o_host != host or o_scope != scope or not pid.isdigit():
                 continue
             if int(pid) == os.getpid() or not _alive(int(pid)):
                 await self.release_owner(owner)
