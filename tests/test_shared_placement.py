@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
+import redis.asyncio
 
 from inferplane.api.app import serve
 from inferplane.api.pipeline import Gateway, hash_key
@@ -67,6 +68,24 @@ async def _until(cond: Callable[[], bool], timeout: float = 8.0) -> None:
         await asyncio.sleep(0.02)
 
 
+async def _subscribed(url: str, gws: list[Gateway]) -> None:
+    """Until Redis counts one subscriber of the picks channel per gateway
+    (``PUBSUB NUMSUB``)."""
+    channel = next(g.shared for g in gws if g.shared is not None).channel
+    client = redis.asyncio.Redis.from_url(url)
+    try:
+        async def count() -> int:
+            got = await client.pubsub_numsub(channel)
+            return int(got[0][1]) if got else 0
+
+        deadline = time.monotonic() + 8.0
+        while await count() < len(gws):
+            assert time.monotonic() < deadline, "the gateways did not subscribe in time"
+            await asyncio.sleep(0.02)
+    finally:
+        await client.aclose()
+
+
 def _sessions(gw: Gateway) -> SessionAffinity:
     return next(o for o in gw.class_policy["interactive"].observers
                 if isinstance(o, SessionAffinity))
@@ -118,7 +137,7 @@ async def test_sessions_and_prefixes_follow_across_replicas(tmp_path: Path) -> N
     try:
         g1, g2 = await plane.gateway(), await plane.gateway()
         assert g1.shared is not None and g2.shared is not None
-        await asyncio.sleep(0.2)  # both subscribed
+        await _subscribed(srv.url, [g1, g2])
         async with aiohttp.ClientSession() as s:
             # six sessions at once on replica 1: in-flight load spreads them over the engines
             texts = {f"s{i}": block_text(900 + i, 600) for i in range(6)}
@@ -163,7 +182,7 @@ async def test_redis_stopped_means_local_state_never_a_500(tmp_path: Path) -> No
     plane = Plane(cfg, ports)
     try:
         g1, g2 = await plane.gateway(), await plane.gateway()
-        await asyncio.sleep(0.2)
+        await _subscribed(srv.url, [g1, g2])
         async with aiohttp.ClientSession() as s:
             text = block_text(77, 400)
             where = await _chat(s, plane.urls[0], "before", text)
