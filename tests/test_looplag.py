@@ -66,13 +66,18 @@ async def test_without_a_ticker_it_is_a_plain_timeout() -> None:
     assert lag.lost_s == 0.0
 
 
-def test_lost_time_counts_a_pending_late_tick() -> None:
+async def test_lost_time_counts_a_pending_late_tick() -> None:
     lag = LoopLag(interval_s=0.1)
     lag.tick(0.5, now=10.0)
     assert lag.lost_s == 0.5 and lag.recent_max_s(10.0) == 0.5
+    lag.start()
+    await asyncio.sleep(0)  # the ticker is running
     lag._due = 11.0  # a tick due at 11 has not run at 11.3: 0.3 s more are already lost
     assert lag.lost_at(11.3) == pytest.approx(0.8)
     assert lag.lost_at(10.9) == pytest.approx(0.5)
+    await lag.stop()
+    lag._due = 11.0  # a stopped ticker counts no pending tick (a deadline must still fire)
+    assert lag.lost_at(11.3) == pytest.approx(0.5)
     assert lag.recent_max_s(100.0) == 0.0  # older than the recent window
 
 

@@ -78,7 +78,9 @@ class LoopLag:
     def lost_at(self, now: float) -> float:
         """Seconds lost to lag up to ``now`` (the loop's clock), the pending tick included."""
         due = self._due
-        return self.lost_s + (now - due if due is not None and now > due else 0.0)
+        if due is None or now <= due or not self.running:  # a stopped ticker adds nothing
+            return self.lost_s
+        return self.lost_s + (now - due)
 
     def mark(self) -> tuple[float, float]:
         """(loop time, lost so far) now: the start of a span `ran_s` measures."""

@@ -108,6 +108,9 @@ def _translate(endpoint: Endpoint) -> Iterator[None]:
         ) from None
 
 
+LAG_STRETCH = 4.0  # a first-byte deadline never stretches past this × its own length
+
+
 @contextlib.asynccontextmanager
 async def _first_byte_deadline(
     endpoint: Endpoint, seconds: float | None, lag: LoopLag | None = None
@@ -115,13 +118,15 @@ async def _first_byte_deadline(
     """Raise `UpstreamAttemptFailed` (reason ``first_byte_timeout``) when the block takes longer
     than ``seconds`` (None: no limit beyond the session's) of the gateway's *running* time: with
     ``lag``, time the gateway's own event loop lost (the process descheduled on a loaded host)
-    does not count against the endpoint (`inferplane.looplag`)."""
+    does not count against the endpoint (`inferplane.looplag`), up to `LAG_STRETCH` × ``seconds``
+    of wall time in all."""
     if seconds is None:
         yield
         return
     try:
         async with (
-            asyncio.timeout(seconds) if lag is None else lag.deadline(seconds)
+            asyncio.timeout(seconds) if lag is None
+            else lag.deadline(seconds, max_s=LAG_STRETCH * seconds)
         ) as deadline:
             yield
     except TimeoutError:
