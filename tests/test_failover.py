@@ -408,6 +408,40 @@ async def test_a_hung_engine_is_timed_out_replaced_and_ejected(
 
 
 @pytest.mark.parametrize("stream", [True, False])
+async def test_a_hung_engine_is_still_ejected_while_the_loop_lags(
+    session: aiohttp.ClientSession, stream: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review of issue 12 item 1: loop lag must not stretch a first-byte timeout without bound.
+    The lag is injected through the gateway's `LoopLag`: every second of wall time counts as
+    lost (a loop that never runs on time, as on an overloaded gateway), so the running-time
+    deadline alone would never fire and the hung engine would hold each request for the whole
+    ``upstream_timeout_s``. The wall-clock cap (``max_stretch`` × the timeout) still times it
+    out: the request is re-placed and the engine ejected for first-byte timeouts."""
+    ports, ups = await _upstreams({"hung": "hang", "ok-1": "ok", "ok-2": "ok"})
+    gw, runner, base = await _gateway(_pool(
+        ports, gateway="upstream_timeout_s: 60, first_byte_timeout: "
+        "{floor_s: 0.2, factor: 1, unpredicted_s: 0.2, max_stretch: 2}",
+        outlier="interval_s: 60"))
+    monkeypatch.setattr(gw.lag, "lost_at", lambda now: now)  # all wall time is lag
+    mark = gw.lag.mark()
+    try:
+        for _ in range(12):
+            async with session.post(f"{base}/v1/chat/completions",
+                                    json={**CHAT, "stream": stream}) as r:
+                assert r.status == 200, await r.text()
+                assert r.headers["x-inferplane-endpoint"] != "hung"
+                assert b"ok-" in await r.read()
+        assert gw.lag.ran_s(mark) == 0.0  # the gateway never counted any running time
+        hung = gw.live.live["hung"]
+        assert hung.ejected and "first-byte timeouts" in hung.ejected_reason
+        assert hung.requests_total == 2 and hung.inflight == 0
+    finally:
+        await runner.cleanup()
+        for u in ups:
+            await u.cleanup()
+
+
+@pytest.mark.parametrize("stream", [True, False])
 async def test_the_gateways_own_stall_is_not_a_first_byte_timeout(
     session: aiohttp.ClientSession, stream: bool
 ) -> None:

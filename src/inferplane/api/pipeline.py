@@ -79,9 +79,13 @@ class Gateway(Core):
 
         async def send(endpoint: Endpoint, first_byte_s: float | None) -> Opened:
             mark = self.lag.mark()
+            # loop lag stretches the first-byte timeout, but only this far in wall time
+            cap = (None if first_byte_s is None
+                   else first_byte_s * self.config.gateway.first_byte_timeout.max_stretch)
             resp = await self.dispatcher.open(
                 endpoint, path, body, max_tokens=max_tokens, first_byte_s=first_byte_s,
-                cache_salt=profile.cache_salt, headers=trace.upstream_headers(),
+                first_byte_max_s=cap, cache_salt=profile.cache_salt,
+                headers=trace.upstream_headers(),
             )
             first = None
             if resp.status == 200 and "text/event-stream" in resp.headers.get("Content-Type", ""):
@@ -89,9 +93,10 @@ class Gateway(Core):
                 # hung engine is re-placed before the client has seen a byte
                 # (the gateway's running time: its own loop lag is not the engine's delay)
                 left = None if first_byte_s is None else first_byte_s - self.lag.ran_s(mark)
-                first = await Dispatcher.first_chunk(
-                    endpoint, resp, None if left is None else max(left, 0.0), self.lag
-                )
+                cap_left = None if cap is None else cap - (self.lag.mark()[0] - mark[0])
+                if left is not None and cap_left is not None:
+                    left = max(min(left, cap_left), 0.0)
+                first = await Dispatcher.first_chunk(endpoint, resp, left, self.lag, cap_left)
             return Opened(resp, first)
 
         return await self.open_with(profile, send, ticket)

@@ -65,13 +65,18 @@ class FirstByteTimeoutSpec(Strict):
     the pick's predicted TTFT — plus ``max_tokens ×`` its predicted ITL for a non-streamed request,
     whose first byte comes with the whole answer. Without a prediction, ``unpredicted_s``. A
     timed-out attempt is re-placed (it sent the client nothing) and counts towards the
-    endpoint's ``health.outlier.consecutive_timeouts``."""
+    endpoint's ``health.outlier.consecutive_timeouts``. Time the gateway's own event loop lost
+    (`inferplane.looplag`) is not counted, up to ``max_stretch ×`` the timeout of wall time."""
 
     enabled: bool = Field(True, description="apply the first-byte timeout")
     factor: float = Field(5.0, ge=1, description="multiple of the predicted time allowed")
     floor_s: float = Field(5.0, gt=0, description="never less than this")
     unpredicted_s: float = Field(
         60.0, gt=0, description="the timeout when placement predicted no latency for the pick"
+    )
+    max_stretch: float = Field(
+        3.0, ge=1, description="the gateway's own event-loop lag does not count against the "
+        "timeout, but it fires by this multiple of itself in wall time however late the loop runs"
     )
 
 

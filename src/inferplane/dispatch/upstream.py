@@ -108,25 +108,34 @@ def _translate(endpoint: Endpoint) -> Iterator[None]:
         ) from None
 
 
-LAG_STRETCH = 4.0  # a first-byte deadline never stretches past this × its own length
+LAG_STRETCH = 3.0
+"""Without ``max_s``, a first-byte deadline never stretches past this × its own length (the
+default of ``gateway.first_byte_timeout.max_stretch``, which the gateway passes)."""
 
 
 @contextlib.asynccontextmanager
 async def _first_byte_deadline(
-    endpoint: Endpoint, seconds: float | None, lag: LoopLag | None = None
+    endpoint: Endpoint,
+    seconds: float | None,
+    lag: LoopLag | None = None,
+    max_s: float | None = None,
 ) -> AsyncGenerator[None, None]:
     """Raise `UpstreamAttemptFailed` (reason ``first_byte_timeout``) when the block takes longer
     than ``seconds`` (None: no limit beyond the session's) of the gateway's *running* time: with
     ``lag``, time the gateway's own event loop lost (the process descheduled on a loaded host)
-    does not count against the endpoint (`inferplane.looplag`), up to `LAG_STRETCH` × ``seconds``
-    of wall time in all."""
+    does not count against the endpoint (`inferplane.looplag`) — but the block never takes more
+    than ``max_s`` of wall time (``gateway.first_byte_timeout.max_stretch``): a loop that is
+    merely busy looks late too, and a hung engine must still be timed out under load (without
+    ``max_s``: `LAG_STRETCH` × ``seconds``)."""
     if seconds is None:
         yield
         return
+    if max_s is None:
+        max_s = LAG_STRETCH * seconds
     try:
         async with (
-            asyncio.timeout(seconds) if lag is None
-            else lag.deadline(seconds, max_s=LAG_STRETCH * seconds)
+            asyncio.timeout(min(seconds, max_s)) if lag is None
+            else lag.deadline(seconds, max_s)
         ) as deadline:
             yield
     except TimeoutError:
@@ -277,6 +286,7 @@ class Dispatcher:
         *,
         max_tokens: int = 4096,
         first_byte_s: float | None = None,
+        first_byte_max_s: float | None = None,
         cache_salt: str | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> aiohttp.ClientResponse:
@@ -285,8 +295,8 @@ class Dispatcher:
         Raises `UpstreamAttemptFailed` if it fails before that, answers a retriable status
         (429/5xx, with the ``Retry-After`` it gave) or refuses the gateway's credentials
         (401/403); with reason ``first_byte_timeout`` when the status line took longer than
-        ``first_byte_s``. Other statuses (a 400 from the engine) are returned for the caller to
-        relay.
+        ``first_byte_s`` of running time (``first_byte_max_s`` of wall time). Other statuses
+        (a 400 from the engine) are returned for the caller to relay.
         """
         assert self.session is not None, "Dispatcher.start() not called"
         url, data = self.upstream_request(endpoint, path, body, max_tokens, cache_salt)
@@ -294,7 +304,7 @@ class Dispatcher:
         if headers:  # per request (the trace context): added to the endpoint's own
             sent = {**sent, **headers}
         with _translate(endpoint):
-            async with _first_byte_deadline(endpoint, first_byte_s, self.lag):
+            async with _first_byte_deadline(endpoint, first_byte_s, self.lag, first_byte_max_s):
                 resp = await self.session.post(url, data=data, headers=sent)
             if resp.status in RETRIABLE_STATUS or resp.status in CREDENTIAL_STATUS:
                 try:
@@ -329,13 +339,14 @@ class Dispatcher:
         resp: aiohttp.ClientResponse,
         first_byte_s: float | None,
         lag: LoopLag | None = None,
+        max_s: float | None = None,
     ) -> tuple[bytes, float]:
         """Wait for a stream's first chunk (with the first-byte deadline) and return it with
         its arrival time, for `relay` to send first. Raises `UpstreamAttemptFailed` (the client
         has received nothing yet) and closes the response on any failure."""
         try:
             with _translate(endpoint):
-                async with _first_byte_deadline(endpoint, first_byte_s, lag):
+                async with _first_byte_deadline(endpoint, first_byte_s, lag, max_s):
                     chunk = await resp.content.readany()
         except BaseException:
             resp.close()
