@@ -7,7 +7,9 @@ tests/browser/test_console_browser.py."""
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Iterator
+from ipaddress import ip_network
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +19,14 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from inferplane.api.app import build_app
-from inferplane.api.console import GATEWAY, HISTORY, spark_points
-from inferplane.api.console_auth import LoginThrottle, Sessions, matching_hash
+from inferplane.api.console import COOKIE_MAX_AGE_S, GATEWAY, HISTORY, spark_points
+from inferplane.api.console_auth import (
+    LoginThrottle,
+    RedisRevocations,
+    Sessions,
+    client_address,
+    matching_hash,
+)
 from inferplane.api.pipeline import Gateway, hash_key
 from inferplane.config.loader import load_config
 from tests.support.procs import Proc, free_port
@@ -377,3 +385,119 @@ async def test_a_malformed_receipt_form_is_a_400(tmp_path: Path) -> None:
                                   headers={**_admin(), "Content-Type": ctype})
             assert r.status == 400
             assert (await r.json())["error"]["message"].startswith("malformed form")
+
+
+def test_the_client_address_behind_trusted_proxies() -> None:
+    nets = [ip_network("10.0.0.0/8"), ip_network("fd00::/8")]
+    assert client_address("192.0.2.9", ["198.51.100.1"], nets) == "192.0.2.9"  # untrusted peer
+    assert client_address("10.0.0.2", ["198.51.100.1"], nets) == "198.51.100.1"
+    # the right-most untrusted hop: what the client wrote left of it may be forged
+    assert client_address("10.0.0.2", ["6.6.6.6, 198.51.100.1, 10.1.1.1"], nets) == "198.51.100.1"
+    assert client_address("10.0.0.2", ["6.6.6.6", "198.51.100.1,10.1.1.1"], nets) == "198.51.100.1"
+    assert client_address("fd00::1", ["2001:db8::5"], nets) == "2001:db8::5"
+    assert client_address("10.0.0.2", [], nets) == "10.0.0.2"  # no header: the proxy itself
+    assert client_address("10.0.0.2", ["10.3.3.3"], nets) == "10.3.3.3"  # all trusted
+    assert client_address("10.0.0.2", ["junk, 10.3.3.3"], nets) == "10.3.3.3"  # stops at junk
+    assert client_address("10.0.0.2", ["198.51.100.1"], []) == "10.0.0.2"  # default: none
+
+
+async def test_failed_logins_behind_a_trusted_proxy_are_throttled_per_client(
+    tmp_path: Path,
+) -> None:
+    """Review of issue 11: behind Envoy every connection comes from the proxy. With the proxy in
+    ``gateway.trusted_proxies`` the throttle keys on the client named by X-Forwarded-For, so one
+    client's bad guesses do not lock every admin out (before: all keyed on the proxy, 429)."""
+    cfg = tmp_path / "fleet.yaml"
+    cfg.write_text(_config(free_port(), free_port(), tmp_path, [hash_key(ADMIN)]).replace(
+        "  scrape_interval_s: 0.05\n",
+        "  scrape_interval_s: 0.05\n  trusted_proxies: [127.0.0.0/8, '::1']\n"))
+    async with TestClient(TestServer(build_app(Gateway(load_config(cfg), str(cfg))))) as c:
+        guesser = {"X-Forwarded-For": "203.0.113.7"}
+        for _ in range(5):
+            r = await c.post("/console/login", data={"key": "sk-guess"}, headers=guesser)
+            assert r.status == 403
+        r = await c.post("/console/login", data={"key": ADMIN}, headers=guesser)
+        assert r.status == 429  # the guesser is held back
+        # a forged left-most hop does not help: the proxy appended the real address
+        r = await c.post("/console/login", data={"key": ADMIN},
+                         headers={"X-Forwarded-For": "198.51.100.99, 203.0.113.7"})
+        assert r.status == 429
+        ok = await c.post("/console/login", data={"key": ADMIN}, allow_redirects=False,
+                          headers={"X-Forwarded-For": "203.0.113.8"})
+        assert ok.status == 303  # another admin behind the same proxy logs in
+
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def _redis_up() -> bool:
+    import redis
+
+    try:
+        return bool(redis.Redis.from_url(REDIS_URL, socket_timeout=0.5).ping())
+    except redis.RedisError:
+        return False
+
+
+async def test_a_log_out_holds_on_every_replica_through_redis(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review of issue 11: with ``admission.store: redis`` a log-out on one gateway ends the
+    session on another sharing the secret (before: only in the process that served it, so a
+    copied cookie stayed valid elsewhere until it expired). The revocation's key expires with the
+    session."""
+    if not _redis_up():
+        pytest.skip(f"no Redis at {REDIS_URL}")
+    import redis.asyncio as aioredis
+
+    monkeypatch.setenv("INFERPLANE_CONSOLE_SECRET", "ab" * 32)
+    prefix = f"test-console-{uuid.uuid4().hex}:"
+    apps = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        cfg = tmp_path / name / "fleet.yaml"
+        cfg.write_text(_config(free_port(), free_port(), tmp_path / name, [hash_key(ADMIN)])
+                       + f"admission: {{store: redis, redis_url: '{REDIS_URL}', "
+                       f"redis_prefix: '{prefix}'}}\n")
+        apps.append(build_app(Gateway(load_config(cfg), str(cfg))))
+    r = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        async with TestClient(TestServer(apps[0])) as a, TestClient(TestServer(apps[1])) as b:
+            login = await a.post("/console/login", data={"key": ADMIN}, allow_redirects=False)
+            assert login.status == 303
+            token = login.cookies["inferplane_console"].value
+            page = {"Cookie": f"inferplane_console={token}", "HX-Request": "true"}
+            assert (await b.get("/console/spend", headers=page)).status == 200  # one secret
+            out = await a.post("/console/logout", headers={"Cookie": f"inferplane_console={token}"},
+                               allow_redirects=False)
+            assert out.status == 303
+            r2 = await b.get("/console/spend", headers=page)
+            assert r2.status == 401 and (await r2.json())["error"]["code"] == "invalid_session"
+            ttl_ms = await r.pttl(f"{prefix}console:revoked:{token.split('.')[0]}")
+            assert 0 < ttl_ms <= COOKIE_MAX_AGE_S * 1000
+    finally:
+        keys = [k async for k in r.scan_iter(match=f"{prefix}*")]
+        if keys:
+            await r.delete(*keys)
+        await r.aclose()
+
+
+async def test_log_outs_fall_back_to_the_process_while_redis_is_down() -> None:
+    """Redis unreachable: the log-out holds in this process, and it is written to Redis once
+    Redis answers (here: a client of a port nobody listens on, then `up` reports it down)."""
+    import redis.asyncio as aioredis
+
+    dead = aioredis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_timeout=0.5,
+                                   socket_connect_timeout=0.5)
+    shared = RedisRevocations(dead, "x:")
+    s = Sessions(b"k" * 32, ttl_s=60, shared=shared)
+    hashes = {hash_key(ADMIN)}
+    token, other = s.issue(hash_key(ADMIN)), s.issue(hash_key(ADMIN))
+    assert await s.check_shared(token, hashes)  # Redis down: local revocations only
+    await s.revoke_shared(token)
+    assert not await s.check_shared(token, hashes)  # held here
+    assert await s.check_shared(other, hashes)
+    assert token.split(".")[0] in shared.pending  # to be written once Redis answers
+    shared.up = lambda: False  # the admission store knows Redis is down: not even asked
+    assert await shared.is_revoked("anything", 0.0) is None
+    await dead.aclose()

@@ -18,6 +18,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from importlib import resources
+from ipaddress import ip_network
 from typing import Any
 from urllib.parse import quote
 
@@ -26,7 +27,14 @@ import orjson
 from aiohttp import web
 from prometheus_client.registry import CollectorRegistry
 
-from inferplane.api.console_auth import LoginThrottle, Sessions, console_secret, matching_hash
+from inferplane.api.console_auth import (
+    LoginThrottle,
+    RedisRevocations,
+    Sessions,
+    client_address,
+    console_secret,
+    matching_hash,
+)
 from inferplane.api.pipeline import Gateway
 from inferplane.core.plane import hash_key
 from inferplane.economics.analysis import EconomicsReport
@@ -98,7 +106,7 @@ def wants_page(request: web.Request) -> bool:
     )
 
 
-def check_admin(request: web.Request) -> None:
+async def check_admin(request: web.Request) -> None:
     """The request carries an admin key (Bearer) or a valid session cookie, or it gets 401 (none,
     or a session expired or logged out) / 403 (not an admin key) in the OpenAI error shape; a
     browser navigating without either is sent to the login form instead."""
@@ -115,7 +123,7 @@ def check_admin(request: web.Request) -> None:
                 "this key may not use the console (gateway.metrics.api_keys)")
         return
     token = request.cookies.get(COOKIE, "").strip()
-    if token and request.app[SESSIONS].check(token, hashes):
+    if token and await request.app[SESSIONS].check_shared(token, hashes):
         return
     if wants_page(request):
         raise NeedsLogin  # no session, or an expired or logged-out one: log in again
@@ -476,7 +484,7 @@ def admin(handler: Handler) -> Handler:
 
     async def guarded(request: web.Request) -> web.Response:
         try:
-            check_admin(request)
+            await check_admin(request)
         except NeedsLogin:
             return _login_redirect(request)
         return await handler(request)
@@ -507,7 +515,9 @@ def _secure(request: web.Request) -> bool:
 async def login(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     throttle = request.app[THROTTLE]
-    address = request.remote or "?"
+    proxies = [ip_network(n, strict=False) for n in gw.config.gateway.trusted_proxies]
+    address = client_address(request.remote, request.headers.getall("X-Forwarded-For", []),
+                             proxies)
     wait = throttle.retry_after(address)
     if wait is not None:
         resp = render(request, "login.html", status=429, next=f"{PREFIX}/fleet",
@@ -536,7 +546,7 @@ async def login(request: web.Request) -> web.Response:
 async def logout(request: web.Request) -> web.Response:
     token = request.cookies.get(COOKIE, "").strip()
     if token:
-        request.app[SESSIONS].revoke(token)
+        await request.app[SESSIONS].revoke_shared(token)
     resp = web.Response(status=303, headers={"Location": f"{PREFIX}/login", **SECURITY_HEADERS})
     resp.del_cookie(COOKIE, path=PREFIX)
     return resp
@@ -638,12 +648,22 @@ def _load_static() -> dict[str, bytes]:
     return {name: root.joinpath(name).read_bytes() for name in ("htmx.min.js", "console.css")}
 
 
+def _shared_revocations(gateway: Gateway) -> RedisRevocations | None:
+    """Log-outs through Redis when the admission store is Redis (its client and prefix)."""
+    from inferplane.admission.outage import OutageStore
+
+    store = gateway.admission.store
+    if not isinstance(store, OutageStore):
+        return None
+    return RedisRevocations(store.remote.r, store.remote.p, lambda: store.up)
+
+
 def setup(app: web.Application, gateway: Gateway) -> None:
     """Add the console's routes to the gateway's app (`api.app.build_app`)."""
     app[GATEWAY] = gateway
     app[TEMPLATES] = _environment()
     app[STATIC] = _load_static()
-    app[SESSIONS] = Sessions(console_secret(), COOKIE_MAX_AGE_S)
+    app[SESSIONS] = Sessions(console_secret(), COOKIE_MAX_AGE_S, _shared_revocations(gateway))
     app[THROTTLE] = LoginThrottle()
     history = app[HISTORY] = PoolHistory()
     app[ECONOMICS_LOCK] = asyncio.Lock()

@@ -103,6 +103,28 @@ class GatewaySpec(Strict):
     max_connections_per_client: int = Field(
         512, gt=0, description="open connections per client address; more get 429 and close"
     )
+    trusted_proxies: list[str] = Field(
+        default_factory=list,
+        description="addresses or CIDRs of proxies (Envoy, a load balancer) whose "
+        "X-Forwarded-For names the client: the console's failed-log-in throttle keys on its "
+        "right-most untrusted address (default: none trusted, the connection's peer is the client)",
+    )
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, nets: list[str]) -> list[str]:
+        import ipaddress
+
+        for i, net in enumerate(nets):
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"trusted_proxies[{i}] {net!r} is not an IP address or CIDR "
+                    "(e.g. 10.0.0.0/8)"
+                ) from None
+        return nets
+
     scrape_interval_s: float = Field(0.1, gt=0, description="engine /metrics scrape period")
     stale_after_s: float = Field(2.0, gt=0, description="metrics older than this are not trusted")
     health_interval_s: float = Field(1.0, gt=0, description="/health probe period")
@@ -599,10 +621,7 @@ class QueueSpec(Strict):
         "this long (pending uncached prompt tokens x the roofline's prefill time per token; 0: "
         "one prefill at a time); the excess waits in this fair queue instead of the engine's "
         "FIFO, so another tenant's request is never queued behind a flood inside an engine. "
-        "A request whose first token the gateway does not see (not streamed, a batch line, the "
-        "Envoy picker without its observer) counts until its predicted TTFT has passed. "
-        "Placement skips gated endpoints. Per gateway process: N replicas or workers each "
-        "admit up to the bound (0: up to N prompts per endpoint); unset: off",
+        "Placement skips gated endpoints; unset: off",
     )
 
 
