@@ -644,16 +644,14 @@ class Core:
         if endpoint is not None and endpoint in self.live.live:
             from inferplane.admission.shared_placement import SharedPick
 
-            # learned as the other replica's pick of this session would have been taught: the
-            # session, and its prompt's blocks as held there (this process missed that pick, so
+            # learned as the other replica's pick of this session would have been taught (the
+            # session plugins remember it through their learn_shared): the session, and its
+            # prompt's blocks as held there (this process missed that pick, so
             # without them its cache-aware scoring sees no reason to keep the session in place)
             self.learn_shared(SharedPick(
                 endpoint, profile.workload_class, profile.model, profile.cache_salt, key,
                 profile.block_hashes, profile.engine_block_hashes,
             ))
-            for p in plugins:
-                if not p.knows(key):
-                    p.remember(key, endpoint)
 
     def learn_shared(self, pick: SharedPick) -> None:
         """Another replica's pick: the class's placement plugins learn it as their own
