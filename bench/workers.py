@@ -4,7 +4,11 @@ Real processes on loopback: a private `redis-server`, the fast fake upstream
 (`tests/support/fake_upstream.py --mode fast`), the gateway with ``admission.store: redis`` run
 first with ``--workers 1`` then with ``--workers 2`` (same fleet file), and this script's
 closed-loop client (aiohttp, ``--concurrency`` connections, ``--requests`` non-streamed chat
-requests after a warm-up). Prints requests/s of each and the ratio.
+requests after a warm-up). Prints requests/s of each and the ratio, and where the CPU went over
+each timed run: the gateway's processes (the supervisor and its workers), the upstream, Redis,
+this client, and the whole machine's busy share (``/proc/stat``), so that a ratio held down by
+a machine with no idle core says so. ``gateway req per CPU-s`` is throughput per second of
+gateway CPU: equal for 1 and 2 workers means a second worker scales with the core it gets.
 
     .venv/bin/python bench/workers.py --requests 3000 --concurrency 64
 """
@@ -28,6 +32,28 @@ if str(ROOT) not in sys.path:
 from tests.support.procs import Proc, free_port  # noqa: E402
 from tests.support.redis_server import RedisServer  # noqa: E402
 from tests.test_redis_outage import KEYS, _config  # noqa: E402
+
+
+def _session_cpu(sid: int) -> float:
+    """utime + stime (seconds) of every live process in session ``sid``."""
+    tck, total = os.sysconf("SC_CLK_TCK"), 0
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            f = (d / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(f[3]) == sid:
+            total += int(f[11]) + int(f[12])
+    return total / tck
+
+
+def _machine() -> tuple[int, int]:
+    """(busy, total) jiffies of the whole machine."""
+    v = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = v[3] + v[4]
+    return sum(v) - idle, sum(v)
 
 
 async def load(base: str, requests: int, concurrency: int) -> tuple[float, int]:
@@ -68,6 +94,7 @@ def main() -> None:
         upstream = Proc(["-m", "tests.support.fake_upstream", "--port", str(up), "--mode",
                          "fast"], tmp / "up.log")
         results = {}
+        cpu: dict[int, dict[str, float]] = {}
         try:
             upstream.wait_http(f"http://127.0.0.1:{up}/health")
             for workers in (1, 2):
@@ -81,16 +108,31 @@ def main() -> None:
                     gw.wait_http(f"{base}/ready")
                     time.sleep(1.0)  # every worker listening
                     asyncio.run(load(base, 300, a.concurrency))  # warm-up
+                    pids = {"gateway": gw.p.pid, "upstream": upstream.p.pid, "redis": srv.p.pid}
+                    c0 = {k: _session_cpu(v) for k, v in pids.items()}
+                    m0, me0, t0 = _machine(), time.process_time(), time.perf_counter()
                     results[workers] = asyncio.run(load(base, a.requests, a.concurrency))
+                    wall = time.perf_counter() - t0
+                    m1 = _machine()
+                    cpu[workers] = {k: (_session_cpu(v) - c0[k]) / wall for k, v in pids.items()}
+                    cpu[workers]["client"] = (time.process_time() - me0) / wall
+                    cpu[workers]["machine busy"] = (m1[0] - m0[0]) / max(1, m1[1] - m0[1])
+                    cpu[workers]["gw_s"] = cpu[workers]["gateway"] * wall
                 finally:
                     gw.stop()
         finally:
             upstream.stop()
             srv.stop()
     print(f"load average after: {os.getloadavg()[0]:.2f}")
-    print("| workers | req/s | errors |\n|---|---:|---:|")
+    print("| workers | req/s | errors | gateway CPUs | upstream CPUs | redis CPUs | client CPUs "
+          "| machine busy | gateway req per CPU-s |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for w, (rps, err) in results.items():
-        print(f"| {w} | {rps:.0f} | {err} |")
+        c = cpu[w]
+        print(f"| {w} | {rps:.0f} | {err} | {c['gateway']:.2f} | {c['upstream']:.2f} | "
+              f"{c['redis']:.2f} | {c['client']:.2f} | {c['machine busy']:.0%} | "
+              f"{a.requests / c['gw_s']:.0f} |")
+    print(f"(CPUs: CPU-seconds per wall second over the timed run; the machine has "
+          f"{os.cpu_count()})")
     print(f"ratio 2 / 1: {results[2][0] / results[1][0]:.2f}x")
 
 
