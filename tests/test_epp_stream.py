@@ -129,14 +129,12 @@ async def test_a_body_without_headers_is_a_400_not_a_broken_stream() -> None:
         await settled(p)
 
 
-async def test_a_pick_whose_stream_ends_without_an_observer_is_accounted() -> None:
+async def test_a_pick_whose_stream_ends_without_an_observer_is_accounted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(epp_server, "OBSERVER_CLOSE_S", 0.05)  # the observer filter is on
     async with picker() as (p, stub):
-        monkey = epp_server.ORPHAN_GRACE_S
-        epp_server.ORPHAN_GRACE_S = 0.05
-        try:
-            answers = await exchange(stub, headers(), body())
-        finally:
-            epp_server.ORPHAN_GRACE_S = monkey
+        answers = await exchange(stub, headers(), body())
         common = answers[1].request_body.response
         sets = {h.header.key: h.header.raw_value.decode()
                 for h in common.header_mutation.set_headers}
@@ -175,6 +173,43 @@ async def test_an_observer_stream_that_breaks_accounts_a_499() -> None:
         rec = p.ledger.get(did)
         assert rec is not None and rec["outcome"]["status"] == 499
         assert rec["outcome"]["ttft_s"] is not None
+
+
+async def test_a_late_observer_still_accounts_and_its_stream_is_ended_by_the_picker(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A busy picker reads an observer's report late: Envoy ended the picker's stream (the
+    exchange is over) well before the picker reads the observer's response headers. The
+    observer's report still accounts the request (it was accounted 502 "no response observed"
+    one second after the picker stream's end, which under load was a third of the requests);
+    and once it has seen the response's end the picker ends the observer's stream itself
+    (Envoy would otherwise keep it open until its deferred close)."""
+    monkeypatch.setattr(epp_server, "ORPHAN_GRACE_S", 0.05)  # the grace without an observer
+    async with picker() as (p, stub):
+        answers = await exchange(stub, headers(), body())
+        sets = {h.header.key: h.header.raw_value.decode()
+                for h in answers[1].request_body.response.header_mutation.set_headers}
+        did = sets[P.DECISION_HEADER]
+        await asyncio.sleep(0.3)  # the observer's report arrives late
+        call = stub.Process()
+        await call.write(pb.ProcessingRequest(
+            observability_mode=True, response_headers=pb.HttpHeaders(
+                headers=base_pb2.HeaderMap(headers=[
+                    base_pb2.HeaderValue(key=":status", raw_value=b"200"),
+                    base_pb2.HeaderValue(key="content-type", raw_value=b"application/json"),
+                    base_pb2.HeaderValue(key=P.DECISION_HEADER, raw_value=did.encode()),
+                ]))))
+        usage = b'"usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}'
+        await call.write(pb.ProcessingRequest(observability_mode=True, response_body=pb.HttpBody(
+            body=b'{"choices": [], ' + usage + b"}", end_of_stream=True)))
+        # no done_writing: the picker ends the stream once the end is accounted
+        assert await asyncio.wait_for(call.code(), 5) == grpc.StatusCode.OK
+        await settled(p)
+        rec = p.ledger.get(did)
+        assert rec is not None and rec["outcome"]["status"] == 200, rec
+        assert rec["outcome"]["completion_tokens"] == 4
+        text = generate_latest(p.metrics.registry).decode()
+        assert "inferplane_epp_flights_reaped_total{" not in text
 
 
 async def _pick_and_observe_silently(stub: Any) -> tuple[str, Any]:
@@ -225,8 +260,8 @@ async def test_picks_in_the_air_when_the_picker_stops_are_recorded_and_settled(
     accounted them after both had closed: no record, no settle."""
     ledger = tmp_path / "ledger.sqlite"
     cfg = f"gateway: {{ledger_path: '{ledger}'}}\n" + CONFIG
-    monkey = epp_server.ORPHAN_GRACE_S
-    epp_server.ORPHAN_GRACE_S = 60.0  # its picker stream has ended; no observer yet
+    monkey = epp_server.OBSERVER_CLOSE_S
+    epp_server.OBSERVER_CLOSE_S = 60.0  # its picker stream has ended; no observer yet
     try:
         async with picker(cfg) as (p, stub):
             answers = await exchange(stub, headers(), body())
@@ -235,7 +270,7 @@ async def test_picks_in_the_air_when_the_picker_stops_are_recorded_and_settled(
             did = sets[P.DECISION_HEADER]
             assert did in p.flights
     finally:
-        epp_server.ORPHAN_GRACE_S = monkey
+        epp_server.OBSERVER_CLOSE_S = monkey
     config = parse_config(cfg)
     store = SqliteStore(f"{ledger}.admission.sqlite")
     reader = build_ledger(config, "<test>")

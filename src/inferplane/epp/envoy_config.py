@@ -48,6 +48,11 @@ EARLY_MUTATION = (
 )
 ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 
+OBSERVER_CLOSE_S = 5.0
+"""How long Envoy keeps an observer stream after the response ended (its
+``deferred_close_timeout``, Envoy's default); the picker waits as long for an observer's report
+before it accounts a pick without one (`epp.server.Exchange.closed`)."""
+
 
 
 def _secs(s: float) -> str:
@@ -116,10 +121,11 @@ def bootstrap(config: FleetConfig, *, epp_port: int | None = None,
                 "grpc_service": {"envoy_grpc": {"cluster_name": "inferplane_epp"}},
                 "observability_mode": True,
                 "failure_mode_allow": True,
-                # Envoy keeps an observer stream open this long after the response ended (5 s
-                # by default): at a few hundred requests a second that is thousands of open
-                # streams, past the cluster's circuit breakers
-                "deferred_close_timeout": "0.2s",
+                # Envoy keeps an observer stream open this long after the response ended and
+                # then resets it, dropping what the picker has not read yet (a busy picker
+                # reads late); the picker ends each observer stream itself once it has seen
+                # the response's end, so streams do not linger this long
+                "deferred_close_timeout": _secs(OBSERVER_CLOSE_S),
                 # the decision id reaches it on the response (route response_headers_to_add)
                 "processing_mode": {
                     "request_header_mode": "SKIP",

@@ -55,6 +55,7 @@ from inferplane.core.validation import parse_json, validate
 from inferplane.dispatch.answer import StreamStats, parse_usage
 from inferplane.dispatch.credentials import auth_headers, load_credentials
 from inferplane.epp import protocol as P
+from inferplane.epp.envoy_config import OBSERVER_CLOSE_S
 from inferplane.errors import (
     ConfigError,
     GatewayError,
@@ -74,7 +75,9 @@ log = logging.getLogger("inferplane.epp")
 API_BY_PATH: dict[str, ApiKind] = {path: api for api, path in API_PATHS.items()}
 OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 MAX_OBSERVED_BODY = 4 * 1024 * 1024  # a non-streamed answer is kept this far to read its usage
-ORPHAN_GRACE_S = 1.0  # how long a pick waits for its observer after the picker stream ended
+ORPHAN_GRACE_S = 1.0
+"""Without the observer filter: how long a pick whose picker stream ended without the response
+headers waits before it is accounted (with the observer: `OBSERVER_CLOSE_S`)."""
 
 
 @dataclass(slots=True, eq=False)
@@ -221,13 +224,16 @@ class Picker(Core):
             self.admission.finish_soon(f.ticket)
 
     def orphan_check(self, f: Flight) -> None:
-        """The picker stream ended: without an observer the flight ends here."""
+        """The picker stream ended a grace period ago and no observer reported: the flight
+        ends here (the status the picker filter saw, else 502; counted as reaped
+        ``no_observer`` then)."""
         if f.done or f.observed:
             return
         if f.status is not None:
             self.finish(f, status=f.status)
         else:
-            self.finish(f, status=502, error="no response observed from the upstream")
+            self.reap(f, "no_observer", status=502,
+                      error="no response observed from the upstream")
 
     def reap(self, f: Flight, reason: str, *, status: int, error: str) -> None:
         """End a flight nobody will report on (`finish`), counted in
@@ -634,7 +640,13 @@ class Exchange:
             self.picker.finish(f, status=499 if f.status in (None, 200) else f.status,
                                error="the response ended before its end was observed")
         else:
-            asyncio.get_running_loop().call_later(ORPHAN_GRACE_S, self.picker.orphan_check, f)
+            # Envoy ends the picker's stream when the HTTP exchange ends; the observer's report
+            # of that response may still be on its way (queued behind other streams when the
+            # picker is busy), and Envoy keeps an observer stream for OBSERVER_CLOSE_S after
+            # the response: wait as long before deciding that no observer will come
+            grace = OBSERVER_CLOSE_S if self.picker.config.epp.observe_responses \
+                else ORPHAN_GRACE_S
+            asyncio.get_running_loop().call_later(grace, self.picker.orphan_check, f)
 
 
 class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
@@ -661,6 +673,10 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
                         resp = None
                 if resp is not None:
                     yield resp
+                elif ex.observer and ex.flight is not None and ex.flight.done:
+                    # the response's end is accounted: end the observer's stream now rather
+                    # than leave it open until Envoy's deferred close
+                    return
         finally:
             ex.closed()
 

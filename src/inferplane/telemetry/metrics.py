@@ -122,7 +122,8 @@ class GatewayMetrics:
         self.epp_reaped = Counter(
             "inferplane_epp_flights_reaped",
             "Envoy picker: picks accounted without an observed end, by reason (unobserved: "
-            "past the reaper's timeout; picker_stopped: in the air when the picker stopped)",
+            "past the reaper's timeout; picker_stopped: in the air when the picker stopped; "
+            "no_observer: the picker stream ended and no observer reported within the grace)",
             ["reason"],
             registry=r,
         )
