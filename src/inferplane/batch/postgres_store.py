@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, BinaryIO, TypeVar
 
 import psycopg
 
+from inferplane import pgschema
 from inferplane.batch.store import (
     ACTIVE,
     TIMESTAMPS,
@@ -37,13 +37,13 @@ from inferplane.batch.store import (
     new_owner,
 )
 from inferplane.errors import ConfigError, StoreUnavailableError
+from inferplane.pgschema import PgTables
 
 T = TypeVar("T")
 Conn = psycopg.AsyncConnection[Any]
 
 SCHEMA_VERSION = 1
 CHUNK = 1 << 20
-_IDENT = re.compile(r"^[a-z_][a-z0-9_]*$")
 
 _BATCH_COLS = (
     "id, tenant, key_hash, endpoint, input_file_id, completion_window, status, metadata, "
@@ -53,22 +53,16 @@ _BATCH_COLS = (
 _NAMES = [c.strip() for c in _BATCH_COLS.split(",")]
 
 
-class Tables:
+class Tables(PgTables):
     """Quoted, qualified table names (schema and prefix are checked identifiers)."""
 
     def __init__(self, schema: str, prefix: str) -> None:
-        for what, v in (("batch.postgres_schema", schema), ("batch.table_prefix", prefix)):
-            if not _IDENT.match(v):
-                raise ValueError(f"{what} {v!r} must match {_IDENT.pattern}")
-        q = f'"{schema}".'
-        self.schema = schema
-        self.version = f'{q}"{prefix}schema_version"'
-        self.files = f'{q}"{prefix}files"'
-        self.chunks = f'{q}"{prefix}file_chunks"'
-        self.batches = f'{q}"{prefix}batches"'
-        self.lines = f'{q}"{prefix}lines"'
-        self.lock_key = f"inferplane-batch:{schema}.{prefix}"
-        self.prefix = prefix
+        super().__init__(schema, prefix, part="batch",
+                         fields=("batch.postgres_schema", "batch.table_prefix"))
+        self.files = self.table("files")
+        self.chunks = self.table("file_chunks")
+        self.batches = self.table("batches")
+        self.lines = self.table("lines")
 
     def migrations(self) -> list[list[str]]:
         """Migration ``i`` takes the schema from version ``i`` to ``i + 1``."""
@@ -110,28 +104,7 @@ def _short(exc: BaseException) -> str:
 
 async def migrate(conn: Conn, t: Tables) -> int:
     """Bring the tables to `SCHEMA_VERSION` (under an advisory lock); return the version."""
-    async with conn.transaction(), conn.cursor() as cur:
-        await cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (t.lock_key,))
-        await cur.execute("SELECT to_regclass(%s)", (t.version,))
-        row = await cur.fetchone()
-        version = 0
-        if row is not None and row[0] is not None:
-            await cur.execute(f"SELECT version FROM {t.version}")
-            got = await cur.fetchone()
-            version = int(got[0]) if got else 0
-        if version > SCHEMA_VERSION:
-            raise psycopg.errors.FeatureNotSupported(
-                f"batch tables are at schema version {version}; this inferplane reads "
-                f"{SCHEMA_VERSION}")
-        for step in t.migrations()[version:SCHEMA_VERSION]:
-            for stmt in step:
-                await cur.execute(stmt)
-        if version == 0:
-            await cur.execute(f"CREATE TABLE IF NOT EXISTS {t.version} (version INT NOT NULL)")
-            await cur.execute(f"INSERT INTO {t.version} VALUES (%s)", (SCHEMA_VERSION,))
-        elif version < SCHEMA_VERSION:
-            await cur.execute(f"UPDATE {t.version} SET version = %s", (SCHEMA_VERSION,))
-    return SCHEMA_VERSION
+    return await pgschema.migrate(conn, t, t.migrations()[:SCHEMA_VERSION])
 
 
 class PostgresBatchStore(BatchStore):

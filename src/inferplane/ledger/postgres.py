@@ -22,13 +22,13 @@ import asyncio
 import contextlib
 import io
 import logging
-import re
 import time
 from collections.abc import Iterator, Sequence
 from typing import IO, Any
 
 import psycopg
 
+from inferplane import pgschema
 from inferplane.errors import ConfigError
 from inferplane.ledger.chain import GENESIS, Checkpoint, Signer
 from inferplane.ledger.query import (
@@ -43,12 +43,12 @@ from inferplane.ledger.query import (
 from inferplane.ledger.record import Outcome, Receipt
 from inferplane.ledger.sqlite import merge_records
 from inferplane.ledger.writer import CommitAccounting, Linked, PendingBuffer, link
+from inferplane.pgschema import PgTables
 from inferplane.placement.framework import Decision
 
 log = logging.getLogger("inferplane.ledger")
 
 SCHEMA_VERSION = 2
-_IDENT = re.compile(r"^[a-z_][a-z0-9_]*$")
 
 _EXPORT_COLS = (
     "id, shard, chain_seq, decision_id, at_unix, tenant, workload_class, model, substrate, "
@@ -60,21 +60,14 @@ _COPY_COLS = (
 )
 
 
-class Tables:
+class Tables(PgTables):
     """Quoted, qualified table names of one ledger (schema and prefix are checked identifiers)."""
 
     def __init__(self, schema: str, prefix: str) -> None:
-        for what, v in (("postgres_schema", schema), ("table_prefix", prefix)):
-            if not _IDENT.match(v):
-                raise ValueError(f"{what} {v!r} must match {_IDENT.pattern}")
-        self.schema = schema
-        q = f'"{schema}".'
-        self.version = f'{q}"{prefix}schema_version"'
-        self.decisions = f'{q}"{prefix}decisions"'
-        self.heads = f'{q}"{prefix}heads"'
-        self.checkpoints = f'{q}"{prefix}checkpoints"'
-        self.lock_key = f"inferplane-ledger:{schema}.{prefix}"
-        self.prefix = prefix
+        super().__init__(schema, prefix, part="ledger", fields=("postgres_schema", "table_prefix"))
+        self.decisions = self.table("decisions")
+        self.heads = self.table("heads")
+        self.checkpoints = self.table("checkpoints")
 
     def migrations(self) -> list[list[str]]:
         """Migration ``i`` takes the schema from version ``i`` to ``i + 1``."""
@@ -348,29 +341,7 @@ def _short(exc: BaseException) -> str:
 
 async def migrate(conn: psycopg.AsyncConnection[Any], t: Tables) -> int:
     """Bring the tables to `SCHEMA_VERSION` (under an advisory lock); return the version."""
-    async with conn.transaction(), conn.cursor() as cur:
-        await cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (t.lock_key,))
-        await cur.execute("SELECT to_regclass(%s)", (t.version,))
-        row = await cur.fetchone()
-        version = 0
-        if row is not None and row[0] is not None:
-            await cur.execute(f"SELECT version FROM {t.version}")
-            got = await cur.fetchone()
-            version = int(got[0]) if got else 0
-        if version > SCHEMA_VERSION:
-            raise psycopg.errors.FeatureNotSupported(
-                f"ledger tables are at schema version {version}; this inferplane reads "
-                f"{SCHEMA_VERSION}")
-        steps = t.migrations()
-        for i in range(version, SCHEMA_VERSION):
-            for stmt in steps[i]:
-                await cur.execute(stmt)
-        if version == 0:
-            await cur.execute(f"CREATE TABLE IF NOT EXISTS {t.version} (version INT NOT NULL)")
-            await cur.execute(f"INSERT INTO {t.version} VALUES (%s)", (SCHEMA_VERSION,))
-        elif version < SCHEMA_VERSION:
-            await cur.execute(f"UPDATE {t.version} SET version = %s", (SCHEMA_VERSION,))
-    return SCHEMA_VERSION
+    return await pgschema.migrate(conn, t, t.migrations()[:SCHEMA_VERSION])
 
 
 # -- readers (verify, export, the list route) ---------------------------------------------------
