@@ -1,15 +1,17 @@
 """bench/otel: the gateway's CPU per request with OpenTelemetry on against off, in one run.
 
 Starts a fast fake upstream, an OTLP/HTTP receiver (tests.support.otlp_receiver, decoding every
-export) and one gateway process per variant on loopback, differing only in ``telemetry``: off,
-and on at each ``--ratios`` sampling ratio (spans exported, GenAI metrics every 5 s). Rounds go
-through the variants (the order rotates each round), each sending the same requests (half
-streamed) at the same concurrency; the gateway process's CPU time (user + system, ``/proc``)
-over the round, background work included (scrapes, the span batcher and metric exports), is
-divided by the requests sent; the CPU of the gateway's child processes (the OTLP exporter process
-of ``telemetry.exporter: process``) is measured beside it and reported with it. Prints per-round
-CPU ms/request and each variant's total against off, with the load average, since the machine
-is shared.
+export) and one gateway process per variant on loopback, differing only in ``telemetry``: off, and
+on at each ``--ratios`` sampling ratio (spans exported, GenAI metrics every 5 s). Rounds go through
+the variants (the order rotates each round), each sending the same requests (half streamed) at the
+same concurrency; the gateway process's CPU time (user + system, ``/proc``) over the round,
+background work included (scrapes, the span batcher and metric exports), is divided by the requests
+sent; the CPU of the gateway's child processes (the OTLP exporter process of ``telemetry.exporter:
+process``) is measured beside it and reported with it. The exporter process's start-up (a one-time
+cost: Python and its imports) is waited out after the warm-up and reported apart; a "whole run"
+line divides each process's CPU from the first round to the end (idle time during the other
+variants' rounds and the last export included) by its requests. Prints per-round CPU ms/request and
+each variant's total against off, with the load average, since the machine is shared.
 
     python bench/otel.py [--rounds 6] [--requests 600] [--concurrency 8] [--ratios 1,0.05]
                          [--json out.json]
@@ -58,9 +60,10 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
     return process_cpu(pid), sum(process_cpu(c) for c in child_pids(pid))
 
 
-def fleet(port: int, up_port: int, telemetry: str, scrape_interval_s: float = 1.0) -> str:
+def fleet(port: int, up_port: int, telemetry: str, scrape_interval_s: float = 1.0,
+          gateway: str = "") -> str:
     return f"""
-gateway: {{port: {port}, scrape_interval_s: {scrape_interval_s}}}
+gateway: {{port: {port}, scrape_interval_s: {scrape_interval_s}{gateway}}}
 telemetry: {telemetry}
 substrates:
   - name: pool
@@ -97,12 +100,17 @@ async def burst(session: aiohttp.ClientSession, url: str, n: int, conc: int) -> 
     await asyncio.gather(*(worker() for _ in range(conc)))
 
 
-async def run(args: argparse.Namespace, urls: dict[str, str],
-              pids: dict[str, int]) -> list[dict[str, float | str | int]]:
+async def run(args: argparse.Namespace, urls: dict[str, str], pids: dict[str, int],
+              exporters: set[str]) -> list[dict[str, float | str | int]]:
     rows: list[dict[str, float | str | int]] = []
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
         for name in urls:  # warm-up: connections, first-request paths
             await burst(s, urls[name], 50, args.concurrency)
+        startup = await settle(pids, exporters)
+        for name, seconds in startup.items():
+            print(f"{name}: exporter process started, {seconds * 1e3:.0f} ms CPU (start-up, "
+                  "not counted in the rounds)", file=sys.stderr)
+        whole0 = {n: cpu_seconds(p) for n, p in pids.items()}
         for rnd in range(args.rounds):
             names = list(urls)
             order = names[rnd % len(names):] + names[:rnd % len(names)]
@@ -117,9 +125,32 @@ async def run(args: argparse.Namespace, urls: dict[str, str],
                              "exporter_cpu_ms_per_request": (child1 - child0) / args.requests * 1e3,
                              "wall_s": time.perf_counter() - t0,
                              "load1": os.getloadavg()[0]})
-                print(f"round {rnd} {name}: {rows[-1]['cpu_ms_per_request']:.3f} CPU ms/request "
+                print(f"round {rnd} {name}: {rows[-1]['cpu_ms_per_request']:.3f} CPU ms/request, "
+                      f"exporter {rows[-1]['exporter_cpu_ms_per_request']:.3f} "
                       f"(load {rows[-1]['load1']:.1f})", file=sys.stderr)
+        await asyncio.sleep(6)  # the last export interval (metrics, the spans' last batch)
+        for name, pid in pids.items():  # the whole run: idle time in other variants' rounds too
+            (g1, c1), (g0, c0) = cpu_seconds(pid), whole0[name]
+            rows.append({"variant": name, "whole_run": 1, "n": args.requests * args.rounds,
+                         "cpu_ms_per_request": (g1 - g0) / (args.requests * args.rounds) * 1e3,
+                         "exporter_cpu_ms_per_request":
+                         (c1 - c0) / (args.requests * args.rounds) * 1e3})
     return rows
+
+
+async def settle(pids: dict[str, int], exporters: set[str],
+                 timeout_s: float = 30.0) -> dict[str, float]:
+    """Wait until every gateway with an exporter process has it running and idle (its start-up
+    CPU is a one-time cost, reported apart); its CPU so far by variant."""
+    deadline = time.monotonic() + timeout_s
+    last: dict[str, float] = {}
+    while time.monotonic() < deadline:
+        await asyncio.sleep(1.0)
+        now = {n: cpu_seconds(p)[1] for n, p in pids.items() if child_pids(p)}
+        if set(now) >= exporters and now == last:
+            return now
+        last = now
+    return last
 
 
 def main() -> None:
@@ -165,8 +196,9 @@ def main() -> None:
         for name, port in ports.items():
             gws[name].wait_http(f"http://127.0.0.1:{port}/ready")
         urls = {n: f"http://127.0.0.1:{p}/v1/chat/completions" for n, p in ports.items()}
-        rows = asyncio.run(run(args, urls, {n: g.p.pid for n, g in gws.items()}))
-        time.sleep(6)  # one more export interval: the receiver has the on gateway's data
+        exporters = {n for n, t in telemetry.items()
+                     if "enabled: true" in t and "exporter: thread" not in t}
+        rows = asyncio.run(run(args, urls, {n: g.p.pid for n, g in gws.items()}, exporters))
     finally:
         for p in reversed(procs):
             p.stop()
@@ -174,6 +206,8 @@ def main() -> None:
     load_after = os.getloadavg()
     spans = len(receiver.spans())
     variants = list(telemetry)
+    whole = {str(r["variant"]): r for r in rows if "whole_run" in r}
+    rows = [r for r in rows if "whole_run" not in r]
     per = {v: [float(r["cpu_ms_per_request"]) for r in rows if r["variant"] == v]
            for v in variants}
     git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -202,10 +236,19 @@ def main() -> None:
         print(f"{v}: gateway CPU per request {sum(per[v]) / off:.3f}x off "
               f"(median round {statistics.median(ratios):.3f}x); with its exporter process "
               f"{both / off:.3f}x ({statistics.fmean(child[v]):.3f} ms/request there)")
+    w_off = float(whole["off"]["cpu_ms_per_request"])
+    for v in variants[1:]:
+        w = whole[v]
+        g, c = float(w["cpu_ms_per_request"]), float(w["exporter_cpu_ms_per_request"])
+        result[v]["whole_run_ratio"] = g / w_off
+        result[v]["whole_run_with_exporter_process_ratio"] = (g + c) / w_off
+        print(f"{v}, whole run (idle time in the other variants' rounds and the last export "
+              f"included): gateway {g / w_off:.3f}x off, with its exporter process "
+              f"{(g + c) / w_off:.3f}x ({c:.3f} ms/request there)")
     print(f"spans received by the OTLP receiver: {spans}")
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "result": result, "spans": spans},
-                                        indent=2))
+        args.json.write_text(json.dumps({"rows": rows, "whole_run": whole, "result": result,
+                                         "spans": spans}, indent=2))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,184 @@
+"""bench/otel_parts: where OpenTelemetry's CPU goes, per request, part by part, in one process.
+
+`bench/otel.py` measures the whole (a gateway process with telemetry on against off); this splits
+it. Each part runs over the same requests (the request path's calls, as `api.app` and
+`core.plane` make them, against a real placement decision) and is timed with
+``time.process_time`` (CPU, not wall: other processes on the machine do not count), best of
+``--repeat`` runs of ``--requests`` requests:
+
+- ``notes, sampled`` / ``notes, unsampled``: the request path (trace start, classified, the admit
+  and place stages, the placement's attributes, the attempt, the outgoing ``traceparent``,
+  finished, end and its hand-over to the batcher);
+- ``hand-over`` (gateway, batcher thread): what the gateway's batcher does per request to give
+  the exporter process a batch;
+- ``exporter`` (child process): reading a batch, then per request the metrics and, sampled, its
+  spans encoded to OTLP protobuf.
+
+    python bench/otel_parts.py [--requests 2000] [--repeat 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from inferplane.api.pipeline import Gateway  # noqa: E402
+from inferplane.config.loader import parse_config  # noqa: E402
+from inferplane.telemetry import export  # noqa: E402
+from inferplane.telemetry.otel import OtelTelemetry  # noqa: E402
+
+CONFIG = """
+telemetry: {{enabled: true, sample_ratio: {ratio}, exporter: thread}}
+substrates:
+  - {{name: p, kind: gpu, hardware: h100, region: r, jurisdiction: eu, cost: {{hourly_usd: 1}},
+     endpoints: [{{name: e, url: "http://127.0.0.1:9", models: [{{name: m,
+     profile: llama-3.1-8b, max_context: 4096}}]}}]}}
+tenants: [{{name: t, api_keys: ["sha256:{zeros}"]}}]
+"""
+
+
+def telemetry(ratio: float) -> tuple[OtelTelemetry, Gateway]:
+    config = parse_config(CONFIG.format(ratio=ratio, zeros="0" * 64))
+    gw = Gateway(config)
+    gw.telemetry.shutdown()
+    tel = OtelTelemetry(config, exporter="thread")
+    return tel, gw
+
+
+def request_path(tel: OtelTelemetry, gw: Gateway, n: int) -> Callable[[], None]:
+    """``n`` requests' calls into the trace, as the gateway makes them (no I/O)."""
+    tenant = gw.config.tenants[0]
+    profile = gw.classify("chat", {"model": "m", "messages": [
+        {"role": "user", "content": "hi"}]}, {}, tenant)
+    decision = gw.decide(profile)
+    assert decision.picked is not None
+    endpoint = decision.picked.endpoint
+    headers = {"host": "127.0.0.1:8080", "content-type": "application/json"}
+
+    def run() -> None:
+        for _ in range(n):
+            t = tel.request("chat", headers)
+            t.classified(profile, 16)
+            with t.stage("admit"):
+                pass
+            with t.stage("place"):
+                t.placed(decision)
+            t.upstream_started(endpoint, "m")
+            t.upstream_headers()
+            t.finished(status=200, error=None, prompt_tokens=7, completion_tokens=5,
+                       ttft_s=0.01, tpot_s=0.002)
+            t.end()
+
+    return run
+
+
+class Sink:
+    """An OTLP sender that sends nothing (the encoding is measured, not the loopback)."""
+
+    def send(self, signal: str, body: bytes) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def best(fn: Callable[[], Any], setup: Callable[[], Any], repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        setup()
+        t0 = time.process_time()
+        fn()
+        times.append(time.process_time() - t0)
+    return min(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--requests", type=int, default=2000)
+    ap.add_argument("--repeat", type=int, default=7)
+    args = ap.parse_args()
+    n, rows = args.requests, []
+    split = hasattr(export, "export_spans")  # records for sampled requests only, metrics apart
+    for ratio, label in ((1.0, "sampled"), (0.0, "unsampled")):
+        tel, gw = telemetry(ratio)
+        batcher = tel.batcher
+        assert batcher is not None
+        batcher._thread = object()  # type: ignore[assignment]  # no thread: measured alone
+        batcher.started = True
+        run = request_path(tel, gw, n)
+        rows.append((f"notes, {label}", "gateway (request path)",
+                     best(run, batcher.queue.clear, args.repeat)))
+        batcher.queue.clear()
+        run()
+        records = list(batcher.queue)
+        batches: list[bytes] = []
+
+        def hand_over(records: list[Any] = records, batches: list[bytes] = batches) -> None:
+            batches.clear()
+            for i in range(0, len(records), export.BATCH):
+                chunk = records[i:i + export.BATCH]
+                batches.append(pickle.dumps(("spans", chunk) if split else chunk,
+                                            protocol=pickle.HIGHEST_PROTOCOL))
+
+        rows.append((f"hand-over, {label}", "gateway (batcher thread)",
+                     best(hand_over, lambda: None, args.repeat)))
+        # the exporter process's side, in this process (the same code as run_exporter's)
+        child, _ = telemetry(ratio)
+        cb = child.batcher
+        assert cb is not None
+        cb._thread = object()  # type: ignore[assignment]
+        cb.started = True
+        cb.sender = Sink()  # type: ignore[assignment]
+
+        def exporter(cb: Any = cb, child: OtelTelemetry = child,
+                     batches: list[bytes] = batches) -> None:
+            for data in batches:
+                if split:
+                    export.export_spans(child, Sink(), pickle.loads(data)[1], 10.0)  # type: ignore[arg-type]
+                else:
+                    for r in pickle.loads(data):
+                        cb.add(r)
+                    cb.flush(metrics=False)
+
+        rows.append((f"exporter, {label}", "exporter process",
+                     best(exporter, lambda: None, args.repeat)))
+        batcher.queue.clear()  # not exported: nothing listens
+        gw.telemetry.shutdown()
+    # once per export interval, not per request: the metrics' copy and encoding
+    tel, gw = telemetry(1.0)
+    assert tel.batcher is not None
+    tel.batcher._thread = object()  # type: ignore[assignment]
+    tel.batcher.started = True
+    request_path(tel, gw, 50)()
+    t0 = time.process_time()
+    for _ in range(100):
+        tel.metrics_request()
+    per_export = (time.process_time() - t0) / 100
+    tel.batcher.queue.clear()
+    gw.telemetry.shutdown()
+    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                         cwd=ROOT).stdout.strip()
+    print(f"# bench/otel_parts — {datetime.now(UTC):%Y-%m-%d %H:%M} UTC — git {git} — "
+          f"{platform.node()} ({os.cpu_count()} CPUs), Python {platform.python_version()} — "
+          f"{n} requests, best of {args.repeat} — load average {os.getloadavg()[0]:.1f}")
+    print("| part | where | µs CPU per request |")
+    print("|---|---|---|")
+    for part, where, seconds in rows:
+        print(f"| {part} | {where} | {seconds / n * 1e6:.1f} |")
+    print(f"metrics export (copy and encode, once per interval): {per_export * 1e3:.2f} ms")
+
+
+if __name__ == "__main__":
+    main()
