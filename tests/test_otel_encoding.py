@@ -4,6 +4,10 @@ the OTLP histograms they should be; W3C ``traceparent`` parsing follows the SDK 
 
 from __future__ import annotations
 
+import contextlib
+import random
+from typing import Any
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -17,7 +21,8 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from inferplane.config.loader import parse_config
 from inferplane.telemetry.otel import OtelTelemetry, _parse_traceparent
 from inferplane.telemetry.otlp import Attrs, Histogram, SpanData, varint
-from inferplane.telemetry.records import to_readable
+from inferplane.telemetry.records import encode_spans as encode_record
+from inferplane.telemetry.records import spans_of, to_readable
 from tests.support.otlp_receiver import attributes
 
 CONFIG = parse_config(f"""
@@ -29,6 +34,21 @@ substrates:
      max_context: 4096}}]}}]}}
 tenants: [{{name: t, api_keys: ["sha256:{"0" * 64}"]}}]
 """)
+
+
+def _placed() -> tuple[Any, Any]:
+    from inferplane.api.pipeline import Gateway
+
+    gw = Gateway(CONFIG)
+    try:
+        profile = gw.classify("chat", {"model": "m", "messages": [
+            {"role": "user", "content": "hi"}]}, {}, gw.config.tenants[0])
+        return profile, gw.decide(profile)
+    finally:
+        gw.telemetry.shutdown()
+
+
+PROFILE, DECISION = _placed()
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +152,67 @@ def test_a_real_request_trace_encodes_as_the_sdk_would(tel: OtelTelemetry) -> No
     assert decoded[2].status.code == 2 and decoded[3].status.code == 0
     res = attributes(ours.resource_spans[0].resource.attributes)
     assert res["service.name"] == "enc" and res["deployment.environment.name"] == "t"
+
+
+scenarios = st.fixed_dictionaries({
+    "traceparent": st.sampled_from(
+        [None, "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"]),
+    "tracestate": st.sampled_from([None, "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7"]),
+    "host": st.sampled_from([None, "gw:8080", "[::1]:9", "gateway.example"]),
+    "classified": st.booleans(),
+    "max_tokens": st.one_of(st.none(), st.integers(min_value=0, max_value=2**40)),
+    "admit_error": st.booleans(),
+    "failures": st.lists(st.tuples(st.sampled_from(["http_503", "connect", "timeout"]),
+                                   st.sampled_from([None, 429, 503])), max_size=3),
+    "end": st.sampled_from(["finished", "failed", "unaccounted"]),
+    "status": st.sampled_from([200, 400, 499, 502, 504]),
+    "error": st.one_of(st.none(), st.text(max_size=20)),
+    "tokens": st.tuples(*[st.one_of(st.none(), st.integers(min_value=0, max_value=2**40))] * 2),
+    "times": st.tuples(*[st.one_of(st.none(), st.floats(min_value=0, max_value=1e3))] * 2),
+})
+
+
+class _Refused(Exception):
+    code = "rate_limit_exceeded"
+
+
+@settings(max_examples=80, deadline=None)
+@given(scenarios, st.integers(min_value=0, max_value=2**32))
+def test_records_encode_as_their_spans_do(tel: OtelTelemetry, sc: dict[str, Any],
+                                          seed: int) -> None:
+    """The exporter's direct encoding of a request (`records.encode_spans`) is byte for byte the
+    encoding of the spans `spans_of` builds (which the tests above hold to the SDK's), over
+    requests of every shape: continued or new traces, errors in a stage, failed attempts and
+    re-placements, 4xx/5xx, streams with TTFT, never-accounted attempts."""
+    headers = {k: v for k, v in (("traceparent", sc["traceparent"]),
+                                 ("tracestate", sc["tracestate"]), ("host", sc["host"])) if v}
+    t = tel.request("chat", headers)
+    if sc["classified"]:
+        t.classified(PROFILE, sc["max_tokens"])
+    with contextlib.suppress(_Refused), t.stage("admit"):
+        if sc["admit_error"]:
+            raise _Refused
+    for error_type, status in [*sc["failures"], (None, None)]:
+        with t.stage("place"):
+            t.placed(DECISION)
+        t.upstream_started(DECISION.picked.endpoint, "m")
+        if error_type is not None:
+            t.upstream_failed(error_type, status)
+    t.upstream_headers()
+    if sc["end"] == "finished":
+        t.finished(status=sc["status"], error=sc["error"], prompt_tokens=sc["tokens"][0],
+                   completion_tokens=sc["tokens"][1], ttft_s=sc["times"][0],
+                   tpot_s=sc["times"][1])
+    elif sc["end"] == "failed":
+        t.failed(sc["status"], "upstream_error")
+    t.end()
+    record = t.record()  # type: ignore[attr-defined]
+    random.seed(seed)  # the stage spans' ids: drawn in the same order by both
+    spans = spans_of(tel, record)
+    random.seed(seed)
+    body: list[bytes] = []
+    encode_record(tel, record, body)
+    assert tel.encoder.wrap(body) == tel.encoder.request(spans)
 
 
 def test_metrics_are_cumulative_explicit_bucket_histograms(tel: OtelTelemetry) -> None:

@@ -113,13 +113,13 @@ tenants:
     assert types["input"] > 0 and types["output"] == 5
 
 
-def _telemetry(receiver: OtlpReceiver, exporter: str) -> Any:
+def _telemetry(receiver: OtlpReceiver, exporter: str, sample_ratio: float = 1.0) -> Any:
     from inferplane.config.loader import parse_config
     from inferplane.telemetry.otel import OtelTelemetry
 
     config = parse_config(f"""
 telemetry: {{enabled: true, endpoint: "{receiver.endpoint}", exporter: {exporter},
-             export_interval_s: 60}}
+             export_interval_s: 60, sample_ratio: {sample_ratio}}}
 substrates:
   - {{name: p, kind: gpu, hardware: h100, region: r, jurisdiction: eu, cost: {{hourly_usd: 1}},
      endpoints: [{{name: e, url: "http://127.0.0.1:9", models: [{{name: m,
@@ -163,3 +163,25 @@ def test_a_dead_exporter_process_falls_back_to_the_gateways_thread(receiver: Any
     tel.shutdown()  # the hand-over fails: the gateway exports these itself
     assert tel.batcher.child is None
     assert sum(s.trace_id.hex() == other for _, s in receiver.spans()) == 2
+
+
+def test_unsampled_requests_hand_over_nothing_but_their_metric_points(receiver: Any) -> None:
+    if receiver.protocol != "http/protobuf":
+        pytest.skip("the transport is covered above")
+    tel = _telemetry(receiver, "process", sample_ratio=0.0)
+    for _ in range(5):  # new traces of the gateway's own, none sampled
+        t = tel.request("chat", {})
+        t.failed(404, "model_not_found")
+        t.end()
+    assert not tel.batcher.queue  # no record per request: the points are the gateway's
+    _requests(tel, 2, TRACE_ID)  # the caller sampled these: their spans go
+    assert len(tel.batcher.queue) == 2
+    tel.batcher.flush(metrics=True)  # handed to the exporter process: the spans, the metrics
+    assert tel.batcher.child is not None and tel.batcher.child.proc is not None
+    tel.shutdown()
+    spans = receiver.spans()
+    assert len(spans) == 2 and all(s.trace_id.hex() == TRACE_ID for _, s in spans)
+    (point,) = receiver.metric_names()["gen_ai.server.request.duration"].histogram.data_points
+    assert point.count == 7
+    assert attributes(point.attributes) == {"gen_ai.operation.name": "chat",
+                                            "error.type": "model_not_found"}

@@ -1092,9 +1092,10 @@ class TelemetrySpec(Strict):
     )
     exporter: Literal["process", "thread"] = Field(
         "process",
-        description="where spans are built, encoded to OTLP and sent, and the GenAI metrics "
-        "aggregated: a child process of the gateway (`python -m inferplane.telemetry.exporter`, "
-        "off the gateway's CPU) or a thread of the gateway",
+        description="where sampled requests' spans are built, encoded to OTLP and sent, and "
+        "the GenAI metrics (aggregated by the gateway) encoded and sent: a child process of the "
+        "gateway (`python -m inferplane.telemetry.exporter`, off the gateway's CPU) or a thread "
+        "of the gateway",
     )
     traces: bool = Field(True, description="export spans")
     metrics: bool = Field(True, description="export the GenAI metrics")

@@ -1,6 +1,6 @@
-"""Getting finished requests out of the gateway: the `Batcher` thread (in the gateway, and in
-the exporter process) and the `ExporterProcess` it hands batches to with ``telemetry.exporter:
-process``; `run_exporter` is that process's loop (``python -m inferplane.telemetry.exporter``)."""
+"""Getting finished requests and the GenAI metrics out of the gateway: the gateway's `Batcher`
+thread and the `ExporterProcess` it hands them to with ``telemetry.exporter: process``;
+`run_exporter` is that process's loop (``python -m inferplane.telemetry.exporter``)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,14 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-from inferplane.telemetry.otlp import GrpcSender, HttpSender, SpanData, send_with_retry
-from inferplane.telemetry.records import R_SAMPLED, Record, spans_of
+from inferplane.telemetry.otlp import (
+    GrpcSender,
+    Histogram,
+    HttpSender,
+    encode_metrics,
+    send_with_retry,
+)
+from inferplane.telemetry.records import SCOPE, Record, encode_spans
 
 if TYPE_CHECKING:
     from inferplane.config.schema import FleetConfig, TelemetrySpec
@@ -27,7 +33,7 @@ log = logging.getLogger("inferplane.telemetry")
 QUEUE_MAX = 16384
 """Finished requests waiting for the batcher; past it, requests are not traced (counted)."""
 BATCH = 512
-"""Requests per encoded batch; a full one wakes the batcher early."""
+"""Sampled requests per encoded batch; a full one wakes the batcher early."""
 
 
 def exporter_headers(spec: TelemetrySpec) -> dict[str, str]:
@@ -43,13 +49,33 @@ def sender_for(spec: TelemetrySpec) -> HttpSender | GrpcSender:
     return HttpSender(spec.endpoint, headers, spec.timeout_s)
 
 
+def export_spans(tel: OtelTelemetry, sender: HttpSender | GrpcSender, records: list[Record],
+                 timeout_s: float) -> None:
+    """Build the spans of finished (sampled) requests, encode them and send them, `BATCH`
+    requests to an export request."""
+    for i in range(0, len(records), BATCH):
+        body: list[bytes] = []
+        for r in records[i:i + BATCH]:
+            encode_spans(tel, r, body)
+        send_with_retry(sender, "traces", tel.encoder.wrap(body), timeout_s)
+
+
+def export_metrics(tel: OtelTelemetry, sender: HttpSender | GrpcSender,
+                   snapshot: tuple[list[Histogram], int, int], timeout_s: float) -> None:
+    """Encode a copy of the GenAI histograms (`OtelTelemetry.metrics_snapshot`) and send it."""
+    body = encode_metrics(tel.resource_attrs, SCOPE, *snapshot)
+    if body is not None:
+        send_with_retry(sender, "metrics", body, timeout_s)
+
+
 class Batcher:
-    """The background thread: every ``min(5 s, export_interval_s)`` (or when `BATCH` requests
-    are waiting) it takes the finished requests and either hands them, pickled, to the exporter
-    process (`ExporterProcess`, ``telemetry.exporter: process``) or itself builds their spans,
-    encodes and sends them and aggregates the GenAI histograms, sent every
-    ``export_interval_s`` (``thread``, and in the exporter process). Started by the first
-    request (so a process that forks after building the gateway gets its own)."""
+    """The gateway's background thread. Every ``min(5 s, export_interval_s)`` (or when `BATCH`
+    sampled requests are waiting) it takes the finished requests' records, and every
+    ``export_interval_s`` a copy of the GenAI histograms, and either hands them, pickled, to
+    the exporter process (`ExporterProcess`, ``telemetry.exporter: process``; started with the
+    thread) or itself builds the spans, encodes and sends both (``thread``). Started by the
+    first request that ends (so a process that forks after building the gateway gets its
+    own)."""
 
     def __init__(self, tel: OtelTelemetry, sender: HttpSender | GrpcSender | None,
                  spec: TelemetrySpec, *, child: ExporterProcess | None = None) -> None:
@@ -61,6 +87,7 @@ class Batcher:
         self.timeout_s = spec.timeout_s
         self.queue: deque[Record] = deque()
         self.dropped = 0
+        self.started = False
         self._wake = threading.Event()
         self._stop = False
         self._thread: threading.Thread | None = None
@@ -70,28 +97,35 @@ class Batcher:
 
     def _forked(self) -> None:
         self.queue.clear()
+        self.started = False
         self._thread = None
         self._lock = threading.Lock()
         self._wake = threading.Event()
+        self.tel.forked()
         if self.child is not None:  # the parent's exporter stays the parent's
             self.child = ExporterProcess(self.child.config)
 
     def add(self, record: Record) -> None:
+        """Queue a sampled request's record."""
         q = self.queue
         if len(q) >= QUEUE_MAX:
             self.dropped += 1
             return
         q.append(record)
-        if self._thread is None:
-            self._start()
-        elif len(q) >= BATCH:
+        if not self.started:
+            self.start()
+        elif len(q) >= BATCH and not self._wake.is_set():
             self._wake.set()
 
-    def _start(self) -> None:
+    def start(self) -> None:
+        self.started = True
         self._thread = threading.Thread(target=self._run, name="inferplane-otlp", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
+        with self._lock:  # the exporter process starts now, not with the first batch
+            if self.child is not None and self.child.proc is None and not self.child.start():
+                self._child_gone()
         while not self._stop:
             self._wake.wait(self.delay_s)
             self._wake.clear()
@@ -103,39 +137,38 @@ class Batcher:
                 log.exception("OTLP batcher failed")
 
     def flush(self, *, metrics: bool) -> None:
+        """Hand over (or export) the queued records, and the metrics when ``metrics``."""
         with self._lock:
             q = self.queue
+            records = [q.popleft() for _ in range(len(q))]
+            snapshot = None
+            if metrics and self.tel.histograms:
+                self._next_metrics = time.monotonic() + self.metrics_interval_s
+                snapshot = self.tel.metrics_snapshot()
             if self.child is not None:
-                batch = [q.popleft() for _ in range(len(q))]
-                if not batch or self.child.send(batch):
+                if records and not self.child.send(("spans", records)):
+                    self._child_gone()
+                elif snapshot is not None and not self.child.send(("metrics", snapshot)):
+                    self._child_gone()
+                    records = []  # handed over already
+                else:
                     return
-                log.warning("OTLP exporter process is gone: exporting from the gateway itself")
-                self.child = None
-                q.extendleft(reversed(batch))
-            self._export(metrics)
+            self._export(records, snapshot)
 
-    def _export(self, metrics: bool) -> None:
-        tel, q, sender = self.tel, self.queue, self.sender
+    def _child_gone(self) -> None:
+        log.warning("OTLP exporter process is gone (or did not start): exporting from the "
+                    "gateway itself")
+        self.child = None
+
+    def _export(self, records: list[Record],
+                snapshot: tuple[list[Histogram], int, int] | None) -> None:
+        sender = self.sender
         if sender is None:
-            sender = self.sender = sender_for(tel.spec)
-        spans: list[SpanData] = []
-        requests = 0
-        while q:
-            r = q.popleft()
-            tel.record_metrics(r)
-            if r[R_SAMPLED] and tel.trace_spans:
-                spans.extend(spans_of(tel, r))
-                requests += 1
-                if requests >= BATCH:
-                    send_with_retry(sender, "traces", tel.encoder.request(spans), self.timeout_s)
-                    spans, requests = [], 0
-        if spans:
-            send_with_retry(sender, "traces", tel.encoder.request(spans), self.timeout_s)
-        if metrics:
-            self._next_metrics = time.monotonic() + self.metrics_interval_s
-            body = tel.metrics_request()
-            if body is not None:
-                send_with_retry(sender, "metrics", body, self.timeout_s)
+            sender = self.sender = sender_for(self.tel.spec)
+        if records:
+            export_spans(self.tel, sender, records, self.timeout_s)
+        if snapshot is not None:
+            export_metrics(self.tel, sender, snapshot, self.timeout_s)
 
     def shutdown(self) -> None:
         self._stop = True
@@ -156,22 +189,33 @@ class Batcher:
 
 class ExporterProcess:
     """``python -m inferplane.telemetry.exporter``: a child process that builds, encodes and
-    sends the spans and metrics of the requests the gateway hands it (pickled batches of
-    records, length-prefixed, on its stdin), so that work is off the gateway's CPU. Started
-    with the first batch; it flushes and exits when its stdin closes."""
+    sends the spans of the requests the gateway hands it (pickled batches of records) and the
+    GenAI histograms' copies, so that work is off the gateway's CPU. Messages on its stdin are
+    length-prefixed pickles: the fleet config, then ``("spans", records)`` and ``("metrics",
+    (histograms, start_ns, now_ns))``. Started with the gateway's batcher thread; it sends what
+    it holds and exits when its stdin closes."""
 
     def __init__(self, config: FleetConfig) -> None:
         self.config = config
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def _spawn(self) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "inferplane.telemetry.exporter"],
-            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, close_fds=True,
-        )
-        assert proc.stdin is not None
-        self._write(proc, pickle.dumps(self.config, protocol=pickle.HIGHEST_PROTOCOL))
-        return proc
+    def start(self) -> bool:
+        """Start the process and hand it the config; False if it cannot be."""
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "inferplane.telemetry.exporter"],
+                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, close_fds=True,
+            )
+        except OSError:
+            return False
+        try:
+            self._write(proc, pickle.dumps(self.config, protocol=pickle.HIGHEST_PROTOCOL))
+        except (OSError, ValueError):
+            proc.kill()
+            proc.wait()
+            return False
+        self.proc = proc
+        return True
 
     @staticmethod
     def _write(proc: subprocess.Popen[bytes], data: bytes) -> None:
@@ -180,12 +224,13 @@ class ExporterProcess:
         proc.stdin.write(data)
         proc.stdin.flush()
 
-    def send(self, batch: list[Record]) -> bool:
-        """Hand a batch over; False when the process is gone."""
+    def send(self, message: object) -> bool:
+        """Hand a message over; False when the process is gone."""
         try:
-            if self.proc is None:
-                self.proc = self._spawn()
-            self._write(self.proc, pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL))
+            if self.proc is None and not self.start():
+                return False
+            assert self.proc is not None
+            self._write(self.proc, pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
             return True
         except (OSError, ValueError):
             proc, self.proc = self.proc, None
@@ -211,7 +256,8 @@ class ExporterProcess:
 
 
 def run_exporter(stream: Any) -> None:
-    """The exporter process's loop (`telemetry.exporter`): the fleet config, then batches."""
+    """The exporter process's loop (`telemetry.exporter`): the fleet config, then messages,
+    each exported as it comes (the gateway has batched them)."""
 
     def read() -> bytes | None:
         head = stream.read(4)
@@ -227,14 +273,19 @@ def run_exporter(stream: Any) -> None:
     if first is None:
         return
     config = pickle.loads(first)
-    tel = OtelTelemetry(config, exporter="thread")
-    batcher = tel.batcher
-    assert batcher is not None
+    tel = OtelTelemetry(config, exporter="none")
+    spec = tel.spec
+    sender = sender_for(spec)
+    tel.metrics_request()  # imports the metrics' protobuf classes now: part of the start-up
     try:
         while (data := read()) is not None:
-            for r in pickle.loads(data):
-                batcher.add(r)
+            kind, payload = pickle.loads(data)
+            try:
+                if kind == "spans":
+                    export_spans(tel, sender, payload, spec.timeout_s)
+                elif kind == "metrics":
+                    export_metrics(tel, sender, payload, spec.timeout_s)
+            except Exception:  # an export bug must not stop the exports
+                log.exception("OTLP export failed")
     finally:
-        tel.shutdown()
-
-
+        sender.close()

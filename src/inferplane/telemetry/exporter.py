@@ -1,7 +1,8 @@
 """``python -m inferplane.telemetry.exporter``: the OTLP exporter process a gateway starts with
-``telemetry.exporter: process`` (`telemetry.otel.ExporterProcess`). It reads the fleet config
-and then pickled batches of finished requests from stdin (each length-prefixed), builds their
-spans, encodes and sends them and the GenAI metrics, and flushes and exits when stdin closes.
+``telemetry.exporter: process`` (`telemetry.export.ExporterProcess`). It reads the fleet
+config and then messages from stdin (length-prefixed pickles): batches of finished sampled
+requests, whose spans it builds, encodes and sends, and copies of the gateway's GenAI
+histograms, which it encodes and sends; it exits when stdin closes.
 Its stdin is the gateway's own pipe: it runs nothing it did not get from its parent."""
 
 from __future__ import annotations

@@ -9,12 +9,14 @@ Imported only when ``telemetry.enabled`` (`tracing.build_telemetry`).
 
 How it stays cheap (docs/observability.md, "Cost"): the request path creates no span objects. An
 `OtelTrace` notes timestamps (``time.time_ns``) and the few values the spans carry as the request
-goes; when it ends, its record (a flat tuple, `telemetry.records`) is queued. A background
-thread (`telemetry.export.Batcher`) hands the records, pickled, to the exporter process
-(``telemetry.exporter: process``, the default), which turns them into spans (`SpanData`),
-encodes them in batches straight to OTLP protobuf (`telemetry.otlp`), aggregates the GenAI
-histograms and sends both over OTLP/HTTP or OTLP/gRPC; with ``exporter: thread`` the thread
-does that itself.
+goes; when it ends, its GenAI metric points are added to the gateway's histograms (a few
+additions into fixed buckets, `OtelTelemetry.observe`) and, if it is sampled, its record (a flat
+tuple, `telemetry.records`) is queued; an unsampled request leaves nothing else behind. A
+background thread (`telemetry.export.Batcher`) hands the records, pickled in batches, and every
+``export_interval_s`` a copy of the histograms to the exporter process (``telemetry.exporter:
+process``, the default), which encodes the records' spans straight to OTLP protobuf
+(`records.encode_spans`, `telemetry.otlp`), encodes the histograms and sends both over OTLP/HTTP
+or OTLP/gRPC; with ``exporter: thread`` the thread does that itself.
 Sampling follows the SDK's ``ParentBased(TraceIdRatioBased(sample_ratio))`` exactly; W3C
 ``traceparent``/``tracestate`` are read from the caller and written to the upstream.
 
@@ -28,6 +30,7 @@ from __future__ import annotations
 import logging
 import random
 import re
+import threading
 import time
 from collections.abc import Mapping
 from types import TracebackType
@@ -35,24 +38,15 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 from inferplane.telemetry.export import Batcher, ExporterProcess, sender_for
-from inferplane.telemetry.otlp import Attrs, Histogram, SpanData, SpanEncoder, encode_metrics
-from inferplane.telemetry.records import (
-    R_COMPLETION,
-    R_END,
-    R_ERROR_TYPE,
-    R_PROMPT,
-    R_PROVIDER,
-    R_RESPONSE_MODEL,
-    R_SAMPLED,
-    R_SERVER,
-    R_START,
-    R_TTFT,
-    SCOPE,
-    Pairs,
-    Record,
-    spans_of,
-    to_readable,
+from inferplane.telemetry.otlp import (
+    Attrs,
+    Histogram,
+    SpanData,
+    SpanEncoder,
+    add,
+    encode_metrics,
 )
+from inferplane.telemetry.records import SCOPE, Pairs, Record, spans_of, to_readable
 from inferplane.telemetry.tracing import RequestTrace, Telemetry
 
 if TYPE_CHECKING:
@@ -191,7 +185,9 @@ class _EndpointInfo:
 
 class OtelTelemetry(Telemetry):
     """Per-request traces and GenAI metrics, exported over OTLP by a background thread (or
-    handed to an SDK ``span_exporter``: tests)."""
+    handed to an SDK ``span_exporter``: tests). ``exporter``: ``process`` or ``thread`` (the
+    fleet file's ``telemetry.exporter`` when None), or ``none`` (the exporter process's own: no
+    batcher)."""
 
     enabled = True
 
@@ -219,12 +215,15 @@ class OtelTelemetry(Telemetry):
             "gen_ai.client.token.usage", "{token}", "Input and output tokens used per request",
             TOKEN_BUCKETS)
         self.histograms = (self.duration, self.ttft, self.tokens) if spec.metrics else ()
+        self.metrics_lock = threading.Lock()  # the request path adds, the batcher copies
+        # (operation, provider, model, response model, error type) -> its metric points
+        self._series: dict[tuple[Any, ...], tuple[list[Any], ...]] = {}
         self._endpoints: dict[str, _EndpointInfo] = {}
         self._servers: dict[tuple[Any, ...], Attrs] = {}
         self._attrs: dict[Pairs, Attrs] = {}
         self.span_exporter = span_exporter
         self.batcher: Batcher | None = None
-        if span_exporter is None:
+        if span_exporter is None and exporter != "none":
             if (exporter or spec.exporter) == "process":
                 self.batcher = Batcher(self, None, spec, child=ExporterProcess(config))
             else:
@@ -282,43 +281,78 @@ class OtelTelemetry(Telemetry):
             )
         return OtelTrace(self, api, headers, server_address, server_port)
 
-    def ended(self, record: Record) -> None:
-        """A request ended: queue its record for the batcher, or process it now (an SDK
-        exporter)."""
-        if self.batcher is not None:
-            self.batcher.add(record)
-            return
-        self.record_metrics(record)
-        if record[R_SAMPLED] and self.trace_spans and self.span_exporter is not None:
-            self.span_exporter.export([to_readable(s, self) for s in spans_of(self, record)])
+    def ended(self, t: OtelTrace) -> None:
+        """A request ended: its metric points are added; if it is sampled, its record is queued
+        for the batcher, or its spans handed to the SDK exporter now (tests)."""
+        if self.histograms:
+            self.observe(t)
+        batcher = self.batcher
+        if t.sampled and self.trace_spans:
+            record = t.record()
+            if batcher is not None:
+                batcher.add(record)
+            elif self.span_exporter is not None:
+                self.span_exporter.export([to_readable(s, self) for s in spans_of(self, record)])
+        elif batcher is not None and not batcher.started:
+            batcher.start()  # the metrics' exports
 
-    def record_metrics(self, r: Record) -> None:
-        if not self.histograms:
-            return
-        base: list[tuple[str, Any]] = [("gen_ai.operation.name", r[R_SERVER][0])]
-        if r[R_PROVIDER] is not None:
-            base.append(("gen_ai.provider.name", r[R_PROVIDER]))
-        if r[R_SERVER][3] is not None:
-            base.append(("gen_ai.request.model", r[R_SERVER][3]))
-        if r[R_RESPONSE_MODEL] is not None:
-            base.append(("gen_ai.response.model", r[R_RESPONSE_MODEL]))
-        key = tuple(base)
-        seconds = (r[R_END] - r[R_START]) / 1e9
-        if r[R_ERROR_TYPE] is not None:
-            self.duration.record(seconds, (*key, ("error.type", r[R_ERROR_TYPE])))
-        else:
-            self.duration.record(seconds, key)
-            if r[R_TTFT] is not None:
-                self.ttft.record(r[R_TTFT], key)
-        if r[R_PROMPT] is not None:
-            self.tokens.record(r[R_PROMPT], (*key, ("gen_ai.token.type", "input")))
-        if r[R_COMPLETION] is not None:
-            self.tokens.record(r[R_COMPLETION], (*key, ("gen_ai.token.type", "output")))
+    def observe(self, t: OtelTrace) -> None:
+        """The GenAI metric points of a finished request: request duration (with ``error.type``
+        on an error), time to first token (successful streams) and input/output token usage,
+        each attributed with the operation, provider, request and response model."""
+        key = (t.op, t.provider, t.model, t.response_model, t.error_type)
+        series = self._series.get(key)
+        if series is None:
+            series = self._new_series(key)
+        with self.metrics_lock:
+            add(series[0], DURATION_BUCKETS, (t.end_ns - t.start_ns) / 1e9)
+            if t.error_type is None and t.ttft_s is not None:
+                add(series[1], TTFT_BUCKETS, t.ttft_s)
+            if t.prompt_tokens is not None:
+                add(series[2], TOKEN_BUCKETS, t.prompt_tokens)
+            if t.completion_tokens is not None:
+                add(series[3], TOKEN_BUCKETS, t.completion_tokens)
+
+    def _new_series(self, key: tuple[Any, ...]) -> tuple[list[Any], ...]:
+        op, provider, model, response_model, error_type = key
+        base: list[tuple[str, Any]] = [("gen_ai.operation.name", op)]
+        if provider is not None:
+            base.append(("gen_ai.provider.name", provider))
+        if model is not None:
+            base.append(("gen_ai.request.model", model))
+        if response_model is not None:
+            base.append(("gen_ai.response.model", response_model))
+        pairs = tuple(base)
+        with self.metrics_lock:
+            series = (
+                self.duration.point(
+                    pairs if error_type is None else (*pairs, ("error.type", error_type))),
+                self.ttft.point(pairs),
+                self.tokens.point((*pairs, ("gen_ai.token.type", "input"))),
+                self.tokens.point((*pairs, ("gen_ai.token.type", "output"))),
+            )
+        if len(self._series) >= 4096:
+            self._series.clear()
+        self._series[key] = series
+        return series
+
+    def forked(self) -> None:
+        """In a forked child: the parent's requests are the parent's to count."""
+        self.metrics_lock = threading.Lock()
+        self._series.clear()
+        for h in self.histograms:
+            h.points.clear()
+
+    def metrics_snapshot(self) -> tuple[list[Histogram], int, int]:
+        """A copy of the GenAI histograms so far, their start and now (ns): what a metrics
+        export encodes (`encode_metrics`), taken without stopping the request path for long."""
+        with self.metrics_lock:
+            copies = [h.copy() for h in self.histograms]
+        return copies, self.started_ns, time.time_ns()
 
     def metrics_request(self) -> bytes | None:
         """The GenAI histograms so far as an ``ExportMetricsServiceRequest`` (None: empty)."""
-        return encode_metrics(self.resource_attrs, SCOPE, self.histograms, self.started_ns,
-                              time.time_ns())
+        return encode_metrics(self.resource_attrs, SCOPE, *self.metrics_snapshot())
 
     def shutdown(self) -> None:
         if self.batcher is not None:
@@ -493,6 +527,8 @@ class OtelTrace(RequestTrace):
         info = self.tel.endpoint_info(endpoint)
         self.provider = info.provider
         self.response_model = endpoint.upstream_model(model)
+        if not self.sampled:  # no attempt spans: the metrics need only the two above
+            return
         self.attempt = a = _Attempt(_bits(64) or 1, info.attempt(self.op, self.response_model),
                                     self.response_model, len(self.attempts) + 1)
         self.attempts.append(a)
@@ -551,7 +587,7 @@ class OtelTrace(RequestTrace):
         a = self.attempt
         if a is not None:  # never accounted (a bug, or a stop): still ends
             self.upstream_failed(self.error_type or "not_accounted")
-        self.tel.ended(self.record())
+        self.tel.ended(self)
 
     def record(self) -> Record:
         """The request as one flat tuple of plain values (see `R_SAMPLED` …): cheap to keep,

@@ -23,6 +23,7 @@ from __future__ import annotations
 import bisect
 import http.client
 import logging
+import math
 import struct
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -142,9 +143,10 @@ def _number(key: str, value: Any) -> bytes:
 
 
 class SpanEncoder:
-    """Encodes batches of `SpanData` for one resource and instrumentation scope. String-valued
-    dynamic attributes are encoded once and reused (bounded: the cache is cleared past
-    `CACHE_MAX`); numbers are encoded with their key's bytes cached."""
+    """Encodes batches of `SpanData` for one resource and instrumentation scope. String- and
+    int-valued dynamic attributes are encoded once and reused (bounded: the cache is cleared
+    past `CACHE_MAX`); floats are encoded with their key's bytes cached; `unique` encodes a
+    value that never repeats (an id) without caching it."""
 
     CACHE_MAX = 8192
 
@@ -152,12 +154,12 @@ class SpanEncoder:
         attrs = b"".join(_field(b"\x0a", key_value(k, v)) for k, v in resource.items())
         self._resource = _field(b"\x0a", attrs)  # ResourceSpans.resource
         self._scope = _field(b"\x0a", _field(b"\x0a", scope.encode()))  # ScopeSpans.scope
-        self._strs: dict[tuple[str, str], bytes] = {}
+        self._strs: dict[tuple[str, str | int], bytes] = {}
         self._names: dict[str, bytes] = {}
 
     def attribute(self, key: str, value: Any) -> bytes:
         """Span field 9: one attribute."""
-        if type(value) is str:
+        if type(value) is str or type(value) is int:  # not a bool (True == 1), not a float
             cached = self._strs.get((key, value))
             if cached is None:
                 if len(self._strs) >= self.CACHE_MAX:
@@ -166,13 +168,17 @@ class SpanEncoder:
             return cached
         return _number(key, value)
 
+    @staticmethod
+    def unique(key: str, value: str) -> bytes:
+        """Span field 9 of a string attribute that does not repeat (not cached)."""
+        v = value.encode()
+        v = b"\x0a" + varint(len(v)) + v
+        kv = _key(key) + b"\x12" + varint(len(v)) + v
+        return b"\x4a" + varint(len(kv)) + kv
+
     def span(self, s: SpanData) -> bytes:
         """One ``Span`` message."""
-        name = self._names.get(s.name)
-        if name is None:
-            if len(self._names) >= self.CACHE_MAX:
-                self._names.clear()
-            name = self._names[s.name] = _field(b"\x2a", s.name.encode()) if s.name else b""
+        name = self.name(s.name)
         attribute = self.attribute
         parts = [b"\x0a\x10", s.trace_id.to_bytes(16, "big"), b"\x12\x08",
                  s.span_id.to_bytes(8, "big")]
@@ -199,9 +205,24 @@ class SpanEncoder:
         for s in spans:
             data = span(s)
             body += (b"\x12", varint(len(data)), data)
+        return self.wrap(body)
+
+    def wrap(self, body: list[bytes]) -> bytes:
+        """An ``ExportTraceServiceRequest`` of encoded ``ScopeSpans.spans`` fields (each a
+        ``b"\\x12"``, the length, a ``Span``), as `request` and `records.encode_spans` make
+        them."""
         scope_spans = self._scope + b"".join(body)
         resource_spans = self._resource + _field(b"\x12", scope_spans)
         return _field(b"\x0a", resource_spans)
+
+    def name(self, name: str) -> bytes:
+        """Span field 5 (cached)."""
+        data = self._names.get(name)
+        if data is None:
+            if len(self._names) >= self.CACHE_MAX:
+                self._names.clear()
+            data = self._names[name] = _field(b"\x2a", name.encode()) if name else b""
+        return data
 
 
 _KINDS = {k: b"\x30" + bytes([k]) + b"\x39" for k in SPAN_KIND.values()}  # kind, start's tag
@@ -222,17 +243,33 @@ class Histogram:
         # key -> [bucket counts, count, sum, min, max]
         self.points: dict[tuple[tuple[str, Any], ...], list[Any]] = {}
 
-    def record(self, value: float, key: tuple[tuple[str, Any], ...]) -> None:
+    def copy(self) -> Histogram:
+        """The histogram as it stands (its points copied)."""
+        h = Histogram(self.name, self.unit, self.description, self.bounds)
+        h.points = {k: [list(p[0]), p[1], p[2], p[3], p[4]] for k, p in self.points.items()}
+        return h
+
+    def point(self, key: tuple[tuple[str, Any], ...]) -> list[Any]:
+        """The point of an attribute set (created empty: an empty point is not exported)."""
         p = self.points.get(key)
         if p is None:
-            p = self.points[key] = [[0] * (len(self.bounds) + 1), 0, 0.0, value, value]
-        p[0][bisect.bisect_left(self.bounds, value)] += 1
-        p[1] += 1
-        p[2] += value
-        if value < p[3]:
-            p[3] = value
-        if value > p[4]:
-            p[4] = value
+            p = self.points[key] = [[0] * (len(self.bounds) + 1), 0, 0.0, math.inf, -math.inf]
+        return p
+
+    def record(self, value: float, key: tuple[tuple[str, Any], ...]) -> None:
+        add(self.point(key), self.bounds, value)
+
+
+def add(p: list[Any], bounds: Sequence[float], value: float) -> None:
+    """Record ``value`` in a histogram's point ([bucket counts, count, sum, min, max]); bucket
+    i holds (bounds[i-1], bounds[i]]."""
+    p[0][bisect.bisect_left(bounds, value)] += 1
+    p[1] += 1
+    p[2] += value
+    if value < p[3]:
+        p[3] = value
+    if value > p[4]:
+        p[4] = value
 
 
 def key_values(pairs: Iterable[tuple[str, Any]]) -> list[Any]:
@@ -267,16 +304,16 @@ def encode_metrics(
 
     metrics = []
     for h in histograms:
-        if not h.points:
-            continue
         points = [
             M.HistogramDataPoint(
                 attributes=key_values(key), start_time_unix_nano=start_ns,
                 time_unix_nano=now_ns, count=p[1], sum=p[2], bucket_counts=p[0],
                 explicit_bounds=h.bounds, min=p[3], max=p[4],
             )
-            for key, p in h.points.items()
+            for key, p in h.points.items() if p[1]
         ]
+        if not points:
+            continue
         metrics.append(M.Metric(
             name=h.name, description=h.description, unit=h.unit,
             histogram=M.Histogram(

@@ -8,7 +8,17 @@ from __future__ import annotations
 import random
 from typing import TYPE_CHECKING, Any
 
-from inferplane.telemetry.otlp import SPAN_KIND, SpanData
+from inferplane.telemetry.otlp import (
+    _FLAGS_LOCAL,
+    _FLAGS_REMOTE,
+    _KINDS,
+    SPAN_KIND,
+    SpanData,
+    SpanEncoder,
+    _field,
+    _pack_q,
+    varint,
+)
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import ReadableSpan
@@ -96,6 +106,101 @@ def spans_of(tel: OtelTelemetry, r: Record) -> list[SpanData]:
                         r[R_START], end, (tel.server_attrs(r[R_SERVER]), tel.attrs(r[R_DECISION])),
                         server, error, r[R_ERROR] if error else None))
     return out
+
+
+def encode_spans(tel: OtelTelemetry, r: Record, out: list[bytes]) -> None:
+    """The spans `spans_of` makes of a record, encoded straight to ``ScopeSpans.spans`` fields
+    appended to ``out`` (for `SpanEncoder.wrap`): the same bytes as ``SpanEncoder.request`` of
+    `spans_of`'s spans (tests/test_otel_encoding.py checks it), without building them. What
+    every span of the request shares (trace id, trace state, the server span's id as the
+    parent) and the usage attributes (on the server span and the last attempt) are encoded
+    once."""
+    enc = tel.encoder
+    attribute = enc.attribute
+    head = b"\x0a\x10" + r[R_TRACE].to_bytes(16, "big") + b"\x12\x08"  # trace id, span id tag
+    state = r[R_STATE]
+    sid = r[R_SPAN].to_bytes(8, "big")
+    after_id = (_field(b"\x1a", state.encode()) if state else b"") + b"\x22\x08" + sid
+    end = r[R_END]
+    op = r[R_SERVER][0]
+    for name, start_ns, end_ns, error_type, attrs in r[R_STAGES]:
+        parts = [head, (_bits(64) or 1).to_bytes(8, "big"), after_id, enc.name(name),
+                 _INTERNAL, _pack_q(start_ns), b"\x41", _pack_q(end_ns)]
+        parts += [_unique_or(enc, k, v) for k, v in attrs]
+        if error_type is not None:
+            parts += (attribute("error.type", error_type), _STATUS_ERROR_ONLY)
+        else:
+            parts.append(_STATUS_UNSET)
+        parts.append(_FLAGS_LOCAL)
+        data = b"".join(parts)
+        out += (b"\x12", varint(len(data)), data)
+    usage = b""
+    for span_id, fixed, model, number, start_ns, end_ns, err, status, finished in r[R_ATTEMPTS]:
+        parts = [head, span_id.to_bytes(8, "big"), after_id, enc.name(f"{op} {model}"),
+                 _CLIENT, _pack_q(start_ns), b"\x41", _pack_q(end_ns or end),
+                 tel.attrs(fixed).data, attribute("inferplane.attempt", number)]
+        if finished:
+            usage = b"".join([attribute(k, v) for k, v in _usage(r)])
+            parts.append(usage)
+        if err is not None:
+            if status is not None and not finished:
+                parts.append(attribute("http.response.status_code", status))
+            parts += (attribute("error.type", err),
+                      _status_error(r[R_ERROR] if finished else None))
+        else:
+            parts.append(_STATUS_UNSET)
+        parts.append(_FLAGS_LOCAL)
+        data = b"".join(parts)
+        out += (b"\x12", varint(len(data)), data)
+    model = r[R_SERVER][3]
+    parts = [head, sid]
+    if state:
+        parts.append(_field(b"\x1a", state.encode()))
+    if r[R_PARENT]:
+        parts += (b"\x22\x08", r[R_PARENT].to_bytes(8, "big"))
+    parts += (enc.name(op if model is None else f"{op} {model}"), _SERVER, _pack_q(r[R_START]),
+              b"\x41", _pack_q(end), tel.server_attrs(r[R_SERVER]).data,
+              tel.attrs(r[R_DECISION]).data)
+    if model is not None and r[R_MAX_TOKENS] is not None:
+        parts.append(attribute("gen_ai.request.max_tokens", r[R_MAX_TOKENS]))
+    if r[R_DECISION_ID] is not None:
+        parts.append(enc.unique("inferplane.decision_id", r[R_DECISION_ID]))
+    if r[R_SPILL] is not None:
+        parts.append(attribute("inferplane.spillover.reason", r[R_SPILL]))
+    attempts = r[R_ATTEMPTS]
+    if attempts:
+        parts.append(attribute("inferplane.attempts", len(attempts)))
+    if attempts and attempts[-1][8]:  # the last attempt was accounted: its usage
+        parts.append(usage)
+    elif r[R_STATUS] is not None:
+        parts.append(attribute("http.response.status_code", r[R_STATUS]))
+    if r[R_ERROR_TYPE] is not None:
+        parts.append(attribute("error.type", r[R_ERROR_TYPE]))
+        error = r[R_STATUS] is not None and r[R_STATUS] >= 500
+    else:
+        error = False
+    parts += (_status_error(r[R_ERROR]) if error else _STATUS_UNSET,
+              _FLAGS_REMOTE if r[R_REMOTE] else _FLAGS_LOCAL)
+    data = b"".join(parts)
+    out += (b"\x12", varint(len(data)), data)
+
+
+def _unique_or(enc: SpanEncoder, key: str, value: Any) -> bytes:
+    if key == "inferplane.decision_id" and type(value) is str:  # one per request: not cached
+        return enc.unique(key, value)
+    return enc.attribute(key, value)
+
+
+def _status_error(message: str | None) -> bytes:
+    """Span field 15: status ERROR, with its message."""
+    if message is None:
+        return _STATUS_ERROR_ONLY
+    return _field(b"\x7a", _field(b"\x12", message.encode()) + b"\x18\x02")
+
+
+_STATUS_UNSET = b"\x7a\x00"  # as the SDK encodes an unset status
+_STATUS_ERROR_ONLY = _field(b"\x7a", b"\x18\x02")
+_INTERNAL, _SERVER, _CLIENT = (_KINDS[SPAN_KIND[k]] for k in ("internal", "server", "client"))
 
 
 def to_readable(s: SpanData, tel: OtelTelemetry) -> ReadableSpan:
