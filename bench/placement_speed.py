@@ -3,13 +3,21 @@
     .venv/bin/python bench/placement_speed.py [--fleet h100x8 hetero h100x1000 ...]
                                               [--profile default ...] [-n 2000] [--repeats 7]
                                               [--no-timer] [--whole] [--reference]
+                                              [--churn]
     .venv/bin/python bench/placement_speed.py --dump FILE   # behaviour fingerprint, no timing
 
 ``h100xN`` (N not 8) is h100x8 grown to N identical endpoints in pools of 64 (`scaled_config`).
 Profiles with ``max_candidates`` sample fleets larger than that; ``--whole`` adds rows (``/all``)
 for the same policies evaluating every endpoint, in the same run. ``--reference`` adds rows
-(``/ref``) for the profiles scored in one fused pass (`inferplane.placement.fused`: ``default``)
-scored one scorer at a time instead, the same decisions by the reference path.
+(``/ref``) for the profiles scored and filtered in one fused pass (`inferplane.placement.fused`,
+`inferplane.placement.fused_filters`: ``default``) run one plugin at a time instead, the same
+decisions by the reference path. ``--churn`` adds
+rows (``/churn``) in the gateway's pattern instead of a fixed snapshot: each decision reserves
+on its pick (and the oldest of 40 reservations is released), so every decision gets a new
+snapshot in which one or two endpoints' states changed, and the clock advances 1 ms a decision
+(1,000 decisions/s: every endpoint's state is rebuilt each 50 decisions, `LiveFleet.refresh_s`);
+only the ``place()`` calls are timed (what per-endpoint caches keyed on an unchanged state
+save shows here as it would in the gateway, not as on a fixed snapshot).
 
 Builds the gateway's policies from a shipped fleet file (``src/inferplane/data/fleets/``, via
 ``load_config`` + ``build_policies``), a `LiveFleet` with fresh engine metrics, in-flight
@@ -224,9 +232,34 @@ class Scenario:
         self.clock.t += 0.1
 
 
+def _churn_run(sc: Scenario, pol: Policy, reqs: list[RequestProfile], n: int,
+               timer: Callable[[], float] | None) -> float:
+    """CPU µs per ``place()`` when every decision reserves on its pick (``--churn``)."""
+    clock = time.process_time
+    live = sc.live
+    held: list[Reservation] = []
+    m = len(reqs)
+    spent = 0.0
+    for i in range(n):
+        prof = reqs[i % m]
+        snap = live.snapshot()
+        t0 = clock()
+        d = place(prof, snap, pol, decision_id=prof.request_id, timer=timer)
+        spent += clock() - t0
+        if d.picked is not None:
+            held.append(live.reserve(d.picked.name, prof.prompt_tokens + prof.max_output_tokens,
+                                     prof.prompt_tokens))
+            if len(held) > 40:
+                held.pop(0).release()
+        sc.clock.t += 0.001
+    for r in held:
+        r.release()
+    return spent / n * 1e6
+
+
 def bench(
     fleets: list[str], profiles: list[str], n: int, repeats: int, timer: Callable[[], float] | None,
-    whole: bool = False, reference: bool = False,
+    whole: bool = False, reference: bool = False, churn: bool = False,
 ) -> None:
     print(f"# place() CPU µs/decision, best of {repeats} × {n} decisions; python "
           f"{platform.python_version()}, {platform.machine()}; timer={'on' if timer else 'off'}")
@@ -236,22 +269,31 @@ def bench(
         sc.load()
         snap = sc.live.snapshot()
         reqs = [sc.profile(s) for s in sc.shares for _ in range(4)]
-        variants = [(p, sc.policies[p], sc.policies[p].max_candidates, sc.policies[p].fused)
-                    for p in profiles]
+        variants = [(p, sc.policies[p], sc.policies[p].max_candidates, sc.policies[p].fused,
+                     getattr(sc.policies[p], "fused_filters", None)) for p in profiles]
         if whole:  # the same policies evaluating every endpoint (no sampling), side by side
-            variants += [(f"{p}/all", pol, 0, fused) for p, pol, limit, fused in variants
+            variants += [(f"{p}/all", pol, 0, fused, ff) for p, pol, limit, fused, ff in variants
                          if limit and len(snap.endpoints) > limit]
-        if reference:  # the same policies scored one scorer at a time (no fused pass)
-            variants += [(f"{p}/ref", pol, limit, None) for p, pol, limit, fused in variants
-                         if fused is not None]
-        for pname, pol, limit, fused in variants:
+        if reference:  # the same policies scored (and filtered) one plugin at a time
+            variants += [(f"{p}/ref", pol, limit, None, None)
+                         for p, pol, limit, fused, ff in variants
+                         if fused is not None or ff is not None]
+        if churn:  # the gateway's pattern: a new snapshot per decision (after the fixed rows)
+            variants += [(f"{p}/churn", pol, limit, fused, ff)
+                         for p, pol, limit, fused, ff in variants]
+        for pname, pol, limit, fused, ff in variants:
             pol.max_candidates = limit
             pol.fused = fused
+            if hasattr(pol, "fused_filters"):  # (absent before the fused filter pass)
+                pol.fused_filters = ff
             for prof in reqs:  # warm-up: the prefix indexes learn these prompts, EWMA fills
                 place(prof, snap, pol, decision_id=prof.request_id, timer=timer)
             m = len(reqs)
             runs: list[float] = []
             for _ in range(repeats):
+                if pname.endswith("/churn"):
+                    runs.append(_churn_run(sc, pol, reqs, n, timer))
+                    continue
                 t0 = time.process_time()  # CPU time: robust to other load on a shared machine
                 for i in range(n):
                     prof = reqs[i % m]
@@ -347,6 +389,9 @@ def main() -> None:
     ap.add_argument("--reference", action="store_true",
                     help="also time each fused profile on the reference path, one scorer at a "
                     "time (/ref)")
+    ap.add_argument("--churn", action="store_true",
+                    help="also time each profile with a new snapshot per decision, reserving on "
+                    "its pick, as the gateway does (/churn)")
     ap.add_argument("--dump", metavar="FILE", help="write the behaviour fingerprint instead")
     ap.add_argument("--steps", type=int, default=600, help="--dump: requests per fleet")
     a = ap.parse_args()
@@ -354,7 +399,7 @@ def main() -> None:
         dump(a.dump, a.steps)
         return
     bench(a.fleet, a.profile, a.n, a.repeats, None if a.no_timer else time.perf_counter, a.whole,
-          a.reference)
+          a.reference, a.churn)
 
 
 if __name__ == "__main__":

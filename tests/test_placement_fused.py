@@ -185,3 +185,87 @@ def test_a_busy_fleet_decides_the_same_over_many_requests() -> None:
         a = place(p, snap, fused, decision_id=str(i))
         b = place(p, snap, ref, decision_id=str(i))
         assert evidence(a) == evidence(b), i
+
+
+# -- the fused filter pass ---------------------------------------------------------------------
+
+def _filter_fleet() -> Any:
+    """Endpoints that every default filter has a reason to remove: variants, an Anthropic
+    dialect, a burst pool, other kinds and jurisdictions, small contexts, declared rate limits,
+    failure domains and zones, a small committed concurrency."""
+    models = [{"name": "llama-3.1-8b", "max_context": 8192, "variant": "fast"},
+              {"name": "qwen3-32b", "max_context": 32768, "precision": "fp8"}]
+    subs = [
+        sub("eu", n=3, models=models, max_concurrency=8),
+        sub("eu-b", capacity="burst", hardware="a100", cost={"hourly_usd": 3.4}),
+        sub("us", n=2, region="us-east", jurisdiction="us", cost={"hourly_usd": 2.5},
+            models=[{"name": "llama-3.1-8b", "max_context": 2048}]),
+        sub("api", kind="provider-api", hardware="provider-api", region="us-east",
+            jurisdiction="us", capacity="burst",
+            cost={"input_per_mtok": 0.2, "output_per_mtok": 0.4}),
+        sub("lpu", kind="low-latency", hardware="groq-lpu", region="us-east", jurisdiction="us"),
+    ]
+    subs[0]["failure_domain"], subs[0]["zone"] = "rack-1", "eu-west-1a"
+    subs[0]["committed_concurrency"] = 3
+    subs[1]["zone"] = "eu-west-1a"
+    subs[2]["failure_domain"], subs[2]["zone"] = "rack-9", "us-east-1a"
+    subs[3]["endpoints"][0]["dialect"] = "anthropic"
+    subs[3]["endpoints"][0]["limits"] = {"requests_per_min": 5, "tokens_per_min": 9000}
+    return config(*subs)
+
+
+FILTER_CFG = _filter_fleet()
+FILTER_FLEET = Fleet.from_config(FILTER_CFG)
+request_overlays = st.fixed_dictionaries({
+    "api": st.sampled_from(["chat", "chat", "completions", "embeddings"]),
+    "variant": st.sampled_from([None, None, "fast", "default"]),
+    "workload_class": st.sampled_from(["interactive", "batch"]),
+    "avoid_domains": st.frozensets(st.sampled_from(
+        ["fd:rack-1", "fd:rack-9", "zone:eu-west-1a", "zone:us-east-1a"])),
+    "excluded": st.frozensets(st.sampled_from([e.name for e in FILTER_FLEET.endpoints]),
+                              max_size=2),
+})
+
+
+@SETTINGS
+@given(
+    states_=st.lists(states, min_size=len(FILTER_FLEET.endpoints),
+                     max_size=len(FILTER_FLEET.endpoints)),
+    profs=st.lists(st.tuples(profiles, request_overlays), min_size=1, max_size=5),
+)
+def test_the_fused_filters_remove_what_the_filters_in_turn_remove(
+    states_: list[EndpointState], profs: list[tuple[RequestProfile, dict[str, Any]]]
+) -> None:
+    fused = build_policies(FILTER_CFG, "<test>")["default"]
+    ref = build_policies(FILTER_CFG, "<test>", fused=False)["default"]
+    assert fused.fused_filters is not None and ref.fused_filters is None
+    snap = snapshot(FILTER_FLEET, {e.name: s for e, s in
+                                   zip(FILTER_FLEET.endpoints, states_, strict=True)})
+    for i, (prof, over) in enumerate(profs):
+        p = prof.with_(**over)
+        a = place(p, snap, fused, decision_id=str(i))
+        b = place(p, snap, ref, decision_id=str(i))
+        assert evidence(a) == evidence(b)
+
+
+def test_only_the_default_filter_list_is_fused() -> None:
+    pols = build_policies(BASE, "<test>")
+    assert pols["default"].fused_filters is not None
+    assert all(p.fused_filters is None for n, p in pols.items() if n != "default")
+
+
+def test_prefix_affinity_reads_predicted_latencys_index_when_no_other_profile_uses_them() -> None:
+    """One walk, one lesson per pick: the two plugins' indexes would be identical."""
+    pol = build_policies(BASE, "<test>")["default"]
+    latency, prefix = pol.scorers[0][0], pol.scorers[1][0]
+    assert prefix.matcher is latency.matcher  # type: ignore[attr-defined]
+    raw = {
+        "regions": [],
+        "substrates": [sub("a")],
+        "profiles": [{"name": "also", "plugins": [{"ref": "model-served"},
+                                                  {"ref": "prefix-affinity", "weight": 1}]}],
+    }
+    pol = build_policies(parse_config(json.dumps(raw), "<t>"), "<t>")["default"]
+    latency, prefix = pol.scorers[0][0], pol.scorers[1][0]
+    assert pol.fused is not None
+    assert prefix.matcher is not latency.matcher  # type: ignore[attr-defined]

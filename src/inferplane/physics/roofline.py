@@ -173,6 +173,24 @@ class Roofline:
             step += self._seq_overhead_s * (decode_seqs + (prefill_tokens > 0))
         return step
 
+    def step_terms(self) -> tuple[float, float, float, float, float, float, float, float, float]:
+        """The constants of `step_time_s`, for a caller that inlines it in a hot loop (the fused
+        scoring pass): ``(linear FLOPs per token, attention FLOPs per pair, 1 / FLOP/s, weight
+        bytes per device, KV bytes per token per device, 1 / bytes/s, comm s per token, fixed
+        s, seq overhead s)``. An inlined copy must use them in `step_time_s`'s order of
+        operations (the fused pass is held to the plain one by tests)."""
+        return (
+            self._linear_flops_per_token,
+            self._attn_flops_per_pair,
+            self._inv_flops,
+            self._weight_bytes_per_device,
+            self._kv_bytes_per_token_per_device,
+            self._inv_bandwidth,
+            self._comm_per_token_s,
+            self._fixed_s,
+            self._seq_overhead_s,
+        )
+
     def prefill_time_s(self, new_tokens: int, context_tokens: int = 0) -> float:
         """Seconds to prefill ``new_tokens`` uncached tokens in one pass when
         ``context_tokens`` are already cached: ``step_time_s(new, context, 0, 0)``, i.e.

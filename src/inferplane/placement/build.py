@@ -24,6 +24,7 @@ from inferplane.placement.framework import (
     Scorer,
 )
 from inferplane.placement.fused import FusedScoring
+from inferplane.placement.fused_filters import FusedFilters
 
 
 def build_plugins(config: FleetConfig, file: str) -> dict[str, Plugin]:
@@ -55,7 +56,8 @@ def build_policies(
     config: FleetConfig, file: str = "<config>", *, seed: int | None = None, fused: bool = True
 ) -> dict[str, Policy]:
     """Build every profile of the config into a runnable `Policy`. ``fused``: score a profile
-    whose scorer set allows it in one pass (`inferplane.placement.fused`); False keeps every
+    whose scorer set allows it in one pass (`inferplane.placement.fused`) and filter one whose
+    filter list allows it in one pass (`inferplane.placement.fused_filters`); False keeps every
     profile on the reference path (tests and benchmarks compare the two)."""
     instances = build_plugins(config, file)
     policies: dict[str, Policy] = {}
@@ -102,10 +104,21 @@ def build_policies(
             seed=base_seed + i,
             max_candidates=prof.max_candidates,
         )
-        if fused:
-            policy.fused = FusedScoring.compile(policy)
     if problems:
         raise ConfigError(file, problems)
+    if fused:
+        # how many profiles use each plugin instance: a fused profile shares one prefix index
+        # between its plugins only where no other profile feeds or reads either of them
+        uses: dict[int, int] = {}
+        for prof in config.profiles:
+            for name in {r.ref for r in prof.plugins}:
+                plugin = instances[name]
+                uses[id(plugin)] = uses.get(id(plugin), 0) + 1
+        for policy in policies.values():
+            policy.fused = FusedScoring.compile(
+                policy, exclusive=lambda p: uses.get(id(p), 0) == 1
+            )
+            policy.fused_filters = FusedFilters.compile(policy)
     return policies
 
 

@@ -201,8 +201,13 @@ class Spillover:
         return "; ".join(parts)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CandidateRecord:
+    """One endpoint's evidence in a decision: the filter that removed it and why, or its
+    scores, weighted total and annotations. Read-only by convention, not frozen: one is built
+    per endpoint per decision, and a frozen dataclass's ``__init__`` (each field set through
+    ``object.__setattr__``) cost about as much as everything else recorded for it."""
+
     endpoint: str
     substrate: str
     rejected_by: str | None = None
@@ -273,6 +278,15 @@ class Policy:
     #: the scorers in one pass (`inferplane.placement.fused`), set by `build_policies` when the
     #: profile's scorer set is the fused one; None: each scorer in turn (the reference path)
     fused: Callable[[CycleState, list[EndpointView]], list[Scored]] | None = None
+    #: the filters in one pass (`inferplane.placement.fused_filters`), set by `build_policies`
+    #: when the profile's filter list is the fused one: (kept, per filter its removals)
+    fused_filters: (
+        Callable[
+            [CycleState, list[EndpointView]],
+            tuple[list[EndpointView], list[list[tuple[EndpointView, str]]]],
+        ]
+        | None
+    ) = None
     rng: random.Random = field(init=False)
     proposers: list[Proposer] = field(init=False, default_factory=list)
     _pools: dict[str, list[list[int]]] = field(init=False, default_factory=dict, repr=False)
@@ -418,7 +432,21 @@ def _place(
             removed["capacity"] = removed.get("capacity", 0) + len(candidates) - len(kept)
         candidates = kept
 
-    for f in policy.filters:
+    fused_filters = policy.fused_filters
+    if fused_filters is not None and candidates:
+        t0 = timer() if timer else 0.0
+        candidates, removals = fused_filters(cycle, candidates)
+        if timer:
+            timings["filter:fused"] = timer() - t0
+        gone = cycle.removed
+        for f, rem in zip(policy.filters, removals, strict=True):
+            if rem:
+                fname = f.name
+                removed[fname] = removed.get(fname, 0) + len(rem)
+                for c, why in rem:
+                    records[c.name] = _rejected(c, fname, why)
+                    gone[c.name] = (c, fname, why)
+    for f in policy.filters if fused_filters is None else ():
         if not candidates:
             break
         t0 = timer() if timer else 0.0
@@ -450,11 +478,8 @@ def _place(
             view = sc.view
             name = view.name
             records[name] = CandidateRecord(
-                endpoint=name,
-                substrate=view.endpoint.substrate.name,
-                scores=sc.scores,
-                total=sc.total,
-                annotations=annotations[name],
+                name, view.endpoint.substrate.name, None, None, sc.scores, sc.total,
+                annotations[name],
             )
     elif candidates:
         n = len(candidates)

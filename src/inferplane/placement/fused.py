@@ -17,18 +17,48 @@ profile with any other scorer set, order or a room weight is scored by the refer
 ``Policy.fused`` is None there. The prefix matchers, session affinity and energy are still
 called as the plugins themselves (their logic lives in one place); the per-endpoint constants
 and price tables are the plugins' own caches.
+
+What makes the pass cheaper than the plugins in turn, besides walking the candidates once:
+
+* **One prefix walk.** When no other profile uses the profile's ``predicted-latency`` and
+  ``prefix-affinity`` instances and their matchers have the same parameters, both would learn
+  every pick into identical indexes; `compile` makes prefix-affinity read predicted-latency's
+  (`PrefixAffinity.share_matcher`), so a decision walks the prompt's chain once and a pick is
+  learned once.
+* **Per-state terms.** What an endpoint's state object alone determines — predicted-latency's
+  load terms (batch, KV, queue, decode step), its TTFT correction and expected-retry factors,
+  and the load scorer's value — is kept per endpoint while the snapshot keeps that state object
+  (the live fleet gives a new state only to endpoints that changed: a reservation touches one).
+* **The TTFT step inlined.** ``Roofline.step_time_s`` for the uncached prompt is computed in
+  the loop from the roofline's constants (`Roofline.step_terms`), in the same order of
+  operations.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from inferplane.config.schema import RegionSpec
-from inferplane.fleet.state import EndpointView
+from inferplane.fleet.model import Endpoint, Fleet
+from inferplane.fleet.state import EndpointState, EndpointView
+from inferplane.physics import Roofline
 from inferplane.placement.framework import CycleState, Policy, Scored
 from inferplane.placement.plugins.affinity import PrefixAffinity, SessionAffinity
-from inferplane.placement.plugins.economics import Cost, Energy, Load, Locality
-from inferplane.placement.plugins.latency import PredictedLatency
+from inferplane.placement.plugins.economics import Cost, Energy, Load, Locality, _Price
+from inferplane.placement.plugins.latency import PredictedLatency, _Consts
+
+#: (state, TTFT correction factor or None, expected-retry factor, load value clamped, busy
+#: (in flight > 0), context the load terms were computed for, batch, KV tokens, queue_s, raw
+#: ITL): `FusedScoring._state_terms`
+_StateTerms = tuple[
+    EndpointState, float | None, float, float, bool, float, int, int, float, float
+]
+#: (endpoint, predicted-latency's constants, roofline, region, fixed TTFT s, embedding, price,
+#: hourly rate per second or None, the roofline's nine step terms): `FusedScoring._row`
+_Row = tuple[
+    Endpoint, _Consts, Roofline | None, str, float, bool, _Price, float | None,
+    float, float, float, float, float, float, float, float, float,
+]
 
 #: The scorer classes (exact types, in profile order) that `FusedScoring` computes.
 FUSED_SCORERS: tuple[type, ...] = (
@@ -45,118 +75,252 @@ FUSED_SCORERS: tuple[type, ...] = (
 class FusedScoring:
     """Scores a policy's candidates in one pass (module docstring). Build with `compile`."""
 
-    __slots__ = ("A", "C", "E", "L", "Lo", "P", "S", "names", "weights")
+    __slots__ = ("A", "C", "E", "L", "Lo", "P", "S", "_fleet", "_rows", "_states", "names",
+                 "weights")
 
     def __init__(self, policy: Policy) -> None:
         plugins = [s for s, _ in policy.scorers]
         self.P, self.A, self.S, self.L, self.C, self.Lo, self.E = plugins
         self.names = tuple(s.name for s in plugins)
         self.weights = tuple(w for _, w in policy.scorers)
+        # model → per fleet position: the endpoint's constants (`_row`) and what its state
+        # object alone determines (`_state_terms`)
+        self._rows: dict[str, list[_Row | None]] = {}
+        self._states: dict[str, list[_StateTerms | None]] = {}
+        self._fleet: Fleet | None = None
 
     @classmethod
-    def compile(cls, policy: Policy) -> FusedScoring | None:
+    def compile(
+        cls, policy: Policy, exclusive: Callable[[object], bool] | None = None
+    ) -> FusedScoring | None:
         """The fused scorer for ``policy``, or None when its scorers are not exactly the fused
-        set (then the reference path scores it)."""
+        set (then the reference path scores it). ``exclusive(plugin)``: whether no other
+        profile uses that plugin instance; when both prefix-reading plugins are exclusive and
+        their indexes would be identical, prefix-affinity reads predicted-latency's
+        (`PrefixAffinity.share_matcher`: one walk of the prompt's chain and one lesson per
+        pick instead of two)."""
         if tuple(type(s) for s, _ in policy.scorers) != FUSED_SCORERS:
             return None
+        latency = policy.scorers[0][0]
         prefix = policy.scorers[1][0]
-        assert isinstance(prefix, PrefixAffinity)
+        assert isinstance(latency, PredictedLatency) and isinstance(prefix, PrefixAffinity)
         if prefix.room_weight > 0 or getattr(prefix, "rendezvous_weight", 0.0) > 0:
             return None  # the extra terms for new prefixes are scored by the plugin itself
         names = [s.name for s, _ in policy.scorers]
         if len(set(names)) != len(names):
             return None
+        if (
+            exclusive is not None
+            and exclusive(latency)
+            and exclusive(prefix)
+            and prefix.matcher is not latency.matcher
+            and latency.matcher.twin_of(prefix.matcher)
+        ):
+            prefix.share_matcher(latency.matcher)
         return cls(policy)
 
+    def _row(self, ep: Endpoint, model: str, rows: list[_Row | None]) -> _Row:
+        """The endpoint's constants for ``model``: predicted-latency's (`_Consts`), the cost
+        scorer's price (`_Price`, its hourly rate per second) and the roofline's step terms
+        (`Roofline.step_terms`), at the endpoint's fleet position in ``rows``."""
+        P, C = self.P, self.C
+        assert isinstance(P, PredictedLatency) and isinstance(C, Cost)
+        k = (P._consts.get(model) or {}).get(ep) or P._constants(ep, model)
+        pr = (C._prices.get(model) or {}).get(ep) or C._price(ep, model)
+        r = k.roofline
+        terms = r.step_terms() if r is not None else (0.0,) * 9
+        hourly_s = pr.hourly / 3600.0 if pr.hourly is not None else None
+        row: _Row = (ep, k, r, k.region, k.fixed_s, k.embedding, pr, hourly_s, *terms)
+        i = ep.index
+        if i >= len(rows):
+            rows.extend([None] * (i + 1 - len(rows)))
+        rows[i] = row
+        return row
+
+    def _state_terms(
+        self,
+        ep: Endpoint,
+        s: EndpointState,
+        k: _Consts,
+        idle_ctx: float,
+        model: str,
+        loads: dict[Endpoint, tuple[EndpointState, float, int, int, float, float]],
+        states: list[_StateTerms | None],
+    ) -> _StateTerms:
+        """What the endpoint's state alone determines: its TTFT correction and expected-retry
+        factors and the load scorer's clamped value, and predicted-latency's load terms
+        (batch, KV tokens, queue_s, raw ITL; for an idle endpoint with the request's prompt +
+        max output as the context, ``idle_ctx``); kept at the endpoint's fleet position while
+        the snapshot keeps that state object (the live fleet rebuilds only the states that
+        changed)."""
+        P, L = self.P, self.L
+        assert isinstance(P, PredictedLatency) and isinstance(L, Load)
+        r = k.roofline
+        if r is None:
+            batch, kv, queue_s, raw_i = 0, 0, 0.0, 0.0
+        else:
+            batch, kv, queue_s, raw_i = P._load_terms(ep, s, k, r, idle_ctx, loads)
+        f = s.ttft_ratio_p50
+        kmin, kmax = P._kmin, P._kmax
+        tf = None if f is None else (kmin if f < kmin else (kmax if f > kmax else f))
+        e = s.error_rate
+        retry = 1.0
+        if e > 0.0 and P._err_w > 0.0:
+            err_max = P._err_max
+            retry = 1.0 + P._err_w * e / (1.0 - (e if e < err_max else err_max))
+        # load (`Load.score`), clamped as the framework clamps
+        x = (s.inflight + s.queue_depth) / ep.spec.max_concurrency
+        lconc = x if x < 1.0 else 1.0
+        blocks, block_size = s.num_gpu_blocks, s.block_size
+        cap = float(blocks * block_size) if blocks and block_size else L._capacity(ep, model)
+        x = s.inflight_tokens / cap
+        tok = x if x < 1.0 else 1.0
+        kv_usage = s.kv_usage
+        kvu = kv_usage if not s.stale and kv_usage is not None else 0.0
+        v = 1.0 - (L.wq * lconc + L.wt * tok + L.wk * kvu) / L.norm
+        if not v > 0.0:
+            v = 0.0
+        elif v > 1.0:
+            v = 1.0
+        got: _StateTerms = (s, tf, retry, v, s.inflight > 0, idle_ctx, batch, kv, queue_s, raw_i)
+        i = ep.index
+        if i >= len(states):
+            states.extend([None] * (i + 1 - len(states)))
+        states[i] = got
+        return got
+
     def __call__(self, cycle: CycleState, candidates: list[EndpointView]) -> list[Scored]:
-        P, A, L, C, Lo = self.P, self.A, self.L, self.C, self.Lo
+        P, A, Lo = self.P, self.A, self.Lo
         assert isinstance(P, PredictedLatency) and isinstance(A, PrefixAffinity)
-        assert isinstance(L, Load) and isinstance(C, Cost) and isinstance(Lo, Locality)
+        assert isinstance(Lo, Locality) and isinstance(self.C, Cost)
         prof = cycle.profile
         fleet = cycle.snapshot.fleet
+        if fleet is not self._fleet:  # a reloaded fleet: its endpoints are new objects
+            self._fleet = fleet
+            self._rows, self._states = {}, {}
         rtt_s = fleet.rtt_s
         model = prof.model
         prompt = prof.prompt_tokens
         fprompt = float(prompt)
         max_out = prof.max_output_tokens
         client, data = prof.client_region, prof.data_region
+        rows = self._rows.get(model)
+        if rows is None:
+            rows = self._rows[model] = []
+        states = self._states.get(model)
+        if states is None:
+            states = self._states[model] = []
+        nrows = len(rows)
+        nstates = len(states)
 
         # -- predicted-latency's inputs (latency.py, `PredictedLatency.score`)
         idle_ctx = float(prompt + max_out)
         ttft_slo, itl_slo = prof.ttft_slo_s, prof.itl_slo_s
         kmin, kmax = P._kmin, P._kmax
-        by_ep = P._consts.get(model) or {}
         loads = P._load.get(model)
         if loads is None:
             loads = P._load[model] = {}
         ewma = P._ewma
         unknown_ttft, unknown_itl, ref_ttft = P._unknown_ttft, P._unknown_itl, P._ref_ttft
-        err_w, err_max = P._err_w, P._err_max
         matched = P.matcher.matches(cycle, candidates)
         nblocks = len(prof.block_hashes)
-        # -- prefix-affinity (`PrefixAffinity.score`, room weight 0)
-        a_matched: Sequence[float] | None = (
-            A.matcher.matches(cycle, candidates) if nblocks else None
-        )
+        # -- prefix-affinity (`PrefixAffinity.score`, room weight 0): the same walk when it
+        # reads predicted-latency's matcher
+        a_matched: Sequence[float] | None = None
+        if nblocks:
+            a_matched = matched if A.matcher is P.matcher else A.matcher.matches(cycle, candidates)
         # -- session-affinity: the plugin itself
         s_vals = self.S.score(cycle, candidates)
-        # -- load (`Load.score`)
-        wq, wt, wk, lnorm = L.wq, L.wt, L.wk, L.norm
+        if len(s_vals) != len(candidates):
+            raise ValueError("a scorer returned a value count other than the candidates'")
         # -- cost (`Cost.score`)
-        cp = C.p
+        cp = self.C.p
         out_tok = cp.output_fraction * max_out
         burst_factor = cp.burst_factor
-        prices = C._prices.get(model) or {}
         # -- locality (`Locality.score`)
         lp = Lo.p
         regions = fleet.regions
         in_gb = prompt * lp.bytes_per_token / 1e9
         out_gb = lp.output_fraction * max_out * lp.bytes_per_token / 1e9
         per_region: dict[str, tuple[float, float]] = {}
+        last_region: str | None = None
+        region_rtt = egress_usd = 0.0
 
+        nP, nA, nS, nL, nC, nLo, nE = self.names
+        wP, wA, wS, wL, wC, wLo, wE = self.weights
         annotations = cycle.annotations
-        raw: dict[str, tuple[float, float]] = {}
-        p_vals: list[float] = []
-        l_vals: list[float] = []
         ranked: list[float] = []
         cand_regions: list[str] = []
-        egress: list[float] = []
+        out: list[Scored] = []
         for i, c in enumerate(candidates):
             ep, s = c.endpoint, c.state
             name = c.name
+            idx = ep.index
+            row = rows[idx] if idx < nrows else None
+            if row is None or row[0] is not ep:
+                row = self._row(ep, model, rows)
+                nrows = len(rows)
+            (_, k, r, region, fixed_s, embedding, pr, hourly_s,
+             lin, attn, inv_flops, wbytes, kvb, inv_bw, comm, fixed, seq) = row
+            st = states[idx] if idx < nstates else None
+            if st is None or st[0] is not s:
+                st = self._state_terms(ep, s, k, idle_ctx, model, loads, states)
+                nstates = len(states)
+            elif not st[4] and st[5] != idle_ctx:  # idle: the context is the request's
+                if r is None:
+                    lt: tuple[int, int, float, float] = (0, 0, 0.0, 0.0)
+                else:
+                    lt = P._load_terms(ep, s, k, r, idle_ctx, loads)
+                st = states[idx] = (*st[:5], idle_ctx, *lt)
+            _, tf, retry, v4, _, _, batch, kv, queue_s, raw_i = st
             # predicted-latency
-            k = by_ep.get(ep) or P._constants(ep, model)
             m = matched[i]
-            cached = min(prompt, int(prompt * m / nblocks)) if nblocks else 0
-            uncached = max(1, prompt - cached) if prompt > 0 else 0
-            region = k.region
-            got = per_region.get(region)
-            if got is None:
-                rtt = rtt_s(client, region)
-                e = 0.0
-                if client is not None and client != region:
-                    e += in_gb * _rate(regions, client) + out_gb * _rate(regions, region)
-                if data is not None and data != region:
-                    e += in_gb * _rate(regions, data)
-                got = per_region[region] = (rtt, e)
-            region_rtt, egress_usd = got
-            r = k.roofline
-            queue_s = 0.0
+            if nblocks:
+                cached = int(prompt * m / nblocks)
+                if cached > prompt:
+                    cached = prompt
+            else:
+                cached = 0
+            if prompt > 0:
+                uncached = prompt - cached
+                if uncached < 1:
+                    uncached = 1
+            else:
+                uncached = 0
+            if region is not last_region:
+                got = per_region.get(region)
+                if got is None:
+                    rtt = rtt_s(client, region)
+                    e = 0.0
+                    if client is not None and client != region:
+                        e += in_gb * _rate(regions, client) + out_gb * _rate(regions, region)
+                    if data is not None and data != region:
+                        e += in_gb * _rate(regions, data)
+                    got = per_region[region] = (rtt, e)
+                region_rtt, egress_usd = got
+                last_region = region
             if r is None:
+                queue_s = 0.0
                 ttft = (s.ttft_p50_s or unknown_ttft) + region_rtt
                 itl = s.itl_p50_s or unknown_itl
                 raw_t, raw_i = ttft, itl
             else:
-                hit = loads.get(ep)
-                if hit is not None and hit[0] is s and (s.inflight > 0 or hit[1] == idle_ctx):
-                    batch, kv, queue_s, raw_i = hit[2], hit[3], hit[4], hit[5]
+                # r.step_time_s(uncached, cached, batch, kv), inlined (same operations)
+                tokens = uncached + batch
+                if tokens <= 0:
+                    step = 0.0
                 else:
-                    batch, kv, queue_s, raw_i = P._load_terms(ep, s, k, r, idle_ctx, loads)
-                raw_t = queue_s + r.step_time_s(uncached, cached, batch, kv) + k.fixed_s
+                    pairs = uncached * (cached + 0.5 * uncached)
+                    pairs += kv
+                    compute = (lin * tokens + attn * pairs) * inv_flops
+                    memory = (wbytes + (cached + kv + tokens) * kvb) * inv_bw
+                    step = (compute if compute > memory else memory) + tokens * comm + fixed
+                    if seq:
+                        step += seq * (batch + (uncached > 0))
+                raw_t = queue_s + step + fixed_s
                 ttft, itl = raw_t, raw_i
-                f = s.ttft_ratio_p50
-                if f is not None:
-                    ttft *= kmin if f < kmin else (kmax if f > kmax else f)
+                if tf is not None:
+                    ttft *= tf
                 prev = ewma.get(name)
                 if prev is not None:
                     obs = s.itl_p50_s
@@ -164,16 +328,10 @@ class FusedScoring:
                         f = obs / prev[1]
                         itl *= kmin if f < kmin else (kmax if f > kmax else f)
                 ttft += region_rtt
-            raw[name] = (raw_t, raw_i)
-            e_rate = s.error_rate
-            retry = 1.0
-            expected_ttft = ttft
-            if e_rate > 0.0 and err_w > 0.0:
-                retry = 1.0 + err_w * e_rate / (1.0 - (e_rate if e_rate < err_max else err_max))
-                expected_ttft = ttft * retry
-            check_itl = itl_slo is not None and not k.embedding
+            expected_ttft = ttft * retry if retry > 1.0 else ttft
+            check_itl = itl_slo is not None and not embedding
             if ttft_slo is None and not check_itl:
-                meets = True
+                meets = 1.0
                 x = expected_ttft / ref_ttft
             else:
                 x = 0.0 if ttft_slo is None else expected_ttft / ttft_slo
@@ -181,126 +339,132 @@ class FusedScoring:
                     y = itl / itl_slo  # type: ignore[operator]
                     if y > x:
                         x = y
-                meets = x <= 1.0
-            ann = {
-                "ttft_s": ttft,
-                "ttft_raw_s": raw_t,
-                "itl_s": itl,
-                "itl_raw_s": raw_i,
-                "queue_s": queue_s,
-                "uncached_tokens": float(uncached),
-                "meets_slo": 1.0 if meets else 0.0,
-            }
-            if retry > 1.0:
-                ann["retry_factor"] = retry
-                p_vals.append(1.0 / ((1.0 + x) * retry))
-            else:
-                p_vals.append(1.0 / (1.0 + x))
-            if a_matched is not None:
-                ann["prefix_match"] = float(a_matched[i])
-            # load
-            x = (s.inflight + s.queue_depth) / ep.spec.max_concurrency
-            lconc = x if x < 1.0 else 1.0
-            blocks, block_size = s.num_gpu_blocks, s.block_size
-            cap = float(blocks * block_size) if blocks and block_size else L._capacity(ep, model)
-            x = s.inflight_tokens / cap
-            tok = x if x < 1.0 else 1.0
-            kv_usage = s.kv_usage
-            kvu = kv_usage if not s.stale and kv_usage is not None else 0.0
-            l_vals.append(1.0 - (wq * lconc + wt * tok + wk * kvu) / lnorm)
+                meets = 1.0 if x <= 1.0 else 0.0
+            v1 = 1.0 / ((1.0 + x) * retry) if retry > 1.0 else 1.0 / (1.0 + x)
             # cost
-            pr = prices.get(ep) or C._price(ep, model)
             u = float(uncached)
-            u = u if u < fprompt else fprompt
-            if pr.hourly is None:
-                usd = u * pr.input + (prompt - u) * pr.cached + out_tok * pr.output
-            else:
-                duration = raw_t + region_rtt + out_tok * raw_i  # pr.region is k.region
-                usd = pr.hourly / 3600.0 * duration / pr.concurrency
-            ann["cost_usd"] = usd
+            if hourly_s is None:
+                cu = u if u < fprompt else fprompt
+                usd = cu * pr.input + (prompt - cu) * pr.cached + out_tok * pr.output
+            else:  # pr.hourly / 3600.0 * duration / pr.concurrency
+                usd = hourly_s * (raw_t + region_rtt + out_tok * raw_i) / pr.concurrency
             ranked.append(usd * burst_factor if pr.burst else usd)
-            # locality
-            ann["rtt_s"] = region_rtt
-            ann["egress_usd"] = egress_usd
             cand_regions.append(region)
-            egress.append(egress_usd)
-            annotations[name] = ann
-        cycle.data[P._key] = raw
+            # the annotations, keys in the reference path's order
+            if a_matched is not None and retry <= 1.0:
+                m = a_matched[i]
+                annotations[name] = {
+                    "ttft_s": ttft,
+                    "ttft_raw_s": raw_t,
+                    "itl_s": itl,
+                    "itl_raw_s": raw_i,
+                    "queue_s": queue_s,
+                    "uncached_tokens": u,
+                    "meets_slo": meets,
+                    "prefix_match": float(m),
+                    "cost_usd": usd,
+                    "rtt_s": region_rtt,
+                    "egress_usd": egress_usd,
+                }
+                v2 = m / nblocks
+                if not v2 > 0.0:
+                    v2 = 0.0
+                elif v2 > 1.0:
+                    v2 = 1.0
+            else:
+                ann = {
+                    "ttft_s": ttft,
+                    "ttft_raw_s": raw_t,
+                    "itl_s": itl,
+                    "itl_raw_s": raw_i,
+                    "queue_s": queue_s,
+                    "uncached_tokens": u,
+                    "meets_slo": meets,
+                }
+                if retry > 1.0:
+                    ann["retry_factor"] = retry
+                if a_matched is None:
+                    v2 = 0.0
+                else:
+                    m = a_matched[i]
+                    ann["prefix_match"] = float(m)
+                    v2 = m / nblocks
+                    if not v2 > 0.0:
+                        v2 = 0.0
+                    elif v2 > 1.0:
+                        v2 = 1.0
+                ann["cost_usd"] = usd
+                ann["rtt_s"] = region_rtt
+                ann["egress_usd"] = egress_usd
+                annotations[name] = ann
+            # clamp, weigh, sum the first four scorers (in scorer order, as the reference
+            # path); cost, locality and energy need every candidate first
+            if not v1 > 0.0:
+                v1 = 0.0
+            elif v1 > 1.0:
+                v1 = 1.0
+            v3 = s_vals[i]
+            if not v3 > 0.0:
+                v3 = 0.0
+            elif v3 > 1.0:
+                v3 = 1.0
+            total = 0.0 + wP * v1
+            total += wA * v2
+            total += wS * v3
+            total += wL * v4
+            out.append(Scored(c, total, {nP: v1, nA: v2, nS: v3, nL: v4, nC: 0.0, nLo: 0.0,
+                                         nE: 0.0}))
+        cycle.data[P._key] = True  # predicted-latency scored this cycle (`on_picked`)
 
         # -- normalisations over the candidates
         lo, hi = min(ranked), max(ranked)  # `_minmax_low_is_best`
         span = hi - lo
-        c_vals = [1.0] * len(ranked) if span <= 1e-18 else [(hi - x) / span for x in ranked]
-        emax = max(egress)
+        flat = span <= 1e-18
+        emax = max([e for _, e in per_region.values()])  # the most any candidate's egress
         lnorm_w = Lo.norm
         r_scores: dict[str, float] = {}
         for region, (rtt, e) in per_region.items():
             r_term = 1.0 - min(1.0, rtt / lp.rtt_reference_s)
             e_term = 1.0 - e / emax if emax > 0 else 1.0
             d_term = 1.0 if data is None or data == region else 0.0
-            r_scores[region] = (
+            v = (
                 lp.rtt_weight * r_term + lp.egress_weight * e_term + lp.data_weight * d_term
             ) / lnorm_w
+            r_scores[region] = 0.0 if not v > 0.0 else (1.0 if v > 1.0 else v)
         e_vals = self.E.score(cycle, candidates) if prof.energy_aware else None
-        if len(s_vals) != len(candidates) or (e_vals is not None and len(e_vals) != len(s_vals)):
+        if e_vals is not None and len(e_vals) != len(candidates):
             raise ValueError("a scorer returned a value count other than the candidates'")
 
-        # -- clamp, weigh, sum (in scorer order, as the reference path), score dicts
-        nP, nA, nS, nL, nC, nLo, nE = self.names
-        wP, wA, wS, wL, wC, wLo, wE = self.weights
-        out: list[Scored] = []
-        append = out.append
-        for i, c in enumerate(candidates):
-            v1 = p_vals[i]
-            if not v1 > 0.0:
-                v1 = 0.0
-            elif v1 > 1.0:
-                v1 = 1.0
-            if a_matched is None:
-                v2 = 0.0
-            else:
-                v2 = a_matched[i] / nblocks
-                if not v2 > 0.0:
-                    v2 = 0.0
-                elif v2 > 1.0:
-                    v2 = 1.0
-            v3 = s_vals[i]
-            if not v3 > 0.0:
-                v3 = 0.0
-            elif v3 > 1.0:
-                v3 = 1.0
-            v4 = l_vals[i]
-            if not v4 > 0.0:
-                v4 = 0.0
-            elif v4 > 1.0:
-                v4 = 1.0
-            v5 = c_vals[i]
-            if not v5 > 0.0:
-                v5 = 0.0
-            elif v5 > 1.0:
+        # -- the last three scorers: clamp, weigh, add to the totals, fill the score dicts
+        i = 0
+        for sc, x, region in zip(out, ranked, cand_regions, strict=True):
+            if flat:
                 v5 = 1.0
-            v6 = r_scores[cand_regions[i]]
-            if not v6 > 0.0:
-                v6 = 0.0
-            elif v6 > 1.0:
-                v6 = 1.0
+            else:
+                v5 = (hi - x) / span
+                if not v5 > 0.0:
+                    v5 = 0.0
+                elif v5 > 1.0:
+                    v5 = 1.0
+            v6 = r_scores[region]
             if e_vals is None:
                 v7 = 1.0
             else:
                 v7 = e_vals[i]
+                i += 1
                 if not v7 > 0.0:
                     v7 = 0.0
                 elif v7 > 1.0:
                     v7 = 1.0
-            total = 0.0
-            total += wP * v1
-            total += wA * v2
-            total += wS * v3
-            total += wL * v4
+            total = sc.total
             total += wC * v5
             total += wLo * v6
             total += wE * v7
-            append(Scored(c, total, {nP: v1, nA: v2, nS: v3, nL: v4, nC: v5, nLo: v6, nE: v7}))
+            sc.total = total
+            d = sc.scores
+            d[nC] = v5
+            d[nLo] = v6
+            d[nE] = v7
         return out
 
 

@@ -81,6 +81,20 @@ class PrefixMatcher:
         # endpoint -> (when, engine block hashes) of recent picks, newest last
         self.recent: dict[str, deque[tuple[float, tuple[BlockHash, ...]]]] = {}
 
+    def twin_of(self, other: PrefixMatcher) -> bool:
+        """Whether ``other`` would hold exactly this matcher's index if both learned the same
+        picks: the same parameters, and neither has learned anything yet (then one of them can
+        serve both: `PrefixAffinity.share_matcher`)."""
+        return (
+            self.mode == other.mode
+            and self.block_tokens == other.block_tokens
+            and self.pending_s == other.pending_s
+            and self.index.capacity_blocks == other.index.capacity_blocks
+            and self.index.endpoint_count() == 0 == other.index.endpoint_count()
+            and not self.recent
+            and not other.recent
+        )
+
     def _pending(self, endpoint: str, engine: tuple[BlockHash, ...], now: float) -> int:
         """Leading ``engine`` blocks that a request sent to ``endpoint`` in the last
         ``pending_s`` seconds shares: blocks being computed there that no KV event has announced
@@ -302,6 +316,17 @@ class PrefixAffinity(Plugin):
         self.halflife = params.room_halflife_s
         self.rendezvous_weight = params.rendezvous_weight
         self.written: dict[str, tuple[float, float]] = {}  # endpoint → (decayed blocks, when)
+        self.learns = True  # False: the matcher is another plugin's, which teaches it
+
+    def share_matcher(self, matcher: PrefixMatcher) -> None:
+        """Read ``matcher`` (another plugin's, with the same parameters, which teaches it every
+        pick) instead of an index of our own: the two indexes would be identical, so one walk
+        of the prompt's chain and one lesson per pick serve both. The fused scoring pass sets
+        this up for `PredictedLatency`'s matcher when no other profile uses either plugin."""
+        if not matcher.twin_of(self.matcher):
+            raise ValueError("a shared prefix matcher must have the same parameters, unused")
+        self.matcher = matcher
+        self.learns = False
 
     def score(self, cycle: CycleState, candidates: list[EndpointView]) -> Sequence[float]:
         total = len(cycle.profile.block_hashes)
@@ -346,7 +371,8 @@ class PrefixAffinity(Plugin):
         return [1.0 - v / most for v in vals]
 
     def on_picked(self, cycle: CycleState, picked: EndpointView) -> None:
-        self.matcher.learn(cycle, picked)
+        if self.learns:
+            self.matcher.learn(cycle, picked)
         if self.room_weight > 0:
             total = len(cycle.profile.block_hashes)
             ann = cycle.annotations.get(picked.name)

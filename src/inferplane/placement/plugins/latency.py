@@ -243,7 +243,6 @@ class PredictedLatency(Plugin):
         matched = self.matcher.matches(cycle, candidates)
         nblocks = len(prof.block_hashes)
         rtts: dict[str, float] = {}
-        raw: dict[str, tuple[float, float]] = {}
         out: list[float] = []
         append = out.append
         for c, m in zip(candidates, matched, strict=True):
@@ -281,7 +280,6 @@ class PredictedLatency(Plugin):
                         f = obs / prev[1]
                         itl *= kmin if f < kmin else (kmax if f > kmax else f)
                 ttft += region_rtt
-            raw[name] = (raw_t, raw_i)
             # Expected attempts 1 ÷ (1 - e) (see the docstring): scored and checked against the
             # SLO, while ttft_s stays one attempt's prediction (the first-byte timeout's base).
             e = s.error_rate
@@ -314,7 +312,7 @@ class PredictedLatency(Plugin):
                 append(1.0 / ((1.0 + x) * retry))  # headroom per expected attempt
             else:
                 append(1.0 / (1.0 + x))
-        cycle.data[self._key] = raw
+        cycle.data[self._key] = True  # scored this cycle: `on_picked` reads the annotations
         return out
 
     def learn_shared(self, cycle: CycleState, picked: EndpointView) -> None:
@@ -324,10 +322,12 @@ class PredictedLatency(Plugin):
 
     def on_picked(self, cycle: CycleState, picked: EndpointView) -> None:
         self.matcher.learn(cycle, picked)
-        raw = cycle.data.get(self._key)
-        if not raw or picked.name not in raw:
+        if not cycle.data.get(self._key):
+            return  # not scored by this plugin
+        ann = cycle.annotations.get(picked.name)
+        if ann is None or "ttft_raw_s" not in ann:
             return
-        t, i = raw[picked.name]
+        t, i = ann["ttft_raw_s"], ann["itl_raw_s"]  # the uncorrected prediction
         prev = self._ewma.get(picked.name)
         a = self.p.ewma_alpha
         self._ewma[picked.name] = (

@@ -114,9 +114,15 @@ class SloFirst(Plugin):
                     f"{len(preferred)} of them meet the SLO"
                 )
             elif p.prefer_reserved:
-                reserved = [sa for sa in meets if _reserved(sa[0].view)]
+                reserved = [
+                    sa for sa in meets
+                    if sa[0].view.endpoint.substrate.capacity_class == "reserved"  # `_reserved`
+                ]
                 pool = reserved or meets
-            costs = [self._cost(a) for _, a in pool]
+            if p.include_egress:  # `_cost`, inlined: one per candidate
+                costs = [a.get("cost_usd", 0.0) + a.get("egress_usd", 0.0) for _, a in pool]
+            else:
+                costs = [a.get("cost_usd", 0.0) for _, a in pool]
             limit = min(costs) * (1.0 + p.cost_tolerance) + p.cost_epsilon_usd
             tied = [s for (s, _), c in zip(pool, costs, strict=True) if c <= limit]
         elif p.when_none_meets == "score":
