@@ -203,6 +203,35 @@ def test_the_picker_reloads_its_destinations() -> None:
     asyncio.run(main())
 
 
+def test_the_picker_answers_with_a_moved_endpoints_new_address() -> None:
+    """The part of a pick's answer the picker keeps per endpoint (destination header and
+    ``envoy.lb`` metadata) follows a reload that moves the endpoint."""
+    from inferplane.epp import protocol as P
+    from inferplane.epp.server import Picker
+
+    def destination(p: Picker) -> tuple[str, str]:
+        t = p.route_template(p.fleet.by_name["eu-0"], "llama-3.1-8b", "/v1/chat/completions")
+        sets = {h.header.key: h.header.raw_value.decode()
+                for h in t.request_body.response.header_mutation.set_headers}
+        lb = t.dynamic_metadata.fields[P.DESTINATION_NAMESPACE].struct_value
+        return sets[P.DESTINATION_KEY], lb.fields[P.DESTINATION_KEY].string_value
+
+    async def main() -> None:
+        p = Picker(parse_config(SMALL_FLEET_YAML, "f.yaml"), "f.yaml",
+                   metrics_source=StaticMetricsSource())
+        await p.start()
+        try:
+            assert destination(p) == ("127.0.0.1:9001", "127.0.0.1:9001")
+            moved = SMALL_FLEET_YAML.replace("url: http://127.0.0.1:9001",
+                                             "url: http://127.0.0.1:9011")
+            await p.reload(parse_config(moved, "f.yaml"), "f.yaml")
+            assert destination(p) == ("127.0.0.1:9011", "127.0.0.1:9011")
+        finally:
+            await p.stop()
+
+    asyncio.run(main())
+
+
 def test_the_picker_refuses_an_endpoint_envoy_has_no_cluster_for() -> None:
     from inferplane.epp.server import Picker
 

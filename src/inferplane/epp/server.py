@@ -75,6 +75,13 @@ log = logging.getLogger("inferplane.epp")
 API_BY_PATH: dict[str, ApiKind] = {path: api for api, path in API_PATHS.items()}
 OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 MAX_OBSERVED_BODY = 4 * 1024 * 1024  # a non-streamed answer is kept this far to read its usage
+# "continue" answers, shared (grpcio serializes an answer and never changes it)
+CONTINUE_REQUEST_HEADERS = pb.ProcessingResponse(request_headers=pb.HeadersResponse())
+CONTINUE_REQUEST_BODY = pb.ProcessingResponse(request_body=pb.BodyResponse())
+CONTINUE_RESPONSE_HEADERS = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
+CONTINUE_RESPONSE_BODY = pb.ProcessingResponse(response_body=pb.BodyResponse())
+CONTINUE_REQUEST_TRAILERS = pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
+CONTINUE_RESPONSE_TRAILERS = pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
 ORPHAN_GRACE_S = 1.0
 """Without the observer filter: how long a pick whose picker stream ended without the response
 headers waits before it is accounted (with the observer: `OBSERVER_CLOSE_S`)."""
@@ -126,6 +133,7 @@ class Picker(Core):
         self.unrelayable = frozenset(
             e.name for e in self.fleet.endpoints if e.dialect != "openai"
         )
+        self._routes: dict[tuple[str, str, str], Any] = {}  # `route_template`
         self._session: aiohttp.ClientSession | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -157,8 +165,55 @@ class Picker(Core):
         def apply() -> None:
             self.addresses, self.credentials = addresses, credentials
             self.unrelayable = unrelayable
+            self._routes = {}
 
         return apply
+
+    def route_template(self, endpoint: Endpoint, model: str, path: str) -> Any:
+        """The part of a pick's answer that depends only on the endpoint, the model and the API
+        path (destination, cluster, the echoed names, the base path, the Host, credentials,
+        the ``envoy.lb`` metadata), built once and copied into each answer (`Exchange._route`
+        adds the decision id, spillover, admission and trace headers and the body)."""
+        key = (endpoint.name, model, path)
+        template = self._routes.get(key)
+        if template is not None:
+            return template
+        addr = self.addresses[endpoint.name]
+        authority, _, upstream_path = endpoint.api_url(path).split("://", 1)[1].partition("/")
+        upstream_path = "/" + upstream_path
+        dest = addr or authority
+        cluster = P.ORIGINAL_DST_CLUSTER if addr else P.endpoint_cluster(endpoint.name)
+        sets = [
+            _set(P.DESTINATION_KEY, dest),
+            _set(P.CLUSTER_HEADER, cluster),
+            # Envoy echoes these to the client's response (route response_headers_to_add), so
+            # the picker need not hold the response to add them
+            _set(P.ENDPOINT_HEADER, endpoint.name),
+            _set(P.SUBSTRATE_HEADER, endpoint.substrate.name),
+            _set(P.MODEL_HEADER, endpoint.upstream_model(model)),
+        ]
+        if upstream_path != path:  # the endpoint's base path
+            sets.append(_set(":path", upstream_path))
+        if addr is None:  # reached by name: the Host it expects
+            sets.append(_set(":authority", authority))
+        removes = []
+        creds = auth_headers(endpoint.dialect, self.credentials.get(endpoint.name))
+        sets += [_set(k.lower(), v) for k, v in creds.items()]
+        if "Authorization" not in creds:
+            removes.append("authorization")  # the client's key never reaches an engine
+        common = pb.CommonResponse(clear_route_cache=True)
+        common.header_mutation.set_headers.extend(sets)
+        common.header_mutation.remove_headers.extend(removes)
+        md = struct_pb2.Struct()
+        lb = md.fields[P.DESTINATION_NAMESPACE].struct_value
+        lb.fields[P.DESTINATION_KEY].string_value = dest
+        template = pb.ProcessingResponse(
+            request_body=pb.BodyResponse(response=common), dynamic_metadata=md
+        )
+        if len(self._routes) > 65536:  # models named by clients that no endpoint renames
+            self._routes.clear()
+        self._routes[key] = template
+        return template
 
     def background(self, work: Coroutine[Any, Any, None]) -> None:
         """Run ``work`` until the picker stops."""
@@ -263,10 +318,10 @@ class Picker(Core):
 
 
 def _headers(h: Any) -> CIMultiDict[str]:
-    out: CIMultiDict[str] = CIMultiDict()
-    for hv in h.headers.headers:
-        out.add(hv.key, hv.raw_value.decode("utf-8", "replace") if hv.raw_value else hv.value)
-    return out
+    return CIMultiDict([
+        (hv.key, hv.raw_value.decode("utf-8", "replace") if hv.raw_value else hv.value)
+        for hv in h.headers.headers
+    ])
 
 
 def _set(key: str, value: str) -> Any:
@@ -362,11 +417,11 @@ class Exchange:
         if kind == "response_headers":
             return self.response_headers(req)
         if kind == "response_body":
-            return pb.ProcessingResponse(response_body=pb.BodyResponse())
+            return CONTINUE_RESPONSE_BODY
         if kind == "request_trailers":
-            return pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
+            return CONTINUE_REQUEST_TRAILERS
         if kind == "response_trailers":
-            return pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
+            return CONTINUE_RESPONSE_TRAILERS
         return None
 
     # -- the picker filter ------------------------------------------------------------------
@@ -381,7 +436,7 @@ class Exchange:
             self.subset = [e.strip() for x in entries for e in x.split(",") if e.strip()]
         if req.request_headers.end_of_stream:  # no body: not an inference request
             return self._bodiless()
-        return pb.ProcessingResponse(request_headers=pb.HeadersResponse())
+        return CONTINUE_REQUEST_HEADERS
 
     def _bodiless(self) -> Any:
         assert self.headers is not None
@@ -414,7 +469,7 @@ class Exchange:
             too_large = PayloadTooLargeError(f"request body exceeds the limit of {limit} bytes")
             return immediate(too_large)
         if not req.request_body.end_of_stream:
-            return pb.ProcessingResponse(request_body=pb.BodyResponse())
+            return CONTINUE_REQUEST_BODY
         try:
             return await self.pick()
         except GatewayError as exc:
@@ -525,49 +580,26 @@ class Exchange:
 
     def _route(self, f: Flight, fwd: bytes | None, path: str) -> Any:
         p = self.picker
-        endpoint = f.placement.endpoint
-        addr = p.addresses[endpoint.name]
-        authority, _, upstream_path = endpoint.api_url(path).split("://", 1)[1].partition("/")
-        upstream_path = "/" + upstream_path
-        dest = addr or authority
-        cluster = P.ORIGINAL_DST_CLUSTER if addr else P.endpoint_cluster(endpoint.name)
-        sets = [
-            _set(P.DESTINATION_KEY, dest),
-            _set(P.CLUSTER_HEADER, cluster),
-            _set(P.DECISION_HEADER, f.placement.decision.decision_id),
-            # Envoy echoes these to the client's response (route response_headers_to_add), so
-            # the picker need not hold the response to add them
-            _set(P.ENDPOINT_HEADER, endpoint.name),
-            _set(P.SUBSTRATE_HEADER, endpoint.substrate.name),
-            _set(P.MODEL_HEADER, endpoint.upstream_model(f.placement.decision.profile.model)),
-        ]
-        spillover = f.placement.decision.spillover
-        if spillover is not None:  # never silent, as on the gateway: the client is told
-            sets.append(_set(P.SPILLOVER_HEADER, spillover.header_value()))
-        sets += [_set(k.lower(), v) for k, v in f.ticket.headers.items()]
-        # the trace continues upstream: Envoy forwards the picker's traceparent
-        sets += [_set(k, v) for k, v in f.placement.trace.upstream_headers().items()]
-        if upstream_path != path:  # the endpoint's base path
-            sets.append(_set(":path", upstream_path))
-        if addr is None:  # reached by name: the Host it expects
-            sets.append(_set(":authority", authority))
-        removes = []
-        creds = auth_headers(endpoint.dialect, p.credentials.get(endpoint.name))
-        sets += [_set(k.lower(), v) for k, v in creds.items()]
-        if "Authorization" not in creds:
-            removes.append("authorization")  # the client's key never reaches an engine
-        common = pb.CommonResponse(clear_route_cache=True)
+        d = f.placement.decision
+        resp = pb.ProcessingResponse()
+        resp.CopyFrom(p.route_template(f.placement.endpoint, d.profile.model, path))
+        common = resp.request_body.response
+        add = common.header_mutation.set_headers.add
+        add(header=base_pb2.HeaderValue(key=P.DECISION_HEADER, raw_value=d.decision_id.encode()),
+            append_action=OVERWRITE)
+        if d.spillover is not None:  # never silent, as on the gateway: the client is told
+            add(header=base_pb2.HeaderValue(
+                key=P.SPILLOVER_HEADER, raw_value=d.spillover.header_value().encode()),
+                append_action=OVERWRITE)
+        # admission's headers, and the trace context (Envoy forwards the picker's traceparent)
+        for k, v in (*f.ticket.headers.items(), *f.placement.trace.upstream_headers().items()):
+            add(header=base_pb2.HeaderValue(key=k.lower(), raw_value=v.encode()),
+                append_action=OVERWRITE)
         if fwd is not None:
-            sets.append(_set("content-length", str(len(fwd))))
+            add(header=base_pb2.HeaderValue(key="content-length", raw_value=str(len(fwd)).encode()),
+                append_action=OVERWRITE)
             common.body_mutation.body = fwd
-        common.header_mutation.set_headers.extend(sets)
-        common.header_mutation.remove_headers.extend(removes)
-        md = struct_pb2.Struct()
-        lb = md.fields[P.DESTINATION_NAMESPACE].struct_value
-        lb.fields[P.DESTINATION_KEY].string_value = dest
-        return pb.ProcessingResponse(
-            request_body=pb.BodyResponse(response=common), dynamic_metadata=md
-        )
+        return resp
 
     def response_headers(self, req: Any) -> Any:
         """Only without the observer filter: the status is all the picker learns of the
@@ -580,7 +612,7 @@ class Exchange:
             f.served = _served(req) or f.served
             f.retry_after_s = _seconds(h.get("retry-after"))
             self.picker.finish(f, status=f.status or 502)
-        return pb.ProcessingResponse(response_headers=pb.HeadersResponse())
+        return CONTINUE_RESPONSE_HEADERS
 
     # -- the observer filter ----------------------------------------------------------------
     def observe(self, kind: str | None, req: Any) -> None:
@@ -592,10 +624,10 @@ class Exchange:
                 f.observed = True
                 self.flight = f
             return
-        if kind == "response_headers" and self.flight is None:
+        h = _headers(req.response_headers) if kind == "response_headers" else None
+        if h is not None and self.flight is None:
             # the bootstrap's observer skips the request headers: Envoy copies the decision id
             # onto the response (route response_headers_to_add) before the observer sees it
-            h = _headers(req.response_headers)
             decision_id = h.get(P.DECISION_HEADER)
             self.flight = self.picker.flights.get(decision_id) if decision_id else None
             if self.flight is not None:
@@ -603,8 +635,7 @@ class Exchange:
         f = self.flight
         if f is None or f.done:
             return
-        if kind == "response_headers":
-            h = _headers(req.response_headers)
+        if h is not None:
             with contextlib.suppress(ValueError):
                 f.status = int(h.get(":status", "0")) or None
             f.sse = "text/event-stream" in h.get("content-type", "")
