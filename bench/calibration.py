@@ -1,11 +1,14 @@
 """bench/calibration.py: calibrate against a real vLLM, then check the profile's predictions and
 the emulator running it against the same engine — beside the table's ``cpu`` profile.
 
-    python bench/calibration.py [--endpoint URL] [--rounds 3] [--requests 12] [--repeats 5]
-                                [--out out/calibration]
+    python bench/calibration.py [--endpoint URL | --truth PROFILE.yaml] [--rounds 3]
+                                [--requests 12] [--repeats 5] [--out out/calibration]
 
 Without ``--endpoint`` it starts the fidelity tier's real vLLM (``.fidelity-venv``, the tiny
-Llama, the engine settings of ``tests/fidelity/conftest.py``) and stops it at the end.
+Llama, the engine settings of ``tests/fidelity/conftest.py``) and stops it at the end. With
+``--truth PROFILE.yaml`` the "real" engine is ``inferplane emulate`` running that profile (in slow
+motion, ``--truth-time-scale``): a self-check of the probe and the fit against an engine whose
+factors are known (``bench/calibration_truth.yaml``).
 
 1. ``inferplane calibrate``'s probe and fit (``physics.probe.calibrate_endpoint``), base ``cpu``;
 2. TTFT on prompt lengths the probe never sent (:data:`HELD_OUT`, median of 7 cold requests)
@@ -127,13 +130,15 @@ def emulator_fleet(hardware: str, port: int, profile: Path | None) -> str:
 
 
 @contextlib.contextmanager
-def emulator(hardware: str, profile: Path | None, work: Path) -> Iterator[str]:
+def emulator(
+    hardware: str, profile: Path | None, work: Path, time_scale: float = 1.0
+) -> Iterator[str]:
     """``inferplane emulate`` for one endpoint on ``hardware``, in its own process."""
     port = free_port()
     fleet = work / f"fleet-{hardware}.yaml"
     fleet.write_text(emulator_fleet(hardware, port, profile))
-    proc = Proc(["-m", "inferplane.cli", "emulate", "--config", str(fleet)],
-                work / f"emulator-{hardware}.log")
+    proc = Proc(["-m", "inferplane.cli", "emulate", "--config", str(fleet),
+                 "--time-scale", str(time_scale)], work / f"emulator-{hardware}.log")
     try:
         url = f"http://127.0.0.1:{port}"
         proc.wait_http(f"{url}/health")
@@ -275,13 +280,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests", type=int, default=12, help="requests per concurrency level")
     ap.add_argument("--repeats", type=int, default=5, help="probe repeats per point")
     ap.add_argument("--out", type=Path, default=ROOT / "out" / "calibration")
+    ap.add_argument("--truth", type=Path, help="self-check: instead of a real engine, calibrate "
+                    "`inferplane emulate` running this profile file (known factors)")
+    ap.add_argument("--truth-time-scale", type=float, default=0.25,
+                    help="its time scale (< 1: slow motion, so that the machine's load is a "
+                    "smaller share of every latency)")
     a = ap.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
     proc = None
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         work = Path(tmp)
         try:
-            if a.endpoint is None:
+            if a.truth is not None:
+                name = load_hardware_profile(a.truth).name
+                url = stack.enter_context(emulator(name, a.truth.resolve(), work,
+                                                   a.truth_time_scale))
+            elif a.endpoint is None:
                 proc, url = start_real_engine(work)
             else:
                 url = a.endpoint

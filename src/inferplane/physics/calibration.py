@@ -51,9 +51,16 @@ from inferplane.physics.roofline import Roofline
 
 PROFILE_KIND: Final = "inferplane/hardware-profile"
 PROFILE_VERSION: Final = 1
-#: Weight of the prior that keeps unobservable efficiencies at the table's value, relative to one
-#: measurement's squared relative error (a 100x departure costs as much as one point off by 10 %).
-PRIOR_WEIGHT: Final = 1e-6
+#: Weights of the priors that keep ``1/compute_efficiency`` and ``1/bandwidth_efficiency`` at the
+#: table's values where the probe cannot see them, relative to one measurement's squared relative
+#: error. Compute: a 1,000x departure costs as much as one point off by 0.1 % — the prefill sweep
+#: sees it over a 48x range of new tokens, and a CPU engine running a tiny model in Python is
+#: ~1,000x below the table's peak per prompt token (at 1e-6, a 100x departure = one point off by
+#: 10 %, the prior outweighed the sweep: a known engine's 768-token prefill came out 37 % short).
+#: Bandwidth: a 100x departure costs one point off by 10 % — a step's bytes are mostly the weights,
+#: the same every step, so this direction is all but collinear with ``step_overhead_s`` (freed,
+#: the fit moved 2.9 ms of a known 4 ms step into weight reads of the tiny model).
+PRIOR_WEIGHTS: Final = (1e-12, 1e-6)
 _MAX_ROUNDS: Final = 20
 _FRONTEND_GRID: Final = 60  # steps of the search for the front end's two factors, per axis
 
@@ -252,7 +259,8 @@ def fit_frontend(
     """Split the fitted per-request time ``R`` into the front end's serialised work and the
     rest, so that lone-request predictions do not change (``R = request_overhead_s +
     frontend_request_s + frontend_token_s``): the pair (``frontend_request_s``,
-    ``frontend_token_s``) on a grid over ``s + t <= R`` whose predictions —
+    ``frontend_token_s``) on a grid over ``s + t <= R`` (then a ten times finer one around the
+    best cell) whose predictions —
     :func:`predict_burst_s` for every rank of every burst, :func:`predict_loaded_ttft_s` for
     the loaded points — fit the measurements best (least squares on relative errors).
 
@@ -282,9 +290,16 @@ def fit_frontend(
             err += ((got - p.ttft_s) / p.ttft_s) ** 2
         return err
 
+    def cost(st: tuple[float, float]) -> float:
+        return loss(Roofline(split(*st), model, tp, precision))
+
     n = _FRONTEND_GRID
     grid = [(total * i / n, total * j / n) for i in range(n + 1) for j in range(n + 1 - i)]
-    best = min(grid, key=lambda st: loss(Roofline(split(*st), model, tp, precision)))
+    best = min(grid, key=cost)
+    # then a grid ten times finer over the coarse cell's neighbours
+    h, (s0, t0) = total / n / 10, best
+    fine = [(s0 + h * i, t0 + h * j) for i in range(-10, 11) for j in range(-10, 11)]
+    best = min([best, *(st for st in fine if min(st) >= 0 and sum(st) <= total)], key=cost)
     hw = split(*best)
     r = Roofline(hw, model, tp, precision)
     return dataclasses.replace(
@@ -361,7 +376,7 @@ def _solve(
         if i not in held and ata[i][i] == 0.0:
             held[i] = prior[i] if i < 2 else 0.0
     for i, target in enumerate(prior):
-        w = PRIOR_WEIGHT / (target * target)  # relative: a factor of 10 costs the same anywhere
+        w = PRIOR_WEIGHTS[i] / (target * target)  # relative: a factor of 10 costs the same anywhere
         ata[i][i] += w
         atb[i] += w * target
     free = [i for i in range(n) if i not in held]

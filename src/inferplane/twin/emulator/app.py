@@ -189,7 +189,9 @@ def _cache_salt(body: dict[str, Any]) -> str | None:
 
 
 async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
-    emu, body = request.app[EMU], await body_of(request)
+    emu = request.app[EMU]
+    arrived = emu.now()
+    body = await body_of(request)
     served = generate_model(emu, body)
     prompt = request_ids(body, chat)
     max_tokens = _max_tokens(body, chat, len(prompt), served)
@@ -197,7 +199,7 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
     opts = body.get("stream_options")
     include_usage = stream and isinstance(opts, dict) and bool(opts.get("include_usage"))
     emu.admit()
-    await emu.network_delay()
+    await emu.network_delay(arrived)
     rid = new_request_id("chatcmpl" if chat else "cmpl")
     sub = emu.submit(rid, prompt, max_tokens, _cache_salt(body))
     try:
