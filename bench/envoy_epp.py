@@ -14,7 +14,7 @@ each path in turn (direct first) runs ``--requests`` requests with 32 in flight;
 requests per second of wall time, added p99 = p99(path) − p99(direct). Streaming and not.
 
     python bench/envoy_epp.py [--requests 1000] [--seq-requests 500] [--profile round-robin]
-                              [--envoy-concurrency 1] [--paths envoy-direct,envoy+epp]
+                              [--envoy-concurrency 2] [--paths envoy-direct,envoy+epp]
                               [--json out.json]
 
 Prints a markdown table, the CPU per request of every process on each path at concurrency 32
@@ -245,8 +245,10 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=1000, help="per path, concurrency 32")
     ap.add_argument("--seq-requests", type=int, default=500, help="per path, sequential")
     ap.add_argument("--profile", default="round-robin")
-    ap.add_argument("--envoy-concurrency", type=int, default=1,
-                    help="Envoy worker threads (every Envoy of the run); see docs/benchmarks.md")
+    ap.add_argument("--envoy-concurrency", type=int, default=os.cpu_count() or 1,
+                    help="Envoy worker threads, every Envoy of the run (default: one per CPU, "
+                    "Envoy's own default and as many as vllm-router's tokio workers); "
+                    "see docs/benchmarks.md")
     ap.add_argument("--paths", default=",".join(k for k in PATHS[1:] if k not in OPTIONAL),
                     help="comma-separated paths besides direct (default: all but "
                     f"{', '.join(OPTIONAL)})")
