@@ -247,8 +247,7 @@ def main() -> None:
     ap.add_argument("--profile", default="round-robin")
     ap.add_argument("--envoy-concurrency", type=int, default=os.cpu_count() or 1,
                     help="Envoy worker threads, every Envoy of the run (default: one per CPU, "
-                    "Envoy's own default and as many as vllm-router's tokio workers); "
-                    "see docs/benchmarks.md")
+                    "Envoy's own default); see docs/benchmarks.md")
     ap.add_argument("--paths", default=",".join(k for k in PATHS[1:] if k not in OPTIONAL),
                     help="comma-separated paths besides direct (default: all but "
                     f"{', '.join(OPTIONAL)})")
