@@ -345,6 +345,60 @@ async def test_scrape_failure_keeps_the_last_metrics_to_age(live: LiveFleet, clo
     assert live.snapshot().by_name["eu-0"].state.stale
 
 
+@pytest.mark.parametrize(
+    ("duty", "took", "pause"),
+    [
+        (None, 0.3, 0.1),  # off: the fixed period whatever a scrape takes
+        (0.05, 0.002, 0.1),  # a fast engine: still every interval_s
+        (0.05, 0.005, 0.1),  # 0.005 x 19 = 0.095 < 0.1
+        (0.05, 0.02, 0.38),  # a slow answer: 5 % of the engine's time at most
+        (0.05, 0.1, 0.5),  # capped at max_interval_s
+        (0.25, 0.1, 0.3),
+    ],
+)
+def test_scrape_pause_keeps_the_engines_duty_under_the_limit(
+    live: LiveFleet, duty: float | None, took: float, pause: float
+) -> None:
+    scraper = Scraper(live, StaticMetricsSource(), interval_s=0.1, max_duty=duty,
+                      max_interval_s=0.5)
+    assert scraper.pause_s(took) == pytest.approx(pause)
+    if duty is not None and pause < 0.5:
+        assert took / (took + scraper.pause_s(took)) <= duty + 1e-12
+
+
+def test_scrape_pause_never_below_the_interval(live: LiveFleet) -> None:
+    scraper = Scraper(live, StaticMetricsSource(), interval_s=1.0, max_duty=0.05,
+                      max_interval_s=0.5)  # a cap under the interval: the interval wins
+    assert scraper.pause_s(0.0) == 1.0 and scraper.pause_s(10.0) == 1.0
+
+
+async def test_scrape_loop_waits_by_how_long_the_last_scrape_took(
+    live: LiveFleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The loop times each scrape on its clock and sleeps `pause_s` of it."""
+    t = [0.0]
+    takes = iter([0.001, 0.02, 0.2, 0.001])
+
+    class Slow(StaticMetricsSource):
+        async def metrics(self, endpoint: Endpoint) -> str | None:
+            t[0] += next(takes)
+            return VLLM
+
+    slept: list[float] = []
+
+    async def fake_sleep(seconds: float) -> None:
+        slept.append(seconds)
+        if len(slept) == 4:
+            raise asyncio.CancelledError
+
+    scraper = Scraper(live, Slow(), interval_s=0.1, max_duty=0.05, max_interval_s=0.5,
+                      clock=lambda: t[0])
+    monkeypatch.setattr("inferplane.fleet.scraper.asyncio.sleep", fake_sleep)
+    with pytest.raises(asyncio.CancelledError):
+        await scraper._scrape_loop(endpoint(live, "eu-0"))
+    assert slept == pytest.approx([0.1, 0.38, 0.5, 0.1])
+
+
 async def test_prime_scrapes_and_probes_every_endpoint(live: LiveFleet) -> None:
     source = StaticMetricsSource()
     source.texts = {"eu-0": VLLM, "us-0": VLLM}

@@ -125,7 +125,25 @@ class GatewaySpec(Strict):
                 ) from None
         return nets
 
-    scrape_interval_s: float = Field(0.1, gt=0, description="engine /metrics scrape period")
+    scrape_interval_s: float = Field(
+        0.1, gt=0, description="engine /metrics scrape period (the shortest: see scrape_max_duty)"
+    )
+    scrape_max_duty: float | None = Field(
+        0.05,
+        gt=0,
+        lt=1,
+        description="most of an engine's time its /metrics may spend answering this gateway: "
+        "after a scrape that took t seconds the next waits t x (1/duty - 1) when that is longer "
+        "than scrape_interval_s, at most scrape_max_interval_s (vLLM renders its page on the "
+        "event loop that serves requests, ~4 ms of CPU; on a loaded host a fixed 0.1 s period "
+        "slowed every answer); null: always scrape_interval_s",
+    )
+    scrape_max_interval_s: float = Field(
+        0.5,
+        gt=0,
+        description="the longest wait between two scrapes of an endpoint that scrape_max_duty "
+        "may set (never below scrape_interval_s); keep it well under stale_after_s",
+    )
     stale_after_s: float = Field(2.0, gt=0, description="metrics older than this are not trusted")
     health_interval_s: float = Field(1.0, gt=0, description="/health probe period")
     connect_timeout_s: float = Field(2.0, gt=0)

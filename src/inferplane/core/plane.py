@@ -244,7 +244,9 @@ class Core:
             raise RuntimeError("no metrics source: pass one or supply it in _start_transport")
         g = self.config.gateway
         self.scraper = Scraper(
-            self.live, source, interval_s=g.scrape_interval_s, health_interval_s=g.health_interval_s
+            self.live, source, interval_s=g.scrape_interval_s,
+            health_interval_s=g.health_interval_s, max_duty=g.scrape_max_duty,
+            max_interval_s=g.scrape_max_interval_s,
         )
         await self.scraper.prime()
         self.scraper.start()
