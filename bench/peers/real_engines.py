@@ -174,7 +174,7 @@ def run_one(name: str, rep: int, urls: list[str], fleet: Path, a: argparse.Names
            "--token-ids", "tiny-llama",
            "--rate-scale", str(a.rate_scale), "--duration", str(a.duration), "--start",
            str(a.start), "--max-output", str(a.max_output), "--out", str(out), "--no-docs",
-           "--budget", "900"]
+           "--budget", "900", "--no-overhead"]
     log(f"rep {rep}: {name}")
     t0 = time.monotonic()
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=a.setup_limit)

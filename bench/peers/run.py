@@ -185,15 +185,16 @@ def run_setup(setup: Setup, a: argparse.Namespace, ctx: Context, fast: Context,
     res: dict[str, Any] = {"name": setup.name, "peer": setup.peer, "policy": setup.policy,
                            "form": setup.form, "version": versions.get(setup.peer)}
     res["loadavg_before"] = os.getloadavg()
-    # 1. added latency, against the fast fleet
-    proc, base = start_router(setup, fast)
-    try:
-        warm_up(base, setup, ctx.model)
-        res["overhead"] = asyncio.run(overhead.measure(
-            fast.fleet_urls[0], base, setup.form, ctx.model, dict(setup.headers),
-            n_seq=a.overhead_n, n_conc=a.overhead_conc_n, deadline_s=a.overhead_limit))
-    finally:
-        proc.stop()
+    # 1. added latency, against the fast fleet (skipped with --no-overhead)
+    if not a.no_overhead:
+        proc, base = start_router(setup, fast)
+        try:
+            warm_up(base, setup, ctx.model)
+            res["overhead"] = asyncio.run(overhead.measure(
+                fast.fleet_urls[0], base, setup.form, ctx.model, dict(setup.headers),
+                n_seq=a.overhead_n, n_conc=a.overhead_conc_n, deadline_s=a.overhead_limit))
+        finally:
+            proc.stop()
     # 2. the trace replay, against the fleet
     res["drain_s"] = drain_and_reset(ctx.fleet_urls, a.drain_limit)
     proc, base = start_router(setup, ctx)
@@ -264,6 +265,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--install-limit", type=float, default=900.0, help="seconds per peer")
     ap.add_argument("--budget", type=float, help="seconds for the whole run (default 1500/600)")
     ap.add_argument("--no-docs", action="store_true", help="do not touch docs/benchmarks.md")
+    ap.add_argument("--no-overhead", action="store_true",
+                    help="skip the added-latency measurement against the fast emulated fleet "
+                    "(real_engines.py: it measures the emulator, not the --fleet engines)")
     ap.add_argument("--render-only", action="store_true",
                     help="re-render results.md/png and the docs section from results.json")
     ap.add_argument("--discussion", type=Path, help="markdown appended to the docs section")
@@ -317,8 +321,10 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         log(f"starting the emulated fleet (time scale {a.time_scale}) …")
         urls = start_emulator(config, a.time_scale, work, "fleet")
         fleet_kind = f"emulated {a.fleet_config.name} at time scale {a.time_scale}"
-    log("starting the fast fleet for the overhead measurement …")
-    fast_urls = start_emulator(config, FAST_TIME_SCALE, work, "fast-fleet")
+    fast_urls: list[str] = []
+    if not a.no_overhead:
+        log("starting the fast fleet for the overhead measurement …")
+        fast_urls = start_emulator(config, FAST_TIME_SCALE, work, "fast-fleet")
     ctx = Context(work, urls, model, fleet_of_size(config, len(urls)), dict(installs))
     fast = Context(work, fast_urls, model, config, dict(installs))
     slo = metrics.Slo.scaled(1000, 100, a.time_scale)
