@@ -311,3 +311,43 @@ async def test_queued_interactive_requests_hold_batch_lines_back(env: Env) -> No
     waiter.cancel()
     await asyncio.gather(waiter, return_exceptions=True)
     assert env.svc.worker.spare(pool)
+
+
+class _IdleStore:
+    """A batch store holding ``active`` batches (the worker only lists them here)."""
+
+    def __init__(self, active: list[dict[str, Any]]) -> None:
+        self.active = active
+
+    async def release_dead(self) -> list[str]:
+        return []
+
+    async def active_batches(self) -> list[dict[str, Any]]:
+        return self.active
+
+
+@pytest.mark.parametrize(
+    ("active", "wait"),
+    [([], 2.5), ([{"id": "b1", "status": "queued"}], 0.05)],  # idle: the long period
+)
+async def test_the_worker_polls_slowly_while_no_batch_is_active(
+    monkeypatch: pytest.MonkeyPatch, active: list[dict[str, Any]], wait: float
+) -> None:
+    from inferplane.batch.worker import BatchWorker
+    from inferplane.config.schema import BatchSpec
+
+    waits: list[float | None] = []
+
+    async def fake_wait_for(aw: Any, timeout: float | None) -> None:
+        aw.close()  # the wake-up coroutine, never awaited here
+        waits.append(timeout)
+        if len(waits) == 3:
+            raise asyncio.CancelledError
+        raise TimeoutError
+
+    monkeypatch.setattr("inferplane.batch.worker.asyncio.wait_for", fake_wait_for)
+    spec = BatchSpec(poll_interval_s=0.05, idle_poll_interval_s=2.5)
+    worker = BatchWorker(None, None, _IdleStore(active), spec)  # type: ignore[arg-type]
+    with pytest.raises(asyncio.CancelledError):
+        await worker._run()
+    assert waits == [wait] * 3

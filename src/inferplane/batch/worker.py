@@ -1,6 +1,7 @@
 """The batch worker: drives every active batch, and runs lines on spare capacity only.
 
-Each round (on a wake-up, or every ``batch.poll_interval_s``):
+Each round (on a wake-up, or every ``batch.poll_interval_s`` while a batch is active or a line
+runs here, every ``batch.idle_poll_interval_s`` otherwise):
 
 - ``validating`` → the input file is re-read and checked against the batch's ``endpoint``; the
   lines are stored and the batch moves to ``in_progress`` in one transaction (or to ``failed``
@@ -114,20 +115,26 @@ class BatchWorker:
         except Exception as exc:  # their leases expire on their own
             log.warning("could not check for dead batch line owners: %s", exc)
         while True:
+            active = True
             try:
-                await self.round()
+                active = await self.round()
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("batch worker round failed")
+            wait = self.spec.poll_interval_s
+            if not active and not self._lines:
+                wait = max(wait, self.spec.idle_poll_interval_s)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.spec.poll_interval_s)
+                await asyncio.wait_for(self._wake.wait(), wait)
             self._wake.clear()
 
     # -- one round ------------------------------------------------------------------------
-    async def round(self) -> None:
+    async def round(self) -> bool:
+        """Drive every active batch once; return whether there was any."""
         now = int(self.clock())
-        for b in await self.store.active_batches():
+        batches = await self.store.active_batches()
+        for b in batches:
             bid, status = b["id"], b["status"]
             if status == "validating":
                 await self._validate(b, now)
@@ -143,6 +150,7 @@ class BatchWorker:
                 ):
                     await self.store.set_status(bid, "finalizing", now, only_from=("in_progress",))
                     await self._settle(bid, "completed", now)
+        return bool(batches)
 
     async def _validate(self, b: dict[str, Any], now: int) -> None:
         content = await self.store.file_content(b["input_file_id"], b["_tenant"])
