@@ -11,6 +11,8 @@ the fixed snapshot, with the gateway's timer, driven by ``itertools.starmap`` so
 counts only them (``--toggle-collect=starmap_next``). It prints the instructions per decision
 (callgrind's total ÷ n). ``--reference`` adds the fused profiles scored and filtered one plugin
 at a time (``/ref``). ``--keep DIR`` keeps the callgrind files for ``callgrind_annotate``.
+``--floor`` counts the evidence floor: only the per-candidate
+objects a decision keeps (annotation and score dicts, `Scored`, `CandidateRecord`), values given.
 ``--parts`` also counts the filters, the scorers, the picker and the pick observers of the same
 decisions each on its own (the parts before each run uncounted on fresh cycles); the rest of
 ``place()`` is the framework's loop and the evidence (candidate records, the decision).
@@ -39,10 +41,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from placement_speed import Scenario
 
 from inferplane.fleet.state import EndpointView, FleetSnapshot
-from inferplane.placement.framework import CycleState, Policy, Scored, place
+from inferplane.placement.framework import CandidateRecord, CycleState, Policy, Scored, place
 from inferplane.placement.profile import RequestProfile
 
 PARTS = ("place", "filters", "score", "pick", "observe")
+
+
+def _floor(cands: list[EndpointView], names: tuple[str, ...], x: float) -> object:
+    """The evidence one decision must build, and nothing else: per candidate an annotation
+    dict of the 11 keys predicted-latency, prefix-affinity, cost and locality write, a score
+    dict of the 7 scorers, the `Scored` the picker reads and the `CandidateRecord` the
+    decision keeps (values already computed: no arithmetic, no lookups)."""
+    n1, n2, n3, n4, n5, n6, n7 = names
+    out = []
+    for c in cands:
+        ann = {"ttft_s": x, "ttft_raw_s": x, "itl_s": x, "itl_raw_s": x, "queue_s": x,
+               "uncached_tokens": x, "meets_slo": x, "prefix_match": x, "cost_usd": x,
+               "rtt_s": x, "egress_usd": x}
+        sd = {n1: x, n2: x, n3: x, n4: x, n5: x, n6: x, n7: x}
+        out.append(Scored(c, x, sd))
+        out.append(CandidateRecord(c.name, c.name, None, None, sd, x, ann))
+    return out
 
 
 def _filters(pol: Policy, cycle: CycleState, cands: list[EndpointView]) -> list[EndpointView]:
@@ -91,6 +110,11 @@ def child(fleet: str, profile: str, n: int, reference: bool, part: str) -> None:
             return place(prof, snap, pol, decision_id="d", timer=timer)
 
         deque(itertools.starmap(one, args), maxlen=0)
+        return
+    if part == "floor":
+        names = tuple(f"scorer-{i}" for i in range(7))
+        eps = list(snap.endpoints)
+        deque(itertools.starmap(_floor, [(eps, names, 0.5 + i) for i in range(n)]), maxlen=0)
         return
     # one part of each decision: the parts before it run uncounted, on fresh cycles
     cycles = [CycleState(profile=reqs[i % m], snapshot=snap, rng=pol.rng) for i in range(n)]
@@ -155,7 +179,11 @@ def main() -> None:
                     "scorers, the picker, the pick observers (each after the parts before it, "
                     "uncounted); what place() costs beyond them is the framework's loop and "
                     "the evidence (records, decision)")
-    ap.add_argument("--part", default="place", choices=PARTS, help=argparse.SUPPRESS)
+    ap.add_argument("--floor", action="store_true",
+                    help="also count the evidence floor: per candidate only the annotation and "
+                    "score dicts, the Scored and the CandidateRecord a decision keeps, with "
+                    "values given (no arithmetic, no lookups)")
+    ap.add_argument("--part", default="place", choices=(*PARTS, "floor"), help=argparse.SUPPRESS)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
@@ -180,6 +208,9 @@ def main() -> None:
                     rest -= got
                     print(f"{'':10} {'  ' + part:14} {got:15,.0f} {got / total:6.1%}", flush=True)
                 print(f"{'':10} {'  the rest':14} {rest:15,.0f} {rest / total:6.1%}", flush=True)
+            if a.floor:
+                got = count(fleet, profile, a.n, False, a.keep, "floor")
+                print(f"{fleet:10} {'evidence floor':14} {got:15,.0f}", flush=True)
 
 
 if __name__ == "__main__":

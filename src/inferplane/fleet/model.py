@@ -28,9 +28,15 @@ class Endpoint:
     index: int
     hardware: HardwareProfile | None = None  # resolved by `Fleet.from_config` (calibrated too)
     name: str = field(init=False)
+    # the substrate's name and capacity class as plain attributes: placement reads them per
+    # candidate, and a pydantic model's attributes cost several times a plain one's
+    substrate_name: str = field(init=False)
+    capacity_class: str = field(init=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "name", self.spec.name)
+        object.__setattr__(self, "substrate_name", self.substrate.name)
+        object.__setattr__(self, "capacity_class", self.substrate.capacity_class)
 
     @property
     def url(self) -> str:

@@ -466,6 +466,7 @@ def _place(
         candidates = result.kept
 
     picked: Scored | None = None
+    ordered: tuple[CandidateRecord, ...] | None = None
     annotations = cycle.annotations
     fused = policy.fused
     if candidates and fused is not None and not annotations:
@@ -474,13 +475,18 @@ def _place(
         if timer:
             timings["score:fused"] = timer() - t0
         picked = _pick(cycle, policy, scored, timings, timer)
-        for sc in scored:
-            view = sc.view
-            name = view.name
-            records[name] = CandidateRecord(
-                name, view.endpoint.substrate.name, None, None, sc.scores, sc.total,
-                annotations[name],
+        scored_records = [
+            CandidateRecord(
+                (name := sc.view.name), sc.view.endpoint.substrate_name, None, None, sc.scores,
+                sc.total, annotations[name],
             )
+            for sc in scored
+        ]
+        if not records and len(scored_records) == len(endpoints):
+            ordered = tuple(scored_records)  # nothing removed: the candidates in order
+        else:
+            for rec in scored_records:
+                records[rec.endpoint] = rec
     elif candidates:
         n = len(candidates)
         per: list[dict[str, float]] = [{} for _ in candidates]
@@ -509,15 +515,16 @@ def _place(
             name = view.name
             records[name] = CandidateRecord(
                 endpoint=name,
-                substrate=view.endpoint.substrate.name,
+                substrate=view.endpoint.substrate_name,
                 scores=sc.scores,
                 total=sc.total,
                 annotations=annotations.get(name, {}),
             )
 
-    ordered = tuple(
-        [records.get(v.name) or _rejected(v, "?", "not evaluated") for v in endpoints]
-    )
+    if ordered is None:
+        ordered = tuple(
+            [records.get(v.name) or _rejected(v, "?", "not evaluated") for v in endpoints]
+        )
     predicted = Envelope()
     if picked is not None:
         a = annotations.get(picked.view.name) or {}
@@ -559,5 +566,5 @@ def _pick(
 
 def _rejected(v: EndpointView, by: str, reason: str) -> CandidateRecord:
     return CandidateRecord(
-        endpoint=v.name, substrate=v.endpoint.substrate.name, rejected_by=by, reason=reason
+        endpoint=v.name, substrate=v.endpoint.substrate_name, rejected_by=by, reason=reason
     )

@@ -75,8 +75,8 @@ FUSED_SCORERS: tuple[type, ...] = (
 class FusedScoring:
     """Scores a policy's candidates in one pass (module docstring). Build with `compile`."""
 
-    __slots__ = ("A", "C", "E", "L", "Lo", "P", "S", "_fleet", "_rows", "_states", "names",
-                 "weights")
+    __slots__ = ("A", "C", "E", "L", "Lo", "P", "S", "_cost_p", "_fleet", "_loc_p", "_rows",
+                 "_states", "names", "weights")
 
     def __init__(self, policy: Policy) -> None:
         plugins = [s for s, _ in policy.scorers]
@@ -88,6 +88,14 @@ class FusedScoring:
         self._rows: dict[str, list[_Row | None]] = {}
         self._states: dict[str, list[_StateTerms | None]] = {}
         self._fleet: Fleet | None = None
+        # the cost and locality scorers' parameters as plain values (a pydantic model's
+        # attribute costs several times a local's)
+        cp, lp = self.C.p, self.Lo.p  # type: ignore[attr-defined]
+        self._cost_p: tuple[float, float] = (cp.output_fraction, cp.burst_factor)
+        self._loc_p: tuple[float, float, float, float, float, float] = (
+            lp.bytes_per_token, lp.output_fraction, lp.rtt_reference_s, lp.rtt_weight,
+            lp.egress_weight, lp.data_weight,
+        )
 
     @classmethod
     def compile(
@@ -234,14 +242,13 @@ class FusedScoring:
         if len(s_vals) != len(candidates):
             raise ValueError("a scorer returned a value count other than the candidates'")
         # -- cost (`Cost.score`)
-        cp = self.C.p
-        out_tok = cp.output_fraction * max_out
-        burst_factor = cp.burst_factor
+        output_fraction, burst_factor = self._cost_p
+        out_tok = output_fraction * max_out
         # -- locality (`Locality.score`)
-        lp = Lo.p
+        bytes_per_token, loc_output_fraction, rtt_ref, rtt_w, egress_w, data_w = self._loc_p
         regions = fleet.regions
-        in_gb = prompt * lp.bytes_per_token / 1e9
-        out_gb = lp.output_fraction * max_out * lp.bytes_per_token / 1e9
+        in_gb = prompt * bytes_per_token / 1e9
+        out_gb = loc_output_fraction * max_out * bytes_per_token / 1e9
         per_region: dict[str, tuple[float, float]] = {}
         last_region: str | None = None
         region_rtt = egress_usd = 0.0
@@ -424,11 +431,11 @@ class FusedScoring:
         lnorm_w = Lo.norm
         r_scores: dict[str, float] = {}
         for region, (rtt, e) in per_region.items():
-            r_term = 1.0 - min(1.0, rtt / lp.rtt_reference_s)
+            r_term = 1.0 - min(1.0, rtt / rtt_ref)
             e_term = 1.0 - e / emax if emax > 0 else 1.0
             d_term = 1.0 if data is None or data == region else 0.0
             v = (
-                lp.rtt_weight * r_term + lp.egress_weight * e_term + lp.data_weight * d_term
+                rtt_w * r_term + egress_w * e_term + data_w * d_term
             ) / lnorm_w
             r_scores[region] = 0.0 if not v > 0.0 else (1.0 if v > 1.0 else v)
         e_vals = self.E.score(cycle, candidates) if prof.energy_aware else None

@@ -223,7 +223,7 @@ class ReservedCapacity(Plugin):
         committed = self._committed
         if not committed:
             return FilterResult(candidates)
-        subs = {c.endpoint.substrate.name for c in candidates} & committed.keys()
+        subs = {c.endpoint.substrate_name for c in candidates} & committed.keys()
         if not subs:
             return FilterResult(candidates)
         full: dict[str, str] = {}
@@ -234,16 +234,16 @@ class ReservedCapacity(Plugin):
                 full[name] = f"reserved capacity exhausted: {used}/{size} in flight"
         if not full:
             return FilterResult(candidates)
-        kept = [c for c in candidates if c.endpoint.substrate.name not in full]
+        kept = [c for c in candidates if c.endpoint.substrate_name not in full]
         if not kept:
             cycle.notes.append(
                 "reserved capacity exhausted and no other capacity allowed: kept on reserved"
             )
             return FilterResult(candidates)
         rejected = {
-            c.name: full[c.endpoint.substrate.name]
+            c.name: full[c.endpoint.substrate_name]
             for c in candidates
-            if c.endpoint.substrate.name in full
+            if c.endpoint.substrate_name in full
         }
         return FilterResult(kept, rejected)
 

@@ -46,7 +46,7 @@ class SloFirstParams(BaseModel):
 
 
 def _reserved(v: EndpointView) -> bool:
-    return v.endpoint.substrate.capacity_class == "reserved"
+    return v.endpoint.capacity_class == "reserved"
 
 
 @register("slo-first")
@@ -91,9 +91,10 @@ class SloFirst(Plugin):
         ann = cycle.annotations
         empty: dict[str, float] = {}
         p = self.p
-        anns = [ann.get(s.view.name, empty) for s in scored]
         meets = [
-            (s, a) for s, a in zip(scored, anns, strict=True) if a.get("meets_slo", 1.0) >= 0.5
+            (s, a)
+            for s in scored
+            if (a := ann.get(s.view.name, empty)).get("meets_slo", 1.0) >= 0.5
         ]
         if meets:
             pool = meets
@@ -116,7 +117,7 @@ class SloFirst(Plugin):
             elif p.prefer_reserved:
                 reserved = [
                     sa for sa in meets
-                    if sa[0].view.endpoint.substrate.capacity_class == "reserved"  # `_reserved`
+                    if sa[0].view.endpoint.capacity_class == "reserved"  # `_reserved`
                 ]
                 pool = reserved or meets
             if p.include_egress:  # `_cost`, inlined: one per candidate
@@ -129,7 +130,7 @@ class SloFirst(Plugin):
             tied = scored
             cycle.notes.append("no candidate predicted to meet the SLO; picked the best score")
         else:
-            ttfts = [a.get("ttft_s", _INF) for a in anns]
+            ttfts = [ann.get(s.view.name, empty).get("ttft_s", _INF) for s in scored]
             fastest = min(ttfts)
             tied = [s for s, t in zip(scored, ttfts, strict=True) if t <= fastest]
             cycle.notes.append("no candidate predicted to meet the SLO; picked the fastest")
