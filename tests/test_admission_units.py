@@ -356,6 +356,38 @@ async def test_queue_tick_grants_a_waiter_when_slots_free_up_on_their_own() -> N
     assert adm._ticker is None and ticker.done()
 
 
+async def test_queue_tick_sleeps_while_nothing_waits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ticker does not wake an idle gateway: it ticks only while a request waits."""
+    adm = _gateway("admission: {queue: {tick_s: 0.01}}\n").admission
+    ticks = 0
+    real_sleep = asyncio.sleep
+
+    async def counted(seconds: float) -> None:
+        nonlocal ticks
+        ticks += 1
+        await real_sleep(seconds)
+
+    monkeypatch.setattr("inferplane.admission.controller.asyncio.sleep", counted)
+    slots = Slots(0)
+    adm.queue.free_slots = slots
+    await adm.start()
+    try:
+        await real_sleep(0.1)
+        assert ticks == 0
+        pool = ("llama-3.1-8b", None, None)
+        waiter = asyncio.create_task(adm.queue.acquire("a", "standard", pool, 1, 5.0))
+        await real_sleep(0.1)
+        assert ticks >= 1 and not waiter.done()
+        slots.n = 1
+        await asyncio.wait_for(waiter, 1.0)
+        await real_sleep(0.05)  # the tick that saw the queue empty is the last one
+        idle = ticks
+        await real_sleep(0.1)
+        assert ticks == idle
+    finally:
+        await adm.close()
+
+
 async def test_no_ticker_without_the_queue() -> None:
     adm = _gateway("admission: {queue: {enabled: false}}\n").admission
     await adm.start()

@@ -571,8 +571,11 @@ class Admission:
     async def _tick(self, period_s: float) -> None:
         """Re-check the queue every ``queue.tick_s`` while anything waits: capacity also frees
         without a request of this gateway finishing (an endpoint back in service, a fresher
-        scrape, another process's requests ending). Idle, each tick is one integer test."""
+        scrape, another process's requests ending). While nothing waits it sleeps until a
+        request is queued (no wake-ups of an idle gateway)."""
         while True:
+            if not self.queue.waiting:
+                await self.queue.nonempty.wait()
             await asyncio.sleep(period_s)
             if self.queue.waiting:
                 try:

@@ -180,6 +180,7 @@ class FairQueue:
         self._seen: dict[PoolKey, dict[str, float]] = {}  # last arrival per tenant
         self._seq = itertools.count()
         self.waiting = 0
+        self.nonempty = asyncio.Event()  # set while any request waits (the ticker's wake-up)
 
     # -- capacity -------------------------------------------------------------------------
     def room(self, pool: PoolKey) -> int:
@@ -354,6 +355,10 @@ class FairQueue:
 
     def _count_waiting(self, w: _Waiter, d: int) -> None:
         self.waiting += d
+        if self.waiting > 0:
+            self.nonempty.set()
+        else:
+            self.nonempty.clear()
         self._waiting_pool[w.pool] = self._waiting_pool.get(w.pool, 0) + d
         per = self._waiting_tenant.setdefault(w.pool, {})
         per[w.tenant] = per.get(w.tenant, 0) + d
