@@ -68,8 +68,8 @@ async def one(session: aiohttp.ClientSession, url: str, stream: bool) -> float:
     return time.perf_counter() - t0
 
 
-PATHS = ("direct", "vllm-router", "envoy-direct", "envoy+null", "envoy+null-grpclib", "envoy+epp",
-         "envoy+epp-noobs", "gateway")
+PATHS = ("direct", "vllm-router", "envoy-direct", "envoy+null", "envoy+null-grpcio-rw",
+         "envoy+null-grpclib", "envoy+epp", "envoy+epp-noobs", "gateway")
 """``envoy+epp-noobs``: the same with ``epp.observe_responses: false`` (no observer stream; the
 picker filter takes the response headers and accounts status and E2E only). ``envoy-direct``:
 the same Envoy with no ext_proc filter, a static cluster to the upstream. ``envoy+null``: the
@@ -77,13 +77,14 @@ the same Envoy with no ext_proc filter, a static cluster to the upstream. ``envo
 every message at once with a fixed destination: the floor of a Python picker);
 ``envoy+null-grpclib``: the same served by grpclib (not run by default)."""
 
-OPTIONAL = ("envoy+null-grpclib",)
+OPTIONAL = ("envoy+null-grpcio-rw", "envoy+null-grpclib")
 
 PROCS = {  # the processes that carry each path (their CPU is the path's)
     "direct": (),
     "vllm-router": ("vllm-router",),
     "envoy-direct": ("envoy-direct",),
     "envoy+null": ("envoy-null", "null"),
+    "envoy+null-grpcio-rw": ("envoy-null-grpcio-rw", "null-grpcio-rw"),
     "envoy+null-grpclib": ("envoy-null-grpclib", "null-grpclib"),
     "envoy+epp": ("envoy", "epp"),
     "envoy+epp-noobs": ("envoy-noobs", "epp-noobs"),
@@ -264,7 +265,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="ip-envoy-epp-"))
     up, gw, vr, direct_envoy, direct_admin = (free_port() for _ in range(5))
     ports = {s: (free_port(), free_port(), free_port())
-             for s in ("", "-noobs", "-null", "-null-grpclib")}
+             for s in ("", "-noobs", "-null", "-null-grpcio-rw", "-null-grpclib")}
     fleet = f"""
 gateway: {{port: {gw}, scrape_interval_s: 0.1}}
 epp: {{port: EPP, envoy_port: ENVOY, envoy_admin_port: ADMIN, observe_responses: OBSERVE}}
@@ -312,7 +313,7 @@ classes:
         if "gateway" in chosen:
             procs["gateway"] = Proc(["-m", "inferplane.cli", "serve", "--config", str(cfg),
                                      "--log-level", "warning"], tmp / "gw.log")
-        for server in ("", "-grpclib"):
+        for server in ("", "-grpcio-rw", "-grpclib"):
             if f"envoy+null{server}" not in chosen:
                 continue
             procs[f"null{server}"] = Proc(
@@ -338,6 +339,8 @@ classes:
             "vllm-router": f"http://127.0.0.1:{vr}/v1/chat/completions",
             "envoy-direct": f"http://127.0.0.1:{direct_envoy}/v1/chat/completions",
             "envoy+null": f"http://127.0.0.1:{ports['-null'][1]}/v1/chat/completions",
+            "envoy+null-grpcio-rw":
+                f"http://127.0.0.1:{ports['-null-grpcio-rw'][1]}/v1/chat/completions",
             "envoy+null-grpclib":
                 f"http://127.0.0.1:{ports['-null-grpclib'][1]}/v1/chat/completions",
             "envoy+epp": f"http://127.0.0.1:{ports[''][1]}/v1/chat/completions",

@@ -67,6 +67,26 @@ class NullProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                 yield self.response
 
 
+class NullProcessorRW(NullProcessor):
+    """The same answers from a coroutine handler that reads and writes through the context
+    (grpcio's other stream-stream style) instead of an async generator."""
+
+    async def Process(self, requests: AsyncIterator[Any], context: Any) -> None:  # type: ignore[override]
+        while True:
+            req = await context.read()
+            if req is grpc.aio.EOF:
+                return
+            if req.observability_mode:
+                continue
+            kind = req.WhichOneof("request")
+            if kind == "request_headers":
+                await context.write(self.headers)
+            elif kind == "request_body":
+                await context.write(self.body)
+            elif kind == "response_headers":
+                await context.write(self.response)
+
+
 class GrpclibProcessor:
     """The same answers served by grpclib."""
 
@@ -107,7 +127,8 @@ async def main(port: int, destination: str, kind: str = "grpcio") -> None:
         await main_grpclib(port, destination)
         return
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    pb_grpc.add_ExternalProcessorServicer_to_server(NullProcessor(destination), server)
+    servicer = NullProcessorRW(destination) if kind == "grpcio-rw" else NullProcessor(destination)
+    pb_grpc.add_ExternalProcessorServicer_to_server(servicer, server)
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     await server.wait_for_termination()
@@ -117,7 +138,7 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--destination", required=True)
-    ap.add_argument("--server", choices=("grpcio", "grpclib"), default="grpcio")
+    ap.add_argument("--server", choices=("grpcio", "grpcio-rw", "grpclib"), default="grpcio")
     a = ap.parse_args()
     if os.environ.get("INFERPLANE_EVENT_LOOP", "uvloop") == "uvloop":
         import uvloop
