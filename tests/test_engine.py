@@ -332,6 +332,53 @@ def test_fast_forward_matches_plain_stepping(seed: int, blocks: int) -> None:
         sum(s.n * s.seconds for s in plain_itl))
 
 
+def _single_steps(reqs: list[EngineRequest], lazy: bool, settle_every: int, **cfg: int
+                  ) -> tuple[Engine, list[tuple[object, ...]]]:
+    """Run ``reqs`` one step per call: ``step_many(now, until=now)`` (single steps, applied
+    lazily while every request decodes) or plain ``step``; every ``settle_every`` steps read
+    a request (which applies the pending steps) and record the pool. Returns the engine and
+    everything observable per step."""
+    engine = _engine(**cfg)
+    pending, i, now, seen = sorted(reqs, key=lambda r: r.arrival_time), 0, 0.0, []
+    while i < len(pending) or engine.has_unfinished():
+        while i < len(pending) and pending[i].arrival_time <= now:
+            engine.add_request(pending[i], now)
+            i += 1
+        if not engine.has_unfinished():
+            now = pending[i].arrival_time
+            continue
+        out = engine.step_many(now, until=now) if lazy else engine.step(now)
+        assert out.num_steps == 1
+        seen.append((out.start_s, out.duration_s, dict(out.new_tokens), list(out.finished),
+                     list(out.preempted), out.prefill_tokens, out.decode_seqs,
+                     engine.num_running, engine.num_waiting, engine.kv_usage,
+                     engine.generation_tokens_total, tuple(engine.drain_samples())))
+        if len(seen) % settle_every == 0 and engine._running:
+            r = engine.get_request(engine._running[0].request_id)
+            assert r is not None
+            seen.append((r.num_computed_tokens, r.num_output_tokens, r.last_token_time,
+                         list(r.block_ids), engine.pool.free_block_order(),
+                         sorted(engine.pool._cached.items())))
+        now = out.end_s
+    return engine, seen
+
+
+@pytest.mark.parametrize(("seed", "blocks", "settle_every"),
+                         [(1, 2000, 7), (2, 200, 5), (3, 130, 3), (4, 400, 1000)])
+def test_lazy_single_decode_steps_match_plain_steps(seed: int, blocks: int,
+                                                    settle_every: int) -> None:
+    """Single decode steps applied lazily leave exactly what plain steps leave: the same
+    outputs, gauges and samples at every step, and the same requests, block tables, free-block
+    order and prefix cache whenever they are read (preemption included, with few blocks)."""
+    cfg = {"num_gpu_blocks": blocks, "max_num_batched_tokens": 256, "block_size": 4}
+    lazy, lazy_seen = _single_steps(_workload(seed, 40), True, settle_every, **cfg)
+    plain, plain_seen = _single_steps(_workload(seed, 40), False, settle_every, **cfg)
+    assert lazy_seen == plain_seen
+    assert lazy.pool.free_block_order() == plain.pool.free_block_order()
+    assert sorted(lazy.pool._cached.items()) == sorted(plain.pool._cached.items())
+    assert lazy.num_preemptions_total == plain.num_preemptions_total
+
+
 def test_fast_forward_stops_at_until_and_at_the_first_finish() -> None:
     engine = _engine()
     engine.add_request(_req("a", list(range(20)), max_tokens=50), 0.0)

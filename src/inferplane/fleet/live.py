@@ -13,6 +13,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import repeat
 
 from inferplane.fleet.engine_metrics import EngineMetrics
 from inferplane.fleet.model import Endpoint, Fleet
@@ -79,6 +80,12 @@ class LatencyWindow:
     def add(self, value: float) -> None:
         self._samples.append(value)
         self._cache = None
+
+    def add_many(self, value: float, n: int) -> None:
+        """``n`` equal samples at once (the same window as ``n`` calls of `add`)."""
+        if n > 0:
+            self._samples.extend(repeat(value, min(n, self._samples.maxlen or n)))
+            self._cache = None
 
     def __len__(self) -> int:
         return len(self._samples)

@@ -130,6 +130,7 @@ class Engine:
         self._running: list[EngineRequest] = []
         self._requests: dict[str, EngineRequest] = {}
         self._samples: list[LatencySample] = []
+        self._lazy: _LazyDecode | None = None  # single decode steps not yet applied
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.num_preemptions_total = 0
@@ -149,7 +150,11 @@ class Engine:
     @property
     def kv_usage(self) -> float:
         """``vllm:kv_cache_usage_perc`` (0–1)."""
-        return self.pool.usage
+        lazy, pool = self._lazy, self.pool
+        if lazy is None or not lazy.pending_blocks:
+            return pool.usage
+        # as `BlockPool.usage` after the blocks the pending decode steps take
+        return 1.0 - (pool.num_free_blocks - lazy.pending_blocks) / pool.num_blocks
 
     @property
     def prefix_queries_total(self) -> int:
@@ -192,10 +197,12 @@ class Engine:
 
     def get_request(self, request_id: str) -> EngineRequest | None:
         """An unfinished request by id."""
+        self._settle()
         return self._requests.get(request_id)
 
     def abort(self, request_id: str) -> bool:
         """Drop an unfinished request and free its blocks; False if unknown or finished."""
+        self._settle()
         req = self._requests.pop(request_id, None)
         if req is None:
             return False
@@ -212,6 +219,7 @@ class Engine:
 
     def reset_prefix_cache(self) -> bool:
         """Clear the prefix cache (refused while blocks are in use, as in vLLM)."""
+        self._settle()
         return self.pool.reset_prefix_cache()
 
     # -- KV bookkeeping -----------------------------------------------------------------------
@@ -376,6 +384,7 @@ class Engine:
 
         Returns ``duration_s == 0`` and no tokens when there is nothing to run.
         """
+        self._settle()
         out = StepOutput(start_s=now, duration_s=0.0)
         sched = self._schedule(now, out)
         if not sched:
@@ -443,7 +452,19 @@ class Engine:
 
         Assumes the blocks decode fills never extend a waiting prompt's cached prefix (that
         would need another request's generated tokens to equal the prompt's next block).
+
+        A single decode step that finishes nobody (the next step may start at ``until``: the
+        caller must look again before it) is applied lazily (`_LazyDecode`): its duration,
+        tokens, samples and gauges are as a plain step's, but the requests' progress and the
+        blocks it takes and fills are applied only when the run of such steps ends (any other
+        step, a lookup, `get_request`, `abort`), in the order plain steps would have applied
+        them — the same blocks, evictions and cache as step by step, at O(1) per step instead of
+        O(running requests).
         """
+        if self._lazy is not None:
+            out = self._lazy_step(now, until, max_steps)
+            if out is not None:
+                return out
         out = self._decode_run(now, until, max_steps)
         return out if out is not None else self.step(now)
 
@@ -458,18 +479,30 @@ class Engine:
         budget = self.config.max_num_batched_tokens - len(running)
         if not running or budget < 0 or not self._waiting_blocked(budget):
             return None
-        k, ctx0 = max_steps, 0
+        left, ctx0, need1 = 1 << 62, 0, 0
+        bs = self.config.block_size
         for r in running:
             out_n = r.num_output_tokens
-            if out_n == 0 or r.num_computed_tokens != r.prompt_len + out_n - 1:
+            c = r.num_computed_tokens
+            if out_n == 0 or c != r.prompt_len + out_n - 1:
                 return None  # somebody is (re)prefilling
-            if r.max_tokens - out_n < k:
-                k = r.max_tokens - out_n
-            ctx0 += r.num_computed_tokens + 1
+            if r.max_tokens - out_n < left:
+                left = r.max_tokens - out_n
+            ctx0 += c + 1
+            if c >= len(r.block_ids) * bs:
+                need1 += 1  # its next token starts a block (`_decode_blocks_needed(1)`)
+        k = min(max_steps, left)
         n = len(running)
         d0 = self.cost_model.step_time_s(0, 0, n, ctx0)
         if k < 2 or now + d0 >= until:
-            return None  # one step only: a plain step does the same
+            # one step only: what a plain step does, without scheduling it request by request
+            if need1 > pool.num_free_blocks:
+                return None  # a plain step preempts
+            if left >= 2 and pool.on_event is None:
+                lazy = _LazyDecode.start(self, now, d0, ctx0 + n, left - 1)
+                if lazy is not None:
+                    return lazy
+            return self._decode_steps(now, [d0], now + d0, d0)
         if self._decode_blocks_needed(k) > pool.num_free_blocks:
             lo, hi = 0, k  # need(lo) fits, need(hi) does not
             while hi - lo > 1:
@@ -487,12 +520,21 @@ class Engine:
             d = cost(0, 0, n, ctx0 + n * j)
             durs.append(d)
             t += d
-        k = len(durs)
-        if k < 2:
+        if len(durs) < 2:
             return None  # a plain step does the same (and handles preemption)
-        out = StepOutput(now, t - now, num_steps=k, step_durations=durs, decode_seqs=n)
+        return self._decode_steps(now, durs, t, t - now)
+
+    def _decode_steps(
+        self, now: float, durs: list[float], t: float, duration_s: float
+    ) -> StepOutput:
+        """Apply ``len(durs)`` decode steps to every running request (`_decode_run` checked
+        that they may run and that the free blocks suffice); the last token is at ``t``."""
+        running, pool, k = self._running, self.pool, len(durs)
+        n = len(running)
+        out = StepOutput(now, duration_s, num_steps=k, step_durations=durs, decode_seqs=n)
         t1, first_gaps = now + durs[0], dict[float, int]()
         bs = self.config.block_size
+        new_tokens = out.new_tokens
         for r in running:
             if r.last_token_time is not None:
                 gap = t1 - r.last_token_time
@@ -503,9 +545,10 @@ class Engine:
                 r.block_ids.extend(pool.allocate(add))
             r.num_computed_tokens = c
             r.num_output_tokens += k
-            self._cache_full_blocks(r, c)
+            if c // bs > r.num_cached_blocks:  # a block filled: name it (`_cache_full_blocks`)
+                self._cache_full_blocks(r, c)
             r.last_token_time = t
-            out.new_tokens[r.request_id] = k
+            new_tokens[r.request_id] = k
             if r.num_output_tokens >= r.max_tokens:
                 self._finish(r, t, out)
         self.generation_tokens_total += n * k
@@ -516,3 +559,121 @@ class Engine:
         if out.finished:
             self._running = [r for r in running if r.status is RequestStatus.RUNNING]
         return out
+
+    def _lazy_step(self, now: float, until: float, max_steps: int) -> StepOutput | None:
+        """One more lazy decode step (`step_many`), or None after applying the pending ones
+        when this step is not one: it would finish a request, run short of blocks, need a
+        lookup for the waiting queue, or be followed by another before ``until``."""
+        lazy, running = self._lazy, self._running
+        assert lazy is not None
+        n, cfg = len(running), self.config
+        budget = cfg.max_num_batched_tokens - n
+        if (
+            lazy.left < 2
+            or budget < 0
+            or (self._waiting and budget > 0 and n < cfg.max_num_seqs)  # `_waiting_blocked`
+        ):
+            self._settle()
+            return None
+        cross = len(lazy.groups[lazy.steps % cfg.block_size + 1])  # blocks this step takes
+        if cross > self.pool.num_free_blocks - lazy.pending_blocks:
+            self._settle()
+            return None
+        d = self.cost_model.step_time_s(0, 0, n, lazy.ctx)
+        t = now + d
+        if max_steps >= 2 and t < until:
+            self._settle()  # a multi-step run may go: `_decode_run`
+            return None
+        self._sample("itl", t - lazy.last_token_time, n)  # every request's gap is the same
+        lazy.steps += 1
+        lazy.pending_blocks += cross
+        lazy.ctx += n
+        lazy.last_token_time = t
+        lazy.left -= 1
+        self.generation_tokens_total += n
+        return StepOutput(now, d, new_tokens=lazy.new_tokens, step_durations=[d], decode_seqs=n)
+
+    def _settle(self) -> None:
+        """Apply the pending lazy decode steps (`_LazyDecode`), if any."""
+        lazy = self._lazy
+        if lazy is None:
+            return
+        self._lazy = None
+        lazy.apply(self)
+
+
+@dataclass(slots=True)
+class _LazyDecode:
+    """Single decode steps of every running request, counted but not yet applied.
+
+    While every running request decodes and no step finishes one, a step changes each request
+    the same way (one more token, at the step's end time) and takes a block for the requests
+    whose next token starts one, fills (names) a block for those whose token completes one.
+    Which requests those are repeats every ``block_size`` steps: ``groups[f]`` holds the
+    requests (with their position in the running list) whose first new block is taken at step
+    ``f`` (1 … ``block_size``); they fill one at steps ``f - 1 + m × block_size``. `apply`
+    replays the takes and fills of every counted step in the order plain steps make them.
+    """
+
+    steps: int  # steps counted (the first included)
+    ctx: int  # Σ context of the running requests at the next step (its cost)
+    left: int  # tokens the closest-to-done request still needs after the counted steps
+    last_token_time: float
+    pending_blocks: int  # blocks the counted steps take
+    groups: list[list[tuple[int, EngineRequest]]]
+    new_tokens: dict[str, int]  # one token for each running request (shared by the steps)
+
+    @classmethod
+    def start(
+        cls, engine: Engine, now: float, d0: float, ctx: int, left: int
+    ) -> StepOutput | None:
+        """The first lazy step (`Engine._decode_run` checked that it may run), or None when
+        a request's block table is not as a decode step leaves it (then a plain step)."""
+        running, bs = engine._running, engine.config.block_size
+        caching = engine.config.enable_prefix_caching
+        groups: list[list[tuple[int, EngineRequest]]] = [[] for _ in range(bs + 1)]
+        for i, r in enumerate(running):
+            c = r.num_computed_tokens
+            f = len(r.block_ids) * bs - c + 1
+            if not 1 <= f <= bs or (caching and r.num_cached_blocks != c // bs):
+                return None
+            groups[f].append((i, r))
+        t = now + d0
+        gaps: dict[float, int] = {}
+        for r in running:
+            if r.last_token_time is not None:
+                gap = t - r.last_token_time
+                gaps[gap] = gaps.get(gap, 0) + 1
+        for gap, count in gaps.items():
+            engine._sample("itl", gap, count)
+        n = len(running)
+        engine.generation_tokens_total += n
+        lazy = cls(1, ctx, left, t, len(groups[1]), groups, {r.request_id: 1 for r in running})
+        engine._lazy = lazy
+        return StepOutput(now, d0, new_tokens=lazy.new_tokens, step_durations=[d0], decode_seqs=n)
+
+    def apply(self, engine: Engine) -> None:
+        """Make the counted steps real: per step, in running order, take the block of each
+        request whose token starts one and name the block each request's token completes
+        (what `Engine._decode_steps` does at each of them), then advance every request."""
+        bs, pool, groups = engine.config.block_size, engine.pool, self.groups
+        caching = engine.config.enable_prefix_caching
+        by_phase: list[list[tuple[int, int, EngineRequest]] | None] = [None] * bs
+        for s in range(1, self.steps + 1):
+            ops = by_phase[s % bs]  # the takes and fills of a step repeat every block_size
+            if ops is None:
+                take = groups[(s - 1) % bs + 1]
+                fill = groups[s % bs + 1] if caching else []
+                ops = by_phase[s % bs] = sorted(
+                    [(i, 0, r) for i, r in take] + [(i, 1, r) for i, r in fill]
+                )
+            for _, kind, r in ops:
+                if kind == 0:
+                    r.block_ids.extend(pool.allocate(1))
+                else:
+                    engine._cache_full_blocks(r, r.num_computed_tokens + s)
+        k, t = self.steps, self.last_token_time
+        for r in engine._running:
+            r.num_computed_tokens += k
+            r.num_output_tokens += k
+            r.last_token_time = t

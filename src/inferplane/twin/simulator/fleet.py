@@ -232,6 +232,7 @@ class SimEndpoint:
         "request_overhead_s",
         "retry_after_s",
         "roofline",
+        "step_end",
         "step_handle",
         "step_out",
     )
@@ -270,6 +271,7 @@ class SimEndpoint:
             self.frontend = FrontEnd(hw.frontend_request_s, hw.frontend_token_s)
         self.busy = False
         self.step_out: StepOutput | None = None
+        self.step_end = math.inf  # ``step_out.end_s`` while a step is in flight
         self.step_handle: asyncio.TimerHandle | None = None  # the in-flight step's completion
         self.pending: list[float] = []  # heap: times of dispatches on their way here
         self.prefilling: list[RequestRecord] = []  # dispatched, first token not yet produced
@@ -286,7 +288,7 @@ class SimEndpoint:
             self.step_handle = None
         if self.roofline is not None:
             self.engine = Engine(engine_config_for(self.endpoint, self.roofline), self.roofline)
-        self.busy, self.step_out = False, None
+        self.busy, self.step_out, self.step_end = False, None, math.inf
         self.frontend.reset()
         self.pending.clear()
         self.prefilling.clear()

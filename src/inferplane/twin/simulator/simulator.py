@@ -46,7 +46,6 @@ from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from hashlib import sha256
-from itertools import repeat
 from pathlib import Path
 from typing import Any
 
@@ -94,7 +93,6 @@ __all__ = [
 ]
 
 _EPOCH = 1_800_000_000.0  # the virtual wall clock's Unix time at virtual second 0 (2027-01-15)
-_ITL_WINDOW = 1024  # the gateway's ITL window size: more equal samples change nothing
 
 
 # -- the simulator ------------------------------------------------------------------------------
@@ -168,7 +166,7 @@ class Simulator:
         self.block_chars = g.prefix_block_chars
         self.endpoints = [SimEndpoint(e, i) for i, e in enumerate(self.fleet.endpoints)]
         self.by_name = {se.name: se for se in self.endpoints}
-        self._itl_windows = [self.live.live[se.name].itl.add for se in self.endpoints]
+        self._itl_windows = [self.live.live[se.name].itl.add_many for se in self.endpoints]
         self.totals = _Totals()
         self._next_arrival = math.inf
         self._ai = 0
@@ -653,9 +651,9 @@ class Simulator:
             until = self._hung_until[0]
         if self.admission.queue.waiting or self._lane:
             for other in self.endpoints:
-                out = other.step_out
-                if other is not se and out is not None and out.end_s < until:
-                    until = out.end_s
+                end = other.step_end
+                if end < until and other is not se:
+                    until = end
         return until
 
     def _launch(self, se: SimEndpoint) -> None:
@@ -666,8 +664,9 @@ class Simulator:
         out = engine.step_many(self.now, self._horizon(se))
         if out.duration_s <= 0.0 and not out.new_tokens:
             se.busy, se.step_out = False, None  # nothing schedulable (cannot happen when idle)
+            se.step_end = math.inf
             return
-        se.busy, se.step_out = True, out
+        se.busy, se.step_out, se.step_end = True, out, out.end_s
         se.step_handle = self.loop.call_at(out.end_s, self._step_done, se)
         fe = se.frontend
         if fe.token_s > 0:  # each step's tokens occupy the front end when produced
@@ -684,12 +683,11 @@ class Simulator:
         engine, out = se.engine, se.step_out
         assert engine is not None and out is not None
         gaps = self.totals.itl_gaps
-        add = self._itl_windows[se.index]
+        add_many = self._itl_windows[se.index]
         for s in engine.drain_samples():
             if s.kind == "itl":
                 gaps[round(s.seconds, 7)] += s.n
-                for g in repeat(s.seconds, min(s.n, _ITL_WINDOW)):
-                    add(g)  # LiveFleet.observe_itl, without a lookup per token
+                add_many(s.seconds, s.n)  # LiveFleet.observe_itl ``n`` times, in one call
         if se.prefilling:
             self._first_tokens(se)
         if out.finished:
@@ -704,7 +702,7 @@ class Simulator:
         if engine.has_unfinished():
             self._launch(se)
         else:
-            se.busy, se.step_out = False, None
+            se.busy, se.step_out, se.step_end = False, None, math.inf
             se.publish()
 
     def _first_tokens(self, se: SimEndpoint) -> None:

@@ -24,12 +24,24 @@ class VirtualLoopStuck(RuntimeError):
     """Nothing is ready or scheduled, yet the simulation waits: a bug, never a user error."""
 
 
+_POLL_EVERY = 1024
+"""Loop iterations between two real polls of the selector (see `_JumpingSelector.select`)."""
+
+
 class _JumpingSelector(selectors.DefaultSelector):
-    """A selector whose wait advances the loop's virtual clock instead of sleeping."""
+    """A selector whose wait advances the loop's virtual clock instead of sleeping.
+
+    A simulation does no I/O: the only file the loop registers is its self-pipe, which
+    ``call_soon_threadsafe`` writes to wake a sleeping loop — and the callback it wakes the
+    loop for is already in the ready queue, which runs whether or not the pipe is read. So
+    the selector polls the operating system only every `_POLL_EVERY` iterations (to drain
+    that pipe), not once per iteration: the poll was a system call per simulated event.
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self.loop: VirtualTimeLoop | None = None
+        self._skipped = 0
 
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
         loop = self.loop
@@ -38,6 +50,10 @@ class _JumpingSelector(selectors.DefaultSelector):
             raise VirtualLoopStuck("the simulation waits on nothing that is scheduled")
         if timeout > 0:
             loop.advance(timeout)
+        self._skipped += 1
+        if self._skipped < _POLL_EVERY:
+            return []
+        self._skipped = 0
         return super().select(0)
 
 
