@@ -10,10 +10,11 @@ Three sweeps over the OpenAI completions API, each point the median of ``repeats
 * **cached**: the same prompt sent twice; the second TTFT with ``cached_tokens`` as the engine
   reports them (``usage.prompt_tokens_details``; points without the field are left out).
 * **decode**: ``B`` streams started together, each a short prompt and ``decode_tokens`` output
-  tokens (``ignore_eos``); ITL is a stream's time to its last token, less the TTFT of a lone
-  one-token request of the same size, over the tokens after the first — the median over the
-  ``B`` streams. Not the gaps between chunks: a loaded engine front end may hold a stream back
-  and send it in one burst, which only the time to the last token survives.
+  tokens (``ignore_eos``); ITL is a stream's time from its first to its last token over the
+  tokens after the first (the workload's time per output token), the median over the ``B``
+  streams. Not single gaps between chunks (a front end may coalesce them), and not the time to
+  the last token less a lone request's TTFT (that counts the wait for the other streams'
+  intakes as decode time), except when every stream came in one burst.
 
 * **bursts**: ``N`` fresh one-token requests sent at once; their TTFTs, sorted, each rank the
   median over the rounds. An engine whose front end takes requests in one at a time answers
@@ -221,18 +222,26 @@ class Prober:
     async def decode_once(
         self, session: aiohttp.ClientSession, batch: int, decode_tokens: int, prompt_tokens: int
     ) -> tuple[float, int]:
-        """One batch of ``batch`` streams: (median ITL over its streams, prompt tokens)."""
+        """One batch of ``batch`` streams: (median ITL over its streams, prompt tokens).
+
+        A stream's ITL is its own time from first to last token over the tokens after the
+        first — what the fidelity workload's time per output token measures. Not the time to
+        its last token less a lone request's TTFT: the streams start together, so all but the
+        first wait for the others' intakes before their first token, and that wait (tens of
+        ms in a burst of 4 on the fidelity vLLM at load 11, session 4) would be spread over the
+        decode as if every step were slower. Only when every stream came in one burst (a
+        starved front end held it back, so its own span says nothing) does the lone request's
+        TTFT stand in."""
         words = self.words_for(prompt_tokens)
         lone = await self.stream(session, prompt_of(words, _nonce()), 1)
         streams = await asyncio.gather(
             *(self.stream(session, prompt_of(words, _nonce()), decode_tokens)
               for _ in range(batch))
         )
-        tpots = [t for t in (s.tpot_s(lone.ttft_s) for s in streams) if t is not None]
-        if not tpots:  # the lone request was slower than whole streams (a noisy moment):
-            # fall back to the time between a stream's first and last chunks
-            tpots = [s.decode_s / (s.completion_tokens - 1) for s in streams
-                     if s.completion_tokens > 1 and s.decode_s > 0]
+        tpots = [s.decode_s / (s.completion_tokens - 1) for s in streams
+                 if s.completion_tokens > 1 and s.decode_s > 0 and not s.burst]
+        if not tpots:
+            tpots = [t for t in (s.tpot_s(lone.ttft_s) for s in streams) if t is not None]
         if not tpots:
             raise ProbeError(f"no stream of batch {batch} produced more than one token")
         return statistics.median(tpots), int(statistics.median(s.prompt_tokens for s in streams))
