@@ -82,6 +82,24 @@ def test_fit_reproduces_overhead_dominated_engines() -> None:
     assert cal.hardware.request_overhead_s == pytest.approx(4e-3, rel=0.05)
 
 
+def test_fit_follows_a_prefill_slope_far_below_the_table() -> None:
+    """A CPU engine running the tiny model in Python: ~1,000x below the table's compute peak per
+    prompt token (a 768-token prefill ~4 ms more than a short one). The sweep sees it, so the
+    efficiency prior must not hold it at the table's value (it did: the slope came out 3.5x
+    flat and the long points 37 % short)."""
+    base, m = get_hardware("cpu"), get_model("tiny-llama")
+    truth = dataclasses.replace(base, name="truth", compute_efficiency=6e-4, step_overhead_s=1e-3,
+                                seq_overhead_s=1.2e-4, request_overhead_s=5e-3)
+    r = Roofline(truth, m, precision="fp32")
+    pre = [PrefillPoint(n, 0, predict_ttft_s(r, n)) for n in (16, 64, 128, 256, 512, 768)]
+    pre += [PrefillPoint(n, n - 32, predict_ttft_s(r, n, n - 32)) for n in (256, 768)]
+    dec = [DecodePoint(b, 64, predict_itl_s(r, b, 64)) for b in (1, 2, 4)]
+    cal = fit(base, m, pre, dec, name="cpu-slope", precision="fp32")
+    assert cal.max_error < 0.01
+    assert cal.hardware.compute_efficiency == pytest.approx(6e-4, rel=0.02)
+    assert cal.hardware.bandwidth_efficiency == base.bandwidth_efficiency  # unseen: held
+
+
 def test_fit_holds_what_noise_would_make_unphysical() -> None:
     """TTFT that falls with the prompt (noise) must not become a negative or absurd factor."""
     base, m = get_hardware("cpu"), get_model("tiny-llama")
