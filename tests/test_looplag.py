@@ -113,3 +113,57 @@ substrates:
     finally:
         await lag.stop()
         await runner.cleanup()
+
+
+async def test_a_probe_stretched_by_lag_still_fails_by_its_wall_time_cap(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Scrape and health-probe deadlines stretch by the gateway's loop lag only up to
+    ``gateway.lag_max_stretch`` × their timeout, like the first-byte timeout. The lag is
+    injected (every second of wall time counts as lost: a loop that never runs on time), so the
+    running-time deadline alone never fires. The endpoint answers /health and /metrics only
+    after 0.9 s, unless the prober gave up and went away first: with the cap (2 × 0.1 s) the
+    probe fails and the scrape reads nothing; stretched without a cap (the code before: aiohttp's
+    10 × backstop, 1 s) the late answer arrived first and the endpoint counted as healthy."""
+    gave_up: list[str] = []
+
+    async def late(request: web.Request) -> web.Response:
+        try:
+            await asyncio.sleep(0.9)
+        except asyncio.CancelledError:  # the prober closed the connection
+            gave_up.append(request.path)
+            raise
+        return web.Response(text="vllm:num_requests_running 0\n")
+
+    app = web.Application()
+    app.router.add_get("/health", late)
+    app.router.add_get("/metrics", late)
+    runner = web.AppRunner(app, handler_cancellation=True)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    cfg = parse_config(f"""
+substrates:
+  - {{name: pool, kind: gpu, hardware: h100, region: r1, jurisdiction: eu,
+     cost: {{hourly_usd: 1.0}},
+     endpoints: [{{name: e, url: "http://127.0.0.1:{port}",
+                  models: [{{name: m, profile: llama-3.1-8b, max_context: 4096}}]}}]}}
+""")
+    (endpoint,) = Fleet.from_config(cfg).endpoints
+    lag = LoopLag(interval_s=0.02)
+    lag.start()
+    monkeypatch.setattr(lag, "lost_at", lambda now: now)  # all wall time is lag
+    try:
+        async with aiohttp.ClientSession() as s:
+            src = HttpMetricsSource(s, timeout_s=0.1, lag=lag, max_stretch=2.0)
+            mark = lag.mark()
+            assert not await src.healthy(endpoint)
+            assert await src.metrics(endpoint) is None
+            assert lag.ran_s(mark) == 0.0  # no running time counted: the cap fired
+            async with asyncio.timeout(5):  # the handlers see the prober gone
+                while len(gave_up) < 2:
+                    await asyncio.sleep(0.01)
+            assert sorted(gave_up) == ["/health", "/metrics"]
+    finally:
+        await lag.stop()
+        await runner.cleanup()

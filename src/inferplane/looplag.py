@@ -14,6 +14,11 @@ iteration as a late tick already sees the stall.
 have passed it subtracts the lag lost since it was entered and re-arms itself for what is left;
 it expires only once ``seconds`` of wall time minus lag have passed (and at the latest at
 ``max_s`` of wall time). Without a running ticker it is exactly ``asyncio.timeout(seconds)``.
+
+`bounded` is the form the gateway's own I/O uses (engine scrapes and health probes, Redis
+calls): ``seconds`` of running time, and never more than ``max_stretch × seconds`` of wall time
+(``gateway.lag_max_stretch``, default `MAX_STRETCH`), so a loop that is merely busy still
+times out a peer that does not answer.
 """
 
 from __future__ import annotations
@@ -25,6 +30,11 @@ from collections import deque
 from collections.abc import AsyncIterator
 
 RECENT_S = 60.0  # `recent_max_s` looks this far back
+
+MAX_STRETCH = 3.0
+"""The default bound on a deadline's stretch: it fires by this multiple of itself in wall time
+however much the loop lagged (``gateway.lag_max_stretch``,
+``gateway.first_byte_timeout.max_stretch``)."""
 
 
 class LoopLag:
@@ -125,3 +135,14 @@ class LoopLag:
             finally:
                 if handle is not None:
                     handle.cancel()
+
+
+def bounded(
+    lag: LoopLag | None, seconds: float, max_stretch: float = MAX_STRETCH
+) -> contextlib.AbstractAsyncContextManager[object]:
+    """A deadline of ``seconds`` of running time (`LoopLag.deadline`) that fires by
+    ``max_stretch × seconds`` of wall time in any case; without ``lag``, exactly
+    ``asyncio.timeout(seconds)``."""
+    if lag is None:
+        return asyncio.timeout(seconds)
+    return lag.deadline(seconds, max(1.0, max_stretch) * seconds)

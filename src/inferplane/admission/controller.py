@@ -49,6 +49,7 @@ from inferplane.errors import GatewayError, InvalidRequestError, RateLimitError
 from inferplane.fleet.live import LiveFleet
 from inferplane.fleet.model import Endpoint
 from inferplane.fleet.state import FleetSnapshot
+from inferplane.looplag import LoopLag
 from inferplane.placement.profile import RequestProfile
 from inferplane.telemetry.metrics import GatewayMetrics
 from inferplane.types import ApiKind
@@ -102,18 +103,25 @@ class Ticket:
         self.completion_tokens = completion_tokens
 
 
-def make_store(config: FleetConfig) -> AdmissionStore:
+def make_store(config: FleetConfig, lag: LoopLag | None = None) -> AdmissionStore:
+    """The configured admission store. With Redis and ``lag`` (the process's `LoopLag`), each
+    Redis call's timeout counts the gateway's running time, up to ``gateway.lag_max_stretch``
+    × itself in wall time (`admission.outage`)."""
     spec = config.admission
     if spec.store == "redis":
         from inferplane.admission.journal import OutageJournal
         from inferplane.admission.outage import OutageStore
         from inferplane.admission.redis_state import RedisStore
 
-        remote = RedisStore(spec.redis_url, spec.redis_prefix, spec.redis_timeout_s)
+        stretch = config.gateway.lag_max_stretch
+        remote = RedisStore(spec.redis_url, spec.redis_prefix, spec.redis_timeout_s,
+                            max_stretch=stretch if lag is not None else 1.0)
         return OutageStore(
             remote,
             retry_after_s=spec.outage_retry_after_s,
             journal=OutageJournal(journal_path(config)),
+            lag=lag,
+            max_stretch=stretch,
         )
     path = local_store_path(config)
     if path is not None:
@@ -155,6 +163,7 @@ class Admission:
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
+        lag: LoopLag | None = None,
     ) -> None:
         spec = config.admission
         self.spec = spec
@@ -163,7 +172,7 @@ class Admission:
         self.metrics = metrics
         self.clock = clock
         self.rng = rng or random.Random(config.gateway.seed)
-        self.store: AdmissionStore = store or make_store(config)
+        self.store: AdmissionStore = store or make_store(config, lag)
         self.classes: dict[str, WorkloadClass] = {c.name: c for c in config.classes}
         longest_wait = max(
             [spec.queue.default_deadline_ms]

@@ -2,7 +2,9 @@
 
 It wraps `RedisStore` and never lets a Redis failure become a 500. While Redis cannot be
 reached (an error, or a timeout of ``admission.redis_timeout_s``), each operation degrades on
-its own terms:
+its own terms. The timeout counts the gateway's running time (with a `LoopLag`: a call that
+Redis answered in time is not failed because the gateway's own event loop ran late; it fires
+by ``gateway.lag_max_stretch ×`` the timeout of wall time in any case):
 
 ======================  ============================================================================
 operation               while Redis is unreachable
@@ -62,6 +64,7 @@ from inferplane.admission.state import (
     UsageRow,
 )
 from inferplane.errors import StoreUnavailableError
+from inferplane.looplag import MAX_STRETCH, LoopLag, bounded
 
 T = TypeVar("T")
 log = logging.getLogger("inferplane.admission")
@@ -96,8 +99,12 @@ class OutageStore:
         retry_after_s: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
         journal: OutageJournal | None = None,
+        lag: LoopLag | None = None,
+        max_stretch: float = MAX_STRETCH,
     ) -> None:
         self.remote = remote
+        self.lag = lag
+        self.max_stretch = max_stretch
         self.local = MemoryStore()
         self.retry_after_s = retry_after_s
         self.clock = clock
@@ -142,13 +149,19 @@ class OutageStore:
         if self.journal:  # settles must reach Redis in order: the reconciler replays first
             return False, None
         try:
-            result = await call()
+            async with self._deadline():
+                result = await call()
         except _FAILURES as exc:
             self._failed(exc)
             return False, None
         if self.down_since is not None:
             self._back()
         return True, result
+
+    def _deadline(self) -> contextlib.AbstractAsyncContextManager[object]:
+        """One Redis call's deadline: ``admission.redis_timeout_s`` of running time
+        (`inferplane.looplag.bounded`)."""
+        return bounded(self.lag, self.remote.timeout_s, self.max_stretch)
 
     def _back(self) -> None:
         assert self.down_since is not None
@@ -205,7 +218,8 @@ class OutageStore:
         while self.down_since is not None or self.journal:
             await asyncio.sleep(max(0.0, self._retry_at - self.clock()))
             try:
-                await self.remote.ping()
+                async with self._deadline():
+                    await self.remote.ping()
                 await self._replay()
             except _FAILURES as exc:
                 self._failed(exc)

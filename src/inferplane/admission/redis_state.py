@@ -174,14 +174,24 @@ def _ms(seconds: float) -> str:
 class RedisStore:
     """`AdmissionStore` on Redis (``redis.asyncio``), atomic through Lua scripts."""
 
-    def __init__(self, url: str, prefix: str = "inferplane:", timeout_s: float = 0.5) -> None:
+    def __init__(
+        self,
+        url: str,
+        prefix: str = "inferplane:",
+        timeout_s: float = 0.5,
+        *,
+        max_stretch: float = 1.0,
+    ) -> None:
         # a dead Redis must cost one short timeout, not a stalled request: no retries with
-        # backoff inside the client (`admission.outage` decides what a failure means)
+        # backoff inside the client (`admission.outage` decides what a failure means). The
+        # client's own timeouts are ``max_stretch × timeout_s``: a caller that bounds each call
+        # in the gateway's running time (`OutageStore` with a `LoopLag`) stretches it that far
+        self.timeout_s = timeout_s
         self.r: aioredis.Redis = aioredis.Redis.from_url(
             url,
             decode_responses=True,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
+            socket_timeout=timeout_s * max_stretch,
+            socket_connect_timeout=timeout_s * max_stretch,
             retry=Retry(NoBackoff(), 0),
         )
         self.p = prefix

@@ -19,7 +19,8 @@ prefix that another replica placed as if it were new. With ``admission.store: re
   after the session began.
 
 **Redis unreachable.** Nothing waits for it and nothing fails: a call that errs or takes longer
-than ``timeout_s`` marks Redis down for ``retry_after_s``; meanwhile `session` answers None at
+than ``timeout_s`` (of the process's running time, `inferplane.looplag.bounded`) marks Redis
+down for ``retry_after_s``; meanwhile `session` answers None at
 once and picks are not published (each replica places from its own picks: sessions and
 prefixes it has seen keep their endpoints, the others' new ones are placed afresh). The
 subscriber reconnects every ``retry_after_s``; picks made during the outage are not replayed.
@@ -41,6 +42,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from inferplane.looplag import MAX_STRETCH, LoopLag, bounded
 from inferplane.placement.profile import RequestProfile
 
 log = logging.getLogger("inferplane.admission")
@@ -92,15 +94,22 @@ class SharedPlacement:
         timeout_s: float = 0.5,
         retry_after_s: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
+        lag: LoopLag | None = None,
+        max_stretch: float = MAX_STRETCH,
     ) -> None:
+        # each call is bounded by ``timeout_s`` of running time (`_deadline`); the client's own
+        # timeouts only back that up, at its wall-time cap
+        backstop = timeout_s * (max_stretch if lag is not None else 1.0)
         self.r: aioredis.Redis = aioredis.Redis.from_url(
-            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+            url, socket_timeout=backstop, socket_connect_timeout=backstop,
             retry=Retry(NoBackoff(), 0),
         )
         # the subscriber waits for messages as long as there are none: no read timeout
         self.sub: aioredis.Redis = aioredis.Redis.from_url(
-            url, socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0)
+            url, socket_connect_timeout=backstop, retry=Retry(NoBackoff(), 0)
         )
+        self.lag = lag
+        self.max_stretch = max_stretch
         self.p = prefix
         self.channel = f"{prefix}picks"
         self.on_pick = on_pick
@@ -132,6 +141,11 @@ class SharedPlacement:
                 "process's own state until it returns", type(exc).__name__, exc,
             )
 
+    def _deadline(self) -> contextlib.AbstractAsyncContextManager[object]:
+        """One Redis call's deadline: ``timeout_s`` of the process's running time, at most
+        ``max_stretch ×`` that of wall time (`inferplane.looplag.bounded`)."""
+        return bounded(self.lag, self.timeout_s, self.max_stretch)
+
     def _up(self) -> None:
         if self.down_since is not None:
             log.warning("shared placement state: Redis reachable again")
@@ -150,7 +164,8 @@ class SharedPlacement:
             return None
         self.lookups += 1
         try:
-            v = await asyncio.wait_for(self.r.get(self._key(session_key)), self.timeout_s)
+            async with self._deadline():
+                v = await self.r.get(self._key(session_key))
         except _FAILURES as exc:
             self._failed(exc)
             return None
@@ -188,7 +203,8 @@ class SharedPlacement:
                         if p.session_key is not None:
                             pipe.set(self._key(p.session_key), p.endpoint, ex=self.ttl_s)
                     pipe.publish(self.channel, payload)
-                    await asyncio.wait_for(pipe.execute(), self.timeout_s)
+                    async with self._deadline():
+                        await pipe.execute()
             except _FAILURES as exc:
                 self._failed(exc)
                 return

@@ -37,6 +37,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from inferplane.looplag import MAX_STRETCH, LoopLag, bounded
+
 log = logging.getLogger("inferplane.admission")
 
 _FAILURES = (RedisError, OSError, asyncio.TimeoutError)
@@ -71,25 +73,32 @@ return out
 """
 )
 
-# ARGV: lease, add_missing (0/1), then per key: its number of ids, the ids
+# ARGV: lease, add_missing (0/1), then per key: its number of ids, the ids. Returns how many
+# of the ids had lapsed: expired (or already dropped) before this renewal
 RENEW = (
     _NOW
     + """
 local lease, add = tonumber(ARGV[1]), ARGV[2] == '1'
 local a = 3
+local lapsed = 0
 for i = 1, #KEYS do
   local n = tonumber(ARGV[a])
   for j = 1, n do
+    local id = ARGV[a + j]
+    local score = redis.call('ZSCORE', KEYS[i], id)
+    if not score or tonumber(score) <= now then
+      lapsed = lapsed + 1
+    end
     if add then
-      redis.call('ZADD', KEYS[i], now + lease, ARGV[a + j])
+      redis.call('ZADD', KEYS[i], now + lease, id)
     else
-      redis.call('ZADD', KEYS[i], 'XX', now + lease, ARGV[a + j])
+      redis.call('ZADD', KEYS[i], 'XX', now + lease, id)
     end
   end
   redis.call('PEXPIRE', KEYS[i], lease * 2)
   a = a + n + 1
 end
-return 0
+return lapsed
 """
 )
 
@@ -109,14 +118,22 @@ class SharedSlots:
         timeout_s: float = 0.5,
         retry_after_s: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
+        lag: LoopLag | None = None,
+        max_stretch: float = MAX_STRETCH,
     ) -> None:
+        # each call is bounded by ``timeout_s`` of running time (`_deadline`); the client's own
+        # timeouts only back that up, at its wall-time cap
+        backstop = timeout_s * (max_stretch if lag is not None else 1.0)
         self.r: aioredis.Redis = aioredis.Redis.from_url(
             url,
             decode_responses=True,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
+            socket_timeout=backstop,
+            socket_connect_timeout=backstop,
             retry=Retry(NoBackoff(), 0),
         )
+        self.timeout_s = timeout_s
+        self.lag = lag
+        self.max_stretch = max_stretch
         self.p = prefix
         self.limits = dict(limits)
         self.on_remote = on_remote
@@ -140,6 +157,7 @@ class SharedSlots:
         self._retry_at = 0.0
         self._readd = False  # after an outage: put back the slots taken while Redis was down
         self.refused = 0
+        self.lapsed = 0  # slots found expired at their renewal (`renew`)
 
     # -- keys and state -------------------------------------------------------------------
     def _key(self, endpoint: str) -> str:
@@ -174,6 +192,13 @@ class SharedSlots:
                 type(exc).__name__, exc,
             )
 
+    def _deadline(self) -> contextlib.AbstractAsyncContextManager[object]:
+        """One Redis call's deadline: ``timeout_s`` of the process's running time, at most
+        ``max_stretch ×`` that of wall time (`inferplane.looplag.bounded`): a slot call that
+        Redis answered in time is not an outage because this process's loop ran late (an
+        outage here lets the other replicas' view lose this one's slots)."""
+        return bounded(self.lag, self.timeout_s, self.max_stretch)
+
     def _up(self) -> None:
         if self.down_since is not None:
             log.warning("shared in-flight slots: Redis reachable again")
@@ -189,9 +214,10 @@ class SharedSlots:
         held = self.held.setdefault(endpoint, set())
         if self.down_since is None or self.clock() >= self._retry_at:
             try:
-                n = int(await self._acquire(
-                    keys=[self._key(endpoint)], args=[limit, sid, self.lease_ms]
-                ))
+                async with self._deadline():
+                    n = int(await self._acquire(
+                        keys=[self._key(endpoint)], args=[limit, sid, self.lease_ms]
+                    ))
             except _FAILURES as exc:
                 self._failed(exc)
             else:
@@ -227,7 +253,7 @@ class SharedSlots:
             if self.down_since is not None and self.clock() < self._retry_at:
                 return  # their leases expire in Redis on their own
             try:
-                async with self.r.pipeline(transaction=False) as pipe:
+                async with self._deadline(), self.r.pipeline(transaction=False) as pipe:
                     for endpoint, sid in batch:
                         pipe.zrem(self._key(endpoint), sid)
                     await pipe.execute()
@@ -271,9 +297,17 @@ class SharedSlots:
             if held:
                 keys.append(self._key(name))
                 args += [len(held), *held]
-        if keys:
-            await self._renew(keys=keys, args=args)
+        readd = self._readd
+        lapsed = int(await self._renew(keys=keys, args=args)) if keys else 0
         self._readd = False
+        if lapsed and not readd:  # after an outage they are expected: they are put back
+            self.lapsed += lapsed
+            log.warning(
+                "shared in-flight slots: %d slot(s) held here had lapsed in Redis before their "
+                "renewal (every %.2f s, lease %.2f s): this process ran late, and meanwhile "
+                "other replicas may have taken them (max_concurrency exceeded)",
+                lapsed, max(self.sync_s, self.lease_s / 3.0), self.lease_s,
+            )
 
     async def _run(self) -> None:
         renew_every = max(self.sync_s, self.lease_s / 3.0)
@@ -284,9 +318,11 @@ class SharedSlots:
                 continue
             try:
                 if self._readd or self.clock() >= next_renew:
-                    await self.renew()
+                    async with self._deadline():
+                        await self.renew()
                     next_renew = self.clock() + renew_every
-                await self.sync()
+                async with self._deadline():
+                    await self.sync()
             except _FAILURES as exc:
                 self._failed(exc)
                 continue

@@ -63,7 +63,10 @@ class Gateway(Core):
 
     async def _start_transport(self) -> MetricsSource:
         session = await self.dispatcher.start()
-        return HttpMetricsSource(session, auth=self.dispatcher.auth_headers, lag=self.lag)
+        return HttpMetricsSource(
+            session, auth=self.dispatcher.auth_headers, lag=self.lag,
+            max_stretch=self.config.gateway.lag_max_stretch,
+        )
 
     async def _stop_transport(self) -> None:
         await self.dispatcher.close()

@@ -155,6 +155,12 @@ class GatewaySpec(Strict):
         "re-placement also stops when no eligible endpoint remains or the retry budget "
         "(admission.retry) is spent",
     )
+    lag_max_stretch: float = Field(
+        3.0, ge=1, description="engine scrapes, health probes and Redis calls do not count the "
+        "gateway's own event-loop lag against their timeouts, but each fires by this multiple of "
+        "its timeout in wall time however late the loop runs (the first-byte timeout has its own, "
+        "first_byte_timeout.max_stretch)"
+    )
     first_byte_timeout: FirstByteTimeoutSpec = Field(
         FirstByteTimeoutSpec(),
         description="give up on an endpoint that has not sent its first byte in time, re-place "
@@ -697,7 +703,9 @@ class AdmissionSpec(Strict):
         "long after its last request"
     )
     redis_timeout_s: float = Field(
-        0.5, gt=0, description="a Redis call slower than this counts as Redis being unreachable"
+        0.5, gt=0, description="a Redis call slower than this counts as Redis being "
+        "unreachable; the gateway's own event-loop lag does not count, up to "
+        "gateway.lag_max_stretch × this in wall time"
     )
     outage_retry_after_s: float = Field(
         2.0,

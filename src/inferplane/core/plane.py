@@ -176,6 +176,10 @@ class Core:
         self.ledger: Ledger = ledger or build_ledger(config, file)
         self._metrics_source = metrics_source
         self.scraper: Scraper | None = None
+        # the event loop's own lag (a loaded host descheduling the gateway): deadlines on the
+        # request path, health probes and Redis calls count running time only
+        # (`inferplane.looplag`), each up to its wall-time cap
+        self.lag = LoopLag()
         self.admission = Admission(
             config,
             self.live,
@@ -183,6 +187,7 @@ class Core:
             store=admission_store,
             clock=clock,
             monotonic=monotonic,
+            lag=self.lag,
         )
         self.outliers = OutlierDetector(self.fleet, config.health.outlier)
         self.slots: SharedSlots | None = None
@@ -200,6 +205,8 @@ class Core:
                 sync_s=spec.slot_sync_s,
                 timeout_s=spec.redis_timeout_s,
                 retry_after_s=spec.outage_retry_after_s,
+                lag=self.lag,
+                max_stretch=g.lag_max_stretch,
             )
         self.shared: SharedPlacement | None = None
         if spec.store == "redis" and spec.shared_placement:
@@ -213,11 +220,10 @@ class Core:
                 timeout_s=spec.redis_timeout_s,
                 retry_after_s=spec.outage_retry_after_s,
                 clock=monotonic,
+                lag=self.lag,
+                max_stretch=g.lag_max_stretch,
             )
         self.passive = PassiveHealth(self.live, self.outliers, config.health.outlier)
-        # the event loop's own lag (a loaded host descheduling the gateway): deadlines on the
-        # request path and health probes count running time only (`inferplane.looplag`)
-        self.lag = LoopLag()
         self._health_task: asyncio.Task[None] | None = None
         self.economics = refresher_for(config, file, self.metrics.registry)
         self.config_sha256: str | None = None  # the fleet file's, when the caller knows it

@@ -31,7 +31,7 @@ from inferplane.dispatch.answer import StreamStats, UpstreamAttemptFailed
 from inferplane.dispatch.credentials import auth_headers
 from inferplane.errors import UpstreamError
 from inferplane.fleet.model import Endpoint
-from inferplane.looplag import LoopLag
+from inferplane.looplag import MAX_STRETCH, LoopLag
 
 # 529: Anthropic's "overloaded"
 RETRIABLE_STATUS = frozenset({429, 500, 502, 503, 504, 529})
@@ -108,7 +108,7 @@ def _translate(endpoint: Endpoint) -> Iterator[None]:
         ) from None
 
 
-LAG_STRETCH = 3.0
+LAG_STRETCH = MAX_STRETCH
 """Without ``max_s``, a first-byte deadline never stretches past this × its own length (the
 default of ``gateway.first_byte_timeout.max_stretch``, which the gateway passes)."""
 

@@ -224,7 +224,9 @@ class Picker(Core):
             timeout=aiohttp.ClientTimeout(sock_connect=self.config.gateway.connect_timeout_s)
         )
         self._sweeper = asyncio.create_task(self._sweep_loop())
-        return HttpMetricsSource(self._session, lag=self.lag)
+        return HttpMetricsSource(
+            self._session, lag=self.lag, max_stretch=self.config.gateway.lag_max_stretch
+        )
 
     async def _drain(self) -> None:
         """The picker stops: every flight still in the air is accounted now, while the ledger

@@ -25,7 +25,7 @@ import aiohttp
 from inferplane.fleet.engine_metrics import parse_metrics
 from inferplane.fleet.live import LiveFleet
 from inferplane.fleet.model import Endpoint
-from inferplane.looplag import LoopLag
+from inferplane.looplag import MAX_STRETCH, LoopLag, bounded
 
 log = logging.getLogger("inferplane.scraper")
 
@@ -47,7 +47,9 @@ class HttpMetricsSource:
 
     Each call is bounded by ``timeout_s`` of the gateway's running time when ``lag`` is given
     (`inferplane.looplag`: a probe is not failed because the gateway itself was descheduled),
-    and by ``backstop × timeout_s`` of wall time in any case."""
+    and by ``max_stretch × timeout_s`` of wall time in any case (``gateway.lag_max_stretch``:
+    a loop that is merely busy looks late too, and an endpoint that does not answer must still
+    fail its probe under load)."""
 
     def __init__(
         self,
@@ -55,18 +57,22 @@ class HttpMetricsSource:
         timeout_s: float = 1.0,
         auth: AuthHeaders | None = None,
         lag: LoopLag | None = None,
-        backstop: float = 10.0,
+        max_stretch: float = MAX_STRETCH,
     ) -> None:
         self.session = session
         self.timeout_s = timeout_s
         self.lag = lag
-        self.timeout = aiohttp.ClientTimeout(total=timeout_s * (backstop if lag else 1.0))
+        self.max_stretch = max(1.0, max_stretch)
+        # aiohttp's own limit only backs the deadline up: it is the deadline's wall-time cap
+        self.timeout = aiohttp.ClientTimeout(
+            total=timeout_s * (self.max_stretch if lag else 1.0)
+        )
         self.auth = auth
 
     def _deadline(self) -> contextlib.AbstractAsyncContextManager[object]:
         if self.lag is None:
             return contextlib.nullcontext()
-        return self.lag.deadline(self.timeout_s)
+        return bounded(self.lag, self.timeout_s, self.max_stretch)
 
     async def metrics(self, endpoint: Endpoint) -> str | None:
         try:
