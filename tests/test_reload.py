@@ -379,3 +379,88 @@ def test_a_restarted_worker_serves_what_the_others_applied(
         gw.stop()
         srv.stop()
     assert "Traceback" not in gw.log.read_text()
+
+
+async def test_a_reload_removes_the_metric_series_of_removed_endpoints() -> None:
+    """Issue 14, reliability: ``/metrics`` kept exporting the series of endpoints and pools a
+    reload had removed (request counters, TTFT histograms, health and in-flight gauges, pool
+    gauges), forever. Now a removed substrate's series go at the reload, and a removed
+    endpoint's once its requests in flight drained (they still account to it until then)."""
+    import aiohttp
+    from aiohttp import web
+
+    from inferplane.api.app import serve
+    from inferplane.api.pipeline import Gateway
+    from tests.support.fake_upstream import build
+    from tests.support.procs import free_port
+
+    modes = {"keep-0": "ok", "gone-0": "ok", "gone-1": "slow"}  # slow: 5 chunks 0.2 s apart
+    ports, ups = {}, []
+    for name, mode in modes.items():
+        ports[name] = free_port()
+        up = web.AppRunner(build(name, mode, 0.0), handler_cancellation=True)
+        await up.setup()
+        await web.TCPSite(up, "127.0.0.1", ports[name]).start()
+        ups.append(up)
+
+    def ep(name: str) -> str:
+        return (f"{{name: {name}, url: 'http://127.0.0.1:{ports[name]}', "
+                "models: [{name: m, profile: llama-3.1-8b, max_context: 8192}]}")
+
+    def fleet(*pools: tuple[str, list[str]]) -> str:
+        subs = "".join(
+            f"  - {{name: {pool}, kind: gpu, hardware: h100, region: r1, jurisdiction: eu,\n"
+            f"     cost: {{hourly_usd: 3.0}}, endpoints: [{', '.join(ep(n) for n in names)}]}}\n"
+            for pool, names in pools
+        )
+        return (f"gateway: {{scrape_interval_s: 0.05, default_profile: round-robin, "
+                f"metrics: {{public: true}}}}\nsubstrates:\n{subs}tenants:\n"
+                f"  - {{name: t, api_keys: [\"{key_hash('sk-m')}\"]}}\n")
+
+    port = free_port()
+    gw = Gateway(parse_config(fleet(("keep", ["keep-0"]), ("gone", ["gone-0", "gone-1"]))))
+    runner = await serve(gw, "127.0.0.1", port)
+    base = f"http://127.0.0.1:{port}"
+    chat = {"model": "m", "max_tokens": 5, "stream": True,
+            "messages": [{"role": "user", "content": "hello"}]}
+    held: aiohttp.ClientResponse | None = None
+    try:
+        async with aiohttp.ClientSession(
+            headers={"Authorization": "Bearer sk-m"}, timeout=aiohttp.ClientTimeout(total=20)
+        ) as s:
+            async def scrape() -> str:
+                async with s.get(f"{base}/metrics") as r:
+                    return await r.text()
+
+            served: set[str] = set()
+            for _ in range(30):  # round-robin: every endpoint serves; one slow stream stays open
+                r = await s.post(f"{base}/v1/chat/completions", json=chat)
+                assert r.status == 200, await r.text()
+                name = r.headers["x-inferplane-endpoint"]
+                if name == "gone-1" and held is None and served >= {"keep-0", "gone-0"}:
+                    held = r
+                    break
+                await r.read()
+                served.add(name)
+            assert held is not None, served
+            text = await scrape()
+            for name in modes:
+                assert f'endpoint="{name}"' in text, name
+            assert 'substrate="gone"' in text
+            await gw.reload(parse_config(fleet(("keep", ["keep-0"]))), "<config>")
+            text = await scrape()
+            assert 'endpoint="gone-0"' not in text and 'substrate="gone"' not in text
+            assert 'endpoint="keep-0"' in text and 'substrate="keep"' in text
+            assert 'endpoint="gone-1"' in text  # draining: its stream is still in flight
+            assert b"[DONE]" in await held.read()
+            held.release()
+            async with asyncio.timeout(10):  # the stream's accounting ends its flight
+                while 'endpoint="gone-1"' in (text := await scrape()):
+                    await asyncio.sleep(0.05)
+            assert 'inferplane_requests_total{api="chat",code="200",endpoint="keep-0"}' in text
+    finally:
+        if held is not None:
+            held.release()
+        await runner.cleanup()
+        for up in ups:
+            await up.cleanup()

@@ -361,6 +361,7 @@ def check_metrics_access(request: web.Request) -> None:
 async def metrics(request: web.Request) -> web.Response:
     check_metrics_access(request)
     gw = request.app[GATEWAY_KEY]
+    gw.forget_removed()  # series of endpoints a reload removed, once drained
     snap = gw.live.snapshot()
     for v in snap.endpoints:
         gw.metrics.inflight.labels(v.name).set(v.state.inflight)

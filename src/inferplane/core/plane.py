@@ -228,6 +228,10 @@ class Core:
         self.economics = refresher_for(config, file, self.metrics.registry)
         self.config_sha256: str | None = None  # the fleet file's, when the caller knows it
         self._reload_lock = asyncio.Lock()
+        # endpoints and substrates a reload removed whose metric series are still exported
+        # (`forget_removed`)
+        self._removed_endpoints: set[str] = set()
+        self._removed_substrates: set[str] = set()
         self.metrics.config_last_reload_time.set(time.time())
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -381,6 +385,7 @@ class Core:
                 raise ConfigError(file, [("", f"cannot apply: {type(exc).__name__}: {exc}")]) \
                     from None
             old = self.fleet.by_name
+            old_substrates = {sub.name for sub in self.config.substrates}
             joining = [e for e in fleet.endpoints if e.name not in old or old[e.name].url != e.url]
             observed = await self.scraper.observe(joining) if self.scraper is not None else []
             # -- the swap: no await from here on ---------------------------------------------
@@ -418,6 +423,12 @@ class Core:
             self.metrics.config_last_reload_ok.set(1)
             self.metrics.config_last_reload_time.set(time.time())
             self.set_config_sha256(sha256)
+            self._removed_endpoints = (self._removed_endpoints | set(removed)) - set(
+                fleet.by_name
+            )
+            kept = {sub.name for sub in config.substrates}
+            self._removed_substrates = (self._removed_substrates | (old_substrates - kept)) - kept
+            self.forget_removed()
             added = tuple(n for n in fleet.by_name if n not in old)
             out = Reloaded(
                 added=added,
@@ -434,6 +445,20 @@ class Core:
                 "rebuilt" if rebuild else "kept", out.seconds * 1000,
             )
             return out
+
+    def forget_removed(self) -> None:
+        """Remove the metric series of what reloads removed from the fleet: substrates at once,
+        an endpoint once its requests in flight have drained (until then they still account
+        to it). Called on each reload and before each ``/metrics`` answer."""
+        if not (self._removed_endpoints or self._removed_substrates):
+            return
+        drained = {
+            n for n in self._removed_endpoints
+            if (rec := self.live.live.get(n)) is None or rec.inflight <= 0
+        }
+        self.metrics.forget(endpoints=drained, substrates=self._removed_substrates)
+        self._removed_endpoints -= drained
+        self._removed_substrates = set()
 
     # -- health ---------------------------------------------------------------------------
     def sweep_outliers(self) -> None:

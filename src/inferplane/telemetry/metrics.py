@@ -2,11 +2,13 @@
 
 Label sets are bounded: endpoint and substrate names come from config, tenant names only when
 ``gateway.metrics.tenant_labels`` is on (else one value, ``all``), ``code`` from a fixed set of
-HTTP statuses, plugin names from config.
+HTTP statuses, plugin names from config. A fleet reload that removes an endpoint or a substrate
+removes its series too (`forget`; a removed endpoint's once its requests in flight drained).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -276,6 +278,32 @@ class GatewayMetrics:
             ["sha256"],
             registry=r,
         )
+
+    def by_endpoint(self) -> tuple[Any, ...]:
+        """The metrics labelled by ``endpoint``."""
+        return (self.requests, self.upstream_failures, self.stream_errors, self.ttft,
+                self.inflight, self.endpoint_healthy, self.endpoint_stale,
+                self.endpoint_ejections, self.endpoint_ejected)
+
+    def by_substrate(self) -> tuple[Any, ...]:
+        """The metrics labelled by ``substrate`` (a pool)."""
+        return (self.pool_queue_trend, self.pool_kv_pressure, self.pool_ttft_divergence,
+                self.pool_inflight_ratio, self.pool_verdict)
+
+    def forget(self, endpoints: Iterable[str] = (), substrates: Iterable[str] = ()) -> None:
+        """Remove every series of these endpoints and substrates (a fleet reload removed
+        them), so that ``/metrics`` stops exporting what is no longer in the fleet."""
+        gone = False
+        for name in endpoints:
+            for m in self.by_endpoint():
+                m.remove_by_labels({"endpoint": name})
+            gone = True
+        for name in substrates:
+            for m in self.by_substrate():
+                m.remove_by_labels({"substrate": name})
+            gone = True
+        if gone:  # cached children of removed series would write to nothing exported
+            self._children.clear()
 
     def tenant(self, name: str) -> str:
         """The ``tenant`` label value: the tenant's name only with ``gateway.metrics.tenant_labels``
