@@ -154,3 +154,88 @@ async def test_connections_per_client_are_limited(port: int) -> None:
     w.close()
     for _, hw in held:
         hw.close()
+
+
+async def _answer(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """One HTTP/1.1 answer with a Content-Length body: (status, body)."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                  if line.lower().startswith(b"content-length:"))
+    return status, await reader.readexactly(length)
+
+
+async def test_connections_per_client_behind_a_trusted_proxy() -> None:
+    """Issue 14, reliability: behind a trusted proxy every connection comes from the proxy's
+    address, so ``max_connections_per_client`` counted the proxy as one client (a proxy holding
+    more connections than the limit had the rest refused, whoever the clients were). Now a
+    trusted proxy's connection is not counted; each request on it counts, while it runs, as a
+    connection of the client X-Forwarded-For names, and one past the limit is a 429 on a
+    connection that stays open for the proxy's next request."""
+    release = asyncio.Event()
+    arrived: list[str] = []
+
+    async def held(request: web.Request) -> web.Response:
+        arrived.append(request.path)
+        await release.wait()
+        return await _ok(request)
+
+    up = web.Application()
+    up.router.add_post("/v1/chat/completions", held)
+    up.router.add_get("/health", _ok)
+    up.router.add_get("/metrics", _empty)
+    up_runner = web.AppRunner(up)
+    await up_runner.setup()
+    up_port = free_port()
+    await web.TCPSite(up_runner, "127.0.0.1", up_port).start()
+    cfg = f"""
+gateway: {{scrape_interval_s: 0.05, max_connections_per_client: 2,
+          trusted_proxies: ["127.0.0.1/32"]}}
+substrates:
+  - {{name: pool, kind: gpu, hardware: h100, region: r1, jurisdiction: eu,
+     cost: {{hourly_usd: 1.0}},
+     endpoints: [{{name: up, url: "http://127.0.0.1:{up_port}", max_concurrency: 64,
+                  models: [{{name: m, profile: llama-3.1-8b, max_context: 4096}}]}}]}}
+tenants:
+  - {{name: a, api_keys: ["{hash_key(KEY)}"]}}
+"""
+    port = free_port()
+    runner = await serve(Gateway(parse_config(cfg)), "127.0.0.1", port)
+    body = json.dumps({"model": "m", "max_tokens": 1,
+                       "messages": [{"role": "user", "content": "hi"}]})
+
+    def request(client: str) -> bytes:
+        return (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                f"Authorization: Bearer {KEY}\r\nX-Forwarded-For: {client}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+                f"{body}").encode()
+
+    conns = []
+    try:
+        async with asyncio.timeout(20):
+            # the proxy opens four connections, more than the limit: none is refused; three
+            # clients, one of them (.1) with two requests in flight, at its limit
+            for client in ("198.51.100.1", "198.51.100.2", "198.51.100.3", "198.51.100.1"):
+                r, w = await asyncio.open_connection("127.0.0.1", port)
+                w.write(request(client))
+                conns.append((r, w))
+            while len(arrived) < 4:  # all four are in flight upstream
+                await asyncio.sleep(0.01)
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            conns.append((r, w))
+            w.write(request("198.51.100.1"))  # .1's third: over its limit
+            status, answer = await _answer(r)
+            assert status == 429, answer
+            assert json.loads(answer)["error"]["code"] == "too_many_connections"
+            w.write(request("198.51.100.4"))  # the same proxy connection, another client
+            while len(arrived) < 5:
+                await asyncio.sleep(0.01)
+            release.set()
+            for r, _ in conns:
+                status, answer = await _answer(r)
+                assert status == 200, answer
+    finally:
+        for _, w in conns:
+            w.close()
+        await runner.cleanup()
+        await up_runner.cleanup()

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from ipaddress import ip_network
 
 import orjson
 from aiohttp import web
@@ -85,8 +86,8 @@ def check_headers(headers: Mapping[str, str]) -> None:
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """The one translation point from exceptions to OpenAI-shaped error responses."""
-    request_started(request)
     try:
+        request_started(request)
         check_headers(request.headers)
         return await handler(request)
     except GatewayError as exc:
@@ -533,6 +534,7 @@ async def serve(
         header_timeout_s=g.header_timeout_s,
         idle_timeout_s=g.idle_timeout_s,
         max_connections_per_client=g.max_connections_per_client,
+        trusted_proxies=tuple(ip_network(n, strict=False) for n in g.trusted_proxies),
     )
     runner = GatewayRunner(application, limits=limits)
     metrics_runner = None

@@ -11,11 +11,18 @@ its first byte; a connection idle between requests (or silent from the start) fo
 ``idle_timeout_s`` is closed; a client address past ``max_connections_per_client`` open
 connections gets a 429 and is closed. The body deadline (``body_timeout_s``) is the app's: it
 reads bodies (`api.app`).
+
+A connection from a trusted proxy (``gateway.trusted_proxies``: Envoy, a load balancer) carries
+many clients' requests, so it is not counted against the proxy's address. Each request on it
+counts instead, while it runs, as a connection of the client that ``X-Forwarded-For`` names
+(its right-most untrusted address, `console_auth.client_address`): a client past the limit
+gets a 429 ``too_many_connections`` for that request, and the proxy's connection stays open.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 from collections import Counter
 from dataclasses import dataclass
@@ -25,6 +32,9 @@ import orjson
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
+
+from inferplane.api.console_auth import IpNetwork, client_address
+from inferplane.errors import RateLimitError
 
 log = logging.getLogger("inferplane.api")
 
@@ -36,6 +46,21 @@ class ConnectionLimits:
     header_timeout_s: float = 10.0
     idle_timeout_s: float = 75.0
     max_connections_per_client: int = 512
+    trusted_proxies: tuple[IpNetwork, ...] = ()
+
+    def trusted(self, peer: str | None) -> bool:
+        """Whether ``peer`` is one of ``trusted_proxies``."""
+        if peer is None or not self.trusted_proxies:
+            return False
+        try:
+            ip = ipaddress.ip_address(peer)
+        except ValueError:
+            return False
+        return any(ip in net for net in self.trusted_proxies if net.version == ip.version)
+
+
+def _too_many(limit: int) -> str:
+    return f"too many open connections from this client (limit {limit}); reuse connections"
 
 
 def error_body(status: int, message: str, error_type: str, code: str | None = None) -> bytes:
@@ -56,14 +81,16 @@ def _parser_message(status: int, message: str | None) -> str:
 class GatewayProtocol(RequestHandler):
     """One client connection. See the module docstring."""
 
-    __slots__ = ("_busy", "_header_timer", "_limits", "_peer")
+    __slots__ = ("_busy", "_client", "_header_timer", "_limits", "_peer", "_proxied")
 
     def __init__(self, manager: GatewayServer, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._limits = manager.limits
         self._header_timer: asyncio.TimerHandle | None = None
         self._busy = False
-        self._peer: str | None = None
+        self._peer: str | None = None  # counted against this address while connected
+        self._proxied: str | None = None  # a trusted proxy's address: its requests count
+        self._client: str | None = None  # the client of the request running (via a proxy)
 
     # -- per-client connection limit ------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -73,12 +100,12 @@ class GatewayProtocol(RequestHandler):
         manager = self._manager
         if self._peer is None or not isinstance(manager, GatewayServer):
             return
+        if self._limits.trusted(self._peer):  # many clients' requests: counted per request
+            self._proxied, self._peer = self._peer, None
+            return
         manager.per_client[self._peer] += 1
         if manager.per_client[self._peer] > self._limits.max_connections_per_client:
-            msg = (
-                f"too many open connections from this client (limit "
-                f"{self._limits.max_connections_per_client}); reuse connections"
-            )
+            msg = _too_many(self._limits.max_connections_per_client)
             body = error_body(429, msg, "rate_limit_exceeded", "too_many_connections")
             head = (
                 "HTTP/1.1 429 Too Many Requests\r\nContent-Type: application/json\r\n"
@@ -88,17 +115,44 @@ class GatewayProtocol(RequestHandler):
             transport.write(head.encode() + body)
             self.force_close()
 
-    def connection_lost(self, exc: BaseException | None) -> None:
+    def _uncount(self, address: str) -> None:
         manager = self._manager
-        if self._peer is not None and isinstance(manager, GatewayServer):
-            left = manager.per_client[self._peer] - 1
+        if isinstance(manager, GatewayServer):
+            left = manager.per_client[address] - 1
             if left > 0:
-                manager.per_client[self._peer] = left
+                manager.per_client[address] = left
             else:
-                manager.per_client.pop(self._peer, None)
+                manager.per_client.pop(address, None)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._peer is not None:
+            self._uncount(self._peer)
             self._peer = None
+        self._end_proxied()
         self._disarm()
         super().connection_lost(exc)
+
+    def _start_proxied(self, request: BaseRequest) -> None:
+        """A request on a trusted proxy's connection: count it against the client that
+        ``X-Forwarded-For`` names; raise a 429 past the limit."""
+        manager = self._manager
+        if self._proxied is None or not isinstance(manager, GatewayServer):
+            return
+        self._end_proxied()  # the connection's previous request, if its end was missed
+        client = client_address(self._proxied, request.headers.getall("X-Forwarded-For", []),
+                                self._limits.trusted_proxies)
+        manager.per_client[client] += 1
+        self._client = client
+        limit = self._limits.max_connections_per_client
+        if manager.per_client[client] > limit:
+            self._end_proxied()
+            raise RateLimitError(_too_many(limit), code="too_many_connections",
+                                 headers={"Retry-After": "1"})
+
+    def _end_proxied(self) -> None:
+        if self._client is not None:
+            self._uncount(self._client)
+            self._client = None
 
     # -- header timeout -------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
@@ -108,10 +162,13 @@ class GatewayProtocol(RequestHandler):
             )
         super().data_received(data)
 
-    def request_started(self) -> None:
-        """The app calls this when a request's head has arrived (`api.app`)."""
+    def request_started(self, request: BaseRequest) -> None:
+        """The app calls this when a request's head has arrived (`api.app`); a 429
+        (`RateLimitError`) when it comes through a trusted proxy from a client past
+        ``max_connections_per_client``."""
         self._busy = True
         self._disarm()
+        self._start_proxied(request)
 
     async def finish_response(
         self, request: BaseRequest, resp: web.StreamResponse, start_time: float | None
@@ -120,6 +177,7 @@ class GatewayProtocol(RequestHandler):
             return await super().finish_response(request, resp, start_time)
         finally:
             self._busy = False
+            self._end_proxied()
 
     def _disarm(self) -> None:
         if self._header_timer is not None:
@@ -197,8 +255,9 @@ class GatewayRunner(web.AppRunner):
 
 
 def request_started(request: web.Request) -> None:
-    """Tell the connection its request head is in (stops its header timer)."""
+    """Tell the connection its request head is in (stops its header timer); raises a 429
+    for a client past its connections through a trusted proxy."""
     proto = request.protocol
     if isinstance(proto, GatewayProtocol):
-        proto.request_started()
+        proto.request_started(request)
 

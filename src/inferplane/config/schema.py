@@ -101,13 +101,17 @@ class GatewaySpec(Strict):
         75.0, gt=0, description="close a client connection idle this long between requests"
     )
     max_connections_per_client: int = Field(
-        512, gt=0, description="open connections per client address; more get 429 and close"
+        512, gt=0, description="open connections per client address; more get 429 and close. "
+        "Behind a trusted proxy (trusted_proxies) each request in flight counts as a connection "
+        "of the client X-Forwarded-For names; one more gets 429 and the proxy's connection stays "
+        "open"
     )
     trusted_proxies: list[str] = Field(
         default_factory=list,
         description="addresses or CIDRs of proxies (Envoy, a load balancer) whose "
-        "X-Forwarded-For names the client: the console's failed-log-in throttle keys on its "
-        "right-most untrusted address (default: none trusted, the connection's peer is the client)",
+        "X-Forwarded-For names the client (its right-most untrusted address): for "
+        "max_connections_per_client and the console's failed-log-in throttle (default: none "
+        "trusted, the connection's peer is the client)",
     )
 
     @field_validator("trusted_proxies")
