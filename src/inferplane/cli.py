@@ -413,7 +413,7 @@ def hash_key_cmd(key: str) -> None:
 
 @app.command()
 def explain(
-    decision_id: Annotated[str, typer.Argument(help="the decision id (x-inferplane-decision)")],
+    decision_id: Annotated[str, typer.Argument(help="the decision id (x-inferplane-decision-id)")],
     ledger: Annotated[
         Path | None, typer.Option("--ledger", "-l", help="SQLite ledger file")
     ] = None,
