@@ -500,3 +500,24 @@ def test_derived_kv_blocks_are_capped_as_in_the_emulator() -> None:
     assert derived["c0"][0] > MAX_DERIVED_BLOCKS  # what the cap is for
     assert derived["c0"][1].num_gpu_blocks == MAX_DERIVED_BLOCKS
     assert derived["c1"][1].num_gpu_blocks == 1024
+
+
+@pytest.mark.parametrize("block_size", [1, 16, 48, 512, 1000])
+def test_trace_hashes_and_tokens_match_their_per_element_formulas(block_size: int) -> None:
+    """The run-at-a-time forms give exactly the per-element values (results stay identical)."""
+    rng = random.Random(block_size)
+    for _ in range(20):
+        ids = [rng.randrange(1 << 41) for _ in range(rng.randint(1, 12))]
+        length = rng.randint(1, len(ids) * 512)
+        n = length // block_size
+        chain, prev = [], 0x5EED
+        for i in ids:
+            prev = hash((prev, i))
+            chain.append(prev)
+        want = [hash((chain[((m + 1) * block_size - 1) // 512], m)) & ((1 << 64) - 1)
+                for m in range(n)]
+        assert engine_block_hashes(ids, length, block_size) == want
+        toks = TracePromptTokens(ids, length)
+        a, b = sorted(rng.randrange(length + 1) for _ in range(2))
+        assert toks[a:b] == [ids[i // 512] * 512 + i % 512 for i in range(a, b)]
+        assert toks[a:b:3] == [ids[i // 512] * 512 + i % 512 for i in range(a, b, 3)]

@@ -33,6 +33,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from hashlib import blake2b
+from itertools import repeat
 from typing import overload
 
 from inferplane.fleet.engine_metrics import EngineMetrics
@@ -88,13 +89,22 @@ def _trace_block_of(block_size: int, n: int) -> list[int]:
 
 def engine_block_hashes(ids: Sequence[int], prompt_len: int, block_size: int) -> list[int]:
     """Chained hashes of the prompt's full KV blocks: block ``m`` is named by the chain of every
-    trace block its tokens touch, and ``m``."""
+    trace block its tokens touch, and ``m``: ``hash((chain[j], m)) & 2**64 - 1`` where ``j`` is
+    the trace block of the block's last token (computed a trace block's run of KV blocks at a
+    time, in C)."""
     n = prompt_len // block_size
     if n == 0:
         return []
     jof = _trace_block_of(block_size, n)
     chain = _chain(0x5EED, ids, jof[n - 1] + 1)
-    return [hash((chain[j], m)) & _MASK64 for m, j in zip(range(n), jof, strict=False)]
+    out: list[int] = []
+    mask, m = _MASK64.__and__, 0
+    for j, c in enumerate(chain):
+        # KV blocks whose last token lies in trace block j: m < (j + 1) * 512 // block_size
+        end = min(n, (j + 1) * TRACE_BLOCK_TOKENS // block_size)
+        out.extend(map(mask, map(hash, zip(repeat(c), range(m, end)))))
+        m = max(m, end)
+    return out
 
 
 @lru_cache(maxsize=8)
@@ -148,7 +158,18 @@ class TracePromptTokens(Sequence[int]):
     def __getitem__(self, index: slice) -> list[int]: ...
     def __getitem__(self, index: int | slice) -> int | list[int]:
         if isinstance(index, slice):
-            return [self._at(i) for i in range(*index.indices(self._len))]
+            start, stop, step = index.indices(self._len)
+            if step != 1:
+                return [self._at(i) for i in range(start, stop, step)]
+            out: list[int] = []
+            tb, ids = TRACE_BLOCK_TOKENS, self._ids
+            while start < stop:  # a run of consecutive ids per trace block
+                b, r = divmod(start, tb)
+                n = min(stop - start, tb - r)
+                base = ids[b] * tb + r
+                out.extend(range(base, base + n))
+                start += n
+            return out
         if index < 0:
             index += self._len
         if not 0 <= index < self._len:
