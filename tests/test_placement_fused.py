@@ -269,3 +269,25 @@ def test_prefix_affinity_reads_predicted_latencys_index_when_no_other_profile_us
     latency, prefix = pol.scorers[0][0], pol.scorers[1][0]
     assert pol.fused is not None
     assert prefix.matcher is not latency.matcher  # type: ignore[attr-defined]
+
+
+def test_a_reloaded_fleet_is_filtered_and_scored_afresh() -> None:
+    """The fused passes keep per-endpoint verdicts, rows and state terms: a new fleet (a
+    reload: other endpoint objects at the same positions, other limits and hardware) must not
+    be judged by the old one's."""
+    before = Fleet.from_config(config(sub("eu", n=3, max_concurrency=8)))
+    after = Fleet.from_config(config(sub("eu", n=3, hardware="a100", max_concurrency=200),
+                                     sub("us", region="us-east", jurisdiction="us")))
+    fused = build_policies(BASE, "<test>")["default"]
+    ref = build_policies(BASE, "<test>", fused=False)["default"]
+    busy = EndpointState(stale=False, running=20.0, waiting=2.0, kv_usage=0.5, inflight=6,
+                         inflight_tokens=40_000)
+    for i, fl in enumerate([before, after, before]):
+        snap = snapshot(fl, {e.name: busy for e in fl.endpoints}, now=float(i))
+        for j in range(3):
+            p = profile(request_id=f"r{i}{j}", prompt_tokens=500 + 900 * j, max_output_tokens=200,
+                        block_hashes=(1, 2, 3 + j), priority="batch" if j == 2 else "standard",
+                        allowed_jurisdictions=frozenset({"eu"}) if j == 1 else None)
+            a = place(p, snap, fused, decision_id=str(j))
+            b = place(p, snap, ref, decision_id=str(j))
+            assert evidence(a) == evidence(b), (i, j)

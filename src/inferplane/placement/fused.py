@@ -267,6 +267,8 @@ class FusedScoring:
             if row is None or row[0] is not ep:
                 row = self._row(ep, model, rows)
                 nrows = len(rows)
+                if idx < nstates:
+                    states[idx] = None  # another endpoint's terms were kept at this position
             (_, k, r, region, fixed_s, embedding, pr, hourly_s,
              lin, attn, inv_flops, wbytes, kvb, inv_bw, comm, fixed, seq) = row
             st = states[idx] if idx < nstates else None
