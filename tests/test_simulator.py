@@ -9,6 +9,7 @@ slice of the real Mooncake trace when ``shared/traces`` is present.
 from __future__ import annotations
 
 import json
+import math
 import random
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +23,7 @@ from inferplane.config.loader import parse_config
 from inferplane.fleet.state import EndpointView
 from inferplane.placement.framework import REGISTRY, CycleState, FilterResult, Plugin, register
 from inferplane.twin.simulator.fleet import (
+    CHARS_PER_TOKEN,
     TracePromptTokens,
     engine_block_hashes,
     padded_ids,
@@ -521,3 +523,22 @@ def test_trace_hashes_and_tokens_match_their_per_element_formulas(block_size: in
         a, b = sorted(rng.randrange(length + 1) for _ in range(2))
         assert toks[a:b] == [ids[i // 512] * 512 + i % 512 for i in range(a, b)]
         assert toks[a:b:3] == [ids[i // 512] * 512 + i % 512 for i in range(a, b, 3)]
+
+
+@pytest.mark.parametrize("block_chars", [64, 256, 1024, 9000])
+def test_placement_hashes_match_their_per_element_formula(block_chars: int) -> None:
+    rng = random.Random(block_chars)
+    per = block_chars / CHARS_PER_TOKEN
+    for _ in range(30):
+        ids = [rng.randrange(1 << 41) for _ in range(rng.randint(1, 40))]
+        tokens = rng.randint(1, len(ids) * 512)
+        got = placement_block_hashes(7, ids, tokens, block_chars, max_blocks=64)
+        n = min(int((tokens * CHARS_PER_TOKEN - 1) // block_chars), 64)
+        chain, prev = [], 7
+        for i in ids:
+            prev = hash((prev, i))
+            chain.append(prev)
+        ends = [math.ceil((k + 1) * per) - 1 for k in range(64)]
+        want = tuple(hash((chain[min(ends[k], tokens - 1) // 512], k)) & ((1 << 64) - 1)
+                     for k in range(max(n, 0)))
+        assert got == want

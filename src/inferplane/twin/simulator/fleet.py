@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -130,10 +131,16 @@ def placement_block_hashes(
     last = prompt_tokens - 1
     tb = TRACE_BLOCK_TOKENS
     chain = _chain(model_seed, ids, min(ends[n - 1], last) // tb + 1)
-    return tuple(
-        hash((chain[(e if e < last else last) // tb], k)) & _MASK64
-        for k, e in zip(range(n), ends, strict=False)
-    )
+    # hash k is hash((chain[min(ends[k], last) // 512], k)) & 2**64 - 1: computed a run of k
+    # sharing one trace block at a time, in C
+    out: list[int] = []
+    mask, k = _MASK64.__and__, 0
+    for j, c in enumerate(chain):
+        bound = (j + 1) * tb
+        end = n if bound > last else min(n, bisect_left(ends, bound))
+        out.extend(map(mask, map(hash, zip(repeat(c), range(k, end)))))
+        k = max(k, end)
+    return tuple(out)
 
 
 class TracePromptTokens(Sequence[int]):
