@@ -356,36 +356,89 @@ async def test_queue_tick_grants_a_waiter_when_slots_free_up_on_their_own() -> N
     assert adm._ticker is None and ticker.done()
 
 
-async def test_queue_tick_sleeps_while_nothing_waits(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The ticker does not wake an idle gateway: it ticks only while a request waits."""
-    adm = _gateway("admission: {queue: {tick_s: 0.01}}\n").admission
-    ticks = 0
-    real_sleep = asyncio.sleep
+def _ticks_on_virtual_time(
+    monkeypatch: pytest.MonkeyPatch, tick_while_idle: bool, script: Any
+) -> list[float]:
+    """Run ``script(adm, slots)`` on the simulator's virtual clock (from 10.0 s) with the queue
+    ticker started (tick_s 0.25, exact in binary); the instants the ticker slept until."""
+    from inferplane.admission import controller
+    from inferplane.twin.simulator.vloop import VirtualTimeLoop
 
-    async def counted(seconds: float) -> None:
-        nonlocal ticks
-        ticks += 1
-        await real_sleep(seconds)
+    ticks: list[float] = []
+    sleep_until = controller._sleep_until
 
-    monkeypatch.setattr("inferplane.admission.controller.asyncio.sleep", counted)
-    slots = Slots(0)
-    adm.queue.free_slots = slots
-    await adm.start()
-    try:
-        await real_sleep(0.1)
-        assert ticks == 0
+    async def counted(loop: asyncio.AbstractEventLoop, when: float) -> None:
+        ticks.append(when)
+        await sleep_until(loop, when)
+
+    monkeypatch.setattr(controller, "_sleep_until", counted)
+
+    async def main() -> None:
+        adm = _gateway("admission: {queue: {tick_s: 0.25}}\n").admission
+        adm.tick_while_idle = tick_while_idle
+        slots = Slots(0)
+        adm.queue.free_slots = slots
+        await adm.start()
+        try:
+            await script(adm, slots)
+        finally:
+            await adm.close()
+
+    VirtualTimeLoop(start=10.0).run(main())
+    return ticks
+
+
+def test_queue_tick_sleeps_while_nothing_waits_and_keeps_its_grid(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The ticker does not wake an idle gateway: no timer at all while nothing waits. A request
+    queued after an idle spell is re-checked on the grid of the ticker's start (10.0 + k/4),
+    not tick_s after it arrived; the tick that grants the last waiter is the last one."""
+    granted: list[float] = []
+
+    async def script(adm: Any, slots: Slots) -> None:
+        loop = asyncio.get_running_loop()
+        await asyncio.sleep(100.1)  # idle until 110.1
         pool = ("llama-3.1-8b", None, None)
-        waiter = asyncio.create_task(adm.queue.acquire("a", "standard", pool, 1, 5.0))
-        await real_sleep(0.1)
-        assert ticks >= 1 and not waiter.done()
-        slots.n = 1
-        await asyncio.wait_for(waiter, 1.0)
-        await real_sleep(0.05)  # the tick that saw the queue empty is the last one
-        idle = ticks
-        await real_sleep(0.1)
-        assert ticks == idle
-    finally:
-        await adm.close()
+        waiter = asyncio.create_task(adm.queue.acquire("a", "standard", pool, 1, 50.0))
+        waiter.add_done_callback(lambda _: granted.append(loop.time()))
+        await asyncio.sleep(0.3)  # 110.4: ticked at 110.25 with no room
+        assert not waiter.done() and adm.queue.waiting == 1
+        slots.n = 1  # nobody calls pump or finish: the 110.5 tick grants
+        await waiter
+        await asyncio.sleep(100.0)  # idle again
+
+    ticks = _ticks_on_virtual_time(monkeypatch, False, script)
+    assert ticks == [110.25, 110.5]
+    assert granted == [110.5]
+
+
+def test_queue_ticks_while_idle_on_request_for_the_simulator(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With ``tick_while_idle`` (the simulator's setting) the ticker wakes every tick_s from its
+    start whether or not anything waits, as an ``asyncio.sleep`` loop did."""
+
+    async def script(adm: Any, slots: Slots) -> None:
+        await asyncio.sleep(1.1)
+
+    ticks = _ticks_on_virtual_time(monkeypatch, True, script)
+    assert ticks == [10.25, 10.5, 10.75, 11.0, 11.25]
+
+
+def test_next_grid_accumulates_from_a_grid_instant() -> None:
+    from inferplane.admission.controller import _next_grid
+
+    at = 0.0
+    grid = []
+    for _ in range(7):
+        at += 0.1
+        grid.append(at)
+    assert _next_grid(0.1, 0.1, 0.55) == grid[5]  # 0.6000000000000001, as six sleeps added up
+    assert _next_grid(0.1, 0.1, grid[5]) == grid[5]  # an instant on the grid is the next tick
+    assert _next_grid(0.1, 0.1, 0.05) == 0.1
+    far = _next_grid(0.0, 0.1, 1e6 + 0.05)  # a long idle spell jumps instead of looping
+    assert 1e6 + 0.05 <= far < 1e6 + 0.15
 
 
 async def test_no_ticker_without_the_queue() -> None:

@@ -168,6 +168,10 @@ class Admission:
         spec = config.admission
         self.spec = spec
         self.enabled = spec.enabled
+        # The simulator sets this: its virtual clock reads an instant's earliest timer for every
+        # timer due within the loop's clock resolution (1 ns), so an idle tick, though it grants
+        # nothing, can fix the clock value an event beside it reads (see Admission._tick).
+        self.tick_while_idle = False
         self.live = live
         self.metrics = metrics
         self.clock = clock
@@ -581,11 +585,26 @@ class Admission:
         """Re-check the queue every ``queue.tick_s`` while anything waits: capacity also frees
         without a request of this gateway finishing (an endpoint back in service, a fresher
         scrape, another process's requests ending). While nothing waits it sleeps until a
-        request is queued (no wake-ups of an idle gateway)."""
+        request is queued (no wake-ups of an idle gateway).
+
+        The ticks stay on the grid of the ticker's start (each tick_s after the last, as
+        back-to-back ``asyncio.sleep(tick_s)`` calls were; across an idle spell the grid is
+        accumulated ``+= tick_s``): a request queued after an idle spell is re-checked at the
+        next grid instant, not tick_s after it arrived, so a tick is where the always-ticking
+        loop put it. With ``tick_while_idle`` (the simulator) it also ticks while nothing waits:
+        the virtual loop runs the timers due within 1 ns of the earliest at that one's clock
+        reading, so an idle tick can round an event beside it by an ulp (bench/fairness_sim.py
+        --duration 4 without it: the victim-alone P99s differ in the 14th digit); with it every
+        result is the always-ticking loop's, bit for bit.
+        """
+        loop = asyncio.get_running_loop()
+        nonempty = self.queue.nonempty
         while True:
-            if not self.queue.waiting:
-                await self.queue.nonempty.wait()
-            await asyncio.sleep(period_s)
+            at = loop.time() + period_s  # as asyncio.sleep(period_s) schedules it
+            if not self.queue.waiting and not self.tick_while_idle:
+                await nonempty.wait()
+                at = _next_grid(at, period_s, loop.time())
+            await _sleep_until(loop, at)
             if self.queue.waiting:
                 try:
                     self.queue.pump()
@@ -601,3 +620,34 @@ class Admission:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.store.close()
+
+
+_GRID_STEPS = 1 << 16
+"""Grid steps `_next_grid` accumulates one by one (~55 min of 20 Hz ticks, a few ms of CPU);
+a longer idle spell jumps by multiplication (the grid then drifts by rounding, harmlessly)."""
+
+
+def _next_grid(at: float, period_s: float, now: float) -> float:
+    """The first instant of the grid ``at + k * period_s`` (k >= 0) that is not before ``now``;
+    ``at`` is a grid instant. Accumulated ``at += period_s`` as consecutive sleeps were."""
+    if now - at > _GRID_STEPS * period_s:
+        at += (int((now - at) / period_s) - 1) * period_s
+    while at < now:
+        at += period_s
+    return at
+
+
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+async def _sleep_until(loop: asyncio.AbstractEventLoop, when: float) -> None:
+    """``asyncio.sleep`` to an absolute loop time (``loop.call_at``: no drift from re-adding a
+    period to the wake-up time)."""
+    fut = loop.create_future()
+    handle = loop.call_at(when, _wake, fut)
+    try:
+        await fut
+    finally:
+        handle.cancel()

@@ -154,6 +154,7 @@ class Simulator:
         self.core.class_policy = {c.name: policy for c in config.classes}
         self.admission = self.core.admission
         self.admission.enabled = config.admission.enabled if admission is None else admission
+        self.admission.tick_while_idle = True  # bit-identical results (see Admission._tick)
         self.live = self.core.live
         self.fleet = self.core.fleet
         self.lane_on = self.admission.enabled and config.batch.enabled
