@@ -291,3 +291,36 @@ def test_a_reloaded_fleet_is_filtered_and_scored_afresh() -> None:
             a = place(p, snap, fused, decision_id=str(j))
             b = place(p, snap, ref, decision_id=str(j))
             assert evidence(a) == evidence(b), (i, j)
+
+
+def test_every_default_filter_removes_something_in_the_fused_comparison() -> None:
+    """A table of requests against one snapshot of the filter fleet in which each of the ten
+    filters removes some endpoint: the fused pass must agree with the filters in turn on each
+    (so the random comparison above is not vacuous about any of them)."""
+    names = [e.name for e in FILTER_FLEET.endpoints]
+    states_ = {n: EndpointState(stale=False, running=4.0, waiting=0.0, kv_usage=0.2)
+               for n in names}
+    states_["eu-0"] = EndpointState(stale=False, inflight=2, inflight_tokens=5000)
+    states_["eu-1"] = EndpointState(stale=False, inflight=2, inflight_tokens=5000)
+    states_["eu-b-0"] = EndpointState(healthy=False)
+    states_["lpu-0"] = EndpointState(stale=False, kv_usage=0.95)  # saturated for batch
+    states_["api-0"] = EndpointState(requests_left=0)
+    snap = snapshot(FILTER_FLEET, states_)
+    requests = [
+        profile(model="qwen3-32b", precisions=frozenset({"bf16"})),  # model, precision
+        profile(prompt_tokens=3000, max_output_tokens=100),  # context-window (us: 2048)
+        profile(allowed_jurisdictions=frozenset({"eu"})),  # jurisdiction; reserved capacity
+        profile(allow_burst=False, priority="batch"),  # capacity-class, saturation
+        profile(avoid_domains=frozenset({"fd:rack-9"}), prompt_tokens=100,
+                max_output_tokens=100),  # failure-domain
+        profile(variant="fast"),
+    ]
+    fused = build_policies(FILTER_CFG, "<test>")["default"]
+    ref = build_policies(FILTER_CFG, "<test>", fused=False)["default"]
+    removed: set[str] = set()
+    for i, p in enumerate(requests):
+        a = place(p, snap, fused, decision_id=str(i))
+        b = place(p, snap, ref, decision_id=str(i))
+        assert evidence(a) == evidence(b), i
+        removed |= set(a.removed_by)
+    assert removed == {f.name for f in fused.filters}, removed
