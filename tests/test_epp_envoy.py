@@ -22,6 +22,7 @@ from aiohttp import web
 from inferplane.api.pipeline import hash_key
 from inferplane.config.loader import parse_config
 from inferplane.epp import protocol as P
+from inferplane.epp import server as epp_server
 from inferplane.epp.envoy_config import bootstrap
 from inferplane.epp.server import Picker, serve
 from tests.support.envoy import Envoy, envoy_binary
@@ -419,6 +420,43 @@ async def test_envoy_killed_mid_stream_releases_and_a_new_envoy_serves(tmp_path:
             r = await c.post("/v1/chat/completions", json=CHAT, headers=auth())
             assert r.status_code == 200
         await settled(s.picker)
+
+
+async def test_clients_that_leave_before_the_headers_free_the_endpoint_and_blame_no_one(
+    tmp_path: Path, monkeypatch: Any,
+) -> None:
+    """Clients that give up before the response headers (the engine has not answered): Envoy
+    ends the picker stream and no observer stream ever opens. The endpoint's reservation is
+    released at once (the record waits out the grace), and the record is a 499 ``no_observer``
+    that is not in the endpoint's error rate. The code before held the reservation for the
+    grace and then recorded a 502 into the error rate."""
+    monkeypatch.setattr(epp_server, "ORPHAN_MARGIN_S", 0.0, raising=False)
+    monkeypatch.setattr(epp_server, "OBSERVER_CLOSE_S", 30.0)  # the picker's grace only
+    async with stack(tmp_path, modes=("hang",)) as s:
+        for _ in range(3):
+            async with httpx.AsyncClient(base_url=s.url, timeout=0.5) as c:
+                try:
+                    await c.post("/v1/chat/completions", json=CHAT, headers=auth())
+                    raise AssertionError("the engine answered")
+                except httpx.ReadTimeout:
+                    pass
+        ids = list(s.picker.flights)
+        assert len(ids) == 3
+        deadline = time.monotonic() + 10
+        while s.picker.live.live["e1"].inflight:  # released when each picker stream ended
+            assert time.monotonic() < deadline, s.picker.live.live["e1"].inflight
+            await asyncio.sleep(0.02)
+        flights = [s.picker.flights[d] for d in ids]
+        assert not any(f.done or f.observed for f in flights)  # the records wait
+        for f in flights:  # the grace runs out
+            s.picker.orphan_check(f)
+        await settled(s.picker)
+        for did in ids:
+            rec = s.picker.ledger.get(did)
+            assert rec is not None and rec["outcome"]["status"] == 499, rec
+            assert rec["outcome"]["error"].startswith("no response observed"), rec
+        live = s.picker.live.live["e1"]
+        assert not live.outcomes and live.decayed_errors == 0.0 and not live.ejected
 
 
 def test_envoy_config_writes_a_bootstrap_envoy_validates(tmp_path: Path) -> None:

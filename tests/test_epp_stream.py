@@ -132,7 +132,10 @@ async def test_a_body_without_headers_is_a_400_not_a_broken_stream() -> None:
 async def test_a_pick_whose_stream_ends_without_an_observer_is_accounted(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """A picker stream that ends with no observer ever reporting (most often a client that
+    left before the response headers): recorded as a 499 ``no_observer``, not a 502."""
     monkeypatch.setattr(epp_server, "OBSERVER_CLOSE_S", 0.05)  # the observer filter is on
+    monkeypatch.setattr(epp_server, "ORPHAN_MARGIN_S", 0.0, raising=False)
     async with picker() as (p, stub):
         answers = await exchange(stub, headers(), body())
         common = answers[1].request_body.response
@@ -145,7 +148,55 @@ async def test_a_pick_whose_stream_ends_without_an_observer_is_accounted(
         assert "authorization" in common.header_mutation.remove_headers
         await settled(p)
         rec = p.ledger.get(did)
-        assert rec is not None and rec["outcome"]["status"] == 502
+        assert rec is not None and rec["outcome"]["status"] == 499, rec
+        assert rec["outcome"]["error"].startswith("no response observed"), rec
+        text = generate_latest(p.metrics.registry).decode()
+        assert 'inferplane_epp_flights_reaped_total{reason="no_observer"} 1.0' in text
+
+
+async def test_a_client_that_leaves_before_the_headers_frees_its_slot_and_blames_no_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A client that leaves before the response headers (an agent's cancel, a client
+    timeout): Envoy ends the picker stream and no observer stream ever opens. The endpoint's
+    reservation and the tenant's admission slot are released when the picker stream ends, not
+    a grace period later; when the grace runs out the pick is recorded without blaming the
+    endpoint: nothing in its error rate, no passive-health failure (endpoint ``c`` is
+    passively checked here). The code before held both for the grace (5 s) and then fed a 502
+    into the error rate and `passive.failed`."""
+    monkeypatch.setattr(epp_server, "OBSERVER_CLOSE_S", 60.0)  # the grace outlasts the test
+    cfg = CONFIG.replace("api_key_env: EPP_TEST_KEY,", "api_key_env: EPP_TEST_KEY, "
+                         "health_check: passive,")
+    async with picker(cfg) as (p, stub):
+        down(p, "a", "b")  # only c (a provider endpoint, passive health) is placed on
+        flights = []
+        for _ in range(4):
+            answers = await exchange(stub, headers(), body())
+            sets = {h.header.key: h.header.raw_value.decode()
+                    for h in answers[1].request_body.response.header_mutation.set_headers}
+            f = p.flights[sets[P.DECISION_HEADER]]
+            assert f.placement.endpoint_name == "c"
+            assert f.placement.endpoint.health_check == "passive"
+            flights.append(f)
+        deadline = time.monotonic() + 5
+        while p.live.live["c"].inflight:  # released at the stream's end (not 60 s later)
+            assert time.monotonic() < deadline, p.live.live["c"].inflight
+            await asyncio.sleep(0.01)
+        # the record still waits for an observer
+        assert all(f.ticket.grant is not None and not f.ticket.grant.held for f in flights)
+        assert all(not f.done for f in flights) and len(p.flights) == 4
+        for f in flights:  # the grace runs out
+            p.orphan_check(f)
+        await settled(p)
+        for f in flights:
+            rec = p.ledger.get(f.placement.decision.decision_id)
+            assert rec is not None and rec["outcome"]["status"] == 499, rec
+        live = p.live.live["c"]
+        assert not live.outcomes and live.decayed_errors == 0.0
+        assert p.passive.failures.get("c", 0) == 0
+        assert not live.ejected
+        text = generate_latest(p.metrics.registry).decode()
+        assert "inferplane_endpoint_ejections_total{" not in text
 
 
 async def test_an_observer_stream_that_breaks_accounts_a_499() -> None:

@@ -976,23 +976,29 @@ class Core:
         usage: Mapping[str, Any] | None,
         error: str | None = None,
         ended: float | None = None,
+        blame: bool = True,
     ) -> Receipt:
         """Release capacity, feed observations back, write the ledger record and return its
         receipt. ``ended`` is when the request's answer was complete (its E2E end), now when
-        not given."""
+        not given. With ``blame`` false the outcome is unknown (nobody saw the response):
+        recorded, but not in the endpoint's error rate nor its passive health."""
         d = attempt.decision
         name = attempt.endpoint_name
         live_w, inflight = self.live.power_now(name)  # before this request's slot is freed
+        if attempt.reservation.released:  # released already (the epp, at the exchange's end)
+            inflight += 1
         attempt.reservation.release()
         self.admission.queue.pump()  # a slot is free: the best waiter may go
         now = time.perf_counter() if ended is None else ended
         ok = status < 500 and error is None
-        # a client that went away says nothing about the endpoint: not a consecutive failure
-        self.live.observe_outcome(name, ok, consecutive=status != 499)
-        if ok:
-            self.passive.succeeded(name)
-        elif status != 499:
-            self._eject_if_failing(name)
+        if blame:
+            # a client that went away says nothing about the endpoint: not a consecutive
+            # failure
+            self.live.observe_outcome(name, ok, consecutive=status != 499)
+            if ok:
+                self.passive.succeeded(name)
+            elif status != 499:
+                self._eject_if_failing(name)
         ttft = itl = None
         if stats is not None and stats.first_byte is not None:
             ttft = stats.first_byte - started

@@ -50,8 +50,9 @@ ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 
 OBSERVER_CLOSE_S = 5.0
 """How long Envoy keeps an observer stream after the response ended (its
-``deferred_close_timeout``, Envoy's default); the picker waits as long for an observer's report
-before it accounts a pick without one (`epp.server.Exchange.closed`)."""
+``deferred_close_timeout``, Envoy's default); the picker waits this and a margin for an
+observer's report before it records a pick without one (`epp.server.Picker.stream_ended`; the
+pick's reservation is released at once)."""
 
 
 

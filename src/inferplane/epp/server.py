@@ -16,10 +16,13 @@ Two filters talk to the picker (see `epp.envoy_config`):
   without holding the data path. Its stream names the request by the decision id header the
   picker set.
 
-One `Flight` per picked request lives between the pick and its accounting. It is accounted
-exactly once: at the observed end of the response, when the observer's stream ends early (the
-client or the upstream went away), after a grace period when no observer ever attached (the
-observer filter is off, or Envoy answered itself), or by the sweeper past the upstream timeout.
+One `Flight` per picked request lives between the pick and its accounting. Its reservation and
+admission slot are given back when the HTTP exchange is over (the picker stream's end, or the
+accounting if that comes first). It is accounted exactly once: at the observed end of the
+response, when the observer's stream ends early (the client or the upstream went away), after a
+grace period when no observer ever reported (the client left before the response headers, or
+the report was lost: recorded 499 ``no_observer``, blaming no endpoint), or by the sweeper past
+the upstream timeout.
 """
 
 from __future__ import annotations
@@ -84,7 +87,15 @@ CONTINUE_REQUEST_TRAILERS = pb.ProcessingResponse(request_trailers=pb.TrailersRe
 CONTINUE_RESPONSE_TRAILERS = pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
 ORPHAN_GRACE_S = 1.0
 """Without the observer filter: how long a pick whose picker stream ended without the response
-headers waits before it is accounted (with the observer: `OBSERVER_CLOSE_S`)."""
+headers waits before it is recorded (with the observer: `OBSERVER_CLOSE_S` +
+`ORPHAN_MARGIN_S`). Its reservation and admission slot are released when the stream ends."""
+ORPHAN_MARGIN_S = 2.0
+"""With the observer filter, what the picker waits beyond Envoy's deferred close of an observer
+stream before it decides no observer will report (a busy picker reads a report late)."""
+NO_OBSERVER_STATUS = 499
+"""The status recorded for a pick whose response nobody observed: most often a client that left
+before the response headers (an agent's cancel, a client timeout). Unknown, so like a client
+gone it blames no endpoint: not in the error rate, not a passive-health failure."""
 
 
 @dataclass(slots=True, eq=False)
@@ -102,6 +113,7 @@ class Flight:
     done: bool = False
     served: str | None = None
     retry_after_s: float | None = None
+    ended: float | None = None  # when the picker stream ended (the HTTP exchange was over)
 
 
 class Picker(Core):
@@ -248,8 +260,11 @@ class Picker(Core):
             await self._session.close()
 
     # -- accounting -------------------------------------------------------------------------
-    def finish(self, f: Flight, *, status: int, error: str | None = None) -> None:
-        """Account the flight once (`Core.account`) and settle its admission ticket."""
+    def finish(
+        self, f: Flight, *, status: int, error: str | None = None, blame: bool = True
+    ) -> None:
+        """Account the flight once (`Core.account`) and settle its admission ticket; with
+        ``blame`` false the outcome says nothing about the endpoint (`Core.account`)."""
         if f.done:
             return
         f.done = True
@@ -262,9 +277,11 @@ class Picker(Core):
         try:
             self.account(
                 f.placement, status=status, started=f.started, stats=f.stats if f.sse else None,
-                usage=usage, error=error,
+                usage=usage, error=error, blame=blame,
+                # unobserved: the response's end is the exchange's end, not the grace's
+                ended=None if f.observed else f.ended,
             )
-            if status == 429 or 500 <= status < 600:
+            if blame and (status == 429 or 500 <= status < 600):
                 # what the gateway learns from a failed attempt: a 429's Retry-After ejects a
                 # provider endpoint for that long, repeated failures eject one without probes
                 ejected = self.passive.failed(
@@ -280,19 +297,43 @@ class Picker(Core):
             f.placement.trace.end()
             self.admission.finish_soon(f.ticket)
 
-    def orphan_check(self, f: Flight) -> None:
+    def stream_ended(self, f: Flight, *, aborted: bool) -> None:
+        """The picker stream of a flight not yet accounted ended: the HTTP exchange is over
+        (Envoy ends the picker stream when the exchange ends, whether the response completed
+        or the client left before it began). The endpoint no longer serves it and the tenant
+        no longer holds its slot: both are released now. Only the record waits, a grace
+        period, for an observer's report (`orphan_check`)."""
+        f.ended = time.perf_counter()
+        f.placement.reservation.release()
+        if f.ticket.grant is not None:
+            f.ticket.grant.release()
+        self.admission.queue.pump()  # a slot is free: the best waiter may go
+        grace = ORPHAN_GRACE_S
+        if self.config.epp.observe_responses:
+            # Envoy keeps an observer stream OBSERVER_CLOSE_S after the response (its
+            # deferred_close_timeout) and a busy picker reads its report late
+            grace = OBSERVER_CLOSE_S + ORPHAN_MARGIN_S
+        asyncio.get_running_loop().call_later(grace, self.orphan_check, f, aborted)
+
+    def orphan_check(self, f: Flight, aborted: bool = False) -> None:
         """The picker stream ended a grace period ago and no observer reported: the flight
-        ends here (the status the picker filter saw, else 502; counted as reaped
-        ``no_observer`` then)."""
+        ends here, with the status the picker filter saw; else nobody saw a response (most
+        often a client that left before the response headers): recorded
+        `NO_OBSERVER_STATUS` blaming no endpoint, counted as reaped ``no_observer``."""
         if f.done or f.observed:
             return
         if f.status is not None:
             self.finish(f, status=f.status)
         else:
-            self.reap(f, "no_observer", status=502,
-                      error="no response observed from the upstream")
+            self.reap(f, "no_observer", status=NO_OBSERVER_STATUS, blame=False, error=(
+                "no response observed: the picker stream was reset before the response "
+                "headers (the client or Envoy went away)" if aborted else
+                "no response observed: the exchange ended before the response headers (the "
+                "client left), or the observer's report was lost"))
 
-    def reap(self, f: Flight, reason: str, *, status: int, error: str) -> None:
+    def reap(
+        self, f: Flight, reason: str, *, status: int, error: str, blame: bool = True
+    ) -> None:
         """End a flight nobody will report on (`finish`), counted in
         ``inferplane_epp_flights_reaped_total{reason}`` and logged: its decision record names
         ``error`` and its admission ticket is settled."""
@@ -301,7 +342,7 @@ class Picker(Core):
         self.metrics.epp_reaped.labels(reason).inc()
         log.warning("decision %s reaped (%s): %s", f.placement.decision.decision_id, reason,
                     error)
-        self.finish(f, status=status, error=error)
+        self.finish(f, status=status, error=error, blame=blame)
 
     async def _sweep_loop(self) -> None:
         """The reaper: a flight whose end was not observed within ``upstream_timeout_s +
@@ -395,7 +436,9 @@ def _answer(status: int, headers: list[Any], body: bytes, details: str) -> Any:
 class Exchange:
     """One ext_proc stream: the picker filter's or the observer's view of one HTTP request."""
 
-    __slots__ = ("body", "flight", "headers", "observer", "picker", "started", "subset")
+    __slots__ = (
+        "aborted", "body", "flight", "headers", "observer", "picker", "started", "subset",
+    )
 
     def __init__(self, picker: Picker) -> None:
         self.picker = picker
@@ -405,6 +448,7 @@ class Exchange:
         self.started = 0.0
         self.subset: list[str] | None = None
         self.observer = False
+        self.aborted = False  # the stream was reset or cancelled rather than ended
 
     async def handle(self, req: Any) -> Any:
         kind = req.WhichOneof("request")
@@ -665,7 +709,11 @@ class Exchange:
             self.picker.finish(f, status=f.status or 502)
 
     def closed(self) -> None:
-        """The stream ended (normally, or Envoy, the client or the upstream went away)."""
+        """The stream ended (normally, or Envoy, the client or the upstream went away).
+
+        Envoy (1.40) ends the picker stream alike when the response completed and when the
+        client left before the response headers (measured: no reset reaches the picker), so
+        a picker stream's end alone never blames the endpoint (`Picker.stream_ended`)."""
         f = self.flight
         if f is None or f.done:
             return
@@ -675,11 +723,8 @@ class Exchange:
         else:
             # Envoy ends the picker's stream when the HTTP exchange ends; the observer's report
             # of that response may still be on its way (queued behind other streams when the
-            # picker is busy), and Envoy keeps an observer stream for OBSERVER_CLOSE_S after
-            # the response: wait as long before deciding that no observer will come
-            grace = OBSERVER_CLOSE_S if self.picker.config.epp.observe_responses \
-                else ORPHAN_GRACE_S
-            asyncio.get_running_loop().call_later(grace, self.picker.orphan_check, f)
+            # picker is busy): capacity is released now, the record waits for it
+            self.picker.stream_ended(f, aborted=self.aborted)
 
 
 class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
@@ -710,6 +755,13 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
                     # the response's end is accounted: end the observer's stream now rather
                     # than leave it open until Envoy's deferred close
                     return
+        except BaseException:
+            # cancelled (CancelledError) or broken while the picker awaited something: not a
+            # normal end. Best effort only: grpcio most often ends the request iterator on a
+            # client's cancel as on a half-close, and Envoy half-closes the picker stream when
+            # its client leaves, so nothing else depends on telling them apart
+            ex.aborted = True
+            raise
         finally:
             ex.closed()
 
