@@ -1021,3 +1021,44 @@ def test_annotated_example_in_the_docs_is_valid() -> None:
     config = parse_config(example, "docs/configuration.md")
     build_policies(config, "docs/configuration.md")
     assert config.tenants[0].api_keys == [key_hash("sk-quickstart-acme")]
+
+
+@pytest.mark.parametrize(
+    ("gateway", "wait", "stale"),
+    [
+        ({"scrape_max_interval_s": 3.0}, "3", "2"),
+        ({"stale_after_s": 0.5}, "0.5", "0.5"),  # the default 0.5 s cap
+    ],
+)
+def test_paced_scrapes_must_come_before_the_metrics_go_stale(
+    gateway: dict[str, Any], wait: str, stale: str
+) -> None:
+    """The longest wait pacing may set (scrape_max_interval_s) must be under stale_after_s:
+    else a slow engine's metrics read stale between two scrapes."""
+    data = base()
+    data["gateway"].update(gateway)
+    err = error_of(dump(data))
+    assert err.problems == [
+        (
+            "gateway",
+            f"Value error, scrape_max_interval_s: {wait} s must be under stale_after_s "
+            f"({stale} s): an endpoint whose scrapes are paced that far apart would read as "
+            "stale between two of them",
+        )
+    ]
+    assert str(err).startswith(f"{FILE}: gateway: Value error, scrape_max_interval_s: {wait} s")
+
+
+@pytest.mark.parametrize(
+    "gateway",
+    [
+        {"scrape_max_interval_s": 1.9},
+        {"scrape_max_duty": None, "scrape_max_interval_s": 3.0},  # no pacing: the cap is unused
+        {"scrape_interval_s": 3600, "scrape_max_interval_s": 3.0},  # scrapes off: never paced
+        {"stale_after_s": 10.0, "scrape_max_interval_s": 5.0},
+    ],
+)
+def test_scrape_waits_under_the_staleness_horizon_are_accepted(gateway: dict[str, Any]) -> None:
+    data = base()
+    data["gateway"].update(gateway)
+    parse_config(dump(data), FILE)

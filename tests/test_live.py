@@ -399,6 +399,81 @@ async def test_scrape_loop_waits_by_how_long_the_last_scrape_took(
     assert slept == pytest.approx([0.1, 0.38, 0.5, 0.1])
 
 
+async def test_scrape_pacing_times_the_fetch_not_the_parse(
+    live: LiveFleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Parsing the page is the gateway's work, not the engine's: it does not stretch the wait."""
+    from inferplane.fleet import scraper as scraper_mod
+
+    t = [0.0]
+
+    class Fast(StaticMetricsSource):
+        async def metrics(self, endpoint: Endpoint) -> str | None:
+            t[0] += 0.001
+            return VLLM
+
+    parse = scraper_mod.parse_metrics
+
+    def slow_parse(engine: str, text: str) -> EngineMetrics:
+        t[0] += 0.2  # a busy gateway: 0.2 s to parse
+        return parse(engine, text)
+
+    slept: list[float] = []
+
+    async def fake_sleep(seconds: float) -> None:
+        slept.append(seconds)
+        if len(slept) == 2:
+            raise asyncio.CancelledError
+
+    monkeypatch.setattr(scraper_mod, "parse_metrics", slow_parse)
+    monkeypatch.setattr(scraper_mod.asyncio, "sleep", fake_sleep)
+    scraper = Scraper(live, Fast(), interval_s=0.1, max_duty=0.05, max_interval_s=0.5,
+                      clock=lambda: t[0])
+    with pytest.raises(asyncio.CancelledError):
+        await scraper._scrape_loop(endpoint(live, "eu-0"))
+    assert slept == [0.1, 0.1]  # timed with the parse: 0.201 s -> 0.5 each
+
+
+async def test_scrape_pacing_counts_the_gateways_running_time(
+    live: LiveFleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a loop-lag meter, a fetch that took 0.2 s of wall time while the gateway's loop lost
+    0.19 s to lag counts 0.01 s of the engine's time."""
+    from inferplane.looplag import LoopLag
+
+    wall, lost = [0.0], [0.0]
+
+    class Lag(LoopLag):
+        @property
+        def running(self) -> bool:
+            return True
+
+        def mark(self) -> tuple[float, float]:
+            return wall[0], lost[0]
+
+        def ran_s(self, mark: tuple[float, float]) -> float:
+            return (wall[0] - mark[0]) - (lost[0] - mark[1])
+
+    class Lagged(StaticMetricsSource):
+        async def metrics(self, endpoint: Endpoint) -> str | None:
+            wall[0] += 0.2
+            lost[0] += 0.19
+            return VLLM
+
+    slept: list[float] = []
+
+    async def fake_sleep(seconds: float) -> None:
+        slept.append(seconds)
+        raise asyncio.CancelledError
+
+    monkeypatch.setattr("inferplane.fleet.scraper.asyncio.sleep", fake_sleep)
+    scraper = Scraper(live, Lagged(), interval_s=0.1, max_duty=0.05, max_interval_s=0.5,
+                      clock=lambda: wall[0], lag=Lag())
+    with pytest.raises(asyncio.CancelledError):
+        await scraper._scrape_loop(endpoint(live, "eu-0"))
+    assert slept == pytest.approx([0.19])  # 0.01 x 19; by wall time 0.2 s -> 0.5
+
+
 async def test_prime_scrapes_and_probes_every_endpoint(live: LiveFleet) -> None:
     source = StaticMetricsSource()
     source.texts = {"eu-0": VLLM, "us-0": VLLM}

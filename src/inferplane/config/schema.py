@@ -114,6 +114,22 @@ class GatewaySpec(Strict):
         "trusted, the connection's peer is the client)",
     )
 
+    @model_validator(mode="after")
+    def _scraped_before_stale(self) -> GatewaySpec:
+        # the longest wait pacing may set (fleet.scraper.Scraper.pause_s); a scrape_interval_s
+        # past stale_after_s stays allowed (benches turn scrapes off with a long one)
+        if (
+            self.scrape_max_duty is not None
+            and self.scrape_max_interval_s > self.scrape_interval_s
+            and self.scrape_max_interval_s >= self.stale_after_s
+        ):
+            raise ValueError(
+                f"scrape_max_interval_s: {self.scrape_max_interval_s:g} s must be under "
+                f"stale_after_s ({self.stale_after_s:g} s): an endpoint whose scrapes are paced "
+                "that far apart would read as stale between two of them"
+            )
+        return self
+
     @field_validator("trusted_proxies")
     @classmethod
     def _networks(cls, nets: list[str]) -> list[str]:
@@ -137,16 +153,18 @@ class GatewaySpec(Strict):
         gt=0,
         lt=1,
         description="most of an engine's time its /metrics may spend answering this gateway: "
-        "after a scrape that took t seconds the next waits t x (1/duty - 1) when that is longer "
-        "than scrape_interval_s, at most scrape_max_interval_s (vLLM renders its page on the "
-        "event loop that serves requests, ~4 ms of CPU; on a loaded host a fixed 0.1 s period "
-        "slowed every answer); null: always scrape_interval_s",
+        "after a fetch of the page that took t seconds (the HTTP request alone, in the "
+        "gateway's running time: not its parse, not the gateway's own loop lag) the next waits "
+        "t x (1/duty - 1) when that is longer than scrape_interval_s, at most "
+        "scrape_max_interval_s (vLLM renders its page on the event loop that serves requests); "
+        "null: always scrape_interval_s",
     )
     scrape_max_interval_s: float = Field(
         0.5,
         gt=0,
         description="the longest wait between two scrapes of an endpoint that scrape_max_duty "
-        "may set (never below scrape_interval_s); keep it well under stale_after_s",
+        "may set (never below scrape_interval_s); must be under stale_after_s when it is above "
+        "scrape_interval_s and scrape_max_duty is set",
     )
     stale_after_s: float = Field(2.0, gt=0, description="metrics older than this are not trusted")
     health_interval_s: float = Field(1.0, gt=0, description="/health probe period")

@@ -125,13 +125,16 @@ class Scraper:
     back after one success. Metrics that stop arriving simply age into staleness.
 
     **Paced scrapes.** An engine renders its ``/metrics`` page on the same process (vLLM: the
-    API server's event loop) that answers requests: ~4 ms of CPU for vLLM's 50 KB page, and on
-    a loaded host that many times longer in wall time, during which no request is answered.
+    API server's event loop) that answers requests: a page of ~50 KB for vLLM, and on a loaded
+    host many times longer in wall time than on an idle one, during which no request is answered.
     With ``max_duty``, after a scrape that took ``t`` seconds the loop waits
     `pause_s` = ``max(interval_s, t × (1/max_duty − 1))``, at most
     ``max(interval_s, max_interval_s)``: an endpoint spends at most ``max_duty`` of its time
     answering this gateway's scrapes (unless that would leave it unscraped for longer than
-    ``max_interval_s``). A fast engine is still scraped every ``interval_s``.
+    ``max_interval_s``). A fast engine is still scraped every ``interval_s``. ``t`` is the HTTP
+    fetch alone (request to the last byte of the page, answered or not), not the parse of the
+    page; with ``lag`` (`inferplane.looplag`) it is the gateway's running time, so a busy or
+    descheduled gateway does not count its own lateness as the engine's.
     """
 
     def __init__(
@@ -145,6 +148,7 @@ class Scraper:
         max_duty: float | None = None,
         max_interval_s: float = 0.5,
         clock: Callable[[], float] = time.monotonic,
+        lag: LoopLag | None = None,
     ) -> None:
         self.live = live
         self.source = source
@@ -152,18 +156,27 @@ class Scraper:
         self.max_duty = max_duty
         self.max_interval_s = max(interval_s, max_interval_s)
         self.clock = clock
+        self.lag = lag
         self.health_interval_s = health_interval_s
         self.failures_to_down = failures_to_down
         self._tasks: dict[str, tuple[Endpoint, list[asyncio.Task[None]]]] = {}
 
     async def scrape_once(self, endpoint: Endpoint) -> bool:
+        return (await self._scrape(endpoint))[0]
+
+    async def _scrape(self, endpoint: Endpoint) -> tuple[bool, float]:
+        """(metrics updated, seconds the fetch took: the class docstring's ``t``)."""
         if not endpoint.scrape_metrics:
-            return False
+            return False, 0.0
+        lag = self.lag if self.lag is not None and self.lag.running else None
+        mark = lag.mark() if lag is not None else (0.0, 0.0)
+        started = self.clock()
         text = await self.source.metrics(endpoint)
+        took = self.clock() - started if lag is None else lag.ran_s(mark)
         if text is None:
-            return False
+            return False, took
         self.live.update_metrics(endpoint.name, parse_metrics(endpoint.spec.engine, text))
-        return True
+        return True, took
 
     async def probe_once(self, endpoint: Endpoint, failures: int) -> int:
         ok = await self.source.healthy(endpoint)
@@ -185,12 +198,12 @@ class Scraper:
 
     async def _scrape_loop(self, endpoint: Endpoint) -> None:
         while True:
-            started = self.clock()
+            took = 0.0
             try:
-                await self.scrape_once(endpoint)
+                took = (await self._scrape(endpoint))[1]
             except Exception:  # a parser bug must not kill the loop
                 log.exception("scrape of %s failed", endpoint.name)
-            await asyncio.sleep(self.pause_s(self.clock() - started))
+            await asyncio.sleep(self.pause_s(took))
 
     async def _health_loop(self, endpoint: Endpoint) -> None:
         failures = 0
