@@ -839,8 +839,8 @@ class BatchSpec(Strict):
         gt=0,
         description="re-check period while no batch is active and no line runs here: a batch "
         "created through this process wakes the worker at once, one created through another "
-        "replica or worker is picked up within this (polling the store every poll_interval_s "
-        "while idle cost an idle gateway ~11 ms of CPU a second)",
+        "replica or worker is picked up within this (an idle worker does not poll the store "
+        "every poll_interval_s)",
     )
     retry_after_s: float = Field(
         1.0, gt=0, description="wait before retrying a line refused for capacity (429/503)"
