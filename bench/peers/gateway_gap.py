@@ -1,0 +1,221 @@
+"""bench/peers/gateway_gap.py: where the gateway's time goes in front of one real vLLM engine.
+
+    python bench/peers/gateway_gap.py [--start 0] [--duration 20] [--rate-scale 0.3333]
+                                      [--reps 2] [--variant NAME=PATH:VALUE,...] ...
+
+1. starts one vLLM CPU engine the way ``real_engines.py`` starts its three;
+2. measures what one ``GET /metrics`` costs the engine's API server (CPU of that process, the
+   page's size) and the gateway's parser;
+3. replays the Mooncake slice (the bench's text prompts, one 512-token trace block = 32 words)
+   open-loop **straight to the engine** and **through the gateway** in each variant, started
+   one at a time (no gateway runs during the straight replay, so none scrapes the engine then),
+   alternating the order between repetitions; per replay: TTFT p50/p90 at the client, CPU of
+   the engine's API server and of the gateway;
+4. measures each variant's idle gateway: CPU and context switches per second over 20 s.
+
+A variant sets fleet-file fields of the gateway (dotted paths, YAML values), e.g.
+``fixed=gateway.scrape_max_duty:null`` (a fixed 0.1 s scrape period) or
+``slow-batch=batch.idle_poll_interval_s:0.05``. The gateway otherwise gets the fleet file
+``real_engines.py`` writes (with ``kv_events`` and the model's tokenizer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+for _p in (str(ROOT / "src"), str(ROOT)):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+from bench.peers import client, metrics, real_engines  # noqa: E402
+from bench.peers.peers import INFERPLANE_KEY, inferplane_fleet  # noqa: E402
+from bench.peers.procs import free_port  # noqa: E402
+from bench.peers.workload import SliceSpec, encode_bodies, plan  # noqa: E402
+from inferplane.fleet.engine_metrics import parse_metrics  # noqa: E402
+from inferplane.twin.traces.loader import load_trace  # noqa: E402
+
+TRACE = Path("/work/shared/traces/mooncake_conversation.jsonl")
+HEADERS = {"Authorization": f"Bearer {INFERPLANE_KEY}"}
+
+
+def proc_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of one process (all its threads, not its children)."""
+    f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def switches(pid: int) -> int:
+    """Context switches (voluntary + involuntary) of every thread of ``pid``."""
+    n = 0
+    for t in os.listdir(f"/proc/{pid}/task"):
+        for line in Path(f"/proc/{pid}/task/{t}/status").read_text().splitlines():
+            if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
+                n += int(line.split()[1])
+    return n
+
+
+def metrics_cost(url: str, pid: int, n: int = 200) -> dict[str, float]:
+    with httpx.Client() as c:
+        page = c.get(f"{url}/metrics").text
+        c0, t0 = proc_cpu_s(pid), time.perf_counter()
+        for _ in range(n):
+            c.get(f"{url}/metrics")
+        cpu, wall = proc_cpu_s(pid) - c0, time.perf_counter() - t0
+    p0 = time.process_time()
+    for _ in range(n):
+        parse_metrics("vllm", page)
+    return {"page_bytes": len(page.encode()), "engine_cpu_ms_per_get": 1e3 * cpu / n,
+            "wall_ms_per_get": 1e3 * wall / n,
+            "gateway_parse_ms": 1e3 * (time.process_time() - p0) / n}
+
+
+def set_path(cfg: dict[str, Any], dotted: str, value: Any) -> None:
+    node = cfg
+    *head, last = dotted.split(".")
+    for k in head:
+        node = node.setdefault(k, {})
+    node[last] = value
+
+
+def gateway_config(engine: tuple[str, str], port: int, sets: str, work: Path, name: str) -> Path:
+    cfg = yaml.safe_load(real_engines.fleet_yaml([engine], 1024, 16, kv_events=True))
+    cfg = inferplane_fleet(cfg, [engine[0]], port, None)
+    for item in filter(None, sets.split(",")):
+        path, _, raw = item.partition(":")
+        set_path(cfg, path, yaml.safe_load(raw))
+    out = work / f"gateway-{name}.yaml"
+    out.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return out
+
+
+def start_gateway(config: Path, log: Path) -> subprocess.Popen[bytes]:
+    cfg = yaml.safe_load(config.read_text())
+    base = f"http://127.0.0.1:{cfg['gateway']['port']}"
+    p = subprocess.Popen([sys.executable, "-m", "inferplane.cli", "serve", "--config", str(config),
+                          "--log-level", "warning"], stdout=log.open("wb"),
+                         stderr=subprocess.STDOUT, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": str(ROOT / "src"),
+                              "HF_HUB_OFFLINE": "1"})
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{base}/ready", timeout=1).status_code == 200:
+                return p
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    p.kill()
+    raise RuntimeError(f"gateway {config} not ready: {log.read_text()[-2000:]}")
+
+
+def drain_and_reset(url: str) -> None:
+    while True:
+        page = httpx.get(f"{url}/metrics", timeout=10).text
+        if metrics.prom_sum(page, "vllm:num_requests_running") + metrics.prom_sum(
+                page, "vllm:num_requests_waiting") == 0:
+            break
+        time.sleep(0.5)
+    httpx.post(f"{url}/reset_prefix_cache", timeout=10).raise_for_status()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--start", type=float, default=0.0)
+    ap.add_argument("--duration", type=float, default=20.0, help="trace seconds")
+    ap.add_argument("--rate-scale", type=float, default=1 / 3,
+                    help="1/3: one engine gets what each of real_engines.py's three gets")
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--variant", action="append", default=[],
+                    help="NAME=PATH:VALUE,... (default: fixed=gateway.scrape_max_duty:null and "
+                    "current=)")
+    ap.add_argument("--idle-s", type=float, default=20.0)
+    a = ap.parse_args(argv)
+    variants = dict(v.split("=", 1) for v in (a.variant or ["fixed=gateway.scrape_max_duty:null",
+                                                            "current="]))
+    work = Path(tempfile.mkdtemp(prefix="ip-gap-"))
+    planned, _ = plan(load_trace(TRACE), SliceSpec(a.start, a.duration, a.rate_scale, 1.0,
+                                                   max_output=16))
+    bodies = encode_bodies(planned, "completion-text", real_engines.MODEL, real_engines.BLOCK)
+    print(f"{len(planned)} requests over {planned[-1].arrival_s:.0f} s; load "
+          f"{os.getloadavg()[0]:.1f}; work {work}", flush=True)
+    try:
+        (engine,) = real_engines.start_engines(1, 1024, 16, work)
+        epid = real_engines.PROCS[0].pid  # the API server (its engine core is a child)
+        mc = metrics_cost(engine[0], epid)
+        print("GET /metrics: " + ", ".join(f"{k} {v:.2f}" for k, v in mc.items())
+              + f"; load {os.getloadavg()[0]:.1f}", flush=True)
+        names = ["direct", *variants]
+        rows: dict[str, list[dict[str, float]]] = {n: [] for n in names}
+        for rep in range(a.reps):
+            for name in names if rep % 2 == 0 else names[::-1]:
+                gw = None
+                base = engine[0]
+                if name != "direct":
+                    port = free_port()
+                    gw = start_gateway(gateway_config(engine, port, variants[name], work, name),
+                                       work / f"gateway-{name}-{rep}.log")
+                    base = f"http://127.0.0.1:{port}"
+                try:
+                    drain_and_reset(engine[0])
+                    e0, g0 = proc_cpu_s(epid), proc_cpu_s(gw.pid) if gw else 0.0
+                    recs, _ = asyncio.run(client.replay(
+                        base, planned, bodies, "/v1/completions", HEADERS,
+                        request_timeout_s=120, deadline_s=planned[-1].arrival_s + 60))
+                    e1, g1 = proc_cpu_s(epid), proc_cpu_s(gw.pid) if gw else 0.0
+                finally:
+                    if gw is not None:
+                        gw.terminate()
+                        gw.wait(15)
+                t = sorted(r.ttft_s for r in recs if r.ok and r.ttft_s is not None)
+                row = {"p50_ms": 1e3 * t[len(t) // 2], "p90_ms": 1e3 * t[int(0.9 * len(t))],
+                       "ok": len(t), "engine_cpu_s": e1 - e0, "gateway_cpu_s": g1 - g0,
+                       "load": os.getloadavg()[0]}
+                rows[name].append(row)
+                print(f"rep {rep} {name:10s} " + ", ".join(
+                    f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
+                    for k, v in row.items()), flush=True)
+        print("\nmedians over the repetitions:")
+        print("| path | TTFT p50 ms | TTFT p90 ms | engine API-server CPU s | gateway CPU s |")
+        print("|---|---|---|---|---|")
+        for name, rs in rows.items():
+            def med(k: str, rs: list[dict[str, float]] = rs) -> float:
+                return statistics.median(r[k] for r in rs)
+            print(f"| {name} | {med('p50_ms'):.0f} | {med('p90_ms'):.0f} | "
+                  f"{med('engine_cpu_s'):.2f} | {med('gateway_cpu_s'):.2f} |")
+        print("\nidle gateway (no requests):")
+        for name, sets in variants.items():
+            port = free_port()
+            gw = start_gateway(gateway_config(engine, port, sets, work, f"idle-{name}"),
+                               work / f"gateway-idle-{name}.log")
+            try:
+                time.sleep(2)
+                c0, s0 = proc_cpu_s(gw.pid), switches(gw.pid)
+                time.sleep(a.idle_s)
+                c1, s1 = proc_cpu_s(gw.pid), switches(gw.pid)
+            finally:
+                gw.terminate()
+                gw.wait(15)
+            print(f"{name:10s} {1e3 * (c1 - c0) / a.idle_s:.1f} ms CPU/s, "
+                  f"{(s1 - s0) / a.idle_s:.0f} context switches/s; load "
+                  f"{os.getloadavg()[0]:.1f}", flush=True)
+    finally:
+        real_engines.stop_engines()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
