@@ -56,8 +56,11 @@ async def _scenario(
     await asyncio.sleep(0.6)  # one lease
     while (f2 := await b.acquire("f")) is None:
         await asyncio.sleep(0.05)  # bounded by the scenario's 30 s
-    await a.renew()  # a's renewal comes too late: its slot had lapsed, and it says so
+    await a.renew()  # a's renewal comes too late: its slot had lapsed, and it says so ...
     assert a.lapsed == 1 and b.lapsed == 0
+    # ... and puts it back: its request still runs, every replica counts it again
+    assert await a.r.zscore("s:e:f", f1) is not None
+    assert await a.r.zcard("s:e:f") == 2  # over the limit of 1 until one of them ends
     # renewals keep a live holder's slot past its lease
     await asyncio.sleep(0.9)
     assert await a.acquire("f") is None

@@ -9,7 +9,11 @@ expiry (Redis server time, so replicas' clocks do not matter):
   endpoint's ``max_concurrency`` are held. So ``max_concurrency`` holds for every priority across
   all replicas: a request that finds its pick full tries another endpoint or waits.
 - **leases**: each process renews the slots it holds every ``lease_s / 3``; a process killed
-  with -9 stops renewing and its slots expire within ``lease_s``.
+  with -9 stops renewing and its slots expire within ``lease_s``. A live process that ran too
+  late to renew in time (a loaded host) finds slots that had lapsed: the renewal puts them
+  back, since their requests still run (the fleet-wide count is right again, and over the
+  limit until they end), and says so (`lapsed`, a warning): meanwhile another replica may
+  have taken them.
 - **release** is a ``ZREM`` sent off the response path (batched).
 - **sync**: every ``sync_s`` one script reads every endpoint's count; the other replicas' share
   (count − slots held here) is fed to `LiveFleet.set_remote_inflight`, so placement, the
@@ -73,27 +77,23 @@ return out
 """
 )
 
-# ARGV: lease, add_missing (0/1), then per key: its number of ids, the ids. Returns how many
-# of the ids had lapsed: expired (or already dropped) before this renewal
+# ARGV: lease, then per key: its number of ids, the ids. Every id is (re)added with a new
+# lease; returns the ids that had lapsed: expired, or already dropped, before this renewal
 RENEW = (
     _NOW
     + """
-local lease, add = tonumber(ARGV[1]), ARGV[2] == '1'
-local a = 3
-local lapsed = 0
+local lease = tonumber(ARGV[1])
+local a = 2
+local lapsed = {}
 for i = 1, #KEYS do
   local n = tonumber(ARGV[a])
   for j = 1, n do
     local id = ARGV[a + j]
     local score = redis.call('ZSCORE', KEYS[i], id)
     if not score or tonumber(score) <= now then
-      lapsed = lapsed + 1
+      lapsed[#lapsed + 1] = id
     end
-    if add then
-      redis.call('ZADD', KEYS[i], now + lease, id)
-    else
-      redis.call('ZADD', KEYS[i], 'XX', now + lease, id)
-    end
+    redis.call('ZADD', KEYS[i], now + lease, id)
   end
   redis.call('PEXPIRE', KEYS[i], lease * 2)
   a = a + n + 1
@@ -291,22 +291,32 @@ class SharedSlots:
             self._set_remote(name, int(n) - len(self.held.get(name, ())))
 
     async def renew(self) -> None:
+        """Renew every slot held here, putting back those that had lapsed (after an outage:
+        the slots taken meanwhile; otherwise this process ran too late, which is logged)."""
         keys: list[str] = []
-        args: list[str | int] = [self.lease_ms, 1 if self._readd else 0]
+        args: list[str | int] = [self.lease_ms]
+        owner: dict[str, str] = {}
         for name, held in self.held.items():
             if held:
                 keys.append(self._key(name))
                 args += [len(held), *held]
+                owner.update(dict.fromkeys(held, name))
         readd = self._readd
-        lapsed = int(await self._renew(keys=keys, args=args)) if keys else 0
+        lapsed: list[str] = list(await self._renew(keys=keys, args=args)) if keys else []
         self._readd = False
-        if lapsed and not readd:  # after an outage they are expected: they are put back
-            self.lapsed += lapsed
+        # released while the renewal was on its way: the renewal may have put it back
+        for sid in lapsed:
+            if sid not in self.held.get(owner[sid], ()):
+                self._releases.append((owner[sid], sid))
+        if self._releases and (self._flush is None or self._flush.done()):
+            self._flush = asyncio.get_running_loop().create_task(self._send_releases())
+        if lapsed and not readd:  # after an outage they are expected
+            self.lapsed += len(lapsed)
             log.warning(
                 "shared in-flight slots: %d slot(s) held here had lapsed in Redis before their "
                 "renewal (every %.2f s, lease %.2f s): this process ran late, and meanwhile "
-                "other replicas may have taken them (max_concurrency exceeded)",
-                lapsed, max(self.sync_s, self.lease_s / 3.0), self.lease_s,
+                "other replicas may have taken them (max_concurrency exceeded); put back",
+                len(lapsed), max(self.sync_s, self.lease_s / 3.0), self.lease_s,
             )
 
     async def _run(self) -> None:
