@@ -122,14 +122,14 @@ async def test_a_probe_stretched_by_lag_still_fails_by_its_wall_time_cap(
     ``gateway.lag_max_stretch`` × their timeout, like the first-byte timeout. The lag is
     injected (every second of wall time counts as lost: a loop that never runs on time), so the
     running-time deadline alone never fires. The endpoint answers /health and /metrics only
-    after 0.9 s, unless the prober gave up and went away first: with the cap (2 × 0.1 s) the
+    after 1.6 s, unless the prober gave up and went away first: with the cap (2 × 0.2 s) the
     probe fails and the scrape reads nothing; stretched without a cap (the code before: aiohttp's
-    10 × backstop, 1 s) the late answer arrived first and the endpoint counted as healthy."""
+    10 × backstop, 2 s) the late answer arrived first and the endpoint counted as healthy."""
     gave_up: list[str] = []
 
     async def late(request: web.Request) -> web.Response:
         try:
-            await asyncio.sleep(0.9)
+            await asyncio.sleep(1.6)
         except asyncio.CancelledError:  # the prober closed the connection
             gave_up.append(request.path)
             raise
@@ -155,7 +155,7 @@ substrates:
     monkeypatch.setattr(lag, "lost_at", lambda now: now)  # all wall time is lag
     try:
         async with aiohttp.ClientSession() as s:
-            src = HttpMetricsSource(s, timeout_s=0.1, lag=lag, max_stretch=2.0)
+            src = HttpMetricsSource(s, timeout_s=0.2, lag=lag, max_stretch=2.0)
             mark = lag.mark()
             assert not await src.healthy(endpoint)
             assert await src.metrics(endpoint) is None

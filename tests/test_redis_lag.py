@@ -33,8 +33,8 @@ from tests.support.redis_server import RedisServer
 
 NOW = 1_700_000_000.0
 TIMEOUT_S = 0.2
-STALL_S = 0.6  # longer than the timeout, shorter than its cap (5 × 0.2 s)
-STRETCH = 5.0
+STALL_S = 0.6  # longer than the timeout, well short of its cap (10 × 0.2 s: a loaded
+STRETCH = 10.0  # machine may deschedule the test for a while on top of the stall)
 
 
 class StallingProxy:
