@@ -37,8 +37,9 @@ from inferplane.placement.plugins.constraints import (
     PrecisionFilter,
     ReservedCapacity,
     Saturation,
+    saturation_reason,
 )
-from inferplane.placement.plugins.rate_limit import RateLimit
+from inferplane.placement.plugins.rate_limit import RateLimit, rate_limit_reason
 from inferplane.placement.profile import RequestProfile
 
 #: The filter classes (exact types, in profile order) that `FusedFilters` runs.
@@ -148,34 +149,17 @@ class FusedFilters:
                 removals[stage].append((c, why))
                 continue
             if saturating:  # `Saturation.filter`
-                limit = sp.inflight_fraction * ep.spec.max_concurrency
-                reason = None
-                if s.inflight >= limit:
-                    reason = f"in-flight {s.inflight} ≥ envelope {limit:g}"
-                elif not s.stale:
-                    if s.waiting is not None and s.waiting > sp.queue_depth_threshold:
-                        reason = f"engine queue {s.waiting:g} > {sp.queue_depth_threshold:g}"
-                    elif s.kv_usage is not None and s.kv_usage > sp.kv_usage_threshold:
-                        reason = f"KV usage {s.kv_usage:.2f} > {sp.kv_usage_threshold:g}"
+                reason = saturation_reason(s, ep.spec.max_concurrency, sp)
                 if reason is not None:
-                    r_sat.append((c, "saturated: " + reason))
+                    r_sat.append((c, reason))
                     saturated.append(c)
                     continue
-            # `RateLimit.filter`
-            left = s.requests_left
-            if left is not None and left < 1:
-                rpm = ep.spec.limits.requests_per_min
-                r_rate.append((c, f"rate limit: {rpm} requests/min used"))
-                limited.append(c)
-                continue
-            left = s.tokens_left
-            if left is not None and left < need_rate:
-                tpm = ep.spec.limits.tokens_per_min
-                r_rate.append(
-                    (c, f"rate limit: {left} of {tpm} tokens/min left, needs {need_rate}")
-                )
-                limited.append(c)
-                continue
+            if s.requests_left is not None or s.tokens_left is not None:  # `RateLimit.filter`
+                reason = rate_limit_reason(c, need_rate)
+                if reason is not None:
+                    r_rate.append((c, reason))
+                    limited.append(c)
+                    continue
             kept.append(c)
         if saturated:
             cycle.data.setdefault(SATURATED_KEY, []).extend(saturated)

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from inferplane.config.schema import SubstrateSpec
 from inferplane.fleet.model import Endpoint, Fleet
-from inferplane.fleet.state import EndpointView, FleetSnapshot
+from inferplane.fleet.state import EndpointState, EndpointView, FleetSnapshot
 from inferplane.placement.framework import CycleState, FilterResult, Plugin, register
 
 #: ``cycle.data`` key under which the saturation filter lists what it removed (the slo-first
@@ -139,24 +139,30 @@ class Saturation(Plugin):
         rejected: dict[str, str] = {}
         saturated: list[EndpointView] = []
         for c in candidates:
-            s = c.state
-            limit = p.inflight_fraction * c.endpoint.spec.max_concurrency
-            reason = None
-            if s.inflight >= limit:
-                reason = f"in-flight {s.inflight} ≥ envelope {limit:g}"
-            elif not s.stale:
-                if s.waiting is not None and s.waiting > p.queue_depth_threshold:
-                    reason = f"engine queue {s.waiting:g} > {p.queue_depth_threshold:g}"
-                elif s.kv_usage is not None and s.kv_usage > p.kv_usage_threshold:
-                    reason = f"KV usage {s.kv_usage:.2f} > {p.kv_usage_threshold:g}"
+            reason = saturation_reason(c.state, c.endpoint.spec.max_concurrency, p)
             if reason is None:
                 kept.append(c)
             else:
-                rejected[c.name] = "saturated: " + reason
+                rejected[c.name] = reason
                 saturated.append(c)
         if saturated:
             cycle.data.setdefault(SATURATED_KEY, []).extend(saturated)
         return FilterResult(kept, rejected)
+
+
+def saturation_reason(s: EndpointState, max_concurrency: int,
+                      p: SaturationParams) -> str | None:
+    """Why an endpoint in state ``s`` is saturated under ``p`` (``saturated: …``), or None.
+    `Saturation` and the fused filter pass both ask this."""
+    limit = p.inflight_fraction * max_concurrency
+    if s.inflight >= limit:
+        return f"saturated: in-flight {s.inflight} ≥ envelope {limit:g}"
+    if not s.stale:
+        if s.waiting is not None and s.waiting > p.queue_depth_threshold:
+            return f"saturated: engine queue {s.waiting:g} > {p.queue_depth_threshold:g}"
+        if s.kv_usage is not None and s.kv_usage > p.kv_usage_threshold:
+            return f"saturated: KV usage {s.kv_usage:.2f} > {p.kv_usage_threshold:g}"
+    return None
 
 
 def committed_capacity(fleet: Fleet) -> dict[str, tuple[int, frozenset[str]]]:

@@ -7,6 +7,18 @@ from inferplane.placement.framework import CycleState, FilterResult, Plugin, reg
 from inferplane.placement.plugins.constraints import SATURATED_KEY
 
 
+def rate_limit_reason(c: EndpointView, need: int) -> str | None:
+    """Why ``c``'s provider limits leave no room for a request of ``need`` tokens, or None.
+    `RateLimit` and the fused filter pass both ask this."""
+    s = c.state
+    if s.requests_left is not None and s.requests_left < 1:
+        return f"rate limit: {c.endpoint.spec.limits.requests_per_min} requests/min used"
+    if s.tokens_left is not None and s.tokens_left < need:
+        tpm = c.endpoint.spec.limits.tokens_per_min
+        return f"rate limit: {s.tokens_left} of {tpm} tokens/min left, needs {need}"
+    return None
+
+
 @register("rate-limit")
 class RateLimit(Plugin):
     """Filter: remove endpoints whose declared rate limits leave no room for this request.
@@ -27,19 +39,12 @@ class RateLimit(Plugin):
         rejected: dict[str, str] = {}
         limited: list[EndpointView] = []
         for c in candidates:
-            s = c.state
-            if s.requests_left is not None and s.requests_left < 1:
-                rpm = c.endpoint.spec.limits.requests_per_min
-                rejected[c.name] = f"rate limit: {rpm} requests/min used"
-            elif s.tokens_left is not None and s.tokens_left < need:
-                tpm = c.endpoint.spec.limits.tokens_per_min
-                rejected[c.name] = (
-                    f"rate limit: {s.tokens_left} of {tpm} tokens/min left, needs {need}"
-                )
-            else:
+            reason = rate_limit_reason(c, need)
+            if reason is None:
                 kept.append(c)
-                continue
-            limited.append(c)
+            else:
+                rejected[c.name] = reason
+                limited.append(c)
         if limited:
             cycle.data.setdefault(SATURATED_KEY, []).extend(limited)
         return FilterResult(kept, rejected)
