@@ -153,6 +153,22 @@ async def settle(pids: dict[str, int], exporters: set[str],
     return last
 
 
+def telemetry_variants(ratios: str, extra: list[str], endpoint: str) -> dict[str, str]:
+    """Each variant's `telemetry:` mapping: off, on at each sampling ratio, and the ``--variant``
+    ones (telemetry fields; `enabled` and the receiver's endpoint added unless given)."""
+    telemetry = {"off": "{enabled: false}"}
+    for r in ratios.split(","):
+        telemetry[f"on@{float(r):g}"] = (
+            f"{{enabled: true, endpoint: '{endpoint}', sample_ratio: {float(r)}, "
+            "export_interval_s: 5}")
+    for item in extra:
+        name, _, fields = item.partition("=")
+        telemetry[name] = (f"{{{fields}}}" if "enabled" in fields else
+                           f"{{enabled: true, endpoint: '{endpoint}', "
+                           f"export_interval_s: 5, {fields}}}")
+    return telemetry
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--rounds", type=int, default=6)
@@ -170,16 +186,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="ip-otel-"))
     receiver = OtlpReceiver().start()
     up_port = free_port()
-    telemetry = {"off": "{enabled: false}"}
-    for r in args.ratios.split(","):
-        telemetry[f"on@{float(r):g}"] = (
-            f"{{enabled: true, endpoint: '{receiver.endpoint}', sample_ratio: {float(r)}, "
-            "export_interval_s: 5}")
-    for extra in args.variant:
-        name, _, fields = extra.partition("=")
-        telemetry[name] = (f"{{{fields}}}" if "enabled" in fields else
-                           f"{{enabled: true, endpoint: '{receiver.endpoint}', "
-                           f"export_interval_s: 5, {fields}}}")
+    telemetry = telemetry_variants(args.ratios, args.variant, receiver.endpoint)
     ports = {name: free_port() for name in telemetry}
     procs = [Proc(["-m", "tests.support.fake_upstream", "--port", str(up_port), "--mode", "fast"],
                   tmp / "up.log")]

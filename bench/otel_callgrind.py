@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "src"))
 
-from bench.otel import burst, child_pids, fleet  # noqa: E402
+from bench.otel import burst, child_pids, fleet, telemetry_variants  # noqa: E402
 from tests.support.otlp_receiver import OtlpReceiver  # noqa: E402
 from tests.support.procs import Proc, env, free_port  # noqa: E402
 
@@ -116,16 +116,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="ip-otel-cg-"))
     receiver = OtlpReceiver().start()
     up_port = free_port()
-    telemetry = {"off": "{enabled: false}"}
-    for r in args.ratios.split(","):
-        telemetry[f"on@{float(r):g}"] = (
-            f"{{enabled: true, endpoint: '{receiver.endpoint}', sample_ratio: {float(r)}, "
-            "export_interval_s: 5}")
-    for extra in args.variant:
-        name, _, fields = extra.partition("=")
-        telemetry[name] = (f"{{{fields}}}" if "enabled" in fields else
-                           f"{{enabled: true, endpoint: '{receiver.endpoint}', "
-                           f"export_interval_s: 5, {fields}}}")
+    telemetry = telemetry_variants(args.ratios, args.variant, receiver.endpoint)
     ports = {name: free_port() for name in telemetry}
     procs: list[Proc] = [Proc(["-m", "tests.support.fake_upstream", "--port", str(up_port),
                                "--mode", "fast"], tmp / "up.log")]
