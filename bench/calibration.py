@@ -59,6 +59,7 @@ from inferplane.physics.probe import (  # noqa: E402
     run_workload,
 )
 from tests.fidelity import conftest as fid  # noqa: E402
+from tests.fidelity.cores import split_cores  # noqa: E402
 from tests.placement_helpers import cycle, plugin, profile, snapshot, state  # noqa: E402
 from tests.support.procs import Proc, free_port  # noqa: E402
 
@@ -163,8 +164,28 @@ def compare(
     requests: int = 12,
     repeats: int = 5,
     profiles: tuple[str, ...] = ("table", "calibrated"),
+    engine_pid: int | None = None,
 ) -> dict[str, Any]:
-    """Steps 1-3 of the module docstring against the engine at ``real_url``."""
+    """Steps 1-3 of the module docstring against the engine at ``real_url``. With
+    ``engine_pid`` (the real vLLM's API server, started here) the whole comparison runs with
+    the engine and its front end on separate cores (``tests.fidelity.cores.split_cores``)."""
+    with contextlib.ExitStack() as stack:
+        cores = stack.enter_context(split_cores(engine_pid)) if engine_pid is not None else {}
+        out = _compare(real_url, work, rounds=rounds, requests=requests, repeats=repeats,
+                       profiles=profiles)
+    out["cores"] = cores
+    return out
+
+
+def _compare(
+    real_url: str,
+    work: Path,
+    *,
+    rounds: int,
+    requests: int,
+    repeats: int,
+    profiles: tuple[str, ...],
+) -> dict[str, Any]:
     out: dict[str, Any] = {"real_smooth_after_warm_up": asyncio.run(warm_up(real_url))}
     text, summary = asyncio.run(calibrate_endpoint(
         real_url, fid.MODEL, model_profile=fid.MODEL, base="cpu", name=PROFILE_NAME,
@@ -247,6 +268,7 @@ def table(res: dict[str, Any]) -> str:
                      f"{k} {v['median']:.1%} {v['each']}" for k, v in pe.items()))
     lines.append(f"measured ms: alone {res['held_out_ttft_ms']}, burst {res['held_out_burst_ms']}")
     lines.append(f"fit: {res['fit']}")
+    lines.append(f"cores: {res['cores'] or 'shared (not pinned)'}")
     lines.append(f"real engine: {res['real_bursts']} of {res['real_streams']} streams in one burst"
                  + (" (starved: latencies measure the machine)" if res["real_starved"] else ""))
     return "\n".join(lines)
@@ -285,6 +307,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--truth-time-scale", type=float, default=0.25,
                     help="its time scale (< 1: slow motion, so that the machine's load is a "
                     "smaller share of every latency)")
+    ap.add_argument("--shared-cores", action="store_true", help="leave the engine it starts "
+                    "unpinned (default: engine core and worker on the worker's cores, API server "
+                    "and client on the rest; tests/fidelity/cores.py)")
     a = ap.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
     proc = None
@@ -300,7 +325,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 url = a.endpoint
             load_before = os.getloadavg()[0]
-            res = compare(url, work, rounds=a.rounds, requests=a.requests, repeats=a.repeats)
+            res = compare(url, work, rounds=a.rounds, requests=a.requests, repeats=a.repeats,
+                          engine_pid=None if proc is None or a.shared_cores else proc.pid)
         finally:
             if proc is not None and proc.poll() is None:
                 os.killpg(proc.pid, 15)

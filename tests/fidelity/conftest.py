@@ -125,6 +125,7 @@ class EngineUnderTest:
     name: str
     url: str
     kv: KVSubscriber
+    pid: int | None = None  # the process serving ``url`` when a fixture started it
 
     def metrics(self) -> str:
         r = httpx.get(f"{self.url}/metrics", timeout=10)
@@ -287,7 +288,7 @@ def real_engine() -> Iterator[EngineUnderTest]:
         REPORT["vllm_start_s"] = round(time.monotonic() - t0, 1)
         version = httpx.get(f"{url}/version", timeout=5).json().get("version")
         REPORT["vllm_version"] = version
-        engine = EngineUnderTest("vllm", url, sub)
+        engine = EngineUnderTest("vllm", url, sub, proc.pid)
         _warm_up(engine)
         yield engine
     finally:

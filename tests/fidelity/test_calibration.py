@@ -12,6 +12,10 @@ Targets (issue 13), asserted here on medians over alternating repeats:
   1, 2, 4; fresh prompts of 32-768 tokens; 32 output tokens), each the median over
   :data:`ROUNDS` rounds that alternate which engine goes first.
 
+The real engine's engine core runs on its worker's cores and its API server beside the client
+and the emulator (:func:`tests.fidelity.cores.split_cores`): left to float, the engine core's
+spinning starves the API server, which then sends whole streams at once.
+
 Timing fidelity needs CPU for the real engine's three processes, the emulator and the client:
 on a machine whose 1-minute load average is above :data:`MAX_LOAD` (other work) the test waits
 up to :data:`CALM_WAIT_S` for it to fall, and skips — saying how loaded it was — when it does not
@@ -56,7 +60,8 @@ def test_calibrated_profile_predicts_and_emulates_the_real_engine(
     real_engine: EngineUnderTest, tmp_path: Path
 ) -> None:
     load_before = _wait_for_calm()
-    res = compare(real_engine.url, tmp_path, rounds=ROUNDS, requests=12, profiles=("calibrated",))
+    res = compare(real_engine.url, tmp_path, rounds=ROUNDS, requests=12, profiles=("calibrated",),
+                  engine_pid=real_engine.pid)
     loads = [load_before, *res["load_per_round"]]
     REPORT["calibration_load"] = loads
     REPORT["calibration_fit"] = res["fit"]
@@ -69,6 +74,7 @@ def test_calibrated_profile_predicts_and_emulates_the_real_engine(
     }
     REPORT["calibration_workload_gaps"] = {k: round(v, 3) for k, v in gaps.items()}
     REPORT["calibration_real_bursts"] = f"{res['real_bursts']} of {res['real_streams']} streams"
+    REPORT["calibration_cores"] = res["cores"] or "shared (not pinned)"
     if max(loads) > MAX_LOAD:
         pytest.skip(f"load average rose to {max(loads):.1f} > {MAX_LOAD:.1f} during the run "
                     f"(per round: {loads}); measured: {REPORT['calibration_workload_gaps']}")

@@ -1,0 +1,100 @@
+"""Give the real vLLM's engine and its HTTP front end separate cores for latency measurements.
+
+vLLM's CPU build runs three processes: the API server (HTTP, tokenising, turning outputs into
+stream chunks), the ``VLLM::EngineCore`` (the scheduler) and the ``VLLM::Worker`` (the model,
+its OpenMP threads bound by vLLM to the cores it picks, leaving the rest "reserved" for the
+other processes). The engine core and the worker hand each step over through shared memory
+and wait for each other by spinning (``sched_yield``) for a second after every message, so while
+the engine runs, the engine core keeps a whole CPU busy even when it has nothing to do. Left to
+float, it lands on the reserved core beside the API server and the client: on a 2-vCPU machine
+the API server then falls behind and sends whole streams at once (67 of 108 streams at the end
+of session 5, a "quiet" machine), which measures the scheduler, not the engine.
+
+:func:`split_cores` moves the engine core onto the worker's cores (where its spinning only
+yields to the worker) and the API server and the calling process (the client, and whatever it
+starts afterwards, such as the emulator it compares against) onto the remaining ones, and puts
+everything back on exit. It is what vLLM's CPU guide asks for (the model's threads on their
+own cores, the serving processes on reserved ones), applied to the one process vLLM leaves
+unbound. Where it cannot apply (no ``sched_setaffinity``, no worker found, or the worker bound
+to every allowed CPU) it does nothing and says so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+ENGINE_CORE = "VLLM::EngineCor"  # /proc/PID/comm keeps 15 characters
+WORKER = "VLLM::Worker"
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (from ``/proc/*/stat``)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(")") + 2:].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _threads(pid: int) -> list[int]:
+    try:
+        return [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        return []
+
+
+def _pin(pid: int, cpus: set[int], saved: dict[int, set[int]]) -> None:
+    for tid in _threads(pid):
+        with contextlib.suppress(OSError):
+            saved.setdefault(tid, os.sched_getaffinity(tid))
+            os.sched_setaffinity(tid, cpus)
+
+
+@contextlib.contextmanager
+def split_cores(api_server_pid: int) -> Iterator[dict[str, list[int]]]:
+    """Pin as the module docstring says; yields the layout (``{}`` when nothing was pinned)."""
+    if not hasattr(os, "sched_setaffinity"):
+        yield {}
+        return
+    below = descendants(api_server_pid)
+    workers = [p for p in below if _comm(p) == WORKER]
+    cores = [p for p in below if _comm(p) == ENGINE_CORE]
+    allowed = os.sched_getaffinity(0)
+    engine = set().union(*(os.sched_getaffinity(p) for p in workers)) if workers else allowed
+    front = allowed - engine
+    if not workers or not cores or not front:
+        yield {}
+        return
+    saved: dict[int, set[int]] = {}
+    try:
+        for p in cores:
+            _pin(p, engine, saved)
+        _pin(api_server_pid, front, saved)
+        _pin(os.getpid(), front, saved)
+        yield {"engine core + worker": sorted(engine),
+               "API server + client": sorted(front)}
+    finally:
+        for tid, cpus in saved.items():
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(tid, cpus)
