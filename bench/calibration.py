@@ -12,7 +12,8 @@ factors are known (``bench/calibration_truth.yaml``).
 
 1. ``inferplane calibrate``'s probe and fit (``physics.probe.calibrate_endpoint``), base ``cpu``;
 2. TTFT on prompt lengths the probe never sent (:data:`HELD_OUT`, median of 7 cold requests)
-   against each profile's prediction;
+   and every rank of a burst of a size it never sent (:data:`HELD_OUT_BURST`, median of 7),
+   interleaved round by round, against each profile's prediction;
 3. the fidelity workload (``physics.probe.run_workload``: concurrency 1, 2 and 4, fresh prompts of
    32-768 tokens, 32 output tokens) on the real engine and on ``inferplane emulate`` running each
    profile in its own process, alternating engines round by round; per round P50/P90 of TTFT and
@@ -78,23 +79,27 @@ async def warm_up(url: str) -> bool:
         return await Prober(url, fid.MODEL).warm_up(session)
 
 
-async def held_out_ttft(url: str, tokens: int, repeats: int = 7) -> tuple[int, float]:
+async def held_out(
+    url: str, lengths: tuple[int, ...], burst: tuple[int, int], repeats: int = 7
+) -> tuple[list[tuple[int, float]], list[float]]:
+    """TTFT of a lone fresh prompt of each of ``lengths`` tokens (its engine-counted tokens and
+    the median over ``repeats`` cold requests), and of each rank of a burst of ``burst = (size,
+    tokens)`` fresh one-token requests (median over ``repeats`` bursts). Interleaved as the
+    probe's sweeps are (every round visits every point once), so that a stretch of load on the
+    machine spreads over the points instead of bending one of them."""
+    size, burst_tokens = burst
     prober = Prober(url, fid.MODEL)
+    cold: dict[int, list[Any]] = {n: [] for n in lengths}
+    runs: list[list[float]] = []
     async with aiohttp.ClientSession() as session:
         await prober.learn_words_per_token(session)
-        cold = [(await prober.prefill_once(session, tokens))[0] for _ in range(repeats)]
-    return (int(statistics.median(s.prompt_tokens for s in cold)),
-            statistics.median(s.ttft_s for s in cold))
-
-
-async def held_out_burst(url: str, size: int, tokens: int, repeats: int = 7) -> list[float]:
-    """TTFT of each rank of a burst of ``size`` fresh one-token requests (median over
-    ``repeats``)."""
-    prober = Prober(url, fid.MODEL)
-    async with aiohttp.ClientSession() as session:
-        await prober.learn_words_per_token(session)
-        runs = [await prober.burst_once(session, size, tokens) for _ in range(repeats)]
-    return [statistics.median(r[i] for r in runs) for i in range(size)]
+        for _ in range(repeats):
+            for n in lengths:
+                cold[n].append((await prober.prefill_once(session, n))[0])
+            runs.append(await prober.burst_once(session, size, burst_tokens))
+    alone = [(int(statistics.median(s.prompt_tokens for s in cold[n])),
+              statistics.median(s.ttft_s for s in cold[n])) for n in lengths]
+    return alone, [statistics.median(r[i] for r in runs) for i in range(size)]
 
 
 def predicted_ttft_s(fleet_text: str, tokens: int, ahead: int = 0) -> float:
@@ -194,13 +199,13 @@ def _compare(
     profile = work / "profile.yaml"
     profile.write_text(text)
     out["fit"] = summary.splitlines()[-1]
+    out["fit_table"] = summary.splitlines()[:-1]
     out["profile"] = text
     hardware = {"table": (get_hardware("cpu"), None, "cpu"),
                 "calibrated": (load_hardware_profile(profile), profile, PROFILE_NAME)}
 
-    measured = [asyncio.run(held_out_ttft(real_url, n)) for n in HELD_OUT]
+    measured, burst = asyncio.run(held_out(real_url, HELD_OUT, HELD_OUT_BURST))
     size, burst_tokens = HELD_OUT_BURST
-    burst = asyncio.run(held_out_burst(real_url, size, burst_tokens))
     out["held_out_ttft_ms"] = {tokens: round(t * 1e3, 3) for tokens, t in measured}
     out["held_out_burst_ms"] = [round(t * 1e3, 3) for t in burst]
     out["prediction_error"] = {}
