@@ -40,7 +40,9 @@ minus the requests already granted but not yet placed. Otherwise it waits:
   token for is under the gate, and then for one request at a time; the excess waits here, in fair
   order, instead of in the engine's FIFO behind a flooding tenant's prompts. The reserve is then a
   fraction of the most requests the pool can take at once (``room_capacity``), and the headroom
-  test still counts slots (``slot_room``).
+  test still counts slots (``slot_room``). A granted request may still go to a gated endpoint
+  whose cached prefix saves it more than the prefill queued there costs (placement decides:
+  `inferplane.placement.framework`, ``_gated_for``).
 
 Grants happen in `pump`, called when capacity frees (a request finishes, a first token arrives
 under the gate) and every ``tick_s``.

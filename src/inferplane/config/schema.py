@@ -667,7 +667,9 @@ class QueueSpec(Strict):
         "this long (pending uncached prompt tokens x the roofline's prefill time per token; 0: "
         "one prefill at a time); the excess waits in this fair queue instead of the engine's "
         "FIFO, so another tenant's request is never queued behind a flood inside an engine. "
-        "Placement skips gated endpoints; unset: off",
+        "Placement skips gated endpoints, except for a request whose cached prefix on one "
+        "saves more prompt tokens than the best open endpoint's by more than the prompt tokens "
+        "queued there (the wait costs less than the hit saves); unset: off",
     )
 
 

@@ -106,6 +106,19 @@ class Proposer(Protocol):
 
 
 @runtime_checkable
+class PrefixHolder(Protocol):
+    """Optional: how many of the prompt's tokens each candidate holds in its prefix cache (its
+    longest cached prefix of the prompt, as the plugin's prefix index knows it). The dispatch
+    gate reads the policy's first one (`Policy.prefix_holder`) to keep a gated endpoint whose
+    cache saves more than its prefill queue costs. Synchronous, no I/O."""
+
+    name: str
+
+    def cached_tokens(self, cycle: CycleState, candidates: Sequence[EndpointView]
+                      ) -> list[float]: ...
+
+
+@runtime_checkable
 class PickObserver(Protocol):
     """Optional: told of every pick (e.g. a prefix index learning what each endpoint holds, as
     the Gateway API Inference Extension's PreRequest plugins do). Synchronous, no I/O."""
@@ -289,6 +302,9 @@ class Policy:
     ) = None
     rng: random.Random = field(init=False)
     proposers: list[Proposer] = field(init=False, default_factory=list)
+    #: the first filter, scorer or picker that knows the prompt's cached tokens per endpoint
+    #: (`PrefixHolder`): the dispatch gate's hit test; None: gated endpoints are always skipped
+    prefix_holder: PrefixHolder | None = field(init=False, default=None)
     _pools: dict[str, list[list[int]]] = field(init=False, default_factory=dict, repr=False)
     _pools_of: Fleet | None = field(init=False, default=None, repr=False)
 
@@ -301,6 +317,8 @@ class Policy:
             seen.add(id(p))
             if isinstance(p, Proposer):
                 self.proposers.append(p)
+            if self.prefix_holder is None and isinstance(p, PrefixHolder):
+                self.prefix_holder = p
         if not self.observers:
             seen.clear()
             for p in [*self.filters, *(s for s, _ in self.scorers), self.picker]:
@@ -386,6 +404,38 @@ def _sample(cycle: CycleState, policy: Policy, limit: int) -> list[EndpointView]
     return views
 
 
+def _gated_for(
+    cycle: CycleState, policy: Policy, candidates: list[EndpointView], gated: frozenset[str]
+) -> frozenset[str]:
+    """The gated endpoints this request may not go to: all of ``gated`` but those where its
+    cached prefix saves more than the prefill queued there costs. With ``h`` the prompt tokens
+    an endpoint holds (`Policy.prefix_holder`) and ``h_open`` the most any ungated candidate
+    holds, a gated endpoint stays a candidate when ``h - h_open > pending_prefill_tokens``:
+    waiting behind the prompt tokens queued there is shorter than prefilling, on an open
+    endpoint, the part of the prompt it already holds (tokens on the same hardware; the scorers
+    then choose among the candidates)."""
+    holder = policy.prefix_holder
+    if holder is None or not cycle.profile.block_hashes:
+        return gated
+    held = holder.cached_tokens(cycle, candidates)
+    open_best = 0.0
+    for c, h in zip(candidates, held, strict=True):
+        if c.name not in gated and h > open_best:
+            open_best = h
+    kept = [
+        c.name
+        for c, h in zip(candidates, held, strict=True)
+        if c.name in gated and h - open_best > c.state.pending_prefill_tokens
+    ]
+    if not kept:
+        return gated
+    cycle.notes.append(
+        f"dispatch gate: kept {', '.join(kept)} (its cached prefix saves more than its "
+        "prefill queue costs)"
+    )
+    return gated.difference(kept)
+
+
 def _place(
     cycle: CycleState,
     policy: Policy,
@@ -421,6 +471,8 @@ def _place(
             removed["capacity"] = len(candidates) - len(kept)
         candidates = kept
     gated = profile.gated
+    if gated and candidates:
+        gated = _gated_for(cycle, policy, candidates, gated)
     if gated:
         kept = [c for c in candidates if c.name not in gated]
         for c in candidates:

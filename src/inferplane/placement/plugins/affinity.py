@@ -158,6 +158,17 @@ class PrefixMatcher:
                 out.append(0)
         return out
 
+    def cached_tokens(self, cycle: CycleState, candidates: Sequence[EndpointView]
+                      ) -> list[float]:
+        """The prompt tokens each candidate holds: ``min(prompt, prompt × matched blocks ÷
+        prompt blocks)`` (`matches`), as the latency prediction counts them cached."""
+        prompt = cycle.profile.prompt_tokens
+        nblocks = len(cycle.profile.block_hashes)
+        if not nblocks or prompt <= 0:
+            return [0.0] * len(candidates)
+        return [float(min(prompt, int(prompt * m / nblocks)))
+                for m in self.matches(cycle, candidates)]
+
     def room(self, cycle: CycleState, candidates: Sequence[EndpointView]) -> list[float]:
         """Relative cache room per candidate: ``1 - held ÷ the most any candidate holds``
         (blocks in the precise index where it covers the endpoint, else in the own index; all 1
@@ -355,6 +366,11 @@ class PrefixAffinity(Plugin):
 
     def propose(self, cycle: CycleState, limit: int) -> list[str]:
         return self.matcher.propose(cycle, limit)
+
+    def cached_tokens(self, cycle: CycleState, candidates: Sequence[EndpointView]
+                      ) -> list[float]:
+        """The prompt tokens each candidate holds (`PrefixMatcher.cached_tokens`)."""
+        return self.matcher.cached_tokens(cycle, candidates)
 
     def _written(self, endpoint: str, now: float) -> float:
         w = self.written.get(endpoint)

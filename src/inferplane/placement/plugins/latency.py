@@ -315,6 +315,12 @@ class PredictedLatency(Plugin):
         cycle.data[self._key] = True  # scored this cycle: `on_picked` reads the annotations
         return out
 
+    def cached_tokens(self, cycle: CycleState, candidates: Sequence[EndpointView]
+                      ) -> list[float]:
+        """The prompt tokens each candidate holds, as this plugin predicts them cached
+        (`PrefixMatcher.cached_tokens`)."""
+        return self.matcher.cached_tokens(cycle, candidates)
+
     def learn_shared(self, cycle: CycleState, picked: EndpointView) -> None:
         """Another replica's pick (`admission.shared_placement`): its prompt blocks are cached
         there now, so this replica predicts the same uncached prefill for them."""
