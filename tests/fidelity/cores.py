@@ -81,9 +81,12 @@ def split_cores(api_server_pid: int) -> Iterator[dict[str, list[int]]]:
     workers = [p for p in below if _comm(p) == WORKER]
     cores = [p for p in below if _comm(p) == ENGINE_CORE]
     allowed = os.sched_getaffinity(0)
-    engine = set().union(*(os.sched_getaffinity(p) for p in workers)) if workers else allowed
+    engine: set[int] = set()
+    for p in workers:
+        with contextlib.suppress(OSError):  # gone meanwhile
+            engine |= os.sched_getaffinity(p)
     front = allowed - engine
-    if not workers or not cores or not front:
+    if not engine or not cores or not front:
         yield {}
         return
     saved: dict[int, set[int]] = {}
