@@ -11,10 +11,13 @@ process``) is measured beside it and reported with it. The exporter process's st
 cost: Python and its imports) is waited out after the warm-up and reported apart; a "whole run"
 line divides each process's CPU from the first round to the end (idle time during the other
 variants' rounds and the last export included) by its requests. Prints per-round CPU ms/request and
-each variant's total against off, with the load average, since the machine is shared.
+each variant's total against off, with the load average, since the machine is shared, and each
+gateway's context switches per request (all its threads, ``/proc``: waits on sockets, hand-offs
+of the GIL to the batcher thread, preemption). ``--code NAME=DIR`` runs one variant from another
+checkout (another commit's code side by side with this one's, in the same rounds).
 
     python bench/otel.py [--rounds 6] [--requests 600] [--concurrency 8] [--ratios 1,0.05]
-                         [--json out.json]
+                         [--variant NAME=FIELDS] [--code NAME=DIR] [--json out.json]
 """
 
 from __future__ import annotations
@@ -52,6 +55,18 @@ def child_pids(pid: int) -> list[int]:
         with contextlib.suppress(OSError):
             out += [int(c) for c in task.read_text().split()]
     return out
+
+
+def switches(pid: int) -> int:
+    """Context switches of the gateway process so far, all its threads (voluntary: it waited,
+    on its sockets or for the GIL; involuntary: preempted), from ``/proc``."""
+    total = 0
+    for status in Path(f"/proc/{pid}/task").glob("*/status"):
+        with contextlib.suppress(OSError):
+            for line in status.read_text().splitlines():
+                if "ctxt_switches:" in line:
+                    total += int(line.split()[1])
+    return total
 
 
 def cpu_seconds(pid: int) -> tuple[float, float]:
@@ -116,13 +131,16 @@ async def run(args: argparse.Namespace, urls: dict[str, str], pids: dict[str, in
             order = names[rnd % len(names):] + names[:rnd % len(names)]
             for name in order:
                 (cpu0, child0), t0 = cpu_seconds(pids[name]), time.perf_counter()
+                sw0 = switches(pids[name])
                 await burst(s, urls[name], args.requests, args.concurrency)
                 await asyncio.sleep(0.2)  # let the round's tail (accounting, batching) settle
                 cpu1, child1 = cpu_seconds(pids[name])
+                sw1 = switches(pids[name])
                 cpu = cpu1 - cpu0
                 rows.append({"round": rnd, "variant": name, "n": args.requests,
                              "cpu_ms_per_request": cpu / args.requests * 1e3,
                              "exporter_cpu_ms_per_request": (child1 - child0) / args.requests * 1e3,
+                             "switches_per_request": (sw1 - sw0) / args.requests,
                              "wall_s": time.perf_counter() - t0,
                              "load1": os.getloadavg()[0]})
                 print(f"round {rnd} {name}: {rows[-1]['cpu_ms_per_request']:.3f} CPU ms/request, "
@@ -169,6 +187,20 @@ def telemetry_variants(ratios: str, extra: list[str], endpoint: str) -> dict[str
     return telemetry
 
 
+def code_trees(items: list[str], variants: dict[str, str]) -> dict[str, Path]:
+    """``--code NAME=DIR`` options: variant NAME's gateway (and so its exporter process) imports
+    inferplane from ``DIR/src`` (a copy of another commit, e.g. ``git archive main | tar -x -C
+    DIR``) instead of this one's: old and new code side by side in one run."""
+    out: dict[str, Path] = {}
+    for item in items:
+        name, _, folder = item.partition("=")
+        src = Path(folder).resolve() / "src"
+        if name not in variants or not (src / "inferplane").is_dir():
+            raise SystemExit(f"--code {item}: no variant {name!r} or no {src}/inferplane")
+        out[name] = src
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--rounds", type=int, default=6)
@@ -179,6 +211,9 @@ def main() -> None:
                     help="another variant: telemetry fields as YAML flow mapping items, e.g. "
                     "'metrics-only=sample_ratio: 0' (enabled, the receiver's endpoint added), or "
                     "'off2=enabled: false' (a second gateway with it off: the bench's own noise)")
+    ap.add_argument("--code", action="append", default=[], metavar="NAME=DIR",
+                    help="run variant NAME from the checkout DIR (its src/), e.g. 'base@1=/tmp/"
+                    "base' with --variant 'base@1=sample_ratio: 1': another commit side by side")
     ap.add_argument("--scrape-interval", type=float, default=1.0,
                     help="gateway.scrape_interval_s (background CPU counted in every round)")
     ap.add_argument("--json", type=Path)
@@ -187,6 +222,7 @@ def main() -> None:
     receiver = OtlpReceiver().start()
     up_port = free_port()
     telemetry = telemetry_variants(args.ratios, args.variant, receiver.endpoint)
+    code = code_trees(args.code, telemetry)
     ports = {name: free_port() for name in telemetry}
     procs = [Proc(["-m", "tests.support.fake_upstream", "--port", str(up_port), "--mode", "fast"],
                   tmp / "up.log")]
@@ -198,7 +234,7 @@ def main() -> None:
             cfg = tmp / f"{name}.yaml"
             cfg.write_text(fleet(port, up_port, telemetry[name], args.scrape_interval))
             gws[name] = Proc(["-m", "inferplane.cli", "serve", "--config", str(cfg),
-                              "--log-level", "warning"], tmp / f"gw-{name}.log")
+                              "--log-level", "warning"], tmp / f"gw-{name}.log", code.get(name))
             procs.append(gws[name])
         for name, port in ports.items():
             gws[name].wait_http(f"http://127.0.0.1:{port}/ready")
@@ -243,6 +279,10 @@ def main() -> None:
         print(f"{v}: gateway CPU per request {sum(per[v]) / off:.3f}x off "
               f"(median round {statistics.median(ratios):.3f}x); with its exporter process "
               f"{both / off:.3f}x ({statistics.fmean(child[v]):.3f} ms/request there)")
+    sw = {v: statistics.fmean(float(r["switches_per_request"]) for r in rows
+                              if r["variant"] == v) for v in variants}
+    print("gateway context switches per request (all threads): "
+          + ", ".join(f"{v} {sw[v]:.2f}" for v in variants))
     w_off = float(whole["off"]["cpu_ms_per_request"])
     for v in variants[1:]:
         w = whole[v]

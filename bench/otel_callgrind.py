@@ -20,6 +20,7 @@ cost of a request), with the idle cost per second apart. Scrapes are off (``scra
 this slow would time its upstream out).
 
     python bench/otel_callgrind.py [--requests 300] [--ratios 1,0.05] [--variant off2=...]
+                                   [--code NAME=DIR]
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "src"))
 
-from bench.otel import burst, child_pids, fleet, telemetry_variants  # noqa: E402
+from bench.otel import burst, child_pids, code_trees, fleet, telemetry_variants  # noqa: E402
 from tests.support.otlp_receiver import OtlpReceiver  # noqa: E402
 from tests.support.procs import Proc, env, free_port  # noqa: E402
 
@@ -49,14 +50,14 @@ from tests.support.procs import Proc, env, free_port  # noqa: E402
 class Callgrind(Proc):
     """A Python process under callgrind, instrumentation off until `counting` turns it on."""
 
-    def __init__(self, args: list[str], log: Path, out: Path) -> None:
+    def __init__(self, args: list[str], log: Path, out: Path, src: Path | None = None) -> None:
         self.log = log
         self.out = out
         self._fh = log.open("wb")
         self.p = subprocess.Popen(
             ["valgrind", "--tool=callgrind", "--trace-children=yes", "--instr-atstart=no",
              f"--callgrind-out-file={out}.%p", sys.executable, *args],
-            stdout=self._fh, stderr=subprocess.STDOUT, env=env(), cwd=ROOT,
+            stdout=self._fh, stderr=subprocess.STDOUT, env=env(src), cwd=ROOT,
             start_new_session=True,
         )
 
@@ -112,11 +113,14 @@ def main() -> None:
                     help="seconds counted after the last request (hand-over, export)")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=FIELDS",
                     help="another variant, as bench/otel.py's --variant")
+    ap.add_argument("--code", action="append", default=[], metavar="NAME=DIR",
+                    help="run variant NAME from the checkout DIR, as bench/otel.py's --code")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="ip-otel-cg-"))
     receiver = OtlpReceiver().start()
     up_port = free_port()
     telemetry = telemetry_variants(args.ratios, args.variant, receiver.endpoint)
+    code = code_trees(args.code, telemetry)
     ports = {name: free_port() for name in telemetry}
     procs: list[Proc] = [Proc(["-m", "tests.support.fake_upstream", "--port", str(up_port),
                                "--mode", "fast"], tmp / "up.log")]
@@ -131,7 +135,7 @@ def main() -> None:
                                  "first_byte_timeout: {enabled: false}"))
             gws[name] = Callgrind(["-m", "inferplane.cli", "serve", "--config", str(cfg),
                                    "--log-level", "warning"], tmp / f"gw-{name}.log",
-                                  tmp / f"cg-{name}")
+                                  tmp / f"cg-{name}", code.get(name))
             procs.append(gws[name])
         for name, port in ports.items():
             gws[name].wait_http(f"http://127.0.0.1:{port}/ready", timeout=600)

@@ -21,9 +21,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def env() -> dict[str, str]:
+def env(src: Path | None = None) -> dict[str, str]:
+    """This environment, with inferplane imported from ``src`` (this checkout's ``src/`` when
+    None: a bench's side-by-side run of another commit passes that checkout's)."""
     e = dict(os.environ)
-    e["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT), e.get("PYTHONPATH", "")])
+    e["PYTHONPATH"] = os.pathsep.join([str(src or ROOT / "src"), str(ROOT),
+                                       e.get("PYTHONPATH", "")])
     e.setdefault("HF_HUB_OFFLINE", "1")
     return e
 
@@ -31,11 +34,11 @@ def env() -> dict[str, str]:
 class Proc:
     """A child process that is killed (with its group) on `stop`."""
 
-    def __init__(self, args: Sequence[str], log: Path) -> None:
+    def __init__(self, args: Sequence[str], log: Path, src: Path | None = None) -> None:
         self.log = log
         self._fh = log.open("wb")
         self.p = subprocess.Popen(
-            [sys.executable, *args], stdout=self._fh, stderr=subprocess.STDOUT, env=env(),
+            [sys.executable, *args], stdout=self._fh, stderr=subprocess.STDOUT, env=env(src),
             cwd=ROOT, start_new_session=True,
         )
 
