@@ -16,6 +16,9 @@ objects a decision keeps (annotation and score dicts, `Scored`, `CandidateRecord
 ``--parts`` also counts the filters, the scorers, the picker and the pick observers of the same
 decisions each on its own (the parts before each run uncounted on fresh cycles); the rest of
 ``place()`` is the framework's loop and the evidence (candidate records, the decision).
+``--encode`` also counts ``place()`` followed by the ledger's encoding of its record
+(`encode_entry`, as the gateway does for every request: ``/encode``), so that evidence built
+later rather than in ``place()`` shows where it is paid.
 
 Counts are deterministic for a given code and Python build (±0.1 % between runs from hash
 seeds and allocator state), whatever else the machine runs; they are not time: a dict lookup
@@ -41,10 +44,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from placement_speed import Scenario
 
 from inferplane.fleet.state import EndpointView, FleetSnapshot
+from inferplane.ledger.record import Outcome, encode_entry
 from inferplane.placement.framework import CandidateRecord, CycleState, Policy, Scored, place
 from inferplane.placement.profile import RequestProfile
 
 PARTS = ("place", "filters", "score", "pick", "observe")
+OUTCOME = Outcome(status=200, endpoint="e", ttft_s=0.2, itl_s=0.02, e2e_s=3.0, prompt_tokens=900,
+                  completion_tokens=150, cost_usd=1e-4)
 
 
 def _floor(cands: list[EndpointView], names: tuple[str, ...], x: float) -> object:
@@ -110,6 +116,14 @@ def child(fleet: str, profile: str, n: int, reference: bool, part: str) -> None:
             return place(prof, snap, pol, decision_id="d", timer=timer)
 
         deque(itertools.starmap(one, args), maxlen=0)
+        return
+    if part == "encode":
+        args = [(reqs[i % m], snap, pol) for i in range(n)]
+
+        def placed_and_encoded(prof: RequestProfile, snap: FleetSnapshot, pol: Policy) -> object:
+            return encode_entry(place(prof, snap, pol, decision_id="d", timer=timer), OUTCOME, 1.0)
+
+        deque(itertools.starmap(placed_and_encoded, args), maxlen=0)
         return
     if part == "floor":
         names = tuple(f"scorer-{i}" for i in range(7))
@@ -183,7 +197,11 @@ def main() -> None:
                     help="also count the evidence floor: per candidate only the annotation and "
                     "score dicts, the Scored and the CandidateRecord a decision keeps, with "
                     "values given (no arithmetic, no lookups)")
-    ap.add_argument("--part", default="place", choices=(*PARTS, "floor"), help=argparse.SUPPRESS)
+    ap.add_argument("--encode", action="store_true",
+                    help="also count place() followed by the ledger's encoding of the record "
+                    "(encode_entry), as the gateway does for every request (/encode)")
+    ap.add_argument("--part", default="place", choices=(*PARTS, "floor", "encode"),
+                    help=argparse.SUPPRESS)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
@@ -200,6 +218,9 @@ def main() -> None:
             for name, ref in variants:
                 total = count(fleet, profile, a.n, ref, a.keep)
                 print(f"{fleet:10} {name:14} {total:15,.0f}", flush=True)
+                if a.encode:
+                    got = count(fleet, profile, a.n, ref, a.keep, "encode")
+                    print(f"{fleet:10} {name + '/encode':14} {got:15,.0f}", flush=True)
                 if not a.parts:
                     continue
                 rest = total

@@ -43,7 +43,13 @@ from inferplane.ledger.sqlite import (
     read_decision,
 )
 from inferplane.placement.build import build_policies
-from inferplane.placement.framework import CandidateRecord, Decision, Spillover, place
+from inferplane.placement.framework import (
+    CandidateRecord,
+    Decision,
+    Evidence,
+    Spillover,
+    place,
+)
 from inferplane.placement.profile import RequestProfile
 
 FLEET = """
@@ -74,6 +80,10 @@ tenants:
 
 @pytest.fixture(scope="module")
 def decision() -> Decision:
+    return _placed()
+
+
+def _placed() -> Decision:
     config = parse_config(FLEET, "fleet.yaml")
     live = LiveFleet(Fleet.from_config(config), stale_after_s=2.0)
     policy = build_policies(config, "fleet.yaml")["default"]
@@ -551,3 +561,22 @@ def test_a_candidate_record_is_written_with_every_field() -> None:
     """`_plain` spells out `CandidateRecord`'s fields (the hot path): none may be missing."""
     c = CandidateRecord("e", "s", "f", "why", {"x": 1.0}, 0.5, {"y": 2.0})
     assert _plain(c) == dataclasses.asdict(c)
+
+
+def test_a_decisions_evidence_is_encoded_as_its_records() -> None:
+    """`place` keeps the candidates' records unbuilt (`Evidence`) and the ledger encodes them
+    from what it kept: the same bytes as the built records (removed endpoints included), and
+    `candidate` builds the one asked for equal to its built record."""
+    d = _placed()
+    evidence = d.candidates
+    assert isinstance(evidence, Evidence) and d.removed_by
+    o = _ok(d)
+    text = encode_entry(d, o, 1.0).text  # before anything built the records
+    records = tuple(evidence)  # built now
+    assert len(records) == len(evidence) == 3
+    again = _placed()  # the same decision again, its records asked for one by one
+    assert tuple(again.candidate(r.endpoint) for r in records) == records
+    assert encode_entry(replace(d, candidates=records), o, 1.0).text == text
+    assert evidence == records and list(evidence) == list(records)
+    with pytest.raises(KeyError):
+        d.candidate("nowhere")

@@ -13,9 +13,9 @@ with an instance *name* and validated *parameters*; a class may implement severa
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, overload, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict
 
@@ -230,6 +230,150 @@ class CandidateRecord:
     annotations: dict[str, float] = field(default_factory=dict)
 
 
+def record_fields(rec: CandidateRecord) -> dict[str, Any]:
+    """A record's fields as a dict, in field order, the dicts it holds not copied (what the
+    ledger encodes; `dataclasses.asdict` would deep-copy them)."""
+    return {
+        "endpoint": rec.endpoint,
+        "substrate": rec.substrate,
+        "rejected_by": rec.rejected_by,
+        "reason": rec.reason,
+        "scores": rec.scores,
+        "total": rec.total,
+        "annotations": rec.annotations,
+    }
+
+
+class Evidence(Sequence[CandidateRecord]):
+    """A decision's candidate records, built when first read: one per endpoint the decision
+    judged (the snapshot's, or a large fleet's sample), in its order — the filter's record for
+    an endpoint a filter removed, else the scored candidate's scores, total and annotations.
+
+    `place` keeps what the records are made of (the filters' records, the scored candidates,
+    the cycle's annotations) instead of building one object per candidate that most readers
+    never look at: the gateway reads the pick's annotations (`Decision.candidate` builds that
+    one record), and the ledger encodes the rest straight from them (`fields`). Reading it as
+    a sequence builds every record once; it then behaves as the tuple of them (equal to an
+    equal tuple)."""
+
+    __slots__ = ("_annotations", "_endpoints", "_items", "_records", "_scored")
+
+    def __init__(
+        self,
+        endpoints: Sequence[EndpointView],
+        records: dict[str, CandidateRecord],
+        scored: list[Scored],
+        annotations: dict[str, dict[str, float]],
+    ) -> None:
+        self._endpoints = endpoints
+        self._records = records
+        self._scored = scored
+        self._annotations = annotations
+        self._items: tuple[CandidateRecord, ...] | None = None
+
+    def _sources(self) -> Sequence[CandidateRecord | Scored]:
+        """Per endpoint, in order: its filter record or its scored candidate."""
+        endpoints, records, scored = self._endpoints, self._records, self._scored
+        if not records and len(scored) == len(endpoints):
+            for sc, v in zip(scored, endpoints, strict=True):
+                if sc.view is not v:
+                    break
+            else:
+                return scored  # nothing removed, the candidates in order: the usual case
+        by_name = {sc.view.name: sc for sc in scored}
+        return [
+            records.get(v.name) or by_name.get(v.name) or _rejected(v, "?", "not evaluated")
+            for v in endpoints
+        ]
+
+    def _record(self, sc: Scored) -> CandidateRecord:
+        view = sc.view
+        name = view.name
+        return CandidateRecord(
+            name, view.endpoint.substrate_name, None, None, sc.scores, sc.total,
+            self._annotations.get(name, {}),
+        )
+
+    def _build(self) -> tuple[CandidateRecord, ...]:
+        items = self._items
+        if items is None:
+            record = self._record
+            items = self._items = tuple(
+                [s if isinstance(s, CandidateRecord) else record(s) for s in self._sources()]
+            )
+        return items
+
+    def get(self, endpoint: str) -> CandidateRecord | None:
+        """One endpoint's record (built alone if the others were not), None if the decision
+        did not judge it."""
+        if self._items is not None:
+            for c in self._items:
+                if c.endpoint == endpoint:
+                    return c
+            return None
+        rec = self._records.get(endpoint)
+        if rec is not None:
+            return rec
+        for sc in self._scored:
+            if sc.view.name == endpoint:
+                return self._record(sc)
+        for v in self._endpoints:
+            if v.name == endpoint:
+                return _rejected(v, "?", "not evaluated")
+        return None
+
+    def fields(self) -> list[dict[str, Any]]:
+        """Every record as `record_fields` gives it, built without the record objects where
+        they were not built yet (how the ledger encodes a decision)."""
+        if self._items is not None:
+            return [record_fields(c) for c in self._items]
+        ann = self._annotations
+        out: list[dict[str, Any]] = []
+        for s in self._sources():
+            if isinstance(s, CandidateRecord):
+                out.append(record_fields(s))
+                continue
+            view = s.view
+            name = view.name
+            out.append({
+                "endpoint": name,
+                "substrate": view.endpoint.substrate_name,
+                "rejected_by": None,
+                "reason": None,
+                "scores": s.scores,
+                "total": s.total,
+                "annotations": ann.get(name, {}),
+            })
+        return out
+
+    def __len__(self) -> int:
+        if self._items is not None:
+            return len(self._items)
+        return len(self._endpoints)
+
+    @overload
+    def __getitem__(self, i: int) -> CandidateRecord: ...
+    @overload
+    def __getitem__(self, i: slice) -> tuple[CandidateRecord, ...]: ...
+    def __getitem__(self, i: int | slice) -> CandidateRecord | tuple[CandidateRecord, ...]:
+        return self._build()[i]
+
+    def __iter__(self) -> Iterator[CandidateRecord]:
+        return iter(self._build())
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Evidence):
+            return self._build() == other._build()
+        if isinstance(other, tuple):
+            return self._build() == other
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return repr(self._build())
+
+
 @dataclass(frozen=True, slots=True)
 class Envelope:
     """Predicted service envelope of the pick."""
@@ -246,7 +390,8 @@ class Decision:
     decision_id: str
     policy: str
     profile: RequestProfile
-    candidates: tuple[CandidateRecord, ...]
+    #: one record per endpoint judged; `place` gives an `Evidence`, built when first read
+    candidates: Sequence[CandidateRecord]
     picked: EndpointView | None
     removed_by: dict[str, int]
     predicted: Envelope = Envelope()
@@ -262,9 +407,15 @@ class Decision:
 
     def candidate(self, endpoint: str) -> CandidateRecord:
         """The record of one endpoint (every endpoint of the snapshot has one)."""
-        for c in self.candidates:
-            if c.endpoint == endpoint:
-                return c
+        candidates = self.candidates
+        if type(candidates) is Evidence:
+            got = candidates.get(endpoint)
+            if got is not None:
+                return got
+        else:
+            for c in candidates:
+                if c.endpoint == endpoint:
+                    return c
         raise KeyError(endpoint)
 
 
@@ -518,7 +669,7 @@ def _place(
         candidates = result.kept
 
     picked: Scored | None = None
-    ordered: tuple[CandidateRecord, ...] | None = None
+    scored: list[Scored] = []
     annotations = cycle.annotations
     fused = policy.fused
     if candidates and fused is not None and not annotations:
@@ -527,18 +678,6 @@ def _place(
         if timer:
             timings["score:fused"] = timer() - t0
         picked = _pick(cycle, policy, scored, timings, timer)
-        scored_records = [
-            CandidateRecord(
-                (name := sc.view.name), sc.view.endpoint.substrate_name, None, None, sc.scores,
-                sc.total, annotations[name],
-            )
-            for sc in scored
-        ]
-        if not records and len(scored_records) == len(endpoints):
-            ordered = tuple(scored_records)  # nothing removed: the candidates in order
-        else:
-            for rec in scored_records:
-                records[rec.endpoint] = rec
     elif candidates:
         n = len(candidates)
         per: list[dict[str, float]] = [{} for _ in candidates]
@@ -562,21 +701,7 @@ def _place(
                 totals[i] += weight * v
         scored = [Scored(c, t, d) for c, t, d in zip(candidates, totals, per, strict=True)]
         picked = _pick(cycle, policy, scored, timings, timer)
-        for sc in scored:
-            view = sc.view
-            name = view.name
-            records[name] = CandidateRecord(
-                endpoint=name,
-                substrate=view.endpoint.substrate_name,
-                scores=sc.scores,
-                total=sc.total,
-                annotations=annotations.get(name, {}),
-            )
 
-    if ordered is None:
-        ordered = tuple(
-            [records.get(v.name) or _rejected(v, "?", "not evaluated") for v in endpoints]
-        )
     predicted = Envelope()
     if picked is not None:
         a = annotations.get(picked.view.name) or {}
@@ -585,7 +710,7 @@ def _place(
         decision_id=decision_id,
         policy=policy.name,
         profile=profile,
-        candidates=ordered,
+        candidates=Evidence(endpoints, records, scored, annotations),
         picked=picked.view if picked is not None else None,
         removed_by=removed,
         predicted=predicted,
