@@ -488,3 +488,53 @@ def test_blocks_sent_moments_ago_count_until_their_kv_events_arrive() -> None:
     off = plugin("prefix-affinity", pending_s=0.0)
     off.on_picked(c0, snap0.by_name["a-1"])
     assert list(off.score(cycle(follow, snap1), views(snap1))) == [0.0, 0.0]
+
+
+# (endpoint, meets_slo, cost_usd, egress_usd, total) on r-0, r-1 (reserved gpu), b-0 (burst gpu),
+# l-0 (reserved low-latency)
+_SLO_FIRST = {
+    "r-0": (1.0, 1.00, 0.00, 0.5),
+    "r-1": (1.0, 1.05, 0.00, 0.7),
+    "b-0": (1.0, 0.50, 0.00, 0.9),
+    "l-0": (1.0, 1.50, 0.00, 0.8),
+}
+
+
+@pytest.mark.parametrize(
+    ("case", "params", "kinds", "over", "expect"),
+    [
+        # reserved before burst; costs within 10 % tie, the higher total wins
+        ("reserved first", {}, None, {}, "r-1"),
+        ("no reserved preference", {"prefer_reserved": False}, None, {}, "b-0"),
+        ("outside the cost tolerance", {"cost_tolerance": 0.01}, None, {}, "r-0"),
+        # egress counts unless include_egress is off
+        ("egress", {}, None, {"r-1": (1.0, 1.05, 0.50, 0.7)}, "r-0"),
+        ("egress off", {"include_egress": False}, None, {"r-1": (1.0, 1.05, 0.50, 0.7)}, "r-1"),
+        # only SLO-meeters; the burst one is the only one left
+        ("SLO first", {}, None, {"r-0": (0.0, 1.0, 0.0, 0.5), "r-1": (0.0, 1.0, 0.0, 0.7),
+                                  "l-0": (0.0, 1.5, 0.0, 0.8)}, "b-0"),
+        # the class's preferred kinds win among meeters, whatever their cost unless capped
+        ("preferred kind", {}, frozenset({"low-latency"}), {}, "l-0"),
+        ("preferred kind too dear", {"preferred_kind_max_cost_ratio": 2.0},
+         frozenset({"low-latency"}), {}, "r-1"),
+        ("preferred kind within the cap", {"preferred_kind_max_cost_ratio": 3.0},
+         frozenset({"low-latency"}), {}, "l-0"),
+        ("preferred kind misses the SLO", {}, frozenset({"low-latency"}),
+         {"l-0": (0.0, 1.5, 0.0, 0.8)}, "r-1"),
+    ],
+)
+def test_slo_first_among_slo_meeters(
+    case: str, params: dict[str, Any], kinds: frozenset[str] | None,
+    over: dict[str, tuple[float, float, float, float]], expect: str,
+) -> None:
+    fl = fleet(sub("r", n=2), sub("b", capacity="burst"), sub("l", kind="low-latency"))
+    snap = snapshot(fl)
+    cyc = cycle(profile(preferred_kinds=kinds), snap)
+    scored = []
+    for name, (meets, cost, egress, total) in {**_SLO_FIRST, **over}.items():
+        cyc.annotate(name, "meets_slo", meets)
+        cyc.annotate(name, "cost_usd", cost)
+        cyc.annotate(name, "egress_usd", egress)
+        scored.append(Scored(snap.by_name[name], total, {}))
+    assert plugin("slo-first", **params).pick(cyc, scored).view.name == expect, case
+    assert bool(cyc.notes) == (expect == "l-0"), cyc.notes  # "class prefers …"
