@@ -14,9 +14,9 @@ It is a second implementation of those formulas, kept honest by ``tests/test_pla
 (randomised fleets, loads and requests: fused and reference decisions must be equal, evidence
 included) and by ``bench/placement_speed.py --dump`` (byte-identical before and after). A
 profile with any other scorer set, order or a room weight is scored by the reference path;
-``Policy.fused`` is None there. The prefix matchers, session affinity and energy are still
-called as the plugins themselves (their logic lives in one place); the per-endpoint constants
-and price tables are the plugins' own caches.
+``Policy.fused`` is None there. The prefix matchers, session affinity's memory
+(`SessionAffinity.endpoint_of`) and energy are still the plugins themselves (their logic lives
+in one place); the per-endpoint constants and price tables are the plugins' own caches.
 
 What makes the pass cheaper than the plugins in turn, besides walking the candidates once:
 
@@ -27,8 +27,9 @@ What makes the pass cheaper than the plugins in turn, besides walking the candid
   learned once.
 * **Per-state terms.** What an endpoint's state object alone determines — predicted-latency's
   load terms (batch, KV, queue, decode step), its TTFT correction and expected-retry factors,
-  and the load scorer's value — is kept per endpoint while the snapshot keeps that state object
-  (the live fleet gives a new state only to endpoints that changed: a reservation touches one).
+  and the load scorer's value — is kept per endpoint while the snapshot keeps its view (the
+  live fleet gives a new view and state only to endpoints that changed: a reservation touches
+  one), in one tuple with the endpoint's constants: a candidate's inputs are one lookup.
 * **The TTFT step inlined.** ``Roofline.step_time_s`` for the uncached prompt is computed in
   the loop from the roofline's constants (`Roofline.step_terms`), in the same order of
   operations.
@@ -47,17 +48,23 @@ from inferplane.placement.plugins.affinity import PrefixAffinity, SessionAffinit
 from inferplane.placement.plugins.economics import Cost, Energy, Load, Locality, _Price
 from inferplane.placement.plugins.latency import PredictedLatency, _Consts
 
-#: (state, TTFT correction factor or None, expected-retry factor, load value clamped, busy
-#: (in flight > 0), context the load terms were computed for, batch, KV tokens, queue_s, raw
-#: ITL): `FusedScoring._state_terms`
-_StateTerms = tuple[
-    EndpointState, float | None, float, float, bool, float, int, int, float, float
-]
+#: (TTFT correction factor or None, expected-retry factor, load value clamped, busy (in
+#: flight > 0), context the load terms were computed for, batch, KV tokens, queue_s, raw ITL):
+#: `FusedScoring._state_terms`
+_StateTerms = tuple[float | None, float, float, bool, float, int, int, float, float]
 #: (endpoint, predicted-latency's constants, roofline, region, fixed TTFT s, embedding, price,
 #: hourly rate per second or None, the roofline's nine step terms): `FusedScoring._row`
 _Row = tuple[
     Endpoint, _Consts, Roofline | None, str, float, bool, _Price, float | None,
     float, float, float, float, float, float, float, float, float,
+]
+#: (view, endpoint, state, name, the row after its endpoint, the state terms): one candidate's
+#: inputs in one tuple, `FusedScoring._terms`
+_Terms = tuple[
+    EndpointView, Endpoint, EndpointState, str,
+    _Consts, Roofline | None, str, float, bool, _Price, float | None,
+    float, float, float, float, float, float, float, float, float,
+    float | None, float, float, bool, float, int, int, float, float,
 ]
 
 #: The scorer classes (exact types, in profile order) that `FusedScoring` computes.
@@ -76,17 +83,17 @@ class FusedScoring:
     """Scores a policy's candidates in one pass (module docstring). Build with `compile`."""
 
     __slots__ = ("A", "C", "E", "L", "Lo", "P", "S", "_cost_p", "_fleet", "_loc_p", "_rows",
-                 "_states", "names", "weights")
+                 "_terms", "names", "weights")
 
     def __init__(self, policy: Policy) -> None:
         plugins = [s for s, _ in policy.scorers]
         self.P, self.A, self.S, self.L, self.C, self.Lo, self.E = plugins
         self.names = tuple(s.name for s in plugins)
         self.weights = tuple(w for _, w in policy.scorers)
-        # model → per fleet position: the endpoint's constants (`_row`) and what its state
-        # object alone determines (`_state_terms`)
+        # model → per fleet position: the endpoint's constants (`_row`), and the candidate's
+        # view with those and what its state object alone determines (`_terms`)
         self._rows: dict[str, list[_Row | None]] = {}
-        self._states: dict[str, list[_StateTerms | None]] = {}
+        self._terms: dict[str, list[_Terms | None]] = {}
         self._fleet: Fleet | None = None
         # the cost and locality scorers' parameters as plain values (a pydantic model's
         # attribute costs several times a local's)
@@ -153,14 +160,11 @@ class FusedScoring:
         idle_ctx: float,
         model: str,
         loads: dict[Endpoint, tuple[EndpointState, float, int, int, float, float]],
-        states: list[_StateTerms | None],
     ) -> _StateTerms:
         """What the endpoint's state alone determines: its TTFT correction and expected-retry
         factors and the load scorer's clamped value, and predicted-latency's load terms
         (batch, KV tokens, queue_s, raw ITL; for an idle endpoint with the request's prompt +
-        max output as the context, ``idle_ctx``); kept at the endpoint's fleet position while
-        the snapshot keeps that state object (the live fleet rebuilds only the states that
-        changed)."""
+        max output as the context, ``idle_ctx``)."""
         P, L = self.P, self.L
         assert isinstance(P, PredictedLatency) and isinstance(L, Load)
         r = k.roofline
@@ -190,11 +194,34 @@ class FusedScoring:
             v = 0.0
         elif v > 1.0:
             v = 1.0
-        got: _StateTerms = (s, tf, retry, v, s.inflight > 0, idle_ctx, batch, kv, queue_s, raw_i)
+        return tf, retry, v, s.inflight > 0, idle_ctx, batch, kv, queue_s, raw_i
+
+    def _terms_of(
+        self,
+        c: EndpointView,
+        model: str,
+        idle_ctx: float,
+        loads: dict[Endpoint, tuple[EndpointState, float, int, int, float, float]],
+        rows: list[_Row | None],
+        terms: list[_Terms | None],
+    ) -> _Terms:
+        """The candidate's view, endpoint, state and name, its endpoint's constants (`_row`)
+        and what its state alone determines (`_state_terms`) in one tuple, kept at the
+        endpoint's fleet position while the snapshot keeps that view (the live fleet gives a
+        new view only to the endpoints whose state changed)."""
+        ep = c.endpoint
         i = ep.index
-        if i >= len(states):
-            states.extend([None] * (i + 1 - len(states)))
-        states[i] = got
+        row = rows[i] if i < len(rows) else None
+        if row is None or row[0] is not ep:
+            row = self._row(ep, model, rows)
+        k = row[1]
+        s = c.state
+        got: _Terms = (
+            c, ep, s, c.name, *row[1:], *self._state_terms(ep, s, k, idle_ctx, model, loads)
+        )
+        if i >= len(terms):
+            terms.extend([None] * (i + 1 - len(terms)))
+        terms[i] = got
         return got
 
     def __call__(self, cycle: CycleState, candidates: list[EndpointView]) -> list[Scored]:
@@ -205,7 +232,7 @@ class FusedScoring:
         fleet = cycle.snapshot.fleet
         if fleet is not self._fleet:  # a reloaded fleet: its endpoints are new objects
             self._fleet = fleet
-            self._rows, self._states = {}, {}
+            self._rows, self._terms = {}, {}
         rtt_s = fleet.rtt_s
         model = prof.model
         prompt = prof.prompt_tokens
@@ -215,11 +242,10 @@ class FusedScoring:
         rows = self._rows.get(model)
         if rows is None:
             rows = self._rows[model] = []
-        states = self._states.get(model)
-        if states is None:
-            states = self._states[model] = []
-        nrows = len(rows)
-        nstates = len(states)
+        terms = self._terms.get(model)
+        if terms is None:
+            terms = self._terms[model] = []
+        nterms = len(terms)
 
         # -- predicted-latency's inputs (latency.py, `PredictedLatency.score`)
         idle_ctx = float(prompt + max_out)
@@ -237,10 +263,10 @@ class FusedScoring:
         a_matched: Sequence[float] | None = None
         if nblocks:
             a_matched = matched if A.matcher is P.matcher else A.matcher.matches(cycle, candidates)
-        # -- session-affinity: the plugin itself
-        s_vals = self.S.score(cycle, candidates)
-        if len(s_vals) != len(candidates):
-            raise ValueError("a scorer returned a value count other than the candidates'")
+        # -- session-affinity (`SessionAffinity.score`): 1 on the session's last endpoint
+        S = self.S
+        assert isinstance(S, SessionAffinity)
+        last = S.endpoint_of(prof)
         # -- cost (`Cost.score`)
         output_fraction, burst_factor = self._cost_p
         out_tok = output_fraction * max_out
@@ -257,31 +283,22 @@ class FusedScoring:
         wP, wA, wS, wL, wC, wLo, wE = self.weights
         annotations = cycle.annotations
         ranked: list[float] = []
-        cand_regions: list[str] = []
-        out: list[Scored] = []
+        # per candidate after the first pass: (view, total of the first four scorers, their
+        # clamped values, cost ranked, region)
+        firsts: list[tuple[EndpointView, float, float, float, float, float, float, str]] = []
         for i, c in enumerate(candidates):
-            ep, s = c.endpoint, c.state
-            name = c.name
-            idx = ep.index
-            row = rows[idx] if idx < nrows else None
-            if row is None or row[0] is not ep:
-                row = self._row(ep, model, rows)
-                nrows = len(rows)
-                if idx < nstates:
-                    states[idx] = None  # another endpoint's terms were kept at this position
-            (_, k, r, region, fixed_s, embedding, pr, hourly_s,
-             lin, attn, inv_flops, wbytes, kvb, inv_bw, comm, fixed, seq) = row
-            st = states[idx] if idx < nstates else None
-            if st is None or st[0] is not s:
-                st = self._state_terms(ep, s, k, idle_ctx, model, loads, states)
-                nstates = len(states)
-            elif not st[4] and st[5] != idle_ctx:  # idle: the context is the request's
-                if r is None:
-                    lt: tuple[int, int, float, float] = (0, 0, 0.0, 0.0)
-                else:
-                    lt = P._load_terms(ep, s, k, r, idle_ctx, loads)
-                st = states[idx] = (*st[:5], idle_ctx, *lt)
-            _, tf, retry, v4, _, _, batch, kv, queue_s, raw_i = st
+            idx = c.endpoint.index
+            t = terms[idx] if idx < nterms else None
+            if t is None or t[0] is not c:
+                t = self._terms_of(c, model, idle_ctx, loads, rows, terms)
+                nterms = len(terms)
+            (_, ep, s, name, k, r, region, fixed_s, embedding, pr, hourly_s,
+             lin, attn, inv_flops, wbytes, kvb, inv_bw, comm, fixed, seq,
+             tf, retry, v4, busy, ctx_of, batch, kv, queue_s, raw_i) = t
+            if not busy and ctx_of != idle_ctx and r is not None:
+                # idle: the load terms' context is the request's (not kept: the next request's
+                # is another)
+                batch, kv, queue_s, raw_i = P._load_terms(ep, s, k, r, idle_ctx, loads)
             # predicted-latency
             m = matched[i]
             if nblocks:
@@ -357,8 +374,8 @@ class FusedScoring:
                 usd = cu * pr.input + (prompt - cu) * pr.cached + out_tok * pr.output
             else:  # pr.hourly / 3600.0 * duration / pr.concurrency
                 usd = hourly_s * (raw_t + region_rtt + out_tok * raw_i) / pr.concurrency
-            ranked.append(usd * burst_factor if pr.burst else usd)
-            cand_regions.append(region)
+            rank_usd = usd * burst_factor if pr.burst else usd
+            ranked.append(rank_usd)
             # the annotations, keys in the reference path's order
             if a_matched is not None and retry <= 1.0:
                 m = a_matched[i]
@@ -412,17 +429,12 @@ class FusedScoring:
                 v1 = 0.0
             elif v1 > 1.0:
                 v1 = 1.0
-            v3 = s_vals[i]
-            if not v3 > 0.0:
-                v3 = 0.0
-            elif v3 > 1.0:
-                v3 = 1.0
+            v3 = 1.0 if name == last else 0.0
             total = 0.0 + wP * v1
             total += wA * v2
             total += wS * v3
             total += wL * v4
-            out.append(Scored(c, total, {nP: v1, nA: v2, nS: v3, nL: v4, nC: 0.0, nLo: 0.0,
-                                         nE: 0.0}))
+            firsts.append((c, total, v1, v2, v3, v4, rank_usd, region))
         cycle.data[P._key] = True  # predicted-latency scored this cycle (`on_picked`)
 
         # -- normalisations over the candidates
@@ -444,9 +456,10 @@ class FusedScoring:
         if e_vals is not None and len(e_vals) != len(candidates):
             raise ValueError("a scorer returned a value count other than the candidates'")
 
-        # -- the last three scorers: clamp, weigh, add to the totals, fill the score dicts
+        # -- the last three scorers: clamp, weigh, add to the totals; the scored candidates
         i = 0
-        for sc, x, region in zip(out, ranked, cand_regions, strict=True):
+        out: list[Scored] = []
+        for c, total, v1, v2, v3, v4, x, region in firsts:
             if flat:
                 v5 = 1.0
             else:
@@ -465,15 +478,11 @@ class FusedScoring:
                     v7 = 0.0
                 elif v7 > 1.0:
                     v7 = 1.0
-            total = sc.total
             total += wC * v5
             total += wLo * v6
             total += wE * v7
-            sc.total = total
-            d = sc.scores
-            d[nC] = v5
-            d[nLo] = v6
-            d[nE] = v7
+            out.append(Scored(c, total, {nP: v1, nA: v2, nS: v3, nL: v4, nC: v5, nLo: v6,
+                                         nE: v7}))
         return out
 
 

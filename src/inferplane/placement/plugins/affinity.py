@@ -445,16 +445,20 @@ class SessionAffinity(Plugin):
         self.max_sessions = params.max_sessions
         self._last: OrderedDict[str, str] = OrderedDict()
 
+    def endpoint_of(self, profile: RequestProfile) -> str | None:
+        """The endpoint that last served the request's session (None: unknown, or no
+        session). The fused scoring pass scores with it directly."""
+        sid = _session(profile)
+        return self._last.get(sid) if sid is not None else None
+
     def score(self, cycle: CycleState, candidates: list[EndpointView]) -> Sequence[float]:
-        sid = _session(cycle.profile)
-        last = self._last.get(sid) if sid is not None else None
+        last = self.endpoint_of(cycle.profile)
         if last is None:
             return [0.0] * len(candidates)
         return [1.0 if c.name == last else 0.0 for c in candidates]
 
     def propose(self, cycle: CycleState, limit: int) -> list[str]:
-        sid = _session(cycle.profile)
-        last = self._last.get(sid) if sid is not None else None
+        last = self.endpoint_of(cycle.profile)
         return [] if last is None else [last]
 
     def knows(self, key: str) -> bool:
