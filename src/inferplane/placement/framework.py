@@ -383,9 +383,15 @@ class Envelope:
     cost_usd: float | None = None
 
 
-@dataclass(frozen=True, slots=True)
+#: the envelope of a decision without a pick
+NO_ENVELOPE = Envelope()
+
+
+@dataclass(slots=True)
 class Decision:
-    """The evidence of one placement."""
+    """The evidence of one placement. Read-only by convention, not frozen: one is built per
+    placement, and a frozen dataclass's ``__init__`` sets each of its twelve fields through
+    ``object.__setattr__``."""
 
     decision_id: str
     policy: str
@@ -394,7 +400,7 @@ class Decision:
     candidates: Sequence[CandidateRecord]
     picked: EndpointView | None
     removed_by: dict[str, int]
-    predicted: Envelope = Envelope()
+    predicted: Envelope = NO_ENVELOPE
     spillover: Spillover | None = None
     notes: tuple[str, ...] = ()
     timings_s: dict[str, float] = field(default_factory=dict)
@@ -702,7 +708,7 @@ def _place(
         scored = [Scored(c, t, d) for c, t, d in zip(candidates, totals, per, strict=True)]
         picked = _pick(cycle, policy, scored, timings, timer)
 
-    predicted = Envelope()
+    predicted = NO_ENVELOPE
     if picked is not None:
         a = annotations.get(picked.view.name) or {}
         predicted = Envelope(a.get("ttft_s"), a.get("itl_s"), a.get("cost_usd"))
