@@ -238,3 +238,41 @@ async def test_under_the_dispatch_gate_a_tenant_filling_the_prefill_queues_is_ab
     assert g.tenant == "a" and q.held("p", "a") == 4
     g.release()
     assert not g.prefilling  # release ends the prefill count too (idempotent)
+
+
+async def test_under_the_gate_the_headroom_keeps_the_last_starts_for_the_bands_above() -> None:
+    pool = GatedPool(8, 4)  # 8 starts at once; ceil((1 - 0.7) × 8) = 3 kept for the top bands
+    q = FairQueue(pool.free, capacity=None, room_capacity=pool.room_capacity,
+                  slot_room=pool.slot_free, envelope=pool.capacity, shed_above=0.7,
+                  clock=lambda: 0.0)
+    assert [q.starts_kept(b, "p", 3) for b in ("standard", "sheddable", "batch")] == [
+        False, True, True]
+    assert not q.starts_kept("batch", "p", 4)
+    low = [pool.start(await q.acquire("a", band, "p", 10, 5.0))
+           for band in ("sheddable", "batch", "sheddable", "batch", "batch")]
+    assert q.room("p") == 3
+    shed = asyncio.create_task(q.acquire("a", "sheddable", "p", 10, 5.0))
+    batch = asyncio.create_task(q.acquire("a", "batch", "p", 10, 5.0))
+    await asyncio.sleep(0)
+    assert not shed.done() and not batch.done()  # they wait (not shed) for a start beyond 3
+    top = [pool.start(await q.acquire("a", "standard", "p", 10, 5.0)) for _ in range(3)]
+    assert all(g.waited_s == 0.0 for g in top) and q.room("p") == 0
+    pool.first_token(q, low[0])  # one start frees: still one of the last three
+    await asyncio.sleep(0)
+    assert not shed.done() and not batch.done()
+    for g in top:
+        pool.first_token(q, g)  # four free: the sheddable request (the higher band) goes
+    g = pool.start(await asyncio.wait_for(shed, 1.0))
+    assert g.tenant == "a" and not batch.done()
+    batch.cancel()
+    await asyncio.gather(batch, return_exceptions=True)
+
+
+async def test_under_the_gate_a_single_endpoint_pool_keeps_no_start() -> None:
+    pool = GatedPool(1, 4)
+    q = FairQueue(pool.free, capacity=None, room_capacity=pool.room_capacity,
+                  slot_room=pool.slot_free, envelope=pool.capacity, shed_above=0.7,
+                  clock=lambda: 0.0)
+    assert not q.starts_kept("batch", "p", 1)
+    g = pool.start(await q.acquire("a", "batch", "p", 10, 5.0))
+    assert g.waited_s == 0.0

@@ -24,7 +24,9 @@ minus the requests already granted but not yet placed. Otherwise it waits:
 - **headroom for the bands above** (``shed_above``, off by default): while the pool's in-flight
   plus pending grants ÷ its slots would pass ``shed_above``, a sheddable request is refused at
   once with 429 ``load_shed`` (waiting ones too), and a batch request waits — so past the knee
-  the last slots go to critical and standard traffic;
+  the last slots go to critical and standard traffic; under a dispatch gate the last
+  ``ceil((1 - shed_above) × room_capacity)`` prefill starts are kept for them too (sheddable and
+  batch requests wait for a start beyond those: `starts_kept`);
 - **strict shares** (``keep_unused_shares``, off by default): the reserve is at least the slots
   the other active tenants hold below their fair share, so while they are active a tenant above
   its share never takes the slots they are entitled to (less work-conserving: those slots may
@@ -208,6 +210,18 @@ class FairQueue:
             room = self.slot_room(pool)
         return cap > 0 and cap - room + 1 > self.shed_above * cap
 
+    def starts_kept(self, band: str, pool: PoolKey, room: int) -> bool:
+        """Under a dispatch gate with ``shed_above``, the headroom for the bands above counts
+        prefill starts too: a low-band request (sheddable, batch) may not take one of the pool's
+        last ``ceil((1 - shed_above) × room_capacity)`` starts (at most all but one), and waits
+        for a start beyond them. So a standard request rarely finds every engine prefilling
+        lower-priority prompts. ``room``: the pool's free starts now."""
+        if self.shed_above is None or self.room_capacity is None or band not in _LOW_BANDS:
+            return False
+        most = self.room_capacity(pool)
+        keep = min(math.ceil(round((1.0 - self.shed_above) * most, 9)), most - 1)
+        return room <= keep
+
     def _shed_low(self, band: str, pool: PoolKey) -> RateLimitError:
         if self.on_shed is not None:
             self.on_shed(band, "headroom")
@@ -321,7 +335,8 @@ class FairQueue:
         if self._waiting_pool.get(pool, 0) == 0:
             room = self.room(pool)
             if (room > 0 and self._eligible(tenant, pool, room, self.share(pool))
-                    and not self.over_headroom(band, pool, room)):
+                    and not self.over_headroom(band, pool, room)
+                    and not self.starts_kept(band, pool, room)):
                 return self._grant(tenant, pool, tokens, 0.0)
         if self.waiting >= self.max_waiting:
             self._shed_for(band, tenant)
@@ -484,7 +499,7 @@ class FairQueue:
                     room, share = pool_state(w.pool)
                     if self._eligible(t, w.pool, room, share) and not self.over_headroom(
                         w.band, w.pool, room
-                    ):
+                    ) and not self.starts_kept(w.band, w.pool, room):
                         return w
             held_back |= waited_on
         return None

@@ -651,7 +651,9 @@ class QueueSpec(Strict):
         description="headroom for the critical and standard bands: while a pool's in-flight "
         "requests (with the one asking) would pass this fraction of its slots (Σ "
         "max_concurrency), sheddable requests are refused with 429 load_shed and batch requests "
-        "wait; unset: off",
+        "wait; with the dispatch gate (max_prefill_queue_s) the pool's last ceil((1 - this) x "
+        "endpoints) prefill starts are kept for those bands too (sheddable and batch requests "
+        "wait for a start beyond them; at most all but one are kept); unset: off",
     )
     keep_unused_shares: bool = Field(
         False,
