@@ -225,6 +225,10 @@ class Dispatcher:
                 timeout=self.timeout,
                 auto_decompress=False,
                 skip_auto_headers=("User-Agent",),
+                # aiohttp asks for gzip by default; the gateway reads what it relays (and its
+                # scrapes) undecoded, so it asks for none: an engine or a proxy that compresses
+                # would otherwise answer bytes the gateway cannot read (and spend CPU on them)
+                headers={"Accept-Encoding": "identity"},
             )
         return self.session
 
