@@ -13,6 +13,24 @@
    the engine's API server and of the gateway;
 4. measures each variant's idle gateway: CPU and context switches per second over 20 s.
 
+Each replay also counts the TCP connections the engine accepted during it, from its access log
+(uvicorn writes the peer's ``host:port`` on every request line): ``conns`` distinct peers in all,
+``req_conns`` of them carrying a completion request, and the requests (``posts``) and other GETs
+(scrapes, probes: ``gets``) they carried. And it differences the engine's own histograms over
+the replay: its mean TTFT (``vllm:time_to_first_token_seconds``, from the arrival its front end
+records to the first token), queue and prefill time, and its prefix-cache hit rate.
+
+``--fake-ttft S`` puts `bench/peers/fake_engine.py` (a stand-in that answers every request after
+S seconds, whatever the load) where the engine was: then every millisecond a path adds to the time
+to first token is the router's own, and the engine-side columns are empty.
+
+Each row also reads the trace's bursts: its requests come in bursts (all the requests of one
+trace second at the same instant: 9-14 at a time in the default slice, and as many reach the one
+gateway of ``real_engines.py``'s ×1 replay). ``burst_first_ms`` is the TTFT of a burst's first
+request (median over the bursts of 4 or more), ``burst_ms_per_place`` the least-squares slope of
+TTFT over a request's place in its burst (in send order; median over the bursts): what one
+request ahead in the same burst costs the next.
+
 A variant sets fleet-file fields of the gateway (dotted paths, YAML values), e.g.
 ``fixed=gateway.scrape_max_duty:null`` (a fixed 0.1 s scrape period) or
 ``slow-batch=batch.idle_poll_interval_s:0.05``. The gateway otherwise gets the fleet file
@@ -24,6 +42,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -80,6 +99,87 @@ def metrics_cost(url: str, pid: int, n: int = 200) -> dict[str, float]:
     return {"page_bytes": len(page.encode()), "engine_cpu_ms_per_get": 1e3 * cpu / n,
             "wall_ms_per_get": 1e3 * wall / n,
             "gateway_parse_ms": 1e3 * (time.process_time() - p0) / n}
+
+
+ACCESS = re.compile(r'(\d+\.\d+\.\d+\.\d+:\d+) - "(GET|POST) (\S+) HTTP')
+
+
+def connections(log_text: str) -> dict[str, float]:
+    """Connections and requests in a piece of the engine's uvicorn access log (one line per
+    request, with the peer's ``host:port``: one distinct peer is one TCP connection)."""
+    peers: dict[str, list[str]] = {}
+    for m in ACCESS.finditer(log_text):
+        peers.setdefault(m.group(1), []).append(m.group(2))
+    return {"conns": float(len(peers)),
+            "req_conns": float(sum("POST" in v for v in peers.values())),
+            "posts": float(sum(v.count("POST") for v in peers.values())),
+            "gets": float(sum(v.count("GET") for v in peers.values()))}
+
+
+ENGINE_SERIES = {"ttft": "vllm:time_to_first_token_seconds",
+                 "queue": "vllm:request_queue_time_seconds",
+                 "prefill": "vllm:request_prefill_time_seconds"}
+
+
+def engine_counters(url: str) -> dict[str, float]:
+    page = httpx.get(f"{url}/metrics", timeout=10).text
+    out = {"hits": metrics.prom_sum(page, "vllm:prefix_cache_hits_total"),
+           "queries": metrics.prom_sum(page, "vllm:prefix_cache_queries_total")}
+    for key, name in ENGINE_SERIES.items():
+        out[key + "_sum"] = metrics.prom_sum(page, name + "_sum")
+        out[key + "_count"] = metrics.prom_sum(page, name + "_count")
+    return out
+
+
+def engine_side(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """The engine's own means over a replay (ms) and its prefix-cache hit rate (%)."""
+    d = {k: after[k] - before[k] for k in after}
+    out = {f"engine_{k}_ms": 1e3 * d[k + "_sum"] / d[k + "_count"]
+           for k in ENGINE_SERIES if d[k + "_count"]}
+    out["engine_hit_pct"] = 100 * d["hits"] / d["queries"] if d["queries"] else 0.0
+    return out
+
+
+def burst_slope(
+    arrivals: list[float], sent: list[float], ttfts: list[float | None]
+) -> tuple[float, float]:
+    """Medians over the bursts (requests planned at one instant, placed in the order the client
+    sent them) of the TTFT (ms) of a burst's first request and of the least-squares slope of TTFT
+    over the place in the burst; nan without a burst of 4 or more."""
+    bursts: dict[float, list[tuple[float, float]]] = {}
+    for at, t0, t in zip(arrivals, sent, ttfts, strict=True):
+        if t is not None:
+            bursts.setdefault(round(at, 3), []).append((t0, 1e3 * t))
+    slopes, firsts = [], []
+    for burst in bursts.values():
+        n = len(burst)
+        if n < 4:
+            continue
+        ys = [y for _, y in sorted(burst)]
+        firsts.append(ys[0])
+        mx, my = (n - 1) / 2, sum(ys) / n
+        slopes.append(sum((x - mx) * (y - my) for x, y in enumerate(ys))
+                      / sum((x - mx) ** 2 for x in range(n)))
+    if not slopes:
+        return float("nan"), float("nan")
+    return statistics.median(firsts), statistics.median(slopes)
+
+
+def start_fake(ttft_s: float, work: Path) -> tuple[str, str]:
+    port = free_port()
+    real_engines.PROCS.append(subprocess.Popen(
+        [sys.executable, str(ROOT / "bench/peers/fake_engine.py"), "--port", str(port),
+         "--ttft-s", str(ttft_s), "--log", str(work / "vllm0.log")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True))
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return url, f"ipc://{work}/kv0.sock"
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    raise RuntimeError("fake engine not up")
 
 
 def set_path(cfg: dict[str, Any], dotted: str, value: Any) -> None:
@@ -143,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="NAME=PATH:VALUE,... (default: fixed=gateway.scrape_max_duty:null and "
                     "current=)")
     ap.add_argument("--idle-s", type=float, default=20.0)
+    ap.add_argument("--fake-ttft", type=float, default=None, metavar="S",
+                    help="bench/peers/fake_engine.py answering after S s instead of vLLM")
     a = ap.parse_args(argv)
     variants = dict(v.split("=", 1) for v in (a.variant or ["fixed=gateway.scrape_max_duty:null",
                                                             "current="]))
@@ -153,11 +255,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(planned)} requests over {planned[-1].arrival_s:.0f} s; load "
           f"{os.getloadavg()[0]:.1f}; work {work}", flush=True)
     try:
-        (engine,) = real_engines.start_engines(1, 1024, 16, work)
+        fake = a.fake_ttft is not None
+        if fake:
+            engine = start_fake(a.fake_ttft, work)
+            (work / "vllm0.log").touch()
+        else:
+            (engine,) = real_engines.start_engines(1, 1024, 16, work)
         epid = real_engines.PROCS[0].pid  # the API server (its engine core is a child)
-        mc = metrics_cost(engine[0], epid)
-        print("GET /metrics: " + ", ".join(f"{k} {v:.2f}" for k, v in mc.items())
-              + f"; load {os.getloadavg()[0]:.1f}", flush=True)
+        if not fake:
+            mc = metrics_cost(engine[0], epid)
+            print("GET /metrics: " + ", ".join(f"{k} {v:.2f}" for k, v in mc.items())
+                  + f"; load {os.getloadavg()[0]:.1f}", flush=True)
         names = ["direct", *variants]
         rows: dict[str, list[dict[str, float]]] = {n: [] for n in names}
         for rep in range(a.reps):
@@ -169,33 +277,51 @@ def main(argv: list[str] | None = None) -> int:
                     gw = start_gateway(gateway_config(engine, port, variants[name], work, name),
                                        work / f"gateway-{name}-{rep}.log")
                     base = f"http://127.0.0.1:{port}"
+                elog = work / "vllm0.log"
                 try:
-                    drain_and_reset(engine[0])
+                    if not fake:
+                        drain_and_reset(engine[0])
+                    before = {} if fake else engine_counters(engine[0])
+                    at = elog.stat().st_size
                     e0, g0 = proc_cpu_s(epid), proc_cpu_s(gw.pid) if gw else 0.0
                     recs, _ = asyncio.run(client.replay(
                         base, planned, bodies, "/v1/completions", HEADERS,
                         request_timeout_s=120, deadline_s=planned[-1].arrival_s + 60))
                     e1, g1 = proc_cpu_s(epid), proc_cpu_s(gw.pid) if gw else 0.0
+                    with elog.open("rb") as fh:
+                        fh.seek(at)
+                        conns = connections(fh.read().decode(errors="replace"))
+                    side = {} if fake else engine_side(before, engine_counters(engine[0]))
                 finally:
                     if gw is not None:
                         gw.terminate()
                         gw.wait(15)
                 t = sorted(r.ttft_s for r in recs if r.ok and r.ttft_s is not None)
+                first, slope = burst_slope([p.arrival_s for p in planned],
+                                           [r.sent_s for r in recs],
+                                           [r.ttft_s if r.ok else None for r in recs])
                 row = {"p50_ms": 1e3 * t[len(t) // 2], "p90_ms": 1e3 * t[int(0.9 * len(t))],
                        "ok": len(t), "engine_cpu_s": e1 - e0, "gateway_cpu_s": g1 - g0,
-                       "load": os.getloadavg()[0]}
+                       "burst_first_ms": first, "burst_ms_per_place": slope,
+                       "load": os.getloadavg()[0], **side, **conns}
                 rows[name].append(row)
                 print(f"rep {rep} {name:10s} " + ", ".join(
                     f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
                     for k, v in row.items()), flush=True)
         print("\nmedians over the repetitions:")
-        print("| path | TTFT p50 ms | TTFT p90 ms | engine API-server CPU s | gateway CPU s |")
-        print("|---|---|---|---|---|")
+        print("| path | TTFT p50 ms | TTFT p90 ms | first in a burst ms | ms per place in a burst "
+              "| engine TTFT mean ms | engine hit % | engine API-server CPU s | gateway CPU s "
+              "| connections (with requests) | requests + GETs |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         for name, rs in rows.items():
             def med(k: str, rs: list[dict[str, float]] = rs) -> float:
-                return statistics.median(r[k] for r in rs)
+                return statistics.median(r.get(k, float("nan")) for r in rs)
             print(f"| {name} | {med('p50_ms'):.0f} | {med('p90_ms'):.0f} | "
-                  f"{med('engine_cpu_s'):.2f} | {med('gateway_cpu_s'):.2f} |")
+                  f"{med('burst_first_ms'):.0f} | {med('burst_ms_per_place'):.1f} | "
+                  f"{med('engine_ttft_ms'):.0f} | {med('engine_hit_pct'):.1f} | "
+                  f"{med('engine_cpu_s'):.2f} | {med('gateway_cpu_s'):.2f} | "
+                  f"{med('conns'):.0f} ({med('req_conns'):.0f}) | "
+                  f"{med('posts'):.0f} + {med('gets'):.0f} |")
         print("\nidle gateway (no requests):")
         for name, sets in variants.items():
             port = free_port()
