@@ -4,6 +4,7 @@ export, check, schema, hash-key, ledger-keygen."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import json
 import logging
@@ -234,6 +235,17 @@ def _sha256(config: Path) -> str | None:
     return file_sha256(config)
 
 
+def freeze_startup_heap(enabled: bool) -> None:
+    """Once a server process has started (``gateway.gc_freeze``): collect start-up's garbage
+    and move what is alive then (code, fleet, tokenizers: ~100k objects) out of the garbage
+    collector's reach, so that no full collection scans it again in the middle of a burst of
+    requests (a 190-280 ms pause of the event loop on a shared 2-vCPU host). Only for a process
+    that serves one gateway: what is frozen is never collected."""
+    if enabled:
+        gc.collect()
+        gc.freeze()
+
+
 def _serve_one(
     cfg: FleetConfig,
     sha: str | None,
@@ -266,6 +278,7 @@ def _serve_one(
                 where = f"admission.redis_url {cfg.admission.redis_url!r} in {config}"
                 fail(f"cannot reach the admission store ({where}): {_describe(exc)}", 1)
             fail(f"cannot start the gateway ({config}): {_describe(exc)}", 1)
+        freeze_startup_heap(cfg.gateway.gc_freeze)
         typer.echo(
             f"inferplane gateway listening on http://{h}:{p} "
             f"({len(gateway.fleet.endpoints)} endpoints)",
@@ -312,6 +325,7 @@ def epp(
             fail(str(exc))
         except Exception as exc:
             fail(f"cannot start the picker ({config}): {_describe(exc)}", 1)
+        freeze_startup_heap(cfg.gateway.gc_freeze)
         typer.echo(
             f"inferplane endpoint picker (ext_proc gRPC) listening on {h}:{bound} "
             f"({len(picker.fleet.endpoints)} endpoints)",
