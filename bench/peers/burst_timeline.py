@@ -6,8 +6,10 @@ Starts `bench/peers/fake_engine.py` (answers after 150 ms, whatever the load) an
 process on uvloop, a gateway with ``gateway_gap.py``'s fleet file in front of it; a client
 subprocess sends ``--bursts`` bursts of ``--burst`` bench requests at once (the trace's shape),
 ``--gap-s`` apart. Printed: each burst's TTFTs at the client; for the last burst, when each
-request's handler started, its body was read, it was classified, admitted, sent upstream, and
-when the status line and the first chunk came back (ms from the burst's first handler start);
+request's handler started, its body was read, it was classified, admitted, handed to aiohttp
+(``upstream send``), when aiohttp's writer started putting its bytes on the wire (``bytes
+written``: on Python < 3.12 a task of its own), and when the status line and the first chunk came
+back (ms from the burst's first handler start);
 and every garbage collection over 5 ms (from ``gc.callbacks``: when, how long, which
 generation). ``--freeze`` calls `inferplane.cli.freeze_startup_heap` after start-up, as
 ``inferplane serve`` does by default (``gateway.gc_freeze``); without it the heap is as it was.
@@ -31,6 +33,7 @@ for _p in (str(ROOT / "src"), str(ROOT)):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
+import aiohttp  # noqa: E402
 import uvloop  # noqa: E402
 
 import inferplane.api.app as appmod  # noqa: E402
@@ -42,8 +45,24 @@ from inferplane.cli import freeze_startup_heap  # noqa: E402
 from inferplane.config.loader import load_config  # noqa: E402
 from inferplane.dispatch.upstream import Dispatcher  # noqa: E402
 
-STEPS = ["handler", "body read", "classified", "admitted", "upstream send", "status line",
-         "first chunk"]
+_write_bytes = aiohttp.ClientRequest.write_bytes
+
+
+async def write_bytes(self: aiohttp.ClientRequest, *args: Any, **kwargs: Any) -> None:
+    """aiohttp writes a request's buffered head and its body from this coroutine: a task of
+    its own on Python < 3.12, which runs when the loop gets to it. Its start is the request's
+    "bytes written"; the task is not the handler's, so it is credited to the last request that
+    called `Dispatcher.open` and has not been marked yet."""
+    pending = [i for i, t in SENT.items() if t is None]
+    if pending:
+        SENT[pending[0]] = time.perf_counter()
+    await _write_bytes(self, *args, **kwargs)
+
+
+SENT: dict[int, float | None] = {}
+
+STEPS = ["handler", "body read", "classified", "admitted", "upstream send", "bytes written",
+         "status line", "first chunk"]
 EVENTS: list[tuple[float, int, str]] = []
 TASKS: dict[int, int] = {}
 COLLECTIONS: list[tuple[float, float, int]] = []
@@ -131,7 +150,14 @@ def main() -> int:
     ap.add_argument("--freeze", action="store_true")
     a = ap.parse_args()
     appmod._read_body = wrap(appmod._read_body, "handler", "body read")  # type: ignore[assignment]
-    Dispatcher.open = wrap(Dispatcher.open, "upstream send", "status line")  # type: ignore[method-assign,assignment]
+    opened = wrap(Dispatcher.open, "upstream send", "status line")
+
+    async def open_(*args: Any, **kwargs: Any) -> Any:
+        SENT[TASKS.setdefault(id(asyncio.current_task()), len(TASKS))] = None
+        return await opened(*args, **kwargs)
+
+    Dispatcher.open = open_  # type: ignore[method-assign]
+    aiohttp.ClientRequest.write_bytes = write_bytes  # type: ignore[method-assign]
     Dispatcher.first_chunk = staticmethod(  # type: ignore[method-assign,assignment]
         wrap(Dispatcher.first_chunk, None, "first chunk"))
     gc.callbacks.append(on_gc)
@@ -150,6 +176,9 @@ def main() -> int:
     for t, i, step in EVENTS:
         if t >= t0:
             rows.setdefault(i, {})[step] = 1e3 * (t - t0)
+    for i, sent_at in SENT.items():
+        if sent_at is not None and sent_at >= t0 and i in rows:
+            rows[i]["bytes written"] = 1e3 * (sent_at - t0)
     print("\nthe last burst, ms from its first handler start:")
     print("| " + " | ".join(STEPS) + " |")
     print("|" + "---|" * len(STEPS))
