@@ -201,10 +201,11 @@ def gateway_config(engine: tuple[str, str], port: int, sets: str, work: Path, na
     return out
 
 
-def start_gateway(config: Path, log: Path) -> subprocess.Popen[bytes]:
+def start_gateway(config: Path, log: Path, python: str = sys.executable
+                  ) -> subprocess.Popen[bytes]:
     cfg = yaml.safe_load(config.read_text())
     base = f"http://127.0.0.1:{cfg['gateway']['port']}"
-    p = subprocess.Popen([sys.executable, "-m", "inferplane.cli", "serve", "--config", str(config),
+    p = subprocess.Popen([python, "-m", "inferplane.cli", "serve", "--config", str(config),
                           "--log-level", "warning"], stdout=log.open("wb"),
                          stderr=subprocess.STDOUT, cwd=ROOT,
                          env={**os.environ, "PYTHONPATH": str(ROOT / "src"),
@@ -243,11 +244,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="NAME=PATH:VALUE,... (default: fixed=gateway.scrape_max_duty:null and "
                     "current=)")
     ap.add_argument("--idle-s", type=float, default=20.0)
+    ap.add_argument("--python", action="append", default=[], metavar="NAME=PATH",
+                    help="run variant NAME's gateway with the interpreter PATH (a venv with "
+                    "inferplane's dependencies; the code is this tree's src)")
     ap.add_argument("--fake-ttft", type=float, default=None, metavar="S",
                     help="bench/peers/fake_engine.py answering after S s instead of vLLM")
     a = ap.parse_args(argv)
     variants = dict(v.split("=", 1) for v in (a.variant or ["fixed=gateway.scrape_max_duty:null",
                                                             "current="]))
+    pythons = dict(v.split("=", 1) for v in a.python)
     work = Path(tempfile.mkdtemp(prefix="ip-gap-"))
     planned, _ = plan(load_trace(TRACE), SliceSpec(a.start, a.duration, a.rate_scale, 1.0,
                                                    max_output=16))
@@ -275,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
                 if name != "direct":
                     port = free_port()
                     gw = start_gateway(gateway_config(engine, port, variants[name], work, name),
-                                       work / f"gateway-{name}-{rep}.log")
+                                       work / f"gateway-{name}-{rep}.log",
+                                       pythons.get(name, sys.executable))
                     base = f"http://127.0.0.1:{port}"
                 elog = work / "vllm0.log"
                 try:
@@ -326,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, sets in variants.items():
             port = free_port()
             gw = start_gateway(gateway_config(engine, port, sets, work, f"idle-{name}"),
-                               work / f"gateway-idle-{name}.log")
+                               work / f"gateway-idle-{name}.log", pythons.get(name, sys.executable))
             try:
                 time.sleep(2)
                 c0, s0 = proc_cpu_s(gw.pid), switches(gw.pid)
