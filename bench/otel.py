@@ -13,7 +13,8 @@ line divides each process's CPU from the first round to the end (idle time durin
 variants' rounds and the last export included) by its requests. Prints per-round CPU ms/request and
 each variant's total against off, with the load average, since the machine is shared, and each
 gateway's context switches per request (all its threads, ``/proc``: waits on sockets, hand-offs
-of the GIL to the batcher thread, preemption). ``--code NAME=DIR`` runs one variant from another
+of the GIL to the batcher thread, preemption), its CPU split into user and system time, and its
+minor page faults per request. ``--code NAME=DIR`` runs one variant from another
 checkout (another commit's code side by side with this one's, in the same rounds).
 
     python bench/otel.py [--rounds 6] [--requests 600] [--concurrency 8] [--ratios 1,0.05]
@@ -67,6 +68,16 @@ def switches(pid: int) -> int:
                 if "ctxt_switches:" in line:
                     total += int(line.split()[1])
     return total
+
+
+def split(pid: int) -> tuple[float, float, int]:
+    """(user CPU s, system CPU s, minor page faults) of a process so far (``/proc``)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan"), float("nan"), 0
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick, int(fields[7])
 
 
 def cpu_seconds(pid: int) -> tuple[float, float]:
@@ -131,16 +142,19 @@ async def run(args: argparse.Namespace, urls: dict[str, str], pids: dict[str, in
             order = names[rnd % len(names):] + names[:rnd % len(names)]
             for name in order:
                 (cpu0, child0), t0 = cpu_seconds(pids[name]), time.perf_counter()
-                sw0 = switches(pids[name])
+                sw0, sp0 = switches(pids[name]), split(pids[name])
                 await burst(s, urls[name], args.requests, args.concurrency)
                 await asyncio.sleep(0.2)  # let the round's tail (accounting, batching) settle
                 cpu1, child1 = cpu_seconds(pids[name])
-                sw1 = switches(pids[name])
+                sw1, sp1 = switches(pids[name]), split(pids[name])
                 cpu = cpu1 - cpu0
                 rows.append({"round": rnd, "variant": name, "n": args.requests,
                              "cpu_ms_per_request": cpu / args.requests * 1e3,
                              "exporter_cpu_ms_per_request": (child1 - child0) / args.requests * 1e3,
                              "switches_per_request": (sw1 - sw0) / args.requests,
+                             "user_ms_per_request": (sp1[0] - sp0[0]) / args.requests * 1e3,
+                             "system_ms_per_request": (sp1[1] - sp0[1]) / args.requests * 1e3,
+                             "minor_faults_per_request": (sp1[2] - sp0[2]) / args.requests,
                              "wall_s": time.perf_counter() - t0,
                              "load1": os.getloadavg()[0]})
                 print(f"round {rnd} {name}: {rows[-1]['cpu_ms_per_request']:.3f} CPU ms/request, "
@@ -283,6 +297,12 @@ def main() -> None:
                               if r["variant"] == v) for v in variants}
     print("gateway context switches per request (all threads): "
           + ", ".join(f"{v} {sw[v]:.2f}" for v in variants))
+    for v in variants:
+        mine = [r for r in rows if r["variant"] == v]
+        print(f"{v}: user {statistics.fmean(float(r['user_ms_per_request']) for r in mine):.3f} + "
+              f"system {statistics.fmean(float(r['system_ms_per_request']) for r in mine):.3f} "
+              "ms/request, minor page faults "
+              f"{statistics.fmean(float(r['minor_faults_per_request']) for r in mine):.2f}/request")
     w_off = float(whole["off"]["cpu_ms_per_request"])
     for v in variants[1:]:
         w = whole[v]
