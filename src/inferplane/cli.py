@@ -4,7 +4,6 @@ export, check, schema, hash-key, ledger-keygen."""
 from __future__ import annotations
 
 import asyncio
-import gc
 import hashlib
 import json
 import logging
@@ -235,17 +234,6 @@ def _sha256(config: Path) -> str | None:
     return file_sha256(config)
 
 
-def freeze_startup_heap(enabled: bool) -> None:
-    """Once a server process has started (``gateway.gc_freeze``): collect start-up's garbage
-    and move what is alive then (code, fleet, tokenizers: ~100k objects) out of the garbage
-    collector's reach, so that no full collection scans it again in the middle of a burst of
-    requests (a 190-280 ms pause of the event loop on a shared 2-vCPU host). Only for a process
-    that serves one gateway: what is frozen is never collected."""
-    if enabled:
-        gc.collect()
-        gc.freeze()
-
-
 def _serve_one(
     cfg: FleetConfig,
     sha: str | None,
@@ -260,6 +248,7 @@ def _serve_one(
     from inferplane.api.app import ListenError
     from inferplane.api.app import serve as serve_app
     from inferplane.api.pipeline import Gateway
+    from inferplane.core.reload import freeze_heap
 
     gateway = _build(lambda: Gateway(cfg, str(config)), config, "gateway")
     gateway.set_config_sha256(sha)
@@ -278,7 +267,7 @@ def _serve_one(
                 where = f"admission.redis_url {cfg.admission.redis_url!r} in {config}"
                 fail(f"cannot reach the admission store ({where}): {_describe(exc)}", 1)
             fail(f"cannot start the gateway ({config}): {_describe(exc)}", 1)
-        freeze_startup_heap(cfg.gateway.gc_freeze)
+        freeze_heap(cfg.gateway.gc_freeze)
         typer.echo(
             f"inferplane gateway listening on http://{h}:{p} "
             f"({len(gateway.fleet.endpoints)} endpoints)",
@@ -310,6 +299,7 @@ def epp(
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the picker can reload
     sha = _sha256(config)
     cfg = load_checked(config)
+    from inferplane.core.reload import freeze_heap
     from inferplane.epp.server import Picker
     from inferplane.epp.server import serve as serve_epp
 
@@ -325,7 +315,7 @@ def epp(
             fail(str(exc))
         except Exception as exc:
             fail(f"cannot start the picker ({config}): {_describe(exc)}", 1)
-        freeze_startup_heap(cfg.gateway.gc_freeze)
+        freeze_heap(cfg.gateway.gc_freeze)
         typer.echo(
             f"inferplane endpoint picker (ext_proc gRPC) listening on {h}:{bound} "
             f"({len(picker.fleet.endpoints)} endpoints)",

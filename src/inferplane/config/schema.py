@@ -178,11 +178,14 @@ class GatewaySpec(Strict):
         "(admission.retry) is spent",
     )
     gc_freeze: bool = Field(
-        True, description="once `inferplane serve` or `inferplane epp` has started, collect "
-        "once and move every object then alive out of the garbage collector's reach "
-        "(gc.freeze): a full collection then scans only what requests left behind, not the "
-        "~100k objects of the process's code and state (a scan of those paused the event loop "
-        "190-280 ms on a shared 2-vCPU host, in the middle of a burst of requests)"
+        True, description="once `inferplane serve` or `inferplane epp` listens, collect once and "
+        "move every object then alive out of the cyclic garbage collector's reach (gc.freeze): "
+        "a full collection then scans only what requests left behind, not the ~100k objects of "
+        "the process's code and state (a scan of those paused the event loop 190-280 ms on a "
+        "shared 2-vCPU host, in the middle of a burst of requests). Frozen objects are still "
+        "freed by reference counting; their reference cycles are not, so an applied reload "
+        "unfreezes, collects (one pause then) and freezes again. The start-up collection can "
+        "delay requests that arrive in the process's first moments. false: no freeze"
     )
     lag_max_stretch: float = Field(
         3.0, ge=1, description="engine scrapes, health probes and Redis calls do not count the "

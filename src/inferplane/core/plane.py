@@ -30,7 +30,7 @@ from inferplane.admission.queue import QueueTimeoutError
 from inferplane.admission.state import AdmissionStore
 from inferplane.config.loader import parse_config, read_text
 from inferplane.config.schema import FleetConfig, ModelAlias, TenantSpec
-from inferplane.core.reload import policies_changed, restart_needed
+from inferplane.core.reload import policies_changed, refreeze_after_reload, restart_needed
 from inferplane.dispatch.answer import StreamStats, UpstreamAttemptFailed, parse_usage
 from inferplane.economics.render import refresher_for
 from inferplane.errors import (
@@ -429,6 +429,7 @@ class Core:
             kept = {sub.name for sub in config.substrates}
             self._removed_substrates = (self._removed_substrates | (old_substrates - kept)) - kept
             self.forget_removed()
+            refreeze_after_reload(config.gateway.gc_freeze)
             added = tuple(n for n in fleet.by_name if n not in old)
             out = Reloaded(
                 added=added,

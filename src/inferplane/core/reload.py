@@ -26,6 +26,7 @@ with each such field named, and the running configuration stays as it was.
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,6 +35,31 @@ from inferplane.config.schema import FleetConfig
 
 if TYPE_CHECKING:
     from inferplane.core.plane import Core
+
+
+def freeze_heap(enabled: bool) -> None:
+    """``gateway.gc_freeze`` for a server process: collect, then move every object alive (code,
+    fleet, tokenizers: ~100k objects once started) out of the cyclic garbage collector's reach,
+    so that no full collection scans them again in the middle of a burst of requests (a
+    190-280 ms pause of the event loop on a shared 2-vCPU host). Frozen objects are still freed
+    by reference counting; only reference cycles among them are never reclaimed while frozen,
+    which is why `refreeze_after_reload` gives them back after a reload. Called once the server
+    listens (the one collection it runs then can delay the first requests) and never in a
+    process that runs many gateways (tests, the simulator)."""
+    if enabled:
+        gc.collect()
+        gc.freeze()
+
+
+def refreeze_after_reload(enabled: bool) -> None:
+    """After an applied reload, in a process whose heap `freeze_heap` froze: give the frozen
+    objects back to the collector, so that the replaced fleet's and policies' reference cycles
+    are reclaimed, and freeze again what is alive (one full collection, run in the reload's
+    step of the event loop). A process that never froze its heap is left alone."""
+    if gc.get_freeze_count() == 0:
+        return
+    gc.unfreeze()
+    freeze_heap(enabled)
 
 RESTART_SECTIONS = (
     "gateway",
