@@ -24,6 +24,7 @@ interactive P90 TTFT ≤ 0.5× the best baseline's at ×6–×10 with goodput �
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -81,6 +82,9 @@ def run(job: tuple[str, str, float, float, int, bool]) -> dict[str, Any]:
                        seed=seed, duration_s=duration, admission=admission)
     r["cpu_s"] = time.process_time() - c0
     r["_profile"], r["_rate"] = profile, rate
+    if r.get("fleet") == fleet:  # a temporary file: its name and content hash, not its path
+        text = Path(fleet).read_bytes()
+        r["fleet"] = f"{Path(fleet).name} sha256:{hashlib.sha256(text).hexdigest()[:16]}"
     for k in ("per_endpoint", "per_substrate"):
         r.pop(k, None)
     return r

@@ -8,7 +8,7 @@ import pytest
 
 from inferplane.fleet.model import Fleet
 from inferplane.placement.framework import Policy, place
-from tests.placement_helpers import config, policies, profile, snapshot, state, sub
+from tests.placement_helpers import MODEL, config, policies, profile, snapshot, state, sub
 
 HASHES = tuple(range(1, 21))  # 20 prompt blocks
 PROMPT = 10_000
@@ -75,3 +75,91 @@ def test_a_prompt_without_blocks_is_gated_as_before() -> None:
     prof = profile(request_id="r2", prompt_tokens=PROMPT, gated=frozenset({holder}))
     d = place(prof, snapshot(fl), pol)
     assert d.candidate(holder).rejected_by == "capacity"
+
+
+def test_an_open_endpoint_a_filter_removes_does_not_block_keeping_an_allowed_holder() -> None:
+    """The keep test runs after the filters: ``us-0`` holds the prefix too but is outside the
+    request's jurisdictions, so it does not count as the best open candidate."""
+    cfg = config(sub("eu", n=2), sub("us", n=1, region="us-east", jurisdiction="us"))
+    fl = Fleet.from_config(cfg)
+    pol = policies(cfg)["default"]
+    for i, allowed in ((1, "eu-1"), (2, "us-0")):
+        d = place(profile(request_id=f"w{i}", block_hashes=HASHES, prompt_tokens=PROMPT,
+                          excluded=frozenset({"eu-0", "eu-1", "us-0"} - {allowed})),
+                  snapshot(fl), pol)
+        assert d.picked is not None and d.picked.name == allowed
+    busy = state(inflight=1, inflight_tokens=1200, pending_prefill=1, pending_prefill_tokens=1000)
+    prof = profile(request_id="r", block_hashes=HASHES, prompt_tokens=PROMPT,
+                   allowed_jurisdictions=frozenset({"eu"}), gated=frozenset({"eu-1"}))
+    d = place(prof, snapshot(fl, {"eu-1": busy}), pol)
+    assert d.candidate("us-0").rejected_by == "jurisdiction"
+    assert d.candidate("eu-1").rejected_by is None
+    assert any("dispatch gate: kept eu-1" in n for n in d.notes)
+    assert d.picked is not None and d.picked.name == "eu-1"
+
+
+def test_a_gated_holder_a_filter_removes_stays_removed_by_that_filter() -> None:
+    cfg = config(sub("eu", n=1), sub("us", n=1, region="us-east", jurisdiction="us"))
+    fl = Fleet.from_config(cfg)
+    pol = policies(cfg)["default"]
+    d = place(profile(request_id="w", block_hashes=HASHES, prompt_tokens=PROMPT,
+                      excluded=frozenset({"eu-0"})), snapshot(fl), pol)
+    assert d.picked is not None and d.picked.name == "us-0"
+    prof = profile(request_id="r", block_hashes=HASHES, prompt_tokens=PROMPT,
+                   allowed_jurisdictions=frozenset({"eu"}), gated=frozenset({"us-0"}))
+    d = place(prof, snapshot(fl), pol)
+    assert d.candidate("us-0").rejected_by == "jurisdiction"
+    assert d.picked is not None and d.picked.name == "eu-0"
+    assert not any("dispatch gate: kept" in n for n in d.notes)
+
+
+def _mixed(gated_hw: str, open_hw: str, open_blocks: int) -> tuple[Fleet, Policy, float, float]:
+    """A gated endpoint ``g-0`` on ``gated_hw`` holding the whole prompt and an open ``o-0`` on
+    ``open_hw`` holding its first ``open_blocks`` blocks; their prefill seconds per token."""
+    cfg = config(sub("g", hardware=gated_hw), sub("o", hardware=open_hw))
+    fl = Fleet.from_config(cfg)
+    pol = policies(cfg)["default"]
+    d = place(profile(request_id="w1", block_hashes=HASHES, prompt_tokens=PROMPT,
+                      excluded=frozenset({"o-0"})), snapshot(fl), pol)
+    assert d.picked is not None and d.picked.name == "g-0"
+    if open_blocks:
+        part = HASHES[:open_blocks]
+        d = place(profile(request_id="w2", block_hashes=part,
+                          prompt_tokens=PROMPT * open_blocks // len(HASHES),
+                          excluded=frozenset({"g-0"})), snapshot(fl), pol)
+        assert d.picked is not None and d.picked.name == "o-0"
+    t_g = fl.by_name["g-0"].prefill_s_per_token(MODEL)
+    t_o = fl.by_name["o-0"].prefill_s_per_token(MODEL)
+    assert t_g is not None and t_o is not None
+    return fl, pol, t_g, t_o
+
+
+def _kept(fl: Fleet, pol: Policy, pending: int) -> bool:
+    busy = state(inflight=1, inflight_tokens=pending + 200, pending_prefill=1,
+                 pending_prefill_tokens=pending)
+    prof = profile(request_id=f"r{pending}", block_hashes=HASHES, prompt_tokens=PROMPT,
+                   gated=frozenset({"g-0"}))
+    return place(prof, snapshot(fl, {"g-0": busy}), pol).candidate("g-0").rejected_by is None
+
+
+def test_on_mixed_hardware_a_slow_gated_holder_is_kept_while_its_queue_is_shorter_in_seconds(
+) -> None:
+    """Gated on an A100, open on an H100 holding nothing: the queue there is compared in
+    seconds (pending × t_A100 against the whole prompt × t_H100), not in tokens."""
+    fl, pol, t_g, t_o = _mixed("a100", "h100", 0)
+    assert t_g > 2 * t_o
+    limit = PROMPT * t_o / t_g  # the queue at which waiting costs what prefilling on H100 does
+    assert _kept(fl, pol, int(limit * 0.9))
+    assert not _kept(fl, pol, int(limit * 1.1))  # in tokens (< 10,000) it would be kept
+
+
+def test_on_mixed_hardware_a_fast_gated_holder_is_kept_past_the_token_saving() -> None:
+    """Gated on an H100 holding the prompt, open on an A100 holding half of it: a queue longer
+    than the 5,000 tokens saved is still shorter than prefilling them on the A100, up to the
+    prompt tokens the holder has cached (a queue longer than that is never worth waiting on)."""
+    fl, pol, t_g, t_o = _mixed("h100", "a100", 10)
+    half = PROMPT // 2
+    assert half * t_o / t_g > PROMPT  # in seconds the A100's 5,000 cost more than 10,000 here
+    assert _kept(fl, pol, int(half * 1.2))  # in tokens (> 5,000 saved) it would be skipped
+    assert _kept(fl, pol, PROMPT - 1)
+    assert not _kept(fl, pol, PROMPT)

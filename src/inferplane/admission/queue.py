@@ -44,7 +44,7 @@ minus the requests already granted but not yet placed. Otherwise it waits:
   fraction of the most requests the pool can take at once (``room_capacity``), and the headroom
   test still counts slots (``slot_room``). A granted request may still go to a gated endpoint
   whose cached prefix saves it more than the prefill queued there costs (placement decides:
-  `inferplane.placement.framework`, ``_gated_for``).
+  `inferplane.placement.framework`, ``_gate_holders``, ``_gate_keep``).
 
 Grants happen in `pump`, called when capacity frees (a request finishes, a first token arrives
 under the gate) and every ``tick_s``.

@@ -128,6 +128,20 @@ class Endpoint:
         """The physics model of this endpoint running `model`, or None if it does not serve it."""
         return self._rooflines.get(model)
 
+    def prefill_s_per_token(self, model: str) -> float | None:
+        """Prefill seconds per uncached prompt token of `model` here (the roofline's cost of a
+        2,048-token prefill ÷ 2,048, as the dispatch gate counts it), or None without a physics
+        model. Computed once per model."""
+        cache = self._prefill_s_per_token
+        if model not in cache:
+            r = self._rooflines.get(model)
+            cache[model] = None if r is None else r.prefill_time_s(2048) / 2048
+        return cache[model]
+
+    @cached_property
+    def _prefill_s_per_token(self) -> dict[str, float | None]:
+        return {}
+
     @cached_property
     def _rooflines(self) -> dict[str, Roofline]:
         from inferplane.physics import Roofline, get_hardware, get_model

@@ -561,36 +561,66 @@ def _sample(cycle: CycleState, policy: Policy, limit: int) -> list[EndpointView]
     return views
 
 
-def _gated_for(
+def _gate_holders(
     cycle: CycleState, policy: Policy, candidates: list[EndpointView], gated: frozenset[str]
-) -> frozenset[str]:
-    """The gated endpoints this request may not go to: all of ``gated`` but those where its
-    cached prefix saves more than the prefill queued there costs. With ``h`` the prompt tokens
-    an endpoint holds (`Policy.prefix_holder`) and ``h_open`` the most any ungated candidate
-    holds, a gated endpoint stays a candidate when ``h - h_open > pending_prefill_tokens``:
-    waiting behind the prompt tokens queued there is shorter than prefilling, on an open
-    endpoint, the part of the prompt it already holds (tokens on the same hardware; the scorers
-    then choose among the candidates)."""
+) -> tuple[dict[str, float], frozenset[str]] | None:
+    """Before the filters: the prompt tokens each candidate holds (`Policy.prefix_holder`),
+    when some gated endpoint holds more of them than it has queued for prefill (``h >
+    pending_prefill_tokens``: waiting there is shorter than prefilling, there, what it holds) —
+    those may stay candidates (`_gate_keep` decides after the filters, so that an open
+    endpoint a filter removes does not count). Returns the tokens held per candidate and those
+    gated endpoints; None: every gated endpoint is skipped."""
     holder = policy.prefix_holder
     if holder is None or not cycle.profile.block_hashes:
-        return gated
+        return None
     held = holder.cached_tokens(cycle, candidates)
-    open_best = 0.0
-    for c, h in zip(candidates, held, strict=True):
-        if c.name not in gated and h > open_best:
-            open_best = h
-    kept = [
-        c.name
-        for c, h in zip(candidates, held, strict=True)
-        if c.name in gated and h - open_best > c.state.pending_prefill_tokens
+    maybe = frozenset(c.name for c, h in zip(candidates, held, strict=True)
+                      if c.name in gated and h > c.state.pending_prefill_tokens)
+    if not maybe:
+        return None
+    return {c.name: h for c, h in zip(candidates, held, strict=True)}, maybe
+
+
+def _gate_keep(
+    cycle: CycleState, candidates: list[EndpointView], gated: frozenset[str],
+    held: dict[str, float],
+) -> list[EndpointView]:
+    """After the filters: of the gated endpoints they kept, those where the request's cached
+    prefix saves more than the prefill queued there costs stay; the rest are dropped (the
+    caller records them). With ``P`` the prompt tokens, ``h`` those an endpoint holds,
+    ``pending`` the uncached prompt tokens queued there and ``t`` its prefill seconds per
+    token (`Endpoint.prefill_s_per_token`), a gated endpoint stays when ``h > pending`` and
+    ``t_gated × (pending + P − h)`` (its queue, then the rest of the prompt) is below
+    ``min t_open × (P − h_open)`` over the open candidates the filters kept (none: it stays).
+    An open endpoint without a physics model is counted at the gated one's speed. On equal
+    hardware this is ``h − h_open > pending``. The scorers then choose among the candidates."""
+    model = cycle.profile.model
+    prompt = float(cycle.profile.prompt_tokens)
+    open_s: list[tuple[float, float | None]] = [  # (uncached tokens, s per token) per open one
+        (prompt - held.get(c.name, 0.0), c.endpoint.prefill_s_per_token(model))
+        for c in candidates if c.name not in gated
     ]
-    if not kept:
-        return gated
-    cycle.notes.append(
-        f"dispatch gate: kept {', '.join(kept)} (its cached prefix saves more than its "
-        "prefill queue costs)"
-    )
-    return gated.difference(kept)
+    out: list[EndpointView] = []
+    kept: list[str] = []
+    for c in candidates:
+        if c.name not in gated:
+            out.append(c)
+            continue
+        h = held.get(c.name, 0.0)
+        pending = c.state.pending_prefill_tokens
+        t = c.endpoint.prefill_s_per_token(model) or 1.0
+        if h > pending and all(
+            t * (pending + prompt - h) < (t if t_o is None else t_o) * rest
+            for rest, t_o in open_s
+        ):
+            out.append(c)
+            kept.append(c.name)
+    if kept:
+        cycle.notes.append(
+            f"dispatch gate: kept {', '.join(kept)} (its cached prefix saves more than its "
+            "prefill queue costs)"
+        )
+    return out
 
 
 def _place(
@@ -628,8 +658,11 @@ def _place(
             removed["capacity"] = len(candidates) - len(kept)
         candidates = kept
     gated = profile.gated
+    holders = None  # the gate's prefix test (`_gate_holders`)
     if gated and candidates:
-        gated = _gated_for(cycle, policy, candidates, gated)
+        holders = _gate_holders(cycle, policy, candidates, gated)
+        if holders is not None:  # gated holders that may stay go through the filters first
+            gated = gated.difference(holders[1])
     if gated:
         kept = [c for c in candidates if c.name not in gated]
         for c in candidates:
@@ -673,6 +706,19 @@ def _place(
                     records[c.name] = _rejected(c, fname, reason)
                     gone[c.name] = (c, fname, reason)
         candidates = result.kept
+
+    if holders is not None and candidates:
+        n = len(candidates)
+        kept = _gate_keep(cycle, candidates, profile.gated, holders[0])
+        if len(kept) != n:
+            stay = {c.name for c in kept}
+            for c in candidates:
+                if c.name not in stay:
+                    records[c.name] = _rejected(
+                        c, "capacity", "prefill queue past admission.queue.max_prefill_queue_s"
+                    )
+            removed["capacity"] = removed.get("capacity", 0) + n - len(kept)
+        candidates = kept
 
     picked: Scored | None = None
     scored: list[Scored] = []
