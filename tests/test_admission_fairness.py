@@ -255,6 +255,7 @@ async def test_under_the_gate_the_headroom_keeps_the_last_starts_for_the_bands_a
     batch = asyncio.create_task(q.acquire("a", "batch", "p", 10, 5.0))
     await asyncio.sleep(0)
     assert not shed.done() and not batch.done()  # they wait (not shed) for a start beyond 3
+    assert q.waiting == 2 and q.depth("sheddable") == 1 and q.depth("batch") == 1
     top = [pool.start(await q.acquire("a", "standard", "p", 10, 5.0)) for _ in range(3)]
     assert all(g.waited_s == 0.0 for g in top) and q.room("p") == 0
     pool.first_token(q, low[0])  # one start frees: still one of the last three
@@ -276,3 +277,15 @@ async def test_under_the_gate_a_single_endpoint_pool_keeps_no_start() -> None:
     assert not q.starts_kept("batch", "p", 1)
     g = pool.start(await q.acquire("a", "batch", "p", 10, 5.0))
     assert g.waited_s == 0.0
+
+
+def test_the_starts_kept_are_a_fraction_of_room_capacity_not_of_endpoints() -> None:
+    """Two gated endpoints (1 start each) and one without a physics model (never gated, its 64
+    slots are starts): the pool can start 66 at once, so ceil(0.3 × 66) = 20 are kept, not
+    ceil(0.3 × 3) = 1."""
+    q = FairQueue(lambda pool: 66, capacity=None, room_capacity=lambda pool: 2 + 64,
+                  slot_room=lambda pool: 2 * 4 + 64, envelope=lambda pool: 2 * 4 + 64,
+                  shed_above=0.7, clock=lambda: 0.0)
+    assert q.starts_kept("batch", "p", 20) and q.starts_kept("sheddable", "p", 20)
+    assert not q.starts_kept("batch", "p", 21)
+    assert not q.starts_kept("standard", "p", 1)

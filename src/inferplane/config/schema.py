@@ -662,8 +662,12 @@ class QueueSpec(Strict):
         "requests (with the one asking) would pass this fraction of its slots (Σ "
         "max_concurrency), sheddable requests are refused with 429 load_shed and batch requests "
         "wait; with the dispatch gate (max_prefill_queue_s) the pool's last ceil((1 - this) x "
-        "endpoints) prefill starts are kept for those bands too (sheddable and batch requests "
-        "wait for a start beyond them; at most all but one are kept); unset: off",
+        "S) starts are kept for those bands too, S being the most requests the pool can start "
+        "at once (an endpoint with a physics model counts 1, any other its max_concurrency; at "
+        "most S - 1 kept): sheddable and batch requests wait for a start beyond them, so a "
+        "sheddable request still waiting at its queue deadline gets 503 (queue timeout) "
+        "instead of 429, and a higher band's request arriving at a full queue sheds the newest "
+        "of them (429); unset: off",
     )
     keep_unused_shares: bool = Field(
         False,
@@ -680,8 +684,11 @@ class QueueSpec(Strict):
         "one prefill at a time); the excess waits in this fair queue instead of the engine's "
         "FIFO, so another tenant's request is never queued behind a flood inside an engine. "
         "Placement skips gated endpoints, except for a request whose cached prefix on one "
-        "saves more prompt tokens than the best open endpoint's by more than the prompt tokens "
-        "queued there (the wait costs less than the hit saves); unset: off",
+        "makes waiting there shorter than prefilling elsewhere: after the filters, a gated "
+        "endpoint holding h of the prompt's P tokens, with pending tokens queued, stays a "
+        "candidate when h > pending and (pending + P - h) x its prefill time per token is "
+        "below the best open candidate's (P - h_open) x its own (on equal hardware: h - "
+        "h_open > pending); unset: off",
     )
 
 
