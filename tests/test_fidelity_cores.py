@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -81,6 +82,32 @@ def test_engine_core_joins_the_worker_and_the_front_end_gets_the_rest(
         assert os.sched_getaffinity(0) == allowed - engine
         assert os.sched_getaffinity(worker) == engine  # left as vLLM bound it
     assert {p: os.sched_getaffinity(p) for p in before} == before
+
+
+def test_a_thread_started_while_pinned_is_put_back_too(server: subprocess.Popen[str]) -> None:
+    """A thread inherits its creator's mask: one started inside the block (an executor's, a
+    tokenizer's) must not stay pinned after it."""
+    allowed = os.sched_getaffinity(0)
+    stop = threading.Event()
+    started: list[int] = []
+
+    def run() -> None:
+        started.append(threading.get_native_id())
+        stop.wait(30)
+
+    thread = threading.Thread(target=run)
+    try:
+        with split_cores(server.pid) as layout:
+            assert layout
+            thread.start()
+            while not started:
+                time.sleep(0.01)
+            assert os.sched_getaffinity(started[0]) == allowed - {min(allowed)}
+        assert os.sched_getaffinity(started[0]) == allowed
+        assert os.sched_getaffinity(0) == allowed
+    finally:
+        stop.set()
+        thread.join(10)
 
 
 def test_nothing_is_pinned_without_a_vllm_below() -> None:

@@ -64,11 +64,32 @@ def _threads(pid: int) -> list[int]:
         return []
 
 
-def _pin(pid: int, cpus: set[int], saved: dict[int, set[int]]) -> None:
+def _named(pid: int, prefix: str) -> bool:
+    """vLLM names its processes ``VLLM::EngineCore``, ``VLLM::Worker`` — or, in other
+    versions, ``VLLM::Worker_TP0`` and the like (``comm`` keeps 15 characters)."""
+    return _comm(pid).startswith(prefix)
+
+
+def _pin(pid: int, cpus: set[int], saved: dict[int, tuple[set[int], dict[int, set[int]]]]) -> None:
+    """Pin every thread of ``pid``; remember the process's mask and each thread's."""
+    with contextlib.suppress(OSError):
+        saved.setdefault(pid, (os.sched_getaffinity(pid), {}))
+    if pid not in saved:
+        return
+    threads = saved[pid][1]
     for tid in _threads(pid):
         with contextlib.suppress(OSError):
-            saved.setdefault(tid, os.sched_getaffinity(tid))
+            threads.setdefault(tid, os.sched_getaffinity(tid))
             os.sched_setaffinity(tid, cpus)
+
+
+def _restore(saved: dict[int, tuple[set[int], dict[int, set[int]]]]) -> None:
+    """Each thread back to its mask; a thread started while pinned (it inherited the pinned
+    mask: an executor's, a tokenizer's) to its process's mask from before."""
+    for pid, (mask, threads) in saved.items():
+        for tid in _threads(pid):
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(tid, threads.get(tid, mask))
 
 
 @contextlib.contextmanager
@@ -78,8 +99,8 @@ def split_cores(api_server_pid: int) -> Iterator[dict[str, list[int]]]:
         yield {}
         return
     below = descendants(api_server_pid)
-    workers = [p for p in below if _comm(p) == WORKER]
-    cores = [p for p in below if _comm(p) == ENGINE_CORE]
+    workers = [p for p in below if _named(p, WORKER)]
+    cores = [p for p in below if _named(p, ENGINE_CORE)]
     allowed = os.sched_getaffinity(0)
     engine: set[int] = set()
     for p in workers:
@@ -89,7 +110,7 @@ def split_cores(api_server_pid: int) -> Iterator[dict[str, list[int]]]:
     if not engine or not cores or not front:
         yield {}
         return
-    saved: dict[int, set[int]] = {}
+    saved: dict[int, tuple[set[int], dict[int, set[int]]]] = {}
     try:
         for p in cores:
             _pin(p, engine, saved)
@@ -98,6 +119,4 @@ def split_cores(api_server_pid: int) -> Iterator[dict[str, list[int]]]:
         yield {"engine core + worker": sorted(engine),
                "API server + client": sorted(front)}
     finally:
-        for tid, cpus in saved.items():
-            with contextlib.suppress(OSError):
-                os.sched_setaffinity(tid, cpus)
+        _restore(saved)

@@ -87,6 +87,10 @@ def test_calibrated_profile_predicts_and_emulates_the_real_engine(
         # CI reports what it measured; FIDELITY_STRICT=1 asserts them
         pytest.skip(f"calibration targets not met (FIDELITY_STRICT=1 asserts them): prediction "
                     f"error {error:.1%} (target {PREDICTION_TARGET:.0%}), emulator gaps over "
-                    f"{EMULATOR_TARGET:.0%}: {off}")
-    assert error <= PREDICTION_TARGET, res["prediction_error"]["calibrated"]
-    assert not off, (off, res["workload"])
+                    f"{EMULATOR_TARGET:.0%}: {off}; cores: {REPORT['calibration_cores']}")
+    # a layout of "shared (not pinned)" means split_cores found no VLLM::EngineCore / Worker
+    # below the engine it started (renamed in another vLLM version?): the numbers then measure
+    # the scheduler's placement as much as the engine (tests/fidelity/cores.py)
+    where = f"cores: {REPORT['calibration_cores']}"
+    assert error <= PREDICTION_TARGET, (res["prediction_error"]["calibrated"], where)
+    assert not off, (off, res["workload"], where)
