@@ -14,6 +14,7 @@ from aiohttp import web
 from inferplane.api.app import serve
 from inferplane.api.pipeline import Gateway, hash_key
 from inferplane.config.loader import parse_config
+from tests.support.loopback import engine_app, serve_on_loopback
 from tests.support.procs import free_port
 
 KEY = "sk-slow"
@@ -31,14 +32,7 @@ async def _empty(request: web.Request) -> web.Response:
 
 @pytest.fixture
 async def port() -> AsyncIterator[int]:
-    up = web.Application()
-    up.router.add_post("/v1/chat/completions", _ok)
-    up.router.add_get("/health", _ok)
-    up.router.add_get("/metrics", _empty)
-    up_runner = web.AppRunner(up)
-    await up_runner.setup()
-    up_port = free_port()
-    await web.TCPSite(up_runner, "127.0.0.1", up_port).start()
+    up_runner, up_port = await serve_on_loopback(engine_app(_ok, _empty, _ok))
     cfg = f"""
 gateway: {{scrape_interval_s: 0.05, header_timeout_s: 0.5, body_timeout_s: 0.5,
           idle_timeout_s: 1.0, max_connections_per_client: 4}}
@@ -180,14 +174,7 @@ async def test_connections_per_client_behind_a_trusted_proxy() -> None:
         await release.wait()
         return await _ok(request)
 
-    up = web.Application()
-    up.router.add_post("/v1/chat/completions", held)
-    up.router.add_get("/health", _ok)
-    up.router.add_get("/metrics", _empty)
-    up_runner = web.AppRunner(up)
-    await up_runner.setup()
-    up_port = free_port()
-    await web.TCPSite(up_runner, "127.0.0.1", up_port).start()
+    up_runner, up_port = await serve_on_loopback(engine_app(held, _empty, _ok))
     cfg = f"""
 gateway: {{scrape_interval_s: 0.05, max_connections_per_client: 2,
           trusted_proxies: ["127.0.0.1/32"]}}

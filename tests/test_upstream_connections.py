@@ -20,6 +20,7 @@ from inferplane.api.app import serve
 from inferplane.api.pipeline import Gateway, hash_key
 from inferplane.config.loader import parse_config
 from tests.support.fake_upstream import build
+from tests.support.loopback import engine_app, serve_on_loopback
 from tests.support.procs import free_port
 
 KEY = "sk-pool"
@@ -41,10 +42,7 @@ async def _upstream() -> tuple[web.AppRunner, int, dict[object, list[str]]]:
     app = build("up", "ok", 0.0)
     app[PEERS] = peers = {}
     app.middlewares.append(_note_peer)
-    runner = web.AppRunner(app, handler_cancellation=True)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    runner, port = await serve_on_loopback(app, handler_cancellation=True)
     return runner, port, peers
 
 
@@ -123,14 +121,8 @@ async def test_scrapes_and_answers_are_read_from_an_upstream_that_compresses() -
     async def health(request: web.Request) -> web.Response:
         return web.Response(text="")
 
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", chat)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/health", health)
-    up = web.AppRunner(app)
-    await up.setup()
-    port, gw_port = free_port(), free_port()
-    await web.TCPSite(up, "127.0.0.1", port).start()
+    up, port = await serve_on_loopback(engine_app(chat, metrics, health))
+    gw_port = free_port()
     gw = Gateway(parse_config(_config(port, gw_port)))
     runner = await serve(gw, "127.0.0.1", gw_port)
     try:
