@@ -156,6 +156,26 @@ class SpanEncoder:
         self._scope = _field(b"\x0a", _field(b"\x0a", scope.encode()))  # ScopeSpans.scope
         self._strs: dict[tuple[str, str | int], bytes] = {}
         self._names: dict[str, bytes] = {}
+        self._named: dict[tuple[str, bytes], bytes] = {}
+        self.memo: dict[tuple[Any, ...], tuple[bytes, bytes]] = {}
+        """`records.encode_spans`' parts of a span that repeat from request to request, by what
+        they are made of (bounded as the other caches; `remember` adds)."""
+
+    def remember(self, key: tuple[Any, ...], value: tuple[bytes, bytes]) -> tuple[bytes, bytes]:
+        if len(self.memo) >= self.CACHE_MAX:
+            self.memo.clear()
+        self.memo[key] = value
+        return value
+
+    def named(self, name: str, kind: bytes) -> bytes:
+        """Span fields 5 and 6 and field 7's tag: the name (`name`) and ``kind``, a value of
+        ``_KINDS`` (cached)."""
+        data = self._named.get((name, kind))
+        if data is None:
+            if len(self._named) >= self.CACHE_MAX:
+                self._named.clear()
+            data = self._named[(name, kind)] = self.name(name) + kind
+        return data
 
     def attribute(self, key: str, value: Any) -> bytes:
         """Span field 9: one attribute."""

@@ -6,17 +6,20 @@ so a pickled batch carries each once."""
 from __future__ import annotations
 
 import random
+import struct
 from typing import TYPE_CHECKING, Any
 
 from inferplane.telemetry.otlp import (
     _FLAGS_LOCAL,
     _FLAGS_REMOTE,
     _KINDS,
+    _VARINTS,
     SPAN_KIND,
     SpanData,
     SpanEncoder,
     _field,
-    _pack_q,
+    _pack_d,
+    attribute,
     varint,
 )
 
@@ -113,58 +116,76 @@ def encode_spans(tel: OtelTelemetry, r: Record, out: list[bytes]) -> None:
     appended to ``out`` (for `SpanEncoder.wrap`): the same bytes as ``SpanEncoder.request`` of
     `spans_of`'s spans (tests/test_otel_encoding.py checks it), without building them. What
     every span of the request shares (trace id, trace state, the server span's id as the
-    parent) and the usage attributes (on the server span and the last attempt) are encoded
-    once."""
+    parent, the decision id) and the usage attributes (on the server span and the last
+    attempt) are encoded once; what repeats from request to request (a span's name and kind,
+    an attempt's or the server span's attribute groups) comes from the encoder's caches, and
+    the times are packed with their tags in one call."""
     enc = tel.encoder
     attribute = enc.attribute
+    memo = enc.memo
     head = b"\x0a\x10" + r[R_TRACE].to_bytes(16, "big") + b"\x12\x08"  # trace id, span id tag
     state = r[R_STATE]
     sid = r[R_SPAN].to_bytes(8, "big")
-    after_id = (_field(b"\x1a", state.encode()) if state else b"") + b"\x22\x08" + sid
+    after_id = (_field(b"\x1a", state.encode()) + b"\x22\x08" + sid) if state else \
+        b"\x22\x08" + sid
     end = r[R_END]
-    op = r[R_SERVER][0]
+    server = r[R_SERVER]
+    op = server[0]
+    decision_id = r[R_DECISION_ID]
+    did = b"" if decision_id is None else enc.unique("inferplane.decision_id", decision_id)
     for name, start_ns, end_ns, error_type, attrs in r[R_STAGES]:
-        parts = [head, (_bits(64) or 1).to_bytes(8, "big"), after_id, enc.name(name),
-                 _INTERNAL, _pack_q(start_ns), b"\x41", _pack_q(end_ns)]
-        parts += [_unique_or(enc, k, v) for k, v in attrs]
+        parts = [head, (_bits(64) or 1).to_bytes(8, "big"), after_id, enc.named(name, _INTERNAL),
+                 _pack_times(start_ns, 0x41, end_ns)]
+        for k, v in attrs:
+            if k == "inferplane.decision_id" and type(v) is str:  # one per request: not cached
+                parts.append(did if v == decision_id else enc.unique(k, v))
+            else:
+                parts.append(attribute(k, v))
         if error_type is not None:
-            parts += (attribute("error.type", error_type), _STATUS_ERROR_ONLY)
+            parts += (attribute("error.type", error_type), _STATUS_ERROR_ONLY, _FLAGS_LOCAL)
         else:
-            parts.append(_STATUS_UNSET)
-        parts.append(_FLAGS_LOCAL)
+            parts.append(_TAIL_LOCAL)
         data = b"".join(parts)
-        out += (b"\x12", varint(len(data)), data)
+        n = len(data)
+        out += (_SPAN_TAGS[n] if n < 16384 else b"\x12" + varint(n), data)
     usage = b""
     for span_id, fixed, model, number, start_ns, end_ns, err, status, finished in r[R_ATTEMPTS]:
-        parts = [head, span_id.to_bytes(8, "big"), after_id, enc.name(f"{op} {model}"),
-                 _CLIENT, _pack_q(start_ns), b"\x41", _pack_q(end_ns or end),
-                 tel.attrs(fixed).data, attribute("inferplane.attempt", number)]
+        key = (op, model, fixed, number)
+        pre = memo.get(key)
+        if pre is None:  # its name and kind; its endpoint's attributes and its number
+            pre = enc.remember(key, (enc.named(f"{op} {model}", _CLIENT), tel.attrs(fixed).data
+                                     + attribute("inferplane.attempt", number)))
+        parts = [head, span_id.to_bytes(8, "big"), after_id, pre[0],
+                 _pack_times(start_ns, 0x41, end_ns or end), pre[1]]
         if finished:
-            usage = b"".join([attribute(k, v) for k, v in _usage(r)])
+            usage = _usage_data(enc, r)
             parts.append(usage)
         if err is not None:
             if status is not None and not finished:
                 parts.append(attribute("http.response.status_code", status))
             parts += (attribute("error.type", err),
-                      _status_error(r[R_ERROR] if finished else None))
+                      _status_error(r[R_ERROR] if finished else None), _FLAGS_LOCAL)
         else:
-            parts.append(_STATUS_UNSET)
-        parts.append(_FLAGS_LOCAL)
+            parts.append(_TAIL_LOCAL)
         data = b"".join(parts)
-        out += (b"\x12", varint(len(data)), data)
-    model = r[R_SERVER][3]
+        n = len(data)
+        out += (_SPAN_TAGS[n] if n < 16384 else b"\x12" + varint(n), data)
+    model = server[3]
+    max_tokens = r[R_MAX_TOKENS] if model is not None else None
+    key = (server, r[R_DECISION], max_tokens, type(max_tokens))  # 16 and 16.0 differ
+    pre = memo.get(key)
+    if pre is None:  # its name and kind; the attributes that repeat from request to request
+        data = tel.server_attrs(server).data + tel.attrs(r[R_DECISION]).data
+        if max_tokens is not None:
+            data += attribute("gen_ai.request.max_tokens", max_tokens)
+        pre = enc.remember(key, (enc.named(op if model is None else f"{op} {model}", _SERVER),
+                                 data))
     parts = [head, sid]
     if state:
         parts.append(_field(b"\x1a", state.encode()))
     if r[R_PARENT]:
         parts += (b"\x22\x08", r[R_PARENT].to_bytes(8, "big"))
-    parts += (enc.name(op if model is None else f"{op} {model}"), _SERVER, _pack_q(r[R_START]),
-              b"\x41", _pack_q(end), tel.server_attrs(r[R_SERVER]).data,
-              tel.attrs(r[R_DECISION]).data)
-    if model is not None and r[R_MAX_TOKENS] is not None:
-        parts.append(attribute("gen_ai.request.max_tokens", r[R_MAX_TOKENS]))
-    if r[R_DECISION_ID] is not None:
-        parts.append(enc.unique("inferplane.decision_id", r[R_DECISION_ID]))
+    parts += (pre[0], _pack_times(r[R_START], 0x41, end), pre[1], did)
     if r[R_SPILL] is not None:
         parts.append(attribute("inferplane.spillover.reason", r[R_SPILL]))
     attempts = r[R_ATTEMPTS]
@@ -176,19 +197,60 @@ def encode_spans(tel: OtelTelemetry, r: Record, out: list[bytes]) -> None:
         parts.append(attribute("http.response.status_code", r[R_STATUS]))
     if r[R_ERROR_TYPE] is not None:
         parts.append(attribute("error.type", r[R_ERROR_TYPE]))
-        error = r[R_STATUS] is not None and r[R_STATUS] >= 500
+        if r[R_STATUS] is not None and r[R_STATUS] >= 500:
+            parts.append(_status_error(r[R_ERROR]))
+        else:
+            parts.append(_STATUS_UNSET)
+        parts.append(_FLAGS_REMOTE if r[R_REMOTE] else _FLAGS_LOCAL)
     else:
-        error = False
-    parts += (_status_error(r[R_ERROR]) if error else _STATUS_UNSET,
-              _FLAGS_REMOTE if r[R_REMOTE] else _FLAGS_LOCAL)
+        parts.append(_TAIL_REMOTE if r[R_REMOTE] else _TAIL_LOCAL)
     data = b"".join(parts)
-    out += (b"\x12", varint(len(data)), data)
+    n = len(data)
+    out += (_SPAN_TAGS[n] if n < 16384 else b"\x12" + varint(n), data)
 
 
-def _unique_or(enc: SpanEncoder, key: str, value: Any) -> bytes:
-    if key == "inferplane.decision_id" and type(value) is str:  # one per request: not cached
-        return enc.unique(key, value)
-    return enc.attribute(key, value)
+def _usage_data(enc: SpanEncoder, r: Record) -> bytes:
+    """The usage attributes (`_usage`) encoded: the status and response model as one cached
+    group, the token counts from their keys' caches, the floats after their pre-encoded key."""
+    prompt, completion, ttft, tpot, response_model = r[R_PROMPT:R_PROVIDER]
+    status = r[R_STATUS]
+    memo = enc.memo
+    key = ("usage", status, response_model)
+    head = memo.get(key) if type(status) is int or status is None else None
+    if head is None:
+        data = b""
+        if status is not None:
+            data += enc.attribute("http.response.status_code", status)
+        if response_model is not None:
+            data += enc.attribute("gen_ai.response.model", response_model)
+        head = enc.remember(key, (data, b""))
+    parts = [head[0]]
+    if prompt is not None:
+        parts.append((type(prompt) is int and _INPUT.get(prompt))
+                     or _cached(enc, _INPUT, "gen_ai.usage.input_tokens", prompt))
+    if completion is not None:
+        parts.append((type(completion) is int and _OUTPUT.get(completion))
+                     or _cached(enc, _OUTPUT, "gen_ai.usage.output_tokens", completion))
+    if ttft is not None:
+        parts.append(_TTFT + _pack_d(ttft) if type(ttft) is float
+                     else enc.attribute("inferplane.ttft_s", ttft))
+    if tpot is not None:
+        parts.append(_TPOT + _pack_d(tpot) if type(tpot) is float
+                     else enc.attribute("inferplane.tpot_s", tpot))
+    return b"".join(parts)
+
+
+_INPUT: dict[int, bytes] = {}  # token counts' attributes, by count (process-wide: no resource)
+_OUTPUT: dict[int, bytes] = {}
+
+
+def _cached(enc: SpanEncoder, cache: dict[int, bytes], key: str, value: Any) -> bytes:
+    data = enc.attribute(key, value)
+    if type(value) is int:
+        if len(cache) >= SpanEncoder.CACHE_MAX:
+            cache.clear()
+        cache[value] = data
+    return data
 
 
 def _status_error(message: str | None) -> bytes:
@@ -201,6 +263,12 @@ def _status_error(message: str | None) -> bytes:
 _STATUS_UNSET = b"\x7a\x00"  # as the SDK encodes an unset status
 _STATUS_ERROR_ONLY = _field(b"\x7a", b"\x18\x02")
 _INTERNAL, _SERVER, _CLIENT = (_KINDS[SPAN_KIND[k]] for k in ("internal", "server", "client"))
+_TAIL_LOCAL = _STATUS_UNSET + _FLAGS_LOCAL  # a span's last fields: status unset, flags
+_TAIL_REMOTE = _STATUS_UNSET + _FLAGS_REMOTE
+_SPAN_TAGS = [b"\x12" + v for v in _VARINTS]  # ScopeSpans.spans' tag and a span's length
+_pack_times = struct.Struct("<QBQ").pack  # start (fixed64), end's tag (0x41), end (fixed64)
+_TTFT = attribute("inferplane.ttft_s", 0.0)[:-8]  # a float attribute less its 8 value bytes
+_TPOT = attribute("inferplane.tpot_s", 0.0)[:-8]
 
 
 def to_readable(s: SpanData, tel: OtelTelemetry) -> ReadableSpan:
