@@ -11,7 +11,8 @@ the difference of the two totals over 2 x requests is the instructions per recor
 first round fills the encoder's caches; it is in both). Without valgrind it prints CPU µs per
 record, best of the rounds; ``--profile`` prints cProfile's top functions of one round.
 
-    python bench/otel_encode.py [--requests 2000] [--repeat 5] [--profile] [--records FILE]
+    python bench/otel_encode.py [--requests 2000] [--repeat 5] [--profile] [--opcodes]
+                                [--records FILE] [--dump FILE]
 """
 
 from __future__ import annotations
@@ -77,6 +78,37 @@ class Keep(Sink):
         self.bodies.append(body)
 
 
+def count(fn: Any) -> tuple[int, dict[str, int]]:
+    """Python bytecodes executed by ``fn()`` (``sys.settrace``), then its calls by kind
+    (``sys.setprofile``) in a second run."""
+    ops = 0
+
+    def tracer(frame: Any, event: str, arg: Any) -> Any:
+        nonlocal ops
+        frame.f_trace_opcodes = True
+        if event == "opcode":
+            ops += 1
+        return tracer
+
+    sys.settrace(tracer)
+    try:
+        fn()
+    finally:
+        sys.settrace(None)
+    calls = {"call": 0, "c_call": 0}
+
+    def profiler(frame: Any, event: str, arg: Any) -> None:
+        if event in calls:
+            calls[event] += 1
+
+    sys.setprofile(profiler)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return ops, calls
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--requests", type=int, default=2000)
@@ -85,6 +117,9 @@ def main() -> None:
     ap.add_argument("--records", type=Path, default=None,
                     help="a pickle of the records: read if it exists, else written (the same "
                          "records for two trees, so the bytes' digests compare)")
+    ap.add_argument("--opcodes", action="store_true",
+                    help="count the Python bytecodes and the calls (Python and C) of one warm "
+                         "round: deterministic, a proxy for the work where callgrind is not run")
     ap.add_argument("--dump", type=Path, default=None, help="write the encoded bytes there")
     args = ap.parse_args()
     random.seed(1)
@@ -120,6 +155,12 @@ def main() -> None:
     if args.dump is not None:
         args.dump.write_bytes(b"".join(keep.bodies))
     print(f"bytes: {sum(map(len, keep.bodies))} in {len(keep.bodies)} requests, sha256 {digest}")
+    if args.opcodes:
+        random.seed(3)
+        round_()  # warm
+        ops, calls = count(round_)
+        print(f"per record: {ops / len(recs):.1f} bytecodes, {calls['call'] / len(recs):.2f} "
+              f"Python calls, {calls['c_call'] / len(recs):.2f} C calls (one warm round)")
     if args.profile:
         prof = cProfile.Profile()
         prof.enable()
