@@ -16,9 +16,11 @@ objects a decision keeps (annotation and score dicts, `Scored`, `CandidateRecord
 ``--parts`` also counts the filters, the scorers, the picker and the pick observers of the same
 decisions each on its own (the parts before each run uncounted on fresh cycles); the rest of
 ``place()`` is the framework's loop and the evidence (candidate records, the decision).
-``--encode`` also counts ``place()`` followed by the ledger's encoding of its record
-(`encode_entry`, as the gateway does for every request: ``/encode``), so that evidence built
-later rather than in ``place()`` shows where it is paid.
+``--encode`` also counts ``place()`` followed by what the gateway does with the decision on
+every request: its reads of the pick's record (`Decision.candidate`, three for a streamed
+request, four for one that is not: ``_gateway_reads``) and the ledger's encoding of the record
+(`encode_entry`): ``/encode``, so that evidence built later rather than in ``place()`` shows
+where it is paid.
 
 Counts are deterministic for a given code and Python build (±0.1 % between runs from hash
 seeds and allocator state), whatever else the machine runs; they are not time: a dict lookup
@@ -45,7 +47,14 @@ from placement_speed import Scenario
 
 from inferplane.fleet.state import EndpointView, FleetSnapshot
 from inferplane.ledger.record import Outcome, encode_entry
-from inferplane.placement.framework import CandidateRecord, CycleState, Policy, Scored, place
+from inferplane.placement.framework import (
+    CandidateRecord,
+    CycleState,
+    Decision,
+    Policy,
+    Scored,
+    place,
+)
 from inferplane.placement.profile import RequestProfile
 
 PARTS = ("place", "filters", "score", "pick", "observe")
@@ -68,6 +77,24 @@ def _floor(cands: list[EndpointView], names: tuple[str, ...], x: float) -> objec
         out.append(Scored(c, x, sd))
         out.append(CandidateRecord(c.name, c.name, None, None, sd, x, ann))
     return out
+
+
+def _gateway_reads(d: Decision) -> None:
+    """What the gateway reads of a decision's pick per request (`core.plane`), one
+    `Decision.candidate` call each: its ``uncached_tokens`` when it reserves, its ``ttft_s``
+    and ``itl_s`` for the first-byte timeout, its ``ttft_raw_s`` with the outcome; a
+    non-streamed request also its ``ttft_s`` for when its prefill stops counting."""
+    picked = d.picked
+    if picked is None:
+        return
+    name = picked.name
+    d.candidate(name).annotations.get("uncached_tokens")
+    a = d.candidate(name).annotations
+    a.get("ttft_s")
+    a.get("itl_s")
+    if not d.profile.stream:
+        d.candidate(name).annotations.get("ttft_s")
+    d.candidate(name).annotations.get("ttft_raw_s")
 
 
 def _filters(pol: Policy, cycle: CycleState, cands: list[EndpointView]) -> list[EndpointView]:
@@ -121,7 +148,9 @@ def child(fleet: str, profile: str, n: int, reference: bool, part: str) -> None:
         args = [(reqs[i % m], snap, pol) for i in range(n)]
 
         def placed_and_encoded(prof: RequestProfile, snap: FleetSnapshot, pol: Policy) -> object:
-            return encode_entry(place(prof, snap, pol, decision_id="d", timer=timer), OUTCOME, 1.0)
+            d = place(prof, snap, pol, decision_id="d", timer=timer)
+            _gateway_reads(d)
+            return encode_entry(d, OUTCOME, 1.0)
 
         deque(itertools.starmap(placed_and_encoded, args), maxlen=0)
         return
@@ -198,7 +227,8 @@ def main() -> None:
                     "score dicts, the Scored and the CandidateRecord a decision keeps, with "
                     "values given (no arithmetic, no lookups)")
     ap.add_argument("--encode", action="store_true",
-                    help="also count place() followed by the ledger's encoding of the record "
+                    help="also count place() followed by the gateway's reads of the pick's record "
+                    "(Decision.candidate) and the ledger's encoding of the record "
                     "(encode_entry), as the gateway does for every request (/encode)")
     ap.add_argument("--part", default="place", choices=(*PARTS, "floor", "encode"),
                     help=argparse.SUPPRESS)

@@ -580,3 +580,29 @@ def test_a_decisions_evidence_is_encoded_as_its_records() -> None:
     assert evidence == records and list(evidence) == list(records)
     with pytest.raises(KeyError):
         d.candidate("nowhere")
+
+
+def test_a_candidate_read_again_is_the_same_record_and_encodes_the_same() -> None:
+    """`Decision.candidate` keeps the record it built (the gateway reads the pick's three or
+    four times a request): asked again it is the same object, the sequence built later holds
+    it, and the decision encodes to the same bytes before and after the reads."""
+    d = _placed()
+    o = _ok(d)
+    text = encode_entry(d, o, 1.0).text  # before anything was read
+    assert d.picked is not None
+    pick = d.picked.name
+    first = d.candidate(pick)
+    assert d.candidate(pick) is first and d.candidate(pick) is first
+    assert encode_entry(d, o, 1.0).text == text  # the pick read, nothing else built
+    # the others (a removed endpoint and another scored one), named by the same decision again
+    others = [r.endpoint for r in _placed().candidates if r.endpoint != pick]
+    assert len(others) == 2
+    kept = {n: d.candidate(n) for n in others}
+    assert all(d.candidate(n) is r for n, r in kept.items())
+    assert encode_entry(d, o, 1.0).text == text
+    records = tuple(d.candidates)  # the sequence built now holds the records read
+    assert next(r for r in records if r.endpoint == pick) is first
+    assert all(next(r for r in records if r.endpoint == n) is kept[n] for n in kept)
+    assert d.candidate(pick) is first
+    assert encode_entry(d, o, 1.0).text == text
+    assert encode_entry(replace(d, candidates=records), o, 1.0).text == text
