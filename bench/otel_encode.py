@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "src"))
 
-from bench.otel_parts import Sink, telemetry  # noqa: E402
+from bench.otel_parts import Sink, placed_chat, telemetry  # noqa: E402
 from inferplane.telemetry import export  # noqa: E402
 
 
@@ -44,12 +44,7 @@ def records(n: int) -> list[Any]:
     assert batcher is not None
     batcher._thread = object()  # type: ignore[assignment]  # no thread: nothing exported
     batcher.started = True
-    profile = gw.classify("chat", {"model": "m", "messages": [
-        {"role": "user", "content": "hi"}]}, {}, gw.config.tenants[0])
-    decision = gw.decide(profile)
-    assert decision.picked is not None
-    endpoint = decision.picked.endpoint
-    headers = {"host": "127.0.0.1:8080", "content-type": "application/json"}
+    profile, decision, endpoint, headers = placed_chat(gw)
     for i in range(n):
         t = tel.request("chat", headers)
         t.classified(profile, 16)

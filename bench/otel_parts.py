@@ -57,15 +57,20 @@ def telemetry(ratio: float) -> tuple[OtelTelemetry, Gateway]:
     return tel, gw
 
 
-def request_path(tel: OtelTelemetry, gw: Gateway, n: int) -> Callable[[], None]:
-    """``n`` requests' calls into the trace, as the gateway makes them (no I/O)."""
-    tenant = gw.config.tenants[0]
+def placed_chat(gw: Gateway) -> tuple[Any, Any, Any, dict[str, str]]:
+    """A chat request classified and placed by ``gw`` (its profile, decision and endpoint) and
+    the headers a client sends with it: what the benches trace, request after request."""
     profile = gw.classify("chat", {"model": "m", "messages": [
-        {"role": "user", "content": "hi"}]}, {}, tenant)
+        {"role": "user", "content": "hi"}]}, {}, gw.config.tenants[0])
     decision = gw.decide(profile)
     assert decision.picked is not None
-    endpoint = decision.picked.endpoint
     headers = {"host": "127.0.0.1:8080", "content-type": "application/json"}
+    return profile, decision, decision.picked.endpoint, headers
+
+
+def request_path(tel: OtelTelemetry, gw: Gateway, n: int) -> Callable[[], None]:
+    """``n`` requests' calls into the trace, as the gateway makes them (no I/O)."""
+    profile, decision, endpoint, headers = placed_chat(gw)
 
     def run() -> None:
         for _ in range(n):
