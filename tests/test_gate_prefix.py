@@ -163,3 +163,48 @@ def test_on_mixed_hardware_a_fast_gated_holder_is_kept_past_the_token_saving() -
     assert _kept(fl, pol, int(half * 1.2))  # in tokens (> 5,000 saved) it would be skipped
     assert _kept(fl, pol, PROMPT - 1)
     assert not _kept(fl, pol, PROMPT)
+
+
+@pytest.mark.parametrize(("pending", "left_s", "kept"), [
+    (30_000, 0.0, True),  # a long prefill nearly done: only what is left of it counts
+    (30_000, None, False),  # no prediction: all of its pending tokens count, as before
+    (2_000, None, True),
+])
+def test_a_gated_holder_counts_what_is_left_of_its_queued_prefill(
+    pending: int, left_s: float | None, kept: bool
+) -> None:
+    """With the first tokens predicted for the requests pending there
+    (`EndpointState.prefill_done_at`), the wait at a gated holder is the time until then, not
+    its pending prompt tokens' whole prefill: a prefill that has been running for a while
+    costs only what is left of it."""
+    fl, pol, holder = _setup()
+    now = 100.0
+    t = fl.by_name[holder].prefill_s_per_token(MODEL)
+    assert t is not None
+    done_at = None if left_s is None else now + left_s + 0.1 * t * PROMPT
+    busy = state(inflight=1, inflight_tokens=pending + 200, pending_prefill=1,
+                 pending_prefill_tokens=pending, prefill_done_at=done_at)
+    prof = profile(request_id="r2", block_hashes=HASHES, prompt_tokens=PROMPT,
+                   gated=frozenset({holder}))
+    d = place(prof, snapshot(fl, {holder: busy}, now=now), pol)
+    assert (d.candidate(holder).rejected_by is None) is kept
+    assert any("dispatch gate: kept " + holder in n for n in d.notes) is kept
+
+
+@pytest.mark.parametrize(("left_tokens", "kept"), [(9_000, True), (11_000, False)])
+def test_a_predicted_wait_longer_than_the_hit_drops_the_holder(
+    left_tokens: int, kept: bool
+) -> None:
+    """The prediction counts both ways: a holder with few pending tokens whose predicted first
+    token is further away than the prefill its cached prefix saves is skipped (the 10,000-token
+    prompt is held whole there, so the saving is 10,000 tokens' prefill)."""
+    fl, pol, holder = _setup()
+    now = 50.0
+    t = fl.by_name[holder].prefill_s_per_token(MODEL)
+    assert t is not None
+    busy = state(inflight=1, inflight_tokens=1200, pending_prefill=1, pending_prefill_tokens=1000,
+                 prefill_done_at=now + left_tokens * t)
+    prof = profile(request_id="r2", block_hashes=HASHES, prompt_tokens=PROMPT,
+                   gated=frozenset({holder}))
+    d = place(prof, snapshot(fl, {holder: busy}, now=now), pol)
+    assert (d.candidate(holder).rejected_by is None) is kept

@@ -143,6 +143,35 @@ def test_inflight_counters(live: LiveFleet) -> None:
     assert by["eu-0"].state.requests_total == 2 and by["us-0"].state.requests_total == 1
 
 
+def test_the_prefill_queue_is_expected_done_at_the_latest_predicted_first_token(
+    live: LiveFleet, clock: Clock
+) -> None:
+    """`EndpointState.prefill_done_at`: the latest first token predicted (at reservation) for
+    the requests still pending prefill; None when none is pending or one has no prediction."""
+    def done_at() -> float | None:
+        return live.snapshot().by_name["eu-0"].state.prefill_done_at
+
+    t0 = clock.t
+    assert done_at() is None
+    a = live.reserve("eu-0", 100, prefill_tokens=90, ttft_s=0.5)
+    assert a.prefill_end == t0 + 0.5 and done_at() == t0 + 0.5
+    clock.advance(0.2)
+    b = live.reserve("eu-0", 100, prefill_tokens=90, ttft_s=0.4)  # behind a: ends at t0 + 0.6
+    assert done_at() == t0 + 0.6
+    a.first_token()
+    assert done_at() == t0 + 0.6
+    c = live.reserve("eu-0", 100, prefill_tokens=90)  # no prediction: the end is unknown
+    assert c.prefill_end is None and done_at() is None
+    c.release()
+    assert done_at() == t0 + 0.6
+    b.release()  # a release before the first token ends its prefill too
+    st = live.snapshot().by_name["eu-0"].state
+    assert st.prefill_done_at is None and (st.pending_prefill, st.pending_prefill_tokens) == (0, 0)
+    a.release()
+    late = live.reserve("eu-0", 100, prefill_tokens=90, ttft_s=-1.0)  # never before now
+    assert late.prefill_end == clock.t
+
+
 def test_release_in_finally_even_on_error(live: LiveFleet) -> None:
     with pytest.raises(RuntimeError):
         r = live.reserve("eu-1", 7)

@@ -685,10 +685,13 @@ class QueueSpec(Strict):
         "FIFO, so another tenant's request is never queued behind a flood inside an engine. "
         "Placement skips gated endpoints, except for a request whose cached prefix on one "
         "makes waiting there shorter than prefilling elsewhere: after the filters, a gated "
-        "endpoint holding h of the prompt's P tokens, with pending tokens queued, stays a "
-        "candidate when h > pending and (pending + P - h) x its prefill time per token is "
-        "below the best open candidate's (P - h_open) x its own (on equal hardware: h - "
-        "h_open > pending); unset: off",
+        "endpoint holding h of the prompt's P tokens stays a candidate when its wait is "
+        "below h x its prefill time per token and the wait plus (P - h) x that time is below "
+        "the best open candidate's (P - h_open) x its own. The wait is the time until the "
+        "latest first token predicted for the requests pending there (so a prefill that has "
+        "run for a while counts only what is left of it), else their pending uncached tokens "
+        "x its prefill time per token (on equal hardware then: h - h_open > pending); unset: "
+        "off",
     )
 
 

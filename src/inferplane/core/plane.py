@@ -623,19 +623,27 @@ class Core:
         if self.shared is not None:
             self.shared.picked(view.name, profile)
         uncached = decision.candidate(view.name).annotations.get("uncached_tokens")
+        prefill_tokens = profile.prompt_tokens if uncached is None else int(uncached)
+        unseen = not profile.stream or not self.sees_chunks
+        # the predicted first token: when a first token nobody sees counts as arrived, and
+        # (under the dispatch gate) when the endpoint's prefill queue is expected to be done
+        ttft = (
+            self._predicted_ttft_s(decision, view, profile, prefill_tokens)
+            if unseen or self.admission.gate_s is not None
+            else None
+        )
         reservation = self.live.reserve(
             view.name,
             profile.prompt_tokens + profile.max_total_output_tokens,
-            prefill_tokens=profile.prompt_tokens if uncached is None else int(uncached),
+            prefill_tokens=prefill_tokens,
+            ttft_s=ttft,
         )
         if ticket is not None:
             self.admission.placed(ticket)
             if ticket.grant is not None and ticket.grant.prefilling:
                 reservation.on_first_token = ticket.grant.prefilled
-        if not profile.stream or not self.sees_chunks:
-            ttft = self._predicted_ttft_s(decision, view, profile, reservation.prefill_tokens)
-            if ttft is not None:
-                reservation.prefill_within(ttft)
+        if unseen and ttft is not None:
+            reservation.prefill_within(ttft)
         return Placement(decision, reservation, [] if failed is None else failed, ticket, trace)
 
     @staticmethod

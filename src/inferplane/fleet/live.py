@@ -115,7 +115,9 @@ class Reservation:
     pending prefill work until `first_token` — or `release`, whichever comes first — so the
     latency predictor sees the prefill queue ahead of a new request. A request whose first token
     nobody here sees (a non-streamed answer arrives whole, at its end) calls `prefill_within`
-    with its predicted TTFT instead.
+    with its predicted TTFT instead. ``prefill_end``: when its first token was expected at
+    reservation (on the live fleet's clock), or None when nobody predicted it; the latest of
+    those over an endpoint's pending requests is its `EndpointState.prefill_done_at`.
     """
 
     fleet: LiveFleet
@@ -130,6 +132,7 @@ class Reservation:
     record: EndpointLive | None = None
     on_first_token: Callable[[], None] | None = None  # e.g. admission's prefill count
     timer: asyncio.TimerHandle | None = None  # `prefill_within`'s
+    prefill_end: float | None = None
 
     def prefill_within(self, delay_s: float) -> None:
         """End this request's prefill ``delay_s`` from now (its predicted TTFT), or at its first
@@ -146,7 +149,9 @@ class Reservation:
             self.prefilled = True
             if self.on_first_token is not None:
                 self.on_first_token()
-            self.fleet._prefilled(self.endpoint, self.prefill_tokens, self.record)
+            self.fleet._prefilled(
+                self.endpoint, self.prefill_tokens, self.record, self.prefill_end
+            )
 
     def release(self) -> None:
         if not self.released:
@@ -180,6 +185,8 @@ class EndpointLive:
         "outcomes",
         "pending_prefill",
         "pending_prefill_tokens",
+        "prefill_ends",
+        "prefill_unpredicted",
         "rate",
         "remote_inflight",
         "requests_total",
@@ -202,6 +209,9 @@ class EndpointLive:
         self.remote_inflight = 0  # other replicas' in-flight requests (shared slots)
         self.pending_prefill = 0
         self.pending_prefill_tokens = 0
+        # the pending requests' expected first-token times, and how many have none
+        self.prefill_ends: list[float] = []
+        self.prefill_unpredicted = 0
         self.ttft = LatencyWindow()
         self.ttft_ratio = LatencyWindow(128)  # observed ÷ predicted TTFT, per request
         self.itl = LatencyWindow(1024)
@@ -368,26 +378,44 @@ class LiveFleet:
         rec.stats_at = float("-inf")
         self._touch(rec)
 
-    def reserve(self, endpoint: str, tokens: int, prefill_tokens: int = 0) -> Reservation:
+    def reserve(
+        self, endpoint: str, tokens: int, prefill_tokens: int = 0, ttft_s: float | None = None
+    ) -> Reservation:
         """Take one in-flight slot of ``tokens`` (prompt + max output), ``prefill_tokens`` of
-        which are pending prefill until the first token."""
+        which are pending prefill until the first token; ``ttft_s``: its predicted time to first
+        token from now, if any (`EndpointState.prefill_done_at`)."""
         rec = self.live[endpoint]
+        now = self.clock()
         rec.inflight += 1
         rec.inflight_tokens += tokens
         rec.pending_prefill += 1
         rec.pending_prefill_tokens += prefill_tokens
+        end = None
+        if ttft_s is None:
+            rec.prefill_unpredicted += 1
+        else:
+            end = now + max(0.0, ttft_s)
+            rec.prefill_ends.append(end)
         rec.requests_total += 1
         if rec.rate is not None:
-            rec.rate.add(self.clock(), tokens)
+            rec.rate.add(now, tokens)
         self._touch(rec)
-        return Reservation(self, endpoint, tokens, prefill_tokens, record=rec)
+        return Reservation(self, endpoint, tokens, prefill_tokens, record=rec, prefill_end=end)
 
     def _prefilled(
-        self, endpoint: str, prefill_tokens: int, rec: EndpointLive | None = None
+        self,
+        endpoint: str,
+        prefill_tokens: int,
+        rec: EndpointLive | None = None,
+        end: float | None = None,
     ) -> None:
         rec = rec or self.live[endpoint]
         rec.pending_prefill -= 1
         rec.pending_prefill_tokens -= prefill_tokens
+        if end is None:
+            rec.prefill_unpredicted -= 1
+        else:
+            rec.prefill_ends.remove(end)
         self._touch(rec)
         if self.on_prefilled is not None:
             self.on_prefilled(endpoint)
@@ -472,6 +500,9 @@ class LiveFleet:
             inflight_tokens=rec.inflight_tokens,
             pending_prefill=rec.pending_prefill,
             pending_prefill_tokens=rec.pending_prefill_tokens,
+            prefill_done_at=(
+                max(rec.prefill_ends) if rec.prefill_ends and not rec.prefill_unpredicted else None
+            ),
             ttft_p50_s=ttft50,
             ttft_p99_s=ttft99,
             itl_p50_s=itl50,

@@ -599,21 +599,37 @@ def _sample(cycle: CycleState, policy: Policy, limit: int) -> list[EndpointView]
     return views
 
 
+def _gate_wait_s(c: EndpointView, t: float, now: float) -> float:
+    """Seconds until the prefill queue the gateway put on a gated endpoint is done: from the
+    first tokens predicted for its pending requests (`EndpointState.prefill_done_at`), so a
+    prefill that has been running for a while counts only what is left of it; without those
+    predictions, all of its pending prompt tokens at ``t`` seconds each."""
+    st = c.state
+    done_at = st.prefill_done_at
+    if done_at is None:
+        return t * st.pending_prefill_tokens
+    return max(0.0, done_at - now)
+
+
 def _gate_holders(
     cycle: CycleState, policy: Policy, candidates: list[EndpointView], gated: frozenset[str]
 ) -> tuple[dict[str, float], frozenset[str]] | None:
     """Before the filters: the prompt tokens each candidate holds (`Policy.prefix_holder`),
-    when some gated endpoint holds more of them than it has queued for prefill (``h >
-    pending_prefill_tokens``: waiting there is shorter than prefilling, there, what it holds) —
-    those may stay candidates (`_gate_keep` decides after the filters, so that an open
-    endpoint a filter removes does not count). Returns the tokens held per candidate and those
-    gated endpoints; None: every gated endpoint is skipped."""
+    when some gated endpoint holds more of them than its wait costs (`_gate_wait_s` below ``h
+    × t``: waiting there is shorter than prefilling, there, what it holds) — those may stay
+    candidates (`_gate_keep` decides after the filters, so that an open endpoint a filter
+    removes does not count). Returns the tokens held per candidate and those gated endpoints;
+    None: every gated endpoint is skipped."""
     holder = policy.prefix_holder
     if holder is None or not cycle.profile.block_hashes:
         return None
     held = holder.cached_tokens(cycle, candidates)
-    maybe = frozenset(c.name for c, h in zip(candidates, held, strict=True)
-                      if c.name in gated and h > c.state.pending_prefill_tokens)
+    model, now = cycle.profile.model, cycle.snapshot.now
+    maybe = frozenset(
+        c.name for c, h in zip(candidates, held, strict=True)
+        if c.name in gated and h > 0
+        and h * (t := c.endpoint.prefill_s_per_token(model) or 1.0) > _gate_wait_s(c, t, now)
+    )
     if not maybe:
         return None
     return {c.name: h for c, h in zip(candidates, held, strict=True)}, maybe
@@ -625,14 +641,16 @@ def _gate_keep(
 ) -> list[EndpointView]:
     """After the filters: of the gated endpoints they kept, those where the request's cached
     prefix saves more than the prefill queued there costs stay; the rest are dropped (the
-    caller records them). With ``P`` the prompt tokens, ``h`` those an endpoint holds,
-    ``pending`` the uncached prompt tokens queued there and ``t`` its prefill seconds per
-    token (`Endpoint.prefill_s_per_token`), a gated endpoint stays when ``h > pending`` and
-    ``t_gated × (pending + P − h)`` (its queue, then the rest of the prompt) is below
-    ``min t_open × (P − h_open)`` over the open candidates the filters kept (none: it stays).
-    An open endpoint without a physics model is counted at the gated one's speed. On equal
-    hardware this is ``h − h_open > pending``. The scorers then choose among the candidates."""
-    model = cycle.profile.model
+    caller records them). With ``P`` the prompt tokens, ``h`` those an endpoint holds, ``t``
+    its prefill seconds per token (`Endpoint.prefill_s_per_token`) and ``wait`` the seconds
+    until its queued prefill is done (`_gate_wait_s`: from the first tokens predicted for the
+    requests pending there, else ``t × pending``, their uncached prompt tokens), a gated
+    endpoint stays when ``wait < t × h`` and ``wait + t_gated × (P − h)`` (its queue, then the
+    rest of the prompt) is below ``min t_open × (P − h_open)`` over the open candidates the
+    filters kept (none: it stays). An open endpoint without a physics model is counted at the
+    gated one's speed. Without predictions, on equal hardware, this is ``h − h_open >
+    pending``. The scorers then choose among the candidates."""
+    model, now = cycle.profile.model, cycle.snapshot.now
     prompt = float(cycle.profile.prompt_tokens)
     open_s: list[tuple[float, float | None]] = [  # (uncached tokens, s per token) per open one
         (prompt - held.get(c.name, 0.0), c.endpoint.prefill_s_per_token(model))
@@ -645,10 +663,10 @@ def _gate_keep(
             out.append(c)
             continue
         h = held.get(c.name, 0.0)
-        pending = c.state.pending_prefill_tokens
         t = c.endpoint.prefill_s_per_token(model) or 1.0
-        if h > pending and all(
-            t * (pending + prompt - h) < (t if t_o is None else t_o) * rest
+        wait = _gate_wait_s(c, t, now)
+        if wait < t * h and all(
+            wait + t * (prompt - h) < (t if t_o is None else t_o) * rest
             for rest, t_o in open_s
         ):
             out.append(c)
