@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytest
 
@@ -38,7 +38,12 @@ class LinearCost:
     per_seq: float = 1e-4
     per_ctx: float = 1e-7
 
-    def step_time_s(self, pt: int, pc: int, ds: int, dc: int) -> float:
+    calls: list[tuple[int, int, int, int, float | None]] = field(default_factory=list)
+
+    def step_time_s(
+        self, pt: int, pc: int, ds: int, dc: int, prefill_pairs: float | None = None
+    ) -> float:
+        self.calls.append((pt, pc, ds, dc, prefill_pairs))
         return self.base + self.per_prefill * pt + self.per_prefill_ctx * pc + self.per_seq * ds \
             + self.per_ctx * dc
 
@@ -120,6 +125,19 @@ def test_requests_in_the_same_step_share_blocks_cached_at_allocation() -> None:
     assert out.prefill_tokens == 64 + 16  # b reuses a's first three blocks
     assert engine.get_request("b") is not None
     assert engine.get_request("b").num_cached_tokens == 48  # type: ignore[union-attr]
+
+
+def test_a_step_with_several_prefill_chunks_passes_their_own_attention_pairs() -> None:
+    """Each prefilling sequence attends to its own context only: the engine passes the sum of
+    n (c + n/2) over the chunks (a lone chunk goes without it, its pairs are the formula's)."""
+    cost = LinearCost()
+    engine = Engine(EngineConfig(num_gpu_blocks=1000, max_num_batched_tokens=100), cost)
+    engine.add_request(_req("a", list(range(130))), 0.0)
+    engine.step(0.0)  # a: 100 of 130 tokens
+    assert cost.calls[-1] == (100, 0, 0, 0, None)
+    engine.add_request(_req("b", list(range(1000, 1050))), 0.0)
+    engine.step(1.0)  # a's last 30 tokens at 100 of context, then 50 of b (budget 70 left)
+    assert cost.calls[-1] == (80, 100, 0, 0, 30 * (100 + 15) + 50 * (0 + 25))
 
 
 def test_precomputed_prompt_block_hashes_replace_token_hashing() -> None:

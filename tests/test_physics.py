@@ -145,6 +145,20 @@ def test_prefill_cost_grows_with_cached_context() -> None:
     assert r.prefill_time_s(0) == 0.0
 
 
+def test_several_prefill_chunks_attend_to_their_own_sequences_only() -> None:
+    """``prefill_pairs``: with two chunks in one step the attention pairs are each chunk's
+    against its own context, not the summed chunk against the summed context."""
+    r = roofline("h100")
+    one = r.step_time_s(8000, 16_000, 4, 40_000)
+    assert r.step_time_s(8000, 16_000, 4, 40_000, 8000 * (16_000 + 4000)) == one
+    exact = 4000 * (8000 + 2000) * 2  # two 4,000-token chunks at 8,000 tokens of context each
+    both = r.step_time_s(8000, 16_000, 0, 0, prefill_pairs=exact)
+    lumped = r.step_time_s(8000, 16_000, 0, 0)  # as if one 8,000-token chunk at 16,000
+    assert both < lumped
+    alone = r.step_time_s(4000, 8000, 0, 0)
+    assert alone < both < 2 * alone  # the weights are read once for both
+
+
 def test_decode_is_memory_bound_at_small_batch_and_grows_with_context() -> None:
     r = roofline("h100")
     one, eight = r.decode_step_time_s(1, 1024), r.decode_step_time_s(8, 8 * 1024)

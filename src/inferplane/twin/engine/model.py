@@ -31,7 +31,9 @@ Requests generate exactly ``max_tokens`` tokens (no EOS).
 Step time is ``cost_model.step_time_s(prefill_tokens, prefill_context_tokens, decode_seqs,
 decode_context_tokens)``: prefill tokens computed this step, the tokens already in KV for
 those prefilling sequences, the number of decoding sequences and the sum of their context
-lengths including the token being computed.
+lengths including the token being computed. A step with more than one prefill chunk also
+passes ``prefill_pairs``, the attention pairs of each chunk against its own sequence summed
+(each sequence attends only to its own keys).
 
 Metrics: gauges and counters are attributes named after the vLLM series they feed; the
 prefix-cache counters count, in tokens, the lookup of each request when it is first
@@ -82,6 +84,7 @@ class StepCostModel(Protocol):
         prefill_context_tokens: int,
         decode_seqs: int,
         decode_context_tokens: int,
+        prefill_pairs: float | None = None,
     ) -> float: ...
 
 
@@ -391,6 +394,8 @@ class Engine:
             out.step_durations.append(0.0)
             return out
         pf_tok = pf_ctx = dec_n = dec_ctx = 0
+        pf_pairs = 0.0  # each prefill chunk attends to its own sequence: sum of n (c + n/2)
+        chunks = 0
         for req, n in sched:
             c = req.num_computed_tokens
             if n == 1 and req.num_output_tokens and c == req.prompt_len + req.num_output_tokens - 1:
@@ -399,7 +404,14 @@ class Engine:
             else:
                 pf_tok += n
                 pf_ctx += c
-        dur = self.cost_model.step_time_s(pf_tok, pf_ctx, dec_n, dec_ctx)
+                pf_pairs += n * (c + 0.5 * n)
+                chunks += 1
+        cost = self.cost_model.step_time_s
+        dur = (
+            cost(pf_tok, pf_ctx, dec_n, dec_ctx)
+            if chunks <= 1  # one chunk: the same pairs, the one-sequence formula's float ops
+            else cost(pf_tok, pf_ctx, dec_n, dec_ctx, prefill_pairs=pf_pairs)
+        )
         out.duration_s, out.prefill_tokens, out.decode_seqs = dur, pf_tok, dec_n
         out.step_durations.append(dur)
         t = now + dur
