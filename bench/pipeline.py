@@ -11,7 +11,8 @@ Replays a slice of the Mooncake conversation trace at rate scales ×1–×10:
 
 Per class and rate: goodput (requests meeting their SLO per second), P50/P90/P99 TTFT, shed and
 deferred counts; sovereignty violations; simulator speed (simulated seconds per wall second and
-per CPU second). Fairness (a tenant flooding at 10× its share) is `bench/fairness_sim.py`.
+per CPU second). Fairness (a tenant flooding at 10× its share) is `bench/fairness_sim.py`; the
+lowest interactive P90 any placement could reach on the same slice is `bench/pipeline_floor.py`.
 
     python bench/pipeline.py [--duration 300] [--rates 1,2,4,6,8,10] [--workers 2]
                              [--trace FILE] [--out docs/benchmarks/pipeline]
