@@ -8,11 +8,12 @@ it. Each part runs over the same requests (the request path's calls, as `api.app
 
 - ``notes, sampled`` / ``notes, unsampled``: the request path (trace start, classified, the admit
   and place stages, the placement's attributes, the attempt, the outgoing ``traceparent``,
-  finished, end and its hand-over to the batcher);
-- ``hand-over`` (gateway, batcher thread): what the gateway's batcher does per request to give
-  the exporter process a batch;
-- ``exporter`` (child process): reading a batch, then per request the metrics and, sampled, its
-  spans encoded to OTLP protobuf.
+  finished, end: the metric points and, sampled, the spans encoded, `records.encode_trace`, and
+  queued for the batcher);
+- ``hand-over`` (gateway, batcher thread): the batcher's flush (``Batcher.flush``) giving the
+  exporter process the queued requests, pickled as `export.ExporterProcess` pickles them;
+- ``exporter`` (child process): those messages unpickled and exported (`export.handle`, to a
+  sender that sends nothing).
 
     python bench/otel_parts.py [--requests 2000] [--repeat 7]
 """
@@ -99,6 +100,17 @@ class Sink:
         pass
 
 
+class Child:
+    """An exporter process that keeps the pickled messages the batcher hands it."""
+
+    def __init__(self, messages: list[bytes]) -> None:
+        self.messages = messages
+
+    def send(self, message: object) -> bool:
+        self.messages.append(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+        return True
+
+
 def best(fn: Callable[[], Any], setup: Callable[[], Any], repeat: int) -> float:
     times = []
     for _ in range(repeat):
@@ -115,7 +127,6 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=7)
     args = ap.parse_args()
     n, rows = args.requests, []
-    split = hasattr(export, "export_spans")  # records for sampled requests only, metrics apart
     for ratio, label in ((1.0, "sampled"), (0.0, "unsampled")):
         tel, gw = telemetry(ratio)
         batcher = tel.batcher
@@ -124,42 +135,34 @@ def main() -> None:
         batcher.started = True
         run = request_path(tel, gw, n)
         rows.append((f"notes, {label}", "gateway (request path)",
-                     best(run, batcher.queue.clear, args.repeat)))
+                     best(run, lambda b=batcher: (b.queue.clear(), b.encoded.clear()),
+                          args.repeat)))
         batcher.queue.clear()
+        batcher.encoded.clear()
         run()
-        records = list(batcher.queue)
-        batches: list[bytes] = []
+        queued = (list(batcher.queue), list(batcher.encoded))
+        messages: list[bytes] = []
 
-        def hand_over(records: list[Any] = records, batches: list[bytes] = batches) -> None:
-            batches.clear()
-            for i in range(0, len(records), export.BATCH):
-                chunk = records[i:i + export.BATCH]
-                batches.append(pickle.dumps(("spans", chunk) if split else chunk,
-                                            protocol=pickle.HIGHEST_PROTOCOL))
+        def refill(batcher: Any = batcher, queued: Any = queued,
+                   messages: list[bytes] = messages) -> None:
+            messages.clear()
+            batcher.queue.extend(queued[0])
+            batcher.encoded.extend(queued[1])
 
+        batcher.child = Child(messages)  # the batcher's own flush, pickling what it hands over
         rows.append((f"hand-over, {label}", "gateway (batcher thread)",
-                     best(hand_over, lambda: None, args.repeat)))
-        # the exporter process's side, in this process (the same code as run_exporter's)
+                     best(lambda b=batcher: b.flush(metrics=False), refill, args.repeat)))
+        # the exporter process's side, in this process (run_exporter's `handle`)
         child, _ = telemetry(ratio)
-        cb = child.batcher
-        assert cb is not None
-        cb._thread = object()  # type: ignore[assignment]
-        cb.started = True
-        cb.sender = Sink()  # type: ignore[assignment]
 
-        def exporter(cb: Any = cb, child: OtelTelemetry = child,
-                     batches: list[bytes] = batches) -> None:
-            for data in batches:
-                if split:
-                    export.export_spans(child, Sink(), pickle.loads(data)[1], 10.0)  # type: ignore[arg-type]
-                else:
-                    for r in pickle.loads(data):
-                        cb.add(r)
-                    cb.flush(metrics=False)
+        def exporter(child: OtelTelemetry = child, messages: list[bytes] = messages) -> None:
+            for data in messages:
+                export.handle(child, Sink(), data)  # type: ignore[arg-type]
 
         rows.append((f"exporter, {label}", "exporter process",
                      best(exporter, lambda: None, args.repeat)))
         batcher.queue.clear()  # not exported: nothing listens
+        batcher.encoded.clear()
         gw.telemetry.shutdown()
     # once per export interval, not per request: the metrics' copy and encoding
     tel, gw = telemetry(1.0)
@@ -172,6 +175,7 @@ def main() -> None:
         tel.metrics_request()
     per_export = (time.process_time() - t0) / 100
     tel.batcher.queue.clear()
+    tel.batcher.encoded.clear()
     gw.telemetry.shutdown()
     git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                          cwd=ROOT).stdout.strip()

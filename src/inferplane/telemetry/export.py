@@ -60,6 +60,14 @@ def export_spans(tel: OtelTelemetry, sender: HttpSender | GrpcSender, records: l
         send_with_retry(sender, "traces", tel.encoder.wrap(body), timeout_s)
 
 
+def export_encoded(tel: OtelTelemetry, sender: HttpSender | GrpcSender, encoded: list[bytes],
+                   timeout_s: float) -> None:
+    """Send requests' spans encoded already (`records.encode_trace`, joined by the batcher),
+    one export request per item."""
+    for data in encoded:
+        send_with_retry(sender, "traces", tel.encoder.wrap([data]), timeout_s)
+
+
 def export_metrics(tel: OtelTelemetry, sender: HttpSender | GrpcSender,
                    snapshot: tuple[list[Histogram], int, int], timeout_s: float) -> None:
     """Encode a copy of the GenAI histograms (`OtelTelemetry.metrics_snapshot`) and send it."""
@@ -70,12 +78,13 @@ def export_metrics(tel: OtelTelemetry, sender: HttpSender | GrpcSender,
 
 class Batcher:
     """The gateway's background thread. Every ``min(5 s, export_interval_s)`` (or when `BATCH`
-    sampled requests are waiting) it takes the finished requests' records, and every
-    ``export_interval_s`` a copy of the GenAI histograms, and either hands them, pickled, to
-    the exporter process (`ExporterProcess`, ``telemetry.exporter: process``; started with the
-    thread) or itself builds the spans, encodes and sends both (``thread``). Started by the
-    first request that ends (so a process that forks after building the gateway gets its
-    own)."""
+    sampled requests are waiting) it takes the finished requests (their spans encoded already,
+    `records.encode_trace`, joined into one bytes object per `BATCH`; or, for a request of
+    another shape, its record), and every ``export_interval_s`` a copy of the GenAI
+    histograms, and either hands them, pickled, to the exporter process (`ExporterProcess`,
+    ``telemetry.exporter: process``; started with the thread), which encodes the records'
+    spans and sends all, or itself does that (``thread``). Started by the first request that
+    ends (so a process that forks after building the gateway gets its own)."""
 
     def __init__(self, tel: OtelTelemetry, sender: HttpSender | GrpcSender | None,
                  spec: TelemetrySpec, *, child: ExporterProcess | None = None) -> None:
@@ -86,6 +95,7 @@ class Batcher:
         self.metrics_interval_s = spec.export_interval_s
         self.timeout_s = spec.timeout_s
         self.queue: deque[Record] = deque()
+        self.encoded: deque[bytes] = deque()
         self.dropped = 0
         self.started = False
         self._wake = threading.Event()
@@ -97,6 +107,7 @@ class Batcher:
 
     def _forked(self) -> None:
         self.queue.clear()
+        self.encoded.clear()
         self.started = False
         self._thread = None
         self._lock = threading.Lock()
@@ -108,13 +119,27 @@ class Batcher:
     def add(self, record: Record) -> None:
         """Queue a sampled request's record."""
         q = self.queue
-        if len(q) >= QUEUE_MAX:
+        n = len(q) + len(self.encoded)
+        if n >= QUEUE_MAX:
             self.dropped += 1
             return
         q.append(record)
         if not self.started:
             self.start()
-        elif len(q) >= BATCH and not self._wake.is_set():
+        elif n >= BATCH - 1 and not self._wake.is_set():
+            self._wake.set()
+
+    def add_encoded(self, spans: bytes) -> None:
+        """Queue a sampled request's spans, encoded (`records.encode_trace`)."""
+        e = self.encoded
+        n = len(e) + len(self.queue)
+        if n >= QUEUE_MAX:
+            self.dropped += 1
+            return
+        e.append(spans)
+        if not self.started:
+            self.start()
+        elif n >= BATCH - 1 and not self._wake.is_set():
             self._wake.set()
 
     def start(self) -> None:
@@ -141,30 +166,39 @@ class Batcher:
         with self._lock:
             q = self.queue
             records = [q.popleft() for _ in range(len(q))]
+            e = self.encoded
+            items = [e.popleft() for _ in range(len(e))]
+            encoded = [b"".join(items[i:i + BATCH]) for i in range(0, len(items), BATCH)]
             snapshot = None
             if metrics and self.tel.histograms:
                 self._next_metrics = time.monotonic() + self.metrics_interval_s
                 snapshot = self.tel.metrics_snapshot()
-            if self.child is not None:
-                if records and not self.child.send(("spans", records)):
+            child = self.child
+            if child is not None:
+                if encoded and not child.send(("encoded", encoded)):
                     self._child_gone()
-                elif snapshot is not None and not self.child.send(("metrics", snapshot)):
+                elif records and not child.send(("spans", records)):
                     self._child_gone()
-                    records = []  # handed over already
+                    encoded = []  # handed over already
+                elif snapshot is not None and not child.send(("metrics", snapshot)):
+                    self._child_gone()
+                    records = encoded = []
                 else:
                     return
-            self._export(records, snapshot)
+            self._export(encoded, records, snapshot)
 
     def _child_gone(self) -> None:
         log.warning("OTLP exporter process is gone (or did not start): exporting from the "
                     "gateway itself")
         self.child = None
 
-    def _export(self, records: list[Record],
+    def _export(self, encoded: list[bytes], records: list[Record],
                 snapshot: tuple[list[Histogram], int, int] | None) -> None:
         sender = self.sender
         if sender is None:
             sender = self.sender = sender_for(self.tel.spec)
+        if encoded:
+            export_encoded(self.tel, sender, encoded, self.timeout_s)
         if records:
             export_spans(self.tel, sender, records, self.timeout_s)
         if snapshot is not None:
@@ -188,12 +222,14 @@ class Batcher:
 
 
 class ExporterProcess:
-    """``python -m inferplane.telemetry.exporter``: a child process that builds, encodes and
-    sends the spans of the requests the gateway hands it (pickled batches of records) and the
-    GenAI histograms' copies, so that work is off the gateway's CPU. Messages on its stdin are
-    length-prefixed pickles: the fleet config, then ``("spans", records)`` and ``("metrics",
-    (histograms, start_ns, now_ns))``. Started with the gateway's batcher thread; it sends what
-    it holds and exits when its stdin closes."""
+    """``python -m inferplane.telemetry.exporter``: a child process that sends the spans of the
+    requests the gateway hands it (batches encoded already, and records of requests of other
+    shapes, whose spans it builds and encodes) and the GenAI histograms' copies, so that the
+    sending, the metrics' encoding and the rare requests' encoding are off the gateway's CPU.
+    Messages on its stdin are length-prefixed pickles: the fleet config, then ``("encoded",
+    [bytes, ...])`` (each item the ``ScopeSpans.spans`` fields of up to `BATCH` requests),
+    ``("spans", records)`` and ``("metrics", (histograms, start_ns, now_ns))``. Started with the
+    gateway's batcher thread; it sends what it holds and exits when its stdin closes."""
 
     def __init__(self, config: FleetConfig) -> None:
         self.config = config
@@ -274,18 +310,25 @@ def run_exporter(stream: Any) -> None:
         return
     config = pickle.loads(first)
     tel = OtelTelemetry(config, exporter="none")
-    spec = tel.spec
-    sender = sender_for(spec)
+    sender = sender_for(tel.spec)
     tel.metrics_request()  # imports the metrics' protobuf classes now: part of the start-up
     try:
         while (data := read()) is not None:
-            kind, payload = pickle.loads(data)
             try:
-                if kind == "spans":
-                    export_spans(tel, sender, payload, spec.timeout_s)
-                elif kind == "metrics":
-                    export_metrics(tel, sender, payload, spec.timeout_s)
+                handle(tel, sender, data)
             except Exception:  # an export bug must not stop the exports
                 log.exception("OTLP export failed")
     finally:
         sender.close()
+
+
+def handle(tel: OtelTelemetry, sender: HttpSender | GrpcSender, message: bytes) -> None:
+    """One message from the gateway (`ExporterProcess`), exported."""
+    kind, payload = pickle.loads(message)
+    timeout_s = tel.spec.timeout_s
+    if kind == "encoded":
+        export_encoded(tel, sender, payload, timeout_s)
+    elif kind == "spans":
+        export_spans(tel, sender, payload, timeout_s)
+    elif kind == "metrics":
+        export_metrics(tel, sender, payload, timeout_s)

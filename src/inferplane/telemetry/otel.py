@@ -46,7 +46,14 @@ from inferplane.telemetry.otlp import (
     add,
     encode_metrics,
 )
-from inferplane.telemetry.records import SCOPE, Pairs, Record, spans_of, to_readable
+from inferplane.telemetry.records import (
+    SCOPE,
+    Pairs,
+    Record,
+    encode_trace,
+    spans_of,
+    to_readable,
+)
 from inferplane.telemetry.tracing import RequestTrace, Telemetry
 
 if TYPE_CHECKING:
@@ -288,11 +295,15 @@ class OtelTelemetry(Telemetry):
             self.observe(t)
         batcher = self.batcher
         if t.sampled and self.trace_spans:
-            record = t.record()
             if batcher is not None:
-                batcher.add(record)
+                spans = encode_trace(self, t)  # the common shape: its spans' bytes now
+                if spans is not None:
+                    batcher.add_encoded(spans)
+                else:
+                    batcher.add(t.record())
             elif self.span_exporter is not None:
-                self.span_exporter.export([to_readable(s, self) for s in spans_of(self, record)])
+                self.span_exporter.export([to_readable(s, self)
+                                           for s in spans_of(self, t.record())])
         elif batcher is not None and not batcher.started:
             batcher.start()  # the metrics' exports
 

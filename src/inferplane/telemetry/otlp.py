@@ -160,6 +160,8 @@ class SpanEncoder:
         self.memo: dict[tuple[Any, ...], tuple[bytes, bytes]] = {}
         """`records.encode_spans`' parts of a span that repeat from request to request, by what
         they are made of (bounded as the other caches; `remember` adds)."""
+        self.shapes: dict[tuple[Any, ...], tuple[Any, ...] | None] = {}
+        """`records.encode_trace`'s layouts, by the kind of request (bounded as the others)."""
 
     def remember(self, key: tuple[Any, ...], value: tuple[bytes, bytes]) -> tuple[bytes, bytes]:
         if len(self.memo) >= self.CACHE_MAX:

@@ -18,6 +18,7 @@ from inferplane.telemetry.otlp import (
     SpanData,
     SpanEncoder,
     _field,
+    _key,
     _pack_d,
     attribute,
     varint,
@@ -26,7 +27,7 @@ from inferplane.telemetry.otlp import (
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import ReadableSpan
 
-    from inferplane.telemetry.otel import OtelTelemetry
+    from inferplane.telemetry.otel import OtelTelemetry, OtelTrace
 
 _bits = random.getrandbits
 
@@ -207,6 +208,163 @@ def encode_spans(tel: OtelTelemetry, r: Record, out: list[bytes]) -> None:
     data = b"".join(parts)
     n = len(data)
     out += (_SPAN_TAGS[n] if n < 16384 else b"\x12" + varint(n), data)
+
+
+_DID = "inferplane.decision_id"
+
+
+def encode_trace(tel: OtelTelemetry, t: OtelTrace) -> bytes | None:
+    """A finished sampled request's spans encoded as `encode_spans` encodes its record (the same
+    bytes: tests/test_otel_encoding.py checks it), when the request has the common shape: an
+    ``admit`` and a ``place`` stage without error, one upstream attempt that was accounted
+    without error, no error on the request, token counts ints and times floats (or absent).
+    None for any other request (its record goes to `encode_spans`).
+
+    Every such request of the same kind (the same model, endpoint, decision attributes,
+    status, and the same lengths of what varies) is laid out alike: one `struct.Struct` per
+    kind, compiled on its first request (`_shape`), packs the request's ids, times, decision
+    id, token counts and TTFT/TPOT between the kind's constant bytes in one call."""
+    stages = t.stages
+    attempts = t.attempts
+    if len(stages) != 2 or len(attempts) != 1 or t.error_type is not None:
+        return None
+    (admit, a0, a1, e0, attrs0), (place, p0, p1, e1, attrs1) = stages
+    a = attempts[0]
+    did = t.decision_id
+    prompt, completion, ttft, tpot = t.prompt_tokens, t.completion_tokens, t.ttft_s, t.tpot_s
+    if (e0 is not None or e1 is not None or attrs0 or not a.finished or a.error_type is not None
+            or type(did) is not str or len(attrs1) < 2 or attrs1[0][1] is not did
+            or (prompt is not None and type(prompt) is not int)
+            or (completion is not None and type(completion) is not int)
+            or (ttft is not None and type(ttft) is not float)
+            or (tpot is not None and type(tpot) is not float)):
+        return None
+    enc = tel.encoder
+    d = did.encode()
+    state = t.trace_state
+    st = state.encode() if state else b""
+    inp = b"" if prompt is None else (
+        _INPUT.get(prompt) or _cached(enc, _INPUT, "gen_ai.usage.input_tokens", prompt))
+    out = b"" if completion is None else (
+        _OUTPUT.get(completion) or _cached(enc, _OUTPUT, "gen_ai.usage.output_tokens", completion))
+    model = t.model
+    max_tokens = t.max_tokens if model is not None else None
+    key = (t.op, t.server_address, t.server_port, model, t.model_tier, t.class_, t.tenant,
+           t.decision, max_tokens, type(max_tokens), admit, place, attrs1[0][0], attrs1[1:],
+           a.fixed, a.model, a.number, t.status, t.response_model, t.remote, t.parent_id == 0,
+           t.spill, len(d), len(st), len(inp), len(out), ttft is None, tpot is None)
+    shape = enc.shapes.get(key)
+    if shape is None:
+        shape = _shape(tel, t, key, len(d), len(st), len(inp), len(out))
+        if len(enc.shapes) >= SpanEncoder.CACHE_MAX:
+            enc.shapes.clear()
+        enc.shapes[key] = shape
+    if shape is None:
+        return None
+    (pack, k0, k1, k2, k3, k4, k5, k6, k7, k8, k9, k10, k11, k12, k13, k14, k15, k16, k17, k18,
+     k19, k20, k21, k22, k23, k24, k25, k26, k27, k28, k29, k30, k31, k32, k33, k34) = shape
+    tid = t.trace_id.to_bytes(16, "big")
+    sid = t.span_id.to_bytes(8, "big")
+    aid = (_bits(64) or 1).to_bytes(8, "big")  # the stages' span ids, drawn in encode_spans' order
+    pid = (_bits(64) or 1).to_bytes(8, "big")
+    c1 = a.end_ns or t.end_ns
+    par = t.parent_id.to_bytes(8, "big") if t.parent_id else b""
+    if ttft is None:
+        ttft = b""
+    if tpot is None:
+        tpot = b""
+    return pack(  # type: ignore[no-any-return]
+        k0, tid, k1, aid, k2, st, k3, sid, k4, a0, k5, a1,
+        k6, tid, k7, pid, k8, st, k9, sid, k10, p0, k11, p1, k12, d,
+        k13, tid, k14, a.span_id.to_bytes(8, "big"), k15, st, k16, sid, k17, a.start_ns, k18, c1,
+        k19, inp, k20, out, k21, ttft, k22, tpot,
+        k23, tid, k24, sid, k25, st, k26, par, k27, t.start_ns, k28, t.end_ns, k29, d, k30, inp,
+        k31, out, k32, ttft, k33, tpot, k34)
+
+
+_TRACE_VARS = ("tid", "aid", "st", "sid", "a0", "a1",
+               "tid", "pid", "st", "sid", "p0", "p1", "d",
+               "tid", "cid", "st", "sid", "c0", "c1", "inp", "out", "ttft", "tpot",
+               "tid", "sid", "st", "par", "s0", "s1", "d", "inp", "out", "ttft", "tpot")
+"""What `encode_trace` packs between its kind's constants, in order."""
+
+
+class _Var:
+    __slots__ = ("code", "name", "size")
+
+    def __init__(self, name: str, code: str, size: int) -> None:
+        self.name, self.code, self.size = name, code, size
+
+
+def _shape(tel: OtelTelemetry, t: OtelTrace, key: tuple[Any, ...], d_len: int, st_len: int,
+           inp_len: int, out_len: int) -> tuple[Any, ...] | None:
+    """The layout of `encode_trace`'s kind ``key`` (``t`` is its first request): the
+    `struct.Struct` pack and the 35 constants that go between `_TRACE_VARS`, made of the
+    same pieces as `encode_spans` makes (None: a request `encode_trace` does not lay out)."""
+    enc = tel.encoder
+    (op, address, port, model, tier, class_, tenant, decision, max_tokens, _, admit, place,
+     did_key, place_attrs, fixed, upstream_model, number, status, response_model, remote,
+     local, spill, *_) = key
+    if did_key != _DID or any(k == _DID for k, _ in place_attrs) or remote == local:
+        return None
+
+    def v(name: str, size: int, code: str | None = None) -> _Var:
+        return _Var(name, code or f"{size}s", size)
+
+    def after_id() -> list[Any]:  # what a child span has after its own id
+        return [b"\x1a" + varint(st_len) if st_len else b"", v("st", st_len),
+                b"\x22\x08", v("sid", 8)]
+
+    usage: list[Any] = [enc.attribute("http.response.status_code", status)]
+    if response_model is not None:
+        usage.append(enc.attribute("gen_ai.response.model", response_model))
+    usage += [v("inp", inp_len), v("out", out_len),
+              _TTFT if not key[-2] else b"", v("ttft", 8, "d") if not key[-2] else v("ttft", 0),
+              _TPOT if not key[-1] else b"", v("tpot", 8, "d") if not key[-1] else v("tpot", 0)]
+    value = b"\x0a" + varint(d_len)  # the decision id's attribute, less the id's bytes
+    kv_len = len(_key(_DID)) + 1 + len(varint(len(value) + d_len)) + len(value) + d_len
+    did = [b"\x4a" + varint(kv_len) + _key(_DID) + b"\x12" + varint(len(value) + d_len) + value,
+           v("d", d_len)]
+    name = op if model is None else f"{op} {model}"
+    server_attrs = tel.server_attrs((op, address, port, model, tier, class_, tenant)).data + \
+        tel.attrs(decision).data
+    if max_tokens is not None:
+        server_attrs += attribute("gen_ai.request.max_tokens", max_tokens)
+    spans = [
+        [b"\x0a\x10", v("tid", 16), b"\x12\x08", v("aid", 8), *after_id(),
+         enc.named(admit, _INTERNAL), v("a0", 8, "Q"), b"\x41", v("a1", 8, "Q"), _TAIL_LOCAL],
+        [b"\x0a\x10", v("tid", 16), b"\x12\x08", v("pid", 8), *after_id(),
+         enc.named(place, _INTERNAL), v("p0", 8, "Q"), b"\x41", v("p1", 8, "Q"), *did,
+         *(enc.attribute(k, x) for k, x in place_attrs), _TAIL_LOCAL],
+        [b"\x0a\x10", v("tid", 16), b"\x12\x08", v("cid", 8), *after_id(),
+         enc.named(f"{op} {upstream_model}", _CLIENT), v("c0", 8, "Q"), b"\x41",
+         v("c1", 8, "Q"), tel.attrs(fixed).data, attribute("inferplane.attempt", number),
+         *usage, _TAIL_LOCAL],
+        [b"\x0a\x10", v("tid", 16), b"\x12\x08", v("sid", 8),
+         b"\x1a" + varint(st_len) if st_len else b"", v("st", st_len),
+         b"" if local else b"\x22\x08", v("par", 0 if local else 8),
+         enc.named(name, _SERVER), v("s0", 8, "Q"), b"\x41", v("s1", 8, "Q"), server_attrs,
+         *did, enc.attribute("inferplane.spillover.reason", spill) if spill is not None else b"",
+         enc.attribute("inferplane.attempts", 1), *usage,
+         _TAIL_REMOTE if remote else _TAIL_LOCAL],
+    ]
+    consts: list[bytes] = [b""]
+    codes: list[str] = []
+    names: list[str] = []
+    for span in spans:
+        n = sum(p.size if type(p) is _Var else len(p) for p in span)
+        consts[-1] += _SPAN_TAGS[n] if n < 16384 else b"\x12" + varint(n)
+        for p in span:
+            if type(p) is _Var:
+                codes += (f"{len(consts[-1])}s", p.code)
+                names.append(p.name)
+                consts.append(b"")
+            else:
+                consts[-1] += p
+    if tuple(names) != _TRACE_VARS:
+        return None
+    codes.append(f"{len(consts[-1])}s")
+    return (struct.Struct("<" + "".join(codes)).pack, *consts)
 
 
 def _usage_data(enc: SpanEncoder, r: Record) -> bytes:
