@@ -113,19 +113,24 @@ tenants:
     assert types["input"] > 0 and types["output"] == 5
 
 
-def _telemetry(receiver: OtlpReceiver, exporter: str, sample_ratio: float = 1.0) -> Any:
+def _config(receiver: OtlpReceiver, exporter: str, sample_ratio: float = 1.0) -> Any:
     from inferplane.config.loader import parse_config
-    from inferplane.telemetry.otel import OtelTelemetry
 
-    config = parse_config(f"""
+    return parse_config(f"""
 telemetry: {{enabled: true, endpoint: "{receiver.endpoint}", exporter: {exporter},
              export_interval_s: 60, sample_ratio: {sample_ratio}}}
 substrates:
   - {{name: p, kind: gpu, hardware: h100, region: r, jurisdiction: eu, cost: {{hourly_usd: 1}},
      endpoints: [{{name: e, url: "http://127.0.0.1:9", models: [{{name: m,
      profile: llama-3.1-8b, max_context: 4096}}]}}]}}
+tenants: [{{name: t, api_keys: ["sha256:{"0" * 64}"]}}]
 """)
-    return OtelTelemetry(config)
+
+
+def _telemetry(receiver: OtlpReceiver, exporter: str, sample_ratio: float = 1.0) -> Any:
+    from inferplane.telemetry.otel import OtelTelemetry
+
+    return OtelTelemetry(_config(receiver, exporter, sample_ratio))
 
 
 def _requests(tel: Any, n: int, trace_id: str) -> None:
@@ -185,3 +190,48 @@ def test_unsampled_requests_hand_over_nothing_but_their_metric_points(receiver: 
     assert point.count == 7
     assert attributes(point.attributes) == {"gen_ai.operation.name": "chat",
                                             "error.type": "model_not_found"}
+
+
+@pytest.mark.parametrize("exporter", ["process", "thread"])
+def test_common_requests_travel_encoded_from_the_gateway(receiver: Any, exporter: str) -> None:
+    """A sampled request of the common shape is encoded when it ends (`records.encode_trace`)
+    and queued as bytes; the exporter process (or the gateway's thread) sends those bytes
+    as they are, and the receiver decodes the four spans with their attributes."""
+    if receiver.protocol != "http/protobuf":
+        pytest.skip("the transport is covered above")
+    from inferplane.api.pipeline import Gateway
+
+    from inferplane.telemetry.otel import OtelTelemetry
+
+    config = _config(receiver, exporter)
+    gw = Gateway(config)
+    try:
+        profile = gw.classify("chat", {"model": "m", "messages": [
+            {"role": "user", "content": "hi"}]}, {}, config.tenants[0])
+        decision = gw.decide(profile)
+    finally:
+        gw.telemetry.shutdown()
+    tel = OtelTelemetry(config)
+    for i in range(3):
+        t = tel.request("chat", {"traceparent": f"00-{TRACE_ID}-{i + 1:016x}-01"})
+        t.classified(profile, 16)
+        with t.stage("admit"):
+            pass
+        with t.stage("place"):
+            t.placed(decision)
+        t.upstream_started(decision.picked.endpoint, "m")
+        t.finished(status=200, error=None, prompt_tokens=7, completion_tokens=5 + i,
+                   ttft_s=0.01, tpot_s=None)
+        t.end()
+    assert len(tel.batcher.encoded) == 3 and not tel.batcher.queue
+    tel.shutdown()
+    spans = [s for _, s in receiver.spans() if s.trace_id.hex() == TRACE_ID]
+    assert sorted(s.name for s in spans) == ["admit"] * 3 + ["chat m"] * 6 + ["place"] * 3
+    servers = sorted((s for s in spans if s.kind == s.SPAN_KIND_SERVER),
+                     key=lambda s: s.parent_span_id)
+    assert [s.parent_span_id.hex() for s in servers] == [f"{i + 1:016x}" for i in range(3)]
+    for i, s in enumerate(servers):
+        a = attributes(s.attributes)
+        assert a["gen_ai.usage.output_tokens"] == 5 + i and a["inferplane.ttft_s"] == 0.01
+        assert a["inferplane.decision_id"] == decision.decision_id
+        assert a["inferplane.attempts"] == 1 and "inferplane.tpot_s" not in a

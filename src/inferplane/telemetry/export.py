@@ -311,7 +311,6 @@ def run_exporter(stream: Any) -> None:
     config = pickle.loads(first)
     tel = OtelTelemetry(config, exporter="none")
     sender = sender_for(tel.spec)
-    tel.metrics_request()  # imports the metrics' protobuf classes now: part of the start-up
     try:
         while (data := read()) is not None:
             try:

@@ -249,122 +249,121 @@ def encode_trace(tel: OtelTelemetry, t: OtelTrace) -> bytes | None:
         _OUTPUT.get(completion) or _cached(enc, _OUTPUT, "gen_ai.usage.output_tokens", completion))
     model = t.model
     max_tokens = t.max_tokens if model is not None else None
+    decision, fixed = t.decision, a.fixed  # groups kept by the gateway: by identity (below)
     key = (t.op, t.server_address, t.server_port, model, t.model_tier, t.class_, t.tenant,
-           t.decision, max_tokens, type(max_tokens), admit, place, attrs1[0][0], attrs1[1:],
-           a.fixed, a.model, a.number, t.status, t.response_model, t.remote, t.parent_id == 0,
+           id(decision), max_tokens, type(max_tokens), admit, place, attrs1[0][0], attrs1[1:],
+           id(fixed), a.model, a.number, t.status, t.response_model, t.remote, t.parent_id == 0,
            t.spill, len(d), len(st), len(inp), len(out), ttft is None, tpot is None)
     shape = enc.shapes.get(key)
-    if shape is None:
-        shape = _shape(tel, t, key, len(d), len(st), len(inp), len(out))
+    if shape is None or shape[-2] is not decision or shape[-1] is not fixed:
+        # new, or another group under a reused id: the shape keeps its groups alive
+        shape = (*(_shape(tel, key, decision, fixed, len(d), len(st), len(inp), len(out))
+                   or (None,)), decision, fixed)
         if len(enc.shapes) >= SpanEncoder.CACHE_MAX:
             enc.shapes.clear()
         enc.shapes[key] = shape
-    if shape is None:
+    if shape[0] is None:
         return None
     (pack, k0, k1, k2, k3, k4, k5, k6, k7, k8, k9, k10, k11, k12, k13, k14, k15, k16, k17, k18,
-     k19, k20, k21, k22, k23, k24, k25, k26, k27, k28, k29, k30, k31, k32, k33, k34) = shape
-    tid = t.trace_id.to_bytes(16, "big")
+     ttft_key, tpot_key, _, _) = shape
+    head = b"\x0a\x10" + t.trace_id.to_bytes(16, "big") + b"\x12\x08"  # trace id, span id tag
     sid = t.span_id.to_bytes(8, "big")
+    after = b"\x22\x08" + sid  # a child span's fields after its own id: its parent
+    if st:
+        after = b"\x1a" + varint(len(st)) + st + after  # and the trace state before it
     aid = (_bits(64) or 1).to_bytes(8, "big")  # the stages' span ids, drawn in encode_spans' order
     pid = (_bits(64) or 1).to_bytes(8, "big")
-    c1 = a.end_ns or t.end_ns
     par = t.parent_id.to_bytes(8, "big") if t.parent_id else b""
-    if ttft is None:
-        ttft = b""
-    if tpot is None:
-        tpot = b""
-    return pack(  # type: ignore[no-any-return]
-        k0, tid, k1, aid, k2, st, k3, sid, k4, a0, k5, a1,
-        k6, tid, k7, pid, k8, st, k9, sid, k10, p0, k11, p1, k12, d,
-        k13, tid, k14, a.span_id.to_bytes(8, "big"), k15, st, k16, sid, k17, a.start_ns, k18, c1,
-        k19, inp, k20, out, k21, ttft, k22, tpot,
-        k23, tid, k24, sid, k25, st, k26, par, k27, t.start_ns, k28, t.end_ns, k29, d, k30, inp,
-        k31, out, k32, ttft, k33, tpot, k34)
+    usage = b"".join((inp, out, ttft_key, b"" if ttft is None else _pack_d(ttft), tpot_key,
+                      b"" if tpot is None else _pack_d(tpot)))
+    try:
+        return pack(  # type: ignore[no-any-return]
+            k0, head, aid, after, k1, a0, k2, a1,
+            k3, head, pid, after, k4, p0, k5, p1, k6, d,
+            k7, head, a.span_id.to_bytes(8, "big"), after, k8, a.start_ns, k9,
+            a.end_ns or t.end_ns, k10, usage,
+            k11, head, sid, k12, st, k13, par, k14, t.start_ns, k15, t.end_ns, k16, d, k17, usage,
+            k18)
+    except struct.error:  # a time that is no fixed64: the record's encoding says what it does
+        return None
 
 
-_TRACE_VARS = ("tid", "aid", "st", "sid", "a0", "a1",
-               "tid", "pid", "st", "sid", "p0", "p1", "d",
-               "tid", "cid", "st", "sid", "c0", "c1", "inp", "out", "ttft", "tpot",
-               "tid", "sid", "st", "par", "s0", "s1", "d", "inp", "out", "ttft", "tpot")
-"""What `encode_trace` packs between its kind's constants, in order."""
+_TRACE_ARGS = ("", "head", "aid", "after", "", "a0", "", "a1",
+               "", "head", "pid", "after", "", "p0", "", "p1", "", "d",
+               "", "head", "cid", "after", "", "c0", "", "c1", "", "usage",
+               "", "head", "sid", "", "st", "", "par", "", "s0", "", "s1", "", "d", "", "usage",
+               "")
+"""What `encode_trace` packs, in order: its kind's constants ("") and the request's values."""
 
 
 class _Var:
     __slots__ = ("code", "name", "size")
 
-    def __init__(self, name: str, code: str, size: int) -> None:
-        self.name, self.code, self.size = name, code, size
+    def __init__(self, name: str, size: int, code: str | None = None) -> None:
+        self.name, self.size, self.code = name, size, code or f"{size}s"
 
 
-def _shape(tel: OtelTelemetry, t: OtelTrace, key: tuple[Any, ...], d_len: int, st_len: int,
-           inp_len: int, out_len: int) -> tuple[Any, ...] | None:
-    """The layout of `encode_trace`'s kind ``key`` (``t`` is its first request): the
-    `struct.Struct` pack and the 35 constants that go between `_TRACE_VARS`, made of the
-    same pieces as `encode_spans` makes (None: a request `encode_trace` does not lay out)."""
+def _shape(tel: OtelTelemetry, key: tuple[Any, ...], decision: Pairs, fixed: Pairs, d_len: int,
+           st_len: int, inp_len: int, out_len: int) -> tuple[Any, ...] | None:
+    """The layout of `encode_trace`'s kind ``key`` (its groups ``decision`` and ``fixed``): the
+    `struct.Struct` pack, the 19 constants that go between the request's values
+    (`_TRACE_ARGS`), and the TTFT and TPOT attributes' keys (empty when the kind has none),
+    made of the same pieces as `encode_spans` makes (None: a request `encode_trace` does not
+    lay out)."""
     enc = tel.encoder
-    (op, address, port, model, tier, class_, tenant, decision, max_tokens, _, admit, place,
-     did_key, place_attrs, fixed, upstream_model, number, status, response_model, remote,
-     local, spill, *_) = key
+    (op, address, port, model, tier, class_, tenant, _, max_tokens, _, admit, place,
+     did_key, place_attrs, _, upstream_model, number, status, response_model, remote,
+     local, spill, _, _, _, _, no_ttft, no_tpot) = key
     if did_key != _DID or any(k == _DID for k, _ in place_attrs) or remote == local:
         return None
-
-    def v(name: str, size: int, code: str | None = None) -> _Var:
-        return _Var(name, code or f"{size}s", size)
-
-    def after_id() -> list[Any]:  # what a child span has after its own id
-        return [b"\x1a" + varint(st_len) if st_len else b"", v("st", st_len),
-                b"\x22\x08", v("sid", 8)]
-
+    ttft_key = b"" if no_ttft else _TTFT
+    tpot_key = b"" if no_tpot else _TPOT
+    usage_len = (inp_len + out_len + len(ttft_key) + len(tpot_key) + (0 if no_ttft else 8)
+                 + (0 if no_tpot else 8))
+    state = b"\x1a" + varint(st_len) if st_len else b""  # the trace state's tag and length
+    head, after = _Var("head", 20), _Var("after", len(state) + st_len + 10)
     usage: list[Any] = [enc.attribute("http.response.status_code", status)]
     if response_model is not None:
         usage.append(enc.attribute("gen_ai.response.model", response_model))
-    usage += [v("inp", inp_len), v("out", out_len),
-              _TTFT if not key[-2] else b"", v("ttft", 8, "d") if not key[-2] else v("ttft", 0),
-              _TPOT if not key[-1] else b"", v("tpot", 8, "d") if not key[-1] else v("tpot", 0)]
-    value = b"\x0a" + varint(d_len)  # the decision id's attribute, less the id's bytes
+    usage.append(_Var("usage", usage_len))
+    value = b"\x0a" + varint(d_len)  # the decision id's attribute (`unique`), less its bytes
     kv_len = len(_key(_DID)) + 1 + len(varint(len(value) + d_len)) + len(value) + d_len
     did = [b"\x4a" + varint(kv_len) + _key(_DID) + b"\x12" + varint(len(value) + d_len) + value,
-           v("d", d_len)]
-    name = op if model is None else f"{op} {model}"
+           _Var("d", d_len)]
     server_attrs = tel.server_attrs((op, address, port, model, tier, class_, tenant)).data + \
         tel.attrs(decision).data
     if max_tokens is not None:
         server_attrs += attribute("gen_ai.request.max_tokens", max_tokens)
     spans = [
-        [b"\x0a\x10", v("tid", 16), b"\x12\x08", v("aid", 8), *after_id(),
-         enc.named(admit, _INTERNAL), v("a0", 8, "Q"), b"\x41", v("a1", 8, "Q"), _TAIL_LOCAL],
-        [b"\x0a\x10", v("tid", 16), b"\x12\x08", v("pid", 8), *after_id(),
-         enc.named(place, _INTERNAL), v("p0", 8, "Q"), b"\x41", v("p1", 8, "Q"), *did,
-         *(enc.attribute(k, x) for k, x in place_attrs), _TAIL_LOCAL],
-        [b"\x0a\x10", v("tid", 16), b"\x12\x08", v("cid", 8), *after_id(),
-         enc.named(f"{op} {upstream_model}", _CLIENT), v("c0", 8, "Q"), b"\x41",
-         v("c1", 8, "Q"), tel.attrs(fixed).data, attribute("inferplane.attempt", number),
-         *usage, _TAIL_LOCAL],
-        [b"\x0a\x10", v("tid", 16), b"\x12\x08", v("sid", 8),
-         b"\x1a" + varint(st_len) if st_len else b"", v("st", st_len),
-         b"" if local else b"\x22\x08", v("par", 0 if local else 8),
-         enc.named(name, _SERVER), v("s0", 8, "Q"), b"\x41", v("s1", 8, "Q"), server_attrs,
-         *did, enc.attribute("inferplane.spillover.reason", spill) if spill is not None else b"",
+        [head, _Var("aid", 8), after, enc.named(admit, _INTERNAL), _Var("a0", 8, "Q"), b"\x41",
+         _Var("a1", 8, "Q"), _TAIL_LOCAL],
+        [head, _Var("pid", 8), after, enc.named(place, _INTERNAL), _Var("p0", 8, "Q"), b"\x41",
+         _Var("p1", 8, "Q"), *did, *(enc.attribute(k, x) for k, x in place_attrs),
+         _TAIL_LOCAL],
+        [head, _Var("cid", 8), after, enc.named(f"{op} {upstream_model}", _CLIENT),
+         _Var("c0", 8, "Q"), b"\x41", _Var("c1", 8, "Q"), tel.attrs(fixed).data,
+         attribute("inferplane.attempt", number), *usage, _TAIL_LOCAL],
+        [head, _Var("sid", 8), state, _Var("st", st_len), b"" if local else b"\x22\x08",
+         _Var("par", 0 if local else 8),
+         enc.named(op if model is None else f"{op} {model}", _SERVER), _Var("s0", 8, "Q"),
+         b"\x41", _Var("s1", 8, "Q"), server_attrs, *did,
+         enc.attribute("inferplane.spillover.reason", spill) if spill is not None else b"",
          enc.attribute("inferplane.attempts", 1), *usage,
          _TAIL_REMOTE if remote else _TAIL_LOCAL],
     ]
-    consts: list[bytes] = [b""]
-    codes: list[str] = []
-    names: list[str] = []
+    items: list[Any] = []
     for span in spans:
         n = sum(p.size if type(p) is _Var else len(p) for p in span)
-        consts[-1] += _SPAN_TAGS[n] if n < 16384 else b"\x12" + varint(n)
-        for p in span:
-            if type(p) is _Var:
-                codes += (f"{len(consts[-1])}s", p.code)
-                names.append(p.name)
-                consts.append(b"")
+        for p in (_SPAN_TAGS[n] if n < 16384 else b"\x12" + varint(n), *span):
+            if type(p) is bytes and items and type(items[-1]) is bytes:
+                items[-1] += p
             else:
-                consts[-1] += p
-    if tuple(names) != _TRACE_VARS:
+                items.append(p)
+    if tuple("" if type(p) is bytes else p.name for p in items) != _TRACE_ARGS:
         return None
-    codes.append(f"{len(consts[-1])}s")
-    return (struct.Struct("<" + "".join(codes)).pack, *consts)
+    pack = struct.Struct("<" + "".join(f"{len(p)}s" if type(p) is bytes else p.code
+                                       for p in items)).pack
+    return (pack, *(p for p in items if type(p) is bytes), ttft_key, tpot_key)
 
 
 def _usage_data(enc: SpanEncoder, r: Record) -> bytes:
