@@ -301,6 +301,38 @@ def test_metrics_are_cumulative_explicit_bucket_histograms(tel: OtelTelemetry) -
     assert list(points["b"].bucket_counts) == [0, 1, 0]
 
 
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.tuples(st.one_of(st.floats(allow_nan=False, allow_infinity=False,
+                                              min_value=-1e12, max_value=1e12),
+                                    st.integers(min_value=0, max_value=2**40)),
+                          st.booleans()), max_size=60))
+def test_pending_values_fold_as_their_adds_would(values: list[tuple[float, bool]]) -> None:
+    """A point's values appended on the request path and folded in bulk (`Histogram.fold`,
+    whenever the batcher folds: the booleans) give the buckets, count, sum, min and max that
+    adding each as it came (`otlp.add`) gives."""
+    import sys
+
+    one, bulk = Histogram("x", "s", "d", (0.5, 1, 16, 1e6)), Histogram("x", "s", "d",
+                                                                      (0.5, 1, 16, 1e6))
+    key = (("k", "v"),)
+    for value, fold in values:
+        one.record(value, key)
+        bulk.point(key)[5].append(value)
+        if fold:
+            bulk.fold()
+    bulk.fold()
+    a, b = one.points.get(key), bulk.points.get(key)
+    if not values:
+        assert a is None and b is None
+        return
+    assert a is not None and b is not None and b[5] == []
+    assert a[0] == b[0] and a[1] == b[1] and a[3] == b[3] and a[4] == b[4]
+    if sys.version_info < (3, 12):  # sum() adds left to right there, as `add` does
+        assert a[2] == b[2]
+    else:  # 3.12's sum of floats compensates: closer to the exact sum, not always equal
+        assert b[2] == pytest.approx(a[2], rel=1e-9, abs=1e-6)
+
+
 def _metrics_with_proto_classes(resource: dict[str, Any], scope: str, histograms: list[Histogram],
                                 start_ns: int, now_ns: int) -> ExportMetricsServiceRequest:
     """The request opentelemetry-proto's message classes build of the same histograms."""

@@ -200,7 +200,6 @@ def test_common_requests_travel_encoded_from_the_gateway(receiver: Any, exporter
     if receiver.protocol != "http/protobuf":
         pytest.skip("the transport is covered above")
     from inferplane.api.pipeline import Gateway
-
     from inferplane.telemetry.otel import OtelTelemetry
 
     config = _config(receiver, exporter)

@@ -43,7 +43,6 @@ from inferplane.telemetry.otlp import (
     Histogram,
     SpanData,
     SpanEncoder,
-    add,
     encode_metrics,
 )
 from inferplane.telemetry.records import (
@@ -98,6 +97,8 @@ _PROVIDER_HOSTS = (
 """Hosted APIs by host, with their ``gen_ai.provider.name`` well-known value."""
 
 _bits = random.getrandbits  # the SDK's id source too (reseeded in a forked child)
+PENDING_MAX = 65536
+"""Requests' metric values a series keeps pending at most; past it the request path folds."""
 
 
 
@@ -222,12 +223,15 @@ class OtelTelemetry(Telemetry):
             "gen_ai.client.token.usage", "{token}", "Input and output tokens used per request",
             TOKEN_BUCKETS)
         self.histograms = (self.duration, self.ttft, self.tokens) if spec.metrics else ()
-        self.metrics_lock = threading.Lock()  # the request path adds, the batcher copies
-        # (operation, provider, model, response model, error type) -> its metric points
+        self.metrics_lock = threading.Lock()  # a point made (request path), points copied
+        self.fold_lock = threading.Lock()  # one `fold` at a time
+        # (operation, provider, model, response model, error type) -> its metric points'
+        # pending values (duration, time to first token, input and output tokens)
         self._series: dict[tuple[Any, ...], tuple[list[Any], ...]] = {}
         self._endpoints: dict[str, _EndpointInfo] = {}
         self._servers: dict[tuple[Any, ...], Attrs] = {}
         self._attrs: dict[Pairs, Attrs] = {}
+        self._hosts: dict[str | None, tuple[str | None, int | None]] = {}  # Host: address, port
         self.span_exporter = span_exporter
         self.batcher: Batcher | None = None
         if span_exporter is None and exporter != "none":
@@ -283,9 +287,13 @@ class OtelTelemetry(Telemetry):
         server_port: int | None = None,
     ) -> RequestTrace:
         if server_address is None:
-            server_address, server_port = _host_port(
-                headers.get("host") or headers.get(":authority")
-            )
+            host = headers.get("host") or headers.get(":authority")
+            address = self._hosts.get(host)
+            if address is None:
+                if len(self._hosts) >= 64:
+                    self._hosts.clear()
+                address = self._hosts[host] = _host_port(host)
+            server_address, server_port = address
         return OtelTrace(self, api, headers, server_address, server_port)
 
     def ended(self, t: OtelTrace) -> None:
@@ -311,18 +319,29 @@ class OtelTelemetry(Telemetry):
         """The GenAI metric points of a finished request: request duration (with ``error.type``
         on an error), time to first token (successful streams) and input/output token usage,
         each attributed with the operation, provider, request and response model."""
-        key = (t.op, t.provider, t.model, t.response_model, t.error_type)
+        error_type = t.error_type
+        key = (t.op, t.provider, t.model, t.response_model, error_type)
         series = self._series.get(key)
         if series is None:
             series = self._new_series(key)
-        with self.metrics_lock:
-            add(series[0], DURATION_BUCKETS, (t.end_ns - t.start_ns) / 1e9)
-            if t.error_type is None and t.ttft_s is not None:
-                add(series[1], TTFT_BUCKETS, t.ttft_s)
-            if t.prompt_tokens is not None:
-                add(series[2], TOKEN_BUCKETS, t.prompt_tokens)
-            if t.completion_tokens is not None:
-                add(series[3], TOKEN_BUCKETS, t.completion_tokens)
+        durations, ttfts, inputs, outputs = series  # the points' pending values (`fold`)
+        durations.append((t.end_ns - t.start_ns) / 1e9)
+        ttft, prompt, completion = t.ttft_s, t.prompt_tokens, t.completion_tokens
+        if ttft is not None and error_type is None:
+            ttfts.append(ttft)
+        if prompt is not None:
+            inputs.append(prompt)
+        if completion is not None:
+            outputs.append(completion)
+        if len(durations) >= PENDING_MAX:  # no batcher folding them (or one far behind)
+            self.fold()
+
+    def fold(self) -> None:
+        """Add the values the request path left pending to the histograms' points (the
+        batcher, before it copies them; or the request path past `PENDING_MAX`)."""
+        with self.fold_lock:
+            for h in self.histograms:
+                h.fold()
 
     def _new_series(self, key: tuple[Any, ...]) -> tuple[list[Any], ...]:
         op, provider, model, response_model, error_type = key
@@ -337,10 +356,10 @@ class OtelTelemetry(Telemetry):
         with self.metrics_lock:
             series = (
                 self.duration.point(
-                    pairs if error_type is None else (*pairs, ("error.type", error_type))),
-                self.ttft.point(pairs),
-                self.tokens.point((*pairs, ("gen_ai.token.type", "input"))),
-                self.tokens.point((*pairs, ("gen_ai.token.type", "output"))),
+                    pairs if error_type is None else (*pairs, ("error.type", error_type)))[5],
+                self.ttft.point(pairs)[5],
+                self.tokens.point((*pairs, ("gen_ai.token.type", "input")))[5],
+                self.tokens.point((*pairs, ("gen_ai.token.type", "output")))[5],
             )
         if len(self._series) >= 4096:
             self._series.clear()
@@ -350,6 +369,7 @@ class OtelTelemetry(Telemetry):
     def forked(self) -> None:
         """In a forked child: the parent's requests are the parent's to count."""
         self.metrics_lock = threading.Lock()
+        self.fold_lock = threading.Lock()
         self._series.clear()
         for h in self.histograms:
             h.points.clear()
@@ -357,6 +377,7 @@ class OtelTelemetry(Telemetry):
     def metrics_snapshot(self) -> tuple[list[Histogram], int, int]:
         """A copy of the GenAI histograms so far, their start and now (ns): what a metrics
         export encodes (`encode_metrics`), taken without stopping the request path for long."""
+        self.fold()
         with self.metrics_lock:
             copies = [h.copy() for h in self.histograms]
         return copies, self.started_ns, time.time_ns()

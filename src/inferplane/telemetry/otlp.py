@@ -26,7 +26,9 @@ import logging
 import math
 import struct
 import time
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
+from functools import partial
 from typing import Any, ClassVar, NamedTuple
 from urllib.parse import urlsplit
 
@@ -255,31 +257,58 @@ _FLAGS_REMOTE = b"\x85\x01" + _pack_i(FLAGS_HAS_IS_REMOTE | FLAGS_IS_REMOTE)
 # -- metrics ---------------------------------------------------------------------------------
 class Histogram:
     """A cumulative explicit-bucket histogram per attribute set (``key``: a tuple of
-    (name, value) pairs), as OTLP's ``HistogramDataPoint`` carries it."""
+    (name, value) pairs), as OTLP's ``HistogramDataPoint`` carries it. A point's values can
+    be recorded at once (`record`, `add`) or appended to its pending list (``point[5]``, one
+    ``append`` on the request path) and added in bulk later (`fold`, in the batcher's thread:
+    the bucket search, the counting, sum, min and max run in C)."""
 
     __slots__ = ("bounds", "description", "name", "points", "unit")
 
     def __init__(self, name: str, unit: str, description: str, bounds: Sequence[float]) -> None:
         self.name, self.unit, self.description = name, unit, description
         self.bounds = list(bounds)
-        # key -> [bucket counts, count, sum, min, max]
+        # key -> [bucket counts, count, sum, min, max, pending values]
         self.points: dict[tuple[tuple[str, Any], ...], list[Any]] = {}
 
     def copy(self) -> Histogram:
-        """The histogram as it stands (its points copied)."""
+        """The histogram as it stands (its points copied; pending values not counted: `fold`
+        them first)."""
         h = Histogram(self.name, self.unit, self.description, self.bounds)
-        h.points = {k: [list(p[0]), p[1], p[2], p[3], p[4]] for k, p in self.points.items()}
+        h.points = {k: [list(p[0]), p[1], p[2], p[3], p[4], []] for k, p in self.points.items()}
         return h
 
     def point(self, key: tuple[tuple[str, Any], ...]) -> list[Any]:
         """The point of an attribute set (created empty: an empty point is not exported)."""
         p = self.points.get(key)
         if p is None:
-            p = self.points[key] = [[0] * (len(self.bounds) + 1), 0, 0.0, math.inf, -math.inf]
+            p = self.points[key] = [[0] * (len(self.bounds) + 1), 0, 0.0, math.inf, -math.inf,
+                                    []]
         return p
 
     def record(self, value: float, key: tuple[tuple[str, Any], ...]) -> None:
         add(self.point(key), self.bounds, value)
+
+    def fold(self) -> None:
+        """Add every point's pending values (`add` of each, in order, in bulk). One thread at a
+        time; others may append meanwhile: what they append after the take stays pending."""
+        find = partial(bisect.bisect_left, self.bounds)
+        for p in list(self.points.values()):
+            pending = p[5]
+            n = len(pending)
+            if not n:
+                continue
+            values = pending[:n]
+            del pending[:n]  # one step each (the GIL): an append between them lands after n
+            buckets = p[0]
+            for i, k in Counter(map(find, values)).items():
+                buckets[i] += k
+            p[1] += n
+            p[2] = sum(values, p[2])  # left to right from the sum so far, as `add`'s do
+            low, high = min(values), max(values)
+            if low < p[3]:
+                p[3] = low
+            if high > p[4]:
+                p[4] = high
 
 
 def add(p: list[Any], bounds: Sequence[float], value: float) -> None:
