@@ -42,7 +42,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "src"))
 
-from bench.otel import burst, child_pids, code_trees, fleet, telemetry_variants  # noqa: E402
+from bench.otel import (  # noqa: E402
+    burst,
+    child_pids,
+    code_trees,
+    fleet,
+    process_cpu,
+    telemetry_variants,
+)
 from tests.support.otlp_receiver import OtlpReceiver  # noqa: E402
 from tests.support.procs import Proc, env, free_port  # noqa: E402
 
@@ -98,6 +105,25 @@ async def measure(url: str, gw: Callgrind, n: int, conc: int,
     return counts[0], sum(counts[1:]), wall
 
 
+def settle(pids: list[int], window_s: float = 3.0, busy_s: float = 0.15,
+           limit_s: float = 300.0) -> None:
+    """Wait until the gateways' child processes (the exporter processes, started by the
+    warm-up, under callgrind too) are done starting: each used less than ``busy_s`` of CPU in
+    the last ``window_s``. A start-up still running when the first variants are counted
+    slows them (the same two CPUs): more wall time, so more of the idle timers' work per
+    request. At least 10 s."""
+    t0 = time.monotonic()
+    time.sleep(10)
+    before: dict[int, float] = {}
+    while time.monotonic() - t0 < limit_s:
+        now = {c: process_cpu(c) for p in pids for c in child_pids(p)}
+        if before and all(now[c] - before.get(c, 0.0) < busy_s for c in now):
+            break
+        before = now
+        time.sleep(window_s)
+    print(f"exporter processes settled after {time.monotonic() - t0:.0f} s", file=sys.stderr)
+
+
 async def warm(urls: dict[str, str], conc: int) -> None:
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
         for url in urls.values():
@@ -141,7 +167,7 @@ def main() -> None:
             gws[name].wait_http(f"http://127.0.0.1:{port}/ready", timeout=600)
         urls = {n: f"http://127.0.0.1:{p}/v1/chat/completions" for n, p in ports.items()}
         asyncio.run(warm(urls, args.concurrency))
-        time.sleep(10)  # the exporter processes start (under callgrind too)
+        settle([gw.p.pid for gw in gws.values()])
         for name, url in urls.items():
             g, c, wall = asyncio.run(measure(url, gws[name], args.requests, args.concurrency,
                                              args.tail))
