@@ -15,7 +15,11 @@ it. Each part runs over the same requests (the request path's calls, as `api.app
 - ``exporter`` (child process): those messages unpickled and exported (`export.handle`, to a
   sender that sends nothing).
 
-    python bench/otel_parts.py [--requests 2000] [--repeat 7]
+With ``--instructions``, the request path's notes (sampled and unsampled) in instructions
+instead (valgrind's callgrind, the main thread only: ``--requests`` requests against none, after
+the same warm-up; slow, but the machine's load does not move it):
+
+    python bench/otel_parts.py [--requests 2000] [--repeat 7] [--instructions]
 """
 
 from __future__ import annotations
@@ -121,11 +125,58 @@ def best(fn: Callable[[], Any], setup: Callable[[], Any], repeat: int) -> float:
     return min(times)
 
 
+def instructions(n: int) -> None:
+    """The request path's instructions per request, sampled and unsampled: this script under
+    callgrind with ``n`` requests against none (the main thread's count)."""
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix="ip-otel-parts-"))
+    rows = []
+    for ratio, label in ((1.0, "sampled"), (0.0, "unsampled")):
+        counts = []
+        for k in (0, n):
+            out = tmp / f"cg-{label}-{k}"
+            subprocess.run(["valgrind", "--tool=callgrind", "--separate-threads=yes",
+                            f"--callgrind-out-file={out}", sys.executable, __file__,
+                            "--path-only", str(ratio), "--requests", str(k)],
+                           check=True, capture_output=True, env={**os.environ,
+                                                                 "PYTHONPATH": str(ROOT / "src")})
+            main_thread = next(tmp.glob(f"{out.name}-01"))
+            counts.append(next(int(line.split()[1]) for line in main_thread.read_text()
+                               .splitlines() if line.startswith(("totals:", "summary:"))))
+        rows.append((label, (counts[1] - counts[0]) / n))
+    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                         cwd=ROOT).stdout.strip()
+    print(f"# bench/otel_parts --instructions — {datetime.now(UTC):%Y-%m-%d %H:%M} UTC — git {git}"
+          f" — {platform.node()}, Python {platform.python_version()} — {n} requests against none")
+    print("| notes on the request path | instructions per request |")
+    print("|---|---|")
+    for label, per in rows:
+        print(f"| {label} | {per:,.0f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--repeat", type=int, default=7)
+    ap.add_argument("--instructions", action="store_true",
+                    help="count the request path's instructions under callgrind instead")
+    ap.add_argument("--path-only", type=float, default=None, metavar="RATIO",
+                    help=argparse.SUPPRESS)  # one run of --instructions: warm, then --requests
     args = ap.parse_args()
+    if args.path_only is not None:
+        tel, gw = telemetry(args.path_only)
+        assert tel.batcher is not None
+        tel.batcher._thread = object()  # type: ignore[assignment]
+        tel.batcher.started = True
+        request_path(tel, gw, 200)()  # caches, layouts
+        tel.batcher.queue.clear()
+        getattr(tel.batcher, "encoded", []).clear()
+        request_path(tel, gw, args.requests)()
+        return
+    if args.instructions:
+        instructions(args.requests)
+        return
     n, rows = args.requests, []
     for ratio, label in ((1.0, "sampled"), (0.0, "unsampled")):
         tel, gw = telemetry(ratio)
