@@ -182,7 +182,7 @@ class Batcher:
                     encoded = []  # handed over already
                 elif snapshot is not None and not child.send(("metrics", snapshot)):
                     self._child_gone()
-                    records = encoded = []
+                    records, encoded = [], []  # handed over already
                 else:
                     return
             self._export(encoded, records, snapshot)

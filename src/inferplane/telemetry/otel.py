@@ -9,20 +9,23 @@ Imported only when ``telemetry.enabled`` (`tracing.build_telemetry`).
 
 How it stays cheap (docs/observability.md, "Cost"): the request path creates no span objects. An
 `OtelTrace` notes timestamps (``time.time_ns``) and the few values the spans carry as the request
-goes; when it ends, its GenAI metric points are added to the gateway's histograms (a few
-additions into fixed buckets, `OtelTelemetry.observe`) and, if it is sampled, its record (a flat
-tuple, `telemetry.records`) is queued; an unsampled request leaves nothing else behind. A
-background thread (`telemetry.export.Batcher`) hands the records, pickled in batches, and every
-``export_interval_s`` a copy of the histograms to the exporter process (``telemetry.exporter:
-process``, the default), which encodes the records' spans straight to OTLP protobuf
-(`records.encode_spans`, `telemetry.otlp`), encodes the histograms and sends both over OTLP/HTTP
-or OTLP/gRPC; with ``exporter: thread`` the thread does that itself.
+goes; when it ends, its GenAI metric values are appended to their histogram points' pending lists
+(`OtelTelemetry.observe`; the batcher thread folds them into the buckets in bulk) and, if it is
+sampled, its spans are encoded to OTLP protobuf at once when the request has the common shape
+(`records.encode_trace`: one precompiled `struct` layout per kind of request) and queued as
+bytes, or else its record (a flat tuple, `telemetry.records`) is queued; an unsampled request
+leaves nothing else behind. A background thread (`telemetry.export.Batcher`) hands the queued
+bytes (joined, one object per batch) and records, and every ``export_interval_s`` a copy of the
+histograms, pickled, to the exporter process (``telemetry.exporter: process``, the default),
+which encodes the records' spans (`records.encode_spans`), encodes the histograms
+(`telemetry.otlp`) and sends all over OTLP/HTTP or OTLP/gRPC; with ``exporter: thread`` the
+thread does that itself.
 Sampling follows the SDK's ``ParentBased(TraceIdRatioBased(sample_ratio))`` exactly; W3C
 ``traceparent``/``tracestate`` are read from the caller and written to the upstream.
 
 Given an SDK ``SpanExporter`` (a test's ``InMemorySpanExporter``), each request's spans are
-handed to it as SDK ``ReadableSpan`` objects as the request ends, and the metrics are aggregated
-at once (`OtelTelemetry.metrics_request` reads them); nothing is sent anywhere.
+handed to it as SDK ``ReadableSpan`` objects as the request ends, and the metrics are folded
+when read (`OtelTelemetry.metrics_request`); nothing is sent anywhere.
 """
 
 from __future__ import annotations

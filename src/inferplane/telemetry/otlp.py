@@ -337,31 +337,54 @@ def encode_metrics(
     times = b"\x11" + _pack_q(start_ns) + b"\x19" + _pack_q(now_ns)
     metrics: list[bytes] = []
     for h in histograms:
+        head = _METRIC_HEADS.get((h.name, h.description, h.unit, *h.bounds))
+        if head is None:
+            head = _metric_head(h)
+        name, bounds, buckets = head
         points = []
-        n = len(h.bounds)
-        bounds = _field(b"\x3a", struct.pack(f"<{n}d", *h.bounds))
-        buckets = struct.Struct(f"<{n + 1}Q").pack
         for key, p in h.points.items():
             if not p[1]:
                 continue
-            point = b"".join((
-                times, b"\x21", _pack_q(p[1]), b"\x29", _pack_d(p[2]),
-                _field(b"\x32", buckets(*p[0])), bounds,
-                *(_field(b"\x4a", key_value(k, v)) for k, v in key),
-                b"\x59", _pack_d(p[3]), b"\x61", _pack_d(p[4]),
-            ))
+            attrs = _POINT_ATTRS.get(key)
+            if attrs is None:
+                if len(_POINT_ATTRS) >= 4096:
+                    _POINT_ATTRS.clear()
+                attrs = _POINT_ATTRS[key] = b"".join(
+                    _field(b"\x4a", key_value(k, v)) for k, v in key)
+            point = b"".join((times, b"\x21", _pack_q(p[1]), b"\x29", _pack_d(p[2]),
+                              buckets(*p[0]), bounds, attrs, b"\x59", _pack_d(p[3]), b"\x61",
+                              _pack_d(p[4])))
             points.append(_field(b"\x0a", point))
         if not points:
             continue
         histogram = b"".join(points) + b"\x10\x02"  # aggregation temporality: cumulative
-        metric = b"".join(_field(tag, text.encode()) for tag, text in (
-            (b"\x0a", h.name), (b"\x12", h.description), (b"\x1a", h.unit)) if text)
-        metrics.append(_field(b"\x12", metric + _field(b"\x4a", histogram)))
+        metrics.append(_field(b"\x12", name + _field(b"\x4a", histogram)))
     if not metrics:
         return None
     attrs = b"".join(_field(b"\x0a", key_value(k, v)) for k, v in resource.items())
     scope_metrics = _field(b"\x0a", _field(b"\x0a", scope.encode())) + b"".join(metrics)
     return _field(b"\x0a", _field(b"\x0a", attrs) + _field(b"\x12", scope_metrics))
+
+
+_METRIC_HEADS: dict[tuple[Any, ...], tuple[bytes, bytes, Any]] = {}
+_POINT_ATTRS: dict[tuple[tuple[str, Any], ...], bytes] = {}  # a point's attributes, encoded
+
+
+def _metric_head(h: Histogram) -> tuple[bytes, bytes, Any]:
+    """What every export of a histogram repeats (cached): its Metric name, description and
+    unit fields; its points' explicit bounds field; the packer of their bucket counts field
+    (``\\x32``, the length, the counts as fixed64)."""
+    name = b"".join(_field(tag, text.encode()) for tag, text in (
+        (b"\x0a", h.name), (b"\x12", h.description), (b"\x1a", h.unit)) if text)
+    n = len(h.bounds)
+    bounds = _field(b"\x3a", struct.pack(f"<{n}d", *h.bounds))
+    prefix = b"\x32" + varint(8 * (n + 1))
+    buckets = struct.Struct(f"<{len(prefix)}s{n + 1}Q")
+    head = (name, bounds, partial(buckets.pack, prefix))
+    if len(_METRIC_HEADS) >= 64:
+        _METRIC_HEADS.clear()
+    _METRIC_HEADS[(h.name, h.description, h.unit, *h.bounds)] = head
+    return head
 
 
 # -- transports ------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
-"""A finished request as one flat tuple of plain values (`Record`; fields `R_SAMPLED` …), and
-the spans built from it (`spans_of`), in the gateway's batcher thread or in the exporter process.
-A record is cheap to keep and to pickle; the attribute groups in it (`Pairs`) are shared tuples,
-so a pickled batch carries each once."""
+"""A finished request's spans encoded to OTLP protobuf: by the gateway when the request ends, for
+the common shape (`encode_trace`, one precompiled `struct` layout per kind of request); for any
+other, from its record, one flat tuple of plain values (`Record`; fields `R_SAMPLED` …), in the
+exporter process (`encode_spans`), or as span objects (`spans_of`). A record is cheap to keep
+and to pickle; the attribute groups in it (`Pairs`) are shared tuples, so a pickled batch
+carries each once."""
 
 from __future__ import annotations
 
