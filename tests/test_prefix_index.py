@@ -93,9 +93,9 @@ def test_inverted_index_agrees_with_per_endpoint_lru(
     capacity: int, ops: list[tuple[str, str, list[int]]], probes: list[list[int]]
 ) -> None:
     idx, ref = PrefixIndex(capacity, sweep_at=2), Reference(capacity)  # sweeps often
-    for op, e, arg in ops:
+    for step, (op, e, arg) in enumerate(ops):
         if op == "record":
-            idx.record(e, arg)
+            idx.record(e, arg if step % 2 else iter(arg))  # a sequence, or any iterable
             ref.record(e, arg)
         elif op == "removed":
             idx.block_removed(e, arg)
@@ -121,6 +121,11 @@ def test_inverted_index_agrees_with_per_endpoint_lru(
                 assert idx.match_length(name, probe) == want
                 assert every.get(name, 0) == want
                 assert (name in every) == (want > 0)
+            # the longest runs, longest first: every length as the reference has it
+            wants = sorted((n for n in (ref.match(x, probe) for x in ENDPOINTS) if n), reverse=True)
+            top = idx.longest(probe, 3)
+            assert [n for _, n in top] == wants[:3]
+            assert all(ref.match(x, probe) == n for x, n in top)
         for name in ENDPOINTS:
             assert idx.size(name) == len(ref.blocks.get(name, ())), name
             assert idx.covers(name) == (name in ref.covered)

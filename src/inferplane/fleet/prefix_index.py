@@ -30,8 +30,9 @@ recency, so placement stays a pure read.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Iterator, Sequence
+from itertools import groupby, repeat
 
 from inferplane.types import BlockHash
 
@@ -117,18 +118,21 @@ class PrefixIndex:
         length and the endpoints asked about, however many others hold the prefix."""
         if not hashes:
             return {}
-        holders = self._holders
-        cur = _decode(holders.get(hashes[0], 0)) & self._live
+        # the chain's blocks in runs of the same holders (`groupby` over the map's values,
+        # lazily: the walk stops where the last holder drops out): the masks are ANDed once
+        # per run, not once per block — a prompt's blocks are mostly held by the same
+        # endpoints as the block before them
+        runs = groupby(map(self._holders.get, hashes, repeat(0)))
+        v, run = next(runs)
+        cur = _decode(v) & self._live
         if among is not None:
             cur &= among
         if not cur:
             return {}
         names = self._names
         out: dict[str, int] = {}
-        get = holders.get
-        n = len(hashes)
-        for i in range(1, n):
-            v = get(hashes[i], 0)
+        i = len(list(run))  # the position of the next run's first block
+        for v, run in runs:
             nxt = cur & ((1 << ~v) if v < 0 else v)
             if nxt != cur:
                 for b in _bits(cur & ~nxt):
@@ -136,8 +140,9 @@ class PrefixIndex:
                 if not nxt:
                     return out
                 cur = nxt
+            i += len(list(run))
         for b in _bits(cur):
-            out[names[b]] = n
+            out[names[b]] = i
         return out
 
     def longest(self, hashes: Sequence[BlockHash], limit: int) -> list[tuple[str, int]]:
@@ -146,23 +151,23 @@ class PrefixIndex:
         for are read out (a prefix every endpoint shares costs no per-endpoint work)."""
         if not hashes or limit <= 0:
             return []
-        holders = self._holders
-        cur = _decode(holders.get(hashes[0], 0)) & self._live
+        runs = groupby(map(self._holders.get, hashes, repeat(0)))  # as `match_lengths`
+        v, run = next(runs)
+        cur = _decode(v) & self._live
         if not cur:
             return []
-        get = holders.get
         drops: list[tuple[int, int]] = []  # (length, endpoints whose run ends there)
-        n = len(hashes)
-        for i in range(1, n):
-            v = get(hashes[i], 0)
+        i = len(list(run))
+        for v, run in runs:
             nxt = cur & ((1 << ~v) if v < 0 else v)
             if nxt != cur:
                 drops.append((i, cur & ~nxt))
                 if not nxt:
                     break
                 cur = nxt
+            i += len(list(run))
         else:
-            drops.append((n, cur))
+            drops.append((i, cur))
         names = self._names
         out: list[tuple[str, int]] = []
         for length, mask in reversed(drops):
@@ -272,7 +277,23 @@ class PrefixIndex:
         if held is None:
             held = self._recency[endpoint] = OrderedDict()
         move = held.move_to_end
-        for h in hashes:
+        it = iter(hashes)
+        if isinstance(hashes, (tuple, list)):
+            try:
+                # the chain's leading blocks already held (a shared system prompt, a
+                # conversation's earlier turns) only move to the end: `map` does that without
+                # a Python step each, and stops at the first block not held
+                deque(map(move, it), maxlen=0)
+            except KeyError as e:
+                if len(e.args) != 1:
+                    raise
+                # `move_to_end`'s KeyError(block): the first block not held; `it` is past it
+                h = e.args[0]
+                held[h] = None
+                v = get(h)
+                holders[h] = ~slot if v is None else _decode(v) | bit
+                added = 1
+        for h in it:  # (the rest of the chain, in order, as above)
             if h in held:
                 move(h)
             else:

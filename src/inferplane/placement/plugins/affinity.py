@@ -7,6 +7,8 @@ from collections import OrderedDict, deque
 from collections.abc import Sequence
 from functools import lru_cache
 from hashlib import blake2b
+from itertools import repeat
+from operator import attrgetter
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -18,6 +20,7 @@ from inferplane.placement.profile import RequestProfile
 from inferplane.types import BlockHash
 
 PrefixMode = Literal["auto", "precise", "approximate"]
+_NAME = attrgetter("name")
 
 
 def _common_prefix(a: tuple[BlockHash, ...], b: tuple[BlockHash, ...]) -> int:
@@ -42,6 +45,10 @@ def _lengths(index: object, hashes: tuple[BlockHash, ...],
     """``index.match_lengths`` for the candidates (None when the index has no such method).
     When the candidates are a small part of the endpoints the index knows (a sampled large
     fleet), the walk is restricted to them."""
+    if type(index) is PrefixIndex:  # (the usual index: its methods without three getattrs)
+        if 4 * len(candidates) < index.endpoint_count():
+            return index.match_lengths(hashes, index.mask_of([c.name for c in candidates]))
+        return index.match_lengths(hashes)
     lengths = getattr(index, "match_lengths", None)
     if lengths is None:
         return None
@@ -133,8 +140,7 @@ class PrefixMatcher:
             held = _lengths(own, hashes, candidates)  # one walk of the chain for all
             if not held:
                 return [0.0] * len(candidates)
-            get = held.get
-            return [get(c.name, 0) for c in candidates]
+            return list(map(held.get, map(_NAME, candidates), repeat(0)))
         covers = getattr(precise, "covers", None)
         precise_held = _lengths(precise, engine, candidates)
         own_held = _lengths(own, hashes, candidates) if own is not None else None
