@@ -737,7 +737,7 @@ def _place(
         if timer:
             timings["filter:fused"] = timer() - t0
         gone = cycle.removed
-        for f, rem in zip(policy.filters, removals, strict=True):
+        for f, rem in zip(policy.filters, removals, strict=True) if any(removals) else ():
             if rem:
                 fname = f.name
                 removed[fname] = removed.get(fname, 0) + len(rem)

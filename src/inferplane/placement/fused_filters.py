@@ -80,7 +80,9 @@ class FusedFilters:
         self.saturation = sat
         self.tail = self.filters[_RATE + 1:]  # reserved-capacity, failure-domain: the plugins
         self._fleet: Fleet | None = None
-        self._static: dict[tuple[object, ...], dict[Endpoint, _Static]] = {}
+        self._static: dict[
+            tuple[object, ...], tuple[dict[Endpoint, _Static], dict[Endpoint, int]]
+        ] = {}
 
     @classmethod
     def compile(cls, policy: Policy) -> FusedFilters | None:
@@ -93,9 +95,12 @@ class FusedFilters:
             return None
         return cls(policy)
 
-    def _verdicts(self, fleet: Fleet, p: RequestProfile) -> dict[Endpoint, _Static]:
+    def _verdicts(
+        self, fleet: Fleet, p: RequestProfile
+    ) -> tuple[dict[Endpoint, _Static], dict[Endpoint, int]]:
         """Per endpoint of the fleet: the first of model-served, jurisdiction, precision and
-        capacity-class that removes it for this request key, with the filter's reason."""
+        capacity-class that removes it for this request key, with the filter's reason; and
+        the endpoints none of them removes, with the served model's max context."""
         if fleet is not self._fleet or len(self._static) >= _MAX_KEYS:
             self._fleet = fleet
             self._static = {}
@@ -106,26 +111,40 @@ class FusedFilters:
             return got
         jur = sorted(p.allowed_jurisdictions) if p.allowed_jurisdictions is not None else None
         out = {ep: _verdict(ep, p, jur) for ep in fleet.endpoints}
-        self._static[key] = out
-        return out
+        passing = {ep: v[2] for ep, v in out.items() if v[0] == _PASS}
+        self._static[key] = got = (out, passing)
+        return got
 
     def __call__(
         self, cycle: CycleState, candidates: list[EndpointView]
     ) -> tuple[list[EndpointView], Removals]:
         p = cycle.profile
         fleet = cycle.snapshot.fleet
-        verdicts = self._verdicts(fleet, p)
+        verdicts, passing = self._verdicts(fleet, p)
         need_ctx = p.prompt_tokens + (p.max_output_tokens if p.api != "embeddings" else 0)
         need_rate = p.prompt_tokens + p.max_total_output_tokens
         sat = self.saturation
         saturating = p.priority in sat._priorities
         sp = sat.p
-        removals: Removals = [[] for _ in self.filters]
+        removals: Removals = [[], [], [], [], [], [], [], [], [], []]  # one per `FUSED_FILTERS`
         r_model, r_context, r_health, _, _, _, r_sat, r_rate = removals[:8]
         kept: list[EndpointView] = []
         saturated: list[EndpointView] = []
         limited: list[EndpointView] = []
         for c in candidates:
+            s = c.state
+            max_context = passing.get(c.endpoint)
+            if (
+                max_context is not None
+                and need_ctx <= max_context
+                and s.healthy
+                and not s.ejected
+                and not saturating
+                and s.requests_left is None
+                and s.tokens_left is None
+            ):
+                kept.append(c)  # no filter removes it: what the checks below conclude
+                continue
             ep = c.endpoint
             got = verdicts.get(ep)
             if got is None:  # not the fleet's endpoint object (a hand-built snapshot)
@@ -138,7 +157,6 @@ class FusedFilters:
             if need_ctx > max_context:
                 r_context.append((c, f"needs {need_ctx} tokens, max context {max_context}"))
                 continue
-            s = c.state
             if not s.healthy:
                 r_health.append((c, "failing /health"))
                 continue
