@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import random
 from typing import Any
 
 import pytest
@@ -10,6 +12,7 @@ from inferplane.fleet.model import Fleet
 from inferplane.fleet.prefix_index import PrefixIndex
 from inferplane.placement.framework import Scored
 from tests.placement_helpers import (
+    MODEL,
     cycle,
     fleet,
     hetero,
@@ -538,3 +541,37 @@ def test_slo_first_among_slo_meeters(
         scored.append(Scored(snap.by_name[name], total, {}))
     assert plugin("slo-first", **params).pick(cyc, scored).view.name == expect, case
     assert bool(cyc.notes) == (expect == "l-0"), cyc.notes  # "class prefers …"
+
+
+def test_predicted_latency_decode_step_is_the_rooflines() -> None:
+    """`_load_terms` computes the request's decode step inline (`Roofline.step_time_s(0, 0,
+    batch + 1, kv + ctx)` in the same operations): the same float, to the bit, on every kind of
+    hardware of the fleet, for idle, busy, engine-reported and queued states."""
+    fl = Fleet.from_config(hetero())
+    lat = plugin("predicted-latency")
+    rng = random.Random(7)
+    checked = 0
+    for _ in range(300):
+        ep = rng.choice(fl.endpoints)
+        r = ep.roofline(MODEL)
+        if r is None:
+            continue
+        inflight = rng.choice([0, 0, 1, 3, 17, 64, 300])
+        pending = rng.randrange(0, inflight + 1)
+        s = state(
+            inflight=inflight,
+            inflight_tokens=inflight * rng.randrange(1, 9000),
+            pending_prefill=pending,
+            pending_prefill_tokens=pending * rng.randrange(0, 4000),
+            running=rng.choice([None, 0.0, 5.0, 48.0, 250.0]),
+            waiting=rng.choice([None, 0.0, 3.0, 40.0]),
+            stale=rng.random() < 0.3,
+        )
+        idle_ctx = float(rng.randrange(1, 40000))
+        k = lat._constants(ep, MODEL)
+        batch, kv, _, raw_i = lat._load_terms(ep, s, k, r, idle_ctx, {})
+        ctx = s.inflight_tokens / inflight if inflight > 0 else idle_ctx
+        want = 0.0 if k.embedding else r.step_time_s(0, 0, batch + 1, kv + int(ctx))
+        assert raw_i == want and math.copysign(1.0, raw_i) == math.copysign(1.0, want)
+        checked += 1
+    assert checked > 100

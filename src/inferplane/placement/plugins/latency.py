@@ -34,6 +34,9 @@ class _Consts:
     name: str
     region: str
     max_concurrency: int
+    #: the roofline's `Roofline.step_terms` (zeros without one), for the decode step
+    #: `_load_terms` computes inline
+    step: tuple[float, float, float, float, float, float, float, float, float] = (0.0,) * 9
 
 
 class LatencyParams(BaseModel):
@@ -171,6 +174,7 @@ class PredictedLatency(Plugin):
             ep.spec.name,
             ep.substrate.region,
             ep.spec.max_concurrency,
+            r.step_terms() if r is not None else (0.0,) * 9,
         )
         return c
 
@@ -206,7 +210,20 @@ class PredictedLatency(Plugin):
         if queue_tokens > 0:
             queue_s = queue_tokens * k.prefill_s_per_token
         kv = int(batch * ctx)
-        raw_i = 0.0 if k.embedding else r.step_time_s(0, 0, batch + 1, kv + int(ctx))
+        if k.embedding or batch < 0:  # (batch + 1 ≤ 0: an empty step, 0.0)
+            raw_i = 0.0
+        else:
+            # r.step_time_s(0, 0, d, c) for this request's decode step (d = batch + 1 > 0
+            # sequences over c = kv + ctx cached tokens), inlined: the same operations in the
+            # same order, with no prefill tokens (test_placement_scorers holds it to the call)
+            lin, attn, inv_flops, wbytes, kvb, inv_bw, comm, fixed, seq = k.step
+            d = batch + 1
+            c = kv + int(ctx)
+            compute = (lin * d + attn * (0.0 + c)) * inv_flops
+            memory = (wbytes + (c + d) * kvb) * inv_bw
+            raw_i = (compute if compute > memory else memory) + d * comm + fixed
+            if seq:
+                raw_i += seq * d
         fe_tok = k.frontend_token_s
         if fe_tok > 0 and batch > 0:
             # behind the running streams' chunks, and its own sent with theirs
