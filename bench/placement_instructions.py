@@ -16,6 +16,8 @@ objects a decision keeps (annotation and score dicts, `Scored`, `CandidateRecord
 ``--parts`` also counts the filters, the scorers, the picker and the pick observers of the same
 decisions each on its own (the parts before each run uncounted on fresh cycles); the rest of
 ``place()`` is the framework's loop and the evidence (candidate records, the decision).
+``--churn`` also counts decisions in the gateway's pattern: a new snapshot per decision and a
+reservation on each pick (``/churn``: the snapshot, ``place()`` and the reservation counted).
 ``--encode`` also counts ``place()`` followed by what the gateway does with the decision on
 every request: its reads of the pick's record (`Decision.candidate`, three for a streamed
 request, four for one that is not: ``_gateway_reads``) and the ledger's encoding of the record
@@ -154,6 +156,25 @@ def child(fleet: str, profile: str, n: int, reference: bool, part: str) -> None:
 
         deque(itertools.starmap(placed_and_encoded, args), maxlen=0)
         return
+    if part == "churn":
+        # the gateway's pattern (`placement_speed --churn`): a new snapshot per decision,
+        # reserving on each pick (the oldest of 40 reservations released), 1 ms a decision;
+        # counted: the snapshot, place() and the reservation
+        live = sc.live
+        held: deque[object] = deque()
+
+        def churned(prof: RequestProfile) -> object:
+            d = place(prof, live.snapshot(), pol, decision_id="d", timer=timer)
+            if d.picked is not None:
+                held.append(live.reserve(d.picked.name, prof.prompt_tokens
+                                         + prof.max_output_tokens, prof.prompt_tokens))
+                if len(held) > 40:
+                    held.popleft().release()  # type: ignore[attr-defined]
+            sc.clock.t += 0.001
+            return d
+
+        deque(itertools.starmap(churned, [(reqs[i % m],) for i in range(n)]), maxlen=0)
+        return
     if part == "floor":
         names = tuple(f"scorer-{i}" for i in range(7))
         eps = list(snap.endpoints)
@@ -230,7 +251,12 @@ def main() -> None:
                     help="also count place() followed by the gateway's reads of the pick's record "
                     "(Decision.candidate) and the ledger's encoding of the record "
                     "(encode_entry), as the gateway does for every request (/encode)")
-    ap.add_argument("--part", default="place", choices=(*PARTS, "floor", "encode"),
+    ap.add_argument("--churn", action="store_true",
+                    help="also count decisions in the gateway's pattern (/churn): a new "
+                    "snapshot per decision and a reservation on each pick, as "
+                    "placement_speed.py --churn times them; counted: LiveFleet.snapshot(), "
+                    "place() and the reservation")
+    ap.add_argument("--part", default="place", choices=(*PARTS, "floor", "encode", "churn"),
                     help=argparse.SUPPRESS)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -248,6 +274,9 @@ def main() -> None:
             for name, ref in variants:
                 total = count(fleet, profile, a.n, ref, a.keep)
                 print(f"{fleet:10} {name:14} {total:15,.0f}", flush=True)
+                if a.churn:
+                    got = count(fleet, profile, a.n, ref, a.keep, "churn")
+                    print(f"{fleet:10} {name + '/churn':14} {got:15,.0f}", flush=True)
                 if a.encode:
                     got = count(fleet, profile, a.n, ref, a.keep, "encode")
                     print(f"{fleet:10} {name + '/encode':14} {got:15,.0f}", flush=True)
