@@ -32,7 +32,6 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Iterator, Sequence
-from itertools import groupby, repeat
 
 from inferplane.types import BlockHash
 
@@ -118,21 +117,18 @@ class PrefixIndex:
         length and the endpoints asked about, however many others hold the prefix."""
         if not hashes:
             return {}
-        # the chain's blocks in runs of the same holders (`groupby` over the map's values,
-        # lazily: the walk stops where the last holder drops out): the masks are ANDed once
-        # per run, not once per block — a prompt's blocks are mostly held by the same
-        # endpoints as the block before them
-        runs = groupby(map(self._holders.get, hashes, repeat(0)))
-        v, run = next(runs)
-        cur = _decode(v) & self._live
+        holders = self._holders
+        cur = _decode(holders.get(hashes[0], 0)) & self._live
         if among is not None:
             cur &= among
         if not cur:
             return {}
         names = self._names
         out: dict[str, int] = {}
-        i = len(list(run))  # the position of the next run's first block
-        for v, run in runs:
+        get = holders.get
+        n = len(hashes)
+        for i in range(1, n):
+            v = get(hashes[i], 0)
             nxt = cur & ((1 << ~v) if v < 0 else v)
             if nxt != cur:
                 for b in _bits(cur & ~nxt):
@@ -140,9 +136,8 @@ class PrefixIndex:
                 if not nxt:
                     return out
                 cur = nxt
-            i += len(list(run))
         for b in _bits(cur):
-            out[names[b]] = i
+            out[names[b]] = n
         return out
 
     def longest(self, hashes: Sequence[BlockHash], limit: int) -> list[tuple[str, int]]:
@@ -151,23 +146,23 @@ class PrefixIndex:
         for are read out (a prefix every endpoint shares costs no per-endpoint work)."""
         if not hashes or limit <= 0:
             return []
-        runs = groupby(map(self._holders.get, hashes, repeat(0)))  # as `match_lengths`
-        v, run = next(runs)
-        cur = _decode(v) & self._live
+        holders = self._holders
+        cur = _decode(holders.get(hashes[0], 0)) & self._live
         if not cur:
             return []
+        get = holders.get
         drops: list[tuple[int, int]] = []  # (length, endpoints whose run ends there)
-        i = len(list(run))
-        for v, run in runs:
+        n = len(hashes)
+        for i in range(1, n):
+            v = get(hashes[i], 0)
             nxt = cur & ((1 << ~v) if v < 0 else v)
             if nxt != cur:
                 drops.append((i, cur & ~nxt))
                 if not nxt:
                     break
                 cur = nxt
-            i += len(list(run))
         else:
-            drops.append((i, cur))
+            drops.append((n, cur))
         names = self._names
         out: list[tuple[str, int]] = []
         for length, mask in reversed(drops):

@@ -15,7 +15,6 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from operator import attrgetter, is_
 from typing import Any, ClassVar, Protocol, overload, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict
@@ -25,8 +24,6 @@ from inferplane.fleet.state import EndpointView, FleetSnapshot
 from inferplane.placement.profile import RequestProfile
 
 Timer = Callable[[], float]
-_ENDPOINT = attrgetter("endpoint")
-_ENDPOINT_INDEX = attrgetter("endpoint.index")
 
 
 @dataclass(slots=True)
@@ -592,11 +589,11 @@ def _sample(cycle: CycleState, policy: Policy, limit: int) -> list[EndpointView]
         for pool in pools:
             chosen.update(pool if len(pool) <= share else rng.sample(pool, share))
     picked = sorted(chosen)
-    views = list(map(endpoints.__getitem__, picked))
-    # each sampled view's endpoint must be the fleet's at its index (`map`: a large fleet's
-    # sample is dozens of views)
-    if not views or not all(map(is_, map(_ENDPOINT, views), map(
-            fleet.endpoints.__getitem__, map(_ENDPOINT_INDEX, views)))):
+    views = [endpoints[i] for i in picked]
+    for v in views:
+        if v.endpoint is not fleet.endpoints[v.endpoint.index]:
+            return None
+    if not views:
         return None
     cycle.notes.append(f"sampled {len(views)} of {len(endpoints)} endpoints")
     return views

@@ -7,8 +7,6 @@ from collections import OrderedDict, deque
 from collections.abc import Sequence
 from functools import lru_cache
 from hashlib import blake2b
-from itertools import repeat
-from operator import attrgetter
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -20,7 +18,6 @@ from inferplane.placement.profile import RequestProfile
 from inferplane.types import BlockHash
 
 PrefixMode = Literal["auto", "precise", "approximate"]
-_NAME = attrgetter("name")
 
 
 def _common_prefix(a: tuple[BlockHash, ...], b: tuple[BlockHash, ...]) -> int:
@@ -140,7 +137,8 @@ class PrefixMatcher:
             held = _lengths(own, hashes, candidates)  # one walk of the chain for all
             if not held:
                 return [0.0] * len(candidates)
-            return list(map(held.get, map(_NAME, candidates), repeat(0)))
+            get = held.get
+            return [get(c.name, 0) for c in candidates]
         covers = getattr(precise, "covers", None)
         precise_held = _lengths(precise, engine, candidates)
         own_held = _lengths(own, hashes, candidates) if own is not None else None

@@ -3,7 +3,6 @@ the cheapest, with affinity and load breaking ties; and never spill silently."""
 
 from __future__ import annotations
 
-from operator import attrgetter
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -21,7 +20,6 @@ from inferplane.placement.framework import (
 from inferplane.placement.profile import RequestProfile
 
 _INF = float("inf")
-_TOTAL = attrgetter("total")
 
 
 class SloFirstParams(BaseModel):
@@ -119,8 +117,8 @@ class SloFirst(Plugin):
                 pool, costs = (r_s, r_c) if r_s else (o_s, o_c)
                 limit = min(costs) * (1.0 + p.cost_tolerance) + p.cost_epsilon_usd
                 tied = [s for s, c in zip(pool, costs, strict=True) if c <= limit]
-                floor = max(map(_TOTAL, tied)) - 1e-12
-                top = [s for s in tied if s.total >= floor]
+                best = max([s.total for s in tied])
+                top = [s for s in tied if s.total >= best - 1e-12]
                 choice = top[0] if len(top) == 1 else cycle.rng.choice(top)
                 self._spillover(cycle, scored, choice)
                 return choice
