@@ -58,7 +58,7 @@ from bench.calibration import (  # noqa: E402
 )
 from inferplane.physics.probe import _nonce, calibrate_endpoint, prompt_of  # noqa: E402
 from tests.fidelity import conftest as fid  # noqa: E402
-from tests.fidelity.cores import split_cores  # noqa: E402
+from tests.fidelity.cores import descendants, split_cores  # noqa: E402
 
 DECODE_BATCHES = (1, 2, 4)
 LENGTHS = (32, 384, 768)
@@ -110,23 +110,64 @@ async def _preemptions(session: aiohttp.ClientSession, url: str) -> float:
                if line.startswith("vllm:num_preemptions_total"))
 
 
-async def battery(url: str, repeats: int) -> dict[str, Any]:
-    """One battery (module docstring): raw per-repeat values, in ms."""
-    out: dict[str, Any] = {"decode": {}, "arrival": {}, "workload": {}, "preemptions": {}}
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a process has used, all its threads."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """CPU seconds of the real engine's API server and of its engine (every process below it)
+    between :meth:`mark` calls: which side a piece of the workload costs (noise-immune, unlike
+    the wall clock)."""
+
+    def __init__(self, api_pid: int | None) -> None:
+        self.api = api_pid
+        self.engine = descendants(api_pid) if api_pid is not None else []
+        self.last = self.read()
+
+    def read(self) -> tuple[float, float]:
+        if self.api is None:
+            return 0.0, 0.0
+        return cpu_s(self.api), sum(cpu_s(p) for p in self.engine)
+
+    def mark(self) -> tuple[float, float]:
+        now = self.read()
+        d = (now[0] - self.last[0], now[1] - self.last[1])
+        self.last = now
+        return d
+
+
+async def battery(url: str, repeats: int, api_pid: int | None = None) -> dict[str, Any]:
+    """One battery (module docstring): raw per-repeat values, in ms. With ``api_pid`` (the
+    real engine's API server, on this machine) also the API server's CPU time per arrival (by
+    prompt length, text and ids) and per streamed token (``cpu``)."""
+    out: dict[str, Any] = {"decode": {}, "arrival": {}, "workload": {}, "preemptions": {},
+                           "cpu": {}}
+    meter = CpuMeter(api_pid)
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as s:
         for b in DECODE_BATCHES:
             for n in LENGTHS:
                 runs = []
+                meter.mark()
                 for _ in range(repeats):
                     got = await asyncio.gather(*(_stream(s, url, prompt_of(n, _nonce()), 32)
                                                  for _ in range(b)))
                     runs.append(statistics.median(_tpot(t) for _, t in got) * 1e3)
                 out["decode"][f"b{b} L{n}"] = runs
+                api, eng = meter.mark()
+                out["cpu"][f"decode b{b} L{n} per token"] = (api * 1e3 / (repeats * b * 32),
+                                                             eng * 1e3 / (repeats * b * 32))
         cells = [(0, "none")] + [(n, kind) for n in LENGTHS for kind in ("text", "ids")]
         spans: dict[str, list[float]] = {}
         ttfts: dict[str, list[float]] = {}
+        cpu: dict[str, list[tuple[float, float]]] = {}
         for _ in range(repeats):
             for n, kind in cells:
+                meter.mark()
                 ev = asyncio.Event()
                 task = asyncio.ensure_future(
                     _stream(s, url, prompt_of(32, _nonce()), 64, on_token=(8, ev)))
@@ -139,6 +180,11 @@ async def battery(url: str, repeats: int) -> dict[str, Any]:
                     ttfts.setdefault(key, []).append((t[0] - sent) * 1e3)
                 _, times = await task
                 spans.setdefault(key, []).append((times[-1] - times[0]) * 1e3)
+                cpu.setdefault(key, []).append(meter.mark())
+        for key, v in cpu.items():  # ms per cell (the stream's 64 tokens and the arrival); a
+            # mean: /proc counts CPU time in ticks of 10 ms
+            out["cpu"][f"arrival {key}"] = (statistics.fmean(x[0] for x in v) * 1e3,
+                                            statistics.fmean(x[1] for x in v) * 1e3)
         base = statistics.median(spans["L0 none"])
         out["arrival"] = {k: {"span_ms": v, "extra_ms": [x - base for x in v],
                               "ttft_ms": ttfts.get(k, [])} for k, v in spans.items()}
@@ -177,10 +223,15 @@ def summarise(batteries: list[dict[str, Any]]) -> dict[str, float]:
             rows.setdefault(f"workload {k} TPOT", []).append(statistics.median(x[1] for x in v))
         for k, v in bat["preemptions"].items():
             rows.setdefault(f"preemptions {k}", []).append(v)
+        for k, (api, eng) in bat["cpu"].items():
+            rows.setdefault(f"cpu ms {k}: API server", []).append(api)
+            rows.setdefault(f"cpu ms {k}: engine", []).append(eng)
     return {k: round(statistics.median(v), 3) for k, v in rows.items()}
 
 
-def run(url: str, work: Path, rounds: int, repeats: int, probe_repeats: int) -> dict[str, Any]:
+def run(
+    url: str, work: Path, rounds: int, repeats: int, probe_repeats: int, api_pid: int | None
+) -> dict[str, Any]:
     asyncio.run(warm_up(url))
     text, summary = asyncio.run(calibrate_endpoint(
         url, fid.MODEL, model_profile=fid.MODEL, base="cpu", name=PROFILE_NAME,
@@ -195,7 +246,8 @@ def run(url: str, work: Path, rounds: int, repeats: int, probe_repeats: int) -> 
         for r in range(rounds):
             pair = [("real", url), ("emulator", emu_url)]
             for name, u in (pair if r % 2 == 0 else pair[::-1]):
-                res[name].append(asyncio.run(battery(u, repeats)))
+                res[name].append(asyncio.run(
+                    battery(u, repeats, api_pid if name == "real" else None)))
                 res["load_per_battery"].append(round(os.getloadavg()[0], 2))
     res["summary"] = {name: summarise(res[name]) for name in ("real", "emulator")}
     return res
@@ -230,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
                 res_cores = stack.enter_context(split_cores(proc.pid))
             else:
                 url, res_cores = a.endpoint, {}
-            res = run(url, work, a.rounds, a.repeats, a.probe_repeats)
+            res = run(url, work, a.rounds, a.repeats, a.probe_repeats,
+                      proc.pid if proc is not None else None)
         finally:
             stack.close()
             if proc is not None and proc.poll() is None:
