@@ -37,7 +37,7 @@ import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 import aiohttp
 import orjson
@@ -53,6 +53,7 @@ from inferplane.physics.calibration import (
 )
 from inferplane.physics.hardware import get_hardware
 from inferplane.physics.models import get_model
+from inferplane.tokenization import VOCABULARY
 
 #: Below this many seconds per token between a stream's first and last token, the tokens came
 #: in one burst (no engine decodes a token in 20 us; a starved HTTP front end sends them at once).
@@ -61,7 +62,14 @@ BURST_S_PER_TOKEN = 20e-6
 WARM_UP_STREAMS = 5
 WARM_UP_MAX_S = 90.0
 
-_WORDS = ("alpha", "bravo", "delta", "echo", "kilo", "lima", "mike", "oscar", "papa", "tango")
+#: Words a prompt is made of: common English words, one token each in a real model's tokenizer
+#: (and in the fidelity tier's word-level one, and the emulator's). Words outside the engine's
+#: vocabulary would all become the same unknown token, so that every "fresh" prompt of a length
+#: were the same token ids and hit the prefix cache (the fidelity vLLM did, until session 7:
+#: "n3f… alpha bravo …" was all ``<unk>``, and every probe and workload prompt was cached).
+_WORDS: Final = VOCABULARY
+#: Random words that open every prompt: 256**6 openings, so no two prompts share a first block.
+NONCE_WORDS: Final = 6
 
 
 class ProbeError(RuntimeError):
@@ -104,9 +112,11 @@ class _Stream:
 
 
 def prompt_of(words: int, nonce: str) -> str:
-    """A prompt of ``words`` words that no other prompt shares a first block with."""
-    body = " ".join(_WORDS[(i * 7 + len(nonce)) % len(_WORDS)] for i in range(max(0, words - 1)))
-    return f"{nonce} {body}".strip()
+    """A prompt of ``words`` words (``nonce``'s first, then a fixed cycle of common words) that
+    no other prompt shares a first block with, given a fresh :func:`_nonce`."""
+    head = nonce.split()[:words]
+    body = " ".join(_WORDS[(i * 7) % len(_WORDS)] for i in range(max(0, words - len(head))))
+    return " ".join([*head, body] if body else head)
 
 
 class Prober:
@@ -379,7 +389,10 @@ class Prober:
 
 
 def _nonce() -> str:
-    return "n" + os.urandom(6).hex()
+    """:data:`NONCE_WORDS` random words of :data:`_WORDS`: a prompt opening that no other shares
+    in any tokenizer that knows common words (a random string of letters would do in a subword
+    tokenizer, but is one unknown token in a word-level one)."""
+    return " ".join(_WORDS[b] for b in os.urandom(NONCE_WORDS))
 
 
 async def calibrate_endpoint(
