@@ -100,6 +100,47 @@ def test_fit_follows_a_prefill_slope_far_below_the_table() -> None:
     assert cal.hardware.bandwidth_efficiency == base.bandwidth_efficiency  # unseen: held
 
 
+def test_fit_recovers_a_per_context_token_decode_cost() -> None:
+    """A CPU engine whose decode step grows with the context its sequences attend to (~0.2 us
+    per KV token, its paged attention) far more than the roofline's KV bytes and attention
+    FLOPs say: with decode points at two contexts per sequence the fit finds it and still the
+    rest; with one context (K then proportional to the batch) it is held at 0."""
+    base, m = get_hardware("cpu"), get_model("tiny-llama")
+    truth = dataclasses.replace(base, name="truth", compute_efficiency=6e-4, step_overhead_s=3e-3,
+                                seq_overhead_s=5e-5, request_overhead_s=5e-3,
+                                context_token_s=2e-7)
+    r = Roofline(truth, m, precision="fp32")
+    assert r.step_time_s(0, 0, 4, 4000) - r.step_time_s(0, 0, 4, 0) == pytest.approx(
+        8e-4, rel=0.1)  # mostly the new term: the roofline's own KV cost is ~1/10 of it
+    pre = [PrefillPoint(n, 0, predict_ttft_s(r, n)) for n in (16, 64, 128, 256, 512, 768)]
+    dec = [DecodePoint(b, ctx, predict_itl_s(r, b, ctx)) for b in (1, 2, 4) for ctx in (64,)]
+    dec += [DecodePoint(b, 416, predict_itl_s(r, b, 416)) for b in (1, 4)]
+    cal = fit(base, m, pre, dec, name="cpu-ctx", precision="fp32")
+    assert cal.max_error < 0.01
+    assert cal.hardware.context_token_s == pytest.approx(2e-7, rel=0.05)
+    assert cal.hardware.seq_overhead_s == pytest.approx(5e-5, rel=0.1)
+    assert cal.hardware.step_overhead_s == pytest.approx(3e-3, rel=0.02)
+    one = fit(base, m, pre, dec[:3], name="cpu-one-ctx", precision="fp32")
+    assert one.hardware.context_token_s == 0.0
+
+
+def test_context_token_cost_reaches_the_emulated_engine(tmp_path: Path) -> None:
+    """The profile file carries ``context_token_s`` (an older file without it loads as 0), and
+    a step of the engine model charges it per decode context token."""
+    base, m = get_hardware("cpu"), get_model("tiny-llama")
+    hw = dataclasses.replace(base, name="cpu-ctx", context_token_s=3e-7)
+    cal = Calibration(hardware=hw, prefill=(), decode=())
+    path = tmp_path / "p.yaml"
+    path.write_text(dump_profile(cal, "cpu", {}))
+    assert load_hardware_profile(path).context_token_s == 3e-7
+    path.write_text(path.read_text().replace("  context_token_s: 3.0e-07\n", ""))
+    assert "context_token_s" not in path.read_text()
+    assert load_hardware_profile(path).context_token_s == 0.0
+    r0, r1 = Roofline(dataclasses.replace(hw, context_token_s=0.0), m), Roofline(hw, m)
+    assert r1.step_time_s(0, 0, 2, 1000) - r0.step_time_s(0, 0, 2, 1000) == pytest.approx(3e-4)
+    assert r1.step_time_s(500, 0, 0, 0) == r0.step_time_s(500, 0, 0, 0)  # prefill: no K
+
+
 def test_fit_holds_what_noise_would_make_unphysical() -> None:
     """TTFT that falls with the prompt (noise) must not become a negative or absurd factor."""
     base, m = get_hardware("cpu"), get_model("tiny-llama")

@@ -10,8 +10,10 @@ notes.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
+from pathlib import Path
 from typing import Any
 
 from hypothesis import HealthCheck, given, settings
@@ -21,6 +23,8 @@ from inferplane.config.loader import parse_config
 from inferplane.fleet.model import Fleet
 from inferplane.fleet.prefix_index import PrefixIndex
 from inferplane.fleet.state import EndpointState, FleetSnapshot
+from inferplane.physics import get_hardware
+from inferplane.physics.calibration import Calibration, dump_profile
 from inferplane.placement.build import build_policies
 from inferplane.placement.framework import Decision, place
 from inferplane.placement.fused import FusedScoring
@@ -324,3 +328,48 @@ def test_every_default_filter_removes_something_in_the_fused_comparison() -> Non
         assert evidence(a) == evidence(b), i
         removed |= set(a.removed_by)
     assert removed == {f.name for f in fused.filters}, removed
+
+
+def test_a_calibrated_profile_decides_the_same(tmp_path: Path) -> None:
+    """A calibrated profile's extra step terms (per sequence, per decode context token) and
+    front end reach the fused pass as they reach the reference path."""
+    base = get_hardware("cpu")
+    hw = dataclasses.replace(base, name="cpu-cal", seq_overhead_s=5e-5, context_token_s=2e-7,
+                             step_overhead_s=3e-3, request_overhead_s=2e-3,
+                             frontend_request_s=4e-3, frontend_token_s=1e-4)
+    path = tmp_path / "cpu-cal.yaml"
+    path.write_text(dump_profile(Calibration(hardware=hw, prefill=(), decode=()), "cpu", {}))
+    models = "[{name: tiny-llama, max_context: 2048, precision: fp32}]"
+    cfg = parse_config(f"""hardware_profiles: [{path}]
+substrates:
+  - {{name: cal, kind: cpu, hardware: cpu-cal, region: eu-west, jurisdiction: eu,
+     cost: {{hourly_usd: 1}},
+     endpoints: [{{name: cal-0, url: "http://127.0.0.1:9", models: {models}}},
+                 {{name: cal-1, url: "http://127.0.0.1:10", models: {models}}}]}}
+  - {{name: tab, kind: cpu, hardware: cpu, region: eu-west, jurisdiction: eu,
+     cost: {{hourly_usd: 1}},
+     endpoints: [{{name: tab-0, url: "http://127.0.0.1:11", models: {models}}}]}}
+""")
+    fl = Fleet.from_config(cfg)
+    fused = build_policies(cfg, "<test>")["default"]
+    ref = build_policies(cfg, "<test>", fused=False)["default"]
+    assert fused.fused is not None
+    rng = random.Random(3)
+    for i in range(60):
+        states_ = {
+            e.name: EndpointState(
+                running=float(rng.randrange(0, 5)),
+                inflight=rng.randrange(0, 5),
+                inflight_tokens=rng.randrange(0, 4000),
+                pending_prefill=rng.randrange(0, 3),
+                pending_prefill_tokens=rng.randrange(0, 2000),
+            )
+            for e in fl.endpoints
+        }
+        snap = snapshot(fl, states_, now=float(i))
+        p = profile(request_id=f"r{i}", model="tiny-llama",
+                    prompt_tokens=rng.randrange(1, 1500), max_output_tokens=rng.randrange(1, 200),
+                    ttft_slo_s=rng.choice([None, 0.02, 0.05]))
+        a = place(p, snap, fused, decision_id=str(i))
+        b = place(p, snap, ref, decision_id=str(i))
+        assert evidence(a) == evidence(b), i

@@ -9,15 +9,18 @@ device behind an engine that behaves differently — gets its profile by measuri
 * ``1 / compute_efficiency`` and ``1 / bandwidth_efficiency`` (how far below peak the engine runs
   compute-bound and memory-bound work),
 * ``step_overhead_s`` (every step), ``seq_overhead_s`` (every sequence that produces a token in a
-  step) and ``request_overhead_s`` (once per request, before its first token).
+  step) and ``request_overhead_s`` (once per request, before its first token),
+* ``context_token_s`` (every KV token the decoding sequences attend to, every step), only when
+  the decode points hold at least two context lengths per sequence (with one, ``K`` is the batch
+  times a constant and the column is ``seq_overhead_s``'s; it is then held at 0).
 
 With the regime of every measurement fixed (compute- or memory-bound under the current factors),
-each measured time is *linear* in those five unknowns:
+each measured time is *linear* in those six unknowns:
 
     ttft(P, C) = request + step + seq + comm + [compute] F / peak × (1/ce)
                                                + [memory]  B / bw × (1/be)
-    itl(D, K)  =           step + D seq + comm + [compute] F / peak × (1/ce)
-                                               + [memory]  B / bw × (1/be)
+    itl(D, K)  =           step + D seq + K ctx + comm + [compute] F / peak × (1/ce)
+                                                       + [memory]  B / bw × (1/be)
 
 (``F``: FLOPs, ``B``: bytes of the step, exactly as ``Roofline.step_time_s`` counts them). The fit
 solves that system by least squares on *relative* errors (each row divided by its measurement), with
@@ -227,11 +230,14 @@ def fit(
     prior = (1.0 / base.compute_efficiency, 1.0 / base.bandwidth_efficiency)
     previous: list[bool] | None = None
     held: dict[int, float] = {}  # unknowns held fixed: overheads at 0, efficiencies at the table
+    if len({d.context_tokens for d in decode}) < 2:
+        held[_CONTEXT] = 0.0  # one context per sequence: K ∝ batch, seq_overhead_s's column
     for _ in range(_MAX_ROUNDS):
         r = Roofline(hw, model, tp, precision)
         rows, regimes = _rows(r, prefill, decode)
         x = _solve(rows, prior, held)
-        wrong = {i: (prior[i] if i < 2 else 0.0) for i in range(5) if x[i] <= 0 and i not in held}
+        wrong = {i: (prior[i] if i < 2 else 0.0) for i in range(_UNKNOWNS)
+                 if x[i] <= 0 and i not in held}
         if wrong:  # a negative time or efficiency: noise, not physics; hold it and solve again
             held |= wrong
             continue
@@ -314,7 +320,10 @@ def fit_frontend(
 
 
 # -- the linear system -----------------------------------------------------------------------
-# Unknowns: x = [1/ce, 1/be, step_overhead_s, seq_overhead_s, request_overhead_s].
+# Unknowns: x = [1/ce, 1/be, step_overhead_s, seq_overhead_s, request_overhead_s,
+# context_token_s].
+_UNKNOWNS: Final = 6
+_CONTEXT: Final = 5
 
 
 def _step_terms(
@@ -334,7 +343,8 @@ def _step_terms(
     step_total = r.step_time_s(p, c, d, k)
     bound = max(flops_s / hw.compute_efficiency, bytes_s / hw.bandwidth_efficiency)
     seqs = d + (p > 0)
-    known = step_total - bound - hw.step_overhead_s - hw.seq_overhead_s * seqs
+    known = (step_total - bound - hw.step_overhead_s - hw.seq_overhead_s * seqs
+             - hw.context_token_s * k)
     return flops_s, bytes_s, compute_bound, known, seqs
 
 
@@ -347,12 +357,13 @@ def _rows(
         new = max(1, pp.prompt_tokens - pp.cached_tokens)
         f, b, cb, known, seqs = _step_terms(r, new, pp.prompt_tokens - new, 0, 0)
         regimes.append(cb)
-        coef = [f if cb else 0.0, 0.0 if cb else b, 1.0, float(seqs), 1.0]
+        coef = [f if cb else 0.0, 0.0 if cb else b, 1.0, float(seqs), 1.0, 0.0]
         rows.append(([c / pp.ttft_s for c in coef], (pp.ttft_s - known) / pp.ttft_s))
     for dp in decode:
-        f, b, cb, known, seqs = _step_terms(r, 0, 0, dp.batch, dp.batch * dp.context_tokens)
+        kv = dp.batch * dp.context_tokens
+        f, b, cb, known, seqs = _step_terms(r, 0, 0, dp.batch, kv)
         regimes.append(cb)
-        coef = [f if cb else 0.0, 0.0 if cb else b, 1.0, float(seqs), 0.0]
+        coef = [f if cb else 0.0, 0.0 if cb else b, 1.0, float(seqs), 0.0, float(kv)]
         rows.append(([c / dp.itl_s for c in coef], (dp.itl_s - known) / dp.itl_s))
     return rows, regimes
 
@@ -363,7 +374,7 @@ def _solve(
     """Least squares with the efficiency prior; unknowns in ``held`` keep their given value,
     and so does an unknown that no row mentions (an overhead without the points to see it is 0,
     an efficiency stays at the table's)."""
-    n = 5
+    n = _UNKNOWNS
     ata = [[0.0] * n for _ in range(n)]
     atb = [0.0] * n
     for coef, y in rows:
@@ -409,7 +420,7 @@ def _gauss(a: list[list[float]], b: list[float]) -> list[float]:
 
 
 def _apply(hw: HardwareProfile, x: list[float]) -> HardwareProfile:
-    inv_ce, inv_be, step, seq, req = x
+    inv_ce, inv_be, step, seq, req, ctx = x
     peak, fp8, bw = hw.peak_flops, hw.fp8_peak_flops, hw.mem_bandwidth
     if inv_ce < 1.0:  # faster than the table's peak: the peak was wrong for this machine
         peak, fp8 = peak / inv_ce, (fp8 / inv_ce if fp8 is not None else None)
@@ -426,6 +437,7 @@ def _apply(hw: HardwareProfile, x: list[float]) -> HardwareProfile:
         step_overhead_s=max(step, 0.0),
         seq_overhead_s=max(seq, 0.0),
         request_overhead_s=max(req, 0.0),
+        context_token_s=max(ctx, 0.0),
     )
 
 
@@ -448,6 +460,7 @@ class _HardwareFields(BaseModel):
     bandwidth_efficiency: float = Field(gt=0, le=1)
     step_overhead_s: float = Field(ge=0)
     seq_overhead_s: float = Field(0.0, ge=0)
+    context_token_s: float = Field(0.0, ge=0)
     request_overhead_s: float = Field(0.0, ge=0)
     frontend_request_s: float = Field(0.0, ge=0)
     frontend_token_s: float = Field(0.0, ge=0)

@@ -43,7 +43,11 @@ class HardwareProfile:
     (``physics.calibration``): ``request_overhead_s``, paid once per request before its first
     token (HTTP, tokenisation, scheduling, detokenisation), and ``seq_overhead_s``, paid per
     sequence that produces a token in a step (sampling and output processing), which dominates
-    decode on CPU engines and small models.
+    decode on CPU engines and small models. A third, ``context_token_s``, is paid per KV token
+    that the decoding sequences of a step attend to: where attention over the cache is not the
+    roofline's bandwidth- or FLOP-bound work but a kernel's per-token cost (a CPU engine's paged
+    attention; docs/benchmarks.md, "Calibration"). Zero in the table, where the roofline's KV
+    bytes and attention FLOPs stand for it.
 
     Two more describe the engine's *front end* — vLLM's API server, one process that takes
     requests in (HTTP, validation, tokenisation, hand-off to the scheduler) and streams their
@@ -74,6 +78,7 @@ class HardwareProfile:
     rate_limit_rpm: int | None = None
     request_overhead_s: float = 0.0
     seq_overhead_s: float = 0.0
+    context_token_s: float = 0.0
     frontend_request_s: float = 0.0
     frontend_token_s: float = 0.0
 
@@ -103,6 +108,7 @@ class HardwareProfile:
             self.layer_latency_s,
             self.request_overhead_s,
             self.seq_overhead_s,
+            self.context_token_s,
             self.frontend_request_s,
             self.frontend_token_s,
         )

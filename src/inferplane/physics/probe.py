@@ -317,22 +317,32 @@ class Prober:
         loaded_decode_tokens: int = 128,
         decode_tokens: int = 64,
         decode_prompt_tokens: int = 32,
+        long_decode_prompt_tokens: int = 384,
         repeats: int = 5,
         warm_up_max_s: float = WARM_UP_MAX_S,
         require_smooth: bool = True,
     ) -> ProbeResult:
         """Every point ``repeats`` times, the sweeps interleaved (each round visits every point
         once), so that a burst of load elsewhere on the machine spreads over the points instead
-        of bending one of them; each point is the median of its rounds."""
+        of bending one of them; each point is the median of its rounds.
+
+        Decode batches run with ``decode_prompt_tokens``-token prompts and, for the smallest and
+        the largest batch, again with ``long_decode_prompt_tokens`` (0: not), so that the fit
+        sees the step grow with the context it attends to (``context_token_s``); the workload's
+        prompts are up to 24 times the short one."""
         cold: dict[int, list[_Stream]] = {n: [] for n in prompt_tokens}
         warm: dict[int, list[_Stream]] = {n: [] for n in prompt_tokens}
-        itl: dict[int, list[float]] = {b: [] for b in batches}
+        decode_points = [(b, decode_prompt_tokens) for b in batches]
+        if long_decode_prompt_tokens and batches:
+            decode_points += [(b, long_decode_prompt_tokens)
+                              for b in sorted({min(batches), max(batches)})]
+        itl: dict[tuple[int, int], list[float]] = {p: [] for p in decode_points}
         burst: dict[int, list[list[float]]] = {n: [] for n in bursts}
         loaded: list[float] = []
         # half the largest decode batch: the probe request must find a free sequence slot
         loaded_batch = max(batches, default=0) // 2 if bursts else 0
         loaded_ctx = 0
-        context: dict[int, int] = {}
+        context: dict[tuple[int, int], int] = {}
         async with aiohttp.ClientSession(timeout=self.timeout) as session:
             await self.learn_words_per_token(session)
             if not await self.warm_up(session, warm_up_max_s) and require_smooth:
@@ -346,11 +356,10 @@ class Prober:
                     c, w = await self.prefill_once(session, n)
                     cold[n].append(c)
                     warm[n].append(w)
-                for b in batches:
-                    t, ctx = await self.decode_once(session, b, decode_tokens,
-                                                    decode_prompt_tokens)
-                    itl[b].append(t)
-                    context[b] = ctx
+                for b, n in decode_points:
+                    t, ctx = await self.decode_once(session, b, decode_tokens, n)
+                    itl[b, n].append(t)
+                    context[b, n] = ctx
                 for n in bursts:
                     burst[n].append(await self.burst_once(session, n, burst_prompt_tokens))
                 if loaded_batch:
@@ -372,10 +381,10 @@ class Prober:
                     int(statistics.median(s.cached_tokens or 0 for s in hits)),
                     statistics.median(s.ttft_s for s in hits),
                 ))
-        for b in batches:
-            out.decode.append(
-                DecodePoint(b, context[b] + decode_tokens // 2, statistics.median(itl[b]))
-            )
+        for b, n in decode_points:
+            out.decode.append(DecodePoint(
+                b, context[b, n] + decode_tokens // 2, statistics.median(itl[b, n])
+            ))
         for n, runs in burst.items():
             out.bursts.append(BurstPoint(n, burst_prompt_tokens, tuple(
                 statistics.median(r[i] for r in runs) for i in range(n)
@@ -442,7 +451,7 @@ async def calibrate_endpoint(
         lines.append(f"{label:<28}{p.ttft_s * 1e3:>13.2f}{f * 1e3:>11.2f}"
                      f"{abs(f - p.ttft_s) / p.ttft_s:>8.1%}")
     for d, f in cal.decode:
-        label = f"decode batch {d.batch}"
+        label = f"decode batch {d.batch}, {d.context_tokens} ctx"
         lines.append(f"{label:<28}{d.itl_s * 1e3:>13.2f}{f * 1e3:>11.2f}"
                      f"{abs(f - d.itl_s) / d.itl_s:>8.1%}")
     for b, ranks in cal.bursts:
@@ -458,7 +467,8 @@ async def calibrate_endpoint(
         f"fit: median error {cal.median_error:.1%}, max {cal.max_error:.1%}; "
         f"compute_efficiency {h.compute_efficiency:.3g}, bandwidth_efficiency "
         f"{h.bandwidth_efficiency:.3g}, step {h.step_overhead_s * 1e3:.3f} ms, per sequence "
-        f"{h.seq_overhead_s * 1e3:.3f} ms, per request {h.request_overhead_s * 1e3:.3f} ms, "
+        f"{h.seq_overhead_s * 1e3:.3f} ms, per context token {h.context_token_s * 1e6:.3f} us, "
+        f"per request {h.request_overhead_s * 1e3:.3f} ms, "
         f"front-end intake {h.frontend_request_s * 1e3:.3f} ms, per token "
         f"{h.frontend_token_s * 1e3:.3f} ms"
     )

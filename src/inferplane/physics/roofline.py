@@ -15,7 +15,8 @@ Its time is
                (tp > 1 only: two all-reduces per layer)
     fixed    = step_overhead + layers * layer_latency      (layer_latency: SRAM systems only)
     seqs     = seq_overhead * (D + [P > 0])                  (calibrated; 0 in the table)
-    step     = max(compute, memory) + comm + fixed + seqs
+    context  = context_token * K                             (calibrated; 0 in the table)
+    step     = max(compute, memory) + comm + fixed + seqs + context
 
 A request's time to first token adds ``hardware.request_overhead_s`` once (calibrated; 0 in
 the table): callers add it, as they add ``network_rtt_s``.
@@ -55,6 +56,7 @@ class Roofline:
     __slots__ = (
         "_attn_flops_per_pair",
         "_comm_per_token_s",
+        "_context_token_s",
         "_fixed_s",
         "_inv_bandwidth",
         "_inv_flops",
@@ -119,6 +121,7 @@ class Roofline:
             hardware.step_overhead_s + model.layers * hardware.layer_latency_s + comm_fixed_s
         )
         self._seq_overhead_s = hardware.seq_overhead_s
+        self._context_token_s = hardware.context_token_s
         self._reserve_per_device = ACTIVATION_RESERVE_FRACTION * hardware.mem_capacity
 
         if not hardware.elastic:
@@ -180,14 +183,18 @@ class Roofline:
         step = bound + tokens * self._comm_per_token_s + self._fixed_s
         if self._seq_overhead_s:
             step += self._seq_overhead_s * (decode_seqs + (prefill_tokens > 0))
+        if self._context_token_s:
+            step += self._context_token_s * decode_context_tokens
         return step
 
-    def step_terms(self) -> tuple[float, float, float, float, float, float, float, float, float]:
+    def step_terms(
+        self,
+    ) -> tuple[float, float, float, float, float, float, float, float, float, float]:
         """The constants of `step_time_s`, for a caller that inlines it in a hot loop (the fused
         scoring pass): ``(linear FLOPs per token, attention FLOPs per pair, 1 / FLOP/s, weight
         bytes per device, KV bytes per token per device, 1 / bytes/s, comm s per token, fixed
-        s, seq overhead s)``. An inlined copy must use them in `step_time_s`'s order of
-        operations (the fused pass is held to the plain one by tests)."""
+        s, seq overhead s, s per decode context token)``. An inlined copy must use them in
+        `step_time_s`'s order of operations (the fused pass is held to the plain one by tests)."""
         return (
             self._linear_flops_per_token,
             self._attn_flops_per_pair,
@@ -198,6 +205,7 @@ class Roofline:
             self._comm_per_token_s,
             self._fixed_s,
             self._seq_overhead_s,
+            self._context_token_s,
         )
 
     def prefill_time_s(self, new_tokens: int, context_tokens: int = 0) -> float:

@@ -53,17 +53,17 @@ from inferplane.placement.plugins.latency import PredictedLatency, _Consts
 #: `FusedScoring._state_terms`
 _StateTerms = tuple[float | None, float, float, bool, float, int, int, float, float]
 #: (endpoint, predicted-latency's constants, roofline, region, fixed TTFT s, embedding, price,
-#: hourly rate per second or None, the roofline's nine step terms): `FusedScoring._row`
+#: hourly rate per second or None, the roofline's ten step terms): `FusedScoring._row`
 _Row = tuple[
     Endpoint, _Consts, Roofline | None, str, float, bool, _Price, float | None,
-    float, float, float, float, float, float, float, float, float,
+    float, float, float, float, float, float, float, float, float, float,
 ]
 #: (view, endpoint, state, name, the row after its endpoint, the state terms): one candidate's
 #: inputs in one tuple, `FusedScoring._terms`
 _Terms = tuple[
     EndpointView, Endpoint, EndpointState, str,
     _Consts, Roofline | None, str, float, bool, _Price, float | None,
-    float, float, float, float, float, float, float, float, float,
+    float, float, float, float, float, float, float, float, float, float,
     float | None, float, float, bool, float, int, int, float, float,
 ]
 
@@ -143,7 +143,7 @@ class FusedScoring:
         k = (P._consts.get(model) or {}).get(ep) or P._constants(ep, model)
         pr = (C._prices.get(model) or {}).get(ep) or C._price(ep, model)
         r = k.roofline
-        terms = r.step_terms() if r is not None else (0.0,) * 9
+        terms = r.step_terms() if r is not None else (0.0,) * 10
         hourly_s = pr.hourly / 3600.0 if pr.hourly is not None else None
         row: _Row = (ep, k, r, k.region, k.fixed_s, k.embedding, pr, hourly_s, *terms)
         i = ep.index
@@ -293,7 +293,7 @@ class FusedScoring:
                 t = self._terms_of(c, model, idle_ctx, loads, rows, terms)
                 nterms = len(terms)
             (_, ep, s, name, k, r, region, fixed_s, embedding, pr, hourly_s,
-             lin, attn, inv_flops, wbytes, kvb, inv_bw, comm, fixed, seq,
+             lin, attn, inv_flops, wbytes, kvb, inv_bw, comm, fixed, seq, ctx_s,
              tf, retry, v4, busy, ctx_of, batch, kv, queue_s, raw_i) = t
             if not busy and ctx_of != idle_ctx and r is not None:
                 # idle: the load terms' context is the request's (not kept: the next request's
@@ -343,6 +343,8 @@ class FusedScoring:
                     step = (compute if compute > memory else memory) + tokens * comm + fixed
                     if seq:
                         step += seq * (batch + (uncached > 0))
+                    if ctx_s:
+                        step += ctx_s * kv
                 raw_t = queue_s + step + fixed_s
                 ttft, itl = raw_t, raw_i
                 if tf is not None:
