@@ -17,6 +17,10 @@ the engines (real, emulator, emulator, real, …). One battery:
   span less the span of the same stream with no arrival (same battery), i.e. what one arrival
   costs a running stream, and the arrival's TTFT. Text against ids separates the API server's
   tokenising from the engine's prefill;
+* **burst**: 2 or 4 requests (128-token prompts, 32 tokens out) sent together into an idle
+  engine, against as many sent together the moment as many streams that ran together end (the
+  closed-loop workload's levels 2 and 4 run in lockstep: every request of a level has the same
+  output length, so its streams end in the same step and their successors arrive as a burst);
 * **workload**: the fidelity workload (``physics.probe.run_workload``'s shape: concurrency 1, 2, 4,
   12 requests each, prompts cycling 768, 384, 128, 32, 32 tokens out) with every request
   tagged by its concurrency level and prompt length, and the engine's preemptions per level
@@ -188,6 +192,24 @@ async def battery(url: str, repeats: int, api_pid: int | None = None) -> dict[st
         base = statistics.median(spans["L0 none"])
         out["arrival"] = {k: {"span_ms": v, "extra_ms": [x - base for x in v],
                               "ttft_ms": ttfts.get(k, [])} for k, v in spans.items()}
+        # b requests sent together into an idle engine, against b sent together the moment b
+        # streams that ran together end (how the closed-loop workload's levels 2 and 4 send)
+        for b in (2, 4):
+            idle, after = [], []
+            for _ in range(repeats):
+                got = await asyncio.gather(*(_stream(s, url, prompt_of(128, _nonce()), 32)
+                                             for _ in range(b)))
+                idle.append(statistics.median((t[0] - sent) * 1e3 for sent, t in got))
+
+                async def chained() -> float:
+                    await _stream(s, url, prompt_of(128, _nonce()), 32)
+                    sent, t = await _stream(s, url, prompt_of(128, _nonce()), 32)
+                    return (t[0] - sent) * 1e3
+
+                after.append(statistics.median(await asyncio.gather(
+                    *(chained() for _ in range(b)))))
+            out["burst"] = {**out.get("burst", {}), f"{b} idle": idle,
+                            f"{b} after {b} streams end": after}
         p0 = await _preemptions(s, url)
         for c in (1, 2, 4):
             todo = [WORKLOAD_LENGTHS[i % len(WORKLOAD_LENGTHS)] for i in range(12)]
@@ -221,6 +243,8 @@ def summarise(batteries: list[dict[str, Any]]) -> dict[str, float]:
         for k, v in sorted(bat["workload"].items()):
             rows.setdefault(f"workload {k} TTFT", []).append(statistics.median(x[0] for x in v))
             rows.setdefault(f"workload {k} TPOT", []).append(statistics.median(x[1] for x in v))
+        for k, v in bat.get("burst", {}).items():
+            rows.setdefault(f"burst of {k}: TTFT (median rank)", []).append(statistics.median(v))
         for k, v in bat["preemptions"].items():
             rows.setdefault(f"preemptions {k}", []).append(v)
         for k, (api, eng) in bat["cpu"].items():
