@@ -94,7 +94,7 @@ async def _stream(
                 continue
             now = time.perf_counter()
             choices = orjson.loads(line[5:]).get("choices") or []
-            if choices and choices[0].get("text"):
+            if choices and (choices[0].get("text") or choices[0].get("finish_reason")):
                 times.append(now)
                 if on_token is not None and len(times) == on_token[0]:
                     on_token[1].set()

@@ -178,7 +178,9 @@ class Prober:
                 if isinstance(chunk.get("usage"), dict):
                     usage = chunk["usage"]
                 choices = chunk.get("choices") or []
-                if choices and choices[0].get("text"):
+                # a token whose text is empty (a special token the engine does not print) still
+                # ends a one-token request: its chunk carries the finish reason
+                if choices and (choices[0].get("text") or choices[0].get("finish_reason")):
                     if first is None:
                         first = now
                         if on_first is not None:
