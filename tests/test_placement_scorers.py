@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from inferplane.config.loader import parse_config
 from inferplane.fleet.model import Fleet
 from inferplane.fleet.prefix_index import PrefixIndex
+from inferplane.physics import get_hardware
+from inferplane.physics.calibration import Calibration, dump_profile
 from inferplane.placement.framework import Scored
 from tests.placement_helpers import (
     MODEL,
@@ -575,3 +580,34 @@ def test_predicted_latency_decode_step_is_the_rooflines() -> None:
         assert raw_i == want and math.copysign(1.0, raw_i) == math.copysign(1.0, want)
         checked += 1
     assert checked > 100
+
+
+def test_predicted_latency_decode_step_charges_a_calibrated_context_cost(tmp_path: Path) -> None:
+    """The inline decode step adds a calibrated profile's ``context_token_s`` per cached token
+    of the step, as `Roofline.step_time_s` does: the same float, to the bit."""
+    hw = dataclasses.replace(get_hardware("cpu"), name="cpu-ctx", seq_overhead_s=4e-5,
+                             context_token_s=1.3e-7, step_overhead_s=2e-3)
+    path = tmp_path / "cpu-ctx.yaml"
+    path.write_text(dump_profile(Calibration(hardware=hw, prefill=(), decode=()), "cpu", {}))
+    fl = Fleet.from_config(parse_config(f"""hardware_profiles: [{path}]
+substrates:
+  - {{name: c, kind: cpu, hardware: cpu-ctx, region: eu-west, jurisdiction: eu,
+     cost: {{hourly_usd: 1}},
+     endpoints: [{{name: c-0, url: "http://127.0.0.1:9",
+                  models: [{{name: tiny-llama, max_context: 2048, precision: fp32}}]}}]}}
+"""))
+    ep = fl.endpoints[0]
+    r = ep.roofline("tiny-llama")
+    assert r is not None and r.hardware.context_token_s == 1.3e-7
+    lat = plugin("predicted-latency")
+    rng = random.Random(5)
+    for _ in range(100):
+        inflight = rng.choice([0, 1, 2, 4])
+        s = state(inflight=inflight, inflight_tokens=inflight * rng.randrange(1, 1000),
+                  running=rng.choice([None, 1.0, 4.0]))
+        idle_ctx = float(rng.randrange(1, 2000))
+        k = lat._constants(ep, "tiny-llama")
+        batch, kv, _, raw_i = lat._load_terms(ep, s, k, r, idle_ctx, {})
+        ctx = s.inflight_tokens / inflight if inflight > 0 else idle_ctx
+        assert raw_i == r.step_time_s(0, 0, batch + 1, kv + int(ctx))
+        assert raw_i > dataclasses.replace(r.hardware, context_token_s=0.0).step_overhead_s

@@ -36,7 +36,9 @@ class _Consts:
     max_concurrency: int
     #: the roofline's `Roofline.step_terms` (zeros without one), for the decode step
     #: `_load_terms` computes inline
-    step: tuple[float, float, float, float, float, float, float, float, float] = (0.0,) * 9
+    step: tuple[float, float, float, float, float, float, float, float, float, float] = (
+        (0.0,) * 10
+    )
 
 
 class LatencyParams(BaseModel):
@@ -174,7 +176,7 @@ class PredictedLatency(Plugin):
             ep.spec.name,
             ep.substrate.region,
             ep.spec.max_concurrency,
-            r.step_terms() if r is not None else (0.0,) * 9,
+            r.step_terms() if r is not None else (0.0,) * 10,
         )
         return c
 
@@ -216,7 +218,7 @@ class PredictedLatency(Plugin):
             # r.step_time_s(0, 0, d, c) for this request's decode step (d = batch + 1 > 0
             # sequences over c = kv + ctx cached tokens), inlined: the same operations in the
             # same order, with no prefill tokens (test_placement_scorers holds it to the call)
-            lin, attn, inv_flops, wbytes, kvb, inv_bw, comm, fixed, seq = k.step
+            lin, attn, inv_flops, wbytes, kvb, inv_bw, comm, fixed, seq, ctx_s = k.step
             d = batch + 1
             c = kv + int(ctx)
             compute = (lin * d + attn * (0.0 + c)) * inv_flops
@@ -224,6 +226,8 @@ class PredictedLatency(Plugin):
             raw_i = (compute if compute > memory else memory) + d * comm + fixed
             if seq:
                 raw_i += seq * d
+            if ctx_s:
+                raw_i += ctx_s * c
         fe_tok = k.frontend_token_s
         if fe_tok > 0 and batch > 0:
             # behind the running streams' chunks, and its own sent with theirs
