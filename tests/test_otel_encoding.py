@@ -465,3 +465,108 @@ substrates:
     names = {e.name: provider_name(e) for e in fleet.endpoints}
     assert names == {"v": "vllm", "s": "sglang", "oa": "openai", "az": "azure.ai.openai",
                      "an": "anthropic", "other": "openai", "named": "aws.bedrock"}
+
+
+_VALUE_FIELDS = {bool: "bool_value", int: "int_value", float: "double_value"}
+
+
+@pytest.mark.parametrize("values", [(True, 1, 1.0), (1.0, 1, True), (1, True, 1.0)])
+def test_equal_values_of_other_types_are_cached_apart(tel: OtelTelemetry,
+                                                      values: tuple[Any, ...]) -> None:
+    """1, 1.0 and True are equal and hash alike but encode as int, double and bool: the caches
+    of encoded attributes (`encode_metrics`' points', `OtelTelemetry.attrs`, `encode_trace`'s
+    kinds) keep each value's own type, whichever came first."""
+    from inferplane.telemetry.otlp import attribute, encode_metrics
+
+    for v in values:
+        h = Histogram("typed", "s", "d", (1.0,))
+        h.record(0.5, (("k", v),))
+        data = encode_metrics({}, "s", [h], 0, 1)
+        assert data is not None
+        req = ExportMetricsServiceRequest.FromString(data)
+        (point,) = req.resource_metrics[0].scope_metrics[0].metrics[0].histogram.data_points
+        assert point.attributes[0].value.WhichOneof("value") == _VALUE_FIELDS[type(v)]
+
+        assert tel.attrs((("typed.k", v),)).data == attribute("typed.k", v)
+
+        t = tel.request("chat", {})
+        t.classified(PROFILE, 16)
+        with t.stage("admit"):
+            pass
+        with t.stage("place"):
+            t.placed(DECISION)
+            stage = t.open_stage
+            assert stage is not None
+            stage.attrs = (stage.attrs[0], ("inferplane.candidates", v))
+        t.upstream_started(DECISION.picked.endpoint, "m")
+        t.upstream_headers()
+        t.finished(status=200, error=None, prompt_tokens=3, completion_tokens=4, ttft_s=0.01,
+                   tpot_s=0.002)
+        t.end()
+        random.seed(7)
+        encoded = encode_trace(tel, t)
+        random.seed(7)
+        body: list[bytes] = []
+        encode_record(tel, t.record(), body)
+        assert encoded is not None and encoded == b"".join(body)
+
+
+@pytest.mark.parametrize("run", range(3))  # a race shows only sometimes: three tries
+def test_pending_values_are_conserved_while_the_batcher_folds(run: int) -> None:
+    """Request threads append to points' pending lists with no lock (as `OtelTelemetry.observe`
+    does) and make new points (under a lock, as `OtelTelemetry._new_series`) while another
+    thread folds (`Histogram.fold`, lock-free under the GIL) and copies (under that lock) in a
+    loop: once everything is folded, every point's count, bucket total, sum (integers: exact),
+    min and max are those of the values appended to it, none lost and none counted twice."""
+    import sys
+    import threading
+
+    h = Histogram("x", "s", "d", (10, 100, 1000))
+    shared = [(("k", str(i)),) for i in range(3)]
+    for key in shared:
+        h.point(key)
+    n, writers = 50_000, 4
+    appended: dict[Any, list[int]] = {key: [] for key in shared}
+    mirrors: list[dict[Any, list[int]]] = [{} for _ in range(writers)]
+
+    def write(w: int) -> None:
+        own = (("w", str(w)),)
+        mine = mirrors[w]
+        start.wait()
+        with lock:  # `own` is made while the folder runs
+            lists = [h.point(key)[5] for key in (*shared, own)]
+        for i in range(n):
+            j = (w + i) % 4
+            lists[j].append(i)
+            mine.setdefault((*shared, own)[j], []).append(i)
+
+    start = threading.Barrier(writers + 1)  # the writers and this thread, the folder
+    lock = threading.Lock()  # `OtelTelemetry.metrics_lock`: points made, points copied
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as CPython will
+    try:
+        threads = [threading.Thread(target=write, args=(w,)) for w in range(writers)]
+        for thread in threads:
+            thread.start()
+        folds = 0
+        start.wait()
+        while any(thread.is_alive() for thread in threads):
+            h.fold()  # no lock, as the batcher's
+            folds += 1
+            if folds % 8 == 0:
+                with lock:
+                    h.copy()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    h.fold()
+    assert folds > 1
+    for mine in mirrors:
+        for key, vals in mine.items():
+            appended.setdefault(key, []).extend(vals)
+    assert set(h.points) == set(appended) and len(appended) == 3 + writers
+    for key, vals in appended.items():
+        p = h.points[key]
+        assert p[5] == [] and p[1] == len(vals) == sum(p[0])
+        assert p[2] == sum(vals) and p[3] == min(vals) and p[4] == max(vals)

@@ -47,6 +47,7 @@ from inferplane.telemetry.otlp import (
     SpanData,
     SpanEncoder,
     encode_metrics,
+    typed_key,
 )
 from inferplane.telemetry.records import (
     SCOPE,
@@ -233,7 +234,7 @@ class OtelTelemetry(Telemetry):
         self._series: dict[tuple[Any, ...], tuple[list[Any], ...]] = {}
         self._endpoints: dict[str, _EndpointInfo] = {}
         self._servers: dict[tuple[Any, ...], Attrs] = {}
-        self._attrs: dict[Pairs, Attrs] = {}
+        self._attrs: dict[tuple[tuple[Any, ...], ...], Attrs] = {}
         self._hosts: dict[str | None, tuple[str | None, int | None]] = {}  # Host: address, port
         self.span_exporter = span_exporter
         self.batcher: Batcher | None = None
@@ -250,12 +251,14 @@ class OtelTelemetry(Telemetry):
         return info
 
     def attrs(self, pairs: Pairs) -> Attrs:
-        """``pairs`` encoded (cached by value)."""
-        a = self._attrs.get(pairs)
+        """``pairs`` encoded (cached by value and, for values that are no string, by type:
+        `otlp.typed_key`)."""
+        key = typed_key(pairs)
+        a = self._attrs.get(key)
         if a is None:
             if len(self._attrs) >= 4096:
                 self._attrs.clear()
-            a = self._attrs[pairs] = Attrs(pairs)
+            a = self._attrs[key] = Attrs(pairs)
         return a
 
     def server_attrs(self, key: tuple[Any, ...]) -> Attrs:
@@ -327,7 +330,9 @@ class OtelTelemetry(Telemetry):
         series = self._series.get(key)
         if series is None:
             series = self._new_series(key)
-        durations, ttfts, inputs, outputs = series  # the points' pending values (`fold`)
+        # the points' pending values: one append each, no lock (atomic under the GIL; the
+        # batcher's `Histogram.fold` takes what is there: see its docstring)
+        durations, ttfts, inputs, outputs = series
         durations.append((t.end_ns - t.start_ns) / 1e9)
         ttft, prompt, completion = t.ttft_s, t.prompt_tokens, t.completion_tokens
         if ttft is not None and error_type is None:

@@ -272,7 +272,8 @@ class Histogram:
 
     def copy(self) -> Histogram:
         """The histogram as it stands (its points copied; pending values not counted: `fold`
-        them first)."""
+        them first). It iterates the points: hold the lock under which points are made
+        (`OtelTelemetry.metrics_lock`)."""
         h = Histogram(self.name, self.unit, self.description, self.bounds)
         h.points = {k: [list(p[0]), p[1], p[2], p[3], p[4], []] for k, p in self.points.items()}
         return h
@@ -290,7 +291,15 @@ class Histogram:
 
     def fold(self) -> None:
         """Add every point's pending values (`add` of each, in order, in bulk). One thread at a
-        time; others may append meanwhile: what they append after the take stays pending."""
+        time; others may append meanwhile: what they append after the take stays pending.
+
+        Lock-free, and sound only under the GIL (CPython's default build): the
+        request path's ``pending.append`` is one atomic step, and so are ``pending[:n]`` and
+        ``del pending[:n]`` here, so an append between the two lands after index n and stays
+        for the next fold (nothing lost, nothing counted twice); ``list(self.points.values())``
+        copies in one step too while `point` may insert. A free-threaded build (3.13t) gives
+        none of this: there the appends and this take would need a lock.
+        tests/test_otel_encoding.py's threaded test holds count and sum to what was appended."""
         find = partial(bisect.bisect_left, self.bounds)
         for p in list(self.points.values()):
             pending = p[5]
@@ -303,7 +312,9 @@ class Histogram:
             for i, k in Counter(map(find, values)).items():
                 buckets[i] += k
             p[1] += n
-            p[2] = sum(values, p[2])  # left to right from the sum so far, as `add`'s do
+            # from the sum so far: on 3.11 left to right, as `add`'s do (equal to them); on
+            # 3.12+ sum() compensates float rounding (as close or closer to the exact sum)
+            p[2] = sum(values, p[2])
             low, high = min(values), max(values)
             if low < p[3]:
                 p[3] = low
@@ -345,11 +356,12 @@ def encode_metrics(
         for key, p in h.points.items():
             if not p[1]:
                 continue
-            attrs = _POINT_ATTRS.get(key)
+            cache_key = typed_key(key)
+            attrs = _POINT_ATTRS.get(cache_key)
             if attrs is None:
                 if len(_POINT_ATTRS) >= 4096:
                     _POINT_ATTRS.clear()
-                attrs = _POINT_ATTRS[key] = b"".join(
+                attrs = _POINT_ATTRS[cache_key] = b"".join(
                     _field(b"\x4a", key_value(k, v)) for k, v in key)
             point = b"".join((times, b"\x21", _pack_q(p[1]), b"\x29", _pack_d(p[2]),
                               buckets(*p[0]), bounds, attrs, b"\x59", _pack_d(p[3]), b"\x61",
@@ -367,7 +379,17 @@ def encode_metrics(
 
 
 _METRIC_HEADS: dict[tuple[Any, ...], tuple[bytes, bytes, Any]] = {}
-_POINT_ATTRS: dict[tuple[tuple[str, Any], ...], bytes] = {}  # a point's attributes, encoded
+_POINT_ATTRS: dict[tuple[tuple[Any, ...], ...], bytes] = {}  # a point's attributes, encoded
+
+
+def typed_key(pairs: tuple[tuple[str, Any], ...]) -> tuple[tuple[Any, ...], ...]:
+    """``pairs`` as a key for a cache of their encoding: 1, 1.0 and True are equal and hash
+    alike, but encode as int, double and bool, so a pair whose value is no string carries its
+    type too ((name, type, value)); string-valued pairs (the gateway's) are their own key."""
+    for _, v in pairs:
+        if type(v) is not str:
+            return tuple([(k, type(v), v) for k, v in pairs])
+    return pairs
 
 
 def _metric_head(h: Histogram) -> tuple[bytes, bytes, Any]:

@@ -254,6 +254,9 @@ def encode_trace(tel: OtelTelemetry, t: OtelTrace) -> bytes | None:
     decision, fixed = t.decision, a.fixed  # groups kept by the gateway: by identity (below)
     key = (t.op, t.server_address, t.server_port, model, t.model_tier, t.class_, t.tenant,
            id(decision), max_tokens, type(max_tokens), admit, place, attrs1[0][0], attrs1[1:],
+           # the place attributes' values by type too (1, 1.0 and True are equal keys): the
+           # candidates count's, and any others' (the spillover reason) when there are others
+           type(attrs1[1][1]), len(attrs1) > 2 and tuple([type(v) for _, v in attrs1[2:]]),
            id(fixed), a.model, a.number, t.status, t.response_model, t.remote, t.parent_id == 0,
            t.spill, len(d), len(st), len(inp), len(out), ttft is None, tpot is None)
     shape = enc.shapes.get(key)
@@ -314,7 +317,7 @@ def _shape(tel: OtelTelemetry, key: tuple[Any, ...], decision: Pairs, fixed: Pai
     lay out)."""
     enc = tel.encoder
     (op, address, port, model, tier, class_, tenant, _, max_tokens, _, admit, place,
-     did_key, place_attrs, _, upstream_model, number, status, response_model, remote,
+     did_key, place_attrs, _, _, _, upstream_model, number, status, response_model, remote,
      local, spill, _, _, _, _, no_ttft, no_tpot) = key
     if did_key != _DID or any(k == _DID for k, _ in place_attrs) or remote == local:
         return None
