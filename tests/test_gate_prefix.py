@@ -191,6 +191,48 @@ def test_a_gated_holder_counts_what_is_left_of_its_queued_prefill(
     assert any("dispatch gate: kept " + holder in n for n in d.notes) is kept
 
 
+@pytest.mark.parametrize(("pending", "kept"), [(30_000, False), (10_000, False), (2_000, True)])
+def test_an_overdue_prediction_counts_the_pending_tokens_again(pending: int, kept: bool) -> None:
+    """A predicted first token that has passed while requests are still pending there (the
+    prediction was too low) says nothing about what is left: the wait is their pending tokens'
+    prefill again, as without a prediction — not 0, which would keep the holder whatever is
+    queued there."""
+    fl, pol, holder = _setup()
+    now = 100.0
+    busy = state(inflight=1, inflight_tokens=pending + 200, pending_prefill=1,
+                 pending_prefill_tokens=pending, prefill_done_at=now - 5.0)
+    prof = profile(request_id="r2", block_hashes=HASHES, prompt_tokens=PROMPT,
+                   gated=frozenset({holder}))
+    d = place(prof, snapshot(fl, {holder: busy}, now=now), pol)
+    assert (d.candidate(holder).rejected_by is None) is kept
+    assert any("dispatch gate: kept " + holder in n for n in d.notes) is kept
+
+
+@pytest.mark.parametrize(("pending", "kept"), [(30_000, False), (10_000, False), (9_999, True)])
+def test_a_gated_holder_without_a_physics_model_is_judged_in_tokens(
+    pending: int, kept: bool
+) -> None:
+    """No roofline (llama-3.1-70b does not fit one H100): the predicted first token, in seconds
+    (an observed TTFT), is not compared with a saving in tokens; the wait is the pending tokens,
+    as before predictions were counted."""
+    model = "llama-3.1-70b"
+    cfg = config(sub("eu", n=3, models=[{"name": model, "max_context": 32768}]))
+    fl = Fleet.from_config(cfg)
+    assert fl.endpoints[0].prefill_s_per_token(model) is None
+    pol = policies(cfg)["default"]
+    first = place(profile(model=model, block_hashes=HASHES, prompt_tokens=PROMPT),
+                  snapshot(fl), pol)
+    assert first.picked is not None
+    holder = first.picked.name
+    now = 100.0
+    busy = state(inflight=1, inflight_tokens=pending + 200, pending_prefill=1,
+                 pending_prefill_tokens=pending, prefill_done_at=now + 0.5)
+    prof = profile(request_id="r2", model=model, block_hashes=HASHES, prompt_tokens=PROMPT,
+                   gated=frozenset({holder}))
+    d = place(prof, snapshot(fl, {holder: busy}, now=now), pol)
+    assert (d.candidate(holder).rejected_by is None) is kept
+
+
 @pytest.mark.parametrize(("left_tokens", "kept"), [(9_000, True), (11_000, False)])
 def test_a_predicted_wait_longer_than_the_hit_drops_the_holder(
     left_tokens: int, kept: bool

@@ -172,6 +172,26 @@ def test_the_prefill_queue_is_expected_done_at_the_latest_predicted_first_token(
     assert late.prefill_end == clock.t
 
 
+def test_each_reservation_removes_its_own_predicted_end(live: LiveFleet, clock: Clock) -> None:
+    """Two pending requests with the same predicted first token: each first token (or release,
+    idempotent after it) removes that request's own entry, once."""
+    rec = live.live["eu-0"]
+    a = live.reserve("eu-0", 100, prefill_tokens=90, ttft_s=0.5)
+    b = live.reserve("eu-0", 100, prefill_tokens=90, ttft_s=0.5)
+    c = live.reserve("eu-0", 100, prefill_tokens=90, ttft_s=0.2)
+    assert a.prefill_end == b.prefill_end and a.prefill_key != b.prefill_key
+    assert len(rec.prefill_ends) == 3
+    a.first_token()
+    a.release()
+    assert sorted(rec.prefill_ends) == sorted({b.prefill_key, c.prefill_key})
+    assert live.snapshot().by_name["eu-0"].state.prefill_done_at == b.prefill_end
+    b.release()
+    assert list(rec.prefill_ends) == [c.prefill_key]
+    assert live.snapshot().by_name["eu-0"].state.prefill_done_at == c.prefill_end
+    c.release()
+    assert not rec.prefill_ends
+
+
 def test_release_in_finally_even_on_error(live: LiveFleet) -> None:
     with pytest.raises(RuntimeError):
         r = live.reserve("eu-1", 7)

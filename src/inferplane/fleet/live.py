@@ -13,7 +13,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from itertools import repeat
+from itertools import count, repeat
 
 from inferplane.fleet.engine_metrics import EngineMetrics
 from inferplane.fleet.model import Endpoint, Fleet
@@ -118,6 +118,7 @@ class Reservation:
     with its predicted TTFT instead. ``prefill_end``: when its first token was expected at
     reservation (on the live fleet's clock), or None when nobody predicted it; the latest of
     those over an endpoint's pending requests is its `EndpointState.prefill_done_at`.
+    ``prefill_key``: this reservation's own entry in `EndpointLive.prefill_ends`.
     """
 
     fleet: LiveFleet
@@ -133,6 +134,7 @@ class Reservation:
     on_first_token: Callable[[], None] | None = None  # e.g. admission's prefill count
     timer: asyncio.TimerHandle | None = None  # `prefill_within`'s
     prefill_end: float | None = None
+    prefill_key: int | None = None
 
     def prefill_within(self, delay_s: float) -> None:
         """End this request's prefill ``delay_s`` from now (its predicted TTFT), or at its first
@@ -150,7 +152,7 @@ class Reservation:
             if self.on_first_token is not None:
                 self.on_first_token()
             self.fleet._prefilled(
-                self.endpoint, self.prefill_tokens, self.record, self.prefill_end
+                self.endpoint, self.prefill_tokens, self.record, self.prefill_key
             )
 
     def release(self) -> None:
@@ -209,8 +211,9 @@ class EndpointLive:
         self.remote_inflight = 0  # other replicas' in-flight requests (shared slots)
         self.pending_prefill = 0
         self.pending_prefill_tokens = 0
-        # the pending requests' expected first-token times, and how many have none
-        self.prefill_ends: list[float] = []
+        # the pending requests' expected first-token times (by reservation key), and how many
+        # have none
+        self.prefill_ends: dict[int, float] = {}
         self.prefill_unpredicted = 0
         self.ttft = LatencyWindow()
         self.ttft_ratio = LatencyWindow(128)  # observed ÷ predicted TTFT, per request
@@ -299,6 +302,7 @@ class LiveFleet:
         self._version = 0
         self._snapshot: FleetSnapshot | None = None
         self._snapshot_at = 0.0
+        self._prefill_keys = count()  # `Reservation.prefill_key`
         # told the endpoint's name when a request's first token arrives (its prefill is done):
         # admission's dispatch gate re-checks its queue
         self.on_prefilled: Callable[[str], None] | None = None
@@ -390,32 +394,35 @@ class LiveFleet:
         rec.inflight_tokens += tokens
         rec.pending_prefill += 1
         rec.pending_prefill_tokens += prefill_tokens
-        end = None
+        end = key = None
         if ttft_s is None:
             rec.prefill_unpredicted += 1
         else:
             end = now + max(0.0, ttft_s)
-            rec.prefill_ends.append(end)
+            key = next(self._prefill_keys)
+            rec.prefill_ends[key] = end
         rec.requests_total += 1
         if rec.rate is not None:
             rec.rate.add(now, tokens)
         self._touch(rec)
-        return Reservation(self, endpoint, tokens, prefill_tokens, record=rec, prefill_end=end)
+        return Reservation(
+            self, endpoint, tokens, prefill_tokens, record=rec, prefill_end=end, prefill_key=key
+        )
 
     def _prefilled(
         self,
         endpoint: str,
         prefill_tokens: int,
         rec: EndpointLive | None = None,
-        end: float | None = None,
+        key: int | None = None,
     ) -> None:
         rec = rec or self.live[endpoint]
         rec.pending_prefill -= 1
         rec.pending_prefill_tokens -= prefill_tokens
-        if end is None:
+        if key is None:
             rec.prefill_unpredicted -= 1
         else:
-            rec.prefill_ends.remove(end)
+            del rec.prefill_ends[key]  # this reservation's own entry, not one of equal value
         self._touch(rec)
         if self.on_prefilled is not None:
             self.on_prefilled(endpoint)
@@ -501,7 +508,9 @@ class LiveFleet:
             pending_prefill=rec.pending_prefill,
             pending_prefill_tokens=rec.pending_prefill_tokens,
             prefill_done_at=(
-                max(rec.prefill_ends) if rec.prefill_ends and not rec.prefill_unpredicted else None
+                max(rec.prefill_ends.values())
+                if rec.prefill_ends and not rec.prefill_unpredicted
+                else None
             ),
             ttft_p50_s=ttft50,
             ttft_p99_s=ttft99,

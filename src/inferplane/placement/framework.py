@@ -599,16 +599,21 @@ def _sample(cycle: CycleState, policy: Policy, limit: int) -> list[EndpointView]
     return views
 
 
-def _gate_wait_s(c: EndpointView, t: float, now: float) -> float:
+def _gate_wait_s(c: EndpointView, t: float | None, now: float) -> float:
     """Seconds until the prefill queue the gateway put on a gated endpoint is done: from the
     first tokens predicted for its pending requests (`EndpointState.prefill_done_at`), so a
     prefill that has been running for a while counts only what is left of it; without those
-    predictions, all of its pending prompt tokens at ``t`` seconds each."""
+    predictions, or once the latest of them has passed with requests still pending there (the
+    prediction was too low: it says nothing about what is left), all of its pending prompt
+    tokens at ``t`` seconds each. ``t`` None (no physics model): the pending tokens themselves,
+    in tokens — the predictions, in seconds, are not used."""
     st = c.state
     done_at = st.prefill_done_at
-    if done_at is None:
+    if t is None:
+        return float(st.pending_prefill_tokens)
+    if done_at is None or done_at <= now:
         return t * st.pending_prefill_tokens
-    return max(0.0, done_at - now)
+    return done_at - now
 
 
 def _gate_holders(
@@ -628,7 +633,7 @@ def _gate_holders(
     maybe = frozenset(
         c.name for c, h in zip(candidates, held, strict=True)
         if c.name in gated and h > 0
-        and h * (t := c.endpoint.prefill_s_per_token(model) or 1.0) > _gate_wait_s(c, t, now)
+        and h * ((t := c.endpoint.prefill_s_per_token(model)) or 1.0) > _gate_wait_s(c, t, now)
     )
     if not maybe:
         return None
@@ -644,12 +649,14 @@ def _gate_keep(
     caller records them). With ``P`` the prompt tokens, ``h`` those an endpoint holds, ``t``
     its prefill seconds per token (`Endpoint.prefill_s_per_token`) and ``wait`` the seconds
     until its queued prefill is done (`_gate_wait_s`: from the first tokens predicted for the
-    requests pending there, else ``t × pending``, their uncached prompt tokens), a gated
-    endpoint stays when ``wait < t × h`` and ``wait + t_gated × (P − h)`` (its queue, then the
-    rest of the prompt) is below ``min t_open × (P − h_open)`` over the open candidates the
-    filters kept (none: it stays). An open endpoint without a physics model is counted at the
-    gated one's speed. Without predictions, on equal hardware, this is ``h − h_open >
-    pending``. The scorers then choose among the candidates."""
+    requests pending there, else — or once that prediction is overdue — ``t × pending``, their
+    uncached prompt tokens), a gated endpoint stays when ``wait < t × h`` and ``wait + t_gated
+    × (P − h)`` (its queue, then the rest of the prompt) is below ``min t_open × (P − h_open)``
+    over the open candidates the filters kept (none: it stays). An open endpoint without a
+    physics model is counted at the gated one's speed; a gated endpoint without one is judged
+    in tokens (``wait`` = its pending tokens, every open one counted at its speed). Without
+    predictions, on equal hardware, this is ``h − h_open > pending``. The scorers then choose
+    among the candidates."""
     model, now = cycle.profile.model, cycle.snapshot.now
     prompt = float(cycle.profile.prompt_tokens)
     open_s: list[tuple[float, float | None]] = [  # (uncached tokens, s per token) per open one
@@ -663,10 +670,11 @@ def _gate_keep(
             out.append(c)
             continue
         h = held.get(c.name, 0.0)
-        t = c.endpoint.prefill_s_per_token(model) or 1.0
-        wait = _gate_wait_s(c, t, now)
+        t_g = c.endpoint.prefill_s_per_token(model)
+        wait = _gate_wait_s(c, t_g, now)  # in tokens when t_g is None
+        t = t_g or 1.0
         if wait < t * h and all(
-            wait + t * (prompt - h) < (t if t_o is None else t_o) * rest
+            wait + t * (prompt - h) < (t if t_o is None or t_g is None else t_o) * rest
             for rest, t_o in open_s
         ):
             out.append(c)
