@@ -689,9 +689,10 @@ class QueueSpec(Strict):
         "below h x its prefill time per token and the wait plus (P - h) x that time is below "
         "the best open candidate's (P - h_open) x its own. The wait is the time until the "
         "latest first token predicted for the requests pending there (so a prefill that has "
-        "run for a while counts only what is left of it), else their pending uncached tokens "
-        "x its prefill time per token (on equal hardware then: h - h_open > pending); unset: "
-        "off",
+        "run for a while counts only what is left of it), else (or once that prediction has "
+        "passed with requests still pending) their pending uncached tokens x its prefill time "
+        "per token (on equal hardware then: h - h_open > pending; an endpoint without a "
+        "physics model is judged in tokens); unset: off",
     )
 
 
