@@ -237,6 +237,10 @@ def test_pages_carry_a_content_security_policy(stack: dict[str, Any]) -> None:
     js = httpx.get(f"{stack['base']}/console/static/htmx.min.js")  # assets need no key
     assert js.status_code == 200 and js.headers["content-type"].startswith("text/javascript")
     assert b"htmx" in js.content[:200]
+    # every page links the icon, so a browser never asks for /favicon.ico (a 404 there)
+    assert '/console/static/favicon.svg' in r.text
+    icon = httpx.get(f"{stack['base']}/console/static/favicon.svg")
+    assert icon.status_code == 200 and icon.headers["content-type"].startswith("image/svg+xml")
     assert httpx.get(f"{stack['base']}/console/static/../app.py").status_code == 404
 
 

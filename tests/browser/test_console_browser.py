@@ -195,7 +195,8 @@ def test_fleet_page_shows_live_health_and_refreshes(page: Any) -> None:
     assert page.locator("#pools tbody tr").count() == 2
     assert page.text_content("#fleet-stamp").startswith("3 of 3 endpoints usable")
     # the pools' history: sparklines drawn from the sampler (every 5 s), swapped in by htmx
-    page.wait_for_selector("#pools svg.spark.s-kv_mean polyline", timeout=15000)
+    # (attached, not visible: a series that did not change is a flat line, whose box has no height)
+    page.wait_for_selector("#pools svg.spark.s-kv_mean polyline", state="attached", timeout=15000)
     # htmx swaps the panel in again (its time stamp moves on)
     stamp = page.text_content("#fleet-stamp")
     page.wait_for_function(

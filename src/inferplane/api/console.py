@@ -55,7 +55,7 @@ RECENT_WINDOW_S = 3600.0
 RECENT_SHOWN = 50
 RECENT_MAX_PAGES = 10
 """The recent list reads at most this many pages of 1,000 records (the newest are kept)."""
-STATIC_TYPES = {".js": "text/javascript", ".css": "text/css"}
+STATIC_TYPES = {".js": "text/javascript", ".css": "text/css", ".svg": "image/svg+xml"}
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; "
     "img-src 'self' data:; frame-ancestors 'none'; form-action 'self'; base-uri 'none'",
@@ -645,7 +645,7 @@ async def economics_page(request: web.Request) -> web.Response:
 
 def _load_static() -> dict[str, bytes]:
     root = resources.files("inferplane").joinpath("data/console/static")
-    return {name: root.joinpath(name).read_bytes() for name in ("htmx.min.js", "console.css")}
+    return {name: root.joinpath(name).read_bytes() for name in ("htmx.min.js", "console.css", "favicon.svg")}
 
 
 def _shared_revocations(gateway: Gateway) -> RedisRevocations | None:
