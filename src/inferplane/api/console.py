@@ -645,7 +645,8 @@ async def economics_page(request: web.Request) -> web.Response:
 
 def _load_static() -> dict[str, bytes]:
     root = resources.files("inferplane").joinpath("data/console/static")
-    return {name: root.joinpath(name).read_bytes() for name in ("htmx.min.js", "console.css", "favicon.svg")}
+    names = ("htmx.min.js", "console.css", "favicon.svg")
+    return {name: root.joinpath(name).read_bytes() for name in names}
 
 
 def _shared_revocations(gateway: Gateway) -> RedisRevocations | None:
