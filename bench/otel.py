@@ -80,6 +80,17 @@ def split(pid: int) -> tuple[float, float, int]:
     return int(fields[11]) / tick, int(fields[12]) / tick, int(fields[7])
 
 
+def main_thread_cpu(pid: int) -> float:
+    """CPU s (user + system) of the process's main thread (the event loop: its thread id is the
+    process id) so far; the rest of the process's CPU is its other threads' (the span batcher,
+    the metric exports, the default executor)."""
+    try:
+        fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def cpu_seconds(pid: int) -> tuple[float, float]:
     """(the gateway process's CPU, its child processes' CPU: the OTLP exporter process) so far.
     A child that exits between two readings is missed: none does while a round runs."""
@@ -143,10 +154,12 @@ async def run(args: argparse.Namespace, urls: dict[str, str], pids: dict[str, in
             for name in order:
                 (cpu0, child0), t0 = cpu_seconds(pids[name]), time.perf_counter()
                 sw0, sp0 = switches(pids[name]), split(pids[name])
+                mt0 = main_thread_cpu(pids[name])
                 await burst(s, urls[name], args.requests, args.concurrency)
                 await asyncio.sleep(0.2)  # let the round's tail (accounting, batching) settle
                 cpu1, child1 = cpu_seconds(pids[name])
                 sw1, sp1 = switches(pids[name]), split(pids[name])
+                mt1 = main_thread_cpu(pids[name])
                 cpu = cpu1 - cpu0
                 rows.append({"round": rnd, "variant": name, "n": args.requests,
                              "cpu_ms_per_request": cpu / args.requests * 1e3,
@@ -155,6 +168,7 @@ async def run(args: argparse.Namespace, urls: dict[str, str], pids: dict[str, in
                              "user_ms_per_request": (sp1[0] - sp0[0]) / args.requests * 1e3,
                              "system_ms_per_request": (sp1[1] - sp0[1]) / args.requests * 1e3,
                              "minor_faults_per_request": (sp1[2] - sp0[2]) / args.requests,
+                             "main_thread_ms_per_request": (mt1 - mt0) / args.requests * 1e3,
                              "wall_s": time.perf_counter() - t0,
                              "load1": os.getloadavg()[0]})
                 print(f"round {rnd} {name}: {rows[-1]['cpu_ms_per_request']:.3f} CPU ms/request, "
@@ -299,10 +313,14 @@ def main() -> None:
           + ", ".join(f"{v} {sw[v]:.2f}" for v in variants))
     for v in variants:
         mine = [r for r in rows if r["variant"] == v]
+        loop = [float(r["main_thread_ms_per_request"]) for r in mine]
+        rest = [float(r["cpu_ms_per_request"]) - m for r, m in zip(mine, loop, strict=True)]
         print(f"{v}: user {statistics.fmean(float(r['user_ms_per_request']) for r in mine):.3f} + "
               f"system {statistics.fmean(float(r['system_ms_per_request']) for r in mine):.3f} "
               "ms/request, minor page faults "
-              f"{statistics.fmean(float(r['minor_faults_per_request']) for r in mine):.2f}/request")
+              f"{statistics.fmean(float(r['minor_faults_per_request']) for r in mine):.2f}/request"
+              f"; main thread (event loop) {statistics.fmean(loop):.3f}, other threads "
+              f"{statistics.fmean(rest):.3f} ms/request")
     w_off = float(whole["off"]["cpu_ms_per_request"])
     for v in variants[1:]:
         w = whole[v]
