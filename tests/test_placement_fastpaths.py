@@ -1,7 +1,8 @@
 """The placement hot path's shortcuts give exactly what the plain code gives.
 
 The prefix matcher finds common prefixes by a binary search over slices, the slo-first picker
-returns early when the pick is in the preferred pool, and predicted-latency reuses the load
+returns early when the pick is in the preferred pool and finds its pool in one walk when no
+kinds are preferred, and predicted-latency reuses the load
 terms of an unchanged endpoint state. Each is checked here against the
 straightforward version it replaces (``bench/placement_speed.py --dump`` checks whole decision
 sequences before and after a change).
@@ -63,6 +64,38 @@ def test_spillover_early_return_leaves_no_trace_when_the_pick_is_preferred() -> 
         choice = picker.pick(c, scored)
         assert choice.view.endpoint.substrate.region == "eu-west"
         assert c.spillover is None and c.notes == []
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    rows=st.lists(
+        st.tuples(
+            st.sampled_from([0.0, 1.0]),  # meets_slo
+            st.sampled_from([0.1, 0.1000001, 0.2, 0.5]),  # cost_usd
+            st.sampled_from([0.0, 0.05]),  # egress_usd
+            st.sampled_from([0.0, 0.5, 1.0]),  # total (ties)
+        ),
+        min_size=4, max_size=4,
+    ),
+    egress=st.booleans(),
+    tolerance=st.sampled_from([0.0, 0.5]),
+    seed=st.integers(0, 3),
+)
+def test_slo_first_one_walk_picks_what_the_general_path_picks(
+    rows: list[tuple[float, float, float, float]], egress: bool, tolerance: float, seed: int
+) -> None:
+    fl = fleet(sub("eu", n=2), sub("us", n=2, region="us-east", capacity="burst"))
+    snap = snapshot(fl)
+    picker = plugin("slo-first", include_egress=egress, cost_tolerance=tolerance)
+    scored = [Scored(v, total, {}) for v, (*_, total) in zip(snap.endpoints, rows, strict=True)]
+    got = []
+    for pick in (picker.pick, picker._pick_general):
+        c = cycle(profile(client_region="eu-west"), snap, seed=seed)
+        for v, (meets, cost, egr, _) in zip(snap.endpoints, rows, strict=True):
+            c.annotations[v.name] = {"meets_slo": meets, "cost_usd": cost, "egress_usd": egr}
+        choice = pick(c, scored)
+        got.append((choice.view.name, c.notes, c.spillover))
+    assert got[0] == got[1]
 
 
 def test_latency_reuses_load_terms_only_for_the_same_state_and_idle_context() -> None:

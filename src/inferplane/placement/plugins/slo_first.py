@@ -117,11 +117,7 @@ class SloFirst(Plugin):
                 pool, costs = (r_s, r_c) if r_s else (o_s, o_c)
                 limit = min(costs) * (1.0 + p.cost_tolerance) + p.cost_epsilon_usd
                 tied = [s for s, c in zip(pool, costs, strict=True) if c <= limit]
-                best = max([s.total for s in tied])
-                top = [s for s in tied if s.total >= best - 1e-12]
-                choice = top[0] if len(top) == 1 else cycle.rng.choice(top)
-                self._spillover(cycle, scored, choice)
-                return choice
+                return self._best_of(cycle, scored, tied)
         return self._pick_general(cycle, scored)
 
     def _pick_general(self, cycle: CycleState, scored: list[Scored]) -> Scored:
@@ -173,6 +169,11 @@ class SloFirst(Plugin):
             fastest = min(ttfts)
             tied = [s for s, t in zip(scored, ttfts, strict=True) if t <= fastest]
             cycle.notes.append("no candidate predicted to meet the SLO; picked the fastest")
+        return self._best_of(cycle, scored, tied)
+
+    def _best_of(self, cycle: CycleState, scored: list[Scored], tied: list[Scored]) -> Scored:
+        """The highest total among ``tied`` (a random one of equal totals), its spillover
+        recorded: both pick paths end here."""
         best = max([s.total for s in tied])
         top = [s for s in tied if s.total >= best - 1e-12]
         choice = top[0] if len(top) == 1 else cycle.rng.choice(top)
