@@ -118,25 +118,20 @@ class Batcher:
 
     def add(self, record: Record) -> None:
         """Queue a sampled request's record."""
-        q = self.queue
-        n = len(q) + len(self.encoded)
-        if n >= QUEUE_MAX:
-            self.dropped += 1
-            return
-        q.append(record)
-        if not self.started:
-            self.start()
-        elif n >= BATCH - 1 and not self._wake.is_set():
-            self._wake.set()
+        self._push(self.queue, record)
 
     def add_encoded(self, spans: bytes) -> None:
         """Queue a sampled request's spans, encoded (`records.encode_trace`)."""
-        e = self.encoded
-        n = len(e) + len(self.queue)
+        self._push(self.encoded, spans)
+
+    def _push(self, into: deque[Any], item: Any) -> None:
+        """Queue ``item`` unless `QUEUE_MAX` requests wait (both queues together: then it is
+        dropped and counted); start the thread with the first, wake it at `BATCH`."""
+        n = len(self.queue) + len(self.encoded)
         if n >= QUEUE_MAX:
             self.dropped += 1
             return
-        e.append(spans)
+        into.append(item)
         if not self.started:
             self.start()
         elif n >= BATCH - 1 and not self._wake.is_set():
