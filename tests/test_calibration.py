@@ -124,6 +124,40 @@ def test_fit_recovers_a_per_context_token_decode_cost() -> None:
     assert one.hardware.context_token_s == 0.0
 
 
+def test_fit_recovers_the_context_cost_through_measurement_noise() -> None:
+    """REVIEW7 #12: the probe's decode points with 1 % noise (40 seeds), on an engine shaped
+    like the fidelity vLLM (a 2.2 ms step, ~0.1 us per KV token: 5 % of the step between the
+    two contexts). The per-token cost is recovered in the median over seeds and within a
+    factor of two in each, and the fitted step predicts decode at contexts the probe never
+    ran within 6 %. The bandwidth efficiency may move (0.1-0.5 here: its column is nearly the
+    step's and the context's), but the predictions do not: what it loses, they carry."""
+    import random
+
+    base, m = get_hardware("cpu"), get_model("tiny-llama")
+    truth = dataclasses.replace(base, name="truth", compute_efficiency=7e-4,
+                                step_overhead_s=2.2e-3, seq_overhead_s=4.5e-5,
+                                request_overhead_s=3.4e-3, context_token_s=1.1e-7)
+    r = Roofline(truth, m, precision="fp32")
+    found, worst = [], 0.0
+    for seed in range(40):
+        rng = random.Random(seed)
+        pre = [PrefillPoint(n, 0, predict_ttft_s(r, n) * rng.gauss(1.0, 0.01))
+               for n in (16, 64, 128, 256, 512, 768)]
+        dec = [DecodePoint(b, 96, predict_itl_s(r, b, 96) * rng.gauss(1.0, 0.01))
+               for b in (1, 2, 4)]
+        dec += [DecodePoint(b, 416, predict_itl_s(r, b, 416) * rng.gauss(1.0, 0.01))
+                for b in (1, 4)]
+        cal = fit(base, m, pre, dec, name="noisy", precision="fp32")
+        found.append(cal.hardware.context_token_s / 1.1e-7)
+        rf = Roofline(cal.hardware, m, precision="fp32")
+        for b, ctx in ((4, 800), (2, 300), (1, 800)):
+            worst = max(worst, abs(predict_itl_s(rf, b, ctx) / predict_itl_s(r, b, ctx) - 1))
+    found.sort()
+    assert found[len(found) // 2] == pytest.approx(1.0, abs=0.1)
+    assert 0.45 < found[0] and found[-1] < 2.0
+    assert worst < 0.06
+
+
 def test_context_token_cost_reaches_the_emulated_engine(tmp_path: Path) -> None:
     """The profile file carries ``context_token_s`` (an older file without it loads as 0), and
     a step of the engine model charges it per decode context token."""
@@ -329,6 +363,26 @@ def test_front_end_takes_requests_in_one_at_a_time() -> None:
     assert fe.emit(0.017, 4) == pytest.approx(0.020)  # ... and these join the queued ones
 
 
+def test_front_end_hand_off_queues_behind_the_intakes_that_came_meanwhile() -> None:
+    """An intake in two pieces: a burst's first pieces all run before the first request's
+    second piece (an event loop running each handler up to its first await), so the first
+    request reaches the engine after every first piece, the others one hand-off apart."""
+    fe = FrontEnd(request_s=0.001, handoff_s=0.0005)
+    taken = [fe.intake(0.0) for _ in range(4)]
+    assert taken == pytest.approx([0.001, 0.002, 0.003, 0.004])
+    assert [fe.handoff(t) for t in taken] == pytest.approx([0.0045, 0.005, 0.0055, 0.006])
+    # alone, the two pieces follow each other
+    assert fe.handoff(fe.intake(0.010)) == pytest.approx(0.0115)
+    # a chunk sent between the pieces comes before the second
+    assert fe.emit(0.0205, 2) == pytest.approx(0.0205)  # no token_s: sent at once
+    chunky = FrontEnd(request_s=0.001, token_s=0.001, handoff_s=0.0005)
+    t = chunky.intake(0.0)
+    assert chunky.emit(0.0005, 1) == pytest.approx(0.002)  # queued behind the first piece
+    assert chunky.handoff(t) == pytest.approx(0.0025)  # ... and ahead of the second
+    one_piece = FrontEnd(request_s=0.001)
+    assert one_piece.handoff(one_piece.intake(0.0)) == 0.001  # no second piece: no wait
+
+
 def test_front_end_announced_chunks_come_before_later_intakes() -> None:
     fe = FrontEnd(request_s=0.001, token_s=0.001)
     fe.announce(0.010, 2)
@@ -383,6 +437,56 @@ def test_a_burst_answers_late_and_close_together() -> None:
     assert [b - a for a, b in itertools.pairwise(ranks)] == pytest.approx([0.005] * 3)
 
 
+def test_a_burst_in_two_pieces_answers_its_first_late_and_the_rest_together() -> None:
+    """With the intake in two pieces the first answer waits for every request's first piece
+    ((N - 1) s later than with one piece holding both), and the others reach the engine one
+    hand-off apart, during the first request's prefill step: they are prefilled together and
+    answered together."""
+    m = get_model("tiny-llama")
+    _, truth = _truth_with_frontend(0.001, 0.0)
+    two = dataclasses.replace(truth, frontend_request_s=0.0008, frontend_handoff_s=0.0002)
+    one = predict_burst_s(Roofline(truth, m), 4, 64)
+    split = predict_burst_s(Roofline(two, m), 4, 64)
+    assert split[0] - one[0] == pytest.approx(3 * 0.0008)  # (N - 1) first pieces
+    assert split[1] == split[2] == split[3] > split[0]
+    lone = predict_ttft_s(Roofline(two, m), 64)
+    assert lone == pytest.approx(predict_ttft_s(Roofline(truth, m), 64))  # same work in all
+
+
+def test_a_burst_prefill_costs_each_sequence_its_own_attention() -> None:
+    """The burst's prefill step is priced as the engine prices it (REVIEW7 #5): each of the n
+    prompts attends to its own tokens (``prefill_pairs``), not the lumped n P (n P / 2)."""
+    base, m = get_hardware("h100"), get_model("llama-3.1-8b")
+    hw = dataclasses.replace(base, name="t", request_overhead_s=1e-3)
+    r = Roofline(hw, m)
+    n, p = 4, 4000
+    exact = r.step_time_s(n * p, 0, 0, 0, prefill_pairs=n * p * p / 2)
+    assert exact < r.step_time_s(n * p, 0, 0, 0)  # the lumped formula would cost more here
+    assert predict_burst_s(r, n, p) == pytest.approx([1e-3 + exact] * n)
+
+
+def test_fit_frontend_recovers_an_intake_in_two_pieces() -> None:
+    m = get_model("tiny-llama")
+    cal, truth = _truth_with_frontend(0.0, 0.0004)
+    truth = dataclasses.replace(truth, frontend_request_s=0.001, frontend_handoff_s=0.0005,
+                                request_overhead_s=truth.request_overhead_s - 0.0015)
+    r = Roofline(truth, m)
+    bursts = [BurstPoint(n, 64, tuple(predict_burst_s(r, n, 64))) for n in (4, 8)]
+    loaded = [LoadedPoint(2, 96, 64, predict_loaded_ttft_s(r, 2, 96, 64))]
+    h = fit_frontend(cal, m, bursts, loaded).hardware
+    assert h.frontend_request_s == pytest.approx(0.001, abs=2e-5)
+    assert h.frontend_handoff_s == pytest.approx(0.0005, abs=5e-5)
+    assert h.frontend_token_s == pytest.approx(0.0004, abs=2e-5)
+    # one piece: the bursts cannot tell which piece holds it; the fit keeps it in the first
+    cal, truth = _truth_with_frontend(0.0015, 0.0008)
+    r = Roofline(truth, m)
+    bursts = [BurstPoint(n, 64, tuple(predict_burst_s(r, n, 64))) for n in (4, 8)]
+    loaded = [LoadedPoint(2, 96, 64, predict_loaded_ttft_s(r, 2, 96, 64))]
+    h = fit_frontend(cal, m, bursts, loaded).hardware
+    assert h.frontend_request_s == pytest.approx(0.0015, abs=2e-5)
+    assert h.frontend_handoff_s == 0.0
+
+
 def test_profile_file_keeps_the_front_end(tmp_path: Path) -> None:
     base, _, pre, dec = _synthetic("cpu", "tiny-llama", 256)
     m = get_model("tiny-llama")
@@ -393,11 +497,14 @@ def test_profile_file_keeps_the_front_end(tmp_path: Path) -> None:
     assert "bursts:" in path.read_text()
 
 
-def _frontend_fleet(tmp: Path, request_s: float, token_s: float = 0.0) -> Path:
+def _frontend_fleet(
+    tmp: Path, request_s: float, token_s: float = 0.0, handoff_s: float = 0.0
+) -> Path:
     base, _, pre, dec = _synthetic("cpu", "tiny-llama", 256)
     cal = fit(base, get_model("tiny-llama"), pre, dec, name="cpu-lab")
     cal = dataclasses.replace(cal, hardware=dataclasses.replace(
-        cal.hardware, frontend_request_s=request_s, frontend_token_s=token_s))
+        cal.hardware, frontend_request_s=request_s, frontend_token_s=token_s,
+        frontend_handoff_s=handoff_s))
     (tmp / "profile.yaml").write_text(dump_profile(cal, "cpu", {"model": "m"}))
     fleet_file = tmp / "fleet.yaml"
     fleet_file.write_text(FLEET.format(profile="profile.yaml", hardware="cpu-lab", port=9).replace(
@@ -419,6 +526,20 @@ def test_simulator_queues_a_burst_at_the_front_end(tmp_path: Path) -> None:
     for k, t in enumerate(ttfts[0.01]):  # the k-th reaches the engine after k + 1 intakes
         assert t >= (k + 1) * 0.01 + overhead
     assert ttfts[0.01][-1] - ttfts[0.01][0] >= 0.03 - 0.004  # less at most one engine step
+
+
+def test_simulator_hands_a_burst_off_after_every_first_piece(tmp_path: Path) -> None:
+    """The simulator runs the intake's two pieces as the front end orders them: the first
+    request of a burst of 4 reaches the engine after all four first pieces."""
+    trace = [TraceRequest(0.0, 64, 4) for _ in range(4)]
+    config = load_config(_frontend_fleet(tmp_path, 0.01, handoff_s=0.005))
+    sim = simulate(config, trace, "round-robin")
+    ttfts = sorted(r.ttft_s for r in sim.records if r.ttft_s is not None)
+    assert len(ttfts) == 4
+    overhead = load_hardware_profile(tmp_path / "profile.yaml").request_overhead_s
+    for k, t in enumerate(ttfts):  # 4 first pieces, then k + 1 second pieces
+        assert t >= 4 * 0.01 + (k + 1) * 0.005 + overhead
+    assert ttfts[0] < 4 * 0.01 + 2 * 0.005 + overhead  # the first does not wait for more
 
 
 def test_simulator_front_end_streams_tokens_before_the_next_intake(tmp_path: Path) -> None:

@@ -65,7 +65,8 @@ PROFILE_VERSION: Final = 1
 #: the fit moved 2.9 ms of a known 4 ms step into weight reads of the tiny model).
 PRIOR_WEIGHTS: Final = (1e-12, 1e-6)
 _MAX_ROUNDS: Final = 20
-_FRONTEND_GRID: Final = 60  # steps of the search for the front end's two factors, per axis
+_FRONTEND_GRID: Final = 24  # steps of the search for the front end's three factors, per axis
+_FRONTEND_REFINE: Final = 12  # then rounds of a local search, each at half the step
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,7 +146,8 @@ def predict_ttft_s(r: Roofline, prompt_tokens: int, cached_tokens: int = 0) -> f
     prefill step + the front end sending its first chunk."""
     new = max(1, prompt_tokens - cached_tokens)
     hw = r.hardware
-    fixed = hw.request_overhead_s + hw.frontend_request_s + hw.frontend_token_s
+    fixed = (hw.request_overhead_s + hw.frontend_request_s + hw.frontend_handoff_s
+             + hw.frontend_token_s)
     return fixed + r.step_time_s(new, prompt_tokens - new, 0, 0)
 
 
@@ -165,23 +167,39 @@ def frontend_wait_s(batch: int, token_s: float, itl_s: float) -> float:
 
 def predict_burst_s(r: Roofline, size: int, prompt_tokens: int) -> list[float]:
     """TTFT of each of ``size`` one-token requests of ``prompt_tokens`` tokens sent at once, in
-    order: they queue at the front end (:class:`~inferplane.physics.frontend.FrontEnd`) for their
-    intakes, wait ``request_overhead_s``, are prefilled by the engine (one step for all that
-    have arrived when it is free), and their first chunks queue at the front end again, behind
-    the intakes still waiting there."""
+    order: they queue at the front end (:class:`~inferplane.physics.frontend.FrontEnd`) for the
+    first piece of their intakes, then for the second behind everything queued by then (the
+    other requests' first pieces, chunks), wait ``request_overhead_s``, are prefilled by the
+    engine (one step for all that have arrived when it is free, each sequence's attention over
+    its own prompt, as ``Roofline.step_time_s`` counts several chunks), and their first chunks
+    queue at the front end behind whatever is still waiting there. The front end's work is
+    taken in time order (hand-offs and step ends, a hand-off first at a tie)."""
     hw = r.hardware
-    fe = FrontEnd(hw.frontend_request_s, hw.frontend_token_s)
-    arrive = sorted(fe.intake(0.0) + hw.request_overhead_s for _ in range(size))
+    fe = FrontEnd(hw.frontend_request_s, hw.frontend_token_s, hw.frontend_handoff_s)
+    taken = [fe.intake(0.0) for _ in range(size)]  # first pieces done (all arrived at 0)
+    arrive: list[float] = []  # when each request reaches the engine, in order
     out: list[float] = []
-    free, i = 0.0, 0
+    pairs = prompt_tokens * 0.5 * prompt_tokens  # one sequence's attention over its prompt
+    free, i, k = 0.0, 0, 0  # engine free at; next request to prefill; next hand-off
     while i < size:
+        if len(arrive) <= i:  # the engine waits for request i: hand off the next one
+            arrive.append(fe.handoff(taken[k]) + hw.request_overhead_s)
+            k += 1
+            continue
         start = max(free, arrive[i])
+        while k < size and taken[k] <= start:  # hand-offs before the step starts may join it
+            arrive.append(fe.handoff(taken[k]) + hw.request_overhead_s)
+            k += 1
         j = i
-        while j < size and arrive[j] <= start:
+        while j < len(arrive) and arrive[j] <= start:
             j += 1
-        free = start + r.step_time_s((j - i) * prompt_tokens, 0, 0, 0)
-        done = fe.emit(free, j - i)
-        out += [done] * (j - i)
+        n = j - i
+        free = start + r.step_time_s(n * prompt_tokens, 0, 0, 0, prefill_pairs=n * pairs)
+        while k < size and taken[k] <= free:  # hand-offs during the step come before its chunks
+            arrive.append(fe.handoff(taken[k]) + hw.request_overhead_s)
+            k += 1
+        done = fe.emit(free, n)
+        out += [done] * n
         i = j
     return out
 
@@ -196,8 +214,9 @@ def predict_loaded_ttft_s(
     hw = r.hardware
     itl = predict_itl_s(r, batch, context_tokens)
     t = hw.frontend_token_s
+    intake = hw.frontend_request_s + hw.frontend_handoff_s
     return (
-        hw.request_overhead_s + hw.frontend_request_s + frontend_wait_s(batch, t, itl)
+        hw.request_overhead_s + intake + frontend_wait_s(batch, t, itl)
         + itl / 2.0 + r.step_time_s(prompt_tokens, 0, batch, batch * context_tokens)
         + (batch + 1) * t
     )
@@ -264,26 +283,32 @@ def fit_frontend(
 ) -> Calibration:
     """Split the fitted per-request time ``R`` into the front end's serialised work and the
     rest, so that lone-request predictions do not change (``R = request_overhead_s +
-    frontend_request_s + frontend_token_s``): the pair (``frontend_request_s``,
-    ``frontend_token_s``) on a grid over ``s + t <= R`` (then a ten times finer one around the
-    best cell) whose predictions —
-    :func:`predict_burst_s` for every rank of every burst, :func:`predict_loaded_ttft_s` for
-    the loaded points — fit the measurements best (least squares on relative errors).
+    frontend_request_s + frontend_handoff_s + frontend_token_s``): the triple
+    (``frontend_request_s``, ``frontend_handoff_s``, ``frontend_token_s``) on a grid over
+    ``s + h + t <= R``, then a local search around the best point at ever half the step, whose
+    predictions — :func:`predict_burst_s` for every rank of every burst,
+    :func:`predict_loaded_ttft_s` for the loaded points — fit the measurements best (least
+    squares on relative errors).
 
-    A burst shows both: its requests are taken in one ``s`` apart, and their first chunks wait
-    behind the intakes still queued, so the first answer comes late and the rest close behind
-    it. A request beside decoding streams shows ``t``. Without bursts of two or more requests
-    and without loaded points the profile is returned as it is.
+    A burst shows the intake's two pieces: every request's first piece (``s``) runs before the
+    first request's second (``h``), so the first answer comes ``(N − 1) s`` late and the others
+    ``h`` apart behind it (or together, when they reach the engine during its step); their
+    first chunks wait behind the intakes still queued. A request beside decoding streams shows
+    ``t``. An intake of one piece is kept in ``s`` (with ``s = 0`` the bursts could not tell
+    it from ``h``). Without bursts of two or more requests and without loaded points the
+    profile is returned as it is.
     """
     usable = [b for b in bursts if b.size > 1]
     if not usable and not loaded:
         return cal
     hw = cal.hardware
-    total = hw.request_overhead_s + hw.frontend_request_s + hw.frontend_token_s
+    total = (hw.request_overhead_s + hw.frontend_request_s + hw.frontend_handoff_s
+             + hw.frontend_token_s)
 
-    def split(s: float, t: float) -> HardwareProfile:
-        return dataclasses.replace(hw, frontend_request_s=s, frontend_token_s=t,
-                                   request_overhead_s=max(total - s - t, 0.0))
+    def split(s: float, h: float, t: float) -> HardwareProfile:
+        return dataclasses.replace(hw, frontend_request_s=s, frontend_handoff_s=h,
+                                   frontend_token_s=t,
+                                   request_overhead_s=max(total - s - h - t, 0.0))
 
     def loss(r: Roofline) -> float:
         err = 0.0
@@ -296,16 +321,28 @@ def fit_frontend(
             err += ((got - p.ttft_s) / p.ttft_s) ** 2
         return err
 
-    def cost(st: tuple[float, float]) -> float:
-        return loss(Roofline(split(*st), model, tp, precision))
+    costs: dict[tuple[float, float, float], float] = {}
+
+    def cost(sht: tuple[float, float, float]) -> float:
+        if sht not in costs:
+            costs[sht] = loss(Roofline(split(*sht), model, tp, precision))
+        return costs[sht]
 
     n = _FRONTEND_GRID
-    grid = [(total * i / n, total * j / n) for i in range(n + 1) for j in range(n + 1 - i)]
+    step = total / n
+    grid = [(step * i, step * j, step * k) for i in range(n + 1) for j in range(n + 1 - i)
+            for k in range(n + 1 - i - j)]
     best = min(grid, key=cost)
-    # then a grid ten times finer over the coarse cell's neighbours
-    h, (s0, t0) = total / n / 10, best
-    fine = [(s0 + h * i, t0 + h * j) for i in range(-10, 11) for j in range(-10, 11)]
-    best = min([best, *(st for st in fine if min(st) >= 0 and sum(st) <= total)], key=cost)
+    for _ in range(_FRONTEND_REFINE):  # the neighbours at the step, then at half of it
+        near = [(best[0] + step * i, best[1] + step * j, best[2] + step * k)
+                for i in (-1, 0, 1) for j in (-1, 0, 1) for k in (-1, 0, 1)]
+        best = min([best, *(x for x in near if min(x) >= 0 and sum(x) <= total * (1 + 1e-12))],
+                   key=cost)
+        step /= 2
+    if best[0] <= step and best[1] > best[0]:
+        # an intake of one piece is the same whichever piece holds it (bursts arrive at once):
+        # keep it in the first, as profiles without ``frontend_handoff_s`` have it
+        best = (best[1] + best[0], 0.0, best[2])
     hw = split(*best)
     r = Roofline(hw, model, tp, precision)
     return dataclasses.replace(
@@ -464,6 +501,7 @@ class _HardwareFields(BaseModel):
     request_overhead_s: float = Field(0.0, ge=0)
     frontend_request_s: float = Field(0.0, ge=0)
     frontend_token_s: float = Field(0.0, ge=0)
+    frontend_handoff_s: float = Field(0.0, ge=0)
     allreduce_latency_s: float = Field(0.0, ge=0)
     layer_latency_s: float = Field(0.0, ge=0)
     network_rtt_s: float = Field(0.0, ge=0)

@@ -9,6 +9,16 @@ clock its caller uses (the emulator's engine time, the simulator's virtual time)
 first served: ``frontend_request_s`` of work per request taken in, ``frontend_token_s`` per
 stream chunk sent (:class:`~inferplane.physics.hardware.HardwareProfile`).
 
+A request's intake is two pieces of work, not one. The API server is an asyncio event loop: a
+request's handler runs until its first ``await`` that waits (HTTP body and validation, up to
+handing the prompt to the tokenizer), and what follows (the prompt's processing and the hand-off
+to the engine core, ``frontend_handoff_s``) is queued again *behind whatever became ready
+meanwhile* — the first pieces of the other requests of a burst. So a burst of ``N`` sent at once
+reaches the engine after all ``N`` first pieces: the first request ``N × frontend_request_s +
+frontend_handoff_s`` late, the others one ``frontend_handoff_s`` apart behind it (vLLM's first
+answer to a burst comes late and the rest close behind it). With ``frontend_handoff_s = 0`` it is
+the one-piece intake.
+
 Chunks coalesce as vLLM's do: tokens a step produces while the previous step's chunks are still
 waiting to be sent join them (vLLM merges a request's pending outputs into one), so a front end
 that falls behind sends fewer, larger chunks instead of an ever longer queue — the "whole stream
@@ -31,20 +41,25 @@ class FrontEnd:
     queued at their own times, before any later intake.
     """
 
-    __slots__ = ("_emit_end", "_emit_start", "_later", "free_at", "request_s", "token_s")
+    __slots__ = (
+        "_emit_end", "_emit_start", "_later", "free_at", "handoff_s", "request_s", "token_s"
+    )
 
-    def __init__(self, request_s: float = 0.0, token_s: float = 0.0) -> None:
-        if request_s < 0 or token_s < 0:
+    def __init__(
+        self, request_s: float = 0.0, token_s: float = 0.0, handoff_s: float = 0.0
+    ) -> None:
+        if request_s < 0 or token_s < 0 or handoff_s < 0:
             raise ValueError("front-end service times must be >= 0")
         self.request_s = request_s
         self.token_s = token_s
+        self.handoff_s = handoff_s
         self.free_at = 0.0
         self._emit_start = self._emit_end = -1.0  # the last emission queued
         self._later: deque[tuple[float, int]] = deque()  # announced (time, streams)
 
     @property
     def enabled(self) -> bool:
-        return self.request_s > 0 or self.token_s > 0
+        return self.request_s > 0 or self.token_s > 0 or self.handoff_s > 0
 
     def reset(self) -> None:
         """Idle, nothing queued (a restarted engine)."""
@@ -67,12 +82,22 @@ class FrontEnd:
         return self.free_at
 
     def intake(self, now: float) -> float:
-        """A request arrives at ``now``: when it has been taken in and reaches the engine."""
+        """A request arrives at ``now``: when its first piece of work is done. Without a
+        ``handoff_s`` it has then reached the engine; with one, call :meth:`handoff` at that
+        time (after every call with an earlier time)."""
+        return self._work(now, self.request_s)
+
+    def handoff(self, now: float) -> float:
+        """A request whose first piece was done at ``now`` queues its second (``handoff_s``)
+        behind everything queued until then: when it reaches the engine."""
+        return self._work(now, self.handoff_s)
+
+    def _work(self, now: float, seconds: float) -> float:
         self._catch_up(now)
-        if self.request_s <= 0:
+        if seconds <= 0:
             return now
         start = now if now > self.free_at else self.free_at
-        self.free_at = start + self.request_s
+        self.free_at = start + seconds
         return self.free_at
 
     def emit(self, now: float, streams: int) -> float:

@@ -55,8 +55,13 @@ class HardwareProfile:
     ``frontend_request_s`` of it per request on the way in and ``frontend_token_s`` per token on
     the way out. A request waits for the work queued ahead of it, so a burst of requests reaches
     the engine one ``frontend_request_s`` apart and a busy stream delays the next request's
-    intake. Zero in the table (a GPU server's front end is rarely the bottleneck); calibration
-    measures them from bursts of simultaneous requests (``physics.calibration.fit_frontend``).
+    intake. ``frontend_handoff_s`` is the part of a request's intake that runs after its handler
+    first yields to the event loop (the prompt's processing, the hand-off to the engine core): it
+    queues again behind whatever arrived meanwhile, so a burst's first request reaches the engine
+    only after every request of the burst has had its first piece
+    (:class:`~inferplane.physics.frontend.FrontEnd`). Zero in the table (a GPU server's front end
+    is rarely the bottleneck); calibration measures them from bursts of simultaneous requests
+    (``physics.calibration.fit_frontend``).
     ``request_overhead_s`` is the rest of the per-request time, paid in parallel.
     """
 
@@ -81,6 +86,7 @@ class HardwareProfile:
     context_token_s: float = 0.0
     frontend_request_s: float = 0.0
     frontend_token_s: float = 0.0
+    frontend_handoff_s: float = 0.0
 
     def __post_init__(self) -> None:
         positive = {
@@ -111,6 +117,7 @@ class HardwareProfile:
             self.context_token_s,
             self.frontend_request_s,
             self.frontend_token_s,
+            self.frontend_handoff_s,
         )
         if min(latencies) < 0:
             raise ValueError(f"hardware {self.name!r}: latencies must be >= 0")

@@ -26,7 +26,8 @@ Three sweeps over the OpenAI completions API, each point the median of ``repeats
 
 The engine's own TTFT includes its HTTP and tokenisation time, which is what the gateway
 observes too: the fit puts it in ``request_overhead_s``, and the share of it that the bursts
-show to be serialised in ``frontend_request_s`` (``calibration.fit_frontend``).
+show to be serialised in ``frontend_request_s`` and ``frontend_handoff_s``
+(``calibration.fit_frontend``).
 """
 
 from __future__ import annotations
@@ -471,7 +472,8 @@ async def calibrate_endpoint(
         f"{h.bandwidth_efficiency:.3g}, step {h.step_overhead_s * 1e3:.3f} ms, per sequence "
         f"{h.seq_overhead_s * 1e3:.3f} ms, per context token {h.context_token_s * 1e6:.3f} us, "
         f"per request {h.request_overhead_s * 1e3:.3f} ms, "
-        f"front-end intake {h.frontend_request_s * 1e3:.3f} ms, per token "
+        f"front-end intake {h.frontend_request_s * 1e3:.3f} ms + hand-off "
+        f"{h.frontend_handoff_s * 1e3:.3f} ms, per token "
         f"{h.frontend_token_s * 1e3:.3f} ms"
     )
     return dump_profile(cal, base, meta), "\n".join(lines)

@@ -28,7 +28,8 @@ class _Consts:
     roofline: Roofline | None
     prefill_s_per_token: float
     fixed_s: float  # the hardware's calibrated per-request overhead + provider network RTT
-    frontend_request_s: float  # calibrated: the engine front end's intake per request
+    frontend_request_s: float  # calibrated: the engine front end's intake per request (both
+    # pieces: frontend_request_s + frontend_handoff_s)
     frontend_token_s: float  # calibrated: the engine front end's work per streamed token
     embedding: bool
     name: str
@@ -86,16 +87,19 @@ class PredictedLatency(Plugin):
       this hardware);
     * ``prefill_s = r.step_time_s(uncached, cached, B, B × ctx)`` (one mixed step);
     * the engine's front end (calibrated profiles; 0 in the table): it takes requests in one at
-      a time, ``frontend_request_s`` each, between streaming ``frontend_token_s`` per token of
+      a time, ``frontend_request_s + frontend_handoff_s`` each (an intake's two pieces,
+      ``physics.frontend``), between streaming ``frontend_token_s`` per token of
       the running batch (busy share ``rho = min(0.9, B × frontend_token_s ÷ ITL)``); the
-      ``pending`` requests ahead wait ``pending × frontend_request_s ÷ (1 - rho)``, and
+      ``pending`` requests ahead wait ``pending × (frontend_request_s + frontend_handoff_s) ÷
+      (1 - rho)``, and
       ``queue_s`` is the longer of that and the engine's queue (two stages in series), plus,
       with ``B > 0`` decoding, the wait behind their chunks
       (``physics.calibration.frontend_wait_s``) and ``B × frontend_token_s`` for its first
       chunk going out with theirs;
     * ``TTFT = (queue_s + prefill_s + fixed) × k_ttft + fleet.rtt_s(client_region, region)``
       with ``fixed = hardware.request_overhead_s + hardware.frontend_request_s +
-      hardware.frontend_token_s`` (calibrated profiles; 0 in the table) plus
+      hardware.frontend_handoff_s + hardware.frontend_token_s`` (calibrated profiles; 0 in the
+      table) plus
       ``hardware.network_rtt_s`` for provider APIs;
     * ``ITL = r.step_time_s(0, 0, B + 1, (B + 1) × ctx) × k_itl`` (0 for embeddings).
 
@@ -164,8 +168,9 @@ class PredictedLatency(Plugin):
         fe_req = fe_tok = 0.0
         if r is not None:
             hw = r.hardware
-            rtt += hw.request_overhead_s + hw.frontend_request_s + hw.frontend_token_s
-            fe_req, fe_tok = hw.frontend_request_s, hw.frontend_token_s
+            fe_req = hw.frontend_request_s + hw.frontend_handoff_s  # both pieces of an intake
+            rtt += hw.request_overhead_s + fe_req + hw.frontend_token_s
+            fe_tok = hw.frontend_token_s
         c = by_ep[ep] = _Consts(
             r,
             per_tok,

@@ -17,7 +17,8 @@ endpoint's ``url``, each backed by one :class:`EmulatedEndpoint`:
   the time scale;
 - a calibrated profile's front end (:class:`~inferplane.physics.frontend.FrontEnd`):
   every request queues for ``frontend_request_s`` of the front end's time (one at a time, first
-  come first served) and then waits ``request_overhead_s`` before it reaches the engine; every
+  come first served), then again for ``frontend_handoff_s`` behind whatever arrived meanwhile,
+  and then waits ``request_overhead_s`` before it reaches the engine; every
   step's tokens queue for ``frontend_token_s`` per stream before their handlers get them,
   joining the previous step's if those are still queued (the engine does not wait for them: it
   is another process in vLLM); ``provider-api`` substrates add a
@@ -201,7 +202,7 @@ class EmulatedEndpoint:
             else (hw.network_rtt_s if self.is_provider else 0.0)
         )
         self.request_overhead_s = hw.request_overhead_s  # calibrated profiles only (else 0)
-        self.frontend = FrontEnd(hw.frontend_request_s, hw.frontend_token_s)
+        self.frontend = FrontEnd(hw.frontend_request_s, hw.frontend_token_s, hw.frontend_handoff_s)
         # (deliver at engine time, tokens per request, finished requests): steps whose tokens
         # wait for the front end; the delivery task hands them out in order
         self._outbox: deque[tuple[float, list[tuple[Submission, int]]]] = deque()
@@ -313,7 +314,8 @@ class EmulatedEndpoint:
 
     async def network_delay(self, arrived: float | None = None) -> None:
         """Before the request reaches the engine: the provider API's network round trip, the
-        front end's queue and intake (``frontend_request_s``, one request at a time) and the
+        front end's queue and intake (``frontend_request_s``, one request at a time, then
+        ``frontend_handoff_s`` queued again behind what arrived meanwhile) and the
         hardware's calibrated per-request overhead (``request_overhead_s``), counted from
         ``arrived`` (engine time at which the handler got the request; default now).
 
@@ -323,9 +325,16 @@ class EmulatedEndpoint:
         it (at a few ms of TTFT, an emulator's own ~1 ms would otherwise show as +10-20 %)."""
         now = self.now()
         start = now if arrived is None or arrived > now else arrived
-        ready = start + self.network_rtt_s + self.request_overhead_s
-        if self.frontend.enabled:
-            ready += self.frontend.intake(start + self.network_rtt_s) - start - self.network_rtt_s
+        reached = start + self.network_rtt_s
+        fe = self.frontend
+        if fe.enabled:
+            reached = fe.intake(reached)
+            if fe.handoff_s > 0:  # its second piece queues behind what arrives meanwhile
+                if reached > now:
+                    await asyncio.sleep((reached - now) / self.time_scale)
+                    now = self.now()
+                reached = fe.handoff(reached)
+        ready = reached + self.request_overhead_s
         if ready > now:
             await asyncio.sleep((ready - now) / self.time_scale)
 

@@ -296,7 +296,9 @@ class SimEndpoint:
                 None,
             )
             self.request_overhead_s = roof.hardware.request_overhead_s
-            self.frontend = FrontEnd(hw.frontend_request_s, hw.frontend_token_s)
+            self.frontend = FrontEnd(
+                hw.frontend_request_s, hw.frontend_token_s, hw.frontend_handoff_s
+            )
         self.busy = False
         self.step_out: StepOutput | None = None
         self.step_end = math.inf  # ``step_out.end_s`` while a step is in flight

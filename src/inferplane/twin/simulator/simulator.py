@@ -475,9 +475,18 @@ class Simulator:
         se.inflight[rec.index] = rec
         # + the engine's calibrated front end: its queue and intake, then the parallel overhead
         forward_s = rec.delay_s + se.request_overhead_s
-        if se.frontend.request_s > 0:
+        fe = se.frontend
+        if fe.request_s > 0 or fe.handoff_s > 0:
             arrive = self.now + rec.delay_s
-            forward_s += se.frontend.intake(arrive) - arrive
+            taken = fe.intake(arrive)
+            if fe.handoff_s > 0:  # the second piece queues behind what arrives until then
+                bound = taken + fe.handoff_s + se.request_overhead_s  # its earliest dispatch
+                heapq.heappush(se.pending, bound)
+                self._dispatch_handles[rec.index] = self.loop.call_at(
+                    taken, self._hand_off, rec, se, taken, bound
+                )
+                return se
+            forward_s += taken - arrive
         if forward_s > 0:
             t = self.now + forward_s
             heapq.heappush(se.pending, t)
@@ -487,6 +496,20 @@ class Simulator:
         else:
             self._dispatch(rec, se, False)
         return se
+
+    def _hand_off(
+        self, rec: RequestRecord, se: SimEndpoint, taken: float, bound: float
+    ) -> None:
+        """The request's first piece of intake is done: its second queues at the front end
+        behind whatever arrived meanwhile, then the parallel overhead (``physics.frontend``).
+        Its entry in ``se.pending``, ``bound`` (its earliest dispatch, so that the engine does
+        not fast-forward past it), becomes its dispatch time."""
+        t = se.frontend.handoff(taken) + se.request_overhead_s
+        if bound in se.pending:
+            se.pending.remove(bound)
+            heapq.heapify(se.pending)
+        heapq.heappush(se.pending, t)
+        self._dispatch_handles[rec.index] = self.loop.call_at(t, self._dispatch, rec, se, True)
 
     def _dispatch(self, rec: RequestRecord, se: SimEndpoint, delayed: bool) -> None:
         self._dispatch_handles.pop(rec.index, None)
