@@ -595,6 +595,27 @@ async def test_emulator_takes_a_burst_in_one_intake_apart(tmp_path: Path) -> Non
     assert s.completion_tokens == 20 and s.ttft_s + s.decode_s >= engine_s + 0.005
 
 
+async def test_emulator_hands_a_burst_off_after_every_first_piece(tmp_path: Path) -> None:
+    """With the intake in two pieces, the first of four requests arriving together reaches the
+    engine only after all four first pieces and its own second (a lower bound in engine time;
+    with one piece it would pass after one intake)."""
+    config = load_config(_frontend_fleet(tmp_path, 0.02, handoff_s=0.01))
+    handle = await start_emulator(config, time_scale=1.0, port_override={"lab-0": 0})
+    emu = handle.endpoints["lab-0"]
+    try:
+        t0 = emu.now()
+
+        async def reached() -> float:
+            await emu.network_delay(t0)
+            return emu.now() - t0
+
+        done = sorted(await asyncio.gather(*(reached() for _ in range(4))))
+    finally:
+        await handle.stop()
+    assert done[0] >= 4 * 0.02 + 0.01 + emu.request_overhead_s
+    assert done[-1] >= 4 * 0.02 + 4 * 0.01 + emu.request_overhead_s
+
+
 def test_frontend_wait_grows_to_one_round_of_chunks() -> None:
     assert frontend_wait_s(4, 0.0, 0.002) == 0.0
     assert frontend_wait_s(2, 0.0005, 0.002) == pytest.approx(0.001 * 0.5 / 2)  # rho 0.5
