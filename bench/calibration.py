@@ -161,6 +161,21 @@ def workload_stats(results: list[WorkloadResult]) -> dict[str, float]:
     }
 
 
+def per_level_ms(
+    results: list[WorkloadResult], requests: int, levels: tuple[int, ...] = (1, 2, 4)
+) -> dict[str, list[float]]:
+    """Per concurrency level (the workload runs them one after the other, ``requests`` each,
+    so its results come in that order): median TTFT and time per output token in ms, each the
+    median over rounds (rounded to 0.1 ms)."""
+    out: dict[str, list[float]] = {}
+    for i, c in enumerate(levels):
+        part = slice(i * requests, (i + 1) * requests)
+        ttft = statistics.median(statistics.median(r.ttft_s[part]) for r in results)
+        tpot = statistics.median(statistics.median(r.tpot_s[part]) for r in results)
+        out[f"c{c}"] = [round(ttft * 1e3, 1), round(tpot * 1e3, 2)]
+    return out
+
+
 def compare(
     real_url: str,
     work: Path,
@@ -245,6 +260,10 @@ def _compare(
     out["per_round"] = {
         "real": [workload_stats([r]) for r in real_runs],
         **{name: [workload_stats([r]) for r in runs] for name, runs in emu_runs.items()},
+    }
+    out["per_level_ms"] = {
+        "real": per_level_ms(real_runs, requests),
+        **{name: per_level_ms(runs, requests) for name, runs in emu_runs.items()},
     }
     sent = sum(len(r.ttft_s) for r in real_runs)
     out["real_bursts"] = sum(r.bursts for r in real_runs)

@@ -74,6 +74,8 @@ def test_calibrated_profile_predicts_and_emulates_the_real_engine(
         name: {k: round(v * 1e3, 3) for k, v in s.items()} for name, s in res["workload"].items()
     }
     REPORT["calibration_workload_gaps"] = {k: round(v, 3) for k, v in gaps.items()}
+    REPORT["calibration_workload_per_round"] = res["per_round"]
+    REPORT["calibration_workload_per_level_ms"] = res["per_level_ms"]
     REPORT["calibration_real_bursts"] = f"{res['real_bursts']} of {res['real_streams']} streams"
     REPORT["calibration_cores"] = res["cores"] or "shared (not pinned)"
     if max(loads) > MAX_LOAD:
