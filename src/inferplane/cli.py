@@ -1,5 +1,5 @@
 """The `inferplane` command: serve, epp, envoy-config, demo, emulate, simulate, explain, verify,
-export, check, schema, hash-key, ledger-keygen."""
+export, check, schema, hash-key, ledger-keygen, version."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Annotated, NoReturn, TypeVar
 
 import typer
 
+from inferplane import compiled
 from inferplane.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -270,7 +271,7 @@ def _serve_one(
         freeze_heap(cfg.gateway.gc_freeze)
         typer.echo(
             f"inferplane gateway listening on http://{h}:{p} "
-            f"({len(gateway.fleet.endpoints)} endpoints)",
+            f"({len(gateway.fleet.endpoints)} endpoints; placement {compiled.status().describe()})",
             err=True,
         )
         try:
@@ -318,7 +319,7 @@ def epp(
         freeze_heap(cfg.gateway.gc_freeze)
         typer.echo(
             f"inferplane endpoint picker (ext_proc gRPC) listening on {h}:{bound} "
-            f"({len(picker.fleet.endpoints)} endpoints)",
+            f"({len(picker.fleet.endpoints)} endpoints; placement {compiled.status().describe()})",
             err=True,
         )
         try:
@@ -351,6 +352,20 @@ def envoy_config(
         sys.stdout.write(text)
     else:
         out.write_text(text)
+
+
+@app.command()
+def version() -> None:
+    """The version, the interpreter, and whether placement runs compiled or as pure Python."""
+    import platform
+
+    from inferplane import __version__
+
+    status = compiled.status()
+    typer.echo(f"inferplane {__version__} (Python {platform.python_version()})")
+    typer.echo(f"placement: {status.describe()}")
+    for name in status.modules:
+        typer.echo(f"  {name}")
 
 
 @app.command()

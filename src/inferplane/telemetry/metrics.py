@@ -13,6 +13,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from inferplane import __version__, compiled
+
 _LATENCY_BUCKETS = (
     0.005,
     0.01,
@@ -129,6 +131,14 @@ class GatewayMetrics:
             ["reason"],
             registry=r,
         )
+        self.build_info = Gauge(
+            "inferplane_build_info",
+            "1, labelled with the version and how placement runs: compiled (mypyc) or pure "
+            "(Python; inferplane.compiled)",
+            ["version", "placement"],
+            registry=r,
+        )
+        self.build_info.labels(__version__, compiled.status().mode).set(1)
         self.loop_lost = Gauge(
             "inferplane_event_loop_lag_seconds_total",
             "Seconds the gateway's event loop ran late since start (the process descheduled or "

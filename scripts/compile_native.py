@@ -1,0 +1,184 @@
+#!/usr/bin/env python3
+"""Compile the placement hot path with mypyc (optional; ``make install`` runs it).
+
+    .venv/bin/python scripts/compile_native.py [--package-dir DIR] [--force] [--clean] [--strict]
+
+Compiles `MODULES` (paths under the package) with mypyc — shipped with mypy, a dev dependency —
+and the C compiler into one build: an extension per module and mypyc's shared runtime
+(``inferplane_native__mypyc``). The build is made in a temporary directory and then replaces
+``<package-dir>/_native/`` (default: this checkout's ``src/inferplane``; git-ignored) with the
+extensions and ``manifest.json`` (each source's sha256, the interpreter's cache tag and
+extension suffix). `inferplane.compiled` uses that build only while every listed source still
+hashes the same; the sources themselves are untouched.
+
+When mypyc or a C compiler is missing, or the compile fails, it prints one line saying so,
+removes any previous build and exits 0 (``--strict``: 1): inferplane then runs as pure Python.
+A build that is current (same sources, interpreter and mypyc) is kept unless ``--force``.
+``--clean`` only removes the build. ``INFERPLANE_PURE=1`` at run time ignores a build.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import importlib.machinery
+import io
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+#: The compiled modules, relative to the package directory (docs/placement.md, "Compiled").
+MODULES = (
+    "placement/fused.py",
+    "placement/fused_filters.py",
+    "fleet/prefix_index.py",
+    "physics/roofline.py",
+)
+GROUP = "inferplane_native"
+RUNTIME = f"{GROUP}__mypyc"
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _module_name(rel: str) -> str:
+    return "inferplane." + rel.removesuffix(".py").replace("/", ".")
+
+
+def build(package_dir: Path, verbose: bool) -> tuple[Path, list[str]]:
+    """Compile into a fresh directory beside the package's ``_native`` and return it, with
+    the modules compiled."""
+    try:
+        import mypy.version
+        from mypyc.build import mypycify
+        from setuptools import Distribution
+    except ImportError as exc:
+        raise RuntimeError(f"mypyc is not installed ({exc.name}: pip install mypy)") from None
+    cc = os.environ.get("CC", "cc").split()[0]
+    if shutil.which(cc) is None and shutil.which("gcc") is None:
+        raise RuntimeError(f"no C compiler ({cc!r} and 'gcc' not on PATH)")
+    src_root = package_dir.parent
+    sources = {_module_name(m): package_dir / m for m in MODULES}
+    before = {name: _sha256(p) for name, p in sources.items()}
+    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
+    work = Path(tempfile.mkdtemp(prefix="inferplane-native-"))
+    try:
+        old = Path.cwd()
+        os.chdir(src_root)  # mypy names modules from the paths: inferplane.placement.fused
+        out = io.StringIO()
+        try:
+            redirect = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(out)
+            with redirect, (contextlib.nullcontext() if verbose
+                            else contextlib.redirect_stderr(out)):
+                exts = mypycify(
+                    [*(str(Path("inferplane") / m) for m in MODULES),
+                     "--cache-dir", str(work / "mypy-cache")],
+                    opt_level="3",
+                    target_dir=str(work / "c"),
+                    group_name=GROUP,
+                )
+                dist = Distribution({"name": "inferplane-native", "ext_modules": exts})
+                cmd = dist.get_command_obj("build_ext")
+                cmd.build_lib = str(work / "lib")  # type: ignore[attr-defined]
+                cmd.build_temp = str(work / "tmp")  # type: ignore[attr-defined]
+                cmd.parallel = os.cpu_count() or 1  # type: ignore[attr-defined]
+                dist.run_command("build_ext")
+        except (Exception, SystemExit) as exc:
+            tail = out.getvalue().strip().splitlines()[-3:]
+            raise RuntimeError(f"{exc!r}: {' | '.join(tail)}") from None
+        finally:
+            os.chdir(old)
+        lib = work / "lib"
+        files = {RUNTIME: f"{RUNTIME}{suffix}"}
+        built = {RUNTIME: lib / files[RUNTIME]}
+        for name, rel in zip(sources, MODULES, strict=True):
+            files[name] = f"{name}{suffix}"
+            built[name] = lib / "inferplane" / (rel.removesuffix(".py") + suffix)
+        missing = [str(p) for p in built.values() if not p.is_file()]
+        if missing:
+            raise RuntimeError(f"the compile did not produce {', '.join(missing)}")
+        after = {name: _sha256(p) for name, p in sources.items()}
+        if after != before:
+            raise RuntimeError("a source changed during the compile; run it again")
+        stage = Path(tempfile.mkdtemp(prefix="_native.", dir=package_dir))
+        for name, path in built.items():
+            shutil.copy2(path, stage / files[name])
+        manifest = {
+            "format": 1,
+            "cache_tag": sys.implementation.cache_tag,
+            "ext_suffix": suffix,
+            "mypy": mypy.version.__version__,
+            "built_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "runtime": RUNTIME,
+            "files": files,
+            "sources": {
+                name: {"path": rel, "sha256": before[name]}
+                for name, rel in zip(sources, MODULES, strict=True)
+            },
+        }
+        (stage / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", "utf-8")
+        return stage, list(sources)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def current(package_dir: Path) -> bool:
+    """Whether ``<package_dir>/_native`` already holds a build of these sources, of `MODULES`,
+    by this interpreter and this mypyc."""
+    try:
+        import mypy.version
+
+        m = json.loads((package_dir / "_native" / "manifest.json").read_text("utf-8"))
+        return (
+            m["cache_tag"] == sys.implementation.cache_tag
+            and m["mypy"] == mypy.version.__version__
+            and [s["path"] for s in m["sources"].values()] == list(MODULES)
+            and all(_sha256(package_dir / s["path"]) == s["sha256"]
+                    for s in m["sources"].values())
+            and all((package_dir / "_native" / f).is_file() for f in m["files"].values())
+        )
+    except (ImportError, OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--package-dir", type=Path, default=ROOT / "src" / "inferplane",
+                    help="the inferplane package to compile (default: this checkout's)")
+    ap.add_argument("--clean", action="store_true", help="only remove the build")
+    ap.add_argument("--force", action="store_true", help="compile even when the build is current")
+    ap.add_argument("--strict", action="store_true", help="exit 1 when it cannot compile")
+    ap.add_argument("-v", "--verbose", action="store_true", help="show mypyc's and cc's output")
+    args = ap.parse_args(argv)
+    package_dir: Path = args.package_dir.resolve()
+    dest = package_dir / "_native"
+    if args.clean:
+        shutil.rmtree(dest, ignore_errors=True)
+        print(f"compile_native: removed {dest}; inferplane runs as pure Python")
+        return 0
+    if not args.force and current(package_dir):
+        print(f"compile_native: {dest} is current (--force compiles again)")
+        return 0
+    t0 = time.monotonic()
+    try:
+        stage, names = build(package_dir, args.verbose)
+    except RuntimeError as exc:
+        shutil.rmtree(dest, ignore_errors=True)  # never leave an older build behind
+        print(f"compile_native: not compiled, inferplane runs as pure Python: {exc}")
+        return 1 if args.strict else 0
+    shutil.rmtree(dest, ignore_errors=True)
+    stage.rename(dest)
+    print(f"compile_native: compiled {len(names)} modules with mypyc into {dest} "
+          f"in {time.monotonic() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

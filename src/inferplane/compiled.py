@@ -1,0 +1,162 @@
+"""Whether the placement hot path runs compiled (mypyc) or as pure Python, and the import hook
+that decides it once per process.
+
+``scripts/compile_native.py`` (run by ``make install`` where mypyc and a C compiler are
+present) compiles a few modules with mypyc into ``inferplane/_native/`` (git-ignored, beside
+this file): one extension per module, mypyc's shared runtime (``inferplane_native__mypyc``)
+and ``manifest.json``, which names every compiled module with the sha256 of the source it was
+compiled from, the interpreter's cache tag and extension suffix. The sources stay where they
+are; nothing compiled sits beside them, so Python's own import finds only the ``.py`` files.
+
+`install` (called by ``inferplane/__init__.py``) reads the manifest and puts a finder in front
+of ``sys.meta_path`` that serves the compiled modules — only when every listed source hashes as
+it did at the compile (the modules of one build call each other natively, so one edited file
+makes the whole build stale), the interpreter is the one it was built for and its runtime
+loads. Otherwise every module is imported from its source and, where a build exists but cannot
+be used, one warning says why (logger ``inferplane.compiled``). ``INFERPLANE_PURE=1`` forces
+pure Python. `status` says which one runs (``inferplane version``, the gateway's start-up
+line, the ``inferplane_build_info`` metric).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.machinery
+import importlib.util
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib.machinery import ModuleSpec
+from pathlib import Path
+from types import ModuleType
+
+log = logging.getLogger("inferplane.compiled")
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+NATIVE_DIR = PACKAGE_DIR / "_native"
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = 1
+ENV_PURE = "INFERPLANE_PURE"
+
+
+@dataclass(frozen=True, slots=True)
+class BuildStatus:
+    """Which build runs: ``mode`` ``"compiled"`` or ``"pure"``; the compiled modules (empty
+    when pure); why pure (empty when compiled); ``stale``: a build exists but was not used."""
+
+    mode: str
+    modules: tuple[str, ...] = ()
+    reason: str = ""
+    stale: bool = False
+
+    def describe(self) -> str:
+        if self.mode == "compiled":
+            return f"compiled (mypyc: {len(self.modules)} modules)"
+        return f"pure Python ({self.reason})"
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def check(native_dir: Path = NATIVE_DIR, package_dir: Path = PACKAGE_DIR) -> tuple[
+    BuildStatus, dict[str, Path]
+]:
+    """Whether the build in ``native_dir`` may serve the sources in ``package_dir``: the status
+    and, when compiled, module name → extension file (the runtime included)."""
+    if os.environ.get(ENV_PURE, "").strip().lower() in ("1", "true", "yes", "on"):
+        return BuildStatus("pure", reason=f"{ENV_PURE} is set"), {}
+    path = native_dir / MANIFEST
+    if not path.is_file():
+        return BuildStatus("pure", reason="not compiled: scripts/compile_native.py"), {}
+
+    def stale(why: str) -> tuple[BuildStatus, dict[str, Path]]:
+        return BuildStatus("pure", reason=f"compiled build not used: {why}", stale=True), {}
+
+    try:
+        m = json.loads(path.read_text("utf-8"))
+        if m.get("format") != MANIFEST_FORMAT:
+            return stale(f"manifest format {m.get('format')!r}, expected {MANIFEST_FORMAT}")
+        if m["cache_tag"] != sys.implementation.cache_tag:
+            return stale(f"built for {m['cache_tag']}, running {sys.implementation.cache_tag}")
+        suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
+        if m["ext_suffix"] != suffix:
+            return stale(f"built as *{m['ext_suffix']}, this interpreter loads *{suffix}")
+        files: dict[str, Path] = {m["runtime"]: native_dir / m["files"][m["runtime"]]}
+        changed: list[str] = []
+        for name, src in m["sources"].items():
+            files[name] = native_dir / m["files"][name]
+            source = package_dir / src["path"]
+            if not source.is_file() or _sha256(source) != src["sha256"]:
+                changed.append(src["path"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return stale(f"unreadable manifest {path}: {exc!r}")
+    if changed:
+        return stale(
+            f"{', '.join(changed)} changed after the compile (re-run scripts/compile_native.py)"
+        )
+    missing = [str(f) for f in files.values() if not f.is_file()]
+    if missing:
+        return stale(f"missing {', '.join(missing)}")
+    modules = tuple(sorted(n for n in files if n != m["runtime"]))
+    return BuildStatus("compiled", modules=modules), files
+
+
+class NativeFinder:
+    """Serves the listed modules from their compiled extension files (a `sys.meta_path`
+    finder); every other name falls through to the usual finders."""
+
+    def __init__(self, files: dict[str, Path]) -> None:
+        self.files = files
+
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None = None, target: ModuleType | None = None
+    ) -> ModuleSpec | None:
+        file = self.files.get(fullname)
+        if file is None:
+            return None
+        loader = importlib.machinery.ExtensionFileLoader(fullname, str(file))
+        return importlib.util.spec_from_file_location(fullname, file, loader=loader)
+
+
+def load(status: BuildStatus, files: dict[str, Path]) -> BuildStatus:
+    """Put the finder for ``files`` (`check`'s) in front of `sys.meta_path` and load the
+    build's shared runtime; a runtime that fails to load takes the finder out again (pure)."""
+    runtime = next(n for n in files if n not in status.modules)
+    finder = NativeFinder(files)
+    sys.meta_path.insert(0, finder)
+    try:  # the shared runtime first: a build that cannot load is not used at all
+        importlib.import_module(runtime)
+    except Exception as exc:
+        sys.meta_path.remove(finder)
+        sys.modules.pop(runtime, None)
+        return BuildStatus(
+            "pure", reason=f"compiled build not used: its runtime fails to load: {exc!r}",
+            stale=True,
+        )
+    return status
+
+
+_status: BuildStatus | None = None
+
+
+def install(native_dir: Path = NATIVE_DIR, package_dir: Path = PACKAGE_DIR) -> BuildStatus:
+    """Decide once per process (module docstring); later calls return the first answer."""
+    global _status
+    if _status is not None:
+        return _status
+    status, files = check(native_dir, package_dir)
+    if status.mode == "compiled":
+        status = load(status, files)
+    if status.stale:
+        log.warning("inferplane: running pure Python: %s", status.reason)
+    _status = status
+    return status
+
+
+def status() -> BuildStatus:
+    """Which build this process runs (`install`'s answer)."""
+    return _status if _status is not None else install()

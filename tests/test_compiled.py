@@ -1,0 +1,204 @@
+"""The optional mypyc build (`inferplane.compiled`, ``scripts/compile_native.py``): used only
+while it is current, pure Python otherwise, and both decide alike.
+
+The manifest checks run on a fake build in a temporary directory; the tests marked ``needs a
+build`` use this checkout's real one (``make install`` makes it where mypyc and a C compiler
+are present) and are skipped, saying so, where there is none.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.machinery
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from inferplane import compiled
+from inferplane.compiled import ENV_PURE, BuildStatus, check, load
+
+ROOT = Path(__file__).resolve().parent.parent
+SRC = ROOT / "src"
+SUFFIX = importlib.machinery.EXTENSION_SUFFIXES[0]
+REAL, _ = check()
+needs_build = pytest.mark.skipif(
+    os.environ.get(ENV_PURE) is not None or REAL.mode != "compiled",
+    reason=f"no current compiled build here ({REAL.describe()}); `make install` or "
+    "scripts/compile_native.py makes one where mypyc and a C compiler are present",
+)
+
+
+def fake_build(tmp: Path, sources: dict[str, str]) -> tuple[Path, Path]:
+    """A package dir with ``sources`` (path → text) and a native dir whose manifest lists them
+    as compiled (extension files that are empty placeholders)."""
+    pkg, native = tmp / "pkg", tmp / "native"
+    native.mkdir()
+    files = {"rt__mypyc": f"rt__mypyc{SUFFIX}"}
+    listed = {}
+    for rel, text in sources.items():
+        (pkg / rel).parent.mkdir(parents=True, exist_ok=True)
+        (pkg / rel).write_text(text, "utf-8")
+        name = "inferplane." + rel.removesuffix(".py").replace("/", ".")
+        files[name] = f"{name}{SUFFIX}"
+        listed[name] = {"path": rel, "sha256": hashlib.sha256(text.encode()).hexdigest()}
+    for f in files.values():
+        (native / f).write_bytes(b"")
+    manifest = {
+        "format": 1, "cache_tag": sys.implementation.cache_tag, "ext_suffix": SUFFIX,
+        "runtime": "rt__mypyc", "files": files, "sources": listed,
+    }
+    (native / "manifest.json").write_text(json.dumps(manifest), "utf-8")
+    return native, pkg
+
+
+@pytest.fixture(autouse=True)
+def _no_pure_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(ENV_PURE, raising=False)
+
+
+SOURCES = {"placement/fused.py": "x = 1\n", "physics/roofline.py": "y = 2\n"}
+
+
+def test_a_current_build_is_used(tmp_path: Path) -> None:
+    native, pkg = fake_build(tmp_path, SOURCES)
+    status, files = check(native, pkg)
+    assert status == BuildStatus(
+        "compiled", modules=("inferplane.physics.roofline", "inferplane.placement.fused")
+    )
+    assert files["inferplane.placement.fused"] == native / f"inferplane.placement.fused{SUFFIX}"
+    assert files["rt__mypyc"] == native / f"rt__mypyc{SUFFIX}"
+
+
+def test_no_build_is_pure_without_a_warning(tmp_path: Path) -> None:
+    status, files = check(tmp_path / "absent", tmp_path)
+    assert status.mode == "pure" and not status.stale and files == {}
+    assert "not compiled" in status.reason
+
+
+def test_a_source_edited_after_the_compile_makes_the_whole_build_stale(tmp_path: Path) -> None:
+    native, pkg = fake_build(tmp_path, SOURCES)
+    (pkg / "physics/roofline.py").write_text("y = 3\n", "utf-8")
+    status, files = check(native, pkg)
+    assert status.mode == "pure" and status.stale and files == {}
+    assert "physics/roofline.py changed after the compile" in status.reason
+    (pkg / "physics/roofline.py").unlink()
+    status, _ = check(native, pkg)
+    assert status.stale and "physics/roofline.py" in status.reason
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "words"),
+    [
+        ("cache_tag", "cpython-20", "built for cpython-20"),
+        ("ext_suffix", ".other.so", "this interpreter loads"),
+        ("format", 99, "manifest format 99"),
+        ("files", {}, "unreadable manifest"),
+    ],
+)
+def test_a_build_for_another_interpreter_or_format_is_not_used(
+    tmp_path: Path, field: str, value: object, words: str
+) -> None:
+    native, pkg = fake_build(tmp_path, SOURCES)
+    m = json.loads((native / "manifest.json").read_text("utf-8"))
+    m[field] = value
+    (native / "manifest.json").write_text(json.dumps(m), "utf-8")
+    status, _ = check(native, pkg)
+    assert status.mode == "pure" and status.stale and words in status.reason
+
+
+def test_a_missing_extension_file_is_not_used(tmp_path: Path) -> None:
+    native, pkg = fake_build(tmp_path, SOURCES)
+    (native / f"inferplane.placement.fused{SUFFIX}").unlink()
+    status, _ = check(native, pkg)
+    assert status.stale and "missing" in status.reason
+
+
+def test_the_environment_forces_pure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    native, pkg = fake_build(tmp_path, SOURCES)
+    monkeypatch.setenv(ENV_PURE, "1")
+    status, files = check(native, pkg)
+    assert status == BuildStatus("pure", reason=f"{ENV_PURE} is set") and files == {}
+
+
+def test_a_runtime_that_fails_to_load_leaves_no_finder(tmp_path: Path) -> None:
+    native, pkg = fake_build(tmp_path, SOURCES)  # the "extensions" are empty files
+    status, files = check(native, pkg)
+    before = list(sys.meta_path)
+    got = load(status, files)
+    assert got.mode == "pure" and got.stale and "runtime fails to load" in got.reason
+    assert sys.meta_path == before and "rt__mypyc" not in sys.modules
+
+
+def test_this_process_reports_what_it_runs() -> None:
+    status = compiled.status()
+    assert status.mode in ("compiled", "pure")
+    import inferplane.placement.fused as fused
+
+    assert fused.__file__ is not None
+    assert fused.__file__.endswith(SUFFIX) == (status.mode == "compiled")
+
+
+def _run(code: str, pkg_parent: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    e = {k: v for k, v in os.environ.items() if k != ENV_PURE}
+    e.update(env, PYTHONPATH=str(pkg_parent))
+    return subprocess.run([sys.executable, "-c", code], env=e, capture_output=True,
+                          text=True, timeout=120, check=True)
+
+
+WHICH = ("import inferplane.compiled as c, inferplane.placement.fused as f; "
+         "print(c.status().mode, f.__file__)")
+
+
+@needs_build
+def test_a_real_build_edited_after_the_compile_runs_pure_and_warns(tmp_path: Path) -> None:
+    copy = tmp_path / "src"
+    shutil.copytree(SRC / "inferplane", copy / "inferplane",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    out = _run(WHICH, copy)
+    assert out.stdout.split()[0] == "compiled" and out.stdout.strip().endswith(SUFFIX)
+    assert "pure" not in out.stderr
+    fused = copy / "inferplane" / "placement" / "fused.py"
+    fused.write_text(fused.read_text("utf-8") + "\n# edited after the compile\n", "utf-8")
+    out = _run(WHICH, copy)
+    assert out.stdout.split() == ["pure", str(fused)]
+    assert out.stderr.count("running pure Python") == 1
+    assert "placement/fused.py changed after the compile" in out.stderr
+    out = _run(WHICH, copy, **{ENV_PURE: "1"})  # forced: no warning
+    assert out.stdout.split()[0] == "pure" and out.stderr == ""
+
+
+@needs_build
+def test_compiled_and_pure_decide_alike(tmp_path: Path) -> None:
+    """Every decision of ``bench/placement_speed.py --dump`` (both bench fleets, every
+    profile, loads, failures, reservations; exact float reprs) is byte-identical."""
+    dumps = {}
+    for mode, env in (("compiled", {}), ("pure", {ENV_PURE: "1"})):
+        out = tmp_path / f"{mode}.txt"
+        e = {k: v for k, v in os.environ.items() if k != ENV_PURE}
+        e.update(env, PYTHONPATH=str(SRC))
+        subprocess.run([sys.executable, str(ROOT / "bench" / "placement_speed.py"),
+                        "--dump", str(out)], env=e, check=True, capture_output=True,
+                       timeout=600)
+        dumps[mode] = out.read_bytes()
+    assert dumps["compiled"] == dumps["pure"] and len(dumps["pure"]) > 100_000
+
+
+def test_version_and_metric_say_which_build_runs() -> None:
+    from prometheus_client import generate_latest
+    from typer.testing import CliRunner
+
+    from inferplane.cli import app
+    from inferplane.telemetry.metrics import GatewayMetrics
+
+    status = compiled.status()
+    out = CliRunner().invoke(app, ["version"])
+    assert out.exit_code == 0
+    assert f"placement: {status.describe()}" in out.output
+    assert all(name in out.output for name in status.modules)
+    text = generate_latest(GatewayMetrics().registry).decode()
+    assert f'inferplane_build_info{{placement="{status.mode}",version="' in text
