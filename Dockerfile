@@ -1,14 +1,30 @@
 # inferplane gateway image: `inferplane serve`, `inferplane epp`, `inferplane envoy-config`.
 # Build: docker build -t inferplane:dev .
 # Run:   docker run -p 8080:8080 -v $PWD/fleet.yaml:/etc/inferplane/fleet.yaml inferplane:dev
-# Not built in this project's CI (no container runtime there); see deploy/README.md.
+# Not built in this project's CI (no container runtime there, so the NATIVE step below is
+# untested); see deploy/README.md.
 # Python 3.12: aiohttp starts each upstream request's writer eagerly there, so a burst of requests
 # goes on the wire in order instead of after the whole burst was placed (docs/benchmarks.md).
+# NATIVE=1 (the default) also compiles the placement hot path with mypyc into the installed
+# package (scripts/compile_native.py; docs/placement.md#the-compiled-build): gcc and mypy in this
+# build stage only, nothing of them in the image. Where that cannot be done (no package mirror,
+# no compiler) the script says so in one line and the image runs pure Python; NATIVE=0 skips it.
+# `docker run IMAGE version` says which one the image runs.
 FROM python:3.12-slim AS build
+ARG NATIVE=1
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY src ./src
+COPY scripts/compile_native.py ./scripts/
 RUN pip install --no-cache-dir --prefix=/install .
+RUN if [ "$NATIVE" = 1 ]; then \
+      { apt-get update -qq && apt-get install -y -qq --no-install-recommends gcc libc6-dev \
+        && pip install --no-cache-dir --prefix=/tmp/mypy "mypy>=1.10" setuptools; } \
+      || echo "NATIVE: cannot install gcc or mypy here; the image runs pure Python"; \
+      PYTHONPATH="/tmp/mypy/lib/python3.12/site-packages:/install/lib/python3.12/site-packages" \
+        python scripts/compile_native.py \
+        --package-dir /install/lib/python3.12/site-packages/inferplane; \
+    fi
 
 FROM python:3.12-slim
 RUN useradd --system --uid 10001 --home-dir /var/lib/inferplane --create-home inferplane

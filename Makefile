@@ -29,11 +29,11 @@ pure:
 	$(BIN)/python scripts/compile_native.py --clean
 
 ## The main job: the emulated heterogeneous fleet, the gateway and a mixed workload for ~30 s.
-demo: $(STAMP)
+demo: install
 	$(BIN)/inferplane demo
 
 ## The test command (CI runs this): lint, strict typing, then the default test suite.
-test: $(STAMP)
+test: install
 	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy
 	$(BIN)/pytest -q

@@ -1,13 +1,16 @@
 #!/usr/bin/env python3
 """Compile the placement hot path with mypyc (optional; ``make install`` runs it).
 
-    .venv/bin/python scripts/compile_native.py [--package-dir DIR] [--force] [--clean] [--strict]
+    .venv/bin/python scripts/compile_native.py [--package-dir DIR] [--config-file F] [--force]
+                                                [--clean] [--strict]
 
 Compiles `MODULES` (paths under the package) with mypyc — shipped with mypy, a dev dependency —
 and the C compiler into one build: an extension per module and mypyc's shared runtime
 (``inferplane_native__mypyc``). The build is made in a temporary directory and then replaces
-``<package-dir>/_native/`` (default: this checkout's ``src/inferplane``; git-ignored) with the
-extensions and ``manifest.json`` (each source's sha256, the interpreter's cache tag and
+``<package-dir>/_native/`` (default: this checkout's ``src/inferplane``, git-ignored; an
+installed package's directory works too: the Dockerfile) with the extensions and
+``manifest.json`` (the sha256 of each compiled source and of every inferplane source they import,
+transitively — the compiled code relies on their types —, the interpreter's cache tag and
 extension suffix). `inferplane.compiled` uses that build only while every listed source still
 hashes the same; the sources themselves are untouched.
 
@@ -20,6 +23,7 @@ A build that is current (same sources, interpreter and mypyc) is kept unless ``-
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import hashlib
 import importlib.machinery
@@ -52,7 +56,43 @@ def _module_name(rel: str) -> str:
     return "inferplane." + rel.removesuffix(".py").replace("/", ".")
 
 
-def build(package_dir: Path, verbose: bool) -> tuple[Path, list[str]]:
+def _imports(path: Path) -> set[str]:
+    """The ``inferplane`` modules a source imports (any import statement, typing-only ones
+    too)."""
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text("utf-8"))):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names if a.name.split(".")[0] == "inferplane")
+        elif (isinstance(node, ast.ImportFrom) and node.module and node.level == 0
+              and node.module.split(".")[0] == "inferplane"):
+            out.add(node.module)
+            out.update(f"{node.module}.{a.name}" for a in node.names)
+    return out
+
+
+def dependencies(package_dir: Path, modules: tuple[str, ...]) -> list[str]:
+    """The package's sources (paths under it) that `modules` import, transitively, the
+    packages' ``__init__.py`` included and `modules` themselves excluded: compiled code was
+    compiled against their types, so a change there makes the build stale too."""
+    seen: set[str] = set()
+    todo = [package_dir / m for m in modules]
+    while todo:
+        path = todo.pop()
+        for name in _imports(path):
+            parts = name.split(".")[1:]
+            for k in range(len(parts) + 1):  # the module, or a package's __init__
+                for cand in (package_dir.joinpath(*parts[:k]).with_suffix(".py") if k else None,
+                             package_dir.joinpath(*parts[:k], "__init__.py")):
+                    if cand is None or not cand.is_file():
+                        continue
+                    rel = cand.relative_to(package_dir).as_posix()
+                    if rel not in seen:
+                        seen.add(rel)
+                        todo.append(cand)
+    return sorted(seen - set(modules))
+
+
+def build(package_dir: Path, verbose: bool, config: Path | None) -> tuple[Path, list[str]]:
     """Compile into a fresh directory beside the package's ``_native`` and return it, with
     the modules compiled."""
     try:
@@ -67,6 +107,7 @@ def build(package_dir: Path, verbose: bool) -> tuple[Path, list[str]]:
     src_root = package_dir.parent
     sources = {_module_name(m): package_dir / m for m in MODULES}
     before = {name: _sha256(p) for name, p in sources.items()}
+    deps = {rel: _sha256(package_dir / rel) for rel in dependencies(package_dir, MODULES)}
     suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
     work = Path(tempfile.mkdtemp(prefix="inferplane-native-"))
     try:
@@ -77,9 +118,11 @@ def build(package_dir: Path, verbose: bool) -> tuple[Path, list[str]]:
             redirect = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(out)
             with redirect, (contextlib.nullcontext() if verbose
                             else contextlib.redirect_stderr(out)):
+                options = ["--cache-dir", str(work / "mypy-cache")]
+                if config is not None:
+                    options += ["--config-file", str(config)]
                 exts = mypycify(
-                    [*(str(Path("inferplane") / m) for m in MODULES),
-                     "--cache-dir", str(work / "mypy-cache")],
+                    [*(str(Path("inferplane") / m) for m in MODULES), *options],
                     opt_level="3",
                     target_dir=str(work / "c"),
                     group_name=GROUP,
@@ -105,7 +148,7 @@ def build(package_dir: Path, verbose: bool) -> tuple[Path, list[str]]:
         if missing:
             raise RuntimeError(f"the compile did not produce {', '.join(missing)}")
         after = {name: _sha256(p) for name, p in sources.items()}
-        if after != before:
+        if after != before or deps != {rel: _sha256(package_dir / rel) for rel in deps}:
             raise RuntimeError("a source changed during the compile; run it again")
         stage = Path(tempfile.mkdtemp(prefix="_native.", dir=package_dir))
         for name, path in built.items():
@@ -122,6 +165,7 @@ def build(package_dir: Path, verbose: bool) -> tuple[Path, list[str]]:
                 name: {"path": rel, "sha256": before[name]}
                 for name, rel in zip(sources, MODULES, strict=True)
             },
+            "depends": deps,
         }
         (stage / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", "utf-8")
         return stage, list(sources)
@@ -142,6 +186,8 @@ def current(package_dir: Path) -> bool:
             and [s["path"] for s in m["sources"].values()] == list(MODULES)
             and all(_sha256(package_dir / s["path"]) == s["sha256"]
                     for s in m["sources"].values())
+            and m["depends"] == {rel: _sha256(package_dir / rel)
+                                 for rel in dependencies(package_dir, MODULES)}
             and all((package_dir / "_native" / f).is_file() for f in m["files"].values())
         )
     except (ImportError, OSError, ValueError, KeyError, TypeError):
@@ -152,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--package-dir", type=Path, default=ROOT / "src" / "inferplane",
                     help="the inferplane package to compile (default: this checkout's)")
+    ap.add_argument("--config-file", type=Path, default=ROOT / "pyproject.toml",
+                    help="mypy's configuration (default: this checkout's pyproject.toml)")
     ap.add_argument("--clean", action="store_true", help="only remove the build")
     ap.add_argument("--force", action="store_true", help="compile even when the build is current")
     ap.add_argument("--strict", action="store_true", help="exit 1 when it cannot compile")
@@ -168,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     t0 = time.monotonic()
     try:
-        stage, names = build(package_dir, args.verbose)
+        config = args.config_file.resolve() if args.config_file.is_file() else None
+        stage, names = build(package_dir, args.verbose, config)
     except RuntimeError as exc:
         shutil.rmtree(dest, ignore_errors=True)  # never leave an older build behind
         print(f"compile_native: not compiled, inferplane runs as pure Python: {exc}")

@@ -33,9 +33,12 @@ needs_build = pytest.mark.skipif(
 )
 
 
-def fake_build(tmp: Path, sources: dict[str, str]) -> tuple[Path, Path]:
+def fake_build(
+    tmp: Path, sources: dict[str, str], depends: dict[str, str] | None = None
+) -> tuple[Path, Path]:
     """A package dir with ``sources`` (path → text) and a native dir whose manifest lists them
-    as compiled (extension files that are empty placeholders)."""
+    as compiled (extension files that are empty placeholders), and ``depends`` (path → text) as
+    what they import."""
     pkg, native = tmp / "pkg", tmp / "native"
     native.mkdir()
     files = {"rt__mypyc": f"rt__mypyc{SUFFIX}"}
@@ -46,11 +49,16 @@ def fake_build(tmp: Path, sources: dict[str, str]) -> tuple[Path, Path]:
         name = "inferplane." + rel.removesuffix(".py").replace("/", ".")
         files[name] = f"{name}{SUFFIX}"
         listed[name] = {"path": rel, "sha256": hashlib.sha256(text.encode()).hexdigest()}
+    deps = {}
+    for rel, text in (depends or {}).items():
+        (pkg / rel).parent.mkdir(parents=True, exist_ok=True)
+        (pkg / rel).write_text(text, "utf-8")
+        deps[rel] = hashlib.sha256(text.encode()).hexdigest()
     for f in files.values():
         (native / f).write_bytes(b"")
     manifest = {
         "format": 1, "cache_tag": sys.implementation.cache_tag, "ext_suffix": SUFFIX,
-        "runtime": "rt__mypyc", "files": files, "sources": listed,
+        "runtime": "rt__mypyc", "files": files, "sources": listed, "depends": deps,
     }
     (native / "manifest.json").write_text(json.dumps(manifest), "utf-8")
     return native, pkg
@@ -89,6 +97,15 @@ def test_a_source_edited_after_the_compile_makes_the_whole_build_stale(tmp_path:
     (pkg / "physics/roofline.py").unlink()
     status, _ = check(native, pkg)
     assert status.stale and "physics/roofline.py" in status.reason
+
+
+def test_an_edited_dependency_makes_the_build_stale(tmp_path: Path) -> None:
+    """The compiled code was compiled against the types of what it imports."""
+    native, pkg = fake_build(tmp_path, SOURCES, {"fleet/state.py": "z = 1\n"})
+    assert check(native, pkg)[0].mode == "compiled"
+    (pkg / "fleet/state.py").write_text("z: float = 1\n", "utf-8")
+    status, _ = check(native, pkg)
+    assert status.stale and "fleet/state.py changed after the compile" in status.reason
 
 
 @pytest.mark.parametrize(

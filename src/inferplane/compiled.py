@@ -5,17 +5,19 @@ that decides it once per process.
 present) compiles a few modules with mypyc into ``inferplane/_native/`` (git-ignored, beside
 this file): one extension per module, mypyc's shared runtime (``inferplane_native__mypyc``)
 and ``manifest.json``, which names every compiled module with the sha256 of the source it was
-compiled from, the interpreter's cache tag and extension suffix. The sources stay where they
-are; nothing compiled sits beside them, so Python's own import finds only the ``.py`` files.
+compiled from, the sha256 of every inferplane source those import (transitively: the compiled
+code relies on their types), the interpreter's cache tag and extension suffix. The sources stay
+where they are; nothing compiled sits beside them, so Python's own import finds only the ``.py``
+files.
 
 `install` (called by ``inferplane/__init__.py``) reads the manifest and puts a finder in front
 of ``sys.meta_path`` that serves the compiled modules — only when every listed source hashes as
-it did at the compile (the modules of one build call each other natively, so one edited file
-makes the whole build stale), the interpreter is the one it was built for and its runtime
-loads. Otherwise every module is imported from its source and, where a build exists but cannot
-be used, one warning says why (logger ``inferplane.compiled``). ``INFERPLANE_PURE=1`` forces
-pure Python. `status` says which one runs (``inferplane version``, the gateway's start-up
-line, the ``inferplane_build_info`` metric).
+it did at the compile (the modules of one build call each other natively, and were compiled
+against the types of what they import, so one edited file makes the whole build stale), the
+interpreter is the one it was built for and its runtime loads. Otherwise every module is
+imported from its source and, where a build exists but cannot be used, one warning says why
+(logger ``inferplane.compiled``). ``INFERPLANE_PURE=1`` forces pure Python. `status` says which
+one runs (``inferplane version``, the start-up lines, the ``inferplane_build_info`` metric).
 """
 
 from __future__ import annotations
@@ -87,11 +89,14 @@ def check(native_dir: Path = NATIVE_DIR, package_dir: Path = PACKAGE_DIR) -> tup
             return stale(f"built as *{m['ext_suffix']}, this interpreter loads *{suffix}")
         files: dict[str, Path] = {m["runtime"]: native_dir / m["files"][m["runtime"]]}
         changed: list[str] = []
-        for name, src in m["sources"].items():
+        hashes = {src["path"]: src["sha256"] for src in m["sources"].values()}
+        hashes.update(m["depends"])  # what the compiled code was compiled against
+        for name in m["sources"]:
             files[name] = native_dir / m["files"][name]
-            source = package_dir / src["path"]
-            if not source.is_file() or _sha256(source) != src["sha256"]:
-                changed.append(src["path"])
+        for rel, sha in hashes.items():
+            source = package_dir / rel
+            if not source.is_file() or _sha256(source) != sha:
+                changed.append(rel)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         return stale(f"unreadable manifest {path}: {exc!r}")
     if changed:
