@@ -1,6 +1,5 @@
-"""bench/otel_encode: the exporter process's per-record work, offline (since 2026-12-03 only for
-requests of a shape `records.encode_trace` does not lay out: the gateway encodes the common
-ones itself; these records are of the common shape, so the same encoder is measured as before):
+"""bench/otel_encode: the exporter process's per-record work, offline (the common shape's
+records, encoded by their kind's layout, `records.encode_trace`, through `records.encode_record`):
 ``--requests`` requests' records (as `bench/otel_parts` makes them: the request path's calls
 against a real placement decision, sample ratio 1, half of them streamed with TTFT/TPOT, each
 request's record taken as it ends), pickled in `export.BATCH`
@@ -63,9 +62,8 @@ def records(n: int) -> list[Any]:
                    completion_tokens=5 + i % 300, ttft_s=0.01 + i * 1e-5 if stream else None,
                    tpot_s=0.002 + i * 1e-7 if stream else None)
         t.end()
-        out.append(t.record())  # the gateway queues its spans' bytes (encode_trace) instead
+        out.append(t.record())  # what the gateway queues
     batcher.queue.clear()
-    batcher.encoded.clear()
     gw.telemetry.shutdown()
     return out
 

@@ -8,8 +8,7 @@ it. Each part runs over the same requests (the request path's calls, as `api.app
 
 - ``notes, sampled`` / ``notes, unsampled``: the request path (trace start, classified, the admit
   and place stages, the placement's attributes, the attempt, the outgoing ``traceparent``,
-  finished, end: the metric points and, sampled, the spans encoded, `records.encode_trace`, and
-  queued for the batcher);
+  finished, end: the metric points and, sampled, the record queued for the batcher);
 - ``hand-over`` (gateway, batcher thread): the batcher's flush (``Batcher.flush``) giving the
   exporter process the queued requests, pickled as `export.ExporterProcess` pickles them;
 - ``exporter`` (child process): those messages unpickled and exported (`export.handle`, to a
@@ -171,7 +170,6 @@ def main() -> None:
         tel.batcher.started = True
         request_path(tel, gw, 200)()  # caches, layouts
         tel.batcher.queue.clear()
-        getattr(tel.batcher, "encoded", []).clear()
         request_path(tel, gw, args.requests)()
         return
     if args.instructions:
@@ -186,19 +184,17 @@ def main() -> None:
         batcher.started = True
         run = request_path(tel, gw, n)
         rows.append((f"notes, {label}", "gateway (request path)",
-                     best(run, lambda b=batcher: (b.queue.clear(), b.encoded.clear()),
+                     best(run, lambda b=batcher: b.queue.clear(),
                           args.repeat)))
         batcher.queue.clear()
-        batcher.encoded.clear()
         run()
-        queued = (list(batcher.queue), list(batcher.encoded))
+        queued = list(batcher.queue)
         messages: list[bytes] = []
 
         def refill(batcher: Any = batcher, queued: Any = queued,
                    messages: list[bytes] = messages) -> None:
             messages.clear()
-            batcher.queue.extend(queued[0])
-            batcher.encoded.extend(queued[1])
+            batcher.queue.extend(queued)
 
         batcher.child = Child(messages)  # the batcher's own flush, pickling what it hands over
         rows.append((f"hand-over, {label}", "gateway (batcher thread)",
@@ -213,7 +209,6 @@ def main() -> None:
         rows.append((f"exporter, {label}", "exporter process",
                      best(exporter, lambda: None, args.repeat)))
         batcher.queue.clear()  # not exported: nothing listens
-        batcher.encoded.clear()
         gw.telemetry.shutdown()
     # once per export interval, not per request: the metrics' copy and encoding
     tel, gw = telemetry(1.0)
@@ -226,7 +221,6 @@ def main() -> None:
         tel.metrics_request()
     per_export = (time.process_time() - t0) / 100
     tel.batcher.queue.clear()
-    tel.batcher.encoded.clear()
     gw.telemetry.shutdown()
     git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                          cwd=ROOT).stdout.strip()

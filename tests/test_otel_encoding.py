@@ -5,6 +5,7 @@ the OTLP histograms they should be; W3C ``traceparent`` parsing follows the SDK 
 from __future__ import annotations
 
 import contextlib
+import pickle
 import random
 from typing import Any
 
@@ -21,8 +22,17 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from inferplane.config.loader import parse_config
 from inferplane.telemetry.otel import OtelTelemetry, _parse_traceparent
 from inferplane.telemetry.otlp import Attrs, Histogram, SpanData, varint
-from inferplane.telemetry.records import encode_spans as encode_record
-from inferplane.telemetry.records import encode_trace, spans_of, to_readable
+from inferplane.telemetry.records import (
+    COMPACT,
+    R_ATTEMPTS,
+    R_STAGES,
+    encode_record,
+    encode_trace,
+    expand,
+    spans_of,
+    to_readable,
+)
+from inferplane.telemetry.records import encode_spans as encode_fields
 from tests.support.otlp_receiver import attributes
 
 CONFIG = parse_config(f"""
@@ -207,19 +217,27 @@ def test_records_encode_as_their_spans_do(tel: OtelTelemetry, sc: dict[str, Any]
         t.failed(sc["status"], "upstream_error")
     t.end()
     record = t.record()  # type: ignore[attr-defined]
+    handed = t.handed()  # type: ignore[attr-defined]  # what the batcher hands over
+    assert (len(handed) == COMPACT) == (len(record[R_STAGES]) == 2
+                                        and len(record[R_ATTEMPTS]) == 1)
+    assert (expand(handed) if len(handed) == COMPACT else handed) == record
     random.seed(seed)  # the stage spans' ids: drawn in the same order by both
     spans = spans_of(tel, record)
     random.seed(seed)
     body: list[bytes] = []
-    encode_record(tel, record, body)
+    encode_fields(tel, record, body)
     assert tel.encoder.wrap(body) == tel.encoder.request(spans)
     random.seed(seed)
-    encoded = encode_trace(tel, t)  # type: ignore[arg-type]
+    encoded = encode_trace(tel, record)
     common = (not sc["admit_error"] and not sc["failures"] and sc["end"] == "finished"
               and sc["status"] < 400 and sc["error"] is None)
-    assert (encoded is not None) == common  # the gateway encodes the common shape itself
+    assert (encoded is not None) == common  # the common shape by its kind's layout
     if encoded is not None:
         assert encoded == b"".join(body)
+    random.seed(seed)
+    either: list[bytes] = []
+    encode_record(tel, record, either)  # what the exporter does: the layout, or field by field
+    assert b"".join(either) == b"".join(body)
 
 
 common_requests = st.fixed_dictionaries({
@@ -242,10 +260,11 @@ common_requests = st.fixed_dictionaries({
 @given(common_requests, st.integers(min_value=0, max_value=2**32))
 def test_common_requests_are_encoded_as_their_records_are(tel: OtelTelemetry, sc: dict[str, Any],
                                                          seed: int) -> None:
-    """`records.encode_trace` (the gateway's encoding of a request of the common shape when it
-    ends, one struct layout per kind) gives the bytes `encode_spans` gives of its record, for
-    every token count, time, trace context and status of that shape; the same request again,
-    with other ids and times, reuses the kind's layout."""
+    """`records.encode_trace` (the exporter's encoding of a request of the common shape, one
+    struct layout per kind) gives the bytes `encode_spans` gives of its record, for every token
+    count, time, trace context and status of that shape, and so does its compact record after
+    the hand-over's pickling (new objects for its attribute groups); the same request again, with
+    other ids and times, reuses the kind's layout."""
     def request() -> Any:
         headers = {k: v for k, v in (("traceparent", sc["traceparent"]),
                                      ("tracestate", sc["tracestate"]), ("host", sc["host"]))
@@ -270,11 +289,16 @@ def test_common_requests_are_encoded_as_their_records_are(tel: OtelTelemetry, sc
     for _ in range(2):
         t = request()
         random.seed(seed)
-        encoded = encode_trace(tel, t)
+        encoded = encode_trace(tel, t.record())
         random.seed(seed)
         body: list[bytes] = []
-        encode_record(tel, t.record(), body)
+        encode_fields(tel, t.record(), body)
         assert encoded is not None and encoded == b"".join(body)
+        random.seed(seed)
+        handed = pickle.loads(pickle.dumps([t.handed()], protocol=pickle.HIGHEST_PROTOCOL))
+        again: list[bytes] = []
+        encode_record(tel, handed[0], again)  # compact, its groups new objects
+        assert again == [encoded]
         decoded = ExportTraceServiceRequest.FromString(tel.encoder.wrap([encoded]))
         spans = decoded.resource_spans[0].scope_spans[0].spans
         assert [s.name for s in spans][:2] == ["admit", "place"] and len(spans) == 4
@@ -504,10 +528,10 @@ def test_equal_values_of_other_types_are_cached_apart(tel: OtelTelemetry,
                    tpot_s=0.002)
         t.end()
         random.seed(7)
-        encoded = encode_trace(tel, t)
+        encoded = encode_trace(tel, t.record())
         random.seed(7)
         body: list[bytes] = []
-        encode_record(tel, t.record(), body)
+        encode_fields(tel, t.record(), body)
         assert encoded is not None and encoded == b"".join(body)
 
 

@@ -193,10 +193,10 @@ def test_unsampled_requests_hand_over_nothing_but_their_metric_points(receiver: 
 
 
 @pytest.mark.parametrize("exporter", ["process", "thread"])
-def test_common_requests_travel_encoded_from_the_gateway(receiver: Any, exporter: str) -> None:
-    """A sampled request of the common shape is encoded when it ends (`records.encode_trace`)
-    and queued as bytes; the exporter process (or the gateway's thread) sends those bytes
-    as they are, and the receiver decodes the four spans with their attributes."""
+def test_common_requests_travel_as_records_and_are_laid_out(receiver: Any, exporter: str) -> None:
+    """A sampled request of the common shape is queued as its record when it ends; the exporter
+    process (or the gateway's thread) encodes it by its kind's layout (`records.encode_trace`),
+    and the receiver decodes the four spans with their attributes."""
     if receiver.protocol != "http/protobuf":
         pytest.skip("the transport is covered above")
     from inferplane.api.pipeline import Gateway
@@ -222,7 +222,7 @@ def test_common_requests_travel_encoded_from_the_gateway(receiver: Any, exporter
         t.finished(status=200, error=None, prompt_tokens=7, completion_tokens=5 + i,
                    ttft_s=0.01, tpot_s=None)
         t.end()
-    assert len(tel.batcher.encoded) == 3 and not tel.batcher.queue
+    assert len(tel.batcher.queue) == 3
     tel.shutdown()
     spans = [s for _, s in receiver.spans() if s.trace_id.hex() == TRACE_ID]
     assert sorted(s.name for s in spans) == ["admit"] * 3 + ["chat m"] * 6 + ["place"] * 3

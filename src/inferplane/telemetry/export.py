@@ -22,7 +22,7 @@ from inferplane.telemetry.otlp import (
     encode_metrics,
     send_with_retry,
 )
-from inferplane.telemetry.records import SCOPE, Record, encode_spans
+from inferplane.telemetry.records import SCOPE, Record, encode_record
 
 if TYPE_CHECKING:
     from inferplane.config.schema import FleetConfig, TelemetrySpec
@@ -33,7 +33,7 @@ log = logging.getLogger("inferplane.telemetry")
 QUEUE_MAX = 16384
 """Finished requests waiting for the batcher; past it, requests are not traced (counted)."""
 BATCH = 512
-"""Sampled requests per encoded batch; a full one wakes the batcher early."""
+"""Sampled requests per export request; a full batch wakes the batcher early."""
 
 
 def exporter_headers(spec: TelemetrySpec) -> dict[str, str]:
@@ -51,21 +51,14 @@ def sender_for(spec: TelemetrySpec) -> HttpSender | GrpcSender:
 
 def export_spans(tel: OtelTelemetry, sender: HttpSender | GrpcSender, records: list[Record],
                  timeout_s: float) -> None:
-    """Build the spans of finished (sampled) requests, encode them and send them, `BATCH`
-    requests to an export request."""
+    """Encode the spans of finished (sampled) requests from their records (`records.
+    encode_record`: the common shape by its kind's layout) and send them, `BATCH` requests to
+    an export request."""
     for i in range(0, len(records), BATCH):
         body: list[bytes] = []
         for r in records[i:i + BATCH]:
-            encode_spans(tel, r, body)
+            encode_record(tel, r, body)
         send_with_retry(sender, "traces", tel.encoder.wrap(body), timeout_s)
-
-
-def export_encoded(tel: OtelTelemetry, sender: HttpSender | GrpcSender, encoded: list[bytes],
-                   timeout_s: float) -> None:
-    """Send requests' spans encoded already (`records.encode_trace`, joined by the batcher),
-    one export request per item."""
-    for data in encoded:
-        send_with_retry(sender, "traces", tel.encoder.wrap([data]), timeout_s)
 
 
 def export_metrics(tel: OtelTelemetry, sender: HttpSender | GrpcSender,
@@ -78,12 +71,11 @@ def export_metrics(tel: OtelTelemetry, sender: HttpSender | GrpcSender,
 
 class Batcher:
     """The gateway's background thread. Every ``min(5 s, export_interval_s)`` (or when `BATCH`
-    sampled requests are waiting) it takes the finished requests (their spans encoded already,
-    `records.encode_trace`, joined into one bytes object per `BATCH`; or, for a request of
-    another shape, its record), and every ``export_interval_s`` a copy of the GenAI
-    histograms, and either hands them, pickled, to the exporter process (`ExporterProcess`,
-    ``telemetry.exporter: process``; started with the thread), which encodes the records'
-    spans and sends all, or itself does that (``thread``). Started by the first request that
+    sampled requests are waiting) it takes the finished requests' records, and every
+    ``export_interval_s`` a copy of the GenAI histograms, and either hands them, pickled, to
+    the exporter process (`ExporterProcess`, ``telemetry.exporter: process``; started with the
+    thread), which encodes the records' spans and sends all, or itself does that
+    (``thread``). Started by the first request that
     ends (so a process that forks after building the gateway gets its own)."""
 
     def __init__(self, tel: OtelTelemetry, sender: HttpSender | GrpcSender | None,
@@ -95,7 +87,6 @@ class Batcher:
         self.metrics_interval_s = spec.export_interval_s
         self.timeout_s = spec.timeout_s
         self.queue: deque[Record] = deque()
-        self.encoded: deque[bytes] = deque()
         self.dropped = 0
         self.started = False
         self._wake = threading.Event()
@@ -107,7 +98,6 @@ class Batcher:
 
     def _forked(self) -> None:
         self.queue.clear()
-        self.encoded.clear()
         self.started = False
         self._thread = None
         self._lock = threading.Lock()
@@ -117,21 +107,14 @@ class Batcher:
             self.child = ExporterProcess(self.child.config)
 
     def add(self, record: Record) -> None:
-        """Queue a sampled request's record."""
-        self._push(self.queue, record)
-
-    def add_encoded(self, spans: bytes) -> None:
-        """Queue a sampled request's spans, encoded (`records.encode_trace`)."""
-        self._push(self.encoded, spans)
-
-    def _push(self, into: deque[Any], item: Any) -> None:
-        """Queue ``item`` unless `QUEUE_MAX` requests wait (both queues together: then it is
+        """Queue a sampled request's record unless `QUEUE_MAX` requests wait (then it is
         dropped and counted); start the thread with the first, wake it at `BATCH`."""
-        n = len(self.queue) + len(self.encoded)
+        q = self.queue
+        n = len(q)
         if n >= QUEUE_MAX:
             self.dropped += 1
             return
-        into.append(item)
+        q.append(record)
         if not self.started:
             self.start()
         elif n >= BATCH - 1 and not self._wake.is_set():
@@ -161,39 +144,31 @@ class Batcher:
         with self._lock:
             q = self.queue
             records = [q.popleft() for _ in range(len(q))]
-            e = self.encoded
-            items = [e.popleft() for _ in range(len(e))]
-            encoded = [b"".join(items[i:i + BATCH]) for i in range(0, len(items), BATCH)]
             snapshot = None
             if metrics and self.tel.histograms:
                 self._next_metrics = time.monotonic() + self.metrics_interval_s
                 snapshot = self.tel.metrics_snapshot()
             child = self.child
             if child is not None:
-                if encoded and not child.send(("encoded", encoded)):
+                if records and not child.send(("spans", records)):
                     self._child_gone()
-                elif records and not child.send(("spans", records)):
-                    self._child_gone()
-                    encoded = []  # handed over already
                 elif snapshot is not None and not child.send(("metrics", snapshot)):
                     self._child_gone()
-                    records, encoded = [], []  # handed over already
+                    records = []  # handed over already
                 else:
                     return
-            self._export(encoded, records, snapshot)
+            self._export(records, snapshot)
 
     def _child_gone(self) -> None:
         log.warning("OTLP exporter process is gone (or did not start): exporting from the "
                     "gateway itself")
         self.child = None
 
-    def _export(self, encoded: list[bytes], records: list[Record],
+    def _export(self, records: list[Record],
                 snapshot: tuple[list[Histogram], int, int] | None) -> None:
         sender = self.sender
         if sender is None:
             sender = self.sender = sender_for(self.tel.spec)
-        if encoded:
-            export_encoded(self.tel, sender, encoded, self.timeout_s)
         if records:
             export_spans(self.tel, sender, records, self.timeout_s)
         if snapshot is not None:
@@ -218,12 +193,11 @@ class Batcher:
 
 class ExporterProcess:
     """``python -m inferplane.telemetry.exporter``: a child process that sends the spans of the
-    requests the gateway hands it (batches encoded already, and records of requests of other
-    shapes, whose spans it builds and encodes) and the GenAI histograms' copies, so that the
-    sending, the metrics' encoding and the rare requests' encoding are off the gateway's CPU.
-    Messages on its stdin are length-prefixed pickles: the fleet config, then ``("encoded",
-    [bytes, ...])`` (each item the ``ScopeSpans.spans`` fields of up to `BATCH` requests),
-    ``("spans", records)`` and ``("metrics", (histograms, start_ns, now_ns))``. Started with the
+    requests the gateway hands it (their records, whose spans it encodes: `records.
+    encode_record`) and the GenAI histograms' copies, so that the spans' and the metrics'
+    encoding and the sending are off the gateway's CPU. Messages on its stdin are
+    length-prefixed pickles: the fleet config, then ``("spans", records)`` and ``("metrics",
+    (histograms, start_ns, now_ns))``. Started with the
     gateway's batcher thread; it sends what it holds and exits when its stdin closes."""
 
     def __init__(self, config: FleetConfig) -> None:
@@ -320,9 +294,7 @@ def handle(tel: OtelTelemetry, sender: HttpSender | GrpcSender, message: bytes) 
     """One message from the gateway (`ExporterProcess`), exported."""
     kind, payload = pickle.loads(message)
     timeout_s = tel.spec.timeout_s
-    if kind == "encoded":
-        export_encoded(tel, sender, payload, timeout_s)
-    elif kind == "spans":
+    if kind == "spans":
         export_spans(tel, sender, payload, timeout_s)
     elif kind == "metrics":
         export_metrics(tel, sender, payload, timeout_s)

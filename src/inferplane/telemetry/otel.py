@@ -11,15 +11,13 @@ How it stays cheap (docs/observability.md, "Cost"): the request path creates no 
 `OtelTrace` notes timestamps (``time.time_ns``) and the few values the spans carry as the request
 goes; when it ends, its GenAI metric values are appended to their histogram points' pending lists
 (`OtelTelemetry.observe`; the batcher thread folds them into the buckets in bulk) and, if it is
-sampled, its spans are encoded to OTLP protobuf at once when the request has the common shape
-(`records.encode_trace`: one precompiled `struct` layout per kind of request) and queued as
-bytes, or else its record (a flat tuple, `telemetry.records`) is queued; an unsampled request
-leaves nothing else behind. A background thread (`telemetry.export.Batcher`) hands the queued
-bytes (joined, one object per batch) and records, and every ``export_interval_s`` a copy of the
-histograms, pickled, to the exporter process (``telemetry.exporter: process``, the default),
-which encodes the records' spans (`records.encode_spans`), encodes the histograms
-(`telemetry.otlp`) and sends all over OTLP/HTTP or OTLP/gRPC; with ``exporter: thread`` the
-thread does that itself.
+sampled, its record (a tuple of plain values, `telemetry.records`) is queued; an unsampled
+request leaves nothing else behind. A background thread (`telemetry.export.Batcher`) hands the
+queued records, and every ``export_interval_s`` a copy of the histograms, pickled, to the
+exporter process (``telemetry.exporter: process``, the default), which encodes the records'
+spans (`records.encode_record`: the common shape by one precompiled `struct` layout per kind of
+request), encodes the histograms (`telemetry.otlp`) and sends all over OTLP/HTTP or OTLP/gRPC;
+with ``exporter: thread`` the thread does that itself.
 Sampling follows the SDK's ``ParentBased(TraceIdRatioBased(sample_ratio))`` exactly; W3C
 ``traceparent``/``tracestate`` are read from the caller and written to the upstream.
 
@@ -53,7 +51,6 @@ from inferplane.telemetry.records import (
     SCOPE,
     Pairs,
     Record,
-    encode_trace,
     spans_of,
     to_readable,
 )
@@ -310,11 +307,7 @@ class OtelTelemetry(Telemetry):
         batcher = self.batcher
         if t.sampled and self.trace_spans:
             if batcher is not None:
-                spans = encode_trace(self, t)  # the common shape: its spans' bytes now
-                if spans is not None:
-                    batcher.add_encoded(spans)
-                else:
-                    batcher.add(t.record())
+                batcher.add(t.handed())  # encoded by the exporter (process, or thread)
             elif self.span_exporter is not None:
                 self.span_exporter.export([to_readable(s, self)
                                            for s in spans_of(self, t.record())])
@@ -642,6 +635,25 @@ class OtelTrace(RequestTrace):
             self.tpot_s, self.response_model, self.provider, tuple(self.stages),
             tuple((a.span_id, a.fixed, a.model, a.number, a.start_ns, a.end_ns, a.error_type,
                    a.status, a.finished) for a in self.attempts),
+        )
+
+    def handed(self) -> tuple[Any, ...]:
+        """What the batcher hands over: the record, compact (`records.COMPACT`: flat, so
+        cheaper to build and to pickle) when the request had two stages and one attempt, as
+        almost every request has."""
+        stages, attempts = self.stages, self.attempts
+        if len(stages) != 2 or len(attempts) != 1:
+            return self.record()
+        a = attempts[0]
+        return (
+            self.trace_id, self.span_id, self.parent_id, self.remote, self.trace_state,
+            self.start_ns, self.end_ns, self.op, self.server_address, self.server_port,
+            self.model, self.model_tier, self.class_, self.tenant, self.max_tokens,
+            self.decision, self.decision_id, self.spill, self.status, self.error,
+            self.error_type, self.prompt_tokens, self.completion_tokens, self.ttft_s,
+            self.tpot_s, self.response_model, self.provider, *stages[0], *stages[1],
+            a.span_id, a.fixed, a.model, a.number, a.start_ns, a.end_ns, a.error_type,
+            a.status, a.finished,
         )
 
     def spans(self) -> list[SpanData]:

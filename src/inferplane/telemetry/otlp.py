@@ -162,8 +162,12 @@ class SpanEncoder:
         self.memo: dict[tuple[Any, ...], tuple[bytes, bytes]] = {}
         """`records.encode_spans`' parts of a span that repeat from request to request, by what
         they are made of (bounded as the other caches; `remember` adds)."""
-        self.shapes: dict[tuple[Any, ...], tuple[Any, ...] | None] = {}
-        """`records.encode_trace`'s layouts, by the kind of request (bounded as the others)."""
+        self.shapes: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+        """`records.encode_trace`'s layouts, by the kind of request (empty: a kind it does not
+        lay out; bounded as the others)."""
+        self.groups: dict[int, tuple[Any, Any]] = {}
+        """Attribute groups' keys in those layouts' keys, by the group's identity (the group
+        held with it: `records._group`)."""
 
     def remember(self, key: tuple[Any, ...], value: tuple[bytes, bytes]) -> tuple[bytes, bytes]:
         if len(self.memo) >= self.CACHE_MAX:

@@ -1,9 +1,9 @@
-"""A finished request's spans encoded to OTLP protobuf: by the gateway when the request ends, for
-the common shape (`encode_trace`, one precompiled `struct` layout per kind of request); for any
-other, from its record, one flat tuple of plain values (`Record`; fields `R_SAMPLED` …), in the
-exporter process (`encode_spans`), or as span objects (`spans_of`). A record is cheap to keep
-and to pickle; the attribute groups in it (`Pairs`) are shared tuples, so a pickled batch
-carries each once."""
+"""A finished request's record, one tuple of plain values (`Record`; fields `R_SAMPLED` …), and
+its spans encoded from it to OTLP protobuf in the exporter (`encode_record`): for the common
+shape by one precompiled `struct` layout per kind of request (`encode_trace`), for any other
+field by field (`encode_spans`); or its spans as span objects (`spans_of`). A record is cheap
+to keep and to pickle; the attribute groups in it (`Pairs`) are shared tuples, so a pickled
+batch carries each once."""
 
 from __future__ import annotations
 
@@ -23,13 +23,14 @@ from inferplane.telemetry.otlp import (
     _key,
     _pack_d,
     attribute,
+    typed_key,
     varint,
 )
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import ReadableSpan
 
-    from inferplane.telemetry.otel import OtelTelemetry, OtelTrace
+    from inferplane.telemetry.otel import OtelTelemetry
 
 _bits = random.getrandbits
 
@@ -45,6 +46,18 @@ Record = tuple[Any, ...]
 (R_SAMPLED, R_TRACE, R_SPAN, R_PARENT, R_REMOTE, R_STATE, R_START, R_END, R_SERVER, R_MAX_TOKENS,
  R_DECISION, R_DECISION_ID, R_SPILL, R_STATUS, R_ERROR, R_ERROR_TYPE, R_PROMPT, R_COMPLETION,
  R_TTFT, R_TPOT, R_RESPONSE_MODEL, R_PROVIDER, R_STAGES, R_ATTEMPTS) = range(24)
+
+
+COMPACT = 46
+"""The length of a compact record: the hand-over of a request with two stages and one attempt
+(the common case), `OtelTrace.handed` — the record's fields with none nested (its server
+tuple's seven, each stage's five, the attempt's nine in place; no `R_SAMPLED`: only sampled
+requests are handed over), cheaper to build and to pickle. `expand` makes the record of it."""
+
+
+def expand(c: tuple[Any, ...]) -> Record:
+    """The record (`Record`) a compact record (`COMPACT`) stands for."""
+    return (True, *c[:7], c[7:14], *c[14:27], (c[27:32], c[32:37]), (c[37:46],))
 
 
 def _usage(r: Record) -> Pairs:
@@ -215,27 +228,28 @@ def encode_spans(tel: OtelTelemetry, r: Record, out: list[bytes]) -> None:
 _DID = "inferplane.decision_id"
 
 
-def encode_trace(tel: OtelTelemetry, t: OtelTrace) -> bytes | None:
+def encode_trace(tel: OtelTelemetry, r: Record) -> bytes | None:
     """A finished sampled request's spans encoded as `encode_spans` encodes its record (the same
     bytes: tests/test_otel_encoding.py checks it), when the request has the common shape: an
     ``admit`` and a ``place`` stage without error, one upstream attempt that was accounted
     without error, no error on the request, token counts ints and times floats (or absent).
-    None for any other request (its record goes to `encode_spans`).
+    None for any other request (`encode_record` then uses `encode_spans`).
 
-    Every such request of the same kind (the same model, endpoint, decision attributes,
+    Every such request of the same kind (the same model, endpoint and decision attributes,
     status, and the same lengths of what varies) is laid out alike: one `struct.Struct` per
     kind, compiled on its first request (`_shape`), packs the request's ids, times, decision
     id, token counts and TTFT/TPOT between the kind's constant bytes in one call."""
-    stages = t.stages
-    attempts = t.attempts
-    if len(stages) != 2 or len(attempts) != 1 or t.error_type is not None:
+    stages = r[R_STAGES]
+    attempts = r[R_ATTEMPTS]
+    if len(stages) != 2 or len(attempts) != 1 or r[R_ERROR_TYPE] is not None:
         return None
     (admit, a0, a1, e0, attrs0), (place, p0, p1, e1, attrs1) = stages
-    a = attempts[0]
-    did = t.decision_id
-    prompt, completion, ttft, tpot = t.prompt_tokens, t.completion_tokens, t.ttft_s, t.tpot_s
-    if (e0 is not None or e1 is not None or attrs0 or not a.finished or a.error_type is not None
-            or type(did) is not str or len(attrs1) < 2 or attrs1[0][1] is not did
+    span_id, fixed, upstream_model, number, c0, c1, err, _, finished = attempts[0]
+    did = r[R_DECISION_ID]
+    prompt, completion, ttft, tpot = r[R_PROMPT], r[R_COMPLETION], r[R_TTFT], r[R_TPOT]
+    if (e0 is not None or e1 is not None or attrs0 or not finished or err is not None
+            or type(did) is not str or len(attrs1) < 2 or attrs1[0][1] != did
+            or type(attrs1[0][1]) is not str
             or (prompt is not None and type(prompt) is not int)
             or (completion is not None and type(completion) is not int)
             or (ttft is not None and type(ttft) is not float)
@@ -243,54 +257,79 @@ def encode_trace(tel: OtelTelemetry, t: OtelTrace) -> bytes | None:
         return None
     enc = tel.encoder
     d = did.encode()
-    state = t.trace_state
+    state = r[R_STATE]
     st = state.encode() if state else b""
     inp = b"" if prompt is None else (
         _INPUT.get(prompt) or _cached(enc, _INPUT, "gen_ai.usage.input_tokens", prompt))
     out = b"" if completion is None else (
         _OUTPUT.get(completion) or _cached(enc, _OUTPUT, "gen_ai.usage.output_tokens", completion))
-    model = t.model
-    max_tokens = t.max_tokens if model is not None else None
-    decision, fixed = t.decision, a.fixed  # groups kept by the gateway: by identity (below)
-    key = (t.op, t.server_address, t.server_port, model, t.model_tier, t.class_, t.tenant,
-           id(decision), max_tokens, type(max_tokens), admit, place, attrs1[0][0], attrs1[1:],
+    server = r[R_SERVER]
+    max_tokens = r[R_MAX_TOKENS] if server[3] is not None else None
+    decision = r[R_DECISION]
+    parent = r[R_PARENT]
+    key = (server, _group(enc, decision), max_tokens, type(max_tokens), admit, place,
+           attrs1[0][0], attrs1[1:],
            # the place attributes' values by type too (1, 1.0 and True are equal keys): the
            # candidates count's, and any others' (the spillover reason) when there are others
            type(attrs1[1][1]), len(attrs1) > 2 and tuple([type(v) for _, v in attrs1[2:]]),
-           id(fixed), a.model, a.number, t.status, t.response_model, t.remote, t.parent_id == 0,
-           t.spill, len(d), len(st), len(inp), len(out), ttft is None, tpot is None)
+           _group(enc, fixed), upstream_model, number, r[R_STATUS], r[R_RESPONSE_MODEL],
+           r[R_REMOTE], parent == 0, r[R_SPILL], len(d), len(st), len(inp), len(out),
+           ttft is None, tpot is None)
     shape = enc.shapes.get(key)
-    if shape is None or shape[-2] is not decision or shape[-1] is not fixed:
-        # new, or another group under a reused id: the shape keeps its groups alive
-        shape = (*(_shape(tel, key, decision, fixed, len(d), len(st), len(inp), len(out))
-                   or (None,)), decision, fixed)
+    if shape is None:
+        shape = _shape(tel, key, decision, fixed, len(d), len(st), len(inp), len(out)) or ()
         if len(enc.shapes) >= SpanEncoder.CACHE_MAX:
             enc.shapes.clear()
         enc.shapes[key] = shape
-    if shape[0] is None:
+    if not shape:
         return None
     (pack, k0, k1, k2, k3, k4, k5, k6, k7, k8, k9, k10, k11, k12, k13, k14, k15, k16, k17, k18,
-     ttft_key, tpot_key, _, _) = shape
-    head = b"\x0a\x10" + t.trace_id.to_bytes(16, "big") + b"\x12\x08"  # trace id, span id tag
-    sid = t.span_id.to_bytes(8, "big")
+     ttft_key, tpot_key) = shape
+    end = r[R_END]
+    head = b"\x0a\x10" + r[R_TRACE].to_bytes(16, "big") + b"\x12\x08"  # trace id, span id tag
+    sid = r[R_SPAN].to_bytes(8, "big")
     after = b"\x22\x08" + sid  # a child span's fields after its own id: its parent
     if st:
         after = b"\x1a" + varint(len(st)) + st + after  # and the trace state before it
     aid = (_bits(64) or 1).to_bytes(8, "big")  # the stages' span ids, drawn in encode_spans' order
     pid = (_bits(64) or 1).to_bytes(8, "big")
-    par = t.parent_id.to_bytes(8, "big") if t.parent_id else b""
+    par = parent.to_bytes(8, "big") if parent else b""
     usage = b"".join((inp, out, ttft_key, b"" if ttft is None else _pack_d(ttft), tpot_key,
                       b"" if tpot is None else _pack_d(tpot)))
     try:
         return pack(  # type: ignore[no-any-return]
             k0, head, aid, after, k1, a0, k2, a1,
             k3, head, pid, after, k4, p0, k5, p1, k6, d,
-            k7, head, a.span_id.to_bytes(8, "big"), after, k8, a.start_ns, k9,
-            a.end_ns or t.end_ns, k10, usage,
-            k11, head, sid, k12, st, k13, par, k14, t.start_ns, k15, t.end_ns, k16, d, k17, usage,
+            k7, head, span_id.to_bytes(8, "big"), after, k8, c0, k9, c1 or end, k10, usage,
+            k11, head, sid, k12, st, k13, par, k14, r[R_START], k15, end, k16, d, k17, usage,
             k18)
     except struct.error:  # a time that is no fixed64: the record's encoding says what it does
         return None
+
+
+def encode_record(tel: OtelTelemetry, r: Record, out: list[bytes]) -> None:
+    """A finished sampled request's spans appended to ``out`` (``ScopeSpans.spans`` fields, for
+    `SpanEncoder.wrap`): by its kind's layout (`encode_trace`) when it has the common shape,
+    else by `encode_spans`. ``r`` may be compact (`COMPACT`)."""
+    if len(r) == COMPACT:
+        r = expand(r)
+    data = encode_trace(tel, r)
+    if data is None:
+        encode_spans(tel, r, out)
+    else:
+        out.append(data)
+
+
+def _group(enc: SpanEncoder, pairs: Pairs) -> tuple[Any, ...]:
+    """An attribute group (shared by the requests of one batch) as a key of `encode_trace`'s
+    layouts: `otlp.typed_key` of it, looked up by identity (a batch's requests share the
+    object)."""
+    hit = enc.groups.get(id(pairs))
+    if hit is None or hit[0] is not pairs:
+        if len(enc.groups) >= 256:
+            enc.groups.clear()
+        hit = enc.groups[id(pairs)] = (pairs, typed_key(pairs))  # holds it: the id stays its
+    return hit[1]
 
 
 _TRACE_ARGS = ("", "head", "aid", "after", "", "a0", "", "a1",
@@ -316,9 +355,9 @@ def _shape(tel: OtelTelemetry, key: tuple[Any, ...], decision: Pairs, fixed: Pai
     made of the same pieces as `encode_spans` makes (None: a request `encode_trace` does not
     lay out)."""
     enc = tel.encoder
-    (op, address, port, model, tier, class_, tenant, _, max_tokens, _, admit, place,
-     did_key, place_attrs, _, _, _, upstream_model, number, status, response_model, remote,
-     local, spill, _, _, _, _, no_ttft, no_tpot) = key
+    (server, _, max_tokens, _, admit, place, did_key, place_attrs, _, _, _, upstream_model,
+     number, status, response_model, remote, local, spill, _, _, _, _, no_ttft, no_tpot) = key
+    op, model = server[0], server[3]
     if did_key != _DID or any(k == _DID for k, _ in place_attrs) or remote == local:
         return None
     ttft_key = b"" if no_ttft else _TTFT
@@ -335,8 +374,7 @@ def _shape(tel: OtelTelemetry, key: tuple[Any, ...], decision: Pairs, fixed: Pai
     kv_len = len(_key(_DID)) + 1 + len(varint(len(value) + d_len)) + len(value) + d_len
     did = [b"\x4a" + varint(kv_len) + _key(_DID) + b"\x12" + varint(len(value) + d_len) + value,
            _Var("d", d_len)]
-    server_attrs = tel.server_attrs((op, address, port, model, tier, class_, tenant)).data + \
-        tel.attrs(decision).data
+    server_attrs = tel.server_attrs(server).data + tel.attrs(decision).data
     if max_tokens is not None:
         server_attrs += attribute("gen_ai.request.max_tokens", max_tokens)
     spans = [
