@@ -519,9 +519,8 @@ def test_equal_values_of_other_types_are_cached_apart(tel: OtelTelemetry,
             pass
         with t.stage("place"):
             t.placed(DECISION)
-            stage = t.open_stage
-            assert stage is not None
-            stage.attrs = (stage.attrs[0], ("inferplane.candidates", v))
+            assert t.open_stage is t  # the trace's own stage
+            t.attrs = (t.attrs[0], ("inferplane.candidates", v))
         t.upstream_started(DECISION.picked.endpoint, "m")
         t.upstream_headers()
         t.finished(status=200, error=None, prompt_tokens=3, completion_tokens=4, ttft_s=0.01,

@@ -395,7 +395,9 @@ class OtelTelemetry(Telemetry):
 
 
 class _Stage:
-    """An ``admit`` or ``place`` stage of a trace: its span's times, error and attributes."""
+    """A stage of a trace opened inside another (the gateway's ``admit`` and ``place`` are not:
+    the trace is their context manager itself, `OtelTrace.stage`): its span's times, error and
+    attributes."""
 
     __slots__ = ("attrs", "name", "start_ns", "trace")
 
@@ -454,12 +456,13 @@ class OtelTrace(RequestTrace):
     values and times; `spans` builds the spans (in the batcher's thread)."""
 
     __slots__ = (
-        "attempt", "attempts", "class_", "completion_tokens", "decision", "decision_id", "end_ns",
-        "ended",
+        "attempt", "attempts", "attrs", "class_", "completion_tokens", "decision", "decision_id",
+        "end_ns", "ended",
         "error", "error_type", "max_tokens", "model", "model_tier", "op", "open_stage",
         "parent_id", "prompt_tokens", "provider", "remote", "response_model", "sampled",
-        "server_address", "server_port", "span_id", "spill", "stages", "start_ns", "status", "tel",
-        "tenant", "tpot_s", "trace_id", "trace_state", "tracestate_header", "ttft_s",
+        "server_address", "server_port", "span_id", "spill", "stage_name", "stage_start",
+        "stages", "start_ns", "status", "tel", "tenant", "tpot_s", "trace_id", "trace_state",
+        "tracestate_header", "ttft_s",
     )
 
     def __init__(
@@ -503,7 +506,10 @@ class OtelTrace(RequestTrace):
         self.provider: str | None = None
         self.response_model: str | None = None
         self.stages: list[tuple[Any, ...]] = []
-        self.open_stage: _Stage | None = None
+        self.open_stage: OtelTrace | _Stage | None = None  # the innermost open stage
+        self.stage_name: str | None = None  # the trace's own stage (`stage`): its name, start
+        self.stage_start = 0
+        self.attrs: Pairs = ()  # and its span's attributes
         self.attempts: list[_Attempt] = []
         self.attempt: _Attempt | None = None
         self.status: int | None = None
@@ -524,9 +530,25 @@ class OtelTrace(RequestTrace):
             self.tracestate_header = state.to_header()
 
     def stage(self, name: str) -> Any:
+        """The trace itself (no object per stage), or a `_Stage` for one inside the open one."""
         if not self.sampled:  # an unsampled trace: its children would not be either
             return _NO_STAGE
-        return _Stage(self, name)
+        if self.stage_name is not None:
+            return _Stage(self, name)
+        self.stage_name = name
+        return self
+
+    def __enter__(self) -> None:
+        self.stage_start = time.time_ns()
+        self.open_stage = self
+
+    def __exit__(self, et: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.open_stage = None
+        self.stages.append((self.stage_name, self.stage_start, time.time_ns(),
+                            None if exc is None else _error_type(exc), self.attrs))
+        self.stage_name = None
+        self.attrs = ()
 
     def classified(self, profile: RequestProfile, max_tokens: int | None) -> None:
         self.model = profile.model_alias or profile.model  # what the client asked for
@@ -540,9 +562,11 @@ class OtelTrace(RequestTrace):
     def placed(self, decision: Decision) -> None:
         if not self.sampled:
             return
-        if decision.picked is not None:
-            info = self.tel.endpoint_info(decision.picked.endpoint)
-            self.decision = info.decision(decision.policy)
+        picked = decision.picked
+        if picked is not None:
+            tel = self.tel
+            info = tel._endpoints.get(picked.name) or tel.endpoint_info(picked.endpoint)
+            self.decision = info.decisions.get(decision.policy) or info.decision(decision.policy)
         else:
             self.decision = (("inferplane.policy", decision.policy),)
         self.decision_id = decision.decision_id
@@ -557,13 +581,15 @@ class OtelTrace(RequestTrace):
             stage.attrs = attrs
 
     def upstream_started(self, endpoint: Endpoint, model: str) -> None:
-        info = self.tel.endpoint_info(endpoint)
+        tel = self.tel
+        info = tel._endpoints.get(endpoint.name) or tel.endpoint_info(endpoint)
         self.provider = info.provider
-        self.response_model = endpoint.upstream_model(model)
+        self.response_model = upstream = endpoint.upstream_model(model)
         if not self.sampled:  # no attempt spans: the metrics need only the two above
             return
-        self.attempt = a = _Attempt(_bits(64) or 1, info.attempt(self.op, self.response_model),
-                                    self.response_model, len(self.attempts) + 1)
+        op = self.op
+        fixed = info.attempts.get((op, upstream)) or info.attempt(op, upstream)
+        self.attempt = a = _Attempt(_bits(64) or 1, fixed, upstream, len(self.attempts) + 1)
         self.attempts.append(a)
 
     def upstream_headers(self) -> Mapping[str, str]:
