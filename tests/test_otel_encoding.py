@@ -240,6 +240,28 @@ def test_records_encode_as_their_spans_do(tel: OtelTelemetry, sc: dict[str, Any]
     assert b"".join(either) == b"".join(body)
 
 
+def test_a_stage_inside_another_is_a_span_of_its_own(tel: OtelTelemetry) -> None:
+    """The trace is its own stages' context manager (`OtelTrace.stage`); a stage opened inside
+    one gets an object of its own, its own times and error, and the placement's attributes when
+    it is the innermost open one."""
+    t = tel.request("chat", {})
+    with t.stage("admit"):
+        with contextlib.suppress(_Refused), t.stage("inner"):
+            t.placed(DECISION)
+            raise _Refused
+        with t.stage("place"):
+            pass
+    with t.stage("place"):
+        t.placed(DECISION)
+    t.end()
+    stages = t.record()[R_STAGES]  # type: ignore[attr-defined]
+    assert [(s[0], s[3]) for s in stages] == [("inner", "rate_limit_exceeded"), ("place", None),
+                                              ("admit", None), ("place", None)]
+    assert [dict(s[4]).get("inferplane.decision_id") for s in stages] == [
+        DECISION.decision_id, None, None, DECISION.decision_id]
+    assert all(s[1] <= s[2] for s in stages) and stages[2][1] <= stages[0][1]
+
+
 common_requests = st.fixed_dictionaries({
     "traceparent": st.sampled_from(
         [None, "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"]),
