@@ -15,10 +15,11 @@ each variant's total against off, with the load average, since the machine is sh
 gateway's context switches per request (all its threads, ``/proc``: waits on sockets, hand-offs
 of the GIL to the batcher thread, preemption), its CPU split into user and system time, and its
 minor page faults per request. ``--code NAME=DIR`` runs one variant from another
-checkout (another commit's code side by side with this one's, in the same rounds).
+checkout (another commit's code side by side with this one's, in the same rounds). ``--pin
+CPU`` runs every gateway on that CPU and the rest (this client, the upstream) on the others.
 
     python bench/otel.py [--rounds 6] [--requests 600] [--concurrency 8] [--ratios 1,0.05]
-                         [--variant NAME=FIELDS] [--code NAME=DIR] [--json out.json]
+                         [--variant NAME=FIELDS] [--code NAME=DIR] [--pin CPU] [--json out.json]
 """
 
 from __future__ import annotations
@@ -244,8 +245,14 @@ def main() -> None:
                     "base' with --variant 'base@1=sample_ratio: 1': another commit side by side")
     ap.add_argument("--scrape-interval", type=float, default=1.0,
                     help="gateway.scrape_interval_s (background CPU counted in every round)")
+    ap.add_argument("--pin", type=int, default=None, metavar="CPU",
+                    help="run every gateway (and so its exporter process) on CPU number CPU "
+                    "and this client and the fake upstream on the others: each gateway then "
+                    "runs where the others ran, whichever CPU the scheduler would have chosen")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    if args.pin is not None:  # this client, the receiver's thread, the upstream: the others
+        os.sched_setaffinity(0, set(range(os.cpu_count() or 1)) - {args.pin} or {args.pin})
     tmp = Path(tempfile.mkdtemp(prefix="ip-otel-"))
     receiver = OtlpReceiver().start()
     up_port = free_port()
@@ -265,6 +272,9 @@ def main() -> None:
                               "--log-level", "warning"], tmp / f"gw-{name}.log", code.get(name))
             procs.append(gws[name])
         for name, port in ports.items():
+            if args.pin is not None:  # its threads, and the exporter process it starts
+                for task in Path(f"/proc/{gws[name].p.pid}/task").iterdir():
+                    os.sched_setaffinity(int(task.name), {args.pin})
             gws[name].wait_http(f"http://127.0.0.1:{port}/ready")
         urls = {n: f"http://127.0.0.1:{p}/v1/chat/completions" for n, p in ports.items()}
         exporters = {n for n, t in telemetry.items()
@@ -286,8 +296,9 @@ def main() -> None:
     print(f"# bench/otel — {datetime.now(UTC):%Y-%m-%d %H:%M} UTC — git {git} — "
           f"{platform.node()} ({os.cpu_count()} CPUs), Python {platform.python_version()} — "
           f"{args.rounds} rounds × {args.requests} requests × {len(variants)} variants, "
-          f"concurrency {args.concurrency}, half streamed — load average {load_before[0]:.1f} "
-          f"before, {load_after[0]:.1f} after")
+          f"concurrency {args.concurrency}, half streamed"
+          + ("" if args.pin is None else f", the gateways on CPU {args.pin}")
+          + f" — load average {load_before[0]:.1f} before, {load_after[0]:.1f} after")
     print("| round | " + " | ".join(f"{v} CPU ms/request" for v in variants) + " |")
     print("|---" * (len(variants) + 1) + "|")
     for i in range(args.rounds):
