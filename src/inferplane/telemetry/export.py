@@ -75,8 +75,8 @@ class Batcher:
     ``export_interval_s`` a copy of the GenAI histograms, and either hands them, pickled, to
     the exporter process (`ExporterProcess`, ``telemetry.exporter: process``; started with the
     thread), which encodes the records' spans and sends all, or itself does that
-    (``thread``). Started by the first request that
-    ends (so a process that forks after building the gateway gets its own)."""
+    (``thread``). Started by the first request that ends (so a process that forks after
+    building the gateway gets its own)."""
 
     def __init__(self, tel: OtelTelemetry, sender: HttpSender | GrpcSender | None,
                  spec: TelemetrySpec, *, child: ExporterProcess | None = None) -> None:
@@ -197,8 +197,8 @@ class ExporterProcess:
     encode_record`) and the GenAI histograms' copies, so that the spans' and the metrics'
     encoding and the sending are off the gateway's CPU. Messages on its stdin are
     length-prefixed pickles: the fleet config, then ``("spans", records)`` and ``("metrics",
-    (histograms, start_ns, now_ns))``. Started with the
-    gateway's batcher thread; it sends what it holds and exits when its stdin closes."""
+    (histograms, start_ns, now_ns))``. Started with the gateway's batcher thread; it sends what
+    it holds and exits when its stdin closes."""
 
     def __init__(self, config: FleetConfig) -> None:
         self.config = config
