@@ -22,7 +22,6 @@ from pydantic import BaseModel, ConfigDict
 from inferplane.fleet.model import Fleet
 from inferplane.fleet.state import EndpointView, FleetSnapshot
 from inferplane.placement.profile import RequestProfile
-from inferplane.placement.scored import Scored as Scored  # its own module: compiled there
 
 Timer = Callable[[], float]
 
@@ -62,6 +61,16 @@ class FilterResult:
 
     kept: list[EndpointView]
     rejected: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Scored:
+    """A candidate after scoring: its weighted total and each scorer's clamped value. (Not
+    frozen, like `FilterResult`: one per candidate per decision, read only by the picker.)"""
+
+    view: EndpointView
+    total: float
+    scores: dict[str, float]
 
 
 @runtime_checkable
