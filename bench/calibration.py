@@ -162,18 +162,23 @@ def workload_stats(results: list[WorkloadResult]) -> dict[str, float]:
 
 
 def per_level_ms(
-    results: list[WorkloadResult], requests: int, levels: tuple[int, ...] = (1, 2, 4)
-) -> dict[str, list[float]]:
-    """Per concurrency level (the workload runs them one after the other, ``requests`` each,
-    so its results come in that order): median TTFT and time per output token in ms, each the
-    median over rounds (rounded to 0.1 ms)."""
-    out: dict[str, list[float]] = {}
-    for i, c in enumerate(levels):
-        part = slice(i * requests, (i + 1) * requests)
-        ttft = statistics.median(statistics.median(r.ttft_s[part]) for r in results)
-        tpot = statistics.median(statistics.median(r.tpot_s[part]) for r in results)
-        out[f"c{c}"] = [round(ttft * 1e3, 1), round(tpot * 1e3, 2)]
-    return out
+    results: list[WorkloadResult], levels: tuple[int, ...] = (1, 2, 4)
+) -> dict[str, list[float | None]]:
+    """Per concurrency level: median TTFT (ms, rounded to 0.1) and time per output token (ms,
+    rounded to 0.01), each the median over rounds of that round's median. Samples are picked
+    by the level recorded with each (a stream with no TPOT leaves no TPOT sample, so slicing
+    by position would mix levels); a round with no sample at a level is left out, and a level
+    with none in any round reads None."""
+
+    def median_ms(samples: list[tuple[list[float], list[int]]], c: int,
+                  digits: int) -> float | None:
+        medians = [statistics.median(picked) for values, at in samples
+                   if (picked := [v for v, lv in zip(values, at, strict=True) if lv == c])]
+        return round(statistics.median(medians) * 1e3, digits) if medians else None
+
+    ttft = [(r.ttft_s, r.ttft_level) for r in results]
+    tpot = [(r.tpot_s, r.tpot_level) for r in results]
+    return {f"c{c}": [median_ms(ttft, c, 1), median_ms(tpot, c, 2)] for c in levels}
 
 
 def compare(
@@ -262,8 +267,8 @@ def _compare(
         **{name: [workload_stats([r]) for r in runs] for name, runs in emu_runs.items()},
     }
     out["per_level_ms"] = {
-        "real": per_level_ms(real_runs, requests),
-        **{name: per_level_ms(runs, requests) for name, runs in emu_runs.items()},
+        "real": per_level_ms(real_runs),
+        **{name: per_level_ms(runs) for name, runs in emu_runs.items()},
     }
     sent = sum(len(r.ttft_s) for r in real_runs)
     out["real_bursts"] = sum(r.bursts for r in real_runs)

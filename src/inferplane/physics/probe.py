@@ -485,6 +485,10 @@ class WorkloadResult:
 
     ttft_s: list[float] = field(default_factory=list)
     tpot_s: list[float] = field(default_factory=list)
+    # the concurrency level of each entry of ``ttft_s`` / ``tpot_s`` (a stream with no time
+    # per output token adds no ``tpot_s`` entry, so the two lists can differ in length)
+    ttft_level: list[int] = field(default_factory=list)
+    tpot_level: list[int] = field(default_factory=list)
     bursts: int = 0  # streams whose tokens all came at once (see `_Stream.burst`)
 
 
@@ -509,16 +513,18 @@ async def run_workload(
         for c in concurrency:
             todo = [prompt_tokens[i % len(prompt_tokens)] for i in range(requests_per_level)]
 
-            async def worker(todo: list[int] = todo) -> None:
+            async def worker(todo: list[int] = todo, c: int = c) -> None:
                 while todo:
                     n = todo.pop()
                     s = await prober.stream(
                         session, prompt_of(prober.words_for(n), _nonce()), output_tokens
                     )
                     out.ttft_s.append(s.ttft_s)
+                    out.ttft_level.append(c)
                     out.bursts += s.burst
                     if s.completion_tokens > 1 and s.decode_s > 0:
                         out.tpot_s.append(s.decode_s / (s.completion_tokens - 1))
+                        out.tpot_level.append(c)
 
             await asyncio.gather(*(worker() for _ in range(c)))
     return out
