@@ -11,8 +11,12 @@ and the C compiler into one build: an extension per module and mypyc's shared ru
 installed package's directory works too: the Dockerfile) with the extensions and
 ``manifest.json`` (the sha256 of each compiled source and of every inferplane source they import,
 transitively — the compiled code relies on their types —, the interpreter's cache tag and
-extension suffix). `inferplane.compiled` uses that build only while every listed source still
-hashes the same; the sources themselves are untouched.
+extension suffix, the C flags and the machine). Every extension is compiled with `FP_FLAGS`
+(``-ffp-contract=off``): GCC's default in GNU C mode fuses ``a*b + c`` into one FMA instruction
+wherever the target has one (every aarch64 build, x86-64 with ``-march=haswell``/``native``),
+which rounds differently from CPython's separate multiply and add and so could change a
+decision; a build without it is stale. `inferplane.compiled` uses that build only while every
+listed source still hashes the same; the sources themselves are untouched.
 
 When mypyc or a C compiler is missing, or the compile fails, it prints one line saying so,
 removes any previous build and exits 0 (``--strict``: 1): inferplane then runs as pure Python.
@@ -30,11 +34,15 @@ import importlib.machinery
 import io
 import json
 import os
+import platform
 import shutil
 import sys
+import sysconfig
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 #: The compiled modules, relative to the package directory (docs/placement.md, "Compiled").
@@ -44,6 +52,10 @@ MODULES = (
     "fleet/prefix_index.py",
     "physics/roofline.py",
 )
+#: Added after mypyc's own flags to every extension: no contraction of ``a*b + c`` into an FMA,
+#: so compiled float arithmetic rounds exactly like CPython's (``inferplane.compiled`` treats a
+#: build whose manifest lacks it as stale).
+FP_FLAGS = ("-ffp-contract=off",)
 GROUP = "inferplane_native"
 RUNTIME = f"{GROUP}__mypyc"
 
@@ -92,6 +104,16 @@ def dependencies(package_dir: Path, modules: tuple[str, ...]) -> list[str]:
     return sorted(seen - set(modules))
 
 
+def with_fp_flags(exts: Iterable[Any]) -> list[str]:
+    """Append `FP_FLAGS` to each extension's ``extra_compile_args`` (after mypyc's, so they win
+    over any ``-ffp-contract`` before them, ``CFLAGS`` included) and return the first one's."""
+    args: list[str] = []
+    for ext in exts:
+        ext.extra_compile_args = [*(ext.extra_compile_args or []), *FP_FLAGS]
+        args = args or list(ext.extra_compile_args)
+    return args
+
+
 def build(package_dir: Path, verbose: bool, config: Path | None) -> tuple[Path, list[str]]:
     """Compile into a fresh directory beside the package's ``_native`` and return it, with
     the modules compiled."""
@@ -127,6 +149,7 @@ def build(package_dir: Path, verbose: bool, config: Path | None) -> tuple[Path, 
                     target_dir=str(work / "c"),
                     group_name=GROUP,
                 )
+                ext_args = with_fp_flags(exts)
                 dist = Distribution({"name": "inferplane-native", "ext_modules": exts})
                 cmd = dist.get_command_obj("build_ext")
                 cmd.build_lib = str(work / "lib")  # type: ignore[attr-defined]
@@ -158,6 +181,12 @@ def build(package_dir: Path, verbose: bool, config: Path | None) -> tuple[Path, 
             "cache_tag": sys.implementation.cache_tag,
             "ext_suffix": suffix,
             "mypy": mypy.version.__version__,
+            "machine": platform.machine(),
+            "cflags": {
+                "extension": ext_args,
+                "CFLAGS": os.environ.get("CFLAGS", ""),
+                "sysconfig": sysconfig.get_config_var("CFLAGS") or "",
+            },
             "built_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "runtime": RUNTIME,
             "files": files,
@@ -182,6 +211,7 @@ def current(package_dir: Path) -> bool:
         m = json.loads((package_dir / "_native" / "manifest.json").read_text("utf-8"))
         return (
             m["cache_tag"] == sys.implementation.cache_tag
+            and all(f in m["cflags"]["extension"] for f in FP_FLAGS)
             and m["mypy"] == mypy.version.__version__
             and [s["path"] for s in m["sources"].values()] == list(MODULES)
             and all(_sha256(package_dir / s["path"]) == s["sha256"]

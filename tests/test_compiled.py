@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import importlib.machinery
+import importlib.util
 import json
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -59,6 +62,7 @@ def fake_build(
     manifest = {
         "format": 1, "cache_tag": sys.implementation.cache_tag, "ext_suffix": SUFFIX,
         "runtime": "rt__mypyc", "files": files, "sources": listed, "depends": deps,
+        "cflags": {"extension": ["-O3", compiled.FP_CONTRACT_OFF]},
     }
     (native / "manifest.json").write_text(json.dumps(manifest), "utf-8")
     return native, pkg
@@ -126,6 +130,44 @@ def test_a_build_for_another_interpreter_or_format_is_not_used(
     (native / "manifest.json").write_text(json.dumps(m), "utf-8")
     status, _ = check(native, pkg)
     assert status.mode == "pure" and status.stale and words in status.reason
+
+
+def test_a_build_without_fp_contract_off_is_not_used(tmp_path: Path) -> None:
+    """Compiled ``a*b + c`` may become an FMA (rounding unlike CPython) without the flag."""
+    native, pkg = fake_build(tmp_path, SOURCES)
+    m = json.loads((native / "manifest.json").read_text("utf-8"))
+    for cflags in ({"extension": ["-O3"]}, None):
+        if cflags is None:
+            del m["cflags"]  # a manifest from before the flag
+        else:
+            m["cflags"] = cflags
+        (native / "manifest.json").write_text(json.dumps(m), "utf-8")
+        status, files = check(native, pkg)
+        assert status.mode == "pure" and status.stale and files == {}
+        assert "built without -ffp-contract=off" in status.reason
+
+
+def _compile_native() -> Any:
+    spec = importlib.util.spec_from_file_location(
+        "compile_native", ROOT / "scripts" / "compile_native.py"
+    )
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_the_compile_passes_fp_contract_off_to_every_extension() -> None:
+    """What ``scripts/compile_native.py`` hands the C compiler: mypyc's flags, then
+    ``-ffp-contract=off`` last (so it wins over an earlier ``-ffp-contract=fast``)."""
+    cn = _compile_native()
+    assert compiled.FP_CONTRACT_OFF in cn.FP_FLAGS
+    exts = [SimpleNamespace(extra_compile_args=["-O3", "-ffp-contract=fast"]),
+            SimpleNamespace(extra_compile_args=None)]
+    args = cn.with_fp_flags(exts)
+    assert args == ["-O3", "-ffp-contract=fast", *cn.FP_FLAGS]
+    assert exts[0].extra_compile_args == args
+    assert exts[1].extra_compile_args == list(cn.FP_FLAGS)
 
 
 def test_a_missing_extension_file_is_not_used(tmp_path: Path) -> None:

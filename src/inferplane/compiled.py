@@ -6,9 +6,9 @@ present) compiles a few modules with mypyc into ``inferplane/_native/`` (git-ign
 this file): one extension per module, mypyc's shared runtime (``inferplane_native__mypyc``)
 and ``manifest.json``, which names every compiled module with the sha256 of the source it was
 compiled from, the sha256 of every inferplane source those import (transitively: the compiled
-code relies on their types), the interpreter's cache tag and extension suffix. The sources stay
-where they are; nothing compiled sits beside them, so Python's own import finds only the ``.py``
-files.
+code relies on their types), the interpreter's cache tag and extension suffix, and the C flags
+(which must include ``-ffp-contract=off``: `FP_CONTRACT_OFF`). The sources stay where they are;
+nothing compiled sits beside them, so Python's own import finds only the ``.py`` files.
 
 `install` (called by ``inferplane/__init__.py``) reads the manifest and puts a finder in front
 of ``sys.meta_path`` that serves the compiled modules — only when every listed source hashes as
@@ -42,6 +42,10 @@ NATIVE_DIR = PACKAGE_DIR / "_native"
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
 ENV_PURE = "INFERPLANE_PURE"
+#: The C flag every extension must have been compiled with (``scripts/compile_native.py``'s
+#: ``FP_FLAGS``): without it GCC may fuse ``a*b + c`` into an FMA, which rounds differently from
+#: CPython, so a compiled build could decide differently from pure Python.
+FP_CONTRACT_OFF = "-ffp-contract=off"
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +91,8 @@ def check(native_dir: Path = NATIVE_DIR, package_dir: Path = PACKAGE_DIR) -> tup
         suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
         if m["ext_suffix"] != suffix:
             return stale(f"built as *{m['ext_suffix']}, this interpreter loads *{suffix}")
+        if FP_CONTRACT_OFF not in m.get("cflags", {}).get("extension", []):
+            return stale(f"built without {FP_CONTRACT_OFF} (re-run scripts/compile_native.py)")
         files: dict[str, Path] = {m["runtime"]: native_dir / m["files"][m["runtime"]]}
         changed: list[str] = []
         hashes = {src["path"]: src["sha256"] for src in m["sources"].values()}
