@@ -122,7 +122,10 @@ def build(package_dir: Path, verbose: bool, config: Path | None) -> tuple[Path, 
         from mypyc.build import mypycify
         from setuptools import Distribution
     except ImportError as exc:
-        raise RuntimeError(f"mypyc is not installed ({exc.name}: pip install mypy)") from None
+        raise RuntimeError(
+            f"mypyc cannot run: {exc.name or exc} is not installed "
+            "(pip install 'mypy[mypyc]': mypy, and setuptools which mypyc needs)"
+        ) from None
     cc = os.environ.get("CC", "cc").split()[0]
     if shutil.which(cc) is None and shutil.which("gcc") is None:
         raise RuntimeError(f"no C compiler ({cc!r} and 'gcc' not on PATH)")

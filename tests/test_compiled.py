@@ -170,6 +170,16 @@ def test_the_compile_passes_fp_contract_off_to_every_extension() -> None:
     assert exts[1].extra_compile_args == list(cn.FP_FLAGS)
 
 
+def test_a_missing_setuptools_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """mypyc needs setuptools (mypy's ``[mypyc]`` extra), which a 3.12 venv does not seed."""
+    pytest.importorskip("mypyc.build")  # imported with setuptools present (3.11: not distutils)
+    monkeypatch.setitem(sys.modules, "setuptools", None)
+    with pytest.raises(RuntimeError) as err:
+        _compile_native().build(tmp_path, False, None)
+    assert "setuptools is not installed" in str(err.value)
+    assert "pip install 'mypy[mypyc]'" in str(err.value)
+
+
 def test_a_missing_extension_file_is_not_used(tmp_path: Path) -> None:
     native, pkg = fake_build(tmp_path, SOURCES)
     (native / f"inferplane.placement.fused{SUFFIX}").unlink()
