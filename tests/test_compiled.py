@@ -31,7 +31,7 @@ SUFFIX = importlib.machinery.EXTENSION_SUFFIXES[0]
 REAL, _ = check()
 needs_build = pytest.mark.skipif(
     os.environ.get(ENV_PURE) is not None or REAL.mode != "compiled",
-    reason=f"no current compiled build here ({REAL.describe()}); `make install` or "
+    reason=f"no current compiled build here ({REAL.describe()}); `make install` or "  # conftest
     "scripts/compile_native.py makes one where mypyc and a C compiler are present",
 )
 
@@ -178,6 +178,25 @@ def test_a_missing_setuptools_is_named(tmp_path: Path, monkeypatch: pytest.Monke
         _compile_native().build(tmp_path, False, None)
     assert "setuptools is not installed" in str(err.value)
     assert "pip install 'mypy[mypyc]'" in str(err.value)
+
+
+def test_ci_fails_instead_of_skipping_without_a_build() -> None:
+    """``INFERPLANE_REQUIRE_NATIVE=1`` (``.ci/run``) turns `needs_build`'s skip into a failure
+    (tests/conftest.py); without it, and for other skips, a skip stays a skip."""
+    spec = importlib.util.spec_from_file_location("_conftest", ROOT / "tests" / "conftest.py")
+    assert spec is not None and spec.loader is not None
+    conftest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conftest)
+    reason = needs_build.kwargs["reason"]
+    assert reason.startswith(conftest.NATIVE_ABSENT)
+    why = conftest.required_but_skipped(reason, {"INFERPLANE_REQUIRE_NATIVE": "1"})
+    assert why is not None and why.startswith("INFERPLANE_REQUIRE_NATIVE=1, and no current")
+    assert conftest.required_but_skipped(reason, {}) is None
+    assert conftest.required_but_skipped(reason, {"INFERPLANE_REQUIRE_NATIVE": "0"}) is None
+    assert conftest.required_but_skipped("no GPU", {"INFERPLANE_REQUIRE_NATIVE": "1"}) is None
+    assert conftest.required_but_skipped(
+        "Redis not reachable at x", {"INFERPLANE_REQUIRE_SERVICES": "1"}
+    ) is not None
 
 
 def test_a_missing_extension_file_is_not_used(tmp_path: Path) -> None:
