@@ -22,7 +22,14 @@ from inferplane.telemetry.otlp import (
     encode_metrics,
     send_with_retry,
 )
-from inferplane.telemetry.records import SCOPE, Record, encode_record
+from inferplane.telemetry.records import (
+    COMPACT,
+    SCOPE,
+    Record,
+    encode_record,
+    encode_spans,
+    expand,
+)
 
 if TYPE_CHECKING:
     from inferplane.config.schema import FleetConfig, TelemetrySpec
@@ -50,15 +57,34 @@ def sender_for(spec: TelemetrySpec) -> HttpSender | GrpcSender:
 
 
 def export_spans(tel: OtelTelemetry, sender: HttpSender | GrpcSender, records: list[Record],
-                 timeout_s: float) -> None:
+                 timeout_s: float) -> int:
     """Encode the spans of finished (sampled) requests from their records (`records.
     encode_record`: the common shape by its kind's layout) and send them, `BATCH` requests to
-    an export request."""
+    an export request. A record that fails to encode costs only its own spans: it is encoded
+    field by field (`records.encode_spans`) instead, or else left out, counted and logged
+    (the first such error of the call with its traceback). Returns how many were left out."""
+    skipped = 0
+    first: BaseException | None = None
     for i in range(0, len(records), BATCH):
         body: list[bytes] = []
         for r in records[i:i + BATCH]:
-            encode_record(tel, r, body)
-        send_with_retry(sender, "traces", tel.encoder.wrap(body), timeout_s)
+            n = len(body)
+            try:
+                encode_record(tel, r, body)
+            except Exception:
+                del body[n:]
+                try:
+                    encode_spans(tel, expand(r) if len(r) == COMPACT else r, body)
+                except Exception as exc:
+                    del body[n:]
+                    skipped += 1
+                    first = first or exc
+        if body:
+            send_with_retry(sender, "traces", tel.encoder.wrap(body), timeout_s)
+    if skipped:
+        log.warning("OTLP: %d of %d requests not traced (their spans could not be encoded)",
+                    skipped, len(records), exc_info=first)
+    return skipped
 
 
 def export_metrics(tel: OtelTelemetry, sender: HttpSender | GrpcSender,

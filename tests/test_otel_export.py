@@ -1,0 +1,87 @@
+"""`telemetry.export.export_spans`: what one batch of records becomes when some cannot be
+encoded."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+from inferplane.telemetry import export
+from inferplane.telemetry.otel import OtelTelemetry
+from tests.test_otel_encoding import CONFIG, DECISION
+
+
+class Keep:
+    def __init__(self) -> None:
+        self.bodies: list[bytes] = []
+
+    def send(self, signal: str, body: bytes) -> None:
+        assert signal == "traces"
+        self.bodies.append(body)
+
+
+@pytest.fixture(scope="module")
+def tel() -> OtelTelemetry:
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    return OtelTelemetry(CONFIG, span_exporter=InMemorySpanExporter())
+
+
+def _handed(tel: OtelTelemetry) -> tuple[Any, ...]:
+    t = tel.request("chat", {})
+    with t.stage("admit"):
+        pass
+    with t.stage("place"):
+        t.placed(DECISION)
+    t.upstream_started(DECISION.picked.endpoint, "m")
+    t.upstream_headers()
+    t.finished(status=200, error=None, prompt_tokens=3, completion_tokens=4, ttft_s=0.01,
+               tpot_s=0.002)
+    t.end()
+    return t.handed()
+
+
+def _spans(keep: Keep) -> list[tuple[int, str]]:
+    """(trace id, name) of every span sent (its own ids are random)."""
+    return [(int.from_bytes(s.trace_id, "big"), s.name) for body in keep.bodies
+            for s in ExportTraceServiceRequest.FromString(body).resource_spans[0]
+            .scope_spans[0].spans]
+
+
+def _traces(keep: Keep) -> list[int]:
+    return sorted({trace for trace, _ in _spans(keep)})
+
+
+def test_a_record_that_cannot_be_encoded_costs_only_its_own_spans(
+        tel: OtelTelemetry, caplog: pytest.LogCaptureFixture) -> None:
+    good = [_handed(tel) for _ in range(3)]
+    bad = list(good[1])
+    bad[0] = "not a trace id"  # no encoder takes it
+    keep = Keep()
+    with caplog.at_level(logging.WARNING, "inferplane.telemetry"):
+        skipped = export.export_spans(tel, keep, [good[0], tuple(bad), good[2]],  # type: ignore[arg-type]
+                                      1.0)
+    assert skipped == 1
+    assert _traces(keep) == sorted([good[0][0], good[2][0]])
+    assert "1 of 3 requests not traced" in caplog.text
+
+
+def test_a_record_its_layout_fails_on_is_encoded_field_by_field(
+        tel: OtelTelemetry, monkeypatch: pytest.MonkeyPatch) -> None:
+    records = [_handed(tel) for _ in range(3)]
+    whole = Keep()
+    assert export.export_spans(tel, whole, records, 1.0) == 0  # type: ignore[arg-type]
+    real = export.encode_record
+
+    def fails_on_the_second(tel: OtelTelemetry, r: Any, out: list[bytes]) -> None:
+        real(tel, r, out)
+        if r is records[1]:
+            raise ValueError("half-way")  # after appending: the half is not kept
+
+    monkeypatch.setattr(export, "encode_record", fails_on_the_second)
+    keep = Keep()
+    assert export.export_spans(tel, keep, records, 1.0) == 0  # type: ignore[arg-type]
+    assert _spans(keep) == _spans(whole) and len(_traces(keep)) == 3
