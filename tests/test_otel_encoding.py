@@ -29,6 +29,7 @@ from inferplane.telemetry.records import (
     encode_record,
     encode_trace,
     expand,
+    full,
     spans_of,
     to_readable,
 )
@@ -218,9 +219,9 @@ def test_records_encode_as_their_spans_do(tel: OtelTelemetry, sc: dict[str, Any]
     t.end()
     record = t.record()  # type: ignore[attr-defined]
     handed = t.handed()  # type: ignore[attr-defined]  # what the batcher hands over
-    assert (len(handed) == COMPACT) == (len(record[R_STAGES]) == 2
-                                        and len(record[R_ATTEMPTS]) == 1)
-    assert (expand(handed) if len(handed) == COMPACT else handed) == record
+    assert (handed[0] == COMPACT) == (len(record[R_STAGES]) == 2
+                                      and len(record[R_ATTEMPTS]) == 1)
+    assert (expand(handed) if handed[0] == COMPACT else handed) == full(handed) == record
     random.seed(seed)  # the stage spans' ids: drawn in the same order by both
     spans = spans_of(tel, record)
     random.seed(seed)

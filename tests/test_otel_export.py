@@ -1,4 +1,5 @@
-"""`telemetry.export.export_spans`: what one batch of records becomes when some cannot be
+"""The hand-over of finished requests to the exporter (`OtelTrace.handed`, `records.full`) and
+`telemetry.export.export_spans`: what one batch of records becomes when some cannot be
 encoded."""
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 
 from inferplane.telemetry import export
 from inferplane.telemetry.otel import OtelTelemetry
+from inferplane.telemetry.records import COMPACT, full
 from tests.test_otel_encoding import CONFIG, DECISION
 
 
@@ -31,6 +33,10 @@ def tel() -> OtelTelemetry:
 
 
 def _handed(tel: OtelTelemetry) -> tuple[Any, ...]:
+    return _request(tel).handed()
+
+
+def _request(tel: OtelTelemetry) -> Any:
     t = tel.request("chat", {})
     with t.stage("admit"):
         pass
@@ -41,7 +47,7 @@ def _handed(tel: OtelTelemetry) -> tuple[Any, ...]:
     t.finished(status=200, error=None, prompt_tokens=3, completion_tokens=4, ttft_s=0.01,
                tpot_s=0.002)
     t.end()
-    return t.handed()
+    return t
 
 
 def _spans(keep: Keep) -> list[tuple[int, str]]:
@@ -59,13 +65,13 @@ def test_a_record_that_cannot_be_encoded_costs_only_its_own_spans(
         tel: OtelTelemetry, caplog: pytest.LogCaptureFixture) -> None:
     good = [_handed(tel) for _ in range(3)]
     bad = list(good[1])
-    bad[0] = "not a trace id"  # no encoder takes it
+    bad[1] = "not a trace id"  # no encoder takes it
     keep = Keep()
     with caplog.at_level(logging.WARNING, "inferplane.telemetry"):
         skipped = export.export_spans(tel, keep, [good[0], tuple(bad), good[2]],  # type: ignore[arg-type]
                                       1.0)
     assert skipped == 1
-    assert _traces(keep) == sorted([good[0][0], good[2][0]])
+    assert _traces(keep) == sorted([good[0][1], good[2][1]])
     assert "1 of 3 requests not traced" in caplog.text
 
 
@@ -85,3 +91,14 @@ def test_a_record_its_layout_fails_on_is_encoded_field_by_field(
     keep = Keep()
     assert export.export_spans(tel, keep, records, 1.0) == 0  # type: ignore[arg-type]
     assert _spans(keep) == _spans(whole) and len(_traces(keep)) == 3
+
+
+def test_compact_and_full_records_are_told_apart_by_their_tag_not_their_length(
+        tel: OtelTelemetry) -> None:
+    t = _request(tel)
+    handed, record = t.handed(), t.record()
+    assert handed[0] == COMPACT and full(handed) == record
+    padded = record + (None,) * (len(handed) - len(record))  # a record as long as a compact
+    assert full(padded) is padded
+    longer = (*handed, None)  # a compact record with one more value is still one
+    assert full(longer) == record

@@ -22,14 +22,7 @@ from inferplane.telemetry.otlp import (
     encode_metrics,
     send_with_retry,
 )
-from inferplane.telemetry.records import (
-    COMPACT,
-    SCOPE,
-    Record,
-    encode_record,
-    encode_spans,
-    expand,
-)
+from inferplane.telemetry.records import SCOPE, Record, encode_record, encode_spans, full
 
 if TYPE_CHECKING:
     from inferplane.config.schema import FleetConfig, TelemetrySpec
@@ -74,7 +67,7 @@ def export_spans(tel: OtelTelemetry, sender: HttpSender | GrpcSender, records: l
             except Exception:
                 del body[n:]
                 try:
-                    encode_spans(tel, expand(r) if len(r) == COMPACT else r, body)
+                    encode_spans(tel, full(r), body)
                 except Exception as exc:
                     del body[n:]
                     skipped += 1

@@ -48,6 +48,7 @@ from inferplane.telemetry.otlp import (
     typed_key,
 )
 from inferplane.telemetry.records import (
+    COMPACT,
     SCOPE,
     Pairs,
     Record,
@@ -664,15 +665,15 @@ class OtelTrace(RequestTrace):
         )
 
     def handed(self) -> tuple[Any, ...]:
-        """What the batcher hands over: the record, compact (`records.COMPACT`: flat, so
-        cheaper to build and to pickle) when the request had two stages and one attempt, as
+        """What the batcher hands over: the record, compact (tagged `records.COMPACT`: flat,
+        so cheaper to build and to pickle) when the request had two stages and one attempt, as
         almost every request has."""
         stages, attempts = self.stages, self.attempts
         if len(stages) != 2 or len(attempts) != 1:
             return self.record()
         a = attempts[0]
         return (
-            self.trace_id, self.span_id, self.parent_id, self.remote, self.trace_state,
+            COMPACT, self.trace_id, self.span_id, self.parent_id, self.remote, self.trace_state,
             self.start_ns, self.end_ns, self.op, self.server_address, self.server_port,
             self.model, self.model_tier, self.class_, self.tenant, self.max_tokens,
             self.decision, self.decision_id, self.spill, self.status, self.error,

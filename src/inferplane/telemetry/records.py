@@ -48,16 +48,24 @@ Record = tuple[Any, ...]
  R_TTFT, R_TPOT, R_RESPONSE_MODEL, R_PROVIDER, R_STAGES, R_ATTEMPTS) = range(24)
 
 
-COMPACT = 46
-"""The length of a compact record: the hand-over of a request with two stages and one attempt
-(the common case), `OtelTrace.handed` — the record's fields with none nested (its server
-tuple's seven, each stage's five, the attempt's nine in place; no `R_SAMPLED`: only sampled
-requests are handed over), cheaper to build and to pickle. `expand` makes the record of it."""
+COMPACT = "compact"
+"""The tag (first value) of a compact record: the hand-over of a request with two stages and
+one attempt (the common case), `OtelTrace.handed` — the tag, then the record's fields with
+none nested (its server tuple's seven, each stage's five, the attempt's nine in place; no
+`R_SAMPLED`: only sampled requests are handed over), cheaper to build and to pickle. A record
+(`Record`) starts with `R_SAMPLED`, a bool, so the tag tells the two apart whatever their
+lengths. `expand` makes the record of it; `full` takes either."""
 
 
 def expand(c: tuple[Any, ...]) -> Record:
     """The record (`Record`) a compact record (`COMPACT`) stands for."""
-    return (True, *c[:7], c[7:14], *c[14:27], (c[27:32], c[32:37]), (c[37:46],))
+    return (True, *c[1:8], c[8:15], *c[15:28], (c[28:33], c[33:38]), (c[38:47],))
+
+
+def full(r: tuple[Any, ...]) -> Record:
+    """The record of a hand-over (`OtelTrace.handed`): ``r`` itself, or `expand` of it when it
+    is compact (tagged `COMPACT`)."""
+    return expand(r) if r[0] == COMPACT else r
 
 
 def _usage(r: Record) -> Pairs:
@@ -311,7 +319,7 @@ def encode_record(tel: OtelTelemetry, r: Record, out: list[bytes]) -> None:
     """A finished sampled request's spans appended to ``out`` (``ScopeSpans.spans`` fields, for
     `SpanEncoder.wrap`): by its kind's layout (`encode_trace`) when it has the common shape,
     else by `encode_spans`. ``r`` may be compact (`COMPACT`)."""
-    if len(r) == COMPACT:
+    if r[0] == COMPACT:
         r = expand(r)
     data = encode_trace(tel, r)
     if data is None:
