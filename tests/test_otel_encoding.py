@@ -263,6 +263,24 @@ def test_a_stage_inside_another_is_a_span_of_its_own(tel: OtelTelemetry) -> None
     assert all(s[1] <= s[2] for s in stages) and stages[2][1] <= stages[0][1]
 
 
+def test_the_outer_stage_is_open_again_when_an_inner_one_ends(tel: OtelTelemetry) -> None:
+    """After a nested stage exits, the placement's attributes go to the stage it was opened in
+    (two levels deep too), not to none."""
+    t = tel.request("chat", {})
+    with t.stage("admit"):
+        with t.stage("inner"):
+            with t.stage("innermost"):
+                pass
+            t.placed(DECISION)
+        with t.stage("other"):
+            pass
+        t.placed(DECISION)
+    t.end()
+    stages = {s[0]: dict(s[4]) for s in t.record()[R_STAGES]}  # type: ignore[attr-defined]
+    assert [name for name, attrs in stages.items()
+            if attrs.get("inferplane.decision_id") == DECISION.decision_id] == ["inner", "admit"]
+
+
 common_requests = st.fixed_dictionaries({
     "traceparent": st.sampled_from(
         [None, "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"]),

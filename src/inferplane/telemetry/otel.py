@@ -398,24 +398,27 @@ class OtelTelemetry(Telemetry):
 class _Stage:
     """A stage of a trace opened inside another (the gateway's ``admit`` and ``place`` are not:
     the trace is their context manager itself, `OtelTrace.stage`): its span's times, error and
-    attributes."""
+    attributes. On exit the stage it was opened in is the open one again."""
 
-    __slots__ = ("attrs", "name", "start_ns", "trace")
+    __slots__ = ("attrs", "name", "outer", "start_ns", "trace")
 
     def __init__(self, trace: OtelTrace, name: str) -> None:
         self.trace = trace
         self.name = name
         self.attrs: Pairs = ()
         self.start_ns = 0
+        self.outer: OtelTrace | _Stage | None = None
 
     def __enter__(self) -> None:
         self.start_ns = time.time_ns()
-        self.trace.open_stage = self
+        t = self.trace
+        self.outer = t.open_stage
+        t.open_stage = self
 
     def __exit__(self, et: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         t = self.trace
-        t.open_stage = None
+        t.open_stage, self.outer = self.outer, None
         t.stages.append((self.name, self.start_ns, time.time_ns(),
                          None if exc is None else _error_type(exc), self.attrs))
 
