@@ -222,6 +222,19 @@ def test_a_runtime_that_fails_to_load_leaves_no_finder(tmp_path: Path) -> None:
     assert sys.meta_path == before and "rt__mypyc" not in sys.modules
 
 
+def test_a_module_that_fails_to_load_leaves_no_finder_and_no_module(tmp_path: Path) -> None:
+    """The runtime loads (here: a module already imported) but a module's file is corrupt."""
+    corrupt = tmp_path / f"corrupt{SUFFIX}"
+    corrupt.write_bytes(b"\x7fELF" + b"\0" * 60)  # a truncated shared object
+    names = ("inferplane._test_corrupt_native",)
+    files = {"json": Path(json.__file__), names[0]: corrupt}
+    before = list(sys.meta_path)
+    got = load(BuildStatus("compiled", modules=names), files)
+    assert got.mode == "pure" and got.stale
+    assert f"{names[0]} fails to load" in got.reason
+    assert sys.meta_path == before and names[0] not in sys.modules and "json" in sys.modules
+
+
 def test_this_process_reports_what_it_runs() -> None:
     status = compiled.status()
     assert status.mode in ("compiled", "pure")
@@ -258,6 +271,26 @@ def test_a_real_build_edited_after_the_compile_runs_pure_and_warns(tmp_path: Pat
     assert "placement/fused.py changed after the compile" in out.stderr
     out = _run(WHICH, copy, **{ENV_PURE: "1"})  # forced: no warning
     assert out.stdout.split()[0] == "pure" and out.stderr == ""
+
+
+@needs_build
+def test_a_real_build_with_a_corrupt_module_runs_pure_and_warns(tmp_path: Path) -> None:
+    """A truncated module file (an interrupted copy) of a build that is otherwise current: the
+    modules that loaded before it are dropped again, and everything runs from its source."""
+    copy = tmp_path / "src"
+    shutil.copytree(SRC / "inferplane", copy / "inferplane",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    last = REAL.modules[-1]  # imported after the others, which load (and are then dropped)
+    ext = copy / "inferplane" / "_native" / f"{last}{SUFFIX}"
+    ext.write_bytes(ext.read_bytes()[:4096])
+    code = ("import inferplane.compiled as c, inferplane.placement.fused as f, "
+            "inferplane.physics.roofline as r, inferplane.fleet.prefix_index as p; "
+            "print(c.status().mode, f.__file__, r.__file__, p.__file__)")
+    out = _run(code, copy)
+    mode, *paths = out.stdout.split()
+    assert mode == "pure" and len(paths) == 3 and all(p.endswith(".py") for p in paths)
+    assert out.stderr.count("running pure Python") == 1
+    assert f"{last} fails to load" in out.stderr
 
 
 @needs_build

@@ -134,21 +134,38 @@ class NativeFinder:
 
 
 def load(status: BuildStatus, files: dict[str, Path]) -> BuildStatus:
-    """Put the finder for ``files`` (`check`'s) in front of `sys.meta_path` and load the
-    build's shared runtime; a runtime that fails to load takes the finder out again (pure)."""
+    """Put the finder for ``files`` (`check`'s) in front of `sys.meta_path` and import the
+    build's shared runtime and then every compiled module under it: if any fails to load (a
+    truncated or corrupt file), the finder goes out again with every inferplane module imported
+    meanwhile, so that they are imported again from their sources (pure)."""
     runtime = next(n for n in files if n not in status.modules)
     finder = NativeFinder(files)
+    before = set(sys.modules)
     sys.meta_path.insert(0, finder)
-    try:  # the shared runtime first: a build that cannot load is not used at all
-        importlib.import_module(runtime)
+    name = runtime
+    try:  # a build that cannot load is not used at all (its modules call each other natively)
+        for name in (runtime, *status.modules):
+            importlib.import_module(name)
     except Exception as exc:
         sys.meta_path.remove(finder)
-        sys.modules.pop(runtime, None)
+        for new in sorted(set(sys.modules) - before, reverse=True):
+            if new == runtime or new.startswith("inferplane."):
+                _forget(new)
+        what = "its runtime" if name == runtime else name
         return BuildStatus(
-            "pure", reason=f"compiled build not used: its runtime fails to load: {exc!r}",
-            stale=True,
+            "pure", reason=f"compiled build not used: {what} fails to load: {exc!r}", stale=True,
         )
     return status
+
+
+def _forget(name: str) -> None:
+    """Drop module ``name`` from `sys.modules` and from its parent package's attributes (where
+    ``from parent import child`` would otherwise still find it)."""
+    module = sys.modules.pop(name, None)
+    parent_name, _, child = name.rpartition(".")
+    parent = sys.modules.get(parent_name)
+    if module is not None and parent is not None and getattr(parent, child, None) is module:
+        delattr(parent, child)
 
 
 _status: BuildStatus | None = None
