@@ -78,4 +78,4 @@ bench-envoy: $(STAMP)
 	$(BIN)/python bench/envoy_epp.py
 
 clean:
-	rm -rf $(VENV) src/inferplane/_native .pytest_cache .mypy_cache .ruff_cache build dist src/*.egg-info
+	rm -rf $(VENV) src/inferplane/_native* .pytest_cache .mypy_cache .ruff_cache build dist src/*.egg-info

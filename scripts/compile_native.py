@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
+import fcntl
 import hashlib
 import importlib.machinery
 import io
@@ -40,7 +41,7 @@ import sys
 import sysconfig
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,10 @@ MODULES = (
 #: build whose manifest lacks it as stale).
 FP_FLAGS = ("-ffp-contract=off",)
 GROUP = "inferplane_native"
+#: The build in the making, beside ``_native`` (renamed onto it when complete), and the lock file
+#: that makes one run at a time build and swap in one package directory.
+STAGE_PREFIX = "_native."
+LOCK = "_native.lock"
 RUNTIME = f"{GROUP}__mypyc"
 
 
@@ -176,30 +181,34 @@ def build(package_dir: Path, verbose: bool, config: Path | None) -> tuple[Path, 
         after = {name: _sha256(p) for name, p in sources.items()}
         if after != before or deps != {rel: _sha256(package_dir / rel) for rel in deps}:
             raise RuntimeError("a source changed during the compile; run it again")
-        stage = Path(tempfile.mkdtemp(prefix="_native.", dir=package_dir))
-        for name, path in built.items():
-            shutil.copy2(path, stage / files[name])
-        manifest = {
-            "format": 1,
-            "cache_tag": sys.implementation.cache_tag,
-            "ext_suffix": suffix,
-            "mypy": mypy.version.__version__,
-            "machine": platform.machine(),
-            "cflags": {
-                "extension": ext_args,
-                "CFLAGS": os.environ.get("CFLAGS", ""),
-                "sysconfig": sysconfig.get_config_var("CFLAGS") or "",
-            },
-            "built_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "runtime": RUNTIME,
-            "files": files,
-            "sources": {
-                name: {"path": rel, "sha256": before[name]}
-                for name, rel in zip(sources, MODULES, strict=True)
-            },
-            "depends": deps,
-        }
-        (stage / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", "utf-8")
+        stage = Path(tempfile.mkdtemp(prefix=STAGE_PREFIX, dir=package_dir))
+        try:  # a stage never stays behind a failure
+            for name, path in built.items():
+                shutil.copy2(path, stage / files[name])
+            manifest = {
+                "format": 1,
+                "cache_tag": sys.implementation.cache_tag,
+                "ext_suffix": suffix,
+                "mypy": mypy.version.__version__,
+                "machine": platform.machine(),
+                "cflags": {
+                    "extension": ext_args,
+                    "CFLAGS": os.environ.get("CFLAGS", ""),
+                    "sysconfig": sysconfig.get_config_var("CFLAGS") or "",
+                },
+                "built_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "runtime": RUNTIME,
+                "files": files,
+                "sources": {
+                    name: {"path": rel, "sha256": before[name]}
+                    for name, rel in zip(sources, MODULES, strict=True)
+                },
+                "depends": deps,
+            }
+            (stage / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", "utf-8")
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
         return stage, list(sources)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -239,6 +248,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-v", "--verbose", action="store_true", help="show mypyc's and cc's output")
     args = ap.parse_args(argv)
     package_dir: Path = args.package_dir.resolve()
+    with locked(package_dir):
+        return _run(args, package_dir)
+
+
+@contextlib.contextmanager
+def locked(package_dir: Path) -> Iterator[None]:
+    """Hold ``<package_dir>/_native.lock`` exclusively (waiting for another run: two ``make
+    install`` at once in one checkout take turns), and remove any stage a killed run left."""
+    with open(package_dir / LOCK, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        for old in package_dir.glob(f"{STAGE_PREFIX}*"):
+            if old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
+        yield  # the lock goes with the file's closing
+
+
+def _run(args: argparse.Namespace, package_dir: Path) -> int:
     dest = package_dir / "_native"
     if args.clean:
         shutil.rmtree(dest, ignore_errors=True)
@@ -255,8 +281,11 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(dest, ignore_errors=True)  # never leave an older build behind
         print(f"compile_native: not compiled, inferplane runs as pure Python: {exc}")
         return 1 if args.strict else 0
-    shutil.rmtree(dest, ignore_errors=True)
-    stage.rename(dest)
+    try:
+        shutil.rmtree(dest, ignore_errors=True)
+        stage.rename(dest)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)  # left only where the rename failed
     print(f"compile_native: compiled {len(names)} modules with mypyc into {dest} "
           f"in {time.monotonic() - t0:.0f} s")
     return 0

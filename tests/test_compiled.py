@@ -170,6 +170,40 @@ def test_the_compile_passes_fp_contract_off_to_every_extension() -> None:
     assert exts[1].extra_compile_args == list(cn.FP_FLAGS)
 
 
+def test_one_run_at_a_time_builds_and_swaps(tmp_path: Path) -> None:
+    """Two ``make install`` at once in one checkout take turns (an exclusive flock), and a
+    stage a killed run left behind is removed."""
+    import fcntl
+
+    cn = _compile_native()
+    (tmp_path / "_native.killed").mkdir()
+    with cn.locked(tmp_path):
+        assert not (tmp_path / "_native.killed").exists()
+        with open(tmp_path / cn.LOCK, "a") as other, pytest.raises(BlockingIOError):
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with open(tmp_path / cn.LOCK, "a") as other:  # released
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_a_failed_swap_leaves_no_stage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cn = _compile_native()
+    stage = tmp_path / "_native.stage"
+
+    def fake_build(package_dir: Path, verbose: bool, config: Path | None) -> Any:
+        stage.mkdir()
+        (stage / "manifest.json").write_text("{}", "utf-8")
+        return stage, ["m"]
+
+    def no_rename(self: Path, target: Path) -> None:
+        raise OSError("rename refused")
+
+    monkeypatch.setattr(cn, "build", fake_build)
+    monkeypatch.setattr(Path, "rename", no_rename)
+    with pytest.raises(OSError, match="rename refused"):
+        cn.main(["--package-dir", str(tmp_path), "--force"])
+    assert not stage.exists() and not (tmp_path / "_native").exists()
+
+
 def test_a_missing_setuptools_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """mypyc needs setuptools (mypy's ``[mypyc]`` extra), which a 3.12 venv does not seed."""
     pytest.importorskip("mypyc.build")  # imported with setuptools present (3.11: not distutils)
