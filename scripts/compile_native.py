@@ -199,6 +199,7 @@ def build(package_dir: Path, verbose: bool, config: Path | None) -> tuple[Path, 
                 "built_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "runtime": RUNTIME,
                 "files": files,
+                "sizes": {f: (stage / f).stat().st_size for f in files.values()},
                 "sources": {
                     name: {"path": rel, "sha256": before[name]}
                     for name, rel in zip(sources, MODULES, strict=True)

@@ -63,6 +63,7 @@ def fake_build(
         "format": 1, "cache_tag": sys.implementation.cache_tag, "ext_suffix": SUFFIX,
         "runtime": "rt__mypyc", "files": files, "sources": listed, "depends": deps,
         "cflags": {"extension": ["-O3", compiled.FP_CONTRACT_OFF]},
+        "sizes": {f: 0 for f in files.values()},
     }
     (native / "manifest.json").write_text(json.dumps(manifest), "utf-8")
     return native, pkg
@@ -240,6 +241,20 @@ def test_a_missing_extension_file_is_not_used(tmp_path: Path) -> None:
     assert status.stale and "missing" in status.reason
 
 
+def test_an_extension_file_not_the_size_built_is_not_used(tmp_path: Path) -> None:
+    """A partial copy: loading a truncated shared object kills the process (SIGBUS)."""
+    native, pkg = fake_build(tmp_path, SOURCES)
+    (native / f"inferplane.placement.fused{SUFFIX}").write_bytes(b"x")
+    status, _ = check(native, pkg)
+    assert status.stale
+    assert f"inferplane.placement.fused{SUFFIX} not the size built" in status.reason
+    m = json.loads((native / "manifest.json").read_text("utf-8"))
+    del m["sizes"]
+    (native / "manifest.json").write_text(json.dumps(m), "utf-8")
+    status, _ = check(native, pkg)
+    assert status.stale and "no file sizes" in status.reason
+
+
 def test_the_environment_forces_pure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     native, pkg = fake_build(tmp_path, SOURCES)
     monkeypatch.setenv(ENV_PURE, "1")
@@ -309,14 +324,16 @@ def test_a_real_build_edited_after_the_compile_runs_pure_and_warns(tmp_path: Pat
 
 @needs_build
 def test_a_real_build_with_a_corrupt_module_runs_pure_and_warns(tmp_path: Path) -> None:
-    """A truncated module file (an interrupted copy) of a build that is otherwise current: the
-    modules that loaded before it are dropped again, and everything runs from its source."""
+    """A corrupt module file (its ELF header overwritten, the size kept) of a build that is
+    otherwise current: the modules that loaded before it are dropped again, and everything runs
+    from its source."""
     copy = tmp_path / "src"
     shutil.copytree(SRC / "inferplane", copy / "inferplane",
                     ignore=shutil.ignore_patterns("__pycache__"))
     last = REAL.modules[-1]  # imported after the others, which load (and are then dropped)
     ext = copy / "inferplane" / "_native" / f"{last}{SUFFIX}"
-    ext.write_bytes(ext.read_bytes()[:4096])
+    data = ext.read_bytes()
+    ext.write_bytes(b"\0" * 16 + data[16:])
     code = ("import inferplane.compiled as c, inferplane.placement.fused as f, "
             "inferplane.physics.roofline as r, inferplane.fleet.prefix_index as p; "
             "print(c.status().mode, f.__file__, r.__file__, p.__file__)")

@@ -6,7 +6,8 @@ present) compiles a few modules with mypyc into ``inferplane/_native/`` (git-ign
 this file): one extension per module, mypyc's shared runtime (``inferplane_native__mypyc``)
 and ``manifest.json``, which names every compiled module with the sha256 of the source it was
 compiled from, the sha256 of every inferplane source those import (transitively: the compiled
-code relies on their types), the interpreter's cache tag and extension suffix, and the C flags
+code relies on their types), the size of every extension file, the interpreter's cache tag and
+extension suffix, and the C flags
 (which must include ``-ffp-contract=off``: `FP_CONTRACT_OFF`). The sources stay where they are;
 nothing compiled sits beside them, so Python's own import finds only the ``.py`` files.
 
@@ -112,6 +113,12 @@ def check(native_dir: Path = NATIVE_DIR, package_dir: Path = PACKAGE_DIR) -> tup
     missing = [str(f) for f in files.values() if not f.is_file()]
     if missing:
         return stale(f"missing {', '.join(missing)}")
+    sizes = m.get("sizes")  # a truncated extension would kill the process at its import (SIGBUS)
+    if not isinstance(sizes, dict):
+        return stale("the manifest lists no file sizes (re-run scripts/compile_native.py)")
+    partial = [f.name for f in files.values() if f.stat().st_size != sizes.get(f.name)]
+    if partial:
+        return stale(f"{', '.join(partial)} not the size built (a partial copy?)")
     modules = tuple(sorted(n for n in files if n != m["runtime"]))
     return BuildStatus("compiled", modules=modules), files
 
