@@ -497,6 +497,20 @@ def test_profile_file_keeps_the_front_end(tmp_path: Path) -> None:
     assert "bursts:" in path.read_text()
 
 
+def test_profile_file_names_the_hand_off_only_when_there_is_one(tmp_path: Path) -> None:
+    """A one-piece front end writes no ``frontend_handoff_s`` (a reader older than the field
+    rejects it as unknown); a two-piece one writes it, and both read back as they were."""
+    path, cal = _profile_file(tmp_path)
+    assert cal.hardware.frontend_handoff_s == 0.0
+    assert "frontend_handoff_s" not in path.read_text()
+    assert load_hardware_profile(path) == cal.hardware
+    two = dataclasses.replace(cal, hardware=dataclasses.replace(
+        cal.hardware, frontend_request_s=0.001, frontend_handoff_s=0.0004))
+    path.write_text(dump_profile(two, "cpu", {"model": "m"}))
+    assert "  frontend_handoff_s: 0.0004\n" in path.read_text()
+    assert load_hardware_profile(path) == two.hardware
+
+
 def _frontend_fleet(
     tmp: Path, request_s: float, token_s: float = 0.0, handoff_s: float = 0.0
 ) -> Path:

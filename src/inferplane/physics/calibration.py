@@ -545,8 +545,12 @@ def load_hardware_profile(path: str | Path) -> HardwareProfile:
 
 def dump_profile(cal: Calibration, base: str, meta: dict[str, Any]) -> str:
     """The YAML text of a profile file for ``cal`` fitted from the table's ``base`` profile, with
-    ``meta`` (endpoint, model, date…) and every probe point under ``calibration``."""
+    ``meta`` (endpoint, model, date…) and every probe point under ``calibration``. A zero
+    ``frontend_handoff_s`` (a one-piece front end) is left out, so that a reader older than
+    the field (it forbids unknown fields) still loads the file."""
     hw = dataclasses.asdict(cal.hardware)
+    if not hw["frontend_handoff_s"]:
+        del hw["frontend_handoff_s"]
     hardware = {"name": hw.pop("name"), "kind": hw.pop("kind"), "base": base, **hw}
     doc = {
         "kind": PROFILE_KIND,
