@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -149,6 +150,34 @@ def test_reload_applies_endpoints_tenants_and_keeps_policies() -> None:
             assert not by["eu-2"].state.healthy
             assert core.config_sha256 == "abc"
             assert core.metrics.config_reloads.labels("ok")._value.get() == 1
+        finally:
+            await core.stop()
+
+    asyncio.run(main())
+
+
+def test_a_reload_renews_what_the_spans_say_of_a_changed_endpoint() -> None:
+    """The telemetry's per-endpoint attributes (cached by name) follow a reload that moves an
+    endpoint to another URL under the same name; a request placed on the old fleet before the
+    swap does not put the old ones back."""
+    telemetry = "telemetry: {enabled: true, exporter: thread}\n"
+
+    async def main() -> None:
+        core, _ = _core(SMALL_FLEET_YAML + telemetry)
+        await core.start()
+        try:
+            tel: Any = core.telemetry
+            old = core.fleet.by_name["eu-1"]
+            assert ("server.port", 9002) in tel.endpoint_info(old).attempt("chat", "m")
+            moved = SMALL_FLEET_YAML.replace("http://127.0.0.1:9002", "http://127.0.0.1:9012")
+            await core.reload(parse_config(moved + telemetry, "f.yaml"), "f.yaml")
+            tel.endpoint_info(old)  # in flight since before the swap: its own, not kept
+            new = core.fleet.by_name["eu-1"]
+            for _ in range(2):  # worked out, then cached
+                assert ("server.port", 9012) in tel.endpoint_info(new).attempt("chat", "m")
+            assert tel.endpoint_info(new) is tel.endpoint_info(new)
+            kept = core.fleet.by_name["eu-0"]  # unchanged: cached again
+            assert tel.endpoint_info(kept) is tel.endpoint_info(kept)
         finally:
             await core.stop()
 

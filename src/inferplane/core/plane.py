@@ -406,6 +406,7 @@ class Core:
                 for c in config.classes
             }
             self.classifier = classifier
+            self.telemetry.fleet_changed(fleet)
             self.aliases = {a.name: a for a in config.model_aliases}
             self.tenants = {h: t for t in config.tenants for h in t.api_keys}
             if self.salts is not None:  # the KV-event mirror's cache scopes: every tenant's

@@ -61,7 +61,7 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.trace.export import SpanExporter
 
     from inferplane.config.schema import FleetConfig
-    from inferplane.fleet.model import Endpoint
+    from inferplane.fleet.model import Endpoint, Fleet
     from inferplane.placement.framework import Decision
     from inferplane.placement.profile import RequestProfile
 
@@ -231,6 +231,7 @@ class OtelTelemetry(Telemetry):
         # pending values (duration, time to first token, input and output tokens)
         self._series: dict[tuple[Any, ...], tuple[list[Any], ...]] = {}
         self._endpoints: dict[str, _EndpointInfo] = {}
+        self._fleet: Mapping[str, Endpoint] | None = None  # the reloaded fleet's endpoints
         self._servers: dict[tuple[Any, ...], Attrs] = {}
         self._attrs: dict[tuple[tuple[Any, ...], ...], Attrs] = {}
         self._hosts: dict[str | None, tuple[str | None, int | None]] = {}  # Host: address, port
@@ -243,10 +244,21 @@ class OtelTelemetry(Telemetry):
                 self.batcher = Batcher(self, sender_for(spec), spec)
 
     def endpoint_info(self, endpoint: Endpoint) -> _EndpointInfo:
+        """What ``endpoint``'s spans and metric points carry, cached by its name until the
+        fleet is reloaded (`fleet_changed`)."""
         info = self._endpoints.get(endpoint.name)
         if info is None:
-            info = self._endpoints[endpoint.name] = _EndpointInfo(endpoint)
+            info = _EndpointInfo(endpoint)
+            fleet = self._fleet
+            current = endpoint if fleet is None else fleet.get(endpoint.name)
+            # a request placed on the old fleet before a reload: its endpoint's info not kept
+            if current is endpoint or (current is not None and current.same_definition(endpoint)):
+                self._endpoints[endpoint.name] = info
         return info
+
+    def fleet_changed(self, fleet: Fleet) -> None:
+        self._fleet = fleet.by_name
+        self._endpoints = {}
 
     def attrs(self, pairs: Pairs) -> Attrs:
         """``pairs`` encoded (cached by value and, for values that are no string, by type:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from inferplane.config.schema import FleetConfig
-    from inferplane.fleet.model import Endpoint
+    from inferplane.fleet.model import Endpoint, Fleet
     from inferplane.placement.framework import Decision
     from inferplane.placement.profile import RequestProfile
 
@@ -104,6 +104,10 @@ class Telemetry:
     ) -> RequestTrace:
         """Start a request's trace, continuing the caller's ``traceparent`` if it sent one."""
         return NOOP
+
+    def fleet_changed(self, fleet: Fleet) -> None:
+        """A reload swapped in ``fleet`` (`core.plane.Core.reload`): forget what was worked out
+        per endpoint (its URL, pool or provider may have changed under the same name)."""
 
     def shutdown(self) -> None:
         """Flush and stop the exporters."""
