@@ -24,6 +24,7 @@ from inferplane.fleet.state import EndpointView
 from inferplane.placement.framework import REGISTRY, CycleState, FilterResult, Plugin, register
 from inferplane.twin.simulator.fleet import (
     CHARS_PER_TOKEN,
+    Pending,
     TracePromptTokens,
     engine_block_hashes,
     padded_ids,
@@ -542,3 +543,35 @@ def test_placement_hashes_match_their_per_element_formula(block_chars: int) -> N
         want = tuple(hash((chain[min(ends[k], tokens - 1) // 512], k)) & ((1 << 64) - 1)
                      for k in range(max(n, 0)))
         assert got == want
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_pending_dispatches_behave_as_a_plain_heap(seed: int) -> None:
+    """`Pending` (lazy removal) against the list heap with ``remove`` + ``heapify`` it
+    replaced: the same earliest time, emptiness and removal answers after every operation,
+    with repeated values and removals of values that are not (or no longer) there."""
+    import heapq
+
+    rng = random.Random(seed)
+    got, want = Pending(), list[float]()
+    for _ in range(400):
+        op = rng.random()
+        t = float(rng.randint(0, 30))  # few values: many equal ones
+        if op < 0.45:
+            got.push(t)
+            heapq.heappush(want, t)
+        elif op < 0.75:
+            present = t in want
+            if present:
+                want.remove(t)
+                heapq.heapify(want)
+            assert got.remove(t) == present
+        elif op < 0.97:
+            assert bool(got) == bool(want)
+            if want:
+                assert got.pop() == heapq.heappop(want)
+        else:
+            got.clear()
+            want.clear()
+        assert bool(got) == bool(want)
+        assert got.first() == (want[0] if want else math.inf)

@@ -27,6 +27,7 @@ than its ids cover.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import math
 from bisect import bisect_left
 from collections import deque
@@ -222,6 +223,65 @@ def engine_config_for(endpoint: Endpoint, roofline: Roofline) -> EngineConfig:
     )
 
 
+class Pending:
+    """The times of the dispatches on their way to an endpoint, a multiset: `first` (the
+    earliest; inf when none), `pop` (the earliest), `remove` (one entry of a value, if there is
+    one: O(log n), lazily: the entry is marked and leaves the heap when it reaches the top)."""
+
+    __slots__ = ("count", "heap", "stale")
+
+    def __init__(self) -> None:
+        self.heap: list[float] = []  # the top is never a removed entry
+        self.count: dict[float, int] = {}  # entries per value, removed ones not counted
+        self.stale: dict[float, int] = {}  # removed entries per value, still in the heap
+
+    def __bool__(self) -> bool:
+        return bool(self.heap)
+
+    def first(self) -> float:
+        return self.heap[0] if self.heap else math.inf
+
+    def push(self, t: float) -> None:
+        heapq.heappush(self.heap, t)
+        self.count[t] = self.count.get(t, 0) + 1
+
+    def pop(self) -> float:
+        t = heapq.heappop(self.heap)
+        self._uncount(t)
+        self._trim()
+        return t
+
+    def remove(self, t: float) -> bool:
+        if t not in self.count:
+            return False
+        self._uncount(t)
+        self.stale[t] = self.stale.get(t, 0) + 1
+        self._trim()
+        return True
+
+    def clear(self) -> None:
+        self.heap.clear()
+        self.count.clear()
+        self.stale.clear()
+
+    def _uncount(self, t: float) -> None:
+        n = self.count[t]
+        if n == 1:
+            del self.count[t]
+        else:
+            self.count[t] = n - 1
+
+    def _trim(self) -> None:
+        heap, stale = self.heap, self.stale
+        while heap and (t := heap[0]) in stale:
+            heapq.heappop(heap)
+            n = stale[t]
+            if n == 1:
+                del stale[t]
+            else:
+                stale[t] = n - 1
+
+
 @dataclass(slots=True)
 class Published:
     """Engine gauges and counters as of the last step boundary (what ``/metrics`` shows)."""
@@ -303,7 +363,7 @@ class SimEndpoint:
         self.step_out: StepOutput | None = None
         self.step_end = math.inf  # ``step_out.end_s`` while a step is in flight
         self.step_handle: asyncio.TimerHandle | None = None  # the in-flight step's completion
-        self.pending: list[float] = []  # heap: times of dispatches on their way here
+        self.pending = Pending()  # times of dispatches on their way here
         self.prefilling: list[RequestRecord] = []  # dispatched, first token not yet produced
         self.inflight: dict[int, RequestRecord] = {}  # dispatched here and not finished
         self.arrivals: deque[float] = deque()  # accepted requests in the last minute (rpm)

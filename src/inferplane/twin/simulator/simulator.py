@@ -481,7 +481,7 @@ class Simulator:
             taken = fe.intake(arrive)
             if fe.handoff_s > 0:  # the second piece queues behind what arrives until then
                 bound = taken + fe.handoff_s + se.request_overhead_s  # its earliest dispatch
-                heapq.heappush(se.pending, bound)
+                se.pending.push(bound)
                 self._dispatch_handles[rec.index] = self.loop.call_at(
                     taken, self._hand_off, rec, se, taken, bound
                 )
@@ -489,7 +489,7 @@ class Simulator:
             forward_s += taken - arrive
         if forward_s > 0:
             t = self.now + forward_s
-            heapq.heappush(se.pending, t)
+            se.pending.push(t)
             self._dispatch_handles[rec.index] = self.loop.call_at(
                 t, self._dispatch, rec, se, True
             )
@@ -503,18 +503,17 @@ class Simulator:
         """The request's first piece of intake is done: its second queues at the front end
         behind whatever arrived meanwhile, then the parallel overhead (``physics.frontend``).
         Its entry in ``se.pending``, ``bound`` (its earliest dispatch, so that the engine does
-        not fast-forward past it), becomes its dispatch time."""
+        not fast-forward past it), becomes its dispatch time (`Pending.remove`: no O(n) scan
+        of the pending heap per request)."""
         t = se.frontend.handoff(taken) + se.request_overhead_s
-        if bound in se.pending:
-            se.pending.remove(bound)
-            heapq.heapify(se.pending)
-        heapq.heappush(se.pending, t)
+        se.pending.remove(bound)
+        se.pending.push(t)
         self._dispatch_handles[rec.index] = self.loop.call_at(t, self._dispatch, rec, se, True)
 
     def _dispatch(self, rec: RequestRecord, se: SimEndpoint, delayed: bool) -> None:
         self._dispatch_handles.pop(rec.index, None)
         if delayed and se.pending:
-            heapq.heappop(se.pending)
+            se.pending.pop()
         engine = se.engine
         assert engine is not None
         bs = engine.config.block_size
@@ -669,8 +668,9 @@ class Simulator:
         if self.loop.busy_now():
             return self.now
         until = self._next_arrival
-        if se.pending and se.pending[0] < until:
-            until = se.pending[0]
+        first = se.pending.first()
+        if first < until:
+            until = first
         if self._hung_until and self._hung_until[0] < until:
             until = self._hung_until[0]
         if self.admission.queue.waiting or self._lane:
