@@ -7,8 +7,12 @@ Everything is built in code from a YAML string through the real loader (`parse_c
 from __future__ import annotations
 
 import hashlib
+import importlib.util
+import sys
 from collections.abc import Mapping
 from functools import cache
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from inferplane.config.loader import parse_config
@@ -16,6 +20,17 @@ from inferplane.config.schema import FleetConfig
 from inferplane.fleet.model import Fleet
 from inferplane.fleet.state import EndpointState, EndpointView, FleetSnapshot
 from inferplane.placement.profile import RequestProfile
+
+
+def load_file(name: str, path: Path) -> ModuleType:
+    """A script or test file (not a package module) loaded as module ``name``; registered in
+    `sys.modules` first, since dataclasses resolve annotations through it."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def key_hash(key: str) -> str:

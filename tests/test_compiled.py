@@ -24,6 +24,7 @@ import pytest
 
 from inferplane import compiled
 from inferplane.compiled import ENV_PURE, BuildStatus, check, load
+from tests.builders import load_file
 
 ROOT = Path(__file__).resolve().parent.parent
 SRC = ROOT / "src"
@@ -149,13 +150,7 @@ def test_a_build_without_fp_contract_off_is_not_used(tmp_path: Path) -> None:
 
 
 def _compile_native() -> Any:
-    spec = importlib.util.spec_from_file_location(
-        "compile_native", ROOT / "scripts" / "compile_native.py"
-    )
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_file("compile_native", ROOT / "scripts" / "compile_native.py")
 
 
 def test_the_compile_passes_fp_contract_off_to_every_extension() -> None:
@@ -218,10 +213,7 @@ def test_a_missing_setuptools_is_named(tmp_path: Path, monkeypatch: pytest.Monke
 def test_ci_fails_instead_of_skipping_without_a_build() -> None:
     """``INFERPLANE_REQUIRE_NATIVE=1`` (``.ci/run``) turns `needs_build`'s skip into a failure
     (tests/conftest.py); without it, and for other skips, a skip stays a skip."""
-    spec = importlib.util.spec_from_file_location("_conftest", ROOT / "tests" / "conftest.py")
-    assert spec is not None and spec.loader is not None
-    conftest = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(conftest)
+    conftest = load_file("_conftest", ROOT / "tests" / "conftest.py")
     reason = needs_build.kwargs["reason"]
     assert reason.startswith(conftest.NATIVE_ABSENT)
     why = conftest.required_but_skipped(reason, {"INFERPLANE_REQUIRE_NATIVE": "1"})

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -30,7 +29,7 @@ from inferplane.placement.framework import (
     Scored,
 )
 from inferplane.placement.plugins.basic import LeastRequest, ModelServed
-from tests.builders import MINIMAL_YAML, key_hash
+from tests.builders import MINIMAL_YAML, key_hash, load_file
 
 FILE = "fleet.yaml"
 
@@ -950,13 +949,7 @@ CONFIG_DOC = ROOT / "docs" / "configuration.md"
 
 
 def gen_config_docs() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "gen_config_docs", ROOT / "scripts" / "gen_config_docs.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_file("gen_config_docs", ROOT / "scripts" / "gen_config_docs.py")
 
 
 def test_committed_json_schema_is_current(tmp_path: Path) -> None:

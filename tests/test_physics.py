@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -20,6 +18,7 @@ from inferplane.physics import (
     get_model,
     min_tensor_parallel,
 )
+from tests.builders import load_file
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -259,13 +258,7 @@ def test_negative_counts_rejected() -> None:
 
 
 def _load_validation() -> ModuleType:
-    path = REPO / "bench" / "physics_validation.py"
-    spec = importlib.util.spec_from_file_location("physics_validation", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    return load_file("physics_validation", REPO / "bench" / "physics_validation.py")
 
 
 def test_validation_errors_within_bound() -> None:
