@@ -181,23 +181,26 @@ def predict_burst_s(r: Roofline, size: int, prompt_tokens: int) -> list[float]:
     out: list[float] = []
     pairs = prompt_tokens * 0.5 * prompt_tokens  # one sequence's attention over its prompt
     free, i, k = 0.0, 0, 0  # engine free at; next request to prefill; next hand-off
-    while i < size:
-        if len(arrive) <= i:  # the engine waits for request i: hand off the next one
+
+    def hand_off_until(t: float) -> None:
+        """Hand off, in order, the requests whose first piece is done by ``t``."""
+        nonlocal k
+        while k < size and taken[k] <= t:
             arrive.append(fe.handoff(taken[k]) + hw.request_overhead_s)
             k += 1
+
+    while i < size:
+        if len(arrive) <= i:  # the engine waits for request i: hand off the next one(s)
+            hand_off_until(taken[k])
             continue
         start = max(free, arrive[i])
-        while k < size and taken[k] <= start:  # hand-offs before the step starts may join it
-            arrive.append(fe.handoff(taken[k]) + hw.request_overhead_s)
-            k += 1
+        hand_off_until(start)  # hand-offs before the step starts may join it
         j = i
         while j < len(arrive) and arrive[j] <= start:
             j += 1
         n = j - i
         free = start + r.step_time_s(n * prompt_tokens, 0, 0, 0, prefill_pairs=n * pairs)
-        while k < size and taken[k] <= free:  # hand-offs during the step come before its chunks
-            arrive.append(fe.handoff(taken[k]) + hw.request_overhead_s)
-            k += 1
+        hand_off_until(free)  # hand-offs during the step come before its chunks
         done = fe.emit(free, n)
         out += [done] * n
         i = j
