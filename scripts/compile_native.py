@@ -50,6 +50,8 @@ ROOT = Path(__file__).resolve().parent.parent
 MODULES = (
     "placement/fused.py",
     "placement/fused_filters.py",
+    "placement/fused_pick.py",
+    "placement/scored.py",
     "fleet/prefix_index.py",
     "physics/roofline.py",
 )

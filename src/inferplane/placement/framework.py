@@ -23,6 +23,9 @@ from inferplane.fleet.model import Fleet
 from inferplane.fleet.state import EndpointView, FleetSnapshot
 from inferplane.placement.profile import RequestProfile
 
+# `Scored` lives in a module of its own, compiled in the compiled build; exported from here
+from inferplane.placement.scored import Scored as Scored
+
 Timer = Callable[[], float]
 
 
@@ -61,16 +64,6 @@ class FilterResult:
 
     kept: list[EndpointView]
     rejected: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass(slots=True)
-class Scored:
-    """A candidate after scoring: its weighted total and each scorer's clamped value. (Not
-    frozen, like `FilterResult`: one per candidate per decision, read only by the picker.)"""
-
-    view: EndpointView
-    total: float
-    scores: dict[str, float]
 
 
 @runtime_checkable

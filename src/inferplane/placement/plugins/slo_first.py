@@ -17,6 +17,7 @@ from inferplane.placement.framework import (
     Spillover,
     register,
 )
+from inferplane.placement.fused_pick import best_of, slo_tied
 from inferplane.placement.profile import RequestProfile
 
 _INF = float("inf")
@@ -89,34 +90,14 @@ class SloFirst(Plugin):
 
     def pick(self, cycle: CycleState, scored: list[Scored]) -> Scored:
         ann = cycle.annotations
-        empty: dict[str, float] = {}
         p = self.p
         if p.prefer_reserved and not cycle.profile.preferred_kinds:
             # the usual case (no preferred kinds): one walk of the candidates finds the
             # SLO-meeters, reserved or not, and their costs — what `_pick_general` computes
-            # with a walk per step, the same values in the same order
-            egress = p.include_egress
-            r_s: list[Scored] = []  # reserved SLO-meeters, in candidate order
-            r_c: list[float] = []  # their costs (`_cost`)
-            o_s: list[Scored] = []  # the others that meet it
-            o_c: list[float] = []
-            for s in scored:
-                v = s.view
-                a = ann.get(v.name, empty)
-                if a.get("meets_slo", 1.0) >= 0.5:
-                    c = a.get("cost_usd", 0.0)
-                    if egress:
-                        c = c + a.get("egress_usd", 0.0)
-                    if v.endpoint.capacity_class == "reserved":  # `_reserved`
-                        r_s.append(s)
-                        r_c.append(c)
-                    else:
-                        o_s.append(s)
-                        o_c.append(c)
-            if r_s or o_s:
-                pool, costs = (r_s, r_c) if r_s else (o_s, o_c)
-                limit = min(costs) * (1.0 + p.cost_tolerance) + p.cost_epsilon_usd
-                tied = [s for s, c in zip(pool, costs, strict=True) if c <= limit]
+            # with a walk per step, the same values in the same order (`fused_pick.slo_tied`,
+            # compiled in the compiled build)
+            tied = slo_tied(ann, scored, p.include_egress, p.cost_tolerance, p.cost_epsilon_usd)
+            if tied is not None:
                 return self._best_of(cycle, scored, tied)
         return self._pick_general(cycle, scored)
 
@@ -174,9 +155,7 @@ class SloFirst(Plugin):
     def _best_of(self, cycle: CycleState, scored: list[Scored], tied: list[Scored]) -> Scored:
         """The highest total among ``tied`` (a random one of equal totals), its spillover
         recorded: both pick paths end here."""
-        best = max([s.total for s in tied])
-        top = [s for s in tied if s.total >= best - 1e-12]
-        choice = top[0] if len(top) == 1 else cycle.rng.choice(top)
+        choice = best_of(tied, cycle.rng)
         self._spillover(cycle, scored, choice)
         return choice
 
