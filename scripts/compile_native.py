@@ -51,6 +51,7 @@ MODULES = (
     "placement/fused.py",
     "placement/fused_filters.py",
     "placement/fused_pick.py",
+    "placement/latency_terms.py",
     "placement/scored.py",
     "fleet/prefix_index.py",
     "physics/roofline.py",

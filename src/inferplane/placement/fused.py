@@ -44,9 +44,10 @@ from inferplane.fleet.model import Endpoint, Fleet
 from inferplane.fleet.state import EndpointState, EndpointView
 from inferplane.physics import Roofline
 from inferplane.placement.framework import CycleState, Policy, Scored
+from inferplane.placement.latency_terms import _Consts, load_terms
 from inferplane.placement.plugins.affinity import PrefixAffinity, SessionAffinity
 from inferplane.placement.plugins.economics import Cost, Energy, Load, Locality, _Price
-from inferplane.placement.plugins.latency import PredictedLatency, _Consts
+from inferplane.placement.plugins.latency import PredictedLatency
 
 #: (TTFT correction factor or None, expected-retry factor, load value clamped, busy (in
 #: flight > 0), context the load terms were computed for, batch, KV tokens, queue_s, raw ITL):
@@ -171,7 +172,8 @@ class FusedScoring:
         if r is None:
             batch, kv, queue_s, raw_i = 0, 0, 0.0, 0.0
         else:
-            batch, kv, queue_s, raw_i = P._load_terms(ep, s, k, r, idle_ctx, loads)
+            batch, kv, queue_s, raw_i = load_terms(s, k, idle_ctx)  # `P._load_terms`
+            loads[ep] = (s, idle_ctx, batch, kv, queue_s, raw_i)
         f = s.ttft_ratio_p50
         kmin, kmax = P._kmin, P._kmax
         tf = None if f is None else (kmin if f < kmin else (kmax if f > kmax else f))
@@ -298,7 +300,8 @@ class FusedScoring:
             if not busy and ctx_of != idle_ctx and r is not None:
                 # idle: the load terms' context is the request's (not kept: the next request's
                 # is another)
-                batch, kv, queue_s, raw_i = P._load_terms(ep, s, k, r, idle_ctx, loads)
+                batch, kv, queue_s, raw_i = load_terms(s, k, idle_ctx)  # `P._load_terms`
+                loads[ep] = (s, idle_ctx, batch, kv, queue_s, raw_i)
             # predicted-latency
             m = matched[i]
             if nblocks:

@@ -4,42 +4,19 @@ physics roofline and the endpoint's live load, corrected online by observed late
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from inferplane.fleet.model import Endpoint
 from inferplane.fleet.state import EndpointState, EndpointView
 from inferplane.physics import Roofline
-from inferplane.physics.calibration import frontend_wait_s
 from inferplane.placement.framework import CycleState, Plugin, register
+from inferplane.placement.latency_terms import _Consts as _Consts
+from inferplane.placement.latency_terms import load_terms
 from inferplane.placement.plugins.affinity import PrefixMatcher, PrefixMode
 
 #: Prompt chunk at which the per-token prefill cost of queued work is measured.
 _REF_PREFILL_TOKENS = 2048
-#: Upper bound of the engine front end's busy share from streaming (keeps 1/(1-rho) finite).
-_MAX_FRONTEND_BUSY = 0.9
-
-
-@dataclass(frozen=True, slots=True)
-class _Consts:
-    """Per (endpoint, model) constants, computed once per plugin instance."""
-
-    roofline: Roofline | None
-    prefill_s_per_token: float
-    fixed_s: float  # the hardware's calibrated per-request overhead + provider network RTT
-    frontend_request_s: float  # calibrated: the engine front end's intake per request (both
-    # pieces: frontend_request_s + frontend_handoff_s)
-    frontend_token_s: float  # calibrated: the engine front end's work per streamed token
-    embedding: bool
-    name: str
-    region: str
-    max_concurrency: int
-    #: the roofline's `Roofline.step_terms` (zeros without one), for the decode step
-    #: `_load_terms` computes inline
-    step: tuple[float, float, float, float, float, float, float, float, float, float] = (
-        (0.0,) * 10
-    )
 
 
 class LatencyParams(BaseModel):
@@ -195,60 +172,13 @@ class PredictedLatency(Plugin):
         loads: dict[Endpoint, tuple[EndpointState, float, int, int, float, float]],
     ) -> tuple[int, int, float, float]:
         """(batch, KV tokens, queue_s, raw ITL): what the endpoint's state alone determines
-        (see the class docstring), stored in ``loads`` for reuse while the snapshot keeps that
-        state object. The fused scoring pass (`inferplane.placement.fused`) calls it too."""
-        queue_s = 0.0
-        conc = k.max_concurrency
-        inflight = s.inflight
-        pending = s.pending_prefill
-        decoding = inflight - pending
-        batch = decoding if decoding < conc else conc
-        ctx = s.inflight_tokens / inflight if inflight > 0 else idle_ctx
-        # Prefill is FCFS through the engine's per-step token budget: everything the
-        # gateway sent that has not produced its first token is ahead of this request.
-        queue_tokens = float(s.pending_prefill_tokens)
-        if not s.stale:
-            running = s.running
-            if running is not None and running > batch:
-                batch = int(running)
-            waiting = s.waiting
-            if waiting is not None and waiting > pending:
-                queue_tokens += (waiting - pending) * ctx  # other clients
-        if queue_tokens > 0:
-            queue_s = queue_tokens * k.prefill_s_per_token
-        kv = int(batch * ctx)
-        if k.embedding or batch < 0:  # (batch + 1 ≤ 0: an empty step, 0.0)
-            raw_i = 0.0
-        else:
-            # r.step_time_s(0, 0, d, c) for this request's decode step (d = batch + 1 > 0
-            # sequences over c = kv + ctx cached tokens), inlined: the same operations in the
-            # same order, with no prefill tokens (test_placement_scorers holds it to the call)
-            lin, attn, inv_flops, wbytes, kvb, inv_bw, comm, fixed, seq, ctx_s = k.step
-            d = batch + 1
-            c = kv + int(ctx)
-            compute = (lin * d + attn * (0.0 + c)) * inv_flops
-            memory = (wbytes + (c + d) * kvb) * inv_bw
-            raw_i = (compute if compute > memory else memory) + d * comm + fixed
-            if seq:
-                raw_i += seq * d
-            if ctx_s:
-                raw_i += ctx_s * c
-        fe_tok = k.frontend_token_s
-        if fe_tok > 0 and batch > 0:
-            # behind the running streams' chunks, and its own sent with theirs
-            queue_s += frontend_wait_s(batch, fe_tok, raw_i) + batch * fe_tok
-        if pending > 0 and k.frontend_request_s > 0:
-            # The front end takes requests in one at a time, between the chunks it
-            # streams (busy share rho): the intakes ahead, stretched by 1/(1-rho).
-            # In series with the engine's queue, whichever is longer decides.
-            rho = 0.0
-            if fe_tok > 0 and raw_i > 0:
-                rho = min(_MAX_FRONTEND_BUSY, batch * fe_tok / raw_i)
-            fe = pending * k.frontend_request_s / (1.0 - rho)
-            if fe > queue_s:
-                queue_s = fe
+        (see the class docstring; `latency_terms.load_terms`), stored in ``loads`` for reuse
+        while the snapshot keeps that state object. The fused scoring pass
+        (`inferplane.placement.fused`) calls it too."""
+        got = load_terms(s, k, idle_ctx)
+        batch, kv, queue_s, raw_i = got
         loads[ep] = (s, idle_ctx, batch, kv, queue_s, raw_i)
-        return batch, kv, queue_s, raw_i
+        return got
 
     def score(self, cycle: CycleState, candidates: list[EndpointView]) -> Sequence[float]:
         prof = cycle.profile
