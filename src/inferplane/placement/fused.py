@@ -59,14 +59,35 @@ _Row = tuple[
     Endpoint, _Consts, Roofline | None, str, float, bool, _Price, float | None,
     float, float, float, float, float, float, float, float, float, float,
 ]
-#: (view, endpoint, state, name, the row after its endpoint, the state terms): one candidate's
-#: inputs in one tuple, `FusedScoring._terms`
-_Terms = tuple[
-    EndpointView, Endpoint, EndpointState, str,
-    _Consts, Roofline | None, str, float, bool, _Price, float | None,
-    float, float, float, float, float, float, float, float, float, float,
-    float | None, float, float, bool, float, int, int, float, float,
-]
+
+
+class _Cand:
+    """One candidate's inputs, kept at its endpoint's fleet position while the snapshot keeps
+    its view (`FusedScoring._terms_of`): the view, endpoint, state and name, the endpoint's
+    constants (`FusedScoring._row`: predicted-latency's, the price's, the roofline's ten step
+    terms) and what the state alone determines (`FusedScoring._state_terms`). A class, not a
+    tuple: compiled, its fields are read where they are stored, without unboxing a tuple's."""
+
+    __slots__ = ("attn", "batch", "busy", "comm", "ctx_of", "ctx_s", "embedding", "ep",
+                 "fixed", "fixed_s", "hourly_s", "inv_bw", "inv_flops", "itl_obs", "k", "kv",
+                 "kvb", "lin", "name", "p_burst", "p_cached", "p_conc", "p_in", "p_out",
+                 "queue_s", "r", "raw_i", "region", "retry", "s", "seq", "tf", "v4", "view",
+                 "wbytes")
+
+    def __init__(self, view: EndpointView, row: _Row, st: _StateTerms) -> None:
+        self.view = view
+        s = view.state
+        self.s = s
+        self.name = view.name
+        self.itl_obs = s.itl_p50_s
+        (self.ep, self.k, self.r, self.region, self.fixed_s, self.embedding, pr, self.hourly_s,
+         self.lin, self.attn, self.inv_flops, self.wbytes, self.kvb, self.inv_bw, self.comm,
+         self.fixed, self.seq, self.ctx_s) = row
+        self.p_in, self.p_cached, self.p_out = pr.input, pr.cached, pr.output
+        self.p_conc, self.p_burst = pr.concurrency, pr.burst
+        (self.tf, self.retry, self.v4, self.busy, self.ctx_of, self.batch, self.kv,
+         self.queue_s, self.raw_i) = st
+
 
 #: The scorer classes (exact types, in profile order) that `FusedScoring` computes.
 FUSED_SCORERS: tuple[type, ...] = (
@@ -94,7 +115,7 @@ class FusedScoring:
         # model → per fleet position: the endpoint's constants (`_row`), and the candidate's
         # view with those and what its state object alone determines (`_terms`)
         self._rows: dict[str, list[_Row | None]] = {}
-        self._terms: dict[str, list[_Terms | None]] = {}
+        self._terms: dict[str, list[_Cand | None]] = {}
         self._fleet: Fleet | None = None
         # the cost and locality scorers' parameters as plain values (a pydantic model's
         # attribute costs several times a local's)
@@ -205,10 +226,10 @@ class FusedScoring:
         idle_ctx: float,
         loads: dict[Endpoint, tuple[EndpointState, float, int, int, float, float]],
         rows: list[_Row | None],
-        terms: list[_Terms | None],
-    ) -> _Terms:
+        terms: list[_Cand | None],
+    ) -> _Cand:
         """The candidate's view, endpoint, state and name, its endpoint's constants (`_row`)
-        and what its state alone determines (`_state_terms`) in one tuple, kept at the
+        and what its state alone determines (`_state_terms`) in one `_Cand`, kept at the
         endpoint's fleet position while the snapshot keeps that view (the live fleet gives a
         new view only to the endpoints whose state changed)."""
         ep = c.endpoint
@@ -216,11 +237,7 @@ class FusedScoring:
         row = rows[i] if i < len(rows) else None
         if row is None or row[0] is not ep:
             row = self._row(ep, model, rows)
-        k = row[1]
-        s = c.state
-        got: _Terms = (
-            c, ep, s, c.name, *row[1:], *self._state_terms(ep, s, k, idle_ctx, model, loads)
-        )
+        got = _Cand(c, row, self._state_terms(ep, c.state, row[1], idle_ctx, model, loads))
         if i >= len(terms):
             terms.extend([None] * (i + 1 - len(terms)))
         terms[i] = got
@@ -291,17 +308,17 @@ class FusedScoring:
         for i, c in enumerate(candidates):
             idx = c.endpoint.index
             t = terms[idx] if idx < nterms else None
-            if t is None or t[0] is not c:
+            if t is None or t.view is not c:
                 t = self._terms_of(c, model, idle_ctx, loads, rows, terms)
                 nterms = len(terms)
-            (_, ep, s, name, k, r, region, fixed_s, embedding, pr, hourly_s,
-             lin, attn, inv_flops, wbytes, kvb, inv_bw, comm, fixed, seq, ctx_s,
-             tf, retry, v4, busy, ctx_of, batch, kv, queue_s, raw_i) = t
-            if not busy and ctx_of != idle_ctx and r is not None:
+            s, name, region, r = t.s, t.name, t.region, t.r
+            retry, v4 = t.retry, t.v4
+            batch, kv, queue_s, raw_i = t.batch, t.kv, t.queue_s, t.raw_i
+            if not t.busy and t.ctx_of != idle_ctx and r is not None:
                 # idle: the load terms' context is the request's (not kept: the next request's
                 # is another)
-                batch, kv, queue_s, raw_i = load_terms(s, k, idle_ctx)  # `P._load_terms`
-                loads[ep] = (s, idle_ctx, batch, kv, queue_s, raw_i)
+                batch, kv, queue_s, raw_i = load_terms(s, t.k, idle_ctx)  # `P._load_terms`
+                loads[t.ep] = (s, idle_ctx, batch, kv, queue_s, raw_i)
             # predicted-latency
             m = matched[i]
             if nblocks:
@@ -341,26 +358,29 @@ class FusedScoring:
                 else:
                     pairs = uncached * (cached + 0.5 * uncached)
                     pairs += kv
-                    compute = (lin * tokens + attn * pairs) * inv_flops
-                    memory = (wbytes + (cached + kv + tokens) * kvb) * inv_bw
-                    step = (compute if compute > memory else memory) + tokens * comm + fixed
+                    compute = (t.lin * tokens + t.attn * pairs) * t.inv_flops
+                    memory = (t.wbytes + (cached + kv + tokens) * t.kvb) * t.inv_bw
+                    step = (compute if compute > memory else memory) + tokens * t.comm + t.fixed
+                    seq = t.seq
                     if seq:
                         step += seq * (batch + (uncached > 0))
+                    ctx_s = t.ctx_s
                     if ctx_s:
                         step += ctx_s * kv
-                raw_t = queue_s + step + fixed_s
+                raw_t = queue_s + step + t.fixed_s
                 ttft, itl = raw_t, raw_i
+                tf = t.tf
                 if tf is not None:
                     ttft *= tf
                 prev = ewma.get(name)
                 if prev is not None:
-                    obs = s.itl_p50_s
+                    obs = t.itl_obs  # s.itl_p50_s
                     if obs is not None and prev[1] > 0:
                         f = obs / prev[1]
                         itl *= kmin if f < kmin else (kmax if f > kmax else f)
                 ttft += region_rtt
             expected_ttft = ttft * retry if retry > 1.0 else ttft
-            check_itl = itl_slo is not None and not embedding
+            check_itl = itl_slo is not None and not t.embedding
             if ttft_slo is None and not check_itl:
                 meets = 1.0
                 x = expected_ttft / ref_ttft
@@ -374,12 +394,13 @@ class FusedScoring:
             v1 = 1.0 / ((1.0 + x) * retry) if retry > 1.0 else 1.0 / (1.0 + x)
             # cost
             u = float(uncached)
+            hourly_s = t.hourly_s
             if hourly_s is None:
                 cu = u if u < fprompt else fprompt
-                usd = cu * pr.input + (prompt - cu) * pr.cached + out_tok * pr.output
+                usd = cu * t.p_in + (prompt - cu) * t.p_cached + out_tok * t.p_out
             else:  # pr.hourly / 3600.0 * duration / pr.concurrency
-                usd = hourly_s * (raw_t + region_rtt + out_tok * raw_i) / pr.concurrency
-            rank_usd = usd * burst_factor if pr.burst else usd
+                usd = hourly_s * (raw_t + region_rtt + out_tok * raw_i) / t.p_conc
+            rank_usd = usd * burst_factor if t.p_burst else usd
             ranked.append(rank_usd)
             # the annotations, keys in the reference path's order
             if a_matched is not None and retry <= 1.0:
