@@ -89,6 +89,9 @@ class _Cand:
          self.queue_s, self.raw_i) = st
 
 
+#: client regions whose RTTs `FusedScoring` keeps at once (`FusedScoring._rtt`)
+_MAX_CLIENT_REGIONS = 64
+
 #: The scorer classes (exact types, in profile order) that `FusedScoring` computes.
 FUSED_SCORERS: tuple[type, ...] = (
     PredictedLatency,
@@ -105,7 +108,7 @@ class FusedScoring:
     """Scores a policy's candidates in one pass (module docstring). Build with `compile`."""
 
     __slots__ = ("A", "C", "E", "L", "Lo", "P", "S", "_cost_p", "_fleet", "_loc_p", "_rows",
-                 "_terms", "names", "weights")
+                 "_rtt", "_terms", "names", "weights")
 
     def __init__(self, policy: Policy) -> None:
         plugins = [s for s, _ in policy.scorers]
@@ -117,6 +120,8 @@ class FusedScoring:
         self._rows: dict[str, list[_Row | None]] = {}
         self._terms: dict[str, list[_Cand | None]] = {}
         self._fleet: Fleet | None = None
+        # client region → region → `Fleet.rtt_s` (the fleet's, fixed while it is loaded)
+        self._rtt: dict[str | None, dict[str, float]] = {}
         # the cost and locality scorers' parameters as plain values (a pydantic model's
         # attribute costs several times a local's)
         cp, lp = self.C.p, self.Lo.p  # type: ignore[attr-defined]
@@ -251,8 +256,7 @@ class FusedScoring:
         fleet = cycle.snapshot.fleet
         if fleet is not self._fleet:  # a reloaded fleet: its endpoints are new objects
             self._fleet = fleet
-            self._rows, self._terms = {}, {}
-        rtt_s = fleet.rtt_s
+            self._rows, self._terms, self._rtt = {}, {}, {}
         model = prof.model
         prompt = prof.prompt_tokens
         fprompt = float(prompt)
@@ -295,6 +299,11 @@ class FusedScoring:
         in_gb = prompt * bytes_per_token / 1e9
         out_gb = loc_output_fraction * max_out * bytes_per_token / 1e9
         per_region: dict[str, tuple[float, float]] = {}
+        rtts = self._rtt.get(client)
+        if rtts is None:
+            if len(self._rtt) >= _MAX_CLIENT_REGIONS:  # (a fleet without regions takes any)
+                self._rtt.clear()
+            rtts = self._rtt[client] = {}
         last_region: str | None = None
         region_rtt = egress_usd = 0.0
 
@@ -336,7 +345,9 @@ class FusedScoring:
             if region is not last_region:
                 got = per_region.get(region)
                 if got is None:
-                    rtt = rtt_s(client, region)
+                    rtt = rtts.get(region)
+                    if rtt is None:
+                        rtt = rtts[region] = fleet.rtt_s(client, region)
                     e = 0.0
                     if client is not None and client != region:
                         e += in_gb * _rate(regions, client) + out_gb * _rate(regions, region)

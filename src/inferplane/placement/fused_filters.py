@@ -70,7 +70,7 @@ Removals = list[list[tuple[EndpointView, str]]]
 class FusedFilters:
     """Runs a policy's filters in one pass (module docstring). Build with `compile`."""
 
-    __slots__ = ("_fleet", "_static", "filters", "names", "saturation", "tail")
+    __slots__ = ("_fleet", "_plain", "_static", "filters", "names", "saturation", "tail")
 
     def __init__(self, policy: Policy) -> None:
         self.filters: tuple[Filter, ...] = tuple(policy.filters)
@@ -80,6 +80,10 @@ class FusedFilters:
         self.saturation = sat
         self.tail = self.filters[_RATE + 1:]  # reserved-capacity, failure-domain: the plugins
         self._fleet: Fleet | None = None
+        #: per fleet position, the last view there whose state passes the health, ejection and
+        #: rate-limit checks (healthy, not ejected, no declared rate limit): a view is frozen,
+        #: so the same view object passes them again
+        self._plain: list[EndpointView | None] = []
         self._static: dict[
             tuple[object, ...], tuple[dict[Endpoint, _Static], dict[Endpoint, int]]
         ] = {}
@@ -104,6 +108,7 @@ class FusedFilters:
         if fleet is not self._fleet or len(self._static) >= _MAX_KEYS:
             self._fleet = fleet
             self._static = {}
+            self._plain = []
         key = (p.model, p.variant, p.api, p.allowed_jurisdictions, p.precisions, p.allow_burst,
                p.allowed_kinds, p.workload_class)
         got = self._static.get(key)
@@ -131,21 +136,24 @@ class FusedFilters:
         kept: list[EndpointView] = []
         saturated: list[EndpointView] = []
         limited: list[EndpointView] = []
+        plain = self._plain
         for c in candidates:
-            s = c.state
-            max_context = passing.get(c.endpoint)
-            if (
-                max_context is not None
-                and need_ctx <= max_context
-                and s.healthy
-                and not s.ejected
-                and not saturating
-                and s.requests_left is None
-                and s.tokens_left is None
-            ):
-                kept.append(c)  # no filter removes it: what the checks below conclude
-                continue
             ep = c.endpoint
+            max_context = passing.get(ep)
+            if max_context is not None and need_ctx <= max_context and not saturating:
+                i = ep.index
+                if i < len(plain) and plain[i] is c:
+                    kept.append(c)  # no filter removes it: what the checks below conclude
+                    continue
+                s = c.state
+                if (s.healthy and not s.ejected and s.requests_left is None
+                        and s.tokens_left is None):
+                    if i >= len(plain):
+                        plain.extend([None] * (i + 1 - len(plain)))
+                    plain[i] = c
+                    kept.append(c)
+                    continue
+            s = c.state
             got = verdicts.get(ep)
             if got is None:  # not the fleet's endpoint object (a hand-built snapshot)
                 allowed = p.allowed_jurisdictions
