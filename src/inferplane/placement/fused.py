@@ -475,7 +475,12 @@ class FusedScoring:
         cycle.data[P._key] = True  # predicted-latency scored this cycle (`on_picked`)
 
         # -- normalisations over the candidates
-        lo, hi = min(ranked), max(ranked)  # `_minmax_low_is_best`
+        lo = hi = ranked[0]  # min(ranked), max(ranked): `_minmax_low_is_best`
+        for x in ranked:
+            if x < lo:
+                lo = x
+            if x > hi:
+                hi = x
         span = hi - lo
         flat = span <= 1e-18
         emax = max([e for _, e in per_region.values()])  # the most any candidate's egress

@@ -37,10 +37,13 @@ def slo_tied(
     for s in scored:
         v = s.view
         a = ann.get(v.name, empty)
-        if a.get("meets_slo", 1.0) >= 0.5:
-            c = a.get("cost_usd", 0.0)
+        m = a.get("meets_slo")  # (a default would be a float boxed per call, compiled)
+        if m is None or m >= 0.5:
+            got = a.get("cost_usd")
+            c = 0.0 if got is None else got
             if egress:
-                c = c + a.get("egress_usd", 0.0)
+                got = a.get("egress_usd")
+                c = c + (0.0 if got is None else got)
             if v.endpoint.capacity_class == "reserved":  # `slo_first._reserved`
                 r_s.append(s)
                 r_c.append(c)
@@ -53,13 +56,20 @@ def slo_tied(
         pool, costs = o_s, o_c
     else:
         return None
-    limit = min(costs) * (1.0 + tolerance) + epsilon
+    cheapest = costs[0]  # min(costs), without the builtin's generic comparisons
+    for c in costs:
+        if c < cheapest:
+            cheapest = c
+    limit = cheapest * (1.0 + tolerance) + epsilon
     return [pool[i] for i in range(len(pool)) if costs[i] <= limit]
 
 
 def best_of(tied: list[Scored], rng: random.Random) -> Scored:
     """The highest total among ``tied`` (non-empty); of totals within 1e-12 of it, the first
     when it is alone, else one chosen by ``rng``."""
-    best = max([s.total for s in tied])
+    best = tied[0].total  # max(s.total for s in tied), compared as the builtin compares
+    for s in tied:
+        if s.total > best:
+            best = s.total
     top = [s for s in tied if s.total >= best - 1e-12]
     return top[0] if len(top) == 1 else rng.choice(top)
