@@ -35,6 +35,7 @@ from inferplane.physics.calibration import (
 )
 from inferplane.physics.frontend import FrontEnd
 from inferplane.physics.probe import Prober, calibrate_endpoint
+from inferplane.twin.emulator.endpoint import client_lead_s
 from inferplane.twin.emulator.server import start_emulator
 from inferplane.twin.simulator.simulator import simulate
 from inferplane.twin.traces.loader import TraceRequest
@@ -606,7 +607,9 @@ async def test_emulator_takes_a_burst_in_one_intake_apart(tmp_path: Path) -> Non
         r.step_time_s(*((s.prompt_tokens, 0, 0, 0) if i == 0 else (0, 0, 1, s.prompt_tokens + i)))
         for i in range(20)
     )
-    assert s.completion_tokens == 20 and s.ttft_s + s.decode_s >= engine_s + 0.005
+    # less the emulator's own HTTP round trip, which it takes out of the calibrated wait
+    assert s.completion_tokens == 20
+    assert s.ttft_s + s.decode_s >= engine_s + 0.005 - emu.http_round_trip_s
 
 
 async def test_emulator_hands_a_burst_off_after_every_first_piece(tmp_path: Path) -> None:
@@ -628,6 +631,48 @@ async def test_emulator_hands_a_burst_off_after_every_first_piece(tmp_path: Path
         await handle.stop()
     assert done[0] >= 4 * 0.02 + 0.01 + emu.request_overhead_s
     assert done[-1] >= 4 * 0.02 + 4 * 0.01 + emu.request_overhead_s
+
+
+def test_client_lead_comes_out_of_the_overhead_first_then_the_intake() -> None:
+    """The emulator's own round trip is taken out of a calibrated request's time before the
+    engine: the parallel overhead first, then (as an earlier start of the intake) up to the
+    intake's length; never more than both."""
+    assert client_lead_s(0.001, 0.003, 0.002) == pytest.approx((0.002, 0.0))
+    assert client_lead_s(0.0015, 0.001, 0.002) == pytest.approx((0.0, 0.0005))
+    assert client_lead_s(0.005, 0.001, 0.002) == pytest.approx((0.0, 0.002))
+    assert client_lead_s(0.001, 0.0, 0.0) == (0.0, 0.0)  # a table profile: nothing to take
+
+
+async def test_emulator_starts_an_idle_engine_when_the_request_reached_it(
+    tmp_path: Path,
+) -> None:
+    """A request that reached the engine by the model at ``at`` (``network_delay``'s answer:
+    the sleep before it may end up to a millisecond late) is counted from ``at``, and the idle
+    engine's first step starts there, not when the driver task got to run. A calibrated
+    profile makes the emulator measure its own HTTP round trip; the table's does not."""
+    handle = await start_emulator(load_config(_frontend_fleet(tmp_path, 0.002)),
+                                  time_scale=0.1, port_override={"lab-0": 0})
+    emu = handle.endpoints["lab-0"]
+    try:
+        assert emu.http_round_trip_s > 0
+        at = emu.now() - 0.001  # engine time: 10 ms of real time ago at this time scale
+        sub = emu.submit("r-1", list(range(5, 69)), 2, at=at)
+        assert await sub.queue.get() == 1  # the prefill step's token
+        req = sub.request
+        assert req.arrival_time == req.first_scheduled_time == at
+        step = emu.roofline.step_time_s(64, 0, 0, 0)
+        assert req.first_token_time == pytest.approx(at + step)
+        later = emu.submit("r-2", list(range(5, 69)), 1, at=emu.now() + 1.0)
+        assert later.request.arrival_time <= emu.now()  # never in the future
+    finally:
+        await handle.stop()
+    fleet_file = tmp_path / "table.yaml"
+    fleet_file.write_text(FLEET.format(profile="profile.yaml", hardware="cpu", port=9))
+    handle = await start_emulator(load_config(fleet_file), port_override={"lab-0": 0})
+    try:
+        assert handle.endpoints["lab-0"].http_round_trip_s == 0.0
+    finally:
+        await handle.stop()
 
 
 def test_frontend_wait_grows_to_one_round_of_chunks() -> None:

@@ -66,6 +66,7 @@ def test_calibrated_profile_predicts_and_emulates_the_real_engine(
     REPORT["calibration_load"] = loads
     REPORT["calibration_fit"] = res["fit"]
     REPORT["calibration_fit_points"] = res["fit_table"]
+    REPORT["calibration_profile"] = res["profile"]  # the fitted profile file, to re-run offline
     REPORT["calibration_prediction_error"] = res["prediction_error"]["calibrated"]
     REPORT["calibration_held_out_ms"] = {"alone": res["held_out_ttft_ms"],
                                          "burst": res["held_out_burst_ms"]}

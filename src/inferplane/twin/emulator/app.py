@@ -199,9 +199,9 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
     opts = body.get("stream_options")
     include_usage = stream and isinstance(opts, dict) and bool(opts.get("include_usage"))
     emu.admit()
-    await emu.network_delay(arrived)
+    reached = await emu.network_delay(arrived, over_http=True)
     rid = new_request_id("chatcmpl" if chat else "cmpl")
-    sub = emu.submit(rid, prompt, max_tokens, _cache_salt(body))
+    sub = emu.submit(rid, prompt, max_tokens, _cache_salt(body), at=reached)
     try:
         if stream:
             return await _stream(request, sub, served.upstream, chat, include_usage)

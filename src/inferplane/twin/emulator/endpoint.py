@@ -202,6 +202,9 @@ class EmulatedEndpoint:
             else (hw.network_rtt_s if self.is_provider else 0.0)
         )
         self.request_overhead_s = hw.request_overhead_s  # calibrated profiles only (else 0)
+        # real seconds of the emulator's own HTTP round trip (``start_emulator`` measures it
+        # when a calibrated profile needs it; see `network_delay`)
+        self.http_round_trip_s = 0.0
         self.frontend = FrontEnd(hw.frontend_request_s, hw.frontend_token_s, hw.frontend_handoff_s)
         # (deliver at engine time, tokens per request, finished requests): steps whose tokens
         # wait for the front end; the delivery task hands them out in order
@@ -226,6 +229,7 @@ class EmulatedEndpoint:
         self._t0 = time.monotonic()
         self._subs: dict[str, Submission] = {}
         self._wake = asyncio.Event()
+        self._woken_by: float | None = None  # arrival of the request that woke the idle engine
         self._driver: asyncio.Task[None] | None = None
         self._arrivals: deque[float] = deque()
         self._kv_pending: list[KVEvent] = []
@@ -312,7 +316,8 @@ class EmulatedEndpoint:
             )
         arrivals.append(now)
 
-    async def network_delay(self, arrived: float | None = None) -> None:
+    async def network_delay(self, arrived: float | None = None, *, over_http: bool = False
+                            ) -> float:
         """Before the request reaches the engine: the provider API's network round trip, the
         front end's queue and intake (``frontend_request_s``, one request at a time, then
         ``frontend_handoff_s`` queued again behind what arrived meanwhile) and the
@@ -322,11 +327,30 @@ class EmulatedEndpoint:
         A calibrated profile's overheads were measured from the client's side, so they already
         hold the time a server needs to parse and tokenise a request: the emulator's own
         parsing and tokenising since ``arrived`` is taken out of the wait rather than added to
-        it (at a few ms of TTFT, an emulator's own ~1 ms would otherwise show as +10-20 %)."""
+        it (at a few ms of TTFT, an emulator's own ~1 ms would otherwise show as +10-20 %).
+        They hold one HTTP round trip too (the client's send to the server's handler, the first
+        chunk's way back), which a client of the emulator pays again on top: ``over_http``
+        (a request that came in over HTTP) takes the emulator's own round trip
+        (``http_round_trip_s``, real seconds) out as well — first out of
+        ``request_overhead_s``, the rest by counting the front end's intake from that much
+        before ``arrived`` (:func:`client_lead_s`).
+
+        Returns the engine time at which the request reaches the engine by the model, for
+        :meth:`submit` (``at``): the event loop wakes from a sleep up to a millisecond late
+        (``epoll`` rounds its timeout up to whole ms), and counting the request's arrival, and
+        the first step of an idle engine, from when the sleep should have ended keeps that
+        lateness out of its TTFT instead of adding it (+1-2 ms on a lone request before)."""
         now = self.now()
         start = now if arrived is None or arrived > now else arrived
-        reached = start + self.network_rtt_s
+        overhead = self.request_overhead_s
         fe = self.frontend
+        if over_http and self.http_round_trip_s > 0:
+            overhead, shift = client_lead_s(
+                self.http_round_trip_s * self.time_scale, overhead,
+                fe.request_s + fe.handoff_s,
+            )
+            start -= shift
+        reached = start + self.network_rtt_s
         if fe.enabled:
             reached = fe.intake(reached)
             if fe.handoff_s > 0:  # its second piece queues behind what arrives meanwhile
@@ -334,9 +358,10 @@ class EmulatedEndpoint:
                     await asyncio.sleep((reached - now) / self.time_scale)
                     now = self.now()
                 reached = fe.handoff(reached)
-        ready = reached + self.request_overhead_s
+        ready = reached + overhead
         if ready > now:
             await asyncio.sleep((ready - now) / self.time_scale)
+        return ready
 
     def submit(
         self,
@@ -344,13 +369,18 @@ class EmulatedEndpoint:
         prompt: Sequence[int],
         max_tokens: int,
         cache_salt: str | None = None,
+        at: float | None = None,
     ) -> Submission:
         """Queue a request in the engine; 400 if it can never run. ``cache_salt`` isolates its
-        prefix cache as vLLM's does."""
+        prefix cache as vLLM's does. ``at``: the engine time at which it arrived by the model
+        (:meth:`network_delay`'s answer), if earlier than now; an idle engine starts its first
+        step from there (within :data:`MAX_LAG_S`)."""
         if not prompt:
             raise EmulatedRequestError(400, "The prompt must not be empty.", param="prompt")
+        now = self.now()
+        arrival = now if at is None or at > now else at
         req = EngineRequest(
-            request_id, prompt, max_tokens, arrival_time=self.now(), cache_salt=cache_salt
+            request_id, prompt, max_tokens, arrival_time=arrival, cache_salt=cache_salt
         )
         try:
             self.engine.add_request(req, req.arrival_time)
@@ -358,6 +388,8 @@ class EmulatedEndpoint:
             raise EmulatedRequestError(400, str(exc)) from None
         sub = Submission(req)
         self._subs[request_id] = sub
+        if self._woken_by is None:
+            self._woken_by = arrival
         self._wake.set()
         return sub
 
@@ -384,8 +416,11 @@ class EmulatedEndpoint:
         while True:
             if not engine.has_unfinished():
                 self._wake.clear()
+                self._woken_by = None
                 await self._wake.wait()
-                step_end = None
+                # the first step starts when the request that woke the engine arrived (by the
+                # model), not when this task got to run: the sleeps before it ended late
+                step_end = self._woken_by
                 continue
             now = self.now()
             # Steps follow each other on the engine's own timeline: the time this event loop
@@ -453,6 +488,19 @@ class EmulatedEndpoint:
         with contextlib.suppress(zmq.Again):  # a PUB socket drops at its high-water mark
             self._pub.send_multipart([b"", seq_frame(self._kv_seq), payload], flags=zmq.NOBLOCK)
         self._kv_seq += 1
+
+
+def client_lead_s(round_trip_s: float, overhead_s: float, intake_s: float
+                  ) -> tuple[float, float]:
+    """Take an HTTP round trip (``round_trip_s``) out of a calibrated request's time before
+    the engine: ``(overhead left, shift)`` — first out of the parallel ``overhead_s``
+    (``request_overhead_s``), then what is left, up to the front end's intake (``intake_s``),
+    as a ``shift`` of the time from which the intake is counted (it only shortens a request
+    that finds the front end idle: one queued behind others waits for them either way).
+    Never more than the profile's own time before the engine (a provider's network round
+    trip is not the client's)."""
+    cut = min(round_trip_s, overhead_s)
+    return overhead_s - cut, min(round_trip_s - cut, intake_s)
 
 
 def new_request_id(prefix: str) -> str:

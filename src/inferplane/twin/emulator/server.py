@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import statistics
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+import aiohttp
 from aiohttp import web
 
 from inferplane.config.schema import FleetConfig
@@ -34,6 +37,67 @@ def _port_of(ep: Endpoint) -> int:
     if parts.port is not None:
         return parts.port
     return 443 if parts.scheme == "https" else 80
+
+
+ROUND_TRIP_SAMPLES = 15
+"""Streamed requests :func:`measure_http_round_trip_s` times (after 3 that warm it up)."""
+ROUND_TRIP_WAIT_S = 0.0015
+"""How long its handler sleeps before answering (not a whole number of ms: epoll's rounding)."""
+
+
+async def measure_http_round_trip_s(
+    host: str = "127.0.0.1", samples: int = ROUND_TRIP_SAMPLES
+) -> float:
+    """The median time, in real seconds, from an aiohttp client posting a small JSON request to
+    an aiohttp server in this event loop until it reads the first event of the server's
+    streamed answer, less the :data:`ROUND_TRIP_WAIT_S` the handler sleeps before sending it:
+    what being an HTTP server that answers at a time it sleeps until adds to every answer the
+    emulator sends (the client's send, the server's parsing up to the handler, the event loop
+    waking up to a millisecond late from the sleep — ``epoll`` rounds up to whole ms —,
+    writing the first chunk and the client reading it), on this machine and this event loop
+    as they are now.
+
+    A calibrated profile's per-request time was measured by a client of the real engine, so it
+    already holds one such round trip; the emulator takes its own out of the wait
+    (:meth:`EmulatedEndpoint.network_delay`) instead of adding a second one — at a few ms of
+    TTFT, 1-2 ms of loopback HTTP is +10-25 % (the fidelity vLLM at concurrency 1)."""
+    if samples < 1:
+        raise ValueError("samples must be >= 1")
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        await asyncio.sleep(ROUND_TRIP_WAIT_S)
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
+        await resp.prepare(request)
+        await resp.write(b'data: {"choices": [{"index": 0, "text": " the"}]}\n\n')
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/round-trip", answer)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, 0)
+        await site.start()
+        url = f"http://{host}:{int(runner.addresses[-1][1])}/round-trip"
+        body = b'{"model": "m", "prompt": "' + b"the " * 64 + b'", "stream": true}'
+        times: list[float] = []
+        async with aiohttp.ClientSession() as session:
+            for i in range(samples + 3):
+                t0 = time.perf_counter()
+                first = None
+                async with session.post(url, data=body,
+                                        headers={"Content-Type": "application/json"}) as r:
+                    async for line in r.content:
+                        if first is None and line.startswith(b"data:"):
+                            first = time.perf_counter() - t0 - ROUND_TRIP_WAIT_S
+                if i >= 3 and first is not None:
+                    times.append(first)
+        return statistics.median(times)
+    finally:
+        await runner.cleanup()
 
 
 @dataclass
@@ -108,6 +172,14 @@ async def start_emulator(
                 bound,
                 emu.engine.config.num_gpu_blocks,
             )
+        if any(e.request_overhead_s > 0 or e.frontend.request_s + e.frontend.handoff_s > 0
+               for e in handle.endpoints.values()):
+            # a calibrated profile's per-request time holds the real engine's HTTP round trip
+            rt = await measure_http_round_trip_s(host)
+            for e in handle.endpoints.values():
+                e.http_round_trip_s = rt
+            log.info("HTTP round trip %.3f ms: taken out of calibrated per-request times",
+                     rt * 1e3)
     except BaseException:
         await handle.stop()
         raise
