@@ -13,12 +13,19 @@ factors are known (``bench/calibration_truth.yaml``).
 1. ``inferplane calibrate``'s probe and fit (``physics.probe.calibrate_endpoint``), base ``cpu``;
 2. TTFT on prompt lengths the probe never sent (:data:`HELD_OUT`, median of 7 cold requests)
    and every rank of a burst of a size it never sent (:data:`HELD_OUT_BURST`, median of 7),
-   interleaved round by round, against each profile's prediction;
+   against each profile's prediction;
 3. the fidelity workload (``physics.probe.run_workload``: concurrency 1, 2 and 4, fresh prompts of
    32-768 tokens, 32 output tokens) on the real engine and on ``inferplane emulate`` running each
-   profile in its own process, alternating engines round by round; per round P50/P90 of TTFT and
-   time per output token, then the median over rounds;
+   profile in its own process; per round P50/P90 of TTFT and time per output token, then the
+   median over rounds;
 4. a table, and ``results.json`` in ``--out``.
+
+The held-out requests and the real engine's workload rounds run between the probe's rounds
+(``calibrate_endpoint``'s ``between_rounds``), so that the fit, the held-out points and the
+workload all spread over the same minutes: on a shared host the engine runs faster or slower
+for a minute at a time (session 9 measured the workload ±40 % off the probe two minutes
+earlier), which moved one against the others when they came one after the other. The
+emulators' rounds follow the fit (their timing is the model's: rounds agree within a few %).
 
 Targets (issue 13): calibrated TTFT prediction median absolute error ≤ 20 %; emulator P50/P90
 within 15 % of the real engine. A real engine whose HTTP front end sends >10 % of its streams in
@@ -79,27 +86,36 @@ async def warm_up(url: str) -> bool:
         return await Prober(url, fid.MODEL).warm_up(session)
 
 
-async def held_out(
-    url: str, lengths: tuple[int, ...], burst: tuple[int, int], repeats: int = 7
-) -> tuple[list[tuple[int, float]], list[float]]:
+HELD_OUT_REPEATS = 7
+
+
+class HeldOut:
     """TTFT of a lone fresh prompt of each of ``lengths`` tokens (its engine-counted tokens and
-    the median over ``repeats`` cold requests), and of each rank of a burst of ``burst = (size,
-    tokens)`` fresh one-token requests (median over ``repeats`` bursts). Interleaved as the
-    probe's sweeps are (every round visits every point once), so that a stretch of load on the
-    machine spreads over the points instead of bending one of them."""
-    size, burst_tokens = burst
-    prober = Prober(url, fid.MODEL)
-    cold: dict[int, list[Any]] = {n: [] for n in lengths}
-    runs: list[list[float]] = []
-    async with aiohttp.ClientSession() as session:
-        await prober.learn_words_per_token(session)
-        for _ in range(repeats):
-            for n in lengths:
-                cold[n].append((await prober.prefill_once(session, n))[0])
-            runs.append(await prober.burst_once(session, size, burst_tokens))
-    alone = [(int(statistics.median(s.prompt_tokens for s in cold[n])),
-              statistics.median(s.ttft_s for s in cold[n])) for n in lengths]
-    return alone, [statistics.median(r[i] for r in runs) for i in range(size)]
+    the median over the cold requests), and of each rank of a burst of ``burst = (size,
+    tokens)`` fresh one-token requests (median over the bursts), measured a few repeats at a
+    time (:meth:`measure`) between the probe's rounds, as the probe's own sweeps are
+    interleaved (every repeat visits every point once), so that a stretch of load on the
+    machine spreads over the points and over the probe alike instead of bending one of them."""
+
+    def __init__(self, lengths: tuple[int, ...], burst: tuple[int, int]) -> None:
+        self.lengths, self.burst = lengths, burst
+        self.cold: dict[int, list[Any]] = {n: [] for n in lengths}
+        self.runs: list[list[float]] = []
+
+    async def measure(self, url: str, repeats: int) -> None:
+        size, burst_tokens = self.burst
+        prober = Prober(url, fid.MODEL)
+        async with aiohttp.ClientSession() as session:
+            await prober.learn_words_per_token(session)
+            for _ in range(repeats):
+                for n in self.lengths:
+                    self.cold[n].append((await prober.prefill_once(session, n))[0])
+                self.runs.append(await prober.burst_once(session, size, burst_tokens))
+
+    def result(self) -> tuple[list[tuple[int, float]], list[float]]:
+        alone = [(int(statistics.median(s.prompt_tokens for s in self.cold[n])),
+                  statistics.median(s.ttft_s for s in self.cold[n])) for n in self.lengths]
+        return alone, [statistics.median(r[i] for r in self.runs) for i in range(self.burst[0])]
 
 
 def predicted_ttft_s(fleet_text: str, tokens: int, ahead: int = 0) -> float:
@@ -212,10 +228,31 @@ def _compare(
     profiles: tuple[str, ...],
 ) -> dict[str, Any]:
     out: dict[str, Any] = {"real_smooth_after_warm_up": asyncio.run(warm_up(real_url))}
+    held = HeldOut(HELD_OUT, HELD_OUT_BURST)
+    real_runs: list[WorkloadResult] = []
+    out["load_per_round"] = []
+
+    async def real_round() -> None:
+        real_runs.append(await run_workload(real_url, fid.MODEL, requests_per_level=requests))
+        out["load_per_round"].append(round(os.getloadavg()[0], 2))
+
+    async def between(i: int) -> None:
+        # the held-out requests and the real engine's workload rounds between the probe's
+        # rounds: a host that runs the engine faster or slower for a minute moves the fit, the
+        # held-out points and the workload alike (it moved one against the other by up to
+        # ±40 % when they came one after the other; docs/benchmarks.md, session 9)
+        per, extra = divmod(HELD_OUT_REPEATS, repeats)
+        await held.measure(real_url, per + (i < extra))
+        if i < rounds:
+            await real_round()
+
     text, summary = asyncio.run(calibrate_endpoint(
         real_url, fid.MODEL, model_profile=fid.MODEL, base="cpu", name=PROFILE_NAME,
         precision="fp32", prompt_tokens=SWEEP, batches=(1, 2, 4), repeats=repeats,
+        between_rounds=between,
     ))
+    for _ in range(rounds - len(real_runs)):  # more workload rounds than probe rounds
+        asyncio.run(real_round())
     profile = work / "profile.yaml"
     profile.write_text(text)
     out["fit"] = summary.splitlines()[-1]
@@ -224,7 +261,7 @@ def _compare(
     hardware = {"table": (get_hardware("cpu"), None, "cpu"),
                 "calibrated": (load_hardware_profile(profile), profile, PROFILE_NAME)}
 
-    measured, burst = asyncio.run(held_out(real_url, HELD_OUT, HELD_OUT_BURST))
+    measured, burst = held.result()
     size, burst_tokens = HELD_OUT_BURST
     out["held_out_ttft_ms"] = {tokens: round(t * 1e3, 3) for tokens, t in measured}
     out["held_out_burst_ms"] = [round(t * 1e3, 3) for t in burst]
@@ -241,20 +278,19 @@ def _compare(
             "predicted_ms": [round(p * 1e3, 3) for p in predicted],
         }
 
+    # the emulators' rounds after the fit (they run the fitted profile); an emulator's
+    # rounds agree within a few % (its timing is the model's), so they need no interleaving
     out["workload"], out["gaps"] = {}, {}
-    real_runs: list[WorkloadResult] = []
     with contextlib.ExitStack() as stack:
         urls = {name: stack.enter_context(emulator(hardware[name][2], hardware[name][1], work))
                 for name in profiles}
         for url in urls.values():
             asyncio.run(warm_up(url))
         emu_runs: dict[str, list[WorkloadResult]] = {name: [] for name in profiles}
-        order = [("real", real_url), *urls.items()]
-        out["load_per_round"] = []
-        for r in range(rounds):  # alternate who goes first, so that neither always does
-            for name, url in (order if r % 2 == 0 else order[::-1]):
+        for _ in range(rounds):
+            for name, url in urls.items():
                 res = asyncio.run(run_workload(url, fid.MODEL, requests_per_level=requests))
-                (real_runs if name == "real" else emu_runs[name]).append(res)
+                emu_runs[name].append(res)
                 time.sleep(0.2)
             out["load_per_round"].append(round(os.getloadavg()[0], 2))
     real = workload_stats(real_runs)

@@ -299,17 +299,26 @@ async def test_calibrate_an_emulated_engine_end_to_end(tmp_path: Path) -> None:
     the engine's own counts, and a fleet that runs on it."""
     config = load_config(_write_cpu_fleet(tmp_path))
     handle = await start_emulator(config, time_scale=4.0, port_override={"lab-0": 0})
+    between: list[tuple[int, int]] = []  # (round, requests the engine had served by then)
+
+    async def measure_between(i: int) -> None:  # a caller's own measurements between rounds
+        between.append((i, handle.endpoints["lab-0"].engine.num_finished_total))
+
     try:
         text, summary = await calibrate_endpoint(
             handle.urls["lab-0"], "tiny-llama", model_profile="tiny-llama", base="cpu",
-            name="cpu-emulated", prompt_tokens=(16, 128, 512), batches=(1, 2), repeats=1,
+            name="cpu-emulated", prompt_tokens=(16, 128, 512), batches=(1, 2), repeats=2,
             decode_tokens=8,
             # what is checked here is the shape of the result, not timing: a client starved by
             # a loaded machine may read a stream in one burst, and that must not fail it
-            warm_up_max_s=2.0, require_smooth=False,
+            warm_up_max_s=2.0, require_smooth=False, between_rounds=measure_between,
         )
+        served = handle.endpoints["lab-0"].engine.num_finished_total
     finally:
         await handle.stop()
+    # after each round, the second after the first round's requests and before its own
+    assert [i for i, _ in between] == [0, 1]
+    assert 0 < between[0][1] < between[1][1] == served
     path = tmp_path / "emulated.yaml"
     path.write_text(text)
     hw = load_hardware_profile(path)

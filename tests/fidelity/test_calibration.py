@@ -10,7 +10,9 @@ Targets (issue 13), asserted here on medians over alternating repeats:
 * the emulator running the calibrated profile within :data:`EMULATOR_TARGET` of the real
   engine on TTFT and time-per-output-token P50 and P90 of the fidelity workload (concurrency
   1, 2, 4; fresh prompts of 32-768 tokens; 32 output tokens), each the median over
-  :data:`ROUNDS` rounds that alternate which engine goes first.
+  :data:`ROUNDS` rounds. The real engine's rounds and the held-out requests run between the
+  probe's rounds, so that all three see the engine over the same minutes (a shared host runs
+  it faster or slower for a minute at a time).
 
 The real engine's engine core runs on its worker's cores and its API server beside the client
 and the emulator (:func:`tests.fidelity.cores.split_cores`): left to float, the engine core's

@@ -36,7 +36,7 @@ import asyncio
 import os
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -324,10 +324,15 @@ class Prober:
         repeats: int = 5,
         warm_up_max_s: float = WARM_UP_MAX_S,
         require_smooth: bool = True,
+        between_rounds: Callable[[int], Awaitable[None]] | None = None,
     ) -> ProbeResult:
         """Every point ``repeats`` times, the sweeps interleaved (each round visits every point
         once), so that a burst of load elsewhere on the machine spreads over the points instead
-        of bending one of them; each point is the median of its rounds.
+        of bending one of them; each point is the median of its rounds. ``between_rounds(i)``
+        is awaited after round ``i`` (0-based): a caller's own measurements of the same engine
+        (a comparison with what the profile predicts) spread over the same minutes as the
+        probe, so that the engine running faster or slower for a while (a shared host) moves
+        both alike instead of only one.
 
         Decode batches run with ``decode_prompt_tokens``-token prompts and, for the smallest and
         the largest batch, again with ``long_decode_prompt_tokens`` (0: not), so that the fit
@@ -354,7 +359,7 @@ class Prober:
                     "(all tokens at once): its front end is starved of CPU, so its timing "
                     "cannot be measured; calibrate on a quieter machine"
                 )
-            for _ in range(repeats):
+            for round_ in range(repeats):
                 for n in prompt_tokens:
                     c, w = await self.prefill_once(session, n)
                     cold[n].append(c)
@@ -371,6 +376,8 @@ class Prober:
                         burst_prompt_tokens,
                     )
                     loaded += got
+                if between_rounds is not None:
+                    await between_rounds(round_)
         out = ProbeResult()
         for n in prompt_tokens:
             tokens = int(statistics.median(s.prompt_tokens for s in cold[n]))
@@ -424,14 +431,17 @@ async def calibrate_endpoint(
     api_key: str | None = None,
     warm_up_max_s: float = WARM_UP_MAX_S,
     require_smooth: bool = True,
+    between_rounds: Callable[[int], Awaitable[None]] | None = None,
 ) -> tuple[str, str]:
     """Probe ``url``, fit ``base`` to it; return the profile file's text and a summary table.
     ``require_smooth=False`` calibrates even an engine whose streams still arrive in bursts
-    after ``warm_up_max_s`` (tests on a loaded machine; its times then include the load)."""
+    after ``warm_up_max_s`` (tests on a loaded machine; its times then include the load).
+    ``between_rounds``: see :meth:`Prober.run`."""
     hw, mp = get_hardware(base), get_model(model_profile)
     result = await Prober(url, model, api_key=api_key).run(
         prompt_tokens, batches, bursts=bursts, decode_tokens=decode_tokens, repeats=repeats,
         warm_up_max_s=warm_up_max_s, require_smooth=require_smooth,
+        between_rounds=between_rounds,
     )
     cal = fit(
         hw, mp, result.prefill + result.cached, result.decode, name=name, tp=tp,
