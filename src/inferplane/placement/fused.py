@@ -89,25 +89,6 @@ class _Cand:
          self.queue_s, self.raw_i) = st
 
 
-class _First:
-    """A candidate after the fused pass's first walk: its view, the weighted total of the
-    first four scorers, their clamped values, its cost as ranked and its region (a class, not a
-    tuple: compiled, its floats are stored unboxed)."""
-
-    __slots__ = ("rank_usd", "region", "total", "v1", "v2", "v3", "v4", "view")
-
-    def __init__(self, view: EndpointView, total: float, v1: float, v2: float, v3: float,
-                 v4: float, rank_usd: float, region: str) -> None:
-        self.view = view
-        self.total = total
-        self.v1 = v1
-        self.v2 = v2
-        self.v3 = v3
-        self.v4 = v4
-        self.rank_usd = rank_usd
-        self.region = region
-
-
 #: client regions whose RTTs `FusedScoring` keeps at once (`FusedScoring._rtt`)
 _MAX_CLIENT_REGIONS = 64
 
@@ -329,10 +310,10 @@ class FusedScoring:
         nP, nA, nS, nL, nC, nLo, nE = self.names
         wP, wA, wS, wL, wC, wLo, wE = self.weights
         annotations = cycle.annotations
-        # per candidate after the first pass (`_First`), and the lowest and highest cost ranked:
-        # min(ranked), max(ranked) over them in order (`_minmax_low_is_best`)
-        firsts: list[_First] = []
-        lo = hi = 0.0
+        ranked: list[float] = []
+        # per candidate after the first pass: (view, total of the first four scorers, their
+        # clamped values, cost ranked, region)
+        firsts: list[tuple[EndpointView, float, float, float, float, float, float, str]] = []
         for i, c in enumerate(candidates):
             idx = c.endpoint.index
             t = terms[idx] if idx < nterms else None
@@ -431,10 +412,7 @@ class FusedScoring:
             else:  # pr.hourly / 3600.0 * duration / pr.concurrency
                 usd = hourly_s * (raw_t + region_rtt + out_tok * raw_i) / t.p_conc
             rank_usd = usd * burst_factor if t.p_burst else usd
-            if i == 0 or rank_usd < lo:
-                lo = rank_usd
-            if i == 0 or rank_usd > hi:
-                hi = rank_usd
+            ranked.append(rank_usd)
             # the annotations, keys in the reference path's order
             if a_matched is not None and retry <= 1.0:
                 m = a_matched[i]
@@ -493,10 +471,16 @@ class FusedScoring:
             total += wA * v2
             total += wS * v3
             total += wL * v4
-            firsts.append(_First(c, total, v1, v2, v3, v4, rank_usd, region))
+            firsts.append((c, total, v1, v2, v3, v4, rank_usd, region))
         cycle.data[P._key] = True  # predicted-latency scored this cycle (`on_picked`)
 
         # -- normalisations over the candidates
+        lo = hi = ranked[0]  # min(ranked), max(ranked): `_minmax_low_is_best`
+        for x in ranked:
+            if x < lo:
+                lo = x
+            if x > hi:
+                hi = x
         span = hi - lo
         flat = span <= 1e-18
         emax = max([e for _, e in per_region.values()])  # the most any candidate's egress
@@ -517,11 +501,7 @@ class FusedScoring:
         # -- the last three scorers: clamp, weigh, add to the totals; the scored candidates
         i = 0
         out: list[Scored] = []
-        for first in firsts:
-            c, total, v1, v2, v3, v4, x, region = (
-                first.view, first.total, first.v1, first.v2, first.v3, first.v4,
-                first.rank_usd, first.region,
-            )
+        for c, total, v1, v2, v3, v4, x, region in firsts:
             if flat:
                 v5 = 1.0
             else:
