@@ -55,6 +55,7 @@ MODULES = (
     "placement/scored.py",
     "fleet/prefix_index.py",
     "physics/roofline.py",
+    "telemetry/notes.py",
 )
 #: Added after mypyc's own flags to every extension: no contraction of ``a*b + c`` into an FMA,
 #: so compiled float arithmetic rounds exactly like CPython's (``inferplane.compiled`` treats a
