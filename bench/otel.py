@@ -18,8 +18,16 @@ minor page faults per request. ``--code NAME=DIR`` runs one variant from another
 checkout (another commit's code side by side with this one's, in the same rounds). ``--pin
 CPU`` runs every gateway on that CPU and the rest (this client, the upstream) on the others.
 
+``--gateways N`` starts N gateway processes per variant (named ``off#1`` … ``off#N``), all in
+the same rounds (the rotation interleaves them): on a shared VM one gateway process can differ
+from an identical one by more than the effect (benchmarks.md), so each variant's CPU per request
+is then the mean over its N processes, its ratio is taken against the mean of the off
+processes, and the spread of its processes' own ratios (min-max) is printed beside it — the off
+processes' spread is the run's control.
+
     python bench/otel.py [--rounds 6] [--requests 600] [--concurrency 8] [--ratios 1,0.05]
-                         [--variant NAME=FIELDS] [--code NAME=DIR] [--pin CPU] [--json out.json]
+                         [--variant NAME=FIELDS] [--code NAME=DIR] [--pin CPU] [--gateways N]
+                         [--json out.json]
 """
 
 from __future__ import annotations
@@ -249,8 +257,13 @@ def main() -> None:
                     help="run every gateway (and so its exporter process) on CPU number CPU "
                     "and this client and the fake upstream on the others: each gateway then "
                     "runs where the others ran, whichever CPU the scheduler would have chosen")
+    ap.add_argument("--gateways", type=int, default=1, metavar="N",
+                    help="gateway processes per variant (all interleaved in the same rounds): "
+                    "ratios against the mean of the off processes, with their spread")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    if args.gateways < 1:
+        raise SystemExit("--gateways: at least 1")
     if args.pin is not None:  # this client, the receiver's thread, the upstream: the others
         os.sched_setaffinity(0, set(range(os.cpu_count() or 1)) - {args.pin} or {args.pin})
     tmp = Path(tempfile.mkdtemp(prefix="ip-otel-"))
@@ -258,7 +271,10 @@ def main() -> None:
     up_port = free_port()
     telemetry = telemetry_variants(args.ratios, args.variant, receiver.endpoint)
     code = code_trees(args.code, telemetry)
-    ports = {name: free_port() for name in telemetry}
+    # the gateway processes: instance name -> its variant (interleaved: off#1, on@1#1, off#2 …)
+    inst = {(f"{v}#{k}" if args.gateways > 1 else v): v
+            for k in range(1, args.gateways + 1) for v in telemetry}
+    ports = {name: free_port() for name in inst}
     procs = [Proc(["-m", "tests.support.fake_upstream", "--port", str(up_port), "--mode", "fast"],
                   tmp / "up.log")]
     load_before = os.getloadavg()
@@ -267,9 +283,10 @@ def main() -> None:
         gws = {}
         for name, port in ports.items():
             cfg = tmp / f"{name}.yaml"
-            cfg.write_text(fleet(port, up_port, telemetry[name], args.scrape_interval))
+            cfg.write_text(fleet(port, up_port, telemetry[inst[name]], args.scrape_interval))
             gws[name] = Proc(["-m", "inferplane.cli", "serve", "--config", str(cfg),
-                              "--log-level", "warning"], tmp / f"gw-{name}.log", code.get(name))
+                              "--log-level", "warning"], tmp / f"gw-{name}.log",
+                             code.get(inst[name]))
             procs.append(gws[name])
         for name, port in ports.items():
             if args.pin is not None:  # its threads, and the exporter process it starts
@@ -277,8 +294,8 @@ def main() -> None:
                     os.sched_setaffinity(int(task.name), {args.pin})
             gws[name].wait_http(f"http://127.0.0.1:{port}/ready")
         urls = {n: f"http://127.0.0.1:{p}/v1/chat/completions" for n, p in ports.items()}
-        exporters = {n for n, t in telemetry.items()
-                     if "enabled: true" in t and "exporter: thread" not in t}
+        exporters = {n for n, v in inst.items()
+                     if "enabled: true" in telemetry[v] and "exporter: thread" not in telemetry[v]}
         rows = asyncio.run(run(args, urls, {n: g.p.pid for n, g in gws.items()}, exporters))
     finally:
         for p in reversed(procs):
@@ -286,7 +303,7 @@ def main() -> None:
         receiver.stop()
     load_after = os.getloadavg()
     spans = len(receiver.spans())
-    variants = list(telemetry)
+    variants = list(inst)  # the gateway processes (the variants themselves when --gateways 1)
     whole = {str(r["variant"]): r for r in rows if "whole_run" in r}
     rows = [r for r in rows if "whole_run" not in r]
     per = {v: [float(r["cpu_ms_per_request"]) for r in rows if r["variant"] == v]
@@ -295,7 +312,8 @@ def main() -> None:
                          cwd=ROOT).stdout.strip()
     print(f"# bench/otel — {datetime.now(UTC):%Y-%m-%d %H:%M} UTC — git {git} — "
           f"{platform.node()} ({os.cpu_count()} CPUs), Python {platform.python_version()} — "
-          f"{args.rounds} rounds × {args.requests} requests × {len(variants)} variants, "
+          f"{args.rounds} rounds × {args.requests} requests × {len(telemetry)} variants"
+          + ("" if args.gateways == 1 else f" × {args.gateways} gateway processes each") + ", "
           f"concurrency {args.concurrency}, half streamed"
           + ("" if args.pin is None else f", the gateways on CPU {args.pin}")
           + f" — load average {load_before[0]:.1f} before, {load_after[0]:.1f} after")
@@ -305,12 +323,13 @@ def main() -> None:
         print(f"| {i} | " + " | ".join(f"{per[v][i]:.3f}" for v in variants) + " |")
     print("| **mean** | " + " | ".join(f"{statistics.fmean(per[v]):.3f}" for v in variants)
           + " |")
-    off = sum(per["off"])
-    result = {}
+    first = variants[0]  # "off" (or "off#1")
+    off = sum(per[first])
+    result: dict[str, dict[str, float]] = {}
     child = {v: [float(r["exporter_cpu_ms_per_request"]) for r in rows if r["variant"] == v]
              for v in variants}
     for v in variants[1:]:
-        ratios = [a / b for a, b in zip(per[v], per["off"], strict=True)]
+        ratios = [a / b for a, b in zip(per[v], per[first], strict=True)]
         both = sum(per[v]) + sum(child[v])
         result[v] = {"ratio": sum(per[v]) / off, "median_round_ratio": statistics.median(ratios),
                      "with_exporter_process_ratio": both / off,
@@ -332,7 +351,7 @@ def main() -> None:
               f"{statistics.fmean(float(r['minor_faults_per_request']) for r in mine):.2f}/request"
               f"; main thread (event loop) {statistics.fmean(loop):.3f}, other threads "
               f"{statistics.fmean(rest):.3f} ms/request")
-    w_off = float(whole["off"]["cpu_ms_per_request"])
+    w_off = float(whole[first]["cpu_ms_per_request"])
     for v in variants[1:]:
         w = whole[v]
         g, c = float(w["cpu_ms_per_request"]), float(w["exporter_cpu_ms_per_request"])
@@ -341,10 +360,43 @@ def main() -> None:
         print(f"{v}, whole run (idle time in the other variants' rounds and the last export "
               f"included): gateway {g / w_off:.3f}x off, with its exporter process "
               f"{(g + c) / w_off:.3f}x ({c:.3f} ms/request there)")
+    gateways = by_variant(inst, per, child, rows) if args.gateways > 1 else {}
     print(f"spans received by the OTLP receiver: {spans}")
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "whole_run": whole, "result": result,
-                                         "spans": spans}, indent=2))
+                                         "gateways": gateways, "spans": spans}, indent=2))
+
+
+def by_variant(inst: dict[str, str], per: dict[str, list[float]],
+               child: dict[str, list[float]],
+               rows: list[dict[str, float | str | int]]) -> dict[str, dict[str, float]]:
+    """``--gateways N``: each variant's mean CPU per request over its N gateway processes
+    against the mean of the off processes, with the min-max of its processes' own ratios (the
+    off processes' spread is the control); printed, and returned for ``--json``."""
+    names = {v: [g for g, of in inst.items() if of == v] for v in dict.fromkeys(inst.values())}
+    mean = {g: statistics.fmean(per[g]) for g in inst}
+    both = {g: mean[g] + statistics.fmean(child[g]) for g in inst}
+    loop = {g: statistics.fmean(float(r["main_thread_ms_per_request"]) for r in rows
+                                if r["variant"] == g) for g in inst}
+    off = statistics.fmean(mean[g] for g in names["off"])
+    loop_off = statistics.fmean(loop[g] for g in names["off"])
+    out: dict[str, dict[str, float]] = {}
+    print(f"| variant (mean of {len(names['off'])} gateway processes) | CPU ms/request | "
+          "gateway vs off | processes' ratios min-max | gateway + exporter vs off | "
+          "processes' ratios min-max | event loop vs off |")
+    print("|---|---|---|---|---|---|---|")
+    for v, gs in names.items():
+        m = statistics.fmean(mean[g] for g in gs)
+        b = statistics.fmean(both[g] for g in gs)
+        own = [mean[g] / off for g in gs]
+        own_b = [both[g] / off for g in gs]
+        lp = statistics.fmean(loop[g] for g in gs) / loop_off
+        out[v] = {"cpu_ms_per_request": m, "ratio": m / off, "min": min(own), "max": max(own),
+                  "with_exporter_ratio": b / off, "with_exporter_min": min(own_b),
+                  "with_exporter_max": max(own_b), "event_loop_ratio": lp}
+        print(f"| {v} | {m:.3f} | **{m / off:.3f}x** | {min(own):.3f}x-{max(own):.3f}x | "
+              f"{b / off:.3f}x | {min(own_b):.3f}x-{max(own_b):.3f}x | {lp:.3f}x |")
+    return out
 
 
 if __name__ == "__main__":
