@@ -242,7 +242,7 @@ class SharedPlacement:
                             self.handle(msg["data"])
                 finally:
                     with contextlib.suppress(*_FAILURES):
-                        await ps.aclose()  # type: ignore[no-untyped-call]
+                        await ps.aclose()  # type: ignore[no-untyped-call, unused-ignore]
             except asyncio.CancelledError:
                 raise
             except _FAILURES as exc:
