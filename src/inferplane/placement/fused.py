@@ -44,7 +44,7 @@ from inferplane.fleet.model import Endpoint, Fleet
 from inferplane.fleet.state import EndpointState, EndpointView
 from inferplane.physics import Roofline
 from inferplane.placement.framework import CycleState, Policy, Scored
-from inferplane.placement.latency_terms import _Consts, load_terms
+from inferplane.placement.latency_terms import NO_STEP, _Consts, load_terms
 from inferplane.placement.plugins.affinity import PrefixAffinity, SessionAffinity
 from inferplane.placement.plugins.economics import Cost, Energy, Load, Locality, _Price
 from inferplane.placement.plugins.latency import PredictedLatency
@@ -170,7 +170,7 @@ class FusedScoring:
         k = (P._consts.get(model) or {}).get(ep) or P._constants(ep, model)
         pr = (C._prices.get(model) or {}).get(ep) or C._price(ep, model)
         r = k.roofline
-        terms = r.step_terms() if r is not None else (0.0,) * 10
+        terms = r.step_terms() if r is not None else NO_STEP
         hourly_s = pr.hourly / 3600.0 if pr.hourly is not None else None
         row: _Row = (ep, k, r, k.region, k.fixed_s, k.embedding, pr, hourly_s, *terms)
         i = ep.index

@@ -15,7 +15,7 @@ from inferplane.physics.roofline import Roofline
 _MAX_FRONTEND_BUSY = 0.9
 
 #: `Roofline.step_terms` of an endpoint without a roofline
-_NO_STEP = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+NO_STEP = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
 
 
 class _Consts:
@@ -37,9 +37,7 @@ class _Consts:
         name: str,
         region: str,
         max_concurrency: int,
-        step: tuple[float, float, float, float, float, float, float, float, float, float] = (
-            _NO_STEP
-        ),
+        step: tuple[float, float, float, float, float, float, float, float, float, float],
     ) -> None:
         self.roofline = roofline
         self.prefill_s_per_token = prefill_s_per_token

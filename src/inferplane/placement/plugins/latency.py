@@ -9,10 +9,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from inferplane.fleet.model import Endpoint
 from inferplane.fleet.state import EndpointState, EndpointView
-from inferplane.physics import Roofline
 from inferplane.placement.framework import CycleState, Plugin, register
+from inferplane.placement.latency_terms import NO_STEP, load_terms
 from inferplane.placement.latency_terms import _Consts as _Consts
-from inferplane.placement.latency_terms import load_terms
 from inferplane.placement.plugins.affinity import PrefixMatcher, PrefixMode
 
 #: Prompt chunk at which the per-token prefill cost of queued work is measured.
@@ -158,7 +157,7 @@ class PredictedLatency(Plugin):
             ep.spec.name,
             ep.substrate.region,
             ep.spec.max_concurrency,
-            r.step_terms() if r is not None else (0.0,) * 10,
+            r.step_terms() if r is not None else NO_STEP,
         )
         return c
 
@@ -167,14 +166,14 @@ class PredictedLatency(Plugin):
         ep: Endpoint,
         s: EndpointState,
         k: _Consts,
-        r: Roofline,
         idle_ctx: float,
         loads: dict[Endpoint, tuple[EndpointState, float, int, int, float, float]],
     ) -> tuple[int, int, float, float]:
         """(batch, KV tokens, queue_s, raw ITL): what the endpoint's state alone determines
         (see the class docstring; `latency_terms.load_terms`), stored in ``loads`` for reuse
         while the snapshot keeps that state object. The fused scoring pass
-        (`inferplane.placement.fused`) calls it too."""
+        (`inferplane.placement.fused`) calls `load_terms` itself and stores the same tuple in
+        the same ``loads`` (twice there: keep the three stores alike)."""
         got = load_terms(s, k, idle_ctx)
         batch, kv, queue_s, raw_i = got
         loads[ep] = (s, idle_ctx, batch, kv, queue_s, raw_i)
@@ -222,7 +221,7 @@ class PredictedLatency(Plugin):
                 if hit is not None and hit[0] is s and (s.inflight > 0 or hit[1] == idle_ctx):
                     batch, kv, queue_s, raw_i = hit[2], hit[3], hit[4], hit[5]
                 else:
-                    batch, kv, queue_s, raw_i = self._load_terms(ep, s, k, r, idle_ctx, loads)
+                    batch, kv, queue_s, raw_i = self._load_terms(ep, s, k, idle_ctx, loads)
                 # What the gateway observes: engine time + the gateway↔endpoint network.
                 raw_t = queue_s + r.step_time_s(uncached, cached, batch, kv) + k.fixed_s
                 ttft, itl = raw_t, raw_i
