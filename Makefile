@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 ## The editable install, then the placement hot path compiled with mypyc where mypyc and a C
-## compiler are present (scripts/compile_native.py: ~45 s on 2 cores, skipped while current; on
+## compiler are present (scripts/compile_native.py: ~20-25 s on 2 cores, skipped while current; on
 ## failure one line says so and pure Python runs). `make pure` removes the compiled build.
 install: $(STAMP)
 	$(BIN)/python scripts/compile_native.py

@@ -583,8 +583,8 @@ def test_equal_values_of_other_types_are_cached_apart(tel: OtelTelemetry,
 
 @pytest.mark.parametrize("run", range(3))  # a race shows only sometimes: three tries
 def test_pending_values_are_conserved_while_the_batcher_folds(run: int) -> None:
-    """Request threads append to points' pending lists with no lock (as `OtelTelemetry.observe`
-    does) and make new points (under a lock, as `OtelTelemetry._new_series`) while another
+    """Request threads append to points' pending lists with no lock (as `OtelTrace.observe`
+    does) and make new points (under a lock, as `OtelTelemetry.new_series`) while another
     thread folds (`Histogram.fold`, lock-free under the GIL) and copies (under that lock) in a
     loop: once everything is folded, every point's count, bucket total, sum (integers: exact),
     min and max are those of the values appended to it, none lost and none counted twice."""
