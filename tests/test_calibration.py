@@ -8,6 +8,7 @@ import dataclasses
 import itertools
 import random
 import statistics
+from collections.abc import Sequence
 from pathlib import Path
 
 import aiohttp
@@ -37,7 +38,7 @@ from inferplane.physics.calibration import (
 )
 from inferplane.physics.frontend import FrontEnd
 from inferplane.physics.probe import Prober, calibrate_endpoint
-from inferplane.twin.emulator.endpoint import client_lead_s
+from inferplane.twin.emulator.endpoint import Submission, client_lead_s
 from inferplane.twin.emulator.server import start_emulator
 from inferplane.twin.simulator.simulator import simulate
 from inferplane.twin.traces.loader import TraceRequest
@@ -718,6 +719,69 @@ async def test_emulator_starts_an_idle_engine_when_the_request_reached_it(
         assert handle.endpoints["lab-0"].http_round_trip_s == 0.0
     finally:
         await handle.stop()
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "submits"),
+    [
+        ("/v1/completions", {"model": "tiny-llama", "prompt": "alpha bravo", "max_tokens": 2}, 1),
+        ("/v1/chat/completions", {"model": "tiny-llama", "max_tokens": 2,
+                                  "messages": [{"role": "user", "content": "alpha"}]}, 1),
+        ("/v1/messages", {"model": "tiny-llama", "max_tokens": 2,
+                          "messages": [{"role": "user", "content": "alpha"}]}, 1),
+        ("/v1/embeddings", {"model": "bge-large", "input": ["alpha bravo", "charlie"]}, 2),
+    ],
+)
+async def test_every_api_counts_a_calibrated_request_from_its_arrival(
+    tmp_path: Path, path: str, body: dict[str, object], submits: int
+) -> None:
+    """Every API the emulator serves (OpenAI completions and chat, Anthropic Messages,
+    embeddings) counts a calibrated request's wait from when its handler got it, less the
+    emulator's own HTTP round trip, and submits it at the time ``network_delay`` says it
+    reached the engine; an embeddings request's later inputs, which the engine takes after the
+    one before finished, at their own time."""
+    fleet_file = _frontend_fleet(tmp_path, 0.002)
+    text = fleet_file.read_text()
+    if path == "/v1/messages":  # served only by an endpoint that speaks Anthropic's dialect
+        text = text.replace("url: http://127.0.0.1:9\n",
+                            "url: http://127.0.0.1:9\n        dialect: anthropic\n")
+    else:
+        text = text.replace("max_context: 1024}]", "max_context: 1024},"
+                            " {name: bge-large, max_context: 512, kind: embed}]")
+    fleet_file.write_text(text)
+    handle = await start_emulator(load_config(fleet_file), time_scale=0.1,
+                                  port_override={"lab-0": 0})
+    emu = handle.endpoints["lab-0"]
+    delays: list[tuple[float | None, bool, float]] = []
+    ats: list[float | None] = []
+    delay, submit = emu.network_delay, emu.submit
+
+    async def network_delay(arrived: float | None = None, *, take_round_trip: bool = False
+                            ) -> float:
+        reached = await delay(arrived, take_round_trip=take_round_trip)
+        delays.append((arrived, take_round_trip, reached))
+        return reached
+
+    def submit_at(request_id: str, prompt: Sequence[int], max_tokens: int,
+                  cache_salt: str | None = None, at: float | None = None) -> Submission:
+        ats.append(at)
+        return submit(request_id, prompt, max_tokens, cache_salt, at)
+
+    emu.network_delay = network_delay  # type: ignore[method-assign]
+    emu.submit = submit_at  # type: ignore[method-assign]
+    try:
+        assert emu.http_round_trip_s > 0
+        sent = emu.now()
+        async with aiohttp.ClientSession() as session, session.post(
+            handle.urls["lab-0"] + path, json=body
+        ) as resp:
+            assert resp.status == 200, await resp.text()
+    finally:
+        await handle.stop()
+    [(arrived, take_round_trip, reached)] = delays
+    assert take_round_trip
+    assert arrived is not None and sent <= arrived <= reached
+    assert ats == [reached] + [None] * (submits - 1)
 
 
 def test_frontend_wait_grows_to_one_round_of_chunks() -> None:

@@ -199,7 +199,7 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
     opts = body.get("stream_options")
     include_usage = stream and isinstance(opts, dict) and bool(opts.get("include_usage"))
     emu.admit()
-    reached = await emu.network_delay(arrived, over_http=True)
+    reached = await emu.network_delay(arrived, take_round_trip=True)
     rid = new_request_id("chatcmpl" if chat else "cmpl")
     sub = emu.submit(rid, prompt, max_tokens, _cache_salt(body), at=reached)
     try:
@@ -317,7 +317,9 @@ def _embedding(ids: list[int]) -> list[float]:
 
 
 async def embeddings(request: web.Request) -> web.StreamResponse:
-    emu, body = request.app[EMU], await body_of(request)
+    emu = request.app[EMU]
+    arrived = emu.now()
+    body = await body_of(request)
     model = body.get("model")
     served = emu.served(model if isinstance(model, str) else None)
     if served.kind != "embed":
@@ -347,11 +349,14 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
             )
         inputs.append(ids)
     emu.admit()
-    await emu.network_delay()
+    at: float | None = await emu.network_delay(arrived, take_round_trip=True)
     rids = [new_request_id("embd") for _ in inputs]
     try:
         for rid, ids in zip(rids, inputs, strict=True):
-            sub = emu.submit(rid, ids, 1)  # a prefill: the engine times it and batches it
+            # a prefill: the engine times it and batches it. Only the first counts from when
+            # the request reached the engine; the rest arrive after the one before finished
+            sub = emu.submit(rid, ids, 1, at=at)
+            at = None
             while await sub.queue.get() != FINISHED:
                 pass
     finally:

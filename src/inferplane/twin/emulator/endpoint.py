@@ -316,8 +316,9 @@ class EmulatedEndpoint:
             )
         arrivals.append(now)
 
-    async def network_delay(self, arrived: float | None = None, *, over_http: bool = False
-                            ) -> float:
+    async def network_delay(
+        self, arrived: float | None = None, *, take_round_trip: bool = False
+    ) -> float:
         """Before the request reaches the engine: the provider API's network round trip, the
         front end's queue and intake (``frontend_request_s``, one request at a time, then
         ``frontend_handoff_s`` queued again behind what arrived meanwhile) and the
@@ -329,8 +330,8 @@ class EmulatedEndpoint:
         parsing and tokenising since ``arrived`` is taken out of the wait rather than added to
         it (at a few ms of TTFT, an emulator's own ~1 ms would otherwise show as +10-20 %).
         They hold one HTTP round trip too (the client's send to the server's handler, the first
-        chunk's way back), which a client of the emulator pays again on top: ``over_http``
-        (a request that came in over HTTP) takes the emulator's own round trip
+        chunk's way back), which a client of the emulator pays again on top: ``take_round_trip``
+        (every HTTP handler passes it) takes the emulator's own round trip
         (``http_round_trip_s``, real seconds) out as well — first out of
         ``request_overhead_s``, the rest by counting the front end's intake from that much
         before ``arrived`` (:func:`client_lead_s`).
@@ -344,7 +345,7 @@ class EmulatedEndpoint:
         start = now if arrived is None or arrived > now else arrived
         overhead = self.request_overhead_s
         fe = self.frontend
-        if over_http and self.http_round_trip_s > 0:
+        if take_round_trip and self.http_round_trip_s > 0:
             overhead, shift = client_lead_s(
                 self.http_round_trip_s * self.time_scale, overhead,
                 fe.request_s + fe.handoff_s,

@@ -106,7 +106,9 @@ def _event(kind: str, obj: dict[str, Any]) -> bytes:
 
 
 async def messages(request: web.Request) -> web.StreamResponse:
-    emu, body = request.app[EMU], await body_of(request)
+    emu = request.app[EMU]
+    arrived = emu.now()
+    body = await body_of(request)
     if not isinstance(body.get("model"), str):
         raise EmulatedRequestError(400, "model: Field required")
     served = generate_model(emu, body)
@@ -121,9 +123,9 @@ async def messages(request: web.Request) -> web.StreamResponse:
         )
     tool = _forced_tool(body)
     emu.admit()
-    await emu.network_delay()
+    reached = await emu.network_delay(arrived, take_round_trip=True)
     rid = new_request_id("msg")
-    sub = emu.submit(rid, prompt, max_tokens)
+    sub = emu.submit(rid, prompt, max_tokens, at=reached)
     head = {"id": rid, "type": "message", "role": "assistant", "model": served.upstream}
     try:
         if body.get("stream"):
