@@ -101,12 +101,15 @@ class HeldOut:
         self.lengths, self.burst = lengths, burst
         self.cold: dict[int, list[Any]] = {n: [] for n in lengths}
         self.runs: list[list[float]] = []
+        self._probers: dict[str, Prober] = {}  # per engine URL, its words per token learned
 
     async def measure(self, url: str, repeats: int) -> None:
         size, burst_tokens = self.burst
-        prober = Prober(url, fid.MODEL)
         async with aiohttp.ClientSession() as session:
-            await prober.learn_words_per_token(session)
+            prober = self._probers.get(url)
+            if prober is None:  # once: every later round asks the same engine's tokeniser
+                prober = self._probers[url] = Prober(url, fid.MODEL)
+                await prober.learn_words_per_token(session)
             for _ in range(repeats):
                 for n in self.lengths:
                     self.cold[n].append((await prober.prefill_once(session, n))[0])
@@ -242,7 +245,8 @@ def _compare(
         # held-out points and the workload alike (it moved one against the other by up to
         # ±40 % when they came one after the other; docs/benchmarks.md, session 9)
         per, extra = divmod(HELD_OUT_REPEATS, repeats)
-        await held.measure(real_url, per + (i < extra))
+        if n := per + (i < extra):  # past 7 probe rounds some rounds hold none
+            await held.measure(real_url, n)
         if i < rounds:
             await real_round()
 

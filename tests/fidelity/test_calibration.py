@@ -2,7 +2,7 @@
 profile's predictions and the emulator running it, both against the same engine
 (`bench/calibration.py` does the measuring; the bench also runs the table's profile beside it).
 
-Targets (issue 13), asserted here on medians over alternating repeats:
+Targets (issue 13), asserted here on medians over repeated rounds:
 
 * the placement predictor's TTFT on what the probe never sent — lone prompts of 96, 320 and
   640 tokens and every rank of a burst of 3 — within :data:`PREDICTION_TARGET` (median
