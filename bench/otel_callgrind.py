@@ -20,7 +20,15 @@ cost of a request), with the idle cost per second apart. Scrapes are off (``scra
 this slow would time its upstream out).
 
     python bench/otel_callgrind.py [--requests 300] [--ratios 1,0.05] [--variant off2=...]
-                                   [--code NAME=DIR]
+                                   [--code NAME=DIR] [--cache-sim]
+
+``--cache-sim`` adds callgrind's cache and branch-predictor simulation (``--cache-sim=yes
+--branch-sim=yes``: first-level and last-level caches shaped like this machine's, as valgrind
+reads them, and a simple predictor) and a second table: the gateway's simulated data-cache misses
+and mispredicted branches per request, less idle. A simulation, not the
+hardware's counters (``perf stat`` reads "not supported" for cycles and cache misses on this
+VM): where the feature's instructions cost more time than their count says, it says whether
+they miss the caches more than the gateway's other instructions do.
 """
 
 from __future__ import annotations
@@ -57,12 +65,14 @@ from tests.support.procs import Proc, env, free_port  # noqa: E402
 class Callgrind(Proc):
     """A Python process under callgrind, instrumentation off until `counting` turns it on."""
 
-    def __init__(self, args: list[str], log: Path, out: Path, src: Path | None = None) -> None:
+    def __init__(self, args: list[str], log: Path, out: Path, src: Path | None = None,
+                 cache_sim: bool = False) -> None:
         self.log = log
         self.out = out
         self._fh = log.open("wb")
         self.p = subprocess.Popen(
             ["valgrind", "--tool=callgrind", "--trace-children=yes", "--instr-atstart=no",
+             *(["--cache-sim=yes", "--branch-sim=yes"] if cache_sim else []),
              f"--callgrind-out-file={out}.%p", sys.executable, *args],
             stdout=self._fh, stderr=subprocess.STDOUT, env=env(src), cwd=ROOT,
             start_new_session=True,
@@ -74,19 +84,31 @@ def control(pid: int, *args: str) -> None:
                    timeout=120)
 
 
-def totals(out: Path, pid: int) -> int:
-    """Instructions in the newest dump of process ``pid``."""
+def totals(out: Path, pid: int) -> dict[str, int]:
+    """Every event's total in the newest dump of process ``pid``: ``Ir`` (instructions), and
+    with ``--cache-sim=yes`` also ``D1mr``, ``DLmr`` … (callgrind's event names)."""
     dumps = sorted(out.parent.glob(f"{out.name}.{pid}.*"), key=lambda p: int(p.suffix[1:]))
+    names: list[str] = []
     for line in dumps[-1].read_text().splitlines():
-        if line.startswith(("totals:", "summary:")):
-            return int(line.split()[1])
-    raise RuntimeError(f"no totals in {dumps[-1]}")
+        if line.startswith("events:"):
+            names = line.split()[1:]
+        elif line.startswith(("totals:", "summary:")) and names:
+            return dict(zip(names, map(int, line.split()[1:]), strict=False))
+    raise RuntimeError(f"no events and totals in {dumps[-1]}")
+
+
+def misses(ev: dict[str, int]) -> tuple[int, int, int]:
+    """(first-level, last-level) data-cache misses, reads and writes, and mispredicted
+    branches (conditional and indirect)."""
+    return (ev.get("D1mr", 0) + ev.get("D1mw", 0), ev.get("DLmr", 0) + ev.get("DLmw", 0),
+            ev.get("Bcm", 0) + ev.get("Bim", 0))
 
 
 async def measure(url: str, gw: Callgrind, n: int, conc: int,
-                  tail_s: float) -> tuple[int, int, float]:
-    """(gateway instructions, its child processes' instructions, wall seconds) for ``n``
-    requests and ``tail_s`` after them; ``n`` 0: the same processes idle for ``tail_s``."""
+                  tail_s: float) -> tuple[int, int, float, dict[str, int]]:
+    """(gateway instructions, its child processes' instructions, wall seconds, the gateway's
+    events) for ``n`` requests and ``tail_s`` after them; ``n`` 0: the same processes idle for
+    ``tail_s``."""
     pids = [gw.p.pid, *child_pids(gw.p.pid)]
     for pid in pids:
         control(pid, "-z")
@@ -102,7 +124,7 @@ async def measure(url: str, gw: Callgrind, n: int, conc: int,
         control(pid, "-d")
         control(pid, "-i", "off")
         counts.append(totals(gw.out, pid))
-    return counts[0], sum(counts[1:]), wall
+    return counts[0]["Ir"], sum(c["Ir"] for c in counts[1:]), wall, counts[0]
 
 
 def settle(pids: list[int], window_s: float = 3.0, busy_s: float = 0.15,
@@ -141,6 +163,8 @@ def main() -> None:
                     help="another variant, as bench/otel.py's --variant")
     ap.add_argument("--code", action="append", default=[], metavar="NAME=DIR",
                     help="run variant NAME from the checkout DIR, as bench/otel.py's --code")
+    ap.add_argument("--cache-sim", action="store_true",
+                    help="simulate the caches too; print the gateway's data-cache misses")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="ip-otel-cg-"))
     receiver = OtlpReceiver().start()
@@ -152,6 +176,8 @@ def main() -> None:
                                "--mode", "fast"], tmp / "up.log")]
     load_before = os.getloadavg()
     counts: dict[str, tuple[int, int, int, int, float]] = {}
+    #: the gateway's (first-level, last-level) data-cache misses, mispredicts: busy, idle
+    cache: dict[str, tuple[tuple[int, int, int], tuple[int, int, int]]] = {}
     try:
         procs[0].wait_http(f"http://127.0.0.1:{up_port}/health")
         gws: dict[str, Callgrind] = {}
@@ -161,7 +187,7 @@ def main() -> None:
                                  "first_byte_timeout: {enabled: false}"))
             gws[name] = Callgrind(["-m", "inferplane.cli", "serve", "--config", str(cfg),
                                    "--log-level", "warning"], tmp / f"gw-{name}.log",
-                                  tmp / f"cg-{name}", code.get(name))
+                                  tmp / f"cg-{name}", code.get(name), args.cache_sim)
             procs.append(gws[name])
         for name, port in ports.items():
             gws[name].wait_http(f"http://127.0.0.1:{port}/ready", timeout=600)
@@ -169,10 +195,11 @@ def main() -> None:
         asyncio.run(warm(urls, args.concurrency))
         settle([gw.p.pid for gw in gws.values()])
         for name, url in urls.items():
-            g, c, wall = asyncio.run(measure(url, gws[name], args.requests, args.concurrency,
-                                             args.tail))
-            ig, ic, _ = asyncio.run(measure(url, gws[name], 0, 0, wall))
+            g, c, wall, ev = asyncio.run(measure(url, gws[name], args.requests,
+                                                 args.concurrency, args.tail))
+            ig, ic, _, iev = asyncio.run(measure(url, gws[name], 0, 0, wall))
             counts[name] = (g, c, ig, ic, wall)
+            cache[name] = (misses(ev), misses(iev))
             print(f"{name}: {g / args.requests:,.0f} instructions/request, exporter "
                   f"{c / args.requests:,.0f}; idle over the same {wall:.0f} s: "
                   f"{ig / args.requests:,.0f} and {ic / args.requests:,.0f}", file=sys.stderr)
@@ -197,6 +224,20 @@ def main() -> None:
         print(f"| {name} | {g / n:,.0f} | {c / n:,.0f} | {ig / n:,.0f} | {ic / n:,.0f} | "
               f"{g / g0:.3f}x | {(g + c) / g0:.3f}x | {(g - ig) / (g0 - i0):.3f}x | "
               f"{(g + c - ig - ic) / (g0 - i0):.3f}x | {(ig + ic) / wall - i0 / w0:+,.0f} |")
+    if args.cache_sim:
+        print()
+        print("| variant | gateway D1 misses/request, less idle | LL misses/request, less idle "
+              "| D1 misses per 1,000 instr. | LL misses per 1,000 instr. | D1 misses vs off "
+              "| LL misses vs off | mispredicted branches/request, less idle | vs off |")
+        print("|---" * 9 + "|")
+        (d0, l0, b0), (id0, il0, ib0) = cache["off"]
+        for name, ((d, ll, b), (idd, ill, ib)) in cache.items():
+            g, _, ig, _, _ = counts[name]
+            instr = max(g - ig, 1)
+            print(f"| {name} | {(d - idd) / n:,.1f} | {(ll - ill) / n:,.1f} | "
+                  f"{1000 * (d - idd) / instr:.2f} | {1000 * (ll - ill) / instr:.3f} | "
+                  f"{(d - idd) / max(d0 - id0, 1):.3f}x | {(ll - ill) / max(l0 - il0, 1):.3f}x | "
+                  f"{(b - ib) / n:,.1f} | {(b - ib) / max(b0 - ib0, 1):.3f}x |")
     print(f"spans received by the OTLP receiver: {len(receiver.spans())}")
 
 
