@@ -354,6 +354,33 @@ def test_compiled_and_pure_decide_alike(tmp_path: Path) -> None:
     assert dumps["compiled"] == dumps["pure"] and len(dumps["pure"]) > 100_000
 
 
+@needs_build
+def test_compiled_and_pure_otel_notes_hand_over_alike() -> None:
+    """The OTel notes (`telemetry.notes`, compiled): ``tests/support/otel_notes_dump.py`` drives
+    the same traces (own and a caller's, sampled and not, an invalid ``traceparent``, two
+    stages and a nested one, a failed attempt then a good one, streamed usage, a refused and an
+    unplaced request, ``end`` twice) with the same clock and ids; what they hand over (every
+    record, compact or full; the outgoing headers; the metric points) is byte-identical."""
+    script = ROOT / "tests" / "support" / "otel_notes_dump.py"
+    dumps, builds = {}, {}
+    for mode, env in (("compiled", {}), ("pure", {ENV_PURE: "1"})):
+        e = {k: v for k, v in os.environ.items() if k != ENV_PURE}
+        e.update(env, PYTHONPATH=str(SRC))
+        out = subprocess.run([sys.executable, str(script)], env=e, check=True,
+                             capture_output=True, text=True, timeout=120)
+        dumps[mode], builds[mode] = out.stdout, out.stderr.split()
+    assert builds["compiled"][:2] == ["build", "compiled"] and builds["compiled"][2].endswith(
+        SUFFIX)
+    assert builds["pure"][:2] == ["build", "pure"] and builds["pure"][2].endswith("notes.py")
+    assert dumps["compiled"] == dumps["pure"]
+    lines = dumps["pure"].splitlines()
+    assert lines[-1] == "sampled 5 records 5 points 7"
+    records = [line for line in lines if line.startswith("record ")]
+    assert sum("compact=True" in r for r in records) == 3 and len(records) == 5
+    assert "'not_accounted'" in dumps["pure"] and "'upstream_error', 500" in dumps["pure"]
+    assert any(line.endswith("-00')]") for line in lines)  # a caller's unsampled trace
+
+
 def test_version_and_metric_say_which_build_runs() -> None:
     from prometheus_client import generate_latest
     from typer.testing import CliRunner
