@@ -16,6 +16,7 @@ from inferplane.fleet.prefix_index import PrefixIndex
 from inferplane.physics import get_hardware
 from inferplane.physics.calibration import Calibration, dump_profile
 from inferplane.placement.framework import Scored
+from inferplane.placement.latency_terms import kept_load_terms
 from tests.placement_helpers import (
     MODEL,
     cycle,
@@ -549,7 +550,7 @@ def test_slo_first_among_slo_meeters(
 
 
 def test_predicted_latency_decode_step_is_the_rooflines() -> None:
-    """`_load_terms` computes the request's decode step inline (`Roofline.step_time_s(0, 0,
+    """`kept_load_terms` computes the request's decode step inline (`Roofline.step_time_s(0, 0,
     batch + 1, kv + ctx)` in the same operations): the same float, to the bit, on every kind of
     hardware of the fleet, for idle, busy, engine-reported and queued states."""
     fl = Fleet.from_config(hetero())
@@ -574,7 +575,7 @@ def test_predicted_latency_decode_step_is_the_rooflines() -> None:
         )
         idle_ctx = float(rng.randrange(1, 40000))
         k = lat._constants(ep, MODEL)
-        batch, kv, _, raw_i = lat._load_terms(ep, s, k, idle_ctx, {})
+        batch, kv, _, raw_i = kept_load_terms(ep, s, k, idle_ctx, {})
         ctx = s.inflight_tokens / inflight if inflight > 0 else idle_ctx
         want = 0.0 if k.embedding else r.step_time_s(0, 0, batch + 1, kv + int(ctx))
         assert raw_i == want and math.copysign(1.0, raw_i) == math.copysign(1.0, want)
@@ -607,7 +608,7 @@ substrates:
                   running=rng.choice([None, 1.0, 4.0]))
         idle_ctx = float(rng.randrange(1, 2000))
         k = lat._constants(ep, "tiny-llama")
-        batch, kv, _, raw_i = lat._load_terms(ep, s, k, idle_ctx, {})
+        batch, kv, _, raw_i = kept_load_terms(ep, s, k, idle_ctx, {})
         ctx = s.inflight_tokens / inflight if inflight > 0 else idle_ctx
         assert raw_i == r.step_time_s(0, 0, batch + 1, kv + int(ctx))
         assert raw_i > dataclasses.replace(r.hardware, context_token_s=0.0).step_overhead_s

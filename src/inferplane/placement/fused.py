@@ -44,7 +44,7 @@ from inferplane.fleet.model import Endpoint, Fleet
 from inferplane.fleet.state import EndpointState, EndpointView
 from inferplane.physics import Roofline
 from inferplane.placement.framework import CycleState, Policy, Scored
-from inferplane.placement.latency_terms import NO_STEP, _Consts, load_terms
+from inferplane.placement.latency_terms import NO_STEP, Loads, _Consts, kept_load_terms
 from inferplane.placement.plugins.affinity import PrefixAffinity, SessionAffinity
 from inferplane.placement.plugins.economics import Cost, Energy, Load, Locality, _Price
 from inferplane.placement.plugins.latency import PredictedLatency
@@ -186,7 +186,7 @@ class FusedScoring:
         k: _Consts,
         idle_ctx: float,
         model: str,
-        loads: dict[Endpoint, tuple[EndpointState, float, int, int, float, float]],
+        loads: Loads,
     ) -> _StateTerms:
         """What the endpoint's state alone determines: its TTFT correction and expected-retry
         factors and the load scorer's clamped value, and predicted-latency's load terms
@@ -198,8 +198,7 @@ class FusedScoring:
         if r is None:
             batch, kv, queue_s, raw_i = 0, 0, 0.0, 0.0
         else:
-            batch, kv, queue_s, raw_i = load_terms(s, k, idle_ctx)  # `P._load_terms`
-            loads[ep] = (s, idle_ctx, batch, kv, queue_s, raw_i)
+            batch, kv, queue_s, raw_i = kept_load_terms(ep, s, k, idle_ctx, loads)
         f = s.ttft_ratio_p50
         kmin, kmax = P._kmin, P._kmax
         tf = None if f is None else (kmin if f < kmin else (kmax if f > kmax else f))
@@ -229,7 +228,7 @@ class FusedScoring:
         c: EndpointView,
         model: str,
         idle_ctx: float,
-        loads: dict[Endpoint, tuple[EndpointState, float, int, int, float, float]],
+        loads: Loads,
         rows: list[_Row | None],
         terms: list[_Cand | None],
     ) -> _Cand:
@@ -326,8 +325,7 @@ class FusedScoring:
             if not t.busy and t.ctx_of != idle_ctx and r is not None:
                 # idle: the load terms' context is the request's (not kept: the next request's
                 # is another)
-                batch, kv, queue_s, raw_i = load_terms(s, t.k, idle_ctx)  # `P._load_terms`
-                loads[t.ep] = (s, idle_ctx, batch, kv, queue_s, raw_i)
+                batch, kv, queue_s, raw_i = kept_load_terms(t.ep, s, t.k, idle_ctx, loads)
             # predicted-latency
             m = matched[i]
             if nblocks:

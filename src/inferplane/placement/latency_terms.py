@@ -7,6 +7,7 @@ its context is the request's — and the fused pass reads `_Consts` per candidat
 
 from __future__ import annotations
 
+from inferplane.fleet.model import Endpoint
 from inferplane.fleet.state import EndpointState
 from inferplane.physics.calibration import frontend_wait_s
 from inferplane.physics.roofline import Roofline
@@ -55,6 +56,22 @@ class _Consts:
         #: the roofline's `Roofline.step_terms` (zeros without one), for the decode step
         #: `load_terms` computes inline
         self.step = step
+
+
+#: `PredictedLatency`'s per-snapshot reuse of `load_terms`: endpoint → (the state object and the
+#: idle context they were computed for, batch, KV tokens, queue_s, raw ITL)
+Loads = dict[Endpoint, tuple[EndpointState, float, int, int, float, float]]
+
+
+def kept_load_terms(
+    ep: Endpoint, s: EndpointState, k: _Consts, idle_ctx: float, loads: Loads
+) -> tuple[int, int, float, float]:
+    """`load_terms`, stored in ``loads`` at ``ep`` for reuse while the snapshot keeps that
+    state object: the one store the plugin and the fused scoring pass share."""
+    got = load_terms(s, k, idle_ctx)
+    batch, kv, queue_s, raw_i = got
+    loads[ep] = (s, idle_ctx, batch, kv, queue_s, raw_i)
+    return got
 
 
 def load_terms(s: EndpointState, k: _Consts, idle_ctx: float) -> tuple[int, int, float, float]:

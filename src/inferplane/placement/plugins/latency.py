@@ -8,9 +8,9 @@ from collections.abc import Sequence
 from pydantic import BaseModel, ConfigDict, Field
 
 from inferplane.fleet.model import Endpoint
-from inferplane.fleet.state import EndpointState, EndpointView
+from inferplane.fleet.state import EndpointView
 from inferplane.placement.framework import CycleState, Plugin, register
-from inferplane.placement.latency_terms import NO_STEP, load_terms
+from inferplane.placement.latency_terms import NO_STEP, Loads, kept_load_terms
 from inferplane.placement.latency_terms import _Consts as _Consts
 from inferplane.placement.plugins.affinity import PrefixMatcher, PrefixMode
 
@@ -125,7 +125,7 @@ class PredictedLatency(Plugin):
         # model → endpoint → (state, idle ctx, batch, KV tokens, queue_s, raw ITL): what an
         # endpoint's state alone determines, reused while the snapshot keeps that state object
         # (the live fleet rebuilds only the states that changed)
-        self._load: dict[str, dict[Endpoint, tuple[EndpointState, float, int, int, float, float]]]
+        self._load: dict[str, Loads]
         self._load = {}
         self._kmin, self._kmax = params.correction_min, params.correction_max
         self._unknown_ttft, self._unknown_itl = params.unknown_ttft_s, params.unknown_itl_s
@@ -160,24 +160,6 @@ class PredictedLatency(Plugin):
             r.step_terms() if r is not None else NO_STEP,
         )
         return c
-
-    def _load_terms(
-        self,
-        ep: Endpoint,
-        s: EndpointState,
-        k: _Consts,
-        idle_ctx: float,
-        loads: dict[Endpoint, tuple[EndpointState, float, int, int, float, float]],
-    ) -> tuple[int, int, float, float]:
-        """(batch, KV tokens, queue_s, raw ITL): what the endpoint's state alone determines
-        (see the class docstring; `latency_terms.load_terms`), stored in ``loads`` for reuse
-        while the snapshot keeps that state object. The fused scoring pass
-        (`inferplane.placement.fused`) calls `load_terms` itself and stores the same tuple in
-        the same ``loads`` (twice there: keep the three stores alike)."""
-        got = load_terms(s, k, idle_ctx)
-        batch, kv, queue_s, raw_i = got
-        loads[ep] = (s, idle_ctx, batch, kv, queue_s, raw_i)
-        return got
 
     def score(self, cycle: CycleState, candidates: list[EndpointView]) -> Sequence[float]:
         prof = cycle.profile
@@ -221,7 +203,7 @@ class PredictedLatency(Plugin):
                 if hit is not None and hit[0] is s and (s.inflight > 0 or hit[1] == idle_ctx):
                     batch, kv, queue_s, raw_i = hit[2], hit[3], hit[4], hit[5]
                 else:
-                    batch, kv, queue_s, raw_i = self._load_terms(ep, s, k, idle_ctx, loads)
+                    batch, kv, queue_s, raw_i = kept_load_terms(ep, s, k, idle_ctx, loads)
                 # What the gateway observes: engine time + the gateway↔endpoint network.
                 raw_t = queue_s + r.step_time_s(uncached, cached, batch, kv) + k.fixed_s
                 ttft, itl = raw_t, raw_i
