@@ -80,49 +80,44 @@ def drive(tel: OtelTelemetry, gw: Gateway, out: list[str]) -> int:
         traces.append(t)
         return t
 
-    # 1. the common request: two stages, one attempt, a streamed answer (compact hand-over)
-    for _ in range(6):  # own traces, half sampled (sample_ratio 0.5, seeded ids)
-        t = start("chat", LOCAL)
-        t.classified(profile, 16)
+    def headers(t: Any) -> None:
+        out.append(f"headers {sorted(t.upstream_headers().items())}")
+
+    def sent(t: Any, prompt_tokens: int | None) -> None:
+        """Classified, admitted, placed on ``decision``, its upstream call started."""
+        t.classified(profile, prompt_tokens)
         with t.stage("admit"):
             pass
         with t.stage("place"):
             t.placed(decision)
         t.upstream_started(endpoint, "m")
-        out.append(f"headers {sorted(t.upstream_headers().items())}")
+        headers(t)
+
+    # 1. the common request: two stages, one attempt, a streamed answer (compact hand-over)
+    for _ in range(6):  # own traces, half sampled (sample_ratio 0.5, seeded ids)
+        t = start("chat", LOCAL)
+        sent(t, 16)
         t.finished(status=200, error=None, prompt_tokens=7, completion_tokens=5,
                    ttft_s=0.0125, tpot_s=0.002)
         t.end()
     # 2. a caller's sampled trace (tracestate): a failed attempt, re-placed (spillover), a good
     # one, streamed usage; `end` twice
     t = start("chat", SAMPLED_PARENT)
-    t.classified(profile, None)
-    with t.stage("admit"):
-        pass
-    with t.stage("place"):
-        t.placed(decision)
-    t.upstream_started(endpoint, "m")
-    out.append(f"headers {sorted(t.upstream_headers().items())}")
+    sent(t, None)
     t.upstream_failed("upstream_error", 500)
     with t.stage("place"):
         with t.stage("filter"):  # a stage inside the open one
             pass
         t.placed(spilled)
     t.upstream_started(endpoint, "m")
-    out.append(f"headers {sorted(t.upstream_headers().items())}")
+    headers(t)
     t.finished(status=200, error=None, prompt_tokens=1234, completion_tokens=567,
                ttft_s=0.3333333333333333, tpot_s=0.0171)
     t.end()
     t.end()
     # 3. a caller's unsampled trace: metrics only, the traceparent passed on unsampled
     t = start("completions", UNSAMPLED_PARENT)
-    t.classified(profile, 8)
-    with t.stage("admit"):
-        pass
-    with t.stage("place"):
-        t.placed(decision)
-    t.upstream_started(endpoint, "m")
-    out.append(f"headers {sorted(t.upstream_headers().items())}")
+    sent(t, 8)
     t.finished(status=504, error="upstream timed out", prompt_tokens=3, completion_tokens=None,
                ttft_s=None, tpot_s=None)
     t.end()
@@ -150,7 +145,7 @@ def drive(tel: OtelTelemetry, gw: Gateway, out: list[str]) -> int:
         except KeyError:
             pass
         t.upstream_started(endpoint, "m")
-        out.append(f"headers {sorted(t.upstream_headers().items())}")
+        headers(t)
         t.end()
     for t in traces:
         out.append(f"trace sampled={t.sampled} remote={t.remote} "
