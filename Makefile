@@ -6,12 +6,12 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install pure demo test lint typecheck test-slow chaos test-browser console-screenshots fidelity bench-overhead bench-placement bench-envoy clean
+.PHONY: install pure constraints demo test lint typecheck test-slow chaos test-browser console-screenshots fidelity bench-overhead bench-placement bench-envoy clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
 	# xds-protos (Envoy's ext_proc stubs) ships an old copy of opentelemetry-proto's modules in
 	# the same folder; whichever package pip installs last wins, and the old copy breaks the OTLP
 	# exporter (no InstrumentationScope). Put opentelemetry-proto's own files back on top.
@@ -27,6 +27,11 @@ install: $(STAMP)
 
 pure:
 	$(BIN)/python scripts/compile_native.py --clean
+
+## Re-pin constraints.txt to what .venv holds now (after upgrading a package and running the tests).
+constraints: $(STAMP)
+	{ sed -n '/^#/p' constraints.txt; $(BIN)/pip freeze --exclude-editable | grep -vi '^inferplane='; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 ## The main job: the emulated heterogeneous fleet, the gateway and a mixed workload for ~30 s.
 demo: install
