@@ -2,7 +2,8 @@
 the emulator running it against the same engine — beside the table's ``cpu`` profile.
 
     python bench/calibration.py [--endpoint URL | --truth PROFILE.yaml] [--rounds 3]
-                                [--requests 12] [--repeats 5] [--out out/calibration]
+                                [--real-rounds N] [--requests 12] [--repeats 5]
+                                [--out out/calibration]
 
 Without ``--endpoint`` it starts the fidelity tier's real vLLM (``.fidelity-venv``, the tiny
 Llama, the engine settings of ``tests/fidelity/conftest.py``) and stops it at the end. With
@@ -15,10 +16,13 @@ factors are known (``bench/calibration_truth.yaml``).
    and every rank of a burst of a size it never sent (:data:`HELD_OUT_BURST`, median of 7),
    against each profile's prediction;
 3. the fidelity workload (``physics.probe.run_workload``: concurrency 1, 2 and 4, fresh prompts of
-   32-768 tokens, 32 output tokens) on the real engine and on ``inferplane emulate`` running each
-   profile in its own process; per round P50/P90 of TTFT and time per output token, then the
-   median over rounds;
-4. a table, and ``results.json`` in ``--out``.
+   32-768 tokens, 32 output tokens) on the real engine (``--real-rounds``, default
+   ``--rounds``) and on ``inferplane emulate`` running each profile in its own process
+   (``--rounds``); per round P50/P90 of TTFT and time per output token, then the median over
+   rounds (beside it, the percentiles pooled over every request of every round);
+4. the control: the real engine's odd rounds against its even rounds on the same four figures
+   (what a perfect emulator would score with half the rounds; :func:`real_vs_real`);
+5. a table, and ``results.json`` in ``--out`` (with every round's raw samples).
 
 The held-out requests and the real engine's workload rounds run between the probe's rounds
 (``calibrate_endpoint``'s ``between_rounds``), so that the fit, the held-out points and the
@@ -46,7 +50,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -172,12 +176,45 @@ def emulator(
         proc.stop()
 
 
+def share(total: int, parts: int, i: int) -> int:
+    """Part ``i`` (0-based) of ``total`` spread over ``parts`` as evenly as it goes, the
+    earlier parts taking the remainder: how many held-out repeats and real workload rounds
+    follow the probe's round ``i``."""
+    per, extra = divmod(total, parts)
+    return per + (i < extra)
+
+
 def workload_stats(results: list[WorkloadResult]) -> dict[str, float]:
     return {
         f"{metric}_p{q}": statistics.median(_pct(getattr(r, f"{metric}_s"), q) for r in results)
         for metric in ("ttft", "tpot")
         for q in (50, 90)
     }
+
+
+def pooled_stats(results: list[WorkloadResult]) -> dict[str, float]:
+    """P50 and P90 of TTFT and time per output token over every request of every round (the
+    percentiles of the whole workload, where :func:`workload_stats` takes each round's and
+    then their median)."""
+    return {
+        f"{metric}_p{q}": _pct([x for r in results for x in getattr(r, f"{metric}_s")], q)
+        for metric in ("ttft", "tpot")
+        for q in (50, 90)
+    }
+
+
+def real_vs_real(
+    results: list[WorkloadResult],
+    stats: Callable[[list[WorkloadResult]], dict[str, float]] = workload_stats,
+) -> dict[str, float] | None:
+    """The control: what a perfect emulator would score. The real engine's rounds split into
+    two interleaved halves (even and odd rounds, each spread over the same minutes), and the
+    signed gap of the odd half's ``stats`` to the even half's, on the four metrics the emulator
+    is held to: the statistic's own noise with half the rounds. None with < 2 rounds."""
+    if len(results) < 2:
+        return None
+    even, odd = stats(results[0::2]), stats(results[1::2])
+    return {k: (odd[k] - v) / v for k, v in even.items()}
 
 
 def per_level_ms(
@@ -209,6 +246,7 @@ def compare(
     repeats: int = 5,
     profiles: tuple[str, ...] = ("table", "calibrated"),
     engine_pid: int | None = None,
+    real_rounds: int | None = None,
 ) -> dict[str, Any]:
     """Steps 1-3 of the module docstring against the engine at ``real_url``. With
     ``engine_pid`` (the real vLLM's API server, started here) the whole comparison runs with
@@ -216,7 +254,7 @@ def compare(
     with contextlib.ExitStack() as stack:
         cores = stack.enter_context(split_cores(engine_pid)) if engine_pid is not None else {}
         out = _compare(real_url, work, rounds=rounds, requests=requests, repeats=repeats,
-                       profiles=profiles)
+                       profiles=profiles, real_rounds=real_rounds or rounds)
     out["cores"] = cores
     return out
 
@@ -229,13 +267,20 @@ def _compare(
     requests: int,
     repeats: int,
     profiles: tuple[str, ...],
+    real_rounds: int,
 ) -> dict[str, Any]:
     out: dict[str, Any] = {"real_smooth_after_warm_up": asyncio.run(warm_up(real_url))}
     held = HeldOut(HELD_OUT, HELD_OUT_BURST)
     real_runs: list[WorkloadResult] = []
     out["load_per_round"] = []
 
-    async def real_round() -> None:
+    out["real_round_after"] = []  # the probe round each real round followed (-1: after all)
+    t0 = time.monotonic()
+    out["real_round_at_s"] = []  # when each real round began, s from the start
+
+    async def real_round(after: int = -1) -> None:
+        out["real_round_after"].append(after)
+        out["real_round_at_s"].append(round(time.monotonic() - t0, 1))
         real_runs.append(await run_workload(real_url, fid.MODEL, requests_per_level=requests))
         out["load_per_round"].append(round(os.getloadavg()[0], 2))
 
@@ -244,18 +289,17 @@ def _compare(
         # rounds: a host that runs the engine faster or slower for a minute moves the fit, the
         # held-out points and the workload alike (it moved one against the other by up to
         # ±40 % when they came one after the other; docs/benchmarks.md, session 9)
-        per, extra = divmod(HELD_OUT_REPEATS, repeats)
-        if n := per + (i < extra):  # past 7 probe rounds some rounds hold none
+        if n := share(HELD_OUT_REPEATS, repeats, i):  # past 7 probe rounds some hold none
             await held.measure(real_url, n)
-        if i < rounds:
-            await real_round()
+        for _ in range(share(real_rounds, repeats, i)):
+            await real_round(i)
 
     text, summary = asyncio.run(calibrate_endpoint(
         real_url, fid.MODEL, model_profile=fid.MODEL, base="cpu", name=PROFILE_NAME,
         precision="fp32", prompt_tokens=SWEEP, batches=(1, 2, 4), repeats=repeats,
         between_rounds=between,
     ))
-    for _ in range(rounds - len(real_runs)):  # more workload rounds than probe rounds
+    for _ in range(real_rounds - len(real_runs)):  # more workload rounds than probe rounds
         asyncio.run(real_round())
     profile = work / "profile.yaml"
     profile.write_text(text)
@@ -291,7 +335,9 @@ def _compare(
         for url in urls.values():
             asyncio.run(warm_up(url))
         emu_runs: dict[str, list[WorkloadResult]] = {name: [] for name in profiles}
+        out["emulator_round_at_s"] = []
         for _ in range(rounds):
+            out["emulator_round_at_s"].append(round(time.monotonic() - t0, 1))
             for name, url in urls.items():
                 res = asyncio.run(run_workload(url, fid.MODEL, requests_per_level=requests))
                 emu_runs[name].append(res)
@@ -299,9 +345,20 @@ def _compare(
             out["load_per_round"].append(round(os.getloadavg()[0], 2))
     real = workload_stats(real_runs)
     out["workload"]["real"] = real
+    out["pooled"], out["pooled_gaps"] = {"real": pooled_stats(real_runs)}, {}
     for name in profiles:
         s = out["workload"][f"emulator ({name})"] = workload_stats(emu_runs[name])
         out["gaps"][name] = {k: (s[k] - v) / v for k, v in real.items()}  # signed
+        p = out["pooled"][name] = pooled_stats(emu_runs[name])
+        out["pooled_gaps"][name] = {k: (p[k] - v) / v for k, v in out["pooled"]["real"].items()}
+    out["control"] = real_vs_real(real_runs)
+    out["control_pooled"] = real_vs_real(real_runs, pooled_stats)
+    out["samples_ms"] = {  # every round's raw samples, to recompute any statistic offline
+        name: [{"ttft": [round(x * 1e3, 3) for x in r.ttft_s], "ttft_level": r.ttft_level,
+                "tpot": [round(x * 1e3, 4) for x in r.tpot_s], "tpot_level": r.tpot_level}
+               for r in runs]
+        for name, runs in (("real", real_runs), *emu_runs.items())
+    }
     out["per_round"] = {
         "real": [workload_stats([r]) for r in real_runs],
         **{name: [workload_stats([r]) for r in runs] for name, runs in emu_runs.items()},
@@ -336,6 +393,15 @@ def table(res: dict[str, Any]) -> str:
                  f"{HELD_OUT_BURST[0]} x {HELD_OUT_BURST[1]}), median abs error: " + ", ".join(
                      f"{k} {v['median']:.1%} {v['each']}" for k, v in pe.items()))
     lines.append(f"measured ms: alone {res['held_out_ttft_ms']}, burst {res['held_out_burst_ms']}")
+    if res.get("control"):
+        lines.append(f"control, the real engine against itself ({len(res['per_round']['real'])}"
+                     " rounds: odd rounds vs even rounds): " + ", ".join(
+                         f"{k} {v:+.1%}" for k, v in res["control"].items()))
+        lines.append("pooled percentiles (every request of every round), emulator vs real: "
+                     + "; ".join(f"{name} " + ", ".join(f"{k} {v:+.1%}" for k, v in g.items())
+                                 for name, g in res["pooled_gaps"].items())
+                     + "; control " + ", ".join(
+                         f"{k} {v:+.1%}" for k, v in res["control_pooled"].items()))
     lines.append(f"fit: {res['fit']}")
     lines.append(f"cores: {res['cores'] or 'shared (not pinned)'}")
     lines.append(f"real engine: {res['real_bursts']} of {res['real_streams']} streams in one burst"
@@ -368,6 +434,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--endpoint", help="a running real engine (default: start the fidelity one)")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--real-rounds", type=int, help="the real engine's workload rounds "
+                    "(default: --rounds); with 2 or more, the real engine's odd rounds against "
+                    "its even rounds are the control (what a perfect emulator would score)")
     ap.add_argument("--requests", type=int, default=12, help="requests per concurrency level")
     ap.add_argument("--repeats", type=int, default=5, help="probe repeats per point")
     ap.add_argument("--out", type=Path, default=ROOT / "out" / "calibration")
@@ -395,6 +464,7 @@ def main(argv: list[str] | None = None) -> int:
                 url = a.endpoint
             load_before = os.getloadavg()[0]
             res = compare(url, work, rounds=a.rounds, requests=a.requests, repeats=a.repeats,
+                          real_rounds=a.real_rounds,
                           engine_pid=None if proc is None or a.shared_cores else proc.pid)
         finally:
             if proc is not None and proc.poll() is None:

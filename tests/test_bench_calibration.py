@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from bench.calibration import per_level_ms
+import pytest
+
+from bench.calibration import per_level_ms, pooled_stats, real_vs_real, share, workload_stats
 from inferplane.physics.probe import WorkloadResult
 
 
@@ -37,3 +39,53 @@ def test_a_level_without_samples_reads_none_instead_of_failing() -> None:
     assert per_level_ms([a, b], levels=(1, 2)) == {"c1": [10.0, 1.0], "c2": [25.0, 2.0]}
     assert per_level_ms([b], levels=(1, 2, 4)) == {
         "c1": [10.0, 1.0], "c2": [30.0, None], "c4": [None, None]}
+
+
+def test_share_spreads_rounds_over_the_probe_rounds() -> None:
+    assert [share(15, 5, i) for i in range(5)] == [3, 3, 3, 3, 3]
+    assert [share(3, 5, i) for i in range(5)] == [1, 1, 1, 0, 0]  # the 3 rounds until session 10
+    assert [share(7, 5, i) for i in range(5)] == [2, 2, 1, 1, 1]  # the held-out repeats
+    assert sum(share(12, 5, i) for i in range(5)) == 12
+
+
+def _uniform(ttft: float, tpot: float, n: int = 10) -> WorkloadResult:
+    return _round({1: [ttft * (1 + i / 100) for i in range(n)]},
+                  {1: [tpot * (1 + i / 100) for i in range(n)]})
+
+
+def test_control_compares_the_odd_rounds_with_the_even_rounds() -> None:
+    # even rounds at 10 ms, odd rounds at 12 ms: a perfect emulator of this engine would be
+    # off by 20 % with half the rounds
+    rounds = [_uniform(0.010 if i % 2 == 0 else 0.012, 0.002) for i in range(6)]
+    got = real_vs_real(rounds)
+    assert got is not None
+    assert got["ttft_p50"] == pytest.approx(0.2)
+    assert got["ttft_p90"] == pytest.approx(0.2)
+    assert got["tpot_p50"] == pytest.approx(0.0)
+    # an engine that agrees with itself: 0 everywhere; one round: no control
+    same = real_vs_real([_uniform(0.010, 0.002)] * 4)
+    assert same is not None and all(v == pytest.approx(0.0) for v in same.values())
+    assert real_vs_real(rounds[:1]) is None
+
+
+def test_control_takes_the_statistic_it_is_given() -> None:
+    rounds = [_uniform(0.010, 0.002), _uniform(0.010, 0.002), _uniform(0.010, 0.002),
+              _uniform(0.030, 0.002)]
+    # medians over rounds: the odd half is (10, 30) ms -> 20 ms; pooled: P50 of 10..30 ms
+    by_rounds = real_vs_real(rounds)
+    pooled = real_vs_real(rounds, pooled_stats)
+    assert by_rounds is not None and pooled is not None
+    assert by_rounds["ttft_p50"] == pytest.approx(1.0)  # 20.9 ms against 10.45 ms
+    assert by_rounds["ttft_p90"] == pytest.approx(1.0)
+    assert pooled["ttft_p90"] == pytest.approx(32.13 / 10.81 - 1, rel=1e-3)  # the 30 ms round's
+
+
+def test_pooled_percentiles_count_every_request_of_every_round() -> None:
+    # one slow round among four: its requests are a quarter of the pool, so the pooled P90
+    # comes from it while the median over rounds' P90s does not
+    rounds = [_uniform(0.010, 0.002)] * 3 + [_uniform(0.050, 0.004)]
+    pooled, by_rounds = pooled_stats(rounds), workload_stats(rounds)
+    assert by_rounds["ttft_p90"] == pytest.approx(0.010 * 1.081)
+    assert pooled["ttft_p90"] > 0.049
+    assert pooled["ttft_p50"] == pytest.approx(0.010 * 1.06)  # the fast rounds' middle
+    assert pooled["tpot_p90"] == pytest.approx(0.004 * 1.051)
