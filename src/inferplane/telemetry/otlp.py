@@ -168,6 +168,8 @@ class SpanEncoder:
         self.groups: dict[int, tuple[Any, Any]] = {}
         """Attribute groups' keys in those layouts' keys, by the group's identity (the group
         held with it: `records._group`)."""
+        self.typed: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+        """Those keys, one object per value (`records._group`)."""
 
     def remember(self, key: tuple[Any, ...], value: tuple[bytes, bytes]) -> tuple[bytes, bytes]:
         if len(self.memo) >= self.CACHE_MAX:

@@ -236,28 +236,44 @@ def encode_spans(tel: OtelTelemetry, r: Record, out: list[bytes]) -> None:
 _DID = "inferplane.decision_id"
 
 
+def compact(r: Record) -> tuple[Any, ...] | None:
+    """The compact record (`COMPACT`) of a record with two stages and one attempt (the inverse
+    of `expand`), else None."""
+    stages, attempts = r[R_STAGES], r[R_ATTEMPTS]
+    if len(stages) != 2 or len(attempts) != 1:
+        return None
+    return (COMPACT, *r[R_TRACE:R_SERVER], *r[R_SERVER], *r[R_MAX_TOKENS:R_STAGES], *stages[0],
+            *stages[1], *attempts[0])
+
+
 def encode_trace(tel: OtelTelemetry, r: Record) -> bytes | None:
     """A finished sampled request's spans encoded as `encode_spans` encodes its record (the same
-    bytes: tests/test_otel_encoding.py checks it), when the request has the common shape: an
-    ``admit`` and a ``place`` stage without error, one upstream attempt that was accounted
-    without error, no error on the request, token counts ints and times floats (or absent).
-    None for any other request (`encode_record` then uses `encode_spans`).
+    bytes: tests/test_otel_encoding.py checks it), when the request has the common shape
+    (`encode_compact` of its compact record); None for any other request."""
+    c = compact(r)
+    return None if c is None else encode_compact(tel, c)
+
+
+def encode_compact(tel: OtelTelemetry, c: tuple[Any, ...]) -> bytes | None:
+    """A compact record's spans (`COMPACT`: two stages, one attempt) encoded as `encode_spans`
+    encodes its record (`expand`), read from the compact record itself, when the request has the
+    common shape: an ``admit`` and a ``place`` stage without error, one upstream attempt that
+    was accounted without error, no error on the request, token counts ints and times floats
+    (or absent). None for any other request (`encode_record` then uses `encode_spans`).
 
     Every such request of the same kind (the same model, endpoint and decision attributes,
     status, and the same lengths of what varies) is laid out alike: one `struct.Struct` per
     kind, compiled on its first request (`_shape`), packs the request's ids, times, decision
-    id, token counts and TTFT/TPOT between the kind's constant bytes in one call."""
-    stages = r[R_STAGES]
-    attempts = r[R_ATTEMPTS]
-    if len(stages) != 2 or len(attempts) != 1 or r[R_ERROR_TYPE] is not None:
-        return None
-    (admit, a0, a1, e0, attrs0), (place, p0, p1, e1, attrs1) = stages
-    span_id, fixed, upstream_model, number, c0, c1, err, _, finished = attempts[0]
-    did = r[R_DECISION_ID]
-    prompt, completion, ttft, tpot = r[R_PROMPT], r[R_COMPLETION], r[R_TTFT], r[R_TPOT]
-    if (e0 is not None or e1 is not None or attrs0 or not finished or err is not None
-            or type(did) is not str or len(attrs1) < 2 or attrs1[0][1] != did
-            or type(attrs1[0][1]) is not str
+    id, token counts and TTFT/TPOT between the kind's constant bytes in one call. The kind's
+    attribute groups are looked up by identity and stand in its key as one object per value
+    (`_group`), so that finding the kind compares them by identity."""
+    (_, trace_id, sid_, parent, remote, state, start, end, _, _, _, model, _, _, _, max_tokens,
+     decision, did, spill, status, _, error_type, prompt, completion, ttft, tpot, response_model,
+     _, admit, a0, a1, e0, attrs0, place, p0, p1, e1, attrs1, span_id, fixed, upstream_model,
+     number, c0, c1, err, _, finished) = c
+    if (error_type is not None or e0 is not None or e1 is not None or attrs0 or not finished
+            or err is not None or type(did) is not str or len(attrs1) < 2
+            or attrs1[0][1] != did or type(attrs1[0][1]) is not str
             or (prompt is not None and type(prompt) is not int)
             or (completion is not None and type(completion) is not int)
             or (ttft is not None and type(ttft) is not float)
@@ -265,23 +281,21 @@ def encode_trace(tel: OtelTelemetry, r: Record) -> bytes | None:
         return None
     enc = tel.encoder
     d = did.encode()
-    state = r[R_STATE]
     st = state.encode() if state else b""
     inp = b"" if prompt is None else (
         _INPUT.get(prompt) or _cached(enc, _INPUT, "gen_ai.usage.input_tokens", prompt))
     out = b"" if completion is None else (
         _OUTPUT.get(completion) or _cached(enc, _OUTPUT, "gen_ai.usage.output_tokens", completion))
-    server = r[R_SERVER]
-    max_tokens = r[R_MAX_TOKENS] if server[3] is not None else None
-    decision = r[R_DECISION]
-    parent = r[R_PARENT]
+    server = c[8:15]
+    if model is None:
+        max_tokens = None
     key = (server, _group(enc, decision), max_tokens, type(max_tokens), admit, place,
            attrs1[0][0], attrs1[1:],
            # the place attributes' values by type too (1, 1.0 and True are equal keys): the
            # candidates count's, and any others' (the spillover reason) when there are others
            type(attrs1[1][1]), len(attrs1) > 2 and tuple([type(v) for _, v in attrs1[2:]]),
-           _group(enc, fixed), upstream_model, number, r[R_STATUS], r[R_RESPONSE_MODEL],
-           r[R_REMOTE], parent == 0, r[R_SPILL], len(d), len(st), len(inp), len(out),
+           _group(enc, fixed), upstream_model, number, status, response_model,
+           remote, parent == 0, spill, len(d), len(st), len(inp), len(out),
            ttft is None, tpot is None)
     shape = enc.shapes.get(key)
     if shape is None:
@@ -293,9 +307,8 @@ def encode_trace(tel: OtelTelemetry, r: Record) -> bytes | None:
         return None
     (pack, k0, k1, k2, k3, k4, k5, k6, k7, k8, k9, k10, k11, k12, k13, k14, k15, k16, k17, k18,
      ttft_key, tpot_key) = shape
-    end = r[R_END]
-    head = b"\x0a\x10" + r[R_TRACE].to_bytes(16, "big") + b"\x12\x08"  # trace id, span id tag
-    sid = r[R_SPAN].to_bytes(8, "big")
+    head = b"\x0a\x10" + trace_id.to_bytes(16, "big") + b"\x12\x08"  # trace id, span id tag
+    sid = sid_.to_bytes(8, "big")
     after = b"\x22\x08" + sid  # a child span's fields after its own id: its parent
     if st:
         after = b"\x1a" + varint(len(st)) + st + after  # and the trace state before it
@@ -309,7 +322,7 @@ def encode_trace(tel: OtelTelemetry, r: Record) -> bytes | None:
             k0, head, aid, after, k1, a0, k2, a1,
             k3, head, pid, after, k4, p0, k5, p1, k6, d,
             k7, head, span_id.to_bytes(8, "big"), after, k8, c0, k9, c1 or end, k10, usage,
-            k11, head, sid, k12, st, k13, par, k14, r[R_START], k15, end, k16, d, k17, usage,
+            k11, head, sid, k12, st, k13, par, k14, start, k15, end, k16, d, k17, usage,
             k18)
     except struct.error:  # a time that is no fixed64: the record's encoding says what it does
         return None
@@ -317,13 +330,12 @@ def encode_trace(tel: OtelTelemetry, r: Record) -> bytes | None:
 
 def encode_record(tel: OtelTelemetry, r: Record, out: list[bytes]) -> None:
     """A finished sampled request's spans appended to ``out`` (``ScopeSpans.spans`` fields, for
-    `SpanEncoder.wrap`): by its kind's layout (`encode_trace`) when it has the common shape,
-    else by `encode_spans`. ``r`` may be compact (`COMPACT`)."""
-    if r[0] == COMPACT:
-        r = expand(r)
-    data = encode_trace(tel, r)
+    `SpanEncoder.wrap`): by its kind's layout (`encode_compact`) when it has the common shape,
+    else by `encode_spans`. ``r`` may be compact (`COMPACT`), as the hand-over makes it."""
+    c: tuple[Any, ...] | None = r if r[0] == COMPACT else compact(r)
+    data = None if c is None else encode_compact(tel, c)
     if data is None:
-        encode_spans(tel, r, out)
+        encode_spans(tel, full(r), out)
     else:
         out.append(data)
 
@@ -336,7 +348,13 @@ def _group(enc: SpanEncoder, pairs: Pairs) -> tuple[Any, ...]:
     if hit is None or hit[0] is not pairs:
         if len(enc.groups) >= 256:
             enc.groups.clear()
-        hit = enc.groups[id(pairs)] = (pairs, typed_key(pairs))  # holds it: the id stays its
+        key = typed_key(pairs)
+        one = enc.typed.get(key)  # one object per value: the layouts' keys compare it by identity
+        if one is None:
+            if len(enc.typed) >= 256:
+                enc.typed.clear()
+            one = enc.typed[key] = key
+        hit = enc.groups[id(pairs)] = (pairs, one)  # holds it: the id stays its
     return hit[1]
 
 
