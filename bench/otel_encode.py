@@ -2,8 +2,8 @@
 records, encoded by their kind's layout, `records.encode_trace`, through `records.encode_record`):
 ``--requests`` requests' records (as `bench/otel_parts` makes them: the request path's calls
 against a real placement decision, sample ratio 1, half of them streamed with TTFT/TPOT, each
-request's record taken as it ends), pickled in `export.BATCH`
-batches as the gateway's batcher hands them over, then unpickled, encoded to OTLP protobuf
+request's record taken as it ends), in `export.BATCH` batches as the gateway's batcher hands
+them over (`export.encode`), then decoded (`export.decode`), encoded to OTLP protobuf
 (`export.export_spans`) and dropped ``--repeat`` times (a sender that sends nothing). With
 ``--repeat 0`` only the set-up runs, so under callgrind
 
@@ -62,7 +62,7 @@ def records(n: int) -> list[Any]:
                    completion_tokens=5 + i % 300, ttft_s=0.01 + i * 1e-5 if stream else None,
                    tpot_s=0.002 + i * 1e-7 if stream else None)
         t.end()
-        out.append(t.record())  # what the gateway queues
+        out.append(t.handed())  # what the gateway queues (compact)
     batcher.queue.clear()
     gw.telemetry.shutdown()
     return out
@@ -127,15 +127,14 @@ def main() -> None:
         recs = records(args.requests)
         if args.records is not None:
             args.records.write_bytes(pickle.dumps(recs, protocol=pickle.HIGHEST_PROTOCOL))
-    batches = [pickle.dumps(("spans", recs[i:i + export.BATCH]),
-                            protocol=pickle.HIGHEST_PROTOCOL)
+    batches = [export.encode(("spans", recs[i:i + export.BATCH]))
                for i in range(0, len(recs), export.BATCH)]
     child, _ = telemetry(1.0)  # the exporter process's (no batcher of its own used)
     sink = Sink()
 
     def round_() -> None:
         for data in batches:
-            export.export_spans(child, sink, pickle.loads(data)[1], 10.0)  # type: ignore[arg-type]
+            export.export_spans(child, sink, export.decode(data)[1], 10.0)  # type: ignore[arg-type]
 
     times = []
     for _ in range(args.repeat):
@@ -148,7 +147,7 @@ def main() -> None:
     keep = Keep()
     random.seed(2)
     for data in batches:
-        export.export_spans(child, keep, pickle.loads(data)[1], 10.0)  # type: ignore[arg-type]
+        export.export_spans(child, keep, export.decode(data)[1], 10.0)  # type: ignore[arg-type]
     digest = hashlib.sha256(b"".join(keep.bodies)).hexdigest()[:16]
     if args.dump is not None:
         args.dump.write_bytes(b"".join(keep.bodies))

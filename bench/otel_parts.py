@@ -10,8 +10,8 @@ it. Each part runs over the same requests (the request path's calls, as `api.app
   and place stages, the placement's attributes, the attempt, the outgoing ``traceparent``,
   finished, end: the metric points and, sampled, the record queued for the batcher);
 - ``hand-over`` (gateway, batcher thread): the batcher's flush (``Batcher.flush``) giving the
-  exporter process the queued requests, pickled as `export.ExporterProcess` pickles them;
-- ``exporter`` (child process): those messages unpickled and exported (`export.handle`, to a
+  exporter process the queued requests, as `export.ExporterProcess` writes them (`export.encode`);
+- ``exporter`` (child process): those messages decoded and exported (`export.handle`, to a
   sender that sends nothing).
 
 With ``--instructions``, the request path's notes (sampled and unsampled) in instructions
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import pickle
 import platform
 import subprocess
 import sys
@@ -104,13 +103,14 @@ class Sink:
 
 
 class Child:
-    """An exporter process that keeps the pickled messages the batcher hands it."""
+    """An exporter process that keeps the messages the batcher hands it, as
+    `export.ExporterProcess` writes them (`export.encode`)."""
 
     def __init__(self, messages: list[bytes]) -> None:
         self.messages = messages
 
-    def send(self, message: object) -> bool:
-        self.messages.append(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+    def send(self, message: tuple[str, Any]) -> bool:
+        self.messages.append(export.encode(message))
         return True
 
 
