@@ -42,6 +42,11 @@ OPERATION: Final = {"chat": "chat", "completions": "text_completion", "embedding
 PENDING_MAX: Final = 65536
 """Requests' metric values a series keeps pending at most; past it the request path folds."""
 
+QUEUED_INLINE: Final = 511
+"""`export.BATCH` - 1: below this many queued records a started batcher is handed a record by an
+append to its queue here (`OtelTrace.end`), else by `export.Batcher.add` (which then starts it,
+wakes it at a full batch, or drops the record past `export.QUEUE_MAX`)."""
+
 _STATUS_ERRORS: Final = {499: "client_disconnected", 502: "upstream_error", 504: "upstream_timeout"}
 _TRACEPARENT = re.compile(
     r"^\s*([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?\s*$"
@@ -388,8 +393,12 @@ class OtelTrace(RequestTrace):
             self.observe()
         batcher = tel.batcher
         if self.sampled and tel.trace_spans:
-            if batcher is not None:
-                batcher.add(self.handed())  # encoded by the exporter (process, or thread)
+            if batcher is not None:  # encoded by the exporter (process, or thread)
+                queue = batcher.queue
+                if batcher.started and len(queue) < QUEUED_INLINE:
+                    queue.append(self.handed())  # `Batcher.add`'s common case, without its call
+                else:
+                    batcher.add(self.handed())
             elif tel.span_exporter is not None:
                 tel.export_now(self.record())
         elif batcher is not None and not batcher.started:
