@@ -56,6 +56,7 @@ MODULES = (
     "fleet/prefix_index.py",
     "physics/roofline.py",
     "telemetry/notes.py",
+    "telemetry/records.py",
 )
 #: Added after mypyc's own flags to every extension: no contraction of ``a*b + c`` into an FMA,
 #: so compiled float arithmetic rounds exactly like CPython's (``inferplane.compiled`` treats a
