@@ -102,3 +102,38 @@ def test_compact_and_full_records_are_told_apart_by_their_tag_not_their_length(
     assert full(padded) is padded
     longer = (*handed, None)  # a compact record with one more value is still one
     assert full(longer) == record
+
+
+class _Tier(str):
+    """A str subclass: a value marshal does not write (pickle does)."""
+
+
+def test_a_batch_is_handed_over_marshalled_and_decoded_alike(tel: OtelTelemetry) -> None:
+    """`export.encode`: a batch of records goes marshalled (its attribute groups kept shared, so
+    the exporter finds them by identity), decodes to equal records and encodes to the same
+    bytes; a batch with a value marshal cannot write, and the metrics, go pickled."""
+    records = [_handed(tel) for _ in range(3)]
+    data = export.encode(("spans", records))
+    assert data[:1] == export.MARSHALLED
+    kind, back = export.decode(data)
+    assert kind == "spans" and back == records
+    assert back[0][16] is back[1][16] and back[0][39] is back[2][39]  # the decision, the fixed
+    sent, again = Keep(), Keep()
+    export.handle(tel, sent, data)  # type: ignore[arg-type]
+    export.export_spans(tel, again, records, 1.0)  # type: ignore[arg-type]
+    assert _spans(sent) == _spans(again) and len(_traces(sent)) == 3
+    odd = list(records[0])
+    odd[12] = _Tier("tier")  # the model tier: a str subclass
+    data = export.encode(("spans", [tuple(odd)]))
+    assert data[:1] != export.MARSHALLED and export.decode(data) == ("spans", [tuple(odd)])
+    snapshot = tel.metrics_snapshot()
+    data = export.encode(("metrics", snapshot))
+    assert data[:1] != export.MARSHALLED and export.decode(data)[0] == "metrics"
+
+
+def test_the_request_path_appends_below_a_full_batch() -> None:
+    """`notes.QUEUED_INLINE` (the notes' inline hand-over) is `export.BATCH` - 1: a full batch
+    still goes through `Batcher.add`, which wakes the batcher."""
+    from inferplane.telemetry import notes
+
+    assert notes.QUEUED_INLINE == export.BATCH - 1
