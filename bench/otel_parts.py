@@ -14,9 +14,13 @@ it. Each part runs over the same requests (the request path's calls, as `api.app
 - ``exporter`` (child process): those messages decoded and exported (`export.handle`, to a
   sender that sends nothing).
 
-With ``--instructions``, the request path's notes (sampled and unsampled) in instructions
-instead (valgrind's callgrind, the main thread only: ``--requests`` requests against none, after
-the same warm-up; slow, but the machine's load does not move it):
+With ``--instructions``, in instructions instead (valgrind's callgrind, the main thread only;
+slow, but the machine's load does not move it): the request path's notes, sampled and unsampled
+(``--requests`` requests against none, after the same warm-up), and per sampled request the
+hand-over (the queued records written as `export.ExporterProcess` writes them, `export.encode`,
+in batches of `export.BATCH`) and the exporter's work (those messages decoded and exported,
+`export.handle`, to a sender that sends nothing): for these two the run that does them against
+one that makes the same requests and stops there:
 
     python bench/otel_parts.py [--requests 2000] [--repeat 7] [--instructions]
 """
@@ -125,19 +129,24 @@ def best(fn: Callable[[], Any], setup: Callable[[], Any], repeat: int) -> float:
 
 
 def instructions(n: int) -> None:
-    """The request path's instructions per request, sampled and unsampled: this script under
-    callgrind with ``n`` requests against none (the main thread's count)."""
+    """Instructions per request: the request path's, sampled and unsampled (this script under
+    callgrind with ``n`` requests against none), the hand-over's and the exporter's (``n``
+    sampled requests with the part against without it); the main thread's counts."""
     import tempfile
 
     tmp = Path(tempfile.mkdtemp(prefix="ip-otel-parts-"))
     rows = []
-    for ratio, label in ((1.0, "sampled"), (0.0, "unsampled")):
+    for part, ratio, label in (("path", 1.0, "notes on the request path, sampled"),
+                               ("path", 0.0, "notes on the request path, unsampled"),
+                               ("hand-over", 1.0, "hand-over (gateway, batcher thread)"),
+                               ("exporter", 1.0, "exporter (decode, encode; exporter process)")):
         counts = []
-        for k in (0, n):
-            out = tmp / f"cg-{label}-{k}"
+        for k in (0, 1):
+            out = tmp / f"cg-{part}-{ratio}-{k}"
+            args = (["--path-only", str(ratio), "--requests", str(n * k)] if part == "path"
+                    else ["--part", part, str(k), "--requests", str(n)])
             subprocess.run(["valgrind", "--tool=callgrind", "--separate-threads=yes",
-                            f"--callgrind-out-file={out}", sys.executable, __file__,
-                            "--path-only", str(ratio), "--requests", str(k)],
+                            f"--callgrind-out-file={out}", sys.executable, __file__, *args],
                            check=True, capture_output=True, env={**os.environ,
                                                                  "PYTHONPATH": str(ROOT / "src")})
             main_thread = next(tmp.glob(f"{out.name}-01"))
@@ -148,10 +157,42 @@ def instructions(n: int) -> None:
                          cwd=ROOT).stdout.strip()
     print(f"# bench/otel_parts --instructions — {datetime.now(UTC):%Y-%m-%d %H:%M} UTC — git {git}"
           f" — {platform.node()}, Python {platform.python_version()} — {n} requests against none")
-    print("| notes on the request path | instructions per request |")
+    print("| part | instructions per request |")
     print("|---|---|")
     for label, per in rows:
         print(f"| {label} | {per:,.0f} |")
+
+
+def part_run(part: str, do: bool, n: int) -> None:
+    """One run of `instructions` for the hand-over or the exporter: warm (caches, layouts, the
+    exporter's), then ``n`` sampled requests, their records handed over in batches as the
+    batcher does, and (``do``) the part: the hand-over's writing, or the exporter's decoding
+    and exporting of what was handed over. Without ``do`` the same up to the part."""
+    tel, gw = telemetry(1.0)
+    batcher = tel.batcher
+    assert batcher is not None
+    batcher._thread = object()  # type: ignore[assignment]
+    batcher.started = True
+    messages: list[bytes] = []
+    child, _ = telemetry(1.0)
+
+    def hand_over(write: bool) -> None:
+        q = batcher.queue
+        while q:
+            batch = [q.popleft() for _ in range(min(export.BATCH, len(q)))]
+            if write:
+                messages.append(export.encode(("spans", batch)))
+
+    request_path(tel, gw, 600)()
+    hand_over(True)
+    for data in messages:  # the exporter's caches and layouts
+        export.handle(child, Sink(), data)  # type: ignore[arg-type]
+    messages.clear()
+    request_path(tel, gw, n)()
+    hand_over(do or part == "exporter")
+    if do and part == "exporter":
+        for data in messages:
+            export.handle(child, Sink(), data)  # type: ignore[arg-type]
 
 
 def main() -> None:
@@ -162,7 +203,12 @@ def main() -> None:
                     help="count the request path's instructions under callgrind instead")
     ap.add_argument("--path-only", type=float, default=None, metavar="RATIO",
                     help=argparse.SUPPRESS)  # one run of --instructions: warm, then --requests
+    ap.add_argument("--part", nargs=2, default=None, metavar=("PART", "DO"),
+                    help=argparse.SUPPRESS)  # one run of --instructions: PART done if DO is 1
     args = ap.parse_args()
+    if args.part is not None:
+        part_run(args.part[0], args.part[1] == "1", args.requests)
+        return
     if args.path_only is not None:
         tel, gw = telemetry(args.path_only)
         assert tel.batcher is not None
