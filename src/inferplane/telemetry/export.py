@@ -92,11 +92,11 @@ def export_metrics(tel: OtelTelemetry, sender: HttpSender | GrpcSender,
 class Batcher:
     """The gateway's background thread. Every ``min(5 s, export_interval_s)`` (or when `BATCH`
     sampled requests are waiting) it takes the finished requests' records, and every
-    ``export_interval_s`` a copy of the GenAI histograms, and either hands them, pickled, to
-    the exporter process (`ExporterProcess`, ``telemetry.exporter: process``; started with the
-    thread), which encodes the records' spans and sends all, or itself does that
-    (``thread``). Started by the first request that ends (so a process that forks after
-    building the gateway gets its own)."""
+    ``export_interval_s`` a copy of the GenAI histograms, and either hands them (`encode`: the
+    records marshalled, the histograms pickled) to the exporter process (`ExporterProcess`,
+    ``telemetry.exporter: process``; started with the thread), which encodes the records'
+    spans and sends all, or itself does that (``thread``). Started by the first request that
+    ends (so a process that forks after building the gateway gets its own)."""
 
     def __init__(self, tel: OtelTelemetry, sender: HttpSender | GrpcSender | None,
                  spec: TelemetrySpec, *, child: ExporterProcess | None = None) -> None:

@@ -1,8 +1,8 @@
 """``python -m inferplane.telemetry.exporter``: the OTLP exporter process a gateway starts with
 ``telemetry.exporter: process`` (`telemetry.export.ExporterProcess`). It reads the fleet
-config and then messages from stdin (length-prefixed pickles): finished sampled requests'
-records (whose spans it encodes and sends) and copies of the gateway's GenAI histograms, which
-it encodes and sends; it exits when stdin closes.
+config and then messages from stdin (length-prefixed: `telemetry.export.encode`): finished
+sampled requests' records (whose spans it encodes and sends) and copies of the gateway's
+GenAI histograms, which it encodes and sends; it exits when stdin closes.
 Its stdin is the gateway's own pipe: it runs nothing it did not get from its parent."""
 
 from __future__ import annotations

@@ -14,11 +14,12 @@ GenAI metric values are appended to their histogram points' pending lists
 (`OtelTrace.observe`; the batcher thread folds them into the buckets in bulk) and, if it is
 sampled, its record (a tuple of plain values, `telemetry.records`) is queued; an unsampled
 request leaves nothing else behind. A background thread (`telemetry.export.Batcher`) hands the
-queued records, and every ``export_interval_s`` a copy of the histograms, pickled, to the
-exporter process (``telemetry.exporter: process``, the default), which encodes the records'
-spans (`records.encode_record`: the common shape by one precompiled `struct` layout per kind of
-request), encodes the histograms (`telemetry.otlp`) and sends all over OTLP/HTTP or OTLP/gRPC;
-with ``exporter: thread`` the thread does that itself.
+queued records (marshalled: `export.encode`), and every ``export_interval_s`` a copy of the
+histograms (pickled), to the exporter process (``telemetry.exporter: process``, the
+default), which encodes the records' spans (`records.encode_record`: the common shape by one
+precompiled `struct` layout per kind of request), encodes the histograms (`telemetry.otlp`)
+and sends all over OTLP/HTTP or OTLP/gRPC; with ``exporter: thread`` the thread does that
+itself.
 Sampling follows the SDK's ``ParentBased(TraceIdRatioBased(sample_ratio))`` exactly; W3C
 ``traceparent``/``tracestate`` are read from the caller and written to the upstream.
 
