@@ -30,7 +30,9 @@ pure:
 
 ## Re-pin constraints.txt to what .venv holds now (after upgrading a package and running the tests).
 constraints: $(STAMP)
-	{ sed -n '/^#/p' constraints.txt; $(BIN)/pip freeze --exclude-editable | grep -vi '^inferplane='; } > constraints.txt.new
+	{ sed -n '1,6p' constraints.txt; \
+	  $(BIN)/python -c 'import platform as p, datetime as d; print(f"# Frozen from {p.python_implementation()} {p.python_version()} on {p.system()} {p.machine()}, {d.date.today()}.")'; \
+	  $(BIN)/pip freeze --exclude-editable | grep -vi '^inferplane='; } > constraints.txt.new
 	mv constraints.txt.new constraints.txt
 
 ## The main job: the emulated heterogeneous fleet, the gateway and a mixed workload for ~30 s.
