@@ -21,7 +21,8 @@ factors are known (``bench/calibration_truth.yaml``).
    (``--rounds``); per round P50/P90 of TTFT and time per output token, then the median over
    rounds (beside it, the percentiles pooled over every request of every round);
 4. the control: the real engine's odd rounds against its even rounds on the same four figures
-   (what a perfect emulator would score with half the rounds; :func:`real_vs_real`);
+   (:func:`real_vs_real`; a glimpse of the statistic's noise, not its size: see there, and
+   ``bench/calibration_control.py`` for how often an emulator with no error would pass);
 5. a table, and ``results.json`` in ``--out`` (with every round's raw samples).
 
 The held-out requests and the real engine's workload rounds run between the probe's rounds
@@ -60,6 +61,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
 
+from bench.calibration_control import positive_int  # noqa: E402
 from inferplane.config.loader import parse_config  # noqa: E402
 from inferplane.fleet.model import Fleet  # noqa: E402
 from inferplane.physics import get_hardware  # noqa: E402
@@ -207,10 +209,15 @@ def real_vs_real(
     results: list[WorkloadResult],
     stats: Callable[[list[WorkloadResult]], dict[str, float]] = workload_stats,
 ) -> dict[str, float] | None:
-    """The control: what a perfect emulator would score. The real engine's rounds split into
-    two interleaved halves (even and odd rounds, each spread over the same minutes), and the
-    signed gap of the odd half's ``stats`` to the even half's, on the four metrics the emulator
-    is held to: the statistic's own noise with half the rounds. None with < 2 rounds."""
+    """The control: the real engine's rounds split into two interleaved halves (even and odd
+    rounds), and the signed gap of the odd half's ``stats`` to the even half's, on the four
+    metrics the emulator is held to. None with < 2 rounds.
+
+    It is not the noise of the test's statistic, and understates it: it compares about half
+    the real rounds with the other half (8 with 7 of 15), where the test compares all the real
+    rounds with the emulator's (15 with 6); and the halves alternate within each probe round's
+    rounds, seconds apart, where the emulator's rounds run minutes after the real ones (after
+    the probe), so a drift of the host's speed from minute to minute is not in it."""
     if len(results) < 2:
         return None
     even, odd = stats(results[0::2]), stats(results[1::2])
@@ -250,11 +257,16 @@ def compare(
 ) -> dict[str, Any]:
     """Steps 1-3 of the module docstring against the engine at ``real_url``. With
     ``engine_pid`` (the real vLLM's API server, started here) the whole comparison runs with
-    the engine and its front end on separate cores (``tests.fidelity.cores.split_cores``)."""
+    the engine and its front end on separate cores (``tests.fidelity.cores.split_cores``).
+    ``real_rounds`` None: as many as ``rounds``."""
+    if real_rounds is None:
+        real_rounds = rounds
+    if rounds < 1 or real_rounds < 1:
+        raise ValueError(f"rounds and real_rounds must be 1 or more ({rounds}, {real_rounds})")
     with contextlib.ExitStack() as stack:
         cores = stack.enter_context(split_cores(engine_pid)) if engine_pid is not None else {}
         out = _compare(real_url, work, rounds=rounds, requests=requests, repeats=repeats,
-                       profiles=profiles, real_rounds=real_rounds or rounds)
+                       profiles=profiles, real_rounds=real_rounds)
     out["cores"] = cores
     return out
 
@@ -433,12 +445,13 @@ def start_real_engine(work: Path) -> tuple[subprocess.Popen[bytes], str]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--endpoint", help="a running real engine (default: start the fidelity one)")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--real-rounds", type=int, help="the real engine's workload rounds "
+    ap.add_argument("--rounds", type=positive_int, default=3)
+    ap.add_argument("--real-rounds", type=positive_int, help="the real engine's workload rounds "
                     "(default: --rounds); with 2 or more, the real engine's odd rounds against "
-                    "its even rounds are the control (what a perfect emulator would score)")
-    ap.add_argument("--requests", type=int, default=12, help="requests per concurrency level")
-    ap.add_argument("--repeats", type=int, default=5, help="probe repeats per point")
+                    "its even rounds are the control (real_vs_real)")
+    ap.add_argument("--requests", type=positive_int, default=12,
+                    help="requests per concurrency level")
+    ap.add_argument("--repeats", type=positive_int, default=5, help="probe repeats per point")
     ap.add_argument("--out", type=Path, default=ROOT / "out" / "calibration")
     ap.add_argument("--truth", type=Path, help="self-check: instead of a real engine, calibrate "
                     "`inferplane emulate` running this profile file (known factors)")

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import pytest
 
+import bench.calibration as calibration
 from bench.calibration import per_level_ms, pooled_stats, real_vs_real, share, workload_stats
 from inferplane.physics.probe import WorkloadResult
 
@@ -54,8 +58,7 @@ def _uniform(ttft: float, tpot: float, n: int = 10) -> WorkloadResult:
 
 
 def test_control_compares_the_odd_rounds_with_the_even_rounds() -> None:
-    # even rounds at 10 ms, odd rounds at 12 ms: a perfect emulator of this engine would be
-    # off by 20 % with half the rounds
+    # even rounds at 10 ms, odd rounds at 12 ms: the halves are 20 % apart
     rounds = [_uniform(0.010 if i % 2 == 0 else 0.012, 0.002) for i in range(6)]
     got = real_vs_real(rounds)
     assert got is not None
@@ -89,3 +92,35 @@ def test_pooled_percentiles_count_every_request_of_every_round() -> None:
     assert pooled["ttft_p90"] > 0.049
     assert pooled["ttft_p50"] == pytest.approx(0.010 * 1.06)  # the fast rounds' middle
     assert pooled["tpot_p90"] == pytest.approx(0.004 * 1.051)
+
+
+def test_real_rounds_default_to_rounds_only_when_not_given(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    seen: list[tuple[int, int]] = []
+
+    def fake(url: str, work: Path, **kw: Any) -> dict[str, Any]:
+        seen.append((kw["rounds"], kw["real_rounds"]))
+        return {}
+
+    monkeypatch.setattr(calibration, "_compare", fake)
+    calibration.compare("http://x", tmp_path, rounds=6)
+    calibration.compare("http://x", tmp_path, rounds=6, real_rounds=15)
+    calibration.compare("http://x", tmp_path, rounds=6, real_rounds=1)
+    assert seen == [(6, 6), (6, 15), (6, 1)]
+    for rounds, real_rounds in ((6, 0), (6, -1), (0, None)):  # 0 was taken as "not given"
+        with pytest.raises(ValueError, match="1 or more"):
+            calibration.compare("http://x", tmp_path, rounds=rounds, real_rounds=real_rounds)
+    assert len(seen) == 3
+
+
+@pytest.mark.parametrize("flag", ["--rounds", "--real-rounds", "--requests", "--repeats"])
+@pytest.mark.parametrize("value", ["0", "-2"])
+def test_the_command_line_refuses_no_rounds_before_starting_anything(
+    flag: str, value: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        calibration.main([flag, value, "--out", str(tmp_path / "out")])
+    assert exc.value.code == 2
+    assert f"must be 1 or more, not {int(value)}" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
