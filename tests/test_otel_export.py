@@ -4,16 +4,20 @@ encoded."""
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import logging
 from typing import Any
 
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
+from inferplane.config.loader import parse_config
+from inferplane.placement.framework import Spillover
 from inferplane.telemetry import export
 from inferplane.telemetry.otel import OtelTelemetry
 from inferplane.telemetry.records import COMPACT, full
-from tests.test_otel_encoding import CONFIG, DECISION
+from tests.test_otel_encoding import CONFIG, DECISION, PROFILE
 
 
 class Keep:
@@ -137,3 +141,179 @@ def test_the_request_path_appends_below_a_full_batch() -> None:
     from inferplane.telemetry import notes
 
     assert notes.QUEUED_INLINE == export.BATCH - 1
+
+
+THREADED = parse_config(f"""
+telemetry: {{enabled: true, exporter: thread, tenant_attribute: true}}
+substrates:
+  - {{name: p, kind: gpu, hardware: h100, region: r, jurisdiction: eu, cost: {{hourly_usd: 1}},
+     endpoints: [{{name: e, url: "http://127.0.0.1:9", models: [{{name: m, profile: llama-3.1-8b,
+     max_context: 4096}}]}}]}}
+tenants: [{{name: t, api_keys: ["sha256:{"0" * 64}"]}}]
+""")
+"""Every request sampled (the default ratio), exported by a batcher thread (not started here)."""
+
+
+class _Refused(Exception):
+    code = "rate_limited"
+
+
+def _batched() -> tuple[OtelTelemetry, export.Batcher]:
+    """An `OtelTelemetry` whose batcher counts as started but has no thread: what the request
+    path hands it stays in its queue."""
+    tel = OtelTelemetry(THREADED)
+    batcher = tel.batcher
+    assert batcher is not None and not batcher.started
+    batcher.started = True
+    batcher._thread = object()  # type: ignore[assignment]
+    return tel, batcher
+
+
+def _every_kind(tel: OtelTelemetry) -> None:
+    """Requests the way the gateway notes them (as tests/support/otel_notes_dump.py drives
+    them): the common one, a caller's sampled trace with a failed attempt re-placed with a
+    spillover and a stage inside a stage, an upstream error, a refusal at admission (a stage's
+    error), nothing to place on with an attempt never accounted, a caller's unsampled trace."""
+    endpoint = DECISION.picked.endpoint
+    spilled = copy.copy(DECISION)
+    spilled.spillover = Spillover(reason="preferred endpoints full (1 of 1)", preferred="x",
+                                  chosen="e", from_region="r", to_region="r")
+    unplaced = copy.copy(DECISION)
+    unplaced.picked = None
+    trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+
+    def sent(t: Any, decision: Any) -> None:
+        t.classified(PROFILE, 16)
+        with t.stage("admit"):
+            pass
+        with t.stage("place"):
+            t.placed(decision)
+        t.upstream_started(endpoint, "m")
+        t.upstream_headers()
+
+    t = tel.request("chat", {"host": "127.0.0.1:8080"})
+    sent(t, DECISION)
+    t.finished(status=200, error=None, prompt_tokens=7, completion_tokens=5, ttft_s=0.0125,
+               tpot_s=0.002)
+    t.end()
+    t = tel.request("chat", {"traceparent": f"00-{trace}-00f067aa0ba902b7-01",
+                             "tracestate": "vendor=abc", "host": "gw.example:8443"})
+    sent(t, DECISION)
+    t.upstream_failed("upstream_error", 500)
+    with t.stage("place"):
+        with t.stage("filter"):
+            pass
+        t.placed(spilled)
+    t.upstream_started(endpoint, "m")
+    t.finished(status=200, error=None, prompt_tokens=1234, completion_tokens=567,
+               ttft_s=0.25, tpot_s=0.0171)
+    t.end()
+    t = tel.request("completions", {"host": "gw.example"})
+    sent(t, DECISION)
+    t.finished(status=504, error="upstream timed out", prompt_tokens=3, completion_tokens=None,
+               ttft_s=None, tpot_s=None)
+    t.end()
+    t = tel.request("embeddings", {"traceparent": f"ff-{trace}-00f067aa0ba902b7-01"})
+    t.classified(PROFILE, None)
+    try:
+        with t.stage("admit"):
+            raise _Refused
+    except _Refused:
+        t.failed(429, "rate_limited")
+    t.end()
+    t = tel.request("chat", {})
+    t.classified(PROFILE, 32)
+    with t.stage("admit"):
+        pass
+    with contextlib.suppress(KeyError), t.stage("place"):
+        t.placed(unplaced)
+        raise KeyError("no endpoint")
+    t.upstream_started(endpoint, "m")
+    t.end()
+    t = tel.request("chat", {"traceparent": f"00-{trace}-00f067aa0ba902b8-00"})
+    sent(t, DECISION)
+    t.finished(status=200, error=None, prompt_tokens=1, completion_tokens=1, ttft_s=None,
+               tpot_s=None)
+    t.end()
+
+
+_PLAIN = (str, int, float, bool, type(None))
+
+
+def _not_plain(value: Any, where: str) -> list[str]:
+    """Where ``value`` holds anything but an exact str/int/float/bool/None or a tuple of those."""
+    if type(value) is tuple:
+        return [bad for i, v in enumerate(value) for bad in _not_plain(v, f"{where}[{i}]")]
+    return [] if type(value) in _PLAIN else [f"{where}: {type(value).__qualname__}"]
+
+
+def test_the_records_the_request_path_hands_over_hold_only_exact_plain_values() -> None:
+    """The marshalled hand-over (`export.encode`) keeps a value's type only for exact plain
+    types: marshal writes any buffer (bytearray, memoryview, a numpy scalar) as bytes, silently,
+    and a subclass of a plain type sends the whole batch pickled. So every value of every record
+    the request path queues must be an exact str, int, float, bool, None or tuple of those: a
+    new field of another type fails here rather than change type in the exporter."""
+    tel, batcher = _batched()
+    _every_kind(tel)
+    handed = list(batcher.queue)
+    batcher.queue.clear()
+    assert len(handed) == 5  # the caller's unsampled trace is not handed over
+    assert sum(h[0] == COMPACT for h in handed) >= 2  # and the others are full records
+    assert [bad for i, h in enumerate(handed) for bad in _not_plain(h, f"record {i}")] == []
+    data = export.encode(("spans", handed))
+    assert data[:1] == export.MARSHALLED and export.decode(data) == ("spans", handed)
+    assert _not_plain((bytearray(b"x"),), "r") == ["r[0]: bytearray"]  # the check itself
+    assert _not_plain(((_Tier("t"),),), "r") == ["r[0][0]: _Tier"]
+    assert _not_plain((True, 1, 1.5, None, "s", ((),)), "r") == []
+
+
+def test_a_started_batcher_is_handed_a_record_inline_woken_at_a_full_batch_and_full_drops() -> None:
+    """`OtelTelemetry`'s request path (`notes.OtelTrace.end`): a started batcher below
+    `notes.QUEUED_INLINE` queued records gets the record by an append, without `Batcher.add`;
+    at `export.BATCH` - 1 queued it goes through `add`, which wakes the batcher; at
+    `export.QUEUE_MAX` the record is dropped and counted. An unstarted batcher is started by
+    `add`."""
+    from inferplane.telemetry import notes
+
+    tel, batcher = _batched()
+    added: list[int] = []
+    real_add = batcher.add
+
+    def add(record: Any) -> None:
+        added.append(len(batcher.queue))
+        real_add(record)
+
+    batcher.add = add  # type: ignore[method-assign]
+    q = batcher.queue
+
+    def one() -> None:
+        t = tel.request("chat", {})
+        assert t.sampled
+        with t.stage("admit"):
+            pass
+        with t.stage("place"):
+            t.placed(DECISION)
+        t.upstream_started(DECISION.picked.endpoint, "m")
+        t.finished(status=200, error=None, prompt_tokens=3, completion_tokens=4, ttft_s=0.01,
+                   tpot_s=0.002)
+        t.end()
+
+    one()
+    assert len(q) == 1 and q[0][0] == COMPACT and added == []  # appended inline
+    q.extend([None] * (export.BATCH - 3))  # type: ignore[list-item]
+    one()  # BATCH - 2 queued before it: still inline, not woken
+    assert len(q) == export.BATCH - 1 and added == [] and not batcher._wake.is_set()
+    one()  # BATCH - 1 queued: a full batch, through `add`, which wakes the batcher
+    assert len(q) == export.BATCH and added == [export.BATCH - 1] and batcher._wake.is_set()
+    assert q[-1][0] == COMPACT and notes.QUEUED_INLINE == export.BATCH - 1
+    batcher._wake.clear()
+    q.extend([None] * (export.QUEUE_MAX - len(q)))  # type: ignore[list-item]
+    one()
+    assert len(q) == export.QUEUE_MAX and batcher.dropped == 1 and added[-1] == export.QUEUE_MAX
+    q.clear()
+    batcher.started = False
+    started: list[bool] = []
+    batcher.start = lambda: started.append(True)  # type: ignore[method-assign]
+    one()  # not started: through `add`, which starts it
+    assert len(q) == 1 and added[-1] == 0 and started == [True]
+    q.clear()
