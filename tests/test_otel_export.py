@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import logging
+import pickle
 from typing import Any
 
 import pytest
@@ -317,3 +319,44 @@ def test_a_started_batcher_is_handed_a_record_inline_woken_at_a_full_batch_and_f
     one()  # not started: through `add`, which starts it
     assert len(q) == 1 and added[-1] == 0 and started == [True]
     q.clear()
+
+
+def _stream(*messages: bytes) -> io.BytesIO:
+    return io.BytesIO(b"".join(len(m).to_bytes(4, "big") + m for m in messages))
+
+
+def test_an_exporter_process_of_other_code_than_the_gateways_drops_what_it_is_handed(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """`export.run_exporter`: the gateway hands over its `LAYOUT` with the config (`hello`);
+    the exporter process exports the records only when it is its own, else (a package
+    upgraded between the gateway's start and its exporter's) logs one error and reads and drops
+    every message, as for a gateway that sends no layout."""
+    tel, batcher = _batched()
+    _every_kind(tel)
+    records = list(batcher.queue)
+    batcher.queue.clear()
+    batch = export.encode(("spans", records))
+    handled: list[bytes] = []
+    monkeypatch.setattr(export, "handle", lambda tel, sender, data: handled.append(data))
+    with caplog.at_level(logging.ERROR, "inferplane.telemetry"):
+        export.run_exporter(_stream(export.hello(THREADED), batch, batch))
+    assert handled == [batch, batch] and not caplog.records
+    for first in (pickle.dumps(("0123456789abcdef", THREADED)), pickle.dumps(THREADED),
+                  b"\x80not a pickle"):
+        caplog.clear()
+        stream = _stream(first, batch, export.encode(("metrics", tel.metrics_snapshot())))
+        with caplog.at_level(logging.ERROR, "inferplane.telemetry"):
+            export.run_exporter(stream)
+        assert handled == [batch, batch]  # nothing more exported
+        assert stream.read() == b""  # every message read (the gateway's pipe does not fill)
+        assert len(caplog.records) == 1 and "is not this process's" in caplog.text
+        assert export.LAYOUT in caplog.text
+
+
+def test_the_layout_is_the_hash_of_the_sources_that_make_and_read_the_records(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    assert export.layout() == export.LAYOUT and len(export.LAYOUT) == 16
+    monkeypatch.setattr(export, "LAYOUT_SOURCES", export.LAYOUT_SOURCES[:-1])
+    assert export.layout() != export.LAYOUT
+    monkeypatch.setattr(export, "LAYOUT_SOURCES", ("no such module.py",))
+    assert export.layout().startswith("version ")

@@ -5,6 +5,7 @@ thread and the `ExporterProcess` it hands them to with ``telemetry.exporter: pro
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import marshal
 import os
@@ -14,6 +15,7 @@ import sys
 import threading
 import time
 from collections import deque
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from inferplane.telemetry.otlp import (
@@ -35,6 +37,34 @@ QUEUE_MAX = 16384
 """Finished requests waiting for the batcher; past it, requests are not traced (counted)."""
 BATCH = 512
 """Sampled requests per export request; a full batch wakes the batcher early."""
+
+LAYOUT_SOURCES = ("notes.py", "records.py", "otlp.py", "otel.py", "export.py")
+"""The modules (of `inferplane.telemetry`) that make the records the gateway hands over, write
+and read them, and encode them in the exporter process (`layout`)."""
+
+
+def layout() -> str:
+    """What the gateway's and the exporter process's records must agree on: the sha256 of
+    `LAYOUT_SOURCES` (the compiled build is used only while they hash as it was built from:
+    `inferplane.compiled`), or the package's version where they cannot be read. The gateway
+    reads it when `export` is imported, and hands it over with the fleet config
+    (`ExporterProcess.start`); an exporter process started later from changed code (a package
+    upgraded in place: it starts with a gateway's first request, and again in every forked
+    worker) sees another and drops what it is handed (`run_exporter`)."""
+    here = Path(__file__).parent
+    digest = hashlib.sha256()
+    try:
+        for name in LAYOUT_SOURCES:
+            digest.update((here / name).read_bytes())
+    except OSError:
+        from inferplane import __version__
+
+        return f"version {__version__}"
+    return digest.hexdigest()[:16]
+
+
+LAYOUT = layout()
+"""This process's `layout`, read once (at import: the code this process runs)."""
 
 
 def exporter_headers(spec: TelemetrySpec) -> dict[str, str]:
@@ -216,7 +246,8 @@ class ExporterProcess:
     requests the gateway hands it (their records, whose spans it encodes: `records.
     encode_record`) and the GenAI histograms' copies, so that the spans' and the metrics'
     encoding and the sending are off the gateway's CPU. Messages on its stdin are
-    length-prefixed: the fleet config (a pickle), then the records of a batch (`encode`:
+    length-prefixed: `LAYOUT` and the fleet config (a pickle: `hello`), then the records of a
+    batch (`encode`:
     ``MARSHALLED`` and their `marshal` dump, or a pickle of ``("spans", records)``) and
     ``("metrics", (histograms, start_ns, now_ns))`` pickled. Started with the gateway's batcher
     thread; it sends what it holds and exits when its stdin closes."""
@@ -235,7 +266,7 @@ class ExporterProcess:
         except OSError:
             return False
         try:
-            self._write(proc, pickle.dumps(self.config, protocol=pickle.HIGHEST_PROTOCOL))
+            self._write(proc, hello(self.config))
         except (OSError, ValueError):
             proc.kill()
             proc.wait()
@@ -281,9 +312,17 @@ class ExporterProcess:
             proc.wait()
 
 
+def hello(config: FleetConfig) -> bytes:
+    """The exporter process's first message: the gateway's `LAYOUT` and its fleet config."""
+    return pickle.dumps((LAYOUT, config), protocol=pickle.HIGHEST_PROTOCOL)
+
+
 def run_exporter(stream: Any) -> None:
-    """The exporter process's loop (`telemetry.exporter`): the fleet config, then messages,
-    each exported as it comes (the gateway has batched them)."""
+    """The exporter process's loop (`telemetry.exporter`): the layout and the fleet config
+    (`hello`), then messages, each exported as it comes (the gateway has batched them). When
+    the gateway's `LAYOUT` is not this process's (its code changed in between), it logs that
+    once and reads and drops every message: decoded against another layout the records would
+    make wrong spans, or none."""
 
     def read() -> bytes | None:
         head = stream.read(4)
@@ -298,7 +337,21 @@ def run_exporter(stream: Any) -> None:
     first = read()
     if first is None:
         return
-    config = pickle.loads(first)
+    try:
+        message = pickle.loads(first)
+    except Exception:  # a gateway of other code: its config may not load here
+        message = None
+    theirs: Any = "unknown"  # not a `hello`: a gateway of other code
+    config: Any = None
+    if type(message) is tuple and len(message) == 2:
+        theirs, config = message
+    if theirs != LAYOUT:
+        log.error("OTLP exporter process: the gateway's telemetry code (layout %s) is not this "
+                  "process's (%s; the package changed after the gateway started?): its spans "
+                  "and metrics are dropped, not exported; restart the gateway", theirs, LAYOUT)
+        while read() is not None:
+            pass
+        return
     tel = OtelTelemetry(config, exporter="none")
     sender = sender_for(tel.spec)
     try:

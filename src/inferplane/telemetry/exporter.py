@@ -1,6 +1,7 @@
 """``python -m inferplane.telemetry.exporter``: the OTLP exporter process a gateway starts with
-``telemetry.exporter: process`` (`telemetry.export.ExporterProcess`). It reads the fleet
-config and then messages from stdin (length-prefixed: `telemetry.export.encode`): finished
+``telemetry.exporter: process`` (`telemetry.export.ExporterProcess`). It reads the gateway's
+layout and fleet config (`telemetry.export.hello`; a layout not its own: it drops everything)
+and then messages from stdin (length-prefixed: `telemetry.export.encode`): finished
 sampled requests' records (whose spans it encodes and sends) and copies of the gateway's
 GenAI histograms, which it encodes and sends; it exits when stdin closes.
 Its stdin is the gateway's own pipe: it runs nothing it did not get from its parent."""
