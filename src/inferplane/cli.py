@@ -4,13 +4,15 @@ export, check, schema, hash-key, ledger-keygen, version."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, NoReturn, TypeVar
 
@@ -104,6 +106,38 @@ async def _wait_for_signal(
         for task in [*reloads, *([watcher] if watcher is not None else [])]:
             task.cancel()
 
+
+
+@contextlib.contextmanager
+def stop_deadline(
+    timeout_s: float,
+    step: Callable[[], str | None],
+    quit_process: Callable[[int], object] = os._exit,
+) -> Iterator[None]:
+    """A gateway process's shutdown bounded by ``timeout_s`` (``gateway.shutdown_timeout_s``):
+    past it, from a thread of its own (so that a blocked event loop cannot keep it back), one
+    line on stderr names the step of `Core.stop` under way (``step()``; None: before the
+    gateway's own steps, in aiohttp's shutdown of connections, the metrics listener or the batch
+    worker) and the
+    process exits with status 1 — a stop that never ends otherwise hangs a worker of
+    ``serve --workers`` silently, holding what its steps hold."""
+
+    def give_up() -> None:
+        where = step() or "closing connections, the metrics listener or the batch worker"
+        sys.stderr.write(
+            f"inferplane: the gateway did not stop within {timeout_s:g} s "
+            f"(gateway.shutdown_timeout_s); stuck in: {where}; exiting with status 1\n"
+        )
+        sys.stderr.flush()
+        quit_process(1)
+
+    timer = threading.Timer(timeout_s, give_up)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 def _in_file(exc: ConfigError, path: Path) -> ConfigError:
@@ -277,7 +311,8 @@ def _serve_one(
         try:
             await _wait_for_signal(gateway, config, watch)
         finally:
-            await runner.cleanup()
+            with stop_deadline(cfg.gateway.shutdown_timeout_s, lambda: gateway.stopping):
+                await runner.cleanup()
 
     loop = run_until_signal()
     try:

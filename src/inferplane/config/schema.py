@@ -100,6 +100,12 @@ class GatewaySpec(Strict):
     idle_timeout_s: float = Field(
         75.0, gt=0, description="close a client connection idle this long between requests"
     )
+    shutdown_timeout_s: float = Field(
+        120.0, gt=60, description="after SIGTERM / SIGINT, the most a gateway process (each "
+        "worker of serve --workers) may take to stop, counting the up to 60 s that requests in "
+        "flight are given to finish (aiohttp's grace) and then the ledger's flush: past it, it "
+        "logs the step it is stuck in and exits with status 1"
+    )
     max_connections_per_client: int = Field(
         512, gt=0, description="open connections per client address; more get 429 and close. "
         "Behind a trusted proxy (trusted_proxies) each request in flight counts as a connection "

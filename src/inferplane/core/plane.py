@@ -227,6 +227,7 @@ class Core:
         self._health_task: asyncio.Task[None] | None = None
         self.economics = refresher_for(config, file, self.metrics.registry)
         self.config_sha256: str | None = None  # the fleet file's, when the caller knows it
+        self.stopping: str | None = None  # the step of `stop` under way (for a stuck shutdown)
         self._reload_lock = asyncio.Lock()
         # endpoints and substrates a reload removed whose metric series are still exported
         # (`forget_removed`)
@@ -303,12 +304,14 @@ class Core:
         ]
         interrupted: BaseException | None = None
         for what, step in steps:
+            self.stopping = what
             try:
                 await step()
             except Exception:
                 log.exception("stopping the %s failed", what)
             except BaseException as exc:  # cancelled: finish stopping, then re-raise
                 interrupted = interrupted or exc
+        self.stopping = "stopped"
         if interrupted is not None:
             raise interrupted
 
