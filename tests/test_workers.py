@@ -3,6 +3,8 @@ clear start-up error without a shared store; a killed worker is restarted; SIGTE
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import subprocess
 import sys
@@ -60,3 +62,46 @@ def test_two_workers_share_the_port_and_stop_together(
         gw.stop()
         srv.stop()
     assert "Traceback" not in gw.log.read_text()
+
+
+def test_workers_stop_when_their_supervisor_is_killed(tmp_path: Path, slow_upstream: int) -> None:
+    """SIGKILL to the supervisor (no chance to pass anything on): the kernel sends each worker
+    SIGTERM (PR_SET_PDEATHSIG) and they stop, instead of serving on with nobody to stop them."""
+    srv = RedisServer(tmp_path)
+    port = free_port()
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text(_config(port, slow_upstream, srv.url))
+    gw = Proc(["-m", "inferplane.cli", "serve", "--config", str(cfg), "--workers", "2"],
+              tmp_path / "gw.log")
+    kids: list[int] = []
+    try:
+        gw.wait_http(f"http://127.0.0.1:{port}/ready")
+        deadline = time.monotonic() + 20
+        while gw.log.read_text().count("listening on") < 2:
+            assert time.monotonic() < deadline, gw.log.read_text()
+            time.sleep(0.1)
+        out = subprocess.run(["pgrep", "-P", str(gw.p.pid)], capture_output=True, text=True)
+        kids = [int(k) for k in out.stdout.split()]
+        assert len(kids) == 2
+        gw.p.kill()
+        gw.p.wait(10)
+        deadline = time.monotonic() + 30
+        while any(_alive(k) for k in kids):
+            assert time.monotonic() < deadline, f"workers {kids} outlived their supervisor"
+            time.sleep(0.1)
+    finally:
+        for k in kids:  # never leave one behind, whatever failed above
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(k, signal.SIGKILL)
+        gw.stop()
+        srv.stop()
+    assert "Traceback" not in gw.log.read_text()
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie waiting for init to reap it."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "\nState:\tZ" not in status

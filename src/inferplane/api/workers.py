@@ -16,12 +16,14 @@ last configuration that passed — the one the workers run — so that a worker 
 starts from it, not from the parent's start-up file (it then reloads the current file when that
 differs, and refuses it as the others did when it is invalid). A worker that dies is restarted
 (after a second), unless it died in its first seconds (`startup_s`) — a start-up failure (port
-taken, Redis unreachable) — which stops them all with its exit status.
+taken, Redis unreachable) — which stops them all with its exit status. A worker whose supervisor
+dies (even by SIGKILL) gets SIGTERM from the kernel and stops (Linux, `die_with_parent`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import signal
@@ -61,6 +63,28 @@ def _status(code: int) -> int:
     return 128 + os.WTERMSIG(code) if os.WIFSIGNALED(code) else 1
 
 
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent: int) -> bool:
+    """Have the kernel send this process SIGTERM when ``parent`` (the supervisor that forked it)
+    dies (Linux's ``PR_SET_PDEATHSIG``), so that a worker never outlives a supervisor killed with
+    SIGKILL, serving on the shared port with nobody to restart, reload or stop it; it then stops
+    as on any SIGTERM (within ``gateway.shutdown_timeout_s``). False where the platform has no
+    such call. A parent already gone (between the fork and the call) gets the SIGTERM at once."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+            return False
+    except (OSError, AttributeError):
+        return False
+    if os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return True
+
+
 def supervise(
     n: int,
     run_worker: Callable[[int], int],
@@ -78,11 +102,14 @@ def supervise(
     window = startup_s()
     ensure_shared_secret()  # a console session opened on one worker is valid on the others
 
+    supervisor = os.getpid()
+
     def spawn(i: int) -> None:
         pid = os.fork()
         if pid == 0:  # the worker
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, signal.SIG_DFL)
+            die_with_parent(supervisor)
             signal.signal(signal.SIGALRM, signal.SIG_IGN)  # the parent's watch (not inherited)
             # until the worker's own handler reloads (it then reloads a file that changed)
             signal.signal(signal.SIGHUP, signal.SIG_IGN)
