@@ -31,7 +31,6 @@ expired batch is finished once no line of it holds a live claim.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import time
@@ -46,6 +45,7 @@ from inferplane.config.schema import BatchSpec, TenantSpec
 from inferplane.core.plane import Core
 from inferplane.dispatch.upstream import Dispatcher
 from inferplane.errors import GatewayError
+from inferplane.waits import wait_woken
 
 log = logging.getLogger("inferplane.batch")
 
@@ -125,8 +125,7 @@ class BatchWorker:
             wait = self.spec.poll_interval_s
             if not active and not self._lines:
                 wait = max(wait, self.spec.idle_poll_interval_s)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), wait)
+            await wait_woken(self._wake, wait)
             self._wake.clear()
 
     # -- one round ------------------------------------------------------------------------

@@ -45,6 +45,7 @@ from inferplane.ledger.sqlite import merge_records
 from inferplane.ledger.writer import CommitAccounting, Linked, PendingBuffer, link
 from inferplane.pgschema import PgTables
 from inferplane.placement.framework import Decision
+from inferplane.waits import wait_woken
 
 log = logging.getLogger("inferplane.ledger")
 
@@ -229,8 +230,7 @@ class PostgresLedger(CommitAccounting):
     async def _run(self) -> None:
         assert self._wake is not None
         while not self._stopping:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.flush_interval_s)
+            await wait_woken(self._wake, self.flush_interval_s)
             self._wake.clear()
             if self._stopping:
                 break
