@@ -338,14 +338,13 @@ async def test_the_worker_polls_slowly_while_no_batch_is_active(
 
     waits: list[float | None] = []
 
-    async def fake_wait_for(aw: Any, timeout: float | None) -> None:
-        aw.close()  # the wake-up coroutine, never awaited here
+    async def fake_wait_woken(event: asyncio.Event, timeout: float) -> bool:
         waits.append(timeout)
         if len(waits) == 3:
             raise asyncio.CancelledError
-        raise TimeoutError
+        return False  # timed out
 
-    monkeypatch.setattr("inferplane.batch.worker.asyncio.wait_for", fake_wait_for)
+    monkeypatch.setattr("inferplane.batch.worker.wait_woken", fake_wait_woken)
     spec = BatchSpec(poll_interval_s=0.05, idle_poll_interval_s=2.5)
     worker = BatchWorker(None, None, _IdleStore(active), spec)  # type: ignore[arg-type]
     with pytest.raises(asyncio.CancelledError):
