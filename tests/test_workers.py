@@ -31,24 +31,36 @@ def test_workers_need_a_shared_store(tmp_path: Path) -> None:
     assert "Traceback" not in r.stderr
 
 
-def test_two_workers_share_the_port_and_stop_together(
-    tmp_path: Path, slow_upstream: int
-) -> None:
+def _serve_two_workers(tmp_path: Path, upstream: int) -> tuple[RedisServer, Proc, str]:
+    """A Redis server and ``serve --workers 2`` in front of ``upstream``; the gateway's URL."""
     srv = RedisServer(tmp_path)
     port = free_port()
     cfg = tmp_path / "gw.yaml"
-    cfg.write_text(_config(port, slow_upstream, srv.url))
+    cfg.write_text(_config(port, upstream, srv.url))
     gw = Proc(["-m", "inferplane.cli", "serve", "--config", str(cfg), "--workers", "2"],
               tmp_path / "gw.log")
+    return srv, gw, f"http://127.0.0.1:{port}"
+
+
+def _workers_of(gw: Proc, base: str) -> list[int]:
+    """Once the gateway is ready and both workers listen: the supervisor's two children."""
+    gw.wait_http(f"{base}/ready")
+    deadline = time.monotonic() + 20
+    while gw.log.read_text().count("listening on") < 2:
+        assert time.monotonic() < deadline, gw.log.read_text()
+        time.sleep(0.1)
+    kids = subprocess.run(["pgrep", "-P", str(gw.p.pid)], capture_output=True, text=True)
+    pids = [int(k) for k in kids.stdout.split()]
+    assert len(pids) == 2
+    return pids
+
+
+def test_two_workers_share_the_port_and_stop_together(
+    tmp_path: Path, slow_upstream: int
+) -> None:
+    srv, gw, base = _serve_two_workers(tmp_path, slow_upstream)
     try:
-        base = f"http://127.0.0.1:{port}"
-        gw.wait_http(f"{base}/ready")
-        deadline = time.monotonic() + 20
-        while gw.log.read_text().count("listening on") < 2:
-            assert time.monotonic() < deadline, gw.log.read_text()
-            time.sleep(0.1)
-        kids = subprocess.run(["pgrep", "-P", str(gw.p.pid)], capture_output=True, text=True)
-        assert len(kids.stdout.split()) == 2
+        _workers_of(gw, base)
         chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
         for i in range(8):
             r = httpx.post(f"{base}/v1/chat/completions", json=chat, timeout=10,
@@ -67,22 +79,10 @@ def test_two_workers_share_the_port_and_stop_together(
 def test_workers_stop_when_their_supervisor_is_killed(tmp_path: Path, slow_upstream: int) -> None:
     """SIGKILL to the supervisor (no chance to pass anything on): the kernel sends each worker
     SIGTERM (PR_SET_PDEATHSIG) and they stop, instead of serving on with nobody to stop them."""
-    srv = RedisServer(tmp_path)
-    port = free_port()
-    cfg = tmp_path / "gw.yaml"
-    cfg.write_text(_config(port, slow_upstream, srv.url))
-    gw = Proc(["-m", "inferplane.cli", "serve", "--config", str(cfg), "--workers", "2"],
-              tmp_path / "gw.log")
+    srv, gw, base = _serve_two_workers(tmp_path, slow_upstream)
     kids: list[int] = []
     try:
-        gw.wait_http(f"http://127.0.0.1:{port}/ready")
-        deadline = time.monotonic() + 20
-        while gw.log.read_text().count("listening on") < 2:
-            assert time.monotonic() < deadline, gw.log.read_text()
-            time.sleep(0.1)
-        out = subprocess.run(["pgrep", "-P", str(gw.p.pid)], capture_output=True, text=True)
-        kids = [int(k) for k in out.stdout.split()]
-        assert len(kids) == 2
+        kids = _workers_of(gw, base)
         gw.p.kill()
         gw.p.wait(10)
         deadline = time.monotonic() + 30
