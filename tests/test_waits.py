@@ -56,3 +56,55 @@ async def test_wait_woken_says_whether_it_was_woken() -> None:
     assert await wait_woken(event, 0.01) is False
     event.set()
     assert await wait_woken(event, 10) is True
+
+
+# -- one-shot waits: a cancellation that arrives in the turn the wait completes is kept -------
+# (with wait_for on 3.11 the cancelled task returned as if nothing happened and went on: a
+# request whose client had gone kept its slot and was sent upstream)
+
+
+async def _cancelled_as_completed(start: Awaitable[object], complete: Callable[[], None]) -> bool:
+    """Start ``start`` in a task, let it wait, complete its wait and cancel it in one turn; True
+    when the task ended cancelled."""
+    task = asyncio.ensure_future(start)
+    await asyncio.sleep(0)  # it waits
+    complete()
+    task.cancel()  # in the same turn
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.wait_for(task, 10)
+    return task.cancelled()
+
+
+async def test_admission_queue_keeps_a_cancellation_that_comes_with_the_grant() -> None:
+    from inferplane.admission.queue import FairQueue
+
+    room = [0]
+    q = FairQueue(lambda pool: room[0], clock=lambda: 0.0)
+
+    def grant() -> None:
+        room[0] = 1
+        q.pump()
+
+    assert await _cancelled_as_completed(q.acquire("a", "standard", "p", 10, 5.0), grant)
+    # the grant it was given went back: the slot is free and nothing is charged
+    assert q.room("p") == 1 and q.held("p", "a") == 0 and q.waiting == 0
+    assert q.vtc.get("a", 0.0) == 0.0
+
+
+async def test_shared_slots_wait_keeps_a_cancellation_that_comes_with_a_release() -> None:
+    from inferplane.admission.slots import SharedSlots
+
+    # never connects: only the in-process waiters are used
+    slots = SharedSlots("redis://127.0.0.1:9", "t", limits={"e": 1}, on_remote=lambda n, c: None)
+    try:
+        assert await _cancelled_as_completed(slots.wait_free(5.0), lambda: slots._wake(1))
+    finally:
+        await slots.r.aclose()
+
+
+async def test_receipt_durable_keeps_a_cancellation_that_comes_with_the_commit() -> None:
+    from inferplane.ledger.record import Receipt
+
+    future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+    receipt = Receipt("h", future)
+    assert await _cancelled_as_completed(receipt.durable(5.0), lambda: future.set_result(True))

@@ -351,7 +351,8 @@ class FairQueue:
         self._count_waiting(w, +1)
         self.pump()
         try:
-            return await asyncio.wait_for(asyncio.shield(w.future), deadline_s)
+            async with asyncio.timeout(deadline_s):  # not wait_for: see inferplane.waits
+                return await asyncio.shield(w.future)
         except TimeoutError:
             if w.future.done() and not w.future.cancelled() and w.future.exception() is None:
                 return w.future.result()

@@ -275,7 +275,8 @@ class SharedSlots:
         f: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(f)
         try:
-            await asyncio.wait_for(f, timeout)
+            async with asyncio.timeout(timeout):  # not wait_for: see inferplane.waits
+                await f
         except TimeoutError:
             pass
         finally:

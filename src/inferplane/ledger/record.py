@@ -207,7 +207,8 @@ class Receipt:
         if self._future is None:
             return bool(self.committed)
         with contextlib.suppress(TimeoutError):
-            return await asyncio.wait_for(asyncio.shield(self._future), timeout_s)
+            async with asyncio.timeout(timeout_s):  # not wait_for: see inferplane.waits
+                return await asyncio.shield(self._future)
         return False
 
 

@@ -1,6 +1,6 @@
 """An asyncio event loop on virtual time: the simulator's scheduler.
 
-The gateway's code waits the asyncio way (admission queue futures, ``asyncio.wait_for``
+The gateway's code waits the asyncio way (admission queue futures, ``asyncio.timeout``
 deadlines, ``asyncio.sleep`` tickers, ``loop.call_later`` timers). Running that code unchanged on
 a virtual clock needs only a loop whose ``time()`` is virtual and which, instead of sleeping until
 its next timer, jumps to it: :class:`VirtualTimeLoop`. Everything scheduled runs in the order the
