@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -120,3 +121,58 @@ def split_cores(api_server_pid: int) -> Iterator[dict[str, list[int]]]:
                "API server + client": sorted(front)}
     finally:
         _restore(saved)
+
+
+# -- whose CPU time: the test's own processes against everything else -------------------------
+
+
+def _ticks_per_s() -> float:
+    return float(os.sysconf("SC_CLK_TCK"))
+
+
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) of ``pid`` and every live process below it, each with the
+    children it has reaped (``cutime``/``cstime``), so that a process that ended during a
+    measurement (an emulator, a tokenizer pool) is still counted through its parent."""
+    total = 0
+    for p in (pid, *descendants(pid)):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # ended meanwhile: its parent's cutime/cstime count it once reaped
+        total += sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
+    return total / _ticks_per_s()
+
+
+def machine_cpu_s() -> float:
+    """CPU seconds every CPU of the machine spent on work (user, nice, system, irq, softirq)
+    or lost to the hypervisor (steal), from ``/proc/stat``."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / _ticks_per_s()
+
+
+class OtherCpu:
+    """How many CPUs' worth of work ran on the machine beside ``pid``'s process tree (the
+    test, the engines it started, their clients) between construction and :meth:`cpus`:
+    other processes, and time the hypervisor stole. Unlike the load average it does not
+    count the test's own work (the real vLLM's engine core alone keeps one runnable thread
+    spinning), so it can be held to a limit far below the test's own load. ``None`` where
+    ``/proc`` cannot be read."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self._start = self._read()
+
+    def _read(self) -> tuple[float, float, float] | None:
+        try:
+            return time.monotonic(), machine_cpu_s(), tree_cpu_s(self.pid)
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def cpus(self) -> float | None:
+        end = self._read()
+        if end is None or self._start is None or end[0] <= self._start[0]:
+            return None
+        (t0, m0, own0), (t1, m1, own1) = self._start, end
+        return max(0.0, (m1 - m0) - (own1 - own0)) / (t1 - t0)

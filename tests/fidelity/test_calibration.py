@@ -23,8 +23,13 @@ spinning starves the API server, which then sends whole streams at once.
 
 Timing fidelity needs CPU for the real engine's three processes, the emulator and the client:
 on a machine whose 1-minute load average is above :data:`MAX_LOAD` (other work) the test waits
-up to :data:`CALM_WAIT_S` for it to fall, and skips — saying how loaded it was — when it does not
-or when the load rose above the limit during the measurement. What was measured goes to
+up to :data:`CALM_WAIT_S` for it to fall, and skips — saying how loaded it was — when it does
+not. During the measurement the load average is no judge: the test's own processes hold it at
+~2-3.5 on 2 CPUs (the real vLLM's engine core spins), so a limit of 2 × CPUs could skip the test
+on its own load and still miss another process taking a core. What is judged instead is the CPU
+time used *beside* the test's process tree (other processes, and time the hypervisor stole),
+from ``/proc`` (:class:`tests.fidelity.cores.OtherCpu`): above :data:`MAX_OTHER_CPU` CPUs on
+average over the run, the test skips and says so. What was measured goes to
 ``out/fidelity/report.json`` either way, every round's raw samples to
 ``out/fidelity/calibration-samples.json``.
 """
@@ -40,6 +45,7 @@ import pytest
 
 from bench.calibration import compare
 from tests.fidelity.conftest import OUT, REPORT, EngineUnderTest
+from tests.fidelity.cores import OtherCpu
 
 pytestmark = pytest.mark.fidelity
 
@@ -53,6 +59,11 @@ REAL_ROUNDS = 15
 ROUNDS = 6
 MAX_LOAD = float(os.environ.get("FIDELITY_MAX_LOAD", str(2 * (os.cpu_count() or 1))))
 CALM_WAIT_S = float(os.environ.get("FIDELITY_CALM_WAIT_S", "120"))
+#: CPUs' worth of other work (other processes, hypervisor steal) allowed beside the test's own
+#: processes, averaged over the run: a quarter of a CPU (an eighth of this 2-vCPU machine). A
+#: calm machine measured 0.0x here (docs/benchmarks.md, session 11); a niced callgrind beside
+#: the test takes most of the core the test leaves idle (~0.5-1).
+MAX_OTHER_CPU = float(os.environ.get("FIDELITY_MAX_OTHER_CPU", "0.25"))
 STRICT = os.environ.get("FIDELITY_STRICT") == "1"
 
 
@@ -72,10 +83,13 @@ def test_calibrated_profile_predicts_and_emulates_the_real_engine(
     real_engine: EngineUnderTest, tmp_path: Path
 ) -> None:
     load_before = _wait_for_calm()
+    other_cpu = OtherCpu(os.getpid())  # the engine, the emulators and the client are below it
     res = compare(real_engine.url, tmp_path, rounds=ROUNDS, requests=12, profiles=("calibrated",),
                   engine_pid=real_engine.pid, real_rounds=REAL_ROUNDS)
+    other = other_cpu.cpus()
     loads = [load_before, *res["load_per_round"]]
     REPORT["calibration_load"] = loads
+    REPORT["calibration_other_cpu"] = None if other is None else round(other, 3)
     REPORT["calibration_fit"] = res["fit"]
     REPORT["calibration_fit_points"] = res["fit_table"]
     REPORT["calibration_profile"] = res["profile"]  # the fitted profile file, to re-run offline
@@ -103,9 +117,10 @@ def test_calibrated_profile_predicts_and_emulates_the_real_engine(
     REPORT["calibration_workload_per_level_ms"] = res["per_level_ms"]
     REPORT["calibration_real_bursts"] = f"{res['real_bursts']} of {res['real_streams']} streams"
     REPORT["calibration_cores"] = res["cores"] or "shared (not pinned)"
-    if max(loads) > MAX_LOAD:
-        pytest.skip(f"load average rose to {max(loads):.1f} > {MAX_LOAD:.1f} during the run "
-                    f"(per round: {loads}); measured: {REPORT['calibration_workload_gaps']}")
+    if other is not None and other > MAX_OTHER_CPU:
+        pytest.skip(f"other work took {other:.2f} CPUs on average during the run (> "
+                    f"{MAX_OTHER_CPU:.2f}, FIDELITY_MAX_OTHER_CPU; load per round: {loads}); "
+                    f"measured: {REPORT['calibration_workload_gaps']}")
 
     error = res["prediction_error"]["calibrated"]["median"]
     off = {k: v for k, v in gaps.items() if abs(v) > EMULATOR_TARGET}
