@@ -2,14 +2,16 @@
 the emulator running it against the same engine — beside the table's ``cpu`` profile.
 
     python bench/calibration.py [--endpoint URL | --truth PROFILE.yaml] [--rounds 3]
-                                [--real-rounds N] [--requests 12] [--repeats 5]
+                                [--real-rounds N] [--requests 12] [--repeats 5] [--ab]
                                 [--out out/calibration]
 
 Without ``--endpoint`` it starts the fidelity tier's real vLLM (``.fidelity-venv``, the tiny
 Llama, the engine settings of ``tests/fidelity/conftest.py``) and stops it at the end. With
 ``--truth PROFILE.yaml`` the "real" engine is ``inferplane emulate`` running that profile (in slow
 motion, ``--truth-time-scale``): a self-check of the probe and the fit against an engine whose
-factors are known (``bench/calibration_truth.yaml``).
+factors are known (``bench/calibration_truth.yaml``). ``--ab`` runs, instead of the table's
+profile, the same probe fitted with attention priced with the matmuls (the fit before session
+11, :func:`refit_one_price`), both emulators in alternate rounds: a side-by-side on one probe.
 
 1. ``inferplane calibrate``'s probe and fit (``physics.probe.calibrate_endpoint``), base ``cpu``;
 2. TTFT on prompt lengths the probe never sent (:data:`HELD_OUT`, median of 7 cold requests)
@@ -65,7 +67,17 @@ from bench.calibration_control import positive_int  # noqa: E402
 from inferplane.config.loader import parse_config  # noqa: E402
 from inferplane.fleet.model import Fleet  # noqa: E402
 from inferplane.physics import get_hardware  # noqa: E402
-from inferplane.physics.calibration import load_hardware_profile  # noqa: E402
+from inferplane.physics.calibration import (  # noqa: E402
+    BurstPoint,
+    DecodePoint,
+    LoadedPoint,
+    PrefillPoint,
+    dump_profile,
+    fit,
+    fit_frontend,
+    load_hardware_profile,
+)
+from inferplane.physics.models import get_model  # noqa: E402
 from inferplane.physics.probe import (  # noqa: E402
     Prober,
     WorkloadResult,
@@ -137,6 +149,28 @@ def predicted_ttft_s(fleet_text: str, tokens: int, ahead: int = 0) -> float:
     c = cycle(profile(model=fid.MODEL, prompt_tokens=tokens, max_output_tokens=1), snap)
     list(plugin("predicted-latency").score(c, list(snap.endpoints)))
     return float(c.annotations[fleet.endpoints[0].name]["ttft_raw_s"])
+
+
+def refit_one_price(text: str) -> str:
+    """The profile file ``text``'s own probe points fitted again with attention priced with
+    the matmuls (``fit(..., attention=False)``: the fit before session 11), its front end
+    refitted on the same bursts and loaded points, under the name ``PROFILE_NAME-one``: the
+    side-by-side of ``--ab``, on one probe."""
+    import yaml
+
+    doc = yaml.safe_load(text)
+    c = doc["calibration"]
+    pre = [PrefillPoint(p["prompt_tokens"], p["cached_tokens"], p["ttft_s"]) for p in c["prefill"]]
+    dec = [DecodePoint(d["batch"], d["context_tokens"], d["itl_s"]) for d in c["decode"]]
+    bursts = [BurstPoint(b["size"], b["prompt_tokens"], tuple(b["ttft_s"])) for b in c["bursts"]]
+    loaded = [LoadedPoint(p["batch"], p["context_tokens"], p["prompt_tokens"], p["ttft_s"])
+              for p in c["loaded"]]
+    mp = get_model(c["model_profile"])
+    cal = fit(get_hardware(doc["hardware"]["base"]), mp, pre, dec,
+              name=f"{PROFILE_NAME}-one", tp=c["tp"], precision=c["precision"],
+              source="one-price refit (bench/calibration.py --ab)", attention=False)
+    cal = fit_frontend(cal, mp, bursts, loaded, tp=c["tp"], precision=c["precision"])
+    return dump_profile(cal, doc["hardware"]["base"], c)
 
 
 def emulator_fleet(hardware: str, port: int, profile: Path | None) -> str:
@@ -320,6 +354,11 @@ def _compare(
     out["profile"] = text
     hardware = {"table": (get_hardware("cpu"), None, "cpu"),
                 "calibrated": (load_hardware_profile(profile), profile, PROFILE_NAME)}
+    if "one-price" in profiles:  # --ab: the same probe fitted as before session 11
+        one = work / "profile-one-price.yaml"
+        one.write_text(refit_one_price(text))
+        hardware["one-price"] = (load_hardware_profile(one), one, f"{PROFILE_NAME}-one")
+        out["profile_one_price"] = one.read_text()
 
     measured, burst = held.result()
     size, burst_tokens = HELD_OUT_BURST
@@ -458,6 +497,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--truth-time-scale", type=float, default=0.25,
                     help="its time scale (< 1: slow motion, so that the machine's load is a "
                     "smaller share of every latency)")
+    ap.add_argument("--ab", action="store_true", help="instead of the table, the same probe "
+                    "fitted with attention priced with the matmuls (the fit before session "
+                    "11), its emulator in alternate rounds with the calibrated one's")
     ap.add_argument("--shared-cores", action="store_true", help="leave the engine it starts "
                     "unpinned (default: engine core and worker on the worker's cores, API server "
                     "and client on the rest; tests/fidelity/cores.py)")
@@ -478,6 +520,8 @@ def main(argv: list[str] | None = None) -> int:
             load_before = os.getloadavg()[0]
             res = compare(url, work, rounds=a.rounds, requests=a.requests, repeats=a.repeats,
                           real_rounds=a.real_rounds,
+                          profiles=("calibrated", "one-price") if a.ab
+                          else ("table", "calibrated"),
                           engine_pid=None if proc is None or a.shared_cores else proc.pid)
         finally:
             if proc is not None and proc.poll() is None:

@@ -124,3 +124,39 @@ def test_the_command_line_refuses_no_rounds_before_starting_anything(
     assert exc.value.code == 2
     assert f"must be 1 or more, not {int(value)}" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_refit_one_price_fits_the_same_probe_as_before_session_11(tmp_path: Path) -> None:
+    """`--ab`'s second profile: the calibrated file's own points fitted again with attention
+    priced with the matmuls (factor 1), under a name of its own; the calibrated fit of a
+    curving sweep prices it apart."""
+    import dataclasses
+
+    from inferplane.physics import Roofline, get_hardware, get_model
+    from inferplane.physics.calibration import (
+        DecodePoint,
+        PrefillPoint,
+        dump_profile,
+        fit,
+        load_hardware_profile,
+        predict_itl_s,
+        predict_ttft_s,
+    )
+
+    m = get_model("tiny-llama")
+    truth = dataclasses.replace(get_hardware("cpu"), name="truth", compute_efficiency=3e-4,
+                                step_overhead_s=2.7e-3, request_overhead_s=4e-3,
+                                attention_cost_factor=20.0)
+    r = Roofline(truth, m, precision="fp32")
+    pre = [PrefillPoint(n, 0, predict_ttft_s(r, n)) for n in (16, 64, 128, 256, 512, 768)]
+    dec = [DecodePoint(b, 64, predict_itl_s(r, b, 64)) for b in (1, 2, 4)]
+    cal = fit(get_hardware("cpu"), m, pre, dec, name=calibration.PROFILE_NAME, precision="fp32")
+    assert cal.hardware.attention_cost_factor == pytest.approx(20.0, rel=0.05)
+    meta = {"model_profile": "tiny-llama", "tp": 1, "precision": "fp32"}
+    text = calibration.refit_one_price(dump_profile(cal, "cpu", meta))
+    f = tmp_path / "one.yaml"
+    f.write_text(text)
+    one = load_hardware_profile(f)
+    assert one.name == f"{calibration.PROFILE_NAME}-one"
+    assert one.attention_cost_factor == 1.0
+    assert one.step_overhead_s == pytest.approx(cal.hardware.step_overhead_s, rel=0.05)

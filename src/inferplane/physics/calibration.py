@@ -12,17 +12,24 @@ device behind an engine that behaves differently — gets its profile by measuri
   step) and ``request_overhead_s`` (once per request, before its first token),
 * ``context_token_s`` (every KV token the decoding sequences attend to, every step), only when
   the decode points hold at least two context lengths per sequence (with one, ``K`` is the batch
-  times a constant and the column is ``seq_overhead_s``'s; it is then held at 0).
+  times a constant and the column is ``seq_overhead_s``'s; it is then held at 0),
+* ``attention_cost_factor`` (attention's FLOPs priced apart from the matmuls'), as the seventh
+  unknown ``attn / ce``, only when the prefill points hold at least three distinct (new,
+  cached) sizes: with two, a line through them cannot tell the prompt's length squared from
+  its length; the factor is then kept at the base profile's.
 
 With the regime of every measurement fixed (compute- or memory-bound under the current factors),
-each measured time is *linear* in those six unknowns:
+each measured time is *linear* in those seven unknowns:
 
-    ttft(P, C) = request + step + seq + comm + [compute] F / peak × (1/ce)
-                                               + [memory]  B / bw × (1/be)
-    itl(D, K)  =           step + D seq + K ctx + comm + [compute] F / peak × (1/ce)
-                                                       + [memory]  B / bw × (1/be)
+    ttft(P, C) = request + step + seq + comm
+                 + [compute] (F_lin × (1/ce) + F_attn × (attn/ce)) / peak
+                 + [memory]  B / bw × (1/be)
+    itl(D, K)  = step + D seq + K ctx + comm
+                 + [compute] (F_lin × (1/ce) + F_attn × (attn/ce)) / peak
+                 + [memory]  B / bw × (1/be)
 
-(``F``: FLOPs, ``B``: bytes of the step, exactly as ``Roofline.step_time_s`` counts them). The fit
+(``F_lin``: the matmuls' FLOPs, ``F_attn``: attention's at a factor of 1, ``B``: bytes of the
+step, exactly as ``Roofline.step_time_s`` counts them). The fit
 solves that system by least squares on *relative* errors (each row divided by its measurement), with
 a weak prior pulling ``1/ce`` and ``1/be`` towards the table's values (so a direction the probe
 cannot see — a tiny model's weight reads, say — stays where the table put it), drops any overhead
@@ -38,6 +45,7 @@ name such files under ``hardware_profiles`` and their substrates use the profile
 from __future__ import annotations
 
 import dataclasses
+import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -63,7 +71,16 @@ PROFILE_VERSION: Final = 1
 #: Bandwidth: a 100x departure costs one point off by 10 % — a step's bytes are mostly the weights,
 #: the same every step, so this direction is all but collinear with ``step_overhead_s`` (freed,
 #: the fit moved 2.9 ms of a known 4 ms step into weight reads of the tiny model).
+#: Attention's ``attn / ce`` gets the compute prior's weight, towards the base profile's factor.
 PRIOR_WEIGHTS: Final = (1e-12, 1e-6)
+#: Attention is priced apart from the matmuls (``attention_cost_factor`` fitted) only when the
+#: fit with one price misses the points by more than this (root mean square of the relative
+#: errors; the fidelity vLLM: 8-10 %, its prefill sweep a curve the line misses at both ends),
+#: and the fit with two prices brings that under ``SPLIT_GAIN`` of it: on an engine whose
+#: attention runs at its matmuls' efficiency the one price fits exactly, and a free seventh
+#: unknown would only trade with the others (the known GPU machines of the tests).
+SPLIT_MIN_ERROR: Final = 0.01
+SPLIT_GAIN: Final = 0.8
 _MAX_ROUNDS: Final = 20
 _FRONTEND_GRID: Final = 24  # steps of the search for the front end's three factors, per axis
 _FRONTEND_REFINE: Final = 12  # then rounds of a local search, each at half the step
@@ -240,33 +257,27 @@ def fit(
     tp: int = 1,
     precision: str = "bf16",
     source: str = "calibrated",
+    attention: bool = True,
 ) -> Calibration:
-    """Fit ``base``'s factors to the measurements (see the module docstring)."""
+    """Fit ``base``'s factors to the measurements (see the module docstring). ``attention``
+    False: attention always priced with the matmuls (the fit before session 11)."""
     if len(prefill) < 2 or not decode:
         raise ValueError("a fit needs at least two prefill points and one decode point")
     if any(p.ttft_s <= 0 for p in prefill) or any(d.itl_s <= 0 for d in decode):
         raise ValueError("measured times must be > 0")
-    hw = dataclasses.replace(
+    start = dataclasses.replace(
         base, name=name, source=source, request_overhead_s=base.request_overhead_s
     )
-    prior = (1.0 / base.compute_efficiency, 1.0 / base.bandwidth_efficiency)
-    previous: list[bool] | None = None
-    held: dict[int, float] = {}  # unknowns held fixed: overheads at 0, efficiencies at the table
-    if len({d.context_tokens for d in decode}) < 2:
-        held[_CONTEXT] = 0.0  # one context per sequence: K ∝ batch, seq_overhead_s's column
-    for _ in range(_MAX_ROUNDS):
-        r = Roofline(hw, model, tp, precision)
-        rows, regimes = _rows(r, prefill, decode)
-        x = _solve(rows, prior, held)
-        wrong = {i: (prior[i] if i < 2 else 0.0) for i in range(_UNKNOWNS)
-                 if x[i] <= 0 and i not in held}
-        if wrong:  # a negative time or efficiency: noise, not physics; hold it and solve again
-            held |= wrong
-            continue
-        hw = _apply(hw, x)
-        if regimes == previous:
-            break
-        previous = regimes
+    hw = _fit_once(start, model, prefill, decode, tp, precision, split=False)
+    # attention priced apart from the matmuls: only where the sweep holds three sizes or more,
+    # and kept only where it explains what the one price cannot (a curve in the sweep)
+    if attention and len({(max(1, p.prompt_tokens - p.cached_tokens), p.cached_tokens)
+                          for p in prefill}) >= 3:
+        one = _rms_error(hw, model, prefill, decode, tp, precision)
+        if one > SPLIT_MIN_ERROR:
+            apart = _fit_once(start, model, prefill, decode, tp, precision, split=True)
+            if _rms_error(apart, model, prefill, decode, tp, precision) < SPLIT_GAIN * one:
+                hw = apart
     r = Roofline(hw, model, tp, precision)
     return Calibration(
         hardware=hw,
@@ -359,61 +370,131 @@ def fit_frontend(
     )
 
 
+def _rms_error(
+    hw: HardwareProfile, model: ModelProfile, prefill: Sequence[PrefillPoint],
+    decode: Sequence[DecodePoint], tp: int, precision: str,
+) -> float:
+    """Root mean square of the relative errors of ``hw`` at every prefill and decode point."""
+    r = Roofline(hw, model, tp, precision)
+    errs = [(predict_ttft_s(r, p.prompt_tokens, p.cached_tokens) - p.ttft_s) / p.ttft_s
+            for p in prefill]
+    errs += [(predict_itl_s(r, d.batch, d.context_tokens) - d.itl_s) / d.itl_s for d in decode]
+    return math.sqrt(sum(e * e for e in errs) / len(errs))
+
+
+def _fit_once(
+    hw: HardwareProfile, model: ModelProfile, prefill: Sequence[PrefillPoint],
+    decode: Sequence[DecodePoint], tp: int, precision: str, *, split: bool,
+) -> HardwareProfile:
+    """The iterated least squares of the module docstring from ``hw``'s table values; with
+    ``split`` attention's FLOPs are priced apart (the seventh unknown), else at ``hw``'s
+    ``attention_cost_factor``."""
+    base = hw
+    prior = {0: (1.0 / base.compute_efficiency, PRIOR_WEIGHTS[0]),
+             1: (1.0 / base.bandwidth_efficiency, PRIOR_WEIGHTS[1]),
+             _ATTENTION: (base.attention_cost_factor / base.compute_efficiency, PRIOR_WEIGHTS[0])}
+    previous: list[bool] | None = None
+    held: dict[int, float] = {}  # unknowns held fixed: overheads at 0, efficiencies at the table
+    if len({d.context_tokens for d in decode}) < 2:
+        held[_CONTEXT] = 0.0  # one context per sequence: K ∝ batch, seq_overhead_s's column
+    if not split:
+        held[_ATTENTION] = 0.0
+    structural, held_under = dict(held), None
+    for _ in range(_MAX_ROUNDS):
+        r = Roofline(hw, model, tp, precision)
+        rows, regimes = _rows(r, prefill, decode, split)
+        if split and held_under is not None and regimes != held_under:
+            # holds made while the points sat in other regimes (the first rounds run under the
+            # table's, where a CPU's prefill is memory-bound and its FLOP columns are empty)
+            # are released: with attention priced apart they stuck at the table's efficiency
+            held, held_under = dict(structural), None
+        x = _solve(rows, prior, held)
+        if split and x[_ATTENTION] <= 0:  # no curve in this sweep: attention with the matmuls
+            return _fit_once(base, model, prefill, decode, tp, precision, split=False)
+        wrong = {i: (prior[i][0] if i in prior else 0.0) for i in range(_UNKNOWNS)
+                 if x[i] <= 0 and i not in held}
+        if wrong:  # a negative time or efficiency: noise, not physics; hold it and solve again
+            held |= wrong
+            held_under = regimes
+            continue
+        hw = _apply(hw, x, split)
+        if regimes == previous:
+            break
+        previous = regimes
+    return hw
+
+
 # -- the linear system -----------------------------------------------------------------------
 # Unknowns: x = [1/ce, 1/be, step_overhead_s, seq_overhead_s, request_overhead_s,
 # context_token_s].
-_UNKNOWNS: Final = 6
+_UNKNOWNS: Final = 7
 _CONTEXT: Final = 5
+_ATTENTION: Final = 6  # attention_cost_factor / compute_efficiency
 
 
 def _step_terms(
     r: Roofline, p: int, c: int, d: int, k: int
-) -> tuple[float, float, bool, float, int]:
-    """(FLOPs / achievable-at-efficiency-1, bytes / bandwidth-at-efficiency-1, compute-bound
-    now?, known seconds (comm + layer latency), sequences producing a token)."""
+) -> tuple[float, float, float, bool, float, int]:
+    """(matmul FLOPs / achievable-at-efficiency-1, attention FLOPs at a factor of 1 / the same,
+    bytes / bandwidth-at-efficiency-1, compute-bound now?, known seconds (comm + layer
+    latency), sequences producing a token)."""
     hw = r.hardware
     tokens = p + d
     pairs = p * (c + 0.5 * p) + k
     m = r.model
-    flops = 2.0 * m.active_params * tokens + 4.0 * m.layers * m.attention_width * pairs
-    flops_s = flops / (r.tp * hw.peak_flops_for(r.precision))
+    peak = r.tp * hw.peak_flops_for(r.precision)
+    lin_s = 2.0 * m.active_params * tokens / peak
+    attn_s = 4.0 * m.layers * m.attention_width * pairs / peak
     kv_per_dev = r.kv_bytes_per_token / min(r.tp, m.num_kv_heads)
     bytes_s = (r.weight_bytes / r.tp + (c + k + tokens) * kv_per_dev) / hw.mem_bandwidth
-    compute_bound = flops_s / hw.compute_efficiency > bytes_s / hw.bandwidth_efficiency
+    compute_s = (lin_s + attn_s * hw.attention_cost_factor) / hw.compute_efficiency
+    memory_s = bytes_s / hw.bandwidth_efficiency
     step_total = r.step_time_s(p, c, d, k)
-    bound = max(flops_s / hw.compute_efficiency, bytes_s / hw.bandwidth_efficiency)
     seqs = d + (p > 0)
-    known = (step_total - bound - hw.step_overhead_s - hw.seq_overhead_s * seqs
-             - hw.context_token_s * k)
-    return flops_s, bytes_s, compute_bound, known, seqs
+    known = (step_total - max(compute_s, memory_s) - hw.step_overhead_s
+             - hw.seq_overhead_s * seqs - hw.context_token_s * k)
+    return lin_s, attn_s, bytes_s, compute_s > memory_s, known, seqs
 
 
 def _rows(
-    r: Roofline, prefill: Sequence[PrefillPoint], decode: Sequence[DecodePoint]
+    r: Roofline, prefill: Sequence[PrefillPoint], decode: Sequence[DecodePoint], split: bool
 ) -> tuple[list[tuple[list[float], float]], list[bool]]:
+    """One row per point; with ``split`` attention's FLOPs have their own column (the seventh
+    unknown), else they join the matmuls' at the profile's current factor."""
     rows: list[tuple[list[float], float]] = []
     regimes: list[bool] = []
+    factor = r.hardware.attention_cost_factor
+
+    def compute(lin: float, attn: float, cb: bool) -> tuple[float, float]:
+        if not cb:
+            return 0.0, 0.0
+        return (lin, attn) if split else (lin + attn * factor, 0.0)
+
     for pp in prefill:
         new = max(1, pp.prompt_tokens - pp.cached_tokens)
-        f, b, cb, known, seqs = _step_terms(r, new, pp.prompt_tokens - new, 0, 0)
+        lin, attn, b, cb, known, seqs = _step_terms(r, new, pp.prompt_tokens - new, 0, 0)
         regimes.append(cb)
-        coef = [f if cb else 0.0, 0.0 if cb else b, 1.0, float(seqs), 1.0, 0.0]
+        f, a = compute(lin, attn, cb)
+        coef = [f, 0.0 if cb else b, 1.0, float(seqs), 1.0, 0.0, a]
         rows.append(([c / pp.ttft_s for c in coef], (pp.ttft_s - known) / pp.ttft_s))
     for dp in decode:
         kv = dp.batch * dp.context_tokens
-        f, b, cb, known, seqs = _step_terms(r, 0, 0, dp.batch, kv)
+        lin, attn, b, cb, known, seqs = _step_terms(r, 0, 0, dp.batch, kv)
         regimes.append(cb)
-        coef = [f if cb else 0.0, 0.0 if cb else b, 1.0, float(seqs), 0.0, float(kv)]
+        f, a = compute(lin, attn, cb)
+        coef = [f, 0.0 if cb else b, 1.0, float(seqs), 0.0, float(kv), a]
         rows.append(([c / dp.itl_s for c in coef], (dp.itl_s - known) / dp.itl_s))
     return rows, regimes
 
 
 def _solve(
-    rows: list[tuple[list[float], float]], prior: tuple[float, float], held: dict[int, float]
+    rows: list[tuple[list[float], float]],
+    prior: dict[int, tuple[float, float]],
+    held: dict[int, float],
 ) -> list[float]:
-    """Least squares with the efficiency prior; unknowns in ``held`` keep their given value,
-    and so does an unknown that no row mentions (an overhead without the points to see it is 0,
-    an efficiency stays at the table's)."""
+    """Least squares with the priors (``prior[i] = (target, weight)``); unknowns in ``held``
+    keep their given value, and so does an unknown that no row mentions (an overhead without
+    the points to see it is 0, an efficiency stays at the table's)."""
     n = _UNKNOWNS
     ata = [[0.0] * n for _ in range(n)]
     atb = [0.0] * n
@@ -425,9 +506,9 @@ def _solve(
     held = dict(held)
     for i in range(n):
         if i not in held and ata[i][i] == 0.0:
-            held[i] = prior[i] if i < 2 else 0.0
-    for i, target in enumerate(prior):
-        w = PRIOR_WEIGHTS[i] / (target * target)  # relative: a factor of 10 costs the same anywhere
+            held[i] = prior[i][0] if i in prior else 0.0
+    for i, (target, weight) in prior.items():
+        w = weight / (target * target)  # relative: a factor of 10 costs the same anywhere
         ata[i][i] += w
         atb[i] += w * target
     free = [i for i in range(n) if i not in held]
@@ -459,8 +540,10 @@ def _gauss(a: list[list[float]], b: list[float]) -> list[float]:
     return [m[i][n] / m[i][i] if abs(m[i][i]) >= 1e-300 else 0.0 for i in range(n)]
 
 
-def _apply(hw: HardwareProfile, x: list[float]) -> HardwareProfile:
-    inv_ce, inv_be, step, seq, req, ctx = x
+def _apply(hw: HardwareProfile, x: list[float], split: bool) -> HardwareProfile:
+    inv_ce, inv_be, step, seq, req, ctx, attn = x
+    # attention's price relative to the matmuls' (before the peak below may move both)
+    factor = attn / inv_ce if split else hw.attention_cost_factor
     peak, fp8, bw = hw.peak_flops, hw.fp8_peak_flops, hw.mem_bandwidth
     if inv_ce < 1.0:  # faster than the table's peak: the peak was wrong for this machine
         peak, fp8 = peak / inv_ce, (fp8 / inv_ce if fp8 is not None else None)
@@ -478,6 +561,7 @@ def _apply(hw: HardwareProfile, x: list[float]) -> HardwareProfile:
         seq_overhead_s=max(seq, 0.0),
         request_overhead_s=max(req, 0.0),
         context_token_s=max(ctx, 0.0),
+        attention_cost_factor=factor,
     )
 
 
@@ -505,6 +589,7 @@ class _HardwareFields(BaseModel):
     frontend_request_s: float = Field(0.0, ge=0)
     frontend_token_s: float = Field(0.0, ge=0)
     frontend_handoff_s: float = Field(0.0, ge=0)
+    attention_cost_factor: float = Field(1.0, gt=0)
     allreduce_latency_s: float = Field(0.0, ge=0)
     layer_latency_s: float = Field(0.0, ge=0)
     network_rtt_s: float = Field(0.0, ge=0)
@@ -549,11 +634,14 @@ def load_hardware_profile(path: str | Path) -> HardwareProfile:
 def dump_profile(cal: Calibration, base: str, meta: dict[str, Any]) -> str:
     """The YAML text of a profile file for ``cal`` fitted from the table's ``base`` profile, with
     ``meta`` (endpoint, model, date…) and every probe point under ``calibration``. A zero
-    ``frontend_handoff_s`` (a one-piece front end) is left out, so that a reader older than
-    the field (it forbids unknown fields) still loads the file."""
+    ``frontend_handoff_s`` (a one-piece front end) and an ``attention_cost_factor`` of 1 are
+    left out, so that a reader older than the field (it forbids unknown fields) still loads
+    the file."""
     hw = dataclasses.asdict(cal.hardware)
     if not hw["frontend_handoff_s"]:
         del hw["frontend_handoff_s"]
+    if hw["attention_cost_factor"] == 1.0:
+        del hw["attention_cost_factor"]
     hardware = {"name": hw.pop("name"), "kind": hw.pop("kind"), "base": base, **hw}
     doc = {
         "kind": PROFILE_KIND,

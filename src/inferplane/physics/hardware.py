@@ -63,6 +63,16 @@ class HardwareProfile:
     is rarely the bottleneck); calibration measures them from bursts of simultaneous requests
     (``physics.calibration.fit_frontend``).
     ``request_overhead_s`` is the rest of the per-request time, paid in parallel.
+
+    ``attention_cost_factor`` prices attention apart from the matmuls: one query-key pair's
+    attention FLOPs (``physics.roofline``) cost this many times what the same FLOPs cost in the
+    weight matmuls at ``compute_efficiency``. 1 in the table (a GPU's attention kernels run near
+    its matmuls' efficiency). A CPU engine's prefill attention does not: with head dimensions of
+    16-128 and a score matrix written and read for every pair, it is bound by memory traffic per
+    pair, not by FLOPs, so a prompt's prefill grows with its length squared far faster than the
+    FLOP count says (the fidelity vLLM: ~10-20×; docs/benchmarks.md, session 11). Calibration
+    fits it from a prefill sweep of three or more lengths
+    (``physics.calibration``).
     """
 
     name: str
@@ -87,6 +97,7 @@ class HardwareProfile:
     frontend_request_s: float = 0.0
     frontend_token_s: float = 0.0
     frontend_handoff_s: float = 0.0
+    attention_cost_factor: float = 1.0
 
     def __post_init__(self) -> None:
         positive = {
@@ -95,6 +106,7 @@ class HardwareProfile:
             "mem_capacity": self.mem_capacity,
             "power_watts": self.power_watts,
             "interconnect_bandwidth": self.interconnect_bandwidth,
+            "attention_cost_factor": self.attention_cost_factor,
         }
         for field_name, value in positive.items():
             if not value > 0:

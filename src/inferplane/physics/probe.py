@@ -478,7 +478,8 @@ async def calibrate_endpoint(
     h = cal.hardware
     lines.append(
         f"fit: median error {cal.median_error:.1%}, max {cal.max_error:.1%}; "
-        f"compute_efficiency {h.compute_efficiency:.3g}, bandwidth_efficiency "
+        f"compute_efficiency {h.compute_efficiency:.3g}, "
+        f"attention x{h.attention_cost_factor:.3g}, bandwidth_efficiency "
         f"{h.bandwidth_efficiency:.3g}, step {h.step_overhead_s * 1e3:.3f} ms, per sequence "
         f"{h.seq_overhead_s * 1e3:.3f} ms, per context token {h.context_token_s * 1e6:.3f} us, "
         f"per request {h.request_overhead_s * 1e3:.3f} ms, "

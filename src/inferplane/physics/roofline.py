@@ -5,10 +5,11 @@ One engine iteration (a vLLM "step") processes ``T = P + D`` tokens: ``P`` prefi
 and ``D`` decode tokens, one per running sequence, whose KV caches hold ``K`` tokens in all.
 Its time is
 
-    compute  = (2 * active_params * T + 4 * layers * q_width * A) / (tp * peak * compute_eff)
+    compute  = (2 * active_params * T + 4 * layers * q_width * A * attn) / (tp * peak * compute_eff)
                where A = P * (C + P / 2) + K      (attention query-key pairs; with several
                prefill chunks in the step, A = sum of p_i * (c_i + p_i / 2) + K: each
-               chunk attends to its own sequence only)
+               chunk attends to its own sequence only; attn: hardware.attention_cost_factor,
+               the cost of attention's FLOPs relative to the matmuls', 1 in the table)
     memory   = (weight_bytes / tp + kv_bytes_per_token / kv_shards * (C + K + T))
                / (mem_bandwidth * bandwidth_eff)
     comm     = 2 * layers * (allreduce_latency + 2 (tp-1)/tp * T * hidden * 2 / link_bw)
@@ -101,7 +102,11 @@ class Roofline:
             tp * hardware.peak_flops_for(precision) * hardware.compute_efficiency
         )
         self._linear_flops_per_token = 2.0 * model.active_params
-        self._attn_flops_per_pair = 4.0 * model.layers * model.attention_width
+        # attention's FLOPs per query-key pair, priced relative to the matmuls' FLOPs
+        # (``attention_cost_factor``: 1 in the table, fitted for a CPU engine)
+        self._attn_flops_per_pair = (
+            4.0 * model.layers * model.attention_width * hardware.attention_cost_factor
+        )
         if tp > 1:
             allreduces = 2 * model.layers
             ring_factor = 2.0 * (tp - 1) / tp

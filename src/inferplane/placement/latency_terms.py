@@ -24,8 +24,9 @@ class _Consts:
     Read-only by convention: a plain class, not a frozen dataclass, so that compiled code reads
     its fields directly."""
 
-    __slots__ = ("embedding", "fixed_s", "frontend_request_s", "frontend_token_s",
-                 "max_concurrency", "name", "prefill_s_per_token", "region", "roofline", "step")
+    __slots__ = ("attention_excess_s", "embedding", "fixed_s", "frontend_request_s",
+                 "frontend_token_s", "max_concurrency", "name", "prefill_s_per_token", "region",
+                 "roofline", "step")
 
     def __init__(
         self,
@@ -39,6 +40,7 @@ class _Consts:
         region: str,
         max_concurrency: int,
         step: tuple[float, float, float, float, float, float, float, float, float, float],
+        attention_excess_s: float = 0.0,
     ) -> None:
         self.roofline = roofline
         self.prefill_s_per_token = prefill_s_per_token
@@ -56,7 +58,27 @@ class _Consts:
         #: the roofline's `Roofline.step_terms` (zeros without one), for the decode step
         #: `load_terms` computes inline
         self.step = step
+        #: seconds per query-key pair that attention priced apart from the matmuls
+        #: (``attention_cost_factor`` > 1, a calibrated CPU engine) adds to a prefill: 0 in the
+        #: table. `load_terms` counts it at the queued prompts' own length
+        self.attention_excess_s = attention_excess_s
 
+
+#: the prefill chunk at which ``prefill_s_per_token`` is taken (`PredictedLatency`)
+_REF_CHUNK = 2048
+
+
+def attention_excess_s(r: Roofline | None) -> float:
+    """Seconds per query-key pair of a prefill that ``attention_cost_factor`` adds to the
+    roofline's compute beyond a factor of 1 (0.0 without a roofline, and exactly 0.0 for the
+    table's profiles)."""
+    if r is None:
+        return 0.0
+    f = r.hardware.attention_cost_factor
+    if f == 1.0:
+        return 0.0
+    attn, inv_flops = r.step_terms()[1], r.step_terms()[2]
+    return attn * (1.0 - 1.0 / f) * inv_flops
 
 #: `PredictedLatency`'s per-snapshot reuse of `load_terms`: endpoint → (the state object and the
 #: idle context they were computed for, batch, KV tokens, queue_s, raw ITL)
@@ -88,6 +110,7 @@ def load_terms(s: EndpointState, k: _Consts, idle_ctx: float) -> tuple[int, int,
     # Prefill is FCFS through the engine's per-step token budget: everything the
     # gateway sent that has not produced its first token is ahead of this request.
     queue_tokens = float(s.pending_prefill_tokens)
+    queued = pending
     if not s.stale:
         running = s.running
         if running is not None and running > batch:
@@ -95,8 +118,17 @@ def load_terms(s: EndpointState, k: _Consts, idle_ctx: float) -> tuple[int, int,
         waiting = s.waiting
         if waiting is not None and waiting > pending:
             queue_tokens += (waiting - pending) * ctx  # other clients
+            queued = int(waiting)
     if queue_tokens > 0:
         queue_s = queue_tokens * k.prefill_s_per_token
+        excess = k.attention_excess_s
+        if excess and queued > 0:
+            # prefill_s_per_token prices attention at a 2,048-token chunk's pairs per token
+            # (1,024); each queued prompt attends over its own tokens: attention priced apart
+            # (a calibrated CPU engine, where it is most of a prefill) at their mean length
+            queue_s += queue_tokens * excess * 0.5 * (queue_tokens / queued - _REF_CHUNK)
+            if queue_s < 0.0:
+                queue_s = 0.0
     kv = int(batch * ctx)
     if k.embedding or batch < 0:  # (batch + 1 ≤ 0: an empty step, 0.0)
         raw_i = 0.0

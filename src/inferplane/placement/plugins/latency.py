@@ -10,12 +10,18 @@ from pydantic import BaseModel, ConfigDict, Field
 from inferplane.fleet.model import Endpoint
 from inferplane.fleet.state import EndpointView
 from inferplane.placement.framework import CycleState, Plugin, register
-from inferplane.placement.latency_terms import NO_STEP, Loads, kept_load_terms
+from inferplane.placement.latency_terms import (
+    _REF_CHUNK,
+    NO_STEP,
+    Loads,
+    attention_excess_s,
+    kept_load_terms,
+)
 from inferplane.placement.latency_terms import _Consts as _Consts
 from inferplane.placement.plugins.affinity import PrefixMatcher, PrefixMode
 
 #: Prompt chunk at which the per-token prefill cost of queued work is measured.
-_REF_PREFILL_TOKENS = 2048
+_REF_PREFILL_TOKENS = _REF_CHUNK
 
 
 class LatencyParams(BaseModel):
@@ -158,6 +164,7 @@ class PredictedLatency(Plugin):
             ep.substrate.region,
             ep.spec.max_concurrency,
             r.step_terms() if r is not None else NO_STEP,
+            attention_excess_s(r),
         )
         return c
 
