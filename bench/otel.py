@@ -25,9 +25,14 @@ is then the mean over its N processes, its ratio is taken against the mean of th
 processes, and the spread of its processes' own ratios (min-max) is printed beside it — the off
 processes' spread is the run's control.
 
+``--gc`` counts every process's garbage collections and the CPU time in them
+(``bench/gcsite/sitecustomize.py``, a `gc.callbacks` hook put on the processes' ``PYTHONPATH``):
+per variant, collections per 1,000 requests by generation and the collector's CPU per request,
+in the gateway process and in its exporter process, over the rounds.
+
     python bench/otel.py [--rounds 6] [--requests 600] [--concurrency 8] [--ratios 1,0.05]
                          [--variant NAME=FIELDS] [--code NAME=DIR] [--pin CPU] [--gateways N]
-                         [--json out.json]
+                         [--gc] [--json out.json]
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ import json
 import os
 import platform
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -100,6 +106,28 @@ def main_thread_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+GC_LAYOUT = "<3q3d"
+"""``bench/gcsite/sitecustomize.py``'s file: collections by generation, then CPU seconds."""
+
+
+def gc_stats(folder: Path | None, pid: int) -> tuple[float, ...]:
+    """`GC_KEYS`: the collections by generation and the CPU s in them of process ``pid``, then
+    the same summed over its child processes (its exporter process), so far, from ``--gc``'s
+    hook (zeros without ``--gc``)."""
+    total = [0.0] * 12
+    if folder is None:
+        return tuple(total)
+    for p in (pid, *child_pids(pid)):
+        try:
+            values = struct.unpack(GC_LAYOUT, (folder / f"{p}.gc").read_bytes())
+        except (OSError, struct.error):
+            continue
+        at = 0 if p == pid else 6
+        for i, v in enumerate(values):
+            total[at + i] += v
+    return tuple(total)
+
+
 def cpu_seconds(pid: int) -> tuple[float, float]:
     """(the gateway process's CPU, its child processes' CPU: the OTLP exporter process) so far.
     A child that exits between two readings is missed: none does while a round runs."""
@@ -147,7 +175,8 @@ async def burst(session: aiohttp.ClientSession, url: str, n: int, conc: int) -> 
 
 
 async def run(args: argparse.Namespace, urls: dict[str, str], pids: dict[str, int],
-              exporters: set[str]) -> list[dict[str, float | str | int]]:
+              exporters: set[str],
+              gc_dir: Path | None = None) -> list[dict[str, float | str | int]]:
     rows: list[dict[str, float | str | int]] = []
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
         for name in urls:  # warm-up: connections, first-request paths
@@ -164,11 +193,13 @@ async def run(args: argparse.Namespace, urls: dict[str, str], pids: dict[str, in
                 (cpu0, child0), t0 = cpu_seconds(pids[name]), time.perf_counter()
                 sw0, sp0 = switches(pids[name]), split(pids[name])
                 mt0 = main_thread_cpu(pids[name])
+                gc0 = gc_stats(gc_dir, pids[name])
                 await burst(s, urls[name], args.requests, args.concurrency)
                 await asyncio.sleep(0.2)  # let the round's tail (accounting, batching) settle
                 cpu1, child1 = cpu_seconds(pids[name])
                 sw1, sp1 = switches(pids[name]), split(pids[name])
                 mt1 = main_thread_cpu(pids[name])
+                gc1 = gc_stats(gc_dir, pids[name])
                 cpu = cpu1 - cpu0
                 rows.append({"round": rnd, "variant": name, "n": args.requests,
                              "cpu_ms_per_request": cpu / args.requests * 1e3,
@@ -179,6 +210,8 @@ async def run(args: argparse.Namespace, urls: dict[str, str], pids: dict[str, in
                              "minor_faults_per_request": (sp1[2] - sp0[2]) / args.requests,
                              "main_thread_ms_per_request": (mt1 - mt0) / args.requests * 1e3,
                              "wall_s": time.perf_counter() - t0,
+                             **{f"gc_{k}": b - a for k, a, b in zip(GC_KEYS, gc0, gc1,
+                                                                    strict=True)},
                              "load1": os.getloadavg()[0]})
                 print(f"round {rnd} {name}: {rows[-1]['cpu_ms_per_request']:.3f} CPU ms/request, "
                       f"exporter {rows[-1]['exporter_cpu_ms_per_request']:.3f} "
@@ -206,6 +239,32 @@ async def settle(pids: dict[str, int], exporters: set[str],
             return now
         last = now
     return last
+
+
+GC_KEYS = ("gen0", "gen1", "gen2", "gen0_s", "gen1_s", "gen2_s",
+           "exp_gen0", "exp_gen1", "exp_gen2", "exp_gen0_s", "exp_gen1_s", "exp_gen2_s")
+"""A round's `gc_stats` differences (``gc_`` + each): the gateway's, then its exporter's."""
+
+
+def print_gc(inst: dict[str, str], rows: list[dict[str, float | str | int]]) -> None:
+    """``--gc``: each variant's collections per 1,000 requests (gen0/gen1/gen2) and the
+    collector's CPU µs per request, in the gateway and in its exporter process, over all its
+    processes' rounds."""
+    print("| variant | gateway collections per 1,000 requests, gen0 / gen1 / gen2 | gateway GC "
+          "µs/request, gen0 / gen1 / gen2 | all | exporter collections per 1,000 requests | "
+          "exporter GC µs/request |")
+    print("|---|---|---|---|---|---|")
+    for v in dict.fromkeys(inst.values()):
+        mine = [r for r in rows if inst[str(r["variant"])] == v]
+        n = sum(float(r["n"]) for r in mine)
+        tot = {k: sum(float(r[f"gc_{k}"]) for r in mine) for k in GC_KEYS}
+        per = [1e3 * tot[f"gen{g}"] / n for g in range(3)]
+        us = [1e6 * tot[f"gen{g}_s"] / n for g in range(3)]
+        ex = [1e3 * tot[f"exp_gen{g}"] / n for g in range(3)]
+        ex_us = 1e6 * sum(tot[f"exp_gen{g}_s"] for g in range(3)) / n
+        print(f"| {v} | {per[0]:.1f} / {per[1]:.2f} / {per[2]:.3f} | {us[0]:.2f} / {us[1]:.2f} "
+              f"/ {us[2]:.2f} | **{sum(us):.2f}** | {ex[0]:.1f} / {ex[1]:.2f} / {ex[2]:.3f} | "
+              f"{ex_us:.2f} |")
 
 
 def telemetry_variants(ratios: str, extra: list[str], endpoint: str) -> dict[str, str]:
@@ -260,6 +319,9 @@ def main() -> None:
     ap.add_argument("--gateways", type=int, default=1, metavar="N",
                     help="gateway processes per variant (all interleaved in the same rounds): "
                     "ratios against the mean of the off processes, with their spread")
+    ap.add_argument("--gc", action="store_true",
+                    help="count every process's garbage collections and their CPU time "
+                    "(bench/gcsite: a gc.callbacks hook); a table per variant")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     if args.gateways < 1:
@@ -277,6 +339,13 @@ def main() -> None:
     ports = {name: free_port() for name in inst}
     procs = [Proc(["-m", "tests.support.fake_upstream", "--port", str(up_port), "--mode", "fast"],
                   tmp / "up.log")]
+    gc_dir = None
+    if args.gc:  # every process started from here on loads the hook (bench/gcsite)
+        gc_dir = tmp / "gc"
+        gc_dir.mkdir()
+        os.environ["INFERPLANE_BENCH_GC"] = str(gc_dir)
+        os.environ["PYTHONPATH"] = os.pathsep.join(
+            [str(ROOT / "bench" / "gcsite"), os.environ.get("PYTHONPATH", "")])
     load_before = os.getloadavg()
     try:
         procs[0].wait_http(f"http://127.0.0.1:{up_port}/health")
@@ -296,7 +365,8 @@ def main() -> None:
         urls = {n: f"http://127.0.0.1:{p}/v1/chat/completions" for n, p in ports.items()}
         exporters = {n for n, v in inst.items()
                      if "enabled: true" in telemetry[v] and "exporter: thread" not in telemetry[v]}
-        rows = asyncio.run(run(args, urls, {n: g.p.pid for n, g in gws.items()}, exporters))
+        rows = asyncio.run(run(args, urls, {n: g.p.pid for n, g in gws.items()}, exporters,
+                               gc_dir))
     finally:
         for p in reversed(procs):
             p.stop()
@@ -361,6 +431,8 @@ def main() -> None:
               f"included): gateway {g / w_off:.3f}x off, with its exporter process "
               f"{(g + c) / w_off:.3f}x ({c:.3f} ms/request there)")
     gateways = by_variant(inst, per, child, rows) if args.gateways > 1 else {}
+    if args.gc:
+        print_gc(inst, rows)
     print(f"spans received by the OTLP receiver: {spans}")
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "whole_run": whole, "result": result,
