@@ -135,11 +135,17 @@ def provider_name(endpoint: Endpoint) -> str:
 
 
 class _EndpointInfo:
-    """What an endpoint's spans and metric points carry, worked out once."""
+    """What an endpoint's spans and metric points carry, worked out once: for ``endpoint`` (the
+    object it was made from) and any endpoint of the same definition
+    (`OtelTelemetry.endpoint_info`)."""
 
-    __slots__ = ("_attempt", "attempts", "decisions", "fixed", "provider")
+    __slots__ = ("_attempt", "attempts", "decisions", "endpoint", "fixed", "provider", "upstream")
 
     def __init__(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+        # a served model's upstream name (`Endpoint.upstream_model`), by model: read by the
+        # request path when it is handed ``endpoint`` itself (`OtelTrace.upstream_started`)
+        self.upstream: dict[str, str] = {}
         address, port = _address(endpoint.url)
         self.provider = provider_name(endpoint)
         fixed: list[tuple[str, Any]] = [
@@ -164,6 +170,15 @@ class _EndpointInfo:
             a = self.attempts[(op, model)] = (
                 ("gen_ai.operation.name", op), ("gen_ai.request.model", model), *self._attempt)
         return a
+
+    def upstream_model(self, endpoint: Endpoint, model: str) -> str:
+        """``endpoint``'s name for ``model`` (`Endpoint.upstream_model`), kept for the next
+        request when ``endpoint`` is the one this was made from (an endpoint of the same name
+        from another fleet, placed before a reload, may name it otherwise)."""
+        upstream = endpoint.upstream_model(model)
+        if endpoint is self.endpoint and len(self.upstream) < 256:
+            self.upstream[model] = upstream
+        return upstream
 
     def decision(self, policy: str) -> Pairs:
         a = self.decisions.get(policy)

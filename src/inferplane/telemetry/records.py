@@ -50,16 +50,28 @@ Record = tuple[Any, ...]
 
 COMPACT = "compact"
 """The tag (first value) of a compact record: the hand-over of a request with two stages and
-one attempt (the common case), `OtelTrace.handed` — the tag, then the record's fields with
-none nested (its server tuple's seven, each stage's five, the attempt's nine in place; no
-`R_SAMPLED`: only sampled requests are handed over), cheaper to build and to pickle. A record
-(`Record`) starts with `R_SAMPLED`, a bool, so the tag tells the two apart whatever their
-lengths. `expand` makes the record of it; `full` takes either."""
+one attempt, the second stage with its placement's attributes (`placement`: the common case),
+`OtelTrace.handed` — the tag, then the record's fields with none nested (its server tuple's
+seven, each stage's five, the attempt's nine in place; no `R_SAMPLED`: only sampled requests
+are handed over), except that the second stage's attributes are its candidates count (an int:
+the decision id and the spillover reason are the record's own), cheaper to build and to
+marshal, and untracked by the garbage collector in its first collection (no tuple made for
+the request in it). A record (`Record`) starts with `R_SAMPLED`, a bool, so the tag tells the
+two apart whatever their lengths. `expand` makes the record of it; `full` takes either."""
+
+
+def placement(decision_id: str | None, candidates: int, spill: str | None) -> Pairs:
+    """The attributes a placement gives the stage it is made in (`OtelTrace.placed`)."""
+    if spill is None:
+        return (("inferplane.decision_id", decision_id), ("inferplane.candidates", candidates))
+    return (("inferplane.decision_id", decision_id), ("inferplane.candidates", candidates),
+            ("inferplane.spillover.reason", spill))
 
 
 def expand(c: tuple[Any, ...]) -> Record:
     """The record (`Record`) a compact record (`COMPACT`) stands for."""
-    return (True, *c[1:8], c[8:15], *c[15:28], (c[28:33], c[33:38]), (c[38:47],))
+    return (True, *c[1:8], c[8:15], *c[15:28],
+            (c[28:33], (*c[33:37], placement(c[17], c[37], c[18]))), (c[38:47],))
 
 
 def full(r: tuple[Any, ...]) -> Record:
@@ -242,8 +254,14 @@ def compact(r: Record) -> tuple[Any, ...] | None:
     stages, attempts = r[R_STAGES], r[R_ATTEMPTS]
     if len(stages) != 2 or len(attempts) != 1:
         return None
+    attrs = stages[1][4]
+    if (len(attrs) < 2 or type(attrs[1][1]) is not int
+            or attrs != placement(r[R_DECISION_ID], attrs[1][1], r[R_SPILL])
+            or (len(attrs) > 2 and type(attrs[2][1]) is not str)
+            or type(attrs[0][1]) is not type(r[R_DECISION_ID])):
+        return None  # not the attributes of its placement (`placement`)
     return (COMPACT, *r[R_TRACE:R_SERVER], *r[R_SERVER], *r[R_MAX_TOKENS:R_STAGES], *stages[0],
-            *stages[1], *attempts[0])
+            *stages[1][:4], attrs[1][1], *attempts[0])
 
 
 def encode_trace(tel: OtelTelemetry, r: Record) -> bytes | None:
@@ -269,8 +287,9 @@ def encode_compact(tel: OtelTelemetry, c: tuple[Any, ...]) -> bytes | None:
     (`_group`), so that finding the kind compares them by identity."""
     (_, trace_id, sid_, parent, remote, state, start, end, _, _, _, model, _, _, _, max_tokens,
      decision, did, spill, status, _, error_type, prompt, completion, ttft, tpot, response_model,
-     _, admit, a0, a1, e0, attrs0, place, p0, p1, e1, attrs1, span_id, fixed, upstream_model,
-     number, c0, c1, err, _, finished) = c
+     _, admit, a0, a1, e0, attrs0, place, p0, p1, e1, candidates, span_id, fixed,
+     upstream_model, number, c0, c1, err, _, finished) = c
+    attrs1 = placement(did, candidates, spill)
     if (error_type is not None or e0 is not None or e1 is not None or attrs0 or not finished
             or err is not None or type(did) is not str or len(attrs1) < 2
             or attrs1[0][1] != did or type(attrs1[0][1]) is not str
