@@ -360,3 +360,51 @@ def test_the_layout_is_the_hash_of_the_sources_that_make_and_read_the_records(
     assert export.layout() != export.LAYOUT
     monkeypatch.setattr(export, "LAYOUT_SOURCES", ("no such module.py",))
     assert export.layout().startswith("version ")
+
+
+@pytest.mark.parametrize("spill", [None, "saturated"])
+def test_a_queued_compact_record_is_untracked_by_the_first_young_collection(
+        tel: OtelTelemetry, spill: str | None) -> None:
+    """A compact record holds no tuple made for its request (the place stage's attributes are
+    its candidates count: `records.placement` makes them again), so the garbage collector
+    untracks it in the first collection that sees it: a record queued for the batcher is not
+    traversed again by each young collection until an older generation's untracks it."""
+    import gc
+
+    decision = copy.copy(DECISION)
+    if spill is not None:
+        decision.spillover = Spillover(reason=spill, preferred="x", chosen="e",
+                                       from_region="r", to_region="r")
+    for _ in range(2):  # the shared attribute groups: made, then untracked (long-lived)
+        gc.collect()
+        _placed(tel, decision)
+    gc.collect()
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        handed = [_placed(tel, decision).handed() for _ in range(5)]
+        assert all(h[0] == COMPACT for h in handed)
+        assert all(gc.is_tracked(h) for h in handed)  # a new tuple: tracked until collected
+        gc.collect(0)
+        assert not any(gc.is_tracked(h) for h in handed)
+    finally:
+        if enabled:
+            gc.enable()
+    assert full(handed[0])[22][1][4] == (
+        ("inferplane.decision_id", decision.decision_id),
+        ("inferplane.candidates", len(decision.candidates)),
+        *((("inferplane.spillover.reason", spill),) if spill is not None else ()))
+
+
+def _placed(tel: OtelTelemetry, decision: Any) -> Any:
+    t = tel.request("chat", {})
+    with t.stage("admit"):
+        pass
+    with t.stage("place"):
+        t.placed(decision)
+    t.upstream_started(decision.picked.endpoint, "m")
+    t.finished(status=200, error=None, prompt_tokens=3, completion_tokens=4, ttft_s=0.01,
+               tpot_s=0.002)
+    t.end()
+    return t
