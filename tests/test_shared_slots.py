@@ -4,6 +4,7 @@ that end without renewal, and renewal that keeps them."""
 from __future__ import annotations
 
 import asyncio
+import random
 from pathlib import Path
 
 from inferplane.admission.slots import SharedSlots
@@ -65,3 +66,24 @@ async def _scenario(
     await asyncio.sleep(0.9)
     assert await a.acquire("f") is None
     b.release("f", f2)
+
+
+async def test_close_returns_when_redis_py_swallows_the_loops_cancellation(tmp_path: Path) -> None:
+    """The hang seen in a test's gateway clean-up (session 11): close cancelled the sync loop
+    while one of its Redis calls was in flight, redis-py swallowed the cancellation and close
+    waited on a loop that ran on (inferplane.waits.stop_task). 40 starts and closes at random
+    points of the loop's Redis calls; with the old close about one in six hung."""
+    srv = RedisServer(tmp_path)
+    rng = random.Random(11)
+    try:
+        for i in range(40):
+            slots = SharedSlots(srv.url, f"close-{i}:", limits={"e": 2},
+                                on_remote=lambda n, c: None, sync_s=0.001)
+            await slots.start()
+            await asyncio.sleep(rng.random() * 0.02)
+            closing = asyncio.create_task(slots.close())
+            done, _ = await asyncio.wait({closing}, timeout=30)  # a hang guard, not a timing
+            assert closing in done, f"close {i} did not return: its sync loop ran on"
+            assert closing.exception() is None
+    finally:
+        srv.stop()

@@ -44,6 +44,7 @@ from redis.exceptions import RedisError
 
 from inferplane.looplag import MAX_STRETCH, LoopLag, bounded
 from inferplane.placement.profile import RequestProfile
+from inferplane.waits import stop_task
 
 log = logging.getLogger("inferplane.admission")
 
@@ -265,9 +266,7 @@ class SharedPlacement:
 
     async def close(self) -> None:
         for task in (self._listen, self._flush):
-            if task is not None and not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, *_FAILURES):
-                    await task
+            with contextlib.suppress(*_FAILURES):
+                await stop_task(task)  # redis-py may swallow one cancellation: inferplane.waits
         await self.r.aclose()
         await self.sub.aclose()

@@ -42,6 +42,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from inferplane.looplag import MAX_STRETCH, LoopLag, bounded
+from inferplane.waits import stop_task
 
 log = logging.getLogger("inferplane.admission")
 
@@ -357,10 +358,7 @@ class SharedSlots:
 
     async def close(self) -> None:
         for task in (self._loop, self._flush):
-            if task is not None and not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            await stop_task(task)  # redis-py may swallow one cancellation: inferplane.waits
         held = [(name, sid) for name, ids in self.held.items() for sid in ids]
         self._releases += held
         for ids in self.held.values():
