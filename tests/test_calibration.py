@@ -407,6 +407,28 @@ substrates:
 """
 
 
+def test_a_fleet_warns_when_a_calibrated_profile_serves_another_model(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A calibrated profile holds for the model it was probed with
+    (``calibration.model_profile``): an endpoint serving another model on it is named in a
+    warning; the probed model, or a file that does not say, warns of nothing."""
+    base, _, pre, dec = _synthetic("cpu", "tiny-llama", 256)
+    cal = fit(base, get_model("tiny-llama"), pre, dec, name="cpu-lab")
+    fleet_file = tmp_path / "fleet.yaml"
+    fleet_file.write_text(FLEET.format(profile="profile.yaml", hardware="cpu-lab", port=9))
+    for probed, warned in (("tiny-llama", False), ("llama-3.1-8b", True), (None, False)):
+        meta = {} if probed is None else {"model_profile": probed}
+        (tmp_path / "profile.yaml").write_text(dump_profile(cal, "cpu", meta))
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="inferplane.fleet"):
+            Fleet.from_config(load_config(fleet_file))
+        said = [r.getMessage() for r in caplog.records if r.name == "inferplane.fleet"]
+        assert bool(said) == warned, said
+        if warned:
+            assert "lab-0" in said[0] and "'llama-3.1-8b'" in said[0]
+
+
 def test_fleet_file_names_calibrated_profiles_relative_to_itself(tmp_path: Path) -> None:
     _, cal = _profile_file(tmp_path)
     fleet_file = tmp_path / "fleet.yaml"
