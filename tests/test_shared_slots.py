@@ -70,9 +70,9 @@ async def _scenario(
 
 async def test_close_returns_when_redis_py_swallows_the_loops_cancellation(tmp_path: Path) -> None:
     """The hang seen in a test's gateway clean-up (session 11): close cancelled the sync loop
-    while one of its Redis calls was in flight, redis-py swallowed the cancellation and close
-    waited on a loop that ran on (inferplane.waits.stop_task). 40 starts and closes at random
-    points of the loop's Redis calls; with the old close about one in six hung."""
+    while one of its Redis calls was in flight, redis-py (with the client's old socket_timeout)
+    lost the cancellation and close waited on a loop that ran on. 40 starts and closes at random
+    points of the loop's Redis calls; with the old client and close about one in six hung."""
     srv = RedisServer(tmp_path)
     rng = random.Random(11)
     try:
@@ -87,3 +87,4 @@ async def test_close_returns_when_redis_py_swallows_the_loops_cancellation(tmp_p
             assert closing.exception() is None
     finally:
         srv.stop()
+

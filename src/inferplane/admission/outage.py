@@ -206,7 +206,8 @@ class OutageStore:
             seq: int | None = None
             with contextlib.suppress(Exception):  # not in the file (logged): memory only
                 seq = await asyncio.shield(e.written)
-            await self._apply(e)
+            async with self._deadline():
+                await self._apply(e)
             self.journal.popleft()
             self.replayed += 1
             if seq is not None:
@@ -329,7 +330,8 @@ class OutageStore:
             written.set_result(seq)
             self.journal.append(Entry(kind, payload, written))
         try:
-            ok = await self.remote.ping()
+            async with self._deadline():  # the client has no read timeout of its own
+                ok = await self.remote.ping()
         except _FAILURES as exc:
             if not self.journal:
                 raise
@@ -353,7 +355,8 @@ class OutageStore:
                 await self._reconciler
         if self.journal:  # one last try, so a clean stop after an outage loses nothing
             with contextlib.suppress(*_FAILURES):
-                await self.remote.ping()
+                async with self._deadline():
+                    await self.remote.ping()
                 await self._replay()
         if self.journal:
             if self.store.durable:

@@ -257,7 +257,8 @@ class SharedPlacement:
         """Redis must answer, unless ``degraded`` (the admission store started in an outage it
         was killed in): then the sharing starts as during any outage."""
         try:
-            await self.r.ping()
+            async with self._deadline():  # the client has no read timeout of its own
+                await self.r.ping()
         except _FAILURES as exc:
             if not degraded:
                 raise
@@ -266,7 +267,7 @@ class SharedPlacement:
 
     async def close(self) -> None:
         for task in (self._listen, self._flush):
-            with contextlib.suppress(*_FAILURES):
-                await stop_task(task)  # redis-py may swallow one cancellation: inferplane.waits
+            if (exc := await stop_task(task)) is not None:  # cancelled again if it ran on
+                log.error("shared placement state: a background task had failed: %r", exc)
         await self.r.aclose()
         await self.sub.aclose()

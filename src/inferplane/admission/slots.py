@@ -280,6 +280,10 @@ class SharedSlots:
                 await f
         except TimeoutError:
             pass
+        except asyncio.CancelledError:
+            if f.done() and not f.cancelled():
+                self._wake(1)  # woken as it was cancelled: the wake goes to the next waiter
+            raise
         finally:
             if not f.done():
                 f.cancel()
@@ -348,8 +352,10 @@ class SharedSlots:
         ``degraded`` (the admission store started in an outage it was killed in): then the
         slots start from this process's view, as during any outage."""
         try:
-            await self.r.ping()
-            await self.sync()
+            async with self._deadline():  # the client has no read timeout of its own
+                await self.r.ping()
+            async with self._deadline():
+                await self.sync()
         except _FAILURES as exc:
             if not degraded:
                 raise
@@ -358,14 +364,15 @@ class SharedSlots:
 
     async def close(self) -> None:
         for task in (self._loop, self._flush):
-            await stop_task(task)  # redis-py may swallow one cancellation: inferplane.waits
+            if (exc := await stop_task(task)) is not None:  # cancelled again if it ran on
+                log.error("shared in-flight slots: a background task had failed: %r", exc)
         held = [(name, sid) for name, ids in self.held.items() for sid in ids]
         self._releases += held
         for ids in self.held.values():
             ids.clear()
         with contextlib.suppress(*_FAILURES):
             if self._releases:
-                async with self.r.pipeline(transaction=False) as pipe:
+                async with self._deadline(), self.r.pipeline(transaction=False) as pipe:
                     for endpoint, sid in self._releases:
                         pipe.zrem(self._key(endpoint), sid)
                     await pipe.execute()

@@ -656,7 +656,8 @@ def _shared_revocations(gateway: Gateway) -> RedisRevocations | None:
     store = gateway.admission.store
     if not isinstance(store, OutageStore):
         return None
-    return RedisRevocations(store.remote.r, store.remote.p, lambda: store.up)
+    return RedisRevocations(store.remote.r, store.remote.p, lambda: store.up,
+                            timeout_s=store.remote.timeout_s)
 
 
 def setup(app: web.Application, gateway: Gateway) -> None:
