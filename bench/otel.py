@@ -344,8 +344,8 @@ def main() -> None:
         gc_dir = tmp / "gc"
         gc_dir.mkdir()
         os.environ["INFERPLANE_BENCH_GC"] = str(gc_dir)
-        os.environ["PYTHONPATH"] = os.pathsep.join(
-            [str(ROOT / "bench" / "gcsite"), os.environ.get("PYTHONPATH", "")])
+        os.environ["PYTHONPATH"] = os.pathsep.join(  # no empty entry: it would add the cwd
+            p for p in (str(ROOT / "bench" / "gcsite"), os.environ.get("PYTHONPATH")) if p)
     load_before = os.getloadavg()
     try:
         procs[0].wait_http(f"http://127.0.0.1:{up_port}/health")

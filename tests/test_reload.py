@@ -168,6 +168,7 @@ def test_a_reload_renews_what_the_spans_say_of_a_changed_endpoint() -> None:
         try:
             tel: Any = core.telemetry
             old = core.fleet.by_name["eu-1"]
+            old_kept = core.fleet.by_name["eu-0"]
             assert ("server.port", 9002) in tel.endpoint_info(old).attempt("chat", "m")
             moved = SMALL_FLEET_YAML.replace("http://127.0.0.1:9002", "http://127.0.0.1:9012")
             await core.reload(parse_config(moved + telemetry, "f.yaml"), "f.yaml")
@@ -177,7 +178,11 @@ def test_a_reload_renews_what_the_spans_say_of_a_changed_endpoint() -> None:
                 assert ("server.port", 9012) in tel.endpoint_info(new).attempt("chat", "m")
             assert tel.endpoint_info(new) is tel.endpoint_info(new)
             kept = core.fleet.by_name["eu-0"]  # unchanged: cached again
-            assert tel.endpoint_info(kept) is tel.endpoint_info(kept)
+            # first asked for by a request placed before the swap: made from the new fleet's
+            # endpoint, so that its upstream model names are kept for the requests after it
+            first = tel.endpoint_info(old_kept)
+            assert old_kept is not kept and first.endpoint is kept
+            assert tel.endpoint_info(kept) is first
         finally:
             await core.stop()
 

@@ -243,12 +243,14 @@ class OtelTelemetry(Telemetry):
         fleet is reloaded (`fleet_changed`)."""
         info = self._endpoints.get(endpoint.name)
         if info is None:
-            info = _EndpointInfo(endpoint)
             fleet = self._fleet
             current = endpoint if fleet is None else fleet.get(endpoint.name)
-            # a request placed on the old fleet before a reload: its endpoint's info not kept
-            if current is endpoint or (current is not None and current.same_definition(endpoint)):
-                self._endpoints[endpoint.name] = info
+            if current is not None and (
+                current is endpoint or current.same_definition(endpoint)
+            ):  # kept, made from the current fleet's endpoint (its upstream names cached)
+                info = self._endpoints[endpoint.name] = _EndpointInfo(current)
+            else:  # a request placed on the old fleet before a reload: not kept
+                info = _EndpointInfo(endpoint)
         return info
 
     def fleet_changed(self, fleet: Fleet) -> None:
