@@ -144,7 +144,8 @@ def predicted_ttft_s(fleet_text: str, tokens: int, ahead: int = 0) -> float:
     fresh prompt of ``tokens`` tokens on the fleet's one endpoint, with ``ahead`` requests of
     the same size sent before it that have not produced their first token yet (a burst)."""
     fleet = Fleet.from_config(parse_config(fleet_text))
-    st = state(inflight=ahead, pending_prefill=ahead, pending_prefill_tokens=ahead * tokens)
+    st = state(inflight=ahead, pending_prefill=ahead, pending_prefill_tokens=ahead * tokens,
+               pending_prefill_sq=ahead * tokens * tokens)
     snap = snapshot(fleet, {fleet.endpoints[0].name: st})
     c = cycle(profile(model=fid.MODEL, prompt_tokens=tokens, max_output_tokens=1), snap)
     list(plugin("predicted-latency").score(c, list(snap.endpoints)))

@@ -224,19 +224,21 @@ def test_attention_cost_factor_prices_attention_apart_from_the_matmuls() -> None
 
 def test_fit_recovers_an_attention_cost_factor() -> None:
     """A prefill sweep that curves (the fidelity vLLM's: a 768-token prompt ~10 % above the
-    line through the others) is fitted with attention priced apart: the factor, the matmuls'
-    efficiency and the overheads come back, and every point within 1 %. With the one price of
-    the table the same points are missed by ~10 % (what the fit did until session 11); and
-    with only two prefill sizes there is no curve to see: the factor stays at the base's."""
+    line through the others) is fitted with attention priced apart: the factor and the matmuls'
+    efficiency come back within 25 % (the prior towards the one-price fit's matmul price,
+    which keeps the split well-posed, holds them at ~16 and ~2.5e-4 on these exact points),
+    the overheads within 5 %, and every point within 2 %. With the one price of the table the
+    same points are missed by ~10 % (what the fit did until session 11); and with only two
+    prefill sizes there is no curve to see: the factor stays at the base's."""
     m = get_model("tiny-llama")
     truth = _attention_engine(20.0)
     r = Roofline(truth, m, precision="fp32")
     pre, dec = _probe_points(r)
     cal = fit(get_hardware("cpu"), m, pre, dec, name="cpu-attn", precision="fp32")
     h = cal.hardware
-    assert cal.max_error < 0.01
-    assert h.attention_cost_factor == pytest.approx(20.0, rel=0.05)
-    assert h.compute_efficiency == pytest.approx(3e-4, rel=0.05)
+    assert cal.max_error < 0.02
+    assert h.attention_cost_factor == pytest.approx(20.0, rel=0.25)
+    assert h.compute_efficiency == pytest.approx(3e-4, rel=0.25)
     assert h.step_overhead_s == pytest.approx(2.7e-3, rel=0.02)
     assert h.request_overhead_s == pytest.approx(4e-3, rel=0.05)
     flat = fit(dataclasses.replace(get_hardware("cpu"), attention_cost_factor=1.0), m,
@@ -267,6 +269,37 @@ def test_fit_recovers_the_attention_factor_through_measurement_noise() -> None:
             worst = max(worst, abs(predict_ttft_s(rf, n) / predict_ttft_s(r, n) - 1))
     assert worst < 0.06
     assert min(factors) > 0.5 and max(factors) < 2.0
+
+
+def test_the_split_fit_keeps_the_matmuls_price_near_the_one_price_fits_through_noise() -> None:
+    """An engine shaped like the fidelity vLLM — matmuls nearly free (efficiency 0.05), every
+    prefill's growth attention (12,000 / efficiency-1 FLOP-price per pair) — probed 20 times
+    with 3 % noise: with both prices free the split is all but unidentified (the matmuls'
+    efficiency 4-500x the one-price fit's, so a llama-3.1-8b prefill, all matmuls, moved ~6x
+    between probes); with the prior towards the one-price fit's matmul price it stays within
+    10x of it, that prefill within 4x between probes, and the fit still halves the one-price
+    fit's error."""
+    import inferplane.physics.calibration as cal_mod
+
+    m, big = get_model("tiny-llama"), get_model("llama-3.1-8b")
+    truth = dataclasses.replace(_attention_engine(1.0), compute_efficiency=0.05,
+                                attention_cost_factor=600.0)
+    r = Roofline(truth, m, precision="fp32")
+    ratios, eights = [], []
+    for seed in range(20):
+        rng = random.Random(seed)
+        pre, dec = _probe_points(r, lambda rng=rng: rng.gauss(1.0, 0.03))
+        h = fit(get_hardware("cpu"), m, pre, dec, name="noisy", precision="fp32").hardware
+        one = fit(get_hardware("cpu"), m, pre, dec, name="noisy", precision="fp32",
+                  attention=False).hardware
+        assert h.attention_cost_factor > 1.0  # the split was kept
+        err = cal_mod._rms_error(h, m, pre, dec, 1, "fp32")
+        assert err < 0.6 * cal_mod._rms_error(one, m, pre, dec, 1, "fp32")
+        ratios.append(h.compute_efficiency / one.compute_efficiency)
+        eights.append(Roofline(h, big, precision="fp32").prefill_time_s(768))
+    assert min(ratios) >= 1.0
+    assert max(ratios) < 10.0
+    assert max(eights) / min(eights) < 4.0
 
 
 def test_attention_cost_factor_reaches_the_emulated_engine(tmp_path: Path) -> None:
@@ -372,6 +405,28 @@ substrates:
         url: http://127.0.0.1:{port}
         models: [{{name: tiny-llama, max_context: 1024}}]
 """
+
+
+def test_a_fleet_warns_when_a_calibrated_profile_serves_another_model(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A calibrated profile holds for the model it was probed with
+    (``calibration.model_profile``): an endpoint serving another model on it is named in a
+    warning; the probed model, or a file that does not say, warns of nothing."""
+    base, _, pre, dec = _synthetic("cpu", "tiny-llama", 256)
+    cal = fit(base, get_model("tiny-llama"), pre, dec, name="cpu-lab")
+    fleet_file = tmp_path / "fleet.yaml"
+    fleet_file.write_text(FLEET.format(profile="profile.yaml", hardware="cpu-lab", port=9))
+    for probed, warned in (("tiny-llama", False), ("llama-3.1-8b", True), (None, False)):
+        meta = {} if probed is None else {"model_profile": probed}
+        (tmp_path / "profile.yaml").write_text(dump_profile(cal, "cpu", meta))
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="inferplane.fleet"):
+            Fleet.from_config(load_config(fleet_file))
+        said = [r.getMessage() for r in caplog.records if r.name == "inferplane.fleet"]
+        assert bool(said) == warned, said
+        if warned:
+            assert "lab-0" in said[0] and "'llama-3.1-8b'" in said[0]
 
 
 def test_fleet_file_names_calibrated_profiles_relative_to_itself(tmp_path: Path) -> None:
@@ -922,7 +977,8 @@ def test_the_predictors_queue_counts_priced_apart_attention_at_the_queued_prompt
         per_tok = r.prefill_time_s(_REF_PREFILL_TOKENS) / _REF_PREFILL_TOKENS
         k = _Consts(r, per_tok, 0.0, 0.0, 0.0, False, "e", "r", 4, r.step_terms(),
                     attention_excess_s(r))
-        st = state(inflight=pending, pending_prefill=pending, pending_prefill_tokens=tokens)
+        st = state(inflight=pending, pending_prefill=pending, pending_prefill_tokens=tokens,
+                   pending_prefill_sq=tokens * tokens // pending)  # prompts of one length
         return load_terms(st, k, 64.0)[2]
 
     table = get_hardware("cpu")
@@ -936,3 +992,43 @@ def test_the_predictors_queue_counts_priced_apart_attention_at_the_queued_prompt
     assert queue_s(hw, 640, 2) == pytest.approx(2 * own, rel=0.15)  # two of them
     flat = 320 * r.prefill_time_s(2048) / 2048
     assert flat > 4 * queue_s(hw, 320, 1)  # what the 2,048-token price alone said
+
+
+def test_the_predictors_queue_prices_a_mixed_queue_from_the_prompts_squares() -> None:
+    """Attention grows with each queued prompt's length squared, so 768 + 32 tokens queued
+    cost more than 400 + 400 (Jensen): the predictor's queue reads the pending prompts' sum of
+    squares (`EndpointState.pending_prefill_sq`), not their mean length, and matches the
+    prompts' own prefills either way; other clients' waiting prompts count at ``ctx`` each.
+    For the table's profiles the squares change nothing."""
+    from inferplane.placement.latency_terms import _Consts, attention_excess_s, load_terms
+    from inferplane.placement.plugins.latency import _REF_PREFILL_TOKENS
+
+    m = get_model("tiny-llama")
+
+    def queue_s(hw: HardwareProfile, lengths: Sequence[int], **engine: float) -> float:
+        r = Roofline(hw, m, precision="fp32")
+        per_tok = r.prefill_time_s(_REF_PREFILL_TOKENS) / _REF_PREFILL_TOKENS
+        k = _Consts(r, per_tok, 0.0, 0.0, 0.0, False, "e", "r", 4, r.step_terms(),
+                    attention_excess_s(r))
+        n = len(lengths)
+        st = state(inflight=n, inflight_tokens=400 * n, pending_prefill=n,
+                   pending_prefill_tokens=sum(lengths),
+                   pending_prefill_sq=sum(x * x for x in lengths), **engine)
+        return load_terms(st, k, 64.0)[2]
+
+    hw = _attention_engine(2000.0)
+    r = Roofline(hw, m, precision="fp32")
+
+    def own(lengths: Sequence[int]) -> float:  # the prompts' own prefill work, one by one
+        return sum(r.prefill_time_s(x) - r.prefill_time_s(1) for x in lengths)
+
+    mixed, even = queue_s(hw, [768, 32]), queue_s(hw, [400, 400])
+    assert own([768, 32]) > 1.4 * own([400, 400])
+    assert mixed == pytest.approx(own([768, 32]), rel=0.15)
+    assert even == pytest.approx(own([400, 400]), rel=0.15)
+    assert mixed > 1.4 * even  # the mean length alone priced them alike
+    # two more prompts waiting in the engine from other clients, at ctx (400 here) each
+    more = queue_s(hw, [768, 32], stale=False, waiting=4.0)
+    assert more == pytest.approx(mixed + even, rel=1e-9)
+    table = get_hardware("cpu")
+    assert queue_s(table, [768, 32]) == queue_s(table, [400, 400])  # factor 1: as before

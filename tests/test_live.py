@@ -172,6 +172,23 @@ def test_the_prefill_queue_is_expected_done_at_the_latest_predicted_first_token(
     assert late.prefill_end == clock.t
 
 
+def test_pending_prefill_keeps_the_prompts_squared_lengths(live: LiveFleet) -> None:
+    """`EndpointState.pending_prefill_sq`: the sum of the pending prompts' squared uncached
+    lengths, taken at reserve and given back at the first token or release (once)."""
+    def sq() -> int:
+        return live.snapshot().by_name["eu-0"].state.pending_prefill_sq
+
+    a = live.reserve("eu-0", 800, prefill_tokens=768)
+    b = live.reserve("eu-0", 100, prefill_tokens=32)
+    assert sq() == 768 * 768 + 32 * 32
+    a.first_token()
+    assert sq() == 32 * 32
+    a.release()
+    b.release()
+    b.release()
+    assert sq() == 0
+
+
 def test_each_reservation_removes_its_own_predicted_end(live: LiveFleet, clock: Clock) -> None:
     """Two pending requests with the same predicted first token: each first token (or release,
     idempotent after it) removes that request's own entry, once."""

@@ -87,4 +87,3 @@ async def test_close_returns_when_redis_py_swallows_the_loops_cancellation(tmp_p
             assert closing.exception() is None
     finally:
         srv.stop()
-

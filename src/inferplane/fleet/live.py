@@ -186,6 +186,7 @@ class EndpointLive:
         "metrics_at",
         "outcomes",
         "pending_prefill",
+        "pending_prefill_sq",
         "pending_prefill_tokens",
         "prefill_ends",
         "prefill_unpredicted",
@@ -211,6 +212,7 @@ class EndpointLive:
         self.remote_inflight = 0  # other replicas' in-flight requests (shared slots)
         self.pending_prefill = 0
         self.pending_prefill_tokens = 0
+        self.pending_prefill_sq = 0  # sum of the pending prompts' squared uncached lengths
         # the pending requests' expected first-token times (by reservation key), and how many
         # have none
         self.prefill_ends: dict[int, float] = {}
@@ -394,6 +396,7 @@ class LiveFleet:
         rec.inflight_tokens += tokens
         rec.pending_prefill += 1
         rec.pending_prefill_tokens += prefill_tokens
+        rec.pending_prefill_sq += prefill_tokens * prefill_tokens
         end = key = None
         if ttft_s is None:
             rec.prefill_unpredicted += 1
@@ -419,6 +422,7 @@ class LiveFleet:
         rec = rec or self.live[endpoint]
         rec.pending_prefill -= 1
         rec.pending_prefill_tokens -= prefill_tokens
+        rec.pending_prefill_sq -= prefill_tokens * prefill_tokens
         if key is None:
             rec.prefill_unpredicted -= 1
         else:
@@ -507,6 +511,7 @@ class LiveFleet:
             inflight_tokens=rec.inflight_tokens,
             pending_prefill=rec.pending_prefill,
             pending_prefill_tokens=rec.pending_prefill_tokens,
+            pending_prefill_sq=rec.pending_prefill_sq,
             prefill_done_at=(
                 max(rec.prefill_ends.values())
                 if rec.prefill_ends and not rec.prefill_unpredicted

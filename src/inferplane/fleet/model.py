@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING
@@ -17,6 +18,8 @@ from inferplane.config.schema import (
 
 if TYPE_CHECKING:
     from inferplane.physics import HardwareProfile, Roofline
+
+log = logging.getLogger("inferplane.fleet")
 
 
 @dataclass(frozen=True, eq=False)
@@ -168,16 +171,33 @@ class Fleet:
     @classmethod
     def from_config(cls, config: FleetConfig) -> Fleet:
         from inferplane.physics import get_hardware
-        from inferplane.physics.calibration import load_hardware_profile
+        from inferplane.physics.calibration import load_profile_file
 
-        calibrated = {
-            hw.name: hw for hw in (load_hardware_profile(p) for p in config.hardware_profiles)
-        }
+        calibrated: dict[str, HardwareProfile] = {}
+        probed: dict[str, tuple[str | None, str]] = {}  # name -> (probed model, file)
+        for path in config.hardware_profiles:
+            hw, model = load_profile_file(path)
+            calibrated[hw.name] = hw
+            probed[hw.name] = (model, path)
         eps: list[Endpoint] = []
+        others: dict[tuple[str, str], list[str]] = {}  # (profile, model) -> endpoints
         for sub in config.substrates:
             hw = calibrated.get(sub.hardware) or get_hardware(sub.hardware.lower())
+            model = probed.get(sub.hardware, (None, ""))[0]
             for spec in sub.endpoints:
                 eps.append(Endpoint(spec=spec, substrate=sub, index=len(eps), hardware=hw))
+                for m in spec.models:
+                    if model is not None and m.physics_profile != model:
+                        others.setdefault((sub.hardware, m.physics_profile), []).append(spec.name)
+        for (name, served), where in others.items():
+            model, path = probed[name]
+            log.warning(
+                "calibrated hardware profile %r (%s) was probed with model %r; endpoint(s) %s "
+                "serve %r on it: its factors are fitted to the probed model's steps and say "
+                "little about another's (predictions for %r may be far off; probe that model "
+                "to calibrate for it)",
+                name, path, model, ", ".join(where), served, served,
+            )
         return cls(endpoints=tuple(eps), regions={r.name: r for r in config.regions})
 
     @cached_property

@@ -20,9 +20,12 @@ class EndpointState:
     engine signals then. Gateway signals (in-flight, observed latencies) are always current;
     ``pending_prefill`` / ``pending_prefill_tokens`` are the in-flight requests that have not
     yet received a first token and their uncached prompt tokens: the prefill queue the gateway
-    itself put on the endpoint; ``prefill_done_at`` is when that queue is expected to be done
-    (the latest first token predicted, at placement, for those requests; on the snapshot's
-    clock), None when nothing is pending or one of them had no prediction.
+    itself put on the endpoint, and ``pending_prefill_sq`` the sum of those prompts' squared
+    uncached lengths (attention grows with each prompt's length squared: a queue of one long
+    and one short prompt costs more than two of their mean length); ``prefill_done_at`` is when
+    that queue is expected to be done (the latest first token predicted, at placement, for
+    those requests; on the snapshot's clock), None when nothing is pending or one of them had
+    no prediction.
     """
 
     healthy: bool = True
@@ -42,6 +45,7 @@ class EndpointState:
     inflight_tokens: int = 0
     pending_prefill: int = 0
     pending_prefill_tokens: int = 0
+    pending_prefill_sq: int = 0
     prefill_done_at: float | None = None
     ttft_p50_s: float | None = None
     ttft_p99_s: float | None = None

@@ -39,7 +39,11 @@ raised to what was achieved and the efficiency set to 1.
 
 A profile file (YAML, ``kind: inferplane/hardware-profile``) holds the fitted hardware profile and
 the evidence: every probe point with its measured and fitted time and the fit's error. Fleet files
-name such files under ``hardware_profiles`` and their substrates use the profile's ``name``.
+name such files under ``hardware_profiles`` and their substrates use the profile's ``name``. A
+calibrated profile holds for the model it was probed with (``calibration.model_profile``): the
+factors are fitted to that model's steps, and a model of another size moves the FLOPs, bytes and
+attention pairs of a step in proportions the probe never saw (`Fleet.from_config` logs a warning
+when an endpoint serves another model on it).
 """
 
 from __future__ import annotations
@@ -81,6 +85,9 @@ PRIOR_WEIGHTS: Final = (1e-12, 1e-6)
 #: unknown would only trade with the others (the known GPU machines of the tests).
 SPLIT_MIN_ERROR: Final = 0.01
 SPLIT_GAIN: Final = 0.8
+#: The prior's weight on ``1/compute_efficiency`` in the fit with two prices, towards the
+#: one-price fit's value (infinite: held there).
+SPLIT_CE_WEIGHT: Final = 0.03
 _MAX_ROUNDS: Final = 20
 _FRONTEND_GRID: Final = 24  # steps of the search for the front end's three factors, per axis
 _FRONTEND_REFINE: Final = 12  # then rounds of a local search, each at half the step
@@ -275,7 +282,13 @@ def fit(
                           for p in prefill}) >= 3:
         one = _rms_error(hw, model, prefill, decode, tp, precision)
         if one > SPLIT_MIN_ERROR:
-            apart = _fit_once(start, model, prefill, decode, tp, precision, split=True)
+            # from the one-price fit, its 1/ce held: the matmuls' price stays where the line
+            # put it and only attention's is fitted (both free, the pair is all but unidentified
+            # on a sweep this short: across six probes of one engine ce ran 8e-4-0.15 and the
+            # factor 8.5-1,990, at one price of attention; another model's prefill, all matmuls,
+            # then moved 7.8x between probes)
+            apart = _fit_once(hw, model, prefill, decode, tp, precision, split=True,
+                              ce_weight=SPLIT_CE_WEIGHT)
             if _rms_error(apart, model, prefill, decode, tp, precision) < SPLIT_GAIN * one:
                 hw = apart
     r = Roofline(hw, model, tp, precision)
@@ -385,12 +398,14 @@ def _rms_error(
 def _fit_once(
     hw: HardwareProfile, model: ModelProfile, prefill: Sequence[PrefillPoint],
     decode: Sequence[DecodePoint], tp: int, precision: str, *, split: bool,
+    ce_weight: float = PRIOR_WEIGHTS[0],
 ) -> HardwareProfile:
-    """The iterated least squares of the module docstring from ``hw``'s table values; with
+    """The iterated least squares of the module docstring from ``hw``'s values; with
     ``split`` attention's FLOPs are priced apart (the seventh unknown), else at ``hw``'s
-    ``attention_cost_factor``."""
+    ``attention_cost_factor``. ``ce_weight``: the prior's weight on ``1/compute_efficiency``
+    towards ``hw``'s (infinite: held there)."""
     base = hw
-    prior = {0: (1.0 / base.compute_efficiency, PRIOR_WEIGHTS[0]),
+    prior = {0: (1.0 / base.compute_efficiency, ce_weight),
              1: (1.0 / base.bandwidth_efficiency, PRIOR_WEIGHTS[1]),
              _ATTENTION: (base.attention_cost_factor / base.compute_efficiency, PRIOR_WEIGHTS[0])}
     previous: list[bool] | None = None
@@ -399,6 +414,8 @@ def _fit_once(
         held[_CONTEXT] = 0.0  # one context per sequence: K ∝ batch, seq_overhead_s's column
     if not split:
         held[_ATTENTION] = 0.0
+    if math.isinf(ce_weight):
+        held[0] = prior.pop(0)[0]
     structural, held_under = dict(held), None
     for _ in range(_MAX_ROUNDS):
         r = Roofline(hw, model, tp, precision)
@@ -608,6 +625,15 @@ class _ProfileFile(BaseModel):
 
 def load_hardware_profile(path: str | Path) -> HardwareProfile:
     """Read a profile file; raise ``ValueError`` naming the file and the field on any problem."""
+    return load_profile_file(path)[0]
+
+
+def load_profile_file(path: str | Path) -> tuple[HardwareProfile, str | None]:
+    """`load_hardware_profile`, and the model profile the engine was probed with
+    (``calibration.model_profile``; None when the file does not say). A calibrated profile
+    holds for that model: its factors are fitted to that model's prefills and decodes, and
+    what they say about another model's — an extrapolation in FLOPs, bytes and attention pairs
+    across model sizes — was never measured (`Fleet.from_config` warns)."""
     p = Path(path)
     try:
         data = yaml.safe_load(p.read_text("utf-8"))
@@ -628,7 +654,8 @@ def load_hardware_profile(path: str | Path) -> HardwareProfile:
             "its own name"
         )
     fields = h.model_dump(exclude={"base"})
-    return HardwareProfile(**fields)
+    probed = f.calibration.get("model_profile")
+    return HardwareProfile(**fields), (str(probed) if probed is not None else None)
 
 
 def dump_profile(cal: Calibration, base: str, meta: dict[str, Any]) -> str:
@@ -692,5 +719,9 @@ def dump_profile(cal: Calibration, base: str, meta: dict[str, Any]) -> str:
             ],
         },
     }
-    header = "# A calibrated hardware profile, written by `inferplane calibrate`.\n"
+    header = (
+        "# A calibrated hardware profile, written by `inferplane calibrate`. Its factors are\n"
+        "# fitted to the engine serving calibration.model_profile: they hold for that model\n"
+        "# (a fleet that uses the profile for another model's endpoint gets a warning).\n"
+    )
     return header + yaml.safe_dump(doc, sort_keys=False)

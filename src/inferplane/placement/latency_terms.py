@@ -60,7 +60,8 @@ class _Consts:
         self.step = step
         #: seconds per query-key pair that attention priced apart from the matmuls
         #: (``attention_cost_factor`` > 1, a calibrated CPU engine) adds to a prefill: 0 in the
-        #: table. `load_terms` counts it at the queued prompts' own length
+        #: table. `load_terms` counts it at the queued prompts' own lengths
+        #: (`EndpointState.pending_prefill_sq`)
         self.attention_excess_s = attention_excess_s
 
 
@@ -110,23 +111,25 @@ def load_terms(s: EndpointState, k: _Consts, idle_ctx: float) -> tuple[int, int,
     # Prefill is FCFS through the engine's per-step token budget: everything the
     # gateway sent that has not produced its first token is ahead of this request.
     queue_tokens = float(s.pending_prefill_tokens)
-    queued = pending
+    queue_sq = float(s.pending_prefill_sq)  # the queued prompts' squared lengths, summed
     if not s.stale:
         running = s.running
         if running is not None and running > batch:
             batch = int(running)
         waiting = s.waiting
         if waiting is not None and waiting > pending:
-            queue_tokens += (waiting - pending) * ctx  # other clients
-            queued = int(waiting)
+            others = waiting - pending  # other clients' prompts, of ctx tokens each
+            queue_tokens += others * ctx
+            queue_sq += others * ctx * ctx
     if queue_tokens > 0:
         queue_s = queue_tokens * k.prefill_s_per_token
         excess = k.attention_excess_s
-        if excess and queued > 0:
+        if excess:
             # prefill_s_per_token prices attention at a 2,048-token chunk's pairs per token
-            # (1,024); each queued prompt attends over its own tokens: attention priced apart
-            # (a calibrated CPU engine, where it is most of a prefill) at their mean length
-            queue_s += queue_tokens * excess * 0.5 * (queue_tokens / queued - _REF_CHUNK)
+            # (1,024); each queued prompt of L tokens attends over its own: L²/2 pairs. The
+            # attention priced apart (a calibrated CPU engine, where it is most of a prefill)
+            # at the queued prompts' own lengths, from the sum of their squares
+            queue_s += excess * 0.5 * (queue_sq - _REF_CHUNK * queue_tokens)
             if queue_s < 0.0:
                 queue_s = 0.0
     kv = int(batch * ctx)

@@ -66,7 +66,11 @@ class PredictedLatency(Plugin):
       (``pending_prefill_tokens``), plus ``(engine waiting - gateway pending) × ctx`` when the
       engine reports more waiting requests than the gateway sent (other clients);
       ``queue_s = queue_tokens × prefill_s_per_token`` (per-token cost of a 2048-token prefill on
-      this hardware);
+      this hardware); where the profile prices attention apart from the matmuls
+      (``attention_cost_factor`` ≠ 1, a calibrated CPU engine; never the table's), each queued
+      prompt's attention at its own length instead of a 2048-token chunk's: ``+ excess × (Σ L²
+      − 2048 × queue_tokens) ÷ 2`` (``excess``: `latency_terms.attention_excess_s`, ``Σ L²``:
+      ``pending_prefill_sq`` plus ``ctx²`` per other client's prompt), at least 0 in all;
     * ``prefill_s = r.step_time_s(uncached, cached, B, B × ctx)`` (one mixed step);
     * the engine's front end (calibrated profiles; 0 in the table): it takes requests in one at
       a time, ``frontend_request_s + frontend_handoff_s`` each (an intake's two pieces,
