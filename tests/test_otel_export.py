@@ -289,16 +289,7 @@ def test_a_started_batcher_is_handed_a_record_inline_woken_at_a_full_batch_and_f
     q = batcher.queue
 
     def one() -> None:
-        t = tel.request("chat", {})
-        assert t.sampled
-        with t.stage("admit"):
-            pass
-        with t.stage("place"):
-            t.placed(DECISION)
-        t.upstream_started(DECISION.picked.endpoint, "m")
-        t.finished(status=200, error=None, prompt_tokens=3, completion_tokens=4, ttft_s=0.01,
-                   tpot_s=0.002)
-        t.end()
+        assert _placed(tel, DECISION).sampled
 
     one()
     assert len(q) == 1 and q[0][0] == COMPACT and added == []  # appended inline
