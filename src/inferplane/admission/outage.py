@@ -330,7 +330,7 @@ class OutageStore:
             written.set_result(seq)
             self.journal.append(Entry(kind, payload, written))
         try:
-            async with self._deadline():  # the client has no read timeout of its own
+            async with self._deadline():  # in running time, as every other call
                 ok = await self.remote.ping()
         except _FAILURES as exc:
             if not self.journal:

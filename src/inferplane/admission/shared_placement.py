@@ -257,7 +257,7 @@ class SharedPlacement:
         """Redis must answer, unless ``degraded`` (the admission store started in an outage it
         was killed in): then the sharing starts as during any outage."""
         try:
-            async with self._deadline():  # the client has no read timeout of its own
+            async with self._deadline():  # in running time, as every other call
                 await self.r.ping()
         except _FAILURES as exc:
             if not degraded:

@@ -352,7 +352,7 @@ class SharedSlots:
         ``degraded`` (the admission store started in an outage it was killed in): then the
         slots start from this process's view, as during any outage."""
         try:
-            async with self._deadline():  # the client has no read timeout of its own
+            async with self._deadline():  # in running time, as every other call
                 await self.r.ping()
             async with self._deadline():
                 await self.sync()

@@ -656,8 +656,7 @@ def _shared_revocations(gateway: Gateway) -> RedisRevocations | None:
     store = gateway.admission.store
     if not isinstance(store, OutageStore):
         return None
-    return RedisRevocations(store.remote.r, store.remote.p, lambda: store.up,
-                            timeout_s=store.remote.timeout_s)
+    return RedisRevocations(store.remote.r, store.remote.p, lambda: store.up)
 
 
 def setup(app: web.Application, gateway: Gateway) -> None:

@@ -22,7 +22,6 @@ trusted proxy.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import hmac
@@ -115,18 +114,12 @@ class RedisRevocations:
     made meanwhile are written once Redis answers again."""
 
     def __init__(
-        self,
-        client: aioredis.Redis,
-        prefix: str,
-        up: Callable[[], bool] = lambda: True,
-        timeout_s: float = 0.5,
+        self, client: aioredis.Redis, prefix: str, up: Callable[[], bool] = lambda: True
     ) -> None:
         self.r = client
         self.prefix = f"{prefix}console:revoked:"
         self.up = up  # False while the admission store knows Redis is down: do not wait on it
         self.pending: dict[str, float] = {}  # session id -> expiry, not yet in Redis
-        # each call's bound (the admission store's client has no read timeout of its own)
-        self.timeout_s = timeout_s
 
     async def revoke(self, sid: str, expiry: float, now: float) -> bool:
         """Record a log-out; False when Redis could not be reached (kept for later)."""
@@ -140,8 +133,7 @@ class RedisRevocations:
             for sid, expiry in list(self.pending.items()):
                 ms = int((expiry - now) * 1000)
                 if ms > 0:
-                    async with asyncio.timeout(self.timeout_s):
-                        await self.r.set(self.prefix + sid, "1", px=ms)
+                    await self.r.set(self.prefix + sid, "1", px=ms)
                 del self.pending[sid]
         except Exception as exc:  # Redis down or slow: the local revocations still hold
             log.warning("console: cannot write a log-out to Redis (%s); kept locally", exc)
@@ -155,8 +147,7 @@ class RedisRevocations:
         try:
             if self.pending:
                 await self._flush(now)
-            async with asyncio.timeout(self.timeout_s):
-                return bool(await self.r.exists(self.prefix + sid))
+            return bool(await self.r.exists(self.prefix + sid))
         except Exception as exc:
             log.warning("console: cannot read log-outs from Redis (%s); local ones only", exc)
             return None

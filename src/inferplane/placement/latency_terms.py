@@ -78,8 +78,8 @@ def attention_excess_s(r: Roofline | None) -> float:
     f = r.hardware.attention_cost_factor
     if f == 1.0:
         return 0.0
-    attn, inv_flops = r.step_terms()[1], r.step_terms()[2]
-    return attn * (1.0 - 1.0 / f) * inv_flops
+    terms = r.step_terms()
+    return terms[1] * (1.0 - 1.0 / f) * terms[2]  # attention's FLOPs × seconds per FLOP
 
 #: `PredictedLatency`'s per-snapshot reuse of `load_terms`: endpoint → (the state object and the
 #: idle context they were computed for, batch, KV tokens, queue_s, raw ITL)
