@@ -352,6 +352,35 @@ def test_common_requests_are_encoded_as_their_records_are(tel: OtelTelemetry, sc
         assert all(s.trace_id == t.trace_id.to_bytes(16, "big") for s in spans)
 
 
+def test_a_kinds_layout_is_not_found_for_another_value_of_its_groups(tel: OtelTelemetry) -> None:
+    """`records._group` stands an attribute group in the layouts' keys as a token (an int) per
+    value; when its tables are cleared (past 256 groups) the values seen next get new tokens,
+    never one that another value's layout was made with: a request whose decision attributes
+    differ from the first one's is not laid out by the first one's layout."""
+    for policy in ("first", "second"):
+        t = tel.request("chat", {})
+        t.classified(PROFILE, 16)
+        with t.stage("admit"):
+            pass
+        with t.stage("place"):
+            t.placed(DECISION)
+        t.upstream_started(DECISION.picked.endpoint, "m")
+        t.upstream_headers()
+        t.finished(status=200, error=None, prompt_tokens=3, completion_tokens=4, ttft_s=0.01,
+                   tpot_s=0.002)
+        t.end()
+        t.decision = (("inferplane.policy", policy),)  # type: ignore[attr-defined]
+        tel.encoder.groups.clear()  # as `_group` clears them past 256 groups
+        tel.encoder.typed.clear()
+        random.seed(7)
+        encoded = encode_trace(tel, t.record())  # type: ignore[attr-defined]
+        random.seed(7)
+        body: list[bytes] = []
+        encode_fields(tel, t.record(), body)  # type: ignore[attr-defined]
+        assert encoded is not None and encoded == b"".join(body)
+        assert policy.encode() in encoded
+
+
 def test_metrics_are_cumulative_explicit_bucket_histograms(tel: OtelTelemetry) -> None:
     h = Histogram("x", "s", "d", (0.1, 1.0))
     for v in (0.05, 0.1, 0.5, 2.0):

@@ -16,6 +16,7 @@ from inferplane.telemetry.otlp import (
     _FLAGS_REMOTE,
     _KINDS,
     _VARINTS,
+    MASK64,
     SPAN_KIND,
     SpanData,
     SpanEncoder,
@@ -283,16 +284,18 @@ def encode_compact(tel: OtelTelemetry, c: tuple[Any, ...]) -> bytes | None:
     status, and the same lengths of what varies) is laid out alike: one `struct.Struct` per
     kind, compiled on its first request (`_shape`), packs the request's ids, times, decision
     id, token counts and TTFT/TPOT between the kind's constant bytes in one call. The kind's
-    attribute groups are looked up by identity and stand in its key as one object per value
-    (`_group`), so that finding the kind compares them by identity."""
-    (_, trace_id, sid_, parent, remote, state, start, end, _, _, _, model, _, _, _, max_tokens,
-     decision, did, spill, status, _, error_type, prompt, completion, ttft, tpot, response_model,
-     _, admit, a0, a1, e0, attrs0, place, p0, p1, e1, candidates, span_id, fixed,
-     upstream_model, number, c0, c1, err, _, finished) = c
-    attrs1 = placement(did, candidates, spill)
+    key is flat and cheap to hash: the kind's attribute groups stand in it as a token each,
+    an int found by the group's identity (`_group`), the server's seven fields in place, and
+    the place stage's attributes as what `placement` makes them of (the candidates count,
+    the spillover reason, with their types), not as the tuples themselves (hashing those
+    nested tuples, and making the place attributes', was ≈ 6,500 of the exporter's ≈ 42,000
+    instructions per request; bench/otel_callgrind.py, session 12)."""
+    (_, trace_id, sid_, parent, remote, state, start, end, op, address, port, model, tier,
+     class_, tenant, max_tokens, decision, did, spill, status, _, error_type, prompt, completion,
+     ttft, tpot, response_model, _, admit, a0, a1, e0, attrs0, place, p0, p1, e1, candidates,
+     span_id, fixed, upstream_model, number, c0, c1, err, _, finished) = c
     if (error_type is not None or e0 is not None or e1 is not None or attrs0 or not finished
-            or err is not None or type(did) is not str or len(attrs1) < 2
-            or attrs1[0][1] != did or type(attrs1[0][1]) is not str
+            or err is not None or type(did) is not str
             or (prompt is not None and type(prompt) is not int)
             or (completion is not None and type(completion) is not int)
             or (ttft is not None and type(ttft) is not float)
@@ -305,20 +308,17 @@ def encode_compact(tel: OtelTelemetry, c: tuple[Any, ...]) -> bytes | None:
         _INPUT.get(prompt) or _cached(enc, _INPUT, "gen_ai.usage.input_tokens", prompt))
     out = b"" if completion is None else (
         _OUTPUT.get(completion) or _cached(enc, _OUTPUT, "gen_ai.usage.output_tokens", completion))
-    server = c[8:15]
     if model is None:
         max_tokens = None
-    key = (server, _group(enc, decision), max_tokens, type(max_tokens), admit, place,
-           attrs1[0][0], attrs1[1:],
-           # the place attributes' values by type too (1, 1.0 and True are equal keys): the
-           # candidates count's, and any others' (the spillover reason) when there are others
-           type(attrs1[1][1]), len(attrs1) > 2 and tuple([type(v) for _, v in attrs1[2:]]),
-           _group(enc, fixed), upstream_model, number, status, response_model,
-           remote, parent == 0, spill, len(d), len(st), len(inp), len(out),
-           ttft is None, tpot is None)
+    # the place attributes' values by type too (1, 1.0 and True are equal keys)
+    key = (op, address, port, model, tier, class_, tenant, _group(enc, decision), max_tokens,
+           type(max_tokens), admit, place, candidates, type(candidates), spill, type(spill),
+           _group(enc, fixed), upstream_model, number, status, response_model, remote,
+           parent == 0, len(d), len(st), len(inp), len(out), ttft is None, tpot is None)
     shape = enc.shapes.get(key)
     if shape is None:
-        shape = _shape(tel, key, decision, fixed, len(d), len(st), len(inp), len(out)) or ()
+        shape = _shape(tel, key, c[8:15], decision, fixed,
+                       placement(did, candidates, spill)[1:]) or ()
         if len(enc.shapes) >= SpanEncoder.CACHE_MAX:
             enc.shapes.clear()
         enc.shapes[key] = shape
@@ -326,24 +326,26 @@ def encode_compact(tel: OtelTelemetry, c: tuple[Any, ...]) -> bytes | None:
         return None
     (pack, k0, k1, k2, k3, k4, k5, k6, k7, k8, k9, k10, k11, k12, k13, k14, k15, k16, k17, k18,
      ttft_key, tpot_key) = shape
-    head = b"\x0a\x10" + trace_id.to_bytes(16, "big") + b"\x12\x08"  # trace id, span id tag
-    sid = sid_.to_bytes(8, "big")
-    after = b"\x22\x08" + sid  # a child span's fields after its own id: its parent
-    if st:
-        after = b"\x1a" + varint(len(st)) + st + after  # and the trace state before it
-    aid = (_bits(64) or 1).to_bytes(8, "big")  # the stages' span ids, drawn in encode_spans' order
-    pid = (_bits(64) or 1).to_bytes(8, "big")
-    par = parent.to_bytes(8, "big") if parent else b""
-    usage = b"".join((inp, out, ttft_key, b"" if ttft is None else _pack_d(ttft), tpot_key,
-                      b"" if tpot is None else _pack_d(tpot)))
     try:
+        # the ids big-endian by `struct`, fewer instructions than `int.to_bytes` (an id past
+        # its bits, or below 0, fails as a time does)
+        head = _pack_head(b"\x0a\x10", trace_id >> 64, trace_id & MASK64, b"\x12\x08")
+        sid = _be64(sid_)
+        after = b"\x22\x08" + sid  # a child span's fields after its own id: its parent
+        if st:
+            after = b"\x1a" + varint(len(st)) + st + after  # and the trace state before it
+        aid = _be64(_bits(64) or 1)  # the stages' span ids, drawn in encode_spans' order
+        pid = _be64(_bits(64) or 1)
+        par = _be64(parent) if parent else b""
+        usage = b"".join((inp, out, ttft_key, b"" if ttft is None else _pack_d(ttft), tpot_key,
+                          b"" if tpot is None else _pack_d(tpot)))
         return pack(  # type: ignore[no-any-return]
             k0, head, aid, after, k1, a0, k2, a1,
             k3, head, pid, after, k4, p0, k5, p1, k6, d,
-            k7, head, span_id.to_bytes(8, "big"), after, k8, c0, k9, c1 or end, k10, usage,
+            k7, head, _be64(span_id), after, k8, c0, k9, c1 or end, k10, usage,
             k11, head, sid, k12, st, k13, par, k14, start, k15, end, k16, d, k17, usage,
             k18)
-    except struct.error:  # a time that is no fixed64: the record's encoding says what it does
+    except struct.error:  # an id or a time that is no fixed64: the record's encoding says what
         return None
 
 
@@ -359,21 +361,23 @@ def encode_record(tel: OtelTelemetry, r: Record, out: list[bytes]) -> None:
         out.append(data)
 
 
-def _group(enc: SpanEncoder, pairs: Pairs) -> tuple[Any, ...]:
-    """An attribute group (shared by the requests of one batch) as a key of `encode_trace`'s
-    layouts: `otlp.typed_key` of it, looked up by identity (a batch's requests share the
-    object)."""
+def _group(enc: SpanEncoder, pairs: Pairs) -> int:
+    """An attribute group (shared by the requests of one batch) as a key of `encode_compact`'s
+    layouts: a token for the value of `otlp.typed_key` of it (an int, never given to another
+    value: a key holding it hashes and compares as cheaply as an int), looked up by the group's
+    identity (a batch's requests share the object)."""
     hit = enc.groups.get(id(pairs))
     if hit is None or hit[0] is not pairs:
         if len(enc.groups) >= 256:
             enc.groups.clear()
         key = typed_key(pairs)
-        one = enc.typed.get(key)  # one object per value: the layouts' keys compare it by identity
-        if one is None:
+        token = enc.typed.get(key)
+        if token is None:
             if len(enc.typed) >= 256:
-                enc.typed.clear()
-            one = enc.typed[key] = key
-        hit = enc.groups[id(pairs)] = (pairs, one)  # holds it: the id stays its
+                enc.typed.clear()  # a value seen again gets a new token: its layouts are made
+            enc.tokens += 1        # again, never another value's
+            token = enc.typed[key] = enc.tokens
+        hit = enc.groups[id(pairs)] = (pairs, token)  # holds it: the id stays its
     return hit[1]
 
 
@@ -392,18 +396,19 @@ class _Var:
         self.name, self.size, self.code = name, size, code or f"{size}s"
 
 
-def _shape(tel: OtelTelemetry, key: tuple[Any, ...], decision: Pairs, fixed: Pairs, d_len: int,
-           st_len: int, inp_len: int, out_len: int) -> tuple[Any, ...] | None:
-    """The layout of `encode_trace`'s kind ``key`` (its groups ``decision`` and ``fixed``): the
-    `struct.Struct` pack, the 19 constants that go between the request's values
-    (`_TRACE_ARGS`), and the TTFT and TPOT attributes' keys (empty when the kind has none),
-    made of the same pieces as `encode_spans` makes (None: a request `encode_trace` does not
-    lay out)."""
+def _shape(tel: OtelTelemetry, key: tuple[Any, ...], server: tuple[Any, ...], decision: Pairs,
+           fixed: Pairs, place_attrs: Pairs) -> tuple[Any, ...] | None:
+    """The layout of `encode_compact`'s kind ``key`` (its server fields ``server``, groups
+    ``decision`` and ``fixed``, and its place stage's attributes after the decision id,
+    ``place_attrs``): the `struct.Struct` pack, the 19 constants that go between the request's
+    values (`_TRACE_ARGS`), and the TTFT and TPOT attributes' keys (empty when the kind has
+    none), made of the same pieces as `encode_spans` makes (None: a request `encode_compact`
+    does not lay out)."""
     enc = tel.encoder
-    (server, _, max_tokens, _, admit, place, did_key, place_attrs, _, _, _, upstream_model,
-     number, status, response_model, remote, local, spill, _, _, _, _, no_ttft, no_tpot) = key
-    op, model = server[0], server[3]
-    if did_key != _DID or any(k == _DID for k, _ in place_attrs) or remote == local:
+    (op, _, _, model, _, _, _, _, max_tokens, _, admit, place, _, _, spill, _, _, upstream_model,
+     number, status, response_model, remote, local, d_len, st_len, inp_len, out_len, no_ttft,
+     no_tpot) = key
+    if remote == local:
         return None
     ttft_key = b"" if no_ttft else _TTFT
     tpot_key = b"" if no_tpot else _TPOT
@@ -512,6 +517,8 @@ _TAIL_LOCAL = _STATUS_UNSET + _FLAGS_LOCAL  # a span's last fields: status unset
 _TAIL_REMOTE = _STATUS_UNSET + _FLAGS_REMOTE
 _SPAN_TAGS = [b"\x12" + v for v in _VARINTS]  # ScopeSpans.spans' tag and a span's length
 _pack_times = struct.Struct("<QBQ").pack  # start (fixed64), end's tag (0x41), end (fixed64)
+_pack_head = struct.Struct(">2sQQ2s").pack  # a span's trace id field and its span id's tag
+_be64 = struct.Struct(">Q").pack  # a span id
 _TTFT = attribute("inferplane.ttft_s", 0.0)[:-8]  # a float attribute less its 8 value bytes
 _TPOT = attribute("inferplane.tpot_s", 0.0)[:-8]
 
