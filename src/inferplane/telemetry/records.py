@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import random
 import struct
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from inferplane.telemetry.otlp import (
     _FLAGS_LOCAL,
     _FLAGS_REMOTE,
     _KINDS,
     _VARINTS,
-    MASK64,
     SPAN_KIND,
     SpanData,
     SpanEncoder,
@@ -33,7 +32,7 @@ if TYPE_CHECKING:
 
     from inferplane.telemetry.otel import OtelTelemetry
 
-_bits = random.getrandbits
+_bits: Final = random.getrandbits
 
 Pairs = tuple[tuple[str, Any], ...]
 """Attributes as (name, value) pairs; the same tuple object for the same group, so a pickled
@@ -329,7 +328,7 @@ def encode_compact(tel: OtelTelemetry, c: tuple[Any, ...]) -> bytes | None:
     try:
         # the ids big-endian by `struct`, fewer instructions than `int.to_bytes` (an id past
         # its bits, or below 0, fails as a time does)
-        head = _pack_head(b"\x0a\x10", trace_id >> 64, trace_id & MASK64, b"\x12\x08")
+        head = _pack_head(b"\x0a\x10", trace_id >> 64, trace_id & _MASK64, b"\x12\x08")
         sid = _be64(sid_)
         after = b"\x22\x08" + sid  # a child span's fields after its own id: its parent
         if st:
@@ -490,8 +489,8 @@ def _usage_data(enc: SpanEncoder, r: Record) -> bytes:
     return b"".join(parts)
 
 
-_INPUT: dict[int, bytes] = {}  # token counts' attributes, by count (process-wide: no resource)
-_OUTPUT: dict[int, bytes] = {}
+_INPUT: Final[dict[int, bytes]] = {}  # token counts' attributes, by count (process-wide: no
+_OUTPUT: Final[dict[int, bytes]] = {}  # resource)
 
 
 def _cached(enc: SpanEncoder, cache: dict[int, bytes], key: str, value: Any) -> bytes:
@@ -517,10 +516,12 @@ _TAIL_LOCAL = _STATUS_UNSET + _FLAGS_LOCAL  # a span's last fields: status unset
 _TAIL_REMOTE = _STATUS_UNSET + _FLAGS_REMOTE
 _SPAN_TAGS = [b"\x12" + v for v in _VARINTS]  # ScopeSpans.spans' tag and a span's length
 _pack_times = struct.Struct("<QBQ").pack  # start (fixed64), end's tag (0x41), end (fixed64)
-_pack_head = struct.Struct(">2sQQ2s").pack  # a span's trace id field and its span id's tag
-_be64 = struct.Struct(">Q").pack  # a span id
-_TTFT = attribute("inferplane.ttft_s", 0.0)[:-8]  # a float attribute less its 8 value bytes
-_TPOT = attribute("inferplane.tpot_s", 0.0)[:-8]
+# `Final`: compiled, C statics instead of a module dictionary lookup per use
+_pack_head: Final = struct.Struct(">2sQQ2s").pack  # a span's trace id field, its span id's tag
+_be64: Final = struct.Struct(">Q").pack  # a span id
+_MASK64: Final = (1 << 64) - 1
+_TTFT: Final = attribute("inferplane.ttft_s", 0.0)[:-8]  # a float attribute less its 8 value
+_TPOT: Final = attribute("inferplane.tpot_s", 0.0)[:-8]  # bytes
 
 
 def to_readable(s: SpanData, tel: OtelTelemetry) -> ReadableSpan:
