@@ -110,6 +110,23 @@ def test_compact_and_full_records_are_told_apart_by_their_tag_not_their_length(
     assert full(longer) == record
 
 
+def test_a_request_with_a_time_that_is_no_fixed64_is_handed_over_as_its_full_record(
+        tel: OtelTelemetry) -> None:
+    """A compact record carries its eight times packed as fixed64 (`records.TIMES`): a request
+    with a time outside 0 .. 2**64 - 1 is handed over as its full record instead, and
+    `records.compact` makes no compact record of it either."""
+    from inferplane.telemetry.records import compact, expand
+
+    t = _request(tel)
+    handed = t.handed()
+    assert handed[0] == COMPACT and type(handed[6]) is bytes and len(handed) == 40
+    assert expand(handed) == t.record() and compact(t.record()) == handed
+    for end in (2**64, -1):
+        t.end_ns = end
+        assert t.handed() == t.record() and t.handed()[0] is True
+        assert compact(t.record()) is None
+
+
 class _Tier(str):
     """A str subclass: a value marshal does not write (pickle does)."""
 
@@ -123,13 +140,13 @@ def test_a_batch_is_handed_over_marshalled_and_decoded_alike(tel: OtelTelemetry)
     assert data[:1] == export.MARSHALLED
     kind, back = export.decode(data)
     assert kind == "spans" and back == records
-    assert back[0][16] is back[1][16] and back[0][39] is back[2][39]  # the decision, the fixed
+    assert back[0][15] is back[1][15] and back[0][34] is back[2][34]  # the decision, the fixed
     sent, again = Keep(), Keep()
     export.handle(tel, sent, data)  # type: ignore[arg-type]
     export.export_spans(tel, again, records, 1.0)  # type: ignore[arg-type]
     assert _spans(sent) == _spans(again) and len(_traces(sent)) == 3
     odd = list(records[0])
-    odd[12] = _Tier("tier")  # the model tier: a str subclass
+    odd[11] = _Tier("tier")  # the model tier: a str subclass
     data = export.encode(("spans", [tuple(odd)]))
     assert data[:1] != export.MARSHALLED and export.decode(data) == ("spans", [tuple(odd)])
     snapshot = tel.metrics_snapshot()
@@ -239,11 +256,12 @@ def _every_kind(tel: OtelTelemetry) -> None:
     t.end()
 
 
-_PLAIN = (str, int, float, bool, type(None))
+_PLAIN = (str, bytes, int, float, bool, type(None))
 
 
 def _not_plain(value: Any, where: str) -> list[str]:
-    """Where ``value`` holds anything but an exact str/int/float/bool/None or a tuple of those."""
+    """Where ``value`` holds anything but an exact str/bytes/int/float/bool/None or a tuple of
+    those."""
     if type(value) is tuple:
         return [bad for i, v in enumerate(value) for bad in _not_plain(v, f"{where}[{i}]")]
     return [] if type(value) in _PLAIN else [f"{where}: {type(value).__qualname__}"]
@@ -253,8 +271,9 @@ def test_the_records_the_request_path_hands_over_hold_only_exact_plain_values() 
     """The marshalled hand-over (`export.encode`) keeps a value's type only for exact plain
     types: marshal writes any buffer (bytearray, memoryview, a numpy scalar) as bytes, silently,
     and a subclass of a plain type sends the whole batch pickled. So every value of every record
-    the request path queues must be an exact str, int, float, bool, None or tuple of those: a
-    new field of another type fails here rather than change type in the exporter."""
+    the request path queues must be an exact str, bytes (a compact record's times), int, float,
+    bool, None or tuple of those: a new field of another type fails here rather than change type
+    in the exporter."""
     tel, batcher = _batched()
     _every_kind(tel)
     handed = list(batcher.queue)
@@ -266,7 +285,7 @@ def test_the_records_the_request_path_hands_over_hold_only_exact_plain_values() 
     assert data[:1] == export.MARSHALLED and export.decode(data) == ("spans", handed)
     assert _not_plain((bytearray(b"x"),), "r") == ["r[0]: bytearray"]  # the check itself
     assert _not_plain(((_Tier("t"),),), "r") == ["r[0][0]: _Tier"]
-    assert _not_plain((True, 1, 1.5, None, "s", ((),)), "r") == []
+    assert _not_plain((True, 1, 1.5, None, "s", b"t", ((),)), "r") == []
 
 
 def test_a_started_batcher_is_handed_a_record_inline_woken_at_a_full_batch_and_full_drops() -> None:

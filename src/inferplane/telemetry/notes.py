@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import random
 import re
+import struct
 import time
 from collections.abc import Mapping
 from contextvars import ContextVar, Token
@@ -27,6 +28,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final
 
 from inferplane.telemetry.records import COMPACT as _COMPACT
+from inferplane.telemetry.records import TIMES as _TIMES
 from inferplane.telemetry.records import Pairs, Record
 
 if TYPE_CHECKING:
@@ -55,6 +57,7 @@ _TRACEPARENT = re.compile(
 _bits: Final = random.getrandbits  # the SDK's id source too (reseeded in a forked child)
 _now: Final = time.time_ns
 COMPACT: Final = _COMPACT
+_pack_times: Final = _TIMES.pack
 
 
 class _NoStage:
@@ -466,7 +469,8 @@ class OtelTrace(RequestTrace):
         tuple (`records.expand` makes it again from the count, the decision id and the
         spillover reason): with no tuple made for this request in it, the garbage collector
         untracks the queued record in the first collection that sees it, instead of keeping
-        it, a 47-value tuple to traverse, until an older generation's collection."""
+        it, a 40-value tuple to traverse, until an older generation's collection. Its eight
+        times are one `bytes` value (`records.TIMES`; the full record when one is no fixed64)."""
         stages, attempts = self.stages, self.attempts
         if len(stages) != 2 or len(attempts) != 1:
             return self.record()
@@ -474,16 +478,19 @@ class OtelTrace(RequestTrace):
         s0, s1 = stages
         if s1[4] is not self.place_attrs:
             return self.record()
+        try:
+            times = _pack_times(self.start_ns, self.end_ns, s0[1], s0[2], s1[1], s1[2],
+                                a.start_ns, a.end_ns)
+        except struct.error:
+            return self.record()
         return (
             COMPACT, self.trace_id, self.span_id, self.parent_id, self.remote, self.trace_state,
-            self.start_ns, self.end_ns, self.op, self.server_address, self.server_port,
-            self.model, self.model_tier, self.class_, self.tenant, self.max_tokens,
-            self.decision, self.decision_id, self.spill, self.status, self.error,
-            self.error_type, self.prompt_tokens, self.completion_tokens, self.ttft_s,
-            self.tpot_s, self.response_model, self.provider,
-            s0[0], s0[1], s0[2], s0[3], s0[4], s1[0], s1[1], s1[2], s1[3], self.candidates,
-            a.span_id, a.fixed, a.model, a.number, a.start_ns, a.end_ns, a.error_type,
-            a.status, a.finished,
+            times, self.op, self.server_address, self.server_port, self.model, self.model_tier,
+            self.class_, self.tenant, self.max_tokens, self.decision, self.decision_id,
+            self.spill, self.status, self.error, self.error_type, self.prompt_tokens,
+            self.completion_tokens, self.ttft_s, self.tpot_s, self.response_model, self.provider,
+            s0[0], s0[3], s0[4], s1[0], s1[3], self.candidates,
+            a.span_id, a.fixed, a.model, a.number, a.error_type, a.status, a.finished,
         )
 
     def spans(self) -> list[SpanData]:

@@ -52,12 +52,21 @@ COMPACT = "compact"
 """The tag (first value) of a compact record: the hand-over of a request with two stages and
 one attempt, the second stage with its placement's attributes (`placement`: the common case),
 `OtelTrace.handed` — the tag, then the record's fields with none nested (its server tuple's
-seven, each stage's five, the attempt's nine in place; no `R_SAMPLED`: only sampled requests
-are handed over), except that the second stage's attributes are its candidates count (an int:
-the decision id and the spillover reason are the record's own), cheaper to build and to
-marshal, and untracked by the garbage collector in its first collection (no tuple made for
-the request in it). A record (`Record`) starts with `R_SAMPLED`, a bool, so the tag tells the
-two apart whatever their lengths. `expand` makes the record of it; `full` takes either."""
+seven, each stage's, the attempt's in place; no `R_SAMPLED`: only sampled requests are handed
+over), except that the second stage's attributes are its candidates count (an int: the
+decision id and the spillover reason are the record's own), cheaper to build and to marshal,
+and untracked by the garbage collector in its first collection (no tuple made for the request
+in it), and that its eight times (the request's start and end, each stage's, the attempt's) are
+one `bytes` value, `TIMES` packed: marshal writes and reads a 61-bit int as five 15-bit digits,
+≈ 250 instructions each way per time, and the exporter packs them as fixed64 again. A record
+(`Record`) starts with `R_SAMPLED`, a bool, so the tag tells the two apart whatever their
+lengths. `expand` makes the record of it; `full` takes either."""
+
+TIMES = struct.Struct("<8Q")
+"""A compact record's times (`COMPACT`): start, end, the two stages' starts and ends, the
+attempt's start and end (0: not ended), each a fixed64 (a time that is not one makes no compact
+record)."""
+_unpack_times: Final = TIMES.unpack
 
 
 def placement(decision_id: str | None, candidates: int, spill: str | None) -> Pairs:
@@ -70,8 +79,11 @@ def placement(decision_id: str | None, candidates: int, spill: str | None) -> Pa
 
 def expand(c: tuple[Any, ...]) -> Record:
     """The record (`Record`) a compact record (`COMPACT`) stands for."""
-    return (True, *c[1:8], c[8:15], *c[15:28],
-            (c[28:33], (*c[33:37], placement(c[17], c[37], c[18]))), (c[38:47],))
+    start, end, admit0, admit1, place0, place1, call0, call1 = _unpack_times(c[6])
+    return (True, *c[1:6], start, end, c[7:14], *c[14:27],
+            ((c[27], admit0, admit1, c[28], c[29]),
+             (c[30], place0, place1, c[31], placement(c[16], c[32], c[17]))),
+            ((*c[33:37], call0, call1, *c[37:40]),))
 
 
 def full(r: tuple[Any, ...]) -> Record:
@@ -260,8 +272,14 @@ def compact(r: Record) -> tuple[Any, ...] | None:
             or (len(attrs) > 2 and type(attrs[2][1]) is not str)
             or type(attrs[0][1]) is not type(r[R_DECISION_ID])):
         return None  # not the attributes of its placement (`placement`)
-    return (COMPACT, *r[R_TRACE:R_SERVER], *r[R_SERVER], *r[R_MAX_TOKENS:R_STAGES], *stages[0],
-            *stages[1][:4], attrs[1][1], *attempts[0])
+    (name0, s0, e0, error0, attrs0), (name1, s1, e1, error1, _) = stages
+    a = attempts[0]
+    try:
+        times = TIMES.pack(r[R_START], r[R_END], s0, e0, s1, e1, a[4], a[5])
+    except struct.error:
+        return None  # a time that is no fixed64
+    return (COMPACT, *r[R_TRACE:R_START], times, *r[R_SERVER], *r[R_MAX_TOKENS:R_STAGES], name0,
+            error0, attrs0, name1, error1, attrs[1][1], *a[:4], *a[6:])
 
 
 def encode_trace(tel: OtelTelemetry, r: Record) -> bytes | None:
@@ -289,10 +307,10 @@ def encode_compact(tel: OtelTelemetry, c: tuple[Any, ...]) -> bytes | None:
     the spillover reason, with their types), not as the tuples themselves (hashing those
     nested tuples, and making the place attributes', was ≈ 6,500 of the exporter's ≈ 42,000
     instructions per request; bench/otel_callgrind.py, session 12)."""
-    (_, trace_id, sid_, parent, remote, state, start, end, op, address, port, model, tier,
-     class_, tenant, max_tokens, decision, did, spill, status, _, error_type, prompt, completion,
-     ttft, tpot, response_model, _, admit, a0, a1, e0, attrs0, place, p0, p1, e1, candidates,
-     span_id, fixed, upstream_model, number, c0, c1, err, _, finished) = c
+    (_, trace_id, sid_, parent, remote, state, times, op, address, port, model, tier, class_,
+     tenant, max_tokens, decision, did, spill, status, _, error_type, prompt, completion, ttft,
+     tpot, response_model, _, admit, e0, attrs0, place, e1, candidates, span_id, fixed,
+     upstream_model, number, err, _, finished) = c
     if (error_type is not None or e0 is not None or e1 is not None or attrs0 or not finished
             or err is not None or type(did) is not str
             or (prompt is not None and type(prompt) is not int)
@@ -316,7 +334,7 @@ def encode_compact(tel: OtelTelemetry, c: tuple[Any, ...]) -> bytes | None:
            parent == 0, len(d), len(st), len(inp), len(out), ttft is None, tpot is None)
     shape = enc.shapes.get(key)
     if shape is None:
-        shape = _shape(tel, key, c[8:15], decision, fixed,
+        shape = _shape(tel, key, c[7:14], decision, fixed,
                        placement(did, candidates, spill)[1:]) or ()
         if len(enc.shapes) >= SpanEncoder.CACHE_MAX:
             enc.shapes.clear()
@@ -326,6 +344,7 @@ def encode_compact(tel: OtelTelemetry, c: tuple[Any, ...]) -> bytes | None:
     (pack, k0, k1, k2, k3, k4, k5, k6, k7, k8, k9, k10, k11, k12, k13, k14, k15, k16, k17, k18,
      ttft_key, tpot_key) = shape
     try:
+        start, end, a0, a1, p0, p1, c0, c1 = _unpack_times(times)
         # the ids big-endian by `struct`, fewer instructions than `int.to_bytes` (an id past
         # its bits, or below 0, fails as a time does)
         head = _pack_head(b"\x0a\x10", trace_id >> 64, trace_id & _MASK64, b"\x12\x08")
