@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 import struct
+import sys
 from typing import TYPE_CHECKING, Any, Final
 
 from inferplane.telemetry.otlp import (
@@ -58,15 +59,21 @@ decision id and the spillover reason are the record's own), cheaper to build and
 and untracked by the garbage collector in its first collection (no tuple made for the request
 in it), and that its eight times (the request's start and end, each stage's, the attempt's) are
 one `bytes` value, `TIMES` packed: marshal writes and reads a 61-bit int as five 15-bit digits,
-≈ 250 instructions each way per time, and the exporter packs them as fixed64 again. A record
+≈ 250 instructions each way per time, and the exporter copies the packed times into the spans
+as they are (a span's times are fixed64 too). A record
 (`Record`) starts with `R_SAMPLED`, a bool, so the tag tells the two apart whatever their
 lengths. `expand` makes the record of it; `full` takes either."""
 
-TIMES = struct.Struct("<8Q")
+TIMES: Final = struct.Struct(
+    "8L" if sys.byteorder == "little" and struct.calcsize("L") == 8 else "<8Q")
 """A compact record's times (`COMPACT`): start, end, the two stages' starts and ends, the
-attempt's start and end (0: not ended), each a fixed64 (a time that is not one makes no compact
-record)."""
+attempt's start and end (0: not ended), eight little-endian fixed64 — the exporter copies them
+into the spans as they are (a time that is not one makes no compact record). Where an unsigned
+long is 64 bits and little-endian, as native unsigned longs: CPython 3.11 converts an int of
+more than one digit for a ``Q`` through `_PyLong_AsByteArray`, ≈ 170 instructions a time, for
+an ``L`` in a few."""
 _unpack_times: Final = TIMES.unpack
+_NO_TIME: Final = bytes(8)
 
 
 def placement(decision_id: str | None, candidates: int, spill: str | None) -> Pairs:
@@ -312,7 +319,8 @@ def encode_compact(tel: OtelTelemetry, c: tuple[Any, ...]) -> bytes | None:
      tpot, response_model, _, admit, e0, attrs0, place, e1, candidates, span_id, fixed,
      upstream_model, number, err, _, finished) = c
     if (error_type is not None or e0 is not None or e1 is not None or attrs0 or not finished
-            or err is not None or type(did) is not str
+            or err is not None or type(did) is not str or type(times) is not bytes
+            or len(times) != 64
             or (prompt is not None and type(prompt) is not int)
             or (completion is not None and type(completion) is not int)
             or (ttft is not None and type(ttft) is not float)
@@ -344,9 +352,10 @@ def encode_compact(tel: OtelTelemetry, c: tuple[Any, ...]) -> bytes | None:
     (pack, k0, k1, k2, k3, k4, k5, k6, k7, k8, k9, k10, k11, k12, k13, k14, k15, k16, k17, k18,
      ttft_key, tpot_key) = shape
     try:
-        start, end, a0, a1, p0, p1, c0, c1 = _unpack_times(times)
+        tb: bytes = times  # eight little-endian fixed64: the spans' bytes as they are
+        start, end, c1 = tb[:8], tb[8:16], tb[56:]
         # the ids big-endian by `struct`, fewer instructions than `int.to_bytes` (an id past
-        # its bits, or below 0, fails as a time does)
+        # its bits, or below 0, fails)
         head = _pack_head(b"\x0a\x10", trace_id >> 64, trace_id & _MASK64, b"\x12\x08")
         sid = _be64(sid_)
         after = b"\x22\x08" + sid  # a child span's fields after its own id: its parent
@@ -358,12 +367,13 @@ def encode_compact(tel: OtelTelemetry, c: tuple[Any, ...]) -> bytes | None:
         usage = b"".join((inp, out, ttft_key, b"" if ttft is None else _pack_d(ttft), tpot_key,
                           b"" if tpot is None else _pack_d(tpot)))
         return pack(  # type: ignore[no-any-return]
-            k0, head, aid, after, k1, a0, k2, a1,
-            k3, head, pid, after, k4, p0, k5, p1, k6, d,
-            k7, head, _be64(span_id), after, k8, c0, k9, c1 or end, k10, usage,
+            k0, head, aid, after, k1, tb[16:24], k2, tb[24:32],
+            k3, head, pid, after, k4, tb[32:40], k5, tb[40:48], k6, d,
+            k7, head, _be64(span_id), after, k8, tb[48:56], k9,
+            end if c1 == _NO_TIME else c1, k10, usage,
             k11, head, sid, k12, st, k13, par, k14, start, k15, end, k16, d, k17, usage,
             k18)
-    except struct.error:  # an id or a time that is no fixed64: the record's encoding says what
+    except struct.error:  # an id out of range: the record's encoding says what it does
         return None
 
 
@@ -446,18 +456,18 @@ def _shape(tel: OtelTelemetry, key: tuple[Any, ...], server: tuple[Any, ...], de
     if max_tokens is not None:
         server_attrs += attribute("gen_ai.request.max_tokens", max_tokens)
     spans = [
-        [head, _Var("aid", 8), after, enc.named(admit, _INTERNAL), _Var("a0", 8, "Q"), b"\x41",
-         _Var("a1", 8, "Q"), _TAIL_LOCAL],
-        [head, _Var("pid", 8), after, enc.named(place, _INTERNAL), _Var("p0", 8, "Q"), b"\x41",
-         _Var("p1", 8, "Q"), *did, *(enc.attribute(k, x) for k, x in place_attrs),
+        [head, _Var("aid", 8), after, enc.named(admit, _INTERNAL), _Var("a0", 8), b"\x41",
+         _Var("a1", 8), _TAIL_LOCAL],
+        [head, _Var("pid", 8), after, enc.named(place, _INTERNAL), _Var("p0", 8), b"\x41",
+         _Var("p1", 8), *did, *(enc.attribute(k, x) for k, x in place_attrs),
          _TAIL_LOCAL],
         [head, _Var("cid", 8), after, enc.named(f"{op} {upstream_model}", _CLIENT),
-         _Var("c0", 8, "Q"), b"\x41", _Var("c1", 8, "Q"), tel.attrs(fixed).data,
+         _Var("c0", 8), b"\x41", _Var("c1", 8), tel.attrs(fixed).data,
          attribute("inferplane.attempt", number), *usage, _TAIL_LOCAL],
         [head, _Var("sid", 8), state, _Var("st", st_len), b"" if local else b"\x22\x08",
          _Var("par", 0 if local else 8),
-         enc.named(op if model is None else f"{op} {model}", _SERVER), _Var("s0", 8, "Q"),
-         b"\x41", _Var("s1", 8, "Q"), server_attrs, *did,
+         enc.named(op if model is None else f"{op} {model}", _SERVER), _Var("s0", 8),
+         b"\x41", _Var("s1", 8), server_attrs, *did,
          enc.attribute("inferplane.spillover.reason", spill) if spill is not None else b"",
          enc.attribute("inferplane.attempts", 1), *usage,
          _TAIL_REMOTE if remote else _TAIL_LOCAL],
