@@ -312,8 +312,8 @@ def encode_compact(tel: OtelTelemetry, c: tuple[Any, ...]) -> bytes | None:
     an int found by the group's identity (`_group`), the server's seven fields in place, and
     the place stage's attributes as what `placement` makes them of (the candidates count,
     the spillover reason, with their types), not as the tuples themselves (hashing those
-    nested tuples, and making the place attributes', was ≈ 6,500 of the exporter's ≈ 42,000
-    instructions per request; bench/otel_callgrind.py, session 12)."""
+    nested tuples was ≈ 3,000 of the exporter's ≈ 42,000 instructions per request;
+    bench/otel_callgrind.py, docs/benchmarks.md, session 12)."""
     (_, trace_id, sid_, parent, remote, state, times, op, address, port, model, tier, class_,
      tenant, max_tokens, decision, did, spill, status, _, error_type, prompt, completion, ttft,
      tpot, response_model, _, admit, e0, attrs0, place, e1, candidates, span_id, fixed,
