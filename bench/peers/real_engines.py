@@ -24,6 +24,16 @@ and adds the setup ``inferplane default, calibrated``: the same gateway and prof
 file naming the fitted hardware profile (``hardware_profiles:``) instead of the table's ``cpu``,
 so that the latency the picker weighs (a queue's cost against a hit's saving) is these engines'
 own. The other setups keep the table's profile.
+
+``--variant NAME=KEY:VALUE[,KEY:VALUE...]`` adds the setup ``inferplane default, NAME``: the
+same gateway with its fleet file changed at dotted keys (``gateway.scrape_max_duty:0.01``;
+values are read as YAML), run in the same alternating order as the others.
+
+Each replay also records the CPU time the three engines' processes (every process of their
+sessions: API server, engine core) spent during it (``engine_cpu_s``, from ``/proc``), and the
+API servers alone (``api_cpu_s``): with the engines saturated the first is whatever CPU is left
+to them, while the second is the requests' handling plus what a router asks of the API server
+besides them (scrapes of ``/metrics``, health probes).
 """
 
 from __future__ import annotations
@@ -125,6 +135,47 @@ def start_engines(n: int, blocks: int, seqs: int, work: Path,
     return out
 
 
+def engines_cpu_s() -> tuple[float, float] | None:
+    """CPU seconds (user + system) of the engines' processes, from ``/proc``: (every live
+    process in the engines' sessions — each engine is started in a session of its own —, the
+    API servers alone: the sessions' leaders, which answer requests, scrapes and probes, while
+    the engine core's processes run the model); None where ``/proc`` is absent."""
+    sessions = {p.pid for p in PROCS if p.poll() is None}
+    if not sessions or not Path("/proc/self/stat").exists():
+        return None
+    ticks = leaders = 0
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            fields = (d / "stat").read_text().rpartition(")")[2].split()
+        except OSError:  # gone meanwhile
+            continue
+        # after the command: state ppid pgrp session ...; utime stime are fields 14 and 15
+        if int(fields[3]) in sessions:
+            t = int(fields[11]) + int(fields[12])
+            ticks += t
+            if int(d.name) in sessions:
+                leaders += t
+    hz = os.sysconf("SC_CLK_TCK")
+    return ticks / hz, leaders / hz
+
+
+def apply_variant(text: str, spec: str) -> str:
+    """The fleet file ``text`` with ``spec``'s dotted keys set (``KEY:VALUE,...``)."""
+    doc = yaml.safe_load(text)
+    for item in spec.split(","):
+        key, sep, value = item.partition(":")
+        if not sep or not key.strip():
+            raise ValueError(f"--variant: {item!r} is not KEY:VALUE")
+        node = doc
+        *path, last = key.strip().split(".")
+        for k in path:
+            node = node.setdefault(k, {})
+        node[last] = yaml.safe_load(value)
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
 def stop_engines() -> None:
     for p in PROCS:
         if p.poll() is None:
@@ -200,7 +251,7 @@ def calibrate(url: str, work: Path, limit_s: float = 600) -> Path:
 def run_one(name: str, rep: int, urls: list[str], fleet: Path, a: argparse.Namespace,
             work: Path) -> dict[str, Any]:
     out = work / f"rep{rep}-{name.replace(' ', '_').replace(',', '')}"
-    setup = "inferplane default" if name == CALIBRATED else name
+    setup = "inferplane default" if name.startswith("inferplane default,") else name
     cmd = [sys.executable, str(ROOT / "bench/peers/run.py"), "--fleet", ",".join(urls),
            "--fleet-config", str(fleet), "--only", setup, "--block-tokens", str(BLOCK),
            "--token-ids", "tiny-llama",
@@ -209,7 +260,9 @@ def run_one(name: str, rep: int, urls: list[str], fleet: Path, a: argparse.Names
            "--budget", "900", "--no-overhead"]
     log(f"rep {rep}: {name}")
     t0 = time.monotonic()
+    cpu0 = engines_cpu_s()
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=a.setup_limit)
+    cpu1 = engines_cpu_s()
     (work / f"rep{rep}-{name.replace(' ', '_').replace(',', '')}.log").write_text(
         p.stdout + p.stderr)
     doc = json.loads((out / "results.json").read_text())
@@ -218,16 +271,24 @@ def run_one(name: str, rep: int, urls: list[str], fleet: Path, a: argparse.Names
     res["rep"], res["wall_s"] = rep, time.monotonic() - t0
     res["slice"], res["command"] = doc["slice"], doc["command"]
     res["versions"] = doc["versions"]
+    res["engine_cpu_s"] = res["api_cpu_s"] = None
+    if cpu0 is not None and cpu1 is not None:
+        res["engine_cpu_s"] = round(cpu1[0] - cpu0[0], 2)
+        res["api_cpu_s"] = round(cpu1[1] - cpu0[1], 2)
     sm = res.get("summary") or {}
     log(f"   hit {res.get('hit_rate')}, TTFT p50/p90 "
         f"{sm.get('ttft_ms', {}).get('p50')}/{sm.get('ttft_ms', {}).get('p90')} ms, errors "
-        f"{sm.get('errors')}/{sm.get('requests')} ({res.get('status')}, {res['wall_s']:.0f}s)")
+        f"{sm.get('errors')}/{sm.get('requests')} ({res.get('status')}, {res['wall_s']:.0f}s, "
+        f"engines' CPU {res['engine_cpu_s']} s, API servers' {res['api_cpu_s']} s)")
     return res
 
 
 def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
-    for name in [*SETUPS[:1], CALIBRATED, *SETUPS[1:]]:
+    variants = list(dict.fromkeys(r["name"] for r in results
+                                  if r["name"].startswith("inferplane default,")
+                                  and r["name"] != CALIBRATED))
+    for name in [*SETUPS[:1], CALIBRATED, *variants, *SETUPS[1:]]:
         got = [r for r in results if r["name"] == name and r.get("status") == "ok"]
         if not got:
             continue
@@ -241,6 +302,8 @@ def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "ttft_p50_ms": stat([r["summary"]["ttft_ms"]["p50"] for r in got]),
             "ttft_p90_ms": stat([r["summary"]["ttft_ms"]["p90"] for r in got]),
             "ttft_p99_ms": stat([r["summary"]["ttft_ms"]["p99"] for r in got]),
+            **{k: stat([r[k] for r in got]) if all(r.get(k) is not None for r in got) else None
+               for k in ("engine_cpu_s", "api_cpu_s")},
             "errors": [r["summary"]["errors"] for r in got],
             "requests": got[0]["summary"]["requests"],
         })
@@ -254,11 +317,14 @@ def table(rows: list[dict[str, Any]]) -> str:
             else f(s["median"])
 
     lines = ["| router | runs | prefix hit rate | TTFT p50 ms | TTFT p90 ms | TTFT p99 ms | "
-             "errors per run |", "|---|---|---|---|---|---|---|"]
+             "engines' CPU s (API servers') | errors per run |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        cpu, api = r.get("engine_cpu_s"), r.get("api_cpu_s")
         lines.append(f"| {r['name']} | {r['runs']} | {fmt(r['hit_rate'], True)} | "
                      f"{fmt(r['ttft_p50_ms'])} | {fmt(r['ttft_p90_ms'])} | "
-                     f"{fmt(r['ttft_p99_ms'])} | "
+                     f"{fmt(r['ttft_p99_ms'])} | {'–' if cpu is None else fmt(cpu)}"
+                     f"{'' if api is None else ' (' + fmt(api) + ')'} | "
                      f"{', '.join(str(e) for e in r['errors'])} of {r['requests']} |")
     return "\n".join(lines)
 
@@ -341,13 +407,14 @@ def render(doc: dict[str, Any], out: Path) -> str:
     if bad:
         lines += ["Not measured:", "", *(f"- rep {r.get('rep')} {r['name']}: {r.get('status')}"
                                          f" {str(r.get('reason', ''))[:300]}" for r in bad), ""]
-    lines += ["Per run:", "", "| rep | router | hit rate | TTFT p50 | TTFT p90 | errors |",
-              "|---|---|---|---|---|---|"]
+    lines += ["Per run:", "", "| rep | router | hit rate | TTFT p50 | TTFT p90 | engines' CPU s "
+              "| API servers' CPU s | errors |", "|---|---|---|---|---|---|---|---|"]
     for r in doc["results"]:
         if r.get("status") == "ok":
             t = r["summary"]["ttft_ms"]
             lines.append(f"| {r['rep']} | {r['name']} | {100 * r['hit_rate']:.1f}% | "
-                         f"{t['p50']:.0f} | {t['p90']:.0f} | {r['summary']['errors']} |")
+                         f"{t['p50']:.0f} | {t['p90']:.0f} | {r.get('engine_cpu_s', '–')} | "
+                         f"{r.get('api_cpu_s', '–')} | {r['summary']['errors']} |")
     text = "\n".join(lines) + "\n"
     (out / "results.md").write_text(text)
     return text
@@ -386,6 +453,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="do not give inferplane the model's tokenizer (word estimate instead)")
     ap.add_argument("--calibrate", action="store_true",
                     help=f"calibrate engine 0 first and add the setup {CALIBRATED!r}")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=KEY:VALUE,...",
+                    help="add the setup 'inferplane default, NAME' with the fleet file changed "
+                    "at these dotted keys (e.g. gateway.scrape_max_duty:0.01)")
     ap.add_argument("--setup-limit", type=float, default=600.0, help="seconds per replay")
     ap.add_argument("--budget", type=float, default=3600.0, help="seconds for all replays")
     ap.add_argument("--urls", help="reuse running engines (URL[@KV],...) instead of starting them")
@@ -401,7 +471,18 @@ def main(argv: list[str] | None = None) -> int:
         (a.out / "results.json").write_text(json.dumps(doc, indent=2, default=str))
         print(render(doc, a.out))
         return 0
-    names = a.only or ([*SETUPS[:1], CALIBRATED, *SETUPS[1:]] if a.calibrate else SETUPS)
+    variants: dict[str, str] = {}
+    for v in a.variant:
+        vname, sep, spec = v.partition("=")
+        if not sep or not vname.strip() or not spec:
+            ap.error(f"--variant {v!r}: expected NAME=KEY:VALUE[,KEY:VALUE...]")
+        try:
+            apply_variant("gateway: {}\n", spec)
+        except ValueError as exc:
+            ap.error(str(exc))
+        variants[f"inferplane default, {vname.strip()}"] = spec
+    names = a.only or [*SETUPS[:1], *([CALIBRATED] if a.calibrate else []), *SETUPS[1:]]
+    names = [*names[:1], *(v for v in variants if v not in names), *names[1:]]
     if CALIBRATED in names and not a.calibrate:
         ap.error(f"the setup {CALIBRATED!r} needs --calibrate")
     if a.calibrate and CALIBRATED not in names:
@@ -425,6 +506,10 @@ def main(argv: list[str] | None = None) -> int:
         fleet = work / "fleet.yaml"
         fleet.write_text(fleet_yaml(engines, a.blocks, a.max_num_seqs, kv_events,
                                     tokenizer=not a.no_tokenizer))
+        fleets: dict[str, Path] = {}
+        for vname, spec in variants.items():
+            fleets[vname] = work / f"fleet-variant{len(fleets)}.yaml"
+            fleets[vname].write_text(apply_variant(fleet.read_text(), spec))
         fleet_cal: Path | None = None
         calibration: dict[str, Any] | None = None
         if a.calibrate:
@@ -456,6 +541,8 @@ def main(argv: list[str] | None = None) -> int:
                         "command": (work / "vllm0.cmd").read_text().strip()
                         if (work / "vllm0.cmd").exists() else None},
             "fleet_yaml": fleet.read_text(), "calibration": calibration,
+            "variants": {n: {"spec": variants[n], "fleet_yaml": fleets[n].read_text()}
+                         for n in variants},
             "runs": a.runs, "results": [],
         }
         a.out.mkdir(parents=True, exist_ok=True)
@@ -472,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 try:
                     r = run_one(name, rep, urls, fleet_cal if name == CALIBRATED and fleet_cal
-                                else fleet, a, work)
+                                else fleets.get(name) or fleet, a, work)
                 except Exception as exc:  # one setup failing must not end the run
                     r = {"name": name, "rep": rep, "status": "failed",
                          "reason": f"{type(exc).__name__}: {exc}"[:1000]}

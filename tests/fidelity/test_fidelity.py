@@ -9,6 +9,7 @@ information rather than failures go to ``REPORT`` (printed at the end of the run
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import time
@@ -17,11 +18,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import fields
 from typing import Any
 
+import aiohttp
 import httpx
 import msgpack
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from inferplane.config.loader import parse_config
 from inferplane.fleet import engine_metrics
 from inferplane.fleet.engine_metrics import EngineMetrics, parse_vllm
 from inferplane.fleet.kv_events import (
@@ -32,7 +35,9 @@ from inferplane.fleet.kv_events import (
     encode_event_batch,
 )
 from inferplane.fleet.kv_subscriber import KVEventSubscriber
+from inferplane.fleet.model import Fleet
 from inferplane.fleet.prefix_index import PrefixIndex
+from inferplane.fleet.scraper import HttpMetricsSource
 from inferplane.tokenization import VOCABULARY, block_hashes, encode, load_tokenizer
 from tests.fidelity.conftest import (
     BLOCK_SIZE,
@@ -174,6 +179,36 @@ def test_metric_names(engines: Engines) -> None:
             fam = next(f for f in text_string_to_metric_families(text) if f.name == name)
             labels.append(set(fam.samples[0].labels))
         assert labels[1] <= labels[0], f"{name}: emulator labels {labels[1]} vs vLLM {labels[0]}"
+
+
+def test_the_scraper_reads_only_what_it_parses(engines: Engines) -> None:
+    """`gateway.scrape_filter`: the scraper asks for ``/metrics/?name[]=…`` (the samples
+    `parse_vllm` reads); vLLM serves them from prometheus_client's app mounted there, and the
+    emulator does the same. The filtered page must parse as the whole page does (the engines
+    are idle here: nothing changes between the two reads) and be a fraction of it."""
+
+    async def scrape(url: str) -> tuple[str | None, dict[str, str]]:
+        cfg = parse_config(f"""
+substrates:
+  - {{name: pool, kind: cpu, hardware: cpu, region: r1, jurisdiction: eu,
+     cost: {{hourly_usd: 1.0}},
+     endpoints: [{{name: e, url: "{url}", engine: vllm,
+                  models: [{{name: {MODEL}, max_context: 2048}}]}}]}}
+""")
+        (ep,) = Fleet.from_config(cfg).endpoints
+        async with aiohttp.ClientSession() as s:
+            src = HttpMetricsSource(s, timeout_s=10)
+            return await src.metrics(ep), src._paths
+
+    for eng in engines:
+        whole = eng.metrics()
+        filtered, paths = asyncio.run(scrape(eng.url))
+        assert filtered is not None, eng.name
+        assert paths[eng.url].startswith("/metrics/?name"), (eng.name, paths)
+        assert parse_vllm(filtered) == parse_vllm(whole), eng.name
+        assert len(filtered) < len(whole) / 3, (eng.name, len(filtered), len(whole))
+        REPORT[f"metrics_page_bytes_{eng.name}"] = {"whole": len(whole),
+                                                    "filtered": len(filtered)}
 
 
 # -- (b) semantics -----------------------------------------------------------------------------

@@ -66,6 +66,7 @@ class Gateway(Core):
         return HttpMetricsSource(
             session, auth=self.dispatcher.auth_headers, lag=self.lag,
             max_stretch=self.config.gateway.lag_max_stretch,
+            filter_samples=self.config.gateway.scrape_filter,
         )
 
     async def _stop_transport(self) -> None:

@@ -172,6 +172,14 @@ class GatewaySpec(Strict):
         "may set (never below scrape_interval_s); must be under stale_after_s when it is above "
         "scrape_interval_s and scrape_max_duty is set",
     )
+    scrape_filter: bool = Field(
+        True,
+        description="ask a vllm engine for only the samples inferplane reads of its /metrics "
+        "page (prometheus_client's name[] filter, on the /metrics/ path vLLM mounts it at; the "
+        "histograms' sums and counts, not their buckets) instead of the whole ~50 KB page it "
+        "renders on the event loop that serves its requests; an engine whose filtered page lacks "
+        "its running-requests gauge is read whole. false: always the whole page",
+    )
     stale_after_s: float = Field(2.0, gt=0, description="metrics older than this are not trusted")
     health_interval_s: float = Field(1.0, gt=0, description="/health probe period")
     connect_timeout_s: float = Field(2.0, gt=0)

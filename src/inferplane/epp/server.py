@@ -237,7 +237,8 @@ class Picker(Core):
         )
         self._sweeper = asyncio.create_task(self._sweep_loop())
         return HttpMetricsSource(
-            self._session, lag=self.lag, max_stretch=self.config.gateway.lag_max_stretch
+            self._session, lag=self.lag, max_stretch=self.config.gateway.lag_max_stretch,
+            filter_samples=self.config.gateway.scrape_filter,
         )
 
     async def _drain(self) -> None:

@@ -50,6 +50,7 @@ __all__ = [
     "parse_metrics",
     "parse_sglang",
     "parse_vllm",
+    "sample_names",
 ]
 
 ENGINE_KINDS = ("vllm", "sglang", "openai-compatible")
@@ -295,6 +296,17 @@ _V_NAMES = (
 )
 _V = {name: i for i, name in enumerate(_V_NAMES)}
 _V_INFO = "vllm:cache_config_info"
+
+
+def sample_names(engine: str) -> tuple[str, ...] | None:
+    """The samples `parse_metrics` reads of an ``engine`` kind's page, for asking the engine for
+    only those (`inferplane.fleet.scraper.HttpMetricsSource`); None for a kind whose page is
+    read whole. vLLM renders its page with prometheus_client, which serves only the samples
+    named by ``name[]`` query parameters: the histograms' sums and counts without their
+    buckets, none of the series this parser skips."""
+    if engine == "vllm":
+        return (*_V_NAMES, _V_INFO)
+    return None
 
 
 def parse_vllm(text: str) -> EngineMetrics:

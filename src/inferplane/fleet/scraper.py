@@ -19,10 +19,11 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
+from urllib.parse import urlencode
 
 import aiohttp
 
-from inferplane.fleet.engine_metrics import parse_metrics
+from inferplane.fleet.engine_metrics import parse_metrics, sample_names
 from inferplane.fleet.live import LiveFleet
 from inferplane.fleet.model import Endpoint
 from inferplane.looplag import MAX_STRETCH, LoopLag, bounded
@@ -49,7 +50,22 @@ class HttpMetricsSource:
     (`inferplane.looplag`: a probe is not failed because the gateway itself was descheduled),
     and by ``max_stretch × timeout_s`` of wall time in any case (``gateway.lag_max_stretch``:
     a loop that is merely busy looks late too, and an endpoint that does not answer must still
-    fail its probe under load)."""
+    fail its probe under load).
+
+    **Only the samples the parser reads** (``filter_samples``, ``gateway.scrape_filter``). A
+    vLLM engine renders its whole page (~50 KB, every histogram bucket) for each scrape, on the
+    event loop that answers its requests; prometheus_client, which renders it, serves only the
+    samples named by ``name[]`` query parameters. vLLM 0.32 answers ``/metrics`` itself from
+    prometheus-fastapi-instrumentator's route, which renders everything whatever the query,
+    and mounts prometheus_client's app under ``/metrics/``: so an engine kind with
+    `engine_metrics.sample_names` is first asked ``/metrics/?name[]=…``. The first answer that
+    is 200 and carries the kind's first sample (its running-requests gauge) decides the
+    endpoint's path for good; one that is 200 without it, or not 200, falls back to the whole
+    page (``/metrics``), which is then used (a timeout or a refused connection decides
+    nothing). A filtered page that later stops carrying that sample (an engine replaced by
+    another version) is asked again whole, and the endpoint stays on the whole page."""
+
+    WHOLE = "/metrics"
 
     def __init__(
         self,
@@ -58,6 +74,7 @@ class HttpMetricsSource:
         auth: AuthHeaders | None = None,
         lag: LoopLag | None = None,
         max_stretch: float = MAX_STRETCH,
+        filter_samples: bool = True,
     ) -> None:
         self.session = session
         self.timeout_s = timeout_s
@@ -68,22 +85,60 @@ class HttpMetricsSource:
             total=timeout_s * (self.max_stretch if lag else 1.0)
         )
         self.auth = auth
+        self.filter_samples = filter_samples
+        self._paths: dict[str, str] = {}  # endpoint URL -> the path that answered (decided)
+        self._filtered: dict[str, tuple[str, str] | None] = {}  # engine -> (path, marker)
 
     def _deadline(self) -> contextlib.AbstractAsyncContextManager[object]:
         if self.lag is None:
             return contextlib.nullcontext()
         return bounded(self.lag, self.timeout_s, self.max_stretch)
 
-    async def metrics(self, endpoint: Endpoint) -> str | None:
+    def filtered_path(self, engine: str) -> tuple[str, str] | None:
+        """(the filtered page's path and query, the sample it must carry) for an ``engine``
+        kind, None when its page is read whole."""
+        if engine not in self._filtered:
+            names = sample_names(engine) if self.filter_samples else None
+            self._filtered[engine] = None if not names else (
+                "/metrics/?" + urlencode([("name[]", n) for n in names]), names[0])
+        return self._filtered[engine]
+
+    async def _get(self, endpoint: Endpoint, path: str) -> tuple[int | None, str | None]:
+        """(status, text): (None, None) when it could not be read (timeout, connection). The
+        filtered path is not redirected (a server without it that redirects ``/metrics/`` to
+        ``/metrics`` would cost two requests a scrape): its redirect is a status like any."""
         try:
             async with self._deadline(), self.session.get(
-                f"{endpoint.url}/metrics", timeout=self.timeout
+                f"{endpoint.url}{path}", timeout=self.timeout,
+                allow_redirects=path == self.WHOLE,
             ) as r:
                 if r.status != 200:
-                    return None
-                return await r.text()
+                    return r.status, None
+                return 200, await r.text()
         except (TimeoutError, aiohttp.ClientError, UnicodeDecodeError):
-            return None
+            return None, None
+
+    async def metrics(self, endpoint: Endpoint) -> str | None:
+        url = endpoint.url
+        path = self._paths.get(url)
+        if path == self.WHOLE:
+            return (await self._get(endpoint, path))[1]
+        filtered = self.filtered_path(endpoint.spec.engine)
+        if filtered is None:
+            return (await self._get(endpoint, self.WHOLE))[1]
+        status, text = await self._get(endpoint, filtered[0])
+        if status is None:
+            return None  # not answered: decides nothing
+        if text is not None and filtered[1] in text:
+            self._paths[url] = filtered[0]
+            return text
+        if path is not None:
+            log.warning("%s's filtered /metrics page lacks %s: reading the whole page from now "
+                        "on", endpoint.name, filtered[1])
+        status, text = await self._get(endpoint, self.WHOLE)
+        if status is not None:
+            self._paths[url] = self.WHOLE
+        return text
 
     async def healthy(self, endpoint: Endpoint) -> bool:
         if endpoint.health_check == "passive":

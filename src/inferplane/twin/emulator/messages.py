@@ -41,7 +41,7 @@ from inferplane.twin.emulator.endpoint import (
 )
 
 #: paths that are not the provider API: no key needed
-_OPERATIONAL = frozenset({"/health", "/metrics", "/version"})
+_OPERATIONAL = frozenset({"/health", "/metrics", "/metrics/", "/version"})
 
 
 @web.middleware

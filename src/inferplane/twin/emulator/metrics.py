@@ -44,6 +44,25 @@ REQUEST_LATENCY_BUCKETS: tuple[float, ...] = (
 # fmt: on
 
 
+def restricted(page: str, names: Iterable[str]) -> str:
+    """``page`` with only the samples named in ``names``, each kept family's ``# HELP`` and
+    ``# TYPE`` lines before its first kept sample: what prometheus_client serves for
+    ``name[]`` query parameters (vLLM mounts its app under ``/metrics/``; the gateway asks for
+    the samples it reads, `inferplane.fleet.engine_metrics.sample_names`)."""
+    keep = frozenset(names)
+    out: list[str] = []
+    head: list[str] = []
+    for line in page.splitlines():
+        if line.startswith("#"):
+            head = [line] if line.startswith("# HELP") else [*head, line]
+            continue
+        if line.partition("{")[0].partition(" ")[0] in keep:
+            out += head
+            head = []
+            out.append(line)
+    return "\n".join(out) + "\n" if out else ""
+
+
 @dataclass(slots=True)
 class Histogram:
     """A Prometheus histogram: per-bucket counts (non-cumulative), sum and count."""

@@ -33,6 +33,7 @@ from inferplane.twin.emulator.app import (
 )
 from inferplane.twin.emulator.endpoint import EmulatedEndpoint, EmulatedRequestError, new_request_id
 from inferplane.twin.emulator.messages import key_middleware, messages
+from inferplane.twin.emulator.metrics import restricted
 
 _ID_WORDS = {word_id(w): w for w in VOCABULARY}
 _SEEN_WORDS: dict[int, str] = {}  # words /tokenize has seen, so /detokenize can invert them
@@ -64,6 +65,17 @@ async def health(request: web.Request) -> web.StreamResponse:
 async def metrics(request: web.Request) -> web.StreamResponse:
     return web.Response(
         text=request.app[EMU].metrics.render(), content_type="text/plain", charset="utf-8"
+    )
+
+
+async def metrics_filtered(request: web.Request) -> web.StreamResponse:
+    """``/metrics/``: as vLLM serves it (prometheus_client's app, mounted there), only the
+    samples ``name[]`` names when the query names any, else the whole page."""
+    page = request.app[EMU].metrics.render()
+    names = request.query.getall("name[]", [])
+    return web.Response(
+        text=restricted(page, names) if names else page, content_type="text/plain",
+        charset="utf-8",
     )
 
 
@@ -203,6 +215,7 @@ def build_app(emu: EmulatedEndpoint) -> web.Application:
     r.add_get(api("/v1/models"), models)
     r.add_get("/health", health)
     r.add_get("/metrics", metrics)
+    r.add_get("/metrics/", metrics_filtered)
     r.add_get("/version", version)
     r.add_post("/tokenize", tokenize)
     r.add_post("/detokenize", detokenize)
