@@ -1,58 +1,111 @@
 """The scraper asks a vLLM engine for only the samples it reads (`gateway.scrape_filter`).
 
-A loopback server plays vLLM 0.32's two routes: ``/metrics`` renders the whole page whatever the
-query (prometheus-fastapi-instrumentator's route), ``/metrics/`` serves only the samples that
-``name[]`` names (prometheus_client's app; `twin.emulator.metrics.restricted`, which the
-emulator serves there too). Other modes play servers without the filtered route."""
+A loopback server plays vLLM 0.32's two routes from a real prometheus_client registry holding
+vLLM's series (gauges, counters, histograms, the cache_config_info gauge): ``/metrics`` renders
+the whole registry whatever the query (prometheus-fastapi-instrumentator's route),
+``/metrics/`` is prometheus_client's own handler, which serves only the samples ``name[]``
+names. Other modes play servers without the filtered route, a multiprocess-style registry
+that cannot filter, a node agent that merges DCGM power into ``/metrics`` only, and failures."""
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
 import pytest
 from aiohttp import web
+from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
+from prometheus_client import Counter as PromCounter
+from prometheus_client.aiohttp import make_aiohttp_handler
 
 from inferplane.config.loader import parse_config
 from inferplane.config.schema import GatewaySpec
-from inferplane.fleet.engine_metrics import parse_vllm, sample_names
+from inferplane.fleet.engine_metrics import EngineMetrics, parse_vllm, sample_names
 from inferplane.fleet.model import Endpoint, Fleet
 from inferplane.fleet.scraper import HttpMetricsSource
 from inferplane.twin.emulator.metrics import restricted
 
-PAGE = (Path(__file__).parent / "fixtures" / "metrics" / "vllm.txt").read_text()
+FIXTURES = Path(__file__).parent / "fixtures" / "metrics"
+DCGM = 'DCGM_FI_DEV_POWER_USAGE{gpu="0"} 312.5\n'
+LABELS = {"engine": "0", "model_name": "m"}
+
+
+def vllm_registry() -> CollectorRegistry:
+    """vLLM's series the parser reads (and one it does not), in a real registry."""
+    reg = CollectorRegistry()
+    names = list(LABELS)
+    Gauge("vllm:num_requests_running", "running", names, registry=reg).labels(**LABELS).set(3)
+    Gauge("vllm:num_requests_waiting", "waiting", names, registry=reg).labels(**LABELS).set(1)
+    Gauge("vllm:kv_cache_usage_perc", "kv", names, registry=reg).labels(**LABELS).set(0.25)
+    for name, value in (("vllm:prefix_cache_queries", 100), ("vllm:prefix_cache_hits", 40),
+                        ("vllm:num_preemptions", 0), ("vllm:prompt_tokens", 100),
+                        ("vllm:generation_tokens", 16)):
+        PromCounter(name, name, names, registry=reg).labels(**LABELS).inc(value)
+    for name in ("vllm:time_to_first_token_seconds", "vllm:inter_token_latency_seconds",
+                 "vllm:e2e_request_latency_seconds"):
+        h = Histogram(name, name, names, registry=reg).labels(**LABELS)
+        h.observe(0.05)
+        h.observe(0.2)
+    Gauge("vllm:cache_config_info", "cache", ["block_size", "num_gpu_blocks", "engine"],
+          registry=reg).labels(block_size="16", num_gpu_blocks="1024", engine="0").set(1)
+    return reg
+
+
+class MultiProcessLike:
+    """A collector without ``describe`` (as prometheus_client's MultiProcessCollector): a
+    restricted registry never finds it by name, so the filtered page is empty."""
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        yield from vllm_registry().collect()
 
 
 class Engine:
     """``mode``: "vllm" (both routes), "404" (no ``/metrics/``), "redirect" (``/metrics/``
-    redirects to ``/metrics``), "unfiltered" (``/metrics/`` ignores the query), "empty"
-    (``/metrics/`` answers an empty page)."""
+    redirects to ``/metrics``), "multiprocess" (``/metrics/`` filters nothing out: empty),
+    "agent" (a node agent adds DCGM power to ``/metrics`` only), "503" (``/metrics/``
+    answers 503), "stall" (``/metrics/`` answers after 1 s)."""
 
     def __init__(self, mode: str) -> None:
         self.mode = mode
         self.hits: Counter[str] = Counter()
-        self.page = PAGE
+        self.encodings: set[str | None] = set()
+        self.registry = vllm_registry()
         self.runner: web.AppRunner | None = None
         self.url = ""
 
     @web.middleware
-    async def count(self, request: web.Request, handler: object) -> web.StreamResponse:
+    async def count(
+        self, request: web.Request,
+        handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    ) -> web.StreamResponse:
         self.hits[request.path] += 1
-        return await handler(request)  # type: ignore[operator,no-any-return]
+        self.encodings.add(request.headers.get("Accept-Encoding"))
+        return await handler(request)
+
+    def page(self) -> str:
+        text = generate_latest(self.registry).decode()
+        return text + DCGM if self.mode == "agent" else text
 
     async def whole(self, request: web.Request) -> web.StreamResponse:
-        return web.Response(text=self.page)
+        return web.Response(text=self.page())
 
     async def filtered(self, request: web.Request) -> web.StreamResponse:
         if self.mode == "redirect":
             raise web.HTTPTemporaryRedirect("/metrics?" + request.query_string)
-        if self.mode == "unfiltered":
-            return web.Response(text=self.page)
-        if self.mode == "empty":
-            return web.Response(text="")
-        names = request.query.getall("name[]", [])
-        return web.Response(text=restricted(self.page, names) if names else self.page)
+        if self.mode == "503":
+            return web.Response(status=503, text="busy")
+        if self.mode == "gone":
+            return web.Response(status=404, text="not here")
+        if self.mode == "stall":
+            await asyncio.sleep(1.0)
+        if self.mode == "multiprocess":
+            reg = CollectorRegistry()
+            reg.register(MultiProcessLike())  # type: ignore[arg-type]
+            return await make_aiohttp_handler(reg)(request)
+        return await make_aiohttp_handler(self.registry)(request)
 
     async def __aenter__(self) -> Engine:
         app = web.Application(middlewares=[self.count])
@@ -84,66 +137,132 @@ substrates:
     return ep
 
 
-def test_the_filtered_page_parses_as_the_whole_page() -> None:
+def filled(m: EngineMetrics) -> set[str]:
+    return {k for k in m.__slots__ if getattr(m, k) is not None}
+
+
+@pytest.mark.parametrize("fixture", ["vllm.txt", "vllm_v0.txt"])
+def test_the_filtered_page_parses_as_the_whole_page(fixture: str) -> None:
+    page = (FIXTURES / fixture).read_text() + DCGM
     names = sample_names("vllm")
     assert names is not None and names[0] == "vllm:num_requests_running"
-    small = restricted(PAGE, names)
-    assert len(small) < len(PAGE) / 3, (len(small), len(PAGE))
-    assert parse_vllm(small) == parse_vllm(PAGE)
+    whole = parse_vllm(page)
+    assert {"running", "kv_usage", "block_size", "power_watts"} <= filled(whole)
+    small = restricted(page, names)
+    assert len(small) < len(page) / 3, (len(small), len(page))
+    assert parse_vllm(small) == whole
     assert "_bucket" not in small
     assert sample_names("sglang") is None and sample_names("openai-compatible") is None
+
+
+def test_prometheus_clients_filter_keeps_what_the_parser_reads() -> None:
+    """The real filter (prometheus_client's restricted registry) against the parser."""
+    reg = vllm_registry()
+    names = sample_names("vllm")
+    assert names is not None
+    whole = generate_latest(reg).decode()
+    small = generate_latest(reg.restricted_registry(names)).decode()  # type: ignore[arg-type]
+    assert parse_vllm(small) == parse_vllm(whole)
+    assert {"running", "waiting", "kv_usage", "prefix_queries_total", "block_size",
+            "num_gpu_blocks", "ttft_mean_s", "itl_mean_s"} <= filled(parse_vllm(whole))
+    assert "_bucket" not in small and "e2e_request_latency" not in small
 
 
 async def test_a_vllm_engine_is_scraped_on_its_filtered_page() -> None:
     async with Engine("vllm") as eng, aiohttp.ClientSession() as s:
         src, ep = HttpMetricsSource(s), endpoint(eng.url)
-        texts = [await src.metrics(ep) for _ in range(3)]
-        assert eng.hits == {"/metrics/": 3}
-        assert all(t is not None and parse_vllm(t) == parse_vllm(PAGE) for t in texts)
+        texts = [await src.metrics(ep) for _ in range(4)]
+        # the decision reads both pages once; then the filtered page alone
+        assert eng.hits == {"/metrics/": 4, "/metrics": 1}
+        assert src.path_of(ep) is not None and src.path_of(ep).startswith("/metrics/?name")
+        assert all(t is not None and parse_vllm(t) == parse_vllm(eng.page()) for t in texts)
 
 
-@pytest.mark.parametrize("mode", ["404", "redirect", "unfiltered", "empty"])
-async def test_an_engine_without_the_filter_is_read_whole_after_one_try(mode: str) -> None:
+@pytest.mark.parametrize("mode", ["404", "redirect", "multiprocess", "agent"])
+async def test_an_engine_without_a_full_filtered_page_is_read_whole(mode: str) -> None:
     async with Engine(mode) as eng, aiohttp.ClientSession() as s:
         src, ep = HttpMetricsSource(s), endpoint(eng.url)
         texts = [await src.metrics(ep) for _ in range(3)]
-        assert all(t is not None and parse_vllm(t) == parse_vllm(PAGE) for t in texts)
-        if mode == "unfiltered":
-            # it answers /metrics/ with everything: that is the page, the path is kept
-            assert eng.hits == {"/metrics/": 3}
-        else:
-            assert eng.hits == {"/metrics/": 1, "/metrics": 3}
+        assert all(t is not None and parse_vllm(t) == parse_vllm(eng.page()) for t in texts)
+        assert src.path_of(ep) == "/metrics"
+        assert eng.hits == {"/metrics/": 1, "/metrics": 3}
+        if mode == "agent":  # the node agent's power reading survives
+            assert parse_vllm(texts[-1]).power_watts == 312.5
 
 
-async def test_a_filtered_page_that_loses_the_gauge_falls_back_for_good() -> None:
+async def test_the_decision_is_made_again_after_its_time() -> None:
+    now = [0.0]
+    async with Engine("gone") as eng, aiohttp.ClientSession() as s:
+        src, ep = HttpMetricsSource(s, clock=lambda: now[0]), endpoint(eng.url)
+        await src.metrics(ep)
+        assert src.path_of(ep) == "/metrics"
+        eng.mode = "vllm"  # the engine was upgraded behind the same URL
+        await src.metrics(ep)
+        assert src.path_of(ep) == "/metrics"  # the decision holds for its time
+        now[0] = HttpMetricsSource.RECHECK_S + 1
+        await src.metrics(ep)
+        assert src.path_of(ep) is not None and src.path_of(ep).startswith("/metrics/?")
+
+
+@pytest.mark.parametrize("mode", ["503", "stall"])
+async def test_a_filtered_path_that_fails_for_now_decides_nothing(mode: str) -> None:
+    async with Engine(mode) as eng, aiohttp.ClientSession() as s:
+        src, ep = HttpMetricsSource(s, timeout_s=0.3), endpoint(eng.url)
+        text = await src.metrics(ep)
+        # this scrape reads the whole page; the path stays undecided
+        assert text is not None and parse_vllm(text).running == 3
+        assert src.path_of(ep) is None
+        eng.mode = "vllm"
+        await src.metrics(ep)
+        assert src.path_of(ep) is not None and src.path_of(ep).startswith("/metrics/?")
+
+
+async def test_a_filtered_page_that_loses_the_gauge_is_decided_again() -> None:
     async with Engine("vllm") as eng, aiohttp.ClientSession() as s:
         src, ep = HttpMetricsSource(s), endpoint(eng.url)
-        assert await src.metrics(ep) is not None
-        eng.mode = "empty"  # an engine replaced by one whose /metrics/ serves nothing useful
+        await src.metrics(ep)
+        assert src.path_of(ep) is not None and src.path_of(ep).startswith("/metrics/?")
+        eng.mode = "multiprocess"  # an engine replaced by one that cannot filter
         text = await src.metrics(ep)
-        assert text is not None and parse_vllm(text) == parse_vllm(PAGE)
-        assert await src.metrics(ep) is not None
-        assert eng.hits == {"/metrics/": 2, "/metrics": 2}
-
-
-async def test_an_unanswered_filtered_scrape_decides_nothing() -> None:
-    async with aiohttp.ClientSession() as s:
-        eng = Engine("vllm")
-        async with eng:
-            url = eng.url
-        src, ep = HttpMetricsSource(s, timeout_s=0.5), endpoint(url)
-        assert await src.metrics(ep) is None  # refused: nothing listens any more
-        assert src._paths == {}
+        assert text is not None and parse_vllm(text).running == 3
+        assert src.path_of(ep) == "/metrics"
 
 
 @pytest.mark.parametrize(("engine", "flag"), [("vllm", False), ("sglang", True)])
 async def test_whole_page_when_off_or_for_other_engines(engine: str, flag: bool) -> None:
     async with Engine("vllm") as eng, aiohttp.ClientSession() as s:
         src, ep = HttpMetricsSource(s, filter_samples=flag), endpoint(eng.url, engine)
-        assert await src.metrics(ep) == PAGE
+        assert await src.metrics(ep) == eng.page()
         assert eng.hits == {"/metrics": 1}
 
 
-def test_the_config_switch() -> None:
+async def test_scrapes_ask_for_an_uncompressed_page() -> None:
+    async with Engine("vllm") as eng, aiohttp.ClientSession() as s:
+        src, ep = HttpMetricsSource(s), endpoint(eng.url)
+        await src.metrics(ep)
+        await src.metrics(ep)
+    assert eng.encodings == {"identity"}
+
+
+@pytest.mark.parametrize("flag", [True, False])
+async def test_the_config_switch_reaches_both_scrapers(flag: bool) -> None:
+    """`gateway.scrape_filter` is what the gateway's and the EPP's sources are built with."""
+    from inferplane.api.pipeline import Gateway
+    from inferplane.epp.server import Picker
+
+    cfg = parse_config(f"""
+gateway: {{scrape_filter: {str(flag).lower()}}}
+substrates:
+  - {{name: pool, kind: gpu, hardware: h100, region: r1, jurisdiction: eu,
+     cost: {{hourly_usd: 1.0}},
+     endpoints: [{{name: e, url: "http://127.0.0.1:9", engine: vllm,
+                  models: [{{name: m, profile: llama-3.1-8b, max_context: 4096}}]}}]}}
+""")
     assert GatewaySpec().scrape_filter is True
-    assert GatewaySpec(scrape_filter=False).scrape_filter is False
+    for core in (Gateway(cfg), Picker(cfg)):
+        source = await core._start_transport()
+        try:
+            assert isinstance(source, HttpMetricsSource)
+            assert source.filter_samples is flag, type(core).__name__
+        finally:
+            await core._stop_transport()

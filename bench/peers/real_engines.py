@@ -30,7 +30,8 @@ same gateway with its fleet file changed at dotted keys (``gateway.scrape_max_du
 values are read as YAML), run in the same alternating order as the others.
 
 Each replay also records the CPU time the three engines' processes (every process of their
-sessions: API server, engine core) spent during it (``engine_cpu_s``, from ``/proc``), and the
+sessions: API server, engine core) spent while ``run.py`` ran it (``engine_cpu_s``, from
+``/proc``, per process: the router's start, its warm-up, the replay, the router's stop), and the
 API servers alone (``api_cpu_s``): with the engines saturated the first is whatever CPU is left
 to them, while the second is the requests' handling plus what a router asks of the API server
 besides them (scrapes of ``/metrics``, health probes).
@@ -56,6 +57,9 @@ from typing import Any
 
 import httpx
 import yaml
+
+from inferplane.config.loader import parse_config
+from inferplane.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 VENV = Path(os.environ.get("FIDELITY_VENV", ROOT / ".fidelity-venv"))
@@ -135,15 +139,15 @@ def start_engines(n: int, blocks: int, seqs: int, work: Path,
     return out
 
 
-def engines_cpu_s() -> tuple[float, float] | None:
-    """CPU seconds (user + system) of the engines' processes, from ``/proc``: (every live
-    process in the engines' sessions — each engine is started in a session of its own —, the
-    API servers alone: the sessions' leaders, which answer requests, scrapes and probes, while
-    the engine core's processes run the model); None where ``/proc`` is absent."""
+def engines_cpu() -> dict[tuple[int, int], tuple[int, bool]] | None:
+    """CPU clock ticks (user + system) of every live process in the engines' sessions (each
+    engine is started in a session of its own), by (pid, start time), with whether it is a
+    session's leader (an API server: it answers requests, scrapes and probes, while the engine
+    core's processes run the model); None where ``/proc`` is absent."""
     sessions = {p.pid for p in PROCS if p.poll() is None}
     if not sessions or not Path("/proc/self/stat").exists():
         return None
-    ticks = leaders = 0
+    out: dict[tuple[int, int], tuple[int, bool]] = {}
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
             continue
@@ -151,14 +155,29 @@ def engines_cpu_s() -> tuple[float, float] | None:
             fields = (d / "stat").read_text().rpartition(")")[2].split()
         except OSError:  # gone meanwhile
             continue
-        # after the command: state ppid pgrp session ...; utime stime are fields 14 and 15
+        # after the command: state ppid pgrp session ...; utime, stime and starttime are the
+        # stat fields 14, 15 and 22
         if int(fields[3]) in sessions:
-            t = int(fields[11]) + int(fields[12])
-            ticks += t
-            if int(d.name) in sessions:
-                leaders += t
+            out[(int(d.name), int(fields[19]))] = (int(fields[11]) + int(fields[12]),
+                                                   int(d.name) in sessions)
+    return out
+
+
+def cpu_delta(before: dict[tuple[int, int], tuple[int, bool]] | None,
+              after: dict[tuple[int, int], tuple[int, bool]] | None
+              ) -> tuple[float, float] | None:
+    """(every process's CPU seconds between the two readings, the API servers'), per process
+    (one that started meanwhile counts from zero; one that ended meanwhile is left out: its
+    last ticks are not readable)."""
+    if before is None or after is None:
+        return None
     hz = os.sysconf("SC_CLK_TCK")
-    return ticks / hz, leaders / hz
+    total = leaders = 0
+    for key, (ticks, leader) in after.items():
+        d = ticks - before.get(key, (0, leader))[0]
+        total += d
+        leaders += d if leader else 0
+    return total / hz, leaders / hz
 
 
 def apply_variant(text: str, spec: str) -> str:
@@ -260,9 +279,9 @@ def run_one(name: str, rep: int, urls: list[str], fleet: Path, a: argparse.Names
            "--budget", "900", "--no-overhead"]
     log(f"rep {rep}: {name}")
     t0 = time.monotonic()
-    cpu0 = engines_cpu_s()
+    cpu0 = engines_cpu()
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=a.setup_limit)
-    cpu1 = engines_cpu_s()
+    cpu = cpu_delta(cpu0, engines_cpu())
     (work / f"rep{rep}-{name.replace(' ', '_').replace(',', '')}.log").write_text(
         p.stdout + p.stderr)
     doc = json.loads((out / "results.json").read_text())
@@ -272,9 +291,8 @@ def run_one(name: str, rep: int, urls: list[str], fleet: Path, a: argparse.Names
     res["slice"], res["command"] = doc["slice"], doc["command"]
     res["versions"] = doc["versions"]
     res["engine_cpu_s"] = res["api_cpu_s"] = None
-    if cpu0 is not None and cpu1 is not None:
-        res["engine_cpu_s"] = round(cpu1[0] - cpu0[0], 2)
-        res["api_cpu_s"] = round(cpu1[1] - cpu0[1], 2)
+    if cpu is not None:
+        res["engine_cpu_s"], res["api_cpu_s"] = round(cpu[0], 2), round(cpu[1], 2)
     sm = res.get("summary") or {}
     log(f"   hit {res.get('hit_rate')}, TTFT p50/p90 "
         f"{sm.get('ttft_ms', {}).get('p50')}/{sm.get('ttft_ms', {}).get('p90')} ms, errors "
@@ -474,13 +492,22 @@ def main(argv: list[str] | None = None) -> int:
     variants: dict[str, str] = {}
     for v in a.variant:
         vname, sep, spec = v.partition("=")
-        if not sep or not vname.strip() or not spec:
+        vname = vname.strip()
+        if not sep or not vname or not spec:
             ap.error(f"--variant {v!r}: expected NAME=KEY:VALUE[,KEY:VALUE...]")
-        try:
-            apply_variant("gateway: {}\n", spec)
-        except ValueError as exc:
-            ap.error(str(exc))
-        variants[f"inferplane default, {vname.strip()}"] = spec
+        full = f"inferplane default, {vname}"
+        if full == CALIBRATED or full in variants:
+            ap.error(f"--variant {vname!r}: the setup {full!r} is taken")
+        try:  # the spec on a fleet like the one the run writes, before any engine starts
+            parse_config(apply_variant(fleet_yaml([("http://127.0.0.1:9", "ipc:///tmp/x")],
+                                                  a.blocks, a.max_num_seqs, True), spec))
+        except (ValueError, AttributeError, TypeError, ConfigError) as exc:
+            ap.error(f"--variant {v!r}: {exc}")
+        variants[full] = spec
+    unknown = [n for n in a.only or [] if n.startswith("inferplane default,")
+               and n != CALIBRATED and n not in variants]
+    if unknown:
+        ap.error(f"--only {unknown}: no --variant defines them")
     names = a.only or [*SETUPS[:1], *([CALIBRATED] if a.calibrate else []), *SETUPS[1:]]
     names = [*names[:1], *(v for v in variants if v not in names), *names[1:]]
     if CALIBRATED in names and not a.calibrate:

@@ -217,12 +217,13 @@ def run_setup(setup: Setup, a: argparse.Namespace, ctx: Context, fast: Context,
     res["hit_rate"] = metrics.hit_rate(before, after)
     res["cpu_s"], res["peak_rss_mb"] = cpu_s, peak / 2**20
     # per request, for looking into a tail: [index, arrival s, input tokens, trace blocks, TTFT
-    # ms (None: failed), cached prompt tokens the router passed on (None: not reported)]
+    # ms (None: no first token), cached prompt tokens the router passed on (None: not
+    # reported), ok (False: an error, also one after the first token)]
     by_index = {p.index: p for p in planned}
     res["per_request"] = [
         [r.index, round(by_index[r.index].arrival_s, 3), by_index[r.index].input_tokens,
          len(by_index[r.index].hash_ids),
-         None if r.ttft_s is None else round(1e3 * r.ttft_s, 1), r.cached_tokens]
+         None if r.ttft_s is None else round(1e3 * r.ttft_s, 1), r.cached_tokens, r.ok]
         for r in records]
     res["loadavg_after"] = os.getloadavg()
     res["status"] = "ok"

@@ -182,12 +182,12 @@ def test_metric_names(engines: Engines) -> None:
 
 
 def test_the_scraper_reads_only_what_it_parses(engines: Engines) -> None:
-    """`gateway.scrape_filter`: the scraper asks for ``/metrics/?name[]=…`` (the samples
-    `parse_vllm` reads); vLLM serves them from prometheus_client's app mounted there, and the
-    emulator does the same. The filtered page must parse as the whole page does (the engines
-    are idle here: nothing changes between the two reads) and be a fraction of it."""
+    """`gateway.scrape_filter`: the scraper decides to ask for ``/metrics/?name[]=…`` (the
+    samples `parse_vllm` reads); vLLM serves them from prometheus_client's app mounted there,
+    and the emulator does the same. The filtered page must parse as the whole page does (the
+    engines are idle here: nothing changes between the reads) and be a fraction of it."""
 
-    async def scrape(url: str) -> tuple[str | None, dict[str, str]]:
+    async def scrape(url: str) -> tuple[str | None, str | None]:
         cfg = parse_config(f"""
 substrates:
   - {{name: pool, kind: cpu, hardware: cpu, region: r1, jurisdiction: eu,
@@ -196,16 +196,20 @@ substrates:
                   models: [{{name: {MODEL}, max_context: 2048}}]}}]}}
 """)
         (ep,) = Fleet.from_config(cfg).endpoints
-        async with aiohttp.ClientSession() as s:
+        async with aiohttp.ClientSession(auto_decompress=False) as s:  # as the gateway's
             src = HttpMetricsSource(s, timeout_s=10)
-            return await src.metrics(ep), src._paths
+            await src.metrics(ep)  # the decision: both pages
+            return await src.metrics(ep), src.path_of(ep)
 
     for eng in engines:
         whole = eng.metrics()
-        filtered, paths = asyncio.run(scrape(eng.url))
+        filtered, path = asyncio.run(scrape(eng.url))
         assert filtered is not None, eng.name
-        assert paths[eng.url].startswith("/metrics/?name"), (eng.name, paths)
-        assert parse_vllm(filtered) == parse_vllm(whole), eng.name
+        assert path is not None and path.startswith("/metrics/?name"), (eng.name, path)
+        parsed = parse_vllm(whole)
+        assert None not in (parsed.running, parsed.kv_usage, parsed.block_size,
+                            parsed.num_gpu_blocks, parsed.prefix_queries_total), parsed
+        assert parse_vllm(filtered) == parsed, eng.name
         assert len(filtered) < len(whole) / 3, (eng.name, len(filtered), len(whole))
         REPORT[f"metrics_page_bytes_{eng.name}"] = {"whole": len(whole),
                                                     "filtered": len(filtered)}

@@ -176,9 +176,12 @@ class GatewaySpec(Strict):
         True,
         description="ask a vllm engine for only the samples inferplane reads of its /metrics "
         "page (prometheus_client's name[] filter, on the /metrics/ path vLLM mounts it at; the "
-        "histograms' sums and counts, not their buckets) instead of the whole ~50 KB page it "
-        "renders on the event loop that serves its requests; an engine whose filtered page lacks "
-        "its running-requests gauge is read whole. false: always the whole page",
+        "histograms' sums and counts, not their buckets) instead of the whole ~50 KB page. The "
+        "path is decided per endpoint by reading both pages (again every 5 min): the filtered "
+        "one only when it parses every field the whole one does (a sample a node agent merges "
+        "into /metrics only, such as DCGM power, keeps the whole page; so does vLLM with "
+        "several API servers, whose multiprocess registry cannot filter). false: always the "
+        "whole page",
     )
     stale_after_s: float = Field(2.0, gt=0, description="metrics older than this are not trusted")
     health_interval_s: float = Field(1.0, gt=0, description="/health probe period")

@@ -17,7 +17,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Protocol
 from urllib.parse import urlencode
 
@@ -29,6 +29,9 @@ from inferplane.fleet.model import Endpoint
 from inferplane.looplag import MAX_STRETCH, LoopLag, bounded
 
 log = logging.getLogger("inferplane.scraper")
+
+# scrapes ask for no compressed page (the gateway's session does not decode one)
+_IDENTITY = {"Accept-Encoding": "identity"}
 
 
 class MetricsSource(Protocol):
@@ -53,19 +56,30 @@ class HttpMetricsSource:
     fail its probe under load).
 
     **Only the samples the parser reads** (``filter_samples``, ``gateway.scrape_filter``). A
-    vLLM engine renders its whole page (~50 KB, every histogram bucket) for each scrape, on the
-    event loop that answers its requests; prometheus_client, which renders it, serves only the
+    vLLM engine renders its whole page (~50 KB, every histogram bucket) for each scrape in the
+    process that answers its requests; prometheus_client, which renders it, serves only the
     samples named by ``name[]`` query parameters. vLLM 0.32 answers ``/metrics`` itself from
-    prometheus-fastapi-instrumentator's route, which renders everything whatever the query,
-    and mounts prometheus_client's app under ``/metrics/``: so an engine kind with
-    `engine_metrics.sample_names` is first asked ``/metrics/?name[]=…``. The first answer that
-    is 200 and carries the kind's first sample (its running-requests gauge) decides the
-    endpoint's path for good; one that is 200 without it, or not 200, falls back to the whole
-    page (``/metrics``), which is then used (a timeout or a refused connection decides
-    nothing). A filtered page that later stops carrying that sample (an engine replaced by
-    another version) is asked again whole, and the endpoint stays on the whole page."""
+    prometheus-fastapi-instrumentator's route (in a worker thread), which renders everything
+    whatever the query, and mounts prometheus_client's app under ``/metrics/`` (rendered on its
+    event loop, but a fraction of the page): so an engine kind with
+    `engine_metrics.sample_names` is asked ``/metrics/?name[]=…``, once its path is decided.
+
+    *The decision* (`_decide`) reads both pages and takes the filtered one when it answered 200
+    and parses every field the whole page's parse fills (a sample a node agent merges into
+    ``/metrics`` only, such as DCGM power, keeps the endpoint on the whole page); the whole one
+    when the filtered path is absent (a 3xx or a 4xx other than 408/429) or falls short, and the
+    whole page answered 200. Anything else (not answered, a 5xx, 408, 429) decides nothing:
+    that scrape returns the whole page as read. A decision is logged, and made again after
+    `RECHECK_S` (an engine replaced behind the same URL), or at once when the filtered page
+    stops answering 200 or carrying the kind's first sample (its running-requests gauge). vLLM
+    with several API servers (``--api-server-count``, data parallelism) renders from
+    prometheus_client's multiprocess collector, which cannot filter: its filtered page is empty
+    and it is read whole. Every scrape asks for ``Accept-Encoding: identity`` (prometheus_client
+    would otherwise gzip the page on the engine's loop)."""
 
     WHOLE = "/metrics"
+    RECHECK_S = 300.0
+    """How long a decision of an endpoint's path holds."""
 
     def __init__(
         self,
@@ -75,6 +89,7 @@ class HttpMetricsSource:
         lag: LoopLag | None = None,
         max_stretch: float = MAX_STRETCH,
         filter_samples: bool = True,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.session = session
         self.timeout_s = timeout_s
@@ -86,7 +101,8 @@ class HttpMetricsSource:
         )
         self.auth = auth
         self.filter_samples = filter_samples
-        self._paths: dict[str, str] = {}  # endpoint URL -> the path that answered (decided)
+        self.clock = clock
+        self._paths: dict[str, tuple[str, float]] = {}  # endpoint URL -> (path, decided at)
         self._filtered: dict[str, tuple[str, str] | None] = {}  # engine -> (path, marker)
 
     def _deadline(self) -> contextlib.AbstractAsyncContextManager[object]:
@@ -103,13 +119,18 @@ class HttpMetricsSource:
                 "/metrics/?" + urlencode([("name[]", n) for n in names]), names[0])
         return self._filtered[engine]
 
+    def path_of(self, endpoint: Endpoint) -> str | None:
+        """The path an endpoint's scrapes read now (None: not decided yet)."""
+        decided = self._paths.get(endpoint.url)
+        return None if decided is None else decided[0]
+
     async def _get(self, endpoint: Endpoint, path: str) -> tuple[int | None, str | None]:
         """(status, text): (None, None) when it could not be read (timeout, connection). The
         filtered path is not redirected (a server without it that redirects ``/metrics/`` to
         ``/metrics`` would cost two requests a scrape): its redirect is a status like any."""
         try:
             async with self._deadline(), self.session.get(
-                f"{endpoint.url}{path}", timeout=self.timeout,
+                f"{endpoint.url}{path}", timeout=self.timeout, headers=_IDENTITY,
                 allow_redirects=path == self.WHOLE,
             ) as r:
                 if r.status != 200:
@@ -119,26 +140,47 @@ class HttpMetricsSource:
             return None, None
 
     async def metrics(self, endpoint: Endpoint) -> str | None:
-        url = endpoint.url
-        path = self._paths.get(url)
-        if path == self.WHOLE:
-            return (await self._get(endpoint, path))[1]
         filtered = self.filtered_path(endpoint.spec.engine)
         if filtered is None:
             return (await self._get(endpoint, self.WHOLE))[1]
-        status, text = await self._get(endpoint, filtered[0])
-        if status is None:
-            return None  # not answered: decides nothing
-        if text is not None and filtered[1] in text:
-            self._paths[url] = filtered[0]
-            return text
-        if path is not None:
-            log.warning("%s's filtered /metrics page lacks %s: reading the whole page from now "
-                        "on", endpoint.name, filtered[1])
-        status, text = await self._get(endpoint, self.WHOLE)
-        if status is not None:
-            self._paths[url] = self.WHOLE
-        return text
+        decided = self._paths.get(endpoint.url)
+        if decided is not None and self.clock() - decided[1] < self.RECHECK_S:
+            status, text = await self._get(endpoint, decided[0])
+            if decided[0] == self.WHOLE or status is None:
+                return text
+            if text is not None and filtered[1] in text:
+                return text
+            # the filtered page stopped answering 200 or carrying the gauge: decide again
+        return await self._decide(endpoint, filtered)
+
+    async def _decide(self, endpoint: Endpoint, filtered: tuple[str, str]) -> str | None:
+        """Read both pages, decide the endpoint's path (the class docstring) and return the
+        whole page (or the filtered one when only it was read)."""
+        url, engine = endpoint.url, endpoint.spec.engine
+        f_status, f_text = await self._get(endpoint, filtered[0])
+        _, w_text = await self._get(endpoint, self.WHOLE)
+        if w_text is None:
+            return f_text if f_text is not None and filtered[1] in f_text else None
+        short: list[str] = []
+        if f_text is not None:
+            got = parse_metrics(engine, f_text)
+            whole = parse_metrics(engine, w_text)
+            short = [f.name for f in fields(whole) if getattr(whole, f.name) is not None
+                     and getattr(got, f.name) is None]
+            if not short:
+                if self._paths.get(url, ("",))[0] != filtered[0]:
+                    log.info("%s: scraping the filtered /metrics/ page (%d bytes instead of %d)",
+                             endpoint.name, len(f_text), len(w_text))
+                self._paths[url] = (filtered[0], self.clock())
+                return w_text
+        elif f_status is None or f_status >= 500 or f_status in (408, 429):
+            return w_text  # the filtered path did not answer for now: nothing decided
+        if self._paths.get(url, ("",))[0] != self.WHOLE:
+            log.info("%s: scraping the whole /metrics page (the filtered /metrics/ %s)",
+                     endpoint.name, f"answered {f_status}" if f_text is None
+                     else "lacks " + ", ".join(short))
+        self._paths[url] = (self.WHOLE, self.clock())
+        return w_text
 
     async def healthy(self, endpoint: Endpoint) -> bool:
         if endpoint.health_check == "passive":
