@@ -25,9 +25,9 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import real_engines as R  # noqa: E402
+import real_engines as R
 
-from inferplane.fleet.engine_metrics import parse_vllm, sample_names  # noqa: E402
+from inferplane.fleet.engine_metrics import parse_vllm, sample_names
 
 
 def main() -> int:
