@@ -16,7 +16,6 @@ gateway sends. The engine is idle: the page's values do not change between the r
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -24,10 +23,14 @@ from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import real_engines as R
+ROOT = Path(__file__).resolve().parents[2]
+for _p in (str(ROOT / "src"), str(ROOT)):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
 
-from inferplane.fleet.engine_metrics import parse_vllm, sample_names
+from bench.peers import real_engines as R  # noqa: E402
+from bench.peers.gateway_gap import proc_cpu_s  # noqa: E402
+from inferplane.fleet.engine_metrics import parse_vllm, sample_names  # noqa: E402
 
 
 def main() -> int:
@@ -36,35 +39,33 @@ def main() -> int:
     ap.add_argument("--gets", type=int, default=200)
     a = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="scrape-cost-"))
-    (url, _), = R.start_engines(1, 1024, 16, work)
-    pid = R.PROCS[0].pid
-
-    def cpu_s() -> float:
-        f = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-        return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
-
-    names = [("name[]", n) for n in sample_names("vllm") or ()]
     try:
-        with httpx.Client(headers={"Accept-Encoding": "identity"}) as c:
-            whole = parse_vllm(c.get(f"{url}/metrics").text)
-            for label, path, params in [("/metrics", "/metrics", None),
-                                        ("/metrics?name[]=...", "/metrics", names),
-                                        ("/metrics/?name[]=...", "/metrics/", names),
-                                        ("/metrics (again)", "/metrics", None)]:
-                page = c.get(url + path, params=params)
-                page.raise_for_status()
-                c0, t0 = cpu_s(), time.monotonic()
-                for _ in range(a.gets):
-                    c.get(url + path, params=params).raise_for_status()
-                c1, t1 = cpu_s(), time.monotonic()
-                print(f"{label:22s} {len(page.content):6d} bytes {page.text.count(chr(10)):4d} "
-                      f"lines: API server CPU {1e3 * (c1 - c0) / a.gets:.2f} ms/GET, wall "
-                      f"{1e3 * (t1 - t0) / a.gets:.2f} ms/GET, parses as the whole page: "
-                      f"{parse_vllm(page.text) == whole}", flush=True)
+        (url, _), = R.start_engines(1, 1024, 16, work)
+        pid = R.PROCS[0].pid
+        measure(url, pid, a.gets)
     finally:
-        R.stop_engines()
+        R.stop_engines()  # also an engine left half-started
     return 0
 
+
+def measure(url: str, pid: int, gets: int) -> None:
+    names = [("name[]", n) for n in sample_names("vllm") or ()]
+    with httpx.Client(headers={"Accept-Encoding": "identity"}) as c:
+        whole = parse_vllm(c.get(f"{url}/metrics").text)
+        for label, path, params in [("/metrics", "/metrics", None),
+                                    ("/metrics?name[]=...", "/metrics", names),
+                                    ("/metrics/?name[]=...", "/metrics/", names),
+                                    ("/metrics (again)", "/metrics", None)]:
+            page = c.get(url + path, params=params)
+            page.raise_for_status()
+            c0, t0 = proc_cpu_s(pid), time.monotonic()
+            for _ in range(gets):
+                c.get(url + path, params=params).raise_for_status()
+            c1, t1 = proc_cpu_s(pid), time.monotonic()
+            print(f"{label:22s} {len(page.content):6d} bytes {page.text.count(chr(10)):4d} "
+                  f"lines: API server CPU {1e3 * (c1 - c0) / gets:.2f} ms/GET, wall "
+                  f"{1e3 * (t1 - t0) / gets:.2f} ms/GET, parses as the whole page: "
+                  f"{parse_vllm(page.text) == whole}", flush=True)
 
 if __name__ == "__main__":
     sys.exit(main())
