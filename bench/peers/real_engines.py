@@ -9,6 +9,7 @@
 2. starts three vLLM CPU engines from ``.fidelity-venv`` the way ``tests/fidelity/conftest.py``
    starts one (loopback, offline, ``VLLM_SERVER_DEV_MODE=1`` for ``/reset_prefix_cache``,
    ``VLLM_CPU_KVCACHE_SPACE=1 OMP_NUM_THREADS=1``), with prefix caching, block size 32,
+   the model run in the engine core's own process (``--executor uni``, below),
    ``--num-gpu-blocks-override`` ``--blocks``, ``--max-num-seqs 16`` and ZMQ KV events on an
    ``ipc://`` socket (vLLM binds ipc endpoints; inferplane's fleet file names it);
 3. writes a fleet file naming the three engines (engine ``vllm``, model ``tiny-llama`` with its
@@ -24,6 +25,16 @@ and adds the setup ``inferplane default, calibrated``: the same gateway and prof
 file naming the fitted hardware profile (``hardware_profiles:``) instead of the table's ``cpu``,
 so that the latency the picker weighs (a queue's cost against a hit's saving) is these engines'
 own. The other setups keep the table's profile.
+
+``--executor`` (``uni`` by default) picks how each engine runs its model. vLLM's CPU platform
+runs it in a worker process of its own (``mp``), which hands every step to the engine core over a
+shared-memory queue whose readers spin for 1 s after each read and then wait for a ZMQ
+notification; on this bench's host (three engines on two cores) notifications are lost and a
+step's output waits about a second before the engine core sees it, so TTFT falls on steps of
+~1.1 s whatever the router does (docs/benchmarks.md, "Real engines, session 13"). ``uni``
+(``VLLM_ENABLE_V1_MULTIPROCESSING=0`` and ``--distributed-executor-backend uni``, both vLLM's
+own settings) runs the model in the engine core process, still apart from the API server;
+``--executor mp`` restores vLLM's CPU default.
 
 ``--variant NAME=KEY:VALUE[,KEY:VALUE...]`` adds the setup ``inferplane default, NAME``: the
 same gateway with its fleet file changed at dotted keys (``gateway.scrape_max_duty:0.01``;
@@ -84,8 +95,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def vllm_env() -> dict[str, str]:
+EXECUTORS = ("uni", "mp")
+
+
+def vllm_env(executor: str = "uni") -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "PYTHON"))}
+    if executor == "uni":  # the CPU platform forces "mp" unless V1 multiprocessing is off
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     env.update(VLLM_CPU_KVCACHE_SPACE="1", OMP_NUM_THREADS="1", VLLM_HOST_IP="127.0.0.1",
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_ENDPOINT="http://127.0.0.1:9",
                VLLM_SERVER_DEV_MODE="1", VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1",
@@ -94,18 +110,20 @@ def vllm_env() -> dict[str, str]:
     return env
 
 
-def vllm_command(port: int, kv: str, blocks: int, seqs: int) -> list[str]:
+def vllm_command(port: int, kv: str, blocks: int, seqs: int,
+                 executor: str = "uni") -> list[str]:
     kv_cfg = {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": kv, "topic": ""}
     return [str(VPY), "-m", "vllm.entrypoints.openai.api_server", "--model", str(MODEL_DIR),
             "--served-model-name", MODEL, "--enforce-eager", "--dtype", "float32",
             "--block-size", str(BLOCK), "--enable-prefix-caching", "--max-num-seqs", str(seqs),
             "--num-gpu-blocks-override", str(blocks), "--max-model-len", str(MAX_MODEL_LEN),
             "--max-num-batched-tokens", str(MAX_MODEL_LEN), "--enable-prompt-tokens-details",
-            "--kv-events-config", json.dumps(kv_cfg), "--host", "127.0.0.1", "--port", str(port)]
+            "--kv-events-config", json.dumps(kv_cfg), "--host", "127.0.0.1", "--port", str(port),
+            "--distributed-executor-backend", executor]
 
 
-def start_engines(n: int, blocks: int, seqs: int, work: Path,
-                  timeout_s: float = 400) -> list[tuple[str, str]]:
+def start_engines(n: int, blocks: int, seqs: int, work: Path, timeout_s: float = 400,
+                  executor: str = "uni") -> list[tuple[str, str]]:
     """Start ``n`` engines together; returns ``(url, kv endpoint)`` each once all are healthy."""
     if not (MODEL_DIR / ".built").exists():
         log("building the tiny model …")
@@ -114,11 +132,11 @@ def start_engines(n: int, blocks: int, seqs: int, work: Path,
     out: list[tuple[str, str]] = []
     for i in range(n):
         port, kv = free_port(), f"ipc://{work}/kv{i}.sock"
-        cmd = vllm_command(port, kv, blocks, seqs)
+        cmd = vllm_command(port, kv, blocks, seqs, executor)
         (work / f"vllm{i}.cmd").write_text(" ".join(cmd) + "\n")
         with (work / f"vllm{i}.log").open("wb") as fh:
             PROCS.append(subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT,
-                                          env=vllm_env(), cwd=work, start_new_session=True))
+                                          env=vllm_env(executor), cwd=work, start_new_session=True))
         out.append((f"http://127.0.0.1:{port}", kv))
     deadline = time.monotonic() + timeout_s
     for i, (url, _) in enumerate(out):
@@ -407,7 +425,8 @@ def render(doc: dict[str, Any], out: Path) -> str:
         f"{eng['blocks']} KV blocks = {eng['blocks'] * eng['block_size']} tokens each, "
         f"max_num_seqs {eng['max_num_seqs']}, max_model_len {eng['max_model_len']}, prefix "
         f"caching on; KV events given to inferplane: {eng['kv_events_to_inferplane']}; the "
-        f"model's tokenizer given to inferplane: {eng.get('tokenizer_to_inferplane', False)}).",
+        f"model's tokenizer given to inferplane: {eng.get('tokenizer_to_inferplane', False)}; "
+        f"executor: {eng.get('executor') or 'mp (before --executor)'}).",
         "",
         f"Slice: {sl.get('requests')} requests of the Mooncake conversation trace (trace seconds "
         f"{sl.get('start_s', 0):.0f}–{sl.get('start_s', 0) + sl.get('duration_s', 0):.0f}, "
@@ -474,6 +493,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=KEY:VALUE,...",
                     help="add the setup 'inferplane default, NAME' with the fleet file changed "
                     "at these dotted keys (e.g. gateway.scrape_max_duty:0.01)")
+    ap.add_argument("--executor", choices=EXECUTORS, default="uni",
+                    help="where each engine runs its model: in the engine core process (uni) "
+                    "or in a worker process of its own (mp, vLLM's CPU default)")
     ap.add_argument("--setup-limit", type=float, default=600.0, help="seconds per replay")
     ap.add_argument("--budget", type=float, default=3600.0, help="seconds for all replays")
     ap.add_argument("--urls", help="reuse running engines (URL[@KV],...) instead of starting them")
@@ -523,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
             engines = [(u.partition("@")[0], u.partition("@")[2]) for u in a.urls.split(",")]
             kv_events = all(kv for _, kv in engines) and not a.no_kv_events
         else:
-            engines = start_engines(3, a.blocks, a.max_num_seqs, work)
+            engines = start_engines(3, a.blocks, a.max_num_seqs, work, executor=a.executor)
             kv_events = not a.no_kv_events
         urls = [u for u, _ in engines]
         if a.engines_only:
@@ -565,6 +587,7 @@ def main(argv: list[str] | None = None) -> int:
                         "block_size": BLOCK, "max_num_seqs": a.max_num_seqs,
                         "max_model_len": MAX_MODEL_LEN, "kv_events_to_inferplane": kv_events,
                         "tokenizer_to_inferplane": not a.no_tokenizer,
+                        "executor": None if a.urls else a.executor,
                         "command": (work / "vllm0.cmd").read_text().strip()
                         if (work / "vllm0.cmd").exists() else None},
             "fleet_yaml": fleet.read_text(), "calibration": calibration,
