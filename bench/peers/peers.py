@@ -16,6 +16,7 @@ tokenizes all three to the same token ids, so every router offers the fleet iden
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -96,7 +97,8 @@ def _inferplane(profile: str | None) -> Starter:
         path.write_text(yaml.safe_dump(inferplane_fleet(ctx.fleet_config, ctx.fleet_urls, port,
                                                         profile), sort_keys=False))
         return Proc(f"inferplane-{name}",
-                    [sys.executable, "-m", "inferplane.cli", "serve", "--config", str(path),
+                    [os.environ.get("INFERPLANE_PYTHON") or sys.executable, "-m",
+                     "inferplane.cli", "serve", "--config", str(path),
                      "--log-level", "warning"],
                     ctx.work / f"inferplane-{name}.log",
                     env={"PYTHONPATH": str(ROOT / "src")}, cwd=ROOT)

@@ -36,6 +36,12 @@ step's output waits about a second before the engine core sees it, so TTFT falls
 own settings) runs the model in the engine core process, still apart from the API server;
 ``--executor mp`` restores vLLM's CPU default.
 
+``--gateway-python NAME=PATH`` adds the setup ``inferplane default, NAME``: the same gateway
+and fleet file run by the interpreter at PATH (a venv with inferplane's dependencies; the code
+is this checkout's ``src``), e.g. Python 3.12, on which aiohttp puts a request on the wire as it
+is handed over rather than after the rest of a burst's pre-send work (docs/benchmarks.md, "The
+gateway's gap, continued").
+
 ``--variant NAME=KEY:VALUE[,KEY:VALUE...]`` adds the setup ``inferplane default, NAME``: the
 same gateway with its fleet file changed at dotted keys (``gateway.scrape_max_duty:0.01``;
 values are read as YAML), run in the same alternating order as the others.
@@ -286,7 +292,7 @@ def calibrate(url: str, work: Path, limit_s: float = 600) -> Path:
 
 
 def run_one(name: str, rep: int, urls: list[str], fleet: Path, a: argparse.Namespace,
-            work: Path) -> dict[str, Any]:
+            work: Path, python: str | None = None) -> dict[str, Any]:
     out = work / f"rep{rep}-{name.replace(' ', '_').replace(',', '')}"
     setup = "inferplane default" if name.startswith("inferplane default,") else name
     cmd = [sys.executable, str(ROOT / "bench/peers/run.py"), "--fleet", ",".join(urls),
@@ -298,7 +304,9 @@ def run_one(name: str, rep: int, urls: list[str], fleet: Path, a: argparse.Names
     log(f"rep {rep}: {name}")
     t0 = time.monotonic()
     cpu0 = engines_cpu()
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=a.setup_limit)
+    env = {**os.environ, "INFERPLANE_PYTHON": python} if python else None
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=a.setup_limit,
+                       env=env)
     cpu = cpu_delta(cpu0, engines_cpu())
     (work / f"rep{rep}-{name.replace(' ', '_').replace(',', '')}.log").write_text(
         p.stdout + p.stderr)
@@ -496,6 +504,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--executor", choices=EXECUTORS, default="uni",
                     help="where each engine runs its model: in the engine core process (uni) "
                     "or in a worker process of its own (mp, vLLM's CPU default)")
+    ap.add_argument("--gateway-python", action="append", default=[], metavar="NAME=PATH",
+                    help="add the setup 'inferplane default, NAME': the gateway run by the "
+                    "interpreter at PATH")
     ap.add_argument("--setup-limit", type=float, default=600.0, help="seconds per replay")
     ap.add_argument("--budget", type=float, default=3600.0, help="seconds for all replays")
     ap.add_argument("--urls", help="reuse running engines (URL[@KV],...) instead of starting them")
@@ -526,12 +537,29 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, AttributeError, TypeError, ConfigError) as exc:
             ap.error(f"--variant {v!r}: {exc}")
         variants[full] = spec
+    pythons: dict[str, str] = {}
+    python_versions: dict[str, str] = {}
+    for v in a.gateway_python:
+        vname, sep, path = v.partition("=")
+        full = f"inferplane default, {vname.strip()}"
+        if not sep or not vname.strip() or not path:
+            ap.error(f"--gateway-python {v!r}: expected NAME=PATH")
+        if full == CALIBRATED or full in variants or full in pythons:
+            ap.error(f"--gateway-python {v!r}: the setup {full!r} is taken")
+        try:
+            ver = subprocess.run([path, "-c", "import sys, aiohttp; print(sys.version.split()[0])"],
+                                 capture_output=True, text=True, timeout=60, check=True)
+        except (OSError, subprocess.SubprocessError) as exc:
+            ap.error(f"--gateway-python {v!r}: cannot run it with aiohttp: {exc}")
+        pythons[full] = path
+        python_versions[full] = ver.stdout.strip()
+        log(f"{full}: Python {python_versions[full]} at {path}")
     unknown = [n for n in a.only or [] if n.startswith("inferplane default,")
-               and n != CALIBRATED and n not in variants]
+               and n != CALIBRATED and n not in variants and n not in pythons]
     if unknown:
         ap.error(f"--only {unknown}: no --variant defines them")
     names = a.only or [*SETUPS[:1], *([CALIBRATED] if a.calibrate else []), *SETUPS[1:]]
-    names = [*names[:1], *(v for v in variants if v not in names), *names[1:]]
+    names = [*names[:1], *(v for v in [*variants, *pythons] if v not in names), *names[1:]]
     if CALIBRATED in names and not a.calibrate:
         ap.error(f"the setup {CALIBRATED!r} needs --calibrate")
     if a.calibrate and CALIBRATED not in names:
@@ -593,6 +621,8 @@ def main(argv: list[str] | None = None) -> int:
             "fleet_yaml": fleet.read_text(), "calibration": calibration,
             "variants": {n: {"spec": variants[n], "fleet_yaml": fleets[n].read_text()}
                          for n in variants},
+            "gateway_pythons": {n: {"path": pythons[n], "version": python_versions[n]}
+                                for n in pythons},
             "runs": a.runs, "results": [],
         }
         a.out.mkdir(parents=True, exist_ok=True)
@@ -609,7 +639,7 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 try:
                     r = run_one(name, rep, urls, fleet_cal if name == CALIBRATED and fleet_cal
-                                else fleets.get(name) or fleet, a, work)
+                                else fleets.get(name) or fleet, a, work, pythons.get(name))
                 except Exception as exc:  # one setup failing must not end the run
                     r = {"name": name, "rep": rep, "status": "failed",
                          "reason": f"{type(exc).__name__}: {exc}"[:1000]}
