@@ -6,7 +6,10 @@ Starts three vLLM CPU engines as ``real_engines.py`` does (``--executor``: where
 model), then sends the Mooncake slice's requests (the same prompts, ``--block-tokens 32``,
 output capped at 16) open-loop straight to them, request ``i`` to engine ``i mod 3``, ``--runs``
 times with the prefix caches reset in between. Prints every request's TTFT and E2E (ms) and, per
-run, P50 / P90 / max TTFT and how many requests waited over 500 ms for their first token.
+run, P50 / P90 / max TTFT and how many requests waited over 500 ms for their first token; exits
+1 when a request failed. Before the runs each engine prefills the slice's longest prompt once
+(then its cache is reset). Prompts are text (``completion-text``), as inferplane and
+sglang-router get them in ``real_engines.py``.
 
 What it is for: telling the engines' own latency from a router's. With vLLM's CPU default
 (``mp``: the model in a worker process, each step handed over a shared-memory queue) on three
@@ -18,7 +21,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -74,9 +79,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         engines = real_engines.start_engines(3, 1024, 16, work, executor=a.executor)
         urls = [u for u, _ in engines]
+        git = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
+                             capture_output=True, text=True).stdout.strip() or "?"
+        print(f"python bench/peers/direct_replay.py {' '.join(sys.argv[1:])}: git {git}, "
+              f"{real_engines.versions()}, load {os.getloadavg()[0]:.1f}, {len(planned)} "
+              "requests", flush=True)
+        # warm-up: the slice's longest prompt once on each engine (a long prefill's first run
+        # is slower), then empty caches
+        longest = bodies[max(range(len(planned)), key=lambda i: planned[i].input_tokens)]
+        for u in urls:
+            httpx.post(f"{u}/v1/completions", content=longest, timeout=120,
+                       headers={"Content-Type": "application/json"}).raise_for_status()
+            httpx.post(f"{u}/reset_prefix_cache", timeout=10).raise_for_status()
+        failed = 0
         for run in range(a.runs):
             recs = asyncio.run(replay(urls, planned, bodies))
             ttft = [1e3 * r.ttft_s for r in recs if r.ttft_s is not None]
+            failed += sum(not r.ok for r in recs)
             for p, r in zip(planned, recs, strict=True):
                 print(f"run {run} req {p.index} t {p.arrival_s:.3f} input {p.input_tokens} "
                       f"engine {p.index % 3} ttft_ms "
@@ -86,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             if ttft:
                 ttft.sort()
                 print(f"run {run} executor {a.executor}: {len(ttft)} answered of {len(recs)}; "
-                      f"TTFT p50 {statistics.median(ttft):.0f} p90 "
+                      f"TTFT p50 {statistics.median(ttft):.0f} p90 (nearest rank) "
                       f"{ttft[min(len(ttft) - 1, int(0.9 * len(ttft)))]:.0f} max {ttft[-1]:.0f} "
                       f"ms; over 500 ms: {sum(t > 500 for t in ttft)}", flush=True)
             for u in urls:
@@ -94,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(1.0)
     finally:
         real_engines.stop_engines()
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

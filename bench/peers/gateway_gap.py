@@ -247,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--python", action="append", default=[], metavar="NAME=PATH",
                     help="run variant NAME's gateway with the interpreter PATH (a venv with "
                     "inferplane's dependencies; the code is this tree's src)")
+    ap.add_argument("--executor", choices=real_engines.EXECUTORS, default="uni",
+                    help="the engine's executor (real_engines.py; sessions 5-7's numbers: mp)")
     ap.add_argument("--fake-ttft", type=float, default=None, metavar="S",
                     help="bench/peers/fake_engine.py answering after S s instead of vLLM")
     a = ap.parse_args(argv)
@@ -257,15 +259,15 @@ def main(argv: list[str] | None = None) -> int:
     planned, _ = plan(load_trace(TRACE), SliceSpec(a.start, a.duration, a.rate_scale, 1.0,
                                                    max_output=16))
     bodies = encode_bodies(planned, "completion-text", real_engines.MODEL, real_engines.BLOCK)
-    print(f"{len(planned)} requests over {planned[-1].arrival_s:.0f} s; load "
-          f"{os.getloadavg()[0]:.1f}; work {work}", flush=True)
+    print(f"{len(planned)} requests over {planned[-1].arrival_s:.0f} s; executor {a.executor}; "
+          f"load {os.getloadavg()[0]:.1f}; work {work}", flush=True)
     try:
         fake = a.fake_ttft is not None
         if fake:
             engine = start_fake(a.fake_ttft, work)
             (work / "vllm0.log").touch()
         else:
-            (engine,) = real_engines.start_engines(1, 1024, 16, work)
+            (engine,) = real_engines.start_engines(1, 1024, 16, work, executor=a.executor)
         epid = real_engines.PROCS[0].pid  # the API server (its engine core is a child)
         if not fake:
             mc = metrics_cost(engine[0], epid)

@@ -29,12 +29,12 @@ own. The other setups keep the table's profile.
 ``--executor`` (``uni`` by default) picks how each engine runs its model. vLLM's CPU platform
 runs it in a worker process of its own (``mp``), which hands every step to the engine core over a
 shared-memory queue whose readers spin for 1 s after each read and then wait for a ZMQ
-notification; on this bench's host (three engines on two cores) notifications are lost and a
-step's output waits about a second before the engine core sees it, so TTFT falls on steps of
-~1.1 s whatever the router does (docs/benchmarks.md, "Real engines, session 13"). ``uni``
-(``VLLM_ENABLE_V1_MULTIPROCESSING=0`` and ``--distributed-executor-backend uni``, both vLLM's
-own settings) runs the model in the engine core process, still apart from the API server;
-``--executor mp`` restores vLLM's CPU default.
+notification; on this bench's host (three engines on two cores) a step's output often waits
+about a second before the engine core reads it (the exact cause is not established), so TTFT
+falls on steps of ~1.1 s whatever the router does (docs/benchmarks.md, "Real engines, session
+13"). ``uni`` (``VLLM_ENABLE_V1_MULTIPROCESSING=0`` and ``--distributed-executor-backend uni``;
+vLLM's CPU platform allows it with multiprocessing off) runs the model in the engine core
+process, still apart from the API server; ``--executor mp`` restores vLLM's CPU default.
 
 ``--gateway-python NAME=PATH`` adds the setup ``inferplane default, NAME``: the same gateway
 and fleet file run by the interpreter at PATH (a venv with inferplane's dependencies; the code
@@ -304,7 +304,9 @@ def run_one(name: str, rep: int, urls: list[str], fleet: Path, a: argparse.Names
     log(f"rep {rep}: {name}")
     t0 = time.monotonic()
     cpu0 = engines_cpu()
-    env = {**os.environ, "INFERPLANE_PYTHON": python} if python else None
+    env = {k: v for k, v in os.environ.items() if k != "INFERPLANE_PYTHON"}
+    if python:
+        env["INFERPLANE_PYTHON"] = python
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=a.setup_limit,
                        env=env)
     cpu = cpu_delta(cpu0, engines_cpu())
@@ -434,7 +436,8 @@ def render(doc: dict[str, Any], out: Path) -> str:
         f"max_num_seqs {eng['max_num_seqs']}, max_model_len {eng['max_model_len']}, prefix "
         f"caching on; KV events given to inferplane: {eng['kv_events_to_inferplane']}; the "
         f"model's tokenizer given to inferplane: {eng.get('tokenizer_to_inferplane', False)}; "
-        f"executor: {eng.get('executor') or 'mp (before --executor)'}).",
+        "executor: " + ("mp (before --executor)" if "executor" not in eng else
+                        eng["executor"] or "unknown (engines given with --urls)") + ").",
         "",
         f"Slice: {sl.get('requests')} requests of the Mooncake conversation trace (trace seconds "
         f"{sl.get('start_s', 0):.0f}–{sl.get('start_s', 0) + sl.get('duration_s', 0):.0f}, "
@@ -444,6 +447,8 @@ def render(doc: dict[str, Any], out: Path) -> str:
         f"{len(done)} (order alternates). Medians, (min–max) over the repetitions.", "",
         table(doc.get("summary") or aggregate(doc["results"])), "",
     ]
+    for n, gp in (doc.get("gateway_pythons") or {}).items():
+        lines[-1:-1] = [f"`{n}`: the gateway run by Python {gp['version']} (`{gp['path']}`).", ""]
     rows = doc.get("summary") or aggregate(doc["results"])
     if plot(rows, out / "results.png", f"3 × vLLM CPU, {len(done)} repetitions: medians, "
             "bars min–max"):
@@ -547,21 +552,25 @@ def main(argv: list[str] | None = None) -> int:
         if full == CALIBRATED or full in variants or full in pythons:
             ap.error(f"--gateway-python {v!r}: the setup {full!r} is taken")
         try:
-            ver = subprocess.run([path, "-c", "import sys, aiohttp; print(sys.version.split()[0])"],
-                                 capture_output=True, text=True, timeout=60, check=True)
+            ver = subprocess.run(
+                [path, "-c", "import sys, inferplane.cli; print(sys.version.split()[0])"],
+                capture_output=True, text=True, timeout=60, check=True,
+                env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
         except (OSError, subprocess.SubprocessError) as exc:
-            ap.error(f"--gateway-python {v!r}: cannot run it with aiohttp: {exc}")
+            ap.error(f"--gateway-python {v!r}: cannot import inferplane.cli with it: {exc}")
         pythons[full] = path
         python_versions[full] = ver.stdout.strip()
         log(f"{full}: Python {python_versions[full]} at {path}")
     unknown = [n for n in a.only or [] if n.startswith("inferplane default,")
                and n != CALIBRATED and n not in variants and n not in pythons]
     if unknown:
-        ap.error(f"--only {unknown}: no --variant defines them")
+        ap.error(f"--only {unknown}: no --variant or --gateway-python defines them")
     names = a.only or [*SETUPS[:1], *([CALIBRATED] if a.calibrate else []), *SETUPS[1:]]
     names = [*names[:1], *(v for v in [*variants, *pythons] if v not in names), *names[1:]]
     if CALIBRATED in names and not a.calibrate:
         ap.error(f"the setup {CALIBRATED!r} needs --calibrate")
+    if a.urls and a.executor != "uni":
+        ap.error("--executor starts the engines: it does not apply to --urls")
     if a.calibrate and CALIBRATED not in names:
         ap.error(f"--calibrate calibrates for the setup {CALIBRATED!r}, which --only leaves out")
     work = Path(tempfile.mkdtemp(prefix="ip-real-"))

@@ -37,10 +37,13 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gets", type=int, default=200)
+    ap.add_argument("--executor", choices=R.EXECUTORS, default="uni",
+                    help="the engine's executor (real_engines.py; session 12's numbers: mp)")
     a = ap.parse_args()
+    print(f"executor {a.executor}", flush=True)
     work = Path(tempfile.mkdtemp(prefix="scrape-cost-"))
     try:
-        (url, _), = R.start_engines(1, 1024, 16, work)
+        (url, _), = R.start_engines(1, 1024, 16, work, executor=a.executor)
         pid = R.PROCS[0].pid
         measure(url, pid, a.gets)
     finally:
