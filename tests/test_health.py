@@ -416,6 +416,15 @@ def scrape_series(e: Env, name: str, waiting: list[float], kv: list[float], dt: 
 SPEC = PoolHealthSpec(window_s=20.0, min_ttft_samples=20)
 
 
+def test_pool_kv_mean_weighs_each_endpoint_once() -> None:
+    """An endpoint scraped less often (an idle one, backed off) counts as much as a busy one."""
+    e = env()
+    scrape_series(e, "a0", [0.0] * 10, [0.8] * 10)  # busy, scraped 10 times
+    scrape_series(e, "a1", [0.0], [0.0])  # idle, scraped once in the window
+    p = pool_health(e.live, SPEC, e.clock.t)["pool-a"]
+    assert p.kv_mean == pytest.approx(0.4) and p.kv_max == pytest.approx(0.8)
+
+
 def test_concurrency_illusion_queue_grows_while_in_flight_is_low() -> None:
     e = env()
     # a0's queue grows 1 req/s over 10 scrapes; a1 flat; far below the envelope (1 of 32)

@@ -4,14 +4,15 @@ by the in-memory `StaticMetricsSource`."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
 
 from inferplane.fleet.engine_metrics import EngineMetrics, parse_vllm
-from inferplane.fleet.live import LatencyWindow, LiveFleet
+from inferplane.fleet.live import LatencyWindow, LiveFleet, Reservation
 from inferplane.fleet.model import Endpoint
-from inferplane.fleet.scraper import Scraper, StaticMetricsSource
+from inferplane.fleet.scraper import Scraper, StaticMetricsSource, idle_wait_cap
 from tests.builders import fleet
 
 VLLM = (Path(__file__).parent / "fixtures" / "metrics" / "vllm.txt").read_text()
@@ -463,6 +464,184 @@ async def test_scrape_loop_waits_by_how_long_the_last_scrape_took(
     with pytest.raises(asyncio.CancelledError):
         await scraper._scrape_loop(endpoint(live, "eu-0"))
     assert slept == pytest.approx([0.1, 0.38, 0.5, 0.1])
+
+
+def queue_page(running: int, waiting: int) -> str:
+    """A vLLM page with only its queue: ``running`` and ``waiting`` requests."""
+    return (f'vllm:num_requests_running{{engine="0",model_name="m"}} {running}.0\n'
+            f'vllm:num_requests_waiting{{engine="0",model_name="m"}} {waiting}.0\n')
+
+
+@pytest.mark.parametrize(
+    ("paced", "quiet", "cap", "pause"),
+    [
+        (0.1, 0, 1.0, 0.1),  # the last page was not idle: the paced wait
+        (0.1, 1, 1.0, 0.2),
+        (0.1, 3, 1.0, 0.8),
+        (0.1, 4, 1.0, 1.0),  # capped
+        (0.1, 500, 1.0, 1.0),
+        (0.1, 5, None, 0.1),  # off
+        (0.5, 2, 0.4, 0.5),  # pacing already waits longer than the cap: pacing wins
+    ],
+)
+def test_idle_back_off_doubles_the_wait_up_to_the_cap(
+    live: LiveFleet, paced: float, quiet: int, cap: float | None, pause: float
+) -> None:
+    scraper = Scraper(live, StaticMetricsSource(), interval_s=0.1, quiet_interval_s=cap)
+    assert scraper.quiet_pause_s(paced, quiet) == pytest.approx(pause)
+
+
+def waits_by_scrape(pages: list[str], on_sleep: Callable[[int, int], None] | None = None,
+                    now: list[float] | None = None, late_s: float = 0.0,
+                    ) -> tuple[type[StaticMetricsSource], Callable[[float], Awaitable[None]],
+                               dict[int, list[float]]]:
+    """A source serving ``pages`` in turn and a fake sleep that records each wait under the
+    number of scrapes made so far and moves the clock ``now`` on by it plus ``late_s`` (a loop
+    waking late); ``on_sleep(scrapes, sleeps)`` runs after each; the loop is cancelled once
+    every page was served."""
+    now = now if now is not None else [0.0]
+    served = [0]
+    waits: dict[int, list[float]] = {}
+    it = iter(pages)
+
+    class Source(StaticMetricsSource):
+        async def metrics(self, endpoint: Endpoint) -> str | None:
+            served[0] += 1
+            return next(it)
+
+    async def fake_sleep(seconds: float) -> None:
+        if served[0] == len(pages):
+            raise asyncio.CancelledError
+        waits.setdefault(served[0], []).append(seconds)
+        now[0] += seconds + late_s
+        if on_sleep is not None:
+            on_sleep(served[0], sum(len(v) for v in waits.values()))
+
+    return Source, fake_sleep, waits
+
+
+async def test_idle_engines_are_scraped_ever_more_rarely(
+    live: LiveFleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An idle engine (nothing on its page, nothing in flight from the gateway): each wait
+    doubles up to quiet_interval_s, in paced steps."""
+    now = [0.0]
+    Source, fake_sleep, waits = waits_by_scrape([queue_page(0, 0)] * 6, now=now)
+    monkeypatch.setattr("inferplane.fleet.scraper.asyncio.sleep", fake_sleep)
+    scraper = Scraper(live, Source(), interval_s=0.1, max_duty=None, quiet_interval_s=1.0,
+                      clock=lambda: now[0])
+    with pytest.raises(asyncio.CancelledError):
+        await scraper._scrape_loop(endpoint(live, "eu-0"))
+    assert {k: round(sum(v), 6) for k, v in waits.items()} == {
+        1: 0.2, 2: 0.4, 3: 0.8, 4: 1.0, 5: 1.0}
+    assert all(w == pytest.approx(0.1) for v in waits.values() for w in v)
+
+
+async def test_the_gateways_first_request_ends_the_idle_wait(
+    live: LiveFleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request the gateway sends to an idle engine cuts the long wait short (the next scrape
+    comes one paced step later); any request on the page, the gateway's own or anyone's, or a
+    page without the gauges, keeps the paced wait."""
+    held: list[Reservation] = []
+
+    def on_sleep(scrapes: int, sleeps: int) -> None:
+        if scrapes == 2 and not held:  # two requests sent during the second idle wait
+            held.extend(live.reserve("eu-0", 10) for _ in range(2))
+        elif scrapes == 4 and held:
+            for r in held:
+                r.release()
+            held.clear()
+
+    pages = [
+        queue_page(0, 0),  # idle: 0.2 in two steps
+        queue_page(0, 0),  # idle: 0.4, cut after its first step by the gateway's requests
+        queue_page(2, 0),  # the gateway's two requests: paced
+        queue_page(1, 1),  # paced; then they end
+        queue_page(0, 0),  # idle again: 0.2
+        queue_page(0, 1),  # one waiting from elsewhere, none in flight here: paced
+        "",  # no gauges: cannot tell, paced
+        queue_page(0, 0),
+    ]
+    now = [0.0]
+    Source, fake_sleep, waits = waits_by_scrape(pages, on_sleep, now=now)
+    monkeypatch.setattr("inferplane.fleet.scraper.asyncio.sleep", fake_sleep)
+    scraper = Scraper(live, Source(), interval_s=0.1, max_duty=None, quiet_interval_s=1.0,
+                      clock=lambda: now[0])
+    with pytest.raises(asyncio.CancelledError):
+        await scraper._scrape_loop(endpoint(live, "eu-0"))
+    assert waits == {1: pytest.approx([0.1, 0.1]), 2: pytest.approx([0.1]),
+                     3: pytest.approx([0.1]), 4: pytest.approx([0.1]),
+                     5: pytest.approx([0.1, 0.1]), 6: pytest.approx([0.1]),
+                     7: pytest.approx([0.1])}
+
+
+async def test_a_late_loop_does_not_stretch_the_idle_wait(
+    live: LiveFleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The idle wait is timed on the clock: each step waking 0.25 s late ends it sooner, not
+    later (a stretched wait could let an idle endpoint read as stale)."""
+    now = [0.0]
+    Source, fake_sleep, waits = waits_by_scrape([queue_page(0, 0)] * 5, now=now, late_s=0.25)
+    monkeypatch.setattr("inferplane.fleet.scraper.asyncio.sleep", fake_sleep)
+    scraper = Scraper(live, Source(), interval_s=0.1, max_duty=None, quiet_interval_s=1.0,
+                      clock=lambda: now[0])
+    with pytest.raises(asyncio.CancelledError):
+        await scraper._scrape_loop(endpoint(live, "eu-0"))
+    # waits of 0.2, 0.4, 0.8, 1.0: each step takes 0.35 s of the clock
+    assert waits == {1: pytest.approx([0.1]), 2: pytest.approx([0.1, 0.05]),
+                     3: pytest.approx([0.1, 0.1, 0.1]), 4: pytest.approx([0.1, 0.1, 0.1])}
+
+
+async def test_a_request_sent_or_ended_during_the_fetch_is_not_idle(live: LiveFleet) -> None:
+    """The gateway's count is read at the fetch's start and at its end: a request it sent, or
+    one that ended, while the page was being read means the engine was not idle."""
+    held: list[Reservation] = []
+
+    class During(StaticMetricsSource):
+        async def metrics(self, endpoint: Endpoint) -> str | None:
+            if held:
+                held.pop().release()
+            else:
+                held.append(live.reserve("eu-0", 10))
+            return queue_page(0, 0)  # the page was rendered before the engine saw it
+
+    scraper = Scraper(live, During(), quiet_interval_s=1.0)
+    ep = endpoint(live, "eu-0")
+    assert (await scraper._scrape(ep))[2] is False  # sent during the fetch
+    assert (await scraper._scrape(ep))[2] is False  # ended during the fetch
+    assert (await scraper._scrape(ep))[2] is False  # sent again
+    held.pop().release()
+
+
+@pytest.mark.parametrize(
+    ("quiet", "stale", "eject", "cap"),
+    [
+        (1.0, 2.0, None, 1.0),
+        (1.0, 1.0, None, 0.5),  # half of stale_after_s
+        (1.0, 2.0, 0.6, 0.3),  # half of stale_eject_s
+        (None, 2.0, 0.6, None),  # off stays off
+    ],
+)
+def test_the_idle_wait_stays_under_the_staleness_horizons(
+    quiet: float | None, stale: float, eject: float | None, cap: float | None
+) -> None:
+    assert idle_wait_cap(quiet, stale, eject) == (None if cap is None else pytest.approx(cap))
+
+
+async def test_idle_counts_the_sibling_replicas_requests(live: LiveFleet) -> None:
+    """With shared slots, a request another replica of this gateway has in flight on the engine
+    means it is not idle, whatever its page said at the time."""
+    source = StaticMetricsSource()
+    source.texts["eu-0"] = queue_page(0, 0)
+    scraper = Scraper(live, source, quiet_interval_s=1.0)
+    ep = endpoint(live, "eu-0")
+    assert (await scraper._scrape(ep))[2] is True
+    live.set_remote_inflight("eu-0", 1)
+    assert (await scraper._scrape(ep))[2] is False
+    live.set_remote_inflight("eu-0", 0)
+    source.texts["eu-0"] = None  # unreadable: cannot tell
+    assert (await scraper._scrape(ep))[2] is False
 
 
 async def test_scrape_pacing_times_the_fetch_not_the_parse(

@@ -50,7 +50,7 @@ from inferplane.fleet.passive import PassiveHealth
 from inferplane.fleet.prefix_index import PrefixIndex
 from inferplane.fleet.pricing import request_cost_usd
 from inferplane.fleet.salts import SaltBook
-from inferplane.fleet.scraper import MetricsSource, Scraper
+from inferplane.fleet.scraper import MetricsSource, Scraper, idle_wait_cap
 from inferplane.fleet.state import EndpointView
 from inferplane.ledger.build import build_ledger
 from inferplane.ledger.record import Ledger, Outcome, Receipt
@@ -254,10 +254,12 @@ class Core:
         if source is None:
             raise RuntimeError("no metrics source: pass one or supply it in _start_transport")
         g = self.config.gateway
+        quiet = idle_wait_cap(g.scrape_quiet_interval_s, g.stale_after_s,
+                              self.config.health.outlier.stale_eject_s)
         self.scraper = Scraper(
             self.live, source, interval_s=g.scrape_interval_s,
             health_interval_s=g.health_interval_s, max_duty=g.scrape_max_duty,
-            max_interval_s=g.scrape_max_interval_s, lag=self.lag,
+            max_interval_s=g.scrape_max_interval_s, quiet_interval_s=quiet, lag=self.lag,
         )
         await self.scraper.prime()
         self.scraper.start()

@@ -451,7 +451,8 @@ class PoolHealth:
 
     ``queue_trend``: Σ over endpoints of the least-squares slope of engine ``waiting`` over the
     last ``window_s`` of scrapes (requests/s; positive = the queue grows). ``kv_mean`` /
-    ``kv_max``: mean and max of every ``kv_usage`` sample in the window. ``ttft_divergence``:
+    ``kv_max``: the mean over endpoints of each one's mean ``kv_usage`` in the window (an
+    endpoint scraped less often weighs as much), and the largest sample. ``ttft_divergence``:
     p99 / p50 of the pool's observed TTFTs, all endpoints' windows merged (None below
     ``min_ttft_samples``). ``inflight_ratio``: gateway in-flight ÷ Σ ``max_concurrency`` of the
     pool's usable endpoints.
@@ -550,6 +551,7 @@ def pool_health(live: LiveFleet, spec: PoolHealthSpec, now: float) -> dict[str, 
     for sub, eps in pools.items():
         trend = waiting = 0.0
         kvs: list[float] = []
+        kv_top = 0.0
         ttfts: list[float] = []
         inflight = envelope = usable = 0
         for e in eps:
@@ -559,14 +561,19 @@ def pool_health(live: LiveFleet, spec: PoolHealthSpec, now: float) -> dict[str, 
             trend += b or 0.0
             if window and window[-1][1] is not None and now - window[-1][0] <= live.stale_after_s:
                 waiting += window[-1][1]
-            kvs.extend(kv for _, _, kv in window if kv is not None)
+            # each endpoint's mean over the window, then the pool's mean of those: an endpoint
+            # scraped less often (idle back-off) weighs as much as a busy one
+            ekv = [kv for _, _, kv in window if kv is not None]
+            if ekv:
+                kvs.append(sum(ekv) / len(ekv))
+                kv_top = max(kv_top, max(ekv))
             ttfts.extend(rec.ttft.values())
             inflight += rec.inflight
             if rec.healthy and not rec.ejected:
                 usable += 1
                 envelope += e.max_concurrency
         kv_mean = sum(kvs) / len(kvs) if kvs else None
-        kv_max = max(kvs) if kvs else None
+        kv_max = kv_top if kvs else None
         p50 = p99 = div = None
         if len(ttfts) >= spec.min_ttft_samples:
             ttfts.sort()

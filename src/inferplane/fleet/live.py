@@ -437,6 +437,12 @@ class LiveFleet:
         rec.inflight_tokens -= tokens
         self._touch(rec)
 
+    def inflight_of(self, endpoint: str) -> int:
+        """Requests this gateway has in flight on ``endpoint``, its sibling replicas' included
+        (shared slots): what the engine's queue holds when no one else feeds it."""
+        rec = self.live.get(endpoint)
+        return 0 if rec is None else rec.inflight + rec.remote_inflight
+
     def set_remote_inflight(self, endpoint: str, n: int) -> None:
         """Other gateway processes' in-flight requests on the endpoint (from the shared slots);
         snapshots report ``inflight`` as this process's plus theirs."""

@@ -215,6 +215,17 @@ class StaticMetricsSource:
         return self.health.get(endpoint.name, True)
 
 
+def idle_wait_cap(quiet_s: float | None, stale_after_s: float,
+                  stale_eject_s: float | None = None) -> float | None:
+    """The idle back-off's longest wait (`Scraper`): ``quiet_s`` cut to half of ``stale_after_s``
+    and of ``stale_eject_s`` (when set), so that an idle endpoint's metrics never read as stale,
+    nor get it ejected as stale, between two of its scrapes; None (off) stays None."""
+    if quiet_s is None:
+        return None
+    cap = min(quiet_s, stale_after_s / 2)
+    return cap if stale_eject_s is None else min(cap, stale_eject_s / 2)
+
+
 class Scraper:
     """Runs one scrape loop and one health loop per endpoint until `stop`.
 
@@ -232,6 +243,21 @@ class Scraper:
     fetch alone (request to the last byte of the page, answered or not), not the parse of the
     page; with ``lag`` (`inferplane.looplag`) it is the gateway's running time, so a busy or
     descheduled gateway does not count its own lateness as the engine's.
+
+    **Idle engines are scraped less** (``quiet_interval_s``,
+    ``gateway.scrape_quiet_interval_s``; `idle_wait_cap` bounds it). An engine whose page reports
+    no request running or waiting, while this gateway has none in flight there (its own and, with
+    shared slots, its sibling replicas', at the fetch's start and at its end), is idle: its queue
+    does not change until someone sends it a request. While that holds, each wait doubles, from
+    the paced one up to ``quiet_interval_s`` (timed on ``clock``), and is cut short when the
+    gateway has a request in flight there at one of its paced steps: an engine the gateway starts
+    feeding is scraped at the paced rate again from then on, so under load nothing is staler than
+    before.
+    The first page that shows a request (the gateway's or anyone's), an unreadable page or one
+    without the running and waiting gauges puts the loop back on the paced wait. What idle back-
+    off gives up: another client's traffic to an idle engine is seen up to ``quiet_interval_s``
+    late, and later on an engine whose gauges lag its queue (SGLang updates its running and
+    queued counts only at some scheduler steps).
     """
 
     def __init__(
@@ -244,10 +270,12 @@ class Scraper:
         failures_to_down: int = 2,
         max_duty: float | None = None,
         max_interval_s: float = 0.5,
+        quiet_interval_s: float | None = None,
         clock: Callable[[], float] = time.monotonic,
         lag: LoopLag | None = None,
     ) -> None:
         self.live = live
+        self.quiet_interval_s = quiet_interval_s
         self.source = source
         self.interval_s = interval_s
         self.max_duty = max_duty
@@ -261,19 +289,24 @@ class Scraper:
     async def scrape_once(self, endpoint: Endpoint) -> bool:
         return (await self._scrape(endpoint))[0]
 
-    async def _scrape(self, endpoint: Endpoint) -> tuple[bool, float]:
-        """(metrics updated, seconds the fetch took: the class docstring's ``t``)."""
+    async def _scrape(self, endpoint: Endpoint) -> tuple[bool, float, bool]:
+        """(metrics updated, seconds the fetch took: the class docstring's ``t``, whether the
+        engine was idle: the docstring's idle back-off)."""
         if not endpoint.scrape_metrics:
-            return False, 0.0
+            return False, 0.0, False
         lag = self.lag if self.lag is not None and self.lag.running else None
         mark = lag.mark() if lag is not None else (0.0, 0.0)
+        own = self.live.inflight_of(endpoint.name)
         started = self.clock()
         text = await self.source.metrics(endpoint)
         took = self.clock() - started if lag is None else lag.ran_s(mark)
         if text is None:
-            return False, took
-        self.live.update_metrics(endpoint.name, parse_metrics(endpoint.spec.engine, text))
-        return True, took
+            return False, took, False
+        metrics = parse_metrics(endpoint.spec.engine, text)
+        self.live.update_metrics(endpoint.name, metrics)
+        idle = metrics.running == 0 and metrics.waiting == 0 and own == 0 and \
+            self.live.inflight_of(endpoint.name) == 0
+        return True, took, idle
 
     async def probe_once(self, endpoint: Endpoint, failures: int) -> int:
         ok = await self.source.healthy(endpoint)
@@ -293,14 +326,37 @@ class Scraper:
             return self.interval_s
         return min(paced, self.max_interval_s)
 
+    def quiet_pause_s(self, paced_s: float, quiet: int) -> float:
+        """The wait after the ``quiet``-th scrape in a row that found the engine idle (0: the
+        last one did not), given the paced wait ``paced_s``: doubled per idle scrape, at most
+        ``quiet_interval_s`` (the class docstring's idle back-off)."""
+        if quiet <= 0 or self.quiet_interval_s is None or paced_s >= self.quiet_interval_s:
+            return paced_s
+        return min(self.quiet_interval_s, paced_s * 2.0 ** min(quiet, 32))
+
     async def _scrape_loop(self, endpoint: Endpoint) -> None:
+        quiet = 0
         while True:
             took = 0.0
+            idle = False
             try:
-                took = (await self._scrape(endpoint))[1]
+                _, took, idle = await self._scrape(endpoint)
             except Exception:  # a parser bug must not kill the loop
                 log.exception("scrape of %s failed", endpoint.name)
-            await asyncio.sleep(self.pause_s(took))
+            quiet = quiet + 1 if idle else 0
+            paced = self.pause_s(took)
+            pause = self.quiet_pause_s(paced, quiet)
+            if pause <= paced:
+                await asyncio.sleep(pause)
+                continue
+            # idle back-off: wait in paced steps, and scrape as soon as a request is in flight
+            # (by the clock: a late wake-up shortens what is left, never lengthens the wait)
+            deadline = self.clock() + pause
+            while self.live.inflight_of(endpoint.name) == 0:
+                left = deadline - self.clock()
+                if left <= 1e-9:
+                    break
+                await asyncio.sleep(min(paced, left))
 
     async def _health_loop(self, endpoint: Endpoint) -> None:
         failures = 0
