@@ -144,3 +144,48 @@ def test_one_model_name_has_one_tokenizer(tmp_path: Path) -> None:
     assert "endpoints[1].models[0].tokenizer: model 'llama-3.1-8b' already has tokenizer" in str(
         info.value
     )
+
+
+def _bpe(tmp_path: Path) -> Tokenizer:
+    """A byte-level BPE tokenizer trained here on a few lines, with Llama's ``<s>`` first."""
+    from tokenizers import decoders, trainers
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    lines = [f"{TEXT} héllo wörld {i} 日本語 tabs\tand\nnewlines" for i in range(50)]
+    tok.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIALS))
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+    )
+    tok.save(str(tmp_path / "tokenizer.json"))
+    return tok
+
+
+@pytest.mark.parametrize("serial", ["false", "true"])
+def test_encode_gives_the_ids_of_tokenizer_encode_without_a_pool_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, serial: str
+) -> None:
+    """With the rayon pool off (`load_tokenizer`'s default) `encode` takes the offset-free batch
+    path; with it on, plain ``encode``. Either way the ids are the tokenizer's own, special tokens
+    included, and no pool thread is started for one prompt."""
+    import os
+
+    from inferplane.tokenization import encode, load_tokenizer
+
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+    _bpe(tmp_path)
+    load_tokenizer.cache_clear()
+    tok = load_tokenizer(str(tmp_path))
+    assert os.environ["TOKENIZERS_PARALLELISM"] == "false"  # set where the process had none
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", serial)
+    texts = ["", " ", TEXT, "héllo wörld 12 日本語\tx\n", "unseen ünïcode " * 300]
+    threads = len(os.listdir("/proc/self/task"))
+    try:
+        for text in texts:
+            assert encode(tok, text) == type(tok).encode(tok, text, add_special_tokens=True).ids
+        assert encode(tok, TEXT)[0] == tok.token_to_id("<s>")
+        if serial == "false":  # (a pool some other test started would not show here)
+            assert len(os.listdir("/proc/self/task")) == threads, "a pool thread started"
+    finally:
+        load_tokenizer.cache_clear()

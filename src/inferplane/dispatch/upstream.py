@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import aiohttp
 import orjson
 
-from inferplane.dispatch import anthropic
+from inferplane.dispatch import anthropic, eager
 from inferplane.dispatch.answer import StreamStats, UpstreamAttemptFailed
 from inferplane.dispatch.credentials import auth_headers
 from inferplane.errors import UpstreamError
@@ -220,6 +220,9 @@ class Dispatcher:
 
     async def start(self) -> aiohttp.ClientSession:
         if self.session is None:
+            # on Python 3.11, a request's bytes go out when it is handed over, not after the
+            # rest of a burst's pre-send work (3.12 does this itself)
+            eager.install()
             self.session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(**self._connector_args),  # type: ignore[arg-type]
                 timeout=self.timeout,

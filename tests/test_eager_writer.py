@@ -1,0 +1,193 @@
+"""`dispatch.eager`: aiohttp's request writer started when the request is handed over, on
+Python 3.11 as on 3.12, so a burst's requests go on the wire one by one instead of after the
+whole burst's pre-send work."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from inferplane.dispatch import eager
+
+
+async def _log_steps(log: list[str], fut: asyncio.Future[int] | None = None) -> int:
+    log.append("start")
+    if fut is None:
+        return 1
+    try:
+        value = await fut
+    except asyncio.CancelledError:
+        log.append("cancelled")
+        raise
+    log.append("resumed")
+    await asyncio.sleep(0)
+    if value < 0:
+        raise ValueError("negative")
+    return value
+
+
+@pytest.fixture
+def as_writer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The factory treats `_log_steps` as aiohttp's writer."""
+    monkeypatch.setattr(eager, "_WRITER", _log_steps.__code__)
+
+
+def _run(body: Callable[[asyncio.AbstractEventLoop], Any]) -> Any:
+    async def main() -> Any:
+        loop = asyncio.get_running_loop()
+        loop.set_task_factory(eager.eager_writer_factory)  # type: ignore[arg-type]
+        try:
+            return await body(loop)
+        finally:
+            loop.set_task_factory(None)
+
+    return asyncio.run(main())
+
+
+@pytest.mark.usefixtures("as_writer")
+def test_the_writer_runs_its_first_step_inside_create_task() -> None:
+    async def body(loop: asyncio.AbstractEventLoop) -> None:
+        log: list[str] = []
+        fut: asyncio.Future[int] = loop.create_future()
+        task = asyncio.create_task(_log_steps(log, fut))
+        assert log == ["start"]  # before create_task returned
+        assert not task.done()
+        fut.set_result(7)
+        assert await task == 7
+        assert log == ["start", "resumed"]
+
+    _run(body)
+
+
+@pytest.mark.usefixtures("as_writer")
+def test_a_writer_done_in_its_first_step_is_a_finished_future() -> None:
+    async def body(loop: asyncio.AbstractEventLoop) -> None:
+        log: list[str] = []
+        task = asyncio.create_task(_log_steps(log))
+        assert task.done() and task.result() == 1 and log == ["start"]
+
+    _run(body)
+
+
+@pytest.mark.usefixtures("as_writer")
+def test_cancelling_reaches_the_writer_where_it_waits() -> None:
+    async def body(loop: asyncio.AbstractEventLoop) -> None:
+        log: list[str] = []
+        fut: asyncio.Future[int] = loop.create_future()
+        task = asyncio.create_task(_log_steps(log, fut))
+        await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert log == ["start", "cancelled"] and task.cancelled() and fut.cancelled()
+
+    _run(body)
+
+
+@pytest.mark.usefixtures("as_writer")
+def test_an_error_after_the_first_step_fails_the_task() -> None:
+    async def body(loop: asyncio.AbstractEventLoop) -> None:
+        fut: asyncio.Future[int] = loop.create_future()
+        task = asyncio.create_task(_log_steps([], fut))
+        fut.set_result(-1)
+        with pytest.raises(ValueError, match="negative"):
+            await task
+
+    _run(body)
+
+
+@pytest.mark.usefixtures("as_writer")
+def test_other_coroutines_get_ordinary_tasks() -> None:
+    async def other(log: list[str]) -> None:
+        log.append("other")
+
+    async def body(loop: asyncio.AbstractEventLoop) -> None:
+        log: list[str] = []
+        task = asyncio.create_task(other(log))
+        assert isinstance(task, asyncio.Task) and log == []  # not started yet
+        await task
+        assert log == ["other"]
+
+    _run(body)
+
+
+def test_install_leaves_a_loop_with_its_own_factory_alone() -> None:
+    async def main() -> tuple[bool, object]:
+        loop = asyncio.get_running_loop()
+
+        def own(loop: asyncio.AbstractEventLoop, coro: Any, **kw: Any) -> asyncio.Task[Any]:
+            return asyncio.Task(coro, loop=loop, **kw)
+
+        loop.set_task_factory(own)
+        return eager.install(), loop.get_task_factory()
+
+    installed, factory = asyncio.run(main())
+    assert not installed and factory is not eager.eager_writer_factory
+
+
+@pytest.mark.skipif(not eager.NEEDED, reason="Python >= 3.12 starts aiohttp's writer itself")
+def test_install_sets_the_factory_once_on_3_11() -> None:
+    async def main() -> tuple[bool, bool, object]:
+        loop = asyncio.get_running_loop()
+        return eager.install(), eager.install(), loop.get_task_factory()
+
+    assert asyncio.run(main()) == (True, True, eager.eager_writer_factory)
+
+
+@pytest.mark.parametrize("installed", [True, False])
+def test_a_post_is_on_the_wire_before_the_callbacks_queued_behind_it(installed: bool) -> None:
+    """Two tasks queued together: the first posts over a kept-alive connection, the second only
+    notes that it ran. aiohttp's "chunk sent" signal (the body, from the writer, with the head
+    coalesced into it) comes first where the writer starts eagerly (the factory on 3.11; aiohttp itself on 3.12),
+    and after the second task where it is only scheduled (3.11 without the factory)."""
+
+    async def answer(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(text="ok")
+
+    async def main() -> list[str]:
+        if installed:
+            eager.install()
+        app = web.Application()
+        app.router.add_post("/", answer)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        order: list[str] = []
+
+        async def sent(*_: object) -> None:
+            order.append("wire")
+
+        trace = aiohttp.TraceConfig()
+        trace.on_request_chunk_sent.append(sent)
+        async with aiohttp.ClientSession(trace_configs=[trace]) as session:
+            url = f"http://127.0.0.1:{port}/"
+            async with session.post(url, data=b"warm") as r:  # a kept-alive connection
+                await r.read()
+            order.clear()
+
+            async def post() -> None:
+                async with session.post(url, data=b"x" * 1000) as r:
+                    await r.read()
+
+            async def behind() -> None:
+                order.append("other")
+
+            first = asyncio.ensure_future(post())
+            second = asyncio.ensure_future(behind())
+            await asyncio.gather(first, second)
+        await runner.cleanup()
+        return order
+
+    order = asyncio.run(main())
+    if installed or not eager.NEEDED:
+        assert order == ["wire", "other"]
+    else:
+        assert order == ["other", "wire"]
