@@ -116,9 +116,7 @@ def connections(log_text: str) -> dict[str, float]:
             "gets": float(sum(v.count("GET") for v in peers.values()))}
 
 
-ENGINE_SERIES = {"ttft": "vllm:time_to_first_token_seconds",
-                 "queue": "vllm:request_queue_time_seconds",
-                 "prefill": "vllm:request_prefill_time_seconds"}
+ENGINE_SERIES = metrics.ENGINE_SECONDS
 
 
 def engine_counters(url: str) -> dict[str, float]:

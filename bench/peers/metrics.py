@@ -66,6 +66,27 @@ class CacheCounters:
         return cls(hits, queries)
 
 
+ENGINE_SECONDS = {"ttft": "vllm:time_to_first_token_seconds",
+                  "queue": "vllm:request_queue_time_seconds",
+                  "prefill": "vllm:request_prefill_time_seconds"}
+"""vLLM's own per-request histograms: time to first token from the arrival its front end
+records, time waiting in the engine's queue, time in prefill."""
+
+
+def engine_means_ms(before: Iterable[str], after: Iterable[str]) -> dict[str, float | None]:
+    """Mean of each `ENGINE_SECONDS` histogram (ms) over the requests between two scrapes of
+    the same engines' pages (``_sum`` and ``_count`` summed over engines; None: no request)."""
+    b, a = list(before), list(after)
+    out: dict[str, float | None] = {}
+    for key, name in ENGINE_SECONDS.items():
+        n = sum(prom_sum(p, name + "_count") for p in a) - sum(
+            prom_sum(p, name + "_count") for p in b)
+        total = sum(prom_sum(p, name + "_sum") for p in a) - sum(
+            prom_sum(p, name + "_sum") for p in b)
+        out[key] = round(1e3 * total / n, 1) if n > 0 else None
+    return out
+
+
 def hit_rate(before: CacheCounters, after: CacheCounters) -> float | None:
     """Prefix-cache hit rate between two scrapes (None when nothing was queried)."""
     dq = after.queries - before.queries

@@ -322,10 +322,13 @@ def run_one(name: str, rep: int, urls: list[str], fleet: Path, a: argparse.Names
     if cpu is not None:
         res["engine_cpu_s"], res["api_cpu_s"] = round(cpu[0], 2), round(cpu[1], 2)
     sm = res.get("summary") or {}
+    eng = res.get("engine_ms") or {}
     log(f"   hit {res.get('hit_rate')}, TTFT p50/p90 "
         f"{sm.get('ttft_ms', {}).get('p50')}/{sm.get('ttft_ms', {}).get('p90')} ms, errors "
         f"{sm.get('errors')}/{sm.get('requests')} ({res.get('status')}, {res['wall_s']:.0f}s, "
-        f"engines' CPU {res['engine_cpu_s']} s, API servers' {res['api_cpu_s']} s)")
+        f"engines' CPU {res['engine_cpu_s']} s, API servers' {res['api_cpu_s']} s; the "
+        f"engines' own TTFT/queue/prefill means {eng.get('ttft')}/{eng.get('queue')}/"
+        f"{eng.get('prefill')} ms; router CPU {res.get('cpu_s')} s)")
     return res
 
 
@@ -344,12 +347,16 @@ def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
         rows.append({
             "name": name, "runs": len(got),
-            "hit_rate": stat([r["hit_rate"] for r in got]),
+            "hit_rate": (stat([r["hit_rate"] for r in got])
+                         if all(r.get("hit_rate") is not None for r in got) else None),
             "ttft_p50_ms": stat([r["summary"]["ttft_ms"]["p50"] for r in got]),
             "ttft_p90_ms": stat([r["summary"]["ttft_ms"]["p90"] for r in got]),
             "ttft_p99_ms": stat([r["summary"]["ttft_ms"]["p99"] for r in got]),
             **{k: stat([r[k] for r in got]) if all(r.get(k) is not None for r in got) else None
-               for k in ("engine_cpu_s", "api_cpu_s")},
+               for k in ("engine_cpu_s", "api_cpu_s", "cpu_s")},
+            "engine_ttft_ms": (stat([r["engine_ms"]["ttft"] for r in got])
+                               if all((r.get("engine_ms") or {}).get("ttft") is not None
+                                      for r in got) else None),
             "errors": [r["summary"]["errors"] for r in got],
             "requests": got[0]["summary"]["requests"],
         })
@@ -357,20 +364,25 @@ def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    def fmt(s: dict[str, float], pct: bool = False) -> str:
-        f = (lambda x: f"{100 * x:.1f}%") if pct else (lambda x: f"{x:.0f}")
+    def fmt(s: dict[str, float] | None, pct: bool = False, digits: int = 0) -> str:
+        if s is None:
+            return "–"
+        f = (lambda x: f"{100 * x:.1f}%") if pct else (lambda x: f"{x:.{digits}f}")
         return f"{f(s['median'])} ({f(s['min'])}–{f(s['max'])})" if s["min"] != s["max"] \
             else f(s["median"])
 
     lines = ["| router | runs | prefix hit rate | TTFT p50 ms | TTFT p90 ms | TTFT p99 ms | "
-             "engines' CPU s (API servers') | errors per run |",
-             "|---|---|---|---|---|---|---|---|"]
+             "engines' own TTFT, mean ms | engines' CPU s (API servers') | router's CPU s "
+             "| errors per run |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         cpu, api = r.get("engine_cpu_s"), r.get("api_cpu_s")
         lines.append(f"| {r['name']} | {r['runs']} | {fmt(r['hit_rate'], True)} | "
                      f"{fmt(r['ttft_p50_ms'])} | {fmt(r['ttft_p90_ms'])} | "
-                     f"{fmt(r['ttft_p99_ms'])} | {'–' if cpu is None else fmt(cpu)}"
+                     f"{fmt(r['ttft_p99_ms'])} | {fmt(r.get('engine_ttft_ms'))} | "
+                     f"{'–' if cpu is None else fmt(cpu)}"
                      f"{'' if api is None else ' (' + fmt(api) + ')'} | "
+                     f"{fmt(r.get('cpu_s'), digits=2)} | "
                      f"{', '.join(str(e) for e in r['errors'])} of {r['requests']} |")
     return "\n".join(lines)
 
@@ -391,6 +403,8 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> bool:
                                    gridspec_kw={"height_ratios": [3, 2]})
 
     def bars(ax: Any, key: str, xs: list[float], w: float, scale: float, **kw: Any) -> None:
+        if any(r[key] is None for r in rows):  # engines that count no prefix hits
+            return
         med = [scale * r[key]["median"] for r in rows]
         lo = [m - scale * r[key]["min"] for m, r in zip(med, rows, strict=True)]
         hi = [scale * r[key]["max"] - m for m, r in zip(med, rows, strict=True)]
@@ -462,7 +476,8 @@ def render(doc: dict[str, Any], out: Path) -> str:
     for r in doc["results"]:
         if r.get("status") == "ok":
             t = r["summary"]["ttft_ms"]
-            lines.append(f"| {r['rep']} | {r['name']} | {100 * r['hit_rate']:.1f}% | "
+            hit = "–" if r.get("hit_rate") is None else f"{100 * r['hit_rate']:.1f}%"
+            lines.append(f"| {r['rep']} | {r['name']} | {hit} | "
                          f"{t['p50']:.0f} | {t['p90']:.0f} | {r.get('engine_cpu_s', '–')} | "
                          f"{r.get('api_cpu_s', '–')} | {r['summary']['errors']} |")
     text = "\n".join(lines) + "\n"

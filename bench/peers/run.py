@@ -201,20 +201,25 @@ def run_setup(setup: Setup, a: argparse.Namespace, ctx: Context, fast: Context,
     try:
         warm_up(base, setup, ctx.model, tiny_ids=a.token_ids == "tiny-llama")
         drain_and_reset(ctx.fleet_urls, a.drain_limit)
-        before = metrics.CacheCounters.from_pages(scrape(ctx.fleet_urls))
+        pages_before = scrape(ctx.fleet_urls)
+        before = metrics.CacheCounters.from_pages(pages_before)
         sampler = TreeSampler(proc.pid).start()
         span = planned[-1].arrival_s if planned else 0.0
         records, wall = asyncio.run(client.replay(
             base, planned, bodies[setup.form], PATHS[setup.form], dict(setup.headers),
             request_timeout_s=a.request_timeout, deadline_s=span + a.tail_limit))
         cpu_s, peak = sampler.stop()
-        after = metrics.CacheCounters.from_pages(scrape(ctx.fleet_urls))
+        pages_after = scrape(ctx.fleet_urls)
+        after = metrics.CacheCounters.from_pages(pages_after)
         if not proc.alive():
             res["router_exit"] = proc.popen.returncode
     finally:
         proc.stop()
     res["summary"] = metrics.summarize(records, wall, slo)
     res["hit_rate"] = metrics.hit_rate(before, after)
+    # what the engines themselves took (from their front end's arrival): a router's own
+    # latency is the client's TTFT less this, plus what its CPU takes from the engines
+    res["engine_ms"] = metrics.engine_means_ms(pages_before, pages_after)
     res["cpu_s"], res["peak_rss_mb"] = cpu_s, peak / 2**20
     # per request, for looking into a tail: [index, arrival s, input tokens, trace blocks, TTFT
     # ms (None: no first token), cached prompt tokens the router passed on (None: not
