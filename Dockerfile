@@ -4,7 +4,8 @@
 # Not built in this project's CI (no container runtime there, so the NATIVE step below is
 # untested); see deploy/README.md.
 # Python 3.12: aiohttp starts each upstream request's writer eagerly there, so a burst of requests
-# goes on the wire in order instead of after the whole burst was placed (docs/benchmarks.md).
+# goes on the wire in order instead of after the whole burst was placed (on 3.11 the gateway's
+# dispatch.eager does the same; docs/benchmarks.md).
 # NATIVE=1 (the default) also compiles the placement hot path with mypyc into the installed
 # package (scripts/compile_native.py; docs/placement.md#the-compiled-build): gcc and mypy in this
 # build stage only, nothing of them in the image. Where that cannot be done (no package mirror,

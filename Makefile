@@ -1,6 +1,7 @@
 # Two commands on a fresh machine: `make demo` and `make test`.
-# Python 3.12 where it runs (the gateway puts a burst's upstream requests on the wire sooner on it:
-# docs/benchmarks.md), else python3 (>= 3.11). Override: make install PYTHON=/path/to/python.
+# Python 3.12 where it runs (aiohttp puts a burst's upstream requests on the wire as they are
+# handed over; on 3.11 the gateway's dispatch.eager does it: docs/benchmarks.md), else python3
+# (>= 3.11). Override: make install PYTHON=/path/to/python.
 PYTHON ?= $(shell python3.12 -c '' >/dev/null 2>&1 && echo python3.12 || echo python3)
 VENV ?= .venv
 BIN := $(VENV)/bin

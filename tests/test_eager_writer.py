@@ -5,7 +5,8 @@ whole burst's pre-send work."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import contextvars
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
@@ -33,8 +34,9 @@ async def _log_steps(log: list[str], fut: asyncio.Future[int] | None = None) -> 
 
 @pytest.fixture
 def as_writer(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The factory treats `_log_steps` as aiohttp's writer."""
+    """The factory treats `_log_steps` as aiohttp's writer of a bytes body."""
     monkeypatch.setattr(eager, "_WRITER", _log_steps.__code__)
+    monkeypatch.setattr(eager, "_bytes_body", lambda coro: True)
 
 
 def _run(body: Callable[[asyncio.AbstractEventLoop], Any]) -> Any:
@@ -75,16 +77,69 @@ def test_a_writer_done_in_its_first_step_is_a_finished_future() -> None:
 
 
 @pytest.mark.usefixtures("as_writer")
-def test_cancelling_reaches_the_writer_where_it_waits() -> None:
+@pytest.mark.parametrize("first_step_ran", [True, False])
+def test_cancelling_reaches_the_writer_where_it_waits(first_step_ran: bool) -> None:
+    """Also when the task is cancelled before its own first step: the writer has already run
+    its eager step and must see the cancellation (aiohttp closes the connection there)."""
+
     async def body(loop: asyncio.AbstractEventLoop) -> None:
         log: list[str] = []
         fut: asyncio.Future[int] = loop.create_future()
         task = asyncio.create_task(_log_steps(log, fut))
-        await asyncio.sleep(0)
+        if first_step_ran:
+            await asyncio.sleep(0)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        assert log == ["start", "cancelled"] and task.cancelled() and fut.cancelled()
+        assert log == ["start", "cancelled"] and task.cancelled()
+
+    _run(body)
+
+
+async def _fails_at_once() -> None:
+    raise ValueError("first step")
+
+
+def test_a_writer_failing_in_its_first_step_is_a_failed_future(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(eager, "_WRITER", _fails_at_once.__code__)
+    monkeypatch.setattr(eager, "_bytes_body", lambda coro: True)
+
+    async def body(loop: asyncio.AbstractEventLoop) -> None:
+        task = asyncio.create_task(_fails_at_once())
+        assert task.done()
+        with pytest.raises(ValueError, match="first step"):
+            task.result()
+
+    _run(body)
+
+
+VAR: contextvars.ContextVar[str] = contextvars.ContextVar("VAR", default="unset")
+
+
+async def _ctx_steps(seen: list[str], fut: asyncio.Future[int]) -> None:
+    seen.append(VAR.get())
+    VAR.set("writer")
+    await fut
+    seen.append(VAR.get())
+
+
+def test_the_writer_runs_in_a_copy_of_the_callers_context(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(eager, "_WRITER", _ctx_steps.__code__)
+    monkeypatch.setattr(eager, "_bytes_body", lambda coro: True)
+
+    async def body(loop: asyncio.AbstractEventLoop) -> None:
+        seen: list[str] = []
+        VAR.set("caller")
+        fut: asyncio.Future[int] = loop.create_future()
+        task = asyncio.create_task(_ctx_steps(seen, fut))
+        assert VAR.get() == "caller"  # the writer's change stays in its own context
+        fut.set_result(0)
+        await task
+        assert seen == ["caller", "writer"]
 
     _run(body)
 
@@ -131,6 +186,21 @@ def test_install_leaves_a_loop_with_its_own_factory_alone() -> None:
 
 
 @pytest.mark.skipif(not eager.NEEDED, reason="Python >= 3.12 starts aiohttp's writer itself")
+def test_the_dispatcher_installs_the_factory_on_3_11() -> None:
+    from inferplane.dispatch.upstream import Dispatcher
+
+    async def main() -> object:
+        d = Dispatcher(connect_timeout_s=1.0, total_timeout_s=5.0)
+        await d.start()
+        try:
+            return asyncio.get_running_loop().get_task_factory()
+        finally:
+            await d.close()
+
+    assert asyncio.run(main()) is eager.eager_writer_factory
+
+
+@pytest.mark.skipif(not eager.NEEDED, reason="Python >= 3.12 starts aiohttp's writer itself")
 def test_install_sets_the_factory_once_on_3_11() -> None:
     async def main() -> tuple[bool, bool, object]:
         loop = asyncio.get_running_loop()
@@ -139,12 +209,23 @@ def test_install_sets_the_factory_once_on_3_11() -> None:
     assert asyncio.run(main()) == (True, True, eager.eager_writer_factory)
 
 
+def _new_loop(kind: str) -> asyncio.AbstractEventLoop:
+    if kind == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        return uvloop.new_event_loop()  # type: ignore[no-any-return]
+    return asyncio.new_event_loop()
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
 @pytest.mark.parametrize("installed", [True, False])
-def test_a_post_is_on_the_wire_before_the_callbacks_queued_behind_it(installed: bool) -> None:
-    """Two tasks queued together: the first posts over a kept-alive connection, the second only
-    notes that it ran. aiohttp's "chunk sent" signal (the body, from the writer, with the head
-    coalesced into it) comes first where the writer starts eagerly (the factory on 3.11; aiohttp itself on 3.12),
-    and after the second task where it is only scheduled (3.11 without the factory)."""
+def test_a_post_is_on_the_wire_before_the_callbacks_queued_behind_it(
+    installed: bool, loop_kind: str
+) -> None:
+    """Two tasks queued together: the first posts bytes over a kept-alive connection, the second
+    only notes that it ran. aiohttp's "chunk sent" signal (the body, from the writer, with the
+    head coalesced into it) comes first where the writer starts eagerly (the factory on 3.11,
+    aiohttp itself on 3.12), and after the second task where it is only scheduled (3.11
+    without the factory), on asyncio's loop and on uvloop's."""
 
     async def answer(request: web.Request) -> web.Response:
         await request.read()
@@ -186,8 +267,60 @@ def test_a_post_is_on_the_wire_before_the_callbacks_queued_behind_it(installed: 
         await runner.cleanup()
         return order
 
-    order = asyncio.run(main())
+    loop = _new_loop(loop_kind)
+    try:
+        order = loop.run_until_complete(main())
+    finally:
+        loop.close()
     if installed or not eager.NEEDED:
         assert order == ["wire", "other"]
     else:
         assert order == ["other", "wire"]
+
+
+@pytest.mark.skipif(not eager.NEEDED, reason="Python >= 3.12 starts aiohttp's writer itself")
+def test_a_streamed_body_keeps_an_ordinary_writer_task() -> None:
+    """The eager path is for bytes bodies only (what the gateway sends): a streamed body's
+    writer is scheduled as aiohttp schedules it on 3.11."""
+    order: list[str] = []
+
+    async def answer(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(text="ok")
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b"x" * 100
+
+    async def main() -> None:
+        assert eager.install()
+        app = web.Application()
+        app.router.add_post("/", answer)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+        async def sent(*_: object) -> None:
+            order.append("wire")
+
+        trace = aiohttp.TraceConfig()
+        trace.on_request_chunk_sent.append(sent)
+        async with aiohttp.ClientSession(trace_configs=[trace]) as session:
+            url = f"http://127.0.0.1:{port}/"
+            async with session.post(url, data=b"warm") as r:
+                await r.read()
+            order.clear()
+
+            async def post() -> None:
+                async with session.post(url, data=chunks()) as r:
+                    await r.read()
+
+            async def behind() -> None:
+                order.append("other")
+
+            await asyncio.gather(asyncio.ensure_future(post()), asyncio.ensure_future(behind()))
+        await runner.cleanup()
+
+    asyncio.run(main())
+    assert order[:2] == ["other", "wire"]

@@ -4,6 +4,7 @@ fleet file, and checked at load time with the file and field named."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -162,30 +163,66 @@ def _bpe(tmp_path: Path) -> Tokenizer:
     return tok
 
 
-@pytest.mark.parametrize("serial", ["false", "true"])
-def test_encode_gives_the_ids_of_tokenizer_encode_without_a_pool_thread(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, serial: str
+class _Spy:
+    """A tokenizer that records which of its encoders ran."""
+
+    def __init__(self, tok: Tokenizer) -> None:
+        self.tok, self.calls = tok, []  # type: list[str]
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> object:
+        self.calls.append("encode")
+        return self.tok.encode(text, add_special_tokens=add_special_tokens)
+
+    def encode_batch_fast(self, texts: list[str], add_special_tokens: bool = True) -> object:
+        self.calls.append("encode_batch_fast")
+        return self.tok.encode_batch_fast(texts, add_special_tokens=add_special_tokens)
+
+
+@pytest.mark.parametrize(
+    ("setting", "path"),
+    [("false", "encode_batch_fast"), ("0", "encode_batch_fast"), ("", "encode_batch_fast"),
+     ("true", "encode"), (None, "encode")],
+)
+def test_encode_gives_the_tokenizers_ids_without_a_pool_thread_where_the_pool_is_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, setting: str | None, path: str
 ) -> None:
-    """With the rayon pool off (`load_tokenizer`'s default) `encode` takes the offset-free batch
-    path; with it on, plain ``encode``. Either way the ids are the tokenizer's own, special tokens
-    included, and no pool thread is started for one prompt."""
-    import os
+    """With the library's rayon pool off (``TOKENIZERS_PARALLELISM`` off, as `inferplane.cli`
+    sets it) `encode` takes the offset-free batch path and starts no thread; with it on or
+    unset, plain ``encode``. Either way the ids are the tokenizer's own, special tokens
+    included."""
+    from inferplane.tokenization import encode
 
-    from inferplane.tokenization import encode, load_tokenizer
-
-    monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
-    _bpe(tmp_path)
-    load_tokenizer.cache_clear()
-    tok = load_tokenizer(str(tmp_path))
-    assert os.environ["TOKENIZERS_PARALLELISM"] == "false"  # set where the process had none
-    monkeypatch.setenv("TOKENIZERS_PARALLELISM", serial)
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")  # training must not start the pool
+    tok = _bpe(tmp_path)
+    if setting is None:
+        monkeypatch.delenv("TOKENIZERS_PARALLELISM")
+    else:
+        monkeypatch.setenv("TOKENIZERS_PARALLELISM", setting)
+    spy = _Spy(tok)
     texts = ["", " ", TEXT, "héllo wörld 12 日本語\tx\n", "unseen ünïcode " * 300]
     threads = len(os.listdir("/proc/self/task"))
-    try:
-        for text in texts:
-            assert encode(tok, text) == type(tok).encode(tok, text, add_special_tokens=True).ids
-        assert encode(tok, TEXT)[0] == tok.token_to_id("<s>")
-        if serial == "false":  # (a pool some other test started would not show here)
-            assert len(os.listdir("/proc/self/task")) == threads, "a pool thread started"
-    finally:
-        load_tokenizer.cache_clear()
+    for text in texts:
+        want = tok.encode(text, add_special_tokens=True).ids
+        assert encode(spy, text) == want  # type: ignore[arg-type]
+    assert encode(spy, TEXT)[0] == tok.token_to_id("<s>")  # type: ignore[arg-type]
+    assert set(spy.calls) == {path}
+    if path == "encode_batch_fast":
+        assert len(os.listdir("/proc/self/task")) == threads, "a pool thread started"
+
+
+def test_the_cli_turns_the_tokenizers_pool_off_unless_the_environment_chose() -> None:
+    """`inferplane` sets ``TOKENIZERS_PARALLELISM=false`` before any thread starts, and keeps
+    a value the environment gave (checked in a child process: the variable is process-wide)."""
+    import subprocess
+    import sys
+
+    code = ("import os, inferplane.cli as c; "
+            "c.app = lambda: print(os.environ['TOKENIZERS_PARALLELISM']); c.main()")
+    env = {k: v for k, v in os.environ.items() if k != "TOKENIZERS_PARALLELISM"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "false"
+    out = subprocess.run([sys.executable, "-c", code],
+                         env={**env, "TOKENIZERS_PARALLELISM": "true"},
+                         capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "true"

@@ -75,7 +75,9 @@ records, time waiting in the engine's queue, time in prefill."""
 
 def engine_means_ms(before: Iterable[str], after: Iterable[str]) -> dict[str, float | None]:
     """Mean of each `ENGINE_SECONDS` histogram (ms) over the requests between two scrapes of
-    the same engines' pages (``_sum`` and ``_count`` summed over engines; None: no request)."""
+    the same engines' pages (``_sum`` and ``_count`` summed over engines; None: no request).
+    vLLM observes TTFT at a request's first token but its queue and prefill times when it
+    finishes, so a request unfinished at the second scrape counts in the first mean only."""
     b, a = list(before), list(after)
     out: dict[str, float | None] = {}
     for key, name in ENGINE_SECONDS.items():

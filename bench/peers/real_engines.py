@@ -328,7 +328,8 @@ def run_one(name: str, rep: int, urls: list[str], fleet: Path, a: argparse.Names
         f"{sm.get('errors')}/{sm.get('requests')} ({res.get('status')}, {res['wall_s']:.0f}s, "
         f"engines' CPU {res['engine_cpu_s']} s, API servers' {res['api_cpu_s']} s; the "
         f"engines' own TTFT/queue/prefill means {eng.get('ttft')}/{eng.get('queue')}/"
-        f"{eng.get('prefill')} ms; router CPU {res.get('cpu_s')} s)")
+        f"{eng.get('prefill')} ms; router CPU "
+        f"{'–' if res.get('cpu_s') is None else round(res['cpu_s'], 2)} s)")
     return res
 
 

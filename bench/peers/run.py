@@ -217,8 +217,9 @@ def run_setup(setup: Setup, a: argparse.Namespace, ctx: Context, fast: Context,
         proc.stop()
     res["summary"] = metrics.summarize(records, wall, slo)
     res["hit_rate"] = metrics.hit_rate(before, after)
-    # what the engines themselves took (from their front end's arrival): a router's own
-    # latency is the client's TTFT less this, plus what its CPU takes from the engines
+    # what the engines themselves took, from the arrival their front end records (after its
+    # HTTP parsing and tokenization): the rest of the client's TTFT is the network, that front
+    # end's own work and the router (compare routers with each other, not with zero)
     res["engine_ms"] = metrics.engine_means_ms(pages_before, pages_after)
     res["cpu_s"], res["peak_rss_mb"] = cpu_s, peak / 2**20
     # per request, for looking into a tail: [index, arrival s, input tokens, trace blocks, TTFT

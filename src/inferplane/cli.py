@@ -877,6 +877,10 @@ def economics(
 
 
 def main() -> None:
+    # The gateway encodes one prompt at a time on its event loop: the tokenizers library's
+    # thread pool would only add a hop (`tokenization.encode`). Set before any thread starts;
+    # an environment that has the variable keeps its own setting.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     app()
 
 

@@ -108,9 +108,6 @@ def load_tokenizer(path: str) -> Tokenizer:
     once per path. Raises ``ValueError`` with a readable reason."""
     from tokenizers import Tokenizer
 
-    # one prompt at a time on the event loop: the rayon pool would only add a thread hop
-    # (`encode`); a process that chose its own setting keeps it
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     p = Path(path).expanduser()
     if p.is_dir():
         p = p / "tokenizer.json"
@@ -127,17 +124,21 @@ def encode(tokenizer: Tokenizer, text: str) -> list[int]:
     ``/v1/completions`` (special tokens added as the tokenizer's post-processor says, as vLLM's
     ``add_special_tokens=True`` does).
 
-    Without the rayon pool (``TOKENIZERS_PARALLELISM`` false, as `load_tokenizer` sets it unless
-    the process set it first) the ids come from ``encode_batch_fast``, which skips the character
-    offsets ``encode`` computes and nothing here reads: half the time of ``encode`` on the real
-    engines' bench prompts (session 14). With the pool, a batch would hand even one prompt to a
-    pool thread and wait for it, so ``encode`` is used."""
+    Where the tokenizers library's rayon pool is off (``TOKENIZERS_PARALLELISM`` set to one of
+    its "off" values; `inferplane.cli` sets ``false`` unless the environment has the variable)
+    the ids come from ``encode_batch_fast``, which skips the character offsets ``encode``
+    computes and nothing here reads: 179 against 335 µs on the real-engine bench's median prompt
+    (docs/benchmarks.md, "The gateway's burst on real engines"). With the pool on, a batch would
+    hand even one prompt to a pool thread and wait for it, so ``encode`` is used."""
     fast = getattr(tokenizer, "encode_batch_fast", None)  # tokenizers >= 0.20
-    if fast is not None and os.environ.get("TOKENIZERS_PARALLELISM", "").lower() in _SERIAL:
+    setting = os.environ.get("TOKENIZERS_PARALLELISM")
+    if fast is not None and setting is not None and setting.lower() in POOL_OFF:
         batch: list[int] = fast([text], add_special_tokens=True)[0].ids
         return batch
     ids: list[int] = tokenizer.encode(text, add_special_tokens=True).ids
     return ids
 
 
-_SERIAL = frozenset({"false", "0", "off", "no"})
+POOL_OFF = frozenset({"", "off", "false", "f", "no", "n", "0"})
+"""The values of ``TOKENIZERS_PARALLELISM`` for which the tokenizers library keeps to the
+calling thread (its own list); unset means on."""

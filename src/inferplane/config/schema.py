@@ -295,7 +295,9 @@ class ServedModel(Strict):
         "fleet file). With it the gateway counts prompt tokens exactly and hashes a text "
         "completion prompt's token blocks the way the engine caches them, so the KV-event prefix "
         "index matches real engines; without it one word counts as one token (the emulator's "
-        "rule). Chat prompts are not rendered through the chat template and use the learned index",
+        "rule). Chat prompts are not rendered through the chat template and use the learned "
+        "index. `inferplane` sets TOKENIZERS_PARALLELISM=false where the environment has no "
+        "value (one prompt at a time: the library's thread pool would only add a hop)",
     )
 
     @property

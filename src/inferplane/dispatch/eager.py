@@ -5,18 +5,21 @@ From Python 3.12 it starts that task eagerly (``eager_start=True``): the bytes g
 inside ``session.post()``. On 3.11 the task is only scheduled, so it runs after every callback
 already queued on the loop. In a burst (all of one trace second's requests arrive at once), the
 handlers of the other requests are queued ahead of it, and each runs its whole pre-send path
-(classify, admit, place) first: every request of the burst goes on the wire after the last one
-is placed, and the first request waits for the whole burst's work (docs/benchmarks.md, "The
-gateway's gap, continued"; session 14 measured it again per request).
+(classify, admit, place) first: every request of the burst went on the wire after the last one
+was placed, and the first request waited for the whole burst's work (docs/benchmarks.md, "The
+gateway's gap, continued" and "The gateway's burst on real engines").
 
 `install` gives a 3.11 event loop a task factory that does for that one coroutine what 3.12
-does: it runs the writer's first step at once, in a copy of the caller's context; if the writer
-finished (the usual case: the body fits in the socket's buffer) the caller gets a finished
-future, and aiohttp keeps no task for it, as on 3.12; if the writer waits (a full buffer, a
-100-continue) a task resumes it from there, so cancelling the task reaches the writer where it
-waits. Every other coroutine gets an ordinary task. On 3.12 and later, on a loop that already
-has a task factory, or with an aiohttp whose writer is not the method named above, nothing is
-changed.
+does, where the request's body is bytes (what the gateway sends): it runs the writer's first
+step at once, in a copy of the caller's context; if the writer finished (the usual case: the
+body fits in the socket's buffer) the caller gets a finished future, and aiohttp keeps no task
+for it, as on 3.12; if the writer waits (a full buffer) a task resumes it from there, and
+cancelling that task reaches the writer where it waits, also before the task's first step.
+Every other coroutine, and a writer of any other body (a stream, a multipart form), gets an
+ordinary task. One difference from 3.12 remains: during the eager step `asyncio.current_task()`
+is the caller's task, not the writer's (3.12 swaps it in); aiohttp's writer of a bytes body
+does not look. On 3.12 and later, on a loop that already has a task factory, and with an aiohttp
+older than 3.14 (whose writer this was checked against) nothing is changed.
 """
 
 from __future__ import annotations
@@ -25,42 +28,76 @@ import asyncio
 import contextvars
 import sys
 from collections.abc import Coroutine, Generator
+from types import TracebackType
 from typing import Any
 
-from aiohttp import client_reqrep
+import aiohttp
+from aiohttp import client_reqrep, payload
 
-_WRITER = getattr(client_reqrep.ClientRequest.write_bytes, "__code__", None)
+
+def _tested_aiohttp() -> bool:
+    try:
+        major, minor = (int(p) for p in aiohttp.__version__.split(".")[:2])
+    except ValueError:
+        return False
+    return (major, minor) >= (3, 14)
+
+
+_WRITER = (
+    getattr(client_reqrep.ClientRequest.write_bytes, "__code__", None)
+    if _tested_aiohttp()
+    else None
+)
 NEEDED = sys.version_info < (3, 12)
 """Whether aiohttp leaves the writer to a scheduled task (Python < 3.12)."""
 
-
-class _Pass:
-    """Yields one value to the task that awaits it, and returns what the task sends back."""
-
-    __slots__ = ("value",)
-
-    def __init__(self, value: object) -> None:
-        self.value = value
-
-    def __await__(self) -> Generator[Any, None, None]:
-        yield self.value
+_STARTED = object()
 
 
-async def _resume(coro: Coroutine[Any, Any, Any], pending: object) -> Any:
-    """Drive ``coro`` on from where its eager first step left it (waiting on ``pending``)."""
-    while True:
-        try:
-            await _Pass(pending)
-        except BaseException as exc:  # the task's cancellation, thrown in where coro waits
-            try:
-                pending = coro.throw(exc)
-            except StopIteration as stop:
-                return stop.value
-        else:
-            try:
-                pending = coro.send(None)
-            except StopIteration as stop:
-                return stop.value
+class _Resumed(Coroutine[Any, Any, Any]):
+    """A coroutine already past its first step, driven on by a task: the task's first step
+    hands over the future the coroutine waits on, every later step (and any exception the task
+    throws, a cancellation before its first step included) goes to the coroutine itself."""
+
+    __slots__ = ("_coro", "_pending")
+
+    def __init__(self, coro: Coroutine[Any, Any, Any], pending: object) -> None:
+        self._coro = coro
+        self._pending = pending
+
+    def send(self, value: Any) -> Any:
+        pending, self._pending = self._pending, _STARTED
+        if pending is not _STARTED:
+            return pending  # what the writer awaits; the task waits on it
+        return self._coro.send(value)
+
+    def throw(
+        self,
+        typ: type[BaseException] | BaseException,
+        val: object = None,
+        tb: TracebackType | None = None,
+    ) -> Any:
+        self._pending = _STARTED
+        exc = typ if isinstance(typ, BaseException) else typ()
+        return self._coro.throw(exc)
+
+    def close(self) -> None:
+        self._coro.close()
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        return self
+
+    def __iter__(self) -> _Resumed:
+        return self
+
+    def __next__(self) -> Any:
+        return self.send(None)
+
+
+def _bytes_body(coro: Coroutine[Any, Any, Any]) -> bool:
+    frame = getattr(coro, "cr_frame", None)
+    request = frame.f_locals.get("self") if frame is not None else None
+    return isinstance(getattr(request, "_body", None), payload.BytesPayload)
 
 
 def eager_writer_factory(
@@ -69,9 +106,13 @@ def eager_writer_factory(
     *,
     context: contextvars.Context | None = None,
 ) -> asyncio.Future[Any]:
-    """A task factory: aiohttp's request writer started at once, every other coroutine as an
-    ordinary task."""
-    if _WRITER is None or getattr(coro, "cr_code", None) is not _WRITER:
+    """A task factory: aiohttp's writer of a bytes body started at once, every other coroutine
+    as an ordinary task."""
+    if (
+        _WRITER is None
+        or getattr(coro, "cr_code", None) is not _WRITER
+        or not _bytes_body(coro)
+    ):
         return asyncio.Task(coro, loop=loop, context=context)
     ctx = contextvars.copy_context() if context is None else context
     try:
@@ -90,12 +131,12 @@ def eager_writer_factory(
         failed: asyncio.Future[Any] = loop.create_future()
         failed.set_exception(exc)
         return failed
-    return asyncio.Task(_resume(coro, pending), loop=loop, context=ctx)
+    return asyncio.Task(_Resumed(coro, pending), loop=loop, context=ctx)
 
 
 def install(loop: asyncio.AbstractEventLoop | None = None) -> bool:
     """Give the running loop (or ``loop``) the eager writer where it is needed and the loop
-    has no task factory of its own; return whether it was installed."""
+    has no task factory of its own; return whether it is installed."""
     loop = loop or asyncio.get_running_loop()
     if not NEEDED or _WRITER is None:
         return False
