@@ -127,9 +127,11 @@ def encode(tokenizer: Tokenizer, text: str) -> list[int]:
     Where the tokenizers library's rayon pool is off (``TOKENIZERS_PARALLELISM`` set to one of
     its "off" values; `inferplane.cli` sets ``false`` unless the environment has the variable)
     the ids come from ``encode_batch_fast``, which skips the character offsets ``encode``
-    computes and nothing here reads: 179 against 335 µs on the real-engine bench's median prompt
-    (docs/benchmarks.md, "The gateway's burst on real engines"). With the pool on, a batch would
-    hand even one prompt to a pool thread and wait for it, so ``encode`` is used."""
+    computes and nothing here reads: 179 against 335 µs a prompt over the 149 prompts of the
+    real-engine bench's first 60 s (docs/benchmarks.md, "The gateway's burst on real engines").
+    It releases the GIL while it runs, so another thread (the ledger's writer, the OTLP exporter)
+    may hold it when the loop wants it back. With the pool on, a batch would hand even one
+    prompt to a pool thread and wait for it, so ``encode`` is used."""
     fast = getattr(tokenizer, "encode_batch_fast", None)  # tokenizers >= 0.20
     setting = os.environ.get("TOKENIZERS_PARALLELISM")
     if fast is not None and setting is not None and setting.lower() in POOL_OFF:

@@ -16,10 +16,12 @@ body fits in the socket's buffer) the caller gets a finished future, and aiohttp
 for it, as on 3.12; if the writer waits (a full buffer) a task resumes it from there, and
 cancelling that task reaches the writer where it waits, also before the task's first step.
 Every other coroutine, and a writer of any other body (a stream, a multipart form), gets an
-ordinary task. One difference from 3.12 remains: during the eager step `asyncio.current_task()`
-is the caller's task, not the writer's (3.12 swaps it in); aiohttp's writer of a bytes body
-does not look. On 3.12 and later, on a loop that already has a task factory, and with an aiohttp
-older than 3.14 (whose writer this was checked against) nothing is changed.
+ordinary task (a bytes body sent with ``Expect: 100-continue`` is a bytes body: its writer
+waits for the 100 from its first step on, as on 3.12). One difference from 3.12 remains: during
+the eager step `asyncio.current_task()` is the caller's task, not the writer's (3.12 swaps it
+in); aiohttp's writer of a bytes body does not look. On 3.12 and later, on a loop that already
+has a task factory, and with an aiohttp older than 3.14 nothing is changed (checked against
+3.14.5; tests/test_eager_writer.py fails on a release whose writer it no longer starts at once).
 """
 
 from __future__ import annotations
@@ -77,8 +79,10 @@ class _Resumed(Coroutine[Any, Any, Any]):
         val: object = None,
         tb: TracebackType | None = None,
     ) -> Any:
-        self._pending = _STARTED
+        pending, self._pending = self._pending, _STARTED
         exc = typ if isinstance(typ, BaseException) else typ()
+        if isinstance(exc, asyncio.CancelledError) and isinstance(pending, asyncio.Future):
+            pending.cancel()  # as a task cancels the future it waits on
         return self._coro.throw(exc)
 
     def close(self) -> None:
