@@ -35,11 +35,15 @@ async def _log_steps(log: list[str], fut: asyncio.Future[int] | None = None) -> 
     return value
 
 
+def _as_writer(monkeypatch: pytest.MonkeyPatch, fn: Callable[..., Any]) -> None:
+    """The factory treats coroutines of ``fn`` as aiohttp's writer of a bytes body."""
+    monkeypatch.setattr(eager, "_WRITER", fn.__code__)
+    monkeypatch.setattr(eager, "_bytes_body", lambda coro: True)
+
+
 @pytest.fixture
 def as_writer(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The factory treats `_log_steps` as aiohttp's writer of a bytes body."""
-    monkeypatch.setattr(eager, "_WRITER", _log_steps.__code__)
-    monkeypatch.setattr(eager, "_bytes_body", lambda coro: True)
+    _as_writer(monkeypatch, _log_steps)
 
 
 def _run(body: Callable[[asyncio.AbstractEventLoop], Any]) -> Any:
@@ -107,8 +111,7 @@ async def _fails_at_once() -> None:
 def test_a_writer_failing_in_its_first_step_is_a_failed_future(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(eager, "_WRITER", _fails_at_once.__code__)
-    monkeypatch.setattr(eager, "_bytes_body", lambda coro: True)
+    _as_writer(monkeypatch, _fails_at_once)
 
     async def body(loop: asyncio.AbstractEventLoop) -> None:
         task = asyncio.create_task(_fails_at_once())
@@ -132,8 +135,7 @@ async def _ctx_steps(seen: list[str], fut: asyncio.Future[int]) -> None:
 def test_the_writer_runs_in_a_copy_of_the_callers_context(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(eager, "_WRITER", _ctx_steps.__code__)
-    monkeypatch.setattr(eager, "_bytes_body", lambda coro: True)
+    _as_writer(monkeypatch, _ctx_steps)
 
     async def body(loop: asyncio.AbstractEventLoop) -> None:
         seen: list[str] = []
@@ -223,38 +225,32 @@ def _new_loop(kind: str) -> asyncio.AbstractEventLoop:
     return asyncio.new_event_loop()
 
 
-@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
-@pytest.mark.parametrize("installed", [True, False])
-def test_a_post_is_on_the_wire_before_the_callbacks_queued_behind_it(
-    installed: bool, loop_kind: str
-) -> None:
-    """Two tasks queued together: the first posts bytes over a kept-alive connection, the second
-    only notes that it ran. aiohttp's "chunk sent" signal (the body, from the writer, with the
-    head coalesced into it) comes first where the writer starts eagerly (the factory on 3.11,
-    aiohttp itself on 3.12), and after the second task where it is only scheduled (3.11
-    without the factory), on asyncio's loop and on uvloop's."""
+async def _wire_order(data: Callable[[], object], install: bool) -> list[str]:
+    """Two tasks queued together: the first posts ``data()`` over a kept-alive connection, the
+    second only notes that it ran; returns the order of aiohttp's "chunk sent" signal (the
+    body, from the writer, with the head coalesced into it) and that note."""
 
     async def answer(request: web.Request) -> web.Response:
         await request.read()
         return web.Response(text="ok")
 
-    async def main() -> list[str]:
-        if installed:
-            eager.install()
-        app = web.Application()
-        app.router.add_post("/", answer)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        order: list[str] = []
+    if install:
+        eager.install()
+    app = web.Application()
+    app.router.add_post("/", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    order: list[str] = []
 
-        async def sent(*_: object) -> None:
-            order.append("wire")
+    async def sent(*_: object) -> None:
+        order.append("wire")
 
-        trace = aiohttp.TraceConfig()
-        trace.on_request_chunk_sent.append(sent)
+    trace = aiohttp.TraceConfig()
+    trace.on_request_chunk_sent.append(sent)
+    try:
         async with aiohttp.ClientSession(trace_configs=[trace]) as session:
             url = f"http://127.0.0.1:{port}/"
             async with session.post(url, data=b"warm") as r:  # a kept-alive connection
@@ -262,21 +258,29 @@ def test_a_post_is_on_the_wire_before_the_callbacks_queued_behind_it(
             order.clear()
 
             async def post() -> None:
-                async with session.post(url, data=b"x" * 1000) as r:
+                async with session.post(url, data=data()) as r:
                     await r.read()
 
             async def behind() -> None:
                 order.append("other")
 
-            first = asyncio.ensure_future(post())
-            second = asyncio.ensure_future(behind())
-            await asyncio.gather(first, second)
+            await asyncio.gather(asyncio.ensure_future(post()), asyncio.ensure_future(behind()))
+    finally:
         await runner.cleanup()
-        return order
+    return order
 
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+@pytest.mark.parametrize("installed", [True, False])
+def test_a_post_is_on_the_wire_before_the_callbacks_queued_behind_it(
+    installed: bool, loop_kind: str
+) -> None:
+    """A bytes body is on the wire before the task queued behind its post runs where the
+    writer starts eagerly (the factory on 3.11, aiohttp itself on 3.12), and after it where the
+    writer is only scheduled (3.11 without the factory), on asyncio's loop and on uvloop's."""
     loop = _new_loop(loop_kind)
     try:
-        order = loop.run_until_complete(main())
+        order = loop.run_until_complete(_wire_order(lambda: b"x" * 1000, installed))
     finally:
         loop.close()
     if (installed and ACTIVE) or not eager.NEEDED:
@@ -290,45 +294,9 @@ def test_a_post_is_on_the_wire_before_the_callbacks_queued_behind_it(
 def test_a_streamed_body_keeps_an_ordinary_writer_task() -> None:
     """The eager path is for bytes bodies only (what the gateway sends): a streamed body's
     writer is scheduled as aiohttp schedules it on 3.11."""
-    order: list[str] = []
-
-    async def answer(request: web.Request) -> web.Response:
-        await request.read()
-        return web.Response(text="ok")
 
     async def chunks() -> AsyncIterator[bytes]:
         yield b"x" * 100
 
-    async def main() -> None:
-        assert eager.install()
-        app = web.Application()
-        app.router.add_post("/", answer)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-
-        async def sent(*_: object) -> None:
-            order.append("wire")
-
-        trace = aiohttp.TraceConfig()
-        trace.on_request_chunk_sent.append(sent)
-        async with aiohttp.ClientSession(trace_configs=[trace]) as session:
-            url = f"http://127.0.0.1:{port}/"
-            async with session.post(url, data=b"warm") as r:
-                await r.read()
-            order.clear()
-
-            async def post() -> None:
-                async with session.post(url, data=chunks()) as r:
-                    await r.read()
-
-            async def behind() -> None:
-                order.append("other")
-
-            await asyncio.gather(asyncio.ensure_future(post()), asyncio.ensure_future(behind()))
-        await runner.cleanup()
-
-    asyncio.run(main())
+    order = asyncio.run(_wire_order(chunks, True))
     assert order[:2] == ["other", "wire"]
