@@ -286,3 +286,58 @@ def test_fleet_of_size_clones_the_first_endpoint_for_external_urls() -> None:
     assert [e["name"] for e in three["substrates"][0]["endpoints"]] == [
         "e0-0", "e0-1", "e0-2", "e0-3"]
     assert len(three["substrates"]) == 1 and len(endpoint_urls(three)) == 4
+
+
+def test_engine_means_are_taken_between_the_two_scrapes() -> None:
+    def page(ttft_sum: float, count: float) -> str:
+        return (f"vllm:time_to_first_token_seconds_sum{{engine=\"0\"}} {ttft_sum}\n"
+                f"vllm:time_to_first_token_seconds_count{{engine=\"0\"}} {count}\n")
+
+    got = metrics.engine_means_ms([page(1.0, 10), page(0.0, 0)], [page(1.5, 15), page(0.6, 5)])
+    assert got["ttft"] == pytest.approx(1e3 * 1.1 / 10)  # (0.5 + 0.6) s over 10 requests
+    assert got["queue"] is None and got["prefill"] is None  # no such series: no request
+
+
+def test_the_stand_in_engine_logs_arrival_and_first_event(tmp_path: Path) -> None:
+    """`fake_engine --arrivals` writes the prompt's key, when the request arrived and when its
+    first event left; `burst_transit.split` turns that and the client's records into the way
+    in and the way out."""
+    import asyncio
+    import io
+
+    import aiohttp
+    from aiohttp.test_utils import TestServer
+
+    from bench.peers.burst_transit import split
+    from bench.peers.fake_engine import build, prompt_key
+
+    arrivals = io.StringIO()
+    body = orjson.dumps({"model": "m", "prompt": "a b c", "stream": True})
+
+    async def main() -> tuple[float, float]:
+        server = TestServer(build(0.01, None, arrivals))
+        await server.start_server()
+        try:
+            async with aiohttp.ClientSession() as s:
+                t0 = time.perf_counter()
+                async with s.post(server.make_url("/v1/completions"), data=body) as r:
+                    first = await r.content.readline()
+                    t1 = time.perf_counter()
+                    assert first.startswith(b"data: ")
+                    await r.read()
+                return t0, t1
+        finally:
+            await server.close()
+
+    t0, t1 = asyncio.run(main())
+    key, arrived, first = arrivals.getvalue().split()
+    assert key == prompt_key("a b c")
+    assert t0 <= float(arrived) <= float(first) <= t1
+    f = tmp_path / "arrivals.txt"
+    f.write_text(arrivals.getvalue())
+    rec = Record(0, sent_s=t0, ttft_s=t1 - t0, status=200)
+    got = split([rec], [body], [f])
+    assert got["matched"] == 1
+    assert got["in_p50"] == pytest.approx(1e3 * (float(arrived) - t0))
+    assert got["out_p50"] == pytest.approx(1e3 * (t1 - float(first)))
+    assert got["ttft_p50"] == pytest.approx(1e3 * (t1 - t0))
