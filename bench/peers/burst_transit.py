@@ -35,14 +35,11 @@ import contextlib
 import os
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import orjson
 import yaml
 
@@ -55,39 +52,24 @@ from bench.peers import client, real_engines  # noqa: E402
 from bench.peers.fake_engine import prompt_key  # noqa: E402
 from bench.peers.gateway_gap import (  # noqa: E402
     HEADERS,
-    TRACE,
+    bench_slice,
     proc_cpu_s,
     set_path,
+    start_fake,
     start_gateway,
 )
 from bench.peers.peers import inferplane_fleet  # noqa: E402
 from bench.peers.procs import free_port  # noqa: E402
-from bench.peers.workload import SliceSpec, encode_bodies, plan  # noqa: E402
-from inferplane.twin.traces.loader import load_trace  # noqa: E402
 
 
-def start_engines(n: int, ttft_s: float, work: Path
-                  ) -> list[tuple[str, Path, subprocess.Popen[bytes]]]:
-    """``n`` stand-in engines, each with its arrivals file; returns (url, file, process)."""
+def start_engines(n: int, ttft_s: float, work: Path) -> list[tuple[str, Path]]:
+    """``n`` stand-in engines, each with its arrivals file; returns (url, file)."""
     out = []
     for i in range(n):
-        port, arrivals = free_port(), work / f"arrivals{i}.txt"
+        arrivals = work / f"arrivals{i}.txt"
         arrivals.touch()
-        p = subprocess.Popen(
-            [sys.executable, str(ROOT / "bench/peers/fake_engine.py"), "--port", str(port),
-             "--ttft-s", str(ttft_s), "--arrivals", str(arrivals)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
-        out.append((f"http://127.0.0.1:{port}", arrivals, p))
-    for url, _, _ in out:
-        for _ in range(150):
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        else:
-            raise RuntimeError(f"stand-in engine {url} did not start")
+        url, _ = start_fake(ttft_s, work, i, arrivals)
+        out.append((url, arrivals))
     return out
 
 
@@ -135,15 +117,13 @@ def main(argv: list[str] | None = None) -> int:
     variants = dict(v.split("=", 1) for v in (a.variant or ["current="]))
     pythons = dict(v.split("=", 1) for v in a.python)
     work = Path(tempfile.mkdtemp(prefix="ip-transit-"))
-    planned, _ = plan(load_trace(TRACE), SliceSpec(a.start, a.duration, a.rate_scale, 1.0,
-                                                   max_output=16))
-    bodies = encode_bodies(planned, "completion-text", real_engines.MODEL, real_engines.BLOCK)
+    planned, bodies = bench_slice(a.start, a.duration, a.rate_scale)
     print(f"{len(planned)} requests over {planned[-1].arrival_s:.0f} s, {a.engines} stand-in "
           f"engines answering after {a.ttft_s * 1e3:.0f} ms; load {os.getloadavg()[0]:.1f}; "
           f"work {work}", flush=True)
     engines = start_engines(a.engines, a.ttft_s, work)
-    urls = [u for u, _, _ in engines]
-    files = [f for _, f, _ in engines]
+    urls = [u for u, _ in engines]
+    files = [f for _, f in engines]
     rows: dict[str, list[dict[str, float]]] = {n: [] for n in ["direct", *variants]}
     try:
         for rep in range(a.reps):
@@ -184,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"rep {rep} {name:12s} " + ", ".join(
                     f"{k} {v:.2f}" for k, v in row.items()), flush=True)
     finally:
-        for _, _, p in engines:
+        for p in real_engines.PROCS:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(p.pid, signal.SIGTERM)
     print("\nmedians over the repetitions (ms; gateway CPU in s):")

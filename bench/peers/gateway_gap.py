@@ -163,21 +163,35 @@ def burst_slope(
     return statistics.median(firsts), statistics.median(slopes)
 
 
-def start_fake(ttft_s: float, work: Path) -> tuple[str, str]:
+def start_fake(ttft_s: float, work: Path, i: int = 0, arrivals: Path | None = None
+               ) -> tuple[str, str]:
+    """Stand-in engine ``i`` (`fake_engine.py`, its access log ``vllm{i}.log`` in ``work``,
+    with ``arrivals`` its ``--arrivals`` file), started under `real_engines.PROCS`; returns its
+    URL and the KV-event endpoint the fleet file names for it (nothing publishes there)."""
     port = free_port()
     real_engines.PROCS.append(subprocess.Popen(
         [sys.executable, str(ROOT / "bench/peers/fake_engine.py"), "--port", str(port),
-         "--ttft-s", str(ttft_s), "--log", str(work / "vllm0.log")],
+         "--ttft-s", str(ttft_s), "--log", str(work / f"vllm{i}.log"),
+         *(["--arrivals", str(arrivals)] if arrivals is not None else [])],
         stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True))
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
             if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return url, f"ipc://{work}/kv0.sock"
+                return url, f"ipc://{work}/kv{i}.sock"
         except httpx.HTTPError:
             time.sleep(0.2)
     raise RuntimeError("fake engine not up")
+
+
+def bench_slice(start: float, duration: float, rate_scale: float
+                ) -> tuple[list[Any], list[bytes]]:
+    """The real-engine bench's requests of the trace slice, and their text-completion bodies."""
+    planned, _ = plan(load_trace(TRACE), SliceSpec(start, duration, rate_scale, 1.0,
+                                                   max_output=16))
+    return planned, encode_bodies(planned, "completion-text", real_engines.MODEL,
+                                  real_engines.BLOCK)
 
 
 def set_path(cfg: dict[str, Any], dotted: str, value: Any) -> None:
@@ -254,9 +268,7 @@ def main(argv: list[str] | None = None) -> int:
                                                             "current="]))
     pythons = dict(v.split("=", 1) for v in a.python)
     work = Path(tempfile.mkdtemp(prefix="ip-gap-"))
-    planned, _ = plan(load_trace(TRACE), SliceSpec(a.start, a.duration, a.rate_scale, 1.0,
-                                                   max_output=16))
-    bodies = encode_bodies(planned, "completion-text", real_engines.MODEL, real_engines.BLOCK)
+    planned, bodies = bench_slice(a.start, a.duration, a.rate_scale)
     print(f"{len(planned)} requests over {planned[-1].arrival_s:.0f} s; executor {a.executor}; "
           f"load {os.getloadavg()[0]:.1f}; work {work}", flush=True)
     try:
