@@ -200,6 +200,12 @@ class EndpointLive:
         "ttft_ratio",
     )
 
+    @property
+    def all_inflight(self) -> int:
+        """In flight on the endpoint from this gateway and its sibling replicas (shared
+        slots): what snapshots report as ``inflight``."""
+        return self.inflight + self.remote_inflight
+
     def __init__(self, rate: RateWindow | None = None) -> None:
         self.rate = rate  # declared rate limits, when the endpoint has any
         self.metrics: EngineMetrics | None = None
@@ -441,7 +447,7 @@ class LiveFleet:
         """Requests this gateway has in flight on ``endpoint``, its sibling replicas' included
         (shared slots): what the engine's queue holds when no one else feeds it."""
         rec = self.live.get(endpoint)
-        return 0 if rec is None else rec.inflight + rec.remote_inflight
+        return 0 if rec is None else rec.all_inflight
 
     def set_remote_inflight(self, endpoint: str, n: int) -> None:
         """Other gateway processes' in-flight requests on the endpoint (from the shared slots);
@@ -513,7 +519,7 @@ class LiveFleet:
             block_size=m.block_size if m else None,
             num_gpu_blocks=m.num_gpu_blocks if m else None,
             power_watts=m.power_watts if m else None,
-            inflight=rec.inflight + rec.remote_inflight,
+            inflight=rec.all_inflight,
             inflight_tokens=rec.inflight_tokens,
             pending_prefill=rec.pending_prefill,
             pending_prefill_tokens=rec.pending_prefill_tokens,
