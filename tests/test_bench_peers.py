@@ -341,3 +341,17 @@ def test_the_stand_in_engine_logs_arrival_and_first_event(tmp_path: Path) -> Non
     assert got["in_p50"] == pytest.approx(1e3 * (float(arrived) - t0))
     assert got["out_p50"] == pytest.approx(1e3 * (t1 - float(first)))
     assert got["ttft_p50"] == pytest.approx(1e3 * (t1 - t0))
+
+
+def test_gateway_gap_reads_the_engines_means_and_hit_rate_between_two_pages() -> None:
+    from bench.peers.gateway_gap import engine_side
+
+    def page(ttft_sum: float, count: float, hits: float, queries: float) -> str:
+        return (f"vllm:time_to_first_token_seconds_sum {ttft_sum}\n"
+                f"vllm:time_to_first_token_seconds_count {count}\n"
+                f"vllm:prefix_cache_hits_total {hits}\n"
+                f"vllm:prefix_cache_queries_total {queries}\n")
+
+    got = engine_side(page(1.0, 10, 5, 50), page(1.4, 14, 15, 100))
+    assert got == {"engine_ttft_ms": pytest.approx(100.0), "engine_hit_pct": pytest.approx(20.0)}
+    assert engine_side(page(1.0, 10, 5, 50), page(1.0, 10, 5, 50)) == {"engine_hit_pct": 0.0}

@@ -165,7 +165,7 @@ def main() -> int:
     try:
         engine = start_fake(0.15, work)
         port = free_port()
-        uvloop.run(run(a, port, gateway_config(engine, port, "", work, "timeline")))
+        uvloop.run(run(a, port, gateway_config([engine], port, "", work, "timeline")))
     finally:
         real_engines.stop_engines()
     starts = sorted(t for t, _, step in EVENTS if step == "handler")

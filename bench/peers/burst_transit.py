@@ -41,7 +41,6 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 for _p in (str(ROOT / "src"), str(ROOT)):
@@ -53,23 +52,22 @@ from bench.peers.fake_engine import prompt_key  # noqa: E402
 from bench.peers.gateway_gap import (  # noqa: E402
     HEADERS,
     bench_slice,
+    gateway_config,
     proc_cpu_s,
-    set_path,
     start_fake,
     start_gateway,
 )
-from bench.peers.peers import inferplane_fleet  # noqa: E402
 from bench.peers.procs import free_port  # noqa: E402
 
 
-def start_engines(n: int, ttft_s: float, work: Path) -> list[tuple[str, Path]]:
-    """``n`` stand-in engines, each with its arrivals file; returns (url, file)."""
+def start_engines(n: int, ttft_s: float, work: Path) -> list[tuple[tuple[str, str], Path]]:
+    """``n`` stand-in engines, each with its arrivals file; returns ((url, KV-event endpoint),
+    file)."""
     out = []
     for i in range(n):
         arrivals = work / f"arrivals{i}.txt"
         arrivals.touch()
-        url, _ = start_fake(ttft_s, work, i, arrivals)
-        out.append((url, arrivals))
+        out.append((start_fake(ttft_s, work, i, arrivals), arrivals))
     return out
 
 
@@ -122,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
           f"engines answering after {a.ttft_s * 1e3:.0f} ms; load {os.getloadavg()[0]:.1f}; "
           f"work {work}", flush=True)
     engines = start_engines(a.engines, a.ttft_s, work)
-    urls = [u for u, _ in engines]
+    urls = [url for (url, _), _ in engines]
     files = [f for _, f in engines]
     rows: dict[str, list[dict[str, float]]] = {n: [] for n in ["direct", *variants]}
     try:
@@ -135,16 +133,9 @@ def main(argv: list[str] | None = None) -> int:
                     if name == "direct":
                         records, sent = asyncio.run(_direct(urls, planned, bodies))
                     else:
-                        cfg = yaml.safe_load(real_engines.fleet_yaml(
-                            [(u, f"ipc://{work}/kv{i}.sock") for i, u in enumerate(urls)],
-                            1024, 16, kv_events=True))
                         port = free_port()
-                        cfg = inferplane_fleet(cfg, urls, port, None)
-                        for item in filter(None, variants[name].split(",")):
-                            key, _, raw = item.partition(":")
-                            set_path(cfg, key, yaml.safe_load(raw))
-                        conf = work / f"gateway-{name}.yaml"
-                        conf.write_text(yaml.safe_dump(cfg, sort_keys=False))
+                        conf = gateway_config([e for e, _ in engines], port, variants[name],
+                                              work, name)
                         gw = start_gateway(conf, work / f"gateway-{name}-{rep}.log",
                                            pythons.get(name, sys.executable))
                         c0 = proc_cpu_s(gw.pid)

@@ -116,25 +116,18 @@ def connections(log_text: str) -> dict[str, float]:
             "gets": float(sum(v.count("GET") for v in peers.values()))}
 
 
-ENGINE_SERIES = metrics.ENGINE_SECONDS
+def engine_page(url: str) -> str:
+    return httpx.get(f"{url}/metrics", timeout=10).text
 
 
-def engine_counters(url: str) -> dict[str, float]:
-    page = httpx.get(f"{url}/metrics", timeout=10).text
-    out = {"hits": metrics.prom_sum(page, "vllm:prefix_cache_hits_total"),
-           "queries": metrics.prom_sum(page, "vllm:prefix_cache_queries_total")}
-    for key, name in ENGINE_SERIES.items():
-        out[key + "_sum"] = metrics.prom_sum(page, name + "_sum")
-        out[key + "_count"] = metrics.prom_sum(page, name + "_count")
-    return out
-
-
-def engine_side(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
-    """The engine's own means over a replay (ms) and its prefix-cache hit rate (%)."""
-    d = {k: after[k] - before[k] for k in after}
-    out = {f"engine_{k}_ms": 1e3 * d[k + "_sum"] / d[k + "_count"]
-           for k in ENGINE_SERIES if d[k + "_count"]}
-    out["engine_hit_pct"] = 100 * d["hits"] / d["queries"] if d["queries"] else 0.0
+def engine_side(before: str, after: str) -> dict[str, float]:
+    """The engine's own means over a replay (ms; `metrics.engine_means_ms`) and its
+    prefix-cache hit rate (%), from its pages before and after."""
+    out = {f"engine_{k}_ms": v
+           for k, v in metrics.engine_means_ms([before], [after]).items() if v is not None}
+    hit = metrics.hit_rate(metrics.CacheCounters.from_pages([before]),
+                           metrics.CacheCounters.from_pages([after]))
+    out["engine_hit_pct"] = 0.0 if hit is None else 100 * hit
     return out
 
 
@@ -202,9 +195,12 @@ def set_path(cfg: dict[str, Any], dotted: str, value: Any) -> None:
     node[last] = value
 
 
-def gateway_config(engine: tuple[str, str], port: int, sets: str, work: Path, name: str) -> Path:
-    cfg = yaml.safe_load(real_engines.fleet_yaml([engine], 1024, 16, kv_events=True))
-    cfg = inferplane_fleet(cfg, [engine[0]], port, None)
+def gateway_config(engines: list[tuple[str, str]], port: int, sets: str, work: Path,
+                   name: str) -> Path:
+    """The gateway's fleet file for ``engines`` ((url, KV-event endpoint) each), listening on
+    ``port``, changed at the dotted keys of ``sets`` (``PATH:VALUE,...``); written to ``work``."""
+    cfg = yaml.safe_load(real_engines.fleet_yaml(engines, 1024, 16, kv_events=True))
+    cfg = inferplane_fleet(cfg, [url for url, _ in engines], port, None)
     for item in filter(None, sets.split(",")):
         path, _, raw = item.partition(":")
         set_path(cfg, path, yaml.safe_load(raw))
@@ -291,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
                 base = engine[0]
                 if name != "direct":
                     port = free_port()
-                    gw = start_gateway(gateway_config(engine, port, variants[name], work, name),
+                    gw = start_gateway(gateway_config([engine], port, variants[name], work, name),
                                        work / f"gateway-{name}-{rep}.log",
                                        pythons.get(name, sys.executable))
                     base = f"http://127.0.0.1:{port}"
@@ -299,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     if not fake:
                         drain_and_reset(engine[0])
-                    before = {} if fake else engine_counters(engine[0])
+                    before = "" if fake else engine_page(engine[0])
                     at = elog.stat().st_size
                     e0, g0 = proc_cpu_s(epid), proc_cpu_s(gw.pid) if gw else 0.0
                     recs, _ = asyncio.run(client.replay(
@@ -309,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
                     with elog.open("rb") as fh:
                         fh.seek(at)
                         conns = connections(fh.read().decode(errors="replace"))
-                    side = {} if fake else engine_side(before, engine_counters(engine[0]))
+                    side = {} if fake else engine_side(before, engine_page(engine[0]))
                 finally:
                     if gw is not None:
                         gw.terminate()
@@ -343,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\nidle gateway (no requests):")
         for name, sets in variants.items():
             port = free_port()
-            gw = start_gateway(gateway_config(engine, port, sets, work, f"idle-{name}"),
+            gw = start_gateway(gateway_config([engine], port, sets, work, f"idle-{name}"),
                                work / f"gateway-idle-{name}.log", pythons.get(name, sys.executable))
             try:
                 time.sleep(2)
