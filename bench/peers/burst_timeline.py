@@ -11,7 +11,7 @@ request's handler started, its body was read, it was classified, admitted, hande
 written``: on Python < 3.12 a task of its own), and when the status line and the first chunk came
 back (ms from the burst's first handler start);
 and every garbage collection over 5 ms (from ``gc.callbacks``: when, how long, which
-generation). ``--freeze`` calls `inferplane.cli.freeze_startup_heap` after start-up, as
+generation). ``--freeze`` calls `inferplane.core.reload.freeze_heap` after start-up, as
 ``inferplane serve`` does by default (``gateway.gc_freeze``); without it the heap is as it was.
 """
 
@@ -41,8 +41,8 @@ from bench.peers import real_engines  # noqa: E402
 from bench.peers.gateway_gap import gateway_config, start_fake  # noqa: E402
 from bench.peers.procs import free_port  # noqa: E402
 from inferplane.api.pipeline import Gateway  # noqa: E402
-from inferplane.cli import freeze_startup_heap  # noqa: E402
 from inferplane.config.loader import load_config  # noqa: E402
+from inferplane.core.reload import freeze_heap  # noqa: E402
 from inferplane.dispatch.upstream import Dispatcher  # noqa: E402
 
 _write_bytes = aiohttp.ClientRequest.write_bytes
@@ -131,7 +131,7 @@ async def run(a: argparse.Namespace, port: int, config: Path) -> None:
     runner = await appmod.serve(gw, "127.0.0.1", port)
     gw.admission.admit = wrap(gw.admission.admit, None, "admitted")  # type: ignore[method-assign,assignment]
     if a.freeze:
-        freeze_startup_heap(True)
+        freeze_heap(True)
     print(f"gc.freeze: {gc.get_freeze_count()} objects frozen", flush=True)
     await asyncio.sleep(1.0)
     proc = await asyncio.create_subprocess_exec(
