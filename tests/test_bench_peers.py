@@ -192,7 +192,7 @@ def test_configs_point_at_the_fleet() -> None:
 
 def test_every_router_gets_the_form_its_policy_reads() -> None:
     forms = {s.name: s.form for s in setups()}
-    assert len(forms) == 10
+    assert len(forms) == 11
     assert all(f == "completion-ids" for n, f in forms.items() if n.startswith("vllm-router"))
     assert all(f == "completion-text" for n, f in forms.items() if n.startswith("sglang"))
 
@@ -355,3 +355,62 @@ def test_gateway_gap_reads_the_engines_means_and_hit_rate_between_two_pages() ->
     got = engine_side(page(1.0, 10, 5, 50), page(1.4, 14, 15, 100))
     assert got == {"engine_ttft_ms": pytest.approx(100.0), "engine_hit_pct": pytest.approx(20.0)}
     assert engine_side(page(1.0, 10, 5, 50), page(1.0, 10, 5, 50)) == {"engine_hit_pct": 0.0}
+
+
+def test_the_python_proxy_relays_in_turn_and_streams() -> None:
+    """`python_proxy`: request *i* to upstream *i* mod N, the body and headers as sent, a stream
+    relayed event by event, the upstream's status kept."""
+    import asyncio
+
+    import aiohttp
+    from aiohttp import web
+    from aiohttp.test_utils import TestServer
+
+    from bench.peers.python_proxy import build
+
+    seen: list[tuple[int, bytes, str | None]] = []
+
+    def upstream(i: int) -> web.Application:
+        async def answer(request: web.Request) -> web.StreamResponse:
+            seen.append((i, await request.read(), request.headers.get("Authorization")))
+            if request.query.get("status"):
+                return web.Response(status=int(request.query["status"]), text="no")
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await resp.prepare(request)
+            for n in range(3):
+                await resp.write(f"data: {i}-{n}\n\n".encode())
+                await asyncio.sleep(0.01)
+            return resp
+
+        app = web.Application()
+        app.router.add_post("/v1/completions", answer)
+        return app
+
+    async def main() -> list[tuple[int, list[bytes]]]:
+        ups = [TestServer(upstream(i)) for i in range(2)]
+        for u in ups:
+            await u.start_server()
+        proxy = TestServer(await build([str(u.make_url("")) for u in ups]))
+        await proxy.start_server()
+        out = []
+        try:
+            async with aiohttp.ClientSession() as s:
+                for k in range(4):
+                    async with s.post(proxy.make_url("/v1/completions"), data=b"{\"k\": %d}" % k,
+                                      headers={"Authorization": "Bearer x"}) as r:
+                        assert r.status == 200
+                        assert r.headers["Content-Type"] == "text/event-stream"
+                        out.append((k, [line async for line in r.content if line.strip()]))
+                async with s.post(proxy.make_url("/v1/completions?status=429")) as r:
+                    assert (r.status, await r.text()) == (429, "no")
+        finally:
+            await proxy.close()
+            for u in ups:
+                await u.close()
+        return out
+
+    got = asyncio.run(main())
+    assert [i for i, _, _ in seen[:4]] == [0, 1, 0, 1]
+    assert [b for _, b, _ in seen[:4]] == [b'{"k": %d}' % k for k in range(4)]
+    assert all(a == "Bearer x" for _, _, a in seen[:4])
+    assert got == [(k, [f"data: {k % 2}-{n}\n".encode() for n in range(3)]) for k in range(4)]

@@ -8,7 +8,8 @@ router answers.
 Prompt forms (see :mod:`bench.peers.workload`): vllm-router's ``cache_aware`` policy matches
 token-id prompts only, so it receives ``completion-ids``; sglang-router rejects token-id prompts
 and matches text, so it receives ``completion-text``; inferplane reads either and receives
-``completion-text``, as does Envoy (which reads nothing); LiteLLM receives ``chat-text`` (its
+``completion-text``, as do Envoy and the bare Python relay (`python_proxy.py`), which read
+nothing; LiteLLM receives ``chat-text`` (its
 text-completion path for ``openai/`` models is not what deployments use). The emulated engine
 tokenizes all three to the same token ids, so every router offers the fleet identical work.
 """
@@ -34,6 +35,8 @@ from inferplane.twin.traces.tokens import VOCABULARY
 ROOT = Path(__file__).resolve().parents[2]
 INFERPLANE_KEY = "sk-h100x8-demo"
 LITELLM_KEY = "sk-peers-litellm"
+IN_TREE = frozenset({"inferplane", "python-proxy"})
+"""Setups run from this tree's code with the bench's own interpreter (no venv to install)."""
 
 
 @dataclass
@@ -245,6 +248,16 @@ def _envoy(ctx: Context, port: int) -> Proc:
                 ctx.work / "envoy.log")
 
 
+# -- a bare Python relay (the floor of a Python asyncio router) -------------------------------
+
+
+def _python_proxy(ctx: Context, port: int) -> Proc:
+    argv = [sys.executable, str(ROOT / "bench/peers/python_proxy.py"), "--port", str(port)]
+    for u in ctx.fleet_urls:
+        argv += ["--upstream", u]
+    return Proc("python-proxy", argv, ctx.work / "python-proxy.log")
+
+
 # -- the list --------------------------------------------------------------------------------
 
 
@@ -262,6 +275,8 @@ def setups() -> list[Setup]:
         *(Setup(f"sglang-router {p}", "sglang-router", p, "completion-text", _sglang_router(p))
           for p in ("cache_aware", "power_of_two")),
         Setup("envoy LEAST_REQUEST", "envoy", "LEAST_REQUEST", "completion-text", _envoy),
+        Setup("python-proxy round_robin", "python-proxy", "round_robin", "completion-text",
+              _python_proxy),
         *(Setup(f"litellm {s}", "litellm", s, "chat-text", _litellm(s), "/health/liveliness",
                 ll_headers, 180.0)
           for s in ("least-busy", "latency-based-routing")),

@@ -338,7 +338,9 @@ def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     variants = list(dict.fromkeys(r["name"] for r in results
                                   if r["name"].startswith("inferplane default,")
                                   and r["name"] != CALIBRATED))
-    for name in [*SETUPS[:1], CALIBRATED, *variants, *SETUPS[1:]]:
+    order = [*SETUPS[:1], CALIBRATED, *variants, *SETUPS[1:]]
+    order += [n for n in dict.fromkeys(r["name"] for r in results) if n not in order]
+    for name in order:
         got = [r for r in results if r["name"] == name and r.get("status") == "ok"]
         if not got:
             continue

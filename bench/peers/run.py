@@ -53,7 +53,7 @@ for _p in (str(ROOT / "src"), str(ROOT)):
         sys.path.insert(0, _p)
 
 from bench.peers import client, metrics, overhead, report, venvs  # noqa: E402
-from bench.peers.peers import Context, Setup, setups  # noqa: E402
+from bench.peers.peers import IN_TREE, Context, Setup, setups  # noqa: E402
 from bench.peers.procs import Proc, TreeSampler, free_port, free_ports, stop_all  # noqa: E402
 from bench.peers.workload import (  # noqa: E402
     PATHS,
@@ -310,7 +310,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
 
     versions: dict[str, str | None] = {"inferplane": inferplane_version()}
     installs: dict[str, venvs.Installed] = {}
-    for peer in dict.fromkeys(s.peer for s in chosen if s.peer != "inferplane"):
+    for peer in dict.fromkeys(s.peer for s in chosen if s.peer not in IN_TREE):
         log(f"installing {peer} …")
         inst = venvs.ensure(peer, a.venvs, a.install_limit)
         installs[peer] = inst
@@ -369,7 +369,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
                                    "status": "skipped", "reason": "run time budget spent"})
             continue
         got = installs.get(s.peer)
-        if s.peer != "inferplane" and (got is None or not got.ok):
+        if s.peer not in IN_TREE and (got is None or not got.ok):
             doc["results"].append({"name": s.name, "peer": s.peer, "policy": s.policy,
                                    "form": s.form, "version": None, "status": "not installed",
                                    "reason": got.reason if got else "not installed"})
