@@ -414,3 +414,22 @@ def test_the_python_proxy_relays_in_turn_and_streams() -> None:
     assert [b for _, b, _ in seen[:4]] == [b'{"k": %d}' % k for k in range(4)]
     assert all(a == "Bearer x" for _, _, a in seen[:4])
     assert got == [(k, [f"data: {k % 2}-{n}\n".encode() for n in range(3)]) for k in range(4)]
+
+
+def test_a_variant_sets_dotted_keys_and_list_items() -> None:
+    import yaml
+
+    from bench.peers.real_engines import apply_variant, fleet_yaml
+
+    text = fleet_yaml([("http://a", "tcp://x"), ("http://b", "tcp://y")], 1024, 16, True)
+    got = yaml.safe_load(apply_variant(
+        text, "gateway.scrape_interval_s:60,substrates.0.endpoints.1.kv_events:null,"
+              "substrates.0.endpoints.0.models.0.tokenizer:null,gateway.new.key:yes"))
+    eps = got["substrates"][0]["endpoints"]
+    assert got["gateway"]["scrape_interval_s"] == 60
+    assert got["gateway"]["new"] == {"key": True}
+    assert (eps[0]["kv_events"], eps[1]["kv_events"]) == ("tcp://x", None)
+    assert eps[0]["models"][0]["tokenizer"] is None
+    assert eps[1]["models"][0]["tokenizer"] is not None
+    with pytest.raises(ValueError, match="not KEY:VALUE"):
+        apply_variant(text, "gateway.port")

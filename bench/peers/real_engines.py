@@ -43,8 +43,9 @@ is handed over rather than after the rest of a burst's pre-send work (docs/bench
 gateway's gap, continued").
 
 ``--variant NAME=KEY:VALUE[,KEY:VALUE...]`` adds the setup ``inferplane default, NAME``: the
-same gateway with its fleet file changed at dotted keys (``gateway.scrape_max_duty:0.01``;
-values are read as YAML), run in the same alternating order as the others.
+same gateway with its fleet file changed at dotted keys (``gateway.scrape_max_duty:0.01``; a
+number indexes a list, ``substrates.0.endpoints.1.kv_events:null``; values are read as YAML),
+run in the same alternating order as the others.
 
 Each replay also records the CPU time the three engines' processes (every process of their
 sessions: API server, engine core) spent while ``run.py`` ran it (``engine_cpu_s``, from
@@ -211,11 +212,14 @@ def apply_variant(text: str, spec: str) -> str:
         key, sep, value = item.partition(":")
         if not sep or not key.strip():
             raise ValueError(f"--variant: {item!r} is not KEY:VALUE")
-        node = doc
+        node: Any = doc
         *path, last = key.strip().split(".")
-        for k in path:
-            node = node.setdefault(k, {})
-        node[last] = yaml.safe_load(value)
+        for k in path:  # a number indexes a list (substrates.0.endpoints.1.kv_events)
+            node = node[int(k)] if isinstance(node, list) else node.setdefault(k, {})
+        if isinstance(node, list):
+            node[int(last)] = yaml.safe_load(value)
+        else:
+            node[last] = yaml.safe_load(value)
     return yaml.safe_dump(doc, sort_keys=False)
 
 
