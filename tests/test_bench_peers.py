@@ -433,3 +433,21 @@ def test_a_variant_sets_dotted_keys_and_list_items() -> None:
     assert eps[1]["models"][0]["tokenizer"] is not None
     with pytest.raises(ValueError, match="not KEY:VALUE"):
         apply_variant(text, "gateway.port")
+
+
+def test_a_variant_is_checked_on_a_fleet_of_the_runs_size(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from bench.peers.real_engines import main
+
+    def error(*variant: str, urls: str = "http://a,http://b,http://c") -> str:
+        args = [x for v in variant for x in ("--variant", v)]
+        with pytest.raises(SystemExit):  # --executor with --urls: refused after the variants
+            main([*args, "--only", "inferplane default", "--urls", urls, "--executor", "mp"])
+        return capsys.readouterr().err
+
+    assert "--executor starts the engines" in error("nokv=substrates.0.endpoints.2.kv_events:null")
+    got = error("nokv=substrates.0.endpoints.3.kv_events:null")
+    assert "--variant 'nokv=" in got and "list index out of range" in got
+    got = error("nokv=substrates.0.endpoints.2.kv_events:null", urls="http://a,http://b")
+    assert "list index out of range" in got

@@ -558,10 +558,12 @@ def main(argv: list[str] | None = None) -> int:
         full = f"inferplane default, {vname}"
         if full == CALIBRATED or full in variants:
             ap.error(f"--variant {vname!r}: the setup {full!r} is taken")
+        n = len(a.urls.split(",")) if a.urls else 3
         try:  # the spec on a fleet like the one the run writes, before any engine starts
-            parse_config(apply_variant(fleet_yaml([("http://127.0.0.1:9", "ipc:///tmp/x")],
+            parse_config(apply_variant(fleet_yaml([(f"http://127.0.0.1:{9 + i}", f"ipc:///tmp/x{i}")
+                                                   for i in range(n)],
                                                   a.blocks, a.max_num_seqs, True), spec))
-        except (ValueError, AttributeError, TypeError, ConfigError) as exc:
+        except (ValueError, LookupError, AttributeError, TypeError, ConfigError) as exc:
             ap.error(f"--variant {v!r}: {exc}")
         variants[full] = spec
     pythons: dict[str, str] = {}
