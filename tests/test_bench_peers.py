@@ -358,28 +358,35 @@ def test_gateway_gap_reads_the_engines_means_and_hit_rate_between_two_pages() ->
 
 
 def test_the_python_proxy_relays_in_turn_and_streams() -> None:
-    """`python_proxy`: request *i* to upstream *i* mod N, the body and headers as sent, a stream
-    relayed event by event, the upstream's status kept."""
+    """`python_proxy`: request *i* to upstream *i* mod N, the body and end-to-end headers as
+    sent (hop-by-hop ones dropped), a stream relayed event by event (the upstream sends its
+    second event only once the client has read the first), the upstream's status kept, 502
+    for an upstream that cannot be reached."""
     import asyncio
 
     import aiohttp
     from aiohttp import web
     from aiohttp.test_utils import TestServer
 
+    from bench.peers.procs import free_port
     from bench.peers.python_proxy import build
 
-    seen: list[tuple[int, bytes, str | None]] = []
+    seen: list[tuple[int, bytes, str | None, str | None]] = []
+    read_first: dict[int, asyncio.Event] = {}
 
     def upstream(i: int) -> web.Application:
         async def answer(request: web.Request) -> web.StreamResponse:
-            seen.append((i, await request.read(), request.headers.get("Authorization")))
+            k = int(orjson.loads(await request.read())["k"])
+            seen.append((i, await request.read(), request.headers.get("Authorization"),
+                         request.headers.get("Proxy-Authorization")))
             if request.query.get("status"):
                 return web.Response(status=int(request.query["status"]), text="no")
             resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
             await resp.prepare(request)
             for n in range(3):
                 await resp.write(f"data: {i}-{n}\n\n".encode())
-                await asyncio.sleep(0.01)
+                if n == 0:  # a proxy that waits for the whole answer never gets the rest
+                    await asyncio.wait_for(read_first[k].wait(), 10)
             return resp
 
         app = web.Application()
@@ -390,19 +397,27 @@ def test_the_python_proxy_relays_in_turn_and_streams() -> None:
         ups = [TestServer(upstream(i)) for i in range(2)]
         for u in ups:
             await u.start_server()
-        proxy = TestServer(await build([str(u.make_url("")) for u in ups]))
+        dead = f"http://127.0.0.1:{free_port()}"
+        proxy = TestServer(await build([str(u.make_url("")) for u in ups] + [dead]))
         await proxy.start_server()
         out = []
         try:
             async with aiohttp.ClientSession() as s:
-                for k in range(4):
-                    async with s.post(proxy.make_url("/v1/completions"), data=b"{\"k\": %d}" % k,
-                                      headers={"Authorization": "Bearer x"}) as r:
+                for k in range(5):  # upstream 0, 1, the dead one, 0 (asked for 429), 1
+                    read_first[k] = asyncio.Event()
+                    url = proxy.make_url("/v1/completions" + ("?status=429" if k == 3 else ""))
+                    async with s.post(url, data=orjson.dumps({"k": k}),
+                                      headers={"Authorization": "Bearer x",
+                                               "Proxy-Authorization": "y"}) as r:
+                        if k in (2, 3):
+                            assert r.status == (502 if k == 2 else 429)
+                            continue
                         assert r.status == 200
                         assert r.headers["Content-Type"] == "text/event-stream"
-                        out.append((k, [line async for line in r.content if line.strip()]))
-                async with s.post(proxy.make_url("/v1/completions?status=429")) as r:
-                    assert (r.status, await r.text()) == (429, "no")
+                        lines = [await r.content.readline()]
+                        read_first[k].set()
+                        lines += [line async for line in r.content]
+                        out.append((k, [x for x in lines if x.strip()]))
         finally:
             await proxy.close()
             for u in ups:
@@ -410,10 +425,11 @@ def test_the_python_proxy_relays_in_turn_and_streams() -> None:
         return out
 
     got = asyncio.run(main())
-    assert [i for i, _, _ in seen[:4]] == [0, 1, 0, 1]
-    assert [b for _, b, _ in seen[:4]] == [b'{"k": %d}' % k for k in range(4)]
-    assert all(a == "Bearer x" for _, _, a in seen[:4])
-    assert got == [(k, [f"data: {k % 2}-{n}\n".encode() for n in range(3)]) for k in range(4)]
+    assert [(i, b) for i, b, _, _ in seen] == [
+        (i, orjson.dumps({"k": k})) for k, i in ((0, 0), (1, 1), (3, 0), (4, 1))]
+    assert all(a == "Bearer x" and p is None for _, _, a, p in seen)
+    assert got == [(k, [f"data: {i}-{n}\n".encode() for n in range(3)])
+                   for k, i in ((0, 0), (1, 1), (4, 1))]
 
 
 def test_a_variant_sets_dotted_keys_and_list_items() -> None:
@@ -451,3 +467,28 @@ def test_a_variant_is_checked_on_a_fleet_of_the_runs_size(
     assert "--variant 'nokv=" in got and "list index out of range" in got
     got = error("nokv=substrates.0.endpoints.2.kv_events:null", urls="http://a,http://b")
     assert "list index out of range" in got
+
+
+def test_every_peer_is_installed_or_in_tree() -> None:
+    from bench.peers import venvs
+    from bench.peers.peers import IN_TREE
+    from bench.peers.run import python_proxy_version
+
+    assert {s.peer for s in setups()} <= IN_TREE | set(venvs.PACKAGES)
+    assert not IN_TREE & set(venvs.PACKAGES)
+    assert python_proxy_version().startswith("aiohttp ")
+
+
+def test_a_setup_outside_the_default_list_gets_its_row() -> None:
+    from bench.peers.real_engines import aggregate
+
+    def res(name: str, p90: float) -> dict[str, Any]:
+        return {"name": name, "status": "ok", "hit_rate": 0.1, "engine_cpu_s": None,
+                "api_cpu_s": None, "cpu_s": None, "engine_ms": None,
+                "summary": {"ttft_ms": {"p50": p90 / 2, "p90": p90, "p99": p90 * 2},
+                            "errors": 0, "requests": 307}}
+
+    rows = aggregate([res("python-proxy round_robin", 170), res("inferplane default", 200),
+                      res("python-proxy round_robin", 180)])
+    assert [r["name"] for r in rows] == ["inferplane default", "python-proxy round_robin"]
+    assert rows[1]["runs"] == 2 and rows[1]["ttft_p90_ms"]["median"] == 175

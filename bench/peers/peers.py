@@ -9,9 +9,9 @@ Prompt forms (see :mod:`bench.peers.workload`): vllm-router's ``cache_aware`` po
 token-id prompts only, so it receives ``completion-ids``; sglang-router rejects token-id prompts
 and matches text, so it receives ``completion-text``; inferplane reads either and receives
 ``completion-text``, as do Envoy and the bare Python relay (`python_proxy.py`), which read
-nothing; LiteLLM receives ``chat-text`` (its
-text-completion path for ``openai/`` models is not what deployments use). The emulated engine
-tokenizes all three to the same token ids, so every router offers the fleet identical work.
+nothing; LiteLLM receives ``chat-text`` (its text-completion path for ``openai/`` models is not
+what deployments use). The emulated engine tokenizes all three to the same token ids, so every
+router offers the fleet identical work.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[2]
 INFERPLANE_KEY = "sk-h100x8-demo"
 LITELLM_KEY = "sk-peers-litellm"
 IN_TREE = frozenset({"inferplane", "python-proxy"})
-"""Setups run from this tree's code with the bench's own interpreter (no venv to install)."""
+"""The peers run from this tree's code with the bench's own interpreter (no venv to install)."""
 
 
 @dataclass

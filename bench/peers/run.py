@@ -10,9 +10,10 @@
    loopback ports) plus a *fast* copy of it (time scale 1000) for the overhead measurement;
 3. runs, one after another, inferplane (``default`` and ``round-robin``), vllm-router
    (``cache_aware``, ``power_of_two``, ``round_robin``), sglang-router (``cache_aware``,
-   ``power_of_two``), LiteLLM (``least-busy``, ``latency-based-routing``) and Envoy
-   (``LEAST_REQUEST``) in front of that fleet; before each, the fleet drains and its prefix
-   caches are reset;
+   ``power_of_two``), LiteLLM (``least-busy``, ``latency-based-routing``), Envoy
+   (``LEAST_REQUEST``) and a bare Python relay (``python-proxy round_robin``,
+   `bench/peers/python_proxy.py`: the floor of a Python asyncio router) in front of that fleet;
+   before each, the fleet drains and its prefix caches are reset;
 4. replays the same Mooncake slice open-loop through each and measures at the client (TTFT,
    ITL, E2E, errors, throughput, SLO attainment), the fleet's prefix hit rate from its
    ``/metrics``, and the router's CPU time and peak RSS from ``/proc``;
@@ -245,6 +246,14 @@ def machine() -> dict[str, Any]:
             "loadavg_start": os.getloadavg()}
 
 
+def python_proxy_version() -> str:
+    """What the bare Python relay runs on (it is this tree's script: no version of its own)."""
+    from importlib.metadata import version
+
+    return (f"aiohttp {version('aiohttp')}, uvloop {version('uvloop')}, "
+            f"Python {platform.python_version()}")
+
+
 def inferplane_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -308,7 +317,10 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     config = yaml.safe_load(a.fleet_config.read_text())
     model = a.model or config["substrates"][0]["endpoints"][0]["models"][0]["name"]
 
-    versions: dict[str, str | None] = {"inferplane": inferplane_version()}
+    versions: dict[str, str | None] = {
+        "inferplane": inferplane_version(),
+        "python-proxy": python_proxy_version(),
+    }
     installs: dict[str, venvs.Installed] = {}
     for peer in dict.fromkeys(s.peer for s in chosen if s.peer not in IN_TREE):
         log(f"installing {peer} …")
