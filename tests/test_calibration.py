@@ -623,15 +623,18 @@ def test_a_burst_answers_late_and_close_together() -> None:
 
 def test_a_burst_in_two_pieces_answers_its_first_late_and_the_rest_together() -> None:
     """With the intake in two pieces the first answer waits for every request's first piece
-    ((N - 1) s later than with one piece holding both), and the others reach the engine one
-    hand-off apart, during the first request's prefill step: they are prefilled together and
-    answered together."""
+    (its hand-off queues after its parallel wait ``d``, behind the first pieces queued by then:
+    ``(N - 1) s - d`` later than with one piece holding both, when the wait is the shorter),
+    and the others reach the engine one hand-off apart, during the first request's prefill
+    step: they are prefilled together and answered together."""
     m = get_model("tiny-llama")
-    _, truth = _truth_with_frontend(0.001, 0.0)
-    two = dataclasses.replace(truth, frontend_request_s=0.0008, frontend_handoff_s=0.0002)
+    _, truth = _truth_with_frontend(0.002, 0.0)
+    two = dataclasses.replace(truth, frontend_request_s=0.0015, frontend_handoff_s=0.0005)
+    wait = two.request_overhead_s
+    assert 0 < wait < 3 * 0.0015
     one = predict_burst_s(Roofline(truth, m), 4, 64)
     split = predict_burst_s(Roofline(two, m), 4, 64)
-    assert split[0] - one[0] == pytest.approx(3 * 0.0008)  # (N - 1) first pieces
+    assert split[0] - one[0] == pytest.approx(3 * 0.0015 - wait)  # (N - 1) first pieces
     assert split[1] == split[2] == split[3] > split[0]
     lone = predict_ttft_s(Roofline(two, m), 64)
     assert lone == pytest.approx(predict_ttft_s(Roofline(truth, m), 64))  # same work in all
@@ -730,13 +733,16 @@ def test_profile_file_names_the_hand_off_only_when_there_is_one(tmp_path: Path) 
 
 
 def _frontend_fleet(
-    tmp: Path, request_s: float, token_s: float = 0.0, handoff_s: float = 0.0
+    tmp: Path, request_s: float, token_s: float = 0.0, handoff_s: float = 0.0,
+    overhead_s: float | None = None,
 ) -> Path:
     base, _, pre, dec = _synthetic("cpu", "tiny-llama", 256)
     cal = fit(base, get_model("tiny-llama"), pre, dec, name="cpu-lab")
+    hw = cal.hardware
     cal = dataclasses.replace(cal, hardware=dataclasses.replace(
-        cal.hardware, frontend_request_s=request_s, frontend_token_s=token_s,
-        frontend_handoff_s=handoff_s))
+        hw, frontend_request_s=request_s, frontend_token_s=token_s,
+        frontend_handoff_s=handoff_s,
+        request_overhead_s=hw.request_overhead_s if overhead_s is None else overhead_s))
     (tmp / "profile.yaml").write_text(dump_profile(cal, "cpu", {"model": "m"}))
     fleet_file = tmp / "fleet.yaml"
     fleet_file.write_text(FLEET.format(profile="profile.yaml", hardware="cpu-lab", port=9).replace(
@@ -769,9 +775,25 @@ def test_simulator_hands_a_burst_off_after_every_first_piece(tmp_path: Path) -> 
     ttfts = sorted(r.ttft_s for r in sim.records if r.ttft_s is not None)
     assert len(ttfts) == 4
     overhead = load_hardware_profile(tmp_path / "profile.yaml").request_overhead_s
+    assert overhead < 3 * 0.01  # the first's wait ends before the last first piece
     for k, t in enumerate(ttfts):  # 4 first pieces, then k + 1 second pieces
-        assert t >= 4 * 0.01 + (k + 1) * 0.005 + overhead
+        assert t >= 4 * 0.01 + (k + 1) * 0.005
     assert ttfts[0] < 4 * 0.01 + 2 * 0.005 + overhead  # the first does not wait for more
+
+
+def test_simulator_hands_off_after_the_wait_behind_requests_sent_later(tmp_path: Path) -> None:
+    """The second piece queues after the request's parallel wait, so requests sent after it
+    (a closed loop's successors, sent as the streams before them end) get their first pieces
+    in ahead of its hand-off when they arrive before that wait is over: a request sent 15 ms
+    before three others (10 ms first pieces, a 20 ms wait, a 2 ms hand-off) reaches the engine
+    after their three first pieces, at 45 ms + its hand-off — not at 10 + 2 + 20 = 32 ms, as
+    with the hand-off queued right after its own first piece (the model before session 15)."""
+    trace = [TraceRequest(0.0, 64, 4)] + [TraceRequest(0.015, 64, 4) for _ in range(3)]
+    config = load_config(_frontend_fleet(tmp_path, 0.01, handoff_s=0.002, overhead_s=0.02))
+    sim = simulate(config, trace, "round-robin")
+    first = sim.records[0]
+    assert first.arrival_s == 0.0 and first.ttft_s is not None
+    assert first.ttft_s >= 0.045 + 0.002
 
 
 def test_simulator_front_end_streams_tokens_before_the_next_intake(tmp_path: Path) -> None:
@@ -832,7 +854,7 @@ async def test_emulator_takes_a_burst_in_one_intake_apart(tmp_path: Path) -> Non
 async def test_emulator_hands_a_burst_off_after_every_first_piece(tmp_path: Path) -> None:
     """With the intake in two pieces, the first of four requests arriving together reaches the
     engine only after all four first pieces and its own second (a lower bound in engine time;
-    with one piece it would pass after one intake)."""
+    with one piece it would pass after one intake and its wait)."""
     config = load_config(_frontend_fleet(tmp_path, 0.02, handoff_s=0.01))
     handle = await start_emulator(config, time_scale=1.0, port_override={"lab-0": 0})
     emu = handle.endpoints["lab-0"]
@@ -846,8 +868,34 @@ async def test_emulator_hands_a_burst_off_after_every_first_piece(tmp_path: Path
         done = sorted(await asyncio.gather(*(reached() for _ in range(4))))
     finally:
         await handle.stop()
-    assert done[0] >= 4 * 0.02 + 0.01 + emu.request_overhead_s
-    assert done[-1] >= 4 * 0.02 + 4 * 0.01 + emu.request_overhead_s
+    # each one's parallel wait (request_overhead_s, < 3 first pieces) runs while the later
+    # first pieces do: its hand-off then queues behind them
+    assert emu.request_overhead_s < 3 * 0.02
+    assert done[0] >= 4 * 0.02 + 0.01
+    assert done[-1] >= 4 * 0.02 + 4 * 0.01
+
+
+async def test_emulator_hands_off_after_the_wait_behind_requests_sent_later(
+    tmp_path: Path,
+) -> None:
+    """As in the simulator: a request whose first piece is done (10 ms) but whose parallel
+    wait (20 ms) is not when three more arrive (at 15 ms) reaches the engine after their
+    first pieces and its own hand-off (≥ 45 + 2 ms; a lower bound in engine time: a loaded
+    machine can only stretch it), not at 32 ms."""
+    config = load_config(_frontend_fleet(tmp_path, 0.01, handoff_s=0.002, overhead_s=0.02))
+    handle = await start_emulator(config, time_scale=1.0, port_override={"lab-0": 0})
+    emu = handle.endpoints["lab-0"]
+    try:
+        t0 = emu.now()
+        first = asyncio.ensure_future(emu.network_delay(t0))
+        await asyncio.sleep(0.015)
+        later = emu.now()
+        await asyncio.gather(*(emu.network_delay(later) for _ in range(3)))
+        reached = await first
+    finally:
+        await handle.stop()
+    assert later - t0 < 0.03  # they came before its wait was over
+    assert reached - t0 >= later - t0 + 3 * 0.01 + 0.002
 
 
 def test_client_lead_comes_out_of_the_overhead_first_then_the_intake() -> None:

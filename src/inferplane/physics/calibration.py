@@ -192,25 +192,28 @@ def frontend_wait_s(batch: int, token_s: float, itl_s: float) -> float:
 def predict_burst_s(r: Roofline, size: int, prompt_tokens: int) -> list[float]:
     """TTFT of each of ``size`` one-token requests of ``prompt_tokens`` tokens sent at once, in
     order: they queue at the front end (:class:`~inferplane.physics.frontend.FrontEnd`) for the
-    first piece of their intakes, then for the second behind everything queued by then (the
-    other requests' first pieces, chunks), wait ``request_overhead_s``, are prefilled by the
-    engine (one step for all that have arrived when it is free, each sequence's attention over
-    its own prompt, as ``Roofline.step_time_s`` counts several chunks), and their first chunks
-    queue at the front end behind whatever is still waiting there. The front end's work is
-    taken in time order (hand-offs and step ends, a hand-off first at a tie)."""
+    first piece of their intakes, wait ``request_overhead_s``, queue for the second piece
+    behind everything queued by then (the other requests' first pieces, chunks), are
+    prefilled by the engine (one step for all that have arrived when it is free, each
+    sequence's attention over its own prompt, as ``Roofline.step_time_s`` counts several
+    chunks), and their first chunks queue at the front end behind whatever is still waiting
+    there. The front end's work is taken in time order (hand-offs and step ends, a hand-off
+    first at a tie)."""
     hw = r.hardware
     fe = FrontEnd(hw.frontend_request_s, hw.frontend_token_s, hw.frontend_handoff_s)
-    taken = [fe.intake(0.0) for _ in range(size)]  # first pieces done (all arrived at 0)
+    # when each request's second piece queues: its first piece done (all arrived at 0), then
+    # the parallel wait (``physics.frontend``: the hand-off comes after it)
+    taken = [fe.intake(0.0) + hw.request_overhead_s for _ in range(size)]
     arrive: list[float] = []  # when each request reaches the engine, in order
     out: list[float] = []
     pairs = prompt_tokens * 0.5 * prompt_tokens  # one sequence's attention over its prompt
     free, i, k = 0.0, 0, 0  # engine free at; next request to prefill; next hand-off
 
     def hand_off_until(t: float) -> None:
-        """Hand off, in order, the requests whose first piece is done by ``t``."""
+        """Hand off, in order, the requests whose parallel wait is over by ``t``."""
         nonlocal k
         while k < size and taken[k] <= t:
-            arrive.append(fe.handoff(taken[k]) + hw.request_overhead_s)
+            arrive.append(fe.handoff(taken[k]))
             k += 1
 
     while i < size:
@@ -317,10 +320,11 @@ def fit_frontend(
     :func:`predict_loaded_ttft_s` for the loaded points — fit the measurements best (least
     squares on relative errors).
 
-    A burst shows the intake's two pieces: every request's first piece (``s``) runs before the
-    first request's second (``h``), so the first answer comes ``(N − 1) s`` late and the others
-    ``h`` apart behind it (or together, when they reach the engine during its step); their
-    first chunks wait behind the intakes still queued. A request beside decoding streams shows
+    A burst shows the intake's two pieces: the first request's second piece (``h``) queues
+    after its parallel wait, behind the first pieces (``s``) queued by then (all of them when
+    the wait is shorter than ``(N − 1) s``), so the first answer comes up to ``(N − 1) s`` late
+    and the others ``h`` apart behind it (or together, when they reach the engine during its
+    step); their first chunks wait behind the intakes still queued. A request beside decoding streams shows
     ``t``. An intake of one piece is kept in ``s`` (with ``s = 0`` the bursts could not tell
     it from ``h``). Without bursts of two or more requests and without loaded points the
     profile is returned as it is.

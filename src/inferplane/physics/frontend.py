@@ -14,10 +14,19 @@ request's handler runs until its first ``await`` that waits (HTTP body and valid
 handing the prompt to the tokenizer), and what follows (the prompt's processing and the hand-off
 to the engine core, ``frontend_handoff_s``) is queued again *behind whatever became ready
 meanwhile* — the first pieces of the other requests of a burst. So a burst of ``N`` sent at once
-reaches the engine after all ``N`` first pieces: the first request ``N × frontend_request_s +
-frontend_handoff_s`` late, the others one ``frontend_handoff_s`` apart behind it (vLLM's first
-answer to a burst comes late and the rest close behind it). With ``frontend_handoff_s = 0`` it is
-the one-piece intake.
+reaches the engine after all ``N`` first pieces: the first request up to ``N ×
+frontend_request_s + frontend_handoff_s`` late, the others one ``frontend_handoff_s`` apart
+behind it (vLLM's first answer to a burst comes late and the rest close behind it). With
+``frontend_handoff_s = 0`` it is the one-piece intake.
+
+The callers (the emulator, the simulator, ``physics.calibration.predict_burst_s``) queue the
+second piece after the request's parallel wait (``request_overhead_s``: the tokeniser's thread,
+the hops between processes), not right after the first piece: the wait is what lies between the
+two pieces in vLLM's handler, and requests that arrive *after* this one — a closed loop's
+successors, sent as the streams before them end — get their first pieces in ahead of its
+hand-off if they arrive before the wait is over. On the fidelity vLLM a long prompt sent one
+decode step before three others came 9-11 ms later than alone (docs/benchmarks.md, session 15);
+with the hand-off right after the first piece nothing that arrived later could delay it.
 
 Chunks coalesce as vLLM's do: tokens a step produces while the previous step's chunks are still
 waiting to be sent join them (vLLM merges a request's pending outputs into one), so a front end
@@ -88,8 +97,8 @@ class FrontEnd:
         return self._work(now, self.request_s)
 
     def handoff(self, now: float) -> float:
-        """A request whose first piece was done at ``now`` queues its second (``handoff_s``)
-        behind everything queued until then: when it reaches the engine."""
+        """A request whose first piece (and the wait after it) was done at ``now`` queues its
+        second (``handoff_s``) behind everything queued until then: when it is done."""
         return self._work(now, self.handoff_s)
 
     def _work(self, now: float, seconds: float) -> float:

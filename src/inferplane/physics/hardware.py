@@ -57,12 +57,14 @@ class HardwareProfile:
     the engine one ``frontend_request_s`` apart and a busy stream delays the next request's
     intake. ``frontend_handoff_s`` is the part of a request's intake that runs after its handler
     first yields to the event loop (the prompt's processing, the hand-off to the engine core): it
-    queues again behind whatever arrived meanwhile, so a burst's first request reaches the engine
-    only after every request of the burst has had its first piece
+    queues again, after the request's ``request_overhead_s``, behind whatever arrived meanwhile,
+    so a burst's first request reaches the engine only after every request of the burst has had
+    its first piece
     (:class:`~inferplane.physics.frontend.FrontEnd`). Zero in the table (a GPU server's front end
     is rarely the bottleneck); calibration measures them from bursts of simultaneous requests
     (``physics.calibration.fit_frontend``).
-    ``request_overhead_s`` is the rest of the per-request time, paid in parallel.
+    ``request_overhead_s`` is the rest of the per-request time, paid in parallel (between
+    the intake's two pieces when it has two).
 
     ``attention_cost_factor`` prices attention apart from the matmuls: one query-key pair's
     attention FLOPs (``physics.roofline``) cost this many times what the same FLOPs cost in the

@@ -17,8 +17,8 @@ endpoint's ``url``, each backed by one :class:`EmulatedEndpoint`:
   the time scale;
 - a calibrated profile's front end (:class:`~inferplane.physics.frontend.FrontEnd`):
   every request queues for ``frontend_request_s`` of the front end's time (one at a time, first
-  come first served), then again for ``frontend_handoff_s`` behind whatever arrived meanwhile,
-  and then waits ``request_overhead_s`` before it reaches the engine; every
+  come first served), waits ``request_overhead_s``, then queues again for
+  ``frontend_handoff_s`` behind whatever arrived meanwhile before it reaches the engine; every
   step's tokens queue for ``frontend_token_s`` per stream before their handlers get them,
   joining the previous step's if those are still queued (the engine does not wait for them: it
   is another process in vLLM); ``provider-api`` substrates add a
@@ -320,10 +320,11 @@ class EmulatedEndpoint:
         self, arrived: float | None = None, *, take_round_trip: bool = False
     ) -> float:
         """Before the request reaches the engine: the provider API's network round trip, the
-        front end's queue and intake (``frontend_request_s``, one request at a time, then
-        ``frontend_handoff_s`` queued again behind what arrived meanwhile) and the
-        hardware's calibrated per-request overhead (``request_overhead_s``), counted from
-        ``arrived`` (engine time at which the handler got the request; default now).
+        front end's queue and intake (``frontend_request_s``, one request at a time), the
+        hardware's calibrated per-request overhead (``request_overhead_s``) and then, with a
+        ``frontend_handoff_s``, the intake's second piece queued behind what arrived until
+        then, counted from ``arrived`` (engine time at which the handler got the request;
+        default now).
 
         A calibrated profile's overheads were measured from the client's side, so they already
         hold the time a server needs to parse and tokenise a request: the emulator's own
@@ -354,7 +355,11 @@ class EmulatedEndpoint:
         reached = start + self.network_rtt_s
         if fe.enabled:
             reached = fe.intake(reached)
-            if fe.handoff_s > 0:  # its second piece queues behind what arrives meanwhile
+            if fe.handoff_s > 0:
+                # its second piece queues after the parallel wait, behind what arrived by then
+                # (requests sent after this one included: `physics.frontend`)
+                reached += overhead
+                overhead = 0.0
                 if reached > now:
                     await asyncio.sleep((reached - now) / self.time_scale)
                     now = self.now()

@@ -479,11 +479,13 @@ class Simulator:
         if fe.request_s > 0 or fe.handoff_s > 0:
             arrive = self.now + rec.delay_s
             taken = fe.intake(arrive)
-            if fe.handoff_s > 0:  # the second piece queues behind what arrives until then
-                bound = taken + fe.handoff_s + se.request_overhead_s  # its earliest dispatch
+            if fe.handoff_s > 0:
+                # the second piece queues after the parallel wait, behind what arrives until then
+                waited = taken + se.request_overhead_s
+                bound = waited + fe.handoff_s  # its earliest dispatch
                 se.pending.push(bound)
                 self._dispatch_handles[rec.index] = self.loop.call_at(
-                    taken, self._hand_off, rec, se, taken, bound
+                    waited, self._hand_off, rec, se, waited, bound
                 )
                 return se
             forward_s += taken - arrive
@@ -500,12 +502,12 @@ class Simulator:
     def _hand_off(
         self, rec: RequestRecord, se: SimEndpoint, taken: float, bound: float
     ) -> None:
-        """The request's first piece of intake is done: its second queues at the front end
-        behind whatever arrived meanwhile, then the parallel overhead (``physics.frontend``).
-        Its entry in ``se.pending``, ``bound`` (its earliest dispatch, so that the engine does
-        not fast-forward past it), becomes its dispatch time (`Pending.remove`: no O(n) scan
-        of the pending heap per request)."""
-        t = se.frontend.handoff(taken) + se.request_overhead_s
+        """The request's first piece of intake and its parallel overhead are done
+        (``taken``): its second piece queues at the front end behind whatever arrived
+        meanwhile (``physics.frontend``). Its entry in ``se.pending``, ``bound`` (its earliest
+        dispatch, so that the engine does not fast-forward past it), becomes its dispatch time
+        (`Pending.remove`: no O(n) scan of the pending heap per request)."""
+        t = se.frontend.handoff(taken)
         se.pending.remove(bound)
         se.pending.push(t)
         self._dispatch_handles[rec.index] = self.loop.call_at(t, self._dispatch, rec, se, True)
