@@ -679,8 +679,9 @@ def test_fit_frontend_through_measurement_noise() -> None:
     With 3 % noise on each (20 seeds; a front end shaped like the fidelity vLLM's fit: 1.2 ms
     intake + 0.3 ms hand-off, 0.4 ms per chunk, of a 4 ms per-request time), what the fit finds
     predicts a burst the probe never sent (3 × 320 tokens) within 5 % for every seed and the
-    intake's first piece within 15 %. The chunk time is found in the median; the hand-off is
-    not: a burst of 4 reaches the engine within the first request's prefill step, so the
+    intake's first piece within 25 % (15 % while the hand-off was queued right after the first
+    piece; queued after the request's wait, it trades with the first piece: 0.96-1.36 ms over
+    the seeds). The chunk time is found in the median; the hand-off is not: a burst of 4 reaches the engine within the first request's prefill step, so the
     probe's bursts do not depend on it (found 0.01-0.3 ms), and nothing the fit predicts does
     either."""
     m = get_model("tiny-llama")
@@ -704,7 +705,7 @@ def test_fit_frontend_through_measurement_noise() -> None:
         assert predict_ttft_s(Roofline(h, m), 320) == pytest.approx(
             predict_ttft_s(Roofline(cal.hardware, m), 320))
     assert max(errors) < 0.05 and statistics.median(errors) < 0.025
-    assert all(i == pytest.approx(0.0012, rel=0.15) for i in intake)
+    assert all(i == pytest.approx(0.0012, rel=0.25) for i in intake)
     assert statistics.median(chunk) == pytest.approx(0.0004, rel=0.15)
 
 
@@ -895,7 +896,7 @@ async def test_emulator_hands_off_after_the_wait_behind_requests_sent_later(
     finally:
         await handle.stop()
     assert later - t0 < 0.03  # they came before its wait was over
-    assert reached - t0 >= later - t0 + 3 * 0.01 + 0.002
+    assert reached - t0 >= later - t0 + 3 * 0.01 + 0.002 - 1e-9  # float rounding
 
 
 def test_client_lead_comes_out_of_the_overhead_first_then_the_intake() -> None:

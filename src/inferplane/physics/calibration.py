@@ -324,10 +324,10 @@ def fit_frontend(
     after its parallel wait, behind the first pieces (``s``) queued by then (all of them when
     the wait is shorter than ``(N − 1) s``), so the first answer comes up to ``(N − 1) s`` late
     and the others ``h`` apart behind it (or together, when they reach the engine during its
-    step); their first chunks wait behind the intakes still queued. A request beside decoding streams shows
-    ``t``. An intake of one piece is kept in ``s`` (with ``s = 0`` the bursts could not tell
-    it from ``h``). Without bursts of two or more requests and without loaded points the
-    profile is returned as it is.
+    step); their first chunks wait behind the intakes still queued. A request beside decoding
+    streams shows ``t``. An intake of one piece is kept in ``s`` (with ``s = 0`` the bursts
+    could not tell it from ``h``). Without bursts of two or more requests and without loaded
+    points the profile is returned as it is.
     """
     usable = [b for b in bursts if b.size > 1]
     if not usable and not loaded:
