@@ -681,9 +681,10 @@ def test_fit_frontend_through_measurement_noise() -> None:
     predicts a burst the probe never sent (3 × 320 tokens) within 5 % for every seed and the
     intake's first piece within 25 % (15 % while the hand-off was queued right after the first
     piece; queued after the request's wait, it trades with the first piece: 0.96-1.36 ms over
-    the seeds). The chunk time is found in the median; the hand-off is not: a burst of 4 reaches the engine within the first request's prefill step, so the
-    probe's bursts do not depend on it (found 0.01-0.3 ms), and nothing the fit predicts does
-    either."""
+    the seeds). The chunk time is found in the median; the hand-off is not (0.02-0.97 ms over
+    the seeds; 0.01-0.3 ms before): the later ranks of a burst of 4 reach the engine within the
+    first request's prefill step, so the probe's bursts barely depend on it, and nothing the
+    fit predicts does either."""
     m = get_model("tiny-llama")
     cal, truth = _truth_with_frontend(0.0, 0.0004)
     truth = dataclasses.replace(truth, frontend_request_s=0.0012, frontend_handoff_s=0.0003,
