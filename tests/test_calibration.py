@@ -880,24 +880,23 @@ async def test_emulator_hands_a_burst_off_after_every_first_piece(tmp_path: Path
 async def test_emulator_hands_off_after_the_wait_behind_requests_sent_later(
     tmp_path: Path,
 ) -> None:
-    """As in the simulator: a request whose first piece is done (10 ms) but whose parallel
-    wait (20 ms) is not when three more arrive (at 15 ms) reaches the engine after their
-    first pieces and its own hand-off (≥ 45 + 2 ms; a lower bound in engine time: a loaded
-    machine can only stretch it), not at 32 ms."""
+    """As in the simulator: a request that arrived 15 ms ago, whose first piece (10 ms) is
+    done but whose parallel wait (20 ms) is not when three more arrive now, reaches the engine
+    after their first pieces and its own hand-off (now + 30 + 2 ms), not at now + 17 ms (the
+    old order: its hand-off right after its first piece, then the wait). Engine time by the
+    model: exact whatever the machine's load."""
     config = load_config(_frontend_fleet(tmp_path, 0.01, handoff_s=0.002, overhead_s=0.02))
     handle = await start_emulator(config, time_scale=1.0, port_override={"lab-0": 0})
     emu = handle.endpoints["lab-0"]
     try:
-        t0 = emu.now()
-        first = asyncio.ensure_future(emu.network_delay(t0))
-        await asyncio.sleep(0.015)
-        later = emu.now()
-        await asyncio.gather(*(emu.network_delay(later) for _ in range(3)))
+        now = emu.now()
+        first = asyncio.ensure_future(emu.network_delay(now - 0.015))
+        others = asyncio.gather(*(emu.network_delay(now) for _ in range(3)))
         reached = await first
+        await others
     finally:
         await handle.stop()
-    assert later - t0 < 0.03  # they came before its wait was over
-    assert reached - t0 >= later - t0 + 3 * 0.01 + 0.002 - 1e-9  # float rounding
+    assert reached == pytest.approx(now + emu.network_rtt_s + 3 * 0.01 + 0.002, abs=1e-9)
 
 
 def test_client_lead_comes_out_of_the_overhead_first_then_the_intake() -> None:
