@@ -323,8 +323,9 @@ def fit_frontend(
     A burst shows the intake's two pieces: the first request's second piece (``h``) queues
     after its parallel wait, behind the first pieces (``s``) queued by then (all of them when
     the wait is shorter than ``(N − 1) s``), so the first answer comes up to ``(N − 1) s`` late
-    and the others ``h`` apart behind it (or together, when they reach the engine during its
-    step); their first chunks wait behind the intakes still queued. A request beside decoding
+    and each other one's ``h`` when its own wait ends or behind the ``h`` ahead of it, whichever
+    is later (``h`` apart while the waits end first; together, when they reach the engine
+    during its step); their first chunks wait behind the intakes still queued. A request beside decoding
     streams shows ``t``. An intake of one piece is kept in ``s`` (with ``s = 0`` the bursts
     could not tell it from ``h``). Without bursts of two or more requests and without loaded
     points the profile is returned as it is.

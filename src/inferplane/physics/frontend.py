@@ -15,8 +15,10 @@ handing the prompt to the tokenizer), and what follows (the prompt's processing 
 to the engine core, ``frontend_handoff_s``) is queued again *behind whatever became ready
 meanwhile* — the first pieces of the other requests of a burst. So a burst of ``N`` sent at once
 reaches the engine after all ``N`` first pieces: the first request up to ``N ×
-frontend_request_s + frontend_handoff_s`` late, the others one ``frontend_handoff_s`` apart
-behind it (vLLM's first answer to a burst comes late and the rest close behind it). With
+frontend_request_s + frontend_handoff_s`` late, each other one when its own wait is over or
+behind the hand-off ahead of it, whichever is later (one ``frontend_handoff_s`` apart while the
+waits end before those hand-offs do): vLLM's first answer to a burst comes late and the rest
+close behind it. With
 ``frontend_handoff_s = 0`` it is the one-piece intake.
 
 The callers (the emulator, the simulator, ``physics.calibration.predict_burst_s``) queue the
@@ -25,7 +27,8 @@ the hops between processes), not right after the first piece: the wait is what l
 two pieces in vLLM's handler, and requests that arrive *after* this one — a closed loop's
 successors, sent as the streams before them end — get their first pieces in ahead of its
 hand-off if they arrive before the wait is over. On the fidelity vLLM a long prompt sent one
-decode step before three others came 9-11 ms later than alone (docs/benchmarks.md, session 15);
+decode step before three others came 8.6 ms later than alone (35.3 against 26.7 ms, medians of
+12 rounds: docs/benchmarks.md, session 15);
 with the hand-off right after the first piece nothing that arrived later could delay it.
 
 Chunks coalesce as vLLM's do: tokens a step produces while the previous step's chunks are still
