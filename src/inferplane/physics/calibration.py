@@ -325,10 +325,10 @@ def fit_frontend(
     the wait is shorter than ``(N − 1) s``), so the first answer comes up to ``(N − 1) s`` late
     and each other one's ``h`` when its own wait ends or behind the ``h`` ahead of it, whichever
     is later (``h`` apart while the waits end first; together, when they reach the engine
-    during its step); their first chunks wait behind the intakes still queued. A request beside decoding
-    streams shows ``t``. An intake of one piece is kept in ``s`` (with ``s = 0`` the bursts
-    could not tell it from ``h``). Without bursts of two or more requests and without loaded
-    points the profile is returned as it is.
+    during its step); their first chunks wait behind the intakes still queued. A request
+    beside decoding streams shows ``t``. An intake of one piece is kept in ``s`` (with
+    ``s = 0`` the bursts could not tell it from ``h``). Without bursts of two or more requests
+    and without loaded points the profile is returned as it is.
     """
     usable = [b for b in bursts if b.size > 1]
     if not usable and not loaded:
