@@ -789,13 +789,15 @@ def test_simulator_hands_off_after_the_wait_behind_requests_sent_later(tmp_path:
     in ahead of its hand-off when they arrive before that wait is over: a request sent 15 ms
     before three others (10 ms first pieces, a 20 ms wait, a 2 ms hand-off) reaches the engine
     after their three first pieces, at 45 ms + its hand-off — not at 10 + 2 + 20 = 32 ms, as
-    with the hand-off queued right after its own first piece (the model before session 15)."""
+    with the hand-off queued right after its own first piece (the model before session 15):
+    exactly 15 ms later than alone (virtual time; the wait counted twice would be 35)."""
     trace = [TraceRequest(0.0, 64, 4)] + [TraceRequest(0.015, 64, 4) for _ in range(3)]
     config = load_config(_frontend_fleet(tmp_path, 0.01, handoff_s=0.002, overhead_s=0.02))
-    sim = simulate(config, trace, "round-robin")
-    first = sim.records[0]
-    assert first.arrival_s == 0.0 and first.ttft_s is not None
+    first = simulate(config, trace, "round-robin").records[0]
+    alone = simulate(config, trace[:1], "round-robin").records[0]
+    assert first.arrival_s == 0.0 and first.ttft_s is not None and alone.ttft_s is not None
     assert first.ttft_s >= 0.045 + 0.002
+    assert first.ttft_s - alone.ttft_s == pytest.approx(0.045 - 0.030, abs=1e-9)
 
 
 def test_simulator_front_end_streams_tokens_before_the_next_intake(tmp_path: Path) -> None:
