@@ -335,7 +335,11 @@ class EmulatedEndpoint:
         (every HTTP handler passes it) takes the emulator's own round trip
         (``http_round_trip_s``, real seconds) out as well — first out of
         ``request_overhead_s``, the rest by counting the front end's intake from that much
-        before ``arrived`` (:func:`client_lead_s`).
+        before ``arrived`` (:func:`client_lead_s`). With a ``frontend_handoff_s`` the wait so
+        shortened is the one between the two pieces: the hand-off queues that much earlier
+        than the fitted model puts it (the client's own round trip stands in for the part of
+        the wait it replaces), so a request sent later gets its first piece in ahead of it
+        only when it arrives before the shortened wait is over.
 
         Returns the engine time at which the request reaches the engine by the model, for
         :meth:`submit` (``at``): the event loop wakes from a sleep up to a millisecond late
