@@ -187,14 +187,6 @@ def bench_slice(start: float, duration: float, rate_scale: float
                                   real_engines.BLOCK)
 
 
-def set_path(cfg: dict[str, Any], dotted: str, value: Any) -> None:
-    node = cfg
-    *head, last = dotted.split(".")
-    for k in head:
-        node = node.setdefault(k, {})
-    node[last] = value
-
-
 def gateway_config(engines: list[tuple[str, str]], port: int, sets: str, work: Path,
                    name: str) -> Path:
     """The gateway's fleet file for ``engines`` ((url, KV-event endpoint) each), listening on
@@ -203,7 +195,7 @@ def gateway_config(engines: list[tuple[str, str]], port: int, sets: str, work: P
     cfg = inferplane_fleet(cfg, [url for url, _ in engines], port, None)
     for item in filter(None, sets.split(",")):
         path, _, raw = item.partition(":")
-        set_path(cfg, path, yaml.safe_load(raw))
+        real_engines.set_path(cfg, path, yaml.safe_load(raw))
     out = work / f"gateway-{name}.yaml"
     out.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return out

@@ -205,6 +205,19 @@ def cpu_delta(before: dict[tuple[int, int], tuple[int, bool]] | None,
     return total / hz, leaders / hz
 
 
+def set_path(doc: Any, dotted: str, value: Any) -> None:
+    """Set ``doc`` (a parsed fleet file) at the dotted key ``dotted``: a missing mapping on
+    the way is made, a number indexes a list (``substrates.0.endpoints.1.kv_events``)."""
+    node = doc
+    *path, last = dotted.split(".")
+    for k in path:
+        node = node[int(k)] if isinstance(node, list) else node.setdefault(k, {})
+    if isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
 def apply_variant(text: str, spec: str) -> str:
     """The fleet file ``text`` with ``spec``'s dotted keys set (``KEY:VALUE,...``)."""
     doc = yaml.safe_load(text)
@@ -212,14 +225,7 @@ def apply_variant(text: str, spec: str) -> str:
         key, sep, value = item.partition(":")
         if not sep or not key.strip():
             raise ValueError(f"--variant: {item!r} is not KEY:VALUE")
-        node: Any = doc
-        *path, last = key.strip().split(".")
-        for k in path:  # a number indexes a list (substrates.0.endpoints.1.kv_events)
-            node = node[int(k)] if isinstance(node, list) else node.setdefault(k, {})
-        if isinstance(node, list):
-            node[int(last)] = yaml.safe_load(value)
-        else:
-            node[last] = yaml.safe_load(value)
+        set_path(doc, key.strip(), yaml.safe_load(value))
     return yaml.safe_dump(doc, sort_keys=False)
 
 
