@@ -565,10 +565,12 @@ def main(argv: list[str] | None = None) -> int:
         if full == CALIBRATED or full in variants:
             ap.error(f"--variant {vname!r}: the setup {full!r} is taken")
         n = len(a.urls.split(",")) if a.urls else 3
-        try:  # the spec on a fleet like the one the run writes, before any engine starts
-            parse_config(apply_variant(fleet_yaml([(f"http://127.0.0.1:{9 + i}", f"ipc:///tmp/x{i}")
-                                                   for i in range(n)],
-                                                  a.blocks, a.max_num_seqs, True), spec))
+        # the spec on a fleet like the one the run writes, before any engine starts; without
+        # the tokenizer, which start_engines builds with the model (it may not exist yet)
+        probe = fleet_yaml([(f"http://127.0.0.1:{9 + i}", f"ipc:///tmp/x{i}") for i in range(n)],
+                           a.blocks, a.max_num_seqs, True, tokenizer=False)
+        try:
+            parse_config(apply_variant(probe, spec))
         except (ValueError, LookupError, AttributeError, TypeError, ConfigError) as exc:
             ap.error(f"--variant {v!r}: {exc}")
         variants[full] = spec
