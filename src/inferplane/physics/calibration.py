@@ -59,7 +59,7 @@ from typing import Any, Final, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from inferplane.physics.frontend import FrontEnd
+from inferplane.physics.frontend import FrontEnd, Job
 from inferplane.physics.hardware import HARDWARE, HardwareProfile
 from inferplane.physics.models import ModelProfile
 from inferplane.physics.roofline import Roofline
@@ -191,47 +191,57 @@ def frontend_wait_s(batch: int, token_s: float, itl_s: float) -> float:
 
 def predict_burst_s(r: Roofline, size: int, prompt_tokens: int) -> list[float]:
     """TTFT of each of ``size`` one-token requests of ``prompt_tokens`` tokens sent at once, in
-    order: they queue at the front end (:class:`~inferplane.physics.frontend.FrontEnd`) for the
-    first piece of their intakes, wait ``request_overhead_s``, queue for the second piece
-    behind everything queued by then (the other requests' first pieces, chunks), are
-    prefilled by the engine (one step for all that have arrived when it is free, each
-    sequence's attention over its own prompt, as ``Roofline.step_time_s`` counts several
-    chunks), and their first chunks queue at the front end behind whatever is still waiting
-    there. The front end's work is taken in time order (hand-offs and step ends, a hand-off
-    first at a tie)."""
+    order, on the front end's shared time (:class:`~inferplane.physics.frontend.FrontEnd`): the
+    first pieces of their intakes share it from 0, each request then waits
+    ``request_overhead_s`` and starts its second piece, which shares it with whatever is in hand
+    then; it reaches the engine when that is done. The engine prefills every request that has
+    reached it when it is free (one step, each sequence's attention over its own prompt, as
+    ``Roofline.step_time_s`` counts several chunks), and the step's first chunks share the front
+    end with the rest. Events are taken in time order (the front end's, then the hand-offs',
+    then the step's end, at a tie)."""
     hw = r.hardware
     fe = FrontEnd(hw.frontend_request_s, hw.frontend_token_s, hw.frontend_handoff_s)
-    # when each request's second piece queues: its first piece done (all arrived at 0), then
-    # the parallel wait (``physics.frontend``: the hand-off comes after it)
-    taken = [fe.intake(0.0) + hw.request_overhead_s for _ in range(size)]
-    arrive: list[float] = []  # when each request reaches the engine, in order
-    out: list[float] = []
+    wait = hw.request_overhead_s
     pairs = prompt_tokens * 0.5 * prompt_tokens  # one sequence's attention over its prompt
-    free, i, k = 0.0, 0, 0  # engine free at; next request to prefill; next hand-off
-
-    def hand_off_until(t: float) -> None:
-        """Hand off, in order, the requests whose parallel wait is over by ``t``."""
-        nonlocal k
-        while k < size and taken[k] <= t:
-            arrive.append(fe.handoff(taken[k]))
-            k += 1
-
-    while i < size:
-        if len(arrive) <= i:  # the engine waits for request i: hand off the next one(s)
-            hand_off_until(taken[k])
+    intake = [fe.intake(0.0) for _ in range(size)]  # each request's piece in hand, in order
+    handed = [False] * size  # its second piece started
+    waiting = size  # requests not yet at the engine
+    reached = 0  # requests at the engine, not yet prefilled
+    sending: list[tuple[Job, int]] = []  # chunks being sent, and how many answers they hold
+    out: list[float] = []
+    now, step_end, step_n = 0.0, math.inf, 0
+    while len(out) < size:
+        hand_at = min((j.end + wait for j, h in zip(intake, handed, strict=True)
+                       if not h and j.end is not None), default=math.inf)
+        t = min(fe.next_end(), hand_at, step_end)
+        if t == math.inf and not reached:
+            raise AssertionError("predict_burst_s: no event left")  # cannot happen
+        if step_end == math.inf and reached and t > now:
+            # the engine is free: one prefill step for every request that reached it
+            step_n, reached = reached, 0
+            step_end = now + r.step_time_s(step_n * prompt_tokens, 0, 0, 0,
+                                           prefill_pairs=step_n * pairs)
             continue
-        start = max(free, arrive[i])
-        hand_off_until(start)  # hand-offs before the step starts may join it
-        j = i
-        while j < len(arrive) and arrive[j] <= start:
-            j += 1
-        n = j - i
-        free = start + r.step_time_s(n * prompt_tokens, 0, 0, 0, prefill_pairs=n * pairs)
-        hand_off_until(free)  # hand-offs during the step come before its chunks
-        done = fe.emit(free, n)
-        out += [done] * n
-        i = j
-    return out
+        now = t
+        if fe.next_end() <= t:
+            fe.advance(t)
+        elif hand_at <= t:
+            for k, j in enumerate(intake):
+                if not handed[k] and j.end is not None and j.end + wait <= t:
+                    intake[k], handed[k] = fe.handoff(t), True
+        else:  # the step ends: its first chunks
+            sending.append((fe.emit(t, step_n), step_n))
+            step_end = math.inf
+        for k, j in enumerate(intake):
+            if handed[k] and j.end is not None and waiting > 0 and j.end <= now:
+                handed[k] = False
+                intake[k] = Job(math.inf)  # at the engine: no more pieces
+                waiting -= 1
+                reached += 1
+        for chunk in [c for c in sending if c[0].end is not None]:
+            sending.remove(chunk)
+            out += [chunk[0].end] * chunk[1]  # type: ignore[list-item]
+    return sorted(out)
 
 
 def predict_loaded_ttft_s(

@@ -55,7 +55,7 @@ from aiohttp import web
 from inferplane.config.schema import ServedModel
 from inferplane.fleet.kv_events import KVEvent, encode_event_batch, seq_frame
 from inferplane.fleet.model import Endpoint
-from inferplane.physics.frontend import FrontEnd
+from inferplane.physics.frontend import FrontEnd, Job
 from inferplane.twin.emulator.metrics import EngineMetricsPage
 from inferplane.twin.engine.model import (
     MAX_DERIVED_BLOCKS,
@@ -206,9 +206,9 @@ class EmulatedEndpoint:
         # when a calibrated profile needs it; see `network_delay`)
         self.http_round_trip_s = 0.0
         self.frontend = FrontEnd(hw.frontend_request_s, hw.frontend_token_s, hw.frontend_handoff_s)
-        # (deliver at engine time, tokens per request, finished requests): steps whose tokens
-        # wait for the front end; the delivery task hands them out in order
-        self._outbox: deque[tuple[float, list[tuple[Submission, int]]]] = deque()
+        # (the front end's work of sending them, tokens per request, finished requests): steps
+        # whose tokens wait for the front end; the delivery task hands them out in order
+        self._outbox: deque[tuple[Job, list[tuple[Submission, int]]]] = deque()
         self._outbox_ready = asyncio.Event()
         self._deliverer: asyncio.Task[None] | None = None
         quota = next(
@@ -357,21 +357,39 @@ class EmulatedEndpoint:
             )
             start -= shift
         reached = start + self.network_rtt_s
-        if fe.enabled:
-            reached = fe.intake(reached)
+        if fe.request_s > 0 or fe.handoff_s > 0:
+            if reached > now:  # a provider's network round trip: the front end's work is later
+                await asyncio.sleep((reached - now) / self.time_scale)
+            reached = await self._front_end(fe.intake(reached))
             if fe.handoff_s > 0:
-                # its second piece queues after the parallel wait, behind what arrived by then
-                # (requests sent after this one included: `physics.frontend`)
+                # its second piece starts after the parallel wait, sharing the front end with
+                # whatever is in hand then (requests sent after this one included:
+                # `physics.frontend`)
                 reached += overhead
                 overhead = 0.0
+                now = self.now()
                 if reached > now:
                     await asyncio.sleep((reached - now) / self.time_scale)
-                    now = self.now()
-                reached = fe.handoff(reached)
+                reached = await self._front_end(fe.handoff(reached))
         ready = reached + overhead
+        now = self.now()
         if ready > now:
             await asyncio.sleep((ready - now) / self.time_scale)
         return ready
+
+    async def _front_end(self, job: Job) -> float:
+        """Wait until the front end has done ``job`` (engine time, by the model): sleep until
+        it would be done if nothing more arrived, then run the front end until then; work that
+        arrived meanwhile moved it later, so again. Returns when it was done."""
+        fe = self.frontend
+        while job.end is None:
+            end = fe.end_of(job)
+            now = self.now()
+            if end > now:
+                await asyncio.sleep((end - now) / self.time_scale)
+                continue
+            fe.advance(end)
+        return job.end
 
     def submit(
         self,
@@ -451,9 +469,9 @@ class EmulatedEndpoint:
             if self._deliverer is None:
                 for sub, n in items:
                     sub.queue.put_nowait(n)
-            elif items:  # the front end sends them when the work queued ahead of them is done
-                at = self.frontend.emit(step_end, len(out.new_tokens))
-                self._outbox.append((at, items))  # same time as the chunks it joins, if any
+            elif items:  # the front end sends them, sharing its time with its other work
+                job = self.frontend.emit(step_end, len(out.new_tokens))
+                self._outbox.append((job, items))  # the chunks it joins, if any
                 self._outbox_ready.set()
             self.metrics.observe(engine.drain_samples())
             self._flush_kv_events()
@@ -466,10 +484,8 @@ class EmulatedEndpoint:
                 self._outbox_ready.clear()
                 await self._outbox_ready.wait()
                 continue
-            at, items = outbox[0]
-            wait_s = (at - self.now()) / self.time_scale
-            if wait_s > 0:
-                await asyncio.sleep(wait_s)
+            job, items = outbox[0]
+            await self._front_end(job)
             outbox.popleft()
             for sub, n in items:
                 sub.queue.put_nowait(n)
