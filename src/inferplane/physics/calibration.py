@@ -89,7 +89,7 @@ SPLIT_GAIN: Final = 0.8
 #: one-price fit's value (infinite: held there).
 SPLIT_CE_WEIGHT: Final = 0.03
 _MAX_ROUNDS: Final = 20
-_FRONTEND_GRID: Final = 24  # steps of the search for the front end's three factors, per axis
+_FRONTEND_GRID: Final = 24  # steps of the search for the front end's two factors, per axis
 _FRONTEND_REFINE: Final = 12  # then rounds of a local search, each at half the step
 
 
@@ -321,24 +321,22 @@ def fit_frontend(
     tp: int = 1,
     precision: str = "bf16",
 ) -> Calibration:
-    """Split the fitted per-request time ``R`` into the front end's serialised work and the
-    rest, so that lone-request predictions do not change (``R = request_overhead_s +
-    frontend_request_s + frontend_handoff_s + frontend_token_s``): the triple
-    (``frontend_request_s``, ``frontend_handoff_s``, ``frontend_token_s``) on a grid over
-    ``s + h + t <= R``, then a local search around the best point at ever half the step, whose
-    predictions — :func:`predict_burst_s` for every rank of every burst,
-    :func:`predict_loaded_ttft_s` for the loaded points — fit the measurements best (least
-    squares on relative errors).
+    """Split the fitted per-request time ``R`` into the front end's work and the rest, so that
+    lone-request predictions do not change (``R = request_overhead_s + frontend_request_s +
+    frontend_handoff_s + frontend_token_s``): the pair (``frontend_request_s``,
+    ``frontend_token_s``) on a grid over ``s + t <= R``, then a local search around the best
+    point at ever half the step, whose predictions — :func:`predict_burst_s` for every rank of
+    every burst, :func:`predict_loaded_ttft_s` for the loaded points — fit the measurements
+    best (least squares on relative errors).
 
-    A burst shows the intake's two pieces: the first request's second piece (``h``) queues
-    after its parallel wait, behind the first pieces (``s``) queued by then (all of them when
-    the wait is shorter than ``(N − 1) s``), so the first answer comes up to ``(N − 1) s`` late
-    and each other one's ``h`` when its own wait ends or behind the ``h`` ahead of it, whichever
-    is later (``h`` apart while the waits end first; together, when they reach the engine
-    during its step); their first chunks wait behind the intakes still queued. A request
-    beside decoding streams shows ``t``. An intake of one piece is kept in ``s`` (with
-    ``s = 0`` the bursts could not tell it from ``h``). Without bursts of two or more requests
-    and without loaded points the profile is returned as it is.
+    A burst shows the intake: its requests share the front end (``physics.frontend``), so all
+    ``N`` reach the engine ``N s`` after they were sent, plus the wait; their first chunks share
+    it with the intakes still in hand. A request beside decoding streams shows ``t``. The
+    intake's second piece (``frontend_handoff_s``) is not fitted: on the shared front end a
+    burst's second pieces end together as its first pieces do (``N (s + h)`` in all), so the
+    probe cannot tell them apart; the intake is kept in the first piece (``h = 0``), as one-piece
+    profiles have it (sessions 8-15 fitted ``h`` on a first-come-first-served front end). Without
+    bursts of two or more requests and without loaded points the profile is returned as it is.
     """
     usable = [b for b in bursts if b.size > 1]
     if not usable and not loaded:
@@ -370,21 +368,20 @@ def fit_frontend(
             costs[sht] = loss(Roofline(split(*sht), model, tp, precision))
         return costs[sht]
 
+    # On the shared front end the probe cannot tell the intake's two pieces apart: a burst's
+    # first pieces end together, its second pieces too, 4 (s + h) + wait in all, and the
+    # loaded point counts s + h. The intake is kept in the first piece (h = 0), as profiles
+    # with a one-piece front end have it, and (s, t) searched on the grid.
     n = _FRONTEND_GRID
     step = total / n
-    grid = [(step * i, step * j, step * k) for i in range(n + 1) for j in range(n + 1 - i)
-            for k in range(n + 1 - i - j)]
+    grid = [(step * i, 0.0, step * k) for i in range(n + 1) for k in range(n + 1 - i)]
     best = min(grid, key=cost)
     for _ in range(_FRONTEND_REFINE):  # the neighbours at the step, then at half of it
-        near = [(best[0] + step * i, best[1] + step * j, best[2] + step * k)
-                for i in (-1, 0, 1) for j in (-1, 0, 1) for k in (-1, 0, 1)]
+        near = [(best[0] + step * i, 0.0, best[2] + step * k)
+                for i in (-1, 0, 1) for k in (-1, 0, 1)]
         best = min([best, *(x for x in near if min(x) >= 0 and sum(x) <= total * (1 + 1e-12))],
                    key=cost)
         step /= 2
-    if best[0] <= step and best[1] > best[0]:
-        # an intake of one piece is the same whichever piece holds it (bursts arrive at once):
-        # keep it in the first, as profiles without ``frontend_handoff_s`` have it
-        best = (best[1] + best[0], 0.0, best[2])
     hw = split(*best)
     r = Roofline(hw, model, tp, precision)
     return dataclasses.replace(

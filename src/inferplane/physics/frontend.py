@@ -29,9 +29,10 @@ between processes); the callers (the emulator, the simulator,
 frontend_request_s``, its second pieces together ``N × frontend_handoff_s`` after the wait.
 
 Chunks coalesce as vLLM's do: tokens a step produces while an earlier step's chunks are still
-being sent join them (vLLM merges a request's pending outputs into one) and are sent when they
-are, so a front end that falls behind sends fewer, larger chunks instead of an ever longer queue
-— the "whole stream in one burst" of a starved engine.
+being sent wait for them, joining whatever waits already (vLLM merges a request's pending
+outputs into one), and are sent when those are done, so a front end that falls behind sends
+fewer, larger chunks instead of an ever longer queue — the "whole stream in one burst" of a
+starved engine.
 
 It never reads a clock and never sleeps. Each piece of work is a :class:`Job`; :meth:`FrontEnd.
 end_of` is when it ends if nothing more arrives (work that arrives later can only delay it), and
@@ -71,7 +72,8 @@ class FrontEnd:
     """
 
     __slots__ = (
-        "_emitting", "_heap", "_later", "_seq", "_v", "handoff_s", "now", "request_s", "token_s"
+        "_emitting", "_heap", "_later", "_queued", "_queued_streams", "_seq", "_v", "handoff_s",
+        "now", "request_s", "token_s",
     )
 
     def __init__(
@@ -86,7 +88,9 @@ class FrontEnd:
         self._v = 0.0
         self._seq = 0
         self._heap: list[tuple[float, int, Job]] = []  # the pieces in hand, by tag
-        self._emitting: Job | None = None  # the last chunks started
+        self._emitting: Job | None = None  # the chunks being sent
+        self._queued: Job | None = None  # the chunks that wait for them (not in hand yet)
+        self._queued_streams = 0
         self._later: deque[tuple[float, int]] = deque()  # announced (time, streams)
 
     @property
@@ -97,7 +101,8 @@ class FrontEnd:
         """Idle, nothing in hand (a restarted engine)."""
         self.now = self._v = 0.0
         self._heap.clear()
-        self._emitting = None
+        self._emitting = self._queued = None
+        self._queued_streams = 0
         self._later.clear()
 
     # -- the server ------------------------------------------------------------------------
@@ -125,10 +130,19 @@ class FrontEnd:
             if end > t + _EPS:
                 self._v += (t - self.now) / len(heap)
                 break
-            heapq.heappop(heap)[2].end = end if end > self.now else self.now
+            done = heapq.heappop(heap)[2]
+            done.end = end if end > self.now else self.now
             if end > self.now:
                 self.now = end
             self._v = tag
+            if done is self._emitting:
+                self._emitting = None
+                queued = self._queued
+                if queued is not None:  # the chunks that waited for these: sent from now
+                    self._queued = None
+                    queued.tag = tag + self._queued_streams * self.token_s
+                    self._push_job(queued)
+                    self._emitting = queued
         if t > self.now:
             self.now = t
 
@@ -142,15 +156,21 @@ class FrontEnd:
         if seconds <= 0:
             return Job(self._v, self.now)
         job = Job(self._v + seconds)
+        self._push_job(job)
+        return job
+
+    def _push_job(self, job: Job) -> None:
         self._seq += 1
         heapq.heappush(self._heap, (job.tag, self._seq, job))
-        return job
 
     def end_of(self, job: Job) -> float:
         """When ``job`` is done: its ``end`` once done, else when it will be if no more work
         arrives (later work can only delay it: a lower bound)."""
         if job.end is not None:
             return job.end
+        if job is self._queued:  # sent after the chunks ahead of it, at best alone
+            assert self._emitting is not None
+            return self.end_of(self._emitting) + self._queued_streams * self.token_s
         t, v, n = self.now, self._v, len(self._heap)
         for tag in sorted(e[0] for e in self._heap if e[0] <= job.tag):
             t += (tag - v) * n
@@ -190,11 +210,17 @@ class FrontEnd:
     def _emit(self, streams: int) -> Job:
         if self.token_s <= 0 or streams <= 0:
             return Job(self._v, self.now)
-        last = self._emitting
-        if last is not None and last.end is None:
-            return last  # still being sent: join them
-        job = self._emitting = self._push(streams * self.token_s)
-        return job
+        if self._emitting is None:
+            job = self._emitting = self._push(streams * self.token_s)
+            return job
+        # chunks are being sent: these wait for them, joining those that wait already (a
+        # request's pending outputs merge into one chunk)
+        if self._queued is None:
+            self._queued = Job(math.inf)
+            self._queued_streams = 0
+        if streams > self._queued_streams:
+            self._queued_streams = streams
+        return self._queued
 
     def announce(self, at: float, streams: int) -> None:
         """Tokens for ``streams`` requests will be produced at ``at`` (not before any earlier
