@@ -15,13 +15,13 @@ endpoint's ``url``, each backed by one :class:`EmulatedEndpoint`:
   :data:`MAX_LAG_S`), so the event loop's own work does not stretch every step; idle, it waits
   on an event. Engine time is real elapsed time × ``time_scale``, so every latency shrinks by
   the time scale;
-- a calibrated profile's front end (:class:`~inferplane.physics.frontend.FrontEnd`):
-  every request queues for ``frontend_request_s`` of the front end's time (one at a time, first
-  come first served), waits ``request_overhead_s``, then queues again for
-  ``frontend_handoff_s`` behind whatever arrived meanwhile before it reaches the engine; every
-  step's tokens queue for ``frontend_token_s`` per stream before their handlers get them,
-  joining the previous step's if those are still queued (the engine does not wait for them: it
-  is another process in vLLM); ``provider-api`` substrates add a
+- a calibrated profile's front end (:class:`~inferplane.physics.frontend.FrontEnd`, a
+  processor-sharing server: the work in hand shares its time): every request's intake is
+  ``frontend_request_s`` of its work, then the request waits ``request_overhead_s``, then (with
+  a ``frontend_handoff_s``) a second piece, before it reaches the engine; every step's tokens
+  are ``frontend_token_s`` of work per stream before their handlers get them, waiting for the
+  chunks being sent if there are any (the engine does not wait for them: it is another process
+  in vLLM); ``provider-api`` substrates add a
   network round trip too (``emulation.network_rtt_ms``, else the hardware's ``network_rtt_s``),
   and every endpoint with a quota (``emulation.rate_limit_rpm``, else its declared
   ``limits.requests_per_min``, else a provider hardware profile's) answers 429 with
@@ -320,10 +320,10 @@ class EmulatedEndpoint:
         self, arrived: float | None = None, *, take_round_trip: bool = False
     ) -> float:
         """Before the request reaches the engine: the provider API's network round trip, the
-        front end's queue and intake (``frontend_request_s``, one request at a time), the
-        hardware's calibrated per-request overhead (``request_overhead_s``) and then, with a
-        ``frontend_handoff_s``, the intake's second piece queued behind what arrived until
-        then, counted from ``arrived`` (engine time at which the handler got the request;
+        front end's intake (``frontend_request_s`` of its shared time), the hardware's
+        calibrated per-request overhead (``request_overhead_s``) and then, with a
+        ``frontend_handoff_s``, the intake's second piece, sharing the front end with what is
+        in hand then, counted from ``arrived`` (engine time at which the handler got the request;
         default now).
 
         A calibrated profile's overheads were measured from the client's side, so they already
@@ -338,8 +338,7 @@ class EmulatedEndpoint:
         before ``arrived`` (:func:`client_lead_s`). With a ``frontend_handoff_s`` the wait so
         shortened is the one between the two pieces: the hand-off queues that much earlier
         than the fitted model puts it (the client's own round trip stands in for the part of
-        the wait it replaces), so a request sent later gets its first piece in ahead of it
-        only when it arrives before the shortened wait is over.
+        the wait it replaces).
 
         Returns the engine time at which the request reaches the engine by the model, for
         :meth:`submit` (``at``): the event loop wakes from a sleep up to a millisecond late
