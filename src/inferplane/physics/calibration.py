@@ -59,7 +59,7 @@ from typing import Any, Final, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from inferplane.physics.frontend import FrontEnd, Job
+from inferplane.physics.frontend import FrontEnd
 from inferplane.physics.hardware import HARDWARE, HardwareProfile
 from inferplane.physics.models import ModelProfile
 from inferplane.physics.roofline import Roofline
@@ -89,7 +89,7 @@ SPLIT_GAIN: Final = 0.8
 #: one-price fit's value (infinite: held there).
 SPLIT_CE_WEIGHT: Final = 0.03
 _MAX_ROUNDS: Final = 20
-_FRONTEND_GRID: Final = 24  # steps of the search for the front end's two factors, per axis
+_FRONTEND_GRID: Final = 24  # steps of the search for the front end's three factors, per axis
 _FRONTEND_REFINE: Final = 12  # then rounds of a local search, each at half the step
 
 
@@ -191,57 +191,47 @@ def frontend_wait_s(batch: int, token_s: float, itl_s: float) -> float:
 
 def predict_burst_s(r: Roofline, size: int, prompt_tokens: int) -> list[float]:
     """TTFT of each of ``size`` one-token requests of ``prompt_tokens`` tokens sent at once, in
-    order, on the front end's shared time (:class:`~inferplane.physics.frontend.FrontEnd`): the
-    first pieces of their intakes share it from 0, each request then waits
-    ``request_overhead_s`` and starts its second piece, which shares it with whatever is in hand
-    then; it reaches the engine when that is done. The engine prefills every request that has
-    reached it when it is free (one step, each sequence's attention over its own prompt, as
-    ``Roofline.step_time_s`` counts several chunks), and the step's first chunks share the front
-    end with the rest. Events are taken in time order (the front end's, then the hand-offs',
-    then the step's end, at a tie)."""
+    order: they queue at the front end (:class:`~inferplane.physics.frontend.FrontEnd`) for the
+    first piece of their intakes, wait ``request_overhead_s``, queue for the second piece
+    behind everything queued by then (the other requests' first pieces, chunks), are
+    prefilled by the engine (one step for all that have arrived when it is free, each
+    sequence's attention over its own prompt, as ``Roofline.step_time_s`` counts several
+    chunks), and their first chunks queue at the front end behind whatever is still waiting
+    there. The front end's work is taken in time order (hand-offs and step ends, a hand-off
+    first at a tie)."""
     hw = r.hardware
     fe = FrontEnd(hw.frontend_request_s, hw.frontend_token_s, hw.frontend_handoff_s)
-    wait = hw.request_overhead_s
-    pairs = prompt_tokens * 0.5 * prompt_tokens  # one sequence's attention over its prompt
-    intake = [fe.intake(0.0) for _ in range(size)]  # each request's piece in hand, in order
-    handed = [False] * size  # its second piece started
-    waiting = size  # requests not yet at the engine
-    reached = 0  # requests at the engine, not yet prefilled
-    sending: list[tuple[Job, int]] = []  # chunks being sent, and how many answers they hold
+    # when each request's second piece queues: its first piece done (all arrived at 0), then
+    # the parallel wait (``physics.frontend``: the hand-off comes after it)
+    taken = [fe.intake(0.0) + hw.request_overhead_s for _ in range(size)]
+    arrive: list[float] = []  # when each request reaches the engine, in order
     out: list[float] = []
-    now, step_end, step_n = 0.0, math.inf, 0
-    while len(out) < size:
-        hand_at = min((j.end + wait for j, h in zip(intake, handed, strict=True)
-                       if not h and j.end is not None), default=math.inf)
-        t = min(fe.next_end(), hand_at, step_end)
-        if t == math.inf and not reached:
-            raise AssertionError("predict_burst_s: no event left")  # cannot happen
-        if step_end == math.inf and reached and t > now:
-            # the engine is free: one prefill step for every request that reached it
-            step_n, reached = reached, 0
-            step_end = now + r.step_time_s(step_n * prompt_tokens, 0, 0, 0,
-                                           prefill_pairs=step_n * pairs)
+    pairs = prompt_tokens * 0.5 * prompt_tokens  # one sequence's attention over its prompt
+    free, i, k = 0.0, 0, 0  # engine free at; next request to prefill; next hand-off
+
+    def hand_off_until(t: float) -> None:
+        """Hand off, in order, the requests whose parallel wait is over by ``t``."""
+        nonlocal k
+        while k < size and taken[k] <= t:
+            arrive.append(fe.handoff(taken[k]))
+            k += 1
+
+    while i < size:
+        if len(arrive) <= i:  # the engine waits for request i: hand off the next one(s)
+            hand_off_until(taken[k])
             continue
-        now = t
-        if fe.next_end() <= t:
-            fe.advance(t)
-        elif hand_at <= t:
-            for k, j in enumerate(intake):
-                if not handed[k] and j.end is not None and j.end + wait <= t:
-                    intake[k], handed[k] = fe.handoff(t), True
-        else:  # the step ends: its first chunks
-            sending.append((fe.emit(t, step_n), step_n))
-            step_end = math.inf
-        for k, j in enumerate(intake):
-            if handed[k] and j.end is not None and waiting > 0 and j.end <= now:
-                handed[k] = False
-                intake[k] = Job(math.inf)  # at the engine: no more pieces
-                waiting -= 1
-                reached += 1
-        for chunk in [c for c in sending if c[0].end is not None]:
-            sending.remove(chunk)
-            out += [chunk[0].end] * chunk[1]  # type: ignore[list-item]
-    return sorted(out)
+        start = max(free, arrive[i])
+        hand_off_until(start)  # hand-offs before the step starts may join it
+        j = i
+        while j < len(arrive) and arrive[j] <= start:
+            j += 1
+        n = j - i
+        free = start + r.step_time_s(n * prompt_tokens, 0, 0, 0, prefill_pairs=n * pairs)
+        hand_off_until(free)  # hand-offs during the step come before its chunks
+        done = fe.emit(free, n)
+        out += [done] * n
+        i = j
+    return out
 
 
 def predict_loaded_ttft_s(
@@ -321,22 +311,24 @@ def fit_frontend(
     tp: int = 1,
     precision: str = "bf16",
 ) -> Calibration:
-    """Split the fitted per-request time ``R`` into the front end's work and the rest, so that
-    lone-request predictions do not change (``R = request_overhead_s + frontend_request_s +
-    frontend_handoff_s + frontend_token_s``): the pair (``frontend_request_s``,
-    ``frontend_token_s``) on a grid over ``s + t <= R``, then a local search around the best
-    point at ever half the step, whose predictions — :func:`predict_burst_s` for every rank of
-    every burst, :func:`predict_loaded_ttft_s` for the loaded points — fit the measurements
-    best (least squares on relative errors).
+    """Split the fitted per-request time ``R`` into the front end's serialised work and the
+    rest, so that lone-request predictions do not change (``R = request_overhead_s +
+    frontend_request_s + frontend_handoff_s + frontend_token_s``): the triple
+    (``frontend_request_s``, ``frontend_handoff_s``, ``frontend_token_s``) on a grid over
+    ``s + h + t <= R``, then a local search around the best point at ever half the step, whose
+    predictions — :func:`predict_burst_s` for every rank of every burst,
+    :func:`predict_loaded_ttft_s` for the loaded points — fit the measurements best (least
+    squares on relative errors).
 
-    A burst shows the intake: its requests share the front end (``physics.frontend``), so all
-    ``N`` reach the engine ``N s`` after they were sent, plus the wait; their first chunks share
-    it with the intakes still in hand. A request beside decoding streams shows ``t``. The
-    intake's second piece (``frontend_handoff_s``) is not fitted: on the shared front end a
-    burst's second pieces end together as its first pieces do (``N (s + h)`` in all), so the
-    probe cannot tell them apart; the intake is kept in the first piece (``h = 0``), as one-piece
-    profiles have it (sessions 8-15 fitted ``h`` on a first-come-first-served front end). Without
-    bursts of two or more requests and without loaded points the profile is returned as it is.
+    A burst shows the intake's two pieces: the first request's second piece (``h``) queues
+    after its parallel wait, behind the first pieces (``s``) queued by then (all of them when
+    the wait is shorter than ``(N − 1) s``), so the first answer comes up to ``(N − 1) s`` late
+    and each other one's ``h`` when its own wait ends or behind the ``h`` ahead of it, whichever
+    is later (``h`` apart while the waits end first; together, when they reach the engine
+    during its step); their first chunks wait behind the intakes still queued. A request
+    beside decoding streams shows ``t``. An intake of one piece is kept in ``s`` (with
+    ``s = 0`` the bursts could not tell it from ``h``). Without bursts of two or more requests
+    and without loaded points the profile is returned as it is.
     """
     usable = [b for b in bursts if b.size > 1]
     if not usable and not loaded:
@@ -368,20 +360,21 @@ def fit_frontend(
             costs[sht] = loss(Roofline(split(*sht), model, tp, precision))
         return costs[sht]
 
-    # On the shared front end the probe cannot tell the intake's two pieces apart: a burst's
-    # first pieces end together, its second pieces too, 4 (s + h) + wait in all, and the
-    # loaded point counts s + h. The intake is kept in the first piece (h = 0), as profiles
-    # with a one-piece front end have it, and (s, t) searched on the grid.
     n = _FRONTEND_GRID
     step = total / n
-    grid = [(step * i, 0.0, step * k) for i in range(n + 1) for k in range(n + 1 - i)]
+    grid = [(step * i, step * j, step * k) for i in range(n + 1) for j in range(n + 1 - i)
+            for k in range(n + 1 - i - j)]
     best = min(grid, key=cost)
     for _ in range(_FRONTEND_REFINE):  # the neighbours at the step, then at half of it
-        near = [(best[0] + step * i, 0.0, best[2] + step * k)
-                for i in (-1, 0, 1) for k in (-1, 0, 1)]
+        near = [(best[0] + step * i, best[1] + step * j, best[2] + step * k)
+                for i in (-1, 0, 1) for j in (-1, 0, 1) for k in (-1, 0, 1)]
         best = min([best, *(x for x in near if min(x) >= 0 and sum(x) <= total * (1 + 1e-12))],
                    key=cost)
         step /= 2
+    if best[0] <= step and best[1] > best[0]:
+        # an intake of one piece is the same whichever piece holds it (bursts arrive at once):
+        # keep it in the first, as profiles without ``frontend_handoff_s`` have it
+        best = (best[1] + best[0], 0.0, best[2])
     hw = split(*best)
     r = Roofline(hw, model, tp, precision)
     return dataclasses.replace(

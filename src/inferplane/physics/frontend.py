@@ -1,79 +1,60 @@
-"""An engine's front end as one server: requests in and tokens out, its time shared.
+"""An engine's front end as one server: requests in and tokens out, one piece of work at a time.
 
 vLLM's API server is one Python process: it parses and tokenises every request before the
 scheduler sees it, and turns what the engine produces into stream chunks. When it is the
-bottleneck (a CPU engine, a tiny model, a starved machine) its work piles up: a burst of requests
-reaches the engine late, and a request that arrives while other streams are busy waits for their
-chunks. :class:`FrontEnd` keeps that work on whatever clock its caller uses (the emulator's engine
-time, the simulator's virtual time): ``frontend_request_s`` of work per request taken in,
-``frontend_handoff_s`` per hand-off to the engine, ``frontend_token_s`` per stream chunk sent
-(:class:`~inferplane.physics.hardware.HardwareProfile`).
+bottleneck (a CPU engine, a tiny model, a starved machine) work queues in front of it: a burst of
+requests reaches the engine one intake apart, and a request that arrives while other streams are
+busy waits for their chunks to be sent first. :class:`FrontEnd` keeps that queue on whatever
+clock its caller uses (the emulator's engine time, the simulator's virtual time), first come,
+first served: ``frontend_request_s`` of work per request taken in, ``frontend_token_s`` per
+stream chunk sent (:class:`~inferplane.physics.hardware.HardwareProfile`).
 
-The server is *processor sharing* (session 16), not first come first served (sessions 8-15): the
-work in hand at a moment progresses together, each piece at ``1/n`` of the server's speed while
-``n`` pieces are in hand. vLLM's API server is an asyncio event loop whose handlers run in short
-slices between their awaits, beside the tokeniser's threads and, on the fidelity machine, the
-client on the same core: what it has in hand advances together rather than one request after
-the other. So a piece of work that arrives later delays one already under way by as much of its
-own length as the earlier one still has left (``min`` of the two): on the fidelity vLLM a long
-prompt sent one decode step before three others came 8.6 ms later than alone (35.3 against
-26.7 ms, medians of 12 rounds: docs/benchmarks.md, session 15), which a first-come-first-served
-server, where nothing that arrives later can overtake work already queued, delays only by the
-pieces that reached it first.
+A request's intake is two pieces of work, not one. The API server is an asyncio event loop: a
+request's handler runs until its first ``await`` that waits (HTTP body and validation, up to
+handing the prompt to the tokenizer), and what follows (the prompt's processing and the hand-off
+to the engine core, ``frontend_handoff_s``) is queued again *behind whatever became ready
+meanwhile* — the first pieces of the other requests of a burst. So a burst of ``N`` sent at once
+reaches the engine after all ``N`` first pieces: the first request up to ``N ×
+frontend_request_s + frontend_handoff_s`` late, each other one when its own wait is over or
+behind the hand-off ahead of it, whichever is later (one ``frontend_handoff_s`` apart while the
+waits end before those hand-offs do): vLLM's first answer to a burst comes late and the rest
+close behind it. With
+``frontend_handoff_s = 0`` it is the one-piece intake.
 
-A request's intake is two pieces, ``frontend_request_s`` when it arrives and
-``frontend_handoff_s`` after the request's parallel wait (``request_overhead_s``: the hops
-between processes); the callers (the emulator, the simulator,
-``physics.calibration.predict_burst_s``) start the second piece when the wait is over. A burst of
-``N`` sent at once shares the server: its first pieces end together after ``N ×
-frontend_request_s``, its second pieces together ``N × frontend_handoff_s`` after the wait.
+The callers (the emulator, the simulator, ``physics.calibration.predict_burst_s``) queue the
+second piece after the request's parallel wait (``request_overhead_s``: the tokeniser's thread,
+the hops between processes), not right after the first piece: the wait is what lies between the
+two pieces in vLLM's handler, and requests that arrive *after* this one — a closed loop's
+successors, sent as the streams before them end — get their first pieces in ahead of its
+hand-off if they arrive before the wait is over. On the fidelity vLLM a long prompt sent one
+decode step before three others came 8.6 ms later than alone (35.3 against 26.7 ms, medians of
+12 rounds: docs/benchmarks.md, session 15);
+with the hand-off right after the first piece nothing that arrived later could delay it.
 
-Chunks coalesce as vLLM's do: tokens a step produces while an earlier step's chunks are still
-being sent wait for them, joining whatever waits already (vLLM merges a request's pending
-outputs into one), and are sent when those are done, so a front end that falls behind sends
-fewer, larger chunks instead of an ever longer queue — the "whole stream in one burst" of a
-starved engine.
+Chunks coalesce as vLLM's do: tokens a step produces while the previous step's chunks are still
+waiting to be sent join them (vLLM merges a request's pending outputs into one), so a front end
+that falls behind sends fewer, larger chunks instead of an ever longer queue — the "whole stream
+in one burst" of a starved engine.
 
-It never reads a clock and never sleeps. Each piece of work is a :class:`Job`; :meth:`FrontEnd.
-end_of` is when it ends if nothing more arrives (work that arrives later can only delay it), and
-``Job.end`` is set once :meth:`FrontEnd.advance` has run the server past it. Calls come in time
-order; a call with a time before the server's own (``now``) counts from ``now``.
+It never reads a clock and never sleeps: each call returns the time at which that piece of work
+is done, and the caller waits until then.
 """
 
 from __future__ import annotations
 
-import heapq
-import math
 from collections import deque
-
-#: Seconds of rounding within which a piece of work counts as done at the time it was due.
-_EPS = 1e-12
-
-
-class Job:
-    """One piece of the front end's work; ``end`` is when it was done (None while in hand)."""
-
-    __slots__ = ("end", "tag")
-
-    def __init__(self, tag: float, end: float | None = None) -> None:
-        self.tag = tag  # the server's attained service at which it is done
-        self.end = end
 
 
 class FrontEnd:
-    """A processor-sharing single server: ``n`` pieces in hand each progress at ``1/n``.
+    """A first-come-first-served single server; ``free_at`` is when its queued work ends.
 
-    Kept with the classic virtual-time bookkeeping: ``_v`` is the service each piece in hand has
-    received since the server started (it grows at ``1/n`` per second), and a piece of ``w``
-    seconds that arrives at ``_v = v`` is done when ``_v`` reaches ``v + w`` (its ``tag``).
-
-    A caller that knows when future tokens will be produced (the simulator, which computes a run
-    of steps at once) may :meth:`announce` them ahead: they are sent from their own times.
+    Calls must come in time order. A caller that knows when future tokens will be produced (the
+    simulator, which computes a run of steps at once) may :meth:`announce` them ahead: they are
+    queued at their own times, before any later intake.
     """
 
     __slots__ = (
-        "_emitting", "_heap", "_later", "_queued", "_queued_streams", "_seq", "_v", "handoff_s",
-        "now", "request_s", "token_s",
+        "_emit_end", "_emit_start", "_later", "free_at", "handoff_s", "request_s", "token_s"
     )
 
     def __init__(
@@ -84,13 +65,8 @@ class FrontEnd:
         self.request_s = request_s
         self.token_s = token_s
         self.handoff_s = handoff_s
-        self.now = 0.0  # the time up to which the server has run
-        self._v = 0.0
-        self._seq = 0
-        self._heap: list[tuple[float, int, Job]] = []  # the pieces in hand, by tag
-        self._emitting: Job | None = None  # the chunks being sent
-        self._queued: Job | None = None  # the chunks that wait for them (not in hand yet)
-        self._queued_streams = 0
+        self.free_at = 0.0
+        self._emit_start = self._emit_end = -1.0  # the last emission queued
         self._later: deque[tuple[float, int]] = deque()  # announced (time, streams)
 
     @property
@@ -98,132 +74,59 @@ class FrontEnd:
         return self.request_s > 0 or self.token_s > 0 or self.handoff_s > 0
 
     def reset(self) -> None:
-        """Idle, nothing in hand (a restarted engine)."""
-        self.now = self._v = 0.0
-        self._heap.clear()
-        self._emitting = self._queued = None
-        self._queued_streams = 0
+        """Idle, nothing queued (a restarted engine)."""
+        self.free_at = 0.0
+        self._emit_start = self._emit_end = -1.0
         self._later.clear()
 
-    # -- the server ------------------------------------------------------------------------
-    def advance(self, t: float) -> None:
-        """Run the server until ``t``: the pieces due by then get their ``end``, the chunks
-        announced until then start at their own times."""
-        if t < self.now:
-            t = self.now
+    def _catch_up(self, now: float) -> None:
         later = self._later
-        while True:
-            until = t
-            if later and later[0][0] <= t:
-                until = later[0][0]
-            self._run(until)
-            if later and later[0][0] <= t:
-                self._emit(later.popleft()[1])
-                continue
-            return
+        while later and later[0][0] <= now:
+            at, streams = later.popleft()
+            self._emit(at, streams)
 
-    def _run(self, t: float) -> None:
-        heap = self._heap
-        while heap:
-            tag = heap[0][0]
-            end = self.now + (tag - self._v) * len(heap)
-            if end > t + _EPS:
-                self._v += (t - self.now) / len(heap)
-                break
-            done = heapq.heappop(heap)[2]
-            done.end = end if end > self.now else self.now
-            if end > self.now:
-                self.now = end
-            self._v = tag
-            if done is self._emitting:
-                self._emitting = None
-                queued = self._queued
-                if queued is not None:  # the chunks that waited for these: sent from now
-                    self._queued = None
-                    queued.tag = tag + self._queued_streams * self.token_s
-                    self._push_job(queued)
-                    self._emitting = queued
-        if t > self.now:
-            self.now = t
+    def _emit(self, at: float, streams: int) -> float:
+        if at < self._emit_start and self.free_at == self._emit_end:
+            return self._emit_end  # its chunks are still queued, last in line: join them
+        start = at if at > self.free_at else self.free_at
+        self._emit_start, self._emit_end = start, start + streams * self.token_s
+        self.free_at = self._emit_end
+        return self.free_at
 
-    def start(self, t: float, seconds: float) -> Job:
-        """A piece of ``seconds`` of work arrives at ``t`` (not before ``now``: then at ``now``).
-        A piece of no work is done at once."""
-        self.advance(t)
-        return self._push(seconds)
+    def intake(self, now: float) -> float:
+        """A request arrives at ``now``: when its first piece of work is done. Without a
+        ``handoff_s`` it has then reached the engine; with one, call :meth:`handoff` at that
+        time (after every call with an earlier time)."""
+        return self._work(now, self.request_s)
 
-    def _push(self, seconds: float) -> Job:
+    def handoff(self, now: float) -> float:
+        """A request whose first piece (and the wait after it) was done at ``now`` queues its
+        second (``handoff_s``) behind everything queued until then: when it is done."""
+        return self._work(now, self.handoff_s)
+
+    def _work(self, now: float, seconds: float) -> float:
+        self._catch_up(now)
         if seconds <= 0:
-            return Job(self._v, self.now)
-        job = Job(self._v + seconds)
-        self._push_job(job)
-        return job
+            return now
+        start = now if now > self.free_at else self.free_at
+        self.free_at = start + seconds
+        return self.free_at
 
-    def _push_job(self, job: Job) -> None:
-        self._seq += 1
-        heapq.heappush(self._heap, (job.tag, self._seq, job))
-
-    def end_of(self, job: Job) -> float:
-        """When ``job`` is done: its ``end`` once done, else when it will be if no more work
-        arrives (later work can only delay it: a lower bound)."""
-        if job.end is not None:
-            return job.end
-        if job is self._queued:  # sent after the chunks ahead of it, at best alone
-            assert self._emitting is not None
-            return self.end_of(self._emitting) + self._queued_streams * self.token_s
-        t, v, n = self.now, self._v, len(self._heap)
-        for tag in sorted(e[0] for e in self._heap if e[0] <= job.tag):
-            t += (tag - v) * n
-            v = tag
-            n -= 1
-        return t
-
-    def next_end(self) -> float:
-        """When the first piece in hand will be done if no more work arrives (inf: none)."""
-        heap = self._heap
-        if not heap:
-            return math.inf
-        return self.now + (heap[0][0] - self._v) * len(heap)
-
-    def backlog_s(self, now: float) -> float:
-        """Work in hand at ``now`` (the server's time, if later)."""
-        self.advance(now)
-        return sum(e[0] - self._v for e in self._heap)
-
-    # -- the intake ------------------------------------------------------------------------
-    def intake(self, t: float) -> Job:
-        """A request arrives at ``t``: the first piece of its intake (``request_s``)."""
-        return self.start(t, self.request_s)
-
-    def handoff(self, t: float) -> Job:
-        """A request whose first piece is done and whose parallel wait is over at ``t``: the
-        second piece (``handoff_s``), after which it reaches the engine."""
-        return self.start(t, self.handoff_s)
-
-    # -- the stream ------------------------------------------------------------------------
-    def emit(self, t: float, streams: int) -> Job:
-        """The engine produced tokens for ``streams`` requests at ``t``: the work of sending
-        them, or the chunks still being sent that they join."""
-        self.advance(t)
-        return self._emit(streams)
-
-    def _emit(self, streams: int) -> Job:
+    def emit(self, now: float, streams: int) -> float:
+        """The engine produced tokens for ``streams`` requests at ``now``: when they have been
+        sent (with chunks already queued, if they join them)."""
+        self._catch_up(now)
         if self.token_s <= 0 or streams <= 0:
-            return Job(self._v, self.now)
-        if self._emitting is None:
-            job = self._emitting = self._push(streams * self.token_s)
-            return job
-        # chunks are being sent: these wait for them, joining those that wait already (a
-        # request's pending outputs merge into one chunk)
-        if self._queued is None:
-            self._queued = Job(math.inf)
-            self._queued_streams = 0
-        if streams > self._queued_streams:
-            self._queued_streams = streams
-        return self._queued
+            return now
+        return self._emit(now, streams)
 
     def announce(self, at: float, streams: int) -> None:
         """Tokens for ``streams`` requests will be produced at ``at`` (not before any earlier
-        call's time): they are sent from then on, as :meth:`emit` sends them."""
+        call's time): :meth:`emit` them then."""
         if self.token_s > 0 and streams > 0:
             self._later.append((at, streams))
+
+    def backlog_s(self, now: float) -> float:
+        """Work queued ahead of anything that arrives at ``now``."""
+        self._catch_up(now)
+        return self.free_at - now if self.free_at > now else 0.0

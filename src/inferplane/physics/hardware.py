@@ -51,16 +51,18 @@ class HardwareProfile:
 
     Two more describe the engine's *front end* — vLLM's API server, one process that takes
     requests in (HTTP, validation, tokenisation, hand-off to the scheduler) and streams their
-    tokens out — as a single server whose time the work in hand shares (processor sharing,
-    session 16): ``frontend_request_s`` of it per request on the way in and ``frontend_token_s``
-    per token on the way out. A burst of ``N`` requests reaches the engine after ``N``
-    intakes' work, a busy stream slows the next request's intake, and a request sent later
-    slows an earlier one's intake still in hand. ``frontend_handoff_s`` is an optional second
-    piece of the intake, done after the request's ``request_overhead_s`` and sharing the front
-    end with whatever is in hand then (:class:`~inferplane.physics.frontend.FrontEnd`); the fit
-    keeps the intake in one piece (the probe cannot tell them apart). Zero in the table (a GPU
-    server's front end is rarely the bottleneck); calibration measures them from bursts of
-    simultaneous requests (``physics.calibration.fit_frontend``).
+    tokens out — as a single server whose work is done one item at a time:
+    ``frontend_request_s`` of it per request on the way in and ``frontend_token_s`` per token on
+    the way out. A request waits for the work queued ahead of it, so a burst of requests reaches
+    the engine one ``frontend_request_s`` apart and a busy stream delays the next request's
+    intake. ``frontend_handoff_s`` is the part of a request's intake that runs after its handler
+    first yields to the event loop (the prompt's processing, the hand-off to the engine core): it
+    queues again, after the request's ``request_overhead_s``, behind whatever arrived meanwhile,
+    so a burst's first request reaches the engine only after every request of the burst has had
+    its first piece
+    (:class:`~inferplane.physics.frontend.FrontEnd`). Zero in the table (a GPU server's front end
+    is rarely the bottleneck); calibration measures them from bursts of simultaneous requests
+    (``physics.calibration.fit_frontend``).
     ``request_overhead_s`` is the rest of the per-request time, paid in parallel (between
     the intake's two pieces when it has two).
 

@@ -15,13 +15,13 @@ endpoint's ``url``, each backed by one :class:`EmulatedEndpoint`:
   :data:`MAX_LAG_S`), so the event loop's own work does not stretch every step; idle, it waits
   on an event. Engine time is real elapsed time × ``time_scale``, so every latency shrinks by
   the time scale;
-- a calibrated profile's front end (:class:`~inferplane.physics.frontend.FrontEnd`, a
-  processor-sharing server: the work in hand shares its time): every request's intake is
-  ``frontend_request_s`` of its work, then the request waits ``request_overhead_s``, then (with
-  a ``frontend_handoff_s``) a second piece, before it reaches the engine; every step's tokens
-  are ``frontend_token_s`` of work per stream before their handlers get them, waiting for the
-  chunks being sent if there are any (the engine does not wait for them: it is another process
-  in vLLM); ``provider-api`` substrates add a
+- a calibrated profile's front end (:class:`~inferplane.physics.frontend.FrontEnd`):
+  every request queues for ``frontend_request_s`` of the front end's time (one at a time, first
+  come first served), waits ``request_overhead_s``, then queues again for
+  ``frontend_handoff_s`` behind whatever arrived meanwhile before it reaches the engine; every
+  step's tokens queue for ``frontend_token_s`` per stream before their handlers get them,
+  joining the previous step's if those are still queued (the engine does not wait for them: it
+  is another process in vLLM); ``provider-api`` substrates add a
   network round trip too (``emulation.network_rtt_ms``, else the hardware's ``network_rtt_s``),
   and every endpoint with a quota (``emulation.rate_limit_rpm``, else its declared
   ``limits.requests_per_min``, else a provider hardware profile's) answers 429 with
@@ -55,7 +55,7 @@ from aiohttp import web
 from inferplane.config.schema import ServedModel
 from inferplane.fleet.kv_events import KVEvent, encode_event_batch, seq_frame
 from inferplane.fleet.model import Endpoint
-from inferplane.physics.frontend import FrontEnd, Job
+from inferplane.physics.frontend import FrontEnd
 from inferplane.twin.emulator.metrics import EngineMetricsPage
 from inferplane.twin.engine.model import (
     MAX_DERIVED_BLOCKS,
@@ -206,9 +206,9 @@ class EmulatedEndpoint:
         # when a calibrated profile needs it; see `network_delay`)
         self.http_round_trip_s = 0.0
         self.frontend = FrontEnd(hw.frontend_request_s, hw.frontend_token_s, hw.frontend_handoff_s)
-        # (the front end's work of sending them, tokens per request, finished requests): steps
-        # whose tokens wait for the front end; the delivery task hands them out in order
-        self._outbox: deque[tuple[Job, list[tuple[Submission, int]]]] = deque()
+        # (deliver at engine time, tokens per request, finished requests): steps whose tokens
+        # wait for the front end; the delivery task hands them out in order
+        self._outbox: deque[tuple[float, list[tuple[Submission, int]]]] = deque()
         self._outbox_ready = asyncio.Event()
         self._deliverer: asyncio.Task[None] | None = None
         quota = next(
@@ -320,10 +320,10 @@ class EmulatedEndpoint:
         self, arrived: float | None = None, *, take_round_trip: bool = False
     ) -> float:
         """Before the request reaches the engine: the provider API's network round trip, the
-        front end's intake (``frontend_request_s`` of its shared time), the hardware's
-        calibrated per-request overhead (``request_overhead_s``) and then, with a
-        ``frontend_handoff_s``, the intake's second piece, sharing the front end with what is
-        in hand then, counted from ``arrived`` (engine time at which the handler got the request;
+        front end's queue and intake (``frontend_request_s``, one request at a time), the
+        hardware's calibrated per-request overhead (``request_overhead_s``) and then, with a
+        ``frontend_handoff_s``, the intake's second piece queued behind what arrived until
+        then, counted from ``arrived`` (engine time at which the handler got the request;
         default now).
 
         A calibrated profile's overheads were measured from the client's side, so they already
@@ -338,7 +338,8 @@ class EmulatedEndpoint:
         before ``arrived`` (:func:`client_lead_s`). With a ``frontend_handoff_s`` the wait so
         shortened is the one between the two pieces: the hand-off queues that much earlier
         than the fitted model puts it (the client's own round trip stands in for the part of
-        the wait it replaces).
+        the wait it replaces), so a request sent later gets its first piece in ahead of it
+        only when it arrives before the shortened wait is over.
 
         Returns the engine time at which the request reaches the engine by the model, for
         :meth:`submit` (``at``): the event loop wakes from a sleep up to a millisecond late
@@ -356,39 +357,21 @@ class EmulatedEndpoint:
             )
             start -= shift
         reached = start + self.network_rtt_s
-        if fe.request_s > 0 or fe.handoff_s > 0:
-            if reached > now:  # a provider's network round trip: the front end's work is later
-                await asyncio.sleep((reached - now) / self.time_scale)
-            reached = await self._front_end(fe.intake(reached))
+        if fe.enabled:
+            reached = fe.intake(reached)
             if fe.handoff_s > 0:
-                # its second piece starts after the parallel wait, sharing the front end with
-                # whatever is in hand then (requests sent after this one included:
-                # `physics.frontend`)
+                # its second piece queues after the parallel wait, behind what arrived by then
+                # (requests sent after this one included: `physics.frontend`)
                 reached += overhead
                 overhead = 0.0
-                now = self.now()
                 if reached > now:
                     await asyncio.sleep((reached - now) / self.time_scale)
-                reached = await self._front_end(fe.handoff(reached))
+                    now = self.now()
+                reached = fe.handoff(reached)
         ready = reached + overhead
-        now = self.now()
         if ready > now:
             await asyncio.sleep((ready - now) / self.time_scale)
         return ready
-
-    async def _front_end(self, job: Job) -> float:
-        """Wait until the front end has done ``job`` (engine time, by the model): sleep until
-        it would be done if nothing more arrived, then run the front end until then; work that
-        arrived meanwhile moved it later, so again. Returns when it was done."""
-        fe = self.frontend
-        while job.end is None:
-            end = fe.end_of(job)
-            now = self.now()
-            if end > now:
-                await asyncio.sleep((end - now) / self.time_scale)
-                continue
-            fe.advance(end)
-        return job.end
 
     def submit(
         self,
@@ -468,9 +451,9 @@ class EmulatedEndpoint:
             if self._deliverer is None:
                 for sub, n in items:
                     sub.queue.put_nowait(n)
-            elif items:  # the front end sends them, sharing its time with its other work
-                job = self.frontend.emit(step_end, len(out.new_tokens))
-                self._outbox.append((job, items))  # the chunks it joins, if any
+            elif items:  # the front end sends them when the work queued ahead of them is done
+                at = self.frontend.emit(step_end, len(out.new_tokens))
+                self._outbox.append((at, items))  # same time as the chunks it joins, if any
                 self._outbox_ready.set()
             self.metrics.observe(engine.drain_samples())
             self._flush_kv_events()
@@ -483,8 +466,10 @@ class EmulatedEndpoint:
                 self._outbox_ready.clear()
                 await self._outbox_ready.wait()
                 continue
-            job, items = outbox[0]
-            await self._front_end(job)
+            at, items = outbox[0]
+            wait_s = (at - self.now()) / self.time_scale
+            if wait_s > 0:
+                await asyncio.sleep(wait_s)
             outbox.popleft()
             for sub, n in items:
                 sub.queue.put_nowait(n)

@@ -60,7 +60,6 @@ from inferplane.errors import GatewayError, NoEligibleEndpointError, UpstreamErr
 from inferplane.fleet.model import Endpoint
 from inferplane.fleet.pricing import request_cost_usd
 from inferplane.ledger.memory import MemoryLedger
-from inferplane.physics.frontend import Job
 from inferplane.placement.build import build_policies
 from inferplane.placement.framework import Policy
 from inferplane.placement.profile import RequestProfile
@@ -474,19 +473,22 @@ class Simulator:
         rec.delay_s = (se.network_rtt_s + self.fleet.rtt_s(rec.share.region, ep.region)) / 2.0
         self._done[rec.index] = self.loop.create_future()
         se.inflight[rec.index] = rec
-        # + the engine's calibrated front end: its intake's pieces, on its shared time, and the
-        # parallel overhead
+        # + the engine's calibrated front end: its queue and intake, then the parallel overhead
         forward_s = rec.delay_s + se.request_overhead_s
         fe = se.frontend
         if fe.request_s > 0 or fe.handoff_s > 0:
-            # its earliest dispatch (work that arrives later can only delay it): the engine does
-            # not fast-forward past it; `_dispatch_at` takes it out again
-            bound = self.now + forward_s + fe.request_s + fe.handoff_s
-            se.pending.push(bound)
-            self._dispatch_handles[rec.index] = self.loop.call_at(
-                self.now + rec.delay_s, self._intake, rec, se, bound
-            )
-            return se
+            arrive = self.now + rec.delay_s
+            taken = fe.intake(arrive)
+            if fe.handoff_s > 0:
+                # the second piece queues after the parallel wait, behind what arrives until then
+                waited = taken + se.request_overhead_s
+                bound = waited + fe.handoff_s  # its earliest dispatch
+                se.pending.push(bound)
+                self._dispatch_handles[rec.index] = self.loop.call_at(
+                    waited, self._hand_off, rec, se, waited, bound
+                )
+                return se
+            forward_s += taken - arrive
         if forward_s > 0:
             t = self.now + forward_s
             se.pending.push(t)
@@ -497,49 +499,18 @@ class Simulator:
             self._dispatch(rec, se, False)
         return se
 
-    def _intake(self, rec: RequestRecord, se: SimEndpoint, bound: float) -> None:
-        """The request reaches the front end: the first piece of its intake, then its parallel
-        overhead, then (with a ``frontend_handoff_s``) the second piece, which shares the front
-        end with whatever is in hand then (``physics.frontend``)."""
-        def waited(end: float) -> None:
-            t = end + se.request_overhead_s
-            if se.frontend.handoff_s > 0:
-                self._dispatch_handles[rec.index] = self.loop.call_at(t, handoff)
-            else:
-                self._dispatch_handles[rec.index] = self.loop.call_at(
-                    t, self._dispatch_at, rec, se, bound)
-
-        def handoff() -> None:
-            self._front_end(rec, se, se.frontend.handoff(self.now),
-                            lambda end: self._dispatch_at(rec, se, bound))
-
-        self._front_end(rec, se, se.frontend.intake(self.now), waited)
-
-    def _front_end(
-        self, rec: RequestRecord, se: SimEndpoint, job: Job, then: Callable[[float], None]
+    def _hand_off(
+        self, rec: RequestRecord, se: SimEndpoint, taken: float, bound: float
     ) -> None:
-        """Call ``then(end)`` when the front end has done ``job``: at the time it would be done
-        if nothing more arrived, run the front end until then; work that arrived meanwhile
-        (chunks announced by the engine, other intakes) moved it later, so again."""
-        fe = se.frontend
-        if job.end is not None:
-            then(job.end)
-            return
-
-        def check() -> None:
-            fe.advance(self.now)
-            if job.end is not None:
-                then(job.end)
-            else:
-                self._dispatch_handles[rec.index] = self.loop.call_at(fe.end_of(job), check)
-
-        self._dispatch_handles[rec.index] = self.loop.call_at(fe.end_of(job), check)
-
-    def _dispatch_at(self, rec: RequestRecord, se: SimEndpoint, bound: float) -> None:
-        """A request through the front end reaches the engine now: its earliest dispatch
-        (``bound``) leaves ``se.pending`` (`Pending.remove`: no O(n) scan of the heap)."""
+        """The request's first piece of intake and its parallel overhead are done
+        (``taken``): its second piece queues at the front end behind whatever arrived
+        meanwhile (``physics.frontend``). Its entry in ``se.pending``, ``bound`` (its earliest
+        dispatch, so that the engine does not fast-forward past it), becomes its dispatch time
+        (`Pending.remove`: no O(n) scan of the pending heap per request)."""
+        t = se.frontend.handoff(taken)
         se.pending.remove(bound)
-        self._dispatch(rec, se, False)
+        se.pending.push(t)
+        self._dispatch_handles[rec.index] = self.loop.call_at(t, self._dispatch, rec, se, True)
 
     def _dispatch(self, rec: RequestRecord, se: SimEndpoint, delayed: bool) -> None:
         self._dispatch_handles.pop(rec.index, None)
