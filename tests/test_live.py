@@ -608,9 +608,9 @@ async def test_a_request_sent_or_ended_during_the_fetch_is_not_idle(live: LiveFl
 
     scraper = Scraper(live, During(), quiet_interval_s=1.0)
     ep = endpoint(live, "eu-0")
-    assert (await scraper._scrape(ep))[2] is False  # sent during the fetch
-    assert (await scraper._scrape(ep))[2] is False  # ended during the fetch
-    assert (await scraper._scrape(ep))[2] is False  # sent again
+    assert (await scraper._scrape(ep))[2] is None  # sent during the fetch
+    assert (await scraper._scrape(ep))[2] is None  # ended during the fetch
+    assert (await scraper._scrape(ep))[2] is None  # sent again
     held.pop().release()
 
 
@@ -636,12 +636,116 @@ async def test_idle_counts_the_sibling_replicas_requests(live: LiveFleet) -> Non
     source.texts["eu-0"] = queue_page(0, 0)
     scraper = Scraper(live, source, quiet_interval_s=1.0)
     ep = endpoint(live, "eu-0")
-    assert (await scraper._scrape(ep))[2] is True
+    assert (await scraper._scrape(ep))[2] == "idle"
     live.set_remote_inflight("eu-0", 1)
-    assert (await scraper._scrape(ep))[2] is False
+    assert (await scraper._scrape(ep))[2] is None
     live.set_remote_inflight("eu-0", 0)
     source.texts["eu-0"] = None  # unreadable: cannot tell
-    assert (await scraper._scrape(ep))[2] is False
+    assert (await scraper._scrape(ep))[2] is None
+
+
+# -- busy engines holding only the gateway's requests (scrape_quiet_busy) ------------------------
+
+
+@pytest.mark.parametrize(
+    ("page", "inflight", "quiet_busy", "kind"),
+    [
+        ((3, 1), 4, True, "own"),  # all four are the gateway's
+        ((2, 0), 4, True, "own"),  # two of the gateway's not on the page yet (or done)
+        ((3, 2), 4, True, None),  # one more than the gateway sent: another client's
+        ((3, 1), 4, False, None),  # the back-off off: the paced wait
+        ((0, 0), 0, False, "idle"),  # idle back-off is not quiet_busy's
+        ((1, 0), 0, True, None),  # another client's request on an engine the gateway left
+    ],
+)
+async def test_a_page_of_only_the_gateways_requests_is_its_own(
+    live: LiveFleet, page: tuple[int, int], inflight: int, quiet_busy: bool, kind: str | None
+) -> None:
+    source = StaticMetricsSource()
+    source.texts["eu-0"] = queue_page(*page)
+    held = [live.reserve("eu-0", 10) for _ in range(inflight)]
+    scraper = Scraper(live, source, quiet_interval_s=1.0, quiet_busy=quiet_busy)
+    assert (await scraper._scrape(endpoint(live, "eu-0")))[2] == kind
+    for r in held:
+        r.release()
+
+
+async def test_own_counts_the_gateways_requests_at_either_end_of_the_fetch(
+    live: LiveFleet,
+) -> None:
+    """A page rendered while the gateway's count moved is compared with the larger of its
+    counts at the fetch's start and end: a request sent, or ended, during the fetch may be on
+    the page."""
+    held = [live.reserve("eu-0", 10) for _ in range(3)]
+
+    class During(StaticMetricsSource):
+        def __init__(self, send: bool) -> None:
+            super().__init__()
+            self.send = send
+
+        async def metrics(self, endpoint: Endpoint) -> str | None:
+            if self.send:
+                held.append(live.reserve("eu-0", 10))
+            else:
+                held.pop().release()
+            return queue_page(4, 0)
+
+    ep = endpoint(live, "eu-0")
+    assert (await Scraper(live, During(True), quiet_interval_s=1.0,
+                          quiet_busy=True)._scrape(ep))[2] == "own"  # 3 -> 4
+    assert (await Scraper(live, During(False), quiet_interval_s=1.0,
+                          quiet_busy=True)._scrape(ep))[2] == "own"  # 4 -> 3
+    assert (await Scraper(live, During(False), quiet_interval_s=1.0,
+                          quiet_busy=True)._scrape(ep))[2] is None  # 3 -> 2: one is not
+    for r in held:
+        r.release()
+
+
+async def test_busy_engines_holding_only_the_gateways_requests_are_scraped_ever_more_rarely(
+    live: LiveFleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pages showing only the gateway's requests: each wait doubles up to quiet_interval_s, in
+    paced steps, and the gateway's requests (in flight all along) do not cut it short; a page
+    with another client's request goes back to the paced wait."""
+    held = [live.reserve("eu-0", 10) for _ in range(3)]
+    pages = [queue_page(2, 1)] * 5 + [queue_page(3, 1), queue_page(2, 1), queue_page(2, 1)]
+    now = [0.0]
+    Source, fake_sleep, waits = waits_by_scrape(pages, now=now)
+    monkeypatch.setattr("inferplane.fleet.scraper.asyncio.sleep", fake_sleep)
+    scraper = Scraper(live, Source(), interval_s=0.1, max_duty=None, quiet_interval_s=1.0,
+                      quiet_busy=True, clock=lambda: now[0])
+    with pytest.raises(asyncio.CancelledError):
+        await scraper._scrape_loop(endpoint(live, "eu-0"))
+    assert {k: round(sum(v), 6) for k, v in waits.items()} == {
+        1: 0.2, 2: 0.4, 3: 0.8, 4: 1.0, 5: 1.0, 6: 0.1, 7: 0.2}
+    assert all(w == pytest.approx(0.1) for v in waits.values() for w in v)
+    for r in held:
+        r.release()
+
+
+def test_an_own_page_reads_no_more_requests_than_the_gateway_has_in_flight(
+    live: LiveFleet,
+) -> None:
+    """A page that held only the gateway's requests does not outlive them: while it is the
+    latest, its running and waiting are read no higher than the gateway's count; another
+    page (one with other clients' requests) is read as it is."""
+    held = [live.reserve("eu-0", 10) for _ in range(8)]
+    live.update_metrics("eu-0", EngineMetrics(running=6.0, waiting=2.0, kv_usage=0.5), own=True)
+    s = live.snapshot().by_name["eu-0"].state
+    assert (s.running, s.waiting) == (6.0, 2.0)
+    for r in held[3:]:  # five end
+        r.release()
+    s = live.snapshot().by_name["eu-0"].state
+    assert (s.running, s.waiting, s.kv_usage) == (3.0, 0.0, 0.5)
+    held[2].release()
+    held[1].release()
+    live.update_metrics("eu-0", EngineMetrics(running=1.0, waiting=3.0), own=True)
+    s = live.snapshot().by_name["eu-0"].state
+    assert (s.running, s.waiting) == (1.0, 0.0)
+    live.update_metrics("eu-0", EngineMetrics(running=6.0, waiting=2.0))
+    s = live.snapshot().by_name["eu-0"].state
+    assert (s.running, s.waiting) == (6.0, 2.0)  # not the gateway's alone: as it reads
+    held[0].release()
 
 
 async def test_scrape_pacing_times_the_fetch_not_the_parse(

@@ -185,6 +185,19 @@ class GatewaySpec(Strict):
         "health.outlier.stale_eject_s (a longer one is cut to that). null: always the paced "
         "wait",
     )
+    scrape_quiet_busy: bool = Field(
+        True,
+        description="busy engines holding only this gateway's requests are scraped less too: "
+        "while an endpoint's page shows no more requests running and waiting than this gateway "
+        "(with its replicas sharing slots) has in flight there, the wait between scrapes "
+        "doubles up to scrape_quiet_interval_s as for an idle engine (not cut short by the "
+        "gateway's own requests), and the page's running and waiting are read no higher than "
+        "the gateway's in-flight count while it is the latest. A page showing more (another "
+        "client's requests) goes back to the paced wait. Another client's traffic is seen up to "
+        "scrape_quiet_interval_s late, or later while the gateway's own requests on their way "
+        "hide it; KV cache usage is refreshed as rarely. No effect without "
+        "scrape_quiet_interval_s. false: busy engines are always scraped at the paced wait",
+    )
     scrape_filter: bool = Field(
         True,
         description="ask a vllm engine for only the samples inferplane reads of its /metrics "

@@ -259,7 +259,8 @@ class Core:
         self.scraper = Scraper(
             self.live, source, interval_s=g.scrape_interval_s,
             health_interval_s=g.health_interval_s, max_duty=g.scrape_max_duty,
-            max_interval_s=g.scrape_max_interval_s, quiet_interval_s=quiet, lag=self.lag,
+            max_interval_s=g.scrape_max_interval_s, quiet_interval_s=quiet,
+            quiet_busy=g.scrape_quiet_busy, lag=self.lag,
         )
         await self.scraper.prime()
         self.scraper.start()

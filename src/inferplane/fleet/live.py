@@ -184,6 +184,7 @@ class EndpointLive:
         "itl",
         "metrics",
         "metrics_at",
+        "metrics_own",
         "outcomes",
         "pending_prefill",
         "pending_prefill_sq",
@@ -236,6 +237,9 @@ class EndpointLive:
         self.consecutive_failures = 0  # failures since the last success (any kind)
         self.consecutive_timeouts = 0  # first-byte timeouts since the last success
         self.requests_total = 0
+        # the last page held only this gateway's requests (`fleet.scraper.Scraper`): its
+        # running and waiting are read no higher than the gateway's count (`LiveFleet.state_of`)
+        self.metrics_own = False
         # (time, waiting, kv_usage) of recent scrapes: the trend history `fleet.health` reads
         self.scrapes: deque[tuple[float, float | None, float | None]] = deque(
             maxlen=SCRAPE_HISTORY
@@ -358,9 +362,14 @@ class LiveFleet:
         rec.dirty = True
         self._version += 1
 
-    def update_metrics(self, endpoint: str, metrics: EngineMetrics) -> None:
+    def update_metrics(self, endpoint: str, metrics: EngineMetrics, *, own: bool = False) -> None:
+        """The endpoint's scraped page; ``own``: it showed no request but this gateway's (its
+        replicas' included), so while it is the latest, its running and waiting are read no
+        higher than the requests the gateway has in flight there at the time (a page kept
+        through the scrape back-off does not outlive the requests it showed)."""
         rec = self._record_of(endpoint)
         rec.metrics = metrics
+        rec.metrics_own = own
         rec.metrics_at = now = self.clock()
         rec.scrapes.append((now, metrics.waiting, metrics.kv_usage))
         self._touch(rec)
@@ -505,14 +514,23 @@ class LiveFleet:
         if rec.rate is not None:
             requests_left, tokens_left = rec.rate.left(now)
         rec.dirty = False
+        running = m.running if m else None
+        waiting = m.waiting if m else None
+        if rec.metrics_own:
+            # the page held only the gateway's requests: no more of them than it has now
+            inflight = rec.all_inflight
+            if running is not None and running > inflight:
+                running = float(inflight)
+            if waiting is not None and running is not None and waiting > inflight - running:
+                waiting = inflight - running
         return EndpointState(
             healthy=rec.healthy,
             ejected=rec.ejected,
             ejected_reason=rec.ejected_reason,
             stale=age is None or age > self.stale_after_s,
             metrics_age_s=age,
-            running=m.running if m else None,
-            waiting=m.waiting if m else None,
+            running=running,
+            waiting=waiting,
             kv_usage=m.kv_usage if m else None,
             prefix_queries_total=m.prefix_queries_total if m else None,
             prefix_hits_total=m.prefix_hits_total if m else None,

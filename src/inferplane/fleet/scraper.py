@@ -18,7 +18,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
-from typing import Protocol
+from typing import Literal, Protocol
 from urllib.parse import urlencode
 
 import aiohttp
@@ -29,6 +29,10 @@ from inferplane.fleet.model import Endpoint
 from inferplane.looplag import MAX_STRETCH, LoopLag, bounded
 
 log = logging.getLogger("inferplane.scraper")
+
+Quiet = Literal["idle", "own"] | None
+"""What a page showed for the scrape back-off (`Scraper`): an idle engine, a busy one holding
+only this gateway's requests, or neither."""
 
 # scrapes ask for no compressed page (the gateway's session does not decode one)
 _IDENTITY = {"Accept-Encoding": "identity"}
@@ -258,6 +262,23 @@ class Scraper:
     off gives up: another client's traffic to an idle engine is seen up to ``quiet_interval_s``
     late, and later on an engine whose gauges lag its queue (SGLang updates its running and
     queued counts only at some scheduler steps).
+
+    **So are busy engines that hold only this gateway's requests** (``quiet_busy``,
+    ``gateway.scrape_quiet_busy``). A page whose running + waiting is no more than the requests
+    this gateway (with its replicas sharing slots) had in flight there, at the fetch's start or
+    at its end, tells nothing the gateway did not know: its queue is the gateway's own, which
+    the gateway counts itself. Such an *own* page is stored marked so (`LiveFleet.update_metrics`:
+    its running and waiting are then read no higher than the gateway's count at the time they are
+    read, so an old page does not outlive the requests it showed), and the wait doubles as for an
+    idle engine, up to ``quiet_interval_s``, but is not cut short by the gateway's requests: they
+    are what the page was expected to show. A page showing more than the gateway's count
+    (another client's requests) goes back to the paced wait. On a fleet that only this gateway
+    feeds, under load, that is one scrape per ``quiet_interval_s`` per engine instead of one per
+    paced wait, each of which costs the engine's API server a page render on the loop that
+    serves its requests. What it gives up: another client's traffic is seen up to
+    ``quiet_interval_s`` late, and not at all while it is hidden by the gateway's own requests
+    still on their way to the engine (counted by the gateway, not yet on the page); the KV cache
+    usage and the engine's counters are refreshed as rarely.
     """
 
     def __init__(
@@ -271,11 +292,13 @@ class Scraper:
         max_duty: float | None = None,
         max_interval_s: float = 0.5,
         quiet_interval_s: float | None = None,
+        quiet_busy: bool = False,
         clock: Callable[[], float] = time.monotonic,
         lag: LoopLag | None = None,
     ) -> None:
         self.live = live
         self.quiet_interval_s = quiet_interval_s
+        self.quiet_busy = quiet_busy
         self.source = source
         self.interval_s = interval_s
         self.max_duty = max_duty
@@ -289,24 +312,31 @@ class Scraper:
     async def scrape_once(self, endpoint: Endpoint) -> bool:
         return (await self._scrape(endpoint))[0]
 
-    async def _scrape(self, endpoint: Endpoint) -> tuple[bool, float, bool]:
-        """(metrics updated, seconds the fetch took: the class docstring's ``t``, whether the
-        engine was idle: the docstring's idle back-off)."""
+    async def _scrape(self, endpoint: Endpoint) -> tuple[bool, float, Quiet]:
+        """(metrics updated, seconds the fetch took: the class docstring's ``t``, what the page
+        showed for the back-off: ``"idle"``, ``"own"`` (busy with the gateway's own requests
+        only) or None (the paced wait))."""
         if not endpoint.scrape_metrics:
-            return False, 0.0, False
+            return False, 0.0, None
         lag = self.lag if self.lag is not None and self.lag.running else None
         mark = lag.mark() if lag is not None else (0.0, 0.0)
-        own = self.live.inflight_of(endpoint.name)
+        before = self.live.inflight_of(endpoint.name)
         started = self.clock()
         text = await self.source.metrics(endpoint)
         took = self.clock() - started if lag is None else lag.ran_s(mark)
         if text is None:
-            return False, took, False
+            return False, took, None
         metrics = parse_metrics(endpoint.spec.engine, text)
-        self.live.update_metrics(endpoint.name, metrics)
-        idle = metrics.running == 0 and metrics.waiting == 0 and own == 0 and \
-            self.live.inflight_of(endpoint.name) == 0
-        return True, took, idle
+        after = self.live.inflight_of(endpoint.name)
+        quiet: Quiet = None
+        if metrics.running is not None and metrics.waiting is not None:
+            work = metrics.running + metrics.waiting
+            if work == 0 and before == 0 and after == 0:
+                quiet = "idle"
+            elif before > 0 and after > 0 and work <= max(before, after):
+                quiet = "own"
+        self.live.update_metrics(endpoint.name, metrics, own=quiet is not None)
+        return True, took, None if quiet == "own" and not self.quiet_busy else quiet
 
     async def probe_once(self, endpoint: Endpoint, failures: int) -> int:
         ok = await self.source.healthy(endpoint)
@@ -338,21 +368,22 @@ class Scraper:
         quiet = 0
         while True:
             took = 0.0
-            idle = False
+            kind: Quiet = None
             try:
-                _, took, idle = await self._scrape(endpoint)
+                _, took, kind = await self._scrape(endpoint)
             except Exception:  # a parser bug must not kill the loop
                 log.exception("scrape of %s failed", endpoint.name)
-            quiet = quiet + 1 if idle else 0
+            quiet = quiet + 1 if kind is not None else 0
             paced = self.pause_s(took)
             pause = self.quiet_pause_s(paced, quiet)
             if pause <= paced:
                 await asyncio.sleep(pause)
                 continue
-            # idle back-off: wait in paced steps, and scrape as soon as a request is in flight
-            # (by the clock: a late wake-up shortens what is left, never lengthens the wait)
+            # back-off: wait in paced steps (by the clock: a late wake-up shortens what is left,
+            # never lengthens the wait); an idle engine is scraped as soon as the gateway has a
+            # request in flight there, a busy one's page was expected to show the gateway's
             deadline = self.clock() + pause
-            while self.live.inflight_of(endpoint.name) == 0:
+            while kind == "own" or self.live.inflight_of(endpoint.name) == 0:
                 left = deadline - self.clock()
                 if left <= 1e-9:
                     break
