@@ -723,6 +723,33 @@ async def test_busy_engines_holding_only_the_gateways_requests_are_scraped_ever_
         r.release()
 
 
+async def test_with_quiet_busy_the_gateways_requests_do_not_end_the_idle_wait(
+    live: LiveFleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The gateway's first requests to an idle engine cut its wait short only without
+    quiet_busy: with it, the next page is expected to show just those requests."""
+    held: list[Reservation] = []
+
+    def on_sleep(scrapes: int, sleeps: int) -> None:
+        if scrapes == 2 and not held:  # two requests sent during the second idle wait
+            held.extend(live.reserve("eu-0", 10) for _ in range(2))
+
+    pages = [queue_page(0, 0), queue_page(0, 0), queue_page(2, 0), queue_page(2, 0)]
+    for quiet_busy, expect in ((False, {1: 0.2, 2: 0.1, 3: 0.1}),
+                               (True, {1: 0.2, 2: 0.4, 3: 0.8})):
+        now = [0.0]
+        Source, fake_sleep, waits = waits_by_scrape(pages, on_sleep, now=now)
+        monkeypatch.setattr("inferplane.fleet.scraper.asyncio.sleep", fake_sleep)
+        scraper = Scraper(live, Source(), interval_s=0.1, max_duty=None, quiet_interval_s=1.0,
+                          quiet_busy=quiet_busy, clock=lambda now=now: now[0])
+        with pytest.raises(asyncio.CancelledError):
+            await scraper._scrape_loop(endpoint(live, "eu-0"))
+        assert {k: round(sum(v), 6) for k, v in waits.items()} == expect, quiet_busy
+        for r in held:
+            r.release()
+        held.clear()
+
+
 def test_an_own_page_reads_no_more_requests_than_the_gateway_has_in_flight(
     live: LiveFleet,
 ) -> None:

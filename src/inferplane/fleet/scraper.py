@@ -267,18 +267,19 @@ class Scraper:
     ``gateway.scrape_quiet_busy``). A page whose running + waiting is no more than the requests
     this gateway (with its replicas sharing slots) had in flight there, at the fetch's start or
     at its end, tells nothing the gateway did not know: its queue is the gateway's own, which
-    the gateway counts itself. Such an *own* page is stored marked so (`LiveFleet.update_metrics`:
-    its running and waiting are then read no higher than the gateway's count at the time they are
-    read, so an old page does not outlive the requests it showed), and the wait doubles as for an
-    idle engine, up to ``quiet_interval_s``, but is not cut short by the gateway's requests: they
-    are what the page was expected to show. A page showing more than the gateway's count
-    (another client's requests) goes back to the paced wait. On a fleet that only this gateway
-    feeds, under load, that is one scrape per ``quiet_interval_s`` per engine instead of one per
-    paced wait, each of which costs the engine's API server a page render on the loop that
-    serves its requests. What it gives up: another client's traffic is seen up to
-    ``quiet_interval_s`` late, and not at all while it is hidden by the gateway's own requests
-    still on their way to the engine (counted by the gateway, not yet on the page); the KV cache
-    usage and the engine's counters are refreshed as rarely.
+    the gateway counts itself. Such an *own* page (an idle one too) is stored marked so
+    (`LiveFleet.update_metrics`: its running and waiting are then read no higher than the
+    gateway's count at the time they are read, so an old page does not outlive the requests it
+    showed), and the wait doubles as for an idle engine, up to ``quiet_interval_s``; no wait,
+    idle or busy, is then cut short by the gateway's requests: they are what the next page is
+    expected to show. A page showing more than the gateway's count (another client's requests)
+    goes back to the paced wait. On a fleet that only this gateway feeds that is one scrape per
+    ``quiet_interval_s`` per engine, under load and between bursts alike, instead of one per
+    paced wait while busy and one at the start of each burst, each of which costs a vLLM API
+    server a page render on the loop that serves its requests. What it gives up: another
+    client's traffic is seen up to ``quiet_interval_s`` late, and not at all while it is hidden
+    by the gateway's own requests still on their way to the engine (counted by the gateway, not
+    yet on the page); the KV cache usage and the engine's counters are refreshed as rarely.
     """
 
     def __init__(
@@ -381,9 +382,9 @@ class Scraper:
                 continue
             # back-off: wait in paced steps (by the clock: a late wake-up shortens what is left,
             # never lengthens the wait); an idle engine is scraped as soon as the gateway has a
-            # request in flight there, a busy one's page was expected to show the gateway's
+            # request in flight there, unless quiet_busy expects its page to show just that
             deadline = self.clock() + pause
-            while kind == "own" or self.live.inflight_of(endpoint.name) == 0:
+            while self.quiet_busy or self.live.inflight_of(endpoint.name) == 0:
                 left = deadline - self.clock()
                 if left <= 1e-9:
                     break
