@@ -492,3 +492,23 @@ def test_a_setup_outside_the_default_list_gets_its_row() -> None:
                       res("python-proxy round_robin", 180)])
     assert [r["name"] for r in rows] == ["inferplane default", "python-proxy round_robin"]
     assert rows[1]["runs"] == 2 and rows[1]["ttft_p90_ms"]["median"] == 175
+    assert rows[1]["pooled_ttft_ms"] is None  # no per-request records
+
+
+def test_pooled_ttft_takes_every_answered_request_of_every_run() -> None:
+    from bench.peers.real_engines import pooled_ttft, table
+
+    def run(ttfts: list[float | None], ok: bool = True) -> dict[str, Any]:
+        # [index, arrival s, input tokens, blocks, TTFT ms, cached tokens, ok]
+        return {"per_request": [[i, 0.0, 10, 1, t, None, ok] for i, t in enumerate(ttfts)]}
+
+    got = pooled_ttft([run([10.0, 20.0, None]), run([30.0, 40.0, 50.0]),
+                       run([1000.0], ok=False)])  # no first token / failed: left out
+    assert got == {"p50": 30.0, "p90": 46.0, "p99": pytest.approx(49.6), "mean": 30.0,
+                   "requests": 5}
+    assert pooled_ttft([run([10.0]), {"per_request": None}]) is None
+    row = {"name": "x", "runs": 2, "hit_rate": None, "ttft_p50_ms": {"median": 1, "min": 1,
+           "max": 1}, "ttft_p90_ms": {"median": 2, "min": 2, "max": 2},
+           "ttft_p99_ms": {"median": 3, "min": 3, "max": 3}, "pooled_ttft_ms": got,
+           "errors": [0, 0], "requests": 3}
+    assert "| 30 / 46 / 30 |" in table([row])
