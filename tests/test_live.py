@@ -666,6 +666,8 @@ async def test_a_page_of_only_the_gateways_requests_is_its_own(
     held = [live.reserve("eu-0", 10) for _ in range(inflight)]
     scraper = Scraper(live, source, quiet_interval_s=1.0, quiet_busy=quiet_busy)
     assert (await scraper._scrape(endpoint(live, "eu-0")))[2] == kind
+    # read no higher than the gateway's count only with quiet_busy (off: as before)
+    assert live.live["eu-0"].metrics_own is (quiet_busy and kind is not None)
     for r in held:
         r.release()
 

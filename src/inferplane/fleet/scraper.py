@@ -336,8 +336,10 @@ class Scraper:
                 quiet = "idle"
             elif before > 0 and after > 0 and work <= max(before, after):
                 quiet = "own"
-        self.live.update_metrics(endpoint.name, metrics, own=quiet is not None)
-        return True, took, None if quiet == "own" and not self.quiet_busy else quiet
+        if quiet == "own" and not self.quiet_busy:
+            quiet = None
+        self.live.update_metrics(endpoint.name, metrics, own=self.quiet_busy and quiet is not None)
+        return True, took, quiet
 
     async def probe_once(self, endpoint: Endpoint, failures: int) -> int:
         ok = await self.source.healthy(endpoint)
