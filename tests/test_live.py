@@ -907,3 +907,56 @@ async def test_a_failing_scrape_does_not_kill_the_loop(
         await scraper.stop()
     assert live.snapshot().by_name["eu-0"].state.running == 25.0
     assert "scrape of eu-0 failed" in caplog.text
+
+
+# -- probes skipped while the endpoint serves (health_skip_while_serving) ------------------------
+
+
+def test_served_since_needs_a_success_and_no_failure_after_the_mark(
+    live: LiveFleet, clock: Clock
+) -> None:
+    assert not live.served_since("eu-0", float("-inf"))  # nothing yet
+    live.observe_outcome("eu-0", True)
+    assert live.served_since("eu-0", clock.t - 1)
+    assert not live.served_since("eu-0", clock.t)  # not after the mark
+    clock.t += 1
+    live.observe_outcome("eu-0", False)
+    clock.t += 1
+    live.observe_outcome("eu-0", True)
+    assert not live.served_since("eu-0", clock.t - 1.5)  # a failure since
+    assert live.served_since("eu-0", clock.t - 0.5)
+    clock.t += 1
+    live.observe_outcome("eu-0", False, consecutive=False)  # a 429 or a client gone: neither
+    assert live.served_since("eu-0", clock.t - 1.5)
+
+
+@pytest.mark.parametrize("skip", [True, False])
+async def test_a_serving_endpoint_is_not_probed(
+    live: LiveFleet, clock: Clock, monkeypatch: pytest.MonkeyPatch, skip: bool
+) -> None:
+    """Each turn of the probe loop probes unless, with the skip on, the endpoint answered a
+    request since the last turn and failed none."""
+    probes: list[int] = []
+    turns = [0]
+    # the outcomes seen before turn k (during the wait after turn k - 1)
+    traffic = {1: [True], 2: [True, True], 3: [True, False], 4: [], 5: [True]}
+
+    class Source(StaticMetricsSource):
+        async def healthy(self, endpoint: Endpoint) -> bool:
+            probes.append(turns[0])
+            return True
+
+    async def fake_sleep(seconds: float) -> None:
+        turns[0] += 1
+        if turns[0] > 6:
+            raise asyncio.CancelledError
+        clock.t += seconds
+        for ok in traffic.get(turns[0], []):
+            live.observe_outcome("eu-0", ok)
+
+    monkeypatch.setattr("inferplane.fleet.scraper.asyncio.sleep", fake_sleep)
+    scraper = Scraper(live, Source(), health_interval_s=1.0, skip_probe_while_serving=skip)
+    with pytest.raises(asyncio.CancelledError):
+        await scraper._health_loop(endpoint(live, "eu-0"))
+    # turn 0: no traffic yet; 1, 2: served; 3: a failure; 4: no traffic; 5: served; 6: none
+    assert probes == ([0, 3, 4, 6] if skip else [0, 1, 2, 3, 4, 5, 6])

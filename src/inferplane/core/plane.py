@@ -260,7 +260,8 @@ class Core:
             self.live, source, interval_s=g.scrape_interval_s,
             health_interval_s=g.health_interval_s, max_duty=g.scrape_max_duty,
             max_interval_s=g.scrape_max_interval_s, quiet_interval_s=quiet,
-            quiet_busy=g.scrape_quiet_busy, lag=self.lag,
+            quiet_busy=g.scrape_quiet_busy,
+            skip_probe_while_serving=g.health_skip_while_serving, lag=self.lag,
         )
         await self.scraper.prime()
         self.scraper.start()

@@ -182,6 +182,8 @@ class EndpointLive:
         "inflight",
         "inflight_tokens",
         "itl",
+        "last_fail_at",
+        "last_ok_at",
         "metrics",
         "metrics_at",
         "metrics_own",
@@ -236,6 +238,10 @@ class EndpointLive:
         self.decayed_at = 0.0
         self.consecutive_failures = 0  # failures since the last success (any kind)
         self.consecutive_timeouts = 0  # first-byte timeouts since the last success
+        # when an attempt last succeeded / failed (consecutive-counting outcomes only): what a
+        # health probe would have learnt (`fleet.scraper.Scraper`, skip_probe_while_serving)
+        self.last_ok_at = float("-inf")
+        self.last_fail_at = float("-inf")
         self.requests_total = 0
         # the last page held only this gateway's requests (`fleet.scraper.Scraper`): its
         # running and waiting are read no higher than the gateway's count (`LiveFleet.state_of`)
@@ -452,6 +458,12 @@ class LiveFleet:
         rec.inflight_tokens -= tokens
         self._touch(rec)
 
+    def served_since(self, endpoint: str, since: float) -> bool:
+        """Whether an attempt on ``endpoint`` succeeded after ``since`` (on this fleet's clock)
+        and none failed: it answered requests, which is what a health probe asks."""
+        rec = self.live.get(endpoint)
+        return rec is not None and rec.last_ok_at > since and rec.last_fail_at <= since
+
     def inflight_of(self, endpoint: str) -> int:
         """Requests this gateway has in flight on ``endpoint``, its sibling replicas' included
         (shared slots): what the engine's queue holds when no one else feeds it."""
@@ -483,12 +495,15 @@ class LiveFleet:
         false: a 429, a client gone) the consecutive-failure counters — a success resets both;
         ``timeout`` marks a first-byte timeout."""
         rec = self._record_of(endpoint)
-        rec.add_outcome(self.clock(), ok, self.error_half_life_s)
+        now = self.clock()
+        rec.add_outcome(now, ok, self.error_half_life_s)
         if not consecutive:
             return
         if ok:
+            rec.last_ok_at = now
             rec.consecutive_failures = rec.consecutive_timeouts = 0
         else:
+            rec.last_fail_at = now
             rec.consecutive_failures += 1
             if timeout:
                 rec.consecutive_timeouts += 1

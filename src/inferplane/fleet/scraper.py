@@ -280,6 +280,13 @@ class Scraper:
     client's traffic is seen up to ``quiet_interval_s`` late, and not at all while it is hidden
     by the gateway's own requests still on their way to the engine (counted by the gateway, not
     yet on the page); the KV cache usage and the engine's counters are refreshed as rarely.
+
+    **Probes of a serving endpoint are skipped** (``skip_probe_while_serving``,
+    ``gateway.health_skip_while_serving``): each ``health_interval_s``, an endpoint that has
+    answered a request of the gateway since the last turn, and failed none, is not probed: the
+    answer showed what the probe asks (`LiveFleet.served_since`). An endpoint without traffic,
+    or with a failure since the last turn, is probed as before, so a failing endpoint is found
+    no later than without the skip; a health verdict only changes on probes.
     """
 
     def __init__(
@@ -294,12 +301,14 @@ class Scraper:
         max_interval_s: float = 0.5,
         quiet_interval_s: float | None = None,
         quiet_busy: bool = False,
+        skip_probe_while_serving: bool = False,
         clock: Callable[[], float] = time.monotonic,
         lag: LoopLag | None = None,
     ) -> None:
         self.live = live
         self.quiet_interval_s = quiet_interval_s
         self.quiet_busy = quiet_busy
+        self.skip_probe_while_serving = skip_probe_while_serving
         self.source = source
         self.interval_s = interval_s
         self.max_duty = max_duty
@@ -394,8 +403,12 @@ class Scraper:
 
     async def _health_loop(self, endpoint: Endpoint) -> None:
         failures = 0
+        since = float("-inf")
         while True:
-            failures = await self.probe_once(endpoint, failures)
+            if not (self.skip_probe_while_serving
+                    and self.live.served_since(endpoint.name, since)):
+                failures = await self.probe_once(endpoint, failures)
+            since = self.live.clock()
             await asyncio.sleep(self.health_interval_s)
 
     async def prime(self) -> None:
