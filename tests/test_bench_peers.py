@@ -512,3 +512,27 @@ def test_pooled_ttft_takes_every_answered_request_of_every_run() -> None:
            "ttft_p99_ms": {"median": 3, "min": 3, "max": 3}, "pooled_ttft_ms": got,
            "errors": [0, 0], "requests": 3}
     assert "| 30 / 46 / 30 |" in table([row])
+
+
+def test_the_warm_up_replays_the_slices_first_seconds_through_the_relay(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import argparse
+
+    from bench.peers import real_engines
+
+    calls: list[tuple[str, int, float]] = []
+
+    def run_one(name: str, rep: int, urls: list[str], fleet: Path, a: argparse.Namespace,
+                work: Path, python: str | None = None) -> dict[str, Any]:
+        calls.append((name, rep, a.duration))
+        if len(calls) > 1:
+            raise RuntimeError("engine gone")
+        return {"status": "ok", "summary": {"ttft_ms": {"p90": 99.0}}, "wall_s": 40.0}
+
+    monkeypatch.setattr(real_engines, "run_one", run_one)
+    a = argparse.Namespace(duration=120.0, warmup_s=30.0)
+    got = real_engines.warm_up(["u"], tmp_path / "f.yaml", a, tmp_path)
+    assert calls == [("python-proxy round_robin", -1, 30.0)] and a.duration == 120.0
+    assert got["status"] == "ok" and got["ttft_ms"] == {"p90": 99.0}
+    assert real_engines.warm_up(["u"], tmp_path / "f.yaml", a, tmp_path)["status"] == "failed"

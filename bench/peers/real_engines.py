@@ -14,9 +14,11 @@
    ``ipc://`` socket (vLLM binds ipc endpoints; inferplane's fleet file names it);
 3. writes a fleet file naming the three engines (engine ``vllm``, model ``tiny-llama`` with its
    ``tokenizer`` unless ``--no-tokenizer``, hardware ``cpu``, ``gateway.token_estimate: words``);
-4. runs ``bench/peers/run.py --fleet URL1,URL2,URL3 --block-tokens 32`` once per setup and
-   repetition (alternating the setup order between repetitions; run.py drains the engines and
-   resets their prefix caches before each replay);
+4. warms the engines with one untimed replay of the slice's first ``--warmup-s`` seconds (30)
+   through the bare relay (the first replay on fresh engines is slower, whichever router sends
+   it), then runs ``bench/peers/run.py --fleet URL1,URL2,URL3 --block-tokens 32`` once per
+   setup and repetition (alternating the setup order between repetitions; run.py drains the
+   engines and resets their prefix caches before each replay);
 5. writes ``results.json`` and ``results.md`` (medians over the repetitions, with min–max) to
    ``--out``. Every engine is stopped by process group at the end, also on failure.
 
@@ -368,6 +370,25 @@ def pooled_ttft(runs: list[dict[str, Any]]) -> dict[str, float] | None:
             "requests": len(xs)}
 
 
+WARMUP_SETUP = "python-proxy round_robin"
+
+
+def warm_up(urls: list[str], fleet: Path, a: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """One untimed replay of the slice's first ``--warmup-s`` trace seconds through the bare
+    relay (`WARMUP_SETUP`), before the first repetition; what it measured, for the record (not
+    in the results). run.py resets the prefix caches before each replay, so nothing of it
+    stays in the engines' caches."""
+    warm = argparse.Namespace(**{**vars(a), "duration": a.warmup_s})
+    log(f"warm-up: {a.warmup_s:g} s of the slice through {WARMUP_SETUP}, untimed")
+    try:
+        r = run_one(WARMUP_SETUP, -1, urls, fleet, warm, work)
+    except Exception as exc:  # a failed warm-up is reported, and the runs go on
+        log(f"   warm-up FAILED: {type(exc).__name__}: {exc}")
+        return {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"[:1000]}
+    return {"status": r.get("status"), "setup": WARMUP_SETUP, "duration_s": a.warmup_s,
+            "ttft_ms": (r.get("summary") or {}).get("ttft_ms"), "wall_s": r.get("wall_s")}
+
+
 def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     variants = list(dict.fromkeys(r["name"] for r in results
@@ -552,6 +573,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", nargs="*", help="setups (exact names) to run")
     ap.add_argument("--start", type=float, default=0.0)
     ap.add_argument("--duration", type=float, default=60.0, help="trace seconds per replay")
+    ap.add_argument("--warmup-s", type=float, default=30.0,
+                    help="trace seconds replayed once through the bare relay before the first "
+                    "repetition, untimed, so that no setup meets cold engines (0: none)")
     ap.add_argument("--rate-scale", type=float, default=1.0)
     ap.add_argument("--max-output", type=int, default=16)
     ap.add_argument("--blocks", type=int, default=1024, help="KV blocks per engine")
@@ -698,6 +722,13 @@ def main(argv: list[str] | None = None) -> int:
             "runs": a.runs, "results": [],
         }
         a.out.mkdir(parents=True, exist_ok=True)
+        if a.warmup_s > 0:
+            # Freshly started engines answer their first replay slower (their first prefills
+            # and steps of each size): the setup that went first in rep 0 was measured on cold
+            # engines (its engines' own mean TTFT 12-25 % above its later runs' in session
+            # 16's three runs). A replay of the slice's first seconds through the bare relay
+            # warms them for every setup alike.
+            doc["warmup"] = warm_up(urls, fleet, a, work)
         for rep in range(a.runs):
             order = names if rep % 2 == 0 else list(reversed(names))
             for name in order:
