@@ -960,3 +960,58 @@ async def test_a_serving_endpoint_is_not_probed(
         await scraper._health_loop(endpoint(live, "eu-0"))
     # turn 0: no traffic yet; 1, 2: served; 3: a failure; 4: no traffic; 5: served; 6: none
     assert probes == ([0, 3, 4, 6] if skip else [0, 1, 2, 3, 4, 5, 6])
+
+
+async def test_a_skipped_probe_passes_and_an_unhealthy_endpoint_is_always_probed(
+    live: LiveFleet, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A skipped turn counts as a passed probe (one failed probe before it does not add up with
+    one after it), and an endpoint marked down is probed even while requests there succeed (a
+    verdict changes only on probes)."""
+    answers = iter([False, False, True, True])  # probe results in turn
+    probes: list[int] = []
+    turns = [0]
+    traffic = {1: [True], 3: [True], 4: [True]}
+
+    class Source(StaticMetricsSource):
+        async def healthy(self, endpoint: Endpoint) -> bool:
+            probes.append(turns[0])
+            return next(answers)
+
+    async def fake_sleep(seconds: float) -> None:
+        turns[0] += 1
+        if turns[0] > 5:
+            raise asyncio.CancelledError
+        clock.t += seconds
+        for ok in traffic.get(turns[0], []):
+            live.observe_outcome("eu-0", ok)
+
+    monkeypatch.setattr("inferplane.fleet.scraper.asyncio.sleep", fake_sleep)
+    scraper = Scraper(live, Source(), health_interval_s=1.0, failures_to_down=2,
+                      skip_probe_while_serving=True)
+    with pytest.raises(asyncio.CancelledError):
+        await scraper._health_loop(endpoint(live, "eu-0"))
+    # 0: fails (1 of 2); 1: served, skipped, passes; 2: fails (1 of 2 again: had the skip not
+    # reset the count, it would be 2 of 2, down); 3, 4: served, skipped; 5: probed, passes
+    assert probes == [0, 2, 5]
+    assert live.is_healthy("eu-0")
+
+    live.set_health("eu-0", False)
+    answers = iter([False, True, True, True, True])
+    probes.clear()
+    turns[0] = 0
+    traffic = {1: [True], 2: [True]}
+    with pytest.raises(asyncio.CancelledError):
+        await scraper._health_loop(endpoint(live, "eu-0"))
+    # 0: down, fails; 1: served but down: probed (passes, up again); 2: served, up: skipped
+    assert probes == [0, 1, 3, 4, 5]
+    assert live.is_healthy("eu-0")
+
+
+def test_only_a_2xx_answer_counts_as_served(live: LiveFleet, clock: Clock) -> None:
+    """A 4xx reaches the end of a request without an endpoint fault (ok for the error rate) but
+    is not what a health probe asks; a 2xx is."""
+    live.observe_outcome("eu-0", True, served=False)
+    assert not live.served_since("eu-0", clock.t - 1)
+    live.observe_outcome("eu-0", True, served=True)
+    assert live.served_since("eu-0", clock.t - 1)

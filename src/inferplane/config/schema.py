@@ -214,10 +214,13 @@ class GatewaySpec(Strict):
     health_interval_s: float = Field(1.0, gt=0, description="/health probe period")
     health_skip_while_serving: bool = Field(
         True,
-        description="skip an endpoint's /health probe when, since the previous turn of its "
-        "probe loop (health_interval_s ago), a request of this gateway there was answered and "
-        "none failed: the answer showed what the probe asks. An endpoint without traffic, or "
-        "with a failure since, is probed as before. false: probe every health_interval_s",
+        description="skip a healthy endpoint's /health probe when, since the previous turn "
+        "of its probe loop (health_interval_s ago), a request of this gateway there was "
+        "answered with a 2xx and none failed: the answer showed what the probe asks, and "
+        "counts as a passed probe. An endpoint without such traffic, with a failure since, or "
+        "marked unhealthy is probed as before. An engine that dies right after answering is "
+        "probed up to one health_interval_s later (its failing requests still count at once). "
+        "false: probe every health_interval_s",
     )
     connect_timeout_s: float = Field(2.0, gt=0)
     upstream_timeout_s: float = Field(600.0, gt=0, description="whole-request upstream limit")

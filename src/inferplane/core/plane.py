@@ -260,7 +260,7 @@ class Core:
             self.live, source, interval_s=g.scrape_interval_s,
             health_interval_s=g.health_interval_s, max_duty=g.scrape_max_duty,
             max_interval_s=g.scrape_max_interval_s, quiet_interval_s=quiet,
-            quiet_busy=g.scrape_quiet_busy,
+            quiet_busy=g.scrape_quiet_busy and quiet is not None,
             skip_probe_while_serving=g.health_skip_while_serving, lag=self.lag,
         )
         await self.scraper.prime()
@@ -1011,7 +1011,8 @@ class Core:
         if blame:
             # a client that went away says nothing about the endpoint: not a consecutive
             # failure
-            self.live.observe_outcome(name, ok, consecutive=status != 499)
+            self.live.observe_outcome(name, ok, consecutive=status != 499,
+                                      served=ok and 200 <= status < 300)
             if ok:
                 self.passive.succeeded(name)
             elif status != 499:

@@ -458,9 +458,15 @@ class LiveFleet:
         rec.inflight_tokens -= tokens
         self._touch(rec)
 
+    def is_healthy(self, endpoint: str) -> bool:
+        """The endpoint's health verdict (its probes'); an unknown endpoint is not healthy."""
+        rec = self.live.get(endpoint)
+        return rec is not None and rec.healthy
+
     def served_since(self, endpoint: str, since: float) -> bool:
-        """Whether an attempt on ``endpoint`` succeeded after ``since`` (on this fleet's clock)
-        and none failed: it answered requests, which is what a health probe asks."""
+        """Whether an attempt on ``endpoint`` was served (a 2xx) after ``since`` (on this
+        fleet's clock) and none failed: it answered requests, which is what a health probe
+        asks."""
         rec = self.live.get(endpoint)
         return rec is not None and rec.last_ok_at > since and rec.last_fail_at <= since
 
@@ -489,18 +495,21 @@ class LiveFleet:
         self._record_of(endpoint).itl.add(seconds)
 
     def observe_outcome(
-        self, endpoint: str, ok: bool, *, timeout: bool = False, consecutive: bool = True
+        self, endpoint: str, ok: bool, *, timeout: bool = False, consecutive: bool = True,
+        served: bool | None = None,
     ) -> None:
         """One attempt's outcome: into the error-rate window, and (unless ``consecutive`` is
         false: a 429, a client gone) the consecutive-failure counters — a success resets both;
-        ``timeout`` marks a first-byte timeout."""
+        ``timeout`` marks a first-byte timeout. ``served`` (default: ``ok``): the endpoint
+        answered it with a 2xx, which `served_since` counts as a passed health probe."""
         rec = self._record_of(endpoint)
         now = self.clock()
         rec.add_outcome(now, ok, self.error_half_life_s)
         if not consecutive:
             return
         if ok:
-            rec.last_ok_at = now
+            if served is None or served:
+                rec.last_ok_at = now
             rec.consecutive_failures = rec.consecutive_timeouts = 0
         else:
             rec.last_fail_at = now

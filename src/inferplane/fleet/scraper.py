@@ -282,11 +282,14 @@ class Scraper:
     yet on the page); the KV cache usage and the engine's counters are refreshed as rarely.
 
     **Probes of a serving endpoint are skipped** (``skip_probe_while_serving``,
-    ``gateway.health_skip_while_serving``): each ``health_interval_s``, an endpoint that has
-    answered a request of the gateway since the last turn, and failed none, is not probed: the
-    answer showed what the probe asks (`LiveFleet.served_since`). An endpoint without traffic,
-    or with a failure since the last turn, is probed as before, so a failing endpoint is found
-    no later than without the skip; a health verdict only changes on probes.
+    ``gateway.health_skip_while_serving``): each ``health_interval_s``, a healthy endpoint that
+    has answered a request of the gateway with a 2xx since the start of the last turn, and
+    failed none, is not probed: the answer showed what the probe asks
+    (`LiveFleet.served_since`), and it counts as a passed probe. An endpoint without such
+    traffic, with a failure since, or marked unhealthy, is probed as before. What it gives up:
+    an engine that dies right after answering is probed up to one ``health_interval_s`` later
+    than without the skip (its failing requests, counted by passive health and the outlier
+    detector, do not wait for the probe).
     """
 
     def __init__(
@@ -405,10 +408,13 @@ class Scraper:
         failures = 0
         since = float("-inf")
         while True:
-            if not (self.skip_probe_while_serving
+            turn = self.live.clock()  # outcomes from here on count for the next turn
+            if (self.skip_probe_while_serving and self.live.is_healthy(endpoint.name)
                     and self.live.served_since(endpoint.name, since)):
+                failures = 0  # the answer passed for the probe
+            else:
                 failures = await self.probe_once(endpoint, failures)
-            since = self.live.clock()
+            since = turn
             await asyncio.sleep(self.health_interval_s)
 
     async def prime(self) -> None:
