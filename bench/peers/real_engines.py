@@ -725,9 +725,10 @@ def main(argv: list[str] | None = None) -> int:
         if a.warmup_s > 0:
             # Freshly started engines answer their first replay slower (their first prefills
             # and steps of each size): the setup that went first in rep 0 was measured on cold
-            # engines (its engines' own mean TTFT 12-25 % above its later runs' in session
-            # 16's three runs). A replay of the slice's first seconds through the bare relay
-            # warms them for every setup alike.
+            # engines (in two of session 16's three runs its engines' own mean TTFT read 12-22 %
+            # above its later repetitions', and its rep-0 P90 was its worst in all three). A
+            # replay of the slice's first seconds through the bare relay warms them for every
+            # setup alike.
             doc["warmup"] = warm_up(urls, fleet, a, work)
         for rep in range(a.runs):
             order = names if rep % 2 == 0 else list(reversed(names))
