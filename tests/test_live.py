@@ -930,36 +930,49 @@ def test_served_since_needs_a_success_and_no_failure_after_the_mark(
     assert live.served_since("eu-0", clock.t - 1.5)
 
 
+async def probe_turns(
+    live: LiveFleet, clock: Clock, monkeypatch: pytest.MonkeyPatch, *, skip: bool,
+    answers: list[bool], traffic: dict[int, list[bool]], turns: int,
+) -> list[int]:
+    """Run the probe loop of eu-0 for ``turns`` + 1 turns, 1 s apart on ``clock``; before turn
+    k (during the wait after turn k - 1) the outcomes ``traffic[k]`` are observed; the probes
+    answer ``answers`` in turn. Returns the turns that probed."""
+    probed: list[int] = []
+    turn = [0]
+    left = iter(answers)
+
+    class Source(StaticMetricsSource):
+        async def healthy(self, endpoint: Endpoint) -> bool:
+            probed.append(turn[0])
+            return next(left)
+
+    async def fake_sleep(seconds: float) -> None:
+        turn[0] += 1
+        if turn[0] > turns:
+            raise asyncio.CancelledError
+        clock.t += seconds
+        for ok in traffic.get(turn[0], []):
+            live.observe_outcome("eu-0", ok)
+
+    monkeypatch.setattr("inferplane.fleet.scraper.asyncio.sleep", fake_sleep)
+    scraper = Scraper(live, Source(), health_interval_s=1.0, failures_to_down=2,
+                      skip_probe_while_serving=skip)
+    with pytest.raises(asyncio.CancelledError):
+        await scraper._health_loop(endpoint(live, "eu-0"))
+    return probed
+
+
 @pytest.mark.parametrize("skip", [True, False])
 async def test_a_serving_endpoint_is_not_probed(
     live: LiveFleet, clock: Clock, monkeypatch: pytest.MonkeyPatch, skip: bool
 ) -> None:
     """Each turn of the probe loop probes unless, with the skip on, the endpoint answered a
     request since the last turn and failed none."""
-    probes: list[int] = []
-    turns = [0]
-    # the outcomes seen before turn k (during the wait after turn k - 1)
-    traffic = {1: [True], 2: [True, True], 3: [True, False], 4: [], 5: [True]}
-
-    class Source(StaticMetricsSource):
-        async def healthy(self, endpoint: Endpoint) -> bool:
-            probes.append(turns[0])
-            return True
-
-    async def fake_sleep(seconds: float) -> None:
-        turns[0] += 1
-        if turns[0] > 6:
-            raise asyncio.CancelledError
-        clock.t += seconds
-        for ok in traffic.get(turns[0], []):
-            live.observe_outcome("eu-0", ok)
-
-    monkeypatch.setattr("inferplane.fleet.scraper.asyncio.sleep", fake_sleep)
-    scraper = Scraper(live, Source(), health_interval_s=1.0, skip_probe_while_serving=skip)
-    with pytest.raises(asyncio.CancelledError):
-        await scraper._health_loop(endpoint(live, "eu-0"))
+    probed = await probe_turns(
+        live, clock, monkeypatch, skip=skip, answers=[True] * 7, turns=6,
+        traffic={1: [True], 2: [True, True], 3: [True, False], 4: [], 5: [True]})
     # turn 0: no traffic yet; 1, 2: served; 3: a failure; 4: no traffic; 5: served; 6: none
-    assert probes == ([0, 3, 4, 6] if skip else [0, 1, 2, 3, 4, 5, 6])
+    assert probed == ([0, 3, 4, 6] if skip else [0, 1, 2, 3, 4, 5, 6])
 
 
 async def test_a_skipped_probe_passes_and_an_unhealthy_endpoint_is_always_probed(
@@ -968,43 +981,20 @@ async def test_a_skipped_probe_passes_and_an_unhealthy_endpoint_is_always_probed
     """A skipped turn counts as a passed probe (one failed probe before it does not add up with
     one after it), and an endpoint marked down is probed even while requests there succeed (a
     verdict changes only on probes)."""
-    answers = iter([False, False, True, True])  # probe results in turn
-    probes: list[int] = []
-    turns = [0]
-    traffic = {1: [True], 3: [True], 4: [True]}
-
-    class Source(StaticMetricsSource):
-        async def healthy(self, endpoint: Endpoint) -> bool:
-            probes.append(turns[0])
-            return next(answers)
-
-    async def fake_sleep(seconds: float) -> None:
-        turns[0] += 1
-        if turns[0] > 5:
-            raise asyncio.CancelledError
-        clock.t += seconds
-        for ok in traffic.get(turns[0], []):
-            live.observe_outcome("eu-0", ok)
-
-    monkeypatch.setattr("inferplane.fleet.scraper.asyncio.sleep", fake_sleep)
-    scraper = Scraper(live, Source(), health_interval_s=1.0, failures_to_down=2,
-                      skip_probe_while_serving=True)
-    with pytest.raises(asyncio.CancelledError):
-        await scraper._health_loop(endpoint(live, "eu-0"))
+    probed = await probe_turns(live, clock, monkeypatch, skip=True, turns=5,
+                               answers=[False, False, True],
+                               traffic={1: [True], 3: [True], 4: [True]})
     # 0: fails (1 of 2); 1: served, skipped, passes; 2: fails (1 of 2 again: had the skip not
     # reset the count, it would be 2 of 2, down); 3, 4: served, skipped; 5: probed, passes
-    assert probes == [0, 2, 5]
+    assert probed == [0, 2, 5]
     assert live.is_healthy("eu-0")
 
     live.set_health("eu-0", False)
-    answers = iter([False, True, True, True, True])
-    probes.clear()
-    turns[0] = 0
-    traffic = {1: [True], 2: [True]}
-    with pytest.raises(asyncio.CancelledError):
-        await scraper._health_loop(endpoint(live, "eu-0"))
+    probed = await probe_turns(live, clock, monkeypatch, skip=True, turns=5,
+                               answers=[False, True, True, True, True],
+                               traffic={1: [True], 2: [True]})
     # 0: down, fails; 1: served but down: probed (passes, up again); 2: served, up: skipped
-    assert probes == [0, 1, 3, 4, 5]
+    assert probed == [0, 1, 3, 4, 5]
     assert live.is_healthy("eu-0")
 
 
