@@ -493,12 +493,14 @@ def test_idle_back_off_doubles_the_wait_up_to_the_cap(
 
 def waits_by_scrape(pages: list[str], on_sleep: Callable[[int, int], None] | None = None,
                     now: list[float] | None = None, late_s: float = 0.0,
+                    step_s: float | None = None,
                     ) -> tuple[type[StaticMetricsSource], Callable[[float], Awaitable[None]],
                                dict[int, list[float]]]:
     """A source serving ``pages`` in turn and a fake sleep that records each wait under the
-    number of scrapes made so far and moves the clock ``now`` on by it plus ``late_s`` (a loop
-    waking late); ``on_sleep(scrapes, sleeps)`` runs after each; the loop is cancelled once
-    every page was served."""
+    number of scrapes made so far and moves the clock ``now`` on by it (at most ``step_s``: a
+    clock that says the sleep ended early) plus ``late_s`` (a loop waking late);
+    ``on_sleep(scrapes, sleeps)`` runs after each; the loop is cancelled once every page was
+    served."""
     now = now if now is not None else [0.0]
     served = [0]
     waits: dict[int, list[float]] = {}
@@ -513,7 +515,7 @@ def waits_by_scrape(pages: list[str], on_sleep: Callable[[int, int], None] | Non
         if served[0] == len(pages):
             raise asyncio.CancelledError
         waits.setdefault(served[0], []).append(seconds)
-        now[0] += seconds + late_s
+        now[0] += (seconds if step_s is None else min(seconds, step_s)) + late_s
         if on_sleep is not None:
             on_sleep(served[0], sum(len(v) for v in waits.values()))
 
@@ -524,7 +526,8 @@ async def test_idle_engines_are_scraped_ever_more_rarely(
     live: LiveFleet, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An idle engine (nothing on its page, nothing in flight from the gateway): each wait
-    doubles up to quiet_interval_s, in paced steps."""
+    doubles up to quiet_interval_s, slept at once (one wake-up per wait, not one per paced
+    step)."""
     now = [0.0]
     Source, fake_sleep, waits = waits_by_scrape([queue_page(0, 0)] * 6, now=now)
     monkeypatch.setattr("inferplane.fleet.scraper.asyncio.sleep", fake_sleep)
@@ -532,17 +535,17 @@ async def test_idle_engines_are_scraped_ever_more_rarely(
                       clock=lambda: now[0])
     with pytest.raises(asyncio.CancelledError):
         await scraper._scrape_loop(endpoint(live, "eu-0"))
-    assert {k: round(sum(v), 6) for k, v in waits.items()} == {
-        1: 0.2, 2: 0.4, 3: 0.8, 4: 1.0, 5: 1.0}
-    assert all(w == pytest.approx(0.1) for v in waits.values() for w in v)
+    assert waits == {1: pytest.approx([0.2]), 2: pytest.approx([0.4]), 3: pytest.approx([0.8]),
+                     4: pytest.approx([1.0]), 5: pytest.approx([1.0])}
 
 
-async def test_the_gateways_first_request_ends_the_idle_wait(
+async def test_the_gateways_requests_put_an_idle_engine_back_on_the_paced_wait(
     live: LiveFleet, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A request the gateway sends to an idle engine cuts the long wait short (the next scrape
-    comes one paced step later); any request on the page, the gateway's own or anyone's, or a
-    page without the gauges, keeps the paced wait."""
+    """A request the gateway sends to an idle engine ends the long wait (here with the fake
+    sleep: `test_the_gateways_first_request_ends_the_idle_wait_at_once` times it); any request
+    on the page, the gateway's own or anyone's, or a page without the gauges, keeps the paced
+    wait."""
     held: list[Reservation] = []
 
     def on_sleep(scrapes: int, sleeps: int) -> None:
@@ -554,8 +557,8 @@ async def test_the_gateways_first_request_ends_the_idle_wait(
             held.clear()
 
     pages = [
-        queue_page(0, 0),  # idle: 0.2 in two steps
-        queue_page(0, 0),  # idle: 0.4, cut after its first step by the gateway's requests
+        queue_page(0, 0),  # idle: 0.2
+        queue_page(0, 0),  # idle: 0.4, the gateway's requests sent meanwhile
         queue_page(2, 0),  # the gateway's two requests: paced
         queue_page(1, 1),  # paced; then they end
         queue_page(0, 0),  # idle again: 0.2
@@ -570,27 +573,101 @@ async def test_the_gateways_first_request_ends_the_idle_wait(
                       clock=lambda: now[0])
     with pytest.raises(asyncio.CancelledError):
         await scraper._scrape_loop(endpoint(live, "eu-0"))
-    assert waits == {1: pytest.approx([0.1, 0.1]), 2: pytest.approx([0.1]),
+    assert waits == {1: pytest.approx([0.2]), 2: pytest.approx([0.4]),
                      3: pytest.approx([0.1]), 4: pytest.approx([0.1]),
-                     5: pytest.approx([0.1, 0.1]), 6: pytest.approx([0.1]),
+                     5: pytest.approx([0.2]), 6: pytest.approx([0.1]),
                      7: pytest.approx([0.1])}
 
 
-async def test_a_late_loop_does_not_stretch_the_idle_wait(
-    live: LiveFleet, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("quiet_busy", [False, True], ids=["idle-only", "quiet-busy"])
+@pytest.mark.parametrize("sibling", [False, True], ids=["own", "sibling"])
+async def test_the_gateways_first_request_ends_the_idle_wait_at_once(
+    live: LiveFleet, monkeypatch: pytest.MonkeyPatch, quiet_busy: bool, sibling: bool
 ) -> None:
-    """The idle wait is timed on the clock: each step waking 0.25 s late ends it sooner, not
-    later (a stretched wait could let an idle endpoint read as stale)."""
+    """Without quiet_busy, the idle wait (one sleep) ends the moment the gateway reserves a
+    request on the engine, or the shared slots report a sibling replica's there: the engine is
+    scraped again at once, and the sleep is cancelled. With quiet_busy, neither ends it (its
+    next page is expected to show just those requests). The sleep here never ends by itself."""
+    real_sleep = asyncio.sleep
+
+    def approx(x: float) -> object:  # the clock is real: a wait begins a little after its start
+        return pytest.approx(x, abs=0.05)
+
+    scrapes: list[int] = []
+    sleeps: list[float] = []
+    ended: list[float] = []
+
+    class Source(StaticMetricsSource):
+        async def metrics(self, endpoint: Endpoint) -> str | None:
+            scrapes.append(live.inflight_of(endpoint.name))
+            return queue_page(0, 0)
+
+    async def endless_sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        try:
+            await asyncio.get_running_loop().create_future()
+        finally:
+            ended.append(seconds)
+
+    async def settle() -> None:
+        for _ in range(10):
+            await real_sleep(0)
+
+    monkeypatch.setattr("inferplane.fleet.scraper.asyncio.sleep", endless_sleep)
+    scraper = Scraper(live, Source(), interval_s=0.1, max_duty=None, quiet_interval_s=1.0,
+                      quiet_busy=quiet_busy)
+    task = asyncio.create_task(scraper._scrape_loop(endpoint(live, "eu-0")))
+    held: list[Reservation] = []
+    try:
+        await settle()
+        assert scrapes == [0] and sleeps == [approx(0.2)] and ended == []
+        if sibling:
+            live.set_remote_inflight("eu-0", 1)
+        else:
+            held.append(live.reserve("eu-0", 10))
+        await settle()
+        if quiet_busy:
+            assert scrapes == [0] and sleeps == [approx(0.2)] and ended == []
+        else:  # scraped again at once (a page with nothing on it, one in flight: paced)
+            assert scrapes == [0, 1] and ended == [approx(0.2)]
+            assert sleeps == [approx(0.2), approx(0.1)]
+            assert not live.live["eu-0"].waiters  # nothing left waiting
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for r in held:
+            r.release()
+        live.set_remote_inflight("eu-0", 0)
+
+
+@pytest.mark.parametrize("quiet_busy", [False, True])
+async def test_a_late_loop_does_not_stretch_the_idle_wait(
+    live: LiveFleet, monkeypatch: pytest.MonkeyPatch, quiet_busy: bool
+) -> None:
+    """The idle wait is timed on the clock: a sleep waking 0.25 s late ends it (no sleep to
+    make up for lost time, and none after: a stretched wait could let an idle endpoint read as
+    stale); a clock that says the sleep ended early (here: after at most 0.3 s) sleeps what is
+    left."""
     now = [0.0]
     Source, fake_sleep, waits = waits_by_scrape([queue_page(0, 0)] * 5, now=now, late_s=0.25)
     monkeypatch.setattr("inferplane.fleet.scraper.asyncio.sleep", fake_sleep)
     scraper = Scraper(live, Source(), interval_s=0.1, max_duty=None, quiet_interval_s=1.0,
-                      clock=lambda: now[0])
+                      quiet_busy=quiet_busy, clock=lambda: now[0])
     with pytest.raises(asyncio.CancelledError):
         await scraper._scrape_loop(endpoint(live, "eu-0"))
-    # waits of 0.2, 0.4, 0.8, 1.0: each step takes 0.35 s of the clock
-    assert waits == {1: pytest.approx([0.1]), 2: pytest.approx([0.1, 0.05]),
-                     3: pytest.approx([0.1, 0.1, 0.1]), 4: pytest.approx([0.1, 0.1, 0.1])}
+    assert waits == {1: pytest.approx([0.2]), 2: pytest.approx([0.4]), 3: pytest.approx([0.8]),
+                     4: pytest.approx([1.0])}
+
+    now = [0.0]
+    Source, fake_sleep, waits = waits_by_scrape([queue_page(0, 0)] * 5, now=now, step_s=0.3)
+    monkeypatch.setattr("inferplane.fleet.scraper.asyncio.sleep", fake_sleep)
+    scraper = Scraper(live, Source(), interval_s=0.1, max_duty=None, quiet_interval_s=1.0,
+                      quiet_busy=quiet_busy, clock=lambda: now[0])
+    with pytest.raises(asyncio.CancelledError):
+        await scraper._scrape_loop(endpoint(live, "eu-0"))
+    assert waits == {1: pytest.approx([0.2]), 2: pytest.approx([0.4, 0.1]),
+                     3: pytest.approx([0.8, 0.5, 0.2]), 4: pytest.approx([1.0, 0.7, 0.4, 0.1])}
 
 
 async def test_a_request_sent_or_ended_during_the_fetch_is_not_idle(live: LiveFleet) -> None:
@@ -707,8 +784,9 @@ async def test_busy_engines_holding_only_the_gateways_requests_are_scraped_ever_
     live: LiveFleet, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Pages showing only the gateway's requests: each wait doubles up to quiet_interval_s, in
-    paced steps, and the gateway's requests (in flight all along) do not cut it short; a page
-    with another client's request goes back to the paced wait."""
+    one sleep (one wake-up per wait, not one per paced step), and the gateway's requests (in
+    flight all along) do not cut it short; a page with another client's request goes back to
+    the paced wait."""
     held = [live.reserve("eu-0", 10) for _ in range(3)]
     pages = [queue_page(2, 1)] * 5 + [queue_page(3, 1), queue_page(2, 1), queue_page(2, 1)]
     now = [0.0]
@@ -718,9 +796,9 @@ async def test_busy_engines_holding_only_the_gateways_requests_are_scraped_ever_
                       quiet_busy=True, clock=lambda: now[0])
     with pytest.raises(asyncio.CancelledError):
         await scraper._scrape_loop(endpoint(live, "eu-0"))
-    assert {k: round(sum(v), 6) for k, v in waits.items()} == {
-        1: 0.2, 2: 0.4, 3: 0.8, 4: 1.0, 5: 1.0, 6: 0.1, 7: 0.2}
-    assert all(w == pytest.approx(0.1) for v in waits.values() for w in v)
+    assert waits == {1: pytest.approx([0.2]), 2: pytest.approx([0.4]), 3: pytest.approx([0.8]),
+                     4: pytest.approx([1.0]), 5: pytest.approx([1.0]), 6: pytest.approx([0.1]),
+                     7: pytest.approx([0.2])}
     for r in held:
         r.release()
 
@@ -728,8 +806,10 @@ async def test_busy_engines_holding_only_the_gateways_requests_are_scraped_ever_
 async def test_with_quiet_busy_the_gateways_requests_do_not_end_the_idle_wait(
     live: LiveFleet, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The gateway's first requests to an idle engine cut its wait short only without
-    quiet_busy: with it, the next page is expected to show just those requests."""
+    """The gateway's first requests to an idle engine end its wait only without quiet_busy
+    (`test_the_gateways_first_request_ends_the_idle_wait_at_once`), and its pages showing them
+    go back to the paced wait: with it, the next page is expected to show just those requests
+    and the wait keeps doubling."""
     held: list[Reservation] = []
 
     def on_sleep(scrapes: int, sleeps: int) -> None:
@@ -737,7 +817,7 @@ async def test_with_quiet_busy_the_gateways_requests_do_not_end_the_idle_wait(
             held.extend(live.reserve("eu-0", 10) for _ in range(2))
 
     pages = [queue_page(0, 0), queue_page(0, 0), queue_page(2, 0), queue_page(2, 0)]
-    for quiet_busy, expect in ((False, {1: 0.2, 2: 0.1, 3: 0.1}),
+    for quiet_busy, expect in ((False, {1: 0.2, 2: 0.4, 3: 0.1}),
                                (True, {1: 0.2, 2: 0.4, 3: 0.8})):
         now = [0.0]
         Source, fake_sleep, waits = waits_by_scrape(pages, on_sleep, now=now)

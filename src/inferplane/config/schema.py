@@ -177,11 +177,11 @@ class GatewaySpec(Strict):
         gt=0,
         description="idle engines are scraped less: while an endpoint's page shows no request "
         "running or waiting and this gateway (with its replicas sharing slots) has none in "
-        "flight there, the wait between scrapes doubles from the paced one up to this, slept in "
-        "paced steps and cut short when the gateway has a request in flight there at one of "
-        "them; the first page showing a request (or no such gauges) goes back to the paced "
-        "wait. Another client's traffic to an idle engine is seen up to this late (later where "
-        "the engine's gauges lag, as SGLang's). At most half of stale_after_s and of "
+        "flight there, the wait between scrapes doubles from the paced one up to this (one "
+        "sleep, cut short as soon as the gateway has a request in flight there); the first "
+        "page showing a request (or no such gauges) goes back to the paced wait. Another "
+        "client's traffic to an idle engine is seen up to this late (later where the engine's "
+        "gauges lag, as SGLang's). At most half of stale_after_s and of "
         "health.outlier.stale_eject_s (a longer one is cut to that). null: always the paced "
         "wait",
     )

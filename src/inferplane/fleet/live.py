@@ -201,6 +201,7 @@ class EndpointLive:
         "stats_at",
         "ttft",
         "ttft_ratio",
+        "waiters",
     )
 
     @property
@@ -219,6 +220,8 @@ class EndpointLive:
         self.inflight = 0
         self.inflight_tokens = 0
         self.remote_inflight = 0  # other replicas' in-flight requests (shared slots)
+        # done when the endpoint next has a request in flight (`LiveFleet.inflight_started`)
+        self.waiters: set[asyncio.Future[None]] = set()
         self.pending_prefill = 0
         self.pending_prefill_tokens = 0
         self.pending_prefill_sq = 0  # sum of the pending prompts' squared uncached lengths
@@ -287,6 +290,14 @@ class EndpointLive:
             self.ttft_ratio.percentile(50),
         )
         self.stats_at = now
+
+
+def _wake(rec: EndpointLive) -> None:
+    """Complete the futures waiting for a request in flight on ``rec``'s endpoint."""
+    waiters, rec.waiters = rec.waiters, set()
+    for fut in waiters:
+        if not fut.done():
+            fut.set_result(None)
 
 
 def _record(endpoint: Endpoint) -> EndpointLive:
@@ -429,6 +440,8 @@ class LiveFleet:
         if rec.rate is not None:
             rec.rate.add(now, tokens)
         self._touch(rec)
+        if rec.waiters:
+            _wake(rec)
         return Reservation(
             self, endpoint, tokens, prefill_tokens, record=rec, prefill_end=end, prefill_key=key
         )
@@ -483,6 +496,24 @@ class LiveFleet:
         if rec is not None and rec.remote_inflight != n:
             rec.remote_inflight = n
             self._touch(rec)
+            if rec.waiters and rec.all_inflight > 0:
+                _wake(rec)
+
+    def inflight_started(self, endpoint: str) -> asyncio.Future[None] | None:
+        """A future that is done once ``endpoint`` has a request in flight from this gateway or,
+        with shared slots, its sibling replicas (`inflight_of` above 0): at once if it has one
+        now, else when the next one is reserved or the shared slots' sync reports one. Cancel
+        it when no longer waiting (that drops it). None for an endpoint not in the fleet."""
+        rec = self.live.get(endpoint)
+        if rec is None:
+            return None
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if rec.all_inflight > 0:
+            fut.set_result(None)
+        else:
+            rec.waiters.add(fut)
+            fut.add_done_callback(rec.waiters.discard)
+        return fut
 
     def observe_ttft(self, endpoint: str, seconds: float, predicted: float | None = None) -> None:
         """An observed TTFT, and (when placement predicted one) the ratio to its prediction."""

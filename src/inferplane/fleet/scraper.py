@@ -253,10 +253,12 @@ class Scraper:
     no request running or waiting, while this gateway has none in flight there (its own and, with
     shared slots, its sibling replicas', at the fetch's start and at its end), is idle: its queue
     does not change until someone sends it a request. While that holds, each wait doubles, from
-    the paced one up to ``quiet_interval_s`` (timed on ``clock``), and is cut short when the
-    gateway has a request in flight there at one of its paced steps: an engine the gateway starts
-    feeding is scraped at the paced rate again from then on, so under load nothing is staler than
-    before.
+    the paced one up to ``quiet_interval_s`` (one sleep, timed on ``clock``: a late wake-up
+    shortens it, never lengthens it), and is cut short as soon as the gateway has a request in
+    flight there (its own from the moment it is reserved; with shared slots, its sibling
+    replicas' when the slots' sync reports them, `LiveFleet.inflight_started`): an engine the
+    gateway starts feeding is scraped at once and at the paced rate from then on, so under load
+    nothing is staler than before.
     The first page that shows a request (the gateway's or anyone's), an unreadable page or one
     without the running and waiting gauges puts the loop back on the paced wait. What idle back-
     off gives up: another client's traffic to an idle engine is seen up to ``quiet_interval_s``
@@ -394,15 +396,39 @@ class Scraper:
             if pause <= paced:
                 await asyncio.sleep(pause)
                 continue
-            # back-off: wait in paced steps (by the clock: a late wake-up shortens what is left,
-            # never lengthens the wait); an idle engine is scraped as soon as the gateway has a
-            # request in flight there, unless quiet_busy expects its page to show just that
+            # back-off: one sleep to the deadline (by the clock: a late wake-up shortens what is
+            # left, never lengthens the wait; another sleep only if the clock says it woke
+            # early); an idle engine is scraped as soon as the gateway has a request in flight
+            # there, unless quiet_busy expects its page to show just that
             deadline = self.clock() + pause
-            while self.quiet_busy or self.live.inflight_of(endpoint.name) == 0:
+            while True:
                 left = deadline - self.clock()
                 if left <= 1e-9:
                     break
-                await asyncio.sleep(min(paced, left))
+                if self.quiet_busy:
+                    await asyncio.sleep(left)
+                elif await self._until_inflight(endpoint, left):
+                    break
+
+    async def _until_inflight(self, endpoint: Endpoint, seconds: float) -> bool:
+        """Sleep ``seconds``, or less if the gateway (with its replicas sharing slots) has a
+        request in flight on ``endpoint`` before: then True (at once if it has one now)."""
+        started = self.live.inflight_started(endpoint.name)
+        if started is None:  # not in the fleet (any more): nothing to wait for
+            await asyncio.sleep(seconds)
+            return False
+        if started.done():
+            return True
+        sleep = asyncio.ensure_future(asyncio.sleep(seconds))
+        try:
+            await asyncio.wait((started, sleep), return_when=asyncio.FIRST_COMPLETED)
+            if started.done():
+                return True
+            sleep.result()  # what the sleep raised, if anything, is the loop's
+            return False
+        finally:
+            sleep.cancel()
+            started.cancel()
 
     async def _health_loop(self, endpoint: Endpoint) -> None:
         failures = 0
