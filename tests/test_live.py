@@ -526,10 +526,11 @@ async def test_idle_engines_are_scraped_ever_more_rarely(
     live: LiveFleet, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An idle engine (nothing on its page, nothing in flight from the gateway): each wait
-    doubles up to quiet_interval_s, slept at once (one wake-up per wait, not one per paced
+    doubles up to quiet_interval_s, in one sleep (one wake-up per wait, not one per paced
     step)."""
     now = [0.0]
     Source, fake_sleep, waits = waits_by_scrape([queue_page(0, 0)] * 6, now=now)
+    real_sleep = asyncio.sleep
     monkeypatch.setattr("inferplane.fleet.scraper.asyncio.sleep", fake_sleep)
     scraper = Scraper(live, Source(), interval_s=0.1, max_duty=None, quiet_interval_s=1.0,
                       clock=lambda: now[0])
@@ -537,6 +538,8 @@ async def test_idle_engines_are_scraped_ever_more_rarely(
         await scraper._scrape_loop(endpoint(live, "eu-0"))
     assert waits == {1: pytest.approx([0.2]), 2: pytest.approx([0.4]), 3: pytest.approx([0.8]),
                      4: pytest.approx([1.0]), 5: pytest.approx([1.0])}
+    await real_sleep(0)  # the waits' futures drop out of the record once cancelled
+    assert not live.live["eu-0"].waiters
 
 
 async def test_the_gateways_requests_put_an_idle_engine_back_on_the_paced_wait(
