@@ -267,12 +267,10 @@ async def forward(
         receipt = gw.account(attempt, status=status, started=started, stats=stats,
                              usage=parse_usage(stats.usage_line, sse=True), error=error)
         await gw.committed(receipt, attempt.ticket)
-        if receipt.hash:
-            await out.write(b": " + RECEIPT_HEADER.encode() + b" " + receipt.hash.encode()
-                            + b"\n\n")
-        if done:
-            await out.write(done)
-        await out.write_eof()
+        # the receipt comment, the held-back [DONE] and the end of the body in one write
+        tail = (b": " + RECEIPT_HEADER.encode() + b" " + receipt.hash.encode() + b"\n\n"
+                if receipt.hash else b"")
+        await out.write_eof(tail + done)
     except (ConnectionResetError, asyncio.CancelledError):
         status, error = 499, "client disconnected"
         gw.metrics.client_disconnects.inc()
