@@ -4,13 +4,16 @@ by the in-memory `StaticMetricsSource`."""
 from __future__ import annotations
 
 import asyncio
+import math
+import random
+from collections import deque
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
 
 from inferplane.fleet.engine_metrics import EngineMetrics, parse_vllm
-from inferplane.fleet.live import LatencyWindow, LiveFleet, Reservation
+from inferplane.fleet.live import LatencyWindow, LiveFleet, Reservation, nearest_rank
 from inferplane.fleet.model import Endpoint
 from inferplane.fleet.scraper import Scraper, StaticMetricsSource, idle_wait_cap
 from tests.builders import fleet
@@ -255,6 +258,31 @@ def test_latency_window_keeps_the_last_samples_and_recomputes() -> None:
     w.add(1.0)  # evicts 10.0; the sorted cache is dropped
     assert len(w) == 3
     assert (w.percentile(0), w.percentile(50), w.percentile(100)) == (1.0, 20.0, 30.0)
+
+
+@pytest.mark.parametrize("size", [3, 16, 64, 1024])
+@pytest.mark.parametrize("odd", [False, True])
+def test_latency_window_updated_in_place_equals_a_fresh_sort(size: int, odd: bool) -> None:
+    """The sorted copy brought up to date sample by sample gives exactly the percentiles of a
+    fresh sort, bit for bit, over duplicates, a window that wraps, and (``odd``) zeros of either
+    sign, negatives and NaNs, which make it sort afresh."""
+    rng = random.Random(size * 2 + odd)
+    pool = [rng.uniform(0.001, 0.2) for _ in range(40)]  # few distinct values: many duplicates
+    oddities = [0.0, -0.0, -1.0, math.nan, math.inf]
+    w = LatencyWindow(size)
+    ref: deque[float] = deque(maxlen=size)
+    for i in range(6 * size + 50):
+        x = rng.choice(oddities) if odd and rng.random() < 0.05 else rng.choice(pool)
+        if rng.random() < 0.5:
+            x = rng.uniform(0.001, 0.2)
+        w.add(x)
+        ref.append(x)
+        if rng.random() < 0.3 or i % 17 == 0:
+            fresh = sorted(ref)
+            for q in (0, 1, 50, 90, 99, 100):
+                got, want = w.percentile(q), nearest_rank(fresh, q)
+                assert repr(got) == repr(want), (i, q)
+    assert w.values() == list(ref)
 
 
 def test_observed_latencies_reach_the_state(live: LiveFleet) -> None:
