@@ -12,7 +12,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
 from inferplane.config.loader import load_config
 from inferplane.errors import ConfigError
-from inferplane.placement.classify import Classifier
+from inferplane.placement.classify import Classifier, estimate_tokens
 from inferplane.placement.profile import RequestProfile
 from inferplane.tokenization import block_hashes, engine_block_hashes, salt_root
 from inferplane.twin.traces.tokens import VOCABULARY
@@ -113,6 +113,18 @@ def test_chat_is_counted_but_not_hashed(tmp_path: Path) -> None:
     body = {"model": "llama-3.1-8b", "messages": [{"role": "user", "content": TEXT}]}
     p = classify(c, body, api="chat")
     assert p.prompt_tokens == 11 and p.engine_block_hashes == ()
+
+
+def test_a_batch_of_texts_keeps_its_estimate_under_a_tokenizer(tmp_path: Path) -> None:
+    """Only a single text's estimate is left out where the tokenizer counts (it replaces it); a
+    batch of texts is still counted by the estimate (and its first text hashed)."""
+    write_tokenizer(tmp_path / "tok", bos=True)
+    c = Classifier(load_config(fleet_file(tmp_path, ["tok"])))
+    batch = classify(c, {"model": "llama-3.1-8b", "prompt": [TEXT, "a b c"]})
+    mode = c.config.gateway.token_estimate
+    assert batch.prompt_tokens == estimate_tokens(TEXT, mode) + estimate_tokens("a b c", mode)
+    ids = [1, *(3 + i for i in range(10))]
+    assert batch.engine_block_hashes == tuple(block_hashes(ids, 4, salt_root(batch.cache_salt)))
 
 
 def test_without_a_tokenizer_the_word_rule_stays(tmp_path: Path) -> None:

@@ -71,8 +71,12 @@ def estimate_tokens(text: str, mode: str) -> int:
     return (len(text) + 3) // 4
 
 
-def extract_prompt(api: ApiKind, body: Mapping[str, Any], mode: str) -> Prompt:
-    """Prompt text and size of a chat, completions or embeddings body (types already checked)."""
+def extract_prompt(
+    api: ApiKind, body: Mapping[str, Any], mode: str, *, counted: bool = False
+) -> Prompt:
+    """Prompt text and size of a chat, completions or embeddings body (types already checked).
+    ``counted``: the model's tokenizer will count the prompt (`Classifier._tokenize`), so a
+    single text's estimate, which it replaces, is not computed (left 0)."""
     max_out: Any = body.get("max_completion_tokens", body.get("max_tokens"))
     if api == "chat":
         parts: list[str] = []
@@ -83,11 +87,11 @@ def extract_prompt(api: ApiKind, body: Mapping[str, Any], mode: str) -> Prompt:
             elif isinstance(content, list):
                 parts.extend(str(p.get("text", "")) for p in content if isinstance(p, dict))
         text = "\n".join(parts)
-        return Prompt(text, estimate_tokens(text, mode), max_out, template=True)
+        return Prompt(text, 0 if counted else estimate_tokens(text, mode), max_out, template=True)
     key = "prompt" if api == "completions" else "input"
     value = body[key]
     if isinstance(value, str):
-        return Prompt(value, estimate_tokens(value, mode), max_out)
+        return Prompt(value, 0 if counted else estimate_tokens(value, mode), max_out)
     if value and all(isinstance(v, int) for v in value):  # token ids
         return Prompt(" ".join(map(str, value)), len(value), max_out, list(value))
     if value and all(isinstance(v, list) for v in value):  # batches of token ids
@@ -227,9 +231,9 @@ class Classifier:
         tenant: TenantSpec,
     ) -> tuple[RequestProfile, Prompt]:
         """The request's profile. Raises `InvalidRequestError` for a bad header."""
-        prompt = extract_prompt(api, body, self.mode)
         model = str(body["model"])
         tok = self.tokenizers.get(model) if self.tokenizers else None
+        prompt = extract_prompt(api, body, self.mode, counted=tok is not None)
         if tok is not None:
             prompt = self._tokenize(tok, prompt)
         explicit = prompt.max_output_tokens
