@@ -58,6 +58,36 @@ async def test_the_deadline_still_fires_when_the_loop_runs() -> None:
         await lag.stop()
 
 
+async def test_the_deadline_passes_other_exceptions_and_cancellation_through() -> None:
+    """An error of the block leaves as itself, an outer cancellation as a cancellation (not a
+    timeout), and neither leaves a check armed."""
+    lag = LoopLag(interval_s=0.02)
+    lag.start()
+    try:
+        d = lag.deadline(5.0)
+        with pytest.raises(ValueError, match="boom"):
+            async with d as cm:
+                raise ValueError("boom")
+        assert not cm.expired() and d._handle is None
+
+        entered = asyncio.Event()
+        d = lag.deadline(5.0)
+
+        async def blocked() -> None:
+            async with d:
+                entered.set()
+                await asyncio.Event().wait()
+
+        task = asyncio.create_task(blocked())
+        await entered.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert d._handle is None
+    finally:
+        await lag.stop()
+
+
 async def test_without_a_ticker_it_is_a_plain_timeout() -> None:
     lag = LoopLag()
     with pytest.raises(TimeoutError):
