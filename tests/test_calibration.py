@@ -943,6 +943,29 @@ async def test_emulator_starts_an_idle_engine_when_the_request_reached_it(
         await handle.stop()
 
 
+async def test_emulator_steps_only_requests_that_arrived_by_the_step(tmp_path: Path) -> None:
+    """Two requests that reached the engine by the model 1 ms apart, both added before the
+    driver task got to run (their handlers wake up to a millisecond late, in one batch): the
+    idle engine's first step starts at the first one's arrival and prefills it alone; the
+    second waits for the next step, as it would on the engine the model describes (before,
+    both went into the first step: a burst's first answer came with the second's)."""
+    handle = await start_emulator(load_config(_frontend_fleet(tmp_path, 0.002)),
+                                  time_scale=0.1, port_override={"lab-0": 0})
+    emu = handle.endpoints["lab-0"]
+    try:
+        at = emu.now() - 0.002  # engine time: 20 ms of real time ago at this time scale
+        first = emu.submit("r-1", list(range(5, 69)), 2, at=at)
+        second = emu.submit("r-2", list(range(5, 69)), 2, at=at + 0.001)
+        assert await first.queue.get() == 1
+        assert await second.queue.get() == 1
+        step = emu.roofline.step_time_s(64, 0, 0, 0)
+        assert first.request.first_token_time == pytest.approx(at + step)
+        assert second.request.first_scheduled_time == pytest.approx(at + step)
+        assert second.request.first_token_time > first.request.first_token_time
+    finally:
+        await handle.stop()
+
+
 @pytest.mark.parametrize(
     ("path", "body", "submits"),
     [

@@ -194,6 +194,23 @@ def test_max_num_seqs_caps_running_and_the_rest_wait() -> None:
     assert max(len(o.new_tokens) for o in outs) == 2
 
 
+def test_a_step_takes_only_requests_that_arrived_by_its_start() -> None:
+    """A request added with an arrival time after the step's start (a real-time caller adds
+    it when its handler runs, up to a millisecond or two late, and may start a step at an
+    earlier engine time) waits for the next step, and the FCFS queue behind it with it."""
+    engine = _engine()
+    engine.add_request(_req("a", [1] * 20, max_tokens=2, t=1.0), 1.0)
+    engine.add_request(_req("b", [2] * 20, max_tokens=2, t=1.0 + 1e-9), 1.0)
+    assert engine.first_arrival() == 1.0
+    out = engine.step(1.0)
+    assert set(out.new_tokens) == {"a"}
+    assert (engine.num_running, engine.num_waiting) == (1, 1)
+    assert out.end_s > 1.0 + 1e-9
+    out = engine.step(out.end_s)  # after b's arrival: b prefills beside a's decode
+    assert set(out.new_tokens) == {"a", "b"}
+    assert engine.first_arrival() is None
+
+
 def test_kv_usage_rises_while_running_and_falls_when_finished() -> None:
     engine = _engine(num_gpu_blocks=100)
     assert engine.kv_usage == 0.0

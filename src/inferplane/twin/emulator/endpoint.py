@@ -437,6 +437,11 @@ class EmulatedEndpoint:
             # spent handing out the previous step's tokens (HTTP handlers, other endpoints) is
             # not added to every step, unless the loop has fallen too far behind to catch up.
             start = now if step_end is None or now - step_end > MAX_LAG_S else step_end
+            if not engine.num_running and (first := engine.first_arrival()) is not None:
+                # an idle engine's step starts when its first waiting request arrived by the
+                # model (never after now); requests that arrived later wait for the next step,
+                # even when their handlers added them before this task got to run
+                start = max(start, first)
             out = engine.step(start)
             step_end = start + out.duration_s
             if out.duration_s > 0:

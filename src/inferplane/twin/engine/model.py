@@ -15,11 +15,12 @@ One step schedules one iteration the way ``vllm/v1/core/sched/scheduler.py`` doe
    recomputation — blocks freed, progress reset, put at the front of the waiting queue —
    until the allocation fits or the request has preempted itself.
 2. Then, only if nobody was preempted this step, waiting requests in FCFS order while token
-   budget, ``max_num_seqs`` and free blocks allow. A request scheduled with no progress is
-   looked up in the prefix cache first: it starts with its longest cached prefix of whole
-   blocks, never its last token (a full hit recomputes the last block). With chunked
-   prefill a prompt is split across steps by the budget; without it a prompt that does not
-   fit the remaining budget waits.
+   budget, ``max_num_seqs`` and free blocks allow (and only those that arrived by the step's
+   start: a real-time caller may add a request a little after its arrival time). A request
+   scheduled with no progress is looked up in the prefix cache first: it starts with its
+   longest cached prefix of whole blocks, never its last token (a full hit recomputes the
+   last block). With chunked prefill a prompt is split across steps by the budget; without
+   it a prompt that does not fit the remaining budget waits.
 
 Full blocks enter the prefix cache when they are allocated for computation (as vLLM does),
 so a request scheduled later in the same step already hits them. A request emits a token in
@@ -216,6 +217,10 @@ class Engine:
         self._release(req, RequestStatus.ABORTED)
         return True
 
+    def first_arrival(self) -> float | None:
+        """The arrival time of the request at the head of the waiting queue (None: empty)."""
+        return self._waiting[0].arrival_time if self._waiting else None
+
     def has_unfinished(self) -> bool:
         """Whether any request is waiting or running."""
         return bool(self._running or self._waiting)
@@ -362,6 +367,11 @@ class Engine:
         waiting = self._waiting
         while waiting and budget > 0 and len(running) < cfg.max_num_seqs:
             req = waiting[0]
+            if req.arrival_time > now:
+                # not in the queue yet when this step starts: a real-time caller (the emulator)
+                # adds a request when its handler gets to run, up to a millisecond or two after
+                # it arrived by the model, and may start a step at an earlier engine time
+                break
             plan = self._plan_prefill(req, budget)
             if plan is None or not self._allocate(req, *plan):
                 break
