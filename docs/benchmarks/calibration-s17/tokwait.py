@@ -3,15 +3,17 @@ three successors (384, 128, 32) are sent, with the fitted FCFS front end of arr-
 without a wait that grows with the prompt (k s per token beyond 32, taken out of the fixed
 wait so that a 32-token request is unchanged)."""
 import json, sys, heapq, statistics as st
-sys.path[:0] = ['/work/wt/calib/src']
+sys.path[:0] = ['src']  # run from the repository root
 from inferplane.physics.frontend import FrontEnd
 from inferplane.physics.roofline import Roofline
 from inferplane.physics.models import get_model
 from inferplane.physics.calibration import load_hardware_profile
 
-d = json.load(open('/tmp/calib/runs/arr-104617-report.json'))
-open('/tmp/calib/p2.yaml', 'w').write(d['calibration_profile'])
-hw = load_hardware_profile('/tmp/calib/p2.yaml'); r = Roofline(hw, get_model('tiny-llama'), 1, 'fp32')
+d = json.load(open('docs/benchmarks/calibration-s17/arr-104617-report.json'))
+import tempfile, os
+with tempfile.NamedTemporaryFile('w', suffix='.yaml', delete=False) as f:
+    f.write(d['calibration_profile'])
+hw = load_hardware_profile(f.name); os.unlink(f.name); r = Roofline(hw, get_model('tiny-llama'), 1, 'fp32')
 
 def first_token(reqs, k):
     fe = FrontEnd(hw.frontend_request_s, hw.frontend_token_s, hw.frontend_handoff_s)
