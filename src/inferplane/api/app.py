@@ -241,7 +241,8 @@ async def forward(
         try:
             reservation = attempt.reservation
             events = SSEUsageFilter() if strip_usage else None
-            relay = Dispatcher.relay(endpoint, resp, stats, attempt.response.first)
+            relay = Dispatcher.relay(endpoint, resp, stats, attempt.response.first,
+                                     gw.config.gateway.stream_coalesce_ms / 1000.0)
             async with contextlib.aclosing(relay) as chunks:
                 async for chunk in chunks:
                     if not reservation.prefilled:

@@ -408,10 +408,19 @@ class Dispatcher:
         resp: aiohttp.ClientResponse,
         stats: StreamStats,
         first: tuple[bytes, float] | None = None,
+        coalesce_s: float = 0.0,
     ) -> AsyncGenerator[bytes, None]:
         """Yield upstream chunks as they arrive (translated to OpenAI SSE for an ``anthropic``
         endpoint), recording timings and the usage line; ``first`` is a chunk `first_chunk`
         already read, with its arrival time.
+
+        With ``coalesce_s`` (``gateway.stream_coalesce_ms``) the chunks after the first are
+        relayed at most once per ``coalesce_s``: after each chunk handed on, the upstream
+        connection's reading is paused until ``coalesce_s`` after it, so what the engine sends
+        meanwhile waits in the socket's buffer and arrives as one read, relayed as one write —
+        one wake-up of the gateway for several events instead of one each. The first chunk is
+        never held (the time to first token is unchanged); later tokens reach the client in
+        groups, at most ``coalesce_s`` later than they would have.
 
         Raises `UpstreamError` if the upstream fails mid-stream, sends an error event or sends
         something that is not its dialect's SSE.
@@ -425,10 +434,13 @@ class Dispatcher:
         try:
             with _translate(endpoint), _stream_errors(endpoint):
                 pending = first if first is not None and first[0] else None
+                handed = None  # when the last chunk was handed on (coalescing)
                 while True:
                     if pending is not None:
                         (raw, now), pending = pending, None
                     else:
+                        if handed is not None:
+                            await _hold(resp, handed + coalesce_s)
                         raw = await resp.content.readany()  # what iter_any() does
                         if not raw:
                             break
@@ -441,6 +453,8 @@ class Dispatcher:
                         chunk = raw
                     stats.observe(chunk, now)
                     yield chunk
+                    if coalesce_s > 0:
+                        handed = time.perf_counter()
                 if translator is not None:
                     translator.close()
                 done = True
@@ -449,6 +463,25 @@ class Dispatcher:
                 resp.release()  # fully read: the connection goes back to the pool
             else:
                 resp.close()  # cut short (client gone, error): drop it so the engine aborts
+
+
+async def _hold(resp: aiohttp.ClientResponse, until: float) -> None:
+    """Leave the upstream's bytes in its socket until ``until`` (perf_counter seconds): its
+    transport stops reading meanwhile. Returns at once when the time has passed or the
+    upstream has already ended its answer (nothing more to gather)."""
+    wait = until - time.perf_counter()
+    if wait <= 0 or resp.content.is_eof():
+        return
+    conn = resp.connection
+    transport = conn.transport if conn is not None else None
+    if transport is None or transport.is_closing():
+        return
+    transport.pause_reading()
+    try:
+        await asyncio.sleep(wait)
+    finally:
+        if not transport.is_closing():
+            transport.resume_reading()
 
 
 @contextlib.contextmanager
