@@ -414,13 +414,16 @@ class Dispatcher:
         endpoint), recording timings and the usage line; ``first`` is a chunk `first_chunk`
         already read, with its arrival time.
 
-        With ``coalesce_s`` (``gateway.stream_coalesce_ms``) the chunks after the first are
-        relayed at most once per ``coalesce_s``: after each chunk handed on, the upstream
-        connection's reading is paused until ``coalesce_s`` after it, so what the engine sends
-        meanwhile waits in the socket's buffer and arrives as one read, relayed as one write —
-        one wake-up of the gateway for several events instead of one each. The first chunk is
-        never held (the time to first token is unchanged); later tokens reach the client in
-        groups, at most ``coalesce_s`` later than they would have.
+        With ``coalesce_s`` (``gateway.stream_coalesce_ms``) the tokens after the first are
+        relayed in groups: after each chunk handed on, once a chunk with generated text has gone
+        out and until one carries a ``finish_reason``, the upstream connection's reading is
+        paused until ``coalesce_s`` after it, so what the engine sends meanwhile waits in the
+        socket's buffer (on a plain-TCP upstream; TLS reads ahead) and arrives as one read,
+        relayed as one write — one wake-up of the gateway for several events instead of one
+        each. Nothing before the first text (a chat stream's role-only opening chunk) and
+        nothing after the finish reason (the usage chunk, ``[DONE]``) is held: the time to first
+        token and the end of the stream are unchanged; the tokens between reach the client in
+        groups, each at most ``coalesce_s`` later than it would have.
 
         Raises `UpstreamError` if the upstream fails mid-stream, sends an error event or sends
         something that is not its dialect's SSE.
@@ -435,6 +438,7 @@ class Dispatcher:
             with _translate(endpoint), _stream_errors(endpoint):
                 pending = first if first is not None and first[0] else None
                 handed = None  # when the last chunk was handed on (coalescing)
+                ended = False  # a finish reason went out (coalescing stops)
                 while True:
                     if pending is not None:
                         (raw, now), pending = pending, None
@@ -454,7 +458,9 @@ class Dispatcher:
                     stats.observe(chunk, now)
                     yield chunk
                     if coalesce_s > 0:
-                        handed = time.perf_counter()
+                        # hold from the first text on, not after the finish (_FINISH)
+                        ended = ended or _FINISH.search(chunk) is not None
+                        handed = None if ended or not stats.tokens else time.perf_counter()
                 if translator is not None:
                     translator.close()
                 done = True
@@ -463,6 +469,11 @@ class Dispatcher:
                 resp.release()  # fully read: the connection goes back to the pool
             else:
                 resp.close()  # cut short (client gone, error): drop it so the engine aborts
+
+
+_FINISH = re.compile(rb'"finish_reason"\s*:\s*"')
+"""A choice's finish reason (a string: not ``null``) in an OpenAI SSE chunk: the stream's last
+token went out; what follows (the usage chunk, ``[DONE]``) is not held (`Dispatcher.relay`)."""
 
 
 async def _hold(resp: aiohttp.ClientResponse, until: float) -> None:
