@@ -621,8 +621,8 @@ async def test_the_gateways_first_request_ends_the_idle_wait_at_once(
     next page is expected to show just those requests). The sleep here never ends by itself."""
     real_sleep = asyncio.sleep
 
-    def approx(x: float) -> object:  # the clock is real: a wait begins a little after its start
-        return pytest.approx(x, abs=0.05)
+    def approx(x: float) -> object:  # a frozen clock: every wait is exactly its length
+        return pytest.approx(x)
 
     scrapes: list[int] = []
     sleeps: list[float] = []
@@ -646,7 +646,7 @@ async def test_the_gateways_first_request_ends_the_idle_wait_at_once(
 
     monkeypatch.setattr("inferplane.fleet.scraper.asyncio.sleep", endless_sleep)
     scraper = Scraper(live, Source(), interval_s=0.1, max_duty=None, quiet_interval_s=1.0,
-                      quiet_busy=quiet_busy)
+                      quiet_busy=quiet_busy, clock=lambda: 0.0)
     task = asyncio.create_task(scraper._scrape_loop(endpoint(live, "eu-0")))
     held: list[Reservation] = []
     try:

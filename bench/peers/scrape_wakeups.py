@@ -147,7 +147,11 @@ def main(argv: list[str] | None = None) -> int:
                     busy = window(gw.pid, logs, a.load_s, (f"http://127.0.0.1:{port}", a.rps))
                 finally:
                     gw.terminate()
-                    gw.wait(15)
+                    try:
+                        gw.wait(15)
+                    except subprocess.TimeoutExpired:
+                        gw.kill()
+                        gw.wait()
                 rows[(tree, var)].append({"idle": idle, "load": busy})
                 for phase, r in (("idle", idle), ("load", busy)):
                     print(f"rep {rep} {tree:8s} {var:12s} {phase}: " + ", ".join(

@@ -114,11 +114,11 @@ class LoopLag:
 
 class LagDeadline:
     """`LoopLag.deadline`'s context manager (a class: the request path enters two a request,
-    and a generator-based one costs about twice as much). Entering it enters an
-    ``asyncio.timeout(None)`` (what it yields) and arms a check at ``seconds``: it subtracts the
-    lag lost since entry and re-arms itself for what is left, or expires the timeout once
-    nothing is left or ``max_s`` of wall time has passed. Leaving it cancels the pending check,
-    then leaves the timeout."""
+    and a generator-based one cost ~1.4 times as much: 16.0 against 11.5 µs to enter and
+    leave). Entering it enters an ``asyncio.timeout(None)`` (what it yields) and arms a check
+    at ``seconds``: it subtracts the lag lost since entry and re-arms itself for what is left,
+    or expires the timeout once nothing is left or ``max_s`` of wall time has passed. Leaving
+    it cancels the pending check, then leaves the timeout."""
 
     __slots__ = ("_cap", "_cm", "_handle", "_lag", "_loop", "_lost0", "_max_s", "_seconds",
                  "_start")

@@ -254,7 +254,8 @@ class Scraper:
     shared slots, its sibling replicas', at the fetch's start and at its end), is idle: its queue
     does not change until someone sends it a request. While that holds, each wait doubles, from
     the paced one up to ``quiet_interval_s`` (one sleep, timed on ``clock``: a late wake-up
-    shortens it, never lengthens it), and is cut short as soon as the gateway has a request in
+    shortens it, never lengthens it), and — without ``quiet_busy``, below — is cut short as
+    soon as the gateway has a request in
     flight there (its own from the moment it is reserved; with shared slots, its sibling
     replicas' when the slots' sync reports them, `LiveFleet.inflight_started`): an engine the
     gateway starts feeding is scraped at once and at the paced rate from then on, so under load
