@@ -536,3 +536,31 @@ def test_the_warm_up_replays_the_slices_first_seconds_through_the_relay(
     assert calls == [("python-proxy round_robin", -1, 30.0)] and a.duration == 120.0
     assert got["status"] == "ok" and got["ttft_ms"] == {"p90": 99.0}
     assert real_engines.warm_up(["u"], tmp_path / "f.yaml", a, tmp_path)["status"] == "failed"
+
+
+def test_cpu_per_request_counts_every_live_thread_in_nanoseconds() -> None:
+    """`cpu_per_request.cpu_ns` sums every thread's schedstat: a thread that is still alive and
+    has run adds its time to the process's."""
+    import os
+    import threading
+
+    from bench.peers.cpu_per_request import cpu_ns
+
+    pid = os.getpid()
+    done, stop = threading.Event(), threading.Event()
+
+    def spin() -> None:
+        sum(range(2_000_000))
+        done.set()
+        stop.wait(10)
+
+    before = cpu_ns(pid)
+    t = threading.Thread(target=spin)
+    t.start()
+    try:
+        assert done.wait(10)
+        spun = int((Path(f"/proc/{pid}/task/{t.native_id}/schedstat")).read_text().split()[0])
+        assert spun > 0 and cpu_ns(pid) - before >= spun  # the live thread's time is counted
+    finally:
+        stop.set()
+        t.join()
