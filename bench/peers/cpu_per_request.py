@@ -48,7 +48,12 @@ for _p in (str(ROOT / "src"), str(ROOT)):
 
 from bench.peers import client, real_engines  # noqa: E402
 from bench.peers.burst_transit import start_engines  # noqa: E402
-from bench.peers.gateway_gap import HEADERS, bench_slice, gateway_config  # noqa: E402
+from bench.peers.gateway_gap import (  # noqa: E402
+    HEADERS,
+    bench_slice,
+    gateway_config,
+    start_gateway,
+)
 from bench.peers.procs import free_port  # noqa: E402
 
 
@@ -81,18 +86,6 @@ def start_proxy(urls: list[str], work: Path) -> tuple[subprocess.Popen[bytes], i
                              stdout=log, stderr=subprocess.STDOUT)
     wait_up(f"http://127.0.0.1:{port}", p, "python_proxy")
     return p, port
-
-
-def start_gateway(tree: Path, config: Path, port: int, work: Path, name: str
-                  ) -> subprocess.Popen[bytes]:
-    with (work / f"gateway-{name}.log").open("wb") as log:
-        p = subprocess.Popen([sys.executable, "-m", "inferplane.cli", "serve", "--config",
-                              str(config), "--log-level", "warning"], stdout=log,
-                             stderr=subprocess.STDOUT, cwd=tree,
-                             env={**os.environ, "PYTHONPATH": str(tree / "src"),
-                                  "HF_HUB_OFFLINE": "1"})
-    wait_up(f"http://127.0.0.1:{port}", p, f"gateway {name}", "/ready")
-    return p
 
 
 def stop(p: subprocess.Popen[bytes]) -> None:
@@ -138,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
                     port = free_port()
                     conf = gateway_config([e for e, _ in engines], port, variants[var], work,
                                           f"{tree or 'this'}-{var}")
-                    p = start_gateway(trees[tree], conf, port, work, f"{name}-{rep}")
+                    p = start_gateway(conf, work / f"gateway-{name}-{rep}.log",
+                                      tree=trees[tree])
                 spy = None
                 try:
                     time.sleep(2)

@@ -201,15 +201,18 @@ def gateway_config(engines: list[tuple[str, str]], port: int, sets: str, work: P
     return out
 
 
-def start_gateway(config: Path, log: Path, python: str = sys.executable
+def start_gateway(config: Path, log: Path, python: str = sys.executable, tree: Path = ROOT
                   ) -> subprocess.Popen[bytes]:
+    """The gateway of checkout ``tree`` (its ``src`` first on the path) serving ``config``, run
+    by ``python``, once it answers ``/ready``; its output to ``log``."""
     cfg = yaml.safe_load(config.read_text())
     base = f"http://127.0.0.1:{cfg['gateway']['port']}"
-    p = subprocess.Popen([python, "-m", "inferplane.cli", "serve", "--config", str(config),
-                          "--log-level", "warning"], stdout=log.open("wb"),
-                         stderr=subprocess.STDOUT, cwd=ROOT,
-                         env={**os.environ, "PYTHONPATH": str(ROOT / "src"),
-                              "HF_HUB_OFFLINE": "1"})
+    with log.open("wb") as out:
+        p = subprocess.Popen([python, "-m", "inferplane.cli", "serve", "--config", str(config),
+                              "--log-level", "warning"], stdout=out,
+                             stderr=subprocess.STDOUT, cwd=tree,
+                             env={**os.environ, "PYTHONPATH": str(tree / "src"),
+                                  "HF_HUB_OFFLINE": "1"})
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:

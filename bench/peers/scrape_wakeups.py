@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 
 import httpx
-import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 for _p in (str(ROOT / "src"), str(ROOT)):
@@ -42,29 +41,10 @@ from bench.peers.gateway_gap import (  # noqa: E402
     gateway_config,
     proc_cpu_s,
     start_fake,
+    start_gateway,
     switches,
 )
 from bench.peers.procs import free_port  # noqa: E402
-
-
-def start_gateway(tree: Path, config: Path, log: Path) -> subprocess.Popen[bytes]:
-    """The gateway of ``tree`` (its ``src`` first on the path) with ``config``, once ready."""
-    base = f"http://127.0.0.1:{yaml.safe_load(config.read_text())['gateway']['port']}"
-    p = subprocess.Popen([sys.executable, "-m", "inferplane.cli", "serve", "--config",
-                          str(config), "--log-level", "warning"], stdout=log.open("wb"),
-                         stderr=subprocess.STDOUT, cwd=tree,
-                         env={**os.environ, "PYTHONPATH": str(tree / "src"),
-                              "HF_HUB_OFFLINE": "1"})
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{base}/ready", timeout=1).status_code == 200:
-                return p
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    p.kill()
-    raise RuntimeError(f"gateway {config} not ready: {log.read_text()[-2000:]}")
 
 
 def scrapes(logs: list[Path]) -> int:
@@ -140,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
             for tree, var in runs if rep % 2 == 0 else runs[::-1]:
                 port = free_port()
                 cfg = gateway_config(engines, port, variants[var], work, f"{tree}-{var}-{rep}")
-                gw = start_gateway(trees[tree], cfg, work / f"gateway-{tree}-{var}-{rep}.log")
+                gw = start_gateway(cfg, work / f"gateway-{tree}-{var}-{rep}.log",
+                                   tree=trees[tree])
                 try:
                     time.sleep(3)
                     idle = window(gw.pid, logs, a.idle_s, None)
