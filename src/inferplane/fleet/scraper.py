@@ -255,11 +255,10 @@ class Scraper:
     does not change until someone sends it a request. While that holds, each wait doubles, from
     the paced one up to ``quiet_interval_s`` (one sleep, timed on ``clock``: a late wake-up
     shortens it, never lengthens it), and — without ``quiet_busy``, below — is cut short as
-    soon as the gateway has a request in
-    flight there (its own from the moment it is reserved; with shared slots, its sibling
-    replicas' when the slots' sync reports them, `LiveFleet.inflight_started`): an engine the
-    gateway starts feeding is scraped at once and at the paced rate from then on, so under load
-    nothing is staler than before.
+    soon as the gateway has a request in flight there (its own from the moment it is reserved;
+    with shared slots, its sibling replicas' when the slots' sync reports them,
+    `LiveFleet.inflight_started`): an engine the gateway starts feeding is scraped at once and
+    at the paced rate from then on, so under load nothing is staler than before.
     The first page that shows a request (the gateway's or anyone's), an unreadable page or one
     without the running and waiting gauges puts the loop back on the paced wait. What idle back-
     off gives up: another client's traffic to an idle engine is seen up to ``quiet_interval_s``
