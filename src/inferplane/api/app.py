@@ -372,6 +372,8 @@ async def metrics(request: web.Request) -> web.Response:
     now = asyncio.get_running_loop().time()
     m.loop_lost.set(gw.lag.lost_at(now))
     m.loop_lag_max.set(gw.lag.recent_max_s(now))
+    m.send_gate_requests.set(gw.turn_gate.held)
+    m.send_gate_openings.set(gw.turn_gate.opened)
     for name, p in gw.pool_health().items():
         m.pool_queue_trend.labels(name).set(p.queue_trend)
         m.pool_kv_pressure.labels(name, "mean").set(p.kv_mean or 0.0)

@@ -235,6 +235,14 @@ class GatewaySpec(Strict):
         "up to this much later (keep it well under the classes' itl_slo_ms). 0: every chunk "
         "as it arrives",
     )
+    send_bursts_together: bool = Field(
+        False,
+        description="requests that arrive together (queued on the gateway's event loop in one "
+        "turn: a burst) are all admitted and placed before any is sent upstream, then sent "
+        "back to back; a lone request waits one turn of the loop. Where the engines share the "
+        "gateway's cores, the first request's prefill then does not slow the placement of the "
+        "rest of its burst. false: each request is sent as soon as it is placed",
+    )
     connect_timeout_s: float = Field(2.0, gt=0)
     upstream_timeout_s: float = Field(600.0, gt=0, description="whole-request upstream limit")
     max_replacements: int = Field(

@@ -32,6 +32,7 @@ from inferplane.config.loader import parse_config, read_text
 from inferplane.config.schema import FleetConfig, ModelAlias, TenantSpec
 from inferplane.core.reload import policies_changed, refreeze_after_reload, restart_needed
 from inferplane.dispatch.answer import StreamStats, UpstreamAttemptFailed, parse_usage
+from inferplane.dispatch.turns import TurnGate
 from inferplane.economics.render import refresher_for
 from inferplane.errors import (
     AuthenticationError,
@@ -180,6 +181,7 @@ class Core:
         # request path, health probes and Redis calls count running time only
         # (`inferplane.looplag`), each up to its wall-time cap
         self.lag = LoopLag()
+        self.turn_gate = TurnGate()  # gateway.send_bursts_together
         self.admission = Admission(
             config,
             self.live,
@@ -830,7 +832,9 @@ class Core:
         raises `UpstreamAttemptFailed`) while eligible endpoints remain, at most
         ``gateway.max_replacements`` times, each drawing on the retry budget
         (`admission.retry.RetryBudget`); a re-placement avoids the failed endpoints and, where
-        it can, their failure domains and zones (the ``failure-domain`` filter)."""
+        it can, their failure domains and zones (the ``failure-domain`` filter). With
+        ``gateway.send_bursts_together`` a placed request waits at `turn_gate` for the rest of
+        its burst to be placed before it is sent (`dispatch.turns`)."""
         failed: list[str] = []
         await self.recall_session(profile)
         self.admission.retry_budget.record_request()
@@ -854,6 +858,9 @@ class Core:
             trace = placement.trace
             trace.upstream_started(view.endpoint, profile.model)
             try:
+                if self.config.gateway.send_bursts_together:
+                    # the rest of a burst is placed before this one goes out (dispatch.turns)
+                    await self.turn_gate.wait()
                 resp = await send(view.endpoint, self.first_byte_timeout(decision))
             except UpstreamAttemptFailed as exc:
                 reservation.release()

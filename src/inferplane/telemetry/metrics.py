@@ -150,6 +150,17 @@ class GatewayMetrics:
             "The worst event-loop lateness in the last 60 s",
             registry=r,
         )
+        self.send_gate_requests = Gauge(
+            "inferplane_send_gate_requests_total",
+            "Requests held after placement until the rest of their burst was placed "
+            "(gateway.send_bursts_together; inferplane.dispatch.turns)",
+            registry=r,
+        )
+        self.send_gate_openings = Gauge(
+            "inferplane_send_gate_openings_total",
+            "Times the send gate opened: requests / openings is the mean burst sent together",
+            registry=r,
+        )
         self._admission_metrics(r)
         self._health_metrics(r)
 
