@@ -31,27 +31,42 @@ async def test_callers_of_one_turn_pass_together_at_the_next() -> None:
 
     await asyncio.gather(*(one(i) for i in range(3)))
     assert log == ["placed 0", "placed 1", "placed 2", "sent 0", "sent 1", "sent 2"]
-    assert (gate.opened, gate.held) == (1, 3)
+    assert (gate.groups, gate.held) == (1, 3)
 
 
-async def test_a_lone_caller_waits_one_turn() -> None:
+async def test_a_caller_resumes_in_the_next_turn_behind_what_was_queued() -> None:
     gate, log = TurnGate(), []
+    loop = asyncio.get_running_loop()
+    turns = [0]
 
-    async def other() -> None:
-        log.append("other")
+    def tick() -> None:  # one call per turn of the loop
+        turns[0] += 1
+        if turns[0] < 10:
+            loop.call_soon(tick)
 
     async def one() -> None:
-        asyncio.get_running_loop().call_soon(log.append, "queued before")
+        loop.call_soon(log.append, "queued before")
+        start = turns[0]
         await gate.wait()
         log.append("sent")
+        assert turns[0] - start == 1  # one turn, not two
 
-    await asyncio.gather(one(), other())
-    # everything queued before the gate was first waited on runs first
-    assert log == ["other", "queued before", "sent"]
-    assert (gate.opened, gate.held) == (1, 1)
+    loop.call_soon(tick)
+    await asyncio.sleep(0)  # the ticker is running
+    await one()
+    assert log == ["queued before", "sent"]
+    assert (gate.groups, gate.held) == (1, 1)
 
 
-async def test_a_cancelled_caller_does_not_hold_up_or_cancel_the_others() -> None:
+async def test_groups_of_successive_turns_are_counted_apart() -> None:
+    gate = TurnGate()
+    await asyncio.gather(gate.wait(), gate.wait())
+    await asyncio.sleep(0)  # the gate's bookkeeping of that turn has run
+    await gate.wait()
+    assert (gate.groups, gate.held) == (2, 3)
+
+
+async def test_a_cancelled_caller_does_not_hold_up_the_others() -> None:
     gate = TurnGate()
     first = asyncio.create_task(gate.wait())
     second = asyncio.create_task(gate.wait())
@@ -59,9 +74,20 @@ async def test_a_cancelled_caller_does_not_hold_up_or_cancel_the_others() -> Non
     first.cancel()
     await asyncio.wait_for(second, 5)  # a liveness bound
     assert first.cancelled() and second.done() and not second.cancelled()
-    # the next turn's callers get a new opening
-    await asyncio.wait_for(gate.wait(), 5)
-    assert gate.opened == 2
+
+
+def test_a_gate_left_by_a_closed_loop_still_works_on_the_next() -> None:
+    gate = TurnGate()
+    first = asyncio.new_event_loop()
+    left: list[asyncio.Task[None]] = []
+
+    async def start() -> None:
+        left.append(first.create_task(gate.wait()))
+
+    first.run_until_complete(start())  # the group's bookkeeping callback never runs
+    first.close()
+    asyncio.run(asyncio.wait_for(gate.wait(), 5))  # passes (a liveness bound)
+    assert (gate.groups, gate.held) == (2, 2)  # and counts a new group
 
 
 # -- on the request path --------------------------------------------------------------------
@@ -69,6 +95,7 @@ async def test_a_cancelled_caller_does_not_hold_up_or_cancel_the_others() -> Non
 
 def _config(port: int, together: bool) -> str:
     text = config(port)
+    assert text.count("gateway: {") == 1
     return text.replace("gateway: {", f"gateway: {{send_bursts_together: {str(together).lower()}, ")
 
 
@@ -128,7 +155,7 @@ async def test_a_burst_is_placed_whole_before_any_request_is_sent(
 ) -> None:
     log, gw = await _burst(upstream, True, 4, monkeypatch)
     assert log == ["placed"] * 4 + ["sent"] * 4
-    assert (gw.turn_gate.opened, gw.turn_gate.held) == (1, 4)
+    assert (gw.turn_gate.groups, gw.turn_gate.held) == (1, 4)
 
 
 async def test_without_it_each_request_is_sent_as_soon_as_it_is_placed(
@@ -136,4 +163,37 @@ async def test_without_it_each_request_is_sent_as_soon_as_it_is_placed(
 ) -> None:
     log, gw = await _burst(upstream, False, 4, monkeypatch)
     assert log == ["placed", "sent"] * 4
-    assert gw.turn_gate.opened == 0
+    assert (gw.turn_gate.groups, gw.turn_gate.held) == (0, 0)
+
+
+async def test_a_request_cancelled_at_the_gate_is_released_and_recorded(
+    upstream: HeldUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The client goes away while its placed request waits for the rest of its burst: its
+    reservation is released, nothing reaches the upstream and the record says 499."""
+    gw = Gateway(parse_config(_config(upstream.port, True)))
+    runner = await serve(gw, "127.0.0.1", free_port())
+    reached = asyncio.Event()
+    wait = TurnGate.wait
+
+    async def at_gate(gate: TurnGate) -> None:
+        reached.set()
+        await wait(gate)
+
+    monkeypatch.setattr(TurnGate, "wait", at_gate)
+    try:
+        tenant = gw.authenticate(f"Bearer {KEY}")
+        body = {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}
+        profile = gw.classify("chat", body, {}, tenant)
+        task = asyncio.create_task(gw.open("chat", profile, orjson.dumps(body)))
+        await asyncio.wait_for(reached.wait(), 5)  # placed and reserved, now at the gate
+        assert gw.live.live["up"].inflight == 1
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert gw.live.live["up"].inflight == 0
+        assert upstream.arrived == []
+        record = gw.ledger.get(profile.request_id)
+        assert record is not None and record["outcome"]["status"] == 499, record
+    finally:
+        await runner.cleanup()

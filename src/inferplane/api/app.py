@@ -373,7 +373,7 @@ async def metrics(request: web.Request) -> web.Response:
     m.loop_lost.set(gw.lag.lost_at(now))
     m.loop_lag_max.set(gw.lag.recent_max_s(now))
     m.send_gate_requests.set(gw.turn_gate.held)
-    m.send_gate_openings.set(gw.turn_gate.opened)
+    m.send_gate_groups.set(gw.turn_gate.groups)
     for name, p in gw.pool_health().items():
         m.pool_queue_trend.labels(name).set(p.queue_trend)
         m.pool_kv_pressure.labels(name, "mean").set(p.kv_mean or 0.0)

@@ -237,11 +237,13 @@ class GatewaySpec(Strict):
     )
     send_bursts_together: bool = Field(
         False,
-        description="requests that arrive together (queued on the gateway's event loop in one "
-        "turn: a burst) are all admitted and placed before any is sent upstream, then sent "
-        "back to back; a lone request waits one turn of the loop. Where the engines share the "
-        "gateway's cores, the first request's prefill then does not slow the placement of the "
-        "rest of its burst. false: each request is sent as soon as it is placed",
+        description="a placed request waits one turn of the gateway's event loop before it is "
+        "sent, behind the requests queued with it: the requests read together (a burst on "
+        "kept-alive connections, with no admission step that waits) are all placed, then sent "
+        "back to back. Where the engines share the gateway's cores, the first request's "
+        "prefill then does not slow the placement of the rest; requests read in successive "
+        "polls (new connections) or held in admission go in smaller groups. false: each "
+        "request is sent as soon as it is placed",
     )
     connect_timeout_s: float = Field(2.0, gt=0)
     upstream_timeout_s: float = Field(600.0, gt=0, description="whole-request upstream limit")

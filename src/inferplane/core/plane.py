@@ -856,11 +856,11 @@ class Core:
             view = decision.picked
             assert view is not None
             trace = placement.trace
-            trace.upstream_started(view.endpoint, profile.model)
             try:
                 if self.config.gateway.send_bursts_together:
                     # the rest of a burst is placed before this one goes out (dispatch.turns)
                     await self.turn_gate.wait()
+                trace.upstream_started(view.endpoint, profile.model)
                 resp = await send(view.endpoint, self.first_byte_timeout(decision))
             except UpstreamAttemptFailed as exc:
                 reservation.release()

@@ -1,15 +1,19 @@
-"""`TurnGate`: hold requests until the event loop's current turn has run everything queued.
+"""`TurnGate`: a placed request waits one turn of the event loop, behind the rest of its burst.
 
 A burst's requests reach the gateway together: their handlers are queued on the loop in one turn
 and each runs its pre-send path (classify, admit, place, reserve) in turn. Sent at once, the
 first request starts its prefill on an engine while the gateway is still placing the others;
 where the engines share the gateway's cores (a node that runs both, the real-engine bench's
-two-core host), that prefill takes the CPU the rest of the burst's placement needs, and the
-last request of the burst goes out late. With ``gateway.send_bursts_together`` every request
-waits at the gate after it is placed: the gate opens once the loop has run the callbacks that
-were queued when the first one arrived (the rest of the burst), so the whole burst is placed
-first and then sent, back to back. A lone request waits one turn of the loop (microseconds on an
-idle gateway).
+two-core host), that prefill takes the CPU the rest of the burst's placement needs, and the last
+request of the burst goes out late. With ``gateway.send_bursts_together`` every placed request
+yields once before it is sent: it resumes in the next turn, behind every handler queued in this
+one, so the requests whose handlers ran in one turn are all placed first and then sent, back to
+back. A lone request resumes one turn later (microseconds on an idle gateway).
+
+What counts as a burst is what the loop sees: requests read from their sockets in one poll whose
+pre-send path does not wait (no Redis admission store, shared slots, session lookup in Redis or
+admission-queue wait before the send). Requests on new connections, read in successive polls,
+and those that wait in admission go out in smaller groups.
 """
 
 from __future__ import annotations
@@ -18,33 +22,32 @@ import asyncio
 
 
 class TurnGate:
-    """Callers of `wait` in one turn of the loop are released together, at the next turn.
+    """`wait` returns in the next turn of the loop; the callers of one turn resume in the order
+    they came, after every callback that was queued before them.
 
-    One gate per event loop user (a gateway); a cancelled waiter leaves the others waiting for
-    the same opening. ``opened`` and ``held`` count openings and the requests they released
-    (``held / opened`` is the mean burst the gate gathered)."""
+    ``groups`` and ``held`` count the turns that had callers and the callers (re-placed attempts
+    and callers cancelled while they wait included): ``held / groups`` is the mean group sent
+    together."""
 
-    __slots__ = ("_waiters", "held", "opened")
+    __slots__ = ("_open", "groups", "held")
 
     def __init__(self) -> None:
-        self._waiters: list[asyncio.Future[None]] = []
-        self.opened = 0
+        # the loop on which a group is being gathered in this turn (None: no group open); a
+        # loop that stopped before closing its group leaves it behind, and the next loop's
+        # first caller starts a new one
+        self._open: asyncio.AbstractEventLoop | None = None
+        self.groups = 0
         self.held = 0
 
     async def wait(self) -> None:
+        self.held += 1
         loop = asyncio.get_running_loop()
-        fut: asyncio.Future[None] = loop.create_future()
-        if not self._waiters:
-            # call_soon appends behind every callback already queued for this turn: the other
-            # handlers of the burst run (and reach this gate) before it opens
-            loop.call_soon(self._open)
-        self._waiters.append(fut)
-        await fut
+        if self._open is not loop:
+            self._open = loop
+            self.groups += 1
+            # runs after this turn's callbacks (no caller waits on it: nothing to strand)
+            loop.call_soon(self._close)
+        await asyncio.sleep(0)  # resumes next turn, behind the handlers queued in this one
 
-    def _open(self) -> None:
-        waiters, self._waiters = self._waiters, []
-        self.opened += 1
-        self.held += len(waiters)
-        for fut in waiters:
-            if not fut.done():  # a cancelled waiter
-                fut.set_result(None)
+    def _close(self) -> None:
+        self._open = None

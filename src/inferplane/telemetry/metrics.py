@@ -152,13 +152,13 @@ class GatewayMetrics:
         )
         self.send_gate_requests = Gauge(
             "inferplane_send_gate_requests_total",
-            "Requests held after placement until the rest of their burst was placed "
-            "(gateway.send_bursts_together; inferplane.dispatch.turns)",
+            "Placed requests (and re-placed attempts) that waited for the rest of their burst "
+            "before being sent (gateway.send_bursts_together; inferplane.dispatch.turns)",
             registry=r,
         )
-        self.send_gate_openings = Gauge(
-            "inferplane_send_gate_openings_total",
-            "Times the send gate opened: requests / openings is the mean burst sent together",
+        self.send_gate_groups = Gauge(
+            "inferplane_send_gate_groups_total",
+            "Groups of requests sent together: requests / groups is the mean group",
             registry=r,
         )
         self._admission_metrics(r)
