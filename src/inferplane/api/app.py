@@ -241,8 +241,10 @@ async def forward(
         try:
             reservation = attempt.reservation
             events = SSEUsageFilter() if strip_usage else None
-            relay = Dispatcher.relay(endpoint, resp, stats, attempt.response.first,
-                                     gw.config.gateway.stream_coalesce_ms / 1000.0)
+            g = gw.config.gateway
+            relay = gw.dispatcher.relay(endpoint, resp, stats, attempt.response.first,
+                                        g.stream_coalesce_ms / 1000.0,
+                                        g.stream_coalesce_min_streams)
             async with contextlib.aclosing(relay) as chunks:
                 async for chunk in chunks:
                     if not reservation.prefilled:
@@ -372,6 +374,8 @@ async def metrics(request: web.Request) -> web.Response:
     now = asyncio.get_running_loop().time()
     m.loop_lost.set(gw.lag.lost_at(now))
     m.loop_lag_max.set(gw.lag.recent_max_s(now))
+    m.streams_relayed.set(gw.dispatcher.streams)
+    m.coalesce_holds.set(gw.dispatcher.holds)
     for name, p in gw.pool_health().items():
         m.pool_queue_trend.labels(name).set(p.queue_trend)
         m.pool_kv_pressure.labels(name, "mean").set(p.kv_mean or 0.0)

@@ -232,8 +232,19 @@ class GatewaySpec(Strict):
         "the connection's socket until this long after it and sends what gathered as one "
         "write. Fewer wake-ups and writes per streamed token (the gateway's CPU per request on "
         "a loaded host); the first token is never held, later ones reach the client in groups "
-        "up to this much later (keep it well under the classes' itl_slo_ms). 0: every chunk "
-        "as it arrives",
+        "up to this much later (keep it well under the classes' itl_slo_ms). Only while at "
+        "least stream_coalesce_min_streams streams are being relayed (a lone stream is not "
+        "held). 0: every chunk as it arrives",
+    )
+    stream_coalesce_min_streams: int = Field(
+        4,
+        ge=1,
+        description="stream_coalesce_ms holds a stream's next bytes only while at least this "
+        "many streams are being relayed by this gateway process at that moment (counted per "
+        "gateway: a stream from when its relay starts to when it ends, errs or its client "
+        "goes); with fewer, every chunk is relayed as it arrives, as with stream_coalesce_ms "
+        "0, so a lone client's token pacing is unchanged. 1: hold whenever a stream is relayed. "
+        "The holds are counted in inferplane_stream_coalesce_holds_total",
     )
     connect_timeout_s: float = Field(2.0, gt=0)
     upstream_timeout_s: float = Field(600.0, gt=0, description="whole-request upstream limit")
