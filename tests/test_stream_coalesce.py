@@ -1,10 +1,15 @@
 """`gateway.stream_coalesce_ms`: a stream's chunks after the first are relayed in groups, through
 the real gateway over loopback, with nothing lost, the first chunk alone and the request
-accounted as without it."""
+accounted as without it; only while `gateway.stream_coalesce_min_streams` streams are relayed by
+that gateway (its dispatcher's count, back to 0 however a stream ends)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import re
+import time
+from collections.abc import AsyncIterator
 
 import aiohttp
 import orjson
@@ -14,22 +19,38 @@ from aiohttp import web
 from inferplane.api.app import serve
 from inferplane.api.pipeline import Gateway, hash_key
 from inferplane.config.loader import parse_config
+from inferplane.config.schema import GatewaySpec
 from inferplane.dispatch import upstream
 from inferplane.dispatch.answer import StreamStats
 from tests.support.procs import free_port
 
 KEY = "sk-coalesce"
 TOKENS = 12
+CUT = "cut"  # a completion prompt the engine answers with 3 tokens, then a dropped connection
+BARRIER: web.AppKey[asyncio.Barrier] = web.AppKey("barrier", asyncio.Barrier)
 
 
 async def _engine(request: web.Request) -> web.StreamResponse:
     """Streams TOKENS text events, 10 ms apart after a 50 ms pause behind the first (a chat
     stream opens with a role-only chunk 1 ms before it), the last with a finish reason, then
-    the usage chunk and [DONE] 20 ms later; each event as its own write."""
+    the usage chunk and [DONE] 20 ms later; each event as its own write. With a barrier in the
+    app, each answer starts once that many requests have arrived (at any of the engines that
+    share it); the prompt CUT is answered with 3 tokens and then the connection is dropped."""
     body = orjson.loads(await request.read())
     chat = request.path.endswith("/chat/completions")
+    barrier = request.app.get(BARRIER)
+    if barrier is not None:
+        await asyncio.wait_for(barrier.wait(), 10)
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
     await resp.prepare(request)
+    if body.get("prompt") == CUT:
+        for i in range(3):
+            event = {"choices": [{"index": 0, "text": f"t{i} ", "finish_reason": None}]}
+            await resp.write(b"data: " + orjson.dumps(event) + b"\n\n")
+            await asyncio.sleep(0.02)
+        assert request.transport is not None
+        request.transport.abort()  # mid-stream: no more events, no [DONE], no chunked end
+        return resp
     if chat:
         role = {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                              "finish_reason": None}]}
@@ -54,9 +75,13 @@ async def _health(request: web.Request) -> web.Response:
     return web.Response(text="")
 
 
-async def _stack(coalesce_ms: float) -> tuple[Gateway, web.AppRunner, web.AppRunner, str]:
+async def _stack(
+    coalesce_ms: float, min_streams: int = 1, barrier: asyncio.Barrier | None = None
+) -> tuple[Gateway, web.AppRunner, web.AppRunner, str]:
     up_port, gw_port = free_port(), free_port()
     app = web.Application()
+    if barrier is not None:
+        app[BARRIER] = barrier
     app.router.add_post("/v1/completions", _engine)
     app.router.add_post("/v1/chat/completions", _engine)
     app.router.add_get("/health", _health)
@@ -64,8 +89,9 @@ async def _stack(coalesce_ms: float) -> tuple[Gateway, web.AppRunner, web.AppRun
     await up.setup()
     await web.TCPSite(up, "127.0.0.1", up_port).start()
     config = parse_config(f"""
-gateway: {{port: {gw_port}, stream_coalesce_ms: {coalesce_ms}, scrape_interval_s: 60,
-           health_interval_s: 60}}
+gateway: {{port: {gw_port}, stream_coalesce_ms: {coalesce_ms},
+           stream_coalesce_min_streams: {min_streams}, scrape_interval_s: 60,
+           health_interval_s: 60, metrics: {{public: true}}}}
 substrates:
   - name: pool
     kind: gpu
@@ -89,24 +115,39 @@ CHAT = {"model": "m", "messages": [{"role": "user", "content": "a b c"}], "max_t
 COMPLETION = {"model": "m", "prompt": "a b c", "max_tokens": TOKENS, "stream": True}
 
 
-async def _stream(coalesce_ms: float, chat: bool = False
-                  ) -> tuple[list[bytes], dict[str, object]]:
-    """The chunks the client read, and the request's ledger outcome."""
-    gw, runner, up, base = await _stack(coalesce_ms)
-    path, body = ("/v1/chat/completions", CHAT) if chat else ("/v1/completions", COMPLETION)
+@contextlib.asynccontextmanager
+async def _gateway(
+    coalesce_ms: float, min_streams: int = 1, barrier: asyncio.Barrier | None = None
+) -> AsyncIterator[tuple[Gateway, str]]:
+    """A gateway (and its engine) serving at the URL it yields, stopped after."""
+    gw, runner, up, base = await _stack(coalesce_ms, min_streams, barrier)
     try:
-        async with (
-            aiohttp.ClientSession(headers={"Authorization": f"Bearer {KEY}"}) as s,
-            s.post(base + path, json=body) as r,
-        ):
-            assert r.status == 200, await r.text()
-            chunks = [c async for c in r.content.iter_any()]
-            did = r.headers["x-inferplane-decision-id"]
-        outcome = gw.ledger.get(did)["outcome"]  # type: ignore[index]
-        return chunks, outcome
+        yield gw, base
     finally:
         await runner.cleanup()
         await up.cleanup()
+
+
+async def _read(base: str, chat: bool = False) -> tuple[list[bytes], str]:
+    """One streamed request: the chunks the client read, and its decision id."""
+    path, body = ("/v1/chat/completions", CHAT) if chat else ("/v1/completions", COMPLETION)
+    async with (
+        aiohttp.ClientSession(headers={"Authorization": f"Bearer {KEY}"}) as s,
+        s.post(base + path, json=body) as r,
+    ):
+        assert r.status == 200, await r.text()
+        chunks = [c async for c in r.content.iter_any()]
+        return chunks, r.headers["x-inferplane-decision-id"]
+
+
+async def _stream(coalesce_ms: float, chat: bool = False
+                  ) -> tuple[list[bytes], dict[str, object]]:
+    """The chunks the client read, and the request's ledger outcome."""
+    async with _gateway(coalesce_ms) as (gw, base):
+        chunks, did = await _read(base, chat)
+        outcome = gw.ledger.get(did)["outcome"]  # type: ignore[index]
+        assert gw.dispatcher.streams == 0
+        return chunks, outcome
 
 
 def _text(event: bytes) -> str:
@@ -153,9 +194,9 @@ async def test_holds_start_at_the_first_text_and_end_at_the_finish(
     seen: list[bytes] = []  # what the relay had read when it asked for each hold
     real_hold = upstream._hold
 
-    async def recorded(resp: aiohttp.ClientResponse, until: float) -> None:
+    async def recorded(resp: aiohttp.ClientResponse, until: float) -> bool:
         seen.append(b"".join(bytes(c) for c in read))
-        await real_hold(resp, until)
+        return await real_hold(resp, until)
 
     read: list[bytes] = []
     real_observe = StreamStats.observe
@@ -172,3 +213,133 @@ async def test_holds_start_at_the_first_text_and_end_at_the_finish(
         events = _events([before])
         assert any(_text(e) for e in events), "held before the first text"
         assert b'"finish_reason":"length"' not in before, "held after the finish reason"
+
+
+def _data_chunks(chunks: list[bytes]) -> list[bytes]:
+    """The chunks after the first that carry token events (each read of the client)."""
+    return [c for c in chunks[1:] if b"data: {" in c]
+
+
+def _count_holds(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """Every call of `upstream._hold` from now on (its ``until``), recorded before it runs."""
+    calls: list[float] = []
+    real_hold = upstream._hold
+
+    async def counted(resp: aiohttp.ClientResponse, until: float) -> bool:
+        calls.append(until)
+        return await real_hold(resp, until)
+
+    monkeypatch.setattr(upstream, "_hold", counted)
+    return calls
+
+
+async def _until_no_stream(gw: Gateway, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while gw.dispatcher.streams and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    assert gw.dispatcher.streams == 0, "a relay ended without its stream uncounted"
+
+
+def test_min_streams_defaults_to_4_and_is_at_least_1() -> None:
+    assert GatewaySpec().stream_coalesce_min_streams == 4
+    assert GatewaySpec().stream_coalesce_ms == 0
+    with pytest.raises(ValueError, match="stream_coalesce_min_streams"):
+        GatewaySpec(stream_coalesce_min_streams=0)
+
+
+async def test_a_lone_stream_is_not_held_below_min_streams(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """min_streams 2: one stream at a time is relayed chunk by chunk, as with coalescing off,
+    however long the hold would be."""
+    calls = _count_holds(monkeypatch)
+    async with _gateway(500.0, min_streams=2) as (gw, base):
+        for chat in (False, True):
+            chunks, _ = await _read(base, chat)
+            texts = [t for e in _events(chunks) if e != b"data: [DONE]" and (t := _text(e))]
+            assert texts == [f"t{i} " for i in range(TOKENS)]
+            # 11 events written 10 ms apart, each its own read (a 500 ms hold would give 1-2)
+            assert len(_data_chunks(chunks)) > 4, [len(_events([c])) for c in chunks]
+        assert calls == [] and gw.dispatcher.holds == 0
+        assert gw.dispatcher.streams == 0
+
+
+async def test_concurrent_streams_at_min_streams_are_held(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """min_streams 3 and three streams at once (the engine answers once all three asked): each
+    stream's tokens come in groups, the holds are counted and exported on /metrics, and the
+    count of streams is back to 0 once they ended."""
+    calls = _count_holds(monkeypatch)
+    async with _gateway(60.0, min_streams=3, barrier=asyncio.Barrier(3)) as (gw, base):
+        results = await asyncio.gather(*(_read(base) for _ in range(3)))
+        for chunks, _ in results:
+            texts = [t for e in _events(chunks) if e != b"data: [DONE]" and (t := _text(e))]
+            assert texts == [f"t{i} " for i in range(TOKENS)]
+            # 60 ms holds over 10 ms apart events: 2-4 groups (not 11 reads)
+            assert len(_data_chunks(chunks)) <= 7, [len(_events([c])) for c in chunks]
+        assert gw.dispatcher.holds >= 3 and len(calls) >= gw.dispatcher.holds
+        assert gw.dispatcher.streams == 0
+        async with aiohttp.ClientSession() as s, s.get(base + "/metrics") as r:
+            page = await r.text()
+        assert re.search(rf"^inferplane_stream_coalesce_holds_total {gw.dispatcher.holds}\.0$",
+                         page, re.M), page
+        assert re.search(r"^inferplane_streams_relayed 0\.0$", page, re.M)
+
+
+async def test_streams_are_counted_per_gateway(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two gateways in one process, min_streams 2, one stream through each at the same time
+    (their engines answer once both asked): neither gateway relays two streams, none is held."""
+    calls = _count_holds(monkeypatch)
+    barrier = asyncio.Barrier(2)
+    async with (
+        _gateway(500.0, min_streams=2, barrier=barrier) as (gw1, base1),
+        _gateway(500.0, min_streams=2, barrier=barrier) as (gw2, base2),
+    ):
+        seen: list[int] = []
+        real_observe = StreamStats.observe
+
+        def observe(self: StreamStats, chunk: bytes, now: float) -> None:
+            seen.append(gw1.dispatcher.streams + 10 * gw2.dispatcher.streams)
+            real_observe(self, chunk, now)
+
+        monkeypatch.setattr(StreamStats, "observe", observe)
+        (chunks1, _), (chunks2, _) = await asyncio.gather(_read(base1), _read(base2))
+        assert 11 in seen  # both streams relayed at once, one by each gateway
+        assert calls == [] and gw1.dispatcher.holds == gw2.dispatcher.holds == 0
+        assert len(_data_chunks(chunks1)) > 4 and len(_data_chunks(chunks2)) > 4
+        assert gw1.dispatcher.streams == gw2.dispatcher.streams == 0
+
+
+@pytest.mark.parametrize("coalesce_ms", [0.0, 30.0])
+async def test_the_count_is_back_to_0_after_an_upstream_error_mid_stream(
+    coalesce_ms: float,
+) -> None:
+    async with _gateway(coalesce_ms, min_streams=1) as (gw, base):
+        async with (
+            aiohttp.ClientSession(headers={"Authorization": f"Bearer {KEY}"}) as s,
+            s.post(base + "/v1/completions", json={**COMPLETION, "prompt": CUT}) as r,
+        ):
+            assert r.status == 200
+            first = await r.content.readany()
+            assert b"t0 " in first
+            assert gw.dispatcher.streams == 1
+            rest = b"".join([c async for c in r.content.iter_any()])
+        assert b'"error"' in rest  # the gateway ended the stream with an error event
+        assert gw.metrics.registry.get_sample_value(
+            "inferplane_stream_errors_total", {"endpoint": "e"}) == 1
+        await _until_no_stream(gw)
+
+
+@pytest.mark.parametrize("coalesce_ms", [0.0, 30.0])
+async def test_the_count_is_back_to_0_after_the_client_goes(coalesce_ms: float) -> None:
+    async with _gateway(coalesce_ms, min_streams=1) as (gw, base):
+        async with (
+            aiohttp.ClientSession(headers={"Authorization": f"Bearer {KEY}"}) as s,
+            s.post(base + "/v1/completions", json=COMPLETION) as r,
+        ):
+            assert r.status == 200
+            assert b"t0 " in await r.content.readany()
+            assert gw.dispatcher.streams == 1
+            r.close()  # the client drops the connection mid-stream
+        await _until_no_stream(gw)
