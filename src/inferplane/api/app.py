@@ -243,8 +243,8 @@ async def forward(
             events = SSEUsageFilter() if strip_usage else None
             g = gw.config.gateway
             relay = gw.dispatcher.relay(endpoint, resp, stats, attempt.response.first,
-                                        g.stream_coalesce_ms / 1000.0,
-                                        g.stream_coalesce_min_streams)
+                                        coalesce_s=g.stream_coalesce_ms / 1000.0,
+                                        min_streams=g.stream_coalesce_min_streams)
             async with contextlib.aclosing(relay) as chunks:
                 async for chunk in chunks:
                     if not reservation.prefilled:

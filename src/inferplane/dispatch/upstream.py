@@ -415,8 +415,9 @@ class Dispatcher:
         resp: aiohttp.ClientResponse,
         stats: StreamStats,
         first: tuple[bytes, float] | None = None,
-        coalesce_s: float = 0.0,
-        min_streams: int = 1,
+        *,
+        coalesce_s: float,
+        min_streams: int,
     ) -> AsyncGenerator[bytes, None]:
         """Yield upstream chunks as they arrive (translated to OpenAI SSE for an ``anthropic``
         endpoint), recording timings and the usage line; ``first`` is a chunk `first_chunk`
@@ -434,10 +435,11 @@ class Dispatcher:
         groups, each at most ``coalesce_s`` later than it would have.
 
         A hold happens only while this dispatcher relays at least ``min_streams`` streams
-        (``gateway.stream_coalesce_min_streams``; ``streams`` counts each relay from its start to
-        its end, however it ends): with fewer, each chunk is relayed as it arrives, as without
-        ``coalesce_s``, so a lone stream's pacing is unchanged. Each hold that pauses the
-        connection adds one to ``holds``.
+        (``gateway.stream_coalesce_min_streams``). ``streams`` counts each relay from its first
+        ``__anext__`` (the gateway starts relaying once `first_chunk` has read the engine's first
+        chunk) to its end, however it ends. With fewer streams, each chunk is relayed as it
+        arrives, as without ``coalesce_s`` (with ``min_streams`` above 1, a lone stream's pacing
+        is unchanged). Each hold that pauses the connection adds one to ``holds``.
 
         Raises `UpstreamError` if the upstream fails mid-stream, sends an error event or sends
         something that is not its dialect's SSE.
