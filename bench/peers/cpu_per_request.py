@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import math
 import os
 import signal
 import statistics
@@ -99,14 +100,28 @@ def stop(p: subprocess.Popen[bytes]) -> None:
         p.wait()
 
 
+def has_public_metrics(tree: Path) -> bool:
+    """Whether the checkout's config schema has ``gateway.metrics.public`` (since f97eec8): an
+    older one rejects the key, so its gateways get no open /metrics and no holds column."""
+    schema = tree / "src/inferplane/config/schema.py"
+    return schema.is_file() and "    public: bool" in schema.read_text()
+
+
 def coalesce_holds(port: int) -> float:
     """The gateway's ``inferplane_stream_coalesce_holds_total`` (``gateway.stream_coalesce_ms``)
-    from its /metrics; NaN where it has none (a checkout before the counter)."""
+    from its /metrics; NaN where it has none (a checkout before the counter) or /metrics is
+    not open (a checkout before ``gateway.metrics.public``)."""
     with contextlib.suppress(httpx.HTTPError):
         for line in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text.splitlines():
             if line.startswith("inferplane_stream_coalesce_holds_total "):
                 return float(line.split()[1])
     return float("nan")
+
+
+def median_or_dash(values: list[float], fmt: str) -> str:
+    """The median of the values that are not NaN, formatted; "–" where there are none."""
+    known = [v for v in values if not math.isnan(v)]
+    return format(statistics.median(known), fmt) if known else "–"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,13 +151,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for rep in range(a.reps):
             for name in routers if rep % 2 == 0 else routers[::-1]:
+                public = False  # the holds are read from an open /metrics only
                 if name == "proxy":
                     p, port = start_proxy(urls, work)
                 else:
                     tree, _, var = name.rpartition(":")
                     port = free_port()
                     # /metrics open on the API listener: the holds are read after the replay
-                    sets = ",".join(filter(None, [variants[var], "gateway.metrics.public:true"]))
+                    public = has_public_metrics(trees[tree])
+                    sets = ",".join(filter(None, [
+                        variants[var], "gateway.metrics.public:true" if public else ""]))
                     conf = gateway_config([e for e, _ in engines], port, sets, work,
                                           f"{tree or 'this'}-{var}")
                     p = start_gateway(conf, work / f"gateway-{name}-{rep}.log",
@@ -165,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"http://127.0.0.1:{port}", planned, bodies, "/v1/completions",
                         HEADERS, request_timeout_s=60, deadline_s=planned[-1].arrival_s + 30))
                     cpu, wall = (cpu_ns(p.pid) - c0) / 1e9, time.monotonic() - t0
-                    holds = float("nan") if name == "proxy" else coalesce_holds(port)
+                    holds = coalesce_holds(port) if public else float("nan")
                 finally:
                     if spy is not None:
                         spy.send_signal(signal.SIGINT)
@@ -195,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{statistics.median(r['cpu_s'] for r in rs):.3f} | "
               f"{statistics.median(r['ttft_p50'] for r in rs):.1f} | "
               f"{statistics.median(r['ttft_p90'] for r in rs):.1f} | "
-              f"{statistics.median(r['holds'] for r in rs):.0f} |")
+              f"{median_or_dash([r['holds'] for r in rs], '.0f')} |")
     return 0
 
 
