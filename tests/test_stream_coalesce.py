@@ -326,8 +326,8 @@ async def test_concurrent_streams_at_min_streams_are_held(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """min_streams 3 and three streams at once: each engine answer waits after its first token
-    until all three are relayed, and after its second until the relay asked for a hold for
-    each stream (so all three are counted when they do); ``holds`` counts exactly the holds
+    until all three are relayed, and after its second until the relays asked for three holds
+    (none can end meanwhile, so all three are counted then); ``holds`` counts exactly the holds
     that paused a connection, /metrics exports it, and the count is back to 0 after."""
     calls, results = _count_holds(monkeypatch)
     g0, g1 = asyncio.Event(), asyncio.Event()
