@@ -19,7 +19,9 @@ alternating the order between repetitions:
 Per router and repetition: the router's CPU time over the replay and over ``--idle-s`` seconds
 before it (every thread's time on the CPU from ``/proc/PID/task/*/schedstat``, in nanoseconds,
 where ``/proc/PID/stat`` counts 10 ms ticks), the CPU per answered request with the idle rate
-taken off, and the client's TTFT P50/P90. The stand-ins' answers take no CPU worth counting, so
+taken off, the client's TTFT P50/P90 and, for a gateway, its stream coalescing holds
+(``inferplane_stream_coalesce_holds_total``, read from its /metrics, open on its API listener
+here, after the replay). The stand-ins' answers take no CPU worth counting, so
 a router's CPU is what it spends relaying; the machine is otherwise as the queue leaves it.
 ``--pyspy NAME`` records that router's last repetition with py-spy (``--rate``, raw collapsed
 stacks in ``--out``). Ratios to the proxy in the same run are what compare across runs.
@@ -30,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import math
 import os
 import signal
 import statistics
@@ -97,6 +100,30 @@ def stop(p: subprocess.Popen[bytes]) -> None:
         p.wait()
 
 
+def has_public_metrics(tree: Path) -> bool:
+    """Whether the checkout's config schema has ``gateway.metrics.public`` (since f97eec8): an
+    older one rejects the key, so its gateways get no open /metrics and no holds column."""
+    schema = tree / "src/inferplane/config/schema.py"
+    return schema.is_file() and "    public: bool" in schema.read_text()
+
+
+def coalesce_holds(port: int) -> float:
+    """The gateway's ``inferplane_stream_coalesce_holds_total`` (``gateway.stream_coalesce_ms``)
+    from its /metrics; NaN where it has none (a checkout before the counter) or /metrics is
+    not open (a checkout before ``gateway.metrics.public``)."""
+    with contextlib.suppress(httpx.HTTPError):
+        for line in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text.splitlines():
+            if line.startswith("inferplane_stream_coalesce_holds_total "):
+                return float(line.split()[1])
+    return float("nan")
+
+
+def median_or_dash(values: list[float], fmt: str) -> str:
+    """The median of the values that are not NaN, formatted; "–" where there are none."""
+    known = [v for v in values if not math.isnan(v)]
+    return format(statistics.median(known), fmt) if known else "–"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -124,12 +151,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for rep in range(a.reps):
             for name in routers if rep % 2 == 0 else routers[::-1]:
+                public = False  # the holds are read from an open /metrics only
                 if name == "proxy":
                     p, port = start_proxy(urls, work)
                 else:
                     tree, _, var = name.rpartition(":")
                     port = free_port()
-                    conf = gateway_config([e for e, _ in engines], port, variants[var], work,
+                    # /metrics open on the API listener: the holds are read after the replay
+                    public = has_public_metrics(trees[tree])
+                    sets = ",".join(filter(None, [
+                        variants[var], "gateway.metrics.public:true" if public else ""]))
+                    conf = gateway_config([e for e, _ in engines], port, sets, work,
                                           f"{tree or 'this'}-{var}")
                     p = start_gateway(conf, work / f"gateway-{name}-{rep}.log",
                                       tree=trees[tree])
@@ -151,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"http://127.0.0.1:{port}", planned, bodies, "/v1/completions",
                         HEADERS, request_timeout_s=60, deadline_s=planned[-1].arrival_s + 30))
                     cpu, wall = (cpu_ns(p.pid) - c0) / 1e9, time.monotonic() - t0
+                    holds = coalesce_holds(port) if public else float("nan")
                 finally:
                     if spy is not None:
                         spy.send_signal(signal.SIGINT)
@@ -161,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
                 row = {"ok": len(ok), "cpu_s": cpu, "idle_cpu_per_s": idle,
                        "ms_per_request": 1e3 * (cpu - idle * wall) / max(len(ok), 1),
                        "ttft_p50": ttft[len(ttft) // 2] if ttft else float("nan"),
-                       "ttft_p90": ttft[int(0.9 * (len(ttft) - 1))] if ttft else float("nan")}
+                       "ttft_p90": ttft[int(0.9 * (len(ttft) - 1))] if ttft else float("nan"),
+                       "holds": holds}
                 rows[name].append(row)
                 print(f"rep {rep} {name:16s} " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()),
                       flush=True)
@@ -170,14 +204,16 @@ def main(argv: list[str] | None = None) -> int:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(q.pid, signal.SIGTERM)
     proxy = statistics.median(r["ms_per_request"] for r in rows["proxy"])
-    print("\n| router | CPU ms per request | × the proxy | raw CPU s | TTFT p50 | TTFT p90 |")
-    print("|---|---|---|---|---|---|")
+    print("\n| router | CPU ms per request | × the proxy | raw CPU s | TTFT p50 | TTFT p90 | "
+          "holds |")
+    print("|---|---|---|---|---|---|---|")
     for name, rs in rows.items():
         per = statistics.median(r["ms_per_request"] for r in rs)
         print(f"| {name} | {per:.3f} | {per / proxy:.2f} | "
               f"{statistics.median(r['cpu_s'] for r in rs):.3f} | "
               f"{statistics.median(r['ttft_p50'] for r in rs):.1f} | "
-              f"{statistics.median(r['ttft_p90'] for r in rs):.1f} |")
+              f"{statistics.median(r['ttft_p90'] for r in rs):.1f} | "
+              f"{median_or_dash([r['holds'] for r in rs], '.0f')} |")
     return 0
 
 

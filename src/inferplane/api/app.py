@@ -241,8 +241,10 @@ async def forward(
         try:
             reservation = attempt.reservation
             events = SSEUsageFilter() if strip_usage else None
-            relay = Dispatcher.relay(endpoint, resp, stats, attempt.response.first,
-                                     gw.config.gateway.stream_coalesce_ms / 1000.0)
+            g = gw.config.gateway
+            relay = gw.dispatcher.relay(endpoint, resp, stats, attempt.response.first,
+                                        coalesce_s=g.stream_coalesce_ms / 1000.0,
+                                        min_streams=g.stream_coalesce_min_streams)
             async with contextlib.aclosing(relay) as chunks:
                 async for chunk in chunks:
                     if not reservation.prefilled:
@@ -374,6 +376,8 @@ async def metrics(request: web.Request) -> web.Response:
     m.loop_lag_max.set(gw.lag.recent_max_s(now))
     m.send_gate_requests.set(gw.turn_gate.held)
     m.send_gate_groups.set(gw.turn_gate.groups)
+    m.streams_relayed.set(gw.dispatcher.streams)
+    m.coalesce_holds.set(gw.dispatcher.holds)
     for name, p in gw.pool_health().items():
         m.pool_queue_trend.labels(name).set(p.queue_trend)
         m.pool_kv_pressure.labels(name, "mean").set(p.kv_mean or 0.0)

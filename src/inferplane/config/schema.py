@@ -232,8 +232,23 @@ class GatewaySpec(Strict):
         "the connection's socket until this long after it and sends what gathered as one "
         "write. Fewer wake-ups and writes per streamed token (the gateway's CPU per request on "
         "a loaded host); the first token is never held, later ones reach the client in groups "
-        "up to this much later (keep it well under the classes' itl_slo_ms). 0: every chunk "
-        "as it arrives",
+        "up to this much later (keep it well under the classes' itl_slo_ms). Only while at "
+        "least stream_coalesce_min_streams streams are being relayed (by default a lone stream "
+        "is not held). 0: every chunk as it arrives",
+    )
+    stream_coalesce_min_streams: int = Field(
+        4,
+        ge=1,
+        description="stream_coalesce_ms holds a stream's next bytes only while at least this "
+        "many streams are being relayed by this gateway process at that moment (each worker of "
+        "serve --workers counts its own). A stream counts from when the engine's first chunk of "
+        "it (its first token, or a chat stream's role-only opening) has reached the gateway and "
+        "the gateway starts relaying it, until it ends, errs or its client goes: requests "
+        "still waiting for their first chunk and answers that are not streamed do not count. "
+        "With fewer, every chunk is relayed as it arrives, as with stream_coalesce_ms 0 (so "
+        "with fewer streams, e.g. a lone client, token pacing is unchanged). 1: hold whenever "
+        "a stream is relayed. /metrics shows the count (inferplane_streams_relayed) and the "
+        "holds (inferplane_stream_coalesce_holds_total), per process",
     )
     send_bursts_together: bool = Field(
         False,

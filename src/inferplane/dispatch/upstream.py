@@ -195,7 +195,12 @@ class Opened:
 
 
 class Dispatcher:
-    """Pooled upstream client shared by all requests of one gateway."""
+    """Pooled upstream client shared by all requests of one gateway.
+
+    ``streams`` is how many streams `relay` is relaying now and ``holds`` how many times it has
+    held one (``gateway.stream_coalesce_ms``): plain ints of this gateway's dispatcher, exported
+    when ``/metrics`` is read (``inferplane_streams_relayed``,
+    ``inferplane_stream_coalesce_holds_total``)."""
 
     def __init__(
         self,
@@ -217,6 +222,8 @@ class Dispatcher:
         )
         self.timeout = aiohttp.ClientTimeout(total=total_timeout_s, sock_connect=connect_timeout_s)
         self.session: aiohttp.ClientSession | None = None
+        self.streams = 0  # streams being relayed now (`relay`)
+        self.holds = 0  # times `relay` held a stream's bytes (coalescing), since start
 
     async def start(self) -> aiohttp.ClientSession:
         if self.session is None:
@@ -402,13 +409,15 @@ class Dispatcher:
             return error
         return data
 
-    @staticmethod
     async def relay(
+        self,
         endpoint: Endpoint,
         resp: aiohttp.ClientResponse,
         stats: StreamStats,
         first: tuple[bytes, float] | None = None,
-        coalesce_s: float = 0.0,
+        *,
+        coalesce_s: float,
+        min_streams: int,
     ) -> AsyncGenerator[bytes, None]:
         """Yield upstream chunks as they arrive (translated to OpenAI SSE for an ``anthropic``
         endpoint), recording timings and the usage line; ``first`` is a chunk `first_chunk`
@@ -425,6 +434,13 @@ class Dispatcher:
         token and the end of the stream are unchanged; the tokens between reach the client in
         groups, each at most ``coalesce_s`` later than it would have.
 
+        A hold happens only while this dispatcher relays at least ``min_streams`` streams
+        (``gateway.stream_coalesce_min_streams``). ``streams`` counts each relay from its first
+        ``__anext__`` (the gateway starts relaying once `first_chunk` has read the engine's first
+        chunk) to its end, however it ends. With fewer streams, each chunk is relayed as it
+        arrives, as without ``coalesce_s`` (with ``min_streams`` above 1, a lone stream's pacing
+        is unchanged). Each hold that pauses the connection adds one to ``holds``.
+
         Raises `UpstreamError` if the upstream fails mid-stream, sends an error event or sends
         something that is not its dialect's SSE.
         """
@@ -434,6 +450,7 @@ class Dispatcher:
             if endpoint.dialect == "anthropic"
             else None
         )
+        self.streams += 1
         try:
             with _translate(endpoint), _stream_errors(endpoint):
                 pending = first if first is not None and first[0] else None
@@ -443,8 +460,9 @@ class Dispatcher:
                     if pending is not None:
                         (raw, now), pending = pending, None
                     else:
-                        if handed is not None:
-                            await _hold(resp, handed + coalesce_s)
+                        if (handed is not None and self.streams >= min_streams
+                                and await _hold(resp, handed + coalesce_s)):
+                            self.holds += 1
                         raw = await resp.content.readany()  # what iter_any() does
                         if not raw:
                             break
@@ -465,6 +483,7 @@ class Dispatcher:
                     translator.close()
                 done = True
         finally:
+            self.streams -= 1
             if done:
                 resp.release()  # fully read: the connection goes back to the pool
             else:
@@ -476,23 +495,24 @@ _FINISH = re.compile(rb'"finish_reason"\s*:\s*"')
 token went out; what follows (the usage chunk, ``[DONE]``) is not held (`Dispatcher.relay`)."""
 
 
-async def _hold(resp: aiohttp.ClientResponse, until: float) -> None:
+async def _hold(resp: aiohttp.ClientResponse, until: float) -> bool:
     """Leave the upstream's bytes in its socket until ``until`` (perf_counter seconds): its
-    transport stops reading meanwhile. Returns at once when the time has passed or the
-    upstream has already ended its answer (nothing more to gather)."""
+    transport stops reading meanwhile. Returns False at once when the time has passed or the
+    upstream has already ended its answer (nothing more to gather), True after a hold."""
     wait = until - time.perf_counter()
     if wait <= 0 or resp.content.is_eof():
-        return
+        return False
     conn = resp.connection
     transport = conn.transport if conn is not None else None
     if transport is None or transport.is_closing():
-        return
+        return False
     transport.pause_reading()
     try:
         await asyncio.sleep(wait)
     finally:
         if not transport.is_closing():
             transport.resume_reading()
+    return True
 
 
 @contextlib.contextmanager

@@ -161,6 +161,19 @@ class GatewayMetrics:
             "Groups of requests sent together: requests / groups is the mean group",
             registry=r,
         )
+        # plain ints of the dispatcher (one compare per streamed chunk), read at scrape time
+        self.streams_relayed = Gauge(
+            "inferplane_streams_relayed",
+            "Streams being relayed now (what gateway.stream_coalesce_min_streams compares)",
+            registry=r,
+        )
+        self.coalesce_holds = Gauge(
+            "inferplane_stream_coalesce_holds_total",
+            "Times a stream's upstream bytes were held to relay its tokens in groups since start "
+            "(gateway.stream_coalesce_ms, while gateway.stream_coalesce_min_streams streams "
+            "were relayed)",
+            registry=r,
+        )
         self._admission_metrics(r)
         self._health_metrics(r)
 
