@@ -169,30 +169,36 @@ async def test_without_it_each_request_is_sent_as_soon_as_it_is_placed(
 async def test_a_request_cancelled_at_the_gate_is_released_and_recorded(
     upstream: HeldUpstream, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The client goes away while its placed request waits for the rest of its burst: its
-    reservation is released, nothing reaches the upstream and the record says 499."""
+    """The client goes away while its placed request waits at the gate: its reservation is
+    released, nothing is sent upstream and the record says 499. (The gate is held shut here so
+    that the cancellation lands at it, whatever the turns.)"""
     gw = Gateway(parse_config(_config(upstream.port, True)))
     runner = await serve(gw, "127.0.0.1", free_port())
-    reached = asyncio.Event()
-    wait = TurnGate.wait
+    reached, shut = asyncio.Event(), asyncio.Event()
+    sent: list[object] = []
 
     async def at_gate(gate: TurnGate) -> None:
         reached.set()
-        await wait(gate)
+        await shut.wait()  # never set
+
+    async def dispatch(*args: Any, **kw: Any) -> Any:
+        sent.append(args)
+        raise AssertionError("sent upstream")
 
     monkeypatch.setattr(TurnGate, "wait", at_gate)
+    monkeypatch.setattr(gw.dispatcher, "open", dispatch)
     try:
         tenant = gw.authenticate(f"Bearer {KEY}")
         body = {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}
         profile = gw.classify("chat", body, {}, tenant)
         task = asyncio.create_task(gw.open("chat", profile, orjson.dumps(body)))
-        await asyncio.wait_for(reached.wait(), 5)  # placed and reserved, now at the gate
+        await asyncio.wait_for(reached.wait(), 10)  # placed and reserved, now at the gate
         assert gw.live.live["up"].inflight == 1
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+        assert sent == [] and upstream.arrived == []
         assert gw.live.live["up"].inflight == 0
-        assert upstream.arrived == []
         record = gw.ledger.get(profile.request_id)
         assert record is not None and record["outcome"]["status"] == 499, record
     finally:

@@ -256,9 +256,11 @@ class GatewaySpec(Strict):
         "sent, behind the requests queued with it: the requests read together (a burst on "
         "kept-alive connections, with no admission step that waits) are all placed, then sent "
         "back to back. Where the engines share the gateway's cores, the first request's "
-        "prefill then does not slow the placement of the rest; requests read in successive "
-        "polls (new connections) or held in admission go in smaller groups. false: each "
-        "request is sent as soon as it is placed",
+        "prefill then does not slow the placement of the rest; the cost is that the first "
+        "requests of a burst go out only after the last is placed (on a gateway with cores of "
+        "its own, leave it off). Requests read in successive polls (new connections) or held "
+        "in admission go in smaller groups; inferplane epp (Envoy sends) does not use it. "
+        "false: each request is sent as soon as it is placed",
     )
     connect_timeout_s: float = Field(2.0, gt=0)
     upstream_timeout_s: float = Field(600.0, gt=0, description="whole-request upstream limit")
