@@ -34,37 +34,31 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "src"))
 
-from inferplane.api.pipeline import Gateway, hash_key  # noqa: E402
+from inferplane.api.pipeline import Gateway  # noqa: E402
 from inferplane.config.loader import parse_config  # noqa: E402
+from tests.builders import fleet_yaml, one_endpoint_fleet, tenant  # noqa: E402
 from tests.support.procs import Proc, free_port  # noqa: E402
 
 KEY = "sk-bench"
 BODY = {"model": "m", "messages": [{"role": "user", "content": "hello " * 20}], "max_tokens": 5}
-TENANT = (
-    "budgets: [{scope: tenant, window: day, usd: 1.0e9, tokens: 1000000000000},"
-    " {scope: key, window: day, usd: 1.0e9}],"
-    " rate_limits: [{scope: tenant, requests_per_min: 100000000, tokens_per_min: 1000000000},"
-    " {scope: key, requests_per_min: 100000000}], max_tokens_ceiling: 4096"
-)
+TENANT = {  # the tenant's limits: high enough never to bind
+    "budgets": [{"scope": "tenant", "window": "day", "usd": 1.0e9, "tokens": 1000000000000},
+                {"scope": "key", "window": "day", "usd": 1.0e9}],
+    "rate_limits": [{"scope": "tenant", "requests_per_min": 100000000,
+                     "tokens_per_min": 1000000000},
+                    {"scope": "key", "requests_per_min": 100000000}],
+    "max_tokens_ceiling": 4096,
+}
 
 
 def config(port: int, up: int, store: str | None, prefix: str) -> str:
-    adm = (
-        "admission: {enabled: false}"
-        if store is None
-        else f"admission: {{store: {store}, redis_prefix: '{prefix}'}}"
-    )
-    return f"""
-gateway: {{port: {port}, scrape_interval_s: 0.5}}
-{adm}
-substrates:
-  - {{name: api, kind: provider-api, hardware: h100, region: r1, jurisdiction: eu,
-     cost: {{input_per_mtok: 1.0, output_per_mtok: 2.0}},
-     endpoints: [{{name: up, url: "http://127.0.0.1:{up}", max_concurrency: 1000,
-                  models: [{{name: m, profile: llama-3.1-8b, max_context: 8192}}]}}]}}
-tenants:
-  - {{name: t, api_keys: ["{hash_key(KEY)}"], {TENANT}}}
-"""
+    return fleet_yaml(one_endpoint_fleet(
+        up, substrate={"name": "api", "kind": "provider-api"},
+        endpoint_fields={"name": "up", "max_concurrency": 1000},
+        gateway={"port": port, "scrape_interval_s": 0.5},
+        admission={"enabled": False} if store is None else {"store": store,
+                                                            "redis_prefix": prefix},
+        tenants=[tenant("t", KEY, **TENANT)]))
 
 
 def pct(xs: list[float], q: float) -> float:

@@ -48,9 +48,9 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from bench.overhead import BODY, KEY, cpu_seconds, pct  # noqa: E402
 from bench.peers.venvs import ensure  # noqa: E402
-from inferplane.api.pipeline import hash_key  # noqa: E402
 from inferplane.config.loader import load_config  # noqa: E402
 from inferplane.epp.envoy_config import bootstrap, render  # noqa: E402
+from tests.builders import fleet_yaml, one_endpoint_fleet, tenant  # noqa: E402
 from tests.support.envoy import envoy_binary  # noqa: E402
 from tests.support.procs import Proc, free_port  # noqa: E402
 
@@ -268,28 +268,15 @@ def main() -> None:
     up, gw, vr, direct_envoy, direct_admin = (free_port() for _ in range(5))
     ports = {s: (free_port(), free_port(), free_port())
              for s in ("", "-noobs", "-null", "-null-grpcio-rw", "-null-grpclib")}
-    fleet = f"""
-gateway: {{port: {gw}, scrape_interval_s: 0.1}}
-epp: {{port: EPP, envoy_port: ENVOY, envoy_admin_port: ADMIN, observe_responses: OBSERVE}}
-substrates:
-  - name: pool
-    kind: gpu
-    hardware: h100
-    region: r1
-    jurisdiction: eu
-    cost: {{hourly_usd: 3.0}}
-    endpoints:
-      - {{name: up0, url: "http://127.0.0.1:{up}", max_concurrency: 4096,
-          models: [{{name: m, profile: llama-3.1-8b, max_context: 8192}}]}}
-tenants:
-  - {{name: bench, api_keys: ["{hash_key(KEY)}"], default_class: bench}}
-classes:
-  - {{name: bench, profile: {args.profile}}}
-"""
     for suffix, (epp, envoy, admin) in ports.items():  # observer only on envoy+epp
-        (tmp / f"fleet{suffix}.yaml").write_text(
-            fleet.replace("EPP", str(epp)).replace("ENVOY", str(envoy))
-            .replace("ADMIN", str(admin)).replace("OBSERVE", "false" if suffix else "true"))
+        (tmp / f"fleet{suffix}.yaml").write_text(fleet_yaml(one_endpoint_fleet(
+            up, substrate={"cost": {"hourly_usd": 3.0}},
+            endpoint_fields={"name": "up0", "max_concurrency": 4096},
+            gateway={"port": gw, "scrape_interval_s": 0.1},
+            epp={"port": epp, "envoy_port": envoy, "envoy_admin_port": admin,
+                 "observe_responses": not suffix},
+            tenants=[tenant("bench", KEY, default_class="bench")],
+            classes=[{"name": "bench", "profile": args.profile}])))
         (tmp / f"envoy{suffix}.yaml").write_text(
             render(load_config(tmp / f"fleet{suffix}.yaml")))
     (tmp / "envoy-direct.yaml").write_text(yaml.safe_dump(direct_bootstrap(

@@ -29,6 +29,7 @@ import tempfile
 import time
 from datetime import date
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -37,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "src"))
 
-from inferplane.api.pipeline import hash_key  # noqa: E402
+from tests.builders import fleet_yaml, one_endpoint_fleet, tenant  # noqa: E402
 from tests.support.procs import Proc, free_port  # noqa: E402
 
 KEYS = {"flood": "sk-flood", "victim": "sk-victim"}
@@ -72,19 +73,16 @@ def upstream_app(slots: int, ttft: float, itl: float) -> web.Application:
     return app
 
 
-def config(port: int, up: int, slots: int, queue: bool, fair: str = "") -> str:
-    return f"""
-gateway: {{port: {port}, scrape_interval_s: 0.5, upstream_timeout_s: 60}}
-admission: {{queue: {{enabled: {str(queue).lower()}, default_deadline_ms: 30000,
-             max_waiting: 100000{fair}}}}}
-substrates:
-  - {{name: pool, kind: gpu, hardware: h100, region: r1, jurisdiction: eu, cost: {{hourly_usd: 2}},
-     endpoints: [{{name: up, url: "http://127.0.0.1:{up}", max_concurrency: {slots},
-                  models: [{{name: m, profile: llama-3.1-8b, max_context: 8192}}]}}]}}
-tenants:
-  - {{name: flood, api_keys: ["{hash_key(KEYS['flood'])}"]}}
-  - {{name: victim, api_keys: ["{hash_key(KEYS['victim'])}"]}}
-"""
+def config(port: int, up: int, slots: int, queue: bool,
+           fair: dict[str, Any] | None = None) -> str:
+    """The gateway's fleet file; ``fair``: more ``admission.queue`` fields."""
+    return fleet_yaml(one_endpoint_fleet(
+        up, substrate={"cost": {"hourly_usd": 2}},
+        endpoint_fields={"name": "up", "max_concurrency": slots},
+        gateway={"port": port, "scrape_interval_s": 0.5, "upstream_timeout_s": 60},
+        admission={"queue": {"enabled": queue, "default_deadline_ms": 30000,
+                             "max_waiting": 100000, **(fair or {})}},
+        tenants=[tenant("flood", KEYS["flood"]), tenant("victim", KEYS["victim"])]))
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -156,8 +154,11 @@ def main() -> None:
         for name, queue, flood in [("B alone", True, 0), ("B + flood, queue on", True, a.flood),
                                    ("B + flood, queue off", False, a.flood)]:
             port = free_port()
-            fair = "" if a.reserve_fraction is None else f", reserve_fraction: {a.reserve_fraction}"
-            fair += ", fair_share: false" if a.no_fair_share else ""
+            fair: dict[str, Any] = {}
+            if a.reserve_fraction is not None:
+                fair["reserve_fraction"] = a.reserve_fraction
+            if a.no_fair_share:
+                fair["fair_share"] = False
             (tmp / "gw.yaml").write_text(config(port, up, a.slots, queue, fair))
             g = Proc(["-m", "inferplane.cli", "serve", "--config", str(tmp / "gw.yaml"),
                       "--log-level", "warning"], tmp / f"gw-{port}.log")

@@ -51,8 +51,10 @@ import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import aiohttp
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -60,7 +62,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from bench.overhead import BODY, KEY  # noqa: E402
 from bench.overhead import cpu_seconds as process_cpu  # noqa: E402
-from inferplane.api.pipeline import hash_key  # noqa: E402
+from tests.builders import fleet_yaml, one_endpoint_fleet, tenant  # noqa: E402
 from tests.support.otlp_receiver import OtlpReceiver  # noqa: E402
 from tests.support.procs import Proc, free_port  # noqa: E402
 
@@ -135,25 +137,15 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
 
 
 def fleet(port: int, up_port: int, telemetry: str, scrape_interval_s: float = 1.0,
-          gateway: str = "") -> str:
-    return f"""
-gateway: {{port: {port}, scrape_interval_s: {scrape_interval_s}{gateway}}}
-telemetry: {telemetry}
-substrates:
-  - name: pool
-    kind: gpu
-    hardware: h100
-    region: r1
-    jurisdiction: eu
-    cost: {{hourly_usd: 3.0}}
-    endpoints:
-      - {{name: up0, url: "http://127.0.0.1:{up_port}",
-          models: [{{name: m, profile: llama-3.1-8b, max_context: 8192}}]}}
-tenants:
-  - {{name: bench, api_keys: ["{hash_key(KEY)}"], default_class: bench}}
-classes:
-  - {{name: bench, profile: round-robin}}
-"""
+          gateway: dict[str, Any] | None = None) -> str:
+    """A gateway's fleet file: ``telemetry`` is its `telemetry:` mapping in YAML (a
+    `telemetry_variants` value), ``gateway`` more gateway fields."""
+    return fleet_yaml(one_endpoint_fleet(
+        up_port, substrate={"cost": {"hourly_usd": 3.0}}, endpoint_fields={"name": "up0"},
+        gateway={"port": port, "scrape_interval_s": scrape_interval_s, **(gateway or {})},
+        telemetry=yaml.safe_load(telemetry),
+        tenants=[tenant("bench", KEY, default_class="bench")],
+        classes=[{"name": "bench", "profile": "round-robin"}]))
 
 
 async def burst(session: aiohttp.ClientSession, url: str, n: int, conc: int) -> None:

@@ -183,8 +183,8 @@ def main() -> None:
         gws: dict[str, Callgrind] = {}
         for name, port in ports.items():
             cfg = tmp / f"{name}.yaml"
-            cfg.write_text(fleet(port, up_port, telemetry[name], 3600, ", connect_timeout_s: 60, "
-                                 "first_byte_timeout: {enabled: false}"))
+            cfg.write_text(fleet(port, up_port, telemetry[name], 3600, {
+                "connect_timeout_s": 60, "first_byte_timeout": {"enabled": False}}))
             gws[name] = Callgrind(["-m", "inferplane.cli", "serve", "--config", str(cfg),
                                    "--log-level", "warning"], tmp / f"gw-{name}.log",
                                   tmp / f"cg-{name}", code.get(name), args.cache_sim)

@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "src"))
 
-from inferplane.api.pipeline import hash_key  # noqa: E402
+from tests.builders import endpoint, fleet_yaml, one_endpoint_fleet, tenant  # noqa: E402
 from tests.support.procs import Proc, free_port  # noqa: E402
 
 KEY = "sk-bench"
@@ -129,29 +129,13 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="ip-overhead-"))
     up_ports, gw_port = [free_port() for _ in range(args.endpoints)], free_port()
     up_port = up_ports[0]
-    endpoints = "".join(
-        f"""
-      - name: up{i}
-        url: "http://127.0.0.1:{port}"
-        models: [{{name: m, profile: llama-3.1-8b, max_context: 8192}}]"""
-        for i, port in enumerate(up_ports)
-    )
     cfg = tmp / "fleet.yaml"
-    cfg.write_text(f"""
-gateway: {{port: {gw_port}, scrape_interval_s: 0.1}}
-substrates:
-  - name: pool
-    kind: gpu
-    hardware: h100
-    region: r1
-    jurisdiction: eu
-    cost: {{hourly_usd: 3.0}}
-    endpoints:{endpoints}
-tenants:
-  - {{name: bench, api_keys: ["{hash_key(KEY)}"], default_class: bench}}
-classes:
-  - {{name: bench, profile: {args.profile}}}
-""")
+    cfg.write_text(fleet_yaml(one_endpoint_fleet(
+        endpoints=[endpoint(f"up{i}", port) for i, port in enumerate(up_ports)],
+        substrate={"cost": {"hourly_usd": 3.0}},
+        gateway={"port": gw_port, "scrape_interval_s": 0.1},
+        tenants=[tenant("bench", KEY, default_class="bench")],
+        classes=[{"name": "bench", "profile": args.profile}])))
     ports = [a for p in up_ports for a in ("--port", str(p))]
     up = Proc(["-m", "tests.support.fake_upstream", *ports, "--mode", "fast"], tmp / "up.log")
     prof = ["-m", "cProfile", "-o", str(args.cprofile)] if args.cprofile else []

@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "src"))
 
-from inferplane.core.plane import hash_key  # noqa: E402
+from tests.builders import endpoint, fleet_yaml, model, one_endpoint_fleet, tenant  # noqa: E402
 from tests.support.procs import free_port  # noqa: E402
 
 KEY = "sk-bench-soak"
@@ -180,25 +180,13 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="soak-"))
     ups = [free_port(), free_port()]
     port = free_port()
-    endpoints = "".join(
-        f"""
-      - {{name: up{i}, url: "http://127.0.0.1:{p}",
-         models: [{{name: m, profile: llama-3.1-8b, max_context: 4096}}]}}"""
-        for i, p in enumerate(ups))
-    (tmp / "fleet.yaml").write_text(f"""
-gateway: {{port: {port}, ledger_path: {tmp / 'ledger.sqlite'}, scrape_interval_s: 0.5,
-          metrics: {{public: true}}}}
-substrates:
-  - name: pool
-    kind: gpu
-    hardware: h100
-    region: r1
-    jurisdiction: eu
-    cost: {{hourly_usd: 1.0}}
-    endpoints:{endpoints}
-tenants:
-  - {{name: a, api_keys: ["{hash_key(KEY)}"]}}
-""")
+    (tmp / "fleet.yaml").write_text(fleet_yaml(one_endpoint_fleet(
+        endpoints=[endpoint(f"up{i}", p, models=[model(max_context=4096)])
+                   for i, p in enumerate(ups)],
+        substrate={"cost": {"hourly_usd": 1.0}},
+        gateway={"port": port, "ledger_path": str(tmp / "ledger.sqlite"),
+                 "scrape_interval_s": 0.5, "metrics": {"public": True}},
+        tenants=[tenant("a", KEY)])))
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}"}
     up = subprocess.Popen([sys.executable, "-m", "tests.support.fake_upstream",
                            *[x for p in ups for x in ("--port", str(p))], "--mode", "ok"],

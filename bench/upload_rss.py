@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "src"))
 
-from inferplane.core.plane import hash_key  # noqa: E402
+from tests.builders import fleet_yaml, model, one_endpoint_fleet, tenant  # noqa: E402
 from tests.support.procs import free_port  # noqa: E402
 
 KEY = "sk-bench-upload"
@@ -47,17 +47,12 @@ def jsonl(mb: int) -> bytes:
 def run(src: Path, data: bytes, uploads: int, settle: float, up_port: int) -> list[float]:
     tmp = Path(tempfile.mkdtemp(prefix="upload-rss-"))
     port = free_port()
-    (tmp / "fleet.yaml").write_text(f"""
-gateway: {{port: {port}, ledger_path: {tmp / 'ledger.sqlite'}}}
-batch: {{max_file_bytes: {len(data) + 1024}, max_lines: 10000000}}
-substrates:
-  - {{name: pool, kind: gpu, hardware: h100, region: r1, jurisdiction: eu,
-     cost: {{hourly_usd: 1.0}},
-     endpoints: [{{name: up, url: "http://127.0.0.1:{up_port}",
-                  models: [{{name: m, profile: llama-3.1-8b, max_context: 4096}}]}}]}}
-tenants:
-  - {{name: a, api_keys: ["{hash_key(KEY)}"]}}
-""")
+    (tmp / "fleet.yaml").write_text(fleet_yaml(one_endpoint_fleet(
+        up_port, substrate={"cost": {"hourly_usd": 1.0}}, models=[model(max_context=4096)],
+        endpoint_fields={"name": "up"},
+        gateway={"port": port, "ledger_path": str(tmp / "ledger.sqlite")},
+        batch={"max_file_bytes": len(data) + 1024, "max_lines": 10000000},
+        tenants=[tenant("a", KEY)])))
     env = {**os.environ, "PYTHONPATH": f"{src}{os.pathsep}{ROOT}"}
     gw = subprocess.Popen([sys.executable, "-m", "inferplane.cli", "serve", "--config",
                            str(tmp / "fleet.yaml"), "--log-level", "warning"], env=env,

@@ -6,14 +6,17 @@ Everything is built in code from a YAML string through the real loader (`parse_c
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.util
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from functools import cache
 from pathlib import Path
 from types import ModuleType
 from typing import Any
+
+import yaml
 
 from inferplane.config.loader import parse_config
 from inferplane.config.schema import FleetConfig
@@ -97,6 +100,92 @@ tenants:
     api_keys: ["{key_hash("sk-globex")}"]
     default_class: batch
 """
+
+
+def model(name: str = "m", profile: str | None = "llama-3.1-8b", max_context: int = 8192,
+          **fields: Any) -> dict[str, Any]:
+    """One entry of an endpoint's ``models`` list (``profile=None`` leaves the profile out)."""
+    out: dict[str, Any] = {"name": name}
+    if profile is not None:
+        out["profile"] = profile
+    return {**out, "max_context": max_context, **fields}
+
+
+def endpoint(name: str = "e", port: int | None = None, *, url: str | None = None,
+             models: Sequence[Mapping[str, Any]] | None = None, **fields: Any) -> dict[str, Any]:
+    """One endpoint: at ``url``, else at ``http://127.0.0.1:{port}``; serving ``models``
+    (default: `model()`), with any other endpoint field in ``fields``."""
+    if url is None:
+        assert port is not None, "an endpoint needs a port or a url"
+        url = f"http://127.0.0.1:{port}"
+    return {"name": name, "url": url, **fields,
+            "models": [dict(m) for m in models] if models is not None else [model()]}
+
+
+def tenant(name: str, key: str, **fields: Any) -> dict[str, Any]:
+    """A tenant with one API key (stored hashed), with any other tenant field in ``fields``."""
+    return {"name": name, "api_keys": [key_hash(key)], **fields}
+
+
+# The substrate the one-endpoint fleet puts its endpoint in, before ``substrate`` overrides.
+ONE_ENDPOINT_SUBSTRATE: Mapping[str, Any] = {
+    "name": "pool", "kind": "gpu", "hardware": "h100", "region": "r1", "jurisdiction": "eu",
+    "cost": {"input_per_mtok": 1.0, "output_per_mtok": 2.0},
+}
+
+
+def one_endpoint_fleet(
+    port: int | None = None,
+    *,
+    gateway: Mapping[str, Any] | None = None,
+    substrate: Mapping[str, Any] | None = None,
+    endpoint_fields: Mapping[str, Any] | None = None,
+    models: Sequence[Mapping[str, Any]] | None = None,
+    endpoints: Sequence[Mapping[str, Any]] | None = None,
+    key: str | None = None,
+    tenants: Sequence[Mapping[str, Any]] | None = None,
+    **sections: Any,
+) -> dict[str, Any]:
+    """The fleet file (as the dict YAML would load) that most gateway tests run: one substrate
+    (`ONE_ENDPOINT_SUBSTRATE` with the fields of ``substrate`` over it) holding one endpoint
+    ``e`` at ``http://127.0.0.1:{port}`` that serves `model()` (or ``models``), with the
+    fields of ``endpoint_fields`` over it (``name``, ``url``, ``max_concurrency``...).
+
+    - ``endpoints``: the substrate's endpoints instead of that one (see `endpoint`);
+    - ``gateway``: the ``gateway`` block (none when not given);
+    - ``key``: one tenant ``t`` with that API key; ``tenants``: the tenants instead (see
+      `tenant`); neither: no tenants;
+    - ``sections``: any other top-level block as is (``telemetry``, ``admission``, ``epp``,
+      ``classes``, ``batch``...).
+
+    `fleet_yaml` writes it as YAML text, for `parse_config` or a file."""
+    if endpoints is None:
+        endpoints = [{**endpoint("e", port, models=models), **(endpoint_fields or {})}]
+    else:
+        assert port is None and models is None and endpoint_fields is None, (
+            "port, models and endpoint_fields describe the one endpoint; endpoints replaces it")
+    assert key is None or tenants is None, "key gives one tenant; tenants gives them all"
+    out: dict[str, Any] = {}
+    if gateway is not None:
+        out["gateway"] = dict(gateway)
+    out.update(sections)
+    out["substrates"] = [{**ONE_ENDPOINT_SUBSTRATE, **(substrate or {}),
+                          "endpoints": [dict(e) for e in endpoints]}]
+    if key is not None:
+        tenants = [tenant("t", key)]
+    if tenants is not None:
+        out["tenants"] = [dict(t) for t in tenants]
+    return copy.deepcopy(out)  # nothing shared with the defaults or the caller's values
+
+
+class _PlainDumper(yaml.SafeDumper):
+    def ignore_aliases(self, data: Any) -> bool:
+        return True  # a value used twice is written twice, not as an anchor and an alias
+
+
+def fleet_yaml(cfg: Mapping[str, Any]) -> str:
+    """A fleet file's text from its dict (`one_endpoint_fleet`): keys in the order given."""
+    return yaml.dump(dict(cfg), Dumper=_PlainDumper, sort_keys=False)
 
 
 def config(text: str = SMALL_FLEET_YAML, file: str = "fleet.yaml") -> FleetConfig:

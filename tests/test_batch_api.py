@@ -18,9 +18,10 @@ import pytest
 from aiohttp import web
 
 from inferplane.api.app import serve
-from inferplane.api.pipeline import Gateway, hash_key
+from inferplane.api.pipeline import Gateway
 from inferplane.batch.routes import BATCH_KEY, BatchService
 from inferplane.config.loader import parse_config
+from tests.builders import fleet_yaml, model, one_endpoint_fleet, tenant
 from tests.support.procs import free_port
 
 KEYS = {"a": "sk-batch-a", "b": "sk-batch-b"}
@@ -57,19 +58,13 @@ class Upstream:
         return app
 
 
-def config(up: int, extra: str = "") -> str:
-    return f"""
-gateway: {{scrape_interval_s: 0.05, seed: 1{extra}}}
-batch: {{poll_interval_s: 0.01, max_concurrency: 2, max_file_bytes: 20000}}
-substrates:
-  - {{name: pool, kind: gpu, hardware: h100, region: r1, jurisdiction: eu,
-     cost: {{input_per_mtok: 1.0, output_per_mtok: 2.0}},
-     endpoints: [{{name: up, url: "http://127.0.0.1:{up}", max_concurrency: 10,
-                  models: [{{name: m, profile: llama-3.1-8b, max_context: 4096}}]}}]}}
-tenants:
-  - {{name: a, api_keys: ["{hash_key(KEYS['a'])}"]}}
-  - {{name: b, api_keys: ["{hash_key(KEYS['b'])}"]}}
-"""
+def config(up: int, extra: dict[str, Any] | None = None) -> str:
+    """The fleet file; ``extra``: more gateway fields."""
+    return fleet_yaml(one_endpoint_fleet(
+        up, models=[model(max_context=4096)], endpoint_fields={"name": "up", "max_concurrency": 10},
+        gateway={"scrape_interval_s": 0.05, "seed": 1, **(extra or {})},
+        batch={"poll_interval_s": 0.01, "max_concurrency": 2, "max_file_bytes": 20000},
+        tenants=[tenant("a", KEYS["a"]), tenant("b", KEYS["b"])]))
 
 
 @dataclass
@@ -119,7 +114,8 @@ class Env:
             await asyncio.sleep(0.02)
 
 
-async def start(up: Upstream, extra: str = "") -> tuple[Gateway, web.AppRunner, str]:
+async def start(up: Upstream, extra: dict[str, Any] | None = None
+                ) -> tuple[Gateway, web.AppRunner, str]:
     port = free_port()
     gw = Gateway(parse_config(config(up.port, extra)))
     runner = await serve(gw, "127.0.0.1", port)
@@ -259,7 +255,7 @@ async def test_cancel_stops_feeding_and_keeps_what_ran(env: Env) -> None:
 async def test_a_batch_survives_a_restart_with_every_line_once(env: Env, tmp_path: Path
                                                                ) -> None:
     await env.runner.cleanup()
-    extra = f", ledger_path: {str(tmp_path / 'ledger.sqlite')!r}"
+    extra = {"ledger_path": str(tmp_path / "ledger.sqlite")}
     env.gw, env.runner, env.base = await start(env.up, extra)
     env.up.delay = 0.05
     n = 12

@@ -7,42 +7,33 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import orjson
 import pytest
 
-from inferplane.api.pipeline import hash_key
 from inferplane.dispatch.upstream import with_cache_salt
 from inferplane.placement.classify import Classifier
 from inferplane.placement.isolation import cache_salt, cache_scope
 from inferplane.tokenization import VOCABULARY, block_hashes, salt_root, token_ids
+from tests.builders import fleet_yaml, model, one_endpoint_fleet, tenant
 from tests.support.procs import Proc, free_port
 
 KEYS = {"a": "sk-iso-a", "b": "sk-iso-b", "c": "sk-iso-c", "d": "sk-iso-d"}
 
 
-def fleet(gw_port: int, up_port: int) -> str:
-    return f"""
-gateway: {{port: {gw_port}, scrape_interval_s: 0.05, token_estimate: words}}
-substrates:
-  - name: pool
-    kind: gpu
-    hardware: h100
-    region: r1
-    jurisdiction: eu
-    cost: {{hourly_usd: 3.0}}
-    endpoints:
-      - name: e0
-        url: http://127.0.0.1:{up_port}
-        models: [{{name: llama-3.1-8b, max_context: 4096}}]
-        emulation: {{num_gpu_blocks: 4096}}
-tenants:
-  - {{name: a, api_keys: ["{hash_key(KEYS['a'])}"]}}
-  - {{name: b, api_keys: ["{hash_key(KEYS['b'])}"]}}
-  - {{name: c, api_keys: ["{hash_key(KEYS['c'])}"], cache_group: team}}
-  - {{name: d, api_keys: ["{hash_key(KEYS['d'])}"], cache_group: team}}
-"""
+def fleet(gw_port: int, up_port: int, **gateway: Any) -> str:
+    """The fleet file: ``gateway`` adds to its gateway block."""
+    return fleet_yaml(one_endpoint_fleet(
+        up_port, substrate={"cost": {"hourly_usd": 3.0}},
+        models=[model("llama-3.1-8b", profile=None, max_context=4096)],
+        endpoint_fields={"name": "e0", "emulation": {"num_gpu_blocks": 4096}},
+        gateway={"port": gw_port, "scrape_interval_s": 0.05, "token_estimate": "words",
+                 **gateway},
+        tenants=[tenant("a", KEYS["a"]), tenant("b", KEYS["b"]),
+                 tenant("c", KEYS["c"], cache_group="team"),
+                 tenant("d", KEYS["d"], cache_group="team")]))
 
 
 @pytest.fixture(scope="module")
@@ -118,8 +109,7 @@ def test_salt_is_spliced_into_the_forwarded_body() -> None:
 
 def test_gateway_prefix_hashes_are_per_scope() -> None:
     from inferplane.config.loader import parse_config
-    cfg = parse_config(fleet(1, 2).replace("token_estimate: words",
-                                           "token_estimate: words, engine_block_size: 16"))
+    cfg = parse_config(fleet(1, 2, engine_block_size=16))
     clf = Classifier(cfg)
     tenants = {t.name: t for t in cfg.tenants}
     body = {"model": "llama-3.1-8b", "prompt": "word " * 600}

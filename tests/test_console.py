@@ -29,6 +29,7 @@ from inferplane.api.console_auth import (
 )
 from inferplane.api.pipeline import Gateway, hash_key
 from inferplane.config.loader import load_config
+from tests.builders import fleet_yaml, model, one_endpoint_fleet, tenant
 from tests.support.procs import Proc, free_port
 
 ADMIN, TENANT = "sk-console-admin", "sk-console-tenant"
@@ -56,28 +57,15 @@ def _stack(tmp: Path, admin_keys: list[str]) -> tuple[list[Proc], str]:
     return procs, base
 
 
-def _config(gw_port: int, up: int, tmp: Path, admin_keys: list[str]) -> str:
-    return f"""
-gateway:
-  port: {gw_port}
-  scrape_interval_s: 0.05
-  ledger_path: {tmp / "ledger.db"}
-  metrics: {{api_keys: {orjson.dumps(admin_keys).decode()}}}
-substrates:
-  - name: pool-a
-    kind: gpu
-    hardware: h100
-    region: r1
-    jurisdiction: eu
-    cost: {{input_per_mtok: 1.0, output_per_mtok: 2.0}}
-    endpoints:
-      - name: ep-ok
-        url: http://127.0.0.1:{up}
-        engine: vllm
-        models: [{{name: m-ok, profile: llama-3.1-8b, max_context: 4096}}]
-tenants:
-  - {{name: acme, api_keys: ["{hash_key(TENANT)}"]}}
-"""
+def _config(gw_port: int, up: int, tmp: Path, admin_keys: list[str],
+            gateway: dict[str, Any] | None = None, **sections: Any) -> str:
+    """The fleet file: ``gateway`` adds to its gateway block, ``sections`` are further blocks."""
+    return fleet_yaml(one_endpoint_fleet(
+        up, substrate={"name": "pool-a"}, models=[model("m-ok", max_context=4096)],
+        endpoint_fields={"name": "ep-ok", "engine": "vllm"},
+        gateway={"port": gw_port, "scrape_interval_s": 0.05, "ledger_path": str(tmp / "ledger.db"),
+                 "metrics": {"api_keys": admin_keys}, **(gateway or {})},
+        tenants=[tenant("acme", TENANT)], **sections))
 
 
 @pytest.fixture(scope="module")
@@ -362,8 +350,8 @@ async def test_economics_page_shows_the_refreshers_report(tmp_path: Path) -> Non
     """With ``economics.refresh_s`` the page shows the gateway's latest report (no ledger read
     per view); ``?fresh=1`` computes one now."""
     cfg = tmp_path / "fleet.yaml"
-    cfg.write_text(_config(free_port(), free_port(), tmp_path, [hash_key(ADMIN)])
-                   + "economics: {refresh_s: 0.1}\n")
+    cfg.write_text(_config(free_port(), free_port(), tmp_path, [hash_key(ADMIN)],
+                           economics={"refresh_s": 0.1}))
     app = build_app(Gateway(load_config(cfg), str(cfg)))
     async with TestClient(TestServer(app)) as client:
         collector = app[GATEWAY].economics.collector  # type: ignore[union-attr]
@@ -412,9 +400,8 @@ async def test_failed_logins_behind_a_trusted_proxy_are_throttled_per_client(
     ``gateway.trusted_proxies`` the throttle keys on the client named by X-Forwarded-For, so one
     client's bad guesses do not lock every admin out (before: all keyed on the proxy, 429)."""
     cfg = tmp_path / "fleet.yaml"
-    cfg.write_text(_config(free_port(), free_port(), tmp_path, [hash_key(ADMIN)]).replace(
-        "  scrape_interval_s: 0.05\n",
-        "  scrape_interval_s: 0.05\n  trusted_proxies: [127.0.0.0/8, '::1']\n"))
+    cfg.write_text(_config(free_port(), free_port(), tmp_path, [hash_key(ADMIN)],
+                           {"trusted_proxies": ["127.0.0.0/8", "::1"]}))
     async with TestClient(TestServer(build_app(Gateway(load_config(cfg), str(cfg))))) as c:
         guesser = {"X-Forwarded-For": "203.0.113.7"}
         for _ in range(5):
@@ -460,9 +447,9 @@ async def test_a_log_out_holds_on_every_replica_through_redis(
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
         cfg = tmp_path / name / "fleet.yaml"
-        cfg.write_text(_config(free_port(), free_port(), tmp_path / name, [hash_key(ADMIN)])
-                       + f"admission: {{store: redis, redis_url: '{REDIS_URL}', "
-                       f"redis_prefix: '{prefix}'}}\n")
+        cfg.write_text(_config(free_port(), free_port(), tmp_path / name, [hash_key(ADMIN)],
+                               admission={"store": "redis", "redis_url": REDIS_URL,
+                                          "redis_prefix": prefix}))
         apps.append(build_app(Gateway(load_config(cfg), str(cfg))))
     r = aioredis.Redis.from_url(REDIS_URL)
     try:

@@ -16,8 +16,9 @@ import pytest
 from aiohttp import web
 
 from inferplane.api.app import serve
-from inferplane.api.pipeline import Gateway, hash_key
+from inferplane.api.pipeline import Gateway
 from inferplane.config.loader import parse_config
+from tests.builders import fleet_yaml, model, one_endpoint_fleet
 from tests.support.procs import free_port
 
 KEY = "sk-gate"
@@ -67,19 +68,15 @@ class HeldUpstream:
         return list(self.arrived)
 
 
-def config(up: int, hardware: str = "h100") -> str:
-    return f"""
-gateway: {{scrape_interval_s: 0.05, seed: 1, first_byte_timeout: {{floor_s: 120}}}}
-admission: {{queue: {{max_prefill_queue_s: 0, default_deadline_ms: 30000}}}}
-batch: {{poll_interval_s: 0.01, max_concurrency: 2}}
-substrates:
-  - {{name: pool, kind: gpu, hardware: {hardware}, region: r1, jurisdiction: eu,
-     cost: {{input_per_mtok: 1.0, output_per_mtok: 2.0}},
-     endpoints: [{{name: up, url: "http://127.0.0.1:{up}", max_concurrency: 8,
-                  models: [{{name: m, profile: llama-3.1-8b, max_context: 4096}}]}}]}}
-tenants:
-  - {{name: t, api_keys: ["{hash_key(KEY)}"]}}
-"""
+def config(up: int, hardware: str = "h100", **gateway: Any) -> str:
+    """The fleet file: ``gateway`` adds to its gateway block."""
+    return fleet_yaml(one_endpoint_fleet(
+        up, key=KEY, substrate={"hardware": hardware}, models=[model(max_context=4096)],
+        endpoint_fields={"name": "up", "max_concurrency": 8},
+        gateway={"scrape_interval_s": 0.05, "seed": 1, "first_byte_timeout": {"floor_s": 120},
+                 **gateway},
+        admission={"queue": {"max_prefill_queue_s": 0, "default_deadline_ms": 30000}},
+        batch={"poll_interval_s": 0.01, "max_concurrency": 2}))
 
 
 @dataclass

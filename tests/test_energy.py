@@ -7,43 +7,45 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
-from inferplane.api.pipeline import hash_key
 from inferplane.config.loader import parse_config
 from inferplane.economics.analysis import analyse
 from inferplane.fleet.energy import endpoint_power_w, request_energy_j
 from inferplane.fleet.engine_metrics import parse_sglang, parse_vllm
 from inferplane.fleet.model import Fleet
+from tests.builders import (
+    ONE_ENDPOINT_SUBSTRATE,
+    endpoint,
+    fleet_yaml,
+    model,
+    one_endpoint_fleet,
+    tenant,
+)
 from tests.support.procs import Proc, free_port
 
-FLEET = """
-substrates:
-  - name: pool
-    kind: gpu
-    hardware: h100
-    region: r1
-    jurisdiction: eu
-    cost: {{hourly_usd: 3.0}}
-    {power}
-    endpoints:
-      - {{name: a, url: "http://127.0.0.1:{port}", tp: 2, models: [{{name: llama-3.1-8b, max_context: 8192}}]}}
-      - {{name: b, url: "http://127.0.0.1:{port2}", models: [{{name: llama-3.1-8b, max_context: 8192}}]}}
-  - name: api
-    kind: provider-api
-    hardware: provider-api
-    region: r1
-    jurisdiction: eu
-    cost: {{input_per_mtok: 1.0, output_per_mtok: 2.0}}
-    endpoints:
-      - {{name: p, url: "http://127.0.0.1:9", models: [{{name: llama-3.1-8b, max_context: 8192}}]}}
-"""  # noqa: E501
+LLAMA = [model("llama-3.1-8b", profile=None)]
 
 
-def _fleet(power: str = "") -> Fleet:
-    return Fleet.from_config(parse_config(FLEET.format(power=power, port=9001, port2=9002), "f"))
+def fleet_file(port: int = 9001, port2: int = 9002, power: dict[str, Any] | None = None,
+               **sections: Any) -> str:
+    """Two engines ``a`` (two GPUs) and ``b`` in GPU pool ``pool`` (``power``: more pool
+    fields), a provider endpoint ``p`` in pool ``api``; ``sections``: further blocks."""
+    cfg = one_endpoint_fleet(
+        substrate={"cost": {"hourly_usd": 3.0}, **(power or {})},
+        endpoints=[endpoint("a", port, tp=2, models=LLAMA), endpoint("b", port2, models=LLAMA)],
+        **sections)
+    cfg["substrates"].append({
+        **ONE_ENDPOINT_SUBSTRATE, "name": "api", "kind": "provider-api",
+        "hardware": "provider-api", "endpoints": [endpoint("p", 9, models=LLAMA)]})
+    return fleet_yaml(cfg)
+
+
+def _fleet(power: dict[str, Any] | None = None) -> Fleet:
+    return Fleet.from_config(parse_config(fleet_file(power=power), "f"))
 
 
 def test_power_live_else_envelope_else_rating() -> None:
@@ -52,7 +54,7 @@ def test_power_live_else_envelope_else_rating() -> None:
     assert endpoint_power_w(a, None) == (2 * 700.0, "tdp")  # two H100s at their rating
     assert endpoint_power_w(b, 0.0) == (700.0, "tdp")
     assert endpoint_power_w(p, None) is None and endpoint_power_w(p, 300.0) == (300.0, "live")
-    a2, b2, _ = _fleet("power_watts: 1000").endpoints
+    a2, b2, _ = _fleet({"power_watts": 1000}).endpoints
     assert endpoint_power_w(a2, None) == endpoint_power_w(b2, None) == (500.0, "envelope")
     assert request_energy_j(700.0, 2.0, 4) == pytest.approx(350.0)
     assert request_energy_j(700.0, 2.0, 0) == pytest.approx(1400.0)
@@ -69,7 +71,7 @@ def test_the_dcgm_power_gauge_is_read_and_summed() -> None:
 
 
 def test_economics_reports_joules_per_token() -> None:
-    cfg = parse_config(FLEET.format(power="", port=9001, port2=9002), "f")
+    cfg = parse_config(fleet_file(), "f")
     rec = {"request": {"model": "llama-3.1-8b", "workload_class": "interactive"},
            "picked": {"substrate": "pool"},
            "outcome": {"status": 200, "prompt_tokens": 900, "completion_tokens": 100,
@@ -86,11 +88,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]
     tmp = tmp_path_factory.mktemp("energy")
     port, port2, gw_port = free_port(), free_port(), free_port()
     fleet = tmp / "fleet.yaml"
-    fleet.write_text(FLEET.format(power="", port=port, port2=port2) + f"""
-gateway: {{port: {gw_port}, scrape_interval_s: 0.05, token_estimate: words}}
-tenants:
-  - {{name: t, api_keys: ["{hash_key('sk-energy')}"]}}
-""")
+    fleet.write_text(fleet_file(port, port2, gateway={
+        "port": gw_port, "scrape_interval_s": 0.05, "token_estimate": "words"},
+        tenants=[tenant("t", "sk-energy")]))
     emu = Proc(["-m", "inferplane.cli", "emulate", "--config", str(fleet), "--only", "a",
                 "--only", "b"], tmp / "emu.log")
     gw = None

@@ -25,6 +25,8 @@ from inferplane.epp import protocol as P
 from inferplane.epp import server as epp_server
 from inferplane.epp.envoy_config import bootstrap
 from inferplane.epp.server import Picker, serve
+from tests.builders import endpoint, model, one_endpoint_fleet, tenant
+from tests.builders import fleet_yaml as fleet_text
 from tests.support.envoy import Envoy, envoy_binary
 from tests.support.fake_upstream import build
 from tests.support.procs import env, free_port
@@ -34,38 +36,25 @@ CHAT = {"model": "m", "messages": [{"role": "user", "content": "hello there"}], 
 
 
 def fleet_yaml(ports: list[int], epp_port: int, envoy_port: int, admin: int, *,
-               fail_open: bool = False, dead_port: int | None = None) -> str:
-    eps = "\n".join(
-        f'      - {{name: e{i + 1}, url: "http://127.0.0.1:{p}", '
-        f"models: [{{name: m, profile: llama-3.1-8b, max_context: 8192}}]}}"
-        for i, p in enumerate(ports)
-    )
+               fail_open: bool = False, dead_port: int | None = None,
+               hosted: bool = False) -> str:
+    """The picker's fleet file: engines ``e1``... at ``ports``; ``dead_port``: and one more
+    serving ``m2``; ``hosted``: a provider endpoint first."""
+    eps = [endpoint(f"e{i + 1}", p) for i, p in enumerate(ports)]
     if dead_port is not None:
-        eps += (f'\n      - {{name: dead, url: "http://127.0.0.1:{dead_port}", '
-                "models: [{name: m2, profile: llama-3.1-8b, max_context: 8192}]}")
-    return f"""
-gateway: {{health_interval_s: 0.2}}
-epp: {{port: {epp_port}, envoy_port: {envoy_port}, envoy_admin_port: {admin},
-       fail_open: {str(fail_open).lower()}, message_timeout_s: 5}}
-substrates:
-  - name: pool
-    kind: gpu
-    hardware: h100
-    region: r1
-    jurisdiction: eu
-    cost: {{input_per_mtok: 1.0, output_per_mtok: 2.0}}
-    endpoints:
-{eps}
-classes:
-  - {{name: interactive, priority: critical}}
-  - {{name: standard, priority: standard}}
-tenants:
-  - {{name: t, api_keys: ["{hash_key(KEY)}"], default_class: standard}}
-  - name: slow
-    api_keys: ["{hash_key(LIMITED)}"]
-    default_class: standard
-    rate_limits: [{{requests_per_min: 1}}]
-"""
+        eps.append(endpoint("dead", dead_port, models=[model("m2")]))
+    if hosted:
+        eps.insert(0, endpoint("hosted", url="https://api.example.com/v1", api_key_env="EPP_KEY"))
+    return fleet_text(one_endpoint_fleet(
+        gateway={"health_interval_s": 0.2},
+        epp={"port": epp_port, "envoy_port": envoy_port, "envoy_admin_port": admin,
+             "fail_open": fail_open, "message_timeout_s": 5},
+        endpoints=eps,
+        classes=[{"name": "interactive", "priority": "critical"},
+                 {"name": "standard", "priority": "standard"}],
+        tenants=[tenant("t", KEY, default_class="standard"),
+                 tenant("slow", LIMITED, default_class="standard",
+                        rate_limits=[{"requests_per_min": 1}])]))
 
 
 @dataclass
@@ -461,12 +450,8 @@ async def test_clients_that_leave_before_the_headers_free_the_endpoint_and_blame
 
 def test_envoy_config_writes_a_bootstrap_envoy_validates(tmp_path: Path) -> None:
     fleet = tmp_path / "fleet.yaml"
-    text = fleet_yaml([free_port()], free_port(), free_port(), free_port(), fail_open=True)
-    text = text.replace("    endpoints:\n", (
-        "    endpoints:\n"
-        '      - {name: hosted, url: "https://api.example.com/v1", api_key_env: EPP_KEY,\n'
-        "         models: [{name: m, profile: llama-3.1-8b, max_context: 8192}]}\n"
-    ), 1)
+    text = fleet_yaml([free_port()], free_port(), free_port(), free_port(), fail_open=True,
+                      hosted=True)
     fleet.write_text(text)
     out = tmp_path / "envoy.yaml"
     bindir = Path(sys.executable).parent

@@ -20,37 +20,31 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from prometheus_client import generate_latest
 
 from inferplane.admission.sqlite_state import SqliteStore
-from inferplane.api.pipeline import hash_key
 from inferplane.config.loader import parse_config
 from inferplane.epp import protocol as P
 from inferplane.epp import server as epp_server
 from inferplane.epp.server import Picker, serve
 from inferplane.fleet.scraper import StaticMetricsSource
 from inferplane.ledger.build import build_ledger
+from tests.builders import endpoint, fleet_yaml, model, one_endpoint_fleet
 from tests.support.procs import free_port
 
 KEY = "sk-stream"
-CONFIG = f"""
-substrates:
-  - name: pool
-    kind: gpu
-    hardware: h100
-    region: r1
-    jurisdiction: eu
-    cost: {{input_per_mtok: 1.0, output_per_mtok: 2.0}}
-    endpoints:
-      - {{name: a, url: "http://10.0.0.1:8000", models: [{{name: m, profile: llama-3.1-8b,
-          max_context: 8192}}]}}
-      - {{name: b, url: "http://10.0.0.2:8000", models: [{{name: m, profile: llama-3.1-8b,
-          max_context: 8192}}]}}
-      - {{name: c, url: "https://api.example.com/openai/v1", api_key_env: EPP_TEST_KEY,
-          models: [{{name: m, upstream_name: m-hosted, profile: llama-3.1-8b,
-          max_context: 8192}}]}}
-      - {{name: d, url: "https://api.anthropic.example", dialect: anthropic,
-          models: [{{name: m, profile: llama-3.1-8b, max_context: 8192}}]}}
-tenants:
-  - {{name: t, api_keys: ["{hash_key(KEY)}"]}}
-"""
+
+
+def fleet_config(c_fields: dict[str, Any] | None = None, **sections: Any) -> str:
+    """The picker's fleet file: two engines and two providers; ``c_fields`` adds to endpoint
+    ``c``, ``sections`` are further blocks (``gateway``, ``epp``)."""
+    return fleet_yaml(one_endpoint_fleet(endpoints=[
+        endpoint("a", url="http://10.0.0.1:8000"),
+        endpoint("b", url="http://10.0.0.2:8000"),
+        endpoint("c", url="https://api.example.com/openai/v1", api_key_env="EPP_TEST_KEY",
+                 models=[model(upstream_name="m-hosted")], **(c_fields or {})),
+        endpoint("d", url="https://api.anthropic.example", dialect="anthropic"),
+    ], key=KEY, **sections))
+
+
+CONFIG = fleet_config()
 BODY = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}],
                      "max_tokens": 4})
 
@@ -165,8 +159,7 @@ async def test_a_client_that_leaves_before_the_headers_frees_its_slot_and_blames
     passively checked here). The code before held both for the grace (5 s) and then fed a 502
     into the error rate and `passive.failed`."""
     monkeypatch.setattr(epp_server, "OBSERVER_CLOSE_S", 60.0)  # the grace outlasts the test
-    cfg = CONFIG.replace("api_key_env: EPP_TEST_KEY,", "api_key_env: EPP_TEST_KEY, "
-                         "health_check: passive,")
+    cfg = fleet_config({"health_check": "passive"})
     async with picker(cfg) as (p, stub):
         down(p, "a", "b")  # only c (a provider endpoint, passive health) is placed on
         flights = []
@@ -282,7 +275,7 @@ async def test_a_pick_whose_observer_never_reports_is_reaped_recorded_and_settle
     and silent, an Envoy that hangs) does not keep the pick forever: past ``upstream_timeout_s
     + epp.message_timeout_s`` (Envoy's route timeout ends any answer by then) the reaper
     accounts it as a 504 naming why, releases its endpoint and settles its ticket."""
-    cfg = "gateway: {upstream_timeout_s: 0.3}\nepp: {message_timeout_s: 0.1}\n" + CONFIG
+    cfg = fleet_config(gateway={"upstream_timeout_s": 0.3}, epp={"message_timeout_s": 0.1})
     async with picker(cfg) as (p, stub):
         did, call = await _pick_and_observe_silently(stub)
         f = p.flights[did]
@@ -310,7 +303,7 @@ async def test_picks_in_the_air_when_the_picker_stops_are_recorded_and_settled(
     (499, "the picker stopped") before its ledger and admission store close. The code before
     accounted them after both had closed: no record, no settle."""
     ledger = tmp_path / "ledger.sqlite"
-    cfg = f"gateway: {{ledger_path: '{ledger}'}}\n" + CONFIG
+    cfg = fleet_config(gateway={"ledger_path": str(ledger)})
     monkey = epp_server.OBSERVER_CLOSE_S
     epp_server.OBSERVER_CLOSE_S = 60.0  # its picker stream has ended; no observer yet
     try:

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from inferplane.api.pipeline import hash_key
+from tests.builders import fleet_yaml, model, one_endpoint_fleet, tenant
 from tests.support.procs import Proc, free_port
 
 KEY = "sk-hostile-a"
@@ -31,23 +31,11 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object]]:
         procs.append(p)
         p.wait_http(f"http://127.0.0.1:{up}/health")
         port = free_port()
-        cfg = f"""
-gateway: {{port: {port}, max_body_bytes: 20000, scrape_interval_s: 0.05}}
-substrates:
-  - name: pool
-    kind: gpu
-    hardware: h100
-    region: r1
-    jurisdiction: eu
-    cost: {{hourly_usd: 3.0}}
-    endpoints:
-      - name: ok
-        url: http://127.0.0.1:{up}
-        models: [{{name: m, profile: llama-3.1-8b, max_context: 4096}}]
-tenants:
-  - {{name: ta, api_keys: ["{hash_key(KEY)}"]}}
-batch: {{max_file_bytes: 100000}}
-"""
+        cfg = fleet_yaml(one_endpoint_fleet(
+            up, substrate={"cost": {"hourly_usd": 3.0}}, models=[model(max_context=4096)],
+            endpoint_fields={"name": "ok"},
+            gateway={"port": port, "max_body_bytes": 20000, "scrape_interval_s": 0.05},
+            tenants=[tenant("ta", KEY)], batch={"max_file_bytes": 100000}))
         (tmp / "fleet.yaml").write_text(cfg)
         g = Proc(["-m", "inferplane.cli", "serve", "--config", str(tmp / "fleet.yaml")],
                  tmp / "gw.log")

@@ -16,8 +16,9 @@ import pytest
 
 from inferplane.api.app import build_app, route_table
 from inferplane.api.openapi import OPERATIONS, MissingOperation, build_spec
-from inferplane.api.pipeline import Gateway, hash_key
+from inferplane.api.pipeline import Gateway
 from inferplane.config.loader import parse_config
+from tests.builders import fleet_yaml, model, one_endpoint_fleet, tenant
 from tests.support.procs import ROOT, Proc, env, free_port
 
 KEY = "sk-openapi"
@@ -26,22 +27,11 @@ CHECKS = "not_a_server_error,response_schema_conformance,status_code_conformance
 
 
 def fleet(gw_port: int, up_port: int) -> str:
-    return f"""
-gateway: {{port: {gw_port}, scrape_interval_s: 0.05, max_body_bytes: 100000}}
-substrates:
-  - name: pool
-    kind: gpu
-    hardware: h100
-    region: r1
-    jurisdiction: eu
-    cost: {{hourly_usd: 3.0}}
-    endpoints:
-      - name: ok
-        url: http://127.0.0.1:{up_port}
-        models: [{{name: m, profile: llama-3.1-8b, max_context: 4096}}]
-tenants:
-  - {{name: ta, api_keys: ["{hash_key(KEY)}"]}}
-"""
+    return fleet_yaml(one_endpoint_fleet(
+        up_port, substrate={"cost": {"hourly_usd": 3.0}}, models=[model(max_context=4096)],
+        endpoint_fields={"name": "ok"},
+        gateway={"port": gw_port, "scrape_interval_s": 0.05, "max_body_bytes": 100000},
+        tenants=[tenant("ta", KEY)]))
 
 
 def test_every_route_is_described() -> None:

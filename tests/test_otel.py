@@ -24,11 +24,12 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 
 from inferplane.api.app import serve
-from inferplane.api.pipeline import Gateway, hash_key
+from inferplane.api.pipeline import Gateway
 from inferplane.config.loader import parse_config
 from inferplane.epp import protocol as P
 from inferplane.telemetry.otel import OtelTelemetry, parse_headers
 from inferplane.telemetry.tracing import DISABLED
+from tests.builders import endpoint, fleet_yaml, model, one_endpoint_fleet
 from tests.support.fake_upstream import build
 from tests.support.otlp_receiver import attributes
 from tests.support.procs import free_port
@@ -95,26 +96,12 @@ class Stack:
             self.runners.append(runner)
             self.apps[name] = app
         gw_port = free_port()
-        config = parse_config(f"""
-gateway: {{port: {gw_port}, seed: 1}}
-telemetry: {{enabled: true, tenant_attribute: true}}
-substrates:
-  - name: pool
-    kind: gpu
-    hardware: h100
-    region: r1
-    jurisdiction: eu
-    cost: {{input_per_mtok: 1.0, output_per_mtok: 2.0}}
-    endpoints:
-      - {{name: ok, url: "http://127.0.0.1:{ports['ok']}",
-          models: [{{name: m, profile: llama-3.1-8b, max_context: 8192}},
-                   {{name: flaky, profile: llama-3.1-8b, max_context: 8192}}]}}
-      - {{name: bad, url: "http://127.0.0.1:{ports['bad']}",
-          models: [{{name: flaky, profile: llama-3.1-8b, max_context: 8192}},
-                   {{name: broken, profile: llama-3.1-8b, max_context: 8192}}]}}
-tenants:
-  - {{name: t, api_keys: ["{hash_key(KEY)}"]}}
-""")
+        config = parse_config(fleet_yaml(one_endpoint_fleet(
+            gateway={"port": gw_port, "seed": 1},
+            telemetry={"enabled": True, "tenant_attribute": True},
+            endpoints=[endpoint("ok", ports["ok"], models=[model(), model("flaky")]),
+                       endpoint("bad", ports["bad"], models=[model("flaky"), model("broken")])],
+            key=KEY)))
         self.gw = Gateway(config)
         self.gw.telemetry.shutdown()  # the OTLP one the file asked for: replaced by in-memory
         self.gw.telemetry = self.tel = OtelTelemetry(config, span_exporter=self.spans)

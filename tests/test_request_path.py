@@ -8,9 +8,10 @@ import pytest
 from aiohttp import web
 
 from inferplane.api.app import serve
-from inferplane.api.pipeline import Gateway, hash_key
+from inferplane.api.pipeline import Gateway
 from inferplane.config.loader import parse_config
 from inferplane.dispatch.upstream import SSEUsageFilter
+from tests.builders import fleet_yaml, model, one_endpoint_fleet
 from tests.support.fake_upstream import build
 from tests.support.procs import free_port
 
@@ -22,21 +23,8 @@ async def _stack() -> tuple[Gateway, web.AppRunner, web.AppRunner, str]:
     up = web.AppRunner(build("up", "ok", 0.0))
     await up.setup()
     await web.TCPSite(up, "127.0.0.1", up_port).start()
-    config = parse_config(f"""
-gateway: {{port: {gw_port}}}
-substrates:
-  - name: pool
-    kind: gpu
-    hardware: h100
-    region: r1
-    jurisdiction: eu
-    cost: {{input_per_mtok: 1.0, output_per_mtok: 2.0}}
-    endpoints:
-      - {{name: e, url: "http://127.0.0.1:{up_port}",
-          models: [{{name: m, profile: llama-3.1-8b, max_context: 8192}}]}}
-tenants:
-  - {{name: t, api_keys: ["{hash_key(KEY)}"]}}
-""")
+    config = parse_config(fleet_yaml(one_endpoint_fleet(up_port, gateway={"port": gw_port},
+                                                        key=KEY)))
     gw = Gateway(config)
     runner = await serve(gw, "127.0.0.1", gw_port)
     return gw, runner, up, f"http://127.0.0.1:{gw_port}/v1/chat/completions"
@@ -109,18 +97,9 @@ def test_sse_usage_filter_across_chunk_boundaries(split: int) -> None:
 def test_n_and_prompt_lists_size_the_worst_case(body: dict[str, object], sequences: int) -> None:
     from inferplane.placement.classify import Classifier
 
-    config = parse_config(f"""
-substrates:
-  - name: p
-    kind: gpu
-    hardware: h100
-    region: r
-    jurisdiction: eu
-    cost: {{hourly_usd: 1}}
-    endpoints: [{{name: e, url: "http://127.0.0.1:1", models: [{{name: m, max_context: 99,
-                 profile: llama-3.1-8b}}]}}]
-tenants: [{{name: t, api_keys: ["{hash_key(KEY)}"]}}]
-""")
+    config = parse_config(fleet_yaml(one_endpoint_fleet(
+        1, substrate={"name": "p", "region": "r", "cost": {"hourly_usd": 1}},
+        models=[model(max_context=99)], key=KEY)))
     profile, _ = Classifier(config).classify(
         request_id="r", api="completions", body={"model": "m", "max_tokens": 10, **body},
         headers={}, tenant=config.tenants[0],

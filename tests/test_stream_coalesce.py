@@ -16,11 +16,12 @@ import pytest
 from aiohttp import web
 
 from inferplane.api.app import serve
-from inferplane.api.pipeline import Gateway, hash_key
+from inferplane.api.pipeline import Gateway
 from inferplane.config.loader import parse_config
 from inferplane.config.schema import GatewaySpec
 from inferplane.dispatch import upstream
 from inferplane.dispatch.answer import StreamStats
+from tests.builders import fleet_yaml, one_endpoint_fleet
 from tests.support.procs import free_port
 
 KEY = "sk-coalesce"
@@ -98,23 +99,11 @@ async def _stack(
     up = web.AppRunner(app)
     await up.setup()
     await web.TCPSite(up, "127.0.0.1", up_port).start()
-    config = parse_config(f"""
-gateway: {{port: {gw_port}, stream_coalesce_ms: {coalesce_ms},
-           stream_coalesce_min_streams: {min_streams}, scrape_interval_s: 60,
-           health_interval_s: 60, metrics: {{public: true}}}}
-substrates:
-  - name: pool
-    kind: gpu
-    hardware: h100
-    region: r1
-    jurisdiction: eu
-    cost: {{input_per_mtok: 1.0, output_per_mtok: 2.0}}
-    endpoints:
-      - {{name: e, url: "http://127.0.0.1:{up_port}", scrape_metrics: false,
-          models: [{{name: m, profile: llama-3.1-8b, max_context: 8192}}]}}
-tenants:
-  - {{name: t, api_keys: ["{hash_key(KEY)}"]}}
-""")
+    config = parse_config(fleet_yaml(one_endpoint_fleet(
+        up_port, key=KEY, endpoint_fields={"scrape_metrics": False},
+        gateway={"port": gw_port, "stream_coalesce_ms": coalesce_ms,
+                 "stream_coalesce_min_streams": min_streams, "scrape_interval_s": 60,
+                 "health_interval_s": 60, "metrics": {"public": True}})))
     gw = Gateway(config)
     runner = await serve(gw, "127.0.0.1", gw_port)
     return gw, runner, up, f"http://127.0.0.1:{gw_port}"

@@ -14,8 +14,9 @@ import pytest
 from aiohttp import web
 
 from inferplane.api.app import serve
-from inferplane.api.pipeline import Gateway, hash_key
+from inferplane.api.pipeline import Gateway
 from inferplane.config.loader import parse_config
+from tests.builders import fleet_yaml, model, one_endpoint_fleet, tenant
 from tests.support.procs import free_port
 
 KEY = "sk-upload"
@@ -42,17 +43,11 @@ async def test_a_20_mb_upload_never_sits_in_memory(tmp_path: Path) -> None:
     await up_runner.setup()
     up_port = free_port()
     await web.TCPSite(up_runner, "127.0.0.1", up_port).start()
-    cfg = f"""
-gateway: {{scrape_interval_s: 0.05, ledger_path: {tmp_path / 'ledger.sqlite'}}}
-batch: {{max_file_bytes: {64 * MB}, max_lines: 1000000}}
-substrates:
-  - {{name: pool, kind: gpu, hardware: h100, region: r1, jurisdiction: eu,
-     cost: {{hourly_usd: 1.0}},
-     endpoints: [{{name: up, url: "http://127.0.0.1:{up_port}",
-                  models: [{{name: m, profile: llama-3.1-8b, max_context: 4096}}]}}]}}
-tenants:
-  - {{name: a, api_keys: ["{hash_key(KEY)}"]}}
-"""
+    cfg = fleet_yaml(one_endpoint_fleet(
+        up_port, substrate={"cost": {"hourly_usd": 1.0}}, models=[model(max_context=4096)],
+        endpoint_fields={"name": "up"},
+        gateway={"scrape_interval_s": 0.05, "ledger_path": str(tmp_path / "ledger.sqlite")},
+        batch={"max_file_bytes": 64 * MB, "max_lines": 1000000}, tenants=[tenant("a", KEY)]))
     port = free_port()
     runner = await serve(Gateway(parse_config(cfg)), "127.0.0.1", port)
     tracemalloc.start()

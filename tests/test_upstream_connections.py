@@ -17,8 +17,9 @@ import pytest
 from aiohttp import web
 
 from inferplane.api.app import serve
-from inferplane.api.pipeline import Gateway, hash_key
+from inferplane.api.pipeline import Gateway
 from inferplane.config.loader import parse_config
+from tests.builders import fleet_yaml, one_endpoint_fleet
 from tests.support.fake_upstream import build
 from tests.support.loopback import engine_app, serve_on_loopback
 from tests.support.procs import free_port
@@ -47,15 +48,10 @@ async def _upstream() -> tuple[web.AppRunner, int, dict[object, list[str]]]:
 
 
 def _config(port: int, gw_port: int) -> str:
-    return f"""
-gateway: {{port: {gw_port}, health_interval_s: 0.1}}
-substrates:
-  - {{name: pool, kind: gpu, hardware: h100, region: r1, jurisdiction: eu,
-     cost: {{hourly_usd: 3.0}}, endpoints: [{{name: e0, url: 'http://127.0.0.1:{port}',
-     engine: vllm, models: [{{name: m, profile: llama-3.1-8b, max_context: 8192}}]}}]}}
-tenants:
-  - {{name: t, api_keys: ["{hash_key(KEY)}"]}}
-"""
+    return fleet_yaml(one_endpoint_fleet(
+        port, substrate={"cost": {"hourly_usd": 3.0}},
+        endpoint_fields={"name": "e0", "engine": "vllm"},
+        gateway={"port": gw_port, "health_interval_s": 0.1}, key=KEY))
 
 
 @pytest.mark.parametrize("stream", [True, False])
