@@ -92,6 +92,15 @@ class LoopLag:
             return self.lost_s
         return self.lost_s + (now - due)
 
+    def lost_now(self) -> float:
+        """`lost_at` the running loop's time now; outside a running loop, ``lost_s`` (what
+        ``inferplane_event_loop_lag_seconds_total`` exports)."""
+        try:
+            now = asyncio.get_running_loop().time()
+        except RuntimeError:
+            return self.lost_s
+        return self.lost_at(now)
+
     def mark(self) -> tuple[float, float]:
         """(loop time, lost so far) now: the start of a span `ran_s` measures."""
         now = asyncio.get_running_loop().time()

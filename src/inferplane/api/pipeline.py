@@ -56,6 +56,7 @@ class Gateway(Core):
             credentials=load_credentials(config, file),  # ConfigError naming what is missing
             lag=self.lag,
         )
+        self.metrics.coalesce_holds.count_from(lambda: self.dispatcher.holds)
 
     def _prepare_transport(self, config: FleetConfig, file: str) -> Callable[[], None]:
         credentials = load_credentials(config, file)  # ConfigError naming what is missing

@@ -182,6 +182,10 @@ class Core:
         # (`inferplane.looplag`), each up to its wall-time cap
         self.lag = LoopLag()
         self.turn_gate = TurnGate()  # gateway.send_bursts_together
+        # counters of their plain totals, read when /metrics is collected
+        self.metrics.loop_lost.count_from(lambda: self.lag.lost_now())
+        self.metrics.send_gate_requests.count_from(lambda: self.turn_gate.held)
+        self.metrics.send_gate_groups.count_from(lambda: self.turn_gate.groups)
         self.admission = Admission(
             config,
             self.live,
