@@ -13,7 +13,6 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client import metrics as prometheus_metrics
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
@@ -37,11 +36,17 @@ _LATENCY_BUCKETS = (
 _PLUGIN_BUCKETS = (1e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3)
 
 
+# a counter in no registry, collected only to see whether prometheus_client exports _created
+_CREATED_PROBE = Counter("inferplane_created_probe", "", registry=None)
+
+
 def created_series() -> bool:
     """Whether counters export ``_created`` as prometheus_client's own do: yes unless
     ``PROMETHEUS_DISABLE_CREATED_SERIES`` is set or `prometheus_client.disable_created_metrics`
-    was called (its switch is not public: read defensively, default on)."""
-    return bool(getattr(prometheus_metrics, "_use_created", True))
+    was called. The library has no public getter for its switch, so this asks one of its own
+    counters (collected now: it follows a switch turned at run time)."""
+    return any(s.name.endswith("_created")
+               for family in _CREATED_PROBE.collect() for s in family.samples)
 
 
 class SourcedCounter:
@@ -51,12 +56,11 @@ class SourcedCounter:
 
     `count_from` gives the read; until then the counter is not exported (nothing in this
     process counts it). Its ``_created`` is when `count_from` was called: the source is wired
-    when it is made, and counts from 0 then. A total is exported at least as high as the last
-    one (Prometheus reads a counter that goes down as a restart of the process): the loop-lag
-    total counts a late tick that has not run yet, and a ticker stopped before it ran drops
-    that part."""
+    when it is made, and counts from 0 then. The total is exported as read, never adjusted:
+    a source must not go down (Prometheus reads a counter that goes down as a reset), and
+    whoever replaces a source object calls `count_from` again (a new ``_created``)."""
 
-    __slots__ = ("created", "documentation", "exported", "name", "read", "unit")
+    __slots__ = ("created", "documentation", "name", "read", "unit")
 
     def __init__(self, name: str, documentation: str, unit: str = "") -> None:
         if not name.endswith("_total"):
@@ -66,11 +70,10 @@ class SourcedCounter:
         self.unit = unit
         self.read: Callable[[], float] | None = None
         self.created = 0.0
-        self.exported = 0.0
 
     def count_from(self, read: Callable[[], float]) -> None:
         """Export the running total ``read()`` returns, counted from now."""
-        self.read, self.created, self.exported = read, time.time(), 0.0
+        self.read, self.created = read, time.time()
 
     def family(self) -> CounterMetricFamily:
         """The counter's family without samples (what `SourcedCounters.describe` gives)."""
@@ -95,9 +98,8 @@ class SourcedCounters(Collector):
         for c in self.counters:
             if c.read is None:
                 continue
-            value = c.exported = max(c.exported, float(c.read()))
             family = c.family()
-            family.add_metric([], value, created=c.created if created else None)
+            family.add_metric([], float(c.read()), created=c.created if created else None)
             yield family
 
 
