@@ -106,10 +106,28 @@ async def test_lost_time_counts_a_pending_late_tick() -> None:
     lag._due = 11.0  # a tick due at 11 has not run at 11.3: 0.3 s more are already lost
     assert lag.lost_at(11.3) == pytest.approx(0.8)
     assert lag.lost_at(10.9) == pytest.approx(0.5)
+    lag._due = asyncio.get_running_loop().time() + 60.0  # not late: stop books nothing
     await lag.stop()
+    assert lag.lost_s == 0.5
     lag._due = 11.0  # a stopped ticker counts no pending tick (a deadline must still fire)
     assert lag.lost_at(11.3) == pytest.approx(0.5)
     assert lag.recent_max_s(100.0) == 0.0  # older than the recent window
+
+
+async def test_stopping_the_ticker_books_a_pending_late_tick() -> None:
+    """The lateness `lost_at` counted of a tick that had not run yet stays in the total when
+    the ticker stops before that tick runs: the total never goes down (it is exported as a
+    counter, inferplane_event_loop_lag_seconds_total)."""
+    lag = LoopLag(interval_s=0.05)
+    lag.start()
+    await asyncio.sleep(0)  # the ticker runs: a tick is due within one interval
+    time.sleep(0.2)  # the loop stalls past it: the tick is due and has not run
+    pending = lag.lost_now()
+    assert pending > lag.lost_s == 0.0
+    await lag.stop()  # cancels the ticker before the late tick runs
+    assert lag.ticks == 0
+    assert lag.lost_s >= pending
+    assert lag.lost_now() >= pending  # a stopped ticker adds nothing more
 
 
 async def test_a_health_probe_is_not_failed_by_the_gateways_own_stall() -> None:

@@ -8,7 +8,9 @@ gateway's own lag: a first-byte timeout ejects a healthy engine, a health probe 
 `LoopLag` runs one ticker task that sleeps ``interval_s`` at a time and adds how late each tick
 woke up to ``lost_s``, the seconds this loop ran late since it started; `lost_at` also counts the
 lateness of a tick that is due but has not run yet, so a callback that runs in the same loop
-iteration as a late tick already sees the stall.
+iteration as a late tick already sees the stall. A ticker cancelled before that tick ran (`stop`,
+or the loop's shutdown cancelling its tasks) books the pending lateness into ``lost_s``, so
+`lost_at` never goes down (``inferplane_event_loop_lag_seconds_total`` is a counter).
 
 `LoopLag.deadline` is `asyncio.timeout` measured in *running time*: when ``seconds`` of wall time
 have passed it subtracts the lag lost since it was entered and re-arms itself for what is left;
@@ -67,11 +69,20 @@ class LoopLag:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        while True:
-            self._due = due = loop.time() + self.interval_s
-            await asyncio.sleep(self.interval_s)
-            now = loop.time()
-            self.tick(now - due, now)
+        try:
+            while True:
+                self._due = due = loop.time() + self.interval_s
+                await asyncio.sleep(self.interval_s)
+                now = loop.time()
+                self.tick(now - due, now)
+        except asyncio.CancelledError:
+            # the tick due has not run: book what `lost_at` counted of it until now, so the
+            # total does not drop once the ticker no longer runs (a lateness, not a tick)
+            pending, now = self._due, loop.time()
+            if pending is not None and now > pending:
+                self.lost_s += now - pending
+            self._due = None
+            raise
 
     def tick(self, late_s: float, now: float) -> None:
         """Account one tick that ran ``late_s`` after it was due (the ticker calls it)."""
@@ -91,6 +102,17 @@ class LoopLag:
         if due is None or now <= due or not self.running:  # a stopped ticker adds nothing
             return self.lost_s
         return self.lost_s + (now - due)
+
+    def lost_now(self) -> float:
+        """`lost_at` the running loop's time now; outside a running loop, ``lost_s`` (what
+        ``inferplane_event_loop_lag_seconds_total`` exports). It never goes down when read on
+        the ticker's loop; a read from another thread while the ticker runs sees only the
+        ticks booked so far (nothing collects from another thread)."""
+        try:
+            now = asyncio.get_running_loop().time()
+        except RuntimeError:
+            return self.lost_s
+        return self.lost_at(now)
 
     def mark(self) -> tuple[float, float]:
         """(loop time, lost so far) now: the start of a span `ran_s` measures."""

@@ -372,12 +372,10 @@ async def metrics(request: web.Request) -> web.Response:
         gw.metrics.endpoint_ejected.labels(v.name).set(1 if v.state.ejected else 0)
     m = gw.metrics
     now = asyncio.get_running_loop().time()
-    m.loop_lost.set(gw.lag.lost_at(now))
     m.loop_lag_max.set(gw.lag.recent_max_s(now))
-    m.send_gate_requests.set(gw.turn_gate.held)
-    m.send_gate_groups.set(gw.turn_gate.groups)
     m.streams_relayed.set(gw.dispatcher.streams)
-    m.coalesce_holds.set(gw.dispatcher.holds)
+    # the running totals (loop lag, send gate, coalescing holds) are counters read as the
+    # registry is collected (telemetry.metrics.SourcedCounters)
     for name, p in gw.pool_health().items():
         m.pool_queue_trend.labels(name).set(p.queue_trend)
         m.pool_kv_pressure.labels(name, "mean").set(p.kv_mean or 0.0)

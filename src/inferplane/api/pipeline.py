@@ -56,6 +56,8 @@ class Gateway(Core):
             credentials=load_credentials(config, file),  # ConfigError naming what is missing
             lag=self.lag,
         )
+        # replacing the dispatcher (its holds count from 0) requires calling count_from again
+        self.metrics.coalesce_holds.count_from(lambda: self.dispatcher.holds)
 
     def _prepare_transport(self, config: FleetConfig, file: str) -> Callable[[], None]:
         credentials = load_credentials(config, file)  # ConfigError naming what is missing

@@ -248,7 +248,7 @@ class GatewaySpec(Strict):
         "With fewer, every chunk is relayed as it arrives, as with stream_coalesce_ms 0 (so "
         "with fewer streams, e.g. a lone client, token pacing is unchanged). 1: hold whenever "
         "a stream is relayed. /metrics shows the count (inferplane_streams_relayed) and the "
-        "holds (inferplane_stream_coalesce_holds_total), per process",
+        "holds counter (inferplane_stream_coalesce_holds_total), per process",
     )
     send_bursts_together: bool = Field(
         False,

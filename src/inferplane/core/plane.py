@@ -182,6 +182,12 @@ class Core:
         # (`inferplane.looplag`), each up to its wall-time cap
         self.lag = LoopLag()
         self.turn_gate = TurnGate()  # gateway.send_bursts_together
+        # counters of their plain totals, read when /metrics is collected; the lambdas read
+        # whatever object is current: replacing one (the new one counts from 0) requires
+        # calling count_from again, for a _created that says when the count restarted
+        self.metrics.loop_lost.count_from(lambda: self.lag.lost_now())
+        self.metrics.send_gate_requests.count_from(lambda: self.turn_gate.held)
+        self.metrics.send_gate_groups.count_from(lambda: self.turn_gate.groups)
         self.admission = Admission(
             config,
             self.live,

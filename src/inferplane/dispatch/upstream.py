@@ -198,8 +198,8 @@ class Dispatcher:
     """Pooled upstream client shared by all requests of one gateway.
 
     ``streams`` is how many streams `relay` is relaying now and ``holds`` how many times it has
-    held one (``gateway.stream_coalesce_ms``): plain ints of this gateway's dispatcher, exported
-    when ``/metrics`` is read (``inferplane_streams_relayed``,
+    held one (``gateway.stream_coalesce_ms``): plain ints of this gateway's dispatcher, read
+    when ``/metrics`` is (the gauge ``inferplane_streams_relayed``, the counter
     ``inferplane_stream_coalesce_holds_total``)."""
 
     def __init__(

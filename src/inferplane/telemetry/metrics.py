@@ -8,10 +8,13 @@ removes its series too (`forget`; a removed endpoint's once its requests in flig
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from inferplane import __version__, compiled
 
@@ -31,6 +34,73 @@ _LATENCY_BUCKETS = (
     60.0,
 )
 _PLUGIN_BUCKETS = (1e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3)
+
+
+# a counter in no registry, collected only to see whether prometheus_client exports _created
+_CREATED_PROBE = Counter("inferplane_created_probe", "", registry=None)
+
+
+def created_series() -> bool:
+    """Whether counters export ``_created`` as prometheus_client's own do: yes unless
+    ``PROMETHEUS_DISABLE_CREATED_SERIES`` is set or `prometheus_client.disable_created_metrics`
+    was called. The library has no public getter for its switch, so this asks one of its own
+    counters (collected now: it follows a switch turned at run time)."""
+    return any(s.name.endswith("_created")
+               for family in _CREATED_PROBE.collect() for s in family.samples)
+
+
+class SourcedCounter:
+    """A counter whose total is a plain number kept by the code that counts (an int bumped on
+    the request path, where a prometheus_client `Counter`'s ``inc`` would take a lock), read
+    each time the registry is collected (`SourcedCounters`): a scrape sees it as of then.
+
+    `count_from` gives the read; until then the counter is not exported (nothing in this
+    process counts it). Its ``_created`` is when `count_from` was called: the source is wired
+    when it is made, and counts from 0 then. The total is exported as read, never adjusted:
+    a source must not go down (Prometheus reads a counter that goes down as a reset), and
+    whoever replaces a source object calls `count_from` again (a new ``_created``)."""
+
+    __slots__ = ("created", "documentation", "name", "read", "unit")
+
+    def __init__(self, name: str, documentation: str, unit: str = "") -> None:
+        if not name.endswith("_total"):
+            raise ValueError(f"a counter's exposed name ends in _total: {name}")
+        self.name = name  # as exposed (CounterMetricFamily takes it with or without _total)
+        self.documentation = documentation
+        self.unit = unit
+        self.read: Callable[[], float] | None = None
+        self.created = 0.0
+
+    def count_from(self, read: Callable[[], float]) -> None:
+        """Export the running total ``read()`` returns, counted from now."""
+        self.read, self.created = read, time.time()
+
+    def family(self) -> CounterMetricFamily:
+        """The counter's family without samples (what `SourcedCounters.describe` gives)."""
+        return CounterMetricFamily(self.name, self.documentation, unit=self.unit)
+
+
+class SourcedCounters(Collector):
+    """The collector of a registry's `SourcedCounter` objects: each wired one is read when the
+    registry is collected and yielded as a ``counter`` family (one sample, ``<name>`` ending
+    in ``_total``, plus ``_created`` when `created_series`). `describe` names every one, wired
+    or not, so the registry refuses another metric of the same name."""
+
+    def __init__(self, counters: Iterable[SourcedCounter]) -> None:
+        self.counters = tuple(counters)
+
+    def describe(self) -> Iterator[CounterMetricFamily]:
+        for c in self.counters:
+            yield c.family()
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        created = created_series()
+        for c in self.counters:
+            if c.read is None:
+                continue
+            family = c.family()
+            family.add_metric([], float(c.read()), created=c.created if created else None)
+            yield family
 
 
 class GatewayMetrics:
@@ -139,41 +209,44 @@ class GatewayMetrics:
             registry=r,
         )
         self.build_info.labels(__version__, compiled.status().mode).set(1)
-        self.loop_lost = Gauge(
+        # totals kept as plain numbers by the code that counts (an int bumped on a hot path),
+        # exported as counters read when /metrics is collected (`SourcedCounter`); each is
+        # wired to its source by whoever owns it (`core.plane.Core`, `api.pipeline.Gateway`)
+        self.loop_lost = SourcedCounter(
             "inferplane_event_loop_lag_seconds_total",
             "Seconds the gateway's event loop ran late since start (the process descheduled or "
             "its loop held up); deadlines do not count them (inferplane.looplag)",
-            registry=r,
+            unit="seconds",
         )
         self.loop_lag_max = Gauge(
             "inferplane_event_loop_lag_max_seconds",
             "The worst event-loop lateness in the last 60 s",
             registry=r,
         )
-        self.send_gate_requests = Gauge(
+        self.send_gate_requests = SourcedCounter(
             "inferplane_send_gate_requests_total",
             "Placed requests (and re-placed attempts) that waited for the rest of their burst "
             "before being sent (gateway.send_bursts_together; inferplane.dispatch.turns)",
-            registry=r,
         )
-        self.send_gate_groups = Gauge(
+        self.send_gate_groups = SourcedCounter(
             "inferplane_send_gate_groups_total",
             "Groups of requests sent together: requests / groups is the mean group",
-            registry=r,
         )
-        # plain ints of the dispatcher (one compare per streamed chunk), read at scrape time
+        # a plain int of the dispatcher (one compare per streamed chunk), set at scrape time
         self.streams_relayed = Gauge(
             "inferplane_streams_relayed",
             "Streams being relayed now (what gateway.stream_coalesce_min_streams compares)",
             registry=r,
         )
-        self.coalesce_holds = Gauge(
+        self.coalesce_holds = SourcedCounter(
             "inferplane_stream_coalesce_holds_total",
             "Times a stream's upstream bytes were held to relay its tokens in groups since start "
             "(gateway.stream_coalesce_ms, while gateway.stream_coalesce_min_streams streams "
             "were relayed)",
-            registry=r,
         )
+        r.register(SourcedCounters(
+            (self.loop_lost, self.send_gate_requests, self.send_gate_groups, self.coalesce_holds)
+        ))
         self._admission_metrics(r)
         self._health_metrics(r)
 
