@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -237,6 +239,38 @@ def test_tree_sampler_counts_cpu_and_rss(tmp_path: Path) -> None:
         p.stop()
     assert cpu > 0.05
     assert rss > 20 << 20
+
+
+def test_run_queue_wait_is_read_per_thread_of_the_process() -> None:
+    waits = procs.run_queue_wait_ns(os.getpid())
+    assert threading.get_native_id() in waits  # this thread, by its kernel id
+    assert all(isinstance(v, int) and v >= 0 for v in waits.values())
+    assert procs.run_queue_wait_ns(2**22 + 7) == {}  # no such process: nothing, no error
+
+
+def test_tree_sampler_adds_up_the_wait_of_threads_that_come_and_go(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    reads = iter([{1: 100}, {1: 400, 2: 50}, {1: 900}])  # thread 2 ends before the last read
+    monkeypatch.setattr(procs, "run_queue_wait_ns", lambda pid: next(reads))
+    monkeypatch.setattr(procs, "tree_pids", lambda root: [root])
+    sampler = procs.TreeSampler(os.getpid(), interval_s=3600)
+    sampler.start()
+    sampler._sample()
+    sampler.stop()
+    assert sampler.wait_s == pytest.approx((900 + 50 - 100) / 1e9)
+
+
+def test_router_niceness_is_given_to_every_process_the_harness_starts(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PEERS_ROUTER_NICE", "3")  # raising it needs no privilege
+    p = procs.Proc("nice", [sys.executable, "-c", "import time; time.sleep(30)"],
+                   tmp_path / "nice.log")
+    try:
+        stat = Path(f"/proc/{p.pid}/stat").read_text()
+        nice = int(stat[stat.rindex(")") + 2:].split()[16])  # field 19
+    finally:
+        p.stop()
+    assert nice == os.nice(0) + 3
 
 
 def test_parse_stat_handles_spaces_in_the_name() -> None:

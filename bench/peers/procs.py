@@ -6,7 +6,8 @@ process group), stdout and stderr in a log file, and a module-level registry so 
 one of them by process group, never by name.
 
 Resource use of a router is read from ``/proc``: :func:`tree_pids` walks the children of a PID,
-:class:`TreeSampler` adds up user+system CPU time and RSS over the tree and keeps the peak.
+:class:`TreeSampler` adds up user+system CPU time and RSS over the tree and keeps the peak, and
+the time its threads were ready to run but waited for a CPU (``schedstat``'s run-queue wait).
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ class Proc:
         self.log = log
         log.parent.mkdir(parents=True, exist_ok=True)
         self._fh = log.open("wb")
+        nice = int(os.environ.get("PEERS_ROUTER_NICE") or 0)
         self.popen = subprocess.Popen(
             self.argv,
             stdout=self._fh,
@@ -91,6 +93,9 @@ class Proc:
             env=child_env(env),
             cwd=cwd,
             start_new_session=True,
+            # every process the harness starts gets the same niceness (real_engines.py's
+            # --router-nice: the routers against engines it starts itself at 0)
+            preexec_fn=(lambda: os.nice(nice)) if nice else None,
         )
         self.pid = self.popen.pid
         _RUNNING.append(self)
@@ -216,6 +221,8 @@ class TreeSampler:
         self.peak_rss = 0
         self._cpu0 = 0.0
         self._last: dict[int, float] = {}
+        self._wait0 = 0
+        self._last_wait: dict[int, int] = {}  # by thread id: ns waited on a run queue
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -228,11 +235,14 @@ class TreeSampler:
                 continue
             self._last[pid] = cpu
             rss += int(pages) * _PAGE
+            for tid, waited in run_queue_wait_ns(pid).items():
+                self._last_wait[tid] = waited
         self.peak_rss = max(self.peak_rss, rss)
 
     def start(self) -> TreeSampler:
         self._sample()
         self._cpu0 = sum(self._last.values())
+        self._wait0 = sum(self._last_wait.values())
         self._thread.start()
         return self
 
@@ -247,3 +257,23 @@ class TreeSampler:
             self._thread.join(5)
         self._sample()
         return max(0.0, sum(self._last.values()) - self._cpu0), self.peak_rss
+
+    @property
+    def wait_s(self) -> float:
+        """Seconds the tree's threads were runnable but waited for a CPU since :meth:`start`
+        (as of the last sample: read it after :meth:`stop`)."""
+        return max(0, sum(self._last_wait.values()) - self._wait0) / 1e9
+
+
+def run_queue_wait_ns(pid: int) -> dict[int, int]:
+    """Nanoseconds each thread of ``pid`` has spent runnable on a run queue, not running
+    (``/proc/PID/task/TID/schedstat``'s second field); empty where the kernel has no schedstat."""
+    out: dict[int, int] = {}
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tasks:
+        with contextlib.suppress(OSError, ValueError, IndexError):  # a thread that ended
+            out[int(tid)] = int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[1])
+    return out

@@ -341,7 +341,8 @@ def run_one(name: str, rep: int, urls: list[str], fleet: Path, a: argparse.Names
         f"engines' CPU {res['engine_cpu_s']} s, API servers' {res['api_cpu_s']} s; the "
         f"engines' own TTFT/queue/prefill means {eng.get('ttft')}/{eng.get('queue')}/"
         f"{eng.get('prefill')} ms; router CPU "
-        f"{'–' if res.get('cpu_s') is None else round(res['cpu_s'], 2)} s)")
+        f"{'–' if res.get('cpu_s') is None else round(res['cpu_s'], 2)} s, waited for a CPU "
+        f"{res.get('wait_s', '–')} s)")
     return res
 
 
@@ -412,7 +413,7 @@ def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "ttft_p90_ms": stat([r["summary"]["ttft_ms"]["p90"] for r in got]),
             "ttft_p99_ms": stat([r["summary"]["ttft_ms"]["p99"] for r in got]),
             **{k: stat([r[k] for r in got]) if all(r.get(k) is not None for r in got) else None
-               for k in ("engine_cpu_s", "api_cpu_s", "cpu_s")},
+               for k in ("engine_cpu_s", "api_cpu_s", "cpu_s", "wait_s")},
             "engine_ttft_ms": (stat([r["engine_ms"]["ttft"] for r in got])
                                if all((r.get("engine_ms") or {}).get("ttft") is not None
                                       for r in got) else None),
@@ -434,8 +435,8 @@ def table(rows: list[dict[str, Any]]) -> str:
     lines = ["| router | runs | prefix hit rate | TTFT p50 ms | TTFT p90 ms | TTFT p99 ms | "
              "pooled TTFT p50 / p90 / mean ms | "
              "engines' own TTFT, mean ms | engines' CPU s (API servers') | router's CPU s "
-             "| errors per run |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| router's wait for a CPU s | errors per run |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         cpu, api = r.get("engine_cpu_s"), r.get("api_cpu_s")
         pool = r.get("pooled_ttft_ms")
@@ -446,7 +447,7 @@ def table(rows: list[dict[str, Any]]) -> str:
                      f"{fmt(r['ttft_p99_ms'])} | {pooled} | {fmt(r.get('engine_ttft_ms'))} | "
                      f"{'–' if cpu is None else fmt(cpu)}"
                      f"{'' if api is None else ' (' + fmt(api) + ')'} | "
-                     f"{fmt(r.get('cpu_s'), digits=2)} | "
+                     f"{fmt(r.get('cpu_s'), digits=2)} | {fmt(r.get('wait_s'), digits=2)} | "
                      f"{', '.join(str(e) for e in r['errors'])} of {r['requests']} |")
     return "\n".join(lines)
 
@@ -537,14 +538,17 @@ def render(doc: dict[str, Any], out: Path) -> str:
         lines += ["Not measured:", "", *(f"- rep {r.get('rep')} {r['name']}: {r.get('status')}"
                                          f" {str(r.get('reason', ''))[:300]}" for r in bad), ""]
     lines += ["Per run:", "", "| rep | router | hit rate | TTFT p50 | TTFT p90 | engines' CPU s "
-              "| API servers' CPU s | errors |", "|---|---|---|---|---|---|---|---|"]
+              "| API servers' CPU s | router's CPU s | router's wait for a CPU s | errors |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in doc["results"]:
         if r.get("status") == "ok":
             t = r["summary"]["ttft_ms"]
             hit = "–" if r.get("hit_rate") is None else f"{100 * r['hit_rate']:.1f}%"
             lines.append(f"| {r['rep']} | {r['name']} | {hit} | "
                          f"{t['p50']:.0f} | {t['p90']:.0f} | {r.get('engine_cpu_s', '–')} | "
-                         f"{r.get('api_cpu_s', '–')} | {r['summary']['errors']} |")
+                         f"{r.get('api_cpu_s', '–')} | "
+                         f"{'–' if r.get('cpu_s') is None else round(r['cpu_s'], 2)} | "
+                         f"{r.get('wait_s', '–')} | {r['summary']['errors']} |")
     text = "\n".join(lines) + "\n"
     (out / "results.md").write_text(text)
     return text
@@ -595,6 +599,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gateway-python", action="append", default=[], metavar="NAME=PATH",
                     help="add the setup 'inferplane default, NAME': the gateway run by the "
                     "interpreter at PATH")
+    ap.add_argument("--router-nice", type=int, default=0,
+                    help="start every router (and the warm-up relay) at this niceness, the "
+                         "engines at 0: a negative value gives the routers the CPU first on a "
+                         "host they share with the engines (needs the privilege to lower it)")
     ap.add_argument("--setup-limit", type=float, default=600.0, help="seconds per replay")
     ap.add_argument("--budget", type=float, default=3600.0, help="seconds for all replays")
     ap.add_argument("--urls", help="reuse running engines (URL[@KV],...) instead of starting them")
@@ -604,6 +612,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--render-only", nargs="*", type=Path, metavar="RESULTS_JSON",
                     help="only (re)write --out's results.md from these results.json files")
     a = ap.parse_args(argv)
+    if a.router_nice:
+        os.environ["PEERS_ROUTER_NICE"] = str(a.router_nice)  # read by procs.Proc in run.py
     if a.render_only is not None:
         doc = merge(a.render_only or [a.out / "results.json"])
         a.out.mkdir(parents=True, exist_ok=True)

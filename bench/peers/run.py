@@ -223,6 +223,7 @@ def run_setup(setup: Setup, a: argparse.Namespace, ctx: Context, fast: Context,
     # end's own work and the router (compare routers with each other, not with zero)
     res["engine_ms"] = metrics.engine_means_ms(pages_before, pages_after)
     res["cpu_s"], res["peak_rss_mb"] = cpu_s, peak / 2**20
+    res["wait_s"] = round(sampler.wait_s, 3)  # ready to run, waiting for a CPU (schedstat)
     # per request, for looking into a tail: [index, arrival s, input tokens, trace blocks, TTFT
     # ms (None: no first token), cached prompt tokens the router passed on (None: not
     # reported), ok (False: an error, also one after the first token)]
