@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from inferplane.api.pipeline import Gateway  # noqa: E402
 from inferplane.config.loader import parse_config  # noqa: E402
-from tests.builders import fleet_yaml, one_endpoint_fleet, tenant  # noqa: E402
+from tests.builders import pool_fleet, tenant, to_yaml  # noqa: E402
 from tests.support.procs import Proc, free_port  # noqa: E402
 
 KEY = "sk-bench"
@@ -52,7 +52,7 @@ TENANT = {  # the tenant's limits: high enough never to bind
 
 
 def config(port: int, up: int, store: str | None, prefix: str) -> str:
-    return fleet_yaml(one_endpoint_fleet(
+    return to_yaml(pool_fleet(
         up, substrate={"name": "api", "kind": "provider-api"},
         endpoint_fields={"name": "up", "max_concurrency": 1000},
         gateway={"port": port, "scrape_interval_s": 0.5},

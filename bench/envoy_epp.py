@@ -50,7 +50,7 @@ from bench.overhead import BODY, KEY, cpu_seconds, pct  # noqa: E402
 from bench.peers.venvs import ensure  # noqa: E402
 from inferplane.config.loader import load_config  # noqa: E402
 from inferplane.epp.envoy_config import bootstrap, render  # noqa: E402
-from tests.builders import fleet_yaml, one_endpoint_fleet, tenant  # noqa: E402
+from tests.builders import pool_fleet, tenant, to_yaml  # noqa: E402
 from tests.support.envoy import envoy_binary  # noqa: E402
 from tests.support.procs import Proc, free_port  # noqa: E402
 
@@ -269,7 +269,7 @@ def main() -> None:
     ports = {s: (free_port(), free_port(), free_port())
              for s in ("", "-noobs", "-null", "-null-grpcio-rw", "-null-grpclib")}
     for suffix, (epp, envoy, admin) in ports.items():  # observer only on envoy+epp
-        (tmp / f"fleet{suffix}.yaml").write_text(fleet_yaml(one_endpoint_fleet(
+        (tmp / f"fleet{suffix}.yaml").write_text(to_yaml(pool_fleet(
             up, substrate={"cost": {"hourly_usd": 3.0}},
             endpoint_fields={"name": "up0", "max_concurrency": 4096},
             gateway={"port": gw, "scrape_interval_s": 0.1},

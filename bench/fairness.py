@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "src"))
 
-from tests.builders import fleet_yaml, one_endpoint_fleet, tenant  # noqa: E402
+from tests.builders import pool_fleet, tenant, to_yaml  # noqa: E402
 from tests.support.procs import Proc, free_port  # noqa: E402
 
 KEYS = {"flood": "sk-flood", "victim": "sk-victim"}
@@ -76,7 +76,7 @@ def upstream_app(slots: int, ttft: float, itl: float) -> web.Application:
 def config(port: int, up: int, slots: int, queue: bool,
            fair: dict[str, Any] | None = None) -> str:
     """The gateway's fleet file; ``fair``: more ``admission.queue`` fields."""
-    return fleet_yaml(one_endpoint_fleet(
+    return to_yaml(pool_fleet(
         up, substrate={"cost": {"hourly_usd": 2}},
         endpoint_fields={"name": "up", "max_concurrency": slots},
         gateway={"port": port, "scrape_interval_s": 0.5, "upstream_timeout_s": 60},

@@ -62,7 +62,8 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from bench.overhead import BODY, KEY  # noqa: E402
 from bench.overhead import cpu_seconds as process_cpu  # noqa: E402
-from tests.builders import fleet_yaml, one_endpoint_fleet, tenant  # noqa: E402
+from inferplane.config.loader import _UniqueKeyLoader  # noqa: E402
+from tests.builders import pool_fleet, tenant, to_yaml  # noqa: E402
 from tests.support.otlp_receiver import OtlpReceiver  # noqa: E402
 from tests.support.procs import Proc, free_port  # noqa: E402
 
@@ -136,14 +137,23 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
     return process_cpu(pid), sum(process_cpu(c) for c in child_pids(pid))
 
 
+def _mapping(text: str) -> dict[str, Any]:
+    """A `telemetry_variants` value as a dict, read as the gateway reads its file (a key given
+    twice is an error)."""
+    value = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader
+    if not isinstance(value, dict):
+        raise ValueError(f"not a mapping: {text}")
+    return value
+
+
 def fleet(port: int, up_port: int, telemetry: str, scrape_interval_s: float = 1.0,
           gateway: dict[str, Any] | None = None) -> str:
     """A gateway's fleet file: ``telemetry`` is its `telemetry:` mapping in YAML (a
     `telemetry_variants` value), ``gateway`` more gateway fields."""
-    return fleet_yaml(one_endpoint_fleet(
+    return to_yaml(pool_fleet(
         up_port, substrate={"cost": {"hourly_usd": 3.0}}, endpoint_fields={"name": "up0"},
         gateway={"port": port, "scrape_interval_s": scrape_interval_s, **(gateway or {})},
-        telemetry=yaml.safe_load(telemetry),
+        telemetry=_mapping(telemetry),
         tenants=[tenant("bench", KEY, default_class="bench")],
         classes=[{"name": "bench", "profile": "round-robin"}]))
 
@@ -272,6 +282,11 @@ def telemetry_variants(ratios: str, extra: list[str], endpoint: str) -> dict[str
         telemetry[name] = (f"{{{fields}}}" if "enabled" in fields else
                            f"{{enabled: true, endpoint: '{endpoint}', "
                            f"export_interval_s: 5, {fields}}}")
+        try:
+            _mapping(telemetry[name])
+        except (yaml.YAMLError, ValueError) as e:  # one line, not a traceback
+            raise SystemExit(f"--variant {item}: bad telemetry fields: "
+                             + " ".join(str(e).split())) from None
     return telemetry
 
 

@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "src"))
 
-from tests.builders import endpoint, fleet_yaml, one_endpoint_fleet, tenant  # noqa: E402
+from tests.builders import endpoint, pool_fleet, tenant, to_yaml  # noqa: E402
 from tests.support.procs import Proc, free_port  # noqa: E402
 
 KEY = "sk-bench"
@@ -130,7 +130,7 @@ def main() -> None:
     up_ports, gw_port = [free_port() for _ in range(args.endpoints)], free_port()
     up_port = up_ports[0]
     cfg = tmp / "fleet.yaml"
-    cfg.write_text(fleet_yaml(one_endpoint_fleet(
+    cfg.write_text(to_yaml(pool_fleet(
         endpoints=[endpoint(f"up{i}", port) for i, port in enumerate(up_ports)],
         substrate={"cost": {"hourly_usd": 3.0}},
         gateway={"port": gw_port, "scrape_interval_s": 0.1},

@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "src"))
 
-from tests.builders import endpoint, fleet_yaml, model, one_endpoint_fleet, tenant  # noqa: E402
+from tests.builders import endpoint, model, pool_fleet, tenant, to_yaml  # noqa: E402
 from tests.support.procs import free_port  # noqa: E402
 
 KEY = "sk-bench-soak"
@@ -180,7 +180,7 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="soak-"))
     ups = [free_port(), free_port()]
     port = free_port()
-    (tmp / "fleet.yaml").write_text(fleet_yaml(one_endpoint_fleet(
+    (tmp / "fleet.yaml").write_text(to_yaml(pool_fleet(
         endpoints=[endpoint(f"up{i}", p, models=[model(max_context=4096)])
                    for i, p in enumerate(ups)],
         substrate={"cost": {"hourly_usd": 1.0}},

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "src"))
 
-from tests.builders import fleet_yaml, model, one_endpoint_fleet, tenant  # noqa: E402
+from tests.builders import model, pool_fleet, tenant, to_yaml  # noqa: E402
 from tests.support.procs import free_port  # noqa: E402
 
 KEY = "sk-bench-upload"
@@ -47,7 +47,7 @@ def jsonl(mb: int) -> bytes:
 def run(src: Path, data: bytes, uploads: int, settle: float, up_port: int) -> list[float]:
     tmp = Path(tempfile.mkdtemp(prefix="upload-rss-"))
     port = free_port()
-    (tmp / "fleet.yaml").write_text(fleet_yaml(one_endpoint_fleet(
+    (tmp / "fleet.yaml").write_text(to_yaml(pool_fleet(
         up_port, substrate={"cost": {"hourly_usd": 1.0}}, models=[model(max_context=4096)],
         endpoint_fields={"name": "up"},
         gateway={"port": port, "ledger_path": str(tmp / "ledger.sqlite")},

@@ -1,7 +1,8 @@
 """Shared builders for unit tests: a small fleet in YAML, configs, snapshots and profiles.
 
-Everything is built in code from a YAML string through the real loader (`parse_config`) and
-`Fleet.from_config`, so tests exercise the same path as the gateway.
+Fleets are YAML text (the constants below, or a dict from `pool_fleet` written out by
+`to_yaml`) read through the real loader (`parse_config`) and `Fleet.from_config`, so tests
+exercise the same path as the gateway.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from functools import cache
 from pathlib import Path
-from types import ModuleType
+from types import MappingProxyType, ModuleType
 from typing import Any
 
 import yaml
@@ -124,17 +125,19 @@ def endpoint(name: str = "e", port: int | None = None, *, url: str | None = None
 
 def tenant(name: str, key: str, **fields: Any) -> dict[str, Any]:
     """A tenant with one API key (stored hashed), with any other tenant field in ``fields``."""
+    assert "api_keys" not in fields, "tenant() takes one key; build the dict for several"
     return {"name": name, "api_keys": [key_hash(key)], **fields}
 
 
-# The substrate the one-endpoint fleet puts its endpoint in, before ``substrate`` overrides.
-ONE_ENDPOINT_SUBSTRATE: Mapping[str, Any] = {
+# The one substrate of `pool_fleet`, before ``substrate`` overrides. Read-only (nested ``cost``
+# too); `pool_fleet` copies it into fresh dicts, so a built fleet shares nothing with it.
+POOL_SUBSTRATE: Mapping[str, Any] = MappingProxyType({
     "name": "pool", "kind": "gpu", "hardware": "h100", "region": "r1", "jurisdiction": "eu",
-    "cost": {"input_per_mtok": 1.0, "output_per_mtok": 2.0},
-}
+    "cost": MappingProxyType({"input_per_mtok": 1.0, "output_per_mtok": 2.0}),
+})
 
 
-def one_endpoint_fleet(
+def pool_fleet(
     port: int | None = None,
     *,
     gateway: Mapping[str, Any] | None = None,
@@ -147,20 +150,26 @@ def one_endpoint_fleet(
     **sections: Any,
 ) -> dict[str, Any]:
     """The fleet file (as the dict YAML would load) that most gateway tests run: one substrate
-    (`ONE_ENDPOINT_SUBSTRATE` with the fields of ``substrate`` over it) holding one endpoint
-    ``e`` at ``http://127.0.0.1:{port}`` that serves `model()` (or ``models``), with the
-    fields of ``endpoint_fields`` over it (``name``, ``url``, ``max_concurrency``...).
+    (`POOL_SUBSTRATE` with the fields of ``substrate`` over it) holding, by default, one
+    endpoint ``e`` at ``http://127.0.0.1:{port}`` that serves `model()` (or ``models``); the
+    fields of ``endpoint_fields`` are `endpoint` arguments for it (``name``, ``url`` instead of
+    ``port``, ``max_concurrency``...; ``models`` there and in ``models`` is a TypeError).
+    A test whose assertions name the pool, its kind, the endpoint or the tenant should pass
+    those names here rather than rely on the defaults.
 
     - ``endpoints``: the substrate's endpoints instead of that one (see `endpoint`);
     - ``gateway``: the ``gateway`` block (none when not given);
     - ``key``: one tenant ``t`` with that API key; ``tenants``: the tenants instead (see
       `tenant`); neither: no tenants;
     - ``sections``: any other top-level block as is (``telemetry``, ``admission``, ``epp``,
-      ``classes``, ``batch``...).
+      ``classes``, ``batch``...); not ``substrates`` (an AssertionError: one substrate here).
 
-    `fleet_yaml` writes it as YAML text, for `parse_config` or a file."""
+    `to_yaml` writes it as YAML text, for `parse_config` or a file."""
+    assert "substrates" not in sections, "one substrate: use substrate= and endpoints="
     if endpoints is None:
-        endpoints = [{**endpoint("e", port, models=models), **(endpoint_fields or {})}]
+        # through endpoint(): a ``url`` there is used, and ``models`` given twice is a TypeError
+        given = {"models": models} if models is not None else {}
+        endpoints = [endpoint(**{"name": "e", **(endpoint_fields or {})}, port=port, **given)]
     else:
         assert port is None and models is None and endpoint_fields is None, (
             "port, models and endpoint_fields describe the one endpoint; endpoints replaces it")
@@ -169,7 +178,7 @@ def one_endpoint_fleet(
     if gateway is not None:
         out["gateway"] = dict(gateway)
     out.update(sections)
-    out["substrates"] = [{**ONE_ENDPOINT_SUBSTRATE, **(substrate or {}),
+    out["substrates"] = [{**_plain(POOL_SUBSTRATE), **(substrate or {}),
                           "endpoints": [dict(e) for e in endpoints]}]
     if key is not None:
         tenants = [tenant("t", key)]
@@ -178,13 +187,20 @@ def one_endpoint_fleet(
     return copy.deepcopy(out)  # nothing shared with the defaults or the caller's values
 
 
+def _plain(value: Any) -> Any:
+    """``value`` with every mapping (read-only ones included) copied into a fresh dict."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    return copy.deepcopy(value)
+
+
 class _PlainDumper(yaml.SafeDumper):
     def ignore_aliases(self, data: Any) -> bool:
         return True  # a value used twice is written twice, not as an anchor and an alias
 
 
-def fleet_yaml(cfg: Mapping[str, Any]) -> str:
-    """A fleet file's text from its dict (`one_endpoint_fleet`): keys in the order given."""
+def to_yaml(cfg: Mapping[str, Any]) -> str:
+    """A fleet file's text from its dict (`pool_fleet`): keys in the order given."""
     return yaml.dump(dict(cfg), Dumper=_PlainDumper, sort_keys=False)
 
 

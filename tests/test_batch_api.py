@@ -21,7 +21,7 @@ from inferplane.api.app import serve
 from inferplane.api.pipeline import Gateway
 from inferplane.batch.routes import BATCH_KEY, BatchService
 from inferplane.config.loader import parse_config
-from tests.builders import fleet_yaml, model, one_endpoint_fleet, tenant
+from tests.builders import model, pool_fleet, tenant, to_yaml
 from tests.support.procs import free_port
 
 KEYS = {"a": "sk-batch-a", "b": "sk-batch-b"}
@@ -60,7 +60,7 @@ class Upstream:
 
 def config(up: int, extra: dict[str, Any] | None = None) -> str:
     """The fleet file; ``extra``: more gateway fields."""
-    return fleet_yaml(one_endpoint_fleet(
+    return to_yaml(pool_fleet(
         up, models=[model(max_context=4096)], endpoint_fields={"name": "up", "max_concurrency": 10},
         gateway={"scrape_interval_s": 0.05, "seed": 1, **(extra or {})},
         batch={"poll_interval_s": 0.01, "max_concurrency": 2, "max_file_bytes": 20000},

@@ -17,7 +17,7 @@ from inferplane.dispatch.upstream import with_cache_salt
 from inferplane.placement.classify import Classifier
 from inferplane.placement.isolation import cache_salt, cache_scope
 from inferplane.tokenization import VOCABULARY, block_hashes, salt_root, token_ids
-from tests.builders import fleet_yaml, model, one_endpoint_fleet, tenant
+from tests.builders import model, pool_fleet, tenant, to_yaml
 from tests.support.procs import Proc, free_port
 
 KEYS = {"a": "sk-iso-a", "b": "sk-iso-b", "c": "sk-iso-c", "d": "sk-iso-d"}
@@ -25,7 +25,7 @@ KEYS = {"a": "sk-iso-a", "b": "sk-iso-b", "c": "sk-iso-c", "d": "sk-iso-d"}
 
 def fleet(gw_port: int, up_port: int, **gateway: Any) -> str:
     """The fleet file: ``gateway`` adds to its gateway block."""
-    return fleet_yaml(one_endpoint_fleet(
+    return to_yaml(pool_fleet(
         up_port, substrate={"cost": {"hourly_usd": 3.0}},
         models=[model("llama-3.1-8b", profile=None, max_context=4096)],
         endpoint_fields={"name": "e0", "emulation": {"num_gpu_blocks": 4096}},

@@ -29,7 +29,7 @@ from inferplane.api.console_auth import (
 )
 from inferplane.api.pipeline import Gateway, hash_key
 from inferplane.config.loader import load_config
-from tests.builders import fleet_yaml, model, one_endpoint_fleet, tenant
+from tests.builders import model, pool_fleet, tenant, to_yaml
 from tests.support.procs import Proc, free_port
 
 ADMIN, TENANT = "sk-console-admin", "sk-console-tenant"
@@ -57,10 +57,10 @@ def _stack(tmp: Path, admin_keys: list[str]) -> tuple[list[Proc], str]:
     return procs, base
 
 
-def _config(gw_port: int, up: int, tmp: Path, admin_keys: list[str],
+def _config(gw_port: int, up: int, tmp: Path, admin_keys: list[str], *,
             gateway: dict[str, Any] | None = None, **sections: Any) -> str:
     """The fleet file: ``gateway`` adds to its gateway block, ``sections`` are further blocks."""
-    return fleet_yaml(one_endpoint_fleet(
+    return to_yaml(pool_fleet(
         up, substrate={"name": "pool-a"}, models=[model("m-ok", max_context=4096)],
         endpoint_fields={"name": "ep-ok", "engine": "vllm"},
         gateway={"port": gw_port, "scrape_interval_s": 0.05, "ledger_path": str(tmp / "ledger.db"),
@@ -401,7 +401,7 @@ async def test_failed_logins_behind_a_trusted_proxy_are_throttled_per_client(
     client's bad guesses do not lock every admin out (before: all keyed on the proxy, 429)."""
     cfg = tmp_path / "fleet.yaml"
     cfg.write_text(_config(free_port(), free_port(), tmp_path, [hash_key(ADMIN)],
-                           {"trusted_proxies": ["127.0.0.0/8", "::1"]}))
+                           gateway={"trusted_proxies": ["127.0.0.0/8", "::1"]}))
     async with TestClient(TestServer(build_app(Gateway(load_config(cfg), str(cfg))))) as c:
         guesser = {"X-Forwarded-For": "203.0.113.7"}
         for _ in range(5):

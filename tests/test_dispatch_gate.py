@@ -18,7 +18,7 @@ from aiohttp import web
 from inferplane.api.app import serve
 from inferplane.api.pipeline import Gateway
 from inferplane.config.loader import parse_config
-from tests.builders import fleet_yaml, model, one_endpoint_fleet
+from tests.builders import model, pool_fleet, to_yaml
 from tests.support.procs import free_port
 
 KEY = "sk-gate"
@@ -70,7 +70,7 @@ class HeldUpstream:
 
 def config(up: int, hardware: str = "h100", **gateway: Any) -> str:
     """The fleet file: ``gateway`` adds to its gateway block."""
-    return fleet_yaml(one_endpoint_fleet(
+    return to_yaml(pool_fleet(
         up, key=KEY, substrate={"hardware": hardware}, models=[model(max_context=4096)],
         endpoint_fields={"name": "up", "max_concurrency": 8},
         gateway={"scrape_interval_s": 0.05, "seed": 1, "first_byte_timeout": {"floor_s": 120},

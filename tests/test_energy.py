@@ -18,12 +18,11 @@ from inferplane.fleet.energy import endpoint_power_w, request_energy_j
 from inferplane.fleet.engine_metrics import parse_sglang, parse_vllm
 from inferplane.fleet.model import Fleet
 from tests.builders import (
-    ONE_ENDPOINT_SUBSTRATE,
     endpoint,
-    fleet_yaml,
     model,
-    one_endpoint_fleet,
+    pool_fleet,
     tenant,
+    to_yaml,
 )
 from tests.support.procs import Proc, free_port
 
@@ -34,14 +33,15 @@ def fleet_file(port: int = 9001, port2: int = 9002, power: dict[str, Any] | None
                **sections: Any) -> str:
     """Two engines ``a`` (two GPUs) and ``b`` in GPU pool ``pool`` (``power``: more pool
     fields), a provider endpoint ``p`` in pool ``api``; ``sections``: further blocks."""
-    cfg = one_endpoint_fleet(
-        substrate={"cost": {"hourly_usd": 3.0}, **(power or {})},
+    cfg = pool_fleet(
+        substrate={"name": "pool", "kind": "gpu", "cost": {"hourly_usd": 3.0}, **(power or {})},
         endpoints=[endpoint("a", port, tp=2, models=LLAMA), endpoint("b", port2, models=LLAMA)],
         **sections)
     cfg["substrates"].append({
-        **ONE_ENDPOINT_SUBSTRATE, "name": "api", "kind": "provider-api",
-        "hardware": "provider-api", "endpoints": [endpoint("p", 9, models=LLAMA)]})
-    return fleet_yaml(cfg)
+        "name": "api", "kind": "provider-api", "hardware": "provider-api", "region": "r1",
+        "jurisdiction": "eu", "cost": {"input_per_mtok": 1.0, "output_per_mtok": 2.0},
+        "endpoints": [endpoint("p", 9, models=LLAMA)]})
+    return to_yaml(cfg)
 
 
 def _fleet(power: dict[str, Any] | None = None) -> Fleet:

@@ -25,8 +25,7 @@ from inferplane.epp import protocol as P
 from inferplane.epp import server as epp_server
 from inferplane.epp.envoy_config import bootstrap
 from inferplane.epp.server import Picker, serve
-from tests.builders import endpoint, model, one_endpoint_fleet, tenant
-from tests.builders import fleet_yaml as fleet_text
+from tests.builders import endpoint, model, pool_fleet, tenant, to_yaml
 from tests.support.envoy import Envoy, envoy_binary
 from tests.support.fake_upstream import build
 from tests.support.procs import env, free_port
@@ -36,16 +35,17 @@ CHAT = {"model": "m", "messages": [{"role": "user", "content": "hello there"}], 
 
 
 def fleet_yaml(ports: list[int], epp_port: int, envoy_port: int, admin: int, *,
-               fail_open: bool = False, dead_port: int | None = None,
+               fail_open: bool | str = False, dead_port: int | None = None,
                hosted: bool = False) -> str:
     """The picker's fleet file: engines ``e1``... at ``ports``; ``dead_port``: and one more
-    serving ``m2``; ``hosted``: a provider endpoint first."""
+    serving ``m2``; ``hosted``: a provider endpoint first; ``fail_open`` a string: written
+    as is (an invalid file)."""
     eps = [endpoint(f"e{i + 1}", p) for i, p in enumerate(ports)]
     if dead_port is not None:
         eps.append(endpoint("dead", dead_port, models=[model("m2")]))
     if hosted:
         eps.insert(0, endpoint("hosted", url="https://api.example.com/v1", api_key_env="EPP_KEY"))
-    return fleet_text(one_endpoint_fleet(
+    return to_yaml(pool_fleet(
         gateway={"health_interval_s": 0.2},
         epp={"port": epp_port, "envoy_port": envoy_port, "envoy_admin_port": admin,
              "fail_open": fail_open, "message_timeout_s": 5},
@@ -469,7 +469,8 @@ def test_envoy_config_writes_a_bootstrap_envoy_validates(tmp_path: Path) -> None
                              capture_output=True, text=True)
     assert checked.returncode == 0, checked.stdout + checked.stderr
     bad = tmp_path / "bad.yaml"
-    bad.write_text(text.replace("fail_open: true", "fail_open: maybe"))
+    bad.write_text(fleet_yaml([free_port()], free_port(), free_port(), free_port(),
+                              fail_open="maybe", hosted=True))
     done = subprocess.run([str(bindir / "inferplane"), "envoy-config", "--config", str(bad)],
                           capture_output=True, text=True, env=env())
     assert done.returncode == 2, done.stderr

@@ -26,7 +26,7 @@ from inferplane.epp import server as epp_server
 from inferplane.epp.server import Picker, serve
 from inferplane.fleet.scraper import StaticMetricsSource
 from inferplane.ledger.build import build_ledger
-from tests.builders import endpoint, fleet_yaml, model, one_endpoint_fleet
+from tests.builders import endpoint, model, pool_fleet, tenant, to_yaml
 from tests.support.procs import free_port
 
 KEY = "sk-stream"
@@ -35,13 +35,13 @@ KEY = "sk-stream"
 def fleet_config(c_fields: dict[str, Any] | None = None, **sections: Any) -> str:
     """The picker's fleet file: two engines and two providers; ``c_fields`` adds to endpoint
     ``c``, ``sections`` are further blocks (``gateway``, ``epp``)."""
-    return fleet_yaml(one_endpoint_fleet(endpoints=[
+    return to_yaml(pool_fleet(endpoints=[
         endpoint("a", url="http://10.0.0.1:8000"),
         endpoint("b", url="http://10.0.0.2:8000"),
         endpoint("c", url="https://api.example.com/openai/v1", api_key_env="EPP_TEST_KEY",
                  models=[model(upstream_name="m-hosted")], **(c_fields or {})),
         endpoint("d", url="https://api.anthropic.example", dialect="anthropic"),
-    ], key=KEY, **sections))
+    ], tenants=[tenant("t", KEY)], **sections))
 
 
 CONFIG = fleet_config()

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.builders import fleet_yaml, model, one_endpoint_fleet, tenant
+from tests.builders import model, pool_fleet, tenant, to_yaml
 from tests.support.procs import Proc, free_port
 
 KEY = "sk-hostile-a"
@@ -31,7 +31,7 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object]]:
         procs.append(p)
         p.wait_http(f"http://127.0.0.1:{up}/health")
         port = free_port()
-        cfg = fleet_yaml(one_endpoint_fleet(
+        cfg = to_yaml(pool_fleet(
             up, substrate={"cost": {"hourly_usd": 3.0}}, models=[model(max_context=4096)],
             endpoint_fields={"name": "ok"},
             gateway={"port": port, "max_body_bytes": 20000, "scrape_interval_s": 0.05},

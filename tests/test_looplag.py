@@ -18,7 +18,7 @@ from inferplane.config.loader import parse_config
 from inferplane.fleet.model import Fleet
 from inferplane.fleet.scraper import HttpMetricsSource
 from inferplane.looplag import LoopLag
-from tests.builders import fleet_yaml, model, one_endpoint_fleet
+from tests.builders import model, pool_fleet, to_yaml
 from tests.support.procs import free_port
 
 
@@ -144,7 +144,7 @@ async def test_a_health_probe_is_not_failed_by_the_gateways_own_stall() -> None:
     await runner.setup()
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
-    cfg = parse_config(fleet_yaml(one_endpoint_fleet(
+    cfg = parse_config(to_yaml(pool_fleet(
         port, substrate={"cost": {"hourly_usd": 1.0}}, models=[model(max_context=4096)])))
     (endpoint,) = Fleet.from_config(cfg).endpoints
     lag = LoopLag(interval_s=0.02)
@@ -186,7 +186,7 @@ async def test_a_probe_stretched_by_lag_still_fails_by_its_wall_time_cap(
     await runner.setup()
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
-    cfg = parse_config(fleet_yaml(one_endpoint_fleet(
+    cfg = parse_config(to_yaml(pool_fleet(
         port, substrate={"cost": {"hourly_usd": 1.0}}, models=[model(max_context=4096)])))
     (endpoint,) = Fleet.from_config(cfg).endpoints
     lag = LoopLag(interval_s=0.02)

@@ -18,7 +18,7 @@ from inferplane.api.app import build_app, route_table
 from inferplane.api.openapi import OPERATIONS, MissingOperation, build_spec
 from inferplane.api.pipeline import Gateway
 from inferplane.config.loader import parse_config
-from tests.builders import fleet_yaml, model, one_endpoint_fleet, tenant
+from tests.builders import model, pool_fleet, tenant, to_yaml
 from tests.support.procs import ROOT, Proc, env, free_port
 
 KEY = "sk-openapi"
@@ -27,7 +27,7 @@ CHECKS = "not_a_server_error,response_schema_conformance,status_code_conformance
 
 
 def fleet(gw_port: int, up_port: int) -> str:
-    return fleet_yaml(one_endpoint_fleet(
+    return to_yaml(pool_fleet(
         up_port, substrate={"cost": {"hourly_usd": 3.0}}, models=[model(max_context=4096)],
         endpoint_fields={"name": "ok"},
         gateway={"port": gw_port, "scrape_interval_s": 0.05, "max_body_bytes": 100000},

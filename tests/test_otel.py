@@ -29,7 +29,7 @@ from inferplane.config.loader import parse_config
 from inferplane.epp import protocol as P
 from inferplane.telemetry.otel import OtelTelemetry, parse_headers
 from inferplane.telemetry.tracing import DISABLED
-from tests.builders import endpoint, fleet_yaml, model, one_endpoint_fleet
+from tests.builders import endpoint, model, pool_fleet, tenant, to_yaml
 from tests.support.fake_upstream import build
 from tests.support.otlp_receiver import attributes
 from tests.support.procs import free_port
@@ -96,12 +96,12 @@ class Stack:
             self.runners.append(runner)
             self.apps[name] = app
         gw_port = free_port()
-        config = parse_config(fleet_yaml(one_endpoint_fleet(
-            gateway={"port": gw_port, "seed": 1},
+        config = parse_config(to_yaml(pool_fleet(
+            gateway={"port": gw_port, "seed": 1}, substrate={"name": "pool", "kind": "gpu"},
             telemetry={"enabled": True, "tenant_attribute": True},
             endpoints=[endpoint("ok", ports["ok"], models=[model(), model("flaky")]),
                        endpoint("bad", ports["bad"], models=[model("flaky"), model("broken")])],
-            key=KEY)))
+            tenants=[tenant("t", KEY)])))
         self.gw = Gateway(config)
         self.gw.telemetry.shutdown()  # the OTLP one the file asked for: replaced by in-memory
         self.gw.telemetry = self.tel = OtelTelemetry(config, span_exporter=self.spans)

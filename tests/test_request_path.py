@@ -11,7 +11,7 @@ from inferplane.api.app import serve
 from inferplane.api.pipeline import Gateway
 from inferplane.config.loader import parse_config
 from inferplane.dispatch.upstream import SSEUsageFilter
-from tests.builders import fleet_yaml, model, one_endpoint_fleet
+from tests.builders import model, pool_fleet, tenant, to_yaml
 from tests.support.fake_upstream import build
 from tests.support.procs import free_port
 
@@ -23,8 +23,9 @@ async def _stack() -> tuple[Gateway, web.AppRunner, web.AppRunner, str]:
     up = web.AppRunner(build("up", "ok", 0.0))
     await up.setup()
     await web.TCPSite(up, "127.0.0.1", up_port).start()
-    config = parse_config(fleet_yaml(one_endpoint_fleet(up_port, gateway={"port": gw_port},
-                                                        key=KEY)))
+    config = parse_config(to_yaml(pool_fleet(
+        up_port, gateway={"port": gw_port}, endpoint_fields={"name": "e"},
+        tenants=[tenant("t", KEY)])))
     gw = Gateway(config)
     runner = await serve(gw, "127.0.0.1", gw_port)
     return gw, runner, up, f"http://127.0.0.1:{gw_port}/v1/chat/completions"
@@ -97,7 +98,7 @@ def test_sse_usage_filter_across_chunk_boundaries(split: int) -> None:
 def test_n_and_prompt_lists_size_the_worst_case(body: dict[str, object], sequences: int) -> None:
     from inferplane.placement.classify import Classifier
 
-    config = parse_config(fleet_yaml(one_endpoint_fleet(
+    config = parse_config(to_yaml(pool_fleet(
         1, substrate={"name": "p", "region": "r", "cost": {"hourly_usd": 1}},
         models=[model(max_context=99)], key=KEY)))
     profile, _ = Classifier(config).classify(

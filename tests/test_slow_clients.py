@@ -15,18 +15,19 @@ from aiohttp import web
 from inferplane.api.app import serve
 from inferplane.api.pipeline import Gateway
 from inferplane.config.loader import parse_config
-from tests.builders import fleet_yaml, model, one_endpoint_fleet, tenant
+from tests.builders import model, pool_fleet, tenant, to_yaml
 from tests.support.loopback import engine_app, serve_on_loopback
 from tests.support.procs import free_port
 
 KEY = "sk-slow"
 
 
-def _config(up_port: int, gateway: dict[str, Any], **endpoint: Any) -> str:
+def _config(up_port: int, *, gateway: dict[str, Any],
+            endpoint: dict[str, Any] | None = None) -> str:
     """The fleet file: ``gateway`` adds to its gateway block, ``endpoint`` to the endpoint."""
-    return fleet_yaml(one_endpoint_fleet(
+    return to_yaml(pool_fleet(
         up_port, substrate={"cost": {"hourly_usd": 1.0}}, models=[model(max_context=4096)],
-        endpoint_fields={"name": "up", **endpoint},
+        endpoint_fields={"name": "up", **(endpoint or {})},
         gateway={"scrape_interval_s": 0.05, **gateway}, tenants=[tenant("a", KEY)]))
 
 
@@ -43,8 +44,8 @@ async def _empty(request: web.Request) -> web.Response:
 @pytest.fixture
 async def port() -> AsyncIterator[int]:
     up_runner, up_port = await serve_on_loopback(engine_app(_ok, _empty, _ok))
-    cfg = _config(up_port, {"header_timeout_s": 0.5, "body_timeout_s": 0.5,
-                            "idle_timeout_s": 1.0, "max_connections_per_client": 4})
+    cfg = _config(up_port, gateway={"header_timeout_s": 0.5, "body_timeout_s": 0.5,
+                                    "idle_timeout_s": 1.0, "max_connections_per_client": 4})
     gw_port = free_port()
     runner = await serve(Gateway(parse_config(cfg)), "127.0.0.1", gw_port)
     try:
@@ -176,8 +177,9 @@ async def test_connections_per_client_behind_a_trusted_proxy() -> None:
         return await _ok(request)
 
     up_runner, up_port = await serve_on_loopback(engine_app(held, _empty, _ok))
-    cfg = _config(up_port, {"max_connections_per_client": 2,
-                            "trusted_proxies": ["127.0.0.1/32"]}, max_concurrency=64)
+    cfg = _config(up_port, gateway={"max_connections_per_client": 2,
+                                    "trusted_proxies": ["127.0.0.1/32"]},
+                  endpoint={"max_concurrency": 64})
     port = free_port()
     runner = await serve(Gateway(parse_config(cfg)), "127.0.0.1", port)
     body = json.dumps({"model": "m", "max_tokens": 1,

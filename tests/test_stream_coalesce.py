@@ -21,7 +21,7 @@ from inferplane.config.loader import parse_config
 from inferplane.config.schema import GatewaySpec
 from inferplane.dispatch import upstream
 from inferplane.dispatch.answer import StreamStats
-from tests.builders import fleet_yaml, one_endpoint_fleet
+from tests.builders import pool_fleet, tenant, to_yaml
 from tests.support.procs import free_port
 
 KEY = "sk-coalesce"
@@ -99,8 +99,9 @@ async def _stack(
     up = web.AppRunner(app)
     await up.setup()
     await web.TCPSite(up, "127.0.0.1", up_port).start()
-    config = parse_config(fleet_yaml(one_endpoint_fleet(
-        up_port, key=KEY, endpoint_fields={"scrape_metrics": False},
+    config = parse_config(to_yaml(pool_fleet(
+        up_port, tenants=[tenant("t", KEY)],
+        endpoint_fields={"name": "e", "scrape_metrics": False},
         gateway={"port": gw_port, "stream_coalesce_ms": coalesce_ms,
                  "stream_coalesce_min_streams": min_streams, "scrape_interval_s": 60,
                  "health_interval_s": 60, "metrics": {"public": True}})))

@@ -16,7 +16,7 @@ from aiohttp import web
 from inferplane.api.app import serve
 from inferplane.api.pipeline import Gateway
 from inferplane.config.loader import parse_config
-from tests.builders import fleet_yaml, model, one_endpoint_fleet, tenant
+from tests.builders import model, pool_fleet, tenant, to_yaml
 from tests.support.procs import free_port
 
 KEY = "sk-upload"
@@ -43,7 +43,7 @@ async def test_a_20_mb_upload_never_sits_in_memory(tmp_path: Path) -> None:
     await up_runner.setup()
     up_port = free_port()
     await web.TCPSite(up_runner, "127.0.0.1", up_port).start()
-    cfg = fleet_yaml(one_endpoint_fleet(
+    cfg = to_yaml(pool_fleet(
         up_port, substrate={"cost": {"hourly_usd": 1.0}}, models=[model(max_context=4096)],
         endpoint_fields={"name": "up"},
         gateway={"scrape_interval_s": 0.05, "ledger_path": str(tmp_path / "ledger.sqlite")},

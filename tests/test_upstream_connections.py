@@ -19,7 +19,7 @@ from aiohttp import web
 from inferplane.api.app import serve
 from inferplane.api.pipeline import Gateway
 from inferplane.config.loader import parse_config
-from tests.builders import fleet_yaml, one_endpoint_fleet
+from tests.builders import pool_fleet, to_yaml
 from tests.support.fake_upstream import build
 from tests.support.loopback import engine_app, serve_on_loopback
 from tests.support.procs import free_port
@@ -48,7 +48,7 @@ async def _upstream() -> tuple[web.AppRunner, int, dict[object, list[str]]]:
 
 
 def _config(port: int, gw_port: int) -> str:
-    return fleet_yaml(one_endpoint_fleet(
+    return to_yaml(pool_fleet(
         port, substrate={"cost": {"hourly_usd": 3.0}},
         endpoint_fields={"name": "e0", "engine": "vllm"},
         gateway={"port": gw_port, "health_interval_s": 0.1}, key=KEY))
