@@ -9,6 +9,7 @@ import itertools
 import math
 import random
 import statistics
+import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -1202,13 +1203,15 @@ async def test_emulator_stretches_every_step_by_its_windows_factor(tmp_path: Pat
     roofline's time (without the spread: once), a lone request's first token two prefill
     steps after it arrived; with two factors, each step takes the factor drawn for the window
     of engine time it starts in times the roofline's time."""
-    for factors, window in (((2.0,), 1.0), ((1.0, 3.0), 0.004)):
+    for factors, window in (((2.0,), 1.0), ((2.0, 3.0), 0.004)):
         fleet = _frontend_fleet(tmp_path, 0.0, spread=(factors, window))
         handle = await start_emulator(load_config(fleet), time_scale=0.1,
                                       port_override={"lab-0": 0})
         emu = handle.endpoints["lab-0"]
         try:
             assert emu.roofline.hardware.speed_spread == factors
+            # seeded by the endpoint's name: replicas of a profile slow down apart
+            assert emu.speed.seed == zlib.crc32(b"lab-0")
             assert isinstance(emu.engine.cost_model, SpreadCost)
             spy = emu.engine.cost_model.base = _CostSpy(emu.roofline)  # type: ignore[assignment]
             steps: list[tuple[float, float]] = []  # (start, duration) of every step
@@ -1229,6 +1232,7 @@ async def test_emulator_stretches_every_step_by_its_windows_factor(tmp_path: Pat
             assert len(steps) == len(spy.times) == 12  # one prefill, eleven decodes
             for (start, duration), model in zip(steps, spy.times, strict=True):
                 assert duration == pytest.approx(emu.speed.factor_at(start) * model)
+                assert duration >= 2.0 * model * (1 - 1e-9)  # every factor here slows it
             if len(factors) == 1:
                 prefill = emu.roofline.step_time_s(64, 0, 0, 0)
                 assert sub.request.first_token_time == pytest.approx(at + 2.0 * prefill)

@@ -431,6 +431,11 @@ def _nonce() -> str:
     return " ".join(_WORDS[b] for b in os.urandom(NONCE_WORDS))
 
 
+#: A speed spread whose mean factor is above this makes `calibrate_endpoint` warn: the emulator
+#: would run the profile that much slower on average than its typical speed.
+SLOW_SPREAD_MEAN = 1.05
+
+
 async def calibrate_endpoint(
     url: str,
     model: str,
@@ -449,11 +454,13 @@ async def calibrate_endpoint(
     warm_up_max_s: float = WARM_UP_MAX_S,
     require_smooth: bool = True,
     between_rounds: Callable[[int], Awaitable[None]] | None = None,
+    keep_speed_spread: bool = True,
 ) -> tuple[str, str]:
     """Probe ``url``, fit ``base`` to it; return the profile file's text and a summary table.
     ``require_smooth=False`` calibrates even an engine whose streams still arrive in bursts
     after ``warm_up_max_s`` (tests on a loaded machine; its times then include the load).
-    ``between_rounds``: see :meth:`Prober.run`."""
+    ``between_rounds``: see :meth:`Prober.run`. ``keep_speed_spread=False`` leaves the
+    probe's speed spread out of the profile (the emulator then runs at the typical speed)."""
     hw, mp = get_hardware(base), get_model(model_profile)
     result = await Prober(url, model, api_key=api_key).run(
         prompt_tokens, batches, bursts=bursts, decode_tokens=decode_tokens, repeats=repeats,
@@ -465,9 +472,10 @@ async def calibrate_endpoint(
         precision=precision, source=f"calibrated against {url} ({model}) from {base}",
     )
     cal = fit_frontend(cal, mp, result.bursts, result.loaded, tp=tp, precision=precision)
-    cal = dataclasses.replace(cal, hardware=dataclasses.replace(
-        cal.hardware, speed_spread=tuple(round(x, 4) for x in result.speed_spread),
-        speed_spread_window_s=round(result.speed_spread_window_s, 6)))
+    if keep_speed_spread:
+        cal = dataclasses.replace(cal, hardware=dataclasses.replace(
+            cal.hardware, speed_spread=tuple(round(x, 4) for x in result.speed_spread),
+            speed_spread_window_s=round(result.speed_spread_window_s, 6)))
     meta = {
         "endpoint": url,
         "model": model,
@@ -508,8 +516,17 @@ async def calibrate_endpoint(
         f"{h.frontend_token_s * 1e3:.3f} ms"
         + (f", speed spread P10 / P50 / P90 {_q(h.speed_spread, 10):.3f} / "
            f"{_q(h.speed_spread, 50):.3f} / {_q(h.speed_spread, 90):.3f} over "
-           f"{h.speed_spread_window_s * 1e3:.0f} ms" if len(h.speed_spread) > 1 else "")
+           f"{h.speed_spread_window_s * 1e3:.0f} ms, mean {statistics.fmean(h.speed_spread):.3f}"
+           if len(h.speed_spread) > 1 else "")
     )
+    if h.speed_spread and statistics.fmean(h.speed_spread) > SLOW_SPREAD_MEAN:
+        lines.append(
+            f"warning: the speed spread's mean is {statistics.fmean(h.speed_spread):.3f}: the "
+            "engine ran slower for stretches of the probe (other work on its host?), and the "
+            "emulator will run this profile that much slower on average than the simulator and "
+            "the placement predictor, which use the typical speed. Calibrate on a calmer host, "
+            "or pass --no-speed-spread to leave the spread out."
+        )
     return dump_profile(cal, base, meta), "\n".join(lines)
 
 

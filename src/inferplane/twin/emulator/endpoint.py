@@ -47,6 +47,7 @@ import logging
 import math
 import time
 import uuid
+import zlib
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -181,7 +182,10 @@ class EmulatedEndpoint:
         hw = roofline.hardware
         # a calibrated profile's speed from one stretch of engine time to the next: every step
         # takes its window's factor times the roofline's time (`physics.spread`)
-        self.speed = SpeedSpread(hw.speed_spread, hw.speed_spread_window_s)
+        # seeded by the endpoint's name: replicas of one profile slow down in different
+        # windows, as engines on different hosts would
+        self.speed = SpeedSpread(hw.speed_spread, hw.speed_spread_window_s,
+                                 seed=zlib.crc32(endpoint.name.encode()))
         self._cost = SpreadCost(roofline) if self.speed.enabled else None
         self.engine = Engine(
             EngineConfig(
