@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -171,6 +172,10 @@ def refit_one_price(text: str) -> str:
               name=f"{PROFILE_NAME}-one", tp=c["tp"], precision=c["precision"],
               source="one-price refit (bench/calibration.py --ab)", attention=False)
     cal = fit_frontend(cal, mp, bursts, loaded, tp=c["tp"], precision=c["precision"])
+    h = doc["hardware"]  # the speed spread is the probe's, not the fit's: kept as it was
+    cal = dataclasses.replace(cal, hardware=dataclasses.replace(
+        cal.hardware, speed_spread=tuple(h.get("speed_spread", ())),
+        speed_spread_window_s=h.get("speed_spread_window_s", 0.0)))
     return dump_profile(cal, doc["hardware"]["base"], c)
 
 

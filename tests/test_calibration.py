@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
+import math
 import random
 import statistics
+import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -35,11 +37,14 @@ from inferplane.physics.calibration import (
     predict_itl_s,
     predict_loaded_ttft_s,
     predict_ttft_s,
+    speed_spread,
 )
 from inferplane.physics.frontend import FrontEnd
 from inferplane.physics.probe import Prober, calibrate_endpoint
-from inferplane.twin.emulator.endpoint import Submission, client_lead_s
+from inferplane.physics.spread import SpeedSpread, SpreadCost
+from inferplane.twin.emulator.endpoint import FINISHED, Submission, client_lead_s
 from inferplane.twin.emulator.server import start_emulator
+from inferplane.twin.engine.model import StepOutput
 from inferplane.twin.simulator.simulator import simulate
 from inferplane.twin.traces.loader import TraceRequest
 from tests.placement_helpers import cycle, plugin, profile, snapshot, state
@@ -496,6 +501,9 @@ async def test_calibrate_an_emulated_engine_end_to_end(tmp_path: Path) -> None:
     hw = load_hardware_profile(path)
     assert hw.name == "cpu-emulated" and hw.kind == "cpu"
     assert "fit: median error" in summary
+    # every decode point of every round against its point and its round: 4 points (batches 1
+    # and 2, short and long prompts) x 2 rounds, over one stream's decode of 8 tokens
+    assert len(hw.speed_spread) == 8 and hw.speed_spread_window_s > 0
     assert text.count("prompt_tokens:") >= 3  # every prefill point, cold and cached
 
 
@@ -737,6 +745,7 @@ def test_profile_file_names_the_hand_off_only_when_there_is_one(tmp_path: Path) 
 def _frontend_fleet(
     tmp: Path, request_s: float, token_s: float = 0.0, handoff_s: float = 0.0,
     overhead_s: float | None = None,
+    spread: tuple[tuple[float, ...], float] = ((), 0.0),
 ) -> Path:
     base, _, pre, dec = _synthetic("cpu", "tiny-llama", 256)
     cal = fit(base, get_model("tiny-llama"), pre, dec, name="cpu-lab")
@@ -744,7 +753,8 @@ def _frontend_fleet(
     cal = dataclasses.replace(cal, hardware=dataclasses.replace(
         hw, frontend_request_s=request_s, frontend_token_s=token_s,
         frontend_handoff_s=handoff_s,
-        request_overhead_s=hw.request_overhead_s if overhead_s is None else overhead_s))
+        request_overhead_s=hw.request_overhead_s if overhead_s is None else overhead_s,
+        speed_spread=spread[0], speed_spread_window_s=spread[1]))
     (tmp / "profile.yaml").write_text(dump_profile(cal, "cpu", {"model": "m"}))
     fleet_file = tmp / "fleet.yaml"
     fleet_file.write_text(FLEET.format(profile="profile.yaml", hardware="cpu-lab", port=9).replace(
@@ -1106,3 +1116,126 @@ def test_the_predictors_queue_prices_a_mixed_queue_from_the_prompts_squares() ->
     assert more == pytest.approx(mixed + even, rel=1e-9)
     table = get_hardware("cpu")
     assert queue_s(table, [768, 32]) == queue_s(table, [400, 400])  # factor 1: as before
+
+
+# -- the engine's speed from one stretch of time to the next (speed_spread) ------------------
+
+
+def test_speed_spread_compares_each_point_with_its_point_and_its_round() -> None:
+    """Every decode point of every round over its point's median, then over its round's
+    median: the points' own times and a round run slower as a whole (a host slower for a
+    minute) leave nothing; one point slower than the rest of its round is what remains."""
+    itl = [[0.010, 0.010, 0.010, 0.010, 0.010],  # batch 1
+           [0.020, 0.020, 0.020, 0.020, 0.020],  # batch 4: twice the time, every round
+           [0.030, 0.030, 0.045, 0.030, 0.030]]  # round 2: this point 1.5x the others
+    assert speed_spread(itl) == (1.0,) * 14 + (1.5,)
+    slower = [[t * f for t, f in zip(p, (1.3, 1.0, 1.0, 1.0, 1.0), strict=True)] for p in itl]
+    assert speed_spread(slower) == pytest.approx(speed_spread(itl))  # a round's drift: out
+    assert speed_spread(itl[:1]) == ()  # one point: nothing to compare it with
+    assert speed_spread([p[:1] for p in itl]) == ()  # one round
+    assert speed_spread([itl[0], itl[1][:3]]) == ()  # not every point in every round
+    with pytest.raises(ValueError, match="> 0"):
+        speed_spread([[0.01, 0.0], [0.01, 0.01]])
+
+
+def test_speed_spread_draws_one_factor_per_window_from_the_sampled_ones() -> None:
+    """One factor per window of engine time, from the sampled factors only, the same for
+    every time in the window and on every run with the same seed, whatever order the windows
+    are asked in; without factors, 1 everywhere."""
+    factors = (0.9, 1.0, 1.6)
+    spread = SpeedSpread(factors, 0.25, seed=7)
+    times = [i * 0.05 for i in range(2000)]
+    drawn = [spread.factor_at(t) for t in times]
+    assert set(drawn) == set(factors)
+    by_window: dict[int, set[float]] = {}
+    for t, f in zip(times, drawn, strict=True):
+        by_window.setdefault(math.floor(t / 0.25), set()).add(f)
+    assert all(len(fs) == 1 for fs in by_window.values())
+    again = SpeedSpread(factors, 0.25, seed=7)
+    assert [again.factor_at(t) for t in reversed(times)] == drawn[::-1]
+    other = SpeedSpread(factors, 0.25, seed=8)
+    assert [other.factor_at(t) for t in times] != drawn
+    # each factor about as often as the others (400 windows, deterministic for the seed)
+    per_window = [next(iter(by_window[k])) for k in sorted(by_window)]
+    assert all(100 <= per_window.count(f) <= 170 for f in factors)
+    assert SpeedSpread((), 0.0).factor_at(12.3) == 1.0
+    with pytest.raises(ValueError, match="> 0"):
+        SpeedSpread((1.0, 0.0), 0.1)
+    with pytest.raises(ValueError, match="window"):
+        SpeedSpread((1.0,), 0.0)
+
+
+def test_profile_file_keeps_the_speed_spread_only_when_there_is_one(tmp_path: Path) -> None:
+    """A profile without a spread writes neither field (older readers forbid unknown fields)
+    and reads back with none; one with a spread reads back exactly; a spread without its
+    window, or a factor of 0, is refused naming the file."""
+    path, cal = _profile_file(tmp_path)
+    assert "speed_spread" not in path.read_text()
+    assert load_hardware_profile(path).speed_spread == ()
+    spread = dataclasses.replace(cal, hardware=dataclasses.replace(
+        cal.hardware, speed_spread=(0.97, 1.0, 1.0, 1.31), speed_spread_window_s=0.19))
+    path.write_text(dump_profile(spread, "cpu", {"model": "m"}))
+    assert load_hardware_profile(path) == spread.hardware
+    text = path.read_text()
+    for bad, match in ((text.replace("speed_spread_window_s: 0.19", "speed_spread_window_s: 0"),
+                        "speed_spread_window_s > 0"),
+                       (text.replace("- 0.97", "- 0.0"), "speed_spread")):
+        path.write_text(bad)
+        with pytest.raises(ValueError, match=match) as exc:
+            load_hardware_profile(path)
+        assert str(path) in str(exc.value)
+
+
+class _CostSpy:
+    """A step cost model that records every time it answers (the emulator's roofline)."""
+
+    def __init__(self, base: Roofline) -> None:
+        self.base, self.times = base, list[float]()
+
+    def step_time_s(self, *args: float | None) -> float:
+        t = self.base.step_time_s(*args)  # type: ignore[arg-type]
+        self.times.append(t)
+        return t
+
+
+async def test_emulator_stretches_every_step_by_its_windows_factor(tmp_path: Path) -> None:
+    """With a spread of one factor, 2, every step of the emulated engine takes twice the
+    roofline's time (without the spread: once), a lone request's first token two prefill
+    steps after it arrived; with two factors, each step takes the factor drawn for the window
+    of engine time it starts in times the roofline's time."""
+    for factors, window in (((2.0,), 1.0), ((2.0, 3.0), 0.004)):
+        fleet = _frontend_fleet(tmp_path, 0.0, spread=(factors, window))
+        handle = await start_emulator(load_config(fleet), time_scale=0.1,
+                                      port_override={"lab-0": 0})
+        emu = handle.endpoints["lab-0"]
+        try:
+            assert emu.roofline.hardware.speed_spread == factors
+            # seeded by the endpoint's name: replicas of a profile slow down apart
+            assert emu.speed.seed == zlib.crc32(b"lab-0")
+            assert isinstance(emu.engine.cost_model, SpreadCost)
+            spy = emu.engine.cost_model.base = _CostSpy(emu.roofline)  # type: ignore[assignment]
+            steps: list[tuple[float, float]] = []  # (start, duration) of every step
+            real_step = emu.engine.step
+
+            def step(now: float, real_step: Callable[[float], StepOutput] = real_step,
+                     steps: list[tuple[float, float]] = steps) -> StepOutput:
+                out = real_step(now)
+                if out.duration_s > 0:
+                    steps.append((now, out.duration_s))
+                return out
+
+            emu.engine.step = step  # type: ignore[method-assign]
+            at = emu.now()
+            sub = emu.submit("r-1", list(range(5, 69)), 12, at=at)
+            while await sub.queue.get() != FINISHED:
+                pass
+            assert len(steps) == len(spy.times) == 12  # one prefill, eleven decodes
+            for (start, duration), model in zip(steps, spy.times, strict=True):
+                assert duration == pytest.approx(emu.speed.factor_at(start) * model)
+                assert duration >= 2.0 * model * (1 - 1e-9)  # every factor here slows it
+            if len(factors) == 1:
+                prefill = emu.roofline.step_time_s(64, 0, 0, 0)
+                assert sub.request.first_token_time == pytest.approx(at + 2.0 * prefill)
+                assert [d for _, d in steps] == pytest.approx([2.0 * m for m in spy.times])
+        finally:
+            await handle.stop()

@@ -774,6 +774,10 @@ def calibrate(
     api_key_env: Annotated[
         str | None, typer.Option(help="environment variable holding the engine's API key")
     ] = None,
+    speed_spread: Annotated[
+        bool, typer.Option(help="keep the engine's speed spread the probe sampled in the profile "
+                           "(the emulator plays it back; docs/physics.md)")
+    ] = True,
 ) -> None:
     """Probe a live engine and fit a hardware profile to it (see docs/physics.md)."""
     from inferplane.physics.probe import ProbeError, calibrate_endpoint
@@ -791,7 +795,7 @@ def calibrate(
                 prompt_tokens=_int_list(prompt_tokens, "--prompt-tokens"),
                 batches=_int_list(batches, "--batches"),
                 bursts=_int_list(bursts, "--bursts"), decode_tokens=decode_tokens,
-                repeats=repeats, api_key=key,
+                repeats=repeats, api_key=key, keep_speed_spread=speed_spread,
             )
         )
     except (ProbeError, ValueError, LookupError) as exc:

@@ -54,7 +54,7 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Annotated, Any, Final, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -255,6 +255,32 @@ def predict_loaded_ttft_s(
 def predict_itl_s(r: Roofline, batch: int, context_tokens: int) -> float:
     """Inter-token latency with ``batch`` sequences of ``context_tokens`` each decoding."""
     return r.step_time_s(0, 0, batch, batch * context_tokens)
+
+
+def speed_spread(itl_per_round: Sequence[Sequence[float]]) -> tuple[float, ...]:
+    """The engine's speed from one stretch of time to the next, as a decode probe sampled it
+    (``HardwareProfile.speed_spread``): ``itl_per_round[p][i]`` is decode point ``p``'s
+    inter-token latency in probe round ``i`` (every point measured in every round). Each is
+    divided by its point's median over the rounds (what the fit takes as the point's time),
+    then by the median of those ratios in its round, so that neither the points' own
+    differences nor a drift of the host's speed from one round to the next (minutes apart:
+    the workload's rounds compare within one) enter it — what is left is how much slower or
+    faster one point's stream ran than the others of its round. Sorted; empty with fewer than
+    two points or two rounds (nothing to compare)."""
+    if len(itl_per_round) < 2:
+        return ()
+    rounds = len(itl_per_round[0])
+    if rounds < 2 or any(len(p) != rounds for p in itl_per_round):
+        return ()
+    if min(t for p in itl_per_round for t in p) <= 0:
+        raise ValueError("measured times must be > 0")
+    ratios = [[t / statistics.median(p) for t in p] for p in itl_per_round]
+    out: list[float] = []
+    for i in range(rounds):
+        column = [r[i] for r in ratios]
+        typical = statistics.median(column)
+        out += [x / typical for x in column]
+    return tuple(sorted(out))
 
 
 def fit(
@@ -612,6 +638,8 @@ class _HardwareFields(BaseModel):
     frontend_token_s: float = Field(0.0, ge=0)
     frontend_handoff_s: float = Field(0.0, ge=0)
     attention_cost_factor: float = Field(1.0, gt=0)
+    speed_spread: tuple[Annotated[float, Field(gt=0)], ...] = ()
+    speed_spread_window_s: float = Field(0.0, ge=0)
     allreduce_latency_s: float = Field(0.0, ge=0)
     layer_latency_s: float = Field(0.0, ge=0)
     network_rtt_s: float = Field(0.0, ge=0)
@@ -660,20 +688,28 @@ def load_profile_file(path: str | Path) -> tuple[HardwareProfile, str | None]:
         )
     fields = h.model_dump(exclude={"base"})
     probed = f.calibration.get("model_profile")
-    return HardwareProfile(**fields), (str(probed) if probed is not None else None)
+    try:
+        hw = HardwareProfile(**fields)
+    except ValueError as exc:  # what the fields cannot say one by one (speed_spread's window)
+        raise ValueError(f"{p}: hardware: {exc}") from None
+    return hw, (str(probed) if probed is not None else None)
 
 
 def dump_profile(cal: Calibration, base: str, meta: dict[str, Any]) -> str:
     """The YAML text of a profile file for ``cal`` fitted from the table's ``base`` profile, with
     ``meta`` (endpoint, model, date…) and every probe point under ``calibration``. A zero
-    ``frontend_handoff_s`` (a one-piece front end) and an ``attention_cost_factor`` of 1 are
-    left out, so that a reader older than the field (it forbids unknown fields) still loads
-    the file."""
+    ``frontend_handoff_s`` (a one-piece front end), an ``attention_cost_factor`` of 1 and an
+    empty ``speed_spread`` are left out, so that a reader older than the field (it forbids
+    unknown fields) still loads the file."""
     hw = dataclasses.asdict(cal.hardware)
     if not hw["frontend_handoff_s"]:
         del hw["frontend_handoff_s"]
     if hw["attention_cost_factor"] == 1.0:
         del hw["attention_cost_factor"]
+    if hw["speed_spread"]:
+        hw["speed_spread"] = list(hw["speed_spread"])
+    else:
+        del hw["speed_spread"], hw["speed_spread_window_s"]
     hardware = {"name": hw.pop("name"), "kind": hw.pop("kind"), "base": base, **hw}
     doc = {
         "kind": PROFILE_KIND,

@@ -75,6 +75,18 @@ class HardwareProfile:
     FLOP count says (the fidelity vLLM: ~10-20×; docs/benchmarks.md, session 11). Calibration
     fits it from a prefill sweep of three or more lengths
     (``physics.calibration``).
+
+    ``speed_spread`` and ``speed_spread_window_s`` describe how the engine's speed varies
+    around the typical one the factors above describe: on a shared host (another process, a
+    hypervisor taking the core) a CPU engine runs every step slower for a while, and a stream
+    that falls in such a stretch comes out slower per token than the rest — the tail of time
+    per output token that a fixed step time does not have. ``speed_spread`` holds factors, each
+    one window's time over the typical time (1.0: typical), as the probe sampled them: every
+    decode point of every probe round over that point's median, over the median of its round
+    (``physics.calibration.speed_spread``); ``speed_spread_window_s`` is the span each was
+    measured over (one probe stream's decode). The emulator draws one factor per window of
+    engine time and stretches every step that starts in it (``physics.spread``); the simulator
+    and the placement predictor use the typical speed. Empty in the table.
     """
 
     name: str
@@ -100,6 +112,8 @@ class HardwareProfile:
     frontend_token_s: float = 0.0
     frontend_handoff_s: float = 0.0
     attention_cost_factor: float = 1.0
+    speed_spread: tuple[float, ...] = ()
+    speed_spread_window_s: float = 0.0
 
     def __post_init__(self) -> None:
         positive = {
@@ -132,9 +146,17 @@ class HardwareProfile:
             self.frontend_request_s,
             self.frontend_token_s,
             self.frontend_handoff_s,
+            self.speed_spread_window_s,
         )
         if min(latencies) < 0:
             raise ValueError(f"hardware {self.name!r}: latencies must be >= 0")
+        if self.speed_spread and (
+            not min(self.speed_spread) > 0 or not self.speed_spread_window_s > 0
+        ):
+            raise ValueError(
+                f"hardware {self.name!r}: speed_spread factors must be > 0, with a "
+                "speed_spread_window_s > 0"
+            )
 
     @property
     def elastic(self) -> bool:

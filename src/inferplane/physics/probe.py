@@ -14,7 +14,10 @@ Three sweeps over the OpenAI completions API, each point the median of ``repeats
   tokens after the first (the workload's time per output token), the median over the ``B``
   streams. Not single gaps between chunks (a front end may coalesce them), and not the time to
   the last token less a lone request's TTFT (that counts the wait for the other streams'
-  intakes as decode time), except when every stream came in one burst.
+  intakes as decode time), except when every stream came in one burst. Every point of every
+  round, against its point's median and its round's, is the engine's **speed spread**
+  (``calibration.speed_spread``): how much slower or faster one stretch of time ran than the
+  others of its round, which the emulator plays back (``physics.spread``).
 
 * **bursts**: ``N`` fresh one-token requests sent at once; their TTFTs, sorted, each rank the
   median over the rounds. An engine whose front end takes requests in one at a time answers
@@ -33,6 +36,7 @@ show to be serialised in ``frontend_request_s`` and ``frontend_handoff_s``
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import statistics
 import time
@@ -51,6 +55,7 @@ from inferplane.physics.calibration import (
     dump_profile,
     fit,
     fit_frontend,
+    speed_spread,
 )
 from inferplane.physics.hardware import get_hardware
 from inferplane.physics.models import get_model
@@ -84,6 +89,10 @@ class ProbeResult:
     decode: list[DecodePoint] = field(default_factory=list)
     bursts: list[BurstPoint] = field(default_factory=list)
     loaded: list[LoadedPoint] = field(default_factory=list)
+    #: every decode point of every round against its point and its round
+    #: (``calibration.speed_spread``), and the span each was measured over: one stream's decode
+    speed_spread: tuple[float, ...] = ()
+    speed_spread_window_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -395,6 +404,10 @@ class Prober:
             out.decode.append(DecodePoint(
                 b, context[b, n] + decode_tokens // 2, statistics.median(itl[b, n])
             ))
+        out.speed_spread = speed_spread([itl[p] for p in decode_points])
+        if out.speed_spread:
+            out.speed_spread_window_s = statistics.median(
+                (decode_tokens - 1) * d.itl_s for d in out.decode)
         for n, runs in burst.items():
             out.bursts.append(BurstPoint(n, burst_prompt_tokens, tuple(
                 statistics.median(r[i] for r in runs) for i in range(n)
@@ -407,11 +420,20 @@ class Prober:
         return out
 
 
+def _q(xs: Sequence[float], q: int) -> float:
+    return statistics.quantiles(xs, n=100, method="inclusive")[q - 1]
+
+
 def _nonce() -> str:
     """:data:`NONCE_WORDS` random words of :data:`_WORDS`: a prompt opening that no other shares
     in any tokenizer that knows common words (a random string of letters would do in a subword
     tokenizer, but is one unknown token in a word-level one)."""
     return " ".join(_WORDS[b] for b in os.urandom(NONCE_WORDS))
+
+
+#: A speed spread whose mean factor is above this makes `calibrate_endpoint` warn: the emulator
+#: would run the profile that much slower on average than its typical speed.
+SLOW_SPREAD_MEAN = 1.05
 
 
 async def calibrate_endpoint(
@@ -432,11 +454,13 @@ async def calibrate_endpoint(
     warm_up_max_s: float = WARM_UP_MAX_S,
     require_smooth: bool = True,
     between_rounds: Callable[[int], Awaitable[None]] | None = None,
+    keep_speed_spread: bool = True,
 ) -> tuple[str, str]:
     """Probe ``url``, fit ``base`` to it; return the profile file's text and a summary table.
     ``require_smooth=False`` calibrates even an engine whose streams still arrive in bursts
     after ``warm_up_max_s`` (tests on a loaded machine; its times then include the load).
-    ``between_rounds``: see :meth:`Prober.run`."""
+    ``between_rounds``: see :meth:`Prober.run`. ``keep_speed_spread=False`` leaves the
+    probe's speed spread out of the profile (the emulator then runs at the typical speed)."""
     hw, mp = get_hardware(base), get_model(model_profile)
     result = await Prober(url, model, api_key=api_key).run(
         prompt_tokens, batches, bursts=bursts, decode_tokens=decode_tokens, repeats=repeats,
@@ -448,6 +472,10 @@ async def calibrate_endpoint(
         precision=precision, source=f"calibrated against {url} ({model}) from {base}",
     )
     cal = fit_frontend(cal, mp, result.bursts, result.loaded, tp=tp, precision=precision)
+    if keep_speed_spread:
+        cal = dataclasses.replace(cal, hardware=dataclasses.replace(
+            cal.hardware, speed_spread=tuple(round(x, 4) for x in result.speed_spread),
+            speed_spread_window_s=round(result.speed_spread_window_s, 6)))
     meta = {
         "endpoint": url,
         "model": model,
@@ -486,7 +514,19 @@ async def calibrate_endpoint(
         f"front-end intake {h.frontend_request_s * 1e3:.3f} ms + hand-off "
         f"{h.frontend_handoff_s * 1e3:.3f} ms, per token "
         f"{h.frontend_token_s * 1e3:.3f} ms"
+        + (f", speed spread P10 / P50 / P90 {_q(h.speed_spread, 10):.3f} / "
+           f"{_q(h.speed_spread, 50):.3f} / {_q(h.speed_spread, 90):.3f} over "
+           f"{h.speed_spread_window_s * 1e3:.0f} ms, mean {statistics.fmean(h.speed_spread):.3f}"
+           if len(h.speed_spread) > 1 else "")
     )
+    if h.speed_spread and statistics.fmean(h.speed_spread) > SLOW_SPREAD_MEAN:
+        lines.append(
+            f"warning: the speed spread's mean is {statistics.fmean(h.speed_spread):.3f}: the "
+            "engine ran slower for stretches of the probe (other work on its host?), and the "
+            "emulator will run this profile that much slower on average than the simulator and "
+            "the placement predictor, which use the typical speed. Calibrate on a calmer host, "
+            "or pass --no-speed-spread to leave the spread out."
+        )
     return dump_profile(cal, base, meta), "\n".join(lines)
 
 

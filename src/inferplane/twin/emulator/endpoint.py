@@ -14,7 +14,9 @@ endpoint's ``url``, each backed by one :class:`EmulatedEndpoint`:
   (one asyncio queue per request); the next step starts where this one ended (within
   :data:`MAX_LAG_S`), so the event loop's own work does not stretch every step; idle, it waits
   on an event. Engine time is real elapsed time × ``time_scale``, so every latency shrinks by
-  the time scale;
+  the time scale. A calibrated profile with a ``speed_spread`` stretches every step by the
+  factor drawn for the window of engine time it starts in (:mod:`inferplane.physics.spread`:
+  the engine's speed varying as the probe sampled it on the real one);
 - a calibrated profile's front end (:class:`~inferplane.physics.frontend.FrontEnd`):
   every request queues for ``frontend_request_s`` of the front end's time (one at a time, first
   come first served), waits ``request_overhead_s``, then queues again for
@@ -45,6 +47,7 @@ import logging
 import math
 import time
 import uuid
+import zlib
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -56,6 +59,7 @@ from inferplane.config.schema import ServedModel
 from inferplane.fleet.kv_events import KVEvent, encode_event_batch, seq_frame
 from inferplane.fleet.model import Endpoint
 from inferplane.physics.frontend import FrontEnd
+from inferplane.physics.spread import SpeedSpread, SpreadCost
 from inferplane.twin.emulator.metrics import EngineMetricsPage
 from inferplane.twin.engine.model import (
     MAX_DERIVED_BLOCKS,
@@ -175,6 +179,14 @@ class EmulatedEndpoint:
             )
             if blocks <= 0:
                 raise EmulatorError(f"endpoint {endpoint.name!r}: no memory left for KV cache")
+        hw = roofline.hardware
+        # a calibrated profile's speed from one stretch of engine time to the next: every step
+        # takes its window's factor times the roofline's time (`physics.spread`)
+        # seeded by the endpoint's name: replicas of one profile slow down in different
+        # windows, as engines on different hosts would
+        self.speed = SpeedSpread(hw.speed_spread, hw.speed_spread_window_s,
+                                 seed=zlib.crc32(endpoint.name.encode()))
+        self._cost = SpreadCost(roofline) if self.speed.enabled else None
         self.engine = Engine(
             EngineConfig(
                 num_gpu_blocks=blocks,
@@ -182,7 +194,7 @@ class EmulatedEndpoint:
                 max_num_batched_tokens=emu.max_num_batched_tokens,
                 block_size=emu.block_size,
             ),
-            roofline,
+            roofline if self._cost is None else self._cost,
             self._on_kv_event if emu.kv_events_port is not None else None,
         )
         self.metrics = EngineMetricsPage(self.engine, self.model.name, emu.gpu_memory_utilization)
@@ -193,7 +205,6 @@ class EmulatedEndpoint:
         self._busy: deque[tuple[float, float]] = deque()  # (step end, duration), last second
         if self._device_watts is not None:
             self.metrics.device_power = self.device_power
-        hw = roofline.hardware
         self.is_provider = endpoint.substrate.kind == "provider-api"
         self.api_key = api_key  # checked on the API routes when set
         self.network_rtt_s = (
@@ -442,6 +453,8 @@ class EmulatedEndpoint:
                 # model (never after now); requests that arrived later wait for the next step,
                 # even when their handlers added them before this task got to run
                 start = max(start, first)
+            if self._cost is not None:
+                self._cost.factor = self.speed.factor_at(start)
             out = engine.step(start)
             step_end = start + out.duration_s
             if out.duration_s > 0:
