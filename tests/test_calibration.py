@@ -507,6 +507,25 @@ async def test_calibrate_an_emulated_engine_end_to_end(tmp_path: Path) -> None:
     assert text.count("prompt_tokens:") >= 3  # every prefill point, cold and cached
 
 
+async def test_calibrate_leaves_the_speed_spread_out_when_asked(tmp_path: Path) -> None:
+    """``keep_speed_spread=False`` (``inferplane calibrate --no-speed-spread``): the profile
+    has no spread, and the emulator runs it at the typical speed."""
+    config = load_config(_write_cpu_fleet(tmp_path))
+    handle = await start_emulator(config, time_scale=4.0, port_override={"lab-0": 0})
+    try:
+        text, summary = await calibrate_endpoint(
+            handle.urls["lab-0"], "tiny-llama", model_profile="tiny-llama", base="cpu",
+            name="cpu-emulated", prompt_tokens=(16, 128, 512), batches=(1, 2), repeats=2,
+            decode_tokens=8, warm_up_max_s=2.0, require_smooth=False, keep_speed_spread=False,
+        )
+    finally:
+        await handle.stop()
+    assert "speed_spread" not in text and "speed spread" not in summary
+    path = tmp_path / "no-spread.yaml"
+    path.write_text(text)
+    assert load_hardware_profile(path).speed_spread == ()
+
+
 def _write_cpu_fleet(tmp: Path) -> Path:
     f = tmp / "cpu.yaml"
     f.write_text(FLEET.replace("hardware_profiles: [{profile}]\n", "").format(
@@ -1168,7 +1187,7 @@ def test_speed_spread_draws_one_factor_per_window_from_the_sampled_ones() -> Non
 def test_profile_file_keeps_the_speed_spread_only_when_there_is_one(tmp_path: Path) -> None:
     """A profile without a spread writes neither field (older readers forbid unknown fields)
     and reads back with none; one with a spread reads back exactly; a spread without its
-    window, or a factor of 0, is refused naming the file."""
+    window, a factor of 0 or an infinite one or window, is refused naming the file."""
     path, cal = _profile_file(tmp_path)
     assert "speed_spread" not in path.read_text()
     assert load_hardware_profile(path).speed_spread == ()
@@ -1179,7 +1198,10 @@ def test_profile_file_keeps_the_speed_spread_only_when_there_is_one(tmp_path: Pa
     text = path.read_text()
     for bad, match in ((text.replace("speed_spread_window_s: 0.19", "speed_spread_window_s: 0"),
                         "speed_spread_window_s > 0"),
-                       (text.replace("- 0.97", "- 0.0"), "speed_spread")):
+                       (text.replace("- 0.97", "- 0.0"), "speed_spread"),
+                       (text.replace("- 0.97", "- .inf"), "speed_spread"),
+                       (text.replace("speed_spread_window_s: 0.19", "speed_spread_window_s: .inf"),
+                        "speed_spread_window_s")):
         path.write_text(bad)
         with pytest.raises(ValueError, match=match) as exc:
             load_hardware_profile(path)

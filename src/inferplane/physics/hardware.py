@@ -15,6 +15,7 @@ figures describe an elastic pool that behaves like a fast GPU; callers add ``net
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Final, Literal
 
@@ -151,11 +152,13 @@ class HardwareProfile:
         if min(latencies) < 0:
             raise ValueError(f"hardware {self.name!r}: latencies must be >= 0")
         if self.speed_spread and (
-            not min(self.speed_spread) > 0 or not self.speed_spread_window_s > 0
+            not min(self.speed_spread) > 0
+            or not self.speed_spread_window_s > 0
+            or not all(math.isfinite(x) for x in (*self.speed_spread, self.speed_spread_window_s))
         ):
             raise ValueError(
-                f"hardware {self.name!r}: speed_spread factors must be > 0, with a "
-                "speed_spread_window_s > 0"
+                f"hardware {self.name!r}: speed_spread factors must be finite and > 0, with a "
+                "finite speed_spread_window_s > 0"
             )
 
     @property
