@@ -9,12 +9,10 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import AsyncIterator
 
 import aiohttp
 import prometheus_client
 import pytest
-from aiohttp import web
 from prometheus_client import Counter, generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.openmetrics.exposition import generate_latest as openmetrics_latest
@@ -27,6 +25,7 @@ from inferplane.api.app import serve
 from inferplane.api.pipeline import Gateway
 from inferplane.config.loader import parse_config
 from inferplane.telemetry.metrics import GatewayMetrics, created_series
+from tests import test_send_gate
 from tests.support.procs import free_port
 from tests.test_dispatch_gate import KEY, HeldUpstream, config
 
@@ -170,18 +169,7 @@ def test_a_total_is_exported_as_read_so_a_source_that_restarts_shows_as_a_reset(
 # -- served: GET /metrics of a running gateway --------------------------------------------------
 
 
-@pytest.fixture
-async def upstream() -> AsyncIterator[HeldUpstream]:
-    up = HeldUpstream()
-    up.hold.set()  # answers at once
-    runner = web.AppRunner(up.app())
-    await runner.setup()
-    up.port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", up.port).start()
-    try:
-        yield up
-    finally:
-        await runner.cleanup()
+upstream = test_send_gate.upstream  # the fixture: an upstream that answers at once
 
 
 async def test_a_served_gateways_metrics_move_with_their_sources(
