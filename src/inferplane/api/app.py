@@ -200,6 +200,19 @@ def _max_tokens(body: JSONObject) -> int | None:
     return None
 
 
+class HeadWithFirstChunk(web.StreamResponse):
+    """A relayed stream whose head leaves with its first body write, in one send, as aiohttp's
+    `web.Response` sends its head with its body (`StreamResponse` sends the head alone from
+    `prepare`). The gateway has the engine's first chunk in hand before it prepares the
+    response, so the client gets the head and the first token in one packet: one wake-up of
+    the client, not two, and no chance for the woken client to take the gateway's CPU between
+    them on a loaded host. `forward` writes at once after `prepare` (an empty write sends the
+    head alone where the first chunk leaves nothing to relay). On an aiohttp without the
+    attribute the head is sent from `prepare`, as before (tests/test_stream_head.py)."""
+
+    _send_headers_immediately = False
+
+
 async def forward(
     request: web.Request,
     gw: Gateway,
@@ -231,7 +244,10 @@ async def forward(
         return answer
 
     headers.update(Dispatcher.passthrough_headers(resp))
-    out = web.StreamResponse(status=200, headers=headers)
+    first = attempt.response.first
+    out = (HeadWithFirstChunk if first is not None else web.StreamResponse)(
+        status=200, headers=headers
+    )
     stats = StreamStats(started)
     status, error = 200, None
     accounted = False
@@ -242,21 +258,21 @@ async def forward(
             reservation = attempt.reservation
             events = SSEUsageFilter() if strip_usage else None
             g = gw.config.gateway
-            relay = gw.dispatcher.relay(endpoint, resp, stats, attempt.response.first,
+            relay = gw.dispatcher.relay(endpoint, resp, stats, first,
                                         coalesce_s=g.stream_coalesce_ms / 1000.0,
                                         min_streams=g.stream_coalesce_min_streams)
+            headed = first is None  # whether the head has left (see `HeadWithFirstChunk`)
             async with contextlib.aclosing(relay) as chunks:
                 async for chunk in chunks:
                     if not reservation.prefilled:
                         reservation.first_token()  # its prefill no longer queues ahead
                     if events is not None:
                         chunk = events.feed(chunk)
-                        if not chunk:
-                            continue
                     if chunk.endswith(SSE_DONE):
                         chunk, done = chunk[: -len(SSE_DONE)], SSE_DONE
-                    if chunk:
-                        await out.write(chunk)
+                    if chunk or not headed:
+                        await out.write(chunk)  # the first one carries the head, even empty
+                        headed = True
             if events is not None and (rest := events.flush()):
                 await out.write(rest)
         except UpstreamError as exc:
