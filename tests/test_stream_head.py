@@ -1,10 +1,13 @@
 """A relayed stream's head leaves with its first token, in one send (`api.app.HeadWithFirstChunk`),
-through the real gateway over loopback; and it still leaves at once when the engine's first
-chunk gives the client nothing to relay yet."""
+through the real gateway over loopback; it still leaves at once when the engine's first chunk
+gives the client nothing to relay yet (half an event; a comment from an ``anthropic`` endpoint);
+and a fault of the gateway's own after the head is prepared ends the stream with an error event,
+well framed."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +20,7 @@ from aiohttp import http_writer, web
 from inferplane.api.app import serve
 from inferplane.api.pipeline import Gateway
 from inferplane.config.loader import parse_config
+from inferplane.dispatch import upstream
 from tests.builders import pool_fleet, tenant, to_yaml
 from tests.support.procs import free_port
 
@@ -30,6 +34,35 @@ class Engine:
 
     first: bytes = TOKEN
     go: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+def _messages_event(event: dict[str, Any]) -> bytes:
+    return b"event: " + event["type"].encode() + b"\ndata: " + orjson.dumps(event) + b"\n\n"
+
+
+MESSAGES_REST = b"".join(_messages_event(e) for e in (
+    {"type": "message_start", "message": {"id": "msg_1", "model": "m", "usage": {
+        "input_tokens": 2, "output_tokens": 1}}},
+    {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+    {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "t0"}},
+    {"type": "content_block_stop", "index": 0},
+    {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 1}},
+    {"type": "message_stop"},
+))
+
+
+async def _messages(request: web.Request) -> web.StreamResponse:
+    """An Anthropic Messages stream: a comment (the engine's first chunk, which translates to
+    nothing), then, once the test lets it go on, a whole answer."""
+    engine = request.app[ENGINE]
+    await request.read()
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await resp.prepare(request)
+    await resp.write(b": ping\n\n")
+    await asyncio.wait_for(engine.go.wait(), 10)
+    await resp.write(MESSAGES_REST)
+    await resp.write_eof()
+    return resp
 
 
 ENGINE: web.AppKey[Engine] = web.AppKey("engine", Engine)
@@ -58,14 +91,15 @@ async def _health(request: web.Request) -> web.Response:
     return web.Response(text="")
 
 
-@pytest.fixture
-async def stack() -> AsyncIterator[tuple[Engine, str]]:
-    """An engine stand-in and a gateway in front of it; yields the stand-in's `Engine` and the
-    gateway's URL."""
+@contextlib.asynccontextmanager
+async def _stack(**endpoint: Any) -> AsyncIterator[tuple[Engine, str]]:
+    """An engine stand-in and a gateway in front of it (its endpoint with the fields of
+    ``endpoint``); yields the stand-in's `Engine` and the gateway's URL."""
     engine = Engine()
     app = web.Application()
     app[ENGINE] = engine
     app.router.add_post("/v1/completions", _engine)
+    app.router.add_post("/v1/messages", _messages)
     app.router.add_get("/health", _health)
     up = web.AppRunner(app)
     await up.setup()
@@ -73,7 +107,7 @@ async def stack() -> AsyncIterator[tuple[Engine, str]]:
     await web.TCPSite(up, "127.0.0.1", up_port).start()
     gw = Gateway(parse_config(to_yaml(pool_fleet(
         up_port, tenants=[tenant("t", KEY)],
-        endpoint_fields={"name": "e", "scrape_metrics": False},
+        endpoint_fields={"name": "e", "scrape_metrics": False, **endpoint},
         gateway={"port": gw_port, "scrape_interval_s": 60, "health_interval_s": 60}))))
     runner = await serve(gw, "127.0.0.1", gw_port)
     try:
@@ -82,6 +116,12 @@ async def stack() -> AsyncIterator[tuple[Engine, str]]:
         engine.go.set()
         await runner.cleanup()
         await up.cleanup()
+
+
+@pytest.fixture
+async def stack() -> AsyncIterator[tuple[Engine, str]]:
+    async with _stack() as s:
+        yield s
 
 
 BODY = {"model": "m", "prompt": "a b", "max_tokens": 2, "stream": True}
@@ -149,3 +189,50 @@ async def test_the_head_leaves_at_once_when_the_first_chunk_relays_nothing(
             r.release()
     assert body.startswith(TOKEN) and body.endswith(b"data: [DONE]\n\n")
     assert b'"usage"' not in body
+
+
+async def test_the_head_leaves_at_once_when_an_anthropic_first_chunk_translates_to_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("TEST_HEAD_KEY", "sk-upstream")
+    async with (
+        _stack(engine="openai-compatible", dialect="anthropic", api_key_env="TEST_HEAD_KEY")
+        as (engine, base),
+        aiohttp.ClientSession(headers={"Authorization": f"Bearer {KEY}"}) as s,
+    ):
+        chat = {"model": "m", "max_tokens": 2, "stream": True,
+                "messages": [{"role": "user", "content": "a b"}]}
+        r = await asyncio.wait_for(s.post(base + "/v1/chat/completions", json=chat), 10)
+        try:
+            assert r.status == 200 and not engine.go.is_set()
+            engine.go.set()
+            body = await r.read()
+        finally:
+            r.release()
+    assert b'"content":"t0"' in body and body.endswith(b"data: [DONE]\n\n")
+
+
+async def test_a_fault_after_the_head_is_prepared_ends_the_stream_with_an_error_event(
+    stack: tuple[Engine, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug of the gateway's own while relaying (here the usage filter raising) reaches the
+    client as an error event in a well-framed stream, not as a second answer, and the
+    connection can carry the next request."""
+    engine, base = stack
+
+    def broken(self: upstream.SSEUsageFilter, chunk: bytes) -> bytes:
+        raise RuntimeError("planted")
+
+    monkeypatch.setattr(upstream.SSEUsageFilter, "feed", broken)
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {KEY}"}) as s:
+        async with s.post(base + "/v1/completions", json=BODY) as r:
+            assert r.status == 200
+            body = await asyncio.wait_for(r.read(), 10)
+        event = orjson.loads(body.split(b"data: ", 1)[1].split(b"\n\n", 1)[0])
+        assert event["error"]["type"] == "internal_error"
+        assert "planted" not in body.decode()
+        monkeypatch.undo()
+        engine.go.set()
+        async with s.post(base + "/v1/completions", json=BODY) as r:  # same connection
+            assert r.status == 200
+            assert (await asyncio.wait_for(r.read(), 10)).endswith(b"data: [DONE]\n\n")

@@ -22,7 +22,12 @@ from inferplane.admission.queue import BANDS
 from inferplane.api import console
 from inferplane.api.openapi import build_spec
 from inferplane.api.pipeline import Attempt, Gateway, parse_usage
-from inferplane.api.server import ConnectionLimits, GatewayRunner, request_started
+from inferplane.api.server import (
+    ConnectionLimits,
+    GatewayRunner,
+    error_body,
+    request_started,
+)
 from inferplane.batch import routes as batch_routes
 from inferplane.core.plane import hash_key
 from inferplane.core.validation import parse_json, validate
@@ -206,9 +211,12 @@ class HeadWithFirstChunk(web.StreamResponse):
     `prepare`). The gateway has the engine's first chunk in hand before it prepares the
     response, so the client gets the head and the first token in one packet: one wake-up of
     the client, not two, and no chance for the woken client to take the gateway's CPU between
-    them on a loaded host. `forward` writes at once after `prepare` (an empty write sends the
-    head alone where the first chunk leaves nothing to relay). On an aiohttp without the
-    attribute the head is sent from `prepare`, as before (tests/test_stream_head.py)."""
+    them on a loaded host. `forward` writes at once after `prepare`: `Dispatcher.relay` yields
+    the first chunk without reading again, and an empty write sends the head alone where that
+    chunk leaves nothing to relay (a partial event, a comment); after `prepare` no exception
+    reaches the error handler, which could not answer in its place. On an aiohttp without the
+    attribute (before 3.12) the head is sent from `prepare`, as before
+    (tests/test_stream_head.py)."""
 
     _send_headers_immediately = False
 
@@ -244,27 +252,24 @@ async def forward(
         return answer
 
     headers.update(Dispatcher.passthrough_headers(resp))
-    first = attempt.response.first
-    out = (HeadWithFirstChunk if first is not None else web.StreamResponse)(
-        status=200, headers=headers
-    )
+    out = HeadWithFirstChunk(status=200, headers=headers)
     stats = StreamStats(started)
     status, error = 200, None
     accounted = False
     done = b""  # the final ``data: [DONE]``, held back until the record is committed
+    headed = False  # whether the head has left (see `HeadWithFirstChunk`)
     try:
         await out.prepare(request)
         try:
             reservation = attempt.reservation
             events = SSEUsageFilter() if strip_usage else None
             g = gw.config.gateway
-            relay = gw.dispatcher.relay(endpoint, resp, stats, first,
+            relay = gw.dispatcher.relay(endpoint, resp, stats, attempt.response.first,
                                         coalesce_s=g.stream_coalesce_ms / 1000.0,
                                         min_streams=g.stream_coalesce_min_streams)
-            headed = first is None  # whether the head has left (see `HeadWithFirstChunk`)
             async with contextlib.aclosing(relay) as chunks:
                 async for chunk in chunks:
-                    if not reservation.prefilled:
+                    if chunk and not reservation.prefilled:
                         reservation.first_token()  # its prefill no longer queues ahead
                     if events is not None:
                         chunk = events.feed(chunk)
@@ -280,6 +285,15 @@ async def forward(
             gw.metrics.stream_errors.labels(endpoint.name).inc()
             payload = orjson.dumps(exc.to_body())
             await out.write(b"data: " + payload + b"\n\n")
+        except ConnectionResetError:
+            raise
+        except Exception:
+            # a fault of the gateway's own once the answer has begun: the client gets an error
+            # event and a well-framed end, the record a 500 (the error handler cannot answer
+            # a response already prepared)
+            log.exception("relaying the stream of %s failed", endpoint.name)
+            status, error = 500, "internal error; see the gateway log"
+            await out.write(b"data: " + error_body(500, error, "internal_error") + b"\n\n")
         # Headers left long ago: the receipt ends the stream as an SSE comment (which SSE
         # clients ignore), after the record is committed and before [DONE].
         accounted = True

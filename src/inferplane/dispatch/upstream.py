@@ -421,7 +421,9 @@ class Dispatcher:
     ) -> AsyncGenerator[bytes, None]:
         """Yield upstream chunks as they arrive (translated to OpenAI SSE for an ``anthropic``
         endpoint), recording timings and the usage line; ``first`` is a chunk `first_chunk`
-        already read, with its arrival time.
+        already read, with its arrival time. The first chunk is yielded at once, as ``b""``
+        where its translation is empty (a partial event, a comment), so that the caller can
+        send the response's head without waiting for the upstream's next read.
 
         With ``coalesce_s`` (``gateway.stream_coalesce_ms``) the tokens after the first are
         relayed in groups: after each chunk handed on, once a chunk with generated text has gone
@@ -456,6 +458,7 @@ class Dispatcher:
                 pending = first if first is not None and first[0] else None
                 handed = None  # when the last chunk was handed on (coalescing)
                 ended = False  # a finish reason went out (coalescing stops)
+                opened = False  # something was yielded
                 while True:
                     if pending is not None:
                         (raw, now), pending = pending, None
@@ -470,10 +473,14 @@ class Dispatcher:
                     if translator is not None:
                         chunk = translator.feed(raw)
                         if not chunk:
+                            if not opened:  # the caller's first write sends the head
+                                opened = True
+                                yield b""
                             continue
                     else:
                         chunk = raw
                     stats.observe(chunk, now)
+                    opened = True
                     yield chunk
                     if coalesce_s > 0:
                         # hold from the first text on, not after the finish (_FINISH)
