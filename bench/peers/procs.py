@@ -103,9 +103,10 @@ class Proc:
             env=child_env(env),
             cwd=cwd,
             start_new_session=True,
-            # every process the harness starts gets the same niceness and scheduling policy
-            # (real_engines.py's --router-nice and --router-rt: the routers against engines
-            # it starts itself at 0, SCHED_OTHER)
+            # every process started here gets the same niceness and scheduling policy
+            # (real_engines.py's --router-nice and --router-rt, which start the engines
+            # themselves, without Proc, at 0 and SCHED_OTHER; run.py's emulated engines are
+            # Procs, so the variables are for real_engines.py only)
             preexec_fn=(lambda: _start_priority(nice, rt)) if nice or rt else None,
         )
         self.pid = self.popen.pid
