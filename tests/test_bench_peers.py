@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -271,6 +272,23 @@ def test_router_niceness_is_given_to_every_process_the_harness_starts(
     finally:
         p.stop()
     assert nice == os.nice(0) + 3
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setscheduler"), reason="no sched_setscheduler here")
+def test_router_real_time_policy_is_given_to_every_process_the_harness_starts(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    try:  # the privilege to use a real-time policy, tried on a throwaway child
+        subprocess.run(["chrt", "-r", "1", "true"], check=True, capture_output=True)
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("no privilege to start a real-time process here (CAP_SYS_NICE)")
+    monkeypatch.setenv("PEERS_ROUTER_RT", "2")
+    p = procs.Proc("rt", [sys.executable, "-c", "import time; time.sleep(30)"],
+                   tmp_path / "rt.log")
+    try:
+        policy, prio = os.sched_getscheduler(p.pid), os.sched_getparam(p.pid).sched_priority
+    finally:
+        p.stop()
+    assert (policy, prio) == (os.SCHED_RR, 2)
 
 
 def test_parse_stat_handles_spaces_in_the_name() -> None:

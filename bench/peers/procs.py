@@ -67,6 +67,15 @@ def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def _start_priority(nice: int, rt: int) -> None:
+    """In a child before exec: niceness ``nice``; with ``rt`` > 0, the real-time round-robin
+    policy at that priority (every thread the child starts inherits it)."""
+    if nice:
+        os.nice(nice)
+    if rt:
+        os.sched_setscheduler(0, os.SCHED_RR, os.sched_param(rt))
+
+
 class Proc:
     """A child process in its own process group, logging to ``log``; ``stop()`` ends the group."""
 
@@ -85,6 +94,7 @@ class Proc:
         log.parent.mkdir(parents=True, exist_ok=True)
         self._fh = log.open("wb")
         nice = int(os.environ.get("PEERS_ROUTER_NICE") or 0)
+        rt = int(os.environ.get("PEERS_ROUTER_RT") or 0)
         self.popen = subprocess.Popen(
             self.argv,
             stdout=self._fh,
@@ -93,9 +103,11 @@ class Proc:
             env=child_env(env),
             cwd=cwd,
             start_new_session=True,
-            # every process the harness starts gets the same niceness (real_engines.py's
-            # --router-nice: the routers against engines it starts itself at 0)
-            preexec_fn=(lambda: os.nice(nice)) if nice else None,
+            # every process started here gets the same niceness and scheduling policy
+            # (real_engines.py's --router-nice and --router-rt, which start the engines
+            # themselves, without Proc, at 0 and SCHED_OTHER; run.py's emulated engines are
+            # Procs, so the variables are for real_engines.py only)
+            preexec_fn=(lambda: _start_priority(nice, rt)) if nice or rt else None,
         )
         self.pid = self.popen.pid
         _RUNNING.append(self)

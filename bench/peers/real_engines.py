@@ -603,6 +603,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="start every router (and the warm-up relay) at this niceness, the "
                          "engines at 0: a negative value gives the routers the CPU first on a "
                          "host they share with the engines (needs the privilege to lower it)")
+    ap.add_argument("--router-rt", type=int, default=0, metavar="PRIORITY",
+                    help="start every router (every thread of it, and the warm-up relay) "
+                         "under the real-time round-robin policy (SCHED_RR) at this priority "
+                         "(1-99), the engines under the normal one: a woken router then takes a "
+                         "CPU from a running engine without waiting for its time slice (needs "
+                         "CAP_SYS_NICE or an RLIMIT_RTPRIO of at least the priority)")
     ap.add_argument("--setup-limit", type=float, default=600.0, help="seconds per replay")
     ap.add_argument("--budget", type=float, default=3600.0, help="seconds for all replays")
     ap.add_argument("--urls", help="reuse running engines (URL[@KV],...) instead of starting them")
@@ -614,6 +620,17 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if a.router_nice:
         os.environ["PEERS_ROUTER_NICE"] = str(a.router_nice)  # read by procs.Proc in run.py
+    if a.router_rt:
+        if not 1 <= a.router_rt <= 99:
+            ap.error(f"--router-rt {a.router_rt}: a real-time priority is 1-99")
+        try:  # the privilege, on a throwaway child, before any engine starts
+            subprocess.run(["chrt", "-r", str(a.router_rt), "true"], check=True,
+                           capture_output=True)
+        except (OSError, subprocess.CalledProcessError) as exc:
+            err = getattr(exc, "stderr", b"") or b""
+            ap.error(f"--router-rt {a.router_rt}: cannot start a SCHED_RR process here "
+                     f"({err.decode(errors='replace').strip() or exc})")
+        os.environ["PEERS_ROUTER_RT"] = str(a.router_rt)  # read by procs.Proc in run.py
     if a.render_only is not None:
         doc = merge(a.render_only or [a.out / "results.json"])
         a.out.mkdir(parents=True, exist_ok=True)
