@@ -19,6 +19,7 @@ import functools
 import hashlib
 import logging
 import os
+import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -257,6 +258,9 @@ class Core:
 
     async def start(self) -> None:
         self.lag.start()
+        # the loop's thread's CPU time and wait for a CPU, and the process's wait (Linux
+        # schedstat, read at each /metrics collect; absent where the kernel has none)
+        self.metrics.count_schedstat(threading.get_native_id())
         source = await self._start_transport()
         source = self._metrics_source or source
         if source is None:

@@ -8,8 +8,10 @@ removes its series too (`forget`; a removed endpoint's once its requests in flig
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -17,6 +19,9 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
 from inferplane import __version__, compiled
+from inferplane.telemetry import schedstat
+
+log = logging.getLogger("inferplane.telemetry.metrics")
 
 _LATENCY_BUCKETS = (
     0.005,
@@ -244,11 +249,56 @@ class GatewayMetrics:
             "(gateway.stream_coalesce_ms, while gateway.stream_coalesce_min_streams streams "
             "were relayed)",
         )
+        self._schedstat_metrics()
         r.register(SourcedCounters(
-            (self.loop_lost, self.send_gate_requests, self.send_gate_groups, self.coalesce_holds)
+            (self.loop_lost, self.send_gate_requests, self.send_gate_groups, self.coalesce_holds,
+             self.loop_cpu, self.loop_cpu_wait, self.loop_slices, self.process_cpu_wait)
         ))
         self._admission_metrics(r)
         self._health_metrics(r)
+
+    def _schedstat_metrics(self) -> None:
+        """The event loop's thread's CPU time and wait for a CPU, and the whole process's wait,
+        from Linux's schedstat (`telemetry.schedstat`; wired by `count_schedstat`)."""
+        self.loop_cpu = SourcedCounter(
+            "inferplane_event_loop_cpu_seconds_total",
+            "Seconds the event loop's thread ran on a CPU (Linux schedstat)",
+            unit="seconds",
+        )
+        self.loop_cpu_wait = SourcedCounter(
+            "inferplane_event_loop_cpu_wait_seconds_total",
+            "Seconds the event loop's thread was ready to run but waited for a CPU on a run "
+            "queue (Linux schedstat); per wake-up: this / inferplane_event_loop_timeslices_total",
+            unit="seconds",
+        )
+        self.loop_slices = SourcedCounter(
+            "inferplane_event_loop_timeslices_total",
+            "Times the event loop's thread was put on a CPU (Linux schedstat)",
+        )
+        self.process_cpu_wait = SourcedCounter(
+            "inferplane_process_cpu_wait_seconds_total",
+            "Seconds this process's threads (all of them, exited ones up to their last scrape) "
+            "were ready to run but waited for a CPU (Linux schedstat)",
+            unit="seconds",
+        )
+
+    def count_schedstat(self, tid: int, tasks: Path = schedstat.TASKS) -> bool:
+        """Export the schedstat counters of thread ``tid`` (the event loop's: call it on the
+        loop, with `threading.get_native_id`) and of the whole process, read from ``tasks``
+        (``/proc/self/task``) at each collect. False, and the four stay unexported, where the
+        loop's thread has no readable schedstat (not Linux, a kernel without it)."""
+        thread = schedstat.ThreadSchedstat(tid, tasks)
+        if not thread.available:
+            log.debug("no scheduler statistics at %s: the event loop's CPU and wait counters "
+                      "are not exported", thread.path)
+            return False
+        self.loop_cpu.count_from(thread.cpu_s)
+        self.loop_cpu_wait.count_from(thread.wait_s)
+        self.loop_slices.count_from(thread.slices)
+        process = schedstat.ProcessWait(tasks)
+        if process.available:
+            self.process_cpu_wait.count_from(process.wait_s)
+        return True
 
     def _health_metrics(self, r: CollectorRegistry) -> None:
         """Outlier ejection and per-pool concurrency health (`fleet.health`). ``reason_kind``
