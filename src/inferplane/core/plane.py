@@ -19,7 +19,6 @@ import functools
 import hashlib
 import logging
 import os
-import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -258,9 +257,10 @@ class Core:
 
     async def start(self) -> None:
         self.lag.start()
-        # the loop's thread's CPU time and wait for a CPU, and the process's wait (Linux
-        # schedstat, read at each /metrics collect; absent where the kernel has none)
-        self.metrics.count_schedstat(threading.get_native_id())
+        # the loop's thread's CPU time and run-queue wait, and the process's wait (Linux
+        # schedstat, read at each /metrics collect; absent where the kernel has none). This
+        # runs on the loop's thread, which opens its own /proc/thread-self/schedstat here
+        self.metrics.count_schedstat()
         source = await self._start_transport()
         source = self._metrics_source or source
         if source is None:
@@ -317,6 +317,7 @@ class Core:
             ("admission", self.admission.close),
             ("transport", self._stop_transport),
             ("telemetry", self._stop_telemetry),
+            ("schedstat", self._stop_schedstat),
         ]
         interrupted: BaseException | None = None
         for what, step in steps:
@@ -334,6 +335,9 @@ class Core:
     async def _stop_telemetry(self) -> None:
         if self.telemetry.enabled:  # the last spans and metrics flushed, off the event loop
             await asyncio.to_thread(self.telemetry.shutdown)
+
+    async def _stop_schedstat(self) -> None:
+        self.metrics.close_schedstat()
 
     async def _stop_health(self) -> None:
         if self._health_task is not None:
