@@ -62,7 +62,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from bench.overhead import BODY, KEY  # noqa: E402
 from bench.overhead import cpu_seconds as process_cpu  # noqa: E402
-from inferplane.config.loader import _UniqueKeyLoader  # noqa: E402
+from inferplane.config.loader import load_yaml  # noqa: E402
 from tests.builders import pool_fleet, tenant, to_yaml  # noqa: E402
 from tests.support.otlp_receiver import OtlpReceiver  # noqa: E402
 from tests.support.procs import Proc, free_port  # noqa: E402
@@ -140,7 +140,7 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
 def _mapping(text: str) -> dict[str, Any]:
     """A `telemetry_variants` value as a dict, read as the gateway reads its file (a key given
     twice is an error)."""
-    value = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader
+    value = load_yaml(text)
     if not isinstance(value, dict):
         raise ValueError(f"not a mapping: {text}")
     return value

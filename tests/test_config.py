@@ -16,7 +16,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from typer.testing import CliRunner
 
 from inferplane.cli import app
-from inferplane.config.loader import builtin_defaults, format_loc, load_config, parse_config
+from inferplane.config.loader import (
+    builtin_defaults,
+    format_loc,
+    load_config,
+    load_yaml,
+    parse_config,
+)
 from inferplane.config.schema import FleetConfig
 from inferplane.errors import ConfigError
 from inferplane.placement.build import build_policies
@@ -475,6 +481,19 @@ def test_merge_keys_may_be_overridden() -> None:
     assert error_of(text).problems == [
         ("substrates[0].emulation_cost", "Extra inputs are not permitted")
     ]
+
+
+def test_load_yaml_is_safe_load_that_refuses_a_key_given_twice() -> None:
+    """The public loader (bench/otel.py reads its config fragments with it): what yaml.safe_load
+    reads, except a repeated key, refused with its line; merge keys are not repeats."""
+    text = "a: &x {b: 1, c: [1, 2]}\nd: {<<: *x, b: 2}\n"
+    assert load_yaml(text) == yaml.safe_load(text) == {
+        "a": {"b": 1, "c": [1, 2]}, "d": {"b": 2, "c": [1, 2]}}
+    with pytest.raises(yaml.constructor.ConstructorError, match="duplicate key 'b'") as info:
+        load_yaml("a: 1\nn:\n  b: 1\n  b: 2\n")
+    assert info.value.problem_mark is not None and info.value.problem_mark.line == 3
+    with pytest.raises(yaml.constructor.ConstructorError):  # a SafeLoader: no Python objects
+        load_yaml("!!python/object/apply:os.getcwd []\n")
 
 
 def test_non_string_top_level_key() -> None:

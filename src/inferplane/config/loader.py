@@ -69,6 +69,15 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+def load_yaml(text: str) -> Any:
+    """``yaml.safe_load(text)``, except that a key repeated in one mapping is refused: it
+    raises ``yaml.constructor.ConstructorError`` ("duplicate key …", a ``yaml.MarkedYAMLError``
+    with the key's line and column), as for any other invalid YAML. What `parse_config` reads a
+    fleet file with; for anything else read as a fleet file would be (a bench's config
+    fragments)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader
+
+
 def _entry_name(entry: Any) -> str | None:
     """The name an entry is merged by (``name``, else ``type``); None when it has no string name
     (the schema then reports what is wrong with it)."""
@@ -128,7 +137,7 @@ def parse_config(
     in it (a model's ``tokenizer``) are taken relative to ``base_dir`` (default: the current
     directory)."""
     try:
-        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader
+        raw = load_yaml(text)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -257,6 +257,10 @@ class Core:
 
     async def start(self) -> None:
         self.lag.start()
+        # the loop's thread's CPU time and run-queue wait, and the process's wait (Linux
+        # schedstat, read at each /metrics collect; absent where the kernel has none). This
+        # runs on the loop's thread, which opens its own /proc/thread-self/schedstat here
+        self.metrics.count_schedstat()
         source = await self._start_transport()
         source = self._metrics_source or source
         if source is None:
@@ -313,6 +317,7 @@ class Core:
             ("admission", self.admission.close),
             ("transport", self._stop_transport),
             ("telemetry", self._stop_telemetry),
+            ("schedstat", self._stop_schedstat),
         ]
         interrupted: BaseException | None = None
         for what, step in steps:
@@ -330,6 +335,9 @@ class Core:
     async def _stop_telemetry(self) -> None:
         if self.telemetry.enabled:  # the last spans and metrics flushed, off the event loop
             await asyncio.to_thread(self.telemetry.shutdown)
+
+    async def _stop_schedstat(self) -> None:
+        self.metrics.close_schedstat()
 
     async def _stop_health(self) -> None:
         if self._health_task is not None:

@@ -8,8 +8,10 @@ removes its series too (`forget`; a removed endpoint's once its requests in flig
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -17,6 +19,9 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
 from inferplane import __version__, compiled
+from inferplane.telemetry import schedstat
+
+log = logging.getLogger("inferplane.telemetry.metrics")
 
 _LATENCY_BUCKETS = (
     0.005,
@@ -84,10 +89,13 @@ class SourcedCounters(Collector):
     """The collector of a registry's `SourcedCounter` objects: each wired one is read when the
     registry is collected and yielded as a ``counter`` family (one sample, ``<name>`` ending
     in ``_total``, plus ``_created`` when `created_series`). `describe` names every one, wired
-    or not, so the registry refuses another metric of the same name."""
+    or not, so the registry refuses another metric of the same name. ``refresh``, where set, is
+    called once at the start of each collect, before any read: a source that reads several
+    totals at once (`telemetry.schedstat.ThreadSchedstat.sample`) then gives one snapshot."""
 
     def __init__(self, counters: Iterable[SourcedCounter]) -> None:
         self.counters = tuple(counters)
+        self.refresh: Callable[[], object] | None = None
 
     def describe(self) -> Iterator[CounterMetricFamily]:
         for c in self.counters:
@@ -95,6 +103,8 @@ class SourcedCounters(Collector):
 
     def collect(self) -> Iterator[CounterMetricFamily]:
         created = created_series()
+        if self.refresh is not None:
+            self.refresh()
         for c in self.counters:
             if c.read is None:
                 continue
@@ -244,11 +254,71 @@ class GatewayMetrics:
             "(gateway.stream_coalesce_ms, while gateway.stream_coalesce_min_streams streams "
             "were relayed)",
         )
-        r.register(SourcedCounters(
-            (self.loop_lost, self.send_gate_requests, self.send_gate_groups, self.coalesce_holds)
-        ))
+        self._schedstat_metrics()
+        self._sourced = SourcedCounters(
+            (self.loop_lost, self.send_gate_requests, self.send_gate_groups, self.coalesce_holds,
+             self.loop_cpu, self.loop_runqueue_wait, self.loop_slices, self.process_runqueue_wait)
+        )
+        r.register(self._sourced)
         self._admission_metrics(r)
         self._health_metrics(r)
+
+    def _schedstat_metrics(self) -> None:
+        """The event loop's thread's CPU time and run-queue wait, and the whole process's wait,
+        from Linux's schedstat (`telemetry.schedstat`; wired by `count_schedstat`)."""
+        self.loop_cpu = SourcedCounter(
+            "inferplane_event_loop_cpu_seconds_total",
+            "Seconds the event loop's thread ran on a CPU (Linux schedstat)",
+            unit="seconds",
+        )
+        self.loop_runqueue_wait = SourcedCounter(
+            "inferplane_event_loop_runqueue_wait_seconds_total",
+            "Seconds the event loop's thread was ready to run but waited on a CPU's run queue "
+            "(Linux schedstat run_delay; not I/O wait)",
+            unit="seconds",
+        )
+        self.loop_slices = SourcedCounter(
+            "inferplane_event_loop_timeslices_total",
+            "Times the event loop's thread was put on a CPU (Linux schedstat)",
+        )
+        self.process_runqueue_wait = SourcedCounter(
+            "inferplane_process_runqueue_wait_seconds_total",
+            "Seconds this process's threads (all of them, exited ones up to their last scrape) "
+            "were ready to run but waited on a CPU's run queue (Linux schedstat run_delay)",
+            unit="seconds",
+        )
+        self._loop_schedstat: schedstat.ThreadSchedstat | None = None
+
+    def count_schedstat(self, thread: str | Path = schedstat.THREAD_SELF,
+                        tasks: Path = schedstat.TASKS) -> bool:
+        """Export the schedstat counters of the event loop's thread and of the whole process.
+        Call it on the loop's thread: ``thread`` (``/proc/thread-self/schedstat``) is opened
+        here, stays bound to the thread that opened it, and is re-read once per collect
+        (`SourcedCounters.refresh`); ``tasks`` (``/proc/self/task``) is listed and each
+        thread's file read at each collect. False, and the four stay unexported, where the
+        loop's thread has no schedstat to read (not Linux, a kernel without it). `close_schedstat`
+        closes the file."""
+        self.close_schedstat()
+        loop = schedstat.ThreadSchedstat(thread)
+        if not loop.available:
+            log.debug("no scheduler statistics at %s: the event loop's CPU and run-queue wait "
+                      "counters are not exported", thread)
+            return False
+        self._loop_schedstat = loop
+        self._sourced.refresh = loop.sample
+        self.loop_cpu.count_from(loop.cpu_s)
+        self.loop_runqueue_wait.count_from(loop.wait_s)
+        self.loop_slices.count_from(loop.slices)
+        process = schedstat.ProcessWait(tasks)
+        if process.available:
+            self.process_runqueue_wait.count_from(process.wait_s)
+        return True
+
+    def close_schedstat(self) -> None:
+        """Close the loop thread's schedstat file (`count_schedstat`); its counters stay at
+        their last values."""
+        if self._loop_schedstat is not None:
+            self._loop_schedstat.close()
 
     def _health_metrics(self, r: CollectorRegistry) -> None:
         """Outlier ejection and per-pool concurrency health (`fleet.health`). ``reason_kind``
