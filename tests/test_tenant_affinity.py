@@ -31,27 +31,18 @@ from inferplane.placement.plugins.affinity import (
 from inferplane.placement.profile import RequestProfile
 from inferplane.tokenization import VOCABULARY, block_hashes, salt_root, token_ids
 from inferplane.twin.emulator.server import start_emulator
-from tests.builders import endpoint, model, pool_fleet, tenant, to_yaml
+from tests.builders import tenant
 from tests.support.procs import free_port
+from tests.test_precise_prefix import fleet_yaml as precise_fleet_yaml
 
 KEYS = {t: f"sk-aff-{t}" for t in "abcd"}
 BS = 16
 
 
 def fleet_yaml(ports: list[int], ev_ports: list[int], gw: int) -> str:
-    return to_yaml(pool_fleet(
-        gateway={"port": gw, "token_estimate": "words", "scrape_interval_s": 0.05},
-        substrate={"cost": {"hourly_usd": 3.0}},
-        endpoints=[
-            endpoint(f"e{i}", p, kv_events=f"tcp://127.0.0.1:{ev}",
-                     models=[model("llama-3.1-8b", None, 32768)],
-                     emulation={"block_size": BS, "num_gpu_blocks": 4096, "kv_events_port": ev})
-            for i, (p, ev) in enumerate(zip(ports, ev_ports, strict=True))
-        ],
-        tenants=[tenant("a", KEYS["a"]), tenant("b", KEYS["b"]),
-                 tenant("c", KEYS["c"], cache_group="team"),
-                 tenant("d", KEYS["d"], cache_group="team")],
-    ))
+    return precise_fleet_yaml(ports, ev_ports, gw, block_size=BS, tenants=[
+        tenant("a", KEYS["a"]), tenant("b", KEYS["b"]),
+        tenant("c", KEYS["c"], cache_group="team"), tenant("d", KEYS["d"], cache_group="team")])
 
 
 def config() -> FleetConfig:
