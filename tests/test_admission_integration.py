@@ -25,6 +25,16 @@ ACTUAL = 0.012
 WORST = (3 + 10) * 1000 / 1e6  # "hello there" ≈ 3 tokens + max_tokens 10
 
 
+# One upstream ``up`` priced at 1000 $/Mtok both ways (`pool_fleet` arguments; the Redis outage
+# tests run on it too).
+PRICED_UPSTREAM: dict[str, Any] = {
+    "substrate": {"name": "api", "kind": "provider-api",
+                  "cost": {"input_per_mtok": 1000.0, "output_per_mtok": 1000.0}},
+    "endpoint_fields": {"name": "up", "max_concurrency": 256},
+    "models": [model(max_context=4096)],
+}
+
+
 def config(gw_port: int, up_port: int, admission: dict[str, Any] | None = None) -> str:
     def t(name: str, **fields: Any) -> dict[str, Any]:
         return tenant(name, KEYS[name], **fields)
@@ -34,10 +44,7 @@ def config(gw_port: int, up_port: int, admission: dict[str, Any] | None = None) 
         gateway={"port": gw_port, "scrape_interval_s": 0.05, "seed": 3,
                  "metrics": {"public": True, "tenant_labels": True}},
         **({} if admission is None else {"admission": admission}),
-        substrate={"name": "api", "kind": "provider-api",
-                   "cost": {"input_per_mtok": 1000.0, "output_per_mtok": 1000.0}},
-        endpoint_fields={"name": "up", "max_concurrency": 256},
-        models=[model(max_context=4096)],
+        **PRICED_UPSTREAM,
         tenants=[
             t("budget", budgets=[{"scope": "tenant", "window": "day", "usd": 0.1}]),
             t("clamp", max_tokens_ceiling=50),

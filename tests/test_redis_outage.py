@@ -21,9 +21,10 @@ from inferplane.admission.outage import OutageStore
 from inferplane.admission.redis_state import RedisStore
 from inferplane.admission.state import BucketDemand, CounterDemand
 from inferplane.errors import StoreUnavailableError
-from tests.builders import model, pool_fleet, tenant, to_yaml
+from tests.builders import pool_fleet, tenant, to_yaml
 from tests.support.procs import Proc, free_port
 from tests.support.redis_server import RedisServer
+from tests.test_admission_integration import PRICED_UPSTREAM
 
 NOW = 1_700_000_000.0
 GROUP = ("2023-11-14", "", "m", "interactive", "k")
@@ -189,10 +190,7 @@ def _config(gw_port: int, up_port: int, redis_url: str, **gateway: Any) -> str:
         gateway={"port": gw_port, "scrape_interval_s": 0.05, "seed": 3, **gateway},
         admission={"store": "redis", "redis_url": redis_url, "redis_prefix": "o:",
                    "redis_timeout_s": 0.3, "outage_retry_after_s": 0.5},
-        substrate={"name": "api", "kind": "provider-api",
-                   "cost": {"input_per_mtok": 1000.0, "output_per_mtok": 1000.0}},
-        endpoint_fields={"name": "up", "max_concurrency": 256},
-        models=[model(max_context=4096)],
+        **PRICED_UPSTREAM,
         tenants=[tenant("budget", KEYS["budget"],
                         budgets=[{"scope": "tenant", "window": "day", "usd": 1.0}]),
                  tenant("plain", KEYS["plain"])],
