@@ -10,7 +10,7 @@ import math
 import random
 import statistics
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -398,16 +398,21 @@ def test_profile_may_not_shadow_the_table(tmp_path: Path) -> None:
         load_hardware_profile(path)
 
 
-def _fleet(hardware: str, profile_file: str | None = "profile.yaml", **endpoint: Any) -> str:
-    """One CPU endpoint ``lab-0`` (at port 9, serving tiny-llama) on ``hardware``, with the
-    calibrated profile ``profile_file`` listed (None: none); ``endpoint``: its other fields."""
+TINY = model("tiny-llama", None, 1024)
+
+
+def _fleet(hardware: str, profile_file: str | None = "profile.yaml",
+           models: Sequence[Mapping[str, Any]] = (TINY,), **endpoint: Any) -> str:
+    """One CPU endpoint ``lab-0`` (at port 9, serving ``models``: tiny-llama) on ``hardware``,
+    with the calibrated profile ``profile_file`` listed (None: none); ``endpoint``: its other
+    fields."""
     profiles = {} if profile_file is None else {"hardware_profiles": [profile_file]}
     return to_yaml(pool_fleet(
         9, **profiles,
         substrate={"name": "lab", "kind": "cpu", "hardware": hardware, "region": "local",
                    "cost": {"hourly_usd": 1}},
         endpoint_fields={"name": "lab-0", **endpoint},
-        models=[model("tiny-llama", None, 1024)],
+        models=models,
     ))
 
 
@@ -762,8 +767,10 @@ def test_profile_file_names_the_hand_off_only_when_there_is_one(tmp_path: Path) 
 def _frontend_fleet(
     tmp: Path, request_s: float, token_s: float = 0.0, handoff_s: float = 0.0,
     overhead_s: float | None = None,
-    spread: tuple[tuple[float, ...], float] = ((), 0.0),
+    spread: tuple[tuple[float, ...], float] = ((), 0.0), **endpoint: Any,
 ) -> Path:
+    """A fleet file on a calibrated profile with these front-end costs; ``endpoint``: `_fleet`
+    arguments for its endpoint."""
     base, _, pre, dec = _synthetic("cpu", "tiny-llama", 256)
     cal = fit(base, get_model("tiny-llama"), pre, dec, name="cpu-lab")
     hw = cal.hardware
@@ -774,7 +781,7 @@ def _frontend_fleet(
         speed_spread=spread[0], speed_spread_window_s=spread[1]))
     (tmp / "profile.yaml").write_text(dump_profile(cal, "cpu", {"model": "m"}))
     fleet_file = tmp / "fleet.yaml"
-    fleet_file.write_text(_fleet("cpu-lab", emulation={"num_gpu_blocks": 256}))
+    fleet_file.write_text(_fleet("cpu-lab", emulation={"num_gpu_blocks": 256}, **endpoint))
     return fleet_file
 
 
@@ -1011,15 +1018,11 @@ async def test_every_api_counts_a_calibrated_request_from_its_arrival(
     emulator's own HTTP round trip, and submits it at the time ``network_delay`` says it
     reached the engine; an embeddings request's later inputs, which the engine takes after the
     one before finished, at their own time."""
-    fleet_file = _frontend_fleet(tmp_path, 0.002)
-    text = fleet_file.read_text()
     if path == "/v1/messages":  # served only by an endpoint that speaks Anthropic's dialect
-        text = text.replace("url: http://127.0.0.1:9\n",
-                            "url: http://127.0.0.1:9\n        dialect: anthropic\n")
+        fleet_file = _frontend_fleet(tmp_path, 0.002, dialect="anthropic")
     else:
-        text = text.replace("max_context: 1024}]", "max_context: 1024},"
-                            " {name: bge-large, max_context: 512, kind: embed}]")
-    fleet_file.write_text(text)
+        fleet_file = _frontend_fleet(tmp_path, 0.002, models=[
+            TINY, model("bge-large", None, 512, kind="embed")])
     handle = await start_emulator(load_config(fleet_file), time_scale=0.1,
                                   port_override={"lab-0": 0})
     emu = handle.endpoints["lab-0"]
