@@ -25,6 +25,7 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import orjson
@@ -34,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from inferplane.core.plane import hash_key  # noqa: E402
+from tests.builders import endpoint, model, pool_fleet, to_yaml  # noqa: E402
 from tests.support.procs import Proc, free_port  # noqa: E402
 
 DSN = os.environ.get("INFERPLANE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
@@ -52,30 +53,17 @@ class Row:
     status: str
 
 
-def fleet(engines: dict[str, int], batch: str, concurrency: int, lease: float) -> str:
-    eps = "".join(
-        f"""
-      - name: {n}
-        url: http://127.0.0.1:{p}
-        models: [{{name: llama-3.1-8b, max_context: 8192}}]
-        max_concurrency: 32"""
-        for n, p in engines.items()
-    )
-    return f"""
-gateway: {{scrape_interval_s: 0.05, token_estimate: words, seed: 1}}
-batch: {{poll_interval_s: 0.02, max_concurrency: {concurrency}, lease_s: {lease},
-         max_utilisation: 1.0, {batch}}}
-substrates:
-  - name: pool
-    kind: gpu
-    hardware: h100
-    region: r1
-    jurisdiction: eu
-    cost: {{hourly_usd: 3.0}}
-    endpoints:{eps}
-tenants:
-  - {{name: t, api_keys: ["{hash_key(KEY)}"]}}
-"""
+def fleet(engines: dict[str, int], batch: dict[str, Any], concurrency: int,
+          lease: float) -> str:
+    return to_yaml(pool_fleet(
+        gateway={"scrape_interval_s": 0.05, "token_estimate": "words", "seed": 1},
+        batch={"poll_interval_s": 0.02, "max_concurrency": concurrency, "lease_s": lease,
+               "max_utilisation": 1.0, **batch},
+        substrate={"cost": {"hourly_usd": 3.0}},
+        endpoints=[endpoint(n, p, models=[model("llama-3.1-8b", None)], max_concurrency=32)
+                   for n, p in engines.items()],
+        key=KEY,
+    ))
 
 
 def executions(engines: dict[str, int]) -> int:
@@ -90,8 +78,8 @@ def one(tmp: Path, engines: dict[str, int], setting: str, lines: int, concurrenc
         lease: float) -> Row:
     schema = f"bench_{uuid.uuid4().hex[:10]}"
     replicas = 1 if setting in ("sqlite x1", "postgres x1") else 2
-    batch = (f"path: '{tmp / (schema + '.sqlite')}'" if setting.startswith("sqlite")
-             else f"postgres_dsn: '{DSN}', postgres_schema: {schema}")
+    batch = ({"path": str(tmp / (schema + ".sqlite"))} if setting.startswith("sqlite")
+             else {"postgres_dsn": DSN, "postgres_schema": schema})
     cfg = tmp / f"{schema}.yaml"
     cfg.write_text(fleet(engines, batch, concurrency, lease))
     gws: list[tuple[Proc, str]] = []
@@ -157,7 +145,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         engines = {f"e{i}": free_port() for i in range(2)}
-        (tmp / "engines.yaml").write_text(fleet(engines, "path: x.sqlite", 1, 1.0))
+        (tmp / "engines.yaml").write_text(fleet(engines, {"path": "x.sqlite"}, 1, 1.0))
         emu = Proc(["-m", "inferplane.cli", "emulate", "--config", str(tmp / "engines.yaml")],
                    tmp / "emulate.log")
         try:

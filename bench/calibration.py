@@ -85,6 +85,7 @@ from inferplane.physics.probe import (  # noqa: E402
     calibrate_endpoint,
     run_workload,
 )
+from tests.builders import model, pool_fleet, to_yaml  # noqa: E402
 from tests.fidelity import conftest as fid  # noqa: E402
 from tests.fidelity.cores import split_cores  # noqa: E402
 from tests.placement_helpers import cycle, plugin, profile, snapshot, state  # noqa: E402
@@ -180,24 +181,17 @@ def refit_one_price(text: str) -> str:
 
 
 def emulator_fleet(hardware: str, port: int, profile: Path | None) -> str:
-    profiles = f"hardware_profiles: [{profile}]\n" if profile is not None else ""
-    return profiles + f"""substrates:
-  - name: calibrated-cpu
-    kind: cpu
-    hardware: {hardware}
-    region: local
-    jurisdiction: eu
-    cost: {{hourly_usd: 1}}
-    endpoints:
-      - name: emu-0
-        url: http://127.0.0.1:{port}
-        models: [{{name: {fid.MODEL}, max_context: {fid.MAX_MODEL_LEN}, precision: fp32}}]
-        emulation:
-          block_size: {fid.BLOCK_SIZE}
-          max_num_seqs: {fid.MAX_NUM_SEQS}
-          num_gpu_blocks: {fid.NUM_GPU_BLOCKS}
-          max_num_batched_tokens: {fid.MAX_BATCHED_TOKENS}
-"""
+    profiles = {"hardware_profiles": [str(profile)]} if profile is not None else {}
+    return to_yaml(pool_fleet(
+        port, **profiles,
+        substrate={"name": "calibrated-cpu", "kind": "cpu", "hardware": hardware,
+                   "region": "local", "cost": {"hourly_usd": 1}},
+        endpoint_fields={"name": "emu-0", "emulation": {
+            "block_size": fid.BLOCK_SIZE, "max_num_seqs": fid.MAX_NUM_SEQS,
+            "num_gpu_blocks": fid.NUM_GPU_BLOCKS,
+            "max_num_batched_tokens": fid.MAX_BATCHED_TOKENS}},
+        models=[model(fid.MODEL, None, fid.MAX_MODEL_LEN, precision="fp32")],
+    ))
 
 
 @contextlib.contextmanager

@@ -33,6 +33,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -42,8 +43,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "src"))
 
 from inferplane.api.app import serve  # noqa: E402
-from inferplane.api.pipeline import Gateway, hash_key  # noqa: E402
+from inferplane.api.pipeline import Gateway  # noqa: E402
 from inferplane.config.loader import parse_config  # noqa: E402
+from tests.builders import endpoint, pool_fleet, to_yaml  # noqa: E402
 from tests.support.fake_upstream import build  # noqa: E402
 from tests.support.procs import free_port  # noqa: E402
 
@@ -51,43 +53,30 @@ KEY = "sk-failover"
 BODY = {"model": "m", "messages": [{"role": "user", "content": "hello " * 20}], "max_tokens": 5,
         "stream": True}
 
-_OLD = (
-    "max_replacements: 1, first_byte_timeout: {enabled: false}",
-    "consecutive_5xx: null, consecutive_timeouts: null",
+_OLD: tuple[dict[str, Any], dict[str, Any]] = (
+    {"max_replacements": 1, "first_byte_timeout": {"enabled": False}},
+    {"consecutive_5xx": None, "consecutive_timeouts": None},
 )
-_NO_ERRSIG = "plugins:\n  - {type: predicted-latency, parameters: {error_weight: 0}}\n"
-VARIANTS: dict[str, tuple[str, str, str]] = {
-    # (gateway keys, health.outlier keys, extra top-level YAML)
+_NO_ERRSIG = {"plugins": [{"type": "predicted-latency", "parameters": {"error_weight": 0}}]}
+VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = {
+    # (gateway keys, health.outlier keys, extra top-level blocks)
     "baseline": (*_OLD, _NO_ERRSIG),
-    "baseline+errsig": (*_OLD, ""),  # the old semantics plus the error-rate placement signal
-    "default-errsig0": ("", "", _NO_ERRSIG),  # the shipped semantics without that signal
-    "default": ("", "", ""),
+    "baseline+errsig": (*_OLD, {}),  # the old semantics plus the error-rate placement signal
+    "default-errsig0": ({}, {}, _NO_ERRSIG),  # the shipped semantics without that signal
+    "default": ({}, {}, {}),
 }
 
 
 def config(port: int, ups: dict[str, int], variant: str) -> str:
     gw, outlier, extra = VARIANTS[variant]
-    eps = "".join(
-        f"""
-      - {{name: {name}, url: "http://127.0.0.1:{p}",
-          models: [{{name: m, profile: llama-3.1-8b, max_context: 8192}}]}}"""
-        for name, p in ups.items()
-    )
-    return f"""
-gateway: {{port: {port}, scrape_interval_s: 0.1{", " + gw if gw else ""}}}
-health: {{outlier: {{{outlier}}}}}
-substrates:
-  - name: pool
-    kind: gpu
-    hardware: h100
-    region: r1
-    zone: r1-a
-    jurisdiction: eu
-    cost: {{hourly_usd: 3.0}}
-    endpoints:{eps}
-tenants:
-  - {{name: t, api_keys: ["{hash_key(KEY)}"]}}
-{extra}"""
+    return to_yaml(pool_fleet(
+        gateway={"port": port, "scrape_interval_s": 0.1, **gw},
+        health={"outlier": dict(outlier)},
+        substrate={"zone": "r1-a", "cost": {"hourly_usd": 3.0}},
+        endpoints=[endpoint(name, p) for name, p in ups.items()],
+        key=KEY,
+        **extra,
+    ))
 
 
 @dataclass

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from inferplane.core.plane import hash_key  # noqa: E402
+from tests.builders import endpoint, model, pool_fleet, to_yaml  # noqa: E402
 from tests.support.procs import Proc, free_port  # noqa: E402
 from tests.support.redis_server import RedisServer  # noqa: E402
 
@@ -43,31 +43,18 @@ REFUSED = "fleet reload refused"
 
 def fleet_yaml(engines: dict[str, int], redis_url: str | None = None, *,
                bad: bool = False) -> str:
-    eps = "".join(
-        f"""
-      - name: {name}
-        url: http://127.0.0.1:{port}
-        models: [{{name: llama-3.1-8b, max_context: 8192}}]
-        max_concurrency: {-1 if bad and i == len(engines) - 1 else 64}"""
-        for i, (name, port) in enumerate(engines.items())
-    )
-    admission = (
-        f"admission: {{store: redis, redis_url: '{redis_url}', redis_prefix: 'reload:'}}\n"
-        if redis_url else ""
-    )
-    return f"""
-gateway: {{scrape_interval_s: 0.05, token_estimate: words, seed: 1, metrics: {{public: true}}}}
-{admission}substrates:
-  - name: pool
-    kind: gpu
-    hardware: h100
-    region: r1
-    jurisdiction: eu
-    cost: {{hourly_usd: 3.0}}
-    endpoints:{eps}
-tenants:
-  - {{name: t, api_keys: ["{hash_key(KEY)}"]}}
-"""
+    admission = {"admission": {"store": "redis", "redis_url": redis_url,
+                               "redis_prefix": "reload:"}} if redis_url else {}
+    return to_yaml(pool_fleet(
+        gateway={"scrape_interval_s": 0.05, "token_estimate": "words", "seed": 1,
+                 "metrics": {"public": True}},
+        **admission,
+        substrate={"cost": {"hourly_usd": 3.0}},
+        endpoints=[endpoint(name, port, models=[model("llama-3.1-8b", None)],
+                            max_concurrency=-1 if bad and i == len(engines) - 1 else 64)
+                   for i, (name, port) in enumerate(engines.items())],
+        key=KEY,
+    ))
 
 
 @dataclass

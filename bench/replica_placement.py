@@ -52,8 +52,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from inferplane.core.plane import hash_key  # noqa: E402
 from inferplane.tokenization import VOCABULARY  # noqa: E402
+from tests.builders import endpoint, model, pool_fleet, to_yaml  # noqa: E402
 from tests.support.procs import Proc, free_port  # noqa: E402
 from tests.support.redis_server import RedisServer  # noqa: E402
 
@@ -63,35 +63,18 @@ _COUNTER = re.compile(rb"^vllm:prefix_cache_(queries|hits)_total\{[^}]*\} ([0-9.
 
 def fleet_yaml(ports: list[int], redis_url: str, *, shared: bool, hardware: str,
                blocks: int, rendezvous: float = 0.0) -> str:
-    eps = "".join(
-        f"""
-      - name: e{i}
-        url: http://127.0.0.1:{p}
-        models: [{{name: llama-3.1-8b, max_context: 32768}}]
-        emulation: {{num_gpu_blocks: {blocks}}}"""
-        for i, p in enumerate(ports)
-    )
-    return f"""
-gateway: {{scrape_interval_s: 0.05, token_estimate: words, seed: 1}}
-admission:
-  store: redis
-  redis_url: '{redis_url}'
-  redis_prefix: 'rp:'
-  shared_placement: {str(shared).lower()}
-  queue: {{default_deadline_ms: 120000, max_waiting: 4096}}
-substrates:
-  - name: pool
-    kind: gpu
-    hardware: {hardware}
-    region: r1
-    jurisdiction: eu
-    cost: {{hourly_usd: 3.0}}
-    endpoints:{eps}
-tenants:
-  - {{name: t, api_keys: ["{hash_key(KEY)}"]}}
-plugins:
-  - {{type: prefix-affinity, parameters: {{rendezvous_weight: {rendezvous}}}}}
-"""
+    return to_yaml(pool_fleet(
+        gateway={"scrape_interval_s": 0.05, "token_estimate": "words", "seed": 1},
+        admission={"store": "redis", "redis_url": redis_url, "redis_prefix": "rp:",
+                   "shared_placement": shared,
+                   "queue": {"default_deadline_ms": 120000, "max_waiting": 4096}},
+        substrate={"hardware": hardware, "cost": {"hourly_usd": 3.0}},
+        endpoints=[endpoint(f"e{i}", p, models=[model("llama-3.1-8b", None, 32768)],
+                            emulation={"num_gpu_blocks": blocks})
+                   for i, p in enumerate(ports)],
+        key=KEY,
+        plugins=[{"type": "prefix-affinity", "parameters": {"rendezvous_weight": rendezvous}}],
+    ))
 
 
 @dataclass

@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from inferplane.core.plane import hash_key  # noqa: E402
+from tests.builders import endpoint, model, pool_fleet, to_yaml  # noqa: E402
 from tests.support.procs import Proc, free_port  # noqa: E402
 from tests.support.redis_server import RedisServer  # noqa: E402
 
@@ -45,34 +45,17 @@ _GAUGE = re.compile(rb"^vllm:num_requests_(running|waiting)\{[^}]*\} ([0-9.eE+-]
 
 def fleet_yaml(engine_ports: list[int], redis_url: str, *, max_concurrency: int,
                lease_s: float, shared_slots: bool = True) -> str:
-    eps = "".join(
-        f"""
-      - name: e{i}
-        url: http://127.0.0.1:{p}
-        models: [{{name: llama-3.1-8b, max_context: 8192}}]
-        max_concurrency: {max_concurrency}"""
-        for i, p in enumerate(engine_ports)
-    )
-    return f"""
-gateway: {{scrape_interval_s: 0.05, token_estimate: words, seed: 1}}
-admission:
-  store: redis
-  redis_url: '{redis_url}'
-  redis_prefix: '{PREFIX}'
-  slot_lease_s: {lease_s}
-  shared_slots: {str(shared_slots).lower()}
-  queue: {{default_deadline_ms: 60000, max_waiting: 4096}}
-substrates:
-  - name: pool
-    kind: gpu
-    hardware: h100
-    region: r1
-    jurisdiction: eu
-    cost: {{hourly_usd: 3.0}}
-    endpoints:{eps}
-tenants:
-  - {{name: t, api_keys: ["{hash_key(KEY)}"]}}
-"""
+    return to_yaml(pool_fleet(
+        gateway={"scrape_interval_s": 0.05, "token_estimate": "words", "seed": 1},
+        admission={"store": "redis", "redis_url": redis_url, "redis_prefix": PREFIX,
+                   "slot_lease_s": lease_s, "shared_slots": shared_slots,
+                   "queue": {"default_deadline_ms": 60000, "max_waiting": 4096}},
+        substrate={"cost": {"hourly_usd": 3.0}},
+        endpoints=[endpoint(f"e{i}", p, models=[model("llama-3.1-8b", None)],
+                            max_concurrency=max_concurrency)
+                   for i, p in enumerate(engine_ports)],
+        key=KEY,
+    ))
 
 
 @dataclass

@@ -5,6 +5,7 @@ restarts)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -13,6 +14,7 @@ from inferplane.admission.controller import local_store_path, make_store
 from inferplane.admission.sqlite_state import SqliteStore
 from inferplane.admission.state import CounterDemand, MemoryStore
 from inferplane.config.loader import parse_config
+from tests.builders import model, pool_fleet, to_yaml
 from tests.support.procs import Proc, free_port
 from tests.test_admission_integration import CHAT, KEYS, config, upstream
 
@@ -50,20 +52,17 @@ async def test_sqlite_counters_leases_and_usage_survive_reopening(tmp_path: Path
 
 
 def test_store_choice_follows_the_config(tmp_path: Path) -> None:
-    base = (
-        "substrates: [{name: s, kind: gpu, hardware: h100, region: r, jurisdiction: eu, "
-        "cost: {hourly_usd: 1.0}, endpoints: [{name: e, url: 'http://127.0.0.1:9', "
-        "models: [{name: m, profile: llama-3.1-8b, max_context: 4096}]}]}]\n"
-    )
     ledger = tmp_path / "ledger.sqlite"
-    cases = {
-        "": None,  # no ledger file, no path: in memory
-        f"gateway: {{ledger_path: '{ledger}'}}\n": f"{ledger}.admission.sqlite",
-        f"admission: {{path: '{tmp_path}/a.sqlite'}}\n": f"{tmp_path}/a.sqlite",
-        f"gateway: {{ledger_path: '{ledger}'}}\nadmission: {{store: memory}}\n": None,
-    }
-    for head, want in cases.items():
-        cfg = parse_config(head + base, "f.yaml")
+    cases: list[tuple[dict[str, Any], str | None]] = [
+        ({}, None),  # no ledger file, no path: in memory
+        ({"gateway": {"ledger_path": str(ledger)}}, f"{ledger}.admission.sqlite"),
+        ({"admission": {"path": f"{tmp_path}/a.sqlite"}}, f"{tmp_path}/a.sqlite"),
+        ({"gateway": {"ledger_path": str(ledger)}, "admission": {"store": "memory"}}, None),
+    ]
+    for sections, want in cases:
+        cfg = parse_config(to_yaml(pool_fleet(
+            9, substrate={"name": "s", "region": "r", "cost": {"hourly_usd": 1.0}},
+            models=[model(max_context=4096)], **sections)), "f.yaml")
         assert local_store_path(cfg) == want
         store = make_store(cfg)
         assert isinstance(store, SqliteStore if want else MemoryStore)
@@ -76,7 +75,7 @@ def test_budget_holds_across_kill_9_and_restart(
     with SIGKILL twice, right after answers, must not let a single extra request in."""
     port = free_port()
     cfg = tmp_path / "gw.yaml"
-    cfg.write_text(config(port, upstream, f"admission: {{path: '{tmp_path}/adm.sqlite'}}"))
+    cfg.write_text(config(port, upstream, {"path": f"{tmp_path}/adm.sqlite"}))
     base = f"http://127.0.0.1:{port}"
     auth = {"Authorization": f"Bearer {KEYS['budget']}"}
     statuses: list[int] = []

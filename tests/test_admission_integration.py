@@ -9,11 +9,12 @@ import os
 import random
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
-from inferplane.api.pipeline import hash_key
+from tests.builders import model, pool_fleet, tenant, to_yaml
 from tests.support.procs import Proc, free_port
 from tests.test_admission_concurrency import REDIS_URL, redis_reachable
 
@@ -24,35 +25,36 @@ ACTUAL = 0.012
 WORST = (3 + 10) * 1000 / 1e6  # "hello there" ≈ 3 tokens + max_tokens 10
 
 
-def config(gw_port: int, up_port: int, admission: str = "") -> str:
-    def t(name: str, extra: str = "") -> str:
-        return f'  - {{name: {name}, api_keys: ["{hash_key(KEYS[name])}"]{extra}}}\n'
+# One upstream ``up`` priced at 1000 $/Mtok both ways (`pool_fleet` arguments; the Redis outage
+# tests run on it too).
+PRICED_UPSTREAM: dict[str, Any] = {
+    "substrate": {"name": "api", "kind": "provider-api",
+                  "cost": {"input_per_mtok": 1000.0, "output_per_mtok": 1000.0}},
+    "endpoint_fields": {"name": "up", "max_concurrency": 256},
+    "models": [model(max_context=4096)],
+}
 
-    return f"""
-gateway: {{port: {gw_port}, scrape_interval_s: 0.05, seed: 3,
-          metrics: {{public: true, tenant_labels: true}}}}
-{admission}
-substrates:
-  - name: api
-    kind: provider-api
-    hardware: h100
-    region: r1
-    jurisdiction: eu
-    cost: {{input_per_mtok: 1000.0, output_per_mtok: 1000.0}}
-    endpoints:
-      - name: up
-        url: http://127.0.0.1:{up_port}
-        max_concurrency: 256
-        models: [{{name: m, profile: llama-3.1-8b, max_context: 4096}}]
-tenants:
-{t("budget", ", budgets: [{scope: tenant, window: day, usd: 0.1}]")}\
-{t("clamp", ", max_tokens_ceiling: 50")}\
-{t("reject", ", max_tokens_ceiling: 50, max_tokens_policy: reject")}\
-{t("plain")}\
-{t("rate", ", rate_limits: [{scope: key, requests_per_min: 2}]")}\
-{t("loop", ", loop: {max_agent_step: 3, max_workflow_requests: 2}")}\
-{t("shared", ", budgets: [{scope: tenant, window: day, usd: 0.5}]")}\
-"""
+
+def config(gw_port: int, up_port: int, admission: dict[str, Any] | None = None) -> str:
+    def t(name: str, **fields: Any) -> dict[str, Any]:
+        return tenant(name, KEYS[name], **fields)
+
+    return to_yaml(pool_fleet(
+        up_port,
+        gateway={"port": gw_port, "scrape_interval_s": 0.05, "seed": 3,
+                 "metrics": {"public": True, "tenant_labels": True}},
+        **({} if admission is None else {"admission": admission}),
+        **PRICED_UPSTREAM,
+        tenants=[
+            t("budget", budgets=[{"scope": "tenant", "window": "day", "usd": 0.1}]),
+            t("clamp", max_tokens_ceiling=50),
+            t("reject", max_tokens_ceiling=50, max_tokens_policy="reject"),
+            t("plain"),
+            t("rate", rate_limits=[{"scope": "key", "requests_per_min": 2}]),
+            t("loop", loop={"max_agent_step": 3, "max_workflow_requests": 2}),
+            t("shared", budgets=[{"scope": "tenant", "window": "day", "usd": 0.5}]),
+        ],
+    ))
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +70,8 @@ def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
         p.stop()
 
 
-def start_gateway(tmp: Path, name: str, up: int, admission: str = "") -> tuple[Proc, str]:
+def start_gateway(tmp: Path, name: str, up: int,
+                  admission: dict[str, Any] | None = None) -> tuple[Proc, str]:
     port = free_port()
     path = tmp / f"{name}.yaml"
     path.write_text(config(port, up, admission))
@@ -189,7 +192,7 @@ def test_two_gateways_share_one_redis_budget(
     if not redis_reachable():
         pytest.skip(f"Redis not reachable at {REDIS_URL}")
     prefix = f"inferplane-it-{os.getpid()}-{random.randrange(1 << 30)}:"
-    adm = f"admission: {{store: redis, redis_url: '{REDIS_URL}', redis_prefix: '{prefix}'}}"
+    adm = {"store": "redis", "redis_url": REDIS_URL, "redis_prefix": prefix}
     tmp = tmp_path_factory.mktemp("adm-redis")
     procs = []
     try:

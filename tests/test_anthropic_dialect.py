@@ -13,12 +13,14 @@ import pytest
 from inferplane.config.loader import parse_config
 from inferplane.dispatch import anthropic as a
 from inferplane.errors import InvalidRequestError
+from tests.builders import model
 from tests.support.fake_provider import SEEN, build_provider
 from tests.support.procs import free_port
 from tests.test_providers import (  # noqa: F401 (_key_env: the fixture, used by name)
     KEY,
     UPSTREAM_KEY,
     _key_env,
+    endpoint,
     fleet_yaml,
     gateway,
     providers,
@@ -220,15 +222,10 @@ def test_stream_error_event_and_cut_stream() -> None:
 # -- through the gateway -------------------------------------------------------------------------
 
 
-def anthropic_endpoint(name: str, port: int, base: str = "") -> str:
-    return f"""
-      - name: {name}
-        url: http://127.0.0.1:{port}{base}
-        engine: openai-compatible
-        dialect: anthropic
-        api_key_env: TEST_PROVIDER_KEY
-        models: [{{name: big, upstream_name: claude-big-4, profile: llama-3.1-70b,
-                   max_context: 200000}}]"""
+def anthropic_endpoint(name: str, port: int, base: str = "",
+                       served: str = "big") -> dict[str, Any]:
+    return endpoint(name, port, base=base, dialect="anthropic", models=[
+        model(served, "llama-3.1-70b", 200000, upstream_name="claude-big-4")])
 
 
 def _client(base: str) -> openai.AsyncOpenAI:
@@ -238,7 +235,7 @@ def _client(base: str) -> openai.AsyncOpenAI:
 async def test_round_trip_plain_and_streamed_with_tools() -> None:
     app = build_provider(base="/v1", dialect="anthropic", key=UPSTREAM_KEY)
     async with providers(p=app) as ports:
-        config = parse_config(fleet_yaml(free_port(), anthropic_endpoint("claude", ports["p"])))
+        config = parse_config(fleet_yaml(free_port(), [anthropic_endpoint("claude", ports["p"])]))
         async with gateway(config) as (gw, base), _client(base) as client:
             raw = await client.chat.completions.with_raw_response.create(
                 model="big", max_tokens=50,
@@ -291,8 +288,8 @@ async def test_errors_reach_the_client_in_the_openai_shape() -> None:
     mid = build_provider(base="/v1", dialect="anthropic", key=UPSTREAM_KEY, mode="stream_error")
     junk = build_provider(base="/v1", dialect="anthropic", key=UPSTREAM_KEY, mode="garbage")
     async with providers(bad=bad, mid=mid, junk=junk) as ports:
-        eps = "".join(anthropic_endpoint(n, ports[n], base="/v1").replace(
-            "name: big,", f"name: m-{n},") for n in ("bad", "mid", "junk"))
+        eps = [anthropic_endpoint(n, ports[n], base="/v1", served=f"m-{n}")
+               for n in ("bad", "mid", "junk")]
         config = parse_config(fleet_yaml(free_port(), eps))
         async with gateway(config) as (_, base), session() as s:
             msg = {"messages": [{"role": "user", "content": "x"}]}

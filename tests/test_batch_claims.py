@@ -32,7 +32,7 @@ import pytest
 from inferplane.batch.postgres_store import PostgresBatchStore
 from inferplane.batch.sqlite_store import SqliteBatchStore
 from inferplane.batch.store import BatchStore, pid_scope
-from inferplane.core.plane import hash_key
+from tests.builders import endpoint, model, pool_fleet, to_yaml
 from tests.support.procs import Proc, free_port
 
 DSN = os.environ.get("INFERPLANE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
@@ -204,29 +204,16 @@ def test_a_restart_takes_back_the_lines_of_its_dead_predecessor(
 LINES = 60
 
 
-def _fleet(engines: dict[str, int], batch: str, admission: str = "") -> str:
-    eps = "".join(
-        f"""
-      - name: {n}
-        url: http://127.0.0.1:{p}
-        models: [{{name: llama-3.1-8b, max_context: 8192}}]
-        max_concurrency: 16"""
-        for n, p in engines.items()
-    )
-    return f"""
-gateway: {{scrape_interval_s: 0.05, token_estimate: words, seed: 1}}
-batch: {{poll_interval_s: 0.02, max_concurrency: 3, lease_s: 2.0, {batch}}}
-{admission}substrates:
-  - name: pool
-    kind: gpu
-    hardware: h100
-    region: r1
-    jurisdiction: eu
-    cost: {{hourly_usd: 3.0}}
-    endpoints:{eps}
-tenants:
-  - {{name: t, api_keys: ["{hash_key(KEY)}"]}}
-"""
+def _fleet(engines: dict[str, int], batch: dict[str, Any], **sections: Any) -> str:
+    return to_yaml(pool_fleet(
+        gateway={"scrape_interval_s": 0.05, "token_estimate": "words", "seed": 1},
+        batch={"poll_interval_s": 0.02, "max_concurrency": 3, "lease_s": 2.0, **batch},
+        **sections,
+        substrate={"cost": {"hourly_usd": 3.0}},
+        endpoints=[endpoint(n, p, models=[model("llama-3.1-8b", None)], max_concurrency=16)
+                   for n, p in engines.items()],
+        key=KEY,
+    ))
 
 
 def _input() -> bytes:
@@ -256,7 +243,7 @@ def _run(tmp: Path, gateways: Callable[[dict[str, int]], list[tuple[Proc, str]]]
     ``claims()`` reads (line_no, owner, done) of every line from the store. The batch is
     submitted ``settle_s`` after the gateways started at the earliest."""
     engines = {f"e{i}": free_port() for i in range(2)}
-    (tmp / "engines.yaml").write_text(_fleet(engines, "path: unused.sqlite"))
+    (tmp / "engines.yaml").write_text(_fleet(engines, {"path": "unused.sqlite"}))
     procs: list[Proc] = []
     try:
         emu = Proc(["-m", "inferplane.cli", "emulate", "--config", str(tmp / "engines.yaml")],
@@ -323,7 +310,7 @@ def test_two_replicas_sharing_postgres_survive_a_kill_9(tmp_path: Path, schema: 
 
     def gateways(engines: dict[str, int]) -> list[tuple[Proc, str]]:
         cfg = tmp_path / "fleet.yaml"
-        cfg.write_text(_fleet(engines, f"postgres_dsn: '{DSN}', postgres_schema: {schema}"))
+        cfg.write_text(_fleet(engines, {"postgres_dsn": DSN, "postgres_schema": schema}))
         out = []
         for name in ("A", "B"):
             port = free_port()
@@ -357,8 +344,8 @@ def test_two_workers_sharing_sqlite_survive_a_kill_9(
 
     def gateways(engines: dict[str, int]) -> list[tuple[Proc, str]]:
         cfg = tmp_path / "fleet.yaml"
-        cfg.write_text(_fleet(engines, f"path: '{db}'", admission=(
-            f"admission: {{store: redis, redis_url: '{srv.url}', redis_prefix: 'bc:'}}\n")))
+        cfg.write_text(_fleet(engines, {"path": str(db)}, admission={
+            "store": "redis", "redis_url": srv.url, "redis_prefix": "bc:"}))
         port = free_port()
         p = Proc(["-m", "inferplane.cli", "serve", "--config", str(cfg), "--port", str(port),
                   "--workers", "2"], tmp_path / "gw.log")

@@ -10,8 +10,9 @@ import math
 import random
 import statistics
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -47,6 +48,7 @@ from inferplane.twin.emulator.server import start_emulator
 from inferplane.twin.engine.model import StepOutput
 from inferplane.twin.simulator.simulator import simulate
 from inferplane.twin.traces.loader import TraceRequest
+from tests.builders import model, pool_fleet, to_yaml
 from tests.placement_helpers import cycle, plugin, profile, snapshot, state
 
 PROMPTS = (16, 64, 256, 512, 1024, 2000)
@@ -396,20 +398,22 @@ def test_profile_may_not_shadow_the_table(tmp_path: Path) -> None:
         load_hardware_profile(path)
 
 
-FLEET = """
-hardware_profiles: [{profile}]
-substrates:
-  - name: lab
-    kind: cpu
-    hardware: {hardware}
-    region: local
-    jurisdiction: eu
-    cost: {{hourly_usd: 1}}
-    endpoints:
-      - name: lab-0
-        url: http://127.0.0.1:{port}
-        models: [{{name: tiny-llama, max_context: 1024}}]
-"""
+TINY = model("tiny-llama", None, 1024)
+
+
+def _fleet(hardware: str, profile_file: str | None = "profile.yaml",
+           models: Sequence[Mapping[str, Any]] = (TINY,), **endpoint: Any) -> str:
+    """One CPU endpoint ``lab-0`` (at port 9, serving ``models``: tiny-llama) on ``hardware``,
+    with the calibrated profile ``profile_file`` listed (None: none); ``endpoint``: its other
+    fields."""
+    profiles = {} if profile_file is None else {"hardware_profiles": [profile_file]}
+    return to_yaml(pool_fleet(
+        9, **profiles,
+        substrate={"name": "lab", "kind": "cpu", "hardware": hardware, "region": "local",
+                   "cost": {"hourly_usd": 1}},
+        endpoint_fields={"name": "lab-0", **endpoint},
+        models=models,
+    ))
 
 
 def test_a_fleet_warns_when_a_calibrated_profile_serves_another_model(
@@ -421,7 +425,7 @@ def test_a_fleet_warns_when_a_calibrated_profile_serves_another_model(
     base, _, pre, dec = _synthetic("cpu", "tiny-llama", 256)
     cal = fit(base, get_model("tiny-llama"), pre, dec, name="cpu-lab")
     fleet_file = tmp_path / "fleet.yaml"
-    fleet_file.write_text(FLEET.format(profile="profile.yaml", hardware="cpu-lab", port=9))
+    fleet_file.write_text(_fleet("cpu-lab"))
     for probed, warned in (("tiny-llama", False), ("llama-3.1-8b", True), (None, False)):
         meta = {} if probed is None else {"model_profile": probed}
         (tmp_path / "profile.yaml").write_text(dump_profile(cal, "cpu", meta))
@@ -437,7 +441,7 @@ def test_a_fleet_warns_when_a_calibrated_profile_serves_another_model(
 def test_fleet_file_names_calibrated_profiles_relative_to_itself(tmp_path: Path) -> None:
     _, cal = _profile_file(tmp_path)
     fleet_file = tmp_path / "fleet.yaml"
-    fleet_file.write_text(FLEET.format(profile="profile.yaml", hardware="cpu-lab", port=9))
+    fleet_file.write_text(_fleet("cpu-lab"))
     config = load_config(fleet_file)
     ep = Fleet.from_config(config).endpoints[0]
     r = ep.roofline("tiny-llama")
@@ -465,7 +469,7 @@ def test_fleet_file_errors(
 ) -> None:
     _profile_file(tmp_path)
     fleet_file = tmp_path / "fleet.yaml"
-    fleet_file.write_text(FLEET.format(profile=profile, hardware=hardware, port=9))
+    fleet_file.write_text(_fleet(hardware, profile))
     with pytest.raises(ConfigError) as exc:
         load_config(fleet_file)
     assert where in str(exc.value) and match in str(exc.value)
@@ -528,8 +532,7 @@ async def test_calibrate_leaves_the_speed_spread_out_when_asked(tmp_path: Path) 
 
 def _write_cpu_fleet(tmp: Path) -> Path:
     f = tmp / "cpu.yaml"
-    f.write_text(FLEET.replace("hardware_profiles: [{profile}]\n", "").format(
-        hardware="cpu", port=9))
+    f.write_text(_fleet("cpu", None))
     return f
 
 
@@ -764,8 +767,10 @@ def test_profile_file_names_the_hand_off_only_when_there_is_one(tmp_path: Path) 
 def _frontend_fleet(
     tmp: Path, request_s: float, token_s: float = 0.0, handoff_s: float = 0.0,
     overhead_s: float | None = None,
-    spread: tuple[tuple[float, ...], float] = ((), 0.0),
+    spread: tuple[tuple[float, ...], float] = ((), 0.0), **endpoint: Any,
 ) -> Path:
+    """A fleet file on a calibrated profile with these front-end costs; ``endpoint``: `_fleet`
+    arguments for its endpoint."""
     base, _, pre, dec = _synthetic("cpu", "tiny-llama", 256)
     cal = fit(base, get_model("tiny-llama"), pre, dec, name="cpu-lab")
     hw = cal.hardware
@@ -776,8 +781,7 @@ def _frontend_fleet(
         speed_spread=spread[0], speed_spread_window_s=spread[1]))
     (tmp / "profile.yaml").write_text(dump_profile(cal, "cpu", {"model": "m"}))
     fleet_file = tmp / "fleet.yaml"
-    fleet_file.write_text(FLEET.format(profile="profile.yaml", hardware="cpu-lab", port=9).replace(
-        "max_context: 1024}]", "max_context: 1024}]\n        emulation: {num_gpu_blocks: 256}"))
+    fleet_file.write_text(_fleet("cpu-lab", emulation={"num_gpu_blocks": 256}, **endpoint))
     return fleet_file
 
 
@@ -964,7 +968,7 @@ async def test_emulator_starts_an_idle_engine_when_the_request_reached_it(
     finally:
         await handle.stop()
     fleet_file = tmp_path / "table.yaml"
-    fleet_file.write_text(FLEET.format(profile="profile.yaml", hardware="cpu", port=9))
+    fleet_file.write_text(_fleet("cpu"))
     handle = await start_emulator(load_config(fleet_file), port_override={"lab-0": 0})
     try:
         assert handle.endpoints["lab-0"].http_round_trip_s == 0.0
@@ -1014,15 +1018,11 @@ async def test_every_api_counts_a_calibrated_request_from_its_arrival(
     emulator's own HTTP round trip, and submits it at the time ``network_delay`` says it
     reached the engine; an embeddings request's later inputs, which the engine takes after the
     one before finished, at their own time."""
-    fleet_file = _frontend_fleet(tmp_path, 0.002)
-    text = fleet_file.read_text()
     if path == "/v1/messages":  # served only by an endpoint that speaks Anthropic's dialect
-        text = text.replace("url: http://127.0.0.1:9\n",
-                            "url: http://127.0.0.1:9\n        dialect: anthropic\n")
+        fleet_file = _frontend_fleet(tmp_path, 0.002, dialect="anthropic")
     else:
-        text = text.replace("max_context: 1024}]", "max_context: 1024},"
-                            " {name: bge-large, max_context: 512, kind: embed}]")
-    fleet_file.write_text(text)
+        fleet_file = _frontend_fleet(tmp_path, 0.002, models=[
+            TINY, model("bge-large", None, 512, kind="embed")])
     handle = await start_emulator(load_config(fleet_file), time_scale=0.1,
                                   port_override={"lab-0": 0})
     emu = handle.endpoints["lab-0"]

@@ -13,10 +13,11 @@ import aiohttp
 import pytest
 
 from inferplane.api.app import serve
-from inferplane.api.pipeline import Gateway, hash_key
+from inferplane.api.pipeline import Gateway
 from inferplane.config.loader import parse_config
 from inferplane.config.schema import FleetConfig
 from inferplane.twin.emulator.server import EmulatorError, start_emulator
+from tests.builders import endpoint, model, pool_fleet, to_yaml
 from tests.support.procs import free_port
 
 KEY = "sk-tenant"
@@ -31,34 +32,22 @@ def _keys(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 
 def fleet(oa_port: int, an_port: int, gw_port: int = 0, rpm: int = 1000) -> FleetConfig:
-    return parse_config(f"""
-gateway: {{port: {gw_port}, seed: 2}}
-substrates:
-  - name: hosted
-    kind: provider-api
-    hardware: provider-api
-    region: us-east
-    jurisdiction: us
-    capacity_class: burst
-    cost: {{input_per_mtok: 1.0, output_per_mtok: 1.0}}
-    endpoints:
-      - name: oa
-        url: http://127.0.0.1:{oa_port}/openai/v1
-        engine: openai-compatible
-        api_key_env: EMU_OPENAI_KEY
-        models: [{{name: m, upstream_name: vendor/m-70b, profile: llama-3.1-8b,
-                   max_context: 8192}}]
-        emulation: {{network_rtt_ms: 400, rate_limit_rpm: {rpm}}}
-      - name: an
-        url: http://127.0.0.1:{an_port}
-        engine: openai-compatible
-        dialect: anthropic
-        api_key_env: EMU_ANTHROPIC_KEY
-        models: [{{name: m, upstream_name: claude-m, profile: llama-3.1-8b, max_context: 8192}}]
-        emulation: {{network_rtt_ms: 0}}
-tenants:
-  - {{name: t, api_keys: ["{hash_key(KEY)}"]}}
-""")
+    return parse_config(to_yaml(pool_fleet(
+        gateway={"port": gw_port, "seed": 2},
+        substrate={"name": "hosted", "kind": "provider-api", "hardware": "provider-api",
+                   "region": "us-east", "jurisdiction": "us", "capacity_class": "burst",
+                   "cost": {"input_per_mtok": 1.0, "output_per_mtok": 1.0}},
+        endpoints=[
+            endpoint("oa", url=f"http://127.0.0.1:{oa_port}/openai/v1",
+                     engine="openai-compatible", api_key_env="EMU_OPENAI_KEY",
+                     models=[model(upstream_name="vendor/m-70b")],
+                     emulation={"network_rtt_ms": 400, "rate_limit_rpm": rpm}),
+            endpoint("an", an_port, engine="openai-compatible", dialect="anthropic",
+                     api_key_env="EMU_ANTHROPIC_KEY", models=[model(upstream_name="claude-m")],
+                     emulation={"network_rtt_ms": 0}),
+        ],
+        key=KEY,
+    )))
 
 
 @asynccontextmanager

@@ -18,9 +18,9 @@ import orjson
 import pytest
 from typer.testing import CliRunner
 
-from inferplane.api.pipeline import hash_key
 from inferplane.cli import app
 from inferplane.ledger.chain import generate_private_pem
+from tests.builders import endpoint, model, pool_fleet, tenant, to_yaml
 from tests.support.procs import Proc, free_port
 
 KEY_A, KEY_B = "sk-ev-a", "sk-ev-b"
@@ -41,28 +41,16 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         key.write_bytes(generate_private_pem())
         ledger = tmp / "ledger.db"
         gw_port = free_port()
-        eps = "".join(f"""
-      - name: {mode}
-        url: http://127.0.0.1:{port}
-        engine: vllm
-        models: [{{name: m-{mode}, profile: llama-3.1-8b, max_context: 4096}}]"""
-                      for mode, port in ups.items())
         cfg = tmp / "fleet.yaml"
-        cfg.write_text(f"""
-gateway: {{port: {gw_port}, scrape_interval_s: 0.05, ledger_path: {ledger}}}
-ledger: {{signing_key_file: {key}, checkpoint_every: 5}}
-substrates:
-  - name: pool
-    kind: gpu
-    hardware: h100
-    region: r1
-    jurisdiction: eu
-    cost: {{input_per_mtok: 1.0, output_per_mtok: 1000000.0}}
-    endpoints:{eps}
-tenants:
-  - {{name: ta, api_keys: ["{hash_key(KEY_A)}"]}}
-  - {{name: tb, api_keys: ["{hash_key(KEY_B)}"]}}
-""")
+        cfg.write_text(to_yaml(pool_fleet(
+            gateway={"port": gw_port, "scrape_interval_s": 0.05, "ledger_path": str(ledger)},
+            ledger={"signing_key_file": str(key), "checkpoint_every": 5},
+            substrate={"cost": {"input_per_mtok": 1.0, "output_per_mtok": 1000000.0}},
+            endpoints=[endpoint(mode, port, engine="vllm",
+                                models=[model(f"m-{mode}", max_context=4096)])
+                       for mode, port in ups.items()],
+            tenants=[tenant("ta", KEY_A), tenant("tb", KEY_B)],
+        )))
         gw = Proc(["-m", "inferplane.cli", "serve", "--config", str(cfg)], tmp / "gw.log")
         procs.append(gw)
         base = f"http://127.0.0.1:{gw_port}"

@@ -24,6 +24,7 @@ from inferplane.fleet.health import OutlierDetector
 from inferplane.fleet.live import LiveFleet
 from inferplane.fleet.model import Fleet
 from inferplane.placement.framework import SPILLOVER_REASONS, place
+from tests.builders import endpoint, pool_fleet, to_yaml
 from tests.placement_helpers import config, hetero, policies, profile, snapshot, state, sub
 from tests.support.fake_upstream import build
 from tests.support.procs import free_port
@@ -300,22 +301,19 @@ async def _gateway(yaml: str) -> tuple[Gateway, web.AppRunner, str]:
     return gw, runner, f"http://127.0.0.1:{port}"
 
 
-def _pool(ports: Mapping[str, int], gateway: str = "", outlier: str = "") -> str:
+def _pool(ports: Mapping[str, int], gateway: Mapping[str, Any] | None = None,
+          outlier: Mapping[str, Any] | None = None) -> str:
     """One pool of endpoints; round-robin placement, so every endpoint meets its share of the
     requests whatever the prefix and latency scorers would prefer."""
-    eps = ", ".join(_ep(n, p) for n, p in ports.items())
-    return f"""
-gateway: {{port: GW_PORT, scrape_interval_s: 0.05, default_profile: round-robin,
-          metrics: {{public: true}}{
-    ", " + gateway if gateway else ""}}}
-health: {{outlier: {{{outlier}}}}}
-admission: {{retry: {{budget_min_per_s: 1000}}}}
-substrates:
-  - {{name: pool, kind: gpu, hardware: h100, region: r1, jurisdiction: eu,
-     cost: {{hourly_usd: 3.0}}, endpoints: [{eps}]}}
-tenants:
-  - {{name: t, api_keys: ["{hash_key(KEY)}"]}}
-"""
+    return to_yaml(pool_fleet(
+        gateway={"port": "GW_PORT", "scrape_interval_s": 0.05, "default_profile": "round-robin",
+                 "metrics": {"public": True}, **(gateway or {})},
+        health={"outlier": dict(outlier or {})},
+        admission={"retry": {"budget_min_per_s": 1000}},
+        substrate={"cost": {"hourly_usd": 3.0}},
+        endpoints=[endpoint(n, p) for n, p in ports.items()],
+        key=KEY,
+    ))
 
 
 @pytest.fixture
@@ -333,7 +331,7 @@ async def test_no_client_error_while_healthy_peers_remain(
     """One endpoint answers 500 with /health green, two peers are healthy: every client gets a
     200, and the failing one is ejected after ``consecutive_5xx`` failures, not ~38."""
     ports, ups = await _upstreams({"bad": "fail500", "ok-1": "ok", "ok-2": "ok"})
-    gw, runner, base = await _gateway(_pool(ports, outlier="interval_s: 60"))
+    gw, runner, base = await _gateway(_pool(ports, outlier={"interval_s": 60}))
     try:
         for _ in range(30):
             async with session.post(f"{base}/v1/chat/completions",
@@ -360,7 +358,7 @@ async def test_replacement_continues_past_two_failed_endpoints(
     ports, ups = await _upstreams({"bad-1": "fail500", "bad-2": "fail500", "ok": "ok"})
     # no ejection: every request meets both failing endpoints' chance
     _gw, runner, base = await _gateway(
-        _pool(ports, outlier="consecutive_5xx: null, enabled: false"))
+        _pool(ports, outlier={"consecutive_5xx": None, "enabled": False}))
     try:
         attempts = set()
         for _ in range(12):
@@ -385,8 +383,8 @@ async def test_a_hung_engine_is_timed_out_replaced_and_ejected(
     (floor 0.5 s here) re-places the request, and two timeouts in a row eject the engine."""
     ports, ups = await _upstreams({"hung": "hang", "ok-1": "ok", "ok-2": "ok"})
     gw, runner, base = await _gateway(_pool(
-        ports, gateway="first_byte_timeout: {floor_s: 0.5, factor: 2, unpredicted_s: 0.5}",
-        outlier="interval_s: 60"))
+        ports, gateway={"first_byte_timeout": {"floor_s": 0.5, "factor": 2, "unpredicted_s": 0.5}},
+        outlier={"interval_s": 60}))
     try:
         for _ in range(12):
             async with session.post(f"{base}/v1/chat/completions",
@@ -419,9 +417,9 @@ async def test_a_hung_engine_is_still_ejected_while_the_loop_lags(
     out: the request is re-placed and the engine ejected for first-byte timeouts."""
     ports, ups = await _upstreams({"hung": "hang", "ok-1": "ok", "ok-2": "ok"})
     gw, runner, base = await _gateway(_pool(
-        ports, gateway="upstream_timeout_s: 60, first_byte_timeout: "
-        "{floor_s: 0.2, factor: 1, unpredicted_s: 0.2, max_stretch: 2}",
-        outlier="interval_s: 60"))
+        ports, gateway={"upstream_timeout_s": 60, "first_byte_timeout": {
+            "floor_s": 0.2, "factor": 1, "unpredicted_s": 0.2, "max_stretch": 2}},
+        outlier={"interval_s": 60}))
     monkeypatch.setattr(gw.lag, "lost_at", lambda now: now)  # all wall time is lag
     mark = gw.lag.mark()
     try:
@@ -452,8 +450,8 @@ async def test_the_gateways_own_stall_is_not_a_first_byte_timeout(
     code before timed both endpoints out, re-placed twice and ejected one)."""
     ports, ups = await _upstreams({"s-1": "stall", "s-2": "stall"})
     gw, runner, base = await _gateway(_pool(
-        ports, gateway="first_byte_timeout: {floor_s: 0.3, factor: 1, unpredicted_s: 0.3}",
-        outlier="interval_s: 60, consecutive_timeouts: 1"))
+        ports, gateway={"first_byte_timeout": {"floor_s": 0.3, "factor": 1, "unpredicted_s": 0.3}},
+        outlier={"interval_s": 60, "consecutive_timeouts": 1}))
     try:
         await asyncio.sleep(0.3)  # the loop-lag ticker has ticked
         async with session.post(f"{base}/v1/chat/completions",

@@ -6,24 +6,22 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
 import pytest
 
 from inferplane.api.pipeline import hash_key
+from tests.builders import endpoint, model, pool_fleet, tenant, to_yaml
 from tests.support.procs import Proc, free_port
 
 KEY_A, KEY_B = "sk-test-a", "sk-test-b"
 ADMIN = "sk-test-admin"
 
 
-def _ep(name: str, port: int, model: str, ctx: int = 4096) -> str:
-    return f"""
-      - name: {name}
-        url: http://127.0.0.1:{port}
-        engine: vllm
-        models: [{{name: {model}, profile: llama-3.1-8b, max_context: {ctx}}}]"""
+def _ep(name: str, port: int, served: str, ctx: int = 4096) -> dict[str, Any]:
+    return endpoint(name, port, engine="vllm", models=[model(served, max_context=ctx)])
 
 
 @pytest.fixture(scope="module")
@@ -41,28 +39,20 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object
             procs.append(p)
             p.wait_http(f"http://127.0.0.1:{ups[names[0]]}/health")
         gw_port, metrics_port = free_port(), free_port()
-        endpoints = "".join([
+        endpoints = [
             _ep("ok-a", ups["ok-a"], "m-ok"), _ep("ok-b", ups["ok-b"], "m-ok"),
             _ep("bad-1", ups["bad-1"], "m-flaky"), _ep("ok-c", ups["ok-c"], "m-flaky"),
             _ep("dead", ups["dead"], "m-dead"),
             _ep("cut", ups["cut"], "m-cut"), _ep("slow", ups["slow"], "m-slow"),
             _ep("small", ups["small"], "m-small", ctx=64),
-        ])
-        cfg = f"""
-gateway: {{port: {gw_port}, max_body_bytes: 20000, scrape_interval_s: 0.05, seed: 3,
-          metrics: {{api_keys: ["{hash_key(ADMIN)}"], port: {metrics_port}}}}}
-substrates:
-  - name: pool
-    kind: gpu
-    hardware: h100
-    region: r1
-    jurisdiction: eu
-    cost: {{hourly_usd: 3.0}}
-    endpoints:{endpoints}
-tenants:
-  - {{name: ta, api_keys: ["{hash_key(KEY_A)}"]}}
-  - {{name: tb, api_keys: ["{hash_key(KEY_B)}"]}}
-"""
+        ]
+        cfg = to_yaml(pool_fleet(
+            gateway={"port": gw_port, "max_body_bytes": 20000, "scrape_interval_s": 0.05,
+                     "seed": 3, "metrics": {"api_keys": [hash_key(ADMIN)], "port": metrics_port}},
+            substrate={"cost": {"hourly_usd": 3.0}},
+            endpoints=endpoints,
+            tenants=[tenant("ta", KEY_A), tenant("tb", KEY_B)],
+        ))
         path = tmp / "fleet.yaml"
         path.write_text(cfg)
         gw = Proc(["-m", "inferplane.cli", "serve", "--config", str(path)], tmp / "gw.log")

@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from inferplane.api.pipeline import hash_key
+from tests.builders import model, pool_fleet, to_yaml
 from tests.support.procs import Proc, free_port
 
 KEY = "sk-queued"
@@ -21,25 +21,15 @@ def test_a_request_abandoned_in_the_queue_has_a_499_record(tmp_path: Path) -> No
     up = Proc(["-m", "tests.support.fake_upstream", "--port", str(up_port), "--mode",
                "slowjson"], tmp_path / "up.log")
     cfg = tmp_path / "fleet.yaml"
-    cfg.write_text(f"""
-gateway: {{port: {gw_port}, scrape_interval_s: 0.05, ledger_path: {tmp_path / "l.db"}}}
-admission: {{store: memory}}
-substrates:
-  - name: pool
-    kind: gpu
-    hardware: h100
-    region: r1
-    jurisdiction: eu
-    cost: {{hourly_usd: 3.0}}
-    endpoints:
-      - name: up
-        url: http://127.0.0.1:{up_port}
-        engine: vllm
-        max_concurrency: 1
-        models: [{{name: m, profile: llama-3.1-8b, max_context: 4096}}]
-tenants:
-  - {{name: t, api_keys: ["{hash_key(KEY)}"]}}
-""")
+    cfg.write_text(to_yaml(pool_fleet(
+        up_port,
+        gateway={"port": gw_port, "scrape_interval_s": 0.05, "ledger_path": str(tmp_path / "l.db")},
+        admission={"store": "memory"},
+        substrate={"cost": {"hourly_usd": 3.0}},
+        endpoint_fields={"name": "up", "engine": "vllm", "max_concurrency": 1},
+        models=[model(max_context=4096)],
+        key=KEY,
+    )))
     gw = Proc(["-m", "inferplane.cli", "serve", "--config", str(cfg)], tmp_path / "gw.log")
     base = f"http://127.0.0.1:{gw_port}"
     h = {"Authorization": f"Bearer {KEY}"}

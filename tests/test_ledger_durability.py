@@ -11,32 +11,23 @@ from pathlib import Path
 
 import httpx
 
-from inferplane.api.pipeline import hash_key
+from tests.builders import model, pool_fleet, to_yaml
 from tests.support.procs import Proc, free_port
 
 KEY = "sk-durable"
 
 
 def fleet(gw_port: int, up_port: int, ledger: Path, durable: bool = True) -> str:
-    return f"""
-gateway: {{port: {gw_port}, scrape_interval_s: 0.05, ledger_path: {ledger}}}
-ledger: {{durable: {str(durable).lower()}}}
-admission: {{store: memory}}
-substrates:
-  - name: pool
-    kind: gpu
-    hardware: h100
-    region: r1
-    jurisdiction: eu
-    cost: {{hourly_usd: 3.0}}
-    endpoints:
-      - name: up
-        url: http://127.0.0.1:{up_port}
-        engine: vllm
-        models: [{{name: m, profile: llama-3.1-8b, max_context: 4096}}]
-tenants:
-  - {{name: t, api_keys: ["{hash_key(KEY)}"]}}
-"""
+    return to_yaml(pool_fleet(
+        up_port,
+        gateway={"port": gw_port, "scrape_interval_s": 0.05, "ledger_path": str(ledger)},
+        ledger={"durable": durable},
+        admission={"store": "memory"},
+        substrate={"cost": {"hourly_usd": 3.0}},
+        endpoint_fields={"name": "up", "engine": "vllm"},
+        models=[model(max_context=4096)],
+        key=KEY,
+    ))
 
 
 async def load_then_kill(base: str, gw: Proc, *, concurrency: int, kill_after: int,

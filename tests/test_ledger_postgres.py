@@ -228,7 +228,7 @@ def test_two_gateway_replicas_share_one_ledger(schema: str, tmp_path: Path) -> N
     one verified chain."""
     import httpx
 
-    from inferplane.api.pipeline import hash_key
+    from tests.builders import model, pool_fleet, to_yaml
     from tests.support.procs import Proc, free_port
 
     up_port = free_port()
@@ -240,25 +240,16 @@ def test_two_gateway_replicas_share_one_ledger(schema: str, tmp_path: Path) -> N
         for i in range(2):
             port = free_port()
             cfg = tmp_path / f"fleet-{i}.yaml"
-            cfg.write_text(f"""
-gateway: {{port: {port}, scrape_interval_s: 0.05}}
-ledger: {{postgres_dsn: '{DSN}', postgres_schema: {schema}}}
-admission: {{store: memory}}
-substrates:
-  - name: pool
-    kind: gpu
-    hardware: h100
-    region: r1
-    jurisdiction: eu
-    cost: {{hourly_usd: 3.0}}
-    endpoints:
-      - name: up
-        url: http://127.0.0.1:{up_port}
-        engine: vllm
-        models: [{{name: m, profile: llama-3.1-8b, max_context: 4096}}]
-tenants:
-  - {{name: t, api_keys: ["{hash_key('k')}"]}}
-""")
+            cfg.write_text(to_yaml(pool_fleet(
+                up_port,
+                gateway={"port": port, "scrape_interval_s": 0.05},
+                ledger={"postgres_dsn": DSN, "postgres_schema": schema},
+                admission={"store": "memory"},
+                substrate={"cost": {"hourly_usd": 3.0}},
+                endpoint_fields={"name": "up", "engine": "vllm"},
+                models=[model(max_context=4096)],
+                key="k",
+            )))
             gw = Proc(["-m", "inferplane.cli", "serve", "--config", str(cfg)],
                       tmp_path / f"gw-{i}.log")
             procs.append(gw)

@@ -34,17 +34,17 @@ from inferplane.telemetry.records import (
     to_readable,
 )
 from inferplane.telemetry.records import encode_spans as encode_fields
+from tests.builders import model, pool_fleet, to_yaml
 from tests.support.otlp_receiver import attributes
 
-CONFIG = parse_config(f"""
-telemetry: {{enabled: true, service_name: enc,
-             resource_attributes: {{deployment.environment.name: t}}}}
-substrates:
-  - {{name: p, kind: gpu, hardware: h100, region: r, jurisdiction: eu, cost: {{hourly_usd: 1}},
-     endpoints: [{{name: e, url: "http://127.0.0.1:9", models: [{{name: m, profile: llama-3.1-8b,
-     max_context: 4096}}]}}]}}
-tenants: [{{name: t, api_keys: ["sha256:{"0" * 64}"]}}]
-""")
+CONFIG = parse_config(to_yaml(pool_fleet(
+    9,
+    telemetry={"enabled": True, "service_name": "enc",
+               "resource_attributes": {"deployment.environment.name": "t"}},
+    substrate={"name": "p", "region": "r", "cost": {"hourly_usd": 1}},
+    models=[model(max_context=4096)],
+    tenants=[{"name": "t", "api_keys": [f"sha256:{'0' * 64}"]}],
+)))
 
 
 def _placed() -> tuple[Any, Any]:

@@ -19,6 +19,7 @@ from inferplane.placement.framework import Spillover
 from inferplane.telemetry import export
 from inferplane.telemetry.otel import OtelTelemetry
 from inferplane.telemetry.records import COMPACT, full
+from tests.builders import model, pool_fleet, to_yaml
 from tests.test_otel_encoding import CONFIG, DECISION, PROFILE
 
 
@@ -162,14 +163,13 @@ def test_the_request_path_appends_below_a_full_batch() -> None:
     assert notes.QUEUED_INLINE == export.BATCH - 1
 
 
-THREADED = parse_config(f"""
-telemetry: {{enabled: true, exporter: thread, tenant_attribute: true}}
-substrates:
-  - {{name: p, kind: gpu, hardware: h100, region: r, jurisdiction: eu, cost: {{hourly_usd: 1}},
-     endpoints: [{{name: e, url: "http://127.0.0.1:9", models: [{{name: m, profile: llama-3.1-8b,
-     max_context: 4096}}]}}]}}
-tenants: [{{name: t, api_keys: ["sha256:{"0" * 64}"]}}]
-""")
+THREADED = parse_config(to_yaml(pool_fleet(
+    9,
+    telemetry={"enabled": True, "exporter": "thread", "tenant_attribute": True},
+    substrate={"name": "p", "region": "r", "cost": {"hourly_usd": 1}},
+    models=[model(max_context=4096)],
+    tenants=[{"name": "t", "api_keys": [f"sha256:{'0' * 64}"]}],
+)))
 """Every request sampled (the default ratio), exported by a batcher thread (not started here)."""
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from inferplane.api.pipeline import hash_key
+from tests.builders import model, pool_fleet, to_yaml
 from tests.support.otlp_receiver import GrpcOtlpReceiver, OtlpReceiver, attributes
 from tests.support.procs import Proc, free_port
 
@@ -47,29 +47,20 @@ def test_a_gateway_process_exports_traces_and_metrics_over_otlp(
     try:
         procs[0].wait_http(f"http://127.0.0.1:{up_port}/health")
         cfg = tmp_path / "fleet.yaml"
-        cfg.write_text(f"""
-gateway: {{port: {gw_port}}}
-telemetry:
-  enabled: true
-  service_name: gw-under-test
-  endpoint: {receiver.endpoint}
-  protocol: {receiver.protocol}
-  headers_env: TEST_OTLP_HEADERS
-  export_interval_s: 0.5
-  resource_attributes: {{deployment.environment.name: test}}
-substrates:
-  - name: pool
-    kind: gpu
-    hardware: h100
-    region: r1
-    jurisdiction: eu
-    cost: {{hourly_usd: 3.0}}
-    endpoints:
-      - {{name: e1, url: "http://127.0.0.1:{up_port}",
-          models: [{{name: m, profile: llama-3.1-8b, max_context: 4096}}]}}
-tenants:
-  - {{name: t, api_keys: ["{hash_key(KEY)}"]}}
-""")
+        cfg.write_text(to_yaml(pool_fleet(
+            up_port,
+            gateway={"port": gw_port},
+            telemetry={
+                "enabled": True, "service_name": "gw-under-test",
+                "endpoint": receiver.endpoint, "protocol": receiver.protocol,
+                "headers_env": "TEST_OTLP_HEADERS", "export_interval_s": 0.5,
+                "resource_attributes": {"deployment.environment.name": "test"},
+            },
+            substrate={"cost": {"hourly_usd": 3.0}},
+            endpoint_fields={"name": "e1"},
+            models=[model(max_context=4096)],
+            key=KEY,
+        )))
         gw = Proc(["-m", "inferplane.cli", "serve", "--config", str(cfg)], tmp_path / "gw.log")
         procs.append(gw)
         base = f"http://127.0.0.1:{gw_port}"
@@ -116,15 +107,14 @@ tenants:
 def _config(receiver: OtlpReceiver, exporter: str, sample_ratio: float = 1.0) -> Any:
     from inferplane.config.loader import parse_config
 
-    return parse_config(f"""
-telemetry: {{enabled: true, endpoint: "{receiver.endpoint}", exporter: {exporter},
-             export_interval_s: 60, sample_ratio: {sample_ratio}}}
-substrates:
-  - {{name: p, kind: gpu, hardware: h100, region: r, jurisdiction: eu, cost: {{hourly_usd: 1}},
-     endpoints: [{{name: e, url: "http://127.0.0.1:9", models: [{{name: m,
-     profile: llama-3.1-8b, max_context: 4096}}]}}]}}
-tenants: [{{name: t, api_keys: ["sha256:{"0" * 64}"]}}]
-""")
+    return parse_config(to_yaml(pool_fleet(
+        9,
+        telemetry={"enabled": True, "endpoint": receiver.endpoint, "exporter": exporter,
+                   "export_interval_s": 60, "sample_ratio": sample_ratio},
+        substrate={"name": "p", "region": "r", "cost": {"hourly_usd": 1}},
+        models=[model(max_context=4096)],
+        tenants=[{"name": "t", "api_keys": [f"sha256:{'0' * 64}"]}],
+    )))
 
 
 def _telemetry(receiver: OtlpReceiver, exporter: str, sample_ratio: float = 1.0) -> Any:

@@ -17,6 +17,7 @@ from inferplane.physics import get_hardware
 from inferplane.physics.calibration import Calibration, dump_profile
 from inferplane.placement.framework import Scored
 from inferplane.placement.latency_terms import kept_load_terms
+from tests.builders import model, pool_fleet, to_yaml
 from tests.placement_helpers import (
     MODEL,
     cycle,
@@ -590,13 +591,12 @@ def test_predicted_latency_decode_step_charges_a_calibrated_context_cost(tmp_pat
                              context_token_s=1.3e-7, step_overhead_s=2e-3)
     path = tmp_path / "cpu-ctx.yaml"
     path.write_text(dump_profile(Calibration(hardware=hw, prefill=(), decode=()), "cpu", {}))
-    fl = Fleet.from_config(parse_config(f"""hardware_profiles: [{path}]
-substrates:
-  - {{name: c, kind: cpu, hardware: cpu-ctx, region: eu-west, jurisdiction: eu,
-     cost: {{hourly_usd: 1}},
-     endpoints: [{{name: c-0, url: "http://127.0.0.1:9",
-                  models: [{{name: tiny-llama, max_context: 2048, precision: fp32}}]}}]}}
-"""))
+    fl = Fleet.from_config(parse_config(to_yaml(pool_fleet(
+        9, hardware_profiles=[str(path)],
+        substrate={"name": "c", "kind": "cpu", "hardware": "cpu-ctx", "region": "eu-west",
+                   "cost": {"hourly_usd": 1}},
+        endpoint_fields={"name": "c-0"},
+        models=[model("tiny-llama", None, 2048, precision="fp32")]))))
     ep = fl.endpoints[0]
     r = ep.roofline("tiny-llama")
     assert r is not None and r.hardware.context_token_s == 1.3e-7

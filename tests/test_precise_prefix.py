@@ -4,42 +4,38 @@ in its prefix index, and placement sends a repeated prompt to the engine that ho
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import aiohttp
 
 from inferplane.api.app import serve
-from inferplane.api.pipeline import Gateway, hash_key
+from inferplane.api.pipeline import Gateway
 from inferplane.config.loader import parse_config
 from inferplane.twin.emulator.server import start_emulator
 from inferplane.twin.traces.tokens import block_text
+from tests.builders import endpoint, model, pool_fleet, tenant, to_yaml
 from tests.support.procs import free_port
 
 KEY = "sk-precise"
 
 
-def fleet_yaml(ports: list[int], ev_ports: list[int], gw: int) -> str:
-    eps = "".join(
-        f"""
-      - name: e{i}
-        url: http://127.0.0.1:{p}
-        kv_events: tcp://127.0.0.1:{ev}
-        models: [{{name: llama-3.1-8b, max_context: 32768}}]
-        emulation: {{block_size: 16, num_gpu_blocks: 4096, kv_events_port: {ev}}}"""
-        for i, (p, ev) in enumerate(zip(ports, ev_ports, strict=True))
-    )
-    return f"""
-gateway: {{port: {gw}, token_estimate: words, scrape_interval_s: 0.05}}
-substrates:
-  - name: pool
-    kind: gpu
-    hardware: h100
-    region: r1
-    jurisdiction: eu
-    cost: {{hourly_usd: 3.0}}
-    endpoints:{eps}
-tenants:
-  - {{name: t, api_keys: ["{hash_key(KEY)}"]}}
-"""
+def fleet_yaml(ports: list[int], ev_ports: list[int], gw: int, *, block_size: int = 16,
+               tenants: Sequence[Mapping[str, Any]] | None = None) -> str:
+    """Emulated engines ``e0``.. at ``ports`` publishing KV events on ``ev_ports``; one tenant
+    ``t`` (key `KEY`) unless ``tenants`` are given. tests/test_tenant_affinity.py uses it too."""
+    return to_yaml(pool_fleet(
+        gateway={"port": gw, "token_estimate": "words", "scrape_interval_s": 0.05},
+        substrate={"cost": {"hourly_usd": 3.0}},
+        endpoints=[
+            endpoint(f"e{i}", p, kv_events=f"tcp://127.0.0.1:{ev}",
+                     models=[model("llama-3.1-8b", None, 32768)],
+                     emulation={"block_size": block_size, "num_gpu_blocks": 4096,
+                                "kv_events_port": ev})
+            for i, (p, ev) in enumerate(zip(ports, ev_ports, strict=True))
+        ],
+        tenants=tenants if tenants is not None else [tenant("t", KEY)],
+    ))
 
 
 async def test_kv_events_drive_placement_to_the_cached_engine() -> None:

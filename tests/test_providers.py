@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -16,13 +16,15 @@ import pytest
 from aiohttp import web
 
 from inferplane.api.app import serve
-from inferplane.api.pipeline import Gateway, hash_key
+from inferplane.api.pipeline import Gateway
 from inferplane.config.loader import parse_config
 from inferplane.config.schema import FleetConfig
 from inferplane.dispatch.credentials import load_credentials
 from inferplane.dispatch.upstream import parse_retry_after
 from inferplane.errors import ConfigError
 from inferplane.fleet.model import Fleet
+from tests.builders import endpoint as endpoint_spec
+from tests.builders import model, pool_fleet, to_yaml
 from tests.support.fake_provider import SEEN, build_provider
 from tests.support.procs import free_port
 
@@ -31,32 +33,33 @@ UPSTREAM_KEY = "sk-upstream-secret-1234"
 CHAT = {"model": "big", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 8}
 
 
-def fleet_yaml(gw_port: int, endpoints: str, extra: str = "") -> str:
-    return f"""
-gateway: {{port: {gw_port}, seed: 1, metrics: {{public: true}}}}
-regions: [{{name: us-east}}]
-substrates:
-  - name: prov
-    kind: provider-api
-    hardware: provider-api
-    region: us-east
-    jurisdiction: us
-    capacity_class: burst
-    cost: {{input_per_mtok: 1.0, output_per_mtok: 2.0, cached_input_per_mtok: 0.5}}
-    endpoints:{endpoints}
-tenants:
-  - {{name: t, api_keys: ["{hash_key(KEY)}"]}}
-{extra}"""
+def fleet_yaml(gw_port: int, endpoints: Sequence[Mapping[str, Any]],
+               gateway: Mapping[str, Any] | None = None, **sections: Any) -> str:
+    """The provider substrate ``prov`` holding ``endpoints``; ``gateway``: more gateway fields;
+    ``sections``: other top-level blocks."""
+    return to_yaml(pool_fleet(
+        gateway={"port": gw_port, "seed": 1, "metrics": {"public": True}, **(gateway or {})},
+        regions=[{"name": "us-east"}],
+        substrate={"name": "prov", "kind": "provider-api", "hardware": "provider-api",
+                   "region": "us-east", "jurisdiction": "us", "capacity_class": "burst",
+                   "cost": {"input_per_mtok": 1.0, "output_per_mtok": 2.0,
+                            "cached_input_per_mtok": 0.5}},
+        endpoints=endpoints,
+        key=KEY,
+        **sections,
+    ))
 
 
-def endpoint(name: str, port: int, *, base: str = "/openai/v1", extra: str = "") -> str:
-    return f"""
-      - name: {name}
-        url: http://127.0.0.1:{port}{base}
-        engine: openai-compatible
-        api_key_env: TEST_PROVIDER_KEY
-        models: [{{name: big, upstream_name: vendor/big-70b, profile: llama-3.1-70b,
-                   max_context: 32768}}]{extra}"""
+def endpoint(name: str, port: int, *, base: str = "/openai/v1",
+             key: Mapping[str, Any] | None = None, **fields: Any) -> dict[str, Any]:
+    """An OpenAI-compatible endpoint at ``port`` + ``base`` serving ``big`` (vendor/big-70b);
+    ``key``: its upstream key's fields instead of ``api_key_env: TEST_PROVIDER_KEY``;
+    ``fields``: other endpoint fields (``models`` included)."""
+    fields.setdefault("models", [model("big", "llama-3.1-70b", 32768,
+                                       upstream_name="vendor/big-70b")])
+    return endpoint_spec(name, url=f"http://127.0.0.1:{port}{base}", engine="openai-compatible",
+                         **(key if key is not None else {"api_key_env": "TEST_PROVIDER_KEY"}),
+                         **fields)
 
 
 @pytest.fixture(autouse=True)
@@ -99,8 +102,8 @@ def session() -> aiohttp.ClientSession:
 
 
 def test_check_accepts_a_base_path_and_joins_paths_once() -> None:
-    config = parse_config(fleet_yaml(1, endpoint("a", 9, base="/openai/v1")
-                                     + endpoint("b", 10, base="/proxy")))
+    config = parse_config(fleet_yaml(1, [endpoint("a", 9, base="/openai/v1"),
+                                         endpoint("b", 10, base="/proxy")]))
     a, b = Fleet.from_config(config).endpoints
     assert a.url == "http://127.0.0.1:9/openai/v1"
     assert a.api_url("/v1/chat/completions") == "http://127.0.0.1:9/openai/v1/chat/completions"
@@ -110,30 +113,26 @@ def test_check_accepts_a_base_path_and_joins_paths_once() -> None:
 
 
 def test_inline_keys_are_refused_unless_allowed() -> None:
-    inline = endpoint("a", 9).replace("api_key_env: TEST_PROVIDER_KEY", "api_key: sk-inline")
+    inline = endpoint("a", 9, key={"api_key": "sk-inline"})
     with pytest.raises(ConfigError) as exc:
-        parse_config(fleet_yaml(1, inline))
+        parse_config(fleet_yaml(1, [inline]))
     assert "substrates[0].endpoints[0]" in str(exc.value)
     assert "inline api_key is refused" in str(exc.value)
-    allowed = inline.replace(
-        "api_key: sk-inline", "api_key: sk-inline\n        allow_inline_key: true"
-    )
-    assert load_credentials(parse_config(fleet_yaml(1, allowed))) == {"a": "sk-inline"}
+    allowed = endpoint("a", 9, key={"api_key": "sk-inline", "allow_inline_key": True})
+    assert load_credentials(parse_config(fleet_yaml(1, [allowed]))) == {"a": "sk-inline"}
 
 
 def test_two_key_sources_are_refused() -> None:
-    both = endpoint("a", 9).replace(
-        "api_key_env: TEST_PROVIDER_KEY", "api_key_env: X\n        api_key_file: k.txt"
-    )
+    both = endpoint("a", 9, key={"api_key_env": "X", "api_key_file": "k.txt"})
     with pytest.raises(ConfigError, match="one source of the upstream key"):
-        parse_config(fleet_yaml(1, both))
+        parse_config(fleet_yaml(1, [both]))
 
 
 def test_missing_variable_is_a_start_up_error_naming_endpoint_and_variable(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.delenv("TEST_PROVIDER_KEY")
-    config = parse_config(fleet_yaml(1, endpoint("prov-a", 9)), "fleet.yaml")
+    config = parse_config(fleet_yaml(1, [endpoint("prov-a", 9)]), "fleet.yaml")
     with pytest.raises(ConfigError) as exc:
         Gateway(config, "fleet.yaml")
     text = str(exc.value)
@@ -144,9 +143,9 @@ def test_missing_variable_is_a_start_up_error_naming_endpoint_and_variable(
 def test_key_file_relative_to_the_fleet_file_and_missing_file(tmp_path: Path) -> None:
     (tmp_path / "secrets").mkdir()
     (tmp_path / "secrets" / "up.key").write_text(f"  {UPSTREAM_KEY}\n")
-    ep = endpoint("a", 9).replace("api_key_env: TEST_PROVIDER_KEY", "api_key_file: secrets/up.key")
+    ep = endpoint("a", 9, key={"api_key_file": "secrets/up.key"})
     fleet = tmp_path / "fleet.yaml"
-    fleet.write_text(fleet_yaml(1, ep))
+    fleet.write_text(fleet_yaml(1, [ep]))
     from inferplane.config.loader import load_config
 
     assert load_credentials(load_config(fleet)) == {"a": UPSTREAM_KEY}
@@ -158,11 +157,10 @@ def test_key_file_relative_to_the_fleet_file_and_missing_file(tmp_path: Path) ->
 
 
 def test_dialect_mismatch_is_found_at_start_up() -> None:
-    ep = endpoint("a", 9).replace(
-        "engine: openai-compatible", "engine: openai-compatible\n        dialect: anthropic"
-    ).replace("max_context: 32768}]", "max_context: 512, kind: embed}]")
+    ep = endpoint("a", 9, dialect="anthropic", models=[
+        model("big", "llama-3.1-70b", 512, upstream_name="vendor/big-70b", kind="embed")])
     with pytest.raises(ConfigError) as exc:
-        parse_config(fleet_yaml(1, ep))
+        parse_config(fleet_yaml(1, [ep]))
     assert "substrates[0].endpoints[0].models[0].kind" in str(exc.value)
     assert "anthropic dialect" in str(exc.value)
 
@@ -181,7 +179,7 @@ def test_retry_after_forms() -> None:
 async def test_hosted_provider_with_base_path_passive_health_alias_and_price() -> None:
     app = build_provider(base="/openai/v1", key=UPSTREAM_KEY)
     async with providers(p=app) as ports:
-        config = parse_config(fleet_yaml(free_port(), endpoint("p", ports["p"])))
+        config = parse_config(fleet_yaml(free_port(), [endpoint("p", ports["p"])]))
         async with gateway(config) as (gw, base), session() as s:
             async with s.get(f"{base}/ready") as r:  # the provider answers 404 on /health
                 assert r.status == 200, await r.text()
@@ -205,9 +203,9 @@ async def test_models_health_check_uses_the_key() -> None:
     good = build_provider(key=UPSTREAM_KEY)
     wrong = build_provider(key="sk-something-else")
     async with providers(good=good, wrong=wrong) as ports:
-        probe = "\n        health_check: models"
-        config = parse_config(fleet_yaml(free_port(), endpoint("good", ports["good"], extra=probe)
-                                         + endpoint("wrong", ports["wrong"], extra=probe)))
+        config = parse_config(fleet_yaml(free_port(), [
+            endpoint("good", ports["good"], health_check="models"),
+            endpoint("wrong", ports["wrong"], health_check="models")]))
         async with gateway(config) as (gw, _):
             snap = gw.live.snapshot()
             assert snap.by_name["good"].state.healthy
@@ -219,8 +217,8 @@ async def test_429_with_retry_after_ejects_and_the_move_is_a_rate_limited_spillo
     ok = build_provider(key=UPSTREAM_KEY, name="ok")
     async with providers(limited=limited, ok=ok) as ports:
         # `limited` is listed first and cheaper: the policy prefers it
-        config = parse_config(fleet_yaml(free_port(), endpoint("limited", ports["limited"])
-                                         + endpoint("ok", ports["ok"])))
+        config = parse_config(fleet_yaml(free_port(), [endpoint("limited", ports["limited"]),
+                                                        endpoint("ok", ports["ok"])]))
         async with gateway(config) as (gw, base), session() as s:
             gw.live.live["ok"].inflight = 30  # make `limited` the first pick
             async with s.post(f"{base}/v1/chat/completions", json=CHAT) as r:
@@ -251,8 +249,8 @@ async def test_429_with_retry_after_ejects_and_the_move_is_a_rate_limited_spillo
 async def test_passive_endpoint_failing_is_ejected_and_returns_half_open() -> None:
     bad = build_provider(key=UPSTREAM_KEY, mode="500")
     async with providers(bad=bad) as ports:
-        config = parse_config(fleet_yaml(free_port(), endpoint("bad", ports["bad"]),
-                                         extra="health: {outlier: {base_ejection_s: 5}}"))
+        config = parse_config(fleet_yaml(free_port(), [endpoint("bad", ports["bad"])],
+                                         health={"outlier": {"base_ejection_s": 5}}))
         async with gateway(config) as (gw, base), session() as s:
             for _ in range(2):  # passive_failures: 2
                 async with s.post(f"{base}/v1/chat/completions", json=CHAT) as r:
@@ -280,10 +278,11 @@ async def test_declared_rate_limits_are_capacity() -> None:
     a = build_provider(key=UPSTREAM_KEY, name="a")
     b = build_provider(key=UPSTREAM_KEY, name="b")
     async with providers(a=a, b=b) as ports:
-        limit = "\n        limits: {requests_per_min: 2}"
-        config = parse_config(fleet_yaml(free_port(), endpoint("a", ports["a"], extra=limit)
-                                         + endpoint("b", ports["b"], extra=limit),
-                                         extra="admission: {queue: {default_deadline_ms: 200}}"))
+        limit = {"requests_per_min": 2}
+        config = parse_config(fleet_yaml(
+            free_port(), [endpoint("a", ports["a"], limits=limit),
+                          endpoint("b", ports["b"], limits=limit)],
+            admission={"queue": {"default_deadline_ms": 200}}))
         async with gateway(config) as (gw, base), session() as s:
             picks = []
             for i in range(4):
@@ -309,7 +308,7 @@ async def test_declared_rate_limits_are_capacity() -> None:
 async def test_unreadable_answers_are_502_naming_the_endpoint(mode: str, text: str) -> None:
     app = build_provider(key=UPSTREAM_KEY, mode=mode)
     async with providers(p=app) as ports:
-        config = parse_config(fleet_yaml(free_port(), endpoint("weird", ports["p"])))
+        config = parse_config(fleet_yaml(free_port(), [endpoint("weird", ports["p"])]))
         async with gateway(config) as (_, base), session() as s:
             async with s.post(f"{base}/v1/chat/completions", json=CHAT) as r:
                 body = await r.json()
@@ -327,12 +326,10 @@ async def test_upstream_key_never_reaches_logs_records_or_metrics(
     limited = build_provider(key=UPSTREAM_KEY, mode="429")
     refused = build_provider(key="sk-other")
     async with providers(ok=ok, limited=limited, refused=refused) as ports:
-        yaml_text = fleet_yaml(free_port(), endpoint("ok", ports["ok"])
-                               + endpoint("limited", ports["limited"])
-                               + endpoint("refused", ports["refused"]))
-        yaml_text = yaml_text.replace("gateway: {", f"gateway: {{ledger_path: "
-                                      f"{tmp_path / 'ledger.sqlite'}, ", 1)
-        config = parse_config(yaml_text)
+        config = parse_config(fleet_yaml(
+            free_port(), [endpoint("ok", ports["ok"]), endpoint("limited", ports["limited"]),
+                          endpoint("refused", ports["refused"])],
+            gateway={"ledger_path": str(tmp_path / "ledger.sqlite")}))
         async with gateway(config) as (gw, base), session() as s:
             dids = []
             for i in range(6):
@@ -362,8 +359,7 @@ def test_cli_check_refuses_inline_keys_and_serve_names_the_missing_variable(
     from inferplane.cli import app
 
     inline = tmp_path / "inline.yaml"
-    inline.write_text(fleet_yaml(1, endpoint("a", 9).replace(
-        "api_key_env: TEST_PROVIDER_KEY", "api_key: sk-inline-secret")))
+    inline.write_text(fleet_yaml(1, [endpoint("a", 9, key={"api_key": "sk-inline-secret"})]))
     result = CliRunner().invoke(app, ["check", "--config", str(inline)])
     assert result.exit_code == 2
     assert f"{inline}: substrates[0].endpoints[0]" in result.output
@@ -371,7 +367,7 @@ def test_cli_check_refuses_inline_keys_and_serve_names_the_missing_variable(
 
     monkeypatch.delenv("TEST_PROVIDER_KEY")
     fleet = tmp_path / "fleet.yaml"
-    fleet.write_text(fleet_yaml(free_port(), endpoint("prov-a", 9)))
+    fleet.write_text(fleet_yaml(free_port(), [endpoint("prov-a", 9)]))
     assert CliRunner().invoke(app, ["check", "--config", str(fleet)]).exit_code == 0
     result = CliRunner().invoke(app, ["serve", "--config", str(fleet)])
     assert result.exit_code == 2
@@ -388,10 +384,9 @@ def test_cli_check_notes_dialect_limits_and_unset_keys(
     from inferplane.cli import app
 
     monkeypatch.delenv("TEST_PROVIDER_KEY")
-    ep = endpoint("claude-0", 9).replace(
-        "engine: openai-compatible", "engine: openai-compatible\n        dialect: anthropic")
+    ep = endpoint("claude-0", 9, dialect="anthropic")
     fleet = tmp_path / "fleet.yaml"
-    fleet.write_text(fleet_yaml(1, ep))
+    fleet.write_text(fleet_yaml(1, [ep]))
     result = CliRunner().invoke(app, ["check", "--config", str(fleet)])
     assert result.exit_code == 0, result.output
     assert "note: model 'big' is served only through the anthropic dialect" in result.output

@@ -10,6 +10,7 @@ import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -19,10 +20,11 @@ from inferplane.admission.journal import OutageJournal
 from inferplane.admission.outage import OutageStore
 from inferplane.admission.redis_state import RedisStore
 from inferplane.admission.state import BucketDemand, CounterDemand
-from inferplane.core.plane import hash_key
 from inferplane.errors import StoreUnavailableError
+from tests.builders import pool_fleet, tenant, to_yaml
 from tests.support.procs import Proc, free_port
 from tests.support.redis_server import RedisServer
+from tests.test_admission_integration import PRICED_UPSTREAM
 
 NOW = 1_700_000_000.0
 GROUP = ("2023-11-14", "", "m", "interactive", "k")
@@ -181,28 +183,18 @@ KEYS = {"budget": "sk-budget", "plain": "sk-plain"}
 ACTUAL = 0.012  # 7 prompt + 5 completion tokens at 1000 $/Mtok
 
 
-def _config(gw_port: int, up_port: int, redis_url: str) -> str:
-    return f"""
-gateway: {{port: {gw_port}, scrape_interval_s: 0.05, seed: 3}}
-admission: {{store: redis, redis_url: '{redis_url}', redis_prefix: 'o:', redis_timeout_s: 0.3,
-             outage_retry_after_s: 0.5}}
-substrates:
-  - name: api
-    kind: provider-api
-    hardware: h100
-    region: r1
-    jurisdiction: eu
-    cost: {{input_per_mtok: 1000.0, output_per_mtok: 1000.0}}
-    endpoints:
-      - name: up
-        url: http://127.0.0.1:{up_port}
-        max_concurrency: 256
-        models: [{{name: m, profile: llama-3.1-8b, max_context: 4096}}]
-tenants:
-  - {{name: budget, api_keys: ["{hash_key(KEYS['budget'])}"],
-      budgets: [{{scope: tenant, window: day, usd: 1.0}}]}}
-  - {{name: plain, api_keys: ["{hash_key(KEYS['plain'])}"]}}
-"""
+def _config(gw_port: int, up_port: int, redis_url: str, **gateway: Any) -> str:
+    """``gateway``: more fields of the gateway block."""
+    return to_yaml(pool_fleet(
+        up_port,
+        gateway={"port": gw_port, "scrape_interval_s": 0.05, "seed": 3, **gateway},
+        admission={"store": "redis", "redis_url": redis_url, "redis_prefix": "o:",
+                   "redis_timeout_s": 0.3, "outage_retry_after_s": 0.5},
+        **PRICED_UPSTREAM,
+        tenants=[tenant("budget", KEYS["budget"],
+                        budgets=[{"scope": "tenant", "window": "day", "usd": 1.0}]),
+                 tenant("plain", KEYS["plain"])],
+    ))
 
 
 @pytest.fixture
@@ -297,8 +289,8 @@ def test_spend_journaled_in_an_outage_survives_kill_9(tmp_path: Path, slow_upstr
     srv = RedisServer(tmp_path, persist=True)
     port = free_port()
     cfg = tmp_path / "gw.yaml"
-    cfg.write_text(_config(port, slow_upstream, srv.url).replace(
-        "seed: 3}", f"seed: 3, ledger_path: '{tmp_path / 'ledger.sqlite'}'}}"))
+    cfg.write_text(_config(port, slow_upstream, srv.url,
+                           ledger_path=str(tmp_path / "ledger.sqlite")))
     journal = tmp_path / "ledger.sqlite.admission-journal.sqlite"
     base = f"http://127.0.0.1:{port}"
     chat = {"model": "m", "messages": [{"role": "user", "content": "hello there"}],

@@ -27,6 +27,7 @@ from inferplane.fleet.engine_metrics import EngineMetrics, parse_vllm, sample_na
 from inferplane.fleet.model import Endpoint, Fleet
 from inferplane.fleet.scraper import HttpMetricsSource
 from inferplane.twin.emulator.metrics import restricted
+from tests.builders import model, pool_fleet, to_yaml
 
 FIXTURES = Path(__file__).parent / "fixtures" / "metrics"
 DCGM = 'DCGM_FI_DEV_POWER_USAGE{gpu="0"} 312.5\n'
@@ -126,13 +127,9 @@ class Engine:
 
 
 def endpoint(url: str, engine: str = "vllm") -> Endpoint:
-    cfg = parse_config(f"""
-substrates:
-  - {{name: pool, kind: gpu, hardware: h100, region: r1, jurisdiction: eu,
-     cost: {{hourly_usd: 1.0}},
-     endpoints: [{{name: e, url: "{url}", engine: {engine},
-                  models: [{{name: m, profile: llama-3.1-8b, max_context: 4096}}]}}]}}
-""")
+    cfg = parse_config(to_yaml(pool_fleet(
+        substrate={"cost": {"hourly_usd": 1.0}}, endpoint_fields={"url": url, "engine": engine},
+        models=[model(max_context=4096)])))
     (ep,) = Fleet.from_config(cfg).endpoints
     return ep
 
@@ -250,14 +247,9 @@ async def test_the_config_switch_reaches_both_scrapers(flag: bool) -> None:
     from inferplane.api.pipeline import Gateway
     from inferplane.epp.server import Picker
 
-    cfg = parse_config(f"""
-gateway: {{scrape_filter: {str(flag).lower()}}}
-substrates:
-  - {{name: pool, kind: gpu, hardware: h100, region: r1, jurisdiction: eu,
-     cost: {{hourly_usd: 1.0}},
-     endpoints: [{{name: e, url: "http://127.0.0.1:9", engine: vllm,
-                  models: [{{name: m, profile: llama-3.1-8b, max_context: 4096}}]}}]}}
-""")
+    cfg = parse_config(to_yaml(pool_fleet(
+        9, gateway={"scrape_filter": flag}, substrate={"cost": {"hourly_usd": 1.0}},
+        endpoint_fields={"engine": "vllm"}, models=[model(max_context=4096)])))
     assert GatewaySpec().scrape_filter is True
     for core in (Gateway(cfg), Picker(cfg)):
         source = await core._start_transport()

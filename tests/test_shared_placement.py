@@ -15,13 +15,14 @@ import aiohttp
 import redis.asyncio
 
 from inferplane.api.app import serve
-from inferplane.api.pipeline import Gateway, hash_key
+from inferplane.api.pipeline import Gateway
 from inferplane.config.loader import parse_config
 from inferplane.config.schema import FleetConfig
 from inferplane.placement.isolation import cache_salt, cache_scope, session_key
 from inferplane.placement.plugins.affinity import PrefixAffinity, SessionAffinity
 from inferplane.twin.emulator.server import start_emulator
 from inferplane.twin.traces.tokens import block_text
+from tests.builders import endpoint, model, pool_fleet, tenant, to_yaml
 from tests.support.procs import free_port
 from tests.support.redis_server import RedisServer
 
@@ -30,38 +31,24 @@ OTHER = "sk-shared-other"
 
 
 def fleet_yaml(ports: list[int], gw: int, redis_url: str, shared: bool = True) -> str:
-    eps = "".join(
-        f"""
-      - name: e{i}
-        url: http://127.0.0.1:{p}
-        models: [{{name: llama-3.1-8b, max_context: 32768}}]
-        emulation: {{num_gpu_blocks: 4096}}"""
-        for i, p in enumerate(ports)
-    )
-    return f"""
-gateway: {{port: {gw}, token_estimate: words, scrape_interval_s: 0.05}}
-substrates:
-  - name: pool
-    kind: gpu
-    hardware: h100
-    region: r1
-    jurisdiction: eu
-    cost: {{hourly_usd: 3.0}}
-    endpoints:{eps}
-tenants:
-  - {{name: t, api_keys: ["{hash_key(KEY)}"]}}
-  - {{name: u, api_keys: ["{hash_key(OTHER)}"]}}
-admission:
-  store: redis
-  redis_url: "{redis_url}"
-  redis_prefix: "sp{gw}:"
-  shared_placement: {str(shared).lower()}
-  # every gateway and engine of a test shares one event loop here: with 3 CPU burners (load
-  # 22-25) 0.3 s (a 0.9 s cap on the loop's lag) timed out answered calls in 2 of 10 runs,
-  # dropping picks and session lookups as in an outage. Redis stopped is refused at once
-  redis_timeout_s: 1.0
-  outage_retry_after_s: 0.3
-"""
+    return to_yaml(pool_fleet(
+        gateway={"port": gw, "token_estimate": "words", "scrape_interval_s": 0.05},
+        substrate={"cost": {"hourly_usd": 3.0}},
+        endpoints=[endpoint(f"e{i}", p, models=[model("llama-3.1-8b", None, 32768)],
+                            emulation={"num_gpu_blocks": 4096})
+                   for i, p in enumerate(ports)],
+        tenants=[tenant("t", KEY), tenant("u", OTHER)],
+        admission={
+            "store": "redis", "redis_url": redis_url, "redis_prefix": f"sp{gw}:",
+            "shared_placement": shared,
+            # every gateway and engine of a test shares one event loop here: with 3 CPU burners
+            # (load 22-25) 0.3 s (a 0.9 s cap on the loop's lag) timed out answered calls in 2
+            # of 10 runs, dropping picks and session lookups as in an outage. Redis stopped is
+            # refused at once
+            "redis_timeout_s": 1.0,
+            "outage_retry_after_s": 0.3,
+        },
+    ))
 
 
 async def _until(cond: Callable[[], bool], timeout: float = 8.0) -> None:

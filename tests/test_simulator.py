@@ -33,6 +33,7 @@ from inferplane.twin.simulator.fleet import (
 from inferplane.twin.simulator.report import sovereignty_violations, weighted_percentile
 from inferplane.twin.simulator.simulator import SimulationError, run_simulation, simulate
 from inferplane.twin.traces.loader import TraceRequest
+from tests.builders import endpoint, model, pool_fleet, to_yaml
 
 REAL_TRACE = Path(__file__).resolve().parents[2] / "shared/traces/mooncake_conversation.jsonl"
 KEY = "sha256:" + "ab" * 32
@@ -485,15 +486,11 @@ def test_derived_kv_blocks_are_capped_as_in_the_emulator() -> None:
     from inferplane.twin.engine.model import MAX_DERIVED_BLOCKS
     from inferplane.twin.simulator.fleet import engine_config_for
 
-    text = (
-        "substrates:\n"
-        "  - name: host\n    kind: gpu\n    hardware: cpu\n    region: r\n    jurisdiction: eu\n"
-        "    cost: {hourly_usd: 1}\n    endpoints:\n"
-        "      - {name: c0, url: 'http://127.0.0.1:9300',"
-        " models: [{name: t, profile: tiny-llama, max_context: 2048}]}\n"
-        "      - {name: c1, url: 'http://127.0.0.1:9301', emulation: {num_gpu_blocks: 1024},"
-        " models: [{name: t, profile: tiny-llama, max_context: 2048}]}\n"
-    )
+    tiny = [model("t", "tiny-llama", 2048)]
+    text = to_yaml(pool_fleet(
+        substrate={"name": "host", "hardware": "cpu", "region": "r", "cost": {"hourly_usd": 1}},
+        endpoints=[endpoint("c0", 9300, models=tiny),
+                   endpoint("c1", 9301, models=tiny, emulation={"num_gpu_blocks": 1024})]))
     fleet = Fleet.from_config(parse_config(text))
     derived = {}
     for ep in fleet.endpoints:

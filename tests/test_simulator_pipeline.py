@@ -8,6 +8,7 @@ in well under a second of CPU; results are deterministic (virtual time, seeded).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +26,12 @@ from inferplane.twin.simulator.report import percentile
 from inferplane.twin.simulator.simulator import Simulator, simulate
 from inferplane.twin.simulator.vloop import VirtualLoopStuck, VirtualTimeLoop
 from inferplane.twin.traces.loader import TraceRequest
+from tests.builders import endpoint, model, pool_fleet, to_yaml
 
 KEY = "sha256:" + "ab" * 32
 KEY2 = "sha256:" + "cd" * 32
+VICTIM_AND_FLOODER = ({"name": "victim", "api_keys": [KEY], "region": "eu-west"},
+                      {"name": "flooder", "api_keys": [KEY2], "region": "eu-west"})
 
 
 def fleet(
@@ -35,27 +39,23 @@ def fleet(
     *,
     max_concurrency: int = 4,
     max_waiting: int = 6,
-    gateway: str = "",
-    mix: str = "",
-    tenants: str = f"  - {{name: demo, api_keys: ['{KEY}'], region: eu-west}}\n",
+    gateway: Mapping[str, Any] | None = None,
+    mix: Sequence[Mapping[str, Any]] | None = None,
+    tenants: Sequence[Mapping[str, Any]] = ({"name": "demo", "api_keys": [KEY],
+                                             "region": "eu-west"},),
 ) -> FleetConfig:
-    eps = "".join(
-        f"      - {{name: h-{i}, url: 'http://127.0.0.1:{9300 + i}', max_concurrency: "
-        f"{max_concurrency}, models: [{{name: llama-3.1-8b, max_context: 32768}}]}}\n"
-        for i in range(n)
-    )
-    text = (
-        f"gateway: {{scrape_interval_s: 0.1{gateway}}}\n"
-        "regions: [{name: eu-west}]\n"
-        f"admission: {{store: memory, queue: {{max_waiting: {max_waiting}}}}}\n"
-        "classes:\n"
-        "  - {name: best-effort, ttft_slo_ms: 2000, priority: sheddable}\n"
-        "substrates:\n"
-        "  - name: eu-h100\n    kind: gpu\n    hardware: h100\n    region: eu-west\n"
-        "    jurisdiction: eu\n    cost: {hourly_usd: 3.5}\n    endpoints:\n" + eps
-        + "tenants:\n" + tenants + mix
-    )
-    return parse_config(text, "fleet.yaml")
+    """``n`` EU H100 endpoints ``h-0``..; ``gateway``: more gateway fields."""
+    return parse_config(to_yaml(pool_fleet(
+        gateway={"scrape_interval_s": 0.1, **(gateway or {})},
+        regions=[{"name": "eu-west"}],
+        admission={"store": "memory", "queue": {"max_waiting": max_waiting}},
+        classes=[{"name": "best-effort", "ttft_slo_ms": 2000, "priority": "sheddable"}],
+        substrate={"name": "eu-h100", "region": "eu-west", "cost": {"hourly_usd": 3.5}},
+        endpoints=[endpoint(f"h-{i}", 9300 + i, max_concurrency=max_concurrency,
+                            models=[model("llama-3.1-8b", None, 32768)]) for i in range(n)],
+        tenants=tenants,
+        **({} if mix is None else {"mix": list(mix)}),
+    )), "fleet.yaml")
 
 
 def trace(n: int, every_s: float, *, prompt: int = 3000, out: int = 200, t0: float = 0.0,
@@ -78,12 +78,11 @@ def p(values: list[float], q: float) -> float:
     return out
 
 
-MIX3 = (
-    "mix:\n"
-    "  - {tenant: demo, class: interactive, fraction: 0.4}\n"
-    "  - {tenant: demo, class: best-effort, fraction: 0.3}\n"
-    "  - {tenant: demo, class: batch, fraction: 0.3}\n"
-)
+MIX3 = [
+    {"tenant": "demo", "class": "interactive", "fraction": 0.4},
+    {"tenant": "demo", "class": "best-effort", "fraction": 0.3},
+    {"tenant": "demo", "class": "batch", "fraction": 0.3},
+]
 
 
 # -- the virtual loop ---------------------------------------------------------------------------
@@ -168,11 +167,7 @@ def _fair(flood: int, *, admission: bool = True, strict: bool = True) -> list[Re
     0.2 s, the flooder the same (1x) or ten times as many (10x). The victim's records."""
     from inferplane.config.schema import MixEntry
 
-    tenants = (
-        f"  - {{name: victim, api_keys: ['{KEY}'], region: eu-west}}\n"
-        f"  - {{name: flooder, api_keys: ['{KEY2}'], region: eu-west}}\n"
-    )
-    config = fleet(n=2, max_concurrency=6, max_waiting=64, tenants=tenants)
+    config = fleet(n=2, max_concurrency=6, max_waiting=64, tenants=VICTIM_AND_FLOODER)
     if strict:
         q = config.admission.queue.model_copy(update={"keep_unused_shares": True})
         config = config.model_copy(
@@ -221,11 +216,7 @@ def _flood(flood_rps: float, *, gate: float | None, strict: bool = False) -> lis
     (50: ten times its share). ``gate``: ``admission.queue.max_prefill_queue_s``."""
     from inferplane.config.schema import MixEntry
 
-    tenants = (
-        f"  - {{name: victim, api_keys: ['{KEY}'], region: eu-west}}\n"
-        f"  - {{name: flooder, api_keys: ['{KEY2}'], region: eu-west}}\n"
-    )
-    config = fleet(n=2, max_concurrency=6, max_waiting=64, tenants=tenants)
+    config = fleet(n=2, max_concurrency=6, max_waiting=64, tenants=VICTIM_AND_FLOODER)
     q = config.admission.queue.model_copy(
         update={"max_prefill_queue_s": gate, "keep_unused_shares": strict}
     )
@@ -297,7 +288,7 @@ def test_an_endpoint_down_is_replaced_around_and_comes_back() -> None:
 
 
 def test_a_hung_endpoint_costs_the_first_byte_timeout_then_the_request_moves() -> None:
-    config = fleet(n=2, max_concurrency=16, gateway=", upstream_timeout_s: 3")
+    config = fleet(n=2, max_concurrency=16, gateway={"upstream_timeout_s": 3})
     faults = validate_faults([{"at": 1.0, "endpoint": "h-0", "event": "hung", "for_s": 5}],
                              ["h-0", "h-1"])
     sim = run(config, trace(40, 0.25, prompt=1000, out=20), profile="round-robin", faults=faults)

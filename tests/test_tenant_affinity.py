@@ -12,7 +12,7 @@ import random
 import aiohttp
 
 from inferplane.api.app import serve
-from inferplane.api.pipeline import Gateway, hash_key
+from inferplane.api.pipeline import Gateway
 from inferplane.config.loader import parse_config
 from inferplane.config.schema import FleetConfig
 from inferplane.fleet.kv_events import BlockStored
@@ -31,38 +31,18 @@ from inferplane.placement.plugins.affinity import (
 from inferplane.placement.profile import RequestProfile
 from inferplane.tokenization import VOCABULARY, block_hashes, salt_root, token_ids
 from inferplane.twin.emulator.server import start_emulator
+from tests.builders import tenant
 from tests.support.procs import free_port
+from tests.test_precise_prefix import fleet_yaml as precise_fleet_yaml
 
 KEYS = {t: f"sk-aff-{t}" for t in "abcd"}
 BS = 16
 
 
 def fleet_yaml(ports: list[int], ev_ports: list[int], gw: int) -> str:
-    eps = "".join(
-        f"""
-      - name: e{i}
-        url: http://127.0.0.1:{p}
-        kv_events: tcp://127.0.0.1:{ev}
-        models: [{{name: llama-3.1-8b, max_context: 32768}}]
-        emulation: {{block_size: {BS}, num_gpu_blocks: 4096, kv_events_port: {ev}}}"""
-        for i, (p, ev) in enumerate(zip(ports, ev_ports, strict=True))
-    )
-    return f"""
-gateway: {{port: {gw}, token_estimate: words, scrape_interval_s: 0.05}}
-substrates:
-  - name: pool
-    kind: gpu
-    hardware: h100
-    region: r1
-    jurisdiction: eu
-    cost: {{hourly_usd: 3.0}}
-    endpoints:{eps}
-tenants:
-  - {{name: a, api_keys: ["{hash_key(KEYS['a'])}"]}}
-  - {{name: b, api_keys: ["{hash_key(KEYS['b'])}"]}}
-  - {{name: c, api_keys: ["{hash_key(KEYS['c'])}"], cache_group: team}}
-  - {{name: d, api_keys: ["{hash_key(KEYS['d'])}"], cache_group: team}}
-"""
+    return precise_fleet_yaml(ports, ev_ports, gw, block_size=BS, tenants=[
+        tenant("a", KEYS["a"]), tenant("b", KEYS["b"]),
+        tenant("c", KEYS["c"], cache_group="team"), tenant("d", KEYS["d"], cache_group="team")])
 
 
 def config() -> FleetConfig:

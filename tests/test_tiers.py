@@ -12,11 +12,12 @@ import pytest
 from aiohttp import web
 
 from inferplane.api.app import serve
-from inferplane.api.pipeline import Gateway, hash_key
+from inferplane.api.pipeline import Gateway
 from inferplane.config.loader import parse_config
 from inferplane.config.schema import ModelAlias
 from inferplane.errors import ConfigError
 from inferplane.placement.tiers import choose_tier
+from tests.builders import endpoint, model, pool_fleet, tenant, to_yaml
 from tests.support.fake_upstream import build
 from tests.support.procs import free_port
 
@@ -65,32 +66,20 @@ def test_nothing_qualifies_falls_back_to_the_best_that_takes_the_prompt() -> Non
 KEY, PREMIUM = "sk-tier", "sk-premium"
 
 
-def _yaml(port: int, up: int, **extra: Any) -> str:
-    return f"""
-gateway: {{port: {port}, scrape_interval_s: 0.05, token_estimate: words}}
-substrates:
-  - name: pool
-    kind: gpu
-    hardware: h100
-    region: r1
-    jurisdiction: eu
-    cost: {{hourly_usd: 3.0}}
-    endpoints:
-      - {{name: small, url: "http://127.0.0.1:{up}",
-          models: [{{name: m-8b, profile: llama-3.1-8b, max_context: 8192}}]}}
-      - {{name: large, url: "http://127.0.0.1:{up + 1}",
-          models: [{{name: m-70b, profile: llama-3.1-8b, max_context: 8192}}]}}
-tenants:
-  - {{name: t, api_keys: ["{hash_key(KEY)}"]}}
-  - {{name: premium, api_keys: ["{hash_key(PREMIUM)}"]}}
-model_aliases:
-  - name: llama
-    tiers:
-      - {{model: m-8b, quality: 1, max_prompt_tokens: 50}}
-      - {{model: m-70b, quality: 2}}
-    rules:
-      - {{tenants: [premium], min_quality: 2}}
-"""
+def _fleet(port: int, up: int) -> dict[str, Any]:
+    return pool_fleet(
+        gateway={"port": port, "scrape_interval_s": 0.05, "token_estimate": "words"},
+        substrate={"cost": {"hourly_usd": 3.0}},
+        endpoints=[endpoint("small", up, models=[model("m-8b")]),
+                   endpoint("large", up + 1, models=[model("m-70b")])],
+        tenants=[tenant("t", KEY), tenant("premium", PREMIUM)],
+        model_aliases=[{
+            "name": "llama",
+            "tiers": [{"model": "m-8b", "quality": 1, "max_prompt_tokens": 50},
+                      {"model": "m-70b", "quality": 2}],
+            "rules": [{"tenants": ["premium"], "min_quality": 2}],
+        }],
+    )
 
 
 @pytest.fixture
@@ -110,7 +99,7 @@ async def stack() -> AsyncIterator[tuple[Gateway, str]]:
                 await r.cleanup()
             up = free_port()
     port = free_port()
-    gw = Gateway(parse_config(_yaml(port, up)))
+    gw = Gateway(parse_config(to_yaml(_fleet(port, up))))
     runner = await serve(gw, "127.0.0.1", port)
     try:
         yield gw, f"http://127.0.0.1:{port}"
@@ -156,12 +145,15 @@ async def test_the_alias_is_served_by_the_chosen_tier_and_the_answer_says_which(
 
 
 def test_alias_config_errors_name_the_field() -> None:
-    bad = _yaml(1, 2).replace("- {model: m-70b, quality: 2}", "- {model: m-405b, quality: 3}")
+    bad = _fleet(1, 2)
+    bad["model_aliases"][0]["tiers"][1] = {"model": "m-405b", "quality": 3}
     with pytest.raises(ConfigError, match=r"model_aliases\[0\]\.tiers\[1\]\.model"):
-        parse_config(bad)
-    bad = _yaml(1, 2).replace("tenants: [premium]", "tenants: [nobody]")
+        parse_config(to_yaml(bad))
+    bad = _fleet(1, 2)
+    bad["model_aliases"][0]["rules"][0]["tenants"] = ["nobody"]
     with pytest.raises(ConfigError, match=r"rules\[0\]\.tenants\[0\]: unknown tenant"):
-        parse_config(bad)
-    bad = _yaml(1, 2).replace("  - name: llama\n", "  - name: m-8b\n")
+        parse_config(to_yaml(bad))
+    bad = _fleet(1, 2)
+    bad["model_aliases"][0]["name"] = "m-8b"
     with pytest.raises(ConfigError, match="a served model's name"):
-        parse_config(bad)
+        parse_config(to_yaml(bad))

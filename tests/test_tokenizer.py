@@ -17,7 +17,7 @@ from inferplane.placement.profile import RequestProfile
 from inferplane.tokenization import block_hashes, engine_block_hashes, salt_root
 from inferplane.twin.traces.tokens import VOCABULARY
 from inferplane.types import ApiKind
-from tests.builders import key_hash
+from tests.builders import endpoint, model, pool_fleet, to_yaml
 
 SPECIALS = ["<unk>", "<s>", "</s>"]
 
@@ -37,34 +37,20 @@ def write_tokenizer(folder: Path, bos: bool) -> Path:
     return folder
 
 
-def _tok(t: str | None) -> str:
-    return "" if t is None else f", tokenizer: {t}"
-
-
 def fleet_file(tmp_path: Path, tokenizers: list[str | None], name: str = "fleet.yaml") -> Path:
-    eps = "".join(
-        f"""
-      - name: e{i}
-        url: http://127.0.0.1:{9000 + i}
-        kv_events: tcp://127.0.0.1:{9100 + i}
-        models: [{{name: llama-3.1-8b, max_context: 32768{_tok(t)}}}]
-        emulation: {{block_size: 4}}"""
-        for i, t in enumerate(tokenizers)
-    )
     p = tmp_path / name
-    p.write_text(f"""
-gateway: {{token_estimate: chars}}
-substrates:
-  - name: pool
-    kind: gpu
-    hardware: h100
-    region: r1
-    jurisdiction: eu
-    cost: {{hourly_usd: 3.0}}
-    endpoints:{eps}
-tenants:
-  - {{name: t, api_keys: ["{key_hash('sk-t')}"]}}
-""")
+    p.write_text(to_yaml(pool_fleet(
+        gateway={"token_estimate": "chars"},
+        substrate={"cost": {"hourly_usd": 3.0}},
+        endpoints=[
+            endpoint(f"e{i}", 9000 + i, kv_events=f"tcp://127.0.0.1:{9100 + i}",
+                     models=[model("llama-3.1-8b", None, 32768,
+                                   **({} if t is None else {"tokenizer": t}))],
+                     emulation={"block_size": 4})
+            for i, t in enumerate(tokenizers)
+        ],
+        key="sk-t",
+    )))
     return p
 
 

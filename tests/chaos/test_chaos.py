@@ -21,7 +21,7 @@ import httpx
 import orjson
 import pytest
 
-from inferplane.core.plane import hash_key
+from tests.builders import endpoint, model, pool_fleet, tenant, to_yaml
 from tests.support.procs import Proc, free_port
 from tests.support.redis_server import RedisServer
 
@@ -34,32 +34,22 @@ MODEL = "llama-3.1-8b"
 
 
 def fleet(gw_port: int, ports: list[int], tmp: Path, redis_url: str | None = None) -> str:
-    eps = "".join(f"""
-      - name: e{i}
-        url: http://127.0.0.1:{p}
-        max_concurrency: 6
-        models: [{{name: {MODEL}, max_context: 4096}}]
-        emulation: {{num_gpu_blocks: 4096}}""" for i, p in enumerate(ports))
-    admission = (
-        f"admission: {{store: redis, redis_url: '{redis_url}', redis_prefix: 'chaos:', "
-        "redis_timeout_s: 0.3, outage_retry_after_s: 0.5}\n" if redis_url else ""
-    )
-    return f"""
-gateway: {{port: {gw_port}, scrape_interval_s: 0.05, token_estimate: words,
-          ledger_path: {tmp / 'ledger.sqlite'}, max_replacements: 1}}
-{admission}substrates:
-  - name: pool
-    kind: gpu
-    hardware: h100
-    region: r1
-    jurisdiction: eu
-    cost: {{input_per_mtok: 1000.0, output_per_mtok: 1000.0}}
-    endpoints:{eps}
-tenants:
-  - {{name: plain, api_keys: ["{hash_key(KEYS['plain'])}"]}}
-  - {{name: budget, api_keys: ["{hash_key(KEYS['budget'])}"],
-      budgets: [{{scope: tenant, window: day, usd: 1000000.0}}]}}
-"""
+    admission = {"admission": {
+        "store": "redis", "redis_url": redis_url, "redis_prefix": "chaos:",
+        "redis_timeout_s": 0.3, "outage_retry_after_s": 0.5,
+    }} if redis_url else {}
+    return to_yaml(pool_fleet(
+        gateway={"port": gw_port, "scrape_interval_s": 0.05, "token_estimate": "words",
+                 "ledger_path": str(tmp / "ledger.sqlite"), "max_replacements": 1},
+        **admission,
+        substrate={"cost": {"input_per_mtok": 1000.0, "output_per_mtok": 1000.0}},
+        endpoints=[endpoint(f"e{i}", p, max_concurrency=6, models=[model(MODEL, None, 4096)],
+                            emulation={"num_gpu_blocks": 4096})
+                   for i, p in enumerate(ports)],
+        tenants=[tenant("plain", KEYS["plain"]),
+                 tenant("budget", KEYS["budget"],
+                        budgets=[{"scope": "tenant", "window": "day", "usd": 1000000.0}])],
+    ))
 
 
 @dataclass

@@ -33,6 +33,7 @@ import zmq
 
 from inferplane.config.loader import parse_config
 from inferplane.twin.emulator.server import EmulatorHandle, start_emulator
+from tests.builders import model, pool_fleet, to_yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 VENV = Path(os.environ.get("FIDELITY_VENV", ROOT / ".fidelity-venv"))
@@ -306,25 +307,16 @@ def real_engine() -> Iterator[EngineUnderTest]:
 
 
 def emulator_config(kv_port: int) -> str:
-    return f"""
-substrates:
-  - name: fidelity-cpu
-    kind: cpu
-    hardware: cpu
-    region: local
-    jurisdiction: eu
-    cost: {{hourly_usd: 1}}
-    endpoints:
-      - name: emu-0
-        url: http://127.0.0.1:1
-        models: [{{name: {MODEL}, max_context: {MAX_MODEL_LEN}, precision: fp32}}]
-        emulation:
-          block_size: {BLOCK_SIZE}
-          max_num_seqs: {MAX_NUM_SEQS}
-          num_gpu_blocks: {NUM_GPU_BLOCKS}
-          max_num_batched_tokens: {MAX_BATCHED_TOKENS}
-          kv_events_port: {kv_port}
-"""
+    return to_yaml(pool_fleet(
+        1,
+        substrate={"name": "fidelity-cpu", "kind": "cpu", "hardware": "cpu", "region": "local",
+                   "cost": {"hourly_usd": 1}},
+        endpoint_fields={"name": "emu-0", "emulation": {
+            "block_size": BLOCK_SIZE, "max_num_seqs": MAX_NUM_SEQS,
+            "num_gpu_blocks": NUM_GPU_BLOCKS, "max_num_batched_tokens": MAX_BATCHED_TOKENS,
+            "kv_events_port": kv_port}},
+        models=[model(MODEL, None, MAX_MODEL_LEN, precision="fp32")],
+    ))
 
 
 class EmulatorThread:
