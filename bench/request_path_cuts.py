@@ -24,22 +24,28 @@ client bytes and metrics; where a cut's output can be compared here it is, befor
 - ``tokenize``: `Classifier._tokenize` of each prompt, the result built by
   `dataclasses.replace` (old) against built field by field (new), around an encoding that
   returns the real tokenizer's ids known in advance (the encoding itself is unchanged).
+- ``dispatch_cms``: the two boundaries around an upstream wait, as `Dispatcher.open` and
+  `Dispatcher.first_chunk` enter them (each once a request): `_translate` and
+  `_first_byte_deadline` as generator context managers (old) against classes (new), around
+  an empty block, with the gateway's `LoopLag`.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import os
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 import uvloop
 
@@ -52,6 +58,14 @@ from bench.peers.gateway_gap import bench_slice, gateway_config  # noqa: E402
 from inferplane.admission.controller import Admission, Ticket  # noqa: E402
 from inferplane.api.pipeline import Gateway  # noqa: E402
 from inferplane.config.loader import load_config  # noqa: E402
+from inferplane.dispatch.answer import UpstreamAttemptFailed  # noqa: E402
+from inferplane.dispatch.upstream import (  # noqa: E402
+    LAG_STRETCH,
+    _first_byte_deadline,
+    _translate,
+)
+from inferplane.fleet.model import Endpoint  # noqa: E402
+from inferplane.looplag import LoopLag  # noqa: E402
 from inferplane.placement.classify import Classifier, Prompt, extract_prompt  # noqa: E402
 from inferplane.telemetry.metrics import GatewayMetrics  # noqa: E402
 from inferplane.tokenization import ROOT_HASH_SEED, block_hashes, encode  # noqa: E402
@@ -250,8 +264,78 @@ def tokenize_case(gw: Gateway, bodies: list[bytes]) -> dict[str, Timed]:
     return {"old": timed_loop(old), "new": timed_loop(new)}
 
 
+# -- dispatch_cms ---------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def old_translate(endpoint: Endpoint) -> Iterator[None]:
+    """`dispatch.upstream._translate` before session 20."""
+    try:
+        yield
+    except TimeoutError:
+        raise UpstreamAttemptFailed(
+            "timed out before answering", upstream=endpoint.name, reason="timeout"
+        ) from None
+    except aiohttp.ClientConnectorError as exc:
+        raise UpstreamAttemptFailed(
+            f"cannot connect ({exc.os_error.strerror or exc.os_error})",
+            upstream=endpoint.name,
+            reason="connect",
+        ) from None
+    except (aiohttp.ClientError, ConnectionError) as exc:
+        raise UpstreamAttemptFailed(
+            f"connection failed ({type(exc).__name__})", upstream=endpoint.name,
+            reason="connection"
+        ) from None
+
+
+@contextlib.asynccontextmanager
+async def old_first_byte_deadline(
+    endpoint: Endpoint, seconds: float | None, lag: LoopLag | None = None,
+    max_s: float | None = None,
+) -> AsyncGenerator[None, None]:
+    """`dispatch.upstream._first_byte_deadline` before session 20."""
+    if seconds is None:
+        yield
+        return
+    if max_s is None:
+        max_s = LAG_STRETCH * seconds
+    try:
+        async with (
+            asyncio.timeout(min(seconds, max_s)) if lag is None
+            else lag.deadline(seconds, max_s)
+        ) as deadline:
+            yield
+    except TimeoutError:
+        if not deadline.expired():
+            raise
+        raise UpstreamAttemptFailed(
+            f"sent no first byte within {seconds:.3g} s (first-byte timeout)",
+            upstream=endpoint.name,
+            reason="first_byte_timeout",
+        ) from None
+
+
+def dispatch_cms_case(gw: Gateway, bodies: list[bytes]) -> dict[str, Timed]:
+    endpoint, lag = gw.fleet.endpoints[0], gw.lag
+
+    def run(translate: Any, deadline: Any) -> Timed:
+        async def timed() -> None:
+            t0 = time.process_time()
+            for _ in bodies:
+                for _ in range(2):  # open, then first_chunk
+                    with translate(endpoint):
+                        async with deadline(endpoint, 0.5, lag, 1.5):
+                            pass
+            timed.elapsed = time.process_time() - t0  # type: ignore[attr-defined]
+        return timed
+
+    return {"old": run(old_translate, old_first_byte_deadline),
+            "new": run(_translate, _first_byte_deadline)}
+
+
 CASES = {"settle": settle_case, "placement_metrics": placement_metrics_case, "itl": itl_case,
-         "block_hashes": block_hashes_case, "tokenize": tokenize_case}
+         "block_hashes": block_hashes_case, "tokenize": tokenize_case,
+         "dispatch_cms": dispatch_cms_case}
 
 
 def main(argv: list[str] | None = None) -> int:
