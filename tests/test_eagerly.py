@@ -117,11 +117,12 @@ async def test_the_settle_on_the_memory_store_is_done_when_finish_soon_returns()
     assert [(r.usd, r.prompt_tokens, r.completion_tokens) for r in rows] == [(0.25, 10, 5)]
 
 
-async def test_a_settle_that_waits_goes_on_in_a_task_and_settled_waits_for_it() -> None:
-    store = SlowStore()
+async def test_another_stores_settle_runs_in_its_own_task_and_settled_waits_for_it() -> None:
+    store = SlowStore()  # its waits could enter timeouts: never in the caller's task
     adm, t = _admission(store)
     fut = adm.finish_soon(t)
-    assert not fut.done() and fut in adm._tasks
+    assert isinstance(fut, asyncio.Task) and fut is not asyncio.current_task()
+    assert not fut.done() and fut in adm._tasks and not t.done  # not started yet
     assert not await adm.settled(t, 0.01)  # ran out: counted, the settle goes on
     assert adm.metrics.admission_settle_timeouts._value.get() == 1
     store.gate.set()

@@ -11,7 +11,8 @@ would run it in). When it finishes there, the caller gets a finished future hold
 or exception, and no task is made; when it waits (a Redis round trip) a task resumes it from
 there (`Resumed`), and cancelling that task reaches the coroutine where it waits. What differs
 from a task: the first step runs before `start` returns, inside the caller's turn, and during it
-`asyncio.current_task()` is the caller's task.
+`asyncio.current_task()` is the caller's task — so a coroutine whose first step enters an
+``asyncio.timeout`` (which cancels the task it was entered in) must not be started this way.
 """
 
 from __future__ import annotations

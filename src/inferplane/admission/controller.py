@@ -531,11 +531,15 @@ class Admission:
         start it before the answer's last bytes and wait for it (`settled`), so a killed
         gateway has not lost the spend of an answered request.
 
-        It starts at once (`inferplane.eagerly`): on a store that answers without waiting (the
-        in-memory one) the settle is done when this returns, with no task and no turn of the
-        event loop for `settled` to wait; a store that waits (Redis) goes on in a task."""
+        On the in-memory store, whose calls never wait, it runs at once (`inferplane.eagerly`):
+        the settle is done when this returns, with no task and no turn of the event loop for
+        `settled` to wait. Any other store's settle runs in a task of its own: its calls wait,
+        and their timeouts (``asyncio.timeout``) bind to the task they start in, which in an
+        eager first step would be the caller's."""
         if t.settling is None:
-            t.settling = eagerly.start(self.finish(t))
+            coro = self.finish(t)
+            t.settling = (eagerly.start(coro) if type(self.store) is MemoryStore
+                          else asyncio.create_task(coro))
             if t.settling.done():
                 self._finished(t.settling)  # now: no callback for the loop to run
             else:
