@@ -110,7 +110,9 @@ class GatewayMetrics:
         self.tenant_labels = tenant_labels
         self.registry = CollectorRegistry()
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
-        # `observe_placement`'s children by timing key ("stage:plugin")
+        # `observe_placement`'s children by timing key ("stage:plugin"). `forget` leaves it:
+        # the placement histogram is labelled by stage and plugin only, and none of its
+        # series is ever removed.
         self._placement_children: dict[str, Any] = {}
         r = self.registry
         self.requests = Counter(
@@ -413,7 +415,6 @@ class GatewayMetrics:
             gone = True
         if gone:  # cached children of removed series would write to nothing exported
             self._children.clear()
-            self._placement_children.clear()
 
     def tenant(self, name: str) -> str:
         """The ``tenant`` label value: the tenant's name only with ``gateway.metrics.tenant_labels``
