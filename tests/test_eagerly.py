@@ -12,6 +12,7 @@ from inferplane import eagerly
 from inferplane.admission.controller import Admission, Ticket
 from inferplane.admission.state import MemoryStore
 from inferplane.config.loader import parse_config
+from inferplane.config.schema import FleetConfig
 from inferplane.fleet.live import LiveFleet
 from inferplane.fleet.model import Fleet
 from inferplane.placement.profile import RequestProfile
@@ -85,8 +86,8 @@ async def test_cancelling_the_task_reaches_the_coroutine_where_it_waits() -> Non
     assert seen == ["cancelled"]
 
 
-def _admission(store: object) -> tuple[Admission, Ticket]:
-    config = parse_config(to_yaml(pool_fleet(9, tenants=[tenant("t", "sk-t")])))
+def _admission(store: object, config: FleetConfig | None = None) -> tuple[Admission, Ticket]:
+    config = config or parse_config(to_yaml(pool_fleet(9, tenants=[tenant("t", "sk-t")])))
     live = LiveFleet(Fleet.from_config(config))
     adm = Admission(config, live, GatewayMetrics(), store=store)  # type: ignore[arg-type]
     profile = RequestProfile(request_id="r", tenant="t", model="m", workload_class="interactive")
@@ -115,6 +116,46 @@ async def test_the_settle_on_the_memory_store_is_done_when_finish_soon_returns()
     assert await adm.settled(t, 1.0)
     rows = await adm.store.usage("t")
     assert [(r.usd, r.prompt_tokens, r.completion_tokens) for r in rows] == [(0.25, 10, 5)]
+
+
+@pytest.mark.parametrize("caller", ["task", "loop callback"])
+async def test_a_budget_lease_on_the_memory_store_is_settled_when_finish_soon_returns(
+    caller: str,
+) -> None:
+    # `finish_soon` runs `Budgets.settle` and `MemoryStore.settle` in the caller's turn, and
+    # from the EPP's orphan check in no task at all (a `call_later` callback): a wait there
+    # would leave the future pending, and an `asyncio.timeout` there fails without a task
+    budgets = [{"scope": "tenant", "window": "day", "usd": 5.0}]
+    config = parse_config(to_yaml(pool_fleet(9, tenants=[tenant("t", "sk-t", budgets=budgets)])))
+    adm, t = _admission(MemoryStore(), config)
+    now = adm.clock()
+    t.lease = await adm.budgets.reserve(
+        config.tenants[0], t.key_hash, None, 1.0, 100, t.settle_id, now
+    )
+    (key,) = [d.key for d in t.lease.counters]
+    st = await adm.store.counter(key, now)
+    assert (st.reserved_usd, st.reserved_tokens, st.spent_usd) == (1.0, 100, 0.0)
+
+    futs: list[asyncio.Future[None]] = []
+    if caller == "task":
+        futs.append(adm.finish_soon(t))
+    else:
+        loop = asyncio.get_running_loop()
+        called = loop.create_future()
+
+        def orphan_check() -> None:
+            assert asyncio.current_task() is None
+            futs.append(adm.finish_soon(t))
+            called.set_result(None)
+
+        loop.call_soon(orphan_check)
+        await called
+    (fut,) = futs
+    assert fut.done() and fut.exception() is None and not adm._tasks
+    assert t.lease.settled
+    st = await adm.store.counter(key, adm.clock())
+    assert (st.reserved_usd, st.reserved_tokens, st.spent_usd, st.spent_tokens) == (
+        0.0, 0, 0.25, 15)
 
 
 async def test_another_stores_settle_runs_in_its_own_task_and_settled_waits_for_it() -> None:

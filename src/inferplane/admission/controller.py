@@ -488,7 +488,10 @@ class Admission:
             t.grant.started()
 
     async def finish(self, t: Ticket) -> None:
-        """Settle, give back, attribute. Idempotent; safe on every path (error, cancel)."""
+        """Settle, give back, attribute. Idempotent; safe on every path (error, cancel).
+
+        On `MemoryStore` `finish_soon` runs all of this eagerly in the caller's turn (see
+        there): nothing on that path may wait or enter an ``asyncio.timeout``."""
         if t.done:
             return
         t.done = True
