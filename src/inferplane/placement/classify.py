@@ -378,14 +378,18 @@ class Classifier:
         if prompt.ids is not None:
             return prompt
         ids = encode(tok, prompt.text)
-        # built field by field: `dataclasses.replace` costs several µs a call
+        # built field by field (`dataclasses.replace` costs several µs a call): a field added
+        # to `Prompt` must be carried here too
         text, max_out, count, template = (
             prompt.text, prompt.max_output_tokens, prompt.count, prompt.template)
         if template:  # the chat template adds tokens we do not render: count, no ids
-            return Prompt(text, len(ids), max_out, None, count, template)
+            return Prompt(text=text, tokens=len(ids), max_output_tokens=max_out, ids=None,
+                          count=count, template=template)
         if count > 1:  # a batch of texts: hash the first; the count stays an estimate
-            return Prompt(text, prompt.tokens, max_out, ids, count, template)
-        return Prompt(text, len(ids), max_out, ids, count, template)
+            return Prompt(text=text, tokens=prompt.tokens, max_output_tokens=max_out, ids=ids,
+                          count=count, template=template)
+        return Prompt(text=text, tokens=len(ids), max_output_tokens=max_out, ids=ids,
+                      count=count, template=template)
 
     def _engine_hashes(
         self, prompt: Prompt, tokenized: bool, salt: str | None
