@@ -297,6 +297,16 @@ def test_observed_latencies_reach_the_state(live: LiveFleet) -> None:
     assert t.ttft_p50_s is None and t.itl_p99_s is None
 
 
+def test_a_streams_gaps_at_once_are_the_same_window_as_one_by_one(live: LiveFleet) -> None:
+    gaps = [0.012, 0.011, 0.012, 0.5, 0.013]
+    live.observe_itl("eu-0", 0.02)
+    live.observe_itl("eu-1", 0.02)
+    live.observe_itls("eu-0", gaps)
+    for g in gaps:
+        live.observe_itl("eu-1", g)
+    assert live.live["eu-0"].itl.values() == live.live["eu-1"].itl.values() == [0.02, *gaps]
+
+
 # -- error rate ----------------------------------------------------------------------------------
 
 

@@ -14,7 +14,12 @@ from inferplane.config.loader import load_config
 from inferplane.errors import ConfigError
 from inferplane.placement.classify import Classifier, estimate_tokens
 from inferplane.placement.profile import RequestProfile
-from inferplane.tokenization import block_hashes, engine_block_hashes, salt_root
+from inferplane.tokenization import (
+    block_hashes,
+    engine_block_hashes,
+    hash_block_tokens,
+    salt_root,
+)
 from inferplane.twin.traces.tokens import VOCABULARY
 from inferplane.types import ApiKind
 from tests.builders import endpoint, model, pool_fleet, to_yaml
@@ -224,3 +229,17 @@ def test_the_cli_turns_the_tokenizers_pool_off_unless_the_environment_chose() ->
                          env={**env, "TOKENIZERS_PARALLELISM": "true"},
                          capture_output=True, text=True, check=True).stdout.strip()
     assert out == "true"
+
+
+@pytest.mark.parametrize("n", [0, 1, 15, 16, 17, 32, 100])
+@pytest.mark.parametrize("parent", [None, 0, 12345, (1 << 64) - 1])
+@pytest.mark.parametrize("size", [1, 7, 16])
+def test_block_hashes_chain_hash_block_tokens(n: int, parent: int | None, size: int) -> None:
+    ids = [(i * 7919) % 32000 for i in range(n)]
+    want: list[int] = []
+    h = parent
+    for start in range(0, n - size + 1, size):
+        h = hash_block_tokens(h, ids[start : start + size])
+        want.append(h)
+    assert block_hashes(ids, size, parent) == want
+    assert block_hashes(tuple(ids), size, parent) == want

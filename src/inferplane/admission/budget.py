@@ -169,6 +169,11 @@ class Budgets:
     async def settle(
         self, lease: BudgetLease, usd: float, tokens: int, now: float | None = None
     ) -> None:
+        """Drop the lease and add the actual spend, once per lease.
+
+        On `MemoryStore`, `Admission.finish_soon` runs this eagerly, in the caller's task or in
+        no task at all: never await here anything but the store's call, nor enter an
+        ``asyncio.timeout``."""
         if lease.settled:
             return
         lease.settled = True

@@ -39,6 +39,7 @@ from typing import Any, cast
 
 import orjson
 
+from inferplane import eagerly
 from inferplane.admission import limits
 from inferplane.admission.budget import BudgetLease, Budgets, WorstCase
 from inferplane.admission.queue import BANDS, FairQueue, Grant, PoolKey
@@ -94,7 +95,7 @@ class Ticket:
     # the settle's id: its budget lease and its usage update are applied once under it, even
     # when an outage journal replays them (`admission.outage`)
     settle_id: str = field(default_factory=lambda: os.urandom(8).hex())
-    settling: asyncio.Task[None] | None = None  # `Admission.finish_soon`'s task
+    settling: asyncio.Future[None] | None = None  # `Admission.finish_soon`'s settle
 
     def observe(self, usd: float, prompt_tokens: int, completion_tokens: int) -> None:
         """The actual cost and tokens, from `account`."""
@@ -211,7 +212,7 @@ class Admission:
         if self.gate_s is not None:
             live.on_prefilled = self._prefilled
         self._day: tuple[float, float, str] = (0.0, 0.0, "")
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Future[None]] = set()
         self._ticker: asyncio.Task[None] | None = None
 
     def fleet_changed(self) -> None:
@@ -487,7 +488,10 @@ class Admission:
             t.grant.started()
 
     async def finish(self, t: Ticket) -> None:
-        """Settle, give back, attribute. Idempotent; safe on every path (error, cancel)."""
+        """Settle, give back, attribute. Idempotent; safe on every path (error, cancel).
+
+        On `MemoryStore` `finish_soon` runs all of this eagerly in the caller's turn (see
+        there): nothing on that path may wait or enter an ``asyncio.timeout``."""
         if t.done:
             return
         t.done = True
@@ -525,14 +529,25 @@ class Admission:
             self._day = (start, start + 86400.0, d.strftime("%Y-%m-%d"))
         return self._day[2]
 
-    def finish_soon(self, t: Ticket) -> asyncio.Task[None]:
-        """`finish` in a background task, started once per ticket (later calls return the
-        same task). Front ends start it before the answer's last bytes and wait for it
-        (`settled`), so a killed gateway has not lost the spend of an answered request."""
+    def finish_soon(self, t: Ticket) -> asyncio.Future[None]:
+        """`finish`, started once per ticket (later calls return the same future). Front ends
+        start it before the answer's last bytes and wait for it (`settled`), so a killed
+        gateway has not lost the spend of an answered request.
+
+        On the in-memory store, whose calls never wait, it runs at once (`inferplane.eagerly`):
+        the settle is done when this returns, with no task and no turn of the event loop for
+        `settled` to wait. Any other store's settle runs in a task of its own: its calls wait,
+        and their timeouts (``asyncio.timeout``) bind to the task they start in, which in an
+        eager first step would be the caller's."""
         if t.settling is None:
-            t.settling = asyncio.create_task(self.finish(t))
-            self._tasks.add(t.settling)
-            t.settling.add_done_callback(self._finished)
+            coro = self.finish(t)
+            t.settling = (eagerly.start(coro) if type(self.store) is MemoryStore
+                          else asyncio.create_task(coro))
+            if t.settling.done():
+                self._finished(t.settling)  # now: no callback for the loop to run
+            else:
+                self._tasks.add(t.settling)
+                t.settling.add_done_callback(self._finished)
         return t.settling
 
     async def settled(self, t: Ticket, timeout_s: float) -> bool:
@@ -547,7 +562,7 @@ class Admission:
         self.metrics.admission_settle_timeouts.inc()
         return False
 
-    def _finished(self, task: asyncio.Task[None]) -> None:
+    def _finished(self, task: asyncio.Future[None]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("admission settle failed: %s", task.exception())

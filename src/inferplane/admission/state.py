@@ -127,7 +127,12 @@ class _Counter:
 
 
 class MemoryStore:
-    """The single-process store. Each method runs without awaiting, hence atomically."""
+    """The single-process store. Each method runs without awaiting, hence atomically.
+
+    Keep `settle` and `add_usage` synchronous in effect: `Admission.finish_soon` runs the settle
+    on this store eagerly, in the caller's task or in no task at all (the EPP's orphan check is
+    a loop callback), so they must never await anything that suspends nor enter an
+    ``asyncio.timeout``."""
 
     def __init__(self) -> None:
         self._counters: dict[str, _Counter] = {}

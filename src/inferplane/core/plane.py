@@ -1044,8 +1044,7 @@ class Core:
             predicted = d.candidate(name).annotations.get("ttft_raw_s")
             self.live.observe_ttft(name, ttft, predicted)
             self.metrics.child(self.metrics.ttft, name).observe(ttft)
-            for g in stats.gaps:
-                self.live.observe_itl(name, g)
+            self.live.observe_itls(name, stats.gaps)
             if stats.gaps:
                 itl = sum(stats.gaps) / len(stats.gaps)
         prompt = completion = cached = None

@@ -29,12 +29,13 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import sys
-from collections.abc import Coroutine, Generator
-from types import TracebackType
+from collections.abc import Coroutine
 from typing import Any
 
 import aiohttp
 from aiohttp import client_reqrep, payload
+
+from inferplane import eagerly
 
 
 def _tested_aiohttp() -> bool:
@@ -53,50 +54,6 @@ _WRITER = (
 NEEDED = sys.version_info < (3, 12)
 """Whether aiohttp leaves the writer to a scheduled task (Python < 3.12)."""
 
-_STARTED = object()
-
-
-class _Resumed(Coroutine[Any, Any, Any]):
-    """A coroutine already past its first step, driven on by a task: the task's first step
-    hands over the future the coroutine waits on, every later step (and any exception the task
-    throws, a cancellation before its first step included) goes to the coroutine itself."""
-
-    __slots__ = ("_coro", "_pending")
-
-    def __init__(self, coro: Coroutine[Any, Any, Any], pending: object) -> None:
-        self._coro = coro
-        self._pending = pending
-
-    def send(self, value: Any) -> Any:
-        pending, self._pending = self._pending, _STARTED
-        if pending is not _STARTED:
-            return pending  # what the writer awaits; the task waits on it
-        return self._coro.send(value)
-
-    def throw(
-        self,
-        typ: type[BaseException] | BaseException,
-        val: object = None,
-        tb: TracebackType | None = None,
-    ) -> Any:
-        pending, self._pending = self._pending, _STARTED
-        exc = typ if isinstance(typ, BaseException) else typ()
-        if isinstance(exc, asyncio.CancelledError) and isinstance(pending, asyncio.Future):
-            pending.cancel()  # as a task cancels the future it waits on
-        return self._coro.throw(exc)
-
-    def close(self) -> None:
-        self._coro.close()
-
-    def __await__(self) -> Generator[Any, None, Any]:
-        return self
-
-    def __iter__(self) -> _Resumed:
-        return self
-
-    def __next__(self) -> Any:
-        return self.send(None)
-
 
 def _bytes_body(coro: Coroutine[Any, Any, Any]) -> bool:
     frame = getattr(coro, "cr_frame", None)
@@ -110,32 +67,15 @@ def eager_writer_factory(
     *,
     context: contextvars.Context | None = None,
 ) -> asyncio.Future[Any]:
-    """A task factory: aiohttp's writer of a bytes body started at once, every other coroutine
-    as an ordinary task."""
+    """A task factory: aiohttp's writer of a bytes body started at once (`inferplane.eagerly`),
+    every other coroutine as an ordinary task."""
     if (
         _WRITER is None
         or getattr(coro, "cr_code", None) is not _WRITER
         or not _bytes_body(coro)
     ):
         return asyncio.Task(coro, loop=loop, context=context)
-    ctx = contextvars.copy_context() if context is None else context
-    try:
-        pending = ctx.run(coro.send, None)
-    except StopIteration as stop:
-        done: asyncio.Future[Any] = loop.create_future()
-        done.set_result(stop.value)
-        return done
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except asyncio.CancelledError:
-        cancelled: asyncio.Future[Any] = loop.create_future()
-        cancelled.cancel()
-        return cancelled
-    except BaseException as exc:  # as a task that failed in its first step
-        failed: asyncio.Future[Any] = loop.create_future()
-        failed.set_exception(exc)
-        return failed
-    return asyncio.Task(_Resumed(coro, pending), loop=loop, context=ctx)
+    return eagerly.start(coro, loop, context)
 
 
 def install(loop: asyncio.AbstractEventLoop | None = None) -> bool:

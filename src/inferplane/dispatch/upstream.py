@@ -22,6 +22,7 @@ import re
 import time
 from collections.abc import AsyncGenerator, Iterator, Mapping
 from dataclasses import dataclass
+from types import TracebackType
 
 import aiohttp
 import orjson
@@ -87,25 +88,41 @@ def with_cache_salt(body: bytes, salt: str) -> bytes:
     return orjson.dumps(obj)
 
 
-@contextlib.contextmanager
-def _translate(endpoint: Endpoint) -> Iterator[None]:
-    """Map aiohttp/asyncio exceptions to the gateway's error tree."""
-    try:
-        yield
-    except TimeoutError:
-        raise UpstreamAttemptFailed(
-            "timed out before answering", upstream=endpoint.name, reason="timeout"
-        ) from None
-    except aiohttp.ClientConnectorError as exc:
-        raise UpstreamAttemptFailed(
-            f"cannot connect ({exc.os_error.strerror or exc.os_error})",
-            upstream=endpoint.name,
-            reason="connect",
-        ) from None
-    except (aiohttp.ClientError, ConnectionError) as exc:
-        raise UpstreamAttemptFailed(
-            f"connection failed ({type(exc).__name__})", upstream=endpoint.name, reason="connection"
-        ) from None
+class _translate:
+    """Map aiohttp/asyncio exceptions to the gateway's error tree. (A class, not a generator:
+    the request path enters three a request.)"""
+
+    __slots__ = ("endpoint",)
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            return
+        name = self.endpoint.name
+        if issubclass(exc_type, TimeoutError):
+            raise UpstreamAttemptFailed(
+                "timed out before answering", upstream=name, reason="timeout"
+            ) from None
+        if isinstance(exc, aiohttp.ClientConnectorError):
+            raise UpstreamAttemptFailed(
+                f"cannot connect ({exc.os_error.strerror or exc.os_error})",
+                upstream=name,
+                reason="connect",
+            ) from None
+        if issubclass(exc_type, (aiohttp.ClientError, ConnectionError)):
+            raise UpstreamAttemptFailed(
+                f"connection failed ({exc_type.__name__})", upstream=name, reason="connection"
+            ) from None
 
 
 LAG_STRETCH = MAX_STRETCH
@@ -113,39 +130,66 @@ LAG_STRETCH = MAX_STRETCH
 default of ``gateway.first_byte_timeout.max_stretch``, which the gateway passes)."""
 
 
-@contextlib.asynccontextmanager
-async def _first_byte_deadline(
-    endpoint: Endpoint,
-    seconds: float | None,
-    lag: LoopLag | None = None,
-    max_s: float | None = None,
-) -> AsyncGenerator[None, None]:
+class _first_byte_deadline:
     """Raise `UpstreamAttemptFailed` (reason ``first_byte_timeout``) when the block takes longer
     than ``seconds`` (None: no limit beyond the session's) of the gateway's *running* time: with
     ``lag``, time the gateway's own event loop lost (the process descheduled on a loaded host)
     does not count against the endpoint (`inferplane.looplag`) — but the block never takes more
     than ``max_s`` of wall time (``gateway.first_byte_timeout.max_stretch``): a loop that is
     merely busy looks late too, and a hung engine must still be timed out under load (without
-    ``max_s``: `LAG_STRETCH` × ``seconds``)."""
-    if seconds is None:
-        yield
-        return
-    if max_s is None:
-        max_s = LAG_STRETCH * seconds
-    try:
-        async with (
-            asyncio.timeout(min(seconds, max_s)) if lag is None
-            else lag.deadline(seconds, max_s)
-        ) as deadline:
-            yield
-    except TimeoutError:
-        if not deadline.expired():
-            raise  # another timeout (the session's): `_translate` names it
-        raise UpstreamAttemptFailed(
-            f"sent no first byte within {seconds:.3g} s (first-byte timeout)",
-            upstream=endpoint.name,
-            reason="first_byte_timeout",
-        ) from None
+    ``max_s``: `LAG_STRETCH` × ``seconds``). A timeout that is not this deadline's (the
+    session's) leaves as it came, for `_translate` to name. (A class, not a generator: the
+    request path enters two a request.)"""
+
+    __slots__ = ("_cm", "_deadline", "_endpoint", "_seconds")
+
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        seconds: float | None,
+        lag: LoopLag | None = None,
+        max_s: float | None = None,
+    ) -> None:
+        self._endpoint = endpoint
+        self._seconds = seconds
+        self._cm: contextlib.AbstractAsyncContextManager[asyncio.Timeout] | None = None
+        if seconds is not None:
+            if max_s is None:
+                max_s = LAG_STRETCH * seconds
+            self._cm = (
+                asyncio.timeout(min(seconds, max_s)) if lag is None
+                else lag.deadline(seconds, max_s)
+            )
+
+    async def __aenter__(self) -> None:
+        if self._cm is not None:
+            self._deadline = await self._cm.__aenter__()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        cm = self._cm
+        if cm is None:
+            return
+        try:
+            await cm.__aexit__(exc_type, exc, tb)  # an expired deadline: TimeoutError
+        except TimeoutError:
+            self._expired()
+            raise
+        if exc_type is not None and issubclass(exc_type, TimeoutError):
+            self._expired()
+
+    def _expired(self) -> None:
+        """A TimeoutError leaves the block: this deadline's becomes `UpstreamAttemptFailed`."""
+        if self._deadline.expired():
+            raise UpstreamAttemptFailed(
+                f"sent no first byte within {self._seconds:.3g} s (first-byte timeout)",
+                upstream=self._endpoint.name,
+                reason="first_byte_timeout",
+            ) from None
 
 
 _USAGE_ONLY = re.compile(rb'"choices"\s*:\s*\[\s*\]')

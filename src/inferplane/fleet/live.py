@@ -12,7 +12,7 @@ import math
 import time
 from bisect import bisect_left, insort
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from itertools import count, repeat
 
@@ -560,6 +560,12 @@ class LiveFleet:
 
     def observe_itl(self, endpoint: str, seconds: float) -> None:
         self._record_of(endpoint).itl.add(seconds)
+
+    def observe_itls(self, endpoint: str, seconds: Iterable[float]) -> None:
+        """A stream's inter-token gaps, in order (as many `observe_itl` calls)."""
+        add = self._record_of(endpoint).itl.add
+        for s in seconds:
+            add(s)
 
     def observe_outcome(
         self, endpoint: str, ok: bool, *, timeout: bool = False, consecutive: bool = True,

@@ -22,7 +22,7 @@ its 400 error when invalid:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from inferplane.config.schema import (
@@ -378,11 +378,18 @@ class Classifier:
         if prompt.ids is not None:
             return prompt
         ids = encode(tok, prompt.text)
-        if prompt.template:  # the chat template adds tokens we do not render: count, no ids
-            return replace(prompt, tokens=len(ids))
-        if prompt.count > 1:  # a batch of texts: hash the first; the count stays an estimate
-            return replace(prompt, ids=ids)
-        return replace(prompt, tokens=len(ids), ids=ids)
+        # built field by field (`dataclasses.replace` costs several µs a call): a field added
+        # to `Prompt` must be carried here too
+        text, max_out, count, template = (
+            prompt.text, prompt.max_output_tokens, prompt.count, prompt.template)
+        if template:  # the chat template adds tokens we do not render: count, no ids
+            return Prompt(text=text, tokens=len(ids), max_output_tokens=max_out, ids=None,
+                          count=count, template=template)
+        if count > 1:  # a batch of texts: hash the first; the count stays an estimate
+            return Prompt(text=text, tokens=prompt.tokens, max_output_tokens=max_out, ids=ids,
+                          count=count, template=template)
+        return Prompt(text=text, tokens=len(ids), max_output_tokens=max_out, ids=ids,
+                      count=count, template=template)
 
     def _engine_hashes(
         self, prompt: Prompt, tokenized: bool, salt: str | None

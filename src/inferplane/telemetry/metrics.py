@@ -120,6 +120,10 @@ class GatewayMetrics:
         self.tenant_labels = tenant_labels
         self.registry = CollectorRegistry()
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+        # `observe_placement`'s children by timing key ("stage:plugin"). `forget` leaves it:
+        # the placement histogram is labelled by stage and plugin only, and none of its
+        # series is ever removed.
+        self._placement_children: dict[str, Any] = {}
         r = self.registry
         self.requests = Counter(
             "inferplane_requests",
@@ -491,9 +495,13 @@ class GatewayMetrics:
     def observe_placement(self, timings_s: dict[str, float]) -> None:
         """A decision's plugin timings (``"stage:plugin": seconds``) into
         ``inferplane_placement_plugin_seconds``."""
+        children = self._placement_children
         for key, seconds in timings_s.items():
-            stage, _, plugin = key.partition(":")
-            self.child(self.placement, stage, plugin).observe(seconds)
+            c = children.get(key)
+            if c is None:
+                stage, _, plugin = key.partition(":")
+                c = children[key] = self.child(self.placement, stage, plugin)
+            c.observe(seconds)
 
     def child(self, metric: Any, *labels: str) -> Any:
         """``metric.labels(*labels)``, cached: the request path avoids prometheus' label lookup."""
