@@ -147,6 +147,19 @@ def _spy(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
     return sends
 
 
+async def _head_while_held(engine: Engine, url: str, body: dict[str, Any]) -> bytes:
+    """POST ``body``; check the answer's head arrives while the engine is still held (10 s: a
+    liveness bound), then let the engine go on and return the whole body."""
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {KEY}"}) as s:
+        r = await asyncio.wait_for(s.post(url, json=body), 10)
+        try:
+            assert r.status == 200 and not engine.go.is_set()
+            engine.go.set()
+            return await r.read()
+        finally:
+            r.release()
+
+
 async def test_the_head_and_the_first_token_leave_in_one_send(
     stack: tuple[Engine, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -178,15 +191,7 @@ async def test_the_head_leaves_at_once_when_the_first_chunk_relays_nothing(
     gets the head while the engine waits."""
     engine, base = stack
     engine.first = TOKEN[:30]
-    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {KEY}"}) as s:
-        # the head arrives while the engine is still held (10 s: a liveness bound)
-        r = await asyncio.wait_for(s.post(base + "/v1/completions", json=BODY), 10)
-        try:
-            assert r.status == 200 and not engine.go.is_set()
-            engine.go.set()
-            body = await r.read()
-        finally:
-            r.release()
+    body = await _head_while_held(engine, base + "/v1/completions", BODY)
     assert body.startswith(TOKEN) and body.endswith(b"data: [DONE]\n\n")
     assert b'"usage"' not in body
 
@@ -195,20 +200,12 @@ async def test_the_head_leaves_at_once_when_an_anthropic_first_chunk_translates_
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("TEST_HEAD_KEY", "sk-upstream")
-    async with (
-        _stack(engine="openai-compatible", dialect="anthropic", api_key_env="TEST_HEAD_KEY")
-        as (engine, base),
-        aiohttp.ClientSession(headers={"Authorization": f"Bearer {KEY}"}) as s,
-    ):
-        chat = {"model": "m", "max_tokens": 2, "stream": True,
-                "messages": [{"role": "user", "content": "a b"}]}
-        r = await asyncio.wait_for(s.post(base + "/v1/chat/completions", json=chat), 10)
-        try:
-            assert r.status == 200 and not engine.go.is_set()
-            engine.go.set()
-            body = await r.read()
-        finally:
-            r.release()
+    chat = {"model": "m", "max_tokens": 2, "stream": True,
+            "messages": [{"role": "user", "content": "a b"}]}
+    async with _stack(
+        engine="openai-compatible", dialect="anthropic", api_key_env="TEST_HEAD_KEY"
+    ) as (engine, base):
+        body = await _head_while_held(engine, base + "/v1/chat/completions", chat)
     assert b'"content":"t0"' in body and body.endswith(b"data: [DONE]\n\n")
 
 
