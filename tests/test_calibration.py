@@ -1157,6 +1157,70 @@ def test_speed_spread_compares_each_point_with_its_point_and_its_round() -> None
         speed_spread([[0.01, 0.0], [0.01, 0.01]])
 
 
+def test_speed_spread_leaves_out_what_did_not_time_the_engine() -> None:
+    """A point's round whose streams all came in one burst (None) is left out of the spread,
+    and so are a point timed in one round only and a round with one point timed: nothing to
+    compare them with."""
+    itl: list[list[float | None]] = [
+        [0.010, 0.010, 0.010, 0.010],
+        [0.020, None, 0.020, 0.030],  # round 1: a burst; round 3: 1.5x its round's others
+        [0.030, 0.030, 0.030, 0.030],
+    ]
+    assert speed_spread(itl) == (1.0,) * 10 + (1.5,)
+    assert speed_spread([*itl, [None, 0.5, None, None]]) == speed_spread(itl)  # one round only
+    assert speed_spread([[0.01, None], [None, 0.02]]) == ()  # every round has one point
+
+
+class _BurstyEngine:
+    """`Prober.stream` without an engine: every request answers in 10 ms, every decode stream
+    at 5 ms per token, except the decode streams of one (round, point), which all come in one
+    burst a second late (a starved front end)."""
+
+    def __init__(self, decode_tokens: int, streams_per_round: Sequence[int],
+                 burst: tuple[int, int]) -> None:
+        self.decode_tokens, self.burst = decode_tokens, burst
+        self.owner = [(r, p) for r in range(64) for p, n in enumerate(streams_per_round)
+                      for _ in range(n)]  # (round, point) of the j-th decode stream
+        self.decode_streams = 0
+
+    async def stream(self, session: object, prompt: str, max_tokens: int,
+                     on_first: asyncio.Event | None = None) -> object:
+        from inferplane.physics.probe import _Stream
+
+        if on_first is not None:
+            on_first.set()
+        ttft, decode = 0.010, 0.005 * (max_tokens - 1)
+        if max_tokens == self.decode_tokens:
+            owner = self.owner[self.decode_streams]
+            self.decode_streams += 1
+            if owner == self.burst:
+                ttft, decode = 1.0, 0.0
+        return _Stream(ttft, decode, len(prompt.split()), max_tokens, None)
+
+
+async def test_probe_leaves_rounds_that_came_in_one_burst_out_of_the_speed_spread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A decode point's round whose streams all came in one burst still gives the point a time
+    (the lone request's TTFT stands in: `Prober.decode_once`), but not a factor of the speed
+    spread: it timed the front end's hold-up (here 60 ms per token against 5), not the
+    engine."""
+    # points: batch 1 and 2 with short prompts, then with long ones; the burst: round 1's
+    # batch 2 with short prompts
+    fake = _BurstyEngine(16, (1, 2, 1, 2), burst=(1, 1))
+    prober = Prober("http://127.0.0.1:9", "m")
+    monkeypatch.setattr(prober, "stream", fake.stream)
+    result = await prober.run((16, 64), (1, 2), decode_tokens=16, repeats=3, warm_up_max_s=5.0)
+    assert fake.decode_streams == 3 * 6
+    assert len(result.decode) == 4
+    assert len(result.speed_spread) == 4 * 3 - 1
+    assert result.speed_spread == pytest.approx((1.0,) * 11)
+    # the same probe with the burst counted would have put a factor of 12 in the spread
+    itl = [[0.005] * 3 for _ in range(4)]
+    itl[1][1] = (1.0 - 0.010) / 15
+    assert max(speed_spread(itl)) > 10
+
+
 def test_speed_spread_draws_one_factor_per_window_from_the_sampled_ones() -> None:
     """One factor per window of engine time, from the sampled factors only, the same for
     every time in the window and on every run with the same seed, whatever order the windows
