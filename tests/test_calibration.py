@@ -40,7 +40,7 @@ from inferplane.physics.calibration import (
     speed_spread,
 )
 from inferplane.physics.frontend import FrontEnd
-from inferplane.physics.probe import Prober, calibrate_endpoint
+from inferplane.physics.probe import SLOW_SPREAD_MEAN, Prober, ProbeResult, calibrate_endpoint
 from inferplane.physics.spread import SpeedSpread, SpreadCost
 from inferplane.twin.emulator.endpoint import FINISHED, Submission, client_lead_s
 from inferplane.twin.emulator.server import start_emulator
@@ -1219,6 +1219,45 @@ async def test_probe_leaves_rounds_that_came_in_one_burst_out_of_the_speed_sprea
     itl = [[0.005] * 3 for _ in range(4)]
     itl[1][1] = (1.0 - 0.010) / 15
     assert max(speed_spread(itl)) > 10
+
+
+def _probe_result(spread: tuple[float, ...]) -> ProbeResult:
+    """What `Prober.run` returns for a machine of known factors, with ``spread``."""
+    _, _, pre, dec = _synthetic("l4", "llama-3.1-8b", 1024)
+    return ProbeResult(prefill=pre, decode=dec, speed_spread=spread, speed_spread_window_s=0.3)
+
+
+@pytest.mark.parametrize(
+    ("spread", "keep", "warned"),
+    [
+        ((0.98, 1.0, 1.0, 1.0, 1.22), True, False),  # mean 1.04: under the limit
+        ((0.98, 1.0, 1.0, 1.0, 1.27), True, False),  # mean 1.05: at it
+        ((0.98, 1.0, 1.0, 1.0, 1.32), True, True),  # mean 1.06: over it
+        ((0.98, 1.0, 1.0, 1.0, 1.32), False, False),  # left out of the profile
+        ((), True, False),  # no spread
+    ],
+)
+async def test_calibrate_warns_when_the_speed_spread_slows_the_profile_on_average(
+    monkeypatch: pytest.MonkeyPatch, spread: tuple[float, ...], keep: bool, warned: bool,
+) -> None:
+    """`calibrate_endpoint` warns when the spread it writes has a mean over
+    `SLOW_SPREAD_MEAN` (the emulator would run the profile that much slower on average than
+    the simulator and the predictor); not at or under it, nor when the spread is left out."""
+    assert SLOW_SPREAD_MEAN == 1.05  # the cases above are set around it
+
+    async def run(self: Prober, *args: object, **kwargs: object) -> ProbeResult:
+        return _probe_result(spread)
+
+    monkeypatch.setattr(Prober, "run", run)
+    text, summary = await calibrate_endpoint(
+        "http://127.0.0.1:9", "m", model_profile="llama-3.1-8b", base="l4", name="lab",
+        keep_speed_spread=keep,
+    )
+    assert ("warning: the speed spread's mean is" in summary) is warned
+    if warned:
+        assert f"mean is {statistics.fmean(spread):.3f}" in summary
+        assert "--no-speed-spread" in summary
+    assert ("speed_spread" in text) is (keep and bool(spread))
 
 
 def test_speed_spread_draws_one_factor_per_window_from_the_sampled_ones() -> None:
