@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
+import math
 import random
 import statistics
 import zlib
@@ -21,7 +22,6 @@ from inferplane.config.loader import load_config
 from inferplane.errors import ConfigError
 from inferplane.fleet.model import Fleet
 from inferplane.physics import HardwareProfile, Roofline, get_hardware, get_model
-from inferplane.physics import spread as spread_module
 from inferplane.physics.calibration import (
     BurstPoint,
     Calibration,
@@ -40,14 +40,7 @@ from inferplane.physics.calibration import (
     speed_spread,
 )
 from inferplane.physics.frontend import FrontEnd
-from inferplane.physics.probe import (
-    SLOW_SPREAD_MEAN,
-    SPREAD_WINDOW_STEPS,
-    Prober,
-    ProbeResult,
-    _Stream,
-    calibrate_endpoint,
-)
+from inferplane.physics.probe import SLOW_SPREAD_MEAN, Prober, ProbeResult, calibrate_endpoint
 from inferplane.physics.spread import SpeedSpread, SpreadCost
 from inferplane.twin.emulator.endpoint import FINISHED, Submission, client_lead_s
 from inferplane.twin.emulator.server import start_emulator
@@ -508,11 +501,9 @@ async def test_calibrate_an_emulated_engine_end_to_end(tmp_path: Path) -> None:
     hw = load_hardware_profile(path)
     assert hw.name == "cpu-emulated" and hw.kind == "cpu"
     assert "fit: median error" in summary
-    # a window of one stream of every decode point of every round against its point and its
-    # round: 4 points (batches 1 and 2, short and long prompts) x 2 rounds, each one window (a
-    # decode of 8 tokens is 7 steps); fewer where a starved client read a round in one burst
-    assert len(hw.speed_spread) <= 8
-    assert not hw.speed_spread or hw.speed_spread_window_s > 0
+    # every decode point of every round against its point and its round: 4 points (batches 1
+    # and 2, short and long prompts) x 2 rounds, over one stream's decode of 8 tokens
+    assert len(hw.speed_spread) == 8 and hw.speed_spread_window_s > 0
     assert text.count("prompt_tokens:") >= 3  # every prefill point, cold and cached
 
 
@@ -1149,115 +1140,85 @@ def test_the_predictors_queue_prices_a_mixed_queue_from_the_prompts_squares() ->
 # -- the engine's speed from one stretch of time to the next (speed_spread) ------------------
 
 
-def test_speed_spread_compares_each_window_with_its_point_and_its_round() -> None:
-    """Every window of every point's stream of every round over its point's typical window,
-    then over its round's drift: the points' own times and a round run slower as a whole (a
-    host slower for a minute) leave nothing; one window slower than the rest of its stream (a
-    short stall) and a stream slower than its point's usual (a longer stretch) remain."""
-    windows = [
-        [(0.010, 0.010, 0.010)] * 5,  # batch 1
-        [(0.020, 0.020, 0.020)] * 5,  # batch 4: twice the time, every round
-        # round 2: one window twice its stream's others; round 3: the whole stream 1.5x
-        [(0.030, 0.030, 0.030), (0.030, 0.030, 0.030), (0.030, 0.060, 0.030),
-         (0.045, 0.045, 0.045), (0.030, 0.030, 0.030)],
-    ]
-    assert speed_spread(windows) == pytest.approx((1.0,) * 41 + (1.5,) * 3 + (2.0,))
-    slower = [[tuple(t * f for t in w) for w, f in zip(p, (1.3, 1, 1, 1, 1), strict=True)]
-              for p in windows]
-    assert speed_spread(slower) == pytest.approx(speed_spread(windows))  # a round's drift
-    assert speed_spread(windows[:1]) == ()  # one point: nothing to compare it with
-    assert speed_spread([p[:1] for p in windows]) == ()  # one round
-    assert speed_spread([windows[0], windows[1][:3]]) == ()  # not every point in every round
+def test_speed_spread_compares_each_point_with_its_point_and_its_round() -> None:
+    """Every decode point of every round over its point's median, then over its round's
+    median: the points' own times and a round run slower as a whole (a host slower for a
+    minute) leave nothing; one point slower than the rest of its round is what remains."""
+    itl = [[0.010, 0.010, 0.010, 0.010, 0.010],  # batch 1
+           [0.020, 0.020, 0.020, 0.020, 0.020],  # batch 4: twice the time, every round
+           [0.030, 0.030, 0.045, 0.030, 0.030]]  # round 2: this point 1.5x the others
+    assert speed_spread(itl) == (1.0,) * 14 + (1.5,)
+    slower = [[t * f for t, f in zip(p, (1.3, 1.0, 1.0, 1.0, 1.0), strict=True)] for p in itl]
+    assert speed_spread(slower) == pytest.approx(speed_spread(itl))  # a round's drift: out
+    assert speed_spread(itl[:1]) == ()  # one point: nothing to compare it with
+    assert speed_spread([p[:1] for p in itl]) == ()  # one round
+    assert speed_spread([itl[0], itl[1][:3]]) == ()  # not every point in every round
     with pytest.raises(ValueError, match="> 0"):
-        speed_spread([[(0.01,), (0.0,)], [(0.01,), (0.01,)]])
+        speed_spread([[0.01, 0.0], [0.01, 0.01]])
 
 
 def test_speed_spread_leaves_out_what_did_not_time_the_engine() -> None:
-    """A point's round in which no stream timed the engine's steps (None: all came in one
-    burst) is left out of the spread, and so are a point timed in one round only and a round
-    with one point timed: nothing to compare them with."""
-    windows: list[list[tuple[float, ...] | None]] = [
-        [(0.010, 0.010)] * 4,
-        [(0.020, 0.020), None, (0.020, 0.020), (0.020, 0.030)],  # round 1: a burst
-        [(0.030, 0.030)] * 4,
+    """A point's round whose streams all came in one burst (None) is left out of the spread,
+    and so are a point timed in one round only and a round with one point timed: nothing to
+    compare them with."""
+    itl: list[list[float | None]] = [
+        [0.010, 0.010, 0.010, 0.010],
+        [0.020, None, 0.020, 0.030],  # round 1: a burst; round 3: 1.5x its round's others
+        [0.030, 0.030, 0.030, 0.030],
     ]
-    assert speed_spread(windows) == pytest.approx((1.0,) * 21 + (1.5,))
-    assert speed_spread([*windows, [None, (0.5,), None, None]]) == speed_spread(windows)
-    assert speed_spread([[(0.01,), None], [None, (0.02,)]]) == ()  # one point per round
-
-
-def test_a_probe_stream_is_cut_into_windows_of_about_eight_steps() -> None:
-    """A stream's decode in windows of about `SPREAD_WINDOW_STEPS` steps, each its time per
-    step (the gaps split as evenly as they go, at least one window); none for a stream whose
-    tokens came in one burst or whose chunks carried more than one token."""
-    assert SPREAD_WINDOW_STEPS == 8
-
-    def stream(times: Sequence[float], tokens: int | None = None) -> _Stream:
-        return _Stream(0.01, times[-1] - times[0], 5, tokens or len(times), None, tuple(times))
-
-    steady = [0.005 * i for i in range(17)]  # 16 gaps: two windows of 8
-    assert stream(steady).windows() == pytest.approx((0.005, 0.005))
-    stall = steady[:10] + [t + 0.04 for t in steady[10:]]  # 40 ms before token 10
-    assert stream(stall).windows() == pytest.approx((0.005, 0.010))
-    assert stream([0.005 * i for i in range(20)]).windows() == pytest.approx((0.005, 0.005))
-    assert len(stream([0.005 * i for i in range(65)]).windows() or ()) == 8
-    assert stream(steady[:5]).windows() == pytest.approx((0.005,))  # 4 gaps: one window
-    assert stream(steady, tokens=18).windows() is None  # a chunk carried two tokens
-    assert stream([0.2] * 17).windows() is None  # one burst
-    assert stream([0.2]).windows() is None  # one token
+    assert speed_spread(itl) == (1.0,) * 10 + (1.5,)
+    assert speed_spread([*itl, [None, 0.5, None, None]]) == speed_spread(itl)  # one round only
+    assert speed_spread([[0.01, None], [None, 0.02]]) == ()  # every round has one point
 
 
 class _BurstyEngine:
     """`Prober.stream` without an engine: every request answers in 10 ms, every decode stream
-    one chunk per token at 5 ms per token, except: the decode streams of ``burst`` (round,
-    point) all come in one burst a second late (a starved front end); those of ``stall`` wait
-    40 ms before their 12th token; those of ``coalesced`` carry two tokens in one chunk."""
+    at 5 ms per token, except the decode streams of one (round, point), which all come in one
+    burst a second late (a starved front end)."""
 
-    def __init__(self, decode_tokens: int, streams_per_round: Sequence[int], *,
-                 burst: tuple[int, int], stall: tuple[int, int],
-                 coalesced: tuple[int, int]) -> None:
-        self.decode_tokens = decode_tokens
-        self.burst, self.stall, self.coalesced = burst, stall, coalesced
+    def __init__(self, decode_tokens: int, streams_per_round: Sequence[int],
+                 burst: tuple[int, int]) -> None:
+        self.decode_tokens, self.burst = decode_tokens, burst
         self.owner = [(r, p) for r in range(64) for p, n in enumerate(streams_per_round)
                       for _ in range(n)]  # (round, point) of the j-th decode stream
         self.decode_streams = 0
 
     async def stream(self, session: object, prompt: str, max_tokens: int,
-                     on_first: asyncio.Event | None = None) -> _Stream:
+                     on_first: asyncio.Event | None = None) -> object:
+        from inferplane.physics.probe import _Stream
+
         if on_first is not None:
             on_first.set()
-        times = [0.010 + 0.005 * i for i in range(max_tokens)]
+        ttft, decode = 0.010, 0.005 * (max_tokens - 1)
         if max_tokens == self.decode_tokens:
             owner = self.owner[self.decode_streams]
             self.decode_streams += 1
             if owner == self.burst:
-                times = [1.0] * max_tokens
-            elif owner == self.stall:
-                times = times[:11] + [t + 0.040 for t in times[11:]]
-            elif owner == self.coalesced:
-                del times[5]
-        return _Stream(times[0], times[-1] - times[0], len(prompt.split()), max_tokens, None,
-                       tuple(times))
+                ttft, decode = 1.0, 0.0
+        return _Stream(ttft, decode, len(prompt.split()), max_tokens, None)
 
 
-async def test_probe_samples_the_speed_spread_from_the_streams_that_timed_the_engine(
+async def test_probe_leaves_rounds_that_came_in_one_burst_out_of_the_speed_spread(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Each decode point's first stream of each round gives its windows (4 windows of 8 steps
-    in a decode of 33 tokens) to the speed spread: a 40-ms stall in one comes out as that
-    window's factor, 2. A round whose streams all came in one burst still gives its point a
-    time (the lone request's TTFT stands in: `Prober.decode_once`) but no factor (it timed
-    the front end's hold-up, here 30 ms per token against 5, not the engine); nor does a
-    stream whose chunks carried two tokens at once."""
-    # points: batch 1 and 2 with short prompts, then with long ones
-    fake = _BurstyEngine(33, (1, 2, 1, 2), burst=(1, 1), stall=(2, 0), coalesced=(0, 2))
+    """A decode point's round whose streams all came in one burst still gives the point a time
+    (the lone request's TTFT stands in: `Prober.decode_once`), but not a factor of the speed
+    spread: it timed the front end's hold-up (here 60 ms per token against 5), not the
+    engine."""
+    # points: batch 1 and 2 with short prompts, then with long ones; the burst: round 1's
+    # batch 2 with short prompts
+    fake = _BurstyEngine(16, (1, 2, 1, 2), burst=(1, 1))
     prober = Prober("http://127.0.0.1:9", "m")
     monkeypatch.setattr(prober, "stream", fake.stream)
-    result = await prober.run((16, 64), (1, 2), decode_tokens=33, repeats=3, warm_up_max_s=5.0)
+    result = await prober.run((16, 64), (1, 2), decode_tokens=16, repeats=3, warm_up_max_s=5.0)
     assert fake.decode_streams == 3 * 6
     assert len(result.decode) == 4
-    assert result.speed_spread == pytest.approx((1.0,) * (4 * 3 * 4 - 4 - 4 - 1) + (2.0,))
-    assert result.speed_spread_window_s == pytest.approx(8 * 0.005)
+    assert len(result.speed_spread) == 4 * 3 - 1
+    assert result.speed_spread == pytest.approx((1.0,) * 11)
+    # the same probe with the burst counted would have put a factor of 12 in the spread
+    itl = [[0.005] * 3 for _ in range(4)]
+    itl[1][1] = (1.0 - 0.010) / 15
+    assert max(speed_spread(itl)) > 10
 
 
 def _probe_result(spread: tuple[float, ...]) -> ProbeResult:
@@ -1299,35 +1260,26 @@ async def test_calibrate_warns_when_the_speed_spread_slows_the_profile_on_averag
     assert ("speed_spread" in text) is (keep and bool(spread))
 
 
-@pytest.mark.parametrize("mark_every", [4096, 7])
-def test_speed_spread_draws_one_factor_per_window_from_the_sampled_ones(
-    monkeypatch: pytest.MonkeyPatch, mark_every: int,
-) -> None:
-    """One factor per window of engine time, from the sampled factors only; a window of factor
-    f lasts f times the window, and starts where the one before it ended; the same on every
-    run with the same seed, whatever order the times are asked in (also when an earlier time
-    replays from a kept start: ``mark_every`` 7); without factors, 1 everywhere."""
-    monkeypatch.setattr(spread_module, "_MARK_EVERY", mark_every)
+def test_speed_spread_draws_one_factor_per_window_from_the_sampled_ones() -> None:
+    """One factor per window of engine time, from the sampled factors only, the same for
+    every time in the window and on every run with the same seed, whatever order the windows
+    are asked in; without factors, 1 everywhere."""
     factors = (0.9, 1.0, 1.6)
     spread = SpeedSpread(factors, 0.25, seed=7)
-    times = [i * 0.01 for i in range(14000)]
-    seen = [spread.window(t) for t in times]
+    times = [i * 0.05 for i in range(2000)]
     drawn = [spread.factor_at(t) for t in times]
-    assert [f for *_, f in seen] == drawn and set(drawn) == set(factors)
-    for t, (_, start, f) in zip(times, seen, strict=True):
-        assert start <= t < start + f * 0.25
-    windows = sorted(set(seen))
-    assert [k for k, *_ in windows] == list(range(len(windows)))  # none skipped
-    for (_, start, f), (_, after, _) in itertools.pairwise(windows):
-        assert after == pytest.approx(start + f * 0.25)
+    assert set(drawn) == set(factors)
+    by_window: dict[int, set[float]] = {}
+    for t, f in zip(times, drawn, strict=True):
+        by_window.setdefault(math.floor(t / 0.25), set()).add(f)
+    assert all(len(fs) == 1 for fs in by_window.values())
     again = SpeedSpread(factors, 0.25, seed=7)
     assert [again.factor_at(t) for t in reversed(times)] == drawn[::-1]
-    assert [again.window(t) for t in times[::-97]] == seen[::-97]
     other = SpeedSpread(factors, 0.25, seed=8)
     assert [other.factor_at(t) for t in times] != drawn
-    # each factor about as often as the others (~480 windows, deterministic for the seed)
-    per_window = [f for *_, f in windows]
-    assert all(130 <= per_window.count(f) <= 200 for f in factors), per_window
+    # each factor about as often as the others (400 windows, deterministic for the seed)
+    per_window = [next(iter(by_window[k])) for k in sorted(by_window)]
+    assert all(100 <= per_window.count(f) <= 170 for f in factors)
     assert SpeedSpread((), 0.0).factor_at(12.3) == 1.0
     with pytest.raises(ValueError, match="> 0"):
         SpeedSpread((1.0, 0.0), 0.1)

@@ -257,40 +257,37 @@ def predict_itl_s(r: Roofline, batch: int, context_tokens: int) -> float:
     return r.step_time_s(0, 0, batch, batch * context_tokens)
 
 
-def speed_spread(
-    windows_per_round: Sequence[Sequence[Sequence[float] | None]],
-) -> tuple[float, ...]:
-    """The engine's speed from one short stretch of time to the next, as a decode probe
-    sampled it (``HardwareProfile.speed_spread``): ``windows_per_round[p][i]`` is one stream of
-    decode point ``p`` in probe round ``i`` cut into windows of a few steps, each window's time
-    per step (`probe._Stream.windows`), or None where no stream of that point and round timed
-    the engine's steps (all came in one burst). Each window is divided by its point's typical
-    window (the median over the rounds of its stream's median window), then by its round's
-    drift (the median over the round's points of their stream's median window over their
-    typical one), so that neither the points' own differences nor a drift of the host's speed
-    from one round to the next (minutes apart: the workload's statistics compare streams within
-    one round) enter it — what is left is how much slower or faster one window ran than its
-    point's usual. A point timed in fewer than two rounds, or a round with fewer than two
-    points timed, says nothing of that and is left out. Sorted; empty when nothing is left
-    (fewer than two points or two rounds)."""
-    if len(windows_per_round) < 2:
+def speed_spread(itl_per_round: Sequence[Sequence[float | None]]) -> tuple[float, ...]:
+    """The engine's speed from one stretch of time to the next, as a decode probe sampled it
+    (``HardwareProfile.speed_spread``): ``itl_per_round[p][i]`` is decode point ``p``'s
+    inter-token latency in probe round ``i``, None where that round's streams did not time
+    the engine (all arrived in one burst: `probe.Prober.decode_once`). Each is divided by its
+    point's median over the rounds (what the fit takes as the point's time), then by the
+    median of those ratios in its round, so that neither the points' own differences nor a
+    drift of the host's speed from one round to the next (minutes apart: the workload's rounds
+    compare within one) enter it — what is left is how much slower or faster one point's
+    stream ran than the others of its round. A point measured in fewer than two rounds, or a
+    round with fewer than two points measured, says nothing of that and is left out. Sorted;
+    empty when nothing is left (fewer than two points or two rounds)."""
+    if len(itl_per_round) < 2:
         return ()
-    rounds = len(windows_per_round[0])
-    if rounds < 2 or any(len(p) != rounds for p in windows_per_round):
+    rounds = len(itl_per_round[0])
+    if rounds < 2 or any(len(p) != rounds for p in itl_per_round):
         return ()
-    if min((t for p in windows_per_round for w in p if w for t in w), default=1.0) <= 0:
+    if min((t for p in itl_per_round for t in p if t is not None), default=1.0) <= 0:
         raise ValueError("measured times must be > 0")
-    points: list[tuple[float, Sequence[Sequence[float] | None]]] = []  # (typical, windows)
-    for p in windows_per_round:
-        medians = [statistics.median(w) for w in p if w]
-        if len(medians) >= 2:
-            points.append((statistics.median(medians), p))
+    ratios: list[list[float | None]] = []
+    for p in itl_per_round:
+        timed = [t for t in p if t is not None]
+        if len(timed) >= 2:
+            typical = statistics.median(timed)
+            ratios.append([None if t is None else t / typical for t in p])
     out: list[float] = []
     for i in range(rounds):
-        column = [(typical, w) for typical, p in points if (w := p[i])]
+        column = [x for r in ratios if (x := r[i]) is not None]
         if len(column) >= 2:
-            drift = statistics.median(statistics.median(w) / typical for typical, w in column)
-            out += [x / typical / drift for typical, w in column for x in w]
+            typical = statistics.median(column)
+            out += [x / typical for x in column]
     return tuple(sorted(out))
 
 

@@ -82,13 +82,12 @@ class HardwareProfile:
     hypervisor taking the core) a CPU engine runs every step slower for a while, and a stream
     that falls in such a stretch comes out slower per token than the rest — the tail of time
     per output token that a fixed step time does not have. ``speed_spread`` holds factors, each
-    one window's time over the typical time (1.0: typical), as the probe sampled them: windows
-    of a few decode steps of every decode point's stream of every probe round, over that
-    point's typical window and its round's drift (``physics.calibration.speed_spread``);
-    ``speed_spread_window_s`` is a window's typical span. The emulator draws one factor ``f``
-    per window of engine time, a window lasting ``f × speed_spread_window_s``, and stretches
-    every step that starts in it by ``f`` (``physics.spread``); the simulator and the
-    placement predictor use the typical speed. Empty in the table.
+    one window's time over the typical time (1.0: typical), as the probe sampled them: every
+    decode point of every probe round over that point's median, over the median of its round
+    (``physics.calibration.speed_spread``); ``speed_spread_window_s`` is the span each was
+    measured over (one probe stream's decode). The emulator draws one factor per window of
+    engine time and stretches every step that starts in it (``physics.spread``); the simulator
+    and the placement predictor use the typical speed. Empty in the table.
     """
 
     name: str

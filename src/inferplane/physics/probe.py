@@ -14,15 +14,11 @@ Three sweeps over the OpenAI completions API, each point the median of ``repeats
   tokens after the first (the workload's time per output token), the median over the ``B``
   streams. Not single gaps between chunks (a front end may coalesce them), and not the time to
   the last token less a lone request's TTFT (that counts the wait for the other streams'
-  intakes as decode time), except when every stream came in one burst. One stream of every
-  point of every round, cut into windows of about :data:`SPREAD_WINDOW_STEPS` decode steps
-  (its tokens' arrival times), each window against its point's typical window and its round's,
-  is the engine's **speed spread** (``calibration.speed_spread``): how much slower or faster
-  one short stretch of time ran than the rest of its round, which the emulator plays back
-  (``physics.spread``). A stream whose tokens came in one burst (a starved front end: it
-  timed the front end's hold-up, not the engine) or whose chunks carried more than one token
-  (its steps cannot be told apart) gives none; a round in which no stream of a point did,
-  none for that point.
+  intakes as decode time), except when every stream came in one burst. Every point of every
+  round, against its point's median and its round's, is the engine's **speed spread**
+  (``calibration.speed_spread``): how much slower or faster one stretch of time ran than the
+  others of its round, which the emulator plays back (``physics.spread``); a round whose
+  streams all came in one burst timed the front end, not the engine, and stays out of it.
 
 * **bursts**: ``N`` fresh one-token requests sent at once; their TTFTs, sorted, each rank the
   median over the rounds. An engine whose front end takes requests in one at a time answers
@@ -42,7 +38,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import itertools
 import os
 import statistics
 import time
@@ -70,11 +65,6 @@ from inferplane.tokenization import VOCABULARY
 #: Below this many seconds per token between a stream's first and last token, the tokens came
 #: in one burst (no engine decodes a token in 20 us; a starved HTTP front end sends them at once).
 BURST_S_PER_TOKEN = 20e-6
-#: Decode steps in one window of the speed spread (`_Stream.windows`): shorter than the
-#: stretches a noisy host slows the engine for (session 19's neighbour: 50-400 ms, ~10-80 steps
-#: of the fidelity vLLM) and than a workload stream's decode (31 steps), so that a stretch is
-#: sampled whole rather than diluted over a longer window (docs/benchmarks.md, session 20).
-SPREAD_WINDOW_STEPS = 8
 #: Consecutive smooth streams that end the warm-up, and the most it may take.
 WARM_UP_STREAMS = 5
 WARM_UP_MAX_S = 90.0
@@ -100,8 +90,8 @@ class ProbeResult:
     decode: list[DecodePoint] = field(default_factory=list)
     bursts: list[BurstPoint] = field(default_factory=list)
     loaded: list[LoadedPoint] = field(default_factory=list)
-    #: windows of every decode point's stream of every round against its point and its round
-    #: (``calibration.speed_spread``), and the typical span of one window
+    #: every decode point of every round against its point and its round
+    #: (``calibration.speed_spread``), and the span each was measured over: one stream's decode
     speed_spread: tuple[float, ...] = ()
     speed_spread_window_s: float = 0.0
 
@@ -113,8 +103,6 @@ class _Stream:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int | None
-    #: when each chunk that carried a token arrived (seconds, any origin)
-    token_times: tuple[float, ...] = ()
 
     @property
     def burst(self) -> bool:
@@ -123,19 +111,6 @@ class _Stream:
         return self.completion_tokens > 2 and self.decode_s < BURST_S_PER_TOKEN * (
             self.completion_tokens - 1
         )
-
-    def windows(self, steps: int = SPREAD_WINDOW_STEPS) -> tuple[float, ...] | None:
-        """The decode cut into windows of about ``steps`` steps (the gaps between tokens split
-        as evenly as they go; at least one window): each window's time per step. None when
-        the tokens came in one burst, or the chunks were not one token each (a front end that
-        coalesced tokens: which step took how long cannot be told)."""
-        gaps = len(self.token_times) - 1
-        if self.burst or gaps < 1 or len(self.token_times) != self.completion_tokens:
-            return None
-        m = max(1, gaps // steps)
-        cuts = [round(j * gaps / m) for j in range(m + 1)]
-        t = self.token_times
-        return tuple((t[b] - t[a]) / (b - a) for a, b in itertools.pairwise(cuts))
 
     def tpot_s(self, lone_ttft_s: float) -> float | None:
         """Time per output token after the first: (time to the last token − ``lone_ttft_s``,
@@ -195,7 +170,6 @@ class Prober:
         started = time.perf_counter()
         first: float | None = None
         last = 0.0
-        times: list[float] = []
         usage: dict[str, Any] | None = None
         async with session.post(
             f"{self.url}/v1/completions", data=orjson.dumps(body), headers=self.headers
@@ -223,7 +197,6 @@ class Prober:
                         if on_first is not None:
                             on_first.set()
                     last = now
-                    times.append(now)
         if first is None or usage is None:
             raise ProbeError(
                 "the stream carried no token or no usage (the engine must honour "
@@ -237,7 +210,6 @@ class Prober:
             prompt_tokens=int(usage["prompt_tokens"]),
             completion_tokens=int(usage.get("completion_tokens") or 0),
             cached_tokens=int(cached) if isinstance(cached, int) else None,
-            token_times=tuple(times) if max_tokens > 1 else (),
         )
 
     def words_for(self, tokens: int) -> int:
@@ -272,9 +244,9 @@ class Prober:
 
     async def decode_once(
         self, session: aiohttp.ClientSession, batch: int, decode_tokens: int, prompt_tokens: int
-    ) -> tuple[float, int, tuple[float, ...] | None]:
-        """One batch of ``batch`` streams: (median ITL over its streams, prompt tokens, the
-        windows of its first stream that has them: `_Stream.windows`, None if none has).
+    ) -> tuple[float, int, bool]:
+        """One batch of ``batch`` streams: (median ITL over its streams, prompt tokens, whether
+        the streams timed the engine themselves).
 
         A stream's ITL is its own time from first to last token over the tokens after the
         first — what the fidelity workload's time per output token measures. Not the time to
@@ -283,8 +255,9 @@ class Prober:
         ms in a burst of 4 on the fidelity vLLM at load 11, session 4) would be spread over the
         decode as if every step were slower. Only when every stream came in one burst (a
         starved front end held it back, so its own span says nothing) does the lone request's
-        TTFT stand in; no stream then has windows, and the round stays out of the speed
-        spread (it timed the front end's hold-up, not a stretch of the engine's speed)."""
+        TTFT stand in; the third value is then False, and the round's ITL stays out of the
+        speed spread (it times the front end's hold-up, not a stretch of the engine's
+        speed)."""
         words = self.words_for(prompt_tokens)
         lone = await self.stream(session, prompt_of(words, _nonce()), 1)
         streams = await asyncio.gather(
@@ -293,13 +266,13 @@ class Prober:
         )
         tpots = [s.decode_s / (s.completion_tokens - 1) for s in streams
                  if s.completion_tokens > 1 and s.decode_s > 0 and not s.burst]
-        windows = next((w for s in streams if (w := s.windows()) is not None), None)
+        own = bool(tpots)
         if not tpots:
             tpots = [t for t in (s.tpot_s(lone.ttft_s) for s in streams) if t is not None]
         if not tpots:
             raise ProbeError(f"no stream of batch {batch} produced more than one token")
         return (statistics.median(tpots), int(statistics.median(s.prompt_tokens for s in streams)),
-                windows)
+                own)
 
     async def burst_once(
         self, session: aiohttp.ClientSession, size: int, tokens: int
@@ -387,9 +360,8 @@ class Prober:
             decode_points += [(b, long_decode_prompt_tokens)
                               for b in sorted({min(batches), max(batches)})]
         itl: dict[tuple[int, int], list[float]] = {p: [] for p in decode_points}
-        # one stream's windows (`_Stream.windows`) per point and round, None where none had
-        windows: dict[tuple[int, int], list[tuple[float, ...] | None]] = {
-            p: [] for p in decode_points}
+        # the same, None where the round's streams all came in one burst (`decode_once`)
+        timed: dict[tuple[int, int], list[float | None]] = {p: [] for p in decode_points}
         burst: dict[int, list[list[float]]] = {n: [] for n in bursts}
         loaded: list[float] = []
         # half the largest decode batch: the probe request must find a free sequence slot
@@ -410,9 +382,9 @@ class Prober:
                     cold[n].append(c)
                     warm[n].append(w)
                 for b, n in decode_points:
-                    t, ctx, cut = await self.decode_once(session, b, decode_tokens, n)
+                    t, ctx, own = await self.decode_once(session, b, decode_tokens, n)
                     itl[b, n].append(t)
-                    windows[b, n].append(cut)
+                    timed[b, n].append(t if own else None)
                     context[b, n] = ctx
                 for n in bursts:
                     burst[n].append(await self.burst_once(session, n, burst_prompt_tokens))
@@ -441,11 +413,10 @@ class Prober:
             out.decode.append(DecodePoint(
                 b, context[b, n] + decode_tokens // 2, statistics.median(itl[b, n])
             ))
-        out.speed_spread = speed_spread([windows[p] for p in decode_points])
-        if out.speed_spread:  # a window's steps times the points' typical time per step
-            gaps = decode_tokens - 1
-            out.speed_spread_window_s = gaps / max(1, gaps // SPREAD_WINDOW_STEPS) * (
-                statistics.median(d.itl_s for d in out.decode))
+        out.speed_spread = speed_spread([timed[p] for p in decode_points])
+        if out.speed_spread:
+            out.speed_spread_window_s = statistics.median(
+                (decode_tokens - 1) * d.itl_s for d in out.decode)
         for n, runs in burst.items():
             out.bursts.append(BurstPoint(n, burst_prompt_tokens, tuple(
                 statistics.median(r[i] for r in runs) for i in range(n)
