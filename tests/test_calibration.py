@@ -41,7 +41,7 @@ from inferplane.physics.calibration import (
     speed_spread,
 )
 from inferplane.physics.frontend import FrontEnd
-from inferplane.physics.probe import Prober, calibrate_endpoint
+from inferplane.physics.probe import SLOW_SPREAD_MEAN, Prober, ProbeResult, calibrate_endpoint
 from inferplane.physics.spread import SpeedSpread, SpreadCost
 from inferplane.twin.emulator.endpoint import FINISHED, Submission, client_lead_s
 from inferplane.twin.emulator.server import start_emulator
@@ -1155,6 +1155,109 @@ def test_speed_spread_compares_each_point_with_its_point_and_its_round() -> None
     assert speed_spread([itl[0], itl[1][:3]]) == ()  # not every point in every round
     with pytest.raises(ValueError, match="> 0"):
         speed_spread([[0.01, 0.0], [0.01, 0.01]])
+
+
+def test_speed_spread_leaves_out_what_did_not_time_the_engine() -> None:
+    """A point's round whose streams all came in one burst (None) is left out of the spread,
+    and so are a point timed in one round only and a round with one point timed: nothing to
+    compare them with."""
+    itl: list[list[float | None]] = [
+        [0.010, 0.010, 0.010, 0.010],
+        [0.020, None, 0.020, 0.030],  # round 1: a burst; round 3: 1.5x its round's others
+        [0.030, 0.030, 0.030, 0.030],
+    ]
+    assert speed_spread(itl) == (1.0,) * 10 + (1.5,)
+    assert speed_spread([*itl, [None, 0.5, None, None]]) == speed_spread(itl)  # one round only
+    assert speed_spread([[0.01, None], [None, 0.02]]) == ()  # every round has one point
+
+
+class _BurstyEngine:
+    """`Prober.stream` without an engine: every request answers in 10 ms, every decode stream
+    at 5 ms per token, except the decode streams of one (round, point), which all come in one
+    burst a second late (a starved front end)."""
+
+    def __init__(self, decode_tokens: int, streams_per_round: Sequence[int],
+                 burst: tuple[int, int]) -> None:
+        self.decode_tokens, self.burst = decode_tokens, burst
+        self.owner = [(r, p) for r in range(64) for p, n in enumerate(streams_per_round)
+                      for _ in range(n)]  # (round, point) of the j-th decode stream
+        self.decode_streams = 0
+
+    async def stream(self, session: object, prompt: str, max_tokens: int,
+                     on_first: asyncio.Event | None = None) -> object:
+        from inferplane.physics.probe import _Stream
+
+        if on_first is not None:
+            on_first.set()
+        ttft, decode = 0.010, 0.005 * (max_tokens - 1)
+        if max_tokens == self.decode_tokens:
+            owner = self.owner[self.decode_streams]
+            self.decode_streams += 1
+            if owner == self.burst:
+                ttft, decode = 1.0, 0.0
+        return _Stream(ttft, decode, len(prompt.split()), max_tokens, None)
+
+
+async def test_probe_leaves_rounds_that_came_in_one_burst_out_of_the_speed_spread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A decode point's round whose streams all came in one burst still gives the point a time
+    (the lone request's TTFT stands in: `Prober.decode_once`), but not a factor of the speed
+    spread: it timed the front end's hold-up (here 60 ms per token against 5), not the
+    engine."""
+    # points: batch 1 and 2 with short prompts, then with long ones; the burst: round 1's
+    # batch 2 with short prompts
+    fake = _BurstyEngine(16, (1, 2, 1, 2), burst=(1, 1))
+    prober = Prober("http://127.0.0.1:9", "m")
+    monkeypatch.setattr(prober, "stream", fake.stream)
+    result = await prober.run((16, 64), (1, 2), decode_tokens=16, repeats=3, warm_up_max_s=5.0)
+    assert fake.decode_streams == 3 * 6
+    assert len(result.decode) == 4
+    assert len(result.speed_spread) == 4 * 3 - 1
+    assert result.speed_spread == pytest.approx((1.0,) * 11)
+    # the same probe with the burst counted would have put a factor of 12 in the spread
+    itl = [[0.005] * 3 for _ in range(4)]
+    itl[1][1] = (1.0 - 0.010) / 15
+    assert max(speed_spread(itl)) > 10
+
+
+def _probe_result(spread: tuple[float, ...]) -> ProbeResult:
+    """What `Prober.run` returns for a machine of known factors, with ``spread``."""
+    _, _, pre, dec = _synthetic("l4", "llama-3.1-8b", 1024)
+    return ProbeResult(prefill=pre, decode=dec, speed_spread=spread, speed_spread_window_s=0.3)
+
+
+@pytest.mark.parametrize(
+    ("spread", "keep", "warned"),
+    [
+        ((0.98, 1.0, 1.0, 1.0, 1.22), True, False),  # mean 1.04: under the limit
+        ((0.98, 1.0, 1.0, 1.0, 1.27), True, False),  # mean 1.05: at it
+        ((0.98, 1.0, 1.0, 1.0, 1.32), True, True),  # mean 1.06: over it
+        ((0.98, 1.0, 1.0, 1.0, 1.32), False, False),  # left out of the profile
+        ((), True, False),  # no spread
+    ],
+)
+async def test_calibrate_warns_when_the_speed_spread_slows_the_profile_on_average(
+    monkeypatch: pytest.MonkeyPatch, spread: tuple[float, ...], keep: bool, warned: bool,
+) -> None:
+    """`calibrate_endpoint` warns when the spread it writes has a mean over
+    `SLOW_SPREAD_MEAN` (the emulator would run the profile that much slower on average than
+    the simulator and the predictor); not at or under it, nor when the spread is left out."""
+    assert SLOW_SPREAD_MEAN == 1.05  # the cases above are set around it
+
+    async def run(self: Prober, *args: object, **kwargs: object) -> ProbeResult:
+        return _probe_result(spread)
+
+    monkeypatch.setattr(Prober, "run", run)
+    text, summary = await calibrate_endpoint(
+        "http://127.0.0.1:9", "m", model_profile="llama-3.1-8b", base="l4", name="lab",
+        keep_speed_spread=keep,
+    )
+    assert ("warning: the speed spread's mean is" in summary) is warned
+    if warned:
+        assert f"mean is {statistics.fmean(spread):.3f}" in summary
+        assert "--no-speed-spread" in summary
+    assert ("speed_spread" in text) is (keep and bool(spread))
 
 
 def test_speed_spread_draws_one_factor_per_window_from_the_sampled_ones() -> None:
