@@ -257,37 +257,29 @@ def predict_itl_s(r: Roofline, batch: int, context_tokens: int) -> float:
     return r.step_time_s(0, 0, batch, batch * context_tokens)
 
 
-def speed_spread(itl_per_round: Sequence[Sequence[float | None]]) -> tuple[float, ...]:
+def speed_spread(itl_per_round: Sequence[Sequence[float]]) -> tuple[float, ...]:
     """The engine's speed from one stretch of time to the next, as a decode probe sampled it
     (``HardwareProfile.speed_spread``): ``itl_per_round[p][i]`` is decode point ``p``'s
-    inter-token latency in probe round ``i``, None where that round's streams did not time
-    the engine (all arrived in one burst: `probe.Prober.decode_once`). Each is divided by its
-    point's median over the rounds (what the fit takes as the point's time), then by the
-    median of those ratios in its round, so that neither the points' own differences nor a
-    drift of the host's speed from one round to the next (minutes apart: the workload's rounds
-    compare within one) enter it — what is left is how much slower or faster one point's
-    stream ran than the others of its round. A point measured in fewer than two rounds, or a
-    round with fewer than two points measured, says nothing of that and is left out. Sorted;
-    empty when nothing is left (fewer than two points or two rounds)."""
+    inter-token latency in probe round ``i`` (every point measured in every round). Each is
+    divided by its point's median over the rounds (what the fit takes as the point's time),
+    then by the median of those ratios in its round, so that neither the points' own
+    differences nor a drift of the host's speed from one round to the next (minutes apart:
+    the workload's rounds compare within one) enter it — what is left is how much slower or
+    faster one point's stream ran than the others of its round. Sorted; empty with fewer than
+    two points or two rounds (nothing to compare)."""
     if len(itl_per_round) < 2:
         return ()
     rounds = len(itl_per_round[0])
     if rounds < 2 or any(len(p) != rounds for p in itl_per_round):
         return ()
-    if min((t for p in itl_per_round for t in p if t is not None), default=1.0) <= 0:
+    if min(t for p in itl_per_round for t in p) <= 0:
         raise ValueError("measured times must be > 0")
-    ratios: list[list[float | None]] = []
-    for p in itl_per_round:
-        timed = [t for t in p if t is not None]
-        if len(timed) >= 2:
-            typical = statistics.median(timed)
-            ratios.append([None if t is None else t / typical for t in p])
+    ratios = [[t / statistics.median(p) for t in p] for p in itl_per_round]
     out: list[float] = []
     for i in range(rounds):
-        column = [x for r in ratios if (x := r[i]) is not None]
-        if len(column) >= 2:
-            typical = statistics.median(column)
-            out += [x / typical for x in column]
+        column = [r[i] for r in ratios]
+        typical = statistics.median(column)
+        out += [x / typical for x in column]
     return tuple(sorted(out))
 
 

@@ -17,8 +17,7 @@ Three sweeps over the OpenAI completions API, each point the median of ``repeats
   intakes as decode time), except when every stream came in one burst. Every point of every
   round, against its point's median and its round's, is the engine's **speed spread**
   (``calibration.speed_spread``): how much slower or faster one stretch of time ran than the
-  others of its round, which the emulator plays back (``physics.spread``); a round whose
-  streams all came in one burst timed the front end, not the engine, and stays out of it.
+  others of its round, which the emulator plays back (``physics.spread``).
 
 * **bursts**: ``N`` fresh one-token requests sent at once; their TTFTs, sorted, each rank the
   median over the rounds. An engine whose front end takes requests in one at a time answers
@@ -244,9 +243,8 @@ class Prober:
 
     async def decode_once(
         self, session: aiohttp.ClientSession, batch: int, decode_tokens: int, prompt_tokens: int
-    ) -> tuple[float, int, bool]:
-        """One batch of ``batch`` streams: (median ITL over its streams, prompt tokens, whether
-        the streams timed the engine themselves).
+    ) -> tuple[float, int]:
+        """One batch of ``batch`` streams: (median ITL over its streams, prompt tokens).
 
         A stream's ITL is its own time from first to last token over the tokens after the
         first — what the fidelity workload's time per output token measures. Not the time to
@@ -255,9 +253,7 @@ class Prober:
         ms in a burst of 4 on the fidelity vLLM at load 11, session 4) would be spread over the
         decode as if every step were slower. Only when every stream came in one burst (a
         starved front end held it back, so its own span says nothing) does the lone request's
-        TTFT stand in; the third value is then False, and the round's ITL stays out of the
-        speed spread (it times the front end's hold-up, not a stretch of the engine's
-        speed)."""
+        TTFT stand in."""
         words = self.words_for(prompt_tokens)
         lone = await self.stream(session, prompt_of(words, _nonce()), 1)
         streams = await asyncio.gather(
@@ -266,13 +262,11 @@ class Prober:
         )
         tpots = [s.decode_s / (s.completion_tokens - 1) for s in streams
                  if s.completion_tokens > 1 and s.decode_s > 0 and not s.burst]
-        own = bool(tpots)
         if not tpots:
             tpots = [t for t in (s.tpot_s(lone.ttft_s) for s in streams) if t is not None]
         if not tpots:
             raise ProbeError(f"no stream of batch {batch} produced more than one token")
-        return (statistics.median(tpots), int(statistics.median(s.prompt_tokens for s in streams)),
-                own)
+        return statistics.median(tpots), int(statistics.median(s.prompt_tokens for s in streams))
 
     async def burst_once(
         self, session: aiohttp.ClientSession, size: int, tokens: int
@@ -360,8 +354,6 @@ class Prober:
             decode_points += [(b, long_decode_prompt_tokens)
                               for b in sorted({min(batches), max(batches)})]
         itl: dict[tuple[int, int], list[float]] = {p: [] for p in decode_points}
-        # the same, None where the round's streams all came in one burst (`decode_once`)
-        timed: dict[tuple[int, int], list[float | None]] = {p: [] for p in decode_points}
         burst: dict[int, list[list[float]]] = {n: [] for n in bursts}
         loaded: list[float] = []
         # half the largest decode batch: the probe request must find a free sequence slot
@@ -382,9 +374,8 @@ class Prober:
                     cold[n].append(c)
                     warm[n].append(w)
                 for b, n in decode_points:
-                    t, ctx, own = await self.decode_once(session, b, decode_tokens, n)
+                    t, ctx = await self.decode_once(session, b, decode_tokens, n)
                     itl[b, n].append(t)
-                    timed[b, n].append(t if own else None)
                     context[b, n] = ctx
                 for n in bursts:
                     burst[n].append(await self.burst_once(session, n, burst_prompt_tokens))
@@ -413,7 +404,7 @@ class Prober:
             out.decode.append(DecodePoint(
                 b, context[b, n] + decode_tokens // 2, statistics.median(itl[b, n])
             ))
-        out.speed_spread = speed_spread([timed[p] for p in decode_points])
+        out.speed_spread = speed_spread([itl[p] for p in decode_points])
         if out.speed_spread:
             out.speed_spread_window_s = statistics.median(
                 (decode_tokens - 1) * d.itl_s for d in out.decode)
