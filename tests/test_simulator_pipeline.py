@@ -20,7 +20,7 @@ from inferplane.config.loader import parse_config
 from inferplane.config.schema import FleetConfig
 from inferplane.errors import ConfigError
 from inferplane.twin.simulator.faults import load_faults, validate_faults
-from inferplane.twin.simulator.mix import TrafficShare, resolve_mix
+from inferplane.twin.simulator.mix import TrafficShare, load_mix, resolve_mix
 from inferplane.twin.simulator.records import RequestRecord
 from inferplane.twin.simulator.report import percentile
 from inferplane.twin.simulator.simulator import Simulator, simulate
@@ -340,6 +340,23 @@ def test_fault_files_are_checked_before_anything_runs(tmp_path: Path) -> None:
     (tmp_path / "x.yaml").write_text("faults: {at: 1}\n")
     with pytest.raises(ConfigError, match="expected a list"):
         load_faults(tmp_path / "x.yaml", ["h-0"])
+
+
+def test_a_key_repeated_in_a_fault_or_mix_file_is_refused_naming_file_and_line(
+    tmp_path: Path,
+) -> None:
+    """As in the fleet file: YAML would keep the second value silently (here a 3-s outage
+    would become a 30-s one, a class's share another's)."""
+    faults = tmp_path / "faults.yaml"
+    faults.write_text("faults:\n  - {at: 5, endpoint: h-0, event: down, for_s: 3, for_s: 30}\n")
+    with pytest.raises(ConfigError, match=r"(?s)duplicate key 'for_s'.*line 2") as exc:
+        load_faults(faults, ["h-0"])
+    assert str(faults) in str(exc.value)
+    mix = tmp_path / "mix.yaml"
+    mix.write_text("mix:\n  - class: interactive\n    fraction: 0.5\n    fraction: 0.9\n")
+    with pytest.raises(ConfigError, match=r"(?s)duplicate key 'fraction'.*line 4") as exc:
+        load_mix(mix)
+    assert str(mix) in str(exc.value)
 
 
 def test_cli_runs_faults_and_admission_switch(tmp_path: Path) -> None:

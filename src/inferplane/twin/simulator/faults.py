@@ -34,7 +34,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from inferplane.config.loader import format_loc, read_text
+from inferplane.config.loader import format_loc, load_yaml, read_text
 from inferplane.errors import ConfigError
 
 __all__ = ["FaultEvent", "load_faults", "validate_faults"]
@@ -61,7 +61,7 @@ def _parse(text: str, path: Path) -> object:
         except json.JSONDecodeError as exc:
             raise ConfigError(str(path), [("", f"invalid JSON: {exc}")]) from None
     try:
-        return yaml.safe_load(text)
+        return load_yaml(text)  # a repeated key is refused, as in the fleet file
     except yaml.YAMLError as exc:
         raise ConfigError(str(path), [("", f"invalid YAML: {exc}")]) from None
 

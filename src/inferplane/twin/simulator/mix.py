@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from inferplane.config.loader import format_loc, read_text
+from inferplane.config.loader import format_loc, load_yaml, read_text
 from inferplane.config.schema import FleetConfig, MixEntry, TenantSpec, WorkloadClass
 from inferplane.errors import ConfigError
 from inferplane.types import ApiKind
@@ -44,7 +44,7 @@ def load_mix(path: str | Path) -> list[MixEntry]:
     p = Path(path)
     text = read_text(p)  # ConfigError naming the file (and line) if unreadable or not UTF-8
     try:
-        raw = yaml.safe_load(text)
+        raw = load_yaml(text)  # a repeated key is refused, as in the fleet file
     except yaml.YAMLError as exc:
         raise ConfigError(str(p), [("", f"invalid YAML: {exc}")]) from None
     if not isinstance(raw, dict) or not isinstance(raw.get("mix"), list):
