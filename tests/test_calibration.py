@@ -376,7 +376,7 @@ def test_profile_file_round_trip(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "match"),
     [
-        ("kind: [", "not valid YAML"),
+        ("kind: [", "line 1, column 8: invalid YAML: expected the node content"),
         ("kind: inferplane/hardware-profile\nversion: 1\nhardware: {name: x}\n",
          r"hardware\.kind: Field required"),
         ("kind: other\nversion: 1\nhardware: {}\n", "kind: Input should be"),
@@ -390,6 +390,50 @@ def test_profile_file_errors_name_the_file_and_field(
     with pytest.raises(ValueError, match=match) as exc:
         load_hardware_profile(path)
     assert str(path) in str(exc.value)
+
+
+def _repeat_key(path: Path, key: str, again: str) -> int:
+    """Write ``again`` after the first line of the file at ``path`` that starts with ``key`` (a
+    hand edit that repeats a key); the number of the line written."""
+    lines = path.read_text().splitlines(keepends=True)
+    at = next(i for i, t in enumerate(lines) if t.startswith(key)) + 1
+    path.write_text("".join([*lines[:at], again, *lines[at:]]))
+    return at + 1
+
+
+def test_profile_file_refuses_a_repeated_key_naming_file_and_line(tmp_path: Path) -> None:
+    """A hand-edited profile with a key given twice: YAML would keep the last value silently
+    (here a step overhead 100x the fitted one); it is refused as in the fleet file."""
+    path, _ = _profile_file(tmp_path)
+    line = _repeat_key(path, "  step_overhead_s: ", "  step_overhead_s: 0.5\n")
+    with pytest.raises(ValueError) as exc:
+        load_hardware_profile(path)
+    assert str(exc.value) == (
+        f"{path}: line {line}, column 3: invalid YAML: duplicate key 'step_overhead_s'"
+    )
+
+
+def test_profile_file_not_utf8_names_the_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(b"kind: inferplane/hardware-profile\nversion: 1\n# caf\xe9\n")
+    with pytest.raises(ValueError) as exc:
+        load_hardware_profile(path)
+    assert str(exc.value) == f"{path}: line 3: not UTF-8 text"
+
+
+def test_check_names_a_repeated_key_in_a_fleets_profile_without_a_traceback(
+    tmp_path: Path,
+) -> None:
+    """`inferplane check` (as `serve`, `emulate` and `simulate`, which load the fleet file the
+    same way) prints the fleet file, the entry, the profile file and the line."""
+    path, _ = _profile_file(tmp_path)
+    line = _repeat_key(path, "  kind: cpu", "  kind: gpu\n")
+    fleet_file = tmp_path / "fleet.yaml"
+    fleet_file.write_text(_fleet("cpu-lab"))
+    result = CliRunner().invoke(app, ["check", "-c", str(fleet_file)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert (f"{fleet_file}: hardware_profiles[0]: {path}: line {line}, column 3: invalid YAML: "
+            "duplicate key 'kind'") in result.output
 
 
 def test_profile_may_not_shadow_the_table(tmp_path: Path) -> None:

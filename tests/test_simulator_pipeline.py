@@ -349,14 +349,14 @@ def test_a_key_repeated_in_a_fault_or_mix_file_is_refused_naming_file_and_line(
     would become a 30-s one, a class's share another's)."""
     faults = tmp_path / "faults.yaml"
     faults.write_text("faults:\n  - {at: 5, endpoint: h-0, event: down, for_s: 3, for_s: 30}\n")
-    with pytest.raises(ConfigError, match=r"(?s)duplicate key 'for_s'.*line 2") as exc:
+    with pytest.raises(ConfigError) as exc:
         load_faults(faults, ["h-0"])
-    assert str(faults) in str(exc.value)
+    assert str(exc.value) == f"{faults}: line 2, column 51: invalid YAML: duplicate key 'for_s'"
     mix = tmp_path / "mix.yaml"
     mix.write_text("mix:\n  - class: interactive\n    fraction: 0.5\n    fraction: 0.9\n")
-    with pytest.raises(ConfigError, match=r"(?s)duplicate key 'fraction'.*line 4") as exc:
+    with pytest.raises(ConfigError) as exc:
         load_mix(mix)
-    assert str(mix) in str(exc.value)
+    assert str(exc.value) == f"{mix}: line 4, column 5: invalid YAML: duplicate key 'fraction'"
 
 
 def test_cli_runs_faults_and_admission_switch(tmp_path: Path) -> None:

@@ -15,11 +15,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import ValidationError
 
 from inferplane.config.schema import FleetConfig
 from inferplane.errors import ConfigError
+from inferplane.yamlio import load_yaml as load_yaml  # the public name (bench/otel.py)
+from inferplane.yamlio import parse_yaml
+from inferplane.yamlio import read_text as read_text  # the public name (core, cli, twin)
 
 _MERGED_SECTIONS = ("classes", "plugins", "profiles")
 
@@ -39,43 +41,9 @@ def format_loc(loc: Sequence[int | str]) -> str:
 def builtin_defaults() -> dict[str, Any]:
     """The built-in classes, plugins and profiles shipped with the package."""
     text = resources.files("inferplane").joinpath("data/defaults.yaml").read_text("utf-8")
-    data = yaml.safe_load(text)
+    data = load_yaml(text)  # a key repeated in the shipped file is refused too
     assert isinstance(data, dict)
     return data
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, except that a key repeated in one mapping is an error (PyYAML keeps
-    the last one silently, hiding a typo or a pasted duplicate)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue  # `<<: *base` may be overridden by explicit keys
-            key = self.construct_object(key_node, deep=True)
-            try:
-                duplicate = key in seen
-            except TypeError:
-                continue  # unhashable: the constructor reports it
-            if duplicate:
-                raise yaml.constructor.ConstructorError(
-                    "while constructing a mapping",
-                    node.start_mark,
-                    f"duplicate key {key!r}",
-                    key_node.start_mark,
-                )
-            seen.add(key)
-        return super().construct_mapping(node, deep)
-
-
-def load_yaml(text: str) -> Any:
-    """``yaml.safe_load(text)``, except that a key repeated in one mapping is refused: it
-    raises ``yaml.constructor.ConstructorError`` ("duplicate key …", a ``yaml.MarkedYAMLError``
-    with the key's line and column), as for any other invalid YAML. What `parse_config` reads a
-    fleet file with; for anything else read as a fleet file would be (a bench's config
-    fragments)."""
-    return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader
 
 
 def _entry_name(entry: Any) -> str | None:
@@ -136,14 +104,7 @@ def parse_config(
     """Parse YAML text into a checked `FleetConfig`, or raise `ConfigError`. Relative file paths
     in it (a model's ``tokenizer``) are taken relative to ``base_dir`` (default: the current
     directory)."""
-    try:
-        raw = load_yaml(text)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(file, [(where, f"invalid YAML: {exc.problem}")]) from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(file, [("", f"invalid YAML: {exc}")]) from None
+    raw = parse_yaml(text, file)  # a repeated key is refused, naming its line
     if not isinstance(raw, dict):
         raise ConfigError(file, [("", "the top level must be a mapping")])
     if with_defaults:
@@ -159,20 +120,6 @@ def parse_config(
     if problems:
         raise ConfigError(file, problems)
     return config
-
-
-def read_text(p: Path) -> str:
-    """A configuration file's text; `ConfigError` naming ``p`` if unreadable, or ``p`` and the
-    line of the first bad byte if not UTF-8."""
-    try:
-        data = p.read_bytes()
-    except OSError as exc:
-        raise ConfigError(str(p), [("", f"cannot read: {exc.strerror or exc}")]) from None
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        raise ConfigError(str(p), [(f"line {line}", "not UTF-8 text")]) from None
 
 
 def load_config(path: str | Path) -> FleetConfig:

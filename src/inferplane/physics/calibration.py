@@ -59,10 +59,12 @@ from typing import Annotated, Any, Final, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from inferplane.errors import ConfigError
 from inferplane.physics.frontend import FrontEnd
 from inferplane.physics.hardware import HARDWARE, HardwareProfile
 from inferplane.physics.models import ModelProfile
 from inferplane.physics.roofline import Roofline
+from inferplane.yamlio import read_yaml
 
 PROFILE_KIND: Final = "inferplane/hardware-profile"
 PROFILE_VERSION: Final = 1
@@ -669,11 +671,9 @@ def load_profile_file(path: str | Path) -> tuple[HardwareProfile, str | None]:
     across model sizes — was never measured (`Fleet.from_config` warns)."""
     p = Path(path)
     try:
-        data = yaml.safe_load(p.read_text("utf-8"))
-    except OSError as exc:
-        raise ValueError(f"{p}: cannot read: {exc.strerror or exc}") from None
-    except yaml.YAMLError as exc:
-        raise ValueError(f"{p}: not valid YAML: {exc}") from None
+        data = read_yaml(p)  # a repeated key is refused, as in the fleet file
+    except ConfigError as exc:  # "FILE: line L, column C: invalid YAML: …", "FILE: cannot read: …"
+        raise ValueError(str(exc)) from None
     try:
         f = _ProfileFile.model_validate(data)
     except ValidationError as exc:

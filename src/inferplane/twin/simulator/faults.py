@@ -31,11 +31,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from inferplane.config.loader import format_loc, load_yaml, read_text
+from inferplane.config.loader import format_loc
 from inferplane.errors import ConfigError
+from inferplane.yamlio import parse_yaml, read_text
 
 __all__ = ["FaultEvent", "load_faults", "validate_faults"]
 
@@ -60,10 +60,7 @@ def _parse(text: str, path: Path) -> object:
             return json.loads(text)
         except json.JSONDecodeError as exc:
             raise ConfigError(str(path), [("", f"invalid JSON: {exc}")]) from None
-    try:
-        return load_yaml(text)  # a repeated key is refused, as in the fleet file
-    except yaml.YAMLError as exc:
-        raise ConfigError(str(path), [("", f"invalid YAML: {exc}")]) from None
+    return parse_yaml(text, str(path))  # a repeated key is refused, as in the fleet file
 
 
 def load_faults(path: str | Path, endpoints: Sequence[str]) -> list[FaultEvent]:

@@ -11,13 +11,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
 from pydantic import ValidationError
 
-from inferplane.config.loader import format_loc, load_yaml, read_text
+from inferplane.config.loader import format_loc
 from inferplane.config.schema import FleetConfig, MixEntry, TenantSpec, WorkloadClass
 from inferplane.errors import ConfigError
 from inferplane.types import ApiKind
+from inferplane.yamlio import read_yaml
 
 __all__ = ["SimulationError", "TrafficShare", "load_mix", "resolve_mix"]
 
@@ -42,11 +42,9 @@ class TrafficShare:
 def load_mix(path: str | Path) -> list[MixEntry]:
     """Read a YAML file with a ``mix:`` list (the fleet file's form); `ConfigError` if bad."""
     p = Path(path)
-    text = read_text(p)  # ConfigError naming the file (and line) if unreadable or not UTF-8
-    try:
-        raw = load_yaml(text)  # a repeated key is refused, as in the fleet file
-    except yaml.YAMLError as exc:
-        raise ConfigError(str(p), [("", f"invalid YAML: {exc}")]) from None
+    # ConfigError naming the file and line if unreadable, not UTF-8 or not YAML (a repeated key
+    # included, as in the fleet file)
+    raw = read_yaml(p)
     if not isinstance(raw, dict) or not isinstance(raw.get("mix"), list):
         raise ConfigError(str(p), [("mix", "expected a mapping with a `mix:` list")])
     entries: list[MixEntry] = []
