@@ -22,8 +22,11 @@ client bytes and metrics; where a cut's output can be compared here it is, befor
 - ``block_hashes``: the engine block hashes of each prompt's token ids (`tokenization.
   block_hashes`), one `hash_block_tokens` call a block (old) against the same hash inlined.
 - ``tokenize``: `Classifier._tokenize` of each prompt, the result built by
-  `dataclasses.replace` (old) against built field by field (new), around an encoding that
-  returns the real tokenizer's ids known in advance (the encoding itself is unchanged).
+  `dataclasses.replace` (old) against one constructor call (new), around an encoding that
+  returns the real tokenizer's ids known in advance (the encoding itself is unchanged); and
+  ``s20``, session 20's, which made the cut with a constructor call in each of three branches
+  (session 21 folded them into one: its row and ``new ÷ s20``, the median and range of the
+  rounds' ratios, say what that cost).
 - ``dispatch_cms``: the two boundaries around an upstream wait, as `Dispatcher.open` and
   `Dispatcher.first_chunk` enter them (each once a request): `_translate` and
   `_first_byte_deadline` as generator context managers (old) against classes (new), around
@@ -227,6 +230,23 @@ def old_tokenize(tok: Any, prompt: Prompt) -> Prompt:
     return dataclasses.replace(prompt, tokens=len(ids), ids=ids)
 
 
+def s20_tokenize(tok: Any, prompt: Prompt) -> Prompt:
+    """`Classifier._tokenize` in session 20: built field by field in three branches."""
+    if prompt.ids is not None:
+        return prompt
+    ids = encode(tok, prompt.text)
+    text, max_out, count, template = (
+        prompt.text, prompt.max_output_tokens, prompt.count, prompt.template)
+    if template:
+        return Prompt(text=text, tokens=len(ids), max_output_tokens=max_out, ids=None,
+                      count=count, template=template)
+    if count > 1:
+        return Prompt(text=text, tokens=prompt.tokens, max_output_tokens=max_out, ids=ids,
+                      count=count, template=template)
+    return Prompt(text=text, tokens=len(ids), max_output_tokens=max_out, ids=ids,
+                  count=count, template=template)
+
+
 class Encoded:
     """What the tokenizers library's ``encode_batch_fast`` gives for one text: its ``ids``."""
 
@@ -254,17 +274,15 @@ def tokenize_case(gw: Gateway, bodies: list[bytes]) -> dict[str, Timed]:
     tok = KnownIds(real, [p.text for p in prompts])
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # as `inferplane serve` sets it
     for p in prompts[:20]:
-        assert old_tokenize(tok, p) == Classifier._tokenize(tok, p)
+        assert old_tokenize(tok, p) == s20_tokenize(tok, p) == Classifier._tokenize(tok, p)
 
-    def old() -> None:
-        for p in prompts:
-            old_tokenize(tok, p)
+    def run(tokenize: Callable[[Any, Prompt], Prompt]) -> Timed:
+        def each() -> None:
+            for p in prompts:
+                tokenize(tok, p)
+        return timed_loop(each)
 
-    def new() -> None:
-        for p in prompts:
-            Classifier._tokenize(tok, p)
-
-    return {"old": timed_loop(old), "new": timed_loop(new)}
+    return {"old": run(old_tokenize), "new": run(Classifier._tokenize), "s20": run(s20_tokenize)}
 
 
 # -- dispatch_cms ---------------------------------------------------------------------------------
@@ -365,10 +383,17 @@ def main(argv: list[str] | None = None) -> int:
                 fn = fns[k]
                 loop.run_until_complete(fn())
                 times[k].append(1e6 * fn.elapsed / len(bodies))  # type: ignore[attr-defined]
-        old, new = (statistics.median(times[k]) for k in ("old", "new"))
-        print(f"| {name} | {old:.2f} ({min(times['old']):.2f}-{max(times['old']):.2f}) | "
-              f"{new:.2f} ({min(times['new']):.2f}-{max(times['new']):.2f}) | "
-              f"{new / old:.2f} |", flush=True)
+        old = statistics.median(times["old"])
+        for k in [k for k in times if k != "old"]:  # "new", then any other variant
+            label = name if k == "new" else f"{name} [{k}]"
+            t = times[k]
+            print(f"| {label} | {old:.2f} ({min(times['old']):.2f}-{max(times['old']):.2f}) | "
+                  f"{statistics.median(t):.2f} ({min(t):.2f}-{max(t):.2f}) | "
+                  f"{statistics.median(t) / old:.2f} |", flush=True)
+        for k in [k for k in times if k not in ("old", "new")]:
+            ratios = [n / o for n, o in zip(times["new"], times[k], strict=True)]
+            print(f"| {name}: new ÷ {k} by round | | | {statistics.median(ratios):.3f} "
+                  f"({min(ratios):.3f}-{max(ratios):.3f}) |", flush=True)
     return 0
 
 

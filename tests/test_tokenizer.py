@@ -4,6 +4,7 @@ fleet file, and checked at load time with the file and field named."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -12,12 +13,13 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
 from inferplane.config.loader import load_config
 from inferplane.errors import ConfigError
-from inferplane.placement.classify import Classifier, estimate_tokens
+from inferplane.placement.classify import Classifier, Prompt, estimate_tokens
 from inferplane.placement.profile import RequestProfile
 from inferplane.tokenization import (
     block_hashes,
     engine_block_hashes,
     hash_block_tokens,
+    load_tokenizer,
     salt_root,
 )
 from inferplane.twin.traces.tokens import VOCABULARY
@@ -116,6 +118,27 @@ def test_a_batch_of_texts_keeps_its_estimate_under_a_tokenizer(tmp_path: Path) -
     assert batch.prompt_tokens == estimate_tokens(TEXT, mode) + estimate_tokens("a b c", mode)
     ids = [1, *(3 + i for i in range(10))]
     assert batch.engine_block_hashes == tuple(block_hashes(ids, 4, salt_root(batch.cache_salt)))
+
+
+@pytest.mark.parametrize(
+    ("count", "template", "tokens", "ids"),
+    [
+        (1, False, 11, [1, *range(3, 13)]),  # one text: counted and hashed
+        (1, True, 11, None),  # chat: counted, not hashed (the engine's template decides)
+        (3, False, 99, [1, *range(3, 13)]),  # a batch: the first hashed, the estimate kept
+    ],
+    ids=["text", "chat", "batch"],
+)
+def test_tokenize_sets_count_and_ids_and_carries_every_other_field(
+    tmp_path: Path, count: int, template: bool, tokens: int, ids: list[int] | None
+) -> None:
+    """`Classifier._tokenize` builds its `Prompt` directly (for speed, not with
+    `dataclasses.replace`): the result is the prompt with only ``tokens`` and ``ids`` changed."""
+    tok = load_tokenizer(str(write_tokenizer(tmp_path / "tok", bos=True)))
+    prompt = Prompt(TEXT, 99, 7, None, count, template)
+    assert Classifier._tokenize(tok, prompt) == dataclasses.replace(prompt, tokens=tokens, ids=ids)
+    given = dataclasses.replace(prompt, ids=[5, 6])  # token ids: exact already, kept as given
+    assert Classifier._tokenize(tok, given) is given
 
 
 def test_without_a_tokenizer_the_word_rule_stays(tmp_path: Path) -> None:

@@ -378,18 +378,14 @@ class Classifier:
         if prompt.ids is not None:
             return prompt
         ids = encode(tok, prompt.text)
-        # built field by field (`dataclasses.replace` costs several µs a call): a field added
+        count, template = prompt.count, prompt.template
+        # a chat prompt: the chat template adds tokens we do not render, so count, no ids; a
+        # batch of texts: hash the first, the count stays the estimate of them all
+        tokens = prompt.tokens if count > 1 and not template else len(ids)
+        # one constructor call, not `dataclasses.replace` (several µs a call): a field added
         # to `Prompt` must be carried here too
-        text, max_out, count, template = (
-            prompt.text, prompt.max_output_tokens, prompt.count, prompt.template)
-        if template:  # the chat template adds tokens we do not render: count, no ids
-            return Prompt(text=text, tokens=len(ids), max_output_tokens=max_out, ids=None,
-                          count=count, template=template)
-        if count > 1:  # a batch of texts: hash the first; the count stays an estimate
-            return Prompt(text=text, tokens=prompt.tokens, max_output_tokens=max_out, ids=ids,
-                          count=count, template=template)
-        return Prompt(text=text, tokens=len(ids), max_output_tokens=max_out, ids=ids,
-                      count=count, template=template)
+        return Prompt(text=prompt.text, tokens=tokens, max_output_tokens=prompt.max_output_tokens,
+                      ids=None if template else ids, count=count, template=template)
 
     def _engine_hashes(
         self, prompt: Prompt, tokenized: bool, salt: str | None
