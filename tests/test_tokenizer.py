@@ -126,8 +126,9 @@ def test_a_batch_of_texts_keeps_its_estimate_under_a_tokenizer(tmp_path: Path) -
         (1, False, 11, [1, *range(3, 13)]),  # one text: counted and hashed
         (1, True, 11, None),  # chat: counted, not hashed (the engine's template decides)
         (3, False, 99, [1, *range(3, 13)]),  # a batch: the first hashed, the estimate kept
+        (3, True, 11, None),  # templated with a count (no caller makes one): the template wins
     ],
-    ids=["text", "chat", "batch"],
+    ids=["text", "chat", "batch", "batch-templated"],
 )
 def test_tokenize_sets_count_and_ids_and_carries_every_other_field(
     tmp_path: Path, count: int, template: bool, tokens: int, ids: list[int] | None
