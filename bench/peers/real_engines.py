@@ -543,11 +543,11 @@ def render(doc: dict[str, Any], out: Path) -> str:
         table(doc.get("summary") or aggregate(doc["results"])), "",
     ]
     if any(r["name"] == ENVOY for r in doc["results"] if r.get("status") == "ok"):
-        lines[-1:-1] = [
-            f"`{ENVOY}`: Envoy (`--concurrency {doc.get('envoy_concurrency') or '?'}`) on the "
+        lines[-1:-1] = [  # after a blank line: a line right below a table is one of its rows
+            "", f"`{ENVOY}`: Envoy (`--concurrency {doc.get('envoy_concurrency') or '?'}`) on the "
             "data path with `inferplane epp` picking over ext_proc (observer filter on, "
             "`epp.observe_responses`' default), the same fleet file as `inferplane default`; "
-            "its router's CPU and wait for a CPU are Envoy's and the picker's together.", ""]
+            "its router's CPU and wait for a CPU are Envoy's and the picker's together."]
     for n, gp in (doc.get("gateway_pythons") or {}).items():
         lines[-1:-1] = [f"`{n}`: the gateway run by Python {gp['version']} (`{gp['path']}`).", ""]
     rows = doc.get("summary") or aggregate(doc["results"])
