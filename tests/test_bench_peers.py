@@ -728,3 +728,42 @@ def test_the_envoy_setup_answers_through_envoy_on_the_endpoint_the_picker_chose(
                        for pid in proc.pids)
     finally:
         procs.stop_all()
+
+
+def test_the_null_picker_setup_sends_the_engines_in_turn_through_envoy(tmp_path: Path) -> None:
+    """``envoy null-picker round_robin``: the same Envoy and bootstrap as ``inferplane envoy``,
+    `bench/null_picker.py` in the picker's place answering with each engine in turn; the
+    router's CPU is read over both processes."""
+    import httpx
+    import yaml
+
+    from bench.peers.peers import ENVOY_NULL, Context
+    from bench.peers.real_engines import fleet_yaml
+    from bench.peers.run import start_router
+
+    ports = procs.free_ports(3)
+    urls = [f"http://127.0.0.1:{p}" for p in ports]
+    fakes = [procs.Proc(f"fake{i}", [sys.executable, "bench/peers/fake_engine.py", "--port",
+                                     str(p), "--ttft-s", "0.01"], tmp_path / f"fake{i}.log")
+             for i, p in enumerate(ports)]
+    try:
+        for f, u in zip(fakes, urls, strict=True):
+            f.wait_http(u + "/health")
+        fleet = yaml.safe_load(fleet_yaml([(u, "") for u in urls], 1024, 16, False,
+                                          tokenizer=False))
+        setup = next(s for s in setups() if s.name == ENVOY_NULL)
+        proc, base = start_router(setup, Context(tmp_path, urls, "tiny-llama", fleet, {}))
+        assert len(proc.pids) == 2  # the null picker and Envoy
+        served = []
+        for i in range(6):
+            body = {"model": "tiny-llama", "prompt": f"word{i} " * 8, "max_tokens": 3,
+                    "stream": True}
+            with httpx.stream("POST", base + "/v1/completions", json=body, timeout=30,
+                              headers=dict(setup.headers)) as r:
+                assert r.status_code == 200 and "[DONE]" in r.read().decode()
+                served.append(r.headers["x-gateway-destination-endpoint-served"])
+        # every engine, in turn
+        assert sorted(served[:3]) == sorted(u.split("//")[1] for u in urls)
+        assert served[3:] == served[:3]
+    finally:
+        procs.stop_all()

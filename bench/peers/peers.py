@@ -39,7 +39,7 @@ from inferplane.twin.traces.tokens import VOCABULARY
 ROOT = Path(__file__).resolve().parents[2]
 INFERPLANE_KEY = "sk-h100x8-demo"
 LITELLM_KEY = "sk-peers-litellm"
-IN_TREE = frozenset({"inferplane", "python-proxy"})
+IN_TREE = frozenset({"inferplane", "python-proxy", "null-picker"})
 """The peers run from this tree's code with the bench's own interpreter (no venv to install)."""
 
 
@@ -158,6 +158,28 @@ def _envoy_epp(ctx: Context, port: int) -> Proc:
     """``inferplane epp --config F`` and Envoy with ``inferplane envoy-config --config F``'s
     bootstrap, both as Procs (niceness and scheduling policy alike), joined as one router: the
     picker first, Envoy once the picker listens. Clients talk to Envoy on ``port``."""
+    return _envoy_with_picker(ctx, port, ENVOY_EPP, None)
+
+
+ENVOY_NULL = "envoy null-picker round_robin"
+"""The setup: the same Envoy and bootstrap as ``inferplane envoy``, the picker replaced by
+`bench/null_picker.py` (grpcio, answers at once, the engines in turn): the floor of any Python
+picker behind Envoy on this bench."""
+
+
+def _envoy_null(ctx: Context, port: int) -> Proc:
+    """``inferplane envoy`` with `bench/null_picker.py` in the picker's place (no parsing,
+    placement or accounting; the engines in turn), on the same bootstrap: what Envoy and a
+    Python ext_proc server cost before any of inferplane's work."""
+    dests = ",".join(urlsplit(u).netloc for u in ctx.fleet_urls)
+    return _envoy_with_picker(ctx, port, ENVOY_NULL, [
+        str(ROOT / "bench/null_picker.py"), "--destination", dests])
+
+
+def _envoy_with_picker(ctx: Context, port: int, name: str, null: list[str] | None) -> Proc:
+    """Envoy with the picker bootstrap of the gateway's fleet copy, in front of ``inferplane
+    epp`` (``null`` None) or of the command ``null`` (run with the harness's Python and
+    ``--port``): the picker first, Envoy once it listens."""
     if ctx.fleet_config is None:
         raise RuntimeError("the picker needs the fleet file (not available with --fleet URLS)")
     epp_port, admin_port, gw_port = free_ports(3)
@@ -173,18 +195,22 @@ def _envoy_epp(ctx: Context, port: int) -> Proc:
     if got.returncode != 0:
         raise RuntimeError(f"inferplane envoy-config exited {got.returncode}: "
                            f"{(got.stdout + got.stderr)[-1500:]}")
-    picker = Proc("inferplane-epp", [python, "-m", "inferplane.cli", "epp", "--config", str(path),
-                                     "--log-level", "warning"],
-                  ctx.work / "inferplane-epp.log", env=env, cwd=ROOT)
+    if null is None:
+        picker = Proc("inferplane-epp", [python, "-m", "inferplane.cli", "epp", "--config",
+                                         str(path), "--log-level", "warning"],
+                      ctx.work / "inferplane-epp.log", env=env, cwd=ROOT)
+    else:
+        picker = Proc("null-picker", [sys.executable, *null, "--port", str(epp_port)],
+                      ctx.work / "null-picker.log", env=env, cwd=ROOT)
     try:
         wait_listening(picker, epp_port, 120.0)
-        envoy = Proc("envoy-epp", [envoy_binary(), "-c", str(boot), "--concurrency",
-                                   str(envoy_concurrency()), "--disable-hot-restart",
-                                   "-l", "warning"], ctx.work / "envoy-epp.log")
+        envoy = Proc("envoy-epp" if null is None else "envoy-null",
+                     [envoy_binary(), "-c", str(boot), "--concurrency", str(envoy_concurrency()),
+                      "--disable-hot-restart", "-l", "warning"], ctx.work / "envoy-epp.log")
     except BaseException:
         picker.stop()
         raise
-    return Joined(ENVOY_EPP, [picker, envoy])
+    return Joined(name, [picker, envoy])
 
 
 def wait_listening(proc: Proc, port: int, timeout_s: float) -> None:
@@ -366,6 +392,10 @@ def setups() -> list[Setup]:
         # key is the picker's 401 through Envoy: both are up and talk to each other
         Setup(ENVOY_EPP, "inferplane", "envoy + epp", "completion-text", _envoy_epp,
               "/v1/models", ip_headers, 150.0, (401,)),
+        # the floor of a Python picker behind the same Envoy: null_picker.py, engines in turn; a
+        # GET without a body gets no pick (503 from the original-destination cluster)
+        Setup(ENVOY_NULL, "null-picker", "round_robin", "completion-text", _envoy_null,
+              "/v1/models", ip_headers, 150.0, (200, 404, 503)),
         Setup("inferplane round-robin", "inferplane", "round-robin", "completion-text",
               _inferplane("round-robin"), "/ready", ip_headers),
         *(Setup(f"vllm-router {p}", "vllm-router", p, "completion-ids", _vllm_router(p))

@@ -58,6 +58,7 @@ for _p in (str(ROOT / "src"), str(ROOT)):
 from bench.peers import client, metrics, overhead, report, venvs  # noqa: E402
 from bench.peers.peers import (  # noqa: E402
     ENVOY_EPP,
+    ENVOY_NULL,
     IN_TREE,
     Context,
     Setup,
@@ -347,6 +348,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     }
     if any(s.name == ENVOY_EPP for s in chosen):  # the picker's data path, from inferplane's venv
         versions["envoy (inferplane envoy)"] = envoy_epp_version()
+    if any(s.name == ENVOY_NULL for s in chosen):  # the same Envoy in front of null_picker.py
+        versions["null-picker"] = f"envoy {envoy_epp_version()}, grpcio"
     installs: dict[str, venvs.Installed] = {}
     for peer in dict.fromkeys(s.peer for s in chosen if s.peer not in IN_TREE):
         log(f"installing {peer} …")
