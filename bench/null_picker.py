@@ -46,7 +46,7 @@ def _set(key: str, value: str) -> Any:
 class NullProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
     def __init__(self, destination: str) -> None:
         self.bodies = [self._body(d) for d in destination.split(",")]
-        self.turn = 0
+        self.turn = -1  # the first pick is the first destination
         self.body = self.bodies[0]
         self.headers = pb.ProcessingResponse(request_headers=pb.HeadersResponse())
         self.response = pb.ProcessingResponse(response_headers=pb.HeadersResponse())

@@ -196,7 +196,7 @@ def test_configs_point_at_the_fleet() -> None:
 
 def test_every_router_gets_the_form_its_policy_reads() -> None:
     forms = {s.name: s.form for s in setups()}
-    assert len(forms) == 12
+    assert len(forms) == 13
     assert all(f == "completion-ids" for n, f in forms.items() if n.startswith("vllm-router"))
     assert all(f == "completion-text" for n, f in forms.items() if n.startswith("sglang"))
 

@@ -392,10 +392,12 @@ def setups() -> list[Setup]:
         # key is the picker's 401 through Envoy: both are up and talk to each other
         Setup(ENVOY_EPP, "inferplane", "envoy + epp", "completion-text", _envoy_epp,
               "/v1/models", ip_headers, 150.0, (401,)),
-        # the floor of a Python picker behind the same Envoy: null_picker.py, engines in turn; a
-        # GET without a body gets no pick (503 from the original-destination cluster)
+        # the floor of a Python picker behind the same Envoy: null_picker.py, engines in turn. A
+        # GET has no body, so no pick: the bootstrap's fallback route answers 503 (as it would
+        # with the picker down: ready says Envoy listens; the picker listened before Envoy
+        # started, and the warm-up's POSTs must get 200 through it)
         Setup(ENVOY_NULL, "null-picker", "round_robin", "completion-text", _envoy_null,
-              "/v1/models", ip_headers, 150.0, (200, 404, 503)),
+              "/v1/models", ip_headers, 150.0, (503,)),
         Setup("inferplane round-robin", "inferplane", "round-robin", "completion-text",
               _inferplane("round-robin"), "/ready", ip_headers),
         *(Setup(f"vllm-router {p}", "vllm-router", p, "completion-ids", _vllm_router(p))

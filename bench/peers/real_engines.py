@@ -22,7 +22,7 @@
 5. writes ``results.json`` and ``results.md`` (medians over the repetitions, with min–max) to
    ``--out``. Every engine is stopped by process group at the end, also on failure.
 
-Setups (``--only`` takes these names exactly; the default runs the four in ``SETUPS``):
+Setups (``--only`` takes these names exactly; the default runs the five in ``SETUPS``):
 ``inferplane default`` (the aiohttp gateway, ``inferplane serve``), ``inferplane envoy`` (the
 same fleet file — profile, KV events, tokenizer — given to ``inferplane epp``, the endpoint
 picker, behind the real Envoy with the bootstrap of ``inferplane envoy-config``: the client talks
@@ -33,7 +33,10 @@ round-robin``, ``vllm-router cache_aware``, ``sglang-router cache_aware``; besid
 ``python-proxy round_robin`` and the other policies of `bench.peers.peers.setups`, and the
 ``inferplane default, …`` setups of ``--calibrate``, ``--variant`` and ``--gateway-python``.
 For ``inferplane envoy`` the router's CPU and its wait for a CPU are Envoy's and the picker's
-together, and ``--router-nice`` / ``--router-rt`` apply to both processes.
+together, and ``--router-nice`` / ``--router-rt`` apply to both processes; the same holds for
+``envoy null-picker round_robin`` (the same Envoy and bootstrap, `bench/null_picker.py` in the
+picker's place, answering at once with the engines in turn: the floor of any Python picker
+behind Envoy).
 
 ``--calibrate`` first runs ``inferplane calibrate`` against engine 0 (idle, before any replay)
 and adds the setup ``inferplane default, calibrated``: the same gateway and profile, its fleet
@@ -103,6 +106,7 @@ MODEL = "tiny-llama"
 BLOCK = 32
 MAX_MODEL_LEN = 2304  # Mooncake prompts up to 32k tokens become <= 2048 words at 32 per block
 ENVOY = "inferplane envoy"  # bench.peers.peers.ENVOY_EPP: Envoy + `inferplane epp`
+ENVOY_NULL = "envoy null-picker round_robin"  # bench.peers.peers.ENVOY_NULL: Envoy + null picker
 SETUPS = ["inferplane default", ENVOY, "inferplane round-robin", "vllm-router cache_aware",
           "sglang-router cache_aware"]
 CALIBRATED = "inferplane default, calibrated"  # run.py's "inferplane default", fleet_cal.yaml
@@ -548,6 +552,12 @@ def render(doc: dict[str, Any], out: Path) -> str:
             "data path with `inferplane epp` picking over ext_proc (observer filter on, "
             "`epp.observe_responses`' default), the same fleet file as `inferplane default`; "
             "its router's CPU and wait for a CPU are Envoy's and the picker's together."]
+    if any(r["name"] == ENVOY_NULL for r in doc["results"] if r.get("status") == "ok"):
+        lines[-1:-1] = [
+            "", f"`{ENVOY_NULL}`: the same Envoy (`--concurrency "
+            f"{doc.get('envoy_concurrency') or '?'}`) and bootstrap with `bench/null_picker.py` "
+            "in the picker's place (no parsing, placement or accounting; the engines in turn): "
+            "its router's CPU and wait for a CPU are Envoy's and the null picker's together."]
     for n, gp in (doc.get("gateway_pythons") or {}).items():
         lines[-1:-1] = [f"`{n}`: the gateway run by Python {gp['version']} (`{gp['path']}`).", ""]
     rows = doc.get("summary") or aggregate(doc["results"])
@@ -774,7 +784,8 @@ def main(argv: list[str] | None = None) -> int:
                          for n in variants},
             "gateway_pythons": {n: {"path": pythons[n], "version": python_versions[n]}
                                 for n in pythons},
-            "envoy_concurrency": envoy_concurrency() if ENVOY in names else None,
+            "envoy_concurrency": (envoy_concurrency() if {ENVOY, ENVOY_NULL} & set(names)
+                                  else None),
             "runs": a.runs, "results": [],
         }
         a.out.mkdir(parents=True, exist_ok=True)

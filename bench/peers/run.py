@@ -349,7 +349,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     if any(s.name == ENVOY_EPP for s in chosen):  # the picker's data path, from inferplane's venv
         versions["envoy (inferplane envoy)"] = envoy_epp_version()
     if any(s.name == ENVOY_NULL for s in chosen):  # the same Envoy in front of null_picker.py
-        versions["null-picker"] = f"envoy {envoy_epp_version()}, grpcio"
+        envoy = versions.get("envoy (inferplane envoy)") or envoy_epp_version()
+        versions["null-picker"] = f"envoy {envoy or '(not found)'}, grpcio"
     installs: dict[str, venvs.Installed] = {}
     for peer in dict.fromkeys(s.peer for s in chosen if s.peer not in IN_TREE):
         log(f"installing {peer} …")
