@@ -2,12 +2,17 @@
 
 The floor of a Python picker on grpcio's asyncio server: it answers each message of Envoy's
 picker filter at once (request headers: continue; request body: the same destination every
-time, set the way `inferplane epp` sets it; response headers: continue) and drains the observer
-filter's messages without answering. No authentication, parsing, placement or accounting. The
-difference between ``envoy+null`` and ``envoy-direct`` is what Envoy's ext_proc filter and
-grpcio cost; between ``envoy+epp`` and ``envoy+null``, what inferplane's pipeline costs.
+time, or each of several in turn, set the way `inferplane epp` sets it; response headers:
+continue) and drains the observer filter's messages without answering. No authentication,
+parsing, placement or accounting. The difference between ``envoy+null`` and ``envoy-direct``
+is what Envoy's ext_proc filter and grpcio cost; between ``envoy+epp`` and ``envoy+null``,
+what inferplane's pipeline costs.
 
-    python bench/null_picker.py --port 9002 --destination 127.0.0.1:8000 [--server grpclib]
+    python bench/null_picker.py --port 9002 --destination 127.0.0.1:8000[,127.0.0.1:8001,...]
+                                [--server grpclib]
+
+Several destinations (comma-separated) are picked in turn, request by request (round robin): the
+``envoy null-picker round_robin`` setup of the real-engine bench (bench/peers/peers.py).
 
 ``--server grpclib`` serves the same with grpclib (pure-Python HTTP/2 on the event loop, no
 gRPC core threads) instead of grpcio, to compare the two servers' cost per message (grpclib is
@@ -40,6 +45,14 @@ def _set(key: str, value: str) -> Any:
 
 class NullProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
     def __init__(self, destination: str) -> None:
+        self.bodies = [self._body(d) for d in destination.split(",")]
+        self.turn = -1  # the first pick is the first destination
+        self.body = self.bodies[0]
+        self.headers = pb.ProcessingResponse(request_headers=pb.HeadersResponse())
+        self.response = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
+
+    @staticmethod
+    def _body(destination: str) -> Any:
         common = pb.CommonResponse(clear_route_cache=True)
         common.header_mutation.set_headers.extend([
             _set("x-gateway-destination-endpoint", destination),
@@ -49,10 +62,15 @@ class NullProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         md = struct_pb2.Struct()
         md.fields["envoy.lb"].struct_value.fields[
             "x-gateway-destination-endpoint"].string_value = destination
-        self.headers = pb.ProcessingResponse(request_headers=pb.HeadersResponse())
-        self.body = pb.ProcessingResponse(request_body=pb.BodyResponse(response=common),
-                                          dynamic_metadata=md)
-        self.response = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
+        return pb.ProcessingResponse(request_body=pb.BodyResponse(response=common),
+                                     dynamic_metadata=md)
+
+    def pick(self) -> Any:
+        """The body answer: the one destination, or the next of several in turn."""
+        if len(self.bodies) == 1:
+            return self.body
+        self.turn = (self.turn + 1) % len(self.bodies)
+        return self.bodies[self.turn]
 
     async def Process(self, requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
         async for req in requests:
@@ -62,7 +80,7 @@ class NullProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             if kind == "request_headers":
                 yield self.headers
             elif kind == "request_body":
-                yield self.body
+                yield self.pick()
             elif kind == "response_headers":
                 yield self.response
 
@@ -82,7 +100,7 @@ class NullProcessorRW(NullProcessor):
             if kind == "request_headers":
                 await context.write(self.headers)
             elif kind == "request_body":
-                await context.write(self.body)
+                await context.write(self.pick())
             elif kind == "response_headers":
                 await context.write(self.response)
 
@@ -109,7 +127,7 @@ class GrpclibProcessor:
             if kind == "request_headers":
                 await stream.send_message(a.headers)
             elif kind == "request_body":
-                await stream.send_message(a.body)
+                await stream.send_message(a.pick())
             elif kind == "response_headers":
                 await stream.send_message(a.response)
 

@@ -1,4 +1,5 @@
-"""Fast tests of bench/peers' own logic: no peer is installed, no router started."""
+"""Fast tests of bench/peers' own logic: no peer is installed; one test starts the in-tree
+``inferplane envoy`` setup (Envoy + ``inferplane epp``) in front of stand-in engines."""
 
 from __future__ import annotations
 
@@ -195,7 +196,7 @@ def test_configs_point_at_the_fleet() -> None:
 
 def test_every_router_gets_the_form_its_policy_reads() -> None:
     forms = {s.name: s.form for s in setups()}
-    assert len(forms) == 11
+    assert len(forms) == 13
     assert all(f == "completion-ids" for n, f in forms.items() if n.startswith("vllm-router"))
     assert all(f == "completion-text" for n, f in forms.items() if n.startswith("sglang"))
 
@@ -616,3 +617,153 @@ def test_cpu_per_request_counts_every_live_thread_in_nanoseconds() -> None:
     finally:
         stop.set()
         t.join()
+
+
+# -- Envoy + the endpoint picker (`inferplane envoy`) ---------------------------------------------
+
+
+def test_the_envoy_setup_gives_the_picker_the_gateways_fleet_and_envoy_the_clients_port() -> None:
+    import yaml
+
+    from bench.peers.peers import ENVOY_EPP, epp_fleet
+    from bench.peers.real_engines import SETUPS, fleet_yaml
+    from inferplane.config.loader import parse_config
+    from inferplane.epp.envoy_config import bootstrap
+
+    urls = ["http://127.0.0.1:9101", "http://127.0.0.1:9102", "http://127.0.0.1:9103"]
+    gateway = yaml.safe_load(fleet_yaml([(u, f"ipc:///tmp/kv{i}") for i, u in enumerate(urls)],
+                                        1024, 16, True, tokenizer=False))
+    cfg = epp_fleet(gateway, urls, envoy_port=7100, epp_port=7101, admin_port=7102,
+                    gateway_port=7103)
+    assert cfg["epp"] == {"host": "127.0.0.1", "port": 7101, "envoy_host": "127.0.0.1",
+                          "envoy_port": 7100, "envoy_admin_port": 7102}
+    # the same fleet as the gateway's: endpoints, KV events, profile, tenants; the observer on
+    mine = json_copy(cfg)
+    del mine["epp"]
+    assert mine == inferplane_fleet(gateway, urls, 7103, None)
+    assert [e["kv_events"] for e in cfg["substrates"][0]["endpoints"]] == [
+        f"ipc:///tmp/kv{i}" for i in range(3)]
+    parsed = parse_config(yaml.safe_dump(cfg))
+    assert parsed.epp.observe_responses is True
+    boot = bootstrap(parsed)
+    assert boot["static_resources"]["listeners"][0]["address"]["socket_address"][
+        "port_value"] == 7100
+    epp = next(c for c in boot["static_resources"]["clusters"] if c["name"] == "inferplane_epp")
+    assert "7101" in str(epp["load_assignment"])
+    setup = next(s for s in setups() if s.name == ENVOY_EPP)
+    assert (setup.peer, setup.form, setup.ready, setup.ready_ok) == (
+        "inferplane", "completion-text", "/v1/models", (401,))
+    assert ENVOY_EPP in SETUPS and ENVOY_EPP == "inferplane envoy"
+
+
+def json_copy(x: Any) -> Any:
+    return orjson.loads(orjson.dumps(x))
+
+
+def test_a_joined_router_is_alive_while_every_part_is_and_is_sampled_whole(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sleep = [sys.executable, "-c", "import time; time.sleep(60)"]
+    a = procs.Proc("picker", sleep, tmp_path / "a.log")
+    b = procs.Proc("envoy", sleep, tmp_path / "b.log")
+    joined = procs.Joined("both", [a, b])
+    assert joined.pids == [a.pid, b.pid] and joined.pid == b.pid and joined.alive()
+    reads = {a.pid: iter([{1: 100}, {1: 300}]), b.pid: iter([{2: 10}, {2: 60}])}
+    monkeypatch.setattr(procs, "run_queue_wait_ns", lambda pid: next(reads[pid]))
+    monkeypatch.setattr(procs, "tree_pids", lambda root: [root])
+    sampler = procs.TreeSampler(joined.pids, interval_s=3600)
+    sampler.start()
+    sampler.stop()
+    assert sampler.wait_s == pytest.approx((200 + 50) / 1e9)  # both trees' waits
+    a.stop()
+    assert not joined.alive() and joined.popen is a.popen  # the part that exited
+    joined.stop()
+    assert not b.alive() and a not in procs.running() and b not in procs.running()
+
+
+def test_the_envoy_setup_answers_through_envoy_on_the_endpoint_the_picker_chose(
+        tmp_path: Path) -> None:
+    """The real setup: the picker and Envoy started by its starter, in front of three stand-in
+    engines; every answer carries the picker's decision and was served by the endpoint it
+    named, and the router's CPU is read over both processes."""
+    import httpx
+    import yaml
+
+    from bench.peers.peers import ENVOY_EPP, Context
+    from bench.peers.real_engines import fleet_yaml
+    from bench.peers.run import start_router, warm_up
+
+    ports = procs.free_ports(3)
+    urls = [f"http://127.0.0.1:{p}" for p in ports]
+    fakes = [procs.Proc(f"fake{i}", [sys.executable, "bench/peers/fake_engine.py", "--port",
+                                     str(p), "--ttft-s", "0.01"], tmp_path / f"fake{i}.log")
+             for i, p in enumerate(ports)]
+    try:
+        for f, u in zip(fakes, urls, strict=True):
+            f.wait_http(u + "/health")
+        fleet = yaml.safe_load(fleet_yaml([(u, "") for u in urls], 1024, 16, False,
+                                          tokenizer=False))
+        setup = next(s for s in setups() if s.name == ENVOY_EPP)
+        proc, base = start_router(setup, Context(tmp_path, urls, "tiny-llama", fleet, {}))
+        assert len(proc.pids) == 2  # the picker and Envoy
+        assert {Path(f"/proc/{pid}/exe").resolve().name for pid in proc.pids} >= {"envoy"}
+        sampler = procs.TreeSampler(proc.pids, interval_s=3600).start()
+        warm_up(base, setup, "tiny-llama", n=2)
+        served = {u.split("//")[1]: u for u in urls}
+        for i in range(6):
+            body = {"model": "tiny-llama", "prompt": f"word{i} " * (4 + 20 * i), "max_tokens": 3,
+                    "stream": True, "stream_options": {"include_usage": True}}
+            with httpx.stream("POST", base + "/v1/completions", json=body, timeout=30,
+                              headers=dict(setup.headers)) as r:
+                text = r.read().decode()
+                assert r.status_code == 200 and "[DONE]" in text
+                picked = r.headers["x-inferplane-endpoint"]
+                assert r.headers["x-inferplane-decision-id"]
+                # vllm-N is the N-th URL: Envoy sent it where the picker said
+                assert served[r.headers["x-gateway-destination-endpoint-served"]] == \
+                    urls[int(picked.rsplit("-", 1)[1])]
+        cpu, _ = sampler.stop()
+        assert cpu > 0
+        proc.stop()
+        assert not any(Path(f"/proc/{pid}").exists() and _state(pid) != "Z"
+                       for pid in proc.pids)
+    finally:
+        procs.stop_all()
+
+
+def test_the_null_picker_setup_sends_the_engines_in_turn_through_envoy(tmp_path: Path) -> None:
+    """``envoy null-picker round_robin``: the same Envoy and bootstrap as ``inferplane envoy``,
+    `bench/null_picker.py` in the picker's place answering with each engine in turn; the
+    router's CPU is read over both processes."""
+    import httpx
+    import yaml
+
+    from bench.peers.peers import ENVOY_NULL, Context
+    from bench.peers.real_engines import fleet_yaml
+    from bench.peers.run import start_router
+
+    ports = procs.free_ports(3)
+    urls = [f"http://127.0.0.1:{p}" for p in ports]
+    fakes = [procs.Proc(f"fake{i}", [sys.executable, "bench/peers/fake_engine.py", "--port",
+                                     str(p), "--ttft-s", "0.01"], tmp_path / f"fake{i}.log")
+             for i, p in enumerate(ports)]
+    try:
+        for f, u in zip(fakes, urls, strict=True):
+            f.wait_http(u + "/health")
+        fleet = yaml.safe_load(fleet_yaml([(u, "") for u in urls], 1024, 16, False,
+                                          tokenizer=False))
+        setup = next(s for s in setups() if s.name == ENVOY_NULL)
+        proc, base = start_router(setup, Context(tmp_path, urls, "tiny-llama", fleet, {}))
+        assert len(proc.pids) == 2  # the null picker and Envoy
+        served = []
+        for i in range(6):
+            body = {"model": "tiny-llama", "prompt": f"word{i} " * 8, "max_tokens": 3,
+                    "stream": True}
+            with httpx.stream("POST", base + "/v1/completions", json=body, timeout=30,
+                              headers=dict(setup.headers)) as r:
+                assert r.status_code == 200 and "[DONE]" in r.read().decode()
+                served.append(r.headers["x-gateway-destination-endpoint-served"])
+        # every engine, in turn
+        assert sorted(served[:3]) == sorted(u.split("//")[1] for u in urls)
+        assert served[3:] == served[:3]
+    finally:
+        procs.stop_all()

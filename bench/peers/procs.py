@@ -112,6 +112,11 @@ class Proc:
         self.pid = self.popen.pid
         _RUNNING.append(self)
 
+    @property
+    def pids(self) -> list[int]:
+        """The roots of the process trees that make up this router (`TreeSampler` adds them)."""
+        return [self.pid]
+
     def alive(self) -> bool:
         return self.popen.poll() is None
 
@@ -150,6 +155,40 @@ class Proc:
             self._fh.close()
         if self in _RUNNING:
             _RUNNING.remove(self)
+
+
+class Joined(Proc):
+    """Several :class:`Proc` carried as one router (Envoy and its endpoint picker): alive while
+    every one is, stopped together (the last, the front that clients talk to, first), its CPU,
+    RSS and run-queue wait the sum over every one's tree (`pids`). ``popen`` is the first one
+    that exited, else the front's."""
+
+    def __init__(self, name: str, parts: Sequence[Proc]) -> None:
+        if not parts:
+            raise ValueError("Joined needs at least one process")
+        self.name = name
+        self.parts = list(parts)
+        self.argv = self.parts[-1].argv
+        self.log = self.parts[-1].log
+        self.pid = self.parts[-1].pid
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.parts]
+
+    @property  # type: ignore[override]
+    def popen(self) -> subprocess.Popen[bytes]:
+        return next((p.popen for p in self.parts if not p.alive()), self.parts[-1].popen)
+
+    def alive(self) -> bool:
+        return all(p.alive() for p in self.parts)
+
+    def log_tail(self, n: int = 2000) -> str:
+        return "\n".join(f"[{p.name}] {p.log_tail(n)}" for p in self.parts)
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        for p in reversed(self.parts):
+            p.stop(grace_s)
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
@@ -224,12 +263,14 @@ def usage(pids: Sequence[int]) -> Usage:
 class TreeSampler:
     """Samples a process tree every ``interval_s`` in a thread: CPU time and peak RSS.
 
+    ``root`` is one PID or several (a :class:`Joined` router's `pids`): the trees are added up.
     CPU time of a child that exits between samples is lost; routers here are long-lived, so the
     tree is stable while it is measured. ``cpu_s`` is the delta since :meth:`start`.
     """
 
-    def __init__(self, root: int, interval_s: float = 0.5) -> None:
-        self.root, self.interval_s = root, interval_s
+    def __init__(self, root: int | Sequence[int], interval_s: float = 0.5) -> None:
+        self.roots = [root] if isinstance(root, int) else list(root)
+        self.root, self.interval_s = self.roots[0], interval_s
         self.peak_rss = 0
         self._cpu0 = 0.0
         self._last: dict[int, float] = {}
@@ -240,7 +281,7 @@ class TreeSampler:
 
     def _sample(self) -> None:
         rss = 0
-        for pid in tree_pids(self.root):
+        for pid in dict.fromkeys(p for r in self.roots for p in tree_pids(r)):
             try:
                 cpu, pages = parse_stat(Path(f"/proc/{pid}/stat").read_text())
             except (OSError, ValueError, IndexError):

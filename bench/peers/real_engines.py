@@ -22,6 +22,22 @@
 5. writes ``results.json`` and ``results.md`` (medians over the repetitions, with min–max) to
    ``--out``. Every engine is stopped by process group at the end, also on failure.
 
+Setups (``--only`` takes these names exactly; the default runs the five in ``SETUPS``):
+``inferplane default`` (the aiohttp gateway, ``inferplane serve``), ``inferplane envoy`` (the
+same fleet file — profile, KV events, tokenizer — given to ``inferplane epp``, the endpoint
+picker, behind the real Envoy with the bootstrap of ``inferplane envoy-config``: the client talks
+to Envoy, whose C++ data path carries every byte while the picker decides over ext_proc gRPC;
+the observer filter on, ``epp.observe_responses``' default; Envoy's ``--concurrency`` is
+``--envoy-concurrency``, 1 by default: see `bench.peers.peers.ENVOY_CONCURRENCY`), ``inferplane
+round-robin``, ``vllm-router cache_aware``, ``sglang-router cache_aware``; besides them
+``python-proxy round_robin`` and the other policies of `bench.peers.peers.setups`, and the
+``inferplane default, …`` setups of ``--calibrate``, ``--variant`` and ``--gateway-python``.
+For ``inferplane envoy`` the router's CPU and its wait for a CPU are Envoy's and the picker's
+together, and ``--router-nice`` / ``--router-rt`` apply to both processes; the same holds for
+``envoy null-picker round_robin`` (the same Envoy and bootstrap, `bench/null_picker.py` in the
+picker's place, answering at once with the engines in turn: the floor of any Python picker
+behind Envoy).
+
 ``--calibrate`` first runs ``inferplane calibrate`` against engine 0 (idle, before any replay)
 and adds the setup ``inferplane default, calibrated``: the same gateway and profile, its fleet
 file naming the fitted hardware profile (``hardware_profiles:``) instead of the table's ``cpu``,
@@ -78,6 +94,7 @@ from typing import Any
 import httpx
 import yaml
 
+from bench.peers.peers import envoy_concurrency
 from inferplane.config.loader import parse_config
 from inferplane.errors import ConfigError
 
@@ -88,7 +105,9 @@ MODEL_DIR = VENV / "tiny-llama"
 MODEL = "tiny-llama"
 BLOCK = 32
 MAX_MODEL_LEN = 2304  # Mooncake prompts up to 32k tokens become <= 2048 words at 32 per block
-SETUPS = ["inferplane default", "inferplane round-robin", "vllm-router cache_aware",
+ENVOY = "inferplane envoy"  # bench.peers.peers.ENVOY_EPP: Envoy + `inferplane epp`
+ENVOY_NULL = "envoy null-picker round_robin"  # bench.peers.peers.ENVOY_NULL: Envoy + null picker
+SETUPS = ["inferplane default", ENVOY, "inferplane round-robin", "vllm-router cache_aware",
           "sglang-router cache_aware"]
 CALIBRATED = "inferplane default, calibrated"  # run.py's "inferplane default", fleet_cal.yaml
 PROCS: list[subprocess.Popen[bytes]] = []
@@ -527,6 +546,18 @@ def render(doc: dict[str, Any], out: Path) -> str:
         "every answered request of every repetition together.", "",
         table(doc.get("summary") or aggregate(doc["results"])), "",
     ]
+    if any(r["name"] == ENVOY for r in doc["results"] if r.get("status") == "ok"):
+        lines[-1:-1] = [  # after a blank line: a line right below a table is one of its rows
+            "", f"`{ENVOY}`: Envoy (`--concurrency {doc.get('envoy_concurrency') or '?'}`) on the "
+            "data path with `inferplane epp` picking over ext_proc (observer filter on, "
+            "`epp.observe_responses`' default), the same fleet file as `inferplane default`; "
+            "its router's CPU and wait for a CPU are Envoy's and the picker's together."]
+    if any(r["name"] == ENVOY_NULL for r in doc["results"] if r.get("status") == "ok"):
+        lines[-1:-1] = [
+            "", f"`{ENVOY_NULL}`: the same Envoy (`--concurrency "
+            f"{doc.get('envoy_concurrency') or '?'}`) and bootstrap with `bench/null_picker.py` "
+            "in the picker's place (no parsing, placement or accounting; the engines in turn): "
+            "its router's CPU and wait for a CPU are Envoy's and the null picker's together."]
     for n, gp in (doc.get("gateway_pythons") or {}).items():
         lines[-1:-1] = [f"`{n}`: the gateway run by Python {gp['version']} (`{gp['path']}`).", ""]
     rows = doc.get("summary") or aggregate(doc["results"])
@@ -609,6 +640,9 @@ def main(argv: list[str] | None = None) -> int:
                          "(1-99), the engines under the normal one: a woken router then takes a "
                          "CPU from a running engine without waiting for its time slice (needs "
                          "CAP_SYS_NICE or an RLIMIT_RTPRIO of at least the priority)")
+    ap.add_argument("--envoy-concurrency", type=int, default=None, metavar="N",
+                    help=f"Envoy's worker threads in the setup {ENVOY!r} (default 1: "
+                    "bench.peers.peers.ENVOY_CONCURRENCY)")
     ap.add_argument("--setup-limit", type=float, default=600.0, help="seconds per replay")
     ap.add_argument("--budget", type=float, default=3600.0, help="seconds for all replays")
     ap.add_argument("--urls", help="reuse running engines (URL[@KV],...) instead of starting them")
@@ -620,6 +654,10 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if a.router_nice:
         os.environ["PEERS_ROUTER_NICE"] = str(a.router_nice)  # read by procs.Proc in run.py
+    if a.envoy_concurrency is not None:
+        if a.envoy_concurrency < 1:
+            ap.error(f"--envoy-concurrency {a.envoy_concurrency}: at least 1")
+        os.environ["PEERS_ENVOY_CONCURRENCY"] = str(a.envoy_concurrency)  # read by peers.py
     if a.router_rt:
         if not 1 <= a.router_rt <= 99:
             ap.error(f"--router-rt {a.router_rt}: a real-time priority is 1-99")
@@ -746,6 +784,8 @@ def main(argv: list[str] | None = None) -> int:
                          for n in variants},
             "gateway_pythons": {n: {"path": pythons[n], "version": python_versions[n]}
                                 for n in pythons},
+            "envoy_concurrency": (envoy_concurrency() if {ENVOY, ENVOY_NULL} & set(names)
+                                  else None),
             "runs": a.runs, "results": [],
         }
         a.out.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,9 @@
    is recorded with the reason and the run goes on;
 2. starts the emulated fleet once (``inferplane emulate``, the h100x8 fleet file on free
    loopback ports) plus a *fast* copy of it (time scale 1000) for the overhead measurement;
-3. runs, one after another, inferplane (``default`` and ``round-robin``), vllm-router
+3. runs, one after another, inferplane (``default`` and ``round-robin``; ``inferplane envoy``:
+   Envoy on the data path with ``inferplane epp`` picking over ext_proc, the gateway's fleet
+   file, router CPU and wait the two processes' together), vllm-router
    (``cache_aware``, ``power_of_two``, ``round_robin``), sglang-router (``cache_aware``,
    ``power_of_two``), LiteLLM (``least-busy``, ``latency-based-routing``), Envoy
    (``LEAST_REQUEST``) and a bare Python relay (``python-proxy round_robin``,
@@ -54,7 +56,15 @@ for _p in (str(ROOT / "src"), str(ROOT)):
         sys.path.insert(0, _p)
 
 from bench.peers import client, metrics, overhead, report, venvs  # noqa: E402
-from bench.peers.peers import IN_TREE, Context, Setup, setups  # noqa: E402
+from bench.peers.peers import (  # noqa: E402
+    ENVOY_EPP,
+    ENVOY_NULL,
+    IN_TREE,
+    Context,
+    Setup,
+    envoy_binary,
+    setups,
+)
 from bench.peers.procs import Proc, TreeSampler, free_port, free_ports, stop_all  # noqa: E402
 from bench.peers.workload import (  # noqa: E402
     PATHS,
@@ -155,8 +165,11 @@ def start_router(setup: Setup, ctx: Context) -> tuple[Proc, str]:
     port = free_port()
     proc = setup.start(ctx, port)
     base = f"http://127.0.0.1:{port}"
-    ok = (200, 401) if setup.peer == "litellm" else (200,)
-    proc.wait_http(base + setup.ready, timeout_s=setup.ready_timeout_s, ok=ok)
+    try:
+        proc.wait_http(base + setup.ready, timeout_s=setup.ready_timeout_s, ok=setup.ready_ok)
+    except BaseException:
+        proc.stop()
+        raise
     return proc, base
 
 
@@ -204,7 +217,7 @@ def run_setup(setup: Setup, a: argparse.Namespace, ctx: Context, fast: Context,
         drain_and_reset(ctx.fleet_urls, a.drain_limit)
         pages_before = scrape(ctx.fleet_urls)
         before = metrics.CacheCounters.from_pages(pages_before)
-        sampler = TreeSampler(proc.pid).start()
+        sampler = TreeSampler(proc.pids).start()  # Envoy + picker: both trees
         span = planned[-1].arrival_s if planned else 0.0
         records, wall = asyncio.run(client.replay(
             base, planned, bodies[setup.form], PATHS[setup.form], dict(setup.headers),
@@ -253,6 +266,17 @@ def python_proxy_version() -> str:
 
     return (f"aiohttp {version('aiohttp')}, uvloop {version('uvloop')}, "
             f"Python {platform.python_version()}")
+
+
+def envoy_epp_version() -> str | None:
+    """The version of the Envoy that the ``inferplane envoy`` setup runs (None: not found)."""
+    try:
+        out = subprocess.run([envoy_binary(), "--version"], capture_output=True, text=True,
+                             timeout=30).stdout
+    except (OSError, RuntimeError, subprocess.SubprocessError):
+        return None
+    parts = out.split("version:")[-1].strip().split("/")
+    return parts[1] if len(parts) > 1 else out.strip() or None
 
 
 def inferplane_version() -> str:
@@ -322,6 +346,11 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         "inferplane": inferplane_version(),
         "python-proxy": python_proxy_version(),
     }
+    if any(s.name == ENVOY_EPP for s in chosen):  # the picker's data path, from inferplane's venv
+        versions["envoy (inferplane envoy)"] = envoy_epp_version()
+    if any(s.name == ENVOY_NULL for s in chosen):  # the same Envoy in front of null_picker.py
+        envoy = versions.get("envoy (inferplane envoy)") or envoy_epp_version()
+        versions["null-picker"] = f"envoy {envoy or '(not found)'}, grpcio"
     installs: dict[str, venvs.Installed] = {}
     for peer in dict.fromkeys(s.peer for s in chosen if s.peer not in IN_TREE):
         log(f"installing {peer} …")
