@@ -1314,12 +1314,12 @@ async def test_every_probe_round_times_its_requests_on_an_open_connection() -> N
     closed the probe's idle one between rounds (vLLM's keep-alive is 5 s, and a caller's
     ``between_rounds`` may outlast it): `Prober.run` opens one, untimed, at each round's start.
     Against a fake engine whose first request on a connection takes 30 ms more and whose
-    keep-alive (50 ms) ends during each 150-ms pause between rounds, every prefill point is
+    keep-alive (100 ms) ends during each 300-ms pause between rounds, every prefill point is
     its requests' own time; without the opener the 16-token point read ~30 ms."""
-    async with fake_completions(new_connection_s=0.03, keepalive_s=0.05,
+    async with fake_completions(new_connection_s=0.03, keepalive_s=0.1,
                                 token_gap_s=0.001) as (url, fake):
         async def pause(_: int) -> None:
-            await asyncio.sleep(0.15)
+            await asyncio.sleep(0.3)
 
         result = await Prober(url, "m").run(
             (16, 64), (1,), decode_tokens=4, long_decode_prompt_tokens=0, repeats=3,
