@@ -1325,7 +1325,7 @@ async def test_every_probe_round_times_its_requests_on_an_open_connection() -> N
             (16, 64), (1,), decode_tokens=4, long_decode_prompt_tokens=0, repeats=3,
             warm_up_max_s=0.0, require_smooth=False, between_rounds=pause)
     assert [p.prompt_tokens for p in result.prefill] == [16, 64]
-    assert max(p.ttft_s for p in result.prefill + result.cached) < 0.015
+    assert max(p.ttft_s for p in result.prefill) < 0.015  # the fake reports no cached tokens
     # the rounds after the first did find their connection closed: the opener paid for it
     firsts = [(words, n) for words, n, first in fake.requests if first]
     assert len(firsts) >= 3 and all(n == 1 and words <= OPENER_TOKENS for words, n in firsts[1:])
