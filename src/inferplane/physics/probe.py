@@ -242,7 +242,8 @@ class Prober:
         request on a new connection took ~0.7 ms longer on the fidelity vLLM (4.9 against 4.2
         ms at 96 tokens, medians of 24: docs/benchmarks.md, session 21), and the API server
         closes a connection idle for 5 s (uvicorn's keep-alive): the first request of a probe
-        round or of a fresh session would pay it where a gateway's pooled connections do not."""
+        round or of a fresh session would pay it where a gateway's pooled connections under
+        steady traffic do not."""
         words = self.words_for(OPENER_TOKENS)
         await asyncio.gather(*(self.stream(session, prompt_of(words, _nonce()), 1)
                                for _ in range(n)))
