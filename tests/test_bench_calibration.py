@@ -8,8 +8,16 @@ from typing import Any
 import pytest
 
 import bench.calibration as calibration
-from bench.calibration import per_level_ms, pooled_stats, real_vs_real, share, workload_stats
+from bench.calibration import (
+    HeldOut,
+    per_level_ms,
+    pooled_stats,
+    real_vs_real,
+    share,
+    workload_stats,
+)
 from inferplane.physics.probe import WorkloadResult
+from tests.support.fake_completions import fake_completions
 
 
 def _round(ttft: dict[int, list[float]], tpot: dict[int, list[float]]) -> WorkloadResult:
@@ -161,3 +169,23 @@ def test_refit_one_price_fits_the_same_probe_as_before_session_11(tmp_path: Path
     assert one.name == f"{calibration.PROFILE_NAME}-one"
     assert one.attention_cost_factor == 1.0
     assert one.step_overhead_s == pytest.approx(cal.hardware.step_overhead_s, rel=0.05)
+
+
+async def test_the_held_out_requests_are_timed_on_open_connections() -> None:
+    """Each `HeldOut.measure` call opens a fresh session: its first lone request (96 tokens)
+    paid for opening the connection, and its first burst for two more (session 21: +0.7 ms,
+    16 % of a 96-token TTFT on the fidelity vLLM), which no profile of the engine predicts and
+    a gateway's pooled connections do not pay. Against a fake engine whose first request on a
+    connection takes 30 ms more, three calls of one repeat each: every lone point and every
+    rank of the burst is its requests' own time (without the opener the 96-token point and
+    two ranks of the burst read ~30 ms)."""
+    async with fake_completions(new_connection_s=0.03) as (url, fake):
+        held = HeldOut((96, 320), (3, 320))
+        for _ in range(3):
+            await held.measure(url, 1)
+    alone, burst = held.result()
+    assert [n for n, _ in alone] == [96, 320]
+    assert max(t for _, t in alone) < 0.015
+    assert max(burst) < 0.015
+    # every call did open its connections: the untimed openers paid for them
+    assert sum(first for _, _, first in fake.requests) >= 3 * 3

@@ -41,7 +41,13 @@ from inferplane.physics.calibration import (
     speed_spread,
 )
 from inferplane.physics.frontend import FrontEnd
-from inferplane.physics.probe import SLOW_SPREAD_MEAN, Prober, ProbeResult, calibrate_endpoint
+from inferplane.physics.probe import (
+    OPENER_TOKENS,
+    SLOW_SPREAD_MEAN,
+    Prober,
+    ProbeResult,
+    calibrate_endpoint,
+)
 from inferplane.physics.spread import SpeedSpread, SpreadCost
 from inferplane.twin.emulator.endpoint import FINISHED, Submission, client_lead_s
 from inferplane.twin.emulator.server import start_emulator
@@ -50,6 +56,7 @@ from inferplane.twin.simulator.simulator import simulate
 from inferplane.twin.traces.loader import TraceRequest
 from tests.builders import model, pool_fleet, to_yaml
 from tests.placement_helpers import cycle, plugin, profile, snapshot, state
+from tests.support.fake_completions import fake_completions
 
 PROMPTS = (16, 64, 256, 512, 1024, 2000)
 BATCHES = (1, 2, 4, 8, 16)
@@ -1344,3 +1351,25 @@ async def test_emulator_stretches_every_step_by_its_windows_factor(tmp_path: Pat
                 assert [d for _, d in steps] == pytest.approx([2.0 * m for m in spy.times])
         finally:
             await handle.stop()
+
+
+async def test_every_probe_round_times_its_requests_on_an_open_connection() -> None:
+    """A round's first timed request does not pay for opening a connection when the engine
+    closed the probe's idle one between rounds (vLLM's keep-alive is 5 s, and a caller's
+    ``between_rounds`` may outlast it): `Prober.run` opens one, untimed, at each round's start.
+    Against a fake engine whose first request on a connection takes 30 ms more and whose
+    keep-alive (100 ms) ends during each 300-ms pause between rounds, every prefill point is
+    its requests' own time; without the opener the 16-token point read ~30 ms."""
+    async with fake_completions(new_connection_s=0.03, keepalive_s=0.1,
+                                token_gap_s=0.001) as (url, fake):
+        async def pause(_: int) -> None:
+            await asyncio.sleep(0.3)
+
+        result = await Prober(url, "m").run(
+            (16, 64), (1,), decode_tokens=4, long_decode_prompt_tokens=0, repeats=3,
+            warm_up_max_s=0.0, require_smooth=False, between_rounds=pause)
+    assert [p.prompt_tokens for p in result.prefill] == [16, 64]
+    assert max(p.ttft_s for p in result.prefill) < 0.015  # the fake reports no cached tokens
+    # the rounds after the first did find their connection closed: the opener paid for it
+    firsts = [(words, n) for words, n, first in fake.requests if first]
+    assert len(firsts) >= 3 and all(n == 1 and words <= OPENER_TOKENS for words, n in firsts[1:])

@@ -96,6 +96,7 @@ def test_calibrated_profile_predicts_and_emulates_the_real_engine(
     REPORT["calibration_prediction_error"] = res["prediction_error"]["calibrated"]
     REPORT["calibration_held_out_ms"] = {"alone": res["held_out_ttft_ms"],
                                          "burst": res["held_out_burst_ms"]}
+    REPORT["calibration_held_out_samples_ms"] = res["held_out_samples_ms"]
     gaps = res["gaps"]["calibrated"]
     REPORT["calibration_workload_ms"] = {
         name: {k: round(v * 1e3, 3) for k, v in s.items()} for name, s in res["workload"].items()

@@ -68,6 +68,9 @@ BURST_S_PER_TOKEN = 20e-6
 WARM_UP_STREAMS = 5
 WARM_UP_MAX_S = 90.0
 
+#: Prompt tokens of the untimed requests that open connections (`Prober.open_connections`).
+OPENER_TOKENS = 8
+
 #: Words a prompt is made of: common English words, one token each in a real model's tokenizer
 #: (and in the fidelity tier's word-level one, and the emulator's). Words outside the engine's
 #: vocabulary would all become the same unknown token, so that every "fresh" prompt of a length
@@ -233,6 +236,18 @@ class Prober:
         s = await self.stream(session, prompt_of(200, _nonce()), 1)
         self._words_per_token = s.prompt_tokens / 200
 
+    async def open_connections(self, session: aiohttp.ClientSession, n: int = 1) -> None:
+        """``n`` short one-token requests at once, untimed: ``session`` then holds ``n`` open
+        connections, so that the timed requests after them do not pay for opening one. A
+        request on a new connection took ~0.7 ms longer on the fidelity vLLM (4.9 against 4.2
+        ms at 96 tokens, medians of 24: docs/benchmarks.md, session 21), and the API server
+        closes a connection idle for 5 s (uvicorn's keep-alive): the first request of a probe
+        round or of a fresh session would pay it where a gateway's pooled connections under
+        steady traffic do not."""
+        words = self.words_for(OPENER_TOKENS)
+        await asyncio.gather(*(self.stream(session, prompt_of(words, _nonce()), 1)
+                               for _ in range(n)))
+
     async def prefill_once(
         self, session: aiohttp.ClientSession, tokens: int
     ) -> tuple[_Stream, _Stream]:
@@ -369,6 +384,9 @@ class Prober:
                     "cannot be measured; calibrate on a quieter machine"
                 )
             for round_ in range(repeats):
+                # the round's first timed request on an open connection (a caller's
+                # ``between_rounds`` may outlast the engine's keep-alive)
+                await self.open_connections(session)
                 for n in prompt_tokens:
                     c, w = await self.prefill_once(session, n)
                     cold[n].append(c)

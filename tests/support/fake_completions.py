@@ -1,0 +1,68 @@
+"""A fake OpenAI completions engine for the calibration probe's tests: every streamed request
+answers at once (one token per chunk, ``token_gap_s`` apart, then the usage), except the first
+request on each new connection, which waits ``new_connection_s`` first — what opening a
+connection costs a request on a real engine's HTTP front end. ``keepalive_s``: the server
+closes a connection idle that long (vLLM's uvicorn: 5 s). Each request is recorded as (prompt
+words, max_tokens, first on its connection)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+
+@dataclass
+class FakeCompletions:
+    new_connection_s: float = 0.0
+    token_gap_s: float = 0.0  # between a stream's chunks
+    requests: list[tuple[int, int, bool]] = field(default_factory=list)
+    _seen: list[Any] = field(default_factory=list)  # the transports served so far
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        words = len(body["prompt"].split())
+        transport = request.transport
+        first = transport not in self._seen
+        if first:
+            self._seen.append(transport)
+        self.requests.append((words, int(body["max_tokens"]), first))
+        if first and self.new_connection_s > 0:
+            await asyncio.sleep(self.new_connection_s)
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        n = int(body["max_tokens"])
+        for i in range(n):
+            if i and self.token_gap_s > 0:
+                await asyncio.sleep(self.token_gap_s)
+            chunk = {"choices": [{"text": " x", "finish_reason": "length" if i == n - 1
+                                  else None}]}
+            await resp.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+        usage = {"choices": [], "usage": {"prompt_tokens": words, "completion_tokens": n}}
+        await resp.write(b"data: " + orjson.dumps(usage) + b"\n\ndata: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+
+@asynccontextmanager
+async def fake_completions(
+    new_connection_s: float = 0.0, keepalive_s: float = 75.0, token_gap_s: float = 0.0
+) -> AsyncIterator[tuple[str, FakeCompletions]]:
+    """Serve a :class:`FakeCompletions` on a free local port: yields (base URL, the fake)."""
+    fake = FakeCompletions(new_connection_s, token_gap_s)
+    app = web.Application()
+    app.router.add_post("/v1/completions", fake.handle)
+    runner = web.AppRunner(app, keepalive_timeout=keepalive_s)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield f"http://127.0.0.1:{port}", fake
+    finally:
+        await runner.cleanup()
