@@ -12,13 +12,13 @@ import time
 from pathlib import Path
 
 import httpx
-import pytest
 
 from tests.support.procs import ROOT, Proc, env, free_port
 from tests.support.redis_server import RedisServer
 from tests.test_redis_outage import KEYS, _config, slow_upstream
+from tests.test_worker_metrics import tmpdir_env
 
-__all__ = ["slow_upstream"]
+__all__ = ["slow_upstream", "tmpdir_env"]
 
 
 def test_workers_need_a_shared_store(tmp_path: Path) -> None:
@@ -78,15 +78,13 @@ def test_two_workers_share_the_port_and_stop_together(
 
 
 def test_workers_stop_when_their_supervisor_is_killed(
-    tmp_path: Path, slow_upstream: int, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, slow_upstream: int, tmpdir_env: Path
 ) -> None:
     """SIGKILL to the supervisor (no chance to pass anything on): the kernel sends each worker
     SIGTERM (PR_SET_PDEATHSIG) and they stop, instead of serving on with nobody to stop them;
     they remove their metrics sockets and the last one their directory, which the supervisor
     can no longer do (`telemetry.gather.PageServer.close`)."""
-    tmp = tmp_path / "tmp"
-    tmp.mkdir()
-    monkeypatch.setenv("TMPDIR", str(tmp))
+    tmp = tmpdir_env
     srv, gw, base = _serve_two_workers(tmp_path, slow_upstream)
     kids: list[int] = []
     try:
