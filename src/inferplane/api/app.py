@@ -371,10 +371,12 @@ METRICS_OPEN: web.AppKey[bool] = web.AppKey("metrics_open", bool)
 
 class WorkerPages:
     """Where this worker of ``serve --workers N`` stands (its index, N, the supervisor's
-    directory of the workers' page sockets): its ``/metrics`` gathers every worker's page."""
+    directory of the workers' page sockets): its ``/metrics`` gathers every worker's page,
+    waiting ``timeout_s`` for them (`gather.timeout_s`, read once at start)."""
 
     def __init__(self, index: int, n: int, directory: str) -> None:
         self.index, self.n, self.directory = index, n, directory
+        self.timeout_s = gather.timeout_s()
 
 
 WORKER_PAGES: web.AppKey[WorkerPages] = web.AppKey("worker_pages", WorkerPages)
@@ -411,7 +413,8 @@ async def metrics(request: web.Request) -> web.Response:
     body = local_page(gw)
     pages = request.app.get(WORKER_PAGES)
     if pages is not None:
-        body = await gather.gather(body, pages.index, pages.n, pages.directory)
+        body = await gather.gather(body, pages.index, pages.n, pages.directory,
+                                   pages.timeout_s)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
@@ -632,9 +635,11 @@ async def serve(
         if page_server is not None:
             try:
                 await page_server.start()
-            except OSError as exc:
-                raise ListenError(f"{exc.strerror or exc} (this worker's metrics socket "
-                                  f"{page_server.path})") from exc
+            except OSError as exc:  # a side channel: the worker serves on without it
+                log.warning("worker %d cannot serve its metrics page to the other workers "
+                            "(socket %s: %s); their scrapes leave it out "
+                            "(inferplane_worker_up 0)", page_server.index, page_server.path,
+                            exc.strerror or exc)
     except BaseException as exc:
         with contextlib.suppress(Exception):
             await runner.cleanup()

@@ -37,7 +37,27 @@ from collections.abc import Callable
 log = logging.getLogger("inferplane.telemetry.gather")
 
 TIMEOUT_S = 1.0
-"""How long a scrape waits for the other workers' pages (all asked at once)."""
+"""How long a scrape waits for the other workers' pages (all asked at once), unless
+``INFERPLANE_WORKER_GATHER_TIMEOUT_S`` says otherwise (`timeout_s`)."""
+
+TIMEOUT_ENV = "INFERPLANE_WORKER_GATHER_TIMEOUT_S"
+
+
+def timeout_s() -> float:
+    """The gather timeout: ``INFERPLANE_WORKER_GATHER_TIMEOUT_S`` (seconds, > 0) or `TIMEOUT_S`;
+    a value that is not a positive number is ignored, with a warning."""
+    raw = os.environ.get(TIMEOUT_ENV)
+    if raw is None:
+        return TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        log.warning("%s=%r is not a number of seconds > 0: using %.1f", TIMEOUT_ENV, raw,
+                    TIMEOUT_S)
+        return TIMEOUT_S
+    return value
 
 MAX_PAGE = 64 << 20
 """A length above this is not a page (the socket's peer is not a worker): left out."""
