@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -81,7 +82,8 @@ class Result:
     bad_refused_s: float | None = None
     after_bad: dict[str, int] = field(default_factory=dict)  # after the bad file, by endpoint
     refusal: str = ""  # the refusal's log lines
-    metrics: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)  # without the worker label
+    by_worker: dict[str, dict[str, float]] = field(default_factory=dict)  # name -> worker -> v
     errors: list[str] = field(default_factory=list)
 
 
@@ -198,13 +200,18 @@ async def _drive(res: Result, gw: Proc, cfg: Path, base: str, ports: dict[str, i
     async with aiohttp.ClientSession(connector=conn,
                                      timeout=aiohttp.ClientTimeout(total=30)) as s:
         await asyncio.gather(reloader(), *(client(s) for _ in range(res.clients)))
-        if bad:  # the metrics of whichever worker answers (each counts its own reloads)
+        if bad:  # every worker's (each counts its own reloads), labelled with its worker
             async with s.get(f"{base}/metrics") as r:
                 for line in (await r.text()).splitlines():
                     if line.startswith(("inferplane_config_reloads_total",
                                         "inferplane_config_last_reload_successful")):
                         name, _, value = line.rpartition(" ")
+                        worker = re.search(r'worker="(\d+)",?', name)
+                        if worker is not None:
+                            name = name.replace(worker.group(0), "").replace("{}", "")
                         res.metrics[name] = float(value)
+                        res.by_worker.setdefault(name, {})[
+                            worker.group(1) if worker else ""] = float(value)
     hup, applied = marks[0], marks[1]
     refused = marks[2] if bad else float("inf")
     res.requests = len(sent)

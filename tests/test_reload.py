@@ -62,6 +62,10 @@ def test_every_worker_reloads(tmp_path: Path) -> None:
                                    workers=2))
     _check(res)
     assert res.refusal.count("max_concurrency") == 2, res.refusal  # refused by each worker
+    # one scrape shows both workers' reload counts (`telemetry.gather`), each as _check's
+    assert all(by == {"0": res.metrics[name], "1": res.metrics[name]}
+               for name, by in res.by_worker.items()), res.by_worker
+    assert len(res.by_worker) == 3, res.by_worker
 
 
 # -- in process -------------------------------------------------------------------------------

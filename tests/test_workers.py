@@ -16,8 +16,9 @@ import httpx
 from tests.support.procs import ROOT, Proc, env, free_port
 from tests.support.redis_server import RedisServer
 from tests.test_redis_outage import KEYS, _config, slow_upstream
+from tests.test_worker_metrics import tmpdir_env
 
-__all__ = ["slow_upstream"]
+__all__ = ["slow_upstream", "tmpdir_env"]
 
 
 def test_workers_need_a_shared_store(tmp_path: Path) -> None:
@@ -76,19 +77,29 @@ def test_two_workers_share_the_port_and_stop_together(
     assert "Traceback" not in gw.log.read_text()
 
 
-def test_workers_stop_when_their_supervisor_is_killed(tmp_path: Path, slow_upstream: int) -> None:
+def test_workers_stop_when_their_supervisor_is_killed(
+    tmp_path: Path, slow_upstream: int, tmpdir_env: Path
+) -> None:
     """SIGKILL to the supervisor (no chance to pass anything on): the kernel sends each worker
-    SIGTERM (PR_SET_PDEATHSIG) and they stop, instead of serving on with nobody to stop them."""
+    SIGTERM (PR_SET_PDEATHSIG) and they stop, instead of serving on with nobody to stop them;
+    they remove their metrics sockets and the last one their directory, which the supervisor
+    can no longer do (`telemetry.gather.PageServer.close`)."""
+    tmp = tmpdir_env
     srv, gw, base = _serve_two_workers(tmp_path, slow_upstream)
     kids: list[int] = []
     try:
         kids = _workers_of(gw, base)
+        deadline = time.monotonic() + 20
+        while len(list(tmp.glob("inferplane-workers-*/worker-*.sock"))) < 2:
+            assert time.monotonic() < deadline, list(tmp.rglob("*"))
+            time.sleep(0.1)
         gw.p.kill()
         gw.p.wait(10)
         deadline = time.monotonic() + 30
         while any(_alive(k) for k in kids):
             assert time.monotonic() < deadline, f"workers {kids} outlived their supervisor"
             time.sleep(0.1)
+        assert list(tmp.iterdir()) == []
     finally:
         for k in kids:  # never leave one behind, whatever failed above
             with contextlib.suppress(ProcessLookupError):

@@ -30,6 +30,7 @@ from inferplane.api.server import (
 )
 from inferplane.batch import routes as batch_routes
 from inferplane.core.plane import hash_key
+from inferplane.core.process import worker_set
 from inferplane.core.validation import parse_json, validate
 from inferplane.dispatch.answer import StreamStats
 from inferplane.dispatch.upstream import Dispatcher, SSEUsageFilter
@@ -45,6 +46,7 @@ from inferplane.errors import (
 from inferplane.fleet.health import VERDICTS, endpoint_summary
 from inferplane.httpio import read_body
 from inferplane.ledger.query import BadQuery, parse_query
+from inferplane.telemetry import gather
 from inferplane.telemetry.tracing import RequestTrace
 from inferplane.types import ApiKind, JSONObject
 
@@ -367,6 +369,19 @@ async def ready(request: web.Request) -> web.Response:
 METRICS_OPEN: web.AppKey[bool] = web.AppKey("metrics_open", bool)
 
 
+class WorkerPages:
+    """Where this worker of ``serve --workers N`` stands (its index, N, the supervisor's
+    directory of the workers' page sockets): its ``/metrics`` gathers every worker's page,
+    waiting ``timeout_s`` for them (`gather.timeout_s`, read once at start)."""
+
+    def __init__(self, index: int, n: int, directory: str) -> None:
+        self.index, self.n, self.directory = index, n, directory
+        self.timeout_s = gather.timeout_s()
+
+
+WORKER_PAGES: web.AppKey[WorkerPages] = web.AppKey("worker_pages", WorkerPages)
+
+
 def check_metrics_access(request: web.Request) -> None:
     """``/metrics`` is for operators: on the API listener it needs one of
     ``gateway.metrics.api_keys`` unless ``gateway.metrics.public``; the ``gateway.metrics.port``
@@ -391,8 +406,22 @@ def check_metrics_access(request: web.Request) -> None:
 
 
 async def metrics(request: web.Request) -> web.Response:
+    """``GET /metrics``: this process's page; under ``serve --workers N`` every worker's, each
+    sample labelled with its ``worker`` (`telemetry.gather`)."""
     check_metrics_access(request)
     gw = request.app[GATEWAY_KEY]
+    body = local_page(gw)
+    pages = request.app.get(WORKER_PAGES)
+    if pages is not None:
+        body = await gather.gather(body, pages.index, pages.n, pages.directory,
+                                   pages.timeout_s)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def local_page(gw: Gateway) -> bytes:
+    """This process's own metrics page: the gauges read from live state set, the registry
+    rendered (what a single-process gateway serves at ``/metrics``, and what a worker of
+    ``serve --workers`` answers the other workers on its socket)."""
     gw.forget_removed()  # series of endpoints a reload removed, once drained
     snap = gw.live.snapshot()
     for v in snap.endpoints:
@@ -416,10 +445,7 @@ async def metrics(request: web.Request) -> web.Response:
             m.pool_verdict.labels(name, verdict).set(1 if p.verdict == verdict else 0)
     for band in BANDS:
         gw.metrics.queue_depth.labels(band).set(gw.admission.queue.depth(band))
-    return web.Response(
-        body=generate_latest(gw.metrics.registry),
-        headers={"Content-Type": CONTENT_TYPE_LATEST},
-    )
+    return generate_latest(gw.metrics.registry)
 
 
 async def fleet_health(request: web.Request) -> web.Response:
@@ -570,6 +596,17 @@ async def serve(
         trusted_proxies=tuple(ip_network(n, strict=False) for n in g.trusted_proxies),
     )
     runner = GatewayRunner(application, limits=limits)
+    page_server = None
+    worker = worker_set()
+    if worker is not None:  # a worker of `serve --workers N`: /metrics gathers every worker's
+        application[WORKER_PAGES] = WorkerPages(*worker)
+        pages = page_server = gather.PageServer(worker[2], worker[0],
+                                                lambda: local_page(gateway))
+
+        async def close_pages(_: web.Application) -> None:
+            await pages.close()
+
+        application.on_cleanup.insert(0, close_pages)
     metrics_runner = None
     if g.metrics.port is not None:
         metrics_runner = _metrics_listener(application, gateway)
@@ -595,6 +632,14 @@ async def serve(
                 reuse_port=reuse_port or None,
             )
             await site.start()
+        if page_server is not None:
+            try:
+                await page_server.start()
+            except OSError as exc:  # a side channel: the worker serves on without it
+                log.warning("worker %d cannot serve its metrics page to the other workers "
+                            "(socket %s: %s); their scrapes leave it out "
+                            "(inferplane_worker_up 0)", page_server.index, page_server.path,
+                            exc.strerror or exc)
     except BaseException as exc:
         with contextlib.suppress(Exception):
             await runner.cleanup()
@@ -610,6 +655,8 @@ def _metrics_listener(main: web.Application, gateway: Gateway) -> web.AppRunner:
     app = web.Application(middlewares=[error_middleware])
     app[GATEWAY_KEY] = gateway
     app[METRICS_OPEN] = True
+    if WORKER_PAGES in main:
+        app[WORKER_PAGES] = main[WORKER_PAGES]
     app.router.add_get("/metrics", metrics)
     runner = web.AppRunner(app, access_log=None)
 

@@ -18,6 +18,11 @@ differs, and refuses it as the others did when it is invalid). A worker that die
 (after a second), unless it died in its first seconds (`startup_s`) — a start-up failure (port
 taken, Redis unreachable) — which stops them all with its exit status. A worker whose supervisor
 dies (even by SIGKILL) gets SIGTERM from the kernel and stops (Linux, `die_with_parent`).
+
+Each worker also serves its own metrics page on a Unix socket in a directory the parent makes
+for them (`pages_directory`, mode 0700, removed when the parent returns), so that ``/metrics``
+on any worker shows every worker's series, each labelled with its ``worker``
+(`telemetry.gather`).
 """
 
 from __future__ import annotations
@@ -26,13 +31,15 @@ import contextlib
 import ctypes
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 
 from inferplane.api.console_auth import ensure_shared_secret
-from inferplane.core.process import WORKER_ENV
+from inferplane.core.process import WORKER_DIR_ENV, WORKER_ENV, WORKERS_ENV
 
 log = logging.getLogger("inferplane.workers")
 
@@ -85,6 +92,16 @@ def die_with_parent(parent: int) -> bool:
     return True
 
 
+def pages_directory() -> str:
+    """A new private directory (mode 0700) for the workers' metrics sockets: under ``$TMPDIR``,
+    or ``/tmp`` where that path would be too long for a Unix socket's address (108 bytes)."""
+    directory = tempfile.mkdtemp(prefix="inferplane-workers-")
+    if len(os.path.join(directory, "worker-9999.sock").encode()) >= 100:
+        os.rmdir(directory)
+        directory = tempfile.mkdtemp(prefix="inferplane-workers-", dir="/tmp")
+    return directory
+
+
 def supervise(
     n: int,
     run_worker: Callable[[int], int],
@@ -96,13 +113,29 @@ def supervise(
     ``check_config()`` runs in the parent on SIGHUP before the workers get it, and every
     ``watch_s`` seconds when given (it validates the fleet file and keeps what passed, which
     ``run_worker`` of a later restart starts from)."""
-    children: dict[int, tuple[int, float]] = {}  # pid -> (index, started)
-    stopping = False
-    checking = False
     window = startup_s()
     ensure_shared_secret()  # a console session opened on one worker is valid on the others
 
     supervisor = os.getpid()
+    pages = pages_directory()
+    try:
+        return _supervise(n, run_worker, check_config, watch_s, window, supervisor, pages)
+    finally:
+        shutil.rmtree(pages, ignore_errors=True)  # sockets of workers killed with SIGKILL
+
+
+def _supervise(
+    n: int,
+    run_worker: Callable[[int], int],
+    check_config: Callable[[], None] | None,
+    watch_s: float | None,
+    window: float,
+    supervisor: int,
+    pages: str,
+) -> int:
+    children: dict[int, tuple[int, float]] = {}  # pid -> (index, started)
+    stopping = False
+    checking = False
 
     def spawn(i: int) -> None:
         pid = os.fork()
@@ -114,6 +147,8 @@ def supervise(
             # until the worker's own handler reloads (it then reloads a file that changed)
             signal.signal(signal.SIGHUP, signal.SIG_IGN)
             os.environ[WORKER_ENV] = str(i)
+            os.environ[WORKERS_ENV] = str(n)
+            os.environ[WORKER_DIR_ENV] = pages
             code = 1
             try:
                 code = run_worker(i)

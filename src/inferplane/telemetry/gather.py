@@ -1,0 +1,197 @@
+"""`/metrics` under `inferplane serve --workers N`: every worker's page on every scrape, each
+sample labelled with its ``worker``.
+
+The kernel hands a scrape's connection to any one of the workers (``SO_REUSEPORT``); a page
+holding that worker's counters only would jump between workers' values from one scrape to the
+next, which Prometheus reads as counter resets. So each worker also serves its own page (what a
+single-process gateway serves at ``/metrics``) on a private Unix socket,
+``<dir>/worker-<k>.sock`` in a directory its supervisor made (mode 0700, ``$TMPDIR``; removed
+when the supervisor exits), and the worker a scrape reaches asks every other worker for its page
+at once (`gather`), with a short timeout (`TIMEOUT_S`), and serves the merge (`merge`):
+
+- each family once (one ``# HELP`` and ``# TYPE``), in the order the pages first name them,
+  with the samples of worker 0, then 1, …, each with ``worker="<k>"`` as its first label;
+- a worker that does not answer in time (stopped, restarting, busy past the timeout) is left
+  out of that page, never waited for longer nor breaking it, and said so by two families only
+  the gathering worker writes, once and without a worker label of their own:
+  ``inferplane_worker_up{worker="k"}`` (1: its samples are on this page, 0: left out) and
+  ``inferplane_workers_unreachable`` (how many were left out).
+
+A worker's counters thus stay one series per worker, monotone whichever worker is scraped; a
+restarted worker starts its series again from 0 under the same ``worker`` label (its index),
+which Prometheus reads as the reset it is (its ``_created`` samples move too).
+
+The socket speaks no HTTP: a connection is answered with the page's length (8 bytes, big-endian)
+and the page, then closed; a page cut short is left out as a worker that did not answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import struct
+from collections.abc import Callable
+
+log = logging.getLogger("inferplane.telemetry.gather")
+
+TIMEOUT_S = 1.0
+"""How long a scrape waits for the other workers' pages (all asked at once), unless
+``INFERPLANE_WORKER_GATHER_TIMEOUT_S`` says otherwise (`timeout_s`)."""
+
+TIMEOUT_ENV = "INFERPLANE_WORKER_GATHER_TIMEOUT_S"
+
+
+def timeout_s() -> float:
+    """The gather timeout: ``INFERPLANE_WORKER_GATHER_TIMEOUT_S`` (seconds, > 0) or `TIMEOUT_S`;
+    a value that is not a positive number is ignored, with a warning."""
+    raw = os.environ.get(TIMEOUT_ENV)
+    if raw is None:
+        return TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        log.warning("%s=%r is not a number of seconds > 0: using %.1f", TIMEOUT_ENV, raw,
+                    TIMEOUT_S)
+        return TIMEOUT_S
+    return value
+
+MAX_PAGE = 64 << 20
+"""A length above this is not a page (the socket's peer is not a worker): left out."""
+
+_LENGTH = struct.Struct("!Q")
+
+UP = "inferplane_worker_up"
+UNREACHABLE = "inferplane_workers_unreachable"
+
+
+def socket_path(directory: str, index: int) -> str:
+    """Where worker ``index`` serves its own page."""
+    return os.path.join(directory, f"worker-{index}.sock")
+
+
+class PageServer:
+    """Worker ``index``'s own page (``render()``) on its Unix socket in ``directory``, for the
+    other workers' scrapes; `close` stops it and removes the socket file (and the directory
+    when the supervisor is gone and no worker is left in it)."""
+
+    def __init__(self, directory: str, index: int, render: Callable[[], bytes]) -> None:
+        self.directory, self.index, self.render = directory, index, render
+        self.path = socket_path(directory, index)
+        self._server: asyncio.AbstractServer | None = None
+        self._parent = os.getppid()
+
+    async def start(self) -> None:
+        """Listen (a socket file left by a killed predecessor of this index is replaced)."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        self._server = await asyncio.start_unix_server(self._answer, path=self.path)
+
+    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            page = self.render()
+            writer.write(_LENGTH.pack(len(page)) + page)
+            await writer.drain()
+        except (ConnectionError, OSError):
+            pass  # the asker gave up (its timeout): its page goes without this one
+        except Exception:
+            log.exception("rendering worker %d's metrics page for another worker failed",
+                          self.index)
+        finally:
+            writer.close()
+
+    async def close(self) -> None:
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.close()
+        with contextlib.suppress(Exception):
+            await server.wait_closed()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        if os.getppid() != self._parent:  # the supervisor is gone (SIGKILL): nobody else will
+            with contextlib.suppress(OSError):
+                os.rmdir(self.directory)  # only once empty: the last worker to stop does it
+
+
+async def fetch(path: str, timeout_s: float = TIMEOUT_S) -> bytes | None:
+    """The page served at ``path``, or None when it does not come whole within ``timeout_s``."""
+    writer: asyncio.StreamWriter | None = None
+
+    async def read() -> bytes | None:
+        nonlocal writer
+        reader, writer = await asyncio.open_unix_connection(path)
+        (n,) = _LENGTH.unpack(await reader.readexactly(_LENGTH.size))
+        return await reader.readexactly(n) if n <= MAX_PAGE else None
+
+    try:
+        return await asyncio.wait_for(read(), timeout_s)
+    except (TimeoutError, OSError, EOFError):  # EOFError: IncompleteReadError
+        return None
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+async def gather(
+    own: bytes, index: int, n: int, directory: str, timeout_s: float = TIMEOUT_S
+) -> bytes:
+    """The page of a scrape that reached worker ``index`` of ``n``: ``own`` (its page) merged
+    with the pages of the others that answer within ``timeout_s``."""
+    others = [k for k in range(n) if k != index]
+    got = await asyncio.gather(*(fetch(socket_path(directory, k), timeout_s) for k in others))
+    pages = {index: own}
+    pages.update((k, page) for k, page in zip(others, got, strict=True) if page is not None)
+    return merge(pages, n)
+
+
+def _labelled(line: bytes, label: bytes) -> bytes:
+    """A sample line of the text format with ``label`` (``worker="k",``) first in its labels.
+    A metric name holds no ``{`` or space, so the first of them ends the name."""
+    brace, space = line.find(b"{"), line.find(b" ")
+    if brace != -1 and (space == -1 or brace < space):
+        return line[: brace + 1] + label + line[brace + 1 :]
+    return line[:space] + b"{" + label[:-1] + b"}" + line[space:]
+
+
+def merge(pages: dict[int, bytes], n: int) -> bytes:
+    """One page of the text format (0.0.4) from the pages of workers ``pages`` (index → page,
+    as `prometheus_client.generate_latest` writes them: each family a ``# HELP`` line, a
+    ``# TYPE`` line, then its samples) out of ``n``: each family once, its samples from every
+    page labelled with their worker; then `UP` and `UNREACHABLE`."""
+    headers: dict[bytes, list[bytes]] = {}
+    samples: dict[bytes, list[bytes]] = {}
+    for k in sorted(pages):
+        label = b'worker="%d",' % k
+        lines: list[bytes] | None = None
+        name, fresh = b"", False
+        for line in pages[k].split(b"\n"):
+            if line.startswith(b"# HELP "):
+                name = line.split(b" ", 3)[2]
+                lines = samples.setdefault(name, [])
+                fresh = name not in headers  # the first page's words for it stay
+                if fresh:
+                    headers[name] = [line]
+            elif line.startswith(b"# TYPE "):
+                if fresh:
+                    headers[name].append(line)
+            elif line and not line.startswith(b"#") and lines is not None:
+                lines.append(_labelled(line, label))
+    out: list[bytes] = []
+    for name, head in headers.items():
+        out.extend(head)
+        out.extend(samples[name])
+    out.append(b"# HELP " + UP.encode() + b" 1 when the worker's samples are on this page, 0 when "
+               b"it did not answer the gathering worker in time (left out)")
+    out.append(b"# TYPE " + UP.encode() + b" gauge")
+    out.extend(b'%s{worker="%d"} %s' % (UP.encode(), k, b"1.0" if k in pages else b"0.0")
+               for k in range(n))
+    out.append(b"# HELP " + UNREACHABLE.encode() + b" Workers left out of this page: they did "
+               b"not answer the gathering worker in time")
+    out.append(b"# TYPE " + UNREACHABLE.encode() + b" gauge")
+    out.append(b"%s %d.0" % (UNREACHABLE.encode(), sum(1 for k in range(n) if k not in pages)))
+    out.append(b"")
+    return b"\n".join(out)
