@@ -686,22 +686,12 @@ def test_the_envoy_setup_answers_through_envoy_on_the_endpoint_the_picker_chose(
     engines; every answer carries the picker's decision and was served by the endpoint it
     named, and the router's CPU is read over both processes."""
     import httpx
-    import yaml
 
     from bench.peers.peers import ENVOY_EPP, Context
-    from bench.peers.real_engines import fleet_yaml
     from bench.peers.run import start_router, warm_up
 
-    ports = procs.free_ports(3)
-    urls = [f"http://127.0.0.1:{p}" for p in ports]
-    fakes = [procs.Proc(f"fake{i}", [sys.executable, "bench/peers/fake_engine.py", "--port",
-                                     str(p), "--ttft-s", "0.01"], tmp_path / f"fake{i}.log")
-             for i, p in enumerate(ports)]
+    urls, fleet = _three_fake_engines(tmp_path)
     try:
-        for f, u in zip(fakes, urls, strict=True):
-            f.wait_http(u + "/health")
-        fleet = yaml.safe_load(fleet_yaml([(u, "") for u in urls], 1024, 16, False,
-                                          tokenizer=False))
         setup = next(s for s in setups() if s.name == ENVOY_EPP)
         proc, base = start_router(setup, Context(tmp_path, urls, "tiny-llama", fleet, {}))
         assert len(proc.pids) == 2  # the picker and Envoy
@@ -732,25 +722,14 @@ def test_the_envoy_setup_answers_through_envoy_on_the_endpoint_the_picker_chose(
 
 def test_the_null_picker_setup_sends_the_engines_in_turn_through_envoy(tmp_path: Path) -> None:
     """``envoy null-picker round_robin``: the same Envoy and bootstrap as ``inferplane envoy``,
-    `bench/null_picker.py` in the picker's place answering with each engine in turn; the
-    router's CPU is read over both processes."""
+    `bench/null_picker.py` in the picker's place answering with each engine in turn."""
     import httpx
-    import yaml
 
     from bench.peers.peers import ENVOY_NULL, Context
-    from bench.peers.real_engines import fleet_yaml
     from bench.peers.run import start_router
 
-    ports = procs.free_ports(3)
-    urls = [f"http://127.0.0.1:{p}" for p in ports]
-    fakes = [procs.Proc(f"fake{i}", [sys.executable, "bench/peers/fake_engine.py", "--port",
-                                     str(p), "--ttft-s", "0.01"], tmp_path / f"fake{i}.log")
-             for i, p in enumerate(ports)]
+    urls, fleet = _three_fake_engines(tmp_path)
     try:
-        for f, u in zip(fakes, urls, strict=True):
-            f.wait_http(u + "/health")
-        fleet = yaml.safe_load(fleet_yaml([(u, "") for u in urls], 1024, 16, False,
-                                          tokenizer=False))
         setup = next(s for s in setups() if s.name == ENVOY_NULL)
         proc, base = start_router(setup, Context(tmp_path, urls, "tiny-llama", fleet, {}))
         assert len(proc.pids) == 2  # the null picker and Envoy
@@ -767,3 +746,26 @@ def test_the_null_picker_setup_sends_the_engines_in_turn_through_envoy(tmp_path:
         assert served[3:] == served[:3]
     finally:
         procs.stop_all()
+
+
+def _three_fake_engines(tmp_path: Path) -> tuple[list[str], dict[str, Any]]:
+    """Three `fake_engine.py` stand-ins (answering after 10 ms), up: their URLs and the
+    real-engine bench's fleet file for them (no KV events, no tokenizer). `procs.stop_all`
+    stops them."""
+    import yaml
+
+    from bench.peers.real_engines import fleet_yaml
+
+    ports = procs.free_ports(3)
+    urls = [f"http://127.0.0.1:{p}" for p in ports]
+    fakes = [procs.Proc(f"fake{i}", [sys.executable, "bench/peers/fake_engine.py", "--port",
+                                     str(p), "--ttft-s", "0.01"], tmp_path / f"fake{i}.log")
+             for i, p in enumerate(ports)]
+    try:
+        for f, u in zip(fakes, urls, strict=True):
+            f.wait_http(u + "/health")
+    except BaseException:
+        procs.stop_all()
+        raise
+    fleet = yaml.safe_load(fleet_yaml([(u, "") for u in urls], 1024, 16, False, tokenizer=False))
+    return urls, fleet

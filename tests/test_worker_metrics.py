@@ -378,6 +378,23 @@ async def test_page_sockets_answer_time_out_and_clean_up(tmp_path: Path) -> None
     assert os.listdir(d) == []
 
 
+async def _page(upstream: HeldUpstream) -> bytes:
+    """One ``/metrics`` of an in-process gateway in front of ``upstream`` (a worker of
+    ``serve --workers`` where the environment says so), started and stopped around it."""
+    gw = Gateway(parse_config(config(upstream.port, metrics={"public": True})))
+    port = free_port()
+    runner = await serve(gw, "127.0.0.1", port)
+    try:
+        auth = {"Authorization": f"Bearer {KEY}"}
+        async with aiohttp.ClientSession(headers=auth) as s, s.get(
+            f"http://127.0.0.1:{port}/metrics"
+        ) as r:
+            assert r.status == 200
+            return await r.read()
+    finally:
+        await runner.cleanup()
+
+
 async def test_single_process_page_is_prometheus_clients_bytes_and_a_workers_is_merged(
     upstream: HeldUpstream, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
@@ -387,25 +404,11 @@ async def test_single_process_page_is_prometheus_clients_bytes_and_a_workers_is_
     rendered = b'# HELP a_total A\n# TYPE a_total counter\na_total{x="y"} 7.0\n'
     monkeypatch.setattr(app_module, "generate_latest", lambda _registry: rendered)
 
-    async def page() -> bytes:
-        gw = Gateway(parse_config(config(upstream.port, metrics={"public": True})))
-        port = free_port()
-        runner = await serve(gw, "127.0.0.1", port)
-        try:
-            auth = {"Authorization": f"Bearer {KEY}"}
-            async with aiohttp.ClientSession(headers=auth) as s, s.get(
-                f"http://127.0.0.1:{port}/metrics"
-            ) as r:
-                assert r.status == 200
-                return await r.read()
-        finally:
-            await runner.cleanup()
-
-    assert await page() == rendered
+    assert await _page(upstream) == rendered
     monkeypatch.setenv(WORKER_ENV, "0")
     monkeypatch.setenv(WORKERS_ENV, "2")
     monkeypatch.setenv(WORKER_DIR_ENV, str(tmp_path))
-    merged = (await page()).decode()
+    merged = (await _page(upstream)).decode()
     assert 'a_total{worker="0",x="y"} 7.0\n' in merged
     assert _check_page(merged) == {"0": 1.0, "1": 0.0}
     assert os.listdir(tmp_path) == []  # its socket removed when it stopped
@@ -420,19 +423,9 @@ async def test_a_worker_without_its_page_socket_serves_on(
     monkeypatch.setenv(WORKER_ENV, "0")
     monkeypatch.setenv(WORKERS_ENV, "2")
     monkeypatch.setenv(WORKER_DIR_ENV, str(tmp_path / "gone"))
-    gw = Gateway(parse_config(config(upstream.port, metrics={"public": True})))
-    port = free_port()
     with caplog.at_level(logging.WARNING, logger="inferplane.api"):
-        runner = await serve(gw, "127.0.0.1", port)
-    try:
-        auth = {"Authorization": f"Bearer {KEY}"}
-        async with aiohttp.ClientSession(headers=auth) as s, s.get(
-            f"http://127.0.0.1:{port}/metrics"
-        ) as r:
-            assert r.status == 200
-            assert _check_page((await r.read()).decode()) == {"0": 1.0, "1": 0.0}
-    finally:
-        await runner.cleanup()
+        page = (await _page(upstream)).decode()
+    assert _check_page(page) == {"0": 1.0, "1": 0.0}
     assert any("cannot serve its metrics page" in m for m in caplog.messages)
 
 
