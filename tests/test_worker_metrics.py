@@ -378,7 +378,7 @@ async def test_page_sockets_answer_time_out_and_clean_up(tmp_path: Path) -> None
     assert os.listdir(d) == []
 
 
-async def _page(upstream: HeldUpstream) -> bytes:
+async def _gateway_page(upstream: HeldUpstream) -> bytes:
     """One ``/metrics`` of an in-process gateway in front of ``upstream`` (a worker of
     ``serve --workers`` where the environment says so), started and stopped around it."""
     gw = Gateway(parse_config(config(upstream.port, metrics={"public": True})))
@@ -404,11 +404,11 @@ async def test_single_process_page_is_prometheus_clients_bytes_and_a_workers_is_
     rendered = b'# HELP a_total A\n# TYPE a_total counter\na_total{x="y"} 7.0\n'
     monkeypatch.setattr(app_module, "generate_latest", lambda _registry: rendered)
 
-    assert await _page(upstream) == rendered
+    assert await _gateway_page(upstream) == rendered
     monkeypatch.setenv(WORKER_ENV, "0")
     monkeypatch.setenv(WORKERS_ENV, "2")
     monkeypatch.setenv(WORKER_DIR_ENV, str(tmp_path))
-    merged = (await _page(upstream)).decode()
+    merged = (await _gateway_page(upstream)).decode()
     assert 'a_total{worker="0",x="y"} 7.0\n' in merged
     assert _check_page(merged) == {"0": 1.0, "1": 0.0}
     assert os.listdir(tmp_path) == []  # its socket removed when it stopped
@@ -424,7 +424,7 @@ async def test_a_worker_without_its_page_socket_serves_on(
     monkeypatch.setenv(WORKERS_ENV, "2")
     monkeypatch.setenv(WORKER_DIR_ENV, str(tmp_path / "gone"))
     with caplog.at_level(logging.WARNING, logger="inferplane.api"):
-        page = (await _page(upstream)).decode()
+        page = (await _gateway_page(upstream)).decode()
     assert _check_page(page) == {"0": 1.0, "1": 0.0}
     assert any("cannot serve its metrics page" in m for m in caplog.messages)
 
