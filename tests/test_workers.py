@@ -4,6 +4,7 @@ clear start-up error without a shared store; a killed worker is restarted; SIGTE
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import subprocess
@@ -12,6 +13,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.support.procs import ROOT, Proc, env, free_port
 from tests.support.redis_server import RedisServer
@@ -30,6 +32,28 @@ def test_workers_need_a_shared_store(tmp_path: Path) -> None:
     assert r.returncode == 2
     assert "--workers 2 needs admission.store: redis" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_workers_without_a_usable_temporary_directory_say_so(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The supervisor makes a directory for the workers' metrics sockets before it forks:
+    where it cannot (a full or read-only temporary directory), it stops with one line saying
+    so, not a traceback, and forks nothing."""
+    from inferplane.api import workers
+    from inferplane.api.console_auth import SECRET_ENV
+
+    monkeypatch.setenv(SECRET_ENV, "s" * 64)  # supervise sets one where none is: restored after
+
+    def full() -> str:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(workers, "pages_directory", full)
+    monkeypatch.setattr(workers.os, "fork", lambda: pytest.fail("forked"))
+    with pytest.raises(SystemExit) as exc:
+        workers.supervise(2, lambda _i: 0)
+    assert "cannot make the workers' metrics directory" in str(exc.value)
+    assert "No space left on device" in str(exc.value)
 
 
 def _serve_two_workers(tmp_path: Path, upstream: int) -> tuple[RedisServer, Proc, str]:

@@ -117,7 +117,13 @@ def supervise(
     ensure_shared_secret()  # a console session opened on one worker is valid on the others
 
     supervisor = os.getpid()
-    pages = pages_directory()
+    try:
+        pages = pages_directory()
+    except OSError as exc:  # no usable temporary directory: say so, not a traceback
+        raise SystemExit(
+            f"inferplane: cannot make the workers' metrics directory in "
+            f"{tempfile.gettempdir()}: {exc.strerror or exc} (TMPDIR names where it goes)"
+        ) from None
     try:
         return _supervise(n, run_worker, check_config, watch_s, window, supervisor, pages)
     finally:
