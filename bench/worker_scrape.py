@@ -22,7 +22,6 @@ import asyncio
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -33,9 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.workers import _session_cpu, load  # noqa: E402
+from bench.workers import _session_cpu, load, redis_and_upstream  # noqa: E402
 from tests.support.procs import Proc, free_port  # noqa: E402
-from tests.support.redis_server import RedisServer  # noqa: E402
 from tests.test_redis_outage import _config  # noqa: E402
 
 
@@ -106,19 +104,9 @@ def main() -> None:
     a = ap.parse_args()
     print(f"load average before: {os.getloadavg()[0]:.2f}; {os.cpu_count()} CPUs")
     res: dict[int, dict[str, float]] = {}
-    with tempfile.TemporaryDirectory() as d:
-        tmp = Path(d)
-        srv = RedisServer(tmp)
-        up = free_port()
-        upstream = Proc(["-m", "tests.support.fake_upstream", "--port", str(up), "--mode",
-                         "fast"], tmp / "up.log")
-        try:
-            upstream.wait_http(f"http://127.0.0.1:{up}/health")
-            for workers in (1, 2):
-                res[workers] = run(tmp, up, srv.url, workers, a.requests, a.scrapes)
-        finally:
-            upstream.stop()
-            srv.stop()
+    with redis_and_upstream() as (tmp, srv, _upstream, up):
+        for workers in (1, 2):
+            res[workers] = run(tmp, up, srv.url, workers, a.requests, a.scrapes)
     print(f"load average after: {os.getloadavg()[0]:.2f}")
     print("| gateway | scrape median ms | p90 ms | p99 ms | page bytes | samples "
           "| gateway CPU ms per scrape | idle CPU ms over as long | net CPU ms per scrape |\n"

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -81,48 +83,57 @@ async def load(base: str, requests: int, concurrency: int) -> tuple[float, int]:
         return requests / (time.perf_counter() - t0), errors
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--requests", type=int, default=3000)
-    ap.add_argument("--concurrency", type=int, default=64)
-    a = ap.parse_args()
-    print(f"load average before: {os.getloadavg()[0]:.2f}")
+@contextlib.contextmanager
+def redis_and_upstream() -> Iterator[tuple[Path, RedisServer, Proc, int]]:
+    """A temporary directory, a Redis server in it (the workers' shared admission store) and a
+    fast fake upstream, up: (the directory, the Redis server, the upstream, its port); both
+    stopped on the way out."""
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         srv = RedisServer(tmp)
         up = free_port()
         upstream = Proc(["-m", "tests.support.fake_upstream", "--port", str(up), "--mode",
                          "fast"], tmp / "up.log")
-        results = {}
-        cpu: dict[int, dict[str, float]] = {}
         try:
             upstream.wait_http(f"http://127.0.0.1:{up}/health")
-            for workers in (1, 2):
-                port = free_port()
-                cfg = tmp / f"gw{workers}.yaml"
-                cfg.write_text(_config(port, up, srv.url))
-                gw = Proc(["-m", "inferplane.cli", "serve", "--config", str(cfg), "--workers",
-                           str(workers), "--log-level", "warning"], tmp / f"gw{workers}.log")
-                try:
-                    base = f"http://127.0.0.1:{port}"
-                    gw.wait_http(f"{base}/ready")
-                    time.sleep(1.0)  # every worker listening
-                    asyncio.run(load(base, 300, a.concurrency))  # warm-up
-                    pids = {"gateway": gw.p.pid, "upstream": upstream.p.pid, "redis": srv.p.pid}
-                    c0 = {k: _session_cpu(v) for k, v in pids.items()}
-                    m0, me0, t0 = _machine(), time.process_time(), time.perf_counter()
-                    results[workers] = asyncio.run(load(base, a.requests, a.concurrency))
-                    wall = time.perf_counter() - t0
-                    m1 = _machine()
-                    cpu[workers] = {k: (_session_cpu(v) - c0[k]) / wall for k, v in pids.items()}
-                    cpu[workers]["client"] = (time.process_time() - me0) / wall
-                    cpu[workers]["machine busy"] = (m1[0] - m0[0]) / max(1, m1[1] - m0[1])
-                    cpu[workers]["gw_s"] = cpu[workers]["gateway"] * wall
-                finally:
-                    gw.stop()
+            yield tmp, srv, upstream, up
         finally:
             upstream.stop()
             srv.stop()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--requests", type=int, default=3000)
+    ap.add_argument("--concurrency", type=int, default=64)
+    a = ap.parse_args()
+    print(f"load average before: {os.getloadavg()[0]:.2f}")
+    results = {}
+    cpu: dict[int, dict[str, float]] = {}
+    with redis_and_upstream() as (tmp, srv, upstream, up):
+        for workers in (1, 2):
+            port = free_port()
+            cfg = tmp / f"gw{workers}.yaml"
+            cfg.write_text(_config(port, up, srv.url))
+            gw = Proc(["-m", "inferplane.cli", "serve", "--config", str(cfg), "--workers",
+                       str(workers), "--log-level", "warning"], tmp / f"gw{workers}.log")
+            try:
+                base = f"http://127.0.0.1:{port}"
+                gw.wait_http(f"{base}/ready")
+                time.sleep(1.0)  # every worker listening
+                asyncio.run(load(base, 300, a.concurrency))  # warm-up
+                pids = {"gateway": gw.p.pid, "upstream": upstream.p.pid, "redis": srv.p.pid}
+                c0 = {k: _session_cpu(v) for k, v in pids.items()}
+                m0, me0, t0 = _machine(), time.process_time(), time.perf_counter()
+                results[workers] = asyncio.run(load(base, a.requests, a.concurrency))
+                wall = time.perf_counter() - t0
+                m1 = _machine()
+                cpu[workers] = {k: (_session_cpu(v) - c0[k]) / wall for k, v in pids.items()}
+                cpu[workers]["client"] = (time.process_time() - me0) / wall
+                cpu[workers]["machine busy"] = (m1[0] - m0[0]) / max(1, m1[1] - m0[1])
+                cpu[workers]["gw_s"] = cpu[workers]["gateway"] * wall
+            finally:
+                gw.stop()
     print(f"load average after: {os.getloadavg()[0]:.2f}")
     print("| workers | req/s | errors | gateway CPUs | upstream CPUs | redis CPUs | client CPUs "
           "| machine busy | gateway req per CPU-s |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|")
