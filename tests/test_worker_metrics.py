@@ -20,12 +20,14 @@ import socket
 import struct
 import tempfile
 import time
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import aiohttp
 import httpx
 import pytest
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from inferplane.api import app as app_module
@@ -313,8 +315,6 @@ def _page(requests: float, extra: bool = False) -> bytes:
     m.replacements.inc(requests)
     if extra:
         m.spillovers.labels("c", "a", "b", "full").inc()
-    from prometheus_client import generate_latest
-
     return generate_latest(m.registry)
 
 
@@ -378,6 +378,148 @@ async def test_page_sockets_answer_time_out_and_clean_up(tmp_path: Path) -> None
     assert os.listdir(d) == []
 
 
+NOBODY = 65534
+as_root = pytest.mark.skipif(
+    os.geteuid() != 0 or not hasattr(socket, "SO_PEERCRED"),
+    reason="a process of another user is made by switching a forked child's uid (needs root) "
+    "and checked with SO_PEERCRED (Linux)",
+)
+
+
+def _open_directory() -> str:
+    """A directory any user may enter and write (0777, under /tmp: pytest's own are 0700), so
+    that only the peer check, not the directory's mode, keeps another user's process out."""
+    d = tempfile.mkdtemp(prefix="inferplane-peer-", dir="/tmp")
+    os.chmod(d, 0o777)
+    return d
+
+
+def _as_nobody(child: Callable[[], int]) -> int:
+    """Fork a child that switches to user nobody and exits with ``child()``'s status (99 on an
+    exception); returns its pid."""
+    with warnings.catch_warnings():  # Python >= 3.12 warns of fork in a threaded process
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:  # the child: plain system calls only, never back into pytest or the loop
+        status = 99
+        try:
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            status = child()
+        finally:
+            os._exit(status)
+    return pid
+
+
+async def _exit_status(pid: int) -> int:
+    _, code = await asyncio.to_thread(os.waitpid, pid, 0)
+    return os.waitstatus_to_exitcode(code)
+
+
+@as_root
+async def test_a_page_socket_refuses_another_users_process(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A connection from a process of another user is closed without the page, counted and
+    logged once per user, even where the directory's mode would let it in; the worker's own
+    user is answered as before."""
+    d = _open_directory()
+    server = gather.PageServer(d, 0, lambda: b"page of 0\n")
+    await server.start()
+    path = gather.socket_path(d, 0)
+    os.chmod(path, 0o777)
+
+    def connect() -> int:  # 0: closed with nothing sent, 1: sent something, 2: no connection
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(10)
+            try:
+                s.connect(path)
+            except OSError:
+                return 2
+            got = b""
+            while chunk := s.recv(1 << 16):
+                got += chunk
+            return 1 if got else 0
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="inferplane.telemetry.gather"):
+            assert await _exit_status(_as_nobody(connect)) == 0
+            assert await _exit_status(_as_nobody(connect)) == 0
+        assert server.refused == 2
+        said = [m for m in caplog.messages if "refused a connection" in m]
+        assert len(said) == 1 and f"uid {NOBODY}, not 0" in said[0], caplog.messages
+        assert await gather.fetch(path) == b"page of 0\n"  # its own user's
+        assert server.refused == 2
+    finally:
+        await server.close()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@as_root
+async def test_a_page_served_by_another_users_process_is_left_out(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A page socket that another user's process serves (it got into the directory) is not
+    read: the gathering worker leaves it out as one that did not answer, and says why."""
+    d = _open_directory()
+    path = gather.socket_path(d, 1)
+    ready_r, ready_w = os.pipe()
+
+    def serve_forged() -> int:
+        os.close(ready_r)
+        with socket.socket(socket.AF_UNIX) as s:
+            s.bind(path)
+            s.listen(1)
+            s.settimeout(10)
+            os.write(ready_w, b"x")
+            for _ in range(2):  # the fetch, then the gather
+                conn, _ = s.accept()
+                page = b"# HELP forged_total x\n# TYPE forged_total counter\nforged_total 1.0\n"
+                with contextlib.suppress(OSError), conn:
+                    conn.sendall(struct.pack("!Q", len(page)) + page)
+                    conn.recv(1)  # until the asker closes
+        return 0
+
+    pid = _as_nobody(serve_forged)
+    os.close(ready_w)
+    try:
+        assert await asyncio.to_thread(os.read, ready_r, 1) == b"x"
+        with caplog.at_level(logging.WARNING, logger="inferplane.telemetry.gather"):
+            assert await gather.fetch(path, timeout_s=5.0) is None
+            merged = (await gather.gather(b"", 0, 2, d, timeout_s=0.5)).decode()
+        assert "forged" not in merged and _check_page(merged) == {"0": 1.0, "1": 0.0}
+        assert any(f"{path} is left out" in m and f"uid {NOBODY}" in m for m in caplog.messages)
+        assert await _exit_status(pid) == 0
+        pid = 0
+    finally:
+        os.close(ready_r)
+        if pid:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+async def test_without_peer_credentials_the_directory_alone_guards_said_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Where the platform has no SO_PEERCRED, pages are served and read as before (the 0700
+    directory is the guard), and that is said once in the process's log."""
+    monkeypatch.setattr(gather, "_SO_PEERCRED", None)
+    monkeypatch.setattr(gather, "_unchecked_said", False)
+    d = str(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="inferplane.telemetry.gather"):
+        server = gather.PageServer(d, 0, lambda: b"page of 0\n")
+        await server.start()
+        try:
+            for _ in range(2):
+                assert await gather.fetch(gather.socket_path(d, 0)) == b"page of 0\n"
+        finally:
+            await server.close()
+    said = [m for m in caplog.messages if "no peer credentials" in m]
+    assert len(said) == 1 and "directory's mode (0700) only" in said[0]
+    assert server.refused == 0
+
+
 async def _gateway_page(upstream: HeldUpstream) -> bytes:
     """One ``/metrics`` of an in-process gateway in front of ``upstream`` (a worker of
     ``serve --workers`` where the environment says so), started and stopped around it."""
@@ -427,6 +569,9 @@ async def test_a_worker_without_its_page_socket_serves_on(
         page = (await _gateway_page(upstream)).decode()
     assert _check_page(page) == {"0": 1.0, "1": 0.0}
     assert any("cannot serve its metrics page" in m for m in caplog.messages)
+    refused = ("inferplane_worker_page_refused_total", frozenset({("worker", "0")}))
+    assert _series(page)[refused] == 0.0  # a worker's: counted from its start
+    assert b"inferplane_worker_page_refused" not in generate_latest(GatewayMetrics().registry)
 
 
 def test_the_gather_timeout_reads_its_environment(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -602,6 +602,7 @@ async def serve(
         application[WORKER_PAGES] = WorkerPages(*worker)
         pages = page_server = gather.PageServer(worker[2], worker[0],
                                                 lambda: local_page(gateway))
+        gateway.metrics.worker_page_refused.count_from(lambda: pages.refused)
 
         async def close_pages(_: web.Application) -> None:
             await pages.close()

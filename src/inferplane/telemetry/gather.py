@@ -23,6 +23,13 @@ which Prometheus reads as the reset it is (its ``_created`` samples move too).
 
 The socket speaks no HTTP: a connection is answered with the page's length (8 bytes, big-endian)
 and the page, then closed; a page cut short is left out as a worker that did not answer.
+
+Each end checks the other's user (`peer`: ``SO_PEERCRED``, Linux): a worker answers only a
+process of its own (effective) user, and closes any other connection unanswered, counting it
+(`PageServer.refused`, exported by the gateway as ``inferplane_worker_page_refused_total``) and
+logging the first from each user; a gathering worker leaves out a page served by another user's
+process as one that did not answer. Where the platform gives no peer credentials, the directory's
+mode alone keeps other users out (said once in the log).
 """
 
 from __future__ import annotations
@@ -31,7 +38,9 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import struct
+from asyncio import trsock
 from collections.abc import Callable
 
 log = logging.getLogger("inferplane.telemetry.gather")
@@ -68,6 +77,52 @@ UP = "inferplane_worker_up"
 UNREACHABLE = "inferplane_workers_unreachable"
 
 
+_SO_PEERCRED: int | None = getattr(socket, "SO_PEERCRED", None)
+_UCRED = struct.Struct("iII")  # struct ucred: pid_t pid, uid_t uid, gid_t gid
+_unchecked_said = False
+
+Sock = socket.socket | trsock.TransportSocket | None
+"""A connected Unix socket, as `asyncio` hands it out (``get_extra_info("socket")``)."""
+
+
+def _say_unchecked() -> None:
+    """Log, once in this process, that peers cannot be checked on this platform."""
+    global _unchecked_said
+    if not _unchecked_said:
+        _unchecked_said = True
+        log.warning("this platform gives no peer credentials (SO_PEERCRED): the workers' "
+                    "metrics page sockets are protected by their directory's mode (0700) only, "
+                    "not checked connection by connection")
+
+
+def peer(sock: Sock) -> tuple[int, int] | None:
+    """The (pid, effective uid) of the process at the other end of the Unix socket ``sock``
+    (``SO_PEERCRED``, as of its ``connect`` or ``listen``), or None where the platform gives no
+    peer credentials (said once in the log: then the directory's mode alone protects the page
+    sockets). OSError when they cannot be read (a socket that is not there is one)."""
+    if _SO_PEERCRED is None:
+        _say_unchecked()
+        return None
+    if sock is None:
+        raise OSError("no socket to read the peer's credentials from")
+    pid, uid, _gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, _SO_PEERCRED, _UCRED.size))
+    return pid, uid
+
+
+def _stranger(sock: Sock) -> tuple[str, str] | None:
+    """Who is at the other end of ``sock`` and why it may not be talked to (a process of another
+    user, or one whose credentials cannot be read), or None when it runs as this process's user
+    (or the platform cannot tell: `peer`)."""
+    try:
+        cred = peer(sock)
+    except OSError as exc:
+        return "unknown", f"the peer's credentials could not be read ({exc})"
+    if cred is None or cred[1] == os.geteuid():
+        return None
+    uid = cred[1]
+    return f"uid {uid}", f"the peer (process {cred[0]}) runs as uid {uid}, not {os.geteuid()}"
+
+
 def socket_path(directory: str, index: int) -> str:
     """Where worker ``index`` serves its own page."""
     return os.path.join(directory, f"worker-{index}.sock")
@@ -76,21 +131,32 @@ def socket_path(directory: str, index: int) -> str:
 class PageServer:
     """Worker ``index``'s own page (``render()``) on its Unix socket in ``directory``, for the
     other workers' scrapes; `close` stops it and removes the socket file (and the directory
-    when the supervisor is gone and no worker is left in it)."""
+    when the supervisor is gone and no worker is left in it). A connection from a process of
+    another user is closed unanswered and counted in ``refused`` (the first from each user
+    logged)."""
 
     def __init__(self, directory: str, index: int, render: Callable[[], bytes]) -> None:
         self.directory, self.index, self.render = directory, index, render
         self.path = socket_path(directory, index)
         self._server: asyncio.AbstractServer | None = None
         self._parent = os.getppid()
+        self.refused = 0
+        self._refused_said: set[str] = set()
 
     async def start(self) -> None:
         """Listen (a socket file left by a killed predecessor of this index is replaced)."""
+        if _SO_PEERCRED is None:
+            _say_unchecked()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
         self._server = await asyncio.start_unix_server(self._answer, path=self.path)
 
     async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        stranger = _stranger(writer.get_extra_info("socket"))
+        if stranger is not None:
+            self._refuse(*stranger)
+            writer.close()
+            return
         try:
             page = self.render()
             writer.write(_LENGTH.pack(len(page)) + page)
@@ -102,6 +168,14 @@ class PageServer:
                           self.index)
         finally:
             writer.close()
+
+    def _refuse(self, who: str, why: str) -> None:
+        self.refused += 1
+        if who not in self._refused_said:  # one line per user
+            self._refused_said.add(who)
+            log.warning("worker %d's metrics page socket refused a connection: %s (further "
+                        "ones from it are counted in inferplane_worker_page_refused_total, not "
+                        "logged)", self.index, why)
 
     async def close(self) -> None:
         server, self._server = self._server, None
@@ -117,13 +191,23 @@ class PageServer:
                 os.rmdir(self.directory)  # only once empty: the last worker to stop does it
 
 
+_strangers_said: set[tuple[str, str]] = set()
+
+
 async def fetch(path: str, timeout_s: float = TIMEOUT_S) -> bytes | None:
-    """The page served at ``path``, or None when it does not come whole within ``timeout_s``."""
+    """The page served at ``path``, or None when it does not come whole within ``timeout_s`` or
+    its server is a process of another user (`peer`; logged once per socket and user)."""
     writer: asyncio.StreamWriter | None = None
 
     async def read() -> bytes | None:
         nonlocal writer
         reader, writer = await asyncio.open_unix_connection(path)
+        stranger = _stranger(writer.get_extra_info("socket"))
+        if stranger is not None:
+            if (path, stranger[0]) not in _strangers_said:  # one line per socket and user
+                _strangers_said.add((path, stranger[0]))
+                log.warning("the metrics page at %s is left out: %s", path, stranger[1])
+            return None
         (n,) = _LENGTH.unpack(await reader.readexactly(_LENGTH.size))
         return await reader.readexactly(n) if n <= MAX_PAGE else None
 

@@ -258,10 +258,17 @@ class GatewayMetrics:
             "(gateway.stream_coalesce_ms, while gateway.stream_coalesce_min_streams streams "
             "were relayed)",
         )
+        # wired by a worker of `serve --workers N` only (`api.app.serve`): absent elsewhere
+        self.worker_page_refused = SourcedCounter(
+            "inferplane_worker_page_refused_total",
+            "Connections to this worker's metrics page socket closed unanswered: their process "
+            "ran as another user (serve --workers; telemetry.gather)",
+        )
         self._schedstat_metrics()
         self._sourced = SourcedCounters(
             (self.loop_lost, self.send_gate_requests, self.send_gate_groups, self.coalesce_holds,
-             self.loop_cpu, self.loop_runqueue_wait, self.loop_slices, self.process_runqueue_wait)
+             self.loop_cpu, self.loop_runqueue_wait, self.loop_slices, self.process_runqueue_wait,
+             self.worker_page_refused)
         )
         r.register(self._sourced)
         self._admission_metrics(r)
