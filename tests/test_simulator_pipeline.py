@@ -359,6 +359,26 @@ def test_a_key_repeated_in_a_fault_or_mix_file_is_refused_naming_file_and_line(
     assert str(exc.value) == f"{mix}: line 4, column 5: invalid YAML: duplicate key 'fraction'"
 
 
+def test_a_key_repeated_in_a_json_fault_file_is_refused(tmp_path: Path) -> None:
+    """JSON keeps the last value of a repeated key too (``json.loads``): refused as in YAML, in
+    an entry or around the list; a syntax error names its line and column."""
+    faults = tmp_path / "faults.json"
+    faults.write_text('[{"at": 5, "endpoint": "h-0", "event": "down", "for_s": 3, "for_s": 30}]')
+    with pytest.raises(ConfigError) as exc:
+        load_faults(faults, ["h-0"])
+    assert str(exc.value) == f'{faults}: invalid JSON: duplicate key "for_s"'
+    faults.write_text('{"faults": [], "faults": [{"at": 1, "endpoint": "h-0", "event": "up"}]}')
+    with pytest.raises(ConfigError, match='duplicate key "faults"'):
+        load_faults(faults, ["h-0"])
+    faults.write_text('[{"at": 1, "endpoint": "h-0", "event": "up"},\n oops]')
+    with pytest.raises(ConfigError) as exc:
+        load_faults(faults, ["h-0"])
+    assert str(exc.value) == f"{faults}: line 2, column 2: invalid JSON: Expecting value"
+    faults.write_text('[{"at": 1, "endpoint": "h-0", "event": "down"},'
+                      ' {"at": 2, "endpoint": "h-0", "event": "up"}]')
+    assert len(load_faults(faults, ["h-0"])) == 2  # the same keys in two objects: no repeat
+
+
 def test_cli_runs_faults_and_admission_switch(tmp_path: Path) -> None:
     fleet_file = tmp_path / "fleet.yaml"
     fleet_file.write_text(
@@ -396,3 +416,13 @@ def test_cli_runs_faults_and_admission_switch(tmp_path: Path) -> None:
     ])
     assert res.exit_code != 0 and "faults[0].endpoint" in res.output
     assert "Traceback" not in res.output
+    dup = tmp_path / "faults.json"
+    dup.write_text('[{"at": 1, "endpoint": "h-0", "event": "down", "for_s": 3, "for_s": 30}]')
+    res = CliRunner().invoke(app, [
+        "simulate", "--fleet", str(fleet_file), "--trace", str(tr), "--profile", "round-robin",
+        "--json", str(out), "--faults", str(dup),
+    ])
+    assert res.exit_code == 2
+    assert res.output.splitlines() == [
+        "error: invalid configuration", f'{dup}: invalid JSON: duplicate key "for_s"'
+    ]

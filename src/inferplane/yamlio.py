@@ -1,17 +1,24 @@
-"""Reading the YAML files users write (fleet, calibrated profile, simulator mix and fault files).
+"""Reading the YAML files users write (fleet, calibrated profile, simulator mix and fault files),
+and the JSON ones (a fault file may be JSON).
 
-A leaf module (PyYAML and `inferplane.errors` only), so that every package may read its files the
-same way: ``physics`` (calibrated profiles) sits below ``config`` and may not import it.
+A leaf module (PyYAML, the standard library's ``json`` and `inferplane.errors` only), so that
+every package may read its files the same way: ``physics`` (calibrated profiles) sits below
+``config`` and may not import it.
 
 - `load_yaml`: ``yaml.safe_load``, except that a key repeated in one mapping is refused (PyYAML
   keeps the last one silently, hiding a typo or a pasted duplicate).
 - `parse_yaml`: `load_yaml` with every YAML problem a `ConfigError` naming the file and the line
   and column: ``fleet.yaml: line 6, column 5: invalid YAML: duplicate key 'region'``.
+- `parse_json`: ``json.loads`` with a repeated key refused too, and every problem a
+  `ConfigError` naming the file, as `parse_yaml` does: ``faults.json: invalid JSON: duplicate key
+  "for_s"`` (the standard library's parser does not tell where a key is, so that one has no line;
+  a syntax error has its line and column).
 - `read_text`: a file's text, or a `ConfigError` naming it (unreadable, not UTF-8).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +26,7 @@ import yaml
 
 from inferplane.errors import ConfigError
 
-__all__ = ["load_yaml", "parse_yaml", "read_text", "read_yaml"]
+__all__ = ["load_yaml", "parse_json", "parse_yaml", "read_text", "read_yaml"]
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -65,6 +72,33 @@ def parse_yaml(text: str, file: str) -> Any:
         raise ConfigError(file, [(where, f"invalid YAML: {exc.problem}")]) from None
     except yaml.YAMLError as exc:
         raise ConfigError(file, [("", f"invalid YAML: {exc}")]) from None
+
+
+class _DuplicateJSONKey(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(f"duplicate key {json.dumps(key, ensure_ascii=False)}")
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object's members as a dict, unless a key is repeated (``json`` keeps the last)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateJSONKey(key)
+        out[key] = value
+    return out
+
+
+def parse_json(text: str, file: str) -> Any:
+    """``json.loads(text)``, except that a key repeated in one object is refused; every problem
+    a `ConfigError` naming ``file`` (and, for a syntax error, the line and column)."""
+    try:
+        return json.loads(text, object_pairs_hook=_unique_pairs)
+    except _DuplicateJSONKey as exc:
+        raise ConfigError(file, [("", f"invalid JSON: {exc}")]) from None
+    except json.JSONDecodeError as exc:
+        where = f"line {exc.lineno}, column {exc.colno}"
+        raise ConfigError(file, [(where, f"invalid JSON: {exc.msg}")]) from None
 
 
 def read_text(p: Path) -> str:
