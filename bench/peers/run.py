@@ -77,6 +77,7 @@ from bench.peers.workload import (  # noqa: E402
 )
 from inferplane.twin.traces.loader import load_trace  # noqa: E402
 from inferplane.twin.traces.tokens import token_ids  # noqa: E402
+from inferplane.yamlio import read_yaml  # noqa: E402
 
 DEFAULT_FLEET = ROOT / "src/inferplane/data/fleets/h100x8.yaml"
 DEFAULT_TRACE = Path("/work/shared/traces/mooncake_conversation.jsonl")
@@ -335,11 +336,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run(a: argparse.Namespace) -> dict[str, Any]:
     t_start = time.monotonic()
+    config = read_yaml(a.fleet_config)  # as the gateway reads it: a repeated key is an error
     a.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="ip-peers-"))
     log(f"work directory {work}")
     chosen = [s for s in setups() if not a.only or any(o in s.name for o in a.only)]
-    config = yaml.safe_load(a.fleet_config.read_text())
     model = a.model or config["substrates"][0]["endpoints"][0]["models"][0]["name"]
 
     versions: dict[str, str | None] = {
