@@ -379,6 +379,21 @@ def test_a_key_repeated_in_a_json_fault_file_is_refused(tmp_path: Path) -> None:
     assert len(load_faults(faults, ["h-0"])) == 2  # the same keys in two objects: no repeat
 
 
+def test_every_problem_with_a_json_fault_file_is_a_config_error(tmp_path: Path) -> None:
+    """Not only syntax: an integer past the interpreter's digit limit (a plain ValueError from
+    ``json``) and nesting past the recursion limit (RecursionError) name the file too."""
+    faults = tmp_path / "faults.json"
+    faults.write_text('[{"at": ' + "1" * 5000 + ', "endpoint": "h-0", "event": "up"}]')
+    with pytest.raises(ConfigError) as exc:
+        load_faults(faults, ["h-0"])
+    assert str(exc.value).startswith(f"{faults}: invalid JSON: Exceeds the limit"), exc.value
+    for deep in ("[" * 100_000, '{"faults": ' * 100_000):
+        faults.write_text(deep)
+        with pytest.raises(ConfigError) as exc:
+            load_faults(faults, ["h-0"])
+        assert str(exc.value) == f"{faults}: invalid JSON: nested too deeply"
+
+
 def test_cli_runs_faults_and_admission_switch(tmp_path: Path) -> None:
     fleet_file = tmp_path / "fleet.yaml"
     fleet_file.write_text(

@@ -91,7 +91,8 @@ def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def parse_json(text: str, file: str) -> Any:
     """``json.loads(text)``, except that a key repeated in one object is refused; every problem
-    a `ConfigError` naming ``file`` (and, for a syntax error, the line and column)."""
+    a `ConfigError` naming ``file`` (and, for a syntax error, the line and column), including
+    an integer past the interpreter's digit limit and arrays or objects nested too deeply."""
     try:
         return json.loads(text, object_pairs_hook=_unique_pairs)
     except _DuplicateJSONKey as exc:
@@ -99,6 +100,10 @@ def parse_json(text: str, file: str) -> Any:
     except json.JSONDecodeError as exc:
         where = f"line {exc.lineno}, column {exc.colno}"
         raise ConfigError(file, [(where, f"invalid JSON: {exc.msg}")]) from None
+    except ValueError as exc:  # an integer past the interpreter's digit limit
+        raise ConfigError(file, [("", f"invalid JSON: {exc}")]) from None
+    except RecursionError:
+        raise ConfigError(file, [("", "invalid JSON: nested too deeply")]) from None
 
 
 def read_text(p: Path) -> str:
