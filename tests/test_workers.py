@@ -15,12 +15,30 @@ from pathlib import Path
 import httpx
 import pytest
 
+from inferplane.api.workers import STARTUP_ENV, STARTUP_S, startup_s
 from tests.support.procs import ROOT, Proc, env, free_port
 from tests.support.redis_server import RedisServer
 from tests.test_redis_outage import KEYS, _config, slow_upstream
 from tests.test_worker_metrics import tmpdir_env
 
 __all__ = ["slow_upstream", "tmpdir_env"]
+
+
+def test_the_startup_window_reads_its_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Seconds >= 0 and finite; anything else (``inf`` would make every worker's death a failed
+    start) stops the supervisor with one line."""
+    monkeypatch.delenv(STARTUP_ENV, raising=False)
+    assert startup_s() == STARTUP_S
+    for good, want in (("0", 0.0), ("2.5", 2.5)):
+        monkeypatch.setenv(STARTUP_ENV, good)
+        assert startup_s() == want
+    for bad in ("-1", "soon", "nan", "inf", "Infinity", "1e999"):
+        monkeypatch.setenv(STARTUP_ENV, bad)
+        with pytest.raises(SystemExit) as exc:
+            startup_s()
+        assert str(exc.value) == (
+            f"inferplane: {STARTUP_ENV}={bad!r} is not a finite number of seconds >= 0"
+        ), bad
 
 
 def test_workers_need_a_shared_store(tmp_path: Path) -> None:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
+import math
 import os
 import shutil
 import signal
@@ -51,7 +52,9 @@ STARTUP_ENV = "INFERPLANE_WORKER_STARTUP_S"
 
 
 def startup_s() -> float:
-    """The start-up window: ``INFERPLANE_WORKER_STARTUP_S`` (seconds) or `STARTUP_S`."""
+    """The start-up window: ``INFERPLANE_WORKER_STARTUP_S`` (seconds, >= 0, finite) or
+    `STARTUP_S`; any other value stops the supervisor with one line (``inf`` would make every
+    worker's death a failed start, stopping them all)."""
     raw = os.environ.get(STARTUP_ENV)
     if raw is None:
         return STARTUP_S
@@ -59,8 +62,10 @@ def startup_s() -> float:
         value = float(raw)
     except ValueError:
         value = -1.0
-    if not value >= 0:
-        raise SystemExit(f"inferplane: {STARTUP_ENV}={raw!r} is not a number of seconds >= 0")
+    if not (value >= 0 and math.isfinite(value)):
+        raise SystemExit(
+            f"inferplane: {STARTUP_ENV}={raw!r} is not a finite number of seconds >= 0"
+        )
     return value
 
 
