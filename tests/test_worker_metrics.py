@@ -579,6 +579,18 @@ def test_the_gather_timeout_reads_its_environment(monkeypatch: pytest.MonkeyPatc
     assert gather.timeout_s() == gather.TIMEOUT_S
     monkeypatch.setenv(gather.TIMEOUT_ENV, "2.5")
     assert gather.timeout_s() == 2.5
-    for bad in ("0", "-1", "soon", "nan"):
+    for bad in ("0", "-1", "soon", "nan", "inf", "Infinity", "1e999"):
         monkeypatch.setenv(gather.TIMEOUT_ENV, bad)
         assert gather.timeout_s() == gather.TIMEOUT_S, bad
+
+
+def test_an_infinite_gather_timeout_is_refused_with_a_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``inf`` would hold every scrape on a hung worker: ignored like any other bad value."""
+    monkeypatch.setenv(gather.TIMEOUT_ENV, "inf")
+    with caplog.at_level(logging.WARNING, logger="inferplane.telemetry.gather"):
+        assert gather.timeout_s() == gather.TIMEOUT_S
+    assert caplog.messages == [
+        f"{gather.TIMEOUT_ENV}='inf' is not a finite number of seconds > 0: using 1.0"
+    ]

@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import socket
 import struct
@@ -53,8 +54,9 @@ TIMEOUT_ENV = "INFERPLANE_WORKER_GATHER_TIMEOUT_S"
 
 
 def timeout_s() -> float:
-    """The gather timeout: ``INFERPLANE_WORKER_GATHER_TIMEOUT_S`` (seconds, > 0) or `TIMEOUT_S`;
-    a value that is not a positive number is ignored, with a warning."""
+    """The gather timeout: ``INFERPLANE_WORKER_GATHER_TIMEOUT_S`` (seconds, > 0, finite) or
+    `TIMEOUT_S`; a value that is not a finite positive number (``inf`` would hold every scrape
+    on a hung worker) is ignored, with a warning."""
     raw = os.environ.get(TIMEOUT_ENV)
     if raw is None:
         return TIMEOUT_S
@@ -62,8 +64,8 @@ def timeout_s() -> float:
         value = float(raw)
     except ValueError:
         value = -1.0
-    if not value > 0:
-        log.warning("%s=%r is not a number of seconds > 0: using %.1f", TIMEOUT_ENV, raw,
+    if not (value > 0 and math.isfinite(value)):
+        log.warning("%s=%r is not a finite number of seconds > 0: using %.1f", TIMEOUT_ENV, raw,
                     TIMEOUT_S)
         return TIMEOUT_S
     return value
