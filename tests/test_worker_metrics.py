@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import shutil
@@ -380,71 +381,92 @@ async def test_page_sockets_answer_time_out_and_clean_up(tmp_path: Path) -> None
 
 NOBODY = 65534
 as_root = pytest.mark.skipif(
-    os.geteuid() != 0 or not hasattr(socket, "SO_PEERCRED"),
+    os.geteuid() != 0 or gather._SO_PEERCRED is None,
     reason="a process of another user is made by switching a forked child's uid (needs root) "
     "and checked with SO_PEERCRED (Linux)",
 )
 
 
-def _open_directory() -> str:
+@pytest.fixture
+def open_directory() -> Iterator[str]:
     """A directory any user may enter and write (0777, under /tmp: pytest's own are 0700), so
-    that only the peer check, not the directory's mode, keeps another user's process out."""
+    that only the peer check, not the directory's mode, keeps another user's process out;
+    removed afterwards whatever happened."""
     d = tempfile.mkdtemp(prefix="inferplane-peer-", dir="/tmp")
-    os.chmod(d, 0o777)
-    return d
+    try:
+        os.chmod(d, 0o777)
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+CANNOT_SWITCH = 77
+"""The child's status when this root cannot become nobody (a user namespace that maps uid 0
+only, SETUID/SETGID capabilities dropped, fakeroot): the test skips."""
 
 
 def _as_nobody(child: Callable[[], int]) -> int:
-    """Fork a child that switches to user nobody and exits with ``child()``'s status (99 on an
-    exception); returns its pid."""
+    """Fork a child that switches to user nobody (no supplementary groups: root's would stay)
+    and exits with ``child()``'s status (99 on an exception, `CANNOT_SWITCH` when it cannot
+    switch); returns its pid."""
     with warnings.catch_warnings():  # Python >= 3.12 warns of fork in a threaded process
         warnings.simplefilter("ignore", DeprecationWarning)
         pid = os.fork()
     if pid == 0:  # the child: plain system calls only, never back into pytest or the loop
         status = 99
         try:
-            os.setgid(NOBODY)
-            os.setuid(NOBODY)
-            status = child()
+            try:
+                os.setgroups([])
+                os.setgid(NOBODY)
+                os.setuid(NOBODY)
+            except OSError:
+                status = CANNOT_SWITCH
+            else:
+                status = child()
         finally:
             os._exit(status)
     return pid
 
 
 async def _exit_status(pid: int) -> int:
+    """The child's exit status; the test skips if it could not switch to nobody."""
     _, code = await asyncio.to_thread(os.waitpid, pid, 0)
-    return os.waitstatus_to_exitcode(code)
+    status = os.waitstatus_to_exitcode(code)
+    if status == CANNOT_SWITCH:
+        pytest.skip(f"this root cannot switch a forked child to uid {NOBODY}")
+    return status
+
+
+def _connect(path: str) -> int:
+    """0: the connection to ``path`` was closed with nothing sent, 1: something was sent,
+    2: no connection."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        try:
+            s.connect(path)
+        except OSError:
+            return 2
+        got = b""
+        while chunk := s.recv(1 << 16):
+            got += chunk
+        return 1 if got else 0
 
 
 @as_root
 async def test_a_page_socket_refuses_another_users_process(
-    caplog: pytest.LogCaptureFixture,
+    open_directory: str, caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A connection from a process of another user is closed without the page, counted and
     logged once per user, even where the directory's mode would let it in; the worker's own
     user is answered as before."""
-    d = _open_directory()
-    server = gather.PageServer(d, 0, lambda: b"page of 0\n")
-    await server.start()
-    path = gather.socket_path(d, 0)
-    os.chmod(path, 0o777)
-
-    def connect() -> int:  # 0: closed with nothing sent, 1: sent something, 2: no connection
-        with socket.socket(socket.AF_UNIX) as s:
-            s.settimeout(10)
-            try:
-                s.connect(path)
-            except OSError:
-                return 2
-            got = b""
-            while chunk := s.recv(1 << 16):
-                got += chunk
-            return 1 if got else 0
-
+    server = gather.PageServer(open_directory, 0, lambda: b"page of 0\n")
+    path = gather.socket_path(open_directory, 0)
     try:
+        await server.start()
+        os.chmod(path, 0o777)
         with caplog.at_level(logging.WARNING, logger="inferplane.telemetry.gather"):
-            assert await _exit_status(_as_nobody(connect)) == 0
-            assert await _exit_status(_as_nobody(connect)) == 0
+            assert await _exit_status(_as_nobody(lambda: _connect(path))) == 0
+            assert await _exit_status(_as_nobody(lambda: _connect(path))) == 0
         assert server.refused == 2
         said = [m for m in caplog.messages if "refused a connection" in m]
         assert len(said) == 1 and f"uid {NOBODY}, not 0" in said[0], caplog.messages
@@ -452,17 +474,15 @@ async def test_a_page_socket_refuses_another_users_process(
         assert server.refused == 2
     finally:
         await server.close()
-        shutil.rmtree(d, ignore_errors=True)
 
 
 @as_root
 async def test_a_page_served_by_another_users_process_is_left_out(
-    caplog: pytest.LogCaptureFixture,
+    open_directory: str, caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A page socket that another user's process serves (it got into the directory) is not
     read: the gathering worker leaves it out as one that did not answer, and says why."""
-    d = _open_directory()
-    path = gather.socket_path(d, 1)
+    path = gather.socket_path(open_directory, 1)
     ready_r, ready_w = os.pipe()
 
     def serve_forged() -> int:
@@ -480,23 +500,28 @@ async def test_a_page_served_by_another_users_process_is_left_out(
                     conn.recv(1)  # until the asker closes
         return 0
 
-    pid = _as_nobody(serve_forged)
-    os.close(ready_w)
+    pid = 0
     try:
-        assert await asyncio.to_thread(os.read, ready_r, 1) == b"x"
+        pid = _as_nobody(serve_forged)
+        os.close(ready_w)
+        ready_w = -1
+        if await asyncio.to_thread(os.read, ready_r, 1) != b"x":  # it exited without serving
+            child, pid = pid, 0  # reaped here
+            pytest.fail(f"the child exited with status {await _exit_status(child)} unready")
         with caplog.at_level(logging.WARNING, logger="inferplane.telemetry.gather"):
             assert await gather.fetch(path, timeout_s=5.0) is None
-            merged = (await gather.gather(b"", 0, 2, d, timeout_s=0.5)).decode()
+            merged = (await gather.gather(b"", 0, 2, open_directory, timeout_s=0.5)).decode()
         assert "forged" not in merged and _check_page(merged) == {"0": 1.0, "1": 0.0}
         assert any(f"{path} is left out" in m and f"uid {NOBODY}" in m for m in caplog.messages)
-        assert await _exit_status(pid) == 0
-        pid = 0
+        child, pid = pid, 0
+        assert await _exit_status(child) == 0
     finally:
         os.close(ready_r)
+        if ready_w != -1:
+            os.close(ready_w)
         if pid:
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
-        shutil.rmtree(d, ignore_errors=True)
 
 
 async def test_without_peer_credentials_the_directory_alone_guards_said_once(
@@ -518,6 +543,98 @@ async def test_without_peer_credentials_the_directory_alone_guards_said_once(
     said = [m for m in caplog.messages if "no peer credentials" in m]
     assert len(said) == 1 and "directory's mode (0700) only" in said[0]
     assert server.refused == 0
+
+
+async def test_refusing_and_leaving_out_without_root(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The peer check's consequences on any host (no other user needed: `peer` is made to say
+    another uid, then to fail): the page server closes such a connection with nothing sent,
+    counts it and logs once per user ("unknown" for unreadable credentials); `fetch` reads
+    nothing from such a server and warns once per socket and user."""
+    monkeypatch.setattr(gather, "_strangers_said", set())
+    other = os.geteuid() + 1
+    monkeypatch.setattr(gather, "peer", lambda sock: (4242, other))
+    server = gather.PageServer(str(tmp_path), 0, lambda: b"page of 0\n")
+    path = gather.socket_path(str(tmp_path), 0)
+    try:
+        await server.start()
+        with caplog.at_level(logging.WARNING, logger="inferplane.telemetry.gather"):
+            for _ in range(2):
+                assert await asyncio.to_thread(_connect, path) == 0  # closed, nothing sent
+            assert server.refused == 2
+            for _ in range(2):
+                assert await gather.fetch(path, timeout_s=5.0) is None
+            refused = [m for m in caplog.messages if "refused a connection" in m]
+            assert len(refused) == 1 and f"runs as uid {other}, not {os.geteuid()}" in refused[0]
+            left = [m for m in caplog.messages if f"{path} is left out" in m]
+            assert len(left) == 1 and f"uid {other}" in left[0], caplog.messages
+            caplog.clear()
+
+            def unreadable(sock: object) -> tuple[int, int]:
+                raise OSError("boom")
+
+            monkeypatch.setattr(gather, "peer", unreadable)
+            before = server.refused
+            for _ in range(2):
+                assert await asyncio.to_thread(_connect, path) == 0
+            assert server.refused == before + 2
+            for _ in range(2):
+                assert await gather.fetch(path, timeout_s=5.0) is None
+        why = "the peer's credentials could not be read (boom)"
+        refused = [m for m in caplog.messages if "refused a connection" in m]
+        assert len(refused) == 1 and why in refused[0], caplog.messages
+        left = [m for m in caplog.messages if f"{path} is left out" in m]
+        assert len(left) == 1 and why in left[0], caplog.messages
+    finally:
+        await server.close()
+
+
+class _FakeSocket:
+    """A socket whose ``getsockopt`` answers ``answer`` (or raises it)."""
+
+    def __init__(self, answer: bytes | OSError) -> None:
+        self.answer = answer
+
+    def getsockopt(self, level: int, optname: int, buflen: int, /) -> bytes:
+        if isinstance(self.answer, OSError):
+            raise self.answer
+        return self.answer
+
+
+def test_peer_reads_a_whole_ucred_and_falls_back_where_the_option_is_unsupported(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A short answer is unreadable credentials (OSError: refused), not a struct.error that
+    nothing catches; ENOPROTOOPT / EOPNOTSUPP is a platform without peer credentials (the
+    directory guards, said once); any other error stays unreadable credentials."""
+    monkeypatch.setattr(gather, "_SO_PEERCRED", 17)  # any option number: the socket is fake
+    monkeypatch.setattr(gather, "_unchecked_said", False)
+    assert gather.peer(_FakeSocket(struct.pack("iII", 12, 34, 56))) == (12, 34)
+    short = _FakeSocket(b"\0" * 4)
+    with pytest.raises(OSError, match="SO_PEERCRED gave 4 bytes, not 12"):
+        gather.peer(short)
+    stranger = gather._stranger(short)
+    assert stranger is not None and stranger[0] == "unknown"
+    with caplog.at_level(logging.WARNING, logger="inferplane.telemetry.gather"):
+        for code in (errno.ENOPROTOOPT, errno.EOPNOTSUPP):
+            unsupported = _FakeSocket(OSError(code, os.strerror(code)))
+            assert gather.peer(unsupported) is None
+            assert gather._stranger(unsupported) is None
+    assert sum("no peer credentials" in m for m in caplog.messages) == 1
+    broken = _FakeSocket(OSError(errno.EBADF, os.strerror(errno.EBADF)))
+    with pytest.raises(OSError):
+        gather.peer(broken)
+    stranger = gather._stranger(broken)
+    assert stranger is not None and stranger[0] == "unknown"
+
+
+def test_peer_credentials_are_read_on_linux_only() -> None:
+    """Other systems that define SO_PEERCRED lay its answer out otherwise (OpenBSD: uid, gid,
+    pid), which ``struct ucred``'s layout would misread: there the directory alone guards."""
+    for platform in ("openbsd7", "darwin", "freebsd14", "win32"):
+        assert gather._peer_credentials_option(platform) is None, platform
+    assert gather._peer_credentials_option("linux") == getattr(socket, "SO_PEERCRED", None)
 
 
 async def _gateway_page(upstream: HeldUpstream) -> bytes:

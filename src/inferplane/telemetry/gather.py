@@ -27,22 +27,26 @@ and the page, then closed; a page cut short is left out as a worker that did not
 Each end checks the other's user (`peer`: ``SO_PEERCRED``, Linux): a worker answers only a
 process of its own (effective) user, and closes any other connection unanswered, counting it
 (`PageServer.refused`, exported by the gateway as ``inferplane_worker_page_refused_total``) and
-logging the first from each user; a gathering worker leaves out a page served by another user's
-process as one that did not answer. Where the platform gives no peer credentials, the directory's
-mode alone keeps other users out (said once in the log).
+logging the first from each user; a connection whose credentials cannot be read is refused the
+same way (logged once as "unknown"). A gathering worker leaves out a page served by another
+user's process (or one it cannot identify) as one that did not answer. Where the platform gives
+no peer credentials (not Linux, or the option not supported), the directory's mode alone keeps
+other users out (said once in the log).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import math
 import os
 import socket
 import struct
-from asyncio import trsock
+import sys
 from collections.abc import Callable
+from typing import Protocol
 
 log = logging.getLogger("inferplane.telemetry.gather")
 
@@ -79,11 +83,23 @@ UP = "inferplane_worker_up"
 UNREACHABLE = "inferplane_workers_unreachable"
 
 
-_SO_PEERCRED: int | None = getattr(socket, "SO_PEERCRED", None)
+def _peer_credentials_option(platform: str) -> int | None:
+    """``SO_PEERCRED`` where it gives Linux's ``struct ucred`` (pid, uid, gid), else None: other
+    systems that define the option lay its answer out otherwise (OpenBSD: uid, gid, pid)."""
+    return getattr(socket, "SO_PEERCRED", None) if platform.startswith("linux") else None
+
+
+_SO_PEERCRED = _peer_credentials_option(sys.platform)
 _UCRED = struct.Struct("iII")  # struct ucred: pid_t pid, uid_t uid, gid_t gid
+_NOT_SUPPORTED = frozenset({errno.ENOPROTOOPT, errno.EOPNOTSUPP})
 _unchecked_said = False
 
-Sock = socket.socket | trsock.TransportSocket | None
+
+class _Socket(Protocol):
+    def getsockopt(self, level: int, optname: int, buflen: int, /) -> bytes: ...
+
+
+Sock = _Socket | None
 """A connected Unix socket, as `asyncio` hands it out (``get_extra_info("socket")``)."""
 
 
@@ -100,14 +116,25 @@ def _say_unchecked() -> None:
 def peer(sock: Sock) -> tuple[int, int] | None:
     """The (pid, effective uid) of the process at the other end of the Unix socket ``sock``
     (``SO_PEERCRED``, as of its ``connect`` or ``listen``), or None where the platform gives no
-    peer credentials (said once in the log: then the directory's mode alone protects the page
-    sockets). OSError when they cannot be read (a socket that is not there is one)."""
+    peer credentials (not Linux, or a kernel that answers the option with ENOPROTOOPT or
+    EOPNOTSUPP; said once in the log: then the directory's mode alone protects the page
+    sockets). OSError when they cannot be read (a socket that is not there is one, an answer
+    that is not a ``struct ucred`` another)."""
     if _SO_PEERCRED is None:
         _say_unchecked()
         return None
     if sock is None:
         raise OSError("no socket to read the peer's credentials from")
-    pid, uid, _gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, _SO_PEERCRED, _UCRED.size))
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERCRED, _UCRED.size)
+    except OSError as exc:
+        if exc.errno in _NOT_SUPPORTED:
+            _say_unchecked()
+            return None
+        raise
+    if len(raw) != _UCRED.size:
+        raise OSError(f"SO_PEERCRED gave {len(raw)} bytes, not {_UCRED.size}")
+    pid, uid, _gid = _UCRED.unpack(raw)
     return pid, uid
 
 
@@ -119,10 +146,11 @@ def _stranger(sock: Sock) -> tuple[str, str] | None:
         cred = peer(sock)
     except OSError as exc:
         return "unknown", f"the peer's credentials could not be read ({exc})"
-    if cred is None or cred[1] == os.geteuid():
+    own = os.geteuid()
+    if cred is None or cred[1] == own:
         return None
     uid = cred[1]
-    return f"uid {uid}", f"the peer (process {cred[0]}) runs as uid {uid}, not {os.geteuid()}"
+    return f"uid {uid}", f"the peer (process {cred[0]}) runs as uid {uid}, not {own}"
 
 
 def socket_path(directory: str, index: int) -> str:

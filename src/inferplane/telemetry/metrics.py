@@ -262,7 +262,7 @@ class GatewayMetrics:
         self.worker_page_refused = SourcedCounter(
             "inferplane_worker_page_refused_total",
             "Connections to this worker's metrics page socket closed unanswered: their process "
-            "ran as another user (serve --workers; telemetry.gather)",
+            "ran as another user, or could not be identified (serve --workers; telemetry.gather)",
         )
         self._schedstat_metrics()
         self._sourced = SourcedCounters(
