@@ -557,17 +557,21 @@ async def test_refusing_and_leaving_out_without_root(
     monkeypatch.setattr(gather, "peer", lambda sock: (4242, other))
     server = gather.PageServer(str(tmp_path), 0, lambda: b"page of 0\n")
     path = gather.socket_path(str(tmp_path), 0)
+    # fetched from: its own refusals (counted whenever its task runs) stay off worker 0's count
+    asked = gather.PageServer(str(tmp_path), 1, lambda: b"page of 1\n")
+    fetched = gather.socket_path(str(tmp_path), 1)
     try:
         await server.start()
+        await asked.start()
         with caplog.at_level(logging.WARNING, logger="inferplane.telemetry.gather"):
             for _ in range(2):
                 assert await asyncio.to_thread(_connect, path) == 0  # closed, nothing sent
             assert server.refused == 2
             for _ in range(2):
-                assert await gather.fetch(path, timeout_s=5.0) is None
-            refused = [m for m in caplog.messages if "refused a connection" in m]
+                assert await gather.fetch(fetched, timeout_s=5.0) is None
+            refused = [m for m in caplog.messages if "worker 0's" in m]
             assert len(refused) == 1 and f"runs as uid {other}, not {os.geteuid()}" in refused[0]
-            left = [m for m in caplog.messages if f"{path} is left out" in m]
+            left = [m for m in caplog.messages if f"{fetched} is left out" in m]
             assert len(left) == 1 and f"uid {other}" in left[0], caplog.messages
             caplog.clear()
 
@@ -580,14 +584,15 @@ async def test_refusing_and_leaving_out_without_root(
                 assert await asyncio.to_thread(_connect, path) == 0
             assert server.refused == before + 2
             for _ in range(2):
-                assert await gather.fetch(path, timeout_s=5.0) is None
+                assert await gather.fetch(fetched, timeout_s=5.0) is None
         why = "the peer's credentials could not be read (boom)"
-        refused = [m for m in caplog.messages if "refused a connection" in m]
+        refused = [m for m in caplog.messages if "worker 0's" in m]
         assert len(refused) == 1 and why in refused[0], caplog.messages
-        left = [m for m in caplog.messages if f"{path} is left out" in m]
+        left = [m for m in caplog.messages if f"{fetched} is left out" in m]
         assert len(left) == 1 and why in left[0], caplog.messages
     finally:
         await server.close()
+        await asked.close()
 
 
 class _FakeSocket:
