@@ -56,7 +56,8 @@ def test_a_level_without_samples_reads_none_instead_of_failing() -> None:
 def test_share_spreads_rounds_over_the_probe_rounds() -> None:
     assert [share(15, 5, i) for i in range(5)] == [3, 3, 3, 3, 3]
     assert [share(3, 5, i) for i in range(5)] == [1, 1, 1, 0, 0]  # the 3 rounds until session 10
-    assert [share(7, 5, i) for i in range(5)] == [2, 2, 1, 1, 1]  # the held-out repeats
+    # the held-out repeats until session 22
+    assert [share(7, 5, i) for i in range(5)] == [2, 2, 1, 1, 1]
     assert sum(share(12, 5, i) for i in range(5)) == 12
 
 
@@ -221,13 +222,14 @@ def test_every_probe_round_is_followed_by_as_many_held_out_repeats(
     monkeypatch.setattr(calibration, "warm_up", smooth)
     monkeypatch.setattr(calibration, "run_workload", no_workload)
     monkeypatch.setattr(HeldOut, "measure", fake_measure)
-    for repeats in (5, 3, 7):
+    # as many after every round; never fewer than the 7 of before in all (few rounds: more each)
+    for repeats, each in ((5, 2), (7, 2), (4, 2), (3, 3), (2, 4), (1, 7)):
         seen.clear()
         with pytest.raises(Stop):
             calibration._compare("http://x", tmp_path, rounds=1, requests=1, repeats=repeats,
                                  profiles=("calibrated",), real_rounds=repeats)
-        assert seen == [calibration.HELD_OUT_PER_ROUND] * repeats
-    assert calibration.HELD_OUT_PER_ROUND >= 2  # at least the 7 of before over 5 rounds
+        assert seen == [each] * repeats
+        assert sum(seen) >= calibration.HELD_OUT_MIN
 
 
 def test_held_out_errors_put_the_physics_burst_beside_the_placement_predictor(
@@ -265,3 +267,10 @@ def test_held_out_errors_put_the_physics_burst_beside_the_placement_predictor(
     assert rank0 == pytest.approx(calibration.predicted_ttft_s(fleet, tokens) * 1e3, abs=1e-3)
     assert physics[0] * 1e3 > rank0 + 1.0
     assert got["median"] > 0.0
+    assert got["each_signed"][3] < 0.0  # the predictor's rank 0 early: signed (p - t) / t
+    # mixed signs: the physics model 10 % over, 20 % under, 10 % over the measured burst
+    mixed = calibration.held_out_errors(
+        fleet, hw, lone, [physics[0] / 1.1, physics[1] / 0.8, physics[2] / 1.1])
+    assert mixed["physics_burst"]["each_signed"] == pytest.approx([0.1, -0.2, 0.1], abs=1e-3)
+    # the median of 0, 0, 0 (the lone points) and 0.1, 0.2, 0.1 (absolute)
+    assert mixed["physics_burst"]["median_with_it"] == pytest.approx(0.05)
