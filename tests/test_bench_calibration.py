@@ -56,7 +56,8 @@ def test_a_level_without_samples_reads_none_instead_of_failing() -> None:
 def test_share_spreads_rounds_over_the_probe_rounds() -> None:
     assert [share(15, 5, i) for i in range(5)] == [3, 3, 3, 3, 3]
     assert [share(3, 5, i) for i in range(5)] == [1, 1, 1, 0, 0]  # the 3 rounds until session 10
-    assert [share(7, 5, i) for i in range(5)] == [2, 2, 1, 1, 1]  # the held-out repeats
+    # the held-out repeats until session 22
+    assert [share(7, 5, i) for i in range(5)] == [2, 2, 1, 1, 1]
     assert sum(share(12, 5, i) for i in range(5)) == 12
 
 
@@ -189,3 +190,87 @@ async def test_the_held_out_requests_are_timed_on_open_connections() -> None:
     assert max(burst) < 0.015
     # every call did open its connections: the untimed openers paid for them
     assert sum(first for _, _, first in fake.requests) >= 3 * 3
+
+
+def test_every_probe_round_is_followed_by_as_many_held_out_repeats(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The held-out medians weight the probe's rounds alike, as the probe's own medians do:
+    until session 22, 7 repeats went 2, 2, 1, 1, 1 after the 5 rounds, and the first two
+    rounds (in several runs the engine's slowest minutes) held 4 of the 7 samples."""
+    seen: list[int] = []
+
+    class Stop(Exception):
+        pass
+
+    async def fake_calibrate(url: str, model: str, *, between_rounds: Any, repeats: int,
+                             **kw: Any) -> tuple[str, str]:
+        for i in range(repeats):
+            await between_rounds(i)
+        raise Stop
+
+    async def fake_measure(self: HeldOut, url: str, repeats: int) -> None:
+        seen.append(repeats)
+
+    async def smooth(url: str) -> bool:
+        return True
+
+    async def no_workload(url: str, model: str, **kw: Any) -> WorkloadResult:
+        return WorkloadResult()
+
+    monkeypatch.setattr(calibration, "calibrate_endpoint", fake_calibrate)
+    monkeypatch.setattr(calibration, "warm_up", smooth)
+    monkeypatch.setattr(calibration, "run_workload", no_workload)
+    monkeypatch.setattr(HeldOut, "measure", fake_measure)
+    # as many after every round; never fewer than the 7 of before in all (few rounds: more each)
+    for repeats, each in ((5, 2), (7, 2), (4, 2), (3, 3), (2, 4), (1, 7)):
+        seen.clear()
+        with pytest.raises(Stop):
+            calibration._compare("http://x", tmp_path, rounds=1, requests=1, repeats=repeats,
+                                 profiles=("calibrated",), real_rounds=repeats)
+        assert seen == [each] * repeats
+        assert sum(seen) >= calibration.HELD_OUT_MIN
+
+
+def test_held_out_errors_put_the_physics_burst_beside_the_placement_predictor(
+    tmp_path: Path,
+) -> None:
+    """The target is the placement predictor's error (it gives rank ``k`` of the burst the
+    ``k`` requests sent before it, so rank 0 its lone TTFT); beside it the burst as the physics
+    model predicts it told the whole burst, where the first answer waits for the followers'
+    first pieces (session 22: what the predictor cannot see)."""
+    import dataclasses
+
+    from inferplane.physics import Roofline, get_hardware, get_model
+    from inferplane.physics.calibration import Calibration, dump_profile, predict_burst_s
+
+    hw = dataclasses.replace(get_hardware("cpu"), name=calibration.PROFILE_NAME,
+                             compute_efficiency=3e-4, step_overhead_s=2e-3,
+                             request_overhead_s=1e-3, frontend_request_s=1.5e-3,
+                             frontend_handoff_s=0.5e-3)
+    f = tmp_path / "p.yaml"
+    f.write_text(dump_profile(Calibration(hw, (), ()), "cpu",
+                              {"model_profile": "tiny-llama", "tp": 1, "precision": "fp32"}))
+    fleet = calibration.emulator_fleet(calibration.PROFILE_NAME, 9, f)
+    size, tokens = calibration.HELD_OUT_BURST
+    lone = [(n, calibration.predicted_ttft_s(fleet, n)) for n in calibration.HELD_OUT]
+    physics = predict_burst_s(Roofline(hw, get_model("tiny-llama"), precision="fp32"), size,
+                              tokens)
+    got = calibration.held_out_errors(fleet, hw, lone, physics)
+    # the lone points exactly as predicted; the burst as the physics model has it
+    assert got["each"][:3] == [0.0, 0.0, 0.0]
+    assert got["physics_burst"]["each_signed"] == [0.0] * size
+    assert got["physics_burst"]["median_with_it"] == 0.0
+    # the predictor's rank 0 is its lone prediction; the real first answer waits for the
+    # followers' first pieces, which only the physics model told the burst sees
+    rank0 = got["predicted_ms"][3]
+    assert rank0 == pytest.approx(calibration.predicted_ttft_s(fleet, tokens) * 1e3, abs=1e-3)
+    assert physics[0] * 1e3 > rank0 + 1.0
+    assert got["median"] > 0.0
+    assert got["each_signed"][3] < 0.0  # the predictor's rank 0 early: signed (p - t) / t
+    # mixed signs: the physics model 10 % over, 20 % under, 10 % over the measured burst
+    mixed = calibration.held_out_errors(
+        fleet, hw, lone, [physics[0] / 1.1, physics[1] / 0.8, physics[2] / 1.1])
+    assert mixed["physics_burst"]["each_signed"] == pytest.approx([0.1, -0.2, 0.1], abs=1e-3)
+    # the median of 0, 0, 0 (the lone points) and 0.1, 0.2, 0.1 (absolute)
+    assert mixed["physics_burst"]["median_with_it"] == pytest.approx(0.05)
