@@ -769,3 +769,131 @@ def _three_fake_engines(tmp_path: Path) -> tuple[list[str], dict[str, Any]]:
         raise
     fleet = yaml.safe_load(fleet_yaml([(u, "") for u in urls], 1024, 16, False, tokenizer=False))
     return urls, fleet
+
+
+# -- CPU layout: --engine-cpus and --router-cpus ---------------------------------------------
+
+# a child that starts a thread and a process of its own, then waits: what it starts must
+# inherit the CPUs it was started on
+_FAMILY = ("import subprocess, sys, threading, time; "
+           "threading.Thread(target=time.sleep, args=(60,), daemon=True).start(); "
+           "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+           "time.sleep(60)")
+
+
+def _family_up(pids: Any, want_procs: int = 2, timeout_s: float = 20.0) -> dict[str, Any]:
+    """`procs.threads_cpus` of ``pids()`` once it shows ``want_procs`` processes and more
+    threads than processes (the child's own thread started)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        got = procs.threads_cpus(pids())
+        if (got["processes"] >= want_procs and got["threads"] > got["processes"]) \
+                or time.monotonic() > deadline:
+            return got
+        time.sleep(0.1)
+
+
+def _one_cpu_of_several() -> int:
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("one CPU here: a pinned child would look like an unpinned one")
+    return cpus[-1]
+
+
+def test_cpu_lists_are_parsed_and_checked_against_the_cpus_allowed() -> None:
+    assert procs.parse_cpu_list("1", {0, 1}) == [1]
+    assert procs.parse_cpu_list("1,0,1", {0, 1}) == [0, 1]
+    assert procs.parse_cpu_list("0-2,5", {0, 1, 2, 5}) == [0, 1, 2, 5]
+    assert procs.format_cpu_list([5, 0, 1, 2]) == "0-2,5"
+    assert procs.format_cpu_list([]) == ""
+    for bad, why in (("x", "is not a CPU list"), ("", "is not a CPU list"),
+                     ("2-1", "not a CPU or an increasing range"),
+                     ("0,3", r"CPU 3 is not one this process may run on \(0-1\)")):
+        with pytest.raises(ValueError, match=why):
+            procs.parse_cpu_list(bad, {0, 1})
+    here = sorted(os.sched_getaffinity(0))
+    assert procs.parse_cpu_list(procs.format_cpu_list(here)) == here
+    with pytest.raises(ValueError, match="not one this process may run on"):
+        procs.parse_cpu_list(str(here[-1] + 1000))
+
+
+def test_real_engines_refuses_cpu_lists_it_cannot_keep(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from bench.peers.real_engines import main
+
+    def error(*args: str) -> str:
+        with pytest.raises(SystemExit):
+            main(["--only", "inferplane default", *args])
+        return capsys.readouterr().err
+
+    cpu = min(os.sched_getaffinity(0))
+    far = str(max(os.sched_getaffinity(0)) + 1000)
+    assert f"--engine-cpus '{far}': CPU {far} is not one" in error("--engine-cpus", far)
+    assert "not one this process may run on" in error("--router-cpus", far)
+    assert "is not a CPU list" in error("--router-cpus", "zero")
+    got = error("--engine-cpus", str(cpu), "--router-cpus", str(cpu))
+    assert f"share CPU {cpu}" in got
+    assert "does not apply to --urls" in error("--engine-cpus", str(cpu),
+                                               "--urls", "http://a,http://b,http://c")
+    from bench.peers.run import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--router-cpus", far])
+    assert "--router-cpus" in capsys.readouterr().err
+    assert parse_args(["--router-cpus", str(cpu)]).router_cpu_list == [cpu]
+
+
+def test_a_router_its_children_and_threads_run_on_the_router_cpus(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu = _one_cpu_of_several()
+    monkeypatch.setenv(procs.ROUTER_CPUS_ENV, str(cpu))
+    p = procs.Proc("pinned", [sys.executable, "-c", _FAMILY], tmp_path / "pinned.log")
+    try:
+        got = _family_up(lambda: procs.tree_pids(p.pid))
+    finally:
+        p.stop()
+    assert got["processes"] == 2 and got["threads"] >= 3
+    assert got["cpus"] == {str(cpu): got["threads"]}
+
+
+def test_an_engine_its_children_and_threads_run_on_the_engine_cpus(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bench.peers import real_engines
+
+    cpu = _one_cpu_of_several()
+    monkeypatch.setattr(real_engines, "PROCS", [])
+    real_engines.start_engine([sys.executable, "-c", _FAMILY], tmp_path / "engine.log",
+                              dict(os.environ), tmp_path, [cpu])
+    try:
+        got = _family_up(real_engines.engine_pids)
+    finally:
+        real_engines.stop_engines()
+    assert got["processes"] == 2 and got["threads"] >= 3
+    assert got["cpus"] == {str(cpu): got["threads"]}
+    assert real_engines.check_layout(got, [cpu]) == []
+    assert real_engines.check_layout({"cpus": {"0-1": 3, "1": 2}}, [1]) == ["0-1"]
+    assert real_engines.check_layout({"cpus": {"0-1": 3}}, []) == []
+
+
+def test_the_cpu_layout_is_named_and_what_proc_showed_is_in_the_results() -> None:
+    from bench.peers.real_engines import layout_lines, layout_text
+
+    assert layout_text([1], [0]) == "engines on CPU 1, routers and client on CPU 0"
+    assert layout_text([1, 2, 3], []) == "engines on CPUs 1-3, routers and client on any CPU"
+    assert layout_text([], []) is None
+    ok = {"status": "ok", "router_threads_cpus": {"processes": 1, "threads": 5,
+                                                  "cpus": {"0": 5}},
+          "client_threads_cpus": {"processes": 1, "threads": 2, "cpus": {"0": 2}}}
+    doc = {"results": [ok, ok, {"status": "failed"}],
+           "cpu_layout": {"text": layout_text([1], [0]), "host_cpus": "0-1",
+                          "engines_at_start": {"processes": 6, "threads": 40,
+                                               "cpus": {"1": 40}},
+                          "engines_at_end": {"processes": 6, "threads": 41,
+                                             "cpus": {"1": 41}}}}
+    text = layout_lines(doc)[0]
+    assert text.startswith("CPU layout: engines on CPU 1, routers and client on CPU 0 "
+                           "(host CPUs 0-1).")
+    assert "the engines' 6 processes at the start, CPU 1: 40; at the end" in text
+    assert "each of the 2 replays and summed, CPU 0: 10; the client's, CPU 0: 4." in text
+    assert layout_lines({"results": []}) == []
