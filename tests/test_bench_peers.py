@@ -882,6 +882,9 @@ def test_the_cpu_layout_is_named_and_what_proc_showed_is_in_the_results() -> Non
     assert layout_text([1], [0]) == "engines on CPU 1, routers and client on CPU 0"
     assert layout_text([1, 2, 3], []) == "engines on CPUs 1-3, routers and client on any CPU"
     assert layout_text([], []) is None
+    assert layout_text([], [0], engines_here=False) == (
+        "engines started elsewhere (--urls, their CPUs not set by this run), routers and "
+        "client on CPU 0")
     ok = {"status": "ok", "router_threads_cpus": {"processes": 1, "threads": 5,
                                                   "cpus": {"0": 5}},
           "client_threads_cpus": {"processes": 1, "threads": 2, "cpus": {"0": 2}}}

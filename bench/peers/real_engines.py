@@ -232,8 +232,19 @@ def engine_pids() -> list[int]:
     return out
 
 
-def layout_text(engine_cpus: list[int], router_cpus: list[int]) -> str | None:
-    """The CPU layout in words (None: nothing pinned)."""
+def online_cpus() -> list[int]:
+    """The host's online CPUs (``/sys/devices/system/cpu/online``; else ``os.cpu_count()``'s)."""
+    try:
+        spec = Path("/sys/devices/system/cpu/online").read_text().strip()
+        return parse_cpu_list(spec, allowed=range(1 << 16))
+    except (OSError, ValueError):
+        return list(range(os.cpu_count() or 1))
+
+
+def layout_text(engine_cpus: list[int], router_cpus: list[int],
+                engines_here: bool = True) -> str | None:
+    """The CPU layout in words (None: nothing pinned); ``engines_here`` False: the engines
+    were started elsewhere (``--urls``), on CPUs this run did not set."""
     if not engine_cpus and not router_cpus:
         return None
 
@@ -242,7 +253,9 @@ def layout_text(engine_cpus: list[int], router_cpus: list[int]) -> str | None:
             return "on any CPU"
         return f"on CPU{'s' if len(cpus) > 1 else ''} {format_cpu_list(cpus)}"
 
-    return f"engines {on(engine_cpus)}, routers and client {on(router_cpus)}"
+    engines = f"engines {on(engine_cpus)}" if engines_here else \
+        "engines started elsewhere (--urls, their CPUs not set by this run)"
+    return f"{engines}, routers and client {on(router_cpus)}"
 
 
 def check_layout(got: dict[str, Any], want: list[int]) -> list[str]:
@@ -859,11 +872,11 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--executor starts the engines: it does not apply to --urls")
     if a.calibrate and CALIBRATED not in names:
         ap.error(f"--calibrate calibrates for the setup {CALIBRATED!r}, which --only leaves out")
-    host_cpus = sorted(os.sched_getaffinity(0))
+    host_cpus = online_cpus()
     if router_cpus:  # this process too, and what it runs besides run.py (calibrate)
         os.sched_setaffinity(0, router_cpus)
         os.environ[ROUTER_CPUS_ENV] = format_cpu_list(router_cpus)
-    layout = layout_text(engine_cpus, router_cpus)
+    layout = layout_text(engine_cpus, router_cpus, engines_here=not a.urls)
     if layout:
         log(f"CPU layout: {layout}")
     work = Path(tempfile.mkdtemp(prefix="ip-real-"))
