@@ -91,6 +91,8 @@ def parse_cpu_list(spec: str, allowed: Sequence[int] | set[int] | None = None) -
     """The CPUs of a list like ``1``, ``0,2`` or ``0-1,3`` (sorted, without repeats); a
     ValueError that says why when it is malformed, empty, or names a CPU outside ``allowed``
     (default: the CPUs this process may run on, ``os.sched_getaffinity(0)``)."""
+    ok = set(os.sched_getaffinity(0) if allowed is None else allowed)
+    top = max(ok, default=-1)
     out: set[int] = set()
     for part in spec.replace(" ", "").split(","):
         lo, sep, hi = part.partition("-")
@@ -101,8 +103,10 @@ def parse_cpu_list(spec: str, allowed: Sequence[int] | set[int] | None = None) -
             raise ValueError(f"{spec!r} is not a CPU list (like 1, 0,2 or 0-1)") from None
         if first < 0 or last < first:
             raise ValueError(f"{spec!r}: {part!r} is not a CPU or an increasing range")
+        if last > top:  # before expanding: a typo like 0-4000000000 is an error, not a hang
+            raise ValueError(f"{spec!r}: CPU {last} is not one this process may run on "
+                             f"({format_cpu_list(sorted(ok))})")
         out.update(range(first, last + 1))
-    ok = set(os.sched_getaffinity(0) if allowed is None else allowed)
     outside = sorted(out - ok)
     if outside:
         raise ValueError(f"{spec!r}: CPU {format_cpu_list(outside)} is not one this process "
@@ -200,7 +204,8 @@ class Proc:
             # every process started here gets the same niceness, scheduling policy and CPUs
             # (real_engines.py's --router-nice, --router-rt and --router-cpus, which start the
             # engines themselves, without Proc, at 0, SCHED_OTHER and on --engine-cpus;
-            # run.py's emulated engines are Procs, so the variables are for real_engines.py)
+            # run.py's emulated engines are Procs too, which is why run.py refuses
+            # --router-cpus unless the engines are outside it: --fleet and --no-overhead)
             preexec_fn=((lambda: _start_priority(nice, rt, cpus)) if nice or rt or cpus
                         else None),
         )

@@ -336,10 +336,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--discussion", type=Path, help="markdown appended to the docs section")
     ap.add_argument("--router-cpus", metavar="LIST",
                     help="run this client and every router it starts (their children and "
-                    "threads too) only on these CPUs (e.g. 0, 0-1, 0,2)")
+                    "threads too) only on these CPUs (e.g. 0, 0-1, 0,2); needs --fleet and "
+                    "--no-overhead (the emulated fleets would run on these CPUs too)")
     a = ap.parse_args(argv)
     a.router_cpu_list = []
     if a.router_cpus is not None:
+        if not (a.fleet and a.no_overhead):
+            ap.error("--router-cpus needs --fleet and --no-overhead: the emulated fleets this "
+                     "run would start are Procs too, and would share the router CPUs")
         try:
             a.router_cpu_list = parse_cpu_list(a.router_cpus)
         except ValueError as exc:
