@@ -260,10 +260,28 @@ def layout_text(engine_cpus: list[int], router_cpus: list[int],
 
 def check_layout(got: dict[str, Any], want: list[int]) -> list[str]:
     """The ``Cpus_allowed_list`` values of `bench.peers.procs.threads_cpus`' reading ``got``
-    that are not ``want`` (empty: every thread where it should be, or nothing asked)."""
+    that are not inside ``want`` (empty: every thread where it should be, or nothing asked); a
+    thread narrowed to some of ``want`` (vLLM's OMP binding under ``mp``) is where it should
+    be."""
     if not want:
         return []
-    return [k for k in got.get("cpus", {}) if k != format_cpu_list(want)]
+
+    def inside(k: str) -> bool:
+        try:
+            return set(parse_cpu_list(k, allowed=range(1 << 16))) <= set(want)
+        except ValueError:
+            return False
+
+    return [k for k in got.get("cpus", {}) if not inside(k)]
+
+
+def engines_cpus_for(engine_cpus: list[int], router_cpus: list[int],
+                     allowed: list[int]) -> list[int]:
+    """The CPUs the engines start on: ``--engine-cpus``; without it but with ``--router-cpus``,
+    ``allowed`` (the CPUs this process had before it pinned itself to the router CPUs: a child
+    inherits its parent's, so the engines would otherwise run on the router CPUs alone); else
+    none set (they inherit this process's, which is not pinned)."""
+    return engine_cpus or (list(allowed) if router_cpus else [])
 
 
 def engines_cpu() -> dict[tuple[int, int], tuple[int, bool]] | None:
@@ -610,25 +628,38 @@ def layout_lines(doc: dict[str, Any]) -> list[str]:
     """The CPU layout asked for and what ``/proc`` showed (empty for runs before it was
     recorded)."""
     lay = doc.get("cpu_layout")
-    if lay is None:
+    if lay is None or not lay.get("text"):  # nothing pinned: results.md as before
         return []
     ok = [r for r in doc["results"] if r.get("status") == "ok"]
 
     def fmt(cpus: dict[str, int]) -> str:
         return ", ".join(f"CPU {k}: {n}" for k, n in sorted(cpus.items())) or "none read"
 
+    def want(key: str) -> list[int]:
+        spec = lay.get(key)
+        return parse_cpu_list(spec, allowed=range(1 << 16)) if spec else []
+
+    def checked(got: dict[str, Any], cpus: list[int]) -> str:
+        wrong = check_layout(got, cpus)
+        return fmt(got.get("cpus", {})) + (
+            f" — NOT as asked (CPU {format_cpu_list(cpus)}): {', '.join(wrong)}" if wrong else "")
+
     start, end = lay.get("engines_at_start") or {}, lay.get("engines_at_end") or {}
-    text = (f"CPU layout: {lay['text']} (host CPUs {lay.get('host_cpus')})." if lay.get("text")
-            else f"CPU layout: not pinned (engines, routers and client share the host's CPUs "
-                 f"{lay.get('host_cpus')}).")
-    text += (" Read from `/proc/PID/task/TID/status` (`Cpus_allowed_list`, threads by the CPUs "
-             f"they may run on): the engines' {start.get('processes', '?')} processes at the "
-             f"start, {fmt(start.get('cpus', {}))}")
-    if end:
-        text += f"; at the end ({end.get('processes', '?')} processes), {fmt(end.get('cpus', {}))}"
-    text += (f"; the routers' threads, read at the end of each of the {len(ok)} replays and "
-             f"summed, {fmt(summed_cpus([r.get('router_threads_cpus') for r in ok]))}; the "
-             f"client's, {fmt(summed_cpus([r.get('client_threads_cpus') for r in ok]))}.")
+    engines, routers = want("engine_cpus"), want("router_cpus")
+    text = (f"CPU layout: {lay['text']} (host CPUs {lay.get('host_cpus')}). Read from "
+            "`/proc/PID/task/TID/status` (`Cpus_allowed_list`, threads by the CPUs they may run "
+            "on): ")
+    if lay.get("engines_here", True):
+        text += (f"the engines' {start.get('processes', '?')} processes at the start, "
+                 f"{checked(start, engines)}")
+        if end:
+            text += f"; at the end ({end.get('processes', '?')} processes), {checked(end, engines)}"
+        text += "; "
+    routed = summed_cpus([r.get("router_threads_cpus") for r in ok])
+    client = summed_cpus([r.get("client_threads_cpus") for r in ok])
+    text += (f"the routers' threads, read at the end of each of the {len(ok)} replays and "
+             f"summed, {checked({'cpus': routed}, routers)}; the client's, "
+             f"{checked({'cpus': client}, routers)}.")
     return [text, ""]
 
 
@@ -759,14 +790,20 @@ def main(argv: list[str] | None = None) -> int:
                          "under the real-time round-robin policy (SCHED_RR) at this priority "
                          "(1-99), the engines under the normal one: a woken router then takes a "
                          "CPU from a running engine without waiting for its time slice (needs "
-                         "CAP_SYS_NICE or an RLIMIT_RTPRIO of at least the priority)")
+                         "CAP_SYS_NICE or an RLIMIT_RTPRIO of at least the priority); refused "
+                         "with --router-cpus, where the routers do not share a CPU with the "
+                         "engines and a real-time router would only preempt the client timing "
+                         "it")
     ap.add_argument("--engine-cpus", metavar="LIST",
                     help="run the engines (every process and thread they start) only on these "
                     "CPUs (e.g. 1, 1-3, 1,3), set before exec")
     ap.add_argument("--router-cpus", metavar="LIST",
                     help="run every router (every process and thread of it, the warm-up relay "
                     "and calibration included) and the bench's client only on these CPUs "
-                    "(e.g. 0); with --engine-cpus, the two lists may not share a CPU")
+                    "(e.g. 0); with --engine-cpus, the two lists may not share a CPU; without "
+                    "it, the engines (--engines-only too) start on the CPUs this process had "
+                    "before it pinned itself (all it may use, these included), not on these "
+                    "alone")
     ap.add_argument("--envoy-concurrency", type=int, default=None, metavar="N",
                     help=f"Envoy's worker threads in the setup {ENVOY!r} (default 1: "
                     "bench.peers.peers.ENVOY_CONCURRENCY)")
@@ -805,6 +842,9 @@ def main(argv: list[str] | None = None) -> int:
         if a.envoy_concurrency < 1:
             ap.error(f"--envoy-concurrency {a.envoy_concurrency}: at least 1")
         os.environ["PEERS_ENVOY_CONCURRENCY"] = str(a.envoy_concurrency)  # read by peers.py
+    if a.router_rt and router_cpus:
+        ap.error("--router-rt with --router-cpus: the routers do not share a CPU with the "
+                 "engines there, and a real-time router would preempt the client timing it")
     if a.router_rt:
         if not 1 <= a.router_rt <= 99:
             ap.error(f"--router-rt {a.router_rt}: a real-time priority is 1-99")
@@ -873,10 +913,12 @@ def main(argv: list[str] | None = None) -> int:
     if a.calibrate and CALIBRATED not in names:
         ap.error(f"--calibrate calibrates for the setup {CALIBRATED!r}, which --only leaves out")
     host_cpus = online_cpus()
+    engines_on = engines_cpus_for(engine_cpus, router_cpus, sorted(os.sched_getaffinity(0))
+                                  if router_cpus else [])
     if router_cpus:  # this process too, and what it runs besides run.py (calibrate)
         os.sched_setaffinity(0, router_cpus)
         os.environ[ROUTER_CPUS_ENV] = format_cpu_list(router_cpus)
-    layout = layout_text(engine_cpus, router_cpus, engines_here=not a.urls)
+    layout = layout_text(engines_on, router_cpus, engines_here=not a.urls)
     if layout:
         log(f"CPU layout: {layout}")
     work = Path(tempfile.mkdtemp(prefix="ip-real-"))
@@ -889,21 +931,25 @@ def main(argv: list[str] | None = None) -> int:
             kv_events = all(kv for _, kv in engines) and not a.no_kv_events
         else:
             engines = start_engines(3, a.blocks, a.max_num_seqs, work, executor=a.executor,
-                                    cpus=engine_cpus)
+                                    cpus=engines_on)
             kv_events = not a.no_kv_events
         urls = [u for u, _ in engines]
         cpu_layout: dict[str, Any] = {
             "text": layout, "host_cpus": format_cpu_list(host_cpus),
-            "engine_cpus": format_cpu_list(engine_cpus) or None,
+            "engine_cpus": format_cpu_list(engines_on) or None, "engines_here": not a.urls,
             "router_cpus": format_cpu_list(router_cpus) or None,
             # Cpus_allowed_list of every thread of every engine process, once all answered
             "engines_at_start": threads_cpus(engine_pids()),
         }
         log(f"engines' threads may run on: {cpu_layout['engines_at_start']}")
-        wrong = check_layout(cpu_layout["engines_at_start"], engine_cpus)
+        found = cpu_layout["engines_at_start"]["processes"]
+        if engines_on and not a.urls and found < len(engines):
+            raise RuntimeError(f"the engines' CPUs: {found} engine processes found in /proc "
+                               f"for {len(engines)} engines, so their CPUs cannot be checked")
+        wrong = check_layout(cpu_layout["engines_at_start"], engines_on)
         if wrong:
-            raise RuntimeError(f"--engine-cpus {a.engine_cpus}: engine threads may run on "
-                               f"{wrong} (an engine changed its own affinity)")
+            raise RuntimeError(f"engines on CPU {format_cpu_list(engines_on)}: engine threads "
+                               f"may run on {wrong} (an engine changed its own affinity)")
         if a.engines_only:
             print("ENGINES " + ",".join(f"{u}@{kv}" for u, kv in engines), flush=True)
             while True:
