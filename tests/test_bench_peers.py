@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -769,3 +770,203 @@ def _three_fake_engines(tmp_path: Path) -> tuple[list[str], dict[str, Any]]:
         raise
     fleet = yaml.safe_load(fleet_yaml([(u, "") for u in urls], 1024, 16, False, tokenizer=False))
     return urls, fleet
+
+
+# -- CPU layout: --engine-cpus and --router-cpus ---------------------------------------------
+
+# a child that starts a thread and a process of its own, then waits: what it starts must
+# inherit the CPUs it was started on
+_FAMILY = ("import subprocess, sys, threading, time; "
+           "threading.Thread(target=time.sleep, args=(60,), daemon=True).start(); "
+           "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+           "time.sleep(60)")
+
+
+def _family_up(pids: Any, want_procs: int = 2, timeout_s: float = 20.0) -> dict[str, Any]:
+    """`procs.threads_cpus` of ``pids()`` once it shows ``want_procs`` processes and more
+    threads than processes (the child's own thread started)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        got = procs.threads_cpus(pids())
+        if (got["processes"] >= want_procs and got["threads"] > got["processes"]) \
+                or time.monotonic() > deadline:
+            return got
+        time.sleep(0.1)
+
+
+def _one_cpu_of_several() -> int:
+    if not hasattr(os, "sched_setaffinity"):
+        pytest.skip("no sched_setaffinity here")
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("one CPU here: a pinned child would look like an unpinned one")
+    return cpus[-1]
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no sched_setaffinity here")
+def test_cpu_lists_are_parsed_and_checked_against_the_cpus_allowed() -> None:
+    assert procs.parse_cpu_list("1", {0, 1}) == [1]
+    assert procs.parse_cpu_list("1,0,1", {0, 1}) == [0, 1]
+    assert procs.parse_cpu_list("0-2,5", {0, 1, 2, 5}) == [0, 1, 2, 5]
+    assert procs.format_cpu_list([5, 0, 1, 2]) == "0-2,5"
+    assert procs.format_cpu_list([]) == ""
+    for bad, why in (("x", "is not a CPU list"), ("", "is not a CPU list"),
+                     ("2-1", "not a CPU or an increasing range"),
+                     ("0,3", r"CPU 3 is not one this process may run on \(0-1\)")):
+        with pytest.raises(ValueError, match=why):
+            procs.parse_cpu_list(bad, {0, 1})
+    here = sorted(os.sched_getaffinity(0))
+    assert procs.parse_cpu_list(procs.format_cpu_list(here)) == here
+    with pytest.raises(ValueError, match="not one this process may run on"):
+        procs.parse_cpu_list(str(here[-1] + 1000))
+    t0 = time.monotonic()  # a range is bounded before it is expanded: an error, not a hang
+    with pytest.raises(ValueError, match="CPU 4000000000 is not one"):
+        procs.parse_cpu_list("0-4000000000", {0, 1})
+    assert time.monotonic() - t0 < 1
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no sched_setaffinity here")
+def test_real_engines_refuses_cpu_lists_it_cannot_keep(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from bench.peers.real_engines import main
+
+    def error(*args: str) -> str:
+        with pytest.raises(SystemExit):
+            main(["--only", "inferplane default", *args])
+        return capsys.readouterr().err
+
+    cpu = min(os.sched_getaffinity(0))
+    far = str(max(os.sched_getaffinity(0)) + 1000)
+    assert f"--engine-cpus '{far}': CPU {far} is not one" in error("--engine-cpus", far)
+    assert "not one this process may run on" in error("--router-cpus", far)
+    assert "is not a CPU list" in error("--router-cpus", "zero")
+    got = error("--engine-cpus", str(cpu), "--router-cpus", str(cpu))
+    assert f"share CPU {cpu}" in got
+    assert "does not apply to --urls" in error("--engine-cpus", str(cpu),
+                                               "--urls", "http://a,http://b,http://c")
+    assert "--router-rt with --router-cpus" in error("--router-cpus", str(cpu),
+                                                      "--router-rt", "1")
+    from bench.peers.run import parse_args
+
+    fleet = ["--fleet", "http://a", "--no-overhead"]
+    with pytest.raises(SystemExit):
+        parse_args(["--router-cpus", far, *fleet])
+    assert "--router-cpus" in capsys.readouterr().err
+    for alone in ([], ["--fleet", "http://a"], ["--no-overhead"]):  # the emulators: refused
+        with pytest.raises(SystemExit):
+            parse_args(["--router-cpus", str(cpu), *alone])
+        assert "needs --fleet and --no-overhead" in capsys.readouterr().err
+    assert parse_args(["--router-cpus", str(cpu), *fleet]).router_cpu_list == [cpu]
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no sched_setaffinity here")
+@pytest.mark.parametrize("only", [[], ["--engines-only"]])
+def test_router_cpus_alone_starts_the_engines_on_the_cpus_from_before_the_pinning(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, only: list[str]) -> None:
+    from bench.peers import real_engines
+
+    before = sorted(os.sched_getaffinity(0))
+    pinned: list[list[int]] = []
+    started: list[list[int] | None] = []
+
+    def start(*args: Any, cpus: list[int] | None = None, **kw: Any) -> Any:
+        started.append(cpus)
+        raise KeyboardInterrupt  # stop before anything runs
+
+    monkeypatch.setattr(os, "sched_setaffinity", lambda pid, cpus: pinned.append(list(cpus)))
+    monkeypatch.setattr(real_engines, "start_engines", start)
+    monkeypatch.setenv(procs.ROUTER_CPUS_ENV, "")
+    old = signal.getsignal(signal.SIGTERM)
+    try:
+        assert real_engines.main(["--router-cpus", str(before[0]), "--out", str(tmp_path),
+                                  *only]) == 130
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    assert pinned == [[before[0]]]  # the orchestrator (and the routers) on the router CPU,
+    assert started == [before]  # the engines on every CPU it had before, not on that one
+    assert real_engines.engines_cpus_for([], [0], [0, 1]) == [0, 1]
+    assert real_engines.engines_cpus_for([1], [0], [0, 1]) == [1]
+    assert real_engines.engines_cpus_for([], [], [0, 1]) == []
+
+
+def test_a_router_its_children_and_threads_run_on_the_router_cpus(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu = _one_cpu_of_several()
+    monkeypatch.setenv(procs.ROUTER_CPUS_ENV, str(cpu))
+    p = procs.Proc("pinned", [sys.executable, "-c", _FAMILY], tmp_path / "pinned.log")
+    try:
+        got = _family_up(lambda: procs.tree_pids(p.pid))
+    finally:
+        p.stop()
+    assert got["processes"] == 2 and got["threads"] >= 3
+    assert got["cpus"] == {str(cpu): got["threads"]}
+
+
+def test_an_engine_its_children_and_threads_run_on_the_engine_cpus(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bench.peers import real_engines
+
+    cpu = _one_cpu_of_several()
+    monkeypatch.setattr(real_engines, "PROCS", [])
+    real_engines.start_engine([sys.executable, "-c", _FAMILY], tmp_path / "engine.log",
+                              dict(os.environ), tmp_path, [cpu])
+    try:
+        got = _family_up(real_engines.engine_pids)
+    finally:
+        real_engines.stop_engines()
+    assert got["processes"] == 2 and got["threads"] >= 3
+    assert got["cpus"] == {str(cpu): got["threads"]}
+    assert real_engines.check_layout(got, [cpu]) == []
+    assert real_engines.check_layout({"cpus": {"0-1": 3, "1": 2}}, [1]) == ["0-1"]
+    assert real_engines.check_layout({"cpus": {"0-1": 3}}, []) == []
+    # a thread narrowed inside the CPUs asked (vLLM's OMP binding under mp) is where it should be
+    assert real_engines.check_layout({"cpus": {"1": 2, "1-2": 3, "2": 1}}, [1, 2]) == []
+    assert real_engines.check_layout({"cpus": {"1": 2, "0-2": 3}}, [1, 2]) == ["0-2"]
+
+
+def test_the_cpu_layout_is_named_and_what_proc_showed_is_in_the_results() -> None:
+    from bench.peers.real_engines import layout_lines, layout_text
+
+    assert layout_text([1], [0]) == "engines on CPU 1, routers and client on CPU 0"
+    assert layout_text([1, 2, 3], []) == "engines on CPUs 1-3, routers and client on any CPU"
+    assert layout_text([], []) is None
+    assert layout_text([], [0], engines_here=False) == (
+        "engines started elsewhere (--urls, their CPUs not set by this run), routers and "
+        "client on CPU 0")
+    ok = {"status": "ok", "router_threads_cpus": {"processes": 1, "threads": 5,
+                                                  "cpus": {"0": 5}},
+          "client_threads_cpus": {"processes": 1, "threads": 2, "cpus": {"0": 2}}}
+    doc = {"results": [ok, ok, {"status": "failed"}],
+           "cpu_layout": {"text": layout_text([1], [0]), "host_cpus": "0-1",
+                          "engines_at_start": {"processes": 6, "threads": 40,
+                                               "cpus": {"1": 40}},
+                          "engines_at_end": {"processes": 6, "threads": 41,
+                                             "cpus": {"1": 41}}}}
+    text = layout_lines(doc)[0]
+    assert text.startswith("CPU layout: engines on CPU 1, routers and client on CPU 0 "
+                           "(host CPUs 0-1).")
+    assert "the engines' 6 processes at the start, CPU 1: 40; at the end" in text
+    assert "each of the 2 replays and summed, CPU 0: 10; the client's, CPU 0: 4." in text
+    assert "NOT as asked" not in text
+    assert layout_lines({"results": []}) == []
+    # nothing pinned: results.md as before the layout was recorded
+    assert layout_lines({"results": [ok], "cpu_layout": {"text": None, "host_cpus": "0-1",
+                                                          "engines_at_start": {}}}) == []
+    # a reading off the CPUs asked is flagged: the engines' end, the routers', the client's
+    stray = {**ok, "router_threads_cpus": {"processes": 1, "threads": 5,
+                                           "cpus": {"0": 4, "0-1": 1}}}
+    lay = {**doc["cpu_layout"], "engine_cpus": "1", "router_cpus": "0",
+           "engines_at_end": {"processes": 6, "threads": 41, "cpus": {"1": 40, "0-1": 1}}}
+    text = layout_lines({"results": [stray, ok], "cpu_layout": lay})[0]
+    assert "at the end (6 processes), CPU 0-1: 1, CPU 1: 40 — NOT as asked (CPU 1): 0-1;" in text
+    assert "summed, CPU 0: 9, CPU 0-1: 1 — NOT as asked (CPU 0): 0-1; the client's, CPU 0: 4." \
+        in text
+    assert "at the start, CPU 1: 40;" in text
+    # engines started elsewhere (--urls): no engine counts, which would read "0 processes"
+    urls = {"text": layout_text([], [0], engines_here=False), "host_cpus": "0-1",
+            "router_cpus": "0", "engines_here": False,
+            "engines_at_start": {"processes": 0, "threads": 0, "cpus": {}},
+            "engines_at_end": {"processes": 0, "threads": 0, "cpus": {}}}
+    text = layout_lines({"results": [ok], "cpu_layout": urls})[0]
+    assert "processes" not in text and "engines started elsewhere (--urls" in text

@@ -19,9 +19,10 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -67,13 +68,109 @@ def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def _start_priority(nice: int, rt: int) -> None:
+def _start_priority(nice: int, rt: int, cpus: Sequence[int] = ()) -> None:
     """In a child before exec: niceness ``nice``; with ``rt`` > 0, the real-time round-robin
-    policy at that priority (every thread the child starts inherits it)."""
+    policy at that priority; with ``cpus``, only those CPUs (every thread and process the
+    child starts inherits all three)."""
     if nice:
         os.nice(nice)
     if rt:
         os.sched_setscheduler(0, os.SCHED_RR, os.sched_param(rt))
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+
+
+# -- CPU affinity --------------------------------------------------------------------------
+
+ROUTER_CPUS_ENV = "PEERS_ROUTER_CPUS"
+"""A CPU list (``0``, ``0,2``, ``0-1``): every :class:`Proc` starts on those CPUs only
+(real_engines.py's and run.py's ``--router-cpus``)."""
+
+
+def parse_cpu_list(spec: str, allowed: Sequence[int] | set[int] | None = None) -> list[int]:
+    """The CPUs of a list like ``1``, ``0,2`` or ``0-1,3`` (sorted, without repeats); a
+    ValueError that says why when it is malformed, empty, or names a CPU outside ``allowed``
+    (default: the CPUs this process may run on, ``os.sched_getaffinity(0)``)."""
+    ok = set(os.sched_getaffinity(0) if allowed is None else allowed)
+    top = max(ok, default=-1)
+    out: set[int] = set()
+    for part in spec.replace(" ", "").split(","):
+        lo, sep, hi = part.partition("-")
+        try:
+            first = int(lo)
+            last = int(hi) if sep else first
+        except ValueError:
+            raise ValueError(f"{spec!r} is not a CPU list (like 1, 0,2 or 0-1)") from None
+        if first < 0 or last < first:
+            raise ValueError(f"{spec!r}: {part!r} is not a CPU or an increasing range")
+        if last > top:  # before expanding: a typo like 0-4000000000 is an error, not a hang
+            raise ValueError(f"{spec!r}: CPU {last} is not one this process may run on "
+                             f"({format_cpu_list(sorted(ok))})")
+        out.update(range(first, last + 1))
+    outside = sorted(out - ok)
+    if outside:
+        raise ValueError(f"{spec!r}: CPU {format_cpu_list(outside)} is not one this process "
+                         f"may run on ({format_cpu_list(sorted(ok))})")
+    return sorted(out)
+
+
+def format_cpu_list(cpus: Sequence[int]) -> str:
+    """``[0, 1, 2, 5]`` as ``0-2,5`` (the kernel's ``Cpus_allowed_list`` form)."""
+    parts: list[str] = []
+    xs = sorted(set(cpus))
+    i = 0
+    while i < len(xs):
+        j = i
+        while j + 1 < len(xs) and xs[j + 1] == xs[j] + 1:
+            j += 1
+        parts.append(str(xs[i]) if i == j else f"{xs[i]}-{xs[j]}")
+        i = j + 1
+    return ",".join(parts)
+
+
+def router_cpus() -> list[int]:
+    """The CPUs `ROUTER_CPUS_ENV` names (empty: not set)."""
+    spec = os.environ.get(ROUTER_CPUS_ENV, "").strip()
+    return parse_cpu_list(spec) if spec else []
+
+
+def pin_preexec(cpus: Sequence[int]) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that puts the child on ``cpus`` before exec (None: no list)."""
+    if not cpus:
+        return None
+    chosen = list(cpus)
+    return lambda: os.sched_setaffinity(0, chosen)
+
+
+def threads_cpus(pids: Sequence[int]) -> dict[str, Any]:
+    """Where the threads of ``pids`` may run, read from ``/proc/PID/task/TID/status``'s
+    ``Cpus_allowed_list``: ``{"processes": n, "threads": n, "cpus": {list: threads}}`` (a
+    process or thread that ended meanwhile is left out)."""
+    lists: dict[str, int] = {}
+    procs_seen = threads = 0
+    for pid in dict.fromkeys(pids):
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        procs_seen += 1
+        for tid in tids:
+            try:
+                status = Path(f"/proc/{pid}/task/{tid}/status").read_text()
+            except OSError:
+                continue
+            for line in status.splitlines():
+                if line.startswith("Cpus_allowed_list:"):
+                    key = line.split(":", 1)[1].strip()
+                    lists[key] = lists.get(key, 0) + 1
+                    threads += 1
+                    break
+    return {"processes": procs_seen, "threads": threads, "cpus": lists}
+
+
+def tree_threads_cpus(roots: Sequence[int]) -> dict[str, Any]:
+    """`threads_cpus` over ``roots`` and every descendant of them."""
+    return threads_cpus([p for r in roots for p in tree_pids(r)])
 
 
 class Proc:
@@ -95,6 +192,7 @@ class Proc:
         self._fh = log.open("wb")
         nice = int(os.environ.get("PEERS_ROUTER_NICE") or 0)
         rt = int(os.environ.get("PEERS_ROUTER_RT") or 0)
+        cpus = router_cpus()
         self.popen = subprocess.Popen(
             self.argv,
             stdout=self._fh,
@@ -103,11 +201,13 @@ class Proc:
             env=child_env(env),
             cwd=cwd,
             start_new_session=True,
-            # every process started here gets the same niceness and scheduling policy
-            # (real_engines.py's --router-nice and --router-rt, which start the engines
-            # themselves, without Proc, at 0 and SCHED_OTHER; run.py's emulated engines are
-            # Procs, so the variables are for real_engines.py only)
-            preexec_fn=(lambda: _start_priority(nice, rt)) if nice or rt else None,
+            # every process started here gets the same niceness, scheduling policy and CPUs
+            # (real_engines.py's --router-nice, --router-rt and --router-cpus, which start the
+            # engines themselves, without Proc, at 0, SCHED_OTHER and on --engine-cpus;
+            # run.py's emulated engines are Procs too, which is why run.py refuses
+            # --router-cpus unless the engines are outside it: --fleet and --no-overhead)
+            preexec_fn=((lambda: _start_priority(nice, rt, cpus)) if nice or rt or cpus
+                        else None),
         )
         self.pid = self.popen.pid
         _RUNNING.append(self)

@@ -65,6 +65,18 @@ same gateway with its fleet file changed at dotted keys (``gateway.scrape_max_du
 number indexes a list, ``substrates.0.endpoints.1.kv_events:null``; values are read as YAML),
 run in the same alternating order as the others.
 
+``--engine-cpus LIST`` and ``--router-cpus LIST`` (e.g. ``1`` and ``0``) give the engines and
+the routers CPUs of their own, as in a deployment where the router never shares the engines'
+cores: each engine is put on ``--engine-cpus`` before exec (every process and thread it starts
+inherits it), every router setup (each process `bench.peers.procs.Proc` starts: routers, Envoy
+and its picker, the warm-up relay, their children) and ``run.py`` itself (the client) on
+``--router-cpus``, as is this script (and ``--calibrate``'s run). Both lists are checked against
+the CPUs this process may run on, and may not share a CPU. results.json's ``cpu_layout`` (and
+results.md) names the layout and what ``/proc/PID/task/TID/status`` showed: every engine
+thread's ``Cpus_allowed_list`` once the engines answered (the run stops if one is off its CPUs)
+and at the end, and every router and client thread's at the end of each replay
+(``router_threads_cpus``, ``client_threads_cpus``).
+
 Each replay also records the CPU time the three engines' processes (every process of their
 sessions: API server, engine core) spent while ``run.py`` ran it (``engine_cpu_s``, from
 ``/proc``, per process: the router's start, its warm-up, the replay, the router's stop), and the
@@ -95,6 +107,13 @@ import httpx
 import yaml
 
 from bench.peers.peers import envoy_concurrency
+from bench.peers.procs import (
+    ROUTER_CPUS_ENV,
+    format_cpu_list,
+    parse_cpu_list,
+    pin_preexec,
+    threads_cpus,
+)
 from inferplane.config.loader import parse_config
 from inferplane.errors import ConfigError
 
@@ -150,9 +169,22 @@ def vllm_command(port: int, kv: str, blocks: int, seqs: int,
             "--distributed-executor-backend", executor]
 
 
+def start_engine(cmd: list[str], log_path: Path, env: dict[str, str], cwd: Path,
+                 cpus: list[int] | None = None) -> subprocess.Popen[bytes]:
+    """One engine in a session of its own (`PROCS`), on ``cpus`` only when given (set before
+    exec: every process and thread it starts inherits them)."""
+    with log_path.open("wb") as fh:
+        p = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=cwd,
+                             start_new_session=True, preexec_fn=pin_preexec(cpus or []))
+    PROCS.append(p)
+    return p
+
+
 def start_engines(n: int, blocks: int, seqs: int, work: Path, timeout_s: float = 400,
-                  executor: str = "uni") -> list[tuple[str, str]]:
-    """Start ``n`` engines together; returns ``(url, kv endpoint)`` each once all are healthy."""
+                  executor: str = "uni", cpus: list[int] | None = None
+                  ) -> list[tuple[str, str]]:
+    """Start ``n`` engines together (on ``cpus`` only, when given); returns ``(url, kv
+    endpoint)`` each once all are healthy."""
     if not (MODEL_DIR / ".built").exists():
         log("building the tiny model …")
         subprocess.run([str(VPY), str(ROOT / "scripts/fidelity/build_tiny_model.py"),
@@ -162,9 +194,7 @@ def start_engines(n: int, blocks: int, seqs: int, work: Path, timeout_s: float =
         port, kv = free_port(), f"ipc://{work}/kv{i}.sock"
         cmd = vllm_command(port, kv, blocks, seqs, executor)
         (work / f"vllm{i}.cmd").write_text(" ".join(cmd) + "\n")
-        with (work / f"vllm{i}.log").open("wb") as fh:
-            PROCS.append(subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT,
-                                          env=vllm_env(executor), cwd=work, start_new_session=True))
+        start_engine(cmd, work / f"vllm{i}.log", vllm_env(executor), work, cpus)
         out.append((f"http://127.0.0.1:{port}", kv))
     deadline = time.monotonic() + timeout_s
     for i, (url, _) in enumerate(out):
@@ -183,6 +213,75 @@ def start_engines(n: int, blocks: int, seqs: int, work: Path, timeout_s: float =
                    "max_tokens": 2, "ignore_eos": True}, timeout=300).raise_for_status()
         log(f"engine {i} ready at {url}")
     return out
+
+
+def engine_pids() -> list[int]:
+    """Every live process of the engines' sessions (each engine is started in a session of
+    its own): API servers and engine cores."""
+    sessions = {p.pid for p in PROCS if p.poll() is None}
+    out = []
+    for d in Path("/proc").iterdir() if sessions else ():
+        if not d.name.isdigit():
+            continue
+        try:
+            fields = (d / "stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if int(fields[3]) in sessions:
+            out.append(int(d.name))
+    return out
+
+
+def online_cpus() -> list[int]:
+    """The host's online CPUs (``/sys/devices/system/cpu/online``; else ``os.cpu_count()``'s)."""
+    try:
+        spec = Path("/sys/devices/system/cpu/online").read_text().strip()
+        return parse_cpu_list(spec, allowed=range(1 << 16))
+    except (OSError, ValueError):
+        return list(range(os.cpu_count() or 1))
+
+
+def layout_text(engine_cpus: list[int], router_cpus: list[int],
+                engines_here: bool = True) -> str | None:
+    """The CPU layout in words (None: nothing pinned); ``engines_here`` False: the engines
+    were started elsewhere (``--urls``), on CPUs this run did not set."""
+    if not engine_cpus and not router_cpus:
+        return None
+
+    def on(cpus: list[int]) -> str:
+        if not cpus:
+            return "on any CPU"
+        return f"on CPU{'s' if len(cpus) > 1 else ''} {format_cpu_list(cpus)}"
+
+    engines = f"engines {on(engine_cpus)}" if engines_here else \
+        "engines started elsewhere (--urls, their CPUs not set by this run)"
+    return f"{engines}, routers and client {on(router_cpus)}"
+
+
+def check_layout(got: dict[str, Any], want: list[int]) -> list[str]:
+    """The ``Cpus_allowed_list`` values of `bench.peers.procs.threads_cpus`' reading ``got``
+    that are not inside ``want`` (empty: every thread where it should be, or nothing asked); a
+    thread narrowed to some of ``want`` (vLLM's OMP binding under ``mp``) is where it should
+    be."""
+    if not want:
+        return []
+
+    def inside(k: str) -> bool:
+        try:
+            return set(parse_cpu_list(k, allowed=range(1 << 16))) <= set(want)
+        except ValueError:
+            return False
+
+    return [k for k in got.get("cpus", {}) if not inside(k)]
+
+
+def engines_cpus_for(engine_cpus: list[int], router_cpus: list[int],
+                     allowed: list[int]) -> list[int]:
+    """The CPUs the engines start on: ``--engine-cpus``; without it but with ``--router-cpus``,
+    ``allowed`` (the CPUs this process had before it pinned itself to the router CPUs: a child
+    inherits its parent's, so the engines would otherwise run on the router CPUs alone); else
+    none set (they inherit this process's, which is not pinned)."""
+    return engine_cpus or (list(allowed) if router_cpus else [])
 
 
 def engines_cpu() -> dict[tuple[int, int], tuple[int, bool]] | None:
@@ -332,6 +431,8 @@ def run_one(name: str, rep: int, urls: list[str], fleet: Path, a: argparse.Names
            "--rate-scale", str(a.rate_scale), "--duration", str(a.duration), "--start",
            str(a.start), "--max-output", str(a.max_output), "--out", str(out), "--no-docs",
            "--budget", "900", "--no-overhead"]
+    if getattr(a, "router_cpus", None):  # run.py (the client) and every router it starts
+        cmd += ["--router-cpus", a.router_cpus]
     log(f"rep {rep}: {name}")
     t0 = time.monotonic()
     cpu0 = engines_cpu()
@@ -513,6 +614,55 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> bool:
     return True
 
 
+def summed_cpus(readings: list[dict[str, Any] | None]) -> dict[str, int]:
+    """Threads by ``Cpus_allowed_list`` over several `bench.peers.procs.threads_cpus`
+    readings."""
+    out: dict[str, int] = {}
+    for got in readings:
+        for k, n in (got or {}).get("cpus", {}).items():
+            out[k] = out.get(k, 0) + n
+    return out
+
+
+def layout_lines(doc: dict[str, Any]) -> list[str]:
+    """The CPU layout asked for and what ``/proc`` showed (empty for runs before it was
+    recorded)."""
+    lay = doc.get("cpu_layout")
+    if lay is None or not lay.get("text"):  # nothing pinned: results.md as before
+        return []
+    ok = [r for r in doc["results"] if r.get("status") == "ok"]
+
+    def fmt(cpus: dict[str, int]) -> str:
+        return ", ".join(f"CPU {k}: {n}" for k, n in sorted(cpus.items())) or "none read"
+
+    def want(key: str) -> list[int]:
+        spec = lay.get(key)
+        return parse_cpu_list(spec, allowed=range(1 << 16)) if spec else []
+
+    def checked(got: dict[str, Any], cpus: list[int]) -> str:
+        wrong = check_layout(got, cpus)
+        return fmt(got.get("cpus", {})) + (
+            f" — NOT as asked (CPU {format_cpu_list(cpus)}): {', '.join(wrong)}" if wrong else "")
+
+    start, end = lay.get("engines_at_start") or {}, lay.get("engines_at_end") or {}
+    engines, routers = want("engine_cpus"), want("router_cpus")
+    text = (f"CPU layout: {lay['text']} (host CPUs {lay.get('host_cpus')}). Read from "
+            "`/proc/PID/task/TID/status` (`Cpus_allowed_list`, threads by the CPUs they may run "
+            "on): ")
+    if lay.get("engines_here", True):
+        text += (f"the engines' {start.get('processes', '?')} processes at the start, "
+                 f"{checked(start, engines)}")
+        if end:
+            text += f"; at the end ({end.get('processes', '?')} processes), {checked(end, engines)}"
+        text += "; "
+    routed = summed_cpus([r.get("router_threads_cpus") for r in ok])
+    client = summed_cpus([r.get("client_threads_cpus") for r in ok])
+    text += (f"the routers' threads, read at the end of each of the {len(ok)} replays and "
+             f"summed, {checked({'cpus': routed}, routers)}; the client's, "
+             f"{checked({'cpus': client}, routers)}.")
+    return [text, ""]
+
+
 def render(doc: dict[str, Any], out: Path) -> str:
     """results.md (and results.png) from a results.json document."""
     sl = next((r["slice"] for r in doc["results"] if r.get("slice")), {})
@@ -537,6 +687,7 @@ def render(doc: dict[str, Any], out: Path) -> str:
         "executor: " + ("mp (before --executor)" if "executor" not in eng else
                         eng["executor"] or "unknown (engines given with --urls)") + ").",
         "",
+        *layout_lines(doc),
         f"Slice: {sl.get('requests')} requests of the Mooncake conversation trace (trace seconds "
         f"{sl.get('start_s', 0):.0f}–{sl.get('start_s', 0) + sl.get('duration_s', 0):.0f}, "
         f"rate ×{sl.get('rate_scale')}, {sl.get('left_out')} too long left out), one 512-token "
@@ -639,7 +790,20 @@ def main(argv: list[str] | None = None) -> int:
                          "under the real-time round-robin policy (SCHED_RR) at this priority "
                          "(1-99), the engines under the normal one: a woken router then takes a "
                          "CPU from a running engine without waiting for its time slice (needs "
-                         "CAP_SYS_NICE or an RLIMIT_RTPRIO of at least the priority)")
+                         "CAP_SYS_NICE or an RLIMIT_RTPRIO of at least the priority); refused "
+                         "with --router-cpus, where the routers do not share a CPU with the "
+                         "engines and a real-time router would only preempt the client timing "
+                         "it")
+    ap.add_argument("--engine-cpus", metavar="LIST",
+                    help="run the engines (every process and thread they start) only on these "
+                    "CPUs (e.g. 1, 1-3, 1,3), set before exec")
+    ap.add_argument("--router-cpus", metavar="LIST",
+                    help="run every router (every process and thread of it, the warm-up relay "
+                    "and calibration included) and the bench's client only on these CPUs "
+                    "(e.g. 0); with --engine-cpus, the two lists may not share a CPU; without "
+                    "it, the engines (--engines-only too) start on the CPUs this process had "
+                    "before it pinned itself (all it may use, these included), not on these "
+                    "alone")
     ap.add_argument("--envoy-concurrency", type=int, default=None, metavar="N",
                     help=f"Envoy's worker threads in the setup {ENVOY!r} (default 1: "
                     "bench.peers.peers.ENVOY_CONCURRENCY)")
@@ -652,12 +816,35 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--render-only", nargs="*", type=Path, metavar="RESULTS_JSON",
                     help="only (re)write --out's results.md from these results.json files")
     a = ap.parse_args(argv)
+    engine_cpus: list[int] = []
+    router_cpus: list[int] = []
+    for opt, spec in (("--engine-cpus", a.engine_cpus), ("--router-cpus", a.router_cpus)):
+        if spec is None:
+            continue
+        try:
+            cpus = parse_cpu_list(spec)
+        except ValueError as exc:
+            ap.error(f"{opt} {exc}")
+        if opt == "--engine-cpus":
+            engine_cpus = cpus
+        else:
+            router_cpus = cpus
+    shared = sorted(set(engine_cpus) & set(router_cpus))
+    if shared:
+        ap.error(f"--engine-cpus {a.engine_cpus} and --router-cpus {a.router_cpus} share CPU "
+                 f"{format_cpu_list(shared)}: the engines and the routers are to have CPUs of "
+                 "their own")
+    if engine_cpus and a.urls:
+        ap.error("--engine-cpus starts the engines on those CPUs: it does not apply to --urls")
     if a.router_nice:
         os.environ["PEERS_ROUTER_NICE"] = str(a.router_nice)  # read by procs.Proc in run.py
     if a.envoy_concurrency is not None:
         if a.envoy_concurrency < 1:
             ap.error(f"--envoy-concurrency {a.envoy_concurrency}: at least 1")
         os.environ["PEERS_ENVOY_CONCURRENCY"] = str(a.envoy_concurrency)  # read by peers.py
+    if a.router_rt and router_cpus:
+        ap.error("--router-rt with --router-cpus: the routers do not share a CPU with the "
+                 "engines there, and a real-time router would preempt the client timing it")
     if a.router_rt:
         if not 1 <= a.router_rt <= 99:
             ap.error(f"--router-rt {a.router_rt}: a real-time priority is 1-99")
@@ -725,6 +912,15 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--executor starts the engines: it does not apply to --urls")
     if a.calibrate and CALIBRATED not in names:
         ap.error(f"--calibrate calibrates for the setup {CALIBRATED!r}, which --only leaves out")
+    host_cpus = online_cpus()
+    engines_on = engines_cpus_for(engine_cpus, router_cpus, sorted(os.sched_getaffinity(0))
+                                  if router_cpus else [])
+    if router_cpus:  # this process too, and what it runs besides run.py (calibrate)
+        os.sched_setaffinity(0, router_cpus)
+        os.environ[ROUTER_CPUS_ENV] = format_cpu_list(router_cpus)
+    layout = layout_text(engines_on, router_cpus, engines_here=not a.urls)
+    if layout:
+        log(f"CPU layout: {layout}")
     work = Path(tempfile.mkdtemp(prefix="ip-real-"))
     log(f"work directory {work}")
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
@@ -734,9 +930,26 @@ def main(argv: list[str] | None = None) -> int:
             engines = [(u.partition("@")[0], u.partition("@")[2]) for u in a.urls.split(",")]
             kv_events = all(kv for _, kv in engines) and not a.no_kv_events
         else:
-            engines = start_engines(3, a.blocks, a.max_num_seqs, work, executor=a.executor)
+            engines = start_engines(3, a.blocks, a.max_num_seqs, work, executor=a.executor,
+                                    cpus=engines_on)
             kv_events = not a.no_kv_events
         urls = [u for u, _ in engines]
+        cpu_layout: dict[str, Any] = {
+            "text": layout, "host_cpus": format_cpu_list(host_cpus),
+            "engine_cpus": format_cpu_list(engines_on) or None, "engines_here": not a.urls,
+            "router_cpus": format_cpu_list(router_cpus) or None,
+            # Cpus_allowed_list of every thread of every engine process, once all answered
+            "engines_at_start": threads_cpus(engine_pids()),
+        }
+        log(f"engines' threads may run on: {cpu_layout['engines_at_start']}")
+        found = cpu_layout["engines_at_start"]["processes"]
+        if engines_on and not a.urls and found < len(engines):
+            raise RuntimeError(f"the engines' CPUs: {found} engine processes found in /proc "
+                               f"for {len(engines)} engines, so their CPUs cannot be checked")
+        wrong = check_layout(cpu_layout["engines_at_start"], engines_on)
+        if wrong:
+            raise RuntimeError(f"engines on CPU {format_cpu_list(engines_on)}: engine threads "
+                               f"may run on {wrong} (an engine changed its own affinity)")
         if a.engines_only:
             print("ENGINES " + ",".join(f"{u}@{kv}" for u, kv in engines), flush=True)
             while True:
@@ -786,6 +999,7 @@ def main(argv: list[str] | None = None) -> int:
                                 for n in pythons},
             "envoy_concurrency": (envoy_concurrency() if {ENVOY, ENVOY_NULL} & set(names)
                                   else None),
+            "cpu_layout": cpu_layout,
             "runs": a.runs, "results": [],
         }
         a.out.mkdir(parents=True, exist_ok=True)
@@ -819,6 +1033,7 @@ def main(argv: list[str] | None = None) -> int:
                 doc["summary"] = aggregate(doc["results"])
                 (a.out / "results.json").write_text(json.dumps(doc, indent=2, default=str))
         doc["machine"]["loadavg_end"] = os.getloadavg()
+        doc["cpu_layout"]["engines_at_end"] = threads_cpus(engine_pids())
         doc["wall_s"] = time.monotonic() - t_start
         doc["summary"] = aggregate(doc["results"])
         (a.out / "results.json").write_text(json.dumps(doc, indent=2, default=str))

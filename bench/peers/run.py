@@ -65,7 +65,17 @@ from bench.peers.peers import (  # noqa: E402
     envoy_binary,
     setups,
 )
-from bench.peers.procs import Proc, TreeSampler, free_port, free_ports, stop_all  # noqa: E402
+from bench.peers.procs import (  # noqa: E402
+    ROUTER_CPUS_ENV,
+    Proc,
+    TreeSampler,
+    free_port,
+    free_ports,
+    parse_cpu_list,
+    stop_all,
+    threads_cpus,
+    tree_threads_cpus,
+)
 from bench.peers.workload import (  # noqa: E402
     PATHS,
     Form,
@@ -224,6 +234,10 @@ def run_setup(setup: Setup, a: argparse.Namespace, ctx: Context, fast: Context,
             base, planned, bodies[setup.form], PATHS[setup.form], dict(setup.headers),
             request_timeout_s=a.request_timeout, deadline_s=span + a.tail_limit))
         cpu_s, peak = sampler.stop()
+        # where every thread of the router (all its processes) and of this client may run,
+        # read while they still run: the check that --router-cpus took
+        res["router_threads_cpus"] = tree_threads_cpus(proc.pids)
+        res["client_threads_cpus"] = threads_cpus([os.getpid()])
         pages_after = scrape(ctx.fleet_urls)
         after = metrics.CacheCounters.from_pages(pages_after)
         if not proc.alive():
@@ -321,7 +335,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--render-only", action="store_true",
                     help="re-render results.md/png and the docs section from results.json")
     ap.add_argument("--discussion", type=Path, help="markdown appended to the docs section")
+    ap.add_argument("--router-cpus", metavar="LIST",
+                    help="run this client and every router it starts (their children and "
+                    "threads too) only on these CPUs (e.g. 0, 0-1, 0,2); needs --fleet and "
+                    "--no-overhead (the emulated fleets would run on these CPUs too)")
     a = ap.parse_args(argv)
+    a.router_cpu_list = []
+    if a.router_cpus is not None:
+        if not (a.fleet and a.no_overhead):
+            ap.error("--router-cpus needs --fleet and --no-overhead: the emulated fleets this "
+                     "run would start are Procs too, and would share the router CPUs")
+        try:
+            a.router_cpu_list = parse_cpu_list(a.router_cpus)
+        except ValueError as exc:
+            ap.error(f"--router-cpus {exc}")
     q = a.quick
     a.duration = a.duration if a.duration is not None else (100.0 if q else 200.0)
     a.budget = a.budget if a.budget is not None else (600.0 if q else 1500.0)
@@ -334,9 +361,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return a
 
 
+def pin_router_cpus(cpus: list[int]) -> None:
+    """This process (the client) on ``cpus`` from now on, and every `Proc` it starts."""
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+        os.environ[ROUTER_CPUS_ENV] = ",".join(map(str, cpus))
+
+
 def run(a: argparse.Namespace) -> dict[str, Any]:
     t_start = time.monotonic()
     config = read_yaml(a.fleet_config)  # as the gateway reads it: a repeated key is an error
+    pin_router_cpus(a.router_cpu_list)
     a.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="ip-peers-"))
     log(f"work directory {work}")
@@ -401,6 +436,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
                   "left_out": skipped, **load},
         "slo_real_ms": {"ttft": slo.ttft_s * 1e3, "itl": slo.itl_s * 1e3},
         "quick": a.quick,
+        "router_cpus": a.router_cpus,  # None: the routers and client were not pinned
         "results": [],
     }
     for s in chosen:
