@@ -344,6 +344,33 @@ def per_level_ms(
     return {f"c{c}": [median_ms(ttft, c, 1), median_ms(tpot, c, 2)] for c in levels}
 
 
+def per_size_ms(
+    results: list[WorkloadResult], levels: tuple[int, ...] = (1, 2, 4)
+) -> dict[str, dict[str, float]]:
+    """Per concurrency level and prompt size: median TTFT (ms, rounded to 0.1), the median over
+    rounds of that round's median over the level's requests of that size. A level's median
+    (:func:`per_level_ms`) falls between sizes — of 12 requests, 3 of each of 4 sizes, it is
+    the mean of the 6th and 7th — and at concurrency 2 and 4 the closed loop's streams end
+    together, so that its requests arrive as bursts (at 2: the 768- and 384-token prompts
+    together, then the 128 and 32): by size, a gap shows which requests it sits on. A size
+    with no sample at a level in a round is left out of that round; levels and sizes with
+    none are absent."""
+    out: dict[str, dict[str, float]] = {}
+    for c in levels:
+        by_size: dict[int, list[float]] = {}
+        for r in results:
+            picked: dict[int, list[float]] = {}
+            for v, lv, n in zip(r.ttft_s, r.ttft_level, r.ttft_prompt, strict=True):
+                if lv == c:
+                    picked.setdefault(n, []).append(v)
+            for n, vs in picked.items():
+                by_size.setdefault(n, []).append(statistics.median(vs))
+        if by_size:
+            out[f"c{c}"] = {str(n): round(statistics.median(ms) * 1e3, 1)
+                            for n, ms in sorted(by_size.items())}
+    return out
+
+
 def compare(
     real_url: str,
     work: Path,
@@ -470,6 +497,7 @@ def _compare(
     out["control_pooled"] = real_vs_real(real_runs, pooled_stats)
     out["samples_ms"] = {  # every round's raw samples, to recompute any statistic offline
         name: [{"ttft": [round(x * 1e3, 3) for x in r.ttft_s], "ttft_level": r.ttft_level,
+                "ttft_prompt": r.ttft_prompt,
                 "tpot": [round(x * 1e3, 4) for x in r.tpot_s], "tpot_level": r.tpot_level}
                for r in runs]
         for name, runs in (("real", real_runs), *emu_runs.items())
@@ -481,6 +509,10 @@ def _compare(
     out["per_level_ms"] = {
         "real": per_level_ms(real_runs),
         **{name: per_level_ms(runs) for name, runs in emu_runs.items()},
+    }
+    out["per_size_ms"] = {
+        "real": per_size_ms(real_runs),
+        **{name: per_size_ms(runs) for name, runs in emu_runs.items()},
     }
     sent = sum(len(r.ttft_s) for r in real_runs)
     out["real_bursts"] = sum(r.bursts for r in real_runs)

@@ -11,12 +11,13 @@ import bench.calibration as calibration
 from bench.calibration import (
     HeldOut,
     per_level_ms,
+    per_size_ms,
     pooled_stats,
     real_vs_real,
     share,
     workload_stats,
 )
-from inferplane.physics.probe import WorkloadResult
+from inferplane.physics.probe import WorkloadResult, run_workload
 from tests.support.fake_completions import fake_completions
 
 
@@ -51,6 +52,67 @@ def test_a_level_without_samples_reads_none_instead_of_failing() -> None:
     assert per_level_ms([a, b], levels=(1, 2)) == {"c1": [10.0, 1.0], "c2": [25.0, 2.0]}
     assert per_level_ms([b], levels=(1, 2, 4)) == {
         "c1": [10.0, 1.0], "c2": [30.0, None], "c4": [None, None]}
+
+
+def _sized(level: int, ttft: dict[int, list[float]]) -> WorkloadResult:
+    r = WorkloadResult()
+    for n, xs in ttft.items():
+        r.ttft_s += xs
+        r.ttft_level += [level] * len(xs)
+        r.ttft_prompt += [n] * len(xs)
+    return r
+
+
+def test_per_size_splits_a_level_by_prompt_size() -> None:
+    """At concurrency 2 the workload's closed loop sends its prompts in pairs (768 with 384,
+    then 128 with 32): the level's median (12 requests) is the mean of the 6th and 7th, which
+    fall on either side of the gap between the pairs; by size each shows apart, each the median
+    over rounds of that round's median. The 768's rounds are lopsided so that this statistic
+    (round medians 30, 31, 60: 31.0) differs from the median of all 9 samples pooled (32.0)."""
+    rounds = [_sized(2, {768: [0.030, 0.030, 0.060], 384: [0.050] * 3, 128: [0.018] * 3,
+                         32: [0.017] * 3}),
+              _sized(2, {768: [0.031, 0.031, 0.060], 384: [0.056] * 3, 128: [0.020] * 3,
+                         32: [0.019] * 3}),
+              _sized(2, {768: [0.032, 0.060, 0.060], 384: [0.052] * 3, 128: [0.016] * 3,
+                         32: [0.015] * 3})]
+    assert per_size_ms(rounds) == {"c2": {"32": 17.0, "128": 18.0, "384": 52.0, "768": 31.0}}
+    assert per_level_ms(rounds, levels=(2,))["c2"][0] == 24.0  # (18 + 30) / 2 in round 1
+    one = _sized(1, {32: [0.010]})
+    one.ttft_s.append(0.020)
+    one.ttft_level.append(4)
+    one.ttft_prompt.append(768)
+    assert per_size_ms([one]) == {"c1": {"32": 10.0}, "c4": {"768": 20.0}}
+
+
+async def test_workload_records_the_prompt_size_of_each_request() -> None:
+    """`run_workload` keeps the prompt size each TTFT was sent with, in the order of the TTFTs
+    (the fake engine counts one token per word, so its record of the requests says which
+    size each was): at concurrency 1 the requests go one after the other."""
+    async with fake_completions() as (url, fake):
+        res = await run_workload(url, "m", prompt_tokens=(32, 128, 384), concurrency=(1,),
+                                 requests_per_level=5)
+    sent = [words for words, max_tokens, _ in fake.requests if max_tokens > 1]
+    assert res.ttft_prompt == sent == [128, 32, 384, 128, 32]
+    assert res.ttft_level == [1] * 5
+
+
+
+async def test_workload_keeps_the_prompt_size_with_its_ttft_when_requests_finish_out_of_order(
+) -> None:
+    """At concurrency 2 the two workers send a 768- and a 32-word prompt together; the fake
+    engine answers the longer one later, so the 32 finishes first. Each prompt size must stay
+    with the TTFT of the request it was sent with (recorded when it finishes), not the order
+    the sizes were taken from the queue."""
+    per_word = 0.0004  # 768 words: 0.31 s before the first token, 32 words: 0.013 s
+    async with fake_completions(prefill_s_per_word=per_word) as (url, fake):
+        res = await run_workload(url, "m", prompt_tokens=(32, 768), concurrency=(2,),
+                                 requests_per_level=2)
+    sent = [words for words, max_tokens, _ in fake.requests if max_tokens > 1]
+    assert sorted(sent) == [32, 768]
+    assert res.ttft_prompt == [32, 768]  # finish order; the queue hands out the 768 first
+    assert res.ttft_level == [2, 2]
+    for n, ttft in zip(res.ttft_prompt, res.ttft_s, strict=True):
+        assert n * per_word <= ttft < n * per_word + 0.25
 
 
 def test_share_spreads_rounds_over_the_probe_rounds() -> None:

@@ -116,6 +116,7 @@ def test_calibrated_profile_predicts_and_emulates_the_real_engine(
                                         "real_after_probe_round": res["real_round_after"],
                                         "emulator": res["emulator_round_at_s"]}
     REPORT["calibration_workload_per_level_ms"] = res["per_level_ms"]
+    REPORT["calibration_workload_per_size_ms"] = res["per_size_ms"]
     REPORT["calibration_real_bursts"] = f"{res['real_bursts']} of {res['real_streams']} streams"
     REPORT["calibration_cores"] = res["cores"] or "shared (not pinned)"
     if other is not None and other > MAX_OTHER_CPU:

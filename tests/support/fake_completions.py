@@ -2,8 +2,10 @@
 answers at once (one token per chunk, ``token_gap_s`` apart, then the usage), except the first
 request on each new connection, which waits ``new_connection_s`` first — what opening a
 connection costs a request on a real engine's HTTP front end. ``keepalive_s``: the server
-closes a connection idle that long (vLLM's uvicorn: 5 s). Each request is recorded as (prompt
-words, max_tokens, first on its connection)."""
+closes a connection idle that long (vLLM's uvicorn: 5 s). ``prefill_s_per_word``: each request
+waits that long per prompt word before its first token (a longer prompt answers later, so that
+concurrent requests can finish out of the order they were sent in). Each request is recorded as
+(prompt words, max_tokens, first on its connection), in the order they arrive."""
 
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from aiohttp import web
 class FakeCompletions:
     new_connection_s: float = 0.0
     token_gap_s: float = 0.0  # between a stream's chunks
+    prefill_s_per_word: float = 0.0  # before the first token, per prompt word
     requests: list[tuple[int, int, bool]] = field(default_factory=list)
     _seen: list[Any] = field(default_factory=list)  # the transports served so far
 
@@ -34,6 +37,8 @@ class FakeCompletions:
         self.requests.append((words, int(body["max_tokens"]), first))
         if first and self.new_connection_s > 0:
             await asyncio.sleep(self.new_connection_s)
+        if self.prefill_s_per_word > 0:
+            await asyncio.sleep(words * self.prefill_s_per_word)
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         n = int(body["max_tokens"])
@@ -51,10 +56,13 @@ class FakeCompletions:
 
 @asynccontextmanager
 async def fake_completions(
-    new_connection_s: float = 0.0, keepalive_s: float = 75.0, token_gap_s: float = 0.0
+    new_connection_s: float = 0.0,
+    keepalive_s: float = 75.0,
+    token_gap_s: float = 0.0,
+    prefill_s_per_word: float = 0.0,
 ) -> AsyncIterator[tuple[str, FakeCompletions]]:
     """Serve a :class:`FakeCompletions` on a free local port: yields (base URL, the fake)."""
-    fake = FakeCompletions(new_connection_s, token_gap_s)
+    fake = FakeCompletions(new_connection_s, token_gap_s, prefill_s_per_word)
     app = web.Application()
     app.router.add_post("/v1/completions", fake.handle)
     runner = web.AppRunner(app, keepalive_timeout=keepalive_s)

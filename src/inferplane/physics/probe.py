@@ -558,6 +558,10 @@ class WorkloadResult:
     # per output token adds no ``tpot_s`` entry, so the two lists can differ in length)
     ttft_level: list[int] = field(default_factory=list)
     tpot_level: list[int] = field(default_factory=list)
+    # the prompt size (of ``prompt_tokens``) each entry of ``ttft_s`` was sent with: at
+    # concurrency 2 and 4 the closed loop's streams end and restart together, so that a level's
+    # median falls between requests of different sizes and ranks of those bursts
+    ttft_prompt: list[int] = field(default_factory=list)
     bursts: int = 0  # streams whose tokens all came at once (see `_Stream.burst`)
 
 
@@ -590,6 +594,7 @@ async def run_workload(
                     )
                     out.ttft_s.append(s.ttft_s)
                     out.ttft_level.append(c)
+                    out.ttft_prompt.append(n)
                     out.bursts += s.burst
                     if s.completion_tokens > 1 and s.decode_s > 0:
                         out.tpot_s.append(s.decode_s / (s.completion_tokens - 1))
