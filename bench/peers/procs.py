@@ -134,6 +134,14 @@ def router_cpus() -> list[int]:
     return parse_cpu_list(spec) if spec else []
 
 
+def pin_router_cpus(cpus: Sequence[int]) -> None:
+    """This process on ``cpus`` from now on, and every `Proc` started from it or its children
+    (`ROUTER_CPUS_ENV`); nothing when ``cpus`` is empty."""
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+        os.environ[ROUTER_CPUS_ENV] = format_cpu_list(cpus)
+
+
 def pin_preexec(cpus: Sequence[int]) -> Callable[[], None] | None:
     """A ``preexec_fn`` that puts the child on ``cpus`` before exec (None: no list)."""
     if not cpus:

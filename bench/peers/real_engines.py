@@ -108,10 +108,10 @@ import yaml
 
 from bench.peers.peers import envoy_concurrency
 from bench.peers.procs import (
-    ROUTER_CPUS_ENV,
     format_cpu_list,
     parse_cpu_list,
     pin_preexec,
+    pin_router_cpus,
     threads_cpus,
 )
 from inferplane.config.loader import parse_config
@@ -217,19 +217,8 @@ def start_engines(n: int, blocks: int, seqs: int, work: Path, timeout_s: float =
 
 def engine_pids() -> list[int]:
     """Every live process of the engines' sessions (each engine is started in a session of
-    its own): API servers and engine cores."""
-    sessions = {p.pid for p in PROCS if p.poll() is None}
-    out = []
-    for d in Path("/proc").iterdir() if sessions else ():
-        if not d.name.isdigit():
-            continue
-        try:
-            fields = (d / "stat").read_text().rpartition(")")[2].split()
-        except OSError:
-            continue
-        if int(fields[3]) in sessions:
-            out.append(int(d.name))
-    return out
+    its own): API servers and engine cores (`engines_cpu`'s reading)."""
+    return [pid for pid, _start in engines_cpu() or {}]
 
 
 def online_cpus() -> list[int]:
@@ -915,9 +904,7 @@ def main(argv: list[str] | None = None) -> int:
     host_cpus = online_cpus()
     engines_on = engines_cpus_for(engine_cpus, router_cpus, sorted(os.sched_getaffinity(0))
                                   if router_cpus else [])
-    if router_cpus:  # this process too, and what it runs besides run.py (calibrate)
-        os.sched_setaffinity(0, router_cpus)
-        os.environ[ROUTER_CPUS_ENV] = format_cpu_list(router_cpus)
+    pin_router_cpus(router_cpus)  # this process too, and what it runs besides run.py (calibrate)
     layout = layout_text(engines_on, router_cpus, engines_here=not a.urls)
     if layout:
         log(f"CPU layout: {layout}")

@@ -66,12 +66,12 @@ from bench.peers.peers import (  # noqa: E402
     setups,
 )
 from bench.peers.procs import (  # noqa: E402
-    ROUTER_CPUS_ENV,
     Proc,
     TreeSampler,
     free_port,
     free_ports,
     parse_cpu_list,
+    pin_router_cpus,
     stop_all,
     threads_cpus,
     tree_threads_cpus,
@@ -361,17 +361,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return a
 
 
-def pin_router_cpus(cpus: list[int]) -> None:
-    """This process (the client) on ``cpus`` from now on, and every `Proc` it starts."""
-    if cpus:
-        os.sched_setaffinity(0, cpus)
-        os.environ[ROUTER_CPUS_ENV] = ",".join(map(str, cpus))
-
-
 def run(a: argparse.Namespace) -> dict[str, Any]:
     t_start = time.monotonic()
     config = read_yaml(a.fleet_config)  # as the gateway reads it: a repeated key is an error
-    pin_router_cpus(a.router_cpu_list)
+    pin_router_cpus(a.router_cpu_list)  # the client, and every router it starts
     a.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="ip-peers-"))
     log(f"work directory {work}")
