@@ -352,6 +352,53 @@ def test_engine_means_are_taken_between_the_two_scrapes() -> None:
     assert got["queue"] is None and got["prefill"] is None  # no such series: no request
 
 
+def test_per_engine_counts_requests_steps_and_own_ttft_between_two_scrapes() -> None:
+    def page(done: tuple[float, float], steps: float, tokens: float, ttft: tuple[float, float]
+             ) -> str:
+        return (f'vllm:request_success_total{{finished_reason="stop"}} {done[0]}\n'
+                f'vllm:request_success_total{{finished_reason="length"}} {done[1]}\n'
+                f'vllm:iteration_tokens_total_bucket{{le="1.0"}} {steps}\n'
+                f"vllm:iteration_tokens_total_count {steps}\n"
+                f"vllm:iteration_tokens_total_sum {tokens}\n"
+                f"vllm:time_to_first_token_seconds_sum {ttft[0]}\n"
+                f"vllm:time_to_first_token_seconds_count {ttft[1]}\n")
+
+    before = [page((1, 2), 100, 1000, (0.5, 3)), page((0, 0), 0, 0, (0, 0))]
+    after = [page((3, 10), 150, 1600, (2.5, 13)), page((0, 0), 0, 0, (0, 0))]
+    got = metrics.per_engine(before, after)
+    assert got[0] == {"requests": 10, "steps": 50, "step_tokens": 600, "tokens_per_step": 12.0,
+                      "ttft_ms": 200.0}  # 2 s over 10 first tokens
+    assert got[1] == {"requests": 0, "steps": 0, "step_tokens": 0, "tokens_per_step": None,
+                      "ttft_ms": None}  # an engine the router never sent to
+    with pytest.raises(ValueError):
+        metrics.per_engine(before, after[:1])
+
+
+def test_results_sum_the_engine_steps_and_show_each_engine() -> None:
+    from bench.peers.real_engines import aggregate, engines_text, summed_steps, table
+
+    def res(steps: list[float] | None, p90: float = 200) -> dict[str, Any]:
+        per = None if steps is None else [
+            {"requests": 10 * (i + 1), "steps": n, "step_tokens": 5 * n,
+             "tokens_per_step": 5.0, "ttft_ms": None if i else 123.4}
+            for i, n in enumerate(steps)]
+        return {"name": "inferplane default", "status": "ok", "hit_rate": 0.1,
+                "engine_cpu_s": None, "api_cpu_s": None, "cpu_s": None, "engine_ms": None,
+                "per_engine": per,
+                "summary": {"ttft_ms": {"p50": p90 / 2, "p90": p90, "p99": p90 * 2},
+                            "errors": 0, "requests": 307}}
+
+    runs = [res([100, 200, 300]), res([300, 300, 300]), res([10, 20, 30])]
+    assert [summed_steps(r) for r in runs] == [600, 900, 60]
+    rows = aggregate(runs)
+    assert rows[0]["engine_steps"] == {"median": 600, "min": 60, "max": 900}
+    assert "| 600 (60–900) |" in table(rows)
+    assert engines_text(runs[0]) == "10/100/123, 20/200/–, 30/300/–"
+    # a replay recorded before per-engine counts (or without them): no summed steps
+    assert summed_steps(res(None)) is None and engines_text(res(None)) == "–"
+    assert aggregate([*runs, res(None)])[0]["engine_steps"] is None
+
+
 def test_the_stand_in_engine_logs_arrival_and_first_event(tmp_path: Path) -> None:
     """`fake_engine --arrivals` writes the prompt's key, when the request arrived and when its
     first event left; `burst_transit.split` turns that and the client's records into the way

@@ -89,6 +89,40 @@ def engine_means_ms(before: Iterable[str], after: Iterable[str]) -> dict[str, fl
     return out
 
 
+STEPS = "vllm:iteration_tokens_total"
+"""vLLM's histogram of the tokens of each engine step (the prompt tokens it computed, not those
+read from the prefix cache, and the tokens it generated), observed by the API server for each
+batch of outputs the engine core hands it: one a step that produced an output (a step that ran
+only part of a chunked prefill is not counted). ``_count``: those steps; ``_sum``: their
+tokens."""
+REQUESTS = "vllm:request_success_total"
+"""Requests an engine finished (summed over ``finished_reason``)."""
+
+
+def per_engine(before: Sequence[str], after: Sequence[str]) -> list[dict[str, float | None]]:
+    """What each engine did between two scrapes of the same engines' pages (in order): the
+    requests it finished, the engine steps it ran and their tokens (`STEPS`), tokens per step,
+    and its own mean TTFT (ms; None: no first token in between). On an engine shared by
+    several requests a step has fixed costs (scheduling, the forward pass's launch, the output's
+    hand-off), so the steps a replay took say what spreading or batching its requests cost."""
+    if len(before) != len(after):
+        raise ValueError(f"{len(before)} pages before, {len(after)} after")
+    out: list[dict[str, float | None]] = []
+    for b, a in zip(before, after, strict=True):
+        def d(name: str, b: str = b, a: str = a) -> float:
+            return prom_sum(a, name) - prom_sum(b, name)
+
+        steps, tokens = d(STEPS + "_count"), d(STEPS + "_sum")
+        n_ttft = d(ENGINE_SECONDS["ttft"] + "_count")
+        out.append({
+            "requests": d(REQUESTS), "steps": steps, "step_tokens": tokens,
+            "tokens_per_step": round(tokens / steps, 2) if steps > 0 else None,
+            "ttft_ms": round(1e3 * d(ENGINE_SECONDS["ttft"] + "_sum") / n_ttft, 1)
+            if n_ttft > 0 else None,
+        })
+    return out
+
+
 def hit_rate(before: CacheCounters, after: CacheCounters) -> float | None:
     """Prefix-cache hit rate between two scrapes (None when nothing was queried)."""
     dq = after.queries - before.queries

@@ -83,6 +83,13 @@ sessions: API server, engine core) spent while ``run.py`` ran it (``engine_cpu_s
 API servers alone (``api_cpu_s``): with the engines saturated the first is whatever CPU is left
 to them, while the second is the requests' handling plus what a router asks of the API server
 besides them (scrapes of ``/metrics``, health probes).
+
+And what each engine did (``per_engine``, in the fleet's order, from its ``/metrics`` page read
+before and after the replay: `bench.peers.metrics.per_engine`): the requests it finished, the
+engine steps it ran (``vllm:iteration_tokens_total``'s count) and their tokens, and its own mean
+TTFT. results.md sums the steps over the engines (a router that spreads a burst over the engines
+makes them run more steps, each with its fixed cost, than one that batches it on fewer) and
+lists each engine's requests / steps / TTFT per replay.
 """
 
 from __future__ import annotations
@@ -452,7 +459,32 @@ def run_one(name: str, rep: int, urls: list[str], fleet: Path, a: argparse.Names
         f"{eng.get('prefill')} ms; router CPU "
         f"{'–' if res.get('cpu_s') is None else round(res['cpu_s'], 2)} s, waited for a CPU "
         f"{res.get('wait_s', '–')} s)")
+    per = res.get("per_engine")
+    if per:
+        log("   per engine (requests / steps / tokens a step / own TTFT mean ms): " + "; ".join(
+            f"{e['requests']:.0f} / {e['steps']:.0f} / {e['tokens_per_step']} / {e['ttft_ms']}"
+            for e in per))
     return res
+
+
+def summed_steps(res: dict[str, Any]) -> float | None:
+    """The engine steps of a replay summed over the engines (None: not recorded)."""
+    per = res.get("per_engine")
+    if not per or any(e.get("steps") is None for e in per):
+        return None
+    return float(sum(e["steps"] for e in per))
+
+
+def engines_text(res: dict[str, Any]) -> str:
+    """A replay's engines as ``requests/steps/own TTFT mean ms`` each, or – (not recorded)."""
+    per = res.get("per_engine")
+    if not per:
+        return "–"
+
+    def ms(v: float | None) -> str:
+        return "–" if v is None else f"{v:.0f}"
+
+    return ", ".join(f"{e['requests']:.0f}/{e['steps']:.0f}/{ms(e['ttft_ms'])}" for e in per)
 
 
 def pooled_ttft(runs: list[dict[str, Any]]) -> dict[str, float] | None:
@@ -514,6 +546,7 @@ def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         def stat(vals: list[float]) -> dict[str, float]:
             return {"median": statistics.median(vals), "min": min(vals), "max": max(vals)}
 
+        steps = [n for n in map(summed_steps, got) if n is not None]
         rows.append({
             "name": name, "runs": len(got),
             "hit_rate": (stat([r["hit_rate"] for r in got])
@@ -526,6 +559,7 @@ def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "engine_ttft_ms": (stat([r["engine_ms"]["ttft"] for r in got])
                                if all((r.get("engine_ms") or {}).get("ttft") is not None
                                       for r in got) else None),
+            "engine_steps": stat(steps) if len(steps) == len(got) else None,
             "pooled_ttft_ms": pooled_ttft(got),
             "errors": [r["summary"]["errors"] for r in got],
             "requests": got[0]["summary"]["requests"],
@@ -543,9 +577,9 @@ def table(rows: list[dict[str, Any]]) -> str:
 
     lines = ["| router | runs | prefix hit rate | TTFT p50 ms | TTFT p90 ms | TTFT p99 ms | "
              "pooled TTFT p50 / p90 / mean ms | "
-             "engines' own TTFT, mean ms | engines' CPU s (API servers') | router's CPU s "
-             "| router's wait for a CPU s | errors per run |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "engines' own TTFT, mean ms | engine steps (summed) | engines' CPU s (API "
+             "servers') | router's CPU s | router's wait for a CPU s | errors per run |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         cpu, api = r.get("engine_cpu_s"), r.get("api_cpu_s")
         pool = r.get("pooled_ttft_ms")
@@ -554,6 +588,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         lines.append(f"| {r['name']} | {r['runs']} | {fmt(r['hit_rate'], True)} | "
                      f"{fmt(r['ttft_p50_ms'])} | {fmt(r['ttft_p90_ms'])} | "
                      f"{fmt(r['ttft_p99_ms'])} | {pooled} | {fmt(r.get('engine_ttft_ms'))} | "
+                     f"{fmt(r.get('engine_steps'))} | "
                      f"{'–' if cpu is None else fmt(cpu)}"
                      f"{'' if api is None else ' (' + fmt(api) + ')'} | "
                      f"{fmt(r.get('cpu_s'), digits=2)} | {fmt(r.get('wait_s'), digits=2)} | "
@@ -708,15 +743,20 @@ def render(doc: dict[str, Any], out: Path) -> str:
     if bad:
         lines += ["Not measured:", "", *(f"- rep {r.get('rep')} {r['name']}: {r.get('status')}"
                                          f" {str(r.get('reason', ''))[:300]}" for r in bad), ""]
-    lines += ["Per run:", "", "| rep | router | hit rate | TTFT p50 | TTFT p90 | engines' CPU s "
-              "| API servers' CPU s | router's CPU s | router's wait for a CPU s | errors |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["Per run (engines: requests finished / engine steps / own mean TTFT ms of each "
+              "engine, in the fleet's order, between the scrapes before and after the replay):",
+              "", "| rep | router | hit rate | TTFT p50 | TTFT p90 | engines | engine steps | "
+              "engines' CPU s | API servers' CPU s | router's CPU s | router's wait for a CPU s "
+              "| errors |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in doc["results"]:
         if r.get("status") == "ok":
             t = r["summary"]["ttft_ms"]
             hit = "–" if r.get("hit_rate") is None else f"{100 * r['hit_rate']:.1f}%"
             lines.append(f"| {r['rep']} | {r['name']} | {hit} | "
-                         f"{t['p50']:.0f} | {t['p90']:.0f} | {r.get('engine_cpu_s', '–')} | "
+                         f"{t['p50']:.0f} | {t['p90']:.0f} | {engines_text(r)} | "
+                         f"{'–' if summed_steps(r) is None else f'{summed_steps(r):.0f}'} | "
+                         f"{r.get('engine_cpu_s', '–')} | "
                          f"{r.get('api_cpu_s', '–')} | "
                          f"{'–' if r.get('cpu_s') is None else round(r['cpu_s'], 2)} | "
                          f"{r.get('wait_s', '–')} | {r['summary']['errors']} |")

@@ -250,6 +250,9 @@ def run_setup(setup: Setup, a: argparse.Namespace, ctx: Context, fast: Context,
     # HTTP parsing and tokenization): the rest of the client's TTFT is the network, that front
     # end's own work and the router (compare routers with each other, not with zero)
     res["engine_ms"] = metrics.engine_means_ms(pages_before, pages_after)
+    # per engine (in the fleet's order): requests finished, engine steps and their tokens, own
+    # mean TTFT -- whether a router spread a burst over the engines or batched it on one
+    res["per_engine"] = metrics.per_engine(pages_before, pages_after)
     res["cpu_s"], res["peak_rss_mb"] = cpu_s, peak / 2**20
     res["wait_s"] = round(sampler.wait_s, 3)  # ready to run, waiting for a CPU (schedstat)
     # per request, for looking into a tail: [index, arrival s, input tokens, trace blocks, TTFT
