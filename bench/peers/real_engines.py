@@ -589,8 +589,8 @@ def table(rows: list[dict[str, Any]]) -> str:
                      f"{fmt(r['ttft_p50_ms'])} | {fmt(r['ttft_p90_ms'])} | "
                      f"{fmt(r['ttft_p99_ms'])} | {pooled} | {fmt(r.get('engine_ttft_ms'))} | "
                      f"{fmt(r.get('engine_steps'))} | "
-                     f"{'–' if cpu is None else fmt(cpu)}"
-                     f"{'' if api is None else ' (' + fmt(api) + ')'} | "
+                     f"{'–' if cpu is None else fmt(cpu, digits=1)}"
+                     f"{'' if api is None else ' (' + fmt(api, digits=1) + ')'} | "
                      f"{fmt(r.get('cpu_s'), digits=2)} | {fmt(r.get('wait_s'), digits=2)} | "
                      f"{', '.join(str(e) for e in r['errors'])} of {r['requests']} |")
     return "\n".join(lines)
