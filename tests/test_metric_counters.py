@@ -1,5 +1,5 @@
 """The gateway's running totals kept as plain numbers by the code that counts them (event-loop
-lag, send gate, stream-coalescing holds) are Prometheus counters read when /metrics is
+lag, send gate, stream-coalescing holds, engine scrapes and health probes) are Prometheus counters read when /metrics is
 collected (`telemetry.metrics.SourcedCounters`), under the names they always had; checked with
 prometheus_client's own parsers, and no metric in the registry breaks promtool's counter rule
 (a name ends in ``_total`` exactly when it is a counter)."""
@@ -34,6 +34,8 @@ TOTALS = {  # exposed name -> GatewayMetrics attribute
     "inferplane_send_gate_requests_total": "send_gate_requests",
     "inferplane_send_gate_groups_total": "send_gate_groups",
     "inferplane_stream_coalesce_holds_total": "coalesce_holds",
+    "inferplane_engine_scrapes_total": "engine_scrapes",
+    "inferplane_health_probes_total": "health_probes",
 }
 
 
@@ -80,13 +82,17 @@ def test_the_totals_are_counters_under_their_names_read_at_each_collect() -> Non
     source.update({"inferplane_event_loop_lag_seconds_total": 0.25,
                    "inferplane_send_gate_requests_total": 7,
                    "inferplane_send_gate_groups_total": 3,
-                   "inferplane_stream_coalesce_holds_total": 11})
+                   "inferplane_stream_coalesce_holds_total": 11,
+                   "inferplane_engine_scrapes_total": 40,
+                   "inferplane_health_probes_total": 4})
     page = generate_latest(m.registry).decode()
     assert {name: _total(page, name) for name in TOTALS} == {
         "inferplane_event_loop_lag_seconds_total": 0.25,
         "inferplane_send_gate_requests_total": 7.0,
         "inferplane_send_gate_groups_total": 3.0,
         "inferplane_stream_coalesce_holds_total": 11.0,
+        "inferplane_engine_scrapes_total": 40.0,
+        "inferplane_health_probes_total": 4.0,
     }
     # the lines a scraper greps for (bench/peers/cpu_per_request.py, bench/soak.py) are unchanged
     assert re.search(r"^inferplane_stream_coalesce_holds_total 11\.0$", page, re.M)
@@ -215,5 +221,33 @@ async def test_a_served_gateways_metrics_move_with_their_sources(
             rose = (_total(page, "inferplane_event_loop_lag_seconds_total")
                     - _total(first, "inferplane_event_loop_lag_seconds_total"))
             assert rose >= 0.3 - gw.lag.interval_s - 1e-6
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_served_gateway_counts_its_scrapes_and_probes_of_the_engines(
+    upstream: HeldUpstream,
+) -> None:
+    """What the gateway asks of the engines besides the requests it routes: every /metrics
+    page it asks an engine for and every health probe it sends, from its scraper's own counts
+    (the start-up scrape and probe included)."""
+    gw = Gateway(parse_config(config(upstream.port, metrics={"public": True})))
+    port = free_port()
+    runner = await serve(gw, "127.0.0.1", port)
+    try:
+        scraper = gw.scraper
+        assert scraper is not None and scraper.scrapes >= 1 and scraper.probes >= 1  # prime
+        deadline = time.monotonic() + 10
+        while scraper.scrapes < 3 and time.monotonic() < deadline:  # every 0.05 s, or backed off
+            await asyncio.sleep(0.05)
+        assert scraper.scrapes >= 3
+        async with aiohttp.ClientSession() as http:
+            lo = (scraper.scrapes, scraper.probes)
+            async with http.get(f"http://127.0.0.1:{port}/metrics") as r:
+                assert r.status == 200
+                page = await r.text()
+            hi = (scraper.scrapes, scraper.probes)
+        assert lo[0] <= _total(page, "inferplane_engine_scrapes_total") <= hi[0]
+        assert lo[1] <= _total(page, "inferplane_health_probes_total") <= hi[1]
     finally:
         await runner.cleanup()

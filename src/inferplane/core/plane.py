@@ -275,6 +275,9 @@ class Core:
             quiet_busy=g.scrape_quiet_busy and quiet is not None,
             skip_probe_while_serving=g.health_skip_while_serving, lag=self.lag,
         )
+        scraper = self.scraper
+        self.metrics.engine_scrapes.count_from(lambda: scraper.scrapes)
+        self.metrics.health_probes.count_from(lambda: scraper.probes)
         await self.scraper.prime()
         self.scraper.start()
         if self.config.health.outlier.enabled:

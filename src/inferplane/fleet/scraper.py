@@ -323,6 +323,11 @@ class Scraper:
         self.health_interval_s = health_interval_s
         self.failures_to_down = failures_to_down
         self._tasks: dict[str, tuple[Endpoint, list[asyncio.Task[None]]]] = {}
+        # requests this scraper made of the endpoints since start, answered or not (what it
+        # asks of the engines besides the requests it routes: inferplane_engine_scrapes_total,
+        # inferplane_health_probes_total)
+        self.scrapes = 0
+        self.probes = 0
 
     async def scrape_once(self, endpoint: Endpoint) -> bool:
         return (await self._scrape(endpoint))[0]
@@ -337,6 +342,7 @@ class Scraper:
         mark = lag.mark() if lag is not None else (0.0, 0.0)
         before = self.live.inflight_of(endpoint.name)
         started = self.clock()
+        self.scrapes += 1
         text = await self.source.metrics(endpoint)
         took = self.clock() - started if lag is None else lag.ran_s(mark)
         if text is None:
@@ -356,6 +362,7 @@ class Scraper:
         return True, took, quiet
 
     async def probe_once(self, endpoint: Endpoint, failures: int) -> int:
+        self.probes += 1
         ok = await self.source.healthy(endpoint)
         failures = 0 if ok else failures + 1
         if ok:
@@ -448,6 +455,7 @@ class Scraper:
         eps = self.live.fleet.endpoints
         await asyncio.gather(*(self.scrape_once(e) for e in eps))
         probed = [e for e in eps if e.health_check != "passive"]
+        self.probes += len(probed)
         results = await asyncio.gather(*(self.source.healthy(e) for e in probed))
         for e, ok in zip(probed, results, strict=True):
             self.live.set_health(e.name, ok)

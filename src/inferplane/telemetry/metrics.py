@@ -258,6 +258,19 @@ class GatewayMetrics:
             "(gateway.stream_coalesce_ms, while gateway.stream_coalesce_min_streams streams "
             "were relayed)",
         )
+        # wired by the plane once its scraper runs (`core.plane`): absent before
+        self.engine_scrapes = SourcedCounter(
+            "inferplane_engine_scrapes_total",
+            "Engine /metrics pages this gateway process asked for since it started scraping "
+            "(answered or not; a reload's look at joining endpoints not counted): what it asks "
+            "of the engines besides the requests it routes",
+        )
+        self.health_probes = SourcedCounter(
+            "inferplane_health_probes_total",
+            "Health probes this gateway process sent to endpoints since it started scraping "
+            "(answered or not; a reload's look at joining endpoints and the probes "
+            "gateway.health_skip_while_serving skipped not counted)",
+        )
         # wired by a worker of `serve --workers N` only (`api.app.serve`): absent elsewhere
         self.worker_page_refused = SourcedCounter(
             "inferplane_worker_page_refused_total",
@@ -268,7 +281,7 @@ class GatewayMetrics:
         self._sourced = SourcedCounters(
             (self.loop_lost, self.send_gate_requests, self.send_gate_groups, self.coalesce_holds,
              self.loop_cpu, self.loop_runqueue_wait, self.loop_slices, self.process_runqueue_wait,
-             self.worker_page_refused)
+             self.worker_page_refused, self.engine_scrapes, self.health_probes)
         )
         r.register(self._sourced)
         self._admission_metrics(r)
