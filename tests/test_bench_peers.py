@@ -374,6 +374,36 @@ def test_per_engine_counts_requests_steps_and_own_ttft_between_two_scrapes() -> 
         metrics.per_engine(before, after[:1])
 
 
+def test_the_gateways_scrapes_and_probes_are_read_from_its_own_page() -> None:
+    from bench.peers.real_engines import asks_text
+
+    def page(scrapes: float, probes: float) -> str:
+        return ("# TYPE inferplane_engine_scrapes_total counter\n"
+                f"inferplane_engine_scrapes_total {scrapes}\n"
+                f"inferplane_health_probes_total {probes}\n")
+
+    got = metrics.router_asks(page(10, 2), page(250, 7))
+    assert got == {"scrapes": 240, "probes": 5}
+    assert asks_text({"router_asks": got}) == "240 / 5"
+    # another router's page, an engine's page behind Envoy, an older gateway, a failed read
+    engine = "vllm:num_requests_running 0.0\n"
+    assert metrics.router_asks(engine, engine) is None
+    assert metrics.router_asks(page(1, 1), None) is None
+    assert metrics.router_asks("inferplane_engine_scrapes_total 1\n", page(2, 2)) is None
+    assert asks_text({"router_asks": None}) == "–"
+
+
+def test_the_bench_opens_the_gateways_metrics_page() -> None:
+    import yaml
+
+    from bench.peers.real_engines import fleet_yaml
+    from inferplane.config.loader import parse_config
+
+    text = fleet_yaml([("http://127.0.0.1:9", "ipc:///tmp/x")], 64, 4, True, tokenizer=False)
+    assert yaml.safe_load(text)["gateway"]["metrics"] == {"public": True}
+    assert parse_config(text).gateway.metrics.public
+
+
 def test_results_sum_the_engine_steps_and_show_each_engine() -> None:
     from bench.peers.real_engines import aggregate, engines_text, summed_steps, table
 

@@ -123,6 +123,24 @@ def per_engine(before: Sequence[str], after: Sequence[str]) -> list[dict[str, fl
     return out
 
 
+ROUTER_ASKS = {"scrapes": "inferplane_engine_scrapes_total",
+               "probes": "inferplane_health_probes_total"}
+"""What inferplane's gateway asks of the engines besides the requests it routes (its own
+``/metrics``): engine pages asked for, health probes sent."""
+
+
+def router_asks(before: str | None, after: str | None) -> dict[str, float] | None:
+    """`ROUTER_ASKS` between two reads of a router's own ``/metrics`` page; None when either
+    read failed or a page lacks a counter (another router, an older gateway, or a page that is
+    not the gateway's: behind Envoy, ``/metrics`` reaches an engine)."""
+    if before is None or after is None:
+        return None
+    names = ROUTER_ASKS.values()
+    if not all(re.search(rf"^{n} ", p, re.M) for p in (before, after) for n in names):
+        return None
+    return {k: prom_sum(after, n) - prom_sum(before, n) for k, n in ROUTER_ASKS.items()}
+
+
 def hit_rate(before: CacheCounters, after: CacheCounters) -> float | None:
     """Prefix-cache hit rate between two scrapes (None when nothing was queried)."""
     dq = after.queries - before.queries

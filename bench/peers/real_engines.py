@@ -381,6 +381,8 @@ def fleet_yaml(engines: list[tuple[str, str]], blocks: int, seqs: int,
     return (
         "gateway:\n  host: 127.0.0.1\n  port: 8080\n  scrape_interval_s: 0.1\n"
         "  token_estimate: words\n"
+        # /metrics open: the bench reads the gateway's scrapes and probes of the engines
+        "  metrics: {public: true}\n"
         + profiles
         + "regions:\n  - name: local\n    egress_usd_per_gb: 0.0\n"
         f"substrates:\n  - name: real-vllm-cpu\n    kind: cpu\n    hardware: {hardware}\n"
@@ -459,6 +461,10 @@ def run_one(name: str, rep: int, urls: list[str], fleet: Path, a: argparse.Names
         f"{eng.get('prefill')} ms; router CPU "
         f"{'–' if res.get('cpu_s') is None else round(res['cpu_s'], 2)} s, waited for a CPU "
         f"{res.get('wait_s', '–')} s)")
+    asks = res.get("router_asks")
+    if asks:
+        log(f"   the router asked the engines for {asks['scrapes']:.0f} /metrics pages and "
+            f"{asks['probes']:.0f} health probes")
     per = res.get("per_engine")
     if per:
         log("   per engine (requests / steps / tokens a step / own TTFT mean ms): " + "; ".join(
@@ -473,6 +479,12 @@ def summed_steps(res: dict[str, Any]) -> float | None:
     if not per or any(e.get("steps") is None for e in per):
         return None
     return float(sum(e["steps"] for e in per))
+
+
+def asks_text(res: dict[str, Any]) -> str:
+    """A replay's ``scrapes / probes`` the router made of the engines, or – (not counted)."""
+    asks = res.get("router_asks")
+    return "–" if not asks else f"{asks['scrapes']:.0f} / {asks['probes']:.0f}"
 
 
 def engines_text(res: dict[str, Any]) -> str:
@@ -746,9 +758,10 @@ def render(doc: dict[str, Any], out: Path) -> str:
     lines += ["Per run (engines: requests finished / engine steps / own mean TTFT ms of each "
               "engine, in the fleet's order, between the scrapes before and after the replay):",
               "", "| rep | router | hit rate | TTFT p50 | TTFT p90 | engines | engine steps | "
+              "router's scrapes / probes of the engines | "
               "engines' CPU s | API servers' CPU s | router's CPU s | router's wait for a CPU s "
               "| errors |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in doc["results"]:
         if r.get("status") == "ok":
             t = r["summary"]["ttft_ms"]
@@ -756,6 +769,7 @@ def render(doc: dict[str, Any], out: Path) -> str:
             lines.append(f"| {r['rep']} | {r['name']} | {hit} | "
                          f"{t['p50']:.0f} | {t['p90']:.0f} | {engines_text(r)} | "
                          f"{'–' if summed_steps(r) is None else f'{summed_steps(r):.0f}'} | "
+                         f"{asks_text(r)} | "
                          f"{r.get('engine_cpu_s', '–')} | "
                          f"{r.get('api_cpu_s', '–')} | "
                          f"{'–' if r.get('cpu_s') is None else round(r['cpu_s'], 2)} | "

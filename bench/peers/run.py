@@ -147,6 +147,15 @@ def scrape(urls: list[str]) -> list[str]:
     return [httpx.get(f"{u}/metrics", timeout=10).text for u in urls]
 
 
+def own_page(base: str) -> str | None:
+    """A router's own ``/metrics`` page, None where it has none open."""
+    with contextlib.suppress(httpx.HTTPError):
+        r = httpx.get(f"{base}/metrics", timeout=10)
+        if r.status_code == 200:
+            return r.text
+    return None
+
+
 def drain_and_reset(urls: list[str], limit_s: float) -> float:
     """Wait until no endpoint runs or queues a request, then reset every prefix cache."""
     t0 = time.monotonic()
@@ -228,6 +237,7 @@ def run_setup(setup: Setup, a: argparse.Namespace, ctx: Context, fast: Context,
         drain_and_reset(ctx.fleet_urls, a.drain_limit)
         pages_before = scrape(ctx.fleet_urls)
         before = metrics.CacheCounters.from_pages(pages_before)
+        own_before = own_page(base)
         sampler = TreeSampler(proc.pids).start()  # Envoy + picker: both trees
         span = planned[-1].arrival_s if planned else 0.0
         records, wall = asyncio.run(client.replay(
@@ -240,6 +250,9 @@ def run_setup(setup: Setup, a: argparse.Namespace, ctx: Context, fast: Context,
         res["client_threads_cpus"] = threads_cpus([os.getpid()])
         pages_after = scrape(ctx.fleet_urls)
         after = metrics.CacheCounters.from_pages(pages_after)
+        # what the router asked of the engines besides the requests (inferplane's gateway
+        # counts its scrapes and probes; None for the others)
+        res["router_asks"] = metrics.router_asks(own_before, own_page(base))
         if not proc.alive():
             res["router_exit"] = proc.popen.returncode
     finally:
