@@ -372,6 +372,11 @@ def test_per_engine_counts_requests_steps_and_own_ttft_between_two_scrapes() -> 
                       "ttft_ms": None}  # an engine the router never sent to
     with pytest.raises(ValueError):
         metrics.per_engine(before, after[:1])
+    # an engine whose page has no step histogram (inferplane's emulator): steps unknown, not 0
+    plain = "vllm:request_success_total 4\n"
+    [got_plain] = metrics.per_engine(["vllm:request_success_total 1\n"], [plain])
+    assert got_plain["requests"] == 3 and got_plain["steps"] is None
+    assert got_plain["step_tokens"] is None and got_plain["tokens_per_step"] is None
 
 
 def test_the_gateways_scrapes_and_probes_are_read_from_its_own_page() -> None:
@@ -426,6 +431,9 @@ def test_results_sum_the_engine_steps_and_show_each_engine() -> None:
     assert engines_text(runs[0]) == "10/100/123, 20/200/–, 30/300/–"
     # a replay recorded before per-engine counts (or without them): no summed steps
     assert summed_steps(res(None)) is None and engines_text(res(None)) == "–"
+    unknown = res([1, 2, 3])
+    unknown["per_engine"][1]["steps"] = None  # an engine without the step histogram
+    assert summed_steps(unknown) is None and engines_text(unknown).startswith("10/1/123, 20/–/–")
     assert aggregate([*runs, res(None)])[0]["engine_steps"] is None
 
 

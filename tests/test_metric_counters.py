@@ -1,8 +1,8 @@
 """The gateway's running totals kept as plain numbers by the code that counts them (event-loop
-lag, send gate, stream-coalescing holds, engine scrapes and health probes) are Prometheus counters read when /metrics is
-collected (`telemetry.metrics.SourcedCounters`), under the names they always had; checked with
-prometheus_client's own parsers, and no metric in the registry breaks promtool's counter rule
-(a name ends in ``_total`` exactly when it is a counter)."""
+lag, send gate, stream-coalescing holds, engine scrapes and health probes) are Prometheus
+counters read when /metrics is collected (`telemetry.metrics.SourcedCounters`), under the names
+they always had; checked with prometheus_client's own parsers, and no metric in the registry
+breaks promtool's counter rule (a name ends in ``_total`` exactly when it is a counter)."""
 
 from __future__ import annotations
 

@@ -52,6 +52,11 @@ def prom_sum(text: str, name: str) -> float:
     return total
 
 
+def has(text: str, name: str) -> bool:
+    """Whether a Prometheus text page has a sample of metric ``name`` (any labels)."""
+    return re.search(rf"^{re.escape(name)}[{{\s]", text, re.M) is not None
+
+
 @dataclass(frozen=True)
 class CacheCounters:
     hits: float
@@ -101,10 +106,11 @@ REQUESTS = "vllm:request_success_total"
 
 def per_engine(before: Sequence[str], after: Sequence[str]) -> list[dict[str, float | None]]:
     """What each engine did between two scrapes of the same engines' pages (in order): the
-    requests it finished, the engine steps it ran and their tokens (`STEPS`), tokens per step,
-    and its own mean TTFT (ms; None: no first token in between). On an engine shared by
-    several requests a step has fixed costs (scheduling, the forward pass's launch, the output's
-    hand-off), so the steps a replay took say what spreading or batching its requests cost."""
+    requests it finished, the engine steps it ran and their tokens (`STEPS`; None where its
+    page has no such histogram), tokens per step, and its own mean TTFT (ms; None: no first
+    token in between). On an engine shared by several requests a step has fixed costs
+    (scheduling, the forward pass's launch, the output's hand-off), so the steps a replay took
+    say what spreading or batching its requests cost."""
     if len(before) != len(after):
         raise ValueError(f"{len(before)} pages before, {len(after)} after")
     out: list[dict[str, float | None]] = []
@@ -112,11 +118,15 @@ def per_engine(before: Sequence[str], after: Sequence[str]) -> list[dict[str, fl
         def d(name: str, b: str = b, a: str = a) -> float:
             return prom_sum(a, name) - prom_sum(b, name)
 
-        steps, tokens = d(STEPS + "_count"), d(STEPS + "_sum")
+        # an engine without the histogram (inferplane's emulator, SGLang) ran no step we know of
+        counted = all(has(p, STEPS + "_count") for p in (b, a))
+        steps = d(STEPS + "_count") if counted else None
+        tokens = d(STEPS + "_sum") if counted else None
         n_ttft = d(ENGINE_SECONDS["ttft"] + "_count")
         out.append({
             "requests": d(REQUESTS), "steps": steps, "step_tokens": tokens,
-            "tokens_per_step": round(tokens / steps, 2) if steps > 0 else None,
+            "tokens_per_step": round(tokens / steps, 2) if steps and tokens is not None
+            else None,
             "ttft_ms": round(1e3 * d(ENGINE_SECONDS["ttft"] + "_sum") / n_ttft, 1)
             if n_ttft > 0 else None,
         })
@@ -135,8 +145,7 @@ def router_asks(before: str | None, after: str | None) -> dict[str, float] | Non
     not the gateway's: behind Envoy, ``/metrics`` reaches an engine)."""
     if before is None or after is None:
         return None
-    names = ROUTER_ASKS.values()
-    if not all(re.search(rf"^{n} ", p, re.M) for p in (before, after) for n in names):
+    if not all(has(p, n) for p in (before, after) for n in ROUTER_ASKS.values()):
         return None
     return {k: prom_sum(after, n) - prom_sum(before, n) for k, n in ROUTER_ASKS.items()}
 

@@ -468,7 +468,7 @@ def run_one(name: str, rep: int, urls: list[str], fleet: Path, a: argparse.Names
     per = res.get("per_engine")
     if per:
         log("   per engine (requests / steps / tokens a step / own TTFT mean ms): " + "; ".join(
-            f"{e['requests']:.0f} / {e['steps']:.0f} / {e['tokens_per_step']} / {e['ttft_ms']}"
+            f"{e['requests']:.0f} / {e['steps']} / {e['tokens_per_step']} / {e['ttft_ms']}"
             for e in per))
     return res
 
@@ -493,10 +493,10 @@ def engines_text(res: dict[str, Any]) -> str:
     if not per:
         return "–"
 
-    def ms(v: float | None) -> str:
+    def n(v: float | None) -> str:
         return "–" if v is None else f"{v:.0f}"
 
-    return ", ".join(f"{e['requests']:.0f}/{e['steps']:.0f}/{ms(e['ttft_ms'])}" for e in per)
+    return ", ".join(f"{n(e['requests'])}/{n(e['steps'])}/{n(e['ttft_ms'])}" for e in per)
 
 
 def pooled_ttft(runs: list[dict[str, Any]]) -> dict[str, float] | None:
