@@ -821,6 +821,43 @@ async def test_own_counts_the_gateways_requests_at_either_end_of_the_fetch(
         r.release()
 
 
+@pytest.mark.parametrize(
+    ("start", "end", "work", "kind"),
+    [
+        (0, 1, 0, "own"),  # a request sent during the fetch, not on the page yet
+        (0, 1, 1, "own"),  # ... or already on it
+        (1, 0, 0, "own"),  # the gateway's last request ended during the fetch
+        (1, 0, 1, "own"),  # ... rendered before it ended
+        (0, 1, 2, None),  # one more than the gateway ever had: another client's
+        (1, 0, 2, None),
+    ],
+)
+async def test_a_fetch_across_the_gateways_first_or_last_request_is_its_own(
+    live: LiveFleet, start: int, end: int, work: int, kind: str | None
+) -> None:
+    """A page read while the gateway's count went from none to some (or from some to none) is
+    compared like any other, with the larger of the two ends (the class docstring: "at the
+    fetch's start or at its end"); it was not, and such a page sent the back-off back to the
+    paced wait: a burst's start or end crossing a fetch on a fleet only this gateway feeds.
+    (0 -> 1 with one on the page is the ambiguity 3 -> 4 already accepts: the gateway's, or
+    another client's while the gateway's is on its way.)"""
+    held = [live.reserve("eu-0", 10) for _ in range(start)]
+
+    class During(StaticMetricsSource):
+        async def metrics(self, endpoint: Endpoint) -> str | None:
+            if end > start:
+                held.append(live.reserve("eu-0", 10))
+            else:
+                held.pop().release()
+            return queue_page(work, 0)
+
+    scraper = Scraper(live, During(), quiet_interval_s=1.0, quiet_busy=True)
+    assert (await scraper._scrape(endpoint(live, "eu-0")))[2] == kind
+    assert live.live["eu-0"].metrics_own is (kind is not None)
+    for r in held:
+        r.release()
+
+
 async def test_busy_engines_holding_only_the_gateways_requests_are_scraped_ever_more_rarely(
     live: LiveFleet, monkeypatch: pytest.MonkeyPatch
 ) -> None:

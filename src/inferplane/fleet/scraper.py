@@ -354,7 +354,7 @@ class Scraper:
             work = metrics.running + metrics.waiting
             if work == 0 and before == 0 and after == 0:
                 quiet = "idle"
-            elif before > 0 and after > 0 and work <= max(before, after):
+            elif work <= max(before, after):  # the gateway had some in flight: its own
                 quiet = "own"
         if quiet == "own" and not self.quiet_busy:
             quiet = None
