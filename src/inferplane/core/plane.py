@@ -463,12 +463,13 @@ class Core:
                 seconds=time.perf_counter() - t0,
                 draining=sum(r.inflight for r in map(self.live.live.get, removed) if r is not None),
             )
+            gone = "none" if not out.removed else f"{list(out.removed)} (" + (
+                f"draining {out.draining}" if out.draining else "none") + " in flight)"
             log.info(
                 "fleet reloaded from %s: %d endpoints; added %s; removed %s; "
                 "changed %s; placement policies %s (%.0f ms)",
-                file, len(fleet.endpoints), list(out.added) or "none",
-                f"{list(out.removed)} (draining {out.draining} in flight)" if out.removed
-                else "none", list(out.changed) or "none",
+                file, len(fleet.endpoints), list(out.added) or "none", gone,
+                list(out.changed) or "none",
                 "rebuilt" if rebuild else "kept", out.seconds * 1000,
             )
             return out
