@@ -87,10 +87,16 @@ ROUTER_CPUS_ENV = "PEERS_ROUTER_CPUS"
 (real_engines.py's and run.py's ``--router-cpus``)."""
 
 
+ANY_CPU = range(1 << 16)
+"""`parse_cpu_list`'s ``allowed`` for a list of the host's CPUs or of a recorded run's, not
+necessarily ones this process may run on (``/sys/devices/system/cpu/online``, a thread's
+``Cpus_allowed_list``, a results file's layout)."""
+
+
 def parse_cpu_list(spec: str, allowed: Sequence[int] | set[int] | None = None) -> list[int]:
     """The CPUs of a list like ``1``, ``0,2`` or ``0-1,3`` (sorted, without repeats); a
     ValueError that says why when it is malformed, empty, or names a CPU outside ``allowed``
-    (default: the CPUs this process may run on, ``os.sched_getaffinity(0)``)."""
+    (default: the CPUs this process may run on, ``os.sched_getaffinity(0)``; `ANY_CPU`: any)."""
     ok = set(os.sched_getaffinity(0) if allowed is None else allowed)
     top = max(ok, default=-1)
     out: set[int] = set()

@@ -115,6 +115,7 @@ import yaml
 
 from bench.peers.peers import envoy_concurrency
 from bench.peers.procs import (
+    ANY_CPU,
     format_cpu_list,
     parse_cpu_list,
     pin_preexec,
@@ -232,7 +233,7 @@ def online_cpus() -> list[int]:
     """The host's online CPUs (``/sys/devices/system/cpu/online``; else ``os.cpu_count()``'s)."""
     try:
         spec = Path("/sys/devices/system/cpu/online").read_text().strip()
-        return parse_cpu_list(spec, allowed=range(1 << 16))
+        return parse_cpu_list(spec, allowed=ANY_CPU)
     except (OSError, ValueError):
         return list(range(os.cpu_count() or 1))
 
@@ -264,7 +265,7 @@ def check_layout(got: dict[str, Any], want: list[int]) -> list[str]:
 
     def inside(k: str) -> bool:
         try:
-            return set(parse_cpu_list(k, allowed=range(1 << 16))) <= set(want)
+            return set(parse_cpu_list(k, allowed=ANY_CPU)) <= set(want)
         except ValueError:
             return False
 
@@ -673,7 +674,7 @@ def layout_lines(doc: dict[str, Any]) -> list[str]:
 
     def want(key: str) -> list[int]:
         spec = lay.get(key)
-        return parse_cpu_list(spec, allowed=range(1 << 16)) if spec else []
+        return parse_cpu_list(spec, allowed=ANY_CPU) if spec else []
 
     def checked(got: dict[str, Any], cpus: list[int]) -> str:
         wrong = check_layout(got, cpus)

@@ -464,12 +464,15 @@ class Core:
                 changed=tuple(n for n in fleet.by_name if n in old and n not in kept_specs),
                 policies_rebuilt=rebuild,
                 seconds=time.perf_counter() - t0,
+                draining=sum(r.inflight for r in map(self.live.live.get, removed) if r is not None),
             )
+            gone = "none" if not out.removed else f"{list(out.removed)} (" + (
+                f"draining {out.draining}" if out.draining else "none") + " in flight)"
             log.info(
-                "fleet reloaded from %s: %d endpoints; added %s; removed %s (draining); "
+                "fleet reloaded from %s: %d endpoints; added %s; removed %s; "
                 "changed %s; placement policies %s (%.0f ms)",
-                file, len(fleet.endpoints), list(out.added) or "none",
-                list(out.removed) or "none", list(out.changed) or "none",
+                file, len(fleet.endpoints), list(out.added) or "none", gone,
+                list(out.changed) or "none",
                 "rebuilt" if rebuild else "kept", out.seconds * 1000,
             )
             return out
@@ -1152,6 +1155,7 @@ class Reloaded:
     changed: tuple[str, ...]
     policies_rebuilt: bool
     seconds: float
+    draining: int  # this process's requests in flight on the removed endpoints at the swap
 
 
 def _domains(endpoint: Endpoint) -> frozenset[str]:
