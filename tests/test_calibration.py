@@ -43,10 +43,13 @@ from inferplane.physics.calibration import (
 from inferplane.physics.frontend import FrontEnd
 from inferplane.physics.probe import (
     OPENER_TOKENS,
+    PREFILL_VISITS,
     SLOW_SPREAD_MEAN,
     Prober,
     ProbeResult,
     calibrate_endpoint,
+    prefill_positions,
+    typical_s,
 )
 from inferplane.physics.spread import SpeedSpread, SpreadCost
 from inferplane.twin.emulator.endpoint import FINISHED, Submission, client_lead_s
@@ -1373,3 +1376,50 @@ async def test_every_probe_round_times_its_requests_on_an_open_connection() -> N
     # the rounds after the first did find their connection closed: the opener paid for it
     firsts = [(words, n) for words, n, first in fake.requests if first]
     assert len(firsts) >= 3 and all(n == 1 and words <= OPENER_TOKENS for words, n in firsts[1:])
+
+
+async def test_a_slow_state_at_the_rounds_starts_does_not_decide_the_prefill_points() -> None:
+    """A host that turns slow for a stretch at the start of 3 of the probe's 5 rounds (a fake
+    engine prefilling 2x slower for the next 9 requests after the caller's ``between_rounds``
+    of rounds 0-2: the round's opener, its first prefill sweep and the decode work after it)
+    sampled one try a round, at the round's start, and each point the median of the 5: the
+    768-token point read the slow state (~77 ms, the engine's typical speed ~38 ms), as the
+    fidelity vLLM's did in session 22's runs whose TTFT P50 gap came out +11 ... +20 %.
+    Taken ``PREFILL_VISITS`` times a round, spread through it, the point sees the slow state in
+    3 of its 15 tries and stays at the typical speed. Had the visits come back to back at the
+    round's start, 6 of 15 would be slow and the point ~1.3x the typical."""
+    per_word = 50e-6
+    async with fake_completions(token_gap_s=0.001, prefill_s_per_word=per_word) as (url, fake):
+        async def turn_slow(i: int) -> None:
+            if i < 3:
+                fake.slow_for(9, 2.0)
+
+        result = await Prober(url, "m").run(
+            (16, 768), (1, 2, 4), decode_tokens=4, long_decode_prompt_tokens=0, repeats=5,
+            warm_up_max_s=0.0, require_smooth=False, between_rounds=turn_slow)
+    typical = 768 * per_word
+    tries = result.prefill_tries_s[768]
+    assert len(tries) == 5 * PREFILL_VISITS
+    assert sum(t > 1.6 * typical for t in tries) == 3  # the slow stretch was sampled
+    point = next(p for p in result.prefill if p.prompt_tokens == 768)
+    assert typical < point.ttft_s < 1.2 * typical, (point, sorted(tries))
+
+
+def test_typical_s_weighs_both_speed_states_and_cuts_a_stray_try() -> None:
+    """Of 15 tries, 9 in a fast state (36 ms) and 6 in a slow one (52 ms): the median says
+    36 ms, as if the slow state never came; the mean less 3 tries cut from each end weighs
+    both (6 fast and 3 slow). A stray try of 500 ms (a pause of the whole host) is cut."""
+    tries = [0.036] * 9 + [0.052] * 6
+    assert statistics.median(tries) == 0.036
+    assert typical_s(tries) == pytest.approx((6 * 0.036 + 3 * 0.052) / 9)
+    assert typical_s([*tries[:-1], 0.5]) == pytest.approx(typical_s(tries))
+    assert typical_s([0.01]) == 0.01
+    with pytest.raises(ValueError):
+        typical_s([])
+
+
+def test_prefill_visits_spread_from_the_rounds_start_to_its_end() -> None:
+    assert prefill_positions(7, 3) == [0, 4, 7]  # 5 decode points, a burst, the loaded point
+    assert prefill_positions(3, 3) == [0, 2, 3]
+    assert prefill_positions(7, 1) == [0]
+    assert prefill_positions(0, 2) == [0, 0]

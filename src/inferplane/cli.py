@@ -770,7 +770,9 @@ def calibrate(
         str, typer.Option(help="front-end sweep: one-token requests sent at once")
     ] = "4",
     decode_tokens: Annotated[int, typer.Option(help="tokens per decode stream")] = 64,
-    repeats: Annotated[int, typer.Option(help="tries per point (the median is kept)")] = 5,
+    repeats: Annotated[int, typer.Option(
+        help="probe rounds: tries per point (the median is kept; prefill points: "
+        "3 tries a round spread through it, their trimmed mean)")] = 5,
     api_key_env: Annotated[
         str | None, typer.Option(help="environment variable holding the engine's API key")
     ] = None,

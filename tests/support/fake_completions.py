@@ -4,8 +4,10 @@ request on each new connection, which waits ``new_connection_s`` first — what 
 connection costs a request on a real engine's HTTP front end. ``keepalive_s``: the server
 closes a connection idle that long (vLLM's uvicorn: 5 s). ``prefill_s_per_word``: each request
 waits that long per prompt word before its first token (a longer prompt answers later, so that
-concurrent requests can finish out of the order they were sent in). Each request is recorded as
-(prompt words, max_tokens, first on its connection), in the order they arrive."""
+concurrent requests can finish out of the order they were sent in). ``slow_for(n, factor)``: the
+next ``n`` requests to arrive wait ``factor`` times as long per word (a host that turns slow for a
+stretch). Each request is recorded as (prompt words, max_tokens, first on its connection), in the
+order they arrive."""
 
 from __future__ import annotations
 
@@ -26,6 +28,12 @@ class FakeCompletions:
     prefill_s_per_word: float = 0.0  # before the first token, per prompt word
     requests: list[tuple[int, int, bool]] = field(default_factory=list)
     _seen: list[Any] = field(default_factory=list)  # the transports served so far
+    _slow_left: int = 0  # requests still to arrive in the slow state
+    _slow_factor: float = 1.0
+
+    def slow_for(self, n: int, factor: float) -> None:
+        """The next ``n`` requests to arrive prefill ``factor`` times slower."""
+        self._slow_left, self._slow_factor = n, factor
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
@@ -37,8 +45,12 @@ class FakeCompletions:
         self.requests.append((words, int(body["max_tokens"]), first))
         if first and self.new_connection_s > 0:
             await asyncio.sleep(self.new_connection_s)
+        factor = 1.0
+        if self._slow_left > 0:
+            self._slow_left -= 1
+            factor = self._slow_factor
         if self.prefill_s_per_word > 0:
-            await asyncio.sleep(words * self.prefill_s_per_word)
+            await asyncio.sleep(words * self.prefill_s_per_word * factor)
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         n = int(body["max_tokens"])

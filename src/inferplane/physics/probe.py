@@ -1,12 +1,20 @@
 """Measure a live engine for calibration (``inferplane calibrate``): the one module of
 ``physics`` that does I/O.
 
-Three sweeps over the OpenAI completions API, each point the median of ``repeats`` tries:
+Sweeps over the OpenAI completions API, each point the median of ``repeats`` tries, except the
+prefill and cached points (see there):
 
 * **prefill**: a lone streamed request of ``max_tokens=1`` per prompt length; TTFT is the time
   from sending the request to the first chunk that carries a token. Every prompt starts with a
   fresh random word, so nothing of it is in the prefix cache. The prompt's token count is the
-  engine's own (``usage.prompt_tokens``), so no tokenizer is needed here.
+  engine's own (``usage.prompt_tokens``), so no tokenizer is needed here. The sweep is taken
+  :data:`PREFILL_VISITS` times a round, spread through the round (at its start, between the
+  other sweeps, at its end), and each point is the :func:`typical_s` of all its tries: a
+  trimmed mean, not a median. On a host that runs long prefills in two speed states for
+  seconds at a time, the median of one try a round landed on whichever state held at 3 of the 5
+  rounds' starts (session 22's fidelity vLLM: its 768-token point ~36 ms in some runs, 51-54 in
+  others), while the workload the profile is held to, sent over the same minutes, mixes both
+  (docs/physics.md).
 * **cached**: the same prompt sent twice; the second TTFT with ``cached_tokens`` as the engine
   reports them (``usage.prompt_tokens_details``; points without the field are left out).
 * **decode**: ``B`` streams started together, each a short prompt and ``decode_tokens`` output
@@ -37,9 +45,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import os
 import statistics
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -71,6 +81,15 @@ WARM_UP_MAX_S = 90.0
 #: Prompt tokens of the untimed requests that open connections (`Prober.open_connections`).
 OPENER_TOKENS = 8
 
+#: Times each probe round takes the prefill sweep (every prompt length, cold and then cached),
+#: spread through the round: at its start, between its other sweeps, at its end
+#: (`prefill_positions`). One visit a round (until session 23) sampled the host at the rounds'
+#: starts only: 5 tries of each length, a few seconds of a probe whose host changes speed
+#: from one stretch of seconds to the next.
+PREFILL_VISITS: Final = 3
+#: The share of a prefill point's tries cut from each end before the mean (`typical_s`).
+PREFILL_TRIM: Final = 0.2
+
 #: Words a prompt is made of: common English words, one token each in a real model's tokenizer
 #: (and in the fidelity tier's word-level one, and the emulator's). Words outside the engine's
 #: vocabulary would all become the same unknown token, so that every "fresh" prompt of a length
@@ -85,6 +104,29 @@ class ProbeError(RuntimeError):
     """The engine did not answer as an OpenAI-compatible completions server should."""
 
 
+def typical_s(tries: Sequence[float], trim: float = PREFILL_TRIM) -> float:
+    """A prefill point's value from its tries: their mean once ``trim`` of them (rounded
+    down) are cut from each end. Not their median: on a host that runs long prefills in two
+    speed states, the median lands on whichever state held more than half the tries, and one
+    try more or less flips it (session 22: the probe's 768-token point 36 or 52 ms, the
+    emulator's TTFT P50 gap −18 or +20 %); the workload the profile is held to mixes both. The
+    cut keeps a stray try (a pause of the whole host) from moving it."""
+    if not tries:
+        raise ValueError("no tries")
+    xs = sorted(tries)
+    cut = int(len(xs) * trim)
+    return statistics.fmean(xs[cut:len(xs) - cut])
+
+
+def prefill_positions(tasks: int, visits: int) -> list[int]:
+    """Where a round's ``visits`` prefill sweeps go among its ``tasks`` other measurements
+    (decode points, bursts, the loaded point): before the task of each returned index
+    (``tasks``: after the last), spread evenly from the round's start to its end."""
+    if visits <= 1:
+        return [0] * max(visits, 0)
+    return [round(k * tasks / (visits - 1)) for k in range(visits)]
+
+
 @dataclass
 class ProbeResult:
     prefill: list[PrefillPoint] = field(default_factory=list)
@@ -96,6 +138,10 @@ class ProbeResult:
     #: (``calibration.speed_spread``), and the span each was measured over: one stream's decode
     speed_spread: tuple[float, ...] = ()
     speed_spread_window_s: float = 0.0
+    #: every cold prefill try's TTFT per requested prompt length, in the order sent
+    prefill_tries_s: dict[int, list[float]] = field(default_factory=dict)
+    #: the probe's own time: warm-up to the last round, less the caller's ``between_rounds``
+    probe_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -349,10 +395,14 @@ class Prober:
         warm_up_max_s: float = WARM_UP_MAX_S,
         require_smooth: bool = True,
         between_rounds: Callable[[int], Awaitable[None]] | None = None,
+        prefill_visits: int = PREFILL_VISITS,
     ) -> ProbeResult:
         """Every point ``repeats`` times, the sweeps interleaved (each round visits every point
         once), so that a burst of load elsewhere on the machine spreads over the points instead
-        of bending one of them; each point is the median of its rounds. ``between_rounds(i)``
+        of bending one of them; each point is the median of its rounds. The prefill sweep
+        (cold and cached) is taken ``prefill_visits`` times a round, spread through it
+        (:func:`prefill_positions`), and each of its points is the :func:`typical_s` of its
+        ``repeats × prefill_visits`` tries. ``between_rounds(i)``
         is awaited after round ``i`` (0-based): a caller's own measurements of the same engine
         (a comparison with what the profile predicts) spread over the same minutes as the
         probe, so that the engine running faster or slower for a while (a shared host) moves
@@ -375,6 +425,41 @@ class Prober:
         loaded_batch = max(batches, default=0) // 2 if bursts else 0
         loaded_ctx = 0
         context: dict[tuple[int, int], int] = {}
+        if prefill_visits < 1:
+            raise ValueError(f"prefill_visits must be 1 or more ({prefill_visits})")
+
+        async def prefill_sweep(session: aiohttp.ClientSession) -> None:
+            for n in prompt_tokens:
+                c, w = await self.prefill_once(session, n)
+                cold[n].append(c)
+                warm[n].append(w)
+
+        async def decode_point(session: aiohttp.ClientSession, b: int, n: int) -> None:
+            t, ctx = await self.decode_once(session, b, decode_tokens, n)
+            itl[b, n].append(t)
+            context[b, n] = ctx
+
+        async def burst_point(session: aiohttp.ClientSession, n: int) -> None:
+            burst[n].append(await self.burst_once(session, n, burst_prompt_tokens))
+
+        async def loaded_point(session: aiohttp.ClientSession) -> None:
+            nonlocal loaded_ctx
+            got, loaded_ctx = await self.loaded_once(
+                session, loaded_batch, loaded_decode_tokens, decode_prompt_tokens,
+                burst_prompt_tokens,
+            )
+            loaded.extend(got)
+
+        # a round's measurements other than the prefill sweep, in their order; the sweep's
+        # visits go between them (the first before them all, the last after them all)
+        tasks: list[Callable[[aiohttp.ClientSession], Awaitable[None]]] = [
+            *(functools.partial(decode_point, b=b, n=n) for b, n in decode_points),
+            *(functools.partial(burst_point, n=n) for n in bursts),
+            *([loaded_point] if loaded_batch else []),
+        ]
+        visits_before = Counter(prefill_positions(len(tasks), prefill_visits))
+        between_s = 0.0
+        started = time.perf_counter()
         async with aiohttp.ClientSession(timeout=self.timeout) as session:
             await self.learn_words_per_token(session)
             if not await self.warm_up(session, warm_up_max_s) and require_smooth:
@@ -387,36 +472,26 @@ class Prober:
                 # the round's first timed request on an open connection (a caller's
                 # ``between_rounds`` may outlast the engine's keep-alive)
                 await self.open_connections(session)
-                for n in prompt_tokens:
-                    c, w = await self.prefill_once(session, n)
-                    cold[n].append(c)
-                    warm[n].append(w)
-                for b, n in decode_points:
-                    t, ctx = await self.decode_once(session, b, decode_tokens, n)
-                    itl[b, n].append(t)
-                    context[b, n] = ctx
-                for n in bursts:
-                    burst[n].append(await self.burst_once(session, n, burst_prompt_tokens))
-                if loaded_batch:
-                    got, loaded_ctx = await self.loaded_once(
-                        session, loaded_batch, loaded_decode_tokens, decode_prompt_tokens,
-                        burst_prompt_tokens,
-                    )
-                    loaded += got
+                for i in range(len(tasks) + 1):
+                    for _ in range(visits_before[i]):
+                        await prefill_sweep(session)
+                    if i < len(tasks):
+                        await tasks[i](session)
                 if between_rounds is not None:
+                    t = time.perf_counter()
                     await between_rounds(round_)
-        out = ProbeResult()
+                    between_s += time.perf_counter() - t
+        out = ProbeResult(probe_s=time.perf_counter() - started - between_s)
         for n in prompt_tokens:
             tokens = int(statistics.median(s.prompt_tokens for s in cold[n]))
-            out.prefill.append(
-                PrefillPoint(tokens, 0, statistics.median(s.ttft_s for s in cold[n]))
-            )
+            out.prefill.append(PrefillPoint(tokens, 0, typical_s([s.ttft_s for s in cold[n]])))
+            out.prefill_tries_s[n] = [s.ttft_s for s in cold[n]]
             hits = [s for s in warm[n] if s.cached_tokens]
             if len(hits) * 2 > len(warm[n]):  # the engine reports cached tokens and had them
                 out.cached.append(PrefillPoint(
                     tokens,
                     int(statistics.median(s.cached_tokens or 0 for s in hits)),
-                    statistics.median(s.ttft_s for s in hits),
+                    typical_s([s.ttft_s for s in hits]),
                 ))
         for b, n in decode_points:
             out.decode.append(DecodePoint(
@@ -473,17 +548,20 @@ async def calibrate_endpoint(
     require_smooth: bool = True,
     between_rounds: Callable[[int], Awaitable[None]] | None = None,
     keep_speed_spread: bool = True,
+    prefill_visits: int = PREFILL_VISITS,
 ) -> tuple[str, str]:
     """Probe ``url``, fit ``base`` to it; return the profile file's text and a summary table.
     ``require_smooth=False`` calibrates even an engine whose streams still arrive in bursts
     after ``warm_up_max_s`` (tests on a loaded machine; its times then include the load).
-    ``between_rounds``: see :meth:`Prober.run`. ``keep_speed_spread=False`` leaves the
-    probe's speed spread out of the profile (the emulator then runs at the typical speed)."""
+    ``between_rounds``, ``prefill_visits``: see :meth:`Prober.run`. ``keep_speed_spread=False``
+    leaves the probe's speed spread out of the profile (the emulator then runs at the typical
+    speed). The profile's ``calibration`` keeps every cold prefill try (``prefill_tries_ms``,
+    per requested length, in the order sent) and the probe's own time (``probe_s``)."""
     hw, mp = get_hardware(base), get_model(model_profile)
     result = await Prober(url, model, api_key=api_key).run(
         prompt_tokens, batches, bursts=bursts, decode_tokens=decode_tokens, repeats=repeats,
         warm_up_max_s=warm_up_max_s, require_smooth=require_smooth,
-        between_rounds=between_rounds,
+        between_rounds=between_rounds, prefill_visits=prefill_visits,
     )
     cal = fit(
         hw, mp, result.prefill + result.cached, result.decode, name=name, tp=tp,
@@ -502,6 +580,11 @@ async def calibrate_endpoint(
         "precision": precision,
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "repeats": repeats,
+        "prefill_visits": prefill_visits,
+        "prefill_statistic": f"mean of the tries less {PREFILL_TRIM:.0%} cut from each end",
+        "probe_s": round(result.probe_s, 1),
+        "prefill_tries_ms": {n: [round(t * 1e3, 3) for t in ts]
+                             for n, ts in result.prefill_tries_s.items()},
     }
     lines = [f"{'point':<28}{'measured ms':>13}{'fitted ms':>11}{'error':>8}"]
     for p, f in cal.prefill:
