@@ -261,9 +261,10 @@ class GatewayMetrics:
         # wired by the plane once its scraper runs (`core.plane`): absent before
         self.engine_scrapes = SourcedCounter(
             "inferplane_engine_scrapes_total",
-            "Engine /metrics pages this gateway process asked for since it started scraping "
-            "(answered or not; a reload's look at joining endpoints not counted): what it asks "
-            "of the engines besides the requests it routes",
+            "Scrapes of engine /metrics pages this gateway process made since it started "
+            "scraping (answered or not): one page request each, two when the page's path is "
+            "decided (at start, every 300 s, or when the filtered page fails); a reload's "
+            "look at joining endpoints not counted",
         )
         self.health_probes = SourcedCounter(
             "inferplane_health_probes_total",
