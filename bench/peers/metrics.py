@@ -122,13 +122,11 @@ def per_engine(before: Sequence[str], after: Sequence[str]) -> list[dict[str, fl
         counted = all(has(p, STEPS + "_count") for p in (b, a))
         steps = d(STEPS + "_count") if counted else None
         tokens = d(STEPS + "_sum") if counted else None
-        n_ttft = d(ENGINE_SECONDS["ttft"] + "_count")
         out.append({
             "requests": d(REQUESTS), "steps": steps, "step_tokens": tokens,
             "tokens_per_step": round(tokens / steps, 2) if steps and tokens is not None
             else None,
-            "ttft_ms": round(1e3 * d(ENGINE_SECONDS["ttft"] + "_sum") / n_ttft, 1)
-            if n_ttft > 0 else None,
+            "ttft_ms": engine_means_ms([b], [a])["ttft"],
         })
     return out
 
