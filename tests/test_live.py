@@ -1090,11 +1090,14 @@ def test_served_since_needs_a_success_and_no_failure_after_the_mark(
 
 async def probe_turns(
     live: LiveFleet, clock: Clock, monkeypatch: pytest.MonkeyPatch, *, skip: bool,
-    answers: list[bool], traffic: dict[int, list[bool]], turns: int,
+    answers: list[bool], traffic: dict[int, list[bool]], turns: int, window: float = 0.0,
+    gap: float = 1.0, at: float | None = None,
 ) -> list[int]:
-    """Run the probe loop of eu-0 for ``turns`` + 1 turns, 1 s apart on ``clock``; before turn
-    k (during the wait after turn k - 1) the outcomes ``traffic[k]`` are observed; the probes
-    answer ``answers`` in turn. Returns the turns that probed."""
+    """Run the probe loop of eu-0 (``health_interval_s`` 1, ``skip_window_s`` ``window``) for
+    ``turns`` + 1 turns, ``gap`` s apart on ``clock`` (more than 1: late turns); before turn k
+    (during the wait after turn k - 1, ``at`` s into it, None: at its end) the outcomes
+    ``traffic[k]`` are observed; the probes answer ``answers`` in turn. Returns the turns that
+    probed."""
     probed: list[int] = []
     turn = [0]
     left = iter(answers)
@@ -1108,13 +1111,15 @@ async def probe_turns(
         turn[0] += 1
         if turn[0] > turns:
             raise asyncio.CancelledError
-        clock.t += seconds
+        lead = gap if at is None else at
+        clock.t += lead
         for ok in traffic.get(turn[0], []):
             live.observe_outcome("eu-0", ok)
+        clock.t += gap - lead
 
     monkeypatch.setattr("inferplane.fleet.scraper.asyncio.sleep", fake_sleep)
     scraper = Scraper(live, Source(), health_interval_s=1.0, failures_to_down=2,
-                      skip_probe_while_serving=skip)
+                      skip_probe_while_serving=skip, skip_window_s=window)
     with pytest.raises(asyncio.CancelledError):
         await scraper._health_loop(endpoint(live, "eu-0"))
     return probed
@@ -1154,6 +1159,67 @@ async def test_a_skipped_probe_passes_and_an_unhealthy_endpoint_is_always_probed
     # 0: down, fails; 1: served but down: probed (passes, up again); 2: served, up: skipped
     assert probed == [0, 1, 3, 4, 5]
     assert live.is_healthy("eu-0")
+
+
+@pytest.mark.parametrize(("window", "expected"), [(3.0, [0, 4, 5]), (1.0, [0, 2, 3, 4, 5])])
+async def test_an_answer_skips_probes_for_the_window(
+    live: LiveFleet, clock: Clock, monkeypatch: pytest.MonkeyPatch, window: float,
+    expected: list[int],
+) -> None:
+    """With ``skip_window_s`` 3, one answer (before turn 1) skips the probes of turns 1 to 3,
+    where a window of one turn skips turn 1's only; turn 4 is past it."""
+    probed = await probe_turns(live, clock, monkeypatch, skip=True, answers=[True] * 6,
+                               traffic={1: [True]}, turns=5, window=window)
+    assert probed == expected
+
+
+async def test_an_idle_endpoint_is_probed_every_interval_whatever_the_window(
+    live: LiveFleet, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    probed = await probe_turns(live, clock, monkeypatch, skip=True, answers=[True] * 6,
+                               traffic={}, turns=5, window=3.0)
+    assert probed == [0, 1, 2, 3, 4, 5]
+
+
+async def test_a_failure_in_the_window_forces_the_probe(
+    live: LiveFleet, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Turn 2 is skipped on turn 1's answer (the window); a failure before turn 3 forces the
+    probe from then on, and an answer after it (before turn 4) does not lift that while the
+    failure is in the window (turns 4, 5): any failure in the window counts. Turn 6: the
+    failure is out of it, the answer before turn 4 in it: skipped; turn 7: past that answer's
+    window."""
+    probed = await probe_turns(live, clock, monkeypatch, skip=True, answers=[True] * 8,
+                               traffic={1: [True], 3: [False], 4: [True]}, turns=7,
+                               window=3.0)
+    assert probed == [0, 3, 4, 5, 7]
+
+
+async def test_answers_before_a_failed_probe_skip_none(
+    live: LiveFleet, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An endpoint marked down answers before turn 1 (a request already there); its probes
+    fail at turns 0 to 2 and pass at turn 3 (up again). Turn 4 is probed: the answer is in the
+    window (4 s) but older than the failed probe of turn 2."""
+    live.set_health("eu-0", False)
+    probed = await probe_turns(live, clock, monkeypatch, skip=True,
+                               answers=[False, False, False, True, True, True],
+                               traffic={1: [True]}, turns=5, window=4.0)
+    assert probed == [0, 1, 2, 3, 4, 5]
+    assert live.is_healthy("eu-0")
+
+
+@pytest.mark.parametrize("window", [0.0, 0.5, 1.0])
+async def test_a_window_no_longer_than_the_interval_skips_as_the_previous_turn_did(
+    live: LiveFleet, clock: Clock, monkeypatch: pytest.MonkeyPatch, window: float
+) -> None:
+    """Turns 1.5 s apart (late): an answer 0.1 s after a turn skips the next turn, 1.4 s
+    later, as it did before the window existed (the window reaches back to the previous turn,
+    not ``window`` or ``health_interval_s`` back)."""
+    probed = await probe_turns(live, clock, monkeypatch, skip=True, answers=[True] * 6,
+                               traffic={2: [True], 4: [True]}, turns=5, window=window,
+                               gap=1.5, at=0.1)
+    assert probed == [0, 1, 3, 5]
 
 
 def test_only_a_2xx_answer_counts_as_served(live: LiveFleet, clock: Clock) -> None:

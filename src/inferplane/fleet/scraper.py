@@ -285,13 +285,22 @@ class Scraper:
 
     **Probes of a serving endpoint are skipped** (``skip_probe_while_serving``,
     ``gateway.health_skip_while_serving``): each ``health_interval_s``, a healthy endpoint that
-    has answered a request of the gateway with a 2xx since the start of the last turn, and
-    failed none, is not probed: the answer showed what the probe asks
-    (`LiveFleet.served_since`), and it counts as a passed probe. An endpoint without such
-    traffic, with a failure since, or marked unhealthy, is probed as before. What it gives up:
-    an engine that dies right after answering is probed up to one ``health_interval_s`` later
-    than without the skip (its failing requests, counted by passive health and the outlier
-    detector, do not wait for the probe).
+    has answered a request of the gateway with a 2xx within the skip's window, and failed none
+    in it, is not probed: the answer showed what the probe asks (`LiveFleet.served_since`), and
+    it counts as a passed probe. The window (`skip_since`) reaches back to the start of the
+    previous turn, or ``skip_window_s`` (``gateway.health_skip_window_s``) when that is longer,
+    and never before the turn of a failed probe: an answer older than a failed probe skips
+    nothing. Any failure in the window (a consecutive-counting one: not a 429 nor a client gone)
+    forces the probe, even with answers after it, so that a failing endpoint is probed each
+    turn for a window. An endpoint without such traffic (idle), with a failure in the window,
+    or marked unhealthy is probed every ``health_interval_s`` as before. The window decouples
+    the skip from the probe period: at under one request per second per engine, a one-second
+    window often holds no answer, and each probe costs a vLLM API server a request on the loop
+    that serves tokens. What it gives up: an engine that dies right after answering, with no
+    request of the gateway there after, is probed up to the window (at least one
+    ``health_interval_s``) later than without the skip; its failing requests, counted by
+    passive health and the outlier detector, do not wait for the probe, and each forces the
+    next turn's probe.
     """
 
     def __init__(
@@ -307,6 +316,7 @@ class Scraper:
         quiet_interval_s: float | None = None,
         quiet_busy: bool = False,
         skip_probe_while_serving: bool = False,
+        skip_window_s: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
         lag: LoopLag | None = None,
     ) -> None:
@@ -314,6 +324,7 @@ class Scraper:
         self.quiet_interval_s = quiet_interval_s
         self.quiet_busy = quiet_busy
         self.skip_probe_while_serving = skip_probe_while_serving
+        self.skip_window_s = skip_window_s
         self.source = source
         self.interval_s = interval_s
         self.max_duty = max_duty
@@ -437,17 +448,32 @@ class Scraper:
             sleep.cancel()
             started.cancel()
 
+    def skip_since(self, turn: float, previous: float, doubted: float) -> float:
+        """Where the skip's window starts for a probe turn that starts at ``turn`` (on the live
+        fleet's clock), after one that started at ``previous`` (``-inf``: none yet) and after
+        the last failed probe's turn ``doubted`` (``-inf``: none): an answer after it, and no
+        failure, skips the probe (`LiveFleet.served_since`). The previous turn, or
+        ``skip_window_s`` back when that is longer (the class docstring); never before the
+        last failed probe."""
+        since = previous
+        if self.skip_window_s > self.health_interval_s:
+            since = min(since, turn - self.skip_window_s)
+        return max(since, doubted)
+
     async def _health_loop(self, endpoint: Endpoint) -> None:
         failures = 0
-        since = float("-inf")
+        previous = doubted = float("-inf")
         while True:
             turn = self.live.clock()  # outcomes from here on count for the next turn
             if (self.skip_probe_while_serving and self.live.is_healthy(endpoint.name)
-                    and self.live.served_since(endpoint.name, since)):
+                    and self.live.served_since(endpoint.name,
+                                               self.skip_since(turn, previous, doubted))):
                 failures = 0  # the answer passed for the probe
             else:
                 failures = await self.probe_once(endpoint, failures)
-            since = turn
+                if failures:
+                    doubted = turn  # answers before a failed probe no longer skip one
+            previous = turn
             await asyncio.sleep(self.health_interval_s)
 
     async def prime(self) -> None:
