@@ -128,3 +128,24 @@ async def test_a_scrape_counts_one_whatever_the_pages_it_asks_for() -> None:
             assert await scraper.scrape_once(ep)
         assert scraper.scrapes == 3
         assert eng.hits == {"/metrics/": 3, "/metrics": 1}
+
+
+@pytest.mark.parametrize("window", [None, 7.5])
+async def test_the_gateway_gives_its_scraper_the_skip_window(window: float | None) -> None:
+    """``gateway.health_skip_window_s`` (default 3 s) reaches the gateway's scraper, with the
+    skip and the probe period."""
+    from inferplane.api.app import serve
+    from inferplane.api.pipeline import Gateway
+    from tests.support.procs import free_port
+
+    gateway = {} if window is None else {"health_skip_window_s": window}
+    cfg = parse_config(to_yaml(pool_fleet(9001, gateway=gateway)))
+    gw = Gateway(cfg, metrics_source=CountingSource())
+    runner = await serve(gw, "127.0.0.1", free_port())
+    try:
+        scraper = gw.scraper
+        assert scraper is not None and scraper.skip_probe_while_serving
+        assert scraper.skip_window_s == (3.0 if window is None else window)
+        assert scraper.health_interval_s == cfg.gateway.health_interval_s == 1.0
+    finally:
+        await runner.cleanup()

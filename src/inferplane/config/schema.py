@@ -215,13 +215,27 @@ class GatewaySpec(Strict):
     health_interval_s: float = Field(1.0, gt=0, description="/health probe period")
     health_skip_while_serving: bool = Field(
         True,
-        description="skip a healthy endpoint's /health probe when, since the previous turn "
-        "of its probe loop (health_interval_s ago), a request of this gateway there was "
-        "answered with a 2xx and none failed: the answer showed what the probe asks, and "
-        "counts as a passed probe. An endpoint without such traffic, with a failure since, or "
-        "marked unhealthy is probed as before. An engine that dies right after answering is "
-        "probed up to one health_interval_s later (its failing requests still count at once). "
-        "false: probe every health_interval_s",
+        description="skip a healthy endpoint's /health probe when, within "
+        "health_skip_window_s, a request of this gateway there was answered with a 2xx and "
+        "none failed: the answer showed what the probe asks, and counts as a passed probe. An "
+        "endpoint without such traffic, with a failure in the window, or marked unhealthy is "
+        "probed every health_interval_s as before. An engine that dies right after answering, "
+        "with no request after, is probed up to health_skip_window_s later (its failing "
+        "requests still count at once). false: probe every health_interval_s",
+    )
+    health_skip_window_s: float = Field(
+        3.0,
+        gt=0,
+        description="with health_skip_while_serving, how far back a 2xx answer skips a probe: "
+        "the window reaches back this long, or to the start of the previous probe turn "
+        "(health_interval_s ago) when that is longer, so a value no longer than "
+        "health_interval_s skips exactly as the previous turn alone did; never before a failed "
+        "probe. Any failure in the window (not a 429 nor a client gone) forces the probe, even "
+        "with answers after it. What a longer window gives up: an engine that dies right after "
+        "answering, with no request of this gateway there after, is probed up to this long "
+        "later than without the skip; its failing requests still count at once (passive "
+        "health, outlier detection) and are placed again, and each forces the probes while in "
+        "the window",
     )
     stream_coalesce_ms: float = Field(
         0.0,

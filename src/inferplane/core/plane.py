@@ -273,7 +273,8 @@ class Core:
             health_interval_s=g.health_interval_s, max_duty=g.scrape_max_duty,
             max_interval_s=g.scrape_max_interval_s, quiet_interval_s=quiet,
             quiet_busy=g.scrape_quiet_busy and quiet is not None,
-            skip_probe_while_serving=g.health_skip_while_serving, lag=self.lag,
+            skip_probe_while_serving=g.health_skip_while_serving,
+            skip_window_s=g.health_skip_window_s, lag=self.lag,
         )
         scraper = self.scraper
         self.metrics.engine_scrapes.count_from(lambda: scraper.scrapes)
