@@ -655,10 +655,36 @@ class Simulator:
         self._probe_later(se.name, False)
 
     def _probe_later(self, name: str, healthy: bool) -> None:
-        """The scraper's next ``/health`` probe sees the change."""
+        """The scraper's next ``/health`` probe sees the change (one that fails marks the
+        endpoint down: the gateway's ``failures_to_down`` of 2 is not modelled). A probe of an
+        endpoint gone down or hung may be skipped (`_probe_down`); an endpoint coming back is
+        marked down, hence probed every turn."""
         every = self.config.gateway.health_interval_s
         at = (math.floor(self.now / every) + 1) * every
-        self.loop.call_at(at, self.live.set_health, name, healthy)
+        if healthy:
+            self.loop.call_at(at, self.live.set_health, name, True)
+        else:
+            self.loop.call_at(at, self._probe_down, name, at)
+
+    def _probe_down(self, name: str, turn: float) -> None:
+        """The probe turn at ``turn`` of an endpoint gone down or hung, as the gateway's
+        scraper takes it (`fleet.scraper.Scraper`, ``gateway.health_skip_while_serving``): a
+        healthy endpoint that answered a request with a 2xx within ``health_skip_window_s`` (at
+        least one ``health_interval_s``; the turns fall on its multiples here) and failed none
+        in it is not probed: the turn is skipped, and the next one looks again. A failure there
+        (a request refused or timed out) forces the probe, which marks it down. An endpoint
+        back (``up``) before its probe passes it: nothing changes."""
+        se = self.by_name[name]
+        if se.fault not in ("down", "hung"):
+            return
+        g = self.config.gateway
+        window = max(g.health_skip_window_s, g.health_interval_s)
+        if (g.health_skip_while_serving and self.live.is_healthy(name)
+                and self.live.served_since(name, turn - window)):
+            at = turn + g.health_interval_s
+            self.loop.call_at(at, self._probe_down, name, at)
+            return
+        self.live.set_health(name, False)
 
     # -- engines --------------------------------------------------------------------------
     def _horizon(self, se: SimEndpoint) -> float:
