@@ -61,17 +61,18 @@ def _profile_text() -> str:
 
 
 def test_cold_points_read_each_cold_point_from_its_tries_and_keep_the_cached() -> None:
-    c = {
+    tries: dict[int, list[float]] = {16: [1.0, 2.0, 9.0], 64: [4.0, 5.0, 6.0]}
+    c: dict[str, Any] = {
         "prefill": [{"prompt_tokens": 17, "cached_tokens": 0, "ttft_s": 0.5},
                     {"prompt_tokens": 65, "cached_tokens": 0, "ttft_s": 0.5},
                     {"prompt_tokens": 65, "cached_tokens": 32, "ttft_s": 0.25}],
         # per requested length; the points hold the engine's count (17, 65)
-        "prefill_tries_ms": {16: [1.0, 2.0, 9.0], 64: [4.0, 5.0, 6.0]},
+        "prefill_tries_ms": tries,
     }
     assert cold_points(c, statistics.median) == [
         PrefillPoint(17, 0, 0.002), PrefillPoint(65, 0, 0.005), PrefillPoint(65, 32, 0.25)]
     assert cold_points(c, max)[0].ttft_s == 0.009
-    c["prefill_tries_ms"][128] = [1.0]
+    tries[128] = [1.0]
     with pytest.raises(ValueError):
         cold_points(c, statistics.median)
 
