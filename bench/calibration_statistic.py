@@ -228,6 +228,17 @@ def summary(results: dict[str, dict[str, Any]], a: str = "median",
     return out
 
 
+def label(report: Path) -> str:
+    """A run's name: its directory's (``calibration-s24/main1/report.json``: ``s24/main1``) or
+    its file's (``calibration-s23/new1-report.json``: ``s23/new1``), under the last part of the
+    folder's name that holds them."""
+    if report.name == "report.json" and report.parent.name:
+        run, folder = report.parent.name, report.parent.parent.name
+    else:
+        run, folder = report.stem.removesuffix("-report"), report.parent.name
+    return f"{folder.rsplit('-', 1)[-1]}/{run}" if folder else run
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("reports", nargs="+", type=Path)
@@ -239,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         if r is None:
             print(f"{f}: no prefill tries kept, skipped", file=sys.stderr)
             continue
-        results[f.parent.name if f.name == "report.json" else f.stem] = r
+        results[label(f)] = r
     if not results:
         print("no report keeps prefill tries", file=sys.stderr)
         return 1

@@ -14,6 +14,7 @@ from bench.calibration_statistic import (
     cold_points,
     first_visits_median,
     judge,
+    label,
     main,
     refit,
     summary,
@@ -164,3 +165,9 @@ def test_main_skips_reports_without_tries(tmp_path: Path, capsys: pytest.Capture
     old.write_text(json.dumps(_report("calibration:\n  repeats: 5\n", {}, [], {})))
     assert main([str(old)]) == 1
     assert "no prefill tries" in capsys.readouterr().err
+
+
+def test_runs_are_named_by_their_folder_and_file() -> None:
+    assert label(Path("docs/benchmarks/calibration-s24/main1/report.json")) == "s24/main1"
+    assert label(Path("docs/benchmarks/calibration-s23/new1-report.json")) == "s23/new1"
+    assert label(Path("report.json")) == "report"
