@@ -115,8 +115,8 @@ async def warm_up(url: str) -> bool:
 
 #: Held-out repeats after each of the probe's rounds: the same number after every round, so that
 #: the held-out medians weight the rounds as the probe's own points do (each round the same
-#: number of tries: one a round for the decode points, three spread through it for the prefill
-#: points since session 23, whose statistic is a trimmed mean, not a median).
+#: number of tries: one a round for the decode points, ``PREFILL_VISITS`` spread through it for
+#: the prefill points since session 23).
 #: Until session 22, 7 repeats spread 2, 2, 1, 1, 1 over the 5 rounds: the first two rounds,
 #: in several runs the slowest minutes of the engine (session 21's new2: the lone 96-token
 #: request 6.8 and 7.7 ms after round 0, 4.2-4.8 ms after rounds 1-4), held 4 of the 7 samples

@@ -16,6 +16,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from inferplane.cli import app
@@ -1250,6 +1251,34 @@ async def test_calibrate_warns_when_the_speed_spread_slows_the_profile_on_averag
     assert ("speed_spread" in text) is (keep and bool(spread))
 
 
+@pytest.mark.parametrize(("args", "visits"), [((), PREFILL_VISITS), (("--prefill-visits", "2"), 2)])
+def test_calibrate_command_takes_the_prefill_visits_a_round(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, args: tuple[str, ...], visits: int,
+) -> None:
+    """``--prefill-visits`` reaches the probe and the profile's ``calibration``, its default
+    the probe's own (`PREFILL_VISITS`); 0 is refused before anything is sent."""
+    seen: list[object] = []
+
+    async def run(self: Prober, *a: object, **kwargs: object) -> ProbeResult:
+        seen.append(kwargs["prefill_visits"])
+        return _probe_result(())
+
+    monkeypatch.setattr(Prober, "run", run)
+    out = tmp_path / "p.yaml"
+    result = CliRunner().invoke(app, [
+        "calibrate", "--endpoint", "http://127.0.0.1:9", "--model", "llama-3.1-8b",
+        "--base", "l4", "--out", str(out), *args])
+    assert result.exit_code == 0, result.output
+    assert seen == [visits]
+    c = yaml.safe_load(out.read_text())["calibration"]
+    assert c["prefill_visits"] == visits and c["prefill_statistic"] == "median of the tries"
+    refused = CliRunner().invoke(app, [
+        "calibrate", "--endpoint", "http://127.0.0.1:9", "--model", "llama-3.1-8b",
+        "--out", str(tmp_path / "q.yaml"), "--prefill-visits", "0"])
+    assert refused.exit_code == 2 and "--prefill-visits" in refused.output
+    assert seen == [visits]
+
+
 def test_speed_spread_draws_one_factor_per_window_from_the_sampled_ones() -> None:
     """One factor per window of engine time, from the sampled factors only, the same for
     every time in the window and on every run with the same seed, whatever order the windows
@@ -1385,9 +1414,9 @@ async def test_a_slow_state_at_the_rounds_starts_does_not_decide_the_prefill_poi
     sampled one try a round, at the round's start, and each point the median of the 5: the
     768-token point read the slow state (~77 ms, the engine's typical speed ~38 ms), as the
     fidelity vLLM's did in session 22's runs whose TTFT P50 gap came out +11 ... +20 %.
-    Taken ``PREFILL_VISITS`` times a round, spread through it, the point sees the slow state in
-    3 of its 15 tries and stays at the typical speed. Had the visits come back to back at the
-    round's start, 6 of 15 would be slow and the point ~1.3x the typical."""
+    Taken ``PREFILL_VISITS`` times a round, evenly spaced through it, the point sees the slow
+    state in 3 of its 15 tries and stays at the typical speed. Had the visits come back to back
+    at the round's start, 6 of 15 would be slow and the point ~1.3x the typical."""
     per_word = 50e-6
     async with fake_completions(token_gap_s=0.001, prefill_s_per_word=per_word) as (url, fake):
         async def turn_slow(i: int) -> None:
@@ -1405,21 +1434,46 @@ async def test_a_slow_state_at_the_rounds_starts_does_not_decide_the_prefill_poi
     assert typical < point.ttft_s < 1.2 * typical, (point, sorted(tries))
 
 
-def test_typical_s_weighs_both_speed_states_and_cuts_a_stray_try() -> None:
-    """Of 15 tries, 9 in a fast state (36 ms) and 6 in a slow one (52 ms): the median says
-    36 ms, as if the slow state never came; the mean less 3 tries cut from each end weighs
-    both (6 fast and 3 slow). A stray try of 500 ms (a pause of the whole host) is cut."""
+async def test_prefill_visits_never_come_back_to_back_across_a_rounds_end() -> None:
+    """Three decode points and three prefill visits a round, 3 rounds, against the fake engine,
+    in the order the requests arrive: exactly one sweep (the 768-token prompt cold and then
+    cached) between one decode point and the next, the rounds' ends included. Until session 24
+    a round's last visit came after its last task, back to back with the next round's first:
+    two sweeps in a row there and none between the first two decode points of a round."""
+    async with fake_completions(token_gap_s=0.0005) as (url, fake):
+        result = await Prober(url, "m").run(
+            (16, 768), (1, 2, 4), decode_tokens=4, long_decode_prompt_tokens=0, repeats=3,
+            warm_up_max_s=0.0, require_smooth=False)
+    assert len(result.prefill_tries_s[768]) == 3 * PREFILL_VISITS == 9
+    seq = "".join("P" if words == 768 else "D" for words, n, _ in fake.requests
+                  if words == 768 or (words == 32 and n == 1))  # D: a decode point's lone try
+    assert seq == "PPD" * 9, seq
+
+
+def test_typical_s_is_the_median_of_the_tries() -> None:
+    """Of 15 tries, 9 in a fast state (36 ms) and 6 in a slow one (52 ms): the point is their
+    median, as the decode points' (and what the emulator's speed spread is measured against),
+    not session 23's trimmed mean (41.3 ms here); a stray try of 500 ms (a pause of the whole
+    host) does not move it."""
     tries = [0.036] * 9 + [0.052] * 6
-    assert statistics.median(tries) == 0.036
-    assert typical_s(tries) == pytest.approx((6 * 0.036 + 3 * 0.052) / 9)
-    assert typical_s([*tries[:-1], 0.5]) == pytest.approx(typical_s(tries))
+    assert typical_s(tries) == 0.036
+    assert typical_s([*tries[:-1], 0.5]) == 0.036
     assert typical_s([0.01]) == 0.01
+    assert typical_s([0.01, 0.03]) == pytest.approx(0.02)
     with pytest.raises(ValueError):
         typical_s([])
 
 
-def test_prefill_visits_spread_from_the_rounds_start_to_its_end() -> None:
-    assert prefill_positions(7, 3) == [0, 4, 7]  # 5 decode points, a burst, the loaded point
-    assert prefill_positions(3, 3) == [0, 2, 3]
+def test_prefill_visits_are_evenly_spaced_across_the_rounds() -> None:
+    """Consecutive visits as many tasks apart as whole tasks allow, the round's end to the
+    next round's first visit included: no visit after the round's last task, which came back
+    to back with the next round's first (until session 24: [0, 4, 7] of 7 tasks)."""
+    assert prefill_positions(7, 3) == [0, 2, 5]  # 5 decode points, a burst, the loaded point
+    assert prefill_positions(3, 3) == [0, 1, 2]
+    assert prefill_positions(6, 2) == [0, 3]
     assert prefill_positions(7, 1) == [0]
     assert prefill_positions(0, 2) == [0, 0]
+    for tasks, visits in ((7, 3), (5, 2), (9, 4), (3, 3), (7, 2)):
+        at = prefill_positions(tasks, visits)
+        gaps = [b - a for a, b in zip(at, [*at[1:], at[0] + tasks], strict=True)]
+        assert max(gaps) - min(gaps) <= 1 and max(at) < tasks, (tasks, visits, at)

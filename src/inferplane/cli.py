@@ -771,8 +771,11 @@ def calibrate(
     ] = "4",
     decode_tokens: Annotated[int, typer.Option(help="tokens per decode stream")] = 64,
     repeats: Annotated[int, typer.Option(
-        help="probe rounds: tries per point (the median is kept; prefill points: "
-        "3 tries a round spread through it, their trimmed mean)")] = 5,
+        help="probe rounds: tries per point, the median kept (the prefill points: "
+        "--prefill-visits tries a round)")] = 5,
+    prefill_visits: Annotated[int, typer.Option(
+        min=1, help="prefill sweeps a round, evenly spaced through it: each prefill and cached "
+        "point of --repeats x this many tries")] = 3,
     api_key_env: Annotated[
         str | None, typer.Option(help="environment variable holding the engine's API key")
     ] = None,
@@ -798,6 +801,7 @@ def calibrate(
                 batches=_int_list(batches, "--batches"),
                 bursts=_int_list(bursts, "--bursts"), decode_tokens=decode_tokens,
                 repeats=repeats, api_key=key, keep_speed_spread=speed_spread,
+                prefill_visits=prefill_visits,
             )
         )
     except (ProbeError, ValueError, LookupError) as exc:

@@ -20,10 +20,11 @@ from pathlib import Path
 
 import yaml
 
+from bench.calibration_statistic import trimmed_mean as typical_s  # session 23's statistic
 from inferplane.physics import get_hardware
 from inferplane.physics.calibration import DecodePoint, PrefillPoint, fit
 from inferplane.physics.models import get_model
-from inferplane.physics.probe import PREFILL_VISITS, typical_s
+from inferplane.physics.probe import PREFILL_VISITS
 
 HERE = Path(__file__).resolve().parent
 

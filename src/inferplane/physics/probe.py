@@ -8,13 +8,14 @@ prefill and cached points (see there):
   from sending the request to the first chunk that carries a token. Every prompt starts with a
   fresh random word, so nothing of it is in the prefix cache. The prompt's token count is the
   engine's own (``usage.prompt_tokens``), so no tokenizer is needed here. The sweep is taken
-  :data:`PREFILL_VISITS` times a round, spread through the round (at its start, between the
-  other sweeps, at its end), and each point is the :func:`typical_s` of all its tries: a
-  trimmed mean, not a median. On a host that runs long prefills in two speed states for
-  seconds at a time, the median of one try a round landed on whichever state held at 3 of the 5
-  rounds' starts (session 22's fidelity vLLM: its 768-token point ~36 ms in some runs, 51-54 in
-  others), while the workload the profile is held to, sent over the same minutes, mixes both
-  (docs/physics.md).
+  :data:`PREFILL_VISITS` times a round (``prefill_visits``), evenly spaced through the round
+  from its start (:func:`prefill_positions`), and each point is the median of all its
+  ``repeats × prefill_visits`` tries (:func:`typical_s`). On a host that runs long prefills in
+  two speed states for seconds at a time, the median of one try a round (until session 23)
+  landed on whichever state held at 3 of the 5 rounds' starts (session 22's fidelity vLLM: its
+  768-token point ~36 ms in some runs, 51-54 in others), while the workload the profile is held
+  to, sent over the same minutes, mixes both (docs/physics.md); tries spread through the rounds
+  sample that mix.
 * **cached**: the same prompt sent twice; the second TTFT with ``cached_tokens`` as the engine
   reports them (``usage.prompt_tokens_details``; points without the field are left out).
 * **decode**: ``B`` streams started together, each a short prompt and ``decode_tokens`` output
@@ -81,14 +82,12 @@ WARM_UP_MAX_S = 90.0
 #: Prompt tokens of the untimed requests that open connections (`Prober.open_connections`).
 OPENER_TOKENS = 8
 
-#: Times each probe round takes the prefill sweep (every prompt length, cold and then cached),
-#: spread through the round: at its start, between its other sweeps, at its end
-#: (`prefill_positions`). One visit a round (until session 23) sampled the host at the rounds'
-#: starts only: 5 tries of each length, a few seconds of a probe whose host changes speed
-#: from one stretch of seconds to the next.
+#: Times each probe round takes the prefill sweep (every prompt length, cold and then cached)
+#: by default (``inferplane calibrate --prefill-visits``), evenly spaced through the round from
+#: its start (`prefill_positions`). One visit a round (until session 23) sampled the host at
+#: the rounds' starts only: 5 tries of each length, a few seconds of a probe whose host changes
+#: speed from one stretch of seconds to the next.
 PREFILL_VISITS: Final = 3
-#: The share of a prefill point's tries cut from each end before the mean (`typical_s`).
-PREFILL_TRIM: Final = 0.2
 
 #: Words a prompt is made of: common English words, one token each in a real model's tokenizer
 #: (and in the fidelity tier's word-level one, and the emulator's). Words outside the engine's
@@ -104,27 +103,29 @@ class ProbeError(RuntimeError):
     """The engine did not answer as an OpenAI-compatible completions server should."""
 
 
-def typical_s(tries: Sequence[float], trim: float = PREFILL_TRIM) -> float:
-    """A prefill point's value from its tries: their mean once ``trim`` of them (rounded
-    down) are cut from each end. Not their median: on a host that runs long prefills in two
-    speed states, the median lands on whichever state held more than half the tries, and one
-    try more or less flips it (session 22: the probe's 768-token point 36 or 52 ms, the
-    emulator's TTFT P50 gap −18 or +20 %); the workload the profile is held to mixes both. The
-    cut keeps a stray try (a pause of the whole host) from moving it."""
+def typical_s(tries: Sequence[float]) -> float:
+    """A prefill point's value from its tries: their median, as every other probe point's.
+    Session 23 took the mean less a fifth cut from each end; refitted offline on fidelity runs'
+    kept tries (``bench/calibration_statistic.py``; docs/benchmarks.md, session 24), it
+    predicted the real engine's TTFTs no closer than the median: what helped was spreading the
+    tries through the rounds, not the statistic. The median is also what the emulator's speed
+    spread is measured against (``calibration.speed_spread``: each decode try over its point's
+    median), so that the emulator, which plays the spread back on top of the profile's times,
+    does not count a slow share twice."""
     if not tries:
         raise ValueError("no tries")
-    xs = sorted(tries)
-    cut = int(len(xs) * trim)
-    return statistics.fmean(xs[cut:len(xs) - cut])
+    return statistics.median(tries)
 
 
 def prefill_positions(tasks: int, visits: int) -> list[int]:
     """Where a round's ``visits`` prefill sweeps go among its ``tasks`` other measurements
-    (decode points, bursts, the loaded point): before the task of each returned index
-    (``tasks``: after the last), spread evenly from the round's start to its end."""
-    if visits <= 1:
-        return [0] * max(visits, 0)
-    return [round(k * tasks / (visits - 1)) for k in range(visits)]
+    (decode points, bursts, the loaded point): before the task of each returned index, one
+    every ``tasks / visits`` tasks from the round's start, so that consecutive visits are as
+    evenly spaced in the probe's sequence as whole tasks allow, across the rounds' ends too.
+    Not the last after the round's last task (until session 24): that one and the next
+    round's first came back to back, one visit in effect, sampling the same stretch of the
+    host's speed twice."""
+    return [round(k * tasks / visits) for k in range(max(visits, 0))]
 
 
 @dataclass
@@ -400,9 +401,9 @@ class Prober:
         """Every point ``repeats`` times, the sweeps interleaved (each round visits every point
         once), so that a burst of load elsewhere on the machine spreads over the points instead
         of bending one of them; each point is the median of its rounds. The prefill sweep
-        (cold and cached) is taken ``prefill_visits`` times a round, spread through it
-        (:func:`prefill_positions`), and each of its points is the :func:`typical_s` of its
-        ``repeats × prefill_visits`` tries. ``between_rounds(i)``
+        (cold and cached) is taken ``prefill_visits`` times a round, evenly spaced through it
+        (:func:`prefill_positions`), and each of its points is the :func:`typical_s` (median)
+        of its ``repeats × prefill_visits`` tries. ``between_rounds(i)``
         is awaited after round ``i`` (0-based): a caller's own measurements of the same engine
         (a comparison with what the profile predicts) spread over the same minutes as the
         probe, so that the engine running faster or slower for a while (a shared host) moves
@@ -451,7 +452,7 @@ class Prober:
             loaded.extend(got)
 
         # a round's measurements other than the prefill sweep, in their order; the sweep's
-        # visits go between them (the first before them all, the last after them all)
+        # visits go between them, evenly spaced (the first before them all)
         tasks: list[Callable[[aiohttp.ClientSession], Awaitable[None]]] = [
             *(functools.partial(decode_point, b=b, n=n) for b, n in decode_points),
             *(functools.partial(burst_point, n=n) for n in bursts),
@@ -581,7 +582,7 @@ async def calibrate_endpoint(
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "repeats": repeats,
         "prefill_visits": prefill_visits,
-        "prefill_statistic": f"mean of the tries less {PREFILL_TRIM:.0%} cut from each end",
+        "prefill_statistic": "median of the tries",
         "probe_s": round(result.probe_s, 1),
         "prefill_tries_ms": {n: [round(t * 1e3, 3) for t in ts]
                              for n, ts in result.prefill_tries_s.items()},
