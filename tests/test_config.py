@@ -215,6 +215,12 @@ CASES: list[tuple[str, Callable[[Data], None], str, str]] = [
     # wrong types and values
     ("port-type", put("gateway.port", "http"), "gateway.port", "valid integer"),
     ("port-range", put("gateway.port", 70000), "gateway.port", "less than or equal to 65535"),
+    (
+        "skip-window-bound",
+        put("gateway.health_skip_window_s", 300),
+        "gateway.health_skip_window_s",
+        "300 s is over 60 s: a healthy endpoint with occasional traffic would go unprobed",
+    ),
     ("section-type", put("substrates", {"a": 1}), "substrates", "valid list"),
     ("merged-section-type", put("classes", "gold"), "classes", "valid list"),
     ("entry-type", put("substrates.0.endpoints.0", "eu-0"), "substrates[0].endpoints[0]", "dict"),

@@ -4,6 +4,7 @@ by the in-memory `StaticMetricsSource`."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import random
 from collections import deque
@@ -1091,21 +1092,28 @@ def test_served_since_needs_a_success_and_no_failure_after_the_mark(
 async def probe_turns(
     live: LiveFleet, clock: Clock, monkeypatch: pytest.MonkeyPatch, *, skip: bool,
     answers: list[bool], traffic: dict[int, list[bool]], turns: int, window: float = 0.0,
-    gap: float = 1.0, at: float | None = None,
+    gap: float = 1.0, at: float | None = None, scrapes: dict[int, list[str | None]] | None = None,
+    scraped: bool = True,
 ) -> list[int]:
     """Run the probe loop of eu-0 (``health_interval_s`` 1, ``skip_window_s`` ``window``) for
     ``turns`` + 1 turns, ``gap`` s apart on ``clock`` (more than 1: late turns); before turn k
     (during the wait after turn k - 1, ``at`` s into it, None: at its end) the outcomes
-    ``traffic[k]`` are observed; the probes answer ``answers`` in turn. Returns the turns that
-    probed."""
+    ``traffic[k]`` are observed, then eu-0 is scraped once per page of ``scrapes[k]`` (None: no
+    page), as an endpoint with ``scrape_metrics`` ``scraped``; the probes answer ``answers`` in
+    turn. Returns the turns that probed."""
     probed: list[int] = []
     turn = [0]
     left = iter(answers)
+    ep = endpoint(live, "eu-0")
+    scrape_ep = dataclasses.replace(
+        ep, spec=ep.spec.model_copy(update={"scrape_metrics": scraped}))
 
     class Source(StaticMetricsSource):
         async def healthy(self, endpoint: Endpoint) -> bool:
             probed.append(turn[0])
             return next(left)
+
+    source = Source()
 
     async def fake_sleep(seconds: float) -> None:
         turn[0] += 1
@@ -1115,10 +1123,13 @@ async def probe_turns(
         clock.t += lead
         for ok in traffic.get(turn[0], []):
             live.observe_outcome("eu-0", ok)
+        for page in (scrapes or {}).get(turn[0], []):
+            source.texts["eu-0"] = page
+            assert await scraper.scrape_once(scrape_ep) == (scraped and page is not None)
         clock.t += gap - lead
 
     monkeypatch.setattr("inferplane.fleet.scraper.asyncio.sleep", fake_sleep)
-    scraper = Scraper(live, Source(), health_interval_s=1.0, failures_to_down=2,
+    scraper = Scraper(live, source, health_interval_s=1.0, failures_to_down=2,
                       skip_probe_while_serving=skip, skip_window_s=window)
     with pytest.raises(asyncio.CancelledError):
         await scraper._health_loop(endpoint(live, "eu-0"))
@@ -1181,18 +1192,54 @@ async def test_an_idle_endpoint_is_probed_every_interval_whatever_the_window(
     assert probed == [0, 1, 2, 3, 4, 5]
 
 
-async def test_a_failure_in_the_window_forces_the_probe(
+@pytest.mark.parametrize(("after", "expected"),
+                         [([True], [0, 3, 7]), ([True, False], [0, 3, 4, 7])])
+async def test_a_failure_in_the_window_forces_the_probe_until_one_passes(
+    live: LiveFleet, clock: Clock, monkeypatch: pytest.MonkeyPatch, after: list[bool],
+    expected: list[int],
+) -> None:
+    """Turn 2 is skipped on turn 1's answer (the window); a failure before turn 3 forces its
+    probe, which passes: the failure no longer counts, and the answer before turn 4 skips
+    turns 4 to 6 (its window); turn 7 is past it. A failure after the answer (before turn 4)
+    forces turn 4's probe in turn, which lifts it again."""
+    probed = await probe_turns(live, clock, monkeypatch, skip=True, answers=[True] * 8,
+                               traffic={1: [True], 3: [False], 4: after}, turns=7,
+                               window=3.0)
+    assert probed == expected
+
+
+async def test_a_failure_forces_the_probes_while_they_fail(
     live: LiveFleet, clock: Clock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Turn 2 is skipped on turn 1's answer (the window); a failure before turn 3 forces the
-    probe from then on, and an answer after it (before turn 4) does not lift that while the
-    failure is in the window (turns 4, 5): any failure in the window counts. Turn 6: the
-    failure is out of it, the answer before turn 4 in it: skipped; turn 7: past that answer's
-    window."""
-    probed = await probe_turns(live, clock, monkeypatch, skip=True, answers=[True] * 8,
-                               traffic={1: [True], 3: [False], 4: [True]}, turns=7,
-                               window=3.0)
-    assert probed == [0, 3, 4, 5, 7]
+    """A failure before turn 2 forces its probe, which fails (1 of 2): turn 3 is probed too
+    (the answer is older than the failed probe) and, failing, marks the endpoint down."""
+    probed = await probe_turns(live, clock, monkeypatch, skip=True,
+                               answers=[True, False, False, True], turns=3, window=3.0,
+                               traffic={1: [True], 2: [False]})
+    assert probed == [0, 2, 3]
+    assert not live.is_healthy("eu-0")
+
+
+@pytest.mark.parametrize(("window", "traffic", "pages", "scraped", "expected"), [
+    # no page: turn 2 probed; it passes, and turn 3 is skipped again
+    (3.0, {1: [True]}, [None], True, [0, 2, 4, 5]),
+    (3.0, {1: [True]}, [VLLM], True, [0, 4, 5]),  # a page: nothing forced
+    (3.0, {1: [True]}, [None], False, [0, 4, 5]),  # scrape_metrics false: not scraped
+    # a window of one turn skips as before it existed: turn 2 on the answer since turn 1
+    (1.0, {2: [True]}, [None], True, [0, 1, 3, 4, 5]),
+])
+async def test_a_failed_scrape_forces_the_next_probe(
+    live: LiveFleet, clock: Clock, monkeypatch: pytest.MonkeyPatch, window: float,
+    traffic: dict[int, list[bool]], pages: list[str | None], scraped: bool,
+    expected: list[int],
+) -> None:
+    """An answer before turn 1 skips turns 1 to 3 (a 3-s window); a scrape that reads no
+    page before turn 2 (the engine may be dead: its requests would fail, but none comes)
+    forces that turn's probe."""
+    probed = await probe_turns(live, clock, monkeypatch, skip=True, answers=[True] * 6,
+                               traffic=traffic, turns=5, window=window, scrapes={2: pages},
+                               scraped=scraped)
+    assert probed == expected
 
 
 async def test_answers_before_a_failed_probe_skip_none(

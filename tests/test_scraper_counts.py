@@ -20,7 +20,12 @@ import pytest
 from inferplane.config.loader import parse_config
 from inferplane.fleet.live import LiveFleet
 from inferplane.fleet.model import Endpoint, Fleet
-from inferplane.fleet.scraper import HttpMetricsSource, Scraper, StaticMetricsSource
+from inferplane.fleet.scraper import (
+    HttpMetricsSource,
+    Scraper,
+    StaticMetricsSource,
+    skip_window,
+)
 from tests.builders import endpoint, pool_fleet, to_yaml
 from tests.test_scrape_filter import Engine
 
@@ -130,22 +135,39 @@ async def test_a_scrape_counts_one_whatever_the_pages_it_asks_for() -> None:
         assert eng.hits == {"/metrics/": 3, "/metrics": 1}
 
 
-@pytest.mark.parametrize("window", [None, 7.5])
-async def test_the_gateway_gives_its_scraper_the_skip_window(window: float | None) -> None:
-    """``gateway.health_skip_window_s`` (default 3 s) reaches the gateway's scraper, with the
-    skip and the probe period."""
+@pytest.mark.parametrize(("window", "interval", "expected"), [
+    (None, 1.0, 3.0), (None, 0.25, 0.75), (7.5, 0.25, 7.5), (0.1, 1.0, 0.1),
+])
+async def test_the_gateway_gives_its_scraper_the_skip_window(
+    window: float | None, interval: float, expected: float
+) -> None:
+    """``gateway.health_skip_window_s`` reaches the gateway's scraper, with the skip and the
+    probe period; unset, it is 3 probe periods (a config tuned for fast detection keeps a
+    short window)."""
     from inferplane.api.app import serve
     from inferplane.api.pipeline import Gateway
     from tests.support.procs import free_port
 
-    gateway = {} if window is None else {"health_skip_window_s": window}
+    gateway: dict[str, float] = {"health_interval_s": interval}
+    if window is not None:
+        gateway["health_skip_window_s"] = window
     cfg = parse_config(to_yaml(pool_fleet(9001, gateway=gateway)))
+    assert cfg.gateway.health_skip_window_s == window
     gw = Gateway(cfg, metrics_source=CountingSource())
     runner = await serve(gw, "127.0.0.1", free_port())
     try:
         scraper = gw.scraper
         assert scraper is not None and scraper.skip_probe_while_serving
-        assert scraper.skip_window_s == (3.0 if window is None else window)
-        assert scraper.health_interval_s == cfg.gateway.health_interval_s == 1.0
+        assert scraper.skip_window_s == pytest.approx(expected)
+        assert scraper.health_interval_s == cfg.gateway.health_interval_s == interval
     finally:
         await runner.cleanup()
+
+
+def test_the_scrapers_own_default_window_is_the_configs() -> None:
+    """A `Scraper` built without a window takes the config's default: 3 probe periods."""
+    cfg = parse_config(to_yaml(pool_fleet(9001, gateway={"health_interval_s": 0.1})))
+    live = LiveFleet(Fleet.from_config(cfg), stale_after_s=2.0)
+    scraper = Scraper(live, CountingSource(), health_interval_s=0.1)
+    assert scraper.skip_window_s == pytest.approx(
+        skip_window(cfg.gateway.health_skip_window_s, 0.1)) == pytest.approx(0.3)

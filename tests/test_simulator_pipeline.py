@@ -287,11 +287,13 @@ def test_an_endpoint_down_is_replaced_around_and_comes_back() -> None:
     assert sum(r.completed for r in recs) + len(lost) == len(recs)
 
 
-def _marked_down_at(monkeypatch: pytest.MonkeyPatch, window: float,
-                    late: list[float]) -> list[float]:
+def _marked_down_at(monkeypatch: pytest.MonkeyPatch, window: float, late: list[float],
+                    scrape_s: float) -> list[float]:
     """h-1 of two goes down at 2.05 s, right after answering requests every 0.1 s (round
     robin) from 0 to 1.9 s, none in flight; then requests arrive at the times ``late`` and at
-    6 s (the simulation runs until then). The virtual times at which h-1 is marked down."""
+    6 s (the simulation runs until then). The engines are scraped every ``scrape_s`` from the
+    first arrival (10: not again before 10 s). The virtual times at which h-1 is marked
+    down."""
     from inferplane.fleet.live import LiveFleet
 
     downs: list[float] = []
@@ -303,34 +305,41 @@ def _marked_down_at(monkeypatch: pytest.MonkeyPatch, window: float,
         set_health(self, name, healthy)
 
     monkeypatch.setattr(LiveFleet, "set_health", spy)
-    config = fleet(n=2, max_concurrency=16, gateway={"health_skip_window_s": window})
+    config = fleet(n=2, max_concurrency=16,
+                   gateway={"health_skip_window_s": window, "scrape_interval_s": scrape_s})
     faults = validate_faults([{"at": 2.05, "endpoint": "h-1", "event": "down"}], ["h-0", "h-1"])
     reqs = trace(20, 0.1, prompt=100, out=2) + [TraceRequest(t, 100, 2) for t in [*late, 6.0]]
     sim = run(config, reqs, profile="round-robin", faults=faults)
     assert all(r.completed for r in sim.records)
     last_ok = max(r.arrival_s + (r.e2e_s or 0.0) for r in sim.records[:20]
                   if r.endpoint == "h-1")
-    assert 1.9 < last_ok < 2.05
+    # at 2.0 at the latest: a later answer would be in the window of the turn at 3 s (1-s
+    # window) or 5 s (3-s window) and skip it too
+    assert 1.9 < last_ok <= 2.0
     refused = [r for r in sim.records if r.attempts == 2]
     assert len(refused) == (1 if late else 0)
     return downs
 
 
-@pytest.mark.parametrize(("window", "late", "down_at"), [
+@pytest.mark.parametrize(("window", "late", "scrape_s", "down_at"), [
     # the next probe turn (3 s) after the fault, with a window of one turn (as before)
-    (1.0, [], 3.0),
-    # a 3-s window: the answers before 2.05 s skip the turns at 3 and 4 s (no request after)
-    (3.0, [], 5.0),
+    (1.0, [], 10.0, 3.0),
+    # a 3-s window: the answers before 2.05 s skip the turns at 3 and 4 s (no request after,
+    # no scrape)
+    (3.0, [], 10.0, 5.0),
     # a request refused there (2.5 or 2.6 s, one is round robin's pick; re-placed) forces the
     # probe
-    (3.0, [2.5, 2.6], 3.0),
+    (3.0, [2.5, 2.6], 10.0, 3.0),
+    # so does a failed scrape (the next one after the fault, at 2.1 s)
+    (3.0, [], 0.1, 3.0),
 ])
 def test_the_probe_of_an_endpoint_gone_down_is_skipped_as_the_gateway_skips_it(
-    monkeypatch: pytest.MonkeyPatch, window: float, late: list[float], down_at: float
+    monkeypatch: pytest.MonkeyPatch, window: float, late: list[float], scrape_s: float,
+    down_at: float,
 ) -> None:
     """The simulator marks an endpoint gone down at the probe turn the gateway's scraper
     would probe it (``gateway.health_skip_while_serving``, ``health_skip_window_s``)."""
-    downs = _marked_down_at(monkeypatch, window, late)
+    downs = _marked_down_at(monkeypatch, window, late, scrape_s)
     assert downs[:1] == [pytest.approx(down_at)]
 
 

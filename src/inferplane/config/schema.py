@@ -16,6 +16,8 @@ from inferplane.types import ApiKind, CapacityClass, EngineType, SubstrateKind
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$"
 _KEY_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
+SKIP_WINDOW_MAX_S = 60
+"""The longest ``gateway.health_skip_window_s``."""
 
 Priority = Literal["critical", "standard", "sheddable", "batch"]
 
@@ -136,6 +138,19 @@ class GatewaySpec(Strict):
             )
         return self
 
+    @field_validator("health_skip_window_s", mode="before")
+    @classmethod
+    def _skip_window_bound(cls, window: object) -> object:
+        # before the field's own le check, whose message would not say why
+        if (isinstance(window, int | float) and not isinstance(window, bool)
+                and window > SKIP_WINDOW_MAX_S):
+            raise ValueError(
+                f"{window:g} s is over {SKIP_WINDOW_MAX_S:g} s: a healthy endpoint with "
+                "occasional traffic would go unprobed that long, and an engine dead meanwhile "
+                "be found only by the requests failing there (null: 3 x health_interval_s)"
+            )
+        return window
+
     @field_validator("trusted_proxies")
     @classmethod
     def _networks(cls, nets: list[str]) -> list[str]:
@@ -212,30 +227,39 @@ class GatewaySpec(Strict):
         "whole page",
     )
     stale_after_s: float = Field(2.0, gt=0, description="metrics older than this are not trusted")
-    health_interval_s: float = Field(1.0, gt=0, description="/health probe period")
+    health_interval_s: float = Field(
+        1.0, gt=0, description="/health probe period (a healthy endpoint serving this "
+        "gateway's requests is probed less: health_skip_while_serving)"
+    )
     health_skip_while_serving: bool = Field(
         True,
-        description="skip a healthy endpoint's /health probe when, within "
-        "health_skip_window_s, a request of this gateway there was answered with a 2xx and "
+        description="skip a healthy endpoint's /health probe when, within the skip's window "
+        "(health_skip_window_s), a request of this gateway there was answered with a 2xx and "
         "none failed: the answer showed what the probe asks, and counts as a passed probe. An "
         "endpoint without such traffic, with a failure in the window, or marked unhealthy is "
-        "probed every health_interval_s as before. An engine that dies right after answering, "
-        "with no request after, is probed up to health_skip_window_s later (its failing "
-        "requests still count at once). false: probe every health_interval_s",
+        "probed every health_interval_s as before; so, with a window longer than "
+        "health_interval_s, is one whose /metrics scrape read no page since its last passed "
+        "probe. An engine that dies right after answering, with no request after and no "
+        "failed scrape, is probed up to max(health_skip_window_s, health_interval_s) later "
+        "(its failing requests still count at once). false: probe every health_interval_s",
     )
-    health_skip_window_s: float = Field(
-        3.0,
+    health_skip_window_s: float | None = Field(
+        None,
         gt=0,
-        description="with health_skip_while_serving, how far back a 2xx answer skips a probe: "
-        "the window reaches back this long, or to the start of the previous probe turn "
-        "(health_interval_s ago) when that is longer, so a value no longer than "
-        "health_interval_s skips exactly as the previous turn alone did; never before a failed "
-        "probe. Any failure in the window (not a 429 nor a client gone) forces the probe, even "
-        "with answers after it. What a longer window gives up: an engine that dies right after "
-        "answering, with no request of this gateway there after, is probed up to this long "
-        "later than without the skip; its failing requests still count at once (passive "
-        "health, outlier detection) and are placed again, and each forces the probes while in "
-        "the window",
+        le=SKIP_WINDOW_MAX_S,
+        description="with health_skip_while_serving, how far back a 2xx answer skips a probe, "
+        "in seconds; null (the default): 3 x health_interval_s (3 s at the default 1 s). The "
+        "window in effect is max(health_skip_window_s, health_interval_s): it reaches back at "
+        "least to the start of the previous probe turn, and never before a failed probe. Any "
+        "failure in the window (not a 429 nor a client gone) forces the probe, even with "
+        "answers after it, until a probe passes. A value no longer than health_interval_s "
+        "skips exactly as the previous turn alone did; a longer one also has a /metrics "
+        "scrape that read no page (refused, timed out, not a 200) force the next probe: scrapes "
+        "reach an engine about once a second, busy or idle. What a longer window gives up: an "
+        "engine that dies right after answering, with no request of this gateway there after "
+        "and no failed scrape (an endpoint not scraped), is probed up to this long later than "
+        "without the skip; its failing requests still count at once (passive health, outlier "
+        "detection) and are placed again, and each forces the next probe. At most 60 s",
     )
     stream_coalesce_ms: float = Field(
         0.0,

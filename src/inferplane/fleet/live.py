@@ -512,12 +512,14 @@ class LiveFleet:
         rec = self.live.get(endpoint)
         return rec is not None and rec.healthy
 
-    def served_since(self, endpoint: str, since: float) -> bool:
+    def served_since(self, endpoint: str, since: float, cleared: float | None = None) -> bool:
         """Whether an attempt on ``endpoint`` was served (a 2xx) after ``since`` (on this
-        fleet's clock) and none failed: it answered requests, which is what a health probe
-        asks."""
+        fleet's clock) and none failed after it, nor after ``cleared`` when that is later (a
+        failure the caller knows was looked into since: a health probe that passed): it
+        answered requests, which is what a health probe asks."""
         rec = self.live.get(endpoint)
-        return rec is not None and rec.last_ok_at > since and rec.last_fail_at <= since
+        fails = since if cleared is None else max(since, cleared)
+        return rec is not None and rec.last_ok_at > since and rec.last_fail_at <= fails
 
     def inflight_of(self, endpoint: str) -> int:
         """Requests this gateway has in flight on ``endpoint``, its sibling replicas' included

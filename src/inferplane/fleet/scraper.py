@@ -230,6 +230,17 @@ def idle_wait_cap(quiet_s: float | None, stale_after_s: float,
     return cap if stale_eject_s is None else min(cap, stale_eject_s / 2)
 
 
+SKIP_TURNS = 3
+"""The skip's window in probe periods when ``gateway.health_skip_window_s`` is unset."""
+
+
+def skip_window(window_s: float | None, health_interval_s: float) -> float:
+    """The serving skip's window (`Scraper`, ``gateway.health_skip_window_s``): ``window_s``
+    seconds, or `SKIP_TURNS` × ``health_interval_s`` when None. Whatever it is, the skip
+    reaches back at least to the previous turn, so at least ``health_interval_s``."""
+    return SKIP_TURNS * health_interval_s if window_s is None else window_s
+
+
 class Scraper:
     """Runs one scrape loop and one health loop per endpoint until `stop`.
 
@@ -288,19 +299,26 @@ class Scraper:
     has answered a request of the gateway with a 2xx within the skip's window, and failed none
     in it, is not probed: the answer showed what the probe asks (`LiveFleet.served_since`), and
     it counts as a passed probe. The window (`skip_since`) reaches back to the start of the
-    previous turn, or ``skip_window_s`` (``gateway.health_skip_window_s``) when that is longer,
-    and never before the turn of a failed probe: an answer older than a failed probe skips
-    nothing. Any failure in the window (a consecutive-counting one: not a 429 nor a client gone)
-    forces the probe, even with answers after it, so that a failing endpoint is probed each
-    turn for a window. An endpoint without such traffic (idle), with a failure in the window,
-    or marked unhealthy is probed every ``health_interval_s`` as before. The window decouples
+    previous turn, or ``skip_window_s`` (``gateway.health_skip_window_s``; None:
+    `SKIP_TURNS` × ``health_interval_s``, `skip_window`) when that is longer, and never before
+    the turn of a failed probe: an answer older than a failed probe skips nothing. Any failure
+    in the window (a consecutive-counting one: not a 429 nor a client gone) forces the probe,
+    even with answers after it, until a probe passes: a failure before the turn of a passed
+    probe no longer counts. With a window longer than ``health_interval_s`` a failed
+    ``/metrics`` scrape forces the probe as such a failure does (no page: refused, timed out,
+    not a 200; not a scrape left out, nor an endpoint that is not scraped): the scrape loop
+    reaches an engine about once a second, busy or idle, so an engine that dies right after
+    answering is probed at the first turn after its next scrape. An endpoint without such
+    traffic (idle), with a failure in the window, or marked unhealthy is probed every
+    ``health_interval_s`` as before. A window no longer than ``health_interval_s`` skips
+    exactly as the previous turn alone did before the window existed. The window decouples
     the skip from the probe period: at under one request per second per engine, a one-second
     window often holds no answer, and each probe costs a vLLM API server a request on the loop
     that serves tokens. What it gives up: an engine that dies right after answering, with no
-    request of the gateway there after, is probed up to the window (at least one
-    ``health_interval_s``) later than without the skip; its failing requests, counted by
-    passive health and the outlier detector, do not wait for the probe, and each forces the
-    next turn's probe.
+    request of the gateway there after and no failed scrape (one not scraped), is probed up
+    to the window (at least one ``health_interval_s``) later than without the skip; its
+    failing requests, counted by passive health and the outlier detector, do not wait for the
+    probe, and each forces the next turn's probe.
     """
 
     def __init__(
@@ -316,7 +334,7 @@ class Scraper:
         quiet_interval_s: float | None = None,
         quiet_busy: bool = False,
         skip_probe_while_serving: bool = False,
-        skip_window_s: float = 0.0,
+        skip_window_s: float | None = None,
         clock: Callable[[], float] = time.monotonic,
         lag: LoopLag | None = None,
     ) -> None:
@@ -324,7 +342,7 @@ class Scraper:
         self.quiet_interval_s = quiet_interval_s
         self.quiet_busy = quiet_busy
         self.skip_probe_while_serving = skip_probe_while_serving
-        self.skip_window_s = skip_window_s
+        self.skip_window_s = skip_window(skip_window_s, health_interval_s)
         self.source = source
         self.interval_s = interval_s
         self.max_duty = max_duty
@@ -339,6 +357,9 @@ class Scraper:
         # inferplane_health_probes_total)
         self.scrapes = 0
         self.probes = 0
+        # endpoint -> when (on the live fleet's clock) its last scrape read no page: it forces
+        # the next probe turn (the class docstring)
+        self.scrape_failed_at: dict[str, float] = {}
 
     async def scrape_once(self, endpoint: Endpoint) -> bool:
         return (await self._scrape(endpoint))[0]
@@ -357,6 +378,7 @@ class Scraper:
         text = await self.source.metrics(endpoint)
         took = self.clock() - started if lag is None else lag.ran_s(mark)
         if text is None:
+            self.scrape_failed_at[endpoint.name] = self.live.clock()
             return False, took, None
         metrics = parse_metrics(endpoint.spec.engine, text)
         after = self.live.inflight_of(endpoint.name)
@@ -460,19 +482,35 @@ class Scraper:
             since = min(since, turn - self.skip_window_s)
         return max(since, doubted)
 
+    def may_skip(self, name: str, since: float, vouched: float) -> bool:
+        """Whether the probe of the healthy endpoint ``name`` is skipped at a turn whose
+        window starts at ``since`` (`skip_since`), the last passed probe's turn being
+        ``vouched`` (``-inf``: none): a 2xx answer after ``since``, and no failure after it
+        and after ``vouched``, neither of a request nor of a scrape. A window no longer than
+        ``health_interval_s`` skips as the previous turn alone did before the window existed:
+        a failed scrape forces nothing there (a passed probe's turn is never after ``since``
+        there)."""
+        if self.skip_window_s <= self.health_interval_s:
+            return self.live.served_since(name, since)
+        cleared = max(since, vouched)
+        return (self.live.served_since(name, since, cleared)
+                and self.scrape_failed_at.get(name, float("-inf")) <= cleared)
+
     async def _health_loop(self, endpoint: Endpoint) -> None:
         failures = 0
-        previous = doubted = float("-inf")
+        previous = doubted = vouched = float("-inf")
         while True:
             turn = self.live.clock()  # outcomes from here on count for the next turn
             if (self.skip_probe_while_serving and self.live.is_healthy(endpoint.name)
-                    and self.live.served_since(endpoint.name,
-                                               self.skip_since(turn, previous, doubted))):
+                    and self.may_skip(endpoint.name, self.skip_since(turn, previous, doubted),
+                                      vouched)):
                 failures = 0  # the answer passed for the probe
             else:
                 failures = await self.probe_once(endpoint, failures)
                 if failures:
                     doubted = turn  # answers before a failed probe no longer skip one
+                else:
+                    vouched = turn  # nor do failures before a passed one force one
             previous = turn
             await asyncio.sleep(self.health_interval_s)
 
@@ -533,6 +571,7 @@ class Scraper:
                 for t in tasks:
                     t.cancel()
                 del self._tasks[name]
+                self.scrape_failed_at.pop(name, None)
         for e in self.live.fleet.endpoints:
             if e.name not in self._tasks:
                 self._watch(e)

@@ -23,8 +23,10 @@ Virtual seconds; the loop runs callbacks in time order:
   moment a request could reach it (`Simulator._horizon`).
 - **scrape**: every ``gateway.scrape_interval_s`` the published gauges of every reachable engine
   are copied into `LiveFleet`; a ``down`` or ``hung`` endpoint's metrics age until stale, and the
-  next ``/health`` probe marks it unhealthy. Outlier sweeps run every
-  ``health.outlier.interval_s`` when enabled.
+  next ``/health`` probe marks it unhealthy (unless the gateway would skip that turn: a 2xx
+  answer within ``gateway.health_skip_window_s`` and no failure since, of a request or a
+  scrape, `Simulator._probe_down`). Outlier sweeps run every ``health.outlier.interval_s``
+  when enabled.
 - **faults** (``--faults``, `faults`): scheduled ``down`` / ``hung`` / ``429`` / ``up`` events.
 
 Fidelity notes. Network delay is the hardware's ``network_rtt_s`` (provider APIs) plus the RTT
@@ -59,6 +61,7 @@ from inferplane.dispatch.answer import StreamStats, UpstreamAttemptFailed
 from inferplane.errors import GatewayError, NoEligibleEndpointError, UpstreamError
 from inferplane.fleet.model import Endpoint
 from inferplane.fleet.pricing import request_cost_usd
+from inferplane.fleet.scraper import skip_window
 from inferplane.ledger.memory import MemoryLedger
 from inferplane.placement.build import build_policies
 from inferplane.placement.framework import Policy
@@ -167,6 +170,9 @@ class Simulator:
         self.block_chars = g.prefix_block_chars
         self.endpoints = [SimEndpoint(e, i) for i, e in enumerate(self.fleet.endpoints)]
         self.by_name = {se.name: se for se in self.endpoints}
+        # endpoint -> the virtual time its last scrape failed (down or hung): it forces the
+        # next probe turn (`_probe_down`)
+        self._scrape_failed_at: dict[str, float] = {}
         self._itl_windows = [self.live.live[se.name].itl.add_many for se in self.endpoints]
         self.totals = _Totals()
         self._next_arrival = math.inf
@@ -262,7 +268,10 @@ class Simulator:
     def _scrape(self) -> None:
         for se in self.endpoints:
             if se.fault in ("down", "hung"):
-                continue  # the scrape fails: the endpoint's metrics age until they are stale
+                # the scrape fails: the endpoint's metrics age until they are stale
+                if se.endpoint.scrape_metrics:
+                    self._scrape_failed_at[se.name] = self.now
+                continue
             m = se.metrics()
             if m is not None:
                 self.live.update_metrics(se.name, m)
@@ -669,18 +678,24 @@ class Simulator:
     def _probe_down(self, name: str, turn: float) -> None:
         """The probe turn at ``turn`` of an endpoint gone down or hung, as the gateway's
         scraper takes it (`fleet.scraper.Scraper`, ``gateway.health_skip_while_serving``): a
-        healthy endpoint that answered a request with a 2xx within ``health_skip_window_s`` (at
-        least one ``health_interval_s``; the turns fall on its multiples here) and failed none
-        in it is not probed: the turn is skipped, and the next one looks again. A failure there
-        (a request refused or timed out) forces the probe, which marks it down. An endpoint
-        back (``up``) before its probe passes it: nothing changes."""
+        healthy endpoint that answered a request with a 2xx within the skip's window
+        (``health_skip_window_s``, `fleet.scraper.skip_window`; at least one
+        ``health_interval_s``; the turns fall on its multiples here) and failed none in it is
+        not probed: the turn is skipped, and the next one looks again. A failure there (a
+        request refused or timed out) forces the probe, which marks it down; with a window
+        longer than ``health_interval_s`` so does a failed scrape (one scraped while down or
+        hung, every ``scrape_interval_s`` here: no idle back-off). An endpoint back (``up``)
+        before its probe passes it: nothing changes."""
         se = self.by_name[name]
         if se.fault not in ("down", "hung"):
             return
         g = self.config.gateway
-        window = max(g.health_skip_window_s, g.health_interval_s)
+        window = skip_window(g.health_skip_window_s, g.health_interval_s)
+        since = turn - max(window, g.health_interval_s)
+        scraped_ok = (window <= g.health_interval_s  # as before the window: no scrape counts
+                      or self._scrape_failed_at.get(name, -math.inf) <= since)
         if (g.health_skip_while_serving and self.live.is_healthy(name)
-                and self.live.served_since(name, turn - window)):
+                and self.live.served_since(name, since) and scraped_ok):
             at = turn + g.health_interval_s
             self.loop.call_at(at, self._probe_down, name, at)
             return
