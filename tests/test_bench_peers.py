@@ -482,6 +482,50 @@ def test_the_stand_in_engine_logs_arrival_and_first_event(tmp_path: Path) -> Non
     assert got["ttft_p50"] == pytest.approx(1e3 * (t1 - t0))
 
 
+def test_the_client_records_the_endpoint_the_router_names() -> None:
+    """`client.send` keeps inferplane's ``x-inferplane-endpoint`` answer header in the record
+    (run.py's per_request rows carry it: which engine answered each request); a router that
+    names none leaves it None."""
+    import asyncio
+
+    import aiohttp
+    from aiohttp import web
+    from aiohttp.test_utils import TestServer
+
+    from bench.peers.client import send
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        named = request.path.endswith("/named/v1/completions")
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", **(
+            {"x-inferplane-endpoint": "vllm-1"} if named else {})})
+        await resp.prepare(request)
+        await resp.write(b'data: {"choices": [{"index": 0, "text": "hi"}]}\n\n')
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/named/v1/completions", answer)
+    app.router.add_post("/v1/completions", answer)
+
+    async def main() -> tuple[Record, Record]:
+        server = TestServer(app)
+        await server.start_server()
+        try:
+            async with aiohttp.ClientSession() as s:
+                named = await send(s, str(server.make_url("/named/v1/completions")), b"{}",
+                                   {}, Record(0), 10)
+                plain = await send(s, str(server.make_url("/v1/completions")), b"{}", {},
+                                   Record(1), 10)
+            return named, plain
+        finally:
+            await server.close()
+
+    named, plain = asyncio.run(main())
+    assert named.ok and plain.ok
+    assert (named.endpoint, plain.endpoint) == ("vllm-1", None)
+
+
 def test_gateway_gap_reads_the_engines_means_and_hit_rate_between_two_pages() -> None:
     from bench.peers.gateway_gap import engine_side
 

@@ -8,7 +8,9 @@ request is timed at the client (``time.perf_counter``):
 * ITL -- the gaps between consecutive text-carrying events;
 * E2E -- from the send to the end of the stream;
 * output tokens -- ``usage.completion_tokens`` of the last chunk when the router passes it
-  through, else the number of text-carrying events.
+  through, else the number of text-carrying events;
+* the endpoint that answered, where the router names it (inferplane's
+  ``x-inferplane-endpoint`` answer header; None for routers that do not say).
 
 A non-200 status, a connection error, an ``error`` event, a timeout or a stream that ends
 without any text is an error (the record keeps its message).
@@ -28,6 +30,9 @@ import orjson
 
 from bench.peers.workload import Planned
 
+ENDPOINT_HEADER = "x-inferplane-endpoint"
+"""The answer header in which inferplane names the endpoint it placed the request on."""
+
 
 @dataclass(slots=True)
 class Record:
@@ -42,6 +47,7 @@ class Record:
     cached_tokens: int | None = None
     error: str | None = None
     status: int | None = None
+    endpoint: str | None = None  # the router's ``x-inferplane-endpoint`` answer header
 
     @property
     def ok(self) -> bool:
@@ -131,6 +137,7 @@ async def send(
         async with asyncio.timeout(timeout_s):
             async with session.post(url, data=body, headers=headers) as resp:
                 record.status = resp.status
+                record.endpoint = resp.headers.get(ENDPOINT_HEADER)
                 if resp.status != 200:
                     text = (await resp.read())[:300].decode("utf-8", "replace")
                     record.error = f"HTTP {resp.status}: {text}"

@@ -270,12 +270,14 @@ def run_setup(setup: Setup, a: argparse.Namespace, ctx: Context, fast: Context,
     res["wait_s"] = round(sampler.wait_s, 3)  # ready to run, waiting for a CPU (schedstat)
     # per request, for looking into a tail: [index, arrival s, input tokens, trace blocks, TTFT
     # ms (None: no first token), cached prompt tokens the router passed on (None: not
-    # reported), ok (False: an error, also one after the first token)]
+    # reported), ok (False: an error, also one after the first token), the endpoint the router
+    # says it chose (None: the router does not say; inferplane's x-inferplane-endpoint)]
     by_index = {p.index: p for p in planned}
     res["per_request"] = [
         [r.index, round(by_index[r.index].arrival_s, 3), by_index[r.index].input_tokens,
          len(by_index[r.index].hash_ids),
-         None if r.ttft_s is None else round(1e3 * r.ttft_s, 1), r.cached_tokens, r.ok]
+         None if r.ttft_s is None else round(1e3 * r.ttft_s, 1), r.cached_tokens, r.ok,
+         r.endpoint]
         for r in records]
     res["loadavg_after"] = os.getloadavg()
     res["status"] = "ok"
