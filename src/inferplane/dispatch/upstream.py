@@ -279,6 +279,10 @@ class Dispatcher:
                 timeout=self.timeout,
                 auto_decompress=False,
                 skip_auto_headers=("User-Agent",),
+                # one session carries every tenant's requests, scrapes and probes: an
+                # upstream's Set-Cookie is not kept and sent back (to anyone), and no jar is
+                # filtered on each request (tests/test_upstream_cookies.py)
+                cookie_jar=aiohttp.DummyCookieJar(),
                 # aiohttp asks for gzip by default; the gateway reads what it relays (and its
                 # scrapes) undecoded, so it asks for none: an engine or a proxy that compresses
                 # would otherwise answer bytes the gateway cannot read (and spend CPU on them)
