@@ -165,7 +165,7 @@ class Sent:
 class Result:
     workers: int
     clients: int
-    duration_s: float
+    duration_s: float = 0.0  # the clients' start → the last one's end (the run's length)
     requests: int = 0
     failed: int = 0
     applied_s: float | None = None  # SIGHUP → every worker logged the reload applied
@@ -243,8 +243,8 @@ async def run_scenario(
         # in a thread: the gateway probes e0 through the gate, which runs on this loop
         await asyncio.to_thread(gw.wait_http, f"{base}/ready")
         await _wait_log(gw.log, "listening on", workers)
-        await _drive(res, gw, cfg, base, ports, url, reload_at_s, bad, max_tokens, per_window,
-                     gate)
+        await _drive(res, gw, cfg, base, ports, url, duration_s, reload_at_s, bad, max_tokens,
+                     per_window, gate)
     finally:
         for proc in procs:
             proc.stop()
@@ -260,11 +260,11 @@ async def run_scenario(
 
 
 async def _drive(res: Result, gw: Proc, cfg: Path, base: str, ports: dict[str, int],
-                 redis_url: str | None, reload_at_s: float, bad: bool, max_tokens: int,
-                 per_window: int, gate: Gate | None) -> None:
+                 redis_url: str | None, duration_s: float, reload_at_s: float, bad: bool,
+                 max_tokens: int, per_window: int, gate: Gate | None) -> None:
     sent: list[Sent] = []
     t0 = time.monotonic()
-    end = t0 + res.duration_s
+    end = t0 + duration_s
     headers = {"Authorization": f"Bearer {KEY}"}
     seq = iter(range(1 << 62))
     stop = asyncio.Event()
@@ -397,6 +397,7 @@ async def _drive(res: Result, gw: Proc, cfg: Path, base: str, ports: dict[str, i
                     tasks.create_task(client(s))
         except BaseExceptionGroup as group:  # a phase's event did not come: say which
             raise group.exceptions[0] from None
+        res.duration_s = time.monotonic() - t0
         if bad:  # every worker's (each counts its own reloads), labelled with its worker
             async with s.get(f"{base}/metrics") as r:
                 for line in (await r.text()).splitlines():
@@ -460,17 +461,24 @@ def main() -> None:
     print("| run | workers | requests | failed | SIGHUP → applied (all workers) | "
           "SIGHUP → first request on e2 | to e0 after apply | "
           "in flight on e0 at the swap (gateway's log) | e0 ended 200 after SIGHUP (clients) | "
-          "bad file refused |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "bad file refused | anchor | clients ran |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for i, r in enumerate(results):
         print(f"| {i + 1} | {r.workers} | {r.requests} | {r.failed} | "
               f"{_ms(r.applied_s)} | {_ms(r.first_new_s)} | {r.removed_after_apply} | "
-              f"{r.drained} | {r.drained_seen} | {_ms(r.bad_refused_s)} |")
+              f"{r.drained} | {r.drained_seen} | {_ms(r.bad_refused_s)} | {_anchor(r)} | "
+              f"{r.duration_s:.1f} s |")
     for r in results:
         if r.errors:
             print("errors:", r.errors[:5])
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))
+
+
+def _anchor(r: Result) -> str:
+    if not r.anchor_tries:
+        return "-"
+    return f"{'ended 200 after the apply' if r.anchor_ok else 'NOT ok'} (try {r.anchor_tries})"
 
 
 def _ms(s: float | None) -> str:
