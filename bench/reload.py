@@ -16,7 +16,10 @@ times, only the events. With ``--anchor`` (the tests' way) e0's address in the g
 file is a pass-through gate in this process (`Gate`) that holds one streamed "anchor" request
 after its first token until every worker has applied the reload: a request certainly in flight
 on e0 at the swap (the client saw its first token and e0 in ``x-inferplane-endpoint``), which
-must then finish there, 200.
+must then finish there, 200. Anchors are sent one at a time until one is placed on e0, for at
+most ``WINDOW_TIMEOUT_S``. The gate is an extra hop in this process for everything sent to e0
+(requests, scrapes, health probes), so runs with ``--anchor`` are not comparable in timings with
+runs without it.
 
     .venv/bin/python bench/reload.py --clients 16 --duration 6 --reload-at 2 --workers 1
 
@@ -54,7 +57,6 @@ APPLIED = "fleet reloaded from"
 DRAINING = re.compile(r"fleet reloaded from .*; removed \[.*\] \(draining (\d+) in flight\)")
 REFUSED = "fleet reload refused"
 ANCHOR = "reload anchor"  # the anchor's prompt begins with this (`Gate` holds such a stream)
-ANCHOR_TRIES = 60  # anchors sent (one at a time) until one is placed on e0
 WINDOW_TIMEOUT_S = 60.0  # the longest wait for a phase's event before failing
 # the anchor's own limit: it stays open over the warm-up and the reload (the others have 30 s)
 ANCHOR_TIMEOUT = aiohttp.ClientTimeout(total=3 * WINDOW_TIMEOUT_S)
@@ -176,8 +178,8 @@ class Result:
     drained_seen: int = 0  # e0 requests (the client's header) that ended 200 after the SIGHUP
     # was sent: every request counted in ``drained`` is one of them if it finished on e0
     anchor_tries: int = 0  # anchors sent until one was placed on e0 (0: no anchor)
-    anchor_ok: bool = False  # that one was held at e0's gate over the swap and then ended 200
-    # after the SIGHUP (it is also one of ``drained_seen``)
+    anchor_ok: bool = False  # that one ended 200 after every worker applied the reload (the
+    # gate held it on e0 until then, so over the swap; it is also one of ``drained_seen``)
     served: dict[str, int] = field(default_factory=dict)  # after the reload, by endpoint
     bad_refused_s: float | None = None
     after_bad: dict[str, int] = field(default_factory=dict)  # after the bad file, by endpoint
@@ -212,11 +214,12 @@ async def run_scenario(
     bad: bool = True,
     max_tokens: int = 24,
     per_window: int = 8,
-    anchor: bool = True,
+    anchor: bool = False,
 ) -> Result:
     """One run; ``duration_s`` and ``reload_at_s`` are only lower bounds on the phases' times
-    (the tests give none): each phase also waits for its event (the module's docstring)."""
-    res = Result(workers, clients, duration_s)
+    (the tests give none): each phase also waits for its event (the module's docstring).
+    ``Result.duration_s`` is the time the clients actually ran."""
+    res = Result(workers, clients)
     srv = RedisServer(tmp) if workers > 1 else None
     ports = {f"e{i}": free_port() for i in range(3)}
     engines_cfg = tmp / "engines.yaml"
@@ -303,9 +306,12 @@ async def _drive(res: Result, gw: Proc, cfg: Path, base: str, ports: dict[str, i
 
     async def anchor(s: aiohttp.ClientSession) -> None:
         """Streamed anchors, one at a time, until one is placed on e0 (its first event seen,
-        e0 in its header); that one stays open, held at e0's gate, until the reload is applied,
-        and is then read to its end."""
-        for k in range(ANCHOR_TRIES):
+        e0 in its header), for at most ``WINDOW_TIMEOUT_S``; that one stays open, held at e0's
+        gate, until the reload is applied, and is then read to its end."""
+        deadline = time.monotonic() + WINDOW_TIMEOUT_S
+        k = 0
+        while time.monotonic() < deadline:
+            k += 1
             started = time.monotonic()
             endpoint, ok, on_e0 = None, False, False
             try:
@@ -320,7 +326,7 @@ async def _drive(res: Result, gw: Proc, cfg: Path, base: str, ports: dict[str, i
                             on_e0 = endpoint == "e0" and bool(line)
                             break
                     if on_e0:
-                        res.anchor_tries = k + 1
+                        res.anchor_tries = k
                         anchored.set()
                     data += await resp.read()
                     ok = check(resp, data, True)
@@ -328,10 +334,12 @@ async def _drive(res: Result, gw: Proc, cfg: Path, base: str, ports: dict[str, i
                 failed(exc)
             ended = time.monotonic()
             sent.append(Sent(started, ended, endpoint, ok, True))
-            if on_e0:
-                res.anchor_ok = ok and bool(marks) and ended > marks[0]
+            if on_e0:  # marks[1]: every worker applied the reload (then the gate opened)
+                res.anchor_ok = ok and len(marks) > 1 and ended > marks[1]
                 return
-        raise AssertionError(f"none of {ANCHOR_TRIES} anchors was placed on e0 (served: "
+            await asyncio.sleep(0.02)  # e0 not preferred just now: not a busy loop
+        raise AssertionError(f"none of {k} anchors was placed on e0 within "
+                             f"{WINDOW_TIMEOUT_S:.0f} s (served since the start: "
                              f"{_count(sent, t0)}; errors: {res.errors})")
 
     async def until(cond: Callable[[], bool], what: str) -> float:
@@ -354,7 +362,7 @@ async def _drive(res: Result, gw: Proc, cfg: Path, base: str, ports: dict[str, i
         try:
             warm = served(t0, ("e0", "e1"), t0 + reload_at_s)
             if gate is not None:
-                await until(lambda: warm() and anchored.is_set() and gate.holding == 1,
+                await until(lambda: warm() and anchored.is_set() and gate.holding >= 1,
                             f"an anchor held on e0 and {per_window} answers from each of e0, e1")
             else:
                 await until(warm, f"{per_window} answers from each of e0, e1")

@@ -59,15 +59,23 @@ def _check(res: object) -> None:
     assert res.metrics["inferplane_config_last_reload_successful"] == 0.0, res.metrics
 
 
+# The answers from each endpoint that end each phase. Nothing going to e0 after the apply is
+# then checked on >= 4 * PER_WINDOW requests (two windows of e1 + e2), after the refused file on
+# >= 2 * PER_WINDOW, whatever the load. The fixed 4 s of the tests before (reload at 1.5 s) gave
+# about 97 and 49 with one worker, 72 and 36 with two, unloaded, and fewer under load.
+PER_WINDOW = 32
+
+
 def test_sighup_under_load_adds_and_removes_endpoints(tmp_path: Path) -> None:
-    res = asyncio.run(run_scenario(tmp_path, clients=8))
+    res = asyncio.run(run_scenario(tmp_path, clients=8, per_window=PER_WINDOW, anchor=True))
     _check(res)
 
 
 def test_every_worker_reloads(tmp_path: Path) -> None:
     # each request is a new connection, so the kernel spreads them over both workers: a worker
     # that had not reloaded would still send to e0, or refuse nothing
-    res = asyncio.run(run_scenario(tmp_path, clients=6, workers=2))
+    res = asyncio.run(run_scenario(tmp_path, clients=6, workers=2, per_window=PER_WINDOW,
+                                   anchor=True))
     _check(res)
     assert res.refusal.count("max_concurrency") == 2, res.refusal  # refused by each worker
     # one scrape shows both workers' reload counts (`telemetry.gather`), each as _check's
