@@ -6,7 +6,7 @@ one `inferplane serve` (``--workers N``: N processes sharing a private ``redis-s
 fleet file names e0 and e1, and this script's closed-loop clients (half of the requests
 streamed, each on a new connection so that every worker gets some). At ``--reload-at`` seconds
 the file is replaced by one naming e1 and e2 (e0 removed, e2 added) and the gateway gets SIGHUP;
-then, with ``--bad``, by an invalid file (the old fleet must keep serving).
+then by an invalid file (the old fleet must keep serving).
 
 Each phase ends on an event as well as at its time: the SIGHUP waits until e0 and e1 have each
 answered ``per_window`` requests, the bad file and the end until e1 and e2 have each answered
@@ -61,6 +61,8 @@ WINDOW_TIMEOUT_S = 60.0  # the longest wait for a phase's event before failing
 # the anchor's own limit: it stays open over the warm-up and the reload (the others have 30 s)
 ANCHOR_TIMEOUT = aiohttp.ClientTimeout(total=3 * WINDOW_TIMEOUT_S)
 _HOP = {"host", "content-length", "transfer-encoding", "connection", "keep-alive"}
+# aiohttp's client hands the gate a decoded body: its encoding is not passed on either
+_HOP_ANSWER = _HOP | {"content-encoding"}
 
 
 class Gate:
@@ -68,7 +70,9 @@ class Gate:
     that holds the stream of an anchor request (its prompt begins with :data:`ANCHOR`) after
     the event carrying its first token, until :attr:`opened` is set: the gateway has then had
     that request in flight on e0 since before the SIGHUP, and it cannot end before the gate
-    opens, whatever the load on the machine."""
+    opens, whatever the load on the machine. It knows server-sent events only as blocks of one
+    ``data:`` line ended by ``\n\n`` (what the emulator sends): with another framing it passes
+    the anchor on unheld, and the warm-up's wait for a held anchor fails, naming it."""
 
     def __init__(self, upstream: str) -> None:
         self.upstream = upstream
@@ -99,7 +103,7 @@ class Gate:
         async with self._session.request(request.method, self.upstream + request.path_qs,
                                          data=body, headers=headers) as up:
             resp = web.StreamResponse(status=up.status, headers={
-                k: v for k, v in up.headers.items() if k.lower() not in _HOP})
+                k: v for k, v in up.headers.items() if k.lower() not in _HOP_ANSWER})
             await resp.prepare(request)
             try:
                 hold = ANCHOR.encode() in body and up.status == 200
@@ -353,8 +357,15 @@ async def _drive(res: Result, gw: Proc, cfg: Path, base: str, ports: dict[str, i
         return time.monotonic()
 
     def served(since: float, names: tuple[str, ...], at: float) -> Callable[[], bool]:
+        got: dict[str, int] = {}
+        seen = 0  # ``sent`` only grows: each check counts what was added since the last one
+
         def cond() -> bool:
-            got = _count(sent, since)
+            nonlocal seen
+            for x in sent[seen:]:
+                if x.ok and x.started > since and x.endpoint:
+                    got[x.endpoint] = got.get(x.endpoint, 0) + 1
+            seen = len(sent)
             return time.monotonic() >= at and all(got.get(n, 0) >= per_window for n in names)
         return cond
 
