@@ -104,8 +104,8 @@ class Gate:
                                          data=body, headers=headers) as up:
             resp = web.StreamResponse(status=up.status, headers={
                 k: v for k, v in up.headers.items() if k.lower() not in _HOP_ANSWER})
-            await resp.prepare(request)
             try:
+                await resp.prepare(request)
                 hold = ANCHOR.encode() in body and up.status == 200
                 buf = b""
                 async for chunk in up.content.iter_any():
@@ -127,8 +127,8 @@ class Gate:
                 if buf:
                     await resp.write(buf)
                 await resp.write_eof()
-            except ConnectionResetError:  # the gateway went away (stopped at the end)
-                pass
+            except ConnectionResetError:  # the gateway went away: stopped at the end, or it
+                pass  # gave up on a request (a probe, a scrape) before its head, slow under load
             return resp
 
 
