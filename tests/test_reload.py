@@ -3,8 +3,10 @@
 Real processes (`bench/reload.py`'s scenario): `inferplane serve` with emulated engines e0, e1,
 e2 and a fleet file naming e0 and e1 is streamed at while the file is replaced by one naming
 e1 and e2 and the gateway gets SIGHUP: no request fails, e2 gets traffic, e0 gets nothing new
-and its requests in flight finish; then an invalid file is refused (file + field in the log and
-the reload metrics) while the fleet keeps serving. The same with ``--workers 2``: every worker
+and its requests in flight finish (at least one: an anchor request held at e0's gate, its first
+token seen, until the reload is applied); then an invalid file is refused (file + field in the
+log and the reload metrics) while the fleet keeps serving. Each phase ends on an event (answers
+from each endpoint), not at a time. The same with ``--workers 2``: every worker
 reloads. In-process: what a reload keeps, what it refuses, and that a refusal changes nothing.
 """
 
@@ -37,6 +39,10 @@ def _check(res: object) -> None:
     assert isinstance(res, Result)
     assert res.errors == [], res
     assert res.failed == 0 and res.requests > 20, res
+    # the anchor: placed on e0, held there (first token seen) until every worker applied the
+    # reload, then ended 200 after the SIGHUP; so the gateway had it in flight at the swap
+    assert res.anchor_tries > 0 and res.anchor_ok, res
+    assert res.drained >= 1, res
     assert res.served.get("e2", 0) > 0, res  # the added endpoint serves
     assert res.removed_after_apply == 0, res  # the removed one takes nothing new ...
     # ... and what was in flight on it at the swap finished there: each request a worker counted
@@ -53,19 +59,23 @@ def _check(res: object) -> None:
     assert res.metrics["inferplane_config_last_reload_successful"] == 0.0, res.metrics
 
 
+# The answers from each endpoint that end each phase. Nothing going to e0 after the apply is
+# then checked on >= 4 * PER_WINDOW requests (two windows of e1 + e2), after the refused file on
+# >= 2 * PER_WINDOW, whatever the load. The fixed 4 s of the tests before (reload at 1.5 s) gave
+# about 97 and 49 with one worker, 72 and 36 with two, unloaded, and fewer under load.
+PER_WINDOW = 32
+
+
 def test_sighup_under_load_adds_and_removes_endpoints(tmp_path: Path) -> None:
-    res = asyncio.run(run_scenario(tmp_path, clients=8, duration_s=4.0, reload_at_s=1.5))
+    res = asyncio.run(run_scenario(tmp_path, clients=8, per_window=PER_WINDOW, anchor=True))
     _check(res)
-    # the gateway had requests in flight on e0 at the swap (its log line); _check: they ended
-    # 200 on e0
-    assert res.drained_seen >= res.drained > 0, res
 
 
 def test_every_worker_reloads(tmp_path: Path) -> None:
     # each request is a new connection, so the kernel spreads them over both workers: a worker
     # that had not reloaded would still send to e0, or refuse nothing
-    res = asyncio.run(run_scenario(tmp_path, clients=6, duration_s=4.0, reload_at_s=1.5,
-                                   workers=2))
+    res = asyncio.run(run_scenario(tmp_path, clients=6, workers=2, per_window=PER_WINDOW,
+                                   anchor=True))
     _check(res)
     assert res.refusal.count("max_concurrency") == 2, res.refusal  # refused by each worker
     # one scrape shows both workers' reload counts (`telemetry.gather`), each as _check's
