@@ -110,6 +110,15 @@ def base() -> Data:
     }
 
 
+@pytest.mark.parametrize("window", [60, 60.0, None])
+def test_the_skip_window_takes_its_bound_and_null(window: float | None) -> None:
+    """``gateway.health_skip_window_s`` accepts 60 s exactly (the bound is inclusive) and an
+    explicit null (the default: 3 x health_interval_s)."""
+    data = base()
+    data.setdefault("gateway", {})["health_skip_window_s"] = window
+    assert parse_config(dump(data)).gateway.health_skip_window_s == window
+
+
 def dump(data: Data) -> str:
     return yaml.safe_dump(data, sort_keys=False)
 

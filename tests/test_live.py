@@ -1093,14 +1093,15 @@ async def probe_turns(
     live: LiveFleet, clock: Clock, monkeypatch: pytest.MonkeyPatch, *, skip: bool,
     answers: list[bool], traffic: dict[int, list[bool]], turns: int, window: float = 0.0,
     gap: float = 1.0, at: float | None = None, scrapes: dict[int, list[str | None]] | None = None,
-    scraped: bool = True,
+    scraped: bool = True, later: dict[int, list[bool]] | None = None,
 ) -> list[int]:
     """Run the probe loop of eu-0 (``health_interval_s`` 1, ``skip_window_s`` ``window``) for
     ``turns`` + 1 turns, ``gap`` s apart on ``clock`` (more than 1: late turns); before turn k
     (during the wait after turn k - 1, ``at`` s into it, None: at its end) the outcomes
     ``traffic[k]`` are observed, then eu-0 is scraped once per page of ``scrapes[k]`` (None: no
-    page), as an endpoint with ``scrape_metrics`` ``scraped``; the probes answer ``answers`` in
-    turn. Returns the turns that probed."""
+    page), as an endpoint with ``scrape_metrics`` ``scraped``, and 0.25 s after them the
+    outcomes ``later[k]``; the probes answer ``answers`` in turn. Returns the turns that
+    probed."""
     probed: list[int] = []
     turn = [0]
     left = iter(answers)
@@ -1126,6 +1127,12 @@ async def probe_turns(
         for page in (scrapes or {}).get(turn[0], []):
             source.texts["eu-0"] = page
             assert await scraper.scrape_once(scrape_ep) == (scraped and page is not None)
+        after = (later or {}).get(turn[0])
+        if after is not None:
+            clock.t += 0.25
+            lead += 0.25
+            for ok in after:
+                live.observe_outcome("eu-0", ok)
         clock.t += gap - lead
 
     monkeypatch.setattr("inferplane.fleet.scraper.asyncio.sleep", fake_sleep)
@@ -1239,6 +1246,27 @@ async def test_a_failed_scrape_forces_the_next_probe(
     probed = await probe_turns(live, clock, monkeypatch, skip=True, answers=[True] * 6,
                                traffic=traffic, turns=5, window=window, scrapes={2: pages},
                                scraped=scraped)
+    assert probed == expected
+
+
+@pytest.mark.parametrize(("later", "expected"), [
+    ({2: [True]}, [0, 5]),  # answered after the failed scrape: skipped as before
+    # nothing after it: forced (the answer is older than the scrape); it passes, and the
+    # answer at 0.5 s skips turn 3 (vouched), turn 4 is past its window
+    ({}, [0, 2, 4, 5]),
+    ({2: [False]}, [0, 2, 4, 5]),  # a failed request after it: forced too, then the same
+])
+async def test_an_answer_after_a_failed_scrape_still_skips_the_probe(
+    live: LiveFleet, clock: Clock, monkeypatch: pytest.MonkeyPatch,
+    later: dict[int, list[bool]], expected: list[int],
+) -> None:
+    """A failed scrape counts as a failed probe's turn, not as a failed request: an answer
+    before turn 1 (at 0.5 s) skips turn 1; a scrape that gets no answer at 1.5 s leaves only
+    answers after it to skip. One at 1.75 s (a loaded engine whose ``/metrics`` timed out
+    while it answers) skips turns 2 to 4 (its 3-s window); turn 5 is past it."""
+    probed = await probe_turns(live, clock, monkeypatch, skip=True, answers=[True] * 6,
+                               traffic={1: [True]}, turns=5, window=3.0, at=0.5,
+                               scrapes={2: [None]}, later=later)
     assert probed == expected
 
 

@@ -258,3 +258,46 @@ async def test_the_config_switch_reaches_both_scrapers(flag: bool) -> None:
             assert source.filter_samples is flag, type(core).__name__
         finally:
             await core._stop_transport()
+
+
+@pytest.mark.parametrize(("status", "engine"), [
+    (404, "vllm"), (401, "vllm"), (403, "sglang"), (503, "vllm"), (None, "vllm"),
+    (None, "sglang"), ("stall", "vllm")])
+async def test_only_a_scrape_that_got_no_answer_counts_as_failed(
+    status: int | str | None, engine: str
+) -> None:
+    """A page the server answered with a non-200 (an engine without ``/metrics``, a proxy
+    that refuses it, a 503 under load) is read as no page, but the server answered: the
+    scraper's serving skip does not count it as a failed scrape. Only no answer does
+    (``None``: nothing listens; ``"stall"``: past the timeout)."""
+    from inferplane.fleet.live import LiveFleet
+    from inferplane.fleet.scraper import Scraper
+    from tests.support.procs import free_port
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        if status == "stall":
+            await asyncio.sleep(1.0)
+            return web.Response(text="")
+        assert isinstance(status, int)
+        return web.Response(status=status, text="no")
+
+    app = web.Application()
+    app.router.add_get("/metrics", answer)
+    app.router.add_get("/metrics/", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    if status is not None:
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        async with aiohttp.ClientSession() as s:
+            ep = endpoint(f"http://127.0.0.1:{port}", engine)
+            src = HttpMetricsSource(s, timeout_s=0.3)
+            live = LiveFleet(Fleet((ep,)), stale_after_s=2.0)
+            scraper = Scraper(live, src)
+            assert not await scraper.scrape_once(ep)
+            answered = isinstance(status, int)
+            assert src.unanswered(ep) is not answered
+            assert (ep.name in scraper.scrape_failed_at) is not answered
+    finally:
+        await runner.cleanup()

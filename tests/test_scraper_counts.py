@@ -137,6 +137,8 @@ async def test_a_scrape_counts_one_whatever_the_pages_it_asks_for() -> None:
 
 @pytest.mark.parametrize(("window", "interval", "expected"), [
     (None, 1.0, 3.0), (None, 0.25, 0.75), (7.5, 0.25, 7.5), (0.1, 1.0, 0.1),
+    # unset, capped as a number is (60 s), never under one probe period
+    (None, 30.0, 60.0), (None, 80.0, 80.0), (60.0, 30.0, 60.0),
 ])
 async def test_the_gateway_gives_its_scraper_the_skip_window(
     window: float | None, interval: float, expected: float

@@ -237,10 +237,11 @@ class GatewaySpec(Strict):
         "(health_skip_window_s), a request of this gateway there was answered with a 2xx and "
         "none failed: the answer showed what the probe asks, and counts as a passed probe. An "
         "endpoint without such traffic, with a failure in the window, or marked unhealthy is "
-        "probed every health_interval_s as before; so, with a window longer than "
-        "health_interval_s, is one whose /metrics scrape read no page since its last passed "
-        "probe. An engine that dies right after answering, with no request after and no "
-        "failed scrape, is probed up to max(health_skip_window_s, health_interval_s) later "
+        "probed every health_interval_s as before; with a window longer than "
+        "health_interval_s, a /metrics scrape that got no answer since the last passed probe "
+        "leaves only the answers after it to skip one. An engine that dies right after "
+        "answering, with no request after and no failed scrape, is probed up to "
+        "max(health_skip_window_s, health_interval_s) later "
         "(its failing requests still count at once). false: probe every health_interval_s",
     )
     health_skip_window_s: float | None = Field(
@@ -248,14 +249,17 @@ class GatewaySpec(Strict):
         gt=0,
         le=SKIP_WINDOW_MAX_S,
         description="with health_skip_while_serving, how far back a 2xx answer skips a probe, "
-        "in seconds; null (the default): 3 x health_interval_s (3 s at the default 1 s). The "
+        "in seconds; null (the default): 3 x health_interval_s (3 s at the default 1 s), at "
+        "most max(60, health_interval_s). The "
         "window in effect is max(health_skip_window_s, health_interval_s): it reaches back at "
         "least to the start of the previous probe turn, and never before a failed probe. Any "
         "failure in the window (not a 429 nor a client gone) forces the probe, even with "
         "answers after it, until a probe passes. A value no longer than health_interval_s "
-        "skips exactly as the previous turn alone did; a longer one also has a /metrics "
-        "scrape that read no page (refused, timed out, not a 200) force the next probe: scrapes "
-        "reach an engine about once a second, busy or idle. What a longer window gives up: an "
+        "skips exactly as the previous turn alone did; with a longer one, a /metrics scrape "
+        "that got no answer (refused, reset, timed out; not a non-200, which the server "
+        "answered) counts as a failed probe's turn: answers before it skip nothing, answers "
+        "after it still skip. Scrapes reach an engine at least every scrape_quiet_interval_s "
+        "(1 s by default), busy or idle. What a longer window gives up: an "
         "engine that dies right after answering, with no request of this gateway there after "
         "and no failed scrape (an endpoint not scraped), is probed up to this long later than "
         "without the skip; its failing requests still count at once (passive health, outlier "

@@ -23,6 +23,7 @@ from urllib.parse import urlencode
 
 import aiohttp
 
+from inferplane.config.schema import SKIP_WINDOW_MAX_S
 from inferplane.fleet.engine_metrics import parse_metrics, sample_names
 from inferplane.fleet.live import LiveFleet
 from inferplane.fleet.model import Endpoint
@@ -44,6 +45,15 @@ class MetricsSource(Protocol):
 
     async def healthy(self, endpoint: Endpoint) -> bool:
         """Whether the endpoint's health probe answered 2xx."""
+
+
+def _unanswered(source: MetricsSource, endpoint: Endpoint) -> bool:
+    """Whether ``source``'s last `MetricsSource.metrics` of ``endpoint``, which read no page,
+    got no answer at all (refused, reset, timed out), as opposed to an answer that is not a
+    page (a non-200: the server answered). A source that cannot tell (no ``unanswered``
+    method, as `StaticMetricsSource`) counts every page it did not read as unanswered."""
+    unanswered: Callable[[Endpoint], bool] | None = getattr(source, "unanswered", None)
+    return True if unanswered is None else unanswered(endpoint)
 
 
 AuthHeaders = Callable[[Endpoint], Mapping[str, str]]
@@ -108,6 +118,7 @@ class HttpMetricsSource:
         self.clock = clock
         self._paths: dict[str, tuple[str, float]] = {}  # endpoint URL -> (path, decided at)
         self._filtered: dict[str, tuple[str, str] | None] = {}  # engine -> (path, marker)
+        self._reached: dict[str, bool] = {}  # endpoint URL -> whether its last GET was answered
 
     def _deadline(self) -> contextlib.AbstractAsyncContextManager[object]:
         if self.lag is None:
@@ -132,16 +143,24 @@ class HttpMetricsSource:
         """(status, text): (None, None) when it could not be read (timeout, connection). The
         filtered path is not redirected (a server without it that redirects ``/metrics/`` to
         ``/metrics`` would cost two requests a scrape): its redirect is a status like any."""
+        self._reached[endpoint.url] = False
         try:
             async with self._deadline(), self.session.get(
                 f"{endpoint.url}{path}", timeout=self.timeout, headers=_IDENTITY,
                 allow_redirects=path == self.WHOLE,
             ) as r:
+                self._reached[endpoint.url] = True
                 if r.status != 200:
                     return r.status, None
                 return 200, await r.text()
         except (TimeoutError, aiohttp.ClientError, UnicodeDecodeError):
             return None, None
+
+    def unanswered(self, endpoint: Endpoint) -> bool:
+        """Whether the last request for the endpoint's page got no answer at all (refused,
+        reset, timed out): not a non-200 status nor a page that would not decode, which the
+        server answered. The scraper's failed scrape (`Scraper`'s serving skip)."""
+        return not self._reached.get(endpoint.url, False)
 
     async def metrics(self, endpoint: Endpoint) -> str | None:
         filtered = self.filtered_path(endpoint.spec.engine)
@@ -235,10 +254,14 @@ SKIP_TURNS = 3
 
 
 def skip_window(window_s: float | None, health_interval_s: float) -> float:
-    """The serving skip's window (`Scraper`, ``gateway.health_skip_window_s``): ``window_s``
-    seconds, or `SKIP_TURNS` × ``health_interval_s`` when None. Whatever it is, the skip
-    reaches back at least to the previous turn, so at least ``health_interval_s``."""
-    return SKIP_TURNS * health_interval_s if window_s is None else window_s
+    """The serving skip's configured window (`Scraper`, ``gateway.health_skip_window_s``):
+    ``window_s`` seconds as given, or when None `SKIP_TURNS` × ``health_interval_s`` capped at
+    ``max(SKIP_WINDOW_MAX_S, health_interval_s)`` (the bound a number has; one interval when
+    that is longer). The window in effect, at least ``health_interval_s`` (the skip reaches
+    back at least to the previous turn), is the callers' (`Scraper.skip_since`)."""
+    if window_s is not None:
+        return window_s
+    return min(SKIP_TURNS * health_interval_s, max(SKIP_WINDOW_MAX_S, health_interval_s))
 
 
 class Scraper:
@@ -300,15 +323,19 @@ class Scraper:
     in it, is not probed: the answer showed what the probe asks (`LiveFleet.served_since`), and
     it counts as a passed probe. The window (`skip_since`) reaches back to the start of the
     previous turn, or ``skip_window_s`` (``gateway.health_skip_window_s``; None:
-    `SKIP_TURNS` × ``health_interval_s``, `skip_window`) when that is longer, and never before
-    the turn of a failed probe: an answer older than a failed probe skips nothing. Any failure
-    in the window (a consecutive-counting one: not a 429 nor a client gone) forces the probe,
-    even with answers after it, until a probe passes: a failure before the turn of a passed
-    probe no longer counts. With a window longer than ``health_interval_s`` a failed
-    ``/metrics`` scrape forces the probe as such a failure does (no page: refused, timed out,
-    not a 200; not a scrape left out, nor an endpoint that is not scraped): the scrape loop
-    reaches an engine about once a second, busy or idle, so an engine that dies right after
-    answering is probed at the first turn after its next scrape. An endpoint without such
+    `SKIP_TURNS` × ``health_interval_s``, at most ``max(60 s, health_interval_s)``,
+    `skip_window`) when that is longer, and never before the turn of a failed probe: an answer
+    older than a failed probe skips nothing. Any failure in the window (a consecutive-counting
+    one: not a 429 nor a client gone) forces the probe, even with answers after it, until a
+    probe passes: a failure before the turn of a passed probe no longer counts. With a window
+    longer than ``health_interval_s`` a failed ``/metrics`` scrape since the last passed probe
+    counts as a failed probe's turn does: answers before it skip nothing, answers after it
+    still skip (a failed scrape is one that got no answer: refused, reset, timed out; not a
+    non-200 status, which the server answered, nor a scrape left out, nor an endpoint that is
+    not scraped). The scrape loop reaches an engine at least every ``quiet_interval_s`` (1 s
+    by default), busy or idle, so an engine that dies right after answering, with no request
+    after, is probed at the first turn after its next scrape; a loaded engine whose scrape
+    times out while it keeps answering is not probed for it. An endpoint without such
     traffic (idle), with a failure in the window, or marked unhealthy is probed every
     ``health_interval_s`` as before. A window no longer than ``health_interval_s`` skips
     exactly as the previous turn alone did before the window existed. The window decouples
@@ -357,8 +384,8 @@ class Scraper:
         # inferplane_health_probes_total)
         self.scrapes = 0
         self.probes = 0
-        # endpoint -> when (on the live fleet's clock) its last scrape read no page: it forces
-        # the next probe turn (the class docstring)
+        # endpoint -> when (on the live fleet's clock) its last scrape got no answer: answers
+        # before it skip no probe (the class docstring)
         self.scrape_failed_at: dict[str, float] = {}
 
     async def scrape_once(self, endpoint: Endpoint) -> bool:
@@ -378,7 +405,8 @@ class Scraper:
         text = await self.source.metrics(endpoint)
         took = self.clock() - started if lag is None else lag.ran_s(mark)
         if text is None:
-            self.scrape_failed_at[endpoint.name] = self.live.clock()
+            if _unanswered(self.source, endpoint):  # not a non-200: the server answered that
+                self.scrape_failed_at[endpoint.name] = self.live.clock()
             return False, took, None
         metrics = parse_metrics(endpoint.spec.engine, text)
         after = self.live.inflight_of(endpoint.name)
@@ -485,16 +513,20 @@ class Scraper:
     def may_skip(self, name: str, since: float, vouched: float) -> bool:
         """Whether the probe of the healthy endpoint ``name`` is skipped at a turn whose
         window starts at ``since`` (`skip_since`), the last passed probe's turn being
-        ``vouched`` (``-inf``: none): a 2xx answer after ``since``, and no failure after it
-        and after ``vouched``, neither of a request nor of a scrape. A window no longer than
-        ``health_interval_s`` skips as the previous turn alone did before the window existed:
-        a failed scrape forces nothing there (a passed probe's turn is never after ``since``
-        there)."""
+        ``vouched`` (``-inf``: none): a 2xx answer after ``since`` and after a failed scrape
+        later than ``vouched``, and no failed request after ``since`` and after ``vouched``.
+        A window no longer than ``health_interval_s`` skips as the previous turn alone did
+        before the window existed: a failed scrape counts for nothing there (a passed probe's
+        turn is never after ``since`` there)."""
         if self.skip_window_s <= self.health_interval_s:
             return self.live.served_since(name, since)
         cleared = max(since, vouched)
+        failed = self.scrape_failed_at.get(name, float("-inf"))
+        # a failed scrape since the last passed probe doubts the answers before it, as a failed
+        # probe does: only an answer after it skips (failures count from ``cleared`` still)
+        answered = max(since, failed) if failed > vouched else since
         return (self.live.served_since(name, since, cleared)
-                and self.scrape_failed_at.get(name, float("-inf")) <= cleared)
+                and self.live.served_since(name, answered, cleared))
 
     async def _health_loop(self, endpoint: Endpoint) -> None:
         failures = 0

@@ -24,8 +24,8 @@ Virtual seconds; the loop runs callbacks in time order:
 - **scrape**: every ``gateway.scrape_interval_s`` the published gauges of every reachable engine
   are copied into `LiveFleet`; a ``down`` or ``hung`` endpoint's metrics age until stale, and the
   next ``/health`` probe marks it unhealthy (unless the gateway would skip that turn: a 2xx
-  answer within ``gateway.health_skip_window_s`` and no failure since, of a request or a
-  scrape, `Simulator._probe_down`). Outlier sweeps run every ``health.outlier.interval_s``
+  answer within ``gateway.health_skip_window_s``, after the last failed scrape, and no failed
+  request since, `Simulator._probe_down`). Outlier sweeps run every ``health.outlier.interval_s``
   when enabled.
 - **faults** (``--faults``, `faults`): scheduled ``down`` / ``hung`` / ``429`` / ``up`` events.
 
@@ -170,8 +170,8 @@ class Simulator:
         self.block_chars = g.prefix_block_chars
         self.endpoints = [SimEndpoint(e, i) for i, e in enumerate(self.fleet.endpoints)]
         self.by_name = {se.name: se for se in self.endpoints}
-        # endpoint -> the virtual time its last scrape failed (down or hung): it forces the
-        # next probe turn (`_probe_down`)
+        # endpoint -> the virtual time its last scrape failed (down or hung): answers before it
+        # skip no probe turn (`_probe_down`)
         self._scrape_failed_at: dict[str, float] = {}
         self._itl_windows = [self.live.live[se.name].itl.add_many for se in self.endpoints]
         self.totals = _Totals()
@@ -683,19 +683,21 @@ class Simulator:
         ``health_interval_s``; the turns fall on its multiples here) and failed none in it is
         not probed: the turn is skipped, and the next one looks again. A failure there (a
         request refused or timed out) forces the probe, which marks it down; with a window
-        longer than ``health_interval_s`` so does a failed scrape (one scraped while down or
-        hung, every ``scrape_interval_s`` here: no idle back-off). An endpoint back (``up``)
-        before its probe passes it: nothing changes."""
+        longer than ``health_interval_s`` a failed scrape (one scraped while down or hung,
+        every ``scrape_interval_s`` here: no idle back-off) counts as a failed probe's turn:
+        only an answer after it skips (none comes from a down or hung engine). An endpoint
+        back (``up``) before its probe passes it: nothing changes."""
         se = self.by_name[name]
         if se.fault not in ("down", "hung"):
             return
         g = self.config.gateway
         window = skip_window(g.health_skip_window_s, g.health_interval_s)
-        since = turn - max(window, g.health_interval_s)
-        scraped_ok = (window <= g.health_interval_s  # as before the window: no scrape counts
-                      or self._scrape_failed_at.get(name, -math.inf) <= since)
+        since = answered = turn - max(window, g.health_interval_s)
+        if window > g.health_interval_s:  # as before the window (no scrape counts) otherwise
+            answered = max(since, self._scrape_failed_at.get(name, -math.inf))
         if (g.health_skip_while_serving and self.live.is_healthy(name)
-                and self.live.served_since(name, since) and scraped_ok):
+                and self.live.served_since(name, since)
+                and self.live.served_since(name, answered)):
             at = turn + g.health_interval_s
             self.loop.call_at(at, self._probe_down, name, at)
             return
