@@ -106,9 +106,11 @@ class ProbeError(RuntimeError):
 def typical_s(tries: Sequence[float]) -> float:
     """A prefill point's value from its tries: their median, as every other probe point's.
     Session 23 took the mean less a fifth cut from each end; refitted offline on fidelity runs'
-    kept tries (``bench/calibration_statistic.py``; docs/benchmarks.md, session 24), it
-    predicted the real engine's TTFTs no closer than the median: what helped was spreading the
-    tries through the rounds, not the statistic. The median is also what the emulator's speed
+    kept tries (``bench/calibration_statistic.py``; docs/benchmarks.md, session 24), neither
+    predicted the real engine's TTFTs closer beyond the runs' noise (the trimmed mean was ahead
+    on session 23's three runs, the only ones whose tries showed two speed states; on this
+    session's calm runs the two differ by under 1 %), so the simpler one. The median is also
+    what the emulator's speed
     spread is measured against (``calibration.speed_spread``: each decode try over its point's
     median), so that the emulator, which plays the spread back on top of the profile's times,
     does not count a slow share twice."""
