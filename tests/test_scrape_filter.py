@@ -262,14 +262,17 @@ async def test_the_config_switch_reaches_both_scrapers(flag: bool) -> None:
 
 @pytest.mark.parametrize(("status", "engine"), [
     (404, "vllm"), (401, "vllm"), (403, "sglang"), (503, "vllm"), (None, "vllm"),
-    (None, "sglang"), ("stall", "vllm")])
+    (None, "sglang"), ("stall", "vllm"), ("body-stall", "vllm"), ("body-reset", "vllm"),
+    ("body-stall", "sglang"), ("body-reset", "sglang")])
 async def test_only_a_scrape_that_got_no_answer_counts_as_failed(
     status: int | str | None, engine: str
 ) -> None:
     """A page the server answered with a non-200 (an engine without ``/metrics``, a proxy
     that refuses it, a 503 under load) is read as no page, but the server answered: the
     scraper's serving skip does not count it as a failed scrape. Only no answer does
-    (``None``: nothing listens; ``"stall"``: past the timeout)."""
+    (``None``: nothing listens; ``"stall"``: past the timeout; ``"body-stall"`` and
+    ``"body-reset"``: a 200 status line and headers, then the page stalls past the timeout
+    or the connection closes before it is all sent)."""
     from inferplane.fleet.live import LiveFleet
     from inferplane.fleet.scraper import Scraper
     from tests.support.procs import free_port
@@ -278,6 +281,17 @@ async def test_only_a_scrape_that_got_no_answer_counts_as_failed(
         if status == "stall":
             await asyncio.sleep(1.0)
             return web.Response(text="")
+        if status in ("body-stall", "body-reset"):
+            resp = web.StreamResponse(status=200)
+            resp.content_length = 100_000
+            await resp.prepare(request)
+            await resp.write(b"vllm:num_requests_running 3\n")
+            if status == "body-reset":
+                assert request.transport is not None
+                request.transport.close()
+            else:
+                await asyncio.sleep(1.0)
+            return resp
         assert isinstance(status, int)
         return web.Response(status=status, text="no")
 

@@ -143,23 +143,31 @@ class HttpMetricsSource:
         """(status, text): (None, None) when it could not be read (timeout, connection). The
         filtered path is not redirected (a server without it that redirects ``/metrics/`` to
         ``/metrics`` would cost two requests a scrape): its redirect is a status like any."""
-        self._reached[endpoint.url] = False
+        url = endpoint.url
+        self._reached[url] = False
         try:
             async with self._deadline(), self.session.get(
-                f"{endpoint.url}{path}", timeout=self.timeout, headers=_IDENTITY,
+                f"{url}{path}", timeout=self.timeout, headers=_IDENTITY,
                 allow_redirects=path == self.WHOLE,
             ) as r:
-                self._reached[endpoint.url] = True
                 if r.status != 200:
+                    self._reached[url] = True  # a status is an answer
                     return r.status, None
-                return 200, await r.text()
-        except (TimeoutError, aiohttp.ClientError, UnicodeDecodeError):
+                # answered only once the page is read: a timeout or a reset in the body is not
+                try:
+                    text = await r.text()
+                except UnicodeDecodeError:
+                    self._reached[url] = True  # read, but it would not decode
+                    return None, None
+                self._reached[url] = True
+                return 200, text
+        except (TimeoutError, aiohttp.ClientError):
             return None, None
 
     def unanswered(self, endpoint: Endpoint) -> bool:
         """Whether the last request for the endpoint's page got no answer at all (refused,
-        reset, timed out): not a non-200 status nor a page that would not decode, which the
-        server answered. The scraper's failed scrape (`Scraper`'s serving skip)."""
+        reset, timed out, before or while the page was read): not a non-200 status nor a
+        page that would not decode, which the server answered. The scraper's failed scrape (`Scraper`'s serving skip)."""
         return not self._reached.get(endpoint.url, False)
 
     async def metrics(self, endpoint: Endpoint) -> str | None:
