@@ -230,6 +230,12 @@ CASES: list[tuple[str, Callable[[Data], None], str, str]] = [
         "gateway.health_skip_window_s",
         "300 s is over 60 s: a healthy endpoint with occasional traffic would go unprobed",
     ),
+    (
+        "skip-window-default-capped",
+        put("gateway.health_skip_window_s", 300),
+        "gateway.health_skip_window_s",
+        "(null: 3 x health_interval_s, at most max(60, health_interval_s))",
+    ),
     ("section-type", put("substrates", {"a": 1}), "substrates", "valid list"),
     ("merged-section-type", put("classes", "gold"), "classes", "valid list"),
     ("entry-type", put("substrates.0.endpoints.0", "eu-0"), "substrates[0].endpoints[0]", "dict"),

@@ -147,7 +147,8 @@ class GatewaySpec(Strict):
             raise ValueError(
                 f"{window:g} s is over {SKIP_WINDOW_MAX_S:g} s: a healthy endpoint with "
                 "occasional traffic would go unprobed that long, and an engine dead meanwhile "
-                "be found only by the requests failing there (null: 3 x health_interval_s)"
+                "be found only by the requests failing there (null: 3 x health_interval_s, "
+                "at most max(60, health_interval_s))"
             )
         return window
 

@@ -12,8 +12,9 @@ virtual time (seconds after the first arrival of the replayed slice, after rate 
 - ``down``: new requests fail to connect (re-placed before the first byte); requests in flight
   there fail mid-stream (502); health probes fail, so the scraper marks it unhealthy at its next
   probe (not before the gateway would send one: ``gateway.health_skip_while_serving`` skips the
-  turns while an answer within ``health_skip_window_s`` and no failure in it, of a request or
-  of a scrape, vouch for it); its engine restarts empty on ``up``;
+  turns while a 2xx answer within ``health_skip_window_s``, after the last failed scrape, and no
+  failed request in it vouch for it: a failed scrape forces the next probe only for the answers
+  before it, answers after it still skip); its engine restarts empty on ``up``;
 - ``hung``: the endpoint accepts requests and never answers: an attempt fails when the gateway's
   first-byte timeout (``gateway.first_byte_timeout``, derived from the predicted TTFT; when
   disabled, ``gateway.upstream_timeout_s``) runs out, then is re-placed, and consecutive
