@@ -315,3 +315,25 @@ async def test_only_a_scrape_that_got_no_answer_counts_as_failed(
             assert (ep.name in scraper.scrape_failed_at) is not answered
     finally:
         await runner.cleanup()
+
+
+async def test_a_reload_drops_the_answered_records_of_urls_gone() -> None:
+    """The source's per-URL record of whether its last GET was answered does not outlive the
+    endpoint: a reload that removes the URL (or moves the endpoint to another) drops it."""
+    from inferplane.fleet.live import LiveFleet
+    from inferplane.fleet.scraper import Scraper
+    from tests.support.procs import free_port
+
+    old, new = endpoint(f"http://127.0.0.1:{free_port()}"), endpoint("http://127.0.0.1:9")
+    async with aiohttp.ClientSession() as s:
+        src = HttpMetricsSource(s, timeout_s=0.3)
+        live = LiveFleet(Fleet((old,)), stale_after_s=2.0)
+        scraper = Scraper(live, src)
+        await scraper.scrape_once(old)  # nothing listens: recorded as unanswered
+        assert set(src._reached) == {old.url}
+        live.reconfigure(Fleet((new,)))
+        scraper.reconfigure()  # starts the new endpoint's loops: stopped below
+        try:
+            assert old.url not in src._reached
+        finally:
+            await scraper.stop()

@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Literal, Protocol
 from urllib.parse import urlencode
@@ -169,6 +169,12 @@ class HttpMetricsSource:
         reset, timed out, before or while the page was read): not a non-200 status nor a
         page that would not decode, which the server answered. The scraper's failed scrape (`Scraper`'s serving skip)."""
         return not self._reached.get(endpoint.url, False)
+
+    def forget(self, kept: Collection[str]) -> None:
+        """Drop the answered records (`unanswered`) of endpoint URLs not in ``kept``: the
+        reloaded fleet's (`Scraper.reconfigure`)."""
+        for url in self._reached.keys() - set(kept):
+            del self._reached[url]
 
     async def metrics(self, endpoint: Endpoint) -> str | None:
         filtered = self.filtered_path(endpoint.spec.engine)
@@ -615,6 +621,9 @@ class Scraper:
         for e in self.live.fleet.endpoints:
             if e.name not in self._tasks:
                 self._watch(e)
+        forget: Callable[[Collection[str]], None] | None = getattr(self.source, "forget", None)
+        if forget is not None:  # the source's records of URLs no endpoint has now
+            forget({e.url for e in self.live.fleet.endpoints})
 
     async def stop(self) -> None:
         tasks = [t for _, ts in self._tasks.values() for t in ts]
