@@ -233,7 +233,10 @@ class Picker(Core):
 
     async def _start_transport(self) -> MetricsSource:
         self._session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(sock_connect=self.config.gateway.connect_timeout_s)
+            timeout=aiohttp.ClientTimeout(sock_connect=self.config.gateway.connect_timeout_s),
+            # scrapes and probes only: an engine's (or a sticky load balancer's) Set-Cookie is
+            # not kept, as on the gateway's session (tests/test_upstream_cookies.py)
+            cookie_jar=aiohttp.DummyCookieJar(),
         )
         self._sweeper = asyncio.create_task(self._sweep_loop())
         return HttpMetricsSource(
