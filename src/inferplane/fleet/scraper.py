@@ -167,7 +167,8 @@ class HttpMetricsSource:
     def unanswered(self, endpoint: Endpoint) -> bool:
         """Whether the last request for the endpoint's page got no answer at all (refused,
         reset, timed out, before or while the page was read): not a non-200 status nor a
-        page that would not decode, which the server answered. The scraper's failed scrape (`Scraper`'s serving skip)."""
+        page that would not decode, which the server answered. The scraper's failed scrape
+        (`Scraper`'s serving skip)."""
         return not self._reached.get(endpoint.url, False)
 
     def forget(self, kept: Collection[str]) -> None:
