@@ -49,6 +49,7 @@ from inferplane.physics.probe import (
     Prober,
     ProbeResult,
     calibrate_endpoint,
+    idle_wake_s,
     prefill_positions,
     typical_s,
 )
@@ -822,7 +823,7 @@ def test_profile_file_names_the_hand_off_only_when_there_is_one(tmp_path: Path) 
 def _frontend_fleet(
     tmp: Path, request_s: float, token_s: float = 0.0, handoff_s: float = 0.0,
     overhead_s: float | None = None,
-    spread: tuple[tuple[float, ...], float] = ((), 0.0), **endpoint: Any,
+    spread: tuple[tuple[float, ...], float] = ((), 0.0), wake_s: float = 0.0, **endpoint: Any,
 ) -> Path:
     """A fleet file on a calibrated profile with these front-end costs; ``endpoint``: `_fleet`
     arguments for its endpoint."""
@@ -833,7 +834,7 @@ def _frontend_fleet(
         hw, frontend_request_s=request_s, frontend_token_s=token_s,
         frontend_handoff_s=handoff_s,
         request_overhead_s=hw.request_overhead_s if overhead_s is None else overhead_s,
-        speed_spread=spread[0], speed_spread_window_s=spread[1]))
+        speed_spread=spread[0], speed_spread_window_s=spread[1], idle_wake_s=wake_s))
     (tmp / "profile.yaml").write_text(dump_profile(cal, "cpu", {"model": "m"}))
     fleet_file = tmp / "fleet.yaml"
     fleet_file.write_text(_fleet("cpu-lab", emulation={"num_gpu_blocks": 256}, **endpoint))
@@ -1397,9 +1398,10 @@ async def test_every_probe_round_times_its_requests_on_an_open_connection() -> N
         async def pause(_: int) -> None:
             await asyncio.sleep(0.3)
 
+        # no idle-wake tries: their 0.2 s of idle outlasts this fake's 0.1-s keep-alive
         result = await Prober(url, "m").run(
             (16, 64), (1,), decode_tokens=4, long_decode_prompt_tokens=0, repeats=3,
-            warm_up_max_s=0.0, require_smooth=False, between_rounds=pause)
+            warm_up_max_s=0.0, require_smooth=False, between_rounds=pause, idle_tries=0)
     assert [p.prompt_tokens for p in result.prefill] == [16, 64]
     assert max(p.ttft_s for p in result.prefill) < 0.015  # the fake reports no cached tokens
     # the rounds after the first did find their connection closed: the opener paid for it
@@ -1477,3 +1479,121 @@ def test_prefill_visits_are_evenly_spaced_across_the_rounds() -> None:
         at = prefill_positions(tasks, visits)
         gaps = [b - a for a, b in zip(at, [*at[1:], at[0] + tasks], strict=True)]
         assert max(gaps) - min(gaps) <= 1 and max(at) < tasks, (tasks, visits, at)
+
+
+def test_idle_wake_s_is_the_median_difference_and_never_negative() -> None:
+    """Each try is (back-to-back TTFT, after-idle TTFT): the cost is the median of the
+    differences (one try that met a slow stretch on its back-to-back side does not move it),
+    at least 0 (an engine with no wake-up cost reads a little either way), 0 without tries."""
+    assert idle_wake_s([(0.010, 0.013), (0.011, 0.014), (0.030, 0.014)]) == pytest.approx(0.003)
+    assert idle_wake_s([(0.010, 0.009), (0.010, 0.0095), (0.010, 0.0101)]) == 0.0
+    assert idle_wake_s([]) == 0.0
+
+
+async def test_the_probe_fits_the_wake_up_cost_of_an_engine_slow_after_idle() -> None:
+    """A fake engine whose request waits 20 ms more when nothing was in flight for 50 ms: the
+    probe's idle-wake tries (2 a round, 100 ms idle before each) read the cost, while every
+    other point, sent back to back, does not pay it (the prefill points stay far below it)."""
+    async with fake_completions(token_gap_s=0.0005, wake_s=0.02, idle_after_s=0.05) as (
+        url, _
+    ):
+        result = await Prober(url, "m").run(
+            (16, 64), (1,), decode_tokens=4, long_decode_prompt_tokens=0, repeats=2,
+            warm_up_max_s=0.0, require_smooth=False, idle_tries=2, idle_gap_s=0.1)
+    assert len(result.idle_tries_s) == 4
+    assert all(idle > busy + 0.015 for busy, idle in result.idle_tries_s)
+    assert 0.015 < idle_wake_s(result.idle_tries_s) < 0.04
+    assert max(p.ttft_s for p in result.prefill) < 0.015
+
+
+def test_an_old_profile_without_idle_wake_loads_as_zero(tmp_path: Path) -> None:
+    """``idle_wake_s`` goes into the profile file (left out at 0, so older readers load it)
+    and back; a file written before the field loads as 0."""
+    base, _, pre, dec = _synthetic("cpu", "tiny-llama", 256)
+    cal = fit(base, get_model("tiny-llama"), pre, dec, name="cpu-lab")
+    path = tmp_path / "p.yaml"
+    path.write_text(dump_profile(cal, "cpu", {}))
+    assert "idle_wake_s" not in path.read_text()
+    assert load_hardware_profile(path).idle_wake_s == 0.0
+    woken = dataclasses.replace(cal, hardware=dataclasses.replace(cal.hardware,
+                                                                   idle_wake_s=0.003))
+    path.write_text(dump_profile(woken, "cpu", {}))
+    assert "idle_wake_s: 0.003" in path.read_text()
+    assert load_hardware_profile(path) == woken.hardware
+    with pytest.raises(ValueError):
+        dataclasses.replace(cal.hardware, idle_wake_s=-0.001)
+
+
+class _FlatCost:
+    def step_time_s(self, prefill_tokens: int, prefill_context_tokens: int, decode_seqs: int,
+                    decode_context_tokens: int, prefill_pairs: float | None = None) -> float:
+        return 0.01
+
+
+def test_the_engine_model_adds_the_wake_up_cost_only_after_idle() -> None:
+    """With ``idle_wake_s`` 5 ms (steps of 10 ms): the first step of a fresh engine, and of one
+    idle for `IDLE_WAKE_AFTER_S` before the request arrived, takes 15 ms; a request that
+    arrives sooner after the last one ended (a closed loop's next), or beside one running,
+    does not pay it; without ``idle_wake_s`` no step does."""
+    from inferplane.twin.engine.model import (
+        IDLE_WAKE_AFTER_S,
+        Engine,
+        EngineConfig,
+        EngineRequest,
+    )
+
+    def run(wake: float) -> list[float]:
+        e = Engine(EngineConfig(num_gpu_blocks=64, block_size=16), _FlatCost(), idle_wake_s=wake)
+        durs: list[float] = []
+        now = 0.0
+
+        def add(name: str, at: float) -> None:
+            e.add_request(EngineRequest(name, list(range(1, 33)), 2, arrival_time=at), at)
+
+        def step() -> None:
+            nonlocal now
+            d = e.step(now).duration_s
+            durs.append(round(d, 6))
+            now += d
+
+        add("fresh", 0.0)
+        step()  # its prefill (first token)
+        add("beside", now)  # arrives while "fresh" decodes
+        step()
+        step()  # "fresh" and "beside" done
+        assert not e.has_unfinished()
+        now += IDLE_WAKE_AFTER_S / 4
+        add("soon", now)
+        step()
+        step()
+        now += IDLE_WAKE_AFTER_S * 1.5
+        add("idle", now)
+        step()
+        step()
+        return durs
+
+    assert run(0.005) == [0.015, 0.01, 0.01, 0.01, 0.01, 0.015, 0.01]
+    assert run(0.0) == [0.01] * 7
+
+
+def test_the_simulator_and_the_emulator_take_the_profiles_idle_wake(tmp_path: Path) -> None:
+    """Both run the engine model with the profile's ``idle_wake_s``: in the simulator a lone
+    request on a fresh engine and one after a second idle come out exactly that much later."""
+    trace = [TraceRequest(0.0, 64, 4), TraceRequest(1.0, 64, 4)]
+    ttfts = {}
+    for wake in (0.0, 0.007):
+        config = load_config(_frontend_fleet(tmp_path, 0.0, wake_s=wake))
+        sim = simulate(config, trace, "round-robin")
+        ttfts[wake] = [r.ttft_s for r in sorted(sim.records, key=lambda r: r.arrival_s)]
+    for base, woken in zip(ttfts[0.0], ttfts[0.007], strict=True):
+        assert base is not None and woken is not None
+        assert woken - base == pytest.approx(0.007, abs=1e-9)
+
+
+async def test_the_emulated_engine_runs_the_profiles_idle_wake(tmp_path: Path) -> None:
+    config = load_config(_frontend_fleet(tmp_path, 0.0, wake_s=0.004))
+    handle = await start_emulator(config, time_scale=4.0, port_override={"lab-0": 0})
+    try:
+        assert handle.endpoints["lab-0"].engine.idle_wake_s == 0.004
+    finally:
+        await handle.stop()

@@ -31,6 +31,11 @@ prefill and cached points (see there):
 * **bursts**: ``N`` fresh one-token requests sent at once; their TTFTs, sorted, each rank the
   median over the rounds. An engine whose front end takes requests in one at a time answers
   them one intake apart; one that takes them in parallel answers them together.
+* **idle wake**: at each round's end, :data:`IDLE_TRIES` times, a fresh one-token request sent
+  right after the previous request ended and another after :data:`IDLE_GAP_S` of nothing: the
+  median of the differences (at least 0) is the engine's ``idle_wake_s``, what a request pays
+  for reaching an engine that sat idle (its processes wake from their idle wait). Every other
+  probe request follows another at once, so the fit never sees that cost.
 * **loaded**: while ``max(batches) // 2`` streams decode (``loaded_decode_tokens`` each; half,
   so that the engine has a free sequence slot for the probe request), up to three
   one-token requests one after the other; the TTFTs of those answered before any stream ended,
@@ -89,6 +94,18 @@ OPENER_TOKENS = 8
 #: speed from one stretch of seconds to the next.
 PREFILL_VISITS: Final = 3
 
+#: Seconds of nothing sent before each idle-wake try (`Prober.idle_wake_once`): long enough that
+#: the fidelity vLLM pays its whole wake-up cost (it does from 20 ms: docs/benchmarks.md, session
+#: 24; and at 0.2 s in ``ttft_shape``), short enough to cost the probe little (2 tries × 5
+#: rounds: 2 s), and far below the API server's 5-s keep-alive, so the try's connection is
+#: still open.
+IDLE_GAP_S: Final = 0.2
+#: Idle-wake tries a round by default: each a back-to-back request and one after the gap.
+IDLE_TRIES: Final = 2
+#: Prompt tokens of the idle-wake requests: short (the cost does not grow with the prompt:
+#: +2.9 / +3.4 / +3.3 ms at 32 / 384 / 768 tokens in ``ttft_shape``, session 24).
+IDLE_PROMPT_TOKENS: Final = 64
+
 #: Words a prompt is made of: common English words, one token each in a real model's tokenizer
 #: (and in the fidelity tier's word-level one, and the emulator's). Words outside the engine's
 #: vocabulary would all become the same unknown token, so that every "fresh" prompt of a length
@@ -117,6 +134,16 @@ def typical_s(tries: Sequence[float]) -> float:
     return statistics.median(tries)
 
 
+def idle_wake_s(tries: Sequence[tuple[float, float]]) -> float:
+    """The engine's wake-up cost from the idle-wake tries, each (back-to-back TTFT, after-idle
+    TTFT): the median of the differences, at least 0 (0 without tries). The median, as every
+    other point's: a try that met a slow stretch of the host on one side only moves it
+    little."""
+    if not tries:
+        return 0.0
+    return max(0.0, statistics.median(idle - busy for busy, idle in tries))
+
+
 def prefill_positions(tasks: int, visits: int) -> list[int]:
     """Where a round's ``visits`` prefill sweeps go among its ``tasks`` other measurements
     (decode points, bursts, the loaded point): before the task of each returned index, one
@@ -141,6 +168,8 @@ class ProbeResult:
     speed_spread_window_s: float = 0.0
     #: every cold prefill try's TTFT per requested prompt length, in the order sent
     prefill_tries_s: dict[int, list[float]] = field(default_factory=dict)
+    #: every idle-wake try's (back-to-back TTFT, after-idle TTFT), in the order sent
+    idle_tries_s: list[tuple[float, float]] = field(default_factory=list)
     #: the probe's own time: warm-up to the last round, less the caller's ``between_rounds``
     probe_s: float = 0.0
 
@@ -330,6 +359,17 @@ class Prober:
             raise ProbeError(f"no stream of batch {batch} produced more than one token")
         return statistics.median(tpots), int(statistics.median(s.prompt_tokens for s in streams))
 
+    async def idle_wake_once(
+        self, session: aiohttp.ClientSession, tokens: int, gap_s: float = IDLE_GAP_S
+    ) -> tuple[float, float]:
+        """A fresh one-token request of about ``tokens`` tokens sent right after the previous
+        request, then another after ``gap_s`` of nothing: their TTFTs."""
+        words = self.words_for(tokens)
+        busy = await self.stream(session, prompt_of(words, _nonce()), 1)
+        await asyncio.sleep(gap_s)
+        idle = await self.stream(session, prompt_of(words, _nonce()), 1)
+        return busy.ttft_s, idle.ttft_s
+
     async def burst_once(
         self, session: aiohttp.ClientSession, size: int, tokens: int
     ) -> list[float]:
@@ -397,13 +437,17 @@ class Prober:
         require_smooth: bool = True,
         between_rounds: Callable[[int], Awaitable[None]] | None = None,
         prefill_visits: int = PREFILL_VISITS,
+        idle_tries: int = IDLE_TRIES,
+        idle_gap_s: float = IDLE_GAP_S,
     ) -> ProbeResult:
         """Every point ``repeats`` times, the sweeps interleaved (each round visits every point
         once), so that a burst of load elsewhere on the machine spreads over the points instead
         of bending one of them; each point is the median of its rounds. The prefill sweep
         (cold and cached) is taken ``prefill_visits`` times a round, evenly spaced through it
         (:func:`prefill_positions`), and each of its points is the :func:`typical_s` (median)
-        of its ``repeats × prefill_visits`` tries. ``between_rounds(i)``
+        of its ``repeats × prefill_visits`` tries. Each round ends with ``idle_tries``
+        idle-wake tries (:meth:`idle_wake_once`, ``idle_gap_s`` of idle; 0: none), which
+        :func:`idle_wake_s` turns into the engine's wake-up cost. ``between_rounds(i)``
         is awaited after round ``i`` (0-based): a caller's own measurements of the same engine
         (a comparison with what the profile predicts) spread over the same minutes as the
         probe, so that the engine running faster or slower for a while (a shared host) moves
@@ -459,6 +503,7 @@ class Prober:
             *([loaded_point] if loaded_batch else []),
         ]
         visits_before = Counter(prefill_positions(len(tasks), prefill_visits))
+        idle_tries_s: list[tuple[float, float]] = []
         between_s = 0.0
         started = time.perf_counter()
         async with aiohttp.ClientSession(timeout=self.timeout) as session:
@@ -478,11 +523,15 @@ class Prober:
                         await prefill_sweep(session)
                     if i < len(tasks):
                         await tasks[i](session)
+                for _ in range(idle_tries):
+                    idle_tries_s.append(await self.idle_wake_once(
+                        session, IDLE_PROMPT_TOKENS, idle_gap_s))
                 if between_rounds is not None:
                     t = time.perf_counter()
                     await between_rounds(round_)
                     between_s += time.perf_counter() - t
-        out = ProbeResult(probe_s=time.perf_counter() - started - between_s)
+        out = ProbeResult(probe_s=time.perf_counter() - started - between_s,
+                          idle_tries_s=idle_tries_s)
         for n in prompt_tokens:
             tokens = int(statistics.median(s.prompt_tokens for s in cold[n]))
             out.prefill.append(PrefillPoint(tokens, 0, typical_s([s.ttft_s for s in cold[n]])))
@@ -550,6 +599,7 @@ async def calibrate_endpoint(
     between_rounds: Callable[[int], Awaitable[None]] | None = None,
     keep_speed_spread: bool = True,
     prefill_visits: int = PREFILL_VISITS,
+    idle_tries: int = IDLE_TRIES,
 ) -> tuple[str, str]:
     """Probe ``url``, fit ``base`` to it; return the profile file's text and a summary table.
     ``require_smooth=False`` calibrates even an engine whose streams still arrive in bursts
@@ -562,13 +612,15 @@ async def calibrate_endpoint(
     result = await Prober(url, model, api_key=api_key).run(
         prompt_tokens, batches, bursts=bursts, decode_tokens=decode_tokens, repeats=repeats,
         warm_up_max_s=warm_up_max_s, require_smooth=require_smooth,
-        between_rounds=between_rounds, prefill_visits=prefill_visits,
+        between_rounds=between_rounds, prefill_visits=prefill_visits, idle_tries=idle_tries,
     )
     cal = fit(
         hw, mp, result.prefill + result.cached, result.decode, name=name, tp=tp,
         precision=precision, source=f"calibrated against {url} ({model}) from {base}",
     )
     cal = fit_frontend(cal, mp, result.bursts, result.loaded, tp=tp, precision=precision)
+    cal = dataclasses.replace(cal, hardware=dataclasses.replace(
+        cal.hardware, idle_wake_s=round(idle_wake_s(result.idle_tries_s), 6)))
     if keep_speed_spread:
         cal = dataclasses.replace(cal, hardware=dataclasses.replace(
             cal.hardware, speed_spread=tuple(round(x, 4) for x in result.speed_spread),
@@ -586,6 +638,9 @@ async def calibrate_endpoint(
         "probe_s": round(result.probe_s, 1),
         "prefill_tries_ms": {n: [round(t * 1e3, 3) for t in ts]
                              for n, ts in result.prefill_tries_s.items()},
+        "idle_gap_s": IDLE_GAP_S,
+        "idle_tries_ms": [[round(b * 1e3, 3), round(i * 1e3, 3)]
+                          for b, i in result.idle_tries_s],
     }
     lines = [f"{'point':<28}{'measured ms':>13}{'fitted ms':>11}{'error':>8}"]
     for p, f in cal.prefill:
@@ -615,7 +670,7 @@ async def calibrate_endpoint(
         f"per request {h.request_overhead_s * 1e3:.3f} ms, "
         f"front-end intake {h.frontend_request_s * 1e3:.3f} ms + hand-off "
         f"{h.frontend_handoff_s * 1e3:.3f} ms, per token "
-        f"{h.frontend_token_s * 1e3:.3f} ms"
+        f"{h.frontend_token_s * 1e3:.3f} ms, idle wake {h.idle_wake_s * 1e3:.3f} ms"
         + (f", speed spread P10 / P50 / P90 {_q(h.speed_spread, 10):.3f} / "
            f"{_q(h.speed_spread, 50):.3f} / {_q(h.speed_spread, 90):.3f} over "
            f"{h.speed_spread_window_s * 1e3:.0f} ms, mean {statistics.fmean(h.speed_spread):.3f}"

@@ -36,6 +36,11 @@ lengths including the token being computed. A step with more than one prefill ch
 passes ``prefill_pairs``, the attention pairs of each chunk against its own sequence summed
 (each sequence attends only to its own keys).
 
+Waking from idle: a request that reaches an engine with nothing running or waiting since at
+least :data:`IDLE_WAKE_AFTER_S` before it arrived (or never used) makes the step that first
+runs it ``idle_wake_s`` longer (the hardware profile's, measured by the calibration probe):
+what a real engine's processes take to wake from their idle wait.
+
 Metrics: gauges and counters are attributes named after the vLLM series they feed; the
 prefix-cache counters count, in tokens, the lookup of each request when it is first
 scheduled (vLLM counts re-lookups after preemption apart, and also counts lookups whose
@@ -89,6 +94,12 @@ class StepCostModel(Protocol):
     ) -> float: ...
 
 
+IDLE_WAKE_AFTER_S = 0.02
+"""Idle time (nothing running or waiting) after which a request pays the engine's
+``idle_wake_s``. On the fidelity vLLM, a request sent as soon as the previous one ended (the
+workload's closed loop, ~0.1 ms later) paid nothing, one after 20 ms or more paid the whole
+cost (docs/benchmarks.md, session 24)."""
+
 MAX_DERIVED_BLOCKS = 1 << 17
 """Upper bound on KV blocks derived from memory (2M tokens at block size 16): a small model on
 a large host (the ``cpu`` profile) would otherwise derive millions of blocks, which the engine
@@ -123,8 +134,13 @@ class Engine:
         cost_model: StepCostModel,
         on_kv_event: Callable[[KVEvent], None] | None = None,
         record_samples: bool = True,
+        idle_wake_s: float = 0.0,
+        idle_wake_after_s: float = IDLE_WAKE_AFTER_S,
     ) -> None:
         self.config = config
+        self.idle_wake_s, self.idle_wake_after_s = idle_wake_s, idle_wake_after_s
+        self._idle_since = -math.inf  # when the last request finished (never: always idle)
+        self._wake_s = 0.0  # owed by the next step that runs something
         self.cost_model = cost_model
         self.pool = BlockPool(
             config.num_gpu_blocks, config.block_size, config.enable_prefix_caching, on_kv_event
@@ -196,6 +212,12 @@ class Engine:
         if hashes is not None and len(hashes) != req.prompt_len // cfg.block_size:
             raise ValueError("prompt_block_hashes must name every full block of the prompt")
         del now  # arrival_time is the request's own; kept for interface symmetry
+        if (
+            self.idle_wake_s > 0
+            and not self._requests
+            and req.arrival_time - self._idle_since >= self.idle_wake_after_s
+        ):
+            self._wake_s = self.idle_wake_s
         self._requests[req.request_id] = req
         self._waiting.append(req)
 
@@ -422,6 +444,9 @@ class Engine:
             if chunks <= 1  # one chunk: the same pairs, the one-sequence formula's float ops
             else cost(pf_tok, pf_ctx, dec_n, dec_ctx, prefill_pairs=pf_pairs)
         )
+        if self._wake_s:
+            dur += self._wake_s  # the first step after an idle stretch (`add_request`)
+            self._wake_s = 0.0
         out.duration_s, out.prefill_tokens, out.decode_seqs = dur, pf_tok, dec_n
         out.step_durations.append(dur)
         t = now + dur
@@ -453,6 +478,8 @@ class Engine:
         req.finish_time = t
         self._release(req, RequestStatus.FINISHED)
         del self._requests[req.request_id]
+        if not self._requests:
+            self._idle_since = t
         self.num_finished_total += 1
         out.finished.append(req.request_id)
         self._sample("e2e", t - req.arrival_time)
