@@ -151,8 +151,11 @@ def prefill_positions(tasks: int, visits: int) -> list[int]:
     evenly spaced in the probe's sequence as whole tasks allow, across the rounds' ends too.
     Not the last after the round's last task (until session 24): that one and the next
     round's first came back to back, one visit in effect, sampling the same stretch of the
-    host's speed twice."""
-    return [round(k * tasks / visits) for k in range(max(visits, 0))]
+    host's speed twice. Never after the last task either when there are more than twice as many
+    visits as tasks (``round`` alone gave 3 for the last of 7 visits among 3 tasks): clamped to
+    the last task, which leaves the default probe's positions as they were ([0, 2, 5] of 7)."""
+    last = max(tasks - 1, 0)
+    return [min(round(k * tasks / visits), last) for k in range(max(visits, 0))]
 
 
 @dataclass
