@@ -95,10 +95,10 @@ OPENER_TOKENS = 8
 PREFILL_VISITS: Final = 3
 
 #: Seconds of nothing sent before each idle-wake try (`Prober.idle_wake_once`): long enough that
-#: the fidelity vLLM pays its whole wake-up cost (it does from 20 ms: docs/benchmarks.md, session
-#: 24; and at 0.2 s in ``ttft_shape``), short enough to cost the probe little (2 tries × 5
-#: rounds: 2 s), and far below the API server's 5-s keep-alive, so the try's connection is
-#: still open.
+#: the fidelity vLLM pays its whole wake-up cost (+3.2 ms after 0.1 and after 0.2 s, +2.4 after
+#: 0.05: ``calibration-s24/idle_gap.txt``, session 24), short enough to cost the probe little (2
+#: tries × 5 rounds: 2 s), and far below the API server's 5-s keep-alive, so the try's
+#: connection is still open.
 IDLE_GAP_S: Final = 0.2
 #: Idle-wake tries a round by default: each a back-to-back request and one after the gap.
 IDLE_TRIES: Final = 2

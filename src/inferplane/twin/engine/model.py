@@ -94,11 +94,14 @@ class StepCostModel(Protocol):
     ) -> float: ...
 
 
-IDLE_WAKE_AFTER_S = 0.02
+IDLE_WAKE_AFTER_S = 0.03
 """Idle time (nothing running or waiting) after which a request pays the engine's
-``idle_wake_s``. On the fidelity vLLM, a request sent as soon as the previous one ended (the
-workload's closed loop, ~0.1 ms later) paid nothing, one after 20 ms or more paid the whole
-cost (docs/benchmarks.md, session 24)."""
+``idle_wake_s``: a step where the real cost ramps. On the fidelity vLLM (session 24's host,
+384-token requests after a 32-token stream, medians of 14) the extra TTFT over a request sent
+as the previous one ended (~0.1 ms later, as the workload's closed loop sends) was 0 after 1-3
+ms of idle, +0.45 ms after 10, +1.3 after 20, +2.4 after 50 and +3.2 after 100 and 200 ms
+(``calibration-s24/idle_gap.txt``): half the full cost at about 30 ms, where a step errs least
+either way."""
 
 MAX_DERIVED_BLOCKS = 1 << 17
 """Upper bound on KV blocks derived from memory (2M tokens at block size 16): a small model on
