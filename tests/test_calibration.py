@@ -1578,6 +1578,50 @@ def test_the_engine_model_adds_the_wake_up_cost_only_after_idle() -> None:
     assert run(0.0) == [0.01] * 7
 
 
+def test_an_abort_that_empties_the_engine_restarts_its_idle_clock() -> None:
+    """With ``idle_wake_s`` 5 ms (steps of 10 ms): when the only request is aborted mid-run, one
+    arriving soon after the last step's end pays no wake (the engine was busy until then, though
+    no request ever finished); and the wake owed by a request aborted before it ran is dropped,
+    so a request that arrived soon after the engine's last step (queued behind it, added after
+    it) is not charged it."""
+    from inferplane.twin.engine.model import (
+        IDLE_WAKE_AFTER_S,
+        Engine,
+        EngineConfig,
+        EngineRequest,
+    )
+
+    e = Engine(EngineConfig(num_gpu_blocks=64, block_size=16), _FlatCost(), idle_wake_s=0.005)
+    now = 0.0
+
+    def add(name: str, at: float) -> None:
+        e.add_request(EngineRequest(name, list(range(1, 33)), 8, arrival_time=at), at)
+
+    def step() -> float:
+        nonlocal now
+        d = e.step(now).duration_s
+        now += d
+        return round(d, 6)
+
+    add("woken", 0.0)
+    assert [step(), step()] == [0.015, 0.01]  # a fresh engine: its first step wakes it
+    assert e.abort("woken")  # a client gave up: nothing finished, nothing left
+    now += IDLE_WAKE_AFTER_S / 4
+    add("soon", now)
+    assert step() == 0.01  # the engine worked until IDLE_WAKE_AFTER_S/4 ago: no wake
+    assert e.abort("soon")
+    busy_until = now
+    add("gone", busy_until + IDLE_WAKE_AFTER_S * 1.5)  # idle long enough: it owes the wake ...
+    assert e.abort("gone")  # ... but leaves before any step
+    now = busy_until + IDLE_WAKE_AFTER_S / 4
+    add("queued", now)  # arrived before "gone", added after it
+    assert step() == 0.01
+    now += IDLE_WAKE_AFTER_S * 1.5
+    assert e.abort("queued")
+    add("idle", now)  # the clock still works: after a real idle stretch, a wake
+    assert step() == 0.015
+
+
 def test_the_simulator_and_the_emulator_take_the_profiles_idle_wake(tmp_path: Path) -> None:
     """Both run the engine model with the profile's ``idle_wake_s``: in the simulator a lone
     request on a fresh engine and one after a second idle come out exactly that much later."""
