@@ -56,7 +56,7 @@ from inferplane.physics.probe import (
 from inferplane.physics.spread import SpeedSpread, SpreadCost
 from inferplane.twin.emulator.endpoint import FINISHED, Submission, client_lead_s
 from inferplane.twin.emulator.server import start_emulator
-from inferplane.twin.engine.model import StepOutput
+from inferplane.twin.engine.model import EngineRequest, StepOutput
 from inferplane.twin.simulator.simulator import simulate
 from inferplane.twin.traces.loader import TraceRequest
 from tests.builders import model, pool_fleet, to_yaml
@@ -1637,9 +1637,27 @@ def test_the_simulator_and_the_emulator_take_the_profiles_idle_wake(tmp_path: Pa
 
 
 async def test_the_emulated_engine_runs_the_profiles_idle_wake(tmp_path: Path) -> None:
+    """The emulator's own engine, on a profile with ``idle_wake_s`` 4 ms: a lone request on the
+    fresh (idle) engine reaches its first token exactly 4 ms (engine time) later than one of
+    the same length that arrived as the first finished (back to back), whose TTFT is the bare
+    prefill step. Engine times only: arrivals are given (``at``), the engine runs at a tenth
+    of real time so the driver's wake-up stays within `MAX_LAG_S`."""
     config = load_config(_frontend_fleet(tmp_path, 0.0, wake_s=0.004))
-    handle = await start_emulator(config, time_scale=4.0, port_override={"lab-0": 0})
+    handle = await start_emulator(config, time_scale=0.1, port_override={"lab-0": 0})
+    emu = handle.endpoints["lab-0"]
+
+    async def finished(sub: Submission) -> EngineRequest:
+        while await sub.queue.get() != FINISHED:
+            pass
+        return sub.request
+
     try:
-        assert handle.endpoints["lab-0"].engine.idle_wake_s == 0.004
+        idle = await finished(emu.submit("r-1", list(range(5, 69)), 2, at=emu.now() - 0.001))
+        assert idle.finish_time is not None
+        back = await finished(emu.submit("r-2", list(range(100, 164)), 2, at=idle.finish_time))
+        assert back.arrival_time == idle.finish_time
+        ttft = [r.first_token_time - r.arrival_time for r in (idle, back)]
+        assert ttft[1] == pytest.approx(emu.roofline.step_time_s(64, 0, 0, 0), abs=1e-9)
+        assert ttft[0] - ttft[1] == pytest.approx(0.004, abs=1e-9)
     finally:
         await handle.stop()
