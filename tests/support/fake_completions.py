@@ -9,7 +9,7 @@ next ``n`` requests to arrive wait ``factor`` times as long per word (a host tha
 stretch). ``wake_s``: a request that arrives with no request in flight for ``idle_after_s``
 (or none ever) waits that much more before its first token (an engine waking from idle). Each
 request is recorded as (prompt words, max_tokens, first on its connection), in the
-order they arrive."""
+order they arrive, and in ``woken`` whether it paid ``wake_s``."""
 
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ class FakeCompletions:
     _slow_factor: float = 1.0
     wake_s: float = 0.0
     idle_after_s: float = 0.05
+    woken: list[bool] = field(default_factory=list)  # per request in ``requests``
     _inflight: int = 0
     _last_end: float = float("-inf")  # loop time the last request in flight ended
 
@@ -51,6 +52,7 @@ class FakeCompletions:
         self.requests.append((words, int(body["max_tokens"]), first))
         now = asyncio.get_running_loop().time()
         woken = self.wake_s > 0 and not self._inflight and now - self._last_end >= self.idle_after_s
+        self.woken.append(woken)
         self._inflight += 1
         try:
             return await self._answer(request, body, words, first, woken)
