@@ -43,6 +43,7 @@ from inferplane.physics.calibration import (
 )
 from inferplane.physics.frontend import FrontEnd
 from inferplane.physics.probe import (
+    IDLE_TRIES,
     OPENER_TOKENS,
     PREFILL_VISITS,
     SLOW_SPREAD_MEAN,
@@ -1278,6 +1279,36 @@ def test_calibrate_command_takes_the_prefill_visits_a_round(
         "--out", str(tmp_path / "q.yaml"), "--prefill-visits", "0"])
     assert refused.exit_code == 2 and "--prefill-visits" in refused.output
     assert seen == [visits]
+
+
+@pytest.mark.parametrize(("args", "tries"), [((), IDLE_TRIES), (("--no-idle-wake",), 0)])
+def test_calibrate_command_can_skip_the_idle_wake(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, args: tuple[str, ...], tries: int,
+) -> None:
+    """``--no-idle-wake`` runs no idle tries and writes no ``idle_wake_s`` (nor the tries in
+    ``calibration``): a profile that readers older than the field load. By default the probe
+    runs `IDLE_TRIES` a round and the profile keeps the fitted cost."""
+    seen: list[object] = []
+
+    async def run(self: Prober, *a: object, **kwargs: object) -> ProbeResult:
+        n = kwargs["idle_tries"]
+        assert isinstance(n, int)
+        seen.append(n)
+        result = _probe_result(())
+        result.idle_tries_s = [(0.005, 0.008)] * n
+        return result
+
+    monkeypatch.setattr(Prober, "run", run)
+    out = tmp_path / "p.yaml"
+    result = CliRunner().invoke(app, [
+        "calibrate", "--endpoint", "http://127.0.0.1:9", "--model", "llama-3.1-8b",
+        "--base", "l4", "--out", str(out), *args])
+    assert result.exit_code == 0, result.output
+    assert seen == [tries]
+    doc = yaml.safe_load(out.read_text())
+    assert ("idle_wake_s" in out.read_text()) is bool(tries)
+    assert ("idle_tries_ms" in doc["calibration"]) is bool(tries)
+    assert load_hardware_profile(out).idle_wake_s == pytest.approx(0.003 if tries else 0.0)
 
 
 def test_speed_spread_draws_one_factor_per_window_from_the_sampled_ones() -> None:

@@ -641,10 +641,11 @@ async def calibrate_endpoint(
         "probe_s": round(result.probe_s, 1),
         "prefill_tries_ms": {n: [round(t * 1e3, 3) for t in ts]
                              for n, ts in result.prefill_tries_s.items()},
-        "idle_gap_s": IDLE_GAP_S,
-        "idle_tries_ms": [[round(b * 1e3, 3), round(i * 1e3, 3)]
-                          for b, i in result.idle_tries_s],
     }
+    if result.idle_tries_s:  # none: not measured (``idle_tries=0``, ``--no-idle-wake``)
+        meta["idle_gap_s"] = IDLE_GAP_S
+        meta["idle_tries_ms"] = [[round(b * 1e3, 3), round(i * 1e3, 3)]
+                                 for b, i in result.idle_tries_s]
     lines = [f"{'point':<28}{'measured ms':>13}{'fitted ms':>11}{'error':>8}"]
     for p, f in cal.prefill:
         label = f"prefill {p.prompt_tokens} tok" + (f" ({p.cached_tokens} cached)"
