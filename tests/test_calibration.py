@@ -44,6 +44,7 @@ from inferplane.physics.calibration import (
 from inferplane.physics.frontend import FrontEnd
 from inferplane.physics.probe import (
     IDLE_TRIES,
+    IDLE_WAKE_FLOOR_S,
     OPENER_TOKENS,
     PREFILL_VISITS,
     SLOW_SPREAD_MEAN,
@@ -1517,9 +1518,13 @@ def test_prefill_visits_are_evenly_spaced_across_the_rounds() -> None:
 def test_idle_wake_s_is_the_median_difference_and_never_negative() -> None:
     """Each try is (back-to-back TTFT, after-idle TTFT): the cost is the median of the
     differences (one try that met a slow stretch on its back-to-back side does not move it),
-    at least 0 (an engine with no wake-up cost reads a little either way), 0 without tries."""
+    0 under `IDLE_WAKE_FLOOR_S` (an engine with no wake-up cost reads a little either way: the
+    field is then left out of the file), 0 without tries."""
+    assert IDLE_WAKE_FLOOR_S == 0.0005  # the cases below are set around it
     assert idle_wake_s([(0.010, 0.013), (0.011, 0.014), (0.030, 0.014)]) == pytest.approx(0.003)
     assert idle_wake_s([(0.010, 0.009), (0.010, 0.0095), (0.010, 0.0101)]) == 0.0
+    assert idle_wake_s([(0.010, 0.0104)] * 3) == 0.0  # +0.4 ms: noise
+    assert idle_wake_s([(0.010, 0.0106)] * 3) == pytest.approx(0.0006)  # +0.6 ms: kept
     assert idle_wake_s([]) == 0.0
 
 

@@ -33,8 +33,9 @@ prefill and cached points (see there):
   them one intake apart; one that takes them in parallel answers them together.
 * **idle wake**: at each round's end, :data:`IDLE_TRIES` times, a fresh one-token request sent
   right after the previous request ended and another after :data:`IDLE_GAP_S` of nothing: the
-  median of the differences (at least 0) is the engine's ``idle_wake_s``, what a request pays
-  for reaching an engine that sat idle (its processes wake from their idle wait). Every other
+  median of the differences (0 under :data:`IDLE_WAKE_FLOOR_S`) is the engine's
+  ``idle_wake_s``, what a request pays for reaching an engine that sat idle (its processes
+  wake from their idle wait). Every other
   probe request follows another at once, so the fit never sees that cost.
 * **loaded**: while ``max(batches) // 2`` streams decode (``loaded_decode_tokens`` each; half,
   so that the engine has a free sequence slot for the probe request), up to three
@@ -103,8 +104,14 @@ IDLE_GAP_S: Final = 0.2
 #: Idle-wake tries a round by default: each a back-to-back request and one after the gap.
 IDLE_TRIES: Final = 2
 #: Prompt tokens of the idle-wake requests: short (the cost does not grow with the prompt:
-#: +2.9 / +3.4 / +3.3 ms at 32 / 384 / 768 tokens in ``ttft_shape``, session 24).
+#: +2.8 / +3.4 / +3.3 ms at 32 / 384 / 768 tokens in ``ttft_shape``, session 24).
 IDLE_PROMPT_TOKENS: Final = 64
+#: A fitted wake-up cost under this is written as 0 (no ``idle_wake_s`` in the file): an engine
+#: without one reads a little either way (the fidelity vLLM after 1-3 ms of idle, no wake yet:
+#: -0.12 / -0.11 ms, medians of 14 in ``calibration-s24/idle_gap.txt``), and a median of ten
+#: tries that spread ~1.4 ms (wake1: +2.5 ... +3.9 ms) moves by a few tenths of a millisecond;
+#: the cost measured on the fidelity vLLM, 2.8-3.2 ms, is six times this.
+IDLE_WAKE_FLOOR_S: Final = 0.0005
 
 #: Words a prompt is made of: common English words, one token each in a real model's tokenizer
 #: (and in the fidelity tier's word-level one, and the emulator's). Words outside the engine's
@@ -136,12 +143,13 @@ def typical_s(tries: Sequence[float]) -> float:
 
 def idle_wake_s(tries: Sequence[tuple[float, float]]) -> float:
     """The engine's wake-up cost from the idle-wake tries, each (back-to-back TTFT, after-idle
-    TTFT): the median of the differences, at least 0 (0 without tries). The median, as every
-    other point's: a try that met a slow stretch of the host on one side only moves it
-    little."""
+    TTFT): the median of the differences, 0 under `IDLE_WAKE_FLOOR_S` (0 without tries). The
+    median, as every other point's: a try that met a slow stretch of the host on one side only
+    moves it little."""
     if not tries:
         return 0.0
-    return max(0.0, statistics.median(idle - busy for busy, idle in tries))
+    wake = statistics.median(idle - busy for busy, idle in tries)
+    return wake if wake >= IDLE_WAKE_FLOOR_S else 0.0
 
 
 def prefill_positions(tasks: int, visits: int) -> list[int]:
