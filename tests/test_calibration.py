@@ -43,19 +43,22 @@ from inferplane.physics.calibration import (
 )
 from inferplane.physics.frontend import FrontEnd
 from inferplane.physics.probe import (
+    IDLE_TRIES,
+    IDLE_WAKE_FLOOR_S,
     OPENER_TOKENS,
     PREFILL_VISITS,
     SLOW_SPREAD_MEAN,
     Prober,
     ProbeResult,
     calibrate_endpoint,
+    idle_wake_s,
     prefill_positions,
     typical_s,
 )
 from inferplane.physics.spread import SpeedSpread, SpreadCost
 from inferplane.twin.emulator.endpoint import FINISHED, Submission, client_lead_s
 from inferplane.twin.emulator.server import start_emulator
-from inferplane.twin.engine.model import StepOutput
+from inferplane.twin.engine.model import EngineRequest, StepOutput
 from inferplane.twin.simulator.simulator import simulate
 from inferplane.twin.traces.loader import TraceRequest
 from tests.builders import model, pool_fleet, to_yaml
@@ -822,7 +825,7 @@ def test_profile_file_names_the_hand_off_only_when_there_is_one(tmp_path: Path) 
 def _frontend_fleet(
     tmp: Path, request_s: float, token_s: float = 0.0, handoff_s: float = 0.0,
     overhead_s: float | None = None,
-    spread: tuple[tuple[float, ...], float] = ((), 0.0), **endpoint: Any,
+    spread: tuple[tuple[float, ...], float] = ((), 0.0), wake_s: float = 0.0, **endpoint: Any,
 ) -> Path:
     """A fleet file on a calibrated profile with these front-end costs; ``endpoint``: `_fleet`
     arguments for its endpoint."""
@@ -833,7 +836,7 @@ def _frontend_fleet(
         hw, frontend_request_s=request_s, frontend_token_s=token_s,
         frontend_handoff_s=handoff_s,
         request_overhead_s=hw.request_overhead_s if overhead_s is None else overhead_s,
-        speed_spread=spread[0], speed_spread_window_s=spread[1]))
+        speed_spread=spread[0], speed_spread_window_s=spread[1], idle_wake_s=wake_s))
     (tmp / "profile.yaml").write_text(dump_profile(cal, "cpu", {"model": "m"}))
     fleet_file = tmp / "fleet.yaml"
     fleet_file.write_text(_fleet("cpu-lab", emulation={"num_gpu_blocks": 256}, **endpoint))
@@ -1279,6 +1282,36 @@ def test_calibrate_command_takes_the_prefill_visits_a_round(
     assert seen == [visits]
 
 
+@pytest.mark.parametrize(("args", "tries"), [((), IDLE_TRIES), (("--no-idle-wake",), 0)])
+def test_calibrate_command_can_skip_the_idle_wake(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, args: tuple[str, ...], tries: int,
+) -> None:
+    """``--no-idle-wake`` runs no idle tries and writes no ``idle_wake_s`` (nor the tries in
+    ``calibration``): a profile that readers older than the field load. By default the probe
+    runs `IDLE_TRIES` a round and the profile keeps the fitted cost."""
+    seen: list[object] = []
+
+    async def run(self: Prober, *a: object, **kwargs: object) -> ProbeResult:
+        n = kwargs["idle_tries"]
+        assert isinstance(n, int)
+        seen.append(n)
+        result = _probe_result(())
+        result.idle_tries_s = [(0.005, 0.008)] * n
+        return result
+
+    monkeypatch.setattr(Prober, "run", run)
+    out = tmp_path / "p.yaml"
+    result = CliRunner().invoke(app, [
+        "calibrate", "--endpoint", "http://127.0.0.1:9", "--model", "llama-3.1-8b",
+        "--base", "l4", "--out", str(out), *args])
+    assert result.exit_code == 0, result.output
+    assert seen == [tries]
+    doc = yaml.safe_load(out.read_text())
+    assert ("idle_wake_s" in out.read_text()) is bool(tries)
+    assert ("idle_tries_ms" in doc["calibration"]) is bool(tries)
+    assert load_hardware_profile(out).idle_wake_s == pytest.approx(0.003 if tries else 0.0)
+
+
 def test_speed_spread_draws_one_factor_per_window_from_the_sampled_ones() -> None:
     """One factor per window of engine time, from the sampled factors only, the same for
     every time in the window and on every run with the same seed, whatever order the windows
@@ -1397,9 +1430,10 @@ async def test_every_probe_round_times_its_requests_on_an_open_connection() -> N
         async def pause(_: int) -> None:
             await asyncio.sleep(0.3)
 
+        # no idle-wake tries: their 0.2 s of idle outlasts this fake's 0.1-s keep-alive
         result = await Prober(url, "m").run(
             (16, 64), (1,), decode_tokens=4, long_decode_prompt_tokens=0, repeats=3,
-            warm_up_max_s=0.0, require_smooth=False, between_rounds=pause)
+            warm_up_max_s=0.0, require_smooth=False, between_rounds=pause, idle_tries=0)
     assert [p.prompt_tokens for p in result.prefill] == [16, 64]
     assert max(p.ttft_s for p in result.prefill) < 0.015  # the fake reports no cached tokens
     # the rounds after the first did find their connection closed: the opener paid for it
@@ -1415,8 +1449,9 @@ async def test_a_slow_state_at_the_rounds_starts_does_not_decide_the_prefill_poi
     768-token point read the slow state (~77 ms, the engine's typical speed ~38 ms), as the
     fidelity vLLM's did in session 22's runs whose TTFT P50 gap came out +11 ... +20 %.
     Taken ``PREFILL_VISITS`` times a round, evenly spaced through it, the point sees the slow
-    state in 3 of its 15 tries and stays at the typical speed. Had the visits come back to back
-    at the round's start, 6 of 15 would be slow and the point ~1.3x the typical."""
+    state in 3 of its 15 tries and stays at the typical speed. (Under the median this does not
+    tell spread visits from bunched ones: with the visits back to back at the round's start, 6
+    of 15 would be slow, still under half; the positions are tested below.)"""
     per_word = 50e-6
     async with fake_completions(token_gap_s=0.001, prefill_s_per_word=per_word) as (url, fake):
         async def turn_slow(i: int) -> None:
@@ -1473,7 +1508,197 @@ def test_prefill_visits_are_evenly_spaced_across_the_rounds() -> None:
     assert prefill_positions(6, 2) == [0, 3]
     assert prefill_positions(7, 1) == [0]
     assert prefill_positions(0, 2) == [0, 0]
-    for tasks, visits in ((7, 3), (5, 2), (9, 4), (3, 3), (7, 2)):
+    assert prefill_positions(3, 7) == [0, 0, 1, 1, 2, 2, 2]  # round() alone put the last at 3
+    for tasks, visits in ((7, 3), (5, 2), (9, 4), (3, 3), (7, 2), (3, 7), (1, 3), (2, 5)):
         at = prefill_positions(tasks, visits)
         gaps = [b - a for a, b in zip(at, [*at[1:], at[0] + tasks], strict=True)]
         assert max(gaps) - min(gaps) <= 1 and max(at) < tasks, (tasks, visits, at)
+
+
+def test_idle_wake_s_is_the_median_difference_and_never_negative() -> None:
+    """Each try is (back-to-back TTFT, after-idle TTFT): the cost is the median of the
+    differences (one try that met a slow stretch on its back-to-back side does not move it),
+    0 under `IDLE_WAKE_FLOOR_S` (an engine with no wake-up cost reads a little either way: the
+    field is then left out of the file), 0 without tries."""
+    assert IDLE_WAKE_FLOOR_S == 0.0005  # the cases below are set around it
+    assert idle_wake_s([(0.010, 0.013), (0.011, 0.014), (0.030, 0.014)]) == pytest.approx(0.003)
+    assert idle_wake_s([(0.010, 0.009), (0.010, 0.0095), (0.010, 0.0101)]) == 0.0
+    assert idle_wake_s([(0.010, 0.0104)] * 3) == 0.0  # +0.4 ms: noise
+    assert idle_wake_s([(0.010, 0.0106)] * 3) == pytest.approx(0.0006)  # +0.6 ms: kept
+    assert idle_wake_s([]) == 0.0
+
+
+async def test_the_probe_fits_the_wake_up_cost_of_an_engine_slow_after_idle() -> None:
+    """A fake engine whose request waits 20 ms more when nothing was in flight for 100 ms: the
+    probe's idle-wake tries (2 a round, 200 ms idle before each) send the second request of
+    each try to the idle engine, which charges it the wake, while every other request, sent
+    back to back, does not pay it (only the very first, on the fresh engine). Counts and order
+    only, no timing bounds: the fake engine records which requests it woke; an idle try's TTFT
+    holds the wake's sleep by construction."""
+    async with fake_completions(token_gap_s=0.0005, wake_s=0.02, idle_after_s=0.1) as (
+        url, fake
+    ):
+        result = await Prober(url, "m").run(
+            (16, 64), (1,), decode_tokens=4, long_decode_prompt_tokens=0, repeats=2,
+            warm_up_max_s=0.0, require_smooth=False, idle_tries=2, idle_gap_s=0.2)
+    assert len(result.idle_tries_s) == 4
+    assert len(fake.woken) == len(fake.requests)
+    assert fake.woken[0]  # the fresh engine's first request
+    assert fake.woken.count(True) == 1 + 4  # and each idle try's second request, no other
+    assert fake.woken[-4:] == [False, True, False, True]  # the round ends on its two tries
+    assert all(idle >= 0.02 for _, idle in result.idle_tries_s)  # the wake's sleep is in it
+
+
+def test_an_old_profile_without_idle_wake_loads_as_zero(tmp_path: Path) -> None:
+    """``idle_wake_s`` goes into the profile file (left out at 0, so older readers load it)
+    and back; a file written before the field loads as 0."""
+    base, _, pre, dec = _synthetic("cpu", "tiny-llama", 256)
+    cal = fit(base, get_model("tiny-llama"), pre, dec, name="cpu-lab")
+    path = tmp_path / "p.yaml"
+    path.write_text(dump_profile(cal, "cpu", {}))
+    assert "idle_wake_s" not in path.read_text()
+    assert load_hardware_profile(path).idle_wake_s == 0.0
+    woken = dataclasses.replace(cal, hardware=dataclasses.replace(cal.hardware,
+                                                                   idle_wake_s=0.003))
+    path.write_text(dump_profile(woken, "cpu", {}))
+    assert "idle_wake_s: 0.003" in path.read_text()
+    assert load_hardware_profile(path) == woken.hardware
+    with pytest.raises(ValueError):
+        dataclasses.replace(cal.hardware, idle_wake_s=-0.001)
+
+
+class _FlatCost:
+    def step_time_s(self, prefill_tokens: int, prefill_context_tokens: int, decode_seqs: int,
+                    decode_context_tokens: int, prefill_pairs: float | None = None) -> float:
+        return 0.01
+
+
+def test_the_engine_model_adds_the_wake_up_cost_only_after_idle() -> None:
+    """With ``idle_wake_s`` 5 ms (steps of 10 ms): the first step of a fresh engine, and of one
+    idle for `IDLE_WAKE_AFTER_S` before the request arrived, takes 15 ms; a request that
+    arrives sooner after the last one ended (a closed loop's next), or beside one running,
+    does not pay it; without ``idle_wake_s`` no step does."""
+    from inferplane.twin.engine.model import (
+        IDLE_WAKE_AFTER_S,
+        Engine,
+        EngineConfig,
+        EngineRequest,
+    )
+
+    def run(wake: float) -> list[float]:
+        e = Engine(EngineConfig(num_gpu_blocks=64, block_size=16), _FlatCost(), idle_wake_s=wake)
+        durs: list[float] = []
+        now = 0.0
+
+        def add(name: str, at: float) -> None:
+            e.add_request(EngineRequest(name, list(range(1, 33)), 2, arrival_time=at), at)
+
+        def step() -> None:
+            nonlocal now
+            d = e.step(now).duration_s
+            durs.append(round(d, 6))
+            now += d
+
+        add("fresh", 0.0)
+        step()  # its prefill (first token)
+        add("beside", now)  # arrives while "fresh" decodes
+        step()
+        step()  # "fresh" and "beside" done
+        assert not e.has_unfinished()
+        now += IDLE_WAKE_AFTER_S / 4
+        add("soon", now)
+        step()
+        step()
+        now += IDLE_WAKE_AFTER_S * 1.5
+        add("idle", now)
+        step()
+        step()
+        return durs
+
+    assert run(0.005) == [0.015, 0.01, 0.01, 0.01, 0.01, 0.015, 0.01]
+    assert run(0.0) == [0.01] * 7
+
+
+def test_an_abort_that_empties_the_engine_restarts_its_idle_clock() -> None:
+    """With ``idle_wake_s`` 5 ms (steps of 10 ms): when the only request is aborted mid-run, one
+    arriving soon after the last step's end pays no wake (the engine was busy until then, though
+    no request ever finished); and the wake owed by a request aborted before it ran is dropped,
+    so a request that arrived soon after the engine's last step (queued behind it, added after
+    it) is not charged it."""
+    from inferplane.twin.engine.model import (
+        IDLE_WAKE_AFTER_S,
+        Engine,
+        EngineConfig,
+        EngineRequest,
+    )
+
+    e = Engine(EngineConfig(num_gpu_blocks=64, block_size=16), _FlatCost(), idle_wake_s=0.005)
+    now = 0.0
+
+    def add(name: str, at: float) -> None:
+        e.add_request(EngineRequest(name, list(range(1, 33)), 8, arrival_time=at), at)
+
+    def step() -> float:
+        nonlocal now
+        d = e.step(now).duration_s
+        now += d
+        return round(d, 6)
+
+    add("woken", 0.0)
+    assert [step(), step()] == [0.015, 0.01]  # a fresh engine: its first step wakes it
+    assert e.abort("woken")  # a client gave up: nothing finished, nothing left
+    now += IDLE_WAKE_AFTER_S / 4
+    add("soon", now)
+    assert step() == 0.01  # the engine worked until IDLE_WAKE_AFTER_S/4 ago: no wake
+    assert e.abort("soon")
+    busy_until = now
+    add("gone", busy_until + IDLE_WAKE_AFTER_S * 1.5)  # idle long enough: it owes the wake ...
+    assert e.abort("gone")  # ... but leaves before any step
+    now = busy_until + IDLE_WAKE_AFTER_S / 4
+    add("queued", now)  # arrived before "gone", added after it
+    assert step() == 0.01
+    now += IDLE_WAKE_AFTER_S * 1.5
+    assert e.abort("queued")
+    add("idle", now)  # the clock still works: after a real idle stretch, a wake
+    assert step() == 0.015
+
+
+def test_the_simulator_and_the_emulator_take_the_profiles_idle_wake(tmp_path: Path) -> None:
+    """Both run the engine model with the profile's ``idle_wake_s``: in the simulator a lone
+    request on a fresh engine and one after a second idle come out exactly that much later."""
+    trace = [TraceRequest(0.0, 64, 4), TraceRequest(1.0, 64, 4)]
+    ttfts = {}
+    for wake in (0.0, 0.007):
+        config = load_config(_frontend_fleet(tmp_path, 0.0, wake_s=wake))
+        sim = simulate(config, trace, "round-robin")
+        ttfts[wake] = [r.ttft_s for r in sorted(sim.records, key=lambda r: r.arrival_s)]
+    for base, woken in zip(ttfts[0.0], ttfts[0.007], strict=True):
+        assert base is not None and woken is not None
+        assert woken - base == pytest.approx(0.007, abs=1e-9)
+
+
+async def test_the_emulated_engine_runs_the_profiles_idle_wake(tmp_path: Path) -> None:
+    """The emulator's own engine, on a profile with ``idle_wake_s`` 4 ms: a lone request on the
+    fresh (idle) engine reaches its first token exactly 4 ms (engine time) later than one of
+    the same length that arrived as the first finished (back to back), whose TTFT is the bare
+    prefill step. Engine times only: arrivals are given (``at``), the engine runs at a tenth
+    of real time so the driver's wake-up stays within `MAX_LAG_S`."""
+    config = load_config(_frontend_fleet(tmp_path, 0.0, wake_s=0.004))
+    handle = await start_emulator(config, time_scale=0.1, port_override={"lab-0": 0})
+    emu = handle.endpoints["lab-0"]
+
+    async def finished(sub: Submission) -> EngineRequest:
+        while await sub.queue.get() != FINISHED:
+            pass
+        return sub.request
+
+    try:
+        idle = await finished(emu.submit("r-1", list(range(5, 69)), 2, at=emu.now() - 0.001))
+        assert idle.finish_time is not None
+        back = await finished(emu.submit("r-2", list(range(100, 164)), 2, at=idle.finish_time))
+        assert back.arrival_time == idle.finish_time
+        ttft = [r.first_token_time - r.arrival_time for r in (idle, back)]
+        assert ttft[1] == pytest.approx(emu.roofline.step_time_s(64, 0, 0, 0), abs=1e-9)
+        assert ttft[0] - ttft[1] == pytest.approx(0.004, abs=1e-9)
+    finally:
+        await handle.stop()

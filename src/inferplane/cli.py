@@ -783,9 +783,15 @@ def calibrate(
         bool, typer.Option(help="keep the engine's speed spread the probe sampled in the profile "
                            "(the emulator plays it back; docs/physics.md)")
     ] = True,
+    idle_wake: Annotated[
+        bool, typer.Option(help="measure the engine's wake-from-idle cost (a few idle tries a "
+                           "round) into the profile's idle_wake_s; --no-idle-wake skips the "
+                           "tries and writes no idle_wake_s (a file readers older than the "
+                           "field load; docs/physics.md)")
+    ] = True,
 ) -> None:
     """Probe a live engine and fit a hardware profile to it (see docs/physics.md)."""
-    from inferplane.physics.probe import ProbeError, calibrate_endpoint
+    from inferplane.physics.probe import IDLE_TRIES, ProbeError, calibrate_endpoint
 
     key = None
     if api_key_env is not None:
@@ -801,7 +807,7 @@ def calibrate(
                 batches=_int_list(batches, "--batches"),
                 bursts=_int_list(bursts, "--bursts"), decode_tokens=decode_tokens,
                 repeats=repeats, api_key=key, keep_speed_spread=speed_spread,
-                prefill_visits=prefill_visits,
+                prefill_visits=prefill_visits, idle_tries=IDLE_TRIES if idle_wake else 0,
             )
         )
     except (ProbeError, ValueError, LookupError) as exc:

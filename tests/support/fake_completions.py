@@ -6,8 +6,10 @@ closes a connection idle that long (vLLM's uvicorn: 5 s). ``prefill_s_per_word``
 waits that long per prompt word before its first token (a longer prompt answers later, so that
 concurrent requests can finish out of the order they were sent in). ``slow_for(n, factor)``: the
 next ``n`` requests to arrive wait ``factor`` times as long per word (a host that turns slow for a
-stretch). Each request is recorded as (prompt words, max_tokens, first on its connection), in the
-order they arrive."""
+stretch). ``wake_s``: a request that arrives with no request in flight for ``idle_after_s``
+(or none ever) waits that much more before its first token (an engine waking from idle). Each
+request is recorded as (prompt words, max_tokens, first on its connection), in the
+order they arrive, and in ``woken`` whether it paid ``wake_s``."""
 
 from __future__ import annotations
 
@@ -30,6 +32,11 @@ class FakeCompletions:
     _seen: list[Any] = field(default_factory=list)  # the transports served so far
     _slow_left: int = 0  # requests still to arrive in the slow state
     _slow_factor: float = 1.0
+    wake_s: float = 0.0
+    idle_after_s: float = 0.05
+    woken: list[bool] = field(default_factory=list)  # per request in ``requests``
+    _inflight: int = 0
+    _last_end: float = float("-inf")  # loop time the last request in flight ended
 
     def slow_for(self, n: int, factor: float) -> None:
         """The next ``n`` requests to arrive prefill ``factor`` times slower."""
@@ -43,6 +50,22 @@ class FakeCompletions:
         if first:
             self._seen.append(transport)
         self.requests.append((words, int(body["max_tokens"]), first))
+        now = asyncio.get_running_loop().time()
+        woken = self.wake_s > 0 and not self._inflight and now - self._last_end >= self.idle_after_s
+        self.woken.append(woken)
+        self._inflight += 1
+        try:
+            return await self._answer(request, body, words, first, woken)
+        finally:
+            self._inflight -= 1
+            if not self._inflight:
+                self._last_end = asyncio.get_running_loop().time()
+
+    async def _answer(
+        self, request: web.Request, body: Any, words: int, first: bool, woken: bool
+    ) -> web.StreamResponse:
+        if woken:
+            await asyncio.sleep(self.wake_s)
         if first and self.new_connection_s > 0:
             await asyncio.sleep(self.new_connection_s)
         factor = 1.0
@@ -72,9 +95,12 @@ async def fake_completions(
     keepalive_s: float = 75.0,
     token_gap_s: float = 0.0,
     prefill_s_per_word: float = 0.0,
+    wake_s: float = 0.0,
+    idle_after_s: float = 0.05,
 ) -> AsyncIterator[tuple[str, FakeCompletions]]:
     """Serve a :class:`FakeCompletions` on a free local port: yields (base URL, the fake)."""
-    fake = FakeCompletions(new_connection_s, token_gap_s, prefill_s_per_word)
+    fake = FakeCompletions(new_connection_s, token_gap_s, prefill_s_per_word,
+                           wake_s=wake_s, idle_after_s=idle_after_s)
     app = web.Application()
     app.router.add_post("/v1/completions", fake.handle)
     runner = web.AppRunner(app, keepalive_timeout=keepalive_s)

@@ -642,6 +642,7 @@ class _HardwareFields(BaseModel):
     attention_cost_factor: float = Field(1.0, gt=0)
     speed_spread: tuple[Annotated[float, Field(gt=0, allow_inf_nan=False)], ...] = ()
     speed_spread_window_s: float = Field(0.0, ge=0, allow_inf_nan=False)
+    idle_wake_s: float = Field(0.0, ge=0, allow_inf_nan=False)
     allreduce_latency_s: float = Field(0.0, ge=0)
     layer_latency_s: float = Field(0.0, ge=0)
     network_rtt_s: float = Field(0.0, ge=0)
@@ -698,10 +699,12 @@ def load_profile_file(path: str | Path) -> tuple[HardwareProfile, str | None]:
 def dump_profile(cal: Calibration, base: str, meta: dict[str, Any]) -> str:
     """The YAML text of a profile file for ``cal`` fitted from the table's ``base`` profile, with
     ``meta`` (endpoint, model, date…) and every probe point under ``calibration``. A zero
-    ``frontend_handoff_s`` (a one-piece front end), an ``attention_cost_factor`` of 1 and an
-    empty ``speed_spread`` are left out, so that a reader older than the field (it forbids
-    unknown fields) still loads the file."""
+    ``frontend_handoff_s`` (a one-piece front end), an ``attention_cost_factor`` of 1, an
+    empty ``speed_spread`` and a zero ``idle_wake_s`` are left out, so that a reader older than
+    the field (it forbids unknown fields) still loads the file."""
     hw = dataclasses.asdict(cal.hardware)
+    if not hw["idle_wake_s"]:
+        del hw["idle_wake_s"]
     if not hw["frontend_handoff_s"]:
         del hw["frontend_handoff_s"]
     if hw["attention_cost_factor"] == 1.0:

@@ -88,6 +88,15 @@ class HardwareProfile:
     measured over (one probe stream's decode). The emulator draws one factor per window of
     engine time and stretches every step that starts in it (``physics.spread``); the simulator
     and the placement predictor use the typical speed. Empty in the table.
+
+    ``idle_wake_s`` is what a request pays before its first token on an engine that had
+    nothing running or waiting for a while (``twin.engine.model.IDLE_WAKE_AFTER_S``) before it
+    arrived, over the same request sent right after another: the engine's processes waking
+    from their idle wait (the fidelity vLLM: ~3 ms after 0.2 s idle; docs/benchmarks.md,
+    session 24). The probe measures it (``physics.probe.IDLE_GAP_S``); the engine model the
+    emulator and the simulator share adds it to the first step after such an idle stretch.
+    The placement predictor does not (its calibrated targets are requests sent back to back).
+    Zero in the table.
     """
 
     name: str
@@ -115,6 +124,7 @@ class HardwareProfile:
     attention_cost_factor: float = 1.0
     speed_spread: tuple[float, ...] = ()
     speed_spread_window_s: float = 0.0
+    idle_wake_s: float = 0.0
 
     def __post_init__(self) -> None:
         positive = {
@@ -148,6 +158,7 @@ class HardwareProfile:
             self.frontend_token_s,
             self.frontend_handoff_s,
             self.speed_spread_window_s,
+            self.idle_wake_s,
         )
         if min(latencies) < 0:
             raise ValueError(f"hardware {self.name!r}: latencies must be >= 0")

@@ -31,6 +31,12 @@ prefill and cached points (see there):
 * **bursts**: ``N`` fresh one-token requests sent at once; their TTFTs, sorted, each rank the
   median over the rounds. An engine whose front end takes requests in one at a time answers
   them one intake apart; one that takes them in parallel answers them together.
+* **idle wake**: at each round's end, :data:`IDLE_TRIES` times, a fresh one-token request sent
+  right after the previous request ended and another after :data:`IDLE_GAP_S` of nothing: the
+  median of the differences (0 under :data:`IDLE_WAKE_FLOOR_S`) is the engine's
+  ``idle_wake_s``, what a request pays for reaching an engine that sat idle (its processes
+  wake from their idle wait). Every other
+  probe request follows another at once, so the fit never sees that cost.
 * **loaded**: while ``max(batches) // 2`` streams decode (``loaded_decode_tokens`` each; half,
   so that the engine has a free sequence slot for the probe request), up to three
   one-token requests one after the other; the TTFTs of those answered before any stream ended,
@@ -89,6 +95,24 @@ OPENER_TOKENS = 8
 #: speed from one stretch of seconds to the next.
 PREFILL_VISITS: Final = 3
 
+#: Seconds of nothing sent before each idle-wake try (`Prober.idle_wake_once`): long enough that
+#: the fidelity vLLM pays its whole wake-up cost (+3.2 ms after 0.1 and after 0.2 s, +2.4 after
+#: 0.05: ``calibration-s24/idle_gap.txt``, session 24), short enough to cost the probe little (2
+#: tries × 5 rounds: 2 s), and far below the API server's 5-s keep-alive, so the try's
+#: connection is still open.
+IDLE_GAP_S: Final = 0.2
+#: Idle-wake tries a round by default: each a back-to-back request and one after the gap.
+IDLE_TRIES: Final = 2
+#: Prompt tokens of the idle-wake requests: short (the cost does not grow with the prompt:
+#: +2.8 / +3.4 / +3.3 ms at 32 / 384 / 768 tokens in ``ttft_shape``, session 24).
+IDLE_PROMPT_TOKENS: Final = 64
+#: A fitted wake-up cost under this is written as 0 (no ``idle_wake_s`` in the file): an engine
+#: without one reads a little either way (the fidelity vLLM after 1-3 ms of idle, no wake yet:
+#: -0.12 / -0.11 ms, medians of 14 in ``calibration-s24/idle_gap.txt``), and a median of ten
+#: tries that spread ~1.4 ms (wake1: +2.5 ... +3.9 ms) moves by a few tenths of a millisecond;
+#: the cost measured on the fidelity vLLM, 2.8-3.2 ms, is six times this.
+IDLE_WAKE_FLOOR_S: Final = 0.0005
+
 #: Words a prompt is made of: common English words, one token each in a real model's tokenizer
 #: (and in the fidelity tier's word-level one, and the emulator's). Words outside the engine's
 #: vocabulary would all become the same unknown token, so that every "fresh" prompt of a length
@@ -119,6 +143,17 @@ def typical_s(tries: Sequence[float]) -> float:
     return statistics.median(tries)
 
 
+def idle_wake_s(tries: Sequence[tuple[float, float]]) -> float:
+    """The engine's wake-up cost from the idle-wake tries, each (back-to-back TTFT, after-idle
+    TTFT): the median of the differences, 0 under `IDLE_WAKE_FLOOR_S` (0 without tries). The
+    median, as every other point's: a try that met a slow stretch of the host on one side only
+    moves it little."""
+    if not tries:
+        return 0.0
+    wake = statistics.median(idle - busy for busy, idle in tries)
+    return wake if wake >= IDLE_WAKE_FLOOR_S else 0.0
+
+
 def prefill_positions(tasks: int, visits: int) -> list[int]:
     """Where a round's ``visits`` prefill sweeps go among its ``tasks`` other measurements
     (decode points, bursts, the loaded point): before the task of each returned index, one
@@ -126,8 +161,11 @@ def prefill_positions(tasks: int, visits: int) -> list[int]:
     evenly spaced in the probe's sequence as whole tasks allow, across the rounds' ends too.
     Not the last after the round's last task (until session 24): that one and the next
     round's first came back to back, one visit in effect, sampling the same stretch of the
-    host's speed twice."""
-    return [round(k * tasks / visits) for k in range(max(visits, 0))]
+    host's speed twice. Never after the last task either when there are more than twice as many
+    visits as tasks (``round`` alone gave 3 for the last of 7 visits among 3 tasks): clamped to
+    the last task, which leaves the default probe's positions as they were ([0, 2, 5] of 7)."""
+    last = max(tasks - 1, 0)
+    return [min(round(k * tasks / visits), last) for k in range(max(visits, 0))]
 
 
 @dataclass
@@ -143,6 +181,8 @@ class ProbeResult:
     speed_spread_window_s: float = 0.0
     #: every cold prefill try's TTFT per requested prompt length, in the order sent
     prefill_tries_s: dict[int, list[float]] = field(default_factory=dict)
+    #: every idle-wake try's (back-to-back TTFT, after-idle TTFT), in the order sent
+    idle_tries_s: list[tuple[float, float]] = field(default_factory=list)
     #: the probe's own time: warm-up to the last round, less the caller's ``between_rounds``
     probe_s: float = 0.0
 
@@ -332,6 +372,17 @@ class Prober:
             raise ProbeError(f"no stream of batch {batch} produced more than one token")
         return statistics.median(tpots), int(statistics.median(s.prompt_tokens for s in streams))
 
+    async def idle_wake_once(
+        self, session: aiohttp.ClientSession, tokens: int, gap_s: float = IDLE_GAP_S
+    ) -> tuple[float, float]:
+        """A fresh one-token request of about ``tokens`` tokens sent right after the previous
+        request, then another after ``gap_s`` of nothing: their TTFTs."""
+        words = self.words_for(tokens)
+        busy = await self.stream(session, prompt_of(words, _nonce()), 1)
+        await asyncio.sleep(gap_s)
+        idle = await self.stream(session, prompt_of(words, _nonce()), 1)
+        return busy.ttft_s, idle.ttft_s
+
     async def burst_once(
         self, session: aiohttp.ClientSession, size: int, tokens: int
     ) -> list[float]:
@@ -399,13 +450,17 @@ class Prober:
         require_smooth: bool = True,
         between_rounds: Callable[[int], Awaitable[None]] | None = None,
         prefill_visits: int = PREFILL_VISITS,
+        idle_tries: int = IDLE_TRIES,
+        idle_gap_s: float = IDLE_GAP_S,
     ) -> ProbeResult:
         """Every point ``repeats`` times, the sweeps interleaved (each round visits every point
         once), so that a burst of load elsewhere on the machine spreads over the points instead
         of bending one of them; each point is the median of its rounds. The prefill sweep
         (cold and cached) is taken ``prefill_visits`` times a round, evenly spaced through it
         (:func:`prefill_positions`), and each of its points is the :func:`typical_s` (median)
-        of its ``repeats × prefill_visits`` tries. ``between_rounds(i)``
+        of its ``repeats × prefill_visits`` tries. Each round ends with ``idle_tries``
+        idle-wake tries (:meth:`idle_wake_once`, ``idle_gap_s`` of idle; 0: none), which
+        :func:`idle_wake_s` turns into the engine's wake-up cost. ``between_rounds(i)``
         is awaited after round ``i`` (0-based): a caller's own measurements of the same engine
         (a comparison with what the profile predicts) spread over the same minutes as the
         probe, so that the engine running faster or slower for a while (a shared host) moves
@@ -461,6 +516,7 @@ class Prober:
             *([loaded_point] if loaded_batch else []),
         ]
         visits_before = Counter(prefill_positions(len(tasks), prefill_visits))
+        idle_tries_s: list[tuple[float, float]] = []
         between_s = 0.0
         started = time.perf_counter()
         async with aiohttp.ClientSession(timeout=self.timeout) as session:
@@ -480,11 +536,15 @@ class Prober:
                         await prefill_sweep(session)
                     if i < len(tasks):
                         await tasks[i](session)
+                for _ in range(idle_tries):
+                    idle_tries_s.append(await self.idle_wake_once(
+                        session, IDLE_PROMPT_TOKENS, idle_gap_s))
                 if between_rounds is not None:
                     t = time.perf_counter()
                     await between_rounds(round_)
                     between_s += time.perf_counter() - t
-        out = ProbeResult(probe_s=time.perf_counter() - started - between_s)
+        out = ProbeResult(probe_s=time.perf_counter() - started - between_s,
+                          idle_tries_s=idle_tries_s)
         for n in prompt_tokens:
             tokens = int(statistics.median(s.prompt_tokens for s in cold[n]))
             out.prefill.append(PrefillPoint(tokens, 0, typical_s([s.ttft_s for s in cold[n]])))
@@ -552,6 +612,7 @@ async def calibrate_endpoint(
     between_rounds: Callable[[int], Awaitable[None]] | None = None,
     keep_speed_spread: bool = True,
     prefill_visits: int = PREFILL_VISITS,
+    idle_tries: int = IDLE_TRIES,
 ) -> tuple[str, str]:
     """Probe ``url``, fit ``base`` to it; return the profile file's text and a summary table.
     ``require_smooth=False`` calibrates even an engine whose streams still arrive in bursts
@@ -564,13 +625,15 @@ async def calibrate_endpoint(
     result = await Prober(url, model, api_key=api_key).run(
         prompt_tokens, batches, bursts=bursts, decode_tokens=decode_tokens, repeats=repeats,
         warm_up_max_s=warm_up_max_s, require_smooth=require_smooth,
-        between_rounds=between_rounds, prefill_visits=prefill_visits,
+        between_rounds=between_rounds, prefill_visits=prefill_visits, idle_tries=idle_tries,
     )
     cal = fit(
         hw, mp, result.prefill + result.cached, result.decode, name=name, tp=tp,
         precision=precision, source=f"calibrated against {url} ({model}) from {base}",
     )
     cal = fit_frontend(cal, mp, result.bursts, result.loaded, tp=tp, precision=precision)
+    cal = dataclasses.replace(cal, hardware=dataclasses.replace(
+        cal.hardware, idle_wake_s=round(idle_wake_s(result.idle_tries_s), 6)))
     if keep_speed_spread:
         cal = dataclasses.replace(cal, hardware=dataclasses.replace(
             cal.hardware, speed_spread=tuple(round(x, 4) for x in result.speed_spread),
@@ -589,6 +652,10 @@ async def calibrate_endpoint(
         "prefill_tries_ms": {n: [round(t * 1e3, 3) for t in ts]
                              for n, ts in result.prefill_tries_s.items()},
     }
+    if result.idle_tries_s:  # none: not measured (``idle_tries=0``, ``--no-idle-wake``)
+        meta["idle_gap_s"] = IDLE_GAP_S
+        meta["idle_tries_ms"] = [[round(b * 1e3, 3), round(i * 1e3, 3)]
+                                 for b, i in result.idle_tries_s]
     lines = [f"{'point':<28}{'measured ms':>13}{'fitted ms':>11}{'error':>8}"]
     for p, f in cal.prefill:
         label = f"prefill {p.prompt_tokens} tok" + (f" ({p.cached_tokens} cached)"
@@ -617,7 +684,7 @@ async def calibrate_endpoint(
         f"per request {h.request_overhead_s * 1e3:.3f} ms, "
         f"front-end intake {h.frontend_request_s * 1e3:.3f} ms + hand-off "
         f"{h.frontend_handoff_s * 1e3:.3f} ms, per token "
-        f"{h.frontend_token_s * 1e3:.3f} ms"
+        f"{h.frontend_token_s * 1e3:.3f} ms, idle wake {h.idle_wake_s * 1e3:.3f} ms"
         + (f", speed spread P10 / P50 / P90 {_q(h.speed_spread, 10):.3f} / "
            f"{_q(h.speed_spread, 50):.3f} / {_q(h.speed_spread, 90):.3f} over "
            f"{h.speed_spread_window_s * 1e3:.0f} ms, mean {statistics.fmean(h.speed_spread):.3f}"

@@ -196,6 +196,7 @@ class EmulatedEndpoint:
             ),
             roofline if self._cost is None else self._cost,
             self._on_kv_event if emu.kv_events_port is not None else None,
+            idle_wake_s=hw.idle_wake_s,
         )
         self.metrics = EngineMetricsPage(self.engine, self.model.name, emu.gpu_memory_utilization)
         self._device_watts = (

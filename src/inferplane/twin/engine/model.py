@@ -36,6 +36,13 @@ lengths including the token being computed. A step with more than one prefill ch
 passes ``prefill_pairs``, the attention pairs of each chunk against its own sequence summed
 (each sequence attends only to its own keys).
 
+Waking from idle: a request that reaches an engine with nothing running or waiting since at
+least :data:`IDLE_WAKE_AFTER_S` before it arrived (or never used) makes the step that first
+runs it ``idle_wake_s`` longer (the hardware profile's, measured by the calibration probe):
+what a real engine's processes take to wake from their idle wait. The idle time counts from
+the last request's finish or, when an abort empties the engine, from its last step's end; an
+abort that empties the engine also drops a wake its requests had not yet paid.
+
 Metrics: gauges and counters are attributes named after the vLLM series they feed; the
 prefix-cache counters count, in tokens, the lookup of each request when it is first
 scheduled (vLLM counts re-lookups after preemption apart, and also counts lookups whose
@@ -89,6 +96,16 @@ class StepCostModel(Protocol):
     ) -> float: ...
 
 
+IDLE_WAKE_AFTER_S = 0.03
+"""Idle time (nothing running or waiting) after which a request pays the engine's
+``idle_wake_s``: a step where the real cost ramps. On the fidelity vLLM (session 24's host,
+384-token requests after a 32-token stream, medians of 14) the extra TTFT over a request sent
+as the previous one ended (73 us later: idle_gap.py's own closed loop, the kind the fidelity
+workload runs, whose turnaround was not measured) was 0 after 1-3
+ms of idle, +0.45 ms after 10, +1.3 after 20, +2.4 after 50 and +3.2 after 100 and 200 ms
+(``calibration-s24/idle_gap.txt``): half the full cost at about 30 ms, where a step errs least
+either way."""
+
 MAX_DERIVED_BLOCKS = 1 << 17
 """Upper bound on KV blocks derived from memory (2M tokens at block size 16): a small model on
 a large host (the ``cpu`` profile) would otherwise derive millions of blocks, which the engine
@@ -123,8 +140,14 @@ class Engine:
         cost_model: StepCostModel,
         on_kv_event: Callable[[KVEvent], None] | None = None,
         record_samples: bool = True,
+        idle_wake_s: float = 0.0,
+        idle_wake_after_s: float = IDLE_WAKE_AFTER_S,
     ) -> None:
         self.config = config
+        self.idle_wake_s, self.idle_wake_after_s = idle_wake_s, idle_wake_after_s
+        self._idle_since = -math.inf  # when the last request finished (never: always idle)
+        self._wake_s = 0.0  # owed by the next step that runs something
+        self._last_step_end = -math.inf  # when the last step that ran something ended
         self.cost_model = cost_model
         self.pool = BlockPool(
             config.num_gpu_blocks, config.block_size, config.enable_prefix_caching, on_kv_event
@@ -196,6 +219,12 @@ class Engine:
         if hashes is not None and len(hashes) != req.prompt_len // cfg.block_size:
             raise ValueError("prompt_block_hashes must name every full block of the prompt")
         del now  # arrival_time is the request's own; kept for interface symmetry
+        if (
+            self.idle_wake_s > 0
+            and not self._requests
+            and req.arrival_time - self._idle_since >= self.idle_wake_after_s
+        ):
+            self._wake_s = self.idle_wake_s
         self._requests[req.request_id] = req
         self._waiting.append(req)
 
@@ -215,6 +244,11 @@ class Engine:
         else:
             self._waiting.remove(req)
         self._release(req, RequestStatus.ABORTED)
+        if not self._requests:
+            # the engine went idle now: it held work until its last step's end, and a wake
+            # owed to requests that never ran is owed to nobody (the next arrival decides anew)
+            self._idle_since = max(self._idle_since, self._last_step_end)
+            self._wake_s = 0.0
         return True
 
     def first_arrival(self) -> float | None:
@@ -422,9 +456,12 @@ class Engine:
             if chunks <= 1  # one chunk: the same pairs, the one-sequence formula's float ops
             else cost(pf_tok, pf_ctx, dec_n, dec_ctx, prefill_pairs=pf_pairs)
         )
+        if self._wake_s:
+            dur += self._wake_s  # the first step after an idle stretch (`add_request`)
+            self._wake_s = 0.0
         out.duration_s, out.prefill_tokens, out.decode_seqs = dur, pf_tok, dec_n
         out.step_durations.append(dur)
-        t = now + dur
+        t = self._last_step_end = now + dur
         itl: dict[float, int] = {}
         for req, n in sched:
             req.num_computed_tokens += n
@@ -453,6 +490,8 @@ class Engine:
         req.finish_time = t
         self._release(req, RequestStatus.FINISHED)
         del self._requests[req.request_id]
+        if not self._requests:
+            self._idle_since = t
         self.num_finished_total += 1
         out.finished.append(req.request_id)
         self._sample("e2e", t - req.arrival_time)
@@ -552,6 +591,7 @@ class Engine:
         """Apply ``len(durs)`` decode steps to every running request (`_decode_run` checked
         that they may run and that the free blocks suffice); the last token is at ``t``."""
         running, pool, k = self._running, self.pool, len(durs)
+        self._last_step_end = t
         n = len(running)
         out = StepOutput(now, duration_s, num_steps=k, step_durations=durs, decode_seqs=n)
         t1, first_gaps = now + durs[0], dict[float, int]()
@@ -610,7 +650,7 @@ class Engine:
         lazy.steps += 1
         lazy.pending_blocks += cross
         lazy.ctx += n
-        lazy.last_token_time = t
+        lazy.last_token_time = self._last_step_end = t
         lazy.left -= 1
         self.generation_tokens_total += n
         return StepOutput(now, d, new_tokens=lazy.new_tokens, step_durations=[d], decode_seqs=n)
@@ -670,6 +710,7 @@ class _LazyDecode:
             engine._sample("itl", gap, count)
         n = len(running)
         engine.generation_tokens_total += n
+        engine._last_step_end = t
         lazy = cls(1, ctx, left, t, len(groups[1]), groups, {r.request_id: 1 for r in running})
         engine._lazy = lazy
         return StepOutput(now, d0, new_tokens=lazy.new_tokens, step_durations=[d0], decode_seqs=n)

@@ -338,7 +338,8 @@ class SimEndpoint:
             None,
         )
         if roof is not None:
-            self.engine = Engine(engine_config_for(endpoint, roof), roof)
+            self.engine = Engine(engine_config_for(endpoint, roof), roof,
+                                 idle_wake_s=roof.hardware.idle_wake_s)
             emu, hw = endpoint.spec.emulation, roof.hardware
             rtt_ms = emu.network_rtt_ms  # as the emulator does
             self.network_rtt_s = rtt_ms / 1000.0 if rtt_ms is not None else hw.network_rtt_s
@@ -377,7 +378,8 @@ class SimEndpoint:
             self.step_handle.cancel()
             self.step_handle = None
         if self.roofline is not None:
-            self.engine = Engine(engine_config_for(self.endpoint, self.roofline), self.roofline)
+            self.engine = Engine(engine_config_for(self.endpoint, self.roofline), self.roofline,
+                                 idle_wake_s=self.roofline.hardware.idle_wake_s)
         self.busy, self.step_out, self.step_end = False, None, math.inf
         self.frontend.reset()
         self.pending.clear()
