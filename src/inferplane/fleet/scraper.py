@@ -279,6 +279,26 @@ def skip_window(window_s: float | None, health_interval_s: float) -> float:
     return min(SKIP_TURNS * health_interval_s, max(SKIP_WINDOW_MAX_S, health_interval_s))
 
 
+def serving_vouches(
+    live: LiveFleet, name: str, since: float, *, vouched: float, scrape_failed: float,
+    window_s: float, interval_s: float,
+) -> bool:
+    """The serving skip's test (`Scraper.may_skip`; the simulator's `_probe_down` too): whether
+    ``name``'s answers vouch for it at a probe turn whose window starts at ``since``, the last
+    passed probe's turn being ``vouched`` and its last failed scrape ``scrape_failed``
+    (``-inf``: none), with the configured window ``window_s`` (`skip_window`) and the probe
+    period ``interval_s``. A window no longer than the period tests the previous turn alone, as
+    before the window existed: a 2xx answer after ``since`` and no failed request after it.
+    A longer one: a failed scrape since the last passed probe doubts the answers before it, as
+    a failed probe does, so only an answer after it vouches; failures count from ``since`` or
+    the passed probe, whichever is later."""
+    if window_s <= interval_s:
+        return live.served_since(name, since)
+    cleared = max(since, vouched)
+    answered = max(since, scrape_failed) if scrape_failed > vouched else since
+    return live.served_since(name, since, cleared) and live.served_since(name, answered, cleared)
+
+
 class Scraper:
     """Runs one scrape loop and one health loop per endpoint until `stop`.
 
@@ -533,15 +553,11 @@ class Scraper:
         A window no longer than ``health_interval_s`` skips as the previous turn alone did
         before the window existed: a failed scrape counts for nothing there (a passed probe's
         turn is never after ``since`` there)."""
-        if self.skip_window_s <= self.health_interval_s:
-            return self.live.served_since(name, since)
-        cleared = max(since, vouched)
-        failed = self.scrape_failed_at.get(name, float("-inf"))
-        # a failed scrape since the last passed probe doubts the answers before it, as a failed
-        # probe does: only an answer after it skips (failures count from ``cleared`` still)
-        answered = max(since, failed) if failed > vouched else since
-        return (self.live.served_since(name, since, cleared)
-                and self.live.served_since(name, answered, cleared))
+        return serving_vouches(
+            self.live, name, since, vouched=vouched,
+            scrape_failed=self.scrape_failed_at.get(name, float("-inf")),
+            window_s=self.skip_window_s, interval_s=self.health_interval_s,
+        )
 
     async def _health_loop(self, endpoint: Endpoint) -> None:
         failures = 0

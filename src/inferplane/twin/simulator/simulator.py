@@ -61,7 +61,7 @@ from inferplane.dispatch.answer import StreamStats, UpstreamAttemptFailed
 from inferplane.errors import GatewayError, NoEligibleEndpointError, UpstreamError
 from inferplane.fleet.model import Endpoint
 from inferplane.fleet.pricing import request_cost_usd
-from inferplane.fleet.scraper import skip_window
+from inferplane.fleet.scraper import serving_vouches, skip_window
 from inferplane.ledger.memory import MemoryLedger
 from inferplane.placement.build import build_policies
 from inferplane.placement.framework import Policy
@@ -677,11 +677,11 @@ class Simulator:
 
     def _probe_down(self, name: str, turn: float) -> None:
         """The probe turn at ``turn`` of an endpoint gone down or hung, as the gateway's
-        scraper takes it (`fleet.scraper.Scraper`, ``gateway.health_skip_while_serving``): a
-        healthy endpoint that answered a request with a 2xx within the skip's window
-        (``health_skip_window_s``, `fleet.scraper.skip_window`; at least one
-        ``health_interval_s``; the turns fall on its multiples here) and failed none in it is
-        not probed: the turn is skipped, and the next one looks again. A failure there (a
+        scraper takes it (`fleet.scraper.serving_vouches`, no probe passed since the fault;
+        ``gateway.health_skip_while_serving``): a healthy endpoint that answered a request with a
+        2xx within the skip's window (``health_skip_window_s``, `fleet.scraper.skip_window`; at
+        least one ``health_interval_s``; the turns fall on its multiples here) and failed none
+        in it is not probed: the turn is skipped, and the next one looks again. A failure there (a
         request refused or timed out) forces the probe, which marks it down; with a window
         longer than ``health_interval_s`` a failed scrape (one scraped while down or hung,
         every ``scrape_interval_s`` here: no idle back-off) counts as a failed probe's turn:
@@ -692,12 +692,11 @@ class Simulator:
             return
         g = self.config.gateway
         window = skip_window(g.health_skip_window_s, g.health_interval_s)
-        since = answered = turn - max(window, g.health_interval_s)
-        if window > g.health_interval_s:  # as before the window (no scrape counts) otherwise
-            answered = max(since, self._scrape_failed_at.get(name, -math.inf))
         if (g.health_skip_while_serving and self.live.is_healthy(name)
-                and self.live.served_since(name, since)
-                and self.live.served_since(name, answered)):
+                and serving_vouches(
+                    self.live, name, turn - max(window, g.health_interval_s),
+                    vouched=-math.inf, scrape_failed=self._scrape_failed_at.get(name, -math.inf),
+                    window_s=window, interval_s=g.health_interval_s)):
             at = turn + g.health_interval_s
             self.loop.call_at(at, self._probe_down, name, at)
             return
