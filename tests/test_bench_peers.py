@@ -722,12 +722,12 @@ def test_the_warm_up_replays_the_slices_first_seconds_through_the_relay(
 
 
 def test_cpu_per_request_counts_every_live_thread_in_nanoseconds() -> None:
-    """`cpu_per_request.cpu_ns` sums every thread's schedstat: a thread that is still alive and
+    """`procs.cpu_ns` sums every thread's schedstat: a thread that is still alive and
     has run adds its time to the process's."""
     import os
     import threading
 
-    from bench.peers.cpu_per_request import cpu_ns
+    from bench.peers.procs import cpu_ns
 
     pid = os.getpid()
     done, stop = threading.Event(), threading.Event()

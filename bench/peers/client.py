@@ -29,9 +29,7 @@ import aiohttp
 import orjson
 
 from bench.peers.workload import Planned
-
-ENDPOINT_HEADER = "x-inferplane-endpoint"
-"""The answer header in which inferplane names the endpoint it placed the request on."""
+from inferplane.epp.protocol import ENDPOINT_HEADER
 
 
 @dataclass(slots=True)

@@ -57,16 +57,7 @@ from bench.peers.gateway_gap import (  # noqa: E402
     gateway_config,
     start_gateway,
 )
-from bench.peers.procs import free_port  # noqa: E402
-
-
-def cpu_ns(pid: int) -> int:
-    """Nanoseconds every thread of process ``pid`` has run on a CPU (schedstat's first field)."""
-    total = 0
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        with contextlib.suppress(OSError):  # a thread that ended meanwhile
-            total += int((task / "schedstat").read_text().split()[0])
-    return total
+from bench.peers.procs import cpu_ns, free_port  # noqa: E402
 
 
 def wait_up(url: str, p: subprocess.Popen[bytes], what: str, path: str = "/health") -> None:

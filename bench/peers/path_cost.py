@@ -61,7 +61,7 @@ from bench.peers.gateway_gap import (  # noqa: E402
     start_fake,
     start_gateway,
 )
-from bench.peers.procs import free_port, pin_preexec  # noqa: E402
+from bench.peers.procs import cpu_ns, free_port, pin_preexec  # noqa: E402
 from inferplane.dispatch.upstream import with_cache_salt  # noqa: E402
 from inferplane.placement.isolation import cache_salt, cache_scope  # noqa: E402
 
@@ -71,18 +71,11 @@ NOSCRAPE = ("substrates.0.endpoints.0.scrape_metrics:false,"
 
 
 def _run_ns(pid: int) -> int:
-    """Nanoseconds every thread of ``pid`` has run (``/proc/PID/task/TID/schedstat``)."""
-    total = 0
+    """`procs.cpu_ns`, 0 for a process gone meanwhile."""
     try:
-        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+        return cpu_ns(pid)
     except OSError:
         return 0
-    for t in tasks:
-        try:
-            total += int((t / "schedstat").read_text().split()[0])
-        except (OSError, ValueError, IndexError):
-            continue
-    return total
 
 
 def session_cpu(leader: int) -> tuple[float, float]:

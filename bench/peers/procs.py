@@ -87,6 +87,14 @@ ROUTER_CPUS_ENV = "PEERS_ROUTER_CPUS"
 (real_engines.py's and run.py's ``--router-cpus``)."""
 
 
+def cpu_ns(pid: int) -> int:
+    """Nanoseconds every thread of process ``pid`` has run on a CPU (schedstat's first field)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            total += int((task / "schedstat").read_text().split()[0])
+    return total
+
 ANY_CPU = range(1 << 16)
 """`parse_cpu_list`'s ``allowed`` for a list of the host's CPUs or of a recorded run's, not
 necessarily ones this process may run on (``/sys/devices/system/cpu/online``, a thread's
