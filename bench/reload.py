@@ -48,6 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from inferplane.epp.protocol import ENDPOINT_HEADER  # noqa: E402
 from tests.builders import endpoint, model, pool_fleet, to_yaml  # noqa: E402
 from tests.support.procs import Proc, free_port  # noqa: E402
 from tests.support.redis_server import RedisServer  # noqa: E402
@@ -302,7 +303,7 @@ async def _drive(res: Result, gw: Proc, cfg: Path, base: str, ports: dict[str, i
                 async with s.post(f"{base}/v1/chat/completions", json=body(i, stream),
                                   headers=headers) as resp:
                     data = await resp.read()
-                    endpoint = resp.headers.get("x-inferplane-endpoint")
+                    endpoint = resp.headers.get(ENDPOINT_HEADER)
                     ok = check(resp, data, stream)
             except (TimeoutError, aiohttp.ClientError) as exc:
                 failed(exc)
@@ -321,7 +322,7 @@ async def _drive(res: Result, gw: Proc, cfg: Path, base: str, ports: dict[str, i
             try:
                 async with s.post(f"{base}/v1/chat/completions", json=body(k, True, ANCHOR),
                                   headers=headers, timeout=ANCHOR_TIMEOUT) as resp:
-                    endpoint = resp.headers.get("x-inferplane-endpoint")
+                    endpoint = resp.headers.get(ENDPOINT_HEADER)
                     data = b""
                     while resp.status == 200:  # up to its first event carrying a choice
                         line = await resp.content.readline()
