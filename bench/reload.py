@@ -49,11 +49,12 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from inferplane.epp.protocol import ENDPOINT_HEADER  # noqa: E402
-from tests.builders import endpoint, model, pool_fleet, to_yaml  # noqa: E402
+from tests.builders import endpoint, key_hash, model, pool_fleet, to_yaml  # noqa: E402
 from tests.support.procs import Proc, free_port  # noqa: E402
 from tests.support.redis_server import RedisServer  # noqa: E402
 
 KEY = "sk-reload"
+ADMIN_KEY = "sk-reload-admin"  # reads GET /v1/fleet/health (gateway.metrics.api_keys)
 APPLIED = "fleet reloaded from"
 DRAINING = re.compile(r"fleet reloaded from .*; removed \[.*\] \(draining (\d+) in flight\)")
 REFUSED = "fleet reload refused"
@@ -149,7 +150,7 @@ def fleet_yaml(engines: dict[str, int], redis_url: str | None = None, *,
                                "redis_prefix": "reload:"}} if redis_url else {}
     return to_yaml(pool_fleet(
         gateway={"scrape_interval_s": 0.05, "token_estimate": "words", "seed": 1,
-                 "metrics": {"public": True}},
+                 "metrics": {"public": True, "api_keys": [key_hash(ADMIN_KEY)]}},
         **admission,
         substrate={"cost": {"hourly_usd": 3.0}},
         endpoints=[endpoint(name, port, models=[model("llama-3.1-8b", None)],

@@ -53,18 +53,20 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from inferplane.tokenization import VOCABULARY  # noqa: E402
-from tests.builders import endpoint, model, pool_fleet, to_yaml  # noqa: E402
+from tests.builders import endpoint, key_hash, model, pool_fleet, to_yaml  # noqa: E402
 from tests.support.procs import Proc, free_port  # noqa: E402
 from tests.support.redis_server import RedisServer  # noqa: E402
 
 KEY = "sk-replica-placement"
+ADMIN_KEY = "sk-replica-placement-admin"  # reads /v1/fleet/health (gateway.metrics.api_keys)
 _COUNTER = re.compile(rb"^vllm:prefix_cache_(queries|hits)_total\{[^}]*\} ([0-9.eE+-]+)$", re.M)
 
 
 def fleet_yaml(ports: list[int], redis_url: str, *, shared: bool, hardware: str,
                blocks: int, rendezvous: float = 0.0) -> str:
     return to_yaml(pool_fleet(
-        gateway={"scrape_interval_s": 0.05, "token_estimate": "words", "seed": 1},
+        gateway={"scrape_interval_s": 0.05, "token_estimate": "words", "seed": 1,
+                 "metrics": {"api_keys": [key_hash(ADMIN_KEY)]}},
         admission={"store": "redis", "redis_url": redis_url, "redis_prefix": "rp:",
                    "shared_placement": shared,
                    "queue": {"default_deadline_ms": 120000, "max_waiting": 4096}},
@@ -190,7 +192,7 @@ async def drive(run: Run, urls: list[str], ports: list[int], a: argparse.Namespa
         for name, url in zip("AB", dict.fromkeys(urls), strict=False):
             base = url.removesuffix("/v1/completions")
             async with s.get(f"{base}/v1/fleet/health",
-                             headers={"Authorization": f"Bearer {KEY}"}) as r:
+                             headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as r:
                 health = await r.json()
             run.corrections[name] = {e["endpoint"]: e["ttft_correction"]
                                      for e in health["endpoints"]

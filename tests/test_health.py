@@ -7,6 +7,7 @@ Everything runs on an injected clock; nothing waits on wall time.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -501,11 +502,16 @@ class Gw:
     http: aiohttp.ClientSession
 
 
-@pytest.fixture
-async def gw() -> AsyncIterator[Gw]:
+ADMIN = "sk-health-admin"
+
+
+@asynccontextmanager
+async def health_gateway(metrics: str) -> AsyncIterator[Gw]:
+    """An in-process gateway over `FLEET_YAML` with ``gateway.metrics`` set to ``metrics``."""
     head = "gateway: {seed: 1, metrics: {public: true}}"
     cfg = parse_config(FLEET_YAML.replace(head, (
-        f"{head}\nhealth: {{outlier: {{interval_s: 3600}}}}")), "fleet.yaml")
+        f"gateway: {{seed: 1, metrics: {metrics}}}\n"
+        "health: {outlier: {interval_s: 3600}}")), "fleet.yaml")
     source = StaticMetricsSource()
     for name in ("a0", "a1", "a2", "a3", "b0", "b1"):
         source.texts[name] = VLLM
@@ -520,6 +526,51 @@ async def gw() -> AsyncIterator[Gw]:
         await runner.cleanup()
 
 
+@pytest.fixture
+async def gw() -> AsyncIterator[Gw]:
+    async with health_gateway(f'{{public: true, api_keys: ["{key_hash(ADMIN)}"]}}') as g:
+        yield g
+
+
+async def fleet_health_status(g: Gw, key: str | None) -> tuple[int, dict[str, Any]]:
+    headers = {"Authorization": f"Bearer {key}"} if key is not None else {}
+    async with g.http.get(f"{g.base}/v1/fleet/health", headers=headers) as r:
+        return r.status, await r.json()
+
+
+async def test_fleet_health_is_for_admin_keys(gw: Gw) -> None:
+    """Every endpoint's load, queue, KV use and error rate, in every jurisdiction, is what
+    /metrics is admin-only for: a tenant's key is refused it (403) as it is /metrics, an admin
+    key reads it; no key or an unknown one 401; `gateway.metrics.public` opens /metrics only."""
+    status, body = await fleet_health_status(gw, None)
+    assert status == 401 and body["error"]["code"] == "missing_api_key"
+    status, body = await fleet_health_status(gw, KEY)
+    assert status == 403, body
+    assert "gateway.metrics.api_keys" in body["error"]["message"]
+    assert (await fleet_health_status(gw, "sk-nobody"))[0] == 403
+    status, body = await fleet_health_status(gw, ADMIN)
+    assert status == 200 and body["object"] == "fleet.health"
+
+
+async def test_fleet_health_for_tenants_lets_every_tenant_key_read_it() -> None:
+    """`gateway.metrics.fleet_health_for_tenants: true` is the old behaviour: any tenant's key
+    (and any admin key) reads the whole fleet's health; no key or an unknown one is a 401."""
+    metrics = f'{{fleet_health_for_tenants: true, api_keys: ["{key_hash(ADMIN)}"]}}'
+    async with health_gateway(metrics) as g:
+        for key in (KEY, ADMIN):
+            status, body = await fleet_health_status(g, key)
+            assert status == 200 and len(body["endpoints"]) == 7
+        for key in (None, "sk-nobody"):
+            assert (await fleet_health_status(g, key))[0] == 401
+
+
+async def test_fleet_health_without_admin_keys_is_not_served() -> None:
+    async with health_gateway("{public: true}") as g:
+        for key in (None, KEY):
+            status, body = await fleet_health_status(g, key)
+            assert status == 403 and "fleet_health_for_tenants" in body["error"]["message"]
+
+
 async def test_fleet_health_route(gw: Gw) -> None:
     async with gw.http.get(f"{gw.base}/v1/fleet/health") as r:
         assert r.status == 401
@@ -528,7 +579,7 @@ async def test_fleet_health_route(gw: Gw) -> None:
     healthy_peers(live, "a1", "a2", "a3")
     feed(live, "a0", ok=2, err=8)
     gw.gw.sweep_outliers()
-    auth = {"Authorization": f"Bearer {KEY}"}
+    auth = {"Authorization": f"Bearer {ADMIN}"}
     async with gw.http.get(f"{gw.base}/v1/fleet/health", headers=auth) as r:
         assert r.status == 200
         body = await r.json()

@@ -410,7 +410,7 @@ def test_a_restarted_worker_serves_what_the_others_applied(
 
     import httpx
 
-    from bench.reload import KEY, fleet_yaml
+    from bench.reload import ADMIN_KEY, fleet_yaml
     from tests.support.procs import Proc, free_port
     from tests.support.redis_server import RedisServer
 
@@ -437,7 +437,7 @@ def test_a_restarted_worker_serves_what_the_others_applied(
         for _ in range(40):
             with httpx.Client(timeout=10) as c:  # a new connection each time
                 r = c.get(f"http://127.0.0.1:{gw_port}/v1/fleet/health",
-                          headers={"Authorization": f"Bearer {KEY}"})
+                          headers={"Authorization": f"Bearer {ADMIN_KEY}"})
             assert r.status_code == 200, r.text
             seen.add(tuple(sorted(e["endpoint"] for e in r.json()["endpoints"])))
         return seen

@@ -386,23 +386,38 @@ def check_metrics_access(request: web.Request) -> None:
     """``/metrics`` is for operators: on the API listener it needs one of
     ``gateway.metrics.api_keys`` unless ``gateway.metrics.public``; the ``gateway.metrics.port``
     listener serves it with no key."""
-    gw = request.app[GATEWAY_KEY]
-    spec = gw.config.gateway.metrics
-    if spec.public or request.app.get(METRICS_OPEN, False):
+    if request.app.get(METRICS_OPEN, False):
         return
-    if not spec.api_keys:
-        raise PermissionDeniedError(
-            "/metrics is not served on this listener: set gateway.metrics.port (a listener for "
-            "the scraper), gateway.metrics.api_keys (admin keys) or gateway.metrics.public"
-        )
-    scheme, _, key = (request.headers.get("Authorization") or "").partition(" ")
-    if scheme.lower() != "bearer" or not key.strip():
+    gw = request.app[GATEWAY_KEY]
+    if gw.config.gateway.metrics.public:
+        return
+    check_admin_key(request, "/metrics", "gateway.metrics.port (a listener for the scraper), "
+                    "gateway.metrics.api_keys (admin keys) or gateway.metrics.public")
+
+
+def check_admin_key(request: web.Request, what: str, remedy: str, tenants: bool = False) -> None:
+    """The request carries an admin key (``gateway.metrics.api_keys``), or, with ``tenants``,
+    any tenant's key: else 401 (no key; with ``tenants`` an unknown key too) or 403 (a key
+    that is not an admin key; no admin keys configured: ``what`` is not served, ``remedy``
+    says what would serve it)."""
+    gw = request.app[GATEWAY_KEY]
+    admin_keys = gw.config.gateway.metrics.api_keys
+    authorization = request.headers.get("Authorization") or ""
+    scheme, _, key = authorization.partition(" ")
+    key = key.strip() if scheme.lower() == "bearer" else ""
+    if key and hash_key(key) in admin_keys:
+        return
+    if tenants:
+        gw.authenticate(authorization or None)  # a tenant's key passes, else the API's 401
+        return
+    if not admin_keys:
+        raise PermissionDeniedError(f"{what} is not served on this listener: set {remedy}")
+    if not key:
         raise AuthenticationError(
-            "/metrics needs an admin key: send 'Authorization: Bearer <key>'",
+            f"{what} needs an admin key: send 'Authorization: Bearer <key>'",
             code="missing_api_key",
         )
-    if hash_key(key.strip()) not in spec.api_keys:
-        raise PermissionDeniedError("this key may not read /metrics (gateway.metrics.api_keys)")
+    raise PermissionDeniedError(f"this key may not read {what} (gateway.metrics.api_keys)")
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -450,9 +465,15 @@ def local_page(gw: Gateway) -> bytes:
 
 async def fleet_health(request: web.Request) -> web.Response:
     """``GET /v1/fleet/health``: every endpoint's health (up, ejected and why, stale, load,
-    latency, errors) and every pool's concurrency health (`fleet.health`)."""
+    latency, errors) and every pool's concurrency health (`fleet.health`). The fleet's load,
+    as ``/metrics`` shows it: for admin keys (`check_admin_key`), and for every tenant's key
+    only with ``gateway.metrics.fleet_health_for_tenants`` (``gateway.metrics.public`` opens
+    ``/metrics`` only)."""
     gw = request.app[GATEWAY_KEY]
-    gw.authenticate(request.headers.get("Authorization"))
+    check_admin_key(
+        request, "/v1/fleet/health",
+        "gateway.metrics.api_keys (admin keys) or gateway.metrics.fleet_health_for_tenants",
+        tenants=gw.config.gateway.metrics.fleet_health_for_tenants)
     snap = gw.live.snapshot()
     records = gw.outliers.records
     body = {

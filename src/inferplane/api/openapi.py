@@ -209,6 +209,7 @@ class Operation:
     auth: Literal["tenant", "admin", "none"] = "tenant"
     multipart: bool = False
     query: tuple[tuple[str, str], ...] = ()  # (name, description)
+    description: str = ""  # who may call it, where `auth` is not "tenant"
 
 
 OPERATIONS: dict[tuple[str, str], Operation] = {
@@ -233,13 +234,22 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         "The caller's attributed usage and cost", "evidence", UsageReport,
         query=(("group_by", "comma list of day, workflow, model, class, key"),)),
     ("GET", "/v1/fleet/health"): Operation(
-        "Every endpoint's and pool's health", "operations", FleetHealth),
+        "Every endpoint's and pool's health (an admin key)", "operations", FleetHealth,
+        auth="admin",
+        description="Every endpoint's load, queue, KV-cache use and error rate, in every "
+        "jurisdiction: what /metrics shows, so it needs an admin key "
+        "(gateway.metrics.api_keys); a tenant's key is refused (403) unless "
+        "gateway.metrics.fleet_health_for_tenants is set. gateway.metrics.public does not "
+        "open it."),
     ("GET", "/health"): Operation("Liveness", "operations", Liveness, auth="none"),
     ("GET", "/ready"): Operation(
         "Readiness (503 when no endpoint is usable)", "operations", Readiness, auth="none"),
     ("GET", "/metrics"): Operation(
         "Prometheus metrics (an admin key, or the metrics listener)", "operations", None,
-        media="text/plain", auth="admin"),
+        media="text/plain", auth="admin",
+        description="The gateway's own metrics (docs/metrics.md): an admin key "
+        "(gateway.metrics.api_keys), unless gateway.metrics.public; the gateway.metrics.port "
+        "listener serves it with no key."),
     ("GET", "/openapi.json"): Operation(
         "This description", "operations", None, media="application/json", auth="none"),
     ("POST", "/v1/files"): Operation(
@@ -297,6 +307,8 @@ def build_spec(routes: list[tuple[str, str]]) -> dict[str, Any]:
                 "default": {"description": "an error, in OpenAI's shape", "content": error},
             },
         }
+        if op.description:
+            item["description"] = op.description
         if op.auth == "none":
             item["security"] = []
         params = [

@@ -28,7 +28,8 @@ class Strict(BaseModel):
 
 class MetricsSpec(Strict):
     """Who may read the gateway's own ``/metrics`` (it shows every endpoint's load and, with
-    ``tenant_labels``, every tenant's tokens and spend)."""
+    ``tenant_labels``, every tenant's tokens and spend), and ``GET /v1/fleet/health`` (every
+    endpoint's load)."""
 
     api_keys: list[str] = Field(
         default_factory=list,
@@ -46,6 +47,12 @@ class MetricsSpec(Strict):
     )
     tenant_labels: bool = Field(
         False, description="label admission and spend metrics by tenant (else one value, 'all')"
+    )
+    fleet_health_for_tenants: bool = Field(
+        False,
+        description="let any tenant key read GET /v1/fleet/health (every endpoint's load, queue, "
+        "KV use and error rate, in every jurisdiction), as every tenant could until session 25; "
+        "off: it needs what /metrics on the API listener needs (an admin key, or `public`)",
     )
 
     @field_validator("api_keys")
