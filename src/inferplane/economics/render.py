@@ -89,6 +89,36 @@ def lines(r: EconomicsReport) -> list[str]:
     return out
 
 
+# Every family the collector exports: (name, help, labels). `EconomicsCollector.describe` names
+# them (the registry refuses another metric of these names) and docs/metrics.md lists them
+# (scripts/gen_metrics_docs.py).
+FAMILIES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("inferplane_economics_pool_utilisation",
+     "Busy share (0-1) of each pool's concurrency envelope over the economics window, by pool "
+     "and substrate kind", ("pool", "kind")),
+    ("inferplane_economics_pool_days_out_of_band",
+     "Consecutive days (ending today) each pool's utilisation was outside its band "
+     "(economics.band_low, band_high)", ("pool",)),
+    ("inferplane_economics_usd_per_mtok",
+     "US dollars per million tokens by substrate kind, basis attributed (the requests' "
+     "attributed cost) or owned (every hour of hourly endpoints, idle ones included)",
+     ("kind", "basis")),
+    ("inferplane_economics_joules_per_token",
+     "Energy per token by substrate kind, in joules (live power, else envelope or rating)",
+     ("kind",)),
+    ("inferplane_economics_break_even_ratio",
+     "Provider spend per hour / the hourly cost of owned endpoints that could carry it, by "
+     "model (> 1: owning would be cheaper)", ("model",)),
+    ("inferplane_economics_ttft_divergence_slope",
+     "Least-squares slope per day of each pool's daily TTFT P99/P50 (> 0: queueing grows)",
+     ("pool",)),
+    ("inferplane_economics_trigger",
+     "1 for each reassessment trigger that fires, by kind (out_of_band, "
+     "provider_past_break_even, divergence_rising) and subject (a pool or a model)",
+     ("kind", "subject")),
+)
+
+
 class EconomicsCollector(Collector):
     """Prometheus gauges of the latest report (alert on ``inferplane_economics_trigger``)."""
 
@@ -96,36 +126,15 @@ class EconomicsCollector(Collector):
         self.report: EconomicsReport | None = None
         self.computed_at: float | None = None
 
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        for name, help_, labels in FAMILIES:
+            yield GaugeMetricFamily(name, help_, labels=labels)
+
     def collect(self) -> Iterator[GaugeMetricFamily]:
         r = self.report
         if r is None:
             return
-        util = GaugeMetricFamily(
-            "inferplane_economics_pool_utilisation",
-            "Busy share of each pool's concurrency envelope over the economics window",
-            labels=["pool", "kind"])
-        days = GaugeMetricFamily(
-            "inferplane_economics_pool_days_out_of_band",
-            "Consecutive days (ending today) each pool's utilisation was outside its band",
-            labels=["pool"])
-        unit = GaugeMetricFamily(
-            "inferplane_economics_usd_per_mtok",
-            "Cost per million tokens by substrate kind (owned: every hour of hourly endpoints)",
-            labels=["kind", "basis"])
-        ratio = GaugeMetricFamily(
-            "inferplane_economics_break_even_ratio",
-            "Provider spend per hour / the hourly cost of owned endpoints carrying it",
-            labels=["model"])
-        slope = GaugeMetricFamily(
-            "inferplane_economics_ttft_divergence_slope",
-            "Least-squares slope per day of each pool's daily P99/P50 TTFT", labels=["pool"])
-        energy = GaugeMetricFamily(
-            "inferplane_economics_joules_per_token",
-            "Energy per token by substrate kind (live power, else envelope or rating)",
-            labels=["kind"])
-        trig = GaugeMetricFamily(
-            "inferplane_economics_trigger", "1 for each reassessment trigger that fires",
-            labels=["kind", "subject"])
+        util, days, unit, energy, ratio, slope, trig = self.describe()
         for p in r.pools:
             util.add_metric([p.name, p.kind], p.utilisation)
             days.add_metric([p.name], float(p.days_out_of_band))

@@ -127,28 +127,39 @@ class GatewayMetrics:
         r = self.registry
         self.requests = Counter(
             "inferplane_requests",
-            "Requests answered, by API, endpoint and HTTP status",
+            "Answers accounted on the endpoint that served them, by API (chat, completions, "
+            "embeddings), endpoint and the HTTP status sent (the engine's, 502 for an upstream "
+            "failure while reading, 499 when the client left); attempts that failed before "
+            "their first byte are in inferplane_upstream_failures_total and requests refused "
+            "before placement in inferplane_admission_rejected_total",
             ["api", "endpoint", "code"],
             registry=r,
         )
         self.upstream_failures = Counter(
             "inferplane_upstream_failures",
-            "Upstream attempts that failed before the first byte",
+            "Upstream attempts that failed before the first byte of their answer (the "
+            "request is re-placed while its retry budget lasts), by endpoint and reason: "
+            "connect, connection, timeout, first_byte_timeout, credentials or http_<status>",
             ["endpoint", "reason"],
             registry=r,
         )
         self.stream_errors = Counter(
             "inferplane_stream_errors",
-            "Streams cut by an upstream failure after the first byte",
+            "Streams cut by an upstream failure after their first byte was relayed: the "
+            "client got a truncated answer (too late to re-place), by endpoint",
             ["endpoint"],
             registry=r,
         )
         self.replacements = Counter(
-            "inferplane_replacements", "Requests re-placed after a failed attempt", registry=r
+            "inferplane_replacements",
+            "Attempts placed again (on another endpoint where one is eligible) after an attempt "
+            "failed before its first byte",
+            registry=r,
         )
         self.client_disconnects = Counter(
             "inferplane_client_disconnects",
-            "Requests whose client went away (upstream cancelled)",
+            "Requests whose client went away before their answer ended (the upstream request "
+            "was cancelled)",
             registry=r,
         )
         self.ledger_commit_timeouts = Counter(
@@ -164,46 +175,56 @@ class GatewayMetrics:
         )
         self.no_endpoint = Counter(
             "inferplane_no_eligible_endpoint",
-            "Requests rejected because filters left no endpoint, by filter",
+            "Endpoints removed by each placement filter in placements that left no endpoint "
+            "(the request got a 503): a request adds each filter's count of removed endpoints, "
+            "so the sum over filters is not a count of requests",
             ["filter"],
             registry=r,
         )
         self.spillovers = Counter(
             "inferplane_spillovers",
-            "Placements outside their preferred set, by reason (placement.framework."
+            "Placements outside their preferred set, by class, client region (empty when "
+            "unknown), the region placed in and reason: outage, errors, timeout, rate_limited, "
+            "failover, reserved_exhausted, saturation or slo (placement.framework."
             "SPILLOVER_REASONS)",
             ["workload_class", "from_region", "to_region", "reason"],
             registry=r,
         )
         self.ttft = Histogram(
             "inferplane_ttft_seconds",
-            "Time to first token seen by the gateway",
+            "Seconds from the gateway's receipt of a streamed request to the first byte of its "
+            "answer (admission queueing, placement and failed attempts included), by the "
+            "endpoint that answered; non-streamed answers are not observed",
             ["endpoint"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
         self.placement = Histogram(
             "inferplane_placement_plugin_seconds",
-            "Time spent in each placement plugin, by stage and plugin",
+            "Seconds each placement plugin took per placement, by stage (filter, score, "
+            "pick) and plugin instance",
             ["stage", "plugin"],
             buckets=_PLUGIN_BUCKETS,
             registry=r,
         )
         self.inflight = Gauge(
             "inferplane_endpoint_inflight",
-            "Requests in flight per endpoint (gateway view)",
+            "Requests this gateway process has in flight on each endpoint now (sent, answer "
+            "not ended)",
             ["endpoint"],
             registry=r,
         )
         self.endpoint_healthy = Gauge(
             "inferplane_endpoint_healthy",
-            "1 when the endpoint passes /health",
+            "1 while the endpoint passes its health check (the endpoint's health_check "
+            "probe), 0 while it is down: placement skips it",
             ["endpoint"],
             registry=r,
         )
         self.endpoint_stale = Gauge(
             "inferplane_endpoint_metrics_stale",
-            "1 when the endpoint's engine metrics are stale",
+            "1 while the endpoint's engine metrics are older than gateway.stale_after_s (or "
+            "never scraped): its scrapes fail or are late",
             ["endpoint"],
             registry=r,
         )
@@ -234,7 +255,8 @@ class GatewayMetrics:
         )
         self.loop_lag_max = Gauge(
             "inferplane_event_loop_lag_max_seconds",
-            "The worst event-loop lateness in the last 60 s",
+            "The worst lateness of the gateway's event loop in the last 60 s, in seconds (each "
+            "request waits that long on top of its own work)",
             registry=r,
         )
         self.send_gate_requests = SourcedCounter(
@@ -350,43 +372,51 @@ class GatewayMetrics:
         is one of stale, error_rate, ttft; ``verdict`` one of ok, pressure, past-envelope."""
         self.endpoint_ejections = Counter(
             "inferplane_endpoint_ejections",
-            "Outlier ejections, by endpoint and reason kind",
+            "Outlier ejections (the endpoint is taken out of placement for a while), by "
+            "endpoint and reason kind: error_rate, stale, ttft, rate_limited, passive, "
+            "consecutive_5xx or first_byte_timeout (fleet.health.ReasonKind)",
             ["endpoint", "reason_kind"],
             registry=r,
         )
         self.endpoint_ejected = Gauge(
             "inferplane_endpoint_ejected",
-            "1 while the endpoint is ejected as an outlier",
+            "1 while the endpoint is ejected as an outlier (no traffic until its half-open "
+            "return), else 0",
             ["endpoint"],
             registry=r,
         )
         self.pool_queue_trend = Gauge(
             "inferplane_pool_queue_trend",
-            "Least-squares slope of the pool's engine waiting queue (requests/s) over the window",
+            "Least-squares slope of the pool's engines' waiting requests over the health "
+            "window, in requests per second (> 0: the queue grows)",
             ["substrate"],
             registry=r,
         )
         self.pool_kv_pressure = Gauge(
             "inferplane_pool_kv_pressure",
-            "KV-cache usage over the window, by pool and stat (mean or max)",
+            "KV-cache usage of the pool's engines over the health window, 0-1, by pool and "
+            "stat (mean or max)",
             ["substrate", "stat"],
             registry=r,
         )
         self.pool_ttft_divergence = Gauge(
             "inferplane_pool_ttft_divergence",
-            "Observed TTFT p99 / p50 across the pool's endpoints",
+            "Observed TTFT P99 / P50 across the pool's endpoints over the health window (0 "
+            "with too few samples): a growing ratio is queueing",
             ["substrate"],
             registry=r,
         )
         self.pool_inflight_ratio = Gauge(
             "inferplane_pool_inflight_ratio",
-            "Gateway in-flight requests / concurrency envelope of the pool's usable endpoints",
+            "The gateway's in-flight requests on the pool / the concurrency envelope of its "
+            "usable endpoints (> 1: past the envelope)",
             ["substrate"],
             registry=r,
         )
         self.pool_verdict = Gauge(
             "inferplane_pool_verdict",
-            "1 for the pool's current concurrency-health verdict, 0 for the others",
+            "1 for the pool's current concurrency-health verdict (ok, pressure or "
+            "past-envelope), 0 for the other two: alert on verdict=\"past-envelope\" == 1",
             ["substrate", "verdict"],
             registry=r,
         )
@@ -396,13 +426,17 @@ class GatewayMetrics:
         workflows are never a label (see ``GET /v1/usage``); ``reason`` is a fixed set of codes."""
         self.admitted_requests = Counter(
             "inferplane_admission_requests",
-            "Requests that reached the retry check of admission, by tenant and class",
+            "Requests that reached admission's retry check (past the token ceiling and loop "
+            "limits), by tenant ('all' unless gateway.metrics.tenant_labels) and class: the "
+            "denominator of the retry rate",
             ["tenant", "workload_class"],
             registry=r,
         )
         self.admission_rejected = Counter(
             "inferplane_admission_rejected",
-            "Requests refused by admission, by tenant and reason code",
+            "Requests refused by admission's checks (budgets, rate limits, loop limits, token "
+            "ceilings …), by tenant ('all' unless gateway.metrics.tenant_labels) and reason: "
+            "the error code the client got (error.code, else error.type)",
             ["tenant", "reason"],
             registry=r,
         )
@@ -415,20 +449,24 @@ class GatewayMetrics:
         )
         self.max_tokens_clamped = Counter(
             "inferplane_max_tokens_clamped",
-            "Requests whose max_tokens was clamped to a ceiling",
+            "Requests whose max_tokens was lowered to a ceiling (max_tokens_ceiling of the "
+            "class or the tenant), by tenant ('all' unless gateway.metrics.tenant_labels) and "
+            "class",
             ["tenant", "workload_class"],
             registry=r,
         )
         self.tool_fanout = Histogram(
             "inferplane_agent_tool_fanout",
-            "Tools offered and tool results carried per agent step",
+            "Tools offered (kind=tools) and tool results carried (kind=results) per request "
+            "that has either or an x-inferplane-agent-step header, by class",
             ["workload_class", "kind"],
             buckets=(0, 1, 2, 4, 8, 16, 32, 64),
             registry=r,
         )
         self.queue_wait = Histogram(
             "inferplane_admission_queue_wait_seconds",
-            "Time waited in the admission queue for a free slot, by priority band",
+            "Seconds a queued request waited in the admission queue for a free slot, by "
+            "priority band",
             ["band"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
@@ -441,18 +479,21 @@ class GatewayMetrics:
         )
         self.replacement_budget_exhausted = Counter(
             "inferplane_replacement_budget_exhausted",
-            "Re-placements refused because the retry budget was spent",
+            "Re-placements refused because the retry budget (admission.retry) was spent: the "
+            "client got the failed attempt's error",
             registry=r,
         )
         self.tenant_tokens = Counter(
             "inferplane_tenant_tokens",
-            "Tokens served, by tenant, class and kind (prompt or completion)",
+            "Tokens served, by tenant ('all' unless gateway.metrics.tenant_labels), class and "
+            "kind (prompt or completion)",
             ["tenant", "workload_class", "kind"],
             registry=r,
         )
         self.tenant_cost = Counter(
             "inferplane_tenant_cost_usd",
-            "Actual cost attributed, by tenant and class",
+            "US dollars attributed to served requests at the serving substrate's prices, by "
+            "tenant ('all' unless gateway.metrics.tenant_labels) and class",
             ["tenant", "workload_class"],
             registry=r,
         )
@@ -471,12 +512,14 @@ class GatewayMetrics:
         self.config_last_reload_ok.set(1)
         self.config_last_reload_time = Gauge(
             "inferplane_config_last_reload_success_timestamp_seconds",
-            "When the running fleet file was loaded (start-up or the last applied reload)",
+            "Unix time the running fleet file was loaded (start-up or the last applied "
+            "reload)",
             registry=r,
         )
         self.config_hash = Gauge(
             "inferplane_config_info",
-            "The running fleet file: its SHA-256 (value 1)",
+            "1, labelled with the SHA-256 of the running fleet file (differs between "
+            "replicas running different files)",
             ["sha256"],
             registry=r,
         )

@@ -1,0 +1,331 @@
+"""Generate the reference tables of docs/metrics.md from the registries that export the metrics.
+
+The page is hand-written prose with generated blocks between marker comments::
+
+    <!-- BEGIN GENERATED: gateway -->    the gateway's registry (`telemetry.metrics.GatewayMetrics`)
+    <!-- BEGIN GENERATED: workers -->    the families the gathering worker adds (`telemetry.gather`)
+    <!-- BEGIN GENERATED: economics -->  the economics gauges (`economics.render.FAMILIES`)
+    <!-- BEGIN GENERATED: emulator -->   an emulated engine's page (`twin.emulator.metrics`)
+    <!-- BEGIN GENERATED: labels -->     every label of the inferplane families, and its values
+
+Usage::
+
+    python scripts/gen_metrics_docs.py           # rewrite the generated blocks in place
+    python scripts/gen_metrics_docs.py --check   # exit 1 if the page is out of date
+
+Each table is read from what the code registers or renders, never typed here: a family added to
+the registry appears in the reference when this script runs, and the test that runs it
+(tests/test_metrics_docs.py) fails while the page lacks it. What cannot be read from the code is
+kept below, keyed by family or label name: `WHEN` (when a family of the gateway's page has no
+samples), `LABELS` (what a label's values are). A label without an entry in `LABELS`, or an
+entry naming nothing exported, makes this script fail, so the two cannot go stale silently.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.parser import text_string_to_metric_families
+
+from inferplane.economics.render import EconomicsCollector
+from inferplane.telemetry import gather
+from inferplane.telemetry.metrics import GatewayMetrics, SourcedCounters
+from inferplane.twin.emulator.metrics import EngineMetricsPage
+from inferplane.twin.engine.model import EngineConfig
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "metrics.md"
+
+# When a family of the gateway's /metrics page is exported only under a condition (otherwise
+# from the process's start). Keyed by family name as exposed.
+WHEN: dict[str, str] = {
+    "inferplane_event_loop_cpu_seconds_total": "Linux with schedstat",
+    "inferplane_event_loop_runqueue_wait_seconds_total": "Linux with schedstat",
+    "inferplane_event_loop_timeslices_total": "Linux with schedstat",
+    "inferplane_process_runqueue_wait_seconds_total": "Linux with schedstat",
+    "inferplane_engine_scrapes_total": "once the gateway scrapes its endpoints",
+    "inferplane_health_probes_total": "once the gateway scrapes its endpoints",
+    "inferplane_worker_page_refused_total": "a worker of `serve --workers N` only",
+    "inferplane_epp_flights_reaped_total": (
+        "counted by the Envoy picker (`inferplane epp`), which serves no `/metrics`: "
+        "the gateway's page has the family with no samples"
+    ),
+}
+
+# What each label of an inferplane family holds. "family:label" for a label whose meaning
+# depends on the family, else the label's name.
+LABELS: dict[str, str] = {
+    "api": "`chat`, `completions` or `embeddings`",
+    "endpoint": "an endpoint's `name` in the fleet file",
+    "substrate": "a substrate's (pool's) `name` in the fleet file",
+    "pool": "a substrate's (pool's) `name` in the fleet file",
+    "code": "the HTTP status sent to the client, e.g. `200`, `429`, `499` (client left), `502`",
+    "inferplane_upstream_failures_total:reason": (
+        "`connect`, `connection`, `timeout`, `first_byte_timeout`, `credentials` or "
+        "`http_<status>`"
+    ),
+    "inferplane_admission_rejected_total:reason": "the refusal's `error.code` (else `error.type`)",
+    "inferplane_spillovers_total:reason": (
+        "`outage`, `errors`, `timeout`, `rate_limited`, `failover`, `reserved_exhausted`, "
+        "`saturation`, `slo`"
+    ),
+    "inferplane_epp_flights_reaped_total:reason": "`unobserved`, `picker_stopped`, `no_observer`",
+    "filter": (
+        "the filter that removed them: a filter plugin instance's name, or the built-in "
+        "`capacity` (saturated endpoints) and `failover` (endpoints this request already failed on)"
+    ),
+    "stage": "`filter`, `score` or `pick`",
+    "plugin": "a plugin instance's name, or `fused` (the fast path that runs several at once)",
+    "workload_class": "a workload class name (built-in or the fleet file's)",
+    "from_region": "the client's region (`x-inferplane-client-region`), empty when unknown",
+    "to_region": "the region of the endpoint placed on",
+    "version": "the inferplane version",
+    "placement": "`compiled` (the mypyc build) or `pure`",
+    "reason_kind": (
+        "`error_rate`, `stale`, `ttft`, `rate_limited`, `passive`, `consecutive_5xx`, "
+        "`first_byte_timeout`"
+    ),
+    "stat": "`mean` or `max`",
+    "verdict": "`ok`, `pressure` or `past-envelope`",
+    "tenant": "a tenant's name with `gateway.metrics.tenant_labels: true`, else `all`",
+    "inferplane_agent_tool_fanout:kind": "`tools` (offered) or `results` (tool results carried)",
+    "inferplane_tenant_tokens_total:kind": "`prompt` or `completion`",
+    "band": "`critical`, `standard`, `sheddable` or `batch`",
+    "result": "`ok` or `error`",
+    "sha256": "the running fleet file's SHA-256, hex",
+    "worker": (
+        "the worker's index, `0` … N-1 (stable across its restarts); under `serve --workers N` "
+        "every sample of the page carries it"
+    ),
+    "inferplane_economics_pool_utilisation:kind": "the substrate kind",
+    "inferplane_economics_usd_per_mtok:kind": "the substrate kind",
+    "inferplane_economics_joules_per_token:kind": "the substrate kind",
+    "basis": "`attributed` or `owned`",
+    "model": "a model name as clients send it",
+    "inferplane_economics_trigger:kind": (
+        "`out_of_band`, `provider_past_break_even` or `divergence_rising`"
+    ),
+    "subject": "the pool or model the trigger names",
+}
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str  # as exposed: a counter's ends in _total; a histogram's samples add suffixes
+    type: str
+    labels: tuple[str, ...]
+    help: str
+
+
+class UnknownCollectorError(Exception):
+    """A collector in the gateway's registry that this script cannot describe."""
+
+
+class StaleTablesError(Exception):
+    """`WHEN` or `LABELS` does not match the families exported."""
+
+
+def _exposed(name: str, typ: str) -> str:
+    return f"{name}_total" if typ == "counter" and not name.endswith("_total") else name
+
+
+def registry_families(registry: CollectorRegistry) -> list[Family]:
+    """Every family the registry's collectors describe, in registration order."""
+    out: list[Family] = []
+    for collector in list(registry._collector_to_names):  # the registry's own record
+        if isinstance(collector, MetricWrapperBase):
+            (desc,) = collector.describe()
+            out.append(Family(_exposed(desc.name, desc.type), desc.type,
+                              tuple(collector._labelnames), desc.documentation))
+        elif isinstance(collector, SourcedCounters):
+            out += [Family(c.name, "counter", (), c.documentation) for c in collector.counters]
+        elif isinstance(collector, EconomicsCollector):
+            out += [Family(f.name, f.type, tuple(f._labelnames), f.documentation)
+                    for f in collector.describe()]
+        else:
+            raise UnknownCollectorError(
+                f"{type(collector).__name__} in the gateway's registry: teach "
+                "scripts/gen_metrics_docs.py to describe it"
+            )
+    return out
+
+
+def page_families(text: str) -> list[Family]:
+    """The families of a page in the text format, their labels read from its samples. A
+    counter whose ``# TYPE`` line names it without ``_total`` (as the emulator writes them)
+    has its ``_total`` samples parsed as an untyped family of their own: they are its samples."""
+    out: dict[str, Family] = {}
+    for f in text_string_to_metric_families(text):
+        labels: dict[str, None] = {}
+        for s in f.samples:
+            labels.update(dict.fromkeys(k for k in s.labels if k != "le"))
+        name = _exposed(f.name, f.type)
+        known = out.get(name)
+        if f.type == "unknown" and known is not None and known.type == "counter":
+            out[name] = Family(name, "counter", (*known.labels, *labels), known.help)
+            continue
+        out[name] = Family(name, f.type, tuple(labels), f.documentation)
+    return list(out.values())
+
+
+def gateway_families() -> list[Family]:
+    return registry_families(GatewayMetrics().registry)
+
+
+def worker_families() -> list[Family]:
+    page = gather.merge({}, 1).decode()  # the gathering worker's own families, no worker's page
+    return page_families(page)
+
+
+def economics_families() -> list[Family]:
+    registry = CollectorRegistry()
+    registry.register(EconomicsCollector())
+    return registry_families(registry)
+
+
+def emulator_families() -> list[Family]:
+    """The families of an emulated engine's page, rendered for an idle engine with a modelled
+    power draw (an endpoint whose hardware profile has a power rating)."""
+    engine = SimpleNamespace(
+        config=EngineConfig(num_gpu_blocks=1), num_running=0, num_waiting=0, kv_usage=0.0,
+        prefix_queries_total=0, prefix_hits_total=0, num_preemptions_total=0,
+        prompt_tokens_total=0, generation_tokens_total=0,
+    )
+    page = EngineMetricsPage(engine, "m", 0.9)  # type: ignore[arg-type]
+    page.device_power = lambda: [0.0]
+    return page_families(page.render())
+
+
+# -- rendering -------------------------------------------------------------------------------------
+
+
+def _cell(text: str) -> str:
+    return " ".join(text.split()).replace("|", "\\|")
+
+
+def _type_text(f: Family) -> str:
+    if f.type == "histogram":
+        return "histogram (`_bucket`, `_sum`, `_count`)"
+    return f.type
+
+
+def table(families: Iterable[Family], when: bool = False) -> str:
+    head = "| name | type | labels | help |"
+    rule = "|---|---|---|---|"
+    if when:
+        head, rule = head + " exported |", rule + "---|"
+    lines = [head, rule]
+    for f in families:
+        labels = ", ".join(f"`{x}`" for x in f.labels) or "—"
+        row = f"| `{f.name}` | {_type_text(f)} | {labels} | {_cell(f.help)} |"
+        if when:
+            row += f" {_cell(WHEN.get(f.name, 'from start'))} |"
+        lines.append(row)
+    return "\n".join(lines) + "\n"
+
+
+def _inferplane() -> list[Family]:
+    return [*gateway_families(), *worker_families(), *economics_families()]
+
+
+def label_key(family: Family, label: str) -> str:
+    key = f"{family.name}:{label}"
+    return key if key in LABELS else label
+
+
+def check_tables() -> None:
+    """`WHEN` and `LABELS` match what is exported: every label has a meaning, and no entry
+    names a family or label that is gone."""
+    families = _inferplane()
+    names = {f.name for f in families}
+    errors = [f"WHEN names {n}, which the gateway does not export" for n in WHEN
+              if n not in {f.name for f in gateway_families()}]
+    used: set[str] = set()
+    for f in families:
+        for label in f.labels:
+            key = label_key(f, label)
+            if key not in LABELS:
+                errors.append(f"{f.name}: label {label!r} has no entry in LABELS")
+            used.add(key)
+    for key in LABELS:
+        family, _, label = key.rpartition(":")
+        if key not in used:
+            errors.append(f"LABELS entry {key!r} names no exported label"
+                          + (f" ({family} is not exported)" if family and family not in names
+                             else ""))
+    if errors:
+        raise StaleTablesError("scripts/gen_metrics_docs.py: " + "; ".join(errors))
+
+
+def labels_block() -> str:
+    check_tables()
+    rows: dict[tuple[str, str], list[str]] = {}  # (label, values) → families
+    for f in _inferplane():
+        for label in f.labels:
+            rows.setdefault((label, LABELS[label_key(f, label)]), []).append(f.name)
+    lines = ["| label | values | on |", "|---|---|---|"]
+    for (label, values), fams in sorted(rows.items()):
+        on = ", ".join(f"`{n}`" for n in dict.fromkeys(fams))
+        lines.append(f"| `{label}` | {_cell(values)} | {on} |")
+    return "\n".join(lines) + "\n"
+
+
+BLOCKS: dict[str, Callable[[], str]] = {
+    "gateway": lambda: table(gateway_families(), when=True),
+    "workers": lambda: table(worker_families()),
+    "economics": lambda: table(economics_families()),
+    "emulator": lambda: table(emulator_families()),
+    "labels": labels_block,
+}
+_BLOCK = re.compile(
+    r"(<!-- BEGIN GENERATED: (?P<name>[a-z]+) -->\n).*?(<!-- END GENERATED -->)", re.DOTALL
+)
+
+
+def render(text: str) -> str:
+    """``text`` with every generated block rewritten."""
+    found: set[str] = set()
+
+    def sub(m: re.Match[str]) -> str:
+        name = m.group("name")
+        found.add(name)
+        return m.group(1) + "\n" + BLOCKS[name]() + "\n" + m.group(3)
+
+    out = _BLOCK.sub(sub, text)
+    missing = set(BLOCKS) - found
+    if missing:
+        raise SystemExit(f"{DOC}: missing generated blocks: {', '.join(sorted(missing))}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 if the page is stale")
+    parser.add_argument("--doc", type=Path, default=DOC)
+    args = parser.parse_args(argv)
+    text = args.doc.read_text("utf-8")
+    try:
+        new = render(text)
+    except (StaleTablesError, UnknownCollectorError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.check:
+        if new != text:
+            print(f"{args.doc} is out of date: run python scripts/gen_metrics_docs.py")
+            return 1
+        return 0
+    if new != text:
+        args.doc.write_text(new, "utf-8")
+        print(f"wrote {args.doc}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
