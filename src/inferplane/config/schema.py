@@ -34,7 +34,7 @@ class MetricsSpec(Strict):
     api_keys: list[str] = Field(
         default_factory=list,
         description="'sha256:<hex>' of admin keys: they may read /metrics on the API listener "
-        "and use the web console (/console, docs/console.md)",
+        "and GET /v1/fleet/health, and use the web console (/console, docs/console.md)",
     )
     port: int | None = Field(
         None, ge=0, le=65535,
@@ -43,7 +43,8 @@ class MetricsSpec(Strict):
     )
     host: str = Field("127.0.0.1", description="address of the `port` listener")
     public: bool = Field(
-        False, description="serve /metrics on the API listener to anyone, with no key"
+        False, description="serve /metrics on the API listener to anyone, with no key (not "
+        "GET /v1/fleet/health)"
     )
     tenant_labels: bool = Field(
         False, description="label admission and spend metrics by tenant (else one value, 'all')"
@@ -52,7 +53,7 @@ class MetricsSpec(Strict):
         False,
         description="let any tenant key read GET /v1/fleet/health (every endpoint's load, queue, "
         "KV use and error rate, in every jurisdiction), as every tenant could until session 25; "
-        "off: it needs what /metrics on the API listener needs (an admin key, or `public`)",
+        "off: it needs an admin key (`api_keys`), whatever `public` says",
     )
 
     @field_validator("api_keys")
