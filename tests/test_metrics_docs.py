@@ -47,8 +47,11 @@ async def test_reference_lists_every_family_of_a_real_gateways_page() -> None:
     text = DOC.read_text("utf-8")
     page = generate_latest(gw.metrics.registry).decode()
     families = list(text_string_to_metric_families(page))
+    counters = {f.name for f in families if f.type == "counter"}
     assert len(families) > 40
     for f in families:
+        if f.name.endswith("_created") and f.name.removesuffix("_created") in counters:
+            continue  # a labelled counter's _created samples, written as a family of their own
         name = f"{f.name}_total" if f.type == "counter" else f.name
         assert f"| `{name}` | {f.type}" in text, name
 

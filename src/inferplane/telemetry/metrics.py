@@ -512,8 +512,8 @@ class GatewayMetrics:
         self.config_last_reload_ok.set(1)
         self.config_last_reload_time = Gauge(
             "inferplane_config_last_reload_success_timestamp_seconds",
-            "Unix time the running fleet file was loaded (start-up or the last applied "
-            "reload)",
+            "When the running fleet file was loaded (start-up or the last applied reload), in "
+            "Unix seconds",
             registry=r,
         )
         self.config_hash = Gauge(
