@@ -24,11 +24,12 @@ from inferplane.dispatch.upstream import parse_retry_after
 from inferplane.errors import ConfigError
 from inferplane.fleet.model import Fleet
 from tests.builders import endpoint as endpoint_spec
-from tests.builders import model, pool_fleet, to_yaml
+from tests.builders import key_hash, model, pool_fleet, to_yaml
 from tests.support.fake_provider import SEEN, build_provider
 from tests.support.procs import free_port
 
 KEY = "sk-tenant"
+ADMIN = "sk-provider-admin"
 UPSTREAM_KEY = "sk-upstream-secret-1234"
 CHAT = {"model": "big", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 8}
 
@@ -329,7 +330,8 @@ async def test_upstream_key_never_reaches_logs_records_or_metrics(
         config = parse_config(fleet_yaml(
             free_port(), [endpoint("ok", ports["ok"]), endpoint("limited", ports["limited"]),
                           endpoint("refused", ports["refused"])],
-            gateway={"ledger_path": str(tmp_path / "ledger.sqlite")}))
+            gateway={"ledger_path": str(tmp_path / "ledger.sqlite"),
+                     "metrics": {"public": True, "api_keys": [key_hash(ADMIN)]}}))
         async with gateway(config) as (gw, base), session() as s:
             dids = []
             for i in range(6):
@@ -339,8 +341,15 @@ async def test_upstream_key_never_reaches_logs_records_or_metrics(
                     dids.append(r.headers.get("x-inferplane-decision-id"))
             async with s.get(f"{base}/metrics") as r:
                 metrics = await r.text()
-            async with s.get(f"{base}/v1/fleet/health") as r:
+            # GET /v1/fleet/health is for admin keys; its ejection reasons are where a refused
+            # credential's message would carry the key, so the answer read must be the real one
+            async with s.get(f"{base}/v1/fleet/health",
+                             headers={"Authorization": f"Bearer {ADMIN}"}) as r:
+                assert r.status == 200, await r.text()
                 health = await r.text()
+            refused_row = next(e for e in json.loads(health)["endpoints"]
+                               if e["endpoint"] == "refused")
+            assert refused_row["ejected"] and "credentials" in refused_row["ejected_reason"]
             records = [json.dumps(gw.ledger.get(d)) for d in dids if d]
         assert records and any("refused" in r or "limited" in r for r in records)
         ledger_bytes = (tmp_path / "ledger.sqlite").read_bytes()
