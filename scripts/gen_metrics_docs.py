@@ -66,7 +66,10 @@ LABELS: dict[str, str] = {
     "endpoint": "an endpoint's `name` in the fleet file",
     "substrate": "a substrate's (pool's) `name` in the fleet file",
     "pool": "a substrate's (pool's) `name` in the fleet file",
-    "code": "the HTTP status sent to the client, e.g. `200`, `429`, `499` (client left), `502`",
+    "code": (
+        "the HTTP status sent to the client, e.g. `200`, `400`/`404` (an engine's 4xx passed "
+        "through), `499` (client left), `502`"
+    ),
     "inferplane_upstream_failures_total:reason": (
         "`connect`, `connection`, `timeout`, `first_byte_timeout`, `credentials` or "
         "`http_<status>`"
@@ -84,13 +87,17 @@ LABELS: dict[str, str] = {
     "stage": "`filter`, `score` or `pick`",
     "plugin": "a plugin instance's name, or `fused` (the fast path that runs several at once)",
     "workload_class": "a workload class name (built-in or the fleet file's)",
-    "from_region": "the client's region (`x-inferplane-client-region`), empty when unknown",
+    "from_region": (
+        "the preferred region: the client's (`x-inferplane-client-region`) when it sent one, "
+        "else the cheapest reserved pool's or a removed reserved endpoint's; for "
+        "`rate_limited`, the region of the endpoint that answered 429"
+    ),
     "to_region": "the region of the endpoint placed on",
     "version": "the inferplane version",
     "placement": "`compiled` (the mypyc build) or `pure`",
     "reason_kind": (
         "`error_rate`, `stale`, `ttft`, `rate_limited`, `passive`, `consecutive_5xx`, "
-        "`first_byte_timeout`"
+        "`first_byte_timeout` (empty for an ejection recorded without a kind)"
     ),
     "stat": "`mean` or `max`",
     "verdict": "`ok`, `pressure` or `past-envelope`",

@@ -127,11 +127,14 @@ class GatewayMetrics:
         r = self.registry
         self.requests = Counter(
             "inferplane_requests",
-            "Answers accounted on the endpoint that served them, by API (chat, completions, "
-            "embeddings), endpoint and the HTTP status sent (the engine's, 502 for an upstream "
-            "failure while reading, 499 when the client left); attempts that failed before "
-            "their first byte are in inferplane_upstream_failures_total and requests refused "
-            "before placement in inferplane_admission_rejected_total",
+            "Answers from an endpoint that sent its first byte, accounted on it, by API (chat, "
+            "completions, embeddings), endpoint and the HTTP status sent (the engine's, 502 "
+            "for an upstream failure while reading, 499 when the client left). Not every "
+            "answer the client got: attempts that failed before their first byte are in "
+            "inferplane_upstream_failures_total, and a request none of whose attempts got a "
+            "first byte (502: upstream_failures minus replacements) or that had nothing "
+            "eligible (503: inferplane_no_eligible_endpoint_total) is in no status count; "
+            "requests refused before placement are in inferplane_admission_rejected_total",
             ["api", "endpoint", "code"],
             registry=r,
         )
@@ -183,10 +186,12 @@ class GatewayMetrics:
         )
         self.spillovers = Counter(
             "inferplane_spillovers",
-            "Placements outside their preferred set, by class, client region (empty when "
-            "unknown), the region placed in and reason: outage, errors, timeout, rate_limited, "
-            "failover, reserved_exhausted, saturation or slo (placement.framework."
-            "SPILLOVER_REASONS)",
+            "Placements outside their preferred set, by class, preferred region (the "
+            "client's x-inferplane-client-region when given, else the cheapest reserved pool's "
+            "or a removed reserved endpoint's; for rate_limited, the region of the endpoint "
+            "that answered 429), the "
+            "region placed in and reason: outage, errors, timeout, rate_limited, failover, "
+            "reserved_exhausted, saturation or slo (placement.framework.SPILLOVER_REASONS)",
             ["workload_class", "from_region", "to_region", "reason"],
             registry=r,
         )
@@ -217,14 +222,17 @@ class GatewayMetrics:
         self.endpoint_healthy = Gauge(
             "inferplane_endpoint_healthy",
             "1 while the endpoint passes its health check (the endpoint's health_check "
-            "probe), 0 while it is down: placement skips it",
+            "probe), 0 while it is down: placement skips it; always 1 for health_check: passive "
+            "endpoints (the provider-api default), which are never probed: watch "
+            "inferplane_endpoint_ejected",
             ["endpoint"],
             registry=r,
         )
         self.endpoint_stale = Gauge(
             "inferplane_endpoint_metrics_stale",
-            "1 while the endpoint's engine metrics are older than gateway.stale_after_s (or "
-            "never scraped): its scrapes fail or are late",
+            "1 while the endpoint's engine metrics are older than gateway.stale_after_s or "
+            "were never read: its scrapes fail or are late; always 1 for endpoints that are not "
+            "scraped (scrape_metrics: false, the provider-api default)",
             ["endpoint"],
             registry=r,
         )
@@ -369,7 +377,8 @@ class GatewayMetrics:
 
     def _health_metrics(self, r: CollectorRegistry) -> None:
         """Outlier ejection and per-pool concurrency health (`fleet.health`). ``reason_kind``
-        is one of stale, error_rate, ttft; ``verdict`` one of ok, pressure, past-envelope."""
+        is a `fleet.health.ReasonKind` (the seven in the help), or empty for an ejection
+        recorded without a kind; ``verdict`` one of ok, pressure, past-envelope."""
         self.endpoint_ejections = Counter(
             "inferplane_endpoint_ejections",
             "Outlier ejections (the endpoint is taken out of placement for a while), by "
@@ -443,7 +452,7 @@ class GatewayMetrics:
         self.client_retries = Counter(
             "inferplane_client_retries",
             "Requests recognised as client retries (Idempotency-Key or same body and key); "
-            "retry rate = this / inferplane_admission_requests",
+            "retry rate = this / inferplane_admission_requests_total",
             ["tenant", "workload_class"],
             registry=r,
         )
