@@ -52,8 +52,8 @@ class MetricsSpec(Strict):
     fleet_health_for_tenants: bool = Field(
         False,
         description="let any tenant key read GET /v1/fleet/health (every endpoint's load, queue, "
-        "KV use and error rate, in every jurisdiction), as every tenant could until session 25; "
-        "off: it needs an admin key (`api_keys`), whatever `public` says",
+        "KV use and error rate, in every jurisdiction), as every tenant could in builds "
+        "before 2026-12-07; off: it needs an admin key (`api_keys`), whatever `public` says",
     )
 
     @field_validator("api_keys")
@@ -97,7 +97,9 @@ class GatewaySpec(Strict):
     port: int = Field(8080, ge=0, le=65535)
     max_body_bytes: int = Field(4 * 1024 * 1024, gt=0, description="larger bodies get 413")
     metrics: MetricsSpec = Field(
-        MetricsSpec(), description="who may read /metrics, and whether tenants are labels"
+        MetricsSpec(),
+        description="who may read /metrics and GET /v1/fleet/health, and whether tenants are "
+        "labels",
     )
     max_n: int = Field(128, gt=0, description="most choices one request may ask for (`n`)")
     header_timeout_s: float = Field(
