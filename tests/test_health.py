@@ -554,14 +554,18 @@ async def test_fleet_health_is_for_admin_keys(gw: Gw) -> None:
 
 async def test_fleet_health_for_tenants_lets_every_tenant_key_read_it() -> None:
     """`gateway.metrics.fleet_health_for_tenants: true` is the old behaviour: any tenant's key
-    (and any admin key) reads the whole fleet's health; no key or an unknown one is a 401."""
-    metrics = f'{{fleet_health_for_tenants: true, api_keys: ["{key_hash(ADMIN)}"]}}'
-    async with health_gateway(metrics) as g:
-        for key in (KEY, ADMIN):
-            status, body = await fleet_health_status(g, key)
-            assert status == 200 and len(body["endpoints"]) == 7
-        for key in (None, "sk-nobody"):
-            assert (await fleet_health_status(g, key))[0] == 401
+    (and any admin key) reads the whole fleet's health; no key or an unknown one is a 401.
+    It does so with no admin keys configured too: the upgrade path of a deployment that never
+    set `gateway.metrics.api_keys`."""
+    with_admin = f'{{fleet_health_for_tenants: true, api_keys: ["{key_hash(ADMIN)}"]}}'
+    for metrics, keys in [(with_admin, (KEY, ADMIN)),
+                          ("{fleet_health_for_tenants: true}", (KEY,))]:
+        async with health_gateway(metrics) as g:
+            for key in keys:
+                status, body = await fleet_health_status(g, key)
+                assert status == 200 and len(body["endpoints"]) == 7, (metrics, key)
+            for key in (None, "sk-nobody"):
+                assert (await fleet_health_status(g, key))[0] == 401
 
 
 async def test_fleet_health_without_admin_keys_is_not_served() -> None:
