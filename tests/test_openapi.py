@@ -46,6 +46,8 @@ def test_every_route_is_described() -> None:
             assert "default" in op["responses"]  # the OpenAI error body
     with pytest.raises(MissingOperation):
         build_spec([*routes, ("GET", "/v1/undescribed")])
+    # the fleet's health needs an admin key: the spec says which
+    assert "gateway.metrics.api_keys" in spec["paths"]["/v1/fleet/health"]["get"]["description"]
 
 
 @pytest.fixture(scope="module")
