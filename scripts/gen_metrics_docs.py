@@ -199,7 +199,9 @@ def economics_families() -> list[Family]:
 
 def emulator_families() -> list[Family]:
     """The families of an emulated engine's page, rendered for an idle engine with a modelled
-    power draw (an endpoint whose hardware profile has a power rating)."""
+    power draw (an endpoint whose hardware profile has a power rating). The engine is a stub
+    with the attributes `EngineMetricsPage` reads today: when the page reads a new one, this
+    fails with an AttributeError on the stub; add the attribute here (at its idle value)."""
     engine = SimpleNamespace(
         config=EngineConfig(num_gpu_blocks=1), num_running=0, num_waiting=0, kv_usage=0.0,
         prefix_queries_total=0, prefix_hits_total=0, num_preemptions_total=0,
