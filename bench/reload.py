@@ -145,8 +145,10 @@ def _has_token(event: bytes) -> bool:
 
 def fleet_yaml(engines: dict[str, int], redis_url: str | None = None, *,
                bad: bool = False) -> str:
+    # Redis for --workers > 1, which refuses a batch lane in memory: none
     admission = {"admission": {"store": "redis", "redis_url": redis_url,
-                               "redis_prefix": "reload:"}} if redis_url else {}
+                               "redis_prefix": "reload:"},
+                 "batch": {"enabled": False}} if redis_url else {}
     return to_yaml(pool_fleet(
         gateway={"scrape_interval_s": 0.05, "token_estimate": "words", "seed": 1,
                  "metrics": {"public": True}},

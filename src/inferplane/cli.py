@@ -180,7 +180,8 @@ def serve(
         int,
         typer.Option(
             help="gateway processes on the port (SO_REUSEPORT); more than 1 needs "
-            "admission.store: redis (docs/shared-state.md)"
+            "admission.store: redis and, with the batch lane on, a batch store in a file or "
+            "PostgreSQL (docs/shared-state.md)"
         ),
     ] = 1,
     watch_config: WatchOpt = False,
@@ -201,8 +202,16 @@ def serve(
             )
         if (port if port is not None else cfg.gateway.port) == 0:
             fail("--workers needs a fixed port (port 0 would give each worker its own)")
+        if _batches_in_memory(cfg):
+            fail(
+                f"--workers {workers} with the batch lane in memory in {config}: each worker "
+                f"would keep its own files and batches and only worker 0 runs them; set "
+                f"batch.path or gateway.ledger_path (a SQLite file the workers share), "
+                f"batch.postgres_dsn or batch.postgres_dsn_env, or batch.enabled: false"
+            )
         from inferplane.api.workers import supervise
 
+        _warn_in_memory(cfg, workers)
         applied = _Applied(cfg, sha, config)
 
         def run_worker(index: int) -> int:
@@ -219,7 +228,52 @@ def serve(
         raise typer.Exit(
             supervise(workers, run_worker, applied.check, 1.0 if watch_config else None)
         )
+    _warn_in_memory(cfg, workers)
     _serve_one(cfg, sha, config, host, port, reuse_port=False, watch=watch_config)
+
+
+def _batches_in_memory(cfg: FleetConfig) -> bool:
+    """Whether the batch lane is on and its store in memory (`batch.routes.make_store`)."""
+    b = cfg.batch
+    return b.enabled and not (
+        b.postgres_dsn or b.postgres_dsn_env or b.path or cfg.gateway.ledger_path
+    )
+
+
+def _in_memory(cfg: FleetConfig, workers: int) -> list[str]:
+    """What `serve` would hold only in memory (lost when it stops), each with the keys that
+    keep it: the local admission store without a file (`admission.controller.local_store_path`),
+    the batch store, and the ledger (`ledger.build.build_ledger`)."""
+    from inferplane.admission.controller import local_store_path
+
+    held = []
+    a = cfg.admission
+    if a.enabled and a.store == "local" and local_store_path(cfg) is None:
+        held.append("budgets, leases and usage (set admission.path or gateway.ledger_path)")
+    if _batches_in_memory(cfg):
+        held.append(
+            "batch files and batches (set batch.path, gateway.ledger_path or batch.postgres_dsn)"
+        )
+    led = cfg.ledger
+    if not (cfg.gateway.ledger_path or led.postgres_dsn or led.postgres_dsn_env):
+        apart = (
+            f", each of the {workers} workers its own: GET /v1/decisions/{{id}} answers only "
+            f"on the worker that served the request"
+            if workers > 1 else ""
+        )
+        held.append(
+            f"decision records{apart} (set gateway.ledger_path or ledger.postgres_dsn)"
+        )
+    return held
+
+
+def _warn_in_memory(cfg: FleetConfig, workers: int) -> None:
+    """One warning at start-up naming what is held only in memory (`_in_memory`)."""
+    held = _in_memory(cfg, workers)
+    if held:
+        logging.getLogger("inferplane.serve").warning(
+            "held in memory and lost when the gateway stops: %s", "; ".join(held)
+        )
 
 
 class _Applied:

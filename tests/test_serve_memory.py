@@ -1,0 +1,132 @@
+"""`inferplane serve` at start-up, about state held only in memory (docs/shared-state.md):
+one warning naming what a restart loses and the keys that keep it; and `--workers N` refused
+while the batch lane's store is in memory (each worker would keep its own files and batches,
+and only worker 0 runs them). In process (typer's CliRunner), with the gateway itself
+(`_serve_one`) and the workers' supervisor replaced: only the start-up checks run."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from inferplane import cli
+from tests.builders import pool_fleet, to_yaml
+
+WARNING = "held in memory and lost when the gateway stops"
+
+
+@pytest.fixture
+def started(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The gateways `serve` would have started ("one", or "workers N")."""
+    from inferplane.api import workers
+
+    ran: list[str] = []
+    monkeypatch.setattr(cli.signal, "signal", lambda *_a: None)  # serve ignores SIGHUP first
+    monkeypatch.setattr(cli, "_serve_one", lambda *_a, **_k: ran.append("one"))
+
+    def supervise(n: int, *_a: Any) -> int:
+        ran.append(f"workers {n}")
+        return 0
+
+    monkeypatch.setattr(workers, "supervise", supervise)
+    return ran
+
+
+def _serve(tmp_path: Path, *args: str, **sections: Any) -> Any:
+    f = tmp_path / "fleet.yaml"
+    f.write_text(to_yaml(pool_fleet(9, gateway={"port": 8123, **sections.pop("gateway", {})},
+                                    **sections)))
+    return CliRunner().invoke(cli.app, ["serve", "--config", str(f), *args])
+
+
+def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.levelno == logging.WARNING and WARNING in r.getMessage()]
+
+
+def test_serve_warns_once_naming_what_is_in_memory(
+    tmp_path: Path, started: list[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    r = _serve(tmp_path)  # the defaults: store local, batch on, no ledger file
+    assert r.exit_code == 0, r.output
+    assert started == ["one"]
+    [line] = _warnings(caplog)
+    assert "budgets, leases and usage (set admission.path or gateway.ledger_path)" in line
+    assert "batch files and batches (set batch.path, gateway.ledger_path or " \
+           "batch.postgres_dsn)" in line
+    assert "decision records (set gateway.ledger_path or ledger.postgres_dsn)" in line
+
+
+def test_serve_names_only_what_is_in_memory(
+    tmp_path: Path, started: list[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    r = _serve(tmp_path, admission={"path": str(tmp_path / "a.sqlite")},
+               batch={"enabled": False})
+    assert r.exit_code == 0, r.output
+    [line] = _warnings(caplog)
+    assert "budgets" not in line and "batch" not in line
+    assert "decision records" in line
+
+
+def test_serve_with_a_ledger_file_does_not_warn(
+    tmp_path: Path, started: list[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """gateway.ledger_path alone puts the admission store and the batch store beside it."""
+    r = _serve(tmp_path, gateway={"ledger_path": str(tmp_path / "l.sqlite3")})
+    assert r.exit_code == 0, r.output
+    assert started == ["one"]
+    assert _warnings(caplog) == []
+
+
+def test_serve_with_the_memory_store_chosen_does_not_warn_about_budgets(
+    tmp_path: Path, started: list[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """`admission.store: memory` is in memory by choice; no file key would change that."""
+    r = _serve(tmp_path, gateway={"ledger_path": str(tmp_path / "l.sqlite3")},
+               admission={"store": "memory"})
+    assert r.exit_code == 0, r.output
+    assert _warnings(caplog) == []
+
+
+REDIS = {"store": "redis", "redis_url": "redis://127.0.0.1:9/0"}  # never reached here
+
+
+def test_workers_refuse_a_batch_lane_in_memory(
+    tmp_path: Path, started: list[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    r = _serve(tmp_path, "--workers", "2", admission=REDIS)
+    assert r.exit_code == 2, r.output
+    assert started == []
+    assert "--workers 2 with the batch lane in memory" in r.output
+    for key in ("batch.path", "gateway.ledger_path", "batch.postgres_dsn", "batch.enabled: false"):
+        assert key in r.output, key
+    assert "Traceback" not in r.output
+
+
+@pytest.mark.parametrize("sections", [
+    {"batch": {"enabled": False}},
+    {"batch": {"path": "b.sqlite"}},
+    {"batch": {"postgres_dsn_env": "NOT_READ_AT_THIS_POINT"}},
+    {"gateway": {"ledger_path": "l.sqlite3"}},
+])
+def test_workers_start_with_a_shared_batch_store_or_none(
+    tmp_path: Path, started: list[str], sections: dict[str, Any]
+) -> None:
+    r = _serve(tmp_path, "--workers", "2", admission=REDIS, **sections)
+    assert r.exit_code == 0, r.output
+    assert started == ["workers 2"]
+
+
+def test_workers_warn_that_a_ledger_in_memory_is_per_worker(
+    tmp_path: Path, started: list[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    r = _serve(tmp_path, "--workers", "2", admission=REDIS, batch={"enabled": False})
+    assert r.exit_code == 0, r.output
+    [line] = _warnings(caplog)
+    assert "decision records, each of the 2 workers its own: GET /v1/decisions/{id} answers " \
+           "only on the worker that served the request" in line
+    assert "budgets" not in line and "batch" not in line
