@@ -198,3 +198,33 @@ async def test_tool_calls_through_the_gateway_to_an_emulated_messages_api() -> N
             assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
         finally:
             await runner.cleanup()
+
+
+@pytest.mark.parametrize("base", ["/proxy", "/openai/v1"])
+async def test_emulated_engine_with_a_base_path_passes_the_gateways_probe_and_scrape(
+    base: str
+) -> None:
+    """An engine endpoint (health_check `health`, scraped) whose URL has a base path, as an
+    engine behind a path-prefix proxy: the gateway probes ``<url>/health`` and scrapes
+    ``<url>/metrics`` (and ``<url>/metrics/?name[]=…``), so the emulator serves both under the
+    base path as well as at the root, without the endpoint's key, as the operational routes at
+    the root."""
+    from inferplane.fleet.model import Fleet
+    from inferplane.fleet.scraper import HttpMetricsSource
+
+    port = free_port()
+    config = parse_config(to_yaml(pool_fleet(
+        endpoints=[endpoint("e", url=f"http://127.0.0.1:{port}{base}",
+                            api_key_env="EMU_OPENAI_KEY")],
+    )))
+    ep = Fleet.from_config(config).by_name["e"]
+    assert ep.health_check == "health" and ep.scrape_metrics
+    async with emulated(config), aiohttp.ClientSession() as s:
+        src = HttpMetricsSource(s)
+        assert await src.healthy(ep)
+        page = await src.metrics(ep)
+        assert page is not None and "vllm:num_requests_running" in page
+        assert src._paths[ep.url][0].startswith("/metrics/?")  # the filtered page answered too
+        for path in ("/health", "/metrics"):  # the root still answers
+            async with s.get(f"http://127.0.0.1:{port}{path}") as r:
+                assert r.status == 200, path

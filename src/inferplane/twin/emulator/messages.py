@@ -35,6 +35,7 @@ from inferplane.twin.emulator.app import (
 )
 from inferplane.twin.emulator.endpoint import (
     FINISHED,
+    EmulatedEndpoint,
     EmulatedRequestError,
     Submission,
     new_request_id,
@@ -44,10 +45,17 @@ from inferplane.twin.emulator.endpoint import (
 _OPERATIONAL = frozenset({"/health", "/metrics", "/metrics/", "/version"})
 
 
+def _api_path(emu: EmulatedEndpoint, path: str) -> str:
+    """``path`` without the endpoint URL's base path (the operational routes answer under it
+    as well as at the root: `ops.build_app`)."""
+    base = emu.endpoint.spec.base_path
+    return path[len(base):] if base and path.startswith(base + "/") else path
+
+
 @web.middleware
 async def key_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     emu = request.app[EMU]
-    if emu.api_key is not None and request.path not in _OPERATIONAL:
+    if emu.api_key is not None and _api_path(emu, request.path) not in _OPERATIONAL:
         if emu.endpoint.dialect == "anthropic":
             ok = request.headers.get("x-api-key") == emu.api_key
             if ok and not request.headers.get("anthropic-version"):

@@ -213,9 +213,13 @@ def build_app(emu: EmulatedEndpoint) -> web.Application:
         r.add_post(api("/v1/completions"), completions)
         r.add_post(api("/v1/embeddings"), embeddings)
     r.add_get(api("/v1/models"), models)
-    r.add_get("/health", health)
-    r.add_get("/metrics", metrics)
-    r.add_get("/metrics/", metrics_filtered)
+    # at the root, and under the URL's base path too, where the gateway probes and scrapes an
+    # endpoint (`<url>/health`, `<url>/metrics`), as a path-prefix proxy in front of an engine
+    # serves them
+    for prefix in dict.fromkeys(("", ep.spec.base_path)):
+        r.add_get(prefix + "/health", health)
+        r.add_get(prefix + "/metrics", metrics)
+        r.add_get(prefix + "/metrics/", metrics_filtered)
     r.add_get("/version", version)
     r.add_post("/tokenize", tokenize)
     r.add_post("/detokenize", detokenize)
