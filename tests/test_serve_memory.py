@@ -7,6 +7,7 @@ and only worker 0 runs them). In process (typer's CliRunner), with the gateway i
 from __future__ import annotations
 
 import logging
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ def started(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     from inferplane.api import workers
 
     ran: list[str] = []
-    monkeypatch.setattr(cli.signal, "signal", lambda *_a: None)  # serve ignores SIGHUP first
+    monkeypatch.setattr(signal, "signal", lambda *_a: None)  # serve ignores SIGHUP first
     monkeypatch.setattr(cli, "_serve_one", lambda *_a, **_k: ran.append("one"))
 
     def supervise(n: int, *_a: Any) -> int:
