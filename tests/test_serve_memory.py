@@ -130,4 +130,16 @@ def test_workers_warn_that_a_ledger_in_memory_is_per_worker(
     [line] = _warnings(caplog)
     assert "decision records, each of the 2 workers its own: GET /v1/decisions/{id} answers " \
            "only on the worker that served the request" in line
+    assert "the Redis outage journal, settles waiting for Redis to come back (set " \
+           "admission.journal_path or gateway.ledger_path)" in line
     assert "budgets" not in line and "batch" not in line
+
+
+def test_redis_with_a_journal_file_does_not_warn_about_the_journal(
+    tmp_path: Path, started: list[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    r = _serve(tmp_path, admission={**REDIS, "journal_path": str(tmp_path / "j.sqlite")},
+               batch={"enabled": False})
+    assert r.exit_code == 0, r.output
+    [line] = _warnings(caplog)
+    assert "journal" not in line and "decision records" in line

@@ -242,14 +242,20 @@ def _batches_in_memory(cfg: FleetConfig) -> bool:
 
 def _in_memory(cfg: FleetConfig, workers: int) -> list[str]:
     """What `serve` would hold only in memory (lost when it stops), each with the keys that
-    keep it: the local admission store without a file (`admission.controller.local_store_path`),
-    the batch store, and the ledger (`ledger.build.build_ledger`)."""
-    from inferplane.admission.controller import local_store_path
+    keep it: the local admission store without a file (`admission.controller.local_store_path`)
+    or Redis's outage journal (`journal_path`), the batch store and the ledger
+    (`ledger.build.build_ledger`)."""
+    from inferplane.admission.controller import journal_path, local_store_path
 
     held = []
     a = cfg.admission
     if a.enabled and a.store == "local" and local_store_path(cfg) is None:
         held.append("budgets, leases and usage (set admission.path or gateway.ledger_path)")
+    if a.enabled and a.store == "redis" and journal_path(cfg) is None:
+        held.append(
+            "the Redis outage journal, settles waiting for Redis to come back (set "
+            "admission.journal_path or gateway.ledger_path)"
+        )
     if _batches_in_memory(cfg):
         held.append(
             "batch files and batches (set batch.path, gateway.ledger_path or batch.postgres_dsn)"
