@@ -1,8 +1,9 @@
 """`inferplane serve` at start-up, about state held only in memory (docs/shared-state.md):
 one warning naming what a restart loses and the keys that keep it; and `--workers N` refused
 while the batch lane's store is in memory (each worker would keep its own files and batches,
-and only worker 0 runs them). In process (typer's CliRunner), with the gateway itself
-(`_serve_one`) and the workers' supervisor replaced: only the start-up checks run."""
+and only worker 0 runs them). Also `check`'s note and `serve`'s warning about an engine URL
+ending in ``/v1``. In process (typer's CliRunner), with the gateway itself (`_serve_one`) and
+the workers' supervisor replaced: only the start-up checks run."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from inferplane import cli
-from tests.builders import pool_fleet, to_yaml
+from tests.builders import endpoint, pool_fleet, to_yaml
 
 WARNING = "held in memory and lost when the gateway stops"
 
@@ -42,6 +43,10 @@ def _serve(tmp_path: Path, *args: str, **sections: Any) -> Any:
     f.write_text(to_yaml(pool_fleet(9, gateway={"port": 8123, **sections.pop("gateway", {})},
                                     **sections)))
     return CliRunner().invoke(cli.app, ["serve", "--config", str(f), *args])
+
+
+def _all_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
 
 
 def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -143,3 +148,51 @@ def test_redis_with_a_journal_file_does_not_warn_about_the_journal(
     assert r.exit_code == 0, r.output
     [line] = _warnings(caplog)
     assert "journal" not in line and "decision records" in line
+
+
+V1 = "is probed at http://127.0.0.1:9/v1/health and scraped at http://127.0.0.1:9/v1/metrics, " \
+     "which an engine does not serve (down, no load signals): give its url without the " \
+     "trailing /v1"
+
+
+def test_an_engine_url_ending_in_v1_is_named_by_check_and_at_start_up(
+    tmp_path: Path, started: list[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The OpenAI base_url habit on an engine endpoint: the API works, the probe and the
+    scrape do not (test_emulator_providers' ``/v1`` case); `check` notes it, `serve` warns."""
+    r = _serve(tmp_path, endpoints=[endpoint("e", url="http://127.0.0.1:9/v1")],
+               gateway={"ledger_path": str(tmp_path / "l.sqlite3")})
+    assert r.exit_code == 0, r.output
+    assert [m for m in _all_warnings(caplog) if "trailing /v1" in m] == [
+        f"endpoint 'e' {V1} (the API paths get their /v1 anyway; docs/providers.md)"]
+    out = CliRunner().invoke(cli.app, ["check", "--config", str(tmp_path / "fleet.yaml")]).output
+    assert f"note: endpoint 'e' {V1}" in out
+
+
+@pytest.mark.parametrize("fields", [
+    {"url": "http://127.0.0.1:9"},  # no /v1
+    {"url": "http://127.0.0.1:9/proxy"},
+    {"url": "http://127.0.0.1:9/v1", "health_check": "models", "scrape_metrics": False},
+])
+def test_an_engine_url_without_v1_or_not_probed_there_is_not_named(
+    tmp_path: Path, started: list[str], caplog: pytest.LogCaptureFixture, fields: dict[str, Any]
+) -> None:
+    r = _serve(tmp_path, endpoints=[endpoint("e", **fields)])
+    assert r.exit_code == 0, r.output
+    assert not [m for m in _all_warnings(caplog) if "trailing /v1" in m]
+    out = CliRunner().invoke(cli.app, ["check", "--config", str(tmp_path / "fleet.yaml")]).output
+    assert "trailing /v1" not in out
+
+
+PROVIDER = {"name": "prov", "kind": "provider-api", "hardware": "provider-api",
+            "capacity_class": "burst", "cost": {"input_per_mtok": 1.0, "output_per_mtok": 2.0}}
+
+
+def test_a_provider_url_ending_in_v1_is_not_named(
+    tmp_path: Path, started: list[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A hosted API's base URL ends in /v1 by convention; it is neither probed nor scraped."""
+    r = _serve(tmp_path, substrate=PROVIDER, endpoints=[endpoint(
+        "e", url="https://api.example.com/v1", engine="openai-compatible")])
+    assert r.exit_code == 0, r.output
+    assert not [m for m in _all_warnings(caplog) if "trailing /v1" in m]

@@ -211,7 +211,7 @@ def serve(
             )
         from inferplane.api.workers import supervise
 
-        _warn_in_memory(cfg, workers)
+        _warn_at_start(cfg, workers)
         applied = _Applied(cfg, sha, config)
 
         def run_worker(index: int) -> int:
@@ -228,7 +228,7 @@ def serve(
         raise typer.Exit(
             supervise(workers, run_worker, applied.check, 1.0 if watch_config else None)
         )
-    _warn_in_memory(cfg, workers)
+    _warn_at_start(cfg, workers)
     _serve_one(cfg, sha, config, host, port, reuse_port=False, watch=watch_config)
 
 
@@ -271,6 +271,39 @@ def _in_memory(cfg: FleetConfig, workers: int) -> list[str]:
             f"decision records{apart} (set gateway.ledger_path or ledger.postgres_dsn)"
         )
     return held
+
+
+def _warn_at_start(cfg: FleetConfig, workers: int) -> None:
+    """The start-up warnings, once (in the parent under ``--workers``): what is held only in
+    memory, and engine URLs ending in ``/v1``."""
+    _warn_in_memory(cfg, workers)
+    for line in _v1_urls(cfg):
+        logging.getLogger("inferplane.serve").warning("%s", line)
+
+
+def _v1_urls(cfg: FleetConfig) -> list[str]:
+    """An engine endpoint's URL ending in ``/v1`` (the OpenAI ``base_url`` habit): its API
+    works (`Endpoint.api_url` adds no second ``/v1``), but the ``health`` probe and the
+    ``/metrics`` scrape append to the URL as is (`fleet.scraper.HttpMetricsSource`), where an
+    engine serves neither: the failed probe (404, or 401 from a key check on ``/v1/*``) keeps
+    it down. Endpoints not probed with ``health`` nor scraped (a ``provider-api``'s defaults)
+    are not named."""
+    from inferplane.fleet.model import Fleet
+
+    lines = []
+    for ep in Fleet.from_config(cfg).endpoints:
+        if not ep.spec.base_path.endswith("/v1"):
+            continue
+        what = [f"probed at {ep.url}/health"] if ep.health_check == "health" else []
+        if ep.scrape_metrics:
+            what.append(f"scraped at {ep.url}/metrics")
+        if what:
+            lines.append(
+                f"endpoint {ep.name!r} is {' and '.join(what)}, which an engine does not "
+                f"serve (down, no load signals): give its url without the trailing /v1 (the "
+                f"API paths get their /v1 anyway; docs/providers.md)"
+            )
+    return lines
 
 
 def _warn_in_memory(cfg: FleetConfig, workers: int) -> None:
@@ -481,6 +514,8 @@ def check(config: ConfigOpt) -> None:
                 f"note: model {model!r} is served only through the anthropic dialect: "
                 "/v1/completions and /v1/embeddings will answer 400 for it"
             )
+    for line in _v1_urls(cfg):
+        typer.echo(f"note: {line}")
     for path, problem in credential_problems(cfg):  # serve would stop on these
         typer.echo(f"note: {path}: {problem} in this environment; `serve` needs it")
 
