@@ -133,8 +133,8 @@ def test_workers_warn_that_a_ledger_in_memory_is_per_worker(
     r = _serve(tmp_path, "--workers", "2", admission=REDIS, batch={"enabled": False})
     assert r.exit_code == 0, r.output
     [line] = _warnings(caplog)
-    assert "decision records, each of the 2 workers its own: GET /v1/decisions/{id} answers " \
-           "only on the worker that served the request" in line
+    assert "decision records, each of the 2 workers its own: the decision API and the console " \
+           "see only the worker that served the request" in line
     assert "the Redis outage journal, settles waiting for Redis to come back (set " \
            "admission.journal_path or gateway.ledger_path)" in line
     assert "budgets" not in line and "batch" not in line
@@ -148,6 +148,48 @@ def test_redis_with_a_journal_file_does_not_warn_about_the_journal(
     assert r.exit_code == 0, r.output
     [line] = _warnings(caplog)
     assert "journal" not in line and "decision records" in line
+
+
+STORES = [  # the configurations whose stores the warning and the refusal name
+    {},
+    {"batch": {"path": "b.sqlite"}},
+    {"batch": {"postgres_dsn": "postgresql://127.0.0.1:9/x"}},
+    {"batch": {"postgres_dsn_env": "SERVE_MEMORY_DSN"}},
+    {"ledger": {"postgres_dsn": "postgresql://127.0.0.1:9/x"}},
+    {"ledger": {"postgres_dsn_env": "SERVE_MEMORY_DSN"}},
+    {"gateway": {"ledger_path": "l.sqlite3"}},
+    {"gateway": {"ledger_path": "l.sqlite3"}, "batch": {"path": "b.sqlite"}},
+]
+
+
+@pytest.mark.parametrize("sections", STORES)
+async def test_the_start_up_checks_agree_with_the_stores_serve_builds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sections: dict[str, Any]
+) -> None:
+    """`cli._in_memory`'s and the refusal's conditions (`batch.routes.in_memory`,
+    `ledger.build.in_memory`) against the stores `make_store` and `build_ledger` build from the
+    same configuration (built, not started: nothing connects)."""
+    from inferplane.batch.routes import in_memory as batches_in_memory
+    from inferplane.batch.routes import make_store
+    from inferplane.batch.sqlite_store import SqliteBatchStore
+    from inferplane.config.loader import parse_config
+    from inferplane.ledger.build import build_ledger
+    from inferplane.ledger.build import in_memory as ledger_in_memory
+    from inferplane.ledger.memory import MemoryLedger
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SERVE_MEMORY_DSN", "postgresql://127.0.0.1:9/x")
+    cfg = parse_config(to_yaml(pool_fleet(9, **sections)))
+    store = make_store(cfg)
+    assert batches_in_memory(cfg) == (isinstance(store, SqliteBatchStore) and not store.shared)
+    await store.close()
+    ledger = build_ledger(cfg, "<test>")
+    assert ledger_in_memory(cfg) == isinstance(ledger, MemoryLedger)
+    await ledger.close()
+    assert cli._batches_in_memory(cfg) == batches_in_memory(cfg)  # the lane is on
+    held = " ".join(cli._in_memory(cfg, 1))
+    assert ("batch files" in held) == batches_in_memory(cfg)
+    assert ("decision records" in held) == ledger_in_memory(cfg)
 
 
 V1 = "is probed at http://127.0.0.1:9/v1/health and scraped at http://127.0.0.1:9/v1/metrics, " \

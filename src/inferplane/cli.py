@@ -233,19 +233,19 @@ def serve(
 
 
 def _batches_in_memory(cfg: FleetConfig) -> bool:
-    """Whether the batch lane is on and its store in memory (`batch.routes.make_store`)."""
-    b = cfg.batch
-    return b.enabled and not (
-        b.postgres_dsn or b.postgres_dsn_env or b.path or cfg.gateway.ledger_path
-    )
+    """Whether the batch lane is on and its store in memory (`batch.routes.in_memory`)."""
+    from inferplane.batch.routes import in_memory
+
+    return cfg.batch.enabled and in_memory(cfg)
 
 
 def _in_memory(cfg: FleetConfig, workers: int) -> list[str]:
     """What `serve` would hold only in memory (lost when it stops), each with the keys that
     keep it: the local admission store without a file (`admission.controller.local_store_path`)
-    or Redis's outage journal (`journal_path`), the batch store and the ledger
-    (`ledger.build.build_ledger`)."""
+    or Redis's outage journal (`journal_path`), the batch store (`batch.routes.in_memory`) and
+    the ledger (`ledger.build.in_memory`)."""
     from inferplane.admission.controller import journal_path, local_store_path
+    from inferplane.ledger.build import in_memory as ledger_in_memory
 
     held = []
     a = cfg.admission
@@ -260,11 +260,10 @@ def _in_memory(cfg: FleetConfig, workers: int) -> list[str]:
         held.append(
             "batch files and batches (set batch.path, gateway.ledger_path or batch.postgres_dsn)"
         )
-    led = cfg.ledger
-    if not (cfg.gateway.ledger_path or led.postgres_dsn or led.postgres_dsn_env):
+    if ledger_in_memory(cfg):
         apart = (
-            f", each of the {workers} workers its own: GET /v1/decisions/{{id}} answers only "
-            f"on the worker that served the request"
+            f", each of the {workers} workers its own: the decision API and the console see "
+            f"only the worker that served the request"
             if workers > 1 else ""
         )
         held.append(
