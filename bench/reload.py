@@ -145,7 +145,8 @@ def _has_token(event: bytes) -> bool:
 
 def fleet_yaml(engines: dict[str, int], redis_url: str | None = None, *,
                bad: bool = False) -> str:
-    # Redis for --workers > 1, which refuses a batch lane in memory: none
+    # --workers > 1 (with Redis) refuses a batch lane in memory: run with none (so this arm,
+    # unlike a --workers 1 run, has no idle batch lane)
     admission = {"admission": {"store": "redis", "redis_url": redis_url,
                                "redis_prefix": "reload:"},
                  "batch": {"enabled": False}} if redis_url else {}

@@ -339,8 +339,8 @@ class GatewaySpec(Strict):
     ledger_path: str | None = Field(
         None, description="SQLite file for decision records (relative to the current "
         "directory, not the fleet file); none keeps them in memory only (lost on restart). Also "
-        "puts the local admission store and the batch store beside it unless admission.path / "
-        "batch.path say otherwise"
+        "puts the local admission store, Redis's outage journal and the batch store beside it "
+        "unless admission.path / admission.journal_path / batch.path say otherwise"
     )
     seed: int = 0
     token_estimate: Literal["chars", "words"] = Field(
