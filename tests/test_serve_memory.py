@@ -40,7 +40,8 @@ def started(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 def _serve(tmp_path: Path, *args: str, **sections: Any) -> Any:
     f = tmp_path / "fleet.yaml"
-    f.write_text(to_yaml(pool_fleet(9, gateway={"port": 8123, **sections.pop("gateway", {})},
+    port = None if "endpoints" in sections else 9  # the default endpoint's
+    f.write_text(to_yaml(pool_fleet(port, gateway={"port": 8123, **sections.pop("gateway", {})},
                                     **sections)))
     return CliRunner().invoke(cli.app, ["serve", "--config", str(f), *args])
 
