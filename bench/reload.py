@@ -146,8 +146,11 @@ def _has_token(event: bytes) -> bool:
 
 def fleet_yaml(engines: dict[str, int], redis_url: str | None = None, *,
                bad: bool = False) -> str:
+    # --workers > 1 (with Redis) refuses a batch lane in memory: run with none (so this arm,
+    # unlike a --workers 1 run, has no idle batch lane)
     admission = {"admission": {"store": "redis", "redis_url": redis_url,
-                               "redis_prefix": "reload:"}} if redis_url else {}
+                               "redis_prefix": "reload:"},
+                 "batch": {"enabled": False}} if redis_url else {}
     return to_yaml(pool_fleet(
         gateway={"scrape_interval_s": 0.05, "token_estimate": "words", "seed": 1,
                  "metrics": {"public": True, "api_keys": [key_hash(ADMIN_KEY)]}},

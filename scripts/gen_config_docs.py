@@ -77,10 +77,14 @@ MEANINGS: dict[str, str] = {
     "SubstrateSpec.kind": "kind of hardware pool",
     "SubstrateSpec.hardware": "physics hardware profile name",
     "SubstrateSpec.region": "region it runs in (a `regions` name when regions are listed)",
-    "SubstrateSpec.zone": "availability zone, informational",
+    "SubstrateSpec.zone": (
+        "availability zone; on a re-placement the `failure-domain` filter avoids a failed "
+        "attempt's zone (after its failure domain)"
+    ),
     "SubstrateSpec.jurisdiction": "legal jurisdiction of the data it processes (e.g. `eu`)",
     "SubstrateSpec.failure_domain": (
-        "failure domain (rack, zone); recorded for operators, not yet used by placement"
+        "failure domain (rack, power feed); on a re-placement the `failure-domain` filter "
+        "avoids a failed attempt's failure domain first, then its zone, while others remain"
     ),
     "SubstrateSpec.capacity_class": "reserved capacity is used before burst",
     "SubstrateSpec.cost": "what it costs",

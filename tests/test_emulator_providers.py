@@ -16,6 +16,7 @@ from inferplane.api.app import serve
 from inferplane.api.pipeline import Gateway
 from inferplane.config.loader import parse_config
 from inferplane.config.schema import FleetConfig
+from inferplane.fleet.model import Endpoint
 from inferplane.twin.emulator.server import EmulatorError, start_emulator
 from tests.builders import endpoint, model, pool_fleet, to_yaml
 from tests.support.procs import free_port
@@ -198,3 +199,68 @@ async def test_tool_calls_through_the_gateway_to_an_emulated_messages_api() -> N
             assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
         finally:
             await runner.cleanup()
+
+
+def _engine_at(base: str) -> tuple[FleetConfig, Endpoint, int]:
+    """A fleet of one engine endpoint (health_check `health`, scraped, with a key) whose URL
+    has the base path ``base``."""
+    from inferplane.fleet.model import Fleet
+
+    port = free_port()
+    config = parse_config(to_yaml(pool_fleet(
+        endpoints=[endpoint("e", url=f"http://127.0.0.1:{port}{base}",
+                            api_key_env="EMU_OPENAI_KEY")],
+    )))
+    ep = Fleet.from_config(config).by_name["e"]
+    assert ep.health_check == "health" and ep.scrape_metrics
+    return config, ep, port
+
+
+@pytest.mark.parametrize("base", ["/proxy", "/proxy/engine-a"])
+async def test_emulated_engine_with_a_base_path_passes_the_gateways_probe_and_scrape(
+    base: str
+) -> None:
+    """An engine behind a path-prefix proxy (``/proxy/*`` → ``/*``): the gateway probes
+    ``<url>/health`` and scrapes ``<url>/metrics`` (and ``<url>/metrics/?name[]=…``), so the
+    emulator serves both under the base path as well as at the root, without the endpoint's
+    key, as the operational routes at the root."""
+    from inferplane.fleet.scraper import HttpMetricsSource
+
+    config, ep, port = _engine_at(base)
+    async with emulated(config), aiohttp.ClientSession() as s:
+        src = HttpMetricsSource(s)
+        assert await src.healthy(ep)
+        page = await src.metrics(ep)
+        assert page is not None and "vllm:num_requests_running" in page
+        path = src.path_of(ep)
+        assert path is not None and path.startswith("/metrics/?")  # the filtered page answered
+        for path in ("/health", "/metrics"):  # the root still answers
+            async with s.get(f"http://127.0.0.1:{port}{path}") as r:
+                assert r.status == 200, path
+        async with s.get(f"http://127.0.0.1:{port}{base}/version") as r:
+            assert r.status == 401  # only /health and /metrics are under the base path
+
+
+@pytest.mark.parametrize("base", ["/v1", "/openai/v1"])
+async def test_emulated_engine_whose_url_ends_in_v1_fails_the_probe_as_a_real_one(
+    base: str
+) -> None:
+    """The OpenAI ``base_url`` habit on an engine endpoint (``http://host:8000/v1``): the API
+    works (no second ``/v1``), but the gateway probes ``…/v1/health`` and scrapes
+    ``…/v1/metrics``, which vLLM (or a proxy mapping ``/openai/*`` → ``/*``) does not serve: nor
+    does the emulator (404; 401 here, from the key check on the API paths, as vLLM's with
+    ``--api-key``), so the endpoint stays down here as against the real engine, and `inferplane
+    check` says why (test_serve_memory.py). The proxy's ``/openai/health`` answers."""
+    from inferplane.fleet.scraper import HttpMetricsSource
+
+    config, ep, port = _engine_at(base)
+    async with emulated(config), aiohttp.ClientSession() as s:
+        src = HttpMetricsSource(s)
+        assert not await src.healthy(ep)
+        assert await src.metrics(ep) is None
+        prefix = base.removesuffix("/v1")
+        async with s.get(f"http://127.0.0.1:{port}{prefix}/health") as r:
+            assert r.status == 200
+        key = {"Authorization": f"Bearer {OPENAI_KEY}"}
+        async with s.get(ep.api_url("/v1/models"), headers=key) as r:
+            assert r.status == 200  # the API is where the gateway sends it

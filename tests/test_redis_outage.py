@@ -191,6 +191,9 @@ def _config(gw_port: int, up_port: int, redis_url: str, **gateway: Any) -> str:
         admission={"store": "redis", "redis_url": redis_url, "redis_prefix": "o:",
                    "redis_timeout_s": 0.3, "outage_retry_after_s": 0.5},
         **PRICED_UPSTREAM,
+        # no batch lane: `serve --workers` (tests/test_workers.py, bench/workers.py) refuses one
+        # whose store is in memory
+        batch={"enabled": False},
         tenants=[tenant("budget", KEYS["budget"],
                         budgets=[{"scope": "tenant", "window": "day", "usd": 1.0}]),
                  tenant("plain", KEYS["plain"])],

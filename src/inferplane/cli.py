@@ -180,7 +180,8 @@ def serve(
         int,
         typer.Option(
             help="gateway processes on the port (SO_REUSEPORT); more than 1 needs "
-            "admission.store: redis (docs/shared-state.md)"
+            "admission.store: redis and, with the batch lane on, a batch store in a file or "
+            "PostgreSQL (docs/shared-state.md)"
         ),
     ] = 1,
     watch_config: WatchOpt = False,
@@ -201,8 +202,16 @@ def serve(
             )
         if (port if port is not None else cfg.gateway.port) == 0:
             fail("--workers needs a fixed port (port 0 would give each worker its own)")
+        if _batches_in_memory(cfg):
+            fail(
+                f"--workers {workers} with the batch lane in memory in {config}: each worker "
+                f"would keep its own files and batches and only worker 0 runs them; set "
+                f"batch.path or gateway.ledger_path (a SQLite file the workers share), "
+                f"batch.postgres_dsn or batch.postgres_dsn_env, or batch.enabled: false"
+            )
         from inferplane.api.workers import supervise
 
+        _warn_at_start(cfg, workers)
         applied = _Applied(cfg, sha, config)
 
         def run_worker(index: int) -> int:
@@ -219,7 +228,90 @@ def serve(
         raise typer.Exit(
             supervise(workers, run_worker, applied.check, 1.0 if watch_config else None)
         )
+    _warn_at_start(cfg, workers)
     _serve_one(cfg, sha, config, host, port, reuse_port=False, watch=watch_config)
+
+
+def _batches_in_memory(cfg: FleetConfig) -> bool:
+    """Whether the batch lane is on and its store in memory (`batch.routes.in_memory`)."""
+    from inferplane.batch.routes import in_memory
+
+    return cfg.batch.enabled and in_memory(cfg)
+
+
+def _in_memory(cfg: FleetConfig, workers: int) -> list[str]:
+    """What `serve` would hold only in memory (lost when it stops), each with the keys that
+    keep it: the local admission store without a file (`admission.controller.local_store_path`)
+    or Redis's outage journal (`journal_path`), the batch store (`batch.routes.in_memory`) and
+    the ledger (`ledger.build.in_memory`)."""
+    from inferplane.admission.controller import journal_path, local_store_path
+    from inferplane.ledger.build import in_memory as ledger_in_memory
+
+    held = []
+    a = cfg.admission
+    if a.enabled and a.store == "local" and local_store_path(cfg) is None:
+        held.append("budgets, leases and usage (set admission.path or gateway.ledger_path)")
+    if a.enabled and a.store == "redis" and journal_path(cfg) is None:
+        held.append(
+            "the Redis outage journal, settles waiting for Redis to come back (set "
+            "admission.journal_path or gateway.ledger_path)"
+        )
+    if _batches_in_memory(cfg):
+        held.append(
+            "batch files and batches (set batch.path, gateway.ledger_path or batch.postgres_dsn)"
+        )
+    if ledger_in_memory(cfg):
+        apart = (
+            f", each of the {workers} workers its own: the decision API and the console see "
+            f"only the worker that served the request"
+            if workers > 1 else ""
+        )
+        held.append(
+            f"decision records{apart} (set gateway.ledger_path or ledger.postgres_dsn)"
+        )
+    return held
+
+
+def _warn_at_start(cfg: FleetConfig, workers: int) -> None:
+    """The start-up warnings, once (in the parent under ``--workers``): what is held only in
+    memory, and engine URLs ending in ``/v1``."""
+    _warn_in_memory(cfg, workers)
+    for line in _v1_urls(cfg):
+        logging.getLogger("inferplane.serve").warning("%s", line)
+
+
+def _v1_urls(cfg: FleetConfig) -> list[str]:
+    """An engine endpoint's URL ending in ``/v1`` (the OpenAI ``base_url`` habit): its API
+    works (`Endpoint.api_url` adds no second ``/v1``), but the ``health`` probe and the
+    ``/metrics`` scrape append to the URL as is (`fleet.scraper.HttpMetricsSource`), where an
+    engine serves neither: the failed probe (404, or 401 from a key check on ``/v1/*``) keeps
+    it down. Endpoints not probed with ``health`` nor scraped (a ``provider-api``'s defaults)
+    are not named."""
+    from inferplane.fleet.model import Fleet
+
+    lines = []
+    for ep in Fleet.from_config(cfg).endpoints:
+        if not ep.spec.base_path.endswith("/v1"):
+            continue
+        what = [f"probed at {ep.url}/health"] if ep.health_check == "health" else []
+        if ep.scrape_metrics:
+            what.append(f"scraped at {ep.url}/metrics")
+        if what:
+            lines.append(
+                f"endpoint {ep.name!r} is {' and '.join(what)}, which an engine does not "
+                f"serve (down, no load signals): give its url without the trailing /v1 (the "
+                f"API paths get their /v1 anyway; docs/providers.md)"
+            )
+    return lines
+
+
+def _warn_in_memory(cfg: FleetConfig, workers: int) -> None:
+    """One warning at start-up naming what is held only in memory (`_in_memory`)."""
+    held = _in_memory(cfg, workers)
+    if held:
+        logging.getLogger("inferplane.serve").warning(
+            "held in memory and lost when the gateway stops: %s", "; ".join(held)
+        )
 
 
 class _Applied:
@@ -421,6 +513,8 @@ def check(config: ConfigOpt) -> None:
                 f"note: model {model!r} is served only through the anthropic dialect: "
                 "/v1/completions and /v1/embeddings will answer 400 for it"
             )
+    for line in _v1_urls(cfg):
+        typer.echo(f"note: {line}")
     for path, problem in credential_problems(cfg):  # serve would stop on these
         typer.echo(f"note: {path}: {problem} in this environment; `serve` needs it")
 

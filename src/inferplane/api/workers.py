@@ -4,10 +4,11 @@ The parent forks N workers after the fleet file is checked; each builds its own 
 listens on the same address with ``SO_REUSEPORT``, so the kernel spreads connections over them.
 They share state as replicas do, through the Redis admission store (budgets, rate limits,
 retry markers, usage) and its per-endpoint in-flight slots (`admission.slots`): ``--workers`` > 1
-therefore needs ``admission.store: redis``. The SQLite ledger file is shared (its writer chains
-records inside each transaction, so several processes can append to one chain); so is the batch
-store's SQLite file, and every worker runs batch lines, each line claimed by one worker under a
-lease (`batch.store`).
+therefore needs ``admission.store: redis``, and a batch store the workers share (a file or
+PostgreSQL) unless the batch lane is off (``serve`` refuses otherwise). The SQLite ledger file
+is shared (its writer chains records inside each transaction, so several processes can append
+to one chain); so is the batch store's SQLite file, and every worker runs batch lines, each line
+claimed by one worker under a lease (`batch.store`).
 
 The parent supervises: SIGTERM / SIGINT are passed on to every worker, and so is SIGHUP (each
 worker reloads the fleet file itself, `Core.reload_file`). The parent also validates the file on

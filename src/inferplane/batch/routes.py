@@ -49,6 +49,23 @@ from inferplane.httpio import idle, read_body
 WINDOW_S = {"24h": 24 * 3600}
 
 
+def store_path(config: FleetConfig) -> str | None:
+    """The SQLite batch store's file (``batch.path``, default
+    ``<gateway.ledger_path>.batches.sqlite``); None: in memory, unless PostgreSQL is set."""
+    path = config.batch.path
+    if path is None and config.gateway.ledger_path:
+        path = config.gateway.ledger_path + ".batches.sqlite"
+    return path
+
+
+def in_memory(config: FleetConfig) -> bool:
+    """Whether `make_store` gives a store in memory (lost on restart, one process's): no
+    PostgreSQL DSN (nor its variable) and no file. ``serve`` warns of it and ``--workers``
+    refuses it (cli.py); whether the batch lane is on is the caller's question."""
+    spec = config.batch
+    return not (spec.postgres_dsn or spec.postgres_dsn_env) and store_path(config) is None
+
+
 def make_store(config: FleetConfig, file: str = "<config>") -> BatchStore:
     """The configured batch store: PostgreSQL (``batch.postgres_dsn`` or ``_env``), else the
     SQLite file (``batch.path``, default ``<gateway.ledger_path>.batches.sqlite``), else
@@ -67,9 +84,7 @@ def make_store(config: FleetConfig, file: str = "<config>") -> BatchStore:
         return PostgresBatchStore(
             dsn, schema=spec.postgres_schema, prefix=spec.table_prefix, source=file
         )
-    path = spec.path
-    if path is None and config.gateway.ledger_path:
-        path = config.gateway.ledger_path + ".batches.sqlite"
+    path = store_path(config)
     return SqliteBatchStore(Path(path) if path else None)
 
 
@@ -90,7 +105,7 @@ class BatchService:
     async def start(self) -> None:
         await self.store.start()
         # every process sharing the store runs batches (lines are claimed, `batch.store`); a
-        # store in memory belongs to one process: under `serve --workers N`, worker 0's
+        # store in memory belongs to one process (`serve --workers N` refuses it; worker 0's)
         if self.store.shared or worker_index() in (None, 0):
             self.worker.start()
 

@@ -347,7 +347,10 @@ class GatewaySpec(Strict):
     )
     default_profile: str = "default"
     ledger_path: str | None = Field(
-        None, description="SQLite file for decision records; none keeps them in memory only"
+        None, description="SQLite file for decision records (relative to the current "
+        "directory, not the fleet file); none keeps them in memory only (lost on restart). Also "
+        "puts the local admission store, Redis's outage journal and the batch store beside it "
+        "unless admission.path / admission.journal_path / batch.path say otherwise"
     )
     seed: int = 0
     token_estimate: Literal["chars", "words"] = Field(
@@ -852,13 +855,16 @@ class AdmissionSpec(Strict):
     store: Literal["local", "memory", "redis"] = Field(
         "local",
         description="where budgets, usage, rate limits and retry markers live: 'local' (budgets "
-        "and usage in a SQLite file that survives restarts and kill -9: `admission.path`), "
-        "'memory' (one process, lost on restart) or 'redis' (shared by replicas and workers)",
+        "and usage in a SQLite file that survives restarts and kill -9 — `admission.path`, "
+        "default beside `gateway.ledger_path`; with neither set, in memory and lost on "
+        "restart), 'memory' (one process, lost on restart) or 'redis' (shared by replicas and "
+        "workers)",
     )
     path: str | None = Field(
         None,
-        description="SQLite file of the local store; default: "
-        "'<gateway.ledger_path>.admission.sqlite' when a ledger file is set, else in memory",
+        description="SQLite file of the local store (relative to the current directory); "
+        "default: '<gateway.ledger_path>.admission.sqlite' when a ledger file is set, else in "
+        "memory (lost on restart)",
     )
     redis_url: str = Field(
         "redis://127.0.0.1:6379/0",
@@ -869,7 +875,8 @@ class AdmissionSpec(Strict):
     journal_path: str | None = Field(
         None,
         description="store: redis — SQLite file of the outage journal (settles and usage "
-        "updates waiting for Redis, replayed after a restart); default: "
+        "updates waiting for Redis, replayed after a restart; relative to the current "
+        "directory); default: "
         "'<gateway.ledger_path>.admission-journal.sqlite' when a ledger file is set, else in "
         "memory (lost on restart)",
     )
@@ -950,7 +957,8 @@ class LedgerSpec(Strict):
     )
     signing_key_file: str | None = Field(
         None, description="Ed25519 private key (PKCS#8 PEM, or the 32-byte seed in hex/base64) "
-        "that signs checkpoints; `inferplane ledger-keygen` makes one"
+        "that signs checkpoints (relative to the current directory); `inferplane ledger-keygen` "
+        "makes one"
     )
     signing_key_env: str | None = Field(
         None, description="environment variable holding that key instead of a file"
@@ -985,8 +993,9 @@ class BatchSpec(Strict):
     enabled: bool = Field(True, description="serve /v1/files and /v1/batches and run batches")
     path: str | None = Field(
         None,
-        description="SQLite file for files, batches and line progress; default: "
-        "'<gateway.ledger_path>.batches.sqlite' when a ledger file is set, else in memory",
+        description="SQLite file for files, batches and line progress (relative to the "
+        "current directory); default: '<gateway.ledger_path>.batches.sqlite' when a ledger file "
+        "is set, else in memory (lost on restart; `serve --workers` > 1 refuses that)",
     )
     workload_class: str = Field(
         "batch", description="class of every batch line (its placement profile and priority)"

@@ -33,6 +33,14 @@ def configured_dsn(config: FleetConfig, file: str) -> str | None:
     return spec.postgres_dsn
 
 
+def in_memory(config: FleetConfig) -> bool:
+    """Whether `build_ledger` gives the ledger in memory (records lost on restart, one
+    process's): no PostgreSQL DSN (nor its variable) and no ``gateway.ledger_path``. ``serve``
+    warns of it (cli.py)."""
+    spec = config.ledger
+    return not (spec.postgres_dsn or spec.postgres_dsn_env or config.gateway.ledger_path)
+
+
 def build_ledger(config: FleetConfig, file: str) -> Ledger:
     """The configured ledger (not started). Raises `ConfigError` naming the field at fault."""
     spec = config.ledger

@@ -35,6 +35,7 @@ from inferplane.twin.emulator.app import (
 )
 from inferplane.twin.emulator.endpoint import (
     FINISHED,
+    EmulatedEndpoint,
     EmulatedRequestError,
     Submission,
     new_request_id,
@@ -42,12 +43,34 @@ from inferplane.twin.emulator.endpoint import (
 
 #: paths that are not the provider API: no key needed
 _OPERATIONAL = frozenset({"/health", "/metrics", "/metrics/", "/version"})
+_UNDER_BASE = frozenset({"/health", "/metrics", "/metrics/"})  # also under `ops_prefix`
+
+OPS_PREFIX: web.AppKey[str] = web.AppKey("ops_prefix", str)
+
+
+def ops_prefix(emu: EmulatedEndpoint) -> str:
+    """Where ``/health`` and ``/metrics`` also answer (`ops.build_app`): the endpoint URL's base
+    path without a trailing ``/v1``, as a path-prefix proxy in front of an engine serves them
+    (``/openai/*`` → ``/*``: the API at ``/openai/v1/…``, the health at ``/openai/health``).
+    So a URL ending in ``/v1`` (``http://host:8000/v1``, whose probe the gateway sends to
+    ``…/v1/health``) gets the real engine's 404 there."""
+    return emu.endpoint.spec.base_path.removesuffix("/v1")
+
+
+def _keyless(request: web.Request) -> bool:
+    """Whether the path is operational: no key (also ``/health`` and ``/metrics`` under
+    `ops_prefix`, where `ops.build_app` registers them)."""
+    path = request.path
+    if path in _OPERATIONAL:
+        return True
+    prefix = request.app[OPS_PREFIX]
+    return bool(prefix) and path.startswith(prefix) and path[len(prefix):] in _UNDER_BASE
 
 
 @web.middleware
 async def key_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     emu = request.app[EMU]
-    if emu.api_key is not None and request.path not in _OPERATIONAL:
+    if emu.api_key is not None and not _keyless(request):
         if emu.endpoint.dialect == "anthropic":
             ok = request.headers.get("x-api-key") == emu.api_key
             if ok and not request.headers.get("anthropic-version"):

@@ -32,7 +32,7 @@ from inferplane.twin.emulator.app import (
     request_ids,
 )
 from inferplane.twin.emulator.endpoint import EmulatedEndpoint, EmulatedRequestError, new_request_id
-from inferplane.twin.emulator.messages import key_middleware, messages
+from inferplane.twin.emulator.messages import OPS_PREFIX, key_middleware, messages, ops_prefix
 from inferplane.twin.emulator.metrics import restricted
 
 _ID_WORDS = {word_id(w): w for w in VOCABULARY}
@@ -200,6 +200,7 @@ def build_app(emu: EmulatedEndpoint) -> web.Application:
         middlewares=[error_middleware, key_middleware], client_max_size=64 * 1024 * 1024
     )
     app[EMU] = emu
+    app[OPS_PREFIX] = prefix = ops_prefix(emu)
     r = app.router
     ep = emu.endpoint
 
@@ -213,9 +214,13 @@ def build_app(emu: EmulatedEndpoint) -> web.Application:
         r.add_post(api("/v1/completions"), completions)
         r.add_post(api("/v1/embeddings"), embeddings)
     r.add_get(api("/v1/models"), models)
-    r.add_get("/health", health)
-    r.add_get("/metrics", metrics)
-    r.add_get("/metrics/", metrics_filtered)
+    # at the root, and under the URL's base path less a trailing /v1 too (`ops_prefix`): the
+    # gateway probes `<url>/health` and scrapes `<url>/metrics`, which an engine behind a
+    # path-prefix proxy answers for a URL such as `…/proxy`, but not for `…/v1`
+    for under in dict.fromkeys(("", prefix)):
+        r.add_get(under + "/health", health)
+        r.add_get(under + "/metrics", metrics)
+        r.add_get(under + "/metrics/", metrics_filtered)
     r.add_get("/version", version)
     r.add_post("/tokenize", tokenize)
     r.add_post("/detokenize", detokenize)
