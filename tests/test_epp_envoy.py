@@ -27,7 +27,7 @@ from inferplane.epp.envoy_config import bootstrap
 from inferplane.epp.server import Picker, serve
 from tests.builders import endpoint, model, pool_fleet, tenant, to_yaml
 from tests.support.envoy import Envoy, envoy_binary
-from tests.support.fake_upstream import build
+from tests.support.fake_upstream import PROVIDER_HEADERS, STATS, build
 from tests.support.procs import env, free_port
 
 KEY, LIMITED = "sk-epp", "sk-epp-limited"
@@ -352,6 +352,49 @@ async def test_picker_unreachable_fail_open_reaches_an_engine(tmp_path: Path) ->
         r = await c.post("/v1/chat/completions", json=CHAT, headers=auth())
         assert r.status_code == 200, r.text
         assert P.DECISION_HEADER not in r.headers  # nobody placed it
+        # unpicked, and still the tenant's key stays at Envoy
+        assert "authorization" not in {k.lower() for k in STATS["last_headers"]}
+        assert KEY not in str(STATS["last_headers"])
+
+
+async def test_an_upstream_answer_reaches_the_client_with_only_the_headers_it_may_see(
+    tmp_path: Path,
+) -> None:
+    """The HTTP gateway's rule behind Envoy too (`inferplane.upstream_headers`): no cookie,
+    account id, provider rate-limit state or forged x-inferplane-* of an upstream reaches the
+    client; its request id does; the picker's own refusals keep their Retry-After; the
+    client's key never reaches the engine."""
+    async with (
+        stack(tmp_path, modes=("provider", "provider")) as s,
+        httpx.AsyncClient(base_url=s.url, timeout=10) as c,
+    ):
+        for stream in (False, True):
+            r = await c.post("/v1/chat/completions", json={**CHAT, "stream": stream},
+                             headers=auth(Cookie="session=tenant-a",
+                                          **{"OpenAI-Organization": "org-other",
+                                             "x-api-key": "sk-tenant-other",
+                                             "x-tenant-own": "kept"}))
+            assert r.status_code == 200, r.text
+            got = {k.lower(): v for k, v in r.headers.items()}
+            for name, value in PROVIDER_HEADERS.items():
+                if name.lower() != "x-request-id":
+                    assert got.get(name.lower()) != value, (stream, name)
+            assert "set-cookie" not in got and "x-inferplane-receipt" not in got
+            assert got["x-request-id"] == "req_provider_123"
+            assert got[P.ENDPOINT_HEADER] in ("e1", "e2") and got[P.DECISION_HEADER]
+            assert got["content-type"].startswith(
+                "text/event-stream" if stream else "application/json")
+            sent = {k.lower(): v for k, v in STATS["last_headers"].items()}
+            assert "authorization" not in sent and KEY not in str(sent)
+            assert not {"cookie", "openai-organization", "x-api-key"} & set(sent), sent
+            assert sent["x-tenant-own"] == "kept"  # behind Envoy other headers travel on
+        await settled(s.picker)
+        r = await c.post("/v1/chat/completions", json=CHAT, headers=auth(LIMITED))
+        assert r.status_code == 200, r.text
+        r = await c.post("/v1/chat/completions", json=CHAT, headers=auth(LIMITED))
+        assert_openai_error(r, 429)
+        assert int(r.headers["retry-after"]) >= 1
+        await settled(s.picker)
 
 
 async def test_picker_dying_mid_response_does_not_cut_the_stream(tmp_path: Path) -> None:
@@ -465,6 +508,12 @@ def test_envoy_config_writes_a_bootstrap_envoy_validates(tmp_path: Path) -> None
     assert hosted["transport_socket"]["typed_config"]["sni"] == "api.example.com"
     assert P.FALLBACK_CLUSTER in clusters and P.ORIGINAL_DST_CLUSTER in clusters
     assert "sk-provider" not in out.read_text()  # credentials stay in the picker
+    hcm = boot["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
+        "typed_config"]
+    first = hcm["http_filters"][0]  # the answer filter: last on the way back
+    assert first["name"] == "inferplane.answer_headers"
+    fallback = hcm["route_config"]["virtual_hosts"][0]["routes"][-1]
+    assert "authorization" in fallback["request_headers_to_remove"]  # fail open: no key
     checked = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(out)],
                              capture_output=True, text=True)
     assert checked.returncode == 0, checked.stdout + checked.stderr

@@ -257,3 +257,20 @@ async def test_the_gateways_own_429_keeps_its_retry_after() -> None:
                 assert int(r.headers["Retry-After"]) >= 1
                 assert (await r.json())["error"]["code"] == "rate_limit_exceeded"
 
+
+def test_the_envoy_answer_filter_carries_the_same_rule() -> None:
+    """Behind Envoy (`inferplane epp`) the same names pass: the bootstrap's Lua answer filter is
+    generated from `inferplane.upstream_headers` and ``gateway.upstream_response_headers``
+    (tests/test_epp_envoy.py runs it in a real Envoy)."""
+    from inferplane.epp.envoy_config import _answer_filter
+
+    lua = _answer_filter(["x-ratelimit-*", "X-Served-By"])["typed_config"][
+        "default_source_code"]["inline_string"]
+    keep = lua.split("local keep = ", 1)[1].split("\n", 1)[0]
+    for name in ("content-type", "x-request-id", "request-id", "x-served-by",
+                 "x-inferplane-endpoint", "x-gateway-destination-endpoint-served"):
+        assert f'["{name}"] = true' in keep, name
+    for name in ("set-cookie", "openai-organization", "x-inferplane-receipt", "server"):
+        assert f'"{name}"' not in keep, name
+    assert 'local prefixes = {"x-ratelimit-"}' in lua
+    assert '["set-cookie"] = true' in lua.split("local never = ", 1)[1].split("\n", 1)[0]

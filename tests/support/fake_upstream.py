@@ -6,8 +6,10 @@ overhead benchmarks), ``fail500`` (HTTP 500 before any byte), ``cut`` (streams t
 drops the connection), ``slow`` (chunks 200 ms apart, for disconnect tests), ``hang`` (reads the
 request and never answers while ``/health`` stays green: a hung engine), ``stall`` (in-process
 only: blocks the whole event loop for `STALL_S` before answering, as if the host descheduled the
-gateway sharing that loop, then answers like ``ok``).
-It counts requests and cancellations and reports them on ``GET /stats``; ``/metrics`` serves a
+gateway sharing that loop, then answers like ``ok``), ``provider`` (answers like ``ok`` with the
+headers a hosted provider adds, `PROVIDER_HEADERS`: a cookie, account ids, rate-limit state).
+It counts requests and cancellations and reports them on ``GET /stats`` (with the last request's
+headers, ``last_headers``); ``/metrics`` serves a
 fixed vLLM-style exposition with ``waiting`` read from ``--waiting``.
 """
 
@@ -26,6 +28,18 @@ MODE, NAME = web.AppKey("mode", str), web.AppKey("name", str)
 WAITING = web.AppKey("waiting", float)
 
 
+PROVIDER_HEADERS = {
+    "Set-Cookie": "__cf_bm=abc123; path=/; HttpOnly",
+    "openai-organization": "org-shared-account",
+    "x-ratelimit-remaining-requests": "9321",
+    "anthropic-ratelimit-requests-remaining": "49",
+    "cf-ray": "8f1c2d3e4a5b6c7d-FRA",
+    "x-inferplane-endpoint": "forged",
+    "x-inferplane-receipt": "forged",
+    "x-request-id": "req_provider_123",
+}
+
+
 def _chunk(obj: dict[str, object]) -> bytes:
     return b"data: " + json.dumps(obj).encode() + b"\n\n"
 
@@ -33,12 +47,14 @@ def _chunk(obj: dict[str, object]) -> bytes:
 async def completions(request: web.Request) -> web.StreamResponse:
     mode: str = request.app[MODE]
     STATS["requests"] += 1
+    STATS["last_headers"] = dict(request.headers)
     body = await request.json()
     STATS["last_max_tokens"] = body.get("max_tokens", body.get("max_completion_tokens", -1))
     if mode == "fail500":
         return web.json_response({"error": {"message": "boom", "type": "server_error"}}, status=500)
     if mode == "stall":
         time.sleep(STALL_S)  # blocking on purpose: nothing in this process runs meanwhile
+    extra = PROVIDER_HEADERS if mode == "provider" else None
     if mode == "hang":
         try:
             await asyncio.Event().wait()
@@ -65,8 +81,9 @@ async def completions(request: web.Request) -> web.StreamResponse:
                   {"index": 0, "text": text, "finish_reason": "length"})
         return web.json_response({"id": "x", "object": "chat.completion" if chat else
                                   "text_completion", "created": int(time.time()),
-                                  "model": body["model"], "choices": [choice], "usage": usage})
-    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+                                  "model": body["model"], "choices": [choice], "usage": usage},
+                                 headers=extra)
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", **(extra or {})})
     await resp.prepare(request)
     try:
         for i, w in enumerate(words):
