@@ -357,6 +357,31 @@ async def test_picker_unreachable_fail_open_reaches_an_engine(tmp_path: Path) ->
         assert KEY not in str(STATS["last_headers"])
 
 
+async def test_a_compressed_answer_keeps_its_content_encoding_through_the_answer_filter(
+    tmp_path: Path,
+) -> None:
+    """Envoy relays an upstream's bytes as they are: an answer the upstream compressed keeps
+    its ``Content-Encoding`` (the answer filter keeps it as framing), so the client decodes it.
+    The fail-open route carries the client's ``Accept-Encoding`` on (the picker, which asks
+    for ``identity``, is down)."""
+    async with (
+        stack(tmp_path, modes=("provider", "provider"), fail_open=True) as s,
+        httpx.AsyncClient(base_url=s.url, timeout=10) as c,
+    ):
+        await s.stop_picker()
+        for stream in (False, True):
+            r = await c.post("/v1/chat/completions", json={**CHAT, "stream": stream},
+                             headers=auth())
+            assert r.status_code == 200, r.text
+            sent = {k.lower(): v for k, v in STATS["last_headers"].items()}
+            assert "gzip" in sent["accept-encoding"], sent
+            assert r.headers["content-encoding"] == "gzip"
+            if stream:
+                assert "data: [DONE]" in r.text
+            else:
+                assert r.json()["choices"][0]["message"]["content"]
+
+
 async def test_an_upstream_answer_reaches_the_client_with_only_the_headers_it_may_see(
     tmp_path: Path,
 ) -> None:
@@ -385,6 +410,14 @@ async def test_an_upstream_answer_reaches_the_client_with_only_the_headers_it_ma
             assert got["content-type"].startswith(
                 "text/event-stream" if stream else "application/json")
             sent = {k.lower(): v for k, v in STATS["last_headers"].items()}
+            # the client accepts gzip (httpx), the engine would gzip: the picker asks for an
+            # uncompressed answer, as `inferplane serve` does (the observer reads the body)
+            assert sent["accept-encoding"] == "identity", sent
+            assert "content-encoding" not in got
+            if stream:
+                assert "data: [DONE]" in r.text
+            else:
+                assert r.json()["choices"][0]["message"]["content"]
             assert "authorization" not in sent and KEY not in str(sent)
             assert not {"cookie", "openai-organization", "x-api-key"} & set(sent), sent
             assert sent["x-tenant-own"] == "kept"  # behind Envoy other headers travel on

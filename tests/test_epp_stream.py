@@ -353,6 +353,7 @@ async def test_subset_hint_as_a_list_and_provider_endpoints() -> None:
             assert sets[":authority"] == "api.example.com"
             assert sets[":path"] == "/openai/v1/chat/completions"
             assert sets["authorization"] == "Bearer sk-hosted"
+            assert sets["accept-encoding"] == "identity"  # the observer reads the body
             removed = set(common.header_mutation.remove_headers)
             assert "authorization" not in removed and "openai-project" in removed
             assert orjson.loads(common.body_mutation.body)["model"] == "m-hosted"

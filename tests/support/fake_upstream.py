@@ -7,7 +7,8 @@ drops the connection), ``slow`` (chunks 200 ms apart, for disconnect tests), ``h
 request and never answers while ``/health`` stays green: a hung engine), ``stall`` (in-process
 only: blocks the whole event loop for `STALL_S` before answering, as if the host descheduled the
 gateway sharing that loop, then answers like ``ok``), ``provider`` (answers like ``ok`` with the
-headers a hosted provider adds, `PROVIDER_HEADERS`: a cookie, account ids, rate-limit state).
+headers a hosted provider adds, `PROVIDER_HEADERS`: a cookie, account ids, rate-limit state;
+and, as a CDN-fronted provider does, gzips the answer when the request accepts gzip).
 It counts requests and cancellations and reports them on ``GET /stats`` (with the last request's
 headers, ``last_headers``); ``/metrics`` serves a
 fixed vLLM-style exposition with ``waiting`` read from ``--waiting``.
@@ -74,16 +75,23 @@ async def completions(request: web.Request) -> web.StreamResponse:
         mode = "slow"
         if not body.get("stream"):
             await asyncio.sleep(1.0)
+    gzip = mode == "provider" and "gzip" in request.headers.get("Accept-Encoding", "")
     if not body.get("stream"):
         text = " ".join(words)
         choice = ({"index": 0, "message": {"role": "assistant", "content": text},
                    "finish_reason": "length"} if chat else
                   {"index": 0, "text": text, "finish_reason": "length"})
-        return web.json_response({"id": "x", "object": "chat.completion" if chat else
-                                  "text_completion", "created": int(time.time()),
-                                  "model": body["model"], "choices": [choice], "usage": usage},
-                                 headers=extra)
+        answer = web.json_response({"id": "x", "object": "chat.completion" if chat else
+                                    "text_completion", "created": int(time.time()),
+                                    "model": body["model"], "choices": [choice],
+                                    "usage": usage},
+                                   headers=extra)
+        if gzip:
+            answer.enable_compression(web.ContentCoding.gzip)
+        return answer
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", **(extra or {})})
+    if gzip:
+        resp.enable_compression(web.ContentCoding.gzip)
     await resp.prepare(request)
     try:
         for i, w in enumerate(words):

@@ -64,9 +64,12 @@ EARLY_MUTATION = (
 )
 ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 LUA = "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua"
-ENVOY_FRAMING = ("content-length", "transfer-encoding", "date")
+ENVOY_FRAMING = ("content-length", "transfer-encoding", "content-encoding", "date")
 """An upstream answer's headers Envoy frames the client's response with: kept by the answer
-filter (the HTTP gateway writes its own)."""
+filter (the HTTP gateway writes its own). ``content-encoding`` among them: Envoy relays the
+upstream's bytes as they are, so the upstream's encoding is the only true description of the
+body the client gets (the picker asks upstreams for ``identity``, but the fail-open route and
+an upstream that compresses unasked still need it)."""
 
 OBSERVER_CLOSE_S = 5.0
 """How long Envoy keeps an observer stream after the response ended (its

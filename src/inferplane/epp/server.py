@@ -204,6 +204,10 @@ class Picker(Core):
             _set(P.ENDPOINT_HEADER, endpoint.name),
             _set(P.SUBSTRATE_HEADER, endpoint.substrate.name),
             _set(P.MODEL_HEADER, endpoint.upstream_model(model)),
+            # an uncompressed answer, as `inferplane serve` asks (dispatch/upstream.py): the
+            # observer reads usage out of the body, and a provider would otherwise gzip or
+            # brotli it for a client whose SDK says it accepts that
+            _set("accept-encoding", "identity"),
         ]
         if upstream_path != path:  # the endpoint's base path
             sets.append(_set(":path", upstream_path))
