@@ -345,13 +345,17 @@ async def test_picker_unreachable_fail_closed_is_an_openai_503(tmp_path: Path) -
 
 async def test_picker_unreachable_fail_open_reaches_an_engine(tmp_path: Path) -> None:
     async with (
-        stack(tmp_path, fail_open=True) as s,
+        stack(tmp_path, fail_open=True, modes=("provider", "provider")) as s,
         httpx.AsyncClient(base_url=s.url, timeout=10) as c,
     ):
         await s.stop_picker()
         r = await c.post("/v1/chat/completions", json=CHAT, headers=auth())
         assert r.status_code == 200, r.text
         assert P.DECISION_HEADER not in r.headers  # nobody placed it
+        # the engine sends forged x-inferplane-* (PROVIDER_HEADERS): none reaches the client
+        assert not {k.lower() for k in r.headers if k.lower().startswith("x-inferplane-")}, (
+            r.headers)
+        assert r.headers["x-request-id"] == "req_provider_123"
         # unpicked, and still the tenant's key stays at Envoy
         assert "authorization" not in {k.lower() for k in STATS["last_headers"]}
         assert KEY not in str(STATS["last_headers"])
@@ -547,6 +551,7 @@ def test_envoy_config_writes_a_bootstrap_envoy_validates(tmp_path: Path) -> None
     assert first["name"] == "inferplane.answer_headers"
     fallback = hcm["route_config"]["virtual_hosts"][0]["routes"][-1]
     assert "authorization" in fallback["request_headers_to_remove"]  # fail open: no key
+    assert set(P.ECHOED) <= set(fallback["response_headers_to_remove"])  # nor forged echoes
     checked = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(out)],
                              capture_output=True, text=True)
     assert checked.returncode == 0, checked.stdout + checked.stderr

@@ -204,7 +204,9 @@ def bootstrap(config: FleetConfig, *, epp_port: int | None = None,
             "route": {"cluster": P.FALLBACK_CLUSTER, "timeout": timeout},
             # unpicked, so not stripped by the picker: the tenant's key never reaches an engine
             "request_headers_to_remove": list(CLIENT_ACCOUNT_HEADERS),
-            "response_headers_to_remove": [P.SERVED_KEY],
+            # the answer filter keeps the echoed names (the picked route's own): an engine's
+            # copies of them must go here, where nothing is echoed
+            "response_headers_to_remove": [P.SERVED_KEY, *P.ECHOED],
             "response_headers_to_add": [served],  # an upstream's answer (the answer filter)
         }
     else:
