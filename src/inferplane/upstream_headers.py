@@ -94,11 +94,13 @@ def refusal(entry: str) -> str | None:
     if not _TOKEN.fullmatch(stem):
         return (f"{entry!r} is not a header name (letters, digits and !#$%&'+-.^_`|~), "
                 "optionally ending in '*' for every name that starts with what is before it")
-    if stem.startswith(GATEWAY_PREFIX):
+    # a family too: ``set-cookie*`` or ``x-inferplane*`` would pass nothing (the rule never
+    # passes those names) while the operator believes it does something
+    if stem.startswith(GATEWAY_PREFIX.rstrip("-")):
         return (f"{entry!r}: x-inferplane-* are the gateway's own headers, never an "
                 "upstream's")
-    if not prefix and name in NEVER:
-        if "cookie" in name:
+    if stem in NEVER:
+        if "cookie" in stem:
             return (f"{entry!r}: an upstream's cookie is never passed (one session serves "
                     "every tenant: a cookie it sets is no tenant's)")
         return f"{entry!r} frames the gateway's own response: the gateway sets it"

@@ -133,9 +133,10 @@ class GatewaySpec(Strict):
         "key's rate-limit state (x-ratelimit-*, anthropic-ratelimit-*, Retry-After) and server "
         "fingerprints, which every tenant would otherwise see. Name here only what every "
         "tenant may see (e.g. 'x-ratelimit-*' where one tenant owns the provider key). "
-        "Refused: set-cookie, the framing of the gateway's own response (content-length, "
-        "transfer-encoding...) and x-inferplane-* (the gateway's own); a family never passes "
-        "those either. The gateway's own headers (x-inferplane-*, the Retry-After of its "
+        "Refused, as a name or as a family (set-cookie*, x-inferplane*): set-cookie, the "
+        "framing of the gateway's own response (content-length, transfer-encoding...) and "
+        "x-inferplane-* (the gateway's own); a wider family (x-*) never passes those. "
+        "The gateway's own headers (x-inferplane-*, the Retry-After of its "
         "refusals) are not upstream headers and are always sent. Behind Envoy the same list is "
         "written into the bootstrap's answer filter (inferplane envoy-config)",
     )
