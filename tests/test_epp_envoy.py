@@ -420,6 +420,7 @@ async def test_an_upstream_answer_reaches_the_client_with_only_the_headers_it_ma
             assert "content-encoding" not in got
             if stream:
                 assert "data: [DONE]" in r.text
+                assert got["cache-control"] == "no-cache"  # the gateway's own, as on serve
             else:
                 assert r.json()["choices"][0]["message"]["content"]
             assert "authorization" not in sent and KEY not in str(sent)

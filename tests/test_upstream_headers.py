@@ -146,6 +146,10 @@ async def test_no_cookie_account_id_or_quota_state_reaches_a_tenant() -> None:
     assert ctypes["m-an stream=True"].startswith("text/event-stream")
     assert ctypes["m-oa stream=False"].startswith("application/json")
     assert ctypes["m-anbad stream=True"].startswith("application/json")
+    # relayed event streams carry the gateway's own Cache-Control (the same behind Envoy:
+    # tests/test_epp_envoy.py)
+    caches = {what: headers.get("Cache-Control") for what, _, headers in answers}
+    assert caches["m-oa stream=True"] == caches["m-an stream=True"] == "no-cache", caches
 
 
 async def test_an_operator_may_pass_more_names_but_never_cookies_or_the_gateways_own() -> None:

@@ -322,9 +322,10 @@ def bootstrap(config: FleetConfig, *, epp_port: int | None = None,
 def _answer_filter(extra: list[str]) -> dict[str, Any]:
     """The Lua filter that leaves an upstream's answer only the headers a client may see: the
     rule of `inferplane.upstream_headers` (``extra``: ``gateway.upstream_response_headers``),
-    the picker's echoed headers, the served endpoint and Envoy's framing. An answer without
-    the served-endpoint header never came from an upstream (the picker's refusals, Envoy's own
-    replies) and passes unchanged: the gateway's ``Retry-After`` stays."""
+    the picker's echoed headers, the served endpoint and Envoy's framing; an event stream gets
+    the gateway's own ``Cache-Control: no-cache``, as `inferplane serve` sets it. An answer
+    without the served-endpoint header never came from an upstream (the picker's refusals, its
+    ImmediateResponses) and passes unchanged: the gateway's ``Retry-After`` stays."""
     rule = ResponseHeaderRule(extra)
     keep = sorted(rule.names | set(ENVOY_FRAMING) | {P.SERVED_KEY, *P.ECHOED})
     never = sorted(NEVER)
@@ -376,6 +377,10 @@ function envoy_on_response(handle)
   end
   for _, name in ipairs(drop) do
     headers:remove(name)
+  end
+  local ctype = headers:get("content-type")
+  if ctype ~= nil and ctype:sub(1, #"text/event-stream") == "text/event-stream" then
+    headers:replace("cache-control", "no-cache") -- the gateway's own, as on inferplane serve
   end
 end
 """
