@@ -140,7 +140,8 @@ async def test_a_pick_whose_stream_ends_without_an_observer_is_accounted(
         lb = answers[1].dynamic_metadata.fields[P.DESTINATION_NAMESPACE].struct_value
         assert lb.fields[P.DESTINATION_KEY].string_value == sets[P.DESTINATION_KEY]
         removed = set(common.header_mutation.remove_headers)
-        assert {"authorization", "cookie", "x-api-key", "openai-organization"} <= removed
+        assert {"authorization", "cookie", "x-api-key", "openai-organization",
+                "x-goog-api-key", "x-goog-user-project", "ocp-apim-subscription-key"} <= removed
         await settled(p)
         rec = p.ledger.get(did)
         assert rec is not None and rec["outcome"]["status"] == 499, rec

@@ -70,6 +70,11 @@ CLIENT_ACCOUNT_HEADERS = (
     "cookie",
     "openai-organization",
     "openai-project",
+    # Gemini's OpenAI-compatible endpoint: a key, and the project billed for the quota
+    "x-goog-api-key",
+    "x-goog-user-project",
+    # Azure OpenAI behind API Management
+    "ocp-apim-subscription-key",
 )
 """A client's request headers that carry a key or a cookie, or choose the provider account a
 key acts for. The HTTP gateway sends an upstream none of a client's headers (only its own: the
