@@ -435,6 +435,37 @@ async def test_an_upstream_answer_reaches_the_client_with_only_the_headers_it_ma
         await settled(s.picker)
 
 
+async def test_a_client_cannot_steer_envoys_router_with_x_envoy_headers(
+    tmp_path: Path,
+) -> None:
+    """A client's ``x-envoy-retry-on`` / ``-max-retries`` never reach the router: one placed
+    request is one attempt at the engine. Envoy 1.40 deems no address internal and strips
+    them itself; before 1.36 an RFC1918 address was internal (a forged ``X-Forwarded-For:
+    10.0.0.1`` made the request so) and the router honoured them. The stack emulates that
+    default with an ``internal_address_config`` over RFC1918: the bootstrap's early header
+    mutation must still strip them."""
+    def old_envoy_default(boot: dict[str, Any]) -> None:
+        hcm = boot["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
+            "typed_config"]
+        hcm["internal_address_config"] = {"cidr_ranges": [
+            {"address_prefix": a, "prefix_len": n}
+            for a, n in (("10.0.0.0", 8), ("172.16.0.0", 12), ("192.168.0.0", 16))]}
+
+    async with (
+        stack(tmp_path, modes=("fail500",), edit=old_envoy_default) as s,
+        httpx.AsyncClient(base_url=s.url, timeout=10) as c,
+    ):
+        before = STATS["requests"]
+        r = await c.post("/v1/chat/completions", json=CHAT, headers=auth(**{
+            "X-Forwarded-For": "10.0.0.1", "x-envoy-retry-on": "5xx",
+            "x-envoy-max-retries": "3", "x-envoy-upstream-rq-timeout-ms": "600000"}))
+        assert r.status_code == 500, r.text
+        assert STATS["requests"] - before == 1  # no retries against the engine
+        sent = {k.lower() for k in STATS["last_headers"]}
+        assert not {"x-envoy-retry-on", "x-envoy-max-retries"} & sent, sent
+        await settled(s.picker)
+
+
 async def test_picker_dying_mid_response_does_not_cut_the_stream(tmp_path: Path) -> None:
     async with (
         stack(tmp_path, modes=("slow",)) as s,
@@ -553,6 +584,10 @@ def test_envoy_config_writes_a_bootstrap_envoy_validates(tmp_path: Path) -> None
     fallback = hcm["route_config"]["virtual_hosts"][0]["routes"][-1]
     assert "authorization" in fallback["request_headers_to_remove"]  # fail open: no key
     assert set(P.ECHOED) <= set(fallback["response_headers_to_remove"])  # nor forged echoes
+    # a client's x-envoy-* never steers the router; no address is internal
+    early = hcm["early_header_mutation_extensions"][0]["typed_config"]["mutations"]
+    assert {"remove_on_match": {"key_matcher": {"prefix": "x-envoy-"}}} in early
+    assert hcm["internal_address_config"] == {}
     checked = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(out)],
                              capture_output=True, text=True)
     assert checked.returncode == 0, checked.stdout + checked.stderr

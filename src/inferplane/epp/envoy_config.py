@@ -4,7 +4,8 @@ What it builds (all from the fleet file, `epp:` and `gateway:` sections):
 
 * a listener on ``epp.envoy_host:epp.envoy_port`` whose HTTP connection manager first strips
   the routing headers a client might forge (``x-gateway-destination-endpoint``,
-  ``x-inferplane-cluster``, ``x-inferplane-decision-id``), then runs
+  ``x-inferplane-cluster``, the echoed ``x-inferplane-*``) and every ``x-envoy-*`` control
+  header (retries, timeouts: a client never steers the router), then runs
 * the **answer filter** (Lua, first in the chain, so last on the way back): of an upstream's
   answer the client gets only the headers the HTTP gateway would pass it
   (`inferplane.upstream_headers`: content type, request id, ``gateway.upstream_response_headers``)
@@ -250,11 +251,19 @@ def bootstrap(config: FleetConfig, *, epp_port: int | None = None,
             "typed_config": {
                 "@type": EARLY_MUTATION,
                 "mutations": [
-                    {"remove": h}
-                    for h in (P.DESTINATION_KEY, P.CLUSTER_HEADER, *P.ECHOED)
+                    *({"remove": h}
+                      for h in (P.DESTINATION_KEY, P.CLUSTER_HEADER, *P.ECHOED)),
+                    # Envoy's own control headers (x-envoy-retry-on, -max-retries,
+                    # -upstream-rq-timeout-ms...): the router honours them on a request it
+                    # deems internal, and Envoy before 1.36 deems an RFC1918 address (a
+                    # forged X-Forwarded-For: 10.0.0.1) internal. A tenant must not retry one
+                    # placed request against the shared key nor lift the route timeout
+                    {"remove_on_match": {"key_matcher": {"prefix": "x-envoy-"}}},
                 ],
             },
         }],
+        # nothing is internal (Envoy 1.36+'s default, explicit for older ones)
+        "internal_address_config": {},
         "route_config": {
             "name": "inferplane",
             "virtual_hosts": [{"name": "inferplane", "domains": ["*"], "routes": routes}],
