@@ -27,7 +27,7 @@ from inferplane.epp.envoy_config import bootstrap
 from inferplane.epp.server import Picker, serve
 from tests.builders import endpoint, model, pool_fleet, tenant, to_yaml
 from tests.support.envoy import Envoy, envoy_binary
-from tests.support.fake_upstream import build
+from tests.support.fake_upstream import PROVIDER_HEADERS, STATS, build
 from tests.support.procs import env, free_port
 
 KEY, LIMITED = "sk-epp", "sk-epp-limited"
@@ -345,13 +345,125 @@ async def test_picker_unreachable_fail_closed_is_an_openai_503(tmp_path: Path) -
 
 async def test_picker_unreachable_fail_open_reaches_an_engine(tmp_path: Path) -> None:
     async with (
-        stack(tmp_path, fail_open=True) as s,
+        stack(tmp_path, fail_open=True, modes=("provider", "provider")) as s,
         httpx.AsyncClient(base_url=s.url, timeout=10) as c,
     ):
         await s.stop_picker()
         r = await c.post("/v1/chat/completions", json=CHAT, headers=auth())
         assert r.status_code == 200, r.text
         assert P.DECISION_HEADER not in r.headers  # nobody placed it
+        # the engine sends forged x-inferplane-* (PROVIDER_HEADERS): none reaches the client
+        assert not {k.lower() for k in r.headers if k.lower().startswith("x-inferplane-")}, (
+            r.headers)
+        assert r.headers["x-request-id"] == "req_provider_123"
+        # unpicked, and still the tenant's key stays at Envoy
+        assert "authorization" not in {k.lower() for k in STATS["last_headers"]}
+        assert KEY not in str(STATS["last_headers"])
+
+
+async def test_a_compressed_answer_keeps_its_content_encoding_through_the_answer_filter(
+    tmp_path: Path,
+) -> None:
+    """Envoy relays an upstream's bytes as they are: an answer the upstream compressed keeps
+    its ``Content-Encoding`` (the answer filter keeps it as framing), so the client decodes it.
+    The fail-open route carries the client's ``Accept-Encoding`` on (the picker, which asks
+    for ``identity``, is down)."""
+    async with (
+        stack(tmp_path, modes=("provider", "provider"), fail_open=True) as s,
+        httpx.AsyncClient(base_url=s.url, timeout=10) as c,
+    ):
+        await s.stop_picker()
+        for stream in (False, True):
+            r = await c.post("/v1/chat/completions", json={**CHAT, "stream": stream},
+                             headers=auth())
+            assert r.status_code == 200, r.text
+            sent = {k.lower(): v for k, v in STATS["last_headers"].items()}
+            assert "gzip" in sent["accept-encoding"], sent
+            assert r.headers["content-encoding"] == "gzip"
+            if stream:
+                assert "data: [DONE]" in r.text
+            else:
+                assert r.json()["choices"][0]["message"]["content"]
+
+
+async def test_an_upstream_answer_reaches_the_client_with_only_the_headers_it_may_see(
+    tmp_path: Path,
+) -> None:
+    """The HTTP gateway's rule behind Envoy too (`inferplane.upstream_headers`): no cookie,
+    account id, provider rate-limit state or forged x-inferplane-* of an upstream reaches the
+    client; its request id does; the picker's own refusals keep their Retry-After; the
+    client's key never reaches the engine."""
+    async with (
+        stack(tmp_path, modes=("provider", "provider")) as s,
+        httpx.AsyncClient(base_url=s.url, timeout=10) as c,
+    ):
+        for stream in (False, True):
+            r = await c.post("/v1/chat/completions", json={**CHAT, "stream": stream},
+                             headers=auth(Cookie="session=tenant-a",
+                                          **{"OpenAI-Organization": "org-other",
+                                             "x-api-key": "sk-tenant-other",
+                                             "x-tenant-own": "kept"}))
+            assert r.status_code == 200, r.text
+            got = {k.lower(): v for k, v in r.headers.items()}
+            for name, value in PROVIDER_HEADERS.items():
+                if name.lower() != "x-request-id":
+                    assert got.get(name.lower()) != value, (stream, name)
+            assert "set-cookie" not in got and "x-inferplane-receipt" not in got
+            assert got["x-request-id"] == "req_provider_123"
+            assert got[P.ENDPOINT_HEADER] in ("e1", "e2") and got[P.DECISION_HEADER]
+            assert got["content-type"].startswith(
+                "text/event-stream" if stream else "application/json")
+            sent = {k.lower(): v for k, v in STATS["last_headers"].items()}
+            # the client accepts gzip (httpx), the engine would gzip: the picker asks for an
+            # uncompressed answer, as `inferplane serve` does (the observer reads the body)
+            assert sent["accept-encoding"] == "identity", sent
+            assert "content-encoding" not in got
+            if stream:
+                assert "data: [DONE]" in r.text
+                assert got["cache-control"] == "no-cache"  # the gateway's own, as on serve
+            else:
+                assert r.json()["choices"][0]["message"]["content"]
+            assert "authorization" not in sent and KEY not in str(sent)
+            assert not {"cookie", "openai-organization", "x-api-key"} & set(sent), sent
+            assert sent["x-tenant-own"] == "kept"  # behind Envoy other headers travel on
+        await settled(s.picker)
+        r = await c.post("/v1/chat/completions", json=CHAT, headers=auth(LIMITED))
+        assert r.status_code == 200, r.text
+        r = await c.post("/v1/chat/completions", json=CHAT, headers=auth(LIMITED))
+        assert_openai_error(r, 429)
+        assert int(r.headers["retry-after"]) >= 1
+        await settled(s.picker)
+
+
+async def test_a_client_cannot_steer_envoys_router_with_x_envoy_headers(
+    tmp_path: Path,
+) -> None:
+    """A client's ``x-envoy-retry-on`` / ``-max-retries`` never reach the router: one placed
+    request is one attempt at the engine. Envoy 1.40 deems no address internal and strips
+    them itself; before 1.36 an RFC1918 address was internal (a forged ``X-Forwarded-For:
+    10.0.0.1`` made the request so) and the router honoured them. The stack emulates that
+    default with an ``internal_address_config`` over RFC1918: the bootstrap's early header
+    mutation must still strip them."""
+    def old_envoy_default(boot: dict[str, Any]) -> None:
+        hcm = boot["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
+            "typed_config"]
+        hcm["internal_address_config"] = {"cidr_ranges": [
+            {"address_prefix": a, "prefix_len": n}
+            for a, n in (("10.0.0.0", 8), ("172.16.0.0", 12), ("192.168.0.0", 16))]}
+
+    async with (
+        stack(tmp_path, modes=("fail500",), edit=old_envoy_default) as s,
+        httpx.AsyncClient(base_url=s.url, timeout=10) as c,
+    ):
+        before = STATS["requests"]
+        r = await c.post("/v1/chat/completions", json=CHAT, headers=auth(**{
+            "X-Forwarded-For": "10.0.0.1", "x-envoy-retry-on": "5xx",
+            "x-envoy-max-retries": "3", "x-envoy-upstream-rq-timeout-ms": "600000"}))
+        assert r.status_code == 500, r.text
+        assert STATS["requests"] - before == 1  # no retries against the engine
+        sent = {k.lower() for k in STATS["last_headers"]}
+        assert not {"x-envoy-retry-on", "x-envoy-max-retries"} & sent, sent
+        await settled(s.picker)
 
 
 async def test_picker_dying_mid_response_does_not_cut_the_stream(tmp_path: Path) -> None:
@@ -465,6 +577,17 @@ def test_envoy_config_writes_a_bootstrap_envoy_validates(tmp_path: Path) -> None
     assert hosted["transport_socket"]["typed_config"]["sni"] == "api.example.com"
     assert P.FALLBACK_CLUSTER in clusters and P.ORIGINAL_DST_CLUSTER in clusters
     assert "sk-provider" not in out.read_text()  # credentials stay in the picker
+    hcm = boot["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
+        "typed_config"]
+    first = hcm["http_filters"][0]  # the answer filter: last on the way back
+    assert first["name"] == "inferplane.answer_headers"
+    fallback = hcm["route_config"]["virtual_hosts"][0]["routes"][-1]
+    assert "authorization" in fallback["request_headers_to_remove"]  # fail open: no key
+    assert set(P.ECHOED) <= set(fallback["response_headers_to_remove"])  # nor forged echoes
+    # a client's x-envoy-* never steers the router; no address is internal
+    early = hcm["early_header_mutation_extensions"][0]["typed_config"]["mutations"]
+    assert {"remove_on_match": {"key_matcher": {"prefix": "x-envoy-"}}} in early
+    assert hcm["internal_address_config"] == {}
     checked = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(out)],
                              capture_output=True, text=True)
     assert checked.returncode == 0, checked.stdout + checked.stderr

@@ -139,7 +139,9 @@ async def test_a_pick_whose_stream_ends_without_an_observer_is_accounted(
         assert sets[P.DESTINATION_KEY] in {"10.0.0.1:8000", "10.0.0.2:8000", "api.example.com"}
         lb = answers[1].dynamic_metadata.fields[P.DESTINATION_NAMESPACE].struct_value
         assert lb.fields[P.DESTINATION_KEY].string_value == sets[P.DESTINATION_KEY]
-        assert "authorization" in common.header_mutation.remove_headers
+        removed = set(common.header_mutation.remove_headers)
+        assert {"authorization", "cookie", "x-api-key", "openai-organization",
+                "x-goog-api-key", "x-goog-user-project", "ocp-apim-subscription-key"} <= removed
         await settled(p)
         rec = p.ledger.get(did)
         assert rec is not None and rec["outcome"]["status"] == 499, rec
@@ -352,6 +354,9 @@ async def test_subset_hint_as_a_list_and_provider_endpoints() -> None:
             assert sets[":authority"] == "api.example.com"
             assert sets[":path"] == "/openai/v1/chat/completions"
             assert sets["authorization"] == "Bearer sk-hosted"
+            assert sets["accept-encoding"] == "identity"  # the observer reads the body
+            removed = set(common.header_mutation.remove_headers)
+            assert "authorization" not in removed and "openai-project" in removed
             assert orjson.loads(common.body_mutation.body)["model"] == "m-hosted"
         down(p, "c")
         answers = await exchange(stub, headers(), body())

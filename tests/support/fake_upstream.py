@@ -6,8 +6,11 @@ overhead benchmarks), ``fail500`` (HTTP 500 before any byte), ``cut`` (streams t
 drops the connection), ``slow`` (chunks 200 ms apart, for disconnect tests), ``hang`` (reads the
 request and never answers while ``/health`` stays green: a hung engine), ``stall`` (in-process
 only: blocks the whole event loop for `STALL_S` before answering, as if the host descheduled the
-gateway sharing that loop, then answers like ``ok``).
-It counts requests and cancellations and reports them on ``GET /stats``; ``/metrics`` serves a
+gateway sharing that loop, then answers like ``ok``), ``provider`` (answers like ``ok`` with the
+headers a hosted provider adds, `PROVIDER_HEADERS`: a cookie, account ids, rate-limit state;
+and, as a CDN-fronted provider does, gzips the answer when the request accepts gzip).
+It counts requests and cancellations and reports them on ``GET /stats`` (with the last request's
+headers, ``last_headers``); ``/metrics`` serves a
 fixed vLLM-style exposition with ``waiting`` read from ``--waiting``.
 """
 
@@ -26,6 +29,18 @@ MODE, NAME = web.AppKey("mode", str), web.AppKey("name", str)
 WAITING = web.AppKey("waiting", float)
 
 
+PROVIDER_HEADERS = {
+    "Set-Cookie": "__cf_bm=abc123; path=/; HttpOnly",
+    "openai-organization": "org-shared-account",
+    "x-ratelimit-remaining-requests": "9321",
+    "anthropic-ratelimit-requests-remaining": "49",
+    "cf-ray": "8f1c2d3e4a5b6c7d-FRA",
+    "x-inferplane-endpoint": "forged",
+    "x-inferplane-receipt": "forged",
+    "x-request-id": "req_provider_123",
+}
+
+
 def _chunk(obj: dict[str, object]) -> bytes:
     return b"data: " + json.dumps(obj).encode() + b"\n\n"
 
@@ -33,12 +48,14 @@ def _chunk(obj: dict[str, object]) -> bytes:
 async def completions(request: web.Request) -> web.StreamResponse:
     mode: str = request.app[MODE]
     STATS["requests"] += 1
+    STATS["last_headers"] = dict(request.headers)
     body = await request.json()
     STATS["last_max_tokens"] = body.get("max_tokens", body.get("max_completion_tokens", -1))
     if mode == "fail500":
         return web.json_response({"error": {"message": "boom", "type": "server_error"}}, status=500)
     if mode == "stall":
         time.sleep(STALL_S)  # blocking on purpose: nothing in this process runs meanwhile
+    extra = PROVIDER_HEADERS if mode == "provider" else None
     if mode == "hang":
         try:
             await asyncio.Event().wait()
@@ -58,15 +75,23 @@ async def completions(request: web.Request) -> web.StreamResponse:
         mode = "slow"
         if not body.get("stream"):
             await asyncio.sleep(1.0)
+    gzip = mode == "provider" and "gzip" in request.headers.get("Accept-Encoding", "")
     if not body.get("stream"):
         text = " ".join(words)
         choice = ({"index": 0, "message": {"role": "assistant", "content": text},
                    "finish_reason": "length"} if chat else
                   {"index": 0, "text": text, "finish_reason": "length"})
-        return web.json_response({"id": "x", "object": "chat.completion" if chat else
-                                  "text_completion", "created": int(time.time()),
-                                  "model": body["model"], "choices": [choice], "usage": usage})
-    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        answer = web.json_response({"id": "x", "object": "chat.completion" if chat else
+                                    "text_completion", "created": int(time.time()),
+                                    "model": body["model"], "choices": [choice],
+                                    "usage": usage},
+                                   headers=extra)
+        if gzip:
+            answer.enable_compression(web.ContentCoding.gzip)
+        return answer
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", **(extra or {})})
+    if gzip:
+        resp.enable_compression(web.ContentCoding.gzip)
     await resp.prepare(request)
     try:
         for i, w in enumerate(words):

@@ -33,7 +33,7 @@ from inferplane.core.plane import hash_key
 from inferplane.core.process import worker_set
 from inferplane.core.validation import parse_json, validate
 from inferplane.dispatch.answer import StreamStats
-from inferplane.dispatch.upstream import Dispatcher, SSEUsageFilter
+from inferplane.dispatch.upstream import SSEUsageFilter
 from inferplane.errors import (
     AuthenticationError,
     GatewayError,
@@ -235,7 +235,10 @@ async def forward(
     """Place, dispatch and relay one admitted request; `account` runs on every path."""
     attempt = await gw.open(api, ticket.profile, raw, ticket)
     resp = attempt.response.response
-    headers = _decision_headers(attempt)
+    # the upstream's headers that a client may see (`inferplane.upstream_headers`), then the
+    # gateway's own over them
+    headers = gw.dispatcher.passthrough_headers(resp)
+    headers.update(_decision_headers(attempt))
     headers.update(ticket.headers)
     endpoint = attempt.decision.picked.endpoint  # type: ignore[union-attr]
     is_sse = resp.status == 200 and "text/event-stream" in resp.headers.get("Content-Type", "")
@@ -244,7 +247,6 @@ async def forward(
         # the record first: the answer carries its receipt and leaves once it is committed
         receipt = gw.account_answer(attempt, data, started=started, ended=ended)
         await gw.committed(receipt, attempt.ticket)
-        headers.update(Dispatcher.passthrough_headers(resp))
         if receipt.hash:
             headers[RECEIPT_HEADER] = receipt.hash
         answer = web.Response(body=data, status=resp.status, headers=headers)
@@ -253,7 +255,7 @@ async def forward(
             await answer.write_eof()
         return answer
 
-    headers.update(Dispatcher.passthrough_headers(resp))
+    headers["Cache-Control"] = "no-cache"  # an event stream: never stored (the gateway's own)
     out = HeadWithFirstChunk(status=200, headers=headers)
     stats = StreamStats(started)
     status, error = 200, None

@@ -55,6 +55,7 @@ class Gateway(Core):
             total_timeout_s=g.upstream_timeout_s,
             credentials=load_credentials(config, file),  # ConfigError naming what is missing
             lag=self.lag,
+            response_headers=g.upstream_response_headers,
         )
         # replacing the dispatcher (its holds count from 0) requires calling count_from again
         self.metrics.coalesce_holds.count_from(lambda: self.dispatcher.holds)

@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from inferplane.types import ApiKind, CapacityClass, EngineType, SubstrateKind
+from inferplane.upstream_headers import refusal as header_refusal
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$"
 _KEY_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
@@ -132,6 +133,24 @@ class GatewaySpec(Strict):
         "trusted, the connection's peer is the client)",
     )
 
+    upstream_response_headers: list[str] = Field(
+        default_factory=list,
+        description="more of an upstream's response headers that clients see, by name or as a "
+        "'prefix*' family (case-insensitive), beside the ones always passed: content-type and "
+        "the upstream's request id (x-request-id, Anthropic's request-id). Every other header "
+        "of an upstream stays at the gateway: its cookies, the provider account behind the "
+        "shared key (openai-organization, openai-project, anthropic-organization-id), that "
+        "key's rate-limit state (x-ratelimit-*, anthropic-ratelimit-*, Retry-After) and server "
+        "fingerprints, which every tenant would otherwise see. Name here only what every "
+        "tenant may see (e.g. 'x-ratelimit-*' where one tenant owns the provider key). "
+        "Refused, as a name or as a family (set-cookie*, x-inferplane*): set-cookie, the "
+        "framing of the gateway's own response (content-length, transfer-encoding...) and "
+        "x-inferplane-* (the gateway's own); a wider family (x-*) never passes those. "
+        "The gateway's own headers (x-inferplane-*, the Retry-After of its "
+        "refusals) are not upstream headers and are always sent. Behind Envoy the same list is "
+        "written into the bootstrap's answer filter (inferplane envoy-config)",
+    )
+
     @model_validator(mode="after")
     def _scraped_before_stale(self) -> GatewaySpec:
         # the longest wait pacing may set (fleet.scraper.Scraper.pause_s); a scrape_interval_s
@@ -161,6 +180,15 @@ class GatewaySpec(Strict):
                 "at most max(60, health_interval_s))"
             )
         return window
+
+    @field_validator("upstream_response_headers")
+    @classmethod
+    def _passable(cls, entries: list[str]) -> list[str]:
+        for i, entry in enumerate(entries):
+            why = header_refusal(entry)
+            if why is not None:
+                raise ValueError(f"upstream_response_headers[{i}] {why}")
+        return entries
 
     @field_validator("trusted_proxies")
     @classmethod

@@ -8,8 +8,11 @@ Per endpoint, the dispatcher joins the API path to the endpoint's URL (`Endpoint
 path such as ``/openai/v1`` is kept, its ``/v1`` not repeated), sends the endpoint's key in its
 dialect's header (from `dispatch.credentials`, never from the fleet model), renames the model to
 its upstream name, and for an ``anthropic`` endpoint translates the request, the answer, the
-stream and the errors (`dispatch.anthropic`). An answer the gateway cannot read (not JSON, an
-error in an unknown shape, a stream that is not SSE of the dialect) is a 502 naming the endpoint.
+stream and the errors (`dispatch.anthropic`). An upstream request carries the gateway's headers
+only (the key, the content type, the trace context), none of the client's; of the answer's
+headers the client sees only what `inferplane.upstream_headers` passes. An answer the gateway
+cannot read (not JSON, an error in an unknown shape, a stream that is not SSE of the dialect) is
+a 502 naming the endpoint.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import email.utils
 import math
 import re
 import time
-from collections.abc import AsyncGenerator, Iterator, Mapping
+from collections.abc import AsyncGenerator, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -33,22 +36,12 @@ from inferplane.dispatch.credentials import auth_headers
 from inferplane.errors import UpstreamError
 from inferplane.fleet.model import Endpoint
 from inferplane.looplag import MAX_STRETCH, LoopLag
+from inferplane.upstream_headers import ResponseHeaderRule
 
 # 529: Anthropic's "overloaded"
 RETRIABLE_STATUS = frozenset({429, 500, 502, 503, 504, 529})
 #: the upstream refused the gateway's own credentials: not the client's fault, try elsewhere
 CREDENTIAL_STATUS = frozenset({401, 403})
-_HOP_HEADERS = frozenset(
-    {
-        "content-length",
-        "transfer-encoding",
-        "connection",
-        "keep-alive",
-        "content-encoding",
-        "date",
-        "server",
-    }
-)
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
@@ -254,8 +247,11 @@ class Dispatcher:
         limit_per_host: int = 0,
         credentials: Mapping[str, str] | None = None,
         lag: LoopLag | None = None,
+        response_headers: Iterable[str] = (),
     ) -> None:
         self._credentials = dict(credentials or {})
+        # which upstream response headers a client sees (gateway.upstream_response_headers)
+        self.passed = ResponseHeaderRule(response_headers)
         self.lag = lag  # first-byte deadlines count the gateway's running time only
         self._headers: dict[str, dict[str, str]] = {}
         self._connector_args = dict(
@@ -415,9 +411,11 @@ class Dispatcher:
             raise
         return chunk, time.perf_counter()
 
-    @staticmethod
-    def passthrough_headers(resp: aiohttp.ClientResponse) -> dict[str, str]:
-        return {k: v for k, v in resp.headers.items() if k.lower() not in _HOP_HEADERS}
+    def passthrough_headers(self, resp: aiohttp.ClientResponse) -> dict[str, str]:
+        """The upstream's response headers that the client sees (`inferplane.upstream_headers`:
+        content type, request id and ``gateway.upstream_response_headers``; never cookies,
+        account ids, the provider key's rate-limit state or the gateway's own names)."""
+        return self.passed(resp.headers)
 
     @staticmethod
     async def read_all(endpoint: Endpoint, resp: aiohttp.ClientResponse) -> bytes:

@@ -4,7 +4,14 @@ What it builds (all from the fleet file, `epp:` and `gateway:` sections):
 
 * a listener on ``epp.envoy_host:epp.envoy_port`` whose HTTP connection manager first strips
   the routing headers a client might forge (``x-gateway-destination-endpoint``,
-  ``x-inferplane-cluster``, ``x-inferplane-decision-id``), then runs
+  ``x-inferplane-cluster``, the echoed ``x-inferplane-*``) and every ``x-envoy-*`` control
+  header (retries, timeouts: a client never steers the router), then runs
+* the **answer filter** (Lua, first in the chain, so last on the way back): of an upstream's
+  answer the client gets only the headers the HTTP gateway would pass it
+  (`inferplane.upstream_headers`: content type, request id, ``gateway.upstream_response_headers``)
+  and the picker's own; the filters after it (the picker, the observer) see the answer whole (an
+  upstream's ``Retry-After`` included), and answers that never reached an upstream (the picker's
+  refusals with their ``Retry-After``, Envoy's own) pass unchanged;
 * the **picker** ext_proc filter (request headers and buffered request body; response headers
   only without the observer; ``message_timeout`` = ``epp.message_timeout_s``; a picker failure
   lets the request continue without a destination, which the routes below answer)
@@ -12,8 +19,10 @@ What it builds (all from the fleet file, `epp:` and `gateway:` sections):
   (response headers and streamed body, never waited on), then the router;
 * routes: a request that carries ``x-inferplane-cluster`` goes to that cluster (the picker always
   sets it); without it (the picker failed open) it goes to ``inferplane_fail_open``, a
-  round-robin cluster over the plain engine endpoints, or, fail-closed, gets a 503 in the
-  OpenAI error shape;
+  round-robin cluster over the plain engine endpoints without the client's ``Authorization``,
+  cookies and provider-account headers (``upstream_headers.CLIENT_ACCOUNT_HEADERS``, which the
+  picker removes from every request it places), or, fail-closed, gets a 503 in the OpenAI error
+  shape;
 * clusters: ``inferplane_epp`` (HTTP/2 to the picker), ``inferplane_original_dst`` (an
   ORIGINAL_DST cluster that connects to the ``x-gateway-destination-endpoint`` header's
   ``ip:port``), and one ``inferplane_ep_<name>`` cluster per endpoint that is not a plain-HTTP IP
@@ -21,7 +30,9 @@ What it builds (all from the fleet file, `epp:` and `gateway:` sections):
 * ``local_reply_config``: Envoy's own failures (upstream unreachable, reset, timeouts) in the
   OpenAI error shape; the picker's ImmediateResponses pass through unchanged;
 * route ``response_headers_to_add``: the served endpoint (``x-gateway-destination-endpoint-served``
-  from the upstream address) and the picker's decision headers, copied from the request.
+  from the upstream address, which also marks an answer as an upstream's for the answer filter)
+  and the picker's decision headers, copied from the request (an upstream's own of those names
+  are removed first).
 """
 
 from __future__ import annotations
@@ -34,6 +45,12 @@ import yaml
 from inferplane.config.schema import FleetConfig
 from inferplane.epp import protocol as P
 from inferplane.fleet.model import Fleet
+from inferplane.upstream_headers import (
+    CLIENT_ACCOUNT_HEADERS,
+    GATEWAY_PREFIX,
+    NEVER,
+    ResponseHeaderRule,
+)
 
 EXT_PROC = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
 HCM = (
@@ -47,6 +64,13 @@ EARLY_MUTATION = (
     "HeaderMutation"
 )
 ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+LUA = "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua"
+ENVOY_FRAMING = ("content-length", "transfer-encoding", "content-encoding", "date")
+"""An upstream answer's headers Envoy frames the client's response with: kept by the answer
+filter (the HTTP gateway writes its own). ``content-encoding`` among them: Envoy relays the
+upstream's bytes as they are, so the upstream's encoding is the only true description of the
+body the client gets (the picker asks upstreams for ``identity``, but the fail-open route and
+an upstream that compresses unasked still need it)."""
 
 OBSERVER_CLOSE_S = 5.0
 """How long Envoy keeps an observer stream after the response ended (its
@@ -113,7 +137,7 @@ def bootstrap(config: FleetConfig, *, epp_port: int | None = None,
             "mutation_rules": {"allow_all_routing": True},
         },
     }
-    filters: list[dict[str, Any]] = [picker]
+    filters: list[dict[str, Any]] = [_answer_filter(g.upstream_response_headers), picker]
     if e.observe_responses:
         filters.append({
             "name": "inferplane.observer",
@@ -174,8 +198,18 @@ def bootstrap(config: FleetConfig, *, epp_port: int | None = None,
         named.append(cluster)
 
     fallback_action: dict[str, Any]
+    served = {"header": {"key": P.SERVED_KEY, "value": "%UPSTREAM_REMOTE_ADDRESS%"},
+              "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
     if e.fail_open and plain:
-        fallback_action = {"route": {"cluster": P.FALLBACK_CLUSTER, "timeout": timeout}}
+        fallback_action = {
+            "route": {"cluster": P.FALLBACK_CLUSTER, "timeout": timeout},
+            # unpicked, so not stripped by the picker: the tenant's key never reaches an engine
+            "request_headers_to_remove": list(CLIENT_ACCOUNT_HEADERS),
+            # the answer filter keeps the echoed names (the picked route's own): an engine's
+            # copies of them must go here, where nothing is echoed
+            "response_headers_to_remove": [P.SERVED_KEY, *P.ECHOED],
+            "response_headers_to_add": [served],  # an upstream's answer (the answer filter)
+        }
     else:
         body = _openai_error(
             "the endpoint picker gave no destination", "service_unavailable", "picker_unavailable"
@@ -194,9 +228,11 @@ def bootstrap(config: FleetConfig, *, epp_port: int | None = None,
                 "headers": [{"name": P.CLUSTER_HEADER, "present_match": True}],
             },
             "route": {"cluster_header": P.CLUSTER_HEADER, "timeout": timeout},
+            # removed before the adds: an upstream's own of these names never reach the client
+            # (an echoed header the request lacks is not added, and would leave the upstream's)
+            "response_headers_to_remove": [P.SERVED_KEY, *P.ECHOED],
             "response_headers_to_add": [
-                {"header": {"key": P.SERVED_KEY, "value": "%UPSTREAM_REMOTE_ADDRESS%"},
-                 "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"},
+                served,
                 *(
                     {"header": {"key": h, "value": f"%REQ({h})%"},
                      "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
@@ -215,11 +251,19 @@ def bootstrap(config: FleetConfig, *, epp_port: int | None = None,
             "typed_config": {
                 "@type": EARLY_MUTATION,
                 "mutations": [
-                    {"remove": h}
-                    for h in (P.DESTINATION_KEY, P.CLUSTER_HEADER, *P.ECHOED)
+                    *({"remove": h}
+                      for h in (P.DESTINATION_KEY, P.CLUSTER_HEADER, *P.ECHOED)),
+                    # Envoy's own control headers (x-envoy-retry-on, -max-retries,
+                    # -upstream-rq-timeout-ms...): the router honours them on a request it
+                    # deems internal, and Envoy before 1.36 deems an RFC1918 address (a
+                    # forged X-Forwarded-For: 10.0.0.1) internal. A tenant must not retry one
+                    # placed request against the shared key nor lift the route timeout
+                    {"remove_on_match": {"key_matcher": {"prefix": "x-envoy-"}}},
                 ],
             },
         }],
+        # nothing is internal (Envoy 1.36+'s default, explicit for older ones)
+        "internal_address_config": {},
         "route_config": {
             "name": "inferplane",
             "virtual_hosts": [{"name": "inferplane", "domains": ["*"], "routes": routes}],
@@ -282,6 +326,83 @@ def bootstrap(config: FleetConfig, *, epp_port: int | None = None,
             "clusters": clusters,
         },
     }
+
+
+def _answer_filter(extra: list[str]) -> dict[str, Any]:
+    """The Lua filter that leaves an upstream's answer only the headers a client may see: the
+    rule of `inferplane.upstream_headers` (``extra``: ``gateway.upstream_response_headers``),
+    the picker's echoed headers, the served endpoint and Envoy's framing; an event stream gets
+    the gateway's own ``Cache-Control: no-cache``, as `inferplane serve` sets it. An answer
+    without the served-endpoint header never came from an upstream (the picker's refusals, its
+    ImmediateResponses) and passes unchanged: the gateway's ``Retry-After`` stays."""
+    rule = ResponseHeaderRule(extra)
+    keep = sorted(rule.names | set(ENVOY_FRAMING) | {P.SERVED_KEY, *P.ECHOED})
+    never = sorted(NEVER)
+    return {
+        "name": "inferplane.answer_headers",
+        "typed_config": {
+            "@type": LUA,
+            "default_source_code": {"inline_string": _ANSWER_LUA % {
+                "keep": _lua_set(keep), "never": _lua_set(never),
+                "prefixes": "{" + ", ".join(_lua_str(p) for p in rule.prefixes) + "}",
+                "gateway": _lua_str(GATEWAY_PREFIX), "served": _lua_str(P.SERVED_KEY),
+            }},
+        },
+    }
+
+
+_ANSWER_LUA = """\
+-- inferplane: the upstream answer headers a client sees (inferplane.upstream_headers)
+local keep = %(keep)s
+local never = %(never)s
+local prefixes = %(prefixes)s
+local gateway = %(gateway)s
+
+local function passes(name)
+  if keep[name] or name:sub(1, 1) == ":" then
+    return true
+  end
+  if never[name] or name:sub(1, #gateway) == gateway then
+    return false
+  end
+  for _, p in ipairs(prefixes) do
+    if name:sub(1, #p) == p then
+      return true
+    end
+  end
+  return false
+end
+
+function envoy_on_response(handle)
+  local headers = handle:headers()
+  if headers:get(%(served)s) == nil then
+    return -- not an upstream's answer: the picker's or Envoy's own
+  end
+  local drop = {}
+  for name, _ in pairs(headers) do
+    if not passes(name) then
+      drop[#drop + 1] = name
+    end
+  end
+  for _, name in ipairs(drop) do
+    headers:remove(name)
+  end
+  local ctype = headers:get("content-type")
+  if ctype ~= nil and ctype:sub(1, #"text/event-stream") == "text/event-stream" then
+    headers:replace("cache-control", "no-cache") -- the gateway's own, as on inferplane serve
+  end
+end
+"""
+
+
+def _lua_str(s: str) -> str:
+    import json
+
+    return json.dumps(s)  # header names are ASCII tokens: a JSON string is a Lua string
+
+
+def _lua_set(names: list[str]) -> str:
+    return "{" + ", ".join(f"[{_lua_str(n)}] = true" for n in names) + "}"
 
 
 def _local_replies() -> dict[str, Any]:

@@ -72,6 +72,7 @@ from inferplane.fleet.scraper import HttpMetricsSource, MetricsSource
 from inferplane.ledger.record import Ledger
 from inferplane.telemetry.tracing import RequestTrace
 from inferplane.types import ApiKind
+from inferplane.upstream_headers import CLIENT_ACCOUNT_HEADERS
 
 log = logging.getLogger("inferplane.epp")
 
@@ -203,16 +204,21 @@ class Picker(Core):
             _set(P.ENDPOINT_HEADER, endpoint.name),
             _set(P.SUBSTRATE_HEADER, endpoint.substrate.name),
             _set(P.MODEL_HEADER, endpoint.upstream_model(model)),
+            # an uncompressed answer, as `inferplane serve` asks (dispatch/upstream.py): the
+            # observer reads usage out of the body, and a provider would otherwise gzip or
+            # brotli it for a client whose SDK says it accepts that
+            _set("accept-encoding", "identity"),
         ]
         if upstream_path != path:  # the endpoint's base path
             sets.append(_set(":path", upstream_path))
         if addr is None:  # reached by name: the Host it expects
             sets.append(_set(":authority", authority))
-        removes = []
-        creds = auth_headers(endpoint.dialect, self.credentials.get(endpoint.name))
-        sets += [_set(k.lower(), v) for k, v in creds.items()]
-        if "Authorization" not in creds:
-            removes.append("authorization")  # the client's key never reaches an engine
+        creds = {k.lower(): v for k, v in
+                 auth_headers(endpoint.dialect, self.credentials.get(endpoint.name)).items()}
+        sets += [_set(k, v) for k, v in creds.items()]
+        # the client's key never reaches an engine, nor its cookies or a provider account
+        # choice (inferplane.upstream_headers); the endpoint's own key replaces them
+        removes = [h for h in CLIENT_ACCOUNT_HEADERS if h not in creds]
         common = pb.CommonResponse(clear_route_cache=True)
         common.header_mutation.set_headers.extend(sets)
         common.header_mutation.remove_headers.extend(removes)
