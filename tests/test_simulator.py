@@ -247,10 +247,16 @@ def test_restricted_tenant_is_never_served_outside_its_jurisdiction(tmp_path: Pa
     assert r["sovereignty_violations"] == 0 and set(r["per_substrate"]) == {"eu-h100"}
 
 
-def test_sovereignty_check_catches_a_violation(tmp_path: Path) -> None:
+def test_a_profile_without_the_jurisdiction_filter_cannot_leave_it(tmp_path: Path) -> None:
+    """The jurisdiction filter is required (`placement.build.REQUIRED_FILTERS`): a profile that
+    does not list it runs it anyway. (Before docs25 M1's fix, round-robin over 2 EU + 2 US
+    endpoints served 60 of the 120 requests in the US.)"""
     r = run(tmp_path, "careless", fleet_yaml(2, us=2, extra=_NO_JURISDICTION))
-    assert r["per_substrate"]["us-h100"] == 60  # round-robin over 2 EU + 2 US endpoints
-    assert r["sovereignty_violations"] == 60
+    assert r["completed"] == r["requests"] == 120
+    assert r["sovereignty_violations"] == 0 and set(r["per_substrate"]) == {"eu-h100"}
+
+
+def test_sovereignty_check_catches_a_violation() -> None:
     config = parse_config(fleet_yaml(1, us=1))
     served = [("eu-only", "eu-0"), ("eu-only", "us-0"), ("anyone", "us-0"), ("ghost", "us-0")]
     assert sovereignty_violations(config, served) == 1

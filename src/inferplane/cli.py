@@ -423,6 +423,13 @@ def check(config: ConfigOpt) -> None:
             )
     for path, problem in credential_problems(cfg):  # serve would stop on these
         typer.echo(f"note: {path}: {problem} in this environment; `serve` needs it")
+    from inferplane.placement.build import unlisted_required
+
+    for name, missing in unlisted_required(cfg).items():
+        typer.echo(
+            f"note: profile {name!r} lists no {', '.join(missing)} filter: placement runs "
+            "them first anyway (hard constraints, docs/placement.md)"
+        )
 
 
 @app.command()
