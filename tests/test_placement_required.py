@@ -27,10 +27,11 @@ from inferplane.placement import build
 from inferplane.placement.build import build_policies
 from inferplane.placement.framework import place
 from tests.builders import key_hash
-from tests.placement_helpers import MODEL, REGIONS, hetero, profile, snapshot, sub
+from tests.placement_helpers import MODEL, REGIONS, hetero, profile, snapshot, state, sub
 from tests.support.procs import free_port
 
 KEY = "sk-eu-only"
+KEY_BOTH = "sk-eu-and-us"  # a tenant allowed both, whose request narrows to the EU
 EU = frozenset({"eu"})
 #: the required filters, in `REQUIRED_FILTERS` order (spelt out: this file runs on main too)
 REQUIRED = ["model-served", "context-window", "jurisdiction", "precision", "capacity-class"]
@@ -91,7 +92,10 @@ async def gateway() -> AsyncIterator[tuple[str, aiohttp.ClientSession]]:
         eu, us, profiles=[DOCS_FAST],
         gateway={"scrape_interval_s": 0.05, "seed": 1},
         tenants=[{"name": "acme", "api_keys": [key_hash(KEY)], "allowed_jurisdictions": ["eu"],
-                  "default_class": "gold", "region": "eu-west"}],
+                  "default_class": "gold", "region": "eu-west"},
+                 {"name": "both", "api_keys": [key_hash(KEY_BOTH)],
+                  "allowed_jurisdictions": ["eu", "us"], "default_class": "gold",
+                  "region": "eu-west"}],
         classes=[{"name": "gold", "ttft_slo_ms": 300, "itl_slo_ms": 40, "priority": "critical",
                   "profile": "fast"}],
     )
@@ -127,10 +131,23 @@ async def test_a_profile_without_the_filters_keeps_the_tenant_in_its_jurisdictio
             assert (await r.json())["choices"][0]["message"]["content"] == (
                 f"from {served[-1]}")
     assert served == ["eu-0"] * 6
-    # the request's own header narrows further, never widens
-    hdr = {"x-inferplane-jurisdictions": "us"}
-    async with http.post(base + "/v1/chat/completions", json=body, headers=hdr) as r:
-        assert r.status in (400, 503), await r.text()
+
+
+async def test_a_request_narrowing_its_jurisdictions_lands_only_there(
+    gateway: tuple[str, aiohttp.ClientSession],
+) -> None:
+    """A tenant allowed [eu, us] sends ``x-inferplane-jurisdictions: eu`` through the same
+    profile: the required jurisdiction filter applies the request's narrowing (before the fix
+    round-robin reached ``us-0`` too)."""
+    base, http = gateway
+    body = {"model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
+    hdr = {"Authorization": f"Bearer {KEY_BOTH}", "x-inferplane-jurisdictions": "eu"}
+    served = []
+    for _ in range(6):
+        async with http.post(base + "/v1/chat/completions", json=body, headers=hdr) as r:
+            assert r.status == 200, await r.text()
+            served.append(r.headers["x-inferplane-endpoint"])
+    assert served == ["eu-0"] * 6
 
 
 # -- placement ----------------------------------------------------------------------------------
@@ -145,7 +162,7 @@ def _fleet_cfg(profiles: list[dict[str, Any]]) -> Any:
         profiles=profiles)), "<test>")
 
 
-def test_missing_required_filters_run_first_and_name_themselves() -> None:
+def test_missing_required_filters_run_and_name_themselves() -> None:
     cfg = _fleet_cfg([DOCS_FAST])
     pol = build_policies(cfg, "<test>")["fast"]
     fl = Fleet.from_config(cfg)
@@ -168,8 +185,25 @@ def test_missing_required_filters_run_first_and_name_themselves() -> None:
     # nothing eligible: a 503 naming the filter, never a pick outside the tenant's set
     d = place(profile(allowed_jurisdictions=frozenset({"cn"})), snapshot(fl), pol)
     assert d.picked is None and d.removed_by["jurisdiction"] == 5
-    # the ones it does not list, first, in `REQUIRED_FILTERS` order
+    # the ones it does not list, in `REQUIRED_FILTERS` order: at the front, as none is listed
     assert [f.name for f in pol.filters] == [*REQUIRED, "health"]
+
+
+def test_a_missing_filter_goes_after_the_required_one_before_it() -> None:
+    """Not always first: after the listed required filter that precedes it in
+    `REQUIRED_FILTERS` order (at the front when none does), and before any set-level one."""
+    cfg = _fleet_cfg([
+        {"name": "a", "plugins": [{"ref": "health"}, {"ref": "saturation"},
+                                  {"ref": "jurisdiction"}, {"ref": "round-robin"}]},
+        {"name": "b", "plugins": [{"ref": "jurisdiction"}, {"ref": "model-served"},
+                                  {"ref": "failure-domain"}, {"ref": "round-robin"}]}])
+    pols = build_policies(cfg, "<test>")
+    assert [f.name for f in pols["a"].filters] == [
+        "model-served", "context-window", "health", "saturation", "jurisdiction", "precision",
+        "capacity-class"]
+    assert [f.name for f in pols["b"].filters] == [
+        "jurisdiction", "precision", "capacity-class", "model-served", "context-window",
+        "failure-domain"]
 
 
 def test_a_profile_listing_them_runs_them_once_in_its_own_order() -> None:
@@ -205,6 +239,39 @@ def test_a_set_level_filter_cannot_run_before_a_required_one() -> None:
         "failure-domain"]
 
 
+def test_a_set_level_filter_cannot_choose_among_unhealthy_endpoints() -> None:
+    """reserved-capacity listed before health: the EU reservation is full and the only other
+    endpoint (burst) is unhealthy. Seen first, reserved-capacity dropped the reserved endpoint
+    because the burst one "remained", and health then removed that — a 503 although ``eu-0``
+    is healthy and eligible. A listed health moves with the required filters, so
+    reserved-capacity keeps the reservation when nothing else remains."""
+    prof_spec = {"name": "rc-first", "plugins": [
+        {"ref": "reserved-capacity"}, {"ref": "health"}, {"ref": "model-served"},
+        {"ref": "round-robin"}]}
+    cfg = parse_config(json.dumps(_cfg(
+        sub("eu", max_concurrency=1), sub("eu-burst", capacity="burst"),
+        profiles=[prof_spec])), "<test>")
+    pol = build_policies(cfg, "<test>")["rc-first"]
+    assert [f.name for f in pol.filters] == [
+        "health", "model-served", "context-window", "jurisdiction", "precision",
+        "capacity-class", "reserved-capacity"]
+    fl = Fleet.from_config(cfg)
+    states = {"eu-0": state(inflight=1), "eu-burst-0": state(healthy=False)}
+    d = place(profile(allowed_jurisdictions=EU, allow_burst=True), snapshot(fl, states), pol)
+    assert d.endpoint == "eu-0"
+    assert d.removed_by == {"health": 1}
+
+
+def test_a_filter_listed_twice_runs_once() -> None:
+    prof_spec = {"name": "twice", "plugins": [
+        {"ref": "jurisdiction"}, {"ref": "health"}, {"ref": "failure-domain"},
+        {"ref": "jurisdiction"}, {"ref": "health"}, {"ref": "round-robin"}]}
+    cfg = parse_config(json.dumps(_cfg(sub("eu"), profiles=[prof_spec])), "<test>")
+    assert [f.name for f in build_policies(cfg, "<test>")["twice"].filters] == [
+        "model-served", "context-window", "jurisdiction", "precision", "capacity-class",
+        "health", "failure-domain"]
+
+
 def test_check_notes_what_placement_adds(tmp_path: Path) -> None:
     cfg = _cfg(sub("eu"), profiles=[DOCS_FAST, {"name": "own", "plugins": [
         {"ref": "jur"}, {"ref": "model-served"}, {"ref": "round-robin"}]}])
@@ -216,5 +283,18 @@ def test_check_notes_what_placement_adds(tmp_path: Path) -> None:
     out = CliRunner().invoke(app, ["check", "--config", str(path)])
     assert out.exit_code == 0, out.output
     assert ("note: profile 'fast' lists no model-served, context-window, jurisdiction, "
-            "precision, capacity-class filter: placement runs them first anyway (hard "
+            "precision, capacity-class filter: placement runs them anyway (hard "
             ) in out.output
+    assert "note: profile 'own'" in out.output and "run before" not in out.output
+
+
+def test_check_notes_what_placement_moves(tmp_path: Path) -> None:
+    cfg = _cfg(sub("eu"), profiles=[{"name": "fd-first", "plugins": [
+        {"ref": "model-served"}, {"ref": "failure-domain"}, {"ref": "jurisdiction"},
+        {"ref": "health"}, {"ref": "saturation"}, {"ref": "round-robin"}]}])
+    path = tmp_path / "fleet.yaml"
+    path.write_text(json.dumps(cfg))
+    out = CliRunner().invoke(app, ["check", "--config", str(path)])
+    assert out.exit_code == 0, out.output
+    assert ("note: profile 'fd-first': jurisdiction, health run before 'failure-domain' "
+            "(required filters and health run before set-level ones") in out.output

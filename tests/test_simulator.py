@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 from inferplane.cli import app
 from inferplane.config.loader import parse_config
 from inferplane.fleet.state import EndpointView
+from inferplane.placement import build
 from inferplane.placement.framework import REGISTRY, CycleState, FilterResult, Plugin, register
 from inferplane.twin.simulator.fleet import (
     CHARS_PER_TOKEN,
@@ -254,6 +255,18 @@ def test_a_profile_without_the_jurisdiction_filter_cannot_leave_it(tmp_path: Pat
     r = run(tmp_path, "careless", fleet_yaml(2, us=2, extra=_NO_JURISDICTION))
     assert r["completed"] == r["requests"] == 120
     assert r["sovereignty_violations"] == 0 and set(r["per_substrate"]) == {"eu-h100"}
+
+
+def test_the_simulator_counts_violations_it_served(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ``sovereignty_violations`` counter is live end to end (simulate → served pairs →
+    report): with no required filters, round-robin over 2 EU + 2 US endpoints serves 60 of the
+    120 EU-only requests in the US, and the report counts all 60."""
+    monkeypatch.setattr(build, "REQUIRED_FILTERS", ())
+    r = run(tmp_path, "careless", fleet_yaml(2, us=2, extra=_NO_JURISDICTION))
+    assert r["per_substrate"]["us-h100"] == 60
+    assert r["sovereignty_violations"] == 60
 
 
 def test_sovereignty_check_catches_a_violation() -> None:
