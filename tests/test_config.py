@@ -25,7 +25,7 @@ from inferplane.config.loader import (
 )
 from inferplane.config.schema import FleetConfig
 from inferplane.errors import ConfigError
-from inferplane.placement.build import build_policies
+from inferplane.placement.build import REQUIRED_FILTERS, build_policies
 from inferplane.placement.framework import (
     REGISTRY,
     CycleState,
@@ -820,7 +820,9 @@ def test_policy_built_from_plugins_and_profiles() -> None:
     )
     policies = build_policies(parse_config(text), FILE, seed=11)
     p = policies["p"]
-    assert [f.name for f in p.filters] == ["model-served", "health"]
+    # the required filters it does not list run after the one it does (placement/build.py)
+    assert [f.name for f in p.filters] == [
+        "model-served", "context-window", "jurisdiction", "precision", "capacity-class", "health"]
     assert [(s.name, w) for s, w in p.scorers] == [("s", 2.5), ("least-request", 1)]
     scorer = p.scorers[0][0]
     assert isinstance(scorer, FakeScorer) and scorer.params == FakeParams(k=3, label="y")
@@ -835,7 +837,8 @@ def test_policy_built_from_plugins_and_profiles() -> None:
 def test_one_plugin_in_two_roles() -> None:
     text = policy_file([{"type": "test-filter-scorer", "name": "fs"}], [{"ref": "fs", "weight": 1}])
     p = build_policies(parse_config(text), FILE)["p"]
-    assert [f.name for f in p.filters] == ["fs"] and [s.name for s, _ in p.scorers] == ["fs"]
+    assert [f.name for f in p.filters] == [*(n for n, _ in REQUIRED_FILTERS), "fs"]
+    assert [s.name for s, _ in p.scorers] == ["fs"]
 
 
 # -- the CLI -------------------------------------------------------------------------------------

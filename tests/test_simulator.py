@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 from inferplane.cli import app
 from inferplane.config.loader import parse_config
 from inferplane.fleet.state import EndpointView
+from inferplane.placement import build
 from inferplane.placement.framework import REGISTRY, CycleState, FilterResult, Plugin, register
 from inferplane.twin.simulator.fleet import (
     CHARS_PER_TOKEN,
@@ -247,10 +248,28 @@ def test_restricted_tenant_is_never_served_outside_its_jurisdiction(tmp_path: Pa
     assert r["sovereignty_violations"] == 0 and set(r["per_substrate"]) == {"eu-h100"}
 
 
-def test_sovereignty_check_catches_a_violation(tmp_path: Path) -> None:
+def test_a_profile_without_the_jurisdiction_filter_cannot_leave_it(tmp_path: Path) -> None:
+    """The jurisdiction filter is required (`placement.build.REQUIRED_FILTERS`): a profile that
+    does not list it runs it anyway. (Before docs25 M1's fix, round-robin over 2 EU + 2 US
+    endpoints served 60 of the 120 requests in the US.)"""
     r = run(tmp_path, "careless", fleet_yaml(2, us=2, extra=_NO_JURISDICTION))
-    assert r["per_substrate"]["us-h100"] == 60  # round-robin over 2 EU + 2 US endpoints
+    assert r["completed"] == r["requests"] == 120
+    assert r["sovereignty_violations"] == 0 and set(r["per_substrate"]) == {"eu-h100"}
+
+
+def test_the_simulator_counts_violations_it_served(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ``sovereignty_violations`` counter is live end to end (simulate → served pairs →
+    report): with no required filters, round-robin over 2 EU + 2 US endpoints serves 60 of the
+    120 EU-only requests in the US, and the report counts all 60."""
+    monkeypatch.setattr(build, "REQUIRED_FILTERS", ())
+    r = run(tmp_path, "careless", fleet_yaml(2, us=2, extra=_NO_JURISDICTION))
+    assert r["per_substrate"]["us-h100"] == 60
     assert r["sovereignty_violations"] == 60
+
+
+def test_sovereignty_check_catches_a_violation() -> None:
     config = parse_config(fleet_yaml(1, us=1))
     served = [("eu-only", "eu-0"), ("eu-only", "us-0"), ("anyone", "us-0"), ("ghost", "us-0")]
     assert sovereignty_violations(config, served) == 1

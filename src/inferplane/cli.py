@@ -517,6 +517,18 @@ def check(config: ConfigOpt) -> None:
         typer.echo(f"note: {line}")
     for path, problem in credential_problems(cfg):  # serve would stop on these
         typer.echo(f"note: {path}: {problem} in this environment; `serve` needs it")
+    from inferplane.placement.build import moved_filters, unlisted_required
+
+    for name, missing in unlisted_required(cfg).items():
+        typer.echo(
+            f"note: profile {name!r} lists no {', '.join(missing)} filter: placement runs "
+            "them anyway (hard constraints, docs/placement.md)"
+        )
+    for name, (moved, before) in moved_filters(cfg, str(config)).items():
+        typer.echo(
+            f"note: profile {name!r}: {', '.join(moved)} run before {before!r} (required "
+            "filters and health run before set-level ones, docs/placement.md)"
+        )
 
 
 @app.command()

@@ -130,6 +130,12 @@ class Plugin:
 
     Params: ClassVar[type[BaseModel]] = NoParams
     type_name: ClassVar[str] = ""
+    #: a filter that judges each candidate by its own fields alone (what it keeps of a set is
+    #: what it keeps of each member), so that it commutes with every other such filter; False
+    #: for one that judges the set as a whole (kept when nothing else remains, a share of the
+    #: rest …). `placement.build.required_filters` runs the required ones (and a listed health)
+    #: before the first filter that is not.
+    per_endpoint: ClassVar[bool] = False
 
     def __init__(self, name: str, params: BaseModel) -> None:
         self.name = name

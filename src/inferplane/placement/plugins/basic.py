@@ -24,6 +24,8 @@ class ModelServed(Plugin):
     Signals: the endpoint's static model list and dialect. Parameters: none.
     """
 
+    per_endpoint = True
+
     def filter(self, cycle: CycleState, candidates: list[EndpointView]) -> FilterResult:
         p = cycle.profile
         kept: list[EndpointView] = []
@@ -48,6 +50,8 @@ class ContextWindow(Plugin):
     Signals: the served model's ``max_context``. Parameters: none.
     """
 
+    per_endpoint = True
+
     def filter(self, cycle: CycleState, candidates: list[EndpointView]) -> FilterResult:
         p = cycle.profile
         need = p.prompt_tokens + (p.max_output_tokens if p.api != "embeddings" else 0)
@@ -68,6 +72,8 @@ class Health(Plugin):
 
     Signals: ``state.healthy``, ``state.ejected``. Parameters: none.
     """
+
+    per_endpoint = True
 
     def filter(self, cycle: CycleState, candidates: list[EndpointView]) -> FilterResult:
         kept: list[EndpointView] = []

@@ -25,9 +25,12 @@ class Jurisdiction(Plugin):
     """Filter (hard): keep endpoints whose substrate jurisdiction is allowed.
 
     Rule: ``endpoint.jurisdiction ∈ profile.allowed_jurisdictions`` when that set is not None
-    (None means any). Nothing bypasses it: it runs in every shipped profile and the pickers only
-    ever see what it kept. Signals: the substrate's static jurisdiction. Parameters: none.
+    (None means any). Nothing bypasses it: it is one of the required filters that every
+    profile runs, listed or not (`inferplane.placement.build.REQUIRED_FILTERS`), and the pickers
+    only ever see what it kept. Signals: the substrate's static jurisdiction. Parameters: none.
     """
+
+    per_endpoint = True
 
     def filter(self, cycle: CycleState, candidates: list[EndpointView]) -> FilterResult:
         allowed = cycle.profile.allowed_jurisdictions
@@ -52,6 +55,8 @@ class PrecisionFilter(Plugin):
     served model's static precision. Parameters: none.
     """
 
+    per_endpoint = True
+
     def filter(self, cycle: CycleState, candidates: list[EndpointView]) -> FilterResult:
         p = cycle.profile
         if p.precisions is None:
@@ -75,6 +80,8 @@ class CapacityClassFilter(Plugin):
     when set, removes substrates of other kinds (a sovereign class may exclude provider-api).
     Signals: the substrate's static capacity class and kind. Parameters: none.
     """
+
+    per_endpoint = True
 
     def filter(self, cycle: CycleState, candidates: list[EndpointView]) -> FilterResult:
         p = cycle.profile
@@ -122,6 +129,8 @@ class Saturation(Plugin):
     Parameters: ``priorities``, ``queue_depth_threshold``, ``kv_usage_threshold``,
     ``inflight_fraction``.
     """
+
+    per_endpoint = True
 
     Params = SaturationParams
 

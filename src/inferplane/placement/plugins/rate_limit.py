@@ -32,6 +32,8 @@ class RateLimit(Plugin):
     ``state.requests_left``, ``state.tokens_left``. Parameters: none.
     """
 
+    per_endpoint = True
+
     def filter(self, cycle: CycleState, candidates: list[EndpointView]) -> FilterResult:
         p = cycle.profile
         need = p.prompt_tokens + p.max_total_output_tokens
