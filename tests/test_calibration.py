@@ -48,6 +48,7 @@ from inferplane.physics.probe import (
     OPENER_TOKENS,
     PREFILL_VISITS,
     SLOW_SPREAD_MEAN,
+    SWEEP_STREAM_TOKENS,
     Prober,
     ProbeResult,
     calibrate_endpoint,
@@ -1467,6 +1468,34 @@ async def test_a_slow_state_at_the_rounds_starts_does_not_decide_the_prefill_poi
     assert sum(t > 1.6 * typical for t in tries) == 3  # the slow stretch was sampled
     point = next(p for p in result.prefill if p.prompt_tokens == 768)
     assert typical < point.ttft_s < 1.2 * typical, (point, sorted(tries))
+
+
+async def test_every_cold_prefill_try_follows_a_stream_as_the_workloads_requests_do() -> None:
+    """A fake engine that prefills 1.5x slower per word right after a multi-token stream ended
+    than right after a one-token request (the fidelity vLLM's cold prefill after the workload's
+    32-token streams; docs/benchmarks.md, session 25). The fidelity workload sends every
+    request right after the previous stream's last chunk; until session 25 every probe cold try
+    followed a one-token request (the previous length's cached try, or the round's opener), so
+    that the 768-token point read the faster engine. Now each sweep opens with an untimed
+    stream and its cached tries stream `SWEEP_STREAM_TOKENS` tokens: every cold try follows a
+    stream (counted by the fake, no timing), and the 768-token point holds the slower prefill
+    (a lower bound the fake's sleeps guarantee)."""
+    per_word = 50e-6
+    async with fake_completions(token_gap_s=0.0005, prefill_s_per_word=per_word,
+                                after_stream_factor=1.5) as (url, fake):
+        result = await Prober(url, "m").run(
+            (16, 768), (1, 2), decode_tokens=4, long_decode_prompt_tokens=0, repeats=3,
+            warm_up_max_s=0.0, require_smooth=False, idle_tries=0)
+    assert SWEEP_STREAM_TOKENS > 1
+    # the sweeps' requests in order: each length's cold try, then its cached try
+    sweep = [(words, after) for (words, _, _), after
+             in zip(fake.requests, fake.after_stream, strict=True) if words in (16, 768)]
+    cold = sweep[::2]
+    assert [w for w, _ in cold] == [16, 768] * 3 * PREFILL_VISITS
+    assert all(after for _, after in cold), cold
+    point = next(p for p in result.prefill if p.prompt_tokens == 768)
+    assert point.ttft_s >= 1.5 * 768 * per_word
+    assert min(result.prefill_tries_s[768]) >= 1.5 * 768 * per_word
 
 
 async def test_prefill_visits_never_come_back_to_back_across_a_rounds_end() -> None:

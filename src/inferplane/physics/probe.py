@@ -15,9 +15,16 @@ prefill and cached points (see there):
   landed on whichever state held at 3 of the 5 rounds' starts (session 22's fidelity vLLM: its
   768-token point ~36 ms in some runs, 51-54 in others), while the workload the profile is held
   to, sent over the same minutes, mixes both (docs/physics.md); tries spread through the rounds
-  sample that mix.
-* **cached**: the same prompt sent twice; the second TTFT with ``cached_tokens`` as the engine
-  reports them (``usage.prompt_tokens_details``; points without the field are left out).
+  sample that mix. Every cold try is sent right after a stream ended, as the fidelity
+  workload's closed-loop requests are: each sweep opens with an untimed short stream
+  (:meth:`Prober.lead_in`) and its cached tries stream :data:`SWEEP_STREAM_TOKENS` tokens, so
+  that the next length's cold try follows one. Until session 25 every cold try followed a
+  one-token request, and the fidelity vLLM prefills a fresh prompt a few per cent faster there
+  than right after a stream (``calibration-s25/after_stream.txt``): the probe read an engine
+  the workload never meets.
+* **cached**: the same prompt sent twice; the second TTFT (its first token; it streams
+  :data:`SWEEP_STREAM_TOKENS` tokens) with ``cached_tokens`` as the engine reports them
+  (``usage.prompt_tokens_details``; points without the field are left out).
 * **decode**: ``B`` streams started together, each a short prompt and ``decode_tokens`` output
   tokens (``ignore_eos``); ITL is a stream's time from its first to its last token over the
   tokens after the first (the workload's time per output token), the median over the ``B``
@@ -94,6 +101,21 @@ OPENER_TOKENS = 8
 #: the rounds' starts only: 5 tries of each length, a few seconds of a probe whose host changes
 #: speed from one stretch of seconds to the next.
 PREFILL_VISITS: Final = 3
+
+#: Output tokens of each prefill sweep's warm (cached) requests and of its untimed lead-in
+#: stream (``Prober.run``'s ``sweep_stream_tokens``; 1: neither streams, no lead-in), so that
+#: every cold prefill try is sent right after a stream ended, as the fidelity workload's
+#: closed-loop requests are (each right after the previous 32-token stream's last chunk), not
+#: right after a one-token request (until session 25). The fidelity vLLM prefills a fresh
+#: prompt slower right after a stream: +3.4 % (95 % CI +1.7 … +5.5) after a 32-token one, +2.5 %
+#: (+0.7 … +4.5) after an 8-token one, +2.6 % (−0.1 … +4.6) after 4 tokens, +1.3 % (−0.8 …
+#: +3.3) in the probe's old order, medians of 180 tries against right after a one-token request
+#: (``calibration-s25/after_stream.txt``, AMD EPYC host; session 24's Intel host: +0.5-1.3 ms at
+#: 768 tokens, ~4-10 %). 8 rather than 32: each extra token is a decode step of every warm try
+#: (90 in the default probe), ~0.2 s of probe time a token on that host.
+SWEEP_STREAM_TOKENS: Final = 8
+#: Prompt tokens of the lead-in stream before each prefill sweep.
+LEAD_IN_PROMPT_TOKENS: Final = 32
 
 #: Seconds of nothing sent before each idle-wake try (`Prober.idle_wake_once`): long enough that
 #: the fidelity vLLM pays its whole wake-up cost (+3.2 ms after 0.1 and after 0.2 s, +2.4 after
@@ -338,12 +360,21 @@ class Prober:
                                for _ in range(n)))
 
     async def prefill_once(
-        self, session: aiohttp.ClientSession, tokens: int
+        self, session: aiohttp.ClientSession, tokens: int, warm_tokens: int = 1
     ) -> tuple[_Stream, _Stream]:
-        """A fresh prompt of about ``tokens`` tokens, sent cold and then again (warm)."""
+        """A fresh prompt of about ``tokens`` tokens, sent cold (one output token) and then
+        again (warm), the warm request streaming ``warm_tokens`` output tokens: its TTFT is the
+        cached point's, its stream what the next cold try follows (see `Prober.run`)."""
         prompt = prompt_of(self.words_for(tokens), _nonce())
         cold = await self.stream(session, prompt, 1)
-        return cold, await self.stream(session, prompt, 1)
+        return cold, await self.stream(session, prompt, warm_tokens)
+
+    async def lead_in(self, session: aiohttp.ClientSession, stream_tokens: int) -> None:
+        """An untimed fresh short prompt (:data:`LEAD_IN_PROMPT_TOKENS`) streamed with
+        ``stream_tokens`` output tokens: what the first cold try of a prefill sweep follows, as
+        every later one follows the previous length's warm stream."""
+        await self.stream(session, prompt_of(self.words_for(LEAD_IN_PROMPT_TOKENS), _nonce()),
+                          stream_tokens)
 
     async def decode_once(
         self, session: aiohttp.ClientSession, batch: int, decode_tokens: int, prompt_tokens: int
@@ -452,13 +483,16 @@ class Prober:
         prefill_visits: int = PREFILL_VISITS,
         idle_tries: int = IDLE_TRIES,
         idle_gap_s: float = IDLE_GAP_S,
+        sweep_stream_tokens: int = SWEEP_STREAM_TOKENS,
     ) -> ProbeResult:
         """Every point ``repeats`` times, the sweeps interleaved (each round visits every point
         once), so that a burst of load elsewhere on the machine spreads over the points instead
         of bending one of them; each point is the median of its rounds. The prefill sweep
         (cold and cached) is taken ``prefill_visits`` times a round, evenly spaced through it
         (:func:`prefill_positions`), and each of its points is the :func:`typical_s` (median)
-        of its ``repeats × prefill_visits`` tries. Each round ends with ``idle_tries``
+        of its ``repeats × prefill_visits`` tries; each sweep opens with a lead-in stream and
+        its cached tries stream ``sweep_stream_tokens`` tokens (1: neither), so that every
+        cold try follows a stream (:data:`SWEEP_STREAM_TOKENS`). Each round ends with ``idle_tries``
         idle-wake tries (:meth:`idle_wake_once`, ``idle_gap_s`` of idle; 0: none), which
         :func:`idle_wake_s` turns into the engine's wake-up cost. ``between_rounds(i)``
         is awaited after round ``i`` (0-based): a caller's own measurements of the same engine
@@ -470,6 +504,8 @@ class Prober:
         the largest batch, again with ``long_decode_prompt_tokens`` (0: not), so that the fit
         sees the step grow with the context it attends to (``context_token_s``); the workload's
         prompts are up to 24 times the short one."""
+        if sweep_stream_tokens < 1:
+            raise ValueError(f"sweep_stream_tokens must be 1 or more ({sweep_stream_tokens})")
         cold: dict[int, list[_Stream]] = {n: [] for n in prompt_tokens}
         warm: dict[int, list[_Stream]] = {n: [] for n in prompt_tokens}
         decode_points = [(b, decode_prompt_tokens) for b in batches]
@@ -487,8 +523,10 @@ class Prober:
             raise ValueError(f"prefill_visits must be 1 or more ({prefill_visits})")
 
         async def prefill_sweep(session: aiohttp.ClientSession) -> None:
+            if sweep_stream_tokens > 1:
+                await self.lead_in(session, sweep_stream_tokens)
             for n in prompt_tokens:
-                c, w = await self.prefill_once(session, n)
+                c, w = await self.prefill_once(session, n, sweep_stream_tokens)
                 cold[n].append(c)
                 warm[n].append(w)
 
@@ -648,6 +686,7 @@ async def calibrate_endpoint(
         "repeats": repeats,
         "prefill_visits": prefill_visits,
         "prefill_statistic": "median of the tries",
+        "sweep_stream_tokens": SWEEP_STREAM_TOKENS,
         "probe_s": round(result.probe_s, 1),
         "prefill_tries_ms": {n: [round(t * 1e3, 3) for t in ts]
                              for n, ts in result.prefill_tries_s.items()},
