@@ -15,16 +15,16 @@ prefill and cached points (see there):
   landed on whichever state held at 3 of the 5 rounds' starts (session 22's fidelity vLLM: its
   768-token point ~36 ms in some runs, 51-54 in others), while the workload the profile is held
   to, sent over the same minutes, mixes both (docs/physics.md); tries spread through the rounds
-  sample that mix. Every cold try is sent right after a stream ended, as the fidelity
-  workload's closed-loop requests are: each sweep opens with an untimed short stream
-  (:meth:`Prober.lead_in`) and its cached tries stream :data:`SWEEP_STREAM_TOKENS` tokens, so
-  that the next length's cold try follows one. Until session 25 every cold try followed a
-  one-token request, and the fidelity vLLM prefills a fresh prompt a few per cent faster there
-  than right after a stream (``calibration-s25/after_stream.txt``): the probe read an engine
-  the workload never meets.
+  sample that mix. Each cold try follows the previous length's one-token cached try (or the
+  round's opener); ``Prober.run(sweep_stream_tokens=N)``, N > 1, is an opt-in that puts every
+  cold try right after a stream ended instead, as the fidelity workload's closed-loop requests
+  are: each sweep then opens with an untimed short stream (:meth:`Prober.lead_in`) and its
+  cached tries stream N tokens. Session 25 measured the fidelity vLLM's fresh prefill a few per
+  cent slower right after a stream (``calibration-s25/after_stream.txt``) and found no fidelity
+  gain from the opt-in beyond run-to-run noise (docs/benchmarks.md), so it is off by default.
 * **cached**: the same prompt sent twice; the second TTFT (its first token; it streams
-  :data:`SWEEP_STREAM_TOKENS` tokens) with ``cached_tokens`` as the engine reports them
-  (``usage.prompt_tokens_details``; points without the field are left out).
+  ``sweep_stream_tokens`` tokens, 1 by default) with ``cached_tokens`` as the engine
+  reports them (``usage.prompt_tokens_details``; points without the field are left out).
 * **decode**: ``B`` streams started together, each a short prompt and ``decode_tokens`` output
   tokens (``ignore_eos``); ITL is a stream's time from its first to its last token over the
   tokens after the first (the workload's time per output token), the median over the ``B``
@@ -103,17 +103,15 @@ OPENER_TOKENS = 8
 PREFILL_VISITS: Final = 3
 
 #: Output tokens of each prefill sweep's warm (cached) requests and of its untimed lead-in
-#: stream (``Prober.run``'s ``sweep_stream_tokens``; 1: neither streams, no lead-in), so that
-#: every cold prefill try is sent right after a stream ended, as the fidelity workload's
-#: closed-loop requests are (each right after the previous 32-token stream's last chunk), not
-#: right after a one-token request (until session 25). The fidelity vLLM prefills a fresh
-#: prompt slower right after a stream: +3.4 % (95 % CI +1.7 … +5.5) after a 32-token one, +2.5 %
-#: (+0.7 … +4.5) after an 8-token one, +2.6 % (−0.1 … +4.6) after 4 tokens, +1.3 % (−0.8 …
-#: +3.3) in the probe's old order, medians of 180 tries against right after a one-token request
-#: (``calibration-s25/after_stream.txt``, AMD EPYC host; session 24's Intel host: +0.5-1.3 ms at
-#: 768 tokens, ~4-10 %). 8 rather than 32: each extra token is a decode step of every warm try
-#: (90 in the default probe), ~0.2 s of probe time a token on that host.
-SWEEP_STREAM_TOKENS: Final = 8
+#: stream (``Prober.run``'s ``sweep_stream_tokens``; 1, the default: neither streams, no lead-in,
+#: every cold try follows a one-token request, as before session 25). N > 1 is an opt-in that
+#: sends every cold prefill try right after a stream ended, as the fidelity workload's closed-loop
+#: requests are. Session 25 (AMD EPYC host, ``calibration-s25/``): a fresh prefill right after an
+#: 8-token stream is +2.5 % (95 % CI +0.7 … +4.5) over right after a one-token request, the old
+#: order +1.3 % (−0.8 … +3.3) (``after_stream_stats.txt``); with 8, three fidelity runs against
+#: three of the default showed no gain beyond noise, +1.6-1.9 s (~+20 %) of probe time, the
+#: held-out lone requests over-predicted by +6.6 % on average and a worse cached 768-token fit.
+SWEEP_STREAM_TOKENS: Final = 1
 #: Prompt tokens of the lead-in stream before each prefill sweep.
 LEAD_IN_PROMPT_TOKENS: Final = 32
 
@@ -490,9 +488,11 @@ class Prober:
         of bending one of them; each point is the median of its rounds. The prefill sweep
         (cold and cached) is taken ``prefill_visits`` times a round, evenly spaced through it
         (:func:`prefill_positions`), and each of its points is the :func:`typical_s` (median)
-        of its ``repeats × prefill_visits`` tries; each sweep opens with a lead-in stream and
-        its cached tries stream ``sweep_stream_tokens`` tokens (1: neither), so that every
-        cold try follows a stream (:data:`SWEEP_STREAM_TOKENS`). Each round ends with ``idle_tries``
+        of its ``repeats × prefill_visits`` tries. ``sweep_stream_tokens`` > 1 (opt-in; the
+        default 1 is :data:`SWEEP_STREAM_TOKENS`): each sweep opens with a lead-in stream and its
+        cached tries stream that many tokens, so that every cold try follows a stream; the
+        decode and burst points placed after a sweep then follow its last cached stream too.
+        Each round ends with ``idle_tries``
         idle-wake tries (:meth:`idle_wake_once`, ``idle_gap_s`` of idle; 0: none), which
         :func:`idle_wake_s` turns into the engine's wake-up cost. ``between_rounds(i)``
         is awaited after round ``i`` (0-based): a caller's own measurements of the same engine
@@ -651,6 +651,7 @@ async def calibrate_endpoint(
     keep_speed_spread: bool = True,
     prefill_visits: int = PREFILL_VISITS,
     idle_tries: int = IDLE_TRIES,
+    sweep_stream_tokens: int = SWEEP_STREAM_TOKENS,
 ) -> tuple[str, str]:
     """Probe ``url``, fit ``base`` to it; return the profile file's text and a summary table.
     ``require_smooth=False`` calibrates even an engine whose streams still arrive in bursts
@@ -658,12 +659,15 @@ async def calibrate_endpoint(
     ``between_rounds``, ``prefill_visits``: see :meth:`Prober.run`. ``keep_speed_spread=False``
     leaves the probe's speed spread out of the profile (the emulator then runs at the typical
     speed). The profile's ``calibration`` keeps every cold prefill try (``prefill_tries_ms``,
-    per requested length, in the order sent) and the probe's own time (``probe_s``)."""
+    per requested length, in the order sent), the probe's own time (``probe_s``) and, when not
+    1, ``sweep_stream_tokens`` (see :meth:`Prober.run`; absent: 1, as every profile before
+    session 25)."""
     hw, mp = get_hardware(base), get_model(model_profile)
     result = await Prober(url, model, api_key=api_key).run(
         prompt_tokens, batches, bursts=bursts, decode_tokens=decode_tokens, repeats=repeats,
         warm_up_max_s=warm_up_max_s, require_smooth=require_smooth,
         between_rounds=between_rounds, prefill_visits=prefill_visits, idle_tries=idle_tries,
+        sweep_stream_tokens=sweep_stream_tokens,
     )
     cal = fit(
         hw, mp, result.prefill + result.cached, result.decode, name=name, tp=tp,
@@ -686,11 +690,12 @@ async def calibrate_endpoint(
         "repeats": repeats,
         "prefill_visits": prefill_visits,
         "prefill_statistic": "median of the tries",
-        "sweep_stream_tokens": SWEEP_STREAM_TOKENS,
         "probe_s": round(result.probe_s, 1),
         "prefill_tries_ms": {n: [round(t * 1e3, 3) for t in ts]
                              for n, ts in result.prefill_tries_s.items()},
     }
+    if sweep_stream_tokens != SWEEP_STREAM_TOKENS:  # absent: 1 (the default, profiles before 25)
+        meta["sweep_stream_tokens"] = sweep_stream_tokens
     if result.idle_tries_s:  # none: not measured (``idle_tries=0``, ``--no-idle-wake``)
         meta["idle_gap_s"] = IDLE_GAP_S
         meta["idle_tries_ms"] = [[round(b * 1e3, 3), round(i * 1e3, 3)]
