@@ -13,7 +13,7 @@ than one token prefills that many times slower per word (the fidelity vLLM's col
 after a stream, against right after a one-token request). Each request is recorded as (prompt
 words, max_tokens, first on its connection), in the order they arrive, in ``woken`` whether it
 paid ``wake_s`` and in ``after_stream`` whether the last request to end before it had streamed
-more than one token."""
+more than one token (read from its requested ``max_tokens``: this fake always streams them all)."""
 
 from __future__ import annotations
 
