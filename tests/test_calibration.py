@@ -48,6 +48,7 @@ from inferplane.physics.probe import (
     OPENER_TOKENS,
     PREFILL_VISITS,
     SLOW_SPREAD_MEAN,
+    SWEEP_STREAM_TOKENS,
     Prober,
     ProbeResult,
     calibrate_endpoint,
@@ -1254,6 +1255,36 @@ async def test_calibrate_warns_when_the_speed_spread_slows_the_profile_on_averag
     assert ("speed_spread" in text) is (keep and bool(spread))
 
 
+@pytest.mark.parametrize(("args", "tokens"), [((), 1), (("--sweep-stream-tokens", "8"), 8)])
+def test_calibrate_command_takes_the_sweep_stream_tokens_opt_in(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, args: tuple[str, ...], tokens: int,
+) -> None:
+    """``--sweep-stream-tokens`` reaches the probe; the profile's ``calibration`` records it only
+    when it is not the default 1 (absent: 1, as in every profile before session 25); 0 is
+    refused before anything is sent."""
+    seen: list[object] = []
+
+    async def run(self: Prober, *a: object, **kwargs: object) -> ProbeResult:
+        seen.append(kwargs["sweep_stream_tokens"])
+        return _probe_result(())
+
+    monkeypatch.setattr(Prober, "run", run)
+    out = tmp_path / "p.yaml"
+    result = CliRunner().invoke(app, [
+        "calibrate", "--endpoint", "http://127.0.0.1:9", "--model", "llama-3.1-8b",
+        "--base", "l4", "--out", str(out), *args])
+    assert result.exit_code == 0, result.output
+    assert seen == [tokens]
+    c = yaml.safe_load(out.read_text())["calibration"]
+    assert c.get("sweep_stream_tokens", 1) == tokens
+    assert ("sweep_stream_tokens" in c) is (tokens != 1)
+    refused = CliRunner().invoke(app, [
+        "calibrate", "--endpoint", "http://127.0.0.1:9", "--model", "llama-3.1-8b",
+        "--out", str(tmp_path / "q.yaml"), "--sweep-stream-tokens", "0"])
+    assert refused.exit_code == 2 and "--sweep-stream-tokens" in refused.output
+    assert seen == [tokens]
+
+
 @pytest.mark.parametrize(("args", "visits"), [((), PREFILL_VISITS), (("--prefill-visits", "2"), 2)])
 def test_calibrate_command_takes_the_prefill_visits_a_round(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, args: tuple[str, ...], visits: int,
@@ -1467,6 +1498,54 @@ async def test_a_slow_state_at_the_rounds_starts_does_not_decide_the_prefill_poi
     assert sum(t > 1.6 * typical for t in tries) == 3  # the slow stretch was sampled
     point = next(p for p in result.prefill if p.prompt_tokens == 768)
     assert typical < point.ttft_s < 1.2 * typical, (point, sorted(tries))
+
+
+async def test_the_opt_in_puts_every_cold_prefill_try_after_a_stream() -> None:
+    """A fake engine that prefills 1.5x slower per word right after a multi-token stream ended
+    than right after a one-token request (the fidelity vLLM's cold prefill after the workload's
+    32-token streams; docs/benchmarks.md, session 25). The fidelity workload sends every
+    request right after the previous stream's last chunk; by default every probe cold try
+    follows a one-token request (the previous length's cached try, or the round's opener), so
+    that the 768-token point reads the faster engine. With ``sweep_stream_tokens=8`` (the
+    opt-in) each sweep opens with an untimed stream and its cached tries stream 8 tokens: every
+    cold try follows a stream (counted by the fake, no timing), and the 768-token point holds
+    the slower prefill (a lower bound the fake's sleeps guarantee)."""
+    per_word = 50e-6
+    async with fake_completions(token_gap_s=0.0005, prefill_s_per_word=per_word,
+                                after_stream_factor=1.5) as (url, fake):
+        result = await Prober(url, "m").run(
+            (16, 768), (1, 2), decode_tokens=4, long_decode_prompt_tokens=0, repeats=3,
+            warm_up_max_s=0.0, require_smooth=False, idle_tries=0, sweep_stream_tokens=8)
+    # the sweeps' requests in order: each length's cold try, then its cached try
+    sweep = [(words, after) for (words, _, _), after
+             in zip(fake.requests, fake.after_stream, strict=True) if words in (16, 768)]
+    cold = sweep[::2]
+    assert [w for w, _ in cold] == [16, 768] * 3 * PREFILL_VISITS
+    assert all(after for _, after in cold), cold
+    point = next(p for p in result.prefill if p.prompt_tokens == 768)
+    assert point.ttft_s >= 1.5 * 768 * per_word
+    assert min(result.prefill_tries_s[768]) >= 1.5 * 768 * per_word
+
+
+async def test_by_default_the_cold_prefill_tries_follow_one_token_requests() -> None:
+    """The default (`SWEEP_STREAM_TOKENS` = 1) keeps the order before session 25: no lead-in
+    stream, every cached try one token, so the 768-token cold try always follows the 16-token
+    cached one-token try (the opt-in's measured gain was within noise; docs/benchmarks.md).
+    0 stream tokens is refused."""
+    assert SWEEP_STREAM_TOKENS == 1
+    async with fake_completions(token_gap_s=0.0005, after_stream_factor=1.5) as (url, fake):
+        await Prober(url, "m").run(
+            (16, 768), (1, 2), decode_tokens=4, long_decode_prompt_tokens=0, repeats=3,
+            warm_up_max_s=0.0, require_smooth=False, idle_tries=0)
+        with pytest.raises(ValueError, match="sweep_stream_tokens"):
+            await Prober(url, "m").run((16,), (1,), warm_up_max_s=0.0, sweep_stream_tokens=0)
+    sweep = [(words, max_tokens, after) for (words, max_tokens, _), after
+             in zip(fake.requests, fake.after_stream, strict=True) if words in (16, 768)]
+    assert [w for w, _, _ in sweep] == [16, 16, 768, 768] * 3 * PREFILL_VISITS
+    assert all(max_tokens == 1 for _, max_tokens, _ in sweep), sweep
+    assert not any(after for w, _, after in sweep if w == 768), sweep
+    # nothing but the decode points streams: no lead-in
+    assert all(max_tokens in (1, 4) for _, max_tokens, _ in fake.requests), fake.requests
 
 
 async def test_prefill_visits_never_come_back_to_back_across_a_rounds_end() -> None:

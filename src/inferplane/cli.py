@@ -882,6 +882,10 @@ def calibrate(
     prefill_visits: Annotated[int, typer.Option(
         min=1, help="prefill sweeps a round, evenly spaced through it: each prefill and cached "
         "point of --repeats x this many tries")] = 3,
+    sweep_stream_tokens: Annotated[int, typer.Option(
+        min=1, help="opt-in: >1 sends every cold prefill try right after a stream of this many "
+        "tokens, as a closed-loop workload's requests (docs/physics.md); 1: after a one-token "
+        "request")] = 1,
     api_key_env: Annotated[
         str | None, typer.Option(help="environment variable holding the engine's API key")
     ] = None,
@@ -914,6 +918,7 @@ def calibrate(
                 bursts=_int_list(bursts, "--bursts"), decode_tokens=decode_tokens,
                 repeats=repeats, api_key=key, keep_speed_spread=speed_spread,
                 prefill_visits=prefill_visits, idle_tries=IDLE_TRIES if idle_wake else 0,
+                sweep_stream_tokens=sweep_stream_tokens,
             )
         )
     except (ProbeError, ValueError, LookupError) as exc:

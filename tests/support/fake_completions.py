@@ -7,9 +7,13 @@ waits that long per prompt word before its first token (a longer prompt answers 
 concurrent requests can finish out of the order they were sent in). ``slow_for(n, factor)``: the
 next ``n`` requests to arrive wait ``factor`` times as long per word (a host that turns slow for a
 stretch). ``wake_s``: a request that arrives with no request in flight for ``idle_after_s``
-(or none ever) waits that much more before its first token (an engine waking from idle). Each
-request is recorded as (prompt words, max_tokens, first on its connection), in the
-order they arrive, and in ``woken`` whether it paid ``wake_s``."""
+(or none ever) waits that much more before its first token (an engine waking from idle).
+``after_stream_factor``: a request that arrives when the last request to end had streamed more
+than one token prefills that many times slower per word (the fidelity vLLM's cold prefill right
+after a stream, against right after a one-token request). Each request is recorded as (prompt
+words, max_tokens, first on its connection), in the order they arrive, in ``woken`` whether it
+paid ``wake_s`` and in ``after_stream`` whether the last request to end before it had streamed
+more than one token (read from its requested ``max_tokens``: this fake always streams them all)."""
 
 from __future__ import annotations
 
@@ -37,6 +41,9 @@ class FakeCompletions:
     woken: list[bool] = field(default_factory=list)  # per request in ``requests``
     _inflight: int = 0
     _last_end: float = float("-inf")  # loop time the last request in flight ended
+    after_stream_factor: float = 1.0
+    after_stream: list[bool] = field(default_factory=list)  # per request in ``requests``
+    _last_streamed: bool = False  # the last request to end had more than one output token
 
     def slow_for(self, n: int, factor: float) -> None:
         """The next ``n`` requests to arrive prefill ``factor`` times slower."""
@@ -53,25 +60,29 @@ class FakeCompletions:
         now = asyncio.get_running_loop().time()
         woken = self.wake_s > 0 and not self._inflight and now - self._last_end >= self.idle_after_s
         self.woken.append(woken)
+        self.after_stream.append(self._last_streamed)
+        slower = self.after_stream_factor if self._last_streamed else 1.0
         self._inflight += 1
         try:
-            return await self._answer(request, body, words, first, woken)
+            return await self._answer(request, body, words, first, woken, slower)
         finally:
+            self._last_streamed = int(body["max_tokens"]) > 1
             self._inflight -= 1
             if not self._inflight:
                 self._last_end = asyncio.get_running_loop().time()
 
     async def _answer(
-        self, request: web.Request, body: Any, words: int, first: bool, woken: bool
+        self, request: web.Request, body: Any, words: int, first: bool, woken: bool,
+        slower: float = 1.0,
     ) -> web.StreamResponse:
         if woken:
             await asyncio.sleep(self.wake_s)
         if first and self.new_connection_s > 0:
             await asyncio.sleep(self.new_connection_s)
-        factor = 1.0
+        factor = slower
         if self._slow_left > 0:
             self._slow_left -= 1
-            factor = self._slow_factor
+            factor *= self._slow_factor
         if self.prefill_s_per_word > 0:
             await asyncio.sleep(words * self.prefill_s_per_word * factor)
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
@@ -97,10 +108,12 @@ async def fake_completions(
     prefill_s_per_word: float = 0.0,
     wake_s: float = 0.0,
     idle_after_s: float = 0.05,
+    after_stream_factor: float = 1.0,
 ) -> AsyncIterator[tuple[str, FakeCompletions]]:
     """Serve a :class:`FakeCompletions` on a free local port: yields (base URL, the fake)."""
     fake = FakeCompletions(new_connection_s, token_gap_s, prefill_s_per_word,
-                           wake_s=wake_s, idle_after_s=idle_after_s)
+                           wake_s=wake_s, idle_after_s=idle_after_s,
+                           after_stream_factor=after_stream_factor)
     app = web.Application()
     app.router.add_post("/v1/completions", fake.handle)
     runner = web.AppRunner(app, keepalive_timeout=keepalive_s)

@@ -15,8 +15,15 @@ prefill and cached points (see there):
   landed on whichever state held at 3 of the 5 rounds' starts (session 22's fidelity vLLM: its
   768-token point ~36 ms in some runs, 51-54 in others), while the workload the profile is held
   to, sent over the same minutes, mixes both (docs/physics.md); tries spread through the rounds
-  sample that mix.
-* **cached**: the same prompt sent twice; the second TTFT with ``cached_tokens`` as the engine
+  sample that mix. Each cold try follows the previous length's one-token cached try (or the
+  round's opener); ``Prober.run(sweep_stream_tokens=N)``, N > 1, is an opt-in that puts every
+  cold try right after a stream ended instead, as the fidelity workload's closed-loop requests
+  are: each sweep then opens with an untimed short stream (:meth:`Prober.lead_in`) and its
+  cached tries stream N tokens. Session 25 measured the fidelity vLLM's fresh prefill a few per
+  cent slower right after a stream (``calibration-s25/after_stream.txt``) and found no fidelity
+  gain from the opt-in beyond run-to-run noise (docs/benchmarks.md), so it is off by default.
+* **cached**: the same prompt sent twice; the second TTFT (its first token; it streams
+  ``sweep_stream_tokens`` tokens, 1 by default) with ``cached_tokens`` as the engine
   reports them (``usage.prompt_tokens_details``; points without the field are left out).
 * **decode**: ``B`` streams started together, each a short prompt and ``decode_tokens`` output
   tokens (``ignore_eos``); ITL is a stream's time from its first to its last token over the
@@ -94,6 +101,19 @@ OPENER_TOKENS = 8
 #: the rounds' starts only: 5 tries of each length, a few seconds of a probe whose host changes
 #: speed from one stretch of seconds to the next.
 PREFILL_VISITS: Final = 3
+
+#: Output tokens of each prefill sweep's warm (cached) requests and of its untimed lead-in
+#: stream (``Prober.run``'s ``sweep_stream_tokens``; 1, the default: neither streams, no lead-in,
+#: every cold try follows a one-token request, as before session 25). N > 1 is an opt-in that
+#: sends every cold prefill try right after a stream ended, as the fidelity workload's closed-loop
+#: requests are. Session 25 (AMD EPYC host, ``calibration-s25/``): a fresh prefill right after an
+#: 8-token stream is +2.5 % (95 % CI +0.7 … +4.5) over right after a one-token request, the old
+#: order +1.3 % (−0.8 … +3.3) (``after_stream_stats.txt``); with 8, three fidelity runs against
+#: three of the default showed no gain beyond noise, +1.6-1.9 s (~+20 %) of probe time, the
+#: held-out lone requests over-predicted by +6.6 % on average and a worse cached 768-token fit.
+SWEEP_STREAM_TOKENS: Final = 1
+#: Prompt tokens of the lead-in stream before each prefill sweep.
+LEAD_IN_PROMPT_TOKENS: Final = 32
 
 #: Seconds of nothing sent before each idle-wake try (`Prober.idle_wake_once`): long enough that
 #: the fidelity vLLM pays its whole wake-up cost (+3.2 ms after 0.1 and after 0.2 s, +2.4 after
@@ -338,12 +358,21 @@ class Prober:
                                for _ in range(n)))
 
     async def prefill_once(
-        self, session: aiohttp.ClientSession, tokens: int
+        self, session: aiohttp.ClientSession, tokens: int, warm_tokens: int = 1
     ) -> tuple[_Stream, _Stream]:
-        """A fresh prompt of about ``tokens`` tokens, sent cold and then again (warm)."""
+        """A fresh prompt of about ``tokens`` tokens, sent cold (one output token) and then
+        again (warm), the warm request streaming ``warm_tokens`` output tokens: its TTFT is the
+        cached point's, its stream what the next cold try follows (see `Prober.run`)."""
         prompt = prompt_of(self.words_for(tokens), _nonce())
         cold = await self.stream(session, prompt, 1)
-        return cold, await self.stream(session, prompt, 1)
+        return cold, await self.stream(session, prompt, warm_tokens)
+
+    async def lead_in(self, session: aiohttp.ClientSession, stream_tokens: int) -> None:
+        """An untimed fresh short prompt (:data:`LEAD_IN_PROMPT_TOKENS`) streamed with
+        ``stream_tokens`` output tokens: what the first cold try of a prefill sweep follows, as
+        every later one follows the previous length's warm stream."""
+        await self.stream(session, prompt_of(self.words_for(LEAD_IN_PROMPT_TOKENS), _nonce()),
+                          stream_tokens)
 
     async def decode_once(
         self, session: aiohttp.ClientSession, batch: int, decode_tokens: int, prompt_tokens: int
@@ -452,13 +481,18 @@ class Prober:
         prefill_visits: int = PREFILL_VISITS,
         idle_tries: int = IDLE_TRIES,
         idle_gap_s: float = IDLE_GAP_S,
+        sweep_stream_tokens: int = SWEEP_STREAM_TOKENS,
     ) -> ProbeResult:
         """Every point ``repeats`` times, the sweeps interleaved (each round visits every point
         once), so that a burst of load elsewhere on the machine spreads over the points instead
         of bending one of them; each point is the median of its rounds. The prefill sweep
         (cold and cached) is taken ``prefill_visits`` times a round, evenly spaced through it
         (:func:`prefill_positions`), and each of its points is the :func:`typical_s` (median)
-        of its ``repeats × prefill_visits`` tries. Each round ends with ``idle_tries``
+        of its ``repeats × prefill_visits`` tries. ``sweep_stream_tokens`` > 1 (opt-in; the
+        default 1 is :data:`SWEEP_STREAM_TOKENS`): each sweep opens with a lead-in stream and its
+        cached tries stream that many tokens, so that every cold try follows a stream; the
+        decode and burst points placed after a sweep then follow its last cached stream too.
+        Each round ends with ``idle_tries``
         idle-wake tries (:meth:`idle_wake_once`, ``idle_gap_s`` of idle; 0: none), which
         :func:`idle_wake_s` turns into the engine's wake-up cost. ``between_rounds(i)``
         is awaited after round ``i`` (0-based): a caller's own measurements of the same engine
@@ -470,6 +504,8 @@ class Prober:
         the largest batch, again with ``long_decode_prompt_tokens`` (0: not), so that the fit
         sees the step grow with the context it attends to (``context_token_s``); the workload's
         prompts are up to 24 times the short one."""
+        if sweep_stream_tokens < 1:
+            raise ValueError(f"sweep_stream_tokens must be 1 or more ({sweep_stream_tokens})")
         cold: dict[int, list[_Stream]] = {n: [] for n in prompt_tokens}
         warm: dict[int, list[_Stream]] = {n: [] for n in prompt_tokens}
         decode_points = [(b, decode_prompt_tokens) for b in batches]
@@ -487,8 +523,10 @@ class Prober:
             raise ValueError(f"prefill_visits must be 1 or more ({prefill_visits})")
 
         async def prefill_sweep(session: aiohttp.ClientSession) -> None:
+            if sweep_stream_tokens > 1:
+                await self.lead_in(session, sweep_stream_tokens)
             for n in prompt_tokens:
-                c, w = await self.prefill_once(session, n)
+                c, w = await self.prefill_once(session, n, sweep_stream_tokens)
                 cold[n].append(c)
                 warm[n].append(w)
 
@@ -613,6 +651,7 @@ async def calibrate_endpoint(
     keep_speed_spread: bool = True,
     prefill_visits: int = PREFILL_VISITS,
     idle_tries: int = IDLE_TRIES,
+    sweep_stream_tokens: int = SWEEP_STREAM_TOKENS,
 ) -> tuple[str, str]:
     """Probe ``url``, fit ``base`` to it; return the profile file's text and a summary table.
     ``require_smooth=False`` calibrates even an engine whose streams still arrive in bursts
@@ -620,12 +659,15 @@ async def calibrate_endpoint(
     ``between_rounds``, ``prefill_visits``: see :meth:`Prober.run`. ``keep_speed_spread=False``
     leaves the probe's speed spread out of the profile (the emulator then runs at the typical
     speed). The profile's ``calibration`` keeps every cold prefill try (``prefill_tries_ms``,
-    per requested length, in the order sent) and the probe's own time (``probe_s``)."""
+    per requested length, in the order sent), the probe's own time (``probe_s``) and, when not
+    1, ``sweep_stream_tokens`` (see :meth:`Prober.run`; absent: 1, as every profile before
+    session 25)."""
     hw, mp = get_hardware(base), get_model(model_profile)
     result = await Prober(url, model, api_key=api_key).run(
         prompt_tokens, batches, bursts=bursts, decode_tokens=decode_tokens, repeats=repeats,
         warm_up_max_s=warm_up_max_s, require_smooth=require_smooth,
         between_rounds=between_rounds, prefill_visits=prefill_visits, idle_tries=idle_tries,
+        sweep_stream_tokens=sweep_stream_tokens,
     )
     cal = fit(
         hw, mp, result.prefill + result.cached, result.decode, name=name, tp=tp,
@@ -652,6 +694,8 @@ async def calibrate_endpoint(
         "prefill_tries_ms": {n: [round(t * 1e3, 3) for t in ts]
                              for n, ts in result.prefill_tries_s.items()},
     }
+    if sweep_stream_tokens != SWEEP_STREAM_TOKENS:  # absent: 1 (the default, profiles before 25)
+        meta["sweep_stream_tokens"] = sweep_stream_tokens
     if result.idle_tries_s:  # none: not measured (``idle_tries=0``, ``--no-idle-wake``)
         meta["idle_gap_s"] = IDLE_GAP_S
         meta["idle_tries_ms"] = [[round(b * 1e3, 3), round(i * 1e3, 3)]
