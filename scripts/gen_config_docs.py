@@ -17,7 +17,6 @@ fail, so the reference cannot silently miss a field.
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import re
 import sys
@@ -30,6 +29,7 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
+from inferplane import docgen
 from inferplane.config import schema
 from inferplane.config.loader import builtin_defaults
 from inferplane.config.schema import FleetConfig
@@ -324,47 +324,18 @@ def builtins_block() -> str:
 
 ROLES = (("filter", "filter"), ("score", "scorer"), ("pick", "picker"))
 BLOCKS = {"fields": fields_block, "builtins": builtins_block}
-_BLOCK = re.compile(
-    r"(<!-- BEGIN GENERATED: (?P<name>[a-z]+) -->\n).*?(<!-- END GENERATED -->)", re.DOTALL
-)
 
 
 def render(text: str) -> str:
     """``text`` with every generated block rewritten."""
-    found: set[str] = set()
-
-    def sub(m: re.Match[str]) -> str:
-        name = m.group("name")
-        found.add(name)
-        return m.group(1) + "\n" + BLOCKS[name]() + "\n" + m.group(3)
-
-    out = _BLOCK.sub(sub, text)
-    missing = set(BLOCKS) - found
-    if missing:
-        raise SystemExit(f"{DOC}: missing generated blocks: {', '.join(sorted(missing))}")
-    return out
+    return docgen.render(text, BLOCKS, DOC)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--check", action="store_true", help="exit 1 if the page is stale")
-    parser.add_argument("--doc", type=Path, default=DOC)
-    args = parser.parse_args(argv)
-    text = args.doc.read_text("utf-8")
-    try:
-        new = render(text)
-    except UndocumentedFieldsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if args.check:
-        if new != text:
-            print(f"{args.doc} is out of date: run python scripts/gen_config_docs.py")
-            return 1
-        return 0
-    if new != text:
-        args.doc.write_text(new, "utf-8")
-        print(f"wrote {args.doc}")
-    return 0
+    return docgen.main(
+        argv, description=__doc__.split("\n")[0], doc=DOC, render=render,
+        script="scripts/gen_config_docs.py", errors=(UndocumentedFieldsError,),
+    )
 
 
 if __name__ == "__main__":

@@ -23,8 +23,6 @@ entry naming nothing exported, makes this script fail, so the two cannot go stal
 
 from __future__ import annotations
 
-import argparse
-import re
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -35,6 +33,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.parser import text_string_to_metric_families
 
+from inferplane import docgen
 from inferplane.economics.render import EconomicsCollector
 from inferplane.telemetry import gather
 from inferplane.telemetry.metrics import GatewayMetrics, SourcedCounters
@@ -293,47 +292,18 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "emulator": lambda: table(emulator_families()),
     "labels": labels_block,
 }
-_BLOCK = re.compile(
-    r"(<!-- BEGIN GENERATED: (?P<name>[a-z]+) -->\n).*?(<!-- END GENERATED -->)", re.DOTALL
-)
 
 
 def render(text: str) -> str:
     """``text`` with every generated block rewritten."""
-    found: set[str] = set()
-
-    def sub(m: re.Match[str]) -> str:
-        name = m.group("name")
-        found.add(name)
-        return m.group(1) + "\n" + BLOCKS[name]() + "\n" + m.group(3)
-
-    out = _BLOCK.sub(sub, text)
-    missing = set(BLOCKS) - found
-    if missing:
-        raise SystemExit(f"{DOC}: missing generated blocks: {', '.join(sorted(missing))}")
-    return out
+    return docgen.render(text, BLOCKS, DOC)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
-    parser.add_argument("--check", action="store_true", help="exit 1 if the page is stale")
-    parser.add_argument("--doc", type=Path, default=DOC)
-    args = parser.parse_args(argv)
-    text = args.doc.read_text("utf-8")
-    try:
-        new = render(text)
-    except (StaleTablesError, UnknownCollectorError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if args.check:
-        if new != text:
-            print(f"{args.doc} is out of date: run python scripts/gen_metrics_docs.py")
-            return 1
-        return 0
-    if new != text:
-        args.doc.write_text(new, "utf-8")
-        print(f"wrote {args.doc}")
-    return 0
+    return docgen.main(
+        argv, description=(__doc__ or "").split("\n")[0], doc=DOC, render=render,
+        script="scripts/gen_metrics_docs.py", errors=(StaleTablesError, UnknownCollectorError),
+    )
 
 
 if __name__ == "__main__":
