@@ -1255,6 +1255,41 @@ async def test_calibrate_warns_when_the_speed_spread_slows_the_profile_on_averag
     assert ("speed_spread" in text) is (keep and bool(spread))
 
 
+def _probe_records(
+    monkeypatch: pytest.MonkeyPatch, option: str,
+    result: Callable[[Any], ProbeResult] = lambda _: _probe_result(()),
+) -> list[object]:
+    """Replace `Prober.run` by one that answers ``result(value)`` of the ``option`` keyword it
+    is called with; the values it was called with, in order."""
+    seen: list[object] = []
+
+    async def run(self: Prober, *a: object, **kwargs: object) -> ProbeResult:
+        seen.append(kwargs[option])
+        return result(kwargs[option])
+
+    monkeypatch.setattr(Prober, "run", run)
+    return seen
+
+
+CALIBRATE = ["calibrate", "--endpoint", "http://127.0.0.1:9", "--model", "llama-3.1-8b"]
+
+
+def _calibrated(tmp_path: Path, args: tuple[str, ...]) -> Path:
+    """`inferplane calibrate --base l4` with ``args`` (the probe replaced): the profile file,
+    after checking that it succeeded."""
+    out = tmp_path / "p.yaml"
+    result = CliRunner().invoke(app, [*CALIBRATE, "--base", "l4", "--out", str(out), *args])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def _refuses_zero(tmp_path: Path, option: str) -> None:
+    """`inferplane calibrate` with ``option 0`` exits 2 naming it."""
+    refused = CliRunner().invoke(app, [
+        *CALIBRATE, "--out", str(tmp_path / "q.yaml"), option, "0"])
+    assert refused.exit_code == 2 and option in refused.output
+
+
 @pytest.mark.parametrize(("args", "tokens"), [((), 1), (("--sweep-stream-tokens", "8"), 8)])
 def test_calibrate_command_takes_the_sweep_stream_tokens_opt_in(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, args: tuple[str, ...], tokens: int,
@@ -1262,26 +1297,13 @@ def test_calibrate_command_takes_the_sweep_stream_tokens_opt_in(
     """``--sweep-stream-tokens`` reaches the probe; the profile's ``calibration`` records it only
     when it is not the default 1 (absent: 1, as in every profile before session 25); 0 is
     refused before anything is sent."""
-    seen: list[object] = []
-
-    async def run(self: Prober, *a: object, **kwargs: object) -> ProbeResult:
-        seen.append(kwargs["sweep_stream_tokens"])
-        return _probe_result(())
-
-    monkeypatch.setattr(Prober, "run", run)
-    out = tmp_path / "p.yaml"
-    result = CliRunner().invoke(app, [
-        "calibrate", "--endpoint", "http://127.0.0.1:9", "--model", "llama-3.1-8b",
-        "--base", "l4", "--out", str(out), *args])
-    assert result.exit_code == 0, result.output
+    seen = _probe_records(monkeypatch, "sweep_stream_tokens")
+    out = _calibrated(tmp_path, args)
     assert seen == [tokens]
     c = yaml.safe_load(out.read_text())["calibration"]
     assert c.get("sweep_stream_tokens", 1) == tokens
     assert ("sweep_stream_tokens" in c) is (tokens != 1)
-    refused = CliRunner().invoke(app, [
-        "calibrate", "--endpoint", "http://127.0.0.1:9", "--model", "llama-3.1-8b",
-        "--out", str(tmp_path / "q.yaml"), "--sweep-stream-tokens", "0"])
-    assert refused.exit_code == 2 and "--sweep-stream-tokens" in refused.output
+    _refuses_zero(tmp_path, "--sweep-stream-tokens")
     assert seen == [tokens]
 
 
@@ -1291,25 +1313,12 @@ def test_calibrate_command_takes_the_prefill_visits_a_round(
 ) -> None:
     """``--prefill-visits`` reaches the probe and the profile's ``calibration``, its default
     the probe's own (`PREFILL_VISITS`); 0 is refused before anything is sent."""
-    seen: list[object] = []
-
-    async def run(self: Prober, *a: object, **kwargs: object) -> ProbeResult:
-        seen.append(kwargs["prefill_visits"])
-        return _probe_result(())
-
-    monkeypatch.setattr(Prober, "run", run)
-    out = tmp_path / "p.yaml"
-    result = CliRunner().invoke(app, [
-        "calibrate", "--endpoint", "http://127.0.0.1:9", "--model", "llama-3.1-8b",
-        "--base", "l4", "--out", str(out), *args])
-    assert result.exit_code == 0, result.output
+    seen = _probe_records(monkeypatch, "prefill_visits")
+    out = _calibrated(tmp_path, args)
     assert seen == [visits]
     c = yaml.safe_load(out.read_text())["calibration"]
     assert c["prefill_visits"] == visits and c["prefill_statistic"] == "median of the tries"
-    refused = CliRunner().invoke(app, [
-        "calibrate", "--endpoint", "http://127.0.0.1:9", "--model", "llama-3.1-8b",
-        "--out", str(tmp_path / "q.yaml"), "--prefill-visits", "0"])
-    assert refused.exit_code == 2 and "--prefill-visits" in refused.output
+    _refuses_zero(tmp_path, "--prefill-visits")
     assert seen == [visits]
 
 
@@ -1320,22 +1329,15 @@ def test_calibrate_command_can_skip_the_idle_wake(
     """``--no-idle-wake`` runs no idle tries and writes no ``idle_wake_s`` (nor the tries in
     ``calibration``): a profile that readers older than the field load. By default the probe
     runs `IDLE_TRIES` a round and the profile keeps the fitted cost."""
-    seen: list[object] = []
 
-    async def run(self: Prober, *a: object, **kwargs: object) -> ProbeResult:
-        n = kwargs["idle_tries"]
+    def with_idle_tries(n: object) -> ProbeResult:
         assert isinstance(n, int)
-        seen.append(n)
         result = _probe_result(())
         result.idle_tries_s = [(0.005, 0.008)] * n
         return result
 
-    monkeypatch.setattr(Prober, "run", run)
-    out = tmp_path / "p.yaml"
-    result = CliRunner().invoke(app, [
-        "calibrate", "--endpoint", "http://127.0.0.1:9", "--model", "llama-3.1-8b",
-        "--base", "l4", "--out", str(out), *args])
-    assert result.exit_code == 0, result.output
+    seen = _probe_records(monkeypatch, "idle_tries", with_idle_tries)
+    out = _calibrated(tmp_path, args)
     assert seen == [tries]
     doc = yaml.safe_load(out.read_text())
     assert ("idle_wake_s" in out.read_text()) is bool(tries)
