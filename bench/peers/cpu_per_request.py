@@ -57,19 +57,7 @@ from bench.peers.gateway_gap import (  # noqa: E402
     gateway_config,
     start_gateway,
 )
-from bench.peers.procs import cpu_ns, free_port  # noqa: E402
-
-
-def wait_up(url: str, p: subprocess.Popen[bytes], what: str, path: str = "/health") -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if p.poll() is not None:
-            raise RuntimeError(f"{what} exited {p.returncode}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(url + path, timeout=1).status_code == 200:
-                return
-        time.sleep(0.2)
-    raise RuntimeError(f"{what} not up")
+from bench.peers.procs import cpu_ns, free_port, wait_up  # noqa: E402
 
 
 def start_proxy(urls: list[str], work: Path) -> tuple[subprocess.Popen[bytes], int]:

@@ -61,7 +61,7 @@ for _p in (str(ROOT / "src"), str(ROOT)):
 
 from bench.peers import client, metrics, real_engines  # noqa: E402
 from bench.peers.peers import INFERPLANE_KEY, inferplane_fleet  # noqa: E402
-from bench.peers.procs import free_port  # noqa: E402
+from bench.peers.procs import free_port, wait_up  # noqa: E402
 from bench.peers.workload import SliceSpec, encode_bodies, plan  # noqa: E402
 from inferplane.fleet.engine_metrics import parse_metrics  # noqa: E402
 from inferplane.twin.traces.loader import load_trace  # noqa: E402
@@ -156,26 +156,22 @@ def burst_slope(
     return statistics.median(firsts), statistics.median(slopes)
 
 
-def start_fake(ttft_s: float, work: Path, i: int = 0, arrivals: Path | None = None
-               ) -> tuple[str, str]:
-    """Stand-in engine ``i`` (`fake_engine.py`, its access log ``vllm{i}.log`` in ``work``,
-    with ``arrivals`` its ``--arrivals`` file), started under `real_engines.PROCS`; returns its
-    URL and the KV-event endpoint the fleet file names for it (nothing publishes there)."""
+def start_fake(ttft_s: float, work: Path, i: int = 0, arrivals: Path | None = None,
+               cpus: list[int] | None = None, access_log: bool = True) -> tuple[str, str]:
+    """Stand-in engine ``i`` (`fake_engine.py`, its access log ``vllm{i}.log`` in ``work``
+    unless not ``access_log``, with ``arrivals`` its ``--arrivals`` file, on ``cpus`` when
+    given), started under `real_engines.PROCS`; returns its URL and the KV-event endpoint the
+    fleet file names for it (nothing publishes there)."""
     port = free_port()
-    real_engines.PROCS.append(subprocess.Popen(
+    p = real_engines.start_engine(
         [sys.executable, str(ROOT / "bench/peers/fake_engine.py"), "--port", str(port),
-         "--ttft-s", str(ttft_s), "--log", str(work / f"vllm{i}.log"),
+         "--ttft-s", str(ttft_s),
+         *(["--log", str(work / f"vllm{i}.log")] if access_log else []),
          *(["--arrivals", str(arrivals)] if arrivals is not None else [])],
-        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True))
+        None, cpus=cpus)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return url, f"ipc://{work}/kv{i}.sock"
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    raise RuntimeError("fake engine not up")
+    wait_up(url, p, "fake engine", timeout_s=30)
+    return url, f"ipc://{work}/kv{i}.sock"
 
 
 def bench_slice(start: float, duration: float, rate_scale: float
@@ -213,16 +209,12 @@ def start_gateway(config: Path, log: Path, python: str = sys.executable, tree: P
                              stderr=subprocess.STDOUT, cwd=tree,
                              env={**os.environ, "PYTHONPATH": str(tree / "src"),
                                   "HF_HUB_OFFLINE": "1"})
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{base}/ready", timeout=1).status_code == 200:
-                return p
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    p.kill()
-    raise RuntimeError(f"gateway {config} not ready: {log.read_text()[-2000:]}")
+    try:
+        wait_up(base, p, f"gateway {config}", path="/ready", interval_s=0.3, log=log)
+    except RuntimeError:
+        p.kill()
+        raise
+    return p
 
 
 def drain_and_reset(url: str) -> None:

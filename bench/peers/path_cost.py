@@ -61,7 +61,7 @@ from bench.peers.gateway_gap import (  # noqa: E402
     start_fake,
     start_gateway,
 )
-from bench.peers.procs import cpu_ns, free_port, pin_preexec  # noqa: E402
+from bench.peers.procs import cpu_ns, free_port, wait_up  # noqa: E402
 from inferplane.dispatch.upstream import with_cache_salt  # noqa: E402
 from inferplane.placement.isolation import cache_salt, cache_scope  # noqa: E402
 
@@ -175,14 +175,7 @@ def start_router(path: str, engine: tuple[str, str], work: Path, rep: int
                               "--log-level", "warning", "--request-timeout-secs", "600"],
                              stdout=log, stderr=subprocess.STDOUT)
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
+        wait_up(base, p, "vllm-router")
         return p, base, {}
     sets = NOSCRAPE if path == "inferplane-noscrape" else ""
     conf = gateway_config([engine], port, sets, work, f"{path}-{rep}")
@@ -198,20 +191,8 @@ def arrivals_part(paths: list[str], bursts: list[list[bytes]], work: Path,
     (send order), the median time from the burst's first send to that arrival (ms)."""
     arr = work / "arrivals.txt"
     arr.touch()
-    port = free_port()
-    fp = subprocess.Popen(
-        [sys.executable, str(ROOT / "bench/peers/fake_engine.py"), "--port", str(port),
-         "--ttft-s", "0.05", "--arrivals", str(arr)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True,
-        preexec_fn=pin_preexec(engine_cpus))
-    real_engines.PROCS.append(fp)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.2)
+    url, _ = start_fake(0.05, work, arrivals=arr, cpus=engine_cpus, access_log=False)
+    fp = real_engines.PROCS[-1]
     out = []
     for path in paths:
         arr.write_text("")
@@ -319,26 +300,16 @@ def _run(a: argparse.Namespace, doc: dict[str, Any], spacing_s: float | None,
     else:
         port, kv = free_port(), f"ipc://{work}/kv0.sock"
         cmd = real_engines.vllm_command(port, kv, 1024, 16)
-        p = subprocess.Popen(cmd, stdout=(work / "vllm.log").open("wb"),
-                             stderr=subprocess.STDOUT, env=real_engines.vllm_env(), cwd=work,
-                             start_new_session=True, preexec_fn=pin_preexec(engine_cpus))
-        real_engines.PROCS.append(p)
+        p = real_engines.start_engine(cmd, work / "vllm.log", real_engines.vllm_env(), work,
+                                      engine_cpus)
         leader = p.pid
         url = f"http://127.0.0.1:{port}"
         t0 = time.monotonic()
-        while True:
-            if p.poll() is not None:
-                print((work / "vllm.log").read_text()[-3000:])
-                return 1
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() - t0 > 240:
-                print("engine not up")
-                return 1
-            time.sleep(0.5)
+        try:
+            wait_up(url, p, "engine", timeout_s=240, interval_s=0.5, log=work / "vllm.log")
+        except RuntimeError as exc:
+            print(exc)
+            return 1
         engine = (url, kv)
         print(f"engine up after {time.monotonic() - t0:.0f} s", flush=True)
         # warm: a few requests straight

@@ -68,6 +68,32 @@ def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def wait_up(url: str, p: subprocess.Popen[bytes] | None, what: str, *, path: str = "/health",
+            timeout_s: float = 60.0, interval_s: float = 0.2, log: Path | None = None) -> None:
+    """Poll ``url + path`` until it answers 200 (at least once, however short ``timeout_s``);
+    a RuntimeError naming ``what``, with the tail of ``log`` when given, when the process ``p``
+    (an engine, router or gateway started without :class:`Proc`) exits first or ``timeout_s``
+    passes."""
+
+    def tail() -> str:
+        with contextlib.suppress(OSError):
+            if log is not None:
+                return ":\n" + log.read_text(errors="replace")[-3000:]
+        return ""
+
+    start = time.monotonic()
+    deadline = start + timeout_s
+    while True:
+        if p is not None and p.poll() is not None:
+            raise RuntimeError(f"{what} exited with {p.returncode}{tail()}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url + path, timeout=1).status_code == 200:
+                return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} not up after {time.monotonic() - start:.0f}s{tail()}")
+        time.sleep(interval_s)
+
+
 def _start_priority(nice: int, rt: int, cpus: Sequence[int] = ()) -> None:
     """In a child before exec: niceness ``nice``; with ``rt`` > 0, the real-time round-robin
     policy at that priority; with ``cpus``, only those CPUs (every thread and process the

@@ -101,7 +101,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -117,10 +116,12 @@ from bench.peers.peers import envoy_concurrency
 from bench.peers.procs import (
     ANY_CPU,
     format_cpu_list,
+    free_port,
     parse_cpu_list,
     pin_preexec,
     pin_router_cpus,
     threads_cpus,
+    wait_up,
 )
 from inferplane.config.loader import parse_config
 from inferplane.errors import ConfigError
@@ -142,12 +143,6 @@ PROCS: list[subprocess.Popen[bytes]] = []
 
 def log(msg: str) -> None:
     print(f"[{dt.datetime.now():%H:%M:%S}] {msg}", flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 EXECUTORS = ("uni", "mp")
@@ -177,12 +172,16 @@ def vllm_command(port: int, kv: str, blocks: int, seqs: int,
             "--distributed-executor-backend", executor]
 
 
-def start_engine(cmd: list[str], log_path: Path, env: dict[str, str], cwd: Path,
-                 cpus: list[int] | None = None) -> subprocess.Popen[bytes]:
-    """One engine in a session of its own (`PROCS`), on ``cpus`` only when given (set before
-    exec: every process and thread it starts inherits them)."""
-    with log_path.open("wb") as fh:
-        p = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=cwd,
+def start_engine(cmd: list[str], log_path: Path | None, env: dict[str, str] | None = None,
+                 cwd: Path | None = None, cpus: list[int] | None = None
+                 ) -> subprocess.Popen[bytes]:
+    """One engine (or stand-in engine) in a session of its own (`PROCS`), its output to
+    ``log_path`` (None: discarded), with ``env`` and in ``cwd`` (None: ours), on ``cpus`` only
+    when given (set before exec: every process and thread it starts inherits them)."""
+    with contextlib.ExitStack() as stack:
+        out = (stack.enter_context(log_path.open("wb")) if log_path is not None
+               else subprocess.DEVNULL)
+        p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd,
                              start_new_session=True, preexec_fn=pin_preexec(cpus or []))
     PROCS.append(p)
     return p
@@ -198,25 +197,17 @@ def start_engines(n: int, blocks: int, seqs: int, work: Path, timeout_s: float =
         subprocess.run([str(VPY), str(ROOT / "scripts/fidelity/build_tiny_model.py"),
                         str(MODEL_DIR)], check=True, timeout=300, cwd=ROOT)
     out: list[tuple[str, str]] = []
+    started: list[subprocess.Popen[bytes]] = []
     for i in range(n):
         port, kv = free_port(), f"ipc://{work}/kv{i}.sock"
         cmd = vllm_command(port, kv, blocks, seqs, executor)
         (work / f"vllm{i}.cmd").write_text(" ".join(cmd) + "\n")
-        start_engine(cmd, work / f"vllm{i}.log", vllm_env(executor), work, cpus)
+        started.append(start_engine(cmd, work / f"vllm{i}.log", vllm_env(executor), work, cpus))
         out.append((f"http://127.0.0.1:{port}", kv))
     deadline = time.monotonic() + timeout_s
     for i, (url, _) in enumerate(out):
-        while True:
-            if PROCS[i].poll() is not None:
-                tail = (work / f"vllm{i}.log").read_text(errors="replace").splitlines()[-30:]
-                raise RuntimeError(f"vLLM {i} exited with {PROCS[i].returncode}:\n"
-                                   + "\n".join(tail))
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"vLLM {i} not healthy after {timeout_s:.0f}s")
-            time.sleep(0.5)
+        wait_up(url, started[i], f"vLLM {i}", timeout_s=deadline - time.monotonic(),
+                interval_s=0.5, log=work / f"vllm{i}.log")
         httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": [5, 6, 7],
                    "max_tokens": 2, "ignore_eos": True}, timeout=300).raise_for_status()
         log(f"engine {i} ready at {url}")
