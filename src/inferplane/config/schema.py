@@ -23,6 +23,17 @@ SKIP_WINDOW_MAX_S = 60
 Priority = Literal["critical", "standard", "sheddable", "batch"]
 
 
+def _key_hashes_only(keys: list[str]) -> list[str]:
+    """The ``api_keys`` validator of `MetricsSpec` and `TenantSpec`: every key a hash."""
+    for i, key in enumerate(keys):
+        if not _KEY_HASH.match(key):
+            raise ValueError(
+                f"api_keys[{i}] must be 'sha256:' + 64 lowercase hex digits "
+                "(store hashes, never keys; see `inferplane hash-key`)"
+            )
+    return keys
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -57,16 +68,7 @@ class MetricsSpec(Strict):
         "before 2026-12-07; off: it needs an admin key (`api_keys`), whatever `public` says",
     )
 
-    @field_validator("api_keys")
-    @classmethod
-    def _hashes_only(cls, keys: list[str]) -> list[str]:
-        for i, key in enumerate(keys):
-            if not _KEY_HASH.match(key):
-                raise ValueError(
-                    f"api_keys[{i}] must be 'sha256:' + 64 lowercase hex digits "
-                    "(store hashes, never keys; see `inferplane hash-key`)"
-                )
-        return keys
+    _hashes_only = field_validator("api_keys")(_key_hashes_only)
 
 
 class FirstByteTimeoutSpec(Strict):
@@ -691,16 +693,7 @@ class TenantSpec(Strict):
         "cached_tokens and placement); default: all of its own",
     )
 
-    @field_validator("api_keys")
-    @classmethod
-    def _hashes_only(cls, keys: list[str]) -> list[str]:
-        for i, key in enumerate(keys):
-            if not _KEY_HASH.match(key):
-                raise ValueError(
-                    f"api_keys[{i}] must be 'sha256:' + 64 lowercase hex digits "
-                    "(store hashes, never keys; see `inferplane hash-key`)"
-                )
-        return keys
+    _hashes_only = field_validator("api_keys")(_key_hashes_only)
 
 
 class DataSourceSpec(Strict):
