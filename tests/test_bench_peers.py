@@ -1099,3 +1099,45 @@ def test_the_cpu_layout_is_named_and_what_proc_showed_is_in_the_results() -> Non
             "engines_at_end": {"processes": 0, "threads": 0, "cpus": {}}}
     text = layout_lines({"results": [ok], "cpu_layout": urls})[0]
     assert "processes" not in text and "engines started elsewhere (--urls" in text
+
+
+def test_wait_up_names_an_engine_that_exited_or_never_answered(tmp_path: Path) -> None:
+    """`procs.wait_up`, the readiness poll of every engine, router and gateway the peer
+    scripts start without `Proc`: a process that exits is named with its status and its log's
+    tail; one that never answers is named once the time is up (after one poll at least)."""
+    log = tmp_path / "engine.log"
+    log.write_text("boom: no model\n")
+    dead = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    dead.wait()
+    url = f"http://127.0.0.1:{procs.free_port()}"
+    with pytest.raises(RuntimeError, match=r"(?s)vLLM 0 exited with 3:\nboom: no model"):
+        procs.wait_up(url, dead, "vLLM 0", log=log)
+    with pytest.raises(RuntimeError, match=r"^router not up after \d+s$"):
+        procs.wait_up(url, None, "router", timeout_s=0)
+
+
+def test_start_fake_starts_a_stand_in_engine_that_records_arrivals(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`gateway_gap.start_fake` (the stand-in of burst_transit, scrape_wakeups, path_cost…)
+    returns once the engine answers, in a session of its own under `real_engines.PROCS`; with
+    ``access_log=False`` it writes no access log, with ``arrivals`` it stamps each request."""
+    import httpx
+
+    from bench.peers import real_engines
+    from bench.peers.gateway_gap import start_fake
+
+    monkeypatch.setattr(real_engines, "PROCS", [])
+    arrivals = tmp_path / "arrivals.txt"
+    arrivals.touch()
+    try:
+        url, kv = start_fake(0.01, tmp_path, 4, arrivals=arrivals, access_log=False)
+        (p,) = real_engines.PROCS
+        assert os.getpgid(p.pid) == p.pid  # its own session: stop_engines ends its group
+        assert kv == f"ipc://{tmp_path}/kv4.sock"
+        r = httpx.post(f"{url}/v1/completions", json={
+            "model": "m", "prompt": [1, 2, 3], "max_tokens": 2, "stream": True}, timeout=10)
+        assert r.status_code == 200
+    finally:
+        real_engines.stop_engines()
+    assert not (tmp_path / "vllm4.log").exists()
+    assert len(arrivals.read_text().splitlines()) == 1
