@@ -28,6 +28,8 @@ from typing import Any, TypeVar
 
 import orjson
 
+from inferplane.sqliteio import immediate
+
 T = TypeVar("T")
 Payload = dict[str, Any]
 
@@ -71,15 +73,8 @@ class OutageJournal:
         def call() -> T:
             if self._conn is None:
                 self._conn = self._open()
-            c = self._conn
-            c.execute("BEGIN IMMEDIATE")
-            try:
-                out = fn(c)
-            except BaseException:
-                c.execute("ROLLBACK")
-                raise
-            c.execute("COMMIT")
-            return out
+            with immediate(self._conn):
+                return fn(self._conn)
 
         return await asyncio.get_running_loop().run_in_executor(self._pool, call)
 

@@ -30,6 +30,7 @@ from inferplane.admission.state import (
     MemoryStore,
     UsageRow,
 )
+from inferplane.sqliteio import immediate
 
 T = TypeVar("T")
 NANO = 1_000_000_000
@@ -92,15 +93,8 @@ class SqliteStore(MemoryStore):
         def call() -> T:
             if self._conn is None:
                 self._conn = self._open()
-            c = self._conn
-            c.execute("BEGIN IMMEDIATE")
-            try:
-                out = fn(c)
-            except BaseException:
-                c.execute("ROLLBACK")
-                raise
-            c.execute("COMMIT")
-            return out
+            with immediate(self._conn):
+                return fn(self._conn)
 
         return await asyncio.get_running_loop().run_in_executor(self._pool, call)
 

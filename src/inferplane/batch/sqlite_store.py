@@ -35,6 +35,7 @@ from inferplane.batch.store import (
     file_object,
     new_owner,
 )
+from inferplane.sqliteio import immediate
 
 T = TypeVar("T")
 
@@ -110,7 +111,7 @@ class SqliteBatchStore(BatchStore):
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
         conn.executescript(_SCHEMA)
-        with _tx(conn):  # a file from before claims (checked under the write lock)
+        with immediate(conn):  # a file from before claims (checked under the write lock)
             cols = {r[1] for r in conn.execute("PRAGMA table_info(batch_lines)")}
             if "owner" not in cols:
                 conn.execute("ALTER TABLE batch_lines ADD COLUMN owner TEXT")
@@ -157,7 +158,7 @@ class SqliteBatchStore(BatchStore):
         """`add_file` from an open file, copied into the row in chunks (never whole in memory)."""
 
         def op(c: sqlite3.Connection) -> None:
-            with _tx(c):
+            with immediate(c):
                 c.execute(
                     "INSERT INTO batch_files VALUES (?, ?, ?, ?, ?, ?, zeroblob(?))",
                     (fid, tenant, purpose, filename, size, now, size),
@@ -270,7 +271,7 @@ class SqliteBatchStore(BatchStore):
         replaces nothing: the lines are inserted only while the batch is still validating)."""
 
         def op(c: sqlite3.Connection) -> None:
-            with _tx(c):
+            with immediate(c):
                 st = c.execute("SELECT status FROM batches WHERE id = ?", (bid,)).fetchone()
                 if st is None or st[0] != "validating":
                     return
@@ -300,7 +301,7 @@ class SqliteBatchStore(BatchStore):
     async def claim_lines(self, bid: str, limit: int, lease_s: float) -> list[Line]:
         def op(c: sqlite3.Connection) -> list[Line]:
             now = self.clock()
-            with _tx(c):
+            with immediate(c):
                 rows = c.execute(
                     "SELECT line_no, custom_id, url, body FROM batch_lines "
                     "WHERE batch_id = ? AND done = 0 AND (owner IS NULL OR lease_until < ?) "
@@ -332,7 +333,7 @@ class SqliteBatchStore(BatchStore):
             if not lines:
                 c.execute(q, (self.owner,))
                 return
-            with _tx(c):
+            with immediate(c):
                 c.executemany(q + " AND batch_id = ? AND line_no = ?",
                               [(self.owner, ln.batch_id, ln.line_no) for ln in lines])
 
@@ -398,7 +399,7 @@ class SqliteBatchStore(BatchStore):
         one transaction. A file with no lines is not created (its id stays null)."""
 
         def op(c: sqlite3.Connection) -> None:
-            with _tx(c):
+            with immediate(c):
                 row = c.execute(
                     "SELECT tenant, status FROM batches WHERE id = ?", (bid,)
                 ).fetchone()
@@ -438,19 +439,6 @@ class SqliteBatchStore(BatchStore):
                 )
 
         await self._run(op)
-
-
-class _tx:
-    """BEGIN IMMEDIATE … COMMIT (ROLLBACK on error) on an autocommit connection."""
-
-    def __init__(self, c: sqlite3.Connection) -> None:
-        self.c = c
-
-    def __enter__(self) -> None:
-        self.c.execute("BEGIN IMMEDIATE")
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        self.c.execute("ROLLBACK" if exc_type is not None else "COMMIT")
 
 
 def _counts(c: sqlite3.Connection, bid: str, total: int) -> Counts:
