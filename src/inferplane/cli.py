@@ -12,9 +12,9 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
 
@@ -73,6 +73,16 @@ def run_until_signal(main: asyncio.Future[None] | None = None) -> asyncio.Abstra
         loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     return loop
+
+
+def _run_to_end(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Run ``main()`` on a new event loop (`run_until_signal`) until it returns; close the loop
+    whatever happens."""
+    loop = run_until_signal()
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
 
 
 async def _wait_for_signal(
@@ -406,11 +416,7 @@ def _serve_one(
             with stop_deadline(cfg.gateway.shutdown_timeout_s, lambda: gateway.stopping):
                 await runner.cleanup()
 
-    loop = run_until_signal()
-    try:
-        loop.run_until_complete(main())
-    finally:
-        loop.close()
+    _run_to_end(main)
 
 
 @app.command()
@@ -455,11 +461,7 @@ def epp(
             await server.stop(1.0)
             await picker.stop()
 
-    loop = run_until_signal()
-    try:
-        loop.run_until_complete(main())
-    finally:
-        loop.close()
+    _run_to_end(main)
 
 
 @app.command("envoy-config")
@@ -750,11 +752,7 @@ def emulate(
         except EmulatorError as exc:
             fail(str(exc), 1)
 
-    loop = run_until_signal()
-    try:
-        loop.run_until_complete(main())
-    finally:
-        loop.close()
+    _run_to_end(main)
 
 
 @app.command()
