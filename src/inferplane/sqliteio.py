@@ -1,9 +1,22 @@
 """What the SQLite-backed stores share: the write transaction every one of them takes (the
-admission counters, the outage journal, the batch lane)."""
+admission counters, the outage journal, the batch lane) and how the admission files are opened."""
 
 from __future__ import annotations
 
 import sqlite3
+from pathlib import Path
+
+
+def open_wal(path: str | Path, schema: str) -> sqlite3.Connection:
+    """An autocommit connection to the file ``path`` (its folder created) for one worker
+    thread: WAL, ``synchronous=NORMAL``, waiting up to 10 s for another process's write lock;
+    ``schema`` (``CREATE … IF NOT EXISTS`` statements) run on it."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10.0)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.executescript(schema)
+    return conn
 
 
 class immediate:

@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 import orjson
 
-from inferplane.sqliteio import immediate
+from inferplane.sqliteio import immediate, open_wal
 
 T = TypeVar("T")
 Payload = dict[str, Any]
@@ -57,14 +57,7 @@ class OutageJournal:
 
     def _open(self) -> sqlite3.Connection:
         assert self.path is not None
-        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(
-            self.path, isolation_level=None, check_same_thread=False, timeout=10.0
-        )
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")
-        conn.executescript(_SCHEMA)
-        return conn
+        return open_wal(self.path, _SCHEMA)
 
     async def _tx(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         if self._pool is None:

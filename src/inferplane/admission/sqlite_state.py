@@ -30,7 +30,7 @@ from inferplane.admission.state import (
     MemoryStore,
     UsageRow,
 )
-from inferplane.sqliteio import immediate
+from inferplane.sqliteio import immediate, open_wal
 
 T = TypeVar("T")
 NANO = 1_000_000_000
@@ -78,14 +78,7 @@ class SqliteStore(MemoryStore):
 
     # -- plumbing -------------------------------------------------------------------------
     def _open(self) -> sqlite3.Connection:
-        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(
-            self.path, isolation_level=None, check_same_thread=False, timeout=10.0
-        )
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")
-        conn.executescript(_SCHEMA)
-        return conn
+        return open_wal(self.path, _SCHEMA)
 
     async def _tx(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn`` in one immediate transaction on the store's thread."""
