@@ -171,6 +171,21 @@ def _ms(seconds: float) -> str:
     return str(max(1, int(seconds * 1000)))
 
 
+def fail_fast_client(url: str, timeout_s: float, *, decode_responses: bool = True,
+                     read_timeout: bool = True) -> aioredis.Redis:
+    """A client of the shared Redis for the gateway's own calls (admission, slots, shared
+    placement): connecting and (with ``read_timeout``) each reply bounded by ``timeout_s``, and no
+    retries inside the client, so that a dead Redis costs one short timeout and the caller
+    decides what the failure means. Without ``read_timeout`` no ``socket_timeout`` is passed
+    at all (redis-py's default, as the subscriber always had)."""
+    kwargs: dict[str, Any] = {"socket_connect_timeout": timeout_s, "retry": Retry(NoBackoff(), 0)}
+    if decode_responses:
+        kwargs["decode_responses"] = True
+    if read_timeout:
+        kwargs["socket_timeout"] = timeout_s
+    return aioredis.Redis.from_url(url, **kwargs)
+
+
 class RedisStore:
     """`AdmissionStore` on Redis (``redis.asyncio``), atomic through Lua scripts."""
 
@@ -187,13 +202,7 @@ class RedisStore:
         # client's own timeouts are ``max_stretch × timeout_s``: a caller that bounds each call
         # in the gateway's running time (`OutageStore` with a `LoopLag`) stretches it that far
         self.timeout_s = timeout_s
-        self.r: aioredis.Redis = aioredis.Redis.from_url(
-            url,
-            decode_responses=True,
-            socket_timeout=timeout_s * max_stretch,
-            socket_connect_timeout=timeout_s * max_stretch,
-            retry=Retry(NoBackoff(), 0),
-        )
+        self.r = fail_fast_client(url, timeout_s * max_stretch)
         self.p = prefix
         self._reserve = self.r.register_script(RESERVE)
         self._settle = self.r.register_script(SETTLE)

@@ -37,11 +37,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import msgpack
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from inferplane.admission.redis_state import fail_fast_client
 from inferplane.looplag import MAX_STRETCH, LoopLag, bounded
 from inferplane.placement.profile import RequestProfile
 from inferplane.waits import stop_task
@@ -101,14 +99,9 @@ class SharedPlacement:
         # each call is bounded by ``timeout_s`` of running time (`_deadline`); the client's own
         # timeouts only back that up, at its wall-time cap
         backstop = timeout_s * (max_stretch if lag is not None else 1.0)
-        self.r: aioredis.Redis = aioredis.Redis.from_url(
-            url, socket_timeout=backstop, socket_connect_timeout=backstop,
-            retry=Retry(NoBackoff(), 0),
-        )
+        self.r = fail_fast_client(url, backstop, decode_responses=False)
         # the subscriber waits for messages as long as there are none: no read timeout
-        self.sub: aioredis.Redis = aioredis.Redis.from_url(
-            url, socket_connect_timeout=backstop, retry=Retry(NoBackoff(), 0)
-        )
+        self.sub = fail_fast_client(url, backstop, decode_responses=False, read_timeout=False)
         self.lag = lag
         self.max_stretch = max_stretch
         self.p = prefix

@@ -36,11 +36,9 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from inferplane.admission.redis_state import fail_fast_client
 from inferplane.looplag import MAX_STRETCH, LoopLag, bounded
 from inferplane.waits import stop_task
 
@@ -125,13 +123,7 @@ class SharedSlots:
         # each call is bounded by ``timeout_s`` of running time (`_deadline`); the client's own
         # timeouts only back that up, at its wall-time cap
         backstop = timeout_s * (max_stretch if lag is not None else 1.0)
-        self.r: aioredis.Redis = aioredis.Redis.from_url(
-            url,
-            decode_responses=True,
-            socket_timeout=backstop,
-            socket_connect_timeout=backstop,
-            retry=Retry(NoBackoff(), 0),
-        )
+        self.r = fail_fast_client(url, backstop)
         self.timeout_s = timeout_s
         self.lag = lag
         self.max_stretch = max_stretch
