@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.import_graph import cycles
+
 SRC = Path(__file__).resolve().parents[1] / "src"
 TWIN = SRC / "inferplane" / "twin"
 PKG = "inferplane.twin"
@@ -69,49 +71,14 @@ def _graph(root: Path = TWIN, src: Path = SRC) -> dict[str, set[str]]:
     return {m: _imports(m, p, known) for m, p in mods.items()}
 
 
-def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
-    """Strongly connected components with more than one module (Tarjan), sorted."""
-    index: dict[str, int] = {}
-    low: dict[str, int] = {}
-    stack: list[str] = []
-    on_stack: set[str] = set()
-    out: list[list[str]] = []
-
-    def visit(v: str) -> None:
-        index[v] = low[v] = len(index)
-        stack.append(v)
-        on_stack.add(v)
-        for w in sorted(graph[v]):
-            if w not in index:
-                visit(w)
-                low[v] = min(low[v], low[w])
-            elif w in on_stack:
-                low[v] = min(low[v], index[w])
-        if low[v] == index[v]:
-            comp: list[str] = []
-            while True:
-                w = stack.pop()
-                on_stack.discard(w)
-                comp.append(w)
-                if w == v:
-                    break
-            if len(comp) > 1:
-                out.append(sorted(comp))
-
-    for v in sorted(graph):
-        if v not in index:
-            visit(v)
-    return sorted(out)
-
-
 def _room(module: str) -> str | None:
     rest = module.removeprefix(PKG + ".")
     return rest.split(".")[0] if rest != module else None
 
 
 def test_no_import_cycles_under_twin() -> None:
-    cycles = _cycles(_graph())
-    assert cycles == [], f"import cycles between twin modules: {cycles}"
+    found = cycles(_graph())
+    assert found == [], f"import cycles between twin modules: {found}"
 
 
 def test_rooms_import_one_way() -> None:
@@ -165,4 +132,4 @@ def test_cycle_checker_finds_cycles(tmp_path: Path, a_text: str, expected: list[
             "x/b.py": "from inferplane.twin.x.a import f\n",
         },
     )
-    assert _cycles(_graph(root, tmp_path)) == expected
+    assert cycles(_graph(root, tmp_path)) == expected
