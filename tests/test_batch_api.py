@@ -22,6 +22,7 @@ from inferplane.api.pipeline import Gateway
 from inferplane.batch.routes import BATCH_KEY, BatchService
 from inferplane.config.loader import parse_config
 from tests.builders import model, pool_fleet, tenant, to_yaml
+from tests.support.fake_upstream import chat_app
 from tests.support.procs import free_port
 
 KEYS = {"a": "sk-batch-a", "b": "sk-batch-b"}
@@ -36,26 +37,12 @@ class Upstream:
     port: int = 0
 
     def app(self) -> web.Application:
-        async def chat(request: web.Request) -> web.Response:
-            body = await request.json()
-            prompt = body["messages"][-1]["content"]
+        async def reply(prompt: str) -> str:
             self.seen[prompt] += 1
             await asyncio.sleep(self.delay)
-            return web.json_response({
-                "id": "x", "object": "chat.completion", "model": body["model"],
-                "choices": [{"index": 0, "finish_reason": "stop",
-                             "message": {"role": "assistant", "content": f"re: {prompt}"}}],
-                "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
-            })
+            return f"re: {prompt}"
 
-        async def ok(request: web.Request) -> web.Response:
-            return web.Response(text="")
-
-        app = web.Application()
-        app.router.add_post("/v1/chat/completions", chat)
-        app.router.add_get("/health", ok)
-        app.router.add_get("/metrics", ok)
-        return app
+        return chat_app(reply)
 
 
 def config(up: int, extra: dict[str, Any] | None = None) -> str:

@@ -19,6 +19,7 @@ from inferplane.api.app import serve
 from inferplane.api.pipeline import Gateway
 from inferplane.config.loader import parse_config
 from tests.builders import model, pool_fleet, to_yaml
+from tests.support.fake_upstream import chat_app
 from tests.support.procs import free_port
 
 KEY = "sk-gate"
@@ -35,27 +36,13 @@ class HeldUpstream:
     port: int = 0
 
     def app(self) -> web.Application:
-        async def chat(request: web.Request) -> web.Response:
-            body = await request.json()
-            prompt = body["messages"][-1]["content"]
+        async def reply(prompt: str) -> str:
             self.arrived.append(prompt)
             self.changed.set()
             await self.hold.wait()
-            return web.json_response({
-                "id": "x", "object": "chat.completion", "model": body["model"],
-                "choices": [{"index": 0, "finish_reason": "stop",
-                             "message": {"role": "assistant", "content": f"re: {prompt}"}}],
-                "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
-            })
+            return f"re: {prompt}"
 
-        async def ok(request: web.Request) -> web.Response:
-            return web.Response(text="")
-
-        app = web.Application()
-        app.router.add_post("/v1/chat/completions", chat)
-        app.router.add_get("/health", ok)
-        app.router.add_get("/metrics", ok)
-        return app
+        return chat_app(reply)
 
     async def until(self, n: int) -> list[str]:
         """The prompts arrived once ``n`` have (a liveness bound, not a speed target)."""

@@ -28,6 +28,7 @@ from inferplane.placement.build import build_policies
 from inferplane.placement.framework import place
 from tests.builders import key_hash
 from tests.placement_helpers import MODEL, REGIONS, hetero, profile, snapshot, state, sub
+from tests.support.fake_upstream import chat_app
 from tests.support.procs import free_port
 
 KEY = "sk-eu-only"
@@ -48,23 +49,10 @@ def _cfg(*subs: dict[str, Any], profiles: list[dict[str, Any]], **extra: Any) ->
 
 # -- the gateway ------------------------------------------------------------------------------
 def _upstream(name: str) -> web.Application:
-    async def chat(request: web.Request) -> web.Response:
-        body = await request.json()
-        return web.json_response({
-            "id": "x", "object": "chat.completion", "model": body["model"],
-            "choices": [{"index": 0, "finish_reason": "stop",
-                         "message": {"role": "assistant", "content": f"from {name}"}}],
-            "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
-        })
+    async def reply(prompt: str) -> str:
+        return f"from {name}"
 
-    async def ok(request: web.Request) -> web.Response:
-        return web.Response(text="")
-
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", chat)
-    app.router.add_get("/health", ok)
-    app.router.add_get("/metrics", ok)
-    return app
+    return chat_app(reply)
 
 
 @pytest.fixture

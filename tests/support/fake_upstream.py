@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import json
 import time
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
@@ -148,6 +149,28 @@ def build(name: str, mode: str, waiting: float) -> web.Application:
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/health", health)
     app.router.add_get("/stats", stats)
+    return app
+
+
+def chat_app(reply: Callable[[str], Awaitable[str]]) -> web.Application:
+    """An in-process upstream that answers ``/v1/chat/completions`` with one plain (not
+    streamed) completion whose content is ``await reply(last message's content)``, 3 prompt and
+    2 completion tokens; ``/health`` and ``/metrics`` answer 200 with nothing."""
+
+    async def chat(request: web.Request) -> web.Response:
+        body = await request.json()
+        content = await reply(body["messages"][-1]["content"])
+        return web.json_response({
+            "id": "x", "object": "chat.completion", "model": body["model"],
+            "choices": [{"index": 0, "finish_reason": "stop",
+                         "message": {"role": "assistant", "content": content}}],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
+        })
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", health)
     return app
 
 
