@@ -33,32 +33,18 @@ from inferplane.batch.postgres_store import PostgresBatchStore
 from inferplane.batch.sqlite_store import SqliteBatchStore
 from inferplane.batch.store import BatchStore, pid_scope
 from tests.builders import endpoint, model, pool_fleet, to_yaml
+from tests.support.postgres import ABSENT, DSN, drop_schema, needs_pg
 from tests.support.procs import Proc, free_port
 
-DSN = os.environ.get("INFERPLANE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 KEY = "sk-batch-claims"
-
-
-def _pg_absent() -> str | None:
-    try:
-        with psycopg.connect(DSN, connect_timeout=2) as conn:
-            conn.execute("SELECT 1")
-    except psycopg.Error as exc:
-        return f"no PostgreSQL at {DSN}: {str(exc).strip().splitlines()[0]}"
-    return None
-
-
-_NO_PG = _pg_absent()
-needs_pg = pytest.mark.skipif(_NO_PG is not None, reason=_NO_PG or "")
 
 
 @pytest.fixture
 def schema() -> Iterator[str]:
     name = f"b_{uuid.uuid4().hex[:12]}"
     yield name
-    if _NO_PG is None:
-        with psycopg.connect(DSN, autocommit=True) as conn:
-            conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+    if ABSENT is None:
+        drop_schema(name)
 
 
 # -- in process: two stores on the same rows ------------------------------------------------

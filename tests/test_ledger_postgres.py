@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -23,32 +22,19 @@ from inferplane.ledger.postgres import PostgresLedger, Tables
 from inferplane.ledger.query import Query, decode_cursor
 from inferplane.ledger.tools import Source, export, verify
 from inferplane.placement.framework import Decision
+from tests.support.postgres import DSN, drop_schema, needs_pg
 from tests.test_ledger import FLEET, _ok, _with_id
 from tests.test_ledger import decision as decision  # the fixture
 from tests.test_ledger_chain import SIGNER
 
-DSN = os.environ.get("INFERPLANE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
-
-
-def _pg_available() -> str | None:
-    try:
-        with psycopg.connect(DSN, connect_timeout=2) as conn:
-            conn.execute("SELECT 1")
-    except psycopg.Error as exc:
-        return f"no PostgreSQL at {DSN}: {str(exc).strip().splitlines()[0]}"
-    return None
-
-
-_WHY = _pg_available()
-pytestmark = pytest.mark.skipif(_WHY is not None, reason=_WHY or "")
+pytestmark = needs_pg
 
 
 @pytest.fixture
 def schema() -> Iterator[str]:
     name = f"t_{uuid.uuid4().hex[:12]}"
     yield name
-    with psycopg.connect(DSN, autocommit=True) as conn:
-        conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+    drop_schema(name)
 
 
 @pytest.fixture

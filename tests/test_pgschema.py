@@ -10,7 +10,7 @@ import pytest
 
 from inferplane.batch import postgres_store as batch_pg
 from inferplane.ledger import postgres as ledger_pg
-from tests.test_ledger_postgres import _WHY, DSN
+from tests.support.postgres import DSN, needs_pg
 from tests.test_ledger_postgres import schema as schema  # the fixture
 
 
@@ -32,7 +32,7 @@ def _tables(conn: psycopg.Connection[tuple[str]], schema: str) -> list[str]:
     return [r[0] for r in rows]
 
 
-@pytest.mark.skipif(_WHY is not None, reason=_WHY or "")
+@needs_pg
 @pytest.mark.parametrize("mod", [ledger_pg, batch_pg])
 async def test_replicas_migrating_at_once_make_the_tables_once(mod: object, schema: str) -> None:
     t = mod.Tables(schema, "ip_")  # type: ignore[attr-defined]
@@ -50,7 +50,7 @@ async def test_replicas_migrating_at_once_make_the_tables_once(mod: object, sche
             (mod.SCHEMA_VERSION,)]  # type: ignore[attr-defined]
 
 
-@pytest.mark.skipif(_WHY is not None, reason=_WHY or "")
+@needs_pg
 @pytest.mark.parametrize("mod", [ledger_pg, batch_pg])
 async def test_tables_newer_than_this_inferplane_are_refused_untouched(
         mod: object, schema: str) -> None:
