@@ -9,6 +9,7 @@ in front of real fake upstreams on loopback (`tests.support.fake_upstream`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -301,6 +302,23 @@ async def _gateway(yaml: str) -> tuple[Gateway, web.AppRunner, str]:
     return gw, runner, f"http://127.0.0.1:{port}"
 
 
+@contextlib.asynccontextmanager
+async def _running(
+    modes: Mapping[str, str], gateway: Mapping[str, Any] | None = None,
+    outlier: Mapping[str, Any] | None = None,
+) -> AsyncIterator[tuple[Gateway, str, dict[str, int]]]:
+    """Upstreams in ``modes`` (`_upstreams`) and a gateway over them in one pool (`_pool`):
+    (the gateway, its base URL, each upstream's port); all stopped at the end."""
+    ports, ups = await _upstreams(modes)
+    gw, runner, base = await _gateway(_pool(ports, gateway, outlier))
+    try:
+        yield gw, base, ports
+    finally:
+        await runner.cleanup()
+        for u in ups:
+            await u.cleanup()
+
+
 def _pool(ports: Mapping[str, int], gateway: Mapping[str, Any] | None = None,
           outlier: Mapping[str, Any] | None = None) -> str:
     """One pool of endpoints; round-robin placement, so every endpoint meets its share of the
@@ -330,9 +348,8 @@ async def test_no_client_error_while_healthy_peers_remain(
 ) -> None:
     """One endpoint answers 500 with /health green, two peers are healthy: every client gets a
     200, and the failing one is ejected after ``consecutive_5xx`` failures, not ~38."""
-    ports, ups = await _upstreams({"bad": "fail500", "ok-1": "ok", "ok-2": "ok"})
-    gw, runner, base = await _gateway(_pool(ports, outlier={"interval_s": 60}))
-    try:
+    async with _running({"bad": "fail500", "ok-1": "ok", "ok-2": "ok"},
+                        outlier={"interval_s": 60}) as (gw, base, _):
         for _ in range(30):
             async with session.post(f"{base}/v1/chat/completions",
                                     json={**CHAT, "stream": stream}) as r:
@@ -346,20 +363,14 @@ async def test_no_client_error_while_healthy_peers_remain(
             text = await r.text()
         assert ('inferplane_endpoint_ejections_total{endpoint="bad",'
                 'reason_kind="consecutive_5xx"} 1.0') in text
-    finally:
-        await runner.cleanup()
-        for u in ups:
-            await u.cleanup()
 
 
 async def test_replacement_continues_past_two_failed_endpoints(
     session: aiohttp.ClientSession,
 ) -> None:
-    ports, ups = await _upstreams({"bad-1": "fail500", "bad-2": "fail500", "ok": "ok"})
     # no ejection: every request meets both failing endpoints' chance
-    _gw, runner, base = await _gateway(
-        _pool(ports, outlier={"consecutive_5xx": None, "enabled": False}))
-    try:
+    async with _running({"bad-1": "fail500", "bad-2": "fail500", "ok": "ok"},
+                        outlier={"consecutive_5xx": None, "enabled": False}) as (_, base, _):
         attempts = set()
         for _ in range(12):
             async with session.post(f"{base}/v1/chat/completions", json=CHAT) as r:
@@ -369,10 +380,6 @@ async def test_replacement_continues_past_two_failed_endpoints(
             async with session.get(f"{base}/v1/decisions/{rid}") as r:
                 attempts.add((await r.json())["outcome"]["attempts"])
         assert 3 in attempts  # bad-1, bad-2, then ok: two re-placements
-    finally:
-        await runner.cleanup()
-        for u in ups:
-            await u.cleanup()
 
 
 @pytest.mark.parametrize("stream", [True, False])
@@ -381,11 +388,11 @@ async def test_a_hung_engine_is_timed_out_replaced_and_ejected(
 ) -> None:
     """Issue 12 item 12: an engine that accepts and never answers. The first-byte timeout
     (floor 0.5 s here) re-places the request, and two timeouts in a row eject the engine."""
-    ports, ups = await _upstreams({"hung": "hang", "ok-1": "ok", "ok-2": "ok"})
-    gw, runner, base = await _gateway(_pool(
-        ports, gateway={"first_byte_timeout": {"floor_s": 0.5, "factor": 2, "unpredicted_s": 0.5}},
-        outlier={"interval_s": 60}))
-    try:
+    async with _running(
+        {"hung": "hang", "ok-1": "ok", "ok-2": "ok"},
+        gateway={"first_byte_timeout": {"floor_s": 0.5, "factor": 2, "unpredicted_s": 0.5}},
+        outlier={"interval_s": 60},
+    ) as (gw, base, _):
         for _ in range(12):
             async with session.post(f"{base}/v1/chat/completions",
                                     json={**CHAT, "stream": stream}) as r:
@@ -399,10 +406,6 @@ async def test_a_hung_engine_is_timed_out_replaced_and_ejected(
         async with session.get(f"{base}/metrics") as r:
             text = await r.text()
         assert 'endpoint="hung",reason="first_byte_timeout"' in text
-    finally:
-        await runner.cleanup()
-        for u in ups:
-            await u.cleanup()
 
 
 @pytest.mark.parametrize("stream", [True, False])
@@ -415,14 +418,14 @@ async def test_a_hung_engine_is_still_ejected_while_the_loop_lags(
     deadline alone would never fire and the hung engine would hold each request for the whole
     ``upstream_timeout_s``. The wall-clock cap (``max_stretch`` × the timeout) still times it
     out: the request is re-placed and the engine ejected for first-byte timeouts."""
-    ports, ups = await _upstreams({"hung": "hang", "ok-1": "ok", "ok-2": "ok"})
-    gw, runner, base = await _gateway(_pool(
-        ports, gateway={"upstream_timeout_s": 60, "first_byte_timeout": {
+    async with _running(
+        {"hung": "hang", "ok-1": "ok", "ok-2": "ok"},
+        gateway={"upstream_timeout_s": 60, "first_byte_timeout": {
             "floor_s": 0.2, "factor": 1, "unpredicted_s": 0.2, "max_stretch": 2}},
-        outlier={"interval_s": 60}))
-    monkeypatch.setattr(gw.lag, "lost_at", lambda now: now)  # all wall time is lag
-    mark = gw.lag.mark()
-    try:
+        outlier={"interval_s": 60},
+    ) as (gw, base, _):
+        monkeypatch.setattr(gw.lag, "lost_at", lambda now: now)  # all wall time is lag
+        mark = gw.lag.mark()
         for _ in range(12):
             async with session.post(f"{base}/v1/chat/completions",
                                     json={**CHAT, "stream": stream}) as r:
@@ -433,10 +436,6 @@ async def test_a_hung_engine_is_still_ejected_while_the_loop_lags(
         hung = gw.live.live["hung"]
         assert hung.ejected and "first-byte timeouts" in hung.ejected_reason
         assert hung.requests_total == 2 and hung.inflight == 0
-    finally:
-        await runner.cleanup()
-        for u in ups:
-            await u.cleanup()
 
 
 @pytest.mark.parametrize("stream", [True, False])
@@ -448,11 +447,11 @@ async def test_the_gateways_own_stall_is_not_a_first_byte_timeout(
     when a loaded host deschedules the gateway — against a 0.3 s first-byte timeout: the time
     lost is the gateway's own lag, so the first attempt is answered and nobody is blamed (the
     code before timed both endpoints out, re-placed twice and ejected one)."""
-    ports, ups = await _upstreams({"s-1": "stall", "s-2": "stall"})
-    gw, runner, base = await _gateway(_pool(
-        ports, gateway={"first_byte_timeout": {"floor_s": 0.3, "factor": 1, "unpredicted_s": 0.3}},
-        outlier={"interval_s": 60, "consecutive_timeouts": 1}))
-    try:
+    async with _running(
+        {"s-1": "stall", "s-2": "stall"},
+        gateway={"first_byte_timeout": {"floor_s": 0.3, "factor": 1, "unpredicted_s": 0.3}},
+        outlier={"interval_s": 60, "consecutive_timeouts": 1},
+    ) as (gw, base, ports):
         await asyncio.sleep(0.3)  # the loop-lag ticker has ticked
         async with session.post(f"{base}/v1/chat/completions",
                                 json={**CHAT, "stream": stream}) as r:
@@ -465,10 +464,6 @@ async def test_the_gateways_own_stall_is_not_a_first_byte_timeout(
             rec = gw.live.live[name]
             assert not rec.ejected and rec.consecutive_timeouts == 0
         assert gw.lag.lost_s >= 0.5  # the stall was measured
-    finally:
-        await runner.cleanup()
-        for u in ups:
-            await u.cleanup()
 
 
 async def test_outage_spillover_is_announced_and_counted(session: aiohttp.ClientSession) -> None:
