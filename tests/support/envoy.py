@@ -14,6 +14,8 @@ from typing import Any
 import httpx
 import yaml
 
+from tests.support.procs import terminate
+
 
 def envoy_binary() -> str:
     found = shutil.which("envoy", path=str(Path(sys.executable).parent)) or shutil.which("envoy")
@@ -65,10 +67,5 @@ class Envoy:
             self.p.wait(5)
 
     def stop(self) -> None:
-        if self.p is not None and self.p.poll() is None:
-            self.p.terminate()
-            try:
-                self.p.wait(5)
-            except subprocess.TimeoutExpired:
-                self.p.kill()
-                self.p.wait(5)
+        if self.p is not None:
+            terminate(self.p)

@@ -56,11 +56,16 @@ class Proc:
         raise TimeoutError(f"{url} not ready; log: {self.log.read_text()}")
 
     def stop(self) -> None:
-        if self.p.poll() is None:
-            self.p.terminate()
-            try:
-                self.p.wait(5)
-            except subprocess.TimeoutExpired:
-                self.p.kill()
-                self.p.wait(5)
+        terminate(self.p)
         self._fh.close()
+
+
+def terminate(p: subprocess.Popen[bytes]) -> None:
+    """End ``p`` if it still runs: SIGTERM, then SIGKILL if it has not ended 5 s later."""
+    if p.poll() is None:
+        p.terminate()
+        try:
+            p.wait(5)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(5)
