@@ -1141,3 +1141,32 @@ def test_start_fake_starts_a_stand_in_engine_that_records_arrivals(
         real_engines.stop_engines()
     assert not (tmp_path / "vllm4.log").exists()
     assert len(arrivals.read_text().splitlines()) == 1
+
+
+def test_a_vllm_router_that_never_answers_is_stopped(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """When path_cost's vllm-router never comes up, `start_router` raises and ends the router
+    itself: its callers only stop the routers it returns."""
+    from bench.peers import path_cost
+
+    router = tmp_path / "vllm-router"
+    router.write_text("#!/bin/sh\necho listening nowhere\nexec sleep 600\n")
+    router.chmod(0o755)
+    monkeypatch.setattr(path_cost, "VLLM_ROUTER", router)
+    seen: list[subprocess.Popen[bytes]] = []
+
+    def never_up(url: str, p: subprocess.Popen[bytes], what: str, **kw: Any) -> None:
+        seen.append(p)
+        raise RuntimeError(f"{what} not up after 60s")
+
+    monkeypatch.setattr(path_cost, "wait_up", never_up)
+    try:
+        with pytest.raises(RuntimeError, match="vllm-router not up"):
+            path_cost.start_router("vllm-router", ("http://127.0.0.1:9", "ipc://x"), tmp_path, 0)
+        (p,) = seen
+        assert p.poll() is not None
+    finally:
+        for p in seen:
+            if p.poll() is None:
+                p.kill()
+                p.wait()

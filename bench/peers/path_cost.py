@@ -169,13 +169,19 @@ def start_router(path: str, engine: tuple[str, str], work: Path, rep: int
         return None, url, {}
     port = free_port()
     if path == "vllm-router":
-        log = (work / f"vllm-router-{rep}.log").open("wb")
-        p = subprocess.Popen([str(VLLM_ROUTER), "--host", "127.0.0.1", "--port", str(port),
-                              "--worker-urls", url, "--policy", "cache_aware",
-                              "--log-level", "warning", "--request-timeout-secs", "600"],
-                             stdout=log, stderr=subprocess.STDOUT)
+        log = work / f"vllm-router-{rep}.log"
+        with log.open("wb") as out:
+            p = subprocess.Popen([str(VLLM_ROUTER), "--host", "127.0.0.1", "--port", str(port),
+                                  "--worker-urls", url, "--policy", "cache_aware",
+                                  "--log-level", "warning", "--request-timeout-secs", "600"],
+                                 stdout=out, stderr=subprocess.STDOUT)
         base = f"http://127.0.0.1:{port}"
-        wait_up(base, p, "vllm-router")
+        try:
+            wait_up(base, p, "vllm-router", log=log)
+        except RuntimeError:
+            p.kill()
+            p.wait()
+            raise
         return p, base, {}
     sets = NOSCRAPE if path == "inferplane-noscrape" else ""
     conf = gateway_config([engine], port, sets, work, f"{path}-{rep}")
