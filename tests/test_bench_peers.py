@@ -1143,6 +1143,36 @@ def test_start_fake_starts_a_stand_in_engine_that_records_arrivals(
     assert len(arrivals.read_text().splitlines()) == 1
 
 
+def test_wait_up_takes_other_answers_a_shared_start_and_an_error_type(tmp_path: Path) -> None:
+    """`procs.wait_up` is also `Proc.wait_http`: it accepts the answers in ``ok``, raises
+    ``timeout_error`` when the time is up, and counts that time from ``started_at`` when given
+    (engines waited on in turn share one deadline and report the whole wait)."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Busy(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Busy)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        procs.wait_up(url, None, "router", path="/", ok=(200, 503))
+        with pytest.raises(TimeoutError, match=r"^router not up after \d+s$"):
+            procs.wait_up(url, None, "router", path="/", timeout_s=0, timeout_error=TimeoutError)
+        with pytest.raises(RuntimeError, match=r"^vLLM 1 not up after (\d+)s$") as err:
+            procs.wait_up(url, None, "vLLM 1", timeout_s=60, started_at=time.monotonic() - 600)
+        assert int(str(err.value).split()[-1].rstrip("s")) >= 600
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_a_vllm_router_that_never_answers_is_stopped(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """When path_cost's vllm-router never comes up, `start_router` raises and ends the router

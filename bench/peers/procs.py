@@ -19,7 +19,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,29 +68,37 @@ def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def log_tail(path: Path, n: int = 2000) -> str:
+    """The last ``n`` bytes of the file ``path`` as text; "" when it cannot be read."""
+    with contextlib.suppress(OSError):
+        return path.read_bytes()[-n:].decode("utf-8", "replace")
+    return ""
+
+
 def wait_up(url: str, p: subprocess.Popen[bytes] | None, what: str, *, path: str = "/health",
-            timeout_s: float = 60.0, interval_s: float = 0.2, log: Path | None = None) -> None:
-    """Poll ``url + path`` until it answers 200 (at least once, however short ``timeout_s``);
-    a RuntimeError naming ``what``, with the tail of ``log`` when given, when the process ``p``
-    (an engine, router or gateway started without :class:`Proc`) exits first or ``timeout_s``
-    passes."""
+            timeout_s: float = 60.0, interval_s: float = 0.2, log: Path | None = None,
+            ok: Collection[int] = (200,), started_at: float | None = None,
+            timeout_error: type[Exception] = RuntimeError) -> None:
+    """Poll ``url + path`` until it answers one of ``ok`` (at least once, however short
+    ``timeout_s``). Raises a RuntimeError naming ``what``, with the tail of ``log`` when given,
+    when the process ``p`` exits first; ``timeout_error`` (the same text) when ``timeout_s`` has
+    passed since ``started_at`` (a `time.monotonic` reading; now when None), so that waits on
+    several processes can share one deadline and still report the whole wait."""
 
     def tail() -> str:
-        with contextlib.suppress(OSError):
-            if log is not None:
-                return ":\n" + log.read_text(errors="replace")[-3000:]
-        return ""
+        text = log_tail(log, 3000) if log is not None else ""
+        return f":\n{text}" if text else ""
 
-    start = time.monotonic()
+    start = time.monotonic() if started_at is None else started_at
     deadline = start + timeout_s
     while True:
         if p is not None and p.poll() is not None:
             raise RuntimeError(f"{what} exited with {p.returncode}{tail()}")
         with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(url + path, timeout=1).status_code == 200:
+            if httpx.get(url + path, timeout=1).status_code in ok:
                 return
         if time.monotonic() > deadline:
-            raise RuntimeError(f"{what} not up after {time.monotonic() - start:.0f}s{tail()}")
+            raise timeout_error(f"{what} not up after {time.monotonic() - start:.0f}s{tail()}")
         time.sleep(interval_s)
 
 
@@ -269,23 +277,13 @@ class Proc:
         return self.popen.poll() is None
 
     def log_tail(self, n: int = 2000) -> str:
-        with contextlib.suppress(OSError):
-            return self.log.read_bytes()[-n:].decode("utf-8", "replace")
-        return ""
+        return log_tail(self.log, n)
 
     def wait_http(self, url: str, timeout_s: float = 60.0, ok: Sequence[int] = (200,)) -> None:
-        """Poll ``url`` until it answers one of ``ok``; raise with the log tail otherwise."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if not self.alive():
-                raise RuntimeError(
-                    f"{self.name} exited with {self.popen.returncode}:\n{self.log_tail()}"
-                )
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url, timeout=1.0).status_code in ok:
-                    return
-            time.sleep(0.2)
-        raise TimeoutError(f"{self.name}: {url} not ready in {timeout_s:.0f}s:\n{self.log_tail()}")
+        """Poll ``url`` until it answers one of ``ok``: a RuntimeError with the log tail when
+        the process exits first, a TimeoutError after ``timeout_s``."""
+        wait_up(url, self.popen, self.name, path="", timeout_s=timeout_s, ok=ok, log=self.log,
+                timeout_error=TimeoutError)
 
     def stop(self, grace_s: float = 5.0) -> None:
         """SIGTERM the process group, SIGKILL it after ``grace_s``; idempotent."""

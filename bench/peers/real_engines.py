@@ -204,9 +204,9 @@ def start_engines(n: int, blocks: int, seqs: int, work: Path, timeout_s: float =
         (work / f"vllm{i}.cmd").write_text(" ".join(cmd) + "\n")
         started.append(start_engine(cmd, work / f"vllm{i}.log", vllm_env(executor), work, cpus))
         out.append((f"http://127.0.0.1:{port}", kv))
-    deadline = time.monotonic() + timeout_s
+    t0 = time.monotonic()
     for i, (url, _) in enumerate(out):
-        wait_up(url, started[i], f"vLLM {i}", timeout_s=deadline - time.monotonic(),
+        wait_up(url, started[i], f"vLLM {i}", timeout_s=timeout_s, started_at=t0,
                 interval_s=0.5, log=work / f"vllm{i}.log")
         httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": [5, 6, 7],
                    "max_tokens": 2, "ignore_eos": True}, timeout=300).raise_for_status()
