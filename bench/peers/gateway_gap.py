@@ -168,7 +168,7 @@ def start_fake(ttft_s: float, work: Path, i: int = 0, arrivals: Path | None = No
          "--ttft-s", str(ttft_s),
          *(["--log", str(work / f"vllm{i}.log")] if access_log else []),
          *(["--arrivals", str(arrivals)] if arrivals is not None else [])],
-        None, cpus=cpus)
+        log_path=None, cpus=cpus)
     url = f"http://127.0.0.1:{port}"
     wait_up(url, p, "fake engine", timeout_s=30)
     return url, f"ipc://{work}/kv{i}.sock"
