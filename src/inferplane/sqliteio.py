@@ -1,5 +1,5 @@
-"""What the SQLite-backed stores share: the write transaction every one of them takes (the
-admission counters, the outage journal, the batch lane) and how the admission files are opened."""
+"""What the admission store, the outage journal and the batch lane's store share: the write
+transaction they take and how the admission files are opened (`ledger.sqlite` has its own)."""
 
 from __future__ import annotations
 
