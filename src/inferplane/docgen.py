@@ -1,5 +1,6 @@
 """Generated blocks in hand-written docs pages: the part scripts/gen_config_docs.py and
-scripts/gen_metrics_docs.py share.
+scripts/gen_metrics_docs.py share. A developer tool: only scripts/ and tests use it, never the
+gateway.
 
 A page is prose with blocks between marker comments::
 
