@@ -24,14 +24,28 @@ and the problem, and the CLI prints it without a stack trace.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Protocol, Self
+
+
+class Recorded(Protocol):
+    """The receipt of a decision record (`inferplane.ledger.record.Receipt`), as an error that
+    has one holds it."""
+
+    hash: str
+
+    async def durable(self, timeout_s: float | None = None) -> bool: ...
 
 
 class GatewayError(Exception):
-    """Base of every error the gateway answers with. Carries its HTTP status and OpenAI type."""
+    """Base of every error the gateway answers with. Carries its HTTP status and OpenAI type,
+    and, when the request has a decision record (it was placed, or placement found nothing),
+    that record's id and receipt (`recorded`): the front end names them on the answer."""
 
     status: int = 500
     error_type: str = "internal_error"
     code: str | None = None
+    decision_id: str | None = None
+    receipt: Recorded | None = None
 
     def __init__(
         self,
@@ -47,6 +61,11 @@ class GatewayError(Exception):
         if code is not None:
             self.code = code
         self.headers: dict[str, str] = dict(headers or {})
+
+    def recorded(self, decision_id: str, receipt: Recorded) -> Self:
+        """Note the decision record this error's answer has (its id and receipt)."""
+        self.decision_id, self.receipt = decision_id, receipt
+        return self
 
     def to_body(self) -> dict[str, dict[str, str | None]]:
         """The OpenAI error body."""

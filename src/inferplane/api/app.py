@@ -46,6 +46,7 @@ from inferplane.errors import (
 from inferplane.fleet.health import VERDICTS, endpoint_summary
 from inferplane.httpio import read_body
 from inferplane.ledger.query import BadQuery, parse_query
+from inferplane.ledger.record import Receipt
 from inferplane.telemetry import gather
 from inferplane.telemetry.tracing import RequestTrace
 from inferplane.types import ApiKind, JSONObject
@@ -53,6 +54,7 @@ from inferplane.types import ApiKind, JSONObject
 log = logging.getLogger("inferplane.api")
 
 GATEWAY_KEY: web.AppKey[Gateway] = web.AppKey("gateway", Gateway)
+DECISION_HEADER = "x-inferplane-decision-id"
 RECEIPT_HEADER = "x-inferplane-receipt"
 """The response header (an SSE comment at the end of a stream) holding the record's hash."""
 SSE_DONE = b"data: [DONE]\n\n"
@@ -66,8 +68,13 @@ def error_response(exc: GatewayError) -> web.Response:
     except TypeError:  # a message quoting undecodable bytes (surrogates): escape them
         err = {k: _printable(v) for k, v in body["error"].items()}
         data = orjson.dumps({"error": err})
+    headers = exc.headers
+    if exc.decision_id is not None:  # the request has a record: the answer names it
+        headers = {**headers, DECISION_HEADER: exc.decision_id}
+        if exc.receipt is not None and exc.receipt.hash:
+            headers[RECEIPT_HEADER] = exc.receipt.hash
     resp = web.Response(
-        body=data, status=exc.status, content_type="application/json", headers=exc.headers
+        body=data, status=exc.status, content_type="application/json", headers=headers
     )
     return resp
 
@@ -129,7 +136,7 @@ def _decision_headers(attempt: Attempt) -> dict[str, str]:
     headers = {
         "x-inferplane-endpoint": d.picked.name,
         "x-inferplane-substrate": d.picked.endpoint.substrate.name,
-        "x-inferplane-decision-id": d.decision_id,
+        DECISION_HEADER: d.decision_id,
         # the model that answers, by the upstream's own name (a provider's model id)
         "x-inferplane-model": d.picked.endpoint.upstream_model(d.profile.model),
     }
@@ -155,6 +162,8 @@ def make_api_handler(api: ApiKind) -> Handler:
             return await handle(request, gw, trace)
         except GatewayError as exc:
             trace.failed(exc.status, exc.code or exc.error_type)
+            if isinstance(exc.receipt, Receipt):  # its record is committed before it leaves
+                await gw.committed(exc.receipt)
             raise
         finally:
             trace.end()
@@ -243,7 +252,11 @@ async def forward(
     endpoint = attempt.decision.picked.endpoint  # type: ignore[union-attr]
     is_sse = resp.status == 200 and "text/event-stream" in resp.headers.get("Content-Type", "")
     if not is_sse:
-        data, ended = await gw.read_answer(attempt, started)
+        try:
+            data, ended = await gw.read_answer(attempt, started)
+        except GatewayError as exc:  # placed: the error names the pick as an answer would
+            exc.headers.update(_decision_headers(attempt))
+            raise
         # the record first: the answer carries its receipt and leaves once it is committed
         receipt = gw.account_answer(attempt, data, started=started, ended=ended)
         await gw.committed(receipt, attempt.ticket)

@@ -602,9 +602,13 @@ class Core:
                 code="context_length_exceeded",
             )
 
-    def decide(self, profile: RequestProfile, *, record: bool = True) -> Decision:
+    def decide(
+        self, profile: RequestProfile, *, record: bool = True, unplaced: Outcome | None = None
+    ) -> Decision:
         """Place the request; raise 503 naming the filters when nothing is eligible (and record
-        that in the ledger unless ``record`` is false: a retry that will wait and re-place)."""
+        that in the ledger, as ``unplaced`` when given, else as a 503, unless ``record`` is
+        false: a retry that will wait and re-place). The error carries the record
+        (`GatewayError.recorded`)."""
         policy = self.class_policy[profile.workload_class]
         snap = self.live.snapshot()
         decision = place(
@@ -624,9 +628,12 @@ class Core:
             self._check_possible(profile)
             for name, n in decision.removed_by.items():
                 self.metrics.no_endpoint.labels(name).inc(n)
+            error = NoEligibleEndpointError(len(snap.endpoints), decision.removed_by)
             if record:
-                self.ledger.record(decision, Outcome(status=503, endpoint=None), time.time())
-            raise NoEligibleEndpointError(len(snap.endpoints), decision.removed_by)
+                outcome = unplaced or Outcome(status=503, endpoint=None)
+                error.recorded(decision.decision_id,
+                               self.ledger.record(decision, outcome, time.time()))
+            raise error
         return decision
 
     def reserve(
@@ -636,6 +643,7 @@ class Core:
         failed: list[str] | None = None,
         *,
         record: bool = True,
+        unplaced: Outcome | None = None,
     ) -> Placement:
         """Place the request and reserve the picked endpoint (`decide`, then
         `LiveFleet.reserve`); the admission ticket, if any, is marked placed. With shared slots
@@ -645,7 +653,7 @@ class Core:
         if gated:
             profile = profile.with_(gated=gated)
         with trace.stage("place"):
-            decision = self.decide(profile, record=record)
+            decision = self.decide(profile, record=record, unplaced=unplaced)
             trace.placed(decision)
         view = decision.picked
         assert view is not None
@@ -795,12 +803,14 @@ class Core:
         profile: RequestProfile,
         ticket: Ticket | None = None,
         failed: list[str] | None = None,
+        unplaced: Outcome | None = None,
     ) -> Placement:
         """`reserve`, and with shared slots (`admission.slots`) also take the pick's slot
         across replicas: a pick at ``max_concurrency`` fleet-wide is excluded (filter
         ``capacity``) and the request re-placed; when every eligible endpoint is full it waits
-        for a slot, at most its class's queue deadline (then 503 ``queue_timeout``)."""
-        placement = self.reserve(profile, ticket, failed)
+        for a slot, at most its class's queue deadline (then 503 ``queue_timeout``).
+        ``unplaced``: what to record when nothing is eligible (`decide`)."""
+        placement = self.reserve(profile, ticket, failed, unplaced=unplaced)
         slots = self.slots
         if slots is None:
             return placement
@@ -840,7 +850,7 @@ class Core:
                 )
             await slots.wait_free(min(0.1, deadline - now))
             full.clear()
-            placement = self.reserve(profile, ticket, failed)
+            placement = self.reserve(profile, ticket, failed, unplaced=unplaced)
 
     async def open_with(
         self,
@@ -862,15 +872,23 @@ class Core:
         last_error = ""
         rate_limited: Endpoint | None = None  # the endpoint that answered 429 last attempt
         while True:
+            # after a failure, nothing left to re-place on is the failure's 502: its record
+            # says so (what the client gets), with the re-placement's filters as evidence
+            nowhere = None if not failed else UpstreamError(
+                f"{last_error}; no other eligible endpoint to re-place on", upstream=failed[-1]
+            )
+            unplaced = None if nowhere is None else Outcome(
+                status=502, endpoint=None, error=nowhere.message, attempts=len(failed),
+                failed_endpoints=tuple(failed),
+            )
             try:
-                placement = await self.hold(profile, ticket, failed)
-            except NoEligibleEndpointError:
-                if not failed:
+                placement = await self.hold(profile, ticket, failed, unplaced)
+            except NoEligibleEndpointError as exc:
+                if nowhere is None:
                     raise
-                raise UpstreamError(
-                    f"{last_error}; no other eligible endpoint to re-place on",
-                    upstream=failed[-1],
-                ) from None
+                if exc.receipt is not None and exc.decision_id is not None:
+                    nowhere.recorded(exc.decision_id, exc.receipt)
+                raise nowhere from None
             if rate_limited is not None:
                 self._rate_limited_spillover(placement, rate_limited)
             decision, reservation = placement.decision, placement.reservation
@@ -898,29 +916,31 @@ class Core:
                     log.warning("ejected %s: %s", view.name, ejected.reason)
                 rate_limited = view.endpoint if exc.upstream_status == 429 else None
                 failed.append(view.name)
-                self.ledger.record(
-                    decision,
-                    Outcome(
-                        status=502,
-                        endpoint=view.name,
-                        error=exc.message,
-                        attempts=len(failed),
-                        failed_endpoints=tuple(failed),
-                    ),
-                    time.time(),
-                )
                 last_error = exc.message.split(": ", 1)[-1]
                 over = len(failed) > self.config.gateway.max_replacements
                 if not over and not self.admission.retry_budget.try_acquire():
                     self.metrics.replacement_budget_exhausted.inc()
                     last_error += " (re-placement refused: the gateway's retry budget is spent)"
                     over = True
-                if over:
-                    raise UpstreamError(
-                        f"{last_error}"
-                        + (f" (also failed: {', '.join(failed[:-1])})" if len(failed) > 1 else ""),
-                        upstream=view.name,
-                    ) from None
+                final = None if not over else UpstreamError(
+                    f"{last_error}"
+                    + (f" (also failed: {', '.join(failed[:-1])})" if len(failed) > 1 else ""),
+                    upstream=view.name,
+                )
+                receipt = self.ledger.record(
+                    decision,
+                    Outcome(
+                        status=502,
+                        endpoint=view.name,
+                        # the last attempt's record says what the client got
+                        error=exc.message if final is None else final.message,
+                        attempts=len(failed),
+                        failed_endpoints=tuple(failed),
+                    ),
+                    time.time(),
+                )
+                if final is not None:
+                    raise final.recorded(decision.decision_id, receipt) from None
                 self.metrics.replacements.inc()
                 profile = profile.with_(
                     excluded=profile.excluded | {view.name},
@@ -989,8 +1009,9 @@ class Core:
         try:
             data = await read()
         except UpstreamError as exc:
-            self.account(placement, status=502, started=started, stats=None, usage=None,
-                         error=exc.message)
+            receipt = self.account(placement, status=502, started=started, stats=None,
+                                   usage=None, error=exc.message)
+            exc.recorded(placement.decision.decision_id, receipt)
             raise
         except BaseException:
             self.account(placement, status=499, started=started, stats=None, usage=None,
