@@ -11,6 +11,7 @@ Every layer raises these; only ``api/`` renders them, always in OpenAI's shape
     │   └── ModelNotFoundError        404 model_not_found
     ├── RequestTimeoutError           408 request_timeout         (the body came too slowly)
     ├── PayloadTooLargeError          413 payload_too_large
+    ├── UnsupportedMediaTypeError     415 unsupported_media_type  (a body that says it is not JSON)
     ├── RateLimitError                429 rate_limit_exceeded     (carries Retry-After)
     │   └── BudgetExceededError       429 budget_exceeded
     ├── UpstreamError                 502 upstream_error          (names the upstream)
@@ -115,6 +116,12 @@ class PayloadTooLargeError(GatewayError):
     status = 413
     error_type = "invalid_request_error"
     code = "payload_too_large"
+
+
+class UnsupportedMediaTypeError(GatewayError):
+    status = 415
+    error_type = "invalid_request_error"
+    code = "unsupported_media_type"
 
 
 class RateLimitError(GatewayError):

@@ -41,6 +41,7 @@ from inferplane.errors import (
     NotFoundError,
     PayloadTooLargeError,
     PermissionDeniedError,
+    UnsupportedMediaTypeError,
     UpstreamError,
 )
 from inferplane.fleet.health import VERDICTS, endpoint_summary
@@ -130,6 +131,22 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_response(GatewayError("internal error; see the gateway log"))
 
 
+def check_json_body(request: web.Request) -> None:
+    """An API route's body is JSON: a ``Content-Type`` that names another media type
+    (``text/plain``, a form, ``application/octet-stream``) is refused with a 415, as vLLM's
+    server refuses it (with a 400); ``application/json`` and ``application/*+json`` pass, and a
+    request with no ``Content-Type`` is read as JSON."""
+    given = request.headers.get("Content-Type", "")
+    media = given.split(";", 1)[0].strip().lower()
+    if not media or media == "application/json" or (
+        media.startswith("application/") and media.endswith("+json")
+    ):
+        return
+    raise UnsupportedMediaTypeError(
+        f"Content-Type {media!r} is not JSON: send the body as application/json"
+    )
+
+
 def _decision_headers(attempt: Attempt) -> dict[str, str]:
     d = attempt.decision
     assert d.picked is not None
@@ -174,6 +191,7 @@ def make_api_handler(api: ApiKind) -> Handler:
     ) -> web.StreamResponse:
         started = time.perf_counter()
         tenant, key_hash = gw.authenticate_key(request.headers.get("Authorization"))
+        check_json_body(request)
         g = gw.config.gateway
         raw = await _read_body(request, g.max_body_bytes, g.body_timeout_s)
         body = parse_json(raw)

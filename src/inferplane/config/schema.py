@@ -436,7 +436,13 @@ class ServedModel(Strict):
     variant: str = "default"
     precision: Literal["fp32", "bf16", "fp16", "fp8", "int8", "int4"] = "bf16"
     max_context: int = Field(gt=0)
-    kind: Literal["generate", "embed"] = "generate"
+    kind: Literal["generate", "embed"] = Field(
+        "generate",
+        description="`generate` (served through /v1/chat/completions and /v1/completions) or "
+        "`embed` (/v1/embeddings): a request through another API is refused by the gateway "
+        "(400 naming `model`), never sent upstream; one model name has one kind on every "
+        "endpoint",
+    )
     tokenizer: str | None = Field(
         None,
         description="the model's `tokenizer.json` (or a directory holding one; relative to the "

@@ -560,11 +560,7 @@ class Core:
                 param="model",
             )
         if api not in self.fleet.apis[model]:
-            raise InvalidRequestError(
-                f"the model {model!r} is served only through the Anthropic Messages dialect, "
-                f"which carries chat completions, not {api}",
-                param="model",
-            )
+            raise InvalidRequestError(self._api_mismatch(model, api), param="model")
         n = body.get("n")
         limit = self.config.gateway.max_n
         if isinstance(n, int) and n > limit:
@@ -577,6 +573,20 @@ class Core:
         if alias is not None:
             profile = profile.with_(model_alias=alias.name, tier_reason=choice.reason)
         return profile
+
+    def _api_mismatch(self, model: str, api: ApiKind) -> str:
+        """Why ``model`` is not served through ``api``: its kind (models[].kind: an
+        embeddings model, a generation model), else its endpoints' dialect."""
+        kinds = {m.kind for m in self.fleet.models[model]}
+        path = API_PATHS[api]
+        if kinds == {"embed"}:
+            return (f"the model {model!r} is an embeddings model: it serves /v1/embeddings, "
+                    f"not {path}")
+        if api == "embeddings":
+            return (f"the model {model!r} is a generation model: it serves "
+                    f"/v1/chat/completions and /v1/completions, not /v1/embeddings")
+        return (f"the model {model!r} is served only through the Anthropic Messages dialect, "
+                f"which carries chat completions, not {api}")
 
     def _check_possible(self, profile: RequestProfile) -> None:
         """A request that no endpoint of the fleet could ever serve is the client's error (400
