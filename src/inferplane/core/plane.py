@@ -583,8 +583,9 @@ class Core:
             return (f"the model {model!r} is an embeddings model: it serves /v1/embeddings, "
                     f"not {path}")
         if api == "embeddings":
-            return (f"the model {model!r} is a generation model: it serves "
-                    f"/v1/chat/completions and /v1/completions, not /v1/embeddings")
+            served = " and ".join(p for a, p in API_PATHS.items() if a in self.fleet.apis[model])
+            return (f"the model {model!r} is a generation model: it serves {served}, not "
+                    f"/v1/embeddings")
         return (f"the model {model!r} is served only through the Anthropic Messages dialect, "
                 f"which carries chat completions, not {api}")
 
