@@ -27,6 +27,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Protocol, Self
 
+DECISION_HEADER = "x-inferplane-decision-id"
+"""The answer header naming the request's decision record (`GatewayError.answer_headers`)."""
+RECEIPT_HEADER = "x-inferplane-receipt"
+"""The answer header (an SSE comment at the end of a stream) holding the record's hash."""
+
 
 class Recorded(Protocol):
     """The receipt of a decision record (`inferplane.ledger.record.Receipt`), as an error that
@@ -67,6 +72,17 @@ class GatewayError(Exception):
         """Note the decision record this error's answer has (its id and receipt)."""
         self.decision_id, self.receipt = decision_id, receipt
         return self
+
+    def answer_headers(self) -> dict[str, str]:
+        """The headers of this error's answer: its own (``Retry-After``...) and, when the
+        request has a record, ``x-inferplane-decision-id`` and ``x-inferplane-receipt``. Every
+        front end (HTTP, the EPP's ImmediateResponse) answers with these."""
+        headers = dict(self.headers)
+        if self.decision_id is not None:
+            headers[DECISION_HEADER] = self.decision_id
+            if self.receipt is not None and self.receipt.hash:
+                headers[RECEIPT_HEADER] = self.receipt.hash
+        return headers
 
     def to_body(self) -> dict[str, dict[str, str | None]]:
         """The OpenAI error body."""

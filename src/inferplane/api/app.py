@@ -35,6 +35,8 @@ from inferplane.core.validation import parse_json, validate
 from inferplane.dispatch.answer import StreamStats
 from inferplane.dispatch.upstream import SSEUsageFilter
 from inferplane.errors import (
+    DECISION_HEADER,
+    RECEIPT_HEADER,
     AuthenticationError,
     GatewayError,
     InvalidRequestError,
@@ -55,9 +57,6 @@ from inferplane.types import ApiKind, JSONObject
 log = logging.getLogger("inferplane.api")
 
 GATEWAY_KEY: web.AppKey[Gateway] = web.AppKey("gateway", Gateway)
-DECISION_HEADER = "x-inferplane-decision-id"
-RECEIPT_HEADER = "x-inferplane-receipt"
-"""The response header (an SSE comment at the end of a stream) holding the record's hash."""
 SSE_DONE = b"data: [DONE]\n\n"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -69,13 +68,9 @@ def error_response(exc: GatewayError) -> web.Response:
     except TypeError:  # a message quoting undecodable bytes (surrogates): escape them
         err = {k: _printable(v) for k, v in body["error"].items()}
         data = orjson.dumps({"error": err})
-    headers = exc.headers
-    if exc.decision_id is not None:  # the request has a record: the answer names it
-        headers = {**headers, DECISION_HEADER: exc.decision_id}
-        if exc.receipt is not None and exc.receipt.hash:
-            headers[RECEIPT_HEADER] = exc.receipt.hash
     resp = web.Response(
-        body=data, status=exc.status, content_type="application/json", headers=headers
+        body=data, status=exc.status, content_type="application/json",
+        headers=exc.answer_headers(),  # the record's id and receipt, when it has one
     )
     return resp
 
