@@ -43,11 +43,35 @@ def _upstream(mode: str) -> web.Application:
     return app
 
 
+class _FullSlots:
+    """Shared slots (`admission.slots`) in which every endpoint but ``free`` stays at its
+    max_concurrency across the replicas."""
+
+    def __init__(self, free: str) -> None:
+        self.free = free
+
+    async def start(self, degraded: bool = False) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    async def acquire(self, endpoint: str) -> str | None:
+        return "slot" if endpoint == self.free else None
+
+    def release(self, endpoint: str, sid: str) -> None:
+        pass
+
+    async def wait_free(self, timeout: float) -> None:
+        await asyncio.sleep(timeout)
+
+
 async def _stack(
-    tmp_path: Path, modes: Mapping[str, str]
+    tmp_path: Path, modes: Mapping[str, str], slots: Any = None, **sections: Any
 ) -> tuple[str, list[web.AppRunner]]:
     """A gateway with a SQLite ledger in front of one endpoint per ``modes`` entry; its base
-    URL and every runner to clean up (the gateway's first)."""
+    URL and every runner to clean up (the gateway's first). ``slots``: the gateway's shared
+    slots; ``sections``: more blocks of the fleet file."""
     runners: list[web.AppRunner] = []
     eps = []
     for name, mode in modes.items():
@@ -65,8 +89,12 @@ async def _stack(
         substrate={"cost": {"hourly_usd": 3.0}},
         endpoints=eps,
         key=KEY,
+        **sections,
     )))
-    runner = await serve(Gateway(cfg), "127.0.0.1", gw_port)
+    gw = Gateway(cfg)
+    runner = await serve(gw, "127.0.0.1", gw_port)
+    if slots is not None:
+        gw.slots = slots
     base = f"http://127.0.0.1:{gw_port}"
     async with aiohttp.ClientSession() as s:  # every endpoint probed healthy first
         for _ in range(200):
@@ -74,6 +102,8 @@ async def _stack(
                 if (await r.json())["usable_endpoints"] == len(modes):
                     break
             await asyncio.sleep(0.05)
+        else:
+            raise AssertionError(f"the gateway did not see {len(modes)} usable endpoints")
     return base, [runner, *runners]
 
 
@@ -163,6 +193,28 @@ async def test_a_503_with_nothing_eligible_names_its_record(
             session, base, 503, {"x-inferplane-jurisdictions": "us"})
         assert error["code"] == "no_eligible_endpoint" and "jurisdiction" in error["message"]
         assert record["outcome"]["status"] == 503
+    finally:
+        for runner in runners:
+            await runner.cleanup()
+
+
+async def test_a_queue_timeout_after_a_failed_attempt_names_its_record_which_says_503(
+    tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """Shared slots: ``bad`` takes the request and fails before its first byte; ``full`` stays
+    at its max_concurrency until the queue deadline. The client gets 503 ``queue_timeout``; the
+    id's last record says so, not the failed attempt's 502 (review26 should 2)."""
+    base, runners = await _stack(
+        tmp_path, {"bad": "fail500", "full": "ok"}, slots=_FullSlots("bad"),
+        admission={"queue": {"default_deadline_ms": 200}},
+    )
+    try:
+        _, error, record = await _error_and_record(session, base, 503)
+        assert error["code"] == "queue_timeout"
+        out = record["outcome"]
+        assert out["status"] == 503, out  # not the failed attempt's 502
+        assert out["error"] == error["message"]
+        assert out["failed_endpoints"] == ["bad"]
     finally:
         for runner in runners:
             await runner.cleanup()

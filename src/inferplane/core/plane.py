@@ -20,7 +20,7 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -826,6 +826,7 @@ class Core:
         if slots is None:
             return placement
         full: set[str] = set()
+        removed: dict[str, int] = {}
         deadline: float | None = None
         while True:
             name = placement.endpoint_name
@@ -844,8 +845,8 @@ class Core:
                     profile.with_(full=frozenset(full)), ticket, failed, record=False
                 )
                 continue
-            except NoEligibleEndpointError:
-                pass
+            except NoEligibleEndpointError as exc:
+                removed = exc.removed
             now = self.live.clock()
             if deadline is None:
                 cls = self.admission.classes.get(profile.workload_class)
@@ -854,11 +855,18 @@ class Core:
                 )
                 deadline = now + wait_ms / 1000.0
             if now >= deadline:
-                raise QueueTimeoutError(
+                timeout = QueueTimeoutError(
                     f"every endpoint that can serve {profile.model!r} stayed at its "
                     f"max_concurrency across the gateway replicas until the queue deadline",
                     headers={"Retry-After": "1"},
                 )
+                # the answer's record says 503 (after a failed attempt the id's last record
+                # would otherwise be that attempt's 502), with the capacity filter as evidence
+                receipt = self.record_unplaced(
+                    profile, status=503, error=timeout.message, failed=failed or (),
+                    removed_by=removed,
+                )
+                raise timeout.recorded(profile.request_id, receipt)
             await slots.wait_free(min(0.1, deadline - now))
             full.clear()
             placement = self.reserve(profile, ticket, failed, unplaced=unplaced)
@@ -1147,19 +1155,31 @@ class Core:
             time.time(),
         )
 
-    def record_unplaced(self, profile: RequestProfile, *, status: int, error: str) -> Receipt:
-        """The record of a request that ended before it was placed (its client left while it
-        waited for admission): no candidates, no pick, the status and the reason."""
+    def record_unplaced(
+        self,
+        profile: RequestProfile,
+        *,
+        status: int,
+        error: str,
+        failed: Sequence[str] = (),
+        removed_by: Mapping[str, int] | None = None,
+    ) -> Receipt:
+        """The record of a request that ended without a pick (its client left while it waited
+        for admission; every eligible endpoint stayed full until its queue deadline): no
+        candidates, no pick, the status and the reason; ``failed``: the endpoints earlier
+        attempts failed on, ``removed_by``: the last placement's filters."""
         decision = Decision(
             decision_id=profile.request_id,
             policy=self.class_policy[profile.workload_class].name,
             profile=profile,
             candidates=(),
             picked=None,
-            removed_by={},
+            removed_by=dict(removed_by or {}),
         )
-        return self.ledger.record(decision, Outcome(status=status, endpoint=None, error=error),
-                                  time.time())
+        outcome = Outcome(status=status, endpoint=None, error=error)
+        if failed:
+            outcome = replace(outcome, attempts=len(failed), failed_endpoints=tuple(failed))
+        return self.ledger.record(decision, outcome, time.time())
 
     async def committed(self, receipt: Receipt, ticket: Ticket | None = None) -> bool:
         """Wait (``ledger.durable``) until ``receipt``'s record is committed, and until the
