@@ -4,7 +4,6 @@ out-of-range ports, an unwritable ``-o``, an unknown ``--log-level``."""
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -13,16 +12,25 @@ from typer.testing import CliRunner
 
 from inferplane.cli import app
 from tests.builders import pool_fleet, to_yaml
+from tests.support.procs import free_port
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+@pytest.fixture(autouse=True)
+def _never_serve(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every `serve`, `epp` and `emulate` here must be refused before it serves: one that
+    starts (a refusal under test that regressed) fails at once instead of waiting for a signal
+    that never comes."""
+    import inferplane.twin.emulator.server as emulator
+
+    async def started(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("it started serving: the refusal under test did not happen")
+
+    monkeypatch.setattr("inferplane.cli._wait_for_signal", started)
+    monkeypatch.setattr(emulator, "serve_emulator", started)
 
 
 def _fleet(tmp_path: Path, **sections: Any) -> Path:
-    gateway = {"port": _free_port(), **sections.pop("gateway", {})}
+    gateway = {"port": free_port(), **sections.pop("gateway", {})}
     path = tmp_path / "fleet.yaml"
     path.write_text(to_yaml(pool_fleet(9001, gateway=gateway, key="sk-cli", **sections)))
     return path
