@@ -207,3 +207,18 @@ async def test_json_and_no_content_type_are_read_as_json(
 ) -> None:
     status, answer = await stack.post("/v1/chat/completions", CHAT, content_type=content_type)
     assert status == 200, answer
+
+
+# -- client strings in messages are quoted, bounded (review26 nit 3) -------------------------
+
+
+async def test_a_long_role_or_content_type_is_quoted_cut_short(stack: Stack) -> None:
+    role = "r" * 5000
+    body = {**CHAT, "messages": [{"role": role, "content": None}]}
+    status, answer = await stack.post("/v1/chat/completions", body)
+    message = _refused(status, answer, "messages[0].content", "'" + "r" * 64 + "…'")
+    assert len(message) < 200, len(message)
+    media = "application/" + "x" * 5000
+    status, answer = await stack.post("/v1/chat/completions", CHAT, content_type=media)
+    message = _refused(status, answer, None, "is not JSON", expected=415)
+    assert len(message) < 200, len(message)

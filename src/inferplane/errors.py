@@ -33,6 +33,16 @@ RECEIPT_HEADER = "x-inferplane-receipt"
 """The answer header (an SSE comment at the end of a stream) holding the record's hash."""
 
 
+QUOTE_LIMIT = 64
+"""The most characters of a client's string an error message quotes (`quoted`)."""
+
+
+def quoted(text: str, limit: int = QUOTE_LIMIT) -> str:
+    """``text`` as an error message quotes a client's string: its repr, cut to ``limit``
+    characters (then ``…``), so a message never echoes a large value back."""
+    return repr(text if len(text) <= limit else text[:limit] + "…")
+
+
 class Recorded(Protocol):
     """The receipt of a decision record (`inferplane.ledger.record.Receipt`), as an error that
     has one holds it."""

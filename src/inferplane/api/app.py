@@ -45,6 +45,7 @@ from inferplane.errors import (
     PermissionDeniedError,
     UnsupportedMediaTypeError,
     UpstreamError,
+    quoted,
 )
 from inferplane.fleet.health import VERDICTS, endpoint_summary
 from inferplane.httpio import read_body
@@ -138,7 +139,7 @@ def check_json_body(request: web.Request) -> None:
     ):
         return
     raise UnsupportedMediaTypeError(
-        f"Content-Type {media!r} is not JSON: send the body as application/json"
+        f"Content-Type {quoted(media)} is not JSON: send the body as application/json"
     )
 
 

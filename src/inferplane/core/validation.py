@@ -6,7 +6,7 @@ from typing import Any
 
 import orjson
 
-from inferplane.errors import InvalidRequestError
+from inferplane.errors import InvalidRequestError, quoted
 from inferplane.types import ApiKind, JSONObject
 
 
@@ -106,7 +106,7 @@ def validate(api: ApiKind, body: JSONObject) -> None:
             c = m.get("content")
             if c is None and m["role"] not in _CONTENT_OPTIONAL:
                 raise _bad(f"messages[{i}].content",
-                           f"a string or an array of parts in a {m['role']!r} message", c)
+                           f"a string or an array of parts in a {quoted(m['role'])} message", c)
             if c is not None and not isinstance(c, (str, list)):
                 raise _bad(f"messages[{i}].content", "a string or an array of parts", c)
     elif api == "completions":
