@@ -509,8 +509,10 @@ def epp(
 def envoy_config(
     config: ConfigOpt,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="write to a file")] = None,
-    epp_port: Annotated[int | None, typer.Option(help="override epp.port", min=0, max=65535)
-                        ] = None,
+    epp_port: Annotated[
+        # the port Envoy connects to: 0 (any free port) belongs to a listener, not an address
+        int | None, typer.Option(help="override epp.port", min=1, max=65535)
+    ] = None,
     envoy_port: Annotated[
         int | None, typer.Option(help="override epp.envoy_port", min=0, max=65535)
     ] = None,
@@ -548,13 +550,16 @@ def startup_problems(cfg: FleetConfig, file: str) -> list[tuple[str, str]]:
     (field, problem), found by the checks `serve` runs at start (without opening a file or a
     connection): endpoint keys (`dispatch.credentials`), the ledger's signing key, DSN
     variable and file (`ledger.build.ledger_problems`), the batch store's DSN variable and file
-    (`batch.routes.store_problems`)."""
+    (`batch.routes.store_problems`). A batch file derived from ``gateway.ledger_path`` that
+    fails where the ledger's own file does is one problem, the ledger's."""
     from inferplane.batch.routes import store_problems
     from inferplane.dispatch.credentials import credential_problems
     from inferplane.ledger.build import ledger_problems
 
-    return [*credential_problems(cfg), *ledger_problems(cfg, file),
-            *store_problems(cfg, file)]
+    ledger = ledger_problems(cfg, file)
+    named = {f for f, _ in ledger}
+    batch = [(f, p) for f, p in store_problems(cfg, file) if f not in named]
+    return [*credential_problems(cfg), *ledger, *batch]
 
 
 @app.command()
