@@ -63,7 +63,6 @@ MEANINGS: dict[str, str] = {
     "ServedModel.variant": "variant (fine-tune, quantisation…) a request may ask for",
     "ServedModel.precision": "numeric precision it runs at",
     "ServedModel.max_context": "longest prompt + output it accepts, in tokens",
-    "ServedModel.kind": "text generation or embeddings",
     "EmulationSpec.max_num_seqs": "most sequences in one batch (vLLM `--max-num-seqs`)",
     "EmulationSpec.max_num_batched_tokens": "token budget of one step (chunked prefill)",
     "EmulationSpec.block_size": "KV-cache block size in tokens",

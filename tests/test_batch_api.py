@@ -146,7 +146,8 @@ def jsonl(*lines: bytes) -> bytes:
     (line("r2", url="/v1/images"), "line 2: 'url' must be one of"),
     (line("r2", body=[1]), "line 2: 'body' must be a JSON object"),
     (line("r2", body={"model": "m"}), "line 2: body: 'messages' is required"),
-    (line("r2", body={"model": "m", "stream": True, "messages": [{"role": "user"}]}),
+    (line("r2", body={"model": "m", "stream": True,
+                      "messages": [{"role": "user", "content": "hi"}]}),
      "line 2: body: 'stream' is not supported"),
 ])
 async def test_upload_rejects_a_bad_line_naming_its_number(env: Env, bad: bytes, where: str

@@ -904,7 +904,8 @@ def _free_port() -> int:
 
 def test_cli_serve_unreachable_redis_exits_without_traceback(tmp_path: Path) -> None:
     """`admission.store: redis` with nothing listening: a one-line error naming the URL and
-    the file, exit 1 (the start-up ping fails; nothing keeps running)."""
+    the file, exit 2 as for an unreachable PostgreSQL (the start-up ping fails; nothing keeps
+    running)."""
     import subprocess
     import sys
 
@@ -917,7 +918,7 @@ def test_cli_serve_unreachable_redis_exits_without_traceback(tmp_path: Path) -> 
          "--port", str(_free_port()), "--log-level", "error"],
         capture_output=True, text=True, timeout=60,
     )
-    assert proc.returncode != 0, proc.stderr
+    assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
     assert "error: cannot reach the admission store" in proc.stderr
     assert "redis://127.0.0.1:9/0" in proc.stderr and str(path) in proc.stderr

@@ -274,6 +274,10 @@ async def test_refusals_are_immediate_responses_in_openai_shape(tmp_path: Path) 
             await asyncio.sleep(0.05)
         r = await c.post(path, json={**CHAT, "model": "m2"}, headers=auth())
         assert_openai_error(r, 503, "no_eligible_endpoint")
+        # the ImmediateResponse names the request's record, which says 503 (review26 should 1)
+        assert r.headers.get("x-inferplane-receipt"), dict(r.headers)
+        rec = s.picker.ledger.get(r.headers[P.DECISION_HEADER])
+        assert rec is not None and rec["outcome"]["status"] == 503
         # admission: the second request in the minute is over the tenant's rate
         assert (await c.post(path, json=CHAT, headers=auth(LIMITED))).status_code == 200
         r = await c.post(path, json=CHAT, headers=auth(LIMITED))

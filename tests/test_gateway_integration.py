@@ -20,8 +20,13 @@ KEY_A, KEY_B = "sk-test-a", "sk-test-b"
 ADMIN = "sk-test-admin"
 
 
-def _ep(name: str, port: int, served: str, ctx: int = 4096) -> dict[str, Any]:
-    return endpoint(name, port, engine="vllm", models=[model(served, max_context=ctx)])
+def _ep(name: str, port: int, served: str, ctx: int = 4096, embed: str | None = None
+        ) -> dict[str, Any]:
+    """An endpoint serving ``served``, and the embeddings model ``embed`` when given."""
+    models = [model(served, max_context=ctx)]
+    if embed is not None:
+        models.append(model(embed, max_context=512, kind="embed"))
+    return endpoint(name, port, engine="vllm", models=models)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +45,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object
             p.wait_http(f"http://127.0.0.1:{ups[names[0]]}/health")
         gw_port, metrics_port = free_port(), free_port()
         endpoints = [
-            _ep("ok-a", ups["ok-a"], "m-ok"), _ep("ok-b", ups["ok-b"], "m-ok"),
+            _ep("ok-a", ups["ok-a"], "m-ok", embed="m-embed"), _ep("ok-b", ups["ok-b"], "m-ok"),
             _ep("bad-1", ups["bad-1"], "m-flaky"), _ep("ok-c", ups["ok-c"], "m-flaky"),
             _ep("dead", ups["dead"], "m-dead"),
             _ep("cut", ups["cut"], "m-cut"), _ep("slow", ups["slow"], "m-slow"),
@@ -133,7 +138,7 @@ def test_chat_streaming_passes_chunks_and_usage(stack: dict[str, object]) -> Non
 def test_completions_and_embeddings(stack: dict[str, object]) -> None:
     c = client(stack)
     assert c.completions.create(model="m-ok", prompt="say", max_tokens=5).choices[0].text
-    e = c.embeddings.create(model="m-ok", input="embed me")
+    e = c.embeddings.create(model="m-embed", input="embed me")  # an embed model (kind)
     assert e.data[0].embedding == [0.1, 0.2]
 
 

@@ -399,5 +399,5 @@ def test_cli_check_notes_dialect_limits_and_unset_keys(
     result = CliRunner().invoke(app, ["check", "--config", str(fleet)])
     assert result.exit_code == 0, result.output
     assert "note: model 'big' is served only through the anthropic dialect" in result.output
-    assert ("note: substrates[0].endpoints[0].api_key_env: endpoint 'claude-0': the "
+    assert (f"note: {fleet}: substrates[0].endpoints[0].api_key_env: endpoint 'claude-0': the "
             "environment variable TEST_PROVIDER_KEY (api_key_env) is not set") in result.output

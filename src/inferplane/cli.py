@@ -32,6 +32,25 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+
+
+def _flags_show_no_type() -> None:
+    """Typer's help shows a flag's type as if the flag took a value (``--watch-config <bool>``,
+    ``--help <bool>``): a flag shows none."""
+    from typer.core import TyperOption
+
+    shown = getattr(TyperOption, "display_type_rich", None)
+    if shown is None:  # a Typer without it shows no type
+        return
+
+    def display_type_rich(self: TyperOption, ctx: object) -> str | None:
+        return None if self.is_flag else shown(self, ctx)
+
+    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
+
+
+_flags_show_no_type()
+
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="fleet YAML file")]
 WatchOpt = Annotated[
     bool,
@@ -42,10 +61,32 @@ WatchOpt = Annotated[
     ),
 ]
 
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def _log_level(value: str) -> str:
+    if value.lower() not in LOG_LEVELS:
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(LOG_LEVELS)}")
+    return value.lower()
+
+
+LogLevelOpt = Annotated[
+    str,
+    typer.Option(help=f"logging level: {', '.join(LOG_LEVELS)}", callback=_log_level),
+]
+
 
 def fail(message: str, code: int = 2) -> NoReturn:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
+
+
+def write_out(out: Path, text: str) -> None:
+    """Write a command's ``-o`` file, or exit with one line naming it (exit 2)."""
+    try:
+        out.write_text(text)
+    except OSError as exc:
+        fail(f"{out}: {exc.strerror or exc}")
 
 
 def load_checked(path: Path):  # type: ignore[no-untyped-def]
@@ -184,8 +225,9 @@ def _build(make: Callable[[], _T], config: Path, what: str) -> _T:
 def serve(
     config: ConfigOpt = Path("examples/quickstart.yaml"),
     host: Annotated[str | None, typer.Option(help="override gateway.host")] = None,
-    port: Annotated[int | None, typer.Option(help="override gateway.port")] = None,
-    log_level: Annotated[str, typer.Option(help="logging level")] = "info",
+    port: Annotated[int | None, typer.Option(help="override gateway.port", min=0, max=65535)
+                    ] = None,
+    log_level: LogLevelOpt = "info",
     workers: Annotated[
         int,
         typer.Option(
@@ -402,7 +444,7 @@ def _serve_one(
         except Exception as exc:  # e.g. Redis unreachable, ledger file unwritable
             if type(exc).__module__.split(".")[0] == "redis":
                 where = f"admission.redis_url {cfg.admission.redis_url!r} in {config}"
-                fail(f"cannot reach the admission store ({where}): {_describe(exc)}", 1)
+                fail(f"cannot reach the admission store ({where}): {_describe(exc)}")
             fail(f"cannot start the gateway ({config}): {_describe(exc)}", 1)
         freeze_heap(cfg.gateway.gc_freeze)
         typer.echo(
@@ -423,8 +465,9 @@ def _serve_one(
 def epp(
     config: ConfigOpt = Path("examples/quickstart.yaml"),
     host: Annotated[str | None, typer.Option(help="override epp.host")] = None,
-    port: Annotated[int | None, typer.Option(help="override epp.port")] = None,
-    log_level: Annotated[str, typer.Option(help="logging level")] = "info",
+    port: Annotated[int | None, typer.Option(help="override epp.port", min=0, max=65535)
+                    ] = None,
+    log_level: LogLevelOpt = "info",
     watch_config: WatchOpt = False,
 ) -> None:
     """Run the endpoint picker (Envoy ext_proc gRPC) for the fleet described by CONFIG (SIGHUP
@@ -468,9 +511,16 @@ def epp(
 def envoy_config(
     config: ConfigOpt,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="write to a file")] = None,
-    epp_port: Annotated[int | None, typer.Option(help="override epp.port")] = None,
-    envoy_port: Annotated[int | None, typer.Option(help="override epp.envoy_port")] = None,
-    admin_port: Annotated[int | None, typer.Option(help="override epp.envoy_admin_port")] = None,
+    epp_port: Annotated[
+        # the port Envoy connects to: 0 (any free port) belongs to a listener, not an address
+        int | None, typer.Option(help="override epp.port", min=1, max=65535)
+    ] = None,
+    envoy_port: Annotated[
+        int | None, typer.Option(help="override epp.envoy_port", min=0, max=65535)
+    ] = None,
+    admin_port: Annotated[
+        int | None, typer.Option(help="override epp.envoy_admin_port", min=0, max=65535)
+    ] = None,
 ) -> None:
     """Write an Envoy bootstrap (listener, ext_proc filters, clusters) for `inferplane epp`."""
     cfg = load_checked(config)
@@ -480,7 +530,7 @@ def envoy_config(
     if out is None:
         sys.stdout.write(text)
     else:
-        out.write_text(text)
+        write_out(out, text)
 
 
 @app.command()
@@ -497,16 +547,46 @@ def version() -> None:
         typer.echo(f"  {name}")
 
 
+def startup_problems(cfg: FleetConfig, file: str) -> list[tuple[str, str]]:
+    """What `serve` refuses to start on in this environment, though the file is valid, each as
+    (field, problem), found by the checks `serve` runs at start (without opening a file or a
+    connection): endpoint keys (`dispatch.credentials`), the ledger's signing key, DSN
+    variable and file (`ledger.build.ledger_problems`), the batch store's DSN variable and file
+    (`batch.routes.store_problems`). A batch file derived from ``gateway.ledger_path`` that
+    fails where the ledger's own file does is one problem, the ledger's."""
+    from inferplane.batch.routes import store_problems
+    from inferplane.dispatch.credentials import credential_problems
+    from inferplane.ledger.build import ledger_problems
+
+    ledger = ledger_problems(cfg, file)
+    named = {f for f, _ in ledger}
+    batch = [(f, p) for f, p in store_problems(cfg, file) if f not in named]
+    return [*credential_problems(cfg), *ledger, *batch]
+
+
 @app.command()
-def check(config: ConfigOpt) -> None:
+def check(
+    config: ConfigOpt,
+    strict: Annotated[
+        bool,
+        typer.Option(
+            "--strict",
+            help="also fail (exit 2) on what `serve` would refuse here (an unset variable, a "
+            "missing key file or directory), not just note it",
+        ),
+    ] = False,
+) -> None:
     """Validate a fleet file (schema, references, plugins and profiles) and exit."""
     cfg = load_checked(config)
+    here = startup_problems(cfg, str(config))
+    if strict and here:
+        lines = "\n".join(f"{config}: {path}: {problem}" for path, problem in here)
+        fail(f"`serve` would refuse to start with this file in this environment\n{lines}")
     n = sum(len(s.endpoints) for s in cfg.substrates)
     typer.echo(
         f"{config}: ok ({len(cfg.substrates)} substrates, {n} endpoints, "
         f"{len(cfg.tenants)} tenants, {len(cfg.profiles)} profiles)"
     )
-    from inferplane.dispatch.credentials import credential_problems
     from inferplane.fleet.model import Fleet
 
     for model, apis in sorted(Fleet.from_config(cfg).apis.items()):
@@ -517,8 +597,9 @@ def check(config: ConfigOpt) -> None:
             )
     for line in _v1_urls(cfg):
         typer.echo(f"note: {line}")
-    for path, problem in credential_problems(cfg):  # serve would stop on these
-        typer.echo(f"note: {path}: {problem} in this environment; `serve` needs it")
+    for path, problem in here:  # serve would stop on these
+        typer.echo(f"note: {config}: {path}: {problem} in this environment; `serve` refuses "
+                   "to start on it (check --strict fails on it)")
     from inferplane.placement.build import moved_filters, unlisted_required
 
     for name, missing in unlisted_required(cfg).items():
@@ -544,7 +625,7 @@ def schema(
     if out is None:
         sys.stdout.write(text)
     else:
-        out.write_text(text)
+        write_out(out, text)
 
 
 @app.command()
@@ -562,7 +643,7 @@ def openapi(
     if out is None:
         sys.stdout.write(text + "\n")
     else:
-        out.write_text(text + "\n")
+        write_out(out, text + "\n")
 
 
 @app.command("hash-key")
@@ -729,7 +810,7 @@ def emulate(
     only: Annotated[
         list[str] | None, typer.Option(help="emulate only this endpoint (repeatable)")
     ] = None,
-    log_level: Annotated[str, typer.Option(help="logging level")] = "warning",
+    log_level: LogLevelOpt = "warning",
 ) -> None:
     """Serve every endpoint of CONFIG as an emulated vLLM engine, in one process."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")

@@ -11,6 +11,7 @@ Every layer raises these; only ``api/`` renders them, always in OpenAI's shape
     │   └── ModelNotFoundError        404 model_not_found
     ├── RequestTimeoutError           408 request_timeout         (the body came too slowly)
     ├── PayloadTooLargeError          413 payload_too_large
+    ├── UnsupportedMediaTypeError     415 unsupported_media_type  (a body that says it is not JSON)
     ├── RateLimitError                429 rate_limit_exceeded     (carries Retry-After)
     │   └── BudgetExceededError       429 budget_exceeded
     ├── UpstreamError                 502 upstream_error          (names the upstream)
@@ -24,14 +25,43 @@ and the problem, and the CLI prints it without a stack trace.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Protocol, Self
+
+DECISION_HEADER = "x-inferplane-decision-id"
+"""The answer header naming the request's decision record (`GatewayError.answer_headers`)."""
+RECEIPT_HEADER = "x-inferplane-receipt"
+"""The answer header (an SSE comment at the end of a stream) holding the record's hash."""
+
+
+QUOTE_LIMIT = 64
+"""The most characters of a client's string an error message quotes (`quoted`)."""
+
+
+def quoted(text: str, limit: int = QUOTE_LIMIT) -> str:
+    """``text`` as an error message quotes a client's string: its repr, cut to ``limit``
+    characters (then ``…``), so a message never echoes a large value back."""
+    return repr(text if len(text) <= limit else text[:limit] + "…")
+
+
+class Recorded(Protocol):
+    """The receipt of a decision record (`inferplane.ledger.record.Receipt`), as an error that
+    has one holds it."""
+
+    hash: str
+
+    async def durable(self, timeout_s: float | None = None) -> bool: ...
 
 
 class GatewayError(Exception):
-    """Base of every error the gateway answers with. Carries its HTTP status and OpenAI type."""
+    """Base of every error the gateway answers with. Carries its HTTP status and OpenAI type,
+    and, when the request has a decision record (it was placed, or placement found nothing),
+    that record's id and receipt (`recorded`): the front end names them on the answer."""
 
     status: int = 500
     error_type: str = "internal_error"
     code: str | None = None
+    decision_id: str | None = None
+    receipt: Recorded | None = None
 
     def __init__(
         self,
@@ -47,6 +77,22 @@ class GatewayError(Exception):
         if code is not None:
             self.code = code
         self.headers: dict[str, str] = dict(headers or {})
+
+    def recorded(self, decision_id: str, receipt: Recorded) -> Self:
+        """Note the decision record this error's answer has (its id and receipt)."""
+        self.decision_id, self.receipt = decision_id, receipt
+        return self
+
+    def answer_headers(self) -> dict[str, str]:
+        """The headers of this error's answer: its own (``Retry-After``...) and, when the
+        request has a record, ``x-inferplane-decision-id`` and ``x-inferplane-receipt``. Every
+        front end (HTTP, the EPP's ImmediateResponse) answers with these."""
+        headers = dict(self.headers)
+        if self.decision_id is not None:
+            headers[DECISION_HEADER] = self.decision_id
+            if self.receipt is not None and self.receipt.hash:
+                headers[RECEIPT_HEADER] = self.receipt.hash
+        return headers
 
     def to_body(self) -> dict[str, dict[str, str | None]]:
         """The OpenAI error body."""
@@ -96,6 +142,12 @@ class PayloadTooLargeError(GatewayError):
     status = 413
     error_type = "invalid_request_error"
     code = "payload_too_large"
+
+
+class UnsupportedMediaTypeError(GatewayError):
+    status = 415
+    error_type = "invalid_request_error"
+    code = "unsupported_media_type"
 
 
 class RateLimitError(GatewayError):

@@ -35,17 +35,22 @@ from inferplane.core.validation import parse_json, validate
 from inferplane.dispatch.answer import StreamStats
 from inferplane.dispatch.upstream import SSEUsageFilter
 from inferplane.errors import (
+    DECISION_HEADER,
+    RECEIPT_HEADER,
     AuthenticationError,
     GatewayError,
     InvalidRequestError,
     NotFoundError,
     PayloadTooLargeError,
     PermissionDeniedError,
+    UnsupportedMediaTypeError,
     UpstreamError,
+    quoted,
 )
 from inferplane.fleet.health import VERDICTS, endpoint_summary
 from inferplane.httpio import read_body
 from inferplane.ledger.query import BadQuery, parse_query
+from inferplane.ledger.record import Receipt
 from inferplane.telemetry import gather
 from inferplane.telemetry.tracing import RequestTrace
 from inferplane.types import ApiKind, JSONObject
@@ -53,8 +58,6 @@ from inferplane.types import ApiKind, JSONObject
 log = logging.getLogger("inferplane.api")
 
 GATEWAY_KEY: web.AppKey[Gateway] = web.AppKey("gateway", Gateway)
-RECEIPT_HEADER = "x-inferplane-receipt"
-"""The response header (an SSE comment at the end of a stream) holding the record's hash."""
 SSE_DONE = b"data: [DONE]\n\n"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -67,7 +70,8 @@ def error_response(exc: GatewayError) -> web.Response:
         err = {k: _printable(v) for k, v in body["error"].items()}
         data = orjson.dumps({"error": err})
     resp = web.Response(
-        body=data, status=exc.status, content_type="application/json", headers=exc.headers
+        body=data, status=exc.status, content_type="application/json",
+        headers=exc.answer_headers(),  # the record's id and receipt, when it has one
     )
     return resp
 
@@ -123,13 +127,29 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_response(GatewayError("internal error; see the gateway log"))
 
 
+def check_json_body(request: web.Request) -> None:
+    """An API route's body is JSON: a ``Content-Type`` that names another media type
+    (``text/plain``, a form, ``application/octet-stream``) is refused with a 415, as vLLM's
+    server refuses it (with a 400); ``application/json`` and ``application/*+json`` pass, and a
+    request with no ``Content-Type`` is read as JSON."""
+    given = request.headers.get("Content-Type", "")
+    media = given.split(";", 1)[0].strip().lower()
+    if not media or media == "application/json" or (
+        media.startswith("application/") and media.endswith("+json")
+    ):
+        return
+    raise UnsupportedMediaTypeError(
+        f"Content-Type {quoted(media)} is not JSON: send the body as application/json"
+    )
+
+
 def _decision_headers(attempt: Attempt) -> dict[str, str]:
     d = attempt.decision
     assert d.picked is not None
     headers = {
         "x-inferplane-endpoint": d.picked.name,
         "x-inferplane-substrate": d.picked.endpoint.substrate.name,
-        "x-inferplane-decision-id": d.decision_id,
+        DECISION_HEADER: d.decision_id,
         # the model that answers, by the upstream's own name (a provider's model id)
         "x-inferplane-model": d.picked.endpoint.upstream_model(d.profile.model),
     }
@@ -155,6 +175,8 @@ def make_api_handler(api: ApiKind) -> Handler:
             return await handle(request, gw, trace)
         except GatewayError as exc:
             trace.failed(exc.status, exc.code or exc.error_type)
+            if isinstance(exc.receipt, Receipt):  # its record is committed before it leaves
+                await gw.committed(exc.receipt)
             raise
         finally:
             trace.end()
@@ -165,6 +187,7 @@ def make_api_handler(api: ApiKind) -> Handler:
     ) -> web.StreamResponse:
         started = time.perf_counter()
         tenant, key_hash = gw.authenticate_key(request.headers.get("Authorization"))
+        check_json_body(request)
         g = gw.config.gateway
         raw = await _read_body(request, g.max_body_bytes, g.body_timeout_s)
         body = parse_json(raw)
@@ -243,7 +266,11 @@ async def forward(
     endpoint = attempt.decision.picked.endpoint  # type: ignore[union-attr]
     is_sse = resp.status == 200 and "text/event-stream" in resp.headers.get("Content-Type", "")
     if not is_sse:
-        data, ended = await gw.read_answer(attempt, started)
+        try:
+            data, ended = await gw.read_answer(attempt, started)
+        except GatewayError as exc:  # placed: the error names the pick as an answer would
+            exc.headers.update(_decision_headers(attempt))
+            raise
         # the record first: the answer carries its receipt and leaves once it is committed
         receipt = gw.account_answer(attempt, data, started=started, ended=ended)
         await gw.committed(receipt, attempt.ticket)

@@ -32,6 +32,7 @@ from inferplane.batch.jsonl import ENDPOINTS, check_input
 from inferplane.batch.sqlite_store import SqliteBatchStore
 from inferplane.batch.store import ACTIVE, BatchStore, public
 from inferplane.batch.worker import BatchWorker, new_id
+from inferplane.config.files import writable_file_problem
 from inferplane.config.schema import FleetConfig
 from inferplane.core.plane import Core
 from inferplane.core.process import worker_index
@@ -66,18 +67,51 @@ def in_memory(config: FleetConfig) -> bool:
     return not (spec.postgres_dsn or spec.postgres_dsn_env) and store_path(config) is None
 
 
-def make_store(config: FleetConfig, file: str = "<config>") -> BatchStore:
-    """The configured batch store: PostgreSQL (``batch.postgres_dsn`` or ``_env``), else the
-    SQLite file (``batch.path``, default ``<gateway.ledger_path>.batches.sqlite``), else
-    memory."""
+def store_field(config: FleetConfig) -> str:
+    """The field that names the SQLite batch store's file (`store_path`)."""
+    return "batch.path" if config.batch.path is not None else "gateway.ledger_path"
+
+
+def _dsn(config: FleetConfig, file: str) -> str | None:
     spec = config.batch
-    dsn = spec.postgres_dsn
     if spec.postgres_dsn_env:
         dsn = os.environ.get(spec.postgres_dsn_env)
         if not dsn:
             raise ConfigError(
                 file, [("batch.postgres_dsn_env", f"${spec.postgres_dsn_env} is not set")]
             )
+        return dsn
+    return spec.postgres_dsn
+
+
+def _file_problem(config: FleetConfig) -> tuple[str, str] | None:
+    path = store_path(config)
+    problem = None if path is None else writable_file_problem(path)
+    return None if problem is None else (store_field(config), f"{path}: {problem}")
+
+
+def store_problems(config: FleetConfig, file: str) -> list[tuple[str, str]]:
+    """What `make_store` would refuse in this environment, each as (field, problem), without
+    opening a file or a connection (`inferplane check` reports them); none with the batch lane
+    off."""
+    if not config.batch.enabled:
+        return []
+    try:
+        if _dsn(config, file):
+            return []
+    except ConfigError as exc:
+        return exc.problems
+    problem = _file_problem(config)
+    return [] if problem is None else [problem]
+
+
+def make_store(config: FleetConfig, file: str = "<config>") -> BatchStore:
+    """The configured batch store: PostgreSQL (``batch.postgres_dsn`` or ``_env``), else the
+    SQLite file (``batch.path``, default ``<gateway.ledger_path>.batches.sqlite``), else
+    memory. A DSN variable that is not set, and a file the gateway cannot create or write
+    (its directory missing, ...), are a `ConfigError` naming the field."""
+    spec = config.batch
+    dsn = _dsn(config, file)
     if dsn:
         from inferplane.batch.postgres_store import PostgresBatchStore
 
@@ -85,7 +119,12 @@ def make_store(config: FleetConfig, file: str = "<config>") -> BatchStore:
             dsn, schema=spec.postgres_schema, prefix=spec.table_prefix, source=file
         )
     path = store_path(config)
-    return SqliteBatchStore(Path(path) if path else None)
+    if path is None:
+        return SqliteBatchStore(None)
+    problem = _file_problem(config)
+    if problem is not None:
+        raise ConfigError(file, [problem])
+    return SqliteBatchStore(Path(path), source=file, field=store_field(config))
 
 
 class BatchService:

@@ -35,6 +35,7 @@ from inferplane.batch.store import (
     file_object,
     new_owner,
 )
+from inferplane.errors import ConfigError
 from inferplane.sqliteio import immediate
 
 T = TypeVar("T")
@@ -93,9 +94,10 @@ class SqliteBatchStore(BatchStore):
     """Files, batches and lines in one SQLite file (or in memory); async methods run on one
     dedicated thread."""
 
-    def __init__(self, path: str | Path | None, *, clock: Callable[[], float] = time.time
-                 ) -> None:
+    def __init__(self, path: str | Path | None, *, clock: Callable[[], float] = time.time,
+                 source: str = "<config>", field: str = "batch.path") -> None:
         self.path = str(path) if path is not None else ":memory:"
+        self.source, self.field = source, field  # what names the file in a start-up error
         self.shared = path is not None
         self.owner = new_owner()
         self.clock = clock
@@ -127,7 +129,13 @@ class SqliteBatchStore(BatchStore):
         return await asyncio.get_running_loop().run_in_executor(self._pool, call)
 
     async def start(self) -> None:
-        await self._run(lambda c: None)
+        """Open (creating if needed) the file; one that cannot be used is a `ConfigError`
+        naming the field that names it."""
+        try:
+            await self._run(lambda c: None)
+        except sqlite3.Error as exc:
+            raise ConfigError(self.source, [
+                (self.field, f"{self.path}: cannot use as a batch store: {exc}")]) from None
 
     async def close(self) -> None:
         def shut(c: sqlite3.Connection) -> None:

@@ -186,6 +186,7 @@ def check_references(c: FleetConfig) -> Iterable[tuple[str, str]]:
     tenants = {t.name for t in c.tenants}
     models = {m.name for s in c.substrates for e in s.endpoints for m in e.models}
     tokenizers: dict[str, tuple[str, str]] = {}  # model -> (tokenizer, where first named)
+    kinds: dict[str, tuple[str, str]] = {}  # model -> (kind, where first given)
 
     yield from _duplicates(
         "model alias", ((f"model_aliases[{i}]", a.name) for i, a in enumerate(c.model_aliases))
@@ -246,6 +247,14 @@ def check_references(c: FleetConfig) -> Iterable[tuple[str, str]]:
                         f"substrates[{i}].endpoints[{j}].models[{k}].kind",
                         f"model {m.name!r} is an {m.kind} model, but the anthropic dialect "
                         "(Messages API) serves chat only",
+                    )
+                where = f"substrates[{i}].endpoints[{j}].models[{k}].kind"
+                first_kind = kinds.setdefault(m.name, (m.kind, where))
+                if first_kind[0] != m.kind:
+                    yield where, (
+                        f"model {m.name!r} is {m.kind!r} here but {first_kind[0]!r} at "
+                        f"{first_kind[1]}; one model name has one kind (the gateway answers "
+                        "its API from it)"
                     )
                 if m.tokenizer is not None:
                     where = f"substrates[{i}].endpoints[{j}].models[{k}].tokenizer"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -36,6 +37,20 @@ def _key_hashes_only(keys: list[str]) -> list[str]:
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def url_port_in_range(url: str) -> str:
+    """A URL whose port is not a number from 1 to 65535 (``http://host:99999``) is refused
+    when the file is loaded, naming the field, not found unusable at run time. The URL itself
+    is not quoted: it may carry a password."""
+    try:
+        port = urlsplit(url).port
+    except ValueError:
+        port = -1
+    if port is not None and not 1 <= port <= 65535:
+        given = urlsplit(url).netloc.rpartition(":")[2]
+        raise ValueError(f"the port must be a number from 1 to 65535, got {given!r}")
+    return url
 
 
 class MetricsSpec(Strict):
@@ -438,7 +453,13 @@ class ServedModel(Strict):
     variant: str = "default"
     precision: Literal["fp32", "bf16", "fp16", "fp8", "int8", "int4"] = "bf16"
     max_context: int = Field(gt=0)
-    kind: Literal["generate", "embed"] = "generate"
+    kind: Literal["generate", "embed"] = Field(
+        "generate",
+        description="`generate` (served through /v1/chat/completions and /v1/completions) or "
+        "`embed` (/v1/embeddings): a request through another API is refused by the gateway "
+        "(400 naming `model`), never sent upstream; one model name has one kind on every "
+        "endpoint",
+    )
     tokenizer: str | None = Field(
         None,
         description="the model's `tokenizer.json` (or a directory holding one; relative to the "
@@ -509,7 +530,8 @@ class EndpointSpec(Strict):
     url: str = Field(
         pattern=r"^https?://[^/\s?#]+(/[^\s?#]*)?$",
         description="the API base, with or without a base path (`https://host/openai/v1`); a "
-        "base path ending in `/v1` is not repeated in front of the API's own path",
+        "base path ending in `/v1` is not repeated in front of the API's own path; a port, "
+        "when given, from 1 to 65535",
     )
     engine: EngineType = "vllm"
     provider: str | None = Field(
@@ -568,7 +590,12 @@ class EndpointSpec(Strict):
     @field_validator("url")
     @classmethod
     def _strip(cls, v: str) -> str:
-        return v.rstrip("/")
+        return url_port_in_range(v.rstrip("/"))
+
+    @field_validator("kv_events")
+    @classmethod
+    def _kv_port(cls, v: str | None) -> str | None:
+        return v if v is None or not v.startswith("tcp://") else url_port_in_range(v)
 
     @model_validator(mode="after")
     def _one_key(self) -> EndpointSpec:
@@ -890,9 +917,15 @@ class AdmissionSpec(Strict):
     redis_url: str = Field(
         "redis://127.0.0.1:6379/0",
         pattern=r"^(rediss?|unix)://\S+$",
-        description="redis://, rediss:// or unix:// URL of the shared store",
+        description="redis://, rediss:// or unix:// URL of the shared store (a port, when "
+        "given, from 1 to 65535)",
     )
     redis_prefix: str = "inferplane:"
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_port(cls, v: str) -> str:
+        return v if v.startswith("unix://") else url_port_in_range(v)
     journal_path: str | None = Field(
         None,
         description="store: redis — SQLite file of the outage journal (settles and usage "
@@ -1329,6 +1362,12 @@ class TelemetrySpec(Strict):
         description="the collector: for http/protobuf its base URL (`/v1/traces` and "
         "`/v1/metrics` are appended), for grpc its host:port URL",
     )
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint_port(cls, v: str) -> str:
+        return url_port_in_range(v)
+
     protocol: Literal["http/protobuf", "grpc"] = Field(
         "http/protobuf",
         description="OTLP transport: `http/protobuf` (endpoint: the base URL, port 4318) or "

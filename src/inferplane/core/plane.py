@@ -20,7 +20,7 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -560,11 +560,7 @@ class Core:
                 param="model",
             )
         if api not in self.fleet.apis[model]:
-            raise InvalidRequestError(
-                f"the model {model!r} is served only through the Anthropic Messages dialect, "
-                f"which carries chat completions, not {api}",
-                param="model",
-            )
+            raise InvalidRequestError(self._api_mismatch(model, api), param="model")
         n = body.get("n")
         limit = self.config.gateway.max_n
         if isinstance(n, int) and n > limit:
@@ -577,6 +573,21 @@ class Core:
         if alias is not None:
             profile = profile.with_(model_alias=alias.name, tier_reason=choice.reason)
         return profile
+
+    def _api_mismatch(self, model: str, api: ApiKind) -> str:
+        """Why ``model`` is not served through ``api``: its kind (models[].kind: an
+        embeddings model, a generation model), else its endpoints' dialect."""
+        kinds = {m.kind for m in self.fleet.models[model]}
+        path = API_PATHS[api]
+        if kinds == {"embed"}:
+            return (f"the model {model!r} is an embeddings model: it serves /v1/embeddings, "
+                    f"not {path}")
+        if api == "embeddings":
+            served = " and ".join(p for a, p in API_PATHS.items() if a in self.fleet.apis[model])
+            return (f"the model {model!r} is a generation model: it serves {served}, not "
+                    f"/v1/embeddings")
+        return (f"the model {model!r} is served only through the Anthropic Messages dialect, "
+                f"which carries chat completions, not {api}")
 
     def _check_possible(self, profile: RequestProfile) -> None:
         """A request that no endpoint of the fleet could ever serve is the client's error (400
@@ -602,9 +613,13 @@ class Core:
                 code="context_length_exceeded",
             )
 
-    def decide(self, profile: RequestProfile, *, record: bool = True) -> Decision:
+    def decide(
+        self, profile: RequestProfile, *, record: bool = True, unplaced: Outcome | None = None
+    ) -> Decision:
         """Place the request; raise 503 naming the filters when nothing is eligible (and record
-        that in the ledger unless ``record`` is false: a retry that will wait and re-place)."""
+        that in the ledger, as ``unplaced`` when given, else as a 503, unless ``record`` is
+        false: a retry that will wait and re-place). The error carries the record
+        (`GatewayError.recorded`)."""
         policy = self.class_policy[profile.workload_class]
         snap = self.live.snapshot()
         decision = place(
@@ -624,9 +639,12 @@ class Core:
             self._check_possible(profile)
             for name, n in decision.removed_by.items():
                 self.metrics.no_endpoint.labels(name).inc(n)
+            error = NoEligibleEndpointError(len(snap.endpoints), decision.removed_by)
             if record:
-                self.ledger.record(decision, Outcome(status=503, endpoint=None), time.time())
-            raise NoEligibleEndpointError(len(snap.endpoints), decision.removed_by)
+                outcome = unplaced or Outcome(status=503, endpoint=None)
+                error.recorded(decision.decision_id,
+                               self.ledger.record(decision, outcome, time.time()))
+            raise error
         return decision
 
     def reserve(
@@ -636,6 +654,7 @@ class Core:
         failed: list[str] | None = None,
         *,
         record: bool = True,
+        unplaced: Outcome | None = None,
     ) -> Placement:
         """Place the request and reserve the picked endpoint (`decide`, then
         `LiveFleet.reserve`); the admission ticket, if any, is marked placed. With shared slots
@@ -645,7 +664,7 @@ class Core:
         if gated:
             profile = profile.with_(gated=gated)
         with trace.stage("place"):
-            decision = self.decide(profile, record=record)
+            decision = self.decide(profile, record=record, unplaced=unplaced)
             trace.placed(decision)
         view = decision.picked
         assert view is not None
@@ -795,16 +814,19 @@ class Core:
         profile: RequestProfile,
         ticket: Ticket | None = None,
         failed: list[str] | None = None,
+        unplaced: Outcome | None = None,
     ) -> Placement:
         """`reserve`, and with shared slots (`admission.slots`) also take the pick's slot
         across replicas: a pick at ``max_concurrency`` fleet-wide is excluded (filter
         ``capacity``) and the request re-placed; when every eligible endpoint is full it waits
-        for a slot, at most its class's queue deadline (then 503 ``queue_timeout``)."""
-        placement = self.reserve(profile, ticket, failed)
+        for a slot, at most its class's queue deadline (then 503 ``queue_timeout``).
+        ``unplaced``: what to record when nothing is eligible (`decide`)."""
+        placement = self.reserve(profile, ticket, failed, unplaced=unplaced)
         slots = self.slots
         if slots is None:
             return placement
         full: set[str] = set()
+        removed: dict[str, int] = {}
         deadline: float | None = None
         while True:
             name = placement.endpoint_name
@@ -823,8 +845,8 @@ class Core:
                     profile.with_(full=frozenset(full)), ticket, failed, record=False
                 )
                 continue
-            except NoEligibleEndpointError:
-                pass
+            except NoEligibleEndpointError as exc:
+                removed = exc.removed
             now = self.live.clock()
             if deadline is None:
                 cls = self.admission.classes.get(profile.workload_class)
@@ -833,14 +855,21 @@ class Core:
                 )
                 deadline = now + wait_ms / 1000.0
             if now >= deadline:
-                raise QueueTimeoutError(
+                timeout = QueueTimeoutError(
                     f"every endpoint that can serve {profile.model!r} stayed at its "
                     f"max_concurrency across the gateway replicas until the queue deadline",
                     headers={"Retry-After": "1"},
                 )
+                # the answer's record says 503 (after a failed attempt the id's last record
+                # would otherwise be that attempt's 502), with the capacity filter as evidence
+                receipt = self.record_unplaced(
+                    profile, status=503, error=timeout.message, failed=failed or (),
+                    removed_by=removed,
+                )
+                raise timeout.recorded(profile.request_id, receipt)
             await slots.wait_free(min(0.1, deadline - now))
             full.clear()
-            placement = self.reserve(profile, ticket, failed)
+            placement = self.reserve(profile, ticket, failed, unplaced=unplaced)
 
     async def open_with(
         self,
@@ -862,15 +891,23 @@ class Core:
         last_error = ""
         rate_limited: Endpoint | None = None  # the endpoint that answered 429 last attempt
         while True:
+            # after a failure, nothing left to re-place on is the failure's 502: its record
+            # says so (what the client gets), with the re-placement's filters as evidence
+            nowhere = None if not failed else UpstreamError(
+                f"{last_error}; no other eligible endpoint to re-place on", upstream=failed[-1]
+            )
+            unplaced = None if nowhere is None else Outcome(
+                status=502, endpoint=None, error=nowhere.message, attempts=len(failed),
+                failed_endpoints=tuple(failed),
+            )
             try:
-                placement = await self.hold(profile, ticket, failed)
-            except NoEligibleEndpointError:
-                if not failed:
+                placement = await self.hold(profile, ticket, failed, unplaced)
+            except NoEligibleEndpointError as exc:
+                if nowhere is None:
                     raise
-                raise UpstreamError(
-                    f"{last_error}; no other eligible endpoint to re-place on",
-                    upstream=failed[-1],
-                ) from None
+                if exc.receipt is not None and exc.decision_id is not None:
+                    nowhere.recorded(exc.decision_id, exc.receipt)
+                raise nowhere from None
             if rate_limited is not None:
                 self._rate_limited_spillover(placement, rate_limited)
             decision, reservation = placement.decision, placement.reservation
@@ -898,29 +935,31 @@ class Core:
                     log.warning("ejected %s: %s", view.name, ejected.reason)
                 rate_limited = view.endpoint if exc.upstream_status == 429 else None
                 failed.append(view.name)
-                self.ledger.record(
-                    decision,
-                    Outcome(
-                        status=502,
-                        endpoint=view.name,
-                        error=exc.message,
-                        attempts=len(failed),
-                        failed_endpoints=tuple(failed),
-                    ),
-                    time.time(),
-                )
                 last_error = exc.message.split(": ", 1)[-1]
                 over = len(failed) > self.config.gateway.max_replacements
                 if not over and not self.admission.retry_budget.try_acquire():
                     self.metrics.replacement_budget_exhausted.inc()
                     last_error += " (re-placement refused: the gateway's retry budget is spent)"
                     over = True
-                if over:
-                    raise UpstreamError(
-                        f"{last_error}"
-                        + (f" (also failed: {', '.join(failed[:-1])})" if len(failed) > 1 else ""),
-                        upstream=view.name,
-                    ) from None
+                final = None if not over else UpstreamError(
+                    f"{last_error}"
+                    + (f" (also failed: {', '.join(failed[:-1])})" if len(failed) > 1 else ""),
+                    upstream=view.name,
+                )
+                receipt = self.ledger.record(
+                    decision,
+                    Outcome(
+                        status=502,
+                        endpoint=view.name,
+                        # the last attempt's record says what the client got
+                        error=exc.message if final is None else final.message,
+                        attempts=len(failed),
+                        failed_endpoints=tuple(failed),
+                    ),
+                    time.time(),
+                )
+                if final is not None:
+                    raise final.recorded(decision.decision_id, receipt) from None
                 self.metrics.replacements.inc()
                 profile = profile.with_(
                     excluded=profile.excluded | {view.name},
@@ -989,8 +1028,9 @@ class Core:
         try:
             data = await read()
         except UpstreamError as exc:
-            self.account(placement, status=502, started=started, stats=None, usage=None,
-                         error=exc.message)
+            receipt = self.account(placement, status=502, started=started, stats=None,
+                                   usage=None, error=exc.message)
+            exc.recorded(placement.decision.decision_id, receipt)
             raise
         except BaseException:
             self.account(placement, status=499, started=started, stats=None, usage=None,
@@ -1115,19 +1155,31 @@ class Core:
             time.time(),
         )
 
-    def record_unplaced(self, profile: RequestProfile, *, status: int, error: str) -> Receipt:
-        """The record of a request that ended before it was placed (its client left while it
-        waited for admission): no candidates, no pick, the status and the reason."""
+    def record_unplaced(
+        self,
+        profile: RequestProfile,
+        *,
+        status: int,
+        error: str,
+        failed: Sequence[str] = (),
+        removed_by: Mapping[str, int] | None = None,
+    ) -> Receipt:
+        """The record of a request that ended without a pick (its client left while it waited
+        for admission; every eligible endpoint stayed full until its queue deadline): no
+        candidates, no pick, the status and the reason; ``failed``: the endpoints earlier
+        attempts failed on, ``removed_by``: the last placement's filters."""
         decision = Decision(
             decision_id=profile.request_id,
             policy=self.class_policy[profile.workload_class].name,
             profile=profile,
             candidates=(),
             picked=None,
-            removed_by={},
+            removed_by=dict(removed_by or {}),
         )
-        return self.ledger.record(decision, Outcome(status=status, endpoint=None, error=error),
-                                  time.time())
+        outcome = Outcome(status=status, endpoint=None, error=error)
+        if failed:
+            outcome = replace(outcome, attempts=len(failed), failed_endpoints=tuple(failed))
+        return self.ledger.record(decision, outcome, time.time())
 
     async def committed(self, receipt: Receipt, ticket: Ticket | None = None) -> bool:
         """Wait (``ledger.durable``) until ``receipt``'s record is committed, and until the

@@ -6,13 +6,31 @@ from typing import Any
 
 import orjson
 
-from inferplane.errors import InvalidRequestError
+from inferplane.errors import InvalidRequestError, quoted
 from inferplane.types import ApiKind, JSONObject
 
 
+def _got(value: Any) -> str:
+    """What a client sent, said precisely enough to fix: a number by its value (a float's
+    ``1e+40`` was often written as an integer too large to be one), an empty string or list
+    as empty, anything else by its JSON type."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return "an empty string" if not value else "a string"
+    if isinstance(value, list):
+        return "an empty array" if not value else "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
 def _bad(field: str, expected: str, value: Any) -> InvalidRequestError:
-    got = type(value).__name__ if value is not None else "null"
-    return InvalidRequestError(f"'{field}' must be {expected}, got {got}", param=field)
+    return InvalidRequestError(f"'{field}' must be {expected}, got {_got(value)}", param=field)
 
 
 def _is_int(v: Any) -> bool:
@@ -30,6 +48,13 @@ def parse_json(body: bytes) -> JSONObject:
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError as bad:
+            raise InvalidRequestError(
+                f"request body is not valid UTF-8: byte 0x{body[bad.start]:02x} at offset "
+                f"{bad.start}"
+            ) from None
         raise InvalidRequestError(f"malformed JSON in request body: {exc}") from None
     if not isinstance(data, dict):
         raise InvalidRequestError("request body must be a JSON object")
@@ -37,16 +62,27 @@ def parse_json(body: bytes) -> JSONObject:
 
 
 def _check_prompt_like(field: str, v: Any) -> None:
-    if isinstance(v, str):
+    """A prompt (an embeddings input): a non-empty string, or a non-empty list of non-empty
+    strings, of token ids, or of non-empty lists of token ids (an engine refuses an empty
+    prompt; the gateway says so first, naming the field)."""
+    if isinstance(v, str) and v:
         return
     if isinstance(v, list) and v:
         if all(isinstance(x, str) for x in v):
-            return
+            empty = next((i for i, x in enumerate(v) if not x), None)
+            if empty is None:
+                return
+            raise _bad(f"{field}[{empty}]", "a non-empty string", v[empty])
         if all(_is_int(x) for x in v):
             return
         if all(isinstance(x, list) and x and all(_is_int(t) for t in x) for x in v):
             return
-    raise _bad(field, "a string, a list of strings or a list of token ids", v)
+    raise _bad(field, "a non-empty string, a non-empty array of non-empty strings or an array "
+                      "of token ids", v)
+
+
+_CONTENT_OPTIONAL = frozenset({"assistant"})
+"""Roles whose message may have no content (an assistant turn that only calls tools)."""
 
 
 def validate(api: ApiKind, body: JSONObject) -> None:
@@ -68,6 +104,9 @@ def validate(api: ApiKind, body: JSONObject) -> None:
             if not isinstance(m.get("role"), str):
                 raise _bad(f"messages[{i}].role", "a string", m.get("role"))
             c = m.get("content")
+            if c is None and m["role"] not in _CONTENT_OPTIONAL:
+                raise _bad(f"messages[{i}].content",
+                           f"a string or an array of parts in a {quoted(m['role'])} message", c)
             if c is not None and not isinstance(c, (str, list)):
                 raise _bad(f"messages[{i}].content", "a string or an array of parts", c)
     elif api == "completions":

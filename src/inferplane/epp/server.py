@@ -69,7 +69,7 @@ from inferplane.errors import (
 )
 from inferplane.fleet.model import Endpoint, Fleet
 from inferplane.fleet.scraper import HttpMetricsSource, MetricsSource
-from inferplane.ledger.record import Ledger
+from inferplane.ledger.record import Ledger, Receipt
 from inferplane.telemetry.tracing import RequestTrace
 from inferplane.types import ApiKind
 from inferplane.upstream_headers import CLIENT_ACCOUNT_HEADERS
@@ -428,7 +428,7 @@ def _served(req: Any) -> str | None:
 def immediate(exc: GatewayError) -> Any:
     """An ImmediateResponse with the error's status and OpenAI body."""
     headers = [_set("content-type", "application/json")]
-    headers += [_set(k.lower(), v) for k, v in exc.headers.items()]
+    headers += [_set(k.lower(), v) for k, v in exc.answer_headers().items()]
     return _answer(exc.status, headers, orjson.dumps(exc.to_body()), exc.code or exc.error_type)
 
 
@@ -529,6 +529,8 @@ class Exchange:
         try:
             return await self.pick()
         except GatewayError as exc:
+            if isinstance(exc.receipt, Receipt):  # its record is committed before it leaves
+                await self.picker.committed(exc.receipt)
             return immediate(exc)
 
     async def pick(self) -> Any:

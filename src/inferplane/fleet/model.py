@@ -21,6 +21,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("inferplane.fleet")
 
+KIND_APIS: dict[str, tuple[str, ...]] = {
+    "generate": ("chat", "completions"),
+    "embed": ("embeddings",),
+}
+"""The APIs a served model's ``kind`` answers."""
+
 
 @dataclass(frozen=True, eq=False)
 class Endpoint:
@@ -216,12 +222,14 @@ class Fleet:
     @cached_property
     def apis(self) -> dict[str, frozenset[str]]:
         """Every model name with the APIs (``chat``, ``completions``, ``embeddings``) through
-        which some endpoint serves it: an endpoint's dialect bounds its APIs."""
+        which some endpoint serves it: the model's ``kind`` (`KIND_APIS`: an ``embed`` model
+        answers embeddings only, a ``generate`` model chat and completions) and the
+        endpoint's dialect bound its APIs."""
         out: dict[str, set[str]] = {}
         for e in self.endpoints:
             for m in e.spec.models:
                 apis = out.setdefault(m.name, set())
-                for api in ("chat", "completions", "embeddings"):
+                for api in KIND_APIS[m.kind]:
                     if e.serves_api(api):
                         apis.add(api)
         return {k: frozenset(v) for k, v in out.items()}

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
+from inferplane.config.files import writable_file_problem
 from inferplane.config.schema import FleetConfig
 from inferplane.errors import ConfigError
 from inferplane.ledger.chain import KeyError_, Signer, signer_from
 from inferplane.ledger.memory import MemoryLedger
 from inferplane.ledger.record import Ledger
-from inferplane.ledger.sqlite import SqliteLedger
+from inferplane.ledger.sqlite import CONFIG_FIELD, SqliteLedger
 
 
 def configured_signer(config: FleetConfig, file: str) -> Signer | None:
@@ -31,6 +33,28 @@ def configured_dsn(config: FleetConfig, file: str) -> str | None:
             )
         return dsn
     return spec.postgres_dsn
+
+
+def ledger_problems(config: FleetConfig, file: str) -> list[tuple[str, str]]:
+    """What `build_ledger` would refuse in this environment, each as (field, problem), found
+    by the same checks without opening a file or a connection (`inferplane check` reports
+    them): the checkpoint signing key, the DSN's variable, the ledger file's directory."""
+    problems: list[tuple[str, str]] = []
+    spec = config.ledger
+    checks: list[Callable[[FleetConfig, str], object]] = [configured_signer]
+    if spec.postgres_dsn or spec.postgres_dsn_env:
+        checks.append(configured_dsn)
+    for step in checks:
+        try:
+            step(config, file)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+    path = config.gateway.ledger_path
+    if path and not (spec.postgres_dsn or spec.postgres_dsn_env):
+        problem = writable_file_problem(path)
+        if problem is not None:
+            problems.append((CONFIG_FIELD, f"{path}: {problem}"))
+    return problems
 
 
 def in_memory(config: FleetConfig) -> bool:

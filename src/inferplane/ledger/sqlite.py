@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import os
 import sqlite3
 import threading
 import time
@@ -40,6 +39,7 @@ from typing import Any
 
 import orjson
 
+from inferplane.config.files import writable_file_problem
 from inferplane.errors import ConfigError
 from inferplane.ledger.chain import GENESIS, Checkpoint, Signer, chain_hash
 from inferplane.ledger.query import ExportRow, Page, Query, page_of, where_clause
@@ -449,13 +449,9 @@ def _open_for_writing(path: Path, source: str) -> sqlite3.Connection:
     def bad(msg: str) -> ConfigError:
         return ConfigError(source, [(CONFIG_FIELD, f"{path}: {msg}")])
 
-    parent = path.parent
-    if not parent.is_dir():
-        raise bad(f"the directory {str(parent)!r} does not exist")
-    if path.exists() and not path.is_file():
-        raise bad("exists and is not a file")
-    if not _writable(parent) or (path.exists() and not _writable(path)):
-        raise bad("not writable")
+    problem = writable_file_problem(path)  # what `inferplane check` reports too
+    if problem is not None:
+        raise bad(problem)
     try:
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     except sqlite3.Error as exc:
@@ -474,10 +470,6 @@ def _open_for_writing(path: Path, source: str) -> sqlite3.Connection:
         conn.close()
         raise bad(f"cannot use as a ledger: {exc}") from None
     return conn
-
-
-def _writable(p: Path) -> bool:
-    return os.access(p, os.W_OK)
 
 
 def _check_version(conn: sqlite3.Connection, path: Path, *, create: bool) -> None:
