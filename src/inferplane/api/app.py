@@ -90,6 +90,53 @@ def check_headers(headers: Mapping[str, str]) -> None:
                 ) from None
 
 
+RESPONSE_APIS: dict[str, str] = {
+    "/v1/chat/completions": "chat",
+    "/v1/completions": "completions",
+    "/v1/embeddings": "embeddings",
+    "/v1/models": "models",
+    "/v1/usage": "usage",
+    "/v1/fleet/health": "admin",
+}
+"""The ``api`` label of ``inferplane_responses_total`` by exact path (`response_api`)."""
+RESPONSE_API_PREFIXES = (("/v1/files", "files"), ("/v1/batches", "batches"),
+                         ("/v1/decisions", "decisions"), (console.PREFIX, "admin"))
+UNCOUNTED_PATHS = frozenset({"/metrics", "/health", "/ready"})
+"""Scrapes and probes: not answers to clients (a /ready 503 is a verdict, not a failure)."""
+
+
+def response_api(path: str) -> str | None:
+    """The ``api`` label of ``path``'s answers; None for those not counted."""
+    api = RESPONSE_APIS.get(path)
+    if api is not None:
+        return api
+    if path in UNCOUNTED_PATHS:
+        return None
+    for prefix, name in RESPONSE_API_PREFIXES:
+        if path == prefix or path.startswith(prefix + "/"):
+            return name
+    return "other"
+
+
+@web.middleware
+async def responses_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Count every answer of the API listener once in ``inferplane_responses_total``: outside
+    `error_middleware`, so errors count as rendered; what escapes it is a client gone (499)
+    or an HTTP exception aiohttp answers itself (its status)."""
+    status = 499
+    try:
+        resp = await handler(request)
+        status = getattr(resp, "counted_status", None) or resp.status
+        return resp
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    finally:
+        api = response_api(request.path)
+        if api is not None:
+            request.app[GATEWAY_KEY].metrics.responded(api, status)
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """The one translation point from exceptions to OpenAI-shaped error responses."""
@@ -207,6 +254,14 @@ def _max_tokens(body: JSONObject) -> int | None:
     return None
 
 
+class Answer(web.Response):
+    """A relayed answer: ``counted_status``, where set, is what ``inferplane_responses_total``
+    counts it as (`responses_middleware`) instead of its head's status: 499 for a client gone
+    before it was written."""
+
+    counted_status: int | None = None
+
+
 class HeadWithFirstChunk(web.StreamResponse):
     """A relayed stream whose head leaves with its first body write, in one send, as aiohttp's
     `web.Response` sends its head with its body (`StreamResponse` sends the head alone from
@@ -221,6 +276,9 @@ class HeadWithFirstChunk(web.StreamResponse):
     (tests/test_stream_head.py)."""
 
     _send_headers_immediately = False
+    counted_status: int | None = None
+    """What ``inferplane_responses_total`` counts the stream as where not its head's 200: the
+    status of the error event it ended with (`Answer`)."""
 
 
 async def forward(
@@ -249,10 +307,12 @@ async def forward(
         await gw.committed(receipt, attempt.ticket)
         if receipt.hash:
             headers[RECEIPT_HEADER] = receipt.hash
-        answer = web.Response(body=data, status=resp.status, headers=headers)
-        with contextlib.suppress(ConnectionError):  # aiohttp notes a client that is gone
+        answer = Answer(body=data, status=resp.status, headers=headers)
+        try:
             await answer.prepare(request)
             await answer.write_eof()
+        except ConnectionError:  # aiohttp notes a client that is gone
+            answer.counted_status = 499
         return answer
 
     headers["Cache-Control"] = "no-cache"  # an event stream: never stored (the gateway's own)
@@ -308,6 +368,8 @@ async def forward(
         tail = (b": " + RECEIPT_HEADER.encode() + b" " + receipt.hash.encode() + b"\n\n"
                 if receipt.hash else b"")
         await out.write_eof(tail + done)
+        if status != 200:  # the head said 200; the stream ended in an error event
+            out.counted_status = status
     except (ConnectionResetError, asyncio.CancelledError):
         status, error = 499, "client disconnected"
         gw.metrics.client_disconnects.inc()
@@ -554,7 +616,8 @@ def _dumps(obj: object) -> str:
 
 def build_app(gateway: Gateway) -> web.Application:
     app = web.Application(
-        middlewares=[error_middleware], client_max_size=gateway.config.gateway.max_body_bytes
+        middlewares=[responses_middleware, error_middleware],
+        client_max_size=gateway.config.gateway.max_body_bytes,
     )
     app[GATEWAY_KEY] = gateway
     app.router.add_post("/v1/chat/completions", make_api_handler("chat"))
@@ -618,7 +681,7 @@ async def serve(
         max_connections_per_client=g.max_connections_per_client,
         trusted_proxies=tuple(ip_network(n, strict=False) for n in g.trusted_proxies),
     )
-    runner = GatewayRunner(application, limits=limits)
+    runner = GatewayRunner(application, limits=limits, responded=gateway.metrics.responded)
     page_server = None
     worker = worker_set()
     if worker is not None:  # a worker of `serve --workers N`: /metrics gathers every worker's

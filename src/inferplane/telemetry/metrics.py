@@ -125,6 +125,22 @@ class GatewayMetrics:
         # series is ever removed.
         self._placement_children: dict[str, Any] = {}
         r = self.registry
+        self._responses: dict[tuple[str, int], Any] = {}  # `responded`'s children
+        self.responses = Counter(
+            "inferplane_responses",
+            "Every answer this gateway process gave a client on its API listener, once per "
+            "request, by api and code. api: chat, completions, embeddings, models, files, "
+            "batches, decisions, usage, admin (/v1/fleet/health, /console) or other (any other "
+            "path, unknown routes, malformed HTTP, connections refused past "
+            "max_connections_per_client); /metrics, /health and /ready are not counted. code: "
+            "the HTTP status sent (an engine's status passes through on a non-streamed answer), "
+            "except that a stream counts as its record ends it (502 when the upstream failed "
+            "after its first byte, 500 for a fault of the gateway's) and a client that left "
+            "before its answer ended as 499. Error rate: "
+            "inferplane_responses_total{code=~\"5..\"} / inferplane_responses_total",
+            ["api", "code"],
+            registry=r,
+        )
         self.requests = Counter(
             "inferplane_requests",
             "Answers from an endpoint that sent its first byte, accounted on it, by API (chat, "
@@ -132,9 +148,8 @@ class GatewayMetrics:
             "for an upstream failure while reading, 499 when the client left). Not every "
             "answer the client got: attempts that failed before their first byte are in "
             "inferplane_upstream_failures_total, and a request none of whose attempts got a "
-            "first byte (502: upstream_failures minus replacements) or that had nothing "
-            "eligible (503: inferplane_no_eligible_endpoint_total) is in no status count; "
-            "requests refused before placement are in inferplane_admission_rejected_total",
+            "first byte (502) or that had nothing eligible (503) is not, nor are requests "
+            "refused before placement: every answer is in inferplane_responses_total",
             ["api", "endpoint", "code"],
             registry=r,
         )
@@ -575,6 +590,15 @@ class GatewayMetrics:
                 stage, _, plugin = key.partition(":")
                 c = children[key] = self.child(self.placement, stage, plugin)
             c.observe(seconds)
+
+    def responded(self, api: str, status: int) -> None:
+        """Count one answer in ``inferplane_responses_total`` (``api`` from a closed set: see
+        its help)."""
+        key = (api, status)
+        c = self._responses.get(key)
+        if c is None:
+            c = self._responses[key] = self.responses.labels(api, str(status))
+        c.inc()
 
     def child(self, metric: Any, *labels: str) -> Any:
         """``metric.labels(*labels)``, cached: the request path avoids prometheus' label lookup."""
