@@ -176,19 +176,20 @@ def registry_families(registry: CollectorRegistry) -> list[Family]:
 
 
 def page_families(text: str) -> list[Family]:
-    """The families of a page in the text format, their labels read from its samples. A
-    counter whose ``# TYPE`` line names it without ``_total`` (as the emulator writes them)
-    has its ``_total`` samples parsed as an untyped family of their own: they are its samples."""
+    """The families of a page in the text format, their labels read from its samples. The
+    ``<name>_created`` gauge that prometheus_client writes after a counter or a histogram (and
+    the emulator, as it does) is that family's sample, not a family of the reference."""
     out: dict[str, Family] = {}
     for f in text_string_to_metric_families(text):
         labels: dict[str, None] = {}
         for s in f.samples:
             labels.update(dict.fromkeys(k for k in s.labels if k != "le"))
-        name = _exposed(f.name, f.type)
-        known = out.get(name)
-        if f.type == "unknown" and known is not None and known.type == "counter":
-            out[name] = Family(name, "counter", (*known.labels, *labels), known.help)
+        base = f.name.removesuffix("_created")
+        if f.name != base and any(
+                k in out and out[k].type in ("counter", "histogram")
+                for k in (base, _exposed(base, "counter"))):
             continue
+        name = _exposed(f.name, f.type)
         out[name] = Family(name, f.type, tuple(labels), f.documentation)
     return list(out.values())
 
