@@ -39,6 +39,8 @@ from prometheus_client.utils import floatToGoString
 
 from inferplane.twin.engine.model import Engine, LatencySample
 
+_go_float: Callable[[float], str] = floatToGoString  # how prometheus_client writes a value
+
 # fmt: off
 TTFT_BUCKETS: tuple[float, ...] = (
     0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
@@ -164,7 +166,7 @@ class EngineMetricsPage:
         }
         self.success_total = 0
         # when the page's counters and histograms started: their _created samples
-        self.created: str | None = floatToGoString(time.time()) if created_series() else None
+        self.created: str | None = _go_float(time.time()) if created_series() else None
         # () -> watts of each device, modelled by the endpoint from how busy its engine is
         self.device_power: Callable[[], list[float]] | None = None
 
