@@ -3,6 +3,7 @@
 The page is hand-written prose with generated blocks between marker comments::
 
     <!-- BEGIN GENERATED: gateway -->    the gateway's registry (`telemetry.metrics.GatewayMetrics`)
+    <!-- BEGIN GENERATED: picker -->     the Envoy picker's own (`telemetry.metrics.PickerMetrics`)
     <!-- BEGIN GENERATED: workers -->    the families the gathering worker adds (`telemetry.gather`)
     <!-- BEGIN GENERATED: economics -->  the economics gauges (`economics.render.FAMILIES`)
     <!-- BEGIN GENERATED: emulator -->   an emulated engine's page (`twin.emulator.metrics`)
@@ -37,7 +38,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from inferplane.economics.render import EconomicsCollector
 from inferplane.telemetry import gather
-from inferplane.telemetry.metrics import GatewayMetrics, SourcedCounters
+from inferplane.telemetry.metrics import GatewayMetrics, PickerMetrics, SourcedCounters
 from inferplane.twin.emulator.metrics import EngineMetricsPage
 from inferplane.twin.engine.model import EngineConfig
 
@@ -53,10 +54,6 @@ WHEN: dict[str, str] = {
     "inferplane_engine_scrapes_total": "once the gateway scrapes its endpoints",
     "inferplane_health_probes_total": "once the gateway scrapes its endpoints",
     "inferplane_worker_page_refused_total": "a worker of `serve --workers N` only",
-    "inferplane_epp_flights_reaped_total": (
-        "counted by the Envoy picker (`inferplane epp`), which serves no `/metrics`: "
-        "the gateway's page has the family with no samples"
-    ),
 }
 
 # What each label of an inferplane family holds. "family:label" for a label whose meaning
@@ -91,6 +88,14 @@ LABELS: dict[str, str] = {
         "`saturation`, `slo`"
     ),
     "inferplane_epp_flights_reaped_total:reason": "`unobserved`, `picker_stopped`, `no_observer`",
+    "inferplane_epp_decisions_total:api": (
+        "`chat`, `completions`, `embeddings`, `models` or `other` (any other path)"
+    ),
+    "inferplane_epp_decisions_total:result": (
+        "`routed` (Envoy sends the request to the picked endpoint) or the HTTP status the "
+        "picker answered with in Envoy's place: `200` (`/v1/models`), `400`, `401`, `404`, "
+        "`405`, `413`, `429`, `500`, `503`"
+    ),
     "filter": (
         "the filter that removed them: a filter plugin instance's name, or the built-in "
         "`capacity` (saturated endpoints) and `failover` (endpoints this request already failed on)"
@@ -198,6 +203,13 @@ def gateway_families() -> list[Family]:
     return registry_families(GatewayMetrics().registry)
 
 
+def picker_families() -> list[Family]:
+    """The families the Envoy picker adds to the registry it shares with the core."""
+    registry = CollectorRegistry()
+    PickerMetrics(registry)
+    return registry_families(registry)
+
+
 def worker_families() -> list[Family]:
     page = gather.merge({}, 1).decode()  # the gathering worker's own families, no worker's page
     return page_families(page)
@@ -253,7 +265,7 @@ def table(families: Iterable[Family], when: bool = False) -> str:
 
 
 def _inferplane() -> list[Family]:
-    return [*gateway_families(), *worker_families(), *economics_families()]
+    return [*gateway_families(), *picker_families(), *worker_families(), *economics_families()]
 
 
 def label_key(family: Family, label: str) -> str:
@@ -300,6 +312,7 @@ def labels_block() -> str:
 
 BLOCKS: dict[str, Callable[[], str]] = {
     "gateway": lambda: table(gateway_families(), when=True),
+    "picker": lambda: table(picker_families()),
     "workers": lambda: table(worker_families()),
     "economics": lambda: table(economics_families()),
     "emulator": lambda: table(emulator_families()),

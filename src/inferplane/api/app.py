@@ -15,10 +15,9 @@ from ipaddress import ip_network
 
 import orjson
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from inferplane.admission.controller import Ticket
-from inferplane.admission.queue import BANDS
 from inferplane.api import console
 from inferplane.api.openapi import build_spec
 from inferplane.api.pipeline import Attempt, Gateway, parse_usage
@@ -43,7 +42,7 @@ from inferplane.errors import (
     PermissionDeniedError,
     UpstreamError,
 )
-from inferplane.fleet.health import VERDICTS, endpoint_summary
+from inferplane.fleet.health import endpoint_summary
 from inferplane.httpio import read_body
 from inferplane.ledger.query import BadQuery, parse_query
 from inferplane.telemetry import gather
@@ -498,33 +497,11 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 def local_page(gw: Gateway) -> bytes:
-    """This process's own metrics page: the gauges read from live state set, the registry
-    rendered (what a single-process gateway serves at ``/metrics``, and what a worker of
-    ``serve --workers`` answers the other workers on its socket)."""
-    gw.forget_removed()  # series of endpoints a reload removed, once drained
-    snap = gw.live.snapshot()
-    for v in snap.endpoints:
-        gw.metrics.inflight.labels(v.name).set(v.state.inflight)
-        gw.metrics.endpoint_healthy.labels(v.name).set(1 if v.state.healthy else 0)
-        gw.metrics.endpoint_stale.labels(v.name).set(1 if v.state.stale else 0)
-        gw.metrics.endpoint_ejected.labels(v.name).set(1 if v.state.ejected else 0)
-    m = gw.metrics
-    now = asyncio.get_running_loop().time()
-    m.loop_lag_max.set(gw.lag.recent_max_s(now))
-    m.streams_relayed.set(gw.dispatcher.streams)
-    # the running totals (loop lag, send gate, coalescing holds) are counters read as the
-    # registry is collected (telemetry.metrics.SourcedCounters)
-    for name, p in gw.pool_health().items():
-        m.pool_queue_trend.labels(name).set(p.queue_trend)
-        m.pool_kv_pressure.labels(name, "mean").set(p.kv_mean or 0.0)
-        m.pool_kv_pressure.labels(name, "max").set(p.kv_max or 0.0)
-        m.pool_ttft_divergence.labels(name).set(p.ttft_divergence or 0.0)
-        m.pool_inflight_ratio.labels(name).set(p.inflight_ratio or 0.0)
-        for verdict in VERDICTS:
-            m.pool_verdict.labels(name, verdict).set(1 if p.verdict == verdict else 0)
-    for band in BANDS:
-        gw.metrics.queue_depth.labels(band).set(gw.admission.queue.depth(band))
-    return generate_latest(gw.metrics.registry)
+    """This process's own metrics page (`Core.metrics_page`): what a single-process gateway
+    serves at ``/metrics``, and what a worker of ``serve --workers`` answers the other workers
+    on its socket."""
+    gw.metrics.streams_relayed.set(gw.dispatcher.streams)
+    return gw.metrics_page()
 
 
 async def fleet_health(request: web.Request) -> web.Response:

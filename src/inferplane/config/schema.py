@@ -1254,6 +1254,16 @@ class EppSpec(Strict):
 
     host: str = Field("127.0.0.1", description="address the picker's gRPC server binds")
     port: int = Field(9002, ge=0, le=65535, description="the picker's gRPC port")
+    metrics_port: int | None = Field(
+        None, ge=0, le=65535,
+        description="serve the picker's Prometheus page (GET /metrics, no key: a listener for "
+        "the scraper, like gateway.metrics.port) on this port of `metrics_host`; unset: no "
+        "listener. 9090 is the Gateway API Inference Extension's EPP metrics port, and "
+        "deploy/k8s's",
+    )
+    metrics_host: str = Field(
+        "127.0.0.1", description="address the `metrics_port` listener binds"
+    )
     envoy_host: str = Field("127.0.0.1", description="address Envoy's listener binds")
     envoy_port: int = Field(8081, ge=0, le=65535, description="Envoy's client-facing port")
     envoy_admin_port: int = Field(9901, ge=0, le=65535, description="Envoy's admin port")

@@ -113,6 +113,53 @@ class SourcedCounters(Collector):
             yield family
 
 
+_PICK_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                 5.0, 10.0, 30.0)
+
+
+class PickerMetrics:
+    """The Envoy picker's own families (`inferplane.epp`), added to its `GatewayMetrics`
+    registry: the gateway's page does not have them. ``api`` is chat, completions, embeddings,
+    models or other; ``result`` is ``routed`` or the HTTP status the picker answered with in
+    Envoy's place."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._decided: dict[tuple[str, str], Any] = {}
+        self.decisions = Counter(
+            "inferplane_epp_decisions",
+            "Envoy picker: requests the picker filter brought to a decision, by api and result: "
+            "routed (Envoy sends it to the picked endpoint) or the HTTP status the picker "
+            "answered with in Envoy's place (401, 400, 404, 413, 429, 503 nothing eligible, "
+            "500 ...); Envoy counts what its clients got (downstream_rq_xx)",
+            ["api", "result"],
+            registry=registry,
+        )
+        self.pick_seconds = Histogram(
+            "inferplane_epp_pick_seconds",
+            "Envoy picker: seconds from a request body's last byte to the picker's answer "
+            "(authentication, admission with its queueing, placement and reservation), routed "
+            "or not",
+            buckets=_PICK_BUCKETS,
+            registry=registry,
+        )
+        self.reaped = Counter(
+            "inferplane_epp_flights_reaped",
+            "Envoy picker: picks accounted without an observed end, by reason (unobserved: "
+            "past the reaper's timeout; picker_stopped: in the air when the picker stopped; "
+            "no_observer: the picker stream ended and no observer reported within the grace)",
+            ["reason"],
+            registry=registry,
+        )
+
+    def decided(self, api: str, result: str) -> None:
+        """Count one decision in ``inferplane_epp_decisions_total``."""
+        key = (api, result)
+        c = self._decided.get(key)
+        if c is None:
+            c = self._decided[key] = self.decisions.labels(api, result)
+        c.inc()
+
+
 class GatewayMetrics:
     """Every metric the gateway exports."""
 
@@ -249,14 +296,6 @@ class GatewayMetrics:
             "were never read: its scrapes fail or are late; always 1 for endpoints that are not "
             "scraped (scrape_metrics: false, the provider-api default)",
             ["endpoint"],
-            registry=r,
-        )
-        self.epp_reaped = Counter(
-            "inferplane_epp_flights_reaped",
-            "Envoy picker: picks accounted without an observed end, by reason (unobserved: "
-            "past the reaper's timeout; picker_stopped: in the air when the picker stopped; "
-            "no_observer: the picker stream ended and no observer reported within the grace)",
-            ["reason"],
             registry=r,
         )
         self.build_info = Gauge(
