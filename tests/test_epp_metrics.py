@@ -21,7 +21,7 @@ from inferplane.config.loader import parse_config
 from inferplane.epp.server import Picker, serve
 from inferplane.fleet.scraper import StaticMetricsSource
 from tests.support.procs import free_port
-from tests.test_epp_stream import body, error_of, exchange, fleet_config, headers, settled
+from tests.test_epp_stream import body, error_of, exchange, fleet_config, headers
 
 
 @contextlib.asynccontextmanager
@@ -53,7 +53,7 @@ async def _get(url: str) -> tuple[int, str, str]:
 
 async def test_the_picker_serves_its_page_with_its_own_families() -> None:
     mport = free_port()
-    async with picker(mport) as (p, stub):
+    async with picker(mport) as (_p, stub):
         routed = await exchange(stub, headers(), body())
         assert routed[1].WhichOneof("response") == "request_body"
         refused = await exchange(stub, headers({"authorization": "Bearer nope"}), body())
@@ -61,7 +61,6 @@ async def test_the_picker_serves_its_page_with_its_own_families() -> None:
         models = await exchange(stub, headers({":method": "GET", ":path": "/v1/models"},
                                               end=True))
         assert models[0].immediate_response.status.code == 200
-        await settled(p)
         status, ctype, page = await _get(f"http://127.0.0.1:{mport}/metrics")
     assert status == 200 and ctype.startswith("text/plain")
     samples = _samples(page)
