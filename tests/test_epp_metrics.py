@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -18,7 +19,8 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from inferplane.config.loader import parse_config
-from inferplane.epp.server import Picker, serve
+from inferplane.epp.server import Exchange, Picker, serve
+from inferplane.errors import ConfigError
 from inferplane.fleet.scraper import StaticMetricsSource
 from tests.support.procs import free_port
 from tests.test_epp_stream import body, error_of, exchange, fleet_config, headers
@@ -96,8 +98,10 @@ async def test_the_listener_binds_loopback_by_default_and_stops_with_the_picker(
         assert p.metrics_runner is not None
         addresses = p.metrics_runner.addresses
         assert [a[0] for a in addresses] == ["127.0.0.1"]
-        status, _, _ = await _get(f"http://127.0.0.1:{mport}/nothing")
-        assert status == 404
+        status, ctype, text = await _get(f"http://127.0.0.1:{mport}/nothing")
+        # the gateway's metrics listener's answer (`telemetry.listener`): OpenAI-shaped
+        assert status == 404 and ctype.startswith("application/json")
+        assert json.loads(text)["error"]["message"] == "no route GET /nothing"
     with pytest.raises(aiohttp.ClientConnectionError):
         await _get(f"http://127.0.0.1:{mport}/metrics")
 
@@ -115,3 +119,41 @@ async def test_a_metrics_port_in_use_is_a_start_up_error_naming_it() -> None:
     finally:
         blocker.close()
         await blocker.wait_closed()
+
+
+def test_a_metrics_port_on_the_pickers_own_port_is_a_config_error() -> None:
+    """Refused when the file is read, naming ``metrics_port``, not later by gRPC's bind."""
+    for hosts in ({}, {"host": "0.0.0.0"}, {"metrics_host": "0.0.0.0"}):
+        with pytest.raises(ConfigError, match="metrics_port 9100 is the picker's gRPC port"):
+            parse_config(fleet_config(epp={"port": 9100, "metrics_port": 9100, **hosts}))
+    ok = parse_config(fleet_config(epp={"port": 9100, "metrics_port": 9100,
+                                        "host": "127.0.0.1", "metrics_host": "127.0.0.2"}))
+    assert ok.epp.metrics_port == 9100
+
+
+@pytest.mark.parametrize("where", ["pick", "_route"])
+async def test_a_bug_in_the_pick_is_counted_as_a_500_and_timed(
+        where: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before a flight is reserved (``pick``, answered 500) and after (``_route``: nothing is
+    answered, Envoy's message timeout decides): one ``result="500"`` and one pick observed."""
+
+    def boom(*_: Any, **__: Any) -> Any:
+        raise RuntimeError("a bug")
+
+    if where == "pick":
+        async def aboom(*_: Any) -> Any:
+            boom()
+        monkeypatch.setattr(Exchange, "pick", aboom)
+    else:
+        monkeypatch.setattr(Exchange, "_route", boom)
+    mport = free_port()
+    async with picker(mport) as (_p, stub):
+        answers = await exchange(stub, headers(), body())
+        _, _, page = await _get(f"http://127.0.0.1:{mport}/metrics")
+    if where == "pick":
+        assert error_of(answers[-1])[0] == 500
+    else:
+        assert all(a.WhichOneof("response") != "immediate_response" for a in answers)
+    samples = _samples(page)
+    assert samples[("inferplane_epp_decisions_total", (("api", "chat"), ("result", "500")))] == 1
+    assert samples[("inferplane_epp_pick_seconds_count", ())] == 1.0

@@ -452,7 +452,8 @@ def epp(
         typer.echo(
             f"inferplane endpoint picker (ext_proc gRPC) listening on {h}:{bound} "
             f"({len(picker.fleet.endpoints)} endpoints; placement {compiled.status().describe()})"
-            + ("" if mp is None else f"; /metrics on {cfg.epp.metrics_host}:{mp}"),
+            + ("" if picker.metrics_runner is None else
+               f"; /metrics on {cfg.epp.metrics_host}:{picker.metrics_runner.addresses[0][1]}"),
             err=True,
         )
         try:

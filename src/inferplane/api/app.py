@@ -46,6 +46,7 @@ from inferplane.fleet.health import endpoint_summary
 from inferplane.httpio import read_body
 from inferplane.ledger.query import BadQuery, parse_query
 from inferplane.telemetry import gather
+from inferplane.telemetry.listener import metrics_app
 from inferplane.telemetry.tracing import RequestTrace
 from inferplane.types import ApiKind, JSONObject
 
@@ -429,9 +430,6 @@ async def ready(request: web.Request) -> web.Response:
     return web.json_response(body, status=200 if usable else 503)
 
 
-METRICS_OPEN: web.AppKey[bool] = web.AppKey("metrics_open", bool)
-
-
 class WorkerPages:
     """Where this worker of ``serve --workers N`` stands (its index, N, the supervisor's
     directory of the workers' page sockets): its ``/metrics`` gathers every worker's page,
@@ -448,9 +446,7 @@ WORKER_PAGES: web.AppKey[WorkerPages] = web.AppKey("worker_pages", WorkerPages)
 def check_metrics_access(request: web.Request) -> None:
     """``/metrics`` is for operators: on the API listener it needs one of
     ``gateway.metrics.api_keys`` unless ``gateway.metrics.public``; the ``gateway.metrics.port``
-    listener serves it with no key."""
-    if request.app.get(METRICS_OPEN, False):
-        return
+    listener serves it with no key (`_metrics_listener`)."""
     gw = request.app[GATEWAY_KEY]
     if gw.config.gateway.metrics.public:
         return
@@ -715,13 +711,18 @@ async def serve(
 
 
 def _metrics_listener(main: web.Application, gateway: Gateway) -> web.AppRunner:
-    """``/metrics`` alone, with no key, for its own listener; cleaned up with the main app."""
-    app = web.Application(middlewares=[error_middleware])
-    app[GATEWAY_KEY] = gateway
-    app[METRICS_OPEN] = True
-    if WORKER_PAGES in main:
-        app[WORKER_PAGES] = main[WORKER_PAGES]
-    app.router.add_get("/metrics", metrics)
+    """``/metrics`` alone, with no key, for its own listener (`telemetry.listener`, as the
+    picker's); cleaned up with the main app."""
+    pages = main.get(WORKER_PAGES)
+
+    async def page() -> bytes:
+        body = local_page(gateway)
+        if pages is not None:
+            body = await gather.gather(body, pages.index, pages.n, pages.directory,
+                                       pages.timeout_s)
+        return body
+
+    app = metrics_app(page)
     runner = web.AppRunner(app, access_log=None)
 
     async def stop(_: web.Application) -> None:

@@ -50,7 +50,6 @@ from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from multidict import CIMultiDict
-from prometheus_client import CONTENT_TYPE_LATEST
 
 from inferplane.admission.controller import Ticket
 from inferplane.admission.state import AdmissionStore
@@ -72,6 +71,7 @@ from inferplane.errors import (
 from inferplane.fleet.model import Endpoint, Fleet
 from inferplane.fleet.scraper import HttpMetricsSource, MetricsSource
 from inferplane.ledger.record import Ledger
+from inferplane.telemetry.listener import metrics_app
 from inferplane.telemetry.metrics import PickerMetrics
 from inferplane.telemetry.tracing import RequestTrace
 from inferplane.types import ApiKind
@@ -546,12 +546,17 @@ class Exchange:
             return self.decided(immediate(too_large))
         if not req.request_body.end_of_stream:
             return CONTINUE_REQUEST_BODY
-        started = time.perf_counter()
+        body_done = time.perf_counter()
         try:
             answer = await self.pick()
         except GatewayError as exc:
             answer = immediate(exc)
-        self.picker.picker_metrics.pick_seconds.observe(time.perf_counter() - started)
+        except Exception:
+            # a bug: `ExternalProcessor.Process` counts it as a 500; its time is observed too
+            # (a stream cancelled while it waited in admission is neither: nothing answered)
+            self.picker.picker_metrics.pick_seconds.observe(time.perf_counter() - body_done)
+            raise
+        self.picker.picker_metrics.pick_seconds.observe(time.perf_counter() - body_done)
         return self.decided(answer)
 
     async def pick(self) -> Any:
@@ -776,11 +781,15 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
                     resp = await ex.handle(req)
                 except Exception:  # a bug answers in the OpenAI shape, never a broken stream
                     log.exception("ext_proc message failed")
-                    if ex.flight is None and req.WhichOneof("request") in (
+                    if req.WhichOneof("request") in (
                         "request_headers", "request_body"
                     ) and not req.observability_mode:
-                        resp = ex.decided(
+                        failed = ex.decided(
                             immediate(GatewayError("internal error; see the picker log")))
+                        # counted as a 500 either way; with a flight already reserved (the bug
+                        # came after the pick) nothing is answered, as before: Envoy's
+                        # message_timeout_s and fail_open decide what the client gets
+                        resp = failed if ex.flight is None else None
                     else:
                         resp = None
                 if resp is not None:
@@ -819,23 +828,13 @@ async def _report_health(picker: Picker, servicer: Any) -> None:
         await asyncio.sleep(picker.config.gateway.health_interval_s)
 
 
-async def metrics(request: web.Request) -> web.Response:
-    """``GET /metrics`` on the ``epp.metrics_port`` listener: the picker's page
-    (`Core.metrics_page`), with no key, as on the gateway's ``gateway.metrics.port``."""
-    page = request.app[PICKER_KEY].metrics_page()
-    return web.Response(body=page, headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-
-PICKER_KEY: web.AppKey[Picker] = web.AppKey("picker", Picker)
-
-
 async def serve_metrics(picker: Picker, host: str, port: int) -> None:
     """Serve the picker's ``/metrics`` on host:port (the ``epp.metrics_port`` listener; the
     picker stops it when it stops). An OSError when it cannot bind."""
-    app = web.Application()
-    app[PICKER_KEY] = picker
-    app.router.add_get("/metrics", metrics)
-    runner = web.AppRunner(app, access_log=None)
+    async def page() -> bytes:
+        return picker.metrics_page()
+
+    runner = web.AppRunner(metrics_app(page), access_log=None)
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port, reuse_address=True)
