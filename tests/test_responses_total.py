@@ -20,10 +20,11 @@ import pytest
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from inferplane.api.app import serve
+from inferplane.api.app import RESPONSE_API_PREFIXES, RESPONSE_APIS, serve
 from inferplane.api.pipeline import Gateway
 from inferplane.api.server import GatewayServer
 from inferplane.config.loader import parse_config
+from inferplane.telemetry.metrics import RESPONSE_API_LABELS, GatewayMetrics
 from tests.builders import endpoint, model, pool_fleet, tenant, to_yaml
 from tests.support.fake_upstream import STATS, build
 from tests.support.procs import free_port
@@ -265,3 +266,14 @@ async def test_the_family_is_on_the_page_before_any_answer(stack: Stack) -> None
     page = await stack.page()
     assert "# TYPE inferplane_responses_total counter" in page
     assert await stack.counts() == {}
+
+
+def test_the_api_label_comes_from_a_closed_set() -> None:
+    """Every label the gateway's routes map to is in the set `responded` accepts; anything
+    else is refused, not turned into a new series."""
+    mapped = set(RESPONSE_APIS.values()) | {name for _, name in RESPONSE_API_PREFIXES}
+    assert mapped | {"other"} == RESPONSE_API_LABELS
+    metrics = GatewayMetrics()
+    metrics.responded("chat", 200)
+    with pytest.raises(ValueError, match="'/v1/x' is not one of"):
+        metrics.responded("/v1/x", 200)

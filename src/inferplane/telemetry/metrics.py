@@ -41,6 +41,9 @@ _LATENCY_BUCKETS = (
 _PLUGIN_BUCKETS = (1e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3)
 
 
+RESPONSE_API_LABELS = frozenset({"chat", "completions", "embeddings", "models", "files",
+                                 "batches", "decisions", "usage", "admin", "other"})
+"""The closed set of ``inferplane_responses_total``'s ``api`` label (its help names them)."""
 # a counter in no registry, collected only to see whether prometheus_client exports _created
 _CREATED_PROBE = Counter("inferplane_created_probe", "", registry=None)
 
@@ -631,11 +634,14 @@ class GatewayMetrics:
             c.observe(seconds)
 
     def responded(self, api: str, status: int) -> None:
-        """Count one answer in ``inferplane_responses_total`` (``api`` from a closed set: see
-        its help)."""
+        """Count one answer in ``inferplane_responses_total`` (``api`` one of
+        `RESPONSE_API_LABELS`: a ValueError otherwise, checked once per new child)."""
         key = (api, status)
         c = self._responses.get(key)
         if c is None:
+            if api not in RESPONSE_API_LABELS:
+                raise ValueError(f"inferplane_responses_total: api {api!r} is not one of "
+                                 f"{sorted(RESPONSE_API_LABELS)}")
             c = self._responses[key] = self.responses.labels(api, str(status))
         c.inc()
 
