@@ -3,6 +3,7 @@
 The page is hand-written prose with generated blocks between marker comments::
 
     <!-- BEGIN GENERATED: gateway -->    the gateway's registry (`telemetry.metrics.GatewayMetrics`)
+    <!-- BEGIN GENERATED: picker -->     the Envoy picker's own (`telemetry.metrics.PickerMetrics`)
     <!-- BEGIN GENERATED: workers -->    the families the gathering worker adds (`telemetry.gather`)
     <!-- BEGIN GENERATED: economics -->  the economics gauges (`economics.render.FAMILIES`)
     <!-- BEGIN GENERATED: emulator -->   an emulated engine's page (`twin.emulator.metrics`)
@@ -36,7 +37,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from inferplane import docgen
 from inferplane.economics.render import EconomicsCollector
 from inferplane.telemetry import gather
-from inferplane.telemetry.metrics import GatewayMetrics, SourcedCounters
+from inferplane.telemetry.metrics import GatewayMetrics, PickerMetrics, SourcedCounters
 from inferplane.twin.emulator.metrics import EngineMetricsPage
 from inferplane.twin.engine.model import EngineConfig
 
@@ -52,16 +53,23 @@ WHEN: dict[str, str] = {
     "inferplane_engine_scrapes_total": "once the gateway scrapes its endpoints",
     "inferplane_health_probes_total": "once the gateway scrapes its endpoints",
     "inferplane_worker_page_refused_total": "a worker of `serve --workers N` only",
-    "inferplane_epp_flights_reaped_total": (
-        "counted by the Envoy picker (`inferplane epp`), which serves no `/metrics`: "
-        "the gateway's page has the family with no samples"
-    ),
 }
 
 # What each label of an inferplane family holds. "family:label" for a label whose meaning
 # depends on the family, else the label's name.
 LABELS: dict[str, str] = {
     "api": "`chat`, `completions` or `embeddings`",
+    "inferplane_responses_total:api": (
+        "`chat`, `completions`, `embeddings`, `models`, `files`, `batches`, `decisions`, "
+        "`usage`, `admin` (`/v1/fleet/health`, `/console`) or `other` (any other path, unknown "
+        "routes, malformed HTTP, connections past `max_connections_per_client`)"
+    ),
+    "inferplane_responses_total:code": (
+        "the HTTP status the client got, as sent (`200`, `400`, `401`, `403`, `404`, `405`, "
+        "`408`, `413`, `429`, `500`, `502`, `503`, an engine's own status passed through on a "
+        "non-streamed answer), except `502`/`500` for a stream that ended in an error event "
+        "after its 200 head and `499` for a client that left before its answer ended"
+    ),
     "endpoint": "an endpoint's `name` in the fleet file",
     "substrate": "a substrate's (pool's) `name` in the fleet file",
     "pool": "a substrate's (pool's) `name` in the fleet file",
@@ -79,6 +87,14 @@ LABELS: dict[str, str] = {
         "`saturation`, `slo`"
     ),
     "inferplane_epp_flights_reaped_total:reason": "`unobserved`, `picker_stopped`, `no_observer`",
+    "inferplane_epp_decisions_total:api": (
+        "`chat`, `completions`, `embeddings`, `models` or `other` (any other path)"
+    ),
+    "inferplane_epp_decisions_total:result": (
+        "`routed` (Envoy sends the request to the picked endpoint) or the HTTP status the "
+        "picker answered with in Envoy's place: `200` (`/v1/models`), `400`, `401`, `404`, "
+        "`405`, `413`, `429`, `500`, `503`"
+    ),
     "filter": (
         "the filter that removed them: a filter plugin instance's name, or the built-in "
         "`capacity` (saturated endpoints) and `failover` (endpoints this request already failed on)"
@@ -164,25 +180,33 @@ def registry_families(registry: CollectorRegistry) -> list[Family]:
 
 
 def page_families(text: str) -> list[Family]:
-    """The families of a page in the text format, their labels read from its samples. A
-    counter whose ``# TYPE`` line names it without ``_total`` (as the emulator writes them)
-    has its ``_total`` samples parsed as an untyped family of their own: they are its samples."""
+    """The families of a page in the text format, their labels read from its samples. The
+    ``<name>_created`` gauge that prometheus_client writes after a counter or a histogram (and
+    the emulator, as it does) is that family's sample, not a family of the reference."""
     out: dict[str, Family] = {}
     for f in text_string_to_metric_families(text):
         labels: dict[str, None] = {}
         for s in f.samples:
             labels.update(dict.fromkeys(k for k in s.labels if k != "le"))
-        name = _exposed(f.name, f.type)
-        known = out.get(name)
-        if f.type == "unknown" and known is not None and known.type == "counter":
-            out[name] = Family(name, "counter", (*known.labels, *labels), known.help)
+        base = f.name.removesuffix("_created")
+        if f.name != base and any(
+                k in out and out[k].type in ("counter", "histogram")
+                for k in (base, _exposed(base, "counter"))):
             continue
+        name = _exposed(f.name, f.type)
         out[name] = Family(name, f.type, tuple(labels), f.documentation)
     return list(out.values())
 
 
 def gateway_families() -> list[Family]:
     return registry_families(GatewayMetrics().registry)
+
+
+def picker_families() -> list[Family]:
+    """The families the Envoy picker adds to the registry it shares with the core."""
+    registry = CollectorRegistry()
+    PickerMetrics(registry)
+    return registry_families(registry)
 
 
 def worker_families() -> list[Family]:
@@ -240,7 +264,7 @@ def table(families: Iterable[Family], when: bool = False) -> str:
 
 
 def _inferplane() -> list[Family]:
-    return [*gateway_families(), *worker_families(), *economics_families()]
+    return [*gateway_families(), *picker_families(), *worker_families(), *economics_families()]
 
 
 def label_key(family: Family, label: str) -> str:
@@ -287,6 +311,7 @@ def labels_block() -> str:
 
 BLOCKS: dict[str, Callable[[], str]] = {
     "gateway": lambda: table(gateway_families(), when=True),
+    "picker": lambda: table(picker_families()),
     "workers": lambda: table(worker_families()),
     "economics": lambda: table(economics_families()),
     "emulator": lambda: table(emulator_families()),

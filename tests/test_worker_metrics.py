@@ -31,10 +31,10 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from inferplane.api import app as app_module
 from inferplane.api.app import serve
 from inferplane.api.pipeline import Gateway
 from inferplane.config.loader import parse_config
+from inferplane.core import plane as plane_module
 from inferplane.core.process import WORKER_DIR_ENV, WORKER_ENV, WORKERS_ENV
 from inferplane.telemetry import gather
 from inferplane.telemetry.metrics import GatewayMetrics
@@ -666,7 +666,7 @@ async def test_single_process_page_is_prometheus_clients_bytes_and_a_workers_is_
     label, no gathered families); the same gateway as worker 0 of 2 (whose peer is not there)
     serves its page labelled, with worker 1 left out."""
     rendered = b'# HELP a_total A\n# TYPE a_total counter\na_total{x="y"} 7.0\n'
-    monkeypatch.setattr(app_module, "generate_latest", lambda _registry: rendered)
+    monkeypatch.setattr(plane_module, "generate_latest", lambda _registry: rendered)
 
     assert await _gateway_page(upstream) == rendered
     monkeypatch.setenv(WORKER_ENV, "0")

@@ -467,11 +467,15 @@ def epp(
     host: Annotated[str | None, typer.Option(help="override epp.host")] = None,
     port: Annotated[int | None, typer.Option(help="override epp.port", min=0, max=65535)
                     ] = None,
+    metrics_port: Annotated[int | None, typer.Option(
+        help="override epp.metrics_port: serve /metrics (no key) on this port of "
+        "epp.metrics_host", min=0, max=65535)] = None,
     log_level: LogLevelOpt = "info",
     watch_config: WatchOpt = False,
 ) -> None:
     """Run the endpoint picker (Envoy ext_proc gRPC) for the fleet described by CONFIG (SIGHUP
-    reloads it)."""
+    reloads it), and its Prometheus /metrics listener where epp.metrics_port (or
+    --metrics-port) is set."""
     _log_to_stderr(log_level)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the picker can reload
     sha = _sha256(config)
@@ -484,10 +488,11 @@ def epp(
     picker.set_config_sha256(sha)
     h = host or cfg.epp.host
     p = port if port is not None else cfg.epp.port
+    mp = metrics_port if metrics_port is not None else cfg.epp.metrics_port
 
     async def main() -> None:
         try:
-            server, bound = await serve_epp(picker, h, p)
+            server, bound = await serve_epp(picker, h, p, metrics_port=mp)
         except OSError as exc:
             fail(str(exc))
         except Exception as exc:
@@ -495,7 +500,9 @@ def epp(
         freeze_heap(cfg.gateway.gc_freeze)
         typer.echo(
             f"inferplane endpoint picker (ext_proc gRPC) listening on {h}:{bound} "
-            f"({len(picker.fleet.endpoints)} endpoints; placement {compiled.status().describe()})",
+            f"({len(picker.fleet.endpoints)} endpoints; placement {compiled.status().describe()})"
+            + ("" if picker.metrics_runner is None else
+               f"; /metrics on {cfg.epp.metrics_host}:{picker.metrics_runner.addresses[0][1]}"),
             err=True,
         )
         try:

@@ -15,10 +15,9 @@ from ipaddress import ip_network
 
 import orjson
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from inferplane.admission.controller import Ticket
-from inferplane.admission.queue import BANDS
 from inferplane.api import console
 from inferplane.api.openapi import build_spec
 from inferplane.api.pipeline import Attempt, Gateway, parse_usage
@@ -47,11 +46,12 @@ from inferplane.errors import (
     UpstreamError,
     quoted,
 )
-from inferplane.fleet.health import VERDICTS, endpoint_summary
+from inferplane.fleet.health import endpoint_summary
 from inferplane.httpio import read_body
 from inferplane.ledger.query import BadQuery, parse_query
 from inferplane.ledger.record import Receipt
 from inferplane.telemetry import gather
+from inferplane.telemetry.listener import metrics_app
 from inferplane.telemetry.tracing import RequestTrace
 from inferplane.types import ApiKind, JSONObject
 
@@ -92,6 +92,53 @@ def check_headers(headers: Mapping[str, str]) -> None:
                     f"header {name} is not valid UTF-8", param=name.lower(),
                     code="invalid_header",
                 ) from None
+
+
+RESPONSE_APIS: dict[str, str] = {
+    "/v1/chat/completions": "chat",
+    "/v1/completions": "completions",
+    "/v1/embeddings": "embeddings",
+    "/v1/models": "models",
+    "/v1/usage": "usage",
+    "/v1/fleet/health": "admin",
+}
+"""The ``api`` label of ``inferplane_responses_total`` by exact path (`response_api`)."""
+RESPONSE_API_PREFIXES = (("/v1/files", "files"), ("/v1/batches", "batches"),
+                         ("/v1/decisions", "decisions"), (console.PREFIX, "admin"))
+UNCOUNTED_PATHS = frozenset({"/metrics", "/health", "/ready"})
+"""Scrapes and probes: not answers to clients (a /ready 503 is a verdict, not a failure)."""
+
+
+def response_api(path: str) -> str | None:
+    """The ``api`` label of ``path``'s answers; None for those not counted."""
+    api = RESPONSE_APIS.get(path)
+    if api is not None:
+        return api
+    if path in UNCOUNTED_PATHS:
+        return None
+    for prefix, name in RESPONSE_API_PREFIXES:
+        if path == prefix or path.startswith(prefix + "/"):
+            return name
+    return "other"
+
+
+@web.middleware
+async def responses_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Count every answer of the API listener once in ``inferplane_responses_total``: outside
+    `error_middleware`, so errors count as rendered; what escapes it is a client gone (499)
+    or an HTTP exception aiohttp answers itself (its status)."""
+    status = 499
+    try:
+        resp = await handler(request)
+        status = getattr(resp, "counted_status", None) or resp.status
+        return resp
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    finally:
+        api = response_api(request.path)
+        if api is not None:
+            request.app[GATEWAY_KEY].metrics.responded(api, status)
 
 
 @web.middleware
@@ -230,6 +277,14 @@ def _max_tokens(body: JSONObject) -> int | None:
     return None
 
 
+class Answer(web.Response):
+    """A relayed answer: ``counted_status``, where set, is what ``inferplane_responses_total``
+    counts it as (`responses_middleware`) instead of its head's status: 499 for a client gone
+    before it was written."""
+
+    counted_status: int | None = None
+
+
 class HeadWithFirstChunk(web.StreamResponse):
     """A relayed stream whose head leaves with its first body write, in one send, as aiohttp's
     `web.Response` sends its head with its body (`StreamResponse` sends the head alone from
@@ -244,6 +299,9 @@ class HeadWithFirstChunk(web.StreamResponse):
     (tests/test_stream_head.py)."""
 
     _send_headers_immediately = False
+    counted_status: int | None = None
+    """What ``inferplane_responses_total`` counts the stream as where not its head's 200: the
+    status of the error event it ended with (`Answer`)."""
 
 
 async def forward(
@@ -276,10 +334,12 @@ async def forward(
         await gw.committed(receipt, attempt.ticket)
         if receipt.hash:
             headers[RECEIPT_HEADER] = receipt.hash
-        answer = web.Response(body=data, status=resp.status, headers=headers)
-        with contextlib.suppress(ConnectionError):  # aiohttp notes a client that is gone
+        answer = Answer(body=data, status=resp.status, headers=headers)
+        try:
             await answer.prepare(request)
             await answer.write_eof()
+        except ConnectionError:  # aiohttp notes a client that is gone
+            answer.counted_status = 499
         return answer
 
     headers["Cache-Control"] = "no-cache"  # an event stream: never stored (the gateway's own)
@@ -335,6 +395,8 @@ async def forward(
         tail = (b": " + RECEIPT_HEADER.encode() + b" " + receipt.hash.encode() + b"\n\n"
                 if receipt.hash else b"")
         await out.write_eof(tail + done)
+        if status != 200:  # the head said 200; the stream ended in an error event
+            out.counted_status = status
     except (ConnectionResetError, asyncio.CancelledError):
         status, error = 499, "client disconnected"
         gw.metrics.client_disconnects.inc()
@@ -395,9 +457,6 @@ async def ready(request: web.Request) -> web.Response:
     return web.json_response(body, status=200 if usable else 503)
 
 
-METRICS_OPEN: web.AppKey[bool] = web.AppKey("metrics_open", bool)
-
-
 class WorkerPages:
     """Where this worker of ``serve --workers N`` stands (its index, N, the supervisor's
     directory of the workers' page sockets): its ``/metrics`` gathers every worker's page,
@@ -414,9 +473,7 @@ WORKER_PAGES: web.AppKey[WorkerPages] = web.AppKey("worker_pages", WorkerPages)
 def check_metrics_access(request: web.Request) -> None:
     """``/metrics`` is for operators: on the API listener it needs one of
     ``gateway.metrics.api_keys`` unless ``gateway.metrics.public``; the ``gateway.metrics.port``
-    listener serves it with no key."""
-    if request.app.get(METRICS_OPEN, False):
-        return
+    listener serves it with no key (`_metrics_listener`)."""
     gw = request.app[GATEWAY_KEY]
     if gw.config.gateway.metrics.public:
         return
@@ -463,33 +520,11 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 def local_page(gw: Gateway) -> bytes:
-    """This process's own metrics page: the gauges read from live state set, the registry
-    rendered (what a single-process gateway serves at ``/metrics``, and what a worker of
-    ``serve --workers`` answers the other workers on its socket)."""
-    gw.forget_removed()  # series of endpoints a reload removed, once drained
-    snap = gw.live.snapshot()
-    for v in snap.endpoints:
-        gw.metrics.inflight.labels(v.name).set(v.state.inflight)
-        gw.metrics.endpoint_healthy.labels(v.name).set(1 if v.state.healthy else 0)
-        gw.metrics.endpoint_stale.labels(v.name).set(1 if v.state.stale else 0)
-        gw.metrics.endpoint_ejected.labels(v.name).set(1 if v.state.ejected else 0)
-    m = gw.metrics
-    now = asyncio.get_running_loop().time()
-    m.loop_lag_max.set(gw.lag.recent_max_s(now))
-    m.streams_relayed.set(gw.dispatcher.streams)
-    # the running totals (loop lag, send gate, coalescing holds) are counters read as the
-    # registry is collected (telemetry.metrics.SourcedCounters)
-    for name, p in gw.pool_health().items():
-        m.pool_queue_trend.labels(name).set(p.queue_trend)
-        m.pool_kv_pressure.labels(name, "mean").set(p.kv_mean or 0.0)
-        m.pool_kv_pressure.labels(name, "max").set(p.kv_max or 0.0)
-        m.pool_ttft_divergence.labels(name).set(p.ttft_divergence or 0.0)
-        m.pool_inflight_ratio.labels(name).set(p.inflight_ratio or 0.0)
-        for verdict in VERDICTS:
-            m.pool_verdict.labels(name, verdict).set(1 if p.verdict == verdict else 0)
-    for band in BANDS:
-        gw.metrics.queue_depth.labels(band).set(gw.admission.queue.depth(band))
-    return generate_latest(gw.metrics.registry)
+    """This process's own metrics page (`Core.metrics_page`): what a single-process gateway
+    serves at ``/metrics``, and what a worker of ``serve --workers`` answers the other workers
+    on its socket."""
+    gw.metrics.streams_relayed.set(gw.dispatcher.streams)
+    return gw.metrics_page()
 
 
 async def fleet_health(request: web.Request) -> web.Response:
@@ -581,7 +616,8 @@ def _dumps(obj: object) -> str:
 
 def build_app(gateway: Gateway) -> web.Application:
     app = web.Application(
-        middlewares=[error_middleware], client_max_size=gateway.config.gateway.max_body_bytes
+        middlewares=[responses_middleware, error_middleware],
+        client_max_size=gateway.config.gateway.max_body_bytes,
     )
     app[GATEWAY_KEY] = gateway
     app.router.add_post("/v1/chat/completions", make_api_handler("chat"))
@@ -645,7 +681,7 @@ async def serve(
         max_connections_per_client=g.max_connections_per_client,
         trusted_proxies=tuple(ip_network(n, strict=False) for n in g.trusted_proxies),
     )
-    runner = GatewayRunner(application, limits=limits)
+    runner = GatewayRunner(application, limits=limits, responded=gateway.metrics.responded)
     page_server = None
     worker = worker_set()
     if worker is not None:  # a worker of `serve --workers N`: /metrics gathers every worker's
@@ -702,13 +738,18 @@ async def serve(
 
 
 def _metrics_listener(main: web.Application, gateway: Gateway) -> web.AppRunner:
-    """``/metrics`` alone, with no key, for its own listener; cleaned up with the main app."""
-    app = web.Application(middlewares=[error_middleware])
-    app[GATEWAY_KEY] = gateway
-    app[METRICS_OPEN] = True
-    if WORKER_PAGES in main:
-        app[WORKER_PAGES] = main[WORKER_PAGES]
-    app.router.add_get("/metrics", metrics)
+    """``/metrics`` alone, with no key, for its own listener (`telemetry.listener`, as the
+    picker's); cleaned up with the main app."""
+    pages = main.get(WORKER_PAGES)
+
+    async def page() -> bytes:
+        body = local_page(gateway)
+        if pages is not None:
+            body = await gather.gather(body, pages.index, pages.n, pages.directory,
+                                       pages.timeout_s)
+        return body
+
+    app = metrics_app(page)
     runner = web.AppRunner(app, access_log=None)
 
     async def stop(_: web.Application) -> None:

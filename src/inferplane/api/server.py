@@ -25,11 +25,13 @@ import asyncio
 import ipaddress
 import logging
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
@@ -39,6 +41,8 @@ from inferplane.errors import RateLimitError
 log = logging.getLogger("inferplane.api")
 
 LINGER_S = 1.0
+Responded = Callable[[str, int], None]
+"""Counts one answer by api label and status (`telemetry.metrics.GatewayMetrics.responded`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +118,8 @@ class GatewayProtocol(RequestHandler):
             assert isinstance(transport, asyncio.WriteTransport)
             transport.write(head.encode() + body)
             self.force_close()
+            if manager.responded is not None:
+                manager.responded("other", 429)
 
     def _uncount(self, address: str) -> None:
         manager = self._manager
@@ -216,15 +222,23 @@ class GatewayProtocol(RequestHandler):
             content_type="application/json",
         )
         resp.force_close()
+        manager = self._manager
+        # a request the parser refused never reached the app's count (`api.app`); any other
+        # exception here escaped the app, which counted its request already
+        if isinstance(exc, HttpProcessingError) and isinstance(manager, GatewayServer) \
+                and manager.responded is not None:
+            manager.responded("other", status)
         return resp
 
 
 class GatewayServer(web.Server):
     """aiohttp's connection manager, making `GatewayProtocol` connections."""
 
-    def __init__(self, *args: Any, limits: ConnectionLimits, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, limits: ConnectionLimits,
+                 responded: Responded | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.limits = limits
+        self.responded = responded  # answers given before or outside the app
         self.per_client: Counter[str] = Counter()
 
     def __call__(self) -> RequestHandler:
@@ -234,9 +248,11 @@ class GatewayServer(web.Server):
 class GatewayRunner(web.AppRunner):
     """`web.AppRunner` whose server speaks `GatewayProtocol`."""
 
-    def __init__(self, app: web.Application, *, limits: ConnectionLimits) -> None:
+    def __init__(self, app: web.Application, *, limits: ConnectionLimits,
+                 responded: Responded | None = None) -> None:
         super().__init__(app, handler_cancellation=True, access_log=None)
         self.limits = limits
+        self.responded = responded
 
     async def _make_server(self) -> web.Server:
         base = await super()._make_server()  # runs the app's start-up hooks
@@ -246,6 +262,7 @@ class GatewayRunner(web.AppRunner):
             handler_cancellation=True,
             loop=asyncio.get_running_loop(),
             limits=self.limits,
+            responded=self.responded,
             access_log=None,
             keepalive_timeout=self.limits.idle_timeout_s,
             # after an answer that left the body unread (408, 413), read and drop what is still

@@ -1280,6 +1280,16 @@ class EppSpec(Strict):
 
     host: str = Field("127.0.0.1", description="address the picker's gRPC server binds")
     port: int = Field(9002, ge=0, le=65535, description="the picker's gRPC port")
+    metrics_port: int | None = Field(
+        None, ge=0, le=65535,
+        description="serve the picker's Prometheus page (GET /metrics, no key: a listener for "
+        "the scraper, like gateway.metrics.port) on this port of `metrics_host`; unset: no "
+        "listener; not `port` on an overlapping host; 0: a free port (the CLI prints it). 9090 "
+        "is the Gateway API Inference Extension's EPP metrics port, and deploy/k8s's",
+    )
+    metrics_host: str = Field(
+        "127.0.0.1", description="address the `metrics_port` listener binds"
+    )
     envoy_host: str = Field("127.0.0.1", description="address Envoy's listener binds")
     envoy_port: int = Field(8081, ge=0, le=65535, description="Envoy's client-facing port")
     envoy_admin_port: int = Field(9901, ge=0, le=65535, description="Envoy's admin port")
@@ -1305,6 +1315,17 @@ class EppSpec(Strict):
         description="a second ext_proc filter in observability mode streams the response to "
         "the picker (TTFT, ITL, usage) without holding the data path",
     )
+
+    @model_validator(mode="after")
+    def _metrics_port_apart(self) -> EppSpec:
+        wildcard = {"0.0.0.0", "::", ""}
+        overlap = (self.metrics_host == self.host
+                   or self.metrics_host in wildcard or self.host in wildcard)
+        if self.metrics_port and self.metrics_port == self.port and overlap:
+            raise ValueError(f"metrics_port {self.metrics_port} is the picker's gRPC port "
+                             f"(epp.port) on an overlapping host: give the /metrics listener "
+                             f"its own port")
+        return self
 
 
 class ModelTier(Strict):

@@ -25,8 +25,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
+from prometheus_client import generate_latest
+
 from inferplane.admission.controller import Admission, Ticket
-from inferplane.admission.queue import QueueTimeoutError
+from inferplane.admission.queue import BANDS, QueueTimeoutError
 from inferplane.admission.state import AdmissionStore
 from inferplane.config.loader import parse_config, read_text
 from inferplane.config.schema import FleetConfig, ModelAlias, TenantSpec
@@ -43,7 +45,7 @@ from inferplane.errors import (
     UpstreamError,
 )
 from inferplane.fleet.energy import endpoint_power_w, request_energy_j
-from inferplane.fleet.health import OutlierDetector, PoolHealth, pool_health
+from inferplane.fleet.health import VERDICTS, OutlierDetector, PoolHealth, pool_health
 from inferplane.fleet.kv_subscriber import KVEventSubscriber
 from inferplane.fleet.live import LiveFleet, Reservation
 from inferplane.fleet.model import Endpoint, Fleet
@@ -493,6 +495,31 @@ class Core:
         self._removed_substrates = set()
 
     # -- health ---------------------------------------------------------------------------
+    def metrics_page(self) -> bytes:
+        """The process's Prometheus page: the gauges read from live state set (endpoints,
+        loop lag, pools, admission queue), then the registry rendered in the text format."""
+        self.forget_removed()  # series of endpoints a reload removed, once drained
+        m = self.metrics
+        for v in self.live.snapshot().endpoints:
+            m.inflight.labels(v.name).set(v.state.inflight)
+            m.endpoint_healthy.labels(v.name).set(1 if v.state.healthy else 0)
+            m.endpoint_stale.labels(v.name).set(1 if v.state.stale else 0)
+            m.endpoint_ejected.labels(v.name).set(1 if v.state.ejected else 0)
+        m.loop_lag_max.set(self.lag.recent_max_s(asyncio.get_running_loop().time()))
+        # the running totals (loop lag, send gate, coalescing holds) are counters read as the
+        # registry is collected (telemetry.metrics.SourcedCounters)
+        for name, p in self.pool_health().items():
+            m.pool_queue_trend.labels(name).set(p.queue_trend)
+            m.pool_kv_pressure.labels(name, "mean").set(p.kv_mean or 0.0)
+            m.pool_kv_pressure.labels(name, "max").set(p.kv_max or 0.0)
+            m.pool_ttft_divergence.labels(name).set(p.ttft_divergence or 0.0)
+            m.pool_inflight_ratio.labels(name).set(p.inflight_ratio or 0.0)
+            for verdict in VERDICTS:
+                m.pool_verdict.labels(name, verdict).set(1 if p.verdict == verdict else 0)
+        for band in BANDS:
+            m.queue_depth.labels(band).set(self.admission.queue.depth(band))
+        return generate_latest(m.registry)
+
     def sweep_outliers(self) -> None:
         """One outlier-ejection sweep (`fleet.health.OutlierDetector`), counted and logged."""
         for a in self.outliers.run(self.live):

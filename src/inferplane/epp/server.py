@@ -38,6 +38,7 @@ from typing import Any
 import aiohttp
 import grpc
 import orjson
+from aiohttp import web
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import (
     external_processor_pb2 as pb,
@@ -70,6 +71,8 @@ from inferplane.errors import (
 from inferplane.fleet.model import Endpoint, Fleet
 from inferplane.fleet.scraper import HttpMetricsSource, MetricsSource
 from inferplane.ledger.record import Ledger, Receipt
+from inferplane.telemetry.listener import metrics_app
+from inferplane.telemetry.metrics import PickerMetrics
 from inferplane.telemetry.tracing import RequestTrace
 from inferplane.types import ApiKind
 from inferplane.upstream_headers import CLIENT_ACCOUNT_HEADERS
@@ -77,6 +80,8 @@ from inferplane.upstream_headers import CLIENT_ACCOUNT_HEADERS
 log = logging.getLogger("inferplane.epp")
 
 API_BY_PATH: dict[str, ApiKind] = {path: api for api, path in API_PATHS.items()}
+API_LABELS: dict[str, str] = {**API_BY_PATH, "/v1/models": "models"}
+"""The ``api`` label of ``inferplane_epp_decisions_total`` by path; any other path: other."""
 OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 MAX_OBSERVED_BODY = 4 * 1024 * 1024  # a non-streamed answer is kept this far to read its usage
 # "continue" answers, shared (grpcio serializes an answer and never changes it)
@@ -147,6 +152,8 @@ class Picker(Core):
             e.name for e in self.fleet.endpoints if e.dialect != "openai"
         )
         self._routes: dict[tuple[str, str, str], Any] = {}  # `route_template`
+        self.picker_metrics = PickerMetrics(self.metrics.registry)
+        self.metrics_runner: web.AppRunner | None = None  # `serve`'s epp.metrics_port listener
         self._session: aiohttp.ClientSession | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -262,6 +269,9 @@ class Picker(Core):
             self.reap(f, "picker_stopped", status=f.status or 499, error="the picker stopped")
 
     async def _stop_transport(self) -> None:
+        if self.metrics_runner is not None:
+            await self.metrics_runner.cleanup()
+            self.metrics_runner = None
         for task in self._tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -349,7 +359,7 @@ class Picker(Core):
         ``error`` and its admission ticket is settled."""
         if f.done:
             return
-        self.metrics.epp_reaped.labels(reason).inc()
+        self.picker_metrics.reaped.labels(reason).inc()
         log.warning("decision %s reaped (%s): %s", f.placement.decision.decision_id, reason,
                     error)
         self.finish(f, status=status, error=error, blame=blame)
@@ -481,9 +491,19 @@ class Exchange:
         return None
 
     # -- the picker filter ------------------------------------------------------------------
+    def decided(self, answer: Any) -> Any:
+        """Count the picker filter's answer to a request (`PickerMetrics.decided`): routed, or
+        the status of an immediate answer. Returns it."""
+        result = ("routed" if answer.WhichOneof("response") != "immediate_response"
+                  else str(answer.immediate_response.status.code))
+        path = "" if self.headers is None else self.headers.get(":path", "").split("?", 1)[0]
+        self.picker.picker_metrics.decided(API_LABELS.get(path, "other"), result)
+        return answer
+
     def request_headers(self, req: Any) -> Any:
         if self.headers is not None:  # a second request on one stream: a broken data plane
-            return immediate(InvalidRequestError("ext_proc: request headers sent twice"))
+            return self.decided(
+                immediate(InvalidRequestError("ext_proc: request headers sent twice")))
         self.started = time.perf_counter()
         self.headers = _headers(req.request_headers)
         hint = _metadata(req, P.SUBSET_NAMESPACE, P.SUBSET_KEY)
@@ -491,7 +511,7 @@ class Exchange:
             entries = hint.split(",") if isinstance(hint, str) else hint
             self.subset = [e.strip() for x in entries for e in x.split(",") if e.strip()]
         if req.request_headers.end_of_stream:  # no body: not an inference request
-            return self._bodiless()
+            return self.decided(self._bodiless())
         return CONTINUE_REQUEST_HEADERS
 
     def _bodiless(self) -> Any:
@@ -523,15 +543,23 @@ class Exchange:
         limit = self.picker.config.gateway.max_body_bytes
         if len(self.body) > limit:
             too_large = PayloadTooLargeError(f"request body exceeds the limit of {limit} bytes")
-            return immediate(too_large)
+            return self.decided(immediate(too_large))
         if not req.request_body.end_of_stream:
             return CONTINUE_REQUEST_BODY
+        body_done = time.perf_counter()
         try:
-            return await self.pick()
+            answer = await self.pick()
         except GatewayError as exc:
             if isinstance(exc.receipt, Receipt):  # its record is committed before it leaves
                 await self.picker.committed(exc.receipt)
-            return immediate(exc)
+            answer = immediate(exc)
+        except Exception:
+            # a bug: `ExternalProcessor.Process` counts it as a 500; its time is observed too
+            # (a stream cancelled while it waited in admission is neither: nothing answered)
+            self.picker.picker_metrics.pick_seconds.observe(time.perf_counter() - body_done)
+            raise
+        self.picker.picker_metrics.pick_seconds.observe(time.perf_counter() - body_done)
+        return self.decided(answer)
 
     async def pick(self) -> Any:
         p, headers = self.picker, self.headers
@@ -755,10 +783,15 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
                     resp = await ex.handle(req)
                 except Exception:  # a bug answers in the OpenAI shape, never a broken stream
                     log.exception("ext_proc message failed")
-                    if ex.flight is None and req.WhichOneof("request") in (
+                    if req.WhichOneof("request") in (
                         "request_headers", "request_body"
                     ) and not req.observability_mode:
-                        resp = immediate(GatewayError("internal error; see the picker log"))
+                        failed = ex.decided(
+                            immediate(GatewayError("internal error; see the picker log")))
+                        # counted as a 500 either way; with a flight already reserved (the bug
+                        # came after the pick) nothing is answered, as before: Envoy's
+                        # message_timeout_s and fail_open decide what the client gets
+                        resp = failed if ex.flight is None else None
                     else:
                         resp = None
                 if resp is not None:
@@ -797,11 +830,40 @@ async def _report_health(picker: Picker, servicer: Any) -> None:
         await asyncio.sleep(picker.config.gateway.health_interval_s)
 
 
-async def serve(picker: Picker, host: str, port: int) -> tuple[Any, int]:
+async def serve_metrics(picker: Picker, host: str, port: int) -> None:
+    """Serve the picker's ``/metrics`` on host:port (the ``epp.metrics_port`` listener; the
+    picker stops it when it stops). An OSError when it cannot bind."""
+    async def page() -> bytes:
+        return picker.metrics_page()
+
+    runner = web.AppRunner(metrics_app(page), access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port, reuse_address=True)
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    picker.metrics_runner = runner
+
+
+async def serve(picker: Picker, host: str, port: int,
+                metrics_port: int | None = None) -> tuple[Any, int]:
     """Start the picker and its gRPC server (ext_proc and the gRPC health service) on
-    host:port; returns the server and the bound port (call ``await server.stop(grace)`` and
-    ``await picker.stop()`` to stop)."""
+    host:port, and its ``/metrics`` listener on ``epp.metrics_host``:``metrics_port`` (default
+    ``epp.metrics_port``; none when both are unset); returns the server and the bound port
+    (call ``await server.stop(grace)`` and ``await picker.stop()`` to stop)."""
     await picker.start()
+    if metrics_port is None:
+        metrics_port = picker.config.epp.metrics_port
+    if metrics_port is not None:
+        mhost = picker.config.epp.metrics_host
+        try:
+            await serve_metrics(picker, mhost, metrics_port)
+        except OSError as exc:
+            await picker.stop()
+            raise OSError(f"cannot listen on {mhost}:{metrics_port} (epp.metrics_port): "
+                          f"{exc.strerror or exc}") from exc
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     pb_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(picker), server)
     servicer = health.aio.HealthServicer()

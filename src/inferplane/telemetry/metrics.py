@@ -41,6 +41,9 @@ _LATENCY_BUCKETS = (
 _PLUGIN_BUCKETS = (1e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3)
 
 
+RESPONSE_API_LABELS = frozenset({"chat", "completions", "embeddings", "models", "files",
+                                 "batches", "decisions", "usage", "admin", "other"})
+"""The closed set of ``inferplane_responses_total``'s ``api`` label (its help names them)."""
 # a counter in no registry, collected only to see whether prometheus_client exports _created
 _CREATED_PROBE = Counter("inferplane_created_probe", "", registry=None)
 
@@ -113,6 +116,53 @@ class SourcedCounters(Collector):
             yield family
 
 
+_PICK_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                 5.0, 10.0, 30.0)
+
+
+class PickerMetrics:
+    """The Envoy picker's own families (`inferplane.epp`), added to its `GatewayMetrics`
+    registry: the gateway's page does not have them. ``api`` is chat, completions, embeddings,
+    models or other; ``result`` is ``routed`` or the HTTP status the picker answered with in
+    Envoy's place."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._decided: dict[tuple[str, str], Any] = {}
+        self.decisions = Counter(
+            "inferplane_epp_decisions",
+            "Envoy picker: requests the picker filter brought to a decision, by api and result: "
+            "routed (Envoy sends it to the picked endpoint) or the HTTP status the picker "
+            "answered with in Envoy's place (401, 400, 404, 413, 429, 503 nothing eligible, "
+            "500 ...); Envoy counts what its clients got (downstream_rq_xx)",
+            ["api", "result"],
+            registry=registry,
+        )
+        self.pick_seconds = Histogram(
+            "inferplane_epp_pick_seconds",
+            "Envoy picker: seconds from a request body's last byte to the picker's answer "
+            "(authentication, admission with its queueing, placement and reservation), routed "
+            "or not",
+            buckets=_PICK_BUCKETS,
+            registry=registry,
+        )
+        self.reaped = Counter(
+            "inferplane_epp_flights_reaped",
+            "Envoy picker: picks accounted without an observed end, by reason (unobserved: "
+            "past the reaper's timeout; picker_stopped: in the air when the picker stopped; "
+            "no_observer: the picker stream ended and no observer reported within the grace)",
+            ["reason"],
+            registry=registry,
+        )
+
+    def decided(self, api: str, result: str) -> None:
+        """Count one decision in ``inferplane_epp_decisions_total``."""
+        key = (api, result)
+        c = self._decided.get(key)
+        if c is None:
+            c = self._decided[key] = self.decisions.labels(api, result)
+        c.inc()
+
+
 class GatewayMetrics:
     """Every metric the gateway exports."""
 
@@ -125,6 +175,22 @@ class GatewayMetrics:
         # series is ever removed.
         self._placement_children: dict[str, Any] = {}
         r = self.registry
+        self._responses: dict[tuple[str, int], Any] = {}  # `responded`'s children
+        self.responses = Counter(
+            "inferplane_responses",
+            "Every answer this gateway process gave a client on its API listener, once per "
+            "request, by api and code. api: chat, completions, embeddings, models, files, "
+            "batches, decisions, usage, admin (/v1/fleet/health, /console) or other (any other "
+            "path, unknown routes, malformed HTTP, connections refused past "
+            "max_connections_per_client); /metrics, /health and /ready are not counted. code: "
+            "the HTTP status sent (an engine's status passes through on a non-streamed answer), "
+            "except that a stream counts as its record ends it (502 when the upstream failed "
+            "after its first byte, 500 for a fault of the gateway's) and a client that left "
+            "before its answer ended as 499. Error rate: "
+            "inferplane_responses_total{code=~\"5..\"} / inferplane_responses_total",
+            ["api", "code"],
+            registry=r,
+        )
         self.requests = Counter(
             "inferplane_requests",
             "Answers from an endpoint that sent its first byte, accounted on it, by API (chat, "
@@ -132,9 +198,8 @@ class GatewayMetrics:
             "for an upstream failure while reading, 499 when the client left). Not every "
             "answer the client got: attempts that failed before their first byte are in "
             "inferplane_upstream_failures_total, and a request none of whose attempts got a "
-            "first byte (502: upstream_failures minus replacements) or that had nothing "
-            "eligible (503: inferplane_no_eligible_endpoint_total) is in no status count; "
-            "requests refused before placement are in inferplane_admission_rejected_total",
+            "first byte (502) or that had nothing eligible (503) is not, nor are requests "
+            "refused before placement: every answer is in inferplane_responses_total",
             ["api", "endpoint", "code"],
             registry=r,
         )
@@ -234,14 +299,6 @@ class GatewayMetrics:
             "were never read: its scrapes fail or are late; always 1 for endpoints that are not "
             "scraped (scrape_metrics: false, the provider-api default)",
             ["endpoint"],
-            registry=r,
-        )
-        self.epp_reaped = Counter(
-            "inferplane_epp_flights_reaped",
-            "Envoy picker: picks accounted without an observed end, by reason (unobserved: "
-            "past the reaper's timeout; picker_stopped: in the air when the picker stopped; "
-            "no_observer: the picker stream ended and no observer reported within the grace)",
-            ["reason"],
             registry=r,
         )
         self.build_info = Gauge(
@@ -575,6 +632,18 @@ class GatewayMetrics:
                 stage, _, plugin = key.partition(":")
                 c = children[key] = self.child(self.placement, stage, plugin)
             c.observe(seconds)
+
+    def responded(self, api: str, status: int) -> None:
+        """Count one answer in ``inferplane_responses_total`` (``api`` one of
+        `RESPONSE_API_LABELS`: a ValueError otherwise, checked once per new child)."""
+        key = (api, status)
+        c = self._responses.get(key)
+        if c is None:
+            if api not in RESPONSE_API_LABELS:
+                raise ValueError(f"inferplane_responses_total: api {api!r} is not one of "
+                                 f"{sorted(RESPONSE_API_LABELS)}")
+            c = self._responses[key] = self.responses.labels(api, str(status))
+        c.inc()
 
     def child(self, metric: Any, *labels: str) -> Any:
         """``metric.labels(*labels)``, cached: the request path avoids prometheus' label lookup."""

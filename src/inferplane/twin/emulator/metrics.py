@@ -18,15 +18,28 @@ Exported:
   ``vllm:e2e_request_latency_seconds``, ``vllm:request_queue_time_seconds``.
 
 Histogram observations are engine (virtual) seconds, as the engine reports them.
+
+The families are written as prometheus_client (which vLLM's page is) writes them in the text
+format: a counter's ``# HELP`` and ``# TYPE`` lines name it with ``_total``, and each counter and
+histogram is followed by its ``<name>_created`` gauge (when the page was made, Unix seconds)
+unless ``PROMETHEUS_DISABLE_CREATED_SERIES`` is set, as that library does. Parsed with
+``prometheus_client.parser.text_string_to_metric_families``, the page gives the families, types
+and samples that vLLM's own page gives for the same metrics (tests/test_emulator_exposition.py).
 """
 
 from __future__ import annotations
 
+import os
+import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
+from prometheus_client.utils import floatToGoString
+
 from inferplane.twin.engine.model import Engine, LatencySample
+
+_go_float: Callable[[float], str] = floatToGoString  # how prometheus_client writes a value
 
 # fmt: off
 TTFT_BUCKETS: tuple[float, ...] = (
@@ -83,7 +96,8 @@ class Histogram:
         self.total += value * n
         self.count += n
 
-    def render(self, labels: str, out: list[str]) -> None:
+    def render(self, labels: str, out: list[str], created: str | None = None) -> None:
+        """The family's lines, then its ``_created`` gauge where ``created`` is given."""
         out.append(f"# HELP {self.name} {self.help}")
         out.append(f"# TYPE {self.name} histogram")
         cumulative = 0
@@ -93,6 +107,22 @@ class Histogram:
         out.append(f'{self.name}_bucket{{{labels},le="+Inf"}} {float(self.count)}')
         out.append(f"{self.name}_count{{{labels}}} {float(self.count)}")
         out.append(f"{self.name}_sum{{{labels}}} {self.total!r}")
+        if created is not None:
+            _created(self.name, self.help, labels, created, out)
+
+
+def _created(name: str, help_: str, labels: str, created: str, out: list[str]) -> None:
+    """A family's ``_created`` gauge, as prometheus_client writes it after the family."""
+    out.append(f"# HELP {name}_created {help_}")
+    out.append(f"# TYPE {name}_created gauge")
+    out.append(f"{name}_created{{{labels}}} {created}")
+
+
+def created_series() -> bool:
+    """Whether prometheus_client writes ``_created`` series: unless
+    ``PROMETHEUS_DISABLE_CREATED_SERIES`` is true (its own test of the variable)."""
+    return os.environ.get("PROMETHEUS_DISABLE_CREATED_SERIES", "False").lower() not in (
+        "true", "1", "t")
 
 
 def _escape(value: str) -> str:
@@ -135,6 +165,8 @@ class EngineMetricsPage:
             ),
         }
         self.success_total = 0
+        # when the page's counters and histograms started: their _created samples
+        self.created: str | None = _go_float(time.time()) if created_series() else None
         # () -> watts of each device, modelled by the endpoint from how busy its engine is
         self.device_power: Callable[[], list[float]] | None = None
 
@@ -150,14 +182,15 @@ class EngineMetricsPage:
 
     def render(self) -> str:
         """The whole page in Prometheus text format 0.0.4."""
-        e, lab = self.engine, self.labels
+        e, lab, created = self.engine, self.labels, self.created
         out: list[str] = []
 
         def metric(name: str, kind: str, help_: str, value: float, labels: str = lab) -> None:
-            base = name.removesuffix("_total") if kind == "counter" else name
-            out.append(f"# HELP {base} {help_}")
-            out.append(f"# TYPE {base} {kind}")
+            out.append(f"# HELP {name} {help_}")
+            out.append(f"# TYPE {name} {kind}")
             out.append(f"{name}{{{labels}}} {float(value)!r}")
+            if kind == "counter" and created is not None:
+                _created(name.removesuffix("_total"), help_, labels, created, out)
 
         metric(
             "vllm:num_requests_running",
@@ -222,7 +255,7 @@ class EngineMetricsPage:
             self.cache_info,
         )
         for h in self.histograms.values():
-            h.render(lab, out)
+            h.render(lab, out, created)
         if self.device_power is not None:
             # the DCGM exporter's gauge, as a node agent merging it into the page would show it
             out.append("# HELP DCGM_FI_DEV_POWER_USAGE Power draw (in W).")

@@ -1,0 +1,44 @@
+"""The metrics-only listener both front ends open for the Prometheus scraper
+(``gateway.metrics.port`` for the gateway, ``epp.metrics_port`` for the Envoy picker):
+``GET /metrics`` with no key; any other path or method gets an OpenAI-shaped error, as on the
+gateway's API listener."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from inferplane.errors import GatewayError, InvalidRequestError, NotFoundError
+
+Page = Callable[[], Awaitable[bytes]]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        err: GatewayError
+        if exc.status == 404:
+            err = NotFoundError(f"no route {request.method} {request.path}")
+        else:
+            err = InvalidRequestError(f"method {request.method} not allowed on {request.path}"
+                                      if exc.status == 405 else exc.reason or "HTTP error")
+            err.status = exc.status
+        return web.json_response(err.to_body(), status=err.status)
+
+
+def metrics_app(page: Page) -> web.Application:
+    """An app serving ``page()`` at ``GET /metrics`` and nothing else."""
+
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(body=await page(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app = web.Application(middlewares=[_errors])
+    app.router.add_get("/metrics", metrics)
+    return app
