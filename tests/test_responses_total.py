@@ -65,6 +65,8 @@ class Stack:
     async def post(self, path: str, body: Any = None, key: str | None = KEY,
                    **kw: Any) -> int:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
+        if "data" in kw:  # raw bytes go as JSON (aiohttp would say octet-stream: a 415)
+            headers["Content-Type"] = "application/json"
         if body is not None:
             kw["json"] = body
         async with self.session.post(self.base + path, headers=headers, **kw) as r:
@@ -94,8 +96,9 @@ async def stack() -> AsyncIterator[Stack]:
                  "max_connections_per_client": MAX_CONNECTIONS, "metrics": {"public": True}},
         substrate={"cost": {"hourly_usd": 3.0}},
         health={"outlier": {"interval_s": 60}},
-        endpoints=[endpoint(name, ports[name], models=[model("m" if name == "ok" else name)])
-                   for name in ENGINES],
+        endpoints=[endpoint(name, ports[name], models=(
+            [model("m"), model("emb", profile="llama-3.1-8b", kind="embed")] if name == "ok"
+            else [model(name)])) for name in ENGINES],
         tenants=[tenant("t", KEY),
                  tenant("rate", RATE_KEY, rate_limits=[{"scope": "key", "requests_per_min": 1}]),
                  tenant("us", US_KEY, allowed_jurisdictions=["us"])],
@@ -203,7 +206,7 @@ CASES: dict[str, tuple[Callable[[Stack], Awaitable[None]], Counts]] = {
         "/v1/completions", {"model": "m", "prompt": "hi", "max_tokens": 5, "stream": True})),
         {("completions", "200"): 1}),
     "embeddings": (_expect(200, lambda s: s.post("/v1/embeddings",
-                                                 {"model": "m", "input": "hi"})),
+                                                 {"model": "emb", "input": "hi"})),
                    {("embeddings", "200"): 1}),
     "no key": (_expect(401, lambda s: s.post("/v1/chat/completions", CHAT, key=None)),
                {("chat", "401"): 1}),
