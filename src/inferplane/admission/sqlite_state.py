@@ -12,12 +12,32 @@ grants nothing a budget forbids: token buckets (rate limits refill within their 
 markers and agent-loop counters.
 
 Amounts are stored as integer nano-USD, so sums are exact (as in `RedisStore`).
+
+When the file cannot be written (a full disk, a file or directory made read-only, an I/O error,
+a lock held past the busy timeout), the store degrades as the Redis store does in an outage
+(`admission.outage`), and as the SQLite ledger keeps its records (`ledger.sqlite`):
+
+- a settle or usage update that fails is **kept pending** in memory, in order, and written by
+  a background retry every ``retry_after_s`` (``admission.outage_retry_after_s``) and before
+  any later operation; updates that arrive meanwhile queue behind it, so none is lost or
+  reordered while the process runs (a process killed before the file is writable again loses
+  them: they are in memory only, as the ledger's pending records are);
+- a budget check (`reserve`) and the usage / counter reads first write what is pending; when
+  that fails they are refused with 503 ``store_unavailable`` and Retry-After (a budget that
+  cannot be checked admits nothing; tenants without budgets are unaffected);
+- one ERROR when the file stops taking writes and one WARNING when it takes them again
+  (with how many pending updates were written), never one line per request.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import math
 import sqlite3
+import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -30,9 +50,15 @@ from inferplane.admission.state import (
     MemoryStore,
     UsageRow,
 )
+from inferplane.errors import StoreUnavailableError
 
 T = TypeVar("T")
 NANO = 1_000_000_000
+log = logging.getLogger("inferplane.admission")
+
+#: what a write to the file can fail with that writing it later may cure
+_WRITE_FAILURES = (sqlite3.OperationalError, OSError)
+Op = Callable[[sqlite3.Connection], None]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS counters (
@@ -68,12 +94,26 @@ def _nano(usd: float) -> int:
 class SqliteStore(MemoryStore):
     """`AdmissionStore` whose budgets and usage live in a SQLite file."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        retry_after_s: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         super().__init__()
         self.path = str(path)
+        self.retry_after_s = retry_after_s
+        self.clock = clock
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inferplane-adm-db")
         self._conn: sqlite3.Connection | None = None
         self._closed = False
+        self.pending: deque[Op] = deque()  # settles and usage updates not yet written, in order
+        self.down_since: float | None = None  # when the file stopped taking writes
+        self.outages = 0
+        self.written_late = 0  # pending updates written once the file took writes again
+        self._retrier: asyncio.Task[None] | None = None
+        self._flushing = asyncio.Lock()
 
     # -- plumbing -------------------------------------------------------------------------
     def _open(self) -> sqlite3.Connection:
@@ -86,23 +126,102 @@ class SqliteStore(MemoryStore):
         conn.executescript(_SCHEMA)
         return conn
 
-    async def _tx(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``fn`` in one immediate transaction on the store's thread."""
+    async def _tx(self, fn: Callable[[sqlite3.Connection], T], write: bool = True) -> T:
+        """Run ``fn`` in one transaction on the store's thread: an immediate one (the write
+        lock taken at once) with ``write``, else a read."""
 
         def call() -> T:
             if self._conn is None:
                 self._conn = self._open()
             c = self._conn
-            c.execute("BEGIN IMMEDIATE")
+            c.execute("BEGIN IMMEDIATE" if write else "BEGIN")
             try:
                 out = fn(c)
+                c.execute("COMMIT")
             except BaseException:
-                c.execute("ROLLBACK")
+                if c.in_transaction:  # a failed COMMIT (a full disk) leaves it open
+                    c.execute("ROLLBACK")
                 raise
-            c.execute("COMMIT")
             return out
 
         return await asyncio.get_running_loop().run_in_executor(self._pool, call)
+
+    # -- when the file cannot be written -------------------------------------------------
+    async def _write(self, op: Op) -> None:
+        """Write ``op`` (a settle or a usage update) now, or keep it pending when the file
+        cannot take it (or earlier updates still wait: order is kept)."""
+        if not self.pending:
+            try:
+                await self._tx(op)
+                return
+            except _WRITE_FAILURES as exc:
+                self._failed(exc)
+        self.pending.append(op)
+        self._ensure_retrier()
+
+    async def _flush(self) -> bool:
+        """Write what is pending, in order, in one transaction; True when nothing is left.
+        A failure keeps it all pending (the transaction is rolled back)."""
+        async with self._flushing:  # the retry and a request's check: each update once
+            if not self.pending:
+                return True
+            ops = list(self.pending)
+
+            def apply(c: sqlite3.Connection) -> None:
+                for op in ops:
+                    op(c)
+
+            try:
+                await self._tx(apply)
+            except _WRITE_FAILURES as exc:
+                self._failed(exc)
+                return False
+            for _ in ops:
+                self.pending.popleft()
+            self.written_late += len(ops)
+            self._back(len(ops))
+            return True
+
+    def _back(self, written: int) -> None:
+        if self.down_since is not None:
+            log.warning(
+                "admission store %s writable again after %.1f s; %d pending settles and usage "
+                "updates written", self.path, self.clock() - self.down_since, written,
+            )
+            self.down_since = None
+
+    async def _ready(self, what: str) -> None:
+        """Before a budget check or a read: write what is pending, or refuse with 503."""
+        if self.pending and not await self._flush():
+            raise self._unavailable(what)
+
+    def _failed(self, exc: BaseException) -> None:
+        if self.down_since is None:
+            self.down_since = self.clock()
+            self.outages += 1
+            log.error(
+                "admission store %s cannot be written (%s: %s): budgets fail closed with 503, "
+                "settles and usage are kept in memory and retried every %g s",
+                self.path, type(exc).__name__, exc, self.retry_after_s,
+            )
+
+    def _unavailable(self, what: str) -> StoreUnavailableError:
+        wait = max(1, math.ceil(self.retry_after_s))
+        return StoreUnavailableError(
+            f"the admission store ({self.path}) cannot be written, so {what} cannot be checked "
+            f"now; retry after {wait} s",
+            headers={"Retry-After": str(wait)},
+        )
+
+    def _ensure_retrier(self) -> None:
+        if not self._closed and (self._retrier is None or self._retrier.done()):
+            self._retrier = asyncio.get_running_loop().create_task(self._retry())
+
+    async def _retry(self) -> None:
+        """Every ``retry_after_s``, try to write what is pending, until nothing is."""
+        while self.pending:
+            await asyncio.sleep(self.retry_after_s)
+            await self._flush()
 
     async def ping(self) -> bool:
         """Open the file (and create its tables) now, so an unwritable path fails at start."""
@@ -113,6 +232,15 @@ class SqliteStore(MemoryStore):
         if self._closed:
             return
         self._closed = True
+        if self._retrier is not None:
+            self._retrier.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._retrier
+        if self.pending and not await self._flush():  # one last try
+            log.error(
+                "closing with %d admission settles and usage updates not written to %s (it "
+                "still cannot be written): they are lost", len(self.pending), self.path,
+            )
 
         def shut() -> None:
             if self._conn is not None:
@@ -159,6 +287,7 @@ class SqliteStore(MemoryStore):
     ) -> int:
         if not counters:
             return -1
+        await self._ready("this tenant's budget")
 
         def op(c: sqlite3.Connection) -> int:
             for i, d in enumerate(counters):
@@ -175,7 +304,13 @@ class SqliteStore(MemoryStore):
                 self._extend(c, d, now)
             return -1
 
-        return await self._tx(op)
+        try:
+            failed = await self._tx(op)
+        except _WRITE_FAILURES as exc:
+            self._failed(exc)
+            raise self._unavailable("this tenant's budget") from None
+        self._back(0)
+        return failed
 
     async def settle(
         self,
@@ -201,9 +336,11 @@ class SqliteStore(MemoryStore):
                 )
                 self._extend(c, d, now)
 
-        await self._tx(op)
+        await self._write(op)
 
     async def counter(self, key: str, now: float) -> CounterState:
+        await self._ready("the budget counter")
+
         def op(c: sqlite3.Connection) -> CounterState:
             row = c.execute(
                 "SELECT expires_at, spent_nusd, spent_tokens FROM counters WHERE key = ?", (key,)
@@ -217,7 +354,7 @@ class SqliteStore(MemoryStore):
             ).fetchone()
             return CounterState(row[1] / NANO, int(row[2]), ru / NANO, int(rt))
 
-        return await self._tx(op)
+        return await self._read(op, "the budget counter")
 
     # -- usage ----------------------------------------------------------------------------
     async def add_usage(
@@ -229,8 +366,8 @@ class SqliteStore(MemoryStore):
         completion: int,
         settle_id: str | None = None,
     ) -> None:
-        # local and in-process: each update commits once, in its own transaction; no
-        # journal replays it, so there are no repeats to see
+        # local and in-process: each update commits once (in its own transaction, or with the
+        # pending ones once the file takes writes again), so there are no repeats to see
         def op(c: sqlite3.Connection) -> None:
             c.execute(
                 "INSERT INTO usage VALUES (?, ?, ?, ?, ?, 1) ON CONFLICT (tenant, grp) DO UPDATE "
@@ -239,9 +376,11 @@ class SqliteStore(MemoryStore):
                 (tenant, SEP.join(group), _nano(usd), prompt, completion),
             )
 
-        await self._tx(op)
+        await self._write(op)
 
     async def usage(self, tenant: str) -> list[UsageRow]:
+        await self._ready("usage")
+
         def op(c: sqlite3.Connection) -> list[UsageRow]:
             rows = c.execute(
                 "SELECT grp, nusd, prompt, completion, requests FROM usage WHERE tenant = ? "
@@ -253,4 +392,11 @@ class SqliteStore(MemoryStore):
                 for g, n, p, cc, r in rows
             ]
 
-        return await self._tx(op)
+        return await self._read(op, "usage")
+
+    async def _read(self, op: Callable[[sqlite3.Connection], T], what: str) -> T:
+        try:
+            return await self._tx(op, write=False)
+        except _WRITE_FAILURES as exc:  # the file cannot even be opened or locked
+            self._failed(exc)
+            raise self._unavailable(what) from None

@@ -1,0 +1,163 @@
+"""The local admission store (a SQLite file) when its file stops taking writes (audit26 M2):
+spend and usage settled meanwhile are kept pending and written once it takes writes again, a
+budgeted tenant gets 503 ``store_unavailable`` with Retry-After (as with the Redis store in an
+outage), never a 500, and the log says so once, not once per request.
+
+The outage is a real SQLite write refusal on the store's own connection (``PRAGMA
+query_only``: "attempt to write a readonly database", the error class of a file made
+read-only or a full disk), so no root is needed to mount a tiny filesystem. The gateway runs in
+this process, in front of a fake upstream, over real HTTP on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from inferplane.admission.sqlite_state import SqliteStore
+from inferplane.admission.state import CounterDemand
+from inferplane.api.app import serve
+from inferplane.api.pipeline import Gateway
+from inferplane.config.loader import parse_config
+from tests.support.fake_upstream import build
+from tests.support.procs import free_port
+from tests.test_admission_integration import CHAT, KEYS, config
+
+
+async def _read_only(store: SqliteStore, on: bool) -> None:
+    """Make the store's connection refuse writes (or take them again)."""
+
+    def flip() -> None:
+        if store._conn is None:
+            store._conn = store._open()
+        store._conn.execute(f"PRAGMA query_only = {1 if on else 0}")
+
+    await asyncio.get_running_loop().run_in_executor(store._pool, flip)
+
+
+async def _until(cond: Any, timeout: float = 10.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not cond():
+            await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+async def gateway(tmp_path: Path) -> AsyncIterator[tuple[Gateway, str]]:
+    up = free_port()
+    upstream = web.AppRunner(build("up", "fast", 0.0))
+    await upstream.setup()
+    await web.TCPSite(upstream, "127.0.0.1", up).start()
+    port = free_port()
+    yaml = config(port, up, {"path": str(tmp_path / "adm.sqlite"),
+                             "outage_retry_after_s": 0.2})
+    gw = Gateway(parse_config(yaml, "f.yaml"))
+    runner = await serve(gw, "127.0.0.1", port)
+    try:
+        yield gw, f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+        await upstream.cleanup()
+
+
+async def _chat(s: aiohttp.ClientSession, base: str, who: str) -> tuple[int, dict[str, Any],
+                                                                        dict[str, str]]:
+    async with s.post(f"{base}/v1/chat/completions", json={**CHAT, "max_tokens": 10},
+                      headers={"Authorization": f"Bearer {KEYS[who]}"}) as r:
+        return r.status, await r.json(), dict(r.headers)
+
+
+async def _usage(s: aiohttp.ClientSession, base: str, who: str) -> tuple[int, dict[str, Any]]:
+    async with s.get(f"{base}/v1/usage",
+                     headers={"Authorization": f"Bearer {KEYS[who]}"}) as r:
+        return r.status, await r.json()
+
+
+def _requests(body: dict[str, Any]) -> int:
+    return sum(int(row["requests"]) for row in body["data"])
+
+
+async def test_an_unwritable_store_fails_budgets_closed_and_loses_no_spend(
+    gateway: tuple[Gateway, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    gw, base = gateway
+    store = gw.admission.store
+    assert isinstance(store, SqliteStore)
+    caplog.set_level(logging.INFO)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as s:
+        for who in ("plain", "budget"):
+            assert (await _chat(s, base, who))[0] == 200
+        await _until(lambda: not gw.admission._tasks)  # both settles written
+
+        await _read_only(store, True)
+        # a tenant without a budget is served; its spend and usage wait in memory
+        for _ in range(3):
+            status, body, _ = await _chat(s, base, "plain")
+            assert status == 200, body
+        # a budget that cannot be checked admits nothing: 503 + Retry-After, not a 500
+        status, body, headers = await _chat(s, base, "budget")
+        assert status == 503, body
+        assert body["error"]["code"] == "store_unavailable", body
+        assert "cannot be written" in body["error"]["message"]
+        assert headers["Retry-After"] == "1"
+        # a usage report that would leave out the pending updates is refused the same way
+        status, body = await _usage(s, base, "plain")
+        assert status == 503 and body["error"]["code"] == "store_unavailable", body
+        assert len(store.pending) >= 3
+
+        await _read_only(store, False)  # the disk has room again: the retry writes them
+        await _until(lambda: not store.pending and store.down_since is None)
+        status, body = await _usage(s, base, "plain")
+        assert status == 200, body
+        assert _requests(body) == 4, body  # the one before and the three during the outage
+        assert (await _chat(s, base, "budget"))[0] == 200
+
+    text = caplog.text
+    assert "Traceback" not in text and "settle failed" not in text, text
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "cannot be written" in errors[0].getMessage(), errors
+    assert any("writable again" in r.getMessage() for r in caplog.records)
+
+
+async def test_pending_updates_are_written_in_order_before_the_next_check(
+    tmp_path: Path,
+) -> None:
+    """Store level: a settle during the outage is not lost, and the next budget check sees
+    it (written first) once the file takes writes again, without waiting for the retry."""
+    s = SqliteStore(tmp_path / "adm.sqlite", retry_after_s=3600.0)  # no background retry here
+    d = CounterDemand("c", 1.0, None, 0.5, 0, 3600.0)
+    await s.ping()
+    assert await s.reserve([d], "a", 100.0, 0.0) == -1
+    await _read_only(s, True)
+    await s.settle([d], "a", 0.75, 0, 1.0)  # no exception: kept pending
+    await s.add_usage("t", ("d", "wf", "m", "c", "k"), 0.75, 1, 2)
+    assert len(s.pending) == 2
+    with pytest.raises(Exception) as info:
+        await s.reserve([d], "b", 100.0, 2.0)
+    assert getattr(info.value, "code", None) == "store_unavailable"
+    await _read_only(s, False)
+    assert await s.reserve([d], "b", 100.0, 2.0) == 0  # $0.75 spent + $0.5 > $1: refused
+    assert not s.pending
+    st = await s.counter("c", 3.0)
+    assert (st.spent_usd, st.reserved_usd) == (0.75, 0.0)
+    rows = await s.usage("t")
+    assert rows[0].requests == 1 and rows[0].completion_tokens == 2
+    await s.close()
+
+
+async def test_concurrent_retries_write_each_pending_update_once(tmp_path: Path) -> None:
+    s = SqliteStore(tmp_path / "adm.sqlite", retry_after_s=3600.0)
+    await s.ping()
+    await _read_only(s, True)
+    for _ in range(3):
+        await s.add_usage("t", ("d", "wf", "m", "c", "k"), 0.5, 1, 1)
+    await _read_only(s, False)
+    await asyncio.gather(s._flush(), s._flush(), s.usage("t"), s.counter("x", 0.0))
+    rows = await s.usage("t")
+    assert rows[0].requests == 3 and rows[0].usd == 1.5
+    await s.close()
