@@ -201,10 +201,16 @@ class SSEUsageFilter:
     def __init__(self) -> None:
         self._carry = b""
 
+    #: a partial event longer than this is passed on unfiltered (a usage chunk is small)
+    MAX_CARRY = 1 << 20
+
     def feed(self, chunk: bytes) -> bytes:
         data = self._carry + chunk if self._carry else chunk
         cut = data.rfind(b"\n\n")
         if cut < 0:
+            if len(data) > self.MAX_CARRY:  # not a usage chunk: never held without bound
+                self._carry = b""
+                return data
             self._carry = data
             return b""
         complete, self._carry = data[: cut + 2], data[cut + 2 :]
@@ -231,6 +237,42 @@ class Opened:
     first: tuple[bytes, float] | None = None
 
 
+DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
+"""``gateway.max_upstream_body_bytes``: the largest non-streamed answer read (`read_body`)."""
+ERROR_BODY_BYTES = 64 * 1024
+"""What is read of a retriable or refused answer (429/5xx, 401/403): its first 2000 bytes are
+kept for the record; the rest is not read, and the connection is closed."""
+
+
+async def read_body(
+    endpoint: Endpoint, resp: aiohttp.ClientResponse, limit: int, setting: str | None = None
+) -> bytes:
+    """The response body, at most ``limit`` bytes: a longer one (by its Content-Length, or as
+    it arrives) raises `UpstreamError` naming the limit (``setting``), or with no ``setting``
+    is cut at ``limit``. The caller releases the response (a body not read to its end closes
+    the connection)."""
+    length = resp.content_length
+    if setting is not None and length is not None and length > limit:
+        raise _too_large(endpoint, f"{length} bytes", limit, setting)
+    parts: list[bytes] = []
+    size = 0
+    while chunk := await resp.content.read(min(1 << 20, limit + 1 - size)):
+        parts.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            if setting is not None:
+                raise _too_large(endpoint, f"more than {limit} bytes", limit, setting)
+            return b"".join(parts)[:limit]
+    return b"".join(parts)
+
+
+def _too_large(endpoint: Endpoint, size: str, limit: int, setting: str) -> UpstreamError:
+    return UpstreamError(
+        f"answered with a body of {size}, over the limit of {limit} bytes ({setting})",
+        upstream=endpoint.name,
+    )
+
+
 class Dispatcher:
     """Pooled upstream client shared by all requests of one gateway.
 
@@ -248,8 +290,12 @@ class Dispatcher:
         credentials: Mapping[str, str] | None = None,
         lag: LoopLag | None = None,
         response_headers: Iterable[str] = (),
+        stream_idle_s: float | None = None,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     ) -> None:
         self._credentials = dict(credentials or {})
+        self.stream_idle_s = stream_idle_s  # gateway.stream_idle_timeout_s
+        self.max_body_bytes = max_body_bytes  # gateway.max_upstream_body_bytes
         # which upstream response headers a client sees (gateway.upstream_response_headers)
         self.passed = ResponseHeaderRule(response_headers)
         self.lag = lag  # first-byte deadlines count the gateway's running time only
@@ -366,7 +412,7 @@ class Dispatcher:
                 resp = await self.session.post(url, data=data, headers=sent)
             if resp.status in RETRIABLE_STATUS or resp.status in CREDENTIAL_STATUS:
                 try:
-                    answer = await resp.read()
+                    answer = await read_body(endpoint, resp, ERROR_BODY_BYTES)
                 finally:
                     resp.release()
                 if resp.status in CREDENTIAL_STATUS:
@@ -418,13 +464,18 @@ class Dispatcher:
         return self.passed(resp.headers)
 
     @staticmethod
-    async def read_all(endpoint: Endpoint, resp: aiohttp.ClientResponse) -> bytes:
+    async def read_all(
+        endpoint: Endpoint, resp: aiohttp.ClientResponse,
+        max_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    ) -> bytes:
         """The whole (non-streaming) body in the OpenAI dialect; a failure here is after the
         first byte. Raises `UpstreamError` naming the endpoint when the answer cannot be read:
-        not JSON (a 2xx), an error in an unknown shape (4xx), or not the endpoint's dialect."""
+        not JSON (a 2xx), an error in an unknown shape (4xx), not the endpoint's dialect, or
+        longer than ``max_bytes`` (``gateway.max_upstream_body_bytes``; not read on)."""
         try:
             with _translate(endpoint):
-                data = await resp.read()
+                data = await read_body(endpoint, resp, max_bytes,
+                                       "gateway.max_upstream_body_bytes")
         finally:
             resp.release()
         ok = 200 <= resp.status < 300
@@ -489,8 +540,11 @@ class Dispatcher:
         arrives, as without ``coalesce_s`` (with ``min_streams`` above 1, a lone stream's pacing
         is unchanged). Each hold that pauses the connection adds one to ``holds``.
 
-        Raises `UpstreamError` if the upstream fails mid-stream, sends an error event or sends
-        something that is not its dialect's SSE.
+        Raises `UpstreamError` if the upstream fails mid-stream (naming how: the connection
+        broke, ``gateway.upstream_timeout_s`` passed), sends an error event or something that is
+        not its dialect's SSE (an OpenAI-dialect ``data:`` line that is not JSON), ends without
+        its dialect's end (``data: [DONE]``; a Messages stream's ``message_stop``), or sends no
+        event for ``stream_idle_s`` (``gateway.stream_idle_timeout_s``: `_IdleWatch`).
         """
         done = False
         translator = (
@@ -498,9 +552,11 @@ class Dispatcher:
             if endpoint.dialect == "anthropic"
             else None
         )
+        events = _OpenAIEvents() if translator is None else None
+        idle = _IdleWatch(self.stream_idle_s) if self.stream_idle_s else None
         self.streams += 1
         try:
-            with _translate(endpoint), _stream_errors(endpoint):
+            with _midstream(endpoint, stats, self.timeout.total, idle), _stream_errors(endpoint):
                 pending = first if first is not None and first[0] else None
                 handed = None  # when the last chunk was handed on (coalescing)
                 ended = False  # a finish reason went out (coalescing stops)
@@ -509,10 +565,14 @@ class Dispatcher:
                     if pending is not None:
                         (raw, now), pending = pending, None
                     else:
+                        if idle is not None:
+                            idle.reading = True
                         if (handed is not None and self.streams >= min_streams
                                 and await _hold(resp, handed + coalesce_s)):
                             self.holds += 1
                         raw = await resp.content.readany()  # what iter_any() does
+                        if idle is not None:
+                            idle.reading = False
                         if not raw:
                             break
                         now = time.perf_counter()
@@ -525,22 +585,168 @@ class Dispatcher:
                             continue
                     else:
                         chunk = raw
+                        assert events is not None
+                        if (problem := events.feed(chunk)) is not None:
+                            raise UpstreamError(problem, upstream=endpoint.name)
                     stats.observe(chunk, now)
                     opened = True
                     yield chunk
+                    if idle is not None and b"data:" in chunk:
+                        idle.heard()
                     if coalesce_s > 0:
                         # hold from the first text on, not after the finish (_FINISH)
                         ended = ended or _FINISH.search(chunk) is not None
                         handed = None if ended or not stats.tokens else time.perf_counter()
                 if translator is not None:
                     translator.close()
+                elif events is not None and (problem := events.close()) is not None:
+                    raise UpstreamError(
+                        f"{problem} after {stats.tokens} tokens", upstream=endpoint.name
+                    )
                 done = True
         finally:
             self.streams -= 1
+            if idle is not None:
+                idle.close()
             if done:
                 resp.release()  # fully read: the connection goes back to the pool
             else:
                 resp.close()  # cut short (client gone, error): drop it so the engine aborts
+
+
+class _OpenAIEvents:
+    """Checks an OpenAI-dialect stream as it is relayed: each complete ``data:`` line is JSON
+    or ``[DONE]``, and the stream ends with ``[DONE]`` (as vLLM, SGLang and OpenAI send it);
+    what a client's SSE parser would choke on, or a stream cut short with a clean close, is a
+    stream error (as a Messages stream without ``message_stop`` is). Only a line split across
+    chunks is carried to the next; engines send whole events, so that is rare."""
+
+    __slots__ = ("_tail", "done")
+
+    #: a ``data:`` line longer than this (with no end in sight) is not an OpenAI event
+    MAX_LINE = 16 * 1024 * 1024
+
+    def __init__(self) -> None:
+        self._tail = b""
+        self.done = False
+
+    def feed(self, chunk: bytes) -> str | None:
+        """None, or what is wrong with the stream so far."""
+        data = self._tail + chunk if self._tail else chunk
+        cut = data.rfind(b"\n")
+        if cut < 0:
+            self._tail = data
+            return None if len(data) <= self.MAX_LINE else (
+                f"sent a line of more than {self.MAX_LINE} bytes")
+        complete, self._tail = data[:cut], data[cut + 1 :]
+        if b"data:" not in complete:  # comments, blank lines
+            return None
+        for line in complete.split(b"\n"):
+            if not line.startswith(b"data:"):
+                continue
+            payload = line[5:].strip()
+            if payload == b"[DONE]":
+                self.done = True
+                continue
+            try:
+                orjson.loads(payload)
+            except orjson.JSONDecodeError:
+                return f"sent a stream event that is not JSON: {_excerpt(payload)}"
+        return None
+
+    def close(self) -> str | None:
+        """At the upstream's end of the body: None, or what was missing."""
+        if self._tail.strip() == b"data: [DONE]" or self._tail.strip() == b"data:[DONE]":
+            self.done = True
+        if self.done:
+            return None
+        return "the stream ended without data: [DONE] (cut short upstream)"
+
+
+class _IdleWatch:
+    """``gateway.stream_idle_timeout_s`` for one relayed stream: when the upstream has sent no
+    event (a chunk with a ``data:`` line) for ``limit`` seconds while the relay waits on it, the
+    relaying task is cancelled and `relay` raises `UpstreamError` instead (`_midstream`).
+
+    One timer per stream, re-armed lazily (a chunk only stores the time, ``heard``): the
+    timer fires at most once per ``limit`` while the stream lasts. Time the relay spends out of
+    its read (the caller writing to a slow client) does not count: the watch checks
+    ``reading``, which the relay sets around its read."""
+
+    __slots__ = ("_handle", "_loop", "_task", "fired", "limit", "reading", "since")
+
+    def __init__(self, limit: float) -> None:
+        self.limit = limit
+        self._loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        self._task = task
+        self.since = self._loop.time()
+        self.reading = False
+        self.fired = False
+        self._handle: asyncio.TimerHandle | None = self._loop.call_at(
+            self.since + limit, self._check
+        )
+
+    def heard(self) -> None:
+        self.since = self._loop.time()
+
+    def _check(self) -> None:
+        now = self._loop.time()
+        if not self.reading:  # the caller is busy with the client: look again later
+            self._handle = self._loop.call_at(max(now, self.since) + self.limit, self._check)
+        elif now - self.since >= self.limit:
+            self._handle = None
+            self.fired = True
+            self._task.cancel()
+        else:
+            self._handle = self._loop.call_at(self.since + self.limit, self._check)
+
+    def stalled(self) -> bool:
+        """After a `CancelledError` in the relay: whether it was this watch's (then the
+        cancellation is taken back), not the client's."""
+        return self.fired and self._task.uncancel() == 0
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+
+@contextlib.contextmanager
+def _midstream(
+    endpoint: Endpoint, stats: StreamStats, total_s: float | None, idle: _IdleWatch | None
+) -> Iterator[None]:
+    """Map what can break a stream after its first byte to `UpstreamError`, saying what
+    happened and how far the answer had come (not "connection failed": it had succeeded)."""
+    try:
+        yield
+    except asyncio.CancelledError:
+        if idle is not None and idle.stalled():
+            raise UpstreamError(
+                f"sent no stream event for {idle.limit:g} s mid-stream after {stats.tokens} "
+                "tokens (gateway.stream_idle_timeout_s)",
+                upstream=endpoint.name,
+            ) from None
+        raise
+    except TimeoutError:
+        raise UpstreamError(
+            f"the stream was still running after {total_s:g} s (gateway.upstream_timeout_s) "
+            f"after {stats.tokens} tokens",
+            upstream=endpoint.name,
+        ) from None
+    except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError):
+        raise UpstreamError(
+            f"the connection broke mid-stream after {stats.tokens} tokens: the engine closed "
+            "it before the end of its answer",
+            upstream=endpoint.name,
+        ) from None
+    except (aiohttp.ClientError, ConnectionError) as exc:
+        raise UpstreamError(
+            f"the connection broke mid-stream after {stats.tokens} tokens "
+            f"({type(exc).__name__}: {exc})",
+            upstream=endpoint.name,
+        ) from None
 
 
 _FINISH = re.compile(rb'"finish_reason"\s*:\s*"')
