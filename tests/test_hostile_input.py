@@ -172,6 +172,19 @@ def test_corrupt_content_encoding_is_400_without_a_traceback(
     assert "Traceback" not in added and "ERROR" not in added, added
 
 
+def test_a_corrupt_gzip_upload_is_400_without_a_traceback(gw: dict[str, object]) -> None:
+    log = Path(str(gw["log"]))
+    before = log.read_text(errors="replace")
+    body = b"not gzip at all, " * 8
+    req = (f"POST /v1/files HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+           "Content-Type: multipart/form-data; boundary=BOUND\r\nContent-Encoding: gzip\r\n"
+           f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    err = assert_openai(*raw_request(int(str(gw["port"])), req), 400)
+    assert "Content-Encoding: gzip" in err["message"] or "decode" in err["message"], err
+    added = log.read_text(errors="replace")[len(before):]
+    assert "Traceback" not in added and "ERROR" not in added, added
+
+
 def test_a_body_cut_short_of_its_length_is_400(gw: dict[str, object]) -> None:
     """The client sends half its Content-Length and shuts its side: a 400 naming the framing
     fault, not a 500 (audit26 M1, the other payload errors on the same path)."""

@@ -30,13 +30,14 @@ from inferplane.api.pipeline import Gateway
 from inferplane.config.loader import parse_config
 from inferplane.lograte import LogLimiter
 from tests.builders import endpoint, pool_fleet, to_yaml
-from tests.support.fake_upstream import MODE, WAITING, health, metrics
+from tests.support.fake_upstream import WAITING, health, metrics
 from tests.support.procs import free_port
 
 KEY = "sk-faults"
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 IDLE_S = 0.3
 LIMIT = 100_000  # gateway.max_upstream_body_bytes in these tests
+MODE = web.AppKey("mode", dict)  # {"mode": ...}: how the upstream misbehaves, set per test
 
 
 def _event(i: int) -> bytes:
@@ -55,8 +56,12 @@ def _huge() -> bytes:
 
 async def chat(request: web.Request) -> web.StreamResponse:
     """Streams three events and ``[DONE]`` unless the mode says otherwise."""
-    mode = request.app[MODE]
+    mode = request.app[MODE]["mode"]
     body = await request.json()
+    if not body.get("stream") and mode == "ok":
+        return web.json_response({"id": "x", "object": "chat.completion", "model": "m",
+                                  "choices": [{"index": 0, "finish_reason": "stop", "message": {
+                                      "role": "assistant", "content": "hi"}}]})
     if not body.get("stream"):
         data = _huge()
         if mode == "huge":
@@ -92,7 +97,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
 @pytest.fixture
 async def upstream() -> AsyncIterator[tuple[web.Application, int]]:
     app = web.Application()
-    app[MODE], app[WAITING] = "ok", 0.0
+    app[MODE], app[WAITING] = {"mode": "ok"}, 0.0
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/health", health)
@@ -171,7 +176,7 @@ async def test_a_broken_stream_is_a_stream_error(
     mode: str, says: str,
 ) -> None:
     app, gw, base = gateway
-    app[MODE] = mode
+    app[MODE]["mode"] = mode
     caplog.set_level(logging.WARNING, logger="inferplane.core")
     status, headers, body = await _post(base, stream=True)
     assert status == 200  # the head had left: the failure is told in the stream
@@ -205,7 +210,7 @@ async def test_a_non_streamed_answer_over_the_limit_is_a_502_naming_it(
     gateway: tuple[web.Application, Gateway, str], mode: str,
 ) -> None:
     app, _, base = gateway
-    app[MODE] = mode
+    app[MODE]["mode"] = mode
     status, _, body = await _post(base, stream=False)
     assert status == 502, body
     err = json.loads(body)["error"]

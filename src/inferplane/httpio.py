@@ -34,9 +34,9 @@ async def read_body(request: web.Request, timeout_s: float) -> bytes:
         raise unreadable(request, exc) from None
 
 
-async def idle(step: Awaitable[T], timeout_s: float) -> T:
-    """One read of a streamed body (an upload), or a 408 when the client pauses longer than
-    ``timeout_s``."""
+async def idle(step: Awaitable[T], timeout_s: float, request: web.Request | None = None) -> T:
+    """One read of a streamed body (an upload) of ``request``, or a 408 when the client pauses
+    longer than ``timeout_s`` (a 400 when it cannot be read: `unreadable`)."""
     try:
         async with asyncio.timeout(timeout_s):
             return await step
@@ -45,15 +45,22 @@ async def idle(step: Awaitable[T], timeout_s: float) -> T:
             f"the upload paused for more than {timeout_s:g} s (gateway.body_timeout_s)"
         ) from None
     except RequestPayloadError as exc:
-        raise unreadable(None, exc) from None
+        raise unreadable(request, exc) from None
 
 
 def unreadable(request: web.Request | None, exc: RequestPayloadError) -> InvalidRequestError:
     """The 400 for a body aiohttp could not read: which ``Content-Encoding`` failed to decode,
-    or what was wrong with its framing (aiohttp's own words)."""
-    encoding = request.headers.get("Content-Encoding") if request is not None else None
+    or what was wrong with its framing (aiohttp's own words). The rest of the body is not read:
+    the connection closes after the answer (`api.server.GatewayProtocol.close_after_answer`;
+    aiohttp would read on to keep it alive, meet the same error and log it as unhandled)."""
+    encoding = None
+    if request is not None:
+        encoding = request.headers.get("Content-Encoding")
+        close = getattr(request.protocol, "close_after_answer", None)
+        if close is not None:
+            close()
     if encoding and "decode" in str(exc):
         message = f"request body could not be decoded (Content-Encoding: {encoding})"
     else:
         message = f"request body could not be read: {str(exc).removeprefix('400, message: ')}"
-    return InvalidRequestError(message, code="invalid_body")
+    return InvalidRequestError(message, code="invalid_body", headers={"Connection": "close"})
