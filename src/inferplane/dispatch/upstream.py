@@ -660,7 +660,7 @@ class _OpenAIEvents:
             self.done = True
         if self.done:
             return None
-        return "the stream ended without data: [DONE] (cut short upstream)"
+        return "the stream ended without its closing DONE event (cut short upstream)"
 
 
 class _IdleWatch:
