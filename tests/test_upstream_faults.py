@@ -162,7 +162,8 @@ async def _record(gw: Gateway, decision_id: str) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("mode,says", [
-    ("nodone", "the stream ended without its closing DONE event (cut short upstream) after 3 tokens"),
+    ("nodone", "the stream ended without its closing DONE event (cut short upstream) after 3 "
+               "tokens"),
     ("garbage", "sent a stream event that is not JSON: '{not json'"),
     ("stall", f"sent no stream event for {IDLE_S:g} s mid-stream after 3 tokens "
               "(gateway.stream_idle_timeout_s)"),
