@@ -11,7 +11,9 @@ this process, in front of a fake upstream, over real HTTP on loopback."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -161,3 +163,59 @@ async def test_concurrent_retries_write_each_pending_update_once(tmp_path: Path)
     rows = await s.usage("t")
     assert rows[0].requests == 3 and rows[0].usd == 1.5
     await s.close()
+
+
+async def _held_flush(tmp_path: Path) -> tuple[SqliteStore, threading.Event, threading.Event]:
+    """A store with one usage update pending, writable again, whose next flush blocks on the
+    store's thread (inside its transaction) until ``release`` is set; ``started`` tells when."""
+    s = SqliteStore(tmp_path / "adm.sqlite", retry_after_s=3600.0)
+    await s.ping()
+    await _read_only(s, True)
+    await s.add_usage("t", ("d", "wf", "m", "c", "k"), 0.5, 1, 1)
+    await _read_only(s, False)
+    started, release = threading.Event(), threading.Event()
+
+    def block(c: Any) -> None:
+        started.set()
+        release.wait(30)
+
+    s.pending.appendleft(block)
+    return s, started, release
+
+
+async def test_a_caller_cancelled_mid_flush_does_not_write_the_pending_update_twice(
+    tmp_path: Path,
+) -> None:
+    """review26 M-a: a request cancelled while its check flushes (a client that disconnects)
+    must not leave the committed updates pending, to be written again by the next flush."""
+    s, started, release = await _held_flush(tmp_path)
+    first = asyncio.create_task(s.usage("t"))
+    await _until(started.is_set)
+    first.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await first
+    release.set()
+    rows = await s.usage("t")  # flushes again (or waits for the flush still running)
+    assert not s.pending
+    assert rows[0].requests == 1 and rows[0].usd == 0.5
+    await s.close()
+
+
+async def test_close_during_a_retry_waits_for_it_and_writes_each_update_once(
+    tmp_path: Path,
+) -> None:
+    s, started, release = await _held_flush(tmp_path)
+    assert s._retrier is not None
+    s._retrier.cancel()  # the long-sleeping retrier; one that flushes at once instead
+    s.retry_after_s = 0.0
+    s._retrier = None
+    s._ensure_retrier()
+    await _until(started.is_set)
+    closing = asyncio.create_task(s.close())
+    await asyncio.sleep(0)
+    release.set()
+    await closing
+    again = SqliteStore(tmp_path / "adm.sqlite")
+    rows = await again.usage("t")
+    assert rows[0].requests == 1 and rows[0].usd == 0.5
+    await again.close()

@@ -113,7 +113,7 @@ class SqliteStore(MemoryStore):
         self.outages = 0
         self.written_late = 0  # pending updates written once the file took writes again
         self._retrier: asyncio.Task[None] | None = None
-        self._flushing = asyncio.Lock()
+        self._flush_task: asyncio.Task[bool] | None = None  # the one flush running, if any
 
     # -- plumbing -------------------------------------------------------------------------
     def _open(self) -> sqlite3.Connection:
@@ -160,27 +160,41 @@ class SqliteStore(MemoryStore):
         self._ensure_retrier()
 
     async def _flush(self) -> bool:
-        """Write what is pending, in order, in one transaction; True when nothing is left.
-        A failure keeps it all pending (the transaction is rolled back)."""
-        async with self._flushing:  # the retry and a request's check: each update once
-            if not self.pending:
-                return True
-            ops = list(self.pending)
+        """Write what is pending, in one transaction; True when nothing is left. A failure
+        keeps it all pending (the transaction is rolled back).
 
-            def apply(c: sqlite3.Connection) -> None:
-                for op in ops:
-                    op(c)
-
-            try:
-                await self._tx(apply)
-            except _WRITE_FAILURES as exc:
-                self._failed(exc)
+        The write is one task owned by the store, which its callers await through
+        ``asyncio.shield``: a caller cancelled mid-flush (a client that disconnects, ``close``)
+        does not stop the commit on the store's thread, and the updates leave ``pending``
+        exactly when they are committed, so each is applied once. A caller that comes while a
+        flush runs waits for it, then flushes what arrived meanwhile."""
+        while self.pending:
+            task = self._flush_task
+            if task is None or task.done():
+                task = self._flush_task = asyncio.get_running_loop().create_task(
+                    self._flush_once()
+                )
+            if not await asyncio.shield(task):
                 return False
-            for _ in ops:
-                self.pending.popleft()
-            self.written_late += len(ops)
-            self._back(len(ops))
-            return True
+        return True
+
+    async def _flush_once(self) -> bool:
+        ops = list(self.pending)
+
+        def apply(c: sqlite3.Connection) -> None:
+            for op in ops:
+                op(c)
+
+        try:
+            await self._tx(apply)
+        except _WRITE_FAILURES as exc:
+            self._failed(exc)
+            return False
+        for _ in ops:  # committed: these, and only these, leave pending (later ones stay)
+            self.pending.popleft()
+        self.written_late += len(ops)
+        self._back(len(ops))
+        return True
 
     def _back(self, written: int) -> None:
         if self.down_since is not None:
@@ -233,13 +247,17 @@ class SqliteStore(MemoryStore):
             return
         self._closed = True
         if self._retrier is not None:
+            # cancelling the retrier stops its sleep or its wait; a flush it started runs on
+            # (shielded) and is awaited here, so its updates are neither lost nor written twice
             self._retrier.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._retrier
-        if self.pending and not await self._flush():  # one last try
+        if self.pending and not await self._flush():  # one last try (after a running one)
+            lost = len(self.pending)
+            self.pending.clear()
             log.error(
                 "closing with %d admission settles and usage updates not written to %s (it "
-                "still cannot be written): they are lost", len(self.pending), self.path,
+                "still cannot be written): they are lost", lost, self.path,
             )
 
         def shut() -> None:
