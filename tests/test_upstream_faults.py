@@ -16,6 +16,7 @@ that misbehaves on request:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -28,6 +29,7 @@ from aiohttp import web
 from inferplane.api.app import serve
 from inferplane.api.pipeline import Gateway
 from inferplane.config.loader import parse_config
+from inferplane.dispatch.upstream import _IdleWatch
 from inferplane.lograte import LogLimiter
 from tests.builders import endpoint, pool_fleet, to_yaml
 from tests.support.fake_upstream import WAITING, health, metrics
@@ -74,6 +76,10 @@ async def chat(request: web.Request) -> web.StreamResponse:
         return resp
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
     await resp.prepare(request)
+    if mode == "comments-first":  # OpenRouter while the model works: comments, no event
+        for _ in range(10):
+            await resp.write(b": OPENROUTER PROCESSING\n\n")
+            await asyncio.sleep(IDLE_S / 5)
     for i in range(3):
         if mode == "garbage" and i == 1:
             await resp.write(b"data: {not json\n\n")
@@ -88,8 +94,47 @@ async def chat(request: web.Request) -> web.StreamResponse:
         while True:
             await resp.write(b": keep-alive\n\n")
             await asyncio.sleep(IDLE_S / 5)
-    if mode != "nodone":
+    if mode == "nodone-after-finish":  # TGI before 2.2: a finish reason, then a clean end
+        await resp.write(b"data: " + json.dumps({
+            "id": "x", "object": "chat.completion.chunk", "model": "m",
+            "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+        }).encode() + b"\n\n")
+    elif mode != "nodone":
         await resp.write(b"data: [DONE]\n\n")
+    await resp.write_eof()
+    return resp
+
+
+def _messages_event(e: dict[str, Any]) -> bytes:
+    return f"event: {e['type']}\ndata: {json.dumps(e)}\n\n".encode()
+
+
+async def messages(request: web.Request) -> web.StreamResponse:
+    """An Anthropic Messages stream that thinks for three idle limits (thinking events, which
+    translate to nothing, every third of one) before its text."""
+    await request.json()
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await resp.prepare(request)
+    await resp.write(_messages_event({"type": "message_start", "message": {
+        "id": "msg_1", "model": "m", "usage": {"input_tokens": 4, "output_tokens": 1}}}))
+    await resp.write(_messages_event({"type": "content_block_start", "index": 0,
+                                      "content_block": {"type": "thinking", "thinking": ""}}))
+    for _ in range(9):
+        await asyncio.sleep(IDLE_S / 3)
+        await resp.write(_messages_event({"type": "content_block_delta", "index": 0, "delta": {
+            "type": "thinking_delta", "thinking": "hmm"}}))
+    for e in (
+        {"type": "content_block_stop", "index": 0},
+        {"type": "content_block_start", "index": 1,
+         "content_block": {"type": "text", "text": ""}},
+        {"type": "content_block_delta", "index": 1, "delta": {"type": "text_delta",
+                                                              "text": "Hi"}},
+        {"type": "content_block_stop", "index": 1},
+        {"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+         "usage": {"output_tokens": 5}},
+        {"type": "message_stop"},
+    ):
+        await resp.write(_messages_event(e))
     await resp.write_eof()
     return resp
 
@@ -99,6 +144,7 @@ async def upstream() -> AsyncIterator[tuple[web.Application, int]]:
     app = web.Application()
     app[MODE], app[WAITING] = {"mode": "ok"}, 0.0
     app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_post("/v1/messages", messages)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/health", health)
     runner = web.AppRunner(app)
@@ -205,6 +251,68 @@ async def test_a_whole_stream_is_still_a_success(
     assert status == 200 and not _errors(body) and body.endswith(b"data: [DONE]\n\n"), body
     assert (await _record(gw, headers["x-inferplane-decision-id"]))["status"] == 200
     assert not caplog.records
+
+
+@pytest.mark.parametrize("mode", ["comments-first", "nodone-after-finish"])
+async def test_a_complete_stream_is_a_success(
+    gateway: tuple[web.Application, Gateway, str], caplog: pytest.LogCaptureFixture, mode: str,
+) -> None:
+    """review26 S-b: comments before the first event (OpenRouter's) do not start the idle
+    clock; S-a: a clean end after a finish reason without [DONE] (TGI before 2.2) is complete,
+    the gateway sends the [DONE], and says so once per endpoint."""
+    app, gw, base = gateway
+    app[MODE]["mode"] = mode
+    caplog.set_level(logging.INFO)
+    for _ in range(2):
+        status, headers, body = await _post(base, stream=True)
+        assert status == 200 and not _errors(body), body
+        assert body.endswith(b"data: [DONE]\n\n"), body
+        assert (await _record(gw, headers["x-inferplane-decision-id"]))["status"] == 200
+    assert gw.metrics.stream_errors.labels("up")._value.get() == 0
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    if mode == "nodone-after-finish":
+        assert len(lines) == 1 and "ends its streams without data: [DONE]" in lines[0], lines
+    else:
+        assert not lines, lines
+
+
+async def test_a_thinking_messages_stream_is_not_cut_as_idle(
+    upstream: tuple[web.Application, int],
+) -> None:
+    """review26 M-b: a Messages stream's thinking events translate to nothing, yet they are
+    the upstream's events: the idle watch hears them, and the stream is a success."""
+    _, port = upstream
+    gw, runner, base = await _gateway([endpoint("claude", port, base="/v1",
+                                                dialect="anthropic")])
+    try:
+        status, headers, body = await _post(base, stream=True)
+        assert status == 200 and not _errors(body), body
+        assert b'"Hi"' in body and body.endswith(b"data: [DONE]\n\n"), body
+        assert (await _record(gw, headers["x-inferplane-decision-id"]))["status"] == 200
+        assert gw.metrics.stream_errors.labels("claude")._value.get() == 0
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_stall_in_a_task_already_being_cancelled_is_still_a_stall() -> None:
+    """review26 S-f: the watch takes back only its own cancellation, counted against the
+    task's cancellations pending when it was made (as asyncio.timeout does)."""
+    task = asyncio.current_task()
+    assert task is not None
+    task.cancel()  # a cancellation that was caught and not taken back
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.sleep(0)
+    assert task.cancelling() == 1
+    watch = _IdleWatch(IDLE_S)
+    watch.heard()
+    watch.reading = True
+    watch.since -= 2 * IDLE_S  # silent for longer than the limit
+    watch._check()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.sleep(0)
+    assert watch.stalled()
+    watch.close()
+    assert task.uncancel() == 0
 
 
 @pytest.mark.parametrize("mode", ["huge", "chunked"])

@@ -348,8 +348,11 @@ class GatewaySpec(Strict):
     stream_idle_timeout_s: float | None = Field(
         60.0,
         gt=0,
-        description="a relayed stream whose upstream sends no event (an SSE `data:` line; "
-        "keep-alive comments do not count) for this long after its first byte is cut: the "
+        description="a relayed stream whose upstream sends no event (an SSE `data:` line in the "
+        "upstream's own bytes, so a Messages stream's thinking and ping events count; "
+        "keep-alive comments do not) for this long after its first event is cut (comments "
+        "before the first event, as OpenRouter sends while a model works, leave it to "
+        "upstream_timeout_s): the "
         "client gets an error event, the record a 502 stream error, and the endpoint the "
         "failure (its first byte is bounded by first_byte_timeout, the whole request by "
         "upstream_timeout_s). Time the gateway spends writing to a slow client does not count. "

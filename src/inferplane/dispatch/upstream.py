@@ -20,12 +20,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
+import logging
 import math
 import re
 import time
 from collections.abc import AsyncGenerator, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
+from typing import Any
 
 import aiohttp
 import orjson
@@ -35,8 +37,11 @@ from inferplane.dispatch.answer import StreamStats, UpstreamAttemptFailed
 from inferplane.dispatch.credentials import auth_headers
 from inferplane.errors import UpstreamError
 from inferplane.fleet.model import Endpoint
+from inferplane.lograte import LogLimiter
 from inferplane.looplag import MAX_STRETCH, LoopLag
 from inferplane.upstream_headers import ResponseHeaderRule
+
+log = logging.getLogger("inferplane.dispatch")
 
 # 529: Anthropic's "overloaded"
 RETRIABLE_STATUS = frozenset({429, 500, 502, 503, 504, 529})
@@ -310,6 +315,8 @@ class Dispatcher:
         self.session: aiohttp.ClientSession | None = None
         self.streams = 0  # streams being relayed now (`relay`)
         self.holds = 0  # times `relay` held a stream's bytes (coalescing), since start
+        # an engine that ends its streams without [DONE]: one line per endpoint per interval
+        self.nodone_log = LogLimiter(log)
 
     async def start(self) -> aiohttp.ClientSession:
         if self.session is None:
@@ -543,7 +550,8 @@ class Dispatcher:
         Raises `UpstreamError` if the upstream fails mid-stream (naming how: the connection
         broke, ``gateway.upstream_timeout_s`` passed), sends an error event or something that is
         not its dialect's SSE (an OpenAI-dialect ``data:`` line that is not JSON), ends without
-        its dialect's end (``data: [DONE]``; a Messages stream's ``message_stop``), or sends no
+        its dialect's end (``data: [DONE]``, or at least a finish reason, which the gateway then
+        closes with its own ``[DONE]``; a Messages stream's ``message_stop``), or sends no
         event for ``stream_idle_s`` (``gateway.stream_idle_timeout_s``: `_IdleWatch`).
         """
         done = False
@@ -576,6 +584,11 @@ class Dispatcher:
                         if not raw:
                             break
                         now = time.perf_counter()
+                    if idle is not None and b"data:" in raw:
+                        # the upstream's own events, before translation: a Messages stream's
+                        # thinking, signature and ping events count though they translate to
+                        # nothing
+                        idle.heard()
                     if translator is not None:
                         chunk = translator.feed(raw)
                         if not chunk:
@@ -591,18 +604,25 @@ class Dispatcher:
                     stats.observe(chunk, now)
                     opened = True
                     yield chunk
-                    if idle is not None and b"data:" in chunk:
-                        idle.heard()
                     if coalesce_s > 0:
                         # hold from the first text on, not after the finish (_FINISH)
                         ended = ended or _FINISH.search(chunk) is not None
                         handed = None if ended or not stats.tokens else time.perf_counter()
                 if translator is not None:
                     translator.close()
-                elif events is not None and (problem := events.close()) is not None:
-                    raise UpstreamError(
-                        f"{problem} after {stats.tokens} tokens", upstream=endpoint.name
-                    )
+                elif events is not None:
+                    if (problem := events.close()) is not None:
+                        raise UpstreamError(
+                            f"{problem} after {stats.tokens} tokens", upstream=endpoint.name
+                        )
+                    if not events.done:  # complete (a finish reason came), only no [DONE]
+                        self.nodone_log.warn(
+                            endpoint.name,
+                            "upstream %s ends its streams without data: [DONE] after the "
+                            "finish reason (older TGI, llama.cpp forks); taken as complete, "
+                            "the gateway sends the [DONE]", endpoint.name,
+                        )
+                        yield b"data: [DONE]\n\n"
                 done = True
         finally:
             self.streams -= 1
@@ -616,12 +636,14 @@ class Dispatcher:
 
 class _OpenAIEvents:
     """Checks an OpenAI-dialect stream as it is relayed: each complete ``data:`` line is JSON
-    or ``[DONE]``, and the stream ends with ``[DONE]`` (as vLLM, SGLang and OpenAI send it);
-    what a client's SSE parser would choke on, or a stream cut short with a clean close, is a
-    stream error (as a Messages stream without ``message_stop`` is). Only a line split across
+    or ``[DONE]``, and the stream ends with ``[DONE]`` (as vLLM, SGLang and OpenAI send it) or,
+    for engines that never send it (TGI before 2.2, some llama.cpp forks), cleanly after a
+    chunk with a ``finish_reason``; what a client's SSE parser would choke on, or a stream cut
+    short with a clean close before any finish reason, is a stream error (as a Messages stream
+    without ``message_stop`` is). Only a line split across
     chunks is carried to the next; engines send whole events, so that is rare."""
 
-    __slots__ = ("_tail", "done")
+    __slots__ = ("_tail", "done", "finished")
 
     #: a ``data:`` line longer than this (with no end in sight) is not an OpenAI event
     MAX_LINE = 16 * 1024 * 1024
@@ -629,6 +651,7 @@ class _OpenAIEvents:
     def __init__(self) -> None:
         self._tail = b""
         self.done = False
+        self.finished = False  # a chunk with a finish reason went by
 
     def feed(self, chunk: bytes) -> str | None:
         """None, or what is wrong with the stream so far."""
@@ -649,31 +672,47 @@ class _OpenAIEvents:
                 self.done = True
                 continue
             try:
-                orjson.loads(payload)
+                obj = orjson.loads(payload)
             except orjson.JSONDecodeError:
                 return f"sent a stream event that is not JSON: {_excerpt(payload)}"
+            if not self.finished and type(obj) is dict and _finishes(obj):
+                self.finished = True
         return None
 
     def close(self) -> str | None:
         """At the upstream's end of the body: None, or what was missing."""
         if self._tail.strip() == b"data: [DONE]" or self._tail.strip() == b"data:[DONE]":
             self.done = True
-        if self.done:
-            return None
+        if self.done or self.finished:
+            return None  # a clean end after a finish reason: complete without [DONE]
         return "the stream ended without its closing DONE event (cut short upstream)"
+
+
+def _finishes(obj: dict[str, Any]) -> bool:
+    """Whether an OpenAI-dialect chunk carries a finish reason (the answer is complete)."""
+    choices = obj.get("choices")
+    return type(choices) is list and any(
+        type(c) is dict and c.get("finish_reason") is not None for c in choices
+    )
 
 
 class _IdleWatch:
     """``gateway.stream_idle_timeout_s`` for one relayed stream: when the upstream has sent no
-    event (a chunk with a ``data:`` line) for ``limit`` seconds while the relay waits on it, the
-    relaying task is cancelled and `relay` raises `UpstreamError` instead (`_midstream`).
+    event (a read with a ``data:`` line, counted in the upstream's own bytes, before any
+    translation) for ``limit`` seconds while the relay waits on it, the relaying task is
+    cancelled and `relay` raises `UpstreamError` instead (`_midstream`).
+
+    The clock starts at the first ``data:`` event, not at the first byte: a provider that sends
+    only comments while the model works (OpenRouter's ``: OPENROUTER PROCESSING``) is waited
+    for under ``gateway.upstream_timeout_s``, as before the first event.
 
     One timer per stream, re-armed lazily (a chunk only stores the time, ``heard``): the
     timer fires at most once per ``limit`` while the stream lasts. Time the relay spends out of
     its read (the caller writing to a slow client) does not count: the watch checks
     ``reading``, which the relay sets around its read."""
 
-    __slots__ = ("_handle", "_loop", "_task", "fired", "limit", "reading", "since")
+    __slots__ = ("_base", "_handle", "_loop", "_off", "_task", "fired", "limit", "reading",
+                 "since")
 
     def __init__(self, limit: float) -> None:
         self.limit = limit
@@ -681,15 +720,19 @@ class _IdleWatch:
         task = asyncio.current_task()
         assert task is not None
         self._task = task
+        # the cancellations already pending on the task, which are not this watch's (as
+        # asyncio.timeout records them)
+        self._base = task.cancelling()
         self.since = self._loop.time()
         self.reading = False
         self.fired = False
-        self._handle: asyncio.TimerHandle | None = self._loop.call_at(
-            self.since + limit, self._check
-        )
+        self._off = False
+        self._handle: asyncio.TimerHandle | None = None  # armed by the first event
 
     def heard(self) -> None:
         self.since = self._loop.time()
+        if self._handle is None and not self.fired and not self._off:
+            self._handle = self._loop.call_at(self.since + self.limit, self._check)
 
     def _check(self) -> None:
         now = self._loop.time()
@@ -705,9 +748,10 @@ class _IdleWatch:
     def stalled(self) -> bool:
         """After a `CancelledError` in the relay: whether it was this watch's (then the
         cancellation is taken back), not the client's."""
-        return self.fired and self._task.uncancel() == 0
+        return self.fired and self._task.uncancel() <= self._base
 
     def close(self) -> None:
+        self._off = True
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
