@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sqlite3
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -110,10 +111,10 @@ async def test_an_unwritable_store_fails_budgets_closed_and_loses_no_spend(
         # a usage report that would leave out the pending updates is refused the same way
         status, body = await _usage(s, base, "plain")
         assert status == 503 and body["error"]["code"] == "store_unavailable", body
-        assert len(store.pending) >= 3
+        assert store.backlog >= 1  # the three usage updates, merged per group
 
         await _read_only(store, False)  # the disk has room again: the retry writes them
-        await _until(lambda: not store.pending and store.down_since is None)
+        await _until(lambda: not store.backlog and store.down_since is None)
         status, body = await _usage(s, base, "plain")
         assert status == 200, body
         assert _requests(body) == 4, body  # the one before and the three during the outage
@@ -138,13 +139,13 @@ async def test_pending_updates_are_written_in_order_before_the_next_check(
     await _read_only(s, True)
     await s.settle([d], "a", 0.75, 0, 1.0)  # no exception: kept pending
     await s.add_usage("t", ("d", "wf", "m", "c", "k"), 0.75, 1, 2)
-    assert len(s.pending) == 2
+    assert len(s.pending) == 1 and len(s.pending_usage) == 1
     with pytest.raises(Exception) as info:
         await s.reserve([d], "b", 100.0, 2.0)
     assert getattr(info.value, "code", None) == "store_unavailable"
     await _read_only(s, False)
     assert await s.reserve([d], "b", 100.0, 2.0) == 0  # $0.75 spent + $0.5 > $1: refused
-    assert not s.pending
+    assert not s.backlog
     st = await s.counter("c", 3.0)
     assert (st.spent_usd, st.reserved_usd) == (0.75, 0.0)
     rows = await s.usage("t")
@@ -219,3 +220,62 @@ async def test_close_during_a_retry_waits_for_it_and_writes_each_update_once(
     rows = await again.usage("t")
     assert rows[0].requests == 1 and rows[0].usd == 0.5
     await again.close()
+
+
+async def test_pending_usage_is_merged_per_group_and_settles_are_capped(tmp_path: Path) -> None:
+    """review26 S-d: what waits during an outage is bounded: usage updates merge per tenant
+    and group (none lost), settles beyond the cap are dropped and counted."""
+    s = SqliteStore(tmp_path / "adm.sqlite", retry_after_s=3600.0)
+    s.max_pending_settles = 2
+    d = CounterDemand("c", 100.0, None, 0.5, 0, 3600.0)
+    await s.ping()
+    assert await s.reserve([d], "l0", 100.0, 0.0) == -1
+    await _read_only(s, True)
+    for _ in range(50):
+        await s.add_usage("t", ("d", "wf", "m", "c", "k"), 0.5, 1, 2)
+        await s.add_usage("t", ("d", "wf", "m2", "c", "k"), 0.25, 1, 1)
+    for i in range(3):
+        await s.settle([d], f"l{i}", 0.5, 0, 1.0)
+    assert len(s.pending_usage) == 2 and len(s.pending) == 2 and s.dropped == 1
+    await _read_only(s, False)
+    rows = {r.group[2]: r for r in await s.usage("t")}
+    assert rows["m"].requests == 50 and rows["m"].usd == 25.0 and rows["m"].completion_tokens == 100
+    assert rows["m2"].requests == 50 and rows["m2"].usd == 12.5
+    assert (await s.counter("c", 2.0)).spent_usd == 1.0  # the two kept settles
+    assert not s.backlog
+    await s.close()
+
+
+async def test_an_update_that_cannot_apply_does_not_jam_the_store(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """review26 S-e: a pending update failing with IntegrityError is dropped and said; the
+    others are written and the store answers. A damaged file (DatabaseError) is an outage:
+    503 and kept, never a 500."""
+    s = SqliteStore(tmp_path / "adm.sqlite", retry_after_s=3600.0)
+    await s.ping()
+    await _read_only(s, True)
+    await s.add_usage("t", ("d", "wf", "m", "c", "k"), 0.5, 1, 1)
+    await _read_only(s, False)
+
+    def bad(c: Any) -> None:
+        raise sqlite3.IntegrityError("UNIQUE constraint failed: leases.counter")
+
+    def ok(c: Any) -> None:
+        c.execute("INSERT INTO usage VALUES ('t', 'x', 0, 0, 0, 7)")
+
+    s.pending.extend([bad, ok])
+    rows = {r.group[0]: r.requests for r in await s.usage("t")}
+    assert rows == {"d": 1, "x": 7} and not s.backlog and s.dropped == 1
+    assert any("could not be applied" in r.getMessage() for r in caplog.records)
+
+    def damaged(c: Any) -> None:
+        raise sqlite3.DatabaseError("database disk image is malformed")
+
+    s.pending.append(damaged)
+    with pytest.raises(Exception) as info:
+        await s.usage("t")
+    assert getattr(info.value, "code", None) == "store_unavailable"
+    assert list(s.pending) == [damaged]
+    s.pending.clear()
+    await s.close()

@@ -282,7 +282,7 @@ async def test_a_thinking_messages_stream_is_not_cut_as_idle(
     """review26 M-b: a Messages stream's thinking events translate to nothing, yet they are
     the upstream's events: the idle watch hears them, and the stream is a success."""
     _, port = upstream
-    gw, runner, base = await _gateway([endpoint("claude", port, base="/v1",
+    gw, runner, base = await _gateway([endpoint("claude", url=f"http://127.0.0.1:{port}/v1",
                                                 dialect="anthropic")])
     try:
         status, headers, body = await _post(base, stream=True)

@@ -17,11 +17,18 @@ When the file cannot be written (a full disk, a file or directory made read-only
 a lock held past the busy timeout), the store degrades as the Redis store does in an outage
 (`admission.outage`), and as the SQLite ledger keeps its records (`ledger.sqlite`):
 
-- a settle or usage update that fails is **kept pending** in memory, in order, and written by
-  a background retry every ``retry_after_s`` (``admission.outage_retry_after_s``) and before
-  any later operation; updates that arrive meanwhile queue behind it, so none is lost or
-  reordered while the process runs (a process killed before the file is writable again loses
-  them: they are in memory only, as the ledger's pending records are);
+- a settle or usage update that fails is **kept pending** in memory and written by a
+  background retry every ``retry_after_s`` (``admission.outage_retry_after_s``) and before
+  any later operation; updates that arrive meanwhile wait behind it, so none is lost while the
+  process runs (a process killed before the file is writable again loses them: they are in
+  memory only, as the ledger's pending records are). Usage updates are merged per tenant and
+  group (they add up), so they take room per group in use, not per request; settles are kept
+  one by one, at most ``MAX_PENDING_SETTLES`` (more are dropped and counted, their leases
+  holding the budget's worst case until they expire). The write is one task of the store's,
+  which a cancelled caller does not stop, so each update is written exactly once;
+- an update that cannot apply (an ``IntegrityError``: writing it again cannot cure it) is
+  dropped and logged, the others are written; a damaged file (``DatabaseError``) is an outage
+  like a full disk;
 - a budget check (`reserve`) and the usage / counter reads first write what is pending; when
   that fails they are refused with 503 ``store_unavailable`` and Retry-After (a budget that
   cannot be checked admits nothing; tenants without budgets are unaffected);
@@ -56,9 +63,24 @@ T = TypeVar("T")
 NANO = 1_000_000_000
 log = logging.getLogger("inferplane.admission")
 
-#: what a write to the file can fail with that writing it later may cure
-_WRITE_FAILURES = (sqlite3.OperationalError, OSError)
+#: what one update can fail with that writing it again cannot cure (a constraint, a bad
+#: value): that update is dropped and logged, the others are written
+_BAD_UPDATE = (
+    sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.DataError,
+    sqlite3.NotSupportedError, sqlite3.InterfaceError,
+)
+#: what a write to the file can fail with that writing it later may cure (a full disk, a lock,
+#: an I/O error; a damaged file too: an outage until someone repairs it)
+_WRITE_FAILURES = (sqlite3.DatabaseError, OSError)
+#: settles kept pending at most (usage updates are merged per tenant and group); more are
+#: dropped and counted (``dropped``), as the ledger drops beyond its ``max_pending``
+MAX_PENDING_SETTLES = 100_000
 Op = Callable[[sqlite3.Connection], None]
+_USAGE_UPSERT = (
+    "INSERT INTO usage VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (tenant, grp) DO UPDATE "
+    "SET nusd = nusd + excluded.nusd, prompt = prompt + excluded.prompt, "
+    "completion = completion + excluded.completion, requests = requests + excluded.requests"
+)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS counters (
@@ -108,7 +130,12 @@ class SqliteStore(MemoryStore):
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inferplane-adm-db")
         self._conn: sqlite3.Connection | None = None
         self._closed = False
-        self.pending: deque[Op] = deque()  # settles and usage updates not yet written, in order
+        self.pending: deque[Op] = deque()  # settles not yet written, in order
+        # usage updates not yet written, merged per (tenant, group): [nUSD, prompt,
+        # completion, requests]
+        self.pending_usage: dict[tuple[str, str], list[int]] = {}
+        self.max_pending_settles = MAX_PENDING_SETTLES
+        self.dropped = 0  # settles dropped beyond max_pending_settles, or that could not apply
         self.down_since: float | None = None  # when the file stopped taking writes
         self.outages = 0
         self.written_late = 0  # pending updates written once the file took writes again
@@ -147,17 +174,49 @@ class SqliteStore(MemoryStore):
         return await asyncio.get_running_loop().run_in_executor(self._pool, call)
 
     # -- when the file cannot be written -------------------------------------------------
+    @property
+    def backlog(self) -> int:
+        """Pending settles plus pending (merged) usage rows."""
+        return len(self.pending) + len(self.pending_usage)
+
+    async def _now(self, op: Op) -> bool:
+        """Write ``op`` now when nothing waits; True when it is done with (written, or dropped
+        as an update that cannot apply), False when it must be kept pending."""
+        if self.backlog:
+            return False  # earlier updates wait: this one goes after them
+        try:
+            await self._tx(op)
+        except _BAD_UPDATE as exc:
+            self._bad(exc)
+        except _WRITE_FAILURES as exc:
+            self._failed(exc)
+            return False
+        return True
+
     async def _write(self, op: Op) -> None:
-        """Write ``op`` (a settle or a usage update) now, or keep it pending when the file
-        cannot take it (or earlier updates still wait: order is kept)."""
-        if not self.pending:
-            try:
-                await self._tx(op)
-                return
-            except _WRITE_FAILURES as exc:
-                self._failed(exc)
-        self.pending.append(op)
+        """Write ``op`` (a settle) now, or keep it pending when the file cannot take it (or
+        earlier updates still wait). Beyond ``max_pending_settles`` it is dropped and
+        counted: its lease then holds its budget's worst case until the lease expires."""
+        if await self._now(op):
+            return
+        if len(self.pending) >= self.max_pending_settles:
+            self.dropped += 1
+            if self.dropped == 1 or self.dropped % 10_000 == 0:
+                log.error(
+                    "admission store %s: %d settles pending (the most kept); %d dropped so "
+                    "far (their leases hold their budgets' worst case until they expire)",
+                    self.path, len(self.pending), self.dropped,
+                )
+        else:
+            self.pending.append(op)
         self._ensure_retrier()
+
+    def _bad(self, exc: BaseException) -> None:
+        self.dropped += 1
+        log.error(
+            "admission store %s: an update could not be applied and is dropped (%s: %s)",
+            self.path, type(exc).__name__, exc,
+        )
 
     async def _flush(self) -> bool:
         """Write what is pending, in one transaction; True when nothing is left. A failure
@@ -168,7 +227,7 @@ class SqliteStore(MemoryStore):
         does not stop the commit on the store's thread, and the updates leave ``pending``
         exactly when they are committed, so each is applied once. A caller that comes while a
         flush runs waits for it, then flushes what arrived meanwhile."""
-        while self.pending:
+        while self.backlog:
             task = self._flush_task
             if task is None or task.done():
                 task = self._flush_task = asyncio.get_running_loop().create_task(
@@ -180,20 +239,42 @@ class SqliteStore(MemoryStore):
 
     async def _flush_once(self) -> bool:
         ops = list(self.pending)
+        usage, self.pending_usage = self.pending_usage, {}
+
+        def apply_usage(c: sqlite3.Connection) -> None:
+            for (tenant, grp), (n, p, cc, r) in usage.items():
+                c.execute(_USAGE_UPSERT, (tenant, grp, n, p, cc, r))
 
         def apply(c: sqlite3.Connection) -> None:
             for op in ops:
                 op(c)
+            apply_usage(c)
 
         try:
-            await self._tx(apply)
+            try:
+                await self._tx(apply)
+            except _BAD_UPDATE:
+                # one of them cannot apply: each alone, dropping that one, the rest written
+                for op in ops:
+                    try:
+                        await self._tx(op)
+                    except _BAD_UPDATE as exc:
+                        self._bad(exc)
+                    self.pending.popleft()
+                ops = []
+                await self._tx(apply_usage)
         except _WRITE_FAILURES as exc:
+            for key, vals in usage.items():  # back, merged with those that came meanwhile
+                row = self.pending_usage.setdefault(key, [0, 0, 0, 0])
+                for i, v in enumerate(vals):
+                    row[i] += v
             self._failed(exc)
             return False
         for _ in ops:  # committed: these, and only these, leave pending (later ones stay)
             self.pending.popleft()
-        self.written_late += len(ops)
-        self._back(len(ops))
+        written = len(ops) + len(usage)
+        self.written_late += written
+        self._back(written)
         return True
 
     def _back(self, written: int) -> None:
@@ -206,7 +287,7 @@ class SqliteStore(MemoryStore):
 
     async def _ready(self, what: str) -> None:
         """Before a budget check or a read: write what is pending, or refuse with 503."""
-        if self.pending and not await self._flush():
+        if self.backlog and not await self._flush():
             raise self._unavailable(what)
 
     def _failed(self, exc: BaseException) -> None:
@@ -233,9 +314,13 @@ class SqliteStore(MemoryStore):
 
     async def _retry(self) -> None:
         """Every ``retry_after_s``, try to write what is pending, until nothing is."""
-        while self.pending:
+        while self.backlog:
             await asyncio.sleep(self.retry_after_s)
-            await self._flush()
+            try:
+                await self._flush()
+            except Exception as exc:  # a bug, not an outage: said, and tried again
+                log.error("admission store %s: writing the pending updates failed (%s: %s)",
+                          self.path, type(exc).__name__, exc)
 
     async def ping(self) -> bool:
         """Open the file (and create its tables) now, so an unwritable path fails at start."""
@@ -252,9 +337,10 @@ class SqliteStore(MemoryStore):
             self._retrier.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._retrier
-        if self.pending and not await self._flush():  # one last try (after a running one)
-            lost = len(self.pending)
+        if self.backlog and not await self._flush():  # one last try (after a running one)
+            lost = self.backlog
             self.pending.clear()
+            self.pending_usage.clear()
             log.error(
                 "closing with %d admission settles and usage updates not written to %s (it "
                 "still cannot be written): they are lost", lost, self.path,
@@ -386,15 +472,20 @@ class SqliteStore(MemoryStore):
     ) -> None:
         # local and in-process: each update commits once (in its own transaction, or with the
         # pending ones once the file takes writes again), so there are no repeats to see
-        def op(c: sqlite3.Connection) -> None:
-            c.execute(
-                "INSERT INTO usage VALUES (?, ?, ?, ?, ?, 1) ON CONFLICT (tenant, grp) DO UPDATE "
-                "SET nusd = nusd + excluded.nusd, prompt = prompt + excluded.prompt, "
-                "completion = completion + excluded.completion, requests = requests + 1",
-                (tenant, SEP.join(group), _nano(usd), prompt, completion),
-            )
+        grp = SEP.join(group)
+        vals = (_nano(usd), prompt, completion, 1)
 
-        await self._write(op)
+        def op(c: sqlite3.Connection) -> None:
+            c.execute(_USAGE_UPSERT, (tenant, grp, *vals))
+
+        if await self._now(op):
+            return
+        # kept pending, merged with the others of this tenant and group: what waits is
+        # bounded by the groups in use, not by the requests served during the outage
+        row = self.pending_usage.setdefault((tenant, grp), [0, 0, 0, 0])
+        for i, v in enumerate(vals):
+            row[i] += v
+        self._ensure_retrier()
 
     async def usage(self, tenant: str) -> list[UsageRow]:
         await self._ready("usage")
