@@ -24,7 +24,7 @@ import pytest
 from aiohttp import web
 
 from inferplane.admission.sqlite_state import SqliteStore
-from inferplane.admission.state import CounterDemand
+from inferplane.admission.state import SEP, CounterDemand
 from inferplane.api.app import serve
 from inferplane.api.pipeline import Gateway
 from inferplane.config.loader import parse_config
@@ -278,4 +278,30 @@ async def test_an_update_that_cannot_apply_does_not_jam_the_store(
     assert getattr(info.value, "code", None) == "store_unavailable"
     assert list(s.pending) == [damaged]
     s.pending.clear()
+    await s.close()
+
+
+async def test_merged_usage_stays_pending_until_its_flush_commits(tmp_path: Path) -> None:
+    """While a flush of merged usage is on its way, the rows still count as pending: a read
+    waits for them, an update that comes meanwhile stays behind them, and each is written
+    once."""
+    s = SqliteStore(tmp_path / "adm.sqlite", retry_after_s=3600.0)
+    await s.ping()
+    await _read_only(s, True)
+    await s.add_usage("t", ("d", "wf", "m", "c", "k"), 0.5, 1, 1)
+    await _read_only(s, False)
+    release = threading.Event()
+    busy = asyncio.get_running_loop().run_in_executor(s._pool, release.wait, 30)
+    flushing = asyncio.create_task(s._flush())
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert s._flush_task is not None and not s._flush_task.done()
+    assert s.backlog == 1  # not yet written: still pending
+    await s.add_usage("t", ("d", "wf", "m", "c", "k"), 0.5, 1, 1)  # waits behind it
+    assert s.pending_usage[("t", SEP.join(("d", "wf", "m", "c", "k")))][3] == 2
+    release.set()
+    await busy
+    assert await flushing
+    rows = await s.usage("t")
+    assert rows[0].requests == 2 and rows[0].usd == 1.0 and not s.backlog
     await s.close()

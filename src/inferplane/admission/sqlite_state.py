@@ -239,7 +239,9 @@ class SqliteStore(MemoryStore):
 
     async def _flush_once(self) -> bool:
         ops = list(self.pending)
-        usage, self.pending_usage = self.pending_usage, {}
+        # a copy: the rows stay pending (and counted) until their commit, then this much of
+        # each leaves (what was added meanwhile stays)
+        usage = {key: tuple(vals) for key, vals in self.pending_usage.items()}
 
         def apply_usage(c: sqlite3.Connection) -> None:
             for (tenant, grp), (n, p, cc, r) in usage.items():
@@ -264,14 +266,16 @@ class SqliteStore(MemoryStore):
                 ops = []
                 await self._tx(apply_usage)
         except _WRITE_FAILURES as exc:
-            for key, vals in usage.items():  # back, merged with those that came meanwhile
-                row = self.pending_usage.setdefault(key, [0, 0, 0, 0])
-                for i, v in enumerate(vals):
-                    row[i] += v
             self._failed(exc)
             return False
         for _ in ops:  # committed: these, and only these, leave pending (later ones stay)
             self.pending.popleft()
+        for key, vals in usage.items():
+            row = self.pending_usage[key]
+            for i, v in enumerate(vals):
+                row[i] -= v
+            if not row[3]:  # no request added meanwhile
+                del self.pending_usage[key]
         written = len(ops) + len(usage)
         self.written_late += written
         self._back(written)
