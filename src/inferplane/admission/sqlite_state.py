@@ -239,6 +239,7 @@ class SqliteStore(MemoryStore):
 
     async def _flush_once(self) -> bool:
         ops = list(self.pending)
+        settles = len(ops)
         # a copy: the rows stay pending (and counted) until their commit, then this much of
         # each leaves (what was added meanwhile stays)
         usage = {key: tuple(vals) for key, vals in self.pending_usage.items()}
@@ -276,7 +277,7 @@ class SqliteStore(MemoryStore):
                 row[i] -= v
             if not row[3]:  # no request added meanwhile
                 del self.pending_usage[key]
-        written = len(ops) + len(usage)
+        written = settles + len(usage)
         self.written_late += written
         self._back(written)
         return True
@@ -285,7 +286,7 @@ class SqliteStore(MemoryStore):
         if self.down_since is not None:
             log.warning(
                 "admission store %s writable again after %.1f s; %d pending settles and usage "
-                "updates written", self.path, self.clock() - self.down_since, written,
+                "rows written", self.path, self.clock() - self.down_since, written,
             )
             self.down_since = None
 
