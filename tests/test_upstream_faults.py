@@ -283,7 +283,8 @@ async def test_a_thinking_messages_stream_is_not_cut_as_idle(
     the upstream's events: the idle watch hears them, and the stream is a success."""
     _, port = upstream
     gw, runner, base = await _gateway([endpoint("claude", url=f"http://127.0.0.1:{port}/v1",
-                                                dialect="anthropic")])
+                                                dialect="anthropic",
+                                                health_check="passive")])
     try:
         status, headers, body = await _post(base, stream=True)
         assert status == 200 and not _errors(body), body
