@@ -23,15 +23,27 @@ class immediate:
     """``with immediate(c):`` one ``BEGIN IMMEDIATE`` … ``COMMIT`` transaction on an autocommit
     connection (``isolation_level=None``): the write lock is taken at its start, so two processes
     on one file serialise instead of failing at commit; ``ROLLBACK`` when the block raises
-    (anything, cancellation included)."""
+    (anything, cancellation included) or the ``COMMIT`` fails (a full disk leaves the transaction
+    open). ``write=False``: a plain ``BEGIN``, a read that takes no write lock."""
 
-    __slots__ = ("c",)
+    __slots__ = ("c", "write")
 
-    def __init__(self, c: sqlite3.Connection) -> None:
+    def __init__(self, c: sqlite3.Connection, write: bool = True) -> None:
         self.c = c
+        self.write = write
 
     def __enter__(self) -> None:
-        self.c.execute("BEGIN IMMEDIATE")
+        self.c.execute("BEGIN IMMEDIATE" if self.write else "BEGIN")
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        self.c.execute("ROLLBACK" if exc_type is not None else "COMMIT")
+        c = self.c
+        if exc_type is None:
+            try:
+                c.execute("COMMIT")
+                return
+            except BaseException:
+                if c.in_transaction:
+                    c.execute("ROLLBACK")
+                raise
+        if c.in_transaction:
+            c.execute("ROLLBACK")

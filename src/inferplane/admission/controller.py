@@ -128,7 +128,7 @@ def make_store(config: FleetConfig, lag: LoopLag | None = None) -> AdmissionStor
     if path is not None:
         from inferplane.admission.sqlite_state import SqliteStore
 
-        return SqliteStore(path)
+        return SqliteStore(path, retry_after_s=spec.outage_retry_after_s)
     return MemoryStore()
 
 

@@ -56,6 +56,8 @@ class Gateway(Core):
             credentials=load_credentials(config, file),  # ConfigError naming what is missing
             lag=self.lag,
             response_headers=g.upstream_response_headers,
+            stream_idle_s=g.stream_idle_timeout_s,
+            max_body_bytes=g.max_upstream_body_bytes,
         )
         # replacing the dispatcher (its holds count from 0) requires calling count_from again
         self.metrics.coalesce_holds.count_from(lambda: self.dispatcher.holds)
@@ -118,7 +120,10 @@ class Gateway(Core):
     async def read_answer(self, attempt: Attempt, started: float) -> tuple[bytes, float]:
         """Read a non-streamed answer whole (`Core.read_with`); return it and its E2E end."""
         endpoint, resp = attempt.endpoint, attempt.response.response
-        return await self.read_with(attempt, started, lambda: Dispatcher.read_all(endpoint, resp))
+        limit = self.dispatcher.max_body_bytes
+        return await self.read_with(
+            attempt, started, lambda: Dispatcher.read_all(endpoint, resp, limit)
+        )
 
     def account_answer(
         self, attempt: Attempt, data: bytes, *, started: float, ended: float

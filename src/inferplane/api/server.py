@@ -185,6 +185,13 @@ class GatewayProtocol(RequestHandler):
             self._busy = False
             self._end_proxied()
 
+    def close_after_answer(self) -> None:
+        """Close the connection once the answer is written, without reading the rest of the
+        request body (`httpio.unreadable`: a body that cannot be decoded). aiohttp would
+        otherwise read on after the handler to keep the connection alive, meet the same
+        payload error again and log it as an unhandled exception."""
+        self._force_close = True
+
     def _disarm(self) -> None:
         if self._header_timer is not None:
             self._header_timer.cancel()

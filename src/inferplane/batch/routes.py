@@ -199,18 +199,18 @@ class BatchService:
         filename = "upload.jsonl"
         limit = self.spec.max_file_bytes
         pause = self.gw.config.gateway.body_timeout_s
-        while (part := await idle(reader.next(), pause)) is not None:
+        while (part := await idle(reader.next(), pause, request)) is not None:
             if not isinstance(part, BodyPartReader):
                 raise InvalidRequestError("nested multipart parts are not accepted")
             if part.name == "purpose":
-                raw = await idle(part.read(), pause)
+                raw = await idle(part.read(), pause, request)
                 if len(raw) > 64:
                     raise InvalidRequestError("'purpose' is too long", param="purpose")
                 purpose = raw.decode("utf-8", "replace").strip()
             elif part.name == "file":
                 filename = part.filename or filename
                 size = 0
-                while chunk := await idle(part.read_chunk(1 << 16), pause):
+                while chunk := await idle(part.read_chunk(1 << 16), pause, request):
                     size += len(chunk)
                     if size > limit:
                         raise PayloadTooLargeError(
@@ -218,7 +218,7 @@ class BatchService:
                         )
                     spool.write(chunk)
             else:
-                await idle(part.release(), pause)
+                await idle(part.release(), pause, request)
         return purpose, filename, size
 
     async def get_file(self, request: web.Request) -> web.Response:

@@ -362,6 +362,27 @@ class GatewaySpec(Strict):
     )
     connect_timeout_s: float = Field(2.0, gt=0)
     upstream_timeout_s: float = Field(600.0, gt=0, description="whole-request upstream limit")
+    stream_idle_timeout_s: float | None = Field(
+        60.0,
+        gt=0,
+        description="a relayed stream whose upstream sends no event (an SSE `data:` line in the "
+        "upstream's own bytes, so a Messages stream's thinking and ping events count; "
+        "keep-alive comments do not) for this long after its first event is cut (comments "
+        "before the first event, as OpenRouter sends while a model works, leave it to "
+        "upstream_timeout_s): the "
+        "client gets an error event, the record a 502 stream error, and the endpoint the "
+        "failure (its first byte is bounded by first_byte_timeout, the whole request by "
+        "upstream_timeout_s). Time the gateway spends writing to a slow client does not count. "
+        "Set it above the engine's slowest step (a long prefill of a chunk mid-stream, a "
+        "preempted request waiting for KV cache); null: no limit but upstream_timeout_s",
+    )
+    max_upstream_body_bytes: int = Field(
+        64 * 1024 * 1024,
+        gt=0,
+        description="largest non-streamed upstream answer the gateway reads (it holds one "
+        "whole to account and relay it): a larger one is not read on, and the client gets a "
+        "502 naming this limit. Streams are relayed chunk by chunk and not bounded by it",
+    )
     max_replacements: int = Field(
         3,
         ge=0,
@@ -967,8 +988,10 @@ class AdmissionSpec(Strict):
     outage_retry_after_s: float = Field(
         2.0,
         gt=0,
-        description="while Redis is unreachable: Retry-After of the 503s (budgets cannot be "
-        "checked) and how long the local fallback is used before Redis is tried again",
+        description="while Redis is unreachable, or the local store's file cannot be written: "
+        "Retry-After of the 503s (budgets cannot be checked) and how long before the store is "
+        "tried again (Redis: the local fallback is used meanwhile; the local file: pending "
+        "settles and usage are retried)",
     )
     lease_margin_s: float = Field(
         30.0,

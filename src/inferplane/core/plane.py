@@ -57,6 +57,7 @@ from inferplane.fleet.scraper import MetricsSource, Scraper, idle_wait_cap
 from inferplane.fleet.state import EndpointView
 from inferplane.ledger.build import build_ledger
 from inferplane.ledger.record import Ledger, Outcome, Receipt
+from inferplane.lograte import LogLimiter
 from inferplane.looplag import LoopLag
 from inferplane.placement.build import build_policies
 from inferplane.placement.classify import Classifier
@@ -234,6 +235,8 @@ class Core:
                 max_stretch=g.lag_max_stretch,
             )
         self.passive = PassiveHealth(self.live, self.outliers, config.health.outlier)
+        # a failed upstream attempt or stream: one WARNING per endpoint per 30 s (`lograte`)
+        self.failure_log = LogLimiter(log)
         self._health_task: asyncio.Task[None] | None = None
         self.economics = refresher_for(config, file, self.metrics.registry)
         self.config_sha256: str | None = None  # the fleet file's, when the caller knows it
@@ -962,6 +965,11 @@ class Core:
                     log.warning("ejected %s: %s", view.name, ejected.reason)
                 rate_limited = view.endpoint if exc.upstream_status == 429 else None
                 failed.append(view.name)
+                self.failure_log.warn(
+                    view.name, "upstream %s failed before its first byte (%s): %s "
+                    "[decision %s, attempt %d]", view.name, exc.reason,
+                    exc.message.split(": ", 1)[-1], decision.decision_id, len(failed),
+                )
                 last_error = exc.message.split(": ", 1)[-1]
                 over = len(failed) > self.config.gateway.max_replacements
                 if not over and not self.admission.retry_budget.try_acquire():
@@ -1103,6 +1111,9 @@ class Core:
         self.admission.queue.pump()  # a slot is free: the best waiter may go
         now = time.perf_counter() if ended is None else ended
         ok = status < 500 and error is None
+        if status == 502 and error is not None:  # the answer broke after its first byte
+            self.failure_log.warn(name, "upstream %s failed after its first byte: %s "
+                                  "[decision %s]", name, error.split(": ", 1)[-1], d.decision_id)
         if blame:
             # a client that went away says nothing about the endpoint: not a consecutive
             # failure

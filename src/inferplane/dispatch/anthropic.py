@@ -358,6 +358,10 @@ def _sse(obj: JSONObject) -> bytes:
     return b"data: " + orjson.dumps(obj) + b"\n\n"
 
 
+MAX_EVENT_BYTES = 16 * 1024 * 1024
+"""The longest Messages stream event `StreamTranslator` holds while waiting for its end."""
+
+
 class StreamTranslator:
     """Messages SSE bytes in, OpenAI chat completion chunk SSE bytes out (`feed`, `close`).
 
@@ -396,6 +400,10 @@ class StreamTranslator:
             buf = buf.replace(b"\r\n", b"\n")
         cut = buf.rfind(b"\n\n")
         if cut < 0:
+            if len(buf) > MAX_EVENT_BYTES:  # not held without end (the relay buffers nothing)
+                raise MessagesFormatError(
+                    f"a Messages stream event of more than {MAX_EVENT_BYTES} bytes"
+                )
             self._carry = buf
             return b""
         complete, self._carry = buf[:cut], buf[cut + 2 :]

@@ -20,12 +20,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
+import logging
 import math
 import re
 import time
 from collections.abc import AsyncGenerator, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
+from typing import Any
 
 import aiohttp
 import orjson
@@ -35,8 +37,11 @@ from inferplane.dispatch.answer import StreamStats, UpstreamAttemptFailed
 from inferplane.dispatch.credentials import auth_headers
 from inferplane.errors import UpstreamError
 from inferplane.fleet.model import Endpoint
+from inferplane.lograte import LogLimiter
 from inferplane.looplag import MAX_STRETCH, LoopLag
 from inferplane.upstream_headers import ResponseHeaderRule
+
+log = logging.getLogger("inferplane.dispatch")
 
 # 529: Anthropic's "overloaded"
 RETRIABLE_STATUS = frozenset({429, 500, 502, 503, 504, 529})
@@ -201,10 +206,16 @@ class SSEUsageFilter:
     def __init__(self) -> None:
         self._carry = b""
 
+    #: a partial event longer than this is passed on unfiltered (a usage chunk is small)
+    MAX_CARRY = 1 << 20
+
     def feed(self, chunk: bytes) -> bytes:
         data = self._carry + chunk if self._carry else chunk
         cut = data.rfind(b"\n\n")
         if cut < 0:
+            if len(data) > self.MAX_CARRY:  # not a usage chunk: never held without bound
+                self._carry = b""
+                return data
             self._carry = data
             return b""
         complete, self._carry = data[: cut + 2], data[cut + 2 :]
@@ -231,6 +242,42 @@ class Opened:
     first: tuple[bytes, float] | None = None
 
 
+DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
+"""``gateway.max_upstream_body_bytes``: the largest non-streamed answer read (`read_body`)."""
+ERROR_BODY_BYTES = 64 * 1024
+"""What is read of a retriable or refused answer (429/5xx, 401/403): its first 2000 bytes are
+kept for the record; the rest is not read, and the connection is closed."""
+
+
+async def read_body(
+    endpoint: Endpoint, resp: aiohttp.ClientResponse, limit: int, setting: str | None = None
+) -> bytes:
+    """The response body, at most ``limit`` bytes: a longer one (by its Content-Length, or as
+    it arrives) raises `UpstreamError` naming the limit (``setting``), or with no ``setting``
+    is cut at ``limit``. The caller releases the response (a body not read to its end closes
+    the connection)."""
+    length = resp.content_length
+    if setting is not None and length is not None and length > limit:
+        raise _too_large(endpoint, f"{length} bytes", limit, setting)
+    parts: list[bytes] = []
+    size = 0
+    while chunk := await resp.content.read(min(1 << 20, limit + 1 - size)):
+        parts.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            if setting is not None:
+                raise _too_large(endpoint, f"more than {limit} bytes", limit, setting)
+            return b"".join(parts)[:limit]
+    return b"".join(parts)
+
+
+def _too_large(endpoint: Endpoint, size: str, limit: int, setting: str) -> UpstreamError:
+    return UpstreamError(
+        f"answered with a body of {size}, over the limit of {limit} bytes ({setting})",
+        upstream=endpoint.name,
+    )
+
+
 class Dispatcher:
     """Pooled upstream client shared by all requests of one gateway.
 
@@ -248,8 +295,12 @@ class Dispatcher:
         credentials: Mapping[str, str] | None = None,
         lag: LoopLag | None = None,
         response_headers: Iterable[str] = (),
+        stream_idle_s: float | None = None,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     ) -> None:
         self._credentials = dict(credentials or {})
+        self.stream_idle_s = stream_idle_s  # gateway.stream_idle_timeout_s
+        self.max_body_bytes = max_body_bytes  # gateway.max_upstream_body_bytes
         # which upstream response headers a client sees (gateway.upstream_response_headers)
         self.passed = ResponseHeaderRule(response_headers)
         self.lag = lag  # first-byte deadlines count the gateway's running time only
@@ -264,6 +315,8 @@ class Dispatcher:
         self.session: aiohttp.ClientSession | None = None
         self.streams = 0  # streams being relayed now (`relay`)
         self.holds = 0  # times `relay` held a stream's bytes (coalescing), since start
+        # an engine that ends its streams without [DONE]: one line per endpoint per interval
+        self.nodone_log = LogLimiter(log)
 
     async def start(self) -> aiohttp.ClientSession:
         if self.session is None:
@@ -366,7 +419,7 @@ class Dispatcher:
                 resp = await self.session.post(url, data=data, headers=sent)
             if resp.status in RETRIABLE_STATUS or resp.status in CREDENTIAL_STATUS:
                 try:
-                    answer = await resp.read()
+                    answer = await read_body(endpoint, resp, ERROR_BODY_BYTES)
                 finally:
                     resp.release()
                 if resp.status in CREDENTIAL_STATUS:
@@ -418,13 +471,18 @@ class Dispatcher:
         return self.passed(resp.headers)
 
     @staticmethod
-    async def read_all(endpoint: Endpoint, resp: aiohttp.ClientResponse) -> bytes:
+    async def read_all(
+        endpoint: Endpoint, resp: aiohttp.ClientResponse,
+        max_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    ) -> bytes:
         """The whole (non-streaming) body in the OpenAI dialect; a failure here is after the
         first byte. Raises `UpstreamError` naming the endpoint when the answer cannot be read:
-        not JSON (a 2xx), an error in an unknown shape (4xx), or not the endpoint's dialect."""
+        not JSON (a 2xx), an error in an unknown shape (4xx), not the endpoint's dialect, or
+        longer than ``max_bytes`` (``gateway.max_upstream_body_bytes``; not read on)."""
         try:
             with _translate(endpoint):
-                data = await resp.read()
+                data = await read_body(endpoint, resp, max_bytes,
+                                       "gateway.max_upstream_body_bytes")
         finally:
             resp.release()
         ok = 200 <= resp.status < 300
@@ -489,8 +547,12 @@ class Dispatcher:
         arrives, as without ``coalesce_s`` (with ``min_streams`` above 1, a lone stream's pacing
         is unchanged). Each hold that pauses the connection adds one to ``holds``.
 
-        Raises `UpstreamError` if the upstream fails mid-stream, sends an error event or sends
-        something that is not its dialect's SSE.
+        Raises `UpstreamError` if the upstream fails mid-stream (naming how: the connection
+        broke, ``gateway.upstream_timeout_s`` passed), sends an error event or something that is
+        not its dialect's SSE (an OpenAI-dialect ``data:`` line that is not JSON), ends without
+        its dialect's end (``data: [DONE]``, or at least a finish reason, which the gateway then
+        closes with its own ``[DONE]``; a Messages stream's ``message_stop``), or sends no
+        event for ``stream_idle_s`` (``gateway.stream_idle_timeout_s``: `_IdleWatch`).
         """
         done = False
         translator = (
@@ -498,9 +560,11 @@ class Dispatcher:
             if endpoint.dialect == "anthropic"
             else None
         )
+        events = _OpenAIEvents() if translator is None else None
+        idle = _IdleWatch(self.stream_idle_s) if self.stream_idle_s else None
         self.streams += 1
         try:
-            with _translate(endpoint), _stream_errors(endpoint):
+            with _midstream(endpoint, stats, self.timeout.total, idle), _stream_errors(endpoint):
                 pending = first if first is not None and first[0] else None
                 handed = None  # when the last chunk was handed on (coalescing)
                 ended = False  # a finish reason went out (coalescing stops)
@@ -509,13 +573,22 @@ class Dispatcher:
                     if pending is not None:
                         (raw, now), pending = pending, None
                     else:
+                        if idle is not None:
+                            idle.reading = True
                         if (handed is not None and self.streams >= min_streams
                                 and await _hold(resp, handed + coalesce_s)):
                             self.holds += 1
                         raw = await resp.content.readany()  # what iter_any() does
+                        if idle is not None:
+                            idle.reading = False
                         if not raw:
                             break
                         now = time.perf_counter()
+                    if idle is not None and b"data:" in raw:
+                        # the upstream's own events, before translation: a Messages stream's
+                        # thinking, signature and ping events count though they translate to
+                        # nothing
+                        idle.heard()
                     if translator is not None:
                         chunk = translator.feed(raw)
                         if not chunk:
@@ -525,6 +598,9 @@ class Dispatcher:
                             continue
                     else:
                         chunk = raw
+                        assert events is not None
+                        if (problem := events.feed(chunk)) is not None:
+                            raise UpstreamError(problem, upstream=endpoint.name)
                     stats.observe(chunk, now)
                     opened = True
                     yield chunk
@@ -534,13 +610,187 @@ class Dispatcher:
                         handed = None if ended or not stats.tokens else time.perf_counter()
                 if translator is not None:
                     translator.close()
+                elif events is not None:
+                    if (problem := events.close()) is not None:
+                        raise UpstreamError(
+                            f"{problem} after {stats.tokens} tokens", upstream=endpoint.name
+                        )
+                    if not events.done:  # complete (a finish reason came), only no [DONE]
+                        self.nodone_log.warn(
+                            endpoint.name,
+                            "upstream %s ends its streams without data: [DONE] after the "
+                            "finish reason (older TGI, llama.cpp forks); taken as complete, "
+                            "the gateway sends the [DONE]", endpoint.name,
+                        )
+                        yield b"data: [DONE]\n\n"
                 done = True
         finally:
             self.streams -= 1
+            if idle is not None:
+                idle.close()
             if done:
                 resp.release()  # fully read: the connection goes back to the pool
             else:
                 resp.close()  # cut short (client gone, error): drop it so the engine aborts
+
+
+class _OpenAIEvents:
+    """Checks an OpenAI-dialect stream as it is relayed: each complete ``data:`` line is JSON
+    or ``[DONE]``, and the stream ends with ``[DONE]`` (as vLLM, SGLang and OpenAI send it) or,
+    for engines that never send it (TGI before 2.2, some llama.cpp forks), cleanly after a
+    chunk with a ``finish_reason``; what a client's SSE parser would choke on, or a stream cut
+    short with a clean close before any finish reason, is a stream error (as a Messages stream
+    without ``message_stop`` is). Only a line split across
+    chunks is carried to the next; engines send whole events, so that is rare."""
+
+    __slots__ = ("_tail", "done", "finished")
+
+    #: a ``data:`` line longer than this (with no end in sight) is not an OpenAI event
+    MAX_LINE = 16 * 1024 * 1024
+
+    def __init__(self) -> None:
+        self._tail = b""
+        self.done = False
+        self.finished = False  # a chunk with a finish reason went by
+
+    def feed(self, chunk: bytes) -> str | None:
+        """None, or what is wrong with the stream so far."""
+        data = self._tail + chunk if self._tail else chunk
+        cut = data.rfind(b"\n")
+        if cut < 0:
+            self._tail = data
+            return None if len(data) <= self.MAX_LINE else (
+                f"sent a line of more than {self.MAX_LINE} bytes")
+        complete, self._tail = data[:cut], data[cut + 1 :]
+        if b"data:" not in complete:  # comments, blank lines
+            return None
+        for line in complete.split(b"\n"):
+            if not line.startswith(b"data:"):
+                continue
+            payload = line[5:].strip()
+            if payload == b"[DONE]":
+                self.done = True
+                continue
+            try:
+                obj = orjson.loads(payload)
+            except orjson.JSONDecodeError:
+                return f"sent a stream event that is not JSON: {_excerpt(payload)}"
+            if not self.finished and type(obj) is dict and _finishes(obj):
+                self.finished = True
+        return None
+
+    def close(self) -> str | None:
+        """At the upstream's end of the body: None, or what was missing."""
+        if self._tail.strip() == b"data: [DONE]" or self._tail.strip() == b"data:[DONE]":
+            self.done = True
+        if self.done or self.finished:
+            return None  # a clean end after a finish reason: complete without [DONE]
+        return "the stream ended without its closing DONE event (cut short upstream)"
+
+
+def _finishes(obj: dict[str, Any]) -> bool:
+    """Whether an OpenAI-dialect chunk carries a finish reason (the answer is complete)."""
+    choices = obj.get("choices")
+    return type(choices) is list and any(
+        type(c) is dict and c.get("finish_reason") is not None for c in choices
+    )
+
+
+class _IdleWatch:
+    """``gateway.stream_idle_timeout_s`` for one relayed stream: when the upstream has sent no
+    event (a read with a ``data:`` line, counted in the upstream's own bytes, before any
+    translation) for ``limit`` seconds while the relay waits on it, the relaying task is
+    cancelled and `relay` raises `UpstreamError` instead (`_midstream`).
+
+    The clock starts at the first ``data:`` event, not at the first byte: a provider that sends
+    only comments while the model works (OpenRouter's ``: OPENROUTER PROCESSING``) is waited
+    for under ``gateway.upstream_timeout_s``, as before the first event.
+
+    One timer per stream, re-armed lazily (a chunk only stores the time, ``heard``): the
+    timer fires at most once per ``limit`` while the stream lasts. Time the relay spends out of
+    its read (the caller writing to a slow client) does not count: the watch checks
+    ``reading``, which the relay sets around its read."""
+
+    __slots__ = ("_base", "_handle", "_loop", "_off", "_task", "fired", "limit", "reading",
+                 "since")
+
+    def __init__(self, limit: float) -> None:
+        self.limit = limit
+        self._loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        self._task = task
+        # the cancellations already pending on the task, which are not this watch's (as
+        # asyncio.timeout records them)
+        self._base = task.cancelling()
+        self.since = self._loop.time()
+        self.reading = False
+        self.fired = False
+        self._off = False
+        self._handle: asyncio.TimerHandle | None = None  # armed by the first event
+
+    def heard(self) -> None:
+        self.since = self._loop.time()
+        if self._handle is None and not self.fired and not self._off:
+            self._handle = self._loop.call_at(self.since + self.limit, self._check)
+
+    def _check(self) -> None:
+        now = self._loop.time()
+        if not self.reading:  # the caller is busy with the client: look again later
+            self._handle = self._loop.call_at(max(now, self.since) + self.limit, self._check)
+        elif now - self.since >= self.limit:
+            self._handle = None
+            self.fired = True
+            self._task.cancel()
+        else:
+            self._handle = self._loop.call_at(self.since + self.limit, self._check)
+
+    def stalled(self) -> bool:
+        """After a `CancelledError` in the relay: whether it was this watch's (then the
+        cancellation is taken back), not the client's."""
+        return self.fired and self._task.uncancel() <= self._base
+
+    def close(self) -> None:
+        self._off = True
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+
+@contextlib.contextmanager
+def _midstream(
+    endpoint: Endpoint, stats: StreamStats, total_s: float | None, idle: _IdleWatch | None
+) -> Iterator[None]:
+    """Map what can break a stream after its first byte to `UpstreamError`, saying what
+    happened and how far the answer had come (not "connection failed": it had succeeded)."""
+    try:
+        yield
+    except asyncio.CancelledError:
+        if idle is not None and idle.stalled():
+            raise UpstreamError(
+                f"sent no stream event for {idle.limit:g} s mid-stream after {stats.tokens} "
+                "tokens (gateway.stream_idle_timeout_s)",
+                upstream=endpoint.name,
+            ) from None
+        raise
+    except TimeoutError:
+        raise UpstreamError(
+            f"the stream was still running after {total_s:g} s (gateway.upstream_timeout_s) "
+            f"after {stats.tokens} tokens",
+            upstream=endpoint.name,
+        ) from None
+    except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError):
+        raise UpstreamError(
+            f"the connection broke mid-stream after {stats.tokens} tokens: the engine closed "
+            "it before the end of its answer",
+            upstream=endpoint.name,
+        ) from None
+    except (aiohttp.ClientError, ConnectionError) as exc:
+        raise UpstreamError(
+            f"the connection broke mid-stream after {stats.tokens} tokens "
+            f"({type(exc).__name__}: {exc})",
+            upstream=endpoint.name,
+        ) from None
 
 
 _FINISH = re.compile(rb'"finish_reason"\s*:\s*"')

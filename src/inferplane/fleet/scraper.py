@@ -119,6 +119,24 @@ class HttpMetricsSource:
         self._paths: dict[str, tuple[str, float]] = {}  # endpoint URL -> (path, decided at)
         self._filtered: dict[str, tuple[str, str] | None] = {}  # engine -> (path, marker)
         self._reached: dict[str, bool] = {}  # endpoint URL -> whether its last GET was answered
+        # (what, endpoint) -> (since, reason) while its probe or scrape fails (`_went`)
+        self._failing: dict[tuple[str, str], tuple[float, str]] = {}
+
+    def _went(self, what: str, endpoint: Endpoint, reason: str | None) -> None:
+        """Log a change of the endpoint's probe (or scrape) between answering and not: one
+        WARNING when it starts failing, with why (connection refused, timed out, HTTP 503), and
+        one when it answers again, never one per failed try."""
+        key = (what, endpoint.name)
+        was = self._failing.get(key)
+        if reason is None:
+            if was is not None:
+                del self._failing[key]
+                log.warning("%s of %s answers again after %.1f s", what, endpoint.name,
+                            self.clock() - was[0])
+        elif was is None:
+            self._failing[key] = (self.clock(), reason)
+            log.warning("%s of %s failed: %s (logged again only when it answers)", what,
+                        endpoint.name, reason)
 
     def _deadline(self) -> contextlib.AbstractAsyncContextManager[object]:
         if self.lag is None:
@@ -160,8 +178,10 @@ class HttpMetricsSource:
                     self._reached[url] = True  # read, but it would not decode
                     return None, None
                 self._reached[url] = True
+                self._went("metrics scrape", endpoint, None)
                 return 200, text
-        except (TimeoutError, aiohttp.ClientError):
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            self._went("metrics scrape", endpoint, _why(exc, self.timeout_s))
             return None, None
 
     def unanswered(self, endpoint: Endpoint) -> bool:
@@ -234,9 +254,21 @@ class HttpMetricsSource:
                 self.session.get(url, headers=headers, timeout=self.timeout) as r,
             ):
                 await r.read()
-                return 200 <= r.status < 300
-        except (TimeoutError, aiohttp.ClientError):
+                ok = 200 <= r.status < 300
+                self._went("health probe", endpoint, None if ok else f"answered HTTP {r.status}")
+                return ok
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            self._went("health probe", endpoint, _why(exc, self.timeout_s))
             return False
+
+
+def _why(exc: BaseException, timeout_s: float) -> str:
+    """Why a probe or a scrape got no answer, in words."""
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return f"cannot connect ({exc.os_error.strerror or exc.os_error})"
+    if isinstance(exc, TimeoutError):
+        return f"no answer within {timeout_s:g} s"
+    return f"connection failed ({type(exc).__name__}: {exc})"
 
 
 class StaticMetricsSource:

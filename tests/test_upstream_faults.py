@@ -1,0 +1,386 @@
+"""What a faulty upstream does to a relayed answer (audit26 S1, S5, S6, S7, N4), through an
+in-process gateway over real HTTP on loopback, in front of a small upstream of this file's own
+that misbehaves on request:
+
+- an OpenAI-dialect stream that ends without ``data: [DONE]``, or sends a ``data:`` line that is
+  not JSON, is a stream error (the client gets an error event, the record a 502), as a
+  Messages stream without ``message_stop`` already was;
+- a stream that stalls mid-way (or sends only keep-alive comments) is cut after
+  ``gateway.stream_idle_timeout_s``;
+- a non-streamed answer over ``gateway.max_upstream_body_bytes`` is a 502 naming the limit;
+- an engine killed mid-stream is told as such (not "connection failed (ClientPayloadError)");
+- each failure leaves one WARNING naming the endpoint, the reason and the decision id, at
+  most one per endpoint per `lograte.INTERVAL_S`; a probe that stops answering, one line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from inferplane.api.app import serve
+from inferplane.api.pipeline import Gateway
+from inferplane.config.loader import parse_config
+from inferplane.dispatch.upstream import _IdleWatch
+from inferplane.lograte import LogLimiter
+from tests.builders import endpoint, pool_fleet, to_yaml
+from tests.support.fake_upstream import WAITING, health, metrics
+from tests.support.procs import free_port
+
+KEY = "sk-faults"
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+IDLE_S = 0.3
+LIMIT = 100_000  # gateway.max_upstream_body_bytes in these tests
+MODE = web.AppKey("mode", dict)  # {"mode": ...}: how the upstream misbehaves, set per test
+
+
+def _event(i: int) -> bytes:
+    return b"data: " + json.dumps({
+        "id": "x", "object": "chat.completion.chunk", "model": "m",
+        "choices": [{"index": 0, "delta": {"content": f"w{i} "}, "finish_reason": None}],
+    }).encode() + b"\n\n"
+
+
+def _huge() -> bytes:
+    """A non-streamed answer twice `LIMIT`."""
+    return json.dumps({"id": "x", "object": "chat.completion", "model": "m", "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "x" * 2 * LIMIT},
+         "finish_reason": "stop"}]}).encode()
+
+
+async def chat(request: web.Request) -> web.StreamResponse:
+    """Streams three events and ``[DONE]`` unless the mode says otherwise."""
+    mode = request.app[MODE]["mode"]
+    body = await request.json()
+    if not body.get("stream") and mode == "ok":
+        return web.json_response({"id": "x", "object": "chat.completion", "model": "m",
+                                  "choices": [{"index": 0, "finish_reason": "stop", "message": {
+                                      "role": "assistant", "content": "hi"}}]})
+    if not body.get("stream"):
+        data = _huge()
+        if mode == "huge":
+            return web.Response(body=data, content_type="application/json")
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})  # chunked
+        await resp.prepare(request)
+        for i in range(0, len(data), 8192):
+            await resp.write(data[i:i + 8192])
+        await resp.write_eof()
+        return resp
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await resp.prepare(request)
+    if mode == "comments-first":  # OpenRouter while the model works: comments, no event
+        for _ in range(10):
+            await resp.write(b": OPENROUTER PROCESSING\n\n")
+            await asyncio.sleep(IDLE_S / 5)
+    for i in range(3):
+        if mode == "garbage" and i == 1:
+            await resp.write(b"data: {not json\n\n")
+        if mode == "cut" and i == 2:
+            assert request.transport is not None
+            request.transport.close()
+            return resp
+        await resp.write(_event(i))
+    if mode == "stall":
+        await asyncio.sleep(3600)
+    if mode == "keepalive":
+        while True:
+            await resp.write(b": keep-alive\n\n")
+            await asyncio.sleep(IDLE_S / 5)
+    if mode == "nodone-after-finish":  # TGI before 2.2: a finish reason, then a clean end
+        await resp.write(b"data: " + json.dumps({
+            "id": "x", "object": "chat.completion.chunk", "model": "m",
+            "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+        }).encode() + b"\n\n")
+    elif mode != "nodone":
+        await resp.write(b"data: [DONE]\n\n")
+    await resp.write_eof()
+    return resp
+
+
+def _messages_event(e: dict[str, Any]) -> bytes:
+    return f"event: {e['type']}\ndata: {json.dumps(e)}\n\n".encode()
+
+
+async def messages(request: web.Request) -> web.StreamResponse:
+    """An Anthropic Messages stream that thinks for three idle limits (thinking events, which
+    translate to nothing, every third of one) before its text."""
+    await request.json()
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await resp.prepare(request)
+    await resp.write(_messages_event({"type": "message_start", "message": {
+        "id": "msg_1", "model": "m", "usage": {"input_tokens": 4, "output_tokens": 1}}}))
+    await resp.write(_messages_event({"type": "content_block_start", "index": 0,
+                                      "content_block": {"type": "thinking", "thinking": ""}}))
+    for _ in range(9):
+        await asyncio.sleep(IDLE_S / 3)
+        await resp.write(_messages_event({"type": "content_block_delta", "index": 0, "delta": {
+            "type": "thinking_delta", "thinking": "hmm"}}))
+    for e in (
+        {"type": "content_block_stop", "index": 0},
+        {"type": "content_block_start", "index": 1,
+         "content_block": {"type": "text", "text": ""}},
+        {"type": "content_block_delta", "index": 1, "delta": {"type": "text_delta",
+                                                              "text": "Hi"}},
+        {"type": "content_block_stop", "index": 1},
+        {"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+         "usage": {"output_tokens": 5}},
+        {"type": "message_stop"},
+    ):
+        await resp.write(_messages_event(e))
+    await resp.write_eof()
+    return resp
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[tuple[web.Application, int]]:
+    app = web.Application()
+    app[MODE], app[WAITING] = {"mode": "ok"}, 0.0
+    app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_post("/v1/messages", messages)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/health", health)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield app, port
+    finally:
+        await runner.cleanup()
+
+
+async def _gateway(endpoints: list[dict[str, Any]]) -> tuple[Gateway, web.AppRunner, str]:
+    port = free_port()
+    yaml = to_yaml(pool_fleet(
+        gateway={"port": port, "scrape_interval_s": 0.05, "health_interval_s": 0.05,
+                 "default_profile": "round-robin", "stream_idle_timeout_s": IDLE_S,
+                 "max_upstream_body_bytes": LIMIT},
+        substrate={"cost": {"hourly_usd": 3.0}}, endpoints=endpoints, key=KEY,
+    ))
+    gw = Gateway(parse_config(yaml, "f.yaml"))
+    return gw, await serve(gw, "127.0.0.1", port), f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture
+async def gateway(
+    upstream: tuple[web.Application, int],
+) -> AsyncIterator[tuple[web.Application, Gateway, str]]:
+    app, port = upstream
+    gw, runner, base = await _gateway([endpoint("up", port)])
+    try:
+        yield app, gw, base
+    finally:
+        await runner.cleanup()
+
+
+async def _post(base: str, stream: bool) -> tuple[int, dict[str, str], bytes]:
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as s,
+        s.post(f"{base}/v1/chat/completions", json={**CHAT, "stream": stream},
+               headers={"Authorization": f"Bearer {KEY}"}) as r,
+    ):
+        return r.status, dict(r.headers), await r.read()
+
+
+def _errors(body: bytes) -> list[dict[str, Any]]:
+    """The error events of an SSE body."""
+    out = []
+    for line in body.split(b"\n"):
+        if line.startswith(b"data: {"):
+            obj = json.loads(line[6:])
+            if "error" in obj:
+                out.append(obj["error"])
+    return out
+
+
+async def _record(gw: Gateway, decision_id: str) -> dict[str, Any]:
+    rec = await gw.ledger.lookup(decision_id)
+    assert rec is not None
+    return dict(rec["outcome"])
+
+
+@pytest.mark.parametrize("mode,says", [
+    ("nodone", "the stream ended without its closing DONE event (cut short upstream) after 3 "
+               "tokens"),
+    ("garbage", "sent a stream event that is not JSON: '{not json'"),
+    ("stall", f"sent no stream event for {IDLE_S:g} s mid-stream after 3 tokens "
+              "(gateway.stream_idle_timeout_s)"),
+    ("keepalive", f"sent no stream event for {IDLE_S:g} s mid-stream after 3 tokens "
+                  "(gateway.stream_idle_timeout_s)"),
+    ("cut", "the connection broke mid-stream after 2 tokens: the engine closed it before the "
+            "end of its answer"),
+])
+async def test_a_broken_stream_is_a_stream_error(
+    gateway: tuple[web.Application, Gateway, str], caplog: pytest.LogCaptureFixture,
+    mode: str, says: str,
+) -> None:
+    app, gw, base = gateway
+    app[MODE]["mode"] = mode
+    caplog.set_level(logging.WARNING, logger="inferplane.core")
+    status, headers, body = await _post(base, stream=True)
+    assert status == 200  # the head had left: the failure is told in the stream
+    errors = _errors(body)
+    assert len(errors) == 1, body
+    assert errors[0]["message"] == f"upstream 'up': {says}", errors
+    assert errors[0]["type"] == "upstream_error"
+    # what OpenAI clients see on a cut stream: an error event, no [DONE] line
+    assert b"data: [DONE]" not in body.split(b"\n"), body
+    assert b"not json" not in body.replace(b"'{not json'", b"")  # the garbage is not relayed
+    decision = headers["x-inferplane-decision-id"]
+    outcome = await _record(gw, decision)
+    assert outcome["status"] == 502 and says in outcome["error"], outcome
+    assert gw.metrics.stream_errors.labels("up")._value.get() == 1
+    lines = [r.getMessage() for r in caplog.records if r.name == "inferplane.core"]
+    assert lines == [f"upstream up failed after its first byte: {says} [decision {decision}]"]
+
+
+async def test_a_whole_stream_is_still_a_success(
+    gateway: tuple[web.Application, Gateway, str], caplog: pytest.LogCaptureFixture,
+) -> None:
+    _, gw, base = gateway
+    caplog.set_level(logging.WARNING)
+    status, headers, body = await _post(base, stream=True)
+    assert status == 200 and not _errors(body) and body.endswith(b"data: [DONE]\n\n"), body
+    assert (await _record(gw, headers["x-inferplane-decision-id"]))["status"] == 200
+    assert not caplog.records
+
+
+@pytest.mark.parametrize("mode", ["comments-first", "nodone-after-finish"])
+async def test_a_complete_stream_is_a_success(
+    gateway: tuple[web.Application, Gateway, str], caplog: pytest.LogCaptureFixture, mode: str,
+) -> None:
+    """review26 S-b: comments before the first event (OpenRouter's) do not start the idle
+    clock; S-a: a clean end after a finish reason without [DONE] (TGI before 2.2) is complete,
+    the gateway sends the [DONE], and says so once per endpoint."""
+    app, gw, base = gateway
+    app[MODE]["mode"] = mode
+    caplog.set_level(logging.INFO)
+    for _ in range(2):
+        status, headers, body = await _post(base, stream=True)
+        assert status == 200 and not _errors(body), body
+        assert body.endswith(b"data: [DONE]\n\n"), body
+        assert (await _record(gw, headers["x-inferplane-decision-id"]))["status"] == 200
+    assert gw.metrics.stream_errors.labels("up")._value.get() == 0
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    if mode == "nodone-after-finish":
+        assert len(lines) == 1 and "ends its streams without data: [DONE]" in lines[0], lines
+    else:
+        assert not lines, lines
+
+
+async def test_a_thinking_messages_stream_is_not_cut_as_idle(
+    upstream: tuple[web.Application, int],
+) -> None:
+    """review26 M-b: a Messages stream's thinking events translate to nothing, yet they are
+    the upstream's events: the idle watch hears them, and the stream is a success."""
+    _, port = upstream
+    gw, runner, base = await _gateway([endpoint("claude", url=f"http://127.0.0.1:{port}/v1",
+                                                dialect="anthropic",
+                                                health_check="passive")])
+    try:
+        status, headers, body = await _post(base, stream=True)
+        assert status == 200 and not _errors(body), body
+        assert b'"Hi"' in body and body.endswith(b"data: [DONE]\n\n"), body
+        assert (await _record(gw, headers["x-inferplane-decision-id"]))["status"] == 200
+        assert gw.metrics.stream_errors.labels("claude")._value.get() == 0
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_stall_in_a_task_already_being_cancelled_is_still_a_stall() -> None:
+    """review26 S-f: the watch takes back only its own cancellation, counted against the
+    task's cancellations pending when it was made (as asyncio.timeout does)."""
+    task = asyncio.current_task()
+    assert task is not None
+    task.cancel()  # a cancellation that was caught and not taken back
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.sleep(0)
+    assert task.cancelling() == 1
+    watch = _IdleWatch(IDLE_S)
+    watch.heard()
+    watch.reading = True
+    watch.since -= 2 * IDLE_S  # silent for longer than the limit
+    watch._check()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.sleep(0)
+    assert watch.stalled()
+    watch.close()
+    assert task.uncancel() == 0
+
+
+@pytest.mark.parametrize("mode", ["huge", "chunked"])
+async def test_a_non_streamed_answer_over_the_limit_is_a_502_naming_it(
+    gateway: tuple[web.Application, Gateway, str], mode: str,
+) -> None:
+    app, _, base = gateway
+    app[MODE]["mode"] = mode
+    status, _, body = await _post(base, stream=False)
+    assert status == 502, body
+    err = json.loads(body)["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    size = f"more than {LIMIT}" if mode == "chunked" else str(len(_huge()))
+    assert err["message"] == (f"upstream 'up': answered with a body of {size} bytes, over the "
+                              f"limit of {LIMIT} bytes (gateway.max_upstream_body_bytes)"), err
+
+
+async def test_a_dead_engine_is_logged_once_with_its_reason(
+    upstream: tuple[web.Application, int], caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An endpoint on a closed port: its failed attempt is a WARNING naming it, the reason and
+    the decision id (and the request is served elsewhere); its health probe's failure is one
+    line however many probes fail."""
+    _, port = upstream
+    dead = free_port()
+    caplog.set_level(logging.WARNING)
+    _, runner, base = await _gateway([
+        endpoint("dead", dead, health_check="passive"), endpoint("probed", free_port()),
+        endpoint("up", port),
+    ])
+    try:
+        for _ in range(4):  # round robin: "dead" is tried, fails, the request goes to "up"
+            status, headers, _ = await _post(base, stream=False)
+            assert status == 200 and headers["x-inferplane-endpoint"] == "up"
+        await asyncio.sleep(0.3)  # several probe rounds of "probed"
+    finally:
+        await runner.cleanup()
+    lines = [r.getMessage() for r in caplog.records]
+    attempts = [m for m in lines if m.startswith("upstream dead failed before its first byte")]
+    assert len(attempts) == 1, lines
+    assert "(connect): cannot connect (" in attempts[0], attempts
+    assert "[decision " in attempts[0] and ", attempt 1]" in attempts[0]
+    probes = [m for m in lines if m.startswith("health probe of probed failed")]
+    assert probes == [probes[0]] and "cannot connect" in probes[0], lines
+
+
+def test_the_log_limiter_lets_one_line_per_key_per_interval() -> None:
+    class Clock:
+        t = 0.0
+
+        def __call__(self) -> float:
+            return self.t
+
+    clock = Clock()
+    seen: list[str] = []
+
+    class Log(logging.Logger):
+        def warning(self, msg: object, *args: Any, **kw: Any) -> None:  # type: ignore[override]
+            seen.append(str(msg) % args)
+
+    limiter = LogLimiter(Log("t"), 30.0, clock)
+    assert limiter.warn("a", "a failed %d", 1)
+    assert not limiter.warn("a", "a failed %d", 2)
+    assert limiter.warn("b", "b failed %d", 1)  # per key
+    clock.t = 29.0
+    assert not limiter.warn("a", "a failed %d", 3)
+    clock.t = 31.0
+    assert limiter.warn("a", "a failed %d", 4)
+    assert seen == ["a failed 1", "b failed 1",
+                    "a failed 4 (2 more like it on a in the last 31 s not logged)"]
