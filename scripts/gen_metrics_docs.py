@@ -66,9 +66,9 @@ LABELS: dict[str, str] = {
     ),
     "inferplane_responses_total:code": (
         "the HTTP status the client got, as sent (`200`, `400`, `401`, `403`, `404`, `405`, "
-        "`408`, `413`, `429`, `500`, `502`, `503`, an engine's own status passed through on a "
-        "non-streamed answer), except `502`/`500` for a stream that ended in an error event "
-        "after its 200 head and `499` for a client that left before its answer ended"
+        "`408`, `413`, `415`, `429`, `500`, `502`, `503`, an engine's own status passed "
+        "through on a non-streamed answer), except `502`/`500` for a stream that ended in an "
+        "error event after its 200 head and `499` for a client that left before its answer ended"
     ),
     "endpoint": "an endpoint's `name` in the fleet file",
     "substrate": "a substrate's (pool's) `name` in the fleet file",
