@@ -9,13 +9,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
-import grpc
 import pytest
-from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from inferplane.config.loader import parse_config
@@ -24,23 +21,14 @@ from inferplane.errors import ConfigError
 from inferplane.fleet.scraper import StaticMetricsSource
 from tests.support.procs import free_port
 from tests.test_epp_stream import body, error_of, exchange, fleet_config, headers
+from tests.test_epp_stream import picker as stream_picker
 
 
-@contextlib.asynccontextmanager
-async def picker(metrics_port: int | None) -> AsyncIterator[tuple[Picker, Any]]:
+def picker(metrics_port: int | None) -> contextlib.AbstractAsyncContextManager[
+        tuple[Picker, Any]]:
+    """test_epp_stream's picker with ``epp.metrics_port`` set where given."""
     epp: dict[str, Any] = {} if metrics_port is None else {"metrics_port": metrics_port}
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("EPP_TEST_KEY", "sk-hosted")
-        p = Picker(parse_config(fleet_config(epp=epp)), metrics_source=StaticMetricsSource())
-    port = free_port()
-    server, _ = await serve(p, "127.0.0.1", port)
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    try:
-        yield p, pb_grpc.ExternalProcessorStub(channel)
-    finally:
-        await channel.close()
-        await server.stop(0)
-        await p.stop()
+    return stream_picker(fleet_config(epp=epp))
 
 
 def _samples(page: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
