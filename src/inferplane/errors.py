@@ -24,6 +24,7 @@ and the problem, and the CLI prints it without a stack trace.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Protocol, Self
 
@@ -193,6 +194,17 @@ class StoreUnavailableError(GatewayError):
     status = 503
     error_type = "service_unavailable"
     code = "store_unavailable"
+
+    @classmethod
+    def retry_after(cls, store: str, what: str, retry_after_s: float) -> Self:
+        """``store`` (what is wrong with it) keeps ``what`` from being checked now: the answer
+        names both and says when to retry, ``retry_after_s`` rounded up to whole seconds, at
+        least 1, in the message and in ``Retry-After``."""
+        wait = max(1, math.ceil(retry_after_s))
+        return cls(
+            f"{store}, so {what} cannot be checked now; retry after {wait} s",
+            headers={"Retry-After": str(wait)},
+        )
 
 
 class ConfigError(Exception):

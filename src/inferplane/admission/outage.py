@@ -44,7 +44,6 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import math
 import os
 import time
 from collections import deque
@@ -122,11 +121,8 @@ class OutageStore:
         return self.down_since is None
 
     def _unavailable(self, what: str) -> StoreUnavailableError:
-        wait = max(1, math.ceil(self.retry_after_s))
-        return StoreUnavailableError(
-            f"the shared admission store (Redis) is unreachable, so {what} cannot be checked "
-            f"now; retry after {wait} s",
-            headers={"Retry-After": str(wait)},
+        return StoreUnavailableError.retry_after(
+            "the shared admission store (Redis) is unreachable", what, self.retry_after_s
         )
 
     def _failed(self, exc: BaseException) -> None:

@@ -41,7 +41,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import sqlite3
 import time
 from collections import deque
@@ -292,11 +291,8 @@ class SqliteStore(MemoryStore):
             )
 
     def _unavailable(self, what: str) -> StoreUnavailableError:
-        wait = max(1, math.ceil(self.retry_after_s))
-        return StoreUnavailableError(
-            f"the admission store ({self.path}) cannot be written, so {what} cannot be checked "
-            f"now; retry after {wait} s",
-            headers={"Retry-After": str(wait)},
+        return StoreUnavailableError.retry_after(
+            f"the admission store ({self.path}) cannot be written", what, self.retry_after_s
         )
 
     def _ensure_retrier(self) -> None:
