@@ -1,5 +1,7 @@
 """`gateway.send_bursts_together` (`dispatch.turns.TurnGate`): the requests of a burst are all
-placed before any is sent upstream; a lone request is sent one turn of the loop later."""
+placed before any is sent upstream, each engine's shared-prefix leaders and short prompts first;
+a lone request is sent one turn of the loop later. Only requests the HTTP gateway sends to an
+engine that batches are held: not provider APIs, the batch lane nor the simulator."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 from aiohttp import web
@@ -14,9 +17,18 @@ from aiohttp import web
 from inferplane.api.app import serve
 from inferplane.api.pipeline import Gateway
 from inferplane.config.loader import parse_config
-from inferplane.dispatch.turns import TurnGate
+from inferplane.dispatch.turns import Held, TurnGate, release_order
+from inferplane.fleet.model import Endpoint, Fleet
+from inferplane.twin.simulator.simulator import simulate
+from tests.builders import model, pool_fleet, to_yaml
 from tests.support.procs import free_port
+from tests.test_batch_api import Env as BatchEnv
+from tests.test_batch_api import Upstream as BatchUpstream
+from tests.test_batch_api import jsonl, line
+from tests.test_batch_api import start as start_batch
 from tests.test_dispatch_gate import KEY, HeldUpstream, config
+from tests.test_simulator_pipeline import fleet as sim_fleet
+from tests.test_simulator_pipeline import trace as sim_trace
 
 # -- the gate alone -------------------------------------------------------------------------
 
@@ -74,6 +86,89 @@ async def test_a_cancelled_caller_does_not_hold_up_the_others() -> None:
     first.cancel()
     await asyncio.wait_for(second, 5)  # a liveness bound
     assert first.cancelled() and second.done() and not second.cancelled()
+
+
+def _held(*spec: tuple[str, float, str | None]) -> list[Held]:
+    """(endpoint, cost, first block) in arrival order, standard priority."""
+    return [Held(ep, cost, prefix, 1, i) for i, (ep, cost, prefix) in enumerate(spec)]
+
+
+def _seqs(held: list[Held]) -> list[int]:
+    return [h.seq for h in release_order(held)]
+
+
+def test_release_order_is_least_uncached_first_ties_in_arrival() -> None:
+    assert _seqs(_held(("a", 900, None), ("a", 64, None), ("b", 900, None), ("a", 0, None),
+                       ("b", 64, None))) == [3, 1, 4, 0, 2]
+
+
+def test_a_prefix_leader_goes_before_its_followers() -> None:
+    """Placement counts a shared prefix as uncached for the first request of the burst that
+    carries it (the leader: it computes the prefix) and as cached for the rest. The followers'
+    small counts do not send them ahead of the leader, nor ahead of an unrelated prompt shorter
+    than the leader's: the family's work counts at the leader."""
+    order = _seqs(_held(
+        ("a", 500, "P"),   # 0: leader of P on a
+        ("a", 700, None),  # 1: unrelated, longer than the leader
+        ("a", 20, "P"),    # 2: follower of 0
+        ("a", 300, None),  # 3: unrelated, shorter than the leader
+        ("a", 600, "P"),   # 4: follower of 0 with a longer suffix than the leader's prompt
+        ("b", 10, "P"),    # 5: the same prefix on another engine: a family of its own
+    ))
+    assert order == [5, 3, 0, 2, 4, 1]
+
+
+def test_a_family_goes_at_its_most_urgent_members_band() -> None:
+    held = [Held("a", 10, None, 1, 0), Held("a", 500, "P", 1, 1), Held("a", 5, "P", 0, 2),
+            Held("a", 1, None, 2, 3)]
+    # the critical follower pulls its leader ahead of the standard short prompt; sheddable last
+    assert [h.seq for h in release_order(held)] == [1, 2, 0, 3]
+
+
+async def test_a_group_goes_out_in_release_order() -> None:
+    gate, log = TurnGate(), list[int]()
+
+    async def one(i: int, cost: float, prefix: str | None = None) -> None:
+        await gate.wait("a", cost, prefix)
+        log.append(i)
+
+    await asyncio.gather(one(0, 900), one(1, 64), one(2, 500, "P"), one(3, 0), one(4, 5, "P"))
+    assert log == [3, 1, 2, 4, 0]
+    assert (gate.groups, gate.held) == (1, 5)
+    assert gate.reordered == 4  # 0, 1, 2 and 4 resumed before their turn and waited
+
+
+async def test_a_caller_out_of_order_waits_one_turn_more() -> None:
+    gate = TurnGate()
+    loop = asyncio.get_running_loop()
+    turns = [0]
+    took: dict[str, int] = {}
+
+    def tick() -> None:  # one call per turn of the loop
+        turns[0] += 1
+        if turns[0] < 10:
+            loop.call_soon(tick)
+
+    async def one(name: str, cost: float) -> None:
+        start = turns[0]
+        await gate.wait("a", cost)
+        took[name] = turns[0] - start
+
+    loop.call_soon(tick)
+    await asyncio.sleep(0)  # the ticker is running
+    await asyncio.gather(one("long", 900), one("short", 10))
+    assert took == {"short": 1, "long": 2}
+
+
+async def test_a_cancelled_caller_lets_the_next_in_order_go() -> None:
+    """The first in release order is cancelled while the others wait for it: they go."""
+    gate = TurnGate()
+    long = asyncio.create_task(gate.wait("a", 900))
+    short = asyncio.create_task(gate.wait("a", 10))
+    await asyncio.sleep(0)  # both are at the gate, one group
+    short.cancel()
+    await asyncio.wait_for(long, 5)  # a liveness bound
+    assert short.cancelled() and not long.cancelled()
 
 
 def test_a_gate_left_by_a_closed_loop_still_works_on_the_next() -> None:
@@ -156,6 +251,139 @@ async def test_a_burst_is_placed_whole_before_any_request_is_sent(
     assert (gw.turn_gate.groups, gw.turn_gate.held) == (1, 4)
 
 
+async def _sent_order(up: HeldUpstream, prompts: list[str], monkeypatch: pytest.MonkeyPatch,
+                      priority: str | None = None) -> tuple[list[str], Gateway]:
+    """Open one request per prompt, queued in one turn of the loop (placed in the order given):
+    the prompts in the order they were handed to the upstream client."""
+    gw = Gateway(parse_config(_config(up.port, True)))
+    runner = await serve(gw, "127.0.0.1", free_port())
+    sent: list[str] = []
+    dispatch = gw.dispatcher.open
+
+    async def logged(endpoint: Any, path: str, body: bytes, **kw: Any) -> Any:
+        sent.append(orjson.loads(body)["messages"][-1]["content"])
+        return await dispatch(endpoint, path, body, **kw)
+
+    monkeypatch.setattr(gw.dispatcher, "open", logged)
+    try:
+        tenant = gw.authenticate(f"Bearer {KEY}")
+        bodies = [{"model": "m", "max_tokens": 5,
+                   "messages": [{"role": "user", "content": p}]} for p in prompts]
+        profiles = [gw.classify("chat", b, {}, tenant) for b in bodies]
+        if priority is not None:
+            profiles = [p.with_(priority=priority) for p in profiles]
+        attempts = await asyncio.gather(*(
+            gw.open("chat", p, orjson.dumps(b)) for p, b in zip(profiles, bodies, strict=True)))
+        for a in attempts:
+            await a.response.response.read()
+            a.reservation.release()
+        assert sorted(up.arrived) == sorted(prompts)
+    finally:
+        await runner.cleanup()
+    return sent, gw
+
+
+async def test_a_burst_is_sent_least_uncached_first(
+    upstream: HeldUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The burst's prompts (placed in the order given) are handed to the upstream client
+    shortest first: the engine's first step is not taken by a long prefill placed ahead of
+    short ones."""
+    prompts = [" ".join([f"w{i}"] * n) for i, n in enumerate((400, 20, 900, 5, 20))]
+    sent, gw = await _sent_order(upstream, prompts, monkeypatch)
+    assert sent == [prompts[i] for i in (3, 1, 4, 0, 2)]
+    assert (gw.turn_gate.groups, gw.turn_gate.held) == (1, 5)
+
+
+async def test_a_shared_prefix_is_sent_by_its_leader_first(
+    upstream: HeldUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three prompts share a long prefix: placement counts it uncached for the first placed
+    (the leader) and cached behind it for the other two. The leader goes before them (they
+    reuse what it computes), the short unrelated prompt before all three, the long unrelated
+    one after them."""
+    shared = " ".join(f"s{k}" for k in range(600))
+    prompts = [shared + " one", " ".join(["x"] * 1500), shared + " two", "short",
+               shared + " three"]
+    sent, _ = await _sent_order(upstream, prompts, monkeypatch)
+    assert sent == [prompts[i] for i in (3, 0, 2, 4, 1)]
+
+
+async def test_batch_priority_requests_are_not_held(
+    upstream: HeldUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    prompts = [" ".join([f"w{i}"] * n) for i, n in enumerate((400, 20, 5))]
+    sent, gw = await _sent_order(upstream, prompts, monkeypatch, priority="batch")
+    assert sent == prompts  # in the order placed, none at the gate
+    assert gw.turn_gate.held == 0
+
+
+async def test_requests_for_a_provider_api_are_not_held(
+    upstream: HeldUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hosted API has no engine step for a burst to join: its requests go as placed."""
+    gw = Gateway(parse_config(to_yaml(pool_fleet(
+        upstream.port, key=KEY, substrate={"kind": "provider-api", "hardware": "provider-api"},
+        models=[model(max_context=4096)], endpoint_fields={"name": "up", "max_concurrency": 8},
+        gateway={"scrape_interval_s": 0.05, "seed": 1, "send_bursts_together": True}))))
+    assert not gw.fleet.endpoints[0].joins_steps
+    runner = await serve(gw, "127.0.0.1", free_port())
+    try:
+        tenant = gw.authenticate(f"Bearer {KEY}")
+        bodies = [{"model": "m", "max_tokens": 5,
+                   "messages": [{"role": "user", "content": f"p {i}"}]} for i in range(3)]
+        profiles = [gw.classify("chat", b, {}, tenant) for b in bodies]
+        attempts = await asyncio.gather(*(
+            gw.open("chat", p, orjson.dumps(b)) for p, b in zip(profiles, bodies, strict=True)))
+        for a in attempts:
+            await a.response.response.read()
+            a.reservation.release()
+    finally:
+        await runner.cleanup()
+    assert len(upstream.arrived) == 3
+    assert gw.turn_gate.held == 0
+
+
+def test_which_endpoints_join_steps() -> None:
+    def ep(kind: str, engine: str) -> Endpoint:
+        hardware = {"gpu": "h100"}.get(kind, kind)
+        cfg = parse_config(to_yaml(pool_fleet(
+            1, substrate={"kind": kind, "hardware": hardware},
+            endpoint_fields={"name": "up", "engine": engine})))
+        return Fleet.from_config(cfg).endpoints[0]
+
+    assert ep("gpu", "vllm").joins_steps and ep("cpu", "sglang").joins_steps
+    assert not ep("gpu", "openai-compatible").joins_steps
+    assert not ep("provider-api", "vllm").joins_steps
+
+
+async def test_the_batch_lane_is_not_held() -> None:
+    up = BatchUpstream()
+    up_runner = web.AppRunner(up.app())
+    await up_runner.setup()
+    up.port = free_port()
+    await web.TCPSite(up_runner, "127.0.0.1", up.port).start()
+    gw, runner, base = await start_batch(up, {"send_bursts_together": True})
+    async with aiohttp.ClientSession() as http:
+        env = BatchEnv(up, base, gw, runner, http)
+        try:
+            b = await env.create(jsonl(line("r1"), line("r2"), line("r3")))
+            done = await env.wait(b["id"], "completed")
+            assert done["request_counts"]["completed"] == 3
+        finally:
+            await env.runner.cleanup()
+            await up_runner.cleanup()
+    assert gw.turn_gate.held == 0
+
+
+def test_the_simulator_is_not_held() -> None:
+    """The simulator's virtual clock has no burst read in one poll to gather."""
+    sim = simulate(sim_fleet(gateway={"send_bursts_together": True}), sim_trace(6, 0.0),
+                   "least-request", seed=1)
+    assert all(r.status == 200 for r in sim.records)
+    assert sim.core.turn_gate.held == 0
+
+
 async def test_without_it_each_request_is_sent_as_soon_as_it_is_placed(
     upstream: HeldUpstream, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -175,7 +403,7 @@ async def test_a_request_cancelled_at_the_gate_is_released_and_recorded(
     reached, shut = asyncio.Event(), asyncio.Event()
     sent: list[object] = []
 
-    async def at_gate(gate: TurnGate) -> None:
+    async def at_gate(gate: TurnGate, *args: Any) -> None:
         reached.set()
         await shut.wait()  # never set
 

@@ -108,7 +108,7 @@ class Gateway(Core):
                 first = await Dispatcher.first_chunk(endpoint, resp, left, self.lag, cap_left)
             return Opened(resp, first)
 
-        return await self.open_with(profile, send, ticket)
+        return await self.open_with(profile, send, ticket, gather=True)
 
     async def complete(self, attempt: Attempt, started: float) -> bytes:
         """Read a non-streamed answer whole and account it (`read_answer`, then

@@ -191,6 +191,7 @@ class Core:
         self.metrics.loop_lost.count_from(lambda: self.lag.lost_now())
         self.metrics.send_gate_requests.count_from(lambda: self.turn_gate.held)
         self.metrics.send_gate_groups.count_from(lambda: self.turn_gate.groups)
+        self.metrics.send_gate_reordered.count_from(lambda: self.turn_gate.reordered)
         self.admission = Admission(
             config,
             self.live,
@@ -906,6 +907,8 @@ class Core:
         profile: RequestProfile,
         send: Callable[[Endpoint, float | None], Awaitable[R]],
         ticket: Ticket | None = None,
+        *,
+        gather: bool = False,
     ) -> Attempt[R]:
         """Place, reserve and ``send`` to the pick with its first-byte timeout
         (`first_byte_timeout`), re-placing after a failure before the first byte (``send``
@@ -913,8 +916,11 @@ class Core:
         ``gateway.max_replacements`` times, each drawing on the retry budget
         (`admission.retry.RetryBudget`); a re-placement avoids the failed endpoints and, where
         it can, their failure domains and zones (the ``failure-domain`` filter). With
-        ``gateway.send_bursts_together`` a placed request waits at `turn_gate` for the rest of
-        its burst to be placed before it is sent (`dispatch.turns`)."""
+        ``gateway.send_bursts_together`` and ``gather`` (the HTTP gateway's requests; not the
+        batch lane's nor the simulator's), a request placed on an engine that batches
+        (`Endpoint.joins_steps`: not a provider API) with a priority above ``batch`` waits at
+        `turn_gate` for the rest of its burst to be placed, then goes out in the burst's
+        release order (`dispatch.turns`)."""
         failed: list[str] = []
         await self.recall_session(profile)
         self.admission.retry_budget.record_request()
@@ -945,9 +951,23 @@ class Core:
             assert view is not None
             trace = placement.trace
             try:
-                if self.config.gateway.send_bursts_together:
-                    # the rest of a burst is placed before this one goes out (dispatch.turns)
-                    await self.turn_gate.wait()
+                if (
+                    gather
+                    and self.config.gateway.send_bursts_together
+                    and view.endpoint.joins_steps
+                    and profile.priority != "batch"
+                ):
+                    # the rest of a burst is placed before this one goes out: each engine's
+                    # prefix leaders and short prompts first (dispatch.turns)
+                    # the first prompt block: the engine's token block where the gateway
+                    # knows it, else the learned index's block of text (a chat prompt)
+                    hashes = profile.engine_block_hashes or profile.block_hashes
+                    await self.turn_gate.wait(
+                        view.name,
+                        reservation.prefill_tokens,
+                        hashes[0] if hashes else None,
+                        profile.priority,
+                    )
                 trace.upstream_started(view.endpoint, profile.model)
                 resp = await send(view.endpoint, self.first_byte_timeout(decision))
             except UpstreamAttemptFailed as exc:

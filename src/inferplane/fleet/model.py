@@ -80,6 +80,14 @@ class Endpoint:
             return self.spec.scrape_metrics
         return self.substrate.kind != "provider-api"
 
+    @cached_property
+    def joins_steps(self) -> bool:
+        """Whether requests sent together join one engine step: a self-hosted vLLM or SGLang
+        engine (continuous batching), not a provider API nor another OpenAI-compatible server
+        whose batching the gateway does not know (`gateway.send_bursts_together` holds only
+        requests for these)."""
+        return self.substrate.kind != "provider-api" and self.spec.engine in ("vllm", "sglang")
+
     def api_url(self, path: str) -> str:
         """The upstream URL of an API path such as ``/v1/chat/completions``: the endpoint URL
         with the path appended, except that a base path ending in ``/v1`` (as hosted APIs'
