@@ -959,13 +959,13 @@ class Core:
                 ):
                     # the rest of a burst is placed before this one goes out: each engine's
                     # prefix leaders and short prompts first (dispatch.turns)
-                    # the first prompt block: the engine's token block where the gateway
-                    # knows it, else the learned index's block of text (a chat prompt)
-                    hashes = profile.engine_block_hashes or profile.block_hashes
+                    # the prompt's block chain: the engine's token blocks where the gateway
+                    # knows them, else the learned index's blocks of text (a chat prompt)
                     await self.turn_gate.wait(
                         view.name,
                         reservation.prefill_tokens,
-                        hashes[0] if hashes else None,
+                        profile.prompt_tokens,
+                        profile.engine_block_hashes or profile.block_hashes,
                         profile.priority,
                     )
                 trace.upstream_started(view.endpoint, profile.model)

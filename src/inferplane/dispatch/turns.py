@@ -12,15 +12,15 @@ before any of them is scheduled (docs/benchmarks.md, session 26). With
 handler queued in this one, so the requests whose handlers ran in one turn (a group) are all
 placed first and then sent back to back, and an engine takes its share of them into one step.
 
-The group goes out in this order (`release_order`): requests to one engine that share their
-first prompt block form a family whose **leader** is the one placed first (placement counted the
-shared prefix as uncached for it alone, and the rest as cached behind it: the leader computes the
-prefix); each request's key is the larger of its own uncached prompt tokens and its leader's, so
-a leader goes before its followers and a family's work counts where it is computed, and the
-group goes out by priority band (a family takes its most urgent member's), then key, then the
-order placed. An engine schedules first come, first served, filling a step's token budget front
-to back: short prompts get their first token in the first step instead of behind a long prefill
-placed before them, and a follower never goes ahead of the prefix it reuses.
+The group goes out in this order (`release_order`): a request that reuses the head of an earlier
+request's prompt to the same engine beyond what that one had cached when placed (placement
+counted those blocks as uncached for the first and as cached behind it for the later one: the
+first computes them) goes after it, keyed no lower; otherwise the least uncached prompt tokens
+first, within priority bands (a family goes at its most urgent member's band), ties in the order
+placed. An engine schedules first come, first served, filling a step's token budget front to
+back: short prompts get their first token in the first step instead of behind a long prefill
+placed before them, and a request never goes ahead of the prefix it reuses. A head that every
+prompt shares and the engine holds already (a system prompt) ties nobody.
 
 A request resumes in the next turn and goes at once when every request ordered before it has
 gone (a lone request, or a group already in order, costs one turn of the loop, as before
@@ -44,37 +44,53 @@ from inferplane.admission.queue import BANDS
 
 class Held:
     """One request at the gate: its engine, the uncached prompt tokens placement expects there
-    (``cost``), its first prompt block's hash (``prefix``, None: none), its priority band and
-    its place in arrival order."""
+    (``cost``), its prompt's tokens and block hash chain (``hashes``: each hash names the whole
+    prefix up to its block), its priority band and its place in arrival order."""
 
-    __slots__ = ("band", "cost", "endpoint", "future", "gone", "prefix", "seq")
+    __slots__ = ("band", "cost", "endpoint", "future", "gone", "hashes", "seq", "tokens")
 
-    def __init__(self, endpoint: str, cost: float, prefix: Hashable | None, band: int,
-                 seq: int) -> None:
-        self.endpoint, self.cost, self.prefix, self.band, self.seq = (
-            endpoint, cost, prefix, band, seq)
+    def __init__(self, endpoint: str, cost: float, tokens: int,
+                 hashes: Sequence[Hashable], band: int, seq: int) -> None:
+        self.endpoint, self.cost, self.tokens, self.hashes, self.band, self.seq = (
+            endpoint, cost, tokens, hashes, band, seq)
         self.future: asyncio.Future[None] | None = None  # set while it waits for its turn
         self.gone = False
 
 
 def release_order(held: Sequence[Held]) -> list[Held]:
-    """``held`` (in arrival order) in the order they are sent: by (the family's most urgent
-    band, max(own cost, the family leader's cost), arrival), a family being the requests to
-    one endpoint with the same first prompt block, led by the first of them to arrive."""
-    leaders: dict[tuple[str, Hashable], Held] = {}
-    band: dict[int, int] = {}  # the leader's seq → the family's most urgent band
-    lead: list[Held] = []
+    """``held`` (in arrival order) in the order they are sent.
+
+    A request **reuses** an earlier one of the group when both go to one endpoint and share
+    more of their prompts' heads than the earlier one had cached when placed (the blocks it
+    computes, placement having counted them cached for the later one): it must go after it. Its
+    key is the larger of its own uncached tokens and that request's key, and it takes its band
+    from the family's first request (the most urgent of the family's). The group goes by (band,
+    key, arrival). A head that every prompt shares and the engine holds already (a common
+    system prompt) makes nobody wait."""
+    first: dict[tuple[str, Hashable], Held] = {}  # (endpoint, block hash) -> first to carry it
+    key: dict[int, float] = {}
+    root: dict[int, int] = {}  # seq -> the seq of the family's first request
+    band: dict[int, int] = {}  # a family's first request's seq -> the family's band
     for h in held:
-        leader = h
-        if h.prefix is not None:
-            leader = leaders.setdefault((h.endpoint, h.prefix), h)
-        lead.append(leader)
-        band[leader.seq] = min(band.get(leader.seq, h.band), h.band)
-    keyed = sorted(
-        zip(held, lead, strict=True),
-        key=lambda p: (band[p[1].seq], max(p[0].cost, p[1].cost), p[0].seq),
-    )
-    return [h for h, _ in keyed]
+        k, r, hs, ep = h.cost, h.seq, h.hashes, h.endpoint
+        lo, hi = 0, len(hs)  # the blocks h shares with an earlier request: a chain's prefix
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if (ep, hs[mid - 1]) in first:
+                lo = mid
+            else:
+                hi = mid - 1
+        if lo:
+            lead = first[(ep, hs[lo - 1])]
+            per_block = lead.tokens / len(lead.hashes)
+            if lo * per_block > lead.tokens - lead.cost + per_block / 2:
+                k = max(k, key[lead.seq])
+                r = root[lead.seq]
+        key[h.seq], root[h.seq] = k, r
+        band[r] = min(band.get(r, h.band), h.band)
+        for x in hs:
+            first.setdefault((ep, x), h)
+    return sorted(held, key=lambda h: (band[root[h.seq]], key[h.seq], h.seq))
 
 
 class _Group:
@@ -143,7 +159,8 @@ class TurnGate:
         self,
         endpoint: str = "",
         cost: float = 0.0,
-        prefix: Hashable | None = None,
+        tokens: int = 0,
+        hashes: Sequence[Hashable] = (),
         priority: str = "standard",
     ) -> None:
         self.held += 1
@@ -157,7 +174,7 @@ class TurnGate:
         group = self._group
         self._seq += 1
         band = BANDS.index(priority) if priority in BANDS else 1
-        h = Held(endpoint, cost, prefix, band, self._seq)
+        h = Held(endpoint, cost, tokens, hashes, band, self._seq)
         group.held.append(h)
         try:
             await asyncio.sleep(0)  # resumes next turn, behind the handlers queued in this one
