@@ -355,14 +355,12 @@ class GatewaySpec(Strict):
         "gateway's event loop before it is sent, behind the requests queued with it: the "
         "requests read together (a burst on kept-alive connections, with no admission step "
         "that waits) are all placed, then sent back to back, so an engine takes its share of "
-        "them into one step instead of starting a step with the first alone. They go out "
-        "with each engine's shared-prefix leaders before the requests that reuse the prefix "
-        "and, otherwise, the least uncached prompt first within each priority band (engines "
-        "schedule first come, first served); a request sent out of the order placed waits "
-        "one more loop turn (inferplane_send_gate_reordered_total). Requests read in "
-        "successive polls (new connections) or held in admission go in smaller groups; "
-        "batch-priority requests, the batch lane, the simulator and inferplane epp (Envoy "
-        "sends) are never held. false: each request is sent as soon as it is placed",
+        "them into one step instead of starting a step with the first alone, in the order "
+        "placed (the first requests of a burst go out only after the last is placed: about "
+        "a millisecond a request). Requests read in successive polls (new connections) or "
+        "held in admission go in smaller groups; batch-priority requests, the batch lane, "
+        "the simulator and inferplane epp (Envoy sends) are never held. false: each request "
+        "is sent as soon as it is placed",
     )
     connect_timeout_s: float = Field(2.0, gt=0)
     upstream_timeout_s: float = Field(600.0, gt=0, description="whole-request upstream limit")

@@ -191,7 +191,6 @@ class Core:
         self.metrics.loop_lost.count_from(lambda: self.lag.lost_now())
         self.metrics.send_gate_requests.count_from(lambda: self.turn_gate.held)
         self.metrics.send_gate_groups.count_from(lambda: self.turn_gate.groups)
-        self.metrics.send_gate_reordered.count_from(lambda: self.turn_gate.reordered)
         self.admission = Admission(
             config,
             self.live,
@@ -919,8 +918,8 @@ class Core:
         ``gateway.send_bursts_together`` and ``gather`` (the HTTP gateway's requests; not the
         batch lane's nor the simulator's), a request placed on an engine that batches
         (`Endpoint.joins_steps`: not a provider API) with a priority above ``batch`` waits at
-        `turn_gate` for the rest of its burst to be placed, then goes out in the burst's
-        release order (`dispatch.turns`)."""
+        `turn_gate` for the rest of its burst to be placed before it is sent
+        (`dispatch.turns`)."""
         failed: list[str] = []
         await self.recall_session(profile)
         self.admission.retry_budget.record_request()
@@ -957,17 +956,8 @@ class Core:
                     and view.endpoint.joins_steps
                     and profile.priority != "batch"
                 ):
-                    # the rest of a burst is placed before this one goes out: each engine's
-                    # prefix leaders and short prompts first (dispatch.turns)
-                    # the prompt's block chain: the engine's token blocks where the gateway
-                    # knows them, else the learned index's blocks of text (a chat prompt)
-                    await self.turn_gate.wait(
-                        view.name,
-                        reservation.prefill_tokens,
-                        profile.prompt_tokens,
-                        profile.engine_block_hashes or profile.block_hashes,
-                        profile.priority,
-                    )
+                    # the rest of a burst is placed before this one goes out (dispatch.turns)
+                    await self.turn_gate.wait()
                 trace.upstream_started(view.endpoint, profile.model)
                 resp = await send(view.endpoint, self.first_byte_timeout(decision))
             except UpstreamAttemptFailed as exc:

@@ -333,12 +333,6 @@ class GatewayMetrics:
             "inferplane_send_gate_groups_total",
             "Groups of requests sent together: requests / groups is the mean group",
         )
-        self.send_gate_reordered = SourcedCounter(
-            "inferplane_send_gate_reordered_total",
-            "Requests at the send gate that waited one more turn of the event loop for a "
-            "request of their burst ordered before them (a prefix leader, a shorter prompt, a "
-            "more urgent band) to be sent first",
-        )
         # a plain int of the dispatcher (one compare per streamed chunk), set at scrape time
         self.streams_relayed = Gauge(
             "inferplane_streams_relayed",
