@@ -26,8 +26,8 @@ from inferplane.api.pipeline import Gateway
 from inferplane.config.loader import parse_config
 from inferplane.telemetry.metrics import GatewayMetrics, created_series
 from tests import test_send_gate
+from tests.support.held_upstream import KEY, HeldUpstream, config
 from tests.support.procs import free_port
-from tests.test_dispatch_gate import KEY, HeldUpstream, config
 
 TOTALS = {  # exposed name -> GatewayMetrics attribute
     "inferplane_event_loop_lag_seconds_total": "loop_lost",

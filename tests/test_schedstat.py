@@ -25,8 +25,8 @@ from inferplane.config.loader import parse_config
 from inferplane.telemetry.metrics import GatewayMetrics
 from inferplane.telemetry.schedstat import ProcessWait, Schedstat, ThreadSchedstat, parse
 from tests import test_send_gate
+from tests.support.held_upstream import KEY, HeldUpstream, config
 from tests.support.procs import free_port
-from tests.test_dispatch_gate import KEY, HeldUpstream, config
 from tests.test_metric_counters import _total, _types
 
 LOOP = ("inferplane_event_loop_cpu_seconds_total",

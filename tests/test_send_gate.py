@@ -1,7 +1,7 @@
 """`gateway.send_bursts_together` (`dispatch.turns.TurnGate`): the requests of a burst are all
 placed before any is sent upstream; a lone request is sent one turn of the loop later. Only
-requests the HTTP gateway sends to an engine that batches are held: not provider APIs,
-batch-priority requests, the batch lane nor the simulator."""
+requests the HTTP gateway sends to a self-hosted engine are held, whatever their priority: not
+those for provider APIs, the batch lane nor the simulator."""
 
 from __future__ import annotations
 
@@ -21,14 +21,14 @@ from inferplane.dispatch.turns import TurnGate
 from inferplane.fleet.model import Endpoint, Fleet
 from inferplane.twin.simulator.simulator import simulate
 from tests.builders import model, pool_fleet, to_yaml
+from tests.support.batch_lane import Env as BatchEnv
+from tests.support.batch_lane import Upstream as BatchUpstream
+from tests.support.batch_lane import jsonl, line
+from tests.support.batch_lane import start as start_batch
+from tests.support.held_upstream import KEY, HeldUpstream, config
 from tests.support.procs import free_port
-from tests.test_batch_api import Env as BatchEnv
-from tests.test_batch_api import Upstream as BatchUpstream
-from tests.test_batch_api import jsonl, line
-from tests.test_batch_api import start as start_batch
-from tests.test_dispatch_gate import KEY, HeldUpstream, config
-from tests.test_simulator_pipeline import fleet as sim_fleet
-from tests.test_simulator_pipeline import trace as sim_trace
+from tests.support.sim_fleet import fleet as sim_fleet
+from tests.support.sim_fleet import trace as sim_trace
 
 # -- the gate alone -------------------------------------------------------------------------
 
@@ -123,11 +123,13 @@ async def upstream() -> AsyncIterator[HeldUpstream]:
         await runner.cleanup()
 
 
-async def _burst(up: HeldUpstream, together: bool, n: int,
-                 monkeypatch: pytest.MonkeyPatch) -> tuple[list[str], Gateway]:
-    """Open ``n`` requests queued in one turn of the loop; the order in which they were placed
-    (reserved on their endpoint) and handed to the upstream client."""
-    gw = Gateway(parse_config(_config(up.port, together)))
+async def _burst(up: HeldUpstream, together: bool, n: int, monkeypatch: pytest.MonkeyPatch,
+                 *, fleet: str | None = None, priorities: list[str] | None = None
+                 ) -> tuple[list[str], Gateway]:
+    """Open ``n`` requests queued in one turn of the loop (to the fleet file ``fleet``, else
+    `config`'s; request ``i`` with ``priorities[i]``, else its class's): the order in which they
+    were placed (reserved on their endpoint) and handed to the upstream client."""
+    gw = Gateway(parse_config(fleet if fleet is not None else _config(up.port, together)))
     runner = await serve(gw, "127.0.0.1", free_port())
     log: list[str] = []
     hold, dispatch = gw.hold, gw.dispatcher.open
@@ -148,6 +150,8 @@ async def _burst(up: HeldUpstream, together: bool, n: int,
         bodies = [{"model": "m", "max_tokens": 5,
                    "messages": [{"role": "user", "content": f"prompt {i}"}]} for i in range(n)]
         profiles = [gw.classify("chat", b, {}, tenant) for b in bodies]
+        if priorities is not None:
+            profiles = [p.with_(priority=pr) for p, pr in zip(profiles, priorities, strict=True)]
         attempts = await asyncio.gather(*(
             gw.open("chat", p, orjson.dumps(b)) for p, b in zip(profiles, bodies, strict=True)))
         for a in attempts:
@@ -168,70 +172,27 @@ async def test_a_burst_is_placed_whole_before_any_request_is_sent(
     assert (gw.turn_gate.groups, gw.turn_gate.held) == (1, 4)
 
 
-async def _sent_order(up: HeldUpstream, prompts: list[str], monkeypatch: pytest.MonkeyPatch,
-                      priority: str | None = None) -> tuple[list[str], Gateway]:
-    """Open one request per prompt, queued in one turn of the loop (placed in the order given):
-    the prompts in the order they were handed to the upstream client."""
-    gw = Gateway(parse_config(_config(up.port, True)))
-    runner = await serve(gw, "127.0.0.1", free_port())
-    sent: list[str] = []
-    dispatch = gw.dispatcher.open
-
-    async def logged(endpoint: Any, path: str, body: bytes, **kw: Any) -> Any:
-        sent.append(orjson.loads(body)["messages"][-1]["content"])
-        return await dispatch(endpoint, path, body, **kw)
-
-    monkeypatch.setattr(gw.dispatcher, "open", logged)
-    try:
-        tenant = gw.authenticate(f"Bearer {KEY}")
-        bodies = [{"model": "m", "max_tokens": 5,
-                   "messages": [{"role": "user", "content": p}]} for p in prompts]
-        profiles = [gw.classify("chat", b, {}, tenant) for b in bodies]
-        if priority is not None:
-            profiles = [p.with_(priority=priority) for p in profiles]
-        attempts = await asyncio.gather(*(
-            gw.open("chat", p, orjson.dumps(b)) for p, b in zip(profiles, bodies, strict=True)))
-        for a in attempts:
-            await a.response.response.read()
-            a.reservation.release()
-        assert sorted(up.arrived) == sorted(prompts)
-    finally:
-        await runner.cleanup()
-    return sent, gw
-
-
-async def test_batch_priority_requests_are_not_held(
+async def test_a_mixed_burst_is_held_whole_batch_priority_included(
     upstream: HeldUpstream, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    prompts = [" ".join([f"w{i}"] * n) for i, n in enumerate((400, 20, 5))]
-    sent, gw = await _sent_order(upstream, prompts, monkeypatch, priority="batch")
-    assert sent == prompts  # in the order placed, none at the gate
-    assert gw.turn_gate.held == 0
+    """A batch-priority request read with interactive ones is held with them: sent at once, it
+    would start an engine step alone and the others would wait out its prefill."""
+    log, gw = await _burst(upstream, True, 3, monkeypatch,
+                           priorities=["standard", "batch", "standard"])
+    assert log == ["placed"] * 3 + ["sent"] * 3
+    assert gw.turn_gate.held == 3
 
 
 async def test_requests_for_a_provider_api_are_not_held(
     upstream: HeldUpstream, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A hosted API has no engine step for a burst to join: its requests go as placed."""
-    gw = Gateway(parse_config(to_yaml(pool_fleet(
+    """A hosted API has no engine step for a burst to join: each request goes as it is placed."""
+    fleet = to_yaml(pool_fleet(
         upstream.port, key=KEY, substrate={"kind": "provider-api", "hardware": "provider-api"},
         models=[model(max_context=4096)], endpoint_fields={"name": "up", "max_concurrency": 8},
-        gateway={"scrape_interval_s": 0.05, "seed": 1, "send_bursts_together": True}))))
-    assert not gw.fleet.endpoints[0].joins_steps
-    runner = await serve(gw, "127.0.0.1", free_port())
-    try:
-        tenant = gw.authenticate(f"Bearer {KEY}")
-        bodies = [{"model": "m", "max_tokens": 5,
-                   "messages": [{"role": "user", "content": f"p {i}"}]} for i in range(3)]
-        profiles = [gw.classify("chat", b, {}, tenant) for b in bodies]
-        attempts = await asyncio.gather(*(
-            gw.open("chat", p, orjson.dumps(b)) for p, b in zip(profiles, bodies, strict=True)))
-        for a in attempts:
-            await a.response.response.read()
-            a.reservation.release()
-    finally:
-        await runner.cleanup()
-    assert len(upstream.arrived) == 3
+        gateway={"scrape_interval_s": 0.05, "seed": 1, "send_bursts_together": True}))
+    log, gw = await _burst(upstream, True, 3, monkeypatch, fleet=fleet)
+    assert log == ["placed", "sent"] * 3
     assert gw.turn_gate.held == 0
 
 
@@ -244,7 +205,7 @@ def test_which_endpoints_join_steps() -> None:
         return Fleet.from_config(cfg).endpoints[0]
 
     assert ep("gpu", "vllm").joins_steps and ep("cpu", "sglang").joins_steps
-    assert not ep("gpu", "openai-compatible").joins_steps
+    assert ep("gpu", "openai-compatible").joins_steps  # TGI, llama.cpp, ... batch too
     assert not ep("provider-api", "vllm").joins_steps
 
 
@@ -254,7 +215,9 @@ async def test_the_batch_lane_is_not_held() -> None:
     await up_runner.setup()
     up.port = free_port()
     await web.TCPSite(up_runner, "127.0.0.1", up.port).start()
-    gw, runner, base = await start_batch(up, {"send_bursts_together": True})
+    # a class of standard priority, so that only the lane (not the priority) keeps it unheld
+    gw, runner, base = await start_batch(up, {"send_bursts_together": True},
+                                         batch={"workload_class": "interactive"})
     async with aiohttp.ClientSession() as http:
         env = BatchEnv(up, base, gw, runner, http)
         try:

@@ -39,9 +39,9 @@ from inferplane.core.process import WORKER_DIR_ENV, WORKER_ENV, WORKERS_ENV
 from inferplane.telemetry import gather
 from inferplane.telemetry.metrics import GatewayMetrics
 from tests import test_send_gate
+from tests.support.held_upstream import KEY, HeldUpstream, config
 from tests.support.procs import Proc, free_port
 from tests.support.redis_server import RedisServer
-from tests.test_dispatch_gate import KEY, HeldUpstream, config
 from tests.test_redis_outage import KEYS, _config, slow_upstream
 
 __all__ = ["slow_upstream", "upstream"]

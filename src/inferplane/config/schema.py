@@ -350,17 +350,16 @@ class GatewaySpec(Strict):
     )
     send_bursts_together: bool = Field(
         False,
-        description="a request the gateway places on a self-hosted vllm or sglang engine "
-        "(not a provider-api substrate nor an openai-compatible server) waits one turn of the "
-        "gateway's event loop before it is sent, behind the requests queued with it: the "
-        "requests read together (a burst on kept-alive connections, with no admission step "
-        "that waits) are all placed, then sent back to back, so an engine takes its share of "
-        "them into one step instead of starting a step with the first alone, in the order "
-        "placed (the first requests of a burst go out only after the last is placed: about "
-        "a millisecond a request). Requests read in successive polls (new connections) or "
-        "held in admission go in smaller groups; batch-priority requests, the batch lane, "
-        "the simulator and inferplane epp (Envoy sends) are never held. false: each request "
-        "is sent as soon as it is placed",
+        description="a request the gateway places on a self-hosted engine (vllm, sglang or "
+        "openai-compatible; not a provider-api substrate) waits one turn of the gateway's "
+        "event loop before it is sent, behind the requests queued with it: the requests read "
+        "together (a burst on kept-alive connections, with no admission step that waits) are "
+        "all placed, then sent back to back, so an engine takes its share of them into one step "
+        "instead of starting a step with the first alone, in the order placed (the first "
+        "requests of a burst go out only after the last is placed: about a millisecond a "
+        "request). Requests read in successive polls (new connections) or held in admission go "
+        "in smaller groups; the batch lane, the simulator and inferplane epp (Envoy sends) are "
+        "never held. false: each request is sent as soon as it is placed",
     )
     connect_timeout_s: float = Field(2.0, gt=0)
     upstream_timeout_s: float = Field(600.0, gt=0, description="whole-request upstream limit")

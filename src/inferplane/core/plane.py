@@ -917,7 +917,7 @@ class Core:
         it can, their failure domains and zones (the ``failure-domain`` filter). With
         ``gateway.send_bursts_together`` and ``gather`` (the HTTP gateway's requests; not the
         batch lane's nor the simulator's), a request placed on an engine that batches
-        (`Endpoint.joins_steps`: not a provider API) with a priority above ``batch`` waits at
+        (`Endpoint.joins_steps`: not a provider API), whatever its priority, waits at
         `turn_gate` for the rest of its burst to be placed before it is sent
         (`dispatch.turns`)."""
         failed: list[str] = []
@@ -954,7 +954,6 @@ class Core:
                     gather
                     and self.config.gateway.send_bursts_together
                     and view.endpoint.joins_steps
-                    and profile.priority != "batch"
                 ):
                     # the rest of a burst is placed before this one goes out (dispatch.turns)
                     await self.turn_gate.wait()

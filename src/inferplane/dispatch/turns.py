@@ -8,12 +8,12 @@ two-core host), that prefill takes the CPU the rest of the burst's placement nee
 request of the burst goes out late; and an idle vLLM engine core starts a step with the first
 request it gets, so the burst's other requests for it, placed a millisecond or two later, wait
 for that step to end (docs/benchmarks.md, session 26). With ``gateway.send_bursts_together``
-every request the HTTP gateway placed on a self-hosted engine that batches
-(`Endpoint.joins_steps`; not a provider API, nor batch-priority traffic, the batch lane or the
-simulator: `Core.open_with`) yields once before it is sent: it resumes in the next turn, behind
-every handler queued in this one, so the requests whose handlers ran in one turn are all placed
-first and then sent, back to back, in the order placed (a request that reuses a prefix another
-of the burst computes was placed after it, so it goes after it). A lone request resumes one turn
+every request the HTTP gateway placed on a self-hosted engine (`Endpoint.joins_steps`: not a
+provider API; whatever its priority; not the batch lane or the simulator: `Core.open_with`)
+yields once before it is sent: it resumes in the next turn, behind every handler queued in this
+one, so the requests whose handlers ran in one turn are all placed first and then sent, back to
+back, in the order placed, and a request that reuses a prefix another of the burst computes
+lands in the same engine step as that one. A lone request resumes one turn
 later (microseconds on an idle gateway). Sending a burst shortest uncached prompt first (each
 prefix leader before its followers) was measured and not kept: it moved time from the short
 requests to the long ones and raised the P90 (docs/benchmarks.md, session 27).

@@ -82,11 +82,11 @@ class Endpoint:
 
     @cached_property
     def joins_steps(self) -> bool:
-        """Whether requests sent together join one engine step: a self-hosted vLLM or SGLang
-        engine (continuous batching), not a provider API nor another OpenAI-compatible server
-        whose batching the gateway does not know (`gateway.send_bursts_together` holds only
-        requests for these)."""
-        return self.substrate.kind != "provider-api" and self.spec.engine in ("vllm", "sglang")
+        """Whether requests sent together join one engine step: a self-hosted engine (vLLM,
+        SGLang, or an OpenAI-compatible server such as TGI, TensorRT-LLM, LMDeploy or llama.cpp,
+        all of which batch continuously), not a provider API (`gateway.send_bursts_together`
+        holds only requests for these)."""
+        return self.substrate.kind != "provider-api"
 
     def api_url(self, path: str) -> str:
         """The upstream URL of an API path such as ``/v1/chat/completions``: the endpoint URL
