@@ -30,7 +30,7 @@ from aiohttp import web
 from inferplane.api.app import serve
 from inferplane.api.pipeline import Gateway
 from inferplane.config.loader import parse_config
-from inferplane.dispatch.upstream import _IdleWatch
+from inferplane.dispatch.upstream import _IdleWatch, _OpenAIEvents
 from inferplane.lograte import LogLimiter
 from tests.builders import endpoint, pool_fleet, to_yaml
 from tests.support.fake_upstream import WAITING, health, metrics
@@ -573,6 +573,36 @@ async def test_a_dead_engine_is_logged_once_with_its_reason(
     assert "[decision " in attempts[0] and ", attempt 1]" in attempts[0]
     probes = [m for m in lines if m.startswith("health probe of probed failed")]
     assert probes == [probes[0]] and "cannot connect" in probes[0], lines
+
+
+def test_the_stream_check_reads_every_event_however_it_is_cut() -> None:
+    """`_OpenAIEvents` (made cheaper in harden27) keeps its checks: events split across reads,
+    CRLF lines, ``data:`` without a space, comments and event names, ``[DONE]``, a finish
+    reason, an error event after tokens in the same read (where its line begins), and a
+    ``data:`` line that is not JSON."""
+    stream = (b": keep-alive\r\n\r\n" + _event(0) + b"event: x\ndata:" + _event(1)[5:]
+              + b'data: {"choices":[{"index":0,"finish_reason":"length"}]}\r\n\r\n'
+              + b"data:[DONE]\r\n\r\n")
+    for cut in range(1, len(stream)):  # every way of reading it in two
+        events = _OpenAIEvents()
+        assert events.feed(stream[:cut]) is None and events.feed(stream[cut:]) is None
+        assert events.finished and events.done and events.close() is None
+    events = _OpenAIEvents()
+    assert events.feed(_event(0)) is None and not events.finished
+    assert events.close() == "the stream ended without its closing DONE event (cut short upstream)"
+    error = b'data: {"error": {"message": "boom", "code": 500}}\n\n'
+    for head in (b"", _event(1)[:9]):  # the error's line whole in the read, or begun before
+        events = _OpenAIEvents()
+        assert events.feed(head) is None
+        rest = _event(1)[len(head):] if head else b""
+        assert events.feed(rest + _event(2) + error + b"data: [DONE]\n\n") == "boom"
+        assert events.error == {"message": "boom", "code": 500}
+        assert events.error_at == len(rest) + len(_event(2))
+    events = _OpenAIEvents()
+    assert events.feed(b'data: {"error": "text"}\n\n') == "text"
+    assert events.feed(b"data: {not json\n\n") == (
+        "sent a stream event that is not JSON: '{not json'")
+    assert _OpenAIEvents().feed(b'data: {"error": null, "choices": []}\n\n') is None
 
 
 def test_the_log_limiter_lets_one_line_per_key_per_interval() -> None:
