@@ -15,7 +15,7 @@ before and after. Then each gateway is asked for the huge answer once: its statu
 before, VmHWM (the peak) after, VmRSS after.
 
     python bench/stream_relay.py --tree before=/tmp/a/src --tree main=/tmp/b/src \\
-        --tree branch=src [--rounds 6] [--requests 200] [--events 256] [--json out.json]
+        --tree branch=src [--rounds 6] [--requests 1000] [--events 256] [--json out.json]
 """
 
 from __future__ import annotations
@@ -171,7 +171,8 @@ async def _round(s: aiohttp.ClientSession, gw: Gw, n: int, conc: int) -> dict[st
 
     async def one() -> None:
         async with sem:
-            counted[0] += await _stream(s, gw.base)
+            n = await _stream(s, gw.base)  # (not `+= await`: that reads the total first)
+            counted[0] += n
 
     cpu0, t0 = _cpu_s(gw.p.pid), time.perf_counter()
     await asyncio.gather(*(one() for _ in range(n)))
@@ -244,7 +245,7 @@ def main() -> None:
     ap.add_argument("--tree", action="append", default=[],
                     help="NAME=SRC: a tree's src/ directory (repeat)")
     ap.add_argument("--rounds", type=int, default=6)
-    ap.add_argument("--requests", type=int, default=200)
+    ap.add_argument("--requests", type=int, default=1000)
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--events", type=int, default=256)
     ap.add_argument("--huge-mb", type=int, default=200)

@@ -162,8 +162,10 @@ def _max_tokens(
         param, raw = "max_tokens", body.get("max_tokens")
     if raw is None:
         raw = DEFAULT_CHAT_MAX_TOKENS if chat else DEFAULT_COMPLETION_MAX_TOKENS
-    elif not isinstance(raw, int) or isinstance(raw, bool) or raw < 1:
+    elif not isinstance(raw, int) or isinstance(raw, bool):
         raise EmulatedRequestError(400, "`max_tokens` must be an integer >= 1.", param="max_tokens")
+    elif raw < 1:
+        raise _no_room(raw)
     elif raw > limit:
         raise EmulatedRequestError(
             400,
@@ -173,11 +175,16 @@ def _max_tokens(
         )
     tokens = min(raw, limit - n_prompt)
     if tokens < 1:
-        raise EmulatedRequestError(
-            400, f"max_tokens must be at least 1, got {tokens}. (parameter=max_tokens, "
-            f"value={tokens})", param="max_tokens",
-        )
+        raise _no_room(tokens)
     return tokens
+
+
+def _no_room(tokens: int) -> EmulatedRequestError:
+    """vLLM 0.32's 400 for a ``max_tokens`` below 1, asked or left by the prompt."""
+    return EmulatedRequestError(
+        400, f"max_tokens must be at least 1, got {tokens}. (parameter=max_tokens, "
+        f"value={tokens})", param="max_tokens",
+    )
 
 
 def generate_model(emu: EmulatedEndpoint, body: dict[str, Any]) -> ServedModel:
