@@ -103,6 +103,47 @@ def serve_upstream(port: int, events: int, huge_mb: int) -> None:
     web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
 
 
+# -- the stream check alone -------------------------------------------------------------------
+
+MICRO = """
+import sys, time
+from inferplane.dispatch import upstream
+events, n = int(sys.argv[1]), int(sys.argv[2])
+sys.path.insert(0, sys.argv[3])
+from stream_relay import _chunk
+chunks = [_chunk(i) for i in range(events)] + [_chunk(events, "stop"), b"data: [DONE]\\n\\n"]
+check = getattr(upstream, "_OpenAIEvents", None)
+if check is None:
+    print(0.0)
+    raise SystemExit
+best = None
+for _ in range(5):
+    t0 = time.perf_counter()
+    for _ in range(n):
+        c = check()
+        for chunk in chunks:
+            c.feed(chunk)
+        assert c.close() is None and c.done
+    t = (time.perf_counter() - t0) / (n * len(chunks))
+    best = t if best is None else min(best, t)
+print(best * 1e9)
+"""
+
+
+def micro(trees: list[tuple[str, Path]], events: int, rounds: int) -> dict[str, list[float]]:
+    """ns per event of each tree's `_OpenAIEvents.feed` alone, one engine event a chunk (the
+    best of 5 passes per round, rounds alternating the trees; 0 where the tree has none)."""
+    out: dict[str, list[float]] = {name: [] for name, _ in trees}
+    for r in range(rounds):
+        for name, src in trees[r % len(trees):] + trees[:r % len(trees)]:
+            env = {**os.environ, "PYTHONPATH": str(src), "INFERPLANE_PURE": "1"}
+            res = subprocess.run([sys.executable, "-c", MICRO, str(events), "200",
+                                  str(Path(__file__).parent)], env=env, capture_output=True,
+                                 text=True, check=True)
+            out[name].append(float(res.stdout.strip()))
+    return out
+
+
 # -- the gateways ----------------------------------------------------------------------------
 
 def _status(pid: int) -> dict[str, float]:
@@ -250,9 +291,21 @@ def main() -> None:
     ap.add_argument("--events", type=int, default=256)
     ap.add_argument("--huge-mb", type=int, default=200)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--micro", type=int, default=0, metavar="ROUNDS",
+                    help="time each tree's stream check alone instead, in this many rounds")
     args = ap.parse_args()
     if args.upstream:
         serve_upstream(args.upstream, args.events, args.huge_mb)
+        return
+    if args.micro:
+        trees = [(t.split("=", 1)[0], Path(t.split("=", 1)[1]).resolve()) for t in args.tree]
+        res = micro(trees, args.events, args.micro)
+        print("| tree | `_OpenAIEvents.feed` ns per event, median (min-max) of rounds |")
+        print("|---|---|")
+        for name, xs in res.items():
+            print(f"| {name} | {statistics.median(xs):.0f} ({min(xs):.0f}-{max(xs):.0f}) |")
+        if args.json:
+            args.json.with_suffix(".micro.json").write_text(json.dumps(res, indent=1))
         return
     out = asyncio.run(main_async(args))
     print(f"\n{platform.processor() or platform.machine()}, Python {platform.python_version()}")
