@@ -365,13 +365,16 @@ def _idle_timers() -> list[asyncio.TimerHandle]:
 
 
 async def _settled(gw: Gateway) -> None:
-    """Once the request has left the gateway: nothing of it is left running or held."""
-    async with asyncio.timeout(5):
-        while gw.dispatcher.streams or gw.admission._tasks:
-            await asyncio.sleep(0.01)
+    """Once the request has left the gateway: nothing of it is left running or held (no
+    stream, settle or connection in use: the health probes and scrapes share the pool, so it
+    is waited for between them; a leaked connection never frees)."""
     assert gw.dispatcher.session is not None
     connector = gw.dispatcher.session.connector
-    assert connector is not None and not connector._acquired  # type: ignore[attr-defined]
+    assert connector is not None
+    async with asyncio.timeout(5):
+        while (gw.dispatcher.streams or gw.admission._tasks
+               or connector._acquired):  # type: ignore[attr-defined]
+            await asyncio.sleep(0.005)
     assert not _idle_timers()
 
 
