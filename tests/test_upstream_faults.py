@@ -406,8 +406,10 @@ async def test_a_client_that_leaves_during_the_idle_watch_is_a_499(
     assert gw.metrics.responses.labels("chat", "499")._value.get() == 1
     upstream = app[MODE]["transport"]  # the stream's connection: closed, never pooled
     assert upstream is None or upstream.is_closing()  # the engine sees the request end
-    await asyncio.sleep(3 * IDLE_S)  # past the limit: nothing fires, nothing is logged
-    assert not [r.getMessage() for r in caplog.records], caplog.text
+    await asyncio.sleep(3 * IDLE_S)  # past the limit: nothing fires, the gateway logs nothing
+    # (the fake upstream's own server logs its failed write: the gateway closed the connection)
+    assert not [r.getMessage() for r in caplog.records if r.name.startswith("inferplane")], (
+        caplog.text)
     assert not {t for t in asyncio.all_tasks() if not t.done()} - tasks - {
         asyncio.current_task()}
 
