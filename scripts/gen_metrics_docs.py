@@ -53,6 +53,10 @@ WHEN: dict[str, str] = {
     "inferplane_engine_scrapes_total": "once the gateway scrapes its endpoints",
     "inferplane_health_probes_total": "once the gateway scrapes its endpoints",
     "inferplane_worker_page_refused_total": "a worker of `serve --workers N` only",
+    "inferplane_admission_store_outages_total": (
+        "an admission store in a file (`admission.path`) or in Redis"),
+    "inferplane_admission_store_dropped_total": (
+        "an admission store in a file (`admission.path`) or in Redis (which drops none)"),
 }
 
 # What each label of an inferplane family holds. "family:label" for a label whose meaning
@@ -117,6 +121,8 @@ LABELS: dict[str, str] = {
     "stat": "`mean` or `max`",
     "verdict": "`ok`, `pressure` or `past-envelope`",
     "tenant": "a tenant's name with `gateway.metrics.tenant_labels: true`, else `all`",
+    "inferplane_admission_store_pending:kind": (
+        "`settle` (a request's budget lease settled with its spend) or `usage` (a usage row)"),
     "inferplane_agent_tool_fanout:kind": "`tools` (offered) or `results` (tool results carried)",
     "inferplane_tenant_tokens_total:kind": "`prompt` or `completion`",
     "band": "`critical`, `standard`, `sheddable` or `batch`",

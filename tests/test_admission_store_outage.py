@@ -22,6 +22,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
 
 from inferplane.admission.sqlite_state import SqliteStore
 from inferplane.admission.state import SEP, CounterDemand
@@ -125,6 +126,58 @@ async def test_an_unwritable_store_fails_budgets_closed_and_loses_no_spend(
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and "cannot be written" in errors[0].getMessage(), errors
     assert any("writable again" in r.getMessage() for r in caplog.records)
+
+
+async def _store_gauges(s: aiohttp.ClientSession, base: str) -> dict[str, float]:
+    """The admission store's families on the gateway's /metrics page, read over HTTP."""
+    async with s.get(f"{base}/metrics") as r:
+        assert r.status == 200
+        page = await r.text()
+    out = {}
+    for family in text_string_to_metric_families(page):
+        if family.name.startswith("inferplane_admission_store_"):
+            for sample in family.samples:
+                if not sample.name.endswith("_created"):
+                    key = sample.name + "".join(f":{v}" for v in sample.labels.values())
+                    out[key] = sample.value
+    return out
+
+
+async def test_the_store_outage_and_its_backlog_are_on_the_metrics_page(
+    gateway: tuple[Gateway, str],
+) -> None:
+    """harden27: an operator can alert on an outage of the store's file and on the spend
+    waiting for it (docs/metrics.md, Admission store outages)."""
+    gw, base = gateway
+    store = gw.admission.store
+    assert isinstance(store, SqliteStore)
+    up = {"inferplane_admission_store_up": 1.0,
+          "inferplane_admission_store_outage_seconds": 0.0,
+          "inferplane_admission_store_pending:settle": 0.0,
+          "inferplane_admission_store_pending:usage": 0.0,
+          "inferplane_admission_store_outages_total": 0.0,
+          "inferplane_admission_store_dropped_total": 0.0}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as s:
+        assert (await _chat(s, base, "plain"))[0] == 200
+        await _until(lambda: not gw.admission._tasks)
+        assert await _store_gauges(s, base) == up
+
+        await _read_only(store, True)
+        for _ in range(3):
+            assert (await _chat(s, base, "plain"))[0] == 200
+        await _until(lambda: not gw.admission._tasks)
+        await asyncio.sleep(0.05)
+        down = await _store_gauges(s, base)
+        assert down["inferplane_admission_store_up"] == 0.0, down
+        assert down["inferplane_admission_store_outage_seconds"] > 0.0, down
+        assert down["inferplane_admission_store_pending:settle"] == len(store.pending), down
+        assert down["inferplane_admission_store_pending:usage"] == len(store.pending_usage) == 1
+        assert down["inferplane_admission_store_outages_total"] == 1.0, down
+
+        await _read_only(store, False)
+        await _until(lambda: not store.backlog and store.down_since is None)
+        assert await _store_gauges(s, base) == {
+            **up, "inferplane_admission_store_outages_total": 1.0}
 
 
 async def test_pending_updates_are_written_in_order_before_the_next_check(

@@ -302,7 +302,8 @@ async def test_errors_reach_the_client_in_the_openai_shape() -> None:
                               json={**msg, "model": "m-mid", "stream": True}) as r:
                 assert r.status == 200
                 events = _chunks(await r.read())
-            err = events[-1]["error"]
+            assert events[-1] == "[DONE]"  # the upstream's error event ends it as [DONE] would
+            err = events[-2]["error"]
             assert set(err) == {"message", "type", "param", "code"}
             assert "upstream 'mid'" in err["message"] and "overloaded_error" in err["message"]
             async with s.post(f"{base}/v1/chat/completions", json={**msg, "model": "m-junk"}) as r:

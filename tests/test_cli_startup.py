@@ -72,13 +72,20 @@ def _case(tmp_path: Path, name: str) -> tuple[dict[str, Any], str, str]:
     if name == "batch_path":
         return ({"batch": {"path": str(missing / "b.sqlite")}}, "batch.path",
                 f"{missing / 'b.sqlite'}: the directory '{missing}' does not exist")
+    if name == "admission_path":  # harden27: a typo must not start an empty budget store
+        return ({"admission": {"path": str(missing / "a.sqlite")}}, "admission.path",
+                f"{missing / 'a.sqlite'}: the directory '{missing}' does not exist")
+    if name == "journal_path":
+        return ({"admission": {"store": "redis", "journal_path": str(missing / "j.sqlite")}},
+                "admission.journal_path",
+                f"{missing / 'j.sqlite'}: the directory '{missing}' does not exist")
     assert name == "batch_dsn_env"
     return ({"batch": {"postgres_dsn_env": "HARDEN26B_UNSET_DSN"}}, "batch.postgres_dsn_env",
             "$HARDEN26B_UNSET_DSN is not set")
 
 
 CASES = ["ledger_path", "signing_key_file", "signing_key_not_a_key", "signing_key_env",
-         "postgres_dsn_env", "batch_path", "batch_dsn_env"]
+         "postgres_dsn_env", "batch_path", "batch_dsn_env", "admission_path", "journal_path"]
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -92,6 +99,7 @@ def test_check_names_what_serve_refuses_and_strict_fails_on_it(
     serve = _run("serve", "-c", str(path), "--log-level", "error")
     assert serve.exit_code == 2, serve.output
     assert f"{path}: {field}: " in serve.output and words in serve.output, serve.output
+    assert not (tmp_path / "no-such-dir").exists()  # nothing created where the typo points
 
     check = _run("check", "-c", str(path))
     assert check.exit_code == 0, check.output  # the file is valid; this environment is not

@@ -318,18 +318,45 @@ async def test_errors(emu: EmulatorHandle, http: aiohttp.ClientSession) -> None:
         {"model": "nope", "messages": [{"role": "user", "content": "hi"}]},
     )
     assert status == 404 and body["error"]["code"] == 404
-    assert body["error"]["type"] == "NotFoundError" and "nope" in body["error"]["message"]
+    assert body["error"] == {"message": f"The model `nope` does not exist. Valid aliases: {MODEL}.",
+                             "type": "NotFoundError", "param": "model", "code": 404}  # vLLM 0.32
     async with http.post(base + "/v1/completions", data=b"{not json") as r:
         assert r.status == 400 and "error" in await r.json()
-    long_prompt = " ".join(["w"] * 4096)
+    # what vLLM 0.32 answers (its renderers/params.py, SamplingParams; harden27)
+    long_prompt = " ".join(["w"] * 4200)
     status, body = await _post(
         http, base + "/v1/completions", {"model": MODEL, "prompt": long_prompt}
     )
-    assert status == 400 and "maximum context length" in body["error"]["message"]
-    status, _ = await _post(
+    assert (status, body) == (400, {"error": {
+        "message": "This model's maximum context length is 4096 tokens. However, your prompt "
+                   "contains at least 4097 input tokens, which exceeds this limit even without "
+                   "any output tokens. Please reduce the length of the input prompt. "
+                   "(parameter=input_tokens, value=4097)",
+        "type": "BadRequestError", "param": "input_tokens", "code": 400}})
+    status, body = await _post(
+        http, base + "/v1/completions", {"model": MODEL, "prompt": list(range(4100))}
+    )
+    assert status == 400 and "prompt contains 4100 input tokens" in body["error"]["message"]
+    status, body = await _post(
         http, base + "/v1/completions", {"model": MODEL, "prompt": "a", "max_tokens": 5000}
     )
-    assert status == 400
+    assert (status, body) == (400, {"error": {
+        "message": "max_tokens=5000 cannot be greater than max_model_len=4096. Please request "
+                   "fewer output tokens. (parameter=max_tokens, value=5000)",
+        "type": "BadRequestError", "param": "max_tokens", "code": 400}})
+    status, body = await _post(http, base + "/v1/chat/completions", {
+        "model": MODEL, "max_completion_tokens": 5000,
+        "messages": [{"role": "user", "content": "hi"}]})
+    assert status == 400 and body["error"]["param"] == "max_completion_tokens"
+    # a prompt and max_tokens over the context together: max_tokens is cut to the room left
+    status, body = await _post(http, base + "/v1/completions", {
+        "model": MODEL, "prompt": list(range(4090)), "max_tokens": 100})
+    assert status == 200 and body["usage"]["completion_tokens"] == 6, body
+    for prompt, asked in ((list(range(4096)), None), ("a", 0)):  # no room left, or none asked
+        status, body = await _post(http, base + "/v1/completions", {
+            "model": MODEL, "prompt": prompt, **({} if asked is None else {"max_tokens": asked})})
+        assert (status, body["error"]["message"]) == (
+            400, "max_tokens must be at least 1, got 0. (parameter=max_tokens, value=0)"), body
 
 
 async def test_embeddings(emu: EmulatorHandle, http: aiohttp.ClientSession) -> None:

@@ -56,6 +56,9 @@ async def test_outage_store_degrades_then_replays(tmp_path: Path, how: str) -> N
         await store.settle([d], "a", 0.15, 5, NOW)  # journaled, not lost
         await store.add_usage("t", GROUP, 0.15, 3, 2)
         assert len(store.journal) == 3  # with the give-back of the timed-out reserve "b"
+        health = store.health()  # what /metrics shows (harden27)
+        assert (health.up, health.pending_settles, health.pending_usage, health.outages) == (
+            False, 2, 1, 1)
         # local fallbacks: retry markers, loop counters, rate limits
         assert not await store.mark_seen("k", 10, NOW) and await store.mark_seen("k", 10, NOW)
         assert await store.incr("i", 10, NOW) == 1
@@ -67,6 +70,9 @@ async def test_outage_store_degrades_then_replays(tmp_path: Path, how: str) -> N
             return  # its data is gone with it; the replay is checked on the paused server
         srv.resume()
         await _until(lambda: store.up and not store.journal)
+        health = store.health()
+        assert (health.up, health.down_for_s, health.pending_settles, health.pending_usage) == (
+            True, 0.0, 0, 0)
         st = await store.counter("c", NOW)
         assert (st.spent_usd, st.spent_tokens, st.reserved_usd) == (0.15, 5, 0.0)
         rows = await store.usage("t")

@@ -12,11 +12,20 @@ from inferplane.sqliteio import immediate, open_wal
 
 
 def _db(tmp_path: Path) -> sqlite3.Connection:
+    (tmp_path / "deep" / "folder").mkdir(parents=True, exist_ok=True)
     return open_wal(tmp_path / "deep" / "folder" / "a.db",
                     "CREATE TABLE IF NOT EXISTS t (v INTEGER);")
 
 
-def test_open_wal_creates_the_folder_and_uses_wal(tmp_path: Path) -> None:
+def test_open_wal_never_creates_a_folder(tmp_path: Path) -> None:
+    """harden27: a missing folder is a mistake in the fleet file (caught at start with the
+    field named: `admission.controller.store_problems`), not something to create."""
+    with pytest.raises(sqlite3.OperationalError, match="unable to open database file"):
+        open_wal(tmp_path / "typo" / "a.db", "CREATE TABLE IF NOT EXISTS t (v INTEGER);")
+    assert not (tmp_path / "typo").exists()
+
+
+def test_open_wal_uses_wal(tmp_path: Path) -> None:
     c = _db(tmp_path)
     try:
         assert (tmp_path / "deep" / "folder" / "a.db").is_file()

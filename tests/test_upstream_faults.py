@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -29,7 +30,7 @@ from aiohttp import web
 from inferplane.api.app import serve
 from inferplane.api.pipeline import Gateway
 from inferplane.config.loader import parse_config
-from inferplane.dispatch.upstream import _IdleWatch
+from inferplane.dispatch.upstream import _IdleWatch, _OpenAIEvents
 from inferplane.lograte import LogLimiter
 from tests.builders import endpoint, pool_fleet, to_yaml
 from tests.support.fake_upstream import WAITING, health, metrics
@@ -40,6 +41,13 @@ CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 IDLE_S = 0.3
 LIMIT = 100_000  # gateway.max_upstream_body_bytes in these tests
 MODE = web.AppKey("mode", dict)  # {"mode": ...}: how the upstream misbehaves, set per test
+BIG = 64 * 1024  # the text of one event in mode "big"
+BIG_EVENTS = 200  # 12.8 MB in all: more than loopback's socket buffers hold
+
+
+ENGINE_ERROR = {"error": {"message": "The decoder prompt cannot be empty", "type":
+                          "BadRequestError", "param": None, "code": 400}}
+"""What vLLM 0.32 sends as a stream's last event (``create_streaming_error_response``)."""
 
 
 def _event(i: int) -> bytes:
@@ -56,10 +64,29 @@ def _huge() -> bytes:
          "finish_reason": "stop"}]}).encode()
 
 
+VLLM_400 = {"error": {
+    "message": "This model's maximum context length is 1024 tokens. However, your prompt "
+               "contains at least 1025 input tokens, which exceeds this limit even without any "
+               "output tokens. Please reduce the length of the input prompt. "
+               "(parameter=input_tokens, value=1025)",
+    "type": "BadRequestError", "param": "input_tokens", "code": 400}}
+"""vLLM 0.32's answer to a chat prompt longer than the model's context, streamed or not (asked
+of the real engine with --max-model-len 1024: harden27)."""
+OPENAI_400 = {"error": {"message": "This model's maximum context length is 8192 tokens.",
+                        "type": "invalid_request_error", "param": "messages",
+                        "code": "context_length_exceeded"}}
+"""OpenAI's own answer to the same: relayed byte for byte."""
+
+
 async def chat(request: web.Request) -> web.StreamResponse:
     """Streams three events and ``[DONE]`` unless the mode says otherwise."""
     mode = request.app[MODE]["mode"]
     body = await request.json()
+    if mode == "vllm-400":
+        return web.json_response(VLLM_400, status=400)
+    if mode == "openai-400":
+        return web.Response(body=json.dumps(OPENAI_400, indent=1), status=400,
+                            content_type="application/json")
     if not body.get("stream") and mode == "ok":
         return web.json_response({"id": "x", "object": "chat.completion", "model": "m",
                                   "choices": [{"index": 0, "finish_reason": "stop", "message": {
@@ -76,10 +103,30 @@ async def chat(request: web.Request) -> web.StreamResponse:
         return resp
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
     await resp.prepare(request)
+    request.app[MODE]["transport"] = request.transport  # the gateway's connection to it
+    if mode == "slow":  # an event every third of the idle limit, for longer than a client waits
+        for i in range(300):
+            await resp.write(_event(i))
+            await asyncio.sleep(IDLE_S / 3)
+    if mode == "big":  # large events back to back, then [DONE]
+        for _ in range(BIG_EVENTS):
+            await resp.write(b"data: " + json.dumps({
+                "id": "x", "object": "chat.completion.chunk", "model": "m", "choices": [
+                    {"index": 0, "delta": {"content": "y" * BIG}, "finish_reason": None}],
+            }).encode() + b"\n\n")
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
     if mode == "comments-first":  # OpenRouter while the model works: comments, no event
         for _ in range(10):
             await resp.write(b": OPENROUTER PROCESSING\n\n")
             await asyncio.sleep(IDLE_S / 5)
+    if mode == "error-event":  # vLLM 0.32 on a mid-stream failure: an error event, [DONE]
+        await resp.write(_event(0) + _event(1))
+        await resp.write(_event(2) + b"data: " + json.dumps(ENGINE_ERROR).encode() + b"\n\n")
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
     for i in range(3):
         if mode == "garbage" and i == 1:
             await resp.write(b"data: {not json\n\n")
@@ -242,6 +289,192 @@ async def test_a_broken_stream_is_a_stream_error(
     assert lines == [f"upstream up failed after its first byte: {says} [decision {decision}]"]
 
 
+async def test_an_error_event_then_done_is_a_stream_error(
+    gateway: tuple[web.Application, Gateway, str], caplog: pytest.LogCaptureFixture,
+) -> None:
+    """harden26a review S-c: ``data: {"error": ...}`` then ``[DONE]`` (vLLM, SGLang and OpenAI
+    on a mid-stream failure) is a stream error, not a success: the tokens before it reach the
+    client (one of them in the error's own read), then the gateway's error event (OpenAI shape,
+    the engine's message) and ``[DONE]``; the record, the counters and the endpoint's health
+    say it failed."""
+    app, gw, base = gateway
+    app[MODE]["mode"] = "error-event"
+    caplog.set_level(logging.WARNING, logger="inferplane.core")
+    says = "sent an error event mid-stream after 3 tokens: The decoder prompt cannot be empty"
+    status, headers, body = await _post(base, stream=True)
+    assert status == 200
+    assert all(f'"w{i} "'.encode() in body for i in range(3)), body
+    errors = _errors(body)
+    assert errors == [{"message": f"upstream 'up': {says}", "type": "upstream_error",
+                       "param": None, "code": None}], body
+    assert body.endswith(b"data: [DONE]\n\n") and body.count(b"data: [DONE]") == 1, body
+    assert b"BadRequestError" not in body  # the engine's event is the gateway's
+    outcome = await _record(gw, headers["x-inferplane-decision-id"])
+    assert outcome["status"] == 502 and outcome["error"] == f"upstream 'up': {says}", outcome
+    assert gw.metrics.stream_errors.labels("up")._value.get() == 1
+    assert gw.metrics.responses.labels("chat", "502")._value.get() == 1
+    assert gw.metrics.responses.labels("chat", "200")._value.get() == 0
+    assert gw.live.live["up"].consecutive_failures == 1  # not a success for its health
+    lines = [r.getMessage() for r in caplog.records if r.name == "inferplane.core"]
+    assert len(lines) == 1 and says in lines[0], lines
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("mode", ["vllm-400", "openai-400"])
+async def test_an_engine_refusal_is_relayed_in_the_openai_shape(
+    gateway: tuple[web.Application, Gateway, str], mode: str, stream: bool,
+) -> None:
+    """An engine's 4xx (vLLM's and SGLang's ``type: BadRequestError``, ``code: 400``) reaches
+    the client with its status and message in OpenAI's shape (a string ``type`` in OpenAI's
+    style, ``code`` a string or null: OpenAI's typed clients read one), with the decision
+    headers; an answer already in that shape is relayed byte for byte."""
+    app, gw, base = gateway
+    app[MODE]["mode"] = mode
+    status, headers, body = await _post(base, stream=stream)
+    assert status == 400, body
+    if mode == "openai-400":
+        assert body == json.dumps(OPENAI_400, indent=1).encode()
+    else:
+        assert json.loads(body) == {"error": {
+            "message": VLLM_400["error"]["message"], "type": "invalid_request_error",
+            "param": "input_tokens", "code": None}}, body
+    assert headers["x-inferplane-endpoint"] == "up"
+    outcome = await _record(gw, headers["x-inferplane-decision-id"])
+    assert outcome["status"] == 400
+    assert gw.metrics.responses.labels("chat", "400")._value.get() == 1
+
+
+def _dechunk(raw: bytes) -> bytes:
+    """An HTTP/1.1 chunked body's content."""
+    out = []
+    while raw:
+        size, _, rest = raw.partition(b"\r\n")
+        n = int(size.split(b";")[0], 16)
+        if n == 0:
+            break
+        out.append(rest[:n])
+        raw = rest[n + 2:]
+    return b"".join(out)
+
+
+def _request_tasks() -> list[asyncio.Task[Any]]:
+    """The tasks still running one of the gateway's request handlers (`inferplane.api`): the
+    probes', scrapes' and fake upstream's own tasks come and go beside them."""
+    out = []
+    for task in asyncio.all_tasks():
+        coro: Any = task.get_coro()
+        while coro is not None:
+            frame = getattr(coro, "cr_frame", None)
+            if frame is not None and "/inferplane/api/" in frame.f_code.co_filename:
+                out.append(task)
+                break
+            coro = getattr(coro, "cr_await", None)
+    return out
+
+
+def _idle_timers() -> list[asyncio.TimerHandle]:
+    """The idle watches' timers still scheduled on the running loop."""
+    loop = asyncio.get_running_loop()
+    return [h for h in getattr(loop, "_scheduled", [])
+            if not h.cancelled() and getattr(h._callback, "__func__", None) is _IdleWatch._check]
+
+
+async def _settled(gw: Gateway) -> None:
+    """Once the request has left the gateway: nothing of it is left running or held (no
+    stream, settle or connection in use: the health probes and scrapes share the pool, so it
+    is waited for between them; a leaked connection never frees)."""
+    assert gw.dispatcher.session is not None
+    connector = gw.dispatcher.session.connector
+    assert connector is not None
+    async with asyncio.timeout(5):
+        while (gw.dispatcher.streams or gw.admission._tasks
+               or connector._acquired):  # type: ignore[attr-defined]
+            await asyncio.sleep(0.005)
+    assert not _idle_timers()
+
+
+@pytest.mark.parametrize("mode", ["stall", "slow"])
+async def test_a_client_that_leaves_during_the_idle_watch_is_a_499(
+    gateway: tuple[web.Application, Gateway, str], caplog: pytest.LogCaptureFixture, mode: str,
+) -> None:
+    """harden27 item 5: a client gone mid-stream while the idle watch is armed (the upstream
+    silent, or sending slowly): the record says 499 client disconnected, not a stall nor an
+    upstream failure; the upstream's connection is closed (the engine aborts the request), not
+    pooled; no watch timer, task or connection is left, and nothing fires later."""
+    app, gw, base = gateway
+    app[MODE]["mode"] = mode
+    caplog.set_level(logging.WARNING)
+    async with aiohttp.ClientSession() as s:
+        r = await s.post(f"{base}/v1/chat/completions", json={**CHAT, "stream": True},
+                         headers={"Authorization": f"Bearer {KEY}"})
+        decision = r.headers["x-inferplane-decision-id"]
+        seen = b""
+        while b'"w1 "' not in seen:
+            seen += await r.content.readany()
+        assert _idle_timers()  # the watch is armed
+        r.close()  # the client leaves (its connection closed) before the idle limit
+    await _settled(gw)
+    outcome = await _record(gw, decision)
+    assert outcome["status"] == 499 and outcome["error"] == "client disconnected", outcome
+    assert gw.metrics.stream_errors.labels("up")._value.get() == 0
+    assert gw.metrics.responses.labels("chat", "499")._value.get() == 1
+    upstream = app[MODE]["transport"]  # the stream's connection: closed, never pooled
+    assert upstream is None or upstream.is_closing()  # the engine sees the request end
+    await asyncio.sleep(3 * IDLE_S)  # past the limit: nothing fires, the gateway logs nothing
+    # (the fake upstream's own server logs its failed write: the gateway closed the connection)
+    assert not [r.getMessage() for r in caplog.records if r.name.startswith("inferplane")], (
+        caplog.text)
+    assert not _request_tasks()  # the gateway's handler of it has ended
+
+
+async def test_a_slow_client_is_not_a_stalled_upstream(
+    gateway: tuple[web.Application, Gateway, str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """harden27 item 5: a client that stops reading for three idle limits mid-stream, while
+    the socket buffers between it and the engine are full: the relay waits on the client, not
+    the upstream, and the watch does not count that time (it looks, sees the relay writing and
+    looks again later); the whole answer arrives and the record says 200."""
+    app, gw, base = gateway
+    app[MODE]["mode"] = "big"
+    deferred = 0
+    check = _IdleWatch._check
+
+    def counting(self: _IdleWatch) -> None:
+        nonlocal deferred
+        deferred += not self.reading
+        check(self)
+
+    monkeypatch.setattr(_IdleWatch, "_check", counting)
+    port = int(base.rsplit(":", 1)[1])
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    sock.setblocking(False)
+    reader, writer = await asyncio.open_connection(sock=sock, limit=4096)
+    body = json.dumps({**CHAT, "stream": True}).encode()
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                 b"Authorization: Bearer " + KEY.encode() + b"\r\n"
+                 b"Content-Type: application/json\r\nConnection: close\r\n"
+                 b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    await writer.drain()
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    decision = next(line.split(b": ", 1)[1].decode() for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"x-inferplane-decision-id"))
+    got = await reader.read(4096)
+    await asyncio.sleep(3 * IDLE_S)  # the client stops reading
+    got += await reader.read()  # then reads the rest, to the end of the body
+    writer.close()
+    got = _dechunk(got)
+    assert deferred >= 1  # the watch found the relay writing to the client, and waited
+    assert got.count(b'"content": "' + b"y" * 16) == BIG_EVENTS, len(got)
+    assert b"upstream_error" not in got and b"data: [DONE]" in got
+    await _settled(gw)
+    outcome = await _record(gw, decision)
+    assert outcome["status"] == 200 and outcome["error"] is None, outcome
+    assert gw.metrics.stream_errors.labels("up")._value.get() == 0
+
+
 async def test_a_whole_stream_is_still_a_success(
     gateway: tuple[web.Application, Gateway, str], caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -358,6 +591,36 @@ async def test_a_dead_engine_is_logged_once_with_its_reason(
     assert "[decision " in attempts[0] and ", attempt 1]" in attempts[0]
     probes = [m for m in lines if m.startswith("health probe of probed failed")]
     assert probes == [probes[0]] and "cannot connect" in probes[0], lines
+
+
+def test_the_stream_check_reads_every_event_however_it_is_cut() -> None:
+    """`_OpenAIEvents` (made cheaper in harden27) keeps its checks: events split across reads,
+    CRLF lines, ``data:`` without a space, comments and event names, ``[DONE]``, a finish
+    reason, an error event after tokens in the same read (where its line begins), and a
+    ``data:`` line that is not JSON."""
+    stream = (b": keep-alive\r\n\r\n" + _event(0) + b"event: x\ndata:" + _event(1)[5:]
+              + b'data: {"choices":[{"index":0,"finish_reason":"length"}]}\r\n\r\n'
+              + b"data:[DONE]\r\n\r\n")
+    for cut in range(1, len(stream)):  # every way of reading it in two
+        events = _OpenAIEvents()
+        assert events.feed(stream[:cut]) is None and events.feed(stream[cut:]) is None
+        assert events.finished and events.done and events.close() is None
+    events = _OpenAIEvents()
+    assert events.feed(_event(0)) is None and not events.finished
+    assert events.close() == "the stream ended without its closing DONE event (cut short upstream)"
+    error = b'data: {"error": {"message": "boom", "code": 500}}\n\n'
+    for head in (b"", _event(1)[:9]):  # the error's line whole in the read, or begun before
+        events = _OpenAIEvents()
+        assert events.feed(head) is None
+        rest = _event(1)[len(head):] if head else b""
+        assert events.feed(rest + _event(2) + error + b"data: [DONE]\n\n") == "boom"
+        assert events.error == {"message": "boom", "code": 500}
+        assert events.error_at == len(rest) + len(_event(2))
+    events = _OpenAIEvents()
+    assert events.feed(b'data: {"error": "text"}\n\n') == "text"
+    assert events.feed(b"data: {not json\n\n") == (
+        "sent a stream event that is not JSON: '{not json'")
+    assert _OpenAIEvents().feed(b'data: {"error": null, "choices": []}\n\n') is None
 
 
 def test_the_log_limiter_lets_one_line_per_key_per_interval() -> None:

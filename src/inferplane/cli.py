@@ -559,16 +559,20 @@ def startup_problems(cfg: FleetConfig, file: str) -> list[tuple[str, str]]:
     (field, problem), found by the checks `serve` runs at start (without opening a file or a
     connection): endpoint keys (`dispatch.credentials`), the ledger's signing key, DSN
     variable and file (`ledger.build.ledger_problems`), the batch store's DSN variable and file
-    (`batch.routes.store_problems`). A batch file derived from ``gateway.ledger_path`` that
-    fails where the ledger's own file does is one problem, the ledger's."""
+    (`batch.routes.store_problems`), the admission store's file or Redis outage journal's
+    (`admission.controller.store_problems`). A batch or admission file derived from
+    ``gateway.ledger_path`` that fails where the ledger's own file does is one problem, the
+    ledger's."""
+    from inferplane.admission.controller import store_problems as admission_problems
     from inferplane.batch.routes import store_problems
     from inferplane.dispatch.credentials import credential_problems
     from inferplane.ledger.build import ledger_problems
 
     ledger = ledger_problems(cfg, file)
     named = {f for f, _ in ledger}
-    batch = [(f, p) for f, p in store_problems(cfg, file) if f not in named]
-    return [*credential_problems(cfg), *ledger, *batch]
+    stores = [*admission_problems(cfg), *store_problems(cfg, file)]
+    derived = [(f, p) for f, p in stores if f not in named]
+    return [*credential_problems(cfg), *ledger, *derived]
 
 
 @app.command()

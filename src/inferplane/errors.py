@@ -15,6 +15,7 @@ Every layer raises these; only ``api/`` renders them, always in OpenAI's shape
     ├── RateLimitError                429 rate_limit_exceeded     (carries Retry-After)
     │   └── BudgetExceededError       429 budget_exceeded
     ├── UpstreamError                 502 upstream_error          (names the upstream)
+    │   └── UpstreamErrorEvent                                     (its stream's error event)
     ├── NoEligibleEndpointError       503 no_eligible_endpoint    (names filters and counts)
     └── StoreUnavailableError         503 service_unavailable     (shared store down; Retry-After)
 
@@ -169,6 +170,13 @@ class UpstreamError(GatewayError):
     def __init__(self, message: str, *, upstream: str, **kwargs: object) -> None:
         super().__init__(f"upstream {upstream!r}: {message}", **kwargs)  # type: ignore[arg-type]
         self.upstream = upstream
+
+
+class UpstreamErrorEvent(UpstreamError):
+    """The upstream's stream ended in an error event of its own, well framed (an OpenAI-dialect
+    ``data: {"error": {...}}`` as vLLM, SGLang and OpenAI send on a mid-stream failure, a
+    Messages stream's ``error`` event): a stream error as any other, and the client's stream
+    ends as the upstream's did, with the error event and ``data: [DONE]``."""
 
 
 class NoEligibleEndpointError(GatewayError):

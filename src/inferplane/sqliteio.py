@@ -8,10 +8,11 @@ from pathlib import Path
 
 
 def open_wal(path: str | Path, schema: str) -> sqlite3.Connection:
-    """An autocommit connection to the file ``path`` (its folder created) for one worker
-    thread: WAL, ``synchronous=NORMAL``, waiting up to 10 s for another process's write lock;
-    ``schema`` (``CREATE … IF NOT EXISTS`` statements) run on it."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    """An autocommit connection to the file ``path`` for one worker thread: WAL,
+    ``synchronous=NORMAL``, waiting up to 10 s for another process's write lock; ``schema``
+    (``CREATE … IF NOT EXISTS`` statements) run on it. Its folder is never created: one that
+    is missing is a configuration mistake (`admission.controller.store_problems`), and SQLite
+    says it cannot open the file."""
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10.0)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")

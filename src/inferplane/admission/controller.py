@@ -45,8 +45,9 @@ from inferplane.admission.budget import BudgetLease, Budgets, WorstCase
 from inferplane.admission.queue import BANDS, FairQueue, Grant, PoolKey
 from inferplane.admission.retry import RetryBudget, retry_key
 from inferplane.admission.state import AdmissionStore, MemoryStore
+from inferplane.config.files import writable_file_problem
 from inferplane.config.schema import FleetConfig, TenantSpec, WorkloadClass
-from inferplane.errors import GatewayError, InvalidRequestError, RateLimitError
+from inferplane.errors import ConfigError, GatewayError, InvalidRequestError, RateLimitError
 from inferplane.fleet.live import LiveFleet
 from inferplane.fleet.model import Endpoint
 from inferplane.fleet.state import FleetSnapshot
@@ -104,11 +105,17 @@ class Ticket:
         self.completion_tokens = completion_tokens
 
 
-def make_store(config: FleetConfig, lag: LoopLag | None = None) -> AdmissionStore:
+def make_store(
+    config: FleetConfig, lag: LoopLag | None = None, file: str = "<config>"
+) -> AdmissionStore:
     """The configured admission store. With Redis and ``lag`` (the process's `LoopLag`), each
     Redis call's timeout counts the gateway's running time, up to ``gateway.lag_max_stretch``
-    × itself in wall time (`admission.outage`)."""
+    × itself in wall time (`admission.outage`). A file of its own the gateway cannot create or
+    write (its directory missing, ...: `store_problems`) is a `ConfigError` naming the field:
+    a typo in ``admission.path`` must not start a new, empty budget store elsewhere."""
     spec = config.admission
+    if problems := store_problems(config):
+        raise ConfigError(file, problems)
     if spec.store == "redis":
         from inferplane.admission.journal import OutageJournal
         from inferplane.admission.outage import OutageStore
@@ -130,6 +137,22 @@ def make_store(config: FleetConfig, lag: LoopLag | None = None) -> AdmissionStor
 
         return SqliteStore(path, retry_after_s=spec.outage_retry_after_s)
     return MemoryStore()
+
+
+def store_problems(config: FleetConfig) -> list[tuple[str, str]]:
+    """What `make_store` would refuse, as (field, problem), without opening anything
+    (`inferplane check` reports it): the local store's file (``admission.path``, default
+    beside ``gateway.ledger_path``) or the Redis outage journal's (``admission.journal_path``,
+    the same), where the gateway could not create or write it."""
+    spec = config.admission
+    if spec.store == "redis":
+        path, own = journal_path(config), spec.journal_path
+        key = "admission.journal_path" if own else "gateway.ledger_path"
+    else:
+        path, own = local_store_path(config), spec.path
+        key = "admission.path" if own else "gateway.ledger_path"
+    problem = None if path is None else writable_file_problem(path)
+    return [] if problem is None else [(key, f"{path}: {problem}")]
 
 
 def journal_path(config: FleetConfig) -> str | None:

@@ -60,6 +60,7 @@ from inferplane.admission.state import (
     CounterDemand,
     CounterState,
     MemoryStore,
+    StoreHealth,
     UsageRow,
 )
 from inferplane.errors import StoreUnavailableError
@@ -119,6 +120,16 @@ class OutageStore:
     @property
     def up(self) -> bool:
         return self.down_since is None
+
+    def health(self) -> StoreHealth:
+        """For ``/metrics``: whether Redis answers, and what the journal holds for it."""
+        settles = sum(1 for e in self.journal if e.kind == "settle")
+        down = self.down_since
+        return StoreHealth(
+            up=down is None, down_for_s=0.0 if down is None else max(0.0, self.clock() - down),
+            pending_settles=settles, pending_usage=len(self.journal) - settles,
+            outages=self.outages,
+        )
 
     def _unavailable(self, what: str) -> StoreUnavailableError:
         return StoreUnavailableError.retry_after(

@@ -54,6 +54,7 @@ from inferplane.admission.state import (
     CounterDemand,
     CounterState,
     MemoryStore,
+    StoreHealth,
     UsageRow,
 )
 from inferplane.errors import StoreUnavailableError
@@ -163,6 +164,15 @@ class SqliteStore(MemoryStore):
     def backlog(self) -> int:
         """Pending settles plus pending (merged) usage rows."""
         return len(self.pending) + len(self.pending_usage)
+
+    def health(self) -> StoreHealth:
+        """For ``/metrics``: whether the file takes writes, and what waits for it."""
+        down = self.down_since
+        return StoreHealth(
+            up=down is None, down_for_s=0.0 if down is None else max(0.0, self.clock() - down),
+            pending_settles=len(self.pending), pending_usage=len(self.pending_usage),
+            outages=self.outages, dropped=self.dropped,
+        )
 
     async def _now(self, op: Op) -> bool:
         """Write ``op`` now when nothing waits; True when it is done with (written, or dropped

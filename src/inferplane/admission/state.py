@@ -25,6 +25,24 @@ SEP = "\x1f"  # joins the parts of a usage group
 
 
 @dataclass(frozen=True, slots=True)
+class StoreHealth:
+    """What a store that can be out of service says of itself (``health()``, read when
+    ``/metrics`` is): ``up`` (it takes writes), since when it has not (``down_for_s``), the
+    updates it keeps meanwhile (budget settles, usage rows) and its running totals."""
+
+    up: bool
+    down_for_s: float
+    pending_settles: int
+    pending_usage: int
+    outages: int
+    dropped: int = 0
+
+
+IN_MEMORY = StoreHealth(up=True, down_for_s=0.0, pending_settles=0, pending_usage=0, outages=0)
+"""What a store in memory says (it has no ``health()``): always up, nothing waiting."""
+
+
+@dataclass(frozen=True, slots=True)
 class CounterDemand:
     """One budget counter touched by a request: its limits and what the request asks of it."""
 

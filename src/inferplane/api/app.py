@@ -44,6 +44,7 @@ from inferplane.errors import (
     PermissionDeniedError,
     UnsupportedMediaTypeError,
     UpstreamError,
+    UpstreamErrorEvent,
     quoted,
 )
 from inferplane.fleet.health import endpoint_summary
@@ -376,6 +377,8 @@ async def forward(
             gw.metrics.stream_errors.labels(endpoint.name).inc()
             payload = orjson.dumps(exc.to_body())
             await out.write(b"data: " + payload + b"\n\n")
+            if isinstance(exc, UpstreamErrorEvent):  # told by the upstream: ended as it did
+                done = SSE_DONE
         except ConnectionResetError:
             raise
         except Exception:

@@ -29,7 +29,7 @@ from prometheus_client import generate_latest
 
 from inferplane.admission.controller import Admission, Ticket
 from inferplane.admission.queue import BANDS, QueueTimeoutError
-from inferplane.admission.state import AdmissionStore
+from inferplane.admission.state import IN_MEMORY, AdmissionStore, StoreHealth
 from inferplane.config.loader import parse_config, read_text
 from inferplane.config.schema import FleetConfig, ModelAlias, TenantSpec
 from inferplane.core.reload import policies_changed, refreeze_after_reload, restart_needed
@@ -200,6 +200,10 @@ class Core:
             monotonic=monotonic,
             lag=self.lag,
         )
+        if (health := getattr(self.admission.store, "health", None)) is not None:
+            # a store that can be out of service: its outage totals (the rest at scrape time)
+            self.metrics.store_outages.count_from(lambda: health().outages)
+            self.metrics.store_dropped.count_from(lambda: health().dropped)
         self.outliers = OutlierDetector(self.fleet, config.health.outlier)
         self.slots: SharedSlots | None = None
         spec = config.admission
@@ -521,6 +525,12 @@ class Core:
                 m.pool_verdict.labels(name, verdict).set(1 if p.verdict == verdict else 0)
         for band in BANDS:
             m.queue_depth.labels(band).set(self.admission.queue.depth(band))
+        health = getattr(self.admission.store, "health", None)
+        store: StoreHealth = health() if health is not None else IN_MEMORY
+        m.store_up.set(1 if store.up else 0)
+        m.store_down_seconds.set(store.down_for_s)
+        m.store_pending.labels("settle").set(store.pending_settles)
+        m.store_pending.labels("usage").set(store.pending_usage)
         return generate_latest(m.registry)
 
     def sweep_outliers(self) -> None:

@@ -27,7 +27,7 @@ import time
 from collections.abc import AsyncGenerator, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, Final
 
 import aiohttp
 import orjson
@@ -35,7 +35,7 @@ import orjson
 from inferplane.dispatch import anthropic, eager
 from inferplane.dispatch.answer import StreamStats, UpstreamAttemptFailed
 from inferplane.dispatch.credentials import auth_headers
-from inferplane.errors import UpstreamError
+from inferplane.errors import UpstreamError, UpstreamErrorEvent
 from inferplane.fleet.model import Endpoint
 from inferplane.lograte import LogLimiter
 from inferplane.looplag import MAX_STRETCH, LoopLag
@@ -600,7 +600,18 @@ class Dispatcher:
                         chunk = raw
                         assert events is not None
                         if (problem := events.feed(chunk)) is not None:
-                            raise UpstreamError(problem, upstream=endpoint.name)
+                            if events.error is None:
+                                raise UpstreamError(problem, upstream=endpoint.name)
+                            # the upstream's own error event: what came before it in this
+                            # read goes out, the event becomes the gateway's (`forward`)
+                            if (before := chunk[: events.error_at]):
+                                stats.observe(before, now)
+                                opened = True
+                                yield before
+                            raise UpstreamErrorEvent(
+                                f"sent an error event mid-stream after {stats.tokens} tokens: "
+                                f"{problem}", upstream=endpoint.name,
+                            )
                     stats.observe(chunk, now)
                     opened = True
                     yield chunk
@@ -643,7 +654,7 @@ class _OpenAIEvents:
     without ``message_stop`` is). Only a line split across
     chunks is carried to the next; engines send whole events, so that is rare."""
 
-    __slots__ = ("_tail", "done", "finished")
+    __slots__ = ("_tail", "done", "error", "error_at", "finished")
 
     #: a ``data:`` line longer than this (with no end in sight) is not an OpenAI event
     MAX_LINE = 16 * 1024 * 1024
@@ -652,31 +663,55 @@ class _OpenAIEvents:
         self._tail = b""
         self.done = False
         self.finished = False  # a chunk with a finish reason went by
+        self.error: Any = None  # an error event's ``error`` (vLLM, SGLang, OpenAI mid-stream)
+        self.error_at = 0  # where in the last chunk fed the error event's line began
 
     def feed(self, chunk: bytes) -> str | None:
-        """None, or what is wrong with the stream so far."""
-        data = self._tail + chunk if self._tail else chunk
+        """None, or what is wrong with the stream so far: an event that is not JSON, or an
+        error event (``data: {"error": {...}}``, then `error` holds its ``error`` and
+        `error_at` where its line began in ``chunk``, 0 if before it).
+
+        On the relay's path for every event: each ``data:`` line is parsed once with orjson (the
+        check itself), around it as little as Python allows (no copy of a chunk that ends with
+        its line, ``[DONE]`` tried only when a line does not parse, the finish reason looked
+        for in a plain loop and only until one is seen)."""
+        tail = self._tail
+        data = tail + chunk if tail else chunk
         cut = data.rfind(b"\n")
         if cut < 0:
             self._tail = data
             return None if len(data) <= self.MAX_LINE else (
                 f"sent a line of more than {self.MAX_LINE} bytes")
-        complete, self._tail = data[:cut], data[cut + 1 :]
-        if b"data:" not in complete:  # comments, blank lines
-            return None
+        if cut == len(data) - 1:  # whole lines (as engines send them): nothing carried
+            complete, self._tail = data, b""
+        else:
+            complete, self._tail = data[:cut], data[cut + 1 :]
+        loads = orjson.loads
         for line in complete.split(b"\n"):
-            if not line.startswith(b"data:"):
-                continue
-            payload = line[5:].strip()
-            if payload == b"[DONE]":
-                self.done = True
+            if not line or line[:5] != b"data:":  # blank lines, comments, event names
                 continue
             try:
-                obj = orjson.loads(payload)
+                obj = loads(line[5:])  # JSON's own whitespace around it is allowed
             except orjson.JSONDecodeError:
+                payload = line[5:].strip()
+                if payload == b"[DONE]":
+                    self.done = True
+                    continue
                 return f"sent a stream event that is not JSON: {_excerpt(payload)}"
-            if not self.finished and type(obj) is dict and _finishes(obj):
-                self.finished = True
+            if type(obj) is not dict:
+                continue
+            if obj.get("error") is not None:
+                # the first line equal to it is it: an earlier one would have ended here
+                self.error = obj["error"]
+                self.error_at = max(0, complete.find(line) - len(tail))
+                return _error_message(self.error)
+            if not self.finished:
+                choices = obj.get("choices")
+                if type(choices) is list:
+                    for c in choices:
+                        if type(c) is dict and c.get("finish_reason") is not None:
+                            self.finished = True
+                            break
         return None
 
     def close(self) -> str | None:
@@ -688,12 +723,18 @@ class _OpenAIEvents:
         return "the stream ended without its closing DONE event (cut short upstream)"
 
 
-def _finishes(obj: dict[str, Any]) -> bool:
-    """Whether an OpenAI-dialect chunk carries a finish reason (the answer is complete)."""
-    choices = obj.get("choices")
-    return type(choices) is list and any(
-        type(c) is dict and c.get("finish_reason") is not None for c in choices
-    )
+def _error_message(error: Any) -> str:
+    """What an OpenAI-dialect error event says: its ``message`` (vLLM's, SGLang's, OpenAI's
+    ``{"error": {"message", "type", "param", "code"}}``), the text of ``{"error": "text"}``, or
+    the error as JSON, cut to 500 characters."""
+    text: str
+    if type(error) is dict and isinstance(error.get("message"), str):
+        text = error["message"]
+    elif isinstance(error, str):
+        text = error
+    else:
+        text = orjson.dumps(error).decode()
+    return text if len(text) <= 500 else text[:500] + "…"
 
 
 class _IdleWatch:
@@ -824,7 +865,7 @@ def _stream_errors(endpoint: Endpoint) -> Iterator[None]:
     try:
         yield
     except anthropic.MessagesStreamError as exc:
-        raise UpstreamError(f"stream error: {exc}", upstream=endpoint.name) from None
+        raise UpstreamErrorEvent(f"stream error: {exc}", upstream=endpoint.name) from None
     except anthropic.MessagesFormatError as exc:
         raise UpstreamError(str(exc), upstream=endpoint.name) from None
 
@@ -834,11 +875,30 @@ def _excerpt(data: bytes, limit: int = 120) -> str:
     return repr(text + ("…" if len(data) > limit else ""))
 
 
+_OPENAI_TYPE = re.compile(r"[a-z][a-z0-9_]*")
+"""An error ``type`` as OpenAI writes them (``invalid_request_error``); vLLM and SGLang send
+their exception's class name (``BadRequestError``), which `openai_error_body` replaces."""
+
+_STATUS_TYPES: Final = {
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    429: "rate_limit_exceeded",
+}
+"""The ``type`` of an engine's error by its status where the engine's own is not OpenAI's:
+the gateway's own types for these statuses (`inferplane.errors`); any other 4xx is an
+``invalid_request_error``, a 5xx an ``upstream_error``."""
+
+
 def openai_error_body(data: bytes, status: int) -> bytes | None:
     """An OpenAI-compatible server's error body in OpenAI's shape ``{"error": {"message",
-    "type", "param", "code"}}``: returned as is when it has that shape, rebuilt from the forms
-    such servers also send (vLLM's flat ``{"object": "error", "message", ...}``, ``{"error":
-    "text"}``, FastAPI's ``{"detail": ...}``), or None when it is in none of them."""
+    "type", "param", "code"}}`` with the server's message: returned as is when it is exactly
+    that (a string type in OpenAI's style, ``param`` and ``code`` strings or null), else
+    rebuilt from what such servers send — vLLM's and SGLang's ``{"error": {"message", "type":
+    "BadRequestError", "param", "code": 400}}`` (the type then from the status, a number code
+    dropped: OpenAI's clients read a string), vLLM's older flat ``{"object": "error",
+    "message", ...}``, ``{"error": "text"}``, FastAPI's ``{"detail": ...}``; None when it is in
+    none of them."""
     try:
         obj = orjson.loads(data)
     except orjson.JSONDecodeError:
@@ -847,25 +907,26 @@ def openai_error_body(data: bytes, status: int) -> bytes | None:
         return None
     err = obj.get("error")
     if isinstance(err, dict) and isinstance(err.get("message"), str):
-        return data
-    if isinstance(err, str):
-        message, kind, code = err, None, None
+        source = err
+    elif isinstance(err, str):
+        source = {"message": err}
     elif obj.get("object") == "error" and isinstance(obj.get("message"), str):
-        message, kind, code = obj["message"], obj.get("type"), obj.get("code")
+        source = obj
     elif "detail" in obj:
         detail = obj["detail"]
-        message, kind, code = (detail if isinstance(detail, str) else orjson.dumps(detail).decode(),
-                               None, None)
+        source = {"message": detail if isinstance(detail, str) else orjson.dumps(detail).decode()}
     else:
         return None
-    fallback = "invalid_request_error" if 400 <= status < 500 else "upstream_error"
-    return orjson.dumps(
-        {
-            "error": {
-                "message": message,
-                "type": kind if isinstance(kind, str) else fallback,
-                "param": obj.get("param") if isinstance(obj.get("param"), str) else None,
-                "code": code if isinstance(code, str) else None,
-            }
-        }
-    )
+    kind, param, code = source.get("type"), source.get("param"), source.get("code")
+    if not (isinstance(kind, str) and _OPENAI_TYPE.fullmatch(kind)):
+        kind = _STATUS_TYPES.get(status) or (
+            "invalid_request_error" if 400 <= status < 500 else "upstream_error")
+    shaped = {
+        "message": source["message"],
+        "type": kind,
+        "param": param if isinstance(param, str) else None,
+        "code": code if isinstance(code, str) else None,
+    }
+    if source is err and err == shaped and len(obj) == 1:
+        return data  # OpenAI's own (or as good): not serialised again
+    return orjson.dumps({"error": shaped})

@@ -366,10 +366,23 @@ class GatewayMetrics:
             "ran as another user, or could not be identified (serve --workers; telemetry.gather)",
         )
         self._schedstat_metrics()
+        # the admission store's own totals (`admission.state.StoreHealth`), wired by the core
+        # where the store keeps them (the local SQLite store, Redis behind its outage store)
+        self.store_outages = SourcedCounter(
+            "inferplane_admission_store_outages_total",
+            "Times the admission store stopped taking writes (the local store's file, or Redis) "
+            "since start",
+        )
+        self.store_dropped = SourcedCounter(
+            "inferplane_admission_store_dropped_total",
+            "Budget settles the local admission store dropped since start: past its cap of "
+            "pending settles during an outage, or that could not apply (logged)",
+        )
         self._sourced = SourcedCounters(
             (self.loop_lost, self.send_gate_requests, self.send_gate_groups, self.coalesce_holds,
              self.loop_cpu, self.loop_runqueue_wait, self.loop_slices, self.process_runqueue_wait,
-             self.worker_page_refused, self.engine_scrapes, self.health_probes)
+             self.worker_page_refused, self.engine_scrapes, self.health_probes,
+             self.store_outages, self.store_dropped)
         )
         r.register(self._sourced)
         self._admission_metrics(r)
@@ -541,6 +554,27 @@ class GatewayMetrics:
             "inferplane_admission_queue_depth",
             "Requests waiting in the admission queue, by priority band",
             ["band"],
+            registry=r,
+        )
+        self.store_up = Gauge(
+            "inferplane_admission_store_up",
+            "Whether the admission store takes writes now (1), or is in an outage (0: the "
+            "local store's file cannot be written, or Redis cannot be reached; budgets answer "
+            "503 and spend waits in inferplane_admission_store_pending); 1 for a store in "
+            "memory",
+            registry=r,
+        )
+        self.store_down_seconds = Gauge(
+            "inferplane_admission_store_outage_seconds",
+            "How long the admission store's current outage has lasted, in seconds (0 when up)",
+            registry=r,
+        )
+        self.store_pending = Gauge(
+            "inferplane_admission_store_pending",
+            "Updates the admission store keeps until it can write them, by kind: budget "
+            "settles (in order) and usage rows (the local store merges them per tenant and "
+            "group; Redis's outage journal keeps each)",
+            ["kind"],
             registry=r,
         )
         self.replacement_budget_exhausted = Counter(

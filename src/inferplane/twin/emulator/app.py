@@ -104,11 +104,17 @@ def _chat_text(body: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
-def _prompt_ids(body: dict[str, Any]) -> list[int]:
-    """Token ids of a completions ``prompt``: text, token ids, or a one-element list of them."""
+def _one_prompt(body: dict[str, Any]) -> Any:
+    """A completions ``prompt``: text, token ids, or the one element of a list of them."""
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]
+        return prompt[0]
+    return prompt
+
+
+def _prompt_ids(body: dict[str, Any]) -> list[int]:
+    """Token ids of a completions ``prompt``: text, token ids, or a one-element list of them."""
+    prompt = _one_prompt(body)
     if isinstance(prompt, str):
         return token_ids(prompt)
     if _is_ids(prompt):
@@ -125,32 +131,60 @@ def request_ids(body: dict[str, Any], chat: bool) -> list[int]:
     return token_ids(_chat_text(body)) if chat else _prompt_ids(body)
 
 
-def _max_tokens(body: dict[str, Any], chat: bool, n_prompt: int, model: ServedModel) -> int:
+def _prompt_too_long(limit: int, n_prompt: int, text: bool) -> EmulatedRequestError:
+    """vLLM 0.32's 400 for a prompt longer than the context (``renderers/params.py``
+    ``_token_len_check``; its tokenizer stops at ``limit + 1`` tokens of a text prompt, so the
+    count is "at least" that)."""
+    count = limit + 1 if text else n_prompt
+    return EmulatedRequestError(
+        400,
+        f"This model's maximum context length is {limit} tokens. However, your prompt "
+        f"contains {'at least ' if count == limit + 1 else ''}{count} input tokens, which "
+        "exceeds this limit even without any output tokens. Please reduce the length of the "
+        f"input prompt. (parameter=input_tokens, value={count})",
+        param="input_tokens",
+    )
+
+
+def _max_tokens(
+    body: dict[str, Any], chat: bool, n_prompt: int, model: ServedModel, text: bool = True
+) -> int:
+    """The tokens to generate, as vLLM 0.32 decides them: a prompt longer than the context is
+    a 400 (``input_tokens``), a ``max_tokens`` (``max_completion_tokens``) above the context
+    too; otherwise what is asked (the default where nothing is) is cut to the room the prompt
+    leaves, and a prompt that leaves none is a 400 (``max_tokens must be at least 1``)."""
     limit = model.max_context
-    if n_prompt >= limit:
-        raise EmulatedRequestError(
-            400,
-            f"This model's maximum context length is {limit} tokens. However, your "
-            f"request has {n_prompt} input tokens. Please reduce the length of the input.",
-            param="messages" if chat else "prompt",
-        )
-    raw = body.get("max_completion_tokens") if chat else None
+    if n_prompt > limit:
+        raise _prompt_too_long(limit, n_prompt, text)
+    param = "max_completion_tokens" if chat else "max_tokens"
+    raw = body.get(param) if chat else None
     if raw is None:
-        raw = body.get("max_tokens")
+        param, raw = "max_tokens", body.get("max_tokens")
     if raw is None:
-        default = DEFAULT_CHAT_MAX_TOKENS if chat else DEFAULT_COMPLETION_MAX_TOKENS
-        return min(default, limit - n_prompt)
-    if not isinstance(raw, int) or isinstance(raw, bool) or raw < 1:
+        raw = DEFAULT_CHAT_MAX_TOKENS if chat else DEFAULT_COMPLETION_MAX_TOKENS
+    elif not isinstance(raw, int) or isinstance(raw, bool):
         raise EmulatedRequestError(400, "`max_tokens` must be an integer >= 1.", param="max_tokens")
-    if n_prompt + raw > limit:
+    elif raw < 1:
+        raise _no_room(raw)
+    elif raw > limit:
         raise EmulatedRequestError(
             400,
-            f"This model's maximum context length is {limit} tokens. However, you "
-            f"requested {n_prompt + raw} tokens ({n_prompt} in the messages, {raw} in the "
-            "completion). Please reduce the length of the messages or completion.",
-            param="max_tokens",
+            f"{param}={raw} cannot be greater than max_model_len={limit}. Please request fewer "
+            f"output tokens. (parameter={param}, value={raw})",
+            param=param,
         )
-    return raw
+    tokens = min(raw, limit - n_prompt)
+    if tokens < 1:
+        raise _no_room(tokens)
+    return tokens
+
+
+def _no_room(tokens: int) -> EmulatedRequestError:
+    """vLLM 0.32's 400 for a ``max_tokens`` below 1, asked or left by the prompt."""
+    return EmulatedRequestError(
+        400, f"max_tokens must be at least 1, got {tokens}. (parameter=max_tokens, "
+        f"value={tokens})", param="max_tokens",
+    )
 
 
 def generate_model(emu: EmulatedEndpoint, body: dict[str, Any]) -> ServedModel:
@@ -194,7 +228,8 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
     body = await body_of(request)
     served = generate_model(emu, body)
     prompt = request_ids(body, chat)
-    max_tokens = _max_tokens(body, chat, len(prompt), served)
+    max_tokens = _max_tokens(body, chat, len(prompt), served,
+                             text=chat or not _is_ids(_one_prompt(body)))
     stream = bool(body.get("stream", False))
     opts = body.get("stream_options")
     include_usage = stream and isinstance(opts, dict) and bool(opts.get("include_usage"))

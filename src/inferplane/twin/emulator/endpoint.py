@@ -265,7 +265,10 @@ class EmulatedEndpoint:
         for m in self.endpoint.spec.models:
             if model in (m.upstream, m.name):  # a provider knows its models by upstream name
                 return m
-        raise EmulatedRequestError(404, f"The model `{model}` does not exist.", param="model")
+        names = ", ".join(m.upstream for m in self.endpoint.spec.models)
+        raise EmulatedRequestError(  # vLLM 0.32's words
+            404, f"The model `{model}` does not exist. Valid aliases: {names}.", param="model"
+        )
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
