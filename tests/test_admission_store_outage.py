@@ -24,8 +24,9 @@ import pytest
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
+from inferplane.admission import sqlite_state
 from inferplane.admission.sqlite_state import SqliteStore
-from inferplane.admission.state import SEP, CounterDemand
+from inferplane.admission.state import SEP, CounterDemand, StoreHealth
 from inferplane.api.app import serve
 from inferplane.api.pipeline import Gateway
 from inferplane.config.loader import parse_config
@@ -144,10 +145,11 @@ async def _store_gauges(s: aiohttp.ClientSession, base: str) -> dict[str, float]
 
 
 async def test_the_store_outage_and_its_backlog_are_on_the_metrics_page(
-    gateway: tuple[Gateway, str],
+    gateway: tuple[Gateway, str], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """harden27: an operator can alert on an outage of the store's file and on the spend
-    waiting for it (docs/metrics.md, Admission store outages)."""
+    waiting for it (docs/metrics.md, Admission store outages); a scrape asks the store for its
+    health once (review27 S4: the counters read its totals as they are)."""
     gw, base = gateway
     store = gw.admission.store
     assert isinstance(store, SqliteStore)
@@ -167,7 +169,15 @@ async def test_the_store_outage_and_its_backlog_are_on_the_metrics_page(
             assert (await _chat(s, base, "plain"))[0] == 200
         await _until(lambda: not gw.admission._tasks)
         await asyncio.sleep(0.05)
+        asked: list[StoreHealth] = []
+
+        def health(*args: Any, **kwargs: Any) -> StoreHealth:
+            asked.append(StoreHealth(*args, **kwargs))
+            return asked[-1]
+
+        monkeypatch.setattr(sqlite_state, "StoreHealth", health)
         down = await _store_gauges(s, base)
+        assert len(asked) == 1
         assert down["inferplane_admission_store_up"] == 0.0, down
         assert down["inferplane_admission_store_outage_seconds"] > 0.0, down
         assert down["inferplane_admission_store_pending:settle"] == len(store.pending), down

@@ -373,6 +373,18 @@ async def test_embeddings(emu: EmulatorHandle, http: aiohttp.ClientSession) -> N
         http, emu.urls["gpu-0"] + "/v1/embeddings", {"model": MODEL, "input": "x"}
     )
     assert status == 400
+    # over the context: vLLM 0.32's words, as for a prompt (renderers/params.py, read in its
+    # source: embeddings are checked by the same _token_len_check)
+    for item, said in (("w " * 600, "at least 513"), (list(range(5, 605)), "600")):
+        status, body = await _post(http, base + "/v1/embeddings", {"model": "bge-large",
+                                                                   "input": item})
+        count = said.split()[-1]
+        assert status == 400 and body["error"] == {
+            "message": "This model's maximum context length is 512 tokens. However, your prompt "
+                       f"contains {said} input tokens, which exceeds this limit even without any "
+                       "output tokens. Please reduce the length of the input prompt. "
+                       f"(parameter=input_tokens, value={count})",
+            "type": "BadRequestError", "param": "input_tokens", "code": 400}, body
 
 
 async def test_client_disconnect_aborts_the_engine_request(

@@ -48,6 +48,9 @@ BIG_EVENTS = 200  # 12.8 MB in all: more than loopback's socket buffers hold
 ENGINE_ERROR = {"error": {"message": "The decoder prompt cannot be empty", "type":
                           "BadRequestError", "param": None, "code": 400}}
 """What vLLM 0.32 sends as a stream's last event (``create_streaming_error_response``)."""
+ENGINE_FAULT = {"error": {"message": "CUDA error: an illegal memory access was encountered",
+                          "type": "InternalServerError", "param": None, "code": 500}}
+"""The same event for the engine's own failure."""
 
 
 def _event(i: int) -> bytes:
@@ -76,6 +79,21 @@ OPENAI_400 = {"error": {"message": "This model's maximum context length is 8192 
                         "type": "invalid_request_error", "param": "messages",
                         "code": "context_length_exceeded"}}
 """OpenAI's own answer to the same: relayed byte for byte."""
+AZURE_400 = {"error": {
+    "message": "The response was filtered due to the prompt triggering Azure OpenAI's content "
+               "management policy.",
+    "type": None, "param": "prompt", "code": "content_filter", "status": 400,
+    "innererror": {"code": "ResponsibleAIPolicyViolation", "content_filter_result": {
+        "hate": {"filtered": False, "severity": "safe"},
+        "violence": {"filtered": True, "severity": "medium"}}}}}
+"""Azure OpenAI's content filter refusal: its ``innererror`` (which category) reaches the client;
+only the null ``type`` is given one."""
+OPENROUTER_400 = {"error": {"code": 400, "message": "Provider returned error", "metadata": {
+    "provider_name": "Together", "raw": '{"error":{"message":"bad logit_bias"}}'}},
+    "user_id": "user_2x"}
+"""OpenRouter's relay of a provider's refusal: ``metadata`` (the provider's own error) and the
+``user_id`` beside ``error`` reach the client; the number ``code`` becomes null, a ``type`` is
+added."""
 
 
 async def chat(request: web.Request) -> web.StreamResponse:
@@ -87,6 +105,10 @@ async def chat(request: web.Request) -> web.StreamResponse:
     if mode == "openai-400":
         return web.Response(body=json.dumps(OPENAI_400, indent=1), status=400,
                             content_type="application/json")
+    if mode == "azure-400":
+        return web.json_response(AZURE_400, status=400)
+    if mode == "openrouter-400":
+        return web.json_response(OPENROUTER_400, status=400)
     if not body.get("stream") and mode == "ok":
         return web.json_response({"id": "x", "object": "chat.completion", "model": "m",
                                   "choices": [{"index": 0, "finish_reason": "stop", "message": {
@@ -121,9 +143,10 @@ async def chat(request: web.Request) -> web.StreamResponse:
         for _ in range(10):
             await resp.write(b": OPENROUTER PROCESSING\n\n")
             await asyncio.sleep(IDLE_S / 5)
-    if mode == "error-event":  # vLLM 0.32 on a mid-stream failure: an error event, [DONE]
+    if mode.startswith("error-event"):  # vLLM 0.32 on a mid-stream failure: an error event, [DONE]
+        error = ENGINE_FAULT if mode == "error-event-500" else ENGINE_ERROR
         await resp.write(_event(0) + _event(1))
-        await resp.write(_event(2) + b"data: " + json.dumps(ENGINE_ERROR).encode() + b"\n\n")
+        await resp.write(_event(2) + b"data: " + json.dumps(error).encode() + b"\n\n")
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp
@@ -289,18 +312,22 @@ async def test_a_broken_stream_is_a_stream_error(
     assert lines == [f"upstream up failed after its first byte: {says} [decision {decision}]"]
 
 
+@pytest.mark.parametrize("mode", ["error-event", "error-event-500"])
 async def test_an_error_event_then_done_is_a_stream_error(
-    gateway: tuple[web.Application, Gateway, str], caplog: pytest.LogCaptureFixture,
+    gateway: tuple[web.Application, Gateway, str], caplog: pytest.LogCaptureFixture, mode: str,
 ) -> None:
     """harden26a review S-c: ``data: {"error": ...}`` then ``[DONE]`` (vLLM, SGLang and OpenAI
     on a mid-stream failure) is a stream error, not a success: the tokens before it reach the
     client (one of them in the error's own read), then the gateway's error event (OpenAI shape,
     the engine's message) and ``[DONE]``; the record, the counters and the endpoint's health
-    say it failed."""
+    say it failed. The endpoint's health takes a failure for the engine's own fault (a 5xx
+    event), not for the request's (vLLM's ``BadRequestError``, ``code: 400``: review27 S2 —
+    one tenant's bad requests must not eject an engine)."""
     app, gw, base = gateway
-    app[MODE]["mode"] = "error-event"
+    app[MODE]["mode"] = mode
     caplog.set_level(logging.WARNING, logger="inferplane.core")
-    says = "sent an error event mid-stream after 3 tokens: The decoder prompt cannot be empty"
+    error = ENGINE_FAULT if mode == "error-event-500" else ENGINE_ERROR
+    says = f"sent an error event mid-stream after 3 tokens: {error['error']['message']}"
     status, headers, body = await _post(base, stream=True)
     assert status == 200
     assert all(f'"w{i} "'.encode() in body for i in range(3)), body
@@ -314,26 +341,38 @@ async def test_an_error_event_then_done_is_a_stream_error(
     assert gw.metrics.stream_errors.labels("up")._value.get() == 1
     assert gw.metrics.responses.labels("chat", "502")._value.get() == 1
     assert gw.metrics.responses.labels("chat", "200")._value.get() == 0
-    assert gw.live.live["up"].consecutive_failures == 1  # not a success for its health
+    if mode == "error-event-500":
+        assert gw.live.live["up"].consecutive_failures == 1  # not a success for its health
+    else:
+        assert gw.live.live["up"].consecutive_failures == 0  # nor a failure: the request's
     lines = [r.getMessage() for r in caplog.records if r.name == "inferplane.core"]
     assert len(lines) == 1 and says in lines[0], lines
 
 
 @pytest.mark.parametrize("stream", [False, True])
-@pytest.mark.parametrize("mode", ["vllm-400", "openai-400"])
+@pytest.mark.parametrize("mode", ["vllm-400", "openai-400", "azure-400", "openrouter-400"])
 async def test_an_engine_refusal_is_relayed_in_the_openai_shape(
     gateway: tuple[web.Application, Gateway, str], mode: str, stream: bool,
 ) -> None:
     """An engine's 4xx (vLLM's and SGLang's ``type: BadRequestError``, ``code: 400``) reaches
     the client with its status and message in OpenAI's shape (a string ``type`` in OpenAI's
     style, ``code`` a string or null: OpenAI's typed clients read one), with the decision
-    headers; an answer already in that shape is relayed byte for byte."""
+    headers; an answer already in that shape is relayed byte for byte, and a provider's own
+    keys (Azure's ``innererror``, OpenRouter's ``metadata``) are kept (review27 M1)."""
     app, gw, base = gateway
     app[MODE]["mode"] = mode
     status, headers, body = await _post(base, stream=stream)
     assert status == 400, body
     if mode == "openai-400":
         assert body == json.dumps(OPENAI_400, indent=1).encode()
+    elif mode == "azure-400":
+        azure = json.loads(json.dumps(AZURE_400))
+        azure["error"]["type"] = "invalid_request_error"
+        assert json.loads(body) == azure, body
+    elif mode == "openrouter-400":
+        openrouter = json.loads(json.dumps(OPENROUTER_400))
+        openrouter["error"].update(type="invalid_request_error", param=None, code=None)
+        assert json.loads(body) == openrouter, body
     else:
         assert json.loads(body) == {"error": {
             "message": VLLM_400["error"]["message"], "type": "invalid_request_error",
@@ -609,7 +648,8 @@ def test_the_stream_check_reads_every_event_however_it_is_cut() -> None:
     assert events.feed(_event(0)) is None and not events.finished
     assert events.close() == "the stream ended without its closing DONE event (cut short upstream)"
     error = b'data: {"error": {"message": "boom", "code": 500}}\n\n'
-    for head in (b"", _event(1)[:9]):  # the error's line whole in the read, or begun before
+    for head in (b"", _event(1)[:9]):  # the error's line whole in the read, or an event before
+        # it begun in the read before
         events = _OpenAIEvents()
         assert events.feed(head) is None
         rest = _event(1)[len(head):] if head else b""
@@ -620,7 +660,17 @@ def test_the_stream_check_reads_every_event_however_it_is_cut() -> None:
     assert events.feed(b'data: {"error": "text"}\n\n') == "text"
     assert events.feed(b"data: {not json\n\n") == (
         "sent a stream event that is not JSON: '{not json'")
-    assert _OpenAIEvents().feed(b'data: {"error": null, "choices": []}\n\n') is None
+    for empty in (b"null", b"false", b'""', b"{}"):  # not an error event (review27 N8)
+        assert _OpenAIEvents().feed(b'data: {"error": ' + empty + b', "choices": []}\n\n') is None
+    # review27 S6: where the error's line begins, exactly, even with the same bytes in a comment
+    # before it (a comment is not parsed); and 0 when the error's own line began before the read
+    events = _OpenAIEvents()
+    line = error.rstrip(b"\n")
+    head = b'data: {"choices":[]}\n\n: ' + line + b"\n\n" + _event(3)
+    assert events.feed(head + error) == "boom" and events.error_at == len(head)
+    events = _OpenAIEvents()
+    assert events.feed(_event(4) + error[:10]) is None
+    assert events.feed(error[10:] + b"data: [DONE]\n\n") == "boom" and events.error_at == 0
 
 
 def test_the_log_limiter_lets_one_line_per_key_per_interval() -> None:

@@ -176,7 +176,13 @@ class UpstreamErrorEvent(UpstreamError):
     """The upstream's stream ended in an error event of its own, well framed (an OpenAI-dialect
     ``data: {"error": {...}}`` as vLLM, SGLang and OpenAI send on a mid-stream failure, a
     Messages stream's ``error`` event): a stream error as any other, and the client's stream
-    ends as the upstream's did, with the error event and ``data: [DONE]``."""
+    ends as the upstream's did, with the error event and ``data: [DONE]``. ``client_fault``:
+    the event says the request was at fault (a 4xx ``code``, vLLM's ``BadRequestError``, an
+    ``invalid_request_error``): recorded as an error, but not against the endpoint's health."""
+
+    def __init__(self, message: str, *, upstream: str, client_fault: bool = False) -> None:
+        super().__init__(message, upstream=upstream)
+        self.client_fault = client_fault
 
 
 class NoEligibleEndpointError(GatewayError):

@@ -112,8 +112,10 @@ class OutageStore:
         self._retry_at = 0.0
         self.store = journal or OutageJournal()  # where the journal survives a restart
         self.journal: deque[Entry] = deque()
+        self.journal_settles = 0  # how many of `journal` are settles (kept as it changes)
         self._reconciler: asyncio.Task[None] | None = None
         self.outages = 0
+        self.dropped = 0  # never: every update is replayed (the totals read as the SQLite store's)
         self.replayed = 0
 
     # -- state ----------------------------------------------------------------------------
@@ -122,8 +124,9 @@ class OutageStore:
         return self.down_since is None
 
     def health(self) -> StoreHealth:
-        """For ``/metrics``: whether Redis answers, and what the journal holds for it."""
-        settles = sum(1 for e in self.journal if e.kind == "settle")
+        """For ``/metrics``: whether Redis answers, and what the journal holds for it (running
+        counts: O(1) however long an outage's journal grows)."""
+        settles = self.journal_settles
         down = self.down_since
         return StoreHealth(
             up=down is None, down_for_s=0.0 if down is None else max(0.0, self.clock() - down),
@@ -179,6 +182,11 @@ class OutageStore:
         self.down_since = None
 
     # -- reconciliation -------------------------------------------------------------------
+    def _push(self, entry: Entry) -> None:
+        self.journal.append(entry)
+        if entry.kind == "settle":
+            self.journal_settles += 1
+
     def _ensure_reconciler(self) -> None:
         if self._reconciler is None or self._reconciler.done():
             with contextlib.suppress(RuntimeError):  # no running loop: the next call starts it
@@ -189,7 +197,7 @@ class OutageStore:
         file (a file that cannot be written is logged: the update is still replayed from
         memory)."""
         written = asyncio.ensure_future(self.store.append(kind, payload))
-        self.journal.append(Entry(kind, payload, written))
+        self._push(Entry(kind, payload, written))
         self._ensure_reconciler()
         try:
             await asyncio.shield(written)
@@ -215,7 +223,8 @@ class OutageStore:
                 seq = await asyncio.shield(e.written)
             async with self._deadline():
                 await self._apply(e)
-            self.journal.popleft()
+            if self.journal.popleft().kind == "settle":
+                self.journal_settles -= 1
             self.replayed += 1
             if seq is not None:
                 with contextlib.suppress(Exception):  # applied once however often it replays
@@ -335,7 +344,7 @@ class OutageStore:
         for seq, kind, payload in await self.store.load():
             written: asyncio.Future[int] = loop.create_future()
             written.set_result(seq)
-            self.journal.append(Entry(kind, payload, written))
+            self._push(Entry(kind, payload, written))
         try:
             async with self._deadline():  # in running time, as every other call
                 ok = await self.remote.ping()

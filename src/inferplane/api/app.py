@@ -347,6 +347,7 @@ async def forward(
     out = HeadWithFirstChunk(status=200, headers=headers)
     stats = StreamStats(started)
     status, error = 200, None
+    blame = True  # whether the outcome counts toward the endpoint's health
     accounted = False
     done = b""  # the final ``data: [DONE]``, held back until the record is committed
     headed = False  # whether the head has left (see `HeadWithFirstChunk`)
@@ -379,6 +380,7 @@ async def forward(
             await out.write(b"data: " + payload + b"\n\n")
             if isinstance(exc, UpstreamErrorEvent):  # told by the upstream: ended as it did
                 done = SSE_DONE
+                blame = not exc.client_fault  # the request's fault: not the endpoint's
         except ConnectionResetError:
             raise
         except Exception:
@@ -392,7 +394,8 @@ async def forward(
         # clients ignore), after the record is committed and before [DONE].
         accounted = True
         receipt = gw.account(attempt, status=status, started=started, stats=stats,
-                             usage=parse_usage(stats.usage_line, sse=True), error=error)
+                             usage=parse_usage(stats.usage_line, sse=True), error=error,
+                             blame=blame)
         await gw.committed(receipt, attempt.ticket)
         # the receipt comment, the held-back [DONE] and the end of the body in one write
         tail = (b": " + RECEIPT_HEADER.encode() + b" " + receipt.hash.encode() + b"\n\n"

@@ -200,10 +200,11 @@ class Core:
             monotonic=monotonic,
             lag=self.lag,
         )
-        if (health := getattr(self.admission.store, "health", None)) is not None:
-            # a store that can be out of service: its outage totals (the rest at scrape time)
-            self.metrics.store_outages.count_from(lambda: health().outages)
-            self.metrics.store_dropped.count_from(lambda: health().dropped)
+        if hasattr(kept := self.admission.store, "health"):
+            # a store that can be out of service: its outage totals, read as they are (the rest
+            # from one health() a scrape)
+            self.metrics.store_outages.count_from(lambda: getattr(kept, "outages", 0))
+            self.metrics.store_dropped.count_from(lambda: getattr(kept, "dropped", 0))
         self.outliers = OutlierDetector(self.fleet, config.health.outlier)
         self.slots: SharedSlots | None = None
         spec = config.admission

@@ -611,6 +611,7 @@ class Dispatcher:
                             raise UpstreamErrorEvent(
                                 f"sent an error event mid-stream after {stats.tokens} tokens: "
                                 f"{problem}", upstream=endpoint.name,
+                                client_fault=_client_fault(events.error),
                             )
                     stats.observe(chunk, now)
                     opened = True
@@ -687,7 +688,8 @@ class _OpenAIEvents:
         else:
             complete, self._tail = data[:cut], data[cut + 1 :]
         loads = orjson.loads
-        for line in complete.split(b"\n"):
+        lines = complete.split(b"\n")
+        for line in lines:
             if not line or line[:5] != b"data:":  # blank lines, comments, event names
                 continue
             try:
@@ -700,11 +702,16 @@ class _OpenAIEvents:
                 return f"sent a stream event that is not JSON: {_excerpt(payload)}"
             if type(obj) is not dict:
                 continue
-            if obj.get("error") is not None:
-                # the first line equal to it is it: an earlier one would have ended here
-                self.error = obj["error"]
-                self.error_at = max(0, complete.find(line) - len(tail))
-                return _error_message(self.error)
+            err = obj.get("error")
+            if err and isinstance(err, dict | str):  # not null, false, "" or {}
+                self.error = err
+                at = 0  # where its line begins: off the hot path, this very line's offset
+                for before in lines:
+                    if before is line:
+                        break
+                    at += len(before) + 1
+                self.error_at = max(0, at - len(tail))
+                return _error_message(err)
             if not self.finished:
                 choices = obj.get("choices")
                 if type(choices) is list:
@@ -721,6 +728,20 @@ class _OpenAIEvents:
         if self.done or self.finished:
             return None  # a clean end after a finish reason: complete without [DONE]
         return "the stream ended without its closing DONE event (cut short upstream)"
+
+
+_CLIENT_FAULT_TYPES: Final = frozenset({"BadRequestError", "invalid_request_error"})
+"""An error event's ``type`` that blames the request: vLLM's and SGLang's exception for a bad
+request, OpenAI's (and Anthropic's) type for one."""
+
+
+def _client_fault(error: Any) -> bool:
+    """Whether an error event says the request was at fault (a 4xx ``code`` or a bad-request
+    ``type``): then not the endpoint's failure (review27 S2)."""
+    if type(error) is not dict:
+        return False
+    code = error.get("code")
+    return (type(code) is int and 400 <= code < 500) or error.get("type") in _CLIENT_FAULT_TYPES
 
 
 def _error_message(error: Any) -> str:
@@ -865,7 +886,10 @@ def _stream_errors(endpoint: Endpoint) -> Iterator[None]:
     try:
         yield
     except anthropic.MessagesStreamError as exc:
-        raise UpstreamErrorEvent(f"stream error: {exc}", upstream=endpoint.name) from None
+        raise UpstreamErrorEvent(
+            f"stream error: {exc}", upstream=endpoint.name,
+            client_fault=exc.error_type in _CLIENT_FAULT_TYPES,
+        ) from None
     except anthropic.MessagesFormatError as exc:
         raise UpstreamError(str(exc), upstream=endpoint.name) from None
 
@@ -892,13 +916,15 @@ the gateway's own types for these statuses (`inferplane.errors`); any other 4xx 
 
 def openai_error_body(data: bytes, status: int) -> bytes | None:
     """An OpenAI-compatible server's error body in OpenAI's shape ``{"error": {"message",
-    "type", "param", "code"}}`` with the server's message: returned as is when it is exactly
-    that (a string type in OpenAI's style, ``param`` and ``code`` strings or null), else
-    rebuilt from what such servers send — vLLM's and SGLang's ``{"error": {"message", "type":
-    "BadRequestError", "param", "code": 400}}`` (the type then from the status, a number code
-    dropped: OpenAI's clients read a string), vLLM's older flat ``{"object": "error",
-    "message", ...}``, ``{"error": "text"}``, FastAPI's ``{"detail": ...}``; None when it is in
-    none of them."""
+    "type", "param", "code"}}`` with the server's message. A body ``{"error": {"message": str,
+    ...}}`` keeps every key it has (a provider's own: Azure's ``innererror``, OpenRouter's
+    ``metadata``, siblings of ``error``) and only ``type`` (when it is not a string in OpenAI's
+    style: vLLM's and SGLang's ``BadRequestError``, Azure's null; then from the status),
+    ``param`` and ``code`` (when they are not strings or null: vLLM's ``code: 400``; then
+    null: OpenAI's typed clients read a string) are rewritten; when none needs it the body is
+    returned as is, byte for byte. Other shapes are rebuilt: vLLM's older flat ``{"object":
+    "error", "message", ...}``, ``{"error": "text"}``, FastAPI's ``{"detail": ...}``; None
+    when it is in none of them."""
     try:
         obj = orjson.loads(data)
     except orjson.JSONDecodeError:
@@ -907,8 +933,16 @@ def openai_error_body(data: bytes, status: int) -> bytes | None:
         return None
     err = obj.get("error")
     if isinstance(err, dict) and isinstance(err.get("message"), str):
-        source = err
-    elif isinstance(err, str):
+        kind, param, code = err.get("type"), err.get("param"), err.get("code")
+        good_kind = isinstance(kind, str) and _OPENAI_TYPE.fullmatch(kind) is not None
+        if good_kind and isinstance(param, str | None) and isinstance(code, str | None):
+            return data  # OpenAI's own (or as good): not serialised again
+        fixed = dict(err)
+        fixed["type"] = kind if good_kind else _status_type(status)
+        fixed["param"] = param if isinstance(param, str) else None
+        fixed["code"] = code if isinstance(code, str) else None
+        return orjson.dumps({**obj, "error": fixed})
+    if isinstance(err, str):
         source = {"message": err}
     elif obj.get("object") == "error" and isinstance(obj.get("message"), str):
         source = obj
@@ -919,14 +953,17 @@ def openai_error_body(data: bytes, status: int) -> bytes | None:
         return None
     kind, param, code = source.get("type"), source.get("param"), source.get("code")
     if not (isinstance(kind, str) and _OPENAI_TYPE.fullmatch(kind)):
-        kind = _STATUS_TYPES.get(status) or (
-            "invalid_request_error" if 400 <= status < 500 else "upstream_error")
+        kind = _status_type(status)
     shaped = {
         "message": source["message"],
         "type": kind,
         "param": param if isinstance(param, str) else None,
         "code": code if isinstance(code, str) else None,
     }
-    if source is err and err == shaped and len(obj) == 1:
-        return data  # OpenAI's own (or as good): not serialised again
     return orjson.dumps({"error": shaped})
+
+
+def _status_type(status: int) -> str:
+    """The ``type`` of an engine's error whose own is not OpenAI's, by its status."""
+    return _STATUS_TYPES.get(status) or (
+        "invalid_request_error" if 400 <= status < 500 else "upstream_error")

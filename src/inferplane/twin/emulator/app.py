@@ -374,14 +374,8 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
             raise EmulatedRequestError(
                 400, "Every input must be non-empty text or token ids.", param="input"
             )
-        if len(ids) > served.max_context:
-            raise EmulatedRequestError(
-                400,
-                f"This model's maximum context length is "
-                f"{served.max_context} tokens. However, you requested "
-                f"{len(ids)} tokens in the input.",
-                param="input",
-            )
+        if len(ids) > served.max_context:  # vLLM 0.32 checks an embedding's input as a prompt
+            raise _prompt_too_long(served.max_context, len(ids), isinstance(item, str))
         inputs.append(ids)
     emu.admit()
     at: float | None = await emu.network_delay(arrived, take_round_trip=True)
