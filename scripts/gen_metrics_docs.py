@@ -53,6 +53,7 @@ WHEN: dict[str, str] = {
     "inferplane_engine_scrapes_total": "once the gateway scrapes its endpoints",
     "inferplane_health_probes_total": "once the gateway scrapes its endpoints",
     "inferplane_worker_page_refused_total": "a worker of `serve --workers N` only",
+    "inferplane_admission_store_resets_total": "with `admission.store: redis` only",
 }
 
 # What each label of an inferplane family holds. "family:label" for a label whose meaning

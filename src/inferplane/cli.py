@@ -201,6 +201,33 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+def redact_url(url: str) -> str:
+    """``url`` with its password, if any, shown as ``***`` (fit for an error line or a log)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def _redis_start_failure(exc: BaseException, cfg: FleetConfig, config: Path) -> str | None:
+    """The one line for a start-up failure that came from the shared admission store (an error
+    of the redis client, or a timeout with ``admission.store: redis``), or None."""
+    if cfg.admission.store != "redis":
+        return None
+    if isinstance(exc, TimeoutError):  # asyncio's too: the store's deadline, not the client's
+        why = f"no answer within admission.redis_timeout_s ({cfg.admission.redis_timeout_s:g} s)"
+    elif type(exc).__module__.split(".")[0] == "redis":
+        why = _describe(exc)
+    else:
+        return None
+    where = f"admission.redis_url {redact_url(cfg.admission.redis_url)!r} in {config}"
+    return f"cannot reach the admission store ({where}): {why}"
+
+
 def _log_to_stderr(level: str) -> None:
     logging.basicConfig(
         level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -442,9 +469,8 @@ def _serve_one(
         except ListenError as exc:
             fail(f"cannot listen on {h}:{p}: {exc}")
         except Exception as exc:  # e.g. Redis unreachable, ledger file unwritable
-            if type(exc).__module__.split(".")[0] == "redis":
-                where = f"admission.redis_url {cfg.admission.redis_url!r} in {config}"
-                fail(f"cannot reach the admission store ({where}): {_describe(exc)}")
+            if (line := _redis_start_failure(exc, cfg, config)) is not None:
+                fail(line)
             fail(f"cannot start the gateway ({config}): {_describe(exc)}", 1)
         freeze_heap(cfg.gateway.gc_freeze)
         typer.echo(
@@ -496,6 +522,8 @@ def epp(
         except OSError as exc:
             fail(str(exc))
         except Exception as exc:
+            if (line := _redis_start_failure(exc, cfg, config)) is not None:
+                fail(line)
             fail(f"cannot start the picker ({config}): {_describe(exc)}", 1)
         freeze_heap(cfg.gateway.gc_freeze)
         typer.echo(

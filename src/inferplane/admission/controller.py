@@ -116,10 +116,13 @@ def make_store(config: FleetConfig, lag: LoopLag | None = None) -> AdmissionStor
 
         stretch = config.gateway.lag_max_stretch
         remote = RedisStore(spec.redis_url, spec.redis_prefix, spec.redis_timeout_s,
-                            max_stretch=stretch if lag is not None else 1.0)
+                            max_stretch=stretch if lag is not None else 1.0,
+                            settle_id_ttl_s=spec.settle_id_ttl_s,
+                            max_workflows=spec.usage_max_workflows)
         return OutageStore(
             remote,
             retry_after_s=spec.outage_retry_after_s,
+            start_degraded=spec.start_without_redis,
             journal=OutageJournal(journal_path(config)),
             lag=lag,
             max_stretch=stretch,
@@ -590,6 +593,9 @@ class Admission:
         ]
 
     async def start(self) -> None:
+        if hasattr(self.store, "resets"):  # Redis: times it was found to have lost its data
+            store = self.store
+            self.metrics.admission_store_resets.count_from(lambda: store.resets)
         ping = getattr(self.store, "ping", None)
         if ping is not None:
             await ping()

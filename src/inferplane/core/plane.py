@@ -295,8 +295,10 @@ class Core:
         if self.economics is not None:
             self.economics.start()
         # an admission store that started degraded (Redis down, a journal to replay): the
-        # other Redis users start as during an outage too
-        degraded = getattr(self.admission.store, "up", True) is False
+        # other Redis users start as during an outage too, and with admission.start_without_redis
+        # a Redis down (not misconfigured: the store's ping would have raised) between the two
+        degraded = (getattr(self.admission.store, "up", True) is False
+                    or self.config.admission.start_without_redis)
         if self.slots is not None:
             await self.slots.start(degraded=degraded)
         if self.shared is not None:
