@@ -915,7 +915,9 @@ def simulate(
     fleet: Annotated[Path, typer.Option("--fleet", help="fleet YAML file")],
     trace: Annotated[Path, typer.Option("--trace", help="trace file (Mooncake JSONL, Azure CSV)")],
     profile: Annotated[str, typer.Option("--profile", help="placement profile to replay with")],
-    out: Annotated[Path, typer.Option("--json", help="write the JSON report here")],
+    out: Annotated[
+        Path | None, typer.Option("--json", help="also write the JSON report here")
+    ] = None,
     format: Annotated[
         str | None, typer.Option("--format", help="mooncake | azure (default: by extension)")
     ] = None,
@@ -951,10 +953,16 @@ def simulate(
         fail(f"invalid configuration\n{exc}")
     except (TraceError, SimulationError) as exc:
         fail(str(exc))
-    try:
-        write_json_atomic(out, report)
-    except OSError as exc:
-        fail(f"cannot write {out}: {exc.strerror or exc}")
+    if report["faults_applied"] < report["faults"]:
+        typer.echo(f"warning: {report['faults'] - report['faults_applied']} of "
+                   f"{report['faults']} faults were scheduled after the replayed slice ended "
+                   "and were not applied (their `at` is in virtual seconds after the first "
+                   "arrival)", err=True)
+    if out is not None:
+        try:
+            write_json_atomic(out, report)
+        except OSError as exc:
+            fail(f"cannot write {out}: {exc.strerror or exc}")
     print_report(report)
 
 
@@ -1015,8 +1023,13 @@ def calibrate(
     ] = True,
 ) -> None:
     """Probe a live engine and fit a hardware profile to it (see docs/physics.md)."""
+    from urllib.parse import urlsplit
+
+    from inferplane.physics.errors import UnknownProfileError
     from inferplane.physics.probe import IDLE_TRIES, ProbeError, calibrate_endpoint
 
+    if urlsplit(endpoint).scheme not in ("http", "https") or not urlsplit(endpoint).netloc:
+        fail(f"--endpoint: expected the engine's http:// or https:// base URL, got {endpoint!r}")
     key = None
     if api_key_env is not None:
         key = os.environ.get(api_key_env)
@@ -1035,6 +1048,14 @@ def calibrate(
                 sweep_stream_tokens=sweep_stream_tokens,
             )
         )
+    except UnknownProfileError as exc:
+        hint = ""
+        if exc.kind == "model" and model_profile is None:
+            hint = ("; --model is the name the engine serves, and the profile defaults to it: "
+                    "give --model-profile with the known model this engine runs")
+        elif exc.kind == "hardware":
+            hint = "; --base names the table hardware profile to start from"
+        fail(f"{exc}{hint}")
     except (ProbeError, ValueError, LookupError) as exc:
         fail(str(exc))
     except OSError as exc:  # aiohttp's connection errors are OSErrors

@@ -1,0 +1,74 @@
+"""Operations found by audit27 (F8-F11): the simulator runs from a clean clone on the shipped
+sample trace without --json, refuses --duration 0 and says when a fault fell after the replay;
+calibrate refuses a URL without a scheme and names --model-profile; `check --connect` asks the
+Redis and PostgreSQL a file names; a stop says what it drains and that it stopped; a reload
+names the tenants and budgets it changed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from inferplane.cli import app
+from tests.support.procs import ROOT, free_port
+
+SAMPLE = ROOT / "examples" / "traces" / "sample_conversation.jsonl"
+H100X8 = ROOT / "examples" / "fleets" / "h100x8.yaml"
+
+
+# -- simulate (F8, F10) ---------------------------------------------------------------------
+def test_the_documented_simulate_command_runs_on_the_shipped_sample() -> None:
+    """docs/simulator.md's command, from the repository: the trace ships, --json is optional."""
+    doc = (ROOT / "docs" / "simulator.md").read_text()
+    assert "--trace examples/traces/sample_conversation.jsonl" in doc
+    assert "../shared" not in doc
+    res = CliRunner().invoke(app, ["simulate", "--fleet", str(H100X8), "--trace", str(SAMPLE),
+                                   "--profile", "default", "--duration", "20"])
+    assert res.exit_code == 0, res.output
+    assert "TTFT" in res.output
+
+
+def test_the_sample_trace_is_what_its_script_writes(tmp_path: Path) -> None:
+    out = tmp_path / "t.jsonl"
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_sample_trace.py"), "--out",
+                    str(out)], check=True)
+    assert out.read_bytes() == SAMPLE.read_bytes()
+    lines = [json.loads(x) for x in SAMPLE.read_text().splitlines()]
+    assert len(lines) > 300 and all(x["hash_ids"][0] == 0 for x in lines)
+
+
+def test_simulate_refuses_a_zero_duration_and_warns_of_faults_never_applied(
+    tmp_path: Path,
+) -> None:
+    base = ["simulate", "--fleet", str(H100X8), "--trace", str(SAMPLE), "--profile", "default"]
+    res = CliRunner().invoke(app, [*base, "--duration", "0"])
+    assert res.exit_code == 2 and "--duration must be > 0" in res.output, res.output
+    faults = tmp_path / "f.yaml"
+    faults.write_text("faults:\n  - {at: 1, endpoint: h100-3, event: down}\n"
+                      "  - {at: 500, endpoint: h100-5, event: hung}\n")
+    out = tmp_path / "r.json"
+    res = CliRunner().invoke(app, [*base, "--duration", "5", "--faults", str(faults),
+                                   "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "warning: 1 of 2 faults were scheduled after the replayed slice ended" in res.output
+    r = json.loads(out.read_text())
+    assert r["faults"] == 2 and r["faults_applied"] == 1
+
+
+# -- calibrate (F10) ------------------------------------------------------------------------
+def test_calibrate_refuses_a_url_without_a_scheme_and_names_model_profile(
+    tmp_path: Path,
+) -> None:
+    out = str(tmp_path / "p.yaml")
+    res = CliRunner().invoke(app, ["calibrate", "--endpoint", "127.0.0.1:18101", "--model", "m",
+                                   "-o", out])
+    assert res.exit_code == 2
+    assert "--endpoint: expected the engine's http:// or https:// base URL" in res.output
+    res = CliRunner().invoke(app, ["calibrate", "--endpoint", f"http://127.0.0.1:{free_port()}",
+                                   "--model", "meta-llama/Llama-3.1-8B-Instruct", "-o", out])
+    assert res.exit_code == 2, res.output
+    assert "unknown model profile" in res.output and "--model-profile" in res.output
