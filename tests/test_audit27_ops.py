@@ -14,7 +14,9 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from inferplane.cli import app
+from tests.builders import pool_fleet, to_yaml
 from tests.support.procs import ROOT, free_port
+from tests.support.redis_server import RedisServer
 
 SAMPLE = ROOT / "examples" / "traces" / "sample_conversation.jsonl"
 H100X8 = ROOT / "examples" / "fleets" / "h100x8.yaml"
@@ -72,3 +74,28 @@ def test_calibrate_refuses_a_url_without_a_scheme_and_names_model_profile(
                                    "--model", "meta-llama/Llama-3.1-8B-Instruct", "-o", out])
     assert res.exit_code == 2, res.output
     assert "unknown model profile" in res.output and "--model-profile" in res.output
+
+
+# -- check --connect (F9) -------------------------------------------------------------------
+def test_check_connect_asks_the_redis_and_postgresql_the_file_names(tmp_path: Path) -> None:
+    srv = RedisServer(tmp_path)
+    good = tmp_path / "good.yaml"
+    bad = tmp_path / "bad.yaml"
+    try:
+        good.write_text(to_yaml(pool_fleet(9001, admission={"store": "redis",
+                                                            "redis_url": srv.url})))
+        res = CliRunner().invoke(app, ["check", "-c", str(good), "--connect"])
+        assert res.exit_code == 0, res.output
+    finally:
+        srv.stop()
+    closed = free_port()
+    bad.write_text(to_yaml(pool_fleet(
+        9001, admission={"store": "redis", "redis_url": f"redis://:pw@127.0.0.1:{closed}/0"},
+        ledger={"postgres_dsn": f"postgresql://u:secret@127.0.0.1:{closed}/db"})))
+    plain = CliRunner().invoke(app, ["check", "-c", str(bad)])
+    assert plain.exit_code == 0, plain.output  # without --connect nothing is asked
+    res = CliRunner().invoke(app, ["check", "-c", str(bad), "--connect"])
+    assert res.exit_code == 2, res.output
+    assert f"{bad}: admission.redis_url: redis://:***@127.0.0.1:{closed}/0: " in res.output
+    assert f"{bad}: ledger.postgres_dsn: cannot connect: " in res.output
+    assert "secret" not in res.output and ":pw@" not in res.output

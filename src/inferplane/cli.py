@@ -610,6 +610,14 @@ def check(
             "missing key file or directory), not just note it",
         ),
     ] = False,
+    connect: Annotated[
+        bool,
+        typer.Option(
+            "--connect",
+            help="also connect to the Redis and PostgreSQL the file names (2 s each) and fail "
+            "(exit 2) on one that does not answer",
+        ),
+    ] = False,
 ) -> None:
     """Validate a fleet file (schema, references, plugins and profiles) and exit."""
     cfg = load_checked(config)
@@ -617,6 +625,11 @@ def check(
     if strict and here:
         lines = "\n".join(f"{config}: {path}: {problem}" for path, problem in here)
         fail(f"`serve` would refuse to start with this file in this environment\n{lines}")
+    if connect:
+        unreachable = _connect_problems(cfg, str(config))
+        if unreachable:
+            lines = "\n".join(f"{config}: {path}: {problem}" for path, problem in unreachable)
+            fail(f"cannot reach what this file names from here\n{lines}")
     n = sum(len(s.endpoints) for s in cfg.substrates)
     typer.echo(
         f"{config}: ok ({len(cfg.substrates)} substrates, {n} endpoints, "
@@ -647,6 +660,50 @@ def check(
             f"note: profile {name!r}: {', '.join(moved)} run before {before!r} (required "
             "filters and health run before set-level ones, docs/placement.md)"
         )
+
+
+def _connect_problems(cfg: FleetConfig, file: str, timeout_s: float = 2.0
+                      ) -> list[tuple[str, str]]:
+    """`check --connect`: ping the Redis (``admission.store: redis``) and connect to each
+    PostgreSQL (ledger, batch store) the file names, each within ``timeout_s``; what did not
+    answer, as (field, problem). A password in a URL is never shown; a DSN is not quoted."""
+    problems: list[tuple[str, str]] = []
+    if cfg.admission.store == "redis":
+        import redis
+
+        url = cfg.admission.redis_url
+        try:
+            client = redis.Redis.from_url(url, socket_connect_timeout=timeout_s,
+                                          socket_timeout=timeout_s)
+            try:
+                client.ping()
+            finally:
+                client.close()
+        except (redis.RedisError, OSError, ValueError) as exc:
+            problems.append(("admission.redis_url", f"{redact_url(url)}: {_describe(exc)}"))
+    dsns: list[tuple[str, Callable[[], str | None]]] = []
+    from inferplane.ledger.build import configured_dsn
+
+    dsns.append(("ledger.postgres_dsn", lambda: configured_dsn(cfg, file)))
+    if cfg.batch.enabled:
+        from inferplane.batch.routes import _dsn as batch_dsn
+
+        dsns.append(("batch.postgres_dsn", lambda: batch_dsn(cfg, file)))
+    for field, read in dsns:
+        try:
+            dsn = read()
+        except ConfigError:  # an unset variable: startup_problems notes it
+            continue
+        if not dsn:
+            continue
+        import psycopg
+
+        try:
+            psycopg.connect(dsn, connect_timeout=max(1, round(timeout_s))).close()
+        except (psycopg.Error, OSError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            problems.append((field, f"cannot connect: {first}"))
+    return problems
 
 
 @app.command()
