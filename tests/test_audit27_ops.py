@@ -6,17 +6,24 @@ names the tenants and budgets it changed."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from inferplane.cli import app
-from tests.builders import pool_fleet, to_yaml
-from tests.support.procs import ROOT, free_port
+from inferplane.config.loader import parse_config
+from tests.builders import SMALL_FLEET_YAML, pool_fleet, to_yaml
+from tests.support.procs import ROOT, Proc, free_port
 from tests.support.redis_server import RedisServer
+from tests.test_reload import _core
 
 SAMPLE = ROOT / "examples" / "traces" / "sample_conversation.jsonl"
 H100X8 = ROOT / "examples" / "fleets" / "h100x8.yaml"
@@ -99,3 +106,60 @@ def test_check_connect_asks_the_redis_and_postgresql_the_file_names(tmp_path: Pa
     assert f"{bad}: admission.redis_url: redis://:***@127.0.0.1:{closed}/0: " in res.output
     assert f"{bad}: ledger.postgres_dsn: cannot connect: " in res.output
     assert "secret" not in res.output and ":pw@" not in res.output
+
+
+# -- stop and reload lines (F11) ------------------------------------------------------------
+def test_sigterm_says_what_it_drains_and_that_it_stopped(tmp_path: Path) -> None:
+    port = free_port()
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text(to_yaml(pool_fleet(free_port(), gateway={"port": port},
+                                      batch={"enabled": False})))
+    gw = Proc(["-m", "inferplane.cli", "serve", "--config", str(cfg)], tmp_path / "gw.log")
+    try:
+        _wait_listening(gw)
+        gw.p.send_signal(signal.SIGTERM)
+        assert gw.p.wait(60) == 0
+    finally:
+        gw.stop()
+    log = gw.log.read_text()
+    assert ("inferplane gateway stopping: 0 requests in flight (0 sent to endpoints, 0 queued); "
+            "draining them") in log, log
+    assert log.rstrip().endswith("inferplane gateway stopped"), log
+
+
+def _wait_listening(gw: Proc, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while "listening on" not in gw.log.read_text():
+        assert gw.p.poll() is None, gw.log.read_text()
+        assert time.monotonic() < deadline, gw.log.read_text()
+        time.sleep(0.05)
+
+
+def test_a_reload_names_the_tenants_and_budgets_it_changed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    head, sep, tenants = SMALL_FLEET_YAML.partition("\ntenants:\n")
+    budget = "    region: eu-west\n    budgets: [{scope: tenant, window: day, usd: %s}]\n"
+
+    def with_budget(usd: str) -> str:  # acme's, the first tenant's
+        return head + sep + tenants.replace("    region: eu-west\n", budget % usd, 1)
+
+    first, second = with_budget("5"), with_budget("50")
+    assert sep and first != SMALL_FLEET_YAML and first != second
+
+    async def main() -> None:
+        core, _ = _core(first)
+        await core.start()
+        try:
+            with caplog.at_level(logging.INFO, "inferplane.core"):
+                await core.reload(parse_config(second, "f.yaml"), "f.yaml")
+            assert ("tenants reloaded: added none; removed none; changed ['acme']; "
+                    "budgets changed ['acme']") in caplog.text, caplog.text
+            caplog.clear()
+            with caplog.at_level(logging.INFO, "inferplane.core"):
+                await core.reload(parse_config(second, "f.yaml"), "f.yaml")
+            assert "tenants reloaded" not in caplog.text  # nothing changed: no line
+        finally:
+            await core.stop()
+
+    asyncio.run(main())

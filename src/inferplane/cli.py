@@ -159,6 +159,14 @@ async def _wait_for_signal(
 
 
 
+def _say_stopping(what: str, core: Core) -> None:
+    """The line a process writes when SIGTERM / SIGINT starts its stop (the line "stopped"
+    follows once it is done): how much it is draining."""
+    sent, queued = core.requests_in_flight()
+    typer.echo(f"inferplane {what} stopping: {sent + queued} requests in flight "
+               f"({sent} sent to endpoints, {queued} queued); draining them", err=True)
+
+
 @contextlib.contextmanager
 def stop_deadline(
     timeout_s: float,
@@ -481,8 +489,10 @@ def _serve_one(
         try:
             await _wait_for_signal(gateway, config, watch)
         finally:
+            _say_stopping("gateway", gateway)
             with stop_deadline(cfg.gateway.shutdown_timeout_s, lambda: gateway.stopping):
                 await runner.cleanup()
+            typer.echo("inferplane gateway stopped", err=True)
 
     _run_to_end(main)
 
@@ -536,8 +546,10 @@ def epp(
         try:
             await _wait_for_signal(picker, config, watch_config)
         finally:
+            _say_stopping("endpoint picker", picker)
             await server.stop(1.0)
             await picker.stop()
+            typer.echo("inferplane endpoint picker stopped", err=True)
 
     _run_to_end(main)
 
