@@ -260,3 +260,101 @@ async def test_settle_ids_expire_after_the_setting_and_workflows_are_capped(
     finally:
         await store.close()
         srv.stop()
+
+
+# -- a Redis that answers but is misconfigured stops start-up, start_without_redis or not ------
+ACL_USER = "inferplane"
+
+
+def _acl(tmp: Path, rules: str) -> RedisServer:
+    """A Redis whose user ``inferplane`` (password ``pw``) has these ACL rules besides
+    ``on >pw ~* &*``."""
+    return RedisServer(tmp, args=["--user", ACL_USER, "on", ">pw", "~*", "&*", *rules.split()])
+
+
+async def test_an_acl_that_refuses_the_scripts_is_a_start_up_error(tmp_path: Path) -> None:
+    """PING allowed is not enough: a user without @scripting (NOPERM on EVALSHA) is a
+    configuration error even with start_degraded; it was taken for Redis answering (and every
+    budget then 503 in an outage that never ends)."""
+    from redis.exceptions import NoPermissionError
+
+    from inferplane.admission.outage import transient
+
+    srv = _acl(tmp_path, "+@all -@scripting")
+    store = OutageStore(RedisStore(f"redis://{ACL_USER}:pw@127.0.0.1:{srv.port}/0", "t:",
+                                   timeout_s=0.5),
+                        journal=OutageJournal(None), start_degraded=True)
+    try:
+        with pytest.raises(NoPermissionError) as raised:
+            await store.ping()
+        assert not transient(raised.value)
+    finally:
+        await store.close()
+        srv.stop()
+
+
+def test_an_acl_that_refuses_the_slots_stops_serve(tmp_path: Path) -> None:
+    """Shared slots start as an outage only when Redis is down (refused, a timeout): an ACL
+    that refuses their sorted-set commands (NOPERM in their script) is exit status 2 with
+    start_without_redis on (it started, the slots in an outage that never ended)."""
+    srv = _acl(tmp_path, "+@all -@sortedset")
+    cfg = tmp_path / "gw.yaml"
+    url = f"redis://{ACL_USER}:pw@127.0.0.1:{srv.port}/0"
+    cfg.write_text(_config(free_port(), free_port(), url, start_without_redis=True,
+                           shared_slots=True))
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "inferplane.cli", "serve", "-c", str(cfg),
+             "--port", str(free_port()), "--log-level", "error"],
+            capture_output=True, text=True, timeout=30,
+        )
+    finally:
+        srv.stop()
+    assert proc.returncode == 2, proc.stderr
+    assert "error: cannot reach the admission store (admission.redis_url" in proc.stderr
+    assert "can't run this command" in proc.stderr and "pw@" not in proc.stderr
+
+
+async def test_a_server_that_closes_the_connection_is_a_start_up_error(tmp_path: Path) -> None:
+    """What ``redis://`` at a TLS-only Redis gets (the server closes the plaintext connection):
+    not Redis being down, so a start-up error with start_degraded (it started degraded)."""
+    from inferplane.admission.outage import transient
+
+    async def close(_r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.close()
+
+    server = await asyncio.start_server(close, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    store = OutageStore(RedisStore(f"redis://127.0.0.1:{port}/0", "t:", timeout_s=0.5),
+                        journal=OutageJournal(None), start_degraded=True)
+    try:
+        with pytest.raises(RedisConnectionError) as raised:
+            await store.ping()
+        assert not transient(raised.value)
+    finally:
+        await store.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_replica_started_without_redis_warns_of_eviction_once_it_answers(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    srv = RedisServer(tmp_path, args=["--maxmemory", "100mb", "--maxmemory-policy", "allkeys-lru"])
+    srv.stop()
+    store = OutageStore(RedisStore(srv.url, "t:", timeout_s=0.5), journal=OutageJournal(None),
+                        start_degraded=True, retry_after_s=0.1)
+    try:
+        with caplog.at_level(logging.WARNING, "inferplane.admission"):
+            assert await store.ping() and not store.up
+            srv.start()
+            deadline = time.monotonic() + 10
+            while not (store.up and store.epoch):  # the reconciler finds it
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.2)
+    finally:
+        await store.close()
+        srv.stop()
+    warned = [r.getMessage() for r in caplog.records if "maxmemory-policy" in r.getMessage()]
+    assert len(warned) == 1 and "allkeys-lru" in warned[0], warned

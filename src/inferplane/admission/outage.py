@@ -34,10 +34,11 @@ starts even while Redis is still down when its journal holds entries (the journa
 is its store, and that it was in an outage), and with ``admission.start_without_redis`` (the
 default) also when Redis refuses connections, times out or is loading (`transient`): a replica
 restarted during an outage starts degraded as the running ones serve. A wrong URL, an unknown
-host or refused credentials stay start-up errors. Each entry is applied once however often
-it is replayed: Redis remembers each settle id for ``admission.settle_id_ttl_s`` (usage updates
-journaled without one are given one). Without a file the journal is in memory, and a replica
-killed during an outage loses what it had not replayed (its leases then expire in Redis).
+host, refused credentials or ACL permissions and a TLS mismatch stay start-up errors. Each entry
+is applied once however often it is replayed: Redis remembers each settle id for
+``admission.settle_id_ttl_s`` (usage updates journaled without one are given one). Without a
+file the journal is in memory, and a replica killed during an outage loses what it had not
+replayed (its leases then expire in Redis).
 
 Redis that lost its data (restarted without persistence) would silently reset every budget:
 ``<prefix>epoch`` holds a random value written once, and the store reads it at start, each time
@@ -80,31 +81,34 @@ from inferplane.admission.state import (
 )
 from inferplane.errors import StoreUnavailableError
 from inferplane.looplag import MAX_STRETCH, LoopLag, bounded
+from inferplane.waits import stop_task
 
 T = TypeVar("T")
 log = logging.getLogger("inferplane.admission")
 
 _FAILURES = (RedisError, OSError, asyncio.TimeoutError)
 EPOCH_CHECK_S = 5.0  # how often a process reads ``<prefix>epoch`` while Redis answers
-_DOWN_ERRNOS = frozenset({errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED,
-                          errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ETIMEDOUT, errno.EPIPE})
+# at start-up: refused, or no answer (a timeout; no route to the host or network)
+_DOWN_ERRNOS = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH,
+                          errno.ETIMEDOUT})
 
 
 def transient(exc: BaseException) -> bool:
-    """Whether a failure to reach Redis is one a Redis that is down, restarting or loading
-    gives (refused, reset, unreachable, a timeout, ``LOADING``), rather than a configuration
-    error (an unknown host, refused credentials, TLS, an answer that is not Redis's)."""
+    """Whether a failure to reach Redis at start-up is one a Redis that is down, restarting or
+    loading gives (refused, a timeout, no route to it, ``LOADING``, a temporary DNS failure),
+    rather than a configuration error (an unknown host, refused credentials or ACL permissions
+    (``NOPERM``, ``WRONGPASS``), a TLS mismatch either way round: a connection closed or reset
+    by the server, an SSL error; an answer that is not Redis's)."""
     if isinstance(exc, (asyncio.TimeoutError, RedisTimeoutError, BusyLoadingError)):
         return True
     if isinstance(exc, AuthenticationError):
         return False
     cause: BaseException | None = exc
     if isinstance(exc, RedisConnectionError):
+        # none: "Connection closed by server", as a TLS-only Redis answers a plaintext client
         cause = exc.__cause__ or exc.__context__
-        if cause is None:  # "Connection closed by server" and the like
-            return True
     if isinstance(cause, socket.gaierror):
-        return False
+        return cause.errno == socket.EAI_AGAIN  # a DNS blip, not a name that does not exist
     return isinstance(cause, OSError) and cause.errno in _DOWN_ERRNOS
 
 
@@ -147,6 +151,7 @@ class OutageStore:
         self._epoch_check: asyncio.Task[None] | None = None
         self.epoch_check_s = epoch_check_s
         self._epoch_watch: asyncio.Task[None] | None = None
+        self._eviction_checked = False  # maxmemory-policy asked once Redis answered
         self.lag = lag
         self.max_stretch = max_stretch
         self.local = MemoryStore()
@@ -213,16 +218,21 @@ class OutageStore:
         )
         self.down_since = None
 
-    async def _check_epoch(self) -> None:
+    async def _check_epoch(self, strict: bool = False) -> None:
         """Read ``<prefix>epoch`` (written when missing). At the first read it is remembered;
         at a later one (Redis answering again) a value missing or changed means Redis lost its
         data: logged as an ERROR and counted. A failure to read it is left to the next
-        reconnect."""
+        reconnect, unless ``strict`` (at start-up: a Redis that answers PING but refuses the
+        script, an ACL without ``@scripting`` or the prefix's keys, is a start-up error). The
+        first read that succeeds also checks ``maxmemory-policy`` (`_warn_eviction`), so a
+        process that started while Redis was down warns once it answers."""
         fresh = os.urandom(8).hex()
         try:
             async with self._deadline():
                 seen = await self.remote.epoch(fresh)
         except _FAILURES:
+            if strict:
+                raise
             return
         if self.epoch is not None and seen != self.epoch:
             self.resets += 1
@@ -233,17 +243,23 @@ class OutageStore:
                 "its epoch key was missing" if seen == fresh else "its epoch key changed",
             )
         self.epoch = seen
+        if not self._eviction_checked:
+            self._eviction_checked = True
+            await self._warn_eviction()
 
     async def _watch_epoch(self) -> None:
         """Every ``epoch_check_s`` while Redis answers: `_check_epoch`."""
         while True:
             await asyncio.sleep(self.epoch_check_s)
             if self.up and not self.journal:
-                await self._check_epoch()
+                try:
+                    await self._check_epoch()
+                except Exception:  # a bug here must not stop the watch
+                    log.exception("admission store (Redis): epoch check failed")
 
     async def _warn_eviction(self) -> None:
         """A Redis that evicts keys at ``maxmemory`` drops budget counters (they have a TTL) and
-        resets those budgets silently: say so once at start-up."""
+        resets those budgets silently: say so once, when Redis first answers."""
         with contextlib.suppress(*_FAILURES):  # INFO may be renamed away (managed Redis)
             async with self._deadline():
                 limit, policy = await self.remote.memory_policy()
@@ -419,6 +435,7 @@ class OutageStore:
         try:
             async with self._deadline():  # in running time, as every other call
                 ok = await self.remote.ping()
+            await self._check_epoch(strict=True)  # PING allowed is not enough (an ACL)
         except _FAILURES as exc:
             if self.journal:
                 log.error(
@@ -438,8 +455,6 @@ class OutageStore:
             self._failed(exc)
             self._epoch_watch = loop.create_task(self._watch_epoch())
             return True
-        await self._check_epoch()
-        await self._warn_eviction()
         self._epoch_watch = loop.create_task(self._watch_epoch())
         if self.journal:
             log.warning("replaying %d admission updates journaled by an earlier process",
@@ -449,8 +464,8 @@ class OutageStore:
 
     async def close(self) -> None:
         for task in (self._epoch_check, self._epoch_watch):
-            if task is not None:
-                task.cancel()
+            if (exc := await stop_task(task)) is not None:
+                log.error("admission store (Redis): an epoch task had failed: %r", exc)
         if self._reconciler is not None:
             self._reconciler.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -985,7 +985,9 @@ class AdmissionSpec(Strict):
         description="store: redis — a Redis that refuses connections, times out or is still "
         "loading at start-up is an outage: the gateway starts degraded as a running one does "
         "(an ERROR, budgets 503 with Retry-After until Redis answers). A bad URL, an unknown "
-        "host or refused credentials stay start-up errors (exit status 2); false: Redis must "
+        "host, refused credentials or ACL permissions (WRONGPASS, NOPERM) and a TLS mismatch "
+        "(a server that closes or resets the connection) stay start-up errors (exit status "
+        "2); false: Redis must "
         "answer at start-up (unless the outage journal holds entries)",
     )
     settle_id_ttl_s: float = Field(

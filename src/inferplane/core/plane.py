@@ -301,10 +301,16 @@ class Core:
         if self.economics is not None:
             self.economics.start()
         # an admission store that started degraded (Redis down, a journal to replay): the
-        # other Redis users start as during an outage too, and with admission.start_without_redis
-        # a Redis down (not misconfigured: the store's ping would have raised) between the two
-        degraded = (getattr(self.admission.store, "up", True) is False
-                    or self.config.admission.start_without_redis)
+        # other Redis users start as during an outage too; with admission.start_without_redis
+        # also a Redis gone down between the two (refused, a timeout: `transient`), never a
+        # misconfiguration (an ACL that refuses their commands is a start-up error)
+        store_down = getattr(self.admission.store, "up", True) is False
+        without_redis = self.config.admission.start_without_redis
+
+        def degraded(exc: BaseException) -> bool:
+            from inferplane.admission.outage import transient
+
+            return store_down or (without_redis and transient(exc))
         if self.slots is not None:
             await self.slots.start(degraded=degraded)
         if self.shared is not None:
