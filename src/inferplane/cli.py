@@ -161,10 +161,16 @@ async def _wait_for_signal(
 
 def _say_stopping(what: str, core: Core) -> None:
     """The line a process writes when SIGTERM / SIGINT starts its stop (the line "stopped"
-    follows once it is done): how much it is draining."""
-    sent, queued = core.requests_in_flight()
-    typer.echo(f"inferplane {what} stopping: {sent + queued} requests in flight "
-               f"({sent} sent to endpoints, {queued} queued); draining them", err=True)
+    follows once it is done): how much it is draining. It never raises: a failure to count or
+    to write (EPIPE on a closed stderr) must not skip the stop that follows it."""
+    try:
+        sent, queued = core.requests_in_flight()
+        typer.echo(f"inferplane {what} stopping: {sent + queued} requests in flight "
+                   f"({sent} sent to endpoints, {queued} queued); draining them", err=True)
+    except Exception:
+        with contextlib.suppress(Exception):
+            logging.getLogger("inferplane.serve").exception(
+                "inferplane %s stopping (the in-flight count failed)", what)
 
 
 @contextlib.contextmanager
