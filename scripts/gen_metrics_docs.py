@@ -57,6 +57,7 @@ WHEN: dict[str, str] = {
         "an admission store in a file (`admission.path`) or in Redis"),
     "inferplane_admission_store_dropped_total": (
         "an admission store in a file (`admission.path`) or in Redis (which drops none)"),
+    "inferplane_admission_store_resets_total": "with `admission.store: redis` only",
 }
 
 # What each label of an inferplane family holds. "family:label" for a label whose meaning

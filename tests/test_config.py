@@ -903,15 +903,17 @@ def _free_port() -> int:
 
 
 def test_cli_serve_unreachable_redis_exits_without_traceback(tmp_path: Path) -> None:
-    """`admission.store: redis` with nothing listening: a one-line error naming the URL and
-    the file, exit 2 as for an unreachable PostgreSQL (the start-up ping fails; nothing keeps
-    running)."""
+    """`admission.store: redis` with nothing listening and `start_without_redis: false`: a
+    one-line error naming the URL and the file, exit 2 as for an unreachable PostgreSQL (the
+    start-up ping fails; nothing keeps running). By default the gateway starts degraded
+    instead (tests/test_redis_start.py)."""
     import subprocess
     import sys
 
     path = tmp_path / "redis.yaml"
     path.write_text(
-        MINIMAL_YAML + "admission: {store: redis, redis_url: 'redis://127.0.0.1:9/0'}\n"
+        MINIMAL_YAML + "admission: {store: redis, redis_url: 'redis://127.0.0.1:9/0', "
+        "start_without_redis: false}\n"
     )
     proc = subprocess.run(
         [sys.executable, "-m", "inferplane.cli", "serve", "-c", str(path),

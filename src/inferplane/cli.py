@@ -159,6 +159,20 @@ async def _wait_for_signal(
 
 
 
+def _say_stopping(what: str, core: Core) -> None:
+    """The line a process writes when SIGTERM / SIGINT starts its stop (the line "stopped"
+    follows once it is done): how much it is draining. It never raises: a failure to count or
+    to write (EPIPE on a closed stderr) must not skip the stop that follows it."""
+    try:
+        sent, queued = core.requests_in_flight()
+        typer.echo(f"inferplane {what} stopping: {sent + queued} requests in flight "
+                   f"({sent} sent to endpoints, {queued} queued); draining them", err=True)
+    except Exception:
+        with contextlib.suppress(Exception):
+            logging.getLogger("inferplane.serve").exception(
+                "inferplane %s stopping (the in-flight count failed)", what)
+
+
 @contextlib.contextmanager
 def stop_deadline(
     timeout_s: float,
@@ -199,6 +213,33 @@ def _in_file(exc: ConfigError, path: Path) -> ConfigError:
 def _describe(exc: BaseException) -> str:
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password, if any, shown as ``***`` (fit for an error line or a log)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def _redis_start_failure(exc: BaseException, cfg: FleetConfig, config: Path) -> str | None:
+    """The one line for a start-up failure that came from the shared admission store (an error
+    of the redis client, or a timeout with ``admission.store: redis``), or None."""
+    if cfg.admission.store != "redis":
+        return None
+    if isinstance(exc, TimeoutError):  # asyncio's too: the store's deadline, not the client's
+        why = f"no answer within admission.redis_timeout_s ({cfg.admission.redis_timeout_s:g} s)"
+    elif type(exc).__module__.split(".")[0] == "redis":
+        why = _describe(exc)
+    else:
+        return None
+    where = f"admission.redis_url {redact_url(cfg.admission.redis_url)!r} in {config}"
+    return f"cannot reach the admission store ({where}): {why}"
 
 
 def _log_to_stderr(level: str) -> None:
@@ -442,9 +483,8 @@ def _serve_one(
         except ListenError as exc:
             fail(f"cannot listen on {h}:{p}: {exc}")
         except Exception as exc:  # e.g. Redis unreachable, ledger file unwritable
-            if type(exc).__module__.split(".")[0] == "redis":
-                where = f"admission.redis_url {cfg.admission.redis_url!r} in {config}"
-                fail(f"cannot reach the admission store ({where}): {_describe(exc)}")
+            if (line := _redis_start_failure(exc, cfg, config)) is not None:
+                fail(line)
             fail(f"cannot start the gateway ({config}): {_describe(exc)}", 1)
         freeze_heap(cfg.gateway.gc_freeze)
         typer.echo(
@@ -455,8 +495,10 @@ def _serve_one(
         try:
             await _wait_for_signal(gateway, config, watch)
         finally:
+            _say_stopping("gateway", gateway)
             with stop_deadline(cfg.gateway.shutdown_timeout_s, lambda: gateway.stopping):
                 await runner.cleanup()
+            typer.echo("inferplane gateway stopped", err=True)
 
     _run_to_end(main)
 
@@ -496,6 +538,8 @@ def epp(
         except OSError as exc:
             fail(str(exc))
         except Exception as exc:
+            if (line := _redis_start_failure(exc, cfg, config)) is not None:
+                fail(line)
             fail(f"cannot start the picker ({config}): {_describe(exc)}", 1)
         freeze_heap(cfg.gateway.gc_freeze)
         typer.echo(
@@ -508,8 +552,10 @@ def epp(
         try:
             await _wait_for_signal(picker, config, watch_config)
         finally:
+            _say_stopping("endpoint picker", picker)
             await server.stop(1.0)
             await picker.stop()
+            typer.echo("inferplane endpoint picker stopped", err=True)
 
     _run_to_end(main)
 
@@ -586,6 +632,14 @@ def check(
             "missing key file or directory), not just note it",
         ),
     ] = False,
+    connect: Annotated[
+        bool,
+        typer.Option(
+            "--connect",
+            help="also connect to the Redis and PostgreSQL the file names (2 s each) and fail "
+            "(exit 2) on one that does not answer",
+        ),
+    ] = False,
 ) -> None:
     """Validate a fleet file (schema, references, plugins and profiles) and exit."""
     cfg = load_checked(config)
@@ -593,6 +647,11 @@ def check(
     if strict and here:
         lines = "\n".join(f"{config}: {path}: {problem}" for path, problem in here)
         fail(f"`serve` would refuse to start with this file in this environment\n{lines}")
+    if connect:
+        unreachable = _connect_problems(cfg, str(config))
+        if unreachable:
+            lines = "\n".join(f"{config}: {path}: {problem}" for path, problem in unreachable)
+            fail(f"cannot reach what this file names from here\n{lines}")
     n = sum(len(s.endpoints) for s in cfg.substrates)
     typer.echo(
         f"{config}: ok ({len(cfg.substrates)} substrates, {n} endpoints, "
@@ -623,6 +682,50 @@ def check(
             f"note: profile {name!r}: {', '.join(moved)} run before {before!r} (required "
             "filters and health run before set-level ones, docs/placement.md)"
         )
+
+
+def _connect_problems(cfg: FleetConfig, file: str, timeout_s: float = 2.0
+                      ) -> list[tuple[str, str]]:
+    """`check --connect`: ping the Redis (``admission.store: redis``) and connect to each
+    PostgreSQL (ledger, batch store) the file names, each within ``timeout_s``; what did not
+    answer, as (field, problem). A password in a URL is never shown; a DSN is not quoted."""
+    problems: list[tuple[str, str]] = []
+    if cfg.admission.store == "redis":
+        import redis
+
+        url = cfg.admission.redis_url
+        try:
+            client = redis.Redis.from_url(url, socket_connect_timeout=timeout_s,
+                                          socket_timeout=timeout_s)
+            try:
+                client.ping()
+            finally:
+                client.close()
+        except (redis.RedisError, OSError, ValueError) as exc:
+            problems.append(("admission.redis_url", f"{redact_url(url)}: {_describe(exc)}"))
+    dsns: list[tuple[str, Callable[[], str | None]]] = []
+    from inferplane.ledger.build import configured_dsn
+
+    dsns.append(("ledger.postgres_dsn", lambda: configured_dsn(cfg, file)))
+    if cfg.batch.enabled:
+        from inferplane.batch.routes import _dsn as batch_dsn
+
+        dsns.append(("batch.postgres_dsn", lambda: batch_dsn(cfg, file)))
+    for field, read in dsns:
+        try:
+            dsn = read()
+        except ConfigError:  # an unset variable: startup_problems notes it
+            continue
+        if not dsn:
+            continue
+        import psycopg
+
+        try:
+            psycopg.connect(dsn, connect_timeout=max(1, round(timeout_s))).close()
+        except (psycopg.Error, OSError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            problems.append((field, f"cannot connect: {first}"))
+    return problems
 
 
 @app.command()
@@ -891,7 +994,9 @@ def simulate(
     fleet: Annotated[Path, typer.Option("--fleet", help="fleet YAML file")],
     trace: Annotated[Path, typer.Option("--trace", help="trace file (Mooncake JSONL, Azure CSV)")],
     profile: Annotated[str, typer.Option("--profile", help="placement profile to replay with")],
-    out: Annotated[Path, typer.Option("--json", help="write the JSON report here")],
+    out: Annotated[
+        Path | None, typer.Option("--json", help="also write the JSON report here")
+    ] = None,
     format: Annotated[
         str | None, typer.Option("--format", help="mooncake | azure (default: by extension)")
     ] = None,
@@ -927,10 +1032,16 @@ def simulate(
         fail(f"invalid configuration\n{exc}")
     except (TraceError, SimulationError) as exc:
         fail(str(exc))
-    try:
-        write_json_atomic(out, report)
-    except OSError as exc:
-        fail(f"cannot write {out}: {exc.strerror or exc}")
+    if report["faults_applied"] < report["faults"]:
+        typer.echo(f"warning: {report['faults'] - report['faults_applied']} of "
+                   f"{report['faults']} faults were scheduled after the replayed slice ended "
+                   "and were not applied (their `at` is in virtual seconds after the first "
+                   "arrival)", err=True)
+    if out is not None:
+        try:
+            write_json_atomic(out, report)
+        except OSError as exc:
+            fail(f"cannot write {out}: {exc.strerror or exc}")
     print_report(report)
 
 
@@ -991,8 +1102,13 @@ def calibrate(
     ] = True,
 ) -> None:
     """Probe a live engine and fit a hardware profile to it (see docs/physics.md)."""
+    from urllib.parse import urlsplit
+
+    from inferplane.physics.errors import UnknownProfileError
     from inferplane.physics.probe import IDLE_TRIES, ProbeError, calibrate_endpoint
 
+    if urlsplit(endpoint).scheme not in ("http", "https") or not urlsplit(endpoint).netloc:
+        fail(f"--endpoint: expected the engine's http:// or https:// base URL, got {endpoint!r}")
     key = None
     if api_key_env is not None:
         key = os.environ.get(api_key_env)
@@ -1011,6 +1127,14 @@ def calibrate(
                 sweep_stream_tokens=sweep_stream_tokens,
             )
         )
+    except UnknownProfileError as exc:
+        hint = ""
+        if exc.kind == "model" and model_profile is None:
+            hint = ("; --model is the name the engine serves, and the profile defaults to it: "
+                    "give --model-profile with the known model this engine runs")
+        elif exc.kind == "hardware":
+            hint = "; --base names the table hardware profile to start from"
+        fail(f"{exc}{hint}")
     except (ProbeError, ValueError, LookupError) as exc:
         fail(str(exc))
     except OSError as exc:  # aiohttp's connection errors are OSErrors

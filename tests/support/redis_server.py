@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ class RedisServer:
     """``persist``: an append-only file fsynced on every write, so that `start` after `stop`
     (a Redis restarted on the same port and directory) has its data back."""
 
-    def __init__(self, tmp: Path, *, persist: bool = False) -> None:
+    def __init__(self, tmp: Path, *, persist: bool = False, args: Sequence[str] = ()) -> None:
         exe = shutil.which("redis-server")
         if exe is None:
             pytest.skip("redis-server is not installed")
@@ -29,6 +30,7 @@ class RedisServer:
                       "--dir", str(tmp)]
         self._args += (["--appendonly", "yes", "--appendfsync", "always"] if persist
                        else ["--appendonly", "no"])
+        self._args += list(args)  # more redis-server options (``--requirepass``, ``--maxmemory``)
         self._log = (tmp / f"redis-{self.port}.log").open("ab")
         self.start()
 
@@ -47,6 +49,8 @@ class RedisServer:
             try:
                 if redis.Redis.from_url(self.url, socket_timeout=0.2).ping():
                     return
+            except (redis.AuthenticationError, redis.ResponseError):  # up, asks for a password
+                return
             except redis.RedisError:
                 time.sleep(0.05)
         raise TimeoutError(f"redis-server on port {self.port} did not start")

@@ -123,10 +123,13 @@ def make_store(
 
         stretch = config.gateway.lag_max_stretch
         remote = RedisStore(spec.redis_url, spec.redis_prefix, spec.redis_timeout_s,
-                            max_stretch=stretch if lag is not None else 1.0)
+                            max_stretch=stretch if lag is not None else 1.0,
+                            settle_id_ttl_s=spec.settle_id_ttl_s,
+                            max_workflows=spec.usage_max_workflows)
         return OutageStore(
             remote,
             retry_after_s=spec.outage_retry_after_s,
+            start_degraded=spec.start_without_redis,
             journal=OutageJournal(journal_path(config)),
             lag=lag,
             max_stretch=stretch,
@@ -613,6 +616,9 @@ class Admission:
         ]
 
     async def start(self) -> None:
+        if hasattr(self.store, "resets"):  # Redis: times it was found to have lost its data
+            store = self.store
+            self.metrics.admission_store_resets.count_from(lambda: store.resets)
         ping = getattr(self.store, "ping", None)
         if ping is not None:
             await ping()

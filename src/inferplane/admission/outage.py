@@ -31,11 +31,20 @@ The journal is durable when it has a file (`admission.journal.OutageJournal`,
 entry is committed there, and an entry is deleted only after Redis applied it. A gateway killed
 during an outage finds the entries at its next start and replays them when Redis answers; it
 starts even while Redis is still down when its journal holds entries (the journal shows Redis
-is its store, and that it was in an outage), and otherwise refuses to start, as a wrong URL
-must. Each entry is applied once however often it is replayed: Redis remembers each settle id
-(usage updates journaled without one are given one). Without a file the journal is in memory,
-and a replica killed during an outage loses what it had not replayed (its leases then expire
-in Redis).
+is its store, and that it was in an outage), and with ``admission.start_without_redis`` (the
+default) also when Redis refuses connections, times out or is loading (`transient`): a replica
+restarted during an outage starts degraded as the running ones serve. A wrong URL, an unknown
+host, refused credentials or ACL permissions and a TLS mismatch stay start-up errors. Each entry
+is applied once however often it is replayed: Redis remembers each settle id for
+``admission.settle_id_ttl_s`` (usage updates journaled without one are given one). Without a
+file the journal is in memory, and a replica killed during an outage loses what it had not
+replayed (its leases then expire in Redis).
+
+Redis that lost its data (restarted without persistence) would silently reset every budget:
+``<prefix>epoch`` holds a random value written once, and the store reads it at start, each time
+Redis answers again after an outage, and every ``EPOCH_CHECK_S`` (a Redis restarted between two
+calls is reconnected to by the client without an error); a value missing or changed is logged as
+an ERROR and counted (``resets``, ``inferplane_admission_store_resets_total``).
 """
 
 from __future__ import annotations
@@ -43,15 +52,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import logging
 import os
+import socket
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from redis.exceptions import RedisError
+from redis.exceptions import (
+    AuthenticationError,
+    BusyLoadingError,
+    RedisError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from inferplane.admission.journal import OutageJournal, Payload
 from inferplane.admission.redis_state import RedisStore
@@ -65,11 +82,35 @@ from inferplane.admission.state import (
 )
 from inferplane.errors import StoreUnavailableError
 from inferplane.looplag import MAX_STRETCH, LoopLag, bounded
+from inferplane.waits import stop_task
 
 T = TypeVar("T")
 log = logging.getLogger("inferplane.admission")
 
 _FAILURES = (RedisError, OSError, asyncio.TimeoutError)
+EPOCH_CHECK_S = 5.0  # how often a process reads ``<prefix>epoch`` while Redis answers
+# at start-up: refused, or no answer (a timeout; no route to the host or network)
+_DOWN_ERRNOS = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH,
+                          errno.ETIMEDOUT})
+
+
+def transient(exc: BaseException) -> bool:
+    """Whether a failure to reach Redis at start-up is one a Redis that is down, restarting or
+    loading gives (refused, a timeout, no route to it, ``LOADING``, a temporary DNS failure),
+    rather than a configuration error (an unknown host, refused credentials or ACL permissions
+    (``NOPERM``, ``WRONGPASS``), a TLS mismatch either way round: a connection closed or reset
+    by the server, an SSL error; an answer that is not Redis's)."""
+    if isinstance(exc, (asyncio.TimeoutError, RedisTimeoutError, BusyLoadingError)):
+        return True
+    if isinstance(exc, AuthenticationError):
+        return False
+    cause: BaseException | None = exc
+    if isinstance(exc, RedisConnectionError):
+        # none: "Connection closed by server", as a TLS-only Redis answers a plaintext client
+        cause = exc.__cause__ or exc.__context__
+    if isinstance(cause, socket.gaierror):
+        return cause.errno == socket.EAI_AGAIN  # a DNS blip, not a name that does not exist
+    return isinstance(cause, OSError) and cause.errno in _DOWN_ERRNOS
 
 
 @dataclass(slots=True, eq=False)
@@ -101,8 +142,17 @@ class OutageStore:
         journal: OutageJournal | None = None,
         lag: LoopLag | None = None,
         max_stretch: float = MAX_STRETCH,
+        start_degraded: bool = False,
+        epoch_check_s: float = EPOCH_CHECK_S,
     ) -> None:
         self.remote = remote
+        self.start_degraded = start_degraded
+        self.epoch: str | None = None  # ``<prefix>epoch`` as this process last saw it
+        self.resets = 0  # times Redis was found to have lost its data
+        self._epoch_check: asyncio.Task[None] | None = None
+        self.epoch_check_s = epoch_check_s
+        self._epoch_watch: asyncio.Task[None] | None = None
+        self._eviction_checked = False  # maxmemory-policy asked once Redis answered
         self.lag = lag
         self.max_stretch = max_stretch
         self.local = MemoryStore()
@@ -166,6 +216,7 @@ class OutageStore:
             return False, None
         if self.down_since is not None:
             self._back()
+            self._epoch_check = asyncio.ensure_future(self._check_epoch())
         return True, result
 
     def _deadline(self) -> contextlib.AbstractAsyncContextManager[object]:
@@ -180,6 +231,59 @@ class OutageStore:
             self.clock() - self.down_since, self.replayed,
         )
         self.down_since = None
+
+    async def _check_epoch(self, strict: bool = False) -> None:
+        """Read ``<prefix>epoch`` (written when missing). At the first read it is remembered;
+        at a later one (Redis answering again) a value missing or changed means Redis lost its
+        data: logged as an ERROR and counted. A failure to read it is left to the next
+        reconnect, unless ``strict`` (at start-up: a Redis that answers PING but refuses the
+        script, an ACL without ``@scripting`` or the prefix's keys, is a start-up error). The
+        first read that succeeds also checks ``maxmemory-policy`` (`_warn_eviction`), so a
+        process that started while Redis was down warns once it answers."""
+        fresh = os.urandom(8).hex()
+        try:
+            async with self._deadline():
+                seen = await self.remote.epoch(fresh)
+        except _FAILURES:
+            if strict:
+                raise
+            return
+        if self.epoch is not None and seen != self.epoch:
+            self.resets += 1
+            log.error(
+                "admission store (Redis) lost its data (%s): budgets, usage, leases and rate "
+                "limits restarted from zero; Redis keeps them only as durably as its persistence "
+                "(docs/shared-state.md)",
+                "its epoch key was missing" if seen == fresh else "its epoch key changed",
+            )
+        self.epoch = seen
+        if not self._eviction_checked:
+            self._eviction_checked = True
+            await self._warn_eviction()
+
+    async def _watch_epoch(self) -> None:
+        """Every ``epoch_check_s`` while Redis answers: `_check_epoch`."""
+        while True:
+            await asyncio.sleep(self.epoch_check_s)
+            if self.up and not self.journal:
+                try:
+                    await self._check_epoch()
+                except Exception:  # a bug here must not stop the watch
+                    log.exception("admission store (Redis): epoch check failed")
+
+    async def _warn_eviction(self) -> None:
+        """A Redis that evicts keys at ``maxmemory`` drops budget counters (they have a TTL) and
+        resets those budgets silently: say so once, when Redis first answers."""
+        with contextlib.suppress(*_FAILURES):  # INFO may be renamed away (managed Redis)
+            async with self._deadline():
+                limit, policy = await self.remote.memory_policy()
+            if limit > 0 and policy and policy != "noeviction":
+                log.warning(
+                    "admission store (Redis) has maxmemory %d B with maxmemory-policy %s: at "
+                    "the limit it evicts keys, budget counters included (a budget evicted is "
+                    "reset with nothing logged); set maxmemory-policy noeviction "
+                    "(docs/shared-state.md, sizing)", limit, policy,
+                )
 
     # -- reconciliation -------------------------------------------------------------------
     def _push(self, entry: Entry) -> None:
@@ -237,6 +341,7 @@ class OutageStore:
             try:
                 async with self._deadline():
                     await self.remote.ping()
+                await self._check_epoch()
                 await self._replay()
             except _FAILURES as exc:
                 self._failed(exc)
@@ -338,8 +443,10 @@ class OutageStore:
     async def ping(self) -> bool:
         """At start-up: load what an earlier process journaled and did not replay, then ask
         Redis. Redis must answer (a wrong URL is a start-up error, not an outage) unless the
-        journal holds entries: then this is an outage the gateway was killed in, and it starts
-        degraded and replays them once Redis answers."""
+        journal holds entries (an outage the gateway was killed in) or, with
+        ``start_degraded``, the failure is `transient` (Redis down): then it starts degraded and
+        replays them once Redis answers. Once Redis answers: its epoch is read (and watched
+        every ``epoch_check_s``) and an evicting ``maxmemory-policy`` is warned about."""
         loop = asyncio.get_running_loop()
         for seq, kind, payload in await self.store.load():
             written: asyncio.Future[int] = loop.create_future()
@@ -348,16 +455,27 @@ class OutageStore:
         try:
             async with self._deadline():  # in running time, as every other call
                 ok = await self.remote.ping()
+            await self._check_epoch(strict=True)  # PING allowed is not enough (an ACL)
         except _FAILURES as exc:
-            if not self.journal:
+            if self.journal:
+                log.error(
+                    "admission store (Redis) unreachable at start-up with %d journaled updates "
+                    "in %s: starting degraded, they are replayed once Redis answers",
+                    len(self.journal), self.store.path,
+                )
+            elif self.start_degraded and transient(exc):
+                log.error(
+                    "admission store (Redis) unreachable at start-up (%s): starting degraded "
+                    "as in an outage (budgets 503 until Redis answers; "
+                    "admission.start_without_redis); if Redis is not down, check "
+                    "admission.redis_url", _describe(exc),
+                )
+            else:
                 raise
-            log.error(
-                "admission store (Redis) unreachable at start-up with %d journaled updates in "
-                "%s: starting degraded, they are replayed once Redis answers",
-                len(self.journal), self.store.path,
-            )
             self._failed(exc)
+            self._epoch_watch = loop.create_task(self._watch_epoch())
             return True
+        self._epoch_watch = loop.create_task(self._watch_epoch())
         if self.journal:
             log.warning("replaying %d admission updates journaled by an earlier process",
                         len(self.journal))
@@ -365,6 +483,9 @@ class OutageStore:
         return bool(ok)
 
     async def close(self) -> None:
+        for task in (self._epoch_check, self._epoch_watch):
+            if (exc := await stop_task(task)) is not None:
+                log.error("admission store (Redis): an epoch task had failed: %r", exc)
         if self._reconciler is not None:
             self._reconciler.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -390,3 +511,8 @@ class OutageStore:
                 )
         await self.store.close()
         await self.remote.close()
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -9,6 +9,11 @@ the interleaving of replicas. Layout under the configured prefix ``P``:
   leases are purged (their reservation given back) by the next script that touches the counter.
 - ``P b:<bucket>`` hash ``l t`` (level, time of level).
 - ``P m:<key>`` markers (``SET NX PX``), ``P i:<key>`` counters, ``P u:<tenant>`` usage hash.
+- ``P a:s:<lease>``, ``P a:u:<id>``: settle ids applied (``admission.settle_id_ttl_s``).
+- ``P w:<tenant>:<day>`` set of the workflow ids in the tenant's usage that day (at most
+  ``admission.usage_max_workflows``; the others are counted as ``(other)``), kept two days.
+- ``P epoch``: a random value written once (no expiry); a process that finds it missing or
+  changed after an outage knows Redis lost its data (`RedisStore.epoch`).
 
 Keys of one call are not hash-tagged together: this targets one Redis (or a primary), not Redis
 Cluster.
@@ -16,6 +21,7 @@ Cluster.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any, cast
 
@@ -32,11 +38,16 @@ from inferplane.admission.state import (
 )
 
 NANO = 1e9
-# How long Redis remembers a settle's id (``a:s:<lease>``, ``a:u:<ticket>``): longer than a
-# settle normally waits in the outage journal (`admission.outage`), which replays within seconds
-# of Redis answering again, or at the next start of a gateway killed during the outage (a
-# journal replayed more than a day later could count an entry twice).
-APPLIED_TTL_S = 86400.0
+# How long Redis remembers a settle's id (``a:s:<lease>``, ``a:u:<ticket>``) by default
+# (``admission.settle_id_ttl_s``): longer than a settle normally waits in the outage journal
+# (`admission.outage`), which replays within seconds of Redis answering again, or at the next
+# start of a gateway killed during the outage (a journal replayed later than this after the
+# settle reached Redis could count an entry twice). Until 2026-12-07 one day.
+APPLIED_TTL_S = 3600.0
+# the workflow a tenant's usage counts beyond ``admission.usage_max_workflows`` distinct ones a
+# day (the x-inferplane-workflow header cannot spell it: no parentheses)
+OTHER_WORKFLOW = "(other)"
+WORKFLOW_SET_TTL_S = 2 * 86400.0
 
 _PURGE = """
 local function purge(h, z, now)
@@ -107,15 +118,35 @@ end
 return 0
 """
 
-# KEYS: the tenant's usage hash, the applied-id key (ARGV[6] the id's lifetime, ms)
+# KEYS: the tenant's usage hash, the applied-id key (ARGV[6] the id's lifetime, ms), the
+# tenant's workflow set of the day. ARGV[7] the workflow ('' none), ARGV[8] the cap (-1 none),
+# ARGV[9] the group with the workflow '(other)', ARGV[10] the set's lifetime (ms)
 ADD_USAGE = """
 if not redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[6]) then return 1 end
 local g = ARGV[1]
+local wf, cap = ARGV[7], tonumber(ARGV[8])
+if wf ~= '' and cap >= 0 and redis.call('SISMEMBER', KEYS[3], wf) == 0 then
+  if redis.call('SCARD', KEYS[3]) >= cap then
+    g = ARGV[9]
+  else
+    redis.call('SADD', KEYS[3], wf)
+    redis.call('PEXPIRE', KEYS[3], ARGV[10])
+  end
+end
 redis.call('HINCRBYFLOAT', KEYS[1], g .. '\\30usd', ARGV[2])
 redis.call('HINCRBY', KEYS[1], g .. '\\30p', ARGV[3])
 redis.call('HINCRBY', KEYS[1], g .. '\\30c', ARGV[4])
 redis.call('HINCRBY', KEYS[1], g .. '\\30n', ARGV[5])
 return 0
+"""
+
+# KEYS: the epoch key; ARGV[1] a fresh value, written when the key is missing. Returns the
+# key's value (the fresh one when it was missing)
+EPOCH = """
+local cur = redis.call('GET', KEYS[1])
+if cur then return cur end
+redis.call('SET', KEYS[1], ARGV[1])
+return ARGV[1]
 """
 
 COUNTER = (
@@ -196,6 +227,8 @@ class RedisStore:
         timeout_s: float = 0.5,
         *,
         max_stretch: float = 1.0,
+        settle_id_ttl_s: float = APPLIED_TTL_S,
+        max_workflows: int | None = None,
     ) -> None:
         # a dead Redis must cost one short timeout, not a stalled request: no retries with
         # backoff inside the client (`admission.outage` decides what a failure means). The
@@ -204,6 +237,9 @@ class RedisStore:
         self.timeout_s = timeout_s
         self.r = fail_fast_client(url, timeout_s * max_stretch)
         self.p = prefix
+        self.settle_id_ttl_s = settle_id_ttl_s
+        self.max_workflows = max_workflows
+        self._epoch = self.r.register_script(EPOCH)
         self._reserve = self.r.register_script(RESERVE)
         self._settle = self.r.register_script(SETTLE)
         self._counter = self.r.register_script(COUNTER)
@@ -215,6 +251,16 @@ class RedisStore:
 
     async def ping(self) -> bool:
         return bool(await self.r.ping())
+
+    async def epoch(self, fresh: str) -> str:
+        """The value of ``<prefix>epoch``, written as ``fresh`` when it is missing (a new Redis,
+        or one that lost its data)."""
+        return str(await self._epoch(keys=[f"{self.p}epoch"], args=[fresh]))
+
+    async def memory_policy(self) -> tuple[int, str]:
+        """(``maxmemory`` in bytes, ``maxmemory-policy``) from ``INFO memory``."""
+        info: dict[str, Any] = await self.r.info("memory")
+        return int(info.get("maxmemory", 0)), str(info.get("maxmemory_policy", ""))
 
     async def reserve(
         self, counters: Sequence[CounterDemand], lease_id: str, expires_at: float, now: float
@@ -243,7 +289,7 @@ class RedisStore:
         if not counters:
             return
         args = [lease_id, _nano(usd), str(tokens)] + [_ms(d.ttl_s) for d in counters]
-        args.append(_ms(APPLIED_TTL_S))
+        args.append(_ms(self.settle_id_ttl_s))
         keys = [*self._keys(counters), f"{self.p}a:s:{lease_id}"]
         await self._settle(keys=keys, args=args)
 
@@ -284,18 +330,17 @@ class RedisStore:
     ) -> None:
         k = f"{self.p}u:{tenant}"
         g = SEP.join(group)
-        if settle_id is not None:  # applied once, however often it is sent (a replay)
-            await self._add_usage(
-                keys=[k, f"{self.p}a:u:{settle_id}"],
-                args=[g, repr(usd), str(prompt), str(completion), "1", _ms(APPLIED_TTL_S)],
-            )
-            return
-        async with self.r.pipeline(transaction=True) as pipe:
-            pipe.hincrbyfloat(k, g + "\x1eusd", usd)
-            pipe.hincrby(k, g + "\x1ep", prompt)
-            pipe.hincrby(k, g + "\x1ec", completion)
-            pipe.hincrby(k, g + "\x1en", 1)
-            await pipe.execute()
+        # group: (day, workflow, model, class, key); applied once, however often it is sent (a
+        # replay), by its id (one of its own when it has none)
+        day, workflow = (group[0], group[1]) if len(group) > 1 else ("", "")
+        other = SEP.join((day, OTHER_WORKFLOW, *group[2:]))
+        cap = -1 if self.max_workflows is None else self.max_workflows
+        await self._add_usage(
+            keys=[k, f"{self.p}a:u:{settle_id or os.urandom(8).hex()}",
+                  f"{self.p}w:{tenant}:{day}"],
+            args=[g, repr(usd), str(prompt), str(completion), "1", _ms(self.settle_id_ttl_s),
+                  workflow, str(cap), other, _ms(WORKFLOW_SET_TTL_S)],
+        )
 
     async def usage(self, tenant: str) -> list[UsageRow]:
         raw = cast(dict[str, str], await self.r.hgetall(f"{self.p}u:{tenant}"))

@@ -246,14 +246,16 @@ class SharedPlacement:
             await asyncio.sleep(self.retry_after_s)
 
     # -- lifecycle ------------------------------------------------------------------------
-    async def start(self, degraded: bool = False) -> None:
+    async def start(
+        self, degraded: bool | Callable[[BaseException], bool] = False
+    ) -> None:
         """Redis must answer, unless ``degraded`` (the admission store started in an outage it
         was killed in): then the sharing starts as during any outage."""
         try:
             async with self._deadline():  # in running time, as every other call
                 await self.r.ping()
         except _FAILURES as exc:
-            if not degraded:
+            if not (degraded(exc) if callable(degraded) else degraded):
                 raise
             self._failed(exc)
         self._listen = asyncio.get_running_loop().create_task(self._run())

@@ -339,9 +339,12 @@ class SharedSlots:
                 continue
             self._up()
 
-    async def start(self, degraded: bool = False) -> None:
+    async def start(
+        self, degraded: bool | Callable[[BaseException], bool] = False
+    ) -> None:
         """Read the counts and start the background loop. Redis must answer, unless
-        ``degraded`` (the admission store started in an outage it was killed in): then the
+        ``degraded`` (the admission store started in an outage it was killed in; a
+        function: whether this failure is one): then the
         slots start from this process's view, as during any outage."""
         try:
             async with self._deadline():  # in running time, as every other call
@@ -349,7 +352,7 @@ class SharedSlots:
             async with self._deadline():
                 await self.sync()
         except _FAILURES as exc:
-            if not degraded:
+            if not (degraded(exc) if callable(degraded) else degraded):
                 raise
             self._failed(exc)
         self._loop = asyncio.get_running_loop().create_task(self._run())

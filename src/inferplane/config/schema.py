@@ -981,6 +981,31 @@ class AdmissionSpec(Strict):
         1800.0, gt=0, description="shared session affinity: a session's endpoint is kept this "
         "long after its last request"
     )
+    start_without_redis: bool = Field(
+        True,
+        description="store: redis — a Redis that refuses connections, times out or is still "
+        "loading at start-up is an outage: the gateway starts degraded as a running one does "
+        "(an ERROR, budgets 503 with Retry-After until Redis answers). A bad URL, an unknown "
+        "host, refused credentials or ACL permissions (WRONGPASS, NOPERM) and a TLS mismatch "
+        "(a server that closes or resets the connection) stay start-up errors (exit status "
+        "2); false: Redis must "
+        "answer at start-up (unless the outage journal holds entries)",
+    )
+    settle_id_ttl_s: float = Field(
+        3600.0,
+        gt=0,
+        description="store: redis — how long Redis remembers each settle's id (two keys per "
+        "request, about 234 B), so that a settle replayed from the outage journal counts once; "
+        "a journal replayed later than this after the settle reached Redis could count it "
+        "twice (docs/shared-state.md, sizing)",
+    )
+    usage_max_workflows: int | None = Field(
+        1000,
+        ge=0,
+        description="store: redis — distinct x-inferplane-workflow values kept in a tenant's "
+        "usage per UTC day; the usage of further workflows that day is counted under the "
+        "workflow '(other)' (client-chosen ids must not grow Redis without bound); null: no cap",
+    )
     redis_timeout_s: float = Field(
         0.5, gt=0, description="a Redis call slower than this counts as Redis being "
         "unreachable; the gateway's own event-loop lag does not count, up to "

@@ -261,6 +261,12 @@ class Core:
     async def _stop_transport(self) -> None:
         """Close what `_start_transport` opened."""
 
+    def requests_in_flight(self) -> tuple[int, int]:
+        """(requests sent to an endpoint, requests waiting in the admission queue) of this
+        process, for the line a process logs when it starts stopping."""
+        sent = sum(rec.inflight for rec in self.live.live.values())
+        return sent, sum(self.admission.queue.depth(b) for b in BANDS)
+
     async def _drain(self) -> None:
         """First step of `stop`: end what the front end still holds of requests in flight, so
         their records and settles reach the ledger and the admission store before those close."""
@@ -300,8 +306,16 @@ class Core:
         if self.economics is not None:
             self.economics.start()
         # an admission store that started degraded (Redis down, a journal to replay): the
-        # other Redis users start as during an outage too
-        degraded = getattr(self.admission.store, "up", True) is False
+        # other Redis users start as during an outage too; with admission.start_without_redis
+        # also a Redis gone down between the two (refused, a timeout: `transient`), never a
+        # misconfiguration (an ACL that refuses their commands is a start-up error)
+        store_down = getattr(self.admission.store, "up", True) is False
+        without_redis = self.config.admission.start_without_redis
+
+        def degraded(exc: BaseException) -> bool:
+            from inferplane.admission.outage import transient
+
+            return store_down or (without_redis and transient(exc))
         if self.slots is not None:
             await self.slots.start(degraded=degraded)
         if self.shared is not None:
@@ -422,6 +436,7 @@ class Core:
                 raise ConfigError(file, [("", f"cannot apply: {type(exc).__name__}: {exc}")]) \
                     from None
             old = self.fleet.by_name
+            old_config = self.config
             old_substrates = {sub.name for sub in self.config.substrates}
             joining = [e for e in fleet.endpoints if e.name not in old or old[e.name].url != e.url]
             observed = await self.scraper.observe(joining) if self.scraper is not None else []
@@ -486,6 +501,7 @@ class Core:
                 list(out.changed) or "none",
                 "rebuilt" if rebuild else "kept", out.seconds * 1000,
             )
+            _log_tenant_changes(old_config, config)
             return out
 
     def forget_removed(self) -> None:
@@ -1282,3 +1298,21 @@ def _domains(endpoint: Endpoint) -> frozenset[str]:
 
 def _int(v: Any) -> int | None:
     return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+def _log_tenant_changes(old: FleetConfig, new: FleetConfig) -> None:
+    """One line when a reload adds, removes or changes tenants, naming those whose budgets
+    changed (a budget in force changes what every replica admits against one shared counter;
+    replicas on different files enforce different limits)."""
+    before = {t.name: t for t in old.tenants}
+    after = {t.name: t for t in new.tenants}
+    added = [n for n in after if n not in before]
+    removed = [n for n in before if n not in after]
+    changed = [n for n in after if n in before and after[n] != before[n]]
+    if not (added or removed or changed):
+        return
+    budgets = [n for n in changed if after[n].budgets != before[n].budgets]
+    log.info(
+        "tenants reloaded: added %s; removed %s; changed %s; budgets changed %s",
+        added or "none", removed or "none", changed or "none", budgets or "none",
+    )

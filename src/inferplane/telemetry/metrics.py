@@ -359,6 +359,13 @@ class GatewayMetrics:
             "(answered or not; a reload's look at joining endpoints and the probes "
             "gateway.health_skip_while_serving skipped not counted)",
         )
+        # wired by the admission controller with admission.store: redis only: absent elsewhere
+        self.admission_store_resets = SourcedCounter(
+            "inferplane_admission_store_resets_total",
+            "Times this process found the shared admission store (Redis) had lost its data "
+            "(its epoch key missing or changed when Redis answered again): budgets, usage and "
+            "leases restarted from zero",
+        )
         # wired by a worker of `serve --workers N` only (`api.app.serve`): absent elsewhere
         self.worker_page_refused = SourcedCounter(
             "inferplane_worker_page_refused_total",
@@ -382,7 +389,7 @@ class GatewayMetrics:
             (self.loop_lost, self.send_gate_requests, self.send_gate_groups, self.coalesce_holds,
              self.loop_cpu, self.loop_runqueue_wait, self.loop_slices, self.process_runqueue_wait,
              self.worker_page_refused, self.engine_scrapes, self.health_probes,
-             self.store_outages, self.store_dropped)
+             self.store_outages, self.store_dropped, self.admission_store_resets)
         )
         r.register(self._sourced)
         self._admission_metrics(r)

@@ -30,7 +30,9 @@ JSON keys (times in seconds; percentiles ``null`` when there is no sample):
   p90, p99}, slo_attainment, goodput_rps}}; ``per_tenant`` {tenant: {requests, completed, shed,
   ttft_s {p50, p90, p99}}}
 - the run: ``profile``, ``fleet``, ``trace``, ``rate_scale``, ``seed``, ``admission`` (the
-  admission stage ran), ``faults`` (scheduled fault events), ``wall_s``
+  admission stage ran), ``faults`` (scheduled fault events), ``faults_applied`` (those that
+  fell within the run: one scheduled after the replayed slice ended is never applied),
+  ``wall_s``
 """
 
 from __future__ import annotations
@@ -126,6 +128,7 @@ def build_report(
     wall_s: float,
     admission: bool = False,
     faults: int = 0,
+    faults_applied: int | None = None,
 ) -> dict[str, Any]:
     """The JSON report of a finished simulation (see the module docstring for the keys)."""
     recs = records
@@ -215,6 +218,7 @@ def build_report(
         "per_tenant": per_tenant,
         "admission": admission,
         "faults": faults,
+        "faults_applied": faults if faults_applied is None else faults_applied,
         "wall_s": wall_s,
     }
 

@@ -166,6 +166,7 @@ class Simulator:
         fb = g.first_byte_timeout
         self.first_byte_timeout_s = float(fb.floor_s if fb.enabled else g.upstream_timeout_s)
         self.faults = list(faults)
+        self.faults_applied = 0  # a fault after the run's last event is never applied
         self.scrape_interval_s = g.scrape_interval_s
         self.block_chars = g.prefix_block_chars
         self.endpoints = [SimEndpoint(e, i) for i, e in enumerate(self.fleet.endpoints)]
@@ -640,6 +641,7 @@ class Simulator:
 
     # -- faults ---------------------------------------------------------------------------
     def _fault(self, ev: FaultEvent) -> None:
+        self.faults_applied += 1
         se = self.by_name[ev.endpoint]
         if ev.event == "up":
             if se.fault in ("down", "hung"):
@@ -872,8 +874,8 @@ def run_simulation(
     )
     if not (rate_scale > 0 and math.isfinite(rate_scale)):
         raise SimulationError(f"--rate-scale must be a positive number, got {rate_scale}")
-    if duration_s is not None and not duration_s >= 0:
-        raise SimulationError(f"--duration must be >= 0, got {duration_s}")
+    if duration_s is not None and not duration_s > 0:  # 0 replayed nothing and "succeeded"
+        raise SimulationError(f"--duration must be > 0, got {duration_s}")
     if limit is not None and limit < 0:
         raise SimulationError(f"--limit must be >= 0, got {limit}")
     reqs = slice_trace(
@@ -902,5 +904,6 @@ def run_simulation(
         seed=seed,
         admission=sim.admission.enabled,
         faults=len(schedule),
+        faults_applied=sim.faults_applied,
         wall_s=time.perf_counter() - t0,
     )

@@ -1,6 +1,6 @@
 """Loaders for real request traces, and slicing them for replay.
 
-Two formats are understood (see ``shared/traces/README.md``):
+Two formats are understood (see docs/simulator.md, "Traces"):
 
 * **mooncake** -- JSON Lines, one request a line: ``timestamp`` (ms from the start of the trace),
   ``input_length``, ``output_length`` and ``hash_ids`` (one id per 512-token prompt block).
