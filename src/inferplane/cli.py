@@ -728,9 +728,16 @@ def verify(
         typer.Option("--public-key", "-k", help="Ed25519 public key (PEM) the checkpoints must "
                      "be signed with; default: the configured signing key's"),
     ] = None,
+    checkpoint_every: Annotated[
+        int | None,
+        typer.Option("--checkpoint-every", min=1, help="the writers' ledger.checkpoint_every: "
+                     "with a key, a shard with this many records or more after its last signed "
+                     "checkpoint fails; default: the fleet file's, else 1000"),
+    ] = None,
 ) -> None:
     """Check the ledger's hash chains and signed checkpoints. Exit 0 when intact; 1 naming the
-    first bad record when any record was edited, deleted, inserted or reordered; 2 when the
+    first bad record when any record was edited, deleted, inserted or reordered, or when a
+    shard has checkpoint_every or more records after its last signed checkpoint; 2 when the
     ledger cannot be read."""
     from inferplane.ledger.tools import SourceError, describe, read_public_key
     from inferplane.ledger.tools import verify as run_verify
@@ -738,7 +745,7 @@ def verify(
     source = _ledger_source(ledger, config)
     try:
         key = read_public_key(public_key) if public_key is not None else None
-        rep = run_verify(source, key)
+        rep = run_verify(source, key, checkpoint_every)
     except SourceError as exc:
         fail(str(exc))
     for line in describe(rep, source):

@@ -36,6 +36,8 @@ class Source:
     schema: str = "public"
     prefix: str = "inferplane_"
     public_key: Ed25519PublicKey | None = None
+    checkpoint_every: int | None = None
+    """The configured ``ledger.checkpoint_every`` (None: not from a fleet file)."""
 
     @property
     def name(self) -> str:
@@ -51,9 +53,11 @@ def source_from_config(config: FleetConfig, file: str) -> Source:
     dsn = configured_dsn(config, file)
     if dsn:
         return Source(dsn=dsn, schema=config.ledger.postgres_schema,
-                      prefix=config.ledger.table_prefix, public_key=public)
+                      prefix=config.ledger.table_prefix, public_key=public,
+                      checkpoint_every=config.ledger.checkpoint_every)
     if config.gateway.ledger_path:
-        return Source(sqlite_path=config.gateway.ledger_path, public_key=public)
+        return Source(sqlite_path=config.gateway.ledger_path, public_key=public,
+                      checkpoint_every=config.ledger.checkpoint_every)
     raise SourceError(f"{file}: no ledger configured (set gateway.ledger_path or "
                       "ledger.postgres_dsn); records were kept in memory only")
 
@@ -89,13 +93,21 @@ def _postgres(source: Source) -> Iterator[tuple[psycopg.Connection[Any], Tables]
         raise SourceError(f"{source.name}: {str(exc).strip().splitlines()[0]}") from None
 
 
-def verify(source: Source, public_key: Ed25519PublicKey | None) -> Report:
+DEFAULT_CHECKPOINT_EVERY = 1000
+"""``ledger.checkpoint_every``'s default: what verify holds a ledger named by ``--ledger`` to."""
+
+
+def verify(source: Source, public_key: Ed25519PublicKey | None,
+           checkpoint_every: int | None = None) -> Report:
+    """Verify ``source``; with a key, a shard's unsigned tail is held to ``checkpoint_every``
+    (default: the fleet file's, else `DEFAULT_CHECKPOINT_EVERY`)."""
     key = public_key or source.public_key
+    every = checkpoint_every or source.checkpoint_every or DEFAULT_CHECKPOINT_EVERY
     if source.sqlite_path is not None:
         from inferplane.ledger.sqlite import LedgerFileError
 
         try:
-            return verify_sqlite(source.sqlite_path, key)
+            return verify_sqlite(source.sqlite_path, key, every)
         except (FileNotFoundError, LedgerFileError) as exc:
             raise SourceError(str(exc)) from None
     from inferplane.ledger import postgres as pg
@@ -103,7 +115,7 @@ def verify(source: Source, public_key: Ed25519PublicKey | None) -> Report:
     with _postgres(source) as (conn, t):
         return verify_rows(
             pg.iter_rows(conn, t, order="shard, chain_seq, id"),
-            pg.read_checkpoints(conn, t), pg.read_heads(conn, t), key,
+            pg.read_checkpoints(conn, t), pg.read_heads(conn, t), key, every,
         )
 
 
@@ -121,10 +133,11 @@ def describe(rep: Report, source: Source) -> list[str]:
                  f"chain(s): {shards}")
     lines.append(f"checkpoints: {rep.checkpoints_checked} of {rep.checkpoints} signatures "
                  "verified")
-    tail = {s: n for s, n in rep.unsigned_tail.items() if n}
-    if tail and rep.checkpoints_checked:
-        lines.append("records after the last verified checkpoint (not yet signed): "
-                     + ", ".join(f"{s}: {n}" for s, n in sorted(tail.items())))
+    if rep.keyed and rep.unsigned_tail:
+        bound = (f"; at most {rep.checkpoint_every} - 1 allowed"
+                 if rep.checkpoint_every is not None else "")
+        lines.append(f"records after the last verified checkpoint (not yet signed{bound}): "
+                     + ", ".join(f"{s}: {n}" for s, n in sorted(rep.unsigned_tail.items())))
     lines += [f"warning: {w}" for w in rep.warnings]
     return lines
 
