@@ -606,3 +606,63 @@ def test_a_candidate_read_again_is_the_same_record_and_encodes_the_same() -> Non
     assert d.candidate(pick) is first
     assert encode_entry(d, o, 1.0).text == text
     assert encode_entry(replace(d, candidates=records), o, 1.0).text == text
+
+
+async def test_answers_do_not_wait_while_the_ledgers_store_is_down(
+    tmp_path: Path, decision: Decision, caplog: pytest.LogCaptureFixture
+) -> None:
+    """audit27 F2a/F2c: once a write failed and none has committed since, an answer does not
+    wait commit_timeout_s for its record (counted as a commit timeout), and when writes work
+    again one line says so, with how long the store was down and how much was written."""
+    import logging
+
+    from inferplane.api.pipeline import Gateway
+
+    cfg = parse_config(FLEET + "ledger: {commit_timeout_s: 3600}\n")
+    led = FailingLedger(tmp_path / "down.db", batch_size=10)
+    gw = Gateway(cfg, ledger=led)
+    first = led.record(_with_id(decision, "a-0"), _ok(decision), 1.0)
+    assert led.flush() is False and led.store_down
+    before = gw.metrics.ledger_commit_timeouts._value.get()
+    later = led.record(_with_id(decision, "a-1"), _ok(decision), 2.0)
+    async with asyncio.timeout(60):  # without the fix: waits commit_timeout_s (an hour)
+        assert await gw.committed(later) is False
+    assert gw.metrics.ledger_commit_timeouts._value.get() == before + 1
+    led.failing = False
+    with caplog.at_level(logging.INFO, logger="inferplane.ledger"):
+        assert led.flush() and not led.store_down
+    resumed = [r.getMessage() for r in caplog.records if "writes resumed" in r.getMessage()]
+    assert len(resumed) == 1 and "2 records written since the outage began" in resumed[0]
+    assert await first.durable(1.0) and await later.durable(1.0)
+    led.close_sync()
+
+
+def test_the_shard_can_come_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """audit27 F11: one ConfigMap, one shard per pod (ledger.shard_env: POD_NAME)."""
+    from inferplane.ledger.build import build_ledger, ledger_problems
+
+    cfg = parse_config(FLEET + f"gateway: {{ledger_path: {str(tmp_path / 's.db')!r}}}\n"
+                       "ledger: {shard: main, shard_env: POD_NAME}\n")
+    monkeypatch.setenv("POD_NAME", "inferplane-gateway-7d9f-x2k4q")
+    led = build_ledger(cfg, "fleet.yaml")
+    assert isinstance(led, SqliteLedger) and led.shard == "inferplane-gateway-7d9f-x2k4q"
+    led.close_sync()
+    monkeypatch.delenv("POD_NAME")
+    with pytest.raises(ConfigError, match=r"ledger\.shard_env"):
+        build_ledger(cfg, "fleet.yaml")
+    assert [f for f, _ in ledger_problems(cfg, "fleet.yaml")] == ["ledger.shard_env"]
+    monkeypatch.setenv("POD_NAME", "bad name")
+    with pytest.raises(ConfigError, match="not a shard name"):
+        build_ledger(cfg, "fleet.yaml")
+
+
+def test_the_k8s_example_fleet_parses_with_a_signed_per_pod_ledger() -> None:
+    import yaml
+
+    root = Path(__file__).resolve().parent.parent
+    doc = yaml.safe_load((root / "deploy/k8s/fleet-configmap.yaml").read_text())
+    cfg = parse_config(doc["data"]["fleet.yaml"])
+    assert cfg.ledger.signing_key_env and cfg.ledger.shard_env == "POD_NAME"
+    assert cfg.ledger.spool_path

@@ -7,6 +7,8 @@ answers there.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import io
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -20,6 +22,8 @@ from typer.testing import CliRunner
 from inferplane.cli import app
 from inferplane.ledger.postgres import PostgresLedger, Tables
 from inferplane.ledger.query import Query, decode_cursor
+from inferplane.ledger.record import Entry
+from inferplane.ledger.spool import Spool
 from inferplane.ledger.tools import Source, export, verify
 from inferplane.placement.framework import Decision
 from tests.support.postgres import DSN, drop_schema, needs_pg
@@ -281,3 +285,144 @@ async def test_a_lost_database_session_delays_records_and_loses_none(
     await led.close()
     rep = verify(Source(dsn=DSN, schema=schema), SIGNER.public)
     assert rep.ok and rep.records == 20, rep.problem
+
+
+DOWN = "postgresql://postgres@127.0.0.1:9/test"  # nothing listens there: the database is down
+
+
+async def _take_down(led: PostgresLedger) -> None:
+    """The database goes away under the writer: its session ends and reconnects are refused."""
+    led.dsn = DOWN
+    assert led._writer is not None
+    pid = led._writer.info.backend_pid
+    with psycopg.connect(DSN, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+
+
+async def _abandon(led: PostgresLedger) -> None:
+    """What kill -9 leaves: the writer stops where it is, nothing is flushed or spooled."""
+    assert led._task is not None
+    led._task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await led._task
+    led._task = None
+    await led._close_connections()
+    if led._spool is not None:
+        led._spool.close()
+
+
+def _chain(schema: str) -> list[str]:
+    with psycopg.connect(DSN) as conn:
+        return [r[0] for r in conn.execute(
+            f'SELECT decision_id FROM "{schema}".inferplane_decisions ORDER BY chain_seq')]
+
+
+async def test_records_answered_in_an_outage_survive_a_kill_through_the_spool(
+    schema: str, decision: Decision, tmp_path: Path
+) -> None:
+    """audit27 F2b: with ledger.spool_path, a record answered while the database is down is
+    in the local spool before its answer completes (durable() is True), a killed process loses
+    none of them, and the next start replays them in order before newer records."""
+    spool = str(tmp_path / "spool.sqlite")
+    led = PostgresLedger(DSN, schema=schema, signer=SIGNER, checkpoint_every=4,
+                         retry_interval_s=0.05, spool_path=spool)
+    await led.start()
+    first = [led.record(_with_id(decision, f"a-{i}"), _ok(decision), float(i)) for i in range(3)]
+    assert all(await asyncio.gather(*(r.durable(5.0) for r in first)))
+    await _take_down(led)
+    during = [led.record(_with_id(decision, f"b-{i}"), _ok(decision), 10.0 + i)
+              for i in range(6)]
+    assert all(await asyncio.gather(*(r.durable(10.0) for r in during)))  # spooled
+    assert led.spooled == 6 and led.records_spooled == 6 and not led.store_down
+    assert (await led.lookup("b-2")) is not None  # still readable from the spool
+    await _abandon(led)
+    assert _chain(schema) == ["a-0", "a-1", "a-2"]
+
+    again = PostgresLedger(DSN, schema=schema, signer=SIGNER, checkpoint_every=4,
+                           spool_path=spool)
+    assert again.spooled == 6
+    await again.start()
+    newer = again.record(_with_id(decision, "c-0"), _ok(decision), 20.0)
+    assert await newer.durable(10.0)
+    await again.close()
+    assert _chain(schema) == ["a-0", "a-1", "a-2"] + [f"b-{i}" for i in range(6)] + ["c-0"]
+    rep = verify(Source(dsn=DSN, schema=schema), SIGNER.public, 4)
+    assert rep.ok and rep.records == 10, rep.problem
+
+    # a replay that had committed but not yet emptied its spool when killed: no duplicates
+    s = Spool(spool)
+    with psycopg.connect(DSN) as conn:
+        texts = [r[0] for r in conn.execute(
+            f'SELECT record FROM "{schema}".inferplane_decisions WHERE chain_seq > 7 '
+            "ORDER BY chain_seq")]
+    s.add([Entry(decision_id=orjson.loads(t)["decision_id"], at_unix=0.0, tenant="acme",
+                 endpoint=None, workload_class="x", model="m", substrate=None, status=200,
+                 ttft_s=None, cost_usd=None, text=t,
+                 receipt=hashlib.sha256(t.encode()).hexdigest()) for t in texts])
+    s.close()
+    third = PostgresLedger(DSN, schema=schema, signer=SIGNER, spool_path=spool)
+    await third.start()
+    await third.close()
+    assert third.spooled == 0 and len(_chain(schema)) == 10
+
+
+async def test_a_stop_during_an_outage_spools_what_is_pending(
+    schema: str, decision: Decision, tmp_path: Path
+) -> None:
+    """SIGTERM in an outage used to log "closing with N unwritten records (dropped)"."""
+    spool = str(tmp_path / "spool.sqlite")
+    led = PostgresLedger(DSN, schema=schema, retry_interval_s=30.0, spool_path=spool)
+    await led.start()
+    assert await led.record(_with_id(decision, "a-0"), _ok(decision), 1.0).durable(5.0)
+    await _take_down(led)
+    for i in range(4):
+        led.record(_with_id(decision, f"b-{i}"), _ok(decision), 2.0 + i)
+    await led.close()
+    assert led.dropped == 0 and led.spooled == 4
+    again = PostgresLedger(DSN, schema=schema, spool_path=spool)
+    await again.start()
+    await again.close()
+    assert _chain(schema) == ["a-0", "b-0", "b-1", "b-2", "b-3"]
+
+
+async def test_without_a_spool_answers_do_not_wait_while_the_database_is_down(
+    schema: str, decision: Decision
+) -> None:
+    led = PostgresLedger(DSN, schema=schema, retry_interval_s=0.05)
+    await led.start()
+    assert await led.record(_with_id(decision, "a-0"), _ok(decision), 1.0).durable(5.0)
+    await _take_down(led)
+    r = led.record(_with_id(decision, "b-0"), _ok(decision), 2.0)
+    async with asyncio.timeout(30):
+        while not led.store_down:
+            await asyncio.sleep(0.02)
+    assert not r.committed
+    led.dsn = DSN  # the database is back: the pending record is written
+    assert await r.durable(10.0) and not led.store_down
+    await led.close()
+
+
+async def test_an_edited_indexed_column_fails_verify_and_leaves_the_listing(
+    ledger: PostgresLedger, schema: str, decision: Decision
+) -> None:
+    """audit27 F1 on PostgreSQL: ``UPDATE … SET tenant='globex', cost_usd=99`` put acme's
+    record into globex's listing and verify said ok."""
+    for i in range(7):
+        ledger.record(_with_id(decision, f"d-{i}"), _ok(decision), 100.0 + i)
+    await ledger.close()
+    for column, value in (("cost_usd", "99"), ("tenant", "'globex'")):
+        with psycopg.connect(DSN, autocommit=True) as conn:
+            conn.execute(f'UPDATE "{schema}".inferplane_decisions SET {column} = {value} '
+                         "WHERE chain_seq = 3")
+        rep = verify(Source(dsn=DSN, schema=schema), SIGNER.public)
+        assert not rep.ok and rep.bad_seq == 3, rep.problem
+        assert f"edited (column {column}" in (rep.problem or "")
+    reader = PostgresLedger(DSN, schema=schema)
+    await reader.start()
+    try:
+        assert (await reader.query(Query(tenant="globex"))).items == []
+        acme = [it["record"]["decision_id"] for it in (await reader.query(
+            Query(tenant="acme"))).items]
+        assert acme == ["d-0", "d-1", "d-3", "d-4", "d-5", "d-6"]
+    finally:
+        await reader.close()

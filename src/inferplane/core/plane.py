@@ -1223,13 +1223,17 @@ class Core:
         """Wait (``ledger.durable``) until ``receipt``'s record is committed, and until the
         admission ``ticket``'s settle and usage are written, each at most
         ``ledger.commit_timeout_s``; False (and counted) when a wait ran out or a write
-        failed. Front ends call it before an answer completes."""
+        failed, and at once while the ledger's store is down. Front ends call it before an
+        answer completes."""
         spec = self.config.ledger
         if ticket is not None:  # started first: its store write runs while the ledger commits
             self.admission.finish_soon(ticket)
         ok = True
         if spec.durable and not receipt.committed:
-            ok = await receipt.durable(spec.commit_timeout_s)
+            # while the ledger's store is known down (its last write failed, none committed
+            # since) an answer does not wait: it would wait commit_timeout_s every time
+            down = getattr(self.ledger, "store_down", False)
+            ok = False if down else await receipt.durable(spec.commit_timeout_s)
             if not ok:
                 self.metrics.ledger_commit_timeouts.inc()
         if ticket is not None:

@@ -232,7 +232,8 @@ class GatewayMetrics:
         )
         self.ledger_commit_timeouts = Counter(
             "inferplane_ledger_commit_timeouts",
-            "Answers sent before their ledger record committed (ledger.commit_timeout_s passed)",
+            "Answers sent before their ledger record committed (ledger.commit_timeout_s "
+            "passed, or at once while the ledger's store is down: its last write failed)",
             registry=r,
         )
         self.admission_settle_timeouts = Counter(
