@@ -271,6 +271,8 @@ class PostgresLedger(CommitAccounting):
             self._wake.clear()
             if self._stopping:
                 break
+            if self._spool is not None and self._down_since is not None:
+                await self._spool_pending()  # first: the retry below may wait to connect
             due = time.monotonic() - self._last_checkpoint >= self.checkpoint_interval_s
             ok = await self._replay() and await self.flush(sign_last=due)
             if ok and due and self._unsigned and self.signer is not None:
