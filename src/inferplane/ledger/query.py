@@ -104,6 +104,8 @@ class ExportRow:
 
 
 _MISSING = object()
+CURRENT_RECORD_SCHEMA = "inferplane.decision/2"
+"""`record.RECORD_SCHEMA` (which imports this module): every column of such a record is set."""
 
 INDEXED_COLUMNS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("decision_id", ("decision_id",)),
@@ -135,14 +137,17 @@ def _field(rec: Any, path: tuple[str, ...]) -> Any:
 def column_mismatch(row: ExportRow, rec: Any) -> str | None:
     """The first indexed column of ``row`` whose value is not the parsed record's (``rec``),
     or None. A field the record does not have (a record migrated from an older schema) is not
-    compared."""
+    compared, nor is a column an older writer left empty (a record of another ``schema``)."""
     if not isinstance(rec, dict):
         return "record"
+    current = rec.get("schema") == CURRENT_RECORD_SCHEMA
     for col, path in INDEXED_COLUMNS:
         want = _field(rec, path)
         if want is _MISSING:
             continue
         have = getattr(row, col)
+        if have is None and not current:
+            continue  # an older record's column left empty by its writer or the migration
         if have != want and not (want is None and isinstance(have, float) and have != have):
             return col  # (NaN, which JSON writes as null, is stored as NaN or NULL)
     return None
