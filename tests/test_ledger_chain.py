@@ -413,3 +413,59 @@ def test_verify_cli_prints_the_unsigned_tail_with_a_key(base: Path, tmp_path: Pa
                               "--checkpoint-every", str(EVERY)])
     assert out.exit_code == 1, out.output
     assert "shard main: 12 records after its last signed checkpoint (none)" in out.output
+
+
+def test_a_shard_written_without_the_key_is_signed_by_ledger_sign_heads(
+    tmp_path: Path, decision: Decision
+) -> None:
+    """An upgrade that turns signing on: the old shard (written without the key, never written
+    again) fails verify with a key, naming the harmless cause; the key holder signs its head
+    once, after which verify passes and still catches an edit."""
+    pem = generate_private_pem()
+    key = tmp_path / "ledger.key"
+    key.write_bytes(pem)
+    signer = Signer(load_private(pem, "test"))
+    pub = tmp_path / "pub.pem"
+    pub.write_bytes(public_pem(signer.public))
+    path = tmp_path / "old.db"
+    _write(path, decision, signer=None)
+    runner = CliRunner()
+    verify_args = ["verify", "--ledger", str(path), "--public-key", str(pub),
+                   "--checkpoint-every", str(EVERY)]
+    before = runner.invoke(app, verify_args)
+    assert before.exit_code == 1, before.output
+    assert "written without the signing key" in before.output
+    assert "inferplane ledger-sign-heads" in before.output
+
+    tampered = _copy(path, tmp_path, "tampered.db")
+    with sqlite3.connect(tampered) as conn:
+        conn.execute("UPDATE decisions SET tenant = 'globex' WHERE chain_seq = 3")
+    refused = runner.invoke(app, ["ledger-sign-heads", "--ledger", str(tampered),
+                                  "--key", str(key)])
+    assert refused.exit_code == 1, refused.output
+    assert "nothing signed" in refused.output
+    with sqlite3.connect(tampered) as conn:
+        assert conn.execute("SELECT count(*) FROM checkpoints").fetchone()[0] == 0
+
+    unknown = runner.invoke(app, ["ledger-sign-heads", "--ledger", str(path), "--key", str(key),
+                                  "--shard", "gw-0"])
+    assert unknown.exit_code == 2 and "no shard gw-0" in unknown.output
+    signed = runner.invoke(app, ["ledger-sign-heads", "--ledger", str(path), "--key", str(key)])
+    assert signed.exit_code == 0, signed.output
+    assert f"signed main at #{N}" in signed.output
+    after = runner.invoke(app, verify_args)
+    assert after.exit_code == 0, after.output
+    assert "main: 0" in after.output
+    again = runner.invoke(app, ["ledger-sign-heads", "--ledger", str(path), "--key", str(key)])
+    assert again.exit_code == 0 and "nothing to sign" in again.output
+
+    # a keyed writer carries on from the signed head; an edit before it is still caught
+    led = SqliteLedger(path, batch_size=5, signer=signer, checkpoint_every=EVERY)
+    led.record(_with_id(decision, "d-new"), _ok(decision), 2000.0)
+    led.close_sync()
+    assert verify_sqlite(str(path), signer.public, EVERY).ok
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE decisions SET record = replace(record, 'd-1\"', 'd-X\"') "
+                     "WHERE chain_seq = 2")
+    rep = verify_sqlite(str(path), signer.public, EVERY)
+    assert not rep.ok and rep.bad_seq == 2

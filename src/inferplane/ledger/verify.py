@@ -48,6 +48,8 @@ class Report:
     """A public key was given: signatures were checked and the unsigned tail is bounded."""
     checkpoint_every: int | None = None
     """The writers' ``ledger.checkpoint_every`` the unsigned tails were held to."""
+    last_hash: dict[str, str] = field(default_factory=dict)
+    """Each shard's last chain hash (what ``ledger-sign-heads`` signs)."""
 
     def fail(self, shard: str, seq: int | None, decision: str | None, problem: str) -> Report:
         self.ok = False
@@ -89,7 +91,7 @@ def verify_rows(
     last_row_id = -1
     last_signed = 0
 
-    last_hash: dict[str, str] = {}
+    last_hash = rep.last_hash
 
     def close_shard() -> None:
         if shard is not None:
@@ -175,9 +177,12 @@ def verify_rows(
                     s, last - n + 1, None,
                     f"shard {s}: {n} records after its last signed checkpoint ({since}); "
                     f"writers sign every {rep.checkpoint_every} records in the same "
-                    "transaction, so checkpoints were deleted (and the chain may have been "
-                    "re-written). If the writers use another ledger.checkpoint_every, pass "
-                    "--checkpoint-every N (or --config)")
+                    "transaction, so either checkpoints were deleted (and the chain may have "
+                    "been re-written), or, harmless, the shard was written without the signing "
+                    "key (before it was configured, or by a writer without it): then the key "
+                    "holder signs its head with `inferplane ledger-sign-heads` "
+                    "(docs/evidence.md, the unsigned tail). If the writers use another "
+                    "ledger.checkpoint_every, pass --checkpoint-every N (or --config)")
     return rep
 
 
