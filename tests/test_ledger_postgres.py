@@ -426,3 +426,32 @@ async def test_an_edited_indexed_column_fails_verify_and_leaves_the_listing(
         assert acme == ["d-0", "d-1", "d-3", "d-4", "d-5", "d-6"]
     finally:
         await reader.close()
+
+
+async def test_sign_heads_on_postgres_after_turning_signing_on(
+    schema: str, decision: Decision, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """review27 must 1: deploy/k8s wrote shard ``main`` without a key; after the upgrade
+    (key + one shard per pod) nobody writes ``main`` again and verify --config failed on it
+    for good. ``ledger-sign-heads --config`` signs its head once."""
+    from inferplane.ledger.chain import generate_private_pem, load_private
+
+    led = PostgresLedger(DSN, schema=schema, checkpoint_every=4)  # no key: the old deployment
+    await led.start()
+    for i in range(9):
+        led.record(_with_id(decision, f"d-{i}"), _ok(decision), 100.0 + i)
+    await led.close()
+    pem = generate_private_pem()
+    monkeypatch.setenv("TEST_LEDGER_KEY", pem.decode())
+    cfg = tmp_path / "fleet.yaml"
+    cfg.write_text(FLEET + f"ledger: {{postgres_dsn: '{DSN}', postgres_schema: {schema}, "
+                   "signing_key_env: TEST_LEDGER_KEY, checkpoint_every: 4}\n")
+    runner = CliRunner()
+    res = runner.invoke(app, ["verify", "--config", str(cfg)])
+    assert res.exit_code == 1 and "written without the signing key" in res.output, res.output
+    res = runner.invoke(app, ["ledger-sign-heads", "--config", str(cfg)])
+    assert res.exit_code == 0 and "signed main at #9" in res.output, res.output
+    res = runner.invoke(app, ["verify", "--config", str(cfg)])
+    assert res.exit_code == 0 and "main: 0" in res.output, res.output
+    rep = verify(Source(dsn=DSN, schema=schema), load_private(pem, "t").public_key(), 4)
+    assert rep.ok and rep.checkpoints_checked == 1
