@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import hashlib
 import io
+import sqlite3
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -455,3 +456,100 @@ async def test_sign_heads_on_postgres_after_turning_signing_on(
     assert res.exit_code == 0 and "main: 0" in res.output, res.output
     rep = verify(Source(dsn=DSN, schema=schema), load_private(pem, "t").public_key(), 4)
     assert rep.ok and rep.checkpoints_checked == 1
+
+
+def _spool_of(path: str, decision: Decision, ids: list[str]) -> None:
+    from inferplane.ledger.record import encode_entry
+
+    s = Spool(path)
+    s.add([encode_entry(_with_id(decision, i), _ok(decision), float(n))
+           for n, i in enumerate(ids)])
+    s.close()
+
+
+class _Failing:
+    """Wraps a spool method: raises ``times`` times (forever with None), then calls through."""
+
+    def __init__(self, fn: object, times: int | None) -> None:
+        self.fn, self.left, self.calls = fn, times, 0
+
+    def __call__(self, *a: object) -> object:
+        self.calls += 1
+        if self.left is None or self.left > 0:
+            if self.left is not None:
+                self.left -= 1
+            raise sqlite3.OperationalError("disk I/O error")
+        return self.fn(*a)  # type: ignore[operator]
+
+
+@pytest.mark.parametrize("method", ["oldest", "remove"])
+async def test_a_spool_error_in_replay_does_not_kill_the_writer(
+    schema: str, decision: Decision, tmp_path: Path, method: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """review27 should 2: ``Spool.oldest``/``remove`` raising (database is locked, disk I/O
+    error) used to end the writer task: nothing was written from then on and close() re-raised
+    the error. Now the replay is retried (a commit whose remove failed is skipped by the
+    dedupe), logged once, and every record reaches the database once, in order."""
+    spool = str(tmp_path / "spool.sqlite")
+    _spool_of(spool, decision, ["s-0", "s-1", "s-2"])
+    led = PostgresLedger(DSN, schema=schema, retry_interval_s=0.02, spool_path=spool)
+    assert led._spool is not None
+    failing = _Failing(getattr(led._spool, method), 3)
+    setattr(led._spool, method, failing)
+    await led.start()
+    r = led.record(_with_id(decision, "n-0"), _ok(decision), 9.0)
+    assert await r.durable(20.0)
+    async with asyncio.timeout(20):
+        while led.spooled:
+            await asyncio.sleep(0.02)
+    assert failing.calls > 3 and led._task is not None and not led._task.done()
+    await led.close()
+    assert _chain(schema) == ["s-0", "s-1", "s-2", "n-0"]
+    assert led.spool_errors == 3
+    assert len([m for m in caplog.messages if "the spool" in m and "cannot" in m]) == 1
+
+
+async def test_close_does_not_raise_when_the_spool_cannot_be_emptied(
+    schema: str, decision: Decision, tmp_path: Path
+) -> None:
+    spool = str(tmp_path / "spool.sqlite")
+    _spool_of(spool, decision, ["s-0", "s-1"])
+    led = PostgresLedger(DSN, schema=schema, retry_interval_s=0.02, spool_path=spool)
+    assert led._spool is not None
+    led._spool.remove = _Failing(led._spool.remove, None)  # type: ignore[method-assign]
+    await led.start()
+    assert await led.record(_with_id(decision, "n-0"), _ok(decision), 9.0).durable(20.0)
+    await led.close()  # used to re-raise the writer's sqlite3 error
+    assert _chain(schema) == ["s-0", "s-1", "n-0"]  # written once each, despite the retries
+    again = PostgresLedger(DSN, schema=schema, spool_path=spool)  # the file still holds them
+    await again.start()
+    await again.close()
+    assert again.spooled == 0 and _chain(schema) == ["s-0", "s-1", "n-0"]
+
+
+async def test_when_the_spool_cannot_be_written_either_answers_do_not_wait(
+    schema: str, decision: Decision, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """review27 should 6: a full disk under the spool during an outage logged one ERROR per
+    record and every answer waited commit_timeout_s (store_down stayed False)."""
+    led = PostgresLedger(DSN, schema=schema, retry_interval_s=0.02,
+                         spool_path=str(tmp_path / "spool.sqlite"))
+    assert led._spool is not None
+    led._spool.add = _Failing(led._spool.add, None)  # type: ignore[method-assign]
+    await led.start()
+    assert await led.record(_with_id(decision, "a-0"), _ok(decision), 1.0).durable(5.0)
+    await _take_down(led)
+    receipts = []
+    for i in range(20):
+        receipts.append(led.record(_with_id(decision, f"b-{i}"), _ok(decision), 2.0 + i))
+        await asyncio.sleep(0.01)
+    async with asyncio.timeout(20):
+        while not led.store_down:
+            await asyncio.sleep(0.02)
+    assert led.spool_errors > 1
+    assert len([m for m in caplog.messages if "cannot spool" in m]) == 1
+    led.dsn = DSN
+    assert all(await asyncio.gather(*(r.durable(20.0) for r in receipts)))
+    assert not led.store_down
+    await led.close()

@@ -52,6 +52,7 @@ from inferplane.ledger.writer import (
     link,
     settle,
 )
+from inferplane.lograte import LogLimiter
 from inferplane.pgschema import PgTables
 from inferplane.placement.framework import Decision
 from inferplane.waits import wait_woken
@@ -174,6 +175,9 @@ class PostgresLedger(CommitAccounting):
         self.records_spooled = 0
         self._spool: Spool | None = None
         self._spooled = 0  # records in the spool file (as this process last saw it)
+        self._spool_failing = False  # the last attempt to add to the spool failed
+        self.spool_errors = 0
+        self._spool_log = LogLimiter(log, 60.0)
         if spool_path is not None:
             try:
                 self._spool = Spool(spool_path)
@@ -193,8 +197,9 @@ class PostgresLedger(CommitAccounting):
     @property
     def store_down(self) -> bool:
         """Answers need not wait: the database is down and no spool holds their records
-        (with a spool, an answer waits for its record to be spooled, milliseconds)."""
-        return self._down_since is not None and self._spool is None
+        (with a spool, an answer waits for its record to be spooled, milliseconds, unless
+        the spool cannot be written either)."""
+        return self._down_since is not None and (self._spool is None or self._spool_failing)
 
     @property
     def spooled(self) -> int:
@@ -233,21 +238,29 @@ class PostgresLedger(CommitAccounting):
         self._stopping = True
         assert self._wake is not None
         self._wake.set()
-        with contextlib.suppress(asyncio.CancelledError):
+        try:
             await self._task
+        except asyncio.CancelledError:
+            pass
+        except Exception:  # never raise from close: what is pending is still written below
+            log.exception("ledger postgres: the writer task failed")
         self._task = None
         ok = await self._replay() and await self.flush(sign_last=True)
         if ok and self._unsigned and self.signer is not None:
             await self._write([], sign_last=True)
         if not ok and self._spool is not None and await self._spool_pending():
             log.error("ledger postgres: closing with %d unwritten records in the spool %s "
-                      "(written at the next start)", self._spooled, self._spool.path)
+                      "(written at the next start that uses this file)", self._spooled,
+                      self._spool.path)
         lost = 0 if ok else self._buf.clear()
         if lost:
             log.error("ledger postgres: closing with %d unwritten records (dropped)", lost)
         await self._close_connections()
         if self._spool is not None:
-            self._spool.close()
+            try:
+                self._spool.close()
+            except sqlite3.Error as exc:
+                log.warning("ledger postgres: closing the spool %s: %s", self._spool.path, exc)
 
     async def _close_connections(self) -> None:
         for conn in (self._writer, self._reader):
@@ -306,9 +319,12 @@ class PostgresLedger(CommitAccounting):
             await asyncio.to_thread(self._spool.add, [p.entry for p in batch])
         except (OSError, sqlite3.Error) as exc:
             self._buf.requeue(batch)
-            log.error("ledger postgres: cannot spool %d records to %s: %s", len(batch),
-                      self._spool.path, exc)
+            self._spool_failing = True
+            self.spool_errors += 1
+            self._spool_log.warn("spool", "ledger postgres: cannot spool %d records to %s: %s",
+                                 len(batch), self._spool.path, exc, level=logging.ERROR)
             return False
+        self._spool_failing = False
         if not self.records_spooled or self._spooled == 0:
             log.warning("ledger postgres: the database is down; spooling records to %s",
                         self._spool.path)
@@ -323,7 +339,11 @@ class PostgresLedger(CommitAccounting):
         if self._spool is None or self._spooled == 0:
             return True
         while True:
-            rows = await asyncio.to_thread(self._spool.oldest, self.batch_size)
+            try:
+                rows = await asyncio.to_thread(self._spool.oldest, self.batch_size)
+            except (OSError, sqlite3.Error) as exc:
+                self._spool_error("read", exc)
+                return False
             if not rows:
                 self._spooled = 0
                 return True
@@ -339,12 +359,23 @@ class PostgresLedger(CommitAccounting):
                     if self._writer is not None and self._writer.broken:
                         await self._writer.close()
                 return False
-            await asyncio.to_thread(self._spool.remove, [i for i, _ in rows])
             self._committed(batch, cps, head[0])
+            try:
+                await asyncio.to_thread(self._spool.remove, [i for i, _ in rows])
+            except (OSError, sqlite3.Error) as exc:  # written: the next pass skips them
+                self._spool_error("empty", exc)
+                return False
             self._spooled = max(0, self._spooled - len(rows))
             if self._spooled == 0 or len(rows) < self.batch_size:
                 log.warning("ledger postgres: spooled records written to the database; %d "
                             "left in %s", self._spooled, self._spool.path)
+
+    def _spool_error(self, what: str, exc: BaseException) -> None:
+        self.spool_errors += 1
+        self._spool_log.warn("spool", "ledger postgres: cannot %s the spool %s (%s); %d "
+                             "records wait in it, retrying every %.1fs", what,
+                             self._spool.path if self._spool else None, exc, self._spooled,
+                             self.retry_interval_s, level=logging.ERROR)
 
     async def _write(self, batch: list[Any], sign_last: bool) -> bool:
         try:
@@ -433,7 +464,10 @@ class PostgresLedger(CommitAccounting):
             (decision_id,))
         texts = [r[0] for r in rows]
         if self._spool is not None and self._spooled:
-            texts += await asyncio.to_thread(self._spool.texts, decision_id)
+            try:
+                texts += await asyncio.to_thread(self._spool.texts, decision_id)
+            except (OSError, sqlite3.Error) as exc:
+                self._spool_error("read", exc)
         with self._buf.lock:
             texts += [p.entry.text for p in self._buf.items if p.entry.decision_id == decision_id]
         return merge_records(texts)
