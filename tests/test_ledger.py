@@ -666,3 +666,56 @@ def test_the_k8s_example_fleet_parses_with_a_signed_per_pod_ledger() -> None:
     cfg = parse_config(doc["data"]["fleet.yaml"])
     assert cfg.ledger.signing_key_env and cfg.ledger.shard_env == "POD_NAME"
     assert cfg.ledger.spool_path
+
+
+async def test_the_ledgers_outage_and_spool_are_on_the_metrics_page(
+    tmp_path: Path, decision: Decision
+) -> None:
+    """review27 should 5: with a spool, answers during an outage are settled (no commit
+    timeout is counted), so nothing on /metrics showed the ledger down or its spool growing."""
+    from inferplane.api.pipeline import Gateway
+    from inferplane.ledger.postgres import PostgresLedger
+    from inferplane.ledger.record import encode_entry
+    from inferplane.ledger.spool import Spool
+
+    cfg = parse_config(FLEET)
+    led = FailingLedger(tmp_path / "down.db", batch_size=10)
+    gw = Gateway(cfg, ledger=led)
+    assert b"inferplane_ledger_store_down 0.0" in gw.metrics_page()
+    led.record(_with_id(decision, "a-0"), _ok(decision), 1.0)
+    assert led.flush() is False
+    page = gw.metrics_page()
+    assert b"inferplane_ledger_store_down 1.0" in page
+    assert b"inferplane_ledger_spooled_records 0.0" in page
+    led.failing = False
+    assert led.flush()
+    assert b"inferplane_ledger_store_down 0.0" in gw.metrics_page()
+    led.close_sync()
+
+    spool = Spool(tmp_path / "spool.sqlite")
+    spool.add([encode_entry(_with_id(decision, f"s-{i}"), _ok(decision), float(i))
+               for i in range(3)])
+    spool.close()
+    pg = PostgresLedger("postgresql://postgres@127.0.0.1:9/test",
+                        spool_path=str(tmp_path / "spool.sqlite"))  # never started
+    gw2 = Gateway(cfg, ledger=pg)
+    assert b"inferplane_ledger_spooled_records 3.0" in gw2.metrics_page()
+
+
+def test_spool_lookups_use_an_index(tmp_path: Path) -> None:
+    """review27 should 4: ``Spool.texts`` (GET /v1/decisions/{id} during an outage) scanned
+    the whole file under the spool's lock; a file made before the index gets it on open."""
+    from inferplane.ledger.spool import Spool
+
+    path = tmp_path / "old-spool.sqlite"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE spooled (id INTEGER PRIMARY KEY AUTOINCREMENT, decision_id "
+                     "TEXT NOT NULL, at_unix REAL NOT NULL, tenant TEXT NOT NULL, endpoint TEXT, "
+                     "workload_class TEXT, model TEXT, substrate TEXT, status INTEGER, ttft_s "
+                     "REAL, cost_usd REAL, record TEXT NOT NULL, receipt TEXT NOT NULL)")
+    Spool(path).close()
+    with sqlite3.connect(path) as conn:
+        plan = " ".join(str(r[-1]) for r in conn.execute(
+            "EXPLAIN QUERY PLAN SELECT record FROM spooled WHERE decision_id = ? ORDER BY id",
+            ("d-1",)))
+    assert "spooled_by_decision" in plan, plan

@@ -509,6 +509,8 @@ class Core:
             m.endpoint_stale.labels(v.name).set(1 if v.state.stale else 0)
             m.endpoint_ejected.labels(v.name).set(1 if v.state.ejected else 0)
         m.loop_lag_max.set(self.lag.recent_max_s(asyncio.get_running_loop().time()))
+        m.ledger_store_down.set(1 if getattr(self.ledger, "writes_failing", False) else 0)
+        m.ledger_spooled.set(getattr(self.ledger, "spooled", 0))
         # the running totals (loop lag, send gate, coalescing holds) are counters read as the
         # registry is collected (telemetry.metrics.SourcedCounters)
         for name, p in self.pool_health().items():

@@ -37,6 +37,7 @@ CREATE TABLE IF NOT EXISTS spooled (
     record         TEXT NOT NULL,
     receipt        TEXT NOT NULL
 );
+CREATE INDEX IF NOT EXISTS spooled_by_decision ON spooled (decision_id);
 """
 _COLS = ("decision_id, at_unix, tenant, endpoint, workload_class, model, substrate, status, "
          "ttft_s, cost_usd, record, receipt")

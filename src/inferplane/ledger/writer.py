@@ -169,6 +169,12 @@ class CommitAccounting:
         """The last write failed and none has committed since: the store is known down."""
         return self._down_since is not None
 
+    @property
+    def writes_failing(self) -> bool:
+        """The store is down (the last write failed, none committed since), spool or not:
+        ``inferplane_ledger_store_down``."""
+        return self._down_since is not None
+
     def _note_failure(self) -> None:
         if self._down_since is None:
             self._down_since = time.monotonic()
