@@ -14,6 +14,7 @@ import sqlite3
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import orjson
 import psycopg
@@ -553,3 +554,39 @@ async def test_when_the_spool_cannot_be_written_either_answers_do_not_wait(
     assert all(await asyncio.gather(*(r.durable(20.0) for r in receipts)))
     assert not led.store_down
     await led.close()
+
+
+@pytest.mark.parametrize("spooled", [False, True])
+async def test_a_write_that_hangs_counts_as_the_database_down(
+    schema: str, decision: Decision, tmp_path: Path, spooled: bool
+) -> None:
+    """review27 should 3: a commit on a connection whose host vanished (no RST) hangs until
+    TCP gives up; the failure-based store_down never engaged and every answer waited
+    commit_timeout_s (with a spool too: nothing is spooled while the writer waits). A write in
+    flight for stall_timeout_s (the gateway passes ledger.commit_timeout_s) now counts as
+    down, shown on the metrics page; when it completes, nothing is lost."""
+    from inferplane.api.pipeline import Gateway
+    from inferplane.config.loader import parse_config
+
+    led = PostgresLedger(DSN, schema=schema, retry_interval_s=0.02, stall_timeout_s=0.05,
+                         spool_path=str(tmp_path / "spool.sqlite") if spooled else None)
+    await led.start()
+    gate = asyncio.Event()
+    real = led._commit
+
+    async def hung(*a: Any, **kw: Any) -> Any:
+        await gate.wait()
+        return await real(*a, **kw)
+
+    led._commit = hung  # type: ignore[method-assign]
+    r = led.record(_with_id(decision, "a-0"), _ok(decision), 1.0)
+    async with asyncio.timeout(30):
+        while not led.store_down:
+            await asyncio.sleep(0.01)
+    gw = Gateway(parse_config(FLEET), ledger=led)
+    assert b"inferplane_ledger_store_down 1.0" in gw.metrics_page()
+    assert not r.committed
+    gate.set()
+    assert await r.durable(20.0) and not led.store_down
+    await led.close()
+    assert _chain(schema) == ["a-0"]

@@ -98,7 +98,7 @@ def build_ledger(config: FleetConfig, file: str) -> Ledger:
             dsn, schema=spec.postgres_schema, prefix=spec.table_prefix, shard=shard,
             signer=signer, checkpoint_every=spec.checkpoint_every,
             checkpoint_interval_s=spec.checkpoint_interval_s, batch_size=spec.batch_size,
-            source=file, spool_path=spec.spool_path,
+            source=file, spool_path=spec.spool_path, stall_timeout_s=spec.commit_timeout_s,
         )
     path = config.gateway.ledger_path
     if path:

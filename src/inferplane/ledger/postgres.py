@@ -120,6 +120,15 @@ class Tables(PgTables):
         ]]
 
 
+_TCP: dict[str, Any] = {
+    "connect_timeout": 5, "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
+    "keepalives_count": 3, "tcp_user_timeout": 30_000,
+}
+"""The writer's connection settings: a database host that vanishes (a failover that moves its
+address, no RST) fails a write within ~30 s instead of when the kernel gives up on the TCP
+connection (minutes)."""
+
+
 def _config_error(source: str, msg: str) -> ConfigError:
     return ConfigError(source, [("ledger.postgres_dsn", msg)])
 
@@ -143,8 +152,11 @@ class PostgresLedger(CommitAccounting):
         flush_interval_s: float = 0.2,
         source: str = "<config>",
         spool_path: str | None = None,
+        stall_timeout_s: float | None = None,
     ) -> None:
         self.dsn = dsn
+        self.stall_timeout_s = stall_timeout_s
+        self._inflight_since: float | None = None  # monotonic start of the write in flight
         try:
             self.t = Tables(schema, prefix)
         except ValueError as exc:
@@ -199,7 +211,21 @@ class PostgresLedger(CommitAccounting):
         """Answers need not wait: the database is down and no spool holds their records
         (with a spool, an answer waits for its record to be spooled, milliseconds, unless
         the spool cannot be written either)."""
-        return self._down_since is not None and (self._spool is None or self._spool_failing)
+        return self.stalled or (
+            self._down_since is not None and (self._spool is None or self._spool_failing))
+
+    @property
+    def stalled(self) -> bool:
+        """A write (or its connect) has been in flight for ``stall_timeout_s`` or longer (the
+        gateway passes ``ledger.commit_timeout_s``): a hung connection counts as the database
+        being down, so answers stop waiting for it."""
+        since = self._inflight_since
+        return (since is not None and self.stall_timeout_s is not None
+                and time.monotonic() - since >= self.stall_timeout_s)
+
+    @property
+    def writes_failing(self) -> bool:
+        return self._down_since is not None or self.stalled
 
     @property
     def spooled(self) -> int:
@@ -219,7 +245,7 @@ class PostgresLedger(CommitAccounting):
         if self._task is not None:
             return
         try:
-            self._writer = await psycopg.AsyncConnection.connect(self.dsn, connect_timeout=5)
+            self._writer = await psycopg.AsyncConnection.connect(self.dsn, **_TCP)
             self._reader = await psycopg.AsyncConnection.connect(
                 self.dsn, autocommit=True, connect_timeout=5
             )
@@ -348,10 +374,10 @@ class PostgresLedger(CommitAccounting):
                 self._spooled = 0
                 return True
             batch = [Pending(e, None, None) for _, e in rows]
+            self._inflight_since = time.monotonic()
             try:
                 if self._writer is None or self._writer.closed:
-                    self._writer = await psycopg.AsyncConnection.connect(
-                        self.dsn, connect_timeout=5)
+                    self._writer = await psycopg.AsyncConnection.connect(self.dsn, **_TCP)
                 cps, head = await self._commit(self._writer, batch, False, dedupe=True)
             except (psycopg.Error, OSError) as exc:
                 self._write_failed(exc)
@@ -359,6 +385,8 @@ class PostgresLedger(CommitAccounting):
                     if self._writer is not None and self._writer.broken:
                         await self._writer.close()
                 return False
+            finally:
+                self._inflight_since = None
             self._committed(batch, cps, head[0])
             try:
                 await asyncio.to_thread(self._spool.remove, [i for i, _ in rows])
@@ -378,9 +406,10 @@ class PostgresLedger(CommitAccounting):
                              self.retry_interval_s, level=logging.ERROR)
 
     async def _write(self, batch: list[Any], sign_last: bool) -> bool:
+        self._inflight_since = time.monotonic()
         try:
             if self._writer is None or self._writer.closed:
-                self._writer = await psycopg.AsyncConnection.connect(self.dsn, connect_timeout=5)
+                self._writer = await psycopg.AsyncConnection.connect(self.dsn, **_TCP)
             cps, head = await self._commit(self._writer, batch, sign_last)
         except (psycopg.Error, OSError) as exc:
             self._buf.requeue(batch)
@@ -392,6 +421,8 @@ class PostgresLedger(CommitAccounting):
         except BaseException:
             self._buf.requeue(batch)
             raise
+        finally:
+            self._inflight_since = None
         self._committed(batch, cps, head[0])
         return True
 
