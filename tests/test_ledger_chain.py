@@ -469,3 +469,21 @@ def test_a_shard_written_without_the_key_is_signed_by_ledger_sign_heads(
                      "WHERE chain_seq = 2")
     rep = verify_sqlite(str(path), signer.public, EVERY)
     assert not rep.ok and rep.bad_seq == 2
+
+
+@pytest.mark.parametrize("stored", [float("nan"), float("inf"), float("-inf"), None])
+def test_a_non_finite_column_is_the_records_null(stored: float | None) -> None:
+    """review27 nit 12: orjson writes NaN and ±inf as null; the column keeps the float. An
+    infinite cost stored as inf read as an edited column (a false 'tampered')."""
+    from types import SimpleNamespace
+
+    from inferplane.ledger.query import INDEXED_COLUMNS, column_mismatch
+
+    rec = orjson.loads(orjson.dumps({"schema": "x", "decision_id": "d", "outcome": {
+        "cost_usd": stored, "ttft_s": 0.5}}))
+    assert rec["outcome"]["cost_usd"] is None
+    row = SimpleNamespace(**{c: None for c, _ in INDEXED_COLUMNS})
+    row.decision_id, row.cost_usd, row.ttft_s = "d", stored, 0.5
+    assert column_mismatch(row, rec) is None  # type: ignore[arg-type]
+    row.cost_usd = 1.0
+    assert column_mismatch(row, rec) == "cost_usd"  # type: ignore[arg-type]

@@ -13,6 +13,7 @@ import binascii
 import csv
 import io
 import logging
+import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -148,8 +149,9 @@ def column_mismatch(row: ExportRow, rec: Any) -> str | None:
         have = getattr(row, col)
         if have is None and not current:
             continue  # an older record's column left empty by its writer or the migration
-        if have != want and not (want is None and isinstance(have, float) and have != have):
-            return col  # (NaN, which JSON writes as null, is stored as NaN or NULL)
+        if have != want and not (want is None and isinstance(have, float)
+                                 and not math.isfinite(have)):
+            return col  # (NaN and ±inf, which JSON writes as null, are stored as they are)
     return None
 
 
