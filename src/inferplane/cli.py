@@ -793,7 +793,8 @@ def export(
         fail(str(exc))
     except OSError as exc:
         fail(f"{output}: {exc.strerror or exc}")
-    typer.echo(f"exported {n} records", err=True)
+    typer.echo(f"exported {n} records (their columns as stored: `inferplane verify` checks "
+               "each against its hashed record)", err=True)
 
 
 @app.command("ledger-sign-heads")
