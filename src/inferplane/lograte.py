@@ -47,5 +47,8 @@ class LogLimiter:
         if n:
             msg += " (%d more like it on %s in the last %.0f s not logged)"
             args = (*args, n, key, now - last if last is not None else 0.0)
-        self.log.log(level, msg, *args)
+        if level == logging.WARNING:
+            self.log.warning(msg, *args)
+        else:
+            self.log.log(level, msg, *args)
         return True
