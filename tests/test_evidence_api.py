@@ -120,6 +120,7 @@ def test_a_receipt_checks_against_the_exported_record(
     res = CliRunner().invoke(app, ["export", "--config", str(stack["config"]), "--tenant", "tb",
                                    "-o", str(out)])
     assert res.exit_code == 0, res.output
+    assert "`inferplane verify` checks each against its hashed record" in res.output  # r27 #9
     lines = [orjson.loads(x) for x in out.read_bytes().splitlines()]
     mine = [x for x in lines if x["record"]["decision_id"] == did]
     assert len(mine) == 1 and mine[0]["receipt"] == receipt

@@ -606,3 +606,116 @@ def test_a_candidate_read_again_is_the_same_record_and_encodes_the_same() -> Non
     assert d.candidate(pick) is first
     assert encode_entry(d, o, 1.0).text == text
     assert encode_entry(replace(d, candidates=records), o, 1.0).text == text
+
+
+async def test_answers_do_not_wait_while_the_ledgers_store_is_down(
+    tmp_path: Path, decision: Decision, caplog: pytest.LogCaptureFixture
+) -> None:
+    """audit27 F2a/F2c: once a write failed and none has committed since, an answer does not
+    wait commit_timeout_s for its record (counted as a commit timeout), and when writes work
+    again one line says so, with how long the store was down and how much was written."""
+    import logging
+
+    from inferplane.api.pipeline import Gateway
+
+    cfg = parse_config(FLEET + "ledger: {commit_timeout_s: 3600}\n")
+    led = FailingLedger(tmp_path / "down.db", batch_size=10)
+    gw = Gateway(cfg, ledger=led)
+    first = led.record(_with_id(decision, "a-0"), _ok(decision), 1.0)
+    assert led.flush() is False and led.store_down
+    before = gw.metrics.ledger_commit_timeouts._value.get()
+    later = led.record(_with_id(decision, "a-1"), _ok(decision), 2.0)
+    async with asyncio.timeout(60):  # without the fix: waits commit_timeout_s (an hour)
+        assert await gw.committed(later) is False
+    assert gw.metrics.ledger_commit_timeouts._value.get() == before + 1
+    led.failing = False
+    with caplog.at_level(logging.INFO, logger="inferplane.ledger"):
+        assert led.flush() and not led.store_down
+    resumed = [r.getMessage() for r in caplog.records if "writes resumed" in r.getMessage()]
+    assert len(resumed) == 1 and "2 records written since the outage began" in resumed[0]
+    assert await first.durable(1.0) and await later.durable(1.0)
+    led.close_sync()
+
+
+def test_the_shard_can_come_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """audit27 F11: one ConfigMap, one shard per pod (ledger.shard_env: POD_NAME)."""
+    from inferplane.ledger.build import build_ledger, ledger_problems
+
+    cfg = parse_config(FLEET + f"gateway: {{ledger_path: {str(tmp_path / 's.db')!r}}}\n"
+                       "ledger: {shard: main, shard_env: POD_NAME}\n")
+    monkeypatch.setenv("POD_NAME", "inferplane-gateway-7d9f-x2k4q")
+    led = build_ledger(cfg, "fleet.yaml")
+    assert isinstance(led, SqliteLedger) and led.shard == "inferplane-gateway-7d9f-x2k4q"
+    led.close_sync()
+    monkeypatch.delenv("POD_NAME")
+    with pytest.raises(ConfigError, match=r"ledger\.shard_env"):
+        build_ledger(cfg, "fleet.yaml")
+    assert [f for f, _ in ledger_problems(cfg, "fleet.yaml")] == ["ledger.shard_env"]
+    monkeypatch.setenv("POD_NAME", "bad name")
+    with pytest.raises(ConfigError, match="not a shard name"):
+        build_ledger(cfg, "fleet.yaml")
+
+
+def test_the_k8s_example_fleet_parses_with_a_signed_per_pod_ledger() -> None:
+    import yaml
+
+    root = Path(__file__).resolve().parent.parent
+    doc = yaml.safe_load((root / "deploy/k8s/fleet-configmap.yaml").read_text())
+    cfg = parse_config(doc["data"]["fleet.yaml"])
+    assert cfg.ledger.signing_key_env and cfg.ledger.shard_env == "POD_NAME"
+    assert cfg.ledger.spool_path
+
+
+async def test_the_ledgers_outage_and_spool_are_on_the_metrics_page(
+    tmp_path: Path, decision: Decision
+) -> None:
+    """review27 should 5: with a spool, answers during an outage are settled (no commit
+    timeout is counted), so nothing on /metrics showed the ledger down or its spool growing."""
+    from inferplane.api.pipeline import Gateway
+    from inferplane.ledger.postgres import PostgresLedger
+    from inferplane.ledger.record import encode_entry
+    from inferplane.ledger.spool import Spool
+
+    cfg = parse_config(FLEET)
+    led = FailingLedger(tmp_path / "down.db", batch_size=10)
+    gw = Gateway(cfg, ledger=led)
+    assert b"inferplane_ledger_store_down 0.0" in gw.metrics_page()
+    led.record(_with_id(decision, "a-0"), _ok(decision), 1.0)
+    assert led.flush() is False
+    page = gw.metrics_page()
+    assert b"inferplane_ledger_store_down 1.0" in page
+    assert b"inferplane_ledger_spooled_records 0.0" in page
+    led.failing = False
+    assert led.flush()
+    assert b"inferplane_ledger_store_down 0.0" in gw.metrics_page()
+    led.close_sync()
+
+    spool = Spool(tmp_path / "spool.sqlite")
+    spool.add([encode_entry(_with_id(decision, f"s-{i}"), _ok(decision), float(i))
+               for i in range(3)])
+    spool.close()
+    pg = PostgresLedger("postgresql://postgres@127.0.0.1:9/test",
+                        spool_path=str(tmp_path / "spool.sqlite"))  # never started
+    gw2 = Gateway(cfg, ledger=pg)
+    assert b"inferplane_ledger_spooled_records 3.0" in gw2.metrics_page()
+
+
+def test_spool_lookups_use_an_index(tmp_path: Path) -> None:
+    """review27 should 4: ``Spool.texts`` (GET /v1/decisions/{id} during an outage) scanned
+    the whole file under the spool's lock; a file made before the index gets it on open."""
+    from inferplane.ledger.spool import Spool
+
+    path = tmp_path / "old-spool.sqlite"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE spooled (id INTEGER PRIMARY KEY AUTOINCREMENT, decision_id "
+                     "TEXT NOT NULL, at_unix REAL NOT NULL, tenant TEXT NOT NULL, endpoint TEXT, "
+                     "workload_class TEXT, model TEXT, substrate TEXT, status INTEGER, ttft_s "
+                     "REAL, cost_usd REAL, record TEXT NOT NULL, receipt TEXT NOT NULL)")
+    Spool(path).close()
+    with sqlite3.connect(path) as conn:
+        plan = " ".join(str(r[-1]) for r in conn.execute(
+            "EXPLAIN QUERY PLAN SELECT record FROM spooled WHERE decision_id = ? ORDER BY id",
+            ("d-1",)))
+    assert "spooled_by_decision" in plan, plan

@@ -201,7 +201,7 @@ def test_rewriting_the_whole_chain_is_caught_by_the_signatures(
     with sqlite3.connect(path) as conn:
         forged = _signer()  # the forger signs fresh checkpoints with a key of their own
         conn.execute("UPDATE decisions SET record = replace(record, '\"status\":200', "
-                     "'\"status\":201') WHERE chain_seq = 2")
+                     "'\"status\":201'), status = 201 WHERE chain_seq = 2")
         _rechain_from(conn, 1)
         conn.execute("DELETE FROM checkpoints")
         for seq, h in conn.execute("SELECT chain_seq, chain_hash FROM decisions").fetchall():
@@ -318,3 +318,172 @@ def test_records_stay_distinct_per_decision(decision: Decision) -> None:
     a = encode_entry(decision, _ok(decision), 1.0)
     b = encode_entry(replace(decision, decision_id="other"), _ok(decision), 1.0)
     assert a.receipt != b.receipt and len(a.receipt) == 64
+
+
+COLUMN_EDITS = [
+    ("decision_id", "'d-forged'"), ("at_unix", "at_unix + 1"), ("tenant", "'globex'"),
+    ("endpoint", "'eu-h100-2'"), ("workload_class", "'batch'"), ("model", "'other-model'"),
+    ("substrate", "'other-substrate'"), ("status", "500"), ("ttft_s", "9.5"),
+    ("cost_usd", "99"), ("cost_usd", "NULL"),
+]
+
+
+@pytest.mark.parametrize(("column", "value"), COLUMN_EDITS)
+async def test_an_edited_indexed_column_fails_verify_and_leaves_the_listing(
+    base: Path, tmp_path: Path, column: str, value: str
+) -> None:
+    """The indexed columns are not covered by the receipt: verify compares each with the
+    hashed record, and the decision list leaves out a row whose columns are not its record's
+    (audit27 F1: globex listed acme's record after ``UPDATE decisions SET tenant='globex'``)."""
+    from inferplane.ledger.query import Query
+
+    path = _copy(base, tmp_path, "col.db")
+    with sqlite3.connect(path) as conn:
+        conn.execute(f"UPDATE decisions SET {column} = {value} WHERE chain_seq = 3")
+    rep = verify_sqlite(str(path), SIGNER.public)
+    assert not rep.ok and rep.bad_seq == 3, rep.problem
+    assert f"edited (column {column}" in (rep.problem or "")
+    led = SqliteLedger(path)
+    try:
+        every = [it["record"] for it in (await led.query(Query(tenant=None, limit=100))).items]
+        assert len(every) == N - 1 and "d-2" not in [r["decision_id"] for r in every]
+        globex = (await led.query(Query(tenant="globex"))).items
+        assert [it["record"]["tenant"] for it in globex] == []
+    finally:
+        led.close_sync()
+
+
+def test_deleting_every_checkpoint_of_a_rewritten_chain_is_caught(
+    base: Path, tmp_path: Path
+) -> None:
+    """audit27 F3: every record edited, the chain re-forged and every checkpoint deleted used
+    to verify as "ok … 0 of 0 signatures verified". A keyed verify holds each shard to fewer
+    than checkpoint_every records after its last signed checkpoint (none counts)."""
+    path = _copy(base, tmp_path, "forged.db")
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE decisions SET record = replace(record, '\"status\":200', "
+                     "'\"status\":201'), status = 201")
+        _rechain_from(conn, 1)
+        conn.execute("DELETE FROM checkpoints")
+    rep = verify_sqlite(str(path), SIGNER.public, EVERY)
+    assert not rep.ok and rep.bad_shard == "main" and rep.bad_seq == 1
+    assert f"{N} records after its last signed checkpoint (none)" in (rep.problem or "")
+    # without a key there is nothing to hold the tail to (and the output says so)
+    assert verify_sqlite(str(path), None, EVERY).ok
+    # only the later checkpoints deleted: the tail after #4 is too long
+    part = _copy(base, tmp_path, "part.db")
+    with sqlite3.connect(part) as conn:
+        conn.execute("DELETE FROM checkpoints WHERE seq > 4")
+    rep = verify_sqlite(str(part), SIGNER.public, EVERY)
+    assert not rep.ok and "8 records after its last signed checkpoint (#4)" in (rep.problem or "")
+
+
+@pytest.mark.parametrize("batch", [1, 3, 5])
+def test_a_killed_writer_never_leaves_a_tail_verify_refuses(
+    tmp_path: Path, decision: Decision, batch: int
+) -> None:
+    """The honest side of the rule: a writer that dies after any commit (never closed, so no
+    closing checkpoint) leaves at most checkpoint_every - 1 unsigned records, because the
+    checkpoint of each multiple is committed with its record."""
+    for n in range(1, 3 * EVERY + 2):
+        path = tmp_path / f"killed-{batch}-{n}.db"
+        led = SqliteLedger(path, batch_size=batch, signer=SIGNER, checkpoint_every=EVERY)
+        for i in range(n):
+            led.record(_with_id(decision, f"d-{i}"), _ok(decision), 1000.0 + i)
+            if i % batch == batch - 1:
+                assert led.flush()
+        assert led.flush()
+        led._conn.close()  # what a SIGKILL leaves: committed rows, no closing checkpoint
+        rep = verify_sqlite(str(path), SIGNER.public, EVERY)
+        assert rep.ok, (n, rep.problem)
+        assert rep.unsigned_tail["main"] == n % EVERY
+
+
+def test_verify_cli_prints_the_unsigned_tail_with_a_key(base: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    pub = tmp_path / "pub.pem"
+    pub.write_bytes(public_pem(SIGNER.public))
+    ok = runner.invoke(app, ["verify", "--ledger", str(base), "--public-key", str(pub)])
+    assert ok.exit_code == 0, ok.output
+    assert "not yet signed; at most 1000 - 1 allowed): main: 0" in ok.output
+    bare = _copy(base, tmp_path, "bare.db")
+    with sqlite3.connect(bare) as conn:
+        conn.execute("DELETE FROM checkpoints")
+    out = runner.invoke(app, ["verify", "--ledger", str(bare), "--public-key", str(pub),
+                              "--checkpoint-every", str(EVERY)])
+    assert out.exit_code == 1, out.output
+    assert "shard main: 12 records after its last signed checkpoint (none)" in out.output
+
+
+def test_a_shard_written_without_the_key_is_signed_by_ledger_sign_heads(
+    tmp_path: Path, decision: Decision
+) -> None:
+    """An upgrade that turns signing on: the old shard (written without the key, never written
+    again) fails verify with a key, naming the harmless cause; the key holder signs its head
+    once, after which verify passes and still catches an edit."""
+    pem = generate_private_pem()
+    key = tmp_path / "ledger.key"
+    key.write_bytes(pem)
+    signer = Signer(load_private(pem, "test"))
+    pub = tmp_path / "pub.pem"
+    pub.write_bytes(public_pem(signer.public))
+    path = tmp_path / "old.db"
+    _write(path, decision, signer=None)
+    runner = CliRunner()
+    verify_args = ["verify", "--ledger", str(path), "--public-key", str(pub),
+                   "--checkpoint-every", str(EVERY)]
+    before = runner.invoke(app, verify_args)
+    assert before.exit_code == 1, before.output
+    assert "written without the signing key" in before.output
+    assert "inferplane ledger-sign-heads" in before.output
+
+    tampered = _copy(path, tmp_path, "tampered.db")
+    with sqlite3.connect(tampered) as conn:
+        conn.execute("UPDATE decisions SET tenant = 'globex' WHERE chain_seq = 3")
+    refused = runner.invoke(app, ["ledger-sign-heads", "--ledger", str(tampered),
+                                  "--key", str(key)])
+    assert refused.exit_code == 1, refused.output
+    assert "nothing signed" in refused.output
+    with sqlite3.connect(tampered) as conn:
+        assert conn.execute("SELECT count(*) FROM checkpoints").fetchone()[0] == 0
+
+    unknown = runner.invoke(app, ["ledger-sign-heads", "--ledger", str(path), "--key", str(key),
+                                  "--shard", "gw-0"])
+    assert unknown.exit_code == 2 and "no shard gw-0" in unknown.output
+    signed = runner.invoke(app, ["ledger-sign-heads", "--ledger", str(path), "--key", str(key)])
+    assert signed.exit_code == 0, signed.output
+    assert f"signed main at #{N}" in signed.output
+    after = runner.invoke(app, verify_args)
+    assert after.exit_code == 0, after.output
+    assert "main: 0" in after.output
+    again = runner.invoke(app, ["ledger-sign-heads", "--ledger", str(path), "--key", str(key)])
+    assert again.exit_code == 0 and "nothing to sign" in again.output
+
+    # a keyed writer carries on from the signed head; an edit before it is still caught
+    led = SqliteLedger(path, batch_size=5, signer=signer, checkpoint_every=EVERY)
+    led.record(_with_id(decision, "d-new"), _ok(decision), 2000.0)
+    led.close_sync()
+    assert verify_sqlite(str(path), signer.public, EVERY).ok
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE decisions SET record = replace(record, 'd-1\"', 'd-X\"') "
+                     "WHERE chain_seq = 2")
+    rep = verify_sqlite(str(path), signer.public, EVERY)
+    assert not rep.ok and rep.bad_seq == 2
+
+
+@pytest.mark.parametrize("stored", [float("nan"), float("inf"), float("-inf"), None])
+def test_a_non_finite_column_is_the_records_null(stored: float | None) -> None:
+    """review27 nit 12: orjson writes NaN and ±inf as null; the column keeps the float. An
+    infinite cost stored as inf read as an edited column (a false 'tampered')."""
+    from types import SimpleNamespace
+
+    from inferplane.ledger.query import INDEXED_COLUMNS, column_mismatch
+
+    rec = orjson.loads(orjson.dumps({"schema": "x", "decision_id": "d", "outcome": {
+        "cost_usd": stored, "ttft_s": 0.5}}))
+    assert rec["outcome"]["cost_usd"] is None
+    row = SimpleNamespace(**{c: None for c, _ in INDEXED_COLUMNS})
+    row.decision_id, row.cost_usd, row.ttft_s = "d", stored, 0.5
+    assert column_mismatch(row, rec) is None  # type: ignore[arg-type]
+    row.cost_usd = 1.0
+    assert column_mismatch(row, rec) == "cost_usd"  # type: ignore[arg-type]

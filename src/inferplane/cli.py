@@ -1,5 +1,5 @@
 """The `inferplane` command: serve, epp, envoy-config, demo, emulate, simulate, explain, verify,
-export, check, schema, hash-key, ledger-keygen, version."""
+export, check, schema, hash-key, ledger-keygen, ledger-sign-heads, version."""
 
 from __future__ import annotations
 
@@ -835,9 +835,16 @@ def verify(
         typer.Option("--public-key", "-k", help="Ed25519 public key (PEM) the checkpoints must "
                      "be signed with; default: the configured signing key's"),
     ] = None,
+    checkpoint_every: Annotated[
+        int | None,
+        typer.Option("--checkpoint-every", min=1, help="the writers' ledger.checkpoint_every: "
+                     "with a key, a shard with this many records or more after its last signed "
+                     "checkpoint fails; default: the fleet file's, else 1000"),
+    ] = None,
 ) -> None:
     """Check the ledger's hash chains and signed checkpoints. Exit 0 when intact; 1 naming the
-    first bad record when any record was edited, deleted, inserted or reordered; 2 when the
+    first bad record when any record was edited, deleted, inserted or reordered, or when a
+    shard has checkpoint_every or more records after its last signed checkpoint; 2 when the
     ledger cannot be read."""
     from inferplane.ledger.tools import SourceError, describe, read_public_key
     from inferplane.ledger.tools import verify as run_verify
@@ -845,7 +852,7 @@ def verify(
     source = _ledger_source(ledger, config)
     try:
         key = read_public_key(public_key) if public_key is not None else None
-        rep = run_verify(source, key)
+        rep = run_verify(source, key, checkpoint_every)
     except SourceError as exc:
         fail(str(exc))
     for line in describe(rep, source):
@@ -893,7 +900,60 @@ def export(
         fail(str(exc))
     except OSError as exc:
         fail(f"{output}: {exc.strerror or exc}")
-    typer.echo(f"exported {n} records", err=True)
+    typer.echo(f"exported {n} records (their columns as stored: `inferplane verify` checks "
+               "each against its hashed record)", err=True)
+
+
+@app.command("ledger-sign-heads")
+def ledger_sign_heads(
+    ledger: LedgerOpt = None,
+    config: LedgerConfigOpt = None,
+    key: Annotated[
+        Path | None,
+        typer.Option("--key", help="the Ed25519 signing key (private, PEM) with --ledger; "
+                     "default with --config: its ledger.signing_key_file / signing_key_env"),
+    ] = None,
+    shard: Annotated[
+        list[str] | None, typer.Option("--shard", help="only this shard (repeatable)")
+    ] = None,
+) -> None:
+    """Sign each shard's current head with the checkpoint key (the key holder's attestation),
+    after verifying the whole ledger: for shards written without the key (before signing was
+    turned on, or archived), which verify with a key otherwise fails for good. Exit 0 when
+    signed (or nothing to sign), 1 when the ledger does not verify (nothing signed), 2 when it
+    cannot be read or written."""
+    from inferplane.ledger.chain import KeyError_, Signer, load_private
+    from inferplane.ledger.tools import SourceError, describe, sign_heads
+
+    source = _ledger_source(ledger, config)
+    signer: Signer | None = None
+    try:
+        if key is not None:
+            signer = Signer(load_private(key.read_bytes(), str(key)))
+        elif config is not None:
+            from inferplane.ledger.build import configured_signer
+
+            signer = configured_signer(load_checked(config), str(config))
+    except OSError as exc:
+        fail(f"{key}: {exc.strerror or exc}")
+    except (KeyError_, ConfigError) as exc:
+        fail(str(exc))
+    if signer is None:
+        fail("no signing key: give --key FILE, or a fleet file whose ledger has "
+             "signing_key_file or signing_key_env")
+    try:
+        rep, signed = sign_heads(source, signer, shard or ())
+    except SourceError as exc:
+        fail(str(exc))
+    if not rep.ok:
+        for line in describe(rep, source):
+            typer.echo(line, err=True)
+        typer.echo("nothing signed: the ledger does not verify", err=True)
+        raise typer.Exit(1)
+    for cp in signed:
+        typer.echo(f"signed {cp.shard} at #{cp.seq} (key {cp.key_id})")
+    if not signed:
+        typer.echo(f"nothing to sign: every shard's head in {source.name} is already signed")
 
 
 @app.command("ledger-keygen")

@@ -34,9 +34,9 @@ class LogLimiter:
         self._last: dict[str, float] = {}
         self._left_out: dict[str, int] = {}
 
-    def warn(self, key: str, msg: str, *args: object) -> bool:
-        """Log ``msg % args`` at WARNING unless ``key`` had a line less than ``interval_s``
-        ago (then count it); True when it was logged."""
+    def warn(self, key: str, msg: str, *args: object, level: int = logging.WARNING) -> bool:
+        """Log ``msg % args`` at ``level`` (WARNING) unless ``key`` had a line less than
+        ``interval_s`` ago (then count it); True when it was logged."""
         now = self._clock()
         last = self._last.get(key)
         if last is not None and now - last < self.interval_s:
@@ -47,5 +47,8 @@ class LogLimiter:
         if n:
             msg += " (%d more like it on %s in the last %.0f s not logged)"
             args = (*args, n, key, now - last if last is not None else 0.0)
-        self.log.warning(msg, *args)
+        if level == logging.WARNING:
+            self.log.warning(msg, *args)
+        else:
+            self.log.log(level, msg, *args)
         return True

@@ -1058,6 +1058,11 @@ class LedgerSpec(Strict):
         "main", pattern=_NAME, description="this writer's hash chain; writers sharing a shard "
         "chain one after another, writers with distinct shards in parallel"
     )
+    shard_env: str | None = Field(
+        None, description="environment variable naming this writer's shard instead of `shard` "
+        "(each pod its own chain from one ConfigMap, e.g. POD_NAME from the Downward API); "
+        "unset or empty is a start-up error"
+    )
     signing_key_file: str | None = Field(
         None, description="Ed25519 private key (PKCS#8 PEM, or the 32-byte seed in hex/base64) "
         "that signs checkpoints (relative to the current directory); `inferplane ledger-keygen` "
@@ -1080,6 +1085,13 @@ class LedgerSpec(Strict):
         "sent anyway and the wait counted in inferplane_ledger_commit_timeouts_total)"
     )
     batch_size: int = Field(256, gt=0, description="most records one transaction commits")
+    spool_path: str | None = Field(
+        None, description="PostgreSQL ledger: a local SQLite file that holds records while the "
+        "database is down (answers wait for it instead of the database) and is replayed in "
+        "order when it answers again, at this start or the next; on a volume that outlives "
+        "the process. Unset: records pending in an outage live in memory and a restart loses "
+        "them (their receipts then read as deleted records)"
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> LedgerSpec:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 
 from inferplane.config.files import writable_file_problem
+from inferplane.config.schema import _NAME as SHARD_NAME
 from inferplane.config.schema import FleetConfig
 from inferplane.errors import ConfigError
 from inferplane.ledger.chain import KeyError_, Signer, signer_from
@@ -35,13 +37,27 @@ def configured_dsn(config: FleetConfig, file: str) -> str | None:
     return spec.postgres_dsn
 
 
+def configured_shard(config: FleetConfig, file: str) -> str:
+    """This writer's shard: ``$ledger.shard_env`` when that is set, else ``ledger.shard``."""
+    spec = config.ledger
+    if not spec.shard_env:
+        return spec.shard
+    value = os.environ.get(spec.shard_env, "")
+    if not value:
+        raise ConfigError(file, [("ledger.shard_env", f"${spec.shard_env} is not set")])
+    if not re.fullmatch(SHARD_NAME, value):
+        raise ConfigError(file, [("ledger.shard_env", f"${spec.shard_env} is {value!r}, not a "
+                                  "shard name (letters, digits and . _ : / -)")])
+    return value
+
+
 def ledger_problems(config: FleetConfig, file: str) -> list[tuple[str, str]]:
     """What `build_ledger` would refuse in this environment, each as (field, problem), found
     by the same checks without opening a file or a connection (`inferplane check` reports
     them): the checkpoint signing key, the DSN's variable, the ledger file's directory."""
     problems: list[tuple[str, str]] = []
     spec = config.ledger
-    checks: list[Callable[[FleetConfig, str], object]] = [configured_signer]
+    checks: list[Callable[[FleetConfig, str], object]] = [configured_signer, configured_shard]
     if spec.postgres_dsn or spec.postgres_dsn_env:
         checks.append(configured_dsn)
     for step in checks:
@@ -49,6 +65,10 @@ def ledger_problems(config: FleetConfig, file: str) -> list[tuple[str, str]]:
             step(config, file)
         except ConfigError as exc:
             problems.extend(exc.problems)
+    if spec.spool_path and (spec.postgres_dsn or spec.postgres_dsn_env):
+        problem = writable_file_problem(spec.spool_path)
+        if problem is not None:
+            problems.append(("ledger.spool_path", f"{spec.spool_path}: {problem}"))
     path = config.gateway.ledger_path
     if path and not (spec.postgres_dsn or spec.postgres_dsn_env):
         problem = writable_file_problem(path)
@@ -70,19 +90,20 @@ def build_ledger(config: FleetConfig, file: str) -> Ledger:
     spec = config.ledger
     signer = configured_signer(config, file)
     dsn = configured_dsn(config, file)
+    shard = configured_shard(config, file)
     if dsn:
         from inferplane.ledger.postgres import PostgresLedger
 
         return PostgresLedger(
-            dsn, schema=spec.postgres_schema, prefix=spec.table_prefix, shard=spec.shard,
+            dsn, schema=spec.postgres_schema, prefix=spec.table_prefix, shard=shard,
             signer=signer, checkpoint_every=spec.checkpoint_every,
             checkpoint_interval_s=spec.checkpoint_interval_s, batch_size=spec.batch_size,
-            source=file,
+            source=file, spool_path=spec.spool_path, stall_timeout_s=spec.commit_timeout_s,
         )
     path = config.gateway.ledger_path
     if path:
         return SqliteLedger(
-            path, source=file, shard=spec.shard, signer=signer,
+            path, source=file, shard=shard, signer=signer,
             checkpoint_every=spec.checkpoint_every,
             checkpoint_interval_s=spec.checkpoint_interval_s, batch_size=spec.batch_size,
             max_pending=max(100_000, spec.batch_size),

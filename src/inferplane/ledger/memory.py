@@ -55,6 +55,7 @@ class MemoryLedger:
             rows.append(ExportRow(
                 seq, "memory", seq, e.decision_id, e.at_unix, e.tenant, e.workload_class,
                 e.model, e.substrate, e.endpoint, e.status, e.cost_usd, e.receipt, "", "", e.text,
+                e.ttft_s,
             ))
             if len(rows) > q.limit:
                 break

@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import io
 import logging
+import sqlite3
 import time
 from collections.abc import Iterator, Sequence
 from typing import IO, Any
@@ -41,8 +42,17 @@ from inferplane.ledger.query import (
     where_clause,
 )
 from inferplane.ledger.record import Outcome, Receipt
+from inferplane.ledger.spool import Spool
 from inferplane.ledger.sqlite import merge_records
-from inferplane.ledger.writer import CommitAccounting, Linked, PendingBuffer, link
+from inferplane.ledger.writer import (
+    CommitAccounting,
+    Linked,
+    Pending,
+    PendingBuffer,
+    link,
+    settle,
+)
+from inferplane.lograte import LogLimiter
 from inferplane.pgschema import PgTables
 from inferplane.placement.framework import Decision
 from inferplane.waits import wait_woken
@@ -53,7 +63,7 @@ SCHEMA_VERSION = 2
 
 _EXPORT_COLS = (
     "id, shard, chain_seq, decision_id, at_unix, tenant, workload_class, model, substrate, "
-    "endpoint, status, cost_usd, receipt, prev_hash, chain_hash, record"
+    "endpoint, status, cost_usd, receipt, prev_hash, chain_hash, record, ttft_s"
 )
 _COPY_COLS = (
     "decision_id, at_unix, tenant, endpoint, workload_class, model, substrate, status, ttft_s, "
@@ -110,6 +120,15 @@ class Tables(PgTables):
         ]]
 
 
+_TCP: dict[str, Any] = {
+    "connect_timeout": 5, "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
+    "keepalives_count": 3, "tcp_user_timeout": 30_000,
+}
+"""The writer's connection settings: a database host that vanishes (a failover that moves its
+address, no RST) fails a write within ~30 s instead of when the kernel gives up on the TCP
+connection (minutes)."""
+
+
 def _config_error(source: str, msg: str) -> ConfigError:
     return ConfigError(source, [("ledger.postgres_dsn", msg)])
 
@@ -132,8 +151,12 @@ class PostgresLedger(CommitAccounting):
         retry_interval_s: float = 1.0,
         flush_interval_s: float = 0.2,
         source: str = "<config>",
+        spool_path: str | None = None,
+        stall_timeout_s: float | None = None,
     ) -> None:
         self.dsn = dsn
+        self.stall_timeout_s = stall_timeout_s
+        self._inflight_since: float | None = None  # monotonic start of the write in flight
         try:
             self.t = Tables(schema, prefix)
         except ValueError as exc:
@@ -160,6 +183,20 @@ class PostgresLedger(CommitAccounting):
         self._unsigned = False
         self._last_checkpoint = time.monotonic()
         self._last_warning = float("-inf")
+        self.log_name = "ledger postgres"
+        self.records_spooled = 0
+        self._spool: Spool | None = None
+        self._spooled = 0  # records in the spool file (as this process last saw it)
+        self._spool_failing = False  # the last attempt to add to the spool failed
+        self.spool_errors = 0
+        self._spool_log = LogLimiter(log, 60.0)
+        if spool_path is not None:
+            try:
+                self._spool = Spool(spool_path)
+                self._spooled = self._spool.count()
+            except (OSError, sqlite3.Error) as exc:
+                raise ConfigError(source, [("ledger.spool_path", f"{spool_path}: {exc}")]
+                                  ) from None
 
     @property
     def dropped(self) -> int:
@@ -168,6 +205,32 @@ class PostgresLedger(CommitAccounting):
     @property
     def pending(self) -> int:
         return len(self._buf)
+
+    @property
+    def store_down(self) -> bool:
+        """Answers need not wait: the database is down and no spool holds their records
+        (with a spool, an answer waits for its record to be spooled, milliseconds, unless
+        the spool cannot be written either)."""
+        return self.stalled or (
+            self._down_since is not None and (self._spool is None or self._spool_failing))
+
+    @property
+    def stalled(self) -> bool:
+        """A write (or its connect) has been in flight for ``stall_timeout_s`` or longer (the
+        gateway passes ``ledger.commit_timeout_s``): a hung connection counts as the database
+        being down, so answers stop waiting for it."""
+        since = self._inflight_since
+        return (since is not None and self.stall_timeout_s is not None
+                and time.monotonic() - since >= self.stall_timeout_s)
+
+    @property
+    def writes_failing(self) -> bool:
+        return self._down_since is not None or self.stalled
+
+    @property
+    def spooled(self) -> int:
+        """Records in the spool file, waiting for the database."""
+        return self._spooled
 
     # -- the request path -----------------------------------------------------------------
     def record(self, decision: Decision, outcome: Outcome, at_unix: float) -> Receipt:
@@ -182,7 +245,7 @@ class PostgresLedger(CommitAccounting):
         if self._task is not None:
             return
         try:
-            self._writer = await psycopg.AsyncConnection.connect(self.dsn, connect_timeout=5)
+            self._writer = await psycopg.AsyncConnection.connect(self.dsn, **_TCP)
             self._reader = await psycopg.AsyncConnection.connect(
                 self.dsn, autocommit=True, connect_timeout=5
             )
@@ -201,16 +264,29 @@ class PostgresLedger(CommitAccounting):
         self._stopping = True
         assert self._wake is not None
         self._wake.set()
-        with contextlib.suppress(asyncio.CancelledError):
+        try:
             await self._task
+        except asyncio.CancelledError:
+            pass
+        except Exception:  # never raise from close: what is pending is still written below
+            log.exception("ledger postgres: the writer task failed")
         self._task = None
-        ok = await self.flush(sign_last=True)
+        ok = await self._replay() and await self.flush(sign_last=True)
         if ok and self._unsigned and self.signer is not None:
             await self._write([], sign_last=True)
+        if not ok and self._spool is not None and await self._spool_pending():
+            log.error("ledger postgres: closing with %d unwritten records in the spool %s "
+                      "(written at the next start that uses this file)", self._spooled,
+                      self._spool.path)
         lost = 0 if ok else self._buf.clear()
         if lost:
             log.error("ledger postgres: closing with %d unwritten records (dropped)", lost)
         await self._close_connections()
+        if self._spool is not None:
+            try:
+                self._spool.close()
+            except sqlite3.Error as exc:
+                log.warning("ledger postgres: closing the spool %s: %s", self._spool.path, exc)
 
     async def _close_connections(self) -> None:
         for conn in (self._writer, self._reader):
@@ -234,17 +310,106 @@ class PostgresLedger(CommitAccounting):
             self._wake.clear()
             if self._stopping:
                 break
+            if self._spool is not None and self._down_since is not None:
+                await self._spool_pending()  # first: the retry below may wait to connect
             due = time.monotonic() - self._last_checkpoint >= self.checkpoint_interval_s
-            ok = await self.flush(sign_last=due)
+            ok = await self._replay() and await self.flush(sign_last=due)
             if ok and due and self._unsigned and self.signer is not None:
                 ok = await self._write([], sign_last=True)
             if not ok:
-                await asyncio.sleep(self.retry_interval_s)
+                await self._wait_for_retry()
+
+    async def _wait_for_retry(self) -> None:
+        """Wait ``retry_interval_s`` before the next try; with a spool, move every record that
+        arrives meanwhile into it at once (its answer waits for that)."""
+        if self._spool is None:
+            await asyncio.sleep(self.retry_interval_s)
+            return
+        assert self._wake is not None
+        deadline = time.monotonic() + self.retry_interval_s
+        while not self._stopping:
+            await self._spool_pending()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            await wait_woken(self._wake, left)
+            self._wake.clear()
+
+    async def _spool_pending(self) -> bool:
+        """Move the pending records into the spool, oldest first; True when they are there."""
+        assert self._spool is not None
+        batch = self._buf.take(len(self._buf))
+        if not batch:
+            return True
+        try:
+            await asyncio.to_thread(self._spool.add, [p.entry for p in batch])
+        except (OSError, sqlite3.Error) as exc:
+            self._buf.requeue(batch)
+            self._spool_failing = True
+            self.spool_errors += 1
+            self._spool_log.warn("spool", "ledger postgres: cannot spool %d records to %s: %s",
+                                 len(batch), self._spool.path, exc, level=logging.ERROR)
+            return False
+        self._spool_failing = False
+        if not self.records_spooled or self._spooled == 0:
+            log.warning("ledger postgres: the database is down; spooling records to %s",
+                        self._spool.path)
+        self._spooled += len(batch)
+        self.records_spooled += len(batch)
+        settle(batch, True)
+        return True
+
+    async def _replay(self) -> bool:
+        """Write the spooled records (oldest first, before any newer one); True when the spool
+        is empty. A record the database already has (same decision id and receipt) is skipped."""
+        if self._spool is None or self._spooled == 0:
+            return True
+        while True:
+            try:
+                rows = await asyncio.to_thread(self._spool.oldest, self.batch_size)
+            except (OSError, sqlite3.Error) as exc:
+                self._spool_error("read", exc)
+                return False
+            if not rows:
+                self._spooled = 0
+                return True
+            batch = [Pending(e, None, None) for _, e in rows]
+            self._inflight_since = time.monotonic()
+            try:
+                if self._writer is None or self._writer.closed:
+                    self._writer = await psycopg.AsyncConnection.connect(self.dsn, **_TCP)
+                cps, head = await self._commit(self._writer, batch, False, dedupe=True)
+            except (psycopg.Error, OSError) as exc:
+                self._write_failed(exc)
+                with contextlib.suppress(Exception):
+                    if self._writer is not None and self._writer.broken:
+                        await self._writer.close()
+                return False
+            finally:
+                self._inflight_since = None
+            self._committed(batch, cps, head[0])
+            try:
+                await asyncio.to_thread(self._spool.remove, [i for i, _ in rows])
+            except (OSError, sqlite3.Error) as exc:  # written: the next pass skips them
+                self._spool_error("empty", exc)
+                return False
+            self._spooled = max(0, self._spooled - len(rows))
+            if self._spooled == 0 or len(rows) < self.batch_size:
+                log.warning("ledger postgres: spooled records written to the database; %d "
+                            "left in %s", self._spooled, self._spool.path)
+
+    def _spool_error(self, what: str, exc: BaseException) -> None:
+        self.spool_errors += 1
+        self._spool_log.warn("spool", "ledger postgres: cannot %s the spool %s (%s); %d "
+                             "records wait in it, retrying every %.1fs", what,
+                             self._spool.path if self._spool else None, exc, self._spooled,
+                             self.retry_interval_s, level=logging.ERROR)
 
     async def _write(self, batch: list[Any], sign_last: bool) -> bool:
+        self._inflight_since = time.monotonic()
         try:
             if self._writer is None or self._writer.closed:
-                self._writer = await psycopg.AsyncConnection.connect(self.dsn, connect_timeout=5)
+                self._writer = await psycopg.AsyncConnection.connect(self.dsn, **_TCP)
             cps, head = await self._commit(self._writer, batch, sign_last)
         except (psycopg.Error, OSError) as exc:
             self._buf.requeue(batch)
@@ -256,11 +421,14 @@ class PostgresLedger(CommitAccounting):
         except BaseException:
             self._buf.requeue(batch)
             raise
+        finally:
+            self._inflight_since = None
         self._committed(batch, cps, head[0])
         return True
 
     async def _commit(
-        self, conn: psycopg.AsyncConnection[Any], batch: list[Any], sign_last: bool
+        self, conn: psycopg.AsyncConnection[Any], batch: list[Any], sign_last: bool,
+        dedupe: bool = False,
     ) -> tuple[list[Checkpoint], tuple[int, str]]:
         t = self.t
         async with conn.transaction(), conn.cursor() as cur:
@@ -272,8 +440,15 @@ class PostgresLedger(CommitAccounting):
                 (self.shard,))
             row = await cur.fetchone()
             assert row is not None
+            entries = [p.entry for p in batch]
+            if dedupe and entries:  # a replayed spool: skip what a crashed replay wrote
+                await cur.execute(
+                    f"SELECT decision_id, receipt FROM {t.decisions} WHERE decision_id = "
+                    "ANY(%s)", (list({e.decision_id for e in entries}),))
+                have = {(r[0], r[1]) for r in await cur.fetchall()}
+                entries = [e for e in entries if (e.decision_id, e.receipt) not in have]
             linked, cps, head = link(
-                [p.entry for p in batch], self.shard, (int(row[0]), str(row[1])), self.signer,
+                entries, self.shard, (int(row[0]), str(row[1])), self.signer,
                 self.checkpoint_every, sign_last, time.time(),
             )
             if linked:
@@ -293,6 +468,7 @@ class PostgresLedger(CommitAccounting):
 
     def _write_failed(self, exc: BaseException) -> None:
         self.write_errors += 1
+        self._note_failure()
         now = time.monotonic()
         if now - self._last_warning >= 60.0:
             self._last_warning = now
@@ -318,6 +494,11 @@ class PostgresLedger(CommitAccounting):
             f"SELECT record FROM {self.t.decisions} WHERE decision_id = %s ORDER BY id",
             (decision_id,))
         texts = [r[0] for r in rows]
+        if self._spool is not None and self._spooled:
+            try:
+                texts += await asyncio.to_thread(self._spool.texts, decision_id)
+            except (OSError, sqlite3.Error) as exc:
+                self._spool_error("read", exc)
         with self._buf.lock:
             texts += [p.entry.text for p in self._buf.items if p.entry.decision_id == decision_id]
         return merge_records(texts)
@@ -483,6 +664,7 @@ def _export_row(r: Sequence[Any]) -> ExportRow:
         row_id=r[0], shard=r[1], seq=r[2], decision_id=r[3], at_unix=r[4], tenant=r[5],
         workload_class=r[6], model=r[7], substrate=r[8], endpoint=r[9], status=r[10],
         cost_usd=r[11], receipt=r[12], prev_hash=r[13], chain_hash=r[14], text=r[15],
+        ttft_s=r[16],
     )
 
 

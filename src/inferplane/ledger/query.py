@@ -12,12 +12,16 @@ import base64
 import binascii
 import csv
 import io
+import logging
+import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import IO, Any
 
 import orjson
+
+log = logging.getLogger("inferplane.ledger")
 
 EXPORT_SCHEMA = "inferplane.export/1"
 MAX_LIMIT = 1000
@@ -97,6 +101,58 @@ class ExportRow:
     prev_hash: str
     chain_hash: str
     text: str
+    ttft_s: float | None = None
+
+
+_MISSING = object()
+CURRENT_RECORD_SCHEMA = "inferplane.decision/2"
+"""`record.RECORD_SCHEMA` (which imports this module): every column of such a record is set."""
+
+INDEXED_COLUMNS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("decision_id", ("decision_id",)),
+    ("at_unix", ("at_unix",)),
+    ("tenant", ("tenant",)),
+    ("endpoint", ("outcome", "endpoint")),
+    ("workload_class", ("request", "workload_class")),
+    ("model", ("request", "model")),
+    ("substrate", ("picked", "substrate")),
+    ("status", ("outcome", "status")),
+    ("ttft_s", ("outcome", "ttft_s")),
+    ("cost_usd", ("outcome", "cost_usd")),
+)
+"""Each indexed column and where its value sits in the hashed record (`record.encode_entry`
+fills the columns from the same values). Only the record is covered by the receipt and the
+chain; the columns are copies for SQL filters and exports, which `column_mismatch` checks."""
+
+
+def _field(rec: Any, path: tuple[str, ...]) -> Any:
+    for key in path:
+        if rec is None:
+            return None  # an object that is null (``picked`` when nothing was picked)
+        if not isinstance(rec, dict) or key not in rec:
+            return _MISSING
+        rec = rec[key]
+    return rec
+
+
+def column_mismatch(row: ExportRow, rec: Any) -> str | None:
+    """The first indexed column of ``row`` whose value is not the parsed record's (``rec``),
+    or None. A field the record does not have (a record migrated from an older schema) is not
+    compared, nor is a column an older writer left empty (a record of another ``schema``)."""
+    if not isinstance(rec, dict):
+        return "record"
+    current = rec.get("schema") == CURRENT_RECORD_SCHEMA
+    for col, path in INDEXED_COLUMNS:
+        want = _field(rec, path)
+        if want is _MISSING:
+            continue
+        have = getattr(row, col)
+        if have is None and not current:
+            continue  # an older record's column left empty by its writer or the migration
+        if have != want and not (want is None and isinstance(have, float)
+                                 and not math.isfinite(have)):
+            return col  # (NaN and ±inf, which JSON writes as null, are stored as they are)
+    return None
 
 
 def encode_cursor(row_id: int) -> str:
@@ -159,12 +215,24 @@ def parse_query(tenant: str, params: dict[str, str]) -> Query:
 
 
 def page_of(rows: list[ExportRow], limit: int) -> Page:
-    """The API page of ``rows`` (at most ``limit + 1`` were fetched, to know if more exist)."""
+    """The API page of ``rows`` (at most ``limit + 1`` were fetched, to know if more exist).
+
+    The rows were selected by their indexed columns, which the receipt does not cover: a row
+    whose columns do not match its record (edited in the database) is left out, with a
+    warning, so a filter on ``tenant`` (or class, model, substrate, time) never hands out a
+    record that does not itself match it."""
     more = len(rows) > limit
     rows = rows[:limit]
-    items = [
-        {"receipt": r.receipt, "record": orjson.loads(r.text)} for r in rows
-    ]
+    items = []
+    for r in rows:
+        rec = orjson.loads(r.text)
+        bad = column_mismatch(r, rec)
+        if bad is not None:
+            log.warning("ledger: record %s#%s (decision %s): its %s column does not match the "
+                        "record (edited in the database?); left out of the listing; run "
+                        "`inferplane verify`", r.shard, r.seq, r.decision_id, bad)
+            continue
+        items.append({"receipt": r.receipt, "record": rec})
     return Page(items, encode_cursor(rows[-1].row_id) if more and rows else None)
 
 

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import orjson
 
 from inferplane.ledger.chain import receipt_of
-from inferplane.ledger.query import Page, Query
+from inferplane.ledger.query import CURRENT_RECORD_SCHEMA, Page, Query
 from inferplane.placement.framework import (
     CandidateRecord,
     Decision,
@@ -26,7 +26,7 @@ from inferplane.placement.framework import (
     record_fields,
 )
 
-RECORD_SCHEMA = "inferplane.decision/2"
+RECORD_SCHEMA = CURRENT_RECORD_SCHEMA
 """The ``schema`` field of every record this code writes (docs/evidence.md)."""
 
 

@@ -108,7 +108,7 @@ _INSERT = (
 _SELECT = "SELECT record FROM decisions WHERE decision_id = ? ORDER BY seq"
 _EXPORT_COLS = (
     "seq, shard, chain_seq, decision_id, at_unix, tenant, workload_class, model, substrate, "
-    "endpoint, status, cost_usd, receipt, prev_hash, chain_hash, record"
+    "endpoint, status, cost_usd, receipt, prev_hash, chain_hash, record, ttft_s"
 )
 
 Row = tuple[Any, ...]
@@ -164,6 +164,7 @@ class SqliteLedger(CommitAccounting):
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_warning = float("-inf")
+        self.log_name = f"ledger {self.path}"
         self._last_checkpoint = time.monotonic()
         self._unsigned = False
         self._conn = _open_for_writing(self.path, source)
@@ -310,6 +311,7 @@ class SqliteLedger(CommitAccounting):
 
     def _write_failed(self, exc: Exception) -> None:
         self.write_errors += 1
+        self._note_failure()
         now = time.monotonic()
         if now - self._last_warning >= 60.0:
             self._last_warning = now
@@ -404,6 +406,7 @@ def _export_row(r: Sequence[Any]) -> ExportRow:
         decision_id=r[3], at_unix=r[4], tenant=r[5], workload_class=r[6], model=r[7],
         substrate=r[8], endpoint=r[9], status=r[10], cost_usd=r[11], receipt=r[12] or "",
         prev_hash=r[13] or "", chain_hash=r[14] or "", text=r[15],
+        ttft_s=r[16],
     )
 
 

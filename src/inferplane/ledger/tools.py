@@ -7,7 +7,9 @@ A `Source` is the ledger a command reads: a SQLite file (``--ledger FILE``, or t
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import sqlite3
+import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -15,7 +17,7 @@ from typing import IO, TYPE_CHECKING, Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from inferplane.config.schema import FleetConfig
-from inferplane.ledger.chain import load_public
+from inferplane.ledger.chain import Checkpoint, Signer, load_public
 from inferplane.ledger.query import WRITERS, ExportRow, Query
 from inferplane.ledger.verify import Report, verify_rows, verify_sqlite
 
@@ -36,6 +38,8 @@ class Source:
     schema: str = "public"
     prefix: str = "inferplane_"
     public_key: Ed25519PublicKey | None = None
+    checkpoint_every: int | None = None
+    """The configured ``ledger.checkpoint_every`` (None: not from a fleet file)."""
 
     @property
     def name(self) -> str:
@@ -51,9 +55,11 @@ def source_from_config(config: FleetConfig, file: str) -> Source:
     dsn = configured_dsn(config, file)
     if dsn:
         return Source(dsn=dsn, schema=config.ledger.postgres_schema,
-                      prefix=config.ledger.table_prefix, public_key=public)
+                      prefix=config.ledger.table_prefix, public_key=public,
+                      checkpoint_every=config.ledger.checkpoint_every)
     if config.gateway.ledger_path:
-        return Source(sqlite_path=config.gateway.ledger_path, public_key=public)
+        return Source(sqlite_path=config.gateway.ledger_path, public_key=public,
+                      checkpoint_every=config.ledger.checkpoint_every)
     raise SourceError(f"{file}: no ledger configured (set gateway.ledger_path or "
                       "ledger.postgres_dsn); records were kept in memory only")
 
@@ -89,13 +95,25 @@ def _postgres(source: Source) -> Iterator[tuple[psycopg.Connection[Any], Tables]
         raise SourceError(f"{source.name}: {str(exc).strip().splitlines()[0]}") from None
 
 
-def verify(source: Source, public_key: Ed25519PublicKey | None) -> Report:
+DEFAULT_CHECKPOINT_EVERY = 1000
+"""``ledger.checkpoint_every``'s default: what verify holds a ledger named by ``--ledger`` to."""
+
+
+def verify(source: Source, public_key: Ed25519PublicKey | None,
+           checkpoint_every: int | None = None) -> Report:
+    """Verify ``source``; with a key, a shard's unsigned tail is held to ``checkpoint_every``
+    (default: the fleet file's, else `DEFAULT_CHECKPOINT_EVERY`)."""
     key = public_key or source.public_key
+    every = checkpoint_every or source.checkpoint_every or DEFAULT_CHECKPOINT_EVERY
+    return _verify(source, key, every)
+
+
+def _verify(source: Source, key: Ed25519PublicKey | None, every: int | None) -> Report:
     if source.sqlite_path is not None:
         from inferplane.ledger.sqlite import LedgerFileError
 
         try:
-            return verify_sqlite(source.sqlite_path, key)
+            return verify_sqlite(source.sqlite_path, key, every)
         except (FileNotFoundError, LedgerFileError) as exc:
             raise SourceError(str(exc)) from None
     from inferplane.ledger import postgres as pg
@@ -103,8 +121,66 @@ def verify(source: Source, public_key: Ed25519PublicKey | None) -> Report:
     with _postgres(source) as (conn, t):
         return verify_rows(
             pg.iter_rows(conn, t, order="shard, chain_seq, id"),
-            pg.read_checkpoints(conn, t), pg.read_heads(conn, t), key,
+            pg.read_checkpoints(conn, t), pg.read_heads(conn, t), key, every,
         )
+
+
+def sign_heads(
+    source: Source, signer: Signer, shards: Sequence[str] = ()
+) -> tuple[Report, list[Checkpoint]]:
+    """Sign each shard's current head (or only ``shards``') with the key holder's ``signer``:
+    the way out for a shard written without the key (an upgrade that turned signing on, a
+    migrated or archived file), which verify with a key fails by its unsigned-tail rule.
+
+    The whole ledger is verified first (hash links, columns, existing signatures; not the
+    tail rule) and nothing is signed unless it is intact: a checkpoint is the key holder's
+    attestation of the chain up to it. Each checkpoint signs the head that verify read (a
+    writer appending meanwhile does not matter: the checkpoint names a past record). Shards
+    whose head is already signed are left alone. Returns the report and what was signed."""
+    rep = _verify(source, signer.public, None)
+    if not rep.ok:
+        return rep, []
+    unknown = sorted(set(shards) - set(rep.shards))
+    if unknown:
+        raise SourceError(f"{source.name}: no shard {', '.join(unknown)} (shards: "
+                          f"{', '.join(sorted(rep.shards)) or 'none'})")
+    now = time.time()
+    cps = [signer.sign(s, rep.shards[s], rep.last_hash[s], now)
+           for s in sorted(shards or rep.shards)
+           if rep.shards[s] > 0 and rep.unsigned_tail.get(s, 0) > 0]
+    if not cps:
+        return rep, []
+    rows = [(c.shard, c.seq, c.chain_hash, c.at_unix, c.key_id, c.signature) for c in cps]
+    if source.sqlite_path is not None:
+        try:
+            conn = sqlite3.connect(source.sqlite_path, timeout=30.0)
+            try:
+                with conn:
+                    conn.executemany(
+                        "INSERT INTO checkpoints (shard, seq, chain_hash, at_unix, key_id, "
+                        "signature) VALUES (?, ?, ?, ?, ?, ?)", rows)
+            finally:
+                conn.close()
+        except sqlite3.Error as exc:
+            raise SourceError(f"{source.name}: cannot write the checkpoints: {exc}") from None
+        return rep, cps
+    import psycopg
+
+    from inferplane.ledger import postgres as pg
+
+    assert source.dsn is not None
+    t = pg.Tables(source.schema, source.prefix)
+    try:
+        with psycopg.connect(source.dsn, connect_timeout=5) as conn_pg:
+            with conn_pg.cursor() as cur:
+                cur.executemany(
+                    f"INSERT INTO {t.checkpoints} (shard, seq, chain_hash, at_unix, key_id, "
+                    "signature) VALUES (%s, %s, %s, %s, %s, %s)", rows)
+            conn_pg.commit()
+    except psycopg.Error as exc:
+        raise SourceError(f"{source.name}: cannot write the checkpoints: "
+                          f"{str(exc).strip().splitlines()[0]}") from None
+    return rep, cps
 
 
 def describe(rep: Report, source: Source) -> list[str]:
@@ -121,10 +197,11 @@ def describe(rep: Report, source: Source) -> list[str]:
                  f"chain(s): {shards}")
     lines.append(f"checkpoints: {rep.checkpoints_checked} of {rep.checkpoints} signatures "
                  "verified")
-    tail = {s: n for s, n in rep.unsigned_tail.items() if n}
-    if tail and rep.checkpoints_checked:
-        lines.append("records after the last verified checkpoint (not yet signed): "
-                     + ", ".join(f"{s}: {n}" for s, n in sorted(tail.items())))
+    if rep.keyed and rep.unsigned_tail:
+        bound = (f"; at most {rep.checkpoint_every} - 1 allowed"
+                 if rep.checkpoint_every is not None else "")
+        lines.append(f"records after the last verified checkpoint (not yet signed{bound}): "
+                     + ", ".join(f"{s}: {n}" for s, n in sorted(rep.unsigned_tail.items())))
     lines += [f"warning: {w}" for w in rep.warnings]
     return lines
 

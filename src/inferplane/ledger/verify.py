@@ -4,6 +4,8 @@
 as `ExportRow`s) and stops at the first record that is not what the chain says it must be:
 
 - its content does not hash to its receipt (edited);
+- an indexed column (tenant, status, cost, …) is not the record's own value (edited: the
+  columns are what SQL filters and exports read, and the receipt does not cover them);
 - its ``seq`` is not the next one, or its ``prev_hash`` is not the previous record's chain hash
   (a record before it was deleted, or one was inserted or moved);
 - its chain hash does not follow from the above (chain fields edited);
@@ -20,10 +22,11 @@ import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+import orjson
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from inferplane.ledger.chain import GENESIS, Checkpoint, chain_hash, check_signature, key_id
-from inferplane.ledger.query import ExportRow
+from inferplane.ledger.query import ExportRow, column_mismatch
 
 
 @dataclass(slots=True)
@@ -41,6 +44,12 @@ class Report:
     unsigned_tail: dict[str, int] = field(default_factory=dict)
     """Per shard, the records after its last valid checkpoint."""
     warnings: list[str] = field(default_factory=list)
+    keyed: bool = False
+    """A public key was given: signatures were checked and the unsigned tail is bounded."""
+    checkpoint_every: int | None = None
+    """The writers' ``ledger.checkpoint_every`` the unsigned tails were held to."""
+    last_hash: dict[str, str] = field(default_factory=dict)
+    """Each shard's last chain hash (what ``ledger-sign-heads`` signs)."""
 
     def fail(self, shard: str, seq: int | None, decision: str | None, problem: str) -> Report:
         self.ok = False
@@ -54,10 +63,18 @@ def verify_rows(
     checkpoints: Iterable[Checkpoint],
     heads: dict[str, tuple[int, str]],
     public_key: Ed25519PublicKey | None,
+    checkpoint_every: int | None = None,
 ) -> Report:
     """Verify ``rows`` (ordered by shard, then seq) against ``checkpoints`` and the recorded
-    shard ``heads`` (shard → (seq, chain_hash)). The report names the first bad record."""
-    rep = Report()
+    shard ``heads`` (shard → (seq, chain_hash)). The report names the first bad record.
+
+    With a public key and ``checkpoint_every``, a shard with ``checkpoint_every`` or more
+    records after its last valid checkpoint (or with no checkpoint at all) fails: every writer
+    commits the checkpoint of each multiple of ``checkpoint_every`` in the transaction that
+    writes that record, so an honest shard's unsigned tail is at most ``checkpoint_every - 1``
+    records, whenever and however its writers stopped (docs/evidence.md)."""
+    rep = Report(keyed=public_key is not None,
+                 checkpoint_every=checkpoint_every if public_key is not None else None)
     cps: dict[tuple[str, int], list[Checkpoint]] = {}
     for cp in checkpoints:
         cps.setdefault((cp.shard, cp.seq), []).append(cp)
@@ -74,7 +91,7 @@ def verify_rows(
     last_row_id = -1
     last_signed = 0
 
-    last_hash: dict[str, str] = {}
+    last_hash = rep.last_hash
 
     def close_shard() -> None:
         if shard is not None:
@@ -94,6 +111,14 @@ def verify_rows(
         if hashlib.sha256(r.text.encode()).hexdigest() != r.receipt:
             return rep.fail(r.shard, r.seq, r.decision_id,
                             f"{where}: its content does not match its receipt (edited)")
+        try:
+            col = column_mismatch(r, orjson.loads(r.text))
+        except orjson.JSONDecodeError:
+            col = "record"
+        if col is not None:
+            return rep.fail(r.shard, r.seq, r.decision_id,
+                            f"{where}: edited (column {col}: not the value in the hashed "
+                            "record)")
         if r.seq > expect:
             gap = f"#{expect}" if r.seq == expect + 1 else f"#{expect}..#{r.seq - 1}"
             return rep.fail(r.shard, r.seq, r.decision_id,
@@ -143,6 +168,21 @@ def verify_rows(
         if seq == last and last > 0 and head != last_hash[s]:
             return rep.fail(s, last, None,
                             f"shard {s}: its recorded head does not match record #{last}")
+    if rep.checkpoint_every is not None:
+        for s, n in sorted(rep.unsigned_tail.items()):
+            if n >= rep.checkpoint_every:
+                last = rep.shards[s]
+                since = f"#{last - n}" if last > n else "none"
+                return rep.fail(
+                    s, last - n + 1, None,
+                    f"shard {s}: {n} records after its last signed checkpoint ({since}); "
+                    f"writers sign every {rep.checkpoint_every} records in the same "
+                    "transaction, so either checkpoints were deleted (and the chain may have "
+                    "been re-written), or, harmless, the shard was written without the signing "
+                    "key (before it was configured, or by a writer without it): then the key "
+                    "holder signs its head with `inferplane ledger-sign-heads` "
+                    "(docs/evidence.md, the unsigned tail). If the writers use another "
+                    "ledger.checkpoint_every, pass --checkpoint-every N (or --config)")
     return rep
 
 
@@ -161,13 +201,15 @@ def _check_checkpoint(
     return None
 
 
-def verify_sqlite(path: str, public_key: Ed25519PublicKey | None) -> Report:
+def verify_sqlite(
+    path: str, public_key: Ed25519PublicKey | None, checkpoint_every: int | None = None
+) -> Report:
     """Verify a SQLite ledger file (read-only). Raises like `sqlite.open_readonly`."""
     from inferplane.ledger import sqlite
 
     conn = sqlite.open_readonly(path)
     try:
         return verify_rows(sqlite.iter_chain(conn), sqlite.read_checkpoints(conn),
-                           sqlite.read_heads(conn), public_key)
+                           sqlite.read_heads(conn), public_key, checkpoint_every)
     finally:
         conn.close()

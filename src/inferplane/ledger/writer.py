@@ -146,13 +146,53 @@ def settle(batch: Sequence[Pending], ok: bool) -> None:
 
 class CommitAccounting:
     """The counters and signing state of a durable ledger (SQLite, PostgreSQL), kept the same
-    way by both after each committed batch."""
+    way by both after each committed batch, and whether its store is down: from a failed write
+    until the next commit (`store_down`; answers then do not wait for their record's commit)."""
 
     batches_written: int
     records_written: int
     checkpoints_written: int
+    batch_size: int
+    _buf: PendingBuffer
     _unsigned: bool
     _last_checkpoint: float
+    _down_since: float | None = None
+    """monotonic time of the first failed write since the last commit (None: not down)."""
+    _resumed: tuple[float, float, int] | None = None
+    """After an outage: (its start, when writes resumed, records_written at its start), until
+    the backlog is written and the resumption logged."""
+    _down_written = 0
+    log_name = "ledger"
+
+    @property
+    def store_down(self) -> bool:
+        """The last write failed and none has committed since: the store is known down."""
+        return self._down_since is not None
+
+    @property
+    def writes_failing(self) -> bool:
+        """The store is down (the last write failed, none committed since), spool or not:
+        ``inferplane_ledger_store_down``."""
+        return self._down_since is not None
+
+    def _note_failure(self) -> None:
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+            if self._resumed is None:
+                self._down_written = self.records_written
+            self._resumed = None
+
+    def _note_resumed(self, batch_len: int) -> None:
+        now = time.monotonic()
+        if self._down_since is not None:
+            self._resumed = (self._down_since, now, self._down_written)
+            self._down_since = None
+        if self._resumed is not None and (batch_len < self.batch_size or not len(self._buf)):
+            start, up, written = self._resumed
+            self._resumed = None
+            log.warning("%s: writes resumed after %.1f s down; %d records written since the "
+                        "outage began", self.log_name, up - start,
+                        self.records_written - written)
 
     def _committed(self, batch: Sequence[Pending], cps: Sequence[Checkpoint],
                    head_seq: int) -> None:
@@ -162,6 +202,8 @@ class CommitAccounting:
         if batch:
             self.batches_written += 1
             self.records_written += len(batch)
+        if self._down_since is not None or self._resumed is not None:
+            self._note_resumed(len(batch))
         self.checkpoints_written += len(cps)
         if cps and cps[-1].seq == head_seq:
             self._unsigned = False

@@ -232,7 +232,21 @@ class GatewayMetrics:
         )
         self.ledger_commit_timeouts = Counter(
             "inferplane_ledger_commit_timeouts",
-            "Answers sent before their ledger record committed (ledger.commit_timeout_s passed)",
+            "Answers sent before their ledger record committed (ledger.commit_timeout_s "
+            "passed, or at once while the ledger's store is down: its last write failed)",
+            registry=r,
+        )
+        # set at scrape time from the ledger (`Core.metrics_page`)
+        self.ledger_store_down = Gauge(
+            "inferplane_ledger_store_down",
+            "1 while the ledger's store (its PostgreSQL database or SQLite file) is down: its "
+            "last write failed and none has committed since; else 0",
+            registry=r,
+        )
+        self.ledger_spooled = Gauge(
+            "inferplane_ledger_spooled_records",
+            "Records in the ledger's local spool (ledger.spool_path) waiting for PostgreSQL, as "
+            "this process counts them; 0 without a spool",
             registry=r,
         )
         self.admission_settle_timeouts = Counter(
