@@ -106,24 +106,28 @@ def test_a_replica_started_while_redis_is_down_starts_degraded_and_notices_lost_
     assert log.count("admission store (Redis) lost its data") == 1
 
 
-def _serve_exit(cfg: Path) -> subprocess.CompletedProcess[str]:
+def _serve_exit(cfg: Path, command: str = "serve") -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "inferplane.cli", "serve", "-c", str(cfg),
+        [sys.executable, "-m", "inferplane.cli", command, "-c", str(cfg),
          "--port", str(free_port()), "--log-level", "error"],
         capture_output=True, text=True, timeout=60,
     )
 
 
-def test_a_redis_that_does_not_answer_at_start_is_a_one_line_error(tmp_path: Path) -> None:
+@pytest.mark.parametrize("command", ["serve", "epp"])
+def test_a_redis_that_does_not_answer_at_start_is_a_one_line_error(
+    tmp_path: Path, command: str
+) -> None:
     """F6b: with start_without_redis off, a Redis that accepts connections but does not answer
     (paused) is `cannot reach the admission store (admission.redis_url …)`, exit status 2 (it
-    was a bare `cannot start the gateway: TimeoutError`, exit status 1)."""
+    was a bare `cannot start the gateway: TimeoutError`, exit status 1), for the gateway and
+    the picker alike (the picker's was an empty `error:` line: its TimeoutError is an OSError)."""
     srv = RedisServer(tmp_path)
     srv.pause()
     cfg = tmp_path / "gw.yaml"
     cfg.write_text(_config(free_port(), free_port(), srv.url, start_without_redis=False))
     try:
-        proc = _serve_exit(cfg)
+        proc = _serve_exit(cfg, command)
     finally:
         srv.stop()
     assert proc.returncode == 2, proc.stderr

@@ -535,11 +535,12 @@ def epp(
     async def main() -> None:
         try:
             server, bound = await serve_epp(picker, h, p, metrics_port=mp)
-        except OSError as exc:
-            fail(str(exc))
         except Exception as exc:
+            # the store's timeout first: on Python 3.11 a TimeoutError is an OSError too
             if (line := _redis_start_failure(exc, cfg, config)) is not None:
                 fail(line)
+            if isinstance(exc, OSError):  # the listener's port
+                fail(str(exc))
             fail(f"cannot start the picker ({config}): {_describe(exc)}", 1)
         freeze_heap(cfg.gateway.gc_freeze)
         typer.echo(

@@ -983,8 +983,9 @@ class AdmissionSpec(Strict):
     )
     start_without_redis: bool = Field(
         True,
-        description="store: redis — a Redis that refuses connections, times out or is still "
-        "loading at start-up is an outage: the gateway starts degraded as a running one does "
+        description="store: redis — a Redis that refuses connections, times out, is still "
+        "loading, has no route to it or a temporary DNS failure at start-up is an outage: "
+        "the gateway starts degraded as a running one does "
         "(an ERROR, budgets 503 with Retry-After until Redis answers). A bad URL, an unknown "
         "host, refused credentials or ACL permissions (WRONGPASS, NOPERM) and a TLS mismatch "
         "(a server that closes or resets the connection) stay start-up errors (exit status "
@@ -1082,7 +1083,9 @@ class LedgerSpec(Strict):
     )
     commit_timeout_s: float = Field(
         2.0, gt=0, description="longest an answer waits for its record's commit (then it is "
-        "sent anyway and the wait counted in inferplane_ledger_commit_timeouts_total)"
+        "sent anyway and the wait counted in inferplane_ledger_commit_timeouts_total); while "
+        "the store is known down (its last write failed, or a write has run longer than this) "
+        "answers do not wait at all (counted the same)"
     )
     batch_size: int = Field(256, gt=0, description="most records one transaction commits")
     spool_path: str | None = Field(
