@@ -459,11 +459,7 @@ class PostgresLedger(CommitAccounting):
                     f"UPDATE {t.heads} SET seq = %s, chain_hash = %s WHERE shard = %s",
                     (head[0], head[1], self.shard))
             if cps:
-                await cur.executemany(
-                    f"INSERT INTO {t.checkpoints} (shard, seq, chain_hash, at_unix, key_id, "
-                    "signature) VALUES (%s, %s, %s, %s, %s, %s)",
-                    [(c.shard, c.seq, c.chain_hash, c.at_unix, c.key_id, c.signature)
-                     for c in cps])
+                await cur.executemany(*checkpoint_insert(t, cps))
         return cps, head
 
     def _write_failed(self, exc: BaseException) -> None:
@@ -701,6 +697,15 @@ def iter_rows(
         cur.execute(sql, args)
         for r in cur:
             yield _export_row(r)
+
+
+def checkpoint_insert(
+    t: Tables, cps: Sequence[Checkpoint]
+) -> tuple[str, list[tuple[str, int, str, float, str, str]]]:
+    """The statement and rows that add ``cps`` (the writer, and `inferplane ledger-sign-heads`)."""
+    return (f"INSERT INTO {t.checkpoints} (shard, seq, chain_hash, at_unix, key_id, signature) "
+            "VALUES (%s, %s, %s, %s, %s, %s)",
+            [(c.shard, c.seq, c.chain_hash, c.at_unix, c.key_id, c.signature) for c in cps])
 
 
 def read_checkpoints(conn: psycopg.Connection[Any], t: Tables) -> list[Checkpoint]:

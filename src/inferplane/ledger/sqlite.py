@@ -348,6 +348,11 @@ def _write_chain_state(
         "DO UPDATE SET seq = excluded.seq, chain_hash = excluded.chain_hash",
         (shard, head[0], head[1]),
     )
+    write_checkpoints(conn, cps)
+
+
+def write_checkpoints(conn: sqlite3.Connection, cps: Sequence[Checkpoint]) -> None:
+    """Add ``cps`` (the writer, and `inferplane ledger-sign-heads`), in the caller's transaction."""
     conn.executemany(
         "INSERT INTO checkpoints (shard, seq, chain_hash, at_unix, key_id, signature) "
         "VALUES (?, ?, ?, ?, ?, ?)",

@@ -150,15 +150,14 @@ def sign_heads(
            if rep.shards[s] > 0 and rep.unsigned_tail.get(s, 0) > 0]
     if not cps:
         return rep, []
-    rows = [(c.shard, c.seq, c.chain_hash, c.at_unix, c.key_id, c.signature) for c in cps]
     if source.sqlite_path is not None:
+        from inferplane.ledger.sqlite import write_checkpoints
+
         try:
             conn = sqlite3.connect(source.sqlite_path, timeout=30.0)
             try:
                 with conn:
-                    conn.executemany(
-                        "INSERT INTO checkpoints (shard, seq, chain_hash, at_unix, key_id, "
-                        "signature) VALUES (?, ?, ?, ?, ?, ?)", rows)
+                    write_checkpoints(conn, cps)
             finally:
                 conn.close()
         except sqlite3.Error as exc:
@@ -173,9 +172,7 @@ def sign_heads(
     try:
         with psycopg.connect(source.dsn, connect_timeout=5) as conn_pg:
             with conn_pg.cursor() as cur:
-                cur.executemany(
-                    f"INSERT INTO {t.checkpoints} (shard, seq, chain_hash, at_unix, key_id, "
-                    "signature) VALUES (%s, %s, %s, %s, %s, %s)", rows)
+                cur.executemany(*pg.checkpoint_insert(t, cps))
             conn_pg.commit()
     except psycopg.Error as exc:
         raise SourceError(f"{source.name}: cannot write the checkpoints: "
