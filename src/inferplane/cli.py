@@ -20,6 +20,7 @@ import typer
 
 from inferplane import compiled
 from inferplane.errors import ConfigError
+from inferplane.errors import described as _describe
 
 if TYPE_CHECKING:
     from inferplane.config.schema import FleetConfig
@@ -208,11 +209,6 @@ def stop_deadline(
 def _in_file(exc: ConfigError, path: Path) -> ConfigError:
     """The same problems, naming the fleet file (errors raised past loading say '<config>')."""
     return exc if exc.file == str(path) else ConfigError(str(path), exc.problems)
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def redact_url(url: str) -> str:
@@ -1264,10 +1260,7 @@ def economics(
     except (SourceError, BadQuery, ValueError) as exc:
         fail(str(exc))
     if as_json is not None:
-        try:
-            as_json.write_text(json.dumps(rep.to_json(), indent=2) + "\n")
-        except OSError as exc:
-            fail(f"{as_json}: {exc.strerror or exc}")
+        write_out(as_json, json.dumps(rep.to_json(), indent=2) + "\n")
     if prometheus:
         registry = CollectorRegistry()
         collector = EconomicsCollector()

@@ -45,6 +45,12 @@ def quoted(text: str, limit: int = QUOTE_LIMIT) -> str:
     return repr(text if len(text) <= limit else text[:limit] + "…")
 
 
+def described(exc: BaseException) -> str:
+    """``exc`` as a one-line log or error message gives it: its type, and its text if any."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 class Recorded(Protocol):
     """The receipt of a decision record (`inferplane.ledger.record.Receipt`), as an error that
     has one holds it."""

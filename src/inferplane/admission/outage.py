@@ -81,6 +81,7 @@ from inferplane.admission.state import (
     UsageRow,
 )
 from inferplane.errors import StoreUnavailableError
+from inferplane.errors import described as _describe
 from inferplane.looplag import MAX_STRETCH, LoopLag, bounded
 from inferplane.waits import stop_task
 
@@ -513,6 +514,3 @@ class OutageStore:
         await self.remote.close()
 
 
-def _describe(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
