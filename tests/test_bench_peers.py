@@ -396,6 +396,33 @@ def test_the_gateways_scrapes_and_probes_are_read_from_its_own_page() -> None:
     assert metrics.router_asks(page(1, 1), None) is None
     assert metrics.router_asks("inferplane_engine_scrapes_total 1\n", page(2, 2)) is None
     assert asks_text({"router_asks": None}) == "–"
+    # a gateway that counts its deferred scrapes (gateway.scrape_defer_prefill_s)
+    held = "inferplane_engine_scrapes_deferred_total {}\n" \
+        "inferplane_engine_scrapes_deferred_seconds_total {}\n"
+    got = metrics.router_asks(page(10, 2) + held.format(1, 0.5), page(20, 2) + held.format(4, 2))
+    assert got == {"scrapes": 10, "probes": 0, "deferred": 3, "deferred_s": 1.5}
+
+
+def test_what_the_engines_were_asked_is_read_from_their_access_logs(tmp_path: Path) -> None:
+    """Counted per method, path (filtered scrape apart) and status, summed over the engines,
+    from the byte each log had reached; no logs (engines started elsewhere): None."""
+    from bench.peers.real_engines import engine_log_sizes, engine_requests
+
+    line = '(APIServer pid=7) INFO:     127.0.0.1:{} - "{} HTTP/1.1" {} OK\n'
+    (tmp_path / "vllm0.log").write_text(line.format(1, "GET /metrics", 200))
+    (tmp_path / "vllm1.log").write_text("INFO starting\n")
+    sizes = engine_log_sizes(tmp_path)
+    with (tmp_path / "vllm0.log").open("a") as f:
+        f.write(line.format(2, "GET /metrics/?name[]=vllm:num_requests_running", 200))
+        f.write(line.format(3, "POST /v1/completions", 200))
+        f.write("some other line\n")
+    with (tmp_path / "vllm1.log").open("a") as f:
+        f.write(line.format(4, "GET /metrics/?name[]=x&name[]=y", 200))
+        f.write(line.format(5, "GET /health", 200))
+        f.write(line.format(6, "POST /v1/completions", 200))
+    assert engine_requests(tmp_path, sizes) == {
+        "GET /health 200": 1, "GET /metrics/?filtered 200": 2, "POST /v1/completions 200": 2}
+    assert engine_requests(tmp_path / "none", engine_log_sizes(tmp_path / "none")) is None
 
 
 def test_the_bench_opens_the_gateways_metrics_page() -> None:

@@ -100,6 +100,7 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 import signal
 import statistics
 import subprocess
@@ -411,6 +412,35 @@ def calibrate(url: str, work: Path, limit_s: float = 600) -> Path:
     return out
 
 
+ACCESS_LINE = re.compile(r'"(GET|POST|PUT|DELETE|HEAD) (\S+) HTTP/[0-9.]+" (\d{3})')
+
+
+def engine_log_sizes(work: Path) -> dict[str, int]:
+    """The engines' logs' sizes now (``vllm{i}.log`` in ``work``: absent with ``--urls``)."""
+    return {f.name: f.stat().st_size for f in sorted(work.glob("vllm*.log"))}
+
+
+def engine_requests(work: Path, sizes: dict[str, int]) -> dict[str, int] | None:
+    """What the engines were asked over HTTP since ``sizes`` (`engine_log_sizes`), from their
+    API servers' access logs (uvicorn's, on by default in vLLM), summed over the engines:
+    ``"METHOD path status"`` -> count, the query cut off (``?name[]=…`` kept as ``?filtered``,
+    inferplane's filtered scrape). The bench's own reads (the engines' pages before and after
+    the replay, the drain and the prefix-cache reset) are in it too, alike for every setup.
+    None where there are no logs."""
+    if not sizes:
+        return None
+    counts: dict[str, int] = {}
+    for name, start in sizes.items():
+        with (work / name).open("rb") as f:
+            f.seek(start)
+            text = f.read().decode(errors="replace")
+        for m in ACCESS_LINE.finditer(text):
+            path, _, query = m.group(2).partition("?")
+            key = f"{m.group(1)} {path}{'?filtered' if 'name' in query else ''} {m.group(3)}"
+            counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))
+
+
 def run_one(name: str, rep: int, urls: list[str], fleet: Path, a: argparse.Namespace,
             work: Path, python: str | None = None) -> dict[str, Any]:
     out = work / f"rep{rep}-{name.replace(' ', '_').replace(',', '')}"
@@ -426,6 +456,7 @@ def run_one(name: str, rep: int, urls: list[str], fleet: Path, a: argparse.Names
     log(f"rep {rep}: {name}")
     t0 = time.monotonic()
     cpu0 = engines_cpu()
+    logs0 = engine_log_sizes(work)
     env = {k: v for k, v in os.environ.items() if k != "INFERPLANE_PYTHON"}
     if python:
         env["INFERPLANE_PYTHON"] = python
@@ -443,6 +474,7 @@ def run_one(name: str, rep: int, urls: list[str], fleet: Path, a: argparse.Names
     res["engine_cpu_s"] = res["api_cpu_s"] = None
     if cpu is not None:
         res["engine_cpu_s"], res["api_cpu_s"] = round(cpu[0], 2), round(cpu[1], 2)
+    res["engine_requests"] = engine_requests(work, logs0)
     sm = res.get("summary") or {}
     eng = res.get("engine_ms") or {}
     log(f"   hit {res.get('hit_rate')}, TTFT p50/p90 "
@@ -455,8 +487,13 @@ def run_one(name: str, rep: int, urls: list[str], fleet: Path, a: argparse.Names
         f"{res.get('wait_s', '–')} s)")
     asks = res.get("router_asks")
     if asks:
+        held = (f" ({asks['deferred']:.0f} scrapes held for its prefills, "
+                f"{asks.get('deferred_s', 0.0):.1f} s in all)" if asks.get("deferred") else "")
         log(f"   the router asked the engines for {asks['scrapes']:.0f} /metrics pages and "
-            f"{asks['probes']:.0f} health probes")
+            f"{asks['probes']:.0f} health probes{held}")
+    if res.get("engine_requests"):
+        log("   the engines were asked (access logs, summed): " + ", ".join(
+            f"{k} x{v}" for k, v in res["engine_requests"].items()))
     per = res.get("per_engine")
     if per:
         log("   per engine (requests / steps / tokens a step / own TTFT mean ms): " + "; ".join(
