@@ -271,20 +271,6 @@ class GatewaySpec(Strict):
         "hide it; KV cache usage is refreshed as rarely. No effect without "
         "scrape_quiet_interval_s. false: busy engines are always scraped at the paced wait",
     )
-    scrape_defer_prefill_s: float | None = Field(
-        None,
-        gt=0,
-        description="scrapes wait for this gateway's prefills: a scrape of an endpoint whose "
-        "last page was idle or held only this gateway's requests (the back-off's pages: "
-        "scrape_quiet_interval_s, scrape_quiet_busy) waits, when it falls due, while this "
-        "gateway process has requests there awaiting their first token, at most this long, "
-        "and is made as soon as the last has its first token (vLLM renders its page in the API "
-        "server that also tokenizes and schedules those requests, on a CPU engine the engine's "
-        "own core). Another client's requests arriving meanwhile are seen up to this much "
-        "later; a page that showed them scrapes at the paced wait as before. At most a quarter "
-        "of stale_after_s and of health.outlier.stale_eject_s (a longer one is cut to that). "
-        "null (the default): no deferral",
-    )
     scrape_filter: bool = Field(
         True,
         description="ask a vllm engine for only the samples inferplane reads of its /metrics "

@@ -53,7 +53,7 @@ from inferplane.fleet.passive import PassiveHealth
 from inferplane.fleet.prefix_index import PrefixIndex
 from inferplane.fleet.pricing import request_cost_usd
 from inferplane.fleet.salts import SaltBook
-from inferplane.fleet.scraper import MetricsSource, Scraper, defer_cap, idle_wait_cap
+from inferplane.fleet.scraper import MetricsSource, Scraper, idle_wait_cap
 from inferplane.fleet.state import EndpointView
 from inferplane.ledger.build import build_ledger
 from inferplane.ledger.record import Ledger, Outcome, Receipt
@@ -291,14 +291,10 @@ class Core:
             quiet_busy=g.scrape_quiet_busy and quiet is not None,
             skip_probe_while_serving=g.health_skip_while_serving,
             skip_window_s=g.health_skip_window_s, lag=self.lag,
-            defer_prefill_s=defer_cap(g.scrape_defer_prefill_s, g.stale_after_s,
-                                      self.config.health.outlier.stale_eject_s),
         )
         scraper = self.scraper
         self.metrics.engine_scrapes.count_from(lambda: scraper.scrapes)
         self.metrics.health_probes.count_from(lambda: scraper.probes)
-        self.metrics.engine_scrapes_deferred.count_from(lambda: scraper.deferred)
-        self.metrics.engine_scrapes_deferred_s.count_from(lambda: scraper.deferred_s)
         await self.scraper.prime()
         self.scraper.start()
         if self.config.health.outlier.enabled:

@@ -229,7 +229,6 @@ class EndpointLive:
         "pending_prefill_tokens",
         "prefill_ends",
         "prefill_unpredicted",
-        "prefill_waiters",
         "rate",
         "remote_inflight",
         "requests_total",
@@ -266,9 +265,6 @@ class EndpointLive:
         # have none
         self.prefill_ends: dict[int, float] = {}
         self.prefill_unpredicted = 0
-        # done when none of this gateway's requests there awaits its first token any more
-        # (`LiveFleet.prefill_drained`)
-        self.prefill_waiters: set[asyncio.Future[None]] = set()
         self.ttft = LatencyWindow()
         self.ttft_ratio = LatencyWindow(128)  # observed ÷ predicted TTFT, per request
         self.itl = LatencyWindow(1024)
@@ -502,11 +498,6 @@ class LiveFleet:
         else:
             del rec.prefill_ends[key]  # this reservation's own entry, not one of equal value
         self._touch(rec)
-        if rec.prefill_waiters and rec.pending_prefill <= 0:
-            waiters, rec.prefill_waiters = rec.prefill_waiters, set()
-            for fut in waiters:
-                if not fut.done():
-                    fut.set_result(None)
         if self.on_prefilled is not None:
             self.on_prefilled(endpoint)
 
@@ -560,23 +551,6 @@ class LiveFleet:
         else:
             rec.waiters.add(fut)
             fut.add_done_callback(rec.waiters.discard)
-        return fut
-
-    def prefill_drained(self, endpoint: str) -> asyncio.Future[None] | None:
-        """A future that is done once none of this process's requests on ``endpoint`` awaits
-        its first token (each ends its prefill at its first token, its release, or its predicted
-        TTFT when nobody sees its first token: `Reservation`): at once if none does now. Cancel
-        it when no longer waiting (that drops it). None for an endpoint not in the fleet. A
-        sibling replica's requests (shared slots) are not known here."""
-        rec = self.live.get(endpoint)
-        if rec is None:
-            return None
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        if rec.pending_prefill <= 0:
-            fut.set_result(None)
-        else:
-            rec.prefill_waiters.add(fut)
-            fut.add_done_callback(rec.prefill_waiters.discard)
         return fut
 
     def observe_ttft(self, endpoint: str, seconds: float, predicted: float | None = None) -> None:

@@ -296,19 +296,6 @@ def idle_wait_cap(quiet_s: float | None, stale_after_s: float,
     return cap if stale_eject_s is None else min(cap, stale_eject_s / 2)
 
 
-def defer_cap(defer_s: float | None, stale_after_s: float,
-              stale_eject_s: float | None = None) -> float | None:
-    """The longest a due scrape waits for the gateway's prefills (`Scraper`'s deferral,
-    ``gateway.scrape_defer_prefill_s``): ``defer_s`` cut to a quarter of ``stale_after_s``
-    and of ``stale_eject_s`` (when set). With the idle back-off's wait at most half of each
-    (`idle_wait_cap`), two pages are never more than three quarters of either apart (plus the
-    fetch). None (off) stays None."""
-    if defer_s is None:
-        return None
-    cap = min(defer_s, stale_after_s / 4)
-    return cap if stale_eject_s is None else min(cap, stale_eject_s / 4)
-
-
 SKIP_TURNS = 3
 """The skip's window in probe periods when ``gateway.health_skip_window_s`` is unset."""
 
@@ -426,22 +413,6 @@ class Scraper:
     to the window (at least one ``health_interval_s``) later than without the skip; its
     failing requests, counted by passive health and the outlier detector, do not wait for the
     probe, and each forces the next turn's probe.
-
-    **Scrapes wait for the gateway's prefills** (``defer_prefill_s``,
-    ``gateway.scrape_defer_prefill_s``; None: off). A scrape that falls due after a page that
-    was idle or held only this gateway's requests (the back-off's pages above: the gateway
-    knows that engine's queue itself) waits while this gateway (this process) has requests
-    there awaiting their first token (`LiveFleet.prefill_drained`), at most
-    ``defer_prefill_s``, and is made as soon as the last of them has its first token. The page
-    is rendered by the process that also tokenizes and schedules those requests (vLLM's API
-    server), on a core that may be the engine's own (a CPU engine): a scrape in the middle of
-    a prefill delays the first tokens. A page that showed another client's requests, an
-    unreadable one or one without the queue gauges scrapes at the paced wait as before, so
-    the deferral only ever delays a page that would show what the gateway knows it sent. What
-    it gives up: another client's requests that arrive at such an engine meanwhile are seen up
-    to ``defer_prefill_s`` later, and the KV cache usage is as much older. `defer_cap` keeps
-    the longest gap between two pages (the back-off's wait plus the deferral) under the
-    staleness horizons.
     """
 
     def __init__(
@@ -458,7 +429,6 @@ class Scraper:
         quiet_busy: bool = False,
         skip_probe_while_serving: bool = False,
         skip_window_s: float | None = None,
-        defer_prefill_s: float | None = None,
         clock: Callable[[], float] = time.monotonic,
         lag: LoopLag | None = None,
     ) -> None:
@@ -467,7 +437,6 @@ class Scraper:
         self.quiet_busy = quiet_busy
         self.skip_probe_while_serving = skip_probe_while_serving
         self.skip_window_s = skip_window(skip_window_s, health_interval_s)
-        self.defer_prefill_s = defer_prefill_s
         self.source = source
         self.interval_s = interval_s
         self.max_duty = max_duty
@@ -482,10 +451,6 @@ class Scraper:
         # inferplane_health_probes_total)
         self.scrapes = 0
         self.probes = 0
-        # scrapes held while the gateway's requests there awaited their first token, and the
-        # seconds they were held (inferplane_engine_scrapes_deferred_total, ..._seconds_total)
-        self.deferred = 0
-        self.deferred_s = 0.0
         # endpoint -> when (on the live fleet's clock) its last scrape got no answer: answers
         # before it skip no probe (the class docstring)
         self.scrape_failed_at: dict[str, float] = {}
@@ -561,51 +526,24 @@ class Scraper:
             except Exception:  # a parser bug must not kill the loop
                 log.exception("scrape of %s failed", endpoint.name)
             quiet = quiet + 1 if kind is not None else 0
-            await self._wait(endpoint, took, quiet)
-            if kind is not None and self.defer_prefill_s is not None:
-                await self._defer_while_prefill(endpoint, self.defer_prefill_s)
-
-    async def _defer_while_prefill(self, endpoint: Endpoint, most_s: float) -> None:
-        """Hold a due scrape while this gateway has requests on ``endpoint`` awaiting their
-        first token, at most ``most_s`` (the class docstring's deferral)."""
-        drained = self.live.prefill_drained(endpoint.name)
-        if drained is None or drained.done():
-            if drained is not None:
-                drained.cancel()
-            return
-        self.deferred += 1
-        started = self.clock()
-        sleep = asyncio.ensure_future(asyncio.sleep(most_s))
-        try:
-            await asyncio.wait((drained, sleep), return_when=asyncio.FIRST_COMPLETED)
-            if sleep.done():
-                sleep.result()  # what the sleep raised, if anything, is the loop's
-        finally:
-            sleep.cancel()
-            drained.cancel()
-            self.deferred_s += max(0.0, self.clock() - started)
-
-    async def _wait(self, endpoint: Endpoint, took: float, quiet: int) -> None:
-        """The wait after a scrape that took ``took`` seconds, the ``quiet``-th in a row to
-        find the engine idle or holding only the gateway's requests (0: not)."""
-        paced = self.pause_s(took)
-        pause = self.quiet_pause_s(paced, quiet)
-        if pause <= paced:
-            await asyncio.sleep(pause)
-            return
-        # back-off: one sleep to the deadline (by the clock: a late wake-up shortens what is
-        # left, never lengthens the wait; another sleep only if the clock says it woke
-        # early); an idle engine is scraped as soon as the gateway has a request in flight
-        # there, unless quiet_busy expects its page to show just that
-        deadline = self.clock() + pause
-        while True:
-            left = deadline - self.clock()
-            if left <= 1e-9:
-                break
-            if self.quiet_busy:
-                await asyncio.sleep(left)
-            elif await self._until_inflight(endpoint, left):
-                return
+            paced = self.pause_s(took)
+            pause = self.quiet_pause_s(paced, quiet)
+            if pause <= paced:
+                await asyncio.sleep(pause)
+                continue
+            # back-off: one sleep to the deadline (by the clock: a late wake-up shortens what is
+            # left, never lengthens the wait; another sleep only if the clock says it woke
+            # early); an idle engine is scraped as soon as the gateway has a request in flight
+            # there, unless quiet_busy expects its page to show just that
+            deadline = self.clock() + pause
+            while True:
+                left = deadline - self.clock()
+                if left <= 1e-9:
+                    break
+                if self.quiet_busy:
+                    await asyncio.sleep(left)
+                elif await self._until_inflight(endpoint, left):
+                    break
 
     async def _until_inflight(self, endpoint: Endpoint, seconds: float) -> bool:
         """Sleep ``seconds``, or less if the gateway (with its replicas sharing slots) has a

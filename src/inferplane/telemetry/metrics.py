@@ -373,17 +373,6 @@ class GatewayMetrics:
             "(answered or not; a reload's look at joining endpoints and the probes "
             "gateway.health_skip_while_serving skipped not counted)",
         )
-        self.engine_scrapes_deferred = SourcedCounter(
-            "inferplane_engine_scrapes_deferred_total",
-            "Scrapes of engine /metrics pages held while this gateway process had requests "
-            "there awaiting their first token (gateway.scrape_defer_prefill_s) since it started "
-            "scraping",
-        )
-        self.engine_scrapes_deferred_s = SourcedCounter(
-            "inferplane_engine_scrapes_deferred_seconds_total",
-            "Seconds the scrapes of inferplane_engine_scrapes_deferred_total were held, summed",
-            unit="seconds",
-        )
         # wired by the admission controller with admission.store: redis only: absent elsewhere
         self.admission_store_resets = SourcedCounter(
             "inferplane_admission_store_resets_total",
@@ -414,7 +403,6 @@ class GatewayMetrics:
             (self.loop_lost, self.send_gate_requests, self.send_gate_groups, self.coalesce_holds,
              self.loop_cpu, self.loop_runqueue_wait, self.loop_slices, self.process_runqueue_wait,
              self.worker_page_refused, self.engine_scrapes, self.health_probes,
-             self.engine_scrapes_deferred, self.engine_scrapes_deferred_s,
              self.store_outages, self.store_dropped, self.admission_store_resets)
         )
         r.register(self._sourced)
