@@ -396,11 +396,6 @@ def test_the_gateways_scrapes_and_probes_are_read_from_its_own_page() -> None:
     assert metrics.router_asks(page(1, 1), None) is None
     assert metrics.router_asks("inferplane_engine_scrapes_total 1\n", page(2, 2)) is None
     assert asks_text({"router_asks": None}) == "–"
-    # a gateway that counts its deferred scrapes (gateway.scrape_defer_prefill_s)
-    held = "inferplane_engine_scrapes_deferred_total {}\n" \
-        "inferplane_engine_scrapes_deferred_seconds_total {}\n"
-    got = metrics.router_asks(page(10, 2) + held.format(1, 0.5), page(20, 2) + held.format(4, 2))
-    assert got == {"scrapes": 10, "probes": 0, "deferred": 3, "deferred_s": 1.5}
 
 
 def test_what_the_engines_were_asked_is_read_from_their_access_logs(tmp_path: Path) -> None:

@@ -137,12 +137,6 @@ ROUTER_ASKS = {"scrapes": "inferplane_engine_scrapes_total",
 ``/metrics``): engine pages asked for, health probes sent."""
 
 
-ROUTER_ASKS_OPTIONAL = {"deferred": "inferplane_engine_scrapes_deferred_total",
-                        "deferred_s": "inferplane_engine_scrapes_deferred_seconds_total"}
-"""Counted besides `ROUTER_ASKS` where the gateway exports them (since session 28): scrapes
-held for the gateway's prefills (``gateway.scrape_defer_prefill_s``) and their seconds."""
-
-
 def router_asks(before: str | None, after: str | None) -> dict[str, float] | None:
     """`ROUTER_ASKS` between two reads of a router's own ``/metrics`` page; None when either
     read failed or a page lacks a counter (another router, an older gateway, or a page that is
@@ -151,11 +145,7 @@ def router_asks(before: str | None, after: str | None) -> dict[str, float] | Non
         return None
     if not all(has(p, n) for p in (before, after) for n in ROUTER_ASKS.values()):
         return None
-    asks = {k: prom_sum(after, n) - prom_sum(before, n) for k, n in ROUTER_ASKS.items()}
-    for k, n in ROUTER_ASKS_OPTIONAL.items():  # where the gateway has them
-        if has(before, n) and has(after, n):
-            asks[k] = prom_sum(after, n) - prom_sum(before, n)
-    return asks
+    return {k: prom_sum(after, n) - prom_sum(before, n) for k, n in ROUTER_ASKS.items()}
 
 
 def hit_rate(before: CacheCounters, after: CacheCounters) -> float | None:

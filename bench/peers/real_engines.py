@@ -487,10 +487,8 @@ def run_one(name: str, rep: int, urls: list[str], fleet: Path, a: argparse.Names
         f"{res.get('wait_s', '–')} s)")
     asks = res.get("router_asks")
     if asks:
-        held = (f" ({asks['deferred']:.0f} scrapes held for its prefills, "
-                f"{asks.get('deferred_s', 0.0):.1f} s in all)" if asks.get("deferred") else "")
         log(f"   the router asked the engines for {asks['scrapes']:.0f} /metrics pages and "
-            f"{asks['probes']:.0f} health probes{held}")
+            f"{asks['probes']:.0f} health probes")
     if res.get("engine_requests"):
         log("   the engines were asked (access logs, summed): " + ", ".join(
             f"{k} x{v}" for k, v in res["engine_requests"].items()))
