@@ -90,6 +90,13 @@ engine steps it ran (``vllm:iteration_tokens_total``'s count) and their tokens, 
 TTFT. results.md sums the steps over the engines (a router that spreads a burst over the engines
 makes them run more steps, each with its fixed cost, than one that batches it on fewer) and
 lists each engine's requests / steps / TTFT per replay.
+
+And what the engines were asked over HTTP during each replay (``engine_requests``, from the
+engines' API servers' access logs, which vLLM writes by default: ``"METHOD path status"`` ->
+count summed over the engines, inferplane's filtered ``/metrics/?name[]=…`` as
+``/metrics/?filtered``): the completions, a router's scrapes and probes, and the bench's own
+reads (each engine's page before and after the replay, the drain, the prefix-cache reset),
+alike for every setup. The run log prints it per replay; none with ``--urls``.
 """
 
 from __future__ import annotations
