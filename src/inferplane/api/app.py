@@ -449,17 +449,30 @@ async def health(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+READY_SCOPES = ("fleet", "process")
+
+
 async def ready(request: web.Request) -> web.Response:
-    """Ready when at least one endpoint is healthy."""
+    """``GET /ready``: 503 while the gateway drains (`Core.draining`, SIGTERM with
+    ``gateway.drain_delay_s``); otherwise, at ``?scope=fleet`` (the default) ready when at least
+    one endpoint is usable, at ``?scope=process`` ready whatever the endpoints (a load
+    balancer's readiness probe: a fleet whose engines all restart must not take every gateway
+    replica out of its Service, docs/reliability.md#probes)."""
     gw = request.app[GATEWAY_KEY]
+    scope = request.query.get("scope", "fleet")
+    if scope not in READY_SCOPES:
+        raise InvalidRequestError(f"scope must be one of {', '.join(READY_SCOPES)}",
+                                  param="scope")
     snap = gw.live.snapshot()
-    usable = [v.name for v in snap.endpoints if v.state.usable]
+    usable = sum(1 for v in snap.endpoints if v.state.usable)
+    ready = not gw.draining and (usable > 0 or scope == "process")
     body = {
-        "ready": bool(usable),
-        "usable_endpoints": len(usable),
+        "ready": ready,
+        "draining": gw.draining,
+        "usable_endpoints": usable,
         "endpoints": len(snap.endpoints),
     }
-    return web.json_response(body, status=200 if usable else 503)
+    return web.json_response(body, status=200 if ready else 503)
 
 
 class WorkerPages:
