@@ -11,16 +11,19 @@
 # build stage only, nothing of them in the image. Where that cannot be done (no package mirror,
 # no compiler) the script says so in one line and the image runs pure Python; NATIVE=0 skips it.
 # `docker run IMAGE version` says which one the image runs.
+# constraints.txt: the versions `make test` and CI ran (api/server.py builds on aiohttp's
+# internals), not whatever is newest within pyproject.toml's ranges on the day of the build;
+# mypy (mypyc) pinned the same way.
 FROM python:3.12-slim AS build
 ARG NATIVE=1
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY src ./src
 COPY scripts/compile_native.py ./scripts/
-RUN pip install --no-cache-dir --prefix=/install .
+RUN pip install --no-cache-dir --prefix=/install -c constraints.txt .
 RUN if [ "$NATIVE" = 1 ]; then \
       { apt-get update -qq && apt-get install -y -qq --no-install-recommends gcc libc6-dev \
-        && pip install --no-cache-dir --prefix=/tmp/mypy "mypy>=1.10" setuptools; } \
+        && pip install --no-cache-dir --prefix=/tmp/mypy -c constraints.txt mypy setuptools; } \
       || echo "NATIVE: cannot install gcc or mypy here; the image runs pure Python"; \
       PYTHONPATH="/tmp/mypy/lib/python3.12/site-packages:/install/lib/python3.12/site-packages" \
         python scripts/compile_native.py \
@@ -33,7 +36,9 @@ COPY --from=build /install /usr/local
 USER inferplane
 WORKDIR /var/lib/inferplane
 ENV HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-EXPOSE 8080 9002
+# 8080 gateway.port, 9002 epp.port, 9090 the /metrics listeners (deploy/k8s: gateway.metrics.port,
+# epp.metrics_port)
+EXPOSE 8080 9002 9090
 # gateway.host must be 0.0.0.0 in the fleet file (or --host 0.0.0.0) to be reachable from outside
 ENTRYPOINT ["inferplane"]
 CMD ["serve", "--config", "/etc/inferplane/fleet.yaml", "--host", "0.0.0.0"]

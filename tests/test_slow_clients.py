@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -133,7 +134,7 @@ async def test_silent_connection_is_closed(port: int) -> None:
         w.close()
 
 
-async def test_connections_per_client_are_limited(port: int) -> None:
+async def _limit_reached(port: int) -> None:
     held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(4)]
     r, w = await asyncio.open_connection("127.0.0.1", port)
     answer = await _closed_within(r, 5.0)
@@ -150,6 +151,38 @@ async def test_connections_per_client_are_limited(port: int) -> None:
     w.close()
     for _, hw in held:
         hw.close()
+
+
+async def test_connections_per_client_are_limited(port: int) -> None:
+    await _limit_reached(port)
+
+
+def test_connections_per_client_are_limited_under_uvloop(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """audit28 finding 1: `serve` runs on uvloop, whose TCPTransport is not an
+    asyncio.WriteTransport; the 429 was an AssertionError in connection_made (logged per
+    connection) and the connection hung unanswered. The same limit, on uvloop's loop."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def main() -> None:
+        up_runner, up_port = await serve_on_loopback(engine_app(_ok, _empty, _ok))
+        cfg = _config(up_port, gateway={"max_connections_per_client": 4})
+        gw_port = free_port()
+        runner = await serve(Gateway(parse_config(cfg)), "127.0.0.1", gw_port)
+        try:
+            await _limit_reached(gw_port)
+        finally:
+            await runner.cleanup()
+            await up_runner.cleanup()
+
+    loop = uvloop.new_event_loop()
+    try:
+        assert "uvloop" in type(loop).__module__
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
 
 
 async def _answer(reader: asyncio.StreamReader) -> tuple[int, bytes]:
@@ -220,3 +253,56 @@ async def test_connections_per_client_behind_a_trusted_proxy() -> None:
             w.close()
         await runner.cleanup()
         await up_runner.cleanup()
+
+
+async def _metrics_listener_limits(port: int) -> None:
+    """A head dripped past header_timeout_s is cut; past max_connections_per_client (2 here)
+    a connection gets the 429; a whole scrape still answers."""
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    w.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+    dripping = asyncio.ensure_future(_drip(w, b"X-A: b\r\n" * 40, 0.1))
+    await _closed_within(r, 3.0)
+    dripping.cancel()
+    w.close()
+    held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    assert b" 429 " in (await _closed_within(r, 3.0)).partition(b"\r\n")[0]
+    w.close()
+    for _, hw in held:
+        hw.close()
+    await asyncio.sleep(0.1)
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    w.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert b" 200 " in (await _closed_within(r, 5.0)).partition(b"\r\n")[0]
+    w.close()
+
+
+LISTENER_LIMITS = {"header_timeout_s": 0.5, "idle_timeout_s": 1.0,
+                   "max_connections_per_client": 2}
+
+
+async def test_the_gateways_metrics_listener_has_the_api_listeners_limits() -> None:
+    """audit28 finding 5: the gateway.metrics.port listener (often on 0.0.0.0 for the scraper)
+    was a plain aiohttp server: no header timeout, no per-client connection limit."""
+    up_runner, up_port = await serve_on_loopback(engine_app(_ok, _empty, _ok))
+    mport = free_port()
+    cfg = _config(up_port, gateway={**LISTENER_LIMITS,
+                                    "metrics": {"host": "127.0.0.1", "port": mport}})
+    runner = await serve(Gateway(parse_config(cfg)), "127.0.0.1", free_port())
+    try:
+        await _metrics_listener_limits(mport)
+    finally:
+        await runner.cleanup()
+        await up_runner.cleanup()
+
+
+async def test_the_pickers_metrics_listener_has_the_api_listeners_limits() -> None:
+    """The same for the picker's epp.metrics_port listener (one helper opens both:
+    `telemetry.listener.start`)."""
+    from tests.test_epp_stream import fleet_config
+    from tests.test_epp_stream import picker as epp_picker
+
+    mport = free_port()
+    async with epp_picker(fleet_config(gateway=LISTENER_LIMITS,
+                                       epp={"metrics_port": mport})):
+        await _metrics_listener_limits(mport)

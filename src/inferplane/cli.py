@@ -129,14 +129,20 @@ def _run_to_end(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
 
 async def _wait_for_signal(
     core: Core | None = None, config: Path | None = None, watch: bool = False
-) -> None:
-    """Run until SIGINT / SIGTERM. With a ``core``, SIGHUP reloads its fleet file ``config``
-    (`Core.reload_file`), and so does a change of the file with ``watch``; a file that changed
-    while the process was starting is reloaded at once."""
+) -> signal.Signals:
+    """Run until SIGINT / SIGTERM; returns which came first. With a ``core``, SIGHUP reloads
+    its fleet file ``config`` (`Core.reload_file`), and so does a change of the file with
+    ``watch``; a file that changed while the process was starting is reloaded at once."""
     stop = asyncio.Event()
+    came: list[signal.Signals] = []
     loop = asyncio.get_running_loop()
+
+    def stopping(sig: signal.Signals) -> None:
+        came.append(sig)
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, stopping, sig)
     watcher: asyncio.Task[None] | None = None
     reloads: set[asyncio.Task[object]] = set()
     if core is not None and config is not None:
@@ -157,6 +163,23 @@ async def _wait_for_signal(
     finally:
         for task in [*reloads, *([watcher] if watcher is not None else [])]:
             task.cancel()
+    return came[0]
+
+
+async def _drain_delay(core: Core, delay_s: float) -> None:
+    """SIGTERM with ``gateway.drain_delay_s``: ``/ready`` answers 503 (`Core.draining`) while
+    the listener stays open and serving ``delay_s``, so a load balancer that goes by health
+    checks stops sending before the listener closes; a second SIGTERM or a SIGINT ends the
+    wait."""
+    core.draining = True
+    typer.echo(f"inferplane gateway draining: /ready answers 503; the listener stays open "
+               f"{delay_s:g} s (gateway.drain_delay_s)", err=True)
+    again = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, again.set)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(again.wait(), delay_s)
 
 
 
@@ -489,7 +512,9 @@ def _serve_one(
             err=True,
         )
         try:
-            await _wait_for_signal(gateway, config, watch)
+            came = await _wait_for_signal(gateway, config, watch)
+            if came == signal.SIGTERM and cfg.gateway.drain_delay_s > 0:
+                await _drain_delay(gateway, cfg.gateway.drain_delay_s)
         finally:
             _say_stopping("gateway", gateway)
             with stop_deadline(cfg.gateway.shutdown_timeout_s, lambda: gateway.stopping):

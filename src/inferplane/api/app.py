@@ -51,8 +51,7 @@ from inferplane.fleet.health import endpoint_summary
 from inferplane.httpio import read_body
 from inferplane.ledger.query import BadQuery, parse_query
 from inferplane.ledger.record import Receipt
-from inferplane.telemetry import gather
-from inferplane.telemetry.listener import metrics_app
+from inferplane.telemetry import gather, listener
 from inferplane.telemetry.tracing import RequestTrace
 from inferplane.types import ApiKind, JSONObject
 
@@ -450,17 +449,30 @@ async def health(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+READY_SCOPES = ("fleet", "process")
+
+
 async def ready(request: web.Request) -> web.Response:
-    """Ready when at least one endpoint is healthy."""
+    """``GET /ready``: 503 while the gateway drains (`Core.draining`, SIGTERM with
+    ``gateway.drain_delay_s``); otherwise, at ``?scope=fleet`` (the default) ready when at least
+    one endpoint is usable, at ``?scope=process`` ready whatever the endpoints (a load
+    balancer's readiness probe: a fleet whose engines all restart must not take every gateway
+    replica out of its Service, docs/reliability.md#probes)."""
     gw = request.app[GATEWAY_KEY]
+    scope = request.query.get("scope", "fleet")
+    if scope not in READY_SCOPES:
+        raise InvalidRequestError(f"scope must be one of {', '.join(READY_SCOPES)}",
+                                  param="scope")
     snap = gw.live.snapshot()
-    usable = [v.name for v in snap.endpoints if v.state.usable]
+    usable = sum(1 for v in snap.endpoints if v.state.usable)
+    ready = not gw.draining and (usable > 0 or scope == "process")
     body = {
-        "ready": bool(usable),
-        "usable_endpoints": len(usable),
+        "ready": ready,
+        "draining": gw.draining,
+        "usable_endpoints": usable,
         "endpoints": len(snap.endpoints),
     }
-    return web.json_response(body, status=200 if usable else 503)
+    return web.json_response(body, status=200 if ready else 503)
 
 
 class WorkerPages:
@@ -479,7 +491,7 @@ WORKER_PAGES: web.AppKey[WorkerPages] = web.AppKey("worker_pages", WorkerPages)
 def check_metrics_access(request: web.Request) -> None:
     """``/metrics`` is for operators: on the API listener it needs one of
     ``gateway.metrics.api_keys`` unless ``gateway.metrics.public``; the ``gateway.metrics.port``
-    listener serves it with no key (`_metrics_listener`)."""
+    listener serves it with no key (`_metrics_page`)."""
     gw = request.app[GATEWAY_KEY]
     if gw.config.gateway.metrics.public:
         return
@@ -700,9 +712,16 @@ async def serve(
             await pages.close()
 
         application.on_cleanup.insert(0, close_pages)
-    metrics_runner = None
+    metrics_page = None
+    metrics_runners: list[web.AppRunner] = []
     if g.metrics.port is not None:
-        metrics_runner = _metrics_listener(application, gateway)
+        metrics_page = _metrics_page(application, gateway)
+
+        async def stop_metrics(_: web.Application) -> None:
+            for r in metrics_runners:
+                await r.cleanup()
+
+        application.on_cleanup.insert(0, stop_metrics)  # before start-up freezes the list
     try:
         await runner.setup()
     except BaseException:
@@ -715,16 +734,9 @@ async def serve(
         await web.TCPSite(
             runner, host, port, reuse_address=True, reuse_port=reuse_port or None
         ).start()
-        if metrics_runner is not None:
-            await metrics_runner.setup()
-            site = web.TCPSite(
-                metrics_runner,
-                g.metrics.host,
-                g.metrics.port,
-                reuse_address=True,
-                reuse_port=reuse_port or None,
-            )
-            await site.start()
+        if metrics_page is not None and g.metrics.port is not None:
+            metrics_runners.append(await listener.start(
+                metrics_page, g.metrics.host, g.metrics.port, g, reuse_port=reuse_port))
         if page_server is not None:
             try:
                 await page_server.start()
@@ -743,9 +755,9 @@ async def serve(
 
 
 
-def _metrics_listener(main: web.Application, gateway: Gateway) -> web.AppRunner:
-    """``/metrics`` alone, with no key, for its own listener (`telemetry.listener`, as the
-    picker's); cleaned up with the main app."""
+def _metrics_page(main: web.Application, gateway: Gateway) -> listener.Page:
+    """The page of the ``gateway.metrics.port`` listener (`telemetry.listener`, as the
+    picker's): this process's, or under ``serve --workers`` every worker's."""
     pages = main.get(WORKER_PAGES)
 
     async def page() -> bytes:
@@ -755,11 +767,4 @@ def _metrics_listener(main: web.Application, gateway: Gateway) -> web.AppRunner:
                                        pages.timeout_s)
         return body
 
-    app = metrics_app(page)
-    runner = web.AppRunner(app, access_log=None)
-
-    async def stop(_: web.Application) -> None:
-        await runner.cleanup()
-
-    main.on_cleanup.insert(0, stop)
-    return runner
+    return page

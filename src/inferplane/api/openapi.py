@@ -159,6 +159,7 @@ class Liveness(_Closed):
 
 class Readiness(_Closed):
     ready: bool
+    draining: bool
     usable_endpoints: int
     endpoints: int
 
@@ -243,7 +244,11 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         "open it."),
     ("GET", "/health"): Operation("Liveness", "operations", Liveness, auth="none"),
     ("GET", "/ready"): Operation(
-        "Readiness (503 when no endpoint is usable)", "operations", Readiness, auth="none"),
+        "Readiness (503 when no endpoint is usable, or while draining)", "operations",
+        Readiness, auth="none",
+        query=(("scope", "fleet (the default): 503 when no endpoint is usable or while the "
+                         "gateway drains; process: 503 only while it drains (a load balancer's "
+                         "readiness probe: engines restarting do not take every replica out)"),)),
     ("GET", "/metrics"): Operation(
         "Prometheus metrics (an admin key, or the metrics listener)", "operations", None,
         media="text/plain", auth="admin",

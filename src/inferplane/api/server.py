@@ -115,8 +115,10 @@ class GatewayProtocol(RequestHandler):
                 "HTTP/1.1 429 Too Many Requests\r\nContent-Type: application/json\r\n"
                 f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
             )
-            assert isinstance(transport, asyncio.WriteTransport)
-            transport.write(head.encode() + body)
+            # through aiohttp's own handle on the transport: uvloop's TCPTransport (the default
+            # loop of `serve`) is not an asyncio.WriteTransport subclass, though it writes
+            if self.transport is not None:
+                self.transport.write(head.encode() + body)
             self.force_close()
             if manager.responded is not None:
                 manager.responded("other", 429)

@@ -136,6 +136,12 @@ class GatewaySpec(Strict):
         "flight are given to finish (aiohttp's grace) and then the ledger's flush: past it, it "
         "logs the step it is stuck in and exits with status 1"
     )
+    drain_delay_s: float = Field(
+        0.0, ge=0, le=600, description="after SIGTERM (not SIGINT), keep the listener open and "
+        "serving this long with /ready answering 503 before closing it and draining: for a load "
+        "balancer that drops a backend only once its health check fails. Not counted in "
+        "shutdown_timeout_s. On Kubernetes a preStop hook does this instead (deploy/k8s)"
+    )
     max_connections_per_client: int = Field(
         512, gt=0, description="open connections per client address; more get 429 and close. "
         "Behind a trusted proxy (trusted_proxies) each request in flight counts as a connection "

@@ -246,6 +246,8 @@ class Core:
         self.economics = refresher_for(config, file, self.metrics.registry)
         self.config_sha256: str | None = None  # the fleet file's, when the caller knows it
         self.stopping: str | None = None  # the step of `stop` under way (for a stuck shutdown)
+        # SIGTERM came and the listener stays open gateway.drain_delay_s: /ready answers 503
+        self.draining = False
         self._reload_lock = asyncio.Lock()
         # endpoints and substrates a reload removed whose metric series are still exported
         # (`forget_removed`)

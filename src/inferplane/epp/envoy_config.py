@@ -88,6 +88,16 @@ def _address(host: str, port: int) -> dict[str, Any]:
     return {"socket_address": {"address": host, "port_value": port}}
 
 
+def dial_host(listen: str) -> str:
+    """The address to reach a listener bound to ``listen`` on the same host: its loopback for
+    the wildcards (0.0.0.0, ::, empty), which name no host to connect to."""
+    if listen in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if listen == "::":
+        return "::1"
+    return listen
+
+
 def _load_assignment(name: str, hosts: list[tuple[str, int]]) -> dict[str, Any]:
     return {
         "cluster_name": name,
@@ -288,7 +298,10 @@ def bootstrap(config: FleetConfig, *, epp_port: int | None = None,
                     "explicit_http_config": {"http2_protocol_options": {}},
                 }
             },
-            "load_assignment": _load_assignment("inferplane_epp", [(e.host, epp_port)]),
+            # the picker beside Envoy (one pod, one host): epp.host is where it listens, often
+            # 0.0.0.0, which is no address to dial
+            "load_assignment": _load_assignment("inferplane_epp",
+                                                [(dial_host(e.host), epp_port)]),
         },
         {
             "name": P.ORIGINAL_DST_CLUSTER,

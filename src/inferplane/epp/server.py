@@ -71,7 +71,7 @@ from inferplane.errors import (
 from inferplane.fleet.model import Endpoint, Fleet
 from inferplane.fleet.scraper import HttpMetricsSource, MetricsSource
 from inferplane.ledger.record import Ledger, Receipt
-from inferplane.telemetry.listener import metrics_app
+from inferplane.telemetry import listener
 from inferplane.telemetry.metrics import PickerMetrics
 from inferplane.telemetry.tracing import RequestTrace
 from inferplane.types import ApiKind
@@ -836,15 +836,7 @@ async def serve_metrics(picker: Picker, host: str, port: int) -> None:
     async def page() -> bytes:
         return picker.metrics_page()
 
-    runner = web.AppRunner(metrics_app(page), access_log=None)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, host, port, reuse_address=True)
-        await site.start()
-    except BaseException:
-        await runner.cleanup()
-        raise
-    picker.metrics_runner = runner
+    picker.metrics_runner = await listener.start(page, host, port, picker.config.gateway)
 
 
 async def serve(picker: Picker, host: str, port: int,
