@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import calendar
+import math
 from datetime import datetime
 from typing import Any
 
@@ -482,3 +483,97 @@ def test_usage_day_is_the_utc_date(at: str) -> None:
     adm = _gateway().admission
     assert adm._utc_day(ts("2025-03-04T12:00:00")) == "2025-03-04"  # a cached day first
     assert adm._utc_day(ts(at)) == at[:10]
+
+
+def _pool_sums_by_scan(adm: Any, pool: tuple[str, Any, Any]) -> tuple[Any, ...]:
+    """The pool's sums by one scan of every endpoint of the snapshot (what `_compute_stats`
+    did before it kept each member's terms)."""
+    model, jur, kinds = pool
+    n = cap = free = slot_free = inflight = room_cap = 0
+    err, gated = math.inf, []
+    for v in adm.live.snapshot().endpoints:
+        e, st = v.endpoint, v.state
+        if model not in e.models or not st.usable:
+            continue
+        if (jur is not None and e.jurisdiction not in jur) or (
+            kinds is not None and e.substrate.kind not in kinds
+        ):
+            continue
+        n, cap = n + 1, cap + e.max_concurrency
+        room = e.max_concurrency - st.inflight
+        if st.requests_left is not None:
+            room = min(room, st.requests_left)
+        if st.tokens_left is not None and st.tokens_left <= 0:
+            room = 0
+        room = max(0, room)
+        slot_free += room
+        per_tok = None if adm.gate_s is None else adm._per_token(e, model)
+        if per_tok is None:
+            room_cap += e.max_concurrency
+        else:
+            room_cap += 1
+            if st.pending_prefill > 0 and st.pending_prefill_tokens * per_tok >= adm.gate_s:
+                gated.append(e.name)
+                room = 0
+            else:
+                room = min(room, 1)
+        free, inflight, err = free + room, inflight + st.inflight, min(err, st.error_rate)
+    return (n, cap, free, slot_free, inflight, err, room_cap, frozenset(gated))
+
+
+def _many_endpoints_gateway(gate: float | None) -> Any:
+    from inferplane.api.pipeline import Gateway
+    from tests.builders import endpoint, model, pool_fleet, to_yaml
+
+    eps = [endpoint(f"e{i}", 9000 + i, max_concurrency=2 + i % 3,
+                    models=[model("m")] + ([model("n")] if i % 2 else []),
+                    **({"limits": {"requests_per_min": 3}} if i == 5 else {}))
+           for i in range(12)]
+    queue = {} if gate is None else {"queue": {"max_prefill_queue_s": gate}}
+    return Gateway(parse_config(to_yaml(pool_fleet(endpoints=eps, admission=queue)), "f.yaml"))
+
+
+@pytest.mark.parametrize("gate", [None, 0.02])
+@pytest.mark.parametrize("seed", range(4))
+def test_pool_sums_kept_per_member_equal_a_scan(seed: int, gate: float | None) -> None:
+    import random
+
+    rng = random.Random(seed)
+    adm = _many_endpoints_gateway(gate).admission
+    live, held = adm.live, []
+    names = [e.name for e in live.fleet.endpoints]
+    pools = [("m", None, None), ("n", None, None), ("m", frozenset({"eu"}), None),
+             ("m", frozenset({"us"}), None), ("n", None, frozenset({"gpu"}))]
+    for _ in range(200):
+        name, op = rng.choice(names), rng.randrange(6)
+        if op == 0:
+            held.append(live.reserve(name, 100, rng.choice([0, 500, 5000])))
+        elif op == 1 and held:
+            held.pop(rng.randrange(len(held))).release()
+        elif op == 2:
+            live.set_health(name, rng.random() < 0.7)
+        elif op == 3:
+            live.set_ejected(name, rng.random() < 0.3, "x")
+        elif op == 4:
+            live.observe_outcome(name, rng.random() < 0.5)
+            live.clock = (lambda t: lambda: t)(live.clock() + 0.06)  # type: ignore[misc]
+        for pool in rng.sample(pools, 3):
+            st = adm._pool_stats(pool)
+            assert (st.usable, st.capacity, st.free, st.slot_free, st.inflight,
+                    st.lowest_error_rate, st.room_capacity, st.gated) == _pool_sums_by_scan(
+                        adm, pool)
+
+
+def test_a_new_snapshot_recomputes_only_the_endpoints_it_changed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    adm = _many_endpoints_gateway(None).admission
+    pool = ("m", None, None)
+    adm._pool_stats(pool)
+    computed: list[str] = []
+    terms = adm._terms
+    monkeypatch.setattr(adm, "_terms", lambda cols, j, e, st, model: (
+        computed.append(e.name), terms(cols, j, e, st, model)))
+    adm.live.reserve("e3", 10)
+    assert adm._pool_stats(pool).inflight == 1
+    assert computed == ["e3"]

@@ -613,3 +613,94 @@ async def test_fleet_health_route(gw: Gw) -> None:
     verdicts = [line for line in text.splitlines()
                 if line.startswith('inferplane_pool_verdict{substrate="solo"')]
     assert len(verdicts) == 3 and sum(float(v.rsplit(" ", 1)[1]) for v in verdicts) == 1.0
+
+
+# -- the sweep at fleet scale ------------------------------------------------------------------
+
+
+def _old_peer_judge(det: OutlierDetector, observed: dict[str, Observed],
+                    members: list[str]) -> dict[str, str | None]:
+    """Each member judged against the medians of its peers' lists built one member at a time
+    (the sweep before `_PeerMedians`), for the same thresholds."""
+    from statistics import median
+
+    sp, n, out = det.spec, det.spec.min_requests, {}
+    for m in members:
+        o, peers = observed[m], [observed[p] for p in members if p != m]
+        reason = None
+        rates = [p.error_rate for p in peers if p.outcomes >= n]
+        if o.outcomes >= n and rates:
+            med = median(rates)
+            if o.error_rate >= max(sp.min_error_rate, med + sp.error_rate_margin):
+                reason = f"error rate {o.error_rate:.2f} vs peers {med:.2f}"
+        if reason is None and o.ttft_samples >= n and o.ttft_p50_s is not None and (
+            o.ttft_p50_s >= sp.min_ttft_s
+        ):
+            ratios = [p.ratio_p50 for p in peers
+                      if p.ratio_samples >= n and p.ratio_p50 is not None]
+            p50s = [p.ttft_p50_s for p in peers if p.ttft_samples >= n and p.ttft_p50_s is not None]
+            if o.ratio_samples >= n and o.ratio_p50 is not None and ratios:
+                med = median(ratios)
+                if o.ratio_p50 >= (sp.ttft_factor or 0) * med > 0:
+                    reason = f"ratio {med!r}"
+            elif p50s:
+                med = median(p50s)
+                if o.ttft_p50_s >= max(sp.min_ttft_s, (sp.ttft_factor or 0) * med):
+                    reason = f"p50 {med!r}"
+        out[m] = reason
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_peer_medians_judge_as_each_members_peer_list_did(seed: int) -> None:
+    import random
+
+    rng = random.Random(seed)
+    det = env(max_ejection_percent=100).det
+    members = [f"x{i}" for i in range(rng.randint(1, 40))]
+    det.records = {m: det.records.get(m) or type(det.records["a0"])() for m in members}
+    pick = lambda *xs: rng.choice(xs)  # noqa: E731 - few values: ties and duplicates
+    observed = {m: Observed(
+        outcomes=pick(0, 3, 5, 20), error_rate=pick(0.0, 0.1, 0.5, 0.9, 1.0),
+        ttft_samples=pick(0, 5, 20), ttft_p50_s=pick(None, 0.2, 0.4, 2.0, 9.0),
+        ratio_samples=pick(0, 5, 20), ratio_p50=pick(None, 0.5, 1.0, 4.0)) for m in members}
+    expected = _old_peer_judge(det, observed, members)
+    from inferplane.fleet.health import _PeerMedians
+
+    peers = _PeerMedians([observed[m] for m in members], det.spec.min_requests)
+    got = {}
+    for m in members:
+        o = det._judge(m, peers, observed[m])
+        got[m] = None if o is None else (o.reason if o.kind == "error_rate" else (
+            f"ratio {peers.ratio(observed[m])!r}" if "prediction" in o.reason
+            else f"p50 {peers.ttft_p50(observed[m])!r}"))
+    assert got == expected
+
+
+def test_a_sweep_reads_each_observation_a_bounded_number_of_times() -> None:
+    """One group of 400 alike endpoints: the sweep reads the observations O(n) times (it built
+    every member's peer list, 400 × 399 reads, which at 2,000 endpoints held the event loop
+    ~125 ms every second)."""
+    from collections.abc import Iterator, Mapping
+
+    class Counting(Mapping[str, Observed]):
+        def __init__(self, d: dict[str, Observed]) -> None:
+            self.d, self.reads = d, 0
+
+        def __getitem__(self, k: str) -> Observed:
+            self.reads += 1
+            return self.d[k]
+
+        def __iter__(self) -> Iterator[str]:
+            return iter(self.d)
+
+        def __len__(self) -> int:
+            return len(self.d)
+
+    det = env().det
+    names = [f"x{i}" for i in range(400)]
+    det.groups = {("h100", 1, ()): tuple(names)}
+    det.records = {m: type(det.records["a0"])() for m in names}
+    observed = Counting({m: Observed(outcomes=10, error_rate=0.0) for m in names})
+    assert det.sweep(observed, 1000.0) == []
+    assert observed.reads <= 10 * len(names)

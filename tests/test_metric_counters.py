@@ -251,3 +251,30 @@ async def test_a_served_gateway_counts_its_scrapes_and_probes_of_the_engines(
         assert lo[1] <= _total(page, "inferplane_health_probes_total") <= hi[1]
     finally:
         await runner.cleanup()
+
+
+async def test_the_served_page_has_no_created_series() -> None:
+    """The gateway's and the picker's page (`Core.metrics_page`) leaves out prometheus_client's
+    ``_created`` samples even where the library writes them: every other family and sample is
+    there. (51 such series on the quickstart's page; one per endpoint and labelled family at
+    2,000 endpoints.)"""
+    from tests.builders import MINIMAL_YAML
+
+    gw = Gateway(parse_config(MINIMAL_YAML, "fleet.yaml"))
+    for kind in ("error_rate", "stale", "ttft"):
+        gw.metrics.endpoint_ejections.labels("e", kind).inc()
+    was_on = created_series()
+    try:
+        prometheus_client.enable_created_metrics()
+        served = gw.metrics_page().decode()
+        full = generate_latest(gw.metrics.registry).decode()
+    finally:
+        if not was_on:
+            prometheus_client.disable_created_metrics()
+    assert "_created" in full and "_created" not in served
+
+    def names(page: str) -> set[str]:
+        return {s.name for f in text_string_to_metric_families(page) for s in f.samples}
+
+    assert names(served) == {n for n in names(full) if not n.endswith("_created")}
+    assert 'inferplane_endpoint_ejections_total{endpoint="e",reason_kind="ttft"} 1.0' in served

@@ -49,8 +49,8 @@ from inferplane.config.files import writable_file_problem
 from inferplane.config.schema import FleetConfig, TenantSpec, WorkloadClass
 from inferplane.errors import ConfigError, GatewayError, InvalidRequestError, RateLimitError
 from inferplane.fleet.live import LiveFleet
-from inferplane.fleet.model import Endpoint
-from inferplane.fleet.state import FleetSnapshot
+from inferplane.fleet.model import Endpoint, Fleet
+from inferplane.fleet.state import EndpointState, EndpointView, FleetSnapshot
 from inferplane.looplag import LoopLag
 from inferplane.placement.profile import RequestProfile
 from inferplane.telemetry.metrics import GatewayMetrics
@@ -74,6 +74,40 @@ class _PoolStats:
     lowest_error_rate: float
     room_capacity: int  # the most ``free`` can be: Σ max_concurrency, gated endpoints count 1
     gated: frozenset[str]  # endpoints whose prefill queue is past the gate now
+
+
+class _PoolColumns:
+    """One pool's members (positions in a fleet's snapshots) with each member's terms of the
+    `_PoolStats` sums as of the view they were computed from: a new snapshot recomputes the
+    terms of the views it replaced, and the sums are taken over the columns."""
+
+    def __init__(self, fleet: Fleet, gate: float | None, members: list[int]) -> None:
+        k = len(members)
+        self.fleet, self.gate, self.members = fleet, gate, members
+        self.some = len(members) != len(fleet.endpoints)  # else every position, in order
+        self.views: list[EndpointView | None] = [None] * k
+        self.usable, self.cap, self.free, self.slot_free = [0] * k, [0] * k, [0] * k, [0] * k
+        self.inflight, self.room_cap = [0] * k, [0] * k
+        self.err: list[float] = [math.inf] * k
+        self.gated: set[str] = set()
+
+    def set(
+        self, j: int, name: str, usable: int, cap: int, free: int, slot_free: int, inflight: int,
+        err: float, room_cap: int, gated: bool,
+    ) -> None:
+        self.usable[j], self.cap[j], self.free[j], self.slot_free[j] = usable, cap, free, slot_free
+        self.inflight[j], self.err[j], self.room_cap[j] = inflight, err, room_cap
+        if gated:
+            self.gated.add(name)
+        else:
+            self.gated.discard(name)
+
+    def stats(self) -> _PoolStats:
+        return _PoolStats(
+            sum(self.usable), sum(self.cap), sum(self.free), sum(self.slot_free),
+            sum(self.inflight), min(self.err, default=math.inf), sum(self.room_cap),
+            frozenset(self.gated),
+        )
 
 
 @dataclass(slots=True)
@@ -233,6 +267,7 @@ class Admission:
         self.retry_budget = RetryBudget(spec.retry, monotonic)
         self._stats_snapshot: FleetSnapshot | None = None
         self._stats: dict[PoolKey, _PoolStats] = {}
+        self._columns: dict[PoolKey, _PoolColumns] = {}
         self.gate_s = q.max_prefill_queue_s
         self._prefill_s_per_token: dict[tuple[str, str], float | None] = {}
         if self.gate_s is not None:
@@ -247,6 +282,7 @@ class Admission:
         hardware or models)."""
         self.worst = WorstCase(self.live.fleet, self.spec, self.worst.timeout)
         self._prefill_s_per_token.clear()
+        self._columns.clear()
 
     # -- pools ----------------------------------------------------------------------------
     @staticmethod
@@ -267,42 +303,57 @@ class Admission:
         return stats
 
     def _compute_stats(self, snap: FleetSnapshot, pool: _Pool) -> _PoolStats:
-        model, jur, kinds = pool
+        """The pool's sums over ``snap``. Each member's terms are kept (`_PoolColumns`) and
+        recomputed only where the snapshot holds a new view of it: a reservation changes one
+        endpoint, and the sums of a 2,000-endpoint pool were ~1.5 ms a request."""
+        cols = self._columns.get(pool)
+        if cols is None or cols.fleet is not snap.fleet or cols.gate != self.gate_s:
+            model, jur, kinds = pool
+            members = [
+                i
+                for i, v in enumerate(snap.endpoints)
+                if model in v.endpoint.models
+                and (jur is None or v.endpoint.jurisdiction in jur)
+                and (kinds is None or v.endpoint.substrate.kind in kinds)
+            ]
+            cols = self._columns[pool] = _PoolColumns(snap.fleet, self.gate_s, members)
+        seen = cols.views
+        now = [snap.endpoints[i] for i in cols.members] if cols.some else snap.endpoints
+        for j in [j for j, (v, w) in enumerate(zip(now, seen, strict=True)) if v is not w]:
+            v = seen[j] = now[j]
+            self._terms(cols, j, v.endpoint, v.state, pool[0])
+        return cols.stats()
+
+    def _terms(
+        self, cols: _PoolColumns, j: int, e: Endpoint, st: EndpointState, model: str
+    ) -> None:
+        """Member ``j``'s terms of the pool's sums (all zero when it is not usable)."""
+        if not st.usable:
+            cols.set(j, e.name, 0, 0, 0, 0, 0, math.inf, 0, False)
+            return
         gate = self.gate_s
-        n = cap = free = slot_free = inflight = room_cap = 0
-        err = math.inf
-        gated: list[str] = []
-        for v in snap.endpoints:
-            e, st = v.endpoint, v.state
-            if model not in e.models or not st.usable:
-                continue
-            if jur is not None and e.jurisdiction not in jur:
-                continue
-            if kinds is not None and e.substrate.kind not in kinds:
-                continue
-            n += 1
-            cap += e.max_concurrency
-            room = e.max_concurrency - st.inflight
-            if st.requests_left is not None:  # a declared rate limit is capacity too
-                room = min(room, st.requests_left)
-            if st.tokens_left is not None and st.tokens_left <= 0:
+        room = e.max_concurrency - st.inflight
+        if st.requests_left is not None:  # a declared rate limit is capacity too
+            room = min(room, st.requests_left)
+        if st.tokens_left is not None and st.tokens_left <= 0:
+            room = 0
+        room = max(0, room)
+        slot_free = room
+        per_tok = None if gate is None else self._per_token(e, model)
+        gated = False
+        if per_tok is None or gate is None:
+            room_cap = e.max_concurrency
+        else:
+            room_cap = 1
+            if st.pending_prefill > 0 and st.pending_prefill_tokens * per_tok >= gate:
+                gated = True
                 room = 0
-            room = max(0, room)
-            slot_free += room
-            per_tok = None if gate is None else self._per_token(e, model)
-            if per_tok is None or gate is None:
-                room_cap += e.max_concurrency
-            else:
-                room_cap += 1
-                if st.pending_prefill > 0 and st.pending_prefill_tokens * per_tok >= gate:
-                    gated.append(e.name)
-                    room = 0
-                else:  # one grant at a time: its placement updates the pending prefill
-                    room = min(room, 1)
-            free += room
-            inflight += st.inflight
-            err = min(err, st.error_rate)
-        return _PoolStats(n, cap, free, slot_free, inflight, err, room_cap, frozenset(gated))
+            else:  # one grant at a time: its placement updates the pending prefill
+                room = min(room, 1)
+        cols.set(
+            j, e.name, 1, e.max_concurrency, room, slot_free, st.inflight, st.error_rate,
+            room_cap, gated,
+        )
 
     def _per_token(self, e: Endpoint, model: str) -> float | None:
         """Prefill seconds per uncached prompt token of ``model`` on ``e`` (the roofline's cost

@@ -25,8 +25,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from prometheus_client import generate_latest
-
 from inferplane.admission.controller import Admission, Ticket
 from inferplane.admission.queue import BANDS, QueueTimeoutError
 from inferplane.admission.state import IN_MEMORY, AdmissionStore, StoreHealth
@@ -67,6 +65,7 @@ from inferplane.placement.plugins.affinity import SessionAffinity
 from inferplane.placement.profile import RequestProfile
 from inferplane.placement.tiers import choose_tier
 from inferplane.telemetry.metrics import GatewayMetrics
+from inferplane.telemetry.metrics import page as metrics_page
 from inferplane.telemetry.tracing import NOOP, RequestTrace, build_telemetry, current_trace
 from inferplane.types import ApiKind, JSONObject
 
@@ -552,7 +551,7 @@ class Core:
         m.store_down_seconds.set(store.down_for_s)
         m.store_pending.labels("settle").set(store.pending_settles)
         m.store_pending.labels("usage").set(store.pending_usage)
-        return generate_latest(m.registry)
+        return metrics_page(m.registry)
 
     def sweep_outliers(self) -> None:
         """One outlier-ejection sweep (`fleet.health.OutlierDetector`), counted and logged."""

@@ -19,7 +19,7 @@ at once (`gather`), with a short timeout (`TIMEOUT_S`), and serves the merge (`m
 
 A worker's counters thus stay one series per worker, monotone whichever worker is scraped; a
 restarted worker starts its series again from 0 under the same ``worker`` label (its index),
-which Prometheus reads as the reset it is (its ``_created`` samples move too).
+which Prometheus reads as the reset it is.
 
 The socket speaks no HTTP: a connection is answered with the page's length (8 bytes, big-endian)
 and the page, then closed; a page cut short is left out as a worker that did not answer.

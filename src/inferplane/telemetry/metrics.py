@@ -14,8 +14,9 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily
+from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from inferplane import __version__, compiled
@@ -55,6 +56,31 @@ def created_series() -> bool:
     counters (collected now: it follows a switch turned at run time)."""
     return any(s.name.endswith("_created")
                for family in _CREATED_PROBE.collect() for s in family.samples)
+
+
+class WithoutCreated(Collector):
+    """A registry's families with no ``_created`` samples, whatever prometheus_client's switch
+    says: what the gateway's and the picker's pages render (`page`). In the text format those
+    samples are gauges of their own, one series per labelled counter, histogram or summary
+    child, that nothing here reads (Prometheus ingests them as ordinary series; rates and
+    resets come from the counters): 51 on the quickstart's page, and one per endpoint and
+    per-endpoint counter or histogram once traffic reached it."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.registry.collect():
+            if family.type in ("counter", "histogram", "summary"):
+                created = family.name + "_created"
+                family.samples = [s for s in family.samples if s.name != created]
+            yield family
+
+
+def page(registry: CollectorRegistry) -> bytes:
+    """``registry`` in Prometheus's text format, without ``_created`` samples
+    (`WithoutCreated`)."""
+    return generate_latest(WithoutCreated(registry))
 
 
 class SourcedCounter:
