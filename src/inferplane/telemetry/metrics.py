@@ -213,8 +213,9 @@ class GatewayMetrics:
         )
         self.stream_errors = Counter(
             "inferplane_stream_errors",
-            "Streams cut by an upstream failure after their first byte was relayed: the "
-            "client got a truncated answer (too late to re-place), by endpoint",
+            "Streams that failed after their first byte was relayed (too late to re-place): "
+            "cut, idle or malformed, or ended by the upstream's own error event, by endpoint; "
+            "behind Envoy, as the picker's observer saw the stream",
             ["endpoint"],
             registry=r,
         )
