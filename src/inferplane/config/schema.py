@@ -1003,9 +1003,10 @@ class AdmissionSpec(Strict):
     usage_max_workflows: int | None = Field(
         1000,
         ge=0,
-        description="store: redis — distinct x-inferplane-workflow values kept in a tenant's "
-        "usage per UTC day; the usage of further workflows that day is counted under the "
-        "workflow '(other)' (client-chosen ids must not grow Redis without bound); null: no cap",
+        description="distinct x-inferplane-workflow values kept in a tenant's usage per UTC "
+        "day, in every store (redis, local, memory); the usage of further workflows that day is "
+        "counted under the workflow '(other)' (client-chosen ids must not grow the store "
+        "without bound); null: no cap",
     )
     redis_timeout_s: float = Field(
         0.5, gt=0, description="a Redis call slower than this counts as Redis being "
