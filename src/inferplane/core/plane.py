@@ -71,6 +71,7 @@ from inferplane.telemetry.tracing import NOOP, RequestTrace, build_telemetry, cu
 from inferplane.types import ApiKind, JSONObject
 
 if TYPE_CHECKING:
+    from inferplane.admission.config_peers import ConfigPeers
     from inferplane.admission.shared_placement import SharedPick, SharedPlacement
     from inferplane.admission.slots import SharedSlots
 
@@ -239,6 +240,15 @@ class Core:
                 lag=self.lag,
                 max_stretch=g.lag_max_stretch,
             )
+        self.peers: ConfigPeers | None = None
+        if spec.store == "redis":
+            from inferplane.admission.config_peers import ConfigPeers
+
+            # which fleet file each process sharing this Redis runs (`set_config_sha256`)
+            self.peers = ConfigPeers(
+                spec.redis_url, spec.redis_prefix, on_seen=self.metrics.config_peers_seen,
+                timeout_s=spec.redis_timeout_s, lag=self.lag, max_stretch=g.lag_max_stretch,
+            )
         self.passive = PassiveHealth(self.live, self.outliers, config.health.outlier)
         # a failed upstream attempt or stream: one WARNING per endpoint per 30 s (`lograte`)
         self.failure_log = LogLimiter(log)
@@ -320,6 +330,8 @@ class Core:
             await self.slots.start(degraded=degraded)
         if self.shared is not None:
             await self.shared.start(degraded=degraded)
+        if self.peers is not None:
+            self.peers.start()  # never a start-up error: it tries again every interval
 
     async def stop(self) -> None:
         """Stop everything `start` started. Every step runs even when an earlier one fails (a
@@ -340,6 +352,8 @@ class Core:
             steps.append(("shared slots", self.slots.close))
         if self.shared is not None:
             steps.append(("shared placement state", self.shared.close))
+        if self.peers is not None:
+            steps.append(("fleet file comparison", self.peers.close))
         steps += [
             ("ledger", self.ledger.close),
             ("admission", self.admission.close),
@@ -385,6 +399,8 @@ class Core:
         self.config_sha256 = sha256
         if sha256 is not None:
             self.metrics.config_hash.labels(sha256).set(1)
+        if self.peers is not None:
+            self.peers.set_sha256(sha256)  # published to the other replicas at once
 
     def _prepare_transport(self, config: FleetConfig, file: str) -> Callable[[], None]:
         """Check what the front end's transport needs of a reloaded ``config`` (credentials,
