@@ -546,8 +546,8 @@ class Core:
             m.endpoint_stale.labels(v.name).set(1 if v.state.stale else 0)
             m.endpoint_ejected.labels(v.name).set(1 if v.state.ejected else 0)
         m.loop_lag_max.set(self.lag.recent_max_s(asyncio.get_running_loop().time()))
-        m.ledger_store_down.set(1 if getattr(self.ledger, "writes_failing", False) else 0)
-        m.ledger_spooled.set(getattr(self.ledger, "spooled", 0))
+        m.ledger_store_down.set(1 if self.ledger.writes_failing else 0)
+        m.ledger_spooled.set(self.ledger.spooled)
         # the running totals (loop lag, send gate, coalescing holds) are counters read as the
         # registry is collected (telemetry.metrics.SourcedCounters)
         for name, p in self.pool_health().items():
@@ -1286,8 +1286,8 @@ class Core:
         if spec.durable and not receipt.committed:
             # while the ledger's store is known down (its last write failed, none committed
             # since) an answer does not wait: it would wait commit_timeout_s every time
-            down = getattr(self.ledger, "store_down", False)
-            ok = False if down else await receipt.durable(spec.commit_timeout_s)
+            ok = False if self.ledger.store_down else await receipt.durable(
+                spec.commit_timeout_s)
             if not ok:
                 self.metrics.ledger_commit_timeouts.inc()
         if ticket is not None:
