@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import subprocess
 import sys
 import time
@@ -158,16 +159,38 @@ async def _raised(url: str) -> BaseException:
     raise AssertionError("ping answered")
 
 
-async def test_which_start_up_failures_are_an_outage(tmp_path: Path) -> None:
+async def test_which_start_up_failures_are_an_outage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Refused connections and timeouts are an outage; an unknown host or refused credentials
-    are a configuration error (the store raises them even with start_degraded)."""
+    are a configuration error (the store raises them even with start_degraded). The resolver's
+    answers are given (`socket.getaddrinfo`, which the event loop's resolver calls): a name
+    that does not exist (EAI_NONAME) is a configuration error, a temporary failure (EAI_AGAIN,
+    what a machine without a reachable resolver answers for every name) an outage; the real
+    resolver's answer for a ``.invalid`` name is classified by which of the two it gave."""
     from inferplane.admission.outage import transient
 
     refused = await _raised(f"redis://127.0.0.1:{free_port()}/0")
     assert isinstance(refused, RedisConnectionError) and transient(refused)
     assert transient(TimeoutError())
-    unknown = await _raised("redis://no-such-host.invalid:6379/0")
-    assert not transient(unknown)
+    real = await _raised("redis://no-such-host.invalid:6379/0")
+    cause = real.__cause__ or real.__context__
+    assert isinstance(cause, socket.gaierror), repr(real)
+    assert transient(real) == (cause.errno == socket.EAI_AGAIN), repr(cause)
+    resolve = socket.getaddrinfo
+    for errno, outage in ((socket.EAI_NONAME, False), (socket.EAI_AGAIN, True)):
+        def answer(host: Any, *args: Any, errno: int = errno, **kwargs: Any) -> Any:
+            if host in ("no-such-host.invalid", "dns-blip.invalid"):
+                raise socket.gaierror(errno, "given by the test")
+            return resolve(host, *args, **kwargs)
+
+        monkeypatch.setattr(socket, "getaddrinfo", answer)
+        host = "dns-blip.invalid" if outage else "no-such-host.invalid"
+        given = await _raised(f"redis://{host}:6379/0")
+        assert isinstance(given, RedisConnectionError), repr(given)
+        assert (given.__cause__ or given.__context__).errno == errno  # type: ignore[union-attr]
+        assert transient(given) is outage
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
     srv = RedisServer(tmp_path, args=["--requirepass", "right"])
     try:
         wrong = await _raised(f"redis://:wrong@127.0.0.1:{srv.port}/0")
