@@ -18,7 +18,8 @@ WARNING when the processes start to disagree or the set of hashes changes while 
 when they agree again.
 
 Redis unreachable: nothing is published or read, the last reading stays (the admission store's
-own gauges say Redis is down); each failure is logged at DEBUG only.
+own gauges say Redis is down); each failure is logged at DEBUG only. A process whose front end
+never names its fleet file (an in-process gateway, a test) publishes and reads nothing.
 """
 
 from __future__ import annotations
@@ -100,6 +101,7 @@ class ConfigPeers:
         self.max_stretch = max_stretch
         self.sha256: str | None = None  # this process's running fleet file's
         self.counts: dict[str, int] = {}  # live processes by fleet file hash, as last read
+        self.published = False  # this process's entry was written (removed again at close)
         self._script = self.r.register_script(PUBLISH)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -122,6 +124,7 @@ class ConfigPeers:
             raw = await self._script(
                 keys=[self.key], args=[self.me, self.sha256 or "", round(self.ttl_s * 1000)]
             )
+        self.published = self.published or self.sha256 is not None
         counts: dict[str, int] = {}
         for sha in raw[1::2]:
             sha = sha.decode() if isinstance(sha, bytes) else str(sha)
@@ -149,6 +152,8 @@ class ConfigPeers:
 
     async def _run(self) -> None:
         while True:
+            if self.sha256 is None:  # nothing to publish until the front end names its file
+                await self._wake.wait()
             try:
                 await self.publish()
             except _FAILURES as exc:
@@ -168,7 +173,8 @@ class ConfigPeers:
         if (exc := await stop_task(self._task)) is not None:
             log.error("fleet configuration: the publisher had failed: %r", exc)
         self._task = None
-        with contextlib.suppress(*_FAILURES):
-            async with bounded(self.lag, self.timeout_s, self.max_stretch):
-                await self.r.hdel(self.key, self.me)
+        if self.published:
+            with contextlib.suppress(*_FAILURES):
+                async with bounded(self.lag, self.timeout_s, self.max_stretch):
+                    await self.r.hdel(self.key, self.me)
         await self.r.aclose()
