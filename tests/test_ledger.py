@@ -736,5 +736,6 @@ def test_every_ledger_says_whether_its_store_is_down_as_the_protocol_asks(tmp_pa
     sqlite_ledger = SqliteLedger(tmp_path / "l.db")
     for ledger in (MemoryLedger(), sqlite_ledger):
         assert (ledger.store_down, ledger.writes_failing, ledger.spooled) == (False, False, 0)
+    sqlite_ledger.close_sync()
     for m in members:
         assert hasattr(PostgresLedger, m)
