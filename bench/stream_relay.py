@@ -1,6 +1,7 @@
 """bench/stream_relay: what relaying costs the gateway, several source trees side by side in one
 run (harden27): the CPU time per relayed stream event (each OpenAI-dialect event is parsed as
-JSON to check it since d93d4c0: `dispatch.upstream._OpenAIEvents`), and the gateway's memory
+JSON to check it since d93d4c0: `dispatch.upstream._OpenAIEvents`, `dispatch.answer.OpenAIEvents`
+since edge28), and the gateway's memory
 while relaying a 200 MB non-streamed answer (``gateway.max_upstream_body_bytes``, 64 MiB by
 default since d93d4c0: a 502 instead).
 
@@ -112,7 +113,12 @@ events, n = int(sys.argv[1]), int(sys.argv[2])
 sys.path.insert(0, sys.argv[3])
 from stream_relay import _chunk
 chunks = [_chunk(i) for i in range(events)] + [_chunk(events, "stop"), b"data: [DONE]\\n\\n"]
-check = getattr(upstream, "_OpenAIEvents", None)
+check = getattr(upstream, "_OpenAIEvents", None)  # before edge28: in dispatch.upstream
+if check is None:
+    try:
+        from inferplane.dispatch.answer import OpenAIEvents as check
+    except ImportError:
+        check = None
 if check is None:
     print(0.0)
     raise SystemExit
@@ -131,7 +137,7 @@ print(best * 1e9)
 
 
 def micro(trees: list[tuple[str, Path]], events: int, rounds: int) -> dict[str, list[float]]:
-    """ns per event of each tree's `_OpenAIEvents.feed` alone, one engine event a chunk (the
+    """ns per event of each tree's `OpenAIEvents.feed` alone, one engine event a chunk (the
     best of 5 passes per round, rounds alternating the trees; 0 where the tree has none)."""
     out: dict[str, list[float]] = {name: [] for name, _ in trees}
     for r in range(rounds):

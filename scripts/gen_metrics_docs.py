@@ -58,6 +58,10 @@ WHEN: dict[str, str] = {
     "inferplane_admission_store_dropped_total": (
         "an admission store in a file (`admission.path`) or in Redis (which drops none)"),
     "inferplane_admission_store_resets_total": "with `admission.store: redis` only",
+    "inferplane_config_replicas": (
+        "with `admission.store: redis`, once the processes' fleet files were read from Redis"),
+    "inferplane_config_replicas_disagree": (
+        "from start (0 without `admission.store: redis`)"),
 }
 
 # What each label of an inferplane family holds. "family:label" for a label whose meaning

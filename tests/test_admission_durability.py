@@ -13,7 +13,7 @@ import pytest
 
 from inferplane.admission.controller import local_store_path, make_store
 from inferplane.admission.sqlite_state import SqliteStore
-from inferplane.admission.state import CounterDemand, MemoryStore
+from inferplane.admission.state import CounterDemand, MemoryStore, WorkflowCap
 from inferplane.config.loader import parse_config
 from tests.builders import model, pool_fleet, to_yaml
 from tests.support.procs import Proc, free_port
@@ -67,6 +67,51 @@ def test_store_choice_follows_the_config(tmp_path: Path) -> None:
         assert local_store_path(cfg) == want
         store = make_store(cfg)
         assert isinstance(store, SqliteStore if want else MemoryStore)
+
+
+@pytest.mark.parametrize("store", ["memory", "local"])
+async def test_the_local_stores_cap_a_days_workflows_as_redis_does(
+    tmp_path: Path, store: str,
+) -> None:
+    """``admission.usage_max_workflows`` applies to the memory and SQLite stores as to Redis
+    (`tests/test_redis_start.py`): a tenant's day keeps its first N workflow ids, the others
+    count under ``(other)``, a group without a workflow is not capped, another tenant or day
+    has its own N; the SQLite store keeps the cap across a restart (it reads the day's ids from
+    its file). Before edge28 both kept every workflow id."""
+    cfg = parse_config(to_yaml(pool_fleet(
+        9, substrate={"name": "s", "region": "r", "cost": {"hourly_usd": 1.0}},
+        models=[model(max_context=4096)],
+        admission={"store": store, "path": f"{tmp_path}/a.sqlite", "usage_max_workflows": 2},
+    )), "f.yaml")
+    s = make_store(cfg)
+    day, rest = "2026-12-07", ("m", "interactive", "k")
+    for wf in ["a", "b", "c", "d", "a", ""]:
+        await s.add_usage("acme", (day, wf, *rest), 0.5, 1, 2)
+    await s.add_usage("other-tenant", (day, "z", *rest), 0.5, 1, 2)
+    await s.add_usage("acme", ("2026-12-08", "e", *rest), 0.5, 1, 2)
+    rows = {(r.group[0], r.group[1]): r.requests for r in await s.usage("acme")}
+    assert rows == {(day, "a"): 2, (day, "b"): 1, (day, "(other)"): 2, (day, ""): 1,
+                    ("2026-12-08", "e"): 1}
+    assert [r.group[1] for r in await s.usage("other-tenant")] == ["z"]
+    await s.close()
+    if store == "local":  # a restarted gateway: the day's two ids are still its two
+        again = make_store(cfg)
+        await again.add_usage("acme", (day, "f", *rest), 0.5, 1, 2)
+        await again.add_usage("acme", (day, "b", *rest), 0.5, 1, 2)
+        rows = {(r.group[0], r.group[1]): r.requests for r in await again.usage("acme")}
+        assert rows[(day, "(other)")] == 3 and rows[(day, "b")] == 2
+        assert (day, "f") not in rows
+        await again.close()
+
+
+def test_workflow_cap_keeps_two_days_and_none_means_no_cap() -> None:
+    cap = WorkflowCap(1)
+    for day in ("2026-12-05", "2026-12-06", "2026-12-07"):
+        assert cap.group("t", (day, "a", "m")) == (day, "a", "m")
+        assert cap.group("t", (day, "b", "m")) == (day, "(other)", "m")
+    assert sorted(cap._days["t"]) == ["2026-12-06", "2026-12-07"]  # the older ones go
+    free = WorkflowCap(None)
+    assert [free.group("t", ("d", w)) for w in "abc"] == [("d", "a"), ("d", "b"), ("d", "c")]
 
 
 def test_budget_holds_across_kill_9_and_restart(

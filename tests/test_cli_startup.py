@@ -124,6 +124,23 @@ def test_check_creates_nothing(tmp_path: Path) -> None:
     assert sorted(tmp_path.iterdir()) == before
 
 
+@pytest.mark.parametrize("ledger", ["sqlite", "memory"])
+def test_check_notes_a_spool_path_the_ledger_ignores(tmp_path: Path, ledger: str) -> None:
+    """``ledger.spool_path`` is used only by a PostgreSQL ledger: with a SQLite (or in-memory)
+    ledger `check` says it is ignored (it said nothing before edge28); `--strict` still
+    passes (nothing is refused)."""
+    gateway = {"ledger_path": str(tmp_path / "l.sqlite")} if ledger == "sqlite" else {}
+    path = _fleet(tmp_path, gateway=gateway,
+                  ledger={"spool_path": str(tmp_path / "spool.sqlite")})
+    check = _run("check", "--strict", "-c", str(path))
+    assert check.exit_code == 0, check.output
+    notes = [ln for ln in check.output.splitlines() if ln.startswith("note: ")]
+    kind = "SQLite (gateway.ledger_path)" if ledger == "sqlite" else "in memory"
+    assert len(notes) == 1 and notes[0].startswith(
+        f"note: {path}: ledger.spool_path: ignored: the ledger is {kind}"), notes
+    assert "only a PostgreSQL ledger" in notes[0]
+
+
 def test_a_batch_path_that_is_not_a_database_is_named_with_exit_2(tmp_path: Path) -> None:
     junk = tmp_path / "b.sqlite"
     junk.write_bytes(b"this is not an SQLite file, just some bytes long enough" * 40)

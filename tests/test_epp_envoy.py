@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import yaml
 from aiohttp import web
 
@@ -27,7 +28,7 @@ from inferplane.epp.envoy_config import bootstrap
 from inferplane.epp.server import Picker, serve
 from tests.builders import endpoint, model, pool_fleet, tenant, to_yaml
 from tests.support.envoy import Envoy, envoy_binary
-from tests.support.fake_upstream import PROVIDER_HEADERS, STATS, build
+from tests.support.fake_upstream import ERROR_EVENTS, PROVIDER_HEADERS, STATS, build
 from tests.support.procs import env, free_port
 
 KEY, LIMITED = "sk-epp", "sk-epp-limited"
@@ -468,6 +469,48 @@ async def test_a_client_cannot_steer_envoys_router_with_x_envoy_headers(
         sent = {k.lower() for k in STATS["last_headers"]}
         assert not {"x-envoy-retry-on", "x-envoy-max-retries"} & sent, sent
         await settled(s.picker)
+
+
+@pytest.mark.parametrize("mode", ["error-event", "error-event-400", "nodone"])
+async def test_a_stream_that_fails_after_its_head_is_a_502_as_on_the_gateway(
+    tmp_path: Path, mode: str,
+) -> None:
+    """Behind Envoy the picker's observer checks an event stream as the gateway's relay does
+    (`OpenAIEvents`): an engine's mid-stream error event (vLLM's ``data: {"error": ...}`` then
+    ``[DONE]``), or a stream that ends without ``[DONE]`` or a finish reason, is recorded 502
+    with the gateway's message and counted in ``inferplane_stream_errors_total``; the
+    endpoint's health takes the failure for an engine fault, not for the request's
+    (``BadRequestError``, ``code: 400``). Envoy relays the upstream's bytes: the client gets
+    the engine's own event. Before edge28 all three were recorded 200."""
+    async with (
+        stack(tmp_path, modes=(mode,)) as s,
+        httpx.AsyncClient(base_url=s.url, timeout=10) as c,
+    ):
+        r = await c.post("/v1/chat/completions", json={**CHAT, "stream": True}, headers=auth())
+        assert r.status_code == 200, r.text
+        assert "n1-w0" in r.text and "n1-w1" in r.text
+        if mode != "nodone":
+            assert ERROR_EVENTS[mode]["error"]["message"] in r.text  # the engine's own
+        await settled(s.picker)
+        rec = s.picker.ledger.get(r.headers[P.DECISION_HEADER])
+        assert rec is not None
+        out = rec["outcome"]
+        if mode == "nodone":
+            says = ("the stream ended without its closing DONE event (cut short upstream) "
+                    "after 5 tokens")
+        else:
+            says = ("sent an error event mid-stream after 2 tokens: "
+                    + ERROR_EVENTS[mode]["error"]["message"])
+        assert out["status"] == 502 and out["error"] == f"upstream 'e1': {says}", out
+        assert out["completion_tokens"] == (5 if mode == "nodone" else 2), out
+        m = s.picker.metrics
+        assert m.stream_errors.labels("e1")._value.get() == 1
+        assert m.requests.labels("chat", "e1", "502")._value.get() == 1
+        live = s.picker.live.live["e1"]
+        if mode == "error-event-400":  # the request's fault: not the endpoint's
+            assert live.consecutive_failures == 0 and live.decayed_errors == 0.0
+        else:
+            assert live.consecutive_failures == 1
 
 
 async def test_picker_dying_mid_response_does_not_cut_the_stream(tmp_path: Path) -> None:

@@ -81,3 +81,22 @@ def test_core_imports_no_http_library() -> None:
                                          "inferplane.dispatch.upstream")), (
                     f"{path.relative_to(SRC)} imports the front end or transport {n}"
                 )
+
+
+def test_no_package_imports_another_packages_private_names() -> None:
+    """A name with a leading underscore is its package's own: another package that needs it
+    needs it moved to a shared, public place (`inferplane check --connect` imported
+    ``batch.routes._dsn`` and ``ledger.build`` ``config.schema._NAME`` before edge28)."""
+    found = []
+    for path in SRC.rglob("*.py"):
+        me = _unit(".".join(path.relative_to(SRC.parent).with_suffix("").parts))
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not (isinstance(node, ast.ImportFrom) and not node.level
+                    and (node.module or "").startswith("inferplane")):
+                continue
+            module = node.module or ""
+            if _unit(module) == me:
+                continue
+            found += [f"{path.relative_to(SRC)}: {module}.{a.name}" for a in node.names
+                      if a.name.startswith("_") and not a.name.startswith("__")]
+    assert not found, found

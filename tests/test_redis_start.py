@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import subprocess
 import sys
 import time
@@ -158,16 +159,38 @@ async def _raised(url: str) -> BaseException:
     raise AssertionError("ping answered")
 
 
-async def test_which_start_up_failures_are_an_outage(tmp_path: Path) -> None:
+async def test_which_start_up_failures_are_an_outage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Refused connections and timeouts are an outage; an unknown host or refused credentials
-    are a configuration error (the store raises them even with start_degraded)."""
+    are a configuration error (the store raises them even with start_degraded). The resolver's
+    answers are given (`socket.getaddrinfo`, which the event loop's resolver calls): a name
+    that does not exist (EAI_NONAME) is a configuration error, a temporary failure (EAI_AGAIN,
+    what a machine without a reachable resolver answers for every name) an outage; the real
+    resolver's answer for a ``.invalid`` name is classified by which of the two it gave."""
     from inferplane.admission.outage import transient
 
     refused = await _raised(f"redis://127.0.0.1:{free_port()}/0")
     assert isinstance(refused, RedisConnectionError) and transient(refused)
     assert transient(TimeoutError())
-    unknown = await _raised("redis://no-such-host.invalid:6379/0")
-    assert not transient(unknown)
+    real = await _raised("redis://no-such-host.invalid:6379/0")
+    cause = real.__cause__ or real.__context__
+    assert isinstance(cause, socket.gaierror), repr(real)
+    assert transient(real) == (cause.errno == socket.EAI_AGAIN), repr(cause)
+    resolve = socket.getaddrinfo
+    for errno, outage in ((socket.EAI_NONAME, False), (socket.EAI_AGAIN, True)):
+        def answer(host: Any, *args: Any, errno: int = errno, **kwargs: Any) -> Any:
+            if host in ("no-such-host.invalid", "dns-blip.invalid"):
+                raise socket.gaierror(errno, "given by the test")
+            return resolve(host, *args, **kwargs)
+
+        monkeypatch.setattr(socket, "getaddrinfo", answer)
+        host = "dns-blip.invalid" if outage else "no-such-host.invalid"
+        given = await _raised(f"redis://{host}:6379/0")
+        assert isinstance(given, RedisConnectionError), repr(given)
+        assert (given.__cause__ or given.__context__).errno == errno  # type: ignore[union-attr]
+        assert transient(given) is outage
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
     srv = RedisServer(tmp_path, args=["--requirepass", "right"])
     try:
         wrong = await _raised(f"redis://:wrong@127.0.0.1:{srv.port}/0")
@@ -205,6 +228,47 @@ async def test_an_evicting_redis_is_warned_about_at_start(
         assert warned == []
     else:
         assert len(warned) == 1 and policy in warned[0] and "104857600" in warned[0]
+
+
+@pytest.mark.parametrize("age_s", [7200.0, 600.0])
+async def test_replaying_a_journal_older_than_the_settle_ids_warns(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, age_s: float,
+) -> None:
+    """edge28 item 3: a process killed during an outage leaves its journal; one started later
+    replays it. Redis remembers a settle's id ``admission.settle_id_ttl_s``: a journal older
+    than that can count an update twice, and the replay says so in one WARNING with the age
+    (a younger one says nothing of it). Each entry carries when it was journaled (``at``)."""
+    path = tmp_path / "journal.sqlite"
+    t0 = 1_800_000_000.0
+    down = OutageStore(RedisStore(f"redis://127.0.0.1:{free_port()}/0", "t:", timeout_s=0.3),
+                       journal=OutageJournal(path), start_degraded=True, wall=lambda: t0)
+    assert await down.ping()  # Redis down: degraded
+    await down.add_usage("acme", GROUP, 0.5, 1, 2, settle_id="u1")
+    await down.close()  # the entry stays in the file
+    srv = RedisServer(tmp_path)
+    later = OutageStore(RedisStore(srv.url, "t:", timeout_s=0.5, settle_id_ttl_s=3600.0),
+                        journal=OutageJournal(path), wall=lambda: t0 + age_s)
+    try:
+        with caplog.at_level(logging.WARNING, "inferplane.admission"):
+            assert await later.ping()
+            deadline = time.monotonic() + 10
+            while later.journal:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.02)
+        assert [r.requests for r in await later.usage("acme")] == [1]
+    finally:
+        await later.close()
+        srv.stop()
+    old = [r.getMessage() for r in caplog.records if "settle_id_ttl_s" in r.getMessage()]
+    if age_s > 3600:
+        assert old == [
+            "replaying admission updates journaled 2.0 h ago, longer than "
+            "admission.settle_id_ttl_s (3600 s): Redis no longer remembers the ids of updates "
+            "that reached it before, so any of these that had (a timed-out update that still "
+            "ran, a process killed between applying and deleting one) counts twice in budgets "
+            "and usage"], old
+    else:
+        assert old == []
 
 
 async def test_a_redis_that_lost_its_data_is_noticed_once(

@@ -30,7 +30,8 @@ from aiohttp import web
 from inferplane.api.app import serve
 from inferplane.api.pipeline import Gateway
 from inferplane.config.loader import parse_config
-from inferplane.dispatch.upstream import _IdleWatch, _OpenAIEvents
+from inferplane.dispatch.answer import OpenAIEvents
+from inferplane.dispatch.upstream import _IdleWatch
 from inferplane.lograte import LogLimiter
 from tests.builders import endpoint, pool_fleet, to_yaml
 from tests.support.fake_upstream import WAITING, health, metrics
@@ -633,7 +634,7 @@ async def test_a_dead_engine_is_logged_once_with_its_reason(
 
 
 def test_the_stream_check_reads_every_event_however_it_is_cut() -> None:
-    """`_OpenAIEvents` (made cheaper in harden27) keeps its checks: events split across reads,
+    """`OpenAIEvents` (made cheaper in harden27) keeps its checks: events split across reads,
     CRLF lines, ``data:`` without a space, comments and event names, ``[DONE]``, a finish
     reason, an error event after tokens in the same read (where its line begins), and a
     ``data:`` line that is not JSON."""
@@ -641,34 +642,34 @@ def test_the_stream_check_reads_every_event_however_it_is_cut() -> None:
               + b'data: {"choices":[{"index":0,"finish_reason":"length"}]}\r\n\r\n'
               + b"data:[DONE]\r\n\r\n")
     for cut in range(1, len(stream)):  # every way of reading it in two
-        events = _OpenAIEvents()
+        events = OpenAIEvents()
         assert events.feed(stream[:cut]) is None and events.feed(stream[cut:]) is None
         assert events.finished and events.done and events.close() is None
-    events = _OpenAIEvents()
+    events = OpenAIEvents()
     assert events.feed(_event(0)) is None and not events.finished
     assert events.close() == "the stream ended without its closing DONE event (cut short upstream)"
     error = b'data: {"error": {"message": "boom", "code": 500}}\n\n'
     for head in (b"", _event(1)[:9]):  # the error's line whole in the read, or an event before
         # it begun in the read before
-        events = _OpenAIEvents()
+        events = OpenAIEvents()
         assert events.feed(head) is None
         rest = _event(1)[len(head):] if head else b""
         assert events.feed(rest + _event(2) + error + b"data: [DONE]\n\n") == "boom"
         assert events.error == {"message": "boom", "code": 500}
         assert events.error_at == len(rest) + len(_event(2))
-    events = _OpenAIEvents()
+    events = OpenAIEvents()
     assert events.feed(b'data: {"error": "text"}\n\n') == "text"
     assert events.feed(b"data: {not json\n\n") == (
         "sent a stream event that is not JSON: '{not json'")
     for empty in (b"null", b"false", b'""', b"{}"):  # not an error event (review27 N8)
-        assert _OpenAIEvents().feed(b'data: {"error": ' + empty + b', "choices": []}\n\n') is None
+        assert OpenAIEvents().feed(b'data: {"error": ' + empty + b', "choices": []}\n\n') is None
     # review27 S6: where the error's line begins, exactly, even with the same bytes in a comment
     # before it (a comment is not parsed); and 0 when the error's own line began before the read
-    events = _OpenAIEvents()
+    events = OpenAIEvents()
     line = error.rstrip(b"\n")
     head = b'data: {"choices":[]}\n\n: ' + line + b"\n\n" + _event(3)
     assert events.feed(head + error) == "boom" and events.error_at == len(head)
-    events = _OpenAIEvents()
+    events = OpenAIEvents()
     assert events.feed(_event(4) + error[:10]) is None
     assert events.feed(error[10:] + b"data: [DONE]\n\n") == "boom" and events.error_at == 0
 

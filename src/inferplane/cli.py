@@ -23,6 +23,7 @@ from inferplane.errors import ConfigError
 from inferplane.errors import described as _describe
 
 if TYPE_CHECKING:
+    from inferplane.config.dsn import Section
     from inferplane.config.schema import FleetConfig
     from inferplane.core.plane import Core
 
@@ -689,6 +690,10 @@ def check(
             )
     for line in _v1_urls(cfg):
         typer.echo(f"note: {line}")
+    from inferplane.ledger.build import ignored_settings
+
+    for path, why in ignored_settings(cfg):
+        typer.echo(f"note: {config}: {path}: {why}")
     for path, problem in here:  # serve would stop on these
         typer.echo(f"note: {config}: {path}: {problem} in this environment; `serve` refuses "
                    "to start on it (check --strict fails on it)")
@@ -725,17 +730,13 @@ def _connect_problems(cfg: FleetConfig, file: str, timeout_s: float = 2.0
                 client.close()
         except (redis.RedisError, OSError, ValueError) as exc:
             problems.append(("admission.redis_url", f"{redact_url(url)}: {_describe(exc)}"))
-    dsns: list[tuple[str, Callable[[], str | None]]] = []
-    from inferplane.ledger.build import configured_dsn
+    from inferplane.config.dsn import postgres_dsn
 
-    dsns.append(("ledger.postgres_dsn", lambda: configured_dsn(cfg, file)))
-    if cfg.batch.enabled:
-        from inferplane.batch.routes import _dsn as batch_dsn
-
-        dsns.append(("batch.postgres_dsn", lambda: batch_dsn(cfg, file)))
-    for field, read in dsns:
+    sections: list[Section] = ["ledger", "batch"] if cfg.batch.enabled else ["ledger"]
+    for section in sections:
+        field = f"{section}.postgres_dsn"
         try:
-            dsn = read()
+            dsn = postgres_dsn(cfg, section, file)
         except ConfigError:  # an unset variable: startup_problems notes it
             continue
         if not dsn:

@@ -8,7 +8,10 @@ request and never answers while ``/health`` stays green: a hung engine), ``stall
 only: blocks the whole event loop for `STALL_S` before answering, as if the host descheduled the
 gateway sharing that loop, then answers like ``ok``), ``provider`` (answers like ``ok`` with the
 headers a hosted provider adds, `PROVIDER_HEADERS`: a cookie, account ids, rate-limit state;
-and, as a CDN-fronted provider does, gzips the answer when the request accepts gzip).
+and, as a CDN-fronted provider does, gzips the answer when the request accepts gzip),
+``error-event`` and ``error-event-400`` (stream two chunks, then vLLM's mid-stream error event,
+`ERROR_EVENTS`: the engine's own fault, or the request's ``BadRequestError``, then ``[DONE]``),
+``nodone`` (streams the chunks, no finish reason and no ``[DONE]``, and ends cleanly).
 It counts requests and cancellations and reports them on ``GET /stats`` (with the last request's
 headers, ``last_headers``); ``/metrics`` serves a
 fixed vLLM-style exposition with ``waiting`` read from ``--waiting``.
@@ -40,6 +43,18 @@ PROVIDER_HEADERS = {
     "x-inferplane-receipt": "forged",
     "x-request-id": "req_provider_123",
 }
+
+
+ERROR_EVENTS = {
+    "error-event": {"error": {
+        "message": "CUDA error: an illegal memory access was encountered",
+        "type": "InternalServerError", "param": None, "code": 500}},
+    "error-event-400": {"error": {
+        "message": "The decoder prompt cannot be empty", "type": "BadRequestError",
+        "param": None, "code": 400}},
+}
+"""What vLLM 0.32 sends as a stream's last event on a failure (``create_streaming_error_response``),
+by mode."""
 
 
 def _chunk(obj: dict[str, object]) -> bytes:
@@ -100,6 +115,10 @@ async def completions(request: web.Request) -> web.StreamResponse:
                 assert request.transport is not None
                 request.transport.close()
                 return resp
+            if mode in ERROR_EVENTS and i == 2:
+                await resp.write(_chunk(ERROR_EVENTS[mode]) + b"data: [DONE]\n\n")
+                await resp.write_eof()
+                return resp
             delta = {"delta": {"content": w + " "}} if chat else {"text": w + " "}
             await resp.write(_chunk({"id": "x", "object": "chat.completion.chunk" if chat else
                                      "text_completion", "model": body["model"],
@@ -109,7 +128,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
         if (body.get("stream_options") or {}).get("include_usage"):
             await resp.write(_chunk({"id": "x", "object": "chat.completion.chunk",
                                      "model": body["model"], "choices": [], "usage": usage}))
-        await resp.write(b"data: [DONE]\n\n")
+        if mode != "nodone":
+            await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         STATS["completed"] += 1
     except (asyncio.CancelledError, ConnectionResetError):

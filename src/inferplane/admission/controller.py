@@ -172,8 +172,9 @@ def make_store(
     if path is not None:
         from inferplane.admission.sqlite_state import SqliteStore
 
-        return SqliteStore(path, retry_after_s=spec.outage_retry_after_s)
-    return MemoryStore()
+        return SqliteStore(path, retry_after_s=spec.outage_retry_after_s,
+                           max_workflows=spec.usage_max_workflows)
+    return MemoryStore(max_workflows=spec.usage_max_workflows)
 
 
 def store_problems(config: FleetConfig) -> list[tuple[str, str]]:

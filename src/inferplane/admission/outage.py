@@ -124,6 +124,14 @@ class Entry:
     written: asyncio.Future[int]
 
 
+def _age(seconds: float) -> str:
+    """A journal's age for a log line: seconds, minutes, hours or days."""
+    for unit, size in (("d", 86400.0), ("h", 3600.0), ("min", 60.0)):
+        if seconds >= size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds:.0f} s"
+
+
 def _settle_payload(
     counters: Sequence[CounterDemand], lease_id: str, usd: float, tokens: int, now: float
 ) -> Payload:
@@ -145,8 +153,10 @@ class OutageStore:
         max_stretch: float = MAX_STRETCH,
         start_degraded: bool = False,
         epoch_check_s: float = EPOCH_CHECK_S,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self.remote = remote
+        self.wall = wall  # Unix time: a journal entry's ``at``, read by a later process
         self.start_degraded = start_degraded
         self.epoch: str | None = None  # ``<prefix>epoch`` as this process last saw it
         self.resets = 0  # times Redis was found to have lost its data
@@ -168,6 +178,8 @@ class OutageStore:
         self.outages = 0
         self.dropped = 0  # never: every update is replayed (the totals read as the SQLite store's)
         self.replayed = 0
+        # the oldest entry an earlier process journaled (Unix time), until its replay begins
+        self._inherited_at: float | None = None
 
     # -- state ----------------------------------------------------------------------------
     @property
@@ -300,7 +312,10 @@ class OutageStore:
     async def _journal(self, kind: str, payload: Payload) -> None:
         """Queue an update for Redis (in order) and return once it is committed to the journal
         file (a file that cannot be written is logged: the update is still replayed from
-        memory)."""
+        memory). The entry carries when it was journaled (``at``, Unix time), which a later
+        process that replays it compares with ``admission.settle_id_ttl_s``
+        (`_warn_if_older_than_ids`)."""
+        payload = {**payload, "at": self.wall()}
         written = asyncio.ensure_future(self.store.append(kind, payload))
         self._push(Entry(kind, payload, written))
         self._ensure_reconciler()
@@ -319,8 +334,29 @@ class OutageStore:
             await self.remote.add_usage(p["tenant"], tuple(p["group"]), p["usd"], p["prompt"],
                                         p["completion"], p["settle_id"])
 
+    def _warn_if_older_than_ids(self) -> None:
+        """Before the first replay of entries an earlier process journaled: one WARNING when
+        the oldest is older than ``admission.settle_id_ttl_s``. Redis remembers a settle's id
+        that long after the settle reached it, so an entry that had reached Redis before (an
+        update that timed out but ran, a process killed between applying and deleting it) is
+        no longer recognised and counts twice."""
+        at, self._inherited_at = self._inherited_at, None
+        if at is None:
+            return
+        age = self.wall() - at
+        ttl = self.remote.settle_id_ttl_s
+        if age > ttl:
+            log.warning(
+                "replaying admission updates journaled %s ago, longer than "
+                "admission.settle_id_ttl_s (%g s): Redis no longer remembers the ids of "
+                "updates that reached it before, so any of these that had (a timed-out "
+                "update that still ran, a process killed between applying and deleting one) "
+                "counts twice in budgets and usage", _age(age), ttl,
+            )
+
     async def _replay(self) -> None:
         """Apply the journal in Redis, in order; each entry leaves the file once applied."""
+        self._warn_if_older_than_ids()
         while self.journal:
             e = self.journal[0]
             seq: int | None = None
@@ -453,6 +489,11 @@ class OutageStore:
             written: asyncio.Future[int] = loop.create_future()
             written.set_result(seq)
             self._push(Entry(kind, payload, written))
+            # when it was journaled: ``at``; a settle journaled before edge28 has its ``now``
+            at = payload.get("at", payload.get("now"))
+            if isinstance(at, int | float) and (
+                    self._inherited_at is None or at < self._inherited_at):
+                self._inherited_at = float(at)
         try:
             async with self._deadline():  # in running time, as every other call
                 ok = await self.remote.ping()

@@ -30,6 +30,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from inferplane.admission.state import (
+    OTHER_WORKFLOW,
     SEP,
     BucketDemand,
     CounterDemand,
@@ -44,9 +45,6 @@ NANO = 1e9
 # start of a gateway killed during the outage (a journal replayed later than this after the
 # settle reached Redis could count an entry twice). Until 2026-12-07 one day.
 APPLIED_TTL_S = 3600.0
-# the workflow a tenant's usage counts beyond ``admission.usage_max_workflows`` distinct ones a
-# day (the x-inferplane-workflow header cannot spell it: no parentheses)
-OTHER_WORKFLOW = "(other)"
 WORKFLOW_SET_TTL_S = 2 * 86400.0
 
 _PURGE = """

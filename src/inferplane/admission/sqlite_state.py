@@ -123,8 +123,9 @@ class SqliteStore(MemoryStore):
         *,
         retry_after_s: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
+        max_workflows: int | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(max_workflows=max_workflows)
         self.path = str(path)
         self.retry_after_s = retry_after_s
         self.clock = clock
@@ -469,7 +470,10 @@ class SqliteStore(MemoryStore):
     ) -> None:
         # local and in-process: each update commits once (in its own transaction, or with the
         # pending ones once the file takes writes again), so there are no repeats to see
-        grp = SEP.join(group)
+        cap = self.workflows
+        if cap.applies(group) and not cap.seeded(tenant, group[0]):
+            await self._seed_workflows(tenant, group[0])
+        grp = SEP.join(cap.group(tenant, group))
         vals = (_nano(usd), prompt, completion, 1)
 
         def op(c: sqlite3.Connection) -> None:
@@ -483,6 +487,25 @@ class SqliteStore(MemoryStore):
         for i, v in enumerate(vals):
             row[i] += v
         self._ensure_retrier()
+
+    async def _seed_workflows(self, tenant: str, day: str) -> None:
+        """The workflow ids the file already holds for a tenant's day (a restart keeps the
+        cap), read once per day; a file that cannot be read is tried again at the next update
+        (the cap counts the ids seen meanwhile)."""
+        lo, hi = day + SEP, day + chr(ord(SEP) + 1)
+
+        def op(c: sqlite3.Connection) -> list[str]:
+            rows = c.execute(
+                "SELECT grp FROM usage WHERE tenant = ? AND grp >= ? AND grp < ?",
+                (tenant, lo, hi),
+            ).fetchall()
+            return [g.split(SEP)[1] for (g,) in rows]
+
+        try:
+            ids = await self._tx(op, write=False)
+        except _WRITE_FAILURES:
+            return
+        self.workflows.seed(tenant, day, ids)
 
     async def usage(self, tenant: str) -> list[UsageRow]:
         await self._ready("usage")

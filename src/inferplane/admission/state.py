@@ -17,11 +17,14 @@ are wall-clock seconds passed in by the caller, so tests drive them with a fake 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 SEP = "\x1f"  # joins the parts of a usage group
+OTHER_WORKFLOW = "(other)"
+"""The workflow a tenant's usage counts beyond ``admission.usage_max_workflows`` distinct ones
+a day (the x-inferplane-workflow header cannot spell it: no parentheses)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +147,57 @@ class _Counter:
             self.reserved_tokens -= tok
 
 
+class WorkflowCap:
+    """``admission.usage_max_workflows`` for the stores of one process (memory, SQLite), as
+    `RedisStore`'s script applies it: the first ``limit`` distinct workflow ids of a tenant's
+    UTC day keep their own usage rows, a further id's usage that day counts under
+    `OTHER_WORKFLOW` (a group without a workflow is never capped). The ids of a tenant's two
+    latest days are kept (Redis keeps each day's set two days); ``limit`` None: no cap."""
+
+    DAYS = 2
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+        self._days: dict[str, dict[str, set[str]]] = {}  # tenant -> day -> workflow ids
+        self._seeded: set[tuple[str, str]] = set()
+
+    def applies(self, group: Sequence[str]) -> bool:
+        """Whether ``group`` (day, workflow, ...) is subject to the cap."""
+        return self.limit is not None and len(group) > 1 and bool(group[1])
+
+    def seeded(self, tenant: str, day: str) -> bool:
+        return (tenant, day) in self._seeded
+
+    def seed(self, tenant: str, day: str, workflows: Iterable[str]) -> None:
+        """The ids a tenant's day already has in a store's file (read once per day)."""
+        self._ids(tenant, day).update(w for w in workflows if w and w != OTHER_WORKFLOW)
+        self._seeded.add((tenant, day))
+
+    def group(self, tenant: str, group: Sequence[str]) -> tuple[str, ...]:
+        """``group`` as the usage counts it: its own, or with `OTHER_WORKFLOW` past the cap."""
+        if not self.applies(group):
+            return tuple(group)
+        day, workflow = group[0], group[1]
+        ids = self._ids(tenant, day)
+        if workflow not in ids:
+            assert self.limit is not None
+            if len(ids) >= self.limit:
+                return (day, OTHER_WORKFLOW, *group[2:])
+            ids.add(workflow)
+        return tuple(group)
+
+    def _ids(self, tenant: str, day: str) -> set[str]:
+        days = self._days.setdefault(tenant, {})
+        ids = days.get(day)
+        if ids is None:
+            ids = days[day] = set()
+            while len(days) > self.DAYS:  # ISO days sort as dates
+                old = min(days)
+                del days[old]
+                self._seeded.discard((tenant, old))
+        return ids
+
+
 class MemoryStore:
     """The single-process store. Each method runs without awaiting, hence atomically.
 
@@ -152,7 +206,8 @@ class MemoryStore:
     a loop callback), so they must never await anything that suspends nor enter an
     ``asyncio.timeout``."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, max_workflows: int | None = None) -> None:
+        self.workflows = WorkflowCap(max_workflows)  # admission.usage_max_workflows
         self._counters: dict[str, _Counter] = {}
         self._buckets: dict[str, tuple[float, float]] = {}  # key -> (level, at)
         self._marks: dict[str, float] = {}  # key -> expiry
@@ -262,7 +317,8 @@ class MemoryStore:
         settle_id: str | None = None,
     ) -> None:
         # one process, each update applied once as it is made: no repeats to see
-        row = self._usage.setdefault(tenant, {}).setdefault(tuple(group), [0.0, 0, 0, 0])
+        group = self.workflows.group(tenant, group)
+        row = self._usage.setdefault(tenant, {}).setdefault(group, [0.0, 0, 0, 0])
         row[0] += usd
         row[1] += prompt
         row[2] += completion

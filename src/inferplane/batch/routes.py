@@ -19,7 +19,6 @@ one. Errors are raised as `GatewayError` and rendered by the app's one error mid
 from __future__ import annotations
 
 import asyncio
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ from inferplane.batch.jsonl import ENDPOINTS, check_input
 from inferplane.batch.sqlite_store import SqliteBatchStore
 from inferplane.batch.store import ACTIVE, BatchStore, public
 from inferplane.batch.worker import BatchWorker, new_id
+from inferplane.config.dsn import postgres_dsn
 from inferplane.config.files import writable_file_problem
 from inferplane.config.schema import FleetConfig
 from inferplane.core.plane import Core
@@ -72,18 +72,6 @@ def store_field(config: FleetConfig) -> str:
     return "batch.path" if config.batch.path is not None else "gateway.ledger_path"
 
 
-def _dsn(config: FleetConfig, file: str) -> str | None:
-    spec = config.batch
-    if spec.postgres_dsn_env:
-        dsn = os.environ.get(spec.postgres_dsn_env)
-        if not dsn:
-            raise ConfigError(
-                file, [("batch.postgres_dsn_env", f"${spec.postgres_dsn_env} is not set")]
-            )
-        return dsn
-    return spec.postgres_dsn
-
-
 def _file_problem(config: FleetConfig) -> tuple[str, str] | None:
     path = store_path(config)
     problem = None if path is None else writable_file_problem(path)
@@ -97,7 +85,7 @@ def store_problems(config: FleetConfig, file: str) -> list[tuple[str, str]]:
     if not config.batch.enabled:
         return []
     try:
-        if _dsn(config, file):
+        if postgres_dsn(config, "batch", file):
             return []
     except ConfigError as exc:
         return exc.problems
@@ -111,7 +99,7 @@ def make_store(config: FleetConfig, file: str = "<config>") -> BatchStore:
     memory. A DSN variable that is not set, and a file the gateway cannot create or write
     (its directory missing, ...), are a `ConfigError` naming the field."""
     spec = config.batch
-    dsn = _dsn(config, file)
+    dsn = postgres_dsn(config, "batch", file)
     if dsn:
         from inferplane.batch.postgres_store import PostgresBatchStore
 

@@ -16,7 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from inferplane.types import ApiKind, CapacityClass, EngineType, SubstrateKind
 from inferplane.upstream_headers import refusal as header_refusal
 
-_NAME = r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$"
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$"
+"""What a name in the fleet file may be (an endpoint, a pool, a tenant, a ledger shard...)."""
+_NAME = NAME_PATTERN
 _KEY_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
 SKIP_WINDOW_MAX_S = 60
 """The longest ``gateway.health_skip_window_s``."""
@@ -1009,9 +1011,10 @@ class AdmissionSpec(Strict):
     usage_max_workflows: int | None = Field(
         1000,
         ge=0,
-        description="store: redis — distinct x-inferplane-workflow values kept in a tenant's "
-        "usage per UTC day; the usage of further workflows that day is counted under the "
-        "workflow '(other)' (client-chosen ids must not grow Redis without bound); null: no cap",
+        description="distinct x-inferplane-workflow values kept in a tenant's usage per UTC "
+        "day, in every store (redis, local, memory); the usage of further workflows that day is "
+        "counted under the workflow '(other)' (client-chosen ids must not grow the store "
+        "without bound); null: no cap",
     )
     redis_timeout_s: float = Field(
         0.5, gt=0, description="a Redis call slower than this counts as Redis being "
@@ -1099,7 +1102,8 @@ class LedgerSpec(Strict):
         "database is down (answers wait for it instead of the database) and is replayed in "
         "order when it answers again, at this start or the next; on a volume that outlives "
         "the process. Unset: records pending in an outage live in memory and a restart loses "
-        "them (their receipts then read as deleted records)"
+        "them (their receipts then read as deleted records). A SQLite or in-memory ledger "
+        "ignores it (inferplane check notes that)"
     )
 
     @model_validator(mode="after")

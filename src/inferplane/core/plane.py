@@ -70,6 +70,7 @@ from inferplane.telemetry.tracing import NOOP, RequestTrace, build_telemetry, cu
 from inferplane.types import ApiKind, JSONObject
 
 if TYPE_CHECKING:
+    from inferplane.admission.config_peers import ConfigPeers
     from inferplane.admission.shared_placement import SharedPick, SharedPlacement
     from inferplane.admission.slots import SharedSlots
 
@@ -238,6 +239,15 @@ class Core:
                 lag=self.lag,
                 max_stretch=g.lag_max_stretch,
             )
+        self.peers: ConfigPeers | None = None
+        if spec.store == "redis":
+            from inferplane.admission.config_peers import ConfigPeers
+
+            # which fleet file each process sharing this Redis runs (`set_config_sha256`)
+            self.peers = ConfigPeers(
+                spec.redis_url, spec.redis_prefix, on_seen=self.metrics.config_peers_seen,
+                timeout_s=spec.redis_timeout_s, lag=self.lag, max_stretch=g.lag_max_stretch,
+            )
         self.passive = PassiveHealth(self.live, self.outliers, config.health.outlier)
         # a failed upstream attempt or stream: one WARNING per endpoint per 30 s (`lograte`)
         self.failure_log = LogLimiter(log)
@@ -321,6 +331,8 @@ class Core:
             await self.slots.start(degraded=degraded)
         if self.shared is not None:
             await self.shared.start(degraded=degraded)
+        if self.peers is not None:
+            self.peers.start()  # never a start-up error: it tries again every interval
 
     async def stop(self) -> None:
         """Stop everything `start` started. Every step runs even when an earlier one fails (a
@@ -341,6 +353,8 @@ class Core:
             steps.append(("shared slots", self.slots.close))
         if self.shared is not None:
             steps.append(("shared placement state", self.shared.close))
+        if self.peers is not None:
+            steps.append(("fleet file comparison", self.peers.close))
         steps += [
             ("ledger", self.ledger.close),
             ("admission", self.admission.close),
@@ -386,6 +400,8 @@ class Core:
         self.config_sha256 = sha256
         if sha256 is not None:
             self.metrics.config_hash.labels(sha256).set(1)
+        if self.peers is not None:
+            self.peers.set_sha256(sha256)  # published to the other replicas at once
 
     def _prepare_transport(self, config: FleetConfig, file: str) -> Callable[[], None]:
         """Check what the front end's transport needs of a reloaded ``config`` (credentials,
@@ -531,8 +547,8 @@ class Core:
             m.endpoint_stale.labels(v.name).set(1 if v.state.stale else 0)
             m.endpoint_ejected.labels(v.name).set(1 if v.state.ejected else 0)
         m.loop_lag_max.set(self.lag.recent_max_s(asyncio.get_running_loop().time()))
-        m.ledger_store_down.set(1 if getattr(self.ledger, "writes_failing", False) else 0)
-        m.ledger_spooled.set(getattr(self.ledger, "spooled", 0))
+        m.ledger_store_down.set(1 if self.ledger.writes_failing else 0)
+        m.ledger_spooled.set(self.ledger.spooled)
         # the running totals (loop lag, send gate, coalescing holds) are counters read as the
         # registry is collected (telemetry.metrics.SourcedCounters)
         for name, p in self.pool_health().items():
@@ -1271,8 +1287,8 @@ class Core:
         if spec.durable and not receipt.committed:
             # while the ledger's store is known down (its last write failed, none committed
             # since) an answer does not wait: it would wait commit_timeout_s every time
-            down = getattr(self.ledger, "store_down", False)
-            ok = False if down else await receipt.durable(spec.commit_timeout_s)
+            ok = False if self.ledger.store_down else await receipt.durable(
+                spec.commit_timeout_s)
             if not ok:
                 self.metrics.ledger_commit_timeouts.inc()
         if ticket is not None:

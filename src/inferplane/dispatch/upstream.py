@@ -27,13 +27,19 @@ import time
 from collections.abc import AsyncGenerator, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Final
+from typing import Final
 
 import aiohttp
 import orjson
 
 from inferplane.dispatch import anthropic, eager
-from inferplane.dispatch.answer import StreamStats, UpstreamAttemptFailed
+from inferplane.dispatch.answer import (
+    CLIENT_FAULT_TYPES,
+    OpenAIEvents,
+    StreamStats,
+    UpstreamAttemptFailed,
+    excerpt,
+)
 from inferplane.dispatch.credentials import auth_headers
 from inferplane.errors import UpstreamError, UpstreamErrorEvent
 from inferplane.fleet.model import Endpoint
@@ -493,13 +499,13 @@ class Dispatcher:
                 )
             except anthropic.MessagesFormatError as exc:
                 raise UpstreamError(
-                    f"{exc} (HTTP {resp.status}): {_excerpt(data)}", upstream=endpoint.name
+                    f"{exc} (HTTP {resp.status}): {excerpt(data)}", upstream=endpoint.name
                 ) from None
             return orjson.dumps(obj)
         if ok:
             if data[:64].lstrip()[:1] != b"{":  # no copy of a large body
                 raise UpstreamError(
-                    f"answered HTTP {resp.status} with a body that is not JSON: {_excerpt(data)}",
+                    f"answered HTTP {resp.status} with a body that is not JSON: {excerpt(data)}",
                     upstream=endpoint.name,
                 )
         else:
@@ -507,7 +513,7 @@ class Dispatcher:
             if error is None:
                 raise UpstreamError(
                     f"answered HTTP {resp.status} with an error in an unknown format: "
-                    f"{_excerpt(data)}",
+                    f"{excerpt(data)}",
                     upstream=endpoint.name,
                 )
             return error
@@ -560,7 +566,7 @@ class Dispatcher:
             if endpoint.dialect == "anthropic"
             else None
         )
-        events = _OpenAIEvents() if translator is None else None
+        events = OpenAIEvents() if translator is None else None
         idle = _IdleWatch(self.stream_idle_s) if self.stream_idle_s else None
         self.streams += 1
         try:
@@ -600,19 +606,13 @@ class Dispatcher:
                         chunk = raw
                         assert events is not None
                         if (problem := events.feed(chunk)) is not None:
-                            if events.error is None:
-                                raise UpstreamError(problem, upstream=endpoint.name)
                             # the upstream's own error event: what came before it in this
                             # read goes out, the event becomes the gateway's (`forward`)
-                            if (before := chunk[: events.error_at]):
+                            if events.error is not None and (before := chunk[: events.error_at]):
                                 stats.observe(before, now)
                                 opened = True
                                 yield before
-                            raise UpstreamErrorEvent(
-                                f"sent an error event mid-stream after {stats.tokens} tokens: "
-                                f"{problem}", upstream=endpoint.name,
-                                client_fault=_client_fault(events.error),
-                            )
+                            raise events.failure(problem, endpoint.name, stats.tokens)
                     stats.observe(chunk, now)
                     opened = True
                     yield chunk
@@ -644,118 +644,6 @@ class Dispatcher:
                 resp.release()  # fully read: the connection goes back to the pool
             else:
                 resp.close()  # cut short (client gone, error): drop it so the engine aborts
-
-
-class _OpenAIEvents:
-    """Checks an OpenAI-dialect stream as it is relayed: each complete ``data:`` line is JSON
-    or ``[DONE]``, and the stream ends with ``[DONE]`` (as vLLM, SGLang and OpenAI send it) or,
-    for engines that never send it (TGI before 2.2, some llama.cpp forks), cleanly after a
-    chunk with a ``finish_reason``; what a client's SSE parser would choke on, or a stream cut
-    short with a clean close before any finish reason, is a stream error (as a Messages stream
-    without ``message_stop`` is). Only a line split across
-    chunks is carried to the next; engines send whole events, so that is rare."""
-
-    __slots__ = ("_tail", "done", "error", "error_at", "finished")
-
-    #: a ``data:`` line longer than this (with no end in sight) is not an OpenAI event
-    MAX_LINE = 16 * 1024 * 1024
-
-    def __init__(self) -> None:
-        self._tail = b""
-        self.done = False
-        self.finished = False  # a chunk with a finish reason went by
-        self.error: Any = None  # an error event's ``error`` (vLLM, SGLang, OpenAI mid-stream)
-        self.error_at = 0  # where in the last chunk fed the error event's line began
-
-    def feed(self, chunk: bytes) -> str | None:
-        """None, or what is wrong with the stream so far: an event that is not JSON, or an
-        error event (``data: {"error": {...}}``, then `error` holds its ``error`` and
-        `error_at` where its line began in ``chunk``, 0 if before it).
-
-        On the relay's path for every event: each ``data:`` line is parsed once with orjson (the
-        check itself), around it as little as Python allows (no copy of a chunk that ends with
-        its line, ``[DONE]`` tried only when a line does not parse, the finish reason looked
-        for in a plain loop and only until one is seen)."""
-        tail = self._tail
-        data = tail + chunk if tail else chunk
-        cut = data.rfind(b"\n")
-        if cut < 0:
-            self._tail = data
-            return None if len(data) <= self.MAX_LINE else (
-                f"sent a line of more than {self.MAX_LINE} bytes")
-        if cut == len(data) - 1:  # whole lines (as engines send them): nothing carried
-            complete, self._tail = data, b""
-        else:
-            complete, self._tail = data[:cut], data[cut + 1 :]
-        loads = orjson.loads
-        lines = complete.split(b"\n")
-        for line in lines:
-            if not line or line[:5] != b"data:":  # blank lines, comments, event names
-                continue
-            try:
-                obj = loads(line[5:])  # JSON's own whitespace around it is allowed
-            except orjson.JSONDecodeError:
-                payload = line[5:].strip()
-                if payload == b"[DONE]":
-                    self.done = True
-                    continue
-                return f"sent a stream event that is not JSON: {_excerpt(payload)}"
-            if type(obj) is not dict:
-                continue
-            err = obj.get("error")
-            if err and isinstance(err, dict | str):  # not null, false, "" or {}
-                self.error = err
-                at = 0  # where its line begins: off the hot path, this very line's offset
-                for before in lines:
-                    if before is line:
-                        break
-                    at += len(before) + 1
-                self.error_at = max(0, at - len(tail))
-                return _error_message(err)
-            if not self.finished:
-                choices = obj.get("choices")
-                if type(choices) is list:
-                    for c in choices:
-                        if type(c) is dict and c.get("finish_reason") is not None:
-                            self.finished = True
-                            break
-        return None
-
-    def close(self) -> str | None:
-        """At the upstream's end of the body: None, or what was missing."""
-        if self._tail.strip() == b"data: [DONE]" or self._tail.strip() == b"data:[DONE]":
-            self.done = True
-        if self.done or self.finished:
-            return None  # a clean end after a finish reason: complete without [DONE]
-        return "the stream ended without its closing DONE event (cut short upstream)"
-
-
-_CLIENT_FAULT_TYPES: Final = frozenset({"BadRequestError", "invalid_request_error"})
-"""An error event's ``type`` that blames the request: vLLM's and SGLang's exception for a bad
-request, OpenAI's (and Anthropic's) type for one."""
-
-
-def _client_fault(error: Any) -> bool:
-    """Whether an error event says the request was at fault (a 4xx ``code`` or a bad-request
-    ``type``): then not the endpoint's failure (review27 S2)."""
-    if type(error) is not dict:
-        return False
-    code = error.get("code")
-    return (type(code) is int and 400 <= code < 500) or error.get("type") in _CLIENT_FAULT_TYPES
-
-
-def _error_message(error: Any) -> str:
-    """What an OpenAI-dialect error event says: its ``message`` (vLLM's, SGLang's, OpenAI's
-    ``{"error": {"message", "type", "param", "code"}}``), the text of ``{"error": "text"}``, or
-    the error as JSON, cut to 500 characters."""
-    text: str
-    if type(error) is dict and isinstance(error.get("message"), str):
-        text = error["message"]
-    elif isinstance(error, str):
-        text = error
-    else:
-        text = orjson.dumps(error).decode()
-    return text if len(text) <= 500 else text[:500] + "…"
 
 
 class _IdleWatch:
@@ -888,15 +776,10 @@ def _stream_errors(endpoint: Endpoint) -> Iterator[None]:
     except anthropic.MessagesStreamError as exc:
         raise UpstreamErrorEvent(
             f"stream error: {exc}", upstream=endpoint.name,
-            client_fault=exc.error_type in _CLIENT_FAULT_TYPES,
+            client_fault=exc.error_type in CLIENT_FAULT_TYPES,
         ) from None
     except anthropic.MessagesFormatError as exc:
         raise UpstreamError(str(exc), upstream=endpoint.name) from None
-
-
-def _excerpt(data: bytes, limit: int = 120) -> str:
-    text = data[:limit].decode("utf-8", "replace").strip()
-    return repr(text + ("…" if len(data) > limit else ""))
 
 
 _OPENAI_TYPE = re.compile(r"[a-z][a-z0-9_]*")

@@ -13,8 +13,9 @@ Two filters talk to the picker (see `epp.envoy_config`):
   decision id to the client's response headers;
 * the **observer filter** runs in Envoy's observability mode: it streams the response headers
   and body to the picker without waiting for answers, so TTFT, ITL and usage are measured
-  without holding the data path. Its stream names the request by the decision id header the
-  picker set.
+  without holding the data path, and an event stream is checked as the gateway's relay checks
+  it (`OpenAIEvents`: an engine's error event, a malformed or cut-short stream is a 502). Its
+  stream names the request by the decision id header the picker set.
 
 One `Flight` per picked request lives between the pick and its accounting. Its reservation and
 admission slot are given back when the HTTP exchange is over (the picker stream's end, or the
@@ -56,7 +57,7 @@ from inferplane.admission.state import AdmissionStore
 from inferplane.config.schema import FleetConfig
 from inferplane.core.plane import API_PATHS, Core, Placement
 from inferplane.core.validation import parse_json, validate
-from inferplane.dispatch.answer import StreamStats, parse_usage
+from inferplane.dispatch.answer import OpenAIEvents, StreamStats, parse_usage
 from inferplane.dispatch.credentials import auth_headers, load_credentials
 from inferplane.epp import protocol as P
 from inferplane.epp.envoy_config import OBSERVER_CLOSE_S
@@ -67,6 +68,8 @@ from inferplane.errors import (
     NoEligibleEndpointError,
     NotFoundError,
     PayloadTooLargeError,
+    UpstreamError,
+    UpstreamErrorEvent,
 )
 from inferplane.fleet.model import Endpoint, Fleet
 from inferplane.fleet.scraper import HttpMetricsSource, MetricsSource
@@ -120,6 +123,8 @@ class Flight:
     served: str | None = None
     retry_after_s: float | None = None
     ended: float | None = None  # when the picker stream ended (the HTTP exchange was over)
+    events: OpenAIEvents | None = None  # the stream check of a 200 event stream, until it fails
+    failure: UpstreamError | None = None  # what the stream check found (the gateway's 502)
 
 
 class Picker(Core):
@@ -289,8 +294,14 @@ class Picker(Core):
             return
         f.done = True
         self.flights.pop(f.placement.decision.decision_id, None)
+        if f.failure is not None:
+            # the observer saw the stream fail after its 200 head (an error event, an event
+            # that is not JSON, a cut): a 502 as on the gateway, whatever ended the exchange
+            status, error = 502, f.failure.message
+            blame = not (isinstance(f.failure, UpstreamErrorEvent) and f.failure.client_fault)
+            self.metrics.stream_errors.labels(f.placement.endpoint_name).inc()
         usage = None
-        if error is None and status == 200:
+        if (error is None and status == 200) or f.failure is not None:
             usage = parse_usage(
                 f.stats.usage_line if f.sse else bytes(f.body), sse=f.sse
             )
@@ -725,6 +736,8 @@ class Exchange:
             with contextlib.suppress(ValueError):
                 f.status = int(h.get(":status", "0")) or None
             f.sse = "text/event-stream" in h.get("content-type", "")
+            if f.sse and f.status == 200:  # checked as the gateway's relay checks it
+                f.events = OpenAIEvents()
             f.retry_after_s = _seconds(h.get("retry-after"))
             f.served = _served(req)
             picked = self.picker.addresses.get(f.placement.endpoint_name)
@@ -741,12 +754,24 @@ class Exchange:
                     f.placement.reservation.first_token()
                 if f.sse:
                     f.stats.observe(chunk, now)
+                    if f.events is not None and (problem := f.events.feed(chunk)) is not None:
+                        f.failure = f.events.failure(
+                            problem, f.placement.endpoint_name, f.stats.tokens)
+                        f.events = None  # the first problem is the stream's
                 elif len(f.body) < MAX_OBSERVED_BODY:
                     f.body += chunk
             if req.response_body.end_of_stream:
-                self.picker.finish(f, status=f.status or 502)
+                self._ended(f)
         elif kind == "response_trailers":
-            self.picker.finish(f, status=f.status or 502)
+            self._ended(f)
+
+    def _ended(self, f: Flight) -> None:
+        """The response's end was observed: an event stream that ended without its end (no
+        ``[DONE]``, no finish reason) failed, as on the gateway (`OpenAIEvents.close`)."""
+        if f.events is not None and (problem := f.events.close()) is not None:
+            f.failure = UpstreamError(f"{problem} after {f.stats.tokens} tokens",
+                                      upstream=f.placement.endpoint_name)
+        self.picker.finish(f, status=f.status or 502)
 
     def closed(self) -> None:
         """The stream ended (normally, or Envoy, the client or the upstream went away).

@@ -6,8 +6,9 @@ import os
 import re
 from collections.abc import Callable
 
+from inferplane.config.dsn import postgres_dsn
 from inferplane.config.files import writable_file_problem
-from inferplane.config.schema import _NAME as SHARD_NAME
+from inferplane.config.schema import NAME_PATTERN as SHARD_NAME
 from inferplane.config.schema import FleetConfig
 from inferplane.errors import ConfigError
 from inferplane.ledger.chain import KeyError_, Signer, signer_from
@@ -26,15 +27,8 @@ def configured_signer(config: FleetConfig, file: str) -> Signer | None:
 
 
 def configured_dsn(config: FleetConfig, file: str) -> str | None:
-    spec = config.ledger
-    if spec.postgres_dsn_env:
-        dsn = os.environ.get(spec.postgres_dsn_env)
-        if not dsn:
-            raise ConfigError(
-                file, [("ledger.postgres_dsn_env", f"${spec.postgres_dsn_env} is not set")]
-            )
-        return dsn
-    return spec.postgres_dsn
+    """The ledger's PostgreSQL DSN (`config.dsn.postgres_dsn`)."""
+    return postgres_dsn(config, "ledger", file)
 
 
 def configured_shard(config: FleetConfig, file: str) -> str:
@@ -75,6 +69,20 @@ def ledger_problems(config: FleetConfig, file: str) -> list[tuple[str, str]]:
         if problem is not None:
             problems.append((CONFIG_FIELD, f"{path}: {problem}"))
     return problems
+
+
+def ignored_settings(config: FleetConfig) -> list[tuple[str, str]]:
+    """Ledger settings the configured ledger does not use, each as (field, why), for
+    `inferplane check` to note: ``ledger.spool_path`` without PostgreSQL (only a PostgreSQL
+    ledger spools; a SQLite or in-memory ledger never opens the file)."""
+    spec = config.ledger
+    if spec.spool_path and not (spec.postgres_dsn or spec.postgres_dsn_env):
+        kind = ("SQLite (gateway.ledger_path)" if config.gateway.ledger_path
+                else "in memory (no gateway.ledger_path)")
+        return [("ledger.spool_path", (
+            f"ignored: the ledger is {kind}, and only a PostgreSQL ledger "
+            "(ledger.postgres_dsn or ledger.postgres_dsn_env) spools its records"))]
+    return []
 
 
 def in_memory(config: FleetConfig) -> bool:

@@ -31,6 +31,11 @@ class MemoryLedger:
             self._records.popitem(last=False)
         return Receipt(entry.receipt)
 
+    # committed as recorded: never down, nothing spooled
+    store_down = False
+    writes_failing = False
+    spooled = 0
+
     def get(self, decision_id: str) -> dict[str, Any] | None:
         return merge_records(e.text for e in self._records.values()
                              if e.decision_id == decision_id)

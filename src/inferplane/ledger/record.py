@@ -236,3 +236,21 @@ class Ledger(Protocol):
     async def start(self) -> None: ...
 
     async def close(self) -> None: ...
+
+    @property
+    def store_down(self) -> bool:
+        """The store is known down (its last write failed and none has committed since, and no
+        spool takes the records): answers need not wait for their record's commit."""
+        ...
+
+    @property
+    def writes_failing(self) -> bool:
+        """The store's last write failed and none has committed since, spool or not
+        (``inferplane_ledger_store_down``)."""
+        ...
+
+    @property
+    def spooled(self) -> int:
+        """Records in a local spool waiting for the store (``ledger.spool_path``); 0 without
+        one (``inferplane_ledger_spooled_records``)."""
+        ...

@@ -175,6 +175,11 @@ class CommitAccounting:
         ``inferplane_ledger_store_down``."""
         return self._down_since is not None
 
+    @property
+    def spooled(self) -> int:
+        """Records in a spool: none (PostgreSQL's ledger has one)."""
+        return 0
+
     def _note_failure(self) -> None:
         if self._down_since is None:
             self._down_since = time.monotonic()

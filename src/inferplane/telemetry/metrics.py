@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -239,8 +239,9 @@ class GatewayMetrics:
         )
         self.stream_errors = Counter(
             "inferplane_stream_errors",
-            "Streams cut by an upstream failure after their first byte was relayed: the "
-            "client got a truncated answer (too late to re-place), by endpoint",
+            "Streams that failed after their first byte was relayed (too late to re-place): "
+            "cut, idle or malformed, or ended by the upstream's own error event, by endpoint; "
+            "behind Envoy, as the picker's observer saw the stream",
             ["endpoint"],
             registry=r,
         )
@@ -670,6 +671,30 @@ class GatewayMetrics:
             ["sha256"],
             registry=r,
         )
+        self.config_replicas = Gauge(
+            "inferplane_config_replicas",
+            "Processes sharing this gateway's Redis (admission.store: redis; every replica, "
+            "worker and picker on one admission.redis_prefix) that run each fleet file, by its "
+            "SHA-256, as last read from Redis (every 15 s and after a reload)",
+            ["sha256"],
+            registry=r,
+        )
+        self.config_replicas_disagree = Gauge(
+            "inferplane_config_replicas_disagree",
+            "1 while the processes sharing this gateway's Redis run more than one fleet file "
+            "(inferplane_config_replicas has more than one series), else 0",
+            registry=r,
+        )
+        self._config_shas: set[str] = set()
+
+    def config_peers_seen(self, counts: Mapping[str, int]) -> None:
+        """What `admission.config_peers.ConfigPeers` read: live processes by fleet file."""
+        for sha in self._config_shas - set(counts):
+            self.config_replicas.remove(sha)
+        self._config_shas = set(counts)
+        for sha, n in counts.items():
+            self.config_replicas.labels(sha).set(n)
+        self.config_replicas_disagree.set(1 if len(counts) > 1 else 0)
 
     def by_endpoint(self) -> tuple[Any, ...]:
         """The metrics labelled by ``endpoint``."""
