@@ -662,11 +662,12 @@ async def _gateway_page(upstream: HeldUpstream) -> bytes:
 async def test_single_process_page_is_prometheus_clients_bytes_and_a_workers_is_merged(
     upstream: HeldUpstream, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    """A single-process gateway serves `generate_latest`'s bytes as they are (no ``worker``
-    label, no gathered families); the same gateway as worker 0 of 2 (whose peer is not there)
-    serves its page labelled, with worker 1 left out."""
+    """A single-process gateway serves the rendered registry's bytes (`telemetry.metrics.page`:
+    `generate_latest` less the ``_created`` samples) as they are (no ``worker`` label, no
+    gathered families); the same gateway as worker 0 of 2 (whose peer is not there) serves its
+    page labelled, with worker 1 left out."""
     rendered = b'# HELP a_total A\n# TYPE a_total counter\na_total{x="y"} 7.0\n'
-    monkeypatch.setattr(plane_module, "generate_latest", lambda _registry: rendered)
+    monkeypatch.setattr(plane_module, "metrics_page", lambda _registry: rendered)
 
     assert await _gateway_page(upstream) == rendered
     monkeypatch.setenv(WORKER_ENV, "0")
