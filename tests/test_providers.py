@@ -401,3 +401,55 @@ def test_cli_check_notes_dialect_limits_and_unset_keys(
     assert "note: model 'big' is served only through the anthropic dialect" in result.output
     assert (f"note: {fleet}: substrates[0].endpoints[0].api_key_env: endpoint 'claude-0': the "
             "environment variable TEST_PROVIDER_KEY (api_key_env) is not set") in result.output
+
+
+async def test_a_429_with_nowhere_else_to_go_is_a_429_with_the_gateways_retry_after() -> None:
+    # audit28 finding 6: this was a 502 without Retry-After, and the requests after it a 503
+    # "1 health" without one; OpenAI clients retry a 429 after its Retry-After
+    a = build_provider(key=UPSTREAM_KEY, mode="429", retry_after="7", name="a")
+    b = build_provider(key=UPSTREAM_KEY, mode="429", retry_after="30", name="b")
+    async with providers(a=a, b=b) as ports:
+        config = parse_config(fleet_yaml(free_port(), [endpoint("a", ports["a"]),
+                                                        endpoint("b", ports["b"])]))
+        async with gateway(config) as (gw, base), session() as s:
+            async with s.post(f"{base}/v1/chat/completions", json=CHAT) as r:
+                err = (await r.json())["error"]
+                assert r.status == 429, err
+                assert err["code"] == "upstream_rate_limited"
+                assert err["type"] == "rate_limit_exceeded"
+                assert "no other eligible endpoint" in err["message"]
+                # re-placed first (documented): both were tried; back when the first is back
+                assert len(a[SEEN]) == 1 and len(b[SEEN]) == 1
+                assert r.headers["Retry-After"] == "7"
+                did = r.headers["x-inferplane-decision-id"]
+            rec = gw.ledger.get(did)
+            assert rec is not None and rec["outcome"]["status"] == 429
+            # the next request is not sent: both are out after their 429s
+            async with s.post(f"{base}/v1/chat/completions", json=CHAT) as r:
+                err = (await r.json())["error"]
+                assert r.status == 429, err
+                assert err["code"] == "upstream_rate_limited"
+                assert "2 rate limited after an HTTP 429" in err["message"], err
+                assert 1 <= int(r.headers["Retry-After"]) <= 7
+            assert len(a[SEEN]) == 1 and len(b[SEEN]) == 1
+
+
+async def test_a_rate_limited_endpoint_beside_a_failing_one_gives_a_503_with_retry_after(
+) -> None:
+    limited = build_provider(key=UPSTREAM_KEY, mode="429", retry_after=None, name="limited")
+    async with providers(limited=limited) as ports:
+        config = parse_config(fleet_yaml(
+            free_port(), [endpoint("limited", ports["limited"], limits={"retry_after_s": 4}),
+                          endpoint("gone", free_port())]))
+        async with gateway(config) as (gw, base), session() as s:
+            gw.live.set_health("gone", False)
+            async with s.post(f"{base}/v1/chat/completions", json=CHAT) as r:
+                err = (await r.json())["error"]
+                assert r.status == 429 and r.headers["Retry-After"] == "4", err
+            async with s.post(f"{base}/v1/chat/completions", json=CHAT) as r:
+                err = (await r.json())["error"]
+                # `gone` may be back any time: not only rate limited, so not a 429
+                assert r.status == 503 and err["code"] == "no_eligible_endpoint", err
+                assert "1 rate limited after an HTTP 429" in err["message"]
+                assert 1 <= int(r.headers["Retry-After"]) <= 4
+
