@@ -453,3 +453,34 @@ async def test_a_rate_limited_endpoint_beside_a_failing_one_gives_a_503_with_ret
                 assert "1 rate limited after an HTTP 429" in err["message"]
                 assert 1 <= int(r.headers["Retry-After"]) <= 4
 
+
+@pytest.mark.parametrize(("mode", "dialect", "stream", "status"), [
+    ("echo_key", "openai", False, 400),  # relayed as the upstream's answer
+    ("echo_key", "anthropic", False, 400),  # translated to OpenAI's shape
+    ("echo_key_odd", "openai", False, 502),  # quoted in the gateway's own message
+    ("echo_key_stream", "openai", True, 200),  # the stream's error event
+])
+async def test_an_upstream_error_that_echoes_the_key_reaches_no_tenant_with_it(
+    mode: str, dialect: str, stream: bool, status: int, caplog: pytest.LogCaptureFixture,
+) -> None:
+    # audit28 finding 9: an upstream's 400 quoting the credentials it got was relayed byte
+    # for byte, the gateway's key for it included
+    caplog.set_level(logging.DEBUG)
+    anthropic = dialect == "anthropic"
+    echo = build_provider(key=UPSTREAM_KEY, mode=mode, dialect=dialect,
+                          base="/v1" if anthropic else "/openai/v1")
+    async with providers(echo=echo) as ports:
+        config = parse_config(fleet_yaml(free_port(), [
+            endpoint("echo", ports["echo"], base="" if anthropic else "/openai/v1",
+                     dialect=dialect)]))
+        async with gateway(config) as (gw, base), session() as s:
+            async with s.post(f"{base}/v1/chat/completions",
+                              json={**CHAT, "stream": stream}) as r:
+                body = await r.text()
+                assert r.status == status, body
+                did = r.headers["x-inferplane-decision-id"]
+            record = json.dumps(gw.ledger.get(did))
+        assert len(echo[SEEN]) == 1  # it was sent, with the key
+    assert "[redacted]" in body, body
+    for where, text in [("answer", body), ("log", caplog.text), ("record", record)]:
+        assert UPSTREAM_KEY not in text, where

@@ -34,7 +34,7 @@ import orjson
 
 from inferplane.dispatch import anthropic, eager
 from inferplane.dispatch.answer import StreamStats, UpstreamAttemptFailed
-from inferplane.dispatch.credentials import auth_headers
+from inferplane.dispatch.credentials import auth_headers, redact
 from inferplane.errors import UpstreamError, UpstreamErrorEvent
 from inferplane.fleet.model import Endpoint
 from inferplane.lograte import LogLimiter
@@ -349,6 +349,17 @@ class Dispatcher:
         self._credentials = dict(credentials)
         self._headers = {}
 
+    def redact(self, endpoint: Endpoint, data: bytes) -> bytes:
+        """``data`` without the endpoint's key (`dispatch.credentials.redact`)."""
+        return redact(data, self._credentials.get(endpoint.name))
+
+    def _scrub(self, endpoint: Endpoint, exc: UpstreamError) -> None:
+        """Take the endpoint's key out of an error whose message quotes the upstream."""
+        text = self.redact(endpoint, exc.message.encode()).decode()
+        if text != exc.message:
+            exc.message = text
+            exc.args = (text,)
+
     def auth_headers(self, endpoint: Endpoint) -> dict[str, str]:
         """The headers that carry the endpoint's key in its dialect (empty without a key)."""
         return auth_headers(endpoint.dialect, self._credentials.get(endpoint.name))
@@ -470,15 +481,27 @@ class Dispatcher:
         account ids, the provider key's rate-limit state or the gateway's own names)."""
         return self.passed(resp.headers)
 
-    @staticmethod
     async def read_all(
-        endpoint: Endpoint, resp: aiohttp.ClientResponse,
+        self, endpoint: Endpoint, resp: aiohttp.ClientResponse,
         max_bytes: int = DEFAULT_MAX_BODY_BYTES,
     ) -> bytes:
         """The whole (non-streaming) body in the OpenAI dialect; a failure here is after the
         first byte. Raises `UpstreamError` naming the endpoint when the answer cannot be read:
         not JSON (a 2xx), an error in an unknown shape (4xx), not the endpoint's dialect, or
-        longer than ``max_bytes`` (``gateway.max_upstream_body_bytes``; not read on)."""
+        longer than ``max_bytes`` (``gateway.max_upstream_body_bytes``; not read on). An
+        error answer, and the message of an error that quotes it, never carries the
+        endpoint's key (`redact`)."""
+        try:
+            data = await self._read_all(endpoint, resp, max_bytes)
+        except UpstreamError as exc:
+            self._scrub(endpoint, exc)
+            raise
+        return data if 200 <= resp.status < 300 else self.redact(endpoint, data)
+
+    @staticmethod
+    async def _read_all(
+        endpoint: Endpoint, resp: aiohttp.ClientResponse, max_bytes: int,
+    ) -> bytes:
         try:
             with _translate(endpoint):
                 data = await read_body(endpoint, resp, max_bytes,
@@ -636,6 +659,9 @@ class Dispatcher:
                         )
                         yield b"data: [DONE]\n\n"
                 done = True
+        except UpstreamError as exc:  # an error event's message, relayed to the client
+            self._scrub(endpoint, exc)
+            raise
         finally:
             self.streams -= 1
             if idle is not None:
