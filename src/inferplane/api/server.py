@@ -85,13 +85,15 @@ def _parser_message(status: int, message: str | None) -> str:
 class GatewayProtocol(RequestHandler):
     """One client connection. See the module docstring."""
 
-    __slots__ = ("_busy", "_client", "_header_timer", "_limits", "_peer", "_proxied")
+    __slots__ = ("_busy", "_client", "_close_after", "_header_timer", "_limits", "_peer",
+                 "_proxied")
 
     def __init__(self, manager: GatewayServer, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._limits = manager.limits
         self._header_timer: asyncio.TimerHandle | None = None
         self._busy = False
+        self._close_after = False  # `close_after_answer`
         self._peer: str | None = None  # counted against this address while connected
         self._proxied: str | None = None  # a trusted proxy's address: its requests count
         self._client: str | None = None  # the client of the request running (via a proxy)
@@ -184,13 +186,19 @@ class GatewayProtocol(RequestHandler):
         finally:
             self._busy = False
             self._end_proxied()
+            if self._close_after:
+                # aiohttp's loop ends on _force_close but leaves the socket to whoever set it
+                # (its own force_close() closes it at once): closed here, after the answer's
+                # bytes (the transport writes what it holds before it closes)
+                self.force_close()
 
     def close_after_answer(self) -> None:
         """Close the connection once the answer is written, without reading the rest of the
-        request body (`httpio.unreadable`: a body that cannot be decoded). aiohttp would
-        otherwise read on after the handler to keep the connection alive, meet the same
-        payload error again and log it as an unhandled exception."""
-        self._force_close = True
+        request body (`httpio.unreadable`: a body that cannot be decoded; `httpio.within`: an
+        upload past its deadline). aiohttp would otherwise read on after the handler to keep
+        the connection alive, meet the same payload error again and log it as an unhandled
+        exception."""
+        self._force_close = self._close_after = True
 
     def _disarm(self) -> None:
         if self._header_timer is not None:
