@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -73,11 +74,23 @@ def error_body(status: int, message: str, error_type: str, code: str | None = No
     )
 
 
+_QUOTED = re.compile(r"""(?:^|(?<=[\s:]))(?:bytearray\()?b?['"]""")
+"""Where aiohttp's parser messages start quoting the request's bytes (``... when reading:
+b'Bearer sk-...'``, ``Invalid header value char:\n\n  b'Authorization: ...'``)."""
+
+
 def _parser_message(status: int, message: str | None) -> str:
+    """What the answer and the log say of a request the parser refused: aiohttp's words
+    without the bytes it quotes, which may be a header's value (an over-long ``Authorization``
+    is its bearer key: answered to whoever sent it and logged, which the key never is)."""
     if status >= 500:
         return "internal error; see the gateway log"
-    text = (message or "").strip() or "malformed HTTP request"
-    # aiohttp's messages can quote the offending bytes: keep them printable and short
+    text = message or ""
+    if (m := _QUOTED.search(text)) is not None:
+        text = text[: m.start()]
+    text = " ".join(text.split()).rstrip(" :")
+    if not text:
+        return "malformed HTTP request"
     text = text.encode("ascii", "backslashreplace").decode("ascii")
     return f"malformed HTTP request: {text[:300]}"
 
