@@ -19,7 +19,7 @@ from inferplane.api.app import serve
 from inferplane.api.pipeline import Gateway
 from inferplane.config.loader import parse_config
 from inferplane.config.schema import FleetConfig
-from inferplane.dispatch.credentials import load_credentials
+from inferplane.dispatch.credentials import load_credentials, redact, redact_cut
 from inferplane.dispatch.upstream import parse_retry_after
 from inferplane.errors import ConfigError
 from inferplane.fleet.model import Fleet
@@ -484,3 +484,15 @@ async def test_an_upstream_error_that_echoes_the_key_reaches_no_tenant_with_it(
     assert "[redacted]" in body, body
     for where, text in [("answer", body), ("log", caplog.text), ("record", record)]:
         assert UPSTREAM_KEY not in text, where
+
+
+def test_redact_takes_the_key_out_as_is_escaped_and_cut_short() -> None:
+    key = "sk-a/b\"c-0123456789"
+    assert redact(f"auth {key} and {key}".encode(), key) == b"auth [redacted] and [redacted]"
+    escaped = json.dumps({"message": f"auth was {key}"}).encode()  # JSON escapes the quote
+    assert redact(escaped, key) == b'{"message": "auth was [redacted]"}'
+    # a quoted error cut at its limit in the middle of the key: the first part goes too
+    assert redact_cut(f"auth was {key[:9]}…", key) == "auth was [redacted]…"
+    assert redact_cut("auth was sk-…", key) == "auth was sk-…"  # 3 characters say nothing
+    assert redact(b"EMPTY", "EMPTY") == b"EMPTY"  # a placeholder is no secret
+    assert redact(b"x", None) == b"x"

@@ -130,3 +130,16 @@ def redact(data: bytes, key: str | None) -> bytes:
         if form in data:
             data = data.replace(form, REDACTED.encode())
     return data
+
+
+def redact_cut(text: str, key: str | None) -> str:
+    """`redact` for a message that may have been cut short (ending in ``…``, as the gateway
+    cuts a quoted upstream error): the key's first characters just before the cut go too."""
+    text = redact(text.encode(), key).decode()
+    if key is None or len(key) < MIN_REDACTED or not text.endswith("…"):
+        return text
+    head = text[:-1]
+    for n in range(len(key) - 1, 3, -1):
+        if head.endswith(key[:n]):
+            return head[:-n] + REDACTED + "…"
+    return text

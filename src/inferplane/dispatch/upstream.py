@@ -34,7 +34,7 @@ import orjson
 
 from inferplane.dispatch import anthropic, eager
 from inferplane.dispatch.answer import StreamStats, UpstreamAttemptFailed
-from inferplane.dispatch.credentials import auth_headers, redact
+from inferplane.dispatch.credentials import auth_headers, redact, redact_cut
 from inferplane.errors import UpstreamError, UpstreamErrorEvent
 from inferplane.fleet.model import Endpoint
 from inferplane.lograte import LogLimiter
@@ -355,7 +355,7 @@ class Dispatcher:
 
     def _scrub(self, endpoint: Endpoint, exc: UpstreamError) -> None:
         """Take the endpoint's key out of an error whose message quotes the upstream."""
-        text = self.redact(endpoint, exc.message.encode()).decode()
+        text = redact_cut(exc.message, self._credentials.get(endpoint.name))
         if text != exc.message:
             exc.message = text
             exc.args = (text,)
@@ -492,23 +492,25 @@ class Dispatcher:
         error answer, and the message of an error that quotes it, never carries the
         endpoint's key (`redact`)."""
         try:
-            data = await self._read_all(endpoint, resp, max_bytes)
-        except UpstreamError as exc:
-            self._scrub(endpoint, exc)
-            raise
-        return data if 200 <= resp.status < 300 else self.redact(endpoint, data)
-
-    @staticmethod
-    async def _read_all(
-        endpoint: Endpoint, resp: aiohttp.ClientResponse, max_bytes: int,
-    ) -> bytes:
-        try:
             with _translate(endpoint):
                 data = await read_body(endpoint, resp, max_bytes,
                                        "gateway.max_upstream_body_bytes")
         finally:
             resp.release()
         ok = 200 <= resp.status < 300
+        if not ok:  # before any of it is quoted: an excerpt could cut a key in two
+            data = self.redact(endpoint, data)
+        try:
+            return self._openai_answer(endpoint, resp, data, ok)
+        except UpstreamError as exc:
+            self._scrub(endpoint, exc)
+            raise
+
+    @staticmethod
+    def _openai_answer(
+        endpoint: Endpoint, resp: aiohttp.ClientResponse, data: bytes, ok: bool
+    ) -> bytes:
+        """`read_all`'s body in the OpenAI dialect (see there)."""
         if endpoint.dialect == "anthropic":
             try:
                 obj = (
