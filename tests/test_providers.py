@@ -19,7 +19,7 @@ from inferplane.api.app import serve
 from inferplane.api.pipeline import Gateway
 from inferplane.config.loader import parse_config
 from inferplane.config.schema import FleetConfig
-from inferplane.dispatch.credentials import load_credentials, redact, redact_cut
+from inferplane.dispatch.credentials import load_credentials
 from inferplane.dispatch.upstream import parse_retry_after
 from inferplane.errors import ConfigError
 from inferplane.fleet.model import Fleet
@@ -487,6 +487,8 @@ async def test_an_upstream_error_that_echoes_the_key_reaches_no_tenant_with_it(
 
 
 def test_redact_takes_the_key_out_as_is_escaped_and_cut_short() -> None:
+    from inferplane.dispatch.credentials import redact, redact_cut
+
     key = "sk-a/b\"c-0123456789"
     assert redact(f"auth {key} and {key}".encode(), key) == b"auth [redacted] and [redacted]"
     escaped = json.dumps({"message": f"auth was {key}"}).encode()  # JSON escapes the quote
