@@ -95,6 +95,25 @@ def test_default_max_tokens_and_refusals() -> None:
         assert exc.value.param == field and "Anthropic Messages" in exc.value.message
 
 
+@pytest.mark.parametrize(("body", "param", "words"), [
+    # audit28 nit 16: sent as "messages": [], which Anthropic refuses
+    ({"messages": [{"role": "system", "content": "be brief"}]}, "messages", "a user message"),
+    # was sent as tool_use_id ""
+    ({"messages": [{"role": "user", "content": "x"}, {"role": "tool", "content": "sunny"}]},
+     "messages[1].tool_call_id", "tool_call_id"),
+    # was named tools[0]
+    ({"messages": [{"role": "user", "content": "x"}], "tools": "x"}, "tools", "a list"),
+    # was a TypeError (a 500)
+    ({"messages": [{"role": "user", "content": "x"}], "stop": 5}, "stop", "a list of strings"),
+], ids=["system-only", "tool-without-id", "tools-not-a-list", "stop-a-number"])
+def test_requests_messages_cannot_express_are_refused_naming_the_field(
+    body: dict[str, Any], param: str, words: str
+) -> None:
+    with pytest.raises(InvalidRequestError) as exc:
+        a.to_messages_request(body, model="m", default_max_tokens=5)
+    assert exc.value.param == param and words in exc.value.message, exc.value.message
+
+
 # -- answers -------------------------------------------------------------------------------------
 
 

@@ -118,6 +118,23 @@ def test_non_utf8_authorization_is_400_and_never_logged(
     assert SECRET not in Path(str(gw["log"])).read_text(errors="replace")
 
 
+@pytest.mark.parametrize("line", [
+    b"Authorization: Bearer " + SECRET.encode() + b"A" * 9000,  # over aiohttp's 8190 bytes
+    b"Authorization: Bearer " + SECRET.encode() + b"\x01",  # a control character
+    b"Bearer " + SECRET.encode(),  # no colon: not a header
+])
+def test_a_header_the_parser_refuses_is_neither_echoed_nor_logged(
+    gw: dict[str, object], line: bytes
+) -> None:
+    # audit28 nit 12: aiohttp's message quotes the line's first ~100 bytes, which went into
+    # the answer and the INFO log line: the bearer key, for an over-long Authorization
+    req = b"GET /v1/models HTTP/1.1\r\nHost: x\r\n" + line + b"\r\n\r\n"
+    err = assert_openai(*raw_request(int(str(gw["port"])), req), 400)
+    assert err["message"].startswith("malformed HTTP request"), err
+    assert SECRET not in err["message"]
+    assert SECRET not in Path(str(gw["log"])).read_text(errors="replace")
+
+
 @pytest.mark.parametrize("header", [
     b"x-inferplane-jurisdictions: eu,\xff\xfe", b"x-inferplane-precision: \xc3\x28",
     b"x-inferplane-class: \xff", b"x-inferplane-client-region: r\xff",

@@ -401,3 +401,100 @@ def test_cli_check_notes_dialect_limits_and_unset_keys(
     assert "note: model 'big' is served only through the anthropic dialect" in result.output
     assert (f"note: {fleet}: substrates[0].endpoints[0].api_key_env: endpoint 'claude-0': the "
             "environment variable TEST_PROVIDER_KEY (api_key_env) is not set") in result.output
+
+
+async def test_a_429_with_nowhere_else_to_go_is_a_429_with_the_gateways_retry_after() -> None:
+    # audit28 finding 6: this was a 502 without Retry-After, and the requests after it a 503
+    # "1 health" without one; OpenAI clients retry a 429 after its Retry-After
+    a = build_provider(key=UPSTREAM_KEY, mode="429", retry_after="7", name="a")
+    b = build_provider(key=UPSTREAM_KEY, mode="429", retry_after="30", name="b")
+    async with providers(a=a, b=b) as ports:
+        config = parse_config(fleet_yaml(free_port(), [endpoint("a", ports["a"]),
+                                                        endpoint("b", ports["b"])]))
+        async with gateway(config) as (gw, base), session() as s:
+            async with s.post(f"{base}/v1/chat/completions", json=CHAT) as r:
+                err = (await r.json())["error"]
+                assert r.status == 429, err
+                assert err["code"] == "upstream_rate_limited"
+                assert err["type"] == "rate_limit_exceeded"
+                assert "no other eligible endpoint" in err["message"]
+                # re-placed first (documented): both were tried; back when the first is back
+                assert len(a[SEEN]) == 1 and len(b[SEEN]) == 1
+                assert r.headers["Retry-After"] == "7"
+                did = r.headers["x-inferplane-decision-id"]
+            rec = gw.ledger.get(did)
+            assert rec is not None and rec["outcome"]["status"] == 429
+            # the next request is not sent: both are out after their 429s
+            async with s.post(f"{base}/v1/chat/completions", json=CHAT) as r:
+                err = (await r.json())["error"]
+                assert r.status == 429, err
+                assert err["code"] == "upstream_rate_limited"
+                assert "2 rate limited after an HTTP 429" in err["message"], err
+                assert 1 <= int(r.headers["Retry-After"]) <= 7
+            assert len(a[SEEN]) == 1 and len(b[SEEN]) == 1
+
+
+async def test_a_rate_limited_endpoint_beside_a_failing_one_gives_a_503_with_retry_after(
+) -> None:
+    limited = build_provider(key=UPSTREAM_KEY, mode="429", retry_after=None, name="limited")
+    async with providers(limited=limited) as ports:
+        config = parse_config(fleet_yaml(
+            free_port(), [endpoint("limited", ports["limited"], limits={"retry_after_s": 4}),
+                          endpoint("gone", free_port())]))
+        async with gateway(config) as (gw, base), session() as s:
+            gw.live.set_health("gone", False)
+            async with s.post(f"{base}/v1/chat/completions", json=CHAT) as r:
+                err = (await r.json())["error"]
+                assert r.status == 429 and r.headers["Retry-After"] == "4", err
+            async with s.post(f"{base}/v1/chat/completions", json=CHAT) as r:
+                err = (await r.json())["error"]
+                # `gone` may be back any time: not only rate limited, so not a 429
+                assert r.status == 503 and err["code"] == "no_eligible_endpoint", err
+                assert "1 rate limited after an HTTP 429" in err["message"]
+                assert 1 <= int(r.headers["Retry-After"]) <= 4
+
+
+@pytest.mark.parametrize(("mode", "dialect", "stream", "status"), [
+    ("echo_key", "openai", False, 400),  # relayed as the upstream's answer
+    ("echo_key", "anthropic", False, 400),  # translated to OpenAI's shape
+    ("echo_key_odd", "openai", False, 502),  # quoted in the gateway's own message
+    ("echo_key_stream", "openai", True, 200),  # the stream's error event
+])
+async def test_an_upstream_error_that_echoes_the_key_reaches_no_tenant_with_it(
+    mode: str, dialect: str, stream: bool, status: int, caplog: pytest.LogCaptureFixture,
+) -> None:
+    # audit28 finding 9: an upstream's 400 quoting the credentials it got was relayed byte
+    # for byte, the gateway's key for it included
+    caplog.set_level(logging.DEBUG)
+    anthropic = dialect == "anthropic"
+    echo = build_provider(key=UPSTREAM_KEY, mode=mode, dialect=dialect,
+                          base="/v1" if anthropic else "/openai/v1")
+    async with providers(echo=echo) as ports:
+        config = parse_config(fleet_yaml(free_port(), [
+            endpoint("echo", ports["echo"], base="" if anthropic else "/openai/v1",
+                     dialect=dialect)]))
+        async with gateway(config) as (gw, base), session() as s:
+            async with s.post(f"{base}/v1/chat/completions",
+                              json={**CHAT, "stream": stream}) as r:
+                body = await r.text()
+                assert r.status == status, body
+                did = r.headers["x-inferplane-decision-id"]
+            record = json.dumps(gw.ledger.get(did))
+        assert len(echo[SEEN]) == 1  # it was sent, with the key
+    assert "[redacted]" in body, body
+    for where, text in [("answer", body), ("log", caplog.text), ("record", record)]:
+        assert UPSTREAM_KEY not in text, where
+
+
+def test_redact_takes_the_key_out_as_is_escaped_and_cut_short() -> None:
+    from inferplane.dispatch.credentials import redact, redact_cut
+
+    key = "sk-a/b\"c-0123456789"
+    assert redact(f"auth {key} and {key}".encode(), key) == b"auth [redacted] and [redacted]"
+    escaped = json.dumps({"message": f"auth was {key}"}).encode()  # JSON escapes the quote
+    assert redact(escaped, key) == b'{"message": "auth was [redacted]"}'
+    # a quoted error cut at its limit in the middle of the key: the first part goes too
+    assert redact_cut(f"auth was {key[:9]}…", key) == "auth was [redacted]…"
+    assert redact_cut("auth was sk-…", key) == "auth was sk-…"  # 3 characters say nothing
+    assert redact(b"EMPTY", "EMPTY") == b"EMPTY"  # a placeholder is no secret
+    assert redact(b"x", None) == b"x"

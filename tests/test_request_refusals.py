@@ -18,8 +18,8 @@ from aiohttp import web
 from inferplane.api.app import serve
 from inferplane.api.pipeline import Gateway
 from inferplane.config.loader import parse_config
-from inferplane.core.validation import validate
-from inferplane.errors import ConfigError
+from inferplane.core.validation import parse_json, validate
+from inferplane.errors import ConfigError, InvalidRequestError
 from tests.builders import model, pool_fleet, to_yaml
 from tests.support import fake_upstream
 from tests.support.procs import free_port
@@ -165,6 +165,48 @@ async def test_a_number_too_large_for_an_integer_is_named_by_its_value(stack: St
     _refused(status, answer, "max_tokens", "'max_tokens' must be a positive integer, got 1e+40")
     status, answer = await stack.post("/v1/chat/completions", {**CHAT, "max_tokens": 0})
     _refused(status, answer, "max_tokens", "got 0")
+
+
+def test_a_number_too_large_for_a_double_is_named_not_called_malformed() -> None:
+    # audit28 nit 14: "malformed JSON in request body: number is infinity when parsed as double"
+    raw = b'{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":' + \
+        b"9" * 5000 + b"}"
+    with pytest.raises(InvalidRequestError) as exc:
+        parse_json(raw)
+    assert exc.value.param == "max_tokens"
+    assert exc.value.message.startswith("'max_tokens' at line 1 column 71"), exc.value.message
+    assert "too large" in exc.value.message and "malformed" not in exc.value.message
+    with pytest.raises(InvalidRequestError) as exc:
+        parse_json(b'{"stop": [1, -' + b"9" * 400 + b"]}")  # not a member's value
+    assert exc.value.param is None and exc.value.message.startswith("a number at line 1")
+
+
+@pytest.mark.parametrize(("content", "param", "words"), [
+    ([{"type": "text", "text": "hi"}, 5], "messages[0].content[1]", "got 5"),
+    ([None], "messages[0].content[0]", "got null"),
+    ([{"type": 3}], "messages[0].content[0].type", "a non-empty string, got 3"),
+    ([{"type": "text"}], "messages[0].content[0].text", "got null"),
+    ([{"type": "text", "text": ["a"]}], "messages[0].content[0].text", "got an array"),
+    ([{"type": "image_url", "image_url": {"detail": "low"}}], "messages[0].content[0].image_url",
+     "a string 'url'"),
+], ids=["number", "null", "type-number", "text-missing", "text-array", "image-without-url"])
+def test_content_parts_of_the_wrong_shape_are_refused_naming_the_part(
+    content: list[Any], param: str, words: str
+) -> None:
+    # audit28 nit 15: these went to the engine ("The prompt must not be empty.", param prompt)
+    with pytest.raises(InvalidRequestError) as exc:
+        validate("chat", {**CHAT, "messages": [{"role": "user", "content": content}]})
+    assert exc.value.param == param and words in exc.value.message, exc.value.message
+
+
+def test_content_parts_the_gateway_does_not_read_pass_to_the_engine() -> None:
+    validate("chat", {**CHAT, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "what is this?"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+        {"type": "image_url", "image_url": "https://example.com/a.png"},
+        {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}},
+        {"image_url": "https://example.com/b.png"},  # vLLM's part without a type
+    ]}]})
 
 
 async def test_an_empty_input_list_is_called_empty(stack: Stack) -> None:

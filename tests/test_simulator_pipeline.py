@@ -328,12 +328,14 @@ def test_provider_429s_are_replaced_and_fail_when_nowhere_is_left() -> None:
                            ["h-0", "h-1"])
     sim = run(config, trace(5, 0.3, prompt=500, out=20), profile="round-robin", faults=both)
     first = sim.records[0]
-    assert first.failed and first.status == 502 and first.attempts == 2
-    # a 429 also ejects its endpoint for the Retry-After (at most half the pool at once):
-    # later requests fail the same way or find nothing eligible
-    assert all((r.failed and r.status == 502) or (r.status == 503 and r.rejected_by == ("health",))
-               for r in sim.records)
-    assert not any(r.completed for r in sim.records)
+    # the last attempt was a 429: the client is told to come back (audit28 finding 6)
+    assert first.failed and first.status == 429 and first.attempts == 2
+    assert first.error_code == "upstream_rate_limited"
+    # a 429 also ejects its endpoint for the Retry-After: later requests fail the same way or
+    # find every endpoint out after its 429 (the same 429, not a 503)
+    assert all(r.status == 429 and r.error_code == "upstream_rate_limited"
+               and (r.failed or r.rejected_by == ("health",)) for r in sim.records)
+    assert not any(r.completed or r.shed for r in sim.records)
 
 
 def test_fault_files_are_checked_before_anything_runs(tmp_path: Path) -> None:

@@ -46,7 +46,8 @@ async def _empty(request: web.Request) -> web.Response:
 async def port() -> AsyncIterator[int]:
     up_runner, up_port = await serve_on_loopback(engine_app(_ok, _empty, _ok))
     cfg = _config(up_port, gateway={"header_timeout_s": 0.5, "body_timeout_s": 0.5,
-                                    "idle_timeout_s": 1.0, "max_connections_per_client": 4})
+                                    "upload_timeout_s": 1.5, "idle_timeout_s": 1.0,
+                                    "max_connections_per_client": 4})
     gw_port = free_port()
     runner = await serve(Gateway(parse_config(cfg)), "127.0.0.1", gw_port)
     try:
@@ -78,6 +79,18 @@ async def _drip(writer: asyncio.StreamWriter, data: bytes, every_s: float) -> No
             await asyncio.sleep(every_s)
     except ConnectionError:
         pass  # the server closed: what the test wants
+
+
+async def _drip_lines(writer: asyncio.StreamWriter, data: bytes, every_s: float) -> None:
+    """A line at a time: enough for the multipart reader to hand on (it reads past the
+    boundary's length), so no pause reaches body_timeout_s."""
+    try:
+        for line in data.splitlines(keepends=True):
+            writer.write(line)
+            await writer.drain()
+            await asyncio.sleep(every_s)
+    except ConnectionError:
+        pass
 
 
 async def test_slow_loris_heads_are_closed(port: int) -> None:
@@ -124,6 +137,42 @@ async def test_slow_upload_is_408(port: int) -> None:
     finally:
         w.close()
     assert b" 408 " in answer.partition(b"\r\n")[0], answer
+
+
+async def test_an_upload_that_never_pauses_long_is_cut_at_its_deadline(port: int) -> None:
+    # audit28 finding 10: a line every 0.1 s (body_timeout_s is 0.5) was never cut
+    part = (b"--B\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n"
+            b"--B\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a\"\r\n\r\n")
+    head = (f"POST /v1/files HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+            f"Content-Type: multipart/form-data; boundary=B\r\nContent-Length: 100000\r\n\r\n")
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    w.write(head.encode() + part)
+    drip = asyncio.create_task(_drip_lines(w, b'{"custom_id": "a"}\n' * 500, 0.1))
+    try:
+        answer = await _closed_within(r, 5.0)  # upload_timeout_s is 1.5 s
+    finally:
+        drip.cancel()
+        w.close()
+    status_line, _, rest = answer.partition(b"\r\n")
+    assert b" 408 " in status_line, answer
+    err = json.loads(rest.partition(b"\r\n\r\n")[2])["error"]
+    assert err["code"] == "request_timeout" and "upload_timeout_s" in err["message"], err
+
+
+async def test_a_body_that_cannot_be_decoded_is_400_and_closed(port: int) -> None:
+    # audit28 nit 13: the 400 said Connection: close and the socket stayed open
+    body = b"not gzip at all, " * 8
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Encoding: gzip\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n")
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    w.write(head.encode() + body)
+    try:
+        answer = await _closed_within(r, 3.0)
+    finally:
+        w.close()
+    assert b" 400 " in answer.partition(b"\r\n")[0], answer
+    assert b"could not be decoded" in answer
 
 
 async def test_silent_connection_is_closed(port: int) -> None:

@@ -15,8 +15,10 @@ Every layer raises these; only ``api/`` renders them, always in OpenAI's shape
     ├── RateLimitError                429 rate_limit_exceeded     (carries Retry-After)
     │   └── BudgetExceededError       429 budget_exceeded
     ├── UpstreamError                 502 upstream_error          (names the upstream)
-    │   └── UpstreamErrorEvent                                     (its stream's error event)
+    │   ├── UpstreamErrorEvent                                     (its stream's error event)
+    │   └── UpstreamRateLimitedError  429 upstream_rate_limited   (its 429, nowhere else to go)
     ├── NoEligibleEndpointError       503 no_eligible_endpoint    (names filters and counts)
+    │   └── EndpointsRateLimitedError 429 upstream_rate_limited   (all out after their 429s)
     └── StoreUnavailableError         503 service_unavailable     (shared store down; Retry-After)
 
 Configuration errors are not gateway errors: ``ConfigError`` names the file, the path inside it
@@ -191,6 +193,21 @@ class UpstreamErrorEvent(UpstreamError):
         self.client_fault = client_fault
 
 
+class UpstreamRateLimitedError(UpstreamError):
+    """The last attempt's upstream answered 429 and no other endpoint could take the request:
+    a 429 with the gateway's own ``Retry-After`` (`retry_after_header`), when the first
+    endpoint that can serve the model is back, so that OpenAI clients retry then."""
+
+    status = 429
+    error_type = "rate_limit_exceeded"
+    code = "upstream_rate_limited"
+
+
+def retry_after_header(seconds: float) -> dict[str, str]:
+    """``Retry-After`` for a wait of ``seconds``: whole seconds rounded up, at least 1."""
+    return {"Retry-After": str(max(1, math.ceil(seconds)))}
+
+
 class NoEligibleEndpointError(GatewayError):
     """Filters left no candidate. ``removed`` maps filter name to endpoints it removed."""
 
@@ -202,9 +219,20 @@ class NoEligibleEndpointError(GatewayError):
         message = f"0/{total} endpoints eligible: {parts or 'none configured'}"
         if detail:
             message = f"{message} ({detail})"
-        super().__init__(message, code="no_eligible_endpoint")
+        super().__init__(message, code=self.code or "no_eligible_endpoint")
         self.total = total
         self.removed = dict(removed)
+
+
+class EndpointsRateLimitedError(NoEligibleEndpointError):
+    """Every endpoint that serves the model and was filtered out is ejected after its 429
+    (`fleet.passive`): a 429 with ``Retry-After`` when the first of them is back. When some
+    were filtered out for other reasons the answer stays a 503 and carries that
+    ``Retry-After`` alone (`core.plane.Core.decide`)."""
+
+    status = 429
+    error_type = "rate_limit_exceeded"
+    code = "upstream_rate_limited"
 
 
 class StoreUnavailableError(GatewayError):

@@ -48,17 +48,37 @@ async def idle(step: Awaitable[T], timeout_s: float, request: web.Request | None
         raise unreadable(request, exc) from None
 
 
+async def within(receive: Awaitable[T], timeout_s: float, request: web.Request) -> T:
+    """A whole upload of ``request`` (``receive``), or a 408 when it has not arrived within
+    ``timeout_s`` (``gateway.upload_timeout_s``) whatever its pace: the connection closes after
+    the answer, the rest of the body unread."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await receive
+    except TimeoutError:
+        close_after_answer(request)
+        raise RequestTimeoutError(
+            f"the upload did not arrive whole within {timeout_s:g} s (gateway.upload_timeout_s)",
+            headers={"Connection": "close"},
+        ) from None
+
+
+def close_after_answer(request: web.Request | None) -> None:
+    """The connection of ``request`` closes once its answer is written, the rest of the body
+    unread (`api.server.GatewayProtocol.close_after_answer`; a no-op on another protocol)."""
+    if request is not None:
+        close = getattr(request.protocol, "close_after_answer", None)
+        if close is not None:
+            close()
+
+
 def unreadable(request: web.Request | None, exc: RequestPayloadError) -> InvalidRequestError:
     """The 400 for a body aiohttp could not read: which ``Content-Encoding`` failed to decode,
     or what was wrong with its framing (aiohttp's own words). The rest of the body is not read:
     the connection closes after the answer (`api.server.GatewayProtocol.close_after_answer`;
     aiohttp would read on to keep it alive, meet the same error and log it as unhandled)."""
-    encoding = None
-    if request is not None:
-        encoding = request.headers.get("Content-Encoding")
-        close = getattr(request.protocol, "close_after_answer", None)
-        if close is not None:
-            close()
+    encoding = None if request is None else request.headers.get("Content-Encoding")
+    close_after_answer(request)
     if encoding and "decode" in str(exc):
         message = f"request body could not be decoded (Content-Encoding: {encoding})"
     else:

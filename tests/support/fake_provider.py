@@ -5,7 +5,10 @@
 (path, headers, JSON body). Modes: ``ok``; ``429`` (every request: HTTP 429 with
 ``Retry-After``); ``garbage`` (HTTP 200, not JSON); ``odd_error`` (HTTP 400 in no known error
 shape); ``bad_request`` (HTTP 400 in the dialect's own error shape); ``stream_error`` (an
-Anthropic stream that sends an ``error`` event after its first text); ``500``.
+Anthropic stream that sends an ``error`` event after its first text); ``500``; and, quoting
+the credentials the request carried (a proxy's debug message): ``echo_key`` (HTTP 400 in the
+dialect's error shape), ``echo_key_odd`` (HTTP 400 in no known shape) and ``echo_key_stream``
+(an OpenAI stream whose error event, after its first text, quotes them).
 """
 
 from __future__ import annotations
@@ -75,6 +78,21 @@ def build_provider(
             return web.json_response({"oops": True, "why": "nobody knows"}, status=400)
         if mode == "bad_request":
             return error(400, "invalid_request_error", "messages: field required")
+        sent = request.headers.get("x-api-key") or request.headers.get("Authorization", "")
+        if mode == "echo_key":
+            return error(400, "invalid_request_error", f"invalid request; auth was {sent}")
+        if mode == "echo_key_odd":
+            return web.json_response({"oops": f"auth was {sent}"}, status=400)
+        if mode == "echo_key_stream":
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await resp.prepare(request)
+            await resp.write(_sse(None, {"id": "c", "object": "chat.completion.chunk",
+                                         "created": 1, "model": body["model"], "choices": [
+                                             {"index": 0, "delta": {"content": "hi "},
+                                              "finish_reason": None}]}))
+            await resp.write(_sse(None, {"error": {"message": f"engine died; auth was {sent}",
+                                                   "type": "internal_error"}}))
+            return resp
         if dialect == "anthropic":
             return await _anthropic(request, body, name)
         return await _openai(request, body, name)

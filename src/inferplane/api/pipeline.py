@@ -122,7 +122,7 @@ class Gateway(Core):
         endpoint, resp = attempt.endpoint, attempt.response.response
         limit = self.dispatcher.max_body_bytes
         return await self.read_with(
-            attempt, started, lambda: Dispatcher.read_all(endpoint, resp, limit)
+            attempt, started, lambda: self.dispatcher.read_all(endpoint, resp, limit)
         )
 
     def account_answer(

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -73,11 +74,23 @@ def error_body(status: int, message: str, error_type: str, code: str | None = No
     )
 
 
+_QUOTED = re.compile(r"""(?:^|(?<=[\s:]))(?:bytearray\()?b?['"]""")
+"""Where aiohttp's parser messages start quoting the request's bytes (``... when reading:
+b'Bearer sk-...'``, ``Invalid header value char:\n\n  b'Authorization: ...'``)."""
+
+
 def _parser_message(status: int, message: str | None) -> str:
+    """What the answer and the log say of a request the parser refused: aiohttp's words
+    without the bytes it quotes, which may be a header's value (an over-long ``Authorization``
+    is its bearer key: answered to whoever sent it and logged, which the key never is)."""
     if status >= 500:
         return "internal error; see the gateway log"
-    text = (message or "").strip() or "malformed HTTP request"
-    # aiohttp's messages can quote the offending bytes: keep them printable and short
+    text = message or ""
+    if (m := _QUOTED.search(text)) is not None:
+        text = text[: m.start()]
+    text = " ".join(text.split()).rstrip(" :")
+    if not text:
+        return "malformed HTTP request"
     text = text.encode("ascii", "backslashreplace").decode("ascii")
     return f"malformed HTTP request: {text[:300]}"
 
@@ -85,13 +98,15 @@ def _parser_message(status: int, message: str | None) -> str:
 class GatewayProtocol(RequestHandler):
     """One client connection. See the module docstring."""
 
-    __slots__ = ("_busy", "_client", "_header_timer", "_limits", "_peer", "_proxied")
+    __slots__ = ("_busy", "_client", "_close_after", "_header_timer", "_limits", "_peer",
+                 "_proxied")
 
     def __init__(self, manager: GatewayServer, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._limits = manager.limits
         self._header_timer: asyncio.TimerHandle | None = None
         self._busy = False
+        self._close_after = False  # `close_after_answer`
         self._peer: str | None = None  # counted against this address while connected
         self._proxied: str | None = None  # a trusted proxy's address: its requests count
         self._client: str | None = None  # the client of the request running (via a proxy)
@@ -186,13 +201,19 @@ class GatewayProtocol(RequestHandler):
         finally:
             self._busy = False
             self._end_proxied()
+            if self._close_after:
+                # aiohttp's loop ends on _force_close but leaves the socket to whoever set it
+                # (its own force_close() closes it at once): closed here, after the answer's
+                # bytes (the transport writes what it holds before it closes)
+                self.force_close()
 
     def close_after_answer(self) -> None:
         """Close the connection once the answer is written, without reading the rest of the
-        request body (`httpio.unreadable`: a body that cannot be decoded). aiohttp would
-        otherwise read on after the handler to keep the connection alive, meet the same
-        payload error again and log it as an unhandled exception."""
-        self._force_close = True
+        request body (`httpio.unreadable`: a body that cannot be decoded; `httpio.within`: an
+        upload past its deadline). aiohttp would otherwise read on after the handler to keep
+        the connection alive, meet the same payload error again and log it as an unhandled
+        exception."""
+        self._force_close = self._close_after = True
 
     def _disarm(self) -> None:
         if self._header_timer is not None:

@@ -45,7 +45,7 @@ from inferplane.errors import (
     NotFoundError,
     PayloadTooLargeError,
 )
-from inferplane.httpio import idle, read_body
+from inferplane.httpio import idle, read_body, within
 
 WINDOW_S = {"24h": 24 * 3600}
 
@@ -148,8 +148,8 @@ class BatchService:
     async def upload(self, request: web.Request) -> web.Response:
         """Stream the ``file`` part to a temporary file on disk (never whole in memory) within
         ``batch.max_file_bytes``, check it line by line, then copy it into the store. Malformed
-        multipart is a 400; a pause of more than ``gateway.body_timeout_s`` between chunks a
-        408."""
+        multipart is a 400; a pause of more than ``gateway.body_timeout_s`` between chunks, or
+        an upload not whole within ``gateway.upload_timeout_s``, a 408."""
         tenant, _ = self._tenant(request)
         if not request.content_type.startswith("multipart/"):
             raise InvalidRequestError(
@@ -157,7 +157,9 @@ class BatchService:
             )
         with tempfile.TemporaryFile(prefix="inferplane-upload-") as spool:
             try:
-                purpose, filename, size = await self._receive(request, spool)
+                purpose, filename, size = await within(
+                    self._receive(request, spool), self.gw.config.gateway.upload_timeout_s,
+                    request)
             except (GatewayError, ConnectionError):
                 raise
             except Exception as exc:  # whatever aiohttp's multipart reader makes of the bytes

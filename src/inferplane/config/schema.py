@@ -129,6 +129,12 @@ class GatewaySpec(Strict):
         30.0, gt=0, description="a request body must arrive whole this soon (else 408); uploads: "
         "the longest pause between two chunks"
     )
+    upload_timeout_s: float = Field(
+        600.0, gt=0, description="an upload (POST /v1/files) must arrive whole this soon after "
+        "its request head (else 408 and the connection closes): with body_timeout_s (the "
+        "longest pause) it bounds how long a slow client holds a connection. 600 s carries "
+        "batch.max_file_bytes' default 100 MiB at 175 KB/s"
+    )
     idle_timeout_s: float = Field(
         75.0, gt=0, description="close a client connection idle this long between requests"
     )

@@ -37,10 +37,13 @@ from inferplane.economics.render import refresher_for
 from inferplane.errors import (
     AuthenticationError,
     ConfigError,
+    EndpointsRateLimitedError,
     InvalidRequestError,
     ModelNotFoundError,
     NoEligibleEndpointError,
     UpstreamError,
+    UpstreamRateLimitedError,
+    retry_after_header,
 )
 from inferplane.fleet.energy import endpoint_power_w, request_energy_j
 from inferplane.fleet.health import VERDICTS, OutlierDetector, PoolHealth, pool_health
@@ -715,13 +718,62 @@ class Core:
             self._check_possible(profile)
             for name, n in decision.removed_by.items():
                 self.metrics.no_endpoint.labels(name).inc(n)
-            error = NoEligibleEndpointError(len(snap.endpoints), decision.removed_by)
+            error = self._nothing_eligible(decision, len(snap.endpoints))
             if record:
-                outcome = unplaced or Outcome(status=503, endpoint=None)
+                outcome = unplaced or Outcome(status=error.status, endpoint=None)
                 error.recorded(decision.decision_id,
                                self.ledger.record(decision, outcome, time.time()))
             raise error
         return decision
+
+    def rate_limited(self, model: str) -> dict[str, float]:
+        """The endpoints serving ``model`` that are out after a 429 (`fleet.passive`), each
+        with the seconds left until its ejection ends."""
+        now = self.live.clock()
+        out: dict[str, float] = {}
+        for name, rec in self.outliers.records.items():
+            if rec.kind == "rate_limited" and rec.ejected_until is not None:
+                e = self.fleet.by_name.get(name)
+                if e is not None and model in e.models:
+                    out[name] = max(0.0, rec.ejected_until - now)
+        return out
+
+    def _nothing_eligible(self, decision: Decision, total: int) -> NoEligibleEndpointError:
+        """The 503 naming the filters; when endpoints that serve the model are out after their
+        429s, it says when the first is back (``Retry-After``), and it is a 429
+        ``upstream_rate_limited`` when every endpoint that serves the model and was filtered
+        out is one of them."""
+        model = decision.profile.model
+        limited = self.rate_limited(model)
+        if not limited:
+            return NoEligibleEndpointError(total, decision.removed_by)
+        wait = min(limited.values())
+        by_name = self.fleet.by_name
+        others = any(
+            c.rejected_by is not None and c.endpoint not in limited
+            and model in by_name[c.endpoint].models
+            for c in decision.candidates
+        )
+        cls = NoEligibleEndpointError if others else EndpointsRateLimitedError
+        error = cls(total, decision.removed_by,
+                    f"{len(limited)} rate limited after an HTTP 429, the first back in "
+                    f"{retry_after_header(wait)['Retry-After']} s")
+        error.headers.update(retry_after_header(wait))
+        return error
+
+    def _failed(self, message: str, upstream: str, model: str, limited: Endpoint | None,
+                limited_for: float | None) -> UpstreamError:
+        """The answer when a request's last attempt failed and it goes no further: a 502
+        naming the endpoint, or, when that attempt was answered 429, a 429
+        ``upstream_rate_limited`` whose ``Retry-After`` says when the first endpoint that
+        serves the model is back (the one that answered 429: after its Retry-After)."""
+        if limited is None:
+            return UpstreamError(message, upstream=upstream)
+        waits = self.rate_limited(model)
+        wait = min(waits.values()) if waits else (
+            limited_for if limited_for is not None else limited.spec.limits.retry_after_s)
+        return UpstreamRateLimitedError(message, upstream=upstream,
+                                        headers=retry_after_header(wait))
 
     def reserve(
         self,
@@ -971,15 +1023,18 @@ class Core:
         self.admission.retry_budget.record_request()
         last_error = ""
         rate_limited: Endpoint | None = None  # the endpoint that answered 429 last attempt
+        limited_for: float | None = None  # and the Retry-After it sent
         while True:
-            # after a failure, nothing left to re-place on is the failure's 502: its record
-            # says so (what the client gets), with the re-placement's filters as evidence
-            nowhere = None if not failed else UpstreamError(
-                f"{last_error}; no other eligible endpoint to re-place on", upstream=failed[-1]
+            # after a failure, nothing left to re-place on is the failure's 502 (429 after a
+            # 429, `_failed`): its record says so (what the client gets), with the
+            # re-placement's filters as evidence
+            nowhere = None if not failed else self._failed(
+                f"{last_error}; no other eligible endpoint to re-place on", failed[-1],
+                profile.model, rate_limited, limited_for,
             )
             unplaced = None if nowhere is None else Outcome(
-                status=502, endpoint=None, error=nowhere.message, attempts=len(failed),
-                failed_endpoints=tuple(failed),
+                status=nowhere.status, endpoint=None, error=nowhere.message,
+                attempts=len(failed), failed_endpoints=tuple(failed),
             )
             try:
                 placement = await self.hold(profile, ticket, failed, unplaced)
@@ -1019,6 +1074,7 @@ class Core:
                     self.metrics.endpoint_ejections.labels(view.name, ejected.kind or "").inc()
                     log.warning("ejected %s: %s", view.name, ejected.reason)
                 rate_limited = view.endpoint if exc.upstream_status == 429 else None
+                limited_for = exc.retry_after_s
                 failed.append(view.name)
                 self.failure_log.warn(
                     view.name, "upstream %s failed before its first byte (%s): %s "
@@ -1031,15 +1087,15 @@ class Core:
                     self.metrics.replacement_budget_exhausted.inc()
                     last_error += " (re-placement refused: the gateway's retry budget is spent)"
                     over = True
-                final = None if not over else UpstreamError(
+                final = None if not over else self._failed(
                     f"{last_error}"
                     + (f" (also failed: {', '.join(failed[:-1])})" if len(failed) > 1 else ""),
-                    upstream=view.name,
+                    view.name, profile.model, rate_limited, limited_for,
                 )
                 receipt = self.ledger.record(
                     decision,
                     Outcome(
-                        status=502,
+                        status=502 if final is None else final.status,
                         endpoint=view.name,
                         # the last attempt's record says what the client got
                         error=exc.message if final is None else final.message,

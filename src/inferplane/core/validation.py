@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import orjson
@@ -55,10 +56,27 @@ def parse_json(body: bytes) -> JSONObject:
                 f"request body is not valid UTF-8: byte 0x{body[bad.start]:02x} at offset "
                 f"{bad.start}"
             ) from None
+        if str(exc).startswith("number is infinity"):
+            raise _too_large(body, exc) from None
         raise InvalidRequestError(f"malformed JSON in request body: {exc}") from None
     if not isinstance(data, dict):
         raise InvalidRequestError("request body must be a JSON object")
     return data
+
+
+_KEY_BEFORE = re.compile(rb'"([A-Za-z0-9_.-]{1,64})"\s*:\s*$')
+
+
+def _too_large(body: bytes, exc: orjson.JSONDecodeError) -> InvalidRequestError:
+    """The 400 for a well-formed number too large for a double (orjson's "number is infinity
+    when parsed as double"): the body is JSON, the number is what is wrong; the field is named
+    when the number is an object member's value."""
+    m = _KEY_BEFORE.search(body, max(0, exc.pos - 80), exc.pos)
+    field = None if m is None else m.group(1).decode()
+    what = "a number" if field is None else f"'{field}'"
+    return InvalidRequestError(
+        f"{what} at line {exc.lineno} column {exc.colno} of the request body is too large: a "
+        "number must fit a 64-bit float (at most about 1.8e308)", param=field)
 
 
 def _check_prompt_like(field: str, v: Any) -> None:
@@ -79,6 +97,31 @@ def _check_prompt_like(field: str, v: Any) -> None:
             return
     raise _bad(field, "a non-empty string, a non-empty array of non-empty strings or an array "
                       "of token ids", v)
+
+
+def _check_parts(field: str, parts: list[Any]) -> None:
+    """A message's content parts: each an object; its ``type``, when given, a string (vLLM
+    also reads parts without one, ``{"image_url": "..."}``); the two the gateway itself reads
+    (token estimates, the Anthropic translation) with their payload: a ``text`` part's
+    ``text`` a string, an ``image_url`` part's ``image_url`` a URL string or an object with a
+    string ``url``. Other types (``input_audio``, an engine's own) pass to the engine."""
+    for j, part in enumerate(parts):
+        where = f"{field}[{j}]"
+        if not isinstance(part, dict):
+            raise _bad(where, "a content part (an object)", part)
+        kind = part.get("type")
+        if kind is None:
+            continue
+        if not isinstance(kind, str) or not kind:
+            raise _bad(f"{where}.type", "a non-empty string", kind)
+        if kind == "text" and not isinstance(part.get("text"), str):
+            raise _bad(f"{where}.text", "a string in a 'text' part", part.get("text"))
+        if kind == "image_url":
+            image = part.get("image_url")
+            url = image.get("url") if isinstance(image, dict) else image
+            if not isinstance(url, str):
+                raise _bad(f"{where}.image_url", "a URL or an object with a string 'url'",
+                           image)
 
 
 _CONTENT_OPTIONAL = frozenset({"assistant"})
@@ -109,6 +152,8 @@ def validate(api: ApiKind, body: JSONObject) -> None:
                            f"a string or an array of parts in a {quoted(m['role'])} message", c)
             if c is not None and not isinstance(c, (str, list)):
                 raise _bad(f"messages[{i}].content", "a string or an array of parts", c)
+            if isinstance(c, list):
+                _check_parts(f"messages[{i}].content", c)
     elif api == "completions":
         if "prompt" not in body:
             raise InvalidRequestError("'prompt' is required", param="prompt")

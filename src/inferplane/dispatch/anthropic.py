@@ -214,9 +214,13 @@ def to_messages_request(
             add("assistant", blocks)
         elif role == "tool":
             content = m.get("content")
+            call_id = m.get("tool_call_id")
+            if not isinstance(call_id, str) or not call_id:
+                raise _bad("a tool message needs the tool_call_id of the call it answers",
+                           f"{param}.tool_call_id")
             result: JSONObject = {
                 "type": "tool_result",
-                "tool_use_id": str(m.get("tool_call_id", "")),
+                "tool_use_id": call_id,
                 "content": content if isinstance(content, str)
                 else _content_blocks(content, f"{param}.content"),
             }
@@ -224,12 +228,19 @@ def to_messages_request(
         else:
             raise _bad(f"message role {role!r} is not supported", f"{param}.role")
 
+    if not messages:
+        raise _bad("a conversation needs a user message; system messages alone have none",
+                   "messages")
     max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or default_max_tokens
     out: JSONObject = {"model": model, "max_tokens": max_tokens, "messages": messages}
     if system:
         out["system"] = "\n\n".join(system)
     stop = body.get("stop")
     if stop:
+        if not isinstance(stop, str) and not (
+            isinstance(stop, list) and all(isinstance(x, str) for x in stop)
+        ):
+            raise _bad("stop must be a string or a list of strings", "stop")
         out["stop_sequences"] = [stop] if isinstance(stop, str) else list(stop)
     temperature = body.get("temperature")
     if isinstance(temperature, (int, float)) and not isinstance(temperature, bool):
@@ -240,6 +251,8 @@ def to_messages_request(
         out["stream"] = True
     tools = body.get("tools")
     if tools:
+        if not isinstance(tools, list):
+            raise _bad("tools must be a list of functions", "tools")
         converted = []
         for k, t in enumerate(tools):
             fn = t.get("function") if isinstance(t, dict) else None

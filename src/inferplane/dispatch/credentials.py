@@ -12,6 +12,8 @@ import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+import orjson
+
 from inferplane.config.schema import EndpointSpec, FleetConfig
 from inferplane.errors import ConfigError
 
@@ -108,3 +110,36 @@ def auth_headers(dialect: str, key: str | None) -> dict[str, str]:
 
 
 ANTHROPIC_VERSION = "2023-06-01"
+
+REDACTED = "[redacted]"
+"""What stands in an upstream's error for the gateway's key for it (`redact`)."""
+
+MIN_REDACTED = 8
+"""Keys shorter than this are not looked for (`redact`): a placeholder such as ``EMPTY`` (an
+engine that wants none) would blank every word it appears in, and protects nothing."""
+
+
+def redact(data: bytes, key: str | None) -> bytes:
+    """``data`` (an upstream's error body or message) with every occurrence of ``key``, as is
+    and as JSON escapes it, replaced by `REDACTED`: an upstream that echoes the credentials it
+    got (a proxy's debug message, a self-hosted server) must not hand the gateway's key to a
+    tenant. ``data`` itself when the key is absent or shorter than `MIN_REDACTED`."""
+    if key is None or len(key) < MIN_REDACTED:
+        return data
+    for form in {key.encode(), orjson.dumps(key)[1:-1]}:
+        if form in data:
+            data = data.replace(form, REDACTED.encode())
+    return data
+
+
+def redact_cut(text: str, key: str | None) -> str:
+    """`redact` for a message that may have been cut short (ending in ``…``, as the gateway
+    cuts a quoted upstream error): the key's first characters just before the cut go too."""
+    text = redact(text.encode(), key).decode()
+    if key is None or len(key) < MIN_REDACTED or not text.endswith("…"):
+        return text
+    head = text[:-1]
+    for n in range(len(key) - 1, 3, -1):
+        if head.endswith(key[:n]):
+            return head[:-n] + REDACTED + "…"
+    return text

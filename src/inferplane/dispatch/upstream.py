@@ -40,7 +40,7 @@ from inferplane.dispatch.answer import (
     UpstreamAttemptFailed,
     excerpt,
 )
-from inferplane.dispatch.credentials import auth_headers
+from inferplane.dispatch.credentials import auth_headers, redact, redact_cut
 from inferplane.errors import UpstreamError, UpstreamErrorEvent
 from inferplane.fleet.model import Endpoint
 from inferplane.lograte import LogLimiter
@@ -355,6 +355,17 @@ class Dispatcher:
         self._credentials = dict(credentials)
         self._headers = {}
 
+    def redact(self, endpoint: Endpoint, data: bytes) -> bytes:
+        """``data`` without the endpoint's key (`dispatch.credentials.redact`)."""
+        return redact(data, self._credentials.get(endpoint.name))
+
+    def _scrub(self, endpoint: Endpoint, exc: UpstreamError) -> None:
+        """Take the endpoint's key out of an error whose message quotes the upstream."""
+        text = redact_cut(exc.message, self._credentials.get(endpoint.name))
+        if text != exc.message:
+            exc.message = text
+            exc.args = (text,)
+
     def auth_headers(self, endpoint: Endpoint) -> dict[str, str]:
         """The headers that carry the endpoint's key in its dialect (empty without a key)."""
         return auth_headers(endpoint.dialect, self._credentials.get(endpoint.name))
@@ -476,15 +487,16 @@ class Dispatcher:
         account ids, the provider key's rate-limit state or the gateway's own names)."""
         return self.passed(resp.headers)
 
-    @staticmethod
     async def read_all(
-        endpoint: Endpoint, resp: aiohttp.ClientResponse,
+        self, endpoint: Endpoint, resp: aiohttp.ClientResponse,
         max_bytes: int = DEFAULT_MAX_BODY_BYTES,
     ) -> bytes:
         """The whole (non-streaming) body in the OpenAI dialect; a failure here is after the
         first byte. Raises `UpstreamError` naming the endpoint when the answer cannot be read:
         not JSON (a 2xx), an error in an unknown shape (4xx), not the endpoint's dialect, or
-        longer than ``max_bytes`` (``gateway.max_upstream_body_bytes``; not read on)."""
+        longer than ``max_bytes`` (``gateway.max_upstream_body_bytes``; not read on). An
+        error answer, and the message of an error that quotes it, never carries the
+        endpoint's key (`redact`)."""
         try:
             with _translate(endpoint):
                 data = await read_body(endpoint, resp, max_bytes,
@@ -492,6 +504,19 @@ class Dispatcher:
         finally:
             resp.release()
         ok = 200 <= resp.status < 300
+        if not ok:  # before any of it is quoted: an excerpt could cut a key in two
+            data = self.redact(endpoint, data)
+        try:
+            return self._openai_answer(endpoint, resp, data, ok)
+        except UpstreamError as exc:
+            self._scrub(endpoint, exc)
+            raise
+
+    @staticmethod
+    def _openai_answer(
+        endpoint: Endpoint, resp: aiohttp.ClientResponse, data: bytes, ok: bool
+    ) -> bytes:
+        """`read_all`'s body in the OpenAI dialect (see there)."""
         if endpoint.dialect == "anthropic":
             try:
                 obj = (
@@ -636,6 +661,9 @@ class Dispatcher:
                         )
                         yield b"data: [DONE]\n\n"
                 done = True
+        except UpstreamError as exc:  # an error event's message, relayed to the client
+            self._scrub(endpoint, exc)
+            raise
         finally:
             self.streams -= 1
             if idle is not None:

@@ -78,6 +78,18 @@ OBSERVER_CLOSE_S = 5.0
 observer's report before it records a pick without one (`epp.server.Picker.stream_ended`; the
 pick's reservation is released at once)."""
 
+BODY_MARGIN_BYTES = 64 * 1024
+"""Room above ``gateway.max_body_bytes`` for framing: Envoy's per-connection buffer and the
+picker's gRPC receive limit are both ``max_body_bytes`` plus this (`buffer_bytes`), so a body at
+the limit reaches the picker whole (its ext_proc message adds a few bytes of protobuf framing)
+and one over it gets the picker's 413."""
+
+
+def buffer_bytes(max_body_bytes: int) -> int:
+    """Envoy's buffer and the picker's largest gRPC message for a body limit of
+    ``max_body_bytes``."""
+    return max_body_bytes + BODY_MARGIN_BYTES
+
 
 
 def _secs(s: float) -> str:
@@ -323,7 +335,7 @@ def bootstrap(config: FleetConfig, *, epp_port: int | None = None,
             "connect_timeout": _secs(g.connect_timeout_s),
             "load_assignment": _load_assignment(P.FALLBACK_CLUSTER, plain),
         })
-    buffer = g.max_body_bytes + 64 * 1024
+    buffer = buffer_bytes(g.max_body_bytes)
     return {
         "admin": {"address": _address("127.0.0.1", admin_port)},
         "static_resources": {

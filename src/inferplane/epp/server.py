@@ -60,7 +60,7 @@ from inferplane.core.validation import parse_json, validate
 from inferplane.dispatch.answer import OpenAIEvents, StreamStats, parse_usage
 from inferplane.dispatch.credentials import auth_headers, load_credentials
 from inferplane.epp import protocol as P
-from inferplane.epp.envoy_config import OBSERVER_CLOSE_S
+from inferplane.epp.envoy_config import OBSERVER_CLOSE_S, buffer_bytes
 from inferplane.errors import (
     ConfigError,
     GatewayError,
@@ -74,6 +74,7 @@ from inferplane.errors import (
 from inferplane.fleet.model import Endpoint, Fleet
 from inferplane.fleet.scraper import HttpMetricsSource, MetricsSource
 from inferplane.ledger.record import Ledger, Receipt
+from inferplane.lograte import LogLimiter
 from inferplane.telemetry import listener
 from inferplane.telemetry.metrics import PickerMetrics
 from inferplane.telemetry.tracing import RequestTrace
@@ -159,6 +160,7 @@ class Picker(Core):
         self._routes: dict[tuple[str, str, str], Any] = {}  # `route_template`
         self.picker_metrics = PickerMetrics(self.metrics.registry)
         self.metrics_runner: web.AppRunner | None = None  # `serve`'s epp.metrics_port listener
+        self.unanswered_log = LogLimiter(log)  # `Exchange.closed`
         self._session: aiohttp.ClientSession | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -468,7 +470,8 @@ class Exchange:
     """One ext_proc stream: the picker filter's or the observer's view of one HTTP request."""
 
     __slots__ = (
-        "aborted", "body", "flight", "headers", "observer", "picker", "started", "subset",
+        "aborted", "answered", "body", "flight", "headers", "observer", "picker", "started",
+        "subset",
     )
 
     def __init__(self, picker: Picker) -> None:
@@ -480,6 +483,7 @@ class Exchange:
         self.subset: list[str] | None = None
         self.observer = False
         self.aborted = False  # the stream was reset or cancelled rather than ended
+        self.answered = False  # the picker filter's request was answered (`decided`)
 
     async def handle(self, req: Any) -> Any:
         kind = req.WhichOneof("request")
@@ -505,6 +509,7 @@ class Exchange:
     def decided(self, answer: Any) -> Any:
         """Count the picker filter's answer to a request (`PickerMetrics.decided`): routed, or
         the status of an immediate answer. Returns it."""
+        self.answered = True
         result = ("routed" if answer.WhichOneof("response") != "immediate_response"
                   else str(answer.immediate_response.status.code))
         path = "" if self.headers is None else self.headers.get(":path", "").split("?", 1)[0]
@@ -780,6 +785,14 @@ class Exchange:
         client left before the response headers (measured: no reset reaches the picker), so
         a picker stream's end alone never blames the endpoint (`Picker.stream_ended`)."""
         f = self.flight
+        if f is None and self.headers is not None and not self.answered and not self.observer:
+            # gRPC refuses a message over the receive limit by ending the request stream
+            # (the sender sees RESOURCE_EXHAUSTED; the servicer sees only the end)
+            self.picker.unanswered_log.warn(
+                "body", "an ext_proc stream ended after the request headers and before the "
+                "picker answered (%d body bytes received): the client left, or a body message "
+                "over the picker's gRPC receive limit (%d bytes) was refused",
+                len(self.body), buffer_bytes(self.picker.config.gateway.max_body_bytes))
         if f is None or f.done:
             return
         if self.observer:
@@ -881,7 +894,11 @@ async def serve(picker: Picker, host: str, port: int,
             await picker.stop()
             raise OSError(f"cannot listen on {mhost}:{metrics_port} (epp.metrics_port): "
                           f"{exc.strerror or exc}") from exc
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    # gRPC's default 4 MiB receive limit would refuse a buffered body near or over it
+    # (RESOURCE_EXHAUSTED, which Envoy answers as picker_unavailable) whatever max_body_bytes says
+    limit = buffer_bytes(picker.config.gateway.max_body_bytes)
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0),
+                                      ("grpc.max_receive_message_length", limit)])
     pb_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(picker), server)
     servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)

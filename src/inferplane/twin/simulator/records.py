@@ -52,8 +52,9 @@ class RequestRecord:
 
     @property
     def shed(self) -> bool:
-        """Refused with 429 by admission (load shedding, retry shedding, rate limits, budgets)."""
-        return self.status == 429
+        """Refused with 429 by admission (load shedding, retry shedding, rate limits, budgets);
+        not a 429 ``upstream_rate_limited`` (the endpoints answered 429: a failure)."""
+        return self.status == 429 and self.error_code != "upstream_rate_limited"
 
     def meets_slo(self) -> bool:
         """Completed within its class's TTFT and (mean) ITL SLOs; rejected requests miss."""
