@@ -10,7 +10,8 @@ engine page to scrape, health probed every 30 s), the SQLite ledger (``gateway.l
 and one fake upstream (`tests.support.fake_upstream`, mode ``fast``) on 0.0.0.0 that every
 endpoint reaches at its own loopback address (``127.0.x.y``). For each round, each fleet size
 and each checkout (alternating, so both see the same machine), a gateway of that checkout is
-started alone, waits until every endpoint is usable (``/ready`` and 5 s more), gets 30 warm-up
+started alone, waits for ``/ready`` and 5 s more (time for every endpoint's first health probe
+to answer; the usable count is not checked: with the fast fake upstream it is), gets 30 warm-up
 requests, then ``--requests`` sequential non-streamed chat requests over one keep-alive
 connection; measured: the client's round trip (p50, p90, mean) and the gateway process's user +
 system CPU over those requests ÷ their number (``/proc/PID/stat``; its background work — health
@@ -117,6 +118,8 @@ def main() -> None:
     sizes = [int(x) for x in args.endpoints.split(",")]
     work = Path(tempfile.mkdtemp(prefix="ip-fleet-scale-"))
     up_port = free_port()
+    # on 0.0.0.0, not 127.0.0.1: each endpoint reaches it at its own 127.0.x.y (one listener
+    # for them all; loopback-only machines still keep it off the network)
     up = Proc(["-c", "import asyncio, sys; from aiohttp import web; "
                "from tests.support.fake_upstream import build\n"
                "async def main():\n"
@@ -156,9 +159,8 @@ def main() -> None:
             print(f"| {n} | " + " | ".join(
                 f"x{med[(a, n)][k] / med[(b, n)][k]:.2f}" for k in keys) + " |")
         for name in trees:
-            print(f"\n{name}: 2,000 ÷ 4 endpoints" if sizes == [4, 2000] else "", end="")
             if sizes == [4, 2000]:
-                print(": " + ", ".join(
+                print(f"\n{name}: 2,000 ÷ 4 endpoints: " + ", ".join(
                     f"{k} x{med[(name, 2000)][k] / med[(name, 4)][k]:.2f}" for k in keys))
     if args.json:
         out: dict[str, Any] = {"args": vars(args) | {"json": str(args.json)},

@@ -564,16 +564,40 @@ def test_pool_sums_kept_per_member_equal_a_scan(seed: int, gate: float | None) -
                         adm, pool)
 
 
-def test_a_new_snapshot_recomputes_only_the_endpoints_it_changed(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_a_new_snapshot_recomputes_only_the_endpoints_it_changed() -> None:
     adm = _many_endpoints_gateway(None).admission
     pool = ("m", None, None)
     adm._pool_stats(pool)
-    computed: list[str] = []
-    terms = adm._terms
-    monkeypatch.setattr(adm, "_terms", lambda cols, j, e, st, model: (
-        computed.append(e.name), terms(cols, j, e, st, model)))
+    cols = adm._columns[pool]
+    seen = list(cols.views)
     adm.live.reserve("e3", 10)
     assert adm._pool_stats(pool).inflight == 1
-    assert computed == ["e3"]
+    assert adm._columns[pool] is cols
+    assert [w.name for v, w in zip(seen, cols.views, strict=True) if v is not w] == ["e3"]
+
+
+def test_pool_columns_are_keyed_by_the_members_and_bounded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Clients choose the jurisdiction strings of a pool: junk ones select the same members as
+    the fleet's own and share their columns (each distinct header value kept its own until a
+    reload), and beyond `_MAX_POOL_COLUMNS` pools the least recently used go."""
+    from inferplane.admission import controller
+
+    adm = _many_endpoints_gateway(None).admission
+    assert {e.jurisdiction for e in adm.live.fleet.endpoints} == {"eu"}
+    for i in range(300):
+        adm.free_slots(("m", frozenset({"eu", f"zz{i}"}), None))  # as ("m", None, None)
+        adm.free_slots(("m", frozenset({f"zz{i}"}), frozenset({"gpu", f"k{i}"})))  # no member
+        adm.free_slots((f"no-such-model-{i}", None, None))
+        adm.live.reserve("e1", 10).release()  # a new snapshot
+    assert len(adm._columns) == 3
+
+    monkeypatch.setattr(controller, "_MAX_POOL_COLUMNS", 3)
+    ms, sets = ["m", "n"], [None, frozenset(), frozenset({"eu"})]
+    pools = [(m, j, k) for m in ms for j in sets for k in [None, frozenset(), frozenset({"gpu"})]]
+    for pool in pools * 2:
+        adm.live.reserve("e2", 10).release()
+        st = adm._pool_stats(pool)
+        assert (st.usable, st.capacity, st.free) == _pool_sums_by_scan(adm, pool)[:3]
+        assert len(adm._columns) <= 3

@@ -429,6 +429,26 @@ def test_a_refresh_keeps_the_views_whose_state_cannot_have_moved(
     assert d.by_name["us-0"].state.error_rate < c.by_name["us-0"].state.error_rate  # decays
 
 
+def test_an_old_failure_stops_moving_the_state_after_its_weight_falls_below_the_floor(
+    live: LiveFleet, clock: Clock
+) -> None:
+    """One failure's decayed weight reaches `ERROR_FLOOR` after ~20 half-lives: from then on its
+    error rate is 0 and a refresh keeps its view again (it decayed towards 0 for ~1,075
+    half-lives, 3 hours at the default 10 s, and its view was rebuilt every refresh)."""
+    floor = 1e-6  # fleet.live.ERROR_FLOOR
+    live.observe_outcome("us-0", False)
+    half_life = live.error_half_life_s
+    clock.advance(half_life * (math.log2(1 / floor) - 0.5))
+    a = live.snapshot()
+    assert 0.0 < a.by_name["us-0"].state.error_rate < 2 * floor
+    clock.advance(half_life)
+    b = live.snapshot()
+    assert b.by_name["us-0"].state.error_rate == 0.0
+    assert live.live["us-0"].decayed_errors == 0.0
+    clock.advance(0.06)
+    assert live.snapshot().by_name["us-0"] is b.by_name["us-0"]
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_refreshed_snapshots_equal_states_built_afresh(seed: int) -> None:
     """Through random writes, observations and clock steps, every full refresh's states equal

@@ -59,6 +59,9 @@ from inferplane.types import ApiKind
 log = logging.getLogger("inferplane.admission")
 
 _Pool = tuple[str, frozenset[str] | None, frozenset[str] | None]
+# pools whose columns `Admission` keeps: the least recently used go beyond it (a fleet's pools
+# are its models x the jurisdiction and kind sets its tenants ask for, a few dozen in practice)
+_MAX_POOL_COLUMNS = 64
 _REF_PREFILL_TOKENS = 2048  # prompt chunk at which the per-token prefill cost is taken
 
 
@@ -268,7 +271,8 @@ class Admission:
         self.retry_budget = RetryBudget(spec.retry, monotonic)
         self._stats_snapshot: FleetSnapshot | None = None
         self._stats: dict[PoolKey, _PoolStats] = {}
-        self._columns: dict[PoolKey, _PoolColumns] = {}
+        self._columns: dict[_Pool, _PoolColumns] = {}  # by `_columns_key`, oldest use first
+        self._fleet_sets: tuple[Fleet, frozenset[str], frozenset[str]] | None = None
         self.gate_s = q.max_prefill_queue_s
         self._prefill_s_per_token: dict[tuple[str, str], float | None] = {}
         if self.gate_s is not None:
@@ -283,7 +287,7 @@ class Admission:
         hardware or models)."""
         self.worst = WorstCase(self.live.fleet, self.spec, self.worst.timeout)
         self._prefill_s_per_token.clear()
-        self._columns.clear()
+        self._columns.clear()  # frees the old fleet's; `_compute_stats` also checks the fleet
 
     # -- pools ----------------------------------------------------------------------------
     @staticmethod
@@ -307,9 +311,10 @@ class Admission:
         """The pool's sums over ``snap``. Each member's terms are kept (`_PoolColumns`) and
         recomputed only where the snapshot holds a new view of it: a reservation changes one
         endpoint, and the sums of a 2,000-endpoint pool were ~1.5 ms a request."""
-        cols = self._columns.get(pool)
+        key = self._columns_key(snap.fleet, pool)
+        cols = self._columns.pop(key, None)  # re-inserted last: the dict runs oldest use first
         if cols is None or cols.fleet is not snap.fleet or cols.gate != self.gate_s:
-            model, jur, kinds = pool
+            model, jur, kinds = key
             members = [
                 i
                 for i, v in enumerate(snap.endpoints)
@@ -317,13 +322,38 @@ class Admission:
                 and (jur is None or v.endpoint.jurisdiction in jur)
                 and (kinds is None or v.endpoint.substrate.kind in kinds)
             ]
-            cols = self._columns[pool] = _PoolColumns(snap.fleet, self.gate_s, members)
+            cols = _PoolColumns(snap.fleet, self.gate_s, members)
+        self._columns[key] = cols
+        if len(self._columns) > _MAX_POOL_COLUMNS:
+            del self._columns[next(iter(self._columns))]  # the least recently used
         seen = cols.views
         now = [snap.endpoints[i] for i in cols.members] if cols.some else snap.endpoints
         for j in [j for j, (v, w) in enumerate(zip(now, seen, strict=True)) if v is not w]:
             v = seen[j] = now[j]
-            self._terms(cols, j, v.endpoint, v.state, pool[0])
+            self._terms(cols, j, v.endpoint, v.state, key[0])
         return cols.stats()
+
+    def _columns_key(self, fleet: Fleet, pool: _Pool) -> _Pool:
+        """The pool's key in `_columns`, by the members it selects: the request's jurisdictions
+        and kinds cut to those the fleet has (None when that is all of them), and a model no
+        endpoint serves as ``""`` with no member. Clients choose the
+        ``x-inferplane-jurisdictions`` strings; keyed by them, every distinct value kept a
+        pool's columns (~100 KB at 2,000 endpoints) until the fleet was reloaded."""
+        if self._fleet_sets is None or self._fleet_sets[0] is not fleet:
+            self._fleet_sets = (
+                fleet,
+                frozenset(e.jurisdiction for e in fleet.endpoints),
+                frozenset(str(e.substrate.kind) for e in fleet.endpoints),
+            )
+        model, jur, kind = pool
+        if model not in fleet.models:
+            return ("", frozenset(), frozenset())
+        _, jurs, kinds = self._fleet_sets
+        if jur is not None:
+            jur = None if jur >= jurs else jur & jurs
+        if kind is not None:
+            kind = None if kind >= kinds else kind & kinds
+        return (model, jur, kind)
 
     def _terms(
         self, cols: _PoolColumns, j: int, e: Endpoint, st: EndpointState, model: str

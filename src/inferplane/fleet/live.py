@@ -24,6 +24,11 @@ Clock = Callable[[], float]
 
 SCRAPE_HISTORY = 512  # scrapes kept per endpoint: 51 s at the default 0.1 s scrape interval
 RATE_WINDOW_S = 60.0  # declared rate limits are per rolling minute
+# decayed failures below this weight count as none (`EndpointLive.error_rate_at`): the rate is
+# under 1e-6 then, an expected 1.000001 attempts against 1, and without the floor one failure
+# kept the endpoint's state moving (`LiveFleet._unchanged`) until the float underflowed, about
+# 1,075 half-lives (3 hours at the default 10 s)
+ERROR_FLOOR = 1e-6
 
 
 class RateWindow:
@@ -312,7 +317,11 @@ class EndpointLive:
         if self.decayed_errors <= 0.0:
             return 0.0
         d = math.pow(0.5, max(0.0, now - self.decayed_at) / half_life_s)
-        return self.decayed_errors * d / max(self.decayed_outcomes * d, 1.0)
+        errors = self.decayed_errors * d
+        if errors < ERROR_FLOOR:  # flushed: a rate under it for good, not 0 after ~3 hours
+            self.decayed_errors = 0.0
+            return 0.0
+        return errors / max(self.decayed_outcomes * d, 1.0)
 
     def refresh_stats(self, now: float, half_life_s: float) -> None:
         """Recompute the latency percentiles and error rate (sorting: done at most every
@@ -667,8 +676,6 @@ class LiveFleet:
         on the request that found it due."""
         rec = self.live[endpoint]
         if rec.dirty or rec.rate is not None or rec.metrics is not None:
-            return False
-        if rec.metrics_at is not None:
             return False
         if now - rec.stats_at >= self.refresh_s:
             before = rec.stats

@@ -117,7 +117,9 @@ class SourcedCounter:
 class SourcedCounters(Collector):
     """The collector of a registry's `SourcedCounter` objects: each wired one is read when the
     registry is collected and yielded as a ``counter`` family (one sample, ``<name>`` ending
-    in ``_total``, plus ``_created`` when `created_series`). `describe` names every one, wired
+    in ``_total``, plus ``_created`` when `created_series`; the gateway's and the picker's served
+    pages leave that one out, `page` renders through `WithoutCreated`, so it shows only on a
+    registry collected directly). `describe` names every one, wired
     or not, so the registry refuses another metric of the same name. ``refresh``, where set, is
     called once at the start of each collect, before any read: a source that reads several
     totals at once (`telemetry.schedstat.ThreadSchedstat.sample`) then gives one snapshot."""
