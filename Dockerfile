@@ -13,7 +13,11 @@
 # `docker run IMAGE version` says which one the image runs.
 # constraints.txt: the versions `make test` and CI ran (api/server.py builds on aiohttp's
 # internals), not whatever is newest within pyproject.toml's ranges on the day of the build;
-# mypy (mypyc) pinned the same way.
+# mypy (mypyc) pinned the same way. The pins were frozen on CPython 3.11; on 2026-12-07 every
+# package the two installs below resolve to (66 and 7) had a cp312, abi3 or pure wheel for
+# manylinux x86_64, so nothing builds from source before gcc is there (`pip install --dry-run
+# --only-binary=:all: --python-version 3.12 --platform manylinux_2_17_x86_64 -c constraints.txt`
+# on pyproject.toml's dependencies, then on mypy setuptools; setuptools has no pin).
 FROM python:3.12-slim AS build
 ARG NATIVE=1
 WORKDIR /src

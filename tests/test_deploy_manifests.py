@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -47,14 +48,17 @@ def _fleet() -> FleetConfig:
 
 def _pre_stop_s(container: dict[str, Any]) -> float:
     """How long a preStop hook can take: a plain ``sleep N``, or a script's sleeps and loop
-    bounds (``sleep N`` once, ``seq N`` / ``range(N)`` turns of a loop that sleeps 1 s)."""
+    bounds (``sleep N`` once, ``seq N`` / ``range(N)`` turns of a loop that sleeps 1 s, plus
+    its connect timeout where a turn connects with one)."""
     command = container["lifecycle"]["preStop"]["exec"]["command"]
     if command[0] == "sleep":
         return float(command[1])
     script = command[-1]
     sleeps = sum(float(n) for n in re.findall(r"^\s*sleep (\d+)\s*$", script, re.M))
+    connect = sum(float(n) for n in re.findall(r"create_connection\([^)]*\), ([\d.]+)\)",
+                                               script))
     loops = sum(float(n) for n in re.findall(r"(?:seq |range\()(\d+)", script))
-    return sleeps + loops
+    return sleeps + loops * (1 + connect)
 
 
 WORKLOADS = ["inferplane-gateway", "inferplane-epp", "inferplane-postgres", "inferplane-redis"]
@@ -76,7 +80,8 @@ def test_the_pickers_grace_period_covers_envoys_drain_and_the_picker_outlives_en
     pod = _pod("inferplane-epp")
     envoy = _container("inferplane-epp", "envoy")
     epp = _container("inferplane-epp", "epp")
-    assert pod["terminationGracePeriodSeconds"] > max(_pre_stop_s(envoy), _pre_stop_s(epp))
+    # the picker's own stop after its hook (server.stop(1.0), the ledger's flush) needs a margin
+    assert pod["terminationGracePeriodSeconds"] >= max(_pre_stop_s(envoy), _pre_stop_s(epp)) + 5
     assert _pre_stop_s(epp) >= _pre_stop_s(envoy)  # waits for Envoy, whose streams it holds
     fleet = _fleet()
     script = envoy["lifecycle"]["preStop"]["exec"]["command"][-1]
@@ -133,12 +138,43 @@ def test_postgres_keeps_its_data_in_a_subdirectory_of_the_claim() -> None:
     assert Path(pgdata).parent == Path(mount)
 
 
+def _pgdata_guard(root: Path) -> subprocess.CompletedProcess[str]:
+    """Run the postgres pod's guard init container's script with the claim at ``root``."""
+    guard = next(c for c in _pod("inferplane-postgres")["initContainers"]
+                 if c["name"] == "pgdata-guard")
+    mount = next(m["mountPath"] for m in guard["volumeMounts"] if m["name"] == "data")
+    script = guard["command"][-1].replace(mount, str(root))
+    return subprocess.run([*guard["command"][:-1], script], capture_output=True, text=True,
+                          timeout=30, check=False)
+
+
+def test_postgres_refuses_to_start_on_a_claim_with_its_data_at_the_root(tmp_path: Path) -> None:
+    """PGDATA moved to pgdata/: an old claim's database at the root would otherwise be left
+    aside for an empty one, and the gateways would start a new ledger."""
+    (tmp_path / "lost+found").mkdir()
+    assert _pgdata_guard(tmp_path).returncode == 0  # a fresh volume
+    (tmp_path / "pgdata").mkdir()
+    (tmp_path / "pgdata" / "PG_VERSION").write_text("16\n")
+    assert _pgdata_guard(tmp_path).returncode == 0  # the data where PGDATA says
+    (tmp_path / "PG_VERSION").write_text("16\n")
+    refused = _pgdata_guard(tmp_path)
+    assert refused.returncode == 1 and "PGDATA" in refused.stderr
+
+
+@pytest.mark.parametrize("name", WORKLOADS)
+def test_an_fs_group_is_not_reapplied_to_the_whole_volume_on_each_mount(name: str) -> None:
+    sc = _pod(name).get("securityContext", {})
+    if "fsGroup" in sc:
+        assert sc.get("fsGroupChangePolicy") == "OnRootMismatch"
+
+
 def _dockerfile() -> str:
     return (ROOT / "Dockerfile").read_text()
 
 
 def test_the_image_installs_the_tested_versions() -> None:
-    installs = [line for line in _dockerfile().splitlines() if "pip install" in line]
+    installs = [line for line in _dockerfile().splitlines()
+                if "pip install" in line and not line.lstrip().startswith("#")]
     assert installs
     for line in installs:
         assert "-c constraints.txt" in line, line

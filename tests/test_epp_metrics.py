@@ -87,7 +87,7 @@ async def test_the_listener_binds_loopback_by_default_and_stops_with_the_picker(
         addresses = p.metrics_runner.addresses
         assert [a[0] for a in addresses] == ["127.0.0.1"]
         status, ctype, text = await _get(f"http://127.0.0.1:{mport}/nothing")
-        # the gateway's metrics listener's answer (`telemetry.listener`): OpenAI-shaped
+        # the gateway's metrics listener's answer (`api.metrics_listener`): OpenAI-shaped
         assert status == 404 and ctype.startswith("application/json")
         assert json.loads(text)["error"]["message"] == "no route GET /nothing"
     with pytest.raises(aiohttp.ClientConnectionError):

@@ -50,10 +50,14 @@ async def test_process_scope_is_ready_with_no_usable_endpoint_and_not_while_drai
             assert r.json() == {"ready": True, "draining": False, "usable_endpoints": 0,
                                 "endpoints": 1}
             assert (await c.get("/ready?scope=nope")).json()["error"]["param"] == "scope"
+            assert (await c.get("/health")).headers.get("connection") != "close"
             gw.draining = True
             assert await _status(c, "/ready?scope=process") == 503
             assert (await c.get("/ready")).json()["draining"] is True
-            assert await _status(c, "/health") == 200
+            r = await c.get("/health")
+            assert r.status_code == 200
+            # keep-alive clients are asked to leave while the gateway drains
+            assert r.headers.get("connection") == "close"
     finally:
         await runner.cleanup()
 
@@ -61,26 +65,47 @@ async def test_process_scope_is_ready_with_no_usable_endpoint_and_not_while_drai
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_sigterm_with_a_drain_delay_keeps_serving_then_closes(tmp_path: Path) -> None:
-    """``gateway.drain_delay_s``: after SIGTERM the listener answers (``/ready`` 503,
-    ``/health`` 200) for the delay, then closes; SIGINT stops at once (a terminal's Ctrl-C)."""
+DRAIN_LINE = "gateway.drain_delay_s"  # in `cli._drain_delay`'s line, not in every stop's
+
+
+def _start(tmp_path: Path, drain_delay_s: float) -> tuple[subprocess.Popen[str], str]:
+    """`python -m inferplane serve` with ``gateway.drain_delay_s``, once /health answers."""
     cfg = tmp_path / "fleet.yaml"
-    cfg.write_text(_fleet(free_port(), drain_delay_s=30))
+    cfg.write_text(_fleet(free_port(), drain_delay_s=drain_delay_s))
     port = free_port()
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "inferplane", "serve", "--config", str(cfg), "--port",
          str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            httpx.get(f"{base}/health", timeout=1)
+            return proc, base
+        except httpx.TransportError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                _end(proc)
+                raise AssertionError("the gateway did not come up") from None
+            time.sleep(0.1)
+
+
+def _end(proc: subprocess.Popen[str]) -> str:
+    """Kill ``proc`` if it still runs; its stderr."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    err = proc.stderr.read() if proc.stderr else ""
+    if proc.stderr:
+        proc.stderr.close()
+    return err
+
+
+def test_sigterm_with_a_drain_delay_keeps_serving_until_a_sigint(tmp_path: Path) -> None:
+    """``gateway.drain_delay_s``: after SIGTERM the listener answers (``/ready`` 503,
+    ``/health`` 200) for the delay; a SIGINT then ends it and the stop follows."""
+    proc, base = _start(tmp_path, drain_delay_s=600)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                httpx.get(f"{base}/health", timeout=1)
-                break
-            except httpx.TransportError:
-                assert proc.poll() is None and time.monotonic() < deadline
-                time.sleep(0.1)
         assert httpx.get(f"{base}/ready?scope=process").status_code == 200
         proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 10
@@ -89,11 +114,28 @@ def test_sigterm_with_a_drain_delay_keeps_serving_then_closes(tmp_path: Path) ->
             time.sleep(0.05)
         assert httpx.get(f"{base}/health").status_code == 200  # still serving
         proc.send_signal(signal.SIGINT)  # ends the delay
-        assert proc.wait(timeout=30) == 0
-        assert "draining" in (proc.stderr.read() if proc.stderr else "")
+        assert proc.wait(timeout=60) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if proc.stderr:
-            proc.stderr.close()
+        err = _end(proc)
+    assert DRAIN_LINE in err and "inferplane gateway stopped" in err, err
+
+
+def test_the_drain_delay_ends_on_its_own_and_the_stop_follows(tmp_path: Path) -> None:
+    proc, _ = _start(tmp_path, drain_delay_s=0.5)
+    try:
+        proc.send_signal(signal.SIGTERM)  # one SIGTERM, nothing else
+        assert proc.wait(timeout=60) == 0
+    finally:
+        err = _end(proc)
+    assert DRAIN_LINE in err and "inferplane gateway stopped" in err, err
+
+
+def test_a_sigint_first_skips_the_drain_delay(tmp_path: Path) -> None:
+    """Ctrl-C in a terminal stops at once: no delay (600 s here, so waiting would time out)."""
+    proc, _ = _start(tmp_path, drain_delay_s=600)
+    try:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        err = _end(proc)
+    assert DRAIN_LINE not in err and "inferplane gateway stopped" in err, err

@@ -347,7 +347,7 @@ async def test_the_gateways_metrics_listener_has_the_api_listeners_limits() -> N
 
 async def test_the_pickers_metrics_listener_has_the_api_listeners_limits() -> None:
     """The same for the picker's epp.metrics_port listener (one helper opens both:
-    `telemetry.listener.start`)."""
+    `api.metrics_listener.start`)."""
     from tests.test_epp_stream import fleet_config
     from tests.test_epp_stream import picker as epp_picker
 

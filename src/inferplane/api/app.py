@@ -14,11 +14,11 @@ from collections.abc import Awaitable, Callable, Mapping
 from ipaddress import ip_network
 
 import orjson
-from aiohttp import web
+from aiohttp import hdrs, web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from inferplane.admission.controller import Ticket
-from inferplane.api import console
+from inferplane.api import console, metrics_listener
 from inferplane.api.openapi import build_spec
 from inferplane.api.pipeline import Attempt, Gateway, parse_usage
 from inferplane.api.server import (
@@ -51,7 +51,7 @@ from inferplane.fleet.health import endpoint_summary
 from inferplane.httpio import read_body
 from inferplane.ledger.query import BadQuery, parse_query
 from inferplane.ledger.record import Receipt
-from inferplane.telemetry import gather, listener
+from inferplane.telemetry import gather
 from inferplane.telemetry.tracing import RequestTrace
 from inferplane.types import ApiKind, JSONObject
 
@@ -465,14 +465,14 @@ async def ready(request: web.Request) -> web.Response:
                                   param="scope")
     snap = gw.live.snapshot()
     usable = sum(1 for v in snap.endpoints if v.state.usable)
-    ready = not gw.draining and (usable > 0 or scope == "process")
+    is_ready = not gw.draining and (usable > 0 or scope == "process")
     body = {
-        "ready": ready,
+        "ready": is_ready,
         "draining": gw.draining,
         "usable_endpoints": usable,
         "endpoints": len(snap.endpoints),
     }
-    return web.json_response(body, status=200 if ready else 503)
+    return web.json_response(body, status=200 if is_ready else 503)
 
 
 class WorkerPages:
@@ -657,6 +657,15 @@ def build_app(gateway: Gateway) -> web.Application:
     async def on_cleanup(app: web.Application) -> None:
         await gateway.stop()
 
+    async def close_while_draining(_: web.Request, response: web.StreamResponse) -> None:
+        # SIGTERM with gateway.drain_delay_s: ask keep-alive clients (a load balancer's pooled
+        # connections) to leave now rather than when the listener closes. Headers are already
+        # prepared when this hook runs, so the header is set here besides force_close().
+        if gateway.draining:
+            response.force_close()
+            response.headers[hdrs.CONNECTION] = "close"
+
+    app.on_response_prepare.append(close_while_draining)
     app.on_startup.append(on_startup)
     app.on_cleanup.append(on_cleanup)
     # /v1/files, /v1/batches and the batch worker
@@ -713,13 +722,13 @@ async def serve(
 
         application.on_cleanup.insert(0, close_pages)
     metrics_page = None
-    metrics_runners: list[web.AppRunner] = []
+    metrics_runner: web.AppRunner | None = None
     if g.metrics.port is not None:
         metrics_page = _metrics_page(application, gateway)
 
         async def stop_metrics(_: web.Application) -> None:
-            for r in metrics_runners:
-                await r.cleanup()
+            if metrics_runner is not None:
+                await metrics_runner.cleanup()
 
         application.on_cleanup.insert(0, stop_metrics)  # before start-up freezes the list
     try:
@@ -735,8 +744,8 @@ async def serve(
             runner, host, port, reuse_address=True, reuse_port=reuse_port or None
         ).start()
         if metrics_page is not None and g.metrics.port is not None:
-            metrics_runners.append(await listener.start(
-                metrics_page, g.metrics.host, g.metrics.port, g, reuse_port=reuse_port))
+            metrics_runner = await metrics_listener.start(
+                metrics_page, g.metrics.host, g.metrics.port, g, reuse_port=reuse_port)
         if page_server is not None:
             try:
                 await page_server.start()
@@ -755,8 +764,8 @@ async def serve(
 
 
 
-def _metrics_page(main: web.Application, gateway: Gateway) -> listener.Page:
-    """The page of the ``gateway.metrics.port`` listener (`telemetry.listener`, as the
+def _metrics_page(main: web.Application, gateway: Gateway) -> metrics_listener.Page:
+    """The page of the ``gateway.metrics.port`` listener (`api.metrics_listener`, as the
     picker's): this process's, or under ``serve --workers`` every worker's."""
     pages = main.get(WORKER_PAGES)
 

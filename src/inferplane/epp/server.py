@@ -54,6 +54,7 @@ from multidict import CIMultiDict
 
 from inferplane.admission.controller import Ticket
 from inferplane.admission.state import AdmissionStore
+from inferplane.api import metrics_listener
 from inferplane.config.schema import FleetConfig
 from inferplane.core.plane import API_PATHS, Core, Placement
 from inferplane.core.validation import parse_json, validate
@@ -75,7 +76,6 @@ from inferplane.fleet.model import Endpoint, Fleet
 from inferplane.fleet.scraper import HttpMetricsSource, MetricsSource
 from inferplane.ledger.record import Ledger, Receipt
 from inferplane.lograte import LogLimiter
-from inferplane.telemetry import listener
 from inferplane.telemetry.metrics import PickerMetrics
 from inferplane.telemetry.tracing import RequestTrace
 from inferplane.types import ApiKind
@@ -874,7 +874,7 @@ async def serve_metrics(picker: Picker, host: str, port: int) -> None:
     async def page() -> bytes:
         return picker.metrics_page()
 
-    picker.metrics_runner = await listener.start(page, host, port, picker.config.gateway)
+    picker.metrics_runner = await metrics_listener.start(page, host, port, picker.config.gateway)
 
 
 async def serve(picker: Picker, host: str, port: int,

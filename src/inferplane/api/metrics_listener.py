@@ -1,7 +1,7 @@
 """The metrics-only listener both front ends open for the Prometheus scraper
 (``gateway.metrics.port`` for the gateway, ``epp.metrics_port`` for the Envoy picker):
 ``GET /metrics`` with no key; any other path or method gets an OpenAI-shaped error, as on the
-gateway's API listener. It speaks the API listener's protocol (`api.server.GatewayProtocol`), so
+gateway's API listener. It speaks the API listener's protocol (`server.GatewayProtocol`), so
 the same limits on slow and greedy clients apply (``gateway.header_timeout_s``,
 ``idle_timeout_s``, ``max_connections_per_client``): it is often bound to 0.0.0.0 for the
 scraper."""
