@@ -22,7 +22,7 @@ from inferplane.ledger.chain import Signer, public_pem
 from inferplane.ledger.prune import prune
 from inferplane.ledger.query import Query
 from inferplane.ledger.sqlite import SqliteLedger
-from inferplane.ledger.tools import Source, SourceError, verify
+from inferplane.ledger.tools import Source, SourceError, describe, verify
 from inferplane.ledger.verify import verify_sqlite
 from inferplane.placement.framework import Decision
 from tests.test_ledger import _ok, _with_id
@@ -52,6 +52,11 @@ def pruned(base: Path, tmp_path: Path) -> Path:
 def _stored(path: Path) -> list[int]:
     with contextlib.closing(sqlite3.connect(path)) as conn:
         return [r[0] for r in conn.execute("SELECT chain_seq FROM decisions ORDER BY chain_seq")]
+
+
+def _version(path: Path) -> int:
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        return int(conn.execute("SELECT version FROM schema_version").fetchone()[0])
 
 
 def _sql(path: Path, *statements: str) -> None:
@@ -94,6 +99,63 @@ def test_a_later_prune_moves_the_start_and_keeps_the_earlier_anchor(pruned: Path
     # the earlier anchor deleted: harmless (the latest one starts the chain)
     _sql(pruned, "DELETE FROM prune_anchors WHERE first_seq = 5")
     assert verify_sqlite(str(pruned), SIGNER.public, EVERY).ok
+
+
+def test_max_records_prunes_in_steps_each_with_its_own_anchor(
+    base: Path, tmp_path: Path, key: Path
+) -> None:
+    """#1..#8 (before 1010.5) in steps of at most 5 records: whole intervals of 4, so #1..#4
+    then #5..#8, each its own transaction and anchor; a step is never less than an interval."""
+    path = _copy(base, tmp_path, "steps.db")
+    source = Source(sqlite_path=str(path))
+    out = prune(source, SIGNER, 1010.5, checkpoint_every=EVERY, max_records=5)
+    assert [(p.first, p.cut) for p in out.plans] == [(1, 4), (5, 8)]
+    assert [a.first_seq for a in out.anchors] == [5, 9] and _stored(path) == [9, 10, 11, 12]
+    rep = verify_sqlite(str(path), SIGNER.public, EVERY)
+    assert rep.ok and rep.first == {"main": 9} and rep.anchors == 2, rep.problem
+    whole = _copy(base, tmp_path, "whole.db")
+    one = prune(Source(sqlite_path=str(whole)), SIGNER, 1010.5, checkpoint_every=EVERY,
+                max_records=8)
+    assert [(p.first, p.cut) for p in one.plans] == [(1, 8)]
+    small = _copy(base, tmp_path, "small.db")
+    done = CliRunner().invoke(app, ["ledger-prune", "--ledger", str(small), "--key", str(key),
+                                    "--checkpoint-every", str(EVERY), "--before", "1010.5",
+                                    "--max-records", "1"])
+    assert done.exit_code == 0, done.output
+    assert "pruned shard main: records #1..#4 (4), anchor at #5 signed" in done.output
+    assert "pruned shard main: records #5..#8 (4), anchor at #9 signed" in done.output
+
+
+def test_an_earlier_anchor_signed_by_a_replaced_key_is_history(pruned: Path) -> None:
+    """Key rotation: only each shard's latest anchor starts its chain, so only it must verify
+    with the pinned key; an earlier one signed by the key it replaced does not fail the ledger
+    (nobody without the pinned key can add a later anchor, nor one tied with the latest)."""
+    prune(Source(sqlite_path=str(pruned)), SIGNER, 1010.5, checkpoint_every=EVERY)  # #5..#8
+    old = _signer()
+    with contextlib.closing(sqlite3.connect(pruned)) as conn, conn:
+        (prev,) = conn.execute("SELECT prev_hash FROM prune_anchors WHERE first_seq = 5"
+                               ).fetchone()
+        a = old.sign_anchor("main", 5, prev, T, 2000.0)
+        conn.execute("UPDATE prune_anchors SET key_id = ?, signature = ? WHERE first_seq = 5",
+                     (a.key_id, a.signature))
+    rep = verify_sqlite(str(pruned), SIGNER.public, EVERY)
+    assert rep.ok and rep.first == {"main": 9}, rep.problem
+    assert (rep.anchors, rep.anchors_latest, rep.anchors_checked) == (2, 1, 1)
+    assert any(line.startswith("prune anchors: 1 of 1 signatures verified (1 earlier kept as "
+                               "history, unchecked); main starts at #9")
+               for line in describe(rep, Source(sqlite_path=str(pruned))))
+    # the same key's anchor tied with the latest one (#9) is checked: refused
+    with contextlib.closing(sqlite3.connect(pruned)) as conn, conn:
+        (prev,) = conn.execute("SELECT prev_hash FROM prune_anchors WHERE first_seq = 9"
+                               ).fetchone()
+        b = old.sign_anchor("main", 9, prev, 1010.5, 3000.0)
+        conn.execute("INSERT INTO prune_anchors (shard, first_seq, prev_hash, before_unix, "
+                     "at_unix, key_id, signature) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                     (b.shard, b.first_seq, b.prev_hash, b.before_unix, b.at_unix, b.key_id,
+                      b.signature))
+    rep = verify_sqlite(str(pruned), SIGNER.public, EVERY)
+    assert not rep.ok and f"is signed by key {old.key_id}, not the pinned key" \
+        in (rep.problem or "")
 
 
 # -- tampering with a pruned ledger --------------------------------------------------------
@@ -279,6 +341,27 @@ def test_a_prune_of_a_ledger_changed_since_its_verify_is_refused(
     assert rep.ok and rep.first == {"main": 5} and rep.anchors == 1, rep.problem
 
 
+@pytest.mark.parametrize(("change", "says"), [
+    # the cut record (#4) edited: its hash is no longer the one the anchor would sign
+    ("UPDATE decisions SET chain_hash = 'x' WHERE chain_seq = 4", r"\(record #4\)"),
+    # a record before the cut deleted: the DELETE removes 3 records, not the 4 verified
+    ("DELETE FROM decisions WHERE chain_seq = 2", r"\(3 records up to #4, 4 verified\)"),
+])
+def test_a_prune_rechecks_the_cut_and_the_count_in_its_transaction(
+    base: Path, tmp_path: Path, change: str, says: str
+) -> None:
+    path = _copy(base, tmp_path, "moved.db")
+    source = Source(sqlite_path=str(path))
+    stale = verify(source, SIGNER.public, EVERY)
+    _sql(path, change)
+    before = _stored(path)
+    with pytest.raises(SourceError, match=r"changed since it was verified " + says):
+        prune_mod._prune_sqlite(source, SIGNER, stale, T, ["main"], False, None)
+    assert _stored(path) == before  # rolled back: nothing deleted, no anchor
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("SELECT count(*) FROM prune_anchors").fetchone() == (0,)
+
+
 # -- schema 2 files ------------------------------------------------------------------------
 
 
@@ -342,6 +425,13 @@ def test_the_command(base: Path, tmp_path: Path, key: Path) -> None:
     early = runner.invoke(app, [*withkey, "--before", "999"])
     assert early.exit_code == 2 and "nothing in" in early.output and "made before 999" \
         in early.output
+    # a run that prunes nothing changes nothing: the version-2 file is not migrated (an older
+    # gateway still opens it); nor is it by a run whose records before T have no signed
+    # checkpoint after them yet (#1, #2 before 1001.5; the first checkpoint is #4)
+    assert _version(path) == 2
+    idle = runner.invoke(app, [*withkey, "--before", "1001.5"])
+    assert idle.exit_code == 0 and "no signed checkpoint follows them" in idle.output, idle.output
+    assert _version(path) == 2 and _stored(path) == list(range(1, N + 1))
     dry = runner.invoke(app, [*withkey, "--before", str(T), "--dry-run"])
     assert dry.exit_code == 0, dry.output
     assert "would prune shard main: records #1..#4 (4); kept #5..#12; 3 later records made " \
@@ -365,7 +455,7 @@ def test_the_command(base: Path, tmp_path: Path, key: Path) -> None:
     # a ledger that does not verify is never pruned
     _sql(path, "UPDATE decisions SET tenant = 'globex' WHERE chain_seq = 9")
     refused = runner.invoke(app, [*withkey, "--before", "1010.5"])
-    assert refused.exit_code == 2, refused.output
+    assert refused.exit_code == 1, refused.output  # as verify and ledger-sign-heads
     assert "TAMPERED" in refused.output and "nothing pruned: the ledger does not verify" \
         in refused.output
     assert _stored(path) == list(range(5, N + 1))

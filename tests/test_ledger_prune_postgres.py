@@ -114,13 +114,15 @@ def test_a_writer_appending_while_the_prune_runs(schema: str, decision: Decision
     def slow_prune(self: prune_mod._Store, p: prune_mod.ShardPlan, a: object) -> None:
         started.set()
         real(self, p, a)  # type: ignore[arg-type]
-        done.wait(10.0)  # the transaction stays open while the writer commits
+        # the transaction stays open while the writer commits: a writer blocked by it would
+        # never get there (and this would fail the prune)
+        assert done.wait(10.0), "the writer was blocked by the prune's transaction"
 
     async def write_during() -> None:
         led = PostgresLedger(DSN, schema=schema, signer=SIGNER, checkpoint_every=EVERY,
                              batch_size=2)
         await led.start()
-        await asyncio.to_thread(started.wait, 10.0)
+        assert await asyncio.to_thread(started.wait, 10.0), "the prune did not start"
         rs = [led.record(_with_id(decision, f"w-{i}"), _ok(decision), 3000.0 + i)
               for i in range(6)]
         assert all(await asyncio.gather(*(r.durable(10.0) for r in rs)))
@@ -133,6 +135,7 @@ def test_a_writer_appending_while_the_prune_runs(schema: str, decision: Decision
         t.start()
         prune(src, SIGNER, T, checkpoint_every=EVERY)
         t.join(20.0)
+        assert not t.is_alive()
     rep = verify(src, SIGNER.public, EVERY)
     assert rep.ok and rep.first == {"main": 5} and rep.shards == {"main": N + 6}, rep.problem
 
@@ -165,6 +168,11 @@ def test_a_version_2_ledger_is_read_and_migrated_by_the_first_prune(
     src = Source(dsn=DSN, schema=schema)
     assert verify(src, SIGNER.public, EVERY).ok
     assert prune(src, SIGNER, T, dry_run=True, checkpoint_every=EVERY).plans
+    assert _version(schema) == 2
+    # runs that prune nothing change nothing, the version included: nothing before 999, and
+    # #1, #2 before 1001.5 with no signed checkpoint after them before #3 (the first is #4)
+    assert prune(src, SIGNER, 999.0, checkpoint_every=EVERY).nothing_before
+    assert prune(src, SIGNER, 1001.5, checkpoint_every=EVERY).idle
     assert _version(schema) == 2
     prune(src, SIGNER, T, checkpoint_every=EVERY)
     assert _version(schema) == 3

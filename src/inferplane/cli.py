@@ -26,6 +26,7 @@ from inferplane.errors import described as _describe
 if TYPE_CHECKING:
     from inferplane.config.schema import FleetConfig
     from inferplane.core.plane import Core
+    from inferplane.ledger.chain import Signer
 
 app = typer.Typer(
     add_completion=False,
@@ -905,7 +906,8 @@ def export(
 
 def _state_anchors(source: Any) -> None:
     """After an export: where each pruned shard's chain starts, and the anchor that says so."""
-    from inferplane.ledger.tools import SourceError, latest_anchors, read_anchors
+    from inferplane.ledger.chain import latest_anchors
+    from inferplane.ledger.tools import SourceError, read_anchors
     from inferplane.ledger.verify import describe_anchor
 
     try:
@@ -956,7 +958,7 @@ def ledger_sign_heads(
         typer.echo(f"nothing to sign: every shard's head in {source.name} is already signed")
 
 
-def _signing_key(key: Path | None, config: Path | None):  # type: ignore[no-untyped-def]
+def _signing_key(key: Path | None, config: Path | None) -> Signer:
     """The signer of --key FILE, or of the fleet file's ledger; exit 2 naming what is missing."""
     from inferplane.ledger.chain import KeyError_, Signer, load_private
 
@@ -996,6 +998,12 @@ def ledger_prune(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="print what would be deleted; change nothing")
     ] = False,
+    max_records: Annotated[
+        int | None,
+        typer.Option("--max-records", min=1, help="delete in steps of at most N records (or "
+                     "one checkpoint interval, where longer), each its own transaction and "
+                     "anchor: bounds how long a SQLite prune holds the write lock"),
+    ] = None,
     checkpoint_every: Annotated[
         int | None,
         typer.Option("--checkpoint-every", min=1, help="the writers' ledger.checkpoint_every "
@@ -1005,8 +1013,9 @@ def ledger_prune(
     """Delete the records made before --before, in whole checkpoint intervals, and sign a prune
     anchor per shard that verify accepts as the chain's start (docs/evidence.md, Retention).
     The ledger is verified with the key first; nothing is pruned unless it is intact. Exit 0
-    when pruned (or already pruned up to that time), 2 when there is no key, the ledger does
-    not verify, nothing in it is before that time, or it cannot be read or written."""
+    when pruned (or already pruned up to that time), 1 when the ledger does not verify (as
+    verify and ledger-sign-heads), 2 when there is no key, nothing in it is before that time,
+    or it cannot be read or written."""
     from inferplane.ledger.prune import prune
     from inferplane.ledger.query import BadQuery, parse_time
     from inferplane.ledger.tools import SourceError, describe
@@ -1022,13 +1031,15 @@ def ledger_prune(
     signer = _signing_key(key, config)
     try:
         out = prune(source, signer, cutoff, shard or (), dry_run=dry_run,
-                    checkpoint_every=checkpoint_every)
+                    checkpoint_every=checkpoint_every, max_records=max_records)
     except SourceError as exc:
         fail(str(exc))
     if not out.report.ok:
         for line in describe(out.report, source):
             typer.echo(line, err=True)
-        fail("nothing pruned: the ledger does not verify (a ledger is pruned only when intact)")
+        typer.echo("nothing pruned: the ledger does not verify (a ledger is pruned only when "
+                   "intact)", err=True)
+        raise typer.Exit(1)  # as verify and ledger-sign-heads
     if out.nothing_before:
         fail(f"nothing in {source.name} was made before {before}: nothing to prune")
     verb = "would prune" if dry_run else "pruned"

@@ -24,6 +24,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -101,6 +102,16 @@ class PruneAnchor:
     at_unix: float
     key_id: str
     signature: str  # base64
+
+
+def latest_anchors(anchors: Iterable[PruneAnchor]) -> dict[str, PruneAnchor]:
+    """Each pruned shard's latest anchor (the highest ``first_seq``): the start of its chain.
+    The earlier ones are the shard's prune history."""
+    out: dict[str, PruneAnchor] = {}
+    for a in anchors:
+        if a.shard not in out or a.first_seq >= out[a.shard].first_seq:
+            out[a.shard] = a
+    return out
 
 
 def key_id(public: Ed25519PublicKey) -> str:

@@ -118,8 +118,11 @@ class _Store:
                           (p.shard, p.cut))
 
 
-def plan(store: _Store, rep: Report, before: float, shards: Sequence[str]) -> Outcome:
-    """Each selected shard's cut (`ShardPlan`), from a verified report (keyed)."""
+def plan(store: _Store, rep: Report, before: float, shards: Sequence[str],
+         max_records: int | None = None) -> Outcome:
+    """Each selected shard's cut (`ShardPlan`), from a verified report (keyed). With
+    ``max_records``, a shard's cut is reached in steps (one `ShardPlan`, transaction and anchor
+    each) of at most that many records, or of one checkpoint interval where one is longer."""
     out = Outcome(rep)
     some_before = False
     for s in shards:
@@ -136,18 +139,39 @@ def plan(store: _Store, rep: Report, before: float, shards: Sequence[str]) -> Ou
                            "follows them before the first later record (only whole checkpoint "
                            "intervals are pruned; a later prune takes them)")
         else:
-            cut, h = cuts[-1]
-            out.plans.append(ShardPlan(s, first, cut, h, last,
-                                       store.count_before(s, before, cut)))
+            cut = cuts[-1][0]
+            for q, h in _steps(first, cuts, max_records):
+                out.plans.append(ShardPlan(s, first, q, h, last,
+                                           store.count_before(s, before, cut) if q == cut
+                                           else 0))
+                first = q + 1
     out.nothing_before = not some_before
     return out
 
 
+def _steps(first: int, cuts: list[tuple[int, str]],
+           max_records: int | None) -> list[tuple[int, str]]:
+    """The cuts that take a shard from ``first`` to ``cuts[-1]``: each the furthest signed
+    checkpoint at most ``max_records`` on (at least the next one), or the last at once."""
+    if max_records is None:
+        return [cuts[-1]]
+    steps: list[tuple[int, str]] = []
+    i = 0
+    while i < len(cuts):
+        j = i
+        while j + 1 < len(cuts) and cuts[j + 1][0] - first + 1 <= max_records:
+            j += 1
+        steps.append(cuts[j])
+        first, i = cuts[j][0] + 1, j + 1
+    return steps
+
+
 def prune(source: Source, signer: Signer, before: float, shards: Sequence[str] = (), *,
           dry_run: bool = False, checkpoint_every: int | None = None,
-          now: float | None = None) -> Outcome:
+          now: float | None = None, max_records: int | None = None) -> Outcome:
     """Verify ``source`` with ``signer``'s key; then (unless ``dry_run``) prune each selected
-    shard (all by default) up to its cut, one transaction a shard. Raises `SourceError` when
+    shard (all by default) up to its cut, one transaction a shard (or, with ``max_records``,
+    one a step of at most that many records, each with its own anchor). Raises `SourceError` when
     the ledger cannot be read or written, a shard is unknown, or it changed meanwhile."""
     rep = verify(source, signer.public, checkpoint_every)
     if not rep.ok:
@@ -158,32 +182,48 @@ def prune(source: Source, signer: Signer, before: float, shards: Sequence[str] =
                           f"{', '.join(sorted(rep.shards)) or 'none'})")
     chosen = sorted(shards or rep.shards)
     if source.sqlite_path is not None:
-        return _prune_sqlite(source, signer, rep, before, chosen, dry_run, now)
-    return _prune_postgres(source, signer, rep, before, chosen, dry_run, now)
+        return _prune_sqlite(source, signer, rep, before, chosen, dry_run, now, max_records)
+    return _prune_postgres(source, signer, rep, before, chosen, dry_run, now, max_records)
 
 
 def _prune_sqlite(source: Source, signer: Signer, rep: Report, before: float,
-                  shards: list[str], dry_run: bool, now: float | None) -> Outcome:
+                  shards: list[str], dry_run: bool, now: float | None,
+                  max_records: int | None = None) -> Outcome:
     from inferplane.errors import ConfigError
     from inferplane.ledger import sqlite as lsql
     from inferplane.sqliteio import immediate
 
     assert source.sqlite_path is not None
     path = source.sqlite_path
-    try:  # to prune, opened for writing: a version-2 file gets the anchors' table (3)
-        conn = lsql.open_readonly(path) if dry_run else lsql.open_for_writing(path, path)
-        if not dry_run:
-            lsql.migrate_2_to_3(conn)
+
+    def cannot(exc: Exception) -> SourceError:
+        return SourceError(f"{source.name}: cannot prune: {exc}")
+
+    try:  # the plan first, read-only: a run that prunes nothing changes nothing (no migration)
+        conn = lsql.open_readonly(path)
     except (ConfigError, FileNotFoundError, lsql.LedgerFileError) as exc:
         raise SourceError(str(exc)) from None
     except sqlite3.Error as exc:
-        raise SourceError(f"{source.name}: cannot prune: {exc}") from None
+        raise cannot(exc) from None
+    try:
+        out = plan(_Store(conn, "?", "decisions", "checkpoints", "prune_anchors"), rep, before,
+                   shards, max_records)
+    except sqlite3.Error as exc:
+        raise cannot(exc) from None
+    finally:
+        conn.close()
+    if dry_run or not out.plans:
+        return out
+    try:  # to prune, opened for writing: a version-2 file gets the anchors' table (3)
+        conn = lsql.open_for_writing(path, path)
+        lsql.migrate_2_to_3(conn)
+    except (ConfigError, FileNotFoundError, lsql.LedgerFileError) as exc:
+        raise SourceError(str(exc)) from None
+    except sqlite3.Error as exc:
+        raise cannot(exc) from None
     try:
         conn.execute("PRAGMA busy_timeout=30000")
         store = _Store(conn, "?", "decisions", "checkpoints", "prune_anchors")
-        out = plan(store, rep, before, shards)
-        if dry_run:
-            return out
         for p in out.plans:
             a = _anchor(signer, p, before, now)
             with _so_far(out), immediate(conn):
@@ -191,13 +231,14 @@ def _prune_sqlite(source: Source, signer: Signer, rep: Report, before: float,
             out.anchors.append(a)
         return out
     except sqlite3.Error as exc:
-        raise SourceError(f"{source.name}: cannot prune: {exc}") from None
+        raise cannot(exc) from None
     finally:
         conn.close()
 
 
 def _prune_postgres(source: Source, signer: Signer, rep: Report, before: float,
-                    shards: list[str], dry_run: bool, now: float | None) -> Outcome:
+                    shards: list[str], dry_run: bool, now: float | None,
+                    max_records: int | None = None) -> Outcome:
     import asyncio
 
     from inferplane.ledger import postgres as pg
@@ -210,14 +251,13 @@ def _prune_postgres(source: Source, signer: Signer, rep: Report, before: float,
                                                          connect_timeout=5) as aconn:
             await pg.migrate(aconn, t, pg.SCHEMA_VERSION)
 
-    try:
-        if not dry_run:
-            asyncio.run(migrate())
+    try:  # the plan first: a run that prunes nothing changes nothing (no migration)
         with psycopg.connect(source.dsn, connect_timeout=5, autocommit=True) as conn:
             store = _Store(conn, "%s", t.decisions, t.checkpoints, t.anchors)
-            out = plan(store, rep, before, shards)
-            if dry_run:
+            out = plan(store, rep, before, shards, max_records)
+            if dry_run or not out.plans:
                 return out
+            asyncio.run(migrate())
             for p in out.plans:
                 a = _anchor(signer, p, before, now)
                 with _so_far(out), conn.transaction():

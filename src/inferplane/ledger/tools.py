@@ -17,7 +17,12 @@ from typing import IO, TYPE_CHECKING, Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from inferplane.config.schema import FleetConfig
-from inferplane.ledger.chain import Checkpoint, PruneAnchor, Signer, load_public
+from inferplane.ledger.chain import (
+    Checkpoint,
+    PruneAnchor,
+    Signer,
+    load_public,
+)
 from inferplane.ledger.query import WRITERS, ExportRow, Query
 from inferplane.ledger.verify import Report, describe_anchor, verify_rows, verify_sqlite
 
@@ -197,8 +202,10 @@ def describe(rep: Report, source: Source) -> list[str]:
                  "verified" + (f" ({rep.checkpoints_pruned} more name pruned records)"
                                if rep.checkpoints_pruned else ""))
     if rep.anchors:
-        lines.append(f"prune anchors: {rep.anchors_checked} of {rep.anchors} signatures "
-                     "verified; " + "; ".join(
+        history = rep.anchors - rep.anchors_latest
+        lines.append(f"prune anchors: {rep.anchors_checked} of {rep.anchors_latest} signatures "
+                     "verified" + (f" ({history} earlier kept as history, unchecked)"
+                                   if history else "") + "; " + "; ".join(
                          f"{s} starts at #{a.first_seq} ({describe_anchor(a)})"
                          for s, a in sorted(rep.pruned.items())))
     if rep.keyed and rep.unsigned_tail:
@@ -236,15 +243,6 @@ def read_anchors(source: Source) -> list[PruneAnchor]:
 
     with _postgres(source) as (conn_pg, t):
         return pg.read_anchors(conn_pg, t)
-
-
-def latest_anchors(anchors: Sequence[PruneAnchor]) -> dict[str, PruneAnchor]:
-    """Each pruned shard's latest anchor: the start of its chain."""
-    out: dict[str, PruneAnchor] = {}
-    for a in anchors:
-        if a.shard not in out or a.first_seq >= out[a.shard].first_seq:
-            out[a.shard] = a
-    return out
 
 
 @contextlib.contextmanager

@@ -41,6 +41,7 @@ from inferplane.ledger.chain import (
     check_anchor_signature,
     check_signature,
     key_id,
+    latest_anchors,
 )
 from inferplane.ledger.query import ExportRow, column_mismatch
 
@@ -71,6 +72,9 @@ class Report:
     pruned: dict[str, PruneAnchor] = field(default_factory=dict)
     """The anchor each pruned shard starts at."""
     anchors: int = 0
+    anchors_latest: int = 0
+    """Anchors at each shard's latest ``first_seq`` (the ones that count; the others are its
+    prune history, whose signatures are not checked)."""
     anchors_checked: int = 0
     signed: dict[str, list[tuple[int, str]]] = field(default_factory=dict)
     """Per shard, the (seq, chain hash) of each checkpoint verified with the key, in order."""
@@ -113,17 +117,23 @@ def verify_rows(
             "(--public-key FILE, or --config with the signing key)"
         )
     pinned = key_id(public_key) if public_key is not None else None
-    latest: dict[str, PruneAnchor] = {}
+    # Only each shard's latest anchor starts its chain, so only its signature matters: an
+    # earlier one is history (deleting it is harmless), and one signed by a key since
+    # replaced must not fail the ledger for ever. Nobody without the key can add a later
+    # anchor, nor one tied with the latest (every anchor at the latest first_seq is checked).
+    anchors = list(anchors)
+    latest = latest_anchors(anchors)
     for a in anchors:
         rep.anchors += 1
+        if a.first_seq != latest[a.shard].first_seq:
+            continue
+        rep.anchors_latest += 1
         if public_key is not None:
             bad = _check_anchor(a, public_key, pinned)
             if bad:
                 return rep.fail(a.shard, a.first_seq, None,
                                 f"shard {a.shard}: its prune anchor at #{a.first_seq} {bad}")
             rep.anchors_checked += 1
-        if a.shard not in latest or a.first_seq >= latest[a.shard].first_seq:
-            latest[a.shard] = a
     shard: str | None = None
     prev = GENESIS
     expect = 1
