@@ -122,19 +122,24 @@ def test_a_writer_appending_while_the_prune_runs(schema: str, decision: Decision
         led = PostgresLedger(DSN, schema=schema, signer=SIGNER, checkpoint_every=EVERY,
                              batch_size=2)
         await led.start()
-        assert await asyncio.to_thread(started.wait, 10.0), "the prune did not start"
-        rs = [led.record(_with_id(decision, f"w-{i}"), _ok(decision), 3000.0 + i)
-              for i in range(6)]
-        assert all(await asyncio.gather(*(r.durable(10.0) for r in rs)))
-        done.set()
-        await led.close()
+        try:  # closed whatever happens: a connection left in a COPY would hang the teardown
+            assert await asyncio.to_thread(started.wait, 10.0), "the prune did not start"
+            rs = [led.record(_with_id(decision, f"w-{i}"), _ok(decision), 3000.0 + i)
+                  for i in range(6)]
+            # longer than the prune waits: a writer blocked by it fails the prune's assert
+            assert all(await asyncio.gather(*(r.durable(30.0) for r in rs)))
+            done.set()
+        finally:
+            await led.close()
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(prune_mod._Store, "prune", slow_prune)
         t = threading.Thread(target=lambda: asyncio.run(write_during()))
         t.start()
-        prune(src, SIGNER, T, checkpoint_every=EVERY)
-        t.join(20.0)
+        try:
+            prune(src, SIGNER, T, checkpoint_every=EVERY)
+        finally:
+            t.join(40.0)
         assert not t.is_alive()
     rep = verify(src, SIGNER.public, EVERY)
     assert rep.ok and rep.first == {"main": 5} and rep.shards == {"main": N + 6}, rep.problem
