@@ -1,5 +1,5 @@
 """The `inferplane` command: serve, epp, envoy-config, demo, emulate, simulate, explain, verify,
-export, check, schema, hash-key, ledger-keygen, ledger-sign-heads, version."""
+export, check, schema, hash-key, ledger-keygen, ledger-sign-heads, ledger-prune, version."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
     from inferplane.config.dsn import Section
     from inferplane.config.schema import FleetConfig
     from inferplane.core.plane import Core
+    from inferplane.ledger.chain import Signer
 
 app = typer.Typer(
     add_completion=False,
@@ -925,6 +927,24 @@ def export(
         fail(f"{output}: {exc.strerror or exc}")
     typer.echo(f"exported {n} records (their columns as stored: `inferplane verify` checks "
                "each against its hashed record)", err=True)
+    _state_anchors(source)
+
+
+def _state_anchors(source: Any) -> None:
+    """After an export: where each pruned shard's chain starts, and the anchor that says so."""
+    from inferplane.ledger.chain import latest_anchors
+    from inferplane.ledger.tools import SourceError, read_anchors
+    from inferplane.ledger.verify import describe_anchor
+
+    try:
+        anchors = latest_anchors(read_anchors(source))
+    except SourceError as exc:
+        fail(str(exc))
+    for s, a in sorted(anchors.items()):
+        typer.echo(f"shard {s} was pruned: its chain starts at #{a.first_seq}, after the prune "
+                   f"anchor ({describe_anchor(a)}; key {a.key_id}) with prev_hash "
+                   f"{a.prev_hash} and signature {a.signature}; records #1..#{a.first_seq - 1} "
+                   "are not in the ledger", err=True)
 
 
 @app.command("ledger-sign-heads")
@@ -945,10 +965,29 @@ def ledger_sign_heads(
     turned on, or archived), which verify with a key otherwise fails for good. Exit 0 when
     signed (or nothing to sign), 1 when the ledger does not verify (nothing signed), 2 when it
     cannot be read or written."""
-    from inferplane.ledger.chain import KeyError_, Signer, load_private
     from inferplane.ledger.tools import SourceError, describe, sign_heads
 
     source = _ledger_source(ledger, config)
+    signer = _signing_key(key, config)
+    try:
+        rep, signed = sign_heads(source, signer, shard or ())
+    except SourceError as exc:
+        fail(str(exc))
+    if not rep.ok:
+        for line in describe(rep, source):
+            typer.echo(line, err=True)
+        typer.echo("nothing signed: the ledger does not verify", err=True)
+        raise typer.Exit(1)
+    for cp in signed:
+        typer.echo(f"signed {cp.shard} at #{cp.seq} (key {cp.key_id})")
+    if not signed:
+        typer.echo(f"nothing to sign: every shard's head in {source.name} is already signed")
+
+
+def _signing_key(key: Path | None, config: Path | None) -> Signer:
+    """The signer of --key FILE, or of the fleet file's ledger; exit 2 naming what is missing."""
+    from inferplane.ledger.chain import KeyError_, Signer, load_private
+
     signer: Signer | None = None
     try:
         if key is not None:
@@ -964,19 +1003,81 @@ def ledger_sign_heads(
     if signer is None:
         fail("no signing key: give --key FILE, or a fleet file whose ledger has "
              "signing_key_file or signing_key_env")
+    return signer
+
+
+@app.command("ledger-prune")
+def ledger_prune(
+    before: Annotated[str, typer.Option(
+        "--before", help="delete records made before this time (unix seconds or ISO 8601, "
+        "UTC without an offset), in whole checkpoint intervals")],
+    ledger: LedgerOpt = None,
+    config: LedgerConfigOpt = None,
+    key: Annotated[
+        Path | None,
+        typer.Option("--key", help="the Ed25519 signing key (private, PEM) with --ledger; "
+                     "default with --config: its ledger.signing_key_file / signing_key_env"),
+    ] = None,
+    shard: Annotated[
+        list[str] | None, typer.Option("--shard", help="only this shard (repeatable)")
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="print what would be deleted; change nothing")
+    ] = False,
+    max_records: Annotated[
+        int | None,
+        typer.Option("--max-records", min=1, help="delete in steps of at most N records (or "
+                     "one checkpoint interval, where longer), each its own transaction and "
+                     "anchor: bounds how long a SQLite prune holds the write lock"),
+    ] = None,
+    checkpoint_every: Annotated[
+        int | None,
+        typer.Option("--checkpoint-every", min=1, help="the writers' ledger.checkpoint_every "
+                     "for the verify that comes first (as `inferplane verify`)"),
+    ] = None,
+) -> None:
+    """Delete the records made before --before, in whole checkpoint intervals, and sign a prune
+    anchor per shard that verify accepts as the chain's start (docs/evidence.md, Retention).
+    The ledger is verified with the key first; nothing is pruned unless it is intact. Exit 0
+    when pruned (or already pruned up to that time), 1 when the ledger does not verify (as
+    verify and ledger-sign-heads), 2 when there is no key, nothing in it is before that time,
+    or it cannot be read or written."""
+    from inferplane.ledger.prune import prune
+    from inferplane.ledger.query import BadQuery, parse_time
+    from inferplane.ledger.tools import SourceError, describe
+
     try:
-        rep, signed = sign_heads(source, signer, shard or ())
+        cutoff = parse_time(before, "--before")
+    except BadQuery as exc:
+        fail(str(exc))
+    if cutoff > time.time():
+        fail(f"--before {before} is in the future: that would prune records still being "
+             "written")
+    source = _ledger_source(ledger, config)
+    signer = _signing_key(key, config)
+    try:
+        out = prune(source, signer, cutoff, shard or (), dry_run=dry_run,
+                    checkpoint_every=checkpoint_every, max_records=max_records)
     except SourceError as exc:
         fail(str(exc))
-    if not rep.ok:
-        for line in describe(rep, source):
+    if not out.report.ok:
+        for line in describe(out.report, source):
             typer.echo(line, err=True)
-        typer.echo("nothing signed: the ledger does not verify", err=True)
-        raise typer.Exit(1)
-    for cp in signed:
-        typer.echo(f"signed {cp.shard} at #{cp.seq} (key {cp.key_id})")
-    if not signed:
-        typer.echo(f"nothing to sign: every shard's head in {source.name} is already signed")
+        typer.echo("nothing pruned: the ledger does not verify (a ledger is pruned only when "
+                   "intact)", err=True)
+        raise typer.Exit(1)  # as verify and ledger-sign-heads
+    if out.nothing_before:
+        fail(f"nothing in {source.name} was made before {before}: nothing to prune")
+    verb = "would prune" if dry_run else "pruned"
+    for p in out.plans:
+        kept = (f"#{p.cut + 1}..#{p.last}" if p.last > p.cut else "none yet")
+        left = (f"; {p.left_before} later records made before the cut-off stay until a "
+                "checkpoint follows them" if p.left_before else "")
+        signed = "" if dry_run else f", anchor at #{p.cut + 1} signed (key {signer.key_id})"
+        typer.echo(f"{verb} shard {p.shard}: records #{p.first}..#{p.cut} ({p.count}){signed}; "
+                   f"kept {kept}{left}")
+    for s, why in sorted(out.idle.items()):
+        typer.echo(f"shard {s}: nothing to prune: {why}")
 
 
 @app.command("ledger-keygen")

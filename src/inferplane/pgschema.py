@@ -41,8 +41,10 @@ class PgTables:
 
 
 async def migrate(conn: psycopg.AsyncConnection[Any], t: PgTables,
-                  migrations: Sequence[Sequence[str]]) -> int:
-    """Bring ``t``'s tables to version ``len(migrations)``; return it."""
+                  migrations: Sequence[Sequence[str]], *, reads: int | None = None) -> int:
+    """Bring ``t``'s tables to version ``len(migrations)`` at least; return the version they
+    are at. Tables at a later version up to ``reads`` (this inferplane reads and writes them as
+    they are) are left as they are; beyond it they are refused."""
     target = len(migrations)
     async with conn.transaction(), conn.cursor() as cur:
         await cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (t.lock_key,))
@@ -53,10 +55,12 @@ async def migrate(conn: psycopg.AsyncConnection[Any], t: PgTables,
             await cur.execute(f"SELECT version FROM {t.version}")
             got = await cur.fetchone()
             version = int(got[0]) if got else 0
-        if version > target:
+        if version > max(target, reads or 0):
             raise psycopg.errors.FeatureNotSupported(
                 f"{t.part} tables are at schema version {version}; this inferplane reads "
-                f"{target}")
+                f"{max(target, reads or 0)}")
+        if version > target:
+            return version
         for step in migrations[version:]:
             for stmt in step:
                 await cur.execute(stmt)

@@ -13,6 +13,10 @@ by ``inferplane verify``. The formats are versioned and specified in docs/eviden
 - **checkpoint (checkpoint/1)**: an Ed25519 signature over
   ``"inferplane-checkpoint/1\\n{shard}\\n{seq}\\n{chain_hash}\\n{at_unix:.6f}"``, the chain head
   at ``seq``. A whole re-written chain no longer matches a checkpoint signed with the key.
+- **prune anchor (prune/1)**: an Ed25519 signature over
+  ``"inferplane-prune/1\n{shard}\n{first_seq}\n{prev_hash}\n{before_unix:.6f}\n{at_unix:.6f}"``:
+  the key holder's statement that records before ``first_seq`` of ``shard`` were deleted on
+  purpose (``inferplane ledger-prune --before``) and that the chain goes on from ``prev_hash``.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +37,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 CANON_VERSION = 1
 CHAIN_VERSION = 1
 CHECKPOINT_VERSION = 1
+PRUNE_VERSION = 1
 GENESIS = "0" * 64
 """The ``prev_hash`` of the first record of every shard."""
 
@@ -58,6 +64,15 @@ def checkpoint_message(shard: str, seq: int, head: str, at_unix: float) -> bytes
     return text.encode()
 
 
+def anchor_message(
+    shard: str, first_seq: int, prev_hash: str, before_unix: float, at_unix: float
+) -> bytes:
+    """What a prune anchor signs (its own domain: a checkpoint's signature is never one)."""
+    text = (f"inferplane-prune/{PRUNE_VERSION}\n{shard}\n{first_seq}\n{prev_hash}\n"
+            f"{before_unix:.6f}\n{at_unix:.6f}")
+    return text.encode()
+
+
 class KeyError_(Exception):
     """A signing or public key that cannot be loaded (the message names where it came from)."""
 
@@ -72,6 +87,31 @@ class Checkpoint:
     at_unix: float
     key_id: str
     signature: str  # base64
+
+
+@dataclass(frozen=True, slots=True)
+class PruneAnchor:
+    """A signed start of a pruned chain: records before ``first_seq`` were deleted by the key
+    holder (records made before ``before_unix``, pruned at ``at_unix``); record ``first_seq``
+    follows ``prev_hash``, the chain hash of the last pruned record."""
+
+    shard: str
+    first_seq: int
+    prev_hash: str
+    before_unix: float
+    at_unix: float
+    key_id: str
+    signature: str  # base64
+
+
+def latest_anchors(anchors: Iterable[PruneAnchor]) -> dict[str, PruneAnchor]:
+    """Each pruned shard's latest anchor (the highest ``first_seq``): the start of its chain.
+    The earlier ones are the shard's prune history."""
+    out: dict[str, PruneAnchor] = {}
+    for a in anchors:
+        if a.shard not in out or a.first_seq >= out[a.shard].first_seq:
+            out[a.shard] = a
+    return out
 
 
 def key_id(public: Ed25519PublicKey) -> str:
@@ -92,11 +132,27 @@ class Signer:
         sig = self.private.sign(checkpoint_message(shard, seq, head, at_unix))
         return Checkpoint(shard, seq, head, at_unix, self.key_id, base64.b64encode(sig).decode())
 
+    def sign_anchor(self, shard: str, first_seq: int, prev_hash: str, before_unix: float,
+                    at_unix: float) -> PruneAnchor:
+        sig = self.private.sign(anchor_message(shard, first_seq, prev_hash, before_unix, at_unix))
+        return PruneAnchor(shard, first_seq, prev_hash, before_unix, at_unix, self.key_id,
+                           base64.b64encode(sig).decode())
+
 
 def check_signature(public: Ed25519PublicKey, cp: Checkpoint) -> bool:
     try:
         sig = base64.b64decode(cp.signature, validate=True)
         public.verify(sig, checkpoint_message(cp.shard, cp.seq, cp.chain_hash, cp.at_unix))
+    except (InvalidSignature, ValueError):
+        return False
+    return True
+
+
+def check_anchor_signature(public: Ed25519PublicKey, a: PruneAnchor) -> bool:
+    try:
+        sig = base64.b64decode(a.signature, validate=True)
+        public.verify(sig, anchor_message(a.shard, a.first_seq, a.prev_hash, a.before_unix,
+                                          a.at_unix))
     except (InvalidSignature, ValueError):
         return False
     return True

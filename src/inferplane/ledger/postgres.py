@@ -11,7 +11,8 @@ transaction committed.
 Tables live in ``postgres_schema`` with names prefixed by ``table_prefix``:
 ``<prefix>schema_version``, ``<prefix>decisions``, ``<prefix>heads``, ``<prefix>checkpoints``.
 Migrations run at start under an advisory lock, each in its own transaction, so several replicas
-may start at once. A database that is unreachable at start is a start-up error; one that goes
+may start at once; a writer brings the tables to `WRITER_VERSION`, the first prune to
+`SCHEMA_VERSION`. A database that is unreachable at start is a start-up error; one that goes
 away later only delays records (they stay pending, the writer retries, nothing is lost until
 ``max_pending``).
 """
@@ -31,7 +32,7 @@ import psycopg
 
 from inferplane import pgschema
 from inferplane.errors import ConfigError
-from inferplane.ledger.chain import GENESIS, Checkpoint, Signer
+from inferplane.ledger.chain import GENESIS, Checkpoint, PruneAnchor, Signer
 from inferplane.ledger.query import (
     EXPORT_SCHEMA,
     ExportRow,
@@ -59,7 +60,13 @@ from inferplane.waits import wait_woken
 
 log = logging.getLogger("inferplane.ledger")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+"""The newest version this code reads and writes (3: the prune anchors' table)."""
+WRITER_VERSION = 2
+"""What a gateway's start brings the tables to: the first prune takes them to 3, so that until
+then an older gateway still starts on them (version 3 means: possibly pruned)."""
+READABLE_VERSIONS = (2, 3)
+"""What readers read as they stand (a version-2 ledger was never pruned)."""
 
 _EXPORT_COLS = (
     "id, shard, chain_seq, decision_id, at_unix, tenant, workload_class, model, substrate, "
@@ -79,6 +86,7 @@ class Tables(PgTables):
         self.decisions = self.table("decisions")
         self.heads = self.table("heads")
         self.checkpoints = self.table("checkpoints")
+        self.anchors = self.table("prune_anchors")
 
     def migrations(self) -> list[list[str]]:
         """Migration ``i`` takes the schema from version ``i`` to ``i + 1``."""
@@ -117,6 +125,13 @@ class Tables(PgTables):
             # 2: keep records compressed inside the row (STORAGE MAIN) instead of in the TOAST
             # table: reading a record then needs no TOAST lookup (1.7x faster exports, measured)
             f"ALTER TABLE {self.decisions} ALTER COLUMN record SET STORAGE MAIN",
+        ], [
+            # 3: the signed starts of pruned chains (`inferplane ledger-prune`); additive
+            f"""CREATE TABLE {self.anchors} (
+                id BIGSERIAL PRIMARY KEY, shard TEXT NOT NULL, first_seq BIGINT NOT NULL,
+                prev_hash TEXT NOT NULL, before_unix DOUBLE PRECISION NOT NULL,
+                at_unix DOUBLE PRECISION NOT NULL, key_id TEXT NOT NULL,
+                signature TEXT NOT NULL)""",
         ]]
 
 
@@ -516,9 +531,11 @@ def _short(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
-async def migrate(conn: psycopg.AsyncConnection[Any], t: Tables) -> int:
-    """Bring the tables to `SCHEMA_VERSION` (under an advisory lock); return the version."""
-    return await pgschema.migrate(conn, t, t.migrations()[:SCHEMA_VERSION])
+async def migrate(conn: psycopg.AsyncConnection[Any], t: Tables,
+                  to: int = WRITER_VERSION) -> int:
+    """Bring the tables to version ``to`` at least (under an advisory lock; a writer's start:
+    `WRITER_VERSION`, a prune: `SCHEMA_VERSION`); return the version they are at."""
+    return await pgschema.migrate(conn, t, t.migrations()[:to], reads=SCHEMA_VERSION)
 
 
 # -- readers (verify, export, the list route) ---------------------------------------------------
@@ -679,9 +696,9 @@ def check_tables(conn: psycopg.Connection[Any], t: Tables) -> None:
     if row is None or row[0] is None:
         raise LookupError(f"no ledger tables {t.decisions} in this database")
     got = conn.execute(f"SELECT version FROM {t.version}").fetchone()
-    if got is None or int(got[0]) != SCHEMA_VERSION:
+    if got is None or int(got[0]) not in READABLE_VERSIONS:
         raise LookupError(f"ledger schema version {got and got[0]}; this inferplane reads "
-                          f"{SCHEMA_VERSION}")
+                          f"{' and '.join(map(str, READABLE_VERSIONS))}")
 
 
 def iter_rows(
@@ -712,6 +729,17 @@ def read_checkpoints(conn: psycopg.Connection[Any], t: Tables) -> list[Checkpoin
     return [Checkpoint(s, int(q), h, float(a), k, g) for s, q, h, a, k, g in conn.execute(
         f"SELECT shard, seq, chain_hash, at_unix, key_id, signature FROM {t.checkpoints} "
         "ORDER BY id")]
+
+
+def read_anchors(conn: psycopg.Connection[Any], t: Tables) -> list[PruneAnchor]:
+    """Every prune anchor, oldest first (none before migration 3)."""
+    row = conn.execute("SELECT to_regclass(%s)", (t.anchors,)).fetchone()
+    if row is None or row[0] is None:
+        return []
+    return [PruneAnchor(s, int(f), p, float(b), float(a), k, g)
+            for s, f, p, b, a, k, g in conn.execute(
+                "SELECT shard, first_seq, prev_hash, before_unix, at_unix, key_id, signature "
+                f"FROM {t.anchors} ORDER BY id")]
 
 
 def read_heads(conn: psycopg.Connection[Any], t: Tables) -> dict[str, tuple[int, str]]:

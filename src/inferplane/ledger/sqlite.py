@@ -22,7 +22,9 @@ Guarantees:
 One decision id may be recorded more than once (failed attempts, then the final outcome): every
 record is its own row; ``get()`` returns the last one with the earlier ones, oldest first, under
 ``"attempts"``. Schema version 2 adds the chain; a version-1 file is migrated (its rows chained
-as they stand) when a gateway opens it for writing.
+as they stand) when a gateway opens it for writing. Version 3 adds the ``prune_anchors`` table:
+the first prune (`inferplane.ledger.prune`) migrates a file to it; gateways create version 2 (so
+that an older inferplane still opens a file never pruned) and read and write both.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ import orjson
 
 from inferplane.config.files import writable_file_problem
 from inferplane.errors import ConfigError
-from inferplane.ledger.chain import GENESIS, Checkpoint, Signer, chain_hash
+from inferplane.ledger.chain import GENESIS, Checkpoint, PruneAnchor, Signer, chain_hash
 from inferplane.ledger.query import ExportRow, Page, Query, page_of, where_clause
 from inferplane.ledger.record import Outcome, Receipt
 from inferplane.ledger.writer import CommitAccounting, Linked, Pending, PendingBuffer, link
@@ -49,8 +51,12 @@ from inferplane.placement.framework import Decision
 
 log = logging.getLogger("inferplane.ledger")
 
-SCHEMA_VERSION = 2
-"""The version this code writes and reads; version 1 files are migrated on open."""
+SCHEMA_VERSION = 3
+"""The newest version this code reads and writes (3: the prune anchors' table)."""
+WRITER_VERSION = 2
+"""What a gateway creates (and migrates a version-1 file to); the first prune makes it 3."""
+READABLE_VERSIONS = (2, 3)
+"""What readers and writers use as they stand (a version-2 file was never pruned)."""
 
 CONFIG_FIELD = "gateway.ledger_path"
 
@@ -94,6 +100,19 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     at_unix    REAL NOT NULL,
     key_id     TEXT NOT NULL,
     signature  TEXT NOT NULL
+);
+"""
+
+_V3 = """
+CREATE TABLE IF NOT EXISTS prune_anchors (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    shard       TEXT NOT NULL,
+    first_seq   INTEGER NOT NULL,
+    prev_hash   TEXT NOT NULL,
+    before_unix REAL NOT NULL,
+    at_unix     REAL NOT NULL,
+    key_id      TEXT NOT NULL,
+    signature   TEXT NOT NULL
 );
 """
 
@@ -450,7 +469,24 @@ def read_heads(conn: sqlite3.Connection) -> dict[str, tuple[int, str]]:
         "SELECT shard, seq, chain_hash FROM heads")}
 
 
+def read_anchors(conn: sqlite3.Connection) -> list[PruneAnchor]:
+    """Every prune anchor, oldest first (none in a version-2 file)."""
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = "
+                    "'prune_anchors'").fetchone() is None:
+        return []
+    return [PruneAnchor(str(s), int(f), str(p), float(b), float(a), str(k), str(g))
+            for s, f, p, b, a, k, g in conn.execute(
+                "SELECT shard, first_seq, prev_hash, before_unix, at_unix, key_id, signature "
+                "FROM prune_anchors ORDER BY id")]
+
+
 # -- opening, versions, migration ---------------------------------------------------------------
+def open_for_writing(path: str | Path, source: str) -> sqlite3.Connection:
+    """An autocommit connection to a ledger file, created or migrated to `SCHEMA_VERSION`
+    (a gateway's writer, `inferplane ledger-prune`). Raises `ConfigError` naming the field."""
+    return _open_for_writing(Path(path), source)
+
+
 def _open_for_writing(path: Path, source: str) -> sqlite3.Connection:
     """Open (creating if needed) a ledger file, or raise `ConfigError` naming the field."""
 
@@ -494,7 +530,7 @@ def _check_version(conn: sqlite3.Connection, path: Path, *, create: bool) -> Non
         try:  # one transaction: a file is either an empty database or a whole ledger
             conn.executescript(
                 f"BEGIN IMMEDIATE; {_SCHEMA} {_V2} INSERT INTO schema_version (version) SELECT "
-                f"{SCHEMA_VERSION} WHERE NOT EXISTS (SELECT 1 FROM schema_version); COMMIT;"
+                f"{WRITER_VERSION} WHERE NOT EXISTS (SELECT 1 FROM schema_version); COMMIT;"
             )
         except BaseException:
             if conn.in_transaction:
@@ -507,11 +543,11 @@ def _check_version(conn: sqlite3.Connection, path: Path, *, create: bool) -> Non
     if rows[0] == 1 and create:
         _migrate_1_to_2(conn)
         return
-    if rows[0] != SCHEMA_VERSION:
+    if rows[0] not in READABLE_VERSIONS:
         if rows[0] < SCHEMA_VERSION:
             raise LedgerFileError(
                 f"{path}: ledger schema version {rows[0]}; open it once with a gateway "
-                f"(or `inferplane verify --migrate`) to migrate it to version {SCHEMA_VERSION}"
+                f"to migrate it to version {WRITER_VERSION}"
             )
         raise LedgerFileError(
             f"{path}: ledger schema version {rows[0]} is a newer version; this inferplane "
@@ -560,3 +596,20 @@ def _migrate_1_to_2(conn: sqlite3.Connection, shard: str = "main") -> None:
             conn.execute("ROLLBACK")
         raise
     log.info("ledger: migrated schema 1 → 2 (%d records chained)", seq)
+
+
+def migrate_2_to_3(conn: sqlite3.Connection) -> None:
+    """Add the ``prune_anchors`` table (additive: nothing else changes), in one transaction;
+    nothing when the file is at version 3 already (`inferplane ledger-prune`)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        if conn.execute("SELECT version FROM schema_version").fetchone()[0] != 2:
+            conn.execute("ROLLBACK")  # another process migrated it meanwhile
+            return
+        conn.execute(_V3)
+        conn.execute("UPDATE schema_version SET version = 3")
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise

@@ -17,9 +17,14 @@ from typing import IO, TYPE_CHECKING, Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from inferplane.config.schema import FleetConfig
-from inferplane.ledger.chain import Checkpoint, Signer, load_public
+from inferplane.ledger.chain import (
+    Checkpoint,
+    PruneAnchor,
+    Signer,
+    load_public,
+)
 from inferplane.ledger.query import WRITERS, ExportRow, Query
-from inferplane.ledger.verify import Report, verify_rows, verify_sqlite
+from inferplane.ledger.verify import Report, describe_anchor, verify_rows, verify_sqlite
 
 if TYPE_CHECKING:
     import psycopg
@@ -122,6 +127,7 @@ def _verify(source: Source, key: Ed25519PublicKey | None, every: int | None) -> 
         return verify_rows(
             pg.iter_rows(conn, t, order="shard, chain_seq, id"),
             pg.read_checkpoints(conn, t), pg.read_heads(conn, t), key, every,
+            pg.read_anchors(conn, t),
         )
 
 
@@ -189,11 +195,19 @@ def describe(rep: Report, source: Source) -> list[str]:
             lines.append(f"first bad record: shard {rep.bad_shard} seq {rep.bad_seq} "
                          f"decision {rep.bad_decision}")
         return lines
-    shards = ", ".join(f"{s} (#1..#{n})" for s, n in sorted(rep.shards.items())) or "none"
+    shards = ", ".join(_span(rep, s, n) for s, n in sorted(rep.shards.items())) or "none"
     lines.append(f"ok: {source.name}: {rep.records} records intact in {len(rep.shards)} "
                  f"chain(s): {shards}")
     lines.append(f"checkpoints: {rep.checkpoints_checked} of {rep.checkpoints} signatures "
-                 "verified")
+                 "verified" + (f" ({rep.checkpoints_pruned} more name pruned records)"
+                               if rep.checkpoints_pruned else ""))
+    if rep.anchors:
+        history = rep.anchors - rep.anchors_latest
+        lines.append(f"prune anchors: {rep.anchors_checked} of {rep.anchors_latest} signatures "
+                     "verified" + (f" ({history} earlier kept as history, unchecked)"
+                                   if history else "") + "; " + "; ".join(
+                         f"{s} starts at #{a.first_seq} ({describe_anchor(a)})"
+                         for s, a in sorted(rep.pruned.items())))
     if rep.keyed and rep.unsigned_tail:
         bound = (f"; at most {rep.checkpoint_every} - 1 allowed"
                  if rep.checkpoint_every is not None else "")
@@ -201,6 +215,34 @@ def describe(rep: Report, source: Source) -> list[str]:
                      + ", ".join(f"{s}: {n}" for s, n in sorted(rep.unsigned_tail.items())))
     lines += [f"warning: {w}" for w in rep.warnings]
     return lines
+
+
+def _span(rep: Report, shard: str, last: int) -> str:
+    first = rep.first.get(shard, 1)
+    if shard not in rep.pruned:
+        return f"{shard} (#1..#{last})"
+    if last < first:
+        return f"{shard} (none kept; #1..#{first - 1} pruned)"
+    return f"{shard} (#{first}..#{last}; #1..#{first - 1} pruned)"
+
+
+def read_anchors(source: Source) -> list[PruneAnchor]:
+    """The source's prune anchors, oldest first (what ``export`` states)."""
+    if source.sqlite_path is not None:
+        from inferplane.ledger import sqlite
+
+        try:
+            conn = sqlite.open_readonly(source.sqlite_path)
+        except (FileNotFoundError, sqlite.LedgerFileError) as exc:
+            raise SourceError(str(exc)) from None
+        try:
+            return sqlite.read_anchors(conn)
+        finally:
+            conn.close()
+    from inferplane.ledger import postgres as pg
+
+    with _postgres(source) as (conn_pg, t):
+        return pg.read_anchors(conn_pg, t)
 
 
 @contextlib.contextmanager

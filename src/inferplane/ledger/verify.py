@@ -14,6 +14,13 @@ as `ExportRow`s) and stops at the first record that is not what the chain says i
 Then every checkpoint's signature is checked with the pinned public key and compared with the
 chain head it names (a re-written chain, or records deleted after a signed head), and each
 shard's recorded head with its last record (records deleted from the tail).
+
+A pruned shard (`inferplane.ledger.prune`) starts at its latest **prune anchor**: its first
+stored record must be the anchor's ``first_seq`` and follow the anchor's ``prev_hash``; every
+anchor must be signed by the pinned key. Records missing before the anchor were pruned by the
+key holder; any other gap (records deleted after it, or the anchor itself deleted) fails as
+before. Checkpoints of pruned records (a writer may sign a head a prune removed the moment
+before) name nothing stored and are left out.
 """
 
 from __future__ import annotations
@@ -21,11 +28,21 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 import orjson
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from inferplane.ledger.chain import GENESIS, Checkpoint, chain_hash, check_signature, key_id
+from inferplane.ledger.chain import (
+    GENESIS,
+    Checkpoint,
+    PruneAnchor,
+    chain_hash,
+    check_anchor_signature,
+    check_signature,
+    key_id,
+    latest_anchors,
+)
 from inferplane.ledger.query import ExportRow, column_mismatch
 
 
@@ -50,6 +67,19 @@ class Report:
     """The writers' ``ledger.checkpoint_every`` the unsigned tails were held to."""
     last_hash: dict[str, str] = field(default_factory=dict)
     """Each shard's last chain hash (what ``ledger-sign-heads`` signs)."""
+    first: dict[str, int] = field(default_factory=dict)
+    """Each shard's first stored seq (1, or its prune anchor's ``first_seq``)."""
+    pruned: dict[str, PruneAnchor] = field(default_factory=dict)
+    """The anchor each pruned shard starts at."""
+    anchors: int = 0
+    anchors_latest: int = 0
+    """Anchors at each shard's latest ``first_seq`` (the ones that count; the others are its
+    prune history, whose signatures are not checked)."""
+    anchors_checked: int = 0
+    signed: dict[str, list[tuple[int, str]]] = field(default_factory=dict)
+    """Per shard, the (seq, chain hash) of each checkpoint verified with the key, in order."""
+    checkpoints_pruned: int = 0
+    """Checkpoints naming pruned records (left out of ``checkpoints``)."""
 
     def fail(self, shard: str, seq: int | None, decision: str | None, problem: str) -> Report:
         self.ok = False
@@ -64,9 +94,11 @@ def verify_rows(
     heads: dict[str, tuple[int, str]],
     public_key: Ed25519PublicKey | None,
     checkpoint_every: int | None = None,
+    anchors: Iterable[PruneAnchor] = (),
 ) -> Report:
-    """Verify ``rows`` (ordered by shard, then seq) against ``checkpoints`` and the recorded
-    shard ``heads`` (shard → (seq, chain_hash)). The report names the first bad record.
+    """Verify ``rows`` (ordered by shard, then seq) against ``checkpoints``, the recorded
+    shard ``heads`` (shard → (seq, chain_hash)) and the prune ``anchors``. The report names the
+    first bad record.
 
     With a public key and ``checkpoint_every``, a shard with ``checkpoint_every`` or more
     records after its last valid checkpoint (or with no checkpoint at all) fails: every writer
@@ -85,6 +117,23 @@ def verify_rows(
             "(--public-key FILE, or --config with the signing key)"
         )
     pinned = key_id(public_key) if public_key is not None else None
+    # Only each shard's latest anchor starts its chain, so only its signature matters: an
+    # earlier one is history (deleting it is harmless), and one signed by a key since
+    # replaced must not fail the ledger for ever. Nobody without the key can add a later
+    # anchor, nor one tied with the latest (every anchor at the latest first_seq is checked).
+    anchors = list(anchors)
+    latest = latest_anchors(anchors)
+    for a in anchors:
+        rep.anchors += 1
+        if a.first_seq != latest[a.shard].first_seq:
+            continue
+        rep.anchors_latest += 1
+        if public_key is not None:
+            bad = _check_anchor(a, public_key, pinned)
+            if bad:
+                return rep.fail(a.shard, a.first_seq, None,
+                                f"shard {a.shard}: its prune anchor at #{a.first_seq} {bad}")
+            rep.anchors_checked += 1
     shard: str | None = None
     prev = GENESIS
     expect = 1
@@ -106,6 +155,16 @@ def verify_rows(
                 return rep.fail(r.shard, r.seq, r.decision_id,
                                 "rows of this shard are out of order")
             shard, prev, expect, last_row_id, last_signed = r.shard, GENESIS, 1, -1, 0
+            rep.first[shard] = 1
+            anchor = latest.get(shard)
+            if anchor is not None:
+                bad = _start_at_anchor(r, anchor)
+                if bad:
+                    return rep.fail(r.shard, r.seq, r.decision_id, bad)
+                prev, expect = anchor.prev_hash, anchor.first_seq
+                rep.first[shard], rep.pruned[shard] = expect, anchor
+                if public_key is not None:
+                    last_signed = expect - 1
         rep.records += 1
         where = f"record {r.shard}#{r.seq} (decision {r.decision_id})"
         if hashlib.sha256(r.text.encode()).hexdigest() != r.receipt:
@@ -121,8 +180,10 @@ def verify_rows(
                             "record)")
         if r.seq > expect:
             gap = f"#{expect}" if r.seq == expect + 1 else f"#{expect}..#{r.seq - 1}"
+            why = " and no prune anchor accounts for them" if expect == 1 else ""
             return rep.fail(r.shard, r.seq, r.decision_id,
-                            f"{where}: the record(s) before it ({gap}) are missing (deleted)")
+                            f"{where}: the record(s) before it ({gap}) are missing "
+                            f"(deleted){why}")
         if r.seq < expect:
             return rep.fail(r.shard, r.seq, r.decision_id,
                             f"{where}: seq {r.seq} again after #{expect - 1} (inserted or "
@@ -143,8 +204,25 @@ def verify_rows(
                 return rep.fail(r.shard, r.seq, r.decision_id, f"{where}: {bad}")
             if public_key is not None:
                 last_signed = r.seq
+                rep.signed.setdefault(r.shard, []).append((r.seq, r.chain_hash))
         prev, expect, last_row_id = r.chain_hash, expect + 1, r.row_id
     close_shard()
+    for s, a in sorted(latest.items()):
+        if s not in rep.shards:  # every record of the shard pruned (or deleted: the head says)
+            rep.shards[s], rep.first[s], rep.pruned[s] = a.first_seq - 1, a.first_seq, a
+            rep.unsigned_tail[s] = 0
+            last_hash[s] = a.prev_hash
+    for s, a in sorted(rep.pruned.items()):
+        if public_key is None:
+            rep.warnings.append(
+                f"shard {s}: records #1..#{a.first_seq - 1} were pruned ({describe_anchor(a)}); "
+                "without a public key the prune anchor's signature is not checked, so a "
+                "deletion by anyone would look the same (checked: the hash links from "
+                f"#{a.first_seq} on and that they follow the anchor's previous hash)")
+    for key in [k for k in cps if k[1] < rep.first.get(k[0], 1)]:
+        n = len(cps.pop(key))  # they sign pruned records: nothing stored to compare them with
+        rep.checkpoints -= n
+        rep.checkpoints_pruned += n
     for (s, seq), cp_list in sorted(cps.items()):
         cp = cp_list[0]
         if public_key is not None and not check_signature(public_key, cp):
@@ -173,6 +251,8 @@ def verify_rows(
             if n >= rep.checkpoint_every:
                 last = rep.shards[s]
                 since = f"#{last - n}" if last > n else "none"
+                if s in rep.pruned and last - n == rep.first[s] - 1:
+                    since = f"none since the prune anchor at #{rep.first[s]}"
                 return rep.fail(
                     s, last - n + 1, None,
                     f"shard {s}: {n} records after its last signed checkpoint ({since}); "
@@ -184,6 +264,41 @@ def verify_rows(
                     "(docs/evidence.md, the unsigned tail). If the writers use another "
                     "ledger.checkpoint_every, pass --checkpoint-every N (or --config)")
     return rep
+
+
+def _start_at_anchor(r: ExportRow, a: PruneAnchor) -> str | None:
+    """Why the first stored record ``r`` of a pruned shard cannot start at its latest anchor
+    ``a``, or None."""
+    where = f"record {r.shard}#{r.seq} (decision {r.decision_id})"
+    if r.seq > a.first_seq:
+        gap = f"#{a.first_seq}" if r.seq == a.first_seq + 1 else f"#{a.first_seq}..#{r.seq - 1}"
+        return (f"{where}: the record(s) before it ({gap}) are missing (deleted): the shard's "
+                f"latest prune anchor starts its chain at #{a.first_seq}, so they were deleted "
+                "after the prune, or a later prune's anchor was deleted")
+    if r.seq < a.first_seq:
+        return (f"{where}: stored although the shard's prune anchor starts its chain at "
+                f"#{a.first_seq} (records put back after a prune, or the anchor inserted)")
+    if r.prev_hash != a.prev_hash:
+        return (f"{where}: its previous hash is not the one its prune anchor names (the "
+                "anchor or the record was edited)")
+    return None
+
+
+def _check_anchor(a: PruneAnchor, public_key: Ed25519PublicKey, pinned: str | None) -> str | None:
+    if a.key_id != pinned:
+        return f"is signed by key {a.key_id}, not the pinned key {pinned}"
+    if not check_anchor_signature(public_key, a):
+        return "has a signature that is not valid (forged or edited)"
+    return None
+
+
+def describe_anchor(a: PruneAnchor) -> str:
+    """``pruned 2026-12-07T19:00:00Z, records before 2026-09-01T00:00:00Z``."""
+    return f"pruned {_iso(a.at_unix)}, records before {_iso(a.before_unix)}"
+
+
+def _iso(t: float) -> str:
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def _check_checkpoint(
@@ -210,6 +325,7 @@ def verify_sqlite(
     conn = sqlite.open_readonly(path)
     try:
         return verify_rows(sqlite.iter_chain(conn), sqlite.read_checkpoints(conn),
-                           sqlite.read_heads(conn), public_key, checkpoint_every)
+                           sqlite.read_heads(conn), public_key, checkpoint_every,
+                           sqlite.read_anchors(conn))
     finally:
         conn.close()

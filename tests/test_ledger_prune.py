@@ -1,0 +1,511 @@
+"""Ledger retention: ``inferplane ledger-prune`` and the signed prune anchor verify starts at.
+
+The SQLite ledger of `tests.test_ledger_chain` (12 records made at t = 1000 … 1011, a checkpoint
+at every 4th) is pruned, then tampered with the way someone with write access to the file would
+(deleting past the anchor, deleting or editing the anchor, forging one with another key), and
+verify must still fail, saying what is wrong. The PostgreSQL side is in test_ledger_postgres.py.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import sqlite3
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from inferplane.cli import app
+from inferplane.ledger import prune as prune_mod
+from inferplane.ledger.chain import Signer, public_pem
+from inferplane.ledger.prune import prune
+from inferplane.ledger.query import Query
+from inferplane.ledger.sqlite import SqliteLedger
+from inferplane.ledger.tools import Source, SourceError, describe, verify
+from inferplane.ledger.verify import verify_sqlite
+from inferplane.placement.framework import Decision
+from tests.test_ledger import _ok, _with_id
+from tests.test_ledger import decision as decision  # the fixture
+from tests.test_ledger_chain import EVERY, SIGNER, N, _copy, _signer, _write
+
+# records d-0 … d-6 are made before 1006.5; d-7 (#8) is the first after: the last signed
+# checkpoint before it is #4, so #1..#4 go and #5..#7 (made before too) stay
+T = 1006.5
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory, decision: Decision) -> Path:
+    path = tmp_path_factory.mktemp("prune") / "base.db"
+    _write(path, decision)
+    return path
+
+
+@pytest.fixture
+def pruned(base: Path, tmp_path: Path) -> Path:
+    path = _copy(base, tmp_path, "pruned.db")
+    out = prune(Source(sqlite_path=str(path)), SIGNER, T, checkpoint_every=EVERY, now=2000.0)
+    assert [(p.shard, p.first, p.cut) for p in out.plans] == [("main", 1, 4)]
+    return path
+
+
+def _stored(path: Path) -> list[int]:
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        return [r[0] for r in conn.execute("SELECT chain_seq FROM decisions ORDER BY chain_seq")]
+
+
+def _version(path: Path) -> int:
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        return int(conn.execute("SELECT version FROM schema_version").fetchone()[0])
+
+
+def _sql(path: Path, *statements: str) -> None:
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+        for st in statements:
+            conn.execute(st)
+
+
+def test_prune_deletes_whole_intervals_and_verify_starts_at_the_signed_anchor(
+    pruned: Path,
+) -> None:
+    assert _stored(pruned) == list(range(5, N + 1))
+    rep = verify_sqlite(str(pruned), SIGNER.public, EVERY)
+    assert rep.ok, rep.problem
+    assert rep.first == {"main": 5} and rep.shards == {"main": N} and rep.records == N - 4
+    assert rep.anchors == rep.anchors_checked == 1 and rep.pruned["main"].first_seq == 5
+    # the checkpoints of pruned records went with them (#4's hash is the anchor's prev_hash)
+    assert rep.checkpoints == rep.checkpoints_checked == 2
+    with contextlib.closing(sqlite3.connect(pruned)) as conn:
+        assert [r[0] for r in conn.execute("SELECT seq FROM checkpoints")] == [8, 12]
+        (prev,) = conn.execute("SELECT prev_hash FROM prune_anchors").fetchone()
+        assert conn.execute("SELECT prev_hash FROM decisions WHERE chain_seq = 5").fetchone() \
+            == (prev,)
+
+
+def test_prune_is_idempotent(pruned: Path) -> None:
+    again = prune(Source(sqlite_path=str(pruned)), SIGNER, T, checkpoint_every=EVERY)
+    assert again.report.ok and again.plans == [] and not again.nothing_before
+    assert "no signed checkpoint" in again.idle["main"]
+    assert _stored(pruned) == list(range(5, N + 1))
+    with contextlib.closing(sqlite3.connect(pruned)) as conn:
+        assert conn.execute("SELECT count(*) FROM prune_anchors").fetchone() == (1,)
+
+
+def test_a_later_prune_moves_the_start_and_keeps_the_earlier_anchor(pruned: Path) -> None:
+    out = prune(Source(sqlite_path=str(pruned)), SIGNER, 1010.5, checkpoint_every=EVERY)
+    assert [(p.first, p.cut) for p in out.plans] == [(5, 8)]
+    rep = verify_sqlite(str(pruned), SIGNER.public, EVERY)
+    assert rep.ok and rep.first == {"main": 9} and rep.anchors == 2, rep.problem
+    # the earlier anchor deleted: harmless (the latest one starts the chain)
+    _sql(pruned, "DELETE FROM prune_anchors WHERE first_seq = 5")
+    assert verify_sqlite(str(pruned), SIGNER.public, EVERY).ok
+
+
+def test_max_records_prunes_in_steps_each_with_its_own_anchor(
+    base: Path, tmp_path: Path, key: Path
+) -> None:
+    """#1..#8 (before 1010.5) in steps of at most 5 records: whole intervals of 4, so #1..#4
+    then #5..#8, each its own transaction and anchor; a step is never less than an interval."""
+    path = _copy(base, tmp_path, "steps.db")
+    source = Source(sqlite_path=str(path))
+    out = prune(source, SIGNER, 1010.5, checkpoint_every=EVERY, max_records=5)
+    assert [(p.first, p.cut) for p in out.plans] == [(1, 4), (5, 8)]
+    assert [a.first_seq for a in out.anchors] == [5, 9] and _stored(path) == [9, 10, 11, 12]
+    rep = verify_sqlite(str(path), SIGNER.public, EVERY)
+    assert rep.ok and rep.first == {"main": 9} and rep.anchors == 2, rep.problem
+    whole = _copy(base, tmp_path, "whole.db")
+    one = prune(Source(sqlite_path=str(whole)), SIGNER, 1010.5, checkpoint_every=EVERY,
+                max_records=8)
+    assert [(p.first, p.cut) for p in one.plans] == [(1, 8)]
+    small = _copy(base, tmp_path, "small.db")
+    done = CliRunner().invoke(app, ["ledger-prune", "--ledger", str(small), "--key", str(key),
+                                    "--checkpoint-every", str(EVERY), "--before", "1010.5",
+                                    "--max-records", "1"])
+    assert done.exit_code == 0, done.output
+    assert "pruned shard main: records #1..#4 (4), anchor at #5 signed" in done.output
+    assert "pruned shard main: records #5..#8 (4), anchor at #9 signed" in done.output
+
+
+def test_an_earlier_anchor_signed_by_a_replaced_key_is_history(pruned: Path) -> None:
+    """Key rotation: only each shard's latest anchor starts its chain, so only it must verify
+    with the pinned key; an earlier one signed by the key it replaced does not fail the ledger
+    (nobody without the pinned key can add a later anchor, nor one tied with the latest)."""
+    prune(Source(sqlite_path=str(pruned)), SIGNER, 1010.5, checkpoint_every=EVERY)  # #5..#8
+    old = _signer()
+    with contextlib.closing(sqlite3.connect(pruned)) as conn, conn:
+        (prev,) = conn.execute("SELECT prev_hash FROM prune_anchors WHERE first_seq = 5"
+                               ).fetchone()
+        a = old.sign_anchor("main", 5, prev, T, 2000.0)
+        conn.execute("UPDATE prune_anchors SET key_id = ?, signature = ? WHERE first_seq = 5",
+                     (a.key_id, a.signature))
+    rep = verify_sqlite(str(pruned), SIGNER.public, EVERY)
+    assert rep.ok and rep.first == {"main": 9}, rep.problem
+    assert (rep.anchors, rep.anchors_latest, rep.anchors_checked) == (2, 1, 1)
+    assert any(line.startswith("prune anchors: 1 of 1 signatures verified (1 earlier kept as "
+                               "history, unchecked); main starts at #9")
+               for line in describe(rep, Source(sqlite_path=str(pruned))))
+    # the same key's anchor tied with the latest one (#9) is checked: refused
+    with contextlib.closing(sqlite3.connect(pruned)) as conn, conn:
+        (prev,) = conn.execute("SELECT prev_hash FROM prune_anchors WHERE first_seq = 9"
+                               ).fetchone()
+        b = old.sign_anchor("main", 9, prev, 1010.5, 3000.0)
+        conn.execute("INSERT INTO prune_anchors (shard, first_seq, prev_hash, before_unix, "
+                     "at_unix, key_id, signature) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                     (b.shard, b.first_seq, b.prev_hash, b.before_unix, b.at_unix, b.key_id,
+                      b.signature))
+    rep = verify_sqlite(str(pruned), SIGNER.public, EVERY)
+    assert not rep.ok and f"is signed by key {old.key_id}, not the pinned key" \
+        in (rep.problem or "")
+
+
+# -- tampering with a pruned ledger --------------------------------------------------------
+
+
+def test_deleting_records_after_the_anchor_is_caught(pruned: Path) -> None:
+    _sql(pruned, "DELETE FROM decisions WHERE chain_seq = 5")
+    rep = verify_sqlite(str(pruned), SIGNER.public, EVERY)
+    assert not rep.ok and rep.bad_seq == 6
+    assert "(#5) are missing (deleted): the shard's latest prune anchor starts its chain at #5" \
+        in (rep.problem or "")
+
+
+def test_deleting_the_anchor_is_caught(pruned: Path) -> None:
+    _sql(pruned, "DELETE FROM prune_anchors")
+    rep = verify_sqlite(str(pruned), SIGNER.public, EVERY)
+    assert not rep.ok and rep.bad_seq == 5
+    assert "(#1..#4) are missing (deleted) and no prune anchor accounts for them" \
+        in (rep.problem or "")
+
+
+def test_deleting_a_later_prunes_anchor_is_caught(pruned: Path) -> None:
+    prune(Source(sqlite_path=str(pruned)), SIGNER, 1010.5, checkpoint_every=EVERY)
+    _sql(pruned, "DELETE FROM prune_anchors WHERE first_seq = 9")
+    rep = verify_sqlite(str(pruned), SIGNER.public, EVERY)
+    assert not rep.ok and rep.bad_seq == 9
+    assert "#5..#8" in (rep.problem or "") and "a later prune's anchor was deleted" \
+        in (rep.problem or "")
+
+
+def test_an_anchor_with_another_prev_hash_is_caught_with_or_without_the_key(
+    pruned: Path,
+) -> None:
+    _sql(pruned, "UPDATE prune_anchors SET prev_hash = '" + "ab" * 32 + "'")
+    keyed = verify_sqlite(str(pruned), SIGNER.public, EVERY)
+    assert not keyed.ok and "prune anchor at #5 has a signature that is not valid" \
+        in (keyed.problem or "")
+    bare = verify_sqlite(str(pruned), None, EVERY)
+    assert not bare.ok and bare.bad_seq == 5
+    assert "its previous hash is not the one its prune anchor names" in (bare.problem or "")
+
+
+def test_an_anchor_signed_by_another_key_is_caught(base: Path, tmp_path: Path) -> None:
+    """A forger deletes the oldest records and signs an anchor with a key of their own."""
+    path = _copy(base, tmp_path, "forged.db")
+    forger = _signer()
+    # prune verifies with the forger's own key first, which signed no checkpoint: refused
+    refused = prune(Source(sqlite_path=str(path)), forger, T, checkpoint_every=EVERY)
+    assert not refused.report.ok and _stored(path) == list(range(1, N + 1))
+    # so the forger writes the anchor by hand
+    _write_anchor_by_hand(path, forger)
+    rep = verify_sqlite(str(path), SIGNER.public, EVERY)
+    assert not rep.ok and f"is signed by key {forger.key_id}, not the pinned key" \
+        in (rep.problem or "")
+    # a forged signature under the right key id
+    _sql(path, f"UPDATE prune_anchors SET key_id = '{SIGNER.key_id}', signature = '"
+         + base64.b64encode(b"x" * 64).decode() + "'")
+    rep = verify_sqlite(str(path), SIGNER.public, EVERY)
+    assert not rep.ok and "signature that is not valid" in (rep.problem or "")
+
+
+def _write_anchor_by_hand(path: Path, signer: Signer) -> None:
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+        (h,) = conn.execute("SELECT chain_hash FROM decisions WHERE chain_seq = 4").fetchone()
+        a = signer.sign_anchor("main", 5, h, T, 2000.0)
+        conn.execute("CREATE TABLE IF NOT EXISTS prune_anchors (id INTEGER PRIMARY KEY, shard "
+                     "TEXT, first_seq INTEGER, prev_hash TEXT, before_unix REAL, at_unix REAL, "
+                     "key_id TEXT, signature TEXT)")
+        conn.execute("INSERT INTO prune_anchors (shard, first_seq, prev_hash, before_unix, "
+                     "at_unix, key_id, signature) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                     (a.shard, a.first_seq, a.prev_hash, a.before_unix, a.at_unix, a.key_id,
+                      a.signature))
+        conn.execute("DELETE FROM decisions WHERE chain_seq <= 4")
+        conn.execute("DELETE FROM checkpoints WHERE seq <= 4")
+
+
+def test_records_put_back_before_the_anchor_are_caught(base: Path, tmp_path: Path) -> None:
+    path = _copy(base, tmp_path, "back.db")
+    _write_anchor_by_hand(path, SIGNER)
+    assert verify_sqlite(str(path), SIGNER.public, EVERY).ok
+    _sql(path, f"ATTACH '{base}' AS old",
+         "INSERT INTO decisions SELECT * FROM old.decisions WHERE chain_seq = 4")
+    rep = verify_sqlite(str(path), SIGNER.public, EVERY)
+    assert not rep.ok and "stored although the shard's prune anchor starts its chain at #5" \
+        in (rep.problem or "")
+
+
+def test_without_a_key_verify_says_what_it_cannot_check(pruned: Path) -> None:
+    rep = verify_sqlite(str(pruned), None, EVERY)
+    assert rep.ok, rep.problem
+    assert any("records #1..#4 were pruned" in w and "signature is not checked" in w
+               and "a deletion by anyone would look the same" in w for w in rep.warnings)
+
+
+# -- the whole shard, writers, atomicity -------------------------------------------------------
+
+
+def test_a_whole_shard_pruned_to_its_head_takes_new_records_and_stray_checkpoints(
+    base: Path, tmp_path: Path, decision: Decision
+) -> None:
+    path = _copy(base, tmp_path, "whole.db")
+    out = prune(Source(sqlite_path=str(path)), SIGNER, 5000.0, checkpoint_every=EVERY)
+    assert [(p.first, p.cut, p.last) for p in out.plans] == [(1, N, N)]
+    assert _stored(path) == []
+    rep = verify_sqlite(str(path), SIGNER.public, EVERY)
+    assert rep.ok and rep.records == 0 and rep.first == {"main": N + 1}, rep.problem
+    # a writer that signed the head just as it was pruned (its checkpoint names #12)
+    cp = SIGNER.sign("main", N, rep.last_hash["main"], 1.0)
+    _sql(path, "INSERT INTO checkpoints (shard, seq, chain_hash, at_unix, key_id, signature) "
+         f"VALUES ('main', {N}, '{cp.chain_hash}', 1.0, '{cp.key_id}', '{cp.signature}')")
+    rep = verify_sqlite(str(path), SIGNER.public, EVERY)
+    assert rep.ok and rep.checkpoints_pruned == 1, rep.problem
+    # the shard's writer carries on from its head, after the anchor
+    led = SqliteLedger(path, batch_size=5, signer=SIGNER, checkpoint_every=EVERY)
+    led.record(_with_id(decision, "d-new"), _ok(decision), 6000.0)
+    led.close_sync()
+    rep = verify_sqlite(str(path), SIGNER.public, EVERY)
+    assert rep.ok and rep.first == {"main": N + 1} and rep.shards == {"main": N + 1}
+    # deleting that record is still caught by the head
+    _sql(path, f"DELETE FROM decisions WHERE chain_seq = {N + 1}")
+    rep = verify_sqlite(str(path), SIGNER.public, EVERY)
+    assert not rep.ok and "were deleted" in (rep.problem or "")
+
+
+def test_a_writer_appending_during_the_prune(
+    base: Path, tmp_path: Path, decision: Decision
+) -> None:
+    """The writer's records after the verified head stay, chained after them."""
+    path = _copy(base, tmp_path, "busy.db")
+    led = SqliteLedger(path, batch_size=2, signer=SIGNER, checkpoint_every=EVERY)
+    real = prune_mod.plan
+
+    def writer_commits_meanwhile(*args: object) -> prune_mod.Outcome:
+        out = real(*args)  # type: ignore[arg-type]
+        # between the verify and the prune's transaction, a batch commits (at #13, #14)
+        for i in range(2):
+            led.record(_with_id(decision, f"w-{i}"), _ok(decision), 3000.0 + i)
+        assert led.flush()
+        return out
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(prune_mod, "plan", writer_commits_meanwhile)
+        out = prune(Source(sqlite_path=str(path)), SIGNER, T, checkpoint_every=EVERY)
+    assert out.plans[0].last == N
+    for i in range(2, 6):
+        led.record(_with_id(decision, f"w-{i}"), _ok(decision), 3000.0 + i)
+    led.close_sync()
+    rep = verify_sqlite(str(path), SIGNER.public, EVERY)
+    assert rep.ok and rep.first == {"main": 5} and rep.shards == {"main": N + 6}, rep.problem
+
+
+def test_a_prune_that_fails_midway_leaves_the_ledger_as_it_was(
+    base: Path, tmp_path: Path
+) -> None:
+    path = _copy(base, tmp_path, "crash.db")
+    real = prune_mod._Store.prune
+
+    def crash_after_the_deletes(self: prune_mod._Store, p: prune_mod.ShardPlan,
+                                a: object) -> None:
+        real(self, p, a)  # type: ignore[arg-type]
+        raise sqlite3.OperationalError("disk I/O error")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(prune_mod._Store, "prune", crash_after_the_deletes)
+        with pytest.raises(SourceError, match="cannot prune: disk I/O error"):
+            prune(Source(sqlite_path=str(path)), SIGNER, T, checkpoint_every=EVERY)
+    assert _stored(path) == list(range(1, N + 1))
+    rep = verify_sqlite(str(path), SIGNER.public, EVERY)
+    assert rep.ok and rep.anchors == 0 and rep.checkpoints == 3, rep.problem
+
+
+def test_a_prune_of_a_ledger_changed_since_its_verify_is_refused(
+    base: Path, tmp_path: Path
+) -> None:
+    """Two prunes at once: the second one's transaction finds the shard moved on."""
+    path = _copy(base, tmp_path, "race.db")
+    source = Source(sqlite_path=str(path))
+    stale = verify(source, SIGNER.public, EVERY)
+    prune(source, SIGNER, T, checkpoint_every=EVERY)  # the other prune: #1..#4
+    with pytest.raises(SourceError, match=r"changed since it was verified .*another prune"):
+        prune_mod._prune_sqlite(source, SIGNER, stale, 1010.5, ["main"], False, None)
+    rep = verify_sqlite(str(path), SIGNER.public, EVERY)
+    assert rep.ok and rep.first == {"main": 5} and rep.anchors == 1, rep.problem
+
+
+@pytest.mark.parametrize(("change", "says"), [
+    # the cut record (#4) edited: its hash is no longer the one the anchor would sign
+    ("UPDATE decisions SET chain_hash = 'x' WHERE chain_seq = 4", r"\(record #4\)"),
+    # a record before the cut deleted: the DELETE removes 3 records, not the 4 verified
+    ("DELETE FROM decisions WHERE chain_seq = 2", r"\(3 records up to #4, 4 verified\)"),
+])
+def test_a_prune_rechecks_the_cut_and_the_count_in_its_transaction(
+    base: Path, tmp_path: Path, change: str, says: str
+) -> None:
+    path = _copy(base, tmp_path, "moved.db")
+    source = Source(sqlite_path=str(path))
+    stale = verify(source, SIGNER.public, EVERY)
+    _sql(path, change)
+    before = _stored(path)
+    with pytest.raises(SourceError, match=r"changed since it was verified " + says):
+        prune_mod._prune_sqlite(source, SIGNER, stale, T, ["main"], False, None)
+    assert _stored(path) == before  # rolled back: nothing deleted, no anchor
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("SELECT count(*) FROM prune_anchors").fetchone() == (0,)
+
+
+# -- schema 2 files ------------------------------------------------------------------------
+
+
+def _as_version_2(path: Path) -> None:
+    _sql(path, "DROP TABLE IF EXISTS prune_anchors", "UPDATE schema_version SET version = 2")
+
+
+def test_a_version_2_file_is_read_as_it_is_and_migrated_by_the_first_prune(
+    base: Path, tmp_path: Path, decision: Decision
+) -> None:
+    path = _copy(base, tmp_path, "v2.db")
+    _as_version_2(path)
+    assert verify_sqlite(str(path), SIGNER.public, EVERY).ok  # read-only: not migrated
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("SELECT version FROM schema_version").fetchone() == (2,)
+    dry = prune(Source(sqlite_path=str(path)), SIGNER, T, dry_run=True, checkpoint_every=EVERY)
+    assert [(p.first, p.cut) for p in dry.plans] == [(1, 4)] and dry.anchors == []
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("SELECT version FROM schema_version").fetchone() == (2,)
+    prune(Source(sqlite_path=str(path)), SIGNER, T, checkpoint_every=EVERY)
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("SELECT version FROM schema_version").fetchone() == (3,)
+    assert verify_sqlite(str(path), SIGNER.public, EVERY).first == {"main": 5}
+    # a gateway keeps a version-2 file at 2 (an older inferplane still opens it), makes new
+    # files at 2, and writes a version-3 one as it is
+    other = _copy(base, tmp_path, "v2-gw.db")
+    _as_version_2(other)
+    fresh = tmp_path / "fresh.db"
+    for f in (other, fresh, path):
+        led = SqliteLedger(f, signer=SIGNER, checkpoint_every=EVERY)
+        led.record(_with_id(decision, "d-new"), _ok(decision), 5000.0)
+        led.close_sync()
+        assert verify_sqlite(str(f), SIGNER.public, EVERY).ok
+    for f, version in ((other, 2), (fresh, 2), (path, 3)):
+        with contextlib.closing(sqlite3.connect(f)) as conn:
+            assert conn.execute("SELECT version FROM schema_version").fetchone() == (version,)
+
+
+# -- the command, listing and export -------------------------------------------------------
+
+
+@pytest.fixture
+def key(tmp_path: Path) -> Path:
+    from cryptography.hazmat.primitives import serialization as ser
+
+    k = tmp_path / "ledger.key"
+    k.write_bytes(SIGNER.private.private_bytes(ser.Encoding.PEM, ser.PrivateFormat.PKCS8,
+                                               ser.NoEncryption()))
+    return k
+
+
+def test_the_command(base: Path, tmp_path: Path, key: Path) -> None:
+    runner = CliRunner()
+    path = _copy(base, tmp_path, "cli.db")
+    args = ["ledger-prune", "--ledger", str(path), "--checkpoint-every", str(EVERY)]
+    nokey = runner.invoke(app, [*args, "--before", str(T)])
+    assert nokey.exit_code == 2 and "no signing key" in nokey.output
+    withkey = [*args, "--key", str(key)]
+    future = runner.invoke(app, [*withkey, "--before", "2999-01-01"])
+    assert future.exit_code == 2 and "is in the future" in future.output
+    early = runner.invoke(app, [*withkey, "--before", "999"])
+    assert early.exit_code == 2 and "nothing in" in early.output and "made before 999" \
+        in early.output
+    # a run that prunes nothing changes nothing: the version-2 file is not migrated (an older
+    # gateway still opens it); nor is it by a run whose records before T have no signed
+    # checkpoint after them yet (#1, #2 before 1001.5; the first checkpoint is #4)
+    assert _version(path) == 2
+    idle = runner.invoke(app, [*withkey, "--before", "1001.5"])
+    assert idle.exit_code == 0 and "no signed checkpoint follows them" in idle.output, idle.output
+    assert _version(path) == 2 and _stored(path) == list(range(1, N + 1))
+    dry = runner.invoke(app, [*withkey, "--before", str(T), "--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    assert "would prune shard main: records #1..#4 (4); kept #5..#12; 3 later records made " \
+        "before the cut-off stay" in dry.output
+    assert _stored(path) == list(range(1, N + 1))
+    done = runner.invoke(app, [*withkey, "--before", "1970-01-01T00:16:46.5"])
+    assert done.exit_code == 0, done.output
+    assert f"pruned shard main: records #1..#4 (4), anchor at #5 signed (key {SIGNER.key_id})" \
+        in done.output
+    again = runner.invoke(app, [*withkey, "--before", str(T)])
+    assert again.exit_code == 0 and "shard main: nothing to prune" in again.output
+    pub = tmp_path / "pub.pem"
+    pub.write_bytes(public_pem(SIGNER.public))
+    ok = runner.invoke(app, ["verify", "--ledger", str(path), "--public-key", str(pub),
+                             "--checkpoint-every", str(EVERY)])
+    assert ok.exit_code == 0, ok.output
+    assert "8 records intact in 1 chain(s): main (#5..#12; #1..#4 pruned)" in ok.output
+    assert "prune anchors: 1 of 1 signatures verified; main starts at #5 (pruned " in ok.output
+    bare = runner.invoke(app, ["verify", "--ledger", str(path)])
+    assert bare.exit_code == 0 and "signature is not checked" in bare.output
+    # a ledger that does not verify is never pruned
+    _sql(path, "UPDATE decisions SET tenant = 'globex' WHERE chain_seq = 9")
+    refused = runner.invoke(app, [*withkey, "--before", "1010.5"])
+    assert refused.exit_code == 1, refused.output  # as verify and ledger-sign-heads
+    assert "TAMPERED" in refused.output and "nothing pruned: the ledger does not verify" \
+        in refused.output
+    assert _stored(path) == list(range(5, N + 1))
+
+
+async def test_listing_export_and_explain_on_a_pruned_ledger(
+    pruned: Path, tmp_path: Path
+) -> None:
+    led = SqliteLedger(pruned)
+    try:
+        page = await led.query(Query(tenant=None, limit=100))
+        assert [it["record"]["decision_id"] for it in page.items] == [
+            f"d-{i}" for i in range(4, N)]
+        assert await led.lookup("d-0") is None and await led.lookup("d-4") is not None
+    finally:
+        led.close_sync()
+    runner = CliRunner()
+    out = tmp_path / "x.ndjson"
+    exp = runner.invoke(app, ["export", "--ledger", str(pruned), "-o", str(out)])
+    assert exp.exit_code == 0, exp.output
+    assert "exported 8 records" in exp.output
+    assert "shard main was pruned: its chain starts at #5, after the prune anchor (pruned " \
+        in exp.output and f"key {SIGNER.key_id}" in exp.output
+    assert len(out.read_bytes().splitlines()) == N - 4
+    gone = runner.invoke(app, ["explain", "d-0", "--ledger", str(pruned)])
+    assert gone.exit_code == 1 and "no decision 'd-0'" in gone.output
+
+
+def test_shards_are_pruned_one_transaction_each(tmp_path: Path, decision: Decision) -> None:
+    """Two shards: each prunes in its own transaction; one that fails says which went before
+    it, and leaves its own records whole."""
+    path = tmp_path / "two.db"
+    for shard in ("a", "b"):
+        led = SqliteLedger(path, shard=shard, signer=SIGNER, checkpoint_every=EVERY)
+        for i in range(N):
+            led.record(_with_id(decision, f"{shard}-{i}"), _ok(decision), 1000.0 + i)
+        led.close_sync()
+    real = prune_mod._Store.prune
+
+    def fail_on_b(self: prune_mod._Store, p: prune_mod.ShardPlan, a: object) -> None:
+        real(self, p, a)  # type: ignore[arg-type]
+        if p.shard == "b":
+            raise sqlite3.OperationalError("disk full")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(prune_mod._Store, "prune", fail_on_b)
+        with pytest.raises(SourceError, match=r"disk full \(pruned before it: a up to #4\)"):
+            prune(Source(sqlite_path=str(path)), SIGNER, T, checkpoint_every=EVERY)
+    rep = verify_sqlite(str(path), SIGNER.public, EVERY)
+    assert rep.ok and rep.first == {"a": 5, "b": 1}, rep.problem
+    out = prune(Source(sqlite_path=str(path)), SIGNER, T, ["b"], checkpoint_every=EVERY)
+    assert [(p.shard, p.cut) for p in out.plans] == [("b", 4)]
+    assert verify_sqlite(str(path), SIGNER.public, EVERY).first == {"a": 5, "b": 5}
