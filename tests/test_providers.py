@@ -459,6 +459,7 @@ async def test_a_rate_limited_endpoint_beside_a_failing_one_gives_a_503_with_ret
     ("echo_key", "anthropic", False, 400),  # translated to OpenAI's shape
     ("echo_key_odd", "openai", False, 502),  # quoted in the gateway's own message
     ("echo_key_stream", "openai", True, 200),  # the stream's error event
+    ("echo_key_notjson", "openai", True, 200),  # a quoted excerpt of an event that is not JSON
 ])
 async def test_an_upstream_error_that_echoes_the_key_reaches_no_tenant_with_it(
     mode: str, dialect: str, stream: bool, status: int, caplog: pytest.LogCaptureFixture,
@@ -483,7 +484,8 @@ async def test_an_upstream_error_that_echoes_the_key_reaches_no_tenant_with_it(
         assert len(echo[SEEN]) == 1  # it was sent, with the key
     assert "[redacted]" in body, body
     for where, text in [("answer", body), ("log", caplog.text), ("record", record)]:
-        assert UPSTREAM_KEY not in text, where
+        # not the key, nor its first 4 characters or more (a quote cut in the key's middle)
+        assert UPSTREAM_KEY[:4] not in text, where
 
 
 def test_redact_takes_the_key_out_as_is_escaped_and_cut_short() -> None:
@@ -496,5 +498,8 @@ def test_redact_takes_the_key_out_as_is_escaped_and_cut_short() -> None:
     # a quoted error cut at its limit in the middle of the key: the first part goes too
     assert redact_cut(f"auth was {key[:9]}…", key) == "auth was [redacted]…"
     assert redact_cut("auth was sk-…", key) == "auth was sk-…"  # 3 characters say nothing
+    # the cut inside a repr'd excerpt (``'…'``), or followed by more text
+    assert redact_cut(f"not JSON: 'auth {key[:-1]}…'", key) == "not JSON: 'auth [redacted]…'"
+    assert redact_cut(f"a: {key[:6]}… b: {key[:5]}…)", key) == "a: [redacted]… b: [redacted]…)"
     assert redact(b"EMPTY", "EMPTY") == b"EMPTY"  # a placeholder is no secret
     assert redact(b"x", None) == b"x"
