@@ -488,6 +488,34 @@ async def test_an_upstream_error_that_echoes_the_key_reaches_no_tenant_with_it(
         assert UPSTREAM_KEY[:4] not in text, where
 
 
+async def test_a_failed_attempt_keeps_the_upstreams_body_without_the_key(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # review28 N2: UpstreamAttemptFailed.body kept a 5xx body quoting the key as it came
+    from inferplane.dispatch.answer import UpstreamAttemptFailed
+
+    echo = build_provider(key=UPSTREAM_KEY, mode="echo_key_500", base="/openai/v1")
+    async with providers(echo=echo) as ports:
+        config = parse_config(fleet_yaml(free_port(), [
+            endpoint("echo", ports["echo"], base="/openai/v1")]))
+        async with gateway(config) as (gw, base), session() as s:
+            failed: list[UpstreamAttemptFailed] = []
+            open_ = gw.dispatcher.open
+
+            async def watched(*args: Any, **kwargs: Any) -> Any:
+                try:
+                    return await open_(*args, **kwargs)
+                except UpstreamAttemptFailed as exc:
+                    failed.append(exc)
+                    raise
+
+            monkeypatch.setattr(gw.dispatcher, "open", watched)
+            async with s.post(f"{base}/v1/chat/completions", json=CHAT) as r:
+                assert r.status == 502, await r.text()
+    assert failed and b"[redacted]" in failed[0].body, failed
+    assert all(UPSTREAM_KEY[:4].encode() not in exc.body for exc in failed)
+
+
 def test_redact_takes_the_key_out_as_is_escaped_and_cut_short() -> None:
     from inferplane.dispatch.credentials import redact, redact_cut
 

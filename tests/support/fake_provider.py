@@ -7,7 +7,7 @@
 shape); ``bad_request`` (HTTP 400 in the dialect's own error shape); ``stream_error`` (an
 Anthropic stream that sends an ``error`` event after its first text); ``500``; and, quoting
 the credentials the request carried (a proxy's debug message): ``echo_key`` (HTTP 400 in the
-dialect's error shape), ``echo_key_odd`` (HTTP 400 in no
+dialect's error shape), ``echo_key_500`` (HTTP 500 in it), ``echo_key_odd`` (HTTP 400 in no
 known shape), ``echo_key_stream`` (an OpenAI stream whose error event, after its first text,
 quotes them) and ``echo_key_notjson`` (an OpenAI stream whose event after its first text is
 not JSON and ends in them).
@@ -83,6 +83,8 @@ def build_provider(
         sent = request.headers.get("x-api-key") or request.headers.get("Authorization", "")
         if mode == "echo_key":
             return error(400, "invalid_request_error", f"invalid request; auth was {sent}")
+        if mode == "echo_key_500":
+            return error(500, "api_error", f"internal; auth was {sent}")
         if mode == "echo_key_odd":
             return web.json_response({"oops": f"auth was {sent}"}, status=400)
         if mode == "echo_key_stream":
