@@ -454,6 +454,39 @@ async def test_a_rate_limited_endpoint_beside_a_failing_one_gives_a_503_with_ret
                 assert 1 <= int(r.headers["Retry-After"]) <= 4
 
 
+async def test_a_reload_between_placement_and_its_refusal_leaves_a_429_not_a_500(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # review28 S1: the refusal looked a candidate up in the current fleet by index, so one a
+    # reload had removed since the snapshot was a KeyError (a 500)
+    from inferplane.errors import EndpointsRateLimitedError
+
+    limited = build_provider(key=UPSTREAM_KEY, mode="429", retry_after=None, name="limited")
+    async with providers(limited=limited) as ports:
+        port = free_port()
+        kept = endpoint("limited", ports["limited"], limits={"retry_after_s": 4})
+        config = parse_config(fleet_yaml(port, [kept, endpoint("gone", free_port())]))
+        async with gateway(config) as (gw, base), session() as s:
+            gw.live.set_health("gone", False)
+            async with s.post(f"{base}/v1/chat/completions", json=CHAT) as r:
+                assert r.status == 429, await r.text()
+            seen: list[Any] = []
+            refuse = gw._nothing_eligible
+
+            def capture(decision: Any, total: int) -> Any:
+                seen.append((decision, total))
+                return refuse(decision, total)
+
+            monkeypatch.setattr(gw, "_nothing_eligible", capture)
+            async with s.post(f"{base}/v1/chat/completions", json=CHAT) as r:
+                assert r.status == 503, await r.text()  # `gone` is a candidate, not only 429s
+            await gw.reload(parse_config(fleet_yaml(port, [kept])), "<reloaded>")
+            decision, total = seen[-1]
+            # the snapshot's `gone` is no longer in the fleet: it serves nothing now
+            error = refuse(decision, total)
+            assert isinstance(error, EndpointsRateLimitedError), error
+
+
 @pytest.mark.parametrize(("mode", "dialect", "stream", "status"), [
     ("echo_key", "openai", False, 400),  # relayed as the upstream's answer
     ("echo_key", "anthropic", False, 400),  # translated to OpenAI's shape
