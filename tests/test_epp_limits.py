@@ -59,3 +59,23 @@ async def test_a_message_over_the_receive_limit_is_logged(
         assert routed(await exchange(stub, headers(), body()))
     logged = [r.getMessage() for r in caplog.records if r.name == "inferplane.epp"]
     assert any(f"gRPC receive limit ({RECEIVE_LIMIT} bytes)" in m for m in logged), logged
+
+
+@pytest.mark.parametrize("aborted", [False, True])
+async def test_a_stream_reset_after_its_headers_does_not_blame_the_receive_limit(
+    aborted: bool, caplog: pytest.LogCaptureFixture,
+) -> None:
+    # review28 N1: a reset or cancelled stream (or one the picker broke off) logged the
+    # warning that suggests the gRPC receive limit
+    from multidict import CIMultiDict
+
+    from inferplane.epp.server import Exchange
+
+    caplog.set_level(logging.WARNING, "inferplane.epp")
+    async with picker() as (p, _):
+        ex = Exchange(p)
+        ex.headers = CIMultiDict()  # the request headers came, then nothing was answered
+        ex.aborted = aborted
+        ex.closed()
+    logged = [r.getMessage() for r in caplog.records if r.name == "inferplane.epp"]
+    assert any("receive limit" in m for m in logged) is not aborted, logged

@@ -454,11 +454,45 @@ async def test_a_rate_limited_endpoint_beside_a_failing_one_gives_a_503_with_ret
                 assert 1 <= int(r.headers["Retry-After"]) <= 4
 
 
+async def test_a_reload_between_placement_and_its_refusal_leaves_a_429_not_a_500(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # review28 S1: the refusal looked a candidate up in the current fleet by index, so one a
+    # reload had removed since the snapshot was a KeyError (a 500)
+    from inferplane.errors import EndpointsRateLimitedError
+
+    limited = build_provider(key=UPSTREAM_KEY, mode="429", retry_after=None, name="limited")
+    async with providers(limited=limited) as ports:
+        port = free_port()
+        kept = endpoint("limited", ports["limited"], limits={"retry_after_s": 4})
+        config = parse_config(fleet_yaml(port, [kept, endpoint("gone", free_port())]))
+        async with gateway(config) as (gw, base), session() as s:
+            gw.live.set_health("gone", False)
+            async with s.post(f"{base}/v1/chat/completions", json=CHAT) as r:
+                assert r.status == 429, await r.text()
+            seen: list[Any] = []
+            refuse = gw._nothing_eligible
+
+            def capture(decision: Any, total: int) -> Any:
+                seen.append((decision, total))
+                return refuse(decision, total)
+
+            monkeypatch.setattr(gw, "_nothing_eligible", capture)
+            async with s.post(f"{base}/v1/chat/completions", json=CHAT) as r:
+                assert r.status == 503, await r.text()  # `gone` is a candidate, not only 429s
+            await gw.reload(parse_config(fleet_yaml(port, [kept])), "<reloaded>")
+            decision, total = seen[-1]
+            # the snapshot's `gone` is no longer in the fleet: it serves nothing now
+            error = refuse(decision, total)
+            assert isinstance(error, EndpointsRateLimitedError), error
+
+
 @pytest.mark.parametrize(("mode", "dialect", "stream", "status"), [
     ("echo_key", "openai", False, 400),  # relayed as the upstream's answer
     ("echo_key", "anthropic", False, 400),  # translated to OpenAI's shape
     ("echo_key_odd", "openai", False, 502),  # quoted in the gateway's own message
     ("echo_key_stream", "openai", True, 200),  # the stream's error event
+    ("echo_key_notjson", "openai", True, 200),  # a quoted excerpt of an event that is not JSON
 ])
 async def test_an_upstream_error_that_echoes_the_key_reaches_no_tenant_with_it(
     mode: str, dialect: str, stream: bool, status: int, caplog: pytest.LogCaptureFixture,
@@ -483,7 +517,36 @@ async def test_an_upstream_error_that_echoes_the_key_reaches_no_tenant_with_it(
         assert len(echo[SEEN]) == 1  # it was sent, with the key
     assert "[redacted]" in body, body
     for where, text in [("answer", body), ("log", caplog.text), ("record", record)]:
-        assert UPSTREAM_KEY not in text, where
+        # not the key, nor its first 4 characters or more (a quote cut in the key's middle)
+        assert UPSTREAM_KEY[:4] not in text, where
+
+
+async def test_a_failed_attempt_keeps_the_upstreams_body_without_the_key(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # review28 N2: UpstreamAttemptFailed.body kept a 5xx body quoting the key as it came
+    from inferplane.dispatch.answer import UpstreamAttemptFailed
+
+    echo = build_provider(key=UPSTREAM_KEY, mode="echo_key_500", base="/openai/v1")
+    async with providers(echo=echo) as ports:
+        config = parse_config(fleet_yaml(free_port(), [
+            endpoint("echo", ports["echo"], base="/openai/v1")]))
+        async with gateway(config) as (gw, base), session() as s:
+            failed: list[UpstreamAttemptFailed] = []
+            open_ = gw.dispatcher.open
+
+            async def watched(*args: Any, **kwargs: Any) -> Any:
+                try:
+                    return await open_(*args, **kwargs)
+                except UpstreamAttemptFailed as exc:
+                    failed.append(exc)
+                    raise
+
+            monkeypatch.setattr(gw.dispatcher, "open", watched)
+            async with s.post(f"{base}/v1/chat/completions", json=CHAT) as r:
+                assert r.status == 502, await r.text()
+    assert failed and b"[redacted]" in failed[0].body, failed
+    assert all(UPSTREAM_KEY[:4].encode() not in exc.body for exc in failed)
 
 
 def test_redact_takes_the_key_out_as_is_escaped_and_cut_short() -> None:
@@ -496,5 +559,8 @@ def test_redact_takes_the_key_out_as_is_escaped_and_cut_short() -> None:
     # a quoted error cut at its limit in the middle of the key: the first part goes too
     assert redact_cut(f"auth was {key[:9]}…", key) == "auth was [redacted]…"
     assert redact_cut("auth was sk-…", key) == "auth was sk-…"  # 3 characters say nothing
+    # the cut inside a repr'd excerpt (``'…'``), or followed by more text
+    assert redact_cut(f"not JSON: 'auth {key[:-1]}…'", key) == "not JSON: 'auth [redacted]…'"
+    assert redact_cut(f"a: {key[:6]}… b: {key[:5]}…)", key) == "a: [redacted]… b: [redacted]…)"
     assert redact(b"EMPTY", "EMPTY") == b"EMPTY"  # a placeholder is no secret
     assert redact(b"x", None) == b"x"

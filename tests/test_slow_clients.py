@@ -8,7 +8,8 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
+from contextlib import asynccontextmanager
+from typing import Any, cast
 
 import pytest
 from aiohttp import web
@@ -42,12 +43,28 @@ async def _empty(request: web.Request) -> web.Response:
     return web.Response(text="")
 
 
+TIMEOUTS = {"header_timeout_s": 0.5, "body_timeout_s": 0.5, "upload_timeout_s": 1.5,
+            "idle_timeout_s": 1.0, "max_connections_per_client": 4}
+
+
 @pytest.fixture
 async def port() -> AsyncIterator[int]:
+    async with _serving(TIMEOUTS) as gw_port:
+        yield gw_port
+
+
+@pytest.fixture
+async def upload_port() -> AsyncIterator[int]:
+    """A gateway whose only deadline a steady upload can meet is ``upload_timeout_s``: the
+    pause between body reads allowed (``body_timeout_s``) is longer than the whole upload's."""
+    async with _serving({**TIMEOUTS, "body_timeout_s": 2.0, "upload_timeout_s": 1.0}) as gw_port:
+        yield gw_port
+
+
+@asynccontextmanager
+async def _serving(gateway: dict[str, Any]) -> AsyncIterator[int]:
     up_runner, up_port = await serve_on_loopback(engine_app(_ok, _empty, _ok))
-    cfg = _config(up_port, gateway={"header_timeout_s": 0.5, "body_timeout_s": 0.5,
-                                    "upload_timeout_s": 1.5, "idle_timeout_s": 1.0,
-                                    "max_connections_per_client": 4})
+    cfg = _config(up_port, gateway=gateway)
     gw_port = free_port()
     runner = await serve(Gateway(parse_config(cfg)), "127.0.0.1", gw_port)
     try:
@@ -139,17 +156,17 @@ async def test_slow_upload_is_408(port: int) -> None:
     assert b" 408 " in answer.partition(b"\r\n")[0], answer
 
 
-async def test_an_upload_that_never_pauses_long_is_cut_at_its_deadline(port: int) -> None:
-    # audit28 finding 10: a line every 0.1 s (body_timeout_s is 0.5) was never cut
+async def test_an_upload_that_never_pauses_long_is_cut_at_its_deadline(upload_port: int) -> None:
+    # audit28 finding 10: a line every 0.1 s (body_timeout_s is 2 s) was never cut
     part = (b"--B\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n"
             b"--B\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a\"\r\n\r\n")
     head = (f"POST /v1/files HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
             f"Content-Type: multipart/form-data; boundary=B\r\nContent-Length: 100000\r\n\r\n")
-    r, w = await asyncio.open_connection("127.0.0.1", port)
+    r, w = await asyncio.open_connection("127.0.0.1", upload_port)
     w.write(head.encode() + part)
     drip = asyncio.create_task(_drip_lines(w, b'{"custom_id": "a"}\n' * 500, 0.1))
     try:
-        answer = await _closed_within(r, 5.0)  # upload_timeout_s is 1.5 s
+        answer = await _closed_within(r, 5.0)  # upload_timeout_s is 1 s
     finally:
         drip.cancel()
         w.close()
@@ -355,3 +372,15 @@ async def test_the_pickers_metrics_listener_has_the_api_listeners_limits() -> No
     async with epp_picker(fleet_config(gateway=LISTENER_LIMITS,
                                        epp={"metrics_port": mport})):
         await _metrics_listener_limits(mport)
+
+
+async def test_a_timeout_inside_the_upload_is_not_the_upload_deadline() -> None:
+    # review28 S3: a TimeoutError raised by the upload's own work (a storage write, a deadline
+    # of its own) was answered as gateway.upload_timeout_s
+    from inferplane.httpio import within
+
+    async def receive() -> None:
+        raise TimeoutError("storage write")
+
+    with pytest.raises(TimeoutError, match="storage write"):
+        await within(receive(), 60.0, cast(web.Request, None))

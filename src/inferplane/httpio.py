@@ -51,11 +51,15 @@ async def idle(step: Awaitable[T], timeout_s: float, request: web.Request | None
 async def within(receive: Awaitable[T], timeout_s: float, request: web.Request) -> T:
     """A whole upload of ``request`` (``receive``), or a 408 when it has not arrived within
     ``timeout_s`` (``gateway.upload_timeout_s``) whatever its pace: the connection closes after
-    the answer, the rest of the body unread."""
+    the answer, the rest of the body unread. A `TimeoutError` from ``receive`` itself (a
+    deadline of its own) is not this one: it propagates as is."""
+    deadline = asyncio.timeout(timeout_s)
     try:
-        async with asyncio.timeout(timeout_s):
+        async with deadline:
             return await receive
     except TimeoutError:
+        if not deadline.expired():
+            raise
         close_after_answer(request)
         raise RequestTimeoutError(
             f"the upload did not arrive whole within {timeout_s:g} s (gateway.upload_timeout_s)",

@@ -7,8 +7,10 @@
 shape); ``bad_request`` (HTTP 400 in the dialect's own error shape); ``stream_error`` (an
 Anthropic stream that sends an ``error`` event after its first text); ``500``; and, quoting
 the credentials the request carried (a proxy's debug message): ``echo_key`` (HTTP 400 in the
-dialect's error shape), ``echo_key_odd`` (HTTP 400 in no known shape) and ``echo_key_stream``
-(an OpenAI stream whose error event, after its first text, quotes them).
+dialect's error shape), ``echo_key_500`` (HTTP 500 in it), ``echo_key_odd`` (HTTP 400 in no
+known shape), ``echo_key_stream`` (an OpenAI stream whose error event, after its first text,
+quotes them) and ``echo_key_notjson`` (an OpenAI stream whose event after its first text is
+not JSON and ends in them).
 """
 
 from __future__ import annotations
@@ -81,6 +83,8 @@ def build_provider(
         sent = request.headers.get("x-api-key") or request.headers.get("Authorization", "")
         if mode == "echo_key":
             return error(400, "invalid_request_error", f"invalid request; auth was {sent}")
+        if mode == "echo_key_500":
+            return error(500, "api_error", f"internal; auth was {sent}")
         if mode == "echo_key_odd":
             return web.json_response({"oops": f"auth was {sent}"}, status=400)
         if mode == "echo_key_stream":
@@ -92,6 +96,18 @@ def build_provider(
                                               "finish_reason": None}]}))
             await resp.write(_sse(None, {"error": {"message": f"engine died; auth was {sent}",
                                                    "type": "internal_error"}}))
+            return resp
+        if mode == "echo_key_notjson":  # an event that is not JSON, quoting them at its end
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await resp.prepare(request)
+            await resp.write(_sse(None, {"id": "c", "object": "chat.completion.chunk",
+                                         "created": 1, "model": body["model"], "choices": [
+                                             {"index": 0, "delta": {"content": "hi "},
+                                              "finish_reason": None}]}))
+            # 121 bytes: the gateway quotes the first 120, so its quote ends in all the key
+            # but its last character
+            pad = "x" * (120 - len("{oops ") - len(sent) + 1)
+            await resp.write(f"data: {{oops {pad}{sent}\n\n".encode())
             return resp
         if dialect == "anthropic":
             return await _anthropic(request, body, name)

@@ -751,7 +751,8 @@ class Core:
         by_name = self.fleet.by_name
         others = any(
             c.rejected_by is not None and c.endpoint not in limited
-            and model in by_name[c.endpoint].models
+            # .get: a candidate the snapshot had may be gone after a reload since
+            and (e := by_name.get(c.endpoint)) is not None and model in e.models
             for c in decision.candidates
         )
         cls = NoEligibleEndpointError if others else EndpointsRateLimitedError

@@ -133,13 +133,23 @@ def redact(data: bytes, key: str | None) -> bytes:
 
 
 def redact_cut(text: str, key: str | None) -> str:
-    """`redact` for a message that may have been cut short (ending in ``…``, as the gateway
-    cuts a quoted upstream error): the key's first characters just before the cut go too."""
+    """`redact` for a message that may quote an upstream cut short: wherever a ``…`` marks a
+    cut (``auth was sk-ab…``, a quoted excerpt ``'auth was sk-ab…'``, the cut followed by
+    anything), the key's first characters (4 or more, as is, JSON-escaped or ``repr``-escaped)
+    just before it go too."""
     text = redact(text.encode(), key).decode()
-    if key is None or len(key) < MIN_REDACTED or not text.endswith("…"):
+    if key is None or len(key) < MIN_REDACTED or "…" not in text:
         return text
-    head = text[:-1]
-    for n in range(len(key) - 1, 3, -1):
-        if head.endswith(key[:n]):
-            return head[:-n] + REDACTED + "…"
-    return text
+    forms = {key, orjson.dumps(key).decode()[1:-1], repr(key)[1:-1]}
+    parts = text.split("…")
+    for i, part in enumerate(parts[:-1]):  # each part but the last ends where a cut was
+        parts[i] = _cut_prefix(part, forms)
+    return "…".join(parts)
+
+
+def _cut_prefix(head: str, forms: set[str]) -> str:
+    """``head`` with the longest prefix (4 characters or more) of one of ``forms`` that it
+    ends with replaced by `REDACTED`."""
+    n = max((n for form in forms for n in range(4, len(form)) if head.endswith(form[:n])),
+            default=0)
+    return head[:-n] + REDACTED if n else head

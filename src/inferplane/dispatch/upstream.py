@@ -445,7 +445,7 @@ class Dispatcher:
                         upstream=endpoint.name,
                         reason="credentials",
                         status=resp.status,
-                        body=answer[:2000],
+                        body=self.redact(endpoint, answer)[:2000],
                     )
                 retry_after = None
                 if resp.status in (429, 503, 529):
@@ -456,7 +456,7 @@ class Dispatcher:
                     upstream=endpoint.name,
                     reason=f"http_{resp.status}",
                     status=resp.status,
-                    body=answer[:2000],
+                    body=self.redact(endpoint, answer)[:2000],
                     retry_after_s=retry_after,
                 )
         return resp

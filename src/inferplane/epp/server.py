@@ -785,7 +785,8 @@ class Exchange:
         client left before the response headers (measured: no reset reaches the picker), so
         a picker stream's end alone never blames the endpoint (`Picker.stream_ended`)."""
         f = self.flight
-        if f is None and self.headers is not None and not self.answered and not self.observer:
+        if (f is None and self.headers is not None and not self.answered and not self.observer
+                and not self.aborted):
             # gRPC refuses a message over the receive limit by ending the request stream
             # (the sender sees RESOURCE_EXHAUSTED; the servicer sees only the end)
             self.picker.unanswered_log.warn(
