@@ -38,7 +38,10 @@ async def test_replicas_see_each_others_fleet_files_and_say_when_they_differ(
         await two.publish()
         assert await one.publish() == {A: 2} and not one.disagree
         two.set_sha256(B)  # a reload that reached one replica
-        await two.publish()
+        await two.publish()  # it says so at once (its own line)
+        (said,) = [r.getMessage() for r in caplog.records]
+        assert f"{B[:12]}… ×1 (this one)" in said, said
+        caplog.clear()
         assert await one.publish() == {A: 1, B: 1} and one.disagree
         page = generate_latest(metrics.registry).decode()
         assert f'inferplane_config_replicas{{sha256="{A}"}} 1.0' in page
@@ -56,6 +59,7 @@ async def test_replicas_see_each_others_fleet_files_and_say_when_they_differ(
         assert "run one fleet file again" in caplog.records[-1].getMessage()
     finally:
         await one.close()
+        await two.close()
         srv.stop()
 
 

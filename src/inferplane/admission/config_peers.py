@@ -105,6 +105,7 @@ class ConfigPeers:
         self._script = self.r.register_script(PUBLISH)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._closed = False
 
     @property
     def disagree(self) -> bool:
@@ -169,7 +170,11 @@ class ConfigPeers:
             self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def close(self) -> None:
-        """Stop publishing and remove this process's entry (best effort: it expires anyway)."""
+        """Stop publishing and remove this process's entry (best effort: it expires anyway).
+        Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
         if (exc := await stop_task(self._task)) is not None:
             log.error("fleet configuration: the publisher had failed: %r", exc)
         self._task = None
