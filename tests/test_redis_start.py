@@ -166,8 +166,10 @@ async def test_which_start_up_failures_are_an_outage(
     are a configuration error (the store raises them even with start_degraded). The resolver's
     answers are given (`socket.getaddrinfo`, which the event loop's resolver calls): a name
     that does not exist (EAI_NONAME) is a configuration error, a temporary failure (EAI_AGAIN,
-    what a machine without a reachable resolver answers for every name) an outage; the real
-    resolver's answer for a ``.invalid`` name is classified by which of the two it gave."""
+    what a machine without a reachable resolver answers for every name) an outage. Those two
+    given answers are the test of the rule; the real resolver's answer for a ``.invalid`` name
+    (which of the two depends on the machine) only shows that the cause reaches `transient` as
+    a ``socket.gaierror`` through redis-py's connect (its check restates the rule)."""
     from inferplane.admission.outage import transient
 
     refused = await _raised(f"redis://127.0.0.1:{free_port()}/0")
