@@ -36,7 +36,7 @@ from inferplane.config.schema import FleetConfig
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
 
-NAME_PATTERN = schema._NAME
+NAME_PATTERN = schema.NAME_PATTERN
 
 # Meanings of fields that carry no ``description`` in the schema, keyed by "Model.field".
 MEANINGS: dict[str, str] = {

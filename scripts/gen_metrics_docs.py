@@ -62,6 +62,8 @@ WHEN: dict[str, str] = {
         "with `admission.store: redis`, once the processes' fleet files were read from Redis"),
     "inferplane_config_replicas_disagree": (
         "from start (0 without `admission.store: redis`)"),
+    "inferplane_config_replicas_stale": (
+        "from start (0 without `admission.store: redis`)"),
 }
 
 # What each label of an inferplane family holds. "family:label" for a label whose meaning

@@ -13,9 +13,12 @@ from pathlib import Path
 import httpx
 import pytest
 from prometheus_client import generate_latest
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoPermissionError
 
 from inferplane.admission.config_peers import ConfigPeers
 from inferplane.telemetry.metrics import GatewayMetrics
+from inferplane.waits import stop_task
 from tests.support.procs import Proc, free_port
 from tests.support.redis_server import RedisServer
 from tests.test_redis_outage import slow_upstream  # noqa: F401 - a fixture
@@ -38,7 +41,10 @@ async def test_replicas_see_each_others_fleet_files_and_say_when_they_differ(
         await two.publish()
         assert await one.publish() == {A: 2} and not one.disagree
         two.set_sha256(B)  # a reload that reached one replica
-        await two.publish()
+        await two.publish()  # it says so at once (its own line)
+        (said,) = [r.getMessage() for r in caplog.records]
+        assert f"{B[:12]}… ×1 (this one)" in said, said
+        caplog.clear()
         assert await one.publish() == {A: 1, B: 1} and one.disagree
         page = generate_latest(metrics.registry).decode()
         assert f'inferplane_config_replicas{{sha256="{A}"}} 1.0' in page
@@ -56,6 +62,7 @@ async def test_replicas_see_each_others_fleet_files_and_say_when_they_differ(
         assert "run one fleet file again" in caplog.records[-1].getMessage()
     finally:
         await one.close()
+        await two.close()
         srv.stop()
 
 
@@ -110,3 +117,83 @@ def test_two_gateways_on_different_fleet_files_show_it(
         for gw in procs:
             gw.stop()
         srv.stop()
+
+
+async def test_a_reload_during_a_publish_is_published_at_once() -> None:
+    """A reload whose new hash arrives while a publish (with the old one) waits on Redis is
+    published right after it, not at the next ``interval_s`` tick (review28 S1)."""
+    peers = ConfigPeers("redis://127.0.0.1:9", "t:", interval_s=3600)
+    sent: list[str | None] = []
+    gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    second = asyncio.Event()
+
+    async def publish() -> dict[str, int]:
+        sent.append(peers.sha256)
+        if len(sent) == 1:
+            await gate  # the first publish is waiting on Redis
+        else:
+            second.set()
+        return {}
+
+    peers.publish = publish  # type: ignore[method-assign]
+    peers.set_sha256(A)
+    peers.start()
+    try:
+        while not sent:
+            await asyncio.sleep(0)
+        peers.set_sha256(B)  # a reload meanwhile
+        gate.set_result(None)
+        await asyncio.wait_for(second.wait(), 30)  # an hour's tick without the fix
+        assert sent == [A, B]
+    finally:
+        await peers.close()
+
+
+async def test_a_redis_that_refuses_the_comparison_says_so(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Redis answering the script with an error (an ACL without HGETALL) is one WARNING, not
+    DEBUG lines only, and ``inferplane_config_replicas_stale`` says the reading is old until a
+    publish succeeds; a dropped connection (Redis restarting) stays at DEBUG (review28 S2)."""
+    metrics = GatewayMetrics()
+    peers = ConfigPeers("redis://127.0.0.1:9", "t:", on_seen=metrics.config_peers_seen,
+                        on_stale=metrics.config_replicas_stale.set, interval_s=0)
+    answers: list[BaseException | list[bytes]] = [
+        [b"me", A.encode()],
+        NoPermissionError("this user has no permissions to run the 'hgetall' command"),
+        NoPermissionError("this user has no permissions to run the 'hgetall' command"),
+        RedisConnectionError("Connection closed by server."),
+    ]
+    done = asyncio.Event()
+
+    async def script(**kw: object) -> list[bytes]:
+        if not answers:
+            done.set()
+            await asyncio.Event().wait()
+        answer = answers.pop(0)
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
+
+    peers._script = script  # type: ignore[assignment]
+    caplog.set_level(logging.DEBUG, logger="inferplane.config")
+    peers.set_sha256(A)
+    peers.start()
+    try:
+        await asyncio.wait_for(done.wait(), 30)
+        page = generate_latest(metrics.registry).decode()
+        assert "inferplane_config_replicas_stale 1.0" in page
+        assert f'inferplane_config_replicas{{sha256="{A}"}} 1.0' in page  # the last reading
+        warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warned) == 1 and "NoPermissionError" in warned[0], warned
+        assert "inferplane_config_replicas_stale 1" in warned[0]
+        debug = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
+        assert any("ConnectionError" in m for m in debug), debug
+        await stop_task(peers._task)
+        peers._task = None
+        answers.append([b"me", A.encode()])
+        assert await peers.publish() == {A: 1}  # Redis answers again
+        page = generate_latest(metrics.registry).decode()
+        assert "inferplane_config_replicas_stale 0.0" in page
+    finally:
+        await peers.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import subprocess
 import sys
 import time
@@ -471,7 +472,7 @@ async def test_a_client_cannot_steer_envoys_router_with_x_envoy_headers(
         await settled(s.picker)
 
 
-@pytest.mark.parametrize("mode", ["error-event", "error-event-400", "nodone"])
+@pytest.mark.parametrize("mode", ["error-event", "error-event-400", "nodone", "bad-json"])
 async def test_a_stream_that_fails_after_its_head_is_a_502_as_on_the_gateway(
     tmp_path: Path, mode: str,
 ) -> None:
@@ -481,7 +482,8 @@ async def test_a_stream_that_fails_after_its_head_is_a_502_as_on_the_gateway(
     with the gateway's message and counted in ``inferplane_stream_errors_total``; the
     endpoint's health takes the failure for an engine fault, not for the request's
     (``BadRequestError``, ``code: 400``). Envoy relays the upstream's bytes: the client gets
-    the engine's own event. Before edge28 all three were recorded 200."""
+    the engine's own event; an event that is not JSON is the same 502. Before edge28 all four
+    were recorded 200."""
     async with (
         stack(tmp_path, modes=(mode,)) as s,
         httpx.AsyncClient(base_url=s.url, timeout=10) as c,
@@ -489,7 +491,7 @@ async def test_a_stream_that_fails_after_its_head_is_a_502_as_on_the_gateway(
         r = await c.post("/v1/chat/completions", json={**CHAT, "stream": True}, headers=auth())
         assert r.status_code == 200, r.text
         assert "n1-w0" in r.text and "n1-w1" in r.text
-        if mode != "nodone":
+        if mode in ERROR_EVENTS:
             assert ERROR_EVENTS[mode]["error"]["message"] in r.text  # the engine's own
         await settled(s.picker)
         rec = s.picker.ledger.get(r.headers[P.DECISION_HEADER])
@@ -498,6 +500,8 @@ async def test_a_stream_that_fails_after_its_head_is_a_502_as_on_the_gateway(
         if mode == "nodone":
             says = ("the stream ended without its closing DONE event (cut short upstream) "
                     "after 5 tokens")
+        elif mode == "bad-json":
+            says = "sent a stream event that is not JSON: " + repr('{"choices": [')
         else:
             says = ("sent an error event mid-stream after 2 tokens: "
                     + ERROR_EVENTS[mode]["error"]["message"])
@@ -511,6 +515,34 @@ async def test_a_stream_that_fails_after_its_head_is_a_502_as_on_the_gateway(
             assert live.consecutive_failures == 0 and live.decayed_errors == 0.0
         else:
             assert live.consecutive_failures == 1
+
+
+async def test_a_compressed_stream_is_not_checked(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An upstream (a CDN) that gzips an event stream although the picker asked for
+    ``accept-encoding: identity``: the observer sees gzip bytes, not events, so the stream is
+    not checked (it would fail every stream for "no [DONE]" and eject the endpoint): the
+    answer is recorded as the engine's 200, the endpoint keeps its health, and one WARNING per
+    endpoint says the stream was not checked (review28 S4)."""
+    caplog.set_level(logging.WARNING)
+    async with (
+        stack(tmp_path, modes=("gzip",)) as s,
+        httpx.AsyncClient(base_url=s.url, timeout=10) as c,
+    ):
+        for _ in range(2):
+            r = await c.post("/v1/chat/completions", json={**CHAT, "stream": True},
+                             headers=auth())
+            assert r.status_code == 200, r.text
+            assert r.headers.get("content-encoding") == "gzip"
+            assert "n1-w4" in r.text and "data: [DONE]" in r.text  # httpx decompresses
+        await settled(s.picker)
+        rec = s.picker.ledger.get(r.headers[P.DECISION_HEADER])
+        assert rec is not None and rec["outcome"]["status"] == 200, rec
+        assert s.picker.metrics.stream_errors.labels("e1")._value.get() == 0
+        assert s.picker.live.live["e1"].consecutive_failures == 0
+        said = [m for m in caplog.messages if "is not checked" in m]
+        assert len(said) == 1 and "content-encoding gzip" in said[0], said
 
 
 async def test_picker_dying_mid_response_does_not_cut_the_stream(tmp_path: Path) -> None:

@@ -86,7 +86,9 @@ def test_core_imports_no_http_library() -> None:
 def test_no_package_imports_another_packages_private_names() -> None:
     """A name with a leading underscore is its package's own: another package that needs it
     needs it moved to a shared, public place (`inferplane check --connect` imported
-    ``batch.routes._dsn`` and ``ledger.build`` ``config.schema._NAME`` before edge28)."""
+    ``batch.routes._dsn`` and ``ledger.build`` ``config.schema._NAME`` before edge28).
+    Covers ``from inferplane.x import _name`` only: an attribute reached through an imported
+    module (``import inferplane.x as m; m._name``) is not looked for."""
     found = []
     for path in SRC.rglob("*.py"):
         me = _unit(".".join(path.relative_to(SRC.parent).with_suffix("").parts))

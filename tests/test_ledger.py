@@ -720,22 +720,3 @@ def test_spool_lookups_use_an_index(tmp_path: Path) -> None:
             ("d-1",)))
     assert "spooled_by_decision" in plan, plan
 
-
-def test_every_ledger_says_whether_its_store_is_down_as_the_protocol_asks(tmp_path: Path) -> None:
-    """`Ledger.store_down`, ``writes_failing`` and ``spooled`` are the protocol's, which the core
-    reads directly (it read them with getattr and a default before edge28: the in-memory ledger
-    had none of them, the SQLite ledger no ``spooled``)."""
-    import inspect
-
-    from inferplane.ledger.memory import MemoryLedger
-    from inferplane.ledger.postgres import PostgresLedger
-    from inferplane.ledger.record import Ledger
-
-    members = ("store_down", "writes_failing", "spooled")
-    assert all(isinstance(inspect.getattr_static(Ledger, m), property) for m in members)
-    sqlite_ledger = SqliteLedger(tmp_path / "l.db")
-    for ledger in (MemoryLedger(), sqlite_ledger):
-        assert (ledger.store_down, ledger.writes_failing, ledger.spooled) == (False, False, 0)
-    sqlite_ledger.close_sync()
-    for m in members:
-        assert hasattr(PostgresLedger, m)

@@ -166,8 +166,10 @@ async def test_which_start_up_failures_are_an_outage(
     are a configuration error (the store raises them even with start_degraded). The resolver's
     answers are given (`socket.getaddrinfo`, which the event loop's resolver calls): a name
     that does not exist (EAI_NONAME) is a configuration error, a temporary failure (EAI_AGAIN,
-    what a machine without a reachable resolver answers for every name) an outage; the real
-    resolver's answer for a ``.invalid`` name is classified by which of the two it gave."""
+    what a machine without a reachable resolver answers for every name) an outage. Those two
+    given answers are the test of the rule; the real resolver's answer for a ``.invalid`` name
+    (which of the two depends on the machine) only shows that the cause reaches `transient` as
+    a ``socket.gaierror`` through redis-py's connect (its check restates the rule)."""
     from inferplane.admission.outage import transient
 
     refused = await _raised(f"redis://127.0.0.1:{free_port()}/0")
@@ -269,6 +271,42 @@ async def test_replaying_a_journal_older_than_the_settle_ids_warns(
             "and usage"], old
     else:
         assert old == []
+
+
+async def test_an_outage_longer_than_the_settle_ids_warns_at_its_replay(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """review28 S3: within one process, an update journaled during an outage that lasts
+    longer than ``admission.settle_id_ttl_s`` is replayed after Redis forgot the ids: one
+    WARNING at that replay (a later short outage says nothing of it)."""
+    srv = RedisServer(tmp_path, persist=True)  # a restart is the same Redis
+    now = [1_800_000_000.0]
+    store = OutageStore(RedisStore(srv.url, "t:", timeout_s=0.3, settle_id_ttl_s=3600.0),
+                        journal=OutageJournal(tmp_path / "journal.sqlite"),
+                        retry_after_s=0.05, wall=lambda: now[0])
+
+    async def outage(hours: float, settle_id: str) -> None:
+        srv.stop()
+        await store.add_usage("acme", GROUP, 0.5, 1, 2, settle_id=settle_id)  # journaled
+        assert store.journal
+        now[0] += hours * 3600
+        srv.start()
+        deadline = time.monotonic() + 10
+        while store.journal or not store.up:  # the reconciler replays it
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+
+    try:
+        assert await store.ping()
+        with caplog.at_level(logging.WARNING, "inferplane.admission"):
+            await outage(2.0, "u1")
+            await outage(0.1, "u2")
+        assert [r.requests for r in await store.usage("acme")] == [2]
+    finally:
+        await store.close()
+        srv.stop()
+    old = [r.getMessage() for r in caplog.records if "settle_id_ttl_s" in r.getMessage()]
+    assert len(old) == 1 and "journaled 2.0 h ago" in old[0], old
 
 
 async def test_a_redis_that_lost_its_data_is_noticed_once(

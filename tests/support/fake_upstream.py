@@ -11,7 +11,10 @@ headers a hosted provider adds, `PROVIDER_HEADERS`: a cookie, account ids, rate-
 and, as a CDN-fronted provider does, gzips the answer when the request accepts gzip),
 ``error-event`` and ``error-event-400`` (stream two chunks, then vLLM's mid-stream error event,
 `ERROR_EVENTS`: the engine's own fault, or the request's ``BadRequestError``, then ``[DONE]``),
-``nodone`` (streams the chunks, no finish reason and no ``[DONE]``, and ends cleanly).
+``nodone`` (streams the chunks, no finish reason and no ``[DONE]``, and ends cleanly),
+``bad-json`` (streams two chunks, then an event that is not JSON, then ``[DONE]``), ``gzip``
+(answers like ``ok``, gzipped whatever the request accepts: a CDN that ignores
+``Accept-Encoding: identity``).
 It counts requests and cancellations and reports them on ``GET /stats`` (with the last request's
 headers, ``last_headers``); ``/metrics`` serves a
 fixed vLLM-style exposition with ``waiting`` read from ``--waiting``.
@@ -91,7 +94,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
         mode = "slow"
         if not body.get("stream"):
             await asyncio.sleep(1.0)
-    gzip = mode == "provider" and "gzip" in request.headers.get("Accept-Encoding", "")
+    gzip = mode == "gzip" or (
+        mode == "provider" and "gzip" in request.headers.get("Accept-Encoding", ""))
     if not body.get("stream"):
         text = " ".join(words)
         choice = ({"index": 0, "message": {"role": "assistant", "content": text},
@@ -114,6 +118,10 @@ async def completions(request: web.Request) -> web.StreamResponse:
             if mode == "cut" and i == 2:
                 assert request.transport is not None
                 request.transport.close()
+                return resp
+            if mode == "bad-json" and i == 2:
+                await resp.write(b"data: {\"choices\": [\n\ndata: [DONE]\n\n")
+                await resp.write_eof()
                 return resp
             if mode in ERROR_EVENTS and i == 2:
                 await resp.write(_chunk(ERROR_EVENTS[mode]) + b"data: [DONE]\n\n")

@@ -17,8 +17,11 @@ What it tells: ``counts`` (live processes by fleet file hash, this one included)
 WARNING when the processes start to disagree or the set of hashes changes while they do, one
 when they agree again.
 
-Redis unreachable: nothing is published or read, the last reading stays (the admission store's
-own gauges say Redis is down); each failure is logged at DEBUG only. A process whose front end
+Redis unreachable: nothing is published or read, the last reading stays and ``stale`` is true
+(``on_stale``: ``inferplane_config_replicas_stale``) until a publish succeeds again; a failure
+Redis being down or restarting gives is logged at DEBUG (the admission store's own gauges say
+Redis is down), any other (an ACL that refuses the script's commands) as a rate-limited
+WARNING. A process whose front end
 never names its fleet file (an in-process gateway, a test) publishes and reads nothing.
 """
 
@@ -31,9 +34,12 @@ import os
 import socket
 from collections.abc import Callable, Mapping
 
-from redis.exceptions import RedisError
+from redis.exceptions import AuthenticationError, RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
 
+from inferplane.admission.outage import transient
 from inferplane.admission.redis_state import fail_fast_client
+from inferplane.lograte import LogLimiter
 from inferplane.looplag import MAX_STRETCH, LoopLag, bounded
 from inferplane.waits import stop_task
 
@@ -84,6 +90,7 @@ class ConfigPeers:
         prefix: str,
         *,
         on_seen: Callable[[Mapping[str, int]], None] = lambda counts: None,
+        on_stale: Callable[[bool], None] = lambda stale: None,
         interval_s: float = PUBLISH_S,
         ttl_s: float = TTL_S,
         timeout_s: float = 0.5,
@@ -94,6 +101,9 @@ class ConfigPeers:
         self.key = f"{prefix}cfg"
         self.me = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
         self.on_seen = on_seen
+        self.on_stale = on_stale
+        self.stale = False  # the last publish failed: ``counts`` is an older reading
+        self._limiter = LogLimiter(log)
         self.interval_s = interval_s
         self.ttl_s = ttl_s
         self.timeout_s = timeout_s
@@ -105,6 +115,7 @@ class ConfigPeers:
         self._script = self.r.register_script(PUBLISH)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._closed = False
 
     @property
     def disagree(self) -> bool:
@@ -132,7 +143,29 @@ class ConfigPeers:
         self._seen(counts)
         return counts
 
+    def _set_stale(self, stale: bool) -> None:
+        if stale != self.stale:
+            self.stale = stale
+            self.on_stale(stale)
+
+    def _failed(self, exc: BaseException) -> None:
+        """A publish failed: Redis down or restarting (``transient``) is DEBUG, the admission
+        store's gauges say so; anything else (an ACL without ``HGETALL``, a script Redis
+        refuses) would leave the comparison off for good: one WARNING per ``LogLimiter``
+        interval. Either way the reading is stale until a publish succeeds again."""
+        self._set_stale(True)
+        dropped = isinstance(exc, RedisConnectionError) and not isinstance(
+            exc, AuthenticationError)  # a connection a restarting Redis closed
+        if transient(exc) or dropped:
+            log.debug("fleet configuration: publishing to Redis failed: %r", exc)
+        else:
+            self._limiter.warn(
+                "config-peers", "fleet configuration: comparing fleet files through Redis "
+                "failed, inferplane_config_replicas* keep their last reading "
+                "(inferplane_config_replicas_stale 1): %r", exc)
+
     def _seen(self, counts: dict[str, int]) -> None:
+        self._set_stale(False)
         before, self.counts = self.counts, counts
         self.on_seen(counts)
         if len(counts) > 1 and set(counts) != set(before):
@@ -154,13 +187,15 @@ class ConfigPeers:
         while True:
             if self.sha256 is None:  # nothing to publish until the front end names its file
                 await self._wake.wait()
+            # cleared before the publish: a reload during it wakes the next one at once
+            self._wake.clear()
             try:
                 await self.publish()
             except _FAILURES as exc:
-                log.debug("fleet configuration: publishing to Redis failed: %r", exc)
+                self._failed(exc)
             except Exception:  # a bug here must not stop the comparison for good
+                self._set_stale(True)
                 log.exception("fleet configuration: publishing to Redis failed")
-            self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.interval_s)
 
@@ -169,7 +204,11 @@ class ConfigPeers:
             self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def close(self) -> None:
-        """Stop publishing and remove this process's entry (best effort: it expires anyway)."""
+        """Stop publishing and remove this process's entry (best effort: it expires anyway).
+        Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
         if (exc := await stop_task(self._task)) is not None:
             log.error("fleet configuration: the publisher had failed: %r", exc)
         self._task = None

@@ -180,6 +180,7 @@ class OutageStore:
         self.replayed = 0
         # the oldest entry an earlier process journaled (Unix time), until its replay begins
         self._inherited_at: float | None = None
+        self._old_warned = -1  # `outages` when the journal's age was last warned about
 
     # -- state ----------------------------------------------------------------------------
     @property
@@ -335,17 +336,23 @@ class OutageStore:
                                         p["completion"], p["settle_id"])
 
     def _warn_if_older_than_ids(self) -> None:
-        """Before the first replay of entries an earlier process journaled: one WARNING when
-        the oldest is older than ``admission.settle_id_ttl_s``. Redis remembers a settle's id
-        that long after the settle reached it, so an entry that had reached Redis before (an
-        update that timed out but ran, a process killed between applying and deleting it) is
-        no longer recognised and counts twice."""
-        at, self._inherited_at = self._inherited_at, None
-        if at is None:
+        """Before a replay: one WARNING per outage when the oldest entry to replay (journaled
+        by an earlier process, or by this one during an outage that lasted that long) is
+        older than ``admission.settle_id_ttl_s``. Redis remembers a settle's id that long after
+        the settle reached it, so an entry that had reached Redis before (an update that timed
+        out but ran, a process killed between applying and deleting it) is no longer
+        recognised and counts twice."""
+        inherited, self._inherited_at = self._inherited_at, None
+        if not self.journal or self._old_warned == self.outages:
             return
-        age = self.wall() - at
+        first = self.journal[0].payload.get("at")
+        ats = [a for a in (inherited, first) if isinstance(a, int | float)]
+        if not ats:
+            return
+        age = self.wall() - min(ats)
         ttl = self.remote.settle_id_ttl_s
         if age > ttl:
+            self._old_warned = self.outages
             log.warning(
                 "replaying admission updates journaled %s ago, longer than "
                 "admission.settle_id_ttl_s (%g s): Redis no longer remembers the ids of "

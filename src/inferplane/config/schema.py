@@ -18,7 +18,6 @@ from inferplane.upstream_headers import refusal as header_refusal
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$"
 """What a name in the fleet file may be (an endpoint, a pool, a tenant, a ledger shard...)."""
-_NAME = NAME_PATTERN
 _KEY_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
 SKIP_WINDOW_MAX_S = 60
 """The longest ``gateway.health_skip_window_s``."""
@@ -450,7 +449,7 @@ class GatewaySpec(Strict):
 class RegionSpec(Strict):
     """A region: network distance to other regions and the price of egress out of it."""
 
-    name: str = Field(pattern=_NAME)
+    name: str = Field(pattern=NAME_PATTERN)
     rtt_ms: dict[str, float] = Field(default_factory=dict, description="RTT to other regions")
     egress_usd_per_gb: float = Field(0.0, ge=0)
 
@@ -478,7 +477,7 @@ class CostModel(Strict):
 class ServedModel(Strict):
     """A model an endpoint serves, as clients name it."""
 
-    name: str = Field(pattern=_NAME)
+    name: str = Field(pattern=NAME_PATTERN)
     upstream_name: str | None = Field(
         None,
         min_length=1,
@@ -562,7 +561,7 @@ class EndpointLimits(Strict):
 class EndpointSpec(Strict):
     """One serving instance of a substrate."""
 
-    name: str = Field(pattern=_NAME)
+    name: str = Field(pattern=NAME_PATTERN)
     url: str = Field(
         pattern=r"^https?://[^/\s?#]+(/[^\s?#]*)?$",
         description="the API base, with or without a base path (`https://host/openai/v1`); a "
@@ -658,7 +657,7 @@ class EndpointSpec(Strict):
 class SubstrateSpec(Strict):
     """A pool of one kind of hardware in one place."""
 
-    name: str = Field(pattern=_NAME)
+    name: str = Field(pattern=NAME_PATTERN)
     kind: SubstrateKind
     hardware: str = Field(description="physics hardware profile name")
     region: str
@@ -734,7 +733,7 @@ class LoopLimits(Strict):
 class TenantSpec(Strict):
     """A tenant: its API keys (SHA-256 hashes only), policy and default class."""
 
-    name: str = Field(pattern=_NAME)
+    name: str = Field(pattern=NAME_PATTERN)
     api_keys: list[str] = Field(
         min_length=1, description="'sha256:<hex>' of each key (inferplane hash-key KEY)"
     )
@@ -750,7 +749,7 @@ class TenantSpec(Strict):
     loop: LoopLimits = LoopLimits()
     cache_group: str | None = Field(
         None,
-        pattern=_NAME,
+        pattern=NAME_PATTERN,
         description="share prefix caches, the gateway's prefix indexes and session affinity "
         "with the tenants naming the same group (they can then infer each other's prompts from "
         "cached_tokens and placement); default: all of its own",
@@ -764,7 +763,7 @@ class DataSourceSpec(Strict):
     data may leave its jurisdiction. A request names it with `x-inferplane-data-source` or
     through its class's `data_source`."""
 
-    name: str = Field(pattern=_NAME, description="what requests and classes call it")
+    name: str = Field(pattern=NAME_PATTERN, description="what requests and classes call it")
     region: str = Field(description="where the data lives: placement prefers endpoints here")
     jurisdiction: str = Field(description="the jurisdiction the data is held under")
     residency: bool = Field(
@@ -777,7 +776,7 @@ class DataSourceSpec(Strict):
 class WorkloadClass(Strict):
     """A workload class: latency SLOs, the placement profile it uses, its priority."""
 
-    name: str = Field(pattern=_NAME)
+    name: str = Field(pattern=NAME_PATTERN)
     ttft_slo_ms: float | None = Field(None, gt=0)
     itl_slo_ms: float | None = Field(None, gt=0)
     profile: str | None = Field(None, description="placement profile; default gateway's")
@@ -829,7 +828,7 @@ class PluginRef(Strict):
 
 
 class ProfileSpec(Strict):
-    name: str = Field(pattern=_NAME)
+    name: str = Field(pattern=NAME_PATTERN)
     plugins: list[PluginRef] = Field(min_length=1)
     max_candidates: int = Field(
         64,
@@ -1071,8 +1070,8 @@ class LedgerSpec(Strict):
         "inferplane_", pattern=r"^[a-z_][a-z0-9_]*$", description="PostgreSQL table name prefix"
     )
     shard: str = Field(
-        "main", pattern=_NAME, description="this writer's hash chain; writers sharing a shard "
-        "chain one after another, writers with distinct shards in parallel"
+        "main", pattern=NAME_PATTERN, description="this writer's hash chain; writers sharing a "
+        "shard chain one after another, writers with distinct shards in parallel"
     )
     shard_env: str | None = Field(
         None, description="environment variable naming this writer's shard instead of `shard` "
@@ -1444,7 +1443,7 @@ class ModelAlias(Strict):
     gateway picks the tier by the first matching rule (quality floor, prompt length, SLO, cost
     order) and says which model answered (``x-inferplane-model`` and the answer's ``model``)."""
 
-    name: str = Field(pattern=_NAME, description="the model name clients send")
+    name: str = Field(pattern=NAME_PATTERN, description="the model name clients send")
     tiers: list[ModelTier] = Field(min_length=1, description="cheapest first")
     rules: list[TierRule] = Field(
         default_factory=list, description="per class/tenant policy; none: the cheapest that fits"

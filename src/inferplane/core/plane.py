@@ -249,6 +249,7 @@ class Core:
             # which fleet file each process sharing this Redis runs (`set_config_sha256`)
             self.peers = ConfigPeers(
                 spec.redis_url, spec.redis_prefix, on_seen=self.metrics.config_peers_seen,
+                on_stale=self.metrics.config_replicas_stale.set,
                 timeout_s=spec.redis_timeout_s, lag=self.lag, max_stretch=g.lag_max_stretch,
             )
         self.passive = PassiveHealth(self.live, self.outliers, config.health.outlier)

@@ -742,7 +742,15 @@ class Exchange:
                 f.status = int(h.get(":status", "0")) or None
             f.sse = "text/event-stream" in h.get("content-type", "")
             if f.sse and f.status == 200:  # checked as the gateway's relay checks it
-                f.events = OpenAIEvents()
+                coding = h.get("content-encoding", "identity").strip().lower()
+                if coding in ("", "identity"):
+                    f.events = OpenAIEvents()
+                else:  # compressed although asked not to: the observer sees gzip, not events
+                    name = f.placement.endpoint_name
+                    self.picker.failure_log.warn(
+                        f"unchecked:{name}", "endpoint %s answered an event stream with "
+                        "content-encoding %s although asked for identity: the stream is not "
+                        "checked for mid-stream errors (nor its usage read)", name, coding)
             f.retry_after_s = _seconds(h.get("retry-after"))
             f.served = _served(req)
             picked = self.picker.addresses.get(f.placement.endpoint_name)

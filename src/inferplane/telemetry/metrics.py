@@ -687,6 +687,12 @@ class GatewayMetrics:
             "(inferplane_config_replicas has more than one series), else 0",
             registry=r,
         )
+        self.config_replicas_stale = Gauge(
+            "inferplane_config_replicas_stale",
+            "1 while the last attempt to read the processes' fleet files from Redis failed "
+            "(inferplane_config_replicas and _disagree keep an older reading), else 0",
+            registry=r,
+        )
         self._config_shas: set[str] = set()
 
     def config_peers_seen(self, counts: Mapping[str, int]) -> None:
