@@ -50,7 +50,6 @@ from inferplane.errors import (
 from inferplane.fleet.health import endpoint_summary
 from inferplane.httpio import read_body
 from inferplane.ledger.query import BadQuery, parse_query
-from inferplane.ledger.record import Receipt
 from inferplane.telemetry import gather
 from inferplane.telemetry.tracing import RequestTrace
 from inferplane.types import ApiKind, JSONObject
@@ -222,8 +221,7 @@ def make_api_handler(api: ApiKind) -> Handler:
             return await handle(request, gw, trace)
         except GatewayError as exc:
             trace.failed(exc.status, exc.code or exc.error_type)
-            if isinstance(exc.receipt, Receipt):  # its record is committed before it leaves
-                await gw.committed(exc.receipt)
+            await gw.error_committed(exc)
             raise
         finally:
             trace.end()

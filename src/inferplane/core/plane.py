@@ -38,6 +38,7 @@ from inferplane.errors import (
     AuthenticationError,
     ConfigError,
     EndpointsRateLimitedError,
+    GatewayError,
     InvalidRequestError,
     ModelNotFoundError,
     NoEligibleEndpointError,
@@ -1350,6 +1351,12 @@ class Core:
         if ticket is not None:
             ok = await self.admission.settled(ticket, spec.commit_timeout_s) and ok
         return ok
+
+    async def error_committed(self, exc: GatewayError) -> None:
+        """`committed` for a failed request's answer: waits for the record ``exc`` carries,
+        where it has one (`GatewayError.recorded`), before the error answer leaves."""
+        if isinstance(exc.receipt, Receipt):
+            await self.committed(exc.receipt)
 
 
 @dataclass(frozen=True, slots=True)
