@@ -41,7 +41,15 @@ from inferplane.dispatch.answer import (
     excerpt,
 )
 from inferplane.dispatch.credentials import auth_headers, redact, redact_cut
-from inferplane.errors import UpstreamError, UpstreamErrorEvent
+from inferplane.errors import (
+    AuthenticationError,
+    InvalidRequestError,
+    NotFoundError,
+    PermissionDeniedError,
+    RateLimitError,
+    UpstreamError,
+    UpstreamErrorEvent,
+)
 from inferplane.fleet.model import Endpoint
 from inferplane.lograte import LogLimiter
 from inferplane.looplag import MAX_STRETCH, LoopLag
@@ -815,14 +823,12 @@ _OPENAI_TYPE = re.compile(r"[a-z][a-z0-9_]*")
 their exception's class name (``BadRequestError``), which `openai_error_body` replaces."""
 
 _STATUS_TYPES: Final = {
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    429: "rate_limit_exceeded",
+    e.status: e.error_type
+    for e in (AuthenticationError, PermissionDeniedError, NotFoundError, RateLimitError)
 }
 """The ``type`` of an engine's error by its status where the engine's own is not OpenAI's:
-the gateway's own types for these statuses (`inferplane.errors`); any other 4xx is an
-``invalid_request_error``, a 5xx an ``upstream_error``."""
+the gateway's own error's for these statuses; any other 4xx is an `InvalidRequestError`'s, a
+5xx an `UpstreamError`'s."""
 
 
 def openai_error_body(data: bytes, status: int) -> bytes | None:
@@ -877,4 +883,4 @@ def openai_error_body(data: bytes, status: int) -> bytes | None:
 def _status_type(status: int) -> str:
     """The ``type`` of an engine's error whose own is not OpenAI's, by its status."""
     return _STATUS_TYPES.get(status) or (
-        "invalid_request_error" if 400 <= status < 500 else "upstream_error")
+        InvalidRequestError if 400 <= status < 500 else UpstreamError).error_type
