@@ -209,6 +209,8 @@ class Core:
             # from one health() a scrape)
             self.metrics.store_outages.count_from(lambda: getattr(kept, "outages", 0))
             self.metrics.store_dropped.count_from(lambda: getattr(kept, "dropped", 0))
+        if hasattr(kept, "resets"):  # Redis: times it was found to have lost its data
+            self.metrics.admission_store_resets.count_from(lambda: getattr(kept, "resets", 0))
         self.outliers = OutlierDetector(self.fleet, config.health.outlier)
         self.slots: SharedSlots | None = None
         spec = config.admission
