@@ -17,7 +17,7 @@ import time
 from types import SimpleNamespace
 from typing import Any
 
-import pytest
+import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -129,12 +129,14 @@ def test_created_is_when_the_page_was_made() -> None:
     assert before <= created.value <= after + 1e-3
 
 
-def test_no_created_series_when_prometheus_client_would_write_none(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setenv("PROMETHEUS_DISABLE_CREATED_SERIES", "True")
-    assert not emu.created_series()
-    text = _emulated().render()
+def test_no_created_series_when_prometheus_client_would_write_none() -> None:
+    was_on = emu.created_series()
+    prometheus_client.disable_created_metrics()
+    try:
+        text = _emulated().render()
+    finally:  # as it was (off where the environment says PROMETHEUS_DISABLE_CREATED_SERIES)
+        if was_on:
+            prometheus_client.enable_created_metrics()
     assert "_created" not in text
     assert "# TYPE vllm:prompt_tokens_total counter" in text
 

@@ -698,9 +698,6 @@ class Admission:
         ]
 
     async def start(self) -> None:
-        if hasattr(self.store, "resets"):  # Redis: times it was found to have lost its data
-            store = self.store
-            self.metrics.admission_store_resets.count_from(lambda: store.resets)
         ping = getattr(self.store, "ping", None)
         if ping is not None:
             await ping()

@@ -195,7 +195,6 @@ class OutageStore:
         return StoreHealth(
             up=down is None, down_for_s=0.0 if down is None else max(0.0, self.clock() - down),
             pending_settles=settles, pending_usage=len(self.journal) - settles,
-            outages=self.outages,
         )
 
     def _unavailable(self, what: str) -> StoreUnavailableError:

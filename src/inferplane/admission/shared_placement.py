@@ -246,16 +246,15 @@ class SharedPlacement:
             await asyncio.sleep(self.retry_after_s)
 
     # -- lifecycle ------------------------------------------------------------------------
-    async def start(
-        self, degraded: bool | Callable[[BaseException], bool] = False
-    ) -> None:
-        """Redis must answer, unless ``degraded`` (the admission store started in an outage it
-        was killed in): then the sharing starts as during any outage."""
+    async def start(self, degraded: Callable[[BaseException], bool] | None = None) -> None:
+        """Redis must answer, unless ``degraded`` says its failure is one to start through (the
+        admission store started in an outage it was killed in): then the sharing starts as
+        during any outage."""
         try:
             async with self._deadline():  # in running time, as every other call
                 await self.r.ping()
         except _FAILURES as exc:
-            if not (degraded(exc) if callable(degraded) else degraded):
+            if degraded is None or not degraded(exc):
                 raise
             self._failed(exc)
         self._listen = asyncio.get_running_loop().create_task(self._run())

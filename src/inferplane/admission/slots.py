@@ -339,20 +339,18 @@ class SharedSlots:
                 continue
             self._up()
 
-    async def start(
-        self, degraded: bool | Callable[[BaseException], bool] = False
-    ) -> None:
+    async def start(self, degraded: Callable[[BaseException], bool] | None = None) -> None:
         """Read the counts and start the background loop. Redis must answer, unless
-        ``degraded`` (the admission store started in an outage it was killed in; a
-        function: whether this failure is one): then the
-        slots start from this process's view, as during any outage."""
+        ``degraded`` says its failure is one to start through (the admission store started in
+        an outage it was killed in): then the slots start from this process's view, as during
+        any outage."""
         try:
             async with self._deadline():  # in running time, as every other call
                 await self.r.ping()
             async with self._deadline():
                 await self.sync()
         except _FAILURES as exc:
-            if not (degraded(exc) if callable(degraded) else degraded):
+            if degraded is None or not degraded(exc):
                 raise
             self._failed(exc)
         self._loop = asyncio.get_running_loop().create_task(self._run())

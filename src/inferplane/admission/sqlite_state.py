@@ -172,7 +172,6 @@ class SqliteStore(MemoryStore):
         return StoreHealth(
             up=down is None, down_for_s=0.0 if down is None else max(0.0, self.clock() - down),
             pending_settles=len(self.pending), pending_usage=len(self.pending_usage),
-            outages=self.outages, dropped=self.dropped,
         )
 
     async def _now(self, op: Op) -> bool:

@@ -30,18 +30,17 @@ a day (the x-inferplane-workflow header cannot spell it: no parentheses)."""
 @dataclass(frozen=True, slots=True)
 class StoreHealth:
     """What a store that can be out of service says of itself (``health()``, read when
-    ``/metrics`` is): ``up`` (it takes writes), since when it has not (``down_for_s``), the
-    updates it keeps meanwhile (budget settles, usage rows) and its running totals."""
+    ``/metrics`` is): ``up`` (it takes writes), since when it has not (``down_for_s``) and the
+    updates it keeps meanwhile (budget settles, usage rows). Its running totals (``outages``,
+    ``dropped``) are the store's attributes, read as counters (`core.plane.Core`)."""
 
     up: bool
     down_for_s: float
     pending_settles: int
     pending_usage: int
-    outages: int
-    dropped: int = 0
 
 
-IN_MEMORY = StoreHealth(up=True, down_for_s=0.0, pending_settles=0, pending_usage=0, outages=0)
+IN_MEMORY = StoreHealth(up=True, down_for_s=0.0, pending_settles=0, pending_usage=0)
 """What a store in memory says (it has no ``health()``): always up, nothing waiting."""
 
 

@@ -50,7 +50,6 @@ from inferplane.errors import (
 from inferplane.fleet.health import endpoint_summary
 from inferplane.httpio import read_body
 from inferplane.ledger.query import BadQuery, parse_query
-from inferplane.ledger.record import Receipt
 from inferplane.telemetry import gather
 from inferplane.telemetry.tracing import RequestTrace
 from inferplane.types import ApiKind, JSONObject
@@ -222,8 +221,7 @@ def make_api_handler(api: ApiKind) -> Handler:
             return await handle(request, gw, trace)
         except GatewayError as exc:
             trace.failed(exc.status, exc.code or exc.error_type)
-            if isinstance(exc.receipt, Receipt):  # its record is committed before it leaves
-                await gw.committed(exc.receipt)
+            await gw.error_committed(exc)
             raise
         finally:
             trace.end()
@@ -491,7 +489,7 @@ WORKER_PAGES: web.AppKey[WorkerPages] = web.AppKey("worker_pages", WorkerPages)
 def check_metrics_access(request: web.Request) -> None:
     """``/metrics`` is for operators: on the API listener it needs one of
     ``gateway.metrics.api_keys`` unless ``gateway.metrics.public``; the ``gateway.metrics.port``
-    listener serves it with no key (`_metrics_page`)."""
+    listener serves it with no key (`served_page`)."""
     gw = request.app[GATEWAY_KEY]
     if gw.config.gateway.metrics.public:
         return
@@ -528,13 +526,20 @@ async def metrics(request: web.Request) -> web.Response:
     """``GET /metrics``: this process's page; under ``serve --workers N`` every worker's, each
     sample labelled with its ``worker`` (`telemetry.gather`)."""
     check_metrics_access(request)
-    gw = request.app[GATEWAY_KEY]
-    body = local_page(gw)
-    pages = request.app.get(WORKER_PAGES)
+    body = await served_page(request.app)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def served_page(application: web.Application) -> bytes:
+    """The page that ``/metrics`` serves, on the API listener and on the
+    ``gateway.metrics.port`` listener (`api.metrics_listener`, as the picker's): this
+    process's; under ``serve --workers N`` every worker's."""
+    body = local_page(application[GATEWAY_KEY])
+    pages = application.get(WORKER_PAGES)
     if pages is not None:
         body = await gather.gather(body, pages.index, pages.n, pages.directory,
                                    pages.timeout_s)
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+    return body
 
 
 def local_page(gw: Gateway) -> bytes:
@@ -721,11 +726,8 @@ async def serve(
             await pages.close()
 
         application.on_cleanup.insert(0, close_pages)
-    metrics_page = None
     metrics_runner: web.AppRunner | None = None
     if g.metrics.port is not None:
-        metrics_page = _metrics_page(application, gateway)
-
         async def stop_metrics(_: web.Application) -> None:
             if metrics_runner is not None:
                 await metrics_runner.cleanup()
@@ -743,9 +745,10 @@ async def serve(
         await web.TCPSite(
             runner, host, port, reuse_address=True, reuse_port=reuse_port or None
         ).start()
-        if metrics_page is not None and g.metrics.port is not None:
+        if g.metrics.port is not None:
             metrics_runner = await metrics_listener.start(
-                metrics_page, g.metrics.host, g.metrics.port, g, reuse_port=reuse_port)
+                lambda: served_page(application), g.metrics.host, g.metrics.port, g,
+                reuse_port=reuse_port)
         if page_server is not None:
             try:
                 await page_server.start()
@@ -762,18 +765,3 @@ async def serve(
         raise
     return runner
 
-
-
-def _metrics_page(main: web.Application, gateway: Gateway) -> metrics_listener.Page:
-    """The page of the ``gateway.metrics.port`` listener (`api.metrics_listener`, as the
-    picker's): this process's, or under ``serve --workers`` every worker's."""
-    pages = main.get(WORKER_PAGES)
-
-    async def page() -> bytes:
-        body = local_page(gateway)
-        if pages is not None:
-            body = await gather.gather(body, pages.index, pages.n, pages.directory,
-                                       pages.timeout_s)
-        return body
-
-    return page

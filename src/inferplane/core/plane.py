@@ -38,6 +38,7 @@ from inferplane.errors import (
     AuthenticationError,
     ConfigError,
     EndpointsRateLimitedError,
+    GatewayError,
     InvalidRequestError,
     ModelNotFoundError,
     NoEligibleEndpointError,
@@ -208,6 +209,8 @@ class Core:
             # from one health() a scrape)
             self.metrics.store_outages.count_from(lambda: getattr(kept, "outages", 0))
             self.metrics.store_dropped.count_from(lambda: getattr(kept, "dropped", 0))
+        if hasattr(kept, "resets"):  # Redis: times it was found to have lost its data
+            self.metrics.admission_store_resets.count_from(lambda: getattr(kept, "resets", 0))
         self.outliers = OutlierDetector(self.fleet, config.health.outlier)
         self.slots: SharedSlots | None = None
         spec = config.admission
@@ -1352,6 +1355,12 @@ class Core:
         if ticket is not None:
             ok = await self.admission.settled(ticket, spec.commit_timeout_s) and ok
         return ok
+
+    async def error_committed(self, exc: GatewayError) -> None:
+        """`committed` for a failed request's answer: waits for the record ``exc`` carries,
+        where it has one (`GatewayError.recorded`), before the error answer leaves."""
+        if isinstance(exc.receipt, Receipt):
+            await self.committed(exc.receipt)
 
 
 @dataclass(frozen=True, slots=True)

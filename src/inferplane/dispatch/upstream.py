@@ -41,7 +41,15 @@ from inferplane.dispatch.answer import (
     excerpt,
 )
 from inferplane.dispatch.credentials import auth_headers, redact, redact_cut
-from inferplane.errors import UpstreamError, UpstreamErrorEvent
+from inferplane.errors import (
+    AuthenticationError,
+    InvalidRequestError,
+    NotFoundError,
+    PermissionDeniedError,
+    RateLimitError,
+    UpstreamError,
+    UpstreamErrorEvent,
+)
 from inferplane.fleet.model import Endpoint
 from inferplane.lograte import LogLimiter
 from inferplane.looplag import MAX_STRETCH, LoopLag
@@ -815,14 +823,12 @@ _OPENAI_TYPE = re.compile(r"[a-z][a-z0-9_]*")
 their exception's class name (``BadRequestError``), which `openai_error_body` replaces."""
 
 _STATUS_TYPES: Final = {
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    429: "rate_limit_exceeded",
+    e.status: e.error_type
+    for e in (AuthenticationError, PermissionDeniedError, NotFoundError, RateLimitError)
 }
 """The ``type`` of an engine's error by its status where the engine's own is not OpenAI's:
-the gateway's own types for these statuses (`inferplane.errors`); any other 4xx is an
-``invalid_request_error``, a 5xx an ``upstream_error``."""
+the gateway's own error's for these statuses; any other 4xx is an `InvalidRequestError`'s, a
+5xx an `UpstreamError`'s."""
 
 
 def openai_error_body(data: bytes, status: int) -> bytes | None:
@@ -844,15 +850,10 @@ def openai_error_body(data: bytes, status: int) -> bytes | None:
         return None
     err = obj.get("error")
     if isinstance(err, dict) and isinstance(err.get("message"), str):
-        kind, param, code = err.get("type"), err.get("param"), err.get("code")
-        good_kind = isinstance(kind, str) and _OPENAI_TYPE.fullmatch(kind) is not None
-        if good_kind and isinstance(param, str | None) and isinstance(code, str | None):
+        fields = _openai_fields(err, status)
+        if all(err.get(k) == v for k, v in fields.items()):
             return data  # OpenAI's own (or as good): not serialised again
-        fixed = dict(err)
-        fixed["type"] = kind if good_kind else _status_type(status)
-        fixed["param"] = param if isinstance(param, str) else None
-        fixed["code"] = code if isinstance(code, str) else None
-        return orjson.dumps({**obj, "error": fixed})
+        return orjson.dumps({**obj, "error": {**err, **fields}})
     if isinstance(err, str):
         source = {"message": err}
     elif obj.get("object") == "error" and isinstance(obj.get("message"), str):
@@ -862,19 +863,22 @@ def openai_error_body(data: bytes, status: int) -> bytes | None:
         source = {"message": detail if isinstance(detail, str) else orjson.dumps(detail).decode()}
     else:
         return None
-    kind, param, code = source.get("type"), source.get("param"), source.get("code")
-    if not (isinstance(kind, str) and _OPENAI_TYPE.fullmatch(kind)):
-        kind = _status_type(status)
-    shaped = {
-        "message": source["message"],
-        "type": kind,
+    return orjson.dumps({"error": {"message": source["message"], **_openai_fields(source, status)}})
+
+
+def _openai_fields(error: Mapping[str, object], status: int) -> dict[str, str | None]:
+    """An error's ``type`` (its own where in OpenAI's style, else by `status`), ``param`` and
+    ``code`` (each its own where a string, else null)."""
+    kind, param, code = error.get("type"), error.get("param"), error.get("code")
+    return {
+        "type": kind if isinstance(kind, str) and _OPENAI_TYPE.fullmatch(kind) else (
+            _status_type(status)),
         "param": param if isinstance(param, str) else None,
         "code": code if isinstance(code, str) else None,
     }
-    return orjson.dumps({"error": shaped})
 
 
 def _status_type(status: int) -> str:
     """The ``type`` of an engine's error whose own is not OpenAI's, by its status."""
     return _STATUS_TYPES.get(status) or (
-        "invalid_request_error" if 400 <= status < 500 else "upstream_error")
+        InvalidRequestError if 400 <= status < 500 else UpstreamError).error_type

@@ -74,7 +74,7 @@ from inferplane.errors import (
 )
 from inferplane.fleet.model import Endpoint, Fleet
 from inferplane.fleet.scraper import HttpMetricsSource, MetricsSource
-from inferplane.ledger.record import Ledger, Receipt
+from inferplane.ledger.record import Ledger
 from inferplane.lograte import LogLimiter
 from inferplane.telemetry.metrics import PickerMetrics
 from inferplane.telemetry.tracing import RequestTrace
@@ -566,8 +566,7 @@ class Exchange:
         try:
             answer = await self.pick()
         except GatewayError as exc:
-            if isinstance(exc.receipt, Receipt):  # its record is committed before it leaves
-                await self.picker.committed(exc.receipt)
+            await self.picker.error_committed(exc)
             answer = immediate(exc)
         except Exception:
             # a bug: `ExternalProcessor.Process` counts it as a 500; its time is observed too

@@ -402,7 +402,7 @@ class GatewayMetrics:
             "(answered or not; a reload's look at joining endpoints and the probes "
             "gateway.health_skip_while_serving skipped not counted)",
         )
-        # wired by the admission controller with admission.store: redis only: absent elsewhere
+        # wired by the core with admission.store: redis only: absent elsewhere
         self.admission_store_resets = SourcedCounter(
             "inferplane_admission_store_resets_total",
             "Times this process found the shared admission store (Redis) had lost its data "

@@ -22,14 +22,14 @@ Histogram observations are engine (virtual) seconds, as the engine reports them.
 The families are written as prometheus_client (which vLLM's page is) writes them in the text
 format: a counter's ``# HELP`` and ``# TYPE`` lines name it with ``_total``, and each counter and
 histogram is followed by its ``<name>_created`` gauge (when the page was made, Unix seconds)
-unless ``PROMETHEUS_DISABLE_CREATED_SERIES`` is set, as that library does. Parsed with
+unless that library's switch is off (``PROMETHEUS_DISABLE_CREATED_SERIES``,
+``disable_created_metrics``; `inferplane.telemetry.metrics.created_series`). Parsed with
 ``prometheus_client.parser.text_string_to_metric_families``, the page gives the families, types
 and samples that vLLM's own page gives for the same metrics (tests/test_emulator_exposition.py).
 """
 
 from __future__ import annotations
 
-import os
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Sequence
@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client.utils import floatToGoString
 
+from inferplane.telemetry.metrics import created_series
 from inferplane.twin.engine.model import Engine, LatencySample
 
 _go_float: Callable[[float], str] = floatToGoString  # how prometheus_client writes a value
@@ -116,13 +117,6 @@ def _created(name: str, help_: str, labels: str, created: str, out: list[str]) -
     out.append(f"# HELP {name}_created {help_}")
     out.append(f"# TYPE {name}_created gauge")
     out.append(f"{name}_created{{{labels}}} {created}")
-
-
-def created_series() -> bool:
-    """Whether prometheus_client writes ``_created`` series: unless
-    ``PROMETHEUS_DISABLE_CREATED_SERIES`` is true (its own test of the variable)."""
-    return os.environ.get("PROMETHEUS_DISABLE_CREATED_SERIES", "False").lower() not in (
-        "true", "1", "t")
 
 
 def _escape(value: str) -> str:
