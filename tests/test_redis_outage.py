@@ -68,7 +68,7 @@ async def test_outage_store_degrades_then_replays(tmp_path: Path, how: str) -> N
         store.journal = _Unread(journal)  # health() keeps counts: never walks the journal
         health = store.health()  # what /metrics shows (harden27; review27 S4)
         store.journal = journal
-        assert (health.up, health.pending_settles, health.pending_usage, health.outages) == (
+        assert (health.up, health.pending_settles, health.pending_usage, store.outages) == (
             False, 2, 1, 1)
         # local fallbacks: retry markers, loop counters, rate limits
         assert not await store.mark_seen("k", 10, NOW) and await store.mark_seen("k", 10, NOW)
