@@ -1550,8 +1550,11 @@ async def test_by_default_the_cold_prefill_tries_follow_one_token_requests() -> 
             await Prober(url, "m").run((16,), (1,), warm_up_max_s=0.0, after_stream_tokens=1)
     sweep = [(words, max_tokens, after) for (words, max_tokens, _), after
              in zip(fake.requests, fake.after_stream, strict=True) if words in (16, 768)]
-    # each length: cold, cached, after the stream
+    # each length: cold, cached, after the stream, then an untimed one-token request (8 words)
     assert [w for w, _, _ in sweep] == [16, 16, 16, 768, 768, 768] * 3 * PREFILL_VISITS
+    settle = [i for i, (w, m, _) in enumerate(fake.requests)
+              if w in (16, 768) and m == 1][2::3]  # each after-stream try's index
+    assert all(fake.requests[i + 1][:2] == (OPENER_TOKENS, 1) for i in settle), fake.requests
     assert all(max_tokens == 1 for _, max_tokens, _ in sweep), sweep
     # (a sweep's first cold try may follow a decode point's streams; the 768-token one never)
     assert [after for w, _, after in sweep if w == 768] == [False, False, True] * 3 * PREFILL_VISITS

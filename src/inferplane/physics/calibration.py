@@ -191,9 +191,12 @@ def after_stream_extra_s(hw: HardwareProfile, step_s: float) -> float:
 
 
 #: A fitted after-stream cost whose median over the prompt lengths is under this share of the
-#: cold TTFT is written as none (no ``after_stream_*`` in the file): the median of 15 tries a
-#: length moves by ~1-2 % from run to run on a calm host (docs/benchmarks.md, session 28), and
-#: the fidelity vLLM's cost on session 27's Intel host, +20-25 %, is ten times this.
+#: cold TTFT is written as none (no ``after_stream_*`` in the file): session 25's AMD host
+#: measured the fidelity vLLM's cold prefill after an 8-token stream +2.5 % (95 % CI +0.7 …
+#: +4.5) and in the default order +1.3 % (−0.8 … +3.3) over after a one-token request
+#: (``calibration-s25/after_stream_stats.txt``), differences of this size that 15 tries a
+#: length barely resolve; the fidelity vLLM's cost on session 27's Intel host, +20-25 %, is ten
+#: times this.
 AFTER_STREAM_FLOOR: Final = 0.02
 
 

@@ -30,7 +30,10 @@ prefill and cached points (see there):
   (``calibration.fit_after_stream``; ``HardwareProfile.after_stream_s``). Session 27 measured
   the fidelity vLLM on its Intel host +20-25 % slower at every length right after a stream than
   right after a one-token request, which the workload's closed-loop requests pay and the cold
-  tries never saw. The next length's cold try follows this one-token try, as before.
+  tries never saw. An untimed one-token request follows each after-stream try
+  (:meth:`Prober.settle`), so that the next cold try (or the measurement after the sweep)
+  follows two one-token requests after the stream, not one: right after one, part of the
+  stream's cost was still there (session 28).
 * **cached**: the same prompt sent twice; the second TTFT (its first token; it streams
   ``sweep_stream_tokens`` tokens, 1 by default) with ``cached_tokens`` as the engine
   reports them (``usage.prompt_tokens_details``; points without the field are left out).
@@ -387,6 +390,17 @@ class Prober:
         cold = await self.stream(session, prompt, 1)
         return cold, await self.stream(session, prompt, warm_tokens)
 
+    async def settle(self, session: aiohttp.ClientSession) -> None:
+        """An untimed fresh one-token request of :data:`OPENER_TOKENS` tokens after each
+        after-stream try, so that the next cold try follows two one-token requests after the
+        stream, as it did before the after-stream tries: on session 28's Intel host the cold
+        try right after an after-stream try still paid part of the stream's cost (the 64-token
+        point 1.19x the held-out 96-token lone request of the same run, 0.92-1.04x in session
+        27's three runs of main; the held-out lone requests over-predicted by up to 17 %),
+        while one after a cold and a cached try paid none (session 27: a sweep's first cold
+        try, after a decode point's streams, +20 %; the next length's, not)."""
+        await self.stream(session, prompt_of(self.words_for(OPENER_TOKENS), _nonce()), 1)
+
     async def lead_in(self, session: aiohttp.ClientSession, stream_tokens: int) -> None:
         """An untimed fresh short prompt (:data:`LEAD_IN_PROMPT_TOKENS`) streamed with
         ``stream_tokens`` output tokens: what the first cold try of a prefill sweep follows, as
@@ -560,6 +574,7 @@ class Prober:
                     await self.lead_in(session, after_stream_tokens)
                     after[n].append(await self.stream(
                         session, prompt_of(self.words_for(n), _nonce()), 1))
+                    await self.settle(session)
 
         async def decode_point(session: aiohttp.ClientSession, b: int, n: int) -> None:
             t, ctx = await self.decode_once(session, b, decode_tokens, n)
