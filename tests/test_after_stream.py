@@ -152,6 +152,33 @@ def test_the_engine_model_adds_the_cost_to_a_prefill_after_decode_steps(many: bo
     assert run(0.001, 0.5) == [0.01, 0.01, 0.016, 0.016]
 
 
+@pytest.mark.parametrize(("wake_s", "expected"), [(0.003, 0.016), (0.009, 0.019)])
+def test_after_an_idle_stretch_a_prefill_pays_the_larger_of_wake_and_after_stream(
+    wake_s: float, expected: float,
+) -> None:
+    """Steps of 10 ms, ``after_stream_s`` 1 ms and a factor of 0.5 (6 ms after a stream): a
+    request that arrives 10 s after a 32-token stream ended pays the larger of the idle wake
+    and the after-stream cost, not their sum (the probe measures neither after the other); a
+    request that arrives right after the stream pays the after-stream cost alone."""
+    e = Engine(EngineConfig(num_gpu_blocks=64, block_size=16), _FlatCost(),
+               after_stream_s=0.001, after_stream_factor=0.5, idle_wake_s=wake_s)
+    now = 0.0
+
+    def serve(name: str, out: int) -> float:
+        nonlocal now
+        e.add_request(EngineRequest(name, list(range(1, 33)), out, arrival_time=now), now)
+        first = e.step(now).duration_s
+        now += first
+        while e.has_unfinished():
+            now += e.step(now).duration_s
+        return round(first, 6)
+
+    serve("stream", 32)
+    assert serve("next", 32) == 0.016  # right after the stream: no wake
+    now += 10.0
+    assert serve("after-idle", 1) == expected
+
+
 def test_the_simulator_takes_the_profiles_after_stream_cost(tmp_path: Path) -> None:
     """A closed loop's next request (arriving as the previous 4-token stream ends) on a
     profile with an after-stream cost reaches its first token that much later than on the same
@@ -178,7 +205,7 @@ async def test_the_probe_measures_each_length_again_right_after_a_stream() -> No
     differences into the profile's term."""
     per_word = 50e-6
     async with fake_completions(token_gap_s=0.0002, prefill_s_per_word=per_word,
-                                after_stream_factor=1.5) as (url, _):
+                                after_stream_factor=1.5) as (url, fake):
         result = await Prober(url, "m").run(
             (16, 768), (1,), decode_tokens=4, long_decode_prompt_tokens=0, repeats=2,
             prefill_visits=1, warm_up_max_s=0.0, require_smooth=False, idle_tries=0,
@@ -186,8 +213,13 @@ async def test_the_probe_measures_each_length_again_right_after_a_stream() -> No
     after = {p.prompt_tokens: p.ttft_s for p in result.after_stream}
     cold = {p.prompt_tokens: p.ttft_s for p in result.prefill}
     assert set(after) == set(cold) and len(result.after_stream_tries_s[768]) == 2
+    # which tries the fake served right after a stream (its flags, no timing): the after-stream
+    # ones all, the 768-token cold and cached ones none
+    served = [a for (w, m, _), a in zip(fake.requests, fake.after_stream, strict=True)
+              if (w, m) == (768, 1)]
+    assert served == [False, False, True] * 2, served  # cold, cached, after a stream
+    # a lower bound the fake's sleeps guarantee (the slower prefill), not a difference of times
     assert after[768] >= 1.5 * 768 * per_word
-    assert after[768] - cold[768] >= 0.5 * 768 * per_word - 2e-3
 
 
 def _probe_result(after: list[PrefillPoint]) -> ProbeResult:
@@ -226,6 +258,26 @@ def test_calibrate_command_fits_the_after_stream_cost(
         hw = load_hardware_profile(out)
         assert hw.after_stream_factor == pytest.approx(0.2, abs=0.02)
         assert "after stream" in result.output
+    # the summary names the achieved peak (a CPU profile's efficiency is always 1)
+    assert f"peak {yaml.safe_load(out.read_text())['hardware']['peak_flops'] / 1e9:.4g} GFLOP/s" \
+        in result.output
+
+
+def test_calibrate_command_refuses_one_after_stream_token(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+) -> None:
+    """``--after-stream-tokens 1`` passes the option's minimum but streams nothing: refused by
+    its flag's name before any probe."""
+
+    async def run(self: Prober, *a: object, **kwargs: object) -> ProbeResult:
+        raise AssertionError("probed")
+
+    monkeypatch.setattr(Prober, "run", run)
+    out = tmp_path / "p.yaml"
+    result = CliRunner().invoke(app, [*CALIBRATE, "--out", str(out), "--after-stream-tokens",
+                                      "1"])
+    assert result.exit_code == 2 and not out.exists()
+    assert "--after-stream-tokens" in result.output and "after_stream_tokens" not in result.output
 
 
 async def test_a_calibrated_cpu_profile_claims_the_peak_its_fit_achieved(

@@ -1535,34 +1535,45 @@ async def test_the_opt_in_puts_every_cold_prefill_try_after_a_stream() -> None:
 async def test_by_default_the_cold_prefill_tries_follow_one_token_requests() -> None:
     """The default (`SWEEP_STREAM_TOKENS` = 1) keeps the cold tries' order before session 25:
     every cached try one token, so each cold try follows a one-token request (the opt-in's
-    measured gain was within noise; docs/benchmarks.md). Each length's after-stream try
-    (`AFTER_STREAM_TOKENS`) comes after its cached try, right after an untimed stream of that
-    many tokens, and is itself one token, so the next length's cold try follows a one-token
-    request still. 0 stream tokens is refused, and so is 1 after-stream token (use 0)."""
+    measured gain was within noise; docs/benchmarks.md). The after-stream tries come after the
+    whole sweep (every length cold and cached first), each right after an untimed stream of
+    `AFTER_STREAM_TOKENS` tokens and itself one token, and one untimed one-token request
+    (`Prober.settle`) ends the block: no cold try comes after an after-stream stream without a
+    decode point between them (session 28: cold tries two requests after such a stream, as when
+    each length's after-stream try came right after its cached try, fitted a slower lone
+    prefill). 0 stream tokens is refused, and so is 1 after-stream token (use 0)."""
     assert SWEEP_STREAM_TOKENS == 1
     async with fake_completions(token_gap_s=0.0005, after_stream_factor=1.5) as (url, fake):
         await Prober(url, "m").run(
-            (16, 768), (1, 2), decode_tokens=4, long_decode_prompt_tokens=0, repeats=3,
+            (16, 768), (1, 2, 4), decode_tokens=4, long_decode_prompt_tokens=0, repeats=3,
             warm_up_max_s=0.0, require_smooth=False, idle_tries=0)
         with pytest.raises(ValueError, match="sweep_stream_tokens"):
             await Prober(url, "m").run((16,), (1,), warm_up_max_s=0.0, sweep_stream_tokens=0)
         with pytest.raises(ValueError, match="after_stream_tokens"):
             await Prober(url, "m").run((16,), (1,), warm_up_max_s=0.0, after_stream_tokens=1)
-    sweep = [(words, max_tokens, after) for (words, max_tokens, _), after
-             in zip(fake.requests, fake.after_stream, strict=True) if words in (16, 768)]
-    # each length: cold, cached, after the stream, then an untimed one-token request (8 words)
-    assert [w for w, _, _ in sweep] == [16, 16, 16, 768, 768, 768] * 3 * PREFILL_VISITS
-    settle = [i for i, (w, m, _) in enumerate(fake.requests)
-              if w in (16, 768) and m == 1][2::3]  # each after-stream try's index
-    assert all(fake.requests[i + 1][:2] == (OPENER_TOKENS, 1) for i in settle), fake.requests
+    visits = 3 * PREFILL_VISITS
+    kinds = ["cold", "cached", "cold", "cached", "after", "after"] * visits
+    at = [i for i, (w, _, _) in enumerate(fake.requests) if w in (16, 768)]
+    sweep = [(fake.requests[i][0], fake.requests[i][1], fake.after_stream[i]) for i in at]
+    # each visit: every length cold and cached, then every length after a stream
+    assert [w for w, _, _ in sweep] == [16, 16, 768, 768, 16, 768] * visits
     assert all(max_tokens == 1 for _, max_tokens, _ in sweep), sweep
-    # (a sweep's first cold try may follow a decode point's streams; the 768-token one never)
-    assert [after for w, _, after in sweep if w == 768] == [False, False, True] * 3 * PREFILL_VISITS
-    assert all(after for _, _, after in sweep[2::3]), sweep
+    for i, kind in zip(at, kinds, strict=True):
+        if kind == "after":  # right after an untimed stream of AFTER_STREAM_TOKENS tokens
+            assert fake.requests[i - 1][1] == AFTER_STREAM_TOKENS and fake.after_stream[i]
+        if kind == "cold":  # back to the last decode point (or the probe's start): no such stream
+            before = [m for _, m, _ in fake.requests[:i]]
+            since = before[max((j for j, m in enumerate(before) if m == 4), default=0):]
+            assert AFTER_STREAM_TOKENS not in since, (i, since)
+        if kind != "after":
+            assert not fake.after_stream[i] or (kind == "cold" and sweep[at.index(i)][0] == 16)
+    # the block ends with one untimed one-token request of OPENER_TOKENS words
+    last_after = at[5::6]
+    assert all(fake.requests[i + 1][:2] == (OPENER_TOKENS, 1) for i in last_after)
     # nothing streams but the decode points and the after-stream lead-ins
     assert all(max_tokens in (1, 4, AFTER_STREAM_TOKENS)
                for _, max_tokens, _ in fake.requests), fake.requests
-    assert sum(m == AFTER_STREAM_TOKENS for _, m, _ in fake.requests) == 2 * 3 * PREFILL_VISITS
+    assert sum(m == AFTER_STREAM_TOKENS for _, m, _ in fake.requests) == 2 * visits
 
 
 async def test_prefill_visits_never_come_back_to_back_across_a_rounds_end() -> None:

@@ -1171,6 +1171,9 @@ def calibrate(
 
     if urlsplit(endpoint).scheme not in ("http", "https") or not urlsplit(endpoint).netloc:
         fail(f"--endpoint: expected the engine's http:// or https:// base URL, got {endpoint!r}")
+    if after_stream_tokens == 1:
+        fail("--after-stream-tokens: 0 (no after-stream tries) or 2 or more: a one-token "
+             "request streams nothing")
     key = None
     if api_key_env is not None:
         key = os.environ.get(api_key_env)

@@ -104,8 +104,10 @@ class HardwareProfile:
     prefills it takes ``after_stream_s + after_stream_factor × its time`` longer. The probe
     measures it (``physics.probe``: each cold prefill try of the sweep again right after an
     untimed stream) and ``physics.calibration.fit_after_stream`` fits the two to the
-    differences at every prompt length (the fidelity vLLM on session 27's Intel host: +20-25 %
-    at every length, 32-768 tokens; session 25's AMD host: +1-3 %). The engine model the
+    differences at every prompt length (the fidelity vLLM on session 27's Intel host: the
+    workload's c1 requests +20-25 % over the lone prediction at every length, 32-768 tokens;
+    session 28's probe on that host: +1 … +20 % over its cold points, 16-768 tokens; session
+    25's AMD host: +1-3 %). The engine model the
     emulator and the simulator share adds it to a step that prefills after a step that only
     decoded (``twin.engine.model``). The placement predictor does not: its calibrated targets
     are requests on an idle engine, and on a busy one its online correction

@@ -22,18 +22,20 @@ prefill and cached points (see there):
   cached tries stream N tokens. Session 25 measured the fidelity vLLM's fresh prefill a few per
   cent slower right after a stream (``calibration-s25/after_stream.txt``) and found no fidelity
   gain from the opt-in beyond run-to-run noise (docs/benchmarks.md), so it is off by default.
-* **after a stream**: after each length's cold and cached tries, an untimed fresh short prompt
-  (:data:`LEAD_IN_PROMPT_TOKENS`) streams ``after_stream_tokens`` tokens
-  (:data:`AFTER_STREAM_TOKENS`, the fidelity workload's output length) and a fresh prompt of
-  the length is sent cold right after its last token: each length's point is the median of
+* **after a stream**: after a sweep's cold and cached tries of every length, for each length
+  an untimed fresh short prompt (:data:`LEAD_IN_PROMPT_TOKENS`) streams ``after_stream_tokens``
+  tokens (:data:`AFTER_STREAM_TOKENS`, the fidelity workload's output length) and a fresh prompt
+  of the length is sent cold right after its last token: each length's point is the median of
   its tries, and the differences from the cold points are the engine's after-stream cost
   (``calibration.fit_after_stream``; ``HardwareProfile.after_stream_s``). Session 27 measured
-  the fidelity vLLM on its Intel host +20-25 % slower at every length right after a stream than
-  right after a one-token request, which the workload's closed-loop requests pay and the cold
-  tries never saw. An untimed one-token request follows each after-stream try
-  (:meth:`Prober.settle`), so that the next cold try (or the measurement after the sweep)
-  follows two one-token requests after the stream, not one: right after one, part of the
-  stream's cost was still there (session 28).
+  the fidelity vLLM's c1 workload requests on its Intel host +20-25 % over the lone prediction
+  at every length (each right after a stream), which the cold tries never saw; session 28's
+  probe on that host measured +1 … +20 % over the cold points (16-768 tokens). The tries come
+  after the whole sweep, not after each length's cached try: there every later cold try of the
+  sweep came two requests after a stream and still paid part of its cost (session 28: the
+  held-out lone requests over-predicted by ~+10 %). An untimed one-token request
+  (:meth:`Prober.settle`) ends the block, so that what follows it (a decode point, a burst)
+  does not come right after an after-stream try.
 * **cached**: the same prompt sent twice; the second TTFT (its first token; it streams
   ``sweep_stream_tokens`` tokens, 1 by default) with ``cached_tokens`` as the engine
   reports them (``usage.prompt_tokens_details``; points without the field are left out).
@@ -391,14 +393,12 @@ class Prober:
         return cold, await self.stream(session, prompt, warm_tokens)
 
     async def settle(self, session: aiohttp.ClientSession) -> None:
-        """An untimed fresh one-token request of :data:`OPENER_TOKENS` tokens after each
-        after-stream try, so that the next cold try follows two one-token requests after the
-        stream, as it did before the after-stream tries: on session 28's Intel host the cold
-        try right after an after-stream try still paid part of the stream's cost (the 64-token
-        point 1.19x the held-out 96-token lone request of the same run, 0.92-1.04x in session
-        27's three runs of main; the held-out lone requests over-predicted by up to 17 %),
-        while one after a cold and a cached try paid none (session 27: a sweep's first cold
-        try, after a decode point's streams, +20 %; the next length's, not)."""
+        """An untimed fresh one-token request of :data:`OPENER_TOKENS` tokens after a sweep's
+        after-stream tries. On session 28's Intel host a cold try right after an after-stream
+        try still paid part of the stream's cost (the 64-token point 1.19x the held-out
+        96-token lone request of the same run, 0.92-1.04x in session 27's three runs of main),
+        and one two requests after it still some (the held-out lone requests over-predicted by
+        ~+10 %), which is why the tries come after the whole sweep (`Prober.run`)."""
         await self.stream(session, prompt_of(self.words_for(OPENER_TOKENS), _nonce()), 1)
 
     async def lead_in(self, session: aiohttp.ClientSession, stream_tokens: int) -> None:
@@ -527,15 +527,17 @@ class Prober:
         default 1 is :data:`SWEEP_STREAM_TOKENS`): each sweep opens with a lead-in stream and its
         cached tries stream that many tokens, so that every cold try follows a stream; the
         decode and burst points placed after a sweep then follow its last cached stream too.
-        ``after_stream_tokens`` (0: none): after each length's cold and cached tries, a cold
-        try of the length right after an untimed stream of that many tokens (the module
-        docstring). Each round ends with ``idle_tries``
-        idle-wake tries (:meth:`idle_wake_once`, ``idle_gap_s`` of idle; 0: none), which
-        :func:`idle_wake_s` turns into the engine's wake-up cost. ``between_rounds(i)``
-        is awaited after round ``i`` (0-based): a caller's own measurements of the same engine
-        (a comparison with what the profile predicts) spread over the same minutes as the
-        probe, so that the engine running faster or slower for a while (a shared host) moves
-        both alike instead of only one.
+        ``after_stream_tokens`` (0: none): after each sweep's cold and cached tries, for each
+        length a cold try right after an untimed stream of that many tokens, then one untimed
+        one-token request (the module docstring). With more visits than a round's tasks leave
+        room for (``prefill_positions`` clamps two to the same place) a sweep's cold tries follow
+        the previous sweep's block; the default probe's never do. Each round ends with
+        ``idle_tries`` idle-wake tries (:meth:`idle_wake_once`, ``idle_gap_s`` of idle; 0:
+        none), which :func:`idle_wake_s` turns into the engine's wake-up cost.
+        ``between_rounds(i)`` is awaited after round ``i`` (0-based): a caller's own
+        measurements of the same engine (a comparison with what the profile predicts) spread
+        over the same minutes as the probe, so that the engine running faster or slower for a
+        while (a shared host) moves both alike instead of only one.
 
         Decode batches run with ``decode_prompt_tokens``-token prompts and, for the smallest and
         the largest batch, again with ``long_decode_prompt_tokens`` (0: not), so that the fit
@@ -570,11 +572,14 @@ class Prober:
                 c, w = await self.prefill_once(session, n, sweep_stream_tokens)
                 cold[n].append(c)
                 warm[n].append(w)
-                if after_stream_tokens:
-                    await self.lead_in(session, after_stream_tokens)
-                    after[n].append(await self.stream(
-                        session, prompt_of(self.words_for(n), _nonce()), 1))
-                    await self.settle(session)
+            # the after-stream tries after the whole sweep, not between its lengths: a cold try
+            # two requests after a stream still paid some of it (session 28)
+            for n in prompt_tokens if after_stream_tokens else ():
+                await self.lead_in(session, after_stream_tokens)
+                after[n].append(await self.stream(
+                    session, prompt_of(self.words_for(n), _nonce()), 1))
+            if after_stream_tokens:
+                await self.settle(session)
 
         async def decode_point(session: aiohttp.ClientSession, b: int, n: int) -> None:
             t, ctx = await self.decode_once(session, b, decode_tokens, n)
@@ -786,7 +791,8 @@ async def calibrate_endpoint(
     h = cal.hardware
     lines.append(
         f"fit: median error {cal.median_error:.1%}, max {cal.max_error:.1%}; "
-        f"compute_efficiency {h.compute_efficiency:.3g}, "
+        f"peak {h.peak_flops / 1e9:.4g} GFLOP/s x compute_efficiency "
+        f"{h.compute_efficiency:.3g}, "
         f"attention x{h.attention_cost_factor:.3g}, bandwidth_efficiency "
         f"{h.bandwidth_efficiency:.3g}, step {h.step_overhead_s * 1e3:.3f} ms, per sequence "
         f"{h.seq_overhead_s * 1e3:.3f} ms, per context token {h.context_token_s * 1e6:.3f} us, "

@@ -49,7 +49,15 @@ time`` longer (the hardware profile's, measured by the calibration probe:
 ``HardwareProfile.after_stream_s``): what a real engine's prefill costs more right after it
 streamed than right after another prefill. A closed loop's next request after a stream pays
 it, and so does a request that joins decoding streams; a request after a one-token request
-(a prefill step that produced its only token) does not. Added before the idle wake.
+(a prefill step that produced its only token) does not. After an idle stretch the step pays
+the larger of this and the idle wake, not their sum: the probe measures the wake after
+one-token requests and the after-stream cost with no idle gap, never a stream, then idle, then
+a request (session 28's review). Two cases the probe does not measure either: a stream of a
+few tokens pays the whole term (the probe's streams are ``after_stream_tokens`` long, 32 by
+default; session 27's 8-token streams gave about half the cost), so short streams are
+over-charged; and the factor multiplies a mixed step's whole time, its decode part included
+(fitted on lone prefills; unvalidated: the fidelity runs' c2/c4 gaps varied too much between
+runs to tell).
 
 Metrics: gauges and counters are attributes named after the vLLM series they feed; the
 prefix-cache counters count, in tokens, the lookup of each request when it is first
@@ -468,15 +476,19 @@ class Engine:
             if chunks <= 1  # one chunk: the same pairs, the one-sequence formula's float ops
             else cost(pf_tok, pf_ctx, dec_n, dec_ctx, prefill_pairs=pf_pairs)
         )
+        extra = 0.0
         if chunks:
             if self._decoded:  # a prefill after decode steps (the module docstring)
-                dur += self.after_stream_s + self.after_stream_factor * dur
+                extra = self.after_stream_s + self.after_stream_factor * dur
             self._decoded = False
         elif dec_n:
             self._decoded = True
         if self._wake_s:
-            dur += self._wake_s  # the first step after an idle stretch (`add_request`)
+            # the first step after an idle stretch (`add_request`): the larger of the wake and
+            # the after-stream cost, not both (the probe measured neither after the other)
+            extra = max(extra, self._wake_s)
             self._wake_s = 0.0
+        dur += extra
         out.duration_s, out.prefill_tokens, out.decode_seqs = dur, pf_tok, dec_n
         out.step_durations.append(dur)
         t = self._last_step_end = now + dur
