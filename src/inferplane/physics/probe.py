@@ -31,9 +31,11 @@ prefill and cached points (see there):
   the fidelity vLLM's c1 workload requests on its Intel host +20-25 % over the lone prediction
   at every length (each right after a stream), which the cold tries never saw; session 28's
   probe on that host measured +1 … +20 % over the cold points (16-768 tokens). The tries come
-  after the whole sweep, not after each length's cached try: there every later cold try of the
-  sweep came two requests after a stream and still paid part of its cost (session 28: the
-  held-out lone requests over-predicted by ~+10 %). An untimed one-token request
+  after the whole sweep, not after each length's cached try, where every later cold try of the
+  sweep came two requests after a stream: the held-out lone requests were over-predicted by
+  ~+10 % in session 28's runs of that order (+2 % in one), which such cold tries paying part of
+  the stream's cost would explain; two runs after the move, +3 and +10 %, did not show it
+  smaller (docs/benchmarks.md). An untimed one-token request
   (:meth:`Prober.settle`) ends the block, so that what follows it (a decode point, a burst)
   does not come right after an after-stream try.
 * **cached**: the same prompt sent twice; the second TTFT (its first token; it streams
@@ -396,9 +398,9 @@ class Prober:
         """An untimed fresh one-token request of :data:`OPENER_TOKENS` tokens after a sweep's
         after-stream tries. On session 28's Intel host a cold try right after an after-stream
         try still paid part of the stream's cost (the 64-token point 1.19x the held-out
-        96-token lone request of the same run, 0.92-1.04x in session 27's three runs of main),
-        and one two requests after it still some (the held-out lone requests over-predicted by
-        ~+10 %), which is why the tries come after the whole sweep (`Prober.run`)."""
+        96-token lone request of the same run, 0.92-1.04x in session 27's three runs of main);
+        the tries come after the whole sweep so that no cold try comes two requests after one
+        either (`Prober.run`, the module docstring)."""
         await self.stream(session, prompt_of(self.words_for(OPENER_TOKENS), _nonce()), 1)
 
     async def lead_in(self, session: aiohttp.ClientSession, stream_tokens: int) -> None:
@@ -572,8 +574,8 @@ class Prober:
                 c, w = await self.prefill_once(session, n, sweep_stream_tokens)
                 cold[n].append(c)
                 warm[n].append(w)
-            # the after-stream tries after the whole sweep, not between its lengths: a cold try
-            # two requests after a stream still paid some of it (session 28)
+            # the after-stream tries after the whole sweep, not between its lengths, so that no
+            # cold try follows their streams closely (the module docstring)
             for n in prompt_tokens if after_stream_tokens else ():
                 await self.lead_in(session, after_stream_tokens)
                 after[n].append(await self.stream(
