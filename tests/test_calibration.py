@@ -43,6 +43,7 @@ from inferplane.physics.calibration import (
 )
 from inferplane.physics.frontend import FrontEnd
 from inferplane.physics.probe import (
+    AFTER_STREAM_TOKENS,
     IDLE_TRIES,
     IDLE_WAKE_FLOOR_S,
     OPENER_TOKENS,
@@ -1511,13 +1512,15 @@ async def test_the_opt_in_puts_every_cold_prefill_try_after_a_stream() -> None:
     that the 768-token point reads the faster engine. With ``sweep_stream_tokens=8`` (the
     opt-in) each sweep opens with an untimed stream and its cached tries stream 8 tokens: every
     cold try follows a stream (counted by the fake, no timing), and the 768-token point holds
-    the slower prefill (a lower bound the fake's sleeps guarantee)."""
+    the slower prefill (a lower bound the fake's sleeps guarantee). The after-stream tries are
+    off here (they are their own test)."""
     per_word = 50e-6
     async with fake_completions(token_gap_s=0.0005, prefill_s_per_word=per_word,
                                 after_stream_factor=1.5) as (url, fake):
         result = await Prober(url, "m").run(
             (16, 768), (1, 2), decode_tokens=4, long_decode_prompt_tokens=0, repeats=3,
-            warm_up_max_s=0.0, require_smooth=False, idle_tries=0, sweep_stream_tokens=8)
+            warm_up_max_s=0.0, require_smooth=False, idle_tries=0, sweep_stream_tokens=8,
+            after_stream_tokens=0)
     # the sweeps' requests in order: each length's cold try, then its cached try
     sweep = [(words, after) for (words, _, _), after
              in zip(fake.requests, fake.after_stream, strict=True) if words in (16, 768)]
@@ -1530,30 +1533,54 @@ async def test_the_opt_in_puts_every_cold_prefill_try_after_a_stream() -> None:
 
 
 async def test_by_default_the_cold_prefill_tries_follow_one_token_requests() -> None:
-    """The default (`SWEEP_STREAM_TOKENS` = 1) keeps the order before session 25: no lead-in
-    stream, every cached try one token, so the 768-token cold try always follows the 16-token
-    cached one-token try (the opt-in's measured gain was within noise; docs/benchmarks.md).
-    0 stream tokens is refused."""
+    """The default (`SWEEP_STREAM_TOKENS` = 1) keeps the cold tries' order before session 25:
+    every cached try one token, so each cold try follows a one-token request (the opt-in's
+    measured gain was within noise; docs/benchmarks.md). The after-stream tries come after the
+    whole sweep (every length cold and cached first), each right after an untimed stream of
+    `AFTER_STREAM_TOKENS` tokens and itself one token, and one untimed one-token request
+    (`Prober.settle`) ends the block: no cold try comes after an after-stream stream without a
+    decode point between them (session 28: cold tries two requests after such a stream, as when
+    each length's after-stream try came right after its cached try, fitted a slower lone
+    prefill). 0 stream tokens is refused, and so is 1 after-stream token (use 0)."""
     assert SWEEP_STREAM_TOKENS == 1
     async with fake_completions(token_gap_s=0.0005, after_stream_factor=1.5) as (url, fake):
         await Prober(url, "m").run(
-            (16, 768), (1, 2), decode_tokens=4, long_decode_prompt_tokens=0, repeats=3,
+            (16, 768), (1, 2, 4), decode_tokens=4, long_decode_prompt_tokens=0, repeats=3,
             warm_up_max_s=0.0, require_smooth=False, idle_tries=0)
         with pytest.raises(ValueError, match="sweep_stream_tokens"):
             await Prober(url, "m").run((16,), (1,), warm_up_max_s=0.0, sweep_stream_tokens=0)
-    sweep = [(words, max_tokens, after) for (words, max_tokens, _), after
-             in zip(fake.requests, fake.after_stream, strict=True) if words in (16, 768)]
-    assert [w for w, _, _ in sweep] == [16, 16, 768, 768] * 3 * PREFILL_VISITS
+        with pytest.raises(ValueError, match="after_stream_tokens"):
+            await Prober(url, "m").run((16,), (1,), warm_up_max_s=0.0, after_stream_tokens=1)
+    visits = 3 * PREFILL_VISITS
+    kinds = ["cold", "cached", "cold", "cached", "after", "after"] * visits
+    at = [i for i, (w, _, _) in enumerate(fake.requests) if w in (16, 768)]
+    sweep = [(fake.requests[i][0], fake.requests[i][1], fake.after_stream[i]) for i in at]
+    # each visit: every length cold and cached, then every length after a stream
+    assert [w for w, _, _ in sweep] == [16, 16, 768, 768, 16, 768] * visits
     assert all(max_tokens == 1 for _, max_tokens, _ in sweep), sweep
-    assert not any(after for w, _, after in sweep if w == 768), sweep
-    # nothing but the decode points streams: no lead-in
-    assert all(max_tokens in (1, 4) for _, max_tokens, _ in fake.requests), fake.requests
+    for i, kind in zip(at, kinds, strict=True):
+        if kind == "after":  # right after an untimed stream of AFTER_STREAM_TOKENS tokens
+            assert fake.requests[i - 1][1] == AFTER_STREAM_TOKENS and fake.after_stream[i]
+        if kind == "cold":  # back to the last decode point (or the probe's start): no such stream
+            before = [m for _, m, _ in fake.requests[:i]]
+            since = before[max((j for j, m in enumerate(before) if m == 4), default=0):]
+            assert AFTER_STREAM_TOKENS not in since, (i, since)
+        if kind != "after":
+            assert not fake.after_stream[i] or (kind == "cold" and sweep[at.index(i)][0] == 16)
+    # the block ends with one untimed one-token request of OPENER_TOKENS words
+    last_after = at[5::6]
+    assert all(fake.requests[i + 1][:2] == (OPENER_TOKENS, 1) for i in last_after)
+    # nothing streams but the decode points and the after-stream lead-ins
+    assert all(max_tokens in (1, 4, AFTER_STREAM_TOKENS)
+               for _, max_tokens, _ in fake.requests), fake.requests
+    assert sum(m == AFTER_STREAM_TOKENS for _, m, _ in fake.requests) == 2 * visits
 
 
 async def test_prefill_visits_never_come_back_to_back_across_a_rounds_end() -> None:
     """Three decode points and three prefill visits a round, 3 rounds, against the fake engine,
     in the order the requests arrive: exactly one sweep (the 768-token prompt cold and then
-    cached) between one decode point and the next, the rounds' ends included. Until session 24
+    cached, then again after a stream) between one decode point and the next, the rounds' ends
+    included. Until session 24
     a round's last visit came after its last task, back to back with the next round's first:
     two sweeps in a row there and none between the first two decode points of a round."""
     async with fake_completions(token_gap_s=0.0005) as (url, fake):
@@ -1563,7 +1590,7 @@ async def test_prefill_visits_never_come_back_to_back_across_a_rounds_end() -> N
     assert len(result.prefill_tries_s[768]) == 3 * PREFILL_VISITS == 9
     seq = "".join("P" if words == 768 else "D" for words, n, _ in fake.requests
                   if words == 768 or (words == 32 and n == 1))  # D: a decode point's lone try
-    assert seq == "PPD" * 9, seq
+    assert seq == "PPPD" * 9, seq
 
 
 def test_typical_s_is_the_median_of_the_tries() -> None:

@@ -1271,6 +1271,11 @@ def calibrate(
         min=1, help="opt-in: >1 sends every cold prefill try right after a stream of this many "
         "tokens, as a closed-loop workload's requests (docs/physics.md); 1: after a one-token "
         "request")] = 1,
+    after_stream_tokens: Annotated[int, typer.Option(
+        min=0, help="each prefill point again right after an untimed stream of this many "
+        "tokens, fitted into the profile's after_stream_s and after_stream_factor (what a "
+        "prefill costs more after the engine decoded; docs/physics.md); 0 skips the tries and "
+        "writes neither (a file readers older than the fields load)")] = 32,
     api_key_env: Annotated[
         str | None, typer.Option(help="environment variable holding the engine's API key")
     ] = None,
@@ -1293,6 +1298,9 @@ def calibrate(
 
     if urlsplit(endpoint).scheme not in ("http", "https") or not urlsplit(endpoint).netloc:
         fail(f"--endpoint: expected the engine's http:// or https:// base URL, got {endpoint!r}")
+    if after_stream_tokens == 1:
+        fail("--after-stream-tokens: 0 (no after-stream tries) or 2 or more: a one-token "
+             "request streams nothing")
     key = None
     if api_key_env is not None:
         key = os.environ.get(api_key_env)
@@ -1309,6 +1317,7 @@ def calibrate(
                 repeats=repeats, api_key=key, keep_speed_spread=speed_spread,
                 prefill_visits=prefill_visits, idle_tries=IDLE_TRIES if idle_wake else 0,
                 sweep_stream_tokens=sweep_stream_tokens,
+                after_stream_tokens=after_stream_tokens,
             )
         )
     except UnknownProfileError as exc:

@@ -150,6 +150,9 @@ class Calibration:
     decode: tuple[tuple[DecodePoint, float], ...]
     bursts: tuple[tuple[BurstPoint, tuple[float, ...]], ...] = ()
     loaded: tuple[tuple[LoadedPoint, float], ...] = ()
+    #: each prompt length's cold prefill right after a stream (measured, fitted:
+    #: :func:`fit_after_stream`)
+    after_stream: tuple[tuple[PrefillPoint, float], ...] = ()
 
     @property
     def errors(self) -> list[float]:
@@ -167,14 +170,94 @@ class Calibration:
         return max(self.errors, default=0.0)
 
 
-def predict_ttft_s(r: Roofline, prompt_tokens: int, cached_tokens: int = 0) -> float:
+def predict_ttft_s(
+    r: Roofline, prompt_tokens: int, cached_tokens: int = 0, *, after_stream: bool = False
+) -> float:
     """Time to first token of a lone request: request overhead + the front end's intake + one
-    prefill step + the front end sending its first chunk."""
+    prefill step + the front end sending its first chunk. ``after_stream``: sent right after
+    a stream ended (the step takes :func:`after_stream_extra_s` longer)."""
     new = max(1, prompt_tokens - cached_tokens)
     hw = r.hardware
     fixed = (hw.request_overhead_s + hw.frontend_request_s + hw.frontend_handoff_s
              + hw.frontend_token_s)
-    return fixed + r.step_time_s(new, prompt_tokens - new, 0, 0)
+    step = r.step_time_s(new, prompt_tokens - new, 0, 0)
+    return fixed + step + (after_stream_extra_s(hw, step) if after_stream else 0.0)
+
+
+def after_stream_extra_s(hw: HardwareProfile, step_s: float) -> float:
+    """What a step of ``step_s`` that prefills right after the engine decoded costs more
+    (``HardwareProfile.after_stream_s`` + ``after_stream_factor`` × ``step_s``)."""
+    return hw.after_stream_s + hw.after_stream_factor * step_s
+
+
+#: A fitted after-stream cost whose median over the prompt lengths is under this share of the
+#: cold TTFT is written as none (no ``after_stream_*`` in the file): session 25's AMD host
+#: measured the fidelity vLLM's cold prefill after an 8-token stream +2.5 % (95 % CI +0.7 …
+#: +4.5) and in the default order +1.3 % (−0.8 … +3.3) over after a one-token request
+#: (``calibration-s25/after_stream_stats.txt``), differences of this size that 15 tries a
+#: length barely resolve; the fidelity vLLM's cost on session 27's Intel host, +20-25 %, is ten
+#: times this.
+AFTER_STREAM_FLOOR: Final = 0.02
+
+
+def fit_after_stream(
+    cal: Calibration,
+    model: ModelProfile,
+    after: Sequence[PrefillPoint],
+    *,
+    tp: int = 1,
+    precision: str = "bf16",
+) -> Calibration:
+    """Fit ``after_stream_s`` and ``after_stream_factor`` (``HardwareProfile``) to the cold
+    prefill points measured right after a stream (``after``) against the cold points of the
+    same prompt lengths (``cal.prefill``, no cached tokens): each length's difference
+    ``d = after − cold`` is taken as ``after_stream_s + after_stream_factor × step``, ``step``
+    the fitted profile's prefill step for that length, by least squares on the differences
+    relative to the cold times. A coefficient that comes out negative is held at 0 and the other
+    refitted (a cost that does not grow with the prompt, or one that is all proportion). No
+    term (both 0) when fewer than two lengths match, or when the fit's extra, median over the
+    lengths, is under :data:`AFTER_STREAM_FLOOR` of the cold time (noise, or a faster prefill
+    after a stream, which nothing here models)."""
+    hw = dataclasses.replace(cal.hardware, after_stream_s=0.0, after_stream_factor=0.0)
+    r = Roofline(hw, model, tp, precision)
+    cold = {p.prompt_tokens: p.ttft_s for p, _ in cal.prefill if not p.cached_tokens}
+    pairs = [(p, cold[p.prompt_tokens], r.step_time_s(max(1, p.prompt_tokens), 0, 0, 0))
+             for p in after if p.prompt_tokens in cold]
+    a = f = 0.0
+    if len(pairs) >= 2:
+        # rows (1/c, step/c) · (a, f) = (after − c)/c
+        rows = [((1.0 / c, step / c), (p.ttft_s - c) / c) for p, c, step in pairs]
+        a, f = _two_unknowns(rows)
+        if a < 0.0:
+            a, f = 0.0, max(_one_unknown([(x[1], y) for x, y in rows]), 0.0)
+        elif f < 0.0:
+            a, f = max(_one_unknown([(x[0], y) for x, y in rows]), 0.0), 0.0
+        share = statistics.median((a + f * step) / c for _, c, step in pairs)
+        if share < AFTER_STREAM_FLOOR:
+            a = f = 0.0
+    hw = dataclasses.replace(hw, after_stream_s=a, after_stream_factor=f)
+    r = Roofline(hw, model, tp, precision)
+    return dataclasses.replace(cal, hardware=hw, after_stream=tuple(
+        (p, predict_ttft_s(r, p.prompt_tokens, after_stream=True)) for p in after))
+
+
+def _two_unknowns(rows: Sequence[tuple[tuple[float, float], float]]) -> tuple[float, float]:
+    """Least squares for ``x · (u, v) = y`` over ``rows`` of ``(x, y)``."""
+    s11 = sum(x[0] * x[0] for x, _ in rows)
+    s12 = sum(x[0] * x[1] for x, _ in rows)
+    s22 = sum(x[1] * x[1] for x, _ in rows)
+    b1 = sum(x[0] * y for x, y in rows)
+    b2 = sum(x[1] * y for x, y in rows)
+    det = s11 * s22 - s12 * s12
+    if abs(det) <= 1e-12 * s11 * s22:  # one direction only (every step the same)
+        return _one_unknown([(x[0], y) for x, y in rows]), 0.0
+    return (b1 * s22 - b2 * s12) / det, (s11 * b2 - s12 * b1) / det
+
+
+def _one_unknown(rows: Sequence[tuple[float, float]]) -> float:
+    """Least squares for ``x u = y`` over ``rows`` of ``(x, y)``."""
+    sxx = sum(x * x for x, _ in rows)
+    return sum(x * y for x, y in rows) / sxx if sxx > 0 else 0.0
 
 
 def frontend_wait_s(batch: int, token_s: float, itl_s: float) -> float:
@@ -242,14 +325,16 @@ def predict_loaded_ttft_s(
     """Time to first token of a request sent at a random moment while ``batch`` streams of
     ``context_tokens`` each decode: per-request overhead and intake, the wait behind the
     streams' chunks (:func:`frontend_wait_s`), half a decode step until the engine takes it, one
-    step that prefills it beside the decodes, and its chunk sent with theirs."""
+    step that prefills it beside the decodes (a prefill after decode steps: its
+    :func:`after_stream_extra_s` too), and its chunk sent with theirs."""
     hw = r.hardware
     itl = predict_itl_s(r, batch, context_tokens)
     t = hw.frontend_token_s
     intake = hw.frontend_request_s + hw.frontend_handoff_s
+    step = r.step_time_s(prompt_tokens, 0, batch, batch * context_tokens)
     return (
         hw.request_overhead_s + intake + frontend_wait_s(batch, t, itl)
-        + itl / 2.0 + r.step_time_s(prompt_tokens, 0, batch, batch * context_tokens)
+        + itl / 2.0 + step + (after_stream_extra_s(hw, step) if batch else 0.0)
         + (batch + 1) * t
     )
 
@@ -414,6 +499,22 @@ def fit_frontend(
             for p in loaded
         ),
     )
+
+
+def achieved_peak(hw: HardwareProfile) -> HardwareProfile:
+    """``hw`` with the peak FLOP/s its fit achieved as its peak: ``peak_flops`` (and
+    ``fp8_peak_flops``) times ``compute_efficiency``, the efficiency then 1 — the same time for
+    every step (the roofline divides by their product alone). What ``inferplane calibrate``
+    writes for a CPU: the table's ``cpu`` peak is one server's (two 56-core Xeons with AMX,
+    200 TFLOP/s), not the probed machine's, so a calibrated CPU profile that kept it claimed a
+    GPU-class peak at an efficiency of ~0.06 %; the product is what the probe measured (in the
+    table's BF16 units: ``peak_flops_for`` halves it for fp32)."""
+    if hw.compute_efficiency >= 1.0:
+        return hw
+    ce = hw.compute_efficiency
+    return dataclasses.replace(
+        hw, peak_flops=hw.peak_flops * ce, compute_efficiency=1.0,
+        fp8_peak_flops=hw.fp8_peak_flops * ce if hw.fp8_peak_flops is not None else None)
 
 
 def _rms_error(
@@ -643,6 +744,8 @@ class _HardwareFields(BaseModel):
     speed_spread: tuple[Annotated[float, Field(gt=0, allow_inf_nan=False)], ...] = ()
     speed_spread_window_s: float = Field(0.0, ge=0, allow_inf_nan=False)
     idle_wake_s: float = Field(0.0, ge=0, allow_inf_nan=False)
+    after_stream_s: float = Field(0.0, ge=0, allow_inf_nan=False)
+    after_stream_factor: float = Field(0.0, ge=0, allow_inf_nan=False)
     allreduce_latency_s: float = Field(0.0, ge=0)
     layer_latency_s: float = Field(0.0, ge=0)
     network_rtt_s: float = Field(0.0, ge=0)
@@ -700,11 +803,13 @@ def dump_profile(cal: Calibration, base: str, meta: dict[str, Any]) -> str:
     """The YAML text of a profile file for ``cal`` fitted from the table's ``base`` profile, with
     ``meta`` (endpoint, model, date…) and every probe point under ``calibration``. A zero
     ``frontend_handoff_s`` (a one-piece front end), an ``attention_cost_factor`` of 1, an
-    empty ``speed_spread`` and a zero ``idle_wake_s`` are left out, so that a reader older than
-    the field (it forbids unknown fields) still loads the file."""
+    empty ``speed_spread``, a zero ``idle_wake_s`` and a zero ``after_stream_s`` and
+    ``after_stream_factor`` are left out, so that a reader older than the field (it forbids
+    unknown fields) still loads the file."""
     hw = dataclasses.asdict(cal.hardware)
-    if not hw["idle_wake_s"]:
-        del hw["idle_wake_s"]
+    for key in ("idle_wake_s", "after_stream_s", "after_stream_factor"):
+        if not hw[key]:
+            del hw[key]
     if not hw["frontend_handoff_s"]:
         del hw["frontend_handoff_s"]
     if hw["attention_cost_factor"] == 1.0:
@@ -761,6 +866,14 @@ def dump_profile(cal: Calibration, base: str, meta: dict[str, Any]) -> str:
                 }
                 for p, f in cal.loaded
             ],
+            **({"after_stream": [
+                {
+                    "prompt_tokens": p.prompt_tokens,
+                    "ttft_s": round(p.ttft_s, 6),
+                    "fitted_s": round(f, 6),
+                }
+                for p, f in cal.after_stream
+            ]} if cal.after_stream else {}),
         },
     }
     header = (

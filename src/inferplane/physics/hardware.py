@@ -97,6 +97,21 @@ class HardwareProfile:
     emulator and the simulator share adds it to the first step after such an idle stretch.
     The placement predictor does not (its calibrated targets are requests sent back to back).
     Zero in the table.
+
+    ``after_stream_s`` and ``after_stream_factor`` are what a prefill costs more when the engine
+    decoded since its last prefill (a closed loop's next request right after a stream, or a
+    request joining streams that decode) than right after another prefill: the step that
+    prefills it takes ``after_stream_s + after_stream_factor × its time`` longer. The probe
+    measures it (``physics.probe``: each cold prefill try of the sweep again right after an
+    untimed stream) and ``physics.calibration.fit_after_stream`` fits the two to the
+    differences at every prompt length (the fidelity vLLM on session 27's Intel host: the
+    workload's c1 requests +20-25 % over the lone prediction at every length, 32-768 tokens;
+    session 28's probe on that host: +1 … +20 % over its cold points, 16-768 tokens; session
+    25's AMD host: +1-3 %). The engine model the
+    emulator and the simulator share adds it to a step that prefills after a step that only
+    decoded (``twin.engine.model``). The placement predictor does not: its calibrated targets
+    are requests on an idle engine, and on a busy one its online correction
+    (``ttft_ratio_p50``) measures what the engine does. Zero in the table.
     """
 
     name: str
@@ -125,6 +140,8 @@ class HardwareProfile:
     speed_spread: tuple[float, ...] = ()
     speed_spread_window_s: float = 0.0
     idle_wake_s: float = 0.0
+    after_stream_s: float = 0.0
+    after_stream_factor: float = 0.0
 
     def __post_init__(self) -> None:
         positive = {
@@ -159,6 +176,8 @@ class HardwareProfile:
             self.frontend_handoff_s,
             self.speed_spread_window_s,
             self.idle_wake_s,
+            self.after_stream_s,
+            self.after_stream_factor,
         )
         if min(latencies) < 0:
             raise ValueError(f"hardware {self.name!r}: latencies must be >= 0")

@@ -22,6 +22,22 @@ prefill and cached points (see there):
   cached tries stream N tokens. Session 25 measured the fidelity vLLM's fresh prefill a few per
   cent slower right after a stream (``calibration-s25/after_stream.txt``) and found no fidelity
   gain from the opt-in beyond run-to-run noise (docs/benchmarks.md), so it is off by default.
+* **after a stream**: after a sweep's cold and cached tries of every length, for each length
+  an untimed fresh short prompt (:data:`LEAD_IN_PROMPT_TOKENS`) streams ``after_stream_tokens``
+  tokens (:data:`AFTER_STREAM_TOKENS`, the fidelity workload's output length) and a fresh prompt
+  of the length is sent cold right after its last token: each length's point is the median of
+  its tries, and the differences from the cold points are the engine's after-stream cost
+  (``calibration.fit_after_stream``; ``HardwareProfile.after_stream_s``). Session 27 measured
+  the fidelity vLLM's c1 workload requests on its Intel host +20-25 % over the lone prediction
+  at every length (each right after a stream), which the cold tries never saw; session 28's
+  probe on that host measured +1 … +20 % over the cold points (16-768 tokens). The tries come
+  after the whole sweep, not after each length's cached try, where every later cold try of the
+  sweep came two requests after a stream: the held-out lone requests were over-predicted by
+  ~+10 % in session 28's runs of that order (+2 % in one), which such cold tries paying part of
+  the stream's cost would explain; two runs after the move, +3 and +10 %, did not show it
+  smaller (docs/benchmarks.md). An untimed one-token request
+  (:meth:`Prober.settle`) ends the block, so that what follows it (a decode point, a burst)
+  does not come right after an after-stream try.
 * **cached**: the same prompt sent twice; the second TTFT (its first token; it streams
   ``sweep_stream_tokens`` tokens, 1 by default) with ``cached_tokens`` as the engine
   reports them (``usage.prompt_tokens_details``; points without the field are left out).
@@ -76,8 +92,10 @@ from inferplane.physics.calibration import (
     DecodePoint,
     LoadedPoint,
     PrefillPoint,
+    achieved_peak,
     dump_profile,
     fit,
+    fit_after_stream,
     fit_frontend,
     speed_spread,
 )
@@ -114,6 +132,12 @@ PREFILL_VISITS: Final = 3
 SWEEP_STREAM_TOKENS: Final = 1
 #: Prompt tokens of the lead-in stream before each prefill sweep.
 LEAD_IN_PROMPT_TOKENS: Final = 32
+#: Output tokens of the untimed stream before each after-stream cold try (``Prober.run``'s
+#: ``after_stream_tokens``; 0: no after-stream tries, no ``after_stream_*`` in the profile):
+#: the fidelity workload's. Session 27 (Intel host): a 16-token cold try after the decode
+#: points' 64-token streams +20 % over one after a one-token request, after 8-token streams
+#: (``sweep_stream_tokens=8``) about half of the workload's gap.
+AFTER_STREAM_TOKENS: Final = 32
 
 #: Seconds of nothing sent before each idle-wake try (`Prober.idle_wake_once`): long enough that
 #: the fidelity vLLM pays its whole wake-up cost (+3.2 ms after 0.1 and after 0.2 s, +2.4 after
@@ -201,6 +225,9 @@ class ProbeResult:
     speed_spread_window_s: float = 0.0
     #: every cold prefill try's TTFT per requested prompt length, in the order sent
     prefill_tries_s: dict[int, list[float]] = field(default_factory=dict)
+    #: each length's cold prefill right after a stream (median of its tries), and every try
+    after_stream: list[PrefillPoint] = field(default_factory=list)
+    after_stream_tries_s: dict[int, list[float]] = field(default_factory=dict)
     #: every idle-wake try's (back-to-back TTFT, after-idle TTFT), in the order sent
     idle_tries_s: list[tuple[float, float]] = field(default_factory=list)
     #: the probe's own time: warm-up to the last round, less the caller's ``between_rounds``
@@ -367,6 +394,15 @@ class Prober:
         cold = await self.stream(session, prompt, 1)
         return cold, await self.stream(session, prompt, warm_tokens)
 
+    async def settle(self, session: aiohttp.ClientSession) -> None:
+        """An untimed fresh one-token request of :data:`OPENER_TOKENS` tokens after a sweep's
+        after-stream tries. On session 28's Intel host a cold try right after an after-stream
+        try still paid part of the stream's cost (the 64-token point 1.19x the held-out
+        96-token lone request of the same run, 0.92-1.04x in session 27's three runs of main);
+        the tries come after the whole sweep so that no cold try comes two requests after one
+        either (`Prober.run`, the module docstring)."""
+        await self.stream(session, prompt_of(self.words_for(OPENER_TOKENS), _nonce()), 1)
+
     async def lead_in(self, session: aiohttp.ClientSession, stream_tokens: int) -> None:
         """An untimed fresh short prompt (:data:`LEAD_IN_PROMPT_TOKENS`) streamed with
         ``stream_tokens`` output tokens: what the first cold try of a prefill sweep follows, as
@@ -482,6 +518,7 @@ class Prober:
         idle_tries: int = IDLE_TRIES,
         idle_gap_s: float = IDLE_GAP_S,
         sweep_stream_tokens: int = SWEEP_STREAM_TOKENS,
+        after_stream_tokens: int = AFTER_STREAM_TOKENS,
     ) -> ProbeResult:
         """Every point ``repeats`` times, the sweeps interleaved (each round visits every point
         once), so that a burst of load elsewhere on the machine spreads over the points instead
@@ -492,13 +529,17 @@ class Prober:
         default 1 is :data:`SWEEP_STREAM_TOKENS`): each sweep opens with a lead-in stream and its
         cached tries stream that many tokens, so that every cold try follows a stream; the
         decode and burst points placed after a sweep then follow its last cached stream too.
-        Each round ends with ``idle_tries``
-        idle-wake tries (:meth:`idle_wake_once`, ``idle_gap_s`` of idle; 0: none), which
-        :func:`idle_wake_s` turns into the engine's wake-up cost. ``between_rounds(i)``
-        is awaited after round ``i`` (0-based): a caller's own measurements of the same engine
-        (a comparison with what the profile predicts) spread over the same minutes as the
-        probe, so that the engine running faster or slower for a while (a shared host) moves
-        both alike instead of only one.
+        ``after_stream_tokens`` (0: none): after each sweep's cold and cached tries, for each
+        length a cold try right after an untimed stream of that many tokens, then one untimed
+        one-token request (the module docstring). With more visits than a round's tasks leave
+        room for (``prefill_positions`` clamps two to the same place) a sweep's cold tries follow
+        the previous sweep's block; the default probe's never do. Each round ends with
+        ``idle_tries`` idle-wake tries (:meth:`idle_wake_once`, ``idle_gap_s`` of idle; 0:
+        none), which :func:`idle_wake_s` turns into the engine's wake-up cost.
+        ``between_rounds(i)`` is awaited after round ``i`` (0-based): a caller's own
+        measurements of the same engine (a comparison with what the profile predicts) spread
+        over the same minutes as the probe, so that the engine running faster or slower for a
+        while (a shared host) moves both alike instead of only one.
 
         Decode batches run with ``decode_prompt_tokens``-token prompts and, for the smallest and
         the largest batch, again with ``long_decode_prompt_tokens`` (0: not), so that the fit
@@ -506,7 +547,11 @@ class Prober:
         prompts are up to 24 times the short one."""
         if sweep_stream_tokens < 1:
             raise ValueError(f"sweep_stream_tokens must be 1 or more ({sweep_stream_tokens})")
+        if after_stream_tokens < 0 or after_stream_tokens == 1:
+            raise ValueError(f"after_stream_tokens must be 0 (none) or 2 or more "
+                             f"({after_stream_tokens})")
         cold: dict[int, list[_Stream]] = {n: [] for n in prompt_tokens}
+        after: dict[int, list[_Stream]] = {n: [] for n in prompt_tokens}
         warm: dict[int, list[_Stream]] = {n: [] for n in prompt_tokens}
         decode_points = [(b, decode_prompt_tokens) for b in batches]
         if long_decode_prompt_tokens and batches:
@@ -529,6 +574,14 @@ class Prober:
                 c, w = await self.prefill_once(session, n, sweep_stream_tokens)
                 cold[n].append(c)
                 warm[n].append(w)
+            # the after-stream tries after the whole sweep, not between its lengths, so that no
+            # cold try follows their streams closely (the module docstring)
+            for n in prompt_tokens if after_stream_tokens else ():
+                await self.lead_in(session, after_stream_tokens)
+                after[n].append(await self.stream(
+                    session, prompt_of(self.words_for(n), _nonce()), 1))
+            if after_stream_tokens:
+                await self.settle(session)
 
         async def decode_point(session: aiohttp.ClientSession, b: int, n: int) -> None:
             t, ctx = await self.decode_once(session, b, decode_tokens, n)
@@ -587,6 +640,10 @@ class Prober:
             tokens = int(statistics.median(s.prompt_tokens for s in cold[n]))
             out.prefill.append(PrefillPoint(tokens, 0, typical_s([s.ttft_s for s in cold[n]])))
             out.prefill_tries_s[n] = [s.ttft_s for s in cold[n]]
+            if after[n]:
+                out.after_stream.append(PrefillPoint(
+                    tokens, 0, typical_s([s.ttft_s for s in after[n]])))
+                out.after_stream_tries_s[n] = [s.ttft_s for s in after[n]]
             hits = [s for s in warm[n] if s.cached_tokens]
             if len(hits) * 2 > len(warm[n]):  # the engine reports cached tokens and had them
                 out.cached.append(PrefillPoint(
@@ -652,6 +709,7 @@ async def calibrate_endpoint(
     prefill_visits: int = PREFILL_VISITS,
     idle_tries: int = IDLE_TRIES,
     sweep_stream_tokens: int = SWEEP_STREAM_TOKENS,
+    after_stream_tokens: int = AFTER_STREAM_TOKENS,
 ) -> tuple[str, str]:
     """Probe ``url``, fit ``base`` to it; return the profile file's text and a summary table.
     ``require_smooth=False`` calibrates even an engine whose streams still arrive in bursts
@@ -661,19 +719,25 @@ async def calibrate_endpoint(
     speed). The profile's ``calibration`` keeps every cold prefill try (``prefill_tries_ms``,
     per requested length, in the order sent), the probe's own time (``probe_s``) and, when not
     1, ``sweep_stream_tokens`` (see :meth:`Prober.run`; absent: 1, as every profile before
-    session 25)."""
+    session 25), and with ``after_stream_tokens`` (0: none) the after-stream tries
+    (``after_stream_tokens``, ``after_stream_tries_ms``). A CPU profile's peak FLOP/s is the one
+    its fit achieved (:func:`~inferplane.physics.calibration.achieved_peak`), not the table's
+    server's."""
     hw, mp = get_hardware(base), get_model(model_profile)
     result = await Prober(url, model, api_key=api_key).run(
         prompt_tokens, batches, bursts=bursts, decode_tokens=decode_tokens, repeats=repeats,
         warm_up_max_s=warm_up_max_s, require_smooth=require_smooth,
         between_rounds=between_rounds, prefill_visits=prefill_visits, idle_tries=idle_tries,
-        sweep_stream_tokens=sweep_stream_tokens,
+        sweep_stream_tokens=sweep_stream_tokens, after_stream_tokens=after_stream_tokens,
     )
     cal = fit(
         hw, mp, result.prefill + result.cached, result.decode, name=name, tp=tp,
         precision=precision, source=f"calibrated against {url} ({model}) from {base}",
     )
+    cal = fit_after_stream(cal, mp, result.after_stream, tp=tp, precision=precision)
     cal = fit_frontend(cal, mp, result.bursts, result.loaded, tp=tp, precision=precision)
+    if cal.hardware.kind == "cpu":
+        cal = dataclasses.replace(cal, hardware=achieved_peak(cal.hardware))
     cal = dataclasses.replace(cal, hardware=dataclasses.replace(
         cal.hardware, idle_wake_s=round(idle_wake_s(result.idle_tries_s), 6)))
     if keep_speed_spread:
@@ -696,6 +760,10 @@ async def calibrate_endpoint(
     }
     if sweep_stream_tokens != SWEEP_STREAM_TOKENS:  # absent: 1 (the default, profiles before 25)
         meta["sweep_stream_tokens"] = sweep_stream_tokens
+    if result.after_stream:  # none: not measured (``after_stream_tokens=0``)
+        meta["after_stream_tokens"] = after_stream_tokens
+        meta["after_stream_tries_ms"] = {n: [round(t * 1e3, 3) for t in ts]
+                                         for n, ts in result.after_stream_tries_s.items()}
     if result.idle_tries_s:  # none: not measured (``idle_tries=0``, ``--no-idle-wake``)
         meta["idle_gap_s"] = IDLE_GAP_S
         meta["idle_tries_ms"] = [[round(b * 1e3, 3), round(i * 1e3, 3)]
@@ -704,6 +772,10 @@ async def calibrate_endpoint(
     for p, f in cal.prefill:
         label = f"prefill {p.prompt_tokens} tok" + (f" ({p.cached_tokens} cached)"
                                                      if p.cached_tokens else "")
+        lines.append(f"{label:<28}{p.ttft_s * 1e3:>13.2f}{f * 1e3:>11.2f}"
+                     f"{abs(f - p.ttft_s) / p.ttft_s:>8.1%}")
+    for p, f in cal.after_stream:
+        label = f"prefill {p.prompt_tokens} tok after stream"
         lines.append(f"{label:<28}{p.ttft_s * 1e3:>13.2f}{f * 1e3:>11.2f}"
                      f"{abs(f - p.ttft_s) / p.ttft_s:>8.1%}")
     for d, f in cal.decode:
@@ -721,14 +793,16 @@ async def calibrate_endpoint(
     h = cal.hardware
     lines.append(
         f"fit: median error {cal.median_error:.1%}, max {cal.max_error:.1%}; "
-        f"compute_efficiency {h.compute_efficiency:.3g}, "
+        f"peak {h.peak_flops / 1e9:.4g} GFLOP/s x compute_efficiency "
+        f"{h.compute_efficiency:.3g}, "
         f"attention x{h.attention_cost_factor:.3g}, bandwidth_efficiency "
         f"{h.bandwidth_efficiency:.3g}, step {h.step_overhead_s * 1e3:.3f} ms, per sequence "
         f"{h.seq_overhead_s * 1e3:.3f} ms, per context token {h.context_token_s * 1e6:.3f} us, "
         f"per request {h.request_overhead_s * 1e3:.3f} ms, "
         f"front-end intake {h.frontend_request_s * 1e3:.3f} ms + hand-off "
         f"{h.frontend_handoff_s * 1e3:.3f} ms, per token "
-        f"{h.frontend_token_s * 1e3:.3f} ms, idle wake {h.idle_wake_s * 1e3:.3f} ms"
+        f"{h.frontend_token_s * 1e3:.3f} ms, idle wake {h.idle_wake_s * 1e3:.3f} ms, "
+        f"after a stream {h.after_stream_s * 1e3:.3f} ms + {h.after_stream_factor:.3f} x step"
         + (f", speed spread P10 / P50 / P90 {_q(h.speed_spread, 10):.3f} / "
            f"{_q(h.speed_spread, 50):.3f} / {_q(h.speed_spread, 90):.3f} over "
            f"{h.speed_spread_window_s * 1e3:.0f} ms, mean {statistics.fmean(h.speed_spread):.3f}"

@@ -197,6 +197,8 @@ class EmulatedEndpoint:
             roofline if self._cost is None else self._cost,
             self._on_kv_event if emu.kv_events_port is not None else None,
             idle_wake_s=hw.idle_wake_s,
+            after_stream_s=hw.after_stream_s,
+            after_stream_factor=hw.after_stream_factor,
         )
         self.metrics = EngineMetricsPage(self.engine, self.model.name, emu.gpu_memory_utilization)
         self._device_watts = (

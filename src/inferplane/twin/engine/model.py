@@ -43,6 +43,22 @@ what a real engine's processes take to wake from their idle wait. The idle time 
 the last request's finish or, when an abort empties the engine, from its last step's end; an
 abort that empties the engine also drops a wake its requests had not yet paid.
 
+Prefilling after decoding: a step that prefills (any prompt chunk) after a step that only
+decoded, with no prefill between them, takes ``after_stream_s + after_stream_factor × its
+time`` longer (the hardware profile's, measured by the calibration probe:
+``HardwareProfile.after_stream_s``): what a real engine's prefill costs more right after it
+streamed than right after another prefill. A closed loop's next request after a stream pays
+it, and so does a request that joins decoding streams; a request after a one-token request
+(a prefill step that produced its only token) does not. After an idle stretch the step pays
+the larger of this and the idle wake, not their sum: the probe measures the wake after
+one-token requests and the after-stream cost with no idle gap, never a stream, then idle, then
+a request (session 28's review). Two cases the probe does not measure either: a stream of a
+few tokens pays the whole term (the probe's streams are ``after_stream_tokens`` long, 32 by
+default; session 27's 8-token streams gave about half the cost), so short streams are
+over-charged; and the factor multiplies a mixed step's whole time, its decode part included
+(fitted on lone prefills; unvalidated: the fidelity runs' c2/c4 gaps varied too much between
+runs to tell).
+
 Metrics: gauges and counters are attributes named after the vLLM series they feed; the
 prefix-cache counters count, in tokens, the lookup of each request when it is first
 scheduled (vLLM counts re-lookups after preemption apart, and also counts lookups whose
@@ -142,9 +158,13 @@ class Engine:
         record_samples: bool = True,
         idle_wake_s: float = 0.0,
         idle_wake_after_s: float = IDLE_WAKE_AFTER_S,
+        after_stream_s: float = 0.0,
+        after_stream_factor: float = 0.0,
     ) -> None:
         self.config = config
         self.idle_wake_s, self.idle_wake_after_s = idle_wake_s, idle_wake_after_s
+        self.after_stream_s, self.after_stream_factor = after_stream_s, after_stream_factor
+        self._decoded = False  # a step only decoded since the last step that prefilled
         self._idle_since = -math.inf  # when the last request finished (never: always idle)
         self._wake_s = 0.0  # owed by the next step that runs something
         self._last_step_end = -math.inf  # when the last step that ran something ended
@@ -456,9 +476,19 @@ class Engine:
             if chunks <= 1  # one chunk: the same pairs, the one-sequence formula's float ops
             else cost(pf_tok, pf_ctx, dec_n, dec_ctx, prefill_pairs=pf_pairs)
         )
+        extra = 0.0
+        if chunks:
+            if self._decoded:  # a prefill after decode steps (the module docstring)
+                extra = self.after_stream_s + self.after_stream_factor * dur
+            self._decoded = False
+        elif dec_n:
+            self._decoded = True
         if self._wake_s:
-            dur += self._wake_s  # the first step after an idle stretch (`add_request`)
+            # the first step after an idle stretch (`add_request`): the larger of the wake and
+            # the after-stream cost, not both (the probe measured neither after the other)
+            extra = max(extra, self._wake_s)
             self._wake_s = 0.0
+        dur += extra
         out.duration_s, out.prefill_tokens, out.decode_seqs = dur, pf_tok, dec_n
         out.step_durations.append(dur)
         t = self._last_step_end = now + dur
@@ -592,6 +622,7 @@ class Engine:
         that they may run and that the free blocks suffice); the last token is at ``t``."""
         running, pool, k = self._running, self.pool, len(durs)
         self._last_step_end = t
+        self._decoded = True
         n = len(running)
         out = StepOutput(now, duration_s, num_steps=k, step_durations=durs, decode_seqs=n)
         t1, first_gaps = now + durs[0], dict[float, int]()
@@ -651,6 +682,7 @@ class Engine:
         lazy.pending_blocks += cross
         lazy.ctx += n
         lazy.last_token_time = self._last_step_end = t
+        self._decoded = True
         lazy.left -= 1
         self.generation_tokens_total += n
         return StepOutput(now, d, new_tokens=lazy.new_tokens, step_durations=[d], decode_seqs=n)
@@ -711,6 +743,7 @@ class _LazyDecode:
         n = len(running)
         engine.generation_tokens_total += n
         engine._last_step_end = t
+        engine._decoded = True
         lazy = cls(1, ctx, left, t, len(groups[1]), groups, {r.request_id: 1 for r in running})
         engine._lazy = lazy
         return StepOutput(now, d0, new_tokens=lazy.new_tokens, step_durations=[d0], decode_seqs=n)

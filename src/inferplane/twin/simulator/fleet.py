@@ -338,8 +338,10 @@ class SimEndpoint:
             None,
         )
         if roof is not None:
+            hw = roof.hardware
             self.engine = Engine(engine_config_for(endpoint, roof), roof,
-                                 idle_wake_s=roof.hardware.idle_wake_s)
+                                 idle_wake_s=hw.idle_wake_s, after_stream_s=hw.after_stream_s,
+                                 after_stream_factor=hw.after_stream_factor)
             emu, hw = endpoint.spec.emulation, roof.hardware
             rtt_ms = emu.network_rtt_ms  # as the emulator does
             self.network_rtt_s = rtt_ms / 1000.0 if rtt_ms is not None else hw.network_rtt_s
@@ -378,8 +380,10 @@ class SimEndpoint:
             self.step_handle.cancel()
             self.step_handle = None
         if self.roofline is not None:
+            hw = self.roofline.hardware
             self.engine = Engine(engine_config_for(self.endpoint, self.roofline), self.roofline,
-                                 idle_wake_s=self.roofline.hardware.idle_wake_s)
+                                 idle_wake_s=hw.idle_wake_s, after_stream_s=hw.after_stream_s,
+                                 after_stream_factor=hw.after_stream_factor)
         self.busy, self.step_out, self.step_end = False, None, math.inf
         self.frontend.reset()
         self.pending.clear()
