@@ -849,6 +849,14 @@ LedgerConfigOpt = Annotated[
     typer.Option("--config", "-c", help="fleet YAML file: its configured ledger (SQLite or "
                  "PostgreSQL) and signing key"),
 ]
+SigningKeyOpt = Annotated[
+    Path | None,
+    typer.Option("--key", help="the Ed25519 signing key (private, PEM) with --ledger; "
+                 "default with --config: its ledger.signing_key_file / signing_key_env"),
+]
+ShardOpt = Annotated[
+    list[str] | None, typer.Option("--shard", help="only this shard (repeatable)")
+]
 
 
 @app.command()
@@ -951,14 +959,8 @@ def _state_anchors(source: Any) -> None:
 def ledger_sign_heads(
     ledger: LedgerOpt = None,
     config: LedgerConfigOpt = None,
-    key: Annotated[
-        Path | None,
-        typer.Option("--key", help="the Ed25519 signing key (private, PEM) with --ledger; "
-                     "default with --config: its ledger.signing_key_file / signing_key_env"),
-    ] = None,
-    shard: Annotated[
-        list[str] | None, typer.Option("--shard", help="only this shard (repeatable)")
-    ] = None,
+    key: SigningKeyOpt = None,
+    shard: ShardOpt = None,
 ) -> None:
     """Sign each shard's current head with the checkpoint key (the key holder's attestation),
     after verifying the whole ledger: for shards written without the key (before signing was
@@ -1013,14 +1015,8 @@ def ledger_prune(
         "UTC without an offset), in whole checkpoint intervals")],
     ledger: LedgerOpt = None,
     config: LedgerConfigOpt = None,
-    key: Annotated[
-        Path | None,
-        typer.Option("--key", help="the Ed25519 signing key (private, PEM) with --ledger; "
-                     "default with --config: its ledger.signing_key_file / signing_key_env"),
-    ] = None,
-    shard: Annotated[
-        list[str] | None, typer.Option("--shard", help="only this shard (repeatable)")
-    ] = None,
+    key: SigningKeyOpt = None,
+    shard: ShardOpt = None,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="print what would be deleted; change nothing")
     ] = False,
