@@ -83,6 +83,22 @@ def read_public_key(path: Path) -> Ed25519PublicKey:
 
 
 @contextlib.contextmanager
+def _sqlite_readonly(path: str) -> Iterator[sqlite3.Connection]:
+    """A read-only connection to the SQLite ledger at ``path``, closed after the ``with``
+    block; a missing or unreadable file is a `SourceError`."""
+    from inferplane.ledger import sqlite
+
+    try:
+        conn = sqlite.open_readonly(path)
+    except (FileNotFoundError, sqlite.LedgerFileError) as exc:
+        raise SourceError(str(exc)) from None
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+@contextlib.contextmanager
 def _postgres(source: Source) -> Iterator[tuple[psycopg.Connection[Any], Tables]]:
     """A reader's connection to the source's PostgreSQL ledger, its tables checked; a
     connection, table or query error (in the ``with`` block too) is a `SourceError`."""
@@ -231,14 +247,8 @@ def read_anchors(source: Source) -> list[PruneAnchor]:
     if source.sqlite_path is not None:
         from inferplane.ledger import sqlite
 
-        try:
-            conn = sqlite.open_readonly(source.sqlite_path)
-        except (FileNotFoundError, sqlite.LedgerFileError) as exc:
-            raise SourceError(str(exc)) from None
-        try:
+        with _sqlite_readonly(source.sqlite_path) as conn:
             return sqlite.read_anchors(conn)
-        finally:
-            conn.close()
     from inferplane.ledger import postgres as pg
 
     with _postgres(source) as (conn_pg, t):
@@ -251,14 +261,8 @@ def export_rows(source: Source, q: Query | None) -> Iterator[Iterator[ExportRow]
     if source.sqlite_path is not None:
         from inferplane.ledger import sqlite
 
-        try:
-            conn = sqlite.open_readonly(source.sqlite_path)
-        except (FileNotFoundError, sqlite.LedgerFileError) as exc:
-            raise SourceError(str(exc)) from None
-        try:
+        with _sqlite_readonly(source.sqlite_path) as conn:
             yield sqlite.iter_rows(conn, q)
-        finally:
-            conn.close()
         return
     import psycopg
 
