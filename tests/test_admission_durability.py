@@ -114,6 +114,19 @@ def test_workflow_cap_keeps_two_days_and_none_means_no_cap() -> None:
     assert [free.group("t", ("d", w)) for w in "abc"] == [("d", "a"), ("d", "b"), ("d", "c")]
 
 
+def test_workflow_cap_seed_of_a_dropped_day_is_not_marked_seeded() -> None:
+    """A late update of a day older than the two kept: the seed of its ids is dropped with
+    the day, and the day is not marked seeded (it was: seeded with no ids, for good)."""
+    cap = WorkflowCap(1)
+    cap.seed("t", "2026-12-06", ["a"])
+    cap.seed("t", "2026-12-07", ["b"])
+    cap.seed("t", "2026-12-05", ["c"])
+    assert not cap.seeded("t", "2026-12-05") and cap._seeded == {
+        ("t", "2026-12-06"), ("t", "2026-12-07")}
+    assert sorted(cap._days["t"]) == ["2026-12-06", "2026-12-07"]
+    assert cap.group("t", ("2026-12-06", "x")) == ("2026-12-06", "(other)")
+
+
 def test_budget_holds_across_kill_9_and_restart(
     tmp_path: Path, upstream: int
 ) -> None:

@@ -168,8 +168,14 @@ class WorkflowCap:
         return (tenant, day) in self._seeded
 
     def seed(self, tenant: str, day: str, workflows: Iterable[str]) -> None:
-        """The ids a tenant's day already has in a store's file (read once per day)."""
-        self._ids(tenant, day).update(w for w in workflows if w and w != OTHER_WORKFLOW)
+        """The ids a tenant's day already has in a store's file (read once per day). A day
+        older than the `DAYS` kept (a late update of a day already dropped) is not kept, so
+        not marked seeded either: marked, it would read as seeded with its ids gone, and
+        stay in ``_seeded`` for good."""
+        ids = self._ids(tenant, day)
+        if self._days.get(tenant, {}).get(day) is not ids:
+            return  # dropped at once: older than the days kept
+        ids.update(w for w in workflows if w and w != OTHER_WORKFLOW)
         self._seeded.add((tenant, day))
 
     def group(self, tenant: str, group: Sequence[str]) -> tuple[str, ...]:
