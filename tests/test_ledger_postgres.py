@@ -366,6 +366,8 @@ async def test_records_answered_in_an_outage_survive_a_kill_through_the_spool(
     await third.start()
     await third.close()
     assert third.spooled == 0 and len(_chain(schema)) == 10
+    # the skipped records are not counted as written (they were, by the crashed replay)
+    assert (third.records_written, third.batches_written) == (0, 0)
 
 
 async def test_a_stop_during_an_outage_spools_what_is_pending(
@@ -590,3 +592,61 @@ async def test_a_write_that_hangs_counts_as_the_database_down(
     assert await r.durable(20.0) and not led.store_down
     await led.close()
     assert _chain(schema) == ["a-0"]
+
+
+async def test_a_tampered_spooled_record_is_refused_not_signed(
+    schema: str, decision: Decision, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A spooled record whose text no longer hashes to its receipt (the file edited), or
+    whose column is not its record's value, is refused by the replay: not chained, not signed
+    (verify would otherwise fail the whole ledger for it, or a forger's record would be signed
+    in), moved to the spool's ``refused`` table and logged; the others are written."""
+    spool = str(tmp_path / "spool.sqlite")
+    _spool_of(spool, decision, ["s-0", "s-1", "s-2", "s-3"])
+    with contextlib.closing(sqlite3.connect(spool)) as conn, conn:
+        conn.execute("UPDATE spooled SET record = replace(record, '\"acme\"', '\"globex\"') "
+                     "WHERE decision_id = 's-1'")
+        conn.execute("UPDATE spooled SET tenant = 'globex' WHERE decision_id = 's-2'")
+    led = PostgresLedger(DSN, schema=schema, signer=SIGNER, checkpoint_every=4,
+                         spool_path=spool)
+    await led.start()
+    await led.close()
+    assert _chain(schema) == ["s-0", "s-3"]
+    assert led.spool_refused == 2 and led.spooled == 0 and led.records_written == 2
+    refused = [m for m in caplog.messages if "refused, not written" in m]
+    assert len(refused) == 2 and "s-1" in refused[0] and "does not match its receipt" \
+        in refused[0] and "column tenant" in refused[1], refused
+    s = Spool(spool)
+    try:
+        assert s.refused() == 2 and s.count() == 0
+    finally:
+        s.close()
+    rep = verify(Source(dsn=DSN, schema=schema), SIGNER.public, 4)
+    assert rep.ok and rep.records == 2, rep.problem
+
+
+async def test_the_resumed_line_waits_for_the_spool_to_be_written(
+    schema: str, decision: Decision, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """After an outage with a spool, 'writes resumed … N records written' is logged once the
+    spool is empty, counting all of them (it used to fire after the first replayed batch)."""
+    spool = str(tmp_path / "spool.sqlite")
+    led = PostgresLedger(DSN, schema=schema, batch_size=2, retry_interval_s=0.05,
+                         spool_path=spool)
+    await led.start()
+    try:
+        assert await led.record(_with_id(decision, "a-0"), _ok(decision), 1.0).durable(5.0)
+        await _take_down(led)
+        during = [led.record(_with_id(decision, f"b-{i}"), _ok(decision), 2.0 + i)
+                  for i in range(6)]
+        assert all(await asyncio.gather(*(r.durable(10.0) for r in during)))
+        assert led.spooled == 6
+        led.dsn = DSN  # the database is back
+        async with asyncio.timeout(20):
+            while led.spooled or led.writes_failing:
+                await asyncio.sleep(0.02)
+    finally:
+        await led.close()
+    resumed = [m for m in caplog.messages if "writes resumed" in m]
+    assert len(resumed) == 1 and "6 records written since the outage began" in resumed[0], \
+        resumed

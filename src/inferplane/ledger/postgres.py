@@ -43,7 +43,7 @@ from inferplane.ledger.query import (
     where_clause,
 )
 from inferplane.ledger.record import Outcome, Receipt
-from inferplane.ledger.spool import Spool
+from inferplane.ledger.spool import Spool, refusal
 from inferplane.ledger.sqlite import merge_records
 from inferplane.ledger.writer import (
     CommitAccounting,
@@ -204,6 +204,9 @@ class PostgresLedger(CommitAccounting):
         self._spooled = 0  # records in the spool file (as this process last saw it)
         self._spool_failing = False  # the last attempt to add to the spool failed
         self.spool_errors = 0
+        self.spool_refused = 0
+        """Spooled records the replay refused (`spool.refusal`): moved to the file's
+        ``refused`` table, never written."""
         self._spool_log = LogLimiter(log, 60.0)
         if spool_path is not None:
             try:
@@ -388,12 +391,30 @@ class PostgresLedger(CommitAccounting):
             if not rows:
                 self._spooled = 0
                 return True
+            bad = [(i, e, why) for i, e in rows if (why := refusal(e)) is not None]
+            if bad:
+                try:
+                    await asyncio.to_thread(self._spool.refuse, [(i, w) for i, _, w in bad])
+                except (OSError, sqlite3.Error) as exc:
+                    self._spool_error("refuse a record of", exc)
+                    return False
+                for _, e, why in bad:
+                    log.error("ledger postgres: spooled record of decision %s refused, not "
+                              "written: %s; kept in the table 'refused' of %s", e.decision_id,
+                              why, self._spool.path)
+                self.spool_refused += len(bad)
+                self._spooled = max(0, self._spooled - len(bad))
+                gone = {i for i, _, _ in bad}
+                rows = [(i, e) for i, e in rows if i not in gone]
+                if not rows:
+                    continue
             batch = [Pending(e, None, None) for _, e in rows]
             self._inflight_since = time.monotonic()
             try:
                 if self._writer is None or self._writer.closed:
                     self._writer = await psycopg.AsyncConnection.connect(self.dsn, **_TCP)
-                cps, head = await self._commit(self._writer, batch, False, dedupe=True)
+                cps, head, written = await self._commit(self._writer, batch, False,
+                                                        dedupe=True)
             except (psycopg.Error, OSError) as exc:
                 self._write_failed(exc)
                 with contextlib.suppress(Exception):
@@ -402,13 +423,19 @@ class PostgresLedger(CommitAccounting):
                 return False
             finally:
                 self._inflight_since = None
-            self._committed(batch, cps, head[0])
-            try:
-                await asyncio.to_thread(self._spool.remove, [i for i, _ in rows])
+            try:  # before the accounting: an outage's resumption is logged once the spool
+                await asyncio.to_thread(self._spool.remove, [i for i, _ in rows])  # is empty
+                removed = True
             except (OSError, sqlite3.Error) as exc:  # written: the next pass skips them
                 self._spool_error("empty", exc)
+                removed = False
+            if removed:
+                self._spooled = max(0, self._spooled - len(rows))
+            # counted as written: the records this commit added (not those a crashed replay
+            # had already written, which the dedupe skipped)
+            self._committed(batch, cps, head[0], written)
+            if not removed:
                 return False
-            self._spooled = max(0, self._spooled - len(rows))
             if self._spooled == 0 or len(rows) < self.batch_size:
                 log.warning("ledger postgres: spooled records written to the database; %d "
                             "left in %s", self._spooled, self._spool.path)
@@ -425,7 +452,7 @@ class PostgresLedger(CommitAccounting):
         try:
             if self._writer is None or self._writer.closed:
                 self._writer = await psycopg.AsyncConnection.connect(self.dsn, **_TCP)
-            cps, head = await self._commit(self._writer, batch, sign_last)
+            cps, head, _ = await self._commit(self._writer, batch, sign_last)
         except (psycopg.Error, OSError) as exc:
             self._buf.requeue(batch)
             self._write_failed(exc)
@@ -444,7 +471,10 @@ class PostgresLedger(CommitAccounting):
     async def _commit(
         self, conn: psycopg.AsyncConnection[Any], batch: list[Any], sign_last: bool,
         dedupe: bool = False,
-    ) -> tuple[list[Checkpoint], tuple[int, str]]:
+    ) -> tuple[list[Checkpoint], tuple[int, str], int]:
+        """Append ``batch`` to the shard in one transaction; the checkpoints signed, the new
+        head and how many records were written (fewer than the batch when ``dedupe`` skipped
+        some)."""
         t = self.t
         async with conn.transaction(), conn.cursor() as cur:
             await cur.execute(
@@ -475,7 +505,7 @@ class PostgresLedger(CommitAccounting):
                     (head[0], head[1], self.shard))
             if cps:
                 await cur.executemany(*checkpoint_insert(t, cps))
-        return cps, head
+        return cps, head, len(linked)
 
     def _write_failed(self, exc: BaseException) -> None:
         self.write_errors += 1

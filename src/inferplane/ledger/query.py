@@ -135,8 +135,9 @@ def _field(rec: Any, path: tuple[str, ...]) -> Any:
     return rec
 
 
-def column_mismatch(row: ExportRow, rec: Any) -> str | None:
-    """The first indexed column of ``row`` whose value is not the parsed record's (``rec``),
+def column_mismatch(row: Any, rec: Any) -> str | None:
+    """The first indexed column of ``row`` (an `ExportRow`, or a spooled `record.Entry`) whose
+    value is not the parsed record's (``rec``),
     or None. A field the record does not have (a record migrated from an older schema) is not
     compared, nor is a column an older writer left empty (a record of another ``schema``)."""
     if not isinstance(rec, dict):

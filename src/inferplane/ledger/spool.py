@@ -9,15 +9,24 @@ lose the last transactions) before the answer completes, and replays the file in
 (the order the records were made) before any newer record once the database answers again,
 at this start or the next. A replayed record already in the database (written just before a
 crash that left it in the file) is skipped by its decision id and receipt.
+
+The replay re-checks each spooled record before chaining it: its text must hash to its receipt
+and its columns must be the record's own values. One that does not (the file edited, or
+damaged) is **refused**, not signed into the chain: it is moved to the file's ``refused``
+table, kept for inspection, and logged at ERROR (`refusal`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import sqlite3
 import threading
 from collections.abc import Sequence
 from pathlib import Path
 
+import orjson
+
+from inferplane.ledger.query import column_mismatch
 from inferplane.ledger.record import Entry
 from inferplane.sqliteio import immediate, open_wal
 
@@ -38,9 +47,37 @@ CREATE TABLE IF NOT EXISTS spooled (
     receipt        TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS spooled_by_decision ON spooled (decision_id);
+CREATE TABLE IF NOT EXISTS refused (
+    id             INTEGER PRIMARY KEY,
+    decision_id    TEXT NOT NULL,
+    at_unix        REAL NOT NULL,
+    tenant         TEXT NOT NULL,
+    endpoint       TEXT,
+    workload_class TEXT,
+    model          TEXT,
+    substrate      TEXT,
+    status         INTEGER,
+    ttft_s         REAL,
+    cost_usd       REAL,
+    record         TEXT NOT NULL,
+    receipt        TEXT NOT NULL,
+    why            TEXT NOT NULL
+);
 """
 _COLS = ("decision_id, at_unix, tenant, endpoint, workload_class, model, substrate, status, "
          "ttft_s, cost_usd, record, receipt")
+
+
+def refusal(e: Entry) -> str | None:
+    """Why a spooled record must not be written (its text does not hash to its receipt, or a
+    column is not the record's own value), or None."""
+    if hashlib.sha256(e.text.encode()).hexdigest() != e.receipt:
+        return "its text does not match its receipt (edited)"
+    try:
+        col = column_mismatch(e, orjson.loads(e.text))
+    except orjson.JSONDecodeError:
+        col = "record"
+    return None if col is None else f"column {col} is not the value in the record (edited)"
 
 
 class Spool:
@@ -69,6 +106,20 @@ class Spool:
                              workload_class=r[5], model=r[6], substrate=r[7], status=r[8],
                              ttft_s=r[9], cost_usd=r[10], text=r[11], receipt=r[12]))
                 for r in rows]
+
+    def refuse(self, refused: Sequence[tuple[int, str]]) -> None:
+        """Move the records ``(id, why)`` to the ``refused`` table, in one transaction."""
+        if not refused:
+            return
+        with self._lock, immediate(self._conn):
+            for i, why in refused:
+                self._conn.execute(f"INSERT INTO refused (id, {_COLS}, why) SELECT id, {_COLS}, "
+                                   "? FROM spooled WHERE id = ?", (why, i))
+                self._conn.execute("DELETE FROM spooled WHERE id = ?", (i,))
+
+    def refused(self) -> int:
+        with self._lock:
+            return int(self._conn.execute("SELECT count(*) FROM refused").fetchone()[0])
 
     def remove(self, ids: Sequence[int]) -> None:
         if not ids:

@@ -192,7 +192,8 @@ class CommitAccounting:
         if self._down_since is not None:
             self._resumed = (self._down_since, now, self._down_written)
             self._down_since = None
-        if self._resumed is not None and (batch_len < self.batch_size or not len(self._buf)):
+        if self._resumed is not None and not self.spooled and (
+                batch_len < self.batch_size or not len(self._buf)):
             start, up, written = self._resumed
             self._resumed = None
             log.warning("%s: writes resumed after %.1f s down; %d records written since the "
@@ -200,20 +201,23 @@ class CommitAccounting:
                         self.records_written - written)
 
     def _committed(self, batch: Sequence[Pending], cps: Sequence[Checkpoint],
-                   head_seq: int) -> None:
+                   head_seq: int, written: int | None = None) -> None:
         """``batch`` (and ``cps``) are committed with the shard's head at ``head_seq``: settle
-        the waiters, count them, and note whether the head is covered by a checkpoint."""
+        the waiters, count them, and note whether the head is covered by a checkpoint.
+        ``written``: how many of ``batch`` the commit added (a spool's replay skips records a
+        crashed replay had already written); default all."""
         settle(batch, True)
-        if batch:
+        n = len(batch) if written is None else written
+        if n:
             self.batches_written += 1
-            self.records_written += len(batch)
+            self.records_written += n
         if self._down_since is not None or self._resumed is not None:
             self._note_resumed(len(batch))
         self.checkpoints_written += len(cps)
         if cps and cps[-1].seq == head_seq:
             self._unsigned = False
             self._last_checkpoint = time.monotonic()
-        elif batch:
+        elif n:
             self._unsigned = True
 
 
