@@ -122,8 +122,24 @@ def test_max_records_prunes_in_steps_each_with_its_own_anchor(
                                     "--checkpoint-every", str(EVERY), "--before", "1010.5",
                                     "--max-records", "1"])
     assert done.exit_code == 0, done.output
-    assert "pruned shard main: records #1..#4 (4), anchor at #5 signed" in done.output
-    assert "pruned shard main: records #5..#8 (4), anchor at #9 signed" in done.output
+    assert "pruned shard main in 2 steps (--max-records 1: a transaction and an anchor " \
+        "each): records #1..#8 (8); kept #9..#12" in done.output
+    assert "step 1 of 2: records #1..#4 (4), anchor at #5 signed" in done.output
+    assert "step 2 of 2: records #5..#8 (4), anchor at #9 signed" in done.output
+    # a dry run says the same, as steps of one prune: no step's line reads as the whole
+    dry_path = _copy(base, tmp_path, "dry.db")
+    dry = CliRunner().invoke(app, ["ledger-prune", "--ledger", str(dry_path), "--key",
+                                   str(key), "--checkpoint-every", str(EVERY), "--before",
+                                   "1010.5", "--max-records", "1", "--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    assert dry.output.splitlines() == [
+        "would prune shard main in 2 steps (--max-records 1: a transaction and an anchor "
+        "each): records #1..#8 (8); kept #9..#12; 3 later records made before the cut-off "
+        "stay until a checkpoint follows them",
+        "  step 1 of 2: records #1..#4 (4), anchor at #5",
+        "  step 2 of 2: records #5..#8 (4), anchor at #9",
+    ], dry.output
+    assert _stored(dry_path) == list(range(1, N + 1))
 
 
 def test_an_earlier_anchor_signed_by_a_replaced_key_is_history(pruned: Path) -> None:
@@ -434,8 +450,8 @@ def test_the_command(base: Path, tmp_path: Path, key: Path) -> None:
     assert _version(path) == 2 and _stored(path) == list(range(1, N + 1))
     dry = runner.invoke(app, [*withkey, "--before", str(T), "--dry-run"])
     assert dry.exit_code == 0, dry.output
-    assert "would prune shard main: records #1..#4 (4); kept #5..#12; 3 later records made " \
-        "before the cut-off stay" in dry.output
+    assert "would prune shard main: records #1..#4 (4), anchor at #5; kept #5..#12; 3 later " \
+        "records made before the cut-off stay" in dry.output
     assert _stored(path) == list(range(1, N + 1))
     done = runner.invoke(app, [*withkey, "--before", "1970-01-01T00:16:46.5"])
     assert done.exit_code == 0, done.output

@@ -223,3 +223,37 @@ def test_listing_and_export_on_a_pruned_ledger(
             await led.close()
 
     assert asyncio.run(listing()) == [f"d-{i}" for i in range(4, N)]
+
+
+def test_a_multi_line_error_keeps_the_shards_pruned_before_it(
+    schema: str, decision: Decision
+) -> None:
+    """Two shards; the second's transaction fails with PostgreSQL's own error, whose message
+    has more lines (here its CONTEXT): the one line the command prints still names the shard
+    pruned before it."""
+    for shard in ("a", "b"):
+        async def go(shard: str = shard) -> None:
+            led = PostgresLedger(DSN, schema=schema, shard=shard, signer=SIGNER,
+                                 checkpoint_every=EVERY)
+            await led.start()
+            for i in range(N):
+                led.record(_with_id(decision, f"{shard}-{i}"), _ok(decision), 1000.0 + i)
+            await led.close()
+
+        asyncio.run(go())
+    real = prune_mod._Store.prune
+
+    def fail_on_b(self: prune_mod._Store, p: prune_mod.ShardPlan, a: object) -> None:
+        real(self, p, a)  # type: ignore[arg-type]
+        if p.shard == "b":  # an error raised in a function: PostgreSQL adds a CONTEXT line
+            self.conn.execute("DO $$ BEGIN RAISE EXCEPTION 'disk full' "
+                              "USING DETAIL = 'no space left'; END $$")
+
+    src = Source(dsn=DSN, schema=schema)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(prune_mod._Store, "prune", fail_on_b)
+        with pytest.raises(SourceError) as got:
+            prune(src, SIGNER, T, checkpoint_every=EVERY)
+    assert "disk full (pruned before it: a up to #4)" in str(got.value), str(got.value)
+    rep = verify(src, SIGNER.public, EVERY)
+    assert rep.ok and rep.first == {"a": 5, "b": 1}, rep.problem

@@ -1065,13 +1065,30 @@ def ledger_prune(
     if out.nothing_before:
         fail(f"nothing in {source.name} was made before {before}: nothing to prune")
     verb = "would prune" if dry_run else "pruned"
+    by_shard: dict[str, list[Any]] = {}
     for p in out.plans:
-        kept = (f"#{p.cut + 1}..#{p.last}" if p.last > p.cut else "none yet")
-        left = (f"; {p.left_before} later records made before the cut-off stay until a "
-                "checkpoint follows them" if p.left_before else "")
-        signed = "" if dry_run else f", anchor at #{p.cut + 1} signed (key {signer.key_id})"
-        typer.echo(f"{verb} shard {p.shard}: records #{p.first}..#{p.cut} ({p.count}){signed}; "
-                   f"kept {kept}{left}")
+        by_shard.setdefault(p.shard, []).append(p)
+    for s, steps in by_shard.items():
+        first, last = steps[0], steps[-1]
+        kept = (f"#{last.cut + 1}..#{last.last}" if last.last > last.cut else "none yet")
+        left = (f"; {last.left_before} later records made before the cut-off stay until a "
+                "checkpoint follows them" if last.left_before else "")
+
+        def anchor(p: Any) -> str:
+            return (f"anchor at #{p.cut + 1}" if dry_run
+                    else f"anchor at #{p.cut + 1} signed (key {signer.key_id})")
+
+        span = f"records #{first.first}..#{last.cut} ({last.cut - first.first + 1})"
+        if len(steps) == 1:
+            typer.echo(f"{verb} shard {s}: {span}, {anchor(last)}; kept {kept}{left}")
+            continue
+        # with --max-records: one transaction and anchor a step; the shard's total first,
+        # so that no step reads as the whole prune
+        typer.echo(f"{verb} shard {s} in {len(steps)} steps (--max-records {max_records}: a "
+                   f"transaction and an anchor each): {span}; kept {kept}{left}")
+        for i, p in enumerate(steps, 1):
+            typer.echo(f"  step {i} of {len(steps)}: records #{p.first}..#{p.cut} ({p.count}), "
+                       f"{anchor(p)}")
     for s, why in sorted(out.idle.items()):
         typer.echo(f"shard {s}: nothing to prune: {why}")
 
