@@ -13,6 +13,7 @@ import contextlib
 import sqlite3
 from pathlib import Path
 
+import orjson
 import pytest
 from typer.testing import CliRunner
 
@@ -495,7 +496,7 @@ async def test_listing_export_and_explain_on_a_pruned_ledger(
     assert "exported 8 records" in exp.output
     assert "shard main was pruned: its chain starts at #5, after the prune anchor (pruned " \
         in exp.output and f"key {SIGNER.key_id}" in exp.output
-    assert len(out.read_bytes().splitlines()) == N - 4
+    assert len(out.read_bytes().splitlines()) == 1 + N - 4  # the anchor, then the records
     gone = runner.invoke(app, ["explain", "d-0", "--ledger", str(pruned)])
     assert gone.exit_code == 1 and "no decision 'd-0'" in gone.output
 
@@ -525,3 +526,131 @@ def test_shards_are_pruned_one_transaction_each(tmp_path: Path, decision: Decisi
     out = prune(Source(sqlite_path=str(path)), SIGNER, T, ["b"], checkpoint_every=EVERY)
     assert [(p.shard, p.cut) for p in out.plans] == [("b", 4)]
     assert verify_sqlite(str(path), SIGNER.public, EVERY).first == {"a": 5, "b": 5}
+
+
+def test_a_prune_across_a_signing_key_change(base: Path, tmp_path: Path, key: Path,
+                                             decision: Decision) -> None:
+    """Records #1..#12 signed by the old key (SIGNER), #13..#16 by the new one after a key
+    change. With the new key alone the old checkpoints do not verify, so nothing is pruned;
+    with the old key's public half as --previous-key (a keyring) the cut may be an
+    old-signed checkpoint, the anchor is signed by the new key, and verify with both keys
+    accepts the result."""
+    from cryptography.hazmat.primitives import serialization as ser
+
+    path = _copy(base, tmp_path, "rotated.db")
+    new = _signer()
+    led = SqliteLedger(path, signer=new, checkpoint_every=EVERY)
+    for i in range(N, N + 4):
+        led.record(_with_id(decision, f"d-{i}"), _ok(decision), 1000.0 + i)
+    led.close_sync()
+    new_key = tmp_path / "new.key"
+    new_key.write_bytes(new.private.private_bytes(ser.Encoding.PEM, ser.PrivateFormat.PKCS8,
+                                                  ser.NoEncryption()))
+    old_pub, new_pub = tmp_path / "old.pub", tmp_path / "new.pub"
+    old_pub.write_bytes(public_pem(SIGNER.public))
+    new_pub.write_bytes(public_pem(new.public))
+    runner = CliRunner()
+    args = ["ledger-prune", "--ledger", str(path), "--key", str(new_key), "--checkpoint-every",
+            str(EVERY), "--before", "1010.5"]
+    alone = runner.invoke(app, args)
+    assert alone.exit_code == 1, alone.output
+    assert f"signed by key {SIGNER.key_id}, not the pinned key {new.key_id}" in alone.output
+    assert _stored(path) == list(range(1, N + 5))
+    done = runner.invoke(app, [*args, "--previous-key", str(old_pub)])
+    assert done.exit_code == 0, done.output
+    assert f"pruned shard main: records #1..#8 (8), anchor at #9 signed (key {new.key_id})" \
+        in done.output
+    verify_args = ["verify", "--ledger", str(path), "--checkpoint-every", str(EVERY)]
+    both = runner.invoke(app, [*verify_args, "--public-key", str(new_pub), "--public-key",
+                               str(old_pub)])
+    assert both.exit_code == 0, both.output
+    assert f"with the keyring {new.key_id}, {SIGNER.key_id}" in both.output
+    assert "main (#9..#16; #1..#8 pruned)" in both.output
+    # the kept records #9..#12 are still signed by the old key only
+    only_new = runner.invoke(app, [*verify_args, "--public-key", str(new_pub)])
+    assert only_new.exit_code == 1 and f"signed by key {SIGNER.key_id}" in only_new.output
+    # a checkpoint by a key in no one's keyring is still refused, naming the keyring
+    other = _signer()
+    rep = verify_sqlite(str(path), [other.public, SIGNER.public], EVERY)
+    assert not rep.ok and f"not any pinned key ({other.key_id}, {SIGNER.key_id})" \
+        in (rep.problem or ""), rep.problem
+
+
+# -- an export carries the anchor: verified from the file alone ----------------------------
+
+
+def _export(runner: CliRunner, ledger: Path, out: Path, *extra: str) -> None:
+    res = runner.invoke(app, ["export", "--ledger", str(ledger), "-o", str(out), *extra])
+    assert res.exit_code == 0, res.output
+
+
+def test_an_export_of_a_pruned_ledger_verifies_from_the_file(
+    base: Path, pruned: Path, tmp_path: Path
+) -> None:
+    runner = CliRunner()
+    pub = tmp_path / "pub.pem"
+    pub.write_bytes(public_pem(SIGNER.public))
+    out = tmp_path / "x.ndjson"
+    _export(runner, pruned, out)
+    lines = out.read_bytes().splitlines(keepends=True)
+    first = orjson.loads(lines[0])
+    assert first["schema"] == "inferplane.prune/1" and first["first_seq"] == 5
+    assert first["key_id"] == SIGNER.key_id and orjson.loads(lines[1])["seq"] == 5
+    args = ["verify", "--export", str(out), "--public-key", str(pub)]
+    ok = runner.invoke(app, args)
+    assert ok.exit_code == 0, ok.output
+    assert "8 records intact in 1 chain(s): main (#5..#12; #1..#4 pruned)" in ok.output
+    assert "prune anchors: 1 of 1 signatures verified; main starts at #5" in ok.output
+    bare = runner.invoke(app, ["verify", "--export", str(out)])
+    assert bare.exit_code == 0 and "signature was not checked" in bare.output, bare.output
+    # an export of a ledger never pruned starts at #1 and carries no anchor
+    whole = tmp_path / "whole.ndjson"
+    _export(runner, base, whole)
+    res = runner.invoke(app, ["verify", "--export", str(whole), "--public-key", str(pub)])
+    assert res.exit_code == 0 and "main (#1..#12)" in res.output, res.output
+
+    def tampered(name: str, new_lines: list[bytes], *extra: str) -> str:
+        f = tmp_path / name
+        f.write_bytes(b"".join(new_lines))
+        res = runner.invoke(app, ["verify", "--export", str(f), *extra])
+        assert res.exit_code == 1, res.output
+        return res.output
+
+    assert "#1..#4 are missing and no prune anchor accounts for them" in tampered(
+        "no-anchor.ndjson", lines[1:], "--public-key", str(pub))
+    assert "the record(s) before it (#6) are missing" in tampered(
+        "gap.ndjson", [lines[0], lines[1], *lines[3:]], "--public-key", str(pub))
+    other = _signer()
+    forged = other.sign_anchor("main", 5, first["prev_hash"], T, 2000.0)
+    forged_line = orjson.dumps({**first, "key_id": forged.key_id,
+                                "signature": forged.signature}) + b"\n"
+    assert f"is signed by key {other.key_id}, not the pinned key {SIGNER.key_id}" in tampered(
+        "forged.ndjson", [forged_line, *lines[1:]], "--public-key", str(pub))
+    edited = lines[2].replace(b'"tenant":"acme"', b'"tenant":"globex"')
+    assert edited != lines[2]
+    assert "does not match its receipt (edited)" in tampered(
+        "edited.ndjson", [*lines[:2], edited, *lines[3:]])
+    moved = orjson.dumps({**first, "first_seq": 6}) + b"\n"  # starts the chain later
+    assert "not valid (forged or edited)" in tampered(
+        "moved.ndjson", [moved, *lines[2:]], "--public-key", str(pub))
+    # a filtered export has gaps by design: --filtered checks each record and the anchor
+    part = tmp_path / "part.ndjson"
+    _export(runner, pruned, part, "--since", "1008")
+    strict = runner.invoke(app, ["verify", "--export", str(part), "--public-key", str(pub)])
+    assert strict.exit_code == 1 and "--filtered" in strict.output, strict.output
+    loose = runner.invoke(app, ["verify", "--export", str(part), "--public-key", str(pub),
+                                "--filtered"])
+    assert loose.exit_code == 0 and "1 of 1 signatures verified" in loose.output, loose.output
+
+
+def test_a_parquet_export_carries_the_anchor_in_its_metadata(
+    pruned: Path, tmp_path: Path
+) -> None:
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "x.parquet"
+    _export(CliRunner(), pruned, out, "-f", "parquet")
+    meta = pq.read_schema(out).metadata
+    anchors = orjson.loads(meta[b"prune_anchors"])
+    assert [(a["schema"], a["shard"], a["first_seq"], a["key_id"]) for a in anchors] == [
+        ("inferplane.prune/1", "main", 5, SIGNER.key_id)]

@@ -207,7 +207,13 @@ def test_listing_and_export_on_a_pruned_ledger(
     assert res.exit_code == 0 and "main (#5..#12; #1..#4 pruned)" in res.output, res.output
     out = io.BytesIO()
     assert export(Source(dsn=DSN, schema=schema), None, "ndjson", out) == N - 4
-    assert orjson.loads(out.getvalue().splitlines()[0])["seq"] == 5
+    lines = out.getvalue().splitlines()  # the anchor first, read in the records' snapshot
+    assert orjson.loads(lines[0])["schema"] == "inferplane.prune/1"
+    assert orjson.loads(lines[0])["first_seq"] == 5 and orjson.loads(lines[1])["seq"] == 5
+    from inferplane.ledger.verify import verify_export
+
+    rep = verify_export(lines, SIGNER.public)
+    assert rep.ok and rep.first == {"main": 5} and rep.anchors_checked == 1, rep.problem
     res = runner.invoke(app, ["export", "--config", str(cfg), "-o", str(tmp_path / "x.csv"),
                               "-f", "csv"])
     assert res.exit_code == 0 and "shard main was pruned: its chain starts at #5" in res.output

@@ -857,6 +857,12 @@ SigningKeyOpt = Annotated[
 ShardOpt = Annotated[
     list[str] | None, typer.Option("--shard", help="only this shard (repeatable)")
 ]
+PreviousKeyOpt = Annotated[
+    list[Path] | None,
+    typer.Option("--previous-key", help="after a signing-key change: the public key (PEM) of "
+                 "an earlier signing key, whose checkpoints and anchors verify too "
+                 "(repeatable)"),
+]
 
 
 @app.command()
@@ -864,9 +870,10 @@ def verify(
     ledger: LedgerOpt = None,
     config: LedgerConfigOpt = None,
     public_key: Annotated[
-        Path | None,
+        list[Path] | None,
         typer.Option("--public-key", "-k", help="Ed25519 public key (PEM) the checkpoints must "
-                     "be signed with; default: the configured signing key's"),
+                     "be signed with; repeat it for a keyring (a key change: the new key and "
+                     "the earlier ones); default: the configured signing key's"),
     ] = None,
     checkpoint_every: Annotated[
         int | None,
@@ -874,23 +881,78 @@ def verify(
                      "with a key, a shard with this many records or more after its last signed "
                      "checkpoint fails; default: the fleet file's, else 1000"),
     ] = None,
+    export_file: Annotated[
+        Path | None,
+        typer.Option("--export", "-e", help="verify an NDJSON file of `inferplane export` "
+                     "instead of a ledger: receipts, chain links, and the prune anchors it "
+                     "carries (signatures checked with --public-key)"),
+    ] = None,
+    filtered: Annotated[
+        bool, typer.Option("--filtered", help="with --export: it was made with --since, "
+                           "--until or --tenant, so records missing between its records are "
+                           "expected")
+    ] = False,
 ) -> None:
     """Check the ledger's hash chains and signed checkpoints. Exit 0 when intact; 1 naming the
     first bad record when any record was edited, deleted, inserted or reordered, or when a
     shard has checkpoint_every or more records after its last signed checkpoint; 2 when the
-    ledger cannot be read."""
+    ledger cannot be read. With --export FILE: an NDJSON export instead, from the file alone
+    (its receipts, links and prune anchors; docs/evidence.md, Exporting)."""
     from inferplane.ledger.tools import SourceError, describe, read_public_key
     from inferplane.ledger.tools import verify as run_verify
 
+    if export_file is not None:
+        if ledger is not None or config is not None:
+            fail("give --export FILE, or the ledger (--ledger or --config), not both")
+        try:
+            keys = [read_public_key(p) for p in public_key or ()]
+        except SourceError as exc:
+            fail(str(exc))
+        _verify_export(export_file, keys, filtered)
+    if filtered:
+        fail("--filtered goes with --export FILE")
     source = _ledger_source(ledger, config)
     try:
-        key = read_public_key(public_key) if public_key is not None else None
-        rep = run_verify(source, key, checkpoint_every)
+        keys = [read_public_key(p) for p in public_key or ()]
+        rep = run_verify(source, keys or None, checkpoint_every)
     except SourceError as exc:
         fail(str(exc))
     for line in describe(rep, source):
         typer.echo(line, err=not rep.ok)
     raise typer.Exit(0 if rep.ok else 1)
+
+
+def _verify_export(path: Path, keys: list[Any], filtered: bool) -> None:
+    """``verify --export FILE``: exit 0 when intact, 1 naming the first bad line, 2 when the
+    file cannot be read."""
+    from inferplane.ledger.verify import describe_anchor, verify_export
+
+    try:
+        with path.open("rb") as fh:
+            rep = verify_export(fh, keys or None, filtered=filtered)
+    except OSError as exc:
+        fail(f"{path}: {exc.strerror or exc}")
+    if not rep.ok:
+        typer.echo(f"TAMPERED: {path}: {rep.problem}", err=True)
+        raise typer.Exit(1)
+
+    def span(s: str, last: int) -> str:
+        first = rep.first.get(s, 1)
+        kept = f"#{first}..#{last}" if last >= first else "no records"
+        return f"{s} ({kept}; #1..#{first - 1} pruned)" if s in rep.pruned else f"{s} ({kept})"
+
+    typer.echo(f"ok: {path}: {rep.records} records intact in {len(rep.shards)} chain(s)"
+               + (" (filtered: gaps not checked)" if filtered else "") + ": "
+               + (", ".join(span(s, n) for s, n in sorted(rep.shards.items())) or "none"))
+    if rep.anchors:
+        typer.echo(f"prune anchors: {rep.anchors_checked} of {rep.anchors} signatures verified; "
+                   + "; ".join(f"{s} starts at #{a.first_seq} ({describe_anchor(a)}; key "
+                               f"{a.key_id})" for s, a in sorted(rep.pruned.items())))
+    typer.echo("not checkable from an export: records cut off a shard's end before it was "
+               "made (it holds no checkpoints): compare receipts, or verify the ledger")
+    for w in rep.warnings:
+        typer.echo(f"warning: {w}")
+    raise typer.Exit(0)
 
 
 @app.command()
@@ -961,18 +1023,20 @@ def ledger_sign_heads(
     config: LedgerConfigOpt = None,
     key: SigningKeyOpt = None,
     shard: ShardOpt = None,
+    previous_key: PreviousKeyOpt = None,
 ) -> None:
     """Sign each shard's current head with the checkpoint key (the key holder's attestation),
     after verifying the whole ledger: for shards written without the key (before signing was
     turned on, or archived), which verify with a key otherwise fails for good. Exit 0 when
     signed (or nothing to sign), 1 when the ledger does not verify (nothing signed), 2 when it
     cannot be read or written."""
-    from inferplane.ledger.tools import SourceError, describe, sign_heads
+    from inferplane.ledger.tools import SourceError, describe, read_public_key, sign_heads
 
     source = _ledger_source(ledger, config)
     signer = _signing_key(key, config)
     try:
-        rep, signed = sign_heads(source, signer, shard or ())
+        previous = [read_public_key(p) for p in previous_key or ()]
+        rep, signed = sign_heads(source, signer, shard or (), previous)
     except SourceError as exc:
         fail(str(exc))
     if not rep.ok:
@@ -1031,6 +1095,7 @@ def ledger_prune(
         typer.Option("--checkpoint-every", min=1, help="the writers' ledger.checkpoint_every "
                      "for the verify that comes first (as `inferplane verify`)"),
     ] = None,
+    previous_key: PreviousKeyOpt = None,
 ) -> None:
     """Delete the records made before --before, in whole checkpoint intervals, and sign a prune
     anchor per shard that verify accepts as the chain's start (docs/evidence.md, Retention).
@@ -1040,7 +1105,7 @@ def ledger_prune(
     or it cannot be read or written."""
     from inferplane.ledger.prune import prune
     from inferplane.ledger.query import BadQuery, parse_time
-    from inferplane.ledger.tools import SourceError, describe
+    from inferplane.ledger.tools import SourceError, describe, read_public_key
 
     try:
         cutoff = parse_time(before, "--before")
@@ -1052,8 +1117,10 @@ def ledger_prune(
     source = _ledger_source(ledger, config)
     signer = _signing_key(key, config)
     try:
+        previous = [read_public_key(p) for p in previous_key or ()]
         out = prune(source, signer, cutoff, shard or (), dry_run=dry_run,
-                    checkpoint_every=checkpoint_every, max_records=max_records)
+                    checkpoint_every=checkpoint_every, max_records=max_records,
+                    previous=previous)
     except SourceError as exc:
         fail(str(exc))
     if not out.report.ok:

@@ -38,6 +38,7 @@ from inferplane.ledger.query import (
     ExportRow,
     Page,
     Query,
+    anchor_lines,
     page_of,
     parquet_schema,
     where_clause,
@@ -610,10 +611,11 @@ def copy_sql(conn: psycopg.Connection[Any], t: Tables, q: Query | None, fmt: str
 
 
 def copy_ndjson(conn: psycopg.Connection[Any], t: Tables, q: Query | None,
-                out: IO[bytes]) -> int:
+                out: IO[bytes], anchors: Sequence[PruneAnchor] = ()) -> int:
     """NDJSON built by PostgreSQL (the same bytes as `query.write_ndjson`), streamed with
     COPY. Text-format COPY escapes only backslashes here (canonical JSON has no raw tab, CR or
     newline), so undoing it is one replace per group of whole lines, when there is one."""
+    out.write(anchor_lines(anchors))
     n = 0
     carry = b""
     with conn.cursor() as cur, cur.copy(copy_sql(conn, t, q, "ndjson")) as cp:
@@ -664,8 +666,10 @@ class _CopyReader(io.RawIOBase):
         return k
 
 
-def copy_csv(conn: psycopg.Connection[Any], t: Tables, q: Query | None, out: IO[bytes]) -> int:
-    """CSV (header, RFC 4180 quoting) written by PostgreSQL, streamed with COPY."""
+def copy_csv(conn: psycopg.Connection[Any], t: Tables, q: Query | None, out: IO[bytes],
+             anchors: Sequence[PruneAnchor] = ()) -> int:
+    """CSV (header, RFC 4180 quoting) written by PostgreSQL, streamed with COPY (no
+    ``anchors``: as `query.write_csv`)."""
     n = -1  # the header line
     with conn.cursor() as cur, cur.copy(copy_sql(conn, t, q, "csv")) as cp:
         for data in _groups(cp):
@@ -675,13 +679,13 @@ def copy_csv(conn: psycopg.Connection[Any], t: Tables, q: Query | None, out: IO[
 
 
 def copy_parquet(conn: psycopg.Connection[Any], t: Tables, q: Query | None,
-                 out: IO[bytes]) -> int:
+                 out: IO[bytes], anchors: Sequence[PruneAnchor] = ()) -> int:
     """Parquet from PostgreSQL's CSV, parsed by pyarrow's (multi-threaded) CSV reader."""
     import pyarrow as pa
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
-    schema = parquet_schema()
+    schema = parquet_schema(anchors)
     n = 0
     with conn.cursor() as cur, cur.copy(copy_sql(conn, t, q, "csv")) as cp:
         reader = pacsv.open_csv(

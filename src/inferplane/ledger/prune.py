@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from inferplane.ledger.chain import PruneAnchor, Signer
 from inferplane.ledger.tools import Source, SourceError, verify
@@ -168,12 +169,18 @@ def _steps(first: int, cuts: list[tuple[int, str]],
 
 def prune(source: Source, signer: Signer, before: float, shards: Sequence[str] = (), *,
           dry_run: bool = False, checkpoint_every: int | None = None,
-          now: float | None = None, max_records: int | None = None) -> Outcome:
+          now: float | None = None, max_records: int | None = None,
+          previous: Sequence[Ed25519PublicKey] = ()) -> Outcome:
     """Verify ``source`` with ``signer``'s key; then (unless ``dry_run``) prune each selected
     shard (all by default) up to its cut, one transaction a shard (or, with ``max_records``,
     one a step of at most that many records, each with its own anchor). Raises `SourceError` when
-    the ledger cannot be read or written, a shard is unknown, or it changed meanwhile."""
-    rep = verify(source, signer.public, checkpoint_every)
+    the ledger cannot be read or written, a shard is unknown, or it changed meanwhile.
+
+    After a signing-key change, ``previous`` holds the public keys of the earlier signing
+    keys: the ledger is verified with all of them and ``signer``'s (a keyring, each
+    signature checked with the key its ``key_id`` names), so a cut may be a checkpoint an
+    earlier key signed; the anchor is signed by ``signer``."""
+    rep = verify(source, [signer.public, *previous], checkpoint_every)
     if not rep.ok:
         return Outcome(rep)
     unknown = sorted(set(shards) - set(rep.shards))

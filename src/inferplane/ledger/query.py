@@ -4,6 +4,8 @@ A `Query` selects one tenant's records (or every tenant's, for ``inferplane expo
 (``since <= at_unix < until``), workload class, model and substrate, in storage order (the
 ledger's row id); a page ends with an opaque cursor naming the last row returned. Exports stream
 `ExportRow`s into NDJSON, CSV or Parquet (schema ``inferplane.export/1``, docs/evidence.md).
+An export of a pruned ledger carries each pruned shard's latest prune anchor (schema
+``inferplane.prune/1``): the first lines of NDJSON, ``prune_anchors`` in Parquet's metadata.
 """
 
 from __future__ import annotations
@@ -14,16 +16,22 @@ import csv
 import io
 import logging
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import orjson
+
+if TYPE_CHECKING:
+    from inferplane.ledger.chain import PruneAnchor
 
 log = logging.getLogger("inferplane.ledger")
 
 EXPORT_SCHEMA = "inferplane.export/1"
+ANCHOR_SCHEMA = "inferplane.prune/1"
+"""An exported prune anchor's ``schema`` (an NDJSON line, an item of Parquet's
+``prune_anchors``)."""
 MAX_LIMIT = 1000
 DEFAULT_LIMIT = 100
 
@@ -254,7 +262,21 @@ def ndjson_line(r: ExportRow) -> bytes:
     return head[:-1] + b',"record":' + r.text.encode() + b"}\n"
 
 
-def write_ndjson(rows: Iterable[ExportRow], out: IO[bytes]) -> int:
+def anchor_object(a: PruneAnchor) -> dict[str, Any]:
+    """A prune anchor as an export carries it (``inferplane.prune/1``)."""
+    return {"schema": ANCHOR_SCHEMA, "shard": a.shard, "first_seq": a.first_seq,
+            "prev_hash": a.prev_hash, "before_unix": a.before_unix, "at_unix": a.at_unix,
+            "key_id": a.key_id, "signature": a.signature}
+
+
+def anchor_lines(anchors: Sequence[PruneAnchor]) -> bytes:
+    """The NDJSON lines of ``anchors``, which come before the records."""
+    return b"".join(orjson.dumps(anchor_object(a)) + b"\n" for a in anchors)
+
+
+def write_ndjson(rows: Iterable[ExportRow], out: IO[bytes],
+                 anchors: Sequence[PruneAnchor] = ()) -> int:
+    out.write(anchor_lines(anchors))
     n = 0
     buf: list[bytes] = []
     for r in rows:
@@ -267,8 +289,10 @@ def write_ndjson(rows: Iterable[ExportRow], out: IO[bytes]) -> int:
     return n
 
 
-def write_csv(rows: Iterable[ExportRow], out: IO[bytes]) -> int:
-    """CSV with a header; ``record`` is the last column, the canonical text."""
+def write_csv(rows: Iterable[ExportRow], out: IO[bytes],
+              anchors: Sequence[PruneAnchor] = ()) -> int:
+    """CSV with a header; ``record`` is the last column, the canonical text. (A table has no
+    place for ``anchors``: the command states them on stderr.)"""
     text = io.TextIOWrapper(out, encoding="utf-8", newline="", write_through=False)
     w = csv.writer(text)
     w.writerow([*COLUMNS, "record"])
@@ -286,12 +310,14 @@ def write_csv(rows: Iterable[ExportRow], out: IO[bytes]) -> int:
     return n
 
 
-def write_parquet(rows: Iterable[ExportRow], out: IO[bytes], batch: int = 50_000) -> int:
-    """Parquet (zstd), written in row groups of ``batch`` rows; ``record`` is a string column."""
+def write_parquet(rows: Iterable[ExportRow], out: IO[bytes],
+                  anchors: Sequence[PruneAnchor] = (), batch: int = 50_000) -> int:
+    """Parquet (zstd), written in row groups of ``batch`` rows; ``record`` is a string column;
+    ``anchors`` in the metadata."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    schema = parquet_schema()
+    schema = parquet_schema(anchors)
     names = [*COLUMNS, "record"]
     n = 0
     with pq.ParquetWriter(out, schema, compression="zstd") as writer:
@@ -312,17 +338,21 @@ def write_parquet(rows: Iterable[ExportRow], out: IO[bytes], batch: int = 50_000
     return n
 
 
-def parquet_schema() -> Any:
-    """The Arrow schema of a Parquet export (``inferplane.export/1``)."""
+def parquet_schema(anchors: Sequence[PruneAnchor] = ()) -> Any:
+    """The Arrow schema of a Parquet export (``inferplane.export/1``); a pruned ledger's
+    anchors are the metadata's ``prune_anchors`` (a JSON list of `anchor_object`s)."""
     import pyarrow as pa
 
+    meta = {b"schema": EXPORT_SCHEMA.encode()}
+    if anchors:
+        meta[b"prune_anchors"] = orjson.dumps([anchor_object(a) for a in anchors])
     return pa.schema([
         ("shard", pa.string()), ("seq", pa.int64()), ("decision_id", pa.string()),
         ("at_unix", pa.float64()), ("tenant", pa.string()), ("workload_class", pa.string()),
         ("model", pa.string()), ("substrate", pa.string()), ("endpoint", pa.string()),
         ("status", pa.int32()), ("cost_usd", pa.float64()), ("receipt", pa.string()),
         ("prev_hash", pa.string()), ("chain_hash", pa.string()), ("record", pa.string()),
-    ], metadata={b"schema": EXPORT_SCHEMA.encode()})
+    ], metadata=meta)
 
 
 def _chunks(rows: Iterable[ExportRow], size: int) -> Iterator[list[ExportRow]]:

@@ -24,7 +24,13 @@ from inferplane.ledger.chain import (
     load_public,
 )
 from inferplane.ledger.query import WRITERS, ExportRow, Query
-from inferplane.ledger.verify import Report, describe_anchor, verify_rows, verify_sqlite
+from inferplane.ledger.verify import (
+    Keys,
+    Report,
+    describe_anchor,
+    verify_rows,
+    verify_sqlite,
+)
 
 if TYPE_CHECKING:
     import psycopg
@@ -120,16 +126,17 @@ DEFAULT_CHECKPOINT_EVERY = 1000
 """``ledger.checkpoint_every``'s default: what verify holds a ledger named by ``--ledger`` to."""
 
 
-def verify(source: Source, public_key: Ed25519PublicKey | None,
+def verify(source: Source, public_key: Keys,
            checkpoint_every: int | None = None) -> Report:
-    """Verify ``source``; with a key, a shard's unsigned tail is held to ``checkpoint_every``
-    (default: the fleet file's, else `DEFAULT_CHECKPOINT_EVERY`)."""
+    """Verify ``source``; with a key (or a keyring: `verify.Keys`), a shard's unsigned tail
+    is held to ``checkpoint_every`` (default: the fleet file's, else
+    `DEFAULT_CHECKPOINT_EVERY`)."""
     key = public_key or source.public_key
     every = checkpoint_every or source.checkpoint_every or DEFAULT_CHECKPOINT_EVERY
     return _verify(source, key, every)
 
 
-def _verify(source: Source, key: Ed25519PublicKey | None, every: int | None) -> Report:
+def _verify(source: Source, key: Keys, every: int | None) -> Report:
     if source.sqlite_path is not None:
         from inferplane.ledger.sqlite import LedgerFileError
 
@@ -148,7 +155,8 @@ def _verify(source: Source, key: Ed25519PublicKey | None, every: int | None) -> 
 
 
 def sign_heads(
-    source: Source, signer: Signer, shards: Sequence[str] = ()
+    source: Source, signer: Signer, shards: Sequence[str] = (),
+    previous: Sequence[Ed25519PublicKey] = (),
 ) -> tuple[Report, list[Checkpoint]]:
     """Sign each shard's current head (or only ``shards``') with the key holder's ``signer``:
     the way out for a shard written without the key (an upgrade that turned signing on, a
@@ -158,8 +166,10 @@ def sign_heads(
     tail rule) and nothing is signed unless it is intact: a checkpoint is the key holder's
     attestation of the chain up to it. Each checkpoint signs the head that verify read (a
     writer appending meanwhile does not matter: the checkpoint names a past record). Shards
-    whose head is already signed are left alone. Returns the report and what was signed."""
-    rep = _verify(source, signer.public, None)
+    whose head is already signed are left alone. ``previous``: the public keys of earlier
+    signing keys, whose signatures verify too (after a key change). Returns the report and
+    what was signed."""
+    rep = _verify(source, [signer.public, *previous], None)
     if not rep.ok:
         return rep, []
     unknown = sorted(set(shards) - set(rep.shards))
@@ -216,7 +226,9 @@ def describe(rep: Report, source: Source) -> list[str]:
                  f"chain(s): {shards}")
     lines.append(f"checkpoints: {rep.checkpoints_checked} of {rep.checkpoints} signatures "
                  "verified" + (f" ({rep.checkpoints_pruned} more name pruned records)"
-                               if rep.checkpoints_pruned else ""))
+                               if rep.checkpoints_pruned else "")
+                 + (f" with the keyring {', '.join(rep.key_ids)}"
+                    if len(rep.key_ids) > 1 else ""))
     if rep.anchors:
         history = rep.anchors - rep.anchors_latest
         lines.append(f"prune anchors: {rep.anchors_checked} of {rep.anchors_latest} signatures "
@@ -286,14 +298,29 @@ def export_rows(source: Source, q: Query | None) -> Iterator[Iterator[ExportRow]
 
 def export(source: Source, q: Query | None, fmt: str, out: IO[bytes]) -> int:
     """Write the selected records to ``out`` in ``fmt``; return how many. PostgreSQL builds
-    the lines itself and streams them with COPY (`postgres.COPY_WRITERS`)."""
+    the lines itself and streams them with COPY (`postgres.COPY_WRITERS`). A pruned shard's
+    latest prune anchor goes with them (NDJSON's first lines, Parquet's metadata), read in the
+    same snapshot as the records, so the export's chain can be verified from the file alone
+    (`verify.verify_export`)."""
+    from inferplane.ledger.chain import latest_anchors
+
+    def starts(anchors: list[PruneAnchor]) -> list[PruneAnchor]:
+        return [a for _, a in sorted(latest_anchors(anchors).items())]
+
     if source.sqlite_path is not None:
-        with export_rows(source, q) as rows:
-            return WRITERS[fmt](rows, out)
+        from inferplane.ledger import sqlite
+
+        with _sqlite_readonly(source.sqlite_path) as conn:
+            conn.execute("BEGIN")  # one read transaction: anchors and records of one state
+            try:
+                anchors = starts(sqlite.read_anchors(conn))
+                return WRITERS[fmt](sqlite.iter_rows(conn, q), out, anchors)
+            finally:
+                conn.rollback()
     from inferplane.ledger import postgres as pg
 
-    with _postgres(source) as (conn, t):
-        return pg.COPY_WRITERS[fmt](conn, t, q, out)
+    with _postgres(source) as (conn_pg, t):  # one repeatable-read transaction
+        return pg.COPY_WRITERS[fmt](conn_pg, t, q, out, starts(pg.read_anchors(conn_pg, t)))
 
 
 def read_one(source: Source, decision_id: str) -> dict[str, Any] | None:

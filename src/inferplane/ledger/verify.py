@@ -26,7 +26,7 @@ before) name nothing stored and are left out.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -43,7 +43,27 @@ from inferplane.ledger.chain import (
     key_id,
     latest_anchors,
 )
-from inferplane.ledger.query import ExportRow, column_mismatch
+from inferplane.ledger.query import ANCHOR_SCHEMA, EXPORT_SCHEMA, ExportRow, column_mismatch
+
+Keys = Ed25519PublicKey | Sequence[Ed25519PublicKey] | None
+"""The pinned public key, or a **keyring**: after a signing-key change, the new key and the
+earlier ones, each checkpoint and anchor checked with the key its ``key_id`` names."""
+
+
+def keyring(keys: Keys) -> dict[str, Ed25519PublicKey]:
+    """``key_id`` → key of the pinned key(s); empty without a key."""
+    if keys is None:
+        return {}
+    if isinstance(keys, Ed25519PublicKey):
+        keys = [keys]
+    return {key_id(k): k for k in keys}
+
+
+def _pinned(ring: dict[str, Ed25519PublicKey]) -> str:
+    """How a refusal names the pinned key(s)."""
+    if len(ring) == 1:
+        return f"the pinned key {next(iter(ring))}"
+    return f"any pinned key ({', '.join(ring)})"
 
 
 @dataclass(slots=True)
@@ -80,6 +100,8 @@ class Report:
     """Per shard, the (seq, chain hash) of each checkpoint verified with the key, in order."""
     checkpoints_pruned: int = 0
     """Checkpoints naming pruned records (left out of ``checkpoints``)."""
+    key_ids: list[str] = field(default_factory=list)
+    """The pinned keys' ids (more than one: a keyring)."""
 
     def fail(self, shard: str, seq: int | None, decision: str | None, problem: str) -> Report:
         self.ok = False
@@ -92,31 +114,33 @@ def verify_rows(
     rows: Iterable[ExportRow],
     checkpoints: Iterable[Checkpoint],
     heads: dict[str, tuple[int, str]],
-    public_key: Ed25519PublicKey | None,
+    public_key: Keys,
     checkpoint_every: int | None = None,
     anchors: Iterable[PruneAnchor] = (),
 ) -> Report:
     """Verify ``rows`` (ordered by shard, then seq) against ``checkpoints``, the recorded
     shard ``heads`` (shard → (seq, chain_hash)) and the prune ``anchors``. The report names the
-    first bad record.
+    first bad record. ``public_key`` may be a keyring (`Keys`): each signature is checked
+    with the pinned key its ``key_id`` names.
 
     With a public key and ``checkpoint_every``, a shard with ``checkpoint_every`` or more
     records after its last valid checkpoint (or with no checkpoint at all) fails: every writer
     commits the checkpoint of each multiple of ``checkpoint_every`` in the transaction that
     writes that record, so an honest shard's unsigned tail is at most ``checkpoint_every - 1``
     records, whenever and however its writers stopped (docs/evidence.md)."""
-    rep = Report(keyed=public_key is not None,
-                 checkpoint_every=checkpoint_every if public_key is not None else None)
+    ring = keyring(public_key)
+    keyed = bool(ring)
+    rep = Report(keyed=keyed, checkpoint_every=checkpoint_every if keyed else None,
+                 key_ids=list(ring))
     cps: dict[tuple[str, int], list[Checkpoint]] = {}
     for cp in checkpoints:
         cps.setdefault((cp.shard, cp.seq), []).append(cp)
         rep.checkpoints += 1
-    if rep.checkpoints and public_key is None:
+    if rep.checkpoints and not keyed:
         rep.warnings.append(
             f"{rep.checkpoints} signed checkpoints not checked: no public key given "
             "(--public-key FILE, or --config with the signing key)"
         )
-    pinned = key_id(public_key) if public_key is not None else None
     # Only each shard's latest anchor starts its chain, so only its signature matters: an
     # earlier one is history (deleting it is harmless), and one signed by a key since
     # replaced must not fail the ledger for ever. Nobody without the key can add a later
@@ -128,8 +152,8 @@ def verify_rows(
         if a.first_seq != latest[a.shard].first_seq:
             continue
         rep.anchors_latest += 1
-        if public_key is not None:
-            bad = _check_anchor(a, public_key, pinned)
+        if keyed:
+            bad = _check_anchor(a, ring)
             if bad:
                 return rep.fail(a.shard, a.first_seq, None,
                                 f"shard {a.shard}: its prune anchor at #{a.first_seq} {bad}")
@@ -163,7 +187,7 @@ def verify_rows(
                     return rep.fail(r.shard, r.seq, r.decision_id, bad)
                 prev, expect = anchor.prev_hash, anchor.first_seq
                 rep.first[shard], rep.pruned[shard] = expect, anchor
-                if public_key is not None:
+                if keyed:
                     last_signed = expect - 1
         rep.records += 1
         where = f"record {r.shard}#{r.seq} (decision {r.decision_id})"
@@ -199,10 +223,10 @@ def verify_rows(
             return rep.fail(r.shard, r.seq, r.decision_id,
                             f"{where}: stored before the record it follows (reordered)")
         for cp in cps.pop((r.shard, r.seq), ()):
-            bad = _check_checkpoint(cp, r.chain_hash, public_key, pinned, rep)
+            bad = _check_checkpoint(cp, r.chain_hash, ring, rep)
             if bad:
                 return rep.fail(r.shard, r.seq, r.decision_id, f"{where}: {bad}")
-            if public_key is not None:
+            if keyed:
                 last_signed = r.seq
                 rep.signed.setdefault(r.shard, []).append((r.seq, r.chain_hash))
         prev, expect, last_row_id = r.chain_hash, expect + 1, r.row_id
@@ -213,7 +237,7 @@ def verify_rows(
             rep.unsigned_tail[s] = 0
             last_hash[s] = a.prev_hash
     for s, a in sorted(rep.pruned.items()):
-        if public_key is None:
+        if not keyed:
             rep.warnings.append(
                 f"shard {s}: records #1..#{a.first_seq - 1} were pruned ({describe_anchor(a)}); "
                 "without a public key the prune anchor's signature is not checked, so a "
@@ -225,7 +249,8 @@ def verify_rows(
         rep.checkpoints_pruned += n
     for (s, seq), cp_list in sorted(cps.items()):
         cp = cp_list[0]
-        if public_key is not None and not check_signature(public_key, cp):
+        k = ring.get(cp.key_id)
+        if keyed and (k is None or not check_signature(k, cp)):
             continue  # a forged checkpoint for a record that does not exist proves nothing
         last = rep.shards.get(s, 0)
         return rep.fail(s, last + 1, None,
@@ -284,10 +309,11 @@ def _start_at_anchor(r: ExportRow, a: PruneAnchor) -> str | None:
     return None
 
 
-def _check_anchor(a: PruneAnchor, public_key: Ed25519PublicKey, pinned: str | None) -> str | None:
-    if a.key_id != pinned:
-        return f"is signed by key {a.key_id}, not the pinned key {pinned}"
-    if not check_anchor_signature(public_key, a):
+def _check_anchor(a: PruneAnchor, ring: dict[str, Ed25519PublicKey]) -> str | None:
+    k = ring.get(a.key_id)
+    if k is None:
+        return f"is signed by key {a.key_id}, not {_pinned(ring)}"
+    if not check_anchor_signature(k, a):
         return "has a signature that is not valid (forged or edited)"
     return None
 
@@ -302,23 +328,22 @@ def _iso(t: float) -> str:
 
 
 def _check_checkpoint(
-    cp: Checkpoint, head: str, public_key: Ed25519PublicKey | None, pinned: str | None, rep: Report
+    cp: Checkpoint, head: str, ring: dict[str, Ed25519PublicKey], rep: Report
 ) -> str | None:
     if cp.chain_hash != head:
         return "a checkpoint signed here names another chain hash (the chain was re-written)"
-    if public_key is None:
+    if not ring:
         return None
-    if cp.key_id != pinned:
-        return f"its checkpoint is signed by key {cp.key_id}, not the pinned key {pinned}"
-    if not check_signature(public_key, cp):
+    k = ring.get(cp.key_id)
+    if k is None:
+        return f"its checkpoint is signed by key {cp.key_id}, not {_pinned(ring)}"
+    if not check_signature(k, cp):
         return "its checkpoint signature is not valid (forged or edited)"
     rep.checkpoints_checked += 1
     return None
 
 
-def verify_sqlite(
-    path: str, public_key: Ed25519PublicKey | None, checkpoint_every: int | None = None
-) -> Report:
+def verify_sqlite(path: str, public_key: Keys, checkpoint_every: int | None = None) -> Report:
     """Verify a SQLite ledger file (read-only). Raises like `sqlite.open_readonly`."""
     from inferplane.ledger import sqlite
 
@@ -329,3 +354,125 @@ def verify_sqlite(
                            sqlite.read_anchors(conn))
     finally:
         conn.close()
+
+
+def verify_export(lines: Iterable[bytes], public_key: Keys, *,
+                  filtered: bool = False) -> Report:
+    """Verify an NDJSON export (``inferplane export``) from the file alone: each record's
+    receipt (its canonical record re-hashed) and chain hash, the links between a shard's
+    records, and where each shard starts: at #1 after 64 zeros, or at the prune anchor the
+    export carries for it (``inferplane.prune/1`` lines, which come first), whose signature is
+    checked with the key(s) when given.
+
+    An export holds no checkpoints and no heads, so what it cannot show is a shard's tail cut
+    off before the export was made (compare with a receipt, or verify the ledger itself).
+    Records missing inside a shard fail, unless ``filtered`` (an export made with --since,
+    --until or --tenant, whose gaps are expected): then each record is checked on its own, and
+    links where records follow each other."""
+    ring = keyring(public_key)
+    keyed = bool(ring)
+    rep = Report(keyed=keyed, key_ids=list(ring))
+    starts: dict[str, PruneAnchor] = {}
+    last: dict[str, tuple[int, str]] = {}
+    for n, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        try:
+            obj = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return rep.fail("", None, None, f"line {n}: not a JSON object")
+        schema = obj.get("schema") if isinstance(obj, dict) else None
+        if schema == ANCHOR_SCHEMA:
+            try:
+                a = PruneAnchor(str(obj["shard"]), int(obj["first_seq"]), str(obj["prev_hash"]),
+                                float(obj["before_unix"]), float(obj["at_unix"]),
+                                str(obj["key_id"]), str(obj["signature"]))
+            except (KeyError, TypeError, ValueError):
+                return rep.fail("", None, None, f"line {n}: a prune anchor without all its "
+                                "fields")
+            if a.shard in starts or a.shard in last:
+                return rep.fail(a.shard, a.first_seq, None, f"line {n}: a second prune anchor "
+                                f"of shard {a.shard}, or one after its records (an export "
+                                "carries each shard's latest anchor, before the records)")
+            rep.anchors += 1
+            rep.anchors_latest += 1
+            if keyed:
+                bad = _check_anchor(a, ring)
+                if bad:
+                    return rep.fail(a.shard, a.first_seq, None,
+                                    f"shard {a.shard}: its prune anchor at #{a.first_seq} {bad}")
+                rep.anchors_checked += 1
+            starts[a.shard] = a
+            continue
+        if schema != EXPORT_SCHEMA:
+            return rep.fail("", None, None, f"line {n}: schema {schema!r}, neither "
+                            f"{EXPORT_SCHEMA} nor {ANCHOR_SCHEMA}")
+        try:
+            shard, seq, receipt = str(obj["shard"]), int(obj["seq"]), str(obj["receipt"])
+            prev, head, record = str(obj["prev_hash"]), str(obj["chain_hash"]), obj["record"]
+        except (KeyError, TypeError, ValueError):
+            return rep.fail("", None, None, f"line {n}: a record without all its fields")
+        decision = record.get("decision_id") if isinstance(record, dict) else None
+        where = f"line {n}: record {shard}#{seq} (decision {decision})"
+        if hashlib.sha256(orjson.dumps(record, option=orjson.OPT_SORT_KEYS)).hexdigest() \
+                != receipt:
+            return rep.fail(shard, seq, decision,
+                            f"{where}: its content does not match its receipt (edited)")
+        if chain_hash(shard, seq, prev, receipt) != head:
+            return rep.fail(shard, seq, decision,
+                            f"{where}: its chain hash does not follow from its content (edited)")
+        bad = _export_link(shard, seq, prev, last.get(shard), starts.get(shard), filtered)
+        if bad:
+            return rep.fail(shard, seq, decision, f"{where}: {bad}")
+        if shard not in last:
+            start = starts.get(shard)
+            rep.first[shard] = start.first_seq if start is not None else seq
+            if start is not None:
+                rep.pruned[shard] = start
+        last[shard] = (seq, head)
+        rep.records += 1
+    rep.shards = {s: q for s, (q, _) in last.items()}
+    rep.last_hash = {s: h for s, (_, h) in last.items()}
+    for s, a in sorted(starts.items()):
+        if s not in last:  # the shard's records all pruned (or none selected)
+            rep.shards[s], rep.first[s], rep.pruned[s] = a.first_seq - 1, a.first_seq, a
+        if not keyed:
+            rep.warnings.append(
+                f"shard {s}: the export starts it at #{a.first_seq} after a prune anchor "
+                f"({describe_anchor(a)}) whose signature was not checked: no public key given")
+    return rep
+
+
+def _export_link(shard: str, seq: int, prev: str, last: tuple[int, str] | None,
+                 anchor: PruneAnchor | None, filtered: bool) -> str | None:
+    """Why record ``seq`` of an export cannot follow ``last`` (the shard's previous record in
+    it; None: this is its first), or None."""
+    gap_why = ("deleted, or the export was made with --since, --until or --tenant (then "
+               "verify it with --filtered)")
+    if last is None:
+        if anchor is not None:
+            if seq < anchor.first_seq:
+                return (f"in the export although the shard's prune anchor starts its chain at "
+                        f"#{anchor.first_seq}")
+            if seq == anchor.first_seq:
+                return None if prev == anchor.prev_hash else (
+                    "its previous hash is not the one its prune anchor names (the anchor or "
+                    "the record was edited)")
+            return None if filtered else (
+                f"the shard's prune anchor starts its chain at #{anchor.first_seq}, but the "
+                f"export's first record is #{seq}: #{anchor.first_seq}..#{seq - 1} are missing "
+                f"({gap_why})")
+        if seq == 1:
+            return None if prev == GENESIS else "the first record's previous hash is not 64 zeros"
+        return None if filtered else (
+            f"the shard's first record in the export, but #1..#{seq - 1} are missing and no "
+            f"prune anchor accounts for them ({gap_why})")
+    lseq, lhash = last
+    if seq <= lseq:
+        return f"seq {seq} again after #{lseq} (inserted, duplicated or reordered)"
+    if seq == lseq + 1:
+        return None if prev == lhash else (
+            f"its previous hash is not the chain hash of record #{lseq} (a record was "
+            "deleted, inserted or reordered)")
+    gap = f"#{lseq + 1}" if seq == lseq + 2 else f"#{lseq + 1}..#{seq - 1}"
+    return None if filtered else f"the record(s) before it ({gap}) are missing ({gap_why})"
