@@ -94,6 +94,29 @@ async def test_outage_store_degrades_then_replays(tmp_path: Path, how: str) -> N
         srv.stop()
 
 
+async def test_the_reachable_again_line_counts_its_own_outage(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """'reachable again after N s; M journaled updates replayed' counts the updates of that
+    outage (it counted every outage of the process: the second said 2 for its 1)."""
+    srv = RedisServer(tmp_path)
+    store = OutageStore(RedisStore(srv.url, "t:", timeout_s=0.3), retry_after_s=0.3)
+    try:
+        assert await store.ping()
+        for _ in range(2):
+            srv.pause()
+            await store.add_usage("t", GROUP, 0.15, 3, 2)  # fails, journaled
+            assert not store.up and len(store.journal) == 1
+            srv.resume()
+            await _until(lambda: store.up and not store.journal)
+    finally:
+        await store.close()
+        srv.stop()
+    back = [m for m in caplog.messages if "reachable again" in m]
+    assert len(back) == 2 and all("; 1 journaled updates replayed" in m for m in back), back
+    assert store.replayed == 2 and store.outages == 2
+
+
 async def test_settle_sent_during_a_pause_counts_once(tmp_path: Path) -> None:
     """A settle and a usage update sent while Redis is paused time out and are journaled;
     Redis also runs the buffered commands when it resumes. Each is applied once (its settle id

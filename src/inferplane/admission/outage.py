@@ -178,6 +178,7 @@ class OutageStore:
         self.outages = 0
         self.dropped = 0  # never: every update is replayed (the totals read as the SQLite store's)
         self.replayed = 0
+        self._replayed_before = 0  # `replayed` when the current outage began
         # the oldest entry an earlier process journaled (Unix time), until its replay begins
         self._inherited_at: float | None = None
         self._old_warned = -1  # `outages` when the journal's age was last warned about
@@ -208,6 +209,7 @@ class OutageStore:
         if self.down_since is None:
             self.down_since = now
             self.outages += 1
+            self._replayed_before = self.replayed
             log.error(
                 "admission store (Redis) unreachable (%s: %s): budgets fail closed with 503, "
                 "rate limits and retry markers are local, settles are journaled",
@@ -241,8 +243,8 @@ class OutageStore:
         assert self.down_since is not None
         log.warning(
             "admission store (Redis) reachable again after %.1f s; %d journaled updates replayed",
-            self.clock() - self.down_since, self.replayed,
-        )
+            self.clock() - self.down_since, self.replayed - self._replayed_before,
+        )  # this outage's: `replayed` counts every outage of the process
         self.down_since = None
 
     async def _check_epoch(self, strict: bool = False) -> None:
