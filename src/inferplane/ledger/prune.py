@@ -31,6 +31,7 @@ from typing import Any
 
 import psycopg
 
+from inferplane.errors import first_line
 from inferplane.ledger.chain import PruneAnchor, Signer
 from inferplane.ledger.tools import Source, SourceError, verify
 from inferplane.ledger.verify import Report
@@ -268,8 +269,7 @@ def _prune_postgres(source: Source, signer: Signer, rep: Report, before: float,
                 out.anchors.append(a)
             return out
     except psycopg.Error as exc:
-        raise SourceError(f"{source.name}: cannot prune: "
-                          f"{str(exc).strip().splitlines()[0]}") from None
+        raise SourceError(f"{source.name}: cannot prune: {first_line(exc)}") from None
 
 
 @contextlib.contextmanager

@@ -17,6 +17,7 @@ from typing import IO, TYPE_CHECKING, Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from inferplane.config.schema import FleetConfig
+from inferplane.errors import first_line
 from inferplane.ledger.chain import (
     Checkpoint,
     PruneAnchor,
@@ -113,7 +114,7 @@ def _postgres(source: Source) -> Iterator[tuple[psycopg.Connection[Any], Tables]
             pg.check_tables(conn, t)
             yield conn, t
     except (psycopg.Error, LookupError) as exc:
-        raise SourceError(f"{source.name}: {str(exc).strip().splitlines()[0]}") from None
+        raise SourceError(f"{source.name}: {first_line(exc)}") from None
 
 
 DEFAULT_CHECKPOINT_EVERY = 1000
@@ -197,8 +198,9 @@ def sign_heads(
                 cur.executemany(*pg.checkpoint_insert(t, cps))
             conn_pg.commit()
     except psycopg.Error as exc:
-        raise SourceError(f"{source.name}: cannot write the checkpoints: "
-                          f"{str(exc).strip().splitlines()[0]}") from None
+        raise SourceError(
+            f"{source.name}: cannot write the checkpoints: {first_line(exc)}"
+        ) from None
     return rep, cps
 
 
@@ -273,7 +275,7 @@ def export_rows(source: Source, q: Query | None) -> Iterator[Iterator[ExportRow]
     try:
         conn_pg = pg.connect_sync(source.dsn)
     except psycopg.Error as exc:
-        raise SourceError(f"{source.name}: {str(exc).strip().splitlines()[0]}") from None
+        raise SourceError(f"{source.name}: {first_line(exc)}") from None
     try:
         try:
             pg.check_tables(conn_pg, t)
