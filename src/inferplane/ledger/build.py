@@ -26,11 +26,6 @@ def configured_signer(config: FleetConfig, file: str) -> Signer | None:
         raise ConfigError(file, [(field, str(exc).removeprefix(f"{file}: "))]) from None
 
 
-def configured_dsn(config: FleetConfig, file: str) -> str | None:
-    """The ledger's PostgreSQL DSN (`config.dsn.postgres_dsn`)."""
-    return postgres_dsn(config, "ledger", file)
-
-
 def configured_shard(config: FleetConfig, file: str) -> str:
     """This writer's shard: ``$ledger.shard_env`` when that is set, else ``ledger.shard``."""
     spec = config.ledger
@@ -53,7 +48,7 @@ def ledger_problems(config: FleetConfig, file: str) -> list[tuple[str, str]]:
     spec = config.ledger
     checks: list[Callable[[FleetConfig, str], object]] = [configured_signer, configured_shard]
     if spec.postgres_dsn or spec.postgres_dsn_env:
-        checks.append(configured_dsn)
+        checks.append(lambda c, f: postgres_dsn(c, "ledger", f))
     for step in checks:
         try:
             step(config, file)
@@ -97,7 +92,7 @@ def build_ledger(config: FleetConfig, file: str) -> Ledger:
     """The configured ledger (not started). Raises `ConfigError` naming the field at fault."""
     spec = config.ledger
     signer = configured_signer(config, file)
-    dsn = configured_dsn(config, file)
+    dsn = postgres_dsn(config, "ledger", file)
     shard = configured_shard(config, file)
     if dsn:
         from inferplane.ledger.postgres import PostgresLedger

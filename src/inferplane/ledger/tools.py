@@ -16,6 +16,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from inferplane.config.dsn import postgres_dsn
 from inferplane.config.schema import FleetConfig
 from inferplane.errors import first_line
 from inferplane.ledger.chain import (
@@ -54,11 +55,11 @@ class Source:
 
 def source_from_config(config: FleetConfig, file: str) -> Source:
     """The ledger a fleet file configures, with the public half of its signing key."""
-    from inferplane.ledger.build import configured_dsn, configured_signer
+    from inferplane.ledger.build import configured_signer
 
     signer = configured_signer(config, file)
     public = signer.public if signer is not None else None
-    dsn = configured_dsn(config, file)
+    dsn = postgres_dsn(config, "ledger", file)
     if dsn:
         return Source(dsn=dsn, schema=config.ledger.postgres_schema,
                       prefix=config.ledger.table_prefix, public_key=public,
