@@ -17,7 +17,8 @@
 # package the two installs below resolve to (66 and 7) had a cp312, abi3 or pure wheel for
 # manylinux x86_64, so nothing builds from source before gcc is there (`pip install --dry-run
 # --only-binary=:all: --python-version 3.12 --platform manylinux_2_17_x86_64 -c constraints.txt`
-# on pyproject.toml's dependencies, then on mypy setuptools; setuptools has no pin).
+# on pyproject.toml's dependencies, then on mypy setuptools). setuptools is pinned too (mypyc
+# builds with it; Python 3.12 has no distutils of its own).
 FROM python:3.12-slim AS build
 ARG NATIVE=1
 WORKDIR /src

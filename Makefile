@@ -33,7 +33,7 @@ pure:
 constraints: $(STAMP)
 	{ sed -n '1,6p' constraints.txt; \
 	  $(BIN)/python -c 'import platform as p, datetime as d; print(f"# Frozen from {p.python_implementation()} {p.python_version()} on {p.system()} {p.machine()}, {d.date.today()}.")'; \
-	  $(BIN)/pip freeze --exclude-editable | grep -vi '^inferplane='; } > constraints.txt.new
+	  $(BIN)/pip freeze --all --exclude-editable | grep -vi '^inferplane=\|^pip='; } > constraints.txt.new
 	mv constraints.txt.new constraints.txt
 
 ## The main job: the emulated heterogeneous fleet, the gateway and a mixed workload for ~30 s.

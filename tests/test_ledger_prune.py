@@ -344,6 +344,23 @@ def test_a_prune_that_fails_midway_leaves_the_ledger_as_it_was(
     assert rep.ok and rep.anchors == 0 and rep.checkpoints == 3, rep.problem
 
 
+def test_a_database_error_without_text_is_named_by_its_type(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A driver error with no message is a `SourceError` naming its type, not an IndexError
+    from taking the first of no lines (simp29)."""
+    import psycopg
+
+    from inferplane.ledger import postgres as pg
+
+    def refuse(dsn: str) -> None:
+        raise psycopg.OperationalError()
+
+    monkeypatch.setattr(pg, "connect_sync", refuse)
+    with pytest.raises(SourceError, match=r"decisions: OperationalError$"):
+        verify(Source(dsn="postgresql://nowhere/x"), None)
+
+
 def test_a_prune_of_a_ledger_changed_since_its_verify_is_refused(
     base: Path, tmp_path: Path
 ) -> None:

@@ -53,6 +53,15 @@ def described(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+def first_line(exc: BaseException, *, typed: bool = False) -> str:
+    """The first line of ``exc``'s text (a database driver's runs to several), or its type's
+    name when it has none; ``typed`` puts the type's name before the line too."""
+    lines = str(exc).strip().splitlines()
+    if not lines:
+        return type(exc).__name__
+    return f"{type(exc).__name__}: {lines[0]}" if typed else lines[0]
+
+
 class Recorded(Protocol):
     """The receipt of a decision record (`inferplane.ledger.record.Receipt`), as an error that
     has one holds it."""

@@ -8,6 +8,8 @@ import os
 import psycopg
 import pytest
 
+from inferplane.errors import first_line
+
 DSN = os.environ.get("INFERPLANE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 
 
@@ -16,7 +18,7 @@ def _why_absent() -> str | None:
         with psycopg.connect(DSN, connect_timeout=2) as conn:
             conn.execute("SELECT 1")
     except psycopg.Error as exc:
-        return f"no PostgreSQL at {DSN}: {str(exc).strip().splitlines()[0]}"
+        return f"no PostgreSQL at {DSN}: {first_line(exc)}"
     return None
 
 

@@ -120,9 +120,8 @@ class Gateway(Core):
     async def read_answer(self, attempt: Attempt, started: float) -> tuple[bytes, float]:
         """Read a non-streamed answer whole (`Core.read_with`); return it and its E2E end."""
         endpoint, resp = attempt.endpoint, attempt.response.response
-        limit = self.dispatcher.max_body_bytes
         return await self.read_with(
-            attempt, started, lambda: self.dispatcher.read_all(endpoint, resp, limit)
+            attempt, started, lambda: self.dispatcher.read_all(endpoint, resp)
         )
 
     def account_answer(

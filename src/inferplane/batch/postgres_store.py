@@ -36,7 +36,7 @@ from inferplane.batch.store import (
     file_object,
     new_owner,
 )
-from inferplane.errors import ConfigError, StoreUnavailableError
+from inferplane.errors import ConfigError, StoreUnavailableError, first_line
 from inferplane.pgschema import PgTables
 
 T = TypeVar("T")
@@ -97,11 +97,6 @@ class Tables(PgTables):
         ]]
 
 
-def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
-
-
 async def migrate(conn: Conn, t: Tables) -> int:
     """Bring the tables to `SCHEMA_VERSION` (under an advisory lock); return the version."""
     return await pgschema.migrate(conn, t, t.migrations()[:SCHEMA_VERSION])
@@ -136,7 +131,7 @@ class PostgresBatchStore(BatchStore):
         except psycopg.Error as exc:
             await self.close()
             raise ConfigError(self.source, [(
-                "batch.postgres_dsn", f"cannot use the database: {_short(exc)}"
+                "batch.postgres_dsn", f"cannot use the database: {first_line(exc, typed=True)}"
             )]) from None
 
     async def close(self) -> None:
@@ -161,7 +156,7 @@ class PostgresBatchStore(BatchStore):
                         await self._conn.close()
                     self._conn = None
                 raise StoreUnavailableError(
-                    f"the batch store (PostgreSQL) is unavailable: {_short(exc)}"
+                    f"the batch store (PostgreSQL) is unavailable: {first_line(exc, typed=True)}"
                 ) from None
 
     @contextlib.asynccontextmanager

@@ -117,7 +117,7 @@ async def _dispatch(gw: Core, dispatcher: Dispatcher, api: Any, ticket: Ticket, 
     resp = attempt.response
     data, ended = await gw.read_with(
         attempt, started,
-        lambda: dispatcher.read_all(attempt.endpoint, resp, dispatcher.max_body_bytes),
+        lambda: dispatcher.read_all(attempt.endpoint, resp),
     )
     gw.account_body(attempt, data, status=resp.status, started=started, ended=ended)
     try:

@@ -495,19 +495,16 @@ class Dispatcher:
         account ids, the provider key's rate-limit state or the gateway's own names)."""
         return self.passed(resp.headers)
 
-    async def read_all(
-        self, endpoint: Endpoint, resp: aiohttp.ClientResponse,
-        max_bytes: int = DEFAULT_MAX_BODY_BYTES,
-    ) -> bytes:
+    async def read_all(self, endpoint: Endpoint, resp: aiohttp.ClientResponse) -> bytes:
         """The whole (non-streaming) body in the OpenAI dialect; a failure here is after the
         first byte. Raises `UpstreamError` naming the endpoint when the answer cannot be read:
         not JSON (a 2xx), an error in an unknown shape (4xx), not the endpoint's dialect, or
-        longer than ``max_bytes`` (``gateway.max_upstream_body_bytes``; not read on). An
+        longer than `max_body_bytes` (``gateway.max_upstream_body_bytes``; not read on). An
         error answer, and the message of an error that quotes it, never carries the
         endpoint's key (`redact`)."""
         try:
             with _translate(endpoint):
-                data = await read_body(endpoint, resp, max_bytes,
+                data = await read_body(endpoint, resp, self.max_body_bytes,
                                        "gateway.max_upstream_body_bytes")
         finally:
             resp.release()

@@ -26,11 +26,6 @@ def configured_signer(config: FleetConfig, file: str) -> Signer | None:
         raise ConfigError(file, [(field, str(exc).removeprefix(f"{file}: "))]) from None
 
 
-def configured_dsn(config: FleetConfig, file: str) -> str | None:
-    """The ledger's PostgreSQL DSN (`config.dsn.postgres_dsn`)."""
-    return postgres_dsn(config, "ledger", file)
-
-
 def configured_shard(config: FleetConfig, file: str) -> str:
     """This writer's shard: ``$ledger.shard_env`` when that is set, else ``ledger.shard``."""
     spec = config.ledger
@@ -45,6 +40,12 @@ def configured_shard(config: FleetConfig, file: str) -> str:
     return value
 
 
+def _names_postgres(config: FleetConfig) -> bool:
+    """Whether the fleet file's ledger is PostgreSQL's: it names a DSN, or the variable that
+    holds one (set or not)."""
+    return bool(config.ledger.postgres_dsn or config.ledger.postgres_dsn_env)
+
+
 def ledger_problems(config: FleetConfig, file: str) -> list[tuple[str, str]]:
     """What `build_ledger` would refuse in this environment, each as (field, problem), found
     by the same checks without opening a file or a connection (`inferplane check` reports
@@ -52,19 +53,19 @@ def ledger_problems(config: FleetConfig, file: str) -> list[tuple[str, str]]:
     problems: list[tuple[str, str]] = []
     spec = config.ledger
     checks: list[Callable[[FleetConfig, str], object]] = [configured_signer, configured_shard]
-    if spec.postgres_dsn or spec.postgres_dsn_env:
-        checks.append(configured_dsn)
+    if _names_postgres(config):
+        checks.append(lambda c, f: postgres_dsn(c, "ledger", f))
     for step in checks:
         try:
             step(config, file)
         except ConfigError as exc:
             problems.extend(exc.problems)
-    if spec.spool_path and (spec.postgres_dsn or spec.postgres_dsn_env):
+    if spec.spool_path and _names_postgres(config):
         problem = writable_file_problem(spec.spool_path)
         if problem is not None:
             problems.append(("ledger.spool_path", f"{spec.spool_path}: {problem}"))
     path = config.gateway.ledger_path
-    if path and not (spec.postgres_dsn or spec.postgres_dsn_env):
+    if path and not _names_postgres(config):
         problem = writable_file_problem(path)
         if problem is not None:
             problems.append((CONFIG_FIELD, f"{path}: {problem}"))
@@ -76,7 +77,7 @@ def ignored_settings(config: FleetConfig) -> list[tuple[str, str]]:
     `inferplane check` to note: ``ledger.spool_path`` without PostgreSQL (only a PostgreSQL
     ledger spools; a SQLite or in-memory ledger never opens the file)."""
     spec = config.ledger
-    if spec.spool_path and not (spec.postgres_dsn or spec.postgres_dsn_env):
+    if spec.spool_path and not _names_postgres(config):
         kind = ("SQLite (gateway.ledger_path)" if config.gateway.ledger_path
                 else "in memory (no gateway.ledger_path)")
         return [("ledger.spool_path", (
@@ -89,15 +90,14 @@ def in_memory(config: FleetConfig) -> bool:
     """Whether `build_ledger` gives the ledger in memory (records lost on restart, one
     process's): no PostgreSQL DSN (nor its variable) and no ``gateway.ledger_path``. ``serve``
     warns of it (cli.py)."""
-    spec = config.ledger
-    return not (spec.postgres_dsn or spec.postgres_dsn_env or config.gateway.ledger_path)
+    return not (_names_postgres(config) or config.gateway.ledger_path)
 
 
 def build_ledger(config: FleetConfig, file: str) -> Ledger:
     """The configured ledger (not started). Raises `ConfigError` naming the field at fault."""
     spec = config.ledger
     signer = configured_signer(config, file)
-    dsn = configured_dsn(config, file)
+    dsn = postgres_dsn(config, "ledger", file)
     shard = configured_shard(config, file)
     if dsn:
         from inferplane.ledger.postgres import PostgresLedger

@@ -14,7 +14,7 @@ by ``inferplane verify``. The formats are versioned and specified in docs/eviden
   ``"inferplane-checkpoint/1\\n{shard}\\n{seq}\\n{chain_hash}\\n{at_unix:.6f}"``, the chain head
   at ``seq``. A whole re-written chain no longer matches a checkpoint signed with the key.
 - **prune anchor (prune/1)**: an Ed25519 signature over
-  ``"inferplane-prune/1\n{shard}\n{first_seq}\n{prev_hash}\n{before_unix:.6f}\n{at_unix:.6f}"``:
+  ``"inferplane-prune/1\\n{shard}\\n{first_seq}\\n{prev_hash}\\n{before_unix:.6f}\\n{at_unix:.6f}"``:
   the key holder's statement that records before ``first_seq`` of ``shard`` were deleted on
   purpose (``inferplane ledger-prune --before``) and that the chain goes on from ``prev_hash``.
 """

@@ -31,7 +31,7 @@ from typing import IO, Any
 import psycopg
 
 from inferplane import pgschema
-from inferplane.errors import ConfigError
+from inferplane.errors import ConfigError, first_line
 from inferplane.ledger.chain import GENESIS, Checkpoint, PruneAnchor, Signer
 from inferplane.ledger.query import (
     EXPORT_SCHEMA,
@@ -271,7 +271,9 @@ class PostgresLedger(CommitAccounting):
             await migrate(self._writer, self.t)
         except psycopg.Error as exc:
             await self._close_connections()
-            raise _config_error(self.source, f"cannot use the database: {_short(exc)}") from None
+            raise _config_error(
+                self.source, f"cannot use the database: {first_line(exc)}"
+            ) from None
         self._wake = asyncio.Event()
         self._read_lock = asyncio.Lock()
         self._task = asyncio.create_task(self._run(), name="ledger-writer:postgres")
@@ -515,7 +517,7 @@ class PostgresLedger(CommitAccounting):
         if now - self._last_warning >= 60.0:
             self._last_warning = now
             log.warning("ledger postgres: write failed (%s); %d records pending, %d dropped so "
-                        "far; retrying every %.1fs", _short(exc), len(self._buf), self.dropped,
+                        "far; retrying every %.1fs", first_line(exc), len(self._buf), self.dropped,
                         self.retry_interval_s)
 
     # -- reads ----------------------------------------------------------------------------
@@ -556,10 +558,6 @@ def _row(x: Linked) -> tuple[Any, ...]:
     return (e.decision_id, e.at_unix, e.tenant, e.endpoint, e.workload_class, e.model,
             e.substrate, e.status, e.ttft_s, e.cost_usd, x.shard, x.seq, e.receipt, x.prev_hash,
             x.chain_hash, e.text)
-
-
-def _short(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 async def migrate(conn: psycopg.AsyncConnection[Any], t: Tables,

@@ -32,6 +32,7 @@ from typing import Any
 import psycopg
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from inferplane.errors import first_line
 from inferplane.ledger.chain import PruneAnchor, Signer
 from inferplane.ledger.tools import Source, SourceError, verify
 from inferplane.ledger.verify import Report
@@ -275,8 +276,7 @@ def _prune_postgres(source: Source, signer: Signer, rep: Report, before: float,
                 out.anchors.append(a)
             return out
     except psycopg.Error as exc:
-        raise SourceError(f"{source.name}: cannot prune: "
-                          f"{str(exc).strip().splitlines()[0]}") from None
+        raise SourceError(f"{source.name}: cannot prune: {first_line(exc)}") from None
 
 
 @contextlib.contextmanager

@@ -186,7 +186,7 @@ class SqliteLedger(CommitAccounting):
         self.log_name = f"ledger {self.path}"
         self._last_checkpoint = time.monotonic()
         self._unsigned = False
-        self._conn = _open_for_writing(self.path, source)
+        self._conn = open_for_writing(self.path, source)
 
     @property
     def max_pending(self) -> int:
@@ -482,13 +482,10 @@ def read_anchors(conn: sqlite3.Connection) -> list[PruneAnchor]:
 
 # -- opening, versions, migration ---------------------------------------------------------------
 def open_for_writing(path: str | Path, source: str) -> sqlite3.Connection:
-    """An autocommit connection to a ledger file, created or migrated to `SCHEMA_VERSION`
-    (a gateway's writer, `inferplane ledger-prune`). Raises `ConfigError` naming the field."""
-    return _open_for_writing(Path(path), source)
-
-
-def _open_for_writing(path: Path, source: str) -> sqlite3.Connection:
-    """Open (creating if needed) a ledger file, or raise `ConfigError` naming the field."""
+    """An autocommit connection to a ledger file (a gateway's writer, `inferplane ledger-prune`):
+    a new file is created at `WRITER_VERSION` and a version-1 file migrated to it, a file at a
+    `READABLE_VERSIONS` version is opened as it stands. Raises `ConfigError` naming the field."""
+    path = Path(path)
 
     def bad(msg: str) -> ConfigError:
         return ConfigError(source, [(CONFIG_FIELD, f"{path}: {msg}")])

@@ -16,7 +16,9 @@ from typing import IO, TYPE_CHECKING, Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from inferplane.config.dsn import postgres_dsn
 from inferplane.config.schema import FleetConfig
+from inferplane.errors import first_line
 from inferplane.ledger.chain import (
     Checkpoint,
     PruneAnchor,
@@ -59,11 +61,11 @@ class Source:
 
 def source_from_config(config: FleetConfig, file: str) -> Source:
     """The ledger a fleet file configures, with the public half of its signing key."""
-    from inferplane.ledger.build import configured_dsn, configured_signer
+    from inferplane.ledger.build import configured_signer
 
     signer = configured_signer(config, file)
     public = signer.public if signer is not None else None
-    dsn = configured_dsn(config, file)
+    dsn = postgres_dsn(config, "ledger", file)
     if dsn:
         return Source(dsn=dsn, schema=config.ledger.postgres_schema,
                       prefix=config.ledger.table_prefix, public_key=public,
@@ -119,7 +121,7 @@ def _postgres(source: Source) -> Iterator[tuple[psycopg.Connection[Any], Tables]
             pg.check_tables(conn, t)
             yield conn, t
     except (psycopg.Error, LookupError) as exc:
-        raise SourceError(f"{source.name}: {str(exc).strip().splitlines()[0]}") from None
+        raise SourceError(f"{source.name}: {first_line(exc)}") from None
 
 
 DEFAULT_CHECKPOINT_EVERY = 1000
@@ -207,8 +209,9 @@ def sign_heads(
                 cur.executemany(*pg.checkpoint_insert(t, cps))
             conn_pg.commit()
     except psycopg.Error as exc:
-        raise SourceError(f"{source.name}: cannot write the checkpoints: "
-                          f"{str(exc).strip().splitlines()[0]}") from None
+        raise SourceError(
+            f"{source.name}: cannot write the checkpoints: {first_line(exc)}"
+        ) from None
     return rep, cps
 
 
@@ -285,7 +288,7 @@ def export_rows(source: Source, q: Query | None) -> Iterator[Iterator[ExportRow]
     try:
         conn_pg = pg.connect_sync(source.dsn)
     except psycopg.Error as exc:
-        raise SourceError(f"{source.name}: {str(exc).strip().splitlines()[0]}") from None
+        raise SourceError(f"{source.name}: {first_line(exc)}") from None
     try:
         try:
             pg.check_tables(conn_pg, t)

@@ -338,10 +338,7 @@ class SimEndpoint:
             None,
         )
         if roof is not None:
-            hw = roof.hardware
-            self.engine = Engine(engine_config_for(endpoint, roof), roof,
-                                 idle_wake_s=hw.idle_wake_s, after_stream_s=hw.after_stream_s,
-                                 after_stream_factor=hw.after_stream_factor)
+            self.engine = self._new_engine(roof)
             emu, hw = endpoint.spec.emulation, roof.hardware
             rtt_ms = emu.network_rtt_ms  # as the emulator does
             self.network_rtt_s = rtt_ms / 1000.0 if rtt_ms is not None else hw.network_rtt_s
@@ -374,16 +371,21 @@ class SimEndpoint:
         self.retry_after_s = 1.0  # the Retry-After of a scheduled 429 fault
         self.published = Published()
 
+    def _new_engine(self, roof: Roofline) -> Engine:
+        """A fresh engine for this endpoint, with its hardware's idle-wake and after-stream
+        terms (as the emulator's endpoint builds one)."""
+        hw = roof.hardware
+        return Engine(engine_config_for(self.endpoint, roof), roof, idle_wake_s=hw.idle_wake_s,
+                      after_stream_s=hw.after_stream_s,
+                      after_stream_factor=hw.after_stream_factor)
+
     def restart(self) -> None:
         """A fresh engine (empty KV cache, nothing running): after a crash or a hang."""
         if self.step_handle is not None:
             self.step_handle.cancel()
             self.step_handle = None
         if self.roofline is not None:
-            hw = self.roofline.hardware
-            self.engine = Engine(engine_config_for(self.endpoint, self.roofline), self.roofline,
-                                 idle_wake_s=hw.idle_wake_s, after_stream_s=hw.after_stream_s,
-                                 after_stream_factor=hw.after_stream_factor)
+            self.engine = self._new_engine(self.roofline)
         self.busy, self.step_out, self.step_end = False, None, math.inf
         self.frontend.reset()
         self.pending.clear()
