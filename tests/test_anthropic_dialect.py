@@ -337,3 +337,49 @@ async def test_errors_reach_the_client_in_the_openai_shape() -> None:
             async with s.post(f"{base}/v1/chat/completions",
                               json={**msg, "model": "m-bad", "n": 2}) as r:
                 assert r.status == 400 and (await r.json())["error"]["param"] == "n"
+
+
+# -- usage the gateway cannot read ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", ["abc", "12", None, -3, True, 1.5, [1], {"n": 1}])
+def test_usage_counts_that_are_not_counts_are_left_out(bad: Any) -> None:
+    out = a.openai_usage({"input_tokens": bad, "output_tokens": 4,
+                          "cache_read_input_tokens": bad})
+    assert out == {"completion_tokens": 4, "prompt_tokens_details": {"cached_tokens": 0}}
+    out = a.openai_usage({"input_tokens": 2, "output_tokens": bad})
+    assert out == {"prompt_tokens": 2, "prompt_tokens_details": {"cached_tokens": 0}}
+    t = a.StreamTranslator(include_usage=True)
+    t.feed(_events({"type": "message_start", "message": {"id": "m", "usage": bad}},
+                   {"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+                    "usage": {"output_tokens": bad}}))
+    chunks = _chunks(t.feed(_events({"type": "message_stop"})))
+    assert "prompt_tokens" not in chunks[0]["usage"]
+    assert "completion_tokens" not in chunks[0]["usage"]
+
+
+async def test_unreadable_usage_counts_are_missing_not_a_500() -> None:
+    """A count that is not a number is read as missing (the prompt estimate is billed, the
+    completion counted from the stream), never a 500."""
+    app = build_provider(base="/v1", dialect="anthropic", key=UPSTREAM_KEY, mode="bad_usage")
+    async with providers(p=app) as ports:
+        config = parse_config(fleet_yaml(free_port(), [anthropic_endpoint("claude", ports["p"])]))
+        async with gateway(config) as (gw, base), session() as s:
+            msg = {"model": "big", "max_tokens": 21,
+                   "messages": [{"role": "user", "content": "hi"}]}
+            async with s.post(f"{base}/v1/chat/completions", json=msg) as r:
+                assert r.status == 200
+                body = await r.json()
+                did = r.headers["x-inferplane-decision-id"]
+            assert body["usage"]["completion_tokens"] == 1 and "prompt_tokens" not in body["usage"]
+            outcome = gw.ledger.get(did)["outcome"]  # type: ignore[index]
+            assert outcome["status"] == 200 and outcome["prompt_tokens"] is None
+            assert outcome["completion_tokens"] == 1 and outcome["cost_usd"] > 2 / 1e6
+            async with s.post(f"{base}/v1/chat/completions", json={**msg, "stream": True}) as r:
+                assert r.status == 200
+                events = _chunks(await r.read())
+                did = r.headers["x-inferplane-decision-id"]
+            assert events[-1] == "[DONE]" and not any("error" in e for e in events[:-1])
+            outcome = gw.ledger.get(did)["outcome"]  # type: ignore[index]
+            assert outcome["status"] == 200 and outcome["prompt_tokens"] == 10
+            assert outcome["completion_tokens"] == 3 and outcome["usage_source"] == "counted"

@@ -277,19 +277,34 @@ def to_messages_request(
 # -- answers -----------------------------------------------------------------------------------
 
 
+def _count(v: Any) -> int | None:
+    """A token count from the upstream: a non-negative integer, else None (unreadable)."""
+    return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else None
+
+
 def openai_usage(usage: Any) -> JSONObject:
-    """Messages usage as OpenAI usage (cache reads and writes count as prompt tokens)."""
+    """Messages usage as OpenAI usage (cache reads and writes count as prompt tokens).
+
+    A count that is missing or not a non-negative integer is left out (``prompt_tokens``
+    when ``input_tokens`` is, ``completion_tokens`` when ``output_tokens`` is, and then
+    ``total_tokens``), never guessed as 0: the gateway then accounts the request's prompt
+    estimate and the completion counted from the stream, as for an OpenAI-dialect answer
+    without those counts. Missing cache counts are 0."""
     u = usage if isinstance(usage, dict) else {}
-    read = int(u.get("cache_read_input_tokens") or 0)
-    created = int(u.get("cache_creation_input_tokens") or 0)
-    prompt = int(u.get("input_tokens") or 0) + read + created
-    completion = int(u.get("output_tokens") or 0)
-    return {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": read},
-    }
+    read = _count(u.get("cache_read_input_tokens")) or 0
+    created = _count(u.get("cache_creation_input_tokens")) or 0
+    given = _count(u.get("input_tokens"))
+    prompt = None if given is None else given + read + created
+    completion = _count(u.get("output_tokens"))
+    out: JSONObject = {}
+    if prompt is not None:
+        out["prompt_tokens"] = prompt
+    if completion is not None:
+        out["completion_tokens"] = completion
+    if prompt is not None and completion is not None:
+        out["total_tokens"] = prompt + completion
+    out["prompt_tokens_details"] = {"cached_tokens": read}
+    return out
 
 
 def _loads(data: bytes) -> JSONObject:
@@ -405,6 +420,10 @@ class StreamTranslator:
             }
         )
 
+    def _take_usage(self, usage: Any) -> None:
+        if isinstance(usage, dict):  # counts are read (or left out) by `openai_usage`
+            self._usage.update(usage)
+
     def feed(self, data: bytes) -> bytes:
         """Translate what arrived; raises `MessagesStreamError` on an ``error`` event and
         `MessagesFormatError` on an event that is not Messages SSE."""
@@ -436,7 +455,7 @@ class StreamTranslator:
             msg = ev.get("message") or {}
             self._id = str(msg.get("id", ""))
             self._model = str(msg.get("model", ""))
-            self._usage.update(msg.get("usage") or {})
+            self._take_usage(msg.get("usage"))
             return self._chunk({"role": "assistant", "content": ""})
         if kind == "content_block_start":
             block = ev.get("content_block") or {}
@@ -464,7 +483,7 @@ class StreamTranslator:
                 return self._chunk({"tool_calls": [args]})
             return b""  # thinking, signature and citation deltas have no chat equivalent
         if kind == "message_delta":
-            self._usage.update(ev.get("usage") or {})
+            self._take_usage(ev.get("usage"))
             reason = (ev.get("delta") or {}).get("stop_reason")
             if reason is None:
                 return b""
