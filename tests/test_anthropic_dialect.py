@@ -353,9 +353,7 @@ def test_usage_counts_that_are_not_counts_are_left_out(bad: Any) -> None:
     t.feed(_events({"type": "message_start", "message": {"id": "m", "usage": bad}},
                    {"type": "message_delta", "delta": {"stop_reason": "end_turn"},
                     "usage": {"output_tokens": bad}}))
-    chunks = _chunks(t.feed(_events({"type": "message_stop"})))
-    assert "prompt_tokens" not in chunks[0]["usage"]
-    assert "completion_tokens" not in chunks[0]["usage"]
+    assert _chunks(t.feed(_events({"type": "message_stop"}))) == ["[DONE]"]  # no usage at all
 
 
 async def test_unreadable_usage_counts_are_missing_not_a_500() -> None:
@@ -382,4 +380,46 @@ async def test_unreadable_usage_counts_are_missing_not_a_500() -> None:
             assert events[-1] == "[DONE]" and not any("error" in e for e in events[:-1])
             outcome = gw.ledger.get(did)["outcome"]  # type: ignore[index]
             assert outcome["status"] == 200 and outcome["prompt_tokens"] == 10
+            assert outcome["completion_tokens"] == 3 and outcome["usage_source"] == "counted"
+
+
+def test_an_answer_without_usage_has_none() -> None:
+    msg = {"id": "msg_1", "type": "message", "role": "assistant", "model": "m",
+           "content": [{"type": "text", "text": "hi"}], "stop_reason": "end_turn"}
+    assert a.openai_usage(None) is None and a.openai_usage({}) is None
+    assert "usage" not in a.to_chat_completion(orjson.dumps(msg))
+    t = a.StreamTranslator(include_usage=True)
+    out = t.feed(_events({"type": "message_start", "message": {"id": "m"}},
+                         {"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+                          "usage": {"output_tokens": 5}},
+                         {"type": "message_stop"}))
+    assert _chunks(out)[-2]["usage"] == {"completion_tokens": 5,
+                                         "prompt_tokens_details": {"cached_tokens": 0}}
+
+
+async def test_an_answer_without_usage_bills_the_prompt_estimate() -> None:
+    """No usage from the upstream is not 0 tokens: the record bills the request's prompt
+    estimate and the streamed completion as counted, as for an OpenAI-dialect upstream."""
+    app = build_provider(base="/v1", dialect="anthropic", key=UPSTREAM_KEY, mode="no_usage")
+    async with providers(p=app) as ports:
+        config = parse_config(fleet_yaml(free_port(), [anthropic_endpoint("claude", ports["p"])]))
+        async with gateway(config) as (gw, base), session() as s:
+            msg = {"model": "big", "max_tokens": 2,
+                   "messages": [{"role": "user", "content": "hi"}]}
+            async with s.post(f"{base}/v1/chat/completions", json=msg) as r:
+                assert r.status == 200
+                body = await r.json()
+                did = r.headers["x-inferplane-decision-id"]
+            assert "usage" not in body
+            outcome = gw.ledger.get(did)["outcome"]  # type: ignore[index]
+            assert outcome["prompt_tokens"] is None and outcome["usage_source"] != "upstream"
+            assert outcome["cost_usd"] > 0
+            async with s.post(f"{base}/v1/chat/completions",
+                              json={**msg, "stream": True,
+                                    "stream_options": {"include_usage": True}}) as r:
+                events = _chunks(await r.read())
+                did = r.headers["x-inferplane-decision-id"]
+            assert events[-1] == "[DONE]" and not any(e.get("usage") for e in events[:-1])
+            outcome = gw.ledger.get(did)["outcome"]  # type: ignore[index]
+            assert outcome["prompt_tokens"] is None and outcome["cost_usd"] > 0
             assert outcome["completion_tokens"] == 3 and outcome["usage_source"] == "counted"

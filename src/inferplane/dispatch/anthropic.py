@@ -282,15 +282,18 @@ def _count(v: Any) -> int | None:
     return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else None
 
 
-def openai_usage(usage: Any) -> JSONObject:
+def openai_usage(usage: Any) -> JSONObject | None:
     """Messages usage as OpenAI usage (cache reads and writes count as prompt tokens).
 
     A count that is missing or not a non-negative integer is left out (``prompt_tokens``
     when ``input_tokens`` is, ``completion_tokens`` when ``output_tokens`` is, and then
     ``total_tokens``), never guessed as 0: the gateway then accounts the request's prompt
     estimate and the completion counted from the stream, as for an OpenAI-dialect answer
-    without those counts. Missing cache counts are 0."""
+    without those counts. Missing cache counts are 0. None (no usage at all) when the
+    upstream sent neither count."""
     u = usage if isinstance(usage, dict) else {}
+    if _count(u.get("input_tokens")) is None and _count(u.get("output_tokens")) is None:
+        return None
     read = _count(u.get("cache_read_input_tokens")) or 0
     created = _count(u.get("cache_creation_input_tokens")) or 0
     given = _count(u.get("input_tokens"))
@@ -345,7 +348,7 @@ def to_chat_completion(data: bytes) -> JSONObject:
     if calls:
         message["tool_calls"] = calls
     reason = msg.get("stop_reason")
-    return {
+    out: JSONObject = {
         "id": msg.get("id"),
         "object": "chat.completion",
         "created": int(time.time()),
@@ -358,8 +361,11 @@ def to_chat_completion(data: bytes) -> JSONObject:
                 "logprobs": None,
             }
         ],
-        "usage": openai_usage(msg.get("usage")),
     }
+    usage = openai_usage(msg.get("usage"))
+    if usage is not None:  # none sent: none relayed, as from an OpenAI-dialect upstream
+        out["usage"] = usage
+    return out
 
 
 def to_openai_error(data: bytes) -> JSONObject:
@@ -491,7 +497,8 @@ class StreamTranslator:
         if kind == "message_stop":
             self.finished = True
             out = b""
-            if self.include_usage:
+            usage = openai_usage(self._usage)
+            if self.include_usage and usage is not None:
                 out += _sse(
                     {
                         "id": self._id,
@@ -499,7 +506,7 @@ class StreamTranslator:
                         "created": self._created,
                         "model": self._model,
                         "choices": [],
-                        "usage": openai_usage(self._usage),
+                        "usage": usage,
                     }
                 )
             return out + b"data: [DONE]\n\n"
