@@ -423,3 +423,10 @@ async def test_an_answer_without_usage_bills_the_prompt_estimate() -> None:
             outcome = gw.ledger.get(did)["outcome"]  # type: ignore[index]
             assert outcome["prompt_tokens"] is None and outcome["cost_usd"] > 0
             assert outcome["completion_tokens"] == 3 and outcome["usage_source"] == "counted"
+
+
+def test_a_text_block_with_null_text_is_empty_not_none() -> None:
+    msg = {"id": "msg_1", "type": "message", "role": "assistant", "model": "m",
+           "content": [{"type": "text", "text": None}, {"type": "text", "text": "ok"}],
+           "stop_reason": "end_turn", "usage": {"input_tokens": 1, "output_tokens": 1}}
+    assert a.to_chat_completion(orjson.dumps(msg))["choices"][0]["message"]["content"] == "ok"

@@ -76,6 +76,11 @@ class MessagesStreamError(Exception):
 # -- requests ----------------------------------------------------------------------------------
 
 
+def _str(v: Any) -> str:
+    """A text field: a string as it is, anything else (``null``, a number) as ``""``."""
+    return v if isinstance(v, str) else ""
+
+
 def _bad(message: str, param: str) -> InvalidRequestError:
     return InvalidRequestError(f"{message} (the upstream speaks the Anthropic Messages API)",
                                param=param)
@@ -89,7 +94,7 @@ def _text_of(content: Any, param: str) -> str:
         out = []
         for part in content:
             if isinstance(part, dict) and part.get("type") == "text":
-                out.append(str(part.get("text", "")))
+                out.append(_str(part.get("text")))
             else:
                 raise _bad("a system message may hold text parts only", param)
         return "\n".join(out)
@@ -124,7 +129,7 @@ def _content_blocks(content: Any, param: str) -> list[JSONObject]:
     for k, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text":
-            blocks.append({"type": "text", "text": str(part.get("text", ""))})
+            blocks.append({"type": "text", "text": _str(part.get("text"))})
         elif kind == "image_url":
             blocks.append(_image_block(part, f"{param}[{k}]"))
         else:
@@ -332,7 +337,7 @@ def to_chat_completion(data: bytes) -> JSONObject:
         if not isinstance(block, dict):
             continue
         if block.get("type") == "text":
-            texts.append(str(block.get("text", "")))
+            texts.append(_str(block.get("text")))
         elif block.get("type") == "tool_use":
             calls.append(
                 {
