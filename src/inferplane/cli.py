@@ -774,7 +774,9 @@ def _connect_problems(cfg: FleetConfig, file: str, timeout_s: float = 2.0
 
     sections: list[Section] = ["ledger", "batch"] if cfg.batch.enabled else ["ledger"]
     for section in sections:
-        field = f"{section}.postgres_dsn"
+        spec = cfg.ledger if section == "ledger" else cfg.batch
+        # the file's own field: the DSN itself, or the variable that holds it
+        field = f"{section}.postgres_dsn" + ("_env" if spec.postgres_dsn_env else "")
         try:
             dsn = postgres_dsn(cfg, section, file)
         except ConfigError:  # an unset variable: startup_problems notes it
