@@ -268,3 +268,17 @@ def test_openapi_without_a_config_describes_the_embedded_fleet(tmp_path: Path) -
     result = _run("openapi", "-o", str(tmp_path / "o.json"))
     assert result.exit_code == 0, result.output
     assert '"/v1/chat/completions"' in (tmp_path / "o.json").read_text()
+
+
+def test_emulate_refusing_to_start_exits_2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A port in use (or a missing key) is a start-up refusal: status 2, as for serve (audit29
+    nit 10; it was 1)."""
+    import inferplane.twin.emulator.server as emulator
+
+    async def taken(*args: Any, **kwargs: Any) -> None:
+        raise emulator.EmulatorError("endpoint 'e-0': cannot listen on 127.0.0.1:1: in use")
+
+    monkeypatch.setattr(emulator, "serve_emulator", taken)
+    result = _run("emulate", "-c", str(_fleet(tmp_path)))
+    assert result.exit_code == 2, result.output
+    assert "cannot listen on 127.0.0.1:1" in result.output

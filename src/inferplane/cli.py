@@ -1173,8 +1173,8 @@ def emulate(
             loop.add_signal_handler(sig, stop.set)
         try:
             await serve_emulator(cfg, time_scale=time_scale, only=only, stop=stop)
-        except EmulatorError as exc:
-            fail(str(exc), 1)
+        except EmulatorError as exc:  # a start-up refusal (a port in use, a missing key)
+            fail(str(exc))
 
     _run_to_end(main)
 
