@@ -298,6 +298,7 @@ class MemoryStore:
         return 0.0
 
     async def marked(self, key: str, now: float) -> bool:
+        self._sweep(now)  # once per admitted request: what keeps the expired entries bounded
         exp = self._marks.get(key)
         return exp is not None and exp > now
 
