@@ -615,6 +615,17 @@ async def test_marks_expire_restart_and_clear() -> None:
     assert not await s.marked("k", 6)
 
 
+async def test_expired_entries_are_swept_without_budgets() -> None:
+    """Each admitted request's retry check sweeps now and then, as the old mark_seen did: a
+    store without budgets (no reserve) keeps no expired loop counter or mark for good."""
+    s = MemoryStore()
+    await s.incr("loop:t:wf", 1.0, 0.0)
+    await s.mark("retry:k", 1.0, 0.0)
+    for _ in range(4096):
+        await s.marked("retry:other", 10.0)
+    assert not s._incrs and not s._marks
+
+
 async def test_a_retry_is_a_resend_after_a_failure_not_a_twin() -> None:
     """Identical bodies sent alongside each other (best-of-N) or after a success (Regenerate)
     are not retries; a re-send after a failure, a shed or a refusal is, and is shed first while
