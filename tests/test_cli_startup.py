@@ -264,7 +264,10 @@ def test_the_quickstart_keys_are_published_ones() -> None:
     assert not any(_is_loopback(h) for h in ("0.0.0.0", "::", "", "10.0.0.1", "gw.example"))
 
 
-def test_openapi_without_a_config_describes_the_embedded_fleet(tmp_path: Path) -> None:
+def test_openapi_without_a_config_describes_the_embedded_fleet(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # outside a checkout: no examples/quickstart.yaml to fall back on
     result = _run("openapi", "-o", str(tmp_path / "o.json"))
     assert result.exit_code == 0, result.output
     assert '"/v1/chat/completions"' in (tmp_path / "o.json").read_text()
