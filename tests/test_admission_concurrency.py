@@ -105,7 +105,12 @@ async def test_redis_lease_expiry_and_buckets(redis_stores: list[AdmissionStore]
     assert await s.take([rpm], 0.0) == 0 and await s.take([rpm], 0.0) == 0
     assert await s.take([rpm], 0.0) == pytest.approx(30.0)
     assert await s.take([rpm], 30.0) == 0
-    assert not await s.mark_seen("k", 10, 0) and await s.mark_seen("k", 10, 0)
+    assert not await s.marked("k", 0)
+    await s.mark("k", 10, 0)
+    assert await s.marked("k", 0)
+    await s.mark("k", 10, 0)
+    await s.unmark("k")
+    assert not await s.marked("k", 0)
     assert [await s.incr("i", 10, 0) for _ in range(3)] == [1, 2, 3]
     await s.add_usage("t", ("d", "wf", "m", "c", "k"), 0.5, 7, 5)
     await s.add_usage("t", ("d", "wf", "m", "c", "k"), 0.25, 7, 5)

@@ -601,3 +601,65 @@ def test_pool_columns_are_keyed_by_the_members_and_bounded(
         st = adm._pool_stats(pool)
         assert (st.usable, st.capacity, st.free) == _pool_sums_by_scan(adm, pool)[:3]
         assert len(adm._columns) <= 3
+
+
+# -- client-retry recognition ----------------------------------------------------------------
+async def test_marks_expire_restart_and_clear() -> None:
+    s = MemoryStore()
+    assert not await s.marked("k", 0)
+    await s.mark("k", 10, 0)
+    assert await s.marked("k", 9.9) and not await s.marked("k", 10)
+    await s.mark("k", 10, 5)  # marked again: the time starts over
+    assert await s.marked("k", 14.9)
+    await s.unmark("k")
+    assert not await s.marked("k", 6)
+
+
+async def test_expired_entries_are_swept_without_budgets() -> None:
+    """Each admitted request's retry check sweeps now and then, as the old mark_seen did: a
+    store without budgets (no reserve) keeps no expired loop counter or mark for good."""
+    s = MemoryStore()
+    await s.incr("loop:t:wf", 1.0, 0.0)
+    await s.mark("retry:k", 1.0, 0.0)
+    for _ in range(4096):
+        await s.marked("retry:other", 10.0)
+    assert not s._incrs and not s._marks
+
+
+async def test_a_retry_is_a_resend_after_a_failure_not_a_twin() -> None:
+    """Identical bodies sent alongside each other (best-of-N) or after a success (Regenerate)
+    are not retries; a re-send after a failure, a shed or a refusal is, and is shed first while
+    the pool is degraded (audit29 #3)."""
+    adm = _gateway().admission
+    adm.degraded = lambda pool: "saturated"  # type: ignore[method-assign]
+    t = tenant()
+    body = {"model": "llama-3.1-8b", "max_tokens": 5,
+            "messages": [{"role": "user", "content": "hi"}]}
+
+    async def admit() -> Any:
+        p = RequestProfile("r", "t", "llama-3.1-8b", prompt_tokens=2, max_output_tokens=5)
+        return await adm.admit("chat", dict(body), b"same body", {}, t, H, p)
+
+    retries = adm.metrics.client_retries
+    twins = [await admit() for _ in range(4)]  # all in flight at once: none is a retry
+    for tk in twins:
+        tk.succeeded = True
+        await adm.finish(tk)
+    regen = await admit()  # the last try succeeded: Regenerate is not a retry
+    regen.succeeded = True
+    await adm.finish(regen)
+    again = await admit()
+    await adm.finish(again)  # failed (never accounted as a success)
+    with pytest.raises(RateLimitError) as shed:  # the re-send after the failure: a retry
+        await admit()
+    assert shed.value.code == "retry_shed" and "Retry-After" in shed.value.headers
+    with pytest.raises(RateLimitError):  # a retry storm stays shed while degraded
+        await admit()
+    adm.degraded = lambda pool: None  # type: ignore[method-assign]
+    ok = await admit()  # recovered: the retry is admitted, and its success clears the mark
+    ok.succeeded = True
+    await adm.finish(ok)
+    adm.degraded = lambda pool: "saturated"  # type: ignore[method-assign]
+    await adm.finish(await admit())
+    assert sum(s.value for m in retries.collect() for s in m.samples
+               if s.name.endswith("_total")) == 3

@@ -337,3 +337,96 @@ async def test_errors_reach_the_client_in_the_openai_shape() -> None:
             async with s.post(f"{base}/v1/chat/completions",
                               json={**msg, "model": "m-bad", "n": 2}) as r:
                 assert r.status == 400 and (await r.json())["error"]["param"] == "n"
+
+
+# -- usage the gateway cannot read ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", ["abc", "12", None, -3, True, 1.5, [1], {"n": 1}])
+def test_usage_counts_that_are_not_counts_are_left_out(bad: Any) -> None:
+    out = a.openai_usage({"input_tokens": bad, "output_tokens": 4,
+                          "cache_read_input_tokens": bad})
+    assert out == {"completion_tokens": 4, "prompt_tokens_details": {"cached_tokens": 0}}
+    out = a.openai_usage({"input_tokens": 2, "output_tokens": bad})
+    assert out == {"prompt_tokens": 2, "prompt_tokens_details": {"cached_tokens": 0}}
+    t = a.StreamTranslator(include_usage=True)
+    t.feed(_events({"type": "message_start", "message": {"id": "m", "usage": bad}},
+                   {"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+                    "usage": {"output_tokens": bad}}))
+    assert _chunks(t.feed(_events({"type": "message_stop"}))) == ["[DONE]"]  # no usage at all
+
+
+async def test_unreadable_usage_counts_are_missing_not_a_500() -> None:
+    """A count that is not a number is read as missing (the prompt estimate is billed, the
+    completion counted from the stream), never a 500."""
+    app = build_provider(base="/v1", dialect="anthropic", key=UPSTREAM_KEY, mode="bad_usage")
+    async with providers(p=app) as ports:
+        config = parse_config(fleet_yaml(free_port(), [anthropic_endpoint("claude", ports["p"])]))
+        async with gateway(config) as (gw, base), session() as s:
+            msg = {"model": "big", "max_tokens": 21,
+                   "messages": [{"role": "user", "content": "hi"}]}
+            async with s.post(f"{base}/v1/chat/completions", json=msg) as r:
+                assert r.status == 200
+                body = await r.json()
+                did = r.headers["x-inferplane-decision-id"]
+            assert body["usage"]["completion_tokens"] == 1 and "prompt_tokens" not in body["usage"]
+            outcome = gw.ledger.get(did)["outcome"]  # type: ignore[index]
+            assert outcome["status"] == 200 and outcome["prompt_tokens"] is None
+            assert outcome["completion_tokens"] == 1 and outcome["cost_usd"] > 2 / 1e6
+            async with s.post(f"{base}/v1/chat/completions", json={**msg, "stream": True}) as r:
+                assert r.status == 200
+                events = _chunks(await r.read())
+                did = r.headers["x-inferplane-decision-id"]
+            assert events[-1] == "[DONE]" and not any("error" in e for e in events[:-1])
+            outcome = gw.ledger.get(did)["outcome"]  # type: ignore[index]
+            assert outcome["status"] == 200 and outcome["prompt_tokens"] == 10
+            assert outcome["completion_tokens"] == 3 and outcome["usage_source"] == "counted"
+
+
+def test_an_answer_without_usage_has_none() -> None:
+    msg = {"id": "msg_1", "type": "message", "role": "assistant", "model": "m",
+           "content": [{"type": "text", "text": "hi"}], "stop_reason": "end_turn"}
+    assert a.openai_usage(None) is None and a.openai_usage({}) is None
+    assert "usage" not in a.to_chat_completion(orjson.dumps(msg))
+    t = a.StreamTranslator(include_usage=True)
+    out = t.feed(_events({"type": "message_start", "message": {"id": "m"}},
+                         {"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+                          "usage": {"output_tokens": 5}},
+                         {"type": "message_stop"}))
+    assert _chunks(out)[-2]["usage"] == {"completion_tokens": 5,
+                                         "prompt_tokens_details": {"cached_tokens": 0}}
+
+
+async def test_an_answer_without_usage_bills_the_prompt_estimate() -> None:
+    """No usage from the upstream is not 0 tokens: the record bills the request's prompt
+    estimate and the streamed completion as counted, as for an OpenAI-dialect upstream."""
+    app = build_provider(base="/v1", dialect="anthropic", key=UPSTREAM_KEY, mode="no_usage")
+    async with providers(p=app) as ports:
+        config = parse_config(fleet_yaml(free_port(), [anthropic_endpoint("claude", ports["p"])]))
+        async with gateway(config) as (gw, base), session() as s:
+            msg = {"model": "big", "max_tokens": 2,
+                   "messages": [{"role": "user", "content": "hi"}]}
+            async with s.post(f"{base}/v1/chat/completions", json=msg) as r:
+                assert r.status == 200
+                body = await r.json()
+                did = r.headers["x-inferplane-decision-id"]
+            assert "usage" not in body
+            outcome = gw.ledger.get(did)["outcome"]  # type: ignore[index]
+            assert outcome["prompt_tokens"] is None and outcome["usage_source"] != "upstream"
+            assert outcome["cost_usd"] > 0
+            async with s.post(f"{base}/v1/chat/completions",
+                              json={**msg, "stream": True,
+                                    "stream_options": {"include_usage": True}}) as r:
+                events = _chunks(await r.read())
+                did = r.headers["x-inferplane-decision-id"]
+            assert events[-1] == "[DONE]" and not any(e.get("usage") for e in events[:-1])
+            outcome = gw.ledger.get(did)["outcome"]  # type: ignore[index]
+            assert outcome["prompt_tokens"] is None and outcome["cost_usd"] > 0
+            assert outcome["completion_tokens"] == 3 and outcome["usage_source"] == "counted"
+
+
+def test_a_text_block_with_null_text_is_empty_not_none() -> None:
+    msg = {"id": "msg_1", "type": "message", "role": "assistant", "model": "m",
+           "content": [{"type": "text", "text": None}, {"type": "text", "text": "ok"}],
+           "stop_reason": "end_turn", "usage": {"input_tokens": 1, "output_tokens": 1}}
+    assert a.to_chat_completion(orjson.dumps(msg))["choices"][0]["message"]["content"] == "ok"

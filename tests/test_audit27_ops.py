@@ -111,6 +111,21 @@ def test_check_connect_asks_the_redis_and_postgresql_the_file_names(tmp_path: Pa
     assert "secret" not in res.output and ":pw@" not in res.output
 
 
+def test_check_connect_names_the_dsn_variable_field_the_file_has(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A DSN read from ``postgres_dsn_env`` is reported under that field (audit29 nit 10)."""
+    closed = free_port()
+    monkeypatch.setenv("A29_LEDGER_DSN", f"postgresql://u:secret@127.0.0.1:{closed}/db")
+    cfg = tmp_path / "env.yaml"
+    cfg.write_text(to_yaml(pool_fleet(9001, ledger={"postgres_dsn_env": "A29_LEDGER_DSN"},
+                                      batch={"enabled": False})))
+    res = CliRunner().invoke(app, ["check", "-c", str(cfg), "--connect"])
+    assert res.exit_code == 2, res.output
+    assert f"{cfg}: ledger.postgres_dsn_env: cannot connect: " in res.output
+    assert "secret" not in res.output
+
+
 # -- stop and reload lines (F11) ------------------------------------------------------------
 def test_sigterm_says_what_it_drains_and_that_it_stopped(tmp_path: Path) -> None:
     """Two requests held by an upstream that never answers fill the endpoint

@@ -222,3 +222,66 @@ def test_flags_show_no_value_in_help(command: str) -> None:
     assert result.exit_code == 0
     assert "<bool>" not in result.output
     assert "--help" in result.output
+
+
+# -- no silent example fleet, no published keys beyond loopback (audit29 #6) ------------------
+
+
+@pytest.mark.parametrize("command", ["serve", "epp"])
+def test_serving_needs_a_config(command: str) -> None:
+    result = _run(command, "--port", str(free_port()))
+    assert result.exit_code == 2 and "Missing option '--config'" in result.output
+
+
+@pytest.mark.parametrize(("command", "host"), [
+    ("serve", "0.0.0.0"), ("serve", "::"), ("serve", "10.1.2.3"), ("serve", "gw.example"),
+    ("epp", "0.0.0.0"),
+])
+def test_published_example_keys_are_refused_beyond_loopback(
+    tmp_path: Path, command: str, host: str
+) -> None:
+    path = tmp_path / "fleet.yaml"
+    path.write_text(to_yaml(pool_fleet(9001, gateway={"port": free_port()},
+                                       key="sk-quickstart-acme")))
+    result = _run(command, "-c", str(path), "--host", host, "--port", str(free_port()))
+    assert result.exit_code == 2, result.output
+    assert f"refusing to listen on {host!r}" in result.output
+    assert "'sk-quickstart-acme'" in result.output and "hash-key" in result.output
+
+
+def test_the_quickstart_keys_are_published_ones() -> None:
+    """README's quickstart is served on loopback only; its keys are in the refused set."""
+    from inferplane.cli import PUBLISHED_KEYS, _is_loopback
+    from inferplane.config.loader import load_config
+    from inferplane.core.plane import hash_key
+
+    root = Path(__file__).resolve().parent.parent
+    cfg = load_config(root / "examples" / "quickstart.yaml")
+    assert cfg.gateway.host == "127.0.0.1"
+    published = {hash_key(k) for k in PUBLISHED_KEYS}
+    assert {h for t in cfg.tenants for h in t.api_keys} <= published
+    assert all(_is_loopback(h) for h in ("127.0.0.1", "::1", "localhost", "127.0.0.2"))
+    assert not any(_is_loopback(h) for h in ("0.0.0.0", "::", "", "10.0.0.1", "gw.example"))
+
+
+def test_openapi_without_a_config_describes_the_embedded_fleet(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # outside a checkout: no examples/quickstart.yaml to fall back on
+    result = _run("openapi", "-o", str(tmp_path / "o.json"))
+    assert result.exit_code == 0, result.output
+    assert '"/v1/chat/completions"' in (tmp_path / "o.json").read_text()
+
+
+def test_emulate_refusing_to_start_exits_2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A port in use (or a missing key) is a start-up refusal: status 2, as for serve (audit29
+    nit 10; it was 1)."""
+    import inferplane.twin.emulator.server as emulator
+
+    async def taken(*args: Any, **kwargs: Any) -> None:
+        raise emulator.EmulatorError("endpoint 'e-0': cannot listen on 127.0.0.1:1: in use")
+
+    monkeypatch.setattr(emulator, "serve_emulator", taken)
+    result = _run("emulate", "-c", str(_fleet(tmp_path)))
+    assert result.exit_code == 2, result.output
+    assert "cannot listen on 127.0.0.1:1" in result.output

@@ -1062,6 +1062,21 @@ def test_annotated_example_in_the_docs_is_valid() -> None:
     assert config.tenants[0].api_keys == [key_hash("sk-quickstart-acme")]
 
 
+def test_the_first_example_fleet_of_providers_md_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/providers.md's first example, with the region and tenant it leaves out (audit29
+    nit 8: its Claude model needed `profile:`)."""
+    monkeypatch.setenv("EXAMPLE_API_KEY", "k1")
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "k2")
+    doc = Path(__file__).resolve().parent.parent / "docs" / "providers.md"
+    example = doc.read_text("utf-8").split("```yaml\n", 1)[1].split("```", 1)[0]
+    text = ("regions: [{name: us-east}]\ntenants: [{name: t, api_keys: "
+            f"[\"{key_hash('sk-t')}\"]}}]\n" + example)
+    config = parse_config(text, "docs/providers.md")
+    build_policies(config, "docs/providers.md")
+    assert [m.name for s in config.substrates for e in s.endpoints for m in e.models] == [
+        "llama-3.1-70b", "claude-sonnet"]
+
+
 @pytest.mark.parametrize(
     ("gateway", "wait", "stale"),
     [

@@ -138,14 +138,19 @@ def test_postgres_keeps_its_data_in_a_subdirectory_of_the_claim() -> None:
     assert Path(pgdata).parent == Path(mount)
 
 
-def _pgdata_guard(root: Path) -> subprocess.CompletedProcess[str]:
-    """Run the postgres pod's guard init container's script with the claim at ``root``."""
+def _pgdata_guard(root: Path, pgdata: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the postgres pod's guard init container's script with the claim at ``root``, with
+    its env as in the manifest (``pgdata``: the PGDATA value an operator set instead)."""
     guard = next(c for c in _pod("inferplane-postgres")["initContainers"]
                  if c["name"] == "pgdata-guard")
     mount = next(m["mountPath"] for m in guard["volumeMounts"] if m["name"] == "data")
     script = guard["command"][-1].replace(mount, str(root))
+    env = {e["name"]: e["value"] for e in guard.get("env", [])}
+    if pgdata is not None:
+        env["PGDATA"] = pgdata
+    env = {k: v.replace(mount, str(root)) for k, v in env.items()}
     return subprocess.run([*guard["command"][:-1], script], capture_output=True, text=True,
-                          timeout=30, check=False)
+                          timeout=30, check=False, env={"PATH": "/usr/bin:/bin", **env})
 
 
 def test_postgres_refuses_to_start_on_a_claim_with_its_data_at_the_root(tmp_path: Path) -> None:
@@ -159,6 +164,25 @@ def test_postgres_refuses_to_start_on_a_claim_with_its_data_at_the_root(tmp_path
     (tmp_path / "PG_VERSION").write_text("16\n")
     refused = _pgdata_guard(tmp_path)
     assert refused.returncode == 1 and "PGDATA" in refused.stderr
+    assert "set the postgres container's PGDATA value to" in refused.stderr
+
+
+def test_the_documented_upgrade_path_for_a_claim_with_its_data_at_the_root(
+    tmp_path: Path,
+) -> None:
+    """deploy/README.md: an old claim (data at its root) sets PGDATA to the claim's root; the
+    guard reads the same entry as the postgres container and lets it start (audit29 #5)."""
+    pod = _pod("inferplane-postgres")
+    guard = next(c for c in pod["initContainers"] if c["name"] == "pgdata-guard")
+    pg = _container("inferplane-postgres", "postgres")
+    assert [e for e in guard["env"] if e["name"] == "PGDATA"] == [
+        e for e in pg["env"] if e["name"] == "PGDATA"]
+    (tmp_path / "PG_VERSION").write_text("16\n")
+    mount = next(m["mountPath"] for m in guard["volumeMounts"] if m["name"] == "data")
+    for root in (mount, mount + "/"):
+        assert _pgdata_guard(tmp_path, root).returncode == 0
+    readme = " ".join((ROOT / "deploy" / "README.md").read_text().split())
+    assert f"`PGDATA` value to `{mount}`" in readme
 
 
 @pytest.mark.parametrize("name", WORKLOADS)

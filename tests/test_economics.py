@@ -249,3 +249,65 @@ def test_what_if_compares_two_simulations(tmp_path: Path) -> None:
     assert bad.exit_code == 2 and "not an `inferplane simulate` report" in bad.output
     half = CliRunner().invoke(app, ["economics", "--report", str(a)])
     assert half.exit_code == 2 and "--against" in half.output
+
+
+# -- a ledger younger than the window (audit29 #4) -------------------------------------------
+def test_a_young_ledger_is_read_over_its_span_not_as_idle_days() -> None:
+    cfg = _config()  # 2 gpu endpoints at 2 USD/h; out_of_band_days 2
+    until = T0 + 30 * DAY
+    recs = [(until - 600 + i, _record("gpu", e2e=1.0)) for i in range(10)]  # 10 minutes old
+    r = analyse(recs, cfg, since=T0, until=until, starts_in_window=True)
+    gpu = next(p for p in r.pools if p.name == "gpu")
+    assert r.ledger_span and r.since == until - 600 and r.hours == pytest.approx(600 / 3600)
+    assert gpu.owned_usd == pytest.approx(2 * 2.0 * 600 / 3600)  # the hours the ledger covers
+    assert list(gpu.daily_utilisation) == ["2026-01-30"] and gpu.days_out_of_band == 1
+    assert r.triggers == []
+    assert r.to_json()["requested_since"] == T0
+    assert "the ledger's span" in lines(r)[0] and "30.0 days asked for" in lines(r)[0]
+    full = analyse(recs, cfg, since=T0, until=until)  # the ledger older than the window
+    assert not full.ledger_span and full.hours == pytest.approx(30 * 24)
+    empty = analyse([], cfg, since=T0, until=until, starts_in_window=True)
+    assert empty.hours == 0 and empty.triggers == [] and "no records" in lines(empty)[0]
+
+
+def test_out_of_band_needs_whole_days_of_data() -> None:
+    """A day the ledger covers only in part (its first) is not a day of data for the rule."""
+    cfg = _config()  # out_of_band_days 2
+    recs = [(T0 + DAY / 2 + i * 3600, _record("gpu")) for i in range(36)]
+    r = analyse(recs, cfg, since=T0 - 5 * DAY, until=T0 + 2 * DAY, starts_in_window=True)
+    gpu = next(p for p in r.pools if p.name == "gpu")
+    assert gpu.days_out_of_band == 1 and r.triggers == []  # half of day 1, then day 2
+    recs += [(T0 + 2 * DAY + i * 3600, _record("gpu")) for i in range(12)]
+    r = analyse(recs, cfg, since=T0 - 5 * DAY, until=T0 + 2.5 * DAY, starts_in_window=True)
+    gpu = next(p for p in r.pools if p.name == "gpu")
+    assert gpu.days_out_of_band == 2 and [t.kind for t in r.triggers] == ["out_of_band"]
+
+
+def test_divergence_and_break_even_need_their_data() -> None:
+    cfg = _config()  # divergence_days 3
+    recs = []
+    for d, tail in enumerate((0.2, 0.8)):  # two days of a rising tail: not three
+        recs += [(T0 + d * DAY + i, _record("gpu", ttft=0.1)) for i in range(99)]
+        recs += [(T0 + d * DAY + 100 + i, _record("gpu", ttft=tail)) for i in range(3)]
+    r = analyse(recs, cfg, since=T0, until=T0 + 2 * DAY)
+    gpu = next(p for p in r.pools if p.name == "gpu")
+    assert gpu.divergence_slope is not None and gpu.divergence_slope > 0
+    assert not [t for t in r.triggers if t.kind == "divergence_rising"]
+    # provider spend past break-even over half an hour: its per-hour figures need an hour
+    recs = [(T0 + i, _record("gpu", tokens=1000, e2e=1.0)) for i in range(10)]
+    recs += [(T0 + i, _record("api", tokens=1000, cost=0.02)) for i in range(200)]
+    r = analyse(recs, cfg, since=T0, until=T0 + 1800)
+    assert r.break_even[0].ratio is not None and r.break_even[0].ratio > 1
+    assert not [t for t in r.triggers if t.kind == "provider_past_break_even"]
+
+
+async def test_economics_of_a_young_ledger_file(tmp_path: Path) -> None:
+    ledger = tmp_path / "ledger.db"
+    await _write_ledger(ledger)  # 40 records from T0, a minute apart
+    r = from_ledger(_config(str(ledger)), Source(sqlite_path=str(ledger)),
+                    until=T0 + 3600)
+    assert r.ledger_span and r.since == T0 and r.hours == pytest.approx(1.0)
+    assert r.requested_since == T0 + 3600 - 30 * DAY
+    r = from_ledger(_config(str(ledger)), Source(sqlite_path=str(ledger)),
+                    since=T0 + 600, until=T0 + 3600)  # records before the window: all of it
+    assert not r.ledger_span and r.since == T0 + 600

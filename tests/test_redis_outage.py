@@ -71,7 +71,9 @@ async def test_outage_store_degrades_then_replays(tmp_path: Path, how: str) -> N
         assert (health.up, health.pending_settles, health.pending_usage, store.outages) == (
             False, 2, 1, 1)
         # local fallbacks: retry markers, loop counters, rate limits
-        assert not await store.mark_seen("k", 10, NOW) and await store.mark_seen("k", 10, NOW)
+        assert not await store.marked("k", NOW)
+        await store.mark("k", 10, NOW)
+        assert await store.marked("k", NOW)
         assert await store.incr("i", 10, NOW) == 1
         bucket = BucketDemand("b", 1, 1 / 60, 1)
         assert await store.take([bucket], NOW) == 0 and await store.take([bucket], NOW) > 0

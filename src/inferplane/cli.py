@@ -284,9 +284,44 @@ def _build(make: Callable[[], _T], config: Path, what: str) -> _T:
         fail(f"cannot start the {what} ({config}): {_describe(exc)}", 1)
 
 
+# API keys whose plaintext the project publishes (README, the comments of examples/ and of the
+# embedded fleets): a gateway holding one answers anyone who has read them
+PUBLISHED_KEYS = ("sk-quickstart-acme", "sk-quickstart-globex", "sk-h100x8-demo",
+                  "sk-hetero-acme", "sk-hetero-bund", "sk-hetero-batchco")
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # another name, or "" (every address)
+
+
+def refuse_published_keys(cfg: FleetConfig, host: str, option: str, config: Path) -> None:
+    """Exit (status 2) rather than listen on an address other than loopback with a tenant whose
+    API key is one the project publishes (the quickstart's, the demo fleets'): on 127.0.0.1
+    they are a demo, anywhere else an open door."""
+    if _is_loopback(host):
+        return
+    published = {"sha256:" + hashlib.sha256(k.encode()).hexdigest(): k for k in PUBLISHED_KEYS}
+    for t in cfg.tenants:
+        for h in t.api_keys:
+            if h.lower() in published:
+                fail(
+                    f"refusing to listen on {host!r} ({option}): tenant {t.name!r} in {config} "
+                    f"has the published example key {published[h.lower()]!r} (README, "
+                    f"examples/), which anyone can use; give the tenants keys of your own "
+                    f"(inferplane hash-key), or listen on 127.0.0.1"
+                )
+
+
 @app.command()
 def serve(
-    config: ConfigOpt = Path("examples/quickstart.yaml"),
+    config: ConfigOpt,
     host: Annotated[str | None, typer.Option(help="override gateway.host")] = None,
     port: Annotated[int | None, typer.Option(help="override gateway.port", min=0, max=65535)
                     ] = None,
@@ -306,6 +341,8 @@ def serve(
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until it can reload (`_wait_for_signal`)
     sha = _sha256(config)
     cfg = load_checked(config)
+    refuse_published_keys(cfg, host or cfg.gateway.host, "--host" if host else "gateway.host",
+                          config)
     if workers < 1:
         fail("--workers must be at least 1")
     if workers > 1:
@@ -529,7 +566,7 @@ def _serve_one(
 
 @app.command()
 def epp(
-    config: ConfigOpt = Path("examples/quickstart.yaml"),
+    config: ConfigOpt,
     host: Annotated[str | None, typer.Option(help="override epp.host")] = None,
     port: Annotated[int | None, typer.Option(help="override epp.port", min=0, max=65535)
                     ] = None,
@@ -546,6 +583,7 @@ def epp(
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the picker can reload
     sha = _sha256(config)
     cfg = load_checked(config)
+    refuse_published_keys(cfg, host or cfg.epp.host, "--host" if host else "epp.host", config)
     from inferplane.core.reload import freeze_heap
     from inferplane.epp.server import Picker
     from inferplane.epp.server import serve as serve_epp
@@ -736,7 +774,9 @@ def _connect_problems(cfg: FleetConfig, file: str, timeout_s: float = 2.0
 
     sections: list[Section] = ["ledger", "batch"] if cfg.batch.enabled else ["ledger"]
     for section in sections:
-        field = f"{section}.postgres_dsn"
+        spec = cfg.ledger if section == "ledger" else cfg.batch
+        # the file's own field: the DSN itself, or the variable that holds it
+        field = f"{section}.postgres_dsn" + ("_env" if spec.postgres_dsn_env else "")
         try:
             dsn = postgres_dsn(cfg, section, file)
         except ConfigError:  # an unset variable: startup_problems notes it
@@ -769,16 +809,25 @@ def schema(
 
 @app.command()
 def openapi(
-    config: ConfigOpt = Path("examples/quickstart.yaml"),
+    config: Annotated[Path | None, typer.Option(
+        "--config", "-c", help="fleet YAML file (default: the package's embedded h100x8 fleet)"
+    )] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="write to a file")] = None,
 ) -> None:
     """Print the OpenAPI description of the gateway CONFIG describes (also GET /openapi.json)."""
-    cfg = load_checked(config)
+    if config is not None:
+        cfg, label = load_checked(config), str(config)
+    else:
+        from inferplane.config.loader import parse_config
+        from inferplane.demo import embedded_fleet
+
+        text, label = embedded_fleet("h100x8")
+        cfg = parse_config(text, label)
     from inferplane.api.app import build_app, route_table
     from inferplane.api.openapi import build_spec
     from inferplane.api.pipeline import Gateway
 
-    text = json.dumps(build_spec(route_table(build_app(Gateway(cfg, str(config))))), indent=2)
+    text = json.dumps(build_spec(route_table(build_app(Gateway(cfg, label)))), indent=2)
     if out is None:
         sys.stdout.write(text + "\n")
     else:
@@ -1208,8 +1257,8 @@ def emulate(
             loop.add_signal_handler(sig, stop.set)
         try:
             await serve_emulator(cfg, time_scale=time_scale, only=only, stop=stop)
-        except EmulatorError as exc:
-            fail(str(exc), 1)
+        except EmulatorError as exc:  # a start-up refusal (a port in use, a missing key)
+            fail(str(exc))
 
     _run_to_end(main)
 

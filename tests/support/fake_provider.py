@@ -149,6 +149,7 @@ ANTHROPIC_USAGE = {"input_tokens": 6, "output_tokens": 3, "cache_read_input_toke
 async def _anthropic(request: web.Request, body: dict[str, Any], name: str) -> web.StreamResponse:
     tools = body.get("tools") or []
     text = f"{name} says hi"
+    mode = request.app[MODE_KEY]
     if not body.get("stream"):
         content: list[dict[str, Any]] = [{"type": "text", "text": text}]
         stop = "end_turn"
@@ -156,19 +157,25 @@ async def _anthropic(request: web.Request, body: dict[str, Any], name: str) -> w
             content.append({"type": "tool_use", "id": "toolu_1", "name": tools[0]["name"],
                             "input": {"city": "Paris"}})
             stop = "tool_use"
-        return web.json_response({
+        answer: dict[str, Any] = {
             "id": "msg_1", "type": "message", "role": "assistant", "model": body["model"],
             "content": content, "stop_reason": stop, "stop_sequence": None,
             "usage": ANTHROPIC_USAGE,
-        })
+        }
+        if mode == "bad_usage":  # counts that are not numbers
+            answer["usage"] = {"input_tokens": "abc", "output_tokens": 1}
+        if mode == "no_usage":
+            del answer["usage"]
+        return web.json_response(answer)
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
     await resp.prepare(request)
     w = resp.write
     await w(_sse("message_start", {"type": "message_start", "message": {
         "id": "msg_1", "type": "message", "role": "assistant", "model": body["model"],
         "content": [], "stop_reason": None, "stop_sequence": None,
-        "usage": {"input_tokens": 6, "output_tokens": 1, "cache_read_input_tokens": 4,
-                  "cache_creation_input_tokens": 0}}}))
+        **({} if mode == "no_usage" else {"usage": {
+            "input_tokens": 6, "output_tokens": 1, "cache_read_input_tokens": 4,
+            "cache_creation_input_tokens": 0}})}}))
     await w(_sse("content_block_start", {"type": "content_block_start", "index": 0,
                                          "content_block": {"type": "text", "text": ""}}))
     await w(_sse("ping", {"type": "ping"}))
@@ -179,7 +186,7 @@ async def _anthropic(request: web.Request, body: dict[str, Any], name: str) -> w
         # split one event across two writes: the translator must reassemble it
         await w(chunk[:10])
         await w(chunk[10:])
-        if i == 0 and request.app[MODE_KEY] == "stream_error":
+        if i == 0 and mode == "stream_error":
             await w(_sse("error", {"type": "error", "error": {"type": "overloaded_error",
                                                               "message": "Overloaded"}}))
             return resp
@@ -196,9 +203,12 @@ async def _anthropic(request: web.Request, body: dict[str, Any], name: str) -> w
                                                            "partial_json": part}}))
         await w(_sse("content_block_stop", {"type": "content_block_stop", "index": 1}))
         stop = "tool_use"
-    await w(_sse("message_delta", {"type": "message_delta",
-                                   "delta": {"stop_reason": stop, "stop_sequence": None},
-                                   "usage": {"output_tokens": 3}}))
+    delta: dict[str, Any] = {"type": "message_delta",
+                             "delta": {"stop_reason": stop, "stop_sequence": None},
+                             "usage": {"output_tokens": "x" if mode == "bad_usage" else 3}}
+    if mode == "no_usage":
+        del delta["usage"]
+    await w(_sse("message_delta", delta))
     await w(_sse("message_stop", {"type": "message_stop"}))
     return resp
 

@@ -9,9 +9,13 @@
 3. agent loop depth: the step header against ``loop.max_agent_step``, requests per workflow
    against ``loop.max_workflow_requests`` (400 ``agent_loop_depth_exceeded``); tool fan-out is
    exported;
-4. client-retry recognition; under degradation (the request's pool saturated, or every endpoint
-   of it at or over ``retry.degraded_error_rate``) retries are shed first (429, jittered
-   Retry-After);
+4. client-retry recognition: a request is a retry when its ``Idempotency-Key`` (else its body
+   from the same API key) was last seen failing within ``retry.window_s`` (refused here or
+   later, shed, an error answer, a timeout, its client gone: `Admission.finish` marks it; a
+   success clears the mark), so a twin sent alongside (best-of-N) or after a success
+   (Regenerate) is not one; under degradation (the request's pool saturated, or every endpoint
+   of it at or over ``retry.degraded_error_rate``) retries are shed first (429 ``retry_shed``,
+   jittered Retry-After), and a shed retry is marked again;
 5. rate limits (token buckets, 429 + Retry-After);
 6. budgets: the worst case reserved atomically on every applicable counter (429
    ``budget_exceeded`` with the window's reset);
@@ -130,6 +134,10 @@ class Ticket:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     done: bool = False
+    # client-retry recognition (`admission.retry`): the request's marker key, and whether its
+    # answer was a success (`Core.account`); `finish` marks a failure, clears a success
+    retry_key: str | None = None
+    succeeded: bool = False
     # the settle's id: its budget lease and its usage update are applied once under it, even
     # when an outage journal replays them (`admission.outage`)
     settle_id: str = field(default_factory=lambda: os.urandom(8).hex())
@@ -489,6 +497,8 @@ class Admission:
             if isinstance(exc, GatewayError):
                 reason = exc.code or exc.error_type
                 m.child(m.admission_rejected, m.tenant(tenant.name), reason).inc()
+            if ticket.retry_key is not None:  # refused (or its client left): a re-send retries
+                await self.store.mark(ticket.retry_key, self.spec.retry.window_s, self.clock())
             if ticket.lease is not None:
                 await self.budgets.settle(ticket.lease, 0.0, 0)
             raise
@@ -546,10 +556,8 @@ class Admission:
         # 4. client retries, shed first under degradation
         pool = self.pool_of(t.profile)
         m.child(m.admitted_requests, m.tenant(tenant.name), cls.name).inc()
-        is_retry = await self.store.mark_seen(
-            retry_key(tenant.name, t.key_hash, idem, raw), self.spec.retry.window_s, now
-        )
-        if is_retry:
+        t.retry_key = retry_key(tenant.name, t.key_hash, idem, raw)
+        if await self.store.marked(t.retry_key, now):  # its last try failed: a retry
             m.child(m.client_retries, m.tenant(tenant.name), cls.name).inc()
             why = self.degraded(pool)
             if why is not None:
@@ -613,6 +621,12 @@ class Admission:
         self.queue.pump()
         if not self.enabled:
             return
+        if t.retry_key is not None:
+            # a re-send after a failure is a retry; after a success (Regenerate) it is not
+            if t.succeeded:
+                await self.store.unmark(t.retry_key)
+            else:
+                await self.store.mark(t.retry_key, self.spec.retry.window_s, self.clock())
         if t.lease is not None:
             await self.budgets.settle(t.lease, usd, tokens if observed else 0)
         if observed:

@@ -447,11 +447,21 @@ class OutageStore:
             return await self.local.take(buckets, now)
         return wait
 
-    async def mark_seen(self, key: str, ttl_s: float, now: float) -> bool:
-        ok, seen = await self._try(lambda: self.remote.mark_seen(key, ttl_s, now))
+    async def marked(self, key: str, now: float) -> bool:
+        ok, seen = await self._try(lambda: self.remote.marked(key, now))
         if not ok or seen is None:
-            return await self.local.mark_seen(key, ttl_s, now)
+            return await self.local.marked(key, now)
         return seen
+
+    async def mark(self, key: str, ttl_s: float, now: float) -> None:
+        ok, _ = await self._try(lambda: self.remote.mark(key, ttl_s, now))
+        if not ok:
+            await self.local.mark(key, ttl_s, now)
+
+    async def unmark(self, key: str) -> None:
+        ok, _ = await self._try(lambda: self.remote.unmark(key))
+        if not ok:
+            await self.local.unmark(key)
 
     async def incr(self, key: str, ttl_s: float, now: float) -> int:
         ok, n = await self._try(lambda: self.remote.incr(key, ttl_s, now))

@@ -306,9 +306,14 @@ class RedisStore:
             args += [repr(b.capacity), repr(b.rate_per_s), repr(b.cost)]
         return float(await self._take(keys=[f"{self.p}b:{b.key}" for b in buckets], args=args))
 
-    async def mark_seen(self, key: str, ttl_s: float, now: float) -> bool:
-        fresh = await self.r.set(f"{self.p}m:{key}", "1", nx=True, px=int(_ms(ttl_s)))
-        return not fresh
+    async def marked(self, key: str, now: float) -> bool:
+        return bool(await self.r.exists(f"{self.p}m:{key}"))
+
+    async def mark(self, key: str, ttl_s: float, now: float) -> None:
+        await self.r.set(f"{self.p}m:{key}", "1", px=int(_ms(ttl_s)))
+
+    async def unmark(self, key: str) -> None:
+        await self.r.delete(f"{self.p}m:{key}")
 
     async def incr(self, key: str, ttl_s: float, now: float) -> int:
         k = f"{self.p}i:{key}"

@@ -1,7 +1,10 @@
 """Retry governance: recognise client retries, and budget the gateway's own re-placements.
 
-A request is a **client retry** when its ``Idempotency-Key`` was seen from the same tenant, or
-(without one) the same body bytes came from the same API key, within ``retry.window_s``. Retries
+A request is a **client retry** when its ``Idempotency-Key`` (from the same tenant), or
+(without one) the same body bytes from the same API key, was last seen failing within
+``retry.window_s``: refused by admission (a shed included), an error answer, a timeout, its
+client gone. A twin sent while the first is in flight (best-of-N) or after it succeeded
+(Regenerate) is not one. `Admission.finish` keeps the marker (`retry_key`) per outcome. Retries
 are counted per tenant and class, and are the first requests shed when the fleet is degraded.
 
 `RetryBudget` is Finagle's retry budget (and Envoy's ``retry_budget``): re-placements are allowed

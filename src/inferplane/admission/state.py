@@ -105,8 +105,14 @@ class AdmissionStore(Protocol):
     async def take(self, buckets: Sequence[BucketDemand], now: float) -> float:
         """Take ``cost`` from every bucket, or from none; 0 on success, else seconds to wait."""
 
-    async def mark_seen(self, key: str, ttl_s: float, now: float) -> bool:
-        """Remember ``key`` for ``ttl_s``; True when it was already remembered."""
+    async def marked(self, key: str, now: float) -> bool:
+        """Whether ``key`` is remembered (`mark`, not expired)."""
+
+    async def mark(self, key: str, ttl_s: float, now: float) -> None:
+        """Remember ``key`` for ``ttl_s`` from ``now`` (again: the time starts over)."""
+
+    async def unmark(self, key: str) -> None:
+        """Forget ``key``."""
 
     async def incr(self, key: str, ttl_s: float, now: float) -> int:
         """Add one to a counter that lives ``ttl_s`` from its first increment; the new value."""
@@ -297,13 +303,17 @@ class MemoryStore:
             self._buckets[b.key] = (level - b.cost, now)
         return 0.0
 
-    async def mark_seen(self, key: str, ttl_s: float, now: float) -> bool:
-        self._sweep(now)
+    async def marked(self, key: str, now: float) -> bool:
+        self._sweep(now)  # once per admitted request: what keeps the expired entries bounded
         exp = self._marks.get(key)
-        seen = exp is not None and exp > now
-        if not seen:
-            self._marks[key] = now + ttl_s
-        return seen
+        return exp is not None and exp > now
+
+    async def mark(self, key: str, ttl_s: float, now: float) -> None:
+        self._sweep(now)
+        self._marks[key] = now + ttl_s
+
+    async def unmark(self, key: str) -> None:
+        self._marks.pop(key, None)
 
     async def incr(self, key: str, ttl_s: float, now: float) -> int:
         n, exp = self._incrs.get(key, (0, now + ttl_s))

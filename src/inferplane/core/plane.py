@@ -1282,6 +1282,7 @@ class Core:
                 prompt if prompt is not None else d.profile.prompt_tokens,
                 completion or 0,
             )
+            attempt.ticket.succeeded = 200 <= status < 300  # else a re-send is a retry
         self.metrics.child(self.metrics.requests, d.profile.api, name, str(status)).inc()
         attempt.trace.finished(
             status=status, error=error, prompt_tokens=prompt, completion_tokens=completion,

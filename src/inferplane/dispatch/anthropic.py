@@ -76,6 +76,11 @@ class MessagesStreamError(Exception):
 # -- requests ----------------------------------------------------------------------------------
 
 
+def _str(v: Any) -> str:
+    """A text field: a string as it is, anything else (``null``, a number) as ``""``."""
+    return v if isinstance(v, str) else ""
+
+
 def _bad(message: str, param: str) -> InvalidRequestError:
     return InvalidRequestError(f"{message} (the upstream speaks the Anthropic Messages API)",
                                param=param)
@@ -89,7 +94,7 @@ def _text_of(content: Any, param: str) -> str:
         out = []
         for part in content:
             if isinstance(part, dict) and part.get("type") == "text":
-                out.append(str(part.get("text", "")))
+                out.append(_str(part.get("text")))
             else:
                 raise _bad("a system message may hold text parts only", param)
         return "\n".join(out)
@@ -124,7 +129,7 @@ def _content_blocks(content: Any, param: str) -> list[JSONObject]:
     for k, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text":
-            blocks.append({"type": "text", "text": str(part.get("text", ""))})
+            blocks.append({"type": "text", "text": _str(part.get("text"))})
         elif kind == "image_url":
             blocks.append(_image_block(part, f"{param}[{k}]"))
         else:
@@ -277,19 +282,37 @@ def to_messages_request(
 # -- answers -----------------------------------------------------------------------------------
 
 
-def openai_usage(usage: Any) -> JSONObject:
-    """Messages usage as OpenAI usage (cache reads and writes count as prompt tokens)."""
+def _count(v: Any) -> int | None:
+    """A token count from the upstream: a non-negative integer, else None (unreadable)."""
+    return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else None
+
+
+def openai_usage(usage: Any) -> JSONObject | None:
+    """Messages usage as OpenAI usage (cache reads and writes count as prompt tokens).
+
+    A count that is missing or not a non-negative integer is left out (``prompt_tokens``
+    when ``input_tokens`` is, ``completion_tokens`` when ``output_tokens`` is, and then
+    ``total_tokens``), never guessed as 0: the gateway then accounts the request's prompt
+    estimate and the completion counted from the stream, as for an OpenAI-dialect answer
+    without those counts. Missing cache counts are 0. None (no usage at all) when the
+    upstream sent neither count."""
     u = usage if isinstance(usage, dict) else {}
-    read = int(u.get("cache_read_input_tokens") or 0)
-    created = int(u.get("cache_creation_input_tokens") or 0)
-    prompt = int(u.get("input_tokens") or 0) + read + created
-    completion = int(u.get("output_tokens") or 0)
-    return {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": read},
-    }
+    if _count(u.get("input_tokens")) is None and _count(u.get("output_tokens")) is None:
+        return None
+    read = _count(u.get("cache_read_input_tokens")) or 0
+    created = _count(u.get("cache_creation_input_tokens")) or 0
+    given = _count(u.get("input_tokens"))
+    prompt = None if given is None else given + read + created
+    completion = _count(u.get("output_tokens"))
+    out: JSONObject = {}
+    if prompt is not None:
+        out["prompt_tokens"] = prompt
+    if completion is not None:
+        out["completion_tokens"] = completion
+    if prompt is not None and completion is not None:
+        out["total_tokens"] = prompt + completion
+    out["prompt_tokens_details"] = {"cached_tokens": read}
+    return out
 
 
 def _loads(data: bytes) -> JSONObject:
@@ -314,7 +337,7 @@ def to_chat_completion(data: bytes) -> JSONObject:
         if not isinstance(block, dict):
             continue
         if block.get("type") == "text":
-            texts.append(str(block.get("text", "")))
+            texts.append(_str(block.get("text")))
         elif block.get("type") == "tool_use":
             calls.append(
                 {
@@ -330,7 +353,7 @@ def to_chat_completion(data: bytes) -> JSONObject:
     if calls:
         message["tool_calls"] = calls
     reason = msg.get("stop_reason")
-    return {
+    out: JSONObject = {
         "id": msg.get("id"),
         "object": "chat.completion",
         "created": int(time.time()),
@@ -343,8 +366,11 @@ def to_chat_completion(data: bytes) -> JSONObject:
                 "logprobs": None,
             }
         ],
-        "usage": openai_usage(msg.get("usage")),
     }
+    usage = openai_usage(msg.get("usage"))
+    if usage is not None:  # none sent: none relayed, as from an OpenAI-dialect upstream
+        out["usage"] = usage
+    return out
 
 
 def to_openai_error(data: bytes) -> JSONObject:
@@ -405,6 +431,10 @@ class StreamTranslator:
             }
         )
 
+    def _take_usage(self, usage: Any) -> None:
+        if isinstance(usage, dict):  # counts are read (or left out) by `openai_usage`
+            self._usage.update(usage)
+
     def feed(self, data: bytes) -> bytes:
         """Translate what arrived; raises `MessagesStreamError` on an ``error`` event and
         `MessagesFormatError` on an event that is not Messages SSE."""
@@ -436,7 +466,7 @@ class StreamTranslator:
             msg = ev.get("message") or {}
             self._id = str(msg.get("id", ""))
             self._model = str(msg.get("model", ""))
-            self._usage.update(msg.get("usage") or {})
+            self._take_usage(msg.get("usage"))
             return self._chunk({"role": "assistant", "content": ""})
         if kind == "content_block_start":
             block = ev.get("content_block") or {}
@@ -464,7 +494,7 @@ class StreamTranslator:
                 return self._chunk({"tool_calls": [args]})
             return b""  # thinking, signature and citation deltas have no chat equivalent
         if kind == "message_delta":
-            self._usage.update(ev.get("usage") or {})
+            self._take_usage(ev.get("usage"))
             reason = (ev.get("delta") or {}).get("stop_reason")
             if reason is None:
                 return b""
@@ -472,7 +502,8 @@ class StreamTranslator:
         if kind == "message_stop":
             self.finished = True
             out = b""
-            if self.include_usage:
+            usage = openai_usage(self._usage)
+            if self.include_usage and usage is not None:
                 out += _sse(
                     {
                         "id": self._id,
@@ -480,7 +511,7 @@ class StreamTranslator:
                         "created": self._created,
                         "model": self._model,
                         "choices": [],
-                        "usage": openai_usage(self._usage),
+                        "usage": usage,
                     }
                 )
             return out + b"data: [DONE]\n\n"

@@ -22,7 +22,14 @@ states every formula with a worked example. In short, over a window of ``H`` hou
   token of the requests that have them;
 * **reassessment triggers**: a pool outside its band for ``out_of_band_days`` consecutive days,
   provider spend past break-even, and a P99/P50 TTFT divergence whose least-squares slope over
-  the last ``divergence_days`` days is positive.
+  the last ``divergence_days`` days is positive. None fires on less data than its rule needs:
+  ``out_of_band_days`` days of data (every one whole but the window's last), at least
+  ``MIN_BREAK_EVEN_H`` hours for break-even (its figures are per hour), and a P99/P50 on each of
+  ``divergence_days`` days.
+
+A ledger younger than the window (``starts_in_window``: it holds nothing before ``since``) is read
+over the span it covers, from its first record: the days before it are no data, not idle days,
+and owned cost counts the hours since then.
 """
 
 from __future__ import annotations
@@ -37,6 +44,8 @@ from typing import Any
 from inferplane.config.schema import EconomicsSpec, FleetConfig, SubstrateSpec
 
 DAY_S = 86400.0
+MIN_BREAK_EVEN_H = 1.0
+"""The fewest hours of records for a ``provider_past_break_even`` trigger."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,7 +168,7 @@ class Trigger:
 
 @dataclass(frozen=True, slots=True)
 class EconomicsReport:
-    since: float
+    since: float  # the window's start: ``requested_since``, or the ledger's first record
     until: float
     hours: float
     requests: int
@@ -169,6 +178,12 @@ class EconomicsReport:
     spillovers: dict[str, int]
     break_even: list[BreakEven]
     triggers: list[Trigger]
+    requested_since: float | None = None  # the window asked for; set when the ledger is younger
+
+    @property
+    def ledger_span(self) -> bool:
+        """The ledger began inside the window asked for: the report covers only its span."""
+        return self.requested_since is not None and self.requested_since < self.since
 
     def to_json(self) -> dict[str, Any]:
         def pool(p: PoolEconomics) -> dict[str, Any]:
@@ -185,6 +200,8 @@ class EconomicsReport:
         return {
             "schema": "inferplane.economics/1",
             "since": self.since, "until": self.until, "hours": self.hours,
+            "requested_since": (self.requested_since if self.requested_since is not None
+                                else self.since),
             "requests": self.requests,
             "pools": [pool(p) for p in self.pools],
             "by_kind": self.by_kind, "by_class": self.by_class, "spillovers": self.spillovers,
@@ -244,8 +261,11 @@ def analyse(
     *,
     since: float,
     until: float,
+    starts_in_window: bool = False,
 ) -> EconomicsReport:
-    """The report over ``since <= at < until`` of ``(at_unix, record)`` pairs."""
+    """The report over ``since <= at < until`` of ``(at_unix, record)`` pairs; with
+    ``starts_in_window`` (the ledger holds nothing before ``since``) over the span from the
+    first record on (none: an empty span)."""
     if until <= since:
         raise ValueError("the window is empty: until must be after since")
     spec = config.economics
@@ -257,9 +277,11 @@ def analyse(
     by_model_sub: dict[tuple[str, str], _Acc] = defaultdict(_Acc)
     spillovers: dict[str, int] = defaultdict(int)
     total = 0
+    first = until
     for at, record in records:
         if not since <= at < until:
             continue
+        first = min(first, at)
         s = Served.from_record(at, record)
         if s is None:
             continue
@@ -273,6 +295,9 @@ def analyse(
         if s.spillover is not None:
             spillovers[s.spillover] += 1
 
+    requested = since
+    if starts_in_window:
+        since = first  # before the ledger's first record there is no data (not 0 % busy)
     hours = (until - since) / 3600.0
     days = _days(since, until)
     pool_reports: list[PoolEconomics] = []
@@ -290,8 +315,10 @@ def analyse(
         }
         elastic = sub.kind == "provider-api"  # nothing idles there: no band to be outside of
         run = 0
-        for d, _ in reversed(days):
+        for k, (d, secs) in enumerate(reversed(days)):
             if elastic or _band(per_day[d], spec) == "within":
+                break
+            if k and secs < DAY_S:  # a day covered in part (not the last): not a day of data
                 break
             run += 1
         divergence = {}
@@ -302,7 +329,7 @@ def analyse(
                 if p50 > 0:
                     divergence[d] = _percentile(ttfts, 99) / p50
         recent = list(divergence.values())[-spec.divergence_days:]
-        utilisation = acc.busy_s / (hours * 3600.0 * slots)
+        utilisation = acc.busy_s / (hours * 3600.0 * slots) if hours > 0 else 0.0
         pool_reports.append(PoolEconomics(
             name=sub.name, kind=sub.kind, capacity_class=sub.capacity_class,
             endpoints=len(sub.endpoints), slots=slots, requests=acc.requests, tokens=acc.tokens,
@@ -330,7 +357,7 @@ def analyse(
     report = EconomicsReport(
         since=since, until=until, hours=hours, requests=total, pools=pool_reports,
         by_kind=by_kind, by_class=by_class, spillovers=dict(sorted(spillovers.items())),
-        break_even=breaks, triggers=[],
+        break_even=breaks, triggers=[], requested_since=requested,
     )
     report.triggers.extend(triggers(report, spec))
     return report
@@ -379,7 +406,8 @@ def triggers(report: EconomicsReport, spec: EconomicsSpec) -> list[Trigger]:
                 f"utilisation {p.band} the band [{spec.band_low:.0%}, {spec.band_high:.0%}] for "
                 f"{p.days_out_of_band} consecutive days (now {p.utilisation:.1%})",
             ))
-        if p.divergence_slope is not None and p.divergence_slope > 0 and len(p.divergence) >= 2:
+        if (p.divergence_slope is not None and p.divergence_slope > 0
+                and len(p.divergence) >= spec.divergence_days):  # a P99/P50 on each day
             last = list(p.divergence.values())[-1]
             out.append(Trigger(
                 "divergence_rising", p.name,
@@ -387,7 +415,7 @@ def triggers(report: EconomicsReport, spec: EconomicsSpec) -> list[Trigger]:
             ))
     for b in report.break_even:
         r = b.ratio
-        if r is not None and r > 1:
+        if r is not None and r > 1 and report.hours >= MIN_BREAK_EVEN_H:
             out.append(Trigger(
                 "provider_past_break_even", b.model,
                 f"provider spend {b.provider_usd_per_h:.2f} USD/h is {r:.1f}x the "

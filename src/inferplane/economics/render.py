@@ -7,6 +7,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -28,14 +29,32 @@ def records(source: Source, since: float, until: float) -> Iterator[tuple[float,
             yield row.at_unix, orjson.loads(row.text)
 
 
+def _holds_records_before(source: Source, at: float) -> bool:
+    with export_rows(source, Query(tenant=None, until=at)) as rows:
+        return next(iter(rows), None) is not None
+
+
 def from_ledger(
     config: FleetConfig, source: Source, *, since: float | None = None,
     until: float | None = None,
 ) -> EconomicsReport:
-    """The report over the last ``economics.window_days`` (or ``since``…``until``)."""
+    """The report over the last ``economics.window_days`` (or ``since``…``until``); over the
+    ledger's span from its first record when it holds none before the window (a young
+    ledger's missing days are no data, not idle ones)."""
     end = until if until is not None else time.time()
     start = since if since is not None else end - config.economics.window_days * 86400.0
-    return analyse(records(source, start, end), config, since=start, until=end)
+    young = not _holds_records_before(source, start)
+    return analyse(records(source, start, end), config, since=start, until=end,
+                   starts_in_window=young)
+
+
+def _when(at: float) -> str:
+    return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _span(hours: float) -> str:
+    return (f"{hours / 24:.1f} days" if hours >= 48 else f"{hours:.1f} h" if hours >= 1
+            else f"{hours * 60:.1f} min")
 
 
 def _money(x: float | None, unit: str = "") -> str:
@@ -45,6 +64,13 @@ def _money(x: float | None, unit: str = "") -> str:
 def lines(r: EconomicsReport) -> list[str]:
     """A plain-text report (what `inferplane economics` prints)."""
     span = f"{r.hours:.1f} h" if r.hours >= 1 else f"{r.hours * 60:.1f} min"
+    asked = _span((r.until - (r.requested_since or r.since)) / 3600)
+    if r.ledger_span and r.hours <= 0:
+        span = f"no records in the {asked} asked for"
+    elif r.ledger_span:
+        span += (f" (the ledger's span: its first record is at {_when(r.since)}, inside the "
+                 f"{asked} asked for; the days before "
+                 "it are no data, not idle)")
     out = [f"window: {span}, {r.requests} served requests", "",
            f"{'pool':<22}{'kind':<18}{'class':<10}{'util':>7}{'band':>8}{'days out':>9}"
            f"{'tokens':>12}{'USD':>11}{'USD/1M tok':>12}{'P99/P50':>9}"]

@@ -571,7 +571,8 @@ class GatewayMetrics:
         )
         self.client_retries = Counter(
             "inferplane_client_retries",
-            "Requests recognised as client retries (Idempotency-Key or same body and key); "
+            "Requests recognised as client retries (a re-send, by Idempotency-Key or same body "
+            "and key, of a request that failed within admission.retry.window_s); "
             "retry rate = this / inferplane_admission_requests_total",
             ["tenant", "workload_class"],
             registry=r,
