@@ -292,7 +292,8 @@ class GatewaySpec(Strict):
         "path is decided per endpoint by reading both pages (again every 5 min): the filtered "
         "one only when it parses every field the whole one does (a sample a node agent merges "
         "into /metrics only, such as DCGM power, keeps the whole page; so does vLLM with "
-        "several API servers, whose multiprocess registry cannot filter). false: always the "
+        "several API servers, whose multiprocess registry cannot filter), asked then for only "
+        "the names the whole page carries (13 of the 20 on vLLM 0.32). false: always the "
         "whole page",
     )
     stale_after_s: float = Field(2.0, gt=0, description="metrics older than this are not trusted")
