@@ -173,7 +173,7 @@ def measure(url: str, pid: int, gets: int, rounds: int) -> None:
     print("| GET | target bytes | page bytes | API server CPU (schedstat) | API server CPU "
           "(ticks) | engine core CPU | wall | parses as the whole page |")
     print("|---|---:|---:|---:|---:|---:|---:|---|")
-    for label, target, tenths in todo:
+    for label, target, _ in todo:
         s = samples[label]
         cols = []
         for i in range(4):
