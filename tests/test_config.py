@@ -1065,7 +1065,7 @@ def test_annotated_example_in_the_docs_is_valid() -> None:
 @pytest.mark.parametrize(
     ("gateway", "wait", "stale"),
     [
-        ({"scrape_max_interval_s": 3.0}, "3", "2"),
+        ({"scrape_max_interval_s": 7.0}, "7", "6"),  # the default stale_after_s, 6 s
         ({"stale_after_s": 0.5}, "0.5", "0.5"),  # the default 0.5 s cap
     ],
 )
