@@ -1080,7 +1080,7 @@ def test_the_first_example_fleet_of_providers_md_loads(monkeypatch: pytest.Monke
 @pytest.mark.parametrize(
     ("gateway", "wait", "stale"),
     [
-        ({"scrape_max_interval_s": 3.0}, "3", "2"),
+        ({"scrape_max_interval_s": 7.0}, "7", "6"),  # the default stale_after_s, 6 s
         ({"stale_after_s": 0.5}, "0.5", "0.5"),  # the default 0.5 s cap
     ],
 )

@@ -829,6 +829,17 @@ def test_the_idle_wait_stays_under_the_staleness_horizons(
     assert idle_wait_cap(quiet, stale, eject) == (None if cap is None else pytest.approx(cap))
 
 
+def test_the_default_quiet_wait_is_three_seconds_and_stays_fresh() -> None:
+    """By default an engine only this gateway feeds is scraped every 3 s (session 29: a third
+    of the 1-s interval's scrapes on real engines), and a page that old is not stale."""
+    from inferplane.config.schema import GatewaySpec
+
+    g = GatewaySpec()
+    cap = idle_wait_cap(g.scrape_quiet_interval_s, g.stale_after_s, None)
+    assert cap == pytest.approx(3.0)
+    assert 2 * cap <= g.stale_after_s
+
+
 async def test_idle_counts_the_sibling_replicas_requests(live: LiveFleet) -> None:
     """With shared slots, a request another replica of this gateway has in flight on the engine
     means it is not idle, whatever its page said at the time."""

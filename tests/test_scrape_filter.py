@@ -23,7 +23,12 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 
 from inferplane.config.loader import parse_config
 from inferplane.config.schema import GatewaySpec
-from inferplane.fleet.engine_metrics import EngineMetrics, parse_vllm, sample_names
+from inferplane.fleet.engine_metrics import (
+    EngineMetrics,
+    parse_vllm,
+    sample_names,
+    sample_names_on,
+)
 from inferplane.fleet.model import Endpoint, Fleet
 from inferplane.fleet.scraper import HttpMetricsSource
 from inferplane.twin.emulator.metrics import restricted
@@ -173,6 +178,77 @@ async def test_a_vllm_engine_is_scraped_on_its_filtered_page() -> None:
         assert eng.hits == {"/metrics/": 4, "/metrics": 1}
         assert src.path_of(ep) is not None and src.path_of(ep).startswith("/metrics/?name")
         assert all(t is not None and parse_vllm(t) == parse_vllm(eng.page()) for t in texts)
+
+
+def asked(path: str | None) -> list[str]:
+    """The names a filtered path's query asks for."""
+    from urllib.parse import parse_qs, urlsplit
+
+    assert path is not None and path.startswith("/metrics/?"), path
+    return parse_qs(urlsplit(path).query)["name[]"]
+
+
+def test_the_names_a_page_carries() -> None:
+    """Of the names the parser reads, those a page has samples of (in the parser's order, the
+    running gauge first whatever the page): a page of one vLLM generation lacks the others'."""
+    names = sample_names("vllm")
+    assert names is not None
+    page = (FIXTURES / "vllm.txt").read_text()
+    assert sample_names_on("vllm", page) == tuple(
+        n for n in names if n not in ("vllm:gpu_prefix_cache_hit_rate", "DCGM_FI_DEV_POWER_USAGE"))
+    assert sample_names_on("vllm", page + DCGM) == tuple(
+        n for n in names if n != "vllm:gpu_prefix_cache_hit_rate")
+    reg = generate_latest(vllm_registry()).decode()
+    assert sample_names_on("vllm", reg) == (
+        "vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
+        "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total",
+        "vllm:num_preemptions_total", "vllm:prompt_tokens_total", "vllm:generation_tokens_total",
+        "vllm:time_to_first_token_seconds_sum", "vllm:time_to_first_token_seconds_count",
+        "vllm:inter_token_latency_seconds_sum", "vllm:inter_token_latency_seconds_count",
+        "vllm:cache_config_info")
+    # a name only in a comment, or a longer name it begins, is not on the page
+    assert sample_names_on("vllm", "# TYPE vllm:num_preemptions_total counter\n"
+                           "vllm:num_requests_waiting_by_reason{r=\"x\"} 1\n") == (
+        "vllm:num_requests_running",)
+    assert sample_names_on("sglang", page) is None
+
+
+async def test_the_filtered_query_asks_only_for_the_names_on_the_page() -> None:
+    """Once decided, the filtered page is asked for the names the whole page carries: a vLLM
+    0.32-like page has none of the older aliases, DCGM power nor time_per_output_token, and
+    the narrowed page still parses as the whole page does."""
+    async with Engine("vllm") as eng, aiohttp.ClientSession() as s:
+        src, ep = HttpMetricsSource(s), endpoint(eng.url)
+        await src.metrics(ep)
+        got = asked(src.path_of(ep))
+        assert got == list(sample_names_on("vllm", eng.page()) or ())
+        assert len(got) == 13 and not [n for n in got if "gpu_" in n or "DCGM" in n
+                                       or "time_per_output" in n]
+        text = await src.metrics(ep)
+        assert text is not None and parse_vllm(text) == parse_vllm(eng.page())
+        assert eng.hits == {"/metrics/": 2, "/metrics": 1}
+
+
+async def test_an_older_engines_names_are_kept_and_the_newer_dropped() -> None:
+    """A page of an older vLLM (the ``gpu_`` names, no ``kv_cache_usage_perc``) is asked for
+    its own names: its KV usage and prefix counters still come through the filtered page."""
+    async with Engine("vllm") as eng, aiohttp.ClientSession() as s:
+        reg = eng.registry = CollectorRegistry()
+        names = list(LABELS)
+        Gauge("vllm:num_requests_running", "r", names, registry=reg).labels(**LABELS).set(2)
+        Gauge("vllm:gpu_cache_usage_perc", "kv", names, registry=reg).labels(**LABELS).set(0.5)
+        for name in ("vllm:gpu_prefix_cache_queries", "vllm:gpu_prefix_cache_hits"):
+            PromCounter(name, name, names, registry=reg).labels(**LABELS).inc(10)
+        src, ep = HttpMetricsSource(s), endpoint(eng.url)
+        await src.metrics(ep)
+        assert asked(src.path_of(ep)) == [
+            "vllm:num_requests_running", "vllm:gpu_cache_usage_perc",
+            "vllm:gpu_prefix_cache_queries_total", "vllm:gpu_prefix_cache_hits_total"]
+        text = await src.metrics(ep)
+        assert text is not None
+        got = parse_vllm(text)
+        assert got == parse_vllm(eng.page())
+        assert (got.kv_usage, got.prefix_queries_total) == (0.5, 10)
 
 
 @pytest.mark.parametrize("mode", ["404", "redirect", "multiprocess", "agent"])

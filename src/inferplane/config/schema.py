@@ -257,7 +257,7 @@ class GatewaySpec(Strict):
         "scrape_interval_s and scrape_max_duty is set",
     )
     scrape_quiet_interval_s: float | None = Field(
-        1.0,
+        3.0,
         gt=0,
         description="idle engines are scraped less: while an endpoint's page shows no request "
         "running or waiting and this gateway (with its replicas sharing slots) has none in "
@@ -292,10 +292,14 @@ class GatewaySpec(Strict):
         "path is decided per endpoint by reading both pages (again every 5 min): the filtered "
         "one only when it parses every field the whole one does (a sample a node agent merges "
         "into /metrics only, such as DCGM power, keeps the whole page; so does vLLM with "
-        "several API servers, whose multiprocess registry cannot filter). false: always the "
+        "several API servers, whose multiprocess registry cannot filter), asked then for only "
+        "the names the whole page carries (13 of the 20 on vLLM 0.32). false: always the "
         "whole page",
     )
-    stale_after_s: float = Field(2.0, gt=0, description="metrics older than this are not trusted")
+    stale_after_s: float = Field(
+        6.0, gt=0, description="metrics older than this are not trusted (at least twice "
+        "scrape_quiet_interval_s, which is cut to half of it)"
+    )
     health_interval_s: float = Field(
         1.0, gt=0, description="/health probe period (a healthy endpoint serving this "
         "gateway's requests is probed less: health_skip_while_serving)"
@@ -328,7 +332,7 @@ class GatewaySpec(Strict):
         "that got no answer (refused, reset, timed out; not a non-200, which the server "
         "answered) counts as a failed probe's turn: answers before it skip nothing, answers "
         "after it still skip. Scrapes reach an engine at least every scrape_quiet_interval_s "
-        "(1 s by default), busy or idle. What a longer window gives up: an "
+        "(3 s by default), busy or idle. What a longer window gives up: an "
         "engine that dies right after answering, with no request of this gateway there after "
         "and no failed scrape (an endpoint not scraped), is probed up to this long later than "
         "without the skip; its failing requests still count at once (passive health, outlier "

@@ -309,6 +309,30 @@ def sample_names(engine: str) -> tuple[str, ...] | None:
     return None
 
 
+def sample_names_on(engine: str, text: str) -> tuple[str, ...] | None:
+    """Those of `sample_names` whose samples ``text`` (an ``engine`` kind's whole page) carries,
+    in the same order, the first (the running-requests gauge, the filtered page's marker)
+    always kept; None for a kind whose page is read whole. A vLLM page carries only one
+    generation's names of the several the parser reads: 0.32's lacks the ``gpu_*`` aliases,
+    ``time_per_output_token`` and DCGM power, 7 of 20; a name it lacks serves nothing when
+    asked, but its ``name[]`` is still sent, parsed and logged on every scrape."""
+    names = sample_names(engine)
+    if names is None:
+        return None
+    present = {line[: _name_end(line)] for line in text.splitlines() if line[:1] not in ("#", "")}
+    return (names[0], *(n for n in names[1:] if n in present))
+
+
+def _name_end(line: str) -> int:
+    """Where a sample line's metric name ends (at ``{``, a space or a tab)."""
+    end = len(line)
+    for stop in ("{", " ", "\t"):
+        at = line.find(stop, 0, end)
+        if at >= 0:
+            end = at
+    return end
+
+
 def parse_vllm(text: str) -> EngineMetrics:
     """Parse a vLLM ``/metrics`` page (V0 engine, or V1 from 0.8 on). Never raises."""
     scan = _scan(text, _V, len(_V_NAMES), _V_INFO)

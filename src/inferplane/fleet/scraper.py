@@ -24,7 +24,7 @@ from urllib.parse import urlencode
 import aiohttp
 
 from inferplane.config.schema import SKIP_WINDOW_MAX_S
-from inferplane.fleet.engine_metrics import parse_metrics, sample_names
+from inferplane.fleet.engine_metrics import parse_metrics, sample_names, sample_names_on
 from inferplane.fleet.live import LiveFleet
 from inferplane.fleet.model import Endpoint
 from inferplane.looplag import MAX_STRETCH, LoopLag, bounded
@@ -80,7 +80,10 @@ class HttpMetricsSource:
 
     *The decision* (`_decide`) reads both pages and takes the filtered one when it answered 200
     and parses every field the whole page's parse fills (a sample a node agent merges into
-    ``/metrics`` only, such as DCGM power, keeps the endpoint on the whole page); the whole one
+    ``/metrics`` only, such as DCGM power, keeps the endpoint on the whole page), its query then
+    narrowed to the names the whole page carries (`narrowed_path`: a vLLM 0.32 page lacks 7 of
+    the 20, older engines' aliases and DCGM power; each ``name[]`` is parsed and logged by the
+    engine on every scrape, ~850 bytes of query for all 20, ~560 for 0.32's 13); the whole one
     when the filtered path is absent (a 3xx or a 4xx other than 408/429) or falls short, and the
     whole page answered 200. Anything else (not answered, a 5xx, 408, 429) decides nothing:
     that scrape returns the whole page as read. A decision is logged, and made again after
@@ -151,6 +154,13 @@ class HttpMetricsSource:
             self._filtered[engine] = None if not names else (
                 "/metrics/?" + urlencode([("name[]", n) for n in names]), names[0])
         return self._filtered[engine]
+
+    @staticmethod
+    def narrowed_path(engine: str, whole: str) -> str | None:
+        """The filtered page's path and query asking only for the names the ``whole`` page
+        carries (`engine_metrics.sample_names_on`), None for a kind whose page is read whole."""
+        names = sample_names_on(engine, whole)
+        return None if not names else "/metrics/?" + urlencode([("name[]", n) for n in names])
 
     def path_of(self, endpoint: Endpoint) -> str | None:
         """The path an endpoint's scrapes read now (None: not decided yet)."""
@@ -226,10 +236,13 @@ class HttpMetricsSource:
             short = [f.name for f in fields(whole) if getattr(whole, f.name) is not None
                      and getattr(got, f.name) is None]
             if not short:
-                if self._paths.get(url, ("",))[0] != filtered[0]:
-                    log.info("%s: scraping the filtered /metrics/ page (%d bytes instead of %d)",
-                             endpoint.name, len(f_text), len(w_text))
-                self._paths[url] = (filtered[0], self.clock())
+                path = self.narrowed_path(engine, w_text) or filtered[0]
+                if self._paths.get(url, ("",))[0] != path:
+                    log.info("%s: scraping the filtered /metrics/ page (%d bytes instead of %d; "
+                             "%d of the %d names the parser reads are on it)", endpoint.name,
+                             len(f_text), len(w_text), path.count("name"),
+                             filtered[0].count("name"))
+                self._paths[url] = (path, self.clock())
                 return w_text
         elif f_status is None or f_status >= 500 or f_status in (408, 429):
             return w_text  # the filtered path did not answer for now: nothing decided
