@@ -25,14 +25,16 @@ class EndpointState:
     and one short prompt costs more than two of their mean length); ``prefill_done_at`` is when
     that queue is expected to be done (the latest first token predicted, at placement, for
     those requests; on the snapshot's clock), None when nothing is pending or one of them had
-    no prediction.
+    no prediction. ``metrics_at``: when the page in use was scraped, on the snapshot's clock
+    (None: never scraped; its age at a snapshot's ``now`` is `metrics_age_at`): a time, not an
+    age, so that a state stays true while the clock moves and a refresh can keep it.
     """
 
     healthy: bool = True
     ejected: bool = False
     ejected_reason: str = ""
     stale: bool = True
-    metrics_age_s: float | None = None
+    metrics_at: float | None = None
     running: float | None = None
     waiting: float | None = None
     kv_usage: float | None = None
@@ -62,6 +64,10 @@ class EndpointState:
     def queue_depth(self) -> float:
         """Waiting requests per the engine, or 0 when unknown or stale."""
         return 0.0 if self.stale or self.waiting is None else self.waiting
+
+    def metrics_age_at(self, now: float) -> float | None:
+        """The scraped page's age at ``now`` (the snapshot's clock); None when never scraped."""
+        return None if self.metrics_at is None else now - self.metrics_at
 
     @property
     def usable(self) -> bool:
