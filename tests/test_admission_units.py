@@ -557,11 +557,16 @@ def test_pool_sums_kept_per_member_equal_a_scan(seed: int, gate: float | None) -
         elif op == 4:
             live.observe_outcome(name, rng.random() < 0.5)
             live.clock = (lambda t: lambda: t)(live.clock() + 0.06)  # type: ignore[misc]
+        for _ in range(rng.choice([0, 0, 0, 1, 70])):  # snapshots admission does not read
+            held.append(live.reserve(rng.choice(names), 100, rng.choice([0, 5000])))
+            live.snapshot()
         for pool in rng.sample(pools, 3):
             st = adm._pool_stats(pool)
             assert (st.usable, st.capacity, st.free, st.slot_free, st.inflight,
                     st.lowest_error_rate, st.room_capacity, st.gated) == _pool_sums_by_scan(
                         adm, pool)
+            # brought up to date from the live fleet's snapshot log (`_compute_stats`)
+            assert adm._columns[adm._columns_key(live.fleet, pool)].serial == live.snapshot().serial
 
 
 def test_a_new_snapshot_recomputes_only_the_endpoints_it_changed() -> None:

@@ -23,6 +23,7 @@ from inferplane.fleet.live import (
 )
 from inferplane.fleet.model import Endpoint
 from inferplane.fleet.scraper import Scraper, StaticMetricsSource, idle_wait_cap
+from inferplane.fleet.state import FleetSnapshot
 from tests.builders import SMALL_FLEET_YAML, fleet
 
 VLLM = (Path(__file__).parent / "fixtures" / "metrics" / "vllm.txt").read_text()
@@ -575,6 +576,52 @@ def test_snapshots_between_refreshes_rebuild_just_the_endpoints_written_to(seed:
                 assert v is w
         prev = snap
     assert partial > 50
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_snapshot_log_names_every_view_a_snapshot_replaced(seed: int) -> None:
+    """`FleetSnapshot.log`: between any two of a live fleet's recent snapshots, every position
+    whose view is not the same object is among the positions `changed_between` names (what
+    admission's pool sums and reserved-capacity's in-flight sums correct, instead of comparing
+    or summing every view); unknown (None) across a reload or past the log's length."""
+    rng = random.Random(seed)
+    clock = Clock()
+    live = LiveFleet(fleet(LIMITED_FLEET), stale_after_s=2.0, clock=clock, refresh_s=0.05)
+    names = [e.name for e in live.fleet.endpoints]
+    held: list[Reservation] = []
+    kept: dict[int, FleetSnapshot] = {}
+    known = reloaded_at = 0
+    for step in range(500):
+        name, op = rng.choice(names), rng.randrange(6)
+        if op == 0:
+            held.append(live.reserve(name, 10, rng.randint(0, 9)))
+        elif op == 1 and held:
+            held.pop(rng.randrange(len(held))).release()
+        elif op == 2:
+            live.update_metrics(name, EngineMetrics(running=1.0))
+        elif op == 3:
+            live.set_health(name, rng.random() < 0.8)
+        elif op == 4 and step % 97 == 0:
+            live.reconfigure(fleet(LIMITED_FLEET))
+            names = [e.name for e in live.fleet.endpoints]
+        clock.advance(rng.choice([0.0, 0.0, 0.01, 0.06, 3.0]))
+        snap = live.snapshot()
+        assert snap.log is not None
+        kept[snap.serial] = snap
+        if snap.log.changed_between(snap.serial - 1, snap.serial) is None:
+            reloaded_at = snap.serial
+        old = kept[rng.choice([k for k in kept if k >= snap.serial - 80])]
+        changed = snap.log.changed_between(old.serial, snap.serial)
+        if snap.serial - old.serial > 64 or old.serial < reloaded_at:
+            assert changed is None
+            continue
+        assert changed is not None
+        known += 1
+        assert {
+            i for i, (v, w) in enumerate(zip(snap.endpoints, old.endpoints, strict=True))
+            if v is not w
+        } <= changed
+    assert known > 200
 
 
 def test_snapshot_contents(clock: Clock) -> None:

@@ -18,7 +18,13 @@ from itertools import count, repeat
 
 from inferplane.fleet.engine_metrics import EngineMetrics
 from inferplane.fleet.model import Endpoint, Fleet
-from inferplane.fleet.state import EndpointState, EndpointView, FleetSnapshot, PrefixIndexView
+from inferplane.fleet.state import (
+    EndpointState,
+    EndpointView,
+    FleetSnapshot,
+    PrefixIndexView,
+    SnapshotLog,
+)
 
 Clock = Callable[[], float]
 
@@ -382,6 +388,9 @@ class LiveFleet:
         # between full refreshes rebuilds just those views (`snapshot`)
         self._touched: list[str] = []
         self._positions: dict[str, int] = {}
+        # what each snapshot replaced, for readers that keep sums over the views
+        self._serial = 0
+        self._log = SnapshotLog()
         # told the endpoint's name when a request's first token arrives (its prefill is done):
         # admission's dispatch gate re-checks its queue
         self.on_prefilled: Callable[[str], None] | None = None
@@ -710,36 +719,45 @@ class LiveFleet:
         full = snap is None or now - self._snapshot_at >= self.refresh_s
         if snap is not None and not full and snap.version == self._version:
             return snap
+        replaced: tuple[int, ...] | None
         if snap is None or snap.fleet is not self.fleet:
             views = tuple(EndpointView(e, self.state_of(e.name, now)) for e in self.fleet.endpoints)
             self._positions = {e.name: i for i, e in enumerate(self.fleet.endpoints)}
             self._snapshot_at = now
+            replaced = None
         elif full:
-            views = tuple(
-                v
-                if self._unchanged(v, now)
-                else EndpointView(v.endpoint, self.state_of(v.name, now))
-                for v in snap.endpoints
-            )
+            new = list(snap.endpoints)
+            at: list[int] = []
+            for i, v in enumerate(new):
+                if not self._unchanged(v, now):
+                    new[i] = EndpointView(v.endpoint, self.state_of(v.name, now))
+                    at.append(i)
+            views, replaced = tuple(new), tuple(at)
             self._snapshot_at = now
         else:
             # only the endpoints written to since the last snapshot (a request's reservation,
             # first token and release: one each), not a walk over every view
-            changed = list(snap.endpoints)
+            new = list(snap.endpoints)
+            at = []
             positions = self._positions
             for name in self._touched:
                 i = positions.get(name)  # None: not in the fleet (a removed endpoint's record)
                 if i is not None and self.live[name].dirty:
-                    v = changed[i]
-                    changed[i] = EndpointView(v.endpoint, self.state_of(name, now))
-            views = tuple(changed)
+                    v = new[i]
+                    new[i] = EndpointView(v.endpoint, self.state_of(name, now))
+                    at.append(i)
+            views, replaced = tuple(new), tuple(at)
         self._touched.clear()
+        self._serial += 1
+        self._log.add(self._serial, replaced)
         snap = FleetSnapshot(
             fleet=self.fleet,
             endpoints=views,
             now=now,
             version=self._version,
             prefix_index=self.prefix_index,
+            serial=self._serial,
+            log=self._log,
         )
         self._snapshot = snap
         return snap
