@@ -741,11 +741,11 @@ class LiveFleet:
             at = []
             positions = self._positions
             for name in self._touched:
-                i = positions.get(name)  # None: not in the fleet (a removed endpoint's record)
-                if i is not None and self.live[name].dirty:
-                    v = new[i]
-                    new[i] = EndpointView(v.endpoint, self.state_of(name, now))
-                    at.append(i)
+                p = positions.get(name)  # None: not in the fleet (a removed endpoint's record)
+                if p is not None and self.live[name].dirty:
+                    v = new[p]
+                    new[p] = EndpointView(v.endpoint, self.state_of(name, now))
+                    at.append(p)
             views, replaced = tuple(new), tuple(at)
         self._touched.clear()
         self._serial += 1

@@ -256,11 +256,11 @@ class ReservedCapacity(Plugin):
         )
         self._log, self._serial = log, snap.serial
         if changed is None:
-            at: list[str | None] = [None] * len(views)
-            for sub, positions in self._positions.items():
+            where: list[str | None] = [None] * len(views)
+            for name, positions in self._positions.items():
                 for i in positions:
-                    at[i] = sub
-            self._substrate_at = at
+                    where[i] = name
+            self._substrate_at = where
             self._counted = [v.state.inflight for v in views]
             self._used = {
                 sub: sum(self._counted[i] for i in positions)
