@@ -374,11 +374,18 @@ class Admission:
                     v = seen[j] = views[i]
                     self._terms(cols, j, v.endpoint, v.state, key[0])
             return cols.stats()
+        self._compare_all(cols, snap, key[0])
+        return cols.stats()
+
+    def _compare_all(self, cols: _PoolColumns, snap: FleetSnapshot, model: str) -> None:
+        """Bring ``cols`` to ``snap`` by comparing every member's view with the one it last
+        read: where the snapshot log cannot say which views changed (new columns, a hand-built
+        snapshot, a reload, more snapshots since than the log holds)."""
+        seen = cols.views
         now = [snap.endpoints[i] for i in cols.members] if cols.some else snap.endpoints
         for j in [j for j, (v, w) in enumerate(zip(now, seen, strict=True)) if v is not w]:
             v = seen[j] = now[j]
-            self._terms(cols, j, v.endpoint, v.state, key[0])
-        return cols.stats()
+            self._terms(cols, j, v.endpoint, v.state, model)
 
     def _columns_key(self, fleet: Fleet, pool: _Pool) -> _Pool:
         """The pool's key in `_columns`, by the members it selects: the request's jurisdictions
