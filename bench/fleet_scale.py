@@ -20,10 +20,18 @@ probes, the outlier sweep — included, as a request pays for it). Prints one ta
 row's median over the rounds and the ratio this checkout ÷ the other; ``--json`` keeps every
 round.
 
-``--concurrency 1,8,32``: each gateway run is measured at each of these (in that order, after
-one warm-up): ``C`` clients on ``C`` keep-alive connections, each sending its next request as
-its last answer arrives, until ``--requests`` have been sent; the same round trips and CPU ÷
-requests.
+``--concurrency 1,8,32``: each gateway run is measured at each of these (after one warm-up; in
+that order in the first round, the order turned by one level each further round, so that no
+level always meets the youngest or the oldest gateway): ``C`` clients on ``C`` keep-alive
+connections, each sending its next request as its last answer arrives, until ``--requests``
+have been sent; the same round trips and CPU ÷ requests.
+
+After the warm-up the gateway is left without requests for 5 s and its CPU per second then is
+printed apart (``idle CPU ms/s``: scrapes, health probes, the outlier sweep), with the CPU per
+request less that rate over the level's time (``less idle``): with scraped endpoints the
+background is a large part of the CPU per request, and its share falls as requests per second
+rise, so a checkout that answers faster would look cheaper on work it did not change. The fake
+upstream's CPU per request is printed too (it shares the machine).
 
 ``--scraped``: every endpoint's engine page is scraped (``scrape_metrics: true``), as for
 self-hosted engines: the fake upstream answers ``/metrics`` with a small vLLM page (running 1,
@@ -62,6 +70,7 @@ from tests.support.procs import Proc, free_port  # noqa: E402
 KEY = "sk-bench"
 BODY = {"model": "m", "messages": [{"role": "user", "content": "hello " * 20}], "max_tokens": 5}
 POOL = 100  # endpoints per substrate
+IDLE_S = 5.0  # seconds without requests over which the gateway's background CPU is read
 
 
 def fleet_yaml(n: int, up_port: int, gw_port: int, ledger: Path,
@@ -85,8 +94,12 @@ def fleet_yaml(n: int, up_port: int, gw_port: int, ledger: Path,
     return to_yaml(cfg)
 
 
-async def measure(url: str, n: int, pid: int, levels: list[int]) -> dict[int, dict[str, float]]:
-    """Round trips and the gateway's CPU ÷ requests at each concurrency in ``levels``."""
+async def measure(
+    url: str, n: int, pid: int, levels: list[int], up_pid: int
+) -> dict[int, dict[str, float]]:
+    """Round trips and the gateway's CPU ÷ requests at each concurrency in ``levels`` (in that
+    order), its CPU per second without requests, and the upstream's (``up_pid``) CPU ÷
+    requests."""
     conn = aiohttp.TCPConnector(limit=max(levels))
     headers = {"Authorization": f"Bearer {KEY}"}
     out: dict[int, dict[str, float]] = {}
@@ -101,17 +114,24 @@ async def measure(url: str, n: int, pid: int, levels: list[int]) -> dict[int, di
 
         for _ in range(30):
             await one()
+        idle0, t0 = cpu_seconds(pid), time.perf_counter()
+        await asyncio.sleep(IDLE_S)
+        idle = (cpu_seconds(pid) - idle0) / (time.perf_counter() - t0)  # CPU s per s
         for c in levels:
             lat: list[float] = []
             left = [n]
-            cpu0 = cpu_seconds(pid)
+            cpu0, up0 = cpu_seconds(pid), cpu_seconds(up_pid)
             t0 = time.perf_counter()
             await asyncio.gather(*(client(one, left, lat) for _ in range(c)))
             wall = time.perf_counter() - t0
-            cpu = cpu_seconds(pid) - cpu0
+            cpu, up = cpu_seconds(pid) - cpu0, cpu_seconds(up_pid) - up0
             out[c] = {"p50_ms": pct(lat, 50) * 1e3, "p90_ms": pct(lat, 90) * 1e3,
                       "mean_ms": statistics.fmean(lat) * 1e3,
-                      "cpu_ms_per_request": cpu / n * 1e3, "requests_per_s": n / wall}
+                      "cpu_ms_per_request": cpu / n * 1e3,
+                      "idle_cpu_ms_per_s": idle * 1e3,
+                      "cpu_less_idle_ms_per_request": (cpu - idle * wall) / n * 1e3,
+                      "upstream_cpu_ms_per_request": up / n * 1e3,
+                      "requests_per_s": n / wall}
     return out
 
 
@@ -122,8 +142,13 @@ async def client(one: Callable[[], Awaitable[float]], left: list[int], lat: list
         lat.append(await one())
 
 
+def ratio(a: float, b: float) -> str:
+    """``a ÷ b`` as ``x1.23``; a dash where ``b`` is 0 (no idle CPU read over 5 s, say)."""
+    return f"x{a / b:.2f}" if b else "—"
+
+
 def one_run(tree: Path, n: int, up_port: int, requests: int, work: Path, levels: list[int],
-            scrape_s: float | None) -> dict[int, dict[str, float]]:
+            scrape_s: float | None, up_pid: int) -> dict[int, dict[str, float]]:
     gw_port = free_port()
     tag = f"{tree.name}-{n}-{gw_port}"
     cfg = work / f"{tag}.yaml"
@@ -134,7 +159,7 @@ def one_run(tree: Path, n: int, up_port: int, requests: int, work: Path, levels:
         gw.wait_http(f"http://127.0.0.1:{gw_port}/ready", timeout=120)
         time.sleep(5)  # every endpoint's first health probe answered
         return asyncio.run(measure(f"http://127.0.0.1:{gw_port}/v1/chat/completions",
-                                   requests, gw.p.pid, levels))
+                                   requests, gw.p.pid, levels, up_pid))
     finally:
         gw.stop()
 
@@ -174,15 +199,19 @@ def main() -> None:
         up.wait_http(f"http://127.0.0.1:{up_port}/health")
         for r in range(args.rounds):
             order = list(trees.items()) if r % 2 == 0 else list(reversed(trees.items()))
+            k = r % len(levels)
+            turned = levels[k:] + levels[:k]  # each round starts one level further on
             for n in sizes:
                 for name, tree in order:
-                    res = one_run(tree, n, up_port, args.requests, work, levels, scrape_s)
+                    res = one_run(tree, n, up_port, args.requests, work, turned, scrape_s,
+                                  up.p.pid)
                     for c, m in res.items():
                         rows.setdefault((name, n, c), []).append(m)
                         print(f"round {r + 1} {name} {n} c{c}: {m}", file=sys.stderr, flush=True)
     finally:
         up.stop()
-    keys = ["p50_ms", "p90_ms", "mean_ms", "cpu_ms_per_request", "requests_per_s"]
+    keys = ["p50_ms", "p90_ms", "mean_ms", "cpu_ms_per_request", "requests_per_s",
+            "idle_cpu_ms_per_s", "cpu_less_idle_ms_per_request", "upstream_cpu_ms_per_request"]
     med = {k: {m: statistics.median(x[m] for x in v) for m in keys} for k, v in rows.items()}
     mode = f"scraped every {scrape_s:g} s" if scrape_s is not None else "not scraped"
     print(f"# bench/fleet_scale — {datetime.now(UTC):%Y-%m-%d %H:%M} UTC — {platform.node()} "
@@ -190,29 +219,32 @@ def main() -> None:
           f"{args.concurrency} x {args.rounds} rounds (medians of the rounds) — endpoints "
           f"{mode}")
     print("| endpoints | in flight | checkout | p50 ms | p90 ms | mean ms "
-          "| gateway CPU ms/request | requests/s |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| gateway CPU ms/request | requests/s | gateway idle CPU ms/s "
+          "| CPU ms/request less idle | upstream CPU ms/request |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for n in sizes:
         for c in levels:
             for name in trees:
                 m = med[(name, n, c)]
                 print(f"| {n} | {c} | {name} | {m['p50_ms']:.2f} | {m['p90_ms']:.2f} "
                       f"| {m['mean_ms']:.2f} | {m['cpu_ms_per_request']:.2f} "
-                      f"| {m['requests_per_s']:.0f} |")
+                      f"| {m['requests_per_s']:.0f} | {m['idle_cpu_ms_per_s']:.0f} "
+                      f"| {m['cpu_less_idle_ms_per_request']:.2f} "
+                      f"| {m['upstream_cpu_ms_per_request']:.2f} |")
     if len(trees) == 2:
         a, b = list(trees)
         print(f"\n| endpoints | in flight | {a} ÷ {b}: p50 | p90 | mean | CPU/request "
-              "| requests/s |")
-        print("|---|---|---|---|---|---|---|")
+              "| requests/s | idle CPU/s | CPU/request less idle | upstream CPU/request |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         for n in sizes:
             for c in levels:
                 print(f"| {n} | {c} | " + " | ".join(
-                    f"x{med[(a, n, c)][k] / med[(b, n, c)][k]:.2f}" for k in keys) + " |")
+                    ratio(med[(a, n, c)][k], med[(b, n, c)][k]) for k in keys) + " |")
         for name in trees:
             if sizes == [4, 2000]:
                 for c in levels:
                     print(f"\n{name}, {c} in flight: 2,000 ÷ 4 endpoints: " + ", ".join(
-                        f"{k} x{med[(name, 2000, c)][k] / med[(name, 4, c)][k]:.2f}"
+                        f"{k} {ratio(med[(name, 2000, c)][k], med[(name, 4, c)][k])}"
                         for k in keys))
     if args.json:
         out: dict[str, Any] = {"args": vars(args) | {"json": str(args.json)},
