@@ -754,3 +754,24 @@ def test_rate_limited_equals_a_walk_over_every_record_without_walking_them(seed:
             assert e.det.rate_limited() == walked, step
         finally:
             e.det.records = records
+
+
+def test_rate_limited_finds_a_record_any_ejection_path_gave_that_kind(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`OutlierDetector.rate_limited` follows the kind a record is given, not the path: a sweep
+    that ejected an outlier of kind ``rate_limited`` (none of today's judgements does) is found
+    too (``_limited`` was filled by `eject_now` alone)."""
+    from inferplane.fleet import health
+
+    e = env(min_requests=3, max_ejection_percent=100)
+    name = e.live.snapshot().endpoints[0].name
+
+    def judge(self: Any, m: str, peers: Any, o: Any) -> Any:
+        return health._Outlier(m, "rate_limited", "429s", 1.0) if m == name else None
+
+    monkeypatch.setattr(health.OutlierDetector, "_judge", judge)
+    e.det.run(e.live)
+    rec = e.det.records[name]
+    assert rec.kind == "rate_limited" and rec.ejected_until is not None
+    assert e.det.rate_limited() == {name: rec.ejected_until}

@@ -263,7 +263,7 @@ class OutlierDetector:
         }
         self._fresh: frozenset[str] = frozenset()  # in service with fresh metrics (a sweep's)
         # every endpoint whose record may be ejected with kind ``rate_limited`` (a superset: a
-        # record gets that kind only from `eject_now`, which adds it; `rate_limited` drops the
+        # record's kind is set only by `_eject_as`, which adds it; `rate_limited` drops the
         # names whose record no longer is), so that a request's 429 or 503 does not walk
         # every record
         self._limited: set[str] = set()
@@ -293,6 +293,13 @@ class OutlierDetector:
             else:
                 out[name] = rec.ejected_until
         return out
+
+    def _eject_as(self, name: str, rec: EjectionRecord, kind: ReasonKind, reason: str) -> None:
+        """Give ``name``'s ejection its kind and reason (every ejection sets them here, so that
+        ``_limited`` holds every record of kind ``rate_limited``, whichever path ejected it)."""
+        rec.kind, rec.reason, rec.probation = kind, reason, False
+        if kind == "rate_limited":
+            self._limited.add(name)
 
     def ejection_s(self, ejections: int) -> float:
         """``min(base_ejection_s × ejections, max_ejection_s)``."""
@@ -410,7 +417,7 @@ class OutlierDetector:
                 rec = self.records[o.name]
                 rec.ejections += 1
                 rec.ejected_until = now + self.ejection_s(rec.ejections)
-                rec.kind, rec.reason, rec.probation = o.kind, o.reason, False
+                self._eject_as(o.name, rec, o.kind, o.reason)
                 actions.append(Action(o.name, True, o.kind, o.reason, rec.ejected_until))
                 held += 1
         return actions
@@ -436,9 +443,7 @@ class OutlierDetector:
         until = now + seconds
         if rec.ejected_until is None or until > rec.ejected_until:
             rec.ejected_until = until
-            rec.kind, rec.reason, rec.probation = kind, reason, False
-            if kind == "rate_limited":
-                self._limited.add(name)
+            self._eject_as(name, rec, kind, reason)
         return Action(name, True, rec.kind, rec.reason, rec.ejected_until)
 
     def note_failure(self, live: LiveFleet, name: str) -> Action | None:
@@ -474,7 +479,7 @@ class OutlierDetector:
         now = live.clock()
         rec.ejections += 1
         rec.ejected_until = now + self.ejection_s(rec.ejections)
-        rec.kind, rec.reason, rec.probation = kind, reason, False
+        self._eject_as(name, rec, kind, reason)
         live.set_ejected(name, True, reason)
         return Action(name, True, kind, reason, rec.ejected_until)
 
