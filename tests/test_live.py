@@ -23,7 +23,7 @@ from inferplane.fleet.live import (
 )
 from inferplane.fleet.model import Endpoint
 from inferplane.fleet.scraper import Scraper, StaticMetricsSource, idle_wait_cap
-from inferplane.fleet.state import FleetSnapshot
+from inferplane.fleet.state import EndpointState, FleetSnapshot
 from tests.builders import SMALL_FLEET_YAML, fleet
 
 VLLM = (Path(__file__).parent / "fixtures" / "metrics" / "vllm.txt").read_text()
@@ -1535,3 +1535,12 @@ def test_only_a_2xx_answer_counts_as_served(live: LiveFleet, clock: Clock) -> No
     assert not live.served_since("eu-0", clock.t - 1)
     live.observe_outcome("eu-0", True, served=True)
     assert live.served_since("eu-0", clock.t - 1)
+
+
+def test_the_removed_metrics_age_s_says_what_replaces_it() -> None:
+    """A plugin written against the old `EndpointState.metrics_age_s` gets an AttributeError
+    that names `metrics_age_at` (the state holds the page's time, ``metrics_at``, now)."""
+    state = EndpointState(metrics_at=10.0)
+    with pytest.raises(AttributeError, match=r"metrics_age_at\(snapshot\.now\)"):
+        _ = state.metrics_age_s
+    assert state.metrics_age_at(12.5) == 2.5

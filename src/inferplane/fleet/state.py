@@ -71,6 +71,13 @@ class EndpointState:
         return None if self.metrics_at is None else now - self.metrics_at
 
     @property
+    def metrics_age_s(self) -> float | None:
+        """Removed (session 29): a plugin that reads it is told what replaces it."""
+        raise AttributeError(
+            "EndpointState.metrics_age_s was removed: use state.metrics_age_at(snapshot.now)"
+        )
+
+    @property
     def usable(self) -> bool:
         """Healthy and not ejected."""
         return self.healthy and not self.ejected
