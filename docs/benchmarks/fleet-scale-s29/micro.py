@@ -1,15 +1,22 @@
 """In-process timings at 2,000 scraped endpoints (benchmarks.md, "2,000 endpoints, scraped").
 
-    cd CHECKOUT && PYTHONPATH=src:. python micro.py FLEET.yaml
+    cd CHECKOUT && PYTHONPATH=src:. python PATH/TO/micro.py [FLEET.yaml]
 
-FLEET.yaml: a fleet file `bench/fleet_scale.py`'s `fleet_yaml` writes with a scrape interval
-(see micro.sh). Every endpoint is given a scraped page first. CPU time (`time.process_time`)
-per call, averaged over the repeats shown.
+CHECKOUT: the tree timed (its ``src``); this file may be another checkout's. FLEET.yaml: without
+it, the fleet file is written first by this file's own checkout, in a separate process
+(`bench/fleet_scale.py`'s ``fleet_yaml(2000, 9, 18999, LEDGER, 5.0)``: 2,000 endpoints in pools
+of 100, each scraped every 5 s; importing that module here would put its checkout's ``src``
+first on the path). Every endpoint is given a scraped page first. CPU time
+(`time.process_time`) per call, averaged over the repeats shown.
 """
 
 import asyncio
+import os
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 from inferplane.api.pipeline import Gateway
 from inferplane.config.loader import load_config
@@ -63,4 +70,16 @@ async def main(path: str) -> None:
     t("rate_limited (none out after a 429)", lambda i: gw.rate_limited("m"), 200)
 
 
-asyncio.run(main(sys.argv[1]))
+def fleet_file() -> str:
+    """A 2,000-endpoint scraped fleet file, written by this file's checkout (module docstring)."""
+    root = Path(__file__).resolve().parents[3]
+    work = Path(tempfile.mkdtemp(prefix="fleet-scale-s29-"))
+    code = ("import sys; from pathlib import Path; from bench.fleet_scale import fleet_yaml; "
+            "w = Path(sys.argv[1]); (w / 'fleet.yaml').write_text("
+            "fleet_yaml(2000, 9, 18999, w / 'ledger.sqlite3', 5.0))")
+    env = {**os.environ, "PYTHONPATH": f"{root / 'src'}{os.pathsep}{root}"}
+    subprocess.run([sys.executable, "-c", code, str(work)], cwd=root, env=env, check=True)
+    return str(work / "fleet.yaml")
+
+
+asyncio.run(main(sys.argv[1] if len(sys.argv) > 1 else fleet_file()))
