@@ -6,6 +6,7 @@ Everything runs on an injected clock; nothing waits on wall time.
 
 from __future__ import annotations
 
+import random
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -704,3 +705,73 @@ def test_a_sweep_reads_each_observation_a_bounded_number_of_times() -> None:
     observed = Counting({m: Observed(outcomes=10, error_rate=0.0) for m in names})
     assert det.sweep(observed, 1000.0) == []
     assert observed.reads <= 10 * len(names)
+
+
+class _NoWalk(dict[str, Any]):
+    """A records dict that refuses to be walked (lookups by name are fine)."""
+
+    def items(self) -> Any:
+        raise AssertionError("walked every record")
+
+    def values(self) -> Any:
+        raise AssertionError("walked every record")
+
+    def __iter__(self) -> Any:
+        raise AssertionError("walked every record")
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_rate_limited_equals_a_walk_over_every_record_without_walking_them(seed: int) -> None:
+    """Through random 429 ejections (some shorter than one already running), other ejections
+    at once, sweeps that return and eject, and a reload, `OutlierDetector.rate_limited` gives
+    what a walk over every record gives (kind ``rate_limited`` while ejected), and finds them
+    without the walk (a request's 429 or 503 asked for it by walking all 2,000 records)."""
+    rng = random.Random(seed)
+    e = env(min_requests=3, max_ejection_percent=100)
+    names = [v.name for v in e.live.snapshot().endpoints]
+    for step in range(300):
+        name, op = rng.choice(names), rng.randrange(6)
+        now = e.clock()
+        if op == 0:
+            e.det.eject_now(name, now, "rate_limited", "429", rng.choice([None, 0.5, 5.0, 30.0]))
+        elif op == 1:
+            e.det.eject_now(name, now, "passive", "passive failure", rng.choice([None, 2.0]))
+        elif op == 2:
+            feed(e.live, name, ok=rng.randint(0, 3), err=rng.randint(0, 5))
+        elif op == 3:
+            e.det.run(e.live)
+        elif op == 4 and rng.random() < 0.1:
+            e.det.reconfigure(e.live.fleet, fresh=[name])
+        e.clock.t += rng.choice([0.0, 0.1, 1.0, 3.0, 10.0])
+        walked = {
+            n: r.ejected_until
+            for n, r in e.det.records.items()
+            if r.kind == "rate_limited" and r.ejected_until is not None
+        }
+        records = e.det.records
+        e.det.records = _NoWalk(records)
+        try:
+            assert e.det.rate_limited() == walked, step
+        finally:
+            e.det.records = records
+
+
+def test_rate_limited_finds_a_record_any_ejection_path_gave_that_kind(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`OutlierDetector.rate_limited` follows the kind a record is given, not the path: a sweep
+    that ejected an outlier of kind ``rate_limited`` (none of today's judgements does) is found
+    too (``_limited`` was filled by `eject_now` alone)."""
+    from inferplane.fleet import health
+
+    e = env(min_requests=3, max_ejection_percent=100)
+    name = e.live.snapshot().endpoints[0].name
+
+    def judge(self: Any, m: str, peers: Any, o: Any) -> Any:
+        return health._Outlier(m, "rate_limited", "429s", 1.0) if m == name else None
+
+    monkeypatch.setattr(health.OutlierDetector, "_judge", judge)
+    e.det.run(e.live)
+    rec = e.det.records[name]
+    assert rec.kind == "rate_limited" and rec.ejected_until is not None
+    assert e.det.rate_limited() == {name: rec.ejected_until}

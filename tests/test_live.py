@@ -14,10 +14,17 @@ from pathlib import Path
 import pytest
 
 from inferplane.fleet.engine_metrics import EngineMetrics, parse_vllm
-from inferplane.fleet.live import LatencyWindow, LiveFleet, Reservation, nearest_rank
+from inferplane.fleet.live import (
+    EndpointLive,
+    LatencyWindow,
+    LiveFleet,
+    Reservation,
+    nearest_rank,
+)
 from inferplane.fleet.model import Endpoint
 from inferplane.fleet.scraper import Scraper, StaticMetricsSource, idle_wait_cap
-from tests.builders import fleet
+from inferplane.fleet.state import EndpointState, FleetSnapshot
+from tests.builders import SMALL_FLEET_YAML, fleet
 
 VLLM = (Path(__file__).parent / "fixtures" / "metrics" / "vllm.txt").read_text()
 
@@ -54,7 +61,7 @@ def endpoint(live: LiveFleet, name: str) -> Endpoint:
 
 def test_never_scraped_is_stale_without_engine_signals(live: LiveFleet) -> None:
     s = live.snapshot().by_name["eu-0"].state
-    assert s.stale and s.metrics_age_s is None
+    assert s.stale and s.metrics_at is None and s.metrics_age_at(0.0) is None
     assert s.running is None and s.waiting is None and s.kv_usage is None
     assert s.queue_depth == 0.0 and s.healthy and s.usable
 
@@ -67,7 +74,7 @@ def test_stale_after_limit(live: LiveFleet, clock: Clock, age: float, stale: boo
     clock.advance(age)
     s = live.state_of("eu-0", clock())
     assert s.stale is stale
-    assert s.metrics_age_s == pytest.approx(age)
+    assert s.metrics_age_at(clock()) == pytest.approx(age)
     assert s.waiting == 5.0  # the value is kept; `stale` says not to trust it
     assert s.queue_depth == (0.0 if stale else 5.0)
 
@@ -409,24 +416,33 @@ def test_a_refresh_keeps_the_views_whose_state_cannot_have_moved(
     live: LiveFleet, clock: Clock
 ) -> None:
     """A full refresh re-evaluates every endpoint but keeps the view of one that nothing was
-    written to, with no scraped page, no rate limit and the same percentiles and error rate
-    (at 2,000 never-scraped endpoints, rebuilding them all took ~13 ms every refresh)."""
+    written to and whose percentiles, error rate, staleness and rate-limit room come out the
+    same (at 2,000 endpoints, rebuilding them all took ~13 ms every refresh): a scraped
+    endpoint's view too, until its page turns stale, since the state holds the page's time."""
     a = live.snapshot()
-    live.update_metrics("eu-1", EngineMetrics(running=1.0))  # its age moves with the clock
-    live.observe_outcome("us-0", False)  # its decayed error rate too
+    live.update_metrics("eu-1", EngineMetrics(running=1.0))  # a new page: rebuilt
+    live.observe_outcome("us-0", False)  # its decayed error rate moves with the clock
     b = live.snapshot()
+    assert b.by_name["eu-1"] is not a.by_name["eu-1"]
     clock.advance(0.06)
     c = live.snapshot()
     assert c is not b and c.now == clock.t
     assert c.by_name["eu-0"] is a.by_name["eu-0"]  # untouched: the same view
-    assert c.by_name["eu-1"] is not b.by_name["eu-1"]
-    assert c.by_name["eu-1"].state.metrics_age_s == pytest.approx(0.06)
+    assert c.by_name["eu-1"] is b.by_name["eu-1"]  # the same page, still fresh: kept
+    assert c.by_name["eu-1"].state.metrics_age_at(c.now) == pytest.approx(0.06)
+    assert c.by_name["eu-1"].state == live.state_of("eu-1", clock())
     assert c.by_name["us-0"] is not b.by_name["us-0"]  # the outcome shows by this refresh
     assert c.by_name["us-0"].state.error_rate > 0.0
     clock.advance(0.06)
     d = live.snapshot()
     assert d.by_name["eu-0"] is a.by_name["eu-0"]
     assert d.by_name["us-0"].state.error_rate < c.by_name["us-0"].state.error_rate  # decays
+    clock.advance(live.stale_after_s - 0.2)  # the page 1.92 s old: not stale yet, kept
+    assert live.snapshot().by_name["eu-1"] is b.by_name["eu-1"]
+    clock.advance(0.1)
+    e = live.snapshot()
+    assert e.by_name["eu-1"] is not b.by_name["eu-1"] and e.by_name["eu-1"].state.stale
+    assert e.by_name["eu-1"].state.metrics_age_at(e.now) == pytest.approx(2.02)
 
 
 def test_an_old_failure_stops_moving_the_state_after_its_weight_falls_below_the_floor(
@@ -449,17 +465,26 @@ def test_an_old_failure_stops_moving_the_state_after_its_weight_falls_below_the_
     assert live.snapshot().by_name["us-0"] is b.by_name["us-0"]
 
 
-@pytest.mark.parametrize("seed", range(5))
+LIMITED_FLEET = SMALL_FLEET_YAML.replace(
+    "      - name: us-0\n",
+    "      - name: us-0\n        limits: {requests_per_min: 4, tokens_per_min: 120}\n",
+)
+
+
+@pytest.mark.parametrize("seed", range(8))
 def test_refreshed_snapshots_equal_states_built_afresh(seed: int) -> None:
-    """Through random writes, observations and clock steps, every full refresh's states equal
-    what `state_of` gives at its time for every endpoint (what a refresh rebuilt before views
-    were kept)."""
+    """Through random writes, observations, scrapes and clock steps (through pages turning
+    stale, and a declared rate limit's rolling minute), every full refresh's states equal what
+    `state_of` gives at its time for every endpoint (what a refresh rebuilt before views were
+    kept), and scraped and rate-limited endpoints keep their views where nothing moved."""
     rng = random.Random(seed)
     clock = Clock()
-    live = LiveFleet(fleet(), stale_after_s=2.0, clock=clock, refresh_s=0.05)
+    live = LiveFleet(fleet(LIMITED_FLEET), stale_after_s=2.0, clock=clock, refresh_s=0.05)
+    assert live.live["us-0"].rate is not None
     held: list[Reservation] = []
     names = [e.name for e in live.fleet.endpoints]
-    for _ in range(300):
+    kept = {"scraped": 0, "limited": 0}
+    for _ in range(600):
         name, op = rng.choice(names), rng.randrange(8)
         if op == 0:
             held.append(live.reserve(name, rng.randint(1, 50)))
@@ -467,16 +492,20 @@ def test_refreshed_snapshots_equal_states_built_afresh(seed: int) -> None:
             held.pop(rng.randrange(len(held))).release()
         elif op == 2:
             live.observe_ttft(name, rng.choice([0.1, 0.3, 0.9]), rng.choice([None, 0.2]))
-        elif op == 3:
+        elif op == 3 and rng.random() < 0.3:
             live.observe_outcome(name, rng.random() < 0.7)
-        elif op == 4 and rng.random() < 0.2:
-            live.update_metrics(name, EngineMetrics(running=1.0, waiting=2.0))
-        elif op == 5:
+        elif op == 4:
+            live.update_metrics(name, EngineMetrics(running=1.0, waiting=2.0),
+                                own=rng.random() < 0.5)
+        elif op == 5 and rng.random() < 0.3:
             live.set_health(name, rng.random() < 0.8)
-        clock.advance(rng.choice([0.0, 0.01, 0.03, 0.06, 0.2]))
+        clock.advance(rng.choice([0.0, 0.01, 0.03, 0.06, 0.2, 1.0, 2.5, 20.0]))
+        before, at = live._snapshot, live._snapshot_at
         snap = live.snapshot()
-        if live._snapshot_at != clock.t:
-            continue  # cached, or rebuilt only where written to: not a full refresh
+        if snap is before or live._snapshot_at == at:
+            # cached, or rebuilt only where written to (also at the clock of the last full
+            # refresh, where main kept the untouched views too): not a full refresh
+            continue
         fresh = LiveFleet.__new__(LiveFleet)
         fresh.__dict__.update(live.__dict__)
         for v in snap.endpoints:
@@ -484,6 +513,127 @@ def test_refreshed_snapshots_equal_states_built_afresh(seed: int) -> None:
             saved = (rec.stats, rec.stats_at, rec.dirty)
             assert fresh.state_of(v.name, snap.now) == v.state, v.name
             rec.stats, rec.stats_at, rec.dirty = saved
+            if before is not None and before.by_name.get(v.name) is v:
+                kept["scraped"] += rec.metrics_at is not None
+                kept["limited"] += rec.rate is not None
+    assert kept["scraped"] > 0 and kept["limited"] > 0, kept
+
+
+class _CountingDict(dict[str, EndpointLive]):
+    """The live records, counting lookups by name."""
+
+    lookups = 0
+
+    def __getitem__(self, key: str) -> EndpointLive:
+        self.lookups += 1
+        return super().__getitem__(key)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_snapshots_between_refreshes_rebuild_just_the_endpoints_written_to(seed: int) -> None:
+    """Between full refreshes a new snapshot rebuilds the views of the endpoints written to
+    since the last one (equal to `state_of` then) and keeps every other view (the same object),
+    finding them without a lookup per endpoint (a request's reservation, first token and
+    release each made a snapshot walk every view: 2,000 lookups a snapshot)."""
+    rng = random.Random(seed)
+    clock = Clock()
+    live = LiveFleet(fleet(LIMITED_FLEET), stale_after_s=2.0, clock=clock, refresh_s=0.05)
+    counting = _CountingDict(live.live)
+    live.live = counting
+    held: list[Reservation] = []
+    names = [e.name for e in live.fleet.endpoints]
+    prev = live.snapshot()
+    partial = 0
+    for _ in range(400):
+        for _ in range(rng.randint(0, 2)):
+            name, op = rng.choice(names), rng.randrange(5)
+            if op == 0:
+                held.append(live.reserve(name, rng.randint(1, 50), rng.randint(0, 9)))
+            elif op == 1 and held:
+                r = held.pop(rng.randrange(len(held)))
+                r.first_token() if rng.random() < 0.5 else r.release()
+            elif op == 2:
+                live.update_metrics(name, EngineMetrics(running=1.0))
+            elif op == 3:
+                live.set_health(name, rng.random() < 0.8)
+            else:
+                live.set_ejected(name, rng.random() < 0.3, "x")
+        clock.advance(rng.choice([0.0, 0.0, 0.01, 0.06]))
+        dirty = {n for n in names if dict.__getitem__(counting, n).dirty}
+        counting.lookups = 0
+        snap = live.snapshot()
+        if snap is prev or live._snapshot_at == clock.t:
+            prev = snap
+            continue  # cached, or a full refresh
+        partial += 1
+        assert counting.lookups <= 2 * len(dirty)
+        for v, w in zip(snap.endpoints, prev.endpoints, strict=True):
+            if v.name in dirty:
+                assert v is not w
+                rec = dict.__getitem__(counting, v.name)
+                saved = (rec.stats, rec.stats_at, rec.dirty)
+                assert live.state_of(v.name, snap.now) == v.state
+                rec.stats, rec.stats_at, rec.dirty = saved
+            else:
+                assert v is w
+        prev = snap
+    assert partial > 50
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_snapshot_log_names_every_view_a_snapshot_replaced(seed: int) -> None:
+    """`FleetSnapshot.log`: between any two of a live fleet's recent snapshots, every position
+    whose view is not the same object is among the positions `changed_between` names (what
+    admission's pool sums and reserved-capacity's in-flight sums correct, instead of comparing
+    or summing every view), and from one snapshot to the next exactly those (a log naming more
+    would cost the readers the walk it saves); unknown (None) across a reload or past the log's
+    length."""
+    rng = random.Random(seed)
+    clock = Clock()
+    live = LiveFleet(fleet(LIMITED_FLEET), stale_after_s=2.0, clock=clock, refresh_s=0.05)
+    names = [e.name for e in live.fleet.endpoints]
+    held: list[Reservation] = []
+    kept: dict[int, FleetSnapshot] = {}
+    known = reloaded_at = exact = 0
+    prev: FleetSnapshot | None = None
+    for step in range(500):
+        name, op = rng.choice(names), rng.randrange(6)
+        if op == 0:
+            held.append(live.reserve(name, 10, rng.randint(0, 9)))
+        elif op == 1 and held:
+            held.pop(rng.randrange(len(held))).release()
+        elif op == 2:
+            live.update_metrics(name, EngineMetrics(running=1.0))
+        elif op == 3:
+            live.set_health(name, rng.random() < 0.8)
+        elif op == 4 and step % 97 == 0:
+            live.reconfigure(fleet(LIMITED_FLEET))
+            names = [e.name for e in live.fleet.endpoints]
+        clock.advance(rng.choice([0.0, 0.0, 0.01, 0.06, 3.0]))
+        snap = live.snapshot()
+        assert snap.log is not None
+        kept[snap.serial] = snap
+        if snap.log.changed_between(snap.serial - 1, snap.serial) is None:
+            reloaded_at = snap.serial
+        elif prev is not None and prev.serial == snap.serial - 1:
+            assert snap.log.changed_between(prev.serial, snap.serial) == {
+                i for i, (v, w) in enumerate(zip(snap.endpoints, prev.endpoints, strict=True))
+                if v is not w
+            }
+            exact += 1
+        prev = snap
+        old = kept[rng.choice([k for k in kept if k >= snap.serial - 80])]
+        changed = snap.log.changed_between(old.serial, snap.serial)
+        if snap.serial - old.serial > 64 or old.serial < reloaded_at:
+            assert changed is None
+            continue
+        assert changed is not None
+        known += 1
+        assert {
+            i for i, (v, w) in enumerate(zip(snap.endpoints, old.endpoints, strict=True))
+            if v is not w
+        } <= changed
+    assert known > 200 and exact > 100
 
 
 def test_snapshot_contents(clock: Clock) -> None:
@@ -507,7 +657,7 @@ async def test_scraper_parses_the_vllm_fixture_into_the_snapshot(
     scraper = Scraper(live, source)
     assert await scraper.scrape_once(endpoint(live, "eu-0")) is True
     s = live.snapshot().by_name["eu-0"].state
-    assert not s.stale and s.metrics_age_s == 0.0
+    assert not s.stale and s.metrics_age_at(clock()) == 0.0
     assert (s.running, s.waiting, s.queue_depth) == (25.0, 3.0, 3.0)
     assert s.kv_usage == pytest.approx((0.6125 + 0.4375) / 2)
     assert (s.block_size, s.num_gpu_blocks) == (16, 2 * 27_153)
@@ -527,7 +677,7 @@ async def test_scrape_failure_keeps_the_last_metrics_to_age(live: LiveFleet, clo
     clock.advance(1.0)
     assert await scraper.scrape_once(ep) is False
     s = live.snapshot().by_name["eu-0"].state
-    assert not s.stale and s.metrics_age_s == pytest.approx(1.0) and s.running == 25.0
+    assert not s.stale and s.metrics_age_at(clock()) == pytest.approx(1.0) and s.running == 25.0
     clock.advance(1.5)
     assert live.snapshot().by_name["eu-0"].state.stale
 
@@ -1396,3 +1546,12 @@ def test_only_a_2xx_answer_counts_as_served(live: LiveFleet, clock: Clock) -> No
     assert not live.served_since("eu-0", clock.t - 1)
     live.observe_outcome("eu-0", True, served=True)
     assert live.served_since("eu-0", clock.t - 1)
+
+
+def test_the_removed_metrics_age_s_says_what_replaces_it() -> None:
+    """A plugin written against the old `EndpointState.metrics_age_s` gets an AttributeError
+    that names `metrics_age_at` (the state holds the page's time, ``metrics_at``, now)."""
+    state = EndpointState(metrics_at=10.0)
+    with pytest.raises(AttributeError, match=r"metrics_age_at\(snapshot\.now\)"):
+        _ = state.metrics_age_s
+    assert state.metrics_age_at(12.5) == 2.5

@@ -210,3 +210,45 @@ def test_rate_limit(st: dict[str, Any], removed: bool, reason: str) -> None:
         assert [v.name for v in data[SATURATED_KEY]] == ["us-api-0"]
     else:
         assert not rejected
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_reserved_capacity_corrects_its_sums_from_the_live_fleets_log(seed: int) -> None:
+    """With a live fleet's snapshots, reserved-capacity's in-flight sum per reserved substrate
+    is corrected where the snapshot log says a view changed (not summed over every endpoint of
+    every candidate substrate: 2,000 reads a decision at 2,000 endpoints) and equals the sum over
+    the snapshot's views, through reservations, releases, full refreshes, snapshots it does not
+    read, and more of them than the log holds."""
+    import random
+
+    from inferplane.fleet.live import LiveFleet
+
+    rng = random.Random(seed)
+    f = fleet(sub("ra", n=6, max_concurrency=3), sub("rb", n=5, max_concurrency=2),
+              sub("bu", n=3, capacity="burst"))
+    t = [1000.0]
+    live = LiveFleet(f, clock=lambda: t[0])
+    rc = plugin("reserved-capacity")
+    names = [e.name for e in f.endpoints]
+    held: list[Any] = []
+    prof = profile()
+    followed = 0
+    for _ in range(300):
+        for _ in range(rng.choice([0, 0, 0, 1, 3, 70])):  # snapshots it does not read
+            held.append(live.reserve(rng.choice(names), 10))
+            live.snapshot()
+        for _ in range(rng.randint(0, 3)):
+            if held and rng.random() < 0.5:
+                held.pop(rng.randrange(len(held))).release()
+            else:
+                held.append(live.reserve(rng.choice(names), 10))
+        t[0] += rng.choice([0.0, 0.01, 0.06])
+        snap = live.snapshot()
+        counted = rc._counted
+        rc.filter(cycle(prof, snap), list(snap.endpoints))
+        followed += rc._counted is counted
+        assert rc._serial == snap.serial
+        for s in ("ra", "rb"):
+            assert rc._used[s] == sum(
+                v.state.inflight for v in snap.endpoints if v.endpoint.substrate.name == s)
+    assert followed > 200

@@ -277,6 +277,7 @@ def test_sovereignty_check_catches_a_violation() -> None:
 
 # -- signals placement sees -----------------------------------------------------------------------
 SEEN: list[EndpointView] = []
+SEEN_AT: list[float] = []  # each seen view's snapshot time
 if "test-sim-recorder" not in REGISTRY:
 
     @register("test-sim-recorder")
@@ -285,6 +286,7 @@ if "test-sim-recorder" not in REGISTRY:
 
         def filter(self, cycle: CycleState, candidates: list[EndpointView]) -> FilterResult:
             SEEN.extend(candidates)
+            SEEN_AT.extend(cycle.snapshot.now for _ in candidates)
             return FilterResult(list(candidates))
 
 
@@ -296,9 +298,10 @@ profiles:
     plugins: [{ref: model-served}, {ref: test-sim-recorder}, {ref: least-request, weight: 1}]
 """
     SEEN.clear()
+    SEEN_AT.clear()
     r = run(tmp_path, "recorded", fleet_yaml(2, extra=extra), rate_scale=3.0)
     assert r["completed"] == 120 and len(SEEN) == 240
-    ages = [v.state.metrics_age_s for v in SEEN]
+    ages = [v.state.metrics_age_at(t) for v, t in zip(SEEN, SEEN_AT, strict=True)]
     assert all(a is not None and 0 <= a < 0.1 + 1e-9 for a in ages)  # scraped every 0.1 s
     assert not any(v.state.stale for v in SEEN)
     assert any(a > 0 for a in ages if a is not None)  # not read live: a scrape can be old

@@ -735,11 +735,10 @@ class Core:
         with the seconds left until its ejection ends."""
         now = self.live.clock()
         out: dict[str, float] = {}
-        for name, rec in self.outliers.records.items():
-            if rec.kind == "rate_limited" and rec.ejected_until is not None:
-                e = self.fleet.by_name.get(name)
-                if e is not None and model in e.models:
-                    out[name] = max(0.0, rec.ejected_until - now)
+        for name, until in self.outliers.rate_limited().items():
+            e = self.fleet.by_name.get(name)
+            if e is not None and model in e.models:
+                out[name] = max(0.0, until - now)
         return out
 
     def _nothing_eligible(self, decision: Decision, total: int) -> NoEligibleEndpointError:

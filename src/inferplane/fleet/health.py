@@ -262,6 +262,11 @@ class OutlierDetector:
             e.name: EjectionRecord() for e in fleet.endpoints
         }
         self._fresh: frozenset[str] = frozenset()  # in service with fresh metrics (a sweep's)
+        # every endpoint whose record may be ejected with kind ``rate_limited`` (a superset: a
+        # record's kind is set only by `_eject_as`, which adds it; `rate_limited` drops the
+        # names whose record no longer is), so that a request's 429 or 503 does not walk
+        # every record
+        self._limited: set[str] = set()
 
     def reconfigure(self, fleet: Fleet, fresh: Sequence[str] = ()) -> None:
         """A reloaded fleet: peer groups and alternatives are recomputed; an endpoint kept
@@ -275,6 +280,26 @@ class OutlierDetector:
             self.records.get(e.name) or EjectionRecord()
             for e in fleet.endpoints
         }
+
+    def rate_limited(self) -> dict[str, float]:
+        """The endpoints ejected after a 429 (kind ``rate_limited``, `eject_now`), each with
+        its ejection's end: the records that are, found through ``_limited`` rather than a
+        walk over every record."""
+        out: dict[str, float] = {}
+        for name in list(self._limited):
+            rec = self.records.get(name)
+            if rec is None or rec.kind != "rate_limited" or rec.ejected_until is None:
+                self._limited.discard(name)
+            else:
+                out[name] = rec.ejected_until
+        return out
+
+    def _eject_as(self, name: str, rec: EjectionRecord, kind: ReasonKind, reason: str) -> None:
+        """Give ``name``'s ejection its kind and reason (every ejection sets them here, so that
+        ``_limited`` holds every record of kind ``rate_limited``, whichever path ejected it)."""
+        rec.kind, rec.reason, rec.probation = kind, reason, False
+        if kind == "rate_limited":
+            self._limited.add(name)
 
     def ejection_s(self, ejections: int) -> float:
         """``min(base_ejection_s × ejections, max_ejection_s)``."""
@@ -392,7 +417,7 @@ class OutlierDetector:
                 rec = self.records[o.name]
                 rec.ejections += 1
                 rec.ejected_until = now + self.ejection_s(rec.ejections)
-                rec.kind, rec.reason, rec.probation = o.kind, o.reason, False
+                self._eject_as(o.name, rec, o.kind, o.reason)
                 actions.append(Action(o.name, True, o.kind, o.reason, rec.ejected_until))
                 held += 1
         return actions
@@ -418,7 +443,7 @@ class OutlierDetector:
         until = now + seconds
         if rec.ejected_until is None or until > rec.ejected_until:
             rec.ejected_until = until
-            rec.kind, rec.reason, rec.probation = kind, reason, False
+            self._eject_as(name, rec, kind, reason)
         return Action(name, True, rec.kind, rec.reason, rec.ejected_until)
 
     def note_failure(self, live: LiveFleet, name: str) -> Action | None:
@@ -454,7 +479,7 @@ class OutlierDetector:
         now = live.clock()
         rec.ejections += 1
         rec.ejected_until = now + self.ejection_s(rec.ejections)
-        rec.kind, rec.reason, rec.probation = kind, reason, False
+        self._eject_as(name, rec, kind, reason)
         live.set_ejected(name, True, reason)
         return Action(name, True, kind, reason, rec.ejected_until)
 
@@ -657,7 +682,7 @@ def endpoint_summary(view: EndpointView, record: EjectionRecord | None, now: flo
         "ejections": 0 if record is None else record.ejections,
         "probation": False if record is None else record.probation,
         "stale": s.stale,
-        "metrics_age_s": s.metrics_age_s,
+        "metrics_age_s": s.metrics_age_at(now),
         "inflight": s.inflight,
         "max_concurrency": view.endpoint.max_concurrency,
         "running": s.running,

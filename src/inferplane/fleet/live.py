@@ -18,7 +18,13 @@ from itertools import count, repeat
 
 from inferplane.fleet.engine_metrics import EngineMetrics
 from inferplane.fleet.model import Endpoint, Fleet
-from inferplane.fleet.state import EndpointState, EndpointView, FleetSnapshot, PrefixIndexView
+from inferplane.fleet.state import (
+    EndpointState,
+    EndpointView,
+    FleetSnapshot,
+    PrefixIndexView,
+    SnapshotLog,
+)
 
 Clock = Callable[[], float]
 
@@ -377,6 +383,14 @@ class LiveFleet:
         self._snapshot: FleetSnapshot | None = None
         self._snapshot_at = 0.0
         self._prefill_keys = count()  # `Reservation.prefill_key`
+        # the endpoints written to since the last snapshot (each once: added as its record
+        # turns dirty), and each endpoint's position in the snapshots of ``fleet``: a snapshot
+        # between full refreshes rebuilds just those views (`snapshot`)
+        self._touched: list[str] = []
+        self._positions: dict[str, int] = {}
+        # what each snapshot replaced, for readers that keep sums over the views
+        self._serial = 0
+        self._log = SnapshotLog()
         # told the endpoint's name when a request's first token arrives (its prefill is done):
         # admission's dispatch gate re-checks its queue
         self.on_prefilled: Callable[[str], None] | None = None
@@ -420,8 +434,10 @@ class LiveFleet:
         rec = self.live.get(endpoint)
         return rec if rec is not None else EndpointLive()
 
-    def _touch(self, rec: EndpointLive) -> None:
-        rec.dirty = True
+    def _touch(self, rec: EndpointLive, endpoint: str) -> None:
+        if not rec.dirty:
+            rec.dirty = True
+            self._touched.append(endpoint)
         self._version += 1
 
     def update_metrics(self, endpoint: str, metrics: EngineMetrics, *, own: bool = False) -> None:
@@ -434,19 +450,19 @@ class LiveFleet:
         rec.metrics_own = own
         rec.metrics_at = now = self.clock()
         rec.scrapes.append((now, metrics.waiting, metrics.kv_usage))
-        self._touch(rec)
+        self._touch(rec, endpoint)
 
     def set_health(self, endpoint: str, healthy: bool) -> None:
         rec = self._record_of(endpoint)
         if rec.healthy != healthy:
             rec.healthy = healthy
-            self._touch(rec)
+            self._touch(rec, endpoint)
 
     def set_ejected(self, endpoint: str, ejected: bool, reason: str = "") -> None:
         rec = self._record_of(endpoint)
         if rec.ejected != ejected or rec.ejected_reason != reason:
             rec.ejected, rec.ejected_reason = ejected, reason
-            self._touch(rec)
+            self._touch(rec, endpoint)
 
     def reset_observations(self, endpoint: str) -> None:
         """Forget the endpoint's observed outcomes, TTFTs and TTFT ÷ prediction ratios (an
@@ -459,7 +475,7 @@ class LiveFleet:
         rec.ttft.clear()
         rec.ttft_ratio.clear()
         rec.stats_at = float("-inf")
-        self._touch(rec)
+        self._touch(rec, endpoint)
 
     def reserve(
         self, endpoint: str, tokens: int, prefill_tokens: int = 0, ttft_s: float | None = None
@@ -484,7 +500,7 @@ class LiveFleet:
         rec.requests_total += 1
         if rec.rate is not None:
             rec.rate.add(now, tokens)
-        self._touch(rec)
+        self._touch(rec, endpoint)
         if rec.waiters:
             _wake(rec)
         return Reservation(
@@ -506,7 +522,7 @@ class LiveFleet:
             rec.prefill_unpredicted -= 1
         else:
             del rec.prefill_ends[key]  # this reservation's own entry, not one of equal value
-        self._touch(rec)
+        self._touch(rec, endpoint)
         if self.on_prefilled is not None:
             self.on_prefilled(endpoint)
 
@@ -514,7 +530,7 @@ class LiveFleet:
         rec = rec or self.live[endpoint]
         rec.inflight -= 1
         rec.inflight_tokens -= tokens
-        self._touch(rec)
+        self._touch(rec, endpoint)
 
     def is_healthy(self, endpoint: str) -> bool:
         """The endpoint's health verdict (its probes'); an unknown endpoint is not healthy."""
@@ -542,7 +558,7 @@ class LiveFleet:
         rec = self.live.get(endpoint)
         if rec is not None and rec.remote_inflight != n:
             rec.remote_inflight = n
-            self._touch(rec)
+            self._touch(rec, endpoint)
             if rec.waiters and rec.all_inflight > 0:
                 _wake(rec)
 
@@ -636,7 +652,7 @@ class LiveFleet:
             ejected=rec.ejected,
             ejected_reason=rec.ejected_reason,
             stale=age is None or age > self.stale_after_s,
-            metrics_age_s=age,
+            metrics_at=rec.metrics_at,
             running=running,
             waiting=waiting,
             kv_usage=m.kv_usage if m else None,
@@ -666,16 +682,21 @@ class LiveFleet:
             tokens_left=tokens_left,
         )
 
-    def _unchanged(self, endpoint: str, now: float) -> bool:
-        """Whether `state_of` at ``now`` would give the endpoint's state in the current snapshot
-        again: nothing written since (not dirty) and nothing in it that moves with the clock — no
-        scraped page (its age), no declared rate limit (its rolling minute), and the latency
-        percentiles and decayed error rate, refreshed here when due, as they were. A full
-        refresh keeps such an endpoint's view: at 2,000 endpoints that are never scraped (hosted
-        APIs, ``scrape_metrics: false``) rebuilding every state took ~13 ms every ``refresh_s``,
-        on the request that found it due."""
-        rec = self.live[endpoint]
-        if rec.dirty or rec.rate is not None or rec.metrics is not None:
+    def _unchanged(self, view: EndpointView, now: float) -> bool:
+        """Whether `state_of` at ``now`` would give ``view``'s state (the endpoint's in the
+        current snapshot) again: nothing written since (not dirty), and what in it moves with
+        the clock comes out the same — the latency percentiles and decayed error rate (refreshed
+        here when due), the scraped page's staleness (the page's time is in the state, not its
+        age), and the room left under declared rate limits in their rolling minute. A full
+        refresh keeps such an endpoint's view: at 2,000 endpoints rebuilding every state took
+        ~13 ms every ``refresh_s``, on the request that found it due."""
+        rec = self.live[view.name]
+        if rec.dirty:
+            return False
+        s = view.state
+        if rec.metrics_at is not None and s.stale != (now - rec.metrics_at > self.stale_after_s):
+            return False
+        if rec.rate is not None and rec.rate.left(now) != (s.requests_left, s.tokens_left):
             return False
         if now - rec.stats_at >= self.refresh_s:
             before = rec.stats
@@ -687,38 +708,56 @@ class LiveFleet:
         """The current immutable snapshot.
 
         Cached while nothing changed. After a change only the endpoints that changed get a new
-        state (a reservation touches one endpoint); every ``refresh_s`` all are re-evaluated
+        state (a reservation touches one endpoint), found from the list of those written to
+        (``_touched``), not by a walk over every view; every ``refresh_s`` all are re-evaluated
         (staleness, the latency percentiles, the decayed error rate, rate-limit room), and those
-        whose state would come out the same keep their view (`_unchanged`).
+        whose state would come out the same keep their view (`_unchanged`: a scraped endpoint's
+        too, its page's time being in the state).
         """
         now = self.clock()
         snap = self._snapshot
         full = snap is None or now - self._snapshot_at >= self.refresh_s
         if snap is not None and not full and snap.version == self._version:
             return snap
+        replaced: tuple[int, ...] | None
         if snap is None or snap.fleet is not self.fleet:
             views = tuple(EndpointView(e, self.state_of(e.name, now)) for e in self.fleet.endpoints)
+            self._positions = {e.name: i for i, e in enumerate(self.fleet.endpoints)}
             self._snapshot_at = now
+            replaced = None
         elif full:
-            views = tuple(
-                v
-                if self._unchanged(v.name, now)
-                else EndpointView(v.endpoint, self.state_of(v.name, now))
-                for v in snap.endpoints
-            )
+            new = list(snap.endpoints)
+            at: list[int] = []
+            for i, v in enumerate(new):
+                if not self._unchanged(v, now):
+                    new[i] = EndpointView(v.endpoint, self.state_of(v.name, now))
+                    at.append(i)
+            views, replaced = tuple(new), tuple(at)
             self._snapshot_at = now
         else:
-            live = self.live
-            views = tuple(
-                EndpointView(v.endpoint, self.state_of(v.name, now)) if live[v.name].dirty else v
-                for v in snap.endpoints
-            )
+            # only the endpoints written to since the last snapshot (a request's reservation,
+            # first token and release: one each), not a walk over every view
+            new = list(snap.endpoints)
+            at = []
+            positions = self._positions
+            for name in self._touched:
+                p = positions.get(name)  # None: not in the fleet (a removed endpoint's record)
+                if p is not None and self.live[name].dirty:
+                    v = new[p]
+                    new[p] = EndpointView(v.endpoint, self.state_of(name, now))
+                    at.append(p)
+            views, replaced = tuple(new), tuple(at)
+        self._touched.clear()
+        self._serial += 1
+        self._log.add(self._serial, replaced)
         snap = FleetSnapshot(
             fleet=self.fleet,
             endpoints=views,
             now=now,
             version=self._version,
             prefix_index=self.prefix_index,
+            serial=self._serial,
+            log=self._log,
         )
         self._snapshot = snap
         return snap

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from inferplane.config.schema import SubstrateSpec
 from inferplane.fleet.model import Endpoint, Fleet
-from inferplane.fleet.state import EndpointState, EndpointView, FleetSnapshot
+from inferplane.fleet.state import EndpointState, EndpointView, FleetSnapshot, SnapshotLog
 from inferplane.placement.framework import CycleState, FilterResult, Plugin, register
 
 #: ``cycle.data`` key under which the saturation filter lists what it removed (the slo-first
@@ -210,12 +210,23 @@ class ReservedCapacity(Plugin):
         self._positions: dict[str, list[int]] = {}  # substrate → its endpoints' fleet positions
         self._snap: object = None  # the snapshot `_used` was summed on
         self._used: dict[str, int] = {}
+        # with a live fleet's snapshots (`FleetSnapshot.log`): every reserved substrate's sum,
+        # the in-flight count summed for each position (its substrate's name, or None), and the
+        # snapshot's serial; a new snapshot corrects the sums where its log says a view changed
+        self._log: SnapshotLog | None = None
+        self._serial = -1
+        self._counted: list[int] = []
+        self._substrate_at: list[str | None] = []
 
     def _in_flight(self, snap: FleetSnapshot, name: str) -> int:
         """Gateway in-flight requests on a substrate's endpoints, summed once per snapshot (a
-        large fleet's decision would otherwise read every endpoint of every candidate pool)."""
+        large fleet's decision would otherwise read every endpoint of every candidate pool);
+        with a live fleet's snapshots, corrected from the last snapshot's sums where a view
+        changed (a request's reservation and release: one each) instead of summed anew."""
         if snap is not self._snap:
-            self._snap, self._used = snap, {}
+            if not self._follow(snap):
+                self._used = {}
+            self._snap = snap
         used = self._used.get(name)
         if used is None:
             views = snap.endpoints
@@ -229,6 +240,43 @@ class ReservedCapacity(Plugin):
             self._used[name] = used
         return used
 
+    def _follow(self, snap: FleetSnapshot) -> bool:
+        """Bring ``_used`` to ``snap`` from the live fleet's log (True), or let the caller sum
+        anew (False: a hand-built snapshot). Sums every reserved substrate when the log cannot
+        say what changed since the last snapshot read (the first, a reload, too long ago)."""
+        log = snap.log
+        views = snap.endpoints
+        if log is None or len(views) != len(snap.fleet.endpoints):
+            self._log = None
+            return False
+        changed = (
+            log.changed_between(self._serial, snap.serial)
+            if log is self._log and len(self._counted) == len(views)
+            else None
+        )
+        self._log, self._serial = log, snap.serial
+        if changed is None:
+            where: list[str | None] = [None] * len(views)
+            for name, positions in self._positions.items():
+                for i in positions:
+                    where[i] = name
+            self._substrate_at = where
+            self._counted = [v.state.inflight for v in views]
+            self._used = {
+                sub: sum(self._counted[i] for i in positions)
+                for sub, positions in self._positions.items()
+            }
+            return True
+        counted, at, used = self._counted, self._substrate_at, self._used
+        for i in changed:
+            n = views[i].state.inflight
+            if n != counted[i]:
+                sub = at[i]
+                if sub is not None:
+                    used[sub] += n - counted[i]
+                counted[i] = n
+        return True
+
     def filter(self, cycle: CycleState, candidates: list[EndpointView]) -> FilterResult:
         snap = cycle.snapshot
         if snap.fleet is not self._fleet:
@@ -237,6 +285,7 @@ class ReservedCapacity(Plugin):
             for i, e in enumerate(snap.fleet.endpoints):
                 if e.substrate.name in self._committed:
                     self._positions.setdefault(e.substrate.name, []).append(i)
+            self._log, self._snap = None, None  # positions of another fleet: sum anew
         committed = self._committed
         if not committed:
             return FilterResult(candidates)
