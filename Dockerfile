@@ -8,9 +8,11 @@
 # dispatch.eager does the same; docs/benchmarks.md).
 # NATIVE=1 (the default) also compiles the placement hot path with mypyc into the installed
 # package (scripts/compile_native.py; docs/placement.md#the-compiled-build): gcc and mypy in this
-# build stage only, nothing of them in the image. Where that cannot be done (no package mirror,
-# no compiler) the script says so in one line and the image runs pure Python; NATIVE=0 skips it.
-# `docker run IMAGE version` says which one the image runs.
+# build stage only, nothing of them in the image. The build fails where that cannot be done (no
+# package mirror, no compiler, a failed compile: --strict); NATIVE=0 builds a pure-Python image
+# instead. `docker run IMAGE version` says which one the image runs, and `serve` logs it at start.
+# Until 2026-12-07 a failure here was only printed and the image ran pure Python, which hid that
+# the compile never worked from an installed package (mypy ran in site-packages: fixed).
 # constraints.txt: the versions `make test` and CI ran (api/server.py builds on aiohttp's
 # internals), not whatever is newest within pyproject.toml's ranges on the day of the build;
 # mypy (mypyc) pinned the same way. The pins were frozen on CPython 3.11; on 2026-12-07 every
@@ -29,9 +31,10 @@ RUN pip install --no-cache-dir --prefix=/install -c constraints.txt .
 RUN if [ "$NATIVE" = 1 ]; then \
       { apt-get update -qq && apt-get install -y -qq --no-install-recommends gcc libc6-dev \
         && pip install --no-cache-dir --prefix=/tmp/mypy -c constraints.txt mypy setuptools; } \
-      || echo "NATIVE: cannot install gcc or mypy here; the image runs pure Python"; \
+      || { echo "NATIVE: cannot install gcc or mypy here (--build-arg NATIVE=0: pure Python)"; \
+           exit 1; }; \
       PYTHONPATH="/tmp/mypy/lib/python3.12/site-packages:/install/lib/python3.12/site-packages" \
-        python scripts/compile_native.py \
+        python scripts/compile_native.py --strict \
         --package-dir /install/lib/python3.12/site-packages/inferplane; \
     fi
 
