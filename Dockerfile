@@ -21,6 +21,8 @@
 # --only-binary=:all: --python-version 3.12 --platform manylinux_2_17_x86_64 -c constraints.txt`
 # on pyproject.toml's dependencies, then on mypy setuptools). setuptools is pinned too (mypyc
 # builds with it; Python 3.12 has no distutils of its own).
+# types-PyYAML (added 2026-12-07, a pure wheel): mypyc type-checks what the compiled modules
+# import with the project's strict mypy settings, and without the stubs `yaml` is untyped there.
 FROM python:3.12-slim AS build
 ARG NATIVE=1
 WORKDIR /src
@@ -30,7 +32,8 @@ COPY scripts/compile_native.py ./scripts/
 RUN pip install --no-cache-dir --prefix=/install -c constraints.txt .
 RUN if [ "$NATIVE" = 1 ]; then \
       { apt-get update -qq && apt-get install -y -qq --no-install-recommends gcc libc6-dev \
-        && pip install --no-cache-dir --prefix=/tmp/mypy -c constraints.txt mypy setuptools; } \
+        && pip install --no-cache-dir --prefix=/tmp/mypy -c constraints.txt mypy setuptools \
+           types-PyYAML; } \
       || { echo "NATIVE: cannot install gcc or mypy here (--build-arg NATIVE=0: pure Python)"; \
            exit 1; }; \
       PYTHONPATH="/tmp/mypy/lib/python3.12/site-packages:/install/lib/python3.12/site-packages" \
