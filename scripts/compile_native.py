@@ -6,9 +6,10 @@
 
 Compiles `MODULES` (paths under the package) with mypyc — shipped with mypy, a dev dependency —
 and the C compiler into one build: an extension per module and mypyc's shared runtime
-(``inferplane_native__mypyc``). The build is made in a temporary directory and then replaces
-``<package-dir>/_native/`` (default: this checkout's ``src/inferplane``, git-ignored; an
-installed package's directory works too: the Dockerfile) with the extensions and
+(``inferplane_native__mypyc``). The build is made from a copy of the package's sources in a
+temporary directory and then replaces ``<package-dir>/_native/`` (default: this checkout's
+``src/inferplane``, git-ignored; an installed package's directory in site-packages works too:
+the Dockerfile) with the extensions and
 ``manifest.json`` (the sha256 of each compiled source and of every inferplane source they import,
 transitively — the compiled code relies on their types —, the interpreter's cache tag and
 extension suffix, the C flags and the machine). Every extension is compiled with `FP_FLAGS`
@@ -124,6 +125,18 @@ def with_fp_flags(exts: Iterable[Any]) -> list[str]:
     return args
 
 
+def copy_sources(package_dir: Path, dest: Path) -> Path:
+    """Copy the package's sources (no build, no bytecode) to ``<dest>/inferplane`` and return
+    `dest`, the directory mypy runs in. mypy takes its working directory as the user's code:
+    the package's own parent would do in a checkout (``src/``), but an installed package's is
+    site-packages, where ``typing_extensions.py`` and the rest then shadow the library stubs
+    and the compile fails (the Dockerfile's)."""
+    shutil.copytree(package_dir, dest / "inferplane",
+                    ignore=shutil.ignore_patterns("_native", f"{STAGE_PREFIX}*", "__pycache__",
+                                                  "*.pyc", "*.so"))
+    return dest
+
+
 def build(package_dir: Path, verbose: bool, config: Path | None) -> tuple[Path, list[str]]:
     """Compile into a fresh directory beside the package's ``_native`` and return it, with
     the modules compiled."""
@@ -139,15 +152,15 @@ def build(package_dir: Path, verbose: bool, config: Path | None) -> tuple[Path, 
     cc = os.environ.get("CC", "cc").split()[0]
     if shutil.which(cc) is None and shutil.which("gcc") is None:
         raise RuntimeError(f"no C compiler ({cc!r} and 'gcc' not on PATH)")
-    src_root = package_dir.parent
     sources = {_module_name(m): package_dir / m for m in MODULES}
     before = {name: _sha256(p) for name, p in sources.items()}
     deps = {rel: _sha256(package_dir / rel) for rel in dependencies(package_dir, MODULES)}
     suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
     work = Path(tempfile.mkdtemp(prefix="inferplane-native-"))
     try:
+        tree = copy_sources(package_dir, work / "src")
         old = Path.cwd()
-        os.chdir(src_root)  # mypy names modules from the paths: inferplane.placement.fused
+        os.chdir(tree)  # mypy names modules from the paths: inferplane.placement.fused
         out = io.StringIO()
         try:
             redirect = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(out)

@@ -210,6 +210,62 @@ def test_a_missing_setuptools_is_named(tmp_path: Path, monkeypatch: pytest.Monke
     assert "pip install 'mypy[mypyc]'" in str(err.value)
 
 
+def _installed(tmp: Path) -> Path:
+    """This checkout's package as pip installs it: in a site-packages beside other
+    distributions' modules (``typing_extensions.py`` among them, as in the Docker image)."""
+    site = tmp / "site-packages"
+    shutil.copytree(SRC / "inferplane", site / "inferplane",
+                    ignore=shutil.ignore_patterns("__pycache__", "_native", "_native.*"))
+    import typing_extensions
+
+    shutil.copy2(typing_extensions.__file__, site / "typing_extensions.py")
+    return site / "inferplane"
+
+
+def test_an_installed_package_is_compiled_from_a_copy_not_from_site_packages(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """mypy takes its working directory as the user's code: run in site-packages, the
+    modules there shadowed the library stubs (``typing_extensions.py: error: This file shadows
+    library module``) and the Dockerfile's compile never compiled. It runs in a directory that
+    holds only a copy of the package's sources."""
+    mypyc_build = pytest.importorskip("mypyc.build")
+    pytest.importorskip("setuptools")
+    if shutil.which(os.environ.get("CC", "cc").split()[0]) is None and not shutil.which("gcc"):
+        pytest.skip("no C compiler")
+    pkg = _installed(tmp_path)
+    seen: dict[str, Any] = {}
+
+    def fake_mypycify(paths: list[str], **kw: Any) -> Any:
+        cwd = Path.cwd()
+        seen["cwd"], seen["listing"] = cwd, sorted(p.name for p in cwd.iterdir())
+        seen["missing"] = [p for p in paths if p.endswith(".py") and not (cwd / p).is_file()]
+        raise SystemExit(2)  # stop before mypy
+
+    monkeypatch.setattr(mypyc_build, "mypycify", fake_mypycify)
+    before = Path.cwd()
+    with pytest.raises(RuntimeError, match="SystemExit"):
+        _compile_native().build(pkg, False, None)
+    assert seen["listing"] == ["inferplane"]
+    assert seen["cwd"] != pkg.parent and seen["missing"] == []
+    assert Path.cwd() == before
+    assert not seen["cwd"].exists()  # the copy went with the temporary directory
+
+
+@pytest.mark.slow
+def test_a_real_compile_of_an_installed_package(tmp_path: Path) -> None:
+    """The Dockerfile's step, ``--strict``: the package in a site-packages compiles
+    (``pytest -m slow tests/test_compiled.py -k installed``; mypyc and cc, about a minute)."""
+    pytest.importorskip("mypyc.build")
+    pytest.importorskip("setuptools")
+    pkg = _installed(tmp_path)
+    assert _compile_native().main(["--package-dir", str(pkg), "--strict"]) == 0
+    status, _ = check(pkg / "_native", pkg)
+    assert status.mode == "compiled", status.describe()
+    out = _run(WHICH, pkg.parent)
+    assert out.stdout.split()[0] == "compiled" and out.stdout.strip().endswith(SUFFIX)
+
+
 def test_ci_fails_instead_of_skipping_without_a_build() -> None:
     """``INFERPLANE_REQUIRE_NATIVE=1`` (``.ci/run``) turns `needs_build`'s skip into a failure
     (tests/conftest.py); without it, and for other skips, a skip stays a skip."""

@@ -205,6 +205,16 @@ def test_the_image_installs_the_tested_versions() -> None:
     assert re.search(r"^COPY .*constraints\.txt", _dockerfile(), re.M)
 
 
+def test_the_image_build_fails_when_its_native_compile_does() -> None:
+    """NATIVE=1 (the default) gives a compiled image or no image: a failed compile, or no gcc
+    or mypy to compile with, fails the build (``--strict``, ``exit 1``) instead of an image
+    that runs pure Python unnoticed; NATIVE=0 is the way to a pure-Python one."""
+    step = next(block for block in re.split(r"\n(?=[A-Z]+ )", _dockerfile())
+                if block.startswith("RUN ") and "compile_native.py" in block)
+    assert "--strict" in step.split("compile_native.py", 1)[1]
+    assert "exit 1" in step and "ARG NATIVE=1" in _dockerfile()
+
+
 def test_the_image_exposes_every_port_the_manifests_use() -> None:
     exposed = {int(p) for line in _dockerfile().splitlines() if line.startswith("EXPOSE")
                for p in shlex.split(line)[1:]}

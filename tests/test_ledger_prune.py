@@ -348,7 +348,7 @@ def test_a_database_error_without_text_is_named_by_its_type(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A driver error with no message is a `SourceError` naming its type, not an IndexError
-    from taking the first of no lines (simp29)."""
+    from taking the first of no lines."""
     import psycopg
 
     from inferplane.ledger import postgres as pg
