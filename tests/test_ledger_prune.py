@@ -12,6 +12,7 @@ import base64
 import contextlib
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -641,6 +642,51 @@ def test_an_export_of_a_pruned_ledger_verifies_from_the_file(
     loose = runner.invoke(app, ["verify", "--export", str(part), "--public-key", str(pub),
                                 "--filtered"])
     assert loose.exit_code == 0 and "1 of 1 signatures verified" in loose.output, loose.output
+
+
+def test_export_verify_refuses_hostile_lines_with_one_line_not_a_traceback(
+    pruned: Path, tmp_path: Path
+) -> None:
+    runner = CliRunner()
+    out = tmp_path / "x.ndjson"
+    _export(runner, pruned, out)
+    lines = out.read_bytes().splitlines(keepends=True)
+    first, rec = orjson.loads(lines[0]), orjson.loads(lines[1])
+
+    def run(name: str, body: bytes, *extra: str) -> Any:
+        f = tmp_path / name
+        f.write_bytes(body)
+        return runner.invoke(app, ["verify", "--export", str(f), *extra])
+
+    # no key given: the anchor's times are printed, so a time out of range must not crash
+    for i, (field, value) in enumerate([("before_unix", 1e308), ("at_unix", -1e308),
+                                        ("first_seq", 0), ("first_seq", 5.0),
+                                        ("first_seq", "5"), ("shard", 7),
+                                        ("before_unix", "nan")]):
+        res = run(f"a{i}.ndjson", orjson.dumps({**first, field: value}) + b"\n"
+                  + b"".join(lines[1:]))
+        assert isinstance(res.exception, SystemExit), (field, value, res.exception)
+        assert res.exit_code == 1, (field, value, res.output)
+        assert "line 1: a prune anchor with" in res.output, (field, value, res.output)
+    # a record's seq must be an integer, its record an object
+    for i, (field, value) in enumerate([("seq", 5.9), ("seq", True), ("seq", "5"),
+                                        ("record", None), ("receipt", 1)]):
+        res = run(f"r{i}.ndjson", lines[0] + orjson.dumps({**rec, field: value}) + b"\n"
+                  + b"".join(lines[2:]))
+        assert res.exit_code == 1 and isinstance(res.exception, SystemExit), res.exception
+        assert "line 2: a record without all its fields (or one of the wrong type)" \
+            in res.output, (field, value, res.output)
+    # a file that is not NDJSON at all (the likely mistake: a Parquet or gzip export): exit 2
+    res = run("x.parquet", b"PAR1\x15\x04\x15\x00garbage\n")
+    assert res.exit_code == 2, res.output
+    assert "not an NDJSON export (verify --export reads NDJSON only" in res.output
+    # --checkpoint-every has no meaning for an export: refused, not ignored
+    res = runner.invoke(app, ["verify", "--export", str(out), "--checkpoint-every", "4"])
+    assert res.exit_code == 2 and "--checkpoint-every goes with a ledger" in res.output, \
+        res.output
+    # the time formatting itself is total
+    from inferplane.ledger.verify import _iso
+    assert _iso(1e308).endswith("(out of range)") and _iso(float("nan")).endswith("range)")
 
 
 def test_a_parquet_export_carries_the_anchor_in_its_metadata(

@@ -908,6 +908,9 @@ def verify(
             keys = [read_public_key(p) for p in public_key or ()]
         except SourceError as exc:
             fail(str(exc))
+        if checkpoint_every is not None:
+            fail("--checkpoint-every goes with a ledger, not --export (an export holds no "
+                 "checkpoints)")
         _verify_export(export_file, keys, filtered)
     if filtered:
         fail("--filtered goes with --export FILE")
@@ -925,13 +928,15 @@ def verify(
 def _verify_export(path: Path, keys: list[Any], filtered: bool) -> None:
     """``verify --export FILE``: exit 0 when intact, 1 naming the first bad line, 2 when the
     file cannot be read."""
-    from inferplane.ledger.verify import describe_anchor, verify_export
+    from inferplane.ledger.verify import NotAnExport, describe_anchor, verify_export
 
     try:
         with path.open("rb") as fh:
             rep = verify_export(fh, keys or None, filtered=filtered)
     except OSError as exc:
         fail(f"{path}: {exc.strerror or exc}")
+    except NotAnExport as exc:
+        fail(f"{path}: {exc}")
     if not rep.ok:
         typer.echo(f"TAMPERED: {path}: {rep.problem}", err=True)
         raise typer.Exit(1)

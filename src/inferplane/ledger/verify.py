@@ -26,9 +26,11 @@ before) name nothing stored and are left out.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 import orjson
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -324,7 +326,11 @@ def describe_anchor(a: PruneAnchor) -> str:
 
 
 def _iso(t: float) -> str:
-    return datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    try:
+        return datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds").replace(
+            "+00:00", "Z")
+    except (OverflowError, ValueError, OSError):
+        return f"{t!r} (out of range)"
 
 
 def _check_checkpoint(
@@ -356,6 +362,10 @@ def verify_sqlite(path: str, public_key: Keys, checkpoint_every: int | None = No
         conn.close()
 
 
+class NotAnExport(ValueError):
+    """The file's first line is not JSON: not an NDJSON export at all."""
+
+
 def verify_export(lines: Iterable[bytes], public_key: Keys, *,
                   filtered: bool = False) -> Report:
     """Verify an NDJSON export (``inferplane export``) from the file alone: each record's
@@ -380,16 +390,15 @@ def verify_export(lines: Iterable[bytes], public_key: Keys, *,
         try:
             obj = orjson.loads(raw)
         except orjson.JSONDecodeError:
+            if not starts and not last:  # gzip, Parquet, CSV: not a tampered export
+                raise NotAnExport("not an NDJSON export (verify --export reads NDJSON only: "
+                                  f"line {n} is not JSON)") from None
             return rep.fail("", None, None, f"line {n}: not a JSON object")
         schema = obj.get("schema") if isinstance(obj, dict) else None
         if schema == ANCHOR_SCHEMA:
-            try:
-                a = PruneAnchor(str(obj["shard"]), int(obj["first_seq"]), str(obj["prev_hash"]),
-                                float(obj["before_unix"]), float(obj["at_unix"]),
-                                str(obj["key_id"]), str(obj["signature"]))
-            except (KeyError, TypeError, ValueError):
-                return rep.fail("", None, None, f"line {n}: a prune anchor without all its "
-                                "fields")
+            a = _parse_anchor(obj)
+            if isinstance(a, str):
+                return rep.fail("", None, None, f"line {n}: a prune anchor {a}")
             if a.shard in starts or a.shard in last:
                 return rep.fail(a.shard, a.first_seq, None, f"line {n}: a second prune anchor "
                                 f"of shard {a.shard}, or one after its records (an export "
@@ -407,12 +416,15 @@ def verify_export(lines: Iterable[bytes], public_key: Keys, *,
         if schema != EXPORT_SCHEMA:
             return rep.fail("", None, None, f"line {n}: schema {schema!r}, neither "
                             f"{EXPORT_SCHEMA} nor {ANCHOR_SCHEMA}")
-        try:
-            shard, seq, receipt = str(obj["shard"]), int(obj["seq"]), str(obj["receipt"])
-            prev, head, record = str(obj["prev_hash"]), str(obj["chain_hash"]), obj["record"]
-        except (KeyError, TypeError, ValueError):
-            return rep.fail("", None, None, f"line {n}: a record without all its fields")
-        decision = record.get("decision_id") if isinstance(record, dict) else None
+        fields = [obj.get(f) for f in ("shard", "seq", "receipt", "prev_hash", "chain_hash")]
+        record = obj.get("record")
+        if not (type(fields[1]) is int and fields[1] >= 1 and isinstance(record, dict)
+                and all(isinstance(f, str) for f in fields[:1] + fields[2:])):
+            return rep.fail("", None, None, f"line {n}: a record without all its fields (or "
+                            "one of the wrong type)")
+        shard, seq, receipt, prev, head = (str(fields[0]), int(fields[1]), str(fields[2]),
+                                           str(fields[3]), str(fields[4]))
+        decision = record.get("decision_id")
         where = f"line {n}: record {shard}#{seq} (decision {decision})"
         if hashlib.sha256(orjson.dumps(record, option=orjson.OPT_SORT_KEYS)).hexdigest() \
                 != receipt:
@@ -441,6 +453,24 @@ def verify_export(lines: Iterable[bytes], public_key: Keys, *,
                 f"shard {s}: the export starts it at #{a.first_seq} after a prune anchor "
                 f"({describe_anchor(a)}) whose signature was not checked: no public key given")
     return rep
+
+
+def _parse_anchor(obj: dict[str, Any]) -> PruneAnchor | str:
+    """An export's ``inferplane.prune/1`` line as a PruneAnchor, or what is wrong with it."""
+    strs = [obj.get(f) for f in ("shard", "prev_hash", "key_id", "signature")]
+    first, times = obj.get("first_seq"), [obj.get("before_unix"), obj.get("at_unix")]
+    if not (all(isinstance(v, str) for v in strs) and type(first) is int
+            and all(type(t) in (int, float) for t in times)):
+        return "without all its fields (or one of the wrong type)"
+    assert isinstance(first, int)
+    ts = [float(t) for t in times]  # type: ignore[arg-type]
+    if first < 1 or not all(math.isfinite(t) and _MIN_T <= t <= _MAX_T for t in ts):
+        return "with a time or record number out of range"
+    return PruneAnchor(str(strs[0]), first, str(strs[1]), ts[0], ts[1], str(strs[2]),
+                       str(strs[3]))
+
+
+_MIN_T, _MAX_T = 0.0, 253402300799.0  # 1970 .. 9999-12-31T23:59:59Z
 
 
 def _export_link(shard: str, seq: int, prev: str, last: tuple[int, str] | None,
