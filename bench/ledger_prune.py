@@ -12,7 +12,8 @@ with the time its per-shard work inside the transaction took (the checks, the an
 deletes, the checkpoints) and the whole transaction from its ``BEGIN`` to the end of its
 ``COMMIT`` returning (on SQLite an upper bound on the write lock's hold: ``COMMIT`` returns
 after any automatic WAL checkpoint, which runs once the lock is released; on PostgreSQL it
-includes taking the advisory lock); their difference is the ``COMMIT`` (and the ``BEGIN``). Then ``verify`` of what is left.
+includes taking the advisory lock); their difference is the ``COMMIT`` (and the ``BEGIN``).
+Then ``verify`` of what is left.
 
     .venv/bin/python bench/ledger_prune.py --records 200000 --stores postgres,sqlite
 """

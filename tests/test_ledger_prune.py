@@ -577,6 +577,70 @@ def test_a_prune_across_a_signing_key_change(base: Path, tmp_path: Path, key: Pa
         in (rep.problem or ""), rep.problem
 
 
+def test_an_earlier_key_in_a_keyring_signs_nothing_after_the_key_change(
+    pruned: Path, tmp_path: Path, decision: Decision
+) -> None:
+    """A keyring (current key first) trusts an earlier key only for what it signed before the
+    change: not a shard's latest prune anchor, not a checkpoint after the current key's first
+    one of the shard. ``ledger-sign-heads --previous-key`` is the change: it signs the heads
+    and re-signs the latest anchor with the new key. Then whoever holds the old (leaked) key
+    can neither forge a checkpoint over a new tail nor prune the history with a new anchor."""
+    from cryptography.hazmat.primitives import serialization as ser
+
+    path = _copy(pruned, tmp_path, "ring.db")  # #5..#12, anchor at #5 and checkpoints: old key
+    new = _signer()
+    new_key = tmp_path / "new.key"
+    new_key.write_bytes(new.private.private_bytes(ser.Encoding.PEM, ser.PrivateFormat.PKCS8,
+                                                  ser.NoEncryption()))
+    old_pub = tmp_path / "old.pub"
+    old_pub.write_bytes(public_pem(SIGNER.public))
+    ring = [new.public, SIGNER.public]
+    before = verify_sqlite(str(path), ring, EVERY)
+    assert not before.ok and f"is signed by the earlier key {SIGNER.key_id}, not the current " \
+        f"key {new.key_id}" in (before.problem or ""), before.problem
+    runner = CliRunner()
+    res = runner.invoke(app, ["ledger-sign-heads", "--ledger", str(path), "--key", str(new_key),
+                              "--previous-key", str(old_pub)])
+    assert res.exit_code == 0, res.output
+    assert f"signed main at #{N} (key {new.key_id})" in res.output, res.output
+    assert f"re-signed 1 latest prune anchor(s) with key {new.key_id}: main at #5" in res.output
+    rep = verify_sqlite(str(path), ring, EVERY)
+    assert rep.ok and rep.current_signed == {"main": N}, rep.problem
+    # the writers go on with the new key
+    led = SqliteLedger(path, signer=new, checkpoint_every=EVERY)
+    for i in range(N, N + 4):
+        led.record(_with_id(decision, f"d-{i}"), _ok(decision), 1000.0 + i)
+    led.close_sync()
+    rep = verify_sqlite(str(path), ring, EVERY)
+    assert rep.ok and rep.current_signed["main"] == N + 4, rep.problem
+    # the old key's holder signs a checkpoint over the new tail: refused
+    forged = _copy(path, tmp_path, "forged-cp.db")
+    cp = SIGNER.sign("main", N + 4, rep.last_hash["main"], 3000.0)
+    _sql(forged, f"DELETE FROM checkpoints WHERE seq = {N + 4}",
+         "INSERT INTO checkpoints (shard, seq, chain_hash, at_unix, key_id, signature) "
+         f"VALUES ('main', {N + 4}, '{cp.chain_hash}', 3000.0, '{cp.key_id}', "
+         f"'{cp.signature}')")
+    bad = verify_sqlite(str(forged), ring, EVERY)
+    assert not bad.ok and f"signed by the earlier key {SIGNER.key_id} after the current key " \
+        f"{new.key_id}'s first checkpoint of the shard (#{N})" in (bad.problem or ""), \
+        bad.problem
+    # ... or prunes #5..#8 with an anchor it signs: refused
+    cut = _copy(path, tmp_path, "forged-anchor.db")
+    with contextlib.closing(sqlite3.connect(cut)) as conn, conn:
+        (prev,) = conn.execute("SELECT prev_hash FROM decisions WHERE chain_seq = 9").fetchone()
+        a = SIGNER.sign_anchor("main", 9, prev, 1008.5, 3000.0)
+        conn.execute("INSERT INTO prune_anchors (shard, first_seq, prev_hash, before_unix, "
+                     "at_unix, key_id, signature) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                     (a.shard, a.first_seq, a.prev_hash, a.before_unix, a.at_unix, a.key_id,
+                      a.signature))
+        conn.execute("DELETE FROM decisions WHERE chain_seq <= 8")
+    bad = verify_sqlite(str(cut), ring, EVERY)
+    assert not bad.ok and "must be signed by the current key" in (bad.problem or ""), \
+        bad.problem
+    # the key change itself (sign-heads with --previous-key) accepts either key anywhere
+    assert verify_sqlite(str(cut), ring, EVERY, rotation=True).ok
+
+
 # -- an export carries the anchor: verified from the file alone ----------------------------
 
 

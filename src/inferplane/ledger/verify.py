@@ -48,8 +48,14 @@ from inferplane.ledger.chain import (
 from inferplane.ledger.query import ANCHOR_SCHEMA, EXPORT_SCHEMA, ExportRow, column_mismatch
 
 Keys = Ed25519PublicKey | Sequence[Ed25519PublicKey] | None
-"""The pinned public key, or a **keyring**: after a signing-key change, the new key and the
-earlier ones, each checkpoint and anchor checked with the key its ``key_id`` names."""
+"""The pinned public key, or a **keyring**: after a signing-key change, the current key
+**first**, then the earlier ones, each checkpoint and anchor checked with the key its
+``key_id`` names. An earlier key is trusted only for what it signed before the current key
+took over: a checkpoint at or below the shard's first checkpoint signed by the current key
+(none at all where the current key has signed none of the shard), and never a shard's latest
+prune anchor (keys get changed because one leaked: its holder must not be able to sign a new
+tail or a new prune). ``ledger-sign-heads --previous-key`` makes a ledger meet this at the
+key change: it signs every head and re-signs every latest anchor with the new key."""
 
 
 def keyring(keys: Keys) -> dict[str, Ed25519PublicKey]:
@@ -103,7 +109,11 @@ class Report:
     checkpoints_pruned: int = 0
     """Checkpoints naming pruned records (left out of ``checkpoints``)."""
     key_ids: list[str] = field(default_factory=list)
-    """The pinned keys' ids (more than one: a keyring)."""
+    """The pinned keys' ids (more than one: a keyring; the first is the current key)."""
+    resigned_anchors: int = 0
+    """``ledger-sign-heads --previous-key``: latest prune anchors re-signed with the new key."""
+    current_signed: dict[str, int] = field(default_factory=dict)
+    """Per shard, the last seq whose checkpoint the current (first) key signed."""
 
     def fail(self, shard: str, seq: int | None, decision: str | None, problem: str) -> Report:
         self.ok = False
@@ -119,6 +129,7 @@ def verify_rows(
     public_key: Keys,
     checkpoint_every: int | None = None,
     anchors: Iterable[PruneAnchor] = (),
+    rotation: bool = False,
 ) -> Report:
     """Verify ``rows`` (ordered by shard, then seq) against ``checkpoints``, the recorded
     shard ``heads`` (shard → (seq, chain_hash)) and the prune ``anchors``. The report names the
@@ -129,7 +140,10 @@ def verify_rows(
     records after its last valid checkpoint (or with no checkpoint at all) fails: every writer
     commits the checkpoint of each multiple of ``checkpoint_every`` in the transaction that
     writes that record, so an honest shard's unsigned tail is at most ``checkpoint_every - 1``
-    records, whenever and however its writers stopped (docs/evidence.md)."""
+    records, whenever and however its writers stopped (docs/evidence.md).
+
+    A keyring's earlier keys are held to `Keys`' limits, unless ``rotation`` (the key change
+    itself, ``ledger-sign-heads --previous-key``: any key of the ring signs anything)."""
     ring = keyring(public_key)
     keyed = bool(ring)
     rep = Report(keyed=keyed, checkpoint_every=checkpoint_every if keyed else None,
@@ -138,6 +152,7 @@ def verify_rows(
     for cp in checkpoints:
         cps.setdefault((cp.shard, cp.seq), []).append(cp)
         rep.checkpoints += 1
+    lim = _Limits(ring, rotation, cps)
     if rep.checkpoints and not keyed:
         rep.warnings.append(
             f"{rep.checkpoints} signed checkpoints not checked: no public key given "
@@ -155,7 +170,7 @@ def verify_rows(
             continue
         rep.anchors_latest += 1
         if keyed:
-            bad = _check_anchor(a, ring)
+            bad = _check_anchor(a, ring) or lim.anchor(a)
             if bad:
                 return rep.fail(a.shard, a.first_seq, None,
                                 f"shard {a.shard}: its prune anchor at #{a.first_seq} {bad}")
@@ -225,7 +240,7 @@ def verify_rows(
             return rep.fail(r.shard, r.seq, r.decision_id,
                             f"{where}: stored before the record it follows (reordered)")
         for cp in cps.pop((r.shard, r.seq), ()):
-            bad = _check_checkpoint(cp, r.chain_hash, ring, rep)
+            bad = _check_checkpoint(cp, r.chain_hash, ring, rep) or lim.checkpoint(cp, rep)
             if bad:
                 return rep.fail(r.shard, r.seq, r.decision_id, f"{where}: {bad}")
             if keyed:
@@ -311,6 +326,45 @@ def _start_at_anchor(r: ExportRow, a: PruneAnchor) -> str | None:
     return None
 
 
+class _Limits:
+    """What a keyring's earlier keys may sign (`Keys`); the first key is the current one."""
+
+    def __init__(self, ring: dict[str, Ed25519PublicKey], rotation: bool,
+                 cps: dict[tuple[str, int], list[Checkpoint]]) -> None:
+        self.current = next(iter(ring), None)
+        self.on = len(ring) > 1 and not rotation
+        self.first: dict[str, int] = {}  # shard -> its first checkpoint by the current key
+        if self.current is None:
+            return
+        k = ring[self.current]
+        for (shard, seq), cp_list in sorted(cps.items()):
+            if shard not in self.first and any(
+                    cp.key_id == self.current and check_signature(k, cp) for cp in cp_list):
+                self.first[shard] = seq
+
+    def checkpoint(self, cp: Checkpoint, rep: Report) -> str | None:
+        if cp.key_id == self.current:
+            rep.current_signed[cp.shard] = cp.seq
+            return None
+        if not self.on or cp.seq <= self.first.get(cp.shard, 0):
+            return None
+        since = (f"after the current key {self.current}'s first checkpoint of the shard "
+                 f"(#{self.first[cp.shard]})" if cp.shard in self.first else
+                 f"and the current key {self.current} has signed none of the shard")
+        return (f"its checkpoint is signed by the earlier key {cp.key_id} {since}: an earlier "
+                "key is trusted only for what it signed before the key change (at the change, "
+                "`inferplane ledger-sign-heads --previous-key` signs every head with the new "
+                "key; docs/evidence.md, changing the signing key)")
+
+    def anchor(self, a: PruneAnchor) -> str | None:
+        if not self.on or a.key_id == self.current:
+            return None
+        return (f"is signed by the earlier key {a.key_id}, not the current key {self.current} "
+                "(the first --public-key): a shard's latest prune anchor must be signed by the "
+                "current key (at the key change, `inferplane ledger-sign-heads --previous-key` "
+                "re-signs it with the new key)")
+
+
 def _check_anchor(a: PruneAnchor, ring: dict[str, Ed25519PublicKey]) -> str | None:
     k = ring.get(a.key_id)
     if k is None:
@@ -349,7 +403,8 @@ def _check_checkpoint(
     return None
 
 
-def verify_sqlite(path: str, public_key: Keys, checkpoint_every: int | None = None) -> Report:
+def verify_sqlite(path: str, public_key: Keys, checkpoint_every: int | None = None,
+                  rotation: bool = False) -> Report:
     """Verify a SQLite ledger file (read-only). Raises like `sqlite.open_readonly`."""
     from inferplane.ledger import sqlite
 
@@ -357,7 +412,7 @@ def verify_sqlite(path: str, public_key: Keys, checkpoint_every: int | None = No
     try:
         return verify_rows(sqlite.iter_chain(conn), sqlite.read_checkpoints(conn),
                            sqlite.read_heads(conn), public_key, checkpoint_every,
-                           sqlite.read_anchors(conn))
+                           sqlite.read_anchors(conn), rotation)
     finally:
         conn.close()
 
@@ -406,7 +461,7 @@ def verify_export(lines: Iterable[bytes], public_key: Keys, *,
             rep.anchors += 1
             rep.anchors_latest += 1
             if keyed:
-                bad = _check_anchor(a, ring)
+                bad = _check_anchor(a, ring) or _Limits(ring, False, {}).anchor(a)
                 if bad:
                     return rep.fail(a.shard, a.first_seq, None,
                                     f"shard {a.shard}: its prune anchor at #{a.first_seq} {bad}")
