@@ -580,8 +580,8 @@ def test_a_prune_across_a_signing_key_change(base: Path, tmp_path: Path, key: Pa
 def test_an_earlier_key_in_a_keyring_signs_nothing_after_the_key_change(
     pruned: Path, tmp_path: Path, decision: Decision
 ) -> None:
-    """A keyring (current key first) trusts an earlier key only for what it signed before the
-    change: not a shard's latest prune anchor, not a checkpoint after the current key's first
+    """A keyring (current key first) trusts an earlier key only where the current key vouches
+    for it: not a shard's latest prune anchor, not a checkpoint after the current key's latest
     one of the shard. ``ledger-sign-heads --previous-key`` is the change: it signs the heads
     and re-signs the latest anchor with the new key. Then whoever holds the old (leaked) key
     can neither forge a checkpoint over a new tail nor prune the history with a new anchor."""
@@ -622,8 +622,17 @@ def test_an_earlier_key_in_a_keyring_signs_nothing_after_the_key_change(
          f"'{cp.signature}')")
     bad = verify_sqlite(str(forged), ring, EVERY)
     assert not bad.ok and f"signed by the earlier key {SIGNER.key_id} after the current key " \
-        f"{new.key_id}'s first checkpoint of the shard (#{N})" in (bad.problem or ""), \
+        f"{new.key_id}'s latest checkpoint of the shard (#{N})" in (bad.problem or ""), \
         bad.problem
+    # an old-key checkpoint below a current-key one is harmless (the latter's chain hash
+    # commits to it): a writer still on the old key during a rolling restart, say
+    late = _copy(path, tmp_path, "late.db")
+    with contextlib.closing(sqlite3.connect(late)) as conn:
+        (h14,) = conn.execute("SELECT chain_hash FROM decisions WHERE chain_seq = 14").fetchone()
+    c14 = SIGNER.sign("main", 14, h14, 3000.0)
+    _sql(late, "INSERT INTO checkpoints (shard, seq, chain_hash, at_unix, key_id, signature) "
+         f"VALUES ('main', 14, '{h14}', 3000.0, '{c14.key_id}', '{c14.signature}')")
+    assert verify_sqlite(str(late), ring, EVERY).ok
     # ... or prunes #5..#8 with an anchor it signs: refused
     cut = _copy(path, tmp_path, "forged-anchor.db")
     with contextlib.closing(sqlite3.connect(cut)) as conn, conn:

@@ -50,12 +50,13 @@ from inferplane.ledger.query import ANCHOR_SCHEMA, EXPORT_SCHEMA, ExportRow, col
 Keys = Ed25519PublicKey | Sequence[Ed25519PublicKey] | None
 """The pinned public key, or a **keyring**: after a signing-key change, the current key
 **first**, then the earlier ones, each checkpoint and anchor checked with the key its
-``key_id`` names. An earlier key is trusted only for what it signed before the current key
-took over: a checkpoint at or below the shard's first checkpoint signed by the current key
-(none at all where the current key has signed none of the shard), and never a shard's latest
-prune anchor (keys get changed because one leaked: its holder must not be able to sign a new
-tail or a new prune). ``ledger-sign-heads --previous-key`` makes a ledger meet this at the
-key change: it signs every head and re-signs every latest anchor with the new key."""
+``key_id`` names. An earlier key is trusted only where the current key vouches for it: a
+checkpoint at or below the shard's latest checkpoint signed by the current key (whose chain
+hash commits to every record before it; none at all where the current key has signed none of
+the shard), and never a shard's latest prune anchor (keys get changed because one leaked: its
+holder must not be able to sign a new tail or a new prune). ``ledger-sign-heads
+--previous-key`` makes a ledger meet this at the key change: it signs every head and
+re-signs every latest anchor with the new key."""
 
 
 def keyring(keys: Keys) -> dict[str, Ed25519PublicKey]:
@@ -333,26 +334,26 @@ class _Limits:
                  cps: dict[tuple[str, int], list[Checkpoint]]) -> None:
         self.current = next(iter(ring), None)
         self.on = len(ring) > 1 and not rotation
-        self.first: dict[str, int] = {}  # shard -> its first checkpoint by the current key
-        if self.current is None:
+        self.last: dict[str, int] = {}  # shard -> its latest checkpoint by the current key
+        if self.current is None or not self.on:
             return
         k = ring[self.current]
-        for (shard, seq), cp_list in sorted(cps.items()):
-            if shard not in self.first and any(
+        for (shard, seq), cp_list in sorted(cps.items(), reverse=True):
+            if shard not in self.last and any(
                     cp.key_id == self.current and check_signature(k, cp) for cp in cp_list):
-                self.first[shard] = seq
+                self.last[shard] = seq
 
     def checkpoint(self, cp: Checkpoint, rep: Report) -> str | None:
         if cp.key_id == self.current:
             rep.current_signed[cp.shard] = cp.seq
             return None
-        if not self.on or cp.seq <= self.first.get(cp.shard, 0):
+        if not self.on or cp.seq <= self.last.get(cp.shard, 0):
             return None
-        since = (f"after the current key {self.current}'s first checkpoint of the shard "
-                 f"(#{self.first[cp.shard]})" if cp.shard in self.first else
+        since = (f"after the current key {self.current}'s latest checkpoint of the shard "
+                 f"(#{self.last[cp.shard]})" if cp.shard in self.last else
                  f"and the current key {self.current} has signed none of the shard")
         return (f"its checkpoint is signed by the earlier key {cp.key_id} {since}: an earlier "
-                "key is trusted only for what it signed before the key change (at the change, "
+                "key is trusted only below a checkpoint of the current key (at the change, "
                 "`inferplane ledger-sign-heads --previous-key` signs every head with the new "
                 "key; docs/evidence.md, changing the signing key)")
 
