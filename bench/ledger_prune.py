@@ -10,9 +10,10 @@ Timed, in this process: ``verify`` of the whole ledger (what a prune does first)
 ``prune(--before the time of record N/2)`` as the command runs it (its verify included),
 with the time its per-shard work inside the transaction took (the checks, the anchor, the
 deletes, the checkpoints) and the whole transaction from its ``BEGIN`` to the end of its
-``COMMIT`` (on SQLite, how long the file's write lock is held: what writers wait for; on
-PostgreSQL it includes taking the advisory lock); their difference is the ``COMMIT`` (and
-the ``BEGIN``). Then ``verify`` of what is left.
+``COMMIT`` returning (on SQLite an upper bound on the write lock's hold: ``COMMIT`` returns
+after any automatic WAL checkpoint, which runs once the lock is released; on PostgreSQL it
+includes taking the advisory lock); their difference is the ``COMMIT`` (and the ``BEGIN``).
+Then ``verify`` of what is left.
 
     .venv/bin/python bench/ledger_prune.py --records 200000 --stores postgres,sqlite
 """

@@ -127,6 +127,34 @@ def test_workflow_cap_seed_of_a_dropped_day_is_not_marked_seeded() -> None:
     assert cap.group("t", ("2026-12-06", "x")) == ("2026-12-06", "(other)")
 
 
+async def test_late_updates_of_a_dropped_day_do_not_re_read_its_usage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A dropped day is never marked seeded, so each late update of it would read the day's
+    usage rows from the file again; the store skips the seed for a day the cap drops."""
+    s = SqliteStore(tmp_path / "adm.sqlite", max_workflows=1)
+    reads: list[str] = []
+    real = s._seed_workflows
+
+    async def counted(tenant: str, day: str) -> None:
+        reads.append(day)
+        await real(tenant, day)
+
+    monkeypatch.setattr(s, "_seed_workflows", counted)
+    try:
+        await s.add_usage("t", ("2026-12-06", "a", "m", "c", "k"), 0.1, 1, 1)
+        await s.add_usage("t", ("2026-12-07", "b", "m", "c", "k"), 0.1, 1, 1)
+        assert reads == ["2026-12-06", "2026-12-07"]
+        for _ in range(3):  # late updates of a day older than the two kept
+            await s.add_usage("t", ("2026-12-05", "c", "m", "c", "k"), 0.1, 1, 1)
+        assert reads == ["2026-12-06", "2026-12-07"], reads
+        assert {tuple(r.group) for r in await s.usage("t")} >= {
+            ("2026-12-05", "c", "m", "c", "k")}
+    finally:
+        await s.close()
+    assert WorkflowCap(1).dropped("t", "2026-12-05") is False  # no days kept yet
+
+
 def test_budget_holds_across_kill_9_and_restart(
     tmp_path: Path, upstream: int
 ) -> None:

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import hashlib
 import io
+import logging
 import sqlite3
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -609,13 +610,20 @@ async def test_a_tampered_spooled_record_is_refused_not_signed(
         conn.execute("UPDATE spooled SET tenant = 'globex' WHERE decision_id = 's-2'")
     led = PostgresLedger(DSN, schema=schema, signer=SIGNER, checkpoint_every=4,
                          spool_path=spool)
+    caplog.set_level(logging.DEBUG, logger="inferplane.ledger")
     await led.start()
     await led.close()
     assert _chain(schema) == ["s-0", "s-3"]
     assert led.spool_refused == 2 and led.spooled == 0 and led.records_written == 2
-    refused = [m for m in caplog.messages if "refused, not written" in m]
-    assert len(refused) == 2 and "s-1" in refused[0] and "does not match its receipt" \
-        in refused[0] and "column tenant" in refused[1], refused
+    # one ERROR for the pass, with the count and the first; each record's reason at DEBUG
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1, errors
+    assert errors[0].startswith("ledger postgres: 2 spooled records refused, not written "
+                                "(first: decision s-1: ") and "does not match its receipt" \
+        in errors[0], errors
+    detail = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG
+              and "refused:" in r.getMessage()]
+    assert len(detail) == 2 and "s-1" in detail[0] and "column tenant" in detail[1], detail
     s = Spool(spool)
     try:
         assert s.refused() == 2 and s.count() == 0
@@ -623,6 +631,40 @@ async def test_a_tampered_spooled_record_is_refused_not_signed(
         s.close()
     rep = verify(Source(dsn=DSN, schema=schema), SIGNER.public, 4)
     assert rep.ok and rep.records == 2, rep.problem
+
+
+async def test_the_resumed_line_is_logged_when_the_last_pass_refuses_all_it_took(
+    schema: str, decision: Decision, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The replay's last pass refuses every record it took (tampered): nothing commits after
+    it, and the 'writes resumed' line is still logged when the spool empties (it waited for
+    the next live commit, and counted that batch too)."""
+    spool = str(tmp_path / "spool.sqlite")
+    led = PostgresLedger(DSN, schema=schema, batch_size=2, retry_interval_s=0.05,
+                         spool_path=spool)
+    await led.start()
+    try:
+        assert await led.record(_with_id(decision, "a-0"), _ok(decision), 1.0).durable(5.0)
+        await _take_down(led)
+        during = [led.record(_with_id(decision, f"b-{i}"), _ok(decision), 2.0 + i)
+                  for i in range(4)]
+        assert all(await asyncio.gather(*(r.durable(10.0) for r in during)))
+        assert led.spooled == 4
+        with contextlib.closing(sqlite3.connect(spool)) as conn, conn:
+            n = conn.execute("UPDATE spooled SET record = replace(record, '\"acme\"', "
+                             "'\"globex\"') WHERE decision_id IN ('b-2', 'b-3')").rowcount
+        assert n == 2
+        led.dsn = DSN  # the database is back
+        async with asyncio.timeout(20):  # a guard: fails here when the line never comes
+            while not any("writes resumed" in m for m in caplog.messages):
+                await asyncio.sleep(0.02)
+        assert led.spooled == 0 and led.spool_refused == 2
+    finally:
+        await led.close()
+    resumed = [m for m in caplog.messages if "writes resumed" in m]
+    assert len(resumed) == 1 and "2 records written since the outage began" in resumed[0], \
+        resumed
+    assert _chain(schema) == ["a-0", "b-0", "b-1"]
 
 
 async def test_the_resumed_line_waits_for_the_spool_to_be_written(

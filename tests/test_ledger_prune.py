@@ -12,6 +12,7 @@ import base64
 import contextlib
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -593,6 +594,79 @@ def test_a_prune_across_a_signing_key_change(base: Path, tmp_path: Path, key: Pa
         in (rep.problem or ""), rep.problem
 
 
+def test_an_earlier_key_in_a_keyring_signs_nothing_after_the_key_change(
+    pruned: Path, tmp_path: Path, decision: Decision
+) -> None:
+    """A keyring (current key first) trusts an earlier key only where the current key vouches
+    for it: not a shard's latest prune anchor, not a checkpoint after the current key's latest
+    one of the shard. ``ledger-sign-heads --previous-key`` is the change: it signs the heads
+    and re-signs the latest anchor with the new key. Then whoever holds the old (leaked) key
+    can neither forge a checkpoint over a new tail nor prune the history with a new anchor."""
+    from cryptography.hazmat.primitives import serialization as ser
+
+    path = _copy(pruned, tmp_path, "ring.db")  # #5..#12, anchor at #5 and checkpoints: old key
+    new = _signer()
+    new_key = tmp_path / "new.key"
+    new_key.write_bytes(new.private.private_bytes(ser.Encoding.PEM, ser.PrivateFormat.PKCS8,
+                                                  ser.NoEncryption()))
+    old_pub = tmp_path / "old.pub"
+    old_pub.write_bytes(public_pem(SIGNER.public))
+    ring = [new.public, SIGNER.public]
+    before = verify_sqlite(str(path), ring, EVERY)
+    assert not before.ok and f"is signed by the earlier key {SIGNER.key_id}, not the current " \
+        f"key {new.key_id}" in (before.problem or ""), before.problem
+    runner = CliRunner()
+    res = runner.invoke(app, ["ledger-sign-heads", "--ledger", str(path), "--key", str(new_key),
+                              "--previous-key", str(old_pub)])
+    assert res.exit_code == 0, res.output
+    assert f"signed main at #{N} (key {new.key_id})" in res.output, res.output
+    assert f"re-signed 1 latest prune anchor(s) with key {new.key_id}: main at #5" in res.output
+    rep = verify_sqlite(str(path), ring, EVERY)
+    assert rep.ok and rep.current_signed == {"main": N}, rep.problem
+    # the writers go on with the new key
+    led = SqliteLedger(path, signer=new, checkpoint_every=EVERY)
+    for i in range(N, N + 4):
+        led.record(_with_id(decision, f"d-{i}"), _ok(decision), 1000.0 + i)
+    led.close_sync()
+    rep = verify_sqlite(str(path), ring, EVERY)
+    assert rep.ok and rep.current_signed["main"] == N + 4, rep.problem
+    # the old key's holder signs a checkpoint over the new tail: refused
+    forged = _copy(path, tmp_path, "forged-cp.db")
+    cp = SIGNER.sign("main", N + 4, rep.last_hash["main"], 3000.0)
+    _sql(forged, f"DELETE FROM checkpoints WHERE seq = {N + 4}",
+         "INSERT INTO checkpoints (shard, seq, chain_hash, at_unix, key_id, signature) "
+         f"VALUES ('main', {N + 4}, '{cp.chain_hash}', 3000.0, '{cp.key_id}', "
+         f"'{cp.signature}')")
+    bad = verify_sqlite(str(forged), ring, EVERY)
+    assert not bad.ok and f"signed by the earlier key {SIGNER.key_id} after the current key " \
+        f"{new.key_id}'s latest checkpoint of the shard (#{N})" in (bad.problem or ""), \
+        bad.problem
+    # an old-key checkpoint below a current-key one is harmless (the latter's chain hash
+    # commits to it): a writer still on the old key during a rolling restart, say
+    late = _copy(path, tmp_path, "late.db")
+    with contextlib.closing(sqlite3.connect(late)) as conn:
+        (h14,) = conn.execute("SELECT chain_hash FROM decisions WHERE chain_seq = 14").fetchone()
+    c14 = SIGNER.sign("main", 14, h14, 3000.0)
+    _sql(late, "INSERT INTO checkpoints (shard, seq, chain_hash, at_unix, key_id, signature) "
+         f"VALUES ('main', 14, '{h14}', 3000.0, '{c14.key_id}', '{c14.signature}')")
+    assert verify_sqlite(str(late), ring, EVERY).ok
+    # ... or prunes #5..#8 with an anchor it signs: refused
+    cut = _copy(path, tmp_path, "forged-anchor.db")
+    with contextlib.closing(sqlite3.connect(cut)) as conn, conn:
+        (prev,) = conn.execute("SELECT prev_hash FROM decisions WHERE chain_seq = 9").fetchone()
+        a = SIGNER.sign_anchor("main", 9, prev, 1008.5, 3000.0)
+        conn.execute("INSERT INTO prune_anchors (shard, first_seq, prev_hash, before_unix, "
+                     "at_unix, key_id, signature) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                     (a.shard, a.first_seq, a.prev_hash, a.before_unix, a.at_unix, a.key_id,
+                      a.signature))
+        conn.execute("DELETE FROM decisions WHERE chain_seq <= 8")
+    bad = verify_sqlite(str(cut), ring, EVERY)
+    assert not bad.ok and "must be signed by the current key" in (bad.problem or ""), \
+        bad.problem
+    # the key change itself (sign-heads with --previous-key) accepts either key anywhere
+    assert verify_sqlite(str(cut), ring, EVERY, rotation=True).ok
+
+
 # -- an export carries the anchor: verified from the file alone ----------------------------
 
 
@@ -658,6 +732,51 @@ def test_an_export_of_a_pruned_ledger_verifies_from_the_file(
     loose = runner.invoke(app, ["verify", "--export", str(part), "--public-key", str(pub),
                                 "--filtered"])
     assert loose.exit_code == 0 and "1 of 1 signatures verified" in loose.output, loose.output
+
+
+def test_export_verify_refuses_hostile_lines_with_one_line_not_a_traceback(
+    pruned: Path, tmp_path: Path
+) -> None:
+    runner = CliRunner()
+    out = tmp_path / "x.ndjson"
+    _export(runner, pruned, out)
+    lines = out.read_bytes().splitlines(keepends=True)
+    first, rec = orjson.loads(lines[0]), orjson.loads(lines[1])
+
+    def run(name: str, body: bytes, *extra: str) -> Any:
+        f = tmp_path / name
+        f.write_bytes(body)
+        return runner.invoke(app, ["verify", "--export", str(f), *extra])
+
+    # no key given: the anchor's times are printed, so a time out of range must not crash
+    for i, (field, value) in enumerate([("before_unix", 1e308), ("at_unix", -1e308),
+                                        ("first_seq", 0), ("first_seq", 5.0),
+                                        ("first_seq", "5"), ("shard", 7),
+                                        ("before_unix", "nan")]):
+        res = run(f"a{i}.ndjson", orjson.dumps({**first, field: value}) + b"\n"
+                  + b"".join(lines[1:]))
+        assert isinstance(res.exception, SystemExit), (field, value, res.exception)
+        assert res.exit_code == 1, (field, value, res.output)
+        assert "line 1: a prune anchor with" in res.output, (field, value, res.output)
+    # a record's seq must be an integer, its record an object
+    for i, (field, value) in enumerate([("seq", 5.9), ("seq", True), ("seq", "5"),
+                                        ("record", None), ("receipt", 1)]):
+        res = run(f"r{i}.ndjson", lines[0] + orjson.dumps({**rec, field: value}) + b"\n"
+                  + b"".join(lines[2:]))
+        assert res.exit_code == 1 and isinstance(res.exception, SystemExit), res.exception
+        assert "line 2: a record without all its fields (or one of the wrong type)" \
+            in res.output, (field, value, res.output)
+    # a file that is not NDJSON at all (the likely mistake: a Parquet or gzip export): exit 2
+    res = run("x.parquet", b"PAR1\x15\x04\x15\x00garbage\n")
+    assert res.exit_code == 2, res.output
+    assert "not an NDJSON export (verify --export reads NDJSON only" in res.output
+    # --checkpoint-every has no meaning for an export: refused, not ignored
+    res = runner.invoke(app, ["verify", "--export", str(out), "--checkpoint-every", "4"])
+    assert res.exit_code == 2 and "--checkpoint-every goes with a ledger" in res.output, \
+        res.output
+    # the time formatting itself is total
+    from inferplane.ledger.verify import _iso
+    assert _iso(1e308).endswith("(out of range)") and _iso(float("nan")).endswith("range)")
 
 
 def test_a_parquet_export_carries_the_anchor_in_its_metadata(

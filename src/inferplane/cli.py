@@ -909,8 +909,9 @@ ShardOpt = Annotated[
 PreviousKeyOpt = Annotated[
     list[Path] | None,
     typer.Option("--previous-key", help="after a signing-key change: the public key (PEM) of "
-                 "an earlier signing key, whose checkpoints and anchors verify too "
-                 "(repeatable)"),
+                 "an earlier signing key, whose checkpoints from before the change verify too "
+                 "(repeatable); ledger-sign-heads with it is the change itself: it signs every "
+                 "head and re-signs each latest prune anchor with the new key"),
 ]
 
 
@@ -921,8 +922,9 @@ def verify(
     public_key: Annotated[
         list[Path] | None,
         typer.Option("--public-key", "-k", help="Ed25519 public key (PEM) the checkpoints must "
-                     "be signed with; repeat it for a keyring (a key change: the new key and "
-                     "the earlier ones); default: the configured signing key's"),
+                     "be signed with; repeat it for a keyring after a key change: the current "
+                     "key first, then earlier ones (trusted only for what they signed before "
+                     "the change); default: the configured signing key's"),
     ] = None,
     checkpoint_every: Annotated[
         int | None,
@@ -957,6 +959,9 @@ def verify(
             keys = [read_public_key(p) for p in public_key or ()]
         except SourceError as exc:
             fail(str(exc))
+        if checkpoint_every is not None:
+            fail("--checkpoint-every goes with a ledger, not --export (an export holds no "
+                 "checkpoints)")
         _verify_export(export_file, keys, filtered)
     if filtered:
         fail("--filtered goes with --export FILE")
@@ -974,13 +979,15 @@ def verify(
 def _verify_export(path: Path, keys: list[Any], filtered: bool) -> None:
     """``verify --export FILE``: exit 0 when intact, 1 naming the first bad line, 2 when the
     file cannot be read."""
-    from inferplane.ledger.verify import describe_anchor, verify_export
+    from inferplane.ledger.verify import NotAnExport, describe_anchor, verify_export
 
     try:
         with path.open("rb") as fh:
             rep = verify_export(fh, keys or None, filtered=filtered)
     except OSError as exc:
         fail(f"{path}: {exc.strerror or exc}")
+    except NotAnExport as exc:
+        fail(f"{path}: {exc}")
     if not rep.ok:
         typer.echo(f"TAMPERED: {path}: {rep.problem}", err=True)
         raise typer.Exit(1)
@@ -1095,7 +1102,12 @@ def ledger_sign_heads(
         raise typer.Exit(1)
     for cp in signed:
         typer.echo(f"signed {cp.shard} at #{cp.seq} (key {cp.key_id})")
-    if not signed:
+    if rep.resigned_anchors:
+        typer.echo(f"re-signed {rep.resigned_anchors} latest prune anchor(s) with key "
+                   f"{signer.key_id}: " + ", ".join(
+                       f"{s} at #{a.first_seq}" for s, a in sorted(rep.pruned.items())
+                       if a.key_id != signer.key_id))
+    if not signed and not rep.resigned_anchors:
         typer.echo(f"nothing to sign: every shard's head in {source.name} is already signed")
 
 

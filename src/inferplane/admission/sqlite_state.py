@@ -470,7 +470,8 @@ class SqliteStore(MemoryStore):
         # local and in-process: each update commits once (in its own transaction, or with the
         # pending ones once the file takes writes again), so there are no repeats to see
         cap = self.workflows
-        if cap.applies(group) and not cap.seeded(tenant, group[0]):
+        if cap.applies(group) and not cap.seeded(tenant, group[0]) \
+                and not cap.dropped(tenant, group[0]):  # a dropped day: its ids are not kept
             await self._seed_workflows(tenant, group[0])
         grp = SEP.join(cap.group(tenant, group))
         vals = (_nano(usd), prompt, completion, 1)

@@ -173,6 +173,12 @@ class WorkflowCap:
     def seeded(self, tenant: str, day: str) -> bool:
         return (tenant, day) in self._seeded
 
+    def dropped(self, tenant: str, day: str) -> bool:
+        """Whether ``day`` is older than the `DAYS` days kept for ``tenant`` (a late update):
+        its ids would be dropped at once, so seeding it from a file is wasted work."""
+        days = self._days.get(tenant, {})
+        return day not in days and len(days) >= self.DAYS and day < min(days)
+
     def seed(self, tenant: str, day: str, workflows: Iterable[str]) -> None:
         """The ids a tenant's day already has in a store's file (read once per day). A day
         older than the `DAYS` kept (a late update of a day already dropped) is not kept, so

@@ -393,6 +393,8 @@ class PostgresLedger(CommitAccounting):
                 return False
             if not rows:
                 self._spooled = 0
+                if self._resumed is not None and self._down_since is None:
+                    self._note_resumed(0)  # its last pass refused all it took: log it now
                 return True
             bad = [(i, e, why) for i, e in rows if (why := refusal(e)) is not None]
             if bad:
@@ -402,9 +404,12 @@ class PostgresLedger(CommitAccounting):
                     self._spool_error("refuse a record of", exc)
                     return False
                 for _, e, why in bad:
-                    log.error("ledger postgres: spooled record of decision %s refused, not "
-                              "written: %s; kept in the table 'refused' of %s", e.decision_id,
-                              why, self._spool.path)
+                    log.debug("ledger postgres: spooled record of decision %s refused: %s",
+                              e.decision_id, why)
+                _, e0, why0 = bad[0]  # one ERROR per pass (a damaged spool has many)
+                log.error("ledger postgres: %d spooled records refused, not written (first: "
+                          "decision %s: %s); kept in the table 'refused' of %s", len(bad),
+                          e0.decision_id, why0, self._spool.path)
                 self.spool_refused += len(bad)
                 self._spooled = max(0, self._spooled - len(bad))
                 gone = {i for i, _, _ in bad}

@@ -138,12 +138,12 @@ def verify(source: Source, public_key: Keys,
     return _verify(source, key, every)
 
 
-def _verify(source: Source, key: Keys, every: int | None) -> Report:
+def _verify(source: Source, key: Keys, every: int | None, rotation: bool = False) -> Report:
     if source.sqlite_path is not None:
         from inferplane.ledger.sqlite import LedgerFileError
 
         try:
-            return verify_sqlite(source.sqlite_path, key, every)
+            return verify_sqlite(source.sqlite_path, key, every, rotation)
         except (FileNotFoundError, LedgerFileError) as exc:
             raise SourceError(str(exc)) from None
     from inferplane.ledger import postgres as pg
@@ -152,8 +152,13 @@ def _verify(source: Source, key: Keys, every: int | None) -> Report:
         return verify_rows(
             pg.iter_rows(conn, t, order="shard, chain_seq, id"),
             pg.read_checkpoints(conn, t), pg.read_heads(conn, t), key, every,
-            pg.read_anchors(conn, t),
+            pg.read_anchors(conn, t), rotation,
         )
+
+
+_RESIGN = ("UPDATE {table} SET key_id = {p}, signature = {p} WHERE shard = {p} AND "
+           "first_seq = {p} AND key_id = {p} AND signature = {p}")
+"""Re-sign one prune anchor (its fields unchanged) with the new key at a key change."""
 
 
 def sign_heads(
@@ -169,9 +174,12 @@ def sign_heads(
     attestation of the chain up to it. Each checkpoint signs the head that verify read (a
     writer appending meanwhile does not matter: the checkpoint names a past record). Shards
     whose head is already signed are left alone. ``previous``: the public keys of earlier
-    signing keys, whose signatures verify too (after a key change). Returns the report and
-    what was signed."""
-    rep = _verify(source, [signer.public, *previous], None)
+    signing keys (the key change itself): the ledger is verified with them and ``signer``'s,
+    every head not signed by ``signer``'s key is signed, and every shard's latest prune anchor
+    an earlier key signed is re-signed with ``signer``'s key (in the same transaction), so
+    that from then on an earlier key is trusted only for what it signed before (`verify.Keys`).
+    Returns the report and what was signed (checkpoints; `resigned_anchors` counts anchors)."""
+    rep = _verify(source, [signer.public, *previous], None, rotation=bool(previous))
     if not rep.ok:
         return rep, []
     unknown = sorted(set(shards) - set(rep.shards))
@@ -179,10 +187,16 @@ def sign_heads(
         raise SourceError(f"{source.name}: no shard {', '.join(unknown)} (shards: "
                           f"{', '.join(sorted(rep.shards)) or 'none'})")
     now = time.time()
-    cps = [signer.sign(s, rep.shards[s], rep.last_hash[s], now)
-           for s in sorted(shards or rep.shards)
-           if rep.shards[s] > 0 and rep.unsigned_tail.get(s, 0) > 0]
-    if not cps:
+    chosen = sorted(shards or rep.shards)
+    cps = [signer.sign(s, rep.shards[s], rep.last_hash[s], now) for s in chosen
+           if rep.shards[s] > 0 and (rep.unsigned_tail.get(s, 0) > 0 or (
+               previous and rep.current_signed.get(s, 0) != rep.shards[s]))]
+    old = [rep.pruned[s] for s in chosen
+           if previous and s in rep.pruned and rep.pruned[s].key_id != signer.key_id]
+    new = [signer.sign_anchor(a.shard, a.first_seq, a.prev_hash, a.before_unix, a.at_unix)
+           for a in old]
+    rep.resigned_anchors = len(new)
+    if not cps and not new:
         return rep, []
     if source.sqlite_path is not None:
         from inferplane.ledger.sqlite import write_checkpoints
@@ -192,6 +206,10 @@ def sign_heads(
             try:
                 with conn:
                     write_checkpoints(conn, cps)
+                    for a, b in zip(old, new, strict=True):
+                        conn.execute(_RESIGN.format(table="prune_anchors", p="?"),
+                                     (b.key_id, b.signature, a.shard, a.first_seq, a.key_id,
+                                      a.signature))
             finally:
                 conn.close()
         except sqlite3.Error as exc:
@@ -206,7 +224,12 @@ def sign_heads(
     try:
         with psycopg.connect(source.dsn, connect_timeout=5) as conn_pg:
             with conn_pg.cursor() as cur:
-                cur.executemany(*pg.checkpoint_insert(t, cps))
+                if cps:
+                    cur.executemany(*pg.checkpoint_insert(t, cps))
+                for a, b in zip(old, new, strict=True):
+                    cur.execute(_RESIGN.format(table=t.anchors, p="%s"),
+                                (b.key_id, b.signature, a.shard, a.first_seq, a.key_id,
+                                 a.signature))
             conn_pg.commit()
     except psycopg.Error as exc:
         raise SourceError(

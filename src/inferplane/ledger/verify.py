@@ -26,9 +26,11 @@ before) name nothing stored and are left out.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 import orjson
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -46,8 +48,15 @@ from inferplane.ledger.chain import (
 from inferplane.ledger.query import ANCHOR_SCHEMA, EXPORT_SCHEMA, ExportRow, column_mismatch
 
 Keys = Ed25519PublicKey | Sequence[Ed25519PublicKey] | None
-"""The pinned public key, or a **keyring**: after a signing-key change, the new key and the
-earlier ones, each checkpoint and anchor checked with the key its ``key_id`` names."""
+"""The pinned public key, or a **keyring**: after a signing-key change, the current key
+**first**, then the earlier ones, each checkpoint and anchor checked with the key its
+``key_id`` names. An earlier key is trusted only where the current key vouches for it: a
+checkpoint at or below the shard's latest checkpoint signed by the current key (whose chain
+hash commits to every record before it; none at all where the current key has signed none of
+the shard), and never a shard's latest prune anchor (keys get changed because one leaked: its
+holder must not be able to sign a new tail or a new prune). ``ledger-sign-heads
+--previous-key`` makes a ledger meet this at the key change: it signs every head and
+re-signs every latest anchor with the new key."""
 
 
 def keyring(keys: Keys) -> dict[str, Ed25519PublicKey]:
@@ -101,7 +110,11 @@ class Report:
     checkpoints_pruned: int = 0
     """Checkpoints naming pruned records (left out of ``checkpoints``)."""
     key_ids: list[str] = field(default_factory=list)
-    """The pinned keys' ids (more than one: a keyring)."""
+    """The pinned keys' ids (more than one: a keyring; the first is the current key)."""
+    resigned_anchors: int = 0
+    """``ledger-sign-heads --previous-key``: latest prune anchors re-signed with the new key."""
+    current_signed: dict[str, int] = field(default_factory=dict)
+    """Per shard, the last seq whose checkpoint the current (first) key signed."""
 
     def fail(self, shard: str, seq: int | None, decision: str | None, problem: str) -> Report:
         self.ok = False
@@ -117,6 +130,7 @@ def verify_rows(
     public_key: Keys,
     checkpoint_every: int | None = None,
     anchors: Iterable[PruneAnchor] = (),
+    rotation: bool = False,
 ) -> Report:
     """Verify ``rows`` (ordered by shard, then seq) against ``checkpoints``, the recorded
     shard ``heads`` (shard → (seq, chain_hash)) and the prune ``anchors``. The report names the
@@ -127,7 +141,10 @@ def verify_rows(
     records after its last valid checkpoint (or with no checkpoint at all) fails: every writer
     commits the checkpoint of each multiple of ``checkpoint_every`` in the transaction that
     writes that record, so an honest shard's unsigned tail is at most ``checkpoint_every - 1``
-    records, whenever and however its writers stopped (docs/evidence.md)."""
+    records, whenever and however its writers stopped (docs/evidence.md).
+
+    A keyring's earlier keys are held to `Keys`' limits, unless ``rotation`` (the key change
+    itself, ``ledger-sign-heads --previous-key``: any key of the ring signs anything)."""
     ring = keyring(public_key)
     keyed = bool(ring)
     rep = Report(keyed=keyed, checkpoint_every=checkpoint_every if keyed else None,
@@ -136,6 +153,7 @@ def verify_rows(
     for cp in checkpoints:
         cps.setdefault((cp.shard, cp.seq), []).append(cp)
         rep.checkpoints += 1
+    lim = _Limits(ring, rotation, cps)
     if rep.checkpoints and not keyed:
         rep.warnings.append(
             f"{rep.checkpoints} signed checkpoints not checked: no public key given "
@@ -153,7 +171,7 @@ def verify_rows(
             continue
         rep.anchors_latest += 1
         if keyed:
-            bad = _check_anchor(a, ring)
+            bad = _check_anchor(a, ring) or lim.anchor(a)
             if bad:
                 return rep.fail(a.shard, a.first_seq, None,
                                 f"shard {a.shard}: its prune anchor at #{a.first_seq} {bad}")
@@ -223,7 +241,7 @@ def verify_rows(
             return rep.fail(r.shard, r.seq, r.decision_id,
                             f"{where}: stored before the record it follows (reordered)")
         for cp in cps.pop((r.shard, r.seq), ()):
-            bad = _check_checkpoint(cp, r.chain_hash, ring, rep)
+            bad = _check_checkpoint(cp, r.chain_hash, ring, rep) or lim.checkpoint(cp, rep)
             if bad:
                 return rep.fail(r.shard, r.seq, r.decision_id, f"{where}: {bad}")
             if keyed:
@@ -309,6 +327,45 @@ def _start_at_anchor(r: ExportRow, a: PruneAnchor) -> str | None:
     return None
 
 
+class _Limits:
+    """What a keyring's earlier keys may sign (`Keys`); the first key is the current one."""
+
+    def __init__(self, ring: dict[str, Ed25519PublicKey], rotation: bool,
+                 cps: dict[tuple[str, int], list[Checkpoint]]) -> None:
+        self.current = next(iter(ring), None)
+        self.on = len(ring) > 1 and not rotation
+        self.last: dict[str, int] = {}  # shard -> its latest checkpoint by the current key
+        if self.current is None or not self.on:
+            return
+        k = ring[self.current]
+        for (shard, seq), cp_list in sorted(cps.items(), reverse=True):
+            if shard not in self.last and any(
+                    cp.key_id == self.current and check_signature(k, cp) for cp in cp_list):
+                self.last[shard] = seq
+
+    def checkpoint(self, cp: Checkpoint, rep: Report) -> str | None:
+        if cp.key_id == self.current:
+            rep.current_signed[cp.shard] = cp.seq
+            return None
+        if not self.on or cp.seq <= self.last.get(cp.shard, 0):
+            return None
+        since = (f"after the current key {self.current}'s latest checkpoint of the shard "
+                 f"(#{self.last[cp.shard]})" if cp.shard in self.last else
+                 f"and the current key {self.current} has signed none of the shard")
+        return (f"its checkpoint is signed by the earlier key {cp.key_id} {since}: an earlier "
+                "key is trusted only below a checkpoint of the current key (at the change, "
+                "`inferplane ledger-sign-heads --previous-key` signs every head with the new "
+                "key; docs/evidence.md, changing the signing key)")
+
+    def anchor(self, a: PruneAnchor) -> str | None:
+        if not self.on or a.key_id == self.current:
+            return None
+        return (f"is signed by the earlier key {a.key_id}, not the current key {self.current} "
+                "(the first --public-key): a shard's latest prune anchor must be signed by the "
+                "current key (at the key change, `inferplane ledger-sign-heads --previous-key` "
+                "re-signs it with the new key)")
+
+
 def _check_anchor(a: PruneAnchor, ring: dict[str, Ed25519PublicKey]) -> str | None:
     k = ring.get(a.key_id)
     if k is None:
@@ -324,7 +381,11 @@ def describe_anchor(a: PruneAnchor) -> str:
 
 
 def _iso(t: float) -> str:
-    return datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    try:
+        return datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds").replace(
+            "+00:00", "Z")
+    except (OverflowError, ValueError, OSError):
+        return f"{t!r} (out of range)"
 
 
 def _check_checkpoint(
@@ -343,7 +404,8 @@ def _check_checkpoint(
     return None
 
 
-def verify_sqlite(path: str, public_key: Keys, checkpoint_every: int | None = None) -> Report:
+def verify_sqlite(path: str, public_key: Keys, checkpoint_every: int | None = None,
+                  rotation: bool = False) -> Report:
     """Verify a SQLite ledger file (read-only). Raises like `sqlite.open_readonly`."""
     from inferplane.ledger import sqlite
 
@@ -351,9 +413,13 @@ def verify_sqlite(path: str, public_key: Keys, checkpoint_every: int | None = No
     try:
         return verify_rows(sqlite.iter_chain(conn), sqlite.read_checkpoints(conn),
                            sqlite.read_heads(conn), public_key, checkpoint_every,
-                           sqlite.read_anchors(conn))
+                           sqlite.read_anchors(conn), rotation)
     finally:
         conn.close()
+
+
+class NotAnExport(ValueError):
+    """The file's first line is not JSON: not an NDJSON export at all."""
 
 
 def verify_export(lines: Iterable[bytes], public_key: Keys, *,
@@ -380,16 +446,15 @@ def verify_export(lines: Iterable[bytes], public_key: Keys, *,
         try:
             obj = orjson.loads(raw)
         except orjson.JSONDecodeError:
+            if not starts and not last:  # gzip, Parquet, CSV: not a tampered export
+                raise NotAnExport("not an NDJSON export (verify --export reads NDJSON only: "
+                                  f"line {n} is not JSON)") from None
             return rep.fail("", None, None, f"line {n}: not a JSON object")
         schema = obj.get("schema") if isinstance(obj, dict) else None
         if schema == ANCHOR_SCHEMA:
-            try:
-                a = PruneAnchor(str(obj["shard"]), int(obj["first_seq"]), str(obj["prev_hash"]),
-                                float(obj["before_unix"]), float(obj["at_unix"]),
-                                str(obj["key_id"]), str(obj["signature"]))
-            except (KeyError, TypeError, ValueError):
-                return rep.fail("", None, None, f"line {n}: a prune anchor without all its "
-                                "fields")
+            a = _parse_anchor(obj)
+            if isinstance(a, str):
+                return rep.fail("", None, None, f"line {n}: a prune anchor {a}")
             if a.shard in starts or a.shard in last:
                 return rep.fail(a.shard, a.first_seq, None, f"line {n}: a second prune anchor "
                                 f"of shard {a.shard}, or one after its records (an export "
@@ -397,7 +462,7 @@ def verify_export(lines: Iterable[bytes], public_key: Keys, *,
             rep.anchors += 1
             rep.anchors_latest += 1
             if keyed:
-                bad = _check_anchor(a, ring)
+                bad = _check_anchor(a, ring) or _Limits(ring, False, {}).anchor(a)
                 if bad:
                     return rep.fail(a.shard, a.first_seq, None,
                                     f"shard {a.shard}: its prune anchor at #{a.first_seq} {bad}")
@@ -407,12 +472,15 @@ def verify_export(lines: Iterable[bytes], public_key: Keys, *,
         if schema != EXPORT_SCHEMA:
             return rep.fail("", None, None, f"line {n}: schema {schema!r}, neither "
                             f"{EXPORT_SCHEMA} nor {ANCHOR_SCHEMA}")
-        try:
-            shard, seq, receipt = str(obj["shard"]), int(obj["seq"]), str(obj["receipt"])
-            prev, head, record = str(obj["prev_hash"]), str(obj["chain_hash"]), obj["record"]
-        except (KeyError, TypeError, ValueError):
-            return rep.fail("", None, None, f"line {n}: a record without all its fields")
-        decision = record.get("decision_id") if isinstance(record, dict) else None
+        fields = [obj.get(f) for f in ("shard", "seq", "receipt", "prev_hash", "chain_hash")]
+        record = obj.get("record")
+        if not (type(fields[1]) is int and fields[1] >= 1 and isinstance(record, dict)
+                and all(isinstance(f, str) for f in fields[:1] + fields[2:])):
+            return rep.fail("", None, None, f"line {n}: a record without all its fields (or "
+                            "one of the wrong type)")
+        shard, seq, receipt, prev, head = (str(fields[0]), int(fields[1]), str(fields[2]),
+                                           str(fields[3]), str(fields[4]))
+        decision = record.get("decision_id")
         where = f"line {n}: record {shard}#{seq} (decision {decision})"
         if hashlib.sha256(orjson.dumps(record, option=orjson.OPT_SORT_KEYS)).hexdigest() \
                 != receipt:
@@ -441,6 +509,24 @@ def verify_export(lines: Iterable[bytes], public_key: Keys, *,
                 f"shard {s}: the export starts it at #{a.first_seq} after a prune anchor "
                 f"({describe_anchor(a)}) whose signature was not checked: no public key given")
     return rep
+
+
+def _parse_anchor(obj: dict[str, Any]) -> PruneAnchor | str:
+    """An export's ``inferplane.prune/1`` line as a PruneAnchor, or what is wrong with it."""
+    strs = [obj.get(f) for f in ("shard", "prev_hash", "key_id", "signature")]
+    first, times = obj.get("first_seq"), [obj.get("before_unix"), obj.get("at_unix")]
+    if not (all(isinstance(v, str) for v in strs) and type(first) is int
+            and all(type(t) in (int, float) for t in times)):
+        return "without all its fields (or one of the wrong type)"
+    assert isinstance(first, int)
+    ts = [float(t) for t in times]  # type: ignore[arg-type]
+    if first < 1 or not all(math.isfinite(t) and _MIN_T <= t <= _MAX_T for t in ts):
+        return "with a time or record number out of range"
+    return PruneAnchor(str(strs[0]), first, str(strs[1]), ts[0], ts[1], str(strs[2]),
+                       str(strs[3]))
+
+
+_MIN_T, _MAX_T = 0.0, 253402300799.0  # 1970 .. 9999-12-31T23:59:59Z
 
 
 def _export_link(shard: str, seq: int, prev: str, last: tuple[int, str] | None,
