@@ -15,6 +15,7 @@ import grpc
 import orjson
 import pytest
 from envoy.config.core.v3 import base_pb2
+from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from prometheus_client import generate_latest
@@ -330,6 +331,39 @@ async def test_picks_in_the_air_when_the_picker_stops_are_recorded_and_settled(
         await store.close()
 
 
+async def test_stopping_ends_the_streams_that_would_keep_the_grace_waiting() -> None:
+    """Envoy keeps its access log stream open while it runs, and an observer stream until its
+    response ends: ``server.stop(grace)`` waited its whole grace for them (1.0 s for
+    `inferplane epp` with an Envoy beside it, measured). `Picker.end_streams` accounts the
+    flights (499, "the picker stopped") and ends those streams, so the server's stop finds no
+    stream to wait for."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EPP_TEST_KEY", "sk-hosted")
+        p = Picker(parse_config(CONFIG), metrics_source=StaticMetricsSource())
+    port = free_port()
+    server, _ = await serve(p, "127.0.0.1", port)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        stub = pb_grpc.ExternalProcessorStub(channel)
+        did, observer = await _pick_and_observe_silently(stub)
+        logs = als_pb2_grpc.AccessLogServiceStub(channel).StreamAccessLogs()
+        await logs.write(als_pb2.StreamAccessLogsMessage())
+        deadline = time.monotonic() + 5
+        while len(p.streams) < 2 or not p.flights[did].observed:
+            assert time.monotonic() < deadline, p.streams
+            await asyncio.sleep(0.01)
+        await p.end_streams()
+        assert not p.streams
+        assert await observer.code() == grpc.StatusCode.CANCELLED
+        assert await logs.code() == grpc.StatusCode.CANCELLED
+        rec = p.ledger.get(did)
+        assert rec is not None and rec["outcome"]["error"] == "the picker stopped", rec
+    finally:
+        await channel.close()
+        await server.stop(0)
+        await p.stop()
+
+
 async def test_subset_hint_as_a_list_and_provider_endpoints() -> None:
     async with picker() as (p, stub):
         for _ in range(3):
@@ -417,3 +451,17 @@ async def test_an_observed_429_ejects_the_endpoint_for_its_retry_after() -> None
         assert rec is not None and rec["outcome"]["status"] == 429
         state = {v.name: v.state for v in p.live.snapshot().endpoints}[name]
         assert state.ejected  # out for the Retry-After, as the gateway would do
+        # the next pick tells the answer filter when that endpoint is back, and the picked
+        # endpoint's own Retry-After default and key (`envoy_config._answer_filter`)
+        answers = await exchange(stub, headers(), body())
+        sets = {h.header.key: h.header.raw_value.decode()
+                for h in answers[1].request_body.response.header_mutation.set_headers}
+        assert sets[P.ENDPOINT_HEADER] != name
+        answer = answers[1].dynamic_metadata.fields[P.ANSWER_NAMESPACE].struct_value.fields
+        assert 28 < answer["others_back_at"].number_value - time.time() <= 30, answer
+        assert answer["retry_after_s"].number_value == 5.0  # limits.retry_after_s
+        assert ("key" in answer) == (sets[P.ENDPOINT_HEADER] == "c")
+        if "key" in answer:
+            assert answer["key"].string_value == "sk-hosted"
+        for f in list(p.flights.values()):
+            p.finish(f, status=200)

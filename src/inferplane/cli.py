@@ -578,6 +578,9 @@ def epp(
             await _wait_for_signal(picker, config, watch_config)
         finally:
             _say_stopping("endpoint picker", picker)
+            # flights accounted, then the streams that would hold the grace ended (Envoy's
+            # access log stream, observers, answered picks): a pick still deciding keeps 1 s
+            await picker.end_streams()
             await server.stop(1.0)
             await picker.stop()
             typer.echo("inferplane endpoint picker stopped", err=True)
