@@ -175,6 +175,8 @@ class Picker(Core):
         self._tasks: list[asyncio.Task[None]] = []
         # the gRPC streams open now (their handlers' tasks), ended by `end_streams`
         self.streams: dict[asyncio.Task[Any], Exchange | None] = {}
+        # access log entries that came before the observer saw their head (`upstream_broke`)
+        self.broken: dict[str, Any] = {}
 
     def _prepare_transport(self, config: FleetConfig, file: str) -> Callable[[], None]:
         """Envoy reaches a plain ``http://IP:port`` endpoint through its original-destination
@@ -333,6 +335,7 @@ class Picker(Core):
             return
         f.done = True
         self.flights.pop(f.placement.decision.decision_id, None)
+        self.broken.pop(f.placement.decision.decision_id, None)
         if f.failure is not None:
             # the observer saw the stream fail after its 200 head (an error event, an event
             # that is not JSON, a cut): a 502 as on the gateway, whatever ended the exchange;
@@ -380,8 +383,13 @@ class Picker(Core):
         recorded 499, blaming no endpoint. Entries of other exchanges are ignored."""
         decision_id = entry.request.request_headers.get(P.DECISION_HEADER)
         f = self.flights.get(decision_id) if decision_id else None
-        if f is None or f.done or not f.observed or f.status is None:
-            return  # not picked, already accounted, or no upstream head seen (Envoy's reply)
+        if f is None or f.done:
+            return  # not picked, or already accounted
+        if not f.observed or f.status is None:
+            # the log came before the observer's report of the head (a busy picker): read
+            # again when the observer's stream ends (`Exchange.closed`)
+            self.broken[decision_id] = entry
+            return
         flags = entry.common_properties.response_flags
         details = entry.response.response_code_details
         name, tokens = f.placement.endpoint_name, f.stats.tokens
@@ -881,6 +889,9 @@ class Exchange:
         if f is None or f.done:
             return
         if self.observer:
+            entry = self.picker.broken.pop(f.placement.decision.decision_id, None)
+            if entry is not None and f.status is not None:
+                self.picker.upstream_broke(entry)  # the log came first: the upstream broke it
             self.picker.finish(f, status=499 if f.status in (None, 200) else f.status,
                                error="the response ended before its end was observed")
         else:
