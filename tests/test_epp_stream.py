@@ -331,12 +331,13 @@ async def test_picks_in_the_air_when_the_picker_stops_are_recorded_and_settled(
         await store.close()
 
 
-async def test_stopping_ends_the_streams_that_would_keep_the_grace_waiting() -> None:
+async def test_stopping_gives_a_grace_only_to_a_pick_being_decided() -> None:
     """Envoy keeps its access log stream open while it runs, and an observer stream until its
     response ends: ``server.stop(grace)`` waited its whole grace for them (1.0 s for
-    `inferplane epp` with an Envoy beside it, measured). `Picker.end_streams` accounts the
-    flights (499, "the picker stopped") and ends those streams, so the server's stop finds no
-    stream to wait for."""
+    `inferplane epp` with a response in flight behind Envoy, measured). `Picker.stop_grace`
+    accounts the flights (499, "the picker stopped") and asks for no grace when no pick is
+    being decided, so the server's stop ends those streams at once; a picker stream whose
+    request is still being decided keeps the grace."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("EPP_TEST_KEY", "sk-hosted")
         p = Picker(parse_config(CONFIG), metrics_source=StaticMetricsSource())
@@ -352,12 +353,22 @@ async def test_stopping_ends_the_streams_that_would_keep_the_grace_waiting() -> 
         while len(p.streams) < 2 or not p.flights[did].observed:
             assert time.monotonic() < deadline, p.streams
             await asyncio.sleep(0.01)
-        await p.end_streams()
-        assert not p.streams
-        assert await observer.code() == grpc.StatusCode.CANCELLED
-        assert await logs.code() == grpc.StatusCode.CANCELLED
+        deciding = stub.Process()
+        await deciding.write(headers())  # its body not sent yet: still to be decided
+        while len(p.streams) < 3:
+            assert time.monotonic() < deadline, p.streams
+            await asyncio.sleep(0.01)
+        assert await p.stop_grace(1.0) == 1.0
+        deciding.cancel()
+        while len(p.streams) > 2:
+            assert time.monotonic() < deadline, p.streams
+            await asyncio.sleep(0.01)
+        assert await p.stop_grace(1.0) == 0.0
         rec = p.ledger.get(did)
         assert rec is not None and rec["outcome"]["error"] == "the picker stopped", rec
+        await server.stop(0.0)  # the streams end now (the server's GOAWAY), none waits
+        ended = (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
+        assert await observer.code() in ended and await logs.code() in ended
     finally:
         await channel.close()
         await server.stop(0)

@@ -578,10 +578,9 @@ def epp(
             await _wait_for_signal(picker, config, watch_config)
         finally:
             _say_stopping("endpoint picker", picker)
-            # flights accounted, then the streams that would hold the grace ended (Envoy's
-            # access log stream, observers, answered picks): a pick still deciding keeps 1 s
-            await picker.end_streams()
-            await server.stop(1.0)
+            # flights accounted; the 1 s grace only while a pick is still being decided (the
+            # other streams, Envoy's access log, observers, answered picks, wait for Envoy)
+            await server.stop(await picker.stop_grace(1.0))
             await picker.stop()
             typer.echo("inferplane endpoint picker stopped", err=True)
 

@@ -173,7 +173,7 @@ class Picker(Core):
         self._session: aiohttp.ClientSession | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        # the gRPC streams open now (their handlers' tasks), ended by `end_streams`
+        # the gRPC streams open now (their handlers' tasks; `stop_grace`)
         self.streams: dict[asyncio.Task[Any], Exchange | None] = {}
         # access log entries that came before the observer saw their head (`upstream_broke`)
         self.broken: dict[str, Any] = {}
@@ -287,21 +287,19 @@ class Picker(Core):
             filter_samples=self.config.gateway.scrape_filter,
         )
 
-    async def end_streams(self) -> None:
-        """The picker stops: account every flight still in the air (`_drain`), then end the
-        gRPC streams that would only keep the server's stop waiting its whole grace: Envoy's
-        access log stream (open as long as Envoy runs), observer streams, and picker streams
-        whose request was answered (their flights were just accounted). A picker stream still
-        deciding keeps the grace to be answered. Before this, a picker with Envoy connected
-        took the whole grace (1 s) to stop. Call it before ``server.stop(grace)``."""
+    async def stop_grace(self, grace: float) -> float:
+        """The picker stops: account every flight still in the air (`_drain`), then return the
+        grace the gRPC server's stop should give (``server.stop(grace)``): ``grace`` while a
+        picker stream is still deciding (its request has reached the picker and is not yet
+        answered), else none. The other streams only wait for Envoy: its access log stream
+        (open as long as Envoy runs), observer streams and answered picks (their flights were
+        just accounted). Before this, a picker with a response in flight behind Envoy took the
+        whole grace (1 s) to stop."""
         await self._drain()
-        ending = [task for task, ex in self.streams.items() if ex is None or ex.observer
-                  or ex.answered or ex.flight is not None]
-        for task in ending:
-            task.cancel()
-        for task in ending:
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.wait({task})
+        deciding = any(ex is not None and not ex.observer and not ex.answered
+                       and ex.flight is None and ex.headers is not None
+                       for ex in self.streams.values())
+        return grace if deciding else 0.0
 
     async def _drain(self) -> None:
         """The picker stops: every flight still in the air is accounted now, while the ledger
@@ -1008,8 +1006,8 @@ async def serve(picker: Picker, host: str, port: int,
     """Start the picker and its gRPC server (ext_proc and the gRPC health service) on
     host:port, and its ``/metrics`` listener on ``epp.metrics_host``:``metrics_port`` (default
     ``epp.metrics_port``; none when both are unset); returns the server and the bound port
-    (call ``await picker.end_streams()``, ``await server.stop(grace)`` and
-    ``await picker.stop()`` to stop)."""
+    (call ``await server.stop(await picker.stop_grace(grace))`` and ``await picker.stop()``
+    to stop)."""
     await picker.start()
     if metrics_port is None:
         metrics_port = picker.config.epp.metrics_port
