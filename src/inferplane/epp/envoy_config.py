@@ -241,7 +241,8 @@ def bootstrap(config: FleetConfig, *, epp_port: int | None = None,
               "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
     if e.fail_open and plain:
         fallback_action = {
-            "route": {"cluster": P.FALLBACK_CLUSTER, "timeout": timeout},
+            "route": {"cluster": P.FALLBACK_CLUSTER, "timeout": timeout,
+                      "idle_timeout": timeout},
             # unpicked, so not stripped by the picker: the tenant's key never reaches an engine
             "request_headers_to_remove": list(CLIENT_ACCOUNT_HEADERS),
             # the answer filter keeps the echoed names (the picked route's own): an engine's
@@ -266,7 +267,12 @@ def bootstrap(config: FleetConfig, *, epp_port: int | None = None,
                 "prefix": "/",
                 "headers": [{"name": P.CLUSTER_HEADER, "present_match": True}],
             },
-            "route": {"cluster_header": P.CLUSTER_HEADER, "timeout": timeout},
+            "route": {"cluster_header": P.CLUSTER_HEADER, "timeout": timeout,
+                      # Envoy's own stream idle timeout (300 s unless set) would cut a silent
+                      # engine before gateway.upstream_timeout_s (600 s), flagged SI: not in
+                      # the access log, so recorded 499 and blaming no one. Aligned with the
+                      # route timeout, whose cut (UT) is logged and blamed
+                      "idle_timeout": timeout},
             # removed before the adds: an upstream's own of these names never reach the client
             # (an echoed header the request lacks is not added, and would leave the upstream's)
             "response_headers_to_remove": [P.SERVED_KEY, *P.ECHOED],
