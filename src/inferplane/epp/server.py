@@ -108,6 +108,8 @@ ORPHAN_GRACE_S = 1.0
 """Without the observer filter: how long a pick whose picker stream ended without the response
 headers waits before it is recorded (with the observer: `OBSERVER_CLOSE_S` +
 `ORPHAN_MARGIN_S`). Its reservation and admission slot are released when the stream ends."""
+STOP_POLL_S = 0.01
+"""How often `Picker.stop_grace` looks whether the picks being decided and the flights are done."""
 ORPHAN_MARGIN_S = 2.0
 """With the observer filter, what the picker waits beyond Envoy's deferred close of an observer
 stream before it decides no observer will report (a busy picker reads a report late)."""
@@ -288,18 +290,27 @@ class Picker(Core):
         )
 
     async def stop_grace(self, grace: float) -> float:
-        """The picker stops: account every flight still in the air (`_drain`), then return the
-        grace the gRPC server's stop should give (``server.stop(grace)``): ``grace`` while a
-        picker stream is still deciding (its request has reached the picker and is not yet
-        answered), else none. The other streams only wait for Envoy: its access log stream
-        (open as long as Envoy runs), observer streams and answered picks (their flights were
-        just accounted). Before this, a picker with a response in flight behind Envoy took the
-        whole grace (1 s) to stop."""
+        """The picker stops: wait up to ``grace`` seconds while a pick is being decided (its
+        request has reached the picker and is not yet answered) or a flight is still in the
+        air, so an answer that ends within the grace keeps its real record; then account what
+        is left (`_drain`: 499, "the picker stopped") and return the grace the gRPC server's
+        stop still needs (``server.stop(...)``): none, since nothing is left to wait for. The
+        other streams only wait for Envoy: its access log stream (open as long as Envoy runs)
+        and observer streams whose flights are accounted. Before, a picker with a response in
+        flight behind Envoy took the whole grace (1 s) to stop, however soon the response
+        ended. Picks that arrive during the wait are still served."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while (self.flights or self._deciding()) and loop.time() < deadline:
+            await asyncio.sleep(STOP_POLL_S)
         await self._drain()
-        deciding = any(ex is not None and not ex.observer and not ex.answered
-                       and ex.flight is None and ex.headers is not None
-                       for ex in self.streams.values())
-        return grace if deciding else 0.0
+        return 0.0
+
+    def _deciding(self) -> bool:
+        """A picker stream whose request has reached the picker and is not yet answered."""
+        return any(ex is not None and not ex.observer and not ex.answered
+                   and ex.flight is None and ex.headers is not None
+                   for ex in self.streams.values())
 
     async def _drain(self) -> None:
         """The picker stops: every flight still in the air is accounted now, while the ledger
@@ -388,6 +399,11 @@ class Picker(Core):
             # again when the observer's stream ends (`Exchange.closed`)
             self.broken[decision_id] = entry
             return
+        if f.sse and f.events is not None and (f.events.done or f.events.finished):
+            # the stream's end ([DONE] or a finish reason) went by before the cut: the client
+            # has its whole answer; recorded as answered, no endpoint blamed
+            self.finish(f, status=f.status)
+            return
         flags = entry.common_properties.response_flags
         details = entry.response.response_code_details
         name, tokens = f.placement.endpoint_name, f.stats.tokens
@@ -401,8 +417,13 @@ class Picker(Core):
                        f"the answer was still running after {limit:g} s "
                        "(gateway.upstream_timeout_s)")
         elif "after_response_started" in details:
-            message = (f"the connection broke {so_far}: the engine closed it before the end "
-                       f"of its answer (Envoy: {details})")
+            # the engine's side (closed, reset, broke the protocol), else Envoy's own reset
+            # (overflow, local_reset)
+            cause = ("the engine closed it" if any(
+                k in details for k in ("connection_termination", "remote_reset", "protocol_error")
+            ) else "Envoy reset it")
+            end = " before the end of its answer" if f.sse else ""  # `so_far` says it otherwise
+            message = f"the connection broke {so_far}: {cause}{end} (Envoy: {details})"
         else:
             return
         if f.failure is None:  # an error event seen before the cut stays the stream's failure
