@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import subprocess
 import sys
 import time
@@ -586,7 +587,8 @@ def _keyed(ports: list[int], epp_port: int, envoy_port: int, admin: int) -> str:
     return yaml.safe_dump(doc)
 
 
-@pytest.mark.parametrize("mode", ["limited", "echo500", "echo-event"])
+@pytest.mark.parametrize("mode", ["limited", "limited-date", "limited-inf", "echo500",
+                                  "echo-event"])
 async def test_an_upstream_429_and_errors_that_quote_the_key_answer_as_the_gateway(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str,
 ) -> None:
@@ -610,6 +612,15 @@ async def test_an_upstream_429_and_errors_that_quote_the_key_answer_as_the_gatew
             assert r.json()["error"]["message"] == (
                 "upstream 'e1': answered HTTP 429 (Retry-After 7 s)")
             assert r.headers.get("content-length") in (None, str(len(r.content)))
+        elif mode == "limited-date":  # an HTTP date, read as the gateway reads it
+            assert_openai_error(r, 429, "upstream_rate_limited")
+            assert 20 <= int(r.headers["retry-after"]) <= 31, r.headers
+            assert re.fullmatch(r"upstream 'e1': answered HTTP 429 \(Retry-After \d+(\.\d+)? s\)",
+                                r.json()["error"]["message"]), r.text
+        elif mode == "limited-inf":  # not finite: as if absent (the endpoint's retry_after_s)
+            assert_openai_error(r, 429, "upstream_rate_limited")
+            assert r.json()["error"]["message"] == "upstream 'e1': answered HTTP 429", r.text
+            assert r.headers["retry-after"].isdigit(), r.headers
         elif mode == "echo500":
             assert r.status_code == 500
             assert r.json()["error"]["message"] == "proxy: upstream refused [redacted]"
@@ -622,6 +633,27 @@ async def test_an_upstream_429_and_errors_that_quote_the_key_answer_as_the_gatew
             r = await c.post("/v1/chat/completions", json=CHAT, headers=auth())
             assert_openai_error(r, 429, "upstream_rate_limited")
             assert 1 <= int(r.headers["retry-after"]) <= 7
+
+
+async def test_an_upstream_429_says_when_another_endpoint_is_back_sooner(
+    tmp_path: Path,
+) -> None:
+    """The answer filter's ``others_back_at`` branch (the gateway's Retry-After is when the
+    first endpoint of the model is back): e1 answers 429 with ``Retry-After: 7``, e2 with an
+    HTTP date 30 s ahead. The second 429 comes from the endpoint the first did not eject, and
+    says at most 7 s: when e1 answered first, e2's 30 s is cut to e1's return."""
+    async with (
+        stack(tmp_path, modes=("limited", "limited-date")) as s,
+        httpx.AsyncClient(base_url=s.url, timeout=10) as c,
+    ):
+        first = await c.post("/v1/chat/completions", json=CHAT, headers=auth())
+        assert_openai_error(first, 429, "upstream_rate_limited")
+        second = await c.post("/v1/chat/completions", json=CHAT, headers=auth())
+        assert_openai_error(second, 429, "upstream_rate_limited")
+        names = [r.json()["error"]["message"].split("'")[1] for r in (first, second)]
+        assert sorted(names) == ["e1", "e2"], names
+        assert 1 <= int(second.headers["retry-after"]) <= 7, (names, second.headers)
+        await settled(s.picker)
 
 
 async def test_a_compressed_stream_is_not_checked(
@@ -773,6 +805,7 @@ def test_envoy_config_writes_a_bootstrap_envoy_validates(tmp_path: Path) -> None
         # whose cut the access log reports: a silent engine is blamed as on the gateway
         assert route["route"]["idle_timeout"] == route["route"]["timeout"], route
     assert "authorization" in fallback["request_headers_to_remove"]  # fail open: no key
+    assert P.DECISION_HEADER in fallback["request_headers_to_remove"]  # nor a forged id
     assert set(P.ECHOED) <= set(fallback["response_headers_to_remove"])  # nor forged echoes
     # a client's x-envoy-* never steers the router; no address is internal
     early = hcm["early_header_mutation_extensions"][0]["typed_config"]["mutations"]

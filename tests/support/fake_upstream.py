@@ -15,7 +15,8 @@ and, as a CDN-fronted provider does, gzips the answer when the request accepts g
 ``bad-json`` (streams two chunks, then an event that is not JSON, then ``[DONE]``), ``gzip``
 (answers like ``ok``, gzipped whatever the request accepts: a CDN that ignores
 ``Accept-Encoding: identity``), ``limited`` (HTTP 429 with ``Retry-After: 7`` and an error
-body that quotes the key it was sent, as a careless proxy does), ``echo500`` (HTTP 500 whose
+body that quotes the key it was sent, as a careless proxy does; ``limited-date``: the
+``Retry-After`` an HTTP date 30 s ahead; ``limited-inf``: ``1e999``), ``echo500`` (HTTP 500 whose
 body quotes the key), ``echo-event`` (streams two chunks, then an error event that quotes the
 key, then ``[DONE]``).
 It counts requests and cancellations and reports them on ``GET /stats`` (with the last request's
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import email.utils
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -76,10 +78,12 @@ async def completions(request: web.Request) -> web.StreamResponse:
     if mode == "fail500":
         return web.json_response({"error": {"message": "boom", "type": "server_error"}}, status=500)
     key = request.headers.get("Authorization", "").removeprefix("Bearer ")
-    if mode == "limited":
+    if mode.startswith("limited"):
+        retry = {"limited": "7", "limited-inf": "1e999",
+                 "limited-date": email.utils.formatdate(time.time() + 30, usegmt=True)}[mode]
         return web.json_response({"error": {"message": f"Rate limit reached for key {key}",
                                             "type": "requests", "code": "rate_limit_exceeded"}},
-                                 status=429, headers={"Retry-After": "7"})
+                                 status=429, headers={"Retry-After": retry})
     if mode == "echo500":
         return web.json_response({"error": {"message": f"proxy: upstream refused {key}",
                                             "type": "server_error"}}, status=500)

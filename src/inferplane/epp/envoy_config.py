@@ -243,8 +243,10 @@ def bootstrap(config: FleetConfig, *, epp_port: int | None = None,
         fallback_action = {
             "route": {"cluster": P.FALLBACK_CLUSTER, "timeout": timeout,
                       "idle_timeout": timeout},
-            # unpicked, so not stripped by the picker: the tenant's key never reaches an engine
-            "request_headers_to_remove": list(CLIENT_ACCOUNT_HEADERS),
+            # unpicked, so not stripped by the picker: the tenant's key never reaches an engine,
+            # nor a client's own decision id (the access log names the decision by it: a
+            # forged one would account another request's flight)
+            "request_headers_to_remove": [*CLIENT_ACCOUNT_HEADERS, *P.ECHOED],
             # the answer filter keeps the echoed names (the picked route's own): an engine's
             # copies of them must go here, where nothing is echoed
             "response_headers_to_remove": [P.SERVED_KEY, *P.ECHOED],
@@ -488,8 +490,40 @@ end
 
 -- an upstream's 429 as the gateway answers it (core.plane.Core._failed): 429
 -- upstream_rate_limited, Retry-After when the first endpoint of the model is back
+local MONTHS = {Jan = 1, Feb = 2, Mar = 3, Apr = 4, May = 5, Jun = 6, Jul = 7, Aug = 8,
+                Sep = 9, Oct = 10, Nov = 11, Dec = 12}
+
+-- days since 1970-01-01 of a proleptic Gregorian date (UTC: os.time(table) is local time)
+local function days_from_civil(y, m, d)
+  if m <= 2 then y = y - 1 end
+  local era = math.floor(y / 400)
+  local yoe = y - era * 400
+  local doy = math.floor((153 * ((m + 9) %% 12) + 2) / 5) + d - 1
+  return era * 146097 + yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100) + doy - 719468
+end
+
+-- seconds from a Retry-After, by the gateway's rules (dispatch.upstream.parse_retry_after):
+-- delta-seconds or an HTTP date (IMF-fixdate), never below 0; non-finite or unreadable: nil
+local function retry_after_seconds(value)
+  if value == nil then return nil end
+  local v = value:match("^%%s*(.-)%%s*$")
+  local n = nil
+  if v:match("^[+-]?%%d*%%.?%%d*[eE]?[+-]?%%d*$") and v:match("%%d") then
+    n = tonumber(v)
+  else
+    local d, mon, y, hh, mm, ss = v:match(
+      "^%%a+, (%%d%%d?) (%%a+) (%%d%%d%%d%%d) (%%d%%d):(%%d%%d):(%%d%%d) GMT$")
+    if d ~= nil and MONTHS[mon] ~= nil then
+      n = days_from_civil(tonumber(y), MONTHS[mon], tonumber(d)) * 86400
+        + tonumber(hh) * 3600 + tonumber(mm) * 60 + tonumber(ss) - os.time()
+    end
+  end
+  if n == nil or n ~= n or n == math.huge or n == -math.huge then return nil end
+  return math.max(0, n)
+end
+
 local function rate_limited(handle, headers, md, upstream_retry)
-  local sent = tonumber(upstream_retry)
+  local sent = retry_after_seconds(upstream_retry)
   local wait = sent or md.retry_after_s or 1
   if md.others_back_at ~= nil and md.others_back_at - os.time() < wait then
     wait = md.others_back_at - os.time()
@@ -501,7 +535,8 @@ local function rate_limited(handle, headers, md, upstream_retry)
   end
   local answer = '{"error":{"message":' .. json_string(message)
     .. ',"type":"rate_limit_exceeded","param":null,"code":"upstream_rate_limited"}}'
-  headers:replace("retry-after", tostring(math.max(1, math.ceil(wait))))
+  -- whole seconds rounded up, at least 1, in digits (errors.retry_after_header)
+  headers:replace("retry-after", string.format("%%.0f", math.max(1, math.ceil(wait))))
   headers:replace("content-type", "application/json")
   headers:remove("content-encoding")
   local body = handle:body() -- the provider's, replaced (setBytes sets content-length)
