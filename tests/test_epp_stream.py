@@ -268,6 +268,44 @@ async def test_a_cut_after_the_stream_s_end_blames_no_endpoint(last: bytes) -> N
             assert "the connection broke mid-stream" in rec["outcome"]["error"], rec
 
 
+async def test_an_access_log_entry_before_the_observer_s_head_is_kept_until_its_end() -> None:
+    """A busy picker can read Envoy's access log entry of a broken stream before the
+    observer's report of the response head: the entry is kept and read when the observer's
+    stream ends, a 502 against the endpoint (dropped before: a 499 blaming no one)."""
+    from envoy.data.accesslog.v3 import accesslog_pb2
+
+    async with picker() as (p, stub):
+        did, call = await _pick_and_observe_silently(stub)
+        f = p.flights[did]
+        deadline = time.monotonic() + 5
+        while not f.observed:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        entry = accesslog_pb2.HTTPAccessLogEntry()
+        entry.request.request_headers[P.DECISION_HEADER] = did
+        entry.response.response_code.value = 200
+        entry.response.response_code_details = (
+            "upstream_reset_after_response_started{connection_termination}")
+        p.upstream_broke(entry)  # before the head: nothing to account yet
+        assert not f.done
+        await call.write(pb.ProcessingRequest(observability_mode=True,
+                                              response_headers=pb.HttpHeaders(
+            headers=base_pb2.HeaderMap(headers=[
+                base_pb2.HeaderValue(key=":status", raw_value=b"200"),
+                base_pb2.HeaderValue(key="content-type", raw_value=b"text/event-stream"),
+            ]))))
+        await call.write(pb.ProcessingRequest(observability_mode=True, response_body=pb.HttpBody(
+            body=b'data: {"choices":[{"delta":{"content":"x"}}]}\n\n')))
+        while f.status is None or f.events is None:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        await call.done_writing()  # the observer's stream ends without the response's end
+        await settled(p)
+        rec = p.ledger.get(did)
+        assert rec is not None and rec["outcome"]["status"] == 502, rec
+        assert "the connection broke mid-stream" in rec["outcome"]["error"], rec
+
+
 async def test_a_late_observer_still_accounts_and_its_stream_is_ended_by_the_picker(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
