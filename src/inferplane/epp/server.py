@@ -301,10 +301,16 @@ class Picker(Core):
         ended. Picks that arrive during the wait are still served."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
-        while (self.flights or self._deciding()) and loop.time() < deadline:
+        while (self._in_the_air() or self._deciding()) and loop.time() < deadline:
             await asyncio.sleep(STOP_POLL_S)
         await self._drain()
         return 0.0
+
+    def _in_the_air(self) -> bool:
+        """A flight whose exchange is not over, or whose observer may still report its end. A
+        flight whose picker stream ended with no observer only waits for its record (a grace
+        for a late report, `orphan_check`): waiting for it would not change that record."""
+        return any(f.ended is None or f.observed for f in self.flights.values())
 
     def _deciding(self) -> bool:
         """A picker stream whose request has reached the picker and is not yet answered."""
