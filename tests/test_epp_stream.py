@@ -471,61 +471,6 @@ async def test_stopping_waits_for_the_flights_in_the_air_then_ends_the_streams()
         await p.stop()
 
 
-async def test_inferplane_epp_on_sigterm_lets_a_flight_end_then_exits(tmp_path: Path) -> None:
-    """`inferplane epp`'s own stop path: SIGTERM with a response in flight. The picker says
-    it is stopping, then waits (up to its 1 s grace) for the flight: the response's end,
-    sent once the stopping line is out, is recorded as answered (200), not as 499 "the picker
-    stopped"; then the process exits 0 and the observer's stream is ended."""
-    import os
-    import signal
-    import sys
-
-    from tests.support.procs import ROOT, env
-
-    ledger = tmp_path / "ledger.sqlite"
-    port = free_port()
-    cfg = fleet_config(gateway={"ledger_path": str(ledger)}, epp={"port": port})
-    fleet = tmp_path / "fleet.yaml"
-    fleet.write_text(cfg)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "inferplane", "epp", "--config", str(fleet), cwd=str(ROOT),
-        env={**env(), "EPP_TEST_KEY": "sk-hosted"}, stderr=asyncio.subprocess.PIPE)
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    try:
-        await asyncio.wait_for(channel.channel_ready(), 30)
-        stub = pb_grpc.ExternalProcessorStub(channel)
-        did, call = await _pick_and_observe_silently(stub)
-        await call.write(pb.ProcessingRequest(observability_mode=True,
-                                              response_headers=pb.HttpHeaders(
-            headers=base_pb2.HeaderMap(headers=[
-                base_pb2.HeaderValue(key=":status", raw_value=b"200"),
-                base_pb2.HeaderValue(key="content-type", raw_value=b"application/json"),
-            ]))))
-        os.kill(proc.pid, signal.SIGTERM)
-        assert proc.stderr is not None
-        while b"endpoint picker stopping" not in (line := await asyncio.wait_for(
-                proc.stderr.readline(), 30)):
-            assert line, "the picker exited before saying it was stopping"
-        usage = b'"usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}'
-        await call.write(pb.ProcessingRequest(observability_mode=True, response_body=pb.HttpBody(
-            body=b'{"choices": [], ' + usage + b"}", end_of_stream=True)))
-        await asyncio.wait_for(proc.stderr.read(), 30)
-        assert await asyncio.wait_for(proc.wait(), 30) == 0
-        assert await call.code() in (grpc.StatusCode.OK, grpc.StatusCode.CANCELLED,
-                                     grpc.StatusCode.UNAVAILABLE)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        await channel.close()
-    reader = build_ledger(parse_config(cfg), "<test>")
-    try:
-        rec = reader.get(did)
-        assert rec is not None and rec["outcome"]["status"] == 200, rec
-    finally:
-        await reader.close()
-
-
 async def test_subset_hint_as_a_list_and_provider_endpoints() -> None:
     async with picker() as (p, stub):
         for _ in range(3):
