@@ -97,7 +97,8 @@ PROCS = {  # the processes that carry each path (their CPU is the path's)
 def direct_bootstrap(boot: dict[str, Any], upstream: int, envoy_port: int,
                      admin_port: int) -> dict[str, Any]:
     """``boot`` (the picker's bootstrap) with the ext_proc filters and the picker's routes
-    replaced by one route to a static cluster holding the upstream: the same listener, codec,
+    replaced by one route to a static cluster holding the upstream (and no access log to the
+    picker): the same listener, codec,
     buffer limit, early header mutation, local replies and route timeout."""
     out = copy.deepcopy(boot)
     out["admin"]["address"]["socket_address"]["port_value"] = admin_port
@@ -107,6 +108,7 @@ def direct_bootstrap(boot: dict[str, Any], upstream: int, envoy_port: int,
     hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
     hcm["http_filters"] = [f for f in hcm["http_filters"]
                            if f["name"] == "envoy.filters.http.router"]
+    hcm.pop("access_log", None)  # to the picker, whose cluster is gone here
     timeout = hcm["route_config"]["virtual_hosts"][0]["routes"][0]["route"]["timeout"]
     hcm["route_config"]["virtual_hosts"][0]["routes"] = [
         {"match": {"prefix": "/"}, "route": {"cluster": "upstream", "timeout": timeout}}

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import subprocess
 import sys
 import time
@@ -23,6 +24,7 @@ from aiohttp import web
 
 from inferplane.api.pipeline import hash_key
 from inferplane.config.loader import parse_config
+from inferplane.epp import envoy_config
 from inferplane.epp import protocol as P
 from inferplane.epp import server as epp_server
 from inferplane.epp.envoy_config import bootstrap
@@ -517,6 +519,143 @@ async def test_a_stream_that_fails_after_its_head_is_a_502_as_on_the_gateway(
             assert live.consecutive_failures == 1
 
 
+def _short_route_timeout(ports: list[int], epp_port: int, envoy_port: int, admin: int) -> str:
+    """`fleet_yaml` with a 0.5 s upstream timeout (Envoy's route timeout)."""
+    doc = yaml.safe_load(fleet_yaml(ports, epp_port, envoy_port, admin))
+    doc["gateway"]["upstream_timeout_s"] = 0.5
+    return yaml.safe_dump(doc)
+
+
+@pytest.mark.parametrize("how", ["engine-cut", "route-timeout", "client-left"])
+async def test_an_upstream_that_breaks_a_stream_is_blamed_a_client_that_leaves_is_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str,
+) -> None:
+    """A stream that breaks after its 200 head ends the observer's stream the same way whether
+    the engine cut it (it closed its connection mid-answer, or Envoy's route timeout ran out)
+    or the client left (Envoy 1.40, measured). Envoy's access log to the picker tells them
+    apart (its response flags): an upstream's break is recorded as the gateway's relay records
+    it, a 502 naming the endpoint with the tokens seen, and the endpoint takes the failure; a
+    client that left is a 499 that blames no endpoint. Before, all three were 499s."""
+    monkeypatch.setattr(envoy_config, "OBSERVER_CLOSE_S", 1.0)  # the client-left record
+    mode = {"engine-cut": "cut", "route-timeout": "slow", "client-left": "slow"}[how]
+    fleet = _short_route_timeout if how == "route-timeout" else None
+    async with (
+        stack(tmp_path, modes=(mode,), fleet=fleet) as s,
+        httpx.AsyncClient(base_url=s.url, timeout=10) as c,
+    ):
+        seen = b""
+        with contextlib.suppress(httpx.HTTPError):
+            async with c.stream("POST", "/v1/chat/completions", json={**CHAT, "stream": True},
+                                headers=auth()) as r:
+                assert r.status_code == 200
+                decision = r.headers[P.DECISION_HEADER]
+                async for chunk in r.aiter_bytes():
+                    seen += chunk
+                    if how == "client-left":
+                        break
+        assert b"n1-w0" in seen and b"[DONE]" not in seen
+        await settled(s.picker)
+        rec = s.picker.ledger.get(decision)
+        assert rec is not None
+        out = rec["outcome"]
+        live = s.picker.live.live["e1"]
+        if how == "client-left":
+            # as on the gateway: a client gone is no passive-health failure of the endpoint
+            assert out["status"] == 499 and live.consecutive_failures == 0, out
+            return
+        assert out["status"] == 502, out
+        if how == "engine-cut":
+            says = ("the connection broke mid-stream after 2 tokens: the engine closed it "
+                    "before the end of its answer")
+        else:
+            says = "the stream was still running after 0.5 s (gateway.upstream_timeout_s) after"
+        assert out["error"].startswith(f"upstream 'e1': {says}"), out
+        assert live.consecutive_failures == 1
+        assert s.picker.metrics.requests.labels("chat", "e1", "502")._value.get() == 1
+
+
+ENGINE_KEY = "sk-engine-own-0123456789"
+
+
+def _keyed(ports: list[int], epp_port: int, envoy_port: int, admin: int) -> str:
+    """`fleet_yaml` where ``e1`` has a key of its own (``EPP_ENGINE_KEY``)."""
+    doc = yaml.safe_load(fleet_yaml(ports, epp_port, envoy_port, admin))
+    for sub in doc["substrates"]:
+        for ep in sub["endpoints"]:
+            if ep["name"] == "e1":
+                ep["api_key_env"] = "EPP_ENGINE_KEY"
+    return yaml.safe_dump(doc)
+
+
+@pytest.mark.parametrize("mode", ["limited", "limited-date", "limited-inf", "echo500",
+                                  "echo-event"])
+async def test_an_upstream_429_and_errors_that_quote_the_key_answer_as_the_gateway(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str,
+) -> None:
+    """Behind Envoy, as on the gateway: an upstream's 429 reaches the client as the gateway's
+    429 ``upstream_rate_limited`` with the gateway's own ``Retry-After`` (the upstream's 7 s:
+    no other endpoint of the model is out), never the provider's body; and the endpoint's own
+    key, which an upstream may quote in an error body or a mid-stream error event, reaches the
+    client as ``[redacted]`` (the picker's record does not keep it either). Before, the 429 came
+    without any ``Retry-After`` and with the provider's body, and the key passed."""
+    monkeypatch.setenv("EPP_ENGINE_KEY", ENGINE_KEY)
+    async with (
+        stack(tmp_path, modes=(mode,), fleet=_keyed) as s,
+        httpx.AsyncClient(base_url=s.url, timeout=10) as c,
+    ):
+        r = await c.post("/v1/chat/completions", json={**CHAT, "stream": mode == "echo-event"},
+                         headers=auth())
+        assert ENGINE_KEY not in r.text and ENGINE_KEY[:12] not in r.text, r.text
+        if mode == "limited":
+            assert_openai_error(r, 429, "upstream_rate_limited")
+            assert r.headers["retry-after"] == "7"
+            assert r.json()["error"]["message"] == (
+                "upstream 'e1': answered HTTP 429 (Retry-After 7 s)")
+            assert r.headers.get("content-length") in (None, str(len(r.content)))
+        elif mode == "limited-date":  # an HTTP date, read as the gateway reads it
+            assert_openai_error(r, 429, "upstream_rate_limited")
+            assert 20 <= int(r.headers["retry-after"]) <= 31, r.headers
+            assert re.fullmatch(r"upstream 'e1': answered HTTP 429 \(Retry-After \d+(\.\d+)? s\)",
+                                r.json()["error"]["message"]), r.text
+        elif mode == "limited-inf":  # not finite: as if absent (the endpoint's retry_after_s)
+            assert_openai_error(r, 429, "upstream_rate_limited")
+            assert r.json()["error"]["message"] == "upstream 'e1': answered HTTP 429", r.text
+            assert r.headers["retry-after"].isdigit(), r.headers
+        elif mode == "echo500":
+            assert r.status_code == 500
+            assert r.json()["error"]["message"] == "proxy: upstream refused [redacted]"
+        else:
+            assert r.status_code == 200 and "quota exceeded for key [redacted]" in r.text
+        await settled(s.picker)
+        rec = s.picker.ledger.get(r.headers[P.DECISION_HEADER])
+        assert rec is not None and ENGINE_KEY not in str(rec), rec
+        if mode == "limited":  # and the picker's own refusal while e1 is out says the same
+            r = await c.post("/v1/chat/completions", json=CHAT, headers=auth())
+            assert_openai_error(r, 429, "upstream_rate_limited")
+            assert 1 <= int(r.headers["retry-after"]) <= 7
+
+
+async def test_an_upstream_429_says_when_another_endpoint_is_back_sooner(
+    tmp_path: Path,
+) -> None:
+    """The answer filter's ``others_back_at`` branch (the gateway's Retry-After is when the
+    first endpoint of the model is back): e1 answers 429 with ``Retry-After: 7``, e2 with an
+    HTTP date 30 s ahead. The second 429 comes from the endpoint the first did not eject, and
+    says at most 7 s: when e1 answered first, e2's 30 s is cut to e1's return."""
+    async with (
+        stack(tmp_path, modes=("limited", "limited-date")) as s,
+        httpx.AsyncClient(base_url=s.url, timeout=10) as c,
+    ):
+        first = await c.post("/v1/chat/completions", json=CHAT, headers=auth())
+        assert_openai_error(first, 429, "upstream_rate_limited")
+        second = await c.post("/v1/chat/completions", json=CHAT, headers=auth())
+        assert_openai_error(second, 429, "upstream_rate_limited")
+        names = [r.json()["error"]["message"].split("'")[1] for r in (first, second)]
+        assert sorted(names) == ["e1", "e2"], names
+        assert 1 <= int(second.headers["retry-after"]) <= 7, (names, second.headers)
+        await settled(s.picker)
+
+
 async def test_a_compressed_stream_is_not_checked(
     tmp_path: Path, caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -661,7 +800,12 @@ def test_envoy_config_writes_a_bootstrap_envoy_validates(tmp_path: Path) -> None
     first = hcm["http_filters"][0]  # the answer filter: last on the way back
     assert first["name"] == "inferplane.answer_headers"
     fallback = hcm["route_config"]["virtual_hosts"][0]["routes"][-1]
+    for route in [r for r in hcm["route_config"]["virtual_hosts"][0]["routes"] if "route" in r]:
+        # Envoy's stream idle timeout (300 s) never cuts before the route timeout (600 s),
+        # whose cut the access log reports: a silent engine is blamed as on the gateway
+        assert route["route"]["idle_timeout"] == route["route"]["timeout"], route
     assert "authorization" in fallback["request_headers_to_remove"]  # fail open: no key
+    assert P.DECISION_HEADER in fallback["request_headers_to_remove"]  # nor a forged id
     assert set(P.ECHOED) <= set(fallback["response_headers_to_remove"])  # nor forged echoes
     # a client's x-envoy-* never steers the router; no address is internal
     early = hcm["early_header_mutation_extensions"][0]["typed_config"]["mutations"]

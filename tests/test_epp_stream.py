@@ -15,6 +15,7 @@ import grpc
 import orjson
 import pytest
 from envoy.config.core.v3 import base_pb2
+from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from prometheus_client import generate_latest
@@ -221,6 +222,90 @@ async def test_an_observer_stream_that_breaks_accounts_a_499() -> None:
         assert rec["outcome"]["ttft_s"] is not None
 
 
+@pytest.mark.parametrize("last", [b"data: [DONE]\n\n", b""])
+async def test_a_cut_after_the_stream_s_end_blames_no_endpoint(last: bytes) -> None:
+    """Envoy's access log reports an upstream that broke the connection after the response
+    started. When the stream's end (``[DONE]``) already went by, the client has its whole
+    answer: recorded 200, no endpoint blamed. Without it, a 502 against the endpoint."""
+    from envoy.data.accesslog.v3 import accesslog_pb2
+
+    async with picker() as (p, stub):
+        answers = await exchange(stub, headers(), body())
+        sets = {h.header.key: h.header.raw_value.decode()
+                for h in answers[1].request_body.response.header_mutation.set_headers}
+        did = sets[P.DECISION_HEADER]
+        call = stub.Process()
+        obs = headers({P.DECISION_HEADER: did})
+        obs.observability_mode = True
+        await call.write(obs)
+        await call.write(pb.ProcessingRequest(observability_mode=True,
+                                              response_headers=pb.HttpHeaders(
+            headers=base_pb2.HeaderMap(headers=[
+                base_pb2.HeaderValue(key=":status", raw_value=b"200"),
+                base_pb2.HeaderValue(key="content-type", raw_value=b"text/event-stream"),
+            ]))))
+        await call.write(pb.ProcessingRequest(observability_mode=True, response_body=pb.HttpBody(
+            body=b'data: {"choices":[{"delta":{"content":"x"}}]}\n\n' + last)))
+        deadline = time.monotonic() + 5
+        f = p.flights[did]
+        while f.status is None or f.events is None or (last and not f.events.done):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        entry = accesslog_pb2.HTTPAccessLogEntry()
+        entry.request.request_headers[P.DECISION_HEADER] = did
+        entry.response.response_code.value = 200
+        entry.response.response_code_details = (
+            "upstream_reset_after_response_started{protocol_error}")
+        p.upstream_broke(entry)
+        call.cancel()
+        await settled(p)
+        rec = p.ledger.get(did)
+        assert rec is not None
+        if last:
+            assert rec["outcome"]["status"] == 200 and not rec["outcome"].get("error"), rec
+        else:
+            assert rec["outcome"]["status"] == 502, rec
+            assert "the connection broke mid-stream" in rec["outcome"]["error"], rec
+
+
+async def test_an_access_log_entry_before_the_observer_s_head_is_kept_until_its_end() -> None:
+    """A busy picker can read Envoy's access log entry of a broken stream before the
+    observer's report of the response head: the entry is kept and read when the observer's
+    stream ends, a 502 against the endpoint (dropped before: a 499 blaming no one)."""
+    from envoy.data.accesslog.v3 import accesslog_pb2
+
+    async with picker() as (p, stub):
+        did, call = await _pick_and_observe_silently(stub)
+        f = p.flights[did]
+        deadline = time.monotonic() + 5
+        while not f.observed:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        entry = accesslog_pb2.HTTPAccessLogEntry()
+        entry.request.request_headers[P.DECISION_HEADER] = did
+        entry.response.response_code.value = 200
+        entry.response.response_code_details = (
+            "upstream_reset_after_response_started{connection_termination}")
+        p.upstream_broke(entry)  # before the head: nothing to account yet
+        assert not f.done
+        await call.write(pb.ProcessingRequest(observability_mode=True,
+                                              response_headers=pb.HttpHeaders(
+            headers=base_pb2.HeaderMap(headers=[
+                base_pb2.HeaderValue(key=":status", raw_value=b"200"),
+                base_pb2.HeaderValue(key="content-type", raw_value=b"text/event-stream"),
+            ]))))
+        await call.write(pb.ProcessingRequest(observability_mode=True, response_body=pb.HttpBody(
+            body=b'data: {"choices":[{"delta":{"content":"x"}}]}\n\n')))
+        while f.status is None or f.events is None:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        await call.done_writing()  # the observer's stream ends without the response's end
+        await settled(p)
+        rec = p.ledger.get(did)
+        assert rec is not None and rec["outcome"]["status"] == 502, rec
+        assert "the connection broke mid-stream" in rec["outcome"]["error"], rec
+
+
 async def test_a_late_observer_still_accounts_and_its_stream_is_ended_by_the_picker(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -330,6 +415,62 @@ async def test_picks_in_the_air_when_the_picker_stops_are_recorded_and_settled(
         await store.close()
 
 
+async def test_stopping_waits_for_the_flights_in_the_air_then_ends_the_streams() -> None:
+    """Envoy keeps its access log stream open while it runs, and an observer stream until its
+    response ends: ``server.stop(grace)`` waited its whole grace for them (1.0 s for
+    `inferplane epp` with a response in flight behind Envoy, measured). `Picker.stop_grace`
+    waits up to its grace while a flight is in the air, so a response that ends within it
+    keeps its real record (not 499, "the picker stopped"), then accounts what is left and asks
+    the server for no grace: the streams still open end at once."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EPP_TEST_KEY", "sk-hosted")
+        p = Picker(parse_config(CONFIG), metrics_source=StaticMetricsSource())
+    port = free_port()
+    server, _ = await serve(p, "127.0.0.1", port)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        stub = pb_grpc.ExternalProcessorStub(channel)
+        did, observer = await _pick_and_observe_silently(stub)
+        logs = als_pb2_grpc.AccessLogServiceStub(channel).StreamAccessLogs()
+        await logs.write(als_pb2.StreamAccessLogsMessage())
+        deadline = time.monotonic() + 5
+        while len(p.streams) < 2 or not p.flights[did].observed:
+            assert time.monotonic() < deadline, p.streams
+            await asyncio.sleep(0.01)
+        stopping = asyncio.create_task(p.stop_grace(60.0))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert not stopping.done() and p.ledger.get(did) is None  # the flight is waited for
+        await observer.write(pb.ProcessingRequest(
+            observability_mode=True, response_headers=pb.HttpHeaders(
+                headers=base_pb2.HeaderMap(headers=[
+                    base_pb2.HeaderValue(key=":status", raw_value=b"200"),
+                    base_pb2.HeaderValue(key="content-type", raw_value=b"application/json"),
+                ]))))
+        usage = b'"usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}'
+        await observer.write(pb.ProcessingRequest(
+            observability_mode=True, response_body=pb.HttpBody(
+                body=b'{"choices": [], ' + usage + b"}", end_of_stream=True)))
+        assert await asyncio.wait_for(stopping, 10) == 0.0
+        rec = p.ledger.get(did)
+        assert rec is not None and rec["outcome"]["status"] == 200, rec
+        # a flight still in the air when the grace is out is accounted as the picker stopped
+        did2, observer2 = await _pick_and_observe_silently(stub)
+        while did2 not in p.flights or not p.flights[did2].observed:
+            assert time.monotonic() < deadline, p.streams
+            await asyncio.sleep(0.01)
+        assert await p.stop_grace(0.0) == 0.0
+        rec = p.ledger.get(did2)
+        assert rec is not None and rec["outcome"]["error"] == "the picker stopped", rec
+        await server.stop(0.0)  # the streams end now (the server's GOAWAY), none waits
+        ended = (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
+        assert await observer2.code() in ended and await logs.code() in ended
+    finally:
+        await channel.close()
+        await server.stop(0)
+        await p.stop()
+
+
 async def test_subset_hint_as_a_list_and_provider_endpoints() -> None:
     async with picker() as (p, stub):
         for _ in range(3):
@@ -417,3 +558,17 @@ async def test_an_observed_429_ejects_the_endpoint_for_its_retry_after() -> None
         assert rec is not None and rec["outcome"]["status"] == 429
         state = {v.name: v.state for v in p.live.snapshot().endpoints}[name]
         assert state.ejected  # out for the Retry-After, as the gateway would do
+        # the next pick tells the answer filter when that endpoint is back, and the picked
+        # endpoint's own Retry-After default and key (`envoy_config._answer_filter`)
+        answers = await exchange(stub, headers(), body())
+        sets = {h.header.key: h.header.raw_value.decode()
+                for h in answers[1].request_body.response.header_mutation.set_headers}
+        assert sets[P.ENDPOINT_HEADER] != name
+        answer = answers[1].dynamic_metadata.fields[P.ANSWER_NAMESPACE].struct_value.fields
+        assert 28 < answer["others_back_at"].number_value - time.time() <= 30, answer
+        assert answer["retry_after_s"].number_value == 5.0  # limits.retry_after_s
+        assert ("key" in answer) == (sets[P.ENDPOINT_HEADER] == "c")
+        if "key" in answer:
+            assert answer["key"].string_value == "sk-hosted"
+        for f in list(p.flights.values()):
+            p.finish(f, status=200)

@@ -616,7 +616,9 @@ def epp(
             await _wait_for_signal(picker, config, watch_config)
         finally:
             _say_stopping("endpoint picker", picker)
-            await server.stop(1.0)
+            # up to 1 s while a pick is being decided or a flight is in the air, then the rest
+            # is accounted and the streams still open (Envoy's access log, observers) end at once
+            await server.stop(await picker.stop_grace(1.0))
             await picker.stop()
             typer.echo("inferplane endpoint picker stopped", err=True)
 

@@ -14,7 +14,11 @@ and, as a CDN-fronted provider does, gzips the answer when the request accepts g
 ``nodone`` (streams the chunks, no finish reason and no ``[DONE]``, and ends cleanly),
 ``bad-json`` (streams two chunks, then an event that is not JSON, then ``[DONE]``), ``gzip``
 (answers like ``ok``, gzipped whatever the request accepts: a CDN that ignores
-``Accept-Encoding: identity``).
+``Accept-Encoding: identity``), ``limited`` (HTTP 429 with ``Retry-After: 7`` and an error
+body that quotes the key it was sent, as a careless proxy does; ``limited-date``: the
+``Retry-After`` an HTTP date 30 s ahead; ``limited-inf``: ``1e999``), ``echo500`` (HTTP 500 whose
+body quotes the key), ``echo-event`` (streams two chunks, then an error event that quotes the
+key, then ``[DONE]``).
 It counts requests and cancellations and reports them on ``GET /stats`` (with the last request's
 headers, ``last_headers``); ``/metrics`` serves a
 fixed vLLM-style exposition with ``waiting`` read from ``--waiting``.
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import email.utils
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -72,6 +77,16 @@ async def completions(request: web.Request) -> web.StreamResponse:
     STATS["last_max_tokens"] = body.get("max_tokens", body.get("max_completion_tokens", -1))
     if mode == "fail500":
         return web.json_response({"error": {"message": "boom", "type": "server_error"}}, status=500)
+    key = request.headers.get("Authorization", "").removeprefix("Bearer ")
+    if mode.startswith("limited"):
+        retry = {"limited": "7", "limited-inf": "1e999",
+                 "limited-date": email.utils.formatdate(time.time() + 30, usegmt=True)}[mode]
+        return web.json_response({"error": {"message": f"Rate limit reached for key {key}",
+                                            "type": "requests", "code": "rate_limit_exceeded"}},
+                                 status=429, headers={"Retry-After": retry})
+    if mode == "echo500":
+        return web.json_response({"error": {"message": f"proxy: upstream refused {key}",
+                                            "type": "server_error"}}, status=500)
     if mode == "stall":
         time.sleep(STALL_S)  # blocking on purpose: nothing in this process runs meanwhile
     extra = PROVIDER_HEADERS if mode == "provider" else None
@@ -121,6 +136,12 @@ async def completions(request: web.Request) -> web.StreamResponse:
                 return resp
             if mode == "bad-json" and i == 2:
                 await resp.write(b"data: {\"choices\": [\n\ndata: [DONE]\n\n")
+                await resp.write_eof()
+                return resp
+            if mode == "echo-event" and i == 2:
+                event = {"error": {"message": f"quota exceeded for key {key}",
+                                   "type": "InternalServerError", "param": None, "code": 500}}
+                await resp.write(_chunk(event) + b"data: [DONE]\n\n")
                 await resp.write_eof()
                 return resp
             if mode in ERROR_EVENTS and i == 2:

@@ -27,6 +27,10 @@ What it builds (all from the fleet file, `epp:` and `gateway:` sections):
   ORIGINAL_DST cluster that connects to the ``x-gateway-destination-endpoint`` header's
   ``ip:port``), and one ``inferplane_ep_<name>`` cluster per endpoint that is not a plain-HTTP IP
   address (a hostname resolved by DNS; TLS with SNI for ``https``);
+* with ``epp.observe_responses``, an **access log to the picker** (Envoy's gRPC access log
+  service, only exchanges with an upstream-side response flag, ``BROKEN_UPSTREAM_FLAGS``): the
+  observer's stream ends alike when the client left and when the engine cut its answer, and
+  the log's flags tell the picker which (`epp.server.Picker.upstream_broke`);
 * ``local_reply_config``: Envoy's own failures (upstream unreachable, reset, timeouts) in the
   OpenAI error shape; the picker's ImmediateResponses pass through unchanged;
 * route ``response_headers_to_add``: the served endpoint (``x-gateway-destination-endpoint-served``
@@ -65,6 +69,17 @@ EARLY_MUTATION = (
 )
 ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 LUA = "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua"
+GRPC_ACCESS_LOG = (
+    "type.googleapis.com/envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig"
+)
+BROKEN_UPSTREAM_FLAGS = ("UC", "UR", "UPE", "UT")
+"""Envoy's response flags of an exchange broken on the upstream's side (its connection
+terminated or reset, a protocol error, the route timeout): only these are logged to the
+picker (`_broken_upstream_log`). A client that left is ``DC`` and is not sent."""
+ACCESS_LOG_FLUSH_S = 0.1
+"""How often Envoy sends the picker its buffered access log entries: well inside the
+observer's deferred close (`OBSERVER_CLOSE_S`), so the picker learns an upstream broke a
+response before the observer's stream ends."""
 ENVOY_FRAMING = ("content-length", "transfer-encoding", "content-encoding", "date")
 """An upstream answer's headers Envoy frames the client's response with: kept by the answer
 filter (the HTTP gateway writes its own). ``content-encoding`` among them: Envoy relays the
@@ -153,6 +168,8 @@ def bootstrap(config: FleetConfig, *, epp_port: int | None = None,
             },
             "metadata_options": {
                 "forwarding_namespaces": {"untyped": [P.SUBSET_NAMESPACE, P.DESTINATION_NAMESPACE]},
+                # what the answer filter reads (Envoy drops any namespace not listed here)
+                "receiving_namespaces": {"untyped": [P.ANSWER_NAMESPACE]},
             },
             # the picker rewrites :path (an endpoint's base path) and :authority (an endpoint
             # reached by name)
@@ -224,9 +241,12 @@ def bootstrap(config: FleetConfig, *, epp_port: int | None = None,
               "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
     if e.fail_open and plain:
         fallback_action = {
-            "route": {"cluster": P.FALLBACK_CLUSTER, "timeout": timeout},
-            # unpicked, so not stripped by the picker: the tenant's key never reaches an engine
-            "request_headers_to_remove": list(CLIENT_ACCOUNT_HEADERS),
+            "route": {"cluster": P.FALLBACK_CLUSTER, "timeout": timeout,
+                      "idle_timeout": timeout},
+            # unpicked, so not stripped by the picker: the tenant's key never reaches an engine,
+            # nor a client's own decision id (the access log names the decision by it: a
+            # forged one would account another request's flight)
+            "request_headers_to_remove": [*CLIENT_ACCOUNT_HEADERS, *P.ECHOED],
             # the answer filter keeps the echoed names (the picked route's own): an engine's
             # copies of them must go here, where nothing is echoed
             "response_headers_to_remove": [P.SERVED_KEY, *P.ECHOED],
@@ -249,7 +269,12 @@ def bootstrap(config: FleetConfig, *, epp_port: int | None = None,
                 "prefix": "/",
                 "headers": [{"name": P.CLUSTER_HEADER, "present_match": True}],
             },
-            "route": {"cluster_header": P.CLUSTER_HEADER, "timeout": timeout},
+            "route": {"cluster_header": P.CLUSTER_HEADER, "timeout": timeout,
+                      # Envoy's own stream idle timeout (300 s unless set) would cut a silent
+                      # engine before gateway.upstream_timeout_s (600 s), flagged SI: not in
+                      # the access log, so recorded 499 and blaming no one. Aligned with the
+                      # route timeout, whose cut (UT) is logged and blamed
+                      "idle_timeout": timeout},
             # removed before the adds: an upstream's own of these names never reach the client
             # (an echoed header the request lacks is not added, and would leave the upstream's)
             "response_headers_to_remove": [P.SERVED_KEY, *P.ECHOED],
@@ -293,6 +318,8 @@ def bootstrap(config: FleetConfig, *, epp_port: int | None = None,
         "http_filters": filters,
         "local_reply_config": _local_replies(),
     }
+    if e.observe_responses:
+        hcm["access_log"] = [_broken_upstream_log()]
     clusters: list[dict[str, Any]] = [
         {
             "name": "inferplane_epp",
@@ -353,13 +380,44 @@ def bootstrap(config: FleetConfig, *, epp_port: int | None = None,
     }
 
 
+def _broken_upstream_log() -> dict[str, Any]:
+    """The access log that tells the picker which picked exchanges the upstream broke after the
+    observer saw their head (`BROKEN_UPSTREAM_FLAGS`; the request's decision id names the
+    pick). Envoy buffers entries and sends them every `ACCESS_LOG_FLUSH_S` on one long-lived
+    stream to the picker's cluster; the log is lossy by design, so a lost entry only leaves
+    such an exchange recorded as before (499, blaming no endpoint)."""
+    return {
+        "name": "inferplane.broken_upstreams",
+        "filter": {"response_flag_filter": {"flags": list(BROKEN_UPSTREAM_FLAGS)}},
+        "typed_config": {
+            "@type": GRPC_ACCESS_LOG,
+            "common_config": {
+                "log_name": "inferplane",
+                "grpc_service": {"envoy_grpc": {"cluster_name": "inferplane_epp"}},
+                "transport_api_version": "V3",
+                "buffer_flush_interval": _secs(ACCESS_LOG_FLUSH_S),
+            },
+            "additional_request_headers_to_log": [P.DECISION_HEADER],
+        },
+    }
+
+
 def _answer_filter(extra: list[str]) -> dict[str, Any]:
     """The Lua filter that leaves an upstream's answer only the headers a client may see: the
     rule of `inferplane.upstream_headers` (``extra``: ``gateway.upstream_response_headers``),
     the picker's echoed headers, the served endpoint and Envoy's framing; an event stream gets
     the gateway's own ``Cache-Control: no-cache``, as `inferplane serve` sets it. An answer
     without the served-endpoint header never came from an upstream (the picker's refusals, its
-    ImmediateResponses) and passes unchanged: the gateway's ``Retry-After`` stays."""
+    ImmediateResponses) and passes unchanged: the gateway's ``Retry-After`` stays.
+
+    With what the picker left in the ``P.ANSWER_NAMESPACE`` metadata at the pick
+    (`epp.server.Picker.route_template`), it also answers as the gateway does: an upstream's
+    429 becomes the gateway's 429 ``upstream_rate_limited`` with its own ``Retry-After`` (the
+    upstream's, else the endpoint's ``limits.retry_after_s``; sooner when another endpoint of
+    the model, rate limited at the pick, is back before), and the endpoint's own key is
+    replaced by ``[redacted]`` in an upstream's error body (any status from 400) and in the
+    chunks of its event stream (a key split across two chunks passes: the stream is not
+    held)."""
     rule = ResponseHeaderRule(extra)
     keep = sorted(rule.names | set(ENVOY_FRAMING) | {P.SERVED_KEY, *P.ECHOED})
     never = sorted(NEVER)
@@ -371,6 +429,7 @@ def _answer_filter(extra: list[str]) -> dict[str, Any]:
                 "keep": _lua_set(keep), "never": _lua_set(never),
                 "prefixes": "{" + ", ".join(_lua_str(p) for p in rule.prefixes) + "}",
                 "gateway": _lua_str(GATEWAY_PREFIX), "served": _lua_str(P.SERVED_KEY),
+                "answer": _lua_str(P.ANSWER_NAMESPACE), "endpoint": _lua_str(P.ENDPOINT_HEADER),
             }},
         },
     }
@@ -398,11 +457,100 @@ local function passes(name)
   return false
 end
 
+local function replace_plain(text, find, with)
+  local out, at = {}, 1
+  while true do
+    local i, j = text:find(find, at, true)
+    if i == nil then
+      break
+    end
+    out[#out + 1] = text:sub(at, i - 1)
+    out[#out + 1] = with
+    at = j + 1
+  end
+  out[#out + 1] = text:sub(at)
+  return table.concat(out)
+end
+
+-- the endpoint's key, as is and as JSON escapes it (dispatch.credentials.redact)
+local function redact(text, md)
+  text = replace_plain(text, md.key, "[redacted]")
+  if md.key_json ~= nil then
+    text = replace_plain(text, md.key_json, "[redacted]")
+  end
+  return text
+end
+
+local function json_string(s)
+  s = s:gsub('[%%c"\\\\]', function(c)
+    return string.format("\\\\u%%04x", c:byte())
+  end)
+  return '"' .. s .. '"'
+end
+
+-- an upstream's 429 as the gateway answers it (core.plane.Core._failed): 429
+-- upstream_rate_limited, Retry-After when the first endpoint of the model is back
+local MONTHS = {Jan = 1, Feb = 2, Mar = 3, Apr = 4, May = 5, Jun = 6, Jul = 7, Aug = 8,
+                Sep = 9, Oct = 10, Nov = 11, Dec = 12}
+
+-- days since 1970-01-01 of a proleptic Gregorian date (UTC: os.time(table) is local time)
+local function days_from_civil(y, m, d)
+  if m <= 2 then y = y - 1 end
+  local era = math.floor(y / 400)
+  local yoe = y - era * 400
+  local doy = math.floor((153 * ((m + 9) %% 12) + 2) / 5) + d - 1
+  return era * 146097 + yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100) + doy - 719468
+end
+
+-- seconds from a Retry-After, by the gateway's rules (dispatch.upstream.parse_retry_after):
+-- delta-seconds or an HTTP date (IMF-fixdate), never below 0; non-finite or unreadable: nil
+local function retry_after_seconds(value)
+  if value == nil then return nil end
+  local v = value:match("^%%s*(.-)%%s*$")
+  local n = nil
+  if v:match("^[+-]?%%d*%%.?%%d*[eE]?[+-]?%%d*$") and v:match("%%d") then
+    n = tonumber(v)
+  else
+    local d, mon, y, hh, mm, ss = v:match(
+      "^%%a+, (%%d%%d?) (%%a+) (%%d%%d%%d%%d) (%%d%%d):(%%d%%d):(%%d%%d) GMT$")
+    if d ~= nil and MONTHS[mon] ~= nil then
+      n = days_from_civil(tonumber(y), MONTHS[mon], tonumber(d)) * 86400
+        + tonumber(hh) * 3600 + tonumber(mm) * 60 + tonumber(ss) - os.time()
+    end
+  end
+  if n == nil or n ~= n or n == math.huge or n == -math.huge then return nil end
+  return math.max(0, n)
+end
+
+local function rate_limited(handle, headers, md, upstream_retry)
+  local sent = retry_after_seconds(upstream_retry)
+  local wait = sent or md.retry_after_s or 1
+  if md.others_back_at ~= nil and md.others_back_at - os.time() < wait then
+    wait = md.others_back_at - os.time()
+  end
+  local name = headers:get(%(endpoint)s) or "?"
+  local message = "upstream '" .. name .. "': answered HTTP 429"
+  if sent ~= nil then
+    message = message .. string.format(" (Retry-After %%g s)", sent)
+  end
+  local answer = '{"error":{"message":' .. json_string(message)
+    .. ',"type":"rate_limit_exceeded","param":null,"code":"upstream_rate_limited"}}'
+  -- whole seconds rounded up, at least 1, in digits (errors.retry_after_header)
+  headers:replace("retry-after", string.format("%%.0f", math.max(1, math.ceil(wait))))
+  headers:replace("content-type", "application/json")
+  headers:remove("content-encoding")
+  local body = handle:body() -- the provider's, replaced (setBytes sets content-length)
+  if body ~= nil then
+    body:setBytes(answer)
+  end
+end
+
 function envoy_on_response(handle)
   local headers = handle:headers()
   if headers:get(%(served)s) == nil then
     return -- not an upstream's answer: the picker's or Envoy's own
   end
+  local upstream_retry = headers:get("retry-after") -- removed below, read for a 429
   local drop = {}
   for name, _ in pairs(headers) do
     if not passes(name) then
@@ -413,8 +561,34 @@ function envoy_on_response(handle)
     headers:remove(name)
   end
   local ctype = headers:get("content-type")
-  if ctype ~= nil and ctype:sub(1, #"text/event-stream") == "text/event-stream" then
+  local stream = ctype ~= nil and ctype:sub(1, #"text/event-stream") == "text/event-stream"
+  if stream then
     headers:replace("cache-control", "no-cache") -- the gateway's own, as on inferplane serve
+  end
+  local md = handle:streamInfo():dynamicMetadata():get(%(answer)s)
+  if md == nil then
+    return -- not picked (the fail-open route), or a bootstrap newer than its picker
+  end
+  local status = tonumber(headers:get(":status")) or 0
+  if status == 429 then
+    rate_limited(handle, headers, md, upstream_retry)
+  elseif status >= 400 and md.key ~= nil then
+    local body = handle:body()
+    if body ~= nil then
+      local text = body:getBytes(0, body:length())
+      local clean = redact(text, md)
+      if clean ~= text then
+        body:setBytes(clean)
+      end
+    end
+  elseif stream and md.key ~= nil then
+    for chunk in handle:bodyChunks() do
+      local text = chunk:getBytes(0, chunk:length())
+      local clean = redact(text, md)
+      if clean ~= text then
+        chunk:setBytes(clean)
+      end
+    end
   end
 end
 """

@@ -38,6 +38,11 @@ SPILLOVER_HEADER = "x-inferplane-spillover"
 ECHOED = (DECISION_HEADER, ENDPOINT_HEADER, SUBSTRATE_HEADER, MODEL_HEADER, SPILLOVER_HEADER,
           "x-inferplane-max-tokens-clamped")
 """Request headers the picker sets that Envoy copies onto the client's response."""
+ANSWER_NAMESPACE = "inferplane.answer"
+"""Dynamic metadata the picker sets with a pick for the bootstrap's answer filter: the
+endpoint's ``retry_after_s``, ``others_back_at`` (Unix seconds: when the first other endpoint
+of the model, rate limited after a 429, is back) and the endpoint's key to redact (``key``,
+``key_json``)."""
 ORIGINAL_DST_CLUSTER = "inferplane_original_dst"
 FALLBACK_CLUSTER = "inferplane_fail_open"
 

@@ -16,6 +16,9 @@ Two filters talk to the picker (see `epp.envoy_config`):
   without holding the data path, and an event stream is checked as the gateway's relay checks
   it (`OpenAIEvents`: an engine's error event, a malformed or cut-short stream is a 502). Its
   stream names the request by the decision id header the picker set.
+* Envoy's **access log** (gRPC access log service) reports the exchanges an upstream broke
+  (`Picker.upstream_broke`): the observer's stream ends alike when the client left and when
+  the engine cut its answer, the log's response flags tell the picker which.
 
 One `Flight` per picked request lives between the pick and its accounting. Its reservation and
 admission slot are given back when the HTTP exchange is over (the picker stream's end, or the
@@ -41,6 +44,7 @@ import grpc
 import orjson
 from aiohttp import web
 from envoy.config.core.v3 import base_pb2
+from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from envoy.service.ext_proc.v3 import (
     external_processor_pb2 as pb,
 )
@@ -59,7 +63,12 @@ from inferplane.config.schema import FleetConfig
 from inferplane.core.plane import API_PATHS, Core, Placement
 from inferplane.core.validation import parse_json, validate
 from inferplane.dispatch.answer import OpenAIEvents, StreamStats, parse_usage
-from inferplane.dispatch.credentials import auth_headers, load_credentials
+from inferplane.dispatch.credentials import (
+    MIN_REDACTED,
+    auth_headers,
+    load_credentials,
+    redact_cut,
+)
 from inferplane.epp import protocol as P
 from inferplane.epp.envoy_config import OBSERVER_CLOSE_S, buffer_bytes
 from inferplane.errors import (
@@ -99,6 +108,8 @@ ORPHAN_GRACE_S = 1.0
 """Without the observer filter: how long a pick whose picker stream ended without the response
 headers waits before it is recorded (with the observer: `OBSERVER_CLOSE_S` +
 `ORPHAN_MARGIN_S`). Its reservation and admission slot are released when the stream ends."""
+STOP_POLL_S = 0.01
+"""How often `Picker.stop_grace` looks whether the picks being decided and the flights are done."""
 ORPHAN_MARGIN_S = 2.0
 """With the observer filter, what the picker waits beyond Envoy's deferred close of an observer
 stream before it decides no observer will report (a busy picker reads a report late)."""
@@ -164,6 +175,10 @@ class Picker(Core):
         self._session: aiohttp.ClientSession | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        # the gRPC streams open now (their handlers' tasks; `stop_grace`)
+        self.streams: dict[asyncio.Task[Any], Exchange | None] = {}
+        # access log entries that came before the observer saw their head (`upstream_broke`)
+        self.broken: dict[str, Any] = {}
 
     def _prepare_transport(self, config: FleetConfig, file: str) -> Callable[[], None]:
         """Envoy reaches a plain ``http://IP:port`` endpoint through its original-destination
@@ -239,6 +254,16 @@ class Picker(Core):
         md = struct_pb2.Struct()
         lb = md.fields[P.DESTINATION_NAMESPACE].struct_value
         lb.fields[P.DESTINATION_KEY].string_value = dest
+        # for the bootstrap's answer filter (`envoy_config._answer_filter`): an upstream's 429
+        # answered as the gateway's, and the endpoint's key kept out of what it relays
+        answer = md.fields[P.ANSWER_NAMESPACE].struct_value
+        answer.fields["retry_after_s"].number_value = endpoint.spec.limits.retry_after_s
+        secret = self.credentials.get(endpoint.name)
+        if secret and len(secret) >= MIN_REDACTED:
+            answer.fields["key"].string_value = secret
+            escaped = orjson.dumps(secret)[1:-1].decode()
+            if escaped != secret:
+                answer.fields["key_json"].string_value = escaped
         template = pb.ProcessingResponse(
             request_body=pb.BodyResponse(response=common), dynamic_metadata=md
         )
@@ -263,6 +288,35 @@ class Picker(Core):
             self._session, lag=self.lag, max_stretch=self.config.gateway.lag_max_stretch,
             filter_samples=self.config.gateway.scrape_filter,
         )
+
+    async def stop_grace(self, grace: float) -> float:
+        """The picker stops: wait up to ``grace`` seconds while a pick is being decided (its
+        request has reached the picker and is not yet answered) or a flight is still in the
+        air, so an answer that ends within the grace keeps its real record; then account what
+        is left (`_drain`: 499, "the picker stopped") and return the grace the gRPC server's
+        stop still needs (``server.stop(...)``): none, since nothing is left to wait for. The
+        other streams only wait for Envoy: its access log stream (open as long as Envoy runs)
+        and observer streams whose flights are accounted. Before, a picker with a response in
+        flight behind Envoy took the whole grace (1 s) to stop, however soon the response
+        ended. Picks that arrive during the wait are still served."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while (self._in_the_air() or self._deciding()) and loop.time() < deadline:
+            await asyncio.sleep(STOP_POLL_S)
+        await self._drain()
+        return 0.0
+
+    def _in_the_air(self) -> bool:
+        """A flight whose exchange is not over, or whose observer may still report its end. A
+        flight whose picker stream ended with no observer only waits for its record (a grace
+        for a late report, `orphan_check`): waiting for it would not change that record."""
+        return any(f.ended is None or f.observed for f in self.flights.values())
+
+    def _deciding(self) -> bool:
+        """A picker stream whose request has reached the picker and is not yet answered."""
+        return any(ex is not None and not ex.observer and not ex.answered
+                   and ex.flight is None and ex.headers is not None
+                   for ex in self.streams.values())
 
     async def _drain(self) -> None:
         """The picker stops: every flight still in the air is accounted now, while the ledger
@@ -296,10 +350,14 @@ class Picker(Core):
             return
         f.done = True
         self.flights.pop(f.placement.decision.decision_id, None)
+        self.broken.pop(f.placement.decision.decision_id, None)
         if f.failure is not None:
             # the observer saw the stream fail after its 200 head (an error event, an event
-            # that is not JSON, a cut): a 502 as on the gateway, whatever ended the exchange
-            status, error = 502, f.failure.message
+            # that is not JSON, a cut): a 502 as on the gateway, whatever ended the exchange;
+            # an engine's message that quotes the endpoint's key does not keep it (the record,
+            # the log), as on the gateway (`Dispatcher._scrub`)
+            status = 502
+            error = redact_cut(f.failure.message, self.credentials.get(f.placement.endpoint_name))
             blame = not (isinstance(f.failure, UpstreamErrorEvent) and f.failure.client_fault)
             self.metrics.stream_errors.labels(f.placement.endpoint_name).inc()
         usage = None
@@ -329,6 +387,54 @@ class Picker(Core):
         finally:
             f.placement.trace.end()
             self.admission.finish_soon(f.ticket)
+
+    def upstream_broke(self, entry: Any) -> None:
+        """Envoy's access log entry of an exchange broken on the upstream's side
+        (`envoy_config.BROKEN_UPSTREAM_FLAGS`): when it broke a picked response after the
+        observer saw its head (the engine died or closed its connection mid-answer, the
+        route timeout cut it), the flight is accounted now as the gateway's relay records it:
+        a 502 naming the endpoint, which takes the failure. Without this the observer's stream
+        ended as when the client leaves (Envoy 1.40 ends it alike, measured) and it was
+        recorded 499, blaming no endpoint. Entries of other exchanges are ignored."""
+        decision_id = entry.request.request_headers.get(P.DECISION_HEADER)
+        f = self.flights.get(decision_id) if decision_id else None
+        if f is None or f.done:
+            return  # not picked, or already accounted
+        if not f.observed or f.status is None:
+            # the log came before the observer's report of the head (a busy picker): read
+            # again when the observer's stream ends (`Exchange.closed`)
+            self.broken[decision_id] = entry
+            return
+        if f.sse and f.events is not None and (f.events.done or f.events.finished):
+            # the stream's end ([DONE] or a finish reason) went by before the cut: the client
+            # has its whole answer; recorded as answered, no endpoint blamed
+            self.finish(f, status=f.status)
+            return
+        flags = entry.common_properties.response_flags
+        details = entry.response.response_code_details
+        name, tokens = f.placement.endpoint_name, f.stats.tokens
+        so_far = f"mid-stream after {tokens} tokens" if f.sse else "before the end of its answer"
+        if flags.upstream_request_timeout:
+            if entry.response.response_code.value != f.status:
+                return  # Envoy's own 504 before any byte: the observer records it
+            limit = self.config.gateway.upstream_timeout_s
+            message = (f"the stream was still running after {limit:g} s "
+                       f"(gateway.upstream_timeout_s) after {tokens} tokens" if f.sse else
+                       f"the answer was still running after {limit:g} s "
+                       "(gateway.upstream_timeout_s)")
+        elif "after_response_started" in details:
+            # the engine's side (closed, reset, broke the protocol), else Envoy's own reset
+            # (overflow, local_reset)
+            cause = ("the engine closed it" if any(
+                k in details for k in ("connection_termination", "remote_reset", "protocol_error")
+            ) else "Envoy reset it")
+            end = " before the end of its answer" if f.sse else ""  # `so_far` says it otherwise
+            message = f"the connection broke {so_far}: {cause}{end} (Envoy: {details})"
+        else:
+            return
+        if f.failure is None:  # an error event seen before the cut stays the stream's failure
+            f.failure = UpstreamError(message, upstream=name)
+        self.finish(f, status=f.status)
 
     def stream_ended(self, f: Flight, *, aborted: bool) -> None:
         """The picker stream of a flight not yet accounted ended: the HTTP exchange is over
@@ -700,6 +806,10 @@ class Exchange:
             add(header=base_pb2.HeaderValue(key="content-length", raw_value=str(len(fwd)).encode()),
                 append_action=OVERWRITE)
             common.body_mutation.body = fwd
+        waits = p.rate_limited(d.profile.model)
+        if waits:  # an upstream 429 says Retry-After until the first of these is back
+            answer = resp.dynamic_metadata.fields[P.ANSWER_NAMESPACE].struct_value
+            answer.fields["others_back_at"].number_value = time.time() + min(waits.values())
         return resp
 
     def response_headers(self, req: Any) -> Any:
@@ -804,6 +914,9 @@ class Exchange:
         if f is None or f.done:
             return
         if self.observer:
+            entry = self.picker.broken.pop(f.placement.decision.decision_id, None)
+            if entry is not None and f.status is not None:
+                self.picker.upstream_broke(entry)  # the log came first: the upstream broke it
             self.picker.finish(f, status=499 if f.status in (None, 200) else f.status,
                                error="the response ended before its end was observed")
         else:
@@ -823,6 +936,9 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
         self, requests: AsyncIterator[Any], context: Any
     ) -> AsyncIterator[Any]:
         ex = Exchange(self.picker)
+        task = asyncio.current_task()
+        if task is not None:
+            self.picker.streams[task] = ex
         try:
             async for req in requests:
                 try:
@@ -854,7 +970,34 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
             ex.aborted = True
             raise
         finally:
+            if task is not None:
+                self.picker.streams.pop(task, None)
             ex.closed()
+
+
+class AccessLogs(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
+    """Envoy's gRPC access log service: the bootstrap sends only the exchanges an upstream
+    broke (`envoy_config.BROKEN_UPSTREAM_FLAGS`), on one stream per Envoy worker that stays
+    open while Envoy runs (`Picker.upstream_broke`)."""
+
+    def __init__(self, picker: Picker) -> None:
+        self.picker = picker
+
+    async def StreamAccessLogs(self, requests: AsyncIterator[Any], context: Any) -> Any:
+        task = asyncio.current_task()
+        if task is not None:
+            self.picker.streams[task] = None
+        try:
+            async for message in requests:
+                for entry in message.http_logs.log_entry:
+                    try:
+                        self.picker.upstream_broke(entry)
+                    except Exception:
+                        log.exception("access log entry failed")
+        finally:
+            if task is not None:
+                self.picker.streams.pop(task, None)
+        return als_pb2.StreamAccessLogsResponse()
 
 
 EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
@@ -890,7 +1033,8 @@ async def serve(picker: Picker, host: str, port: int,
     """Start the picker and its gRPC server (ext_proc and the gRPC health service) on
     host:port, and its ``/metrics`` listener on ``epp.metrics_host``:``metrics_port`` (default
     ``epp.metrics_port``; none when both are unset); returns the server and the bound port
-    (call ``await server.stop(grace)`` and ``await picker.stop()`` to stop)."""
+    (call ``await server.stop(await picker.stop_grace(grace))`` and ``await picker.stop()``
+    to stop)."""
     await picker.start()
     if metrics_port is None:
         metrics_port = picker.config.epp.metrics_port
@@ -908,6 +1052,7 @@ async def serve(picker: Picker, host: str, port: int,
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0),
                                       ("grpc.max_receive_message_length", limit)])
     pb_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(picker), server)
+    als_pb2_grpc.add_AccessLogServiceServicer_to_server(AccessLogs(picker), server)
     servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
     picker.background(_report_health(picker, servicer))
