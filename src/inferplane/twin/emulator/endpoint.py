@@ -352,11 +352,17 @@ class EmulatedEndpoint:
         (every HTTP handler passes it) takes the emulator's own round trip
         (``http_round_trip_s``, real seconds) out as well — first out of
         ``request_overhead_s``, the rest by counting the front end's intake from that much
-        before ``arrived`` (:func:`client_lead_s`). With a ``frontend_handoff_s`` the wait so
-        shortened is the one between the two pieces: the hand-off queues that much earlier
-        than the fitted model puts it (the client's own round trip stands in for the part of
-        the wait it replaces), so a request sent later gets its first piece in ahead of it
-        only when it arrives before the shortened wait is over.
+        before ``arrived`` (:func:`client_lead_s`). With a ``frontend_handoff_s`` the part taken
+        out of ``request_overhead_s`` comes out after the hand-off, not out of the wait between
+        the two pieces (until session 29 it did): the hand-off queues at the end of the fitted
+        wait, so a request whose handler got it before then gets its first piece in ahead of
+        it, as in the fitted model and the simulator — a closed loop's successors, sent as
+        the streams before them end, reach the handlers a round trip after those streams'
+        last chunks left the engine, and a wait shortened by the round trip was over before
+        they came (docs/benchmarks.md, session 29). The request then reaches the engine that
+        much before its hand-off is done (``at``): an idle engine's step starts there, a busy
+        one takes it at its next step — a step later than the model when a step started
+        within that much before the hand-off was done.
 
         Returns the engine time at which the request reaches the engine by the model, for
         :meth:`submit` (``at``): the event loop wakes from a sleep up to a millisecond late
@@ -378,13 +384,16 @@ class EmulatedEndpoint:
             reached = fe.intake(reached)
             if fe.handoff_s > 0:
                 # its second piece queues after the parallel wait, behind what arrived by then
-                # (requests sent after this one included: `physics.frontend`)
-                reached += overhead
+                # (requests sent after this one included: `physics.frontend`) at the end of the
+                # fitted wait, whole; the round trip's part of the overhead (`cut`) comes out
+                # after the hand-off, as an earlier arrival at the engine
+                cut = self.request_overhead_s - overhead
+                reached += self.request_overhead_s
                 overhead = 0.0
                 if reached > now:
                     await asyncio.sleep((reached - now) / self.time_scale)
                     now = self.now()
-                reached = fe.handoff(reached)
+                reached = fe.handoff(reached) - cut
         ready = reached + overhead
         if ready > now:
             await asyncio.sleep((ready - now) / self.time_scale)
