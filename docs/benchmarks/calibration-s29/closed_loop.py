@@ -24,6 +24,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 sys.path[:0] = ["src", "."]
 from bench.calibration import PROFILE_NAME, emulator_fleet  # noqa: E402
 from inferplane.config.loader import parse_config  # noqa: E402
@@ -34,18 +36,26 @@ from inferplane.twin.engine.model import EngineRequest  # noqa: E402
 SIZES = (32, 128, 384, 768)
 
 
+def _without_spread(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _without_spread(v) for k, v in node.items()
+                if k not in ("speed_spread", "speed_spread_window_s")}
+    if isinstance(node, list):
+        return [_without_spread(v) for v in node]
+    return node
+
+
 def run(profile_text: str, rtt_s: float = 0.0, mode: str = "after", levels=(1, 2, 4),
         n: int = 12, out_tokens: int = 32) -> dict[int, list[tuple[int, float]]]:
     with tempfile.TemporaryDirectory() as tmp:
         prof = Path(tmp) / "profile.yaml"
-        prof.write_text(profile_text)
+        # no speed spread (its mean is ~1): one timeline
+        prof.write_text(yaml.safe_dump(_without_spread(yaml.safe_load(profile_text))))
         fleet = Fleet.from_config(parse_config(emulator_fleet(PROFILE_NAME, 1, prof)))
     rng = random.Random(1)
     res: dict[int, list[tuple[int, float]]] = {}
     for c in levels:
         ep = EmulatedEndpoint(fleet.endpoints[0])
-        if ep._cost is not None:
-            ep._cost.factor = 1.0  # the spread's mean is ~1: left out, one timeline
         eng, fe, ovh = ep.engine, ep.frontend, ep.request_overhead_s
         events: list[tuple[float, int, str, Any]] = []
         seq = 0
@@ -60,6 +70,7 @@ def run(profile_text: str, rtt_s: float = 0.0, mode: str = "after", levels=(1, 2
         seen: set[str] = set()
         ttft: list[tuple[int, float]] = []
         running = False
+        last_end = float("-inf")  # the engine's last step end: a step never starts before it
 
         def send(t: float) -> None:
             """A worker sends its next request at ``t`` (client time): its handler gets it
@@ -93,7 +104,7 @@ def run(profile_text: str, rtt_s: float = 0.0, mode: str = "after", levels=(1, 2
                 eng.add_request(EngineRequest(arg, prompt, out_tokens, arrival_time=at), at)
                 if not running:
                     running = True
-                    push(at, "step", None)
+                    push(max(at, last_end), "step", None)
             elif kind == "step":
                 if not eng.has_unfinished():
                     running = False
@@ -101,6 +112,7 @@ def run(profile_text: str, rtt_s: float = 0.0, mode: str = "after", levels=(1, 2
                 out = eng.step(t)
                 push(t + out.duration_s, "end", out)
             elif kind == "end":
+                last_end = t
                 done = fe.emit(t + 1.0, len(arg.new_tokens)) - 1.0
                 push(done, "deliver", (list(arg.new_tokens), list(arg.finished)))
                 push(t, "step", None)

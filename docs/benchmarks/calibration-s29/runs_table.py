@@ -62,6 +62,7 @@ def main(d: str) -> None:
           "| prediction error |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     by: dict[str, list[list[float]]] = {}
+    loaded: dict[str, int] = {}  # runs the test skipped for other CPU: left out of the medians
     for p in runs:
         r = json.loads(p.read_text())
         s = json.loads((p.parent / "samples.json").read_text())
@@ -71,7 +72,10 @@ def main(d: str) -> None:
         model = run(r["calibration_profile"])
         err = r["calibration_prediction_error"]["median"]
         tree, hhmmss = p.parent.name.rsplit("-", 1)
-        by.setdefault(tree, []).append([g[k] for k in GAPS] + [err])
+        if outcome(log) == "skipped: other CPU":
+            loaded[tree] = loaded.get(tree, 0) + 1
+        else:
+            by.setdefault(tree, []).append([g[k] for k in GAPS] + [err])
         groups = []
         for level, pick in ((4, c4_after_wave), (2, c2_small)):
             groups.append(" / ".join(f"{v:.1f}" for v in (
@@ -88,8 +92,9 @@ def main(d: str) -> None:
     print()
     for tree, rows in by.items():
         med = [statistics.median(col) for col in zip(*rows, strict=True)]
-        print(f"{tree}: {len(rows)} runs, medians: gaps " + " / ".join(f"{m:+.1%}" for m in med[:4])
-              + f", error {med[4]:.1%}")
+        left = f" ({loaded[tree]} skipped for other CPU left out)" if loaded.get(tree) else ""
+        print(f"{tree}: {len(rows)} runs{left}, medians: gaps "
+              + " / ".join(f"{m:+.1%}" for m in med[:4]) + f", error {med[4]:.1%}")
 
 
 if __name__ == "__main__":
