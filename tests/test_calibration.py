@@ -994,6 +994,77 @@ async def test_emulator_hands_off_after_the_wait_behind_requests_sent_later(
     assert reached == pytest.approx(now + emu.network_rtt_s + 3 * 0.01 + 0.002, abs=1e-9)
 
 
+async def test_emulator_takes_its_round_trip_out_after_the_hand_off_not_out_of_the_wait(
+    tmp_path: Path,
+) -> None:
+    """The emulator's own HTTP round trip (8 ms here) comes out of a request's calibrated
+    overhead after its hand-off, not out of the wait before it: a request whose handler got it
+    25 ms ago (first piece 10 ms, fitted wait 20 ms: not over) hands off behind the first
+    pieces of three that arrive now, as the fitted model and the simulator have it, and
+    reaches the engine at now + 3 x 10 + 2 − 8 ms. With the wait shortened by the round trip
+    (until session 29) it was over 3 ms ago: it handed off at once, ahead of them (now − 1 ms),
+    and a closed loop's successors never got in ahead of the request sent as their streams
+    ended. Engine time by the model: exact whatever the machine's load."""
+    config = load_config(_frontend_fleet(tmp_path, 0.01, handoff_s=0.002, overhead_s=0.02))
+    handle = await start_emulator(config, time_scale=1.0, port_override={"lab-0": 0})
+    emu = handle.endpoints["lab-0"]
+    emu.http_round_trip_s = 0.008
+    try:
+        now = emu.now()
+        # `first` is scheduled before the three `others` and asyncio runs tasks in FIFO order:
+        # its intake is registered first (keep this order, or the test covers another case)
+        first = asyncio.ensure_future(emu.network_delay(now - 0.025, take_round_trip=True))
+        others = asyncio.gather(*(emu.network_delay(now) for _ in range(3)))
+        reached = await first
+        await others
+    finally:
+        await handle.stop()
+    assert reached == pytest.approx(now + emu.network_rtt_s + 3 * 0.01 + 0.002 - 0.008,
+                                    abs=1e-9)
+
+
+async def test_emulator_takes_its_round_trip_out_of_a_lone_requests_time_as_before(
+    tmp_path: Path,
+) -> None:
+    """A request that finds the two-piece front end idle reaches the engine at arrival +
+    network + first piece + fitted wait + hand-off − the emulator's round trip (8 ms), the same
+    time whether the round trip comes out before the hand-off or after it: only the queue
+    order changes, a lone request's TTFT does not. Engine time by the model: exact."""
+    config = load_config(_frontend_fleet(tmp_path, 0.01, handoff_s=0.002, overhead_s=0.02))
+    handle = await start_emulator(config, time_scale=1.0, port_override={"lab-0": 0})
+    emu = handle.endpoints["lab-0"]
+    emu.http_round_trip_s = 0.008
+    try:
+        arrived = emu.now() - 0.004
+        reached = await emu.network_delay(arrived, take_round_trip=True)
+    finally:
+        await handle.stop()
+    assert reached == pytest.approx(
+        arrived + emu.network_rtt_s + 0.01 + 0.02 + 0.002 - 0.008, abs=1e-9
+    )
+
+
+async def test_emulator_starts_no_step_before_the_previous_step_ended(tmp_path: Path) -> None:
+    """A request that reached the idle engine by the model (``at``, back-dated by the
+    emulator's round trip) before the engine's previous step ended starts its first step at
+    that end, not at ``at``: two steps never overlap on the engine's timeline."""
+    handle = await start_emulator(load_config(_frontend_fleet(tmp_path, 0.002)),
+                                  time_scale=0.1, port_override={"lab-0": 0})
+    emu = handle.endpoints["lab-0"]
+    try:
+        at = emu.now() - 0.001
+        first = emu.submit("r-1", list(range(5, 69)), 1, at=at)
+        assert await first.queue.get() == 1  # its prefill step ends, and it is done
+        end = first.request.first_token_time
+        assert end is not None and end > at
+        second = emu.submit("r-2", list(range(5, 69)), 1, at=at)
+        assert await second.queue.get() == 1
+    finally:
+        await handle.stop()
+    assert second.request.arrival_time == at
+    assert second.request.first_scheduled_time == pytest.approx(end)
+
+
 def test_client_lead_comes_out_of_the_overhead_first_then_the_intake() -> None:
     """The emulator's own round trip is taken out of a calibrated request's time before the
     engine: the parallel overhead first, then (as an earlier start of the intake) up to the

@@ -352,11 +352,19 @@ class EmulatedEndpoint:
         (every HTTP handler passes it) takes the emulator's own round trip
         (``http_round_trip_s``, real seconds) out as well — first out of
         ``request_overhead_s``, the rest by counting the front end's intake from that much
-        before ``arrived`` (:func:`client_lead_s`). With a ``frontend_handoff_s`` the wait so
-        shortened is the one between the two pieces: the hand-off queues that much earlier
-        than the fitted model puts it (the client's own round trip stands in for the part of
-        the wait it replaces), so a request sent later gets its first piece in ahead of it
-        only when it arrives before the shortened wait is over.
+        before ``arrived`` (:func:`client_lead_s`). With a ``frontend_handoff_s`` the part taken
+        out of ``request_overhead_s`` comes out after the hand-off, not out of the wait between
+        the two pieces: the hand-off queues at the end of the fitted wait, so a request whose
+        handler got it before then gets its first piece in ahead of it, as in the fitted model
+        and the simulator (a closed loop's successors reach the handlers a round trip after
+        the streams before them left the engine). The request then reaches the engine that
+        much before its hand-off is done (``at``): an idle engine's step starts there, but no
+        earlier than its previous step's end; a busy one takes it at its next step — a step
+        later than the model when a step started within that much before the hand-off was
+        done. Limit: the rest of the round trip (the part above ``request_overhead_s``, only
+        when the round trip is longer than the fitted wait) still comes out as an earlier
+        intake start, so it moves the hand-off that much earlier too, and a request sent
+        later can lose its place ahead of it by up to that much.
 
         Returns the engine time at which the request reaches the engine by the model, for
         :meth:`submit` (``at``): the event loop wakes from a sleep up to a millisecond late
@@ -378,13 +386,18 @@ class EmulatedEndpoint:
             reached = fe.intake(reached)
             if fe.handoff_s > 0:
                 # its second piece queues after the parallel wait, behind what arrived by then
-                # (requests sent after this one included: `physics.frontend`)
-                reached += overhead
+                # (requests sent after this one included: `physics.frontend`) at the end of the
+                # fitted wait, whole; the round trip's part of the overhead (`cut`) comes out
+                # after the hand-off: the request reaches the engine `cut` before its hand-off
+                # is done, possibly before this call (an idle engine's step then starts no
+                # earlier than the end of its previous step: `_drive`)
+                cut = self.request_overhead_s - overhead
+                reached += self.request_overhead_s
                 overhead = 0.0
                 if reached > now:
                     await asyncio.sleep((reached - now) / self.time_scale)
                     now = self.now()
-                reached = fe.handoff(reached)
+                reached = fe.handoff(reached) - cut
         ready = reached + overhead
         if ready > now:
             await asyncio.sleep((ready - now) / self.time_scale)
@@ -446,8 +459,13 @@ class EmulatedEndpoint:
                 self._woken_by = None
                 await self._wake.wait()
                 # the first step starts when the request that woke the engine arrived (by the
-                # model), not when this task got to run: the sleeps before it ended late
-                step_end = self._woken_by
+                # model), not when this task got to run: the sleeps before it ended late; but
+                # never before the previous step ended (an arrival ``at`` back-dated by the
+                # round trip can fall inside it: two steps would overlap)
+                woken = self._woken_by
+                if woken is not None and step_end is not None:
+                    woken = max(woken, step_end)
+                step_end = woken
                 continue
             now = self.now()
             # Steps follow each other on the engine's own timeline: the time this event loop
