@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 import typer
 
 from inferplane import compiled
-from inferplane.errors import ConfigError
+from inferplane.errors import ConfigError, first_line
 from inferplane.errors import described as _describe
 
 if TYPE_CHECKING:
@@ -790,8 +790,7 @@ def _connect_problems(cfg: FleetConfig, file: str, timeout_s: float = 2.0
         try:
             psycopg.connect(dsn, connect_timeout=max(1, round(timeout_s))).close()
         except (psycopg.Error, OSError) as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            problems.append((field, f"cannot connect: {first}"))
+            problems.append((field, f"cannot connect: {first_line(exc)}"))
     return problems
 
 

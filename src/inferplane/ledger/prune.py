@@ -290,9 +290,7 @@ def _so_far(out: Outcome) -> Iterator[None]:
         done = ", ".join(f"{a.shard} up to #{a.first_seq - 1}" for a in out.anchors)
         # on one line: the callers keep only an error's first line (a server's error has its
         # DETAIL, HINT and CONTEXT on the next ones), and the shards pruned must not be lost
-        lines = str(exc).strip().splitlines()
-        first = lines[0] if lines else type(exc).__name__
-        raise type(exc)(f"{first} (pruned before it: {done})") from None
+        raise type(exc)(f"{first_line(exc)} (pruned before it: {done})") from None
 
 
 def _anchor(signer: Signer, p: ShardPlan, before: float, now: float | None) -> PruneAnchor:
