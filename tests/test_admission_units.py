@@ -695,3 +695,70 @@ async def test_a_retry_is_a_resend_after_a_failure_not_a_twin() -> None:
     await adm.finish(await admit())
     assert sum(s.value for m in retries.collect() for s in m.samples
                if s.name.endswith("_total")) == 3
+
+
+async def test_a_shed_retry_does_not_restart_its_window() -> None:
+    """A shed is no new failure: a client honouring Retry-After gets in `window_s` after its
+    last real failure even while the pool stays degraded (review29-fix29a #1)."""
+    adm = _gateway().admission
+    now = [0.0]
+    adm.clock = lambda: now[0]
+    adm.degraded = lambda pool: "saturated"  # type: ignore[method-assign]
+    assert adm.spec.retry.window_s == 60.0
+    p = RequestProfile("r", "t", "llama-3.1-8b", prompt_tokens=2, max_output_tokens=5)
+
+    async def admit() -> Any:
+        return await adm.admit("chat", {"model": "llama-3.1-8b"}, b"same", {}, tenant(), H, p)
+
+    await adm.finish(await admit())  # failed at 0: a re-send until 60 is a retry
+    for at in (10.0, 30.0, 55.0):  # each shed, none restarting the time
+        now[0] = at
+        with pytest.raises(RateLimitError) as shed:
+            await admit()
+        assert shed.value.code == "retry_shed"
+    now[0] = 61.0
+    ok = await admit()  # still degraded, but no longer a retry
+    ok.succeeded = True
+    await adm.finish(ok)
+
+
+async def test_the_budget_hold_is_given_back_before_the_retry_mark(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The settle runs first, and a store error in the retry mark neither skips it (the hold
+    would stay until its lease expired) nor replaces the request's own outcome
+    (review29-fix29a #2)."""
+    adm = _gateway().admission
+
+    async def down(*_: Any) -> None:
+        raise ConnectionError("store down")
+
+    monkeypatch.setattr(adm.store, "mark", down)
+    monkeypatch.setattr(adm.store, "unmark", down)
+    settled: list[Any] = []
+    real_settle = adm.budgets.settle
+
+    async def settle(lease: Any, usd: float, tokens: int) -> None:
+        settled.append(lease)
+        await real_settle(lease, usd, tokens)
+
+    monkeypatch.setattr(adm.budgets, "settle", settle)
+    t = tenant(budgets=[BudgetSpec(scope="tenant", window="day", usd=100.0)])
+    p = RequestProfile("r", "t", "llama-3.1-8b", prompt_tokens=2, max_output_tokens=5)
+
+    async def admit() -> Any:
+        return await adm.admit("chat", {"model": "llama-3.1-8b"}, b"b", {}, t, H, p)
+
+    tk = await admit()
+    assert tk.lease is not None
+    await adm.finish(tk)  # a failure: marked (the store fails), settled all the same
+    assert settled == [tk.lease]
+
+    async def refuse(*_: Any) -> Any:
+        raise RateLimitError("queue deadline", code="queue_timeout")
+
+    monkeypatch.setattr(adm.queue, "acquire", refuse)
+    with pytest.raises(RateLimitError) as refused:  # its own refusal, not the store's error
+        await admit()
+    assert refused.value.code == "queue_timeout"
+    assert len(settled) == 2 and settled[1] is not None

@@ -346,7 +346,7 @@ async def test_errors_reach_the_client_in_the_openai_shape() -> None:
 def test_usage_counts_that_are_not_counts_are_left_out(bad: Any) -> None:
     out = a.openai_usage({"input_tokens": bad, "output_tokens": 4,
                           "cache_read_input_tokens": bad})
-    assert out == {"completion_tokens": 4, "prompt_tokens_details": {"cached_tokens": 0}}
+    assert out == {"completion_tokens": 4}  # no cache count beside no prompt count
     out = a.openai_usage({"input_tokens": 2, "output_tokens": bad})
     assert out == {"prompt_tokens": 2, "prompt_tokens_details": {"cached_tokens": 0}}
     t = a.StreamTranslator(include_usage=True)
@@ -354,6 +354,40 @@ def test_usage_counts_that_are_not_counts_are_left_out(bad: Any) -> None:
                    {"type": "message_delta", "delta": {"stop_reason": "end_turn"},
                     "usage": {"output_tokens": bad}}))
     assert _chunks(t.feed(_events({"type": "message_stop"}))) == ["[DONE]"]  # no usage at all
+
+
+@pytest.mark.parametrize("bad", ["abc", None, -1])
+def test_a_later_unreadable_count_keeps_an_earlier_one(bad: Any) -> None:
+    """Newer Messages streams repeat the input counts in ``message_delta``; a compat proxy's
+    ``null`` there does not erase the real count from ``message_start`` (review29-fix29a #5)."""
+    t = a.StreamTranslator(include_usage=True)
+    t.feed(_events({"type": "message_start",
+                    "message": {"id": "m", "usage": {"input_tokens": 100, "output_tokens": 1,
+                                                     "cache_read_input_tokens": 7}}},
+                   {"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+                    "usage": {"input_tokens": bad, "output_tokens": 40,
+                              "cache_read_input_tokens": bad}}))
+    usage = _chunks(t.feed(_events({"type": "message_stop"})))[-2]["usage"]
+    assert usage == {"prompt_tokens": 107, "completion_tokens": 40, "total_tokens": 147,
+                     "prompt_tokens_details": {"cached_tokens": 7}}
+
+
+def test_a_partial_usage_reaches_the_client_whole() -> None:
+    """OpenAI's CompletionUsage requires all three counts: a partial one (accounted as it is)
+    is relayed with the counts the record uses (review29-fix29a #6)."""
+    answer = orjson.dumps({"id": "x", "choices": [{"message": {"content": '"total_tokens":'}}],
+                           "usage": {"completion_tokens": 4}})
+    relayed = orjson.loads(a.relayed_answer(answer, 9))
+    assert relayed["usage"] == {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13}
+    whole = orjson.dumps({"usage": {"prompt_tokens": 1, "completion_tokens": 2,
+                                    "total_tokens": 3}})
+    assert a.relayed_answer(whole, 9) is whole
+    chunk = (b'data: {"choices":[],"usage":{"prompt_tokens":5,'
+             b'"prompt_tokens_details":{"cached_tokens":1}}}\n\ndata: [DONE]\n\n')
+    events = _chunks(a.relayed_events(chunk, 9, 3))
+    assert events == [{"choices": [], "usage": {
+        "prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8,
+        "prompt_tokens_details": {"cached_tokens": 1}}}, "[DONE]"]
 
 
 async def test_unreadable_usage_counts_are_missing_not_a_500() -> None:
@@ -369,7 +403,10 @@ async def test_unreadable_usage_counts_are_missing_not_a_500() -> None:
                 assert r.status == 200
                 body = await r.json()
                 did = r.headers["x-inferplane-decision-id"]
-            assert body["usage"]["completion_tokens"] == 1 and "prompt_tokens" not in body["usage"]
+            usage = body["usage"]  # the prompt as the record bills it: the estimate
+            assert usage["completion_tokens"] == 1 and usage["prompt_tokens"] > 0
+            assert usage["total_tokens"] == usage["prompt_tokens"] + 1
+            assert "prompt_tokens_details" not in usage  # no upstream cache count beside it
             outcome = gw.ledger.get(did)["outcome"]  # type: ignore[index]
             assert outcome["status"] == 200 and outcome["prompt_tokens"] is None
             assert outcome["completion_tokens"] == 1 and outcome["cost_usd"] > 2 / 1e6
@@ -381,6 +418,13 @@ async def test_unreadable_usage_counts_are_missing_not_a_500() -> None:
             outcome = gw.ledger.get(did)["outcome"]  # type: ignore[index]
             assert outcome["status"] == 200 and outcome["prompt_tokens"] == 10
             assert outcome["completion_tokens"] == 3 and outcome["usage_source"] == "counted"
+            async with s.post(f"{base}/v1/chat/completions",
+                              json={**msg, "stream": True,
+                                    "stream_options": {"include_usage": True}}) as r:
+                events = _chunks(await r.read())
+            usage = next(e["usage"] for e in events[:-1] if e.get("usage"))
+            assert (usage["prompt_tokens"], usage["completion_tokens"],
+                    usage["total_tokens"]) == (10, 3, 13)  # the counted completion
 
 
 def test_an_answer_without_usage_has_none() -> None:
@@ -393,8 +437,7 @@ def test_an_answer_without_usage_has_none() -> None:
                          {"type": "message_delta", "delta": {"stop_reason": "end_turn"},
                           "usage": {"output_tokens": 5}},
                          {"type": "message_stop"}))
-    assert _chunks(out)[-2]["usage"] == {"completion_tokens": 5,
-                                         "prompt_tokens_details": {"cached_tokens": 0}}
+    assert _chunks(out)[-2]["usage"] == {"completion_tokens": 5}
 
 
 async def test_an_answer_without_usage_bills_the_prompt_estimate() -> None:

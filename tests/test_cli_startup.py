@@ -264,6 +264,32 @@ def test_the_quickstart_keys_are_published_ones() -> None:
     assert not any(_is_loopback(h) for h in ("0.0.0.0", "::", "", "10.0.0.1", "gw.example"))
 
 
+def test_every_shipped_key_whose_plaintext_the_repo_prints_is_refused() -> None:
+    """Any tenant hash in a shipped fleet (examples/, the package's fleets, deploy/) whose
+    ``sk-`` plaintext appears anywhere in the repo is in `PUBLISHED_KEYS`, so a new demo fleet
+    cannot drift from the list (review29-fix29a nit 9)."""
+    import hashlib
+    import re
+
+    from inferplane.cli import PUBLISHED_KEYS
+
+    root = Path(__file__).resolve().parent.parent
+    texts = {".md", ".py", ".yaml", ".yml", ".json", ".txt", ".sh", ".toml", ".html"}
+    plain: set[str] = set()
+    for top in ("README.md", "docs", "examples", "src", "deploy", "bench", "tests", "scripts"):
+        path = root / top
+        files = [path] if path.is_file() else [
+            f for f in path.rglob("*") if f.is_file() and f.suffix in texts]
+        for f in files:
+            plain.update(re.findall(r"sk-[A-Za-z0-9_-]+", f.read_text(errors="ignore")))
+    by_hash = {"sha256:" + hashlib.sha256(k.encode()).hexdigest(): k for k in plain}
+    fleets = [*(root / "examples").rglob("*.yaml"), *(root / "deploy").rglob("*.yaml"),
+              *(root / "src" / "inferplane" / "data" / "fleets").glob("*.yaml")]
+    shipped = {by_hash[h] for f in fleets
+               for h in re.findall(r"sha256:[0-9a-f]{64}", f.read_text()) if h in by_hash}
+    assert len(shipped) >= 6 and shipped <= set(PUBLISHED_KEYS)
+
+
 def test_openapi_without_a_config_describes_the_embedded_fleet(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -164,7 +164,8 @@ def test_postgres_refuses_to_start_on_a_claim_with_its_data_at_the_root(tmp_path
     (tmp_path / "PG_VERSION").write_text("16\n")
     refused = _pgdata_guard(tmp_path)
     assert refused.returncode == 1 and "PGDATA" in refused.stderr
-    assert "set the postgres container's PGDATA value to" in refused.stderr
+    message = " ".join(refused.stderr.split())
+    assert "on both containers, postgres and pgdata-guard" in message
 
 
 def test_the_documented_upgrade_path_for_a_claim_with_its_data_at_the_root(
@@ -183,6 +184,10 @@ def test_the_documented_upgrade_path_for_a_claim_with_its_data_at_the_root(
         assert _pgdata_guard(tmp_path, root).returncode == 0
     readme = " ".join((ROOT / "deploy" / "README.md").read_text().split())
     assert f"`PGDATA` value to `{mount}`" in readme
+    # the alias is expanded client-side: a patch or `kubectl set env` must set both containers
+    # (review29-fix29a #7)
+    assert "`kubectl set env`" in readme
+    assert "set `PGDATA` on both `postgres` and `pgdata-guard`" in readme
 
 
 @pytest.mark.parametrize("name", WORKLOADS)

@@ -293,6 +293,18 @@ def test_divergence_and_break_even_need_their_data() -> None:
     gpu = next(p for p in r.pools if p.name == "gpu")
     assert gpu.divergence_slope is not None and gpu.divergence_slope > 0
     assert not [t for t in r.triggers if t.kind == "divergence_rising"]
+    # three days of a rising tail, but not the window's last three: day 3 has too few TTFTs
+    # for a P99 (review29-fix29a #4: before, any three days in the window were enough)
+    recs = []
+    for d, tail in enumerate((0.2, 0.4, 0.8)):
+        recs += [(T0 + d * DAY + i, _record("gpu", ttft=0.1)) for i in range(99)]
+        recs += [(T0 + d * DAY + 100 + i, _record("gpu", ttft=tail)) for i in range(3)]
+    recs += [(T0 + 3 * DAY + i, _record("gpu", ttft=5.0)) for i in range(5)]
+    r = analyse(recs, cfg, since=T0, until=T0 + 4 * DAY)
+    gpu = next(p for p in r.pools if p.name == "gpu")
+    assert len(gpu.divergence) == 3 and list(gpu.divergence)[-1] != list(
+        gpu.daily_utilisation)[-1]
+    assert not [t for t in r.triggers if t.kind == "divergence_rising"]
     # provider spend past break-even over half an hour: its per-hour figures need an hour
     recs = [(T0 + i, _record("gpu", tokens=1000, e2e=1.0)) for i in range(10)]
     recs += [(T0 + i, _record("api", tokens=1000, cost=0.02)) for i in range(200)]

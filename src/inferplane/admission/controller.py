@@ -11,11 +11,12 @@
    exported;
 4. client-retry recognition: a request is a retry when its ``Idempotency-Key`` (else its body
    from the same API key) was last seen failing within ``retry.window_s`` (refused here or
-   later, shed, an error answer, a timeout, its client gone: `Admission.finish` marks it; a
+   later, an error answer, a timeout, its client gone: `Admission.finish` marks it; a
    success clears the mark), so a twin sent alongside (best-of-N) or after a success
    (Regenerate) is not one; under degradation (the request's pool saturated, or every endpoint
    of it at or over ``retry.degraded_error_rate``) retries are shed first (429 ``retry_shed``,
-   jittered Retry-After), and a shed retry is marked again;
+   jittered Retry-After); a shed does not mark again, so recognition ends ``window_s`` after
+   the last real failure;
 5. rate limits (token buckets, 429 + Retry-After);
 6. budgets: the worst case reserved atomically on every applicable counter (429
    ``budget_exceeded`` with the window's reset);
@@ -551,10 +552,15 @@ class Admission:
             if isinstance(exc, GatewayError):
                 reason = exc.code or exc.error_type
                 m.child(m.admission_rejected, m.tenant(tenant.name), reason).inc()
-            if ticket.retry_key is not None:  # refused (or its client left): a re-send retries
-                await self.store.mark(ticket.retry_key, self.spec.retry.window_s, self.clock())
-            if ticket.lease is not None:
-                await self.budgets.settle(ticket.lease, 0.0, 0)
+            # a shed retry keeps its mark's expiry: recognition ends `window_s` after the last
+            # real failure, so a client honouring Retry-After is not locked out while degraded
+            shed = isinstance(exc, GatewayError) and exc.code == "retry_shed"
+            try:  # the hold is given back first: a store error in the mark cannot keep it
+                if ticket.lease is not None:
+                    await self.budgets.settle(ticket.lease, 0.0, 0)
+            finally:
+                if ticket.retry_key is not None and not shed:  # refused (or its client
+                    await self._remember(ticket.retry_key, failed=True)  # left): a retry
             raise
         return ticket
 
@@ -675,13 +681,7 @@ class Admission:
         self.queue.pump()
         if not self.enabled:
             return
-        if t.retry_key is not None:
-            # a re-send after a failure is a retry; after a success (Regenerate) it is not
-            if t.succeeded:
-                await self.store.unmark(t.retry_key)
-            else:
-                await self.store.mark(t.retry_key, self.spec.retry.window_s, self.clock())
-        if t.lease is not None:
+        if t.lease is not None:  # first: no mark (a store call) delays or skips the settle
             await self.budgets.settle(t.lease, usd, tokens if observed else 0)
         if observed:
             m = self.metrics
@@ -696,6 +696,21 @@ class Admission:
             await self.store.add_usage(
                 t.tenant, group, usd, t.prompt_tokens, t.completion_tokens, t.settle_id
             )
+        if t.retry_key is not None:
+            # a re-send after a failure is a retry; after a success (Regenerate) it is not
+            await self._remember(t.retry_key, failed=not t.succeeded)
+
+    async def _remember(self, key: str, *, failed: bool) -> None:
+        """Mark (failed) or clear a retry key. A store error here is logged, not raised: the
+        outcome it would replace (a refusal, a settled answer) matters more than one missed
+        retry recognition."""
+        try:
+            if failed:
+                await self.store.mark(key, self.spec.retry.window_s, self.clock())
+            else:
+                await self.store.unmark(key)
+        except Exception as exc:  # any store's failure: see above
+            log.warning("admission: retry mark not written: %s", exc)
 
     def _utc_day(self, now: float) -> str:
         """``YYYY-MM-DD`` of a Unix time in UTC (formatted once per day, not per request)."""

@@ -31,6 +31,7 @@ from inferplane.batch import routes as batch_routes
 from inferplane.core.plane import hash_key
 from inferplane.core.process import worker_set
 from inferplane.core.validation import parse_json, validate
+from inferplane.dispatch import anthropic
 from inferplane.dispatch.answer import StreamStats
 from inferplane.dispatch.upstream import SSEUsageFilter
 from inferplane.errors import (
@@ -330,6 +331,8 @@ async def forward(
         # the record first: the answer carries its receipt and leaves once it is committed
         receipt = gw.account_answer(attempt, data, started=started, ended=ended)
         await gw.committed(receipt, attempt.ticket)
+        if endpoint.dialect == "anthropic":  # a partial usage: accounted as is, relayed whole
+            data = anthropic.relayed_answer(data, attempt.decision.profile.prompt_tokens)
         if receipt.hash:
             headers[RECEIPT_HEADER] = receipt.hash
         answer = Answer(body=data, status=resp.status, headers=headers)
@@ -353,6 +356,8 @@ async def forward(
         try:
             reservation = attempt.reservation
             events = SSEUsageFilter() if strip_usage else None
+            translated = endpoint.dialect == "anthropic"
+            estimate = attempt.decision.profile.prompt_tokens
             g = gw.config.gateway
             relay = gw.dispatcher.relay(endpoint, resp, stats, attempt.response.first,
                                         coalesce_s=g.stream_coalesce_ms / 1000.0,
@@ -361,6 +366,8 @@ async def forward(
                 async for chunk in chunks:
                     if chunk and not reservation.prefilled:
                         reservation.first_token()  # its prefill no longer queues ahead
+                    if translated:  # a partial usage: accounted as is, relayed whole
+                        chunk = anthropic.relayed_events(chunk, estimate, stats.tokens)
                     if events is not None:
                         chunk = events.feed(chunk)
                     if chunk.endswith(SSE_DONE):

@@ -862,8 +862,9 @@ class RetryPolicy(Strict):
     window_s: float = Field(
         60.0, gt=0,
         description="a request is a client retry when the same Idempotency-Key (else the same "
-        "body from the same key) failed within this window: refused, shed, an error answer, a "
-        "timeout or its client gone; a twin in flight or after a success is not one",
+        "body from the same key) failed within this window: refused (rate limit, budget, "
+        "queue), an error answer, a timeout or its client gone; a shed retry does not restart "
+        "it; a twin in flight or after a success is not one",
     )
     budget_ratio: float = Field(0.1, ge=0, le=1, description="re-placements per recent request")
     budget_min_per_s: float = Field(1.0, ge=0, description="re-placements always allowed")

@@ -311,8 +311,59 @@ def openai_usage(usage: Any) -> JSONObject | None:
         out["completion_tokens"] = completion
     if prompt is not None and completion is not None:
         out["total_tokens"] = prompt + completion
-    out["prompt_tokens_details"] = {"cached_tokens": read}
+    if prompt is not None:  # no upstream cache count beside a prompt estimate (nit 8)
+        out["prompt_tokens_details"] = {"cached_tokens": read}
     return out
+
+
+def _filled(usage: JSONObject, prompt_estimate: int, counted: int) -> JSONObject:
+    """A partial `openai_usage` as a client gets it: OpenAI's ``CompletionUsage`` requires
+    ``prompt_tokens``, ``completion_tokens`` and ``total_tokens`` together (openai-python reads
+    them as attributes), so a count left out is the one the gateway's record accounts: the
+    request's prompt estimate, the completion counted from the stream (0 for a whole answer).
+    ``prompt_tokens_details`` goes with an upstream prompt count only."""
+    prompt, completion = _count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens"))
+    out = dict(usage)
+    if prompt is None:
+        prompt = out["prompt_tokens"] = prompt_estimate
+        out.pop("prompt_tokens_details", None)
+    if completion is None:
+        completion = out["completion_tokens"] = counted
+    out["total_tokens"] = prompt + completion
+    return out
+
+
+def _partial(data: bytes) -> bool:
+    # orjson writes no spaces, and a quote inside a string is escaped (\"), so
+    # ``"total_tokens":`` is only ever the key `openai_usage` writes when both counts were read
+    return b'"usage":' in data and b'"total_tokens":' not in data
+
+
+def relayed_answer(data: bytes, prompt_estimate: int) -> bytes:
+    """A translated answer (`to_chat_completion`) as the client gets it: a partial ``usage``
+    (accounted as it is, before this) completed by `_filled`. Unchanged without one."""
+    if not _partial(data):
+        return data
+    obj = orjson.loads(data)
+    if isinstance(obj, dict) and isinstance(obj.get("usage"), dict):
+        obj["usage"] = _filled(obj["usage"], prompt_estimate, 0)
+        return orjson.dumps(obj)
+    return data
+
+
+def relayed_events(chunk: bytes, prompt_estimate: int, counted: int) -> bytes:
+    """Translated SSE (`StreamTranslator`) as the client gets it: a usage chunk with a partial
+    ``usage`` (accounted as it is) completed by `_filled`. Unchanged without one."""
+    if not _partial(chunk):
+        return chunk
+    lines = chunk.split(b"\n")
+    for i, line in enumerate(lines):
+        if line.startswith(b"data: ") and b'"usage":' in line:
+            obj = orjson.loads(line[6:])
+            if isinstance(obj, dict) and isinstance(obj.get("usage"), dict):
+                obj["usage"] = _filled(obj["usage"], prompt_estimate, counted)
+                lines[i] = b"data: " + orjson.dumps(obj)
+    return b"\n".join(lines)
 
 
 def _loads(data: bytes) -> JSONObject:
@@ -432,8 +483,8 @@ class StreamTranslator:
         )
 
     def _take_usage(self, usage: Any) -> None:
-        if isinstance(usage, dict):  # counts are read (or left out) by `openai_usage`
-            self._usage.update(usage)
+        if isinstance(usage, dict):  # a later event's unreadable count keeps an earlier one
+            self._usage.update({k: v for k, v in usage.items() if _count(v) is not None})
 
     def feed(self, data: bytes) -> bytes:
         """Translate what arrived; raises `MessagesStreamError` on an ``error`` event and

@@ -25,7 +25,7 @@ states every formula with a worked example. In short, over a window of ``H`` hou
   the last ``divergence_days`` days is positive. None fires on less data than its rule needs:
   ``out_of_band_days`` days of data (every one whole but the window's last), at least
   ``MIN_BREAK_EVEN_H`` hours for break-even (its figures are per hour), and a P99/P50 on each of
-  ``divergence_days`` days.
+  the window's last ``divergence_days`` UTC days (the slope is fitted by date over those days).
 
 A ledger younger than the window (``starts_in_window``: it holds nothing before ``since``) is read
 over the span it covers, from its first record: the days before it are no data, not idle days,
@@ -134,6 +134,7 @@ class PoolEconomics:
     days_out_of_band: int  # consecutive, ending with the window's last day
     divergence: dict[str, float]  # day -> P99 / P50 TTFT
     divergence_slope: float | None  # per day, least squares over the last divergence_days
+    # calendar days (by date: a day without a P99/P50 is a gap, not skipped)
 
     @property
     def usd_per_mtok(self) -> float | None:
@@ -229,14 +230,23 @@ def _percentile(xs: list[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
-def _slope(ys: list[float]) -> float | None:
-    """Least-squares slope of ``ys`` against 0, 1, 2, …; None below two points."""
+def _slope(ys: list[float], xs: list[int] | None = None) -> float | None:
+    """Least-squares slope of ``ys`` against ``xs`` (default 0, 1, 2, …); None below two
+    points."""
     n = len(ys)
     if n < 2:
         return None
-    mx, my = (n - 1) / 2.0, sum(ys) / n
-    den = sum((x - mx) ** 2 for x in range(n))
-    return sum((x - mx) * (y - my) for x, y in enumerate(ys)) / den
+    xs = list(range(n)) if xs is None else xs
+    mx, my = sum(xs) / n, sum(ys) / n
+    den = sum((x - mx) ** 2 for x in xs)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / den
+
+
+def _last_days_covered(days: list[str], divergence: dict[str, float], n: int) -> bool:
+    """Whether each of the last ``n`` UTC days of the window has a P99/P50 (what
+    ``divergence_rising`` needs: not ``n`` days anywhere in the window)."""
+    last = days[-n:]
+    return len(last) == n and all(d in divergence for d in last)
 
 
 def _days(since: float, until: float) -> list[tuple[str, float]]:
@@ -328,7 +338,10 @@ def analyse(
                 p50 = _percentile(ttfts, 50)
                 if p50 > 0:
                     divergence[d] = _percentile(ttfts, 99) / p50
-        recent = list(divergence.values())[-spec.divergence_days:]
+        # the last divergence_days calendar days, by date: a day without a value is a gap
+        last = [d for d, _ in days][-spec.divergence_days:]
+        xs = [i for i, d in enumerate(last) if d in divergence]
+        recent = [divergence[last[i]] for i in xs]
         utilisation = acc.busy_s / (hours * 3600.0 * slots) if hours > 0 else 0.0
         pool_reports.append(PoolEconomics(
             name=sub.name, kind=sub.kind, capacity_class=sub.capacity_class,
@@ -336,7 +349,7 @@ def analyse(
             attributed_usd=acc.cost_usd, owned_usd=owned, utilisation=utilisation,
             daily_utilisation=per_day,
             band="elastic" if elastic else _band(utilisation, spec), days_out_of_band=run,
-            divergence=divergence, divergence_slope=_slope(recent),
+            divergence=divergence, divergence_slope=_slope(recent, xs),
         ))
 
     def unit(acc: _Acc, owned: float | None = None) -> dict[str, float | None]:
@@ -407,7 +420,8 @@ def triggers(report: EconomicsReport, spec: EconomicsSpec) -> list[Trigger]:
                 f"{p.days_out_of_band} consecutive days (now {p.utilisation:.1%})",
             ))
         if (p.divergence_slope is not None and p.divergence_slope > 0
-                and len(p.divergence) >= spec.divergence_days):  # a P99/P50 on each day
+                and _last_days_covered(list(p.daily_utilisation), p.divergence,
+                                       spec.divergence_days)):  # a P99/P50 on each day
             last = list(p.divergence.values())[-1]
             out.append(Trigger(
                 "divergence_rising", p.name,
