@@ -370,6 +370,13 @@ def test_a_later_unreadable_count_keeps_an_earlier_one(bad: Any) -> None:
     usage = _chunks(t.feed(_events({"type": "message_stop"})))[-2]["usage"]
     assert usage == {"prompt_tokens": 107, "completion_tokens": 40, "total_tokens": 147,
                      "prompt_tokens_details": {"cached_tokens": 7}}
+    t = a.StreamTranslator(include_usage=True)  # the final output count unreadable: the
+    t.feed(_events({"type": "message_start",  # start's placeholder is not taken for it
+                    "message": {"id": "m", "usage": {"input_tokens": 100, "output_tokens": 1}}},
+                   {"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+                    "usage": {"output_tokens": bad}}))
+    usage = _chunks(t.feed(_events({"type": "message_stop"})))[-2]["usage"]
+    assert "completion_tokens" not in usage or usage["completion_tokens"] != 1
 
 
 def test_a_partial_usage_reaches_the_client_whole() -> None:

@@ -482,9 +482,15 @@ class StreamTranslator:
             }
         )
 
-    def _take_usage(self, usage: Any) -> None:
-        if isinstance(usage, dict):  # a later event's unreadable count keeps an earlier one
-            self._usage.update({k: v for k, v in usage.items() if _count(v) is not None})
+    def _take_usage(self, usage: Any, *, final: bool = False) -> None:
+        if not isinstance(usage, dict):
+            return
+        # a later event's unreadable input count keeps an earlier one; but message_start's
+        # output count is a placeholder (1), so message_delta's unreadable one drops it and
+        # the completion is counted from the stream instead
+        if final and "output_tokens" in usage and _count(usage["output_tokens"]) is None:
+            self._usage.pop("output_tokens", None)
+        self._usage.update({k: v for k, v in usage.items() if _count(v) is not None})
 
     def feed(self, data: bytes) -> bytes:
         """Translate what arrived; raises `MessagesStreamError` on an ``error`` event and
@@ -545,7 +551,7 @@ class StreamTranslator:
                 return self._chunk({"tool_calls": [args]})
             return b""  # thinking, signature and citation deltas have no chat equivalent
         if kind == "message_delta":
-            self._take_usage(ev.get("usage"))
+            self._take_usage(ev.get("usage"), final=True)
             reason = (ev.get("delta") or {}).get("stop_reason")
             if reason is None:
                 return b""
