@@ -30,9 +30,8 @@ from inferplane.ledger.query import column_mismatch
 from inferplane.ledger.record import Entry
 from inferplane.sqliteio import immediate, open_wal
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS spooled (
-    id             INTEGER PRIMARY KEY AUTOINCREMENT,
+# the record's columns, the same in both tables: a refused record is moved over by copying them
+_COLUMN_DEFS = """
     decision_id    TEXT NOT NULL,
     at_unix        REAL NOT NULL,
     tenant         TEXT NOT NULL,
@@ -44,23 +43,15 @@ CREATE TABLE IF NOT EXISTS spooled (
     ttft_s         REAL,
     cost_usd       REAL,
     record         TEXT NOT NULL,
-    receipt        TEXT NOT NULL
+    receipt        TEXT NOT NULL"""
+
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS spooled (
+    id             INTEGER PRIMARY KEY AUTOINCREMENT,{_COLUMN_DEFS}
 );
 CREATE INDEX IF NOT EXISTS spooled_by_decision ON spooled (decision_id);
 CREATE TABLE IF NOT EXISTS refused (
-    id             INTEGER PRIMARY KEY,
-    decision_id    TEXT NOT NULL,
-    at_unix        REAL NOT NULL,
-    tenant         TEXT NOT NULL,
-    endpoint       TEXT,
-    workload_class TEXT,
-    model          TEXT,
-    substrate      TEXT,
-    status         INTEGER,
-    ttft_s         REAL,
-    cost_usd       REAL,
-    record         TEXT NOT NULL,
-    receipt        TEXT NOT NULL,
+    id             INTEGER PRIMARY KEY,{_COLUMN_DEFS},
     why            TEXT NOT NULL
 );
 """
