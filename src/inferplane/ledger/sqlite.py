@@ -48,6 +48,7 @@ from inferplane.ledger.query import ExportRow, Page, Query, page_of, where_claus
 from inferplane.ledger.record import Outcome, Receipt
 from inferplane.ledger.writer import CommitAccounting, Linked, Pending, PendingBuffer, link
 from inferplane.placement.framework import Decision
+from inferplane.sqliteio import immediate
 
 log = logging.getLogger("inferplane.ledger")
 
@@ -598,15 +599,8 @@ def _migrate_1_to_2(conn: sqlite3.Connection, shard: str = "main") -> None:
 def migrate_2_to_3(conn: sqlite3.Connection) -> None:
     """Add the ``prune_anchors`` table (additive: nothing else changes), in one transaction;
     nothing when the file is at version 3 already (`inferplane ledger-prune`)."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with immediate(conn):
         if conn.execute("SELECT version FROM schema_version").fetchone()[0] != 2:
-            conn.execute("ROLLBACK")  # another process migrated it meanwhile
-            return
+            return  # another process migrated it meanwhile: an empty transaction
         conn.execute(_V3)
         conn.execute("UPDATE schema_version SET version = 3")
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
